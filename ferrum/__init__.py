@@ -1,0 +1,15 @@
+"""Ferrum: decoder-only LLM inference on pluggable compute backends."""
+
+from ferrum import backends, errors
+from ferrum.hookspec import API_VERSION, hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = ["API_VERSION", "backends", "errors", "hookimpl", "load", "__version__"]
+
+
+def load(path, backend=None, dtype=None, **options):
+    """Load a Hugging Face checkpoint folder; returns a :class:`ferrum.api.LLM`."""
+    from ferrum.api import LLM
+
+    return LLM.load(path, backend=backend, dtype=dtype, **options)

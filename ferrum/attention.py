@@ -1,0 +1,43 @@
+"""Host-side description of one forward pass's tokens, shared by all layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class AttentionBatch:
+    """Where each query token of a mixed batch belongs.
+
+    Built once per forward pass by the model from the KV manager's block
+    tables; every layer's attention reads it. All arrays are host numpy int32.
+    ``prepared`` holds whatever the backend's ``prepare_attention_batch`` made
+    of it (device copies, say), so no layer converts metadata again.
+    """
+
+    positions: np.ndarray  # [T] position of each query token in its sequence
+    slot_mapping: np.ndarray  # [T] KV slot each new token is written to
+    cu_seqlens_q: np.ndarray  # [items + 1] prefix sums of query lengths
+    seq_lens: np.ndarray  # [items] KV length of each item after this step
+    block_tables: np.ndarray  # [items, max_blocks] block ids, padded with 0
+    block_size: int
+    prepared: Any = field(default=None, repr=False)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.cu_seqlens_q[-1])
+
+    def query_range(self, item: int) -> tuple[int, int]:
+        return int(self.cu_seqlens_q[item]), int(self.cu_seqlens_q[item + 1])
+
+    def block_ids(self, item: int) -> np.ndarray:
+        """The blocks item ``item`` needs for its current KV length."""
+        used = -(-int(self.seq_lens[item]) // self.block_size)
+        return self.block_tables[item, :used]

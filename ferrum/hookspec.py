@@ -1,0 +1,282 @@
+"""The backend plugin contract: one pluggy hookspec, project name ``ferrum``.
+
+A backend is a Python package that registers an object (usually a module)
+under the entry-point group ``ferrum.backends``::
+
+    [project.entry-points."ferrum.backends"]
+    mybackend = "my_package.ferrum_plugin"
+
+That *entry-point object* must be cheap to import: Ferrum imports it to list
+backends. It implements :func:`backend_probe` (can I run here, and if not, why)
+and :func:`backend_load`, which imports the heavy framework and returns the
+*ops plugin*: the object whose hook implementations do the compute (it may be
+the entry-point object itself). Ferrum resolves the ops plugin's hooks once
+into a plain table (:class:`ferrum.ops.OpsTable`), so a forward pass never goes
+through pluggy.
+
+Conventions for every op
+------------------------
+* ``T`` is the backend's own array type; Ferrum never looks inside it.
+* Token-major layout: a batch of ``T`` tokens from many sequences is one
+  ``[T, ...]`` array; which token belongs to which sequence is described by an
+  :class:`ferrum.attention.AttentionBatch`.
+* Float results keep the input's dtype unless stated; reductions (norms,
+  softmax) accumulate in float32.
+* Dtypes are named by strings: ``"float32"``, ``"float16"``, ``"bfloat16"``,
+  ``"int32"``, ``"int64"``.
+* Ops return new arrays, except ``kv_write`` which updates the pool in place
+  (a functional framework reassigns the arrays it holds inside the pool).
+
+Required ops must be implemented; optional ones (marked so) have a reference
+composition in :mod:`ferrum.reference_ops` that Ferrum uses instead, and their
+presence shapes :class:`ferrum.capabilities.ExecutorCapabilities`. An
+implementation may accept a subset of a spec's arguments (pluggy's forward
+compatibility); Ferrum adapts the call once when it builds the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+PROJECT_NAME = "ferrum"
+#: Bumped when a hook changes incompatibly; plugins report the version they
+#: were written for in ``BackendInfo.api_version``.
+API_VERSION = 1
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+#: Hooks every ops plugin must implement.
+REQUIRED_OPS = (
+    "backend_info",
+    "from_numpy",
+    "to_numpy",
+    "reshape",
+    "take_rows",
+    "concat",
+    "add",
+    "linear",
+    "rms_norm",
+    "rope",
+    "silu_mul",
+    "kv_alloc",
+    "kv_write",
+    "kv_gather",
+    "attention",
+)
+
+#: Hooks with a reference fallback in :mod:`ferrum.reference_ops`.
+OPTIONAL_OPS = (
+    "upload_weight",
+    "cast",
+    "embedding",
+    "add_rms_norm",
+    "paged_attention",
+    "prepare_attention_batch",
+    "argmax",
+)
+
+
+# --------------------------------------------------------------------------
+# Discovery (called on the entry-point object; must stay cheap)
+# --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def backend_probe() -> Any:
+    """Say whether this backend can run here, without importing heavy frameworks.
+
+    Returns a :class:`ferrum.backends.BackendProbe` with ``available`` and,
+    when unavailable, a human ``reason`` (e.g. "torch.cuda.is_available() is
+    False"). ``priority`` orders the automatic choice: lower runs first.
+    """
+
+
+@hookspec(firstresult=True)
+def backend_load() -> Any:
+    """Import the framework and return the ops plugin object.
+
+    Called once, only for the backend that is selected. The returned object is
+    registered with a pluggy ``PluginManager`` that validates its hook
+    signatures against this module.
+    """
+
+
+# --------------------------------------------------------------------------
+# Ops (called on the ops plugin, through the resolved table)
+# --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def backend_info() -> Any:
+    """Describe the loaded backend: a :class:`ferrum.backends.BackendInfo`.
+
+    ``name``, ``device`` (e.g. ``"cpu"``, ``"cuda:0"``, ``"metal"``),
+    ``dtypes`` it computes in, ``default_dtype``, ``memory_bytes`` (device
+    memory it may use, or ``None`` if unknown), ``max_batch`` (or ``None``).
+    """
+
+
+@hookspec(firstresult=True)
+def from_numpy(array: Any, dtype: str | None) -> Any:
+    """Copy a host ``numpy.ndarray`` to the backend; ``dtype=None`` keeps its dtype."""
+
+
+@hookspec(firstresult=True)
+def to_numpy(x: Any) -> Any:
+    """Copy to the host as ``numpy.ndarray``; floating arrays come back as float32."""
+
+
+@hookspec(firstresult=True)
+def cast(x: Any, dtype: str) -> Any:
+    """(optional) Convert ``x`` to ``dtype``. Fallback: host round trip."""
+
+
+@hookspec(firstresult=True)
+def upload_weight(name: str, array: Any, dtype: str) -> Any:
+    """(optional) Turn a checkpoint tensor into the backend's weight form.
+
+    ``array`` is a host numpy array (float32, float16 or bfloat16). The result
+    is only ever handed back to this backend's own ops (``linear``,
+    ``embedding``, ``rms_norm``), so it may be pre-transposed or repacked.
+    Fallback: ``from_numpy(array, dtype)``.
+    """
+
+
+@hookspec(firstresult=True)
+def reshape(x: Any, shape: tuple[int, ...]) -> Any:
+    """Row-major reshape (``-1`` allowed once), like ``numpy.reshape``."""
+
+
+@hookspec(firstresult=True)
+def take_rows(x: Any, indices: Any) -> Any:
+    """``x[indices]`` along axis 0; ``indices`` is an int32 backend array."""
+
+
+@hookspec(firstresult=True)
+def concat(parts: list[Any]) -> Any:
+    """Join arrays of equal trailing shape along axis 0."""
+
+
+@hookspec(firstresult=True)
+def add(a: Any, b: Any) -> Any:
+    """Elementwise ``a + b`` of equal shapes."""
+
+
+@hookspec(firstresult=True)
+def linear(x: Any, weight: Any, bias: Any) -> Any:
+    """``x @ weight.T + bias``: ``x [n, in]``, ``weight [out, in]``, ``bias [out]`` or None."""
+
+
+@hookspec(firstresult=True)
+def embedding(weight: Any, ids: Any) -> Any:
+    """(optional) Rows of ``weight [vocab, hidden]`` for ``ids [n]`` (int32). Fallback: ``take_rows``."""
+
+
+@hookspec(firstresult=True)
+def rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """RMSNorm over the last axis: ``x / sqrt(mean(x**2) + eps) * weight``, in float32."""
+
+
+@hookspec(firstresult=True)
+def add_rms_norm(x: Any, residual: Any, weight: Any, eps: float) -> Any:
+    """(optional) Fused residual add + RMSNorm.
+
+    Returns ``(rms_norm(x + residual), x + residual)``. Fallback: ``add`` then
+    ``rms_norm``.
+    """
+
+
+@hookspec(firstresult=True)
+def rope(x: Any, positions: Any, inv_freq: Any) -> Any:
+    """Rotary embedding, Hugging Face "rotate half" layout.
+
+    ``x [T, heads, head_dim]``; ``positions [T]`` (int32, one per token, so a
+    batch can mix sequences at different offsets); ``inv_freq [head_dim // 2]``
+    (float32, already scaled for Llama-3 / linear rope scaling). For pair
+    ``i``: ``angle = pos * inv_freq[i]``, rotating ``(x[i], x[i + d/2])``.
+    """
+
+
+@hookspec(firstresult=True)
+def silu_mul(gate: Any, up: Any) -> Any:
+    """SwiGLU: ``silu(gate) * up`` with ``silu(g) = g * sigmoid(g)``."""
+
+
+@hookspec(firstresult=True)
+def kv_alloc(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: str,
+) -> Any:
+    """Allocate the paged KV pool: opaque, holding per layer a K and a V array
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` (tokens, then heads)."""
+
+
+@hookspec(firstresult=True)
+def kv_write(pool: Any, layer: int, k: Any, v: Any, slot_mapping: Any) -> None:
+    """Scatter new keys/values into ``layer`` of ``pool``, in place.
+
+    ``k, v [n, num_kv_heads, head_dim]``; ``slot_mapping [n]`` (int32 backend
+    array) with ``slot = block_id * block_size + offset_in_block``.
+    """
+
+
+@hookspec(firstresult=True)
+def kv_gather(pool: Any, layer: int, block_ids: Any, length: int) -> Any:
+    """Read one sequence's cache: ``(k, v)`` each ``[length, num_kv_heads, head_dim]``.
+
+    ``block_ids`` is a host numpy int array of the sequence's blocks in order.
+    """
+
+
+@hookspec(firstresult=True)
+def attention(q: Any, k: Any, v: Any, scale: float, sliding_window: int | None) -> Any:
+    """Causal attention of one sequence, GQA-aware.
+
+    ``q [q_len, heads, head_dim]``, ``k, v [kv_len, kv_heads, head_dim]`` with
+    ``heads % kv_heads == 0`` (query head ``h`` reads kv head
+    ``h // (heads // kv_heads)``). The queries are the last ``q_len`` positions:
+    query ``i`` sees keys ``j <= kv_len - q_len + i`` and, with a
+    ``sliding_window`` ``w``, only ``j > kv_len - q_len + i - w``. Softmax in
+    float32. Returns ``[q_len, heads, head_dim]``.
+    """
+
+
+@hookspec(firstresult=True)
+def prepare_attention_batch(batch: Any) -> Any:
+    """(optional) Turn an :class:`ferrum.attention.AttentionBatch`'s host
+    metadata into whatever this backend's ``paged_attention`` wants (e.g.
+    device arrays), once per forward pass. The result is stored in
+    ``batch.prepared``. Fallback: ``None``."""
+
+
+@hookspec(firstresult=True)
+def paged_attention(
+    q: Any, pool: Any, layer: int, batch: Any, scale: float, sliding_window: int | None
+) -> Any:
+    """(optional) Variable-length causal attention of many sequences at once.
+
+    ``q [T, heads, head_dim]`` holds every item's query tokens back to back.
+    ``batch`` is an :class:`ferrum.attention.AttentionBatch`: ``cu_seqlens_q``
+    (prefix sums of each item's query length), ``seq_lens`` (each item's KV
+    length after this step, new tokens already written), ``block_tables``
+    ``[items, max_blocks]`` and ``block_size``. Same masking rule as
+    :func:`attention`, per item. Fallback: per item, ``kv_gather`` then
+    ``attention``; a plugin that implements this op natively is reported as
+    running unified batches natively.
+    """
+
+
+@hookspec(firstresult=True)
+def argmax(logits: Any) -> Any:
+    """(optional) Greedy token per row of ``logits [n, vocab]`` as a host numpy int array.
+
+    Lets greedy decoding avoid copying whole logits to the host. Fallback:
+    ``to_numpy`` then ``numpy.argmax``.
+    """

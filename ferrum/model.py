@@ -1,0 +1,442 @@
+"""``DecoderOnlyLLM``: one Llama-family decoder built only from the ops table.
+
+It never imports a compute framework. Every forward pass is a *unified
+batch*: any mix of prefill chunks and decode tokens of many sequences, laid
+out token-major, sharing one paged KV pool. The convenience calls (prefill,
+decode, forward_verify...) are all that one pass with different items.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+
+from ferrum.attention import AttentionBatch
+from ferrum.backends import Backend, load_backend
+from ferrum.checkpoint import Checkpoint
+from ferrum.config import ModelConfig
+from ferrum.errors import (
+    CheckpointError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    PositionMismatchError,
+    UnsupportedFeatureError,
+)
+from ferrum.paged_kv import PagedKVManager
+
+DEFAULT_BLOCK_SIZE = 16
+#: Default KV pool size in tokens when the caller does not choose one.
+DEFAULT_KV_TOKENS = 16384
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ForwardItem:
+    """One slice of one sequence in a unified batch (the seeds' ``UnifiedBatchItem``).
+
+    ``q_tokens`` are fed at positions ``pos_offset .. pos_offset + len - 1``;
+    ``pos_offset`` must equal the sequence's cached length. Logits are
+    produced for final chunks only (or for every position on request).
+    """
+
+    seq_id: Hashable
+    q_tokens: Sequence[int]
+    pos_offset: int
+    is_final_chunk: bool = True
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """Logits of one pass, still on the backend, and which rows belong to whom."""
+
+    logits: Any  # backend array [rows, vocab]
+    rows: dict[Hashable, tuple[int, int]]  # seq_id -> (first row, row count)
+
+
+@dataclass
+class _Layer:
+    __slots__ = (
+        "ln1", "ln2", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo",
+        "q_norm", "k_norm", "gate", "up", "down", "b_gate", "b_up", "b_down", "window",
+    )
+    ln1: Any
+    ln2: Any
+    wq: Any
+    wk: Any
+    wv: Any
+    wo: Any
+    bq: Any
+    bk: Any
+    bv: Any
+    bo: Any
+    q_norm: Any
+    k_norm: Any
+    gate: Any
+    up: Any
+    down: Any
+    b_gate: Any
+    b_up: Any
+    b_down: Any
+    window: int | None
+
+
+def _weight_names(config: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        names += [p + f"self_attn.{n}_proj.weight" for n in "qkvo"]
+        names += [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+        if config.attention_bias:
+            names += [p + f"self_attn.{n}_proj.bias" for n in "qkv"]
+        if config.o_proj_bias:
+            names.append(p + "self_attn.o_proj.bias")
+        if config.mlp_bias:
+            names += [p + f"mlp.{n}_proj.bias" for n in ("gate", "up", "down")]
+        if config.qk_norm:
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+    return names
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, d = config.hidden_size, config.head_dim
+    q, kv, inter = config.num_heads * d, config.num_kv_heads * d, config.intermediate_size
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.bias": (h,),
+        "self_attn.q_norm.weight": (d,),
+        "self_attn.k_norm.weight": (d,),
+        "mlp.gate_proj.weight": (inter, h),
+        "mlp.up_proj.weight": (inter, h),
+        "mlp.down_proj.weight": (h, inter),
+        "mlp.gate_proj.bias": (inter,),
+        "mlp.up_proj.bias": (inter,),
+        "mlp.down_proj.bias": (h,),
+    }
+    shapes = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (config.vocab_size, h),
+    }
+    for i in range(config.num_layers):
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def choose_dtype(backend: Backend, requested: str | None, checkpoint_dtype: str | None) -> str:
+    """The user's dtype, else the checkpoint's on accelerators, else the backend default."""
+    info = backend.info
+    if requested is not None:
+        if requested not in info.dtypes:
+            raise UnsupportedFeatureError(
+                f"backend {backend.name!r} computes in {', '.join(info.dtypes)}, not {requested!r}"
+            )
+        return requested
+    if checkpoint_dtype in info.dtypes and info.device != "cpu":
+        return checkpoint_dtype
+    return info.default_dtype
+
+
+class DecoderOnlyLLM:
+    """A Llama / Mistral / Qwen2 / Qwen3 decoder over a paged KV cache."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: Backend,
+        weights: dict[str, Any],
+        dtype: str,
+        num_kv_blocks: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ):
+        self.config = config
+        self.backend = backend
+        self.ops = backend.ops
+        self.dtype = dtype
+        self._check_backend_supports(config)
+        ops = self.ops
+        self.kv = PagedKVManager(num_kv_blocks, block_size)
+        self.pool = ops.kv_alloc(
+            config.num_layers, num_kv_blocks, block_size, config.num_kv_heads, config.head_dim, dtype
+        )
+        self.embed = weights["model.embed_tokens.weight"]
+        self.final_norm = weights["model.norm.weight"]
+        self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
+        self.inv_freq = ops.from_numpy(config.rope_inv_freq(), "float32")
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        shapes = _expected_shapes(config)
+        self.weight_bytes = sum(int(np.prod(shapes[n])) for n in _weight_names(config)) * _dtype_size(dtype)
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        backend: str | Backend | None = None,
+        dtype: str | None = None,
+        num_kv_blocks: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_seq_len: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> "DecoderOnlyLLM":
+        """Load a Hugging Face safetensors checkpoint folder onto a backend."""
+        config = ModelConfig.from_file(path)
+        if max_seq_len is not None:
+            if max_seq_len <= 0:
+                raise InvalidRequestError(f"max_seq_len must be positive, got {max_seq_len}")
+            config = replace(config, max_seq_len=min(max_seq_len, config.max_seq_len))
+        if not isinstance(backend, Backend):
+            backend = load_backend(backend)
+        dtype = choose_dtype(backend, dtype, config.torch_dtype)
+        checkpoint = Checkpoint(path)
+        names = _weight_names(config)
+        checkpoint.require(names)
+        shapes = _expected_shapes(config)
+        weights: dict[str, Any] = {}
+        for done, (name, array) in enumerate(checkpoint.read_many(names), start=1):
+            if tuple(array.shape) != shapes[name]:
+                raise CheckpointError(
+                    f"tensor {name} has shape {tuple(array.shape)} but config.json implies {shapes[name]}"
+                )
+            weights[name] = backend.ops.upload_weight(name, array, dtype)
+            if progress is not None:
+                progress(done, len(names), name)
+        if num_kv_blocks is None:
+            tokens = min(DEFAULT_KV_TOKENS, max(config.max_seq_len, 2048))
+            num_kv_blocks = -(-tokens // block_size)
+        return cls(config, backend, weights, dtype, num_kv_blocks, block_size)
+
+    def _layer(self, w: dict[str, Any], i: int) -> _Layer:
+        p = f"model.layers.{i}."
+        g = w.get
+        return _Layer(
+            ln1=w[p + "input_layernorm.weight"],
+            ln2=w[p + "post_attention_layernorm.weight"],
+            wq=w[p + "self_attn.q_proj.weight"],
+            wk=w[p + "self_attn.k_proj.weight"],
+            wv=w[p + "self_attn.v_proj.weight"],
+            wo=w[p + "self_attn.o_proj.weight"],
+            bq=g(p + "self_attn.q_proj.bias"),
+            bk=g(p + "self_attn.k_proj.bias"),
+            bv=g(p + "self_attn.v_proj.bias"),
+            bo=g(p + "self_attn.o_proj.bias"),
+            q_norm=g(p + "self_attn.q_norm.weight"),
+            k_norm=g(p + "self_attn.k_norm.weight"),
+            gate=w[p + "mlp.gate_proj.weight"],
+            up=w[p + "mlp.up_proj.weight"],
+            down=w[p + "mlp.down_proj.weight"],
+            b_gate=g(p + "mlp.gate_proj.bias"),
+            b_up=g(p + "mlp.up_proj.bias"),
+            b_down=g(p + "mlp.down_proj.bias"),
+            window=self.config.layer_sliding_windows[i],
+        )
+
+    def _check_backend_supports(self, config: ModelConfig) -> None:
+        if any(w is not None for w in config.layer_sliding_windows):
+            op = "paged_attention" if "paged_attention" in self.ops.native else "attention"
+            if not self.ops.accepts(op, "sliding_window"):
+                raise UnsupportedFeatureError(
+                    f"this model uses sliding-window attention but backend {self.backend.name!r}'s "
+                    f"{op} takes no sliding_window; choose another backend"
+                )
+
+    # ------------------------------------------------------------ validation
+    def _validate(self, items: Sequence[ForwardItem]) -> None:
+        if not items:
+            raise InvalidRequestError("a forward pass needs at least one item")
+        seen: set[Hashable] = set()
+        vocab = self.config.vocab_size
+        for item in items:
+            if item.seq_id in seen:
+                raise InvalidRequestError(f"sequence {item.seq_id!r} appears twice in one batch")
+            seen.add(item.seq_id)
+            n = len(item.q_tokens)
+            if n == 0:
+                raise InvalidRequestError(f"sequence {item.seq_id!r}: empty token list; give at least one token")
+            tokens = np.asarray(item.q_tokens)
+            if tokens.dtype.kind not in "iu":
+                raise InvalidRequestError(f"sequence {item.seq_id!r}: token ids must be integers")
+            bad = tokens[(tokens < 0) | (tokens >= vocab)]
+            if bad.size:
+                raise InvalidRequestError(
+                    f"sequence {item.seq_id!r}: token id {int(bad[0])} is outside the vocabulary [0, {vocab})"
+                )
+            cached = self.kv.length(item.seq_id) if item.seq_id in self.kv else 0
+            if item.pos_offset != cached:
+                raise PositionMismatchError(
+                    f"sequence {item.seq_id!r}: tokens start at position {item.pos_offset} "
+                    f"but {cached} tokens are cached; continue at position {cached}"
+                )
+            if cached + n > self.config.max_seq_len:
+                raise ContextLengthExceededError(
+                    f"sequence {item.seq_id!r}: {cached + n} tokens exceed the context length "
+                    f"of {self.config.max_seq_len}; shorten the prompt or max_tokens"
+                )
+
+    # --------------------------------------------------------------- forward
+    def forward(self, items: Sequence[ForwardItem], all_logits: bool = False) -> ForwardOutput:
+        """Run one unified batch; logits stay on the backend.
+
+        With ``all_logits`` every query position of every item gets a row;
+        otherwise only the last position of final chunks does. On any error
+        the KV bookkeeping is rolled back, so the batch changed nothing.
+        """
+        self._validate(items)
+        reservation = self.kv.reserve((item.seq_id, len(item.q_tokens)) for item in items)
+        try:
+            out = self._forward(items, all_logits)
+        except BaseException:
+            self.kv.rollback(reservation)
+            raise
+        self.kv.commit(reservation)
+        return out
+
+    def _attention_batch(self, items: Sequence[ForwardItem]) -> AttentionBatch:
+        kv = self.kv
+        lengths = np.array([len(it.q_tokens) for it in items], dtype=np.int32)
+        positions = np.concatenate(
+            [np.arange(it.pos_offset, it.pos_offset + n, dtype=np.int32) for it, n in zip(items, lengths)]
+        )
+        slots = np.concatenate([kv.slots(it.seq_id, it.pos_offset, int(n)) for it, n in zip(items, lengths)])
+        tables = [kv.block_table(it.seq_id) for it in items]
+        width = max(len(t) for t in tables)
+        block_tables = np.zeros((len(items), width), dtype=np.int32)
+        for row, table in enumerate(tables):
+            block_tables[row, : len(table)] = table
+        cu = np.zeros(len(items) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu[1:])
+        seq_lens = np.array([it.pos_offset for it in items], dtype=np.int32) + lengths
+        return AttentionBatch(positions, slots, cu, seq_lens, block_tables, kv.block_size)
+
+    def _forward(self, items: Sequence[ForwardItem], all_logits: bool) -> ForwardOutput:
+        ops, cfg = self.ops, self.config
+        batch = self._attention_batch(items)
+        batch.prepared = ops.prepare_attention_batch(batch)
+        tokens = np.concatenate([np.asarray(it.q_tokens, dtype=np.int32) for it in items])
+        positions = ops.from_numpy(batch.positions, None)
+        slots = ops.from_numpy(batch.slot_mapping, None)
+        n_tok = len(tokens)
+        heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps, scale, inv_freq, pool = cfg.rms_norm_eps, self.scale, self.inv_freq, self.pool
+        linear, reshape, rope = ops.linear, ops.reshape, ops.rope
+
+        h = ops.embedding(self.embed, ops.from_numpy(tokens, None))
+        residual_in = None  # output of the previous block, not yet added to h
+        for index, layer in enumerate(self.layers):
+            if residual_in is None:
+                x = ops.rms_norm(h, layer.ln1, eps)
+            else:
+                x, h = ops.add_rms_norm(residual_in, h, layer.ln1, eps)
+            q = reshape(linear(x, layer.wq, layer.bq), (n_tok, heads, hd))
+            k = reshape(linear(x, layer.wk, layer.bk), (n_tok, kv_heads, hd))
+            v = reshape(linear(x, layer.wv, layer.bv), (n_tok, kv_heads, hd))
+            if layer.q_norm is not None:
+                q = ops.rms_norm(q, layer.q_norm, eps)
+                k = ops.rms_norm(k, layer.k_norm, eps)
+            q = rope(q, positions, inv_freq)
+            k = rope(k, positions, inv_freq)
+            ops.kv_write(pool, index, k, v, slots)
+            attn = ops.paged_attention(q, pool, index, batch, scale, layer.window)
+            o = linear(reshape(attn, (n_tok, heads * hd)), layer.wo, layer.bo)
+            x, h = ops.add_rms_norm(o, h, layer.ln2, eps)
+            mlp_in = ops.silu_mul(linear(x, layer.gate, layer.b_gate), linear(x, layer.up, layer.b_up))
+            residual_in = linear(mlp_in, layer.down, layer.b_down)
+        h = ops.add(residual_in, h)
+
+        rows: dict[Hashable, tuple[int, int]] = {}
+        if all_logits:
+            for i, it in enumerate(items):
+                start, end = batch.query_range(i)
+                rows[it.seq_id] = (start, end - start)
+        else:
+            picks = []
+            for i, it in enumerate(items):
+                if it.is_final_chunk:
+                    rows[it.seq_id] = (len(picks), 1)
+                    picks.append(batch.query_range(i)[1] - 1)
+            if not picks:
+                return ForwardOutput(None, rows)
+            if len(picks) != n_tok:
+                h = ops.take_rows(h, ops.from_numpy(np.asarray(picks, dtype=np.int32), None))
+        logits = linear(ops.rms_norm(h, self.final_norm, eps), self.lm_head, None)
+        return ForwardOutput(logits, rows)
+
+    # ------------------------------------------------------ seeds' interface
+    def unified_forward(self, items: Sequence[ForwardItem | tuple]) -> dict[Hashable, np.ndarray]:
+        """Mixed prefill/decode batch; last-position logits of final chunks, by seq id."""
+        items = [it if isinstance(it, ForwardItem) else ForwardItem(*it) for it in items]
+        out = self.forward(items)
+        if out.logits is None:
+            return {}
+        host = self.ops.to_numpy(out.logits)
+        return {seq_id: host[start] for seq_id, (start, _) in out.rows.items()}
+
+    def prefill(self, cache_id: Hashable, tokens: Sequence[int]) -> np.ndarray:
+        """Start a sequence; returns the last position's logits ``[vocab]``."""
+        if cache_id in self.kv:
+            raise InvalidRequestError(
+                f"sequence {cache_id!r} already has a KV cache; release it or continue with decode"
+            )
+        return self.unified_forward([ForwardItem(cache_id, tokens, 0, True)])[cache_id]
+
+    def decode(self, cache_id: Hashable, token: int, pos: int) -> np.ndarray:
+        """Feed one token at ``pos``; returns logits ``[vocab]``."""
+        self.kv.length(cache_id)  # unknown id -> clear error
+        return self.unified_forward([ForwardItem(cache_id, [token], pos, True)])[cache_id]
+
+    def decode_batch(self, steps: Sequence[tuple[Hashable, int, int]]) -> np.ndarray:
+        """``(cache_id, token, pos)`` per sequence; logits ``[n, vocab]`` in that order."""
+        for cache_id, _, _ in steps:
+            self.kv.length(cache_id)
+        out = self.unified_forward([ForwardItem(c, [t], p, True) for c, t, p in steps])
+        return np.stack([out[c] for c, _, _ in steps])
+
+    def forward_verify(self, cache_id: Hashable, tokens: Sequence[int]) -> np.ndarray:
+        """Append ``tokens`` and return logits for every one of them ``[n, vocab]``.
+
+        For speculative decoding: roll back rejected tokens with :meth:`truncate_kv`.
+        """
+        start = self.kv.length(cache_id) if cache_id in self.kv else 0
+        out = self.forward([ForwardItem(cache_id, tokens, start, True)], all_logits=True)
+        return self.ops.to_numpy(out.logits)
+
+    def truncate_kv(self, cache_id: Hashable, new_len: int) -> None:
+        self.kv.truncate(cache_id, new_len)
+
+    def release(self, cache_id: Hashable) -> None:
+        self.kv.release(cache_id)
+
+    def reset(self) -> None:
+        """Drop every sequence; the KV pool is reused."""
+        self.kv.reset()
+
+    def kv_capacity(self) -> int:
+        """Tokens the KV pool can hold in total."""
+        return self.kv.num_blocks * self.kv.block_size
+
+    def kv_bytes(self) -> int:
+        cfg = self.config
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * _dtype_size(self.dtype)
+        return self.kv_capacity() * per_token
+
+
+def _dtype_size(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
+
+

@@ -1,0 +1,82 @@
+"""The ops table: a backend's hook implementations resolved once into plain callables.
+
+Going through pluggy costs a few microseconds per call; a decode step makes
+hundreds of op calls. So the table is built once when a backend is loaded:
+each attribute is the plugin's own function (or a tiny adapter when the
+implementation takes a subset of the spec's arguments), or the core's
+reference composition from :mod:`ferrum.reference_ops` for an optional op the
+plugin leaves out.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import pluggy
+
+from ferrum import hookspec, reference_ops
+from ferrum.errors import PluginContractError
+
+
+def _adapt(fn: Callable, impl_args: tuple[str, ...], spec_args: tuple[str, ...]) -> Callable:
+    """Call ``fn`` positionally with only the spec arguments it declares."""
+    if impl_args == spec_args:
+        return fn
+    picks = tuple(spec_args.index(a) for a in impl_args)
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        return fn(*[args[i] for i in picks])
+
+    return call
+
+
+class OpsTable:
+    """Attribute access to every op of :mod:`ferrum.hookspec`, resolved once.
+
+    ``native`` names the ops the plugin implements itself; ``accepts(op, arg)``
+    tells whether its implementation takes a given argument. Both feed
+    :class:`ferrum.capabilities.ExecutorCapabilities`.
+    """
+
+    def __init__(self, backend_name: str):
+        self.backend_name = backend_name
+        self.native: frozenset[str] = frozenset()
+        self._impl_args: dict[str, tuple[str, ...]] = {}
+        self.info: Any = None
+
+    @classmethod
+    def from_plugin_manager(cls, pm: pluggy.PluginManager, backend_name: str) -> "OpsTable":
+        table = cls(backend_name)
+        native = set()
+        for name in hookspec.REQUIRED_OPS + hookspec.OPTIONAL_OPS:
+            caller = getattr(pm.hook, name)
+            impls = caller.get_hookimpls()
+            if impls:
+                impl = impls[-1]  # pluggy calls the last registered first
+                spec_args = tuple(caller.spec.argnames)
+                setattr(table, name, _adapt(impl.function, tuple(impl.argnames), spec_args))
+                table._impl_args[name] = tuple(impl.argnames)
+                native.add(name)
+            elif name in hookspec.OPTIONAL_OPS:
+                setattr(table, name, functools.partial(getattr(reference_ops, name), table))
+            else:
+                raise PluginContractError(
+                    f"backend {backend_name!r} does not implement required op {name!r}; "
+                    f"see ferrum.hookspec.{name} for its contract"
+                )
+        table.native = frozenset(native)
+        table.info = table.backend_info()
+        from ferrum.backends import BackendInfo
+
+        if not isinstance(table.info, BackendInfo):
+            raise PluginContractError(
+                f"backend {backend_name!r}: backend_info() must return ferrum.backends.BackendInfo, "
+                f"got {type(table.info).__name__}"
+            )
+        return table
+
+    def accepts(self, op: str, arg: str) -> bool:
+        """Whether the plugin's own implementation of ``op`` takes ``arg``."""
+        return arg in self._impl_args.get(op, ())
