@@ -1,0 +1,74 @@
+"""Executor capability flags, derived from what the loaded plugin implements.
+
+Nothing here is keyed on a device or backend name: a flag is on because the
+plugin implements the hook natively (``OpsTable.native``), because its
+implementation accepts an argument (``OpsTable.accepts``), or because its
+``backend_info`` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MemoryRequirements:
+    weight_bytes: int
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes
+
+
+@dataclass(frozen=True)
+class ExecutorCapabilities:
+    backend: str
+    attention_mechanisms: tuple[str, ...]
+    paged_attention: bool  # the plugin runs varlen paged attention itself
+    native_unified_batch: bool  # one kernel call serves a mixed prefill/decode batch
+    sliding_window: bool
+    device_sampling: bool  # greedy picks happen on the backend, not on the host
+    fused_ops: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    devices: tuple[str, ...]
+    max_batch: int | None
+    max_seq_len: int | None
+    memory: MemoryRequirements | None
+
+    @classmethod
+    def from_backend(cls, backend: Any, model: Any = None) -> "ExecutorCapabilities":
+        ops, info = backend.ops, backend.info
+        native = ops.native
+        paged = "paged_attention" in native
+        attention_op = "paged_attention" if paged else "attention"
+        sliding = ops.accepts(attention_op, "sliding_window")
+        mechanisms = ["paged_kv", "gqa", "varlen_paged" if paged else "gather_then_dense"]
+        if sliding:
+            mechanisms.append("sliding_window")
+        max_batch = info.max_batch
+        memory = None
+        max_seq_len = None
+        if model is not None:
+            # every live sequence holds at least one KV block
+            blocks = model.kv.num_blocks
+            max_batch = blocks if max_batch is None else min(max_batch, blocks)
+            per_token = model.kv_bytes() // model.kv_capacity()
+            memory = MemoryRequirements(model.weight_bytes, model.kv_bytes(), per_token)
+            max_seq_len = model.config.max_seq_len
+        return cls(
+            backend=backend.name,
+            attention_mechanisms=tuple(mechanisms),
+            paged_attention=paged,
+            native_unified_batch=paged,
+            sliding_window=sliding,
+            device_sampling="argmax" in native,
+            fused_ops=tuple(op for op in ("add_rms_norm",) if op in native),
+            dtypes=tuple(info.dtypes),
+            devices=(info.device,),
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            memory=memory,
+        )

@@ -1,0 +1,147 @@
+"""``ferrum`` command line: list backends, generate text."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from ferrum import backends
+from ferrum.errors import FerrumError
+
+
+def _progress_printer(label: str):
+    """A load-progress callback drawing one updating line on stderr."""
+    started = time.perf_counter()
+
+    def show(done: int, total: int, name: str) -> None:
+        if not sys.stderr.isatty() and done not in (1, total):
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        elapsed = time.perf_counter() - started
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:5.1f}s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from ferrum.capabilities import ExecutorCapabilities
+
+    rows = [("backend", "available", "device", "order", "notes")]
+    flags: list[str] = []
+    for rank, entry in enumerate(backends.available(), start=1):
+        p = entry.probe
+        rows.append((entry.name, "yes" if p.available else "no", p.device or "-", str(rank), p.reason or ""))
+        if p.available and not args.no_load:
+            try:
+                caps = ExecutorCapabilities.from_backend(backends.load_backend(entry.name))
+            except FerrumError as exc:
+                flags.append(f"  {entry.name}: failed to load: {exc}")
+                continue
+            flags.append(
+                f"  {entry.name}: device={caps.devices[0]} dtypes={','.join(caps.dtypes)} "
+                f"paged_attention={caps.paged_attention} native_unified_batch={caps.native_unified_batch} "
+                f"sliding_window={caps.sliding_window} device_sampling={caps.device_sampling} "
+                f"attention={'+'.join(caps.attention_mechanisms)}"
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if flags:
+        print("\ncapabilities:")
+        print("\n".join(flags))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import ferrum
+
+    model_path = args.model
+    if model_path is None:
+        from ferrum.default_model import default_model_path
+
+        model_path = default_model_path(progress=_progress_printer("preparing default model"))
+        chat = True if args.chat is None else args.chat
+    else:
+        chat = args.chat
+    llm = ferrum.load(
+        model_path,
+        backend=args.backend,
+        dtype=args.dtype,
+        max_seq_len=args.max_seq_len,
+        progress=_progress_printer("loading weights"),
+    )
+    info = llm.model.backend.info
+    print(f"[ferrum] backend={llm.model.backend.name} device={info.device} dtype={llm.model.dtype}", file=sys.stderr)
+    started = time.perf_counter()
+    pieces = 0
+    stream = llm.stream(
+        args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=chat,
+        stop=args.stop or (),
+    )
+    for piece in stream:
+        pieces += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    status = llm.executor.status()
+    elapsed = time.perf_counter() - started
+    print(
+        f"[ferrum] {status.decode_calls + 1} tokens in {elapsed:.2f}s; prefill {status.avg_prefill_ms:.1f} ms, "
+        f"decode {status.avg_decode_ms:.1f} ms/token",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferrum", description="Run decoder-only LLMs on pluggable backends.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backends", help="list backend plugins, whether they run here, and their capabilities")
+    p.add_argument("--no-load", action="store_true", help="only probe; do not load backends to show capabilities")
+    p.set_defaults(func=cmd_backends)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--model", help="Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", help="backend name (see `ferrum backends`); default: best available")
+    p.add_argument("--dtype", help="compute dtype, e.g. float32, bfloat16")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=None, help="cap the context length (KV memory)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as raw text")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FerrumError as exc:
+        print(f"ferrum: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

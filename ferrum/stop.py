@@ -1,0 +1,41 @@
+"""Stop strings over streamed text, including ones that span token boundaries."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class StopStringFilter:
+    """Holds back just enough streamed text to never emit part of a stop string.
+
+    ``feed`` returns the text that is safe to show; once a stop string appears,
+    ``stopped`` is set and the text before it is the last thing returned.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped or not text:
+            return ""
+        if not self.stops:
+            return text
+        self._pending += text
+        hits = [(i, s) for s in self.stops if (i := self._pending.find(s)) >= 0]
+        if hits:
+            cut = min(i for i, _ in hits)
+            self.stopped = True
+            out, self._pending = self._pending[:cut], ""
+            return out
+        safe = len(self._pending) - self._hold
+        if safe <= 0:
+            return ""
+        out, self._pending = self._pending[:safe], self._pending[safe:]
+        return out
+
+    def flush(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out

@@ -1,0 +1,145 @@
+"""The checkpoint's tokenizer (``tokenizer.json``), chat template and streaming decode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from ferrum.errors import ConfigError, InvalidRequestError
+
+Message = dict[str, Any]
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config stores special tokens as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Encode/decode with the checkpoint's own ``tokenizer.json``."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise ConfigError(
+                f"no tokenizer.json in {folder}; Ferrum needs the checkpoint's fast tokenizer "
+                "to turn text into tokens (pass token ids to the executor to run without one)"
+            )
+        self._tok = HFTokenizer.from_file(str(path))
+        config_path = folder / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.exists() else {}
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.chat_template = self._pick_template(self.config.get("chat_template"), folder)
+        self.eos_token_ids = self._eos_ids(folder)
+
+    @staticmethod
+    def _pick_template(value: Any, folder: Path) -> str | None:
+        if isinstance(value, list):  # named templates: use "default"
+            named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+            value = named.get("default") or next(iter(named.values()), None)
+        if value is None and (folder / "chat_template.jinja").exists():
+            value = (folder / "chat_template.jinja").read_text()
+        return value
+
+    def _eos_ids(self, folder: Path) -> frozenset[int]:
+        ids: set[int] = set()
+        if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
+            ids.add(self._tok.token_to_id(self.eos_token))
+        gen = folder / "generation_config.json"
+        if gen.exists():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return frozenset(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the checkpoint's Jinja chat template."""
+        if not self.chat_template:
+            raise ConfigError(
+                "this checkpoint has no chat template (tokenizer_config.json: chat_template); "
+                "pass a plain string prompt instead of chat messages"
+            )
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InvalidRequestError(f"chat messages need 'role' and 'content', got {m!r}")
+        return _compile(self.chat_template).render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        # The template writes BOS itself where the model wants one.
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+_templates: dict[str, Any] = {}
+
+
+def _compile(source: str) -> Any:
+    """Compile like Hugging Face does: sandboxed Jinja with ``raise_exception``."""
+    if source not in _templates:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        _templates[source] = env.from_string(source)
+    return _templates[source]
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token list into text pieces without splitting characters.
+
+    A multi-byte character can span tokens; until its last byte arrives the
+    decoded text ends in U+FFFD, so nothing is emitted. Decoding a short
+    window of recent tokens (not the whole output) keeps each step cheap while
+    letting the tokenizer handle spaces between tokens correctly.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_tail: Sequence[int] = ()):
+        self._tok = tokenizer
+        self._ids: list[int] = list(prompt_tail)[-6:]
+        self._prefix = 0  # window start
+        self._read = len(self._ids)  # tokens already turned into emitted text
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text it completes (maybe empty)."""
+        self._ids.append(token)
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        full_text = self._tok.decode(self._ids[self._prefix :])
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return full_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Whatever is left at the end (an incomplete character shows as U+FFFD)."""
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        full_text = self._tok.decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return full_text[len(prefix_text) :]
