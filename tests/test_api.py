@@ -1,0 +1,124 @@
+"""ferrum.load -> LLM.generate / stream, tokenizer, chat template, detokenizer, stop strings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ferrum
+from ferrum.errors import ConfigError, InvalidRequestError
+from ferrum.model import DecoderOnlyLLM
+from ferrum.stop import StopStringFilter
+from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
+
+from support import write_text_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_text_checkpoint(tmp_path_factory.mktemp("api_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return ferrum.load(checkpoint, backend="cpu")
+
+
+def greedy_reference(checkpoint, prompt_ids, steps):
+    """Greedy decoding written directly against the model, independent of LLM/sampler."""
+    model = DecoderOnlyLLM.from_pretrained(checkpoint, backend="cpu")
+    logits = model.prefill("ref", prompt_ids)
+    out = []
+    for i in range(steps):
+        token = int(np.argmax(logits))
+        if token == 1:  # eos of the test checkpoint
+            break
+        out.append(token)
+        logits = model.decode("ref", token, len(prompt_ids) + i)
+    return out
+
+
+def test_generate_greedy_matches_direct_model_loop(llm, checkpoint):
+    prompt = "hello world"
+    ids = llm.tokenizer.encode(prompt)
+    assert ids[0] == 0  # the tokenizer adds BOS
+    expected = greedy_reference(checkpoint, ids, 12)
+    assert list(llm.generate_tokens(ids, ferrum.sampling.SamplingParams(max_tokens=12))) == expected
+    assert llm.generate(prompt, max_tokens=12) == llm.tokenizer.decode(expected)
+
+
+def test_stream_pieces_join_to_generate(llm):
+    pieces = list(llm.stream("the quick brown", max_tokens=20, temperature=0.8, seed=3))
+    assert "".join(pieces) == llm.generate("the quick brown", max_tokens=20, temperature=0.8, seed=3)
+    assert len(pieces) > 1
+
+
+def test_seed_makes_sampling_repeatable(llm):
+    kwargs = dict(max_tokens=16, temperature=1.0, top_k=50, top_p=0.95)
+    assert llm.generate("fox", seed=7, **kwargs) == llm.generate("fox", seed=7, **kwargs)
+    outputs = {llm.generate("fox", seed=s, **kwargs) for s in range(5)}
+    assert len(outputs) > 1
+
+
+def test_generation_releases_kv_even_when_stopped_early(llm):
+    stream = llm.stream("hello", max_tokens=50)
+    next(stream)
+    stream.close()
+    assert llm.executor.status().active_sequences == 0
+    assert llm.executor.status().kv_blocks_used == 0
+
+
+def test_chat_messages_use_the_template(llm):
+    messages = [{"role": "user", "content": "hello"}]
+    text = llm.tokenizer.apply_chat_template(messages)
+    assert text == "<s><|user|>hello</s><|assistant|>"
+    assert llm.encode_prompt(messages) == llm.tokenizer.encode(text, add_special_tokens=False)
+    assert llm.encode_prompt("hello", chat=True) == llm.encode_prompt(messages)
+    with pytest.raises(InvalidRequestError):
+        llm.encode_prompt([{"content": "no role"}])
+
+
+def test_bad_requests_are_rejected(llm):
+    with pytest.raises(InvalidRequestError):
+        llm.generate("hello", max_tokens=0)
+    with pytest.raises(InvalidRequestError):
+        llm.generate("hello", top_p=0.0)
+    with pytest.raises(InvalidRequestError):
+        llm.generate([], max_tokens=3)
+    with pytest.raises(InvalidRequestError):
+        llm.generate([1, "x"], max_tokens=3)
+
+
+def test_token_prompts_work_without_a_tokenizer(checkpoint, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((checkpoint / f).read_bytes())
+    llm = ferrum.load(bare, backend="cpu")
+    assert llm.tokenizer is None
+    tokens = list(llm.generate_tokens([0, 5, 6], ferrum.sampling.SamplingParams(max_tokens=4)))
+    assert 1 <= len(tokens) <= 4
+    with pytest.raises(InvalidRequestError, match="tokenizer.json"):
+        llm.generate("text needs a tokenizer")
+    with pytest.raises(ConfigError):
+        Tokenizer(bare)
+
+
+def test_incremental_detokenizer_never_splits_characters(checkpoint):
+    tok = Tokenizer(checkpoint)
+    text = "héllo 你好 🙂 wörld"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # characters span several tokens
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_strings_spanning_pieces():
+    f = StopStringFilter(["STOP", "xyz"])
+    shown = [f.feed(p) for p in ["abc S", "T", "OP tail"]]
+    assert "".join(shown) == "abc " and f.stopped
+    assert f.feed("more") == ""
+    g = StopStringFilter(["STOP"])
+    assert "".join([g.feed("ST"), g.feed("ay"), g.flush()]) == "STay"

@@ -1,0 +1,47 @@
+"""The ``ferrum`` command: backends table and generate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ferrum.cli import main
+
+from support import write_text_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_text_checkpoint(tmp_path_factory.mktemp("cli_ckpt"))
+
+
+def test_backends_lists_builtin_plugins_with_flags(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    for name in ("cpu", "mlx", "cuda"):
+        assert name in lines
+    assert lines["cpu"].split()[1] == "yes"
+    assert "cpu: device=cpu dtypes=float32 paged_attention=" in out
+
+
+def test_generate_prints_text_and_stats(checkpoint, capsys):
+    code = main(["generate", "--model", str(checkpoint), "--backend", "cpu", "--max-tokens", "5", "hello"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip()
+    assert "backend=cpu" in captured.err and "loading weights" in captured.err
+
+
+def test_errors_are_reported_not_raised(checkpoint, capsys):
+    assert main(["generate", "--model", str(checkpoint), "--backend", "nope", "hi"]) == 2
+    assert "no backend named 'nope'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(checkpoint / "missing"), "--backend", "cpu", "hi"]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    done = subprocess.run([sys.executable, "-m", "ferrum.cli", "backends", "--no-load"], capture_output=True, text=True)
+    assert done.returncode == 0 and "cpu" in done.stdout
