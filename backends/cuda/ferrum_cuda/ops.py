@@ -1,0 +1,685 @@
+"""torch implementations of the Ferrum ops, on one device picked at import.
+
+The same code runs on ``cuda:N`` and on torch's CPU device; only the device
+differs (plus pinned, non-blocking host-to-device copies of small arrays on
+CUDA). Nothing here builds autograd graphs: no tensor is created with
+``requires_grad``, so ops run without ``torch.inference_mode`` (entering it
+costs about as much per op as it saves, and KV pools made inside it could not
+be updated in place outside it).
+
+Paged attention
+---------------
+:func:`prepare_attention_batch` turns an :class:`~ferrum.attention.AttentionBatch`
+into a :class:`PreparedBatch` once per forward pass: every index array the
+layers need is packed into one int64 host buffer and copied to the device in
+one transfer. :func:`paged_attention` then runs without touching the host:
+
+* one item: gather its blocks (or take a zero-copy slice when its blocks are
+  consecutive), then one SDPA call: ``is_causal`` for a whole prompt, no mask
+  for a decode step (the sliding window trims the keys), an end-aligned mask
+  otherwise (chunked prefill);
+* decode items (``q_len == 1``): gather ``[n, max_kv]`` keys/values, fold the
+  query heads of each KV head into the query axis (``[n, kv_heads, group, d]``)
+  so GQA needs no key repetition, and mask ``[n, 1, 1, max_kv]`` by length;
+* prefill items: pad queries to ``[n, heads, max_q, d]``, gather keys/values
+  to ``[n, kv_heads, max_kv, d]``, one SDPA with a boolean mask built on the
+  device from each query's position (causal, end-aligned, sliding window);
+* a mixed batch runs both groups (two SDPA calls) and restores token order with
+  one ``index_select``.
+
+Masks depend on the layer's sliding window, so each prepared batch builds
+them lazily once per distinct window and reuses them across layers.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ferrum.backends import BackendInfo
+from ferrum.hookspec import hookimpl
+from ferrum_cuda import guess_device, requested_device
+
+# --------------------------------------------------------------------------
+# Device
+# --------------------------------------------------------------------------
+
+
+def _pick_device() -> tuple[torch.device, str]:
+    """The device every op runs on, and a note when it is not the one asked for."""
+    wanted, _ = guess_device()
+    explicit = requested_device() is not None
+    if not explicit and torch.cuda.is_available():
+        # torch knows better than the probe's file check (e.g. ROCm builds).
+        wanted = "cuda:0"
+    try:
+        device = torch.device(wanted)
+    except RuntimeError as exc:
+        return torch.device("cpu"), f"invalid torch device {wanted!r} ({exc}); running on the CPU"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "torch.cuda.is_available() is False"
+            return torch.device("cpu"), f"{wanted} was requested but {why}; running on the torch CPU device"
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            return (
+                torch.device("cpu"),
+                f"{wanted} was requested but only {torch.cuda.device_count()} CUDA device(s) exist; "
+                "running on the torch CPU device",
+            )
+        return torch.device("cuda", index), ""
+    if device.type != "cpu":
+        return torch.device("cpu"), f"device {wanted!r} is not supported by this backend; running on the CPU"
+    return device, ""
+
+
+DEVICE, DEVICE_NOTE = _pick_device()
+IS_CUDA = DEVICE.type == "cuda"
+if DEVICE_NOTE:
+    warnings.warn(f"ferrum cuda backend: {DEVICE_NOTE}", RuntimeWarning, stacklevel=2)
+
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+#: ``enable_gqa`` in SDPA (torch >= 2.5).
+_HAS_GQA = _TORCH_VERSION >= (2, 5)
+#: CPU SDPA handles GQA with a mask natively; CUDA's mask-capable kernel
+#: (memory-efficient attention) does not, so there keys are repeated instead.
+_GQA_WITH_MASK = _HAS_GQA and not IS_CUDA
+_HAS_RMS_NORM = hasattr(F, "rms_norm")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+_NUMPY_OK = {
+    np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64),
+    np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.int16), np.dtype(np.int8),
+    np.dtype(np.uint8), np.dtype(np.bool_),
+}
+#: Host arrays up to this size are staged in pinned memory and copied
+#: without blocking the host (CUDA only).
+_PIN_LIMIT = 1 << 20
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"the torch backend has no dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+# --------------------------------------------------------------------------
+# Info and host transfers
+# --------------------------------------------------------------------------
+
+
+def _host_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@hookimpl
+def backend_info() -> BackendInfo:
+    if IS_CUDA:
+        _, total = torch.cuda.mem_get_info(DEVICE)
+        return BackendInfo(
+            name="cuda",
+            device=str(DEVICE),
+            dtypes=("float32", "float16", "bfloat16"),
+            default_dtype="bfloat16",
+            memory_bytes=int(total),
+        )
+    return BackendInfo(
+        name="cuda",
+        device="cpu",
+        dtypes=("float32", "bfloat16"),
+        default_dtype="float32",
+        memory_bytes=_host_memory_bytes(),
+    )
+
+
+def _host_tensor(array: Any) -> tuple[torch.Tensor, bool]:
+    """A CPU tensor over ``array`` and whether it owns fresh memory (not an alias)."""
+    a = np.asarray(array)
+    owned = False
+    if a.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the bits, exact
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            a, owned = np.array(a, order="C"), True
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16), owned
+    if a.dtype not in _NUMPY_OK:  # float8, uint32, ... go through float32/int64
+        a, owned = a.astype(np.int64 if a.dtype.kind in "iu" else np.float32), True
+    if not (a.flags.c_contiguous and a.flags.writeable):
+        a, owned = np.array(a, order="C"), True
+    return torch.from_numpy(a), owned
+
+
+def _upload(array: Any, dtype: str | None, alias_ok: bool = False) -> torch.Tensor:
+    host, owned = _host_tensor(array)
+    target = host.dtype if dtype is None else _torch_dtype(dtype)
+    if not IS_CUDA:
+        if host.dtype == target and not owned and not alias_ok:
+            return host.clone()  # from_numpy copies: never alias the caller's array
+        return host.to(target)
+    if host.numel() * host.element_size() <= _PIN_LIMIT:
+        return host.pin_memory().to(DEVICE, non_blocking=True).to(target)
+    return host.to(DEVICE).to(target)
+
+
+@hookimpl
+def from_numpy(array, dtype):
+    return _upload(array, dtype)
+
+
+@hookimpl
+def upload_weight(name, array, dtype):
+    # Checkpoint arrays are ours once read: on the CPU the weight may alias it.
+    weight = _upload(array, dtype, alias_ok=True)
+    if not IS_CUDA and weight.dtype == torch.float32 and weight.dim() == 2:
+        # Same shape [out, in], column-major memory: MKL's float32 GEMM with a
+        # contiguous [in, out] operand is 10-40% faster for decode-sized
+        # batches (measured with torch 2.13). bfloat16 (oneDNN) prefers rows.
+        weight = weight.t().contiguous().t()
+    return weight
+
+
+@hookimpl
+def to_numpy(x):
+    if x.is_floating_point() and x.dtype != torch.float32:
+        x = x.float()
+    return x.detach().cpu().numpy()
+
+
+@hookimpl
+def cast(x, dtype):
+    return x.to(_torch_dtype(dtype))
+
+
+@hookimpl
+def argmax(logits):
+    return logits.argmax(dim=-1).cpu().numpy()
+
+
+# --------------------------------------------------------------------------
+# Elementwise and dense ops
+# --------------------------------------------------------------------------
+
+
+@hookimpl
+def reshape(x, shape):
+    return x.reshape(shape)
+
+
+@hookimpl
+def take_rows(x, indices):
+    return x.index_select(0, indices)
+
+
+@hookimpl
+def embedding(weight, ids):
+    return weight.index_select(0, ids)
+
+
+@hookimpl
+def concat(parts):
+    return torch.cat(list(parts), dim=0)
+
+
+@hookimpl
+def add(a, b):
+    return a + b
+
+
+@hookimpl
+def linear(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise and scale in float32 (the hookspec's rule), return x's dtype.
+    # Hugging Face instead casts before scaling by the weight; in bfloat16 the
+    # two differ by about one rounding step.
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if _HAS_RMS_NORM:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight  # pragma: no cover
+    xf, wf = x.float(), weight.float()
+    if _HAS_RMS_NORM:
+        out = F.rms_norm(xf, (xf.shape[-1],), wf, eps)
+    else:  # pragma: no cover - torch < 2.4
+        out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * wf
+    return out.to(x.dtype)
+
+
+@hookimpl
+def rms_norm(x, weight, eps):
+    return _rms_norm(x, weight, eps)
+
+
+@hookimpl
+def add_rms_norm(x, residual, weight, eps):
+    summed = x + residual
+    return _rms_norm(summed, weight, eps), summed
+
+
+class _IdentityCache:
+    """One entry keyed by the identity (and version) of a few tensors.
+
+    The model hands every layer the same ``positions`` and ``slot_mapping``
+    arrays, so what is derived from them (rope's cos/sin, int64 slots) is
+    computed once per forward pass instead of once per layer. The entry holds
+    its keys, so their ids cannot be reused while cached, and ``_version``
+    catches in-place changes. Inference tensors have no version counter, so
+    they are never cached.
+    """
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry: tuple = ()
+
+    def get(self, *keys: Any) -> Any:
+        entry = self.entry  # one read: safe if another thread replaces it
+        if len(entry) != len(keys) + 2:
+            return None
+        for cached, key in zip(entry, keys):
+            if cached is not key:
+                return None
+        if keys[0].is_inference() or entry[-2] != keys[0]._version:
+            return None
+        return entry[-1]
+
+    def put(self, value: Any, *keys: Any) -> Any:
+        if not keys[0].is_inference():
+            self.entry = (*keys, keys[0]._version, value)
+        return value
+
+
+_rope_cache = _IdentityCache()
+_long_cache = _IdentityCache()
+
+
+def _rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    hit = _rope_cache.get(positions, inv_freq, dtype)
+    if hit is not None:
+        return hit
+    angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # [T, d/2]
+    cos, sin = angles.cos(), angles.sin()
+    cos_full = torch.cat([cos, cos], dim=-1)[:, None, :].to(dtype)  # [T, 1, d]
+    sin_signed = torch.cat([-sin, sin], dim=-1)[:, None, :].to(dtype)
+    return _rope_cache.put((cos_full, sin_signed), positions, inv_freq, dtype)
+
+
+@hookimpl
+def rope(x, positions, inv_freq):
+    cos, sin = _rope_tables(positions, inv_freq, x.dtype)
+    # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin]
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+@hookimpl
+def silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+# --------------------------------------------------------------------------
+# Paged KV pool
+# --------------------------------------------------------------------------
+
+
+class KVPool:
+    """Per-layer K and V tensors ``[num_blocks, block_size, kv_heads, head_dim]``."""
+
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.k = [torch.zeros(shape, dtype=dtype, device=DEVICE) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=DEVICE) for _ in range(num_layers)]
+        # Token-major views of the same memory: [num_blocks * block_size, kvh, d].
+        self.k_flat = [t.view(-1, num_kv_heads, head_dim) for t in self.k]
+        self.v_flat = [t.view(-1, num_kv_heads, head_dim) for t in self.v]
+        # Head-major views for SDPA: [1, kv_heads, num_blocks * block_size, head_dim].
+        self.k_heads = [t.permute(1, 0, 2).unsqueeze(0) for t in self.k_flat]
+        self.v_heads = [t.permute(1, 0, 2).unsqueeze(0) for t in self.v_flat]
+
+
+@hookimpl
+def kv_alloc(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
+    return KVPool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, _torch_dtype(dtype))
+
+
+def _as_long(index: torch.Tensor) -> torch.Tensor:
+    if index.dtype == torch.int64:
+        return index
+    hit = _long_cache.get(index)
+    if hit is not None:
+        return hit
+    return _long_cache.put(index.long(), index)
+
+
+@hookimpl
+def kv_write(pool, layer, k, v, slot_mapping):
+    slots = _as_long(slot_mapping)
+    if k.dtype != pool.dtype:
+        k, v = k.to(pool.dtype), v.to(pool.dtype)
+    pool.k_flat[layer].index_copy_(0, slots, k)
+    pool.v_flat[layer].index_copy_(0, slots, v)
+
+
+def _block_index(block_ids: Any) -> torch.Tensor:
+    return _upload(np.asarray(block_ids, dtype=np.int64), None)
+
+
+@hookimpl
+def kv_gather(pool, layer, block_ids, length):
+    index = _block_index(block_ids)
+    kvh, d = pool.num_kv_heads, pool.head_dim
+    k = pool.k[layer].index_select(0, index).view(-1, kvh, d)[:length]
+    v = pool.v[layer].index_select(0, index).view(-1, kvh, d)[:length]
+    return k, v
+
+
+# --------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------
+
+
+def _sdpa(q, k, v, scale, mask=None, causal=False):
+    """SDPA with GQA: ``q [B, H, Lq, d]``, ``k, v [B, KVH, Lk, d]`` -> ``[B, H, Lq, d]``."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads != kv_heads:
+        if _HAS_GQA and (causal or _GQA_WITH_MASK):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+            )
+        b, _, lk, d = k.shape
+        group = heads // kv_heads
+        k = k[:, :, None].expand(b, kv_heads, group, lk, d).reshape(b, heads, lk, d)
+        v = v[:, :, None].expand(b, kv_heads, group, lk, d).reshape(b, heads, lk, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def _end_aligned_mask(q_len: int, kv_len: int, window: int | None, key_start: int = 0) -> torch.Tensor:
+    """``[q_len, kv_len - key_start]`` bool: query ``i`` sees key ``j`` (absolute)
+    when ``j <= kv_len - q_len + i`` and, with a window, ``j > that - window``."""
+    qpos = torch.arange(kv_len - q_len, kv_len, device=DEVICE)[:, None]
+    kpos = torch.arange(key_start, kv_len, device=DEVICE)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= kpos > qpos - window
+    return allowed
+
+
+def _window_start(q_len: int, kv_len: int, window: int | None) -> int:
+    """First key any query can see (keys before it are dropped, not masked)."""
+    if window is None:
+        return 0
+    return max(0, kv_len - q_len - window + 1)
+
+
+def _attend_one(q, k, v, scale, window, mask_cache=None):
+    """Dense causal attention of one sequence: ``q [q_len, H, d]``, ``k, v [kv_len, KVH, d]``."""
+    q_len, heads, d = q.shape
+    kv_len, kv_heads = k.shape[0], k.shape[1]
+    start = _window_start(q_len, kv_len, window)
+    if start:
+        k, v = k[start:], v[start:]
+    kt = k.transpose(0, 1)[None]  # [1, KVH, L, d]
+    vt = v.transpose(0, 1)[None]
+    if q_len == 1:
+        # Every remaining key is visible; fold the query heads sharing a KV head
+        # into the query axis: [1, KVH, group, d], no mask, no key repetition.
+        out = _sdpa(q.view(1, kv_heads, heads // kv_heads, d), kt, vt, scale)
+        return out.reshape(1, heads, d)
+    qt = q.transpose(0, 1)[None]  # [1, H, q_len, d]
+    if q_len == kv_len and start == 0 and (window is None or window >= kv_len):
+        out = _sdpa(qt, kt, vt, scale, causal=True)
+    else:
+        mask = None if mask_cache is None else mask_cache.get(window)
+        if mask is None:
+            mask = _end_aligned_mask(q_len, kv_len, window, start)
+            if mask_cache is not None:
+                mask_cache[window] = mask
+        out = _sdpa(qt, kt, vt, scale, mask=mask)
+    return out[0].transpose(0, 1)  # [q_len, H, d]
+
+
+@hookimpl
+def attention(q, k, v, scale, sliding_window):
+    return _attend_one(q, k, v, scale, sliding_window)
+
+
+class _Group:
+    """Items attended together by one SDPA call, with their device indices."""
+
+    __slots__ = ("n", "blocks", "block_index", "seq_lens", "q_rows", "max_q", "qpos", "q_valid", "masks")
+
+    def __init__(self, n: int, blocks: int, max_q: int):
+        self.n, self.blocks, self.max_q = n, blocks, max_q
+        self.block_index = self.seq_lens = self.q_rows = self.qpos = self.q_valid = None
+        self.masks: dict[int | None, torch.Tensor] = {}
+
+
+class PreparedBatch:
+    """Device-side metadata of one forward pass (see the module docs)."""
+
+    __slots__ = ("kind", "block_size", "single", "decode", "prefill", "out_index", "num_tokens")
+
+    def __init__(self, kind: str, block_size: int, num_tokens: int):
+        self.kind = kind  # "single" | "decode" | "prefill" | "mixed"
+        self.block_size = block_size
+        self.num_tokens = num_tokens
+        # (first token slot or None, block index or None, kv length, masks by window)
+        self.single: tuple | None = None
+        self.decode: _Group | None = None
+        self.prefill: _Group | None = None
+        self.out_index: torch.Tensor | None = None
+
+
+class _Packer:
+    """Collects host int arrays and uploads them as one buffer."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.shapes: list[tuple[int, ...]] = []
+
+    def add(self, array: np.ndarray) -> int:
+        array = np.asarray(array, dtype=np.int64)
+        self.parts.append(array.reshape(-1))
+        self.shapes.append(array.shape)
+        return len(self.parts) - 1
+
+    def upload(self) -> list[torch.Tensor]:
+        if not self.parts:
+            return []
+        flat = _upload(np.concatenate(self.parts), None, alias_ok=True)
+        out, offset = [], 0
+        for part, shape in zip(self.parts, self.shapes):
+            out.append(flat[offset : offset + part.size].view(shape))
+            offset += part.size
+        return out
+
+
+def _prepare(batch) -> PreparedBatch:
+    cu = np.asarray(batch.cu_seqlens_q, dtype=np.int64)
+    seq_lens = np.asarray(batch.seq_lens, dtype=np.int64)
+    tables = np.asarray(batch.block_tables, dtype=np.int64)
+    bs = int(batch.block_size)
+    n_items = len(seq_lens)
+    q_lens = np.diff(cu)
+    n_blocks = -(-seq_lens // bs)
+    num_tokens = int(cu[-1])
+    packer = _Packer()
+
+    if n_items == 1:
+        prepared = PreparedBatch("single", bs, num_tokens)
+        nb = int(n_blocks[0])
+        ids = tables[0, :nb]
+        if nb == 0 or np.array_equal(ids, np.arange(ids[0], ids[0] + nb)):
+            prepared.single = (int(ids[0]) * bs if nb else 0, None, int(seq_lens[0]), {})
+            return prepared
+        packer.add(ids)
+        (index,) = packer.upload()
+        prepared.single = (None, index, int(seq_lens[0]), {})
+        return prepared
+
+    decode_items = np.flatnonzero(q_lens == 1)
+    prefill_items = np.flatnonzero(q_lens != 1)
+    kind = "decode" if not len(prefill_items) else "prefill" if not len(decode_items) else "mixed"
+    prepared = PreparedBatch(kind, bs, num_tokens)
+    slots: dict[str, int] = {}
+
+    if len(decode_items):
+        items = decode_items
+        nb = int(n_blocks[items].max())
+        prepared.decode = _Group(len(items), nb, 1)
+        slots["d_blocks"] = packer.add(tables[items, :nb])
+        slots["d_lens"] = packer.add(seq_lens[items])
+        if kind == "mixed":
+            slots["d_rows"] = packer.add(cu[items])
+
+    padded = False
+    if len(prefill_items):
+        items = prefill_items
+        nb = int(n_blocks[items].max())
+        max_q = int(q_lens[items].max())
+        prepared.prefill = _Group(len(items), nb, max_q)
+        local = np.arange(max_q)[None, :]
+        valid = local < q_lens[items][:, None]  # [n, max_q]
+        rows = cu[items][:, None] + local  # token row of each padded query slot
+        padded = not bool(valid.all())
+        if padded or kind == "mixed":
+            slots["p_rows"] = packer.add(np.where(valid, rows, 0))
+        slots["p_blocks"] = packer.add(tables[items, :nb])
+        slots["p_qpos"] = packer.add((seq_lens[items] - q_lens[items])[:, None] + local)
+        if padded:
+            slots["p_valid"] = packer.add(valid)
+
+    if kind == "mixed" or padded:
+        # Token t's row in cat([decode outputs, padded prefill outputs]).
+        where = np.empty(num_tokens, dtype=np.int64)
+        n_dec = len(decode_items)
+        where[cu[decode_items]] = np.arange(n_dec)
+        where[rows[valid]] = n_dec + np.flatnonzero(valid.reshape(-1))
+        slots["out"] = packer.add(where)
+
+    tensors = packer.upload()
+    get = lambda key: tensors[slots[key]] if key in slots else None  # noqa: E731
+    if prepared.decode is not None:
+        g = prepared.decode
+        g.block_index, g.seq_lens, g.q_rows = get("d_blocks"), get("d_lens"), get("d_rows")
+    if prepared.prefill is not None:
+        g = prepared.prefill
+        g.block_index, g.q_rows, g.qpos = get("p_blocks"), get("p_rows"), get("p_qpos")
+        valid = get("p_valid")
+        g.q_valid = None if valid is None else valid.bool()
+    prepared.out_index = get("out")
+    return prepared
+
+
+@hookimpl
+def prepare_attention_batch(batch):
+    return _prepare(batch)
+
+
+def _gather_kv(pool: KVPool, layer: int, group: _Group):
+    """``[n, KVH, blocks * block_size, d]`` keys and values of a group's items."""
+    n, length = group.n, group.blocks * pool.block_size
+    kvh, d = pool.num_kv_heads, pool.head_dim
+    index = group.block_index.view(-1)
+    k = pool.k[layer].index_select(0, index).view(n, length, kvh, d).transpose(1, 2)
+    v = pool.v[layer].index_select(0, index).view(n, length, kvh, d).transpose(1, 2)
+    return k, v
+
+
+def _decode_group(q, pool, layer, group: _Group, scale, window):
+    """``q [n, H, d]`` one token per item -> ``[n, H, d]``."""
+    n, heads, d = q.shape
+    kvh = pool.num_kv_heads
+    k, v = _gather_kv(pool, layer, group)
+    mask = group.masks.get(window)
+    if mask is None:
+        kpos = torch.arange(k.shape[2], device=DEVICE)[None, :]
+        lens = group.seq_lens[:, None]
+        mask = kpos < lens
+        if window is not None:
+            mask &= kpos >= lens - window
+        mask = group.masks[window] = mask[:, None, None, :]  # [n, 1, 1, L]
+    out = _sdpa(q.view(n, kvh, heads // kvh, d), k, v, scale, mask=mask)
+    return out.reshape(n, heads, d)
+
+
+def _prefill_group(q, pool, layer, group: _Group, scale, window):
+    """Padded ``q [n * max_q, H, d]`` -> ``[n * max_q, H, d]`` (padding rows are junk)."""
+    n, max_q = group.n, group.max_q
+    heads, d = q.shape[1], q.shape[2]
+    k, v = _gather_kv(pool, layer, group)
+    mask = group.masks.get(window)
+    if mask is None:
+        kpos = torch.arange(k.shape[2], device=DEVICE)[None, None, :]
+        qpos = group.qpos[:, :, None]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        if group.q_valid is not None:  # padding rows see everything: no NaN rows
+            mask |= ~group.q_valid[:, :, None]
+        mask = group.masks[window] = mask[:, None]  # [n, 1, max_q, L]
+    qt = q.view(n, max_q, heads, d).transpose(1, 2)
+    out = _sdpa(qt, k, v, scale, mask=mask)  # [n, H, max_q, d]
+    return out.transpose(1, 2).reshape(n * max_q, heads, d)
+
+
+@hookimpl
+def paged_attention(q, pool, layer, batch, scale, sliding_window):
+    prepared = batch.prepared
+    if not isinstance(prepared, PreparedBatch):
+        prepared = batch.prepared = _prepare(batch)
+    window = sliding_window
+    if prepared.kind == "single":
+        first, index, length, masks = prepared.single
+        if index is None:  # consecutive blocks: zero-copy views of the pool
+            q_len, heads, d = q.shape
+            if q_len == 1:  # decode step: every key in the window is visible, no mask
+                end = first + length
+                start = first if window is None else max(first, end - window)
+                kvh = pool.num_kv_heads
+                out = _sdpa(
+                    q.view(1, kvh, heads // kvh, d),
+                    pool.k_heads[layer][:, :, start:end],
+                    pool.v_heads[layer][:, :, start:end],
+                    scale,
+                )
+                return out.reshape(1, heads, d)
+            k = pool.k_flat[layer][first : first + length]
+            v = pool.v_flat[layer][first : first + length]
+        else:
+            kvh, d = pool.num_kv_heads, pool.head_dim
+            k = pool.k[layer].index_select(0, index).view(-1, kvh, d)[:length]
+            v = pool.v[layer].index_select(0, index).view(-1, kvh, d)[:length]
+        return _attend_one(q, k, v, scale, window, masks)
+    if prepared.kind == "decode":
+        return _decode_group(q, pool, layer, prepared.decode, scale, window)
+    if prepared.kind == "prefill":
+        group = prepared.prefill
+        q_in = q if group.q_rows is None else q.index_select(0, group.q_rows.view(-1))
+        out = _prefill_group(q_in, pool, layer, group, scale, window)
+        return out if prepared.out_index is None else out.index_select(0, prepared.out_index)
+    dec = _decode_group(q.index_select(0, prepared.decode.q_rows), pool, layer, prepared.decode, scale, window)
+    pre = _prefill_group(
+        q.index_select(0, prepared.prefill.q_rows.view(-1)), pool, layer, prepared.prefill, scale, window
+    )
+    return torch.cat([dec, pre]).index_select(0, prepared.out_index)
+
+
+__all__ = ["DEVICE", "DEVICE_NOTE", "KVPool", "PreparedBatch"]
