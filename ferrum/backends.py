@@ -43,6 +43,7 @@ class BackendInfo:
     memory_bytes: int | None = None
     max_batch: int | None = None
     api_version: int = hookspec.API_VERSION
+    note: str = ""  # how it runs, e.g. a fallback from the device that was asked for
 
 
 @dataclass

@@ -49,6 +49,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 f"sliding_window={caps.sliding_window} device_sampling={caps.device_sampling} "
                 f"attention={'+'.join(caps.attention_mechanisms)}"
             )
+            note = backends.load_backend(entry.name).info.note
+            if note:
+                flags.append(f"    note: {note}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

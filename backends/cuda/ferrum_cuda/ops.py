@@ -137,6 +137,7 @@ def backend_info() -> BackendInfo:
             dtypes=("float32", "float16", "bfloat16"),
             default_dtype="bfloat16",
             memory_bytes=int(total),
+            note=DEVICE_NOTE,
         )
     return BackendInfo(
         name="cuda",
@@ -144,6 +145,7 @@ def backend_info() -> BackendInfo:
         dtypes=("float32", "bfloat16"),
         default_dtype="float32",
         memory_bytes=_host_memory_bytes(),
+        note=DEVICE_NOTE,
     )
 
 
