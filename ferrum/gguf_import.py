@@ -1,0 +1,657 @@
+"""Turning a llama-architecture GGUF file into a Hugging Face-style checkpoint folder.
+
+Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
+model in another layout, so :func:`convert_gguf` rewrites it once:
+
+* ``config.json`` from the ``llama.*`` metadata;
+* ``model.safetensors`` with Hugging Face tensor names, every tensor dequantised
+  (``gguf.quants.dequantize``) to float32 by default;
+* ``tokenizer.json`` rebuilt with the ``tokenizers`` library from
+  ``tokenizer.ggml.*``, plus ``tokenizer_config.json`` (chat template, special
+  tokens) and ``generation_config.json`` (stop token ids).
+
+Two details of the GGUF layout matter:
+
+* GGUF lists a tensor's dimensions fastest-first (``ne0, ne1, ...``), the reverse
+  of numpy / PyTorch order; a ``[576, 49152]`` GGUF embedding is ``(49152, 576)``
+  here. The reader's ``data`` is already row-major, one row per outer index.
+* llama.cpp's converter permutes the rows of ``q_proj`` and ``k_proj`` so that its
+  rope rotates adjacent pairs ``(2j, 2j+1)`` of each head; Hugging Face's Llama
+  rotates the two halves ``(j, j + d/2)``. :func:`unpermute_qk` undoes it.
+
+The ``gguf`` package (llama.cpp's own reader) is needed: ``pip install 'ferrum[gguf]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
+
+ProgressFn = Callable[[int, int, str], None]
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+#: Output dtypes: numpy dtype and safetensors' name for it.
+_OUT_DTYPES = {"float32": ("<f4", "F32"), "float16": ("<f2", "F16"), "bfloat16": (None, "BF16")}
+
+# GGUF token types (llama.cpp's llama_token_type).
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
+
+# ``tokenizer.ggml.pre`` values, grouped by how llama.cpp splits text before BPE.
+# GPT-2's regex only (tokenizers' ByteLevel pre-tokenizer with use_regex=True).
+_PRE_GPT2 = {"gpt2", "mpt", "olmo", "jais"}
+# Every digit on its own first (tokenizers' Digits), then GPT-2's regex: SmolLM,
+# StarCoder and relatives (llama.cpp: regex "\p{N}" then the GPT-2 one).
+_PRE_DIGITS_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+# Llama 3's regex (tiktoken-style).
+_PRE_LLAMA3 = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "pixtral"}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# GGUF tensor name -> Hugging Face name, per block and global.
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Present in some files, carry nothing a Hugging Face checkpoint needs.
+_IGNORED_BLOCK_TENSORS = {"attn_rot_embd"}
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+        import gguf.quants  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            "reading GGUF files needs the 'gguf' package: pip install 'ferrum[gguf]' (or pip install gguf)"
+        ) from exc
+    return gguf
+
+
+# ---------------------------------------------------------------- metadata
+
+
+class _Metadata:
+    """Typed access to a GGUF file's key/value fields."""
+
+    def __init__(self, reader: Any, where: str):
+        self._fields = reader.fields
+        self.where = where
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self._fields.get(key)
+        if field is None:
+            return default
+        return _field_value(field, key, self.where)
+
+    def need(self, key: str) -> Any:
+        if key not in self._fields:
+            raise CheckpointError(f"{self.where}: GGUF metadata lacks {key!r}")
+        return self.get(key)
+
+
+def _field_value(field: Any, key: str, where: str) -> Any:
+    """Decode a ReaderField from its raw parts (works across gguf package versions)."""
+    from gguf import GGUFValueType
+
+    types = list(field.types)
+    if not types:
+        return None
+
+    def scalar(part: np.ndarray) -> Any:
+        value = part.tolist()
+        return value[0] if isinstance(value, list) else value
+
+    def string(part: np.ndarray) -> str:
+        try:
+            return bytes(part).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{where}: GGUF field {key!r} holds invalid UTF-8: {exc}") from exc
+
+    if types[0] == GGUFValueType.ARRAY:
+        if len(types) > 2:
+            raise UnsupportedFeatureError(f"{where}: nested GGUF arrays ({key!r}) are not supported")
+        sub = types[-1] if len(types) > 1 else None
+        if sub == GGUFValueType.STRING:
+            return [string(field.parts[i]) for i in field.data]
+        return [scalar(field.parts[i]) for i in field.data]
+    if types[0] == GGUFValueType.STRING:
+        return string(field.parts[field.data[0]])
+    value = scalar(field.parts[field.data[0]])
+    if types[0] == GGUFValueType.BOOL:
+        return bool(value)
+    return value
+
+
+def _float32_value(value: float) -> float:
+    """A float32 metadata value as the short decimal it was written from (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(value)))
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's row permutation of a q/k projection (``[n_heads * head_dim, ...]``).
+
+    llama.cpp's converter reorders each head's rows ``(half, j) -> (j, half)`` so
+    that the rotary pairs ``(j, j + d/2)`` of the rotate-half layout become the
+    adjacent rows ``(2j, 2j + 1)`` its rope kernel rotates. Reading each head's
+    rows as ``(j, half)`` and swapping back restores Hugging Face's order.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise CheckpointError(f"cannot un-permute a q/k tensor of {rows} rows over {n_heads} heads")
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+@dataclass
+class _PlannedTensor:
+    hf_name: str
+    source: Any  # gguf ReaderTensor
+    shape: tuple[int, ...]  # numpy / Hugging Face order
+    unpermute_heads: int | None  # q/k: heads to un-permute over
+
+
+def _numpy_shape(tensor: Any) -> tuple[int, ...]:
+    """GGUF lists ne0 (fastest) first; numpy wants the slowest dimension first."""
+    return tuple(int(n) for n in reversed(list(tensor.shape)))
+
+
+def _dequantize(tensor: Any, where: str) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    try:
+        array = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as exc:
+        raise UnsupportedFeatureError(
+            f"{where}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the installed "
+            f"gguf package cannot dequantize ({exc}); try upgrading it: pip install -U gguf"
+        ) from exc
+    shape = _numpy_shape(tensor)
+    if array.size != math.prod(shape):
+        raise CheckpointError(
+            f"{where}: tensor {tensor.name} dequantized to {array.size} values but its shape {shape} "
+            f"needs {math.prod(shape)}"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+
+
+def _check_quant_types(tensors: Iterable[Any], where: str) -> None:
+    """Dequantize one block of every storage type up front, so nothing is written for a file we cannot read."""
+    from gguf.quants import dequantize
+
+    seen: dict[Any, Any] = {}
+    for t in tensors:
+        seen.setdefault(t.tensor_type, t)
+    for qtype, t in seen.items():
+        first_row = t.data.reshape(-1, t.data.shape[-1])[:1] if t.data.ndim else t.data
+        try:
+            dequantize(first_row, qtype)
+        except NotImplementedError as exc:
+            raise UnsupportedFeatureError(
+                f"{where}: tensor {t.name} is stored as {qtype.name}, which the installed gguf package cannot "
+                f"dequantize ({exc}); try upgrading it: pip install -U gguf"
+            ) from exc
+
+
+def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_PlannedTensor]:
+    """Map every GGUF tensor to its Hugging Face name and expected shape (rope_freqs is read into the config)."""
+    by_name = {t.name: t for t in reader.tensors}
+    n_layers = cfg["num_hidden_layers"]
+    h, d = cfg["hidden_size"], cfg["head_dim"]
+    heads, kv_heads, inter = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
+    vocab = cfg["vocab_size"]
+    expected = {
+        "model.embed_tokens.weight": (vocab, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (vocab, h),
+    }
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (heads * d, h),
+        "self_attn.k_proj.weight": (kv_heads * d, h),
+        "self_attn.v_proj.weight": (kv_heads * d, h),
+        "self_attn.o_proj.weight": (h, heads * d),
+        "mlp.gate_proj.weight": (inter, h),
+        "mlp.up_proj.weight": (inter, h),
+        "mlp.down_proj.weight": (h, inter),
+    }
+    plan: list[_PlannedTensor] = []
+    unknown: list[str] = []
+    block = re.compile(r"blk\.(\d+)\.(.+)$")
+    for name, tensor in by_name.items():
+        if name == "rope_freqs.weight":
+            continue
+        heads_to_unpermute = None
+        if name in _GLOBAL_TENSORS:
+            hf_name = _GLOBAL_TENSORS[name]
+            want = expected[hf_name]
+        else:
+            m = block.match(name)
+            if m is None or int(m.group(1)) >= n_layers:
+                unknown.append(name)
+                continue
+            i, rest = int(m.group(1)), m.group(2)
+            if rest.split(".")[0] in _IGNORED_BLOCK_TENSORS:
+                continue
+            if rest not in _BLOCK_TENSORS:
+                unknown.append(name)
+                continue
+            suffix = _BLOCK_TENSORS[rest]
+            hf_name = f"model.layers.{i}.{suffix}"
+            want = per_layer[suffix]
+            if rest == "attn_q.weight":
+                heads_to_unpermute = heads
+            elif rest == "attn_k.weight":
+                heads_to_unpermute = kv_heads
+        shape = _numpy_shape(tensor)
+        if shape != want:
+            raise CheckpointError(
+                f"{where}: tensor {name} ({hf_name}) has shape {shape} but the metadata implies {want}"
+            )
+        plan.append(_PlannedTensor(hf_name, tensor, shape, heads_to_unpermute))
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
+        raise UnsupportedFeatureError(
+            f"{where}: {len(unknown)} tensor(s) have no place in a Llama checkpoint: {shown}. "
+            "Ferrum's GGUF import handles plain (dense, bias-free) llama-architecture files"
+        )
+    have = {p.hf_name for p in plan}
+    needed = [n for n in expected if n != "lm_head.weight"] + [
+        f"model.layers.{i}.{k}" for i in range(n_layers) for k in per_layer
+    ]
+    missing = [n for n in needed if n not in have]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CheckpointError(f"{where}: GGUF file lacks {len(missing)} tensor(s) a Llama model needs: {shown}")
+    return plan
+
+
+def _write_safetensors(
+    path: Path, plan: list[_PlannedTensor], dtype: str, where: str, progress: ProgressFn | None
+) -> None:
+    """Stream tensors into a safetensors file one at a time (never all in memory at once)."""
+    np_dtype, st_dtype = _OUT_DTYPES[dtype]
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        np_dtype = ml_dtypes.bfloat16
+    itemsize = np.dtype(np_dtype).itemsize
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for p in plan:
+        size = math.prod(p.shape) * itemsize
+        header[p.hf_name] = {"dtype": st_dtype, "shape": list(p.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for done, p in enumerate(plan, start=1):
+            array = _dequantize(p.source, where)
+            if p.unpermute_heads is not None:
+                array = unpermute_qk(array, p.unpermute_heads)
+            if not np.isfinite(array).all():
+                raise CheckpointError(f"{where}: tensor {p.source.name} holds NaN or infinite values")
+            out = np.ascontiguousarray(array.astype(np_dtype, copy=False))
+            f.write(memoryview(out.reshape(-1).view(np.uint8)))
+            if progress is not None:
+                progress(done, len(plan), p.hf_name)
+
+
+# ---------------------------------------------------------------- config
+
+
+def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """Recover Llama 3.x rope scaling from llama.cpp's per-pair ``rope_freqs`` divisors.
+
+    llama.cpp stores ``1``, ``factor`` or a blend per frequency; Hugging Face
+    stores the four numbers that generate them. Try the values every Llama 3.x
+    release uses (low 1, high 4, original context 8192) with the largest divisor
+    as ``factor``; ``None`` if they do not reproduce the file.
+    """
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if factors.size != head_dim // 2 or not np.all(factors > 0):
+        return None
+    if np.allclose(factors, 1.0):
+        return {}
+    factor = _float32_value(factors.max())
+    low, high, old_ctx = 1.0, 4.0, 8192
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    want = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blended))
+    if not np.allclose(factors, want, rtol=1e-4, atol=1e-6):
+        return None
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": old_ctx,
+    }
+
+
+def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None, dtype: str) -> dict[str, Any]:
+    where = meta.where
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedFeatureError(
+            f"{where}: GGUF architecture {arch!r} is not supported; Ferrum converts "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} GGUF files (for other models use a Hugging Face "
+            "safetensors checkpoint folder)"
+        )
+    p = f"{arch}."
+    hidden = int(meta.need(p + "embedding_length"))
+    heads = int(meta.need(p + "attention.head_count"))
+    kv_heads = meta.get(p + "attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):
+        if len(set(kv_heads)) != 1:
+            raise UnsupportedFeatureError(f"{where}: per-layer KV head counts {sorted(set(kv_heads))} are not supported")
+        kv_heads = kv_heads[0]
+    kv_heads = int(kv_heads)
+    if p + "attention.key_length" in meta:
+        head_dim = int(meta.get(p + "attention.key_length"))
+    elif heads <= 0 or hidden % heads:
+        raise ConfigError(f"{where}: hidden size {hidden} is not divisible by {heads} heads")
+    else:
+        head_dim = hidden // heads
+    value_dim = int(meta.get(p + "attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedFeatureError(f"{where}: key length {head_dim} != value length {value_dim} is not supported")
+    rope_dims = int(meta.get(p + "rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise UnsupportedFeatureError(
+            f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported"
+        )
+    if meta.get(p + "expert_count", 0):
+        raise UnsupportedFeatureError(f"{where}: mixture-of-experts GGUF files are not supported")
+
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise CheckpointError(f"{where}: GGUF file has no token_embd.weight")
+    vocab = _numpy_shape(embed)[0]
+    declared = meta.get(p + "vocab_size") or (len(tokens) if tokens else None)
+    if declared is not None and int(declared) != vocab:
+        raise CheckpointError(f"{where}: vocab size {declared} in the metadata but token_embd has {vocab} rows")
+
+    theta = _float32_value(meta.get(p + "rope.freq_base", 10000.0))
+    rope_scaling: dict[str, Any] | None = None
+    kind = meta.get(p + "rope.scaling.type")
+    if kind not in (None, "none"):
+        factor = meta.get(p + "rope.scaling.factor")
+        if kind != "linear" or not factor:
+            raise UnsupportedFeatureError(
+                f"{where}: rope scaling {kind!r} is not supported; Ferrum handles 'linear' and Llama 3's"
+            )
+        rope_scaling = {"rope_type": "linear", "factor": _float32_value(factor)}
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        fitted = _llama3_rope_scaling(_dequantize(freqs, where), head_dim, theta)
+        if fitted is None:
+            raise UnsupportedFeatureError(
+                f"{where}: the file's rope_freqs tensor does not match Llama 3 rope scaling; not supported"
+            )
+        if fitted:
+            if rope_scaling is not None:
+                raise UnsupportedFeatureError(f"{where}: both linear and Llama 3 rope scaling; not supported")
+            rope_scaling = fitted
+
+    names = {t.name for t in reader.tensors}
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.need(p + "feed_forward_length")),
+        "num_hidden_layers": int(meta.need(p + "block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": int(meta.need(p + "context_length")),
+        "rms_norm_eps": _float32_value(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": rope_scaling,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": "output.weight" not in names,
+        "torch_dtype": dtype,
+    }
+    for key in ("bos", "eos", "padding"):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
+    return config
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE vocabularies)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _build_tokenizer(meta: _Metadata, tokens: list[str]) -> tuple[Any, dict[str, Any]]:
+    """A ``tokenizers.Tokenizer`` equal to the one the GGUF describes, and its tokenizer_config entries."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    where = meta.where
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UnsupportedFeatureError(
+            f"{where}: GGUF tokenizer model {kind!r} is not supported; Ferrum's GGUF import rebuilds "
+            "byte-level BPE tokenizers ('gpt2'), not sentencepiece ('llama') ones"
+        )
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre in _PRE_GPT2:
+        pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pre in _PRE_DIGITS_GPT2:
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    elif pre in _PRE_LLAMA3:
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        known = sorted(_PRE_GPT2 | _PRE_DIGITS_GPT2 | _PRE_LLAMA3)
+        raise UnsupportedFeatureError(
+            f"{where}: GGUF pre-tokenizer {pre!r} is not supported; Ferrum knows {', '.join(known)}"
+        )
+    merges_raw = meta.get("tokenizer.ggml.merges")
+    if not merges_raw:
+        raise UnsupportedFeatureError(f"{where}: the GGUF byte-level BPE tokenizer lists no merges")
+    merges: list[tuple[str, str]] = []
+    for m in merges_raw:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise CheckpointError(f"{where}: malformed BPE merge {m!r} in tokenizer.ggml.merges")
+        merges.append((parts[0], parts[1]))
+
+    types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    added: list[AddedToken] = []
+    for index, (token, token_type) in enumerate(zip(tokens, types)):
+        if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
+            # Matched whole in the raw text, written as is.
+            added.append(AddedToken(token, special=token_type == _TOKEN_CONTROL, normalized=False))
+        elif not set(token) <= alphabet:
+            # A plain token spelled in raw text: write it in the byte alphabet like the rest.
+            token = "".join(spelling[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, index)
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    special = [t for t in added if t.special]
+    plain = [t for t in added if not t.special]
+    if special:
+        tok.add_special_tokens(special)
+    if plain:
+        tok.add_tokens(plain)
+
+    def token_of(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+
+    bos, eos = token_of("bos"), token_of("eos")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    if (add_bos and bos is None) or (add_eos and eos is None):
+        raise CheckpointError(f"{where}: the tokenizer adds BOS/EOS but names no such token")
+    if add_bos or add_eos:
+        first = [f"{bos}:0"] if add_bos else []
+        last = [f"{eos}:0"] if add_eos else []
+        second_first = [f"{bos}:1"] if add_bos else []
+        second_last = [f"{eos}:1"] if add_eos else []
+        ids = {t: tok.token_to_id(t) for t in (bos if add_bos else None, eos if add_eos else None) if t}
+        tok.post_processor = processors.TemplateProcessing(
+            single=first + ["$A:0"] + last,
+            pair=first + ["$A:0"] + last + second_first + ["$B:1"] + second_last,
+            special_tokens=list(ids.items()),
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    tokenizer_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+    }
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        text = token_of(key)
+        if text is not None:
+            tokenizer_config[name] = text
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        tokenizer_config["chat_template"] = template
+    return tok, tokenizer_config
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def convert_gguf(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    progress: ProgressFn | None = None,
+    *,
+    dtype: str = "float32",
+) -> Path:
+    """Write ``gguf_path`` (a llama-architecture GGUF) into ``out_dir`` as a Hugging Face checkpoint.
+
+    ``dtype`` is the stored weight type: "float32" (default) keeps every
+    dequantised value exactly; "float16"/"bfloat16" halve the size at a small
+    rounding cost. ``progress(done, total, name)`` is called after each tensor.
+    Everything is checked (architecture, shapes, quant types, tokenizer) before
+    the first file is written. Returns ``out_dir``.
+    """
+    gguf = _import_gguf()
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    where = str(gguf_path)
+    if dtype not in _OUT_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(_OUT_DTYPES)}, got {dtype!r}")
+    if not gguf_path.is_file():
+        raise CheckpointError(f"no GGUF file at {gguf_path}")
+    try:
+        reader = gguf.GGUFReader(str(gguf_path), "r")
+    except (ValueError, OSError, struct.error, IndexError) as exc:
+        raise CheckpointError(f"{where} is not a readable GGUF file: {exc}") from exc
+    meta = _Metadata(reader, where)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    config = _build_config(meta, reader, tokens, dtype)
+    if not tokens:
+        raise CheckpointError(f"{where}: GGUF metadata has no tokenizer.ggml.tokens; cannot build a tokenizer")
+    tokenizer, tokenizer_config = _build_tokenizer(meta, tokens)
+    tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+    plan = _plan_tensors(reader, config, where)
+    _check_quant_types([p.source for p in plan], where)
+
+    generation: dict[str, Any] = {}
+    if "bos_token_id" in config:
+        generation["bos_token_id"] = config["bos_token_id"]
+    stops = [
+        int(meta.get(f"tokenizer.ggml.{k}_token_id"))
+        for k in ("eos", "eot", "eom")
+        if meta.get(f"tokenizer.ggml.{k}_token_id") is not None
+    ]
+    stops = list(dict.fromkeys(stops))
+    if stops:
+        generation["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    if "pad_token_id" in config:
+        generation["pad_token_id"] = config["pad_token_id"]
+    config["ferrum_gguf_source"] = {
+        "file": gguf_path.name,
+        "name": meta.get("general.name"),
+        "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
+    }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(out_dir / "model.safetensors", plan, dtype, where, progress)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir

