@@ -1,0 +1,35 @@
+"""Ferrum's MLX backend: Metal on Apple Silicon, CPU elsewhere.
+
+Importing this module is cheap; ``mlx`` is imported only when the backend is
+loaded (or, on macOS, to ask whether Metal is there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+
+from ferrum.backends import BackendProbe
+from ferrum.hookspec import hookimpl
+
+
+@hookimpl
+def backend_probe() -> BackendProbe:
+    if importlib.util.find_spec("mlx") is None:
+        return BackendProbe(
+            available=False,
+            reason="mlx is not installed: pip install 'mlx[cpu]' (Linux) or mlx (macOS)",
+        )
+    if platform.system() == "Darwin":
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            return BackendProbe(available=True, device="metal", priority=0)
+    return BackendProbe(available=True, device="cpu", priority=20, reason="MLX on the CPU (no Metal here)")
+
+
+@hookimpl
+def backend_load():
+    from ferrum_mlx import ops
+
+    return ops

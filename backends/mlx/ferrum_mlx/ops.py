@@ -1,0 +1,270 @@
+"""MLX implementations of the Ferrum ops.
+
+Everything stays lazy: ops only build the graph, and the graph (with the KV
+writes it contains) is evaluated once, when ``to_numpy`` or ``argmax`` needs
+a result on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import mlx.core as mx
+import numpy as np
+
+from ferrum.backends import BackendInfo
+from ferrum.hookspec import hookimpl
+
+_METAL = mx.metal.is_available()
+if not _METAL:
+    mx.set_default_device(mx.cpu)
+
+_DTYPES = {
+    "float32": mx.float32,
+    "float16": mx.float16,
+    "bfloat16": mx.bfloat16,
+    "int32": mx.int32,
+    "int64": mx.int64,
+}
+
+
+@hookimpl
+def backend_info() -> BackendInfo:
+    if _METAL:
+        memory = mx.metal.device_info().get("max_recommended_working_set_size")
+        return BackendInfo("mlx", "metal", ("float32", "float16", "bfloat16"), "bfloat16", memory)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    return BackendInfo("mlx", "cpu", ("float32", "float16", "bfloat16"), "float32", memory)
+
+
+# ----------------------------------------------------------- host transfer
+_pools: "weakref.WeakSet[KVPool]" = weakref.WeakSet()
+
+
+def _materialise(*arrays: mx.array) -> None:
+    """Evaluate results together with pending KV writes, so graphs never chain across steps."""
+    pending = [a for pool in _pools for a in pool.take_pending()]
+    mx.eval(*arrays, *pending)
+
+
+@hookimpl
+def from_numpy(array, dtype):
+    if array.dtype.kind == "V" or array.dtype.name == "bfloat16":  # ml_dtypes bfloat16
+        array = array.astype(np.float32)
+    out = mx.array(array)
+    return out if dtype is None else out.astype(_DTYPES[dtype])
+
+
+@hookimpl
+def to_numpy(x):
+    _materialise(x)
+    if mx.issubdtype(x.dtype, mx.floating) and x.dtype != mx.float32:
+        x = x.astype(mx.float32)
+    return np.array(x)
+
+
+@hookimpl
+def cast(x, dtype):
+    return x.astype(_DTYPES[dtype])
+
+
+@hookimpl
+def argmax(logits):
+    picks = mx.argmax(logits, axis=-1)
+    _materialise(picks)
+    return np.array(picks)
+
+
+# ------------------------------------------------------------- dense ops
+@hookimpl
+def reshape(x, shape):
+    return x.reshape(shape)
+
+
+@hookimpl
+def take_rows(x, indices):
+    return mx.take(x, indices, axis=0)
+
+
+@hookimpl
+def concat(parts):
+    return mx.concatenate(parts, axis=0)
+
+
+@hookimpl
+def add(a, b):
+    return a + b
+
+
+@hookimpl
+def linear(x, weight, bias):
+    if bias is None:
+        return x @ weight.T
+    return mx.addmm(bias, x, weight.T)
+
+
+@hookimpl
+def embedding(weight, ids):
+    return weight[ids]
+
+
+@hookimpl
+def rms_norm(x, weight, eps):
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+_periods: dict[int, tuple[mx.array, mx.array]] = {}
+
+
+@hookimpl
+def rope(x, positions, inv_freq):
+    # mx.fast.rope takes periods (1 / inv_freq); per-token positions go in as
+    # per-"batch" offsets of a [T, heads, 1, head_dim] view.
+    key = id(inv_freq)
+    cached = _periods.get(key)
+    if cached is None or cached[0] is not inv_freq:
+        cached = _periods[key] = (inv_freq, 1.0 / inv_freq)
+    t, heads, dim = x.shape
+    out = mx.fast.rope(
+        x.reshape(t, heads, 1, dim), dim, traditional=False, base=None, scale=1.0,
+        offset=positions, freqs=cached[1],
+    )
+    return out.reshape(t, heads, dim)
+
+
+@hookimpl
+def silu_mul(gate, up):
+    return gate * mx.sigmoid(gate) * up
+
+
+# --------------------------------------------------------------- KV pool
+class KVPool:
+    """Per-layer K/V, stored flat as ``[num_blocks * block_size, kv_heads, head_dim]``."""
+
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        mx.eval(*self.k, *self.v)
+        self._pending: set[int] = set()
+
+    def write(self, layer, k, v, slots):
+        self.k[layer][slots] = k
+        self.v[layer][slots] = v
+        self._pending.add(layer)
+
+    def take_pending(self) -> list[mx.array]:
+        layers, self._pending = self._pending, set()
+        return [a for layer in layers for a in (self.k[layer], self.v[layer])]
+
+
+@hookimpl
+def kv_alloc(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
+    pool = KVPool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, _DTYPES[dtype])
+    _pools.add(pool)
+    return pool
+
+
+@hookimpl
+def kv_write(pool, layer, k, v, slot_mapping):
+    pool.write(layer, k, v, slot_mapping)
+
+
+def _slots_of(block_ids: np.ndarray, length: int, block_size: int) -> np.ndarray:
+    pos = np.arange(length)
+    return (np.asarray(block_ids)[pos // block_size] * block_size + pos % block_size).astype(np.int32)
+
+
+@hookimpl
+def kv_gather(pool, layer, block_ids, length):
+    slots = mx.array(_slots_of(block_ids, length, pool.block_size))
+    return pool.k[layer][slots], pool.v[layer][slots]
+
+
+# ------------------------------------------------------------- attention
+def _end_aligned_mask(q_len: np.ndarray, kv_len: np.ndarray, max_q: int, max_kv: int, window):
+    """``[items, 1, max_q, max_kv]`` bool: causal from the end of each item's keys."""
+    i = np.arange(max_q)[None, :, None]
+    j = np.arange(max_kv)[None, None, :]
+    query_pos = (kv_len - q_len)[:, None, None] + i
+    allowed = (j <= query_pos) & (j < kv_len[:, None, None])
+    if window is not None:
+        allowed &= j > query_pos - window
+    allowed |= (i >= q_len[:, None, None]) & (j == 0)  # padded query rows: keep softmax finite
+    return allowed[:, None]
+
+
+@hookimpl
+def attention(q, k, v, scale, sliding_window):
+    q_len, kv_len = q.shape[0], k.shape[0]
+    qh, kh, vh = (a.transpose(1, 0, 2)[None] for a in (q, k, v))
+    if sliding_window is None:
+        mask = "causal" if q_len > 1 else None
+    else:
+        mask = mx.array(
+            _end_aligned_mask(np.array([q_len]), np.array([kv_len]), q_len, kv_len, sliding_window)
+        )
+    out = mx.fast.scaled_dot_product_attention(qh, kh, vh, scale=scale, mask=mask)
+    return out[0].transpose(1, 0, 2)
+
+
+class PreparedBatch:
+    """Device-side index arrays of one forward pass, shared by every layer."""
+
+    def __init__(self, batch):
+        q_len = np.diff(batch.cu_seqlens_q).astype(np.int64)
+        kv_len = batch.seq_lens.astype(np.int64)
+        self.single = batch.num_items == 1
+        self.max_q, self.max_kv = int(q_len.max()), int(kv_len.max())
+        bs = batch.block_size
+        j = np.arange(self.max_kv)
+        tables = batch.block_tables
+        slots = tables[:, np.minimum(j // bs, tables.shape[1] - 1)] * bs + j % bs
+        slots = np.where(j[None, :] < kv_len[:, None], slots, 0)
+        self.kv_slots = mx.array(slots.astype(np.int32))  # [items, max_kv]
+        self._q_len, self._kv_len = q_len, kv_len
+        self._masks: dict = {}
+        if not self.single:
+            i = np.arange(self.max_q)
+            starts = batch.cu_seqlens_q[:-1].astype(np.int64)
+            q_rows = np.where(i[None, :] < q_len[:, None], starts[:, None] + i[None, :], 0)
+            self.q_rows = mx.array(q_rows.astype(np.int32))  # [items, max_q]
+            item_of_token = np.repeat(np.arange(batch.num_items), q_len)
+            offset_in_item = np.arange(batch.num_tokens) - starts[item_of_token]
+            self.out_rows = mx.array((item_of_token * self.max_q + offset_in_item).astype(np.int32))
+
+    def mask(self, window):
+        """Built once per window size per forward pass."""
+        if self.single and window is None:
+            return "causal" if self.max_q > 1 else None
+        if window not in self._masks:
+            self._masks[window] = mx.array(
+                _end_aligned_mask(self._q_len, self._kv_len, self.max_q, self.max_kv, window)
+            )
+        return self._masks[window]
+
+
+@hookimpl
+def prepare_attention_batch(batch):
+    return PreparedBatch(batch)
+
+
+@hookimpl
+def paged_attention(q, pool, layer, batch, scale, sliding_window):
+    prep: PreparedBatch = batch.prepared
+    k = pool.k[layer][prep.kv_slots]  # [items, max_kv, kvh, d]
+    v = pool.v[layer][prep.kv_slots]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    mask = prep.mask(sliding_window)
+    if prep.single:
+        out = mx.fast.scaled_dot_product_attention(q.transpose(1, 0, 2)[None], k, v, scale=scale, mask=mask)
+        return out[0].transpose(1, 0, 2)
+    qp = q[prep.q_rows].transpose(0, 2, 1, 3)  # [items, heads, max_q, d]
+    out = mx.fast.scaled_dot_product_attention(qp, k, v, scale=scale, mask=mask)
+    out = out.transpose(0, 2, 1, 3).reshape(-1, q.shape[1], q.shape[2])  # [items * max_q, heads, d]
+    return out[prep.out_rows]
