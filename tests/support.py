@@ -53,3 +53,55 @@ def write_text_checkpoint(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     write_tokenizer(folder)
     return folder
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "llama_mha_untied", "qwen2_mqa")
+
+
+def transformers_config(arch: str):
+    """Tiny configs with the odd sizes that catch layout bugs."""
+    import transformers
+
+    common = dict(vocab_size=97, hidden_size=96, intermediate_size=80, num_hidden_layers=2,
+                  max_position_embeddings=128, rms_norm_eps=1e-5)
+    if arch == "llama":  # GQA, llama3 rope scaling, tied
+        return transformers.LlamaConfig(
+            **common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        )
+    if arch == "llama_mha_untied":
+        return transformers.LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=4,
+                                        tie_word_embeddings=False, rope_theta=500.0)
+    if arch == "mistral":  # a window shorter than the test sequences
+        return transformers.MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
+    if arch == "qwen2":  # qkv bias, tied
+        return transformers.Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    if arch == "qwen2_mqa":
+        return transformers.Qwen2Config(**common, num_attention_heads=6, num_key_value_heads=1, tie_word_embeddings=False)
+    if arch == "qwen3":  # q/k norm, head_dim 48 != hidden/heads, 7 q heads per kv head
+        return transformers.Qwen3Config(**common, num_attention_heads=7, num_key_value_heads=1, head_dim=48)
+    raise ValueError(arch)
+
+
+def write_arch_checkpoint(folder: Path, arch: str, seed: int = 0, max_shard_size: str | None = None):
+    """Save a random-weight transformers model; returns it (float32, eval mode)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(transformers_config(arch)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # larger than the default init so logits are far from uniform
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+def reference_logits(model, tokens) -> "np.ndarray":
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([list(tokens)])).logits[0].numpy().astype(np.float32)

@@ -1,0 +1,153 @@
+"""Bad checkpoints and bad requests get clear errors and change no state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from ferrum.errors import (
+    CheckpointError,
+    ConfigError,
+    ContextLengthExceededError,
+    FerrumError,
+    InvalidRequestError,
+    KVCacheExhaustedError,
+    MissingTensorError,
+    PositionMismatchError,
+    UnknownSequenceError,
+    UnsupportedFeatureError,
+)
+from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.paged_kv import PagedKVManager
+
+from support import write_arch_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("err_ckpt")
+    write_arch_checkpoint(folder, "llama")
+    return folder
+
+
+def copy(checkpoint, tmp_path):
+    dest = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, dest)
+    return dest
+
+
+def edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_config_problems_are_named(checkpoint, tmp_path):
+    folder = copy(checkpoint, tmp_path)
+    edit_config(folder, hidden_size=None)
+    with pytest.raises(ConfigError, match="'hidden_size'"):
+        DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
+    edit_config(folder, hidden_size=96, num_key_value_heads=3)
+    with pytest.raises(ConfigError, match="multiple of"):
+        DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
+    edit_config(folder, num_key_value_heads=2, model_type="gpt2")
+    with pytest.raises(UnsupportedFeatureError, match="gpt2"):
+        DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
+    with pytest.raises(ConfigError, match="no config.json"):
+        DecoderOnlyLLM.from_pretrained(tmp_path / "nowhere", backend="cpu")
+
+
+def test_missing_and_misshapen_tensors_are_named(checkpoint, tmp_path):
+    folder = copy(checkpoint, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(MissingTensorError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
+    tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 3), dtype=np.float32)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"up_proj\.weight has shape \(3, 3\)"):
+        DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
+
+
+def test_sharded_checkpoint_with_a_missing_shard(checkpoint, tmp_path):
+    from support import transformers_config  # noqa: F401  (transformers is importable)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=shards[-1].name):
+        DecoderOnlyLLM.from_pretrained(tmp_path, backend="cpu")
+
+
+def test_bad_requests_change_nothing(checkpoint):
+    model = DecoderOnlyLLM.from_pretrained(checkpoint, backend="cpu", max_seq_len=20, num_kv_blocks=8, block_size=4)
+    model.prefill("ok", [1, 2, 3, 4, 5])
+    reference = model.forward_verify("probe", [7, 8])
+    model.release("probe")
+    free = model.kv.num_free_blocks
+    cases = [
+        (InvalidRequestError, lambda: model.prefill("new", [])),
+        (InvalidRequestError, lambda: model.prefill("new", [1, 97])),
+        (InvalidRequestError, lambda: model.prefill("new", [-1])),
+        (InvalidRequestError, lambda: model.prefill("ok", [1])),
+        (UnknownSequenceError, lambda: model.decode("ghost", 1, 0)),
+        (PositionMismatchError, lambda: model.decode("ok", 1, 4)),
+        (ContextLengthExceededError, lambda: model.prefill("long", list(range(21)))),
+        (InvalidRequestError, lambda: model.unified_forward([ForwardItem("ok", [1], 5), ForwardItem("ok", [2], 6)])),
+        # the second item is bad, so the first must not run either
+        (PositionMismatchError, lambda: model.unified_forward([ForwardItem("n2", [1, 2], 0), ForwardItem("ok", [3], 9)])),
+    ]
+    for error, call in cases:
+        with pytest.raises(error) as caught:
+            call()
+        assert isinstance(caught.value, FerrumError)
+    assert model.kv.sequences() == ["ok"] and model.kv.length("ok") == 5
+    assert model.kv.num_free_blocks == free
+    np.testing.assert_allclose(model.forward_verify("probe", [7, 8]), reference, atol=1e-6)
+
+
+def test_kv_exhaustion_is_atomic_and_spares_other_sequences(checkpoint):
+    model = DecoderOnlyLLM.from_pretrained(checkpoint, backend="cpu", num_kv_blocks=4, block_size=4)
+    model.prefill("a", [1, 2, 3, 4, 5])  # 2 blocks
+    with pytest.raises(KVCacheExhaustedError, match="free KV blocks"):
+        model.unified_forward([ForwardItem("b", [1, 2, 3, 4], 0), ForwardItem("c", [5, 6, 7, 8, 9], 0)])
+    assert model.kv.sequences() == ["a"] and model.kv.num_free_blocks == 2
+    after_failure = model.decode("a", 6, 5)
+    untouched = DecoderOnlyLLM.from_pretrained(checkpoint, backend="cpu", num_kv_blocks=4, block_size=4)
+    untouched.prefill("a", [1, 2, 3, 4, 5])
+    np.testing.assert_allclose(after_failure, untouched.decode("a", 6, 5), atol=1e-6)
+
+
+def test_kv_manager_bookkeeping():
+    kv = PagedKVManager(num_blocks=6, block_size=4)
+    r = kv.reserve([("x", 5), ("y", 1)])
+    assert kv.num_free_blocks == 3 and kv.length("x") == 0
+    kv.commit(r)
+    assert kv.length("x") == 5 and len(kv.block_table("x")) == 2
+    assert kv.slots("x", 3, 2).tolist() == [kv.block_table("x")[0] * 4 + 3, kv.block_table("x")[1] * 4]
+    r = kv.reserve([("x", 4), ("z", 4)])
+    kv.rollback(r)
+    assert "z" not in kv and len(kv.block_table("x")) == 2 and kv.num_free_blocks == 3
+    kv.truncate("x", 4)
+    assert len(kv.block_table("x")) == 1 and kv.num_free_blocks == 4
+    with pytest.raises(InvalidRequestError):
+        kv.truncate("x", 5)
+    kv.release("x")
+    kv.release("y")
+    assert kv.num_free_blocks == 6 and kv.sequences() == []
+    with pytest.raises(UnknownSequenceError):
+        kv.release("x")

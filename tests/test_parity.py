@@ -1,0 +1,179 @@
+"""Logit parity: Ferrum on every backend that runs here vs Hugging Face transformers,
+vs mlx-lm (MLX backend), and backend vs backend; plus the consistency of the
+paths through the paged KV cache.
+
+Tolerances (float32 everywhere):
+* vs transformers / mlx-lm: max |diff| <= 1e-4 * max(1, max |logit|). Measured:
+  about 1e-6 on every backend and architecture (logit scale ~1.5).
+* backend vs backend: the same bound, and identical greedy tokens for 32 steps.
+* two paths of one backend (stepwise vs verify, chunked vs one-shot, batched vs
+  alone, truncate + redecode): 2e-5 absolute, since only the batch layout differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ferrum import backends
+from ferrum.model import DecoderOnlyLLM, ForwardItem
+
+from support import ARCHITECTURES, reference_logits, write_arch_checkpoint
+
+SAME_BACKEND_TOL = 2e-5
+RUNNABLE = [e.name for e in backends.available() if e.available and e.name in ("cpu", "mlx", "cuda")]
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
+
+
+def assert_parity(got: np.ndarray, ref: np.ndarray) -> None:
+    bound = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    diff = float(np.abs(got - ref).max())
+    assert diff <= bound, f"max |diff| {diff:.3g} > {bound:.3g}"
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """arch -> (folder, transformers model)."""
+    out = {}
+    for arch in ARCHITECTURES:
+        folder = tmp_path_factory.mktemp(arch)
+        out[arch] = (folder, write_arch_checkpoint(folder, arch))
+    return out
+
+
+_models: dict = {}
+
+
+def load(folder, backend, **kw) -> DecoderOnlyLLM:
+    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, **kw)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_matches_transformers_all_positions_and_last(checkpoints, arch, backend):
+    folder, hf = checkpoints[arch]
+    ref = reference_logits(hf, TOKENS)
+    model = load(folder, backend)
+    assert_parity(model.forward_verify("all", TOKENS), ref)
+    assert_parity(model.prefill("last", TOKENS), ref[-1])
+
+
+@pytest.mark.parametrize("backend", [b for b in RUNNABLE if b != "cpu"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+def test_backends_agree_with_cpu_and_greedy_tokens_match(checkpoints, arch, backend):
+    folder, _ = checkpoints[arch]
+    runs = {}
+    for name in ("cpu", backend):
+        model = load(folder, name)
+        logits = model.prefill("g", TOKENS[:5])
+        first = logits
+        tokens = []
+        for step in range(32):
+            token = int(np.argmax(logits))
+            tokens.append(token)
+            logits = model.decode("g", token, 5 + step)
+        runs[name] = (first, tokens)
+    assert_parity(runs[backend][0], runs["cpu"][0])
+    assert runs[backend][1] == runs["cpu"][1]
+
+
+def with_v4_rope_keys(folder, dest):
+    """Copy a checkpoint, spelling rope settings the transformers-4 way mlx-lm reads."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    params = config.pop("rope_parameters", None) or {}
+    config["rope_theta"] = params.get("rope_theta", 10000.0)
+    if params.get("rope_type", "default") != "default":
+        config["rope_scaling"] = params
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.skipif("mlx" not in RUNNABLE, reason="the MLX backend cannot run here")
+@pytest.mark.parametrize("arch", ["llama", "llama_mha_untied", "qwen2", "qwen3"])
+def test_mlx_backend_matches_mlx_lm(checkpoints, arch, tmp_path):
+    """mlx-lm runs Mistral without its sliding window, so Mistral is compared with transformers only."""
+    mx = pytest.importorskip("mlx.core")
+    mlx_utils = pytest.importorskip("mlx_lm.utils")
+    folder = with_v4_rope_keys(checkpoints[arch][0], tmp_path / arch)
+    loaded = mlx_utils.load_model(folder)
+    reference_model = loaded[0] if isinstance(loaded, tuple) else loaded
+    ref = np.array(reference_model(mx.array([TOKENS])).astype(mx.float32))[0]
+    assert_parity(load(folder, "mlx").forward_verify("m", TOKENS), ref)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_sharded_checkpoint_loads_the_same(checkpoints, tmp_path, backend):
+    _, hf = checkpoints["qwen2"]
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert_parity(load(tmp_path, backend).forward_verify("s", TOKENS), reference_logits(hf, TOKENS))
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_stepwise_decode_equals_forward_verify(checkpoints, arch, backend):
+    model = load(checkpoints[arch][0], backend)
+    steps = [model.prefill("s", TOKENS[:3])]
+    for pos in range(3, len(TOKENS)):
+        steps.append(model.decode("s", TOKENS[pos], pos))
+    verify = model.forward_verify("v", TOKENS)
+    np.testing.assert_allclose(np.stack(steps), verify[2:], atol=SAME_BACKEND_TOL)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_chunked_prefill_equals_one_shot(checkpoints, arch, backend):
+    model = load(checkpoints[arch][0], backend)
+    one_shot = model.prefill("one", TOKENS)
+    assert model.unified_forward([ForwardItem("c", TOKENS[:4], 0, False)]) == {}
+    model.unified_forward([ForwardItem("c", TOKENS[4:9], 4, False)])
+    chunked = model.unified_forward([ForwardItem("c", TOKENS[9:], 9, True)])["c"]
+    np.testing.assert_allclose(chunked, one_shot, atol=SAME_BACKEND_TOL)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_mixed_batch_equals_each_sequence_alone(checkpoints, arch, backend):
+    folder = checkpoints[arch][0]
+    prompts = {"a": TOKENS[:9], "b": TOKENS[2:4], "c": TOKENS[:1], "d": TOKENS[1:13]}
+    alone_model = load(folder, backend)
+    alone = {}
+    for k, p in prompts.items():
+        alone[k] = [alone_model.prefill(k, p[:-1] or p)]
+        if len(p) > 1:
+            alone[k].append(alone_model.decode(k, p[-1], len(p) - 1))
+    # batched: a and d were prefilled earlier and now decode, b and c prefill in the same pass
+    model = load(folder, backend)
+    first = model.unified_forward([ForwardItem("a", prompts["a"][:-1], 0, True), ForwardItem("d", prompts["d"][:-1], 0, True)])
+    mixed = model.unified_forward(
+        [
+            ForwardItem("a", prompts["a"][-1:], len(prompts["a"]) - 1, True),
+            ForwardItem("b", prompts["b"][:-1], 0, True),
+            ForwardItem("c", prompts["c"], 0, True),
+            ForwardItem("d", prompts["d"][-1:], len(prompts["d"]) - 1, True),
+        ]
+    )
+    np.testing.assert_allclose(first["a"], alone["a"][0], atol=SAME_BACKEND_TOL)
+    for k in ("a", "d"):
+        np.testing.assert_allclose(mixed[k], alone[k][1], atol=SAME_BACKEND_TOL)
+    for k in ("b", "c"):
+        np.testing.assert_allclose(mixed[k], alone[k][0], atol=SAME_BACKEND_TOL)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_truncate_then_redecode_equals_never_decoding(checkpoints, backend):
+    model = load(checkpoints["llama"][0], backend)
+    model.prefill("t", TOKENS[:6])
+    for pos, tok in enumerate([5, 6, 7, 8, 9, 10], start=6):  # crosses a block boundary
+        model.decode("t", tok, pos)
+    model.truncate_kv("t", 7)
+    assert model.kv.length("t") == 7 and len(model.kv.block_table("t")) == 2
+    again = model.decode("t", 42, 7)
+    fresh = load(checkpoints["llama"][0], backend)
+    fresh.prefill("t", TOKENS[:6])
+    fresh.decode("t", 5, 6)
+    np.testing.assert_allclose(again, fresh.decode("t", 42, 7), atol=SAME_BACKEND_TOL)

@@ -1,0 +1,191 @@
+"""The plugin contract: discovery through entry points, validation, fallbacks, capability flags."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+
+import ferrum_cpu.ops as cpu_ops
+from ferrum import backends, hookspec
+from ferrum.backends import BackendProbe
+from ferrum.capabilities import ExecutorCapabilities
+from ferrum.errors import BackendUnavailableError, PluginContractError
+from ferrum.hookspec import hookimpl
+from ferrum.model import DecoderOnlyLLM
+
+from support import write_arch_checkpoint
+
+TOKENS = [3, 14, 15, 92, 65, 35, 89, 79]
+
+
+def cpu_like_plugin(name: str, omit: tuple[str, ...] = (), extra: dict | None = None) -> types.SimpleNamespace:
+    """A plugin object that delegates to the numpy ops, minus ``omit``."""
+    ns = types.SimpleNamespace()
+
+    @hookimpl
+    def backend_probe():
+        return BackendProbe(available=True, device="cpu", priority=99)
+
+    @hookimpl
+    def backend_load():
+        return ns
+
+    ns.backend_probe, ns.backend_load = backend_probe, backend_load
+    for op in hookspec.REQUIRED_OPS + hookspec.OPTIONAL_OPS:
+        fn = getattr(cpu_ops, op, None)
+        if fn is not None and op not in omit:
+            setattr(ns, op, fn)
+    for key, value in (extra or {}).items():
+        setattr(ns, key, value)
+    return ns
+
+
+@pytest.fixture
+def registered():
+    names = []
+
+    def register(name, plugin):
+        backends.register_plugin(name, plugin)
+        names.append(name)
+
+    yield register
+    for name in names:
+        backends.unregister_plugin(name)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plugin_ckpt")
+    write_arch_checkpoint(folder, "qwen2")
+    return folder
+
+
+def test_builtin_backends_are_found_through_entry_points():
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group=backends.ENTRY_POINT_GROUP)}
+    assert {"cpu", "mlx", "cuda"} <= names
+    listed = {e.name: e for e in backends.available()}
+    assert listed["cpu"].available
+
+
+def test_a_plugin_installed_through_an_entry_point_is_discovered(tmp_path, monkeypatch):
+    (tmp_path / "third_party_backend.py").write_text(
+        textwrap.dedent(
+            """
+            import ferrum_cpu.ops as cpu
+            from ferrum import hookimpl
+            from ferrum.backends import BackendInfo, BackendProbe
+
+            @hookimpl
+            def backend_probe():
+                return BackendProbe(available=True, device="cpu", priority=77)
+
+            @hookimpl
+            def backend_load():
+                return cpu
+            """
+        )
+    )
+    dist = tmp_path / "third_party_backend-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: third-party-backend\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[ferrum.backends]\nthirdparty = third_party_backend\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    listed = {e.name: e for e in backends.available()}
+    assert listed["thirdparty"].available and listed["thirdparty"].probe.priority == 77
+    assert backends.load_backend("thirdparty").ops.native >= set(hookspec.REQUIRED_OPS)
+
+
+def test_missing_optional_ops_fall_back_and_change_capability_flags(registered, checkpoint):
+    registered("full", cpu_like_plugin("full", extra={"paged_attention": hookimpl(_native_paged_attention)}))
+    registered("lean", cpu_like_plugin("lean", omit=("argmax", "embedding")))
+    full = backends.load_backend("full")
+    lean = backends.load_backend("lean")
+    assert "paged_attention" in full.ops.native and "paged_attention" not in lean.ops.native
+    caps_full = ExecutorCapabilities.from_backend(full)
+    caps_lean = ExecutorCapabilities.from_backend(lean)
+    assert caps_full.paged_attention and caps_full.native_unified_batch
+    assert not caps_lean.paged_attention and not caps_lean.native_unified_batch
+    assert caps_full.device_sampling and not caps_lean.device_sampling
+    # the reference fallbacks compute the same logits
+    got_full = DecoderOnlyLLM.from_pretrained(checkpoint, backend=full).forward_verify("x", TOKENS)
+    got_lean = DecoderOnlyLLM.from_pretrained(checkpoint, backend=lean).forward_verify("x", TOKENS)
+    np.testing.assert_allclose(got_full, got_lean, atol=1e-5)
+    assert lean.ops.argmax(np.array([[0.0, 2.0, 1.0]])).tolist() == [1]
+
+
+def _native_paged_attention(q, pool, layer, batch, scale, sliding_window):
+    """A 'native' op for the test plugin: the reference composition itself."""
+    from ferrum import reference_ops
+
+    return reference_ops.paged_attention(_CpuOps, q, pool, layer, batch, scale, sliding_window)
+
+
+_CpuOps = types.SimpleNamespace(**{op: getattr(cpu_ops, op) for op in ("kv_gather", "attention", "take_rows", "concat", "from_numpy")})
+
+
+def test_an_implementation_taking_fewer_arguments_is_adapted(registered, checkpoint):
+    @hookimpl
+    def attention(q, k, v, scale):  # no sliding_window: forward-compatible subset
+        return cpu_ops.attention(q, k, v, scale, None)
+
+    registered("subset", cpu_like_plugin("subset", extra={"attention": attention}))
+    backend = backends.load_backend("subset")
+    assert not backend.ops.accepts("attention", "sliding_window")
+    assert not ExecutorCapabilities.from_backend(backend).sliding_window
+    ref = DecoderOnlyLLM.from_pretrained(checkpoint, backend="cpu").forward_verify("x", TOKENS)
+    np.testing.assert_allclose(
+        DecoderOnlyLLM.from_pretrained(checkpoint, backend=backend).forward_verify("x", TOKENS), ref, atol=1e-5
+    )
+
+
+def test_sliding_window_model_refused_by_a_backend_without_it(registered, tmp_path):
+    @hookimpl
+    def attention(q, k, v, scale):
+        return cpu_ops.attention(q, k, v, scale, None)
+
+    write_arch_checkpoint(tmp_path, "mistral")
+    registered("nowindow", cpu_like_plugin("nowindow", extra={"attention": attention}))
+    from ferrum.errors import UnsupportedFeatureError
+
+    with pytest.raises(UnsupportedFeatureError, match="sliding-window"):
+        DecoderOnlyLLM.from_pretrained(tmp_path, backend="nowindow")
+
+
+def test_missing_required_op_is_named(registered):
+    registered("broken", cpu_like_plugin("broken", omit=("rope",)))
+    with pytest.raises(PluginContractError, match="'rope'"):
+        backends.load_backend("broken")
+
+
+def test_invalid_or_failing_plugins_are_listed_not_fatal(registered):
+    @hookimpl
+    def linear(x, weight, bias, surprise):  # an argument the spec does not have
+        return x
+
+    registered("badsig", cpu_like_plugin("badsig", extra={"linear": linear}))
+
+    class Exploding:
+        @hookimpl
+        def backend_probe(self):
+            raise RuntimeError("driver on fire")
+
+    registered("exploding", Exploding())
+    listed = {e.name: e for e in backends.available()}
+    assert not listed["badsig"].available and "surprise" in listed["badsig"].probe.reason
+    assert not listed["exploding"].available and "driver on fire" in listed["exploding"].probe.reason
+    assert listed["cpu"].available
+    with pytest.raises(BackendUnavailableError, match="driver on fire"):
+        backends.load_backend("exploding")
+
+
+def test_ops_table_calls_plugin_functions_directly():
+    table = backends.load_backend("cpu").ops
+    assert table.linear is cpu_ops.linear  # no pluggy, no wrapper on the hot path
+    assert "paged_attention" not in table.native
+    assert sys.modules["ferrum_cpu.ops"] is cpu_ops
