@@ -298,7 +298,7 @@ class DecoderOnlyLLM:
         the KV bookkeeping is rolled back, so the batch changed nothing.
         """
         self._validate(items)
-        reservation = self.kv.reserve((item.seq_id, len(item.q_tokens)) for item in items)
+        reservation = self.kv.reserve((item.seq_id, item.q_tokens) for item in items)
         try:
             out = self._forward(items, all_logits)
         except BaseException:
@@ -417,7 +417,16 @@ class DecoderOnlyLLM:
         return self.ops.to_numpy(out.logits)
 
     def truncate_kv(self, cache_id: Hashable, new_len: int) -> None:
-        self.kv.truncate(cache_id, new_len)
+        """Forget positions ``new_len`` on (speculative-decoding rollback).
+
+        When the cut falls inside a block shared with another sequence, the
+        kept part of that block is recomputed into a private block, so the
+        shared one is never written.
+        """
+        recompute = self.kv.truncate(cache_id, new_len)
+        if recompute:
+            start = new_len - len(recompute)
+            self.forward([ForwardItem(cache_id, recompute, start, is_final_chunk=False)])
 
     def release(self, cache_id: Hashable) -> None:
         self.kv.release(cache_id)

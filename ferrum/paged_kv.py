@@ -4,23 +4,50 @@ The backend holds the KV arrays (``kv_alloc``); this module only decides
 which block and slot every token uses. Growth is planned for a whole batch
 before anything changes, so a batch that does not fit raises
 :class:`KVCacheExhaustedError` and leaves every sequence exactly as it was.
+
+Prefix caching: every *full* block is keyed by a hash chaining its parent
+block's key with its own tokens, so equal keys mean equal token prefixes and
+therefore equal K/V. Blocks are reference counted; a block nobody references
+keeps its contents on an LRU list and is revived when another sequence's
+prompt matches it (:meth:`PagedKVManager.match_prefix` then
+:meth:`PagedKVManager.adopt`). It is overwritten only when no never-used
+block is left.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable
+from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
 from ferrum.errors import InvalidRequestError, KVCacheExhaustedError, UnknownSequenceError
 
 
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """Key of a full block: its parent's key plus its own token ids."""
+    digest = hashlib.blake2b(parent, digest_size=16)
+    digest.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    return digest.digest()
+
+
 @dataclass
 class SequenceBlocks:
     blocks: list[int] = field(default_factory=list)
     length: int = 0  # tokens whose K/V are written
+    tokens: list[int] = field(default_factory=list)  # those tokens, for block keys
+    hashes: list[bytes] = field(default_factory=list)  # keys of the full blocks, in order
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """Cached blocks that hold the K/V of a prompt's first ``num_tokens`` tokens."""
+
+    blocks: tuple[int, ...]
+    hashes: tuple[bytes, ...]
+    num_tokens: int
 
 
 @dataclass
@@ -29,18 +56,26 @@ class Reservation:
 
     new_sequences: list[Hashable]
     added_blocks: dict[Hashable, int]  # how many blocks were appended per sequence
-    new_lengths: dict[Hashable, int]
+    new_tokens: dict[Hashable, Sequence[int]]
 
 
 class PagedKVManager:
-    """Fixed-size blocks, a free list and one block table per sequence."""
+    """Fixed-size, reference-counted blocks with a prefix cache and one table per sequence."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks <= 0 or block_size <= 0:
             raise InvalidRequestError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sequence and every cached block."""
+        self._free: deque[int] = deque(range(self.num_blocks))  # blocks holding nothing reusable
+        self._evictable: OrderedDict[int, bytes] = OrderedDict()  # unreferenced cached blocks, oldest first
+        self._refs = [0] * self.num_blocks
+        self._block_of: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
         self._seqs: dict[Hashable, SequenceBlocks] = {}
 
     # ---- queries -------------------------------------------------------
@@ -62,59 +97,139 @@ class PagedKVManager:
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._get(seq_id).blocks)
 
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks that can be handed out now (cached but unreferenced ones included)."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
 
-    def blocks_needed(self, current_length: int, current_blocks: int, new_tokens: int) -> int:
-        total = -(-(current_length + new_tokens) // self.block_size)
-        return max(0, total - current_blocks)
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks whose contents are keyed for reuse, referenced or not."""
+        return len(self._hash_of)
+
+    def blocks_needed(self, seq_id: Hashable, new_tokens: int) -> int:
+        """Blocks ``seq_id`` must gain to hold ``new_tokens`` more tokens (0 if unknown and 0 tokens)."""
+        seq = self._seqs.get(seq_id)
+        length, owned = (seq.length, len(seq.blocks)) if seq else (0, 0)
+        return max(0, -(-(length + new_tokens) // self.block_size) - owned)
+
+    # ---- block lifetime ----------------------------------------------------
+    def _take_block(self) -> int:
+        if self._free:
+            block = self._free.popleft()
+        else:  # overwrite the least recently used cached block
+            block, key = self._evictable.popitem(last=False)
+            del self._block_of[key], self._hash_of[block]
+        self._refs[block] = 1
+        return block
+
+    def _unref(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            if block in self._hash_of:
+                self._evictable[block] = self._hash_of[block]  # most recently used at the end
+            else:
+                self._free.append(block)
+
+    def _forget_key(self, block: int) -> None:
+        key = self._hash_of.pop(block, None)
+        if key is not None:
+            del self._block_of[key]
+
+    # ---- prefix cache --------------------------------------------------------
+    def match_prefix(self, tokens: Sequence[int]) -> PrefixMatch:
+        """The longest run of cached full blocks that starts ``tokens``.
+
+        At least one token is always left uncached, so the caller still has
+        a position to compute logits for.
+        """
+        blocks: list[int] = []
+        hashes: list[bytes] = []
+        parent = b""
+        bs = self.block_size
+        for start in range(0, len(tokens) - 1 - bs + 1, bs):
+            key = chain_hash(parent, tokens[start : start + bs])
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+            hashes.append(key)
+            parent = key
+        return PrefixMatch(tuple(blocks), tuple(hashes), len(blocks) * bs)
+
+    def adopt(self, seq_id: Hashable, tokens: Sequence[int], match: PrefixMatch) -> None:
+        """Start ``seq_id`` on the cached blocks of ``match`` (shared, read-only)."""
+        if seq_id in self._seqs:
+            raise InvalidRequestError(f"sequence {seq_id!r} already has a KV cache")
+        for block, key in zip(match.blocks, match.hashes):
+            if self._hash_of.get(block) != key:
+                raise InvalidRequestError("stale prefix match: a matched block was reused; match again")
+        for block in match.blocks:
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+        self._seqs[seq_id] = SequenceBlocks(
+            list(match.blocks), match.num_tokens, list(tokens[: match.num_tokens]), list(match.hashes)
+        )
+
+    def _key_full_blocks(self, seq: SequenceBlocks) -> None:
+        bs = self.block_size
+        while len(seq.hashes) < seq.length // bs:
+            index = len(seq.hashes)
+            parent = seq.hashes[-1] if seq.hashes else b""
+            key = chain_hash(parent, seq.tokens[index * bs : (index + 1) * bs])
+            seq.hashes.append(key)
+            block = seq.blocks[index]
+            if key not in self._block_of and block not in self._hash_of:
+                self._block_of[key] = block
+                self._hash_of[block] = key
 
     # ---- growth ----------------------------------------------------------
-    def reserve(self, growth: Iterable[tuple[Hashable, int]]) -> Reservation:
+    def reserve(self, growth: Iterable[tuple[Hashable, Sequence[int]]]) -> Reservation:
         """Give each ``(seq_id, new_tokens)`` the blocks it needs, all or nothing.
 
         Unknown ids are created. Lengths change only on :meth:`commit`.
         """
         growth = list(growth)
-        needs: list[tuple[Hashable, int]] = []
-        total = 0
-        for seq_id, new_tokens in growth:
-            seq = self._seqs.get(seq_id)
-            length, owned = (seq.length, len(seq.blocks)) if seq else (0, 0)
-            n = self.blocks_needed(length, owned, new_tokens)
-            needs.append((seq_id, n))
-            total += n
-        if total > len(self._free):
+        needs = [self.blocks_needed(seq_id, len(tokens)) for seq_id, tokens in growth]
+        total = sum(needs)
+        if total > self.num_free_blocks:
             raise KVCacheExhaustedError(
-                f"batch needs {total} free KV blocks but only {len(self._free)} of {self.num_blocks} are free; "
-                "release finished sequences or load the model with more KV blocks"
+                f"batch needs {total} free KV blocks but only {self.num_free_blocks} of {self.num_blocks} "
+                "are free; release finished sequences or load the model with more KV blocks"
             )
         reservation = Reservation([], {}, {})
-        for (seq_id, new_tokens), (_, n) in zip(growth, needs):
+        for (seq_id, tokens), n in zip(growth, needs):
             seq = self._seqs.get(seq_id)
             if seq is None:
                 seq = self._seqs[seq_id] = SequenceBlocks()
                 reservation.new_sequences.append(seq_id)
-            seq.blocks.extend(self._free.popleft() for _ in range(n))
+            seq.blocks.extend(self._take_block() for _ in range(n))
             reservation.added_blocks[seq_id] = n
-            reservation.new_lengths[seq_id] = seq.length + new_tokens
+            reservation.new_tokens[seq_id] = tokens
         return reservation
 
     def commit(self, reservation: Reservation) -> None:
-        for seq_id, length in reservation.new_lengths.items():
-            self._seqs[seq_id].length = length
+        """The batch's K/V are written: extend lengths and key newly full blocks."""
+        for seq_id, tokens in reservation.new_tokens.items():
+            seq = self._seqs[seq_id]
+            seq.tokens.extend(int(t) for t in tokens)
+            seq.length += len(tokens)
+            self._key_full_blocks(seq)
 
     def rollback(self, reservation: Reservation) -> None:
         """Return a failed batch's blocks; sequences look as before ``reserve``."""
         for seq_id, n in reservation.added_blocks.items():
             seq = self._seqs[seq_id]
             for _ in range(n):
-                self._free.appendleft(seq.blocks.pop())
+                self._unref(seq.blocks.pop())
         for seq_id in reservation.new_sequences:
             del self._seqs[seq_id]
 
@@ -126,23 +241,37 @@ class PagedKVManager:
         return (blocks[pos // self.block_size] * self.block_size + pos % self.block_size).astype(np.int32)
 
     # ---- shrinking -------------------------------------------------------
-    def truncate(self, seq_id: Hashable, new_length: int) -> None:
-        """Forget tokens from ``new_length`` on, freeing blocks no longer needed."""
+    def truncate(self, seq_id: Hashable, new_length: int) -> list[int]:
+        """Forget tokens from ``new_length`` on, dropping blocks no longer needed.
+
+        New tokens will be written into the last kept block when ``new_length``
+        falls inside it. If that block is shared with another sequence it must
+        not be written, so it is dropped too and the tokens it kept are
+        returned: the caller recomputes them (a private copy). Otherwise the
+        list is empty.
+        """
         seq = self._get(seq_id)
         if not 0 <= new_length <= seq.length:
             raise InvalidRequestError(
                 f"cannot truncate sequence {seq_id!r} of length {seq.length} to {new_length}"
             )
-        keep = -(-new_length // self.block_size)
+        bs = self.block_size
+        keep = -(-new_length // bs)
+        partial = new_length % bs != 0
+        if partial and self._refs[seq.blocks[keep - 1]] > 1:
+            keep -= 1
+        recompute = seq.tokens[keep * bs : new_length]
         while len(seq.blocks) > keep:
-            self._free.append(seq.blocks.pop())
-        seq.length = new_length
+            self._unref(seq.blocks.pop())
+        if partial and not recompute:
+            self._forget_key(seq.blocks[-1])  # sole owner: its tail is about to change
+        seq.length = keep * bs if recompute else new_length
+        del seq.tokens[seq.length :]
+        del seq.hashes[seq.length // bs :]
+        return recompute
 
     def release(self, seq_id: Hashable) -> None:
         seq = self._get(seq_id)
-        self._free.extend(seq.blocks)
+        for block in reversed(seq.blocks):  # the prefix's first block is evicted last
+            self._unref(block)
         del self._seqs[seq_id]
-
-    def reset(self) -> None:
-        self._free = deque(range(self.num_blocks))
-        self._seqs.clear()

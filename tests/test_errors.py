@@ -22,7 +22,6 @@ from ferrum.errors import (
     UnsupportedFeatureError,
 )
 from ferrum.model import DecoderOnlyLLM, ForwardItem
-from ferrum.paged_kv import PagedKVManager
 
 from support import write_arch_checkpoint
 
@@ -130,24 +129,3 @@ def test_kv_exhaustion_is_atomic_and_spares_other_sequences(checkpoint):
     untouched = DecoderOnlyLLM.from_pretrained(checkpoint, backend="cpu", num_kv_blocks=4, block_size=4)
     untouched.prefill("a", [1, 2, 3, 4, 5])
     np.testing.assert_allclose(after_failure, untouched.decode("a", 6, 5), atol=1e-6)
-
-
-def test_kv_manager_bookkeeping():
-    kv = PagedKVManager(num_blocks=6, block_size=4)
-    r = kv.reserve([("x", 5), ("y", 1)])
-    assert kv.num_free_blocks == 3 and kv.length("x") == 0
-    kv.commit(r)
-    assert kv.length("x") == 5 and len(kv.block_table("x")) == 2
-    assert kv.slots("x", 3, 2).tolist() == [kv.block_table("x")[0] * 4 + 3, kv.block_table("x")[1] * 4]
-    r = kv.reserve([("x", 4), ("z", 4)])
-    kv.rollback(r)
-    assert "z" not in kv and len(kv.block_table("x")) == 2 and kv.num_free_blocks == 3
-    kv.truncate("x", 4)
-    assert len(kv.block_table("x")) == 1 and kv.num_free_blocks == 4
-    with pytest.raises(InvalidRequestError):
-        kv.truncate("x", 5)
-    kv.release("x")
-    kv.release("y")
-    assert kv.num_free_blocks == 6 and kv.sequences() == []
-    with pytest.raises(UnknownSequenceError):
-        kv.release("x")
