@@ -10,7 +10,7 @@ from ferrum.errors import InvalidRequestError
 from ferrum.executor import LlmExecutor
 from ferrum.executor_api import DecodeInput, PrefillInput
 from ferrum.model import DecoderOnlyLLM, ProgressFn
-from ferrum.sampling import RequestSampler, SamplingParams
+from ferrum.sampling import RequestSampler, SamplingParams, sample_batch
 from ferrum.stop import StopStringFilter
 from ferrum.tokenizer import IncrementalDetokenizer, Message, Tokenizer
 
@@ -91,16 +91,18 @@ class LLM:
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty; give at least one token")
         cache_id = ("generate", next(self._ids))
-        sampler = RequestSampler(params)
+        sampler = RequestSampler(params, prompt_ids)
+        ops = self.model.backend.ops
         stop_ids = self._stop_ids(params)
         output: list[int] = []
         logits = self.executor.prefill(PrefillInput(cache_id, prompt_ids)).logits
         try:
             while True:
-                token, _ = sampler.sample(logits, prompt_ids, output)
+                token = sample_batch(ops, ops.from_numpy(logits[None], None), [sampler])[0].token
                 if token in stop_ids:
                     return
                 output.append(token)
+                sampler.record(token)
                 yield token
                 if len(output) >= params.max_tokens:
                     return

@@ -30,7 +30,7 @@ class ExecutorCapabilities:
     paged_attention: bool  # the plugin runs varlen paged attention itself
     native_unified_batch: bool  # one kernel call serves a mixed prefill/decode batch
     sliding_window: bool
-    device_sampling: bool  # greedy picks happen on the backend, not on the host
+    device_sampling: bool  # tokens are picked on the backend; only their ids reach the host
     fused_ops: tuple[str, ...]
     dtypes: tuple[str, ...]
     devices: tuple[str, ...]
@@ -64,7 +64,7 @@ class ExecutorCapabilities:
             paged_attention=paged,
             native_unified_batch=paged,
             sliding_window=sliding,
-            device_sampling="argmax" in native,
+            device_sampling="sample" in native,
             fused_ops=tuple(op for op in ("add_rms_norm",) if op in native),
             dtypes=tuple(info.dtypes),
             devices=(info.device,),

@@ -75,7 +75,7 @@ OPTIONAL_OPS = (
     "add_rms_norm",
     "paged_attention",
     "prepare_attention_batch",
-    "argmax",
+    "sample",
 )
 
 
@@ -274,9 +274,16 @@ def paged_attention(
 
 
 @hookspec(firstresult=True)
-def argmax(logits: Any) -> Any:
-    """(optional) Greedy token per row of ``logits [n, vocab]`` as a host numpy int array.
+def sample(logits: Any, batch: Any) -> Any:
+    """(optional) Pick one token per row of ``logits [n, vocab]`` (float, on the device).
 
-    Lets greedy decoding avoid copying whole logits to the host. Fallback:
-    ``to_numpy`` then ``numpy.argmax``.
+    ``batch`` is a :class:`ferrum.sampling.SamplingBatch` of host numpy arrays,
+    one row per sequence: temperature (0 = greedy), top-k, top-p, min-p, this
+    step's uniform draw, sparse penalty/bias adjustments, and how many top
+    logprobs are wanted. Returns a :class:`ferrum.sampling.SampleResult` of
+    host numpy arrays: the chosen tokens, and when ``batch.num_logprobs > 0``
+    the chosen tokens' logprobs and the top-n tokens with theirs. The exact
+    semantics are those of :func:`ferrum.sampling.sample_numpy`; only these
+    small arrays should cross to the host. Fallback: ``to_numpy`` of the
+    logits, then that reference.
     """

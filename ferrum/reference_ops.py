@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ferrum.sampling import sample_numpy
+
 
 def cast(ops: Any, x: Any, dtype: str) -> Any:
     return ops.from_numpy(ops.to_numpy(x), dtype)
@@ -49,5 +51,5 @@ def paged_attention(
     return ops.concat(outputs)
 
 
-def argmax(ops: Any, logits: Any) -> Any:
-    return np.argmax(ops.to_numpy(logits), axis=-1)
+def sample(ops: Any, logits: Any, batch: Any) -> Any:
+    return sample_numpy(ops.to_numpy(logits), batch)

@@ -1,17 +1,36 @@
-"""Per-request sampling: parameters, validation and the host reference sampler.
+"""Per-request sampling: parameters, per-request state, and batched sampling on the backend.
 
-Each request owns its random generator, seeded from its own seed, so its
-tokens do not depend on which other requests share a batch.
+A batch of requests is sampled by one call of the backend's ``sample`` op on
+logits that stay on the device; only the chosen token ids (and logprobs when
+asked for) come back. Each request owns its random generator, seeded from
+its own seed, and spends exactly one uniform draw per sampled token, so its
+tokens do not depend on which other requests share the batch.
+
+Semantics, row by row (:func:`sample_numpy` is the reference):
+
+1. adjust: repetition penalty on tokens of prompt + output (positive logits
+   divided, negative multiplied), then ``+ logit_bias - presence - frequency * count``;
+2. logprobs are the log-softmax of the adjusted logits (before temperature);
+3. greedy rows (temperature 0) take the first maximum;
+4. other rows: softmax of ``logits / temperature``, sorted by probability
+   (ties: lower token id first), keep the top-k, the shortest prefix whose
+   mass reaches top-p, and tokens with at least ``min_p`` times the top
+   probability; pick by inverse CDF: the first sorted token whose cumulative
+   kept mass exceeds ``uniform * total``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ferrum.errors import InvalidRequestError
+
+#: Largest float32 below 1, so a uniform never selects past the kept mass.
+_BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
 
 @dataclass(frozen=True)
@@ -65,75 +84,166 @@ class SamplingParams:
         )
 
 
-def adjust_logits(
-    logits: np.ndarray, params: SamplingParams, prompt: Sequence[int], output: Sequence[int]
-) -> np.ndarray:
-    """Apply logit bias and repetition / presence / frequency penalties (float32 copy)."""
-    logits = np.array(logits, dtype=np.float32)
-    vocab = logits.shape[-1]
-    for token, bias in params.logit_bias.items():
-        if not 0 <= int(token) < vocab:
-            raise InvalidRequestError(f"logit_bias token {token} is outside the vocabulary [0, {vocab})")
-        logits[int(token)] += bias
-    if params.repetition_penalty != 1.0:
-        seen = np.unique(np.concatenate([np.asarray(prompt, dtype=np.int64), np.asarray(output, dtype=np.int64)]))
-        if seen.size:
-            values = logits[seen]
-            logits[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if output and (params.presence_penalty or params.frequency_penalty):
-        counts = np.bincount(np.asarray(output, dtype=np.int64), minlength=vocab)[:vocab]
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-    return logits
+@dataclass(frozen=True)
+class SamplingBatch:
+    """What the ``sample`` op needs, one row per sequence, as host numpy arrays.
+
+    Penalties and logit bias are *sparse*: entry ``j`` rescales
+    ``logits[adjust_rows[j], adjust_tokens[j]]`` by ``adjust_scale[j]`` (the
+    repetition penalty: divide if positive, multiply if not) and then adds
+    ``adjust_shift[j]``. So they run on the device without a dense
+    ``[n, vocab]`` upload.
+    """
+
+    temperature: np.ndarray  # float32 [n]; 0 = greedy
+    top_k: np.ndarray  # int32 [n]; 0 = off
+    top_p: np.ndarray  # float32 [n]; 1 = off
+    min_p: np.ndarray  # float32 [n]; 0 = off
+    uniform: np.ndarray  # float32 [n] in [0, 1); ignored for greedy rows
+    num_logprobs: int  # top-n logprobs wanted (max over rows); 0 = none
+    adjust_rows: np.ndarray  # int32 [m]
+    adjust_tokens: np.ndarray  # int32 [m]
+    adjust_scale: np.ndarray  # float32 [m]
+    adjust_shift: np.ndarray  # float32 [m]
+
+    @property
+    def all_greedy(self) -> bool:
+        return not self.temperature.any()
 
 
-def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Temperature, then top-k, top-p and min-p; returns a normalised distribution."""
-    scaled = logits.astype(np.float64) / params.temperature
-    scaled -= scaled.max()
-    probs = np.exp(scaled)
-    probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")
-    keep = np.ones(len(probs), dtype=bool)
-    if params.top_k:
-        keep[order[params.top_k :]] = False
-    if params.top_p < 1.0:
-        sorted_probs = probs[order]
-        # keep the smallest prefix whose mass reaches top_p (always the first token)
-        cutoff = int(np.searchsorted(np.cumsum(sorted_probs), params.top_p)) + 1
-        keep[order[cutoff:]] = False
-    if params.min_p > 0.0:
-        keep &= probs >= params.min_p * probs.max()
-    probs = np.where(keep, probs, 0.0)
-    return probs / probs.sum()
+@dataclass(frozen=True)
+class SampleResult:
+    """What the ``sample`` op returns, as host numpy arrays."""
+
+    tokens: np.ndarray  # int64 [n]
+    logprobs: np.ndarray | None = None  # float32 [n], of the chosen tokens
+    top_tokens: np.ndarray | None = None  # int64 [n, num_logprobs], best first
+    top_logprobs: np.ndarray | None = None  # float32 [n, num_logprobs]
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max()
-    return shifted - np.log(np.exp(shifted).sum())
+@dataclass(frozen=True)
+class SampledToken:
+    """One request's pick: the token, and its logprob and the top-n when asked for."""
+
+    token: int
+    logprob: float | None
+    top_logprobs: tuple[tuple[int, float], ...]
 
 
 class RequestSampler:
-    """Samples one request's tokens on the host, reproducibly from its seed."""
+    """One request's sampling state: params, its own generator, token history for penalties."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self._seen = set(int(t) for t in prompt_ids) if params.repetition_penalty != 1.0 else set()
+        self._counts: Counter[int] = Counter()
 
-    def sample(
-        self, logits: np.ndarray, prompt: Sequence[int] = (), output: Sequence[int] = ()
-    ) -> tuple[int, list[tuple[int, float]]]:
-        """Pick the next token; also the top-n ``(token, logprob)`` pairs if asked for."""
+    def record(self, token: int) -> None:
+        """An output token was accepted: it now counts for the penalties."""
+        if self.params.repetition_penalty != 1.0:
+            self._seen.add(token)
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            self._counts[token] += 1
+
+    def uniform(self) -> float:
+        """This step's draw (one per sampled token, greedy requests draw nothing)."""
+        return 0.0 if self.params.greedy else min(float(self.rng.random()), _BELOW_ONE)
+
+    def adjustments(self) -> tuple[list[int], list[float], list[float]]:
+        """Sparse ``(tokens, scale, shift)`` for penalties and logit bias."""
         p = self.params
-        if p.logit_bias or p.needs_history:
-            logits = adjust_logits(logits, p, prompt, output)
-        if p.greedy:
-            token = int(np.argmax(logits))
+        touched = set(self._seen) | set(self._counts) | {int(t) for t in p.logit_bias}
+        tokens = sorted(touched)
+        scale = [p.repetition_penalty if t in self._seen else 1.0 for t in tokens]
+        shift = [
+            float(p.logit_bias.get(t, 0.0))
+            - p.frequency_penalty * self._counts[t]
+            - (p.presence_penalty if self._counts[t] else 0.0)
+            for t in tokens
+        ]
+        return tokens, scale, shift
+
+
+def build_sampling_batch(samplers: Sequence[RequestSampler]) -> SamplingBatch:
+    rows, tokens, scale, shift = [], [], [], []
+    for row, sampler in enumerate(samplers):
+        t, sc, sh = sampler.adjustments()
+        rows += [row] * len(t)
+        tokens += t
+        scale += sc
+        shift += sh
+    params = [s.params for s in samplers]
+    return SamplingBatch(
+        temperature=np.array([p.temperature for p in params], dtype=np.float32),
+        top_k=np.array([p.top_k for p in params], dtype=np.int32),
+        top_p=np.array([p.top_p for p in params], dtype=np.float32),
+        min_p=np.array([p.min_p for p in params], dtype=np.float32),
+        uniform=np.array([s.uniform() for s in samplers], dtype=np.float32),
+        num_logprobs=max(p.logprobs for p in params),
+        adjust_rows=np.array(rows, dtype=np.int32),
+        adjust_tokens=np.array(tokens, dtype=np.int32),
+        adjust_scale=np.array(scale, dtype=np.float32),
+        adjust_shift=np.array(shift, dtype=np.float32),
+    )
+
+
+def sample_batch(ops: Any, logits: Any, samplers: Sequence[RequestSampler]) -> list[SampledToken]:
+    """Row ``i`` of ``logits`` (backend array ``[n, vocab]``) belongs to ``samplers[i]``."""
+    result: SampleResult = ops.sample(logits, build_sampling_batch(samplers))
+    picks = []
+    for i, sampler in enumerate(samplers):
+        n = sampler.params.logprobs
+        if n:
+            top = tuple(zip(result.top_tokens[i, :n].tolist(), result.top_logprobs[i, :n].tolist()))
+            picks.append(SampledToken(int(result.tokens[i]), float(result.logprobs[i]), top))
         else:
-            probs = filtered_probs(logits, p)
-            token = int(self.rng.choice(len(probs), p=probs))
-        top: list[tuple[int, float]] = []
-        if p.logprobs:
-            lp = log_softmax(np.asarray(logits))
-            best = np.argsort(-lp, kind="stable")[: p.logprobs]
-            top = [(int(t), float(lp[t])) for t in best]
-        return token, top
+            picks.append(SampledToken(int(result.tokens[i]), None, ()))
+    return picks
+
+
+# --------------------------------------------------------------------------
+# The reference: numpy, also what the cpu backend runs
+# --------------------------------------------------------------------------
+def apply_adjustments_numpy(logits: np.ndarray, batch: SamplingBatch) -> np.ndarray:
+    x = np.array(logits, dtype=np.float32)
+    if batch.adjust_rows.size:
+        r, t = batch.adjust_rows, batch.adjust_tokens
+        v = x[r, t]
+        x[r, t] = np.where(v > 0, v / batch.adjust_scale, v * batch.adjust_scale) + batch.adjust_shift
+    return x
+
+
+def sample_numpy(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
+    """The semantics of the ``sample`` op (see the module docstring), vectorised over rows."""
+    x = apply_adjustments_numpy(logits, batch)
+    n, vocab = x.shape
+    tokens = np.argmax(x, axis=-1).astype(np.int64)
+    order = None
+    if not batch.all_greedy or batch.num_logprobs:
+        temperature = np.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+        z = x.astype(np.float64) / temperature
+        probs = np.exp(z - z.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        order = np.argsort(-probs, axis=-1, kind="stable")
+    if not batch.all_greedy:
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        rank = np.arange(vocab)[None, :]
+        keep = rank < np.where(batch.top_k > 0, batch.top_k, vocab)[:, None]
+        keep &= (np.cumsum(sorted_probs, axis=-1) - sorted_probs) < batch.top_p[:, None]
+        keep &= sorted_probs >= batch.min_p[:, None] * sorted_probs[:, :1]
+        cdf = np.cumsum(np.where(keep, sorted_probs, 0.0), axis=-1)
+        pick = (cdf <= batch.uniform[:, None] * cdf[:, -1:]).sum(axis=-1)
+        sampled = np.take_along_axis(order, np.minimum(pick, vocab - 1)[:, None], axis=-1)[:, 0]
+        tokens = np.where(batch.temperature > 0, sampled, tokens)
+    if not batch.num_logprobs:
+        return SampleResult(tokens)
+    shifted = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    top = order[:, : batch.num_logprobs]
+    return SampleResult(
+        tokens,
+        np.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0].astype(np.float32),
+        top.astype(np.int64),
+        np.take_along_axis(logp, top, axis=-1).astype(np.float32),
+    )

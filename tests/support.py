@@ -55,6 +55,13 @@ def write_text_checkpoint(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def runnable_backends() -> list[str]:
+    """The built-in backends that can run on this machine."""
+    from ferrum import backends
+
+    return [e.name for e in backends.available() if e.available and e.name in ("cpu", "mlx", "cuda")]
+
+
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "llama_mha_untied", "qwen2_mqa")
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ferrum import backends
 from ferrum.model import DecoderOnlyLLM, ForwardItem
 
-from support import ARCHITECTURES, reference_logits, write_arch_checkpoint
+from support import ARCHITECTURES, reference_logits, runnable_backends, write_arch_checkpoint
 
 SAME_BACKEND_TOL = 2e-5
-RUNNABLE = [e.name for e in backends.available() if e.available and e.name in ("cpu", "mlx", "cuda")]
+RUNNABLE = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 
 

@@ -16,6 +16,7 @@ from ferrum.capabilities import ExecutorCapabilities
 from ferrum.errors import BackendUnavailableError, PluginContractError
 from ferrum.hookspec import hookimpl
 from ferrum.model import DecoderOnlyLLM
+from ferrum.sampling import RequestSampler, SamplingParams, build_sampling_batch, sample_numpy
 
 from support import write_arch_checkpoint
 
@@ -102,8 +103,9 @@ def test_a_plugin_installed_through_an_entry_point_is_discovered(tmp_path, monke
 
 
 def test_missing_optional_ops_fall_back_and_change_capability_flags(registered, checkpoint):
-    registered("full", cpu_like_plugin("full", extra={"paged_attention": hookimpl(_native_paged_attention)}))
-    registered("lean", cpu_like_plugin("lean", omit=("argmax", "embedding")))
+    natives = {"paged_attention": hookimpl(_native_paged_attention), "sample": hookimpl(_native_sample)}
+    registered("full", cpu_like_plugin("full", extra=natives))
+    registered("lean", cpu_like_plugin("lean", omit=("embedding",)))
     full = backends.load_backend("full")
     lean = backends.load_backend("lean")
     assert "paged_attention" in full.ops.native and "paged_attention" not in lean.ops.native
@@ -116,7 +118,13 @@ def test_missing_optional_ops_fall_back_and_change_capability_flags(registered, 
     got_full = DecoderOnlyLLM.from_pretrained(checkpoint, backend=full).forward_verify("x", TOKENS)
     got_lean = DecoderOnlyLLM.from_pretrained(checkpoint, backend=lean).forward_verify("x", TOKENS)
     np.testing.assert_allclose(got_full, got_lean, atol=1e-5)
-    assert lean.ops.argmax(np.array([[0.0, 2.0, 1.0]])).tolist() == [1]
+    greedy = build_sampling_batch([RequestSampler(SamplingParams(), [])])
+    assert lean.ops.sample(np.array([[0.0, 2.0, 1.0]], dtype=np.float32), greedy).tokens.tolist() == [1]
+
+
+def _native_sample(logits, batch):
+    """A 'native' op for the test plugin: the reference itself."""
+    return sample_numpy(logits, batch)
 
 
 def _native_paged_attention(q, pool, layer, batch, scale, sliding_window):

@@ -154,7 +154,3 @@ def attention(q, k, v, scale, sliding_window):
     out = probs @ v.transpose(1, 0, 2)[:, None]  # [kvh, g, q, d]
     return out.transpose(2, 0, 1, 3).reshape(q_len, heads, -1).astype(q.dtype, copy=False)
 
-
-@hookimpl
-def argmax(logits):
-    return np.argmax(logits, axis=-1)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
+from ferrum.sampling import SampleResult
 from ferrum_cuda import guess_device, requested_device
 
 # --------------------------------------------------------------------------
@@ -205,9 +206,46 @@ def cast(x, dtype):
     return x.to(_torch_dtype(dtype))
 
 
+def _small(array: np.ndarray) -> torch.Tensor:
+    return _upload(np.ascontiguousarray(array), None)
+
+
 @hookimpl
-def argmax(logits):
-    return logits.argmax(dim=-1).cpu().numpy()
+def sample(logits, batch):
+    """``ferrum.sampling.sample_numpy`` in torch on the logits' device; only [n]-sized results are copied back."""
+    x = logits.float()
+    if batch.adjust_rows.size:
+        rows, tokens = _small(batch.adjust_rows).long(), _small(batch.adjust_tokens).long()
+        old = x[rows, tokens]
+        scale = _small(batch.adjust_scale)
+        x = x.clone()
+        x[rows, tokens] = torch.where(old > 0, old / scale, old * scale) + _small(batch.adjust_shift)
+    tokens = x.argmax(dim=-1)
+    order = None
+    if not batch.all_greedy or batch.num_logprobs:
+        temperature = _small(np.where(batch.temperature > 0, batch.temperature, 1.0).astype(np.float32))
+        probs = torch.softmax(x / temperature[:, None], dim=-1)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    if not batch.all_greedy:
+        vocab = x.shape[-1]
+        rank = torch.arange(vocab, device=x.device)[None, :]
+        keep = rank < _small(np.where(batch.top_k > 0, batch.top_k, vocab))[:, None]
+        keep &= (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < _small(batch.top_p)[:, None]
+        keep &= sorted_probs >= _small(batch.min_p)[:, None] * sorted_probs[:, :1]
+        cdf = torch.cumsum(torch.where(keep, sorted_probs, 0.0), dim=-1)
+        pick = (cdf <= _small(batch.uniform)[:, None] * cdf[:, -1:]).sum(dim=-1)
+        sampled = order.gather(-1, pick.clamp(max=vocab - 1)[:, None])[:, 0]
+        tokens = torch.where(_small(batch.temperature > 0), sampled, tokens)
+    if not batch.num_logprobs:
+        return SampleResult(tokens.cpu().numpy().astype(np.int64))
+    logp = torch.log_softmax(x, dim=-1)
+    top = order[:, : batch.num_logprobs]
+    return SampleResult(
+        tokens.cpu().numpy().astype(np.int64),
+        logp.gather(-1, tokens[:, None])[:, 0].cpu().numpy(),
+        top.cpu().numpy().astype(np.int64),
+        logp.gather(-1, top).cpu().numpy(),
+    )
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """MLX implementations of the Ferrum ops.
 
 Everything stays lazy: ops only build the graph, and the graph (with the KV
-writes it contains) is evaluated once, when ``to_numpy`` or ``argmax`` needs
+writes it contains) is evaluated once, when ``to_numpy`` or ``sample`` needs
 a result on the host.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
+from ferrum.sampling import SampleResult
 
 _METAL = mx.metal.is_available()
 if not _METAL:
@@ -73,10 +74,43 @@ def cast(x, dtype):
 
 
 @hookimpl
-def argmax(logits):
-    picks = mx.argmax(logits, axis=-1)
-    _materialise(picks)
-    return np.array(picks)
+def sample(logits, batch):
+    """``ferrum.sampling.sample_numpy`` in MLX: one evaluation, only [n]-sized results copied."""
+    x = logits.astype(mx.float32)
+    if batch.adjust_rows.size:
+        rows, tokens = mx.array(batch.adjust_rows), mx.array(batch.adjust_tokens)
+        old = x[rows, tokens]
+        scale = mx.array(batch.adjust_scale)
+        new = mx.where(old > 0, old / scale, old * scale) + mx.array(batch.adjust_shift)
+        x = x.at[rows, tokens].add(new - old)
+    tokens = mx.argmax(x, axis=-1)
+    order = None
+    if not batch.all_greedy or batch.num_logprobs:
+        temperature = mx.array(np.where(batch.temperature > 0, batch.temperature, 1.0))[:, None]
+        probs = mx.softmax(x / temperature, axis=-1)
+        order = mx.argsort(-probs, axis=-1)
+    if not batch.all_greedy:
+        vocab = x.shape[-1]
+        sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+        rank = mx.arange(vocab)[None, :]
+        keep = rank < mx.array(np.where(batch.top_k > 0, batch.top_k, vocab))[:, None]
+        keep = keep & ((mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < mx.array(batch.top_p)[:, None])
+        keep = keep & (sorted_probs >= mx.array(batch.min_p)[:, None] * sorted_probs[:, :1])
+        cdf = mx.cumsum(mx.where(keep, sorted_probs, 0.0), axis=-1)
+        pick = (cdf <= mx.array(batch.uniform)[:, None] * cdf[:, -1:]).sum(axis=-1)
+        sampled = mx.take_along_axis(order, mx.minimum(pick, vocab - 1)[:, None], axis=-1)[:, 0]
+        tokens = mx.where(mx.array(batch.temperature > 0), sampled, tokens)
+    if not batch.num_logprobs:
+        _materialise(tokens)
+        return SampleResult(np.array(tokens).astype(np.int64))
+    logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    top = order[:, : batch.num_logprobs]
+    chosen = mx.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    top_logp = mx.take_along_axis(logp, top, axis=-1)
+    _materialise(tokens, chosen, top, top_logp)
+    return SampleResult(
+        np.array(tokens).astype(np.int64), np.array(chosen), np.array(top).astype(np.int64), np.array(top_logp)
+    )
 
 
 # ------------------------------------------------------------- dense ops
