@@ -9,14 +9,18 @@ class StopStringFilter:
     """Holds back just enough streamed text to never emit part of a stop string.
 
     ``feed`` returns the text that is safe to show; once a stop string appears,
-    ``stopped`` is set and the text before it is the last thing returned.
+    ``matched`` names it and the text before it is the last thing returned.
     """
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
-        self.stopped = False
+        self.matched: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
 
     def feed(self, text: str) -> str:
         if self.stopped or not text:
@@ -26,8 +30,7 @@ class StopStringFilter:
         self._pending += text
         hits = [(i, s) for s in self.stops if (i := self._pending.find(s)) >= 0]
         if hits:
-            cut = min(i for i, _ in hits)
-            self.stopped = True
+            cut, self.matched = min(hits, key=lambda hit: hit[0])
             out, self._pending = self._pending[:cut], ""
             return out
         safe = len(self._pending) - self._hold

@@ -1,0 +1,124 @@
+"""``AsyncEngine``: the engine for asyncio applications serving many users.
+
+One background thread steps the engine while any request is unfinished, so
+every user's request shares the same batched forward passes; each request's
+outputs are handed to the event loop that submitted it. Cancelling the task
+that consumes a stream (or leaving it early) aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator, Sequence
+
+from ferrum.engine.engine import Engine
+from ferrum.engine.request import RequestOutput
+from ferrum.errors import ExecutorStateError
+from ferrum.sampling import SamplingParams
+
+
+class RequestStream:
+    """Where one request's outputs (or the error that ended it) arrive."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Called from the stepping thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self) -> RequestOutput:
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class AsyncEngine:
+    """Thread-backed asyncio front end of an :class:`Engine`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    async def stream(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs as they are produced."""
+        if self._closed:
+            raise ExecutorStateError("this AsyncEngine was shut down")
+        stream = RequestStream(asyncio.get_running_loop())
+        with self._lock:
+            request_id = self.engine.add_request(prompt_token_ids, params, request_id, on_output=stream.put)
+            self._streams[request_id] = stream
+        self._start()
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self.engine.abort(request_id)
+                self._wake.set()
+
+    async def generate(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestOutput:
+        """Submit a request and wait for its final output."""
+        out = None
+        async for out in self.stream(prompt_token_ids, params, request_id):
+            pass
+        return out
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """Stop stepping; unfinished requests are aborted."""
+        self._closed = True
+        with self._lock:
+            for request_id in self._streams:
+                self.engine.abort(request_id)
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ------------------------------------------------------------ thread
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ferrum-engine", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self.engine.has_unfinished():
+                try:
+                    self.engine.step()
+                except Exception as error:  # a failed pass ends the requests it held, not the server
+                    self._fail_all(error)
+            if self._closed:
+                return
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            streams = list(self._streams.items())
+        for request_id, stream in streams:
+            self.engine.abort(request_id)
+            stream.put(error)

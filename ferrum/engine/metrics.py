@@ -1,0 +1,98 @@
+"""Engine metrics: latency per request, throughput, queue and KV occupancy, cache hits."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ferrum.engine.request import Request
+from ferrum.engine.scheduler import SchedulerStats
+from ferrum.executor_api import ExecutorStatus
+from ferrum.paged_kv import PagedKVManager
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """A snapshot. Latencies are means over finished requests, in seconds."""
+
+    num_waiting: int
+    num_running: int
+    num_finished: int
+    num_steps: int
+    prompt_tokens: int
+    generated_tokens: int  # tokens sampled, a final stop token included
+    batched_tokens: int  # query tokens run through the model (prefill chunks + decodes)
+    mean_ttft_s: float
+    mean_tpot_s: float
+    throughput_tok_s: float  # generated tokens per second of stepping
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_hit_rate: float
+    preemptions: int
+    executor: ExecutorStatus
+
+
+class MetricsRecorder:
+    """Accumulates what :class:`EngineMetrics` reports."""
+
+    def __init__(self) -> None:
+        self.finished_count = 0
+        self.steps = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.batched_tokens = 0
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
+        self.tpot_sum = 0.0
+        self.tpot_count = 0
+        self.busy_s = 0.0
+
+    def arrived(self, request: Request) -> None:
+        self.prompt_tokens += len(request.prompt_token_ids)
+
+    def stepped(self, step_start: float, query_tokens: int, sampled: int) -> None:
+        end = time.perf_counter()
+        self.steps += 1
+        self.batched_tokens += query_tokens
+        self.generated_tokens += sampled
+        self.busy_s += end - step_start
+
+    def finished(self, request: Request) -> None:
+        self.finished_count += 1
+        m = request.metrics
+        if m.ttft is not None:
+            self.ttft_sum += m.ttft
+            self.ttft_count += 1
+        if m.tpot is not None:
+            self.tpot_sum += m.tpot
+            self.tpot_count += 1
+
+    def snapshot(
+        self, num_waiting: int, num_running: int, kv: PagedKVManager, scheduler: SchedulerStats,
+        executor: ExecutorStatus,
+    ) -> EngineMetrics:
+        return EngineMetrics(
+            num_waiting=num_waiting,
+            num_running=num_running,
+            num_finished=self.finished_count,
+            num_steps=self.steps,
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated_tokens,
+            batched_tokens=self.batched_tokens,
+            mean_ttft_s=self.ttft_sum / self.ttft_count if self.ttft_count else 0.0,
+            mean_tpot_s=self.tpot_sum / self.tpot_count if self.tpot_count else 0.0,
+            throughput_tok_s=self.generated_tokens / self.busy_s if self.busy_s else 0.0,
+            kv_blocks_total=kv.num_blocks,
+            kv_blocks_used=kv.num_used_blocks,
+            kv_blocks_free=kv.num_free_blocks,
+            kv_blocks_cached=kv.num_cached_blocks,
+            prefix_cache_queried_tokens=scheduler.prefix_queried_tokens,
+            prefix_cache_hit_tokens=scheduler.prefix_hit_tokens,
+            prefix_cache_hit_rate=scheduler.prefix_cache_hit_rate,
+            preemptions=scheduler.preemptions,
+            executor=executor,
+        )

@@ -1,0 +1,150 @@
+"""A request's life inside the engine, and what callers get back from it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from ferrum.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ferrum.sampling import SampledToken
+
+
+class RequestStatus(str, enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and queued again
+    RUNNING = "running"  # has KV blocks and gets a slice every step
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop token or stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps (``time.perf_counter`` seconds) and counts of one request."""
+
+    arrival_time: float
+    num_prompt_tokens: int
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_generated_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token, from arrival."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.finish_time is None or self.first_token_time is None or self.num_generated_tokens < 2:
+            return None
+        return (self.finish_time - self.first_token_time) / (self.num_generated_tokens - 1)
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A request's state after a step: everything so far plus what is new."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str | None  # None when the model has no tokenizer
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    logprobs: tuple[SampledToken, ...] | None  # one per token when logprobs were asked for
+    finished: bool
+    finish_reason: FinishReason | None
+    stop_reason: int | str | None  # the stop token id or stop string that ended it
+    metrics: RequestMetrics
+
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass(eq=False)
+class Request:
+    """Scheduling state (token counts) plus the per-request sampling and text state.
+
+    ``num_computed_tokens`` chases ``num_tokens``: the prompt, then one more
+    with every sampled token. A request whose every token but the last is
+    computed is decoding; anything less is (chunked) prefill.
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    max_total_tokens: int  # prompt + output may not exceed this (context length)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    metrics: RequestMetrics = None  # type: ignore[assignment]
+    # Set by the engine: sampler, detokenizer, stop-string filter, output callback.
+    sampler: Any = None
+    detokenizer: Any = None
+    stop_filter: Any = None
+    on_output: OutputCallback | None = None
+    text: str = ""
+    logprobs: list[SampledToken] | None = None
+    reported_tokens: int = 0
+    reported_text: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = RequestMetrics(time.perf_counter(), len(self.prompt_token_ids))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Token ids ``start .. stop-1`` of prompt followed by output."""
+        prompt = self.prompt_token_ids
+        if stop <= len(prompt):
+            return list(prompt[start:stop])
+        out = self.output_token_ids
+        if start >= len(prompt):
+            return out[start - len(prompt) : stop - len(prompt)]
+        return list(prompt[start:]) + out[: stop - len(prompt)]
+
+    def all_token_ids(self) -> list[int]:
+        return self.token_slice(0, self.num_tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def snapshot(self) -> RequestOutput:
+        """The output so far; ``new_*`` hold what appeared since the last snapshot."""
+        tokens = tuple(self.output_token_ids)
+        new_tokens = tokens[self.reported_tokens :]
+        new_text = self.text[self.reported_text :]
+        self.reported_tokens, self.reported_text = len(tokens), len(self.text)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=tokens,
+            text=self.text if self.detokenizer is not None else None,
+            new_token_ids=new_tokens,
+            new_text=new_text,
+            logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            metrics=self.metrics,
+        )

@@ -1,0 +1,169 @@
+"""Continuous batching: which slice of which request runs in the next forward pass.
+
+There are no prefill and decode phases. Every request has a count of
+computed tokens chasing its token count; each step hands running requests
+(oldest first, so decodes are never starved by new prompts) what they need
+under a token budget, then admits waiting requests with what budget is left,
+splitting long prompts into chunks. When the KV pool cannot hold the step,
+the most recently admitted running request is preempted: its blocks are
+freed and it waits at the front of the queue to be recomputed (its sampled
+tokens are kept, so its output does not change).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ferrum.engine.request import Request, RequestStatus
+from ferrum.errors import InvalidRequestError
+from ferrum.paged_kv import PagedKVManager, PrefixMatch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Per-step limits. The defaults suit a single-user Mac as well as a small server."""
+
+    max_num_batched_tokens: int = 2048  # query tokens in one forward pass
+    max_num_seqs: int = 64  # requests holding KV at once
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise InvalidRequestError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise InvalidRequestError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}) so every running request can decode each step"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens ``start .. start+len(tokens)-1`` of one request; ``sample`` when they reach its end."""
+
+    request: Request
+    start: int
+    tokens: list[int]
+    sample: bool
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
+
+
+@dataclass
+class _StepPlan:
+    budget: int
+    claimed_blocks: int = 0
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: bool = False
+
+
+class Scheduler:
+    def __init__(self, kv: PagedKVManager, config: EngineConfig):
+        self.kv = kv
+        self.config = config
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = SchedulerStats()
+
+    # ------------------------------------------------------------ queue
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request) -> None:
+        """Take a request out of the queues and free its KV blocks at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        if request.request_id in self.kv:
+            self.kv.release(request.request_id)
+        request.status = RequestStatus.FINISHED
+
+    # -------------------------------------------------------------- step
+    def schedule(self) -> list[ScheduledChunk]:
+        """Plan one forward pass; the KV blocks it needs are guaranteed free."""
+        plan = _StepPlan(self.config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        if not plan.preempted:
+            self._admit_waiting(plan)
+        return plan.chunks
+
+    def mark_computed(self, chunks: list[ScheduledChunk]) -> None:
+        """The forward pass ran: the scheduled tokens' K/V are in the cache."""
+        for chunk in chunks:
+            chunk.request.num_computed_tokens += len(chunk.tokens)
+
+    def _fits(self, plan: _StepPlan, blocks: int) -> bool:
+        return plan.claimed_blocks + blocks <= self.kv.num_free_blocks
+
+    def _add_chunk(self, plan: _StepPlan, request: Request, count: int, blocks: int) -> None:
+        start = request.num_computed_tokens
+        stop = start + count
+        plan.chunks.append(ScheduledChunk(request, start, request.token_slice(start, stop), stop == request.num_tokens))
+        plan.budget -= count
+        plan.claimed_blocks += blocks
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        index = 0
+        while index < len(self.running) and plan.budget > 0:
+            request = self.running[index]
+            count = min(request.num_tokens - request.num_computed_tokens, plan.budget)
+            blocks = self.kv.blocks_needed(request.request_id, count)
+            while not self._fits(plan, blocks):
+                victim = self.running[-1]
+                self._preempt(victim)
+                plan.preempted = True
+                if victim is request:
+                    return
+            self._add_chunk(plan, request, count, blocks)
+            index += 1
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        if request.request_id in self.kv:
+            self.kv.release(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.metrics.num_preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _admit_waiting(self, plan: _StepPlan) -> None:
+        while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            tokens = request.all_token_ids()
+            match = self._match(tokens)
+            count = min(len(tokens) - match.num_tokens, plan.budget)
+            # adopting a cached block nobody holds takes it off the free list too
+            revived = sum(1 for b in match.blocks if self.kv.ref_count(b) == 0)
+            blocks = -(-(match.num_tokens + count) // self.kv.block_size) - len(match.blocks) + revived
+            if not self._fits(plan, blocks):
+                return  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.stats.prefix_queried_tokens += len(tokens)
+            self.stats.prefix_hit_tokens += match.num_tokens
+            if match.num_tokens:
+                self.kv.adopt(request.request_id, tokens, match)
+            request.num_computed_tokens = match.num_tokens
+            request.metrics.num_cached_tokens = max(request.metrics.num_cached_tokens, match.num_tokens)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._add_chunk(plan, request, count, blocks - revived)
+
+    def _match(self, tokens: list[int]) -> PrefixMatch:
+        if self.config.enable_prefix_caching:
+            return self.kv.match_prefix(tokens)
+        return PrefixMatch((), (), 0)
