@@ -2,10 +2,11 @@
 
 from ferrum import backends, errors
 from ferrum.hookspec import API_VERSION, hookimpl
+from ferrum.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["API_VERSION", "backends", "errors", "hookimpl", "load", "__version__"]
+__all__ = ["API_VERSION", "SamplingParams", "backends", "errors", "hookimpl", "load", "__version__"]
 
 
 def load(path, backend=None, dtype=None, **options):

@@ -1,31 +1,48 @@
-"""The user surface: ``ferrum.load(path)`` -> :class:`LLM` with ``generate`` / ``stream``."""
+"""The user surface: ``ferrum.load(path)`` -> :class:`LLM` with ``generate`` / ``stream``.
+
+Every call goes through one :class:`ferrum.engine.Engine`, so many prompts
+(a list given to :meth:`LLM.generate`, several streams, asyncio users via
+:meth:`LLM.astream`) share batched forward passes.
+"""
 
 from __future__ import annotations
 
-import itertools
+from collections import deque
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
+from ferrum.engine import AsyncEngine, Engine, EngineConfig, RequestOutput
 from ferrum.errors import InvalidRequestError
 from ferrum.executor import LlmExecutor
-from ferrum.executor_api import DecodeInput, PrefillInput
 from ferrum.model import DecoderOnlyLLM, ProgressFn
-from ferrum.sampling import RequestSampler, SamplingParams, sample_batch
-from ferrum.stop import StopStringFilter
-from ferrum.tokenizer import IncrementalDetokenizer, Message, Tokenizer
+from ferrum.sampling import SamplingParams
+from ferrum.tokenizer import Message, Tokenizer
 
 Prompt = str | Sequence[Message] | Sequence[int]
 
 
-class LLM:
-    """A loaded model with its tokenizer, ready to generate text."""
+def _is_prompt_list(prompts: Any) -> bool:
+    """A list of prompts, as opposed to one prompt given as token ids or chat messages."""
+    return (
+        not isinstance(prompts, str)
+        and isinstance(prompts, Sequence)
+        and len(prompts) > 0
+        and all(isinstance(p, (str, list, tuple)) for p in prompts)
+    )
 
-    def __init__(self, executor: LlmExecutor, tokenizer: Tokenizer | None, path: Path):
+
+class LLM:
+    """A loaded model with its tokenizer and engine, ready to generate text."""
+
+    def __init__(
+        self, executor: LlmExecutor, tokenizer: Tokenizer | None, path: Path, engine_config: EngineConfig | None = None
+    ):
         self.executor = executor
         self.model = executor.model
         self.tokenizer = tokenizer
         self.path = path
-        self._ids = itertools.count()
+        self.engine = Engine(executor, tokenizer, engine_config)
+        self._async_engine: AsyncEngine | None = None
 
     @classmethod
     def load(
@@ -36,6 +53,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         max_seq_len: int | None = None,
         progress: ProgressFn | None = None,
+        engine_config: EngineConfig | None = None,
     ) -> "LLM":
         path = Path(path)
         model = DecoderOnlyLLM.from_pretrained(
@@ -43,13 +61,13 @@ class LLM:
             max_seq_len=max_seq_len, progress=progress,
         )
         tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
-        return cls(LlmExecutor(model), tokenizer, path)
+        return cls(LlmExecutor(model), tokenizer, path, engine_config)
 
     # --------------------------------------------------------------- prompts
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise InvalidRequestError(
-                f"{self.path} has no tokenizer.json, so text prompts cannot be encoded; pass token ids"
+                f"{self.path} has no tokenizer.json, so text cannot be encoded or decoded; pass token ids"
             )
         return self.tokenizer
 
@@ -73,76 +91,97 @@ class LLM:
             return prompt
         raise InvalidRequestError("a prompt is a string, a list of chat messages or a list of token ids")
 
-    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
-        ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            ids.update(self.model.config.eos_token_ids)
-            if self.tokenizer is not None:
-                ids.update(self.tokenizer.eos_token_ids)
-        return frozenset(ids)
+    @staticmethod
+    def sampling_params(params: SamplingParams | None = None, **options: Any) -> SamplingParams:
+        """``params`` as given, or one built from keyword options (not both)."""
+        if params is not None:
+            if options:
+                raise InvalidRequestError("pass either a SamplingParams or sampling keyword options, not both")
+            return params
+        try:
+            return SamplingParams(**options)
+        except TypeError as exc:
+            raise InvalidRequestError(f"{exc}; see ferrum.SamplingParams for the options") from None
 
     # ------------------------------------------------------------ generation
-    def generate_tokens(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        """Yield sampled token ids until a stop token or ``max_tokens``.
+    def run(
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
+        **options: Any,
+    ) -> list[RequestOutput]:
+        """Run many prompts together through the engine; final outputs in prompt order."""
+        params = self.sampling_params(params, **options)
+        encoded = [self.encode_prompt(p, chat) for p in prompts]  # all or nothing: encode before submitting
+        finals: dict[str, RequestOutput] = {}
 
-        The stop token itself is not yielded. The sequence's KV cache is
-        released when the generator finishes or is closed early.
-        """
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token")
-        cache_id = ("generate", next(self._ids))
-        sampler = RequestSampler(params, prompt_ids)
-        ops = self.model.backend.ops
-        stop_ids = self._stop_ids(params)
-        output: list[int] = []
-        logits = self.executor.prefill(PrefillInput(cache_id, prompt_ids)).logits
+        def keep_final(out: RequestOutput) -> None:
+            if out.finished:
+                finals[out.request_id] = out
+
+        ids = [self.engine.add_request(tokens, params, on_output=keep_final) for tokens in encoded]
         try:
-            while True:
-                token = sample_batch(ops, ops.from_numpy(logits[None], None), [sampler])[0].token
-                if token in stop_ids:
-                    return
-                output.append(token)
-                sampler.record(token)
-                yield token
-                if len(output) >= params.max_tokens:
-                    return
-                position = len(prompt_ids) + len(output) - 1
-                logits = self.executor.decode(DecodeInput(cache_id, token, position)).logits
+            while len(finals) < len(ids):
+                self.engine.step()
         finally:
-            self.executor.release_cache(cache_id)
+            for request_id in ids:
+                if request_id not in finals:
+                    self.engine.abort(request_id)
+        return [finals[request_id] for request_id in ids]
+
+    def stream_outputs(
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None, **options: Any
+    ) -> Iterator[RequestOutput]:
+        """Yield a request's outputs step by step; closing the iterator early aborts it.
+
+        Other requests in the engine advance in the same steps.
+        """
+        params = self.sampling_params(params, **options)
+        pending: deque[RequestOutput] = deque()
+        request_id = self.engine.add_request(self.encode_prompt(prompt, chat), params, on_output=pending.append)
+        finished = False
+        try:
+            while not finished:
+                while not pending:
+                    self.engine.step()
+                out = pending.popleft()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
 
     def stream(
-        self,
-        prompt: Prompt,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        chat: bool | None = None,
-        **sampling: Any,
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None, **options: Any
     ) -> Iterator[str]:
-        """Yield the generated text piece by piece (never half a character)."""
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **sampling
-        )
-        prompt_ids = self.encode_prompt(prompt, chat)
-        detok = IncrementalDetokenizer(self._require_tokenizer(), prompt_ids)
-        stops = StopStringFilter(params.stop)
-        tokens = self.generate_tokens(prompt_ids, params)
-        try:
-            for token in tokens:
-                piece = stops.feed(detok.push(token))
-                if piece:
-                    yield piece
-                if stops.stopped:
-                    return
-            tail = stops.feed(detok.flush()) + stops.flush()
-            if tail:
-                yield tail
-        finally:
-            tokens.close()
+        """Yield the generated text piece by piece (never half a character, never part of a stop string)."""
+        self._require_tokenizer()
+        for out in self.stream_outputs(prompt, params, chat, **options):
+            if out.new_text:
+                yield out.new_text
 
-    def generate(self, prompt: Prompt, max_tokens: int = 256, **kwargs: Any) -> str:
-        """The whole completion as one string (see :meth:`stream` for options)."""
-        return "".join(self.stream(prompt, max_tokens=max_tokens, **kwargs))
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
+        **options: Any,
+    ) -> str | list[str]:
+        """The completion of one prompt, or the completions of a list of prompts (batched)."""
+        self._require_tokenizer()
+        if _is_prompt_list(prompts):
+            return [out.text for out in self.run(prompts, params, chat, **options)]
+        return self.run([prompts], params, chat, **options)[0].text
+
+    # --------------------------------------------------------------- asyncio
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The engine stepped by a background thread, for asyncio applications."""
+        if self._async_engine is None:
+            self._async_engine = AsyncEngine(self.engine)
+        return self._async_engine
+
+    async def astream(
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None, **options: Any
+    ) -> AsyncIterator[str]:
+        """Async version of :meth:`stream`; concurrent calls are batched together."""
+        self._require_tokenizer()
+        params = self.sampling_params(params, **options)
+        async for out in self.async_engine.stream(self.encode_prompt(prompt, chat), params):
+            if out.new_text:
+                yield out.new_text

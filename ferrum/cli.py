@@ -81,28 +81,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     info = llm.model.backend.info
     print(f"[ferrum] backend={llm.model.backend.name} device={info.device} dtype={llm.model.dtype}", file=sys.stderr)
-    started = time.perf_counter()
-    pieces = 0
-    stream = llm.stream(
-        args.prompt,
+    params = llm.sampling_params(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         seed=args.seed,
-        chat=chat,
         stop=args.stop or (),
+        ignore_eos=args.ignore_eos,
     )
-    for piece in stream:
-        pieces += 1
-        sys.stdout.write(piece)
+    final = None
+    for final in llm.stream_outputs(args.prompt, params, chat=chat):
+        sys.stdout.write(final.new_text)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    status = llm.executor.status()
-    elapsed = time.perf_counter() - started
+    m = final.metrics
+    decode_rate = f", {1 / m.tpot:.1f} tok/s decode" if m.tpot else ""
     print(
-        f"[ferrum] {status.decode_calls + 1} tokens in {elapsed:.2f}s; prefill {status.avg_prefill_ms:.1f} ms, "
-        f"decode {status.avg_decode_ms:.1f} ms/token",
+        f"[ferrum] {m.num_generated_tokens} tokens ({final.finish_reason.value}); "
+        f"time to first token {m.ttft * 1e3:.0f} ms{decode_rate}",
         file=sys.stderr,
     )
     return 0
@@ -123,11 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="compute dtype, e.g. float32, bfloat16")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-seq-len", type=int, default=None, help="cap the context length (KV memory)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as raw text")

@@ -43,7 +43,7 @@ def test_generate_greedy_matches_direct_model_loop(llm, checkpoint):
     ids = llm.tokenizer.encode(prompt)
     assert ids[0] == 0  # the tokenizer adds BOS
     expected = greedy_reference(checkpoint, ids, 12)
-    assert list(llm.generate_tokens(ids, ferrum.sampling.SamplingParams(max_tokens=12))) == expected
+    assert list(llm.run([ids], ferrum.sampling.SamplingParams(max_tokens=12))[0].token_ids) == expected
     assert llm.generate(prompt, max_tokens=12) == llm.tokenizer.decode(expected)
 
 
@@ -96,7 +96,7 @@ def test_token_prompts_work_without_a_tokenizer(checkpoint, tmp_path):
         (bare / f).write_bytes((checkpoint / f).read_bytes())
     llm = ferrum.load(bare, backend="cpu")
     assert llm.tokenizer is None
-    tokens = list(llm.generate_tokens([0, 5, 6], ferrum.sampling.SamplingParams(max_tokens=4)))
+    tokens = llm.run([[0, 5, 6]], max_tokens=4)[0].token_ids
     assert 1 <= len(tokens) <= 4
     with pytest.raises(InvalidRequestError, match="tokenizer.json"):
         llm.generate("text needs a tokenizer")

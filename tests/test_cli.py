@@ -45,3 +45,20 @@ def test_errors_are_reported_not_raised(checkpoint, capsys):
 def test_console_script_runs():
     done = subprocess.run([sys.executable, "-m", "ferrum.cli", "backends", "--no-load"], capture_output=True, text=True)
     assert done.returncode == 0 and "cpu" in done.stdout
+
+
+def test_generate_sampling_options_match_the_python_api(checkpoint, capsys):
+    import ferrum
+
+    options = ["--temperature", "0.8", "--seed", "3", "--top-k", "40", "--min-p", "0.02",
+               "--repetition-penalty", "1.2", "--frequency-penalty", "0.3", "--ignore-eos"]
+    code = main(["generate", "--model", str(checkpoint), "--backend", "cpu", "--max-tokens", "12", "--no-chat",
+                 *options, "hello"])
+    assert code == 0
+    captured = capsys.readouterr()
+    expected = ferrum.load(checkpoint, backend="cpu").generate(
+        "hello", max_tokens=12, temperature=0.8, seed=3, top_k=40, min_p=0.02, repetition_penalty=1.2,
+        frequency_penalty=0.3, ignore_eos=True,
+    )
+    assert captured.out == expected + "\n"
+    assert "12 tokens (length); time to first token" in captured.err

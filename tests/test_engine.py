@@ -1,0 +1,253 @@
+"""Engine behaviour on every backend that runs here, on tiny random checkpoints.
+
+The key property: a request's output does not depend on what else runs with
+it — alone, among 32 others arriving at different times, after preemption,
+or next to a cancelled request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+import ferrum
+from ferrum.engine import Engine, EngineConfig, FinishReason
+from ferrum.errors import ContextLengthExceededError, InvalidRequestError
+from ferrum.executor import LlmExecutor
+from ferrum.model import DecoderOnlyLLM
+from ferrum.sampling import SamplingParams
+from ferrum.tokenizer import Tokenizer
+
+from support import runnable_backends, write_text_checkpoint
+
+BACKENDS = runnable_backends()
+RNG = np.random.RandomState(1)
+#: 32 requests: prompt lengths 2..60, arrival step, sampling.
+WORKLOAD = [
+    (
+        [int(t) for t in RNG.randint(2, 300, size=int(RNG.randint(2, 61)))],
+        int(RNG.randint(0, 12)),
+        SamplingParams(max_tokens=int(RNG.randint(4, 13)), ignore_eos=True)
+        if i % 2 == 0
+        else SamplingParams(max_tokens=int(RNG.randint(4, 13)), temperature=0.9, top_k=40, top_p=0.95, seed=i,
+                            ignore_eos=True),
+    )
+    for i in range(32)
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_text_checkpoint(tmp_path_factory.mktemp("engine_ckpt"))
+
+
+def make_engine(checkpoint, backend, num_kv_blocks=256, tokenizer=False, **config) -> Engine:
+    model = DecoderOnlyLLM.from_pretrained(checkpoint, backend=backend, num_kv_blocks=num_kv_blocks, block_size=4)
+    return Engine(LlmExecutor(model), Tokenizer(checkpoint) if tokenizer else None, EngineConfig(**config))
+
+
+def run_alone(engine: Engine, prompt, params) -> tuple[int, ...]:
+    request_id = engine.add_request(prompt, params)
+    final = [o for o in engine.run_until_done() if o.request_id == request_id and o.finished]
+    return final[0].token_ids
+
+
+def run_staggered(engine: Engine, workload) -> dict[int, tuple[int, ...]]:
+    """Add each request at its arrival step; returns index -> output tokens."""
+    ids: dict[str, int] = {}
+    results: dict[int, tuple[int, ...]] = {}
+    step = 0
+    while len(results) < len(workload):
+        for index, (prompt, arrival, params) in enumerate(workload):
+            if arrival == step:
+                ids[engine.add_request(prompt, params)] = index
+        for out in engine.step():
+            if out.finished:
+                results[ids[out.request_id]] = out.token_ids
+        step += 1
+    return results
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def solo_outputs(request, checkpoint):
+    engine = make_engine(checkpoint, request.param)
+    return request.param, [run_alone(engine, prompt, params) for prompt, _, params in WORKLOAD]
+
+
+def test_outputs_are_the_same_alone_or_among_32_staggered_requests(checkpoint, solo_outputs):
+    backend, solo = solo_outputs
+    engine = make_engine(checkpoint, backend, max_num_batched_tokens=64, max_num_seqs=32)
+    batched = run_staggered(engine, WORKLOAD)
+    assert [batched[i] for i in range(len(WORKLOAD))] == solo
+    assert all(len(out) == params.max_tokens for out, (_, _, params) in zip(solo, WORKLOAD))
+    metrics = engine.metrics()
+    assert metrics.num_finished == 32 and metrics.kv_blocks_used == 0
+    assert metrics.executor.prefill_calls + metrics.executor.decode_calls == metrics.num_steps
+
+
+def test_preempted_requests_resume_with_the_same_output(checkpoint, solo_outputs):
+    backend, solo = solo_outputs
+    engine = make_engine(checkpoint, backend, num_kv_blocks=40, max_num_batched_tokens=64, max_num_seqs=32)
+    batched = run_staggered(engine, WORKLOAD)
+    assert engine.metrics().preemptions > 0
+    assert [batched[i] for i in range(len(WORKLOAD))] == solo
+
+
+def test_prefix_cache_hits_give_the_same_tokens_and_logprobs(checkpoint):
+    backend = BACKENDS[-1]
+    shared = [int(t) for t in RNG.randint(2, 300, size=37)]
+    params = SamplingParams(max_tokens=6, logprobs=3, ignore_eos=True)
+    results = {}
+    for caching in (True, False):
+        engine = make_engine(checkpoint, backend, enable_prefix_caching=caching)
+        run_alone(engine, shared + [5, 6], params)
+        engine.add_request(shared + [7, 8, 9], params)
+        results[caching] = [o for o in engine.run_until_done() if o.finished][0]
+        hits = engine.metrics().prefix_cache_hit_tokens
+        assert hits == (36 if caching else 0)  # 9 full blocks of 4 tokens
+    assert results[True].metrics.num_cached_tokens == 36
+    assert results[True].token_ids == results[False].token_ids
+    for a, b in zip(results[True].logprobs, results[False].logprobs):
+        assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs]
+        np.testing.assert_allclose([lp for _, lp in a.top_logprobs], [lp for _, lp in b.top_logprobs], atol=2e-5)
+
+
+def test_abort_frees_blocks_at_once_and_leaves_others_untouched(checkpoint):
+    backend = BACKENDS[0]
+    engine = make_engine(checkpoint, backend)
+    keep = [(WORKLOAD[i][0], WORKLOAD[i][2]) for i in range(3)]
+    expected = [run_alone(engine, p, s) for p, s in keep]
+    ids = [engine.add_request(p, s) for p, s in keep]
+    victim = engine.add_request(WORKLOAD[5][0], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    used = engine.metrics().kv_blocks_used
+    engine.abort(victim)
+    assert engine.metrics().kv_blocks_used < used
+    assert victim not in engine.model.kv
+    finals = {o.request_id: o for o in engine.run_until_done() if o.finished}
+    assert [finals[i].token_ids for i in ids] == expected
+    engine.abort(victim)  # aborting twice, or an unknown id, is harmless
+    engine.abort("no-such-request")
+    engine.step()
+
+
+def test_aborted_request_reports_abort(checkpoint):
+    engine = make_engine(checkpoint, BACKENDS[0])
+    outputs = []
+    request_id = engine.add_request([5, 6, 7], SamplingParams(max_tokens=40), on_output=outputs.append)
+    engine.step()
+    engine.abort(request_id)
+    assert outputs[-1].finished and outputs[-1].finish_reason is FinishReason.ABORT
+    assert not engine.has_unfinished()
+
+
+def test_bad_requests_are_refused_before_they_reach_a_batch(checkpoint):
+    engine = make_engine(checkpoint, BACKENDS[0], num_kv_blocks=8)
+    good = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3))
+    for prompt, params, error in [
+        ([], SamplingParams(), InvalidRequestError),
+        ([5, 300], SamplingParams(), InvalidRequestError),
+        ([5] * 256, SamplingParams(), ContextLengthExceededError),
+        ([5], SamplingParams(max_tokens=100), InvalidRequestError),  # more than the 32-token pool
+        ([5], SamplingParams(max_tokens=3, logit_bias={999: 1.0}), InvalidRequestError),
+        ([5], SamplingParams(max_tokens=3, stop=["x"]), InvalidRequestError),  # no tokenizer
+    ]:
+        with pytest.raises(error):
+            engine.add_request(prompt, params)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request([1], SamplingParams(max_tokens=3), request_id=good)
+    finals = [o for o in engine.run_until_done() if o.finished]
+    assert [o.request_id for o in finals] == [good] and len(finals[0].token_ids) <= 3
+
+
+def test_stop_token_ids_and_eos(checkpoint):
+    engine = make_engine(checkpoint, BACKENDS[0])
+    free = run_alone(engine, [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+    stop_at = free[3]
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=8, stop_token_ids=[stop_at], ignore_eos=True))
+    final = [o for o in engine.run_until_done() if o.finished][0]
+    assert final.token_ids == free[: free.index(stop_at)]
+    assert final.finish_reason is FinishReason.STOP and final.stop_reason == stop_at
+
+
+def test_context_length_ends_generation(checkpoint):
+    engine = make_engine(checkpoint, BACKENDS[0])
+    prompt = [5] * 250  # context length 256
+    engine.add_request(prompt, SamplingParams(max_tokens=100, ignore_eos=True))
+    final = [o for o in engine.run_until_done() if o.finished][0]
+    assert len(final.token_ids) == 6 and final.finish_reason is FinishReason.LENGTH
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return ferrum.load(checkpoint, backend=BACKENDS[0])
+
+
+def test_stop_string_spanning_a_token_boundary(llm):
+    params = dict(max_tokens=24, temperature=1.0, seed=11, ignore_eos=True)
+    pieces = list(llm.stream("hello", **params))
+    text = "".join(pieces)
+    boundary = len(pieces[0]) + len(pieces[1])
+    stop = text[boundary - 1 : boundary + 1]  # last char of one piece + first char of the next
+    assert len(stop) == 2
+    out = llm.run(["hello"], stop=[stop], **params)[0]
+    assert out.text == text[: text.index(stop)]
+    assert out.finish_reason is FinishReason.STOP and out.stop_reason == stop
+
+
+def test_multibyte_characters_split_across_tokens_are_streamed_whole(llm):
+    tok = llm.tokenizer
+    e_bytes = tok.encode("é", add_special_tokens=False)
+    assert len(e_bytes) == 2  # "é" is two byte-level tokens in this vocabulary
+    bias = {t: 6.0 for t in e_bytes}
+    outputs = list(llm.stream_outputs("hello", max_tokens=40, temperature=1.0, seed=5, logit_bias=bias,
+                                      ignore_eos=True))
+    final = outputs[-1]
+    tokens = list(final.token_ids)
+    split = [i for i in range(len(tokens) - 1) if tokens[i : i + 2] == e_bytes]
+    assert split, "the test needs an 'é' assembled from two tokens"
+    assert "".join(o.new_text for o in outputs) == final.text == tok.decode(tokens)
+    assert "é" in final.text
+    for o in outputs[:-1]:
+        assert not o.new_text.endswith("\ufffd")
+
+
+def test_generate_many_prompts_is_batched_and_equals_one_by_one(llm):
+    prompts = ["hello world", "the quick brown fox", "lazy dog"]
+    params = SamplingParams(max_tokens=10, temperature=0.7, seed=3)
+    together = llm.generate(prompts, params)
+    assert together == [llm.generate(p, params) for p in prompts]
+    assert llm.engine.metrics().executor.prefill_calls >= 1
+
+
+def test_asyncio_streams_share_the_engine(llm):
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=9, ignore_eos=True)
+    prompts = ["hello world", "lazy dog", "quick brown"]
+    expected = [llm.generate(p, params) for p in prompts]
+
+    async def collect(prompt):
+        return "".join([piece async for piece in llm.astream(prompt, params)])
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in prompts))
+
+    assert asyncio.run(main()) == expected
+
+
+def test_asyncio_cancellation_aborts_the_request(llm):
+    async def main():
+        stream = llm.async_engine.stream(llm.encode_prompt("hello"), SamplingParams(max_tokens=200, ignore_eos=True))
+        first = await stream.__anext__()
+        await stream.aclose()
+        return first
+
+    first = asyncio.run(main())
+    assert not first.finished
+    for _ in range(100):  # the engine thread applies the abort before its next pass
+        if not llm.engine.has_unfinished():
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    assert not llm.engine.has_unfinished() and llm.model.kv.num_used_blocks == 0
