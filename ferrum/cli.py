@@ -109,6 +109,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ferrum.bench import BenchOptions, format_report, run_bench, write_json
+
+    options = BenchOptions(
+        workload=args.workload, backend=args.backend, model=args.model, preset=args.preset, dtype=args.dtype,
+        peer=args.peer, repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len,
+        concurrency=args.concurrency, profile=args.profile,
+    )
+    report = run_bench(options, progress=_progress_printer,
+                       log=lambda line: print(f"[ferrum bench] {line}", file=sys.stderr))
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferrum", description="Run decoder-only LLMs on pluggable backends.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as raw text")
     p.set_defaults(func=cmd_generate)
+
+    from ferrum.bench.presets import PRESETS
+    from ferrum.bench.workloads import WORKLOADS
+
+    p = sub.add_parser("bench", help="time a workload on ferrum and on a peer (mlx-lm / transformers), same weights")
+    p.add_argument("--workload", default="decode-1", choices=sorted(WORKLOADS))
+    p.add_argument("--backend", help="backend name; default: best available")
+    p.add_argument("--model", help="checkpoint folder (default: a random-weight --preset)")
+    p.add_argument("--preset", default="qwen2-0.5b", choices=sorted(PRESETS), help="shape of the random checkpoint")
+    p.add_argument("--dtype", help="compute dtype for both sides")
+    p.add_argument("--peer", default="auto", help="auto (mlx-lm for mlx, else transformers), mlx-lm, transformers, none")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per side; the median is reported")
+    p.add_argument("--prompt-len", type=int, help="override the workload's (longest) prompt length")
+    p.add_argument("--gen-len", type=int, help="override the tokens generated per request")
+    p.add_argument("--concurrency", type=int, help="override the number of requests")
+    p.add_argument("--profile", action="store_true", help="also break a decode step down by where its time goes")
+    p.add_argument("--json", help="write the figures to this file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

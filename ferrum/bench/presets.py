@@ -1,0 +1,40 @@
+"""Benchmark checkpoints: public models' shapes with random bfloat16 weights, written
+once into the cache (see :mod:`ferrum.random_checkpoint`) so benchmarks run without downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ferrum.default_model import cache_root
+from ferrum.errors import InvalidRequestError
+from ferrum.random_checkpoint import write_random_checkpoint
+
+#: Shapes of public models; the weights are random.
+PRESETS: dict[str, dict] = {
+    "qwen2-0.5b": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+        max_position_embeddings=4096, rope_theta=1000000.0, tie_word_embeddings=True,
+    ),
+    "llama-1b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+        max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
+    ),
+}
+
+
+def preset_checkpoint(name: str, progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """The cached checkpoint folder of preset ``name``, written on first use."""
+    if name not in PRESETS:
+        raise InvalidRequestError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    folder = cache_root() / "bench" / name
+    if not (folder / "model.safetensors").exists():
+        write_random_checkpoint(folder, PRESETS[name], progress=progress)
+    return folder

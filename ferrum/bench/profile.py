@@ -1,0 +1,114 @@
+"""Where a decode step's time goes: engine bookkeeping, issuing model ops, waiting
+for the device, sampling, and each op's share.
+
+Timers wrap the ops table and the executor for the duration of the profile.
+On a lazy backend (MLX) an op's time is the Python time to *build* its part of
+the graph; the device work shows up as the wait for the logits, which the
+profile forces once per step before sampling.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from ferrum.hookspec import OPTIONAL_OPS, REQUIRED_OPS
+from ferrum.sampling import SamplingParams
+
+_NOT_MODEL_OPS = {"backend_info", "sample", "to_numpy"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    steps: int
+    step_ms: float
+    parts_ms: dict[str, float]  # per step: engine, ops issue, device wait, sampling
+    ops: list[tuple[str, float, float]]  # (op, calls per step, ms per step), slowest first
+
+    def table(self) -> str:
+        lines = [f"decode step: {self.step_ms:.2f} ms (mean of {self.steps})"]
+        for name, ms in self.parts_ms.items():
+            lines.append(f"  {name:<34} {ms:8.2f} ms  {100 * ms / self.step_ms:5.1f}%")
+        lines.append("  ops (calls/step, ms/step):")
+        for name, calls, ms in self.ops:
+            lines.append(f"    {name:<24} {calls:6.0f} {ms:8.3f} ms")
+        return "\n".join(lines)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        return timed
+
+
+@contextmanager
+def _patched(target: Any, name: str, timer: _Timer, wrapper: Callable | None = None) -> Iterator[None]:
+    own = name in vars(target)  # an instance attribute (ops table) or a method from the class
+    original = getattr(target, name)
+    setattr(target, name, (wrapper or timer.wrap)(original))
+    try:
+        yield
+    finally:
+        if own:
+            setattr(target, name, original)
+        else:
+            delattr(target, name)
+
+
+def profile_decode(llm: Any, prompt: list[int], steps: int = 16) -> Profile:
+    """Profile ``steps`` batch-1 decode steps of ``llm``'s engine after ``prompt``."""
+    engine, ops = llm.engine, llm.model.ops
+    request_id = engine.add_request(prompt, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    engine.step()  # prefill, not profiled
+    op_timers = {name: _Timer() for name in REQUIRED_OPS + OPTIONAL_OPS if name not in _NOT_MODEL_OPS}
+    run_timer, wait_timer, sample_timer = _Timer(), _Timer(), _Timer()
+
+    def run_then_wait(run: Callable) -> Callable:
+        def call(batch, to_host=True):
+            start = time.perf_counter()
+            out = run(batch, to_host)
+            run_timer.seconds += time.perf_counter() - start
+            wait_timer.wrap(ops.to_numpy)(out[0].logits)  # force the device work to finish here
+            return out
+
+        return call
+
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(_patched(engine.executor, "run", run_timer, run_then_wait))
+            stack.enter_context(_patched(ops, "sample", sample_timer))
+            for name, timer in op_timers.items():
+                stack.enter_context(_patched(ops, name, timer))
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            total = time.perf_counter() - start
+    finally:
+        engine.abort(request_id)
+    per_step = 1e3 / steps
+    ops_ms = sum(t.seconds for t in op_timers.values())
+    parts = {
+        "engine (schedule, stops, detok)": (total - run_timer.seconds - wait_timer.seconds - sample_timer.seconds),
+        "forward: ops issue (Python + eager)": ops_ms,
+        "forward: other Python in model": run_timer.seconds - ops_ms,
+        "device wait for logits": wait_timer.seconds,
+        "sampling (on backend) + transfer": sample_timer.seconds,
+    }
+    rows = sorted(
+        ((name, t.calls / steps, t.seconds * per_step) for name, t in op_timers.items() if t.calls),
+        key=lambda row: -row[2],
+    )
+    return Profile(steps, total * per_step, {k: v * per_step for k, v in parts.items()}, rows)

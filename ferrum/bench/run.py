@@ -1,0 +1,115 @@
+"""``ferrum bench``: one workload on Ferrum and on its peer, in the same process, on the same weights."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ferrum.bench.figures import Figures, median_figures, ratios
+from ferrum.bench.presets import preset_checkpoint
+from ferrum.bench.profile import Profile, profile_decode
+from ferrum.bench.runners import FerrumRunner, Runner, make_peer, peer_for
+from ferrum.bench.workloads import Workload, get_workload, make_prompts
+from ferrum.config import ModelConfig
+
+ProgressFn = Callable[[int, int, str], None]
+#: Makes a progress callback for a labelled phase ("preparing checkpoint", "loading weights").
+ProgressFactory = Callable[[str], ProgressFn]
+
+
+@dataclass
+class BenchOptions:
+    workload: str = "decode-1"
+    backend: str | None = None
+    model: str | None = None  # a checkpoint folder; else ``preset``
+    preset: str = "qwen2-0.5b"
+    dtype: str | None = None
+    peer: str = "auto"  # auto | mlx-lm | transformers | none
+    repeat: int = 3
+    prompt_len: int | None = None
+    gen_len: int | None = None
+    concurrency: int | None = None
+    profile: bool = False
+
+
+def _measure(runner: Runner, prompts: list[list[int]], workload: Workload, repeat: int) -> Figures:
+    runner.run([p[:8] for p in prompts[:2]], 2)  # warm-up: kernels, allocations
+    first_alone = workload.shared_prefix_len > 0
+    return median_figures([runner.run(prompts, workload.gen_len, first_alone) for _ in range(repeat)])
+
+
+def run_bench(
+    options: BenchOptions, progress: ProgressFactory | None = None, log: Callable[[str], None] = print
+) -> dict:
+    """Run the workload; returns the report (also what ``--json`` writes)."""
+    workload: Workload = get_workload(options.workload).with_overrides(
+        options.prompt_len, options.gen_len, options.concurrency
+    )
+    def phase(label: str) -> ProgressFn | None:
+        return progress(label) if progress is not None else None
+
+    path = Path(options.model) if options.model else preset_checkpoint(options.preset, phase("preparing checkpoint"))
+    config = ModelConfig.from_file(path)
+    prompts = make_prompts(workload, config.vocab_size)
+    in_flight = sum(len(p) for p in prompts) + workload.concurrency * workload.gen_len + 64
+    ferrum = FerrumRunner(path, options.backend, options.dtype, in_flight, workload.concurrency,
+                          phase("loading weights"))
+    backend = ferrum.backend
+    log(f"workload {workload.name}: {workload.description} "
+        f"(here: {workload.concurrency} x prompt<={workload.prompt_len}, {workload.gen_len} out)")
+    log(f"model {path} on {backend.name} ({backend.info.device}), {ferrum.dtype}")
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or 'unknown cpu'}",
+        "workload": {**workload.__dict__},
+        "model": str(path),
+        "backend": backend.name,
+        "device": backend.info.device,
+        "dtype": ferrum.dtype,
+        "ferrum": _measure(ferrum, prompts, workload, options.repeat).as_dict(),
+    }
+    if workload.shared_prefix_len:
+        report["prefix_cache_hit_rate"] = ferrum.cached_tokens / sum(len(p) for p in prompts)
+    peer_name = peer_for(backend.name, options.peer)
+    if peer_name:
+        peer = make_peer(peer_name, path, ferrum.dtype, backend.info.device)
+        peer_figures = _measure(peer, prompts, workload, options.repeat)
+        report["peer"] = {"name": peer_name, **peer_figures.as_dict()}
+        report["ratios"] = ratios(Figures(**report["ferrum"]), peer_figures)
+    if options.profile:
+        profile: Profile = profile_decode(ferrum.llm, prompts[0])
+        report["profile"] = {"step_ms": profile.step_ms, "parts_ms": profile.parts_ms,
+                             "ops": [{"op": n, "calls": c, "ms": ms} for n, c, ms in profile.ops]}
+        report["profile_table"] = profile.table()
+    return report
+
+
+def format_report(report: dict) -> str:
+    rows = [("", "ferrum") + ((report["peer"]["name"], "ratio") if "peer" in report else ())]
+    labels = [("prefill_tok_s", "prefill tok/s", "prefill_tok_s"), ("decode_tok_s", "decode tok/s", "decode_tok_s"),
+              ("throughput_tok_s", "throughput tok/s", "throughput_tok_s"), ("ttft_s", "TTFT ms", "ttft_speedup")]
+    for key, label, ratio_key in labels:
+        scale = 1e3 if key == "ttft_s" else 1.0
+        row = (label, f"{report['ferrum'][key] * scale:.1f}")
+        if "peer" in report:
+            ratio = report["ratios"][ratio_key]
+            row += (f"{report['peer'][key] * scale:.1f}", "-" if ratio is None else f"{ratio:.2f}x")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    if "peer" in report:
+        lines.append("ratio: ferrum/peer for speeds, peer/ferrum for TTFT; above 1 means ferrum is faster")
+    if "prefix_cache_hit_rate" in report:
+        lines.append(f"prefix cache hit rate: {report['prefix_cache_hit_rate']:.1%}")
+    if "profile_table" in report:
+        lines.append(report["profile_table"])
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    data = {k: v for k, v in report.items() if k != "profile_table"}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,189 @@
+"""Who runs a workload: Ferrum's engine, or a peer (mlx-lm, transformers) on the same weights.
+
+Every runner generates exactly ``gen_len`` greedy tokens per prompt (end of
+sequence ignored) and reports :class:`~ferrum.bench.figures.Figures` from its
+own timestamps, taken the same way on both sides.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ferrum.bench.figures import Figures
+from ferrum.engine import EngineConfig, RequestOutput
+from ferrum.errors import UnsupportedFeatureError
+from ferrum.sampling import SamplingParams
+
+
+Timestamps = tuple[list[float], list[int]]  # first-token time and token count per prompt
+
+
+class Runner:
+    """Runs prompts to ``gen_len`` tokens each; subclasses say how."""
+
+    name: str
+
+    def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
+        raise NotImplementedError
+
+    def run(self, prompts: Sequence[Sequence[int]], gen_len: int, first_alone: bool = False) -> Figures:
+        """Time one run. ``first_alone`` runs the first prompt before the others (a prompt
+        prefix they share is then computed once, as when requests arrive over time)."""
+        start = time.perf_counter()
+        groups = [prompts[:1], prompts[1:]] if first_alone and len(prompts) > 1 else [prompts]
+        first_times: list[float] = []
+        counts: list[int] = []
+        for group in groups:
+            times, n = self.generate(group, gen_len)
+            first_times += times
+            counts += n
+        end = time.perf_counter()
+        return Figures.from_timestamps(start, end, [len(p) for p in prompts], first_times, counts)
+
+
+class FerrumRunner(Runner):
+    """Ferrum's engine: prompts submitted at once, stepped until every one is done."""
+
+    name = "ferrum"
+
+    def __init__(self, path: Path, backend: str | None, dtype: str | None, max_tokens_in_flight: int,
+                 concurrency: int, progress=None):
+        from ferrum.api import LLM
+
+        block_size = 16
+        config = EngineConfig(max_num_seqs=max(concurrency, 1), max_num_batched_tokens=max(2048, concurrency))
+        self.llm = LLM.load(path, backend=backend, dtype=dtype, num_kv_blocks=-(-max_tokens_in_flight // block_size),
+                            progress=progress, engine_config=config)
+        self.backend = self.llm.model.backend
+        self.dtype = self.llm.model.dtype
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache since the last reset
+
+    def run(self, prompts: Sequence[Sequence[int]], gen_len: int, first_alone: bool = False) -> Figures:
+        self.llm.model.reset()  # no prefix-cache hits carried over from an earlier run
+        self.cached_tokens = 0
+        return super().run(prompts, gen_len, first_alone)
+
+    def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
+        engine = self.llm.engine
+        params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
+        finals: dict[str, RequestOutput] = {}
+
+        def keep_final(out: RequestOutput) -> None:
+            if out.finished:
+                finals[out.request_id] = out
+
+        ids = [engine.add_request(prompt, params, on_output=keep_final) for prompt in prompts]
+        while len(finals) < len(ids):
+            engine.step()
+        outs = [finals[i] for i in ids]
+        self.cached_tokens += sum(o.metrics.num_cached_tokens for o in outs)
+        return [o.metrics.first_token_time for o in outs], [len(o.token_ids) for o in outs]
+
+
+class MlxLmRunner(Runner):
+    """mlx-lm: ``generate_step`` for one request, its ``BatchGenerator`` for many."""
+
+    name = "mlx-lm"
+
+    def __init__(self, path: Path, dtype: str):
+        import mlx.core as mx
+        from mlx_lm.utils import load_model
+
+        self.mx = mx
+        self.model, _ = load_model(Path(path))
+        self.model.set_dtype(getattr(mx, dtype))
+
+    def _greedy(self, logprobs):
+        return self.mx.argmax(logprobs, axis=-1)
+
+    def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
+        from mlx_lm.generate import BatchGenerator, generate_step
+
+        if len(prompts) == 1:
+            first, count = None, 0
+            for _ in generate_step(self.mx.array(prompts[0]), self.model, max_tokens=gen_len, sampler=self._greedy):
+                count += 1
+                first = first or time.perf_counter()
+            return [first], [count]
+        generator = BatchGenerator(self.model, max_tokens=gen_len, sampler=self._greedy,
+                                   completion_batch_size=max(32, len(prompts)))
+        uids = generator.insert([list(p) for p in prompts], [gen_len] * len(prompts))
+        first_times: dict[int, float] = {}
+        counts = dict.fromkeys(uids, 0)
+        done = 0
+        while done < len(uids):
+            responses = generator.next_generated()
+            now = time.perf_counter()
+            for r in responses:
+                first_times.setdefault(r.uid, now)
+                counts[r.uid] += 1
+                done += r.finish_reason is not None
+        generator.close()
+        return [first_times[u] for u in uids], [counts[u] for u in uids]
+
+
+class TransformersRunner(Runner):
+    """Hugging Face transformers ``generate`` (greedy, left-padded batch) on the given torch device."""
+
+    name = "transformers"
+
+    def __init__(self, path: Path, dtype: str, device: str):
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.device = device
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model.to(device).eval()
+
+    def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
+        from transformers.generation.streamers import BaseStreamer
+
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        steps: list[float] = []
+
+        class StepClock(BaseStreamer):
+            """Timestamps each generated step (the first ``put`` is the prompt)."""
+
+            def __init__(self) -> None:
+                self.calls = 0
+
+            def put(self, value) -> None:
+                self.calls += 1
+                if self.calls > 1:
+                    steps.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=gen_len,
+                min_new_tokens=gen_len, do_sample=False, pad_token_id=0, streamer=StepClock(),
+            )
+        return [steps[0]] * len(prompts), [out.shape[1] - width] * len(prompts)
+
+
+def peer_for(backend_name: str, requested: str) -> str | None:
+    """The peer a backend is compared with: mlx-lm for MLX, transformers for the others."""
+    if requested == "none":
+        return None
+    if requested != "auto":
+        return requested
+    return "mlx-lm" if backend_name == "mlx" else "transformers"
+
+
+def make_peer(name: str, path: Path, dtype: str, device: str) -> Runner:
+    if name == "mlx-lm":
+        return MlxLmRunner(path, dtype)
+    if name == "transformers":
+        return TransformersRunner(path, dtype, "cpu" if device in ("cpu", "metal") else device)
+    raise UnsupportedFeatureError(f"unknown peer {name!r}; use mlx-lm, transformers or none")

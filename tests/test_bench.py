@@ -1,0 +1,95 @@
+"""``ferrum bench`` machinery on a tiny preset: workloads, figures, peers, JSON, profile.
+
+No timing is asserted (machines are shared and noisy); only that every side
+generated what it should and that the reported numbers are consistent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ferrum.bench import BenchOptions, Figures, format_report, ratios, run_bench, write_json
+from ferrum.bench.workloads import get_workload, make_prompts
+from ferrum.cli import main
+from ferrum.errors import InvalidRequestError
+
+from support import runnable_backends
+
+
+@pytest.fixture(autouse=True)
+def bench_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "bench-cache"))
+
+
+def test_figures_from_timestamps():
+    f = Figures.from_timestamps(start=10.0, end=14.0, prompt_lens=[100, 300], first_token_times=[11.0, 12.0],
+                                generated=[5, 9])
+    assert f.ttft_s == pytest.approx(1.5)
+    assert f.prefill_tok_s == pytest.approx(400 / 2.0)
+    assert f.decode_tok_s == pytest.approx((14 - 2) / 2.0)
+    assert f.throughput_tok_s == pytest.approx(14 / 4.0)
+    slower = Figures.from_timestamps(10.0, 18.0, [100, 300], [13.0, 14.0], [5, 9])
+    r = ratios(f, slower)
+    assert r["throughput_tok_s"] == pytest.approx(2.0) and r["ttft_speedup"] == pytest.approx(3.5 / 1.5)
+
+
+def test_workload_prompts_are_deterministic_and_shaped():
+    shared = get_workload("shared-prefix").with_overrides(64, 4, 3)
+    prompts = make_prompts(shared, vocab_size=500)
+    assert prompts == make_prompts(shared, vocab_size=500)
+    assert len(prompts) == 3 and all(len(p) == 64 for p in prompts)
+    assert shared.shared_prefix_len == 48 and all(p[:48] == prompts[0][:48] for p in prompts)
+    assert len({tuple(p[48:]) for p in prompts}) == 3
+    mixed = make_prompts(get_workload("concurrent-8").with_overrides(40, 4, None), vocab_size=500)
+    assert len(mixed) == 8 and all(10 <= len(p) <= 40 for p in mixed) and len({len(p) for p in mixed}) > 1
+    with pytest.raises(InvalidRequestError, match="unknown workload"):
+        get_workload("nope")
+
+
+def test_bench_against_transformers_with_profile(tmp_path):
+    options = BenchOptions(workload="concurrent-8", backend="cpu", preset="tiny", peer="transformers", repeat=1,
+                           prompt_len=24, gen_len=5, concurrency=3, profile=True)
+    report = run_bench(options, log=lambda line: None)
+    for side in (report["ferrum"], report["peer"]):
+        assert side["requests"] == 3 and side["generated_tokens"] == 15
+    assert report["peer"]["name"] == "transformers"
+    assert report["ratios"]["throughput_tok_s"] == pytest.approx(
+        report["ferrum"]["throughput_tok_s"] / report["peer"]["throughput_tok_s"]
+    )
+    linear = {row["op"]: row["calls"] for row in report["profile"]["ops"]}["linear"]
+    assert linear == 2 * 7 + 1  # 2 layers x (q, k, v, o, gate, up, down) + lm_head per decode step
+    table = format_report(report)
+    assert "throughput tok/s" in table and "transformers" in table and "decode step:" in table
+    write_json(report, tmp_path / "out.json")
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["ferrum"] == report["ferrum"] and "profile_table" not in saved
+
+
+@pytest.mark.skipif("mlx" not in runnable_backends(), reason="mlx is not installed")
+def test_bench_against_mlx_lm_batched_and_single():
+    for concurrency in (1, 2):
+        options = BenchOptions(workload="concurrent-8", backend="mlx", preset="tiny", repeat=1, prompt_len=20,
+                               gen_len=4, concurrency=concurrency)
+        report = run_bench(options, log=lambda line: None)
+        assert report["peer"]["name"] == "mlx-lm"
+        assert report["peer"]["generated_tokens"] == report["ferrum"]["generated_tokens"] == 4 * concurrency
+
+
+def test_shared_prefix_reports_cache_hits():
+    options = BenchOptions(workload="shared-prefix", backend="cpu", preset="tiny", peer="none", repeat=1,
+                           prompt_len=64, gen_len=3, concurrency=4)
+    report = run_bench(options, log=lambda line: None)
+    assert "peer" not in report
+    # the first request computes the 48 shared tokens (3 blocks of 16); the other three reuse them
+    assert report["prefix_cache_hit_rate"] == pytest.approx(3 * 48 / (4 * 64))
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--preset", "tiny", "--backend", "cpu", "--peer", "none", "--repeat", "1",
+                 "--prompt-len", "12", "--gen-len", "3", "--json", str(out)])
+    assert code == 0
+    assert "decode tok/s" in capsys.readouterr().out
+    assert json.loads(out.read_text())["workload"]["gen_len"] == 3
