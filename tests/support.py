@@ -112,3 +112,32 @@ def reference_logits(model, tokens) -> "np.ndarray":
 
     with torch.no_grad():
         return model(torch.tensor([list(tokens)])).logits[0].numpy().astype(np.float32)
+
+
+def cpu_like_plugin(name: str, omit: tuple[str, ...] = (), extra: dict | None = None):
+    """A plugin object that delegates to the numpy ops, minus ``omit``, plus ``extra``."""
+    import types
+
+    import ferrum_cpu.ops as cpu_ops
+    from ferrum import hookspec
+    from ferrum.backends import BackendProbe
+    from ferrum.hookspec import hookimpl
+
+    ns = types.SimpleNamespace()
+
+    @hookimpl
+    def backend_probe():
+        return BackendProbe(available=True, device="cpu", priority=99)
+
+    @hookimpl
+    def backend_load():
+        return ns
+
+    ns.backend_probe, ns.backend_load = backend_probe, backend_load
+    for op in hookspec.REQUIRED_OPS + hookspec.OPTIONAL_OPS:
+        fn = getattr(cpu_ops, op, None)
+        if fn is not None and op not in omit:
+            setattr(ns, op, fn)
+    for key, value in (extra or {}).items():
+        setattr(ns, key, value)
+    return ns

@@ -11,51 +11,15 @@ import pytest
 
 import ferrum_cpu.ops as cpu_ops
 from ferrum import backends, hookspec
-from ferrum.backends import BackendProbe
 from ferrum.capabilities import ExecutorCapabilities
 from ferrum.errors import BackendUnavailableError, PluginContractError
 from ferrum.hookspec import hookimpl
 from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import RequestSampler, SamplingParams, build_sampling_batch, sample_numpy
 
-from support import write_arch_checkpoint
+from support import cpu_like_plugin, write_arch_checkpoint
 
 TOKENS = [3, 14, 15, 92, 65, 35, 89, 79]
-
-
-def cpu_like_plugin(name: str, omit: tuple[str, ...] = (), extra: dict | None = None) -> types.SimpleNamespace:
-    """A plugin object that delegates to the numpy ops, minus ``omit``."""
-    ns = types.SimpleNamespace()
-
-    @hookimpl
-    def backend_probe():
-        return BackendProbe(available=True, device="cpu", priority=99)
-
-    @hookimpl
-    def backend_load():
-        return ns
-
-    ns.backend_probe, ns.backend_load = backend_probe, backend_load
-    for op in hookspec.REQUIRED_OPS + hookspec.OPTIONAL_OPS:
-        fn = getattr(cpu_ops, op, None)
-        if fn is not None and op not in omit:
-            setattr(ns, op, fn)
-    for key, value in (extra or {}).items():
-        setattr(ns, key, value)
-    return ns
-
-
-@pytest.fixture
-def registered():
-    names = []
-
-    def register(name, plugin):
-        backends.register_plugin(name, plugin)
-        names.append(name)
-
-    yield register
-    for name in names:
-        backends.unregister_plugin(name)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,361 @@
+"""Conformance kit for backend plugins: every op against the float64 oracle, then a whole model.
+
+Usage, for a plugin registered under the ``ferrum.backends`` entry point::
+
+    python -m ferrum.testing mybackend            # prints a table; exit code 1 on failure
+
+    from ferrum.testing import assert_conformance  # in a pytest test
+    assert_conformance("mybackend")
+
+Each op the plugin implements is checked, and so is the core's fallback for
+each optional op it leaves out (it runs on the plugin's required ops). Inputs
+have the shapes that catch layout bugs: odd sizes, 7 query heads per KV head
+and a single KV head, head_dim 48, KV lengths that are not multiples of the
+block size, shuffled block tables, and one batch mixing prefill chunks with
+decode tokens. Errors are measured relative to the result's scale,
+``max|got - ref| / max(1, max|ref|)``, against the tolerance of the dtype.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ferrum import hookspec
+from ferrum.attention import AttentionBatch
+from ferrum.backends import Backend, load_backend
+from ferrum.random_checkpoint import write_random_checkpoint
+from ferrum.sampling import RequestSampler, SamplingParams, build_sampling_batch, sample_numpy
+from ferrum.testing import oracle
+
+#: Allowed ``max|got - ref| / max(1, max|ref|)`` per compute dtype: ops, then a whole model's logits.
+OP_TOLERANCE = {"float32": 2e-5, "float16": 1e-2, "bfloat16": 4e-2}
+MODEL_TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 1.5e-1}
+
+#: The end-to-end model: Qwen3-like, GQA 7:1, head_dim 48 != hidden / heads, q/k norms, untied.
+TINY_MODEL = dict(
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=96, intermediate_size=80,
+    num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, head_dim=48, vocab_size=97,
+    max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    error: float | None = None  # scaled max error, when numbers were compared
+    tolerance: float | None = None
+    message: str = ""
+
+
+@dataclass
+class ConformanceReport:
+    backend: str
+    dtype: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def failed(self) -> list[str]:
+        return [r.name for r in self.results if not r.passed]
+
+    def __str__(self) -> str:
+        lines = [f"conformance of backend {self.backend!r} ({self.dtype})"]
+        for r in self.results:
+            numbers = f"{r.error:.2e} <= {r.tolerance:.0e}" if r.error is not None else ""
+            lines.append(f"  {'ok  ' if r.passed else 'FAIL'}  {r.name:<38} {numbers:<20} {r.message}".rstrip())
+        lines.append("all checks passed" if self.ok else f"{len(self.failed())} check(s) failed")
+        return "\n".join(lines)
+
+
+class _Context:
+    """The backend under test, a seeded generator and helpers to move arrays across."""
+
+    def __init__(self, backend: Backend, dtype: str):
+        self.backend, self.ops, self.dtype = backend, backend.ops, dtype
+        self.rng = np.random.default_rng(0)
+
+    def random(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape).astype(np.float32)
+
+    def put(self, array: np.ndarray) -> Any:
+        return self.ops.from_numpy(array, self.dtype)
+
+    def put_int(self, array) -> Any:
+        return self.ops.from_numpy(np.asarray(array, dtype=np.int32), None)
+
+    def get(self, x: Any) -> np.ndarray:
+        return np.asarray(self.ops.to_numpy(x), dtype=np.float64)
+
+    def rounded(self, array: np.ndarray) -> np.ndarray:
+        """``array`` as the backend stores it in the compute dtype (the oracle's input)."""
+        return self.get(self.put(array))
+
+
+class _Mismatch(Exception):
+    def __init__(self, error: float):
+        self.error = error
+
+
+def _compare(got: np.ndarray, ref: np.ndarray, tolerance: float) -> float:
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if got.shape != ref.shape:
+        raise AssertionError(f"shape {got.shape}, expected {ref.shape}")
+    error = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max()))) if ref.size else 0.0
+    if not error <= tolerance:
+        raise _Mismatch(error)
+    return error
+
+
+# --------------------------------------------------------------------------- checks
+# Each check returns the largest scaled error it measured (None if it compared no
+# numbers) and raises on failure.
+
+
+def check_backend_info(c: _Context) -> None:
+    info = c.backend.info
+    assert info.api_version == hookspec.API_VERSION, (
+        f"api_version {info.api_version}, this Ferrum speaks {hookspec.API_VERSION}"
+    )
+    assert info.default_dtype in info.dtypes, f"default dtype {info.default_dtype!r} not in {info.dtypes}"
+    assert info.name and info.device, "name and device must be set"
+
+
+def check_host_round_trip(c: _Context) -> float:
+    x = c.random(5, 7)
+    assert np.array_equal(c.ops.to_numpy(c.ops.from_numpy(x, "float32")), x), "float32 changed on the way"
+    ids = np.arange(-3, 9, dtype=np.int32)
+    assert np.array_equal(np.asarray(c.ops.to_numpy(c.ops.from_numpy(ids, None))), ids), "int32 changed"
+    return _compare(c.get(c.ops.cast(c.ops.from_numpy(x, "float32"), c.dtype)), c.rounded(x), 0.0)
+
+
+def check_linear(c: _Context, tol: float) -> float:
+    x, w, b = c.rounded(c.random(7, 96)), c.rounded(c.random(80, 96) * 0.1), c.rounded(c.random(80))
+    plain = _compare(c.get(c.ops.linear(c.put(x), c.put(w), None)), oracle.linear(x, w), tol)
+    return max(plain, _compare(c.get(c.ops.linear(c.put(x), c.put(w), c.put(b))), oracle.linear(x, w, b), tol))
+
+
+def check_embedding(c: _Context) -> float:
+    weight = c.rounded(c.random(33, 24))
+    ids = [5, 0, 32, 5, 17]
+    return _compare(c.get(c.ops.embedding(c.put(weight), c.put_int(ids))), weight[ids], 0.0)
+
+
+def check_rows_concat_add_reshape(c: _Context, tol: float) -> float:
+    a, b = c.rounded(c.random(6, 10)), c.rounded(c.random(6, 10))
+    errors = [
+        _compare(c.get(c.ops.take_rows(c.put(a), c.put_int([4, 1, 1]))), a[[4, 1, 1]], 0.0),
+        _compare(c.get(c.ops.concat([c.put(a), c.put(b[:2])])), np.concatenate([a, b[:2]]), 0.0),
+        _compare(c.get(c.ops.add(c.put(a), c.put(b))), a + b, tol),
+        _compare(c.get(c.ops.reshape(c.put(a), (3, 2, 10))), a.reshape(3, 2, 10), 0.0),
+    ]
+    return max(errors)
+
+
+def check_rms_norm(c: _Context, tol: float) -> float:
+    x, w = c.rounded(c.random(7, 96) * 3), c.rounded(1 + 0.1 * c.random(96))
+    heads, hw = c.rounded(c.random(7, 3, 48)), c.rounded(1 + 0.1 * c.random(48))
+    return max(
+        _compare(c.get(c.ops.rms_norm(c.put(x), c.put(w), 1e-5)), oracle.rms_norm(x, w, 1e-5), tol),
+        _compare(c.get(c.ops.rms_norm(c.put(heads), c.put(hw), 1e-6)), oracle.rms_norm(heads, hw, 1e-6), tol),
+    )
+
+
+def check_add_rms_norm(c: _Context, tol: float) -> float:
+    x, r, w = c.rounded(c.random(5, 96)), c.rounded(c.random(5, 96)), c.rounded(1 + 0.1 * c.random(96))
+    normed, summed = c.ops.add_rms_norm(c.put(x), c.put(r), c.put(w), 1e-5)
+    return max(_compare(c.get(summed), x + r, tol), _compare(c.get(normed), oracle.rms_norm(x + r, w, 1e-5), tol))
+
+
+def check_rope(c: _Context, tol: float) -> float:
+    x = c.rounded(c.random(9, 7, 48))
+    positions = np.array([0, 1, 2, 37, 5, 200, 3, 4, 1000], dtype=np.int32)  # several sequences' offsets
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, 48, 2) / 48)).astype(np.float32)
+    got = c.get(c.ops.rope(c.put(x), c.put_int(positions), c.ops.from_numpy(inv_freq, "float32")))
+    return _compare(got, oracle.rope(x, positions, inv_freq), tol)
+
+
+def check_silu_mul(c: _Context, tol: float) -> float:
+    g, u = c.rounded(c.random(6, 80) * 3), c.rounded(c.random(6, 80))
+    return _compare(c.get(c.ops.silu_mul(c.put(g), c.put(u))), oracle.silu_mul(g, u), tol)
+
+
+#: (q_len, kv_len, heads, kv_heads, head_dim): GQA 7:1 prefill, MQA, MHA with one query (decode).
+_ATTENTION_CASES = ((5, 11, 14, 2, 48), (3, 3, 6, 1, 16), (1, 9, 4, 4, 32))
+
+
+def check_attention(c: _Context, tol: float, window: int | None = None) -> float:
+    errors = []
+    for q_len, kv_len, heads, kv_heads, d in _ATTENTION_CASES:
+        q, k, v = (c.rounded(c.random(n, h, d)) for n, h in ((q_len, heads), (kv_len, kv_heads), (kv_len, kv_heads)))
+        got = c.get(c.ops.attention(c.put(q), c.put(k), c.put(v), d**-0.5, window))
+        errors.append(_compare(got, oracle.attention(q, k, v, d**-0.5, window), tol))
+    return max(errors)
+
+
+_BLOCK = 4
+
+
+def _filled_pool(c: _Context, kv_heads: int, d: int, num_blocks: int = 12):
+    """A 2-layer pool whose every slot holds known random K/V (written through ``kv_write``)."""
+    pool = c.ops.kv_alloc(2, num_blocks, _BLOCK, kv_heads, d, c.dtype)
+    contents = []
+    for layer in range(2):
+        k = c.rounded(c.random(num_blocks * _BLOCK, kv_heads, d))
+        v = c.rounded(c.random(num_blocks * _BLOCK, kv_heads, d))
+        slots = c.rng.permutation(num_blocks * _BLOCK).astype(np.int32)  # scattered order
+        c.ops.kv_write(pool, layer, c.put(k[slots]), c.put(v[slots]), c.put_int(slots))
+        contents.append((k.reshape(num_blocks, _BLOCK, kv_heads, d), v.reshape(num_blocks, _BLOCK, kv_heads, d)))
+    return pool, contents
+
+
+def check_kv_write_gather(c: _Context) -> float:
+    pool, contents = _filled_pool(c, 2, 48)
+    errors = []
+    blocks = np.array([7, 2, 9], dtype=np.int64)
+    for layer, (kb, vb) in enumerate(contents):
+        k, v = c.ops.kv_gather(pool, layer, blocks, 10)
+        errors.append(_compare(c.get(k), kb[blocks].reshape(-1, 2, 48)[:10], 0.0))
+        errors.append(_compare(c.get(v), vb[blocks].reshape(-1, 2, 48)[:10], 0.0))
+    # overwrite three slots of layer 0; the rest of layer 0 and all of layer 1 keep their values
+    new_k, new_v = c.rounded(c.random(3, 2, 48)), c.rounded(c.random(3, 2, 48))
+    c.ops.kv_write(pool, 0, c.put(new_k), c.put(new_v), c.put_int([29, 30, 4]))
+    kb0 = contents[0][0].reshape(-1, 2, 48).copy()
+    kb0[[29, 30, 4]] = new_k
+    k_all, _ = c.ops.kv_gather(pool, 0, np.arange(12), 48)
+    errors.append(_compare(c.get(k_all), kb0, 0.0))
+    k_other, _ = c.ops.kv_gather(pool, 1, np.arange(12), 48)
+    errors.append(_compare(c.get(k_other), contents[1][0].reshape(-1, 2, 48), 0.0))
+    return max(errors)
+
+
+def check_paged_attention(c: _Context, tol: float, window: int | None = None) -> float:
+    heads, kv_heads, d = 14, 2, 48
+    pool, contents = _filled_pool(c, kv_heads, d)
+    q_lens = [5, 1, 3, 1]  # prefill, decode, a later prefill chunk, decode
+    seq_lens = [5, 9, 11, 2]
+    block_tables = [[3, 8], [11, 0, 6], [1, 10, 4], [5]]
+    width = max(len(t) for t in block_tables)
+    table = np.zeros((len(q_lens), width), dtype=np.int32)
+    for row, blocks in enumerate(block_tables):
+        table[row, : len(blocks)] = blocks
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    positions = np.concatenate([np.arange(s - q, s) for q, s in zip(q_lens, seq_lens)]).astype(np.int32)
+    slots = np.concatenate(
+        [[block_tables[i][p // _BLOCK] * _BLOCK + p % _BLOCK for p in range(s - q, s)]
+         for i, (q, s) in enumerate(zip(q_lens, seq_lens))]
+    ).astype(np.int32)
+    batch = AttentionBatch(positions, slots, cu, np.array(seq_lens, dtype=np.int32), table, _BLOCK)
+    batch.prepared = c.ops.prepare_attention_batch(batch)
+    q = c.rounded(c.random(int(cu[-1]), heads, d))
+    errors = []
+    for layer, (kb, vb) in enumerate(contents):
+        got = c.get(c.ops.paged_attention(c.put(q), pool, layer, batch, d**-0.5, window))
+        ref = oracle.paged_attention(q, kb, vb, cu, seq_lens, block_tables, d**-0.5, window)
+        errors.append(_compare(got, ref, tol))
+    return max(errors)
+
+
+def check_sample(c: _Context) -> float:
+    rng = np.random.default_rng(3)
+    logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(5)])
+    params = [
+        SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.2, top_k=4, seed=2),
+        SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1, seed=3, logprobs=3),
+        SamplingParams(repetition_penalty=1.5, logit_bias={5: 3.0}, logprobs=2),
+    ]
+    batch = build_sampling_batch([RequestSampler(p, [1, 2, 3]) for p in params])
+    got = c.ops.sample(c.ops.from_numpy(logits, "float32"), batch)
+    want = sample_numpy(logits, batch)
+    assert got.tokens.tolist() == want.tokens.tolist(), f"tokens {got.tokens.tolist()}, expected {want.tokens.tolist()}"
+    assert got.top_tokens.tolist() == want.top_tokens.tolist(), "top-n logprob tokens differ"
+    return max(_compare(got.logprobs, want.logprobs, 1e-5), _compare(got.top_logprobs, want.top_logprobs, 1e-5))
+
+
+def check_model(c: _Context, tol: float) -> float:
+    from ferrum.model import DecoderOnlyLLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_random_checkpoint(Path(tmp) / "tiny", TINY_MODEL, dtype="float32", std=0.2)
+        model = DecoderOnlyLLM.from_pretrained(folder, backend=c.backend, dtype=c.dtype, block_size=_BLOCK)
+        ref_model = oracle.OracleModel(folder)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(0, 97, size=13)]
+    error = _compare(model.forward_verify("all", prompt), ref_model.logits(prompt), tol)
+    if c.dtype != "float32":
+        return error  # near-ties make greedy tokens dtype-sensitive; logits are compared above
+    tokens, ref_tokens = list(prompt), list(prompt)
+    logits = model.prefill("greedy", prompt)
+    for _ in range(16):
+        tokens.append(int(np.argmax(logits)))
+        ref_tokens.append(int(np.argmax(ref_model.logits(ref_tokens)[-1])))
+        logits = model.decode("greedy", tokens[-1], len(tokens) - 1)
+    assert tokens == ref_tokens, f"greedy tokens {tokens[13:]} differ from the oracle's {ref_tokens[13:]}"
+    return error
+
+
+def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | None]]:
+    tol, model_tol = OP_TOLERANCE[c.dtype], MODEL_TOLERANCE[c.dtype]
+    ops = c.ops
+
+    def source(op: str) -> str:
+        return "native" if op in ops.native else "core fallback"
+
+    checks: list[tuple[str, Callable[[], float | None], float | None]] = [
+        ("backend_info", lambda: check_backend_info(c), None),
+        ("from_numpy / to_numpy / cast", lambda: check_host_round_trip(c), 0.0),
+        ("linear", lambda: check_linear(c, tol), tol),
+        (f"embedding ({source('embedding')})", lambda: check_embedding(c), 0.0),
+        ("take_rows / concat / add / reshape", lambda: check_rows_concat_add_reshape(c, tol), tol),
+        ("rms_norm", lambda: check_rms_norm(c, tol), tol),
+        (f"add_rms_norm ({source('add_rms_norm')})", lambda: check_add_rms_norm(c, tol), tol),
+        ("rope", lambda: check_rope(c, tol), tol),
+        ("silu_mul", lambda: check_silu_mul(c, tol), tol),
+        ("attention", lambda: check_attention(c, tol), tol),
+        ("kv_write / kv_gather", lambda: check_kv_write_gather(c), 0.0),
+        (f"paged_attention ({source('paged_attention')})", lambda: check_paged_attention(c, tol), tol),
+        (f"sample ({source('sample')})", lambda: check_sample(c), 1e-5),
+        ("model: logits and 16 greedy tokens", lambda: check_model(c, model_tol), model_tol),
+    ]
+    if ops.accepts("attention", "sliding_window"):
+        checks.insert(10, ("attention, sliding window", lambda: check_attention(c, tol, window=4), tol))
+    paged_op = "paged_attention" if "paged_attention" in ops.native else "attention"
+    if ops.accepts(paged_op, "sliding_window"):
+        checks.insert(-2, ("paged_attention, sliding window", lambda: check_paged_attention(c, tol, window=3), tol))
+    return checks
+
+
+def check_backend(backend: str | Backend, dtype: str | None = None) -> ConformanceReport:
+    """Run every check on ``backend`` (a name or a loaded backend) in ``dtype`` (default: its default)."""
+    if not isinstance(backend, Backend):
+        backend = load_backend(backend)
+    dtype = dtype or backend.info.default_dtype
+    report = ConformanceReport(backend.name, dtype)
+    if dtype not in backend.info.dtypes:
+        report.results.append(CheckResult("dtype", False, message=f"{dtype!r} is not in {backend.info.dtypes}"))
+        return report
+    context = _Context(backend, dtype)
+    for name, run, tolerance in _checks(context):
+        try:
+            error = run()
+        except _Mismatch as mismatch:
+            report.results.append(CheckResult(name, False, mismatch.error, tolerance, "differs from the oracle"))
+        except Exception as exc:  # report every failure, keep checking the rest
+            report.results.append(CheckResult(name, False, message=f"{type(exc).__name__}: {exc}"))
+        else:
+            report.results.append(CheckResult(name, True, error, tolerance if error is not None else None))
+    return report
+
+
+def assert_conformance(backend: str | Backend, dtype: str | None = None) -> ConformanceReport:
+    """:func:`check_backend`, raising ``AssertionError`` with the report's table on any failure."""
+    report = check_backend(backend, dtype)
+    if not report.ok:
+        raise AssertionError(str(report))
+    return report

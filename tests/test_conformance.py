@@ -1,0 +1,66 @@
+"""The plugin conformance kit: it passes on every built-in backend and catches broken plugins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ferrum_cpu.ops as cpu_ops
+from ferrum.hookspec import hookimpl
+from ferrum.testing import assert_conformance, check_backend
+from ferrum.testing.__main__ import main
+
+from support import cpu_like_plugin, runnable_backends
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_builtin_backends_conform_in_float32(backend):
+    report = assert_conformance(backend, "float32")
+    assert len(report.results) >= 14 and report.ok
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable_backends() if b != "cpu"])
+def test_builtin_backends_conform_in_bfloat16(backend):
+    assert_conformance(backend, "bfloat16")
+
+
+@hookimpl
+def rope_turning_the_wrong_way(x, positions, inv_freq):
+    """A sign slip: rotates by -angle (a permutation of dimensions would cancel out in q.k)."""
+    return cpu_ops.rope(x, -np.asarray(positions), inv_freq)
+
+
+@hookimpl
+def paged_attention_without_window(q, pool, layer, batch, scale, sliding_window):
+    from ferrum import reference_ops
+
+    class Ops:  # the fallback composition over the numpy ops, called with the window dropped
+        kv_gather, attention, take_rows, concat, from_numpy = (
+            cpu_ops.kv_gather, cpu_ops.attention, cpu_ops.take_rows, cpu_ops.concat, cpu_ops.from_numpy,
+        )
+
+    return reference_ops.paged_attention(Ops, q, pool, layer, batch, scale, None)
+
+
+def test_a_wrong_rope_is_caught(registered):
+    registered("badrope", cpu_like_plugin("badrope", extra={"rope": rope_turning_the_wrong_way}))
+    report = check_backend("badrope")
+    assert set(report.failed()) == {"rope", "model: logits and 16 greedy tokens"}
+    with pytest.raises(AssertionError, match="FAIL  rope"):
+        assert_conformance("badrope")
+
+
+def test_a_paged_attention_ignoring_the_window_is_caught(registered):
+    registered("nowindow", cpu_like_plugin("nowindow", extra={"paged_attention": paged_attention_without_window}))
+    report = check_backend("nowindow")
+    assert report.failed() == ["paged_attention, sliding window"]
+    assert "paged_attention (native)" in [r.name for r in report.results if r.passed]
+
+
+def test_command_line(capsys, registered):
+    assert main(["cpu"]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+    registered("badrope", cpu_like_plugin("badrope", extra={"rope": rope_turning_the_wrong_way}))
+    assert main(["badrope"]) == 1
+    assert main(["cpu", "--dtype", "bfloat16"]) == 1  # the numpy backend computes in float32 only
+    assert "not in" in capsys.readouterr().out
