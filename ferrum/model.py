@@ -85,29 +85,13 @@ class _Layer:
     window: int | None
 
 
-def _weight_names(config: ModelConfig) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [p + f"self_attn.{n}_proj.weight" for n in "qkvo"]
-        names += [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
-        if config.attention_bias:
-            names += [p + f"self_attn.{n}_proj.bias" for n in "qkv"]
-        if config.o_proj_bias:
-            names.append(p + "self_attn.o_proj.bias")
-        if config.mlp_bias:
-            names += [p + f"mlp.{n}_proj.bias" for n in ("gate", "up", "down")]
-        if config.qk_norm:
-            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-    return names
-
-
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    h, d = config.hidden_size, config.head_dim
+def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of ``config`` holds, with its shape, in load order."""
+    h, d, vocab = config.hidden_size, config.head_dim, config.vocab_size
     q, kv, inter = config.num_heads * d, config.num_kv_heads * d, config.intermediate_size
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, h)
     per_layer = {
         "input_layernorm.weight": (h,),
         "post_attention_layernorm.weight": (h,),
@@ -115,26 +99,20 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "self_attn.k_proj.weight": (kv, h),
         "self_attn.v_proj.weight": (kv, h),
         "self_attn.o_proj.weight": (h, q),
-        "self_attn.q_proj.bias": (q,),
-        "self_attn.k_proj.bias": (kv,),
-        "self_attn.v_proj.bias": (kv,),
-        "self_attn.o_proj.bias": (h,),
-        "self_attn.q_norm.weight": (d,),
-        "self_attn.k_norm.weight": (d,),
         "mlp.gate_proj.weight": (inter, h),
         "mlp.up_proj.weight": (inter, h),
         "mlp.down_proj.weight": (h, inter),
-        "mlp.gate_proj.bias": (inter,),
-        "mlp.up_proj.bias": (inter,),
-        "mlp.down_proj.bias": (h,),
     }
-    shapes = {
-        "model.embed_tokens.weight": (config.vocab_size, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (config.vocab_size, h),
-    }
+    if config.attention_bias:
+        per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if config.o_proj_bias:
+        per_layer["self_attn.o_proj.bias"] = (h,)
+    if config.mlp_bias:
+        per_layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)})
+    if config.qk_norm:
+        per_layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     for i in range(config.num_layers):
-        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
     return shapes
 
 
@@ -180,8 +158,7 @@ class DecoderOnlyLLM:
         self.inv_freq = ops.from_numpy(config.rope_inv_freq(), "float32")
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
-        shapes = _expected_shapes(config)
-        self.weight_bytes = sum(int(np.prod(shapes[n])) for n in _weight_names(config)) * _dtype_size(dtype)
+        self.weight_bytes = sum(int(np.prod(s)) for s in weight_shapes(config).values()) * _dtype_size(dtype)
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -205,9 +182,9 @@ class DecoderOnlyLLM:
             backend = load_backend(backend)
         dtype = choose_dtype(backend, dtype, config.torch_dtype)
         checkpoint = Checkpoint(path)
-        names = _weight_names(config)
+        shapes = weight_shapes(config)
+        names = list(shapes)
         checkpoint.require(names)
-        shapes = _expected_shapes(config)
         weights: dict[str, Any] = {}
         for done, (name, array) in enumerate(checkpoint.read_many(names), start=1):
             if tuple(array.shape) != shapes[name]:

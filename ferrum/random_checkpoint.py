@@ -17,35 +17,10 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from ferrum.config import ModelConfig
+from ferrum.model import weight_shapes
+
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-
-
-def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor the config implies (qkv bias for qwen2, q/k norms for qwen3)."""
-    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    d = config.get("head_dim") or h // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, h)
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-        })
-        if config["model_type"] == "qwen2":
-            shapes.update({p + f"self_attn.{n}_proj.bias": (s,) for n, s in (("q", q), ("k", kv), ("v", kv))})
-        if config["model_type"] == "qwen3":
-            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
-    return shapes
 
 
 def write_random_checkpoint(
@@ -57,14 +32,14 @@ def write_random_checkpoint(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Path:
     """Write ``config`` with normal(0, ``std``) weights (norm weights near 1) into ``folder``."""
+    full = {"rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1, **config, "torch_dtype": dtype}
+    shapes = weight_shapes(ModelConfig.from_dict(full))
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    full = {"rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1, **config, "torch_dtype": dtype}
     (staging / "config.json").write_text(json.dumps(full, indent=2))
-    shapes = tensor_shapes(config)
     tensors = {}
     for done, (name, shape) in enumerate(shapes.items(), start=1):
         array = rng.standard_normal(shape, dtype=np.float32) * std
