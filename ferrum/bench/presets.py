@@ -12,6 +12,11 @@ from ferrum.random_checkpoint import write_random_checkpoint
 
 #: Shapes of public models; the weights are random.
 PRESETS: dict[str, dict] = {
+    "smollm2-135m": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+        max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+    ),
     "qwen2-0.5b": dict(
         architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896, intermediate_size=4864,
         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
