@@ -167,12 +167,15 @@ def add(a: Any, b: Any) -> Any:
 
 @hookspec(firstresult=True)
 def linear(x: Any, weight: Any, bias: Any) -> Any:
-    """``x @ weight.T + bias``: ``x [n, in]``, ``weight [out, in]``, ``bias [out]`` or None."""
+    """``x @ weight.T + bias``: ``x [n, in]``, ``weight [out, in]`` as returned by
+    :func:`upload_weight`, ``bias [out]`` or None."""
 
 
 @hookspec(firstresult=True)
 def embedding(weight: Any, ids: Any) -> Any:
-    """(optional) Rows of ``weight [vocab, hidden]`` for ``ids [n]`` (int32). Fallback: ``take_rows``."""
+    """(optional) Rows of ``weight [vocab, hidden]`` (as returned by :func:`upload_weight`)
+    for ``ids [n]`` (int32). Fallback: ``take_rows``, so a plugin that repacks the
+    embedding matrix must implement this op."""
 
 
 @hookspec(firstresult=True)

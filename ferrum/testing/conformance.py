@@ -88,6 +88,10 @@ class _Context:
     def put(self, array: np.ndarray) -> Any:
         return self.ops.from_numpy(array, self.dtype)
 
+    def put_weight(self, array: np.ndarray) -> Any:
+        """A checkpoint tensor in the plugin's weight form (what linear and embedding receive)."""
+        return self.ops.upload_weight("weight", array, self.dtype)
+
     def put_int(self, array) -> Any:
         return self.ops.from_numpy(np.asarray(array, dtype=np.int32), None)
 
@@ -138,14 +142,15 @@ def check_host_round_trip(c: _Context) -> float:
 
 def check_linear(c: _Context, tol: float) -> float:
     x, w, b = c.rounded(c.random(7, 96)), c.rounded(c.random(80, 96) * 0.1), c.rounded(c.random(80))
-    plain = _compare(c.get(c.ops.linear(c.put(x), c.put(w), None)), oracle.linear(x, w), tol)
-    return max(plain, _compare(c.get(c.ops.linear(c.put(x), c.put(w), c.put(b))), oracle.linear(x, w, b), tol))
+    plain = _compare(c.get(c.ops.linear(c.put(x), c.put_weight(w), None)), oracle.linear(x, w), tol)
+    biased = c.get(c.ops.linear(c.put(x), c.put_weight(w), c.put_weight(b)))
+    return max(plain, _compare(biased, oracle.linear(x, w, b), tol))
 
 
 def check_embedding(c: _Context) -> float:
     weight = c.rounded(c.random(33, 24))
     ids = [5, 0, 32, 5, 17]
-    return _compare(c.get(c.ops.embedding(c.put(weight), c.put_int(ids))), weight[ids], 0.0)
+    return _compare(c.get(c.ops.embedding(c.put_weight(weight), c.put_int(ids))), weight[ids], 0.0)
 
 
 def check_rows_concat_add_reshape(c: _Context, tol: float) -> float:
