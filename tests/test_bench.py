@@ -54,14 +54,15 @@ def test_bench_against_transformers_with_profile(tmp_path):
     report = run_bench(options, log=lambda line: None)
     for side in (report["ferrum"], report["peer"]):
         assert side["requests"] == 3 and side["generated_tokens"] == 15
-    assert report["peer"]["name"] == "transformers"
+    assert report["peer"]["name"] == "transformers" and report["preemptions"] == 0
     assert report["ratios"]["throughput_tok_s"] == pytest.approx(
         report["ferrum"]["throughput_tok_s"] / report["peer"]["throughput_tok_s"]
     )
     linear = {row["op"]: row["calls"] for row in report["profile"]["ops"]}["linear"]
-    assert linear == 2 * 7 + 1  # 2 layers x (q, k, v, o, gate, up, down) + lm_head per decode step
+    # one forward per step for all 3 sequences: 2 layers x (q, k, v, o, gate, up, down) + lm_head
+    assert report["profile"]["sequences"] == 3 and linear == 2 * 7 + 1
     table = format_report(report)
-    assert "throughput tok/s" in table and "transformers" in table and "decode step:" in table
+    assert "throughput tok/s" in table and "transformers" in table and "decode step of 3 sequence(s):" in table
     write_json(report, tmp_path / "out.json")
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["ferrum"] == report["ferrum"] and "profile_table" not in saved

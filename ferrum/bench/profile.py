@@ -22,13 +22,14 @@ _NOT_MODEL_OPS = {"backend_info", "sample", "to_numpy"}
 
 @dataclass(frozen=True)
 class Profile:
+    sequences: int  # decoded together in each step
     steps: int
     step_ms: float
     parts_ms: dict[str, float]  # per step: engine, ops issue, device wait, sampling
     ops: list[tuple[str, float, float]]  # (op, calls per step, ms per step), slowest first
 
     def table(self) -> str:
-        lines = [f"decode step: {self.step_ms:.2f} ms (mean of {self.steps})"]
+        lines = [f"decode step of {self.sequences} sequence(s): {self.step_ms:.2f} ms (mean of {self.steps})"]
         for name, ms in self.parts_ms.items():
             lines.append(f"  {name:<34} {ms:8.2f} ms  {100 * ms / self.step_ms:5.1f}%")
         lines.append("  ops (calls/step, ms/step):")
@@ -68,11 +69,14 @@ def _patched(target: Any, name: str, timer: _Timer, wrapper: Callable | None = N
             delattr(target, name)
 
 
-def profile_decode(llm: Any, prompt: list[int], steps: int = 16) -> Profile:
-    """Profile ``steps`` batch-1 decode steps of ``llm``'s engine after ``prompt``."""
+def profile_decode(llm: Any, prompts: list[list[int]], steps: int = 16) -> Profile:
+    """Profile ``steps`` decode steps of ``llm``'s engine running all ``prompts`` together."""
     engine, ops = llm.engine, llm.model.ops
-    request_id = engine.add_request(prompt, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
-    engine.step()  # prefill, not profiled
+    started: set[str] = set()
+    params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
+    request_ids = [engine.add_request(p, params, on_output=lambda out: started.add(out.request_id)) for p in prompts]
+    while len(started) < len(request_ids):
+        engine.step()  # prefill, not profiled
     op_timers = {name: _Timer() for name in REQUIRED_OPS + OPTIONAL_OPS if name not in _NOT_MODEL_OPS}
     run_timer, wait_timer, sample_timer = _Timer(), _Timer(), _Timer()
 
@@ -97,7 +101,8 @@ def profile_decode(llm: Any, prompt: list[int], steps: int = 16) -> Profile:
                 engine.step()
             total = time.perf_counter() - start
     finally:
-        engine.abort(request_id)
+        for request_id in request_ids:
+            engine.abort(request_id)
     per_step = 1e3 / steps
     ops_ms = sum(t.seconds for t in op_timers.values())
     parts = {
@@ -111,4 +116,4 @@ def profile_decode(llm: Any, prompt: list[int], steps: int = 16) -> Profile:
         ((name, t.calls / steps, t.seconds * per_step) for name, t in op_timers.items() if t.calls),
         key=lambda row: -row[2],
     )
-    return Profile(steps, total * per_step, {k: v * per_step for k, v in parts.items()}, rows)
+    return Profile(len(prompts), steps, total * per_step, {k: v * per_step for k, v in parts.items()}, rows)

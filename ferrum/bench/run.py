@@ -15,6 +15,7 @@ from ferrum.bench.profile import Profile, profile_decode
 from ferrum.bench.runners import FerrumRunner, Runner, make_peer, peer_for
 from ferrum.bench.workloads import Workload, get_workload, make_prompts
 from ferrum.config import ModelConfig
+from ferrum.model import DEFAULT_BLOCK_SIZE
 
 ProgressFn = Callable[[int, int, str], None]
 #: Makes a progress callback for a labelled phase ("preparing checkpoint", "loading weights").
@@ -55,8 +56,9 @@ def run_bench(
     path = Path(options.model) if options.model else preset_checkpoint(options.preset, phase("preparing checkpoint"))
     config = ModelConfig.from_file(path)
     prompts = make_prompts(workload, config.vocab_size)
-    in_flight = sum(len(p) for p in prompts) + workload.concurrency * workload.gen_len + 64
-    ferrum = FerrumRunner(path, options.backend, options.dtype, in_flight, workload.concurrency,
+    # Room for every request at its full length: the benchmark measures batching, not preemption.
+    num_kv_blocks = sum(-(-(len(p) + workload.gen_len) // DEFAULT_BLOCK_SIZE) for p in prompts)
+    ferrum = FerrumRunner(path, options.backend, options.dtype, num_kv_blocks, workload.concurrency,
                           phase("loading weights"))
     backend = ferrum.backend
     log(f"workload {workload.name}: {workload.description} "
@@ -71,6 +73,7 @@ def run_bench(
         "device": backend.info.device,
         "dtype": ferrum.dtype,
         "ferrum": _measure(ferrum, prompts, workload, options.repeat).as_dict(),
+        "preemptions": ferrum.preemptions,
     }
     if workload.shared_prefix_len:
         report["prefix_cache_hit_rate"] = ferrum.cached_tokens / sum(len(p) for p in prompts)
@@ -81,8 +84,8 @@ def run_bench(
         report["peer"] = {"name": peer_name, **peer_figures.as_dict()}
         report["ratios"] = ratios(Figures(**report["ferrum"]), peer_figures)
     if options.profile:
-        profile: Profile = profile_decode(ferrum.llm, prompts[0])
-        report["profile"] = {"step_ms": profile.step_ms, "parts_ms": profile.parts_ms,
+        profile: Profile = profile_decode(ferrum.llm, prompts)
+        report["profile"] = {"sequences": profile.sequences, "step_ms": profile.step_ms, "parts_ms": profile.parts_ms,
                              "ops": [{"op": n, "calls": c, "ms": ms} for n, c, ms in profile.ops]}
         report["profile_table"] = profile.table()
     return report
@@ -103,6 +106,8 @@ def format_report(report: dict) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     if "peer" in report:
         lines.append("ratio: ferrum/peer for speeds, peer/ferrum for TTFT; above 1 means ferrum is faster")
+    if report.get("preemptions"):
+        lines.append(f"warning: ferrum preempted {report['preemptions']} request(s) for lack of KV blocks")
     if "prefix_cache_hit_rate" in report:
         lines.append(f"prefix cache hit rate: {report['prefix_cache_hit_rate']:.1%}")
     if "profile_table" in report:

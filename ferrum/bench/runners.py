@@ -48,22 +48,25 @@ class FerrumRunner(Runner):
 
     name = "ferrum"
 
-    def __init__(self, path: Path, backend: str | None, dtype: str | None, max_tokens_in_flight: int,
-                 concurrency: int, progress=None):
+    def __init__(self, path: Path, backend: str | None, dtype: str | None, num_kv_blocks: int, concurrency: int,
+                 progress=None):
         from ferrum.api import LLM
 
-        block_size = 16
         config = EngineConfig(max_num_seqs=max(concurrency, 1), max_num_batched_tokens=max(2048, concurrency))
-        self.llm = LLM.load(path, backend=backend, dtype=dtype, num_kv_blocks=-(-max_tokens_in_flight // block_size),
-                            progress=progress, engine_config=config)
+        self.llm = LLM.load(path, backend=backend, dtype=dtype, num_kv_blocks=num_kv_blocks, progress=progress,
+                            engine_config=config)
         self.backend = self.llm.model.backend
         self.dtype = self.llm.model.dtype
-        self.cached_tokens = 0  # prompt tokens served from the prefix cache since the last reset
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache in the last run
+        self.preemptions = 0  # in the last run; nonzero means the KV pool was too small for the workload
 
     def run(self, prompts: Sequence[Sequence[int]], gen_len: int, first_alone: bool = False) -> Figures:
         self.llm.model.reset()  # no prefix-cache hits carried over from an earlier run
         self.cached_tokens = 0
-        return super().run(prompts, gen_len, first_alone)
+        before = self.llm.engine.metrics().preemptions
+        figures = super().run(prompts, gen_len, first_alone)
+        self.preemptions = self.llm.engine.metrics().preemptions - before
+        return figures
 
     def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
         engine = self.llm.engine
