@@ -55,6 +55,7 @@ def test_bench_against_transformers_with_profile(tmp_path):
     for side in (report["ferrum"], report["peer"]):
         assert side["requests"] == 3 and side["generated_tokens"] == 15
     assert report["peer"]["name"] == "transformers" and report["preemptions"] == 0
+    assert {"ferrum", "torch", "transformers"} <= set(report["versions"])
     assert report["ratios"]["throughput_tok_s"] == pytest.approx(
         report["ferrum"]["throughput_tok_s"] / report["peer"]["throughput_tok_s"]
     )

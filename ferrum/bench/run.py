@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,17 @@ class BenchOptions:
     profile: bool = False
 
 
+def _versions() -> dict[str, str]:
+    """Versions of Ferrum and of the frameworks and peers that may have run."""
+    found = {}
+    for package in ("ferrum", "mlx", "mlx-lm", "torch", "transformers", "numpy"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def _measure(runner: Runner, prompts: list[list[int]], workload: Workload, repeat: int) -> Figures:
     runner.run([p[:8] for p in prompts[:2]], 2)  # warm-up: kernels, allocations
     first_alone = workload.shared_prefix_len > 0
@@ -66,7 +79,8 @@ def run_bench(
     log(f"model {path} on {backend.name} ({backend.info.device}), {ferrum.dtype}")
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or 'unknown cpu'}",
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "versions": _versions(),
         "workload": {**workload.__dict__},
         "model": str(path),
         "backend": backend.name,
