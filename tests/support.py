@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -106,8 +108,7 @@ def write_arch_checkpoint(folder: Path, arch: str, seed: int = 0, max_shard_size
     return model
 
 
-def reference_logits(model, tokens) -> "np.ndarray":
-    import numpy as np
+def reference_logits(model, tokens) -> np.ndarray:
     import torch
 
     with torch.no_grad():

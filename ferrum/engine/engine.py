@@ -16,11 +16,10 @@ import itertools
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from ferrum.engine.metrics import EngineMetrics, MetricsRecorder
-from ferrum.engine.request import FinishReason, OutputCallback, Request, RequestOutput, RequestStatus
+from ferrum.engine.request import FinishReason, OutputCallback, Request, RequestOutput
 from ferrum.engine.scheduler import EngineConfig, Scheduler
 from ferrum.errors import ContextLengthExceededError, InvalidRequestError, KVCacheExhaustedError
 from ferrum.executor import LlmExecutor
@@ -29,7 +28,6 @@ from ferrum.model import ForwardItem
 from ferrum.sampling import RequestSampler, SamplingParams, sample_batch
 from ferrum.stop import StopStringFilter
 from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
-
 
 
 class Engine:
