@@ -127,7 +127,7 @@ def available() -> list[BackendEntry]:
 
 
 def default_backend_name() -> str:
-    """MLX with Metal, then CUDA with a GPU, then MLX on CPU / numpy (by probe priority)."""
+    """MLX with Metal, then CUDA with a GPU, then numpy, MLX on the CPU, torch on the CPU (by probe priority)."""
     for entry in discover():
         if entry.available:
             return entry.name

@@ -38,6 +38,19 @@ def test_builtin_backends_are_found_through_entry_points():
     assert listed["cpu"].available
 
 
+def test_automatic_choice_is_metal_then_gpu_then_numpy_then_the_rest():
+    devices = {e.name: e.probe.device for e in backends.available() if e.available}
+    if devices.get("mlx") == "metal":
+        expected = "mlx"
+    elif devices.get("cuda", "").startswith("cuda"):
+        expected = "cuda"
+    else:  # a CPU-only machine: numpy's BLAS beats MLX's CPU matmul and torch's CPU device
+        expected = "cpu"
+        order = [e.name for e in backends.available() if e.name in ("cpu", "mlx", "cuda") and e.available]
+        assert order == [n for n in ("cpu", "mlx", "cuda") if n in devices]
+    assert backends.default_backend_name() == expected
+
+
 def test_a_plugin_installed_through_an_entry_point_is_discovered(tmp_path, monkeypatch):
     (tmp_path / "third_party_backend.py").write_text(
         textwrap.dedent(

@@ -25,7 +25,11 @@ def backend_probe() -> BackendProbe:
 
         if mx.metal.is_available():
             return BackendProbe(available=True, device="metal", priority=0)
-    return BackendProbe(available=True, device="cpu", priority=20, reason="MLX on the CPU (no Metal here)")
+    # MLX's CPU matmul is 10-20x slower than numpy's BLAS (benchmarks/README.md), so
+    # without Metal the numpy backend (priority 30) is the better automatic choice.
+    return BackendProbe(
+        available=True, device="cpu", priority=40, reason="MLX on the CPU (no Metal here); numpy is faster"
+    )
 
 
 @hookimpl
