@@ -89,7 +89,7 @@ class _Context:
         return self.ops.from_numpy(array, self.dtype)
 
     def put_weight(self, array: np.ndarray) -> Any:
-        """A checkpoint tensor in the plugin's weight form (what linear and embedding receive)."""
+        """A checkpoint tensor in the plugin's weight form (what linear, embedding and the norms receive)."""
         return self.ops.upload_weight("weight", array, self.dtype)
 
     def put_int(self, array) -> Any:
@@ -168,14 +168,14 @@ def check_rms_norm(c: _Context, tol: float) -> float:
     x, w = c.rounded(c.random(7, 96) * 3), c.rounded(1 + 0.1 * c.random(96))
     heads, hw = c.rounded(c.random(7, 3, 48)), c.rounded(1 + 0.1 * c.random(48))
     return max(
-        _compare(c.get(c.ops.rms_norm(c.put(x), c.put(w), 1e-5)), oracle.rms_norm(x, w, 1e-5), tol),
-        _compare(c.get(c.ops.rms_norm(c.put(heads), c.put(hw), 1e-6)), oracle.rms_norm(heads, hw, 1e-6), tol),
+        _compare(c.get(c.ops.rms_norm(c.put(x), c.put_weight(w), 1e-5)), oracle.rms_norm(x, w, 1e-5), tol),
+        _compare(c.get(c.ops.rms_norm(c.put(heads), c.put_weight(hw), 1e-6)), oracle.rms_norm(heads, hw, 1e-6), tol),
     )
 
 
 def check_add_rms_norm(c: _Context, tol: float) -> float:
     x, r, w = c.rounded(c.random(5, 96)), c.rounded(c.random(5, 96)), c.rounded(1 + 0.1 * c.random(96))
-    normed, summed = c.ops.add_rms_norm(c.put(x), c.put(r), c.put(w), 1e-5)
+    normed, summed = c.ops.add_rms_norm(c.put(x), c.put(r), c.put_weight(w), 1e-5)
     return max(_compare(c.get(summed), x + r, tol), _compare(c.get(normed), oracle.rms_norm(x + r, w, 1e-5), tol))
 
 
