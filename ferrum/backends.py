@@ -44,6 +44,10 @@ class BackendInfo:
     max_batch: int | None = None
     api_version: int = hookspec.API_VERSION
     note: str = ""  # how it runs, e.g. a fallback from the device that was asked for
+    #: (bits, group_size) pairs of the affine packed form its quantized ops run natively.
+    quant_formats: tuple[tuple[int, int], ...] = ()
+    #: Compute dtype chosen by default for quantized checkpoints (what its low-bit kernels want).
+    quantized_dtype: str | None = None
 
 
 @dataclass
@@ -135,6 +139,27 @@ def default_backend_name() -> str:
         "no backend can run here; install one, e.g. `pip install ferrum[mlx]`, "
         "and check `ferrum backends` for reasons"
     )
+
+
+def backend_for_format(bits: int, group_size: int) -> "Backend":
+    """The automatic choice for a quantized checkpoint: the first available backend, in
+    priority order, whose kernels run ``(bits, group_size)`` natively; else the default one.
+
+    Probes cannot say this without importing frameworks, so candidates are loaded
+    (each once per process) until one declares the format.
+    """
+    first = None
+    for entry in discover():
+        if not entry.available:
+            continue
+        try:
+            backend = load_backend(entry.name)
+        except BackendError:
+            continue
+        if (bits, group_size) in backend.info.quant_formats:
+            return backend
+        first = first or backend
+    return first or load_backend(None)
 
 
 def load_backend(name: str | None = None) -> "Backend":

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.quant.config import QuantConfig
 
 #: model_type values whose weights follow the Llama layout.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -41,6 +42,7 @@ class ModelConfig:
     torch_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    quantization: QuantConfig | None = None  # packed affine weights (mlx-community layout)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -59,6 +61,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "ModelConfig":
+        quantization = QuantConfig.from_config(raw, where)
         if "text_config" in raw and "hidden_size" not in raw:
             raw = raw["text_config"]
         model_type = raw.get("model_type")
@@ -67,12 +70,6 @@ class ModelConfig:
                 f"{where}: model_type {model_type!r} is not supported; "
                 f"Ferrum runs {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        for key in ("quantization", "quantization_config"):
-            if key in raw:
-                raise UnsupportedFeatureError(
-                    f"{where}: quantized checkpoints ({key}) are not supported yet; "
-                    "use a float16/bfloat16/float32 checkpoint"
-                )
 
         def need(key: str, kind: type = int) -> Any:
             if key not in raw or raw[key] is None:
@@ -129,6 +126,7 @@ class ModelConfig:
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quantization=quantization,
         )
 
     def rope_inv_freq(self) -> np.ndarray:

@@ -27,6 +27,22 @@ Conventions for every op
 * Ops return new arrays, except ``kv_write`` which updates the pool in place
   (a functional framework reassigns the arrays it holds inside the pool).
 
+Quantized weights
+-----------------
+Quantized checkpoints reach a backend in one packed form, MLX's affine group
+quantization, described exactly in :mod:`ferrum.quant.affine` (bit order,
+shapes, scale dtypes): a :class:`ferrum.quant.QuantizedWeight` holding
+``packed`` (uint32), ``scales`` and ``biases``, with ``w = scales * q +
+biases`` per group of ``group_size`` inputs. A backend lists the ``(bits,
+group_size)`` pairs its kernels run in ``BackendInfo.quant_formats`` and
+implements :func:`quantized_upload`, :func:`quantized_linear` and
+:func:`quantized_embedding`; every other pair (or every pair, for a backend
+that implements none of them) runs through the core's reference composition,
+which keeps the packed form on the host and dequantizes one matrix at a time
+into a reused buffer before calling :func:`linear`. ``BackendInfo.quantized_dtype``
+names the compute dtype its low-bit kernels want (e.g. bfloat16), chosen by
+default for quantized checkpoints.
+
 Required ops must be implemented; optional ones (marked so) have a reference
 composition in :mod:`ferrum.reference_ops` that Ferrum uses instead, and their
 presence shapes :class:`ferrum.capabilities.ExecutorCapabilities`. An
@@ -76,7 +92,13 @@ OPTIONAL_OPS = (
     "paged_attention",
     "prepare_attention_batch",
     "sample",
+    "quantized_upload",
+    "quantized_linear",
+    "quantized_embedding",
 )
+
+#: The optional ops that together run packed quantized weights natively.
+QUANTIZED_OPS = ("quantized_upload", "quantized_linear", "quantized_embedding")
 
 
 # --------------------------------------------------------------------------
@@ -115,7 +137,10 @@ def backend_info() -> Any:
 
     ``name``, ``device`` (e.g. ``"cpu"``, ``"cuda:0"``, ``"metal"``),
     ``dtypes`` it computes in, ``default_dtype``, ``memory_bytes`` (device
-    memory it may use, or ``None`` if unknown), ``max_batch`` (or ``None``).
+    memory it may use, or ``None`` if unknown), ``max_batch`` (or ``None``),
+    ``quant_formats`` (the ``(bits, group_size)`` pairs its quantized ops run
+    natively) and ``quantized_dtype`` (compute dtype for quantized checkpoints,
+    or ``None`` to choose as for float ones).
     """
 
 
@@ -290,3 +315,36 @@ def sample(logits: Any, batch: Any) -> Any:
     small arrays should cross to the host. Fallback: ``to_numpy`` of the
     logits, then that reference.
     """
+
+
+@hookspec(firstresult=True)
+def quantized_upload(name: str, weight: Any, dtype: str, role: str) -> Any:
+    """(optional) Turn a :class:`ferrum.quant.QuantizedWeight` into this backend's packed form.
+
+    Called only for ``(weight.bits, weight.group_size)`` pairs listed in
+    ``BackendInfo.quant_formats``. ``dtype`` is the compute dtype;
+    ``role`` says which ops will receive the result: ``"linear"``
+    (:func:`quantized_linear`), ``"embedding"`` (:func:`quantized_embedding`)
+    or ``"tied"`` (both: a tied embedding and LM head). The weight must stay
+    packed (never dequantized to a whole float matrix at load); the backend
+    may repack it for its kernels. Returning ``None`` declines this tensor (for
+    example a shape the kernel cannot take): the core's reference form then
+    serves it. Fallback: the reference form for every tensor.
+    """
+
+
+@hookspec(firstresult=True)
+def quantized_linear(x: Any, weight: Any, bias: Any) -> Any:
+    """(optional) ``x @ W.T + bias`` for a packed ``W [out, in]`` from :func:`quantized_upload`.
+
+    ``x [n, in]`` and the result ``[n, out]`` are in the compute dtype; ``W`` is
+    ``scales * q + biases`` per group (see :mod:`ferrum.quant.affine`).
+    Fallback: dequantize into a reused buffer, then :func:`linear`.
+    """
+
+
+@hookspec(firstresult=True)
+def quantized_embedding(weight: Any, ids: Any) -> Any:
+    """(optional) Rows ``ids [n]`` (int32) of a packed ``[vocab, hidden]`` matrix from
+    :func:`quantized_upload`, dequantized into the compute dtype: ``[n, hidden]``.
+    Fallback: dequantize those rows on the host."""

@@ -16,7 +16,7 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 
 from ferrum.attention import AttentionBatch
-from ferrum.backends import Backend, load_backend
+from ferrum.backends import Backend, backend_for_format, load_backend
 from ferrum.checkpoint import Checkpoint
 from ferrum.config import ModelConfig
 from ferrum.errors import (
@@ -27,13 +27,13 @@ from ferrum.errors import (
     UnsupportedFeatureError,
 )
 from ferrum.paged_kv import PagedKVManager
+from ferrum.weights import DTYPE_BYTES, Linear, Placed, place, read_weights
 
 DEFAULT_BLOCK_SIZE = 16
 #: Default KV pool size in tokens when the caller does not choose one.
 DEFAULT_KV_TOKENS = 16384
 
 ProgressFn = Callable[[int, int, str], None]
-
 
 @dataclass(frozen=True)
 class ForwardItem:
@@ -58,31 +58,14 @@ class ForwardOutput:
     rows: dict[Hashable, tuple[int, int]]  # seq_id -> (first row, row count)
 
 
-@dataclass
 class _Layer:
-    __slots__ = (
-        "ln1", "ln2", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo",
-        "q_norm", "k_norm", "gate", "up", "down", "b_gate", "b_up", "b_down", "window",
-    )
-    ln1: Any
-    ln2: Any
-    wq: Any
-    wk: Any
-    wv: Any
-    wo: Any
-    bq: Any
-    bk: Any
-    bv: Any
-    bo: Any
-    q_norm: Any
-    k_norm: Any
-    gate: Any
-    up: Any
-    down: Any
-    b_gate: Any
-    b_up: Any
-    b_down: Any
-    window: int | None
+    """One decoder block's weights; projections carry the op that applies them."""
+
+    __slots__ = ("ln1", "ln2", "q", "k", "v", "o", "q_norm", "k_norm", "gate", "up", "down", "window")
+
+    def __init__(self, **fields: Any):
+        for name in self.__slots__:
+            setattr(self, name, fields[name])
 
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -116,8 +99,11 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def choose_dtype(backend: Backend, requested: str | None, checkpoint_dtype: str | None) -> str:
-    """The user's dtype, else the checkpoint's on accelerators, else the backend default."""
+def choose_dtype(
+    backend: Backend, requested: str | None, checkpoint_dtype: str | None, quantized: bool = False
+) -> str:
+    """The user's dtype, else the backend's low-bit kernel dtype for quantized checkpoints,
+    else the checkpoint's on accelerators, else the backend default."""
     info = backend.info
     if requested is not None:
         if requested not in info.dtypes:
@@ -125,6 +111,8 @@ def choose_dtype(backend: Backend, requested: str | None, checkpoint_dtype: str 
                 f"backend {backend.name!r} computes in {', '.join(info.dtypes)}, not {requested!r}"
             )
         return requested
+    if quantized and info.quantized_dtype in info.dtypes:
+        return info.quantized_dtype
     if checkpoint_dtype in info.dtypes and info.device != "cpu":
         return checkpoint_dtype
     return info.default_dtype
@@ -152,13 +140,15 @@ class DecoderOnlyLLM:
         self.pool = ops.kv_alloc(
             config.num_layers, num_kv_blocks, block_size, config.num_kv_heads, config.head_dim, dtype
         )
-        self.embed = weights["model.embed_tokens.weight"]
-        self.final_norm = weights["model.norm.weight"]
-        self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
+        embed = weights["model.embed_tokens.weight"]
+        self.embed, self.embed_lookup = embed.weight, embed.embedding
+        self.final_norm = weights["model.norm.weight"].weight
+        self.lm_head = Linear(embed if config.tie_word_embeddings else weights["lm_head.weight"])
         self.inv_freq = ops.from_numpy(config.rope_inv_freq(), "float32")
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
-        self.weight_bytes = sum(int(np.prod(s)) for s in weight_shapes(config).values()) * _dtype_size(dtype)
+        #: Bytes of the weights as loaded (packed ones at their packed size), before any backend repacking.
+        self.weight_bytes = sum(p.nbytes for p in weights.values())
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -178,51 +168,56 @@ class DecoderOnlyLLM:
             if max_seq_len <= 0:
                 raise InvalidRequestError(f"max_seq_len must be positive, got {max_seq_len}")
             config = replace(config, max_seq_len=min(max_seq_len, config.max_seq_len))
+        quant = config.quantization
         if not isinstance(backend, Backend):
-            backend = load_backend(backend)
-        dtype = choose_dtype(backend, dtype, config.torch_dtype)
+            # Automatic choice for a quantized checkpoint: the first backend whose kernels run its format.
+            backend = backend_for_format(quant.bits, quant.group_size) if backend is None and quant else (
+                load_backend(backend)
+            )
+        dtype = choose_dtype(backend, dtype, config.torch_dtype, quantized=quant is not None)
         checkpoint = Checkpoint(path)
         shapes = weight_shapes(config)
-        names = list(shapes)
-        checkpoint.require(names)
-        weights: dict[str, Any] = {}
-        for done, (name, array) in enumerate(checkpoint.read_many(names), start=1):
-            if tuple(array.shape) != shapes[name]:
-                raise CheckpointError(
-                    f"tensor {name} has shape {tuple(array.shape)} but config.json implies {shapes[name]}"
-                )
-            weights[name] = backend.ops.upload_weight(name, array, dtype)
+        weights: dict[str, Placed] = {}
+        embedding_role = "tied" if config.tie_word_embeddings else "embedding"
+        for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
+            role = embedding_role if name == "model.embed_tokens.weight" else "linear"
+            weights[name] = place(backend.ops, name, tensor, dtype, role)
             if progress is not None:
-                progress(done, len(names), name)
+                progress(done, len(shapes), name)
         if num_kv_blocks is None:
             tokens = min(DEFAULT_KV_TOKENS, max(config.max_seq_len, 2048))
             num_kv_blocks = -(-tokens // block_size)
         return cls(config, backend, weights, dtype, num_kv_blocks, block_size)
 
-    def _layer(self, w: dict[str, Any], i: int) -> _Layer:
+    def _layer(self, w: dict[str, Placed], i: int) -> _Layer:
         p = f"model.layers.{i}."
-        g = w.get
+
+        def tensor(name: str) -> Any:
+            placed = w.get(p + name)
+            return None if placed is None else placed.weight
+
+        def projection(module: str) -> Linear:
+            return Linear(w[f"{p}{module}.weight"], tensor(f"{module}.bias"))
+
         return _Layer(
-            ln1=w[p + "input_layernorm.weight"],
-            ln2=w[p + "post_attention_layernorm.weight"],
-            wq=w[p + "self_attn.q_proj.weight"],
-            wk=w[p + "self_attn.k_proj.weight"],
-            wv=w[p + "self_attn.v_proj.weight"],
-            wo=w[p + "self_attn.o_proj.weight"],
-            bq=g(p + "self_attn.q_proj.bias"),
-            bk=g(p + "self_attn.k_proj.bias"),
-            bv=g(p + "self_attn.v_proj.bias"),
-            bo=g(p + "self_attn.o_proj.bias"),
-            q_norm=g(p + "self_attn.q_norm.weight"),
-            k_norm=g(p + "self_attn.k_norm.weight"),
-            gate=w[p + "mlp.gate_proj.weight"],
-            up=w[p + "mlp.up_proj.weight"],
-            down=w[p + "mlp.down_proj.weight"],
-            b_gate=g(p + "mlp.gate_proj.bias"),
-            b_up=g(p + "mlp.up_proj.bias"),
-            b_down=g(p + "mlp.down_proj.bias"),
+            ln1=tensor("input_layernorm.weight"),
+            ln2=tensor("post_attention_layernorm.weight"),
+            q=projection("self_attn.q_proj"),
+            k=projection("self_attn.k_proj"),
+            v=projection("self_attn.v_proj"),
+            o=projection("self_attn.o_proj"),
+            q_norm=tensor("self_attn.q_norm.weight"),
+            k_norm=tensor("self_attn.k_norm.weight"),
+            gate=projection("mlp.gate_proj"),
+            up=projection("mlp.up_proj"),
+            down=projection("mlp.down_proj"),
             window=self.config.layer_sliding_windows[i],
         )
+
+    def projections(self) -> list[Linear]:
+        """Every linear projection, LM head included (profilers wrap their bound ops)."""
+        names = ("q", "k", "v", "o", "gate", "up", "down")
+        return [getattr(layer, n) for layer in self.layers for n in names] + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
         if any(w is not None for w in config.layer_sliding_windows):
@@ -311,18 +306,18 @@ class DecoderOnlyLLM:
         n_tok = len(tokens)
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps, scale, inv_freq, pool = cfg.rms_norm_eps, self.scale, self.inv_freq, self.pool
-        linear, reshape, rope = ops.linear, ops.reshape, ops.rope
+        reshape, rope = ops.reshape, ops.rope
 
-        h = ops.embedding(self.embed, ops.from_numpy(tokens, None))
+        h = self.embed_lookup(self.embed, ops.from_numpy(tokens, None))
         residual_in = None  # output of the previous block, not yet added to h
         for index, layer in enumerate(self.layers):
             if residual_in is None:
                 x = ops.rms_norm(h, layer.ln1, eps)
             else:
                 x, h = ops.add_rms_norm(residual_in, h, layer.ln1, eps)
-            q = reshape(linear(x, layer.wq, layer.bq), (n_tok, heads, hd))
-            k = reshape(linear(x, layer.wk, layer.bk), (n_tok, kv_heads, hd))
-            v = reshape(linear(x, layer.wv, layer.bv), (n_tok, kv_heads, hd))
+            q = reshape(layer.q(x), (n_tok, heads, hd))
+            k = reshape(layer.k(x), (n_tok, kv_heads, hd))
+            v = reshape(layer.v(x), (n_tok, kv_heads, hd))
             if layer.q_norm is not None:
                 q = ops.rms_norm(q, layer.q_norm, eps)
                 k = ops.rms_norm(k, layer.k_norm, eps)
@@ -330,10 +325,9 @@ class DecoderOnlyLLM:
             k = rope(k, positions, inv_freq)
             ops.kv_write(pool, index, k, v, slots)
             attn = ops.paged_attention(q, pool, index, batch, scale, layer.window)
-            o = linear(reshape(attn, (n_tok, heads * hd)), layer.wo, layer.bo)
+            o = layer.o(reshape(attn, (n_tok, heads * hd)))
             x, h = ops.add_rms_norm(o, h, layer.ln2, eps)
-            mlp_in = ops.silu_mul(linear(x, layer.gate, layer.b_gate), linear(x, layer.up, layer.b_up))
-            residual_in = linear(mlp_in, layer.down, layer.b_down)
+            residual_in = layer.down(ops.silu_mul(layer.gate(x), layer.up(x)))
         h = ops.add(residual_in, h)
 
         rows: dict[Hashable, tuple[int, int]] = {}
@@ -351,7 +345,7 @@ class DecoderOnlyLLM:
                 return ForwardOutput(None, rows)
             if len(picks) != n_tok:
                 h = ops.take_rows(h, ops.from_numpy(np.asarray(picks, dtype=np.int32), None))
-        logits = linear(ops.rms_norm(h, self.final_norm, eps), self.lm_head, None)
+        logits = self.lm_head(ops.rms_norm(h, self.final_norm, eps))
         return ForwardOutput(logits, rows)
 
     # ------------------------------------------------------ seeds' interface
@@ -418,11 +412,5 @@ class DecoderOnlyLLM:
 
     def kv_bytes(self) -> int:
         cfg = self.config
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * _dtype_size(self.dtype)
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES.get(self.dtype, 4)
         return self.kv_capacity() * per_token
-
-
-def _dtype_size(dtype: str) -> int:
-    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
-
-

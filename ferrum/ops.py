@@ -45,6 +45,11 @@ class OpsTable:
         self.native: frozenset[str] = frozenset()
         self._impl_args: dict[str, tuple[str, ...]] = {}
         self.info: Any = None
+        #: The core's reference composition of every optional op, bound to this table,
+        #: also where the plugin implements the op (quantized weights it declines use them).
+        self.fallback: dict[str, Callable] = {
+            name: functools.partial(getattr(reference_ops, name), self) for name in hookspec.OPTIONAL_OPS
+        }
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager, backend_name: str) -> "OpsTable":
@@ -60,7 +65,7 @@ class OpsTable:
                 table._impl_args[name] = tuple(impl.argnames)
                 native.add(name)
             elif name in hookspec.OPTIONAL_OPS:
-                setattr(table, name, functools.partial(getattr(reference_ops, name), table))
+                setattr(table, name, table.fallback[name])
             else:
                 raise PluginContractError(
                     f"backend {backend_name!r} does not implement required op {name!r}; "

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ferrum.quant.reference import HostQuantized
 from ferrum.sampling import sample_numpy
 
 
@@ -53,3 +54,15 @@ def paged_attention(
 
 def sample(ops: Any, logits: Any, batch: Any) -> Any:
     return sample_numpy(ops.to_numpy(logits), batch)
+
+
+def quantized_upload(ops: Any, name: str, weight: Any, dtype: str, role: str) -> HostQuantized:
+    return HostQuantized(name, weight, dtype)
+
+
+def quantized_linear(ops: Any, x: Any, weight: HostQuantized, bias: Any) -> Any:
+    return ops.linear(x, weight.dense(ops), bias)
+
+
+def quantized_embedding(ops: Any, weight: HostQuantized, ids: Any) -> Any:
+    return weight.rows(ops, ids)

@@ -69,6 +69,22 @@ def _patched(target: Any, name: str, timer: _Timer, wrapper: Callable | None = N
             delattr(target, name)
 
 
+@contextmanager
+def _timed_bound_ops(model: Any, timers: dict[str, _Timer]) -> Iterator[None]:
+    """Time the ops the model bound at load (projections, embedding lookup), by which op each is."""
+    ops = model.ops
+    names = {id(getattr(ops, n)): n for n in timers} | {id(f): n for n, f in ops.fallback.items() if n in timers}
+    bound = [(lin, "apply") for lin in model.projections()] + [(model, "embed_lookup")]
+    originals = [getattr(obj, attr) for obj, attr in bound]
+    for (obj, attr), fn in zip(bound, originals):
+        setattr(obj, attr, timers[names[id(fn)]].wrap(fn))
+    try:
+        yield
+    finally:
+        for (obj, attr), fn in zip(bound, originals):
+            setattr(obj, attr, fn)
+
+
 def profile_decode(llm: Any, prompts: list[list[int]], steps: int = 16) -> Profile:
     """Profile ``steps`` decode steps of ``llm``'s engine running all ``prompts`` together."""
     engine, ops = llm.engine, llm.model.ops
@@ -94,6 +110,7 @@ def profile_decode(llm: Any, prompts: list[list[int]], steps: int = 16) -> Profi
         with ExitStack() as stack:
             stack.enter_context(_patched(engine.executor, "run", run_timer, run_then_wait))
             stack.enter_context(_patched(ops, "sample", sample_timer))
+            stack.enter_context(_timed_bound_ops(llm.model, op_timers))
             for name, timer in op_timers.items():
                 stack.enter_context(_patched(ops, name, timer))
             start = time.perf_counter()

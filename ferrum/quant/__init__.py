@@ -1,0 +1,23 @@
+"""Quantized weights: the one packed affine form, reading it from checkpoints, and writing it (`ferrum quantize`)."""
+
+from ferrum.quant.affine import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    QuantizedWeight,
+    dequantize,
+    pack,
+    quantize,
+    unpack,
+)
+from ferrum.quant.config import QuantConfig
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
+    "QuantConfig",
+    "QuantizedWeight",
+    "dequantize",
+    "pack",
+    "quantize",
+    "unpack",
+]

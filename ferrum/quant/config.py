@@ -1,0 +1,90 @@
+"""Which modules of a checkpoint are quantized, read from ``config.json`` as mlx-lm writes it.
+
+mlx-lm writes ``"quantization": {"group_size": 64, "bits": 4, "mode": "affine"}``
+(duplicated as ``"quantization_config"``); mixed-precision recipes add one
+entry per module path, ``"model.layers.0.mlp.down_proj": {"group_size": 64,
+"bits": 6}``, or ``false`` for a module left in float. Other quantization
+schemes (Hugging Face's ``quant_method`` GPTQ/AWQ/bitsandbytes/FP8, MLX's
+float modes) are refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ferrum.errors import ConfigError, InvalidRequestError, UnsupportedFeatureError
+from ferrum.quant.affine import check_format
+
+Format = tuple[int, int]  # (bits, group_size)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The default ``(bits, group_size)`` and per-module overrides (``None``: kept in float)."""
+
+    bits: int
+    group_size: int
+    overrides: Mapping[str, Format | None] = field(default_factory=dict)
+
+    def for_module(self, module: str) -> Format | None:
+        """The format config.json gives ``module`` (a path like ``model.layers.0.mlp.down_proj``)."""
+        if module in self.overrides:
+            return self.overrides[module]
+        return self.bits, self.group_size
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
+        for module, fmt in self.overrides.items():
+            out[module] = False if fmt is None else {"group_size": fmt[1], "bits": fmt[0], "mode": "affine"}
+        return out
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any], where: str = "config") -> "QuantConfig | None":
+        """Parse ``raw`` (a config.json dict); ``None`` for a float checkpoint."""
+        section = raw.get("quantization")
+        if section is None:
+            section = raw.get("quantization_config")
+        if section is None:
+            return None
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{where}: 'quantization' must be an object, got {section!r}")
+        method = section.get("quant_method")
+        if method is not None:
+            raise UnsupportedFeatureError(
+                f"{where}: quant_method {method!r} checkpoints are not supported; Ferrum runs MLX affine "
+                "quantization (mlx-community checkpoints, GGUF files, `ferrum quantize`): convert the float "
+                "model with `ferrum quantize SRC DST --bits 4`"
+            )
+        bits, group_size = _format(section, where, "quantization")
+        overrides: dict[str, Format | None] = {}
+        for key, value in section.items():
+            if key in ("bits", "group_size", "mode"):
+                continue
+            if value is False:
+                overrides[key] = None
+            elif isinstance(value, Mapping):
+                overrides[key] = _format(value, where, f"quantization[{key!r}]")
+            else:
+                raise ConfigError(
+                    f"{where}: quantization entry {key!r} must be false or an object with bits and group_size, "
+                    f"got {value!r}"
+                )
+        return cls(bits, group_size, overrides)
+
+
+def _format(section: Mapping[str, Any], where: str, what: str) -> Format:
+    mode = section.get("mode", "affine")
+    if mode != "affine":
+        raise UnsupportedFeatureError(
+            f"{where}: {what} uses mode {mode!r}; Ferrum runs only MLX's 'affine' quantization"
+        )
+    bits, group_size = section.get("bits"), section.get("group_size")
+    for key, value in (("bits", bits), ("group_size", group_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {what} needs an integer {key!r}, got {value!r}")
+    try:
+        check_format(bits, group_size, f"{where}: {what}")
+    except InvalidRequestError as exc:
+        raise UnsupportedFeatureError(str(exc)) from None
+    return bits, group_size

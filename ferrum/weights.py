@@ -1,0 +1,147 @@
+"""A checkpoint's tensors read from disk and placed on a backend, each matrix with the op that applies it.
+
+A matrix is either dense (``upload_weight``, then ``linear`` / ``embedding``)
+or packed affine-quantized (:mod:`ferrum.quant`). A packed one runs on the
+backend's native quantized ops when its ``(bits, group_size)`` is in
+``BackendInfo.quant_formats`` and the backend accepts the tensor, else on the
+core's reference composition. The model stores the chosen function next to
+the weight, so a forward pass never asks which kind it holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ferrum.checkpoint import Checkpoint
+from ferrum.config import ModelConfig
+from ferrum.errors import CheckpointError
+from ferrum.hookspec import QUANTIZED_OPS
+from ferrum.quant.affine import QuantizedWeight
+
+HostTensor = np.ndarray | QuantizedWeight
+
+#: Bytes per element of each compute dtype.
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A weight in its backend form, with the ops that consume it."""
+
+    weight: Any
+    linear: Callable[[Any, Any, Any], Any]  # (x, weight, bias) -> x @ W.T + bias
+    embedding: Callable[[Any, Any], Any]  # (weight, ids) -> rows
+    nbytes: int
+
+
+class Linear:
+    """One projection: ``apply(x, weight, bias)``."""
+
+    __slots__ = ("apply", "weight", "bias")
+
+    def __init__(self, placed: Placed, bias: Any = None):
+        self.apply, self.weight, self.bias = placed.linear, placed.weight, bias
+
+    def __call__(self, x: Any) -> Any:
+        return self.apply(x, self.weight, self.bias)
+
+
+def place(ops: Any, name: str, tensor: HostTensor, dtype: str, role: str = "linear") -> Placed:
+    """Put one host tensor on the backend; ``role`` is "linear", "embedding" or "tied" (both)."""
+    if not isinstance(tensor, QuantizedWeight):
+        nbytes = tensor.size * DTYPE_BYTES.get(dtype, 4)
+        return Placed(ops.upload_weight(name, tensor, dtype), ops.linear, ops.embedding, nbytes)
+    if runs_natively(ops, tensor.bits, tensor.group_size):
+        weight = ops.quantized_upload(name, tensor, dtype, role)
+        if weight is not None:
+            return Placed(weight, ops.quantized_linear, ops.quantized_embedding, tensor.nbytes)
+    fallback = ops.fallback
+    weight = fallback["quantized_upload"](name, tensor, dtype, role)
+    return Placed(weight, fallback["quantized_linear"], fallback["quantized_embedding"], tensor.nbytes)
+
+
+def runs_natively(ops: Any, bits: int, group_size: int) -> bool:
+    """Whether the backend's own quantized ops take this format."""
+    return (bits, group_size) in ops.info.quant_formats and all(op in ops.native for op in QUANTIZED_OPS)
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _tensor_parts(checkpoint: Checkpoint, config: ModelConfig, name: str) -> tuple[str, ...]:
+    """The checkpoint tensors that make up ``name``: itself, or packed weight, scales and biases."""
+    module = name.removesuffix(".weight")
+    if module == name or f"{module}.scales" not in checkpoint.names():
+        return (name,)
+    quant = config.quantization
+    if quant is None:
+        raise CheckpointError(
+            f"{checkpoint.folder}: {module}.scales marks a quantized module, but config.json has no "
+            "'quantization' section saying its bits and group size"
+        )
+    if quant.for_module(module) is None:
+        raise CheckpointError(
+            f"{checkpoint.folder}: config.json keeps {module} in float (false) but the checkpoint holds "
+            f"{module}.scales; the two disagree"
+        )
+    return name, f"{module}.scales", f"{module}.biases"
+
+
+def _assemble(
+    name: str, parts: dict[str, np.ndarray], shape: tuple[int, ...], config: ModelConfig, where: str
+) -> HostTensor:
+    array = parts[name]
+    if len(parts) == 1:
+        if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+            raise CheckpointError(
+                f"{where}: tensor {name} is {array.dtype} but a float tensor is expected "
+                "(a packed weight needs its .scales and .biases and a 'quantization' section in config.json)"
+            )
+        if tuple(array.shape) != shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(array.shape)} but config.json implies {shape}")
+        return array
+    module = name.removesuffix(".weight")
+    scales, biases = parts[f"{module}.scales"], parts[f"{module}.biases"]
+    n, k = shape
+    if array.dtype != np.uint32 or array.ndim != 2 or array.shape[0] != n or scales.ndim != 2 or not scales.shape[1]:
+        raise CheckpointError(
+            f"{where}: quantized {name} must be uint32 [{n}, K*bits/32] with scales [{n}, groups]; "
+            f"got {array.dtype} {tuple(array.shape)} and scales {tuple(scales.shape)}"
+        )
+    if k % scales.shape[1] or (array.shape[1] * 32) % k:
+        raise CheckpointError(
+            f"{where}: {name} {tuple(array.shape)} with scales {tuple(scales.shape)} does not describe a "
+            f"[{n}, {k}] matrix in whole groups of whole bits"
+        )
+    fmt = (array.shape[1] * 32 // k, k // scales.shape[1])
+    declared = config.quantization.for_module(module)
+    if fmt != declared:
+        raise CheckpointError(
+            f"{where}: {module} is stored at {fmt[0]} bits, group size {fmt[1]}, but config.json says "
+            f"{declared[0]} bits, group size {declared[1]}"
+        )
+    try:
+        return QuantizedWeight(array, scales, biases, *fmt)
+    except Exception as exc:
+        raise CheckpointError(f"{where}: {module}: {exc}") from exc
+
+
+def read_weights(
+    checkpoint: Checkpoint, config: ModelConfig, shapes: dict[str, tuple[int, ...]]
+) -> Iterator[tuple[str, HostTensor]]:
+    """Yield every tensor of ``shapes`` (dense name -> shape), dense or packed, checked against config."""
+    parts_of = {name: _tensor_parts(checkpoint, config, name) for name in shapes}
+    owner = {part: name for name, parts in parts_of.items() for part in parts}
+    checkpoint.require(list(owner))
+    where = str(checkpoint.folder)
+    pending: dict[str, dict[str, np.ndarray]] = {}
+    for part, array in checkpoint.read_many(list(owner)):
+        name = owner[part]
+        got = pending.setdefault(name, {})
+        got[part] = array
+        if len(got) == len(parts_of[name]):
+            del pending[name]
+            yield name, _assemble(name, got, shapes[name], config, where)
