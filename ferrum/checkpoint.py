@@ -62,7 +62,13 @@ class Checkpoint:
         if name not in self._where:
             raise MissingTensorError([name], str(self.folder))
         with safe_open(str(self._where[name]), framework="numpy") as handle:
-            return handle.get_tensor(name)
+            return self._get(handle, name)
+
+    def _get(self, handle, name: str) -> np.ndarray:
+        """One tensor; a shard that lacks what the index promises is named, not a raw reader error."""
+        if name not in handle.keys():
+            raise MissingTensorError([name], f"{self.folder} (its index lists it in {self._where[name].name})")
+        return handle.get_tensor(name)
 
     def read_many(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         """Yield tensors grouped by file, opening each shard once."""
@@ -72,4 +78,4 @@ class Checkpoint:
         for path, file_names in by_file.items():
             with safe_open(str(path), framework="numpy") as handle:
                 for name in file_names:
-                    yield name, handle.get_tensor(name)
+                    yield name, self._get(handle, name)

@@ -28,9 +28,11 @@ import numpy as np
 from ferrum import hookspec
 from ferrum.attention import AttentionBatch
 from ferrum.backends import Backend, load_backend
+from ferrum.quant.affine import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizedWeight, dequantize, quantize
 from ferrum.random_checkpoint import write_random_checkpoint
 from ferrum.sampling import RequestSampler, SamplingParams, build_sampling_batch, sample_numpy
 from ferrum.testing import oracle
+from ferrum.weights import Placed, place, runs_natively
 
 #: Allowed ``max|got - ref| / max(1, max|ref|)`` per compute dtype: ops, then a whole model's logits.
 OP_TOLERANCE = {"float32": 2e-5, "float16": 1e-2, "bfloat16": 4e-2}
@@ -305,6 +307,43 @@ def check_model(c: _Context, tol: float) -> float:
     return error
 
 
+def _quantized_case(c: _Context, bits: int, group_size: int) -> tuple[QuantizedWeight, Placed]:
+    """An awkward packed matrix (33 outputs) placed as a tied embedding + head, the role needing both ops."""
+    scale_dtype = "float16" if c.dtype == "float32" else c.dtype
+    weight = quantize(c.random(33, max(96, 2 * group_size)) * 0.1, bits, group_size, scale_dtype)
+    return weight, place(c.ops, "weight", weight, c.dtype, role="tied")
+
+
+def check_quantized_linear(c: _Context, bits: int, group_size: int, tol: float) -> float:
+    weight, placed = _quantized_case(c, bits, group_size)
+    dense = dequantize(weight).astype(np.float64)
+    x, b = c.rounded(c.random(7, dense.shape[1])), c.rounded(c.random(dense.shape[0]))
+    plain = _compare(c.get(placed.linear(c.put(x), placed.weight, None)), oracle.linear(x, dense), tol)
+    biased = c.get(placed.linear(c.put(x), placed.weight, c.put_weight(b)))
+    return max(plain, _compare(biased, oracle.linear(x, dense, b), tol))
+
+
+def check_quantized_embedding(c: _Context, bits: int, group_size: int, tol: float) -> float:
+    weight, placed = _quantized_case(c, bits, group_size)
+    ids = [5, 0, 32, 5, 17]
+    return _compare(c.get(placed.embedding(placed.weight, c.put_int(ids))), dequantize(weight)[ids], tol)
+
+
+def _quantized_checks(c: _Context, tol: float) -> list[tuple[str, Callable[[], float | None], float | None]]:
+    """Every bit width and group size of the packed form, through whichever path the backend takes."""
+    checks = []
+    for bits in SUPPORTED_BITS:
+        for gs in SUPPORTED_GROUP_SIZES:
+            where = "native" if runs_natively(c.ops, bits, gs) else "core fallback"
+            checks += [
+                (f"quantized_linear {bits}-bit g{gs} ({where})",
+                 lambda b=bits, g=gs: check_quantized_linear(c, b, g, tol), tol),
+                (f"quantized_embedding {bits}-bit g{gs} ({where})",
+                 lambda b=bits, g=gs: check_quantized_embedding(c, b, g, tol), tol),
+            ]
+    return checks
+
+
 def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | None]]:
     tol, model_tol = OP_TOLERANCE[c.dtype], MODEL_TOLERANCE[c.dtype]
     ops = c.ops
@@ -333,6 +372,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
     paged_op = "paged_attention" if "paged_attention" in ops.native else "attention"
     if ops.accepts(paged_op, "sliding_window"):
         checks.insert(-2, ("paged_attention, sliding window", lambda: check_paged_attention(c, tol, window=3), tol))
+    checks[-1:-1] = _quantized_checks(c, tol)
     return checks
 
 

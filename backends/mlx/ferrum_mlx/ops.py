@@ -36,16 +36,21 @@ _DTYPES = {
 }
 
 
+#: ``mx.quantized_matmul`` runs every affine bit width at MLX's kernel group sizes.
+_QUANT_FORMATS = tuple((bits, gs) for bits in (2, 3, 4, 5, 6, 8) for gs in (32, 64, 128))
+
+
 @hookimpl
 def backend_info() -> BackendInfo:
+    dtypes = ("float32", "float16", "bfloat16")
     if _METAL:
         memory = mx.metal.device_info().get("max_recommended_working_set_size")
-        return BackendInfo("mlx", "metal", ("float32", "float16", "bfloat16"), "bfloat16", memory)
+        return BackendInfo("mlx", "metal", dtypes, "bfloat16", memory, quant_formats=_QUANT_FORMATS)
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = None
-    return BackendInfo("mlx", "cpu", ("float32", "float16", "bfloat16"), "float32", memory)
+    return BackendInfo("mlx", "cpu", dtypes, "float32", memory, quant_formats=_QUANT_FORMATS)
 
 
 # ----------------------------------------------------------- host transfer
@@ -185,6 +190,45 @@ def rope(x, positions, inv_freq):
 @hookimpl
 def silu_mul(gate, up):
     return gate * mx.sigmoid(gate) * up
+
+
+# ------------------------------------------------------- quantized weights
+class QuantizedMatrix:
+    """Packed affine weights as MLX's kernels take them (checkpoint orientation, groups along K).
+
+    Scales and biases are cast to the compute dtype: ``quantized_matmul`` returns
+    ``promote(x, scales)``, so f16 scales under bf16 activations would turn
+    every projection's output into float32.
+    """
+
+    __slots__ = ("q", "scales", "biases", "bits", "group_size")
+
+    def __init__(self, weight, dtype):
+        self.q = mx.array(weight.packed)
+        self.scales = from_numpy(weight.scales, dtype)
+        self.biases = from_numpy(weight.biases, dtype)
+        self.bits, self.group_size = weight.bits, weight.group_size
+
+
+@hookimpl
+def quantized_upload(name, weight, dtype, role):
+    return QuantizedMatrix(weight, dtype)
+
+
+@hookimpl
+def quantized_linear(x, weight, bias):
+    out = mx.quantized_matmul(
+        x, weight.q, weight.scales, weight.biases, transpose=True,
+        group_size=weight.group_size, bits=weight.bits,
+    )
+    return out if bias is None else out + bias
+
+
+@hookimpl
+def quantized_embedding(weight, ids):
+    return mx.dequantize(
+        weight.q[ids], weight.scales[ids], weight.biases[ids], group_size=weight.group_size, bits=weight.bits
+    )
 
 
 # --------------------------------------------------------------- KV pool

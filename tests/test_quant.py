@@ -1,0 +1,191 @@
+"""The packed affine form, quantized checkpoints in mlx-lm's layout, and running them on every backend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import ferrum
+from ferrum.config import ModelConfig
+from ferrum.errors import CheckpointError, ConfigError, MissingTensorError, UnsupportedFeatureError
+from ferrum.quant import QuantConfig, QuantizedWeight, dequantize, pack, quantize, unpack
+from ferrum.quant.affine import SUPPORTED_BITS
+from ferrum.sampling import SamplingParams
+from ferrum.weights import runs_natively
+
+from support import runnable_backends, write_text_checkpoint
+
+mx = pytest.importorskip("mlx.core")
+
+
+def scaled_error(got, ref) -> float:
+    return float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
+
+
+# ------------------------------------------------------------------ the packed form
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("group_size", (32, 64, 128))
+def test_quantize_is_bit_identical_to_mlx(bits, group_size):
+    w = np.random.default_rng(bits * group_size).standard_normal((17, 3 * group_size)).astype(np.float32)
+    q, scales, biases = (np.array(a) for a in mx.quantize(mx.array(w), group_size=group_size, bits=bits))
+    ours = quantize(w, bits, group_size)
+    assert np.array_equal(ours.packed, q) and np.array_equal(ours.scales, scales)
+    assert np.array_equal(ours.biases, biases)
+    mlx_dense = mx.dequantize(mx.array(q), mx.array(scales), mx.array(biases), group_size=group_size, bits=bits)
+    assert np.array_equal(dequantize(ours), np.array(mlx_dense))
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_unpack_inverts_pack_and_orders_bits_lsb_first(bits):
+    q = np.random.default_rng(bits).integers(0, 1 << bits, size=(5, 96), dtype=np.uint8)
+    packed = pack(q, bits)
+    assert packed.dtype == np.uint32 and packed.shape == (5, 96 * bits // 32)
+    assert np.array_equal(unpack(packed, bits), q)
+    # element 0 sits in the lowest bits of word 0, element 1 right above it
+    assert int(packed[0, 0]) & ((1 << bits) - 1) == q[0, 0]
+    assert (int(packed[0, 0]) >> bits) & ((1 << bits) - 1) == q[0, 1]
+
+
+def test_quantized_weight_refuses_inconsistent_parts():
+    good = quantize(np.ones((4, 64), np.float32), 4, 32)
+    with pytest.raises(CheckpointError, match="describe"):
+        QuantizedWeight(good.packed, good.scales[:, :1], good.biases[:, :1], 4, 32)
+    with pytest.raises(CheckpointError, match="uint32"):
+        QuantizedWeight(good.packed.astype(np.int64), good.scales, good.biases, 4, 32)
+    with pytest.raises(ferrum.errors.InvalidRequestError, match="7-bit"):
+        QuantizedWeight(good.packed, good.scales, good.biases, 7, 32)
+
+
+# ------------------------------------------------------------------ config.json
+
+
+def test_quant_config_reads_mlx_lm_sections_with_overrides():
+    raw = {"quantization": {"group_size": 64, "bits": 4, "mode": "affine",
+                            "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 6},
+                            "lm_head": False}}
+    quant = QuantConfig.from_config(raw)
+    assert quant.for_module("model.layers.1.mlp.down_proj") == (4, 64)
+    assert quant.for_module("model.layers.0.mlp.down_proj") == (6, 32)
+    assert quant.for_module("lm_head") is None
+    assert QuantConfig.from_config({"quantization_config": quant.to_json()}) == quant
+    assert QuantConfig.from_config({}) is None
+
+
+@pytest.mark.parametrize(
+    "section, error, words",
+    [
+        ({"bits": 4, "group_size": 64, "mode": "mxfp4"}, UnsupportedFeatureError, "mxfp4"),
+        ({"quant_method": "awq", "bits": 4}, UnsupportedFeatureError, "awq"),
+        ({"bits": 7, "group_size": 64}, UnsupportedFeatureError, "7-bit"),
+        ({"bits": 4, "group_size": 48}, UnsupportedFeatureError, "group size 48"),
+        ({"bits": "4", "group_size": 64}, ConfigError, "integer 'bits'"),
+        ({"bits": 4, "group_size": 64, "model.layers.0.mlp": 3}, ConfigError, "false or an object"),
+        ([4, 64], ConfigError, "must be an object"),
+    ],
+)
+def test_quant_config_refuses_what_it_cannot_run_by_name(section, error, words):
+    with pytest.raises(error, match=words):
+        QuantConfig.from_config({"quantization": section})
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_4bit(tmp_path_factory):
+    """A tiny text model quantized by mlx-lm itself (4 bits, group 32), and mlx-lm's logits for it."""
+    from mlx_lm import convert, load
+
+    root = tmp_path_factory.mktemp("quant")
+    write_text_checkpoint(root / "float")
+    convert(str(root / "float"), mlx_path=str(root / "q4"), quantize=True, q_group_size=32, q_bits=4)
+    model, _ = load(str(root / "q4"))
+    tokens = [0, 5, 9, 33, 77, 120, 201, 7]
+    logits = np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+    return root / "q4", tokens, logits
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_mlx_lm_checkpoint_matches_mlx_lm_on_every_backend(backend, mlx_lm_4bit):
+    folder, tokens, ref = mlx_lm_4bit
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
+    assert llm.model.config.quantization == QuantConfig(4, 32)
+    assert scaled_error(llm.model.forward_verify("s", tokens), ref) <= 1e-4
+
+
+def test_greedy_tokens_equal_across_backends(mlx_lm_4bit):
+    folder, tokens, _ = mlx_lm_4bit
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    outputs = {b: ferrum.load(folder, backend=b, dtype="float32").run([tokens], params)[0].token_ids
+               for b in runnable_backends()}
+    first = next(iter(outputs.values()))
+    assert all(out == first for out in outputs.values()), outputs
+
+
+def test_packed_weights_stay_packed(mlx_lm_4bit):
+    folder, _, _ = mlx_lm_4bit
+    llm = ferrum.load(folder, backend="mlx")
+    files = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert llm.model.weight_bytes <= files  # packed size, not the float size
+    config = ModelConfig.from_file(folder)
+    dense = sum(np.prod(s) for s in ferrum.model.weight_shapes(config).values()) * 4
+    assert llm.model.weight_bytes < dense / 3
+    assert llm.model.layers[0].q.weight.q.dtype == mx.uint32
+
+
+def test_automatic_backend_runs_the_format_natively(mlx_lm_4bit):
+    folder, _, _ = mlx_lm_4bit
+    llm = ferrum.load(folder)
+    assert runs_natively(llm.model.ops, 4, 32)
+
+
+def _edit(folder, tmp_path, config_edit=None, drop=()):
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp_path / "edited"
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    if config_edit:
+        config_edit(config)
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(out / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k not in drop}, str(out / "model.safetensors"))
+    return out
+
+
+def test_bits_that_disagree_with_config_are_refused(mlx_lm_4bit, tmp_path):
+    def say_8_bits(config):
+        config["quantization"]["bits"] = config["quantization_config"]["bits"] = 8
+
+    folder = _edit(mlx_lm_4bit[0], tmp_path, say_8_bits)
+    with pytest.raises(CheckpointError, match="stored at 4 bits, group size 32, but config.json says 8 bits"):
+        ferrum.load(folder, backend="cpu")
+
+
+def test_missing_biases_are_named(mlx_lm_4bit, tmp_path):
+    folder = _edit(mlx_lm_4bit[0], tmp_path, drop=("model.layers.1.mlp.up_proj.biases",))
+    with pytest.raises(MissingTensorError, match="model.layers.1.mlp.up_proj.biases"):
+        ferrum.load(folder, backend="cpu")
+
+
+def test_packed_tensors_without_quantization_section_are_refused(mlx_lm_4bit, tmp_path):
+    def drop_section(config):
+        del config["quantization"], config["quantization_config"]
+
+    folder = _edit(mlx_lm_4bit[0], tmp_path, drop_section)
+    with pytest.raises(CheckpointError, match="no 'quantization' section"):
+        ferrum.load(folder, backend="cpu")
+
+
+def test_module_kept_float_by_config_but_packed_on_disk_is_refused(mlx_lm_4bit, tmp_path):
+    def keep_head_float(config):
+        config["quantization"]["lm_head"] = config["quantization_config"]["lm_head"] = False
+
+    folder = _edit(mlx_lm_4bit[0], tmp_path, keep_head_float)
+    with pytest.raises(CheckpointError, match="keeps lm_head in float"):
+        ferrum.load(folder, backend="cpu")
