@@ -10,7 +10,8 @@ __all__ = ["API_VERSION", "SamplingParams", "backends", "errors", "hookimpl", "l
 
 
 def load(path, backend=None, dtype=None, **options):
-    """Load a Hugging Face checkpoint folder; returns a :class:`ferrum.api.LLM`."""
+    """Load a checkpoint folder (Hugging Face or mlx-community quantized) or a GGUF file;
+    returns a :class:`ferrum.api.LLM`."""
     from ferrum.api import LLM
 
     return LLM.load(path, backend=backend, dtype=dtype, **options)

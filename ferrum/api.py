@@ -16,6 +16,7 @@ from ferrum.errors import InvalidRequestError
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM, ProgressFn
 from ferrum.sampling import SamplingParams
+from ferrum.sources import resolve_model
 from ferrum.tokenizer import Message, Tokenizer
 
 Prompt = str | Sequence[Message] | Sequence[int]
@@ -55,7 +56,7 @@ class LLM:
         progress: ProgressFn | None = None,
         engine_config: EngineConfig | None = None,
     ) -> "LLM":
-        path = Path(path)
+        path = resolve_model(path, progress)
         model = DecoderOnlyLLM.from_pretrained(
             path, backend=backend, dtype=dtype, num_kv_blocks=num_kv_blocks,
             max_seq_len=max_seq_len, progress=progress,

@@ -30,6 +30,12 @@ class BackendProbe:
     device: str = ""
     reason: str = ""  # why unavailable, or a note on how it will run
     priority: int = 50  # automatic choice takes the lowest available
+    #: The automatic choice's order for quantized checkpoints, where it differs from ``priority``.
+    quantized_priority: int | None = None
+
+    @property
+    def quantized_order(self) -> int:
+        return self.priority if self.quantized_priority is None else self.quantized_priority
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ def backend_for_format(bits: int, group_size: int) -> "Backend":
     (each once per process) until one declares the format.
     """
     first = None
-    for entry in discover():
+    for entry in sorted(discover(), key=lambda e: (not e.available, e.probe.quantized_order, e.name)):
         if not entry.available:
             continue
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Sequence
@@ -125,6 +126,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ferrum.config import ModelConfig
+    from ferrum.model import weight_shapes
+    from ferrum.quant.convert import quantize_checkpoint
+
+    started = time.perf_counter()
+    dst = quantize_checkpoint(
+        args.src, args.dst, bits=args.bits, group_size=args.group_size, force=args.force,
+        progress=_progress_printer(f"quantizing to {args.bits}-bit, group size {args.group_size}"),
+    )
+    files = sorted(dst.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    params = sum(math.prod(shape) for shape in weight_shapes(ModelConfig.from_file(dst)).values())
+    print(
+        f"wrote {dst}: {size / 2**20:.1f} MiB in {len(files)} file(s), {8 * size / params:.2f} bits per weight "
+        f"over {params:,} parameters, {time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferrum", description="Run decoder-only LLMs on pluggable backends.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also break a decode step down by where its time goes")
     p.add_argument("--json", help="write the figures to this file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("quantize", help="write a float checkpoint as an mlx-community quantized one (mlx-lm loads it)")
+    p.add_argument("src", help="float Hugging Face checkpoint folder (safetensors)")
+    p.add_argument("dst", help="output folder (must not exist or be empty, unless --force)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=64, help="weights per scale and bias: 32, 64 or 128 (default 64)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists and is not empty")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

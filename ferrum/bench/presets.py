@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ferrum.default_model import cache_root
+from ferrum.sources import cache_root
 from ferrum.errors import InvalidRequestError
 from ferrum.random_checkpoint import write_random_checkpoint
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -12,12 +13,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ferrum.bench.figures import Figures, median_figures, ratios
+from ferrum.bench.memory import bandwidth_figures, measure_read_bandwidth
 from ferrum.bench.presets import preset_checkpoint
 from ferrum.bench.profile import Profile, profile_decode
 from ferrum.bench.runners import FerrumRunner, Runner, make_peer, peer_for
 from ferrum.bench.workloads import Workload, get_workload, make_prompts
 from ferrum.config import ModelConfig
-from ferrum.model import DEFAULT_BLOCK_SIZE
+from ferrum.sources import cache_root
+from ferrum.errors import InvalidRequestError
+from ferrum.sources import gguf_checkpoint
+from ferrum.model import DEFAULT_BLOCK_SIZE, weight_shapes
+from ferrum.quant import quantize_checkpoint
 
 ProgressFn = Callable[[int, int, str], None]
 #: Makes a progress callback for a labelled phase ("preparing checkpoint", "loading weights").
@@ -37,6 +43,8 @@ class BenchOptions:
     gen_len: int | None = None
     concurrency: int | None = None
     profile: bool = False
+    quantize: int | None = None  # bits: bench a quantized copy of the model (mlx-community layout)
+    group_size: int = 64
 
 
 def _versions() -> dict[str, str]:
@@ -66,7 +74,7 @@ def run_bench(
     def phase(label: str) -> ProgressFn | None:
         return progress(label) if progress is not None else None
 
-    path = Path(options.model) if options.model else preset_checkpoint(options.preset, phase("preparing checkpoint"))
+    gguf_path, path = _checkpoint(options, phase)
     config = ModelConfig.from_file(path)
     prompts = make_prompts(workload, config.vocab_size)
     # Room for every request at its full length: the benchmark measures batching, not preemption.
@@ -91,9 +99,16 @@ def run_bench(
     }
     if workload.shared_prefix_len:
         report["prefix_cache_hit_rate"] = ferrum.cached_tokens / sum(len(p) for p in prompts)
-    peer_name = peer_for(backend.name, options.peer)
+    weights = ferrum.llm.model.weight_bytes
+    report["memory"] = bandwidth_figures(weights, report["ferrum"]["decode_tok_s"], workload.concurrency,
+                                         measure_read_bandwidth())
+    report["memory"]["params"] = sum(math.prod(s) for s in weight_shapes(config).values())
+    report["memory"]["bits_per_param"] = 8 * weights / report["memory"]["params"]
+    peer_name = peer_for(backend.name, options.peer, gguf=gguf_path is not None,
+                         quantized=config.quantization is not None)
     if peer_name:
-        peer = make_peer(peer_name, path, ferrum.dtype, backend.info.device)
+        peer = make_peer(peer_name, path, ferrum.dtype, backend.info.device, gguf_path,
+                         context=max(len(p) for p in prompts) + workload.gen_len + 8)
         peer_figures = _measure(peer, prompts, workload, options.repeat)
         report["peer"] = {"name": peer_name, **peer_figures.as_dict()}
         report["ratios"] = ratios(Figures(**report["ferrum"]), peer_figures)
@@ -103,6 +118,25 @@ def run_bench(
                              "ops": [{"op": n, "calls": c, "ms": ms} for n, c, ms in profile.ops]}
         report["profile_table"] = profile.table()
     return report
+
+
+def _checkpoint(options: BenchOptions, phase: Callable[[str], ProgressFn | None]) -> tuple[Path | None, Path]:
+    """The GGUF file (if the model is one) and the checkpoint folder Ferrum loads.
+
+    A GGUF file is imported once into Ferrum's cache (kept packed); ``--quantize``
+    benches a quantized copy of the folder, also cached.
+    """
+    if options.model and Path(options.model).suffix == ".gguf":
+        if options.quantize:
+            raise InvalidRequestError("--quantize applies to float checkpoints; a GGUF file is already quantized")
+        return Path(options.model), gguf_checkpoint(options.model, phase("importing GGUF"))
+    path = Path(options.model) if options.model else preset_checkpoint(options.preset, phase("preparing checkpoint"))
+    if options.quantize:
+        target = cache_root() / "bench" / f"{path.name}-q{options.quantize}g{options.group_size}"
+        if not (target / "config.json").exists():
+            quantize_checkpoint(path, target, options.quantize, options.group_size, phase("quantizing"))
+        path = target
+    return None, path
 
 
 def format_report(report: dict) -> str:
@@ -124,6 +158,13 @@ def format_report(report: dict) -> str:
         lines.append(f"warning: ferrum preempted {report['preemptions']} request(s) for lack of KV blocks")
     if "prefix_cache_hit_rate" in report:
         lines.append(f"prefix cache hit rate: {report['prefix_cache_hit_rate']:.1%}")
+    if "memory" in report:
+        m = report["memory"]
+        lines.append(
+            f"weights: {m['weight_bytes'] / 1e6:.1f} MB ({m['bits_per_param']:.2f} bits/param); decode streams "
+            f"{m['decode_weight_gb_s']:.2f} GB/s of weights = {m['decode_bandwidth_fraction']:.0%} of the "
+            f"{m['read_bandwidth_gb_s']:.1f} GB/s measured read bandwidth"
+        )
     if "profile_table" in report:
         lines.append(report["profile_table"])
     return "\n".join(lines)

@@ -175,18 +175,60 @@ class TransformersRunner(Runner):
         return [steps[0]] * len(prompts), [out.shape[1] - width] * len(prompts)
 
 
-def peer_for(backend_name: str, requested: str) -> str | None:
-    """The peer a backend is compared with: mlx-lm for MLX, transformers for the others."""
+class LlamaCppRunner(Runner):
+    """llama.cpp through ``llama-cpp-python`` on the original GGUF file, one request at a time
+    (its high-level API decodes a single sequence), greedy, every core."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: Path, context: int):
+        import os
+
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise UnsupportedFeatureError(
+                "the llama.cpp peer needs llama-cpp-python (pip install llama-cpp-python; it builds from "
+                "source in about 10 minutes), or pass --peer none"
+            ) from exc
+        self.llm = Llama(model_path=str(gguf_path), n_ctx=context, n_batch=512, n_threads=os.cpu_count(),
+                         logits_all=False, verbose=False)
+
+    def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
+        first_times, counts = [], []
+        for prompt in prompts:
+            first, count = None, 0
+            for _ in self.llm.generate(list(prompt), top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                                       repeat_penalty=1.0, reset=True):
+                count += 1
+                first = first or time.perf_counter()
+                if count == gen_len:
+                    break
+            first_times.append(first)
+            counts.append(count)
+        return first_times, counts
+
+
+def peer_for(backend_name: str, requested: str, gguf: bool = False, quantized: bool = False) -> str | None:
+    """The peer a backend is compared with: llama.cpp on a GGUF file, mlx-lm for MLX and for
+    mlx-community quantized checkpoints (transformers cannot load them), transformers otherwise."""
     if requested == "none":
         return None
     if requested != "auto":
         return requested
-    return "mlx-lm" if backend_name == "mlx" else "transformers"
+    if gguf:
+        return "llama.cpp"
+    return "mlx-lm" if backend_name == "mlx" or quantized else "transformers"
 
 
-def make_peer(name: str, path: Path, dtype: str, device: str) -> Runner:
+def make_peer(name: str, path: Path, dtype: str, device: str, gguf_path: Path | None = None,
+              context: int = 4096) -> Runner:
+    if name == "llama.cpp":
+        if gguf_path is None:
+            raise UnsupportedFeatureError("the llama.cpp peer runs GGUF files: pass --model FILE.gguf")
+        return LlamaCppRunner(gguf_path, context)
     if name == "mlx-lm":
         return MlxLmRunner(path, dtype)
     if name == "transformers":
         return TransformersRunner(path, dtype, "cpu" if device in ("cpu", "metal") else device)
-    raise UnsupportedFeatureError(f"unknown peer {name!r}; use mlx-lm, transformers or none")
+    raise UnsupportedFeatureError(f"unknown peer {name!r}; use llama.cpp, mlx-lm, transformers or none")

@@ -10,6 +10,7 @@ from ferrum.quant.affine import (
     unpack,
 )
 from ferrum.quant.config import QuantConfig
+from ferrum.quant.convert import quantize_checkpoint
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -19,5 +20,6 @@ __all__ = [
     "dequantize",
     "pack",
     "quantize",
+    "quantize_checkpoint",
     "unpack",
 ]

@@ -26,9 +26,11 @@ def backend_probe() -> BackendProbe:
         if mx.metal.is_available():
             return BackendProbe(available=True, device="metal", priority=0)
     # MLX's CPU matmul is 10-20x slower than numpy's BLAS (benchmarks/README.md), so
-    # without Metal the numpy backend (priority 30) is the better automatic choice.
+    # without Metal the numpy backend (priority 30) is the better automatic choice; its
+    # CPU quantized matmul is a plain loop, slower than torch's int4 kernels (priority 90).
     return BackendProbe(
-        available=True, device="cpu", priority=40, reason="MLX on the CPU (no Metal here); numpy is faster"
+        available=True, device="cpu", priority=40, quantized_priority=95,
+        reason="MLX on the CPU (no Metal here); numpy is faster, torch for quantized weights",
     )
 
 

@@ -1,0 +1,48 @@
+"""How close decode comes to the memory-bandwidth limit: batch-1 decode reads every weight once per step.
+
+The machine's read bandwidth is measured here, with numpy, by a max-reduction over a
+buffer far larger than any cache (the cheapest operation that must read every byte),
+on one thread and on every core, best of several tries.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+
+_BUFFER_BYTES = 512 << 20
+
+
+def measure_read_bandwidth(tries: int = 5) -> float:
+    """Bytes per second the CPU reads from memory (best of one thread and all cores)."""
+    words = np.ones(_BUFFER_BYTES // 8, dtype=np.uint64)
+    best = 0.0
+    for threads in sorted({1, os.cpu_count() or 1}):
+        parts = np.array_split(words, threads)
+        for _ in range(tries):
+            workers = [threading.Thread(target=np.maximum.reduce, args=(part,)) for part in parts]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best = max(best, words.nbytes / (time.perf_counter() - start))
+    return best
+
+
+def bandwidth_figures(weight_bytes: int, decode_tok_s: float, sequences: int, bandwidth: float) -> dict:
+    """Weight bytes streamed per second while decoding, and that as a fraction of ``bandwidth``.
+
+    Each decode step reads the weights once for all ``sequences`` it advances, so
+    steps per second are ``decode_tok_s / sequences``.
+    """
+    streamed = weight_bytes * decode_tok_s / max(sequences, 1)
+    return {
+        "weight_bytes": weight_bytes,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "decode_weight_gb_s": streamed / 1e9,
+        "decode_bandwidth_fraction": streamed / bandwidth if bandwidth else None,
+    }

@@ -1,0 +1,289 @@
+"""``ferrum quantize``: turn a float Hugging Face checkpoint into an mlx-community one.
+
+The output has the layout ``mlx_lm.convert(..., quantize=True)`` writes, so
+mlx-lm, Ferrum and anything else that reads mlx-community folders load it
+(from float32 sources the tensors are mlx-lm's, bit for bit; from float16 /
+bfloat16 ones :func:`ferrum.quant.quantize` rounds some ``q`` to the stored
+scales where ``mx.quantize`` uses unrounded ones, a closer fit). Every
+projection and the embedding (and an untied ``lm_head``) is packed with
+:func:`ferrum.quant.quantize` (scales and biases in the source tensor's
+dtype); modules whose input size is not a multiple of the group size stay in
+float (``false`` in config.json); norms and biases are copied byte for byte.
+
+Tensors are converted and written one at a time, straight into
+safetensors files whose headers are planned up front from the source
+headers, so memory is one tensor's working set, not the model's.
+Everything is written into a hidden sibling folder that is renamed into place
+at the end: an interrupted run leaves ``DST`` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+from safetensors import safe_open
+
+from ferrum.checkpoint import INDEX_FILE, Checkpoint
+from ferrum.errors import CheckpointError, InvalidRequestError
+from ferrum.quant.affine import MLX_GROUP_SIZES, SUPPORTED_BITS, quantize
+from ferrum.quant.config import QuantConfig
+
+ProgressFn = Callable[[int, int, str], None]
+
+#: mlx-lm's shard limit (mlx_lm/utils.py ``MAX_FILE_SIZE_GB``), so both tools split alike.
+MAX_SHARD_BYTES = 5 << 30
+#: Files besides the weights that a runtime needs: tokenizer, chat template, generation defaults.
+COPIED_FILES = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+    "chat_template.*", "*.tiktoken", "tiktoken.model", "generation_config.json",
+)
+#: safetensors dtype code -> bytes per element, for the float dtypes a source may hold.
+_FLOAT_CODES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor of the output file: its name, safetensors dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * (4 if self.dtype == "U32" else _FLOAT_CODES[self.dtype])
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One source tensor and the output tensors it becomes (one if copied, three if packed)."""
+
+    source: str
+    packed: bool
+    outputs: tuple[_Tensor, ...]
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    bits: int = 4,
+    group_size: int = 64,
+    progress: ProgressFn | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``src`` quantized to ``bits`` / ``group_size`` into ``dst`` (mlx-community layout); returns ``dst``.
+
+    Everything is checked before anything is written. ``force`` replaces an
+    existing non-empty ``dst``. ``progress(done, total, name)`` follows the
+    source tensors.
+    """
+    # Imported here: ferrum.config and ferrum.model import ferrum.quant, which exports this module.
+    from ferrum.config import ModelConfig
+    from ferrum.model import weight_shapes
+
+    src, dst = Path(src), Path(dst)
+    _check_format(bits, group_size)
+    if not src.is_dir():
+        raise CheckpointError(
+            f"{src} is not a folder; give the folder of a float Hugging Face checkpoint (config.json + *.safetensors)"
+        )
+    config = ModelConfig.from_file(src)
+    if config.quantization is not None:
+        raise InvalidRequestError(
+            f"{src} is already quantized ({config.quantization.bits}-bit, group size "
+            f"{config.quantization.group_size}); quantize its float original instead"
+        )
+    checkpoint = Checkpoint(src)
+    shapes = weight_shapes(config)
+    plan = _plan(checkpoint, shapes, bits, group_size)
+    _check_destination(src, dst, force)
+
+    kept_float = {item.source.removesuffix(".weight"): None for item in plan
+                  if _quantizable(item.source, shapes) and not item.packed}
+    quant = QuantConfig(bits, group_size, kept_float).to_json()
+    raw = json.loads((src / "config.json").read_text())
+    if "text_config" not in raw:
+        # mlx-lm's models read a missing key as tied embeddings; Hugging Face (and Ferrum) read it as untied.
+        raw.setdefault("tie_word_embeddings", config.tie_word_embeddings)
+    raw["quantization"], raw["quantization_config"] = quant, quant
+
+    staging = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run killed outright
+    try:
+        staging.mkdir(parents=True)
+        _write_weights(checkpoint, plan, staging, bits, group_size, progress)
+        (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        for pattern in COPIED_FILES:
+            for path in src.glob(pattern):
+                if path.is_file():
+                    shutil.copy2(path, staging / path.name)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(staging, dst)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"quantizing into {dst} failed: {exc}; the partial output was removed") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dst
+
+
+# ------------------------------------------------------------------ checks and plan
+
+
+def _check_format(bits: int, group_size: int) -> None:
+    """Only formats mlx-lm writes and loads (Ferrum's group size 16 exists for GGUF imports alone)."""
+    if not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise InvalidRequestError(
+            f"{bits}-bit quantization is not supported; bits (--bits) must be one of {SUPPORTED_BITS}"
+        )
+    if not isinstance(group_size, int) or group_size not in MLX_GROUP_SIZES:
+        raise InvalidRequestError(
+            f"group size {group_size} is not supported; it (--group-size) must be one of {MLX_GROUP_SIZES}"
+        )
+
+
+def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise InvalidRequestError(f"{dst} exists and is not a folder; choose another output path")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not force:
+            raise InvalidRequestError(
+                f"{dst} exists and is not empty; choose a new folder or pass --force to replace it"
+            )
+        source, target = src.resolve(), dst.resolve()
+        if target == source or target in source.parents:
+            raise InvalidRequestError(f"{dst} holds the source checkpoint {src}; --force would delete it")
+
+
+def _quantizable(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """The matrices mlx-lm quantizes: every Linear and the embedding, i.e. every 2-D ``.weight``."""
+    return name.endswith(".weight") and len(shapes[name]) == 2
+
+
+def _source_headers(checkpoint: Checkpoint) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each source tensor's dtype code and shape, from the safetensors headers (no data read)."""
+    folder = checkpoint.folder
+    index = folder / INDEX_FILE
+    if index.exists():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in files:
+        with safe_open(str(path), framework="numpy") as handle:
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                headers[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
+    return headers
+
+
+def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int) -> list[_Item]:
+    """Every output tensor, with dtype and shape, checked against config.json before any work."""
+    checkpoint.require(list(shapes))
+    headers = _source_headers(checkpoint)
+    if any(name.endswith(".scales") for name in headers):
+        raise InvalidRequestError(
+            f"{checkpoint.folder} holds packed weights (*.scales) although config.json has no 'quantization' "
+            "section; quantize its float original instead"
+        )
+    plan = []
+    for name, shape in shapes.items():
+        code, stored = headers[name]
+        if code not in _FLOAT_CODES:
+            raise CheckpointError(
+                f"{checkpoint.folder}: tensor {name} is {code}; `ferrum quantize` reads float32, float16 or "
+                "bfloat16 checkpoints"
+            )
+        if stored != shape:
+            raise CheckpointError(f"tensor {name} has shape {stored} but config.json implies {shape}")
+        if _quantizable(name, shapes) and shape[1] % group_size == 0:
+            module = name.removesuffix(".weight")
+            n, k = shape
+            outputs = (
+                _Tensor(name, "U32", (n, k * bits // 32)),
+                _Tensor(f"{module}.scales", code, (n, k // group_size)),
+                _Tensor(f"{module}.biases", code, (n, k // group_size)),
+            )
+            plan.append(_Item(name, True, outputs))
+        else:
+            plan.append(_Item(name, False, (_Tensor(name, code, shape),)))
+    return plan
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _shards(plan: list[_Item]) -> list[list[_Item]]:
+    """Consecutive items in files of at most :data:`MAX_SHARD_BYTES` (a larger tensor gets its own)."""
+    shards: list[list[_Item]] = []
+    size = 0
+    for item in plan:
+        nbytes = sum(t.nbytes for t in item.outputs)
+        if not shards or size + nbytes > MAX_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    return shards
+
+
+def _write_weights(
+    checkpoint: Checkpoint, plan: list[_Item], folder: Path, bits: int, group_size: int,
+    progress: ProgressFn | None,
+) -> None:
+    """Write the shards (plus an index when there are several), converting one source tensor at a time."""
+    shards = _shards(plan)
+    names = (
+        ["model.safetensors"] if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    done = 0
+    for file_name, items in zip(names, shards):
+        with open(folder / file_name, "wb") as out:
+            _write_header(out, [t for item in items for t in item.outputs])
+            for item in items:
+                array = checkpoint.read(item.source)
+                if item.packed:
+                    packed = quantize(array, bits, group_size)
+                    del array
+                    arrays = (packed.packed, packed.scales, packed.biases)
+                else:
+                    arrays = (array,)
+                for tensor, data in zip(item.outputs, arrays):
+                    assert data.nbytes == tensor.nbytes, (tensor, data.dtype, data.shape)
+                    out.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+                done += 1
+                if progress is not None:
+                    progress(done, len(plan), item.source)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for item in plan for t in item.outputs)},
+            "weight_map": {t.name: file_name for file_name, items in zip(names, shards)
+                           for item in items for t in item.outputs},
+        }
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_header(out: BinaryIO, tensors: list[_Tensor]) -> None:
+    """The safetensors header: u64 length, then JSON padded with spaces to 8 bytes; data follows in order."""
+    header: dict[str, object] = {"__metadata__": {"format": "mlx"}}
+    offset = 0
+    for tensor in tensors:
+        header[tensor.name] = {
+            "dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    out.write(len(text).to_bytes(8, "little"))
+    out.write(text)
+

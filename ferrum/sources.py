@@ -1,0 +1,106 @@
+"""What a user names as a model, turned into a checkpoint folder Ferrum loads.
+
+A folder is used as it is. A GGUF file is imported once (weights kept packed,
+see :mod:`ferrum.gguf_import`) into Ferrum's cache, in a folder named after
+the file and its size and modification time, so a changed file is imported
+again. Imports are written into a staging folder and renamed into place when
+complete: an interrupted run never leaves half a model, and two processes
+racing both end with a whole one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from ferrum.errors import CheckpointError
+
+ProgressFn = Callable[[int, int, str], None]
+
+#: Written last into a finished import; a folder without it is not used.
+DONE_MARKER = ".ferrum-converted"
+#: Bump when an import's output changes, so old caches are redone.
+#: 1: every tensor dequantized to float32; 2: quantized weights kept packed.
+IMPORT_FORMAT = "2"
+
+
+def cache_root() -> Path:
+    """``$FERRUM_CACHE_DIR``, else ``$XDG_CACHE_HOME/ferrum``, else ``~/.cache/ferrum``."""
+    explicit = os.environ.get("FERRUM_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ferrum"
+
+
+def resolve_model(path: str | Path, progress: ProgressFn | None = None) -> Path:
+    """The checkpoint folder for ``path``: a folder itself, or a GGUF file's cached import."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_checkpoint(path, progress)
+    if path.is_file():
+        raise CheckpointError(
+            f"{path} is a file; Ferrum loads a checkpoint folder (config.json + *.safetensors) or a .gguf file"
+        )
+    raise CheckpointError(f"no checkpoint folder (config.json + *.safetensors) or .gguf file at {path}")
+
+
+def gguf_checkpoint(gguf_path: str | Path, progress: ProgressFn | None = None) -> Path:
+    """The cached import of a GGUF file, imported on first use."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    if not gguf_path.is_file():
+        raise CheckpointError(f"no GGUF file at {gguf_path}")
+    stat = gguf_path.stat()
+    target = cache_root() / "models" / "gguf" / f"{gguf_path.stem}-{stat.st_size:x}-{stat.st_mtime_ns:x}"
+    return imported_gguf(gguf_path, target, progress)
+
+
+def is_complete(folder: Path) -> bool:
+    try:
+        return (folder / DONE_MARKER).read_text().strip() == IMPORT_FORMAT
+    except OSError:
+        return False
+
+
+def imported_gguf(gguf_path: Path, target: Path, progress: ProgressFn | None = None) -> Path:
+    """``target`` holding the import of ``gguf_path``, importing it unless a complete one is there."""
+    if is_complete(target):
+        return target
+    from ferrum.gguf_import import convert_gguf
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        convert_gguf(gguf_path, staging, progress=progress)
+        (staging / DONE_MARKER).write_text(IMPORT_FORMAT + "\n")
+        if target.exists() and not is_complete(target):
+            # Left by an older format or by hand; replace it.
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished first (the target is a non-empty folder now).
+            if not is_complete(target):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _remove_stale_staging(target: Path, max_age_s: float = 3600.0) -> None:
+    """Delete staging folders a killed import left (imports take seconds; an hour-old one is dead)."""
+    now = time.time()
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if now - leftover.stat().st_mtime > max_age_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
