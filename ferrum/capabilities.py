@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ferrum.hookspec import QUANTIZED_OPS
+
 
 @dataclass(frozen=True)
 class MemoryRequirements:
@@ -37,6 +39,8 @@ class ExecutorCapabilities:
     max_batch: int | None
     max_seq_len: int | None
     memory: MemoryRequirements | None
+    #: (bits, group_size) of packed weights the plugin runs natively; the rest use the core's fallback.
+    quant_formats: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_backend(cls, backend: Any, model: Any = None) -> "ExecutorCapabilities":
@@ -71,4 +75,16 @@ class ExecutorCapabilities:
             max_batch=max_batch,
             max_seq_len=max_seq_len,
             memory=memory,
+            quant_formats=tuple(info.quant_formats) if all(op in native for op in QUANTIZED_OPS) else (),
         )
+
+    def quantization_summary(self) -> str:
+        """``4,8-bit g32,64`` style: which packed formats run natively, or ``fallback``."""
+        if not self.quant_formats:
+            return "fallback"
+        bits = sorted({b for b, _ in self.quant_formats})
+        groups = sorted({g for _, g in self.quant_formats})
+        full = len(self.quant_formats) == len(bits) * len(groups)
+        if full:
+            return f"{','.join(map(str, bits))}-bit g{','.join(map(str, groups))}"
+        return " ".join(f"{b}b/g{g}" for b, g in sorted(self.quant_formats))

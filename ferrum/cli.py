@@ -48,7 +48,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 f"  {entry.name}: device={caps.devices[0]} dtypes={','.join(caps.dtypes)} "
                 f"paged_attention={caps.paged_attention} native_unified_batch={caps.native_unified_batch} "
                 f"sliding_window={caps.sliding_window} device_sampling={caps.device_sampling} "
-                f"attention={'+'.join(caps.attention_mechanisms)}"
+                f"attention={'+'.join(caps.attention_mechanisms)} quantized={caps.quantization_summary()}"
             )
             note = backends.load_backend(entry.name).info.note
             if note:
@@ -116,7 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
         workload=args.workload, backend=args.backend, model=args.model, preset=args.preset, dtype=args.dtype,
         peer=args.peer, repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len,
-        concurrency=args.concurrency, profile=args.profile,
+        concurrency=args.concurrency, profile=args.profile, quantize=args.quantize, group_size=args.group_size,
     )
     report = run_bench(options, progress=_progress_printer,
                        log=lambda line: print(f"[ferrum bench] {line}", file=sys.stderr))
@@ -182,10 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time a workload on ferrum and on a peer (mlx-lm / transformers), same weights")
     p.add_argument("--workload", default="decode-1", choices=sorted(WORKLOADS))
     p.add_argument("--backend", help="backend name; default: best available")
-    p.add_argument("--model", help="checkpoint folder (default: a random-weight --preset)")
+    p.add_argument("--model", help="checkpoint folder or .gguf file (default: a random-weight --preset)")
     p.add_argument("--preset", default="qwen2-0.5b", choices=sorted(PRESETS), help="shape of the random checkpoint")
+    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 5, 6, 8),
+                   help="bench a quantized copy (mlx-community layout, cached) of the model at these bits")
+    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128), help="with --quantize")
     p.add_argument("--dtype", help="compute dtype for both sides")
-    p.add_argument("--peer", default="auto", help="auto (mlx-lm for mlx, else transformers), mlx-lm, transformers, none")
+    p.add_argument("--peer", default="auto",
+                   help="auto (llama.cpp for a .gguf, mlx-lm for mlx and quantized models, else transformers), "
+                        "llama.cpp, mlx-lm, transformers, none")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per side; the median is reported")
     p.add_argument("--prompt-len", type=int, help="override the workload's (longest) prompt length")
     p.add_argument("--gen-len", type=int, help="override the tokens generated per request")

@@ -189,3 +189,14 @@ def test_module_kept_float_by_config_but_packed_on_disk_is_refused(mlx_lm_4bit, 
     folder = _edit(mlx_lm_4bit[0], tmp_path, keep_head_float)
     with pytest.raises(CheckpointError, match="keeps lm_head in float"):
         ferrum.load(folder, backend="cpu")
+
+
+def test_capabilities_report_native_formats():
+    from ferrum.backends import load_backend
+    from ferrum.capabilities import ExecutorCapabilities
+
+    mlx_caps = ExecutorCapabilities.from_backend(load_backend("mlx"))
+    assert (4, 64) in mlx_caps.quant_formats and (4, 16) not in mlx_caps.quant_formats
+    assert mlx_caps.quantization_summary() == "2,3,4,5,6,8-bit g32,64,128"
+    cpu_caps = ExecutorCapabilities.from_backend(load_backend("cpu"))
+    assert cpu_caps.quant_formats == () and cpu_caps.quantization_summary() == "fallback"
