@@ -4,8 +4,13 @@ Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the sam
 model in another layout, so :func:`convert_gguf` rewrites it once:
 
 * ``config.json`` from the ``llama.*`` metadata;
-* ``model.safetensors`` with Hugging Face tensor names, every tensor dequantised
-  (``gguf.quants.dequantize``) to float32 by default;
+* ``model.safetensors`` with Hugging Face tensor names. Quantized matrices stay
+  packed: :mod:`ferrum.quant.gguf` rewrites their blocks into the affine form
+  (``X.weight`` uint32, ``X.scales``, ``X.biases``) without going through float,
+  so the folder is about the GGUF's size and dequantizes to exactly llama.cpp's
+  values; ``config.json`` gets mlx-lm's ``quantization`` section. Dense tensors
+  (norms, F16/BF16/F32 matrices) are kept as they are. ``dequantize_to`` turns
+  everything into one float dtype instead;
 * ``tokenizer.json`` rebuilt with the ``tokenizers`` library from
   ``tokenizer.ggml.*``, plus ``tokenizer_config.json`` (chat template, special
   tokens) and ``generation_config.json`` (stop token ids).
@@ -17,7 +22,8 @@ Two details of the GGUF layout matter:
   here. The reader's ``data`` is already row-major, one row per outer index.
 * llama.cpp's converter permutes the rows of ``q_proj`` and ``k_proj`` so that its
   rope rotates adjacent pairs ``(2j, 2j+1)`` of each head; Hugging Face's Llama
-  rotates the two halves ``(j, j + d/2)``. :func:`unpermute_qk` undoes it.
+  rotates the two halves ``(j, j + d/2)``. :func:`unpermute_qk` undoes it; it
+  moves whole rows, so it applies to packed words, scales and biases alike.
 
 The ``gguf`` package (llama.cpp's own reader) is needed: ``pip install 'ferrum[gguf]'``.
 """
@@ -28,6 +34,7 @@ import json
 import math
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,13 +42,18 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
+from ferrum.quant.affine import QuantizedWeight
+from ferrum.quant.config import QuantConfig
+from ferrum.quant.gguf import StoredForm, describe, repack
 
 ProgressFn = Callable[[int, int, str], None]
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
-#: Output dtypes: numpy dtype and safetensors' name for it.
-_OUT_DTYPES = {"float32": ("<f4", "F32"), "float16": ("<f2", "F16"), "bfloat16": (None, "BF16")}
+#: Float dtypes ``dequantize_to`` accepts.
+DEQUANTIZE_DTYPES = ("float32", "float16", "bfloat16")
+#: safetensors' name of each stored dtype.
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
 
 # GGUF token types (llama.cpp's llama_token_type).
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
@@ -178,6 +190,11 @@ class _PlannedTensor:
     source: Any  # gguf ReaderTensor
     shape: tuple[int, ...]  # numpy / Hugging Face order
     unpermute_heads: int | None  # q/k: heads to un-permute over
+    form: StoredForm | None = None  # how it is written, set by _choose_forms
+
+    @property
+    def module(self) -> str:
+        return self.hf_name.removesuffix(".weight")
 
 
 def _numpy_shape(tensor: Any) -> tuple[int, ...]:
@@ -296,35 +313,94 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
     return plan
 
 
-def _write_safetensors(
-    path: Path, plan: list[_PlannedTensor], dtype: str, where: str, progress: ProgressFn | None
-) -> None:
-    """Stream tensors into a safetensors file one at a time (never all in memory at once)."""
-    np_dtype, st_dtype = _OUT_DTYPES[dtype]
-    if dtype == "bfloat16":
+def _choose_forms(plan: list[_PlannedTensor], dequantize_to: str | None, where: str) -> None:
+    """Decide how every tensor is stored, checking types, block shapes and scales before anything is written."""
+    if dequantize_to is not None:
+        _check_quant_types([p.source for p in plan], where)
+        for p in plan:
+            p.form = StoredForm(p.shape, dequantize_to)
+        return
+    for p in plan:
+        t = p.source
+        try:
+            p.form = describe(t.data, t.tensor_type.name, p.shape, t.name)
+        except (CheckpointError, UnsupportedFeatureError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+
+
+def _quantization_section(plan: list[_PlannedTensor]) -> dict[str, Any] | None:
+    """mlx-lm's ``quantization`` entry: the commonest (bits, group size), then every matrix that differs."""
+    matrices = [p for p in plan if len(p.shape) == 2]
+    formats = Counter((p.form.bits, p.form.group_size) for p in matrices if p.form.packed)
+    if not formats:
+        return None
+    default = formats.most_common(1)[0][0]
+    overrides: dict[str, tuple[int, int] | None] = {}
+    for p in matrices:
+        fmt = (p.form.bits, p.form.group_size) if p.form.packed else None
+        if fmt != default:
+            overrides[p.module] = fmt  # None: kept dense (``false``)
+    return QuantConfig(*default, overrides).to_json()
+
+
+def _torch_dtype(plan: list[_PlannedTensor]) -> str:
+    """The one float dtype every matrix's scales (or dense values) are stored in, else float32.
+
+    float16 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 imports (their parameters are float16
+    values), float32 once any K-quant or overflowing scale needs it: a backend
+    following ``torch_dtype`` then computes at the precision the file was made in.
+    """
+    dtypes = {p.form.dtype for p in plan if len(p.shape) == 2}
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
+def _numpy_dtype(name: str) -> Any:
+    if name == "bfloat16":
         import ml_dtypes
 
-        np_dtype = ml_dtypes.bfloat16
-    itemsize = np.dtype(np_dtype).itemsize
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _stored_arrays(p: _PlannedTensor, dequantize_to: str | None, where: str) -> list[np.ndarray]:
+    """The arrays ``p.form.parts()`` describes, q/k rows un-permuted."""
+    t = p.source
+    if dequantize_to is None:
+        value = repack(t.data, t.tensor_type.name, p.shape, t.name)  # checked by _choose_forms
+    else:
+        value = _dequantize(t, where)
+    if isinstance(value, QuantizedWeight):
+        arrays = [value.packed, value.scales, value.biases]
+    else:
+        if not np.isfinite(value.astype(np.float32, copy=False)).all():
+            raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
+        arrays = [value.astype(_numpy_dtype(p.form.dtype), copy=False)]
+    if p.unpermute_heads is not None:
+        arrays = [unpermute_qk(a, p.unpermute_heads) for a in arrays]  # whole rows move: exact when packed
+    return arrays
+
+
+def _write_safetensors(
+    path: Path, plan: list[_PlannedTensor], dequantize_to: str | None, where: str, progress: ProgressFn | None
+) -> None:
+    """Stream tensors into a safetensors file one at a time (never all in memory at once)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for p in plan:
-        size = math.prod(p.shape) * itemsize
-        header[p.hf_name] = {"dtype": st_dtype, "shape": list(p.shape), "data_offsets": [offset, offset + size]}
-        offset += size
+        for suffix, dtype, shape in p.form.parts():
+            size = math.prod(shape) * np.dtype(_numpy_dtype(dtype)).itemsize
+            header[f"{p.module}.{suffix}"] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size],
+            }
+            offset += size
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for done, p in enumerate(plan, start=1):
-            array = _dequantize(p.source, where)
-            if p.unpermute_heads is not None:
-                array = unpermute_qk(array, p.unpermute_heads)
-            if not np.isfinite(array).all():
-                raise CheckpointError(f"{where}: tensor {p.source.name} holds NaN or infinite values")
-            out = np.ascontiguousarray(array.astype(np_dtype, copy=False))
-            f.write(memoryview(out.reshape(-1).view(np.uint8)))
+            for array in _stored_arrays(p, dequantize_to, where):
+                f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
             if progress is not None:
                 progress(done, len(plan), p.hf_name)
 
@@ -363,7 +439,7 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> di
     }
 
 
-def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None, dtype: str) -> dict[str, Any]:
+def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
     where = meta.where
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -447,7 +523,6 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None, dtype:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in names,
-        "torch_dtype": dtype,
     }
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -598,21 +673,24 @@ def convert_gguf(
     out_dir: str | Path,
     progress: ProgressFn | None = None,
     *,
-    dtype: str = "float32",
+    dequantize_to: str | None = None,
 ) -> Path:
     """Write ``gguf_path`` (a llama-architecture GGUF) into ``out_dir`` as a Hugging Face checkpoint.
 
-    ``dtype`` is the stored weight type: "float32" (default) keeps every
-    dequantised value exactly; "float16"/"bfloat16" halve the size at a small
-    rounding cost. ``progress(done, total, name)`` is called after each tensor.
-    Everything is checked (architecture, shapes, quant types, tokenizer) before
-    the first file is written. Returns ``out_dir``.
+    By default quantized matrices stay packed, exactly (see the module
+    docstring); GGUF types without an exact packed form are refused by name.
+    ``dequantize_to`` ("float32", "float16" or "bfloat16") instead stores every
+    tensor dequantised to that dtype: float32 keeps the values exactly at 4-8x
+    the size, and accepts every type the ``gguf`` package can dequantize.
+    ``progress(done, total, name)`` is called after each tensor. Everything is
+    checked (architecture, shapes, quant types, tokenizer) before the first file
+    is written. Returns ``out_dir``.
     """
     gguf = _import_gguf()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     where = str(gguf_path)
-    if dtype not in _OUT_DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(_OUT_DTYPES)}, got {dtype!r}")
+    if dequantize_to is not None and dequantize_to not in DEQUANTIZE_DTYPES:
+        raise ConfigError(f"dequantize_to must be one of {', '.join(DEQUANTIZE_DTYPES)} or None, got {dequantize_to!r}")
     if not gguf_path.is_file():
         raise CheckpointError(f"no GGUF file at {gguf_path}")
     try:
@@ -621,13 +699,18 @@ def convert_gguf(
         raise CheckpointError(f"{where} is not a readable GGUF file: {exc}") from exc
     meta = _Metadata(reader, where)
     tokens = meta.get("tokenizer.ggml.tokens")
-    config = _build_config(meta, reader, tokens, dtype)
+    config = _build_config(meta, reader, tokens)
     if not tokens:
         raise CheckpointError(f"{where}: GGUF metadata has no tokenizer.ggml.tokens; cannot build a tokenizer")
     tokenizer, tokenizer_config = _build_tokenizer(meta, tokens)
     tokenizer_config["model_max_length"] = config["max_position_embeddings"]
     plan = _plan_tensors(reader, config, where)
-    _check_quant_types([p.source for p in plan], where)
+    _choose_forms(plan, dequantize_to, where)
+    config["torch_dtype"] = _torch_dtype(plan)
+    quantization = _quantization_section(plan)
+    if quantization is not None:
+        config["quantization"] = quantization
+        config["quantization_config"] = dict(quantization)
 
     generation: dict[str, Any] = {}
     if "bos_token_id" in config:
@@ -649,7 +732,7 @@ def convert_gguf(
     }
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(out_dir / "model.safetensors", plan, dtype, where, progress)
+    _write_safetensors(out_dir / "model.safetensors", plan, dequantize_to, where, progress)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

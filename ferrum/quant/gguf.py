@@ -1,0 +1,307 @@
+"""GGUF quantized blocks rewritten into the packed affine form exactly, never going through float.
+
+Every GGUF type below is an affine code per block or sub-block, so its bytes
+map onto ``scales * q + biases`` with the same ``q`` and parameters that
+reproduce llama.cpp's values bit for bit (evaluated in float32):
+
+========  =====  ==========  ==========================================  ==============
+type      bits   group size  scale, bias                                 stored as
+========  =====  ==========  ==========================================  ==============
+Q4_0      4      32          ``d``, ``-8d``                              float16 [1]_
+Q4_1      4      32          ``d``, ``m``                                float16
+Q5_0      5      32          ``d``, ``-16d``                             float16 [1]_
+Q5_1      5      32          ``d``, ``m``                                float16
+Q8_0      8      32          ``d``, ``-128d`` (``q`` = int8 + 128)       float16 [1]_
+Q4_K      4      32          ``d*sc_j``, ``-dmin*m_j``                   float32
+Q5_K      5      32          ``d*sc_j``, ``-dmin*m_j``                   float32
+Q6_K      6      16          ``d*sc_j``, ``-32*d*sc_j``                  float32
+========  =====  ==========  ==========================================  ==============
+
+.. [1] unless a bias overflows float16 (``|d|`` above 65504 / 8, / 16 or / 128):
+   then that tensor's scales and biases are float32.
+
+K-quant scales are an 11-bit float16 significand times a 6-bit (or signed
+8-bit) integer, up to 19 significant bits: exact in float32 only. GGUF packs
+values half-block by half-block (low nibbles, then high nibbles); the packed
+form wants consecutive values, so ``q`` is unpacked and packed again. Other
+GGUF types (Q2_K, Q3_K with 16-value 2/3-bit sub-blocks, the IQ* codebooks,
+TQ*, MXFP4) have no such form and are refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.quant.affine import QuantizedWeight, pack
+
+#: GGUF types kept as they are (dense), with their numpy dtype names.
+DENSE_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class _BlockType:
+    block: int  # values per block
+    nbytes: int  # bytes per block
+    bits: int
+    group_size: int
+    k_quant: bool  # parameters need float32
+
+
+_TYPES = {
+    "Q4_0": _BlockType(32, 18, 4, 32, False),
+    "Q4_1": _BlockType(32, 20, 4, 32, False),
+    "Q5_0": _BlockType(32, 22, 5, 32, False),
+    "Q5_1": _BlockType(32, 24, 5, 32, False),
+    "Q8_0": _BlockType(32, 34, 8, 32, False),
+    "Q4_K": _BlockType(256, 144, 4, 32, True),
+    "Q5_K": _BlockType(256, 176, 5, 32, True),
+    "Q6_K": _BlockType(256, 210, 6, 16, True),
+}
+#: GGUF types repacked exactly, with their (bits, group size).
+SUPPORTED_TYPES = {name: (t.bits, t.group_size) for name, t in _TYPES.items()}
+
+#: The float16 bias ``-c * d`` of the types whose bias is a multiple of ``d``.
+_BIAS_FACTOR = {"Q4_0": 8.0, "Q5_0": 16.0, "Q8_0": 128.0}
+#: Values repacked per step, to bound temporary memory on large tensors.
+_CHUNK_VALUES = 1 << 22
+
+
+@dataclass(frozen=True)
+class StoredForm:
+    """How one GGUF tensor is stored in the checkpoint: packed (``bits`` set) or dense."""
+
+    shape: tuple[int, ...]  # the dense tensor's numpy shape
+    dtype: str  # scale/bias dtype when packed, the tensor's dtype when dense
+    bits: int | None = None
+    group_size: int | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.bits is not None
+
+    def parts(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """``(suffix, dtype, shape)`` per stored array: ``weight`` (uint32), ``scales``, ``biases``; or ``weight``."""
+        if self.bits is None:
+            return [("weight", self.dtype, self.shape)]
+        n, k = self.shape
+        groups = (n, k // self.group_size)
+        packed = ("weight", "uint32", (n, k * self.bits // 32))
+        return [packed, ("scales", self.dtype, groups), ("biases", self.dtype, groups)]
+
+
+def _unsupported(type_name: str, tensor: str) -> UnsupportedFeatureError:
+    return UnsupportedFeatureError(
+        f"tensor {tensor} is stored as GGUF {type_name}, which Ferrum cannot import exactly; supported: "
+        f"{', '.join(SUPPORTED_TYPES)} (packed) and {', '.join(DENSE_TYPES)} (dense). Re-quantize the model "
+        "to one of them (llama.cpp's llama-quantize, e.g. Q4_K_M), or import it through float with "
+        "ferrum.gguf_import.convert_gguf(..., dequantize_to='float32')"
+    )
+
+
+def describe(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: str) -> StoredForm:
+    """Check one tensor (type, whole blocks, finite parameters) and say how :func:`repack` will store it.
+
+    ``raw`` is the tensor's data as GGUF holds it (block bytes for quantized
+    types), ``shape`` its numpy shape ``(N, K)``. Reads only each block's
+    parameters, so checking a whole file is quick.
+    """
+    if type_name in DENSE_TYPES:
+        return StoredForm(tuple(shape), DENSE_TYPES[type_name])
+    kind = _TYPES.get(type_name)
+    if kind is None:
+        raise _unsupported(type_name, tensor)
+    if len(shape) != 2 or shape[1] % kind.block:
+        raise CheckpointError(
+            f"tensor {tensor} ({type_name}, shape {tuple(shape)}) is not a matrix of whole {kind.block}-value "
+            f"blocks per row; {type_name} rows must hold a multiple of {kind.block} values"
+        )
+    scalars = _block_scalars(_blocks(raw, kind, shape, tensor), type_name)
+    _check_finite(tensor, type_name, *scalars)
+    if kind.k_quant:
+        return StoredForm(tuple(shape), "float32", kind.bits, kind.group_size)
+    factor = _BIAS_FACTOR.get(type_name)
+    if factor is not None:
+        bias = -factor * scalars[0].astype(np.float32)
+        with np.errstate(over="ignore"):  # an overflow is what is being checked for
+            as_f16 = bias.astype(np.float16).astype(np.float32)
+        if not np.array_equal(as_f16, bias):
+            return StoredForm(tuple(shape), "float32", kind.bits, kind.group_size)
+    return StoredForm(tuple(shape), "float16", kind.bits, kind.group_size)
+
+
+def repack(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: str) -> QuantizedWeight | np.ndarray:
+    """One GGUF tensor in the packed affine form (quantized types) or as its dense array (F32/F16/BF16).
+
+    ``dequantize`` of the result equals ``gguf.quants.dequantize`` of ``raw``
+    exactly, both evaluated in float32.
+    """
+    form = describe(raw, type_name, shape, tensor)
+    if not form.packed:
+        return _dense(raw, form.dtype, form.shape, tensor)
+    kind = _TYPES[type_name]
+    n, k = form.shape
+    blocks = _blocks(raw, kind, form.shape, tensor)
+    per_row = k // kind.block
+    store = np.float16 if form.dtype == "float16" else np.float32
+    packed = np.empty((n, k * kind.bits // 32), dtype=np.uint32)
+    scales = np.empty((n, k // kind.group_size), dtype=store)
+    biases = np.empty_like(scales)
+    step = max(1, _CHUNK_VALUES // k)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        q, scale, bias = _DECODERS[type_name](blocks[start * per_row : stop * per_row])
+        packed[start:stop] = _pack(q.reshape(stop - start, k), kind.bits)
+        scales[start:stop] = scale.reshape(stop - start, -1)
+        biases[start:stop] = bias.reshape(stop - start, -1)
+    return QuantizedWeight(packed, scales, biases, kind.bits, kind.group_size)
+
+
+# ------------------------------------------------------------------ reading blocks
+
+
+def _dense(raw: np.ndarray, dtype: str, shape: tuple[int, ...], tensor: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        np_dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        np_dtype = np.dtype(dtype)
+    data = np.ascontiguousarray(raw)
+    if data.dtype != np_dtype:
+        data = data.view(np.uint8).view(np_dtype)
+    if data.size != int(np.prod(shape)):
+        raise CheckpointError(
+            f"tensor {tensor} holds {data.size} {dtype} values but its shape {tuple(shape)} needs {int(np.prod(shape))}"
+        )
+    return data.reshape(shape)
+
+
+def _blocks(raw: np.ndarray, kind: _BlockType, shape: tuple[int, ...], tensor: str) -> np.ndarray:
+    """``raw`` as ``uint8 [N * K / block, bytes per block]``."""
+    data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    count = shape[0] * shape[1] // kind.block
+    if data.size != count * kind.nbytes:
+        raise CheckpointError(
+            f"tensor {tensor} holds {data.size} bytes but {count} blocks of its type need {count * kind.nbytes}"
+        )
+    return data.reshape(count, kind.nbytes)
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte ``at`` of every block, as ``[blocks, 1]``."""
+    return np.ascontiguousarray(blocks[:, at : at + 2]).view("<f2")
+
+
+def _block_scalars(blocks: np.ndarray, type_name: str) -> tuple[np.ndarray, ...]:
+    """Each block's float16 parameters (``d``, and ``m`` / ``dmin`` where the type has one)."""
+    if type_name == "Q6_K":
+        return (_f16(blocks, 208),)
+    if type_name in ("Q4_0", "Q5_0", "Q8_0"):
+        return (_f16(blocks, 0),)
+    return _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _check_finite(tensor: str, type_name: str, *params: np.ndarray) -> None:
+    for p in params:
+        if not np.isfinite(p).all():
+            raise CheckpointError(
+                f"tensor {tensor} ({type_name}) holds NaN or infinite block scales; the file is damaged"
+            )
+
+
+# ------------------------------------------------------------------ q, scale, bias per type
+# Each decoder takes uint8 blocks [B, bytes] and returns q [B, block] (uint8, the
+# values in order), scale and bias [B, groups per block] (float32, exact).
+
+
+def _halves(qs: np.ndarray) -> np.ndarray:
+    """Low nibbles first, then high nibbles: GGUF's order of 4-bit values within a run of bytes."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _fifth_bits(blocks: np.ndarray, at: int) -> np.ndarray:
+    """Q5_0/Q5_1's 32-bit ``qh``: bit ``i`` is value ``i``'s bit 4, as ``[B, 32]`` 0/16."""
+    qh = np.ascontiguousarray(blocks[:, at : at + 4]).view("<u4")
+    return (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+
+
+def _q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _f16(blocks, 0).astype(np.float32)
+    return _halves(blocks[:, 2:18]), d, -8.0 * d
+
+
+def _q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _halves(blocks[:, 4:20]), _f16(blocks, 0).astype(np.float32), _f16(blocks, 2).astype(np.float32)
+
+
+def _q5_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _f16(blocks, 0).astype(np.float32)
+    return _halves(blocks[:, 6:22]) | _fifth_bits(blocks, 2), d, -16.0 * d
+
+
+def _q5_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q = _halves(blocks[:, 8:24]) | _fifth_bits(blocks, 4)
+    return q, _f16(blocks, 0).astype(np.float32), _f16(blocks, 2).astype(np.float32)
+
+
+def _q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _f16(blocks, 0).astype(np.float32)
+    return blocks[:, 2:34] ^ np.uint8(0x80), d, -128.0 * d  # int8 + 128 = flip the sign bit
+
+
+def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K sub-block scales: ``d * sc_j`` and ``-dmin * m_j``, ``[B, 8]`` float32 (exact)."""
+    s = blocks[:, 4:16]
+    lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=1)
+    m = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    d, dmin = _f16(blocks, 0).astype(np.float32), _f16(blocks, 2).astype(np.float32)
+    return d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K low 4 bits: per 32-byte chunk ``c``, low nibbles are sub-block 2c, high 2c+1."""
+    chunks = qs.reshape(qs.shape[0], 4, 32)
+    return np.stack([chunks & 0x0F, chunks >> 4], axis=2).reshape(qs.shape[0], 256)
+
+
+def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _k_nibbles(blocks[:, 16:144]), *_k_scales(blocks)
+
+
+def _q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    qh = blocks[:, 16:48]  # bit j of byte l: bit 4 of value l of sub-block j
+    fifth = ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4
+    q = _k_nibbles(blocks[:, 48:176]) | fifth.reshape(blocks.shape[0], 256)
+    return q, *_k_scales(blocks)
+
+
+def _q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    b = blocks.shape[0]
+    ql = blocks[:, 0:128].reshape(b, 2, 64)  # per 128-value half: values l (low) and 64 + l (high)
+    qh = blocks[:, 128:192].reshape(b, 2, 32)  # bits 2i, 2i+1 of byte l: top bits of value 32i + l
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=-1)
+    high = (qh[:, :, None, :] >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3
+    q = (low | (high.reshape(b, 2, 128) << 4)).reshape(b, 256)
+    sc = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)
+    scale = _f16(blocks, 208).astype(np.float32) * sc
+    return q, scale, -32.0 * scale
+
+
+_DECODERS = {
+    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+    "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+}
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """``q [rows, K]`` into the packed form's words, with byte-level shortcuts for 4 and 8 bits."""
+    q = np.ascontiguousarray(q, dtype=np.uint8)
+    if bits == 8:
+        return q.view("<u4")
+    if bits == 4:
+        return np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4)).view("<u4")
+    return pack(q, bits)
