@@ -7,6 +7,10 @@ CUDA). Nothing here builds autograd graphs: no tensor is created with
 costs about as much per op as it saves, and KV pools made inside it could not
 be updated in place outside it).
 
+Quantized weights stay packed on the device; :mod:`ferrum_cuda.quant` says
+which path (torch's int4 kernels, or dequantizing one matrix at a time) each
+bit width, group size and compute dtype takes.
+
 Paged attention
 ---------------
 :func:`prepare_attention_batch` turns an :class:`~ferrum.attention.AttentionBatch`
@@ -44,7 +48,7 @@ import torch.nn.functional as F
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
 from ferrum.sampling import SampleResult
-from ferrum_cuda import guess_device, requested_device
+from ferrum_cuda import guess_device, requested_device, quant
 
 # --------------------------------------------------------------------------
 # Device
@@ -130,23 +134,30 @@ def _host_memory_bytes() -> int | None:
 
 @hookimpl
 def backend_info() -> BackendInfo:
+    # Quantized weights run here in every format (ferrum_cuda.quant); bfloat16 is
+    # their default dtype where torch's int4 kernels passed their self-test.
+    int4_ok, int4_note = quant.int4_status(DEVICE)
+    common = dict(
+        name="cuda",
+        note="; ".join(n for n in (DEVICE_NOTE, int4_note) if n),
+        quant_formats=quant.FORMATS,
+        quantized_dtype="bfloat16" if int4_ok else None,
+    )
     if IS_CUDA:
         _, total = torch.cuda.mem_get_info(DEVICE)
         return BackendInfo(
-            name="cuda",
             device=str(DEVICE),
             dtypes=("float32", "float16", "bfloat16"),
             default_dtype="bfloat16",
             memory_bytes=int(total),
-            note=DEVICE_NOTE,
+            **common,
         )
     return BackendInfo(
-        name="cuda",
         device="cpu",
         dtypes=("float32", "bfloat16"),
         default_dtype="float32",
         memory_bytes=_host_memory_bytes(),
-        note=DEVICE_NOTE,
+        **common,
     )
 
 
@@ -281,6 +292,30 @@ def add(a, b):
 @hookimpl
 def linear(x, weight, bias):
     return F.linear(x, weight, bias)
+
+
+# --------------------------------------------------------------------------
+# Quantized weights (paths and forms: ferrum_cuda.quant)
+# --------------------------------------------------------------------------
+
+
+@hookimpl
+def quantized_upload(name, weight, dtype, role):
+    # The uint32 stream viewed as its little-endian bytes: rows stay gatherable.
+    data = _upload(np.ascontiguousarray(weight.packed, dtype="<u4").view(np.uint8), None, alias_ok=True)
+    scales = _upload(weight.scales, None, alias_ok=True)
+    biases = _upload(weight.biases, None, alias_ok=True)
+    return quant.upload(data, scales, biases, weight.bits, weight.group_size, _torch_dtype(dtype), role)
+
+
+@hookimpl
+def quantized_linear(x, weight, bias):
+    return quant.linear(x, weight, bias)
+
+
+@hookimpl
+def quantized_embedding(weight, ids):
+    return quant.embedding(weight, ids)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
