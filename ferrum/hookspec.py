@@ -327,7 +327,8 @@ def quantized_upload(name: str, weight: Any, dtype: str, role: str) -> Any:
     (:func:`quantized_linear`), ``"embedding"`` (:func:`quantized_embedding`)
     or ``"tied"`` (both: a tied embedding and LM head). The weight must stay
     packed (never dequantized to a whole float matrix at load); the backend
-    may repack it for its kernels. Returning ``None`` declines this tensor (for
+    may repack it for its kernels; a result with an ``nbytes`` attribute reports
+    its resident size (memory figures use it). Returning ``None`` declines this tensor (for
     example a shape the kernel cannot take): the core's reference form then
     serves it. Fallback: the reference form for every tensor.
     """

@@ -147,7 +147,7 @@ class DecoderOnlyLLM:
         self.inv_freq = ops.from_numpy(config.rope_inv_freq(), "float32")
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
-        #: Bytes of the weights as loaded (packed ones at their packed size), before any backend repacking.
+        #: Bytes the weights occupy on the backend (packed ones at their packed or repacked size).
         self.weight_bytes = sum(p.nbytes for p in weights.values())
 
     # ------------------------------------------------------------------ load

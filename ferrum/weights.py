@@ -57,7 +57,8 @@ def place(ops: Any, name: str, tensor: HostTensor, dtype: str, role: str = "line
     if runs_natively(ops, tensor.bits, tensor.group_size):
         weight = ops.quantized_upload(name, tensor, dtype, role)
         if weight is not None:
-            return Placed(weight, ops.quantized_linear, ops.quantized_embedding, tensor.nbytes)
+            resident = getattr(weight, "nbytes", tensor.nbytes)  # a repacked form may be larger
+            return Placed(weight, ops.quantized_linear, ops.quantized_embedding, resident)
     fallback = ops.fallback
     weight = fallback["quantized_upload"](name, tensor, dtype, role)
     return Placed(weight, fallback["quantized_linear"], fallback["quantized_embedding"], tensor.nbytes)

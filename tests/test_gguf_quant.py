@@ -27,6 +27,7 @@ from test_gguf_import import (  # noqa: E402
 
 import ferrum  # noqa: E402
 from ferrum import default_model  # noqa: E402
+from ferrum.bench.runners import open_llama_cpp  # noqa: E402
 from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf, unpermute_qk  # noqa: E402
@@ -270,7 +271,7 @@ NEAR_TIE = 0.5
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason=f"default model not installed ({default_model.INSTALL_COMMAND})")
 def test_greedy_tokens_match_llama_cpp(tmp_path, monkeypatch):
     """Ferrum's greedy tokens are llama.cpp's on the same GGUF and ids, up to a near-tie llama.cpp's rounding flips."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from ferrum.sampling import SamplingParams
 
     monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path))
@@ -278,17 +279,7 @@ def test_greedy_tokens_match_llama_cpp(tmp_path, monkeypatch):
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
     ours = list(llm.run([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids)
 
-    # llama.cpp's plain CPU kernels: its AMX weight repacking (an "extra buffer type") dies with SIGILL
-    # where the machine advertises AMX but the sandbox does not grant it.
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_extra_buffer_types():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffer_types)
-    ref = llama_cpp.Llama(str(default_model.default_gguf_path()), n_ctx=256, n_threads=2, verbose=False)
+    ref = open_llama_cpp(default_model.default_gguf_path(), context=256, threads=2)
     theirs = []
     for token in ref.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
         theirs.append(token)

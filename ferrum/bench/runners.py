@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ferrum.bench.figures import Figures
 from ferrum.engine import EngineConfig, RequestOutput
@@ -175,6 +175,30 @@ class TransformersRunner(Runner):
         return [steps[0]] * len(prompts), [out.shape[1] - width] * len(prompts)
 
 
+def open_llama_cpp(gguf_path: Path, context: int, threads: int) -> Any:
+    """A ``llama_cpp.Llama`` on llama.cpp's plain CPU kernels.
+
+    Its AMX weight repacking (an "extra buffer type") dies with SIGILL where the
+    CPU advertises AMX but the sandbox does not grant it, and the Python API has
+    no switch for it, so the default model parameters are patched while loading.
+    """
+    import llama_cpp
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=context, n_batch=512, n_threads=threads,
+                               logits_all=False, verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
 class LlamaCppRunner(Runner):
     """llama.cpp through ``llama-cpp-python`` on the original GGUF file, one request at a time
     (its high-level API decodes a single sequence), greedy, every core."""
@@ -185,14 +209,12 @@ class LlamaCppRunner(Runner):
         import os
 
         try:
-            from llama_cpp import Llama
+            self.llm = open_llama_cpp(gguf_path, context, os.cpu_count() or 1)
         except ImportError as exc:
             raise UnsupportedFeatureError(
                 "the llama.cpp peer needs llama-cpp-python (pip install llama-cpp-python; it builds from "
                 "source in about 10 minutes), or pass --peer none"
             ) from exc
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=context, n_batch=512, n_threads=os.cpu_count(),
-                         logits_all=False, verbose=False)
 
     def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
         first_times, counts = [], []

@@ -209,6 +209,10 @@ class QuantizedMatrix:
         self.biases = from_numpy(weight.biases, dtype)
         self.bits, self.group_size = weight.bits, weight.group_size
 
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scales.nbytes + self.biases.nbytes
+
 
 @hookimpl
 def quantized_upload(name, weight, dtype, role):
