@@ -26,10 +26,14 @@ bench float32-cpu --model "$float_dir" --backend cpu "${short[@]}" --peer none
 bench float32-torch --model "$float_dir" --backend cuda "${short[@]}" --peer none --dtype float32
 bench bfloat16-torch --model "$float_dir" --backend cuda "${short[@]}" --peer none --dtype bfloat16
 
-# The same shape quantized by `ferrum quantize`, against mlx-lm on the same folder.
+# The same shape quantized by `ferrum quantize`: the MLX backend against mlx-lm on the same folder
+# (same compute dtype on both sides), then the torch backend alone (mlx-lm's CPU kernels in
+# bfloat16 are no fair peer for it; transformers cannot load the folder).
 for bits in 8 4; do
   bench "q$bits-mlx" --preset smollm2-135m --quantize "$bits" --backend mlx "${short[@]}" --gen-len 32
-  bench "q$bits-torch" --preset smollm2-135m --quantize "$bits" --backend cuda "${short[@]}" --gen-len 32
+  bench "q$bits-concurrent-8-mlx" --preset smollm2-135m --quantize "$bits" --backend mlx \
+    --workload concurrent-8 --prompt-len 32 --gen-len 8 --repeat 1
+  bench "q$bits-torch" --preset smollm2-135m --quantize "$bits" --backend cuda "${short[@]}" --gen-len 32 --peer none
   bench "q$bits-concurrent-8-torch" --preset smollm2-135m --quantize "$bits" --backend cuda \
-    --workload concurrent-8 --prompt-len 64 --gen-len 16 --repeat 1
+    --workload concurrent-8 --prompt-len 64 --gen-len 16 --repeat 1 --peer none
 done

@@ -1,10 +1,11 @@
-"""Reading safetensors checkpoints (single file or sharded) into host arrays."""
+"""Reading safetensors checkpoints (single file or sharded) into host arrays, and streaming new ones out."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can read it
 import numpy as np
@@ -13,6 +14,35 @@ from safetensors import safe_open
 from ferrum.errors import CheckpointError, MissingTensorError
 
 INDEX_FILE = "model.safetensors.index.json"
+
+#: safetensors dtype codes and their element sizes.
+SAFETENSORS_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1}
+
+
+def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
+    """Bytes of a tensor of safetensors dtype code ``dtype`` and ``shape``."""
+    return math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
+
+
+def write_safetensors_header(
+    out: BinaryIO, tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+) -> None:
+    """Start a safetensors file whose tensors (name, dtype code, shape) are then written in order.
+
+    Lets a converter stream tensors one at a time: the header only needs their
+    sizes. It is a little-endian u64 length, then JSON padded with spaces so the
+    data starts 8-byte aligned, as the safetensors library writes it.
+    """
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in tensors:
+        size = tensor_nbytes(dtype, shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    out.write(len(text).to_bytes(8, "little"))
+    out.write(text)
 
 
 class Checkpoint:

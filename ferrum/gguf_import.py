@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ferrum.checkpoint import write_safetensors_header
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
 from ferrum.quant.affine import QuantizedWeight
 from ferrum.quant.config import QuantConfig
@@ -384,20 +385,10 @@ def _write_safetensors(
     path: Path, plan: list[_PlannedTensor], dequantize_to: str | None, where: str, progress: ProgressFn | None
 ) -> None:
     """Stream tensors into a safetensors file one at a time (never all in memory at once)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for p in plan:
-        for suffix, dtype, shape in p.form.parts():
-            size = math.prod(shape) * np.dtype(_numpy_dtype(dtype)).itemsize
-            header[f"{p.module}.{suffix}"] = {
-                "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size],
-            }
-            offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    tensors = [(f"{p.module}.{suffix}", _SAFETENSORS_DTYPES[dtype], shape)
+               for p in plan for suffix, dtype, shape in p.form.parts()]
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        write_safetensors_header(f, tensors, {"format": "pt"})
         for done, p in enumerate(plan, start=1):
             for array in _stored_arrays(p, dequantize_to, where):
                 f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))

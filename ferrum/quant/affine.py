@@ -112,6 +112,13 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     if (k * bits) % 32:
         raise InvalidRequestError(f"a row of {k} values at {bits} bits does not fill whole 32-bit words")
     rows = q.reshape(-1, k)
+    if bits in _BYTE_TABLES:  # whole values per byte: or the shifted values into bytes
+        per_byte = 8 // bits
+        values = rows.astype(np.uint8).reshape(rows.shape[0], -1, per_byte)
+        as_bytes = values[..., 0].copy()
+        for i in range(1, per_byte):
+            as_bytes |= values[..., i] << np.uint8(i * bits)
+        return as_bytes.view("<u4").reshape(*q.shape[:-1], k * bits // 32)
     out = np.empty((rows.shape[0], k * bits // 32), dtype=np.uint32)
     shifts = np.arange(bits, dtype=np.uint8)
     for start in range(0, rows.shape[0], _ROW_CHUNK):

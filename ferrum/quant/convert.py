@@ -20,17 +20,16 @@ at the end: an interrupted run leaves ``DST`` untouched.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import numpy as np
 from safetensors import safe_open
 
-from ferrum.checkpoint import INDEX_FILE, Checkpoint
+from ferrum.checkpoint import INDEX_FILE, Checkpoint, tensor_nbytes, write_safetensors_header
 from ferrum.errors import CheckpointError, InvalidRequestError
 from ferrum.quant.affine import MLX_GROUP_SIZES, SUPPORTED_BITS, quantize
 from ferrum.quant.config import QuantConfig
@@ -44,8 +43,8 @@ COPIED_FILES = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
     "chat_template.*", "*.tiktoken", "tiktoken.model", "generation_config.json",
 )
-#: safetensors dtype code -> bytes per element, for the float dtypes a source may hold.
-_FLOAT_CODES = {"F32": 4, "F16": 2, "BF16": 2}
+#: safetensors dtype codes of the float tensors a source may hold.
+_FLOAT_CODES = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class _Tensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * (4 if self.dtype == "U32" else _FLOAT_CODES[self.dtype])
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
@@ -249,7 +248,9 @@ def _write_weights(
     done = 0
     for file_name, items in zip(names, shards):
         with open(folder / file_name, "wb") as out:
-            _write_header(out, [t for item in items for t in item.outputs])
+            write_safetensors_header(
+                out, [(t.name, t.dtype, t.shape) for item in items for t in item.outputs], {"format": "mlx"}
+            )
             for item in items:
                 array = checkpoint.read(item.source)
                 if item.packed:
@@ -271,19 +272,3 @@ def _write_weights(
                            for item in items for t in item.outputs},
         }
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _write_header(out: BinaryIO, tensors: list[_Tensor]) -> None:
-    """The safetensors header: u64 length, then JSON padded with spaces to 8 bytes; data follows in order."""
-    header: dict[str, object] = {"__metadata__": {"format": "mlx"}}
-    offset = 0
-    for tensor in tensors:
-        header[tensor.name] = {
-            "dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes],
-        }
-        offset += tensor.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    out.write(len(text).to_bytes(8, "little"))
-    out.write(text)
-

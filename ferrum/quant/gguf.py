@@ -153,7 +153,7 @@ def repack(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: str)
     for start in range(0, n, step):
         stop = min(n, start + step)
         q, scale, bias = _DECODERS[type_name](blocks[start * per_row : stop * per_row])
-        packed[start:stop] = _pack(q.reshape(stop - start, k), kind.bits)
+        packed[start:stop] = pack(q.reshape(stop - start, k), kind.bits)
         scales[start:stop] = scale.reshape(stop - start, -1)
         biases[start:stop] = bias.reshape(stop - start, -1)
     return QuantizedWeight(packed, scales, biases, kind.bits, kind.group_size)
@@ -295,13 +295,3 @@ _DECODERS = {
     "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
     "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
-
-
-def _pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """``q [rows, K]`` into the packed form's words, with byte-level shortcuts for 4 and 8 bits."""
-    q = np.ascontiguousarray(q, dtype=np.uint8)
-    if bits == 8:
-        return q.view("<u4")
-    if bits == 4:
-        return np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4)).view("<u4")
-    return pack(q, bits)
