@@ -133,6 +133,38 @@ def test_roles_keep_only_the_forms_they_need():
     assert f32.int4 is None and f32.nbytes == embedding.nbytes
 
 
+@pytest.mark.parametrize("bits", (3, 4, 8))
+def test_tied_weight_reads_rows_from_the_int4_layout_where_readable(bits):
+    """With 64-row blocks (AVX-512) a tied head needs no second, row-gatherable copy."""
+    if not quant.int4_status(ops.DEVICE)[0]:
+        pytest.skip(quant.int4_status(ops.DEVICE)[1])
+    w = packed(bits, 32, n=128)
+    tied = ops.quantized_upload("w", w, "bfloat16", "tied")
+    readable = quant.int4_layout_readable(ops.DEVICE)
+    assert (tied.rows is None) == readable
+    ids = np.array([0, 31, 32, 63, 64, 127, 5], np.int32)
+    rows = to_numpy(ops.quantized_embedding(tied, on_device(ids)))
+    assert scaled_error(rows, dequantize(w)[ids]) <= TOLERANCE["bfloat16"]
+
+
+@pytest.mark.parametrize("bits", (2, 4, 6, 8))
+@pytest.mark.parametrize("n", (128, 40))
+def test_long_inputs_take_a_dense_gemm_with_the_same_result(bits, n):
+    """Prefill-sized inputs dequantize the int4 weight once (where its layout is readable)."""
+    if not quant.int4_status(ops.DEVICE)[0]:
+        pytest.skip(quant.int4_status(ops.DEVICE)[1])
+    w = packed(bits, 64, n=n)
+    weight = ops.quantized_upload("w", w, "bfloat16", "linear")
+    x = np.random.default_rng(bits).standard_normal((quant._DENSE_ROWS + 7, w.shape[1])).astype(np.float32)
+    bias = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    xb, bb = on_device(x, "bfloat16"), on_device(bias, "bfloat16")
+    ref = to_numpy(xb) @ dequantize(w).astype(np.float64).T + to_numpy(bb)
+    long = to_numpy(ops.quantized_linear(xb, weight, bb))
+    assert long.shape == ref.shape and scaled_error(long, ref) <= TOLERANCE["bfloat16"]
+    short = to_numpy(ops.quantized_linear(xb[:3], weight, bb))  # the int4 kernel
+    assert scaled_error(long[:3], short) <= TOLERANCE["bfloat16"]
+
+
 def test_int4pack_conversion_in_row_chunks_equals_the_whole():
     if not quant.int4_status(ops.DEVICE)[0]:
         pytest.skip(quant.int4_status(ops.DEVICE)[1])

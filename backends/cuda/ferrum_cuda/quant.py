@@ -47,9 +47,14 @@ reference does. The buffers make the path single-threaded per backend, as the
 core's reference is.
 
 Speed (torch 2.13 CPU, one thread, SmolLM2-135M shapes): int4pack beats dense
-bfloat16 about 2x for one row (decode; two planes about match it) but is
-3-6x slower for 16 rows, so long prefills run slower than dense bfloat16. The
-dequantize path costs 0.1-3 ms per matrix, far more than the GEMM it feeds.
+bfloat16 about 2x for one row (decode; two planes about match it), but the CPU
+kernel is a GEMV whose cost grows with the rows. So from ``_DENSE_ROWS`` rows
+(prefill chunks) a bfloat16 matmul reads the int4pack weight back into a
+reused bfloat16 buffer, transposed, and runs the dense GEMM: 1.6-3.6x faster
+at 300 rows. Reading the int4pack layout relies on its CPU form (blocks of 64
+rows, see :func:`_int4_blocks`), which :func:`int4_layout_readable` checks on
+each device first; elsewhere the int4 kernel runs every size. The dequantize
+path costs 0.1-3 ms per matrix, far more than the GEMM it feeds.
 
 CUDA
 ----
@@ -64,9 +69,10 @@ Roles and memory
 ----------------
 ``"linear"`` keeps only the matmul form (int4pack, or the row form for the
 dequantize path); ``"embedding"`` keeps the row form; ``"tied"`` (a tied
-embedding and LM head) keeps both when the head runs int4pack: the row form
-for lookups costs ``bits / 8`` bytes per weight (plus scales) on top of the
-int4pack form's ``planes / 2``. :attr:`TorchQuantized.nbytes` reports the total.
+embedding and LM head) reads its lookups from the int4pack form where that
+layout is readable, and otherwise keeps both forms: the row form for lookups
+costs ``bits / 8`` bytes per weight (plus scales) on top of the int4pack
+form's ``planes / 2``. :attr:`TorchQuantized.nbytes` reports the total.
 """
 
 from __future__ import annotations
@@ -96,6 +102,11 @@ _N_MULTIPLE = 16
 _PACK_ROWS = 4096
 #: Elements dequantized at once, bounding the temporaries of the dequantize path.
 _CHUNK_ELEMENTS = 1 << 20
+#: From this many rows a bfloat16 matmul dequantizes the int4pack weight and runs the dense GEMM:
+#: the CPU int4 kernels are GEMVs whose cost grows with the rows (about 16 us per row on a
+#: 1536x576 matrix: 1 ms at 64 rows, 8 ms at 512), while dequantizing it takes about 1 ms
+#: and a dense bfloat16 GEMM of 128 rows 0.4 ms.
+_DENSE_ROWS = 96
 #: Allowed scaled error of the int4 self-test: bfloat16 rounding gives ~5e-3, a layout mistake O(1).
 _SELF_TEST_TOLERANCE = 2e-2
 
@@ -268,6 +279,78 @@ def _int4_form(rows: RowForm, bits: int, group_size: int, pack_rows: int = _PACK
     return Int4Form(torch.cat(chunks) if len(chunks) > 1 else chunks[0], scales_and_zeros, planes)
 
 
+def _int4_blocks(packed: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4pack weight seen as ``[N / 64, K, 32]`` bytes.
+
+    With AVX-512 the weight is blocks of 64 output rows; each block holds, for
+    each input k, 32 bytes whose low nibbles are rows 0-31 and high nibbles rows
+    32-63. :func:`int4_layout_readable` checks this per device before anything
+    relies on it.
+    """
+    return packed.view(packed.shape[0] // 64, packed.shape[1] * 2, 32)
+
+
+def _int4_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The int4 values (``uint8 [len(rows), K]``) of some output rows."""
+    picked = _int4_blocks(packed)[rows // 64, :, rows % 32]
+    return torch.where((rows % 64 >= 32)[:, None], picked >> 4, picked & 15)
+
+
+def _int4_columns(packed: torch.Tensor) -> torch.Tensor:
+    """All int4 values transposed, ``uint8 [K, N]``: whole 64-row blocks move at once."""
+    blocks = _int4_blocks(packed)
+    nb, k, _ = blocks.shape
+    out = torch.empty((k, nb, 64), dtype=torch.uint8, device=packed.device)
+    out[..., :32] = (blocks & 15).transpose(0, 1)
+    out[..., 32:] = (blocks >> 4).transpose(0, 1)
+    return out.view(k, nb * 64)
+
+
+@lru_cache(maxsize=None)
+def int4_layout_readable(device: torch.device) -> bool:
+    """Whether this device's int4pack layout is the one :func:`_int4_blocks` reads (checked on a random matrix)."""
+    if device.type != "cpu":
+        return False
+    q = torch.randint(0, 16, (128, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    try:
+        packed = _pack_int4(q)
+        rows = torch.tensor([0, 33, 64, 127])
+        return bool(torch.equal(_int4_columns(packed).int(), q.T) and torch.equal(_int4_rows(packed, rows).int(), q[rows]))
+    except RuntimeError:  # another layout (e.g. AVX2's blocks): the views do not fit
+        return False
+
+
+def _readable(form: Int4Form) -> bool:
+    return form.packed.shape[0] % 64 == 0 and int4_layout_readable(form.packed.device)
+
+
+def _int4_embedding(weight: TorchQuantized, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the matrix from its int4pack form: ``(q - 8) * scale + zero``, planes summed, in float32."""
+    form, k, gs = weight.int4, weight.shape[1], weight.group_size
+    scales_and_zeros = form.scales_and_zeros[:, rows].float()  # [groups, len(rows), 2]
+    w = _int4_rows(form.packed, rows).float().view(len(rows), -1, gs).sub_(8)
+    w = w.mul_(scales_and_zeros[..., 0].T.unsqueeze(-1)).add_(scales_and_zeros[..., 1].T.unsqueeze(-1))
+    w = w.view(len(rows), -1)
+    return w if form.planes == 1 else w[:, :k] + w[:, k:]
+
+
+def _int4_dense_t(weight: TorchQuantized) -> torch.Tensor:
+    """The whole matrix transposed, ``[K, N_padded]`` bfloat16, in the shared buffer of its shape.
+
+    Built in the int4pack layout's own order (inputs outermost), so ``x @ W.T``
+    is a plain GEMM with it; evaluated in float32 and rounded once.
+    """
+    form, (_, k), gs = weight.int4, weight.shape, weight.group_size
+    n_padded = form.packed.shape[0]
+    scale, zero = form.scales_and_zeros[..., 0].float(), form.scales_and_zeros[..., 1].float()  # [groups, N]
+    w = _int4_columns(form.packed).float().view(-1, gs, n_padded).sub_(8)
+    w = w.mul_(scale[:, None]).add_(zero[:, None]).view(-1, n_padded)
+    out = _buffer((k, n_padded), torch.bfloat16, form.packed.device)
+    if form.planes == 1:
+        return out.copy_(w)
+    return torch.add(w[:k], w[k:], out=out)
+
+
 def _int4_mm(x: torch.Tensor, form: Int4Form, group_size: int) -> torch.Tensor:
     """``x @ W_padded.T`` in bfloat16 through the int4pack kernel (both planes at once)."""
     x = x.contiguous()
@@ -334,7 +417,7 @@ def upload(data: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits:
     if (role != "embedding" and dtype == torch.bfloat16 and group_size in INT4_GROUP_SIZES
             and int4_status(data.device)[0]):
         int4 = _int4_form(rows, bits, group_size)
-    keep_rows = int4 is None or role == "tied"
+    keep_rows = int4 is None or (role == "tied" and not _readable(int4))
     return TorchQuantized(shape, bits, group_size, dtype, int4, rows if keep_rows else None)
 
 
@@ -342,6 +425,9 @@ def linear(x: torch.Tensor, weight: TorchQuantized, bias: torch.Tensor | None) -
     """``x @ W.T + bias``: the int4 kernel for bfloat16 ``x`` when built, else dequantize + dense GEMM."""
     if weight.int4 is not None and x.dtype == torch.bfloat16:
         n = weight.shape[0]
+        if x.shape[0] >= _DENSE_ROWS and _readable(weight.int4):
+            y = x @ _int4_dense_t(weight)[:, :n]
+            return y if bias is None else y + bias
         y = _int4_mm(x, weight.int4, weight.group_size)
         if y.shape[1] != n:
             y = y[:, :n]
@@ -354,6 +440,8 @@ def linear(x: torch.Tensor, weight: TorchQuantized, bias: torch.Tensor | None) -
 def embedding(weight: TorchQuantized, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of the matrix, dequantized from the gathered packed rows only."""
     rows = weight.rows
+    if rows is None and weight.int4 is not None and _readable(weight.int4):
+        return _int4_embedding(weight, ids.long()).to(weight.dtype)
     if rows is None:
         raise BackendError("this quantized weight was uploaded with role 'linear'; it has no rows to look up")
     out = torch.empty((ids.shape[0], weight.shape[1]), dtype=torch.float32, device=rows.data.device)
