@@ -196,7 +196,23 @@ def test_capabilities_report_native_formats():
     from ferrum.capabilities import ExecutorCapabilities
 
     mlx_caps = ExecutorCapabilities.from_backend(load_backend("mlx"))
-    assert (4, 64) in mlx_caps.quant_formats and (4, 16) not in mlx_caps.quant_formats
-    assert mlx_caps.quantization_summary() == "2,3,4,5,6,8-bit g32,64,128"
+    assert (4, 64) in mlx_caps.quant_formats and (6, 16) in mlx_caps.quant_formats
+    assert mlx_caps.quantization_summary() == "2,3,4,5,6,8-bit g16,32,64,128"
     cpu_caps = ExecutorCapabilities.from_backend(load_backend("cpu"))
     assert cpu_caps.quant_formats == () and cpu_caps.quantization_summary() == "fallback"
+
+
+def test_group_size_16_runs_on_mlx_as_padded_groups_of_32():
+    """GGUF's Q6_K sub-blocks: exact on MLX's kernels, at twice the packed memory."""
+    from ferrum.backends import load_backend
+    from ferrum.weights import place
+
+    ops = load_backend("mlx").ops
+    weight = quantize(np.random.default_rng(3).standard_normal((40, 96)).astype(np.float32), 6, 16)
+    placed = place(ops, "w", weight, "float32", role="tied")
+    assert placed.weight.padded and placed.nbytes == 2 * weight.packed.nbytes + weight.scales.nbytes * 2
+    x = np.random.default_rng(4).standard_normal((5, 96)).astype(np.float32)
+    got = ops.to_numpy(placed.linear(ops.from_numpy(x, "float32"), placed.weight, None))
+    assert scaled_error(got, x @ dequantize(weight).T) <= 2e-5
+    rows = ops.to_numpy(placed.embedding(placed.weight, ops.from_numpy(np.array([39, 0, 7], np.int32), None)))
+    assert np.array_equal(rows, dequantize(weight)[[39, 0, 7]])

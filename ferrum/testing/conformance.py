@@ -12,7 +12,10 @@ each optional op it leaves out (it runs on the plugin's required ops). Inputs
 have the shapes that catch layout bugs: odd sizes, 7 query heads per KV head
 and a single KV head, head_dim 48, KV lengths that are not multiples of the
 block size, shuffled block tables, and one batch mixing prefill chunks with
-decode tokens. Errors are measured relative to the result's scale,
+decode tokens. Packed quantized weights are checked at every bit width and
+group size (33 outputs, placed as a tied embedding + head so both the matmul
+and the row lookup run), through whichever path the backend takes for that
+format, against the float64 product with the dequantized matrix. Errors are measured relative to the result's scale,
 ``max|got - ref| / max(1, max|ref|)``, against the tolerance of the dtype.
 """
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
+from ferrum.quant.affine import pack, unpack
 from ferrum.sampling import SampleResult
 
 _METAL = mx.metal.is_available()
@@ -36,8 +37,9 @@ _DTYPES = {
 }
 
 
-#: ``mx.quantized_matmul`` runs every affine bit width at MLX's kernel group sizes.
-_QUANT_FORMATS = tuple((bits, gs) for bits in (2, 3, 4, 5, 6, 8) for gs in (32, 64, 128))
+#: ``mx.quantized_matmul`` runs every affine bit width at MLX's kernel group sizes, and group
+#: size 16 (GGUF's K-quant sub-blocks) as 32 with each group padded (see ``QuantizedMatrix``).
+_QUANT_FORMATS = tuple((bits, gs) for bits in (2, 3, 4, 5, 6, 8) for gs in (16, 32, 64, 128))
 
 
 @hookimpl
@@ -199,19 +201,36 @@ class QuantizedMatrix:
     Scales and biases are cast to the compute dtype: ``quantized_matmul`` returns
     ``promote(x, scales)``, so f16 scales under bf16 activations would turn
     every projection's output into float32.
+
+    Group size 16, which MLX's kernels lack, is stored as group size 32: each
+    group of 16 values is followed by 16 zeros under the same scale and bias, and
+    inputs get matching zero columns, so the padding adds exactly nothing. Such
+    a matrix takes twice its packed memory and matmul work.
     """
 
-    __slots__ = ("q", "scales", "biases", "bits", "group_size")
+    __slots__ = ("q", "scales", "biases", "bits", "group_size", "padded")
 
     def __init__(self, weight, dtype):
-        self.q = mx.array(weight.packed)
+        self.padded = weight.group_size == 16
+        packed = weight.packed
+        if self.padded:
+            n, k = weight.shape
+            q = unpack(packed, weight.bits).reshape(n, k // 16, 16)
+            packed = pack(np.concatenate([q, np.zeros_like(q)], axis=-1).reshape(n, 2 * k), weight.bits)
+        self.q = mx.array(packed)
         self.scales = from_numpy(weight.scales, dtype)
         self.biases = from_numpy(weight.biases, dtype)
-        self.bits, self.group_size = weight.bits, weight.group_size
+        self.bits, self.group_size = weight.bits, 32 if self.padded else weight.group_size
 
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scales.nbytes + self.biases.nbytes
+
+
+def _pad_groups_of_16(x):
+    """``[n, K]`` -> ``[n, 2K]``: 16 zeros after every 16 values."""
+    n, k = x.shape
+    return mx.pad(x.reshape(n, k // 16, 16), [(0, 0), (0, 0), (0, 16)]).reshape(n, 2 * k)
 
 
 @hookimpl
@@ -221,6 +240,8 @@ def quantized_upload(name, weight, dtype, role):
 
 @hookimpl
 def quantized_linear(x, weight, bias):
+    if weight.padded:
+        x = _pad_groups_of_16(x)
     out = mx.quantized_matmul(
         x, weight.q, weight.scales, weight.biases, transpose=True,
         group_size=weight.group_size, bits=weight.bits,
@@ -230,9 +251,13 @@ def quantized_linear(x, weight, bias):
 
 @hookimpl
 def quantized_embedding(weight, ids):
-    return mx.dequantize(
+    rows = mx.dequantize(
         weight.q[ids], weight.scales[ids], weight.biases[ids], group_size=weight.group_size, bits=weight.bits
     )
+    if weight.padded:
+        n, padded_k = rows.shape
+        rows = rows.reshape(n, padded_k // 32, 32)[..., :16].reshape(n, padded_k // 2)
+    return rows
 
 
 # --------------------------------------------------------------- KV pool
