@@ -20,7 +20,6 @@ from ferrum.backends import Backend, backend_for_format, load_backend
 from ferrum.checkpoint import Checkpoint
 from ferrum.config import ModelConfig
 from ferrum.errors import (
-    CheckpointError,
     ContextLengthExceededError,
     InvalidRequestError,
     PositionMismatchError,
@@ -34,6 +33,7 @@ DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_TOKENS = 16384
 
 ProgressFn = Callable[[int, int, str], None]
+
 
 @dataclass(frozen=True)
 class ForwardItem:
