@@ -216,3 +216,38 @@ def test_group_size_16_runs_on_mlx_as_padded_groups_of_32():
     assert scaled_error(got, x @ dequantize(weight).T) <= 2e-5
     rows = ops.to_numpy(placed.embedding(placed.weight, ops.from_numpy(np.array([39, 0, 7], np.int32), None)))
     assert np.array_equal(rows, dequantize(weight)[[39, 0, 7]])
+
+
+def test_automatic_choice_for_quantized_checkpoints_follows_native_formats(registered):
+    """The first backend, in quantized order, whose kernels take the format."""
+    import types
+
+    from ferrum.backends import BackendInfo, BackendProbe, backend_for_format
+    from ferrum.hookspec import hookimpl
+
+    from support import cpu_like_plugin
+
+    def plugin(priority, quantized_priority, formats):
+        ns = cpu_like_plugin("x")
+
+        @hookimpl
+        def backend_probe():
+            return BackendProbe(True, "cpu", priority=priority, quantized_priority=quantized_priority)
+
+        @hookimpl
+        def backend_info():
+            return BackendInfo("x", "cpu", ("float32",), "float32", quant_formats=formats)
+
+        ns.backend_probe, ns.backend_info = backend_probe, backend_info
+        for op in ("quantized_upload", "quantized_linear", "quantized_embedding"):
+            setattr(ns, op, types.SimpleNamespace)  # presence is what counts here
+        return ns
+
+    registered("aa_fast_float", plugin(-20, None, ()))
+    registered("ab_slow_quant", plugin(-10, 5, ((4, 32),)))
+    registered("ac_best_quant", plugin(-5, -30, ((4, 32), (8, 32))))
+    assert backend_for_format(4, 32).name == "ac_best_quant"  # quantized order beats priority
+    assert backend_for_format(8, 32).name == "ac_best_quant"
+    registered("a0_first_quant", plugin(-1, -40, ((4, 32),)))
+    assert backend_for_format(4, 32).name == "a0_first_quant"
+    assert backend_for_format(8, 32).name == "ac_best_quant"  # the first does not run 8 bits
