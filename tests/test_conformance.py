@@ -45,7 +45,9 @@ def paged_attention_without_window(q, pool, layer, batch, scale, sliding_window)
 def test_a_wrong_rope_is_caught(registered):
     registered("badrope", cpu_like_plugin("badrope", extra={"rope": rope_turning_the_wrong_way}))
     report = check_backend("badrope")
-    assert set(report.failed()) == {"rope", "model: logits and 16 greedy tokens"}
+    assert set(report.failed()) == {
+        "rope", "model: logits and 16 greedy tokens", "model packed at 4 bits: logits and greedy tokens",
+    }
     with pytest.raises(AssertionError, match="FAIL  rope"):
         assert_conformance("badrope")
 
@@ -55,6 +57,56 @@ def test_a_paged_attention_ignoring_the_window_is_caught(registered):
     report = check_backend("nowindow")
     assert report.failed() == ["paged_attention, sliding window"]
     assert "paged_attention (native)" in [r.name for r in report.results if r.passed]
+
+
+class _Packed:
+    """A plugin's packed weight: here simply the host form."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+
+@hookimpl
+def quantized_upload(name, weight, dtype, role):
+    return _Packed(weight)
+
+
+@hookimpl
+def quantized_linear_with_nibbles_swapped(x, weight, bias):
+    """Reads each byte's two 4-bit values in the wrong order (elements 2j and 2j+1 exchanged)."""
+    from ferrum.quant import QuantizedWeight, dequantize
+
+    w = weight.weight
+    swapped = ((w.packed >> 4) & 0x0F0F0F0F) | ((w.packed & 0x0F0F0F0F) << 4) if w.bits == 4 else w.packed
+    dense = dequantize(QuantizedWeight(swapped.astype(np.uint32), w.scales, w.biases, w.bits, w.group_size))
+    return cpu_ops.linear(x, dense, bias)
+
+
+@hookimpl
+def quantized_embedding(weight, ids):
+    from ferrum.quant import dequantize
+
+    return dequantize(weight.weight)[ids]
+
+
+def test_a_quantized_linear_reading_nibbles_in_the_wrong_order_is_caught(registered):
+    from ferrum.backends import BackendInfo
+
+    @hookimpl
+    def backend_info():
+        return BackendInfo("nibbles", "cpu", ("float32",), "float32", quant_formats=((4, 32), (4, 64), (8, 32)))
+
+    registered("nibbles", cpu_like_plugin("nibbles", extra={
+        "backend_info": backend_info, "quantized_upload": quantized_upload,
+        "quantized_linear": quantized_linear_with_nibbles_swapped, "quantized_embedding": quantized_embedding,
+    }))
+    report = check_backend("nibbles")
+    assert set(report.failed()) == {
+        "quantized_linear 4-bit g32 (native)", "quantized_linear 4-bit g64 (native)",
+        "model packed at 4 bits: logits and greedy tokens",
+    }
+    passed = [r.name for r in report.results if r.passed]
+    assert "quantized_linear 8-bit g32 (native)" in passed and "quantized_linear 4-bit g16 (core fallback)" in passed
 
 
 def test_command_line(capsys, registered):

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
+from ferrum.quant.affine import QuantizedWeight, dequantize
+from ferrum.quant.config import QuantConfig
+
 
 def f64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
@@ -89,12 +92,22 @@ class OracleModel:
     """A dense Llama / Qwen2 / Qwen3 forward in float64, from the checkpoint files alone.
 
     Supports what :mod:`ferrum.random_checkpoint` writes: GQA, optional qkv
-    bias, optional q/k norms, tied or untied embeddings, plain rope.
+    bias, optional q/k norms, tied or untied embeddings, plain rope; and the
+    same packed by ``ferrum quantize`` (it computes with the dequantized values).
     """
 
     def __init__(self, folder: Path):
         self.config = json.loads((Path(folder) / "config.json").read_text())
-        self.w = {name: f64(array) for name, array in load_file(str(Path(folder) / "model.safetensors")).items()}
+        tensors = load_file(str(Path(folder) / "model.safetensors"))
+        quant = QuantConfig.from_config(self.config)
+        for scales in [name for name in tensors if name.endswith(".scales")]:  # packed: the values they stand for
+            module = scales.removesuffix(".scales")
+            packed = QuantizedWeight(
+                tensors[f"{module}.weight"], tensors.pop(scales), tensors.pop(f"{module}.biases"),
+                *quant.for_module(module),
+            )
+            tensors[f"{module}.weight"] = dequantize(packed)
+        self.w = {name: f64(array) for name, array in tensors.items()}
         c = self.config
         self.head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         self.inv_freq = 1.0 / c.get("rope_theta", 10000.0) ** (np.arange(0, self.head_dim, 2) / self.head_dim)
