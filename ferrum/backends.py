@@ -149,7 +149,8 @@ def default_backend_name() -> str:
 
 def backend_for_format(bits: int, group_size: int) -> "Backend":
     """The automatic choice for a quantized checkpoint: the first available backend, in
-    priority order, whose kernels run ``(bits, group_size)`` natively; else the default one.
+    quantized order (``BackendProbe.quantized_order``), whose kernels run ``(bits, group_size)``
+    natively; else the first one in that order.
 
     Probes cannot say this without importing frameworks, so candidates are loaded
     (each once per process) until one declares the format.

@@ -89,23 +89,22 @@ class Checkpoint:
             raise MissingTensorError(missing, str(self.folder))
 
     def read(self, name: str) -> np.ndarray:
-        if name not in self._where:
-            raise MissingTensorError([name], str(self.folder))
-        with safe_open(str(self._where[name]), framework="numpy") as handle:
-            return self._get(handle, name)
-
-    def _get(self, handle, name: str) -> np.ndarray:
-        """One tensor; a shard that lacks what the index promises is named, not a raw reader error."""
-        if name not in handle.keys():
-            raise MissingTensorError([name], f"{self.folder} (its index lists it in {self._where[name].name})")
-        return handle.get_tensor(name)
+        return next(self.read_many([name]))[1]
 
     def read_many(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield tensors grouped by file, opening each shard once."""
+        """Yield tensors grouped by file, opening each shard once.
+
+        A shard that lacks a tensor its index promises is named, not left to a
+        raw reader error.
+        """
+        self.require(names)
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self._where[name], []).append(name)
         for path, file_names in by_file.items():
             with safe_open(str(path), framework="numpy") as handle:
+                present = set(handle.keys())
                 for name in file_names:
-                    yield name, self._get(handle, name)
+                    if name not in present:
+                        raise MissingTensorError([name], f"{self.folder} (its index lists it in {path.name})")
+                    yield name, handle.get_tensor(name)

@@ -72,10 +72,10 @@ def runs_natively(ops: Any, bits: int, group_size: int) -> bool:
 # ------------------------------------------------------------------ reading
 
 
-def _tensor_parts(checkpoint: Checkpoint, config: ModelConfig, name: str) -> tuple[str, ...]:
-    """The checkpoint tensors that make up ``name``: itself, or packed weight, scales and biases."""
+def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig, name: str) -> tuple[str, ...]:
+    """The checkpoint tensors (of ``present``) that make up ``name``: itself, or packed weight, scales and biases."""
     module = name.removesuffix(".weight")
-    if module == name or f"{module}.scales" not in checkpoint.names():
+    if module == name or f"{module}.scales" not in present:
         return (name,)
     quant = config.quantization
     if quant is None:
@@ -134,7 +134,8 @@ def read_weights(
     checkpoint: Checkpoint, config: ModelConfig, shapes: dict[str, tuple[int, ...]]
 ) -> Iterator[tuple[str, HostTensor]]:
     """Yield every tensor of ``shapes`` (dense name -> shape), dense or packed, checked against config."""
-    parts_of = {name: _tensor_parts(checkpoint, config, name) for name in shapes}
+    present = checkpoint.names()
+    parts_of = {name: _tensor_parts(checkpoint, present, config, name) for name in shapes}
     owner = {part: name for name, parts in parts_of.items() for part in parts}
     checkpoint.require(list(owner))
     where = str(checkpoint.folder)

@@ -19,11 +19,10 @@ from ferrum.bench.profile import Profile, profile_decode
 from ferrum.bench.runners import FerrumRunner, Runner, make_peer, peer_for
 from ferrum.bench.workloads import Workload, get_workload, make_prompts
 from ferrum.config import ModelConfig
-from ferrum.sources import cache_root
 from ferrum.errors import InvalidRequestError
-from ferrum.sources import gguf_checkpoint
 from ferrum.model import DEFAULT_BLOCK_SIZE, weight_shapes
 from ferrum.quant import quantize_checkpoint
+from ferrum.sources import cache_root, gguf_checkpoint
 
 ProgressFn = Callable[[int, int, str], None]
 #: Makes a progress callback for a labelled phase ("preparing checkpoint", "loading weights").
