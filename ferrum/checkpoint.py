@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can read it
 import numpy as np
@@ -88,15 +88,25 @@ class Checkpoint:
         if missing:
             raise MissingTensorError(missing, str(self.folder))
 
+    def headers(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Every tensor's safetensors dtype code and shape, from the file headers (no data read)."""
+        found: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for name, handle in self._open_each(list(self._where)):
+            tensor = handle.get_slice(name)
+            found[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
+        return found
+
     def read(self, name: str) -> np.ndarray:
         return next(self.read_many([name]))[1]
 
     def read_many(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield tensors grouped by file, opening each shard once.
+        """Yield tensors grouped by file, opening each shard once."""
+        for name, handle in self._open_each(names):
+            yield name, handle.get_tensor(name)
 
-        A shard that lacks a tensor its index promises is named, not left to a
-        raw reader error.
-        """
+    def _open_each(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+        """``(name, open handle of its shard)``, shard by shard; a shard that lacks a tensor its
+        index promises is named, not left to a raw reader error."""
         self.require(names)
         by_file: dict[Path, list[str]] = {}
         for name in names:
@@ -107,4 +117,4 @@ class Checkpoint:
                 for name in file_names:
                     if name not in present:
                         raise MissingTensorError([name], f"{self.folder} (its index lists it in {path.name})")
-                    yield name, handle.get_tensor(name)
+                    yield name, handle

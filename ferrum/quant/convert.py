@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from safetensors import safe_open
 
 from ferrum.checkpoint import INDEX_FILE, Checkpoint, tensor_nbytes, write_safetensors_header
 from ferrum.errors import CheckpointError, InvalidRequestError
@@ -168,27 +167,10 @@ def _quantizable(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
     return name.endswith(".weight") and len(shapes[name]) == 2
 
 
-def _source_headers(checkpoint: Checkpoint) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Each source tensor's dtype code and shape, from the safetensors headers (no data read)."""
-    folder = checkpoint.folder
-    index = folder / INDEX_FILE
-    if index.exists():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for path in files:
-        with safe_open(str(path), framework="numpy") as handle:
-            for name in handle.keys():
-                tensor = handle.get_slice(name)
-                headers[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
-    return headers
-
-
 def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int) -> list[_Item]:
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
     checkpoint.require(list(shapes))
-    headers = _source_headers(checkpoint)
+    headers = checkpoint.headers()
     if any(name.endswith(".scales") for name in headers):
         raise InvalidRequestError(
             f"{checkpoint.folder} holds packed weights (*.scales) although config.json has no 'quantization' "
