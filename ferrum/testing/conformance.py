@@ -289,11 +289,17 @@ def check_sample(c: _Context) -> float:
     return max(_compare(got.logprobs, want.logprobs, 1e-5), _compare(got.top_logprobs, want.top_logprobs, 1e-5))
 
 
-def check_model(c: _Context, tol: float) -> float:
+def check_model(c: _Context, tol: float, packed_bits: int | None = None) -> float:
+    """The tiny model's logits against the oracle, and 16 greedy tokens in float32; with
+    ``packed_bits``, packed at that width, group 32 (``ferrum quantize``), the oracle computing
+    with the dequantized values."""
     from ferrum.model import DecoderOnlyLLM
+    from ferrum.quant.convert import quantize_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_random_checkpoint(Path(tmp) / "tiny", TINY_MODEL, dtype="float32", std=0.2)
+        if packed_bits is not None:
+            folder = quantize_checkpoint(folder, Path(tmp) / "tiny-packed", bits=packed_bits, group_size=32)
         model = DecoderOnlyLLM.from_pretrained(folder, backend=c.backend, dtype=c.dtype, block_size=_BLOCK)
         ref_model = oracle.OracleModel(folder)
     prompt = [int(t) for t in np.random.default_rng(5).integers(0, 97, size=13)]
@@ -347,30 +353,6 @@ def _quantized_checks(c: _Context, tol: float) -> list[tuple[str, Callable[[], f
     return checks
 
 
-def check_quantized_model(c: _Context, tol: float) -> float:
-    """The tiny model packed at 4 bits, group 32 (``ferrum quantize``): logits against the oracle
-    computing with the dequantized values, and 16 greedy tokens in float32."""
-    from ferrum.model import DecoderOnlyLLM
-    from ferrum.quant.convert import quantize_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dense = write_random_checkpoint(Path(tmp) / "tiny", TINY_MODEL, dtype="float32", std=0.2)
-        folder = quantize_checkpoint(dense, Path(tmp) / "tiny-q4", bits=4, group_size=32)
-        model = DecoderOnlyLLM.from_pretrained(folder, backend=c.backend, dtype=c.dtype, block_size=_BLOCK)
-        ref_model = oracle.OracleModel(folder)
-    prompt = [int(t) for t in np.random.default_rng(6).integers(0, 97, size=11)]
-    error = _compare(model.forward_verify("all", prompt), ref_model.logits(prompt), tol)
-    if c.dtype == "float32":
-        tokens = list(prompt)
-        logits = model.prefill("greedy", prompt)
-        for _ in range(16):
-            tokens.append(int(np.argmax(logits)))
-            logits = model.decode("greedy", tokens[-1], len(tokens) - 1)
-        want = np.argmax(ref_model.logits(tokens)[len(prompt) - 1 : -1], axis=-1).tolist()
-        assert tokens[len(prompt):] == want, f"greedy tokens {tokens[len(prompt):]} differ from the oracle's {want}"
-    return error
-
-
 def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | None]]:
     tol, model_tol = OP_TOLERANCE[c.dtype], MODEL_TOLERANCE[c.dtype]
     ops = c.ops
@@ -400,7 +382,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
     if ops.accepts(paged_op, "sliding_window"):
         checks.insert(-2, ("paged_attention, sliding window", lambda: check_paged_attention(c, tol, window=3), tol))
     checks[-1:-1] = _quantized_checks(c, tol)
-    checks.append(("model packed at 4 bits: logits and greedy tokens", lambda: check_quantized_model(c, model_tol),
+    checks.append(("model packed at 4 bits: logits and greedy tokens", lambda: check_model(c, model_tol, packed_bits=4),
                    model_tol))
     return checks
 
