@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from typing import Sequence
 
 from ferrum import backends
-from ferrum.errors import FerrumError
+from ferrum.errors import FerrumError, InvalidRequestError
 
 
 def _progress_printer(label: str):
@@ -146,6 +147,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from ferrum.serve import ServeOptions, serve
+    except ImportError as exc:
+        raise FerrumError(f"ferrum serve needs the serve extra ({exc.name} is missing): pip install 'ferrum[serve]'")
+
+    if args.max_queue < 0:
+        raise InvalidRequestError(f"--max-queue must be >= 0, got {args.max_queue}")
+    serve(
+        ServeOptions(
+            model=args.model, backend=args.backend, dtype=args.dtype, host=args.host, port=args.port,
+            served_model_names=tuple(args.served_model_name or ()), max_num_seqs=args.max_num_seqs,
+            max_queue=args.max_queue, max_seq_len=args.max_seq_len, num_kv_blocks=args.num_kv_blocks,
+            api_key=args.api_key or os.environ.get("FERRUM_API_KEY"), shutdown_timeout=args.shutdown_timeout,
+            log_level=args.log_level,
+        ),
+        progress=_progress_printer("loading"),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferrum", description="Run decoder-only LLMs on pluggable backends.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", help="Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="checkpoint folder, .gguf file or Hugging Face repo id "
+                                   "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--backend", help="backend name (see `ferrum backends`); default: best available")
     p.add_argument("--dtype", help="compute dtype, e.g. float32, bfloat16")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -206,6 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64, help="weights per scale and bias: 32, 64 or 128 (default 64)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists and is not empty")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", help="checkpoint folder, .gguf file or Hugging Face repo id "
+                                            "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", help="backend name (see `ferrum backends`); default: best available")
+    p.add_argument("--dtype", help="compute dtype, e.g. float32, bfloat16")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", action="append",
+                   help="name clients use in 'model' (repeatable; default: the MODEL argument)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoding at once (default 64)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting beyond --max-num-seqs before new ones get 429 (default 256)")
+    p.add_argument("--max-seq-len", type=int, help="cap the context length (KV memory)")
+    p.add_argument("--num-kv-blocks", type=int, help="KV cache size in blocks of 16 tokens")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set FERRUM_API_KEY)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,6 +1,8 @@
 """What a user names as a model, turned into a checkpoint folder Ferrum loads.
 
-A folder is used as it is. A GGUF file is imported once (weights kept packed,
+A folder is used as it is. A Hugging Face repo id (``org/name``, or
+``org/name/file.gguf`` for one file of a GGUF repo) that is not a local path
+is resolved through the Hugging Face cache (:mod:`ferrum.hub`). A GGUF file is imported once (weights kept packed,
 see :mod:`ferrum.gguf_import`) into Ferrum's cache, in a folder named after
 the file and its size and modification time, so a changed file is imported
 again. Imports are written into a staging folder and renamed into place when
@@ -38,8 +40,23 @@ def cache_root() -> Path:
 
 
 def resolve_model(path: str | Path, progress: ProgressFn | None = None) -> Path:
-    """The checkpoint folder for ``path``: a folder itself, or a GGUF file's cached import."""
+    """The checkpoint folder for ``path``: a folder itself, a GGUF file's cached import, or a repo id's snapshot."""
+    named = path
     path = Path(path).expanduser()
+    if isinstance(named, str) and not path.exists():
+        from ferrum import hub
+
+        repo = hub.parse_repo_id(named)
+        if repo is not None:
+            path = hub.resolve_repo(*repo)
+            gguf = path if path.is_file() else hub.single_gguf(path)
+            if gguf is not None:
+                return gguf_checkpoint(gguf, progress)
+            if not (path / "config.json").exists():
+                raise CheckpointError(
+                    f"{named} has no config.json; if it is a GGUF repo, name one of its files: {named}/FILE.gguf"
+                )
+            return path
     if path.is_dir():
         return path
     if path.is_file() and path.suffix.lower() == ".gguf":
@@ -48,12 +65,15 @@ def resolve_model(path: str | Path, progress: ProgressFn | None = None) -> Path:
         raise CheckpointError(
             f"{path} is a file; Ferrum loads a checkpoint folder (config.json + *.safetensors) or a .gguf file"
         )
-    raise CheckpointError(f"no checkpoint folder (config.json + *.safetensors) or .gguf file at {path}")
+    raise CheckpointError(
+        f"no checkpoint folder (config.json + *.safetensors) or .gguf file at {path}, "
+        "and it is not a Hugging Face repo id (org/name)"
+    )
 
 
 def gguf_checkpoint(gguf_path: str | Path, progress: ProgressFn | None = None) -> Path:
     """The cached import of a GGUF file, imported on first use."""
-    gguf_path = Path(gguf_path).expanduser().resolve()
+    gguf_path = Path(gguf_path).expanduser().absolute()  # named as given: hub snapshots link to hashed blobs
     if not gguf_path.is_file():
         raise CheckpointError(f"no GGUF file at {gguf_path}")
     stat = gguf_path.stat()

@@ -1,0 +1,80 @@
+"""Hugging Face repo ids (``org/name``, ``org/name/file.gguf``) turned into local files.
+
+Resolution goes through ``huggingface_hub``'s own cache, so a model another
+tool downloaded is found again and ``HF_HUB_CACHE`` / ``HF_HOME`` /
+``HF_HUB_OFFLINE`` / ``HF_TOKEN`` mean what they mean everywhere else. The
+cache is asked first with ``local_files_only``; only a repo that is not
+cached is downloaded, and then only the files Ferrum reads.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ferrum.errors import CheckpointError
+
+#: ``org/name`` or ``org/name/path/in/repo.gguf``: Hugging Face's character set for ids.
+_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.gguf))?$", re.IGNORECASE)
+
+#: What a safetensors checkpoint needs; skips duplicate PyTorch/ONNX/GGUF weights in the same repo.
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+
+
+def parse_repo_id(name: str) -> tuple[str, str | None] | None:
+    """``(repo_id, gguf_file_or_None)`` when ``name`` is written like a repo id, else None."""
+    match = _REPO_ID.match(name)
+    if match is None or ".." in name or name.startswith(("./", "/", "~")):
+        return None
+    return match["repo"], match["file"]
+
+
+def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
+    """The cached snapshot folder of ``repo_id`` (or one ``.gguf`` file in it), downloading if needed."""
+    from huggingface_hub import constants, errors, hf_hub_download, snapshot_download
+
+    def fetch(local_only: bool) -> Path:
+        if filename is not None:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=local_only))
+        patterns = None if local_only else CHECKPOINT_FILES
+        return Path(snapshot_download(repo_id, local_files_only=local_only, allow_patterns=patterns))
+
+    what = f"{repo_id}/{filename}" if filename else repo_id
+    try:
+        return fetch(local_only=True)
+    except (errors.LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(
+            f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+            f"download it where there is network (`hf download {repo_id}`) and copy the cache here, "
+            "or pass a local checkpoint folder"
+        )
+    try:
+        return fetch(local_only=False)
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError) as exc:
+        raise CheckpointError(
+            f"cannot download {what}: {type(exc).__name__}; check the repo id, and for gated or private "
+            "repos accept the license on huggingface.co and log in (`hf auth login` or HF_TOKEN)"
+        ) from exc
+    except errors.EntryNotFoundError as exc:
+        raise CheckpointError(f"{repo_id} has no file {filename!r}; list its files on huggingface.co") from exc
+    except (errors.HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloading it failed "
+            f"({type(exc).__name__}: {exc}); connect to the network, or download it elsewhere "
+            f"(`hf download {repo_id}`) and copy the cache here, or pass a local checkpoint folder"
+        ) from exc
+
+
+def single_gguf(folder: Path) -> Path | None:
+    """The only ``.gguf`` file of a snapshot that has no ``config.json`` (a GGUF-only repo)."""
+    if (folder / "config.json").exists():
+        return None
+    ggufs = sorted(folder.rglob("*.gguf"))
+    if len(ggufs) > 1:
+        names = ", ".join(str(p.relative_to(folder)) for p in ggufs[:6])
+        raise CheckpointError(
+            f"{folder} holds several GGUF files ({names}); name one, e.g. org/name/{ggufs[0].relative_to(folder)}"
+        )
+    return ggufs[0] if ggufs else None
