@@ -70,6 +70,8 @@ class SamplingParams:
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not isinstance(self.logprobs, int) or self.logprobs < 0:
             bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            bad(f"seed must be an integer >= 0 or None, got {self.seed!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,6 +72,32 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (a part of a UTF-8 character, possibly).
+
+        Decoding a single token cannot say this: a token holding half a
+        character decodes to U+FFFD. Byte-level BPE vocabularies (GPT-2,
+        Llama 3, Qwen, SmolLM) spell bytes as printable characters;
+        SentencePiece ones write spaces as U+2581 and raw bytes as ``<0xHH>``.
+        """
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if self._byte_level:
+            table = _unicode_to_byte()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+            return piece.encode()  # an added token spelt as plain text
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+        return any(part.get("type") == "ByteLevel" for part in parts)
+
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` with the checkpoint's Jinja chat template."""
         if not self.chat_template:
@@ -91,6 +118,20 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         # The template writes BOS itself where the model wants one.
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-printable-character table that byte-level BPE vocabularies use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
 
 
 _templates: dict[str, Any] = {}

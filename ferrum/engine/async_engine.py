@@ -36,6 +36,36 @@ class RequestStream:
         return item
 
 
+class RequestHandle:
+    """A submitted request: iterate it for its outputs; leaving early (or :meth:`abort`) cancels it."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, stream: RequestStream):
+        self.engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._outputs()
+
+    async def _outputs(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                out = await self._stream.get()
+                self.finished = out.finished
+                yield out
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Cancel the request unless it finished; frees its KV blocks before the next step. Idempotent."""
+        if self.finished:
+            self.engine.forget(self.request_id)
+        else:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
 class AsyncEngine:
     """Thread-backed asyncio front end of an :class:`Engine`."""
 
@@ -47,13 +77,13 @@ class AsyncEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    async def stream(
+    def submit(
         self,
         prompt_token_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs as they are produced."""
+    ) -> "RequestHandle":
+        """Queue a request now (bad input raises here, before anything is awaited); iterate the handle."""
         if self._closed:
             raise ExecutorStateError("this AsyncEngine was shut down")
         stream = RequestStream(asyncio.get_running_loop())
@@ -61,18 +91,17 @@ class AsyncEngine:
             request_id = self.engine.add_request(prompt_token_ids, params, request_id, on_output=stream.put)
             self._streams[request_id] = stream
         self._start()
-        finished = False
-        try:
-            while not finished:
-                out = await stream.get()
-                finished = out.finished
-                yield out
-        finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished:
-                self.engine.abort(request_id)
-                self._wake.set()
+        return RequestHandle(self, request_id, stream)
+
+    async def stream(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs as they are produced."""
+        async for out in self.submit(prompt_token_ids, params, request_id):
+            yield out
 
     async def generate(
         self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -84,8 +113,15 @@ class AsyncEngine:
         return out
 
     def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
         self.engine.abort(request_id)
         self._wake.set()
+
+    def forget(self, request_id: str) -> None:
+        """Stop routing outputs of a finished request."""
+        with self._lock:
+            self._streams.pop(request_id, None)
 
     def shutdown(self) -> None:
         """Stop stepping; unfinished requests are aborted."""
