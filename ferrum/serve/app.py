@@ -1,0 +1,173 @@
+"""The ASGI app: routes, API-key check, error bodies, disconnects, lifecycle.
+
+FastAPI on Starlette: Starlette's streaming response already watches for
+the client going away and cancels the stream, which is what aborts a
+request and frees its KV blocks; FastAPI adds routing and the OpenAPI page.
+Request bodies are validated here with pydantic in JSON mode (not by
+FastAPI's signature magic), so every malformed body gets an OpenAI-shaped
+400 rather than FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response as HTTPResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from ferrum.api import LLM
+from ferrum.errors import FerrumError
+from ferrum.serve import handlers
+from ferrum.serve.errors import APIError, validation_error
+from ferrum.serve.handlers import ServerState
+from ferrum.serve.metrics import CONTENT_TYPE, ServerMetrics
+from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+#: Larger bodies are refused before they are parsed (a 1M-token prompt as JSON is ~8 MB).
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Server-level settings; the engine's own limits live in its EngineConfig."""
+
+    model_names: tuple[str, ...]
+    api_key: str | None = None
+    max_queue: int = 256  # engine requests (choices) allowed to wait beyond max_num_seqs running
+
+
+def generation_defaults(folder: Path) -> dict[str, float]:
+    """The checkpoint's recommended sampling (``generation_config.json``), used where a request says nothing."""
+    try:
+        raw = json.loads((folder / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: raw[k] for k in ("temperature", "top_p", "top_k") if isinstance(raw.get(k), (int, float))}
+
+
+def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
+    """An app serving ``llm``; its engine thread stops (aborting what is left) when the app shuts down."""
+    engine = llm.async_engine
+    state = ServerState(
+        llm=llm, engine=engine, metrics=ServerMetrics(llm.engine), model_names=config.model_names,
+        max_pending=llm.engine.config.max_num_seqs + config.max_queue,
+        sampling_defaults=generation_defaults(llm.path),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+    app = FastAPI(title="Ferrum", lifespan=lifespan)
+    app.state.ferrum = state
+
+    # ----------------------------------------------------------- errors
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        state.metrics.rejected.labels(str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return await api_error(request, APIError(error.status_code, str(error.detail)))
+
+    @app.exception_handler(FerrumError)
+    async def ferrum_error(request: Request, error: FerrumError) -> JSONResponse:
+        return await api_error(request, APIError.from_ferrum(error))
+
+    async def require_api_key(request: Request) -> None:
+        if config.api_key is not None:
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {config.api_key}".encode()):
+                raise APIError(
+                    401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", code="invalid_api_key"
+                )
+
+    # ----------------------------------------------------------- routes
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> HTTPResponse:
+        return HTTPResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "ferrum",
+                "max_model_len": llm.model.config.max_seq_len}
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+    @v1.get("/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card(name) for name in state.model_names]}
+
+    @v1.get("/models/{name:path}")
+    async def get_model(name: str) -> dict:
+        state.check_model(name)
+        return model_card(name)
+
+    @v1.post("/chat/completions")
+    async def chat(request: Request) -> HTTPResponse:
+        body = await _parse(request, ChatCompletionRequest)
+        return await _reply(request, handlers.chat_completion(state, body))
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> HTTPResponse:
+        body = await _parse(request, CompletionRequest)
+        return await _reply(request, handlers.completion(state, body))
+
+    app.include_router(v1)
+    return app
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        raise validation_error(error.errors(include_url=False)) from None
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body is read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _reply(request: Request, response: handlers.Response) -> HTTPResponse:
+    if response.stream is not None:
+        return StreamingResponse(
+            response.stream, media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(response.generation.abort),
+        )
+    work = asyncio.ensure_future(response.body)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, gone):
+            if not task.done():
+                task.cancel()
+        response.generation.abort()
+    if not work.done() or work.cancelled():
+        return HTTPResponse(status_code=499)  # nobody is listening; the request was aborted
+    return JSONResponse(work.result())

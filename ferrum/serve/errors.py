@@ -1,0 +1,76 @@
+"""Errors as the OpenAI API shapes them: ``{"error": {"message", "type", "param", "code"}}``.
+
+The status matters beyond the message: the ``openai`` client retries 408,
+409, 429 and every 5xx, so a client mistake answered with a 500 would be
+silently run again. Bad input is always a 4xx here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ferrum.errors import (
+    ContextLengthExceededError,
+    FerrumError,
+    InvalidRequestError,
+    KVCacheExhaustedError,
+    UnsupportedFeatureError,
+)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error response: HTTP status, message, the offending parameter, a code."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    @classmethod
+    def from_ferrum(cls, error: FerrumError) -> "APIError":
+        """The response for an error Ferrum raised while taking a request in."""
+        if isinstance(error, ContextLengthExceededError):
+            return cls(400, str(error), param="messages", code="context_length_exceeded")
+        if isinstance(error, (InvalidRequestError, UnsupportedFeatureError)):
+            return cls(400, str(error))
+        if isinstance(error, KVCacheExhaustedError):
+            return cls(503, str(error), headers={"Retry-After": "1"})
+        return cls(500, f"{type(error).__name__}: {error}")
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """A 400 for pydantic's complaints about a request body, naming the first bad field."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "))
+    param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"unknown field {param!r}; see the API reference for the accepted fields", param=param)
+    return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)

@@ -1,0 +1,391 @@
+"""``/v1/chat/completions`` and ``/v1/completions``: request in, engine requests, OpenAI-shaped response out.
+
+Response shapes follow the OpenAI API reference (and what vLLM sends where
+it is silent): a stream sends per choice a role chunk, content deltas and a
+chunk with ``finish_reason``; with ``stream_options.include_usage`` one last
+chunk with empty ``choices`` carries the usage; then ``data: [DONE]``. An
+error after the stream has started (status 200 already sent) goes out as a
+``data: {"error": ...}`` event before ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Sequence
+
+from ferrum.api import LLM
+from ferrum.engine import AsyncEngine, FinishReason, RequestOutput
+from ferrum.errors import FerrumError
+from ferrum.sampling import SampledToken, SamplingParams
+from ferrum.serve.errors import APIError
+from ferrum.serve.generation import ChoiceSpec, Event, Generation
+from ferrum.serve.metrics import ServerMetrics
+from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest, _Common
+
+#: JSON has no infinities; a token the logit bias banned gets this logprob (as vLLM sends).
+_MIN_LOGPROB = -9999.0
+_SEED_MODULUS = 2**64
+
+
+@dataclass
+class ServerState:
+    """What every handler shares: the model, its engine, names, limits and metrics."""
+
+    llm: LLM
+    engine: AsyncEngine
+    metrics: ServerMetrics
+    model_names: tuple[str, ...]
+    max_pending: int  # engine requests (choices) running or queued at once
+    sampling_defaults: dict[str, float] = field(default_factory=dict)  # from generation_config.json
+    created: int = field(default_factory=lambda: int(time.time()))
+    pending: int = 0
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.model_names:
+            raise APIError(
+                404, f"the model {name!r} does not exist; this server serves {', '.join(self.model_names)}",
+                param="model", code="model_not_found",
+            )
+
+
+class Response:
+    """The engine work behind a reply, and either the reply body to await or a stream of SSE lines."""
+
+    def __init__(
+        self, generation: Generation, body: Awaitable[dict] | None, stream: AsyncIterator[str] | None
+    ):
+        self.generation, self.body, self.stream = generation, body, stream
+
+
+# --------------------------------------------------------------------- params
+def _sampling_params(
+    state: ServerState, body: _Common, max_tokens: int, logprobs: int, seed: int | None, stops: list[str]
+) -> SamplingParams:
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            bias[int(key)] = float(value)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias") from None
+    defaults = state.sampling_defaults
+
+    def pick(name: str, api_default: float) -> Any:
+        value = getattr(body, name)
+        return value if value is not None else defaults.get(name, api_default)
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=body.top_k or int(defaults.get("top_k", 0)),
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=bias,
+        seed=seed,
+        stop=tuple(stops),
+        logprobs=logprobs,
+    )
+
+
+def _max_tokens(state: ServerState, prompt_len: int, requested: int | None) -> int:
+    """The request's limit, or all the room the context and the KV pool leave."""
+    model = state.llm.model
+    context = model.config.max_seq_len
+    if prompt_len >= context:
+        raise APIError(
+            400, f"the prompt has {prompt_len} tokens but this model's context length is {context}; "
+            "shorten the prompt", param="messages", code="context_length_exceeded",
+        )
+    if requested is None:
+        return max(1, min(context, model.kv_capacity()) - prompt_len)
+    if prompt_len + requested > context:
+        raise APIError(
+            400, f"this model's context length is {context} tokens, but the prompt ({prompt_len}) plus "
+            f"max_tokens ({requested}) asks for {prompt_len + requested}; lower max_tokens",
+            param="max_tokens", code="context_length_exceeded",
+        )
+    return requested
+
+
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Each choice gets its own stream of draws (same seed -> same choices); OpenAI seeds may be negative."""
+    return None if seed is None else (seed + index) % _SEED_MODULUS
+
+
+def _encode(state: ServerState, prompt: str | Sequence[Any], param: str) -> tuple[int, ...]:
+    try:
+        return tuple(state.llm.encode_prompt(prompt))
+    except FerrumError as error:
+        raise APIError(400, str(error), param=param) from None
+    except Exception as error:  # a chat template's raise_exception, or one that breaks on this input
+        raise APIError(400, f"the chat template failed on these messages: {error}", param=param) from None
+
+
+# -------------------------------------------------------------- run and reply
+def _start(state: ServerState, endpoint: str, specs: list[ChoiceSpec]) -> Generation:
+    if len(specs) > state.max_pending:
+        raise APIError(
+            400, f"this request asks for {len(specs)} choices but the server runs or queues at most "
+            f"{state.max_pending} at once; lower n (or the number of prompts)", param="n",
+        )
+    if state.pending + len(specs) > state.max_pending:
+        raise APIError(
+            429, f"the server is at capacity ({state.max_pending} requests running or queued); retry shortly",
+            code="server_busy", headers={"Retry-After": "1"},
+        )
+
+    def ended(out: RequestOutput | None) -> None:
+        state.pending -= 1
+        if out is None:
+            state.metrics.requests.labels(endpoint, "abort").inc()
+        else:
+            state.metrics.finished(endpoint, out)
+
+    generation = Generation(state.engine, specs, ended)
+    try:
+        generation.start()
+    except FerrumError as error:
+        raise APIError.from_ferrum(error) from None
+    state.pending += len(specs)
+    return generation
+
+
+def _finish_reason(out: RequestOutput) -> str:
+    if out.finish_reason is FinishReason.ABORT:
+        raise APIError(503, "the request was aborted: the server is shutting down", code="aborted")
+    return out.finish_reason.value
+
+
+def _usage(prompts: list[tuple[int, ...]], finals: dict[int, RequestOutput], first_of_prompt: set[int]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(len(out.token_ids) for out in finals.values())
+    cached = sum(finals[i].metrics.num_cached_tokens for i in first_of_prompt if i in finals)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
+
+
+async def _finals(generation: Generation) -> dict[int, RequestOutput]:
+    finals = {}
+    async for index, out in generation.events():
+        if out.finished:
+            finals[index] = out
+    return finals
+
+
+class _Logprobs:
+    """Token strings and bytes for logprob entries."""
+
+    def __init__(self, llm: LLM):
+        self.tok = llm.tokenizer
+
+    def token(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self.tok.token_bytes(token_id) if self.tok is not None else str(token_id).encode()
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    @staticmethod
+    def value(logprob: float | None) -> float:
+        return _MIN_LOGPROB if logprob is None or logprob != logprob or logprob < _MIN_LOGPROB else logprob
+
+    def chat(self, picks: Sequence[SampledToken], top: int) -> dict:
+        content = []
+        for pick in picks:
+            text, raw = self.token(pick.token)
+            alternatives = []
+            for token_id, lp in pick.top_logprobs[:top]:
+                t, b = self.token(token_id)
+                alternatives.append({"token": t, "logprob": self.value(lp), "bytes": b})
+            content.append({"token": text, "logprob": self.value(pick.logprob), "bytes": raw,
+                            "top_logprobs": alternatives})
+        return {"content": content, "refusal": None}
+
+    def completion(self, picks: Sequence[SampledToken], top: int, offset: int) -> dict:
+        tokens, values, tops, offsets = [], [], [], []
+        for pick in picks:
+            text, _ = self.token(pick.token)
+            tokens.append(text)
+            values.append(self.value(pick.logprob))
+            alternatives: dict[str, float] = {}
+            for token_id, lp in pick.top_logprobs[:top]:  # best first; tokens spelt alike keep the best
+                alternatives.setdefault(self.token(token_id)[0], self.value(lp))
+            alternatives.setdefault(text, self.value(pick.logprob))  # the sampled token is always listed
+            tops.append(alternatives)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if top else None,
+                "text_offset": offsets}
+
+
+def _new_picks(out: RequestOutput) -> Sequence[SampledToken]:
+    if not out.logprobs:
+        return ()
+    return out.logprobs[len(out.token_ids) - len(out.new_token_ids):]
+
+
+# ------------------------------------------------------------------------ chat
+def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response:
+    state.check_model(body.model)
+    body.check_supported()
+    if state.llm.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so chat messages cannot be encoded; use /v1/completions "
+                       "with token ids")
+    prompt = _encode(state, body.template_messages(), "messages")
+    max_tokens = _max_tokens(state, len(prompt), body.max_new_tokens())
+    top = body.top_logprobs or 0
+    want_logprobs = max(top, 1) if body.logprobs else 0
+    stops = body.stop_strings()
+    specs = [
+        ChoiceSpec(i, prompt, _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, i), stops))
+        for i in range(body.n)
+    ]
+    generation = _start(state, "chat", specs)
+    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
+    logprobs = _Logprobs(state.llm)
+
+    def envelope(obj: str) -> dict:
+        return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None}
+
+    if not body.stream:
+        async def collect() -> dict:
+            finals = await _finals(generation)
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": out.text, "refusal": None},
+                    "logprobs": logprobs.chat(out.logprobs, top) if body.logprobs else None,
+                    "finish_reason": _finish_reason(out),
+                }
+                for i, out in sorted(finals.items())
+            ]
+            return {**envelope("chat.completion"), "choices": choices, "usage": _usage([prompt], finals, {0})}
+
+        return Response(generation, collect(), None)
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def stream() -> AsyncIterator[str]:
+        usage_field = {"usage": None} if include_usage else {}
+        finals: dict[int, RequestOutput] = {}
+        started: set[int] = set()
+        try:
+            async for index, out in generation.events():
+                if index not in started:
+                    started.add(index)
+                    yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
+                        {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}]})
+                if out.new_text or (body.logprobs and out.new_token_ids):
+                    yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
+                        {"index": index, "delta": {"content": out.new_text},
+                         "logprobs": logprobs.chat(_new_picks(out), top) if body.logprobs else None,
+                         "finish_reason": None}]})
+                if out.finished:
+                    finals[index] = out
+                    yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
+                        {"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(out)}]})
+            if include_usage:
+                yield _sse({**envelope("chat.completion.chunk"), "choices": [],
+                            "usage": _usage([prompt], finals, {0})})
+        except APIError as error:
+            yield _sse(error.body())
+        except FerrumError as error:
+            yield _sse(APIError.from_ferrum(error).body())
+        yield "data: [DONE]\n\n"
+
+    return Response(generation, None, stream())
+
+
+# ----------------------------------------------------------------- completions
+def completion(state: ServerState, body: CompletionRequest) -> Response:
+    state.check_model(body.model)
+    body.check_supported()
+    prompts = [_encode(state, p, "prompt") for p in body.prompts()]
+    top = body.logprobs or 0
+    want_logprobs = max(top, 1) if body.logprobs is not None else 0
+    stops = body.stop_strings()
+    specs, first_of_prompt = [], set()
+    for p_index, prompt in enumerate(prompts):
+        max_tokens = _max_tokens(state, len(prompt), body.max_tokens)
+        first_of_prompt.add(p_index * body.n)
+        for j in range(body.n):
+            index = p_index * body.n + j
+            params = _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, index), stops)
+            specs.append(ChoiceSpec(index, prompt, params))
+    generation = _start(state, "completions", specs)
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
+    logprobs = _Logprobs(state.llm)
+    tok = state.llm.tokenizer
+
+    def echo_text(index: int) -> str:
+        if not body.echo:
+            return ""
+        prompt = body.prompts()[index // body.n]
+        return prompt if isinstance(prompt, str) else (tok.decode(prompt) if tok is not None else "")
+
+    def text_of(out: RequestOutput) -> str:
+        return out.text if out.text is not None else ""
+
+    def envelope() -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": None}
+
+    if not body.stream:
+        async def collect() -> dict:
+            finals = await _finals(generation)
+            choices = []
+            for i, out in sorted(finals.items()):
+                prefix = echo_text(i)
+                choices.append({
+                    "index": i, "text": prefix + text_of(out),
+                    "logprobs": logprobs.completion(out.logprobs, top, len(prefix)) if body.logprobs is not None
+                    else None,
+                    "finish_reason": _finish_reason(out),
+                })
+            return {**envelope(), "choices": choices, "usage": _usage(prompts, finals, first_of_prompt)}
+
+        return Response(generation, collect(), None)
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def stream() -> AsyncIterator[str]:
+        usage_field = {"usage": None} if include_usage else {}
+        finals: dict[int, RequestOutput] = {}
+        offsets: dict[int, int] = {}
+        try:
+            async for index, out in generation.events():
+                prefix = ""
+                if index not in offsets:
+                    prefix = echo_text(index)
+                    offsets[index] = len(prefix)
+                text = prefix + out.new_text
+                piece = None
+                if body.logprobs is not None:
+                    piece = logprobs.completion(_new_picks(out), top, offsets[index])
+                    offsets[index] += sum(len(t) for t in piece["tokens"])
+                if text or (piece and piece["tokens"]) or out.finished:
+                    yield _sse({**envelope(), **usage_field, "choices": [{
+                        "index": index, "text": text, "logprobs": piece,
+                        "finish_reason": _finish_reason(out) if out.finished else None}]})
+                if out.finished:
+                    finals[index] = out
+            if include_usage:
+                yield _sse({**envelope(), "choices": [], "usage": _usage(prompts, finals, first_of_prompt)})
+        except APIError as error:
+            yield _sse(error.body())
+        except FerrumError as error:
+            yield _sse(APIError.from_ferrum(error).body())
+        yield "data: [DONE]\n\n"
+
+    return Response(generation, None, stream())

@@ -1,0 +1,170 @@
+"""The OpenAI request bodies Ferrum accepts, as pydantic models.
+
+Unknown fields are refused (a misspelt ``temprature`` must not be silently
+ignored); fields of the OpenAI API that Ferrum cannot honour are accepted
+only at their no-op values and refused by name otherwise (see
+:meth:`_Common.refuse_unsupported`). ``top_k``, ``min_p`` and
+``repetition_penalty`` are Ferrum extras, sent by the ``openai`` client as
+``extra_body``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from ferrum.serve.errors import APIError
+
+#: OpenAI's own bounds (the API reference), checked before anything reaches the engine.
+Temperature = Annotated[float, Field(ge=0, le=2)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class _Common(BaseModel):
+    """Sampling fields shared by chat and legacy completions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: StrictStr | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: StrictStr | None = None  # ignored: only for the caller's abuse monitoring at OpenAI
+    # Ferrum extras.
+    top_k: Annotated[int, Field(ge=0)] = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+
+    def refuse_unsupported(self, fields: dict[str, Any]) -> None:
+        """Raise a 400 naming the first field set to a value Ferrum cannot honour."""
+        for name, allowed in fields.items():
+            value = getattr(self, name)
+            if value is not None and value != allowed and not (isinstance(allowed, tuple) and value in allowed):
+                raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stops):
+            raise APIError(400, "stop strings must not be empty", param="stop")
+        return stops
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message; tool calls and non-text parts are refused when the prompt is built."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: StrictStr | None = None
+    refusal: StrictStr | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Accepted only at their no-op values.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: StrictStr | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[StrictStr] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: StrictStr | None = None
+    # Bookkeeping fields of OpenAI's platform; nothing to do here.
+    store: StrictBool | None = None
+    metadata: dict[str, StrictStr] | None = None
+    service_tier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+
+    def check_supported(self) -> None:
+        self.refuse_unsupported({
+            "tools": [], "tool_choice": ("none", "auto"), "functions": [], "function_call": ("none", "auto"),
+            "response_format": {"type": "text"}, "modalities": ["text"], "audio": None,
+            "prediction": None, "reasoning_effort": None,
+        })
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if not self.messages:
+            raise APIError(400, "messages must hold at least one message", param="messages")
+
+    def max_new_tokens(self) -> int | None:
+        """``max_completion_tokens`` replaces the deprecated ``max_tokens``; the first one set wins."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """Messages as chat templates expect them: ``role`` and text ``content``."""
+        out = []
+        for i, message in enumerate(self.messages):
+            if message.tool_calls:
+                raise APIError(400, "tool calls are not supported by this server", param=f"messages.{i}.tool_calls")
+            content = message.content
+            if isinstance(content, list):
+                texts = []
+                for part in content:
+                    if part.type != "text" or part.text is None:
+                        raise APIError(
+                            400, f"content part of type {part.type!r} is not supported; send text parts",
+                            param=f"messages.{i}.content",
+                        )
+                    texts.append(part.text)
+                content = "".join(texts)
+            # Templates rarely know OpenAI's newer "developer" role; it is the system prompt.
+            role = "system" if message.role == "developer" else message.role
+            out.append({"role": role, "content": content or ""})
+        return out
+
+
+class CompletionRequest(_Common):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # the API's documented default
+    echo: StrictBool = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: StrictStr | None = None
+
+    def check_supported(self) -> None:
+        self.refuse_unsupported({"suffix": None})
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        if self.echo and self.logprobs:
+            raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        return list(prompt)

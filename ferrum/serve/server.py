@@ -1,0 +1,87 @@
+"""``ferrum serve``: load a model and run the app under uvicorn until SIGINT/SIGTERM.
+
+On a signal uvicorn stops accepting connections and waits for open ones.
+In-flight requests get ``shutdown_timeout`` seconds to finish; then Ferrum
+aborts what is left in the engine, so each of those responses ends properly
+(a stream with an error event and ``[DONE]``, a plain request with a 503)
+instead of being cut by uvicorn cancelling its task.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+
+from ferrum.engine import EngineConfig
+from ferrum.model import ProgressFn
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything ``ferrum serve`` takes (see ``ferrum serve --help``)."""
+
+    model: str | None = None  # folder, .gguf file or Hugging Face repo id; None = the embedded default model
+    backend: str | None = None
+    dtype: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: tuple[str, ...] = ()
+    max_num_seqs: int = 64
+    max_queue: int = 256
+    max_seq_len: int | None = None
+    num_kv_blocks: int | None = None
+    api_key: str | None = None
+    shutdown_timeout: float = 10.0
+    log_level: str = "info"
+
+
+def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
+    """The LLM and the app serving it."""
+    import ferrum
+    from ferrum.serve.app import ServeConfig, create_app
+
+    model = options.model
+    if model is None:
+        from ferrum.default_model import GGUF_FILE, default_model_path
+
+        path, default_name = default_model_path(progress=progress), GGUF_FILE.split(".")[0]
+    else:
+        path, default_name = model, model
+    llm = ferrum.load(
+        path, backend=options.backend, dtype=options.dtype, max_seq_len=options.max_seq_len,
+        num_kv_blocks=options.num_kv_blocks, progress=progress,
+        engine_config=EngineConfig(
+            max_num_seqs=options.max_num_seqs, max_num_batched_tokens=max(2048, options.max_num_seqs),
+        ),
+    )
+    names = options.served_model_names or (default_name,)
+    app = create_app(llm, ServeConfig(model_names=tuple(names), api_key=options.api_key, max_queue=options.max_queue))
+    return llm, app
+
+
+def serve(options: ServeOptions, progress: ProgressFn | None = None) -> None:
+    import uvicorn
+
+    llm, app = load_for_serving(options, progress)
+    info = llm.model.backend.info
+    print(
+        f"[ferrum] serving {', '.join(app.state.ferrum.model_names)} on http://{options.host}:{options.port}/v1 "
+        f"(backend={llm.model.backend.name} device={info.device} dtype={llm.model.dtype})",
+        file=sys.stderr, flush=True,
+    )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                timer = threading.Timer(options.shutdown_timeout, llm.async_engine.shutdown)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=options.host, port=options.port, log_level=options.log_level,
+        # A backstop only: the engine shutdown above ends every response well before it.
+        timeout_graceful_shutdown=options.shutdown_timeout + 30,
+    )
+    Server(config).run()

@@ -1,0 +1,97 @@
+"""Models named by Hugging Face repo id resolve through a (fake, local) Hugging Face cache; no network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ferrum.errors import CheckpointError
+from ferrum.hub import parse_repo_id
+from support import write_text_checkpoint
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hub_cache(cache: Path, repo_id: str, files: Path) -> Path:
+    """Lay ``files`` out as huggingface_hub stores a downloaded snapshot (blobs + snapshot links + refs)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    for i, source in enumerate(sorted(p for p in files.iterdir() if p.is_file())):
+        blob = repo / "blobs" / f"blob{i:04d}"
+        shutil.copyfile(source, blob)
+        (snapshot / source.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_text_checkpoint(tmp_path_factory.mktemp("hub") / "tiny")
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return subprocess.run([sys.executable, "-m", "ferrum.cli", *args], capture_output=True, text=True,
+                          env={**clean, **env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def test_parse_repo_id():
+    assert parse_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+    assert parse_repo_id("org/name-GGUF/sub/model.Q4_0.gguf") == ("org/name-GGUF", "sub/model.Q4_0.gguf")
+    for not_an_id in ("model", "./org/name", "/abs/path", "~/x/y", "a/b/c", "org/../x", "org/name/x.bin"):
+        assert parse_repo_id(not_an_id) is None, not_an_id
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_generate_by_repo_id_from_the_cache(checkpoint, tmp_path, variable):
+    cache = tmp_path / "hub" if variable == "HF_HUB_CACHE" else tmp_path / "home" / "hub"
+    fake_hub_cache(cache, "acme/tiny-chat", checkpoint)
+    root = cache if variable == "HF_HUB_CACHE" else cache.parent
+    env = {variable: str(root), "FERRUM_CACHE_DIR": str(tmp_path / "ferrum")}
+    done = run_cli("generate", "hello world", "--model", "acme/tiny-chat", "--no-chat", "--max-tokens", "4",
+                   "--backend", "cpu", env=env)
+    assert done.returncode == 0, done.stderr
+    import ferrum
+
+    expected = ferrum.load(checkpoint, backend="cpu").generate("hello world", max_tokens=4)
+    assert done.stdout.rstrip("\n") == expected
+
+
+def test_uncached_repo_offline_says_how_to_get_it(tmp_path):
+    done = run_cli("generate", "hi", "--model", "acme/not-downloaded", env={"HF_HUB_CACHE": str(tmp_path)})
+    assert done.returncode == 2
+    assert "acme/not-downloaded is not in the Hugging Face cache" in done.stderr
+    assert "hf download acme/not-downloaded" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_in_process_load_and_gguf_repos(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from ferrum.default_model import default_gguf_path
+    from ferrum.sources import resolve_model
+
+    gguf_dir = tmp_path / "gguf-files"
+    gguf_dir.mkdir()
+    (gguf_dir / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(default_gguf_path())
+    (gguf_dir / "README.md").write_text("a GGUF-only repo")
+    fake_hub_cache(tmp_path / "hub", "acme/smol-GGUF", gguf_dir)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "ferrum"))
+
+    whole = resolve_model("acme/smol-GGUF")  # the only .gguf of the repo, imported once
+    named = resolve_model("acme/smol-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert whole == named and (whole / "config.json").exists()
+    assert whole.name.startswith("SmolLM2-135M-Instruct.Q4_1-")  # named after the file, not its blob hash
+    with pytest.raises(CheckpointError, match="no file|not in the Hugging Face cache"):
+        resolve_model("acme/smol-GGUF/other.gguf")
+    with pytest.raises(CheckpointError, match="not a Hugging Face repo id|no checkpoint folder"):
+        resolve_model(tmp_path / "missing")

@@ -1,0 +1,407 @@
+"""``ferrum serve`` as a client sees it: a real server in a subprocess, driven by the ``openai`` package.
+
+The model is a tiny random Llama with a trained tokenizer on the numpy
+backend in float32, so every completion can be compared token for token
+with the same request run alone in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx  # the HTTP client the openai package itself uses
+import numpy as np
+import openai
+import pytest
+
+import ferrum
+from support import write_text_checkpoint
+
+BACKEND = ["--backend", "cpu", "--dtype", "float32"]
+WORDS = "hello world the quick brown fox jumps over lazy dog text spans several byte level tokens".split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``ferrum serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, model: Path, *args: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = model.parent / f"serve-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ferrum.cli", "serve", str(model), "--port", str(self.port),
+             "--served-model-name", "tiny", "--log-level", "warning", *BACKEND, *args],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ferrum serve exited: {self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"ferrum serve did not start: {self.log.read_text()}")
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics").text
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    def stop(self) -> bool:
+        """SIGTERM; True when the server shut down cleanly (uvicorn re-raises the signal after its shutdown)."""
+        self.proc.terminate()
+        code = self.proc.wait(timeout=60)
+        log = self.log.read_text()
+        return code in (0, -15) and "Traceback" not in log
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_text_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = Server(model)
+    yield srv
+    assert srv.stop(), srv.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def llm(model):
+    return ferrum.load(model, backend="cpu", dtype="float32")
+
+
+def _solo(llm, prompt, chat: bool, max_tokens: int, **options) -> ferrum.RequestOutput:
+    return llm.run([prompt], chat=chat, max_tokens=max_tokens, **options)[0]
+
+
+# ------------------------------------------------------------------- basics
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-4")
+
+
+def test_chat_matches_a_solo_run_with_usage(server, llm):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    reply = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    solo = _solo(llm, messages, True, 12)
+    assert reply.choices[0].message.content == solo.text
+    assert reply.choices[0].finish_reason == solo.finish_reason.value
+    assert reply.usage.prompt_tokens == len(llm.encode_prompt(messages))
+    assert reply.usage.completion_tokens == len(solo.token_ids)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_stream_chunks_in_order_and_usage_last(server, llm):
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    chunks = list(server.client().chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _solo(llm, messages, True, 10).text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_text_and_token_prompts_echo(server, llm):
+    client = server.client()
+    solo = _solo(llm, "hello world the", False, 8)
+    reply = client.completions.create(model="tiny", prompt="hello world the", max_tokens=8, temperature=0)
+    assert reply.choices[0].text == solo.text
+    ids = llm.encode_prompt("hello world the")
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0, echo=True)
+    assert by_ids.choices[0].text == llm.tokenizer.decode(ids) + solo.text
+    default = client.completions.create(model="tiny", prompt="hello", temperature=0)
+    assert default.usage.completion_tokens == 16  # the legacy API's default max_tokens
+    streamed = client.completions.create(model="tiny", prompt="hello world the", max_tokens=8, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == solo.text
+
+
+def test_stop_strings_cut_the_text(server, llm):
+    full = _solo(llm, "quick brown", False, 24).text
+    letters = [c for c in full[1:] if c.isascii() and c.isalnum()]  # the random model emits broken UTF-8 too
+    assert letters, full
+    stop = letters[len(letters) // 2]
+    expected = full[: full.index(stop)]
+    for stream in (False, True):
+        reply = server.client().completions.create(
+            model="tiny", prompt="quick brown", max_tokens=24, temperature=0, stop=[stop, "\x00never"],
+            stream=stream,
+        )
+        if stream:
+            chunks = list(reply)
+            text = "".join(c.choices[0].text for c in chunks)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+        else:
+            text, reason = reply.choices[0].text, [reply.choices[0].finish_reason]
+        assert text == expected and reason == ["stop"]
+
+
+def test_same_seed_same_choices_and_n_choices_differ(server):
+    client = server.client()
+
+    def ask(seed):
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=1.0,
+            seed=seed, n=3,
+        )
+        assert [c.index for c in reply.choices] == [0, 1, 2]
+        assert 3 <= reply.usage.completion_tokens <= 36
+        return [c.message.content for c in reply.choices]
+
+    first = ask(1234)
+    assert ask(1234) == first
+    assert len(set(first)) > 1
+    assert ask(99) != first
+
+
+def test_chat_logprobs_match_the_models_own_logits(server, llm):
+    messages = [{"role": "user", "content": "lazy dog"}]
+    reply = server.client().chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+    )
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens == 6
+    prompt = llm.encode_prompt(messages)
+    output = [llm.tokenizer.token_to_id(_token_piece(llm, e)) for e in entries]
+    # Independent path: one forward pass over prompt + output, log-softmax in float64 here.
+    logits = llm.model.forward_verify("logprob-check", prompt + output[:-1]).astype(np.float64)
+    llm.model.release("logprob-check")
+    rows = logits[len(prompt) - 1 :]
+    logsm = rows - rows.max(-1, keepdims=True)
+    logsm -= np.log(np.exp(logsm).sum(-1, keepdims=True))
+    for row, token, entry in zip(logsm, output, entries):
+        assert entry.logprob == pytest.approx(row[token], abs=1e-4)
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
+        assert len(entry.top_logprobs) == 3
+        best = np.argsort(-row, kind="stable")[:3]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row[best].tolist(), abs=1e-4)
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)  # greedy took the best
+
+
+def _token_piece(llm, entry) -> str:
+    """The vocabulary entry for a logprob entry's bytes (byte-level BPE spelling)."""
+    from ferrum.tokenizer import _unicode_to_byte
+
+    to_char = {b: c for c, b in _unicode_to_byte().items()}
+    return "".join(to_char[b] for b in entry.bytes)
+
+
+def test_completion_logprobs_shape(server):
+    reply = server.client().completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0, logprobs=2)
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == reply.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == pytest.approx(value) and 1 <= len(top) <= 3
+
+
+def test_repeated_prefix_reports_cached_tokens(server):
+    long_prompt = " ".join(WORDS * 4)
+    client = server.client()
+    first = client.completions.create(model="tiny", prompt=long_prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model="tiny", prompt=long_prompt, max_tokens=2, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens > 32
+    assert 16 <= cached < first.usage.prompt_tokens and cached % 16 == 0  # whole 16-token blocks
+
+
+def test_ferrum_extras_are_accepted(server, llm):
+    reply = server.client().completions.create(
+        model="tiny", prompt="hello", max_tokens=6, temperature=0,
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.3},
+    )
+    solo = _solo(llm, "hello", False, 6, repetition_penalty=1.3)
+    assert reply.choices[0].text == solo.text
+
+
+# ------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temprature": 0}, "temprature"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": " ".join(WORDS * 40)}]}, "messages"),
+        ({"model": "tiny"}, "messages"),
+    ],
+)
+def test_bad_chat_requests_get_400_naming_the_parameter(server, body, param):
+    response = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+def test_malformed_and_odd_bodies(server):
+    post = lambda data, **kw: httpx.post(server.url + "/v1/chat/completions", content=data, **kw)  # noqa: E731
+    for data in (b"{bad", b"", b"[]", b'"text"', b"\xff\xfe", json.dumps({"messages": "hi"}).encode()):
+        response = post(data)
+        assert response.status_code == 400, (data, response.text)
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    over = httpx.post(server.url + "/v1/completions", json={"prompt": " ".join(WORDS * 40), "max_tokens": 1})
+    assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+    bad_ids = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 2, 10**6]})
+    assert bad_ids.status_code == 400 and "vocabulary" in bad_ids.json()["error"]["message"]
+    unknown = httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": []})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    with pytest.raises(openai.BadRequestError):
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                top_p=0)
+    assert httpx.get(server.url + "/health").status_code == 200  # still serving
+
+
+@pytest.fixture(scope="module")
+def long_context_model(model, tmp_path_factory) -> Path:
+    """The same weights with room for thousands of tokens, so one request can hold the server busy."""
+    folder = tmp_path_factory.mktemp("long") / "tiny-long"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    return folder
+
+
+def test_api_key_and_queue_limit(long_context_model):
+    srv = Server(long_context_model, "--api-key", "sekret", "--max-num-seqs", "1", "--max-queue", "1")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            srv.client(api_key="wrong").models.list()
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        assert srv.client(api_key="sekret").models.list().data[0].id == "tiny"
+        headers = {"Authorization": "Bearer sekret"}
+        body = {"prompt": "hello", "max_tokens": 8000, "stream": True, "logit_bias": {"1": -100}, "n": 2}
+        never = httpx.post(srv.url + "/v1/completions", json={**body, "n": 3}, headers=headers)
+        assert never.status_code == 400 and never.json()["error"]["param"] == "n"
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=headers, timeout=60) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()  # kept: dropping the iterator closes the connection
+            next(lines)  # both slots (one running, one queued) are now taken
+            busy = httpx.post(srv.url + "/v1/completions", json={**body, "n": 1}, headers=headers)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+            assert busy.json()["error"]["type"] == "rate_limit_exceeded"
+        # Leaving the stream aborted both choices: the server takes requests again.
+        deadline = time.time() + 30
+        while srv.metrics()["ferrum_requests_running"] and time.time() < deadline:
+            time.sleep(0.05)
+        after = httpx.post(srv.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, headers=headers)
+        assert after.status_code == 200
+        assert srv.metrics()['ferrum_requests_rejected_total{status="429"}'] == 1
+    finally:
+        assert srv.stop(), srv.log.read_text()
+
+
+# ------------------------------------------------------ many clients at once
+def test_64_streaming_clients_a_third_disconnecting(server, llm):
+    rng = random.Random(7)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(64)]
+    leaving = set(rng.sample(range(64), 21))
+    before = server.metrics()
+
+    async def client_run(i: int) -> str | None:
+        async with server.async_client() as client:
+            stream = await client.completions.create(model="tiny", prompt=prompts[i], max_tokens=24,
+                                                     temperature=0, stream=True)
+            text, cut = "", rng.randint(1, 6)
+            async for n, chunk in _enumerate(stream):
+                text += chunk.choices[0].text
+                if i in leaving and n == cut:
+                    await stream.close()
+                    return None
+            return text
+
+    async def main():
+        return await asyncio.gather(*(client_run(i) for i in range(64)))
+
+    texts = asyncio.run(main())
+    for i, text in enumerate(texts):
+        if i not in leaving:
+            assert text == _solo(llm, prompts[i], False, 24).text, prompts[i]
+
+    deadline = time.time() + 30
+    while True:  # aborts are applied by the engine thread; give it a moment
+        after = server.metrics()
+        if after["ferrum_kv_blocks_used"] == 0 and after["ferrum_requests_running"] == 0 or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert after["ferrum_kv_blocks_used"] == 0
+    assert after["ferrum_kv_blocks_free"] == after["ferrum_kv_blocks_total"]
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    ended = {reason: delta(f'ferrum_requests_total{{endpoint="completions",finish_reason="{reason}"}}')
+             for reason in ("stop", "length", "abort")}
+    assert sum(ended.values()) == 64
+    assert ended["stop"] + ended["length"] >= 64 - len(leaving)
+    assert ended["abort"] >= 1
+    assert delta("ferrum_time_to_first_token_seconds_count") == ended["stop"] + ended["length"]
+
+
+async def _enumerate(stream):
+    n = 0
+    async for item in stream:
+        n += 1
+        yield n, item
+
+
+def test_sigterm_stops_cleanly_mid_stream(long_context_model):
+    srv = Server(long_context_model, "--shutdown-timeout", "1")
+    body = {"prompt": "hello", "max_tokens": 8000, "stream": True, "logit_bias": {"1": -100}}
+    with httpx.stream("POST", srv.url + "/v1/completions", timeout=60, json=body) as response:
+        lines = response.iter_lines()
+        next(lines)
+        started = time.time()
+        assert srv.stop(), srv.log.read_text()  # no traceback, exits by itself
+        assert time.time() - started < 20
+        rest = [line for line in lines if line]  # ended at the shutdown timeout, not left hanging
+    assert len(rest) < 8000
+    assert json.loads(rest[-2][len("data: "):])["error"]["code"] == "aborted"
+    assert rest[-1] == "data: [DONE]"
