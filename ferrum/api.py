@@ -118,14 +118,19 @@ class LLM:
             if out.finished:
                 finals[out.request_id] = out
 
-        ids = [self.engine.add_request(tokens, params, on_output=keep_final) for tokens in encoded]
+        ids: list[str] = []
         try:
+            for tokens in encoded:  # a prompt refused here takes the ones queued before it back out
+                ids.append(self.engine.add_request(tokens, params, on_output=keep_final))
             while len(finals) < len(ids):
                 self.engine.step()
         finally:
             for request_id in ids:
                 if request_id not in finals:
                     self.engine.abort(request_id)
+        failed = next((finals[i].error for i in ids if finals[i].error is not None), None)
+        if failed is not None:
+            raise failed
         return [finals[request_id] for request_id in ids]
 
     def stream_outputs(
@@ -145,6 +150,8 @@ class LLM:
                     self.engine.step()
                 out = pending.popleft()
                 finished = out.finished
+                if out.error is not None:
+                    raise out.error
                 yield out
         finally:
             if not finished:

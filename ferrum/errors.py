@@ -71,5 +71,13 @@ class KVCacheExhaustedError(FerrumError):
     """Not enough free KV blocks for a request; other sequences are untouched."""
 
 
+class RequestFailedError(FerrumError):
+    """Something failed while one request ran (an op, sampling, detokenizing, its output callback).
+
+    Only that request (or that step's batch, for a failed forward pass) ended;
+    the engine serves the others. The original exception is ``__cause__``.
+    """
+
+
 class ExecutorStateError(FerrumError):
     """The executor was used after shutdown or before it was ready."""

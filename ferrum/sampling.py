@@ -21,9 +21,10 @@ Semantics, row by row (:func:`sample_numpy` is the reference):
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,6 +32,22 @@ from ferrum.errors import InvalidRequestError
 
 #: Largest float32 below 1, so a uniform never selects past the kept mass.
 _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+
+
+def _bad(message: str) -> None:
+    raise InvalidRequestError(f"invalid sampling parameters: {message}")
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        _bad(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(name: str, value: Any, ok: Callable[[float], bool] | None = None, rule: str = "") -> None:
+    if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or not math.isfinite(value):
+        _bad(f"{name} must be a finite number{' ' + rule if rule else ''}, got {value!r}")
+    if ok is not None and not ok(float(value)):
+        _bad(f"{name} must be {rule}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -53,27 +70,39 @@ class SamplingParams:
     logprobs: int = 0  # top-n logprobs to return per token
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> None:
-            raise InvalidRequestError(f"invalid sampling parameters: {msg}")
-
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            bad(f"temperature must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not isinstance(self.logprobs, int) or self.logprobs < 0:
-            bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            bad(f"seed must be an integer >= 0 or None, got {self.seed!r}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
+        """Type- and range-check every field (NaN, infinities and bools included) and normalise collections."""
+        _integer("max_tokens", self.max_tokens, 1)
+        _number("temperature", self.temperature, lambda v: v >= 0, ">= 0")
+        _integer("top_k", self.top_k, 0)
+        _number("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+        _number("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _number("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "> 0")
+        _number("presence_penalty", self.presence_penalty)
+        _number("frequency_penalty", self.frequency_penalty)
+        _integer("logprobs", self.logprobs, 0)
+        if self.seed is not None:
+            _integer("seed", self.seed, 0)
+        if not isinstance(self.ignore_eos, bool):
+            _bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if not isinstance(self.logit_bias, Mapping):
+            _bad(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
+        bias = {}
+        for token, value in self.logit_bias.items():
+            _integer("a logit_bias token id", token, 0)
+            _number(f"logit_bias[{token}]", value)
+            bias[int(token)] = float(value)
+        stop_ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, int) else self.stop_token_ids
+        if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Iterable):
+            _bad(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        stop_ids = tuple(stop_ids)
+        for token in stop_ids:
+            _integer("a stop token id", token, 0)
+        stops = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stops, Iterable) or any(not isinstance(t, str) or not t for t in stops):
+            _bad(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "logit_bias", bias)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop_ids))
+        object.__setattr__(self, "stop", tuple(stops))
 
     @property
     def greedy(self) -> bool:
@@ -147,6 +176,13 @@ class RequestSampler:
             self._seen.add(token)
         if self.params.presence_penalty or self.params.frequency_penalty:
             self._counts[token] += 1
+
+    def rng_state(self) -> dict:
+        """The generator's state, so a draw spent on a failed sampling call can be taken back."""
+        return self.rng.bit_generator.state
+
+    def rewind(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
 
     def uniform(self) -> float:
         """This step's draw (one per sampled token, greedy requests draw nothing)."""

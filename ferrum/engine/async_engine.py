@@ -3,19 +3,26 @@
 One background thread steps the engine while any request is unfinished, so
 every user's request shares the same batched forward passes; each request's
 outputs are handed to the event loop that submitted it. Cancelling the task
-that consumes a stream (or leaving it early) aborts the request.
+that consumes a stream (or leaving it early) aborts the request. A request
+that failed raises its error in the consumer. The thread holds the engine
+only weakly between steps, so an ``LLM`` dropped without :meth:`shutdown`
+frees its model, KV pool and thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from typing import AsyncIterator, Sequence
 
 from ferrum.engine.engine import Engine
-from ferrum.engine.request import RequestOutput
-from ferrum.errors import ExecutorStateError
+from ferrum.engine.request import FinishReason, RequestOutput
+from ferrum.errors import ExecutorStateError, RequestFailedError
 from ferrum.sampling import SamplingParams
+
+#: How often an idle stepping thread checks whether its engine is still wanted.
+_IDLE_CHECK_S = 1.0
 
 
 class RequestStream:
@@ -26,13 +33,15 @@ class RequestStream:
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Called from the stepping thread."""
+        """Called from the stepping thread; raises RuntimeError when the consumer's loop is closed."""
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def get(self) -> RequestOutput:
         item = await self._queue.get()
         if isinstance(item, BaseException):
             raise item
+        if item.finish_reason is FinishReason.ERROR and item.error is not None:
+            raise item.error
         return item
 
 
@@ -51,7 +60,11 @@ class RequestHandle:
     async def _outputs(self) -> AsyncIterator[RequestOutput]:
         try:
             while not self.finished:
-                out = await self._stream.get()
+                try:
+                    out = await self._stream.get()
+                except RequestFailedError:
+                    self.finished = True  # the engine already ended it
+                    raise
                 self.finished = out.finished
                 yield out
         finally:
@@ -76,13 +89,14 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
+        weakref.finalize(self, self._wake.set)  # a dropped engine lets its thread notice at once
 
     def submit(
         self,
         prompt_token_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> "RequestHandle":
+    ) -> RequestHandle:
         """Queue a request now (bad input raises here, before anything is awaited); iterate the handle."""
         if self._closed:
             raise ExecutorStateError("this AsyncEngine was shut down")
@@ -124,37 +138,61 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
 
     def shutdown(self) -> None:
-        """Stop stepping; unfinished requests are aborted."""
+        """Stop stepping; unfinished requests are aborted (their consumers see an ``abort`` finish)."""
         self._closed = True
         with self._lock:
-            for request_id in self._streams:
-                self.engine.abort(request_id)
+            pending = list(self._streams)
+        for request_id in pending:
+            self.engine.abort(request_id)
         self._wake.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     # ------------------------------------------------------------ thread
     def _start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ferrum-engine", daemon=True)
+            self._thread = threading.Thread(
+                target=_step_while_wanted, args=(weakref.ref(self), self._wake), name="ferrum-engine", daemon=True
+            )
             self._thread.start()
         self._wake.set()
 
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            while self.engine.has_unfinished():
-                try:
-                    self.engine.step()
-                except Exception as error:  # a failed pass ends the requests it held, not the server
-                    self._fail_all(error)
-            if self._closed:
-                return
+    def _step_until_idle(self) -> bool:
+        """Step while requests are unfinished; False when the thread should end."""
+        while self.engine.has_unfinished():
+            try:
+                self.engine.step()
+            except Exception as error:  # a step-level failure: end the requests it held, keep serving
+                self._fail_all(error)
+            except BaseException as error:  # KeyboardInterrupt/SystemExit in an op: tell everyone, then stop
+                self._fail_all(error)
+                self._closed = True
+                return False
+        return not self._closed
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             streams = list(self._streams.items())
+            self._streams.clear()
+        failure = RequestFailedError(f"the engine step failed: {type(error).__name__}: {error}")
+        failure.__cause__ = error
         for request_id, stream in streams:
+            try:
+                stream.put(failure)  # before the abort, whose final output the consumer then never reads
+            except RuntimeError:  # that consumer's event loop is gone
+                pass
             self.engine.abort(request_id)
-            stream.put(error)
+
+
+def _step_while_wanted(ref: "weakref.ref[AsyncEngine]", wake: threading.Event) -> None:
+    """The stepping thread: holds the AsyncEngine only while stepping, so it can be collected when idle."""
+    while True:
+        wake.wait(_IDLE_CHECK_S)
+        engine = ref()
+        if engine is None:
+            return
+        wake.clear()
+        keep_going = engine._step_until_idle()
+        del engine
+        if not keep_going:
+            return

@@ -16,18 +16,34 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
 
 from ferrum.engine.metrics import EngineMetrics, MetricsRecorder
 from ferrum.engine.request import FinishReason, OutputCallback, Request, RequestOutput
-from ferrum.engine.scheduler import EngineConfig, Scheduler
-from ferrum.errors import ContextLengthExceededError, InvalidRequestError, KVCacheExhaustedError
+from ferrum.engine.scheduler import EngineConfig, ScheduledChunk, Scheduler
+from ferrum.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    KVCacheExhaustedError,
+    RequestFailedError,
+)
 from ferrum.executor import LlmExecutor
 from ferrum.executor_api import UnifiedBatch
 from ferrum.model import ForwardItem
 from ferrum.sampling import RequestSampler, SamplingParams, sample_batch
 from ferrum.stop import StopStringFilter
 from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Stands in for a pick when sampling one request failed."""
+
+    error: Exception
+    what: str
 
 
 class Engine:
@@ -113,9 +129,12 @@ class Engine:
                 f"this request may need {max_total} tokens of KV cache but the pool holds "
                 f"{kv.num_blocks * kv.block_size}; lower max_tokens or load the model with more KV blocks"
             )
-        for token in params.logit_bias:
-            if not 0 <= int(token) < cfg.vocab_size:
-                raise InvalidRequestError(f"logit_bias token {token} is outside the vocabulary [0, {cfg.vocab_size})")
+        for kind, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            outside = [t for t in ids if not 0 <= t < cfg.vocab_size]
+            if outside:
+                raise InvalidRequestError(
+                    f"{kind} token {outside[0]} is outside the vocabulary [0, {cfg.vocab_size})"
+                )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none, use stop_token_ids")
         request = Request(request_id, tokens, params, max_total)
@@ -154,16 +173,71 @@ class Engine:
             for chunk in chunks:
                 if chunk.request.metrics.first_scheduled_time is None:
                     chunk.request.metrics.first_scheduled_time = started
-            items = tuple(ForwardItem(c.request.request_id, c.tokens, c.start, c.sample) for c in chunks)
-            out, _ = self.executor.run(UnifiedBatch(items), to_host=False)
-            self.scheduler.mark_computed(chunks)
-            sampling = [c.request for c in chunks if c.sample]
-            if sampling:
-                picks = sample_batch(self.model.ops, out.logits, [r.sampler for r in sampling])
-                for request, pick in zip(sampling, picks):
-                    outputs.append(self._accept(request, pick))
-            self._metrics.stepped(started, sum(len(c.tokens) for c in chunks), len(sampling))
+            picks = self._run_batch(chunks, outputs)
+            for request, pick in picks:
+                outputs.append(self._accept_or_fail(request, pick))
+            self._metrics.stepped(started, sum(len(c.tokens) for c in chunks), len(picks))
             return outputs
+
+    # ------------------------------------------------------ fault isolation
+    def _run_batch(self, chunks: list[ScheduledChunk], outputs: list[RequestOutput]) -> list[tuple[Request, Any]]:
+        """Forward and sample one step; what fails ends only the requests it must.
+
+        A failed pass is rolled back by the model; if it held several
+        requests, each is run again alone so one bad request cannot fail the
+        rest. A failed sampling call is retried row by row with the random
+        draws taken back, so the others still get the tokens they would have.
+        """
+        try:
+            out, _ = self._forward(chunks)
+        except Exception as error:
+            if len(chunks) == 1:
+                outputs.append(self._fail(chunks[0].request, error, "the forward pass failed"))
+                return []
+            picks = []
+            for chunk in chunks:
+                picks += self._run_batch([chunk], outputs)
+            return picks
+        self.scheduler.mark_computed(chunks)
+        sampling = [c.request for c in chunks if c.sample]
+        if not sampling:
+            return []
+        states = [r.sampler.rng_state() for r in sampling]
+        try:
+            return list(zip(sampling, sample_batch(self.model.ops, out.logits, [r.sampler for r in sampling])))
+        except Exception:
+            for request, state in zip(sampling, states):
+                request.sampler.rewind(state)
+        picks: list[tuple[Request, Any]] = []
+        ops = self.model.ops
+        for row, request in enumerate(sampling):
+            try:
+                logits = ops.take_rows(out.logits, ops.from_numpy(np.array([row], dtype=np.int32), None))
+                picks.append((request, sample_batch(ops, logits, [request.sampler])[0]))
+            except Exception as error:
+                picks.append((request, _Failure(error, "sampling failed")))
+        return picks
+
+    def _forward(self, chunks: list[ScheduledChunk]):
+        items = tuple(ForwardItem(c.request.request_id, c.tokens, c.start, c.sample) for c in chunks)
+        return self.executor.run(UnifiedBatch(items), to_host=False)
+
+    def _accept_or_fail(self, request: Request, pick: Any) -> RequestOutput:
+        if isinstance(pick, _Failure):
+            return self._fail(request, pick.error, pick.what)
+        try:
+            return self._accept(request, pick)
+        except Exception as error:  # detokenizer or stop filter
+            return self._fail(request, error, "handling its new token failed")
+
+    def _fail(self, request: Request, error: BaseException, what: str) -> RequestOutput:
+        """End ``request`` with ``error`` (frees its blocks); the engine goes on with the others."""
+        if request.finished:
+            return request.snapshot()
+        failure = RequestFailedError(f"request {request.request_id!r}: {what}: {type(error).__name__}: {error}")
+        failure.__cause__ = error
+        request.error = failure
+        return self._finish(request, FinishReason.ERROR)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []
@@ -199,7 +273,8 @@ class Engine:
     def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
         self.scheduler.finish(request)
         request.finish_reason = reason
-        if request.detokenizer is not None and not request.stop_filter.stopped and reason is not FinishReason.ABORT:
+        ended_early = reason in (FinishReason.ABORT, FinishReason.ERROR)
+        if request.detokenizer is not None and not request.stop_filter.stopped and not ended_early:
             request.text += request.stop_filter.feed(request.detokenizer.flush()) + request.stop_filter.flush()
         request.metrics.finish_time = time.perf_counter()
         self._metrics.finished(request)
@@ -209,8 +284,14 @@ class Engine:
 
     def _emit(self, request: Request) -> RequestOutput:
         out = request.snapshot()
-        if request.on_output is not None:
-            request.on_output(out)
+        callback = request.on_output
+        if callback is not None:
+            try:
+                callback(out)
+            except Exception as error:  # e.g. a consumer whose event loop is gone
+                request.on_output = None
+                if not request.finished:
+                    return self._fail(request, error, "its output callback failed")
         return out
 
     # ------------------------------------------------------------- helpers

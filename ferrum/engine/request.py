@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from ferrum.errors import RequestFailedError
 from ferrum.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop token or stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # something failed while it ran; see RequestOutput.error
 
 
 @dataclass
@@ -70,6 +72,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     stop_reason: int | str | None  # the stop token id or stop string that ended it
     metrics: RequestMetrics
+    error: RequestFailedError | None = None  # set when finish_reason is ERROR
 
 
 OutputCallback = Callable[[RequestOutput], None]
@@ -103,6 +106,7 @@ class Request:
     logprobs: list[SampledToken] | None = None
     reported_tokens: int = 0
     reported_text: int = 0
+    error: RequestFailedError | None = None
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -147,4 +151,5 @@ class Request:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             metrics=self.metrics,
+            error=self.error,
         )
