@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -390,6 +389,23 @@ async def _enumerate(stream):
     async for item in stream:
         n += 1
         yield n, item
+
+
+def test_a_client_that_does_not_read_stalls_nobody(long_context_model):
+    srv = Server(long_context_model)
+    try:
+        body = {"prompt": "hello", "max_tokens": 6000, "stream": True, "logit_bias": {"1": -100}}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as slow:
+            lines = slow.iter_lines()
+            next(lines)  # then stop reading: its socket buffers fill while it keeps generating
+            for _ in range(3):
+                started = time.time()
+                quick = srv.client().completions.create(model="tiny", prompt="hi", max_tokens=8, timeout=30)
+                assert quick.usage.completion_tokens == 8 and time.time() - started < 10
+        huge = httpx.post(srv.url + "/v1/completions", content=b"{" + b" " * (33 * 2**20) + b"}")
+        assert huge.status_code == 413 and huge.json()["error"]["message"]
+    finally:
+        assert srv.stop(), srv.log.read_text()
 
 
 def test_sigterm_stops_cleanly_mid_stream(long_context_model):

@@ -21,7 +21,7 @@ from ferrum.engine import AsyncEngine, FinishReason, RequestOutput
 from ferrum.errors import FerrumError
 from ferrum.sampling import SampledToken, SamplingParams
 from ferrum.serve.errors import APIError
-from ferrum.serve.generation import ChoiceSpec, Event, Generation
+from ferrum.serve.generation import ChoiceSpec, Generation
 from ferrum.serve.metrics import ServerMetrics
 from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest, _Common
 
@@ -92,14 +92,14 @@ def _sampling_params(
     )
 
 
-def _max_tokens(state: ServerState, prompt_len: int, requested: int | None) -> int:
+def _max_tokens(state: ServerState, prompt_len: int, requested: int | None, prompt_param: str) -> int:
     """The request's limit, or all the room the context and the KV pool leave."""
     model = state.llm.model
     context = model.config.max_seq_len
     if prompt_len >= context:
         raise APIError(
             400, f"the prompt has {prompt_len} tokens but this model's context length is {context}; "
-            "shorten the prompt", param="messages", code="context_length_exceeded",
+            "shorten the prompt", param=prompt_param, code="context_length_exceeded",
         )
     if requested is None:
         return max(1, min(context, model.kv_capacity()) - prompt_len)
@@ -242,7 +242,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
         raise APIError(400, "this model has no tokenizer, so chat messages cannot be encoded; use /v1/completions "
                        "with token ids")
     prompt = _encode(state, body.template_messages(), "messages")
-    max_tokens = _max_tokens(state, len(prompt), body.max_new_tokens())
+    max_tokens = _max_tokens(state, len(prompt), body.max_new_tokens(), "messages")
     top = body.top_logprobs or 0
     want_logprobs = max(top, 1) if body.logprobs else 0
     stops = body.stop_strings()
@@ -317,7 +317,7 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
     stops = body.stop_strings()
     specs, first_of_prompt = [], set()
     for p_index, prompt in enumerate(prompts):
-        max_tokens = _max_tokens(state, len(prompt), body.max_tokens)
+        max_tokens = _max_tokens(state, len(prompt), body.max_tokens, "prompt")
         first_of_prompt.add(p_index * body.n)
         for j in range(body.n):
             index = p_index * body.n + j

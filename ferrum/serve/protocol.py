@@ -24,7 +24,6 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False
 
 
 class _Common(BaseModel):
