@@ -41,6 +41,8 @@ class ExecutorCapabilities:
     memory: MemoryRequirements | None
     #: (bits, group_size) of packed weights the plugin runs natively; the rest use the core's fallback.
     quant_formats: tuple[tuple[int, int], ...] = ()
+    #: The plugin runs mixture-of-experts MLPs itself (``moe_experts``); else the core's per-expert loop.
+    native_moe: bool = False
 
     @classmethod
     def from_backend(cls, backend: Any, model: Any = None) -> "ExecutorCapabilities":
@@ -52,6 +54,8 @@ class ExecutorCapabilities:
         mechanisms = ["paged_kv", "gqa", "varlen_paged" if paged else "gather_then_dense"]
         if sliding:
             mechanisms.append("sliding_window")
+        if ops.accepts(attention_op, "softcap"):
+            mechanisms.append("softcap")  # Gemma 2's soft-capped attention scores
         max_batch = info.max_batch
         memory = None
         max_seq_len = None
@@ -69,13 +73,14 @@ class ExecutorCapabilities:
             native_unified_batch=paged,
             sliding_window=sliding,
             device_sampling="sample" in native,
-            fused_ops=tuple(op for op in ("add_rms_norm",) if op in native),
+            fused_ops=tuple(op for op in ("add_rms_norm", "gelu_tanh_mul", "softcap") if op in native),
             dtypes=tuple(info.dtypes),
             devices=(info.device,),
             max_batch=max_batch,
             max_seq_len=max_seq_len,
             memory=memory,
             quant_formats=tuple(info.quant_formats) if all(op in native for op in QUANTIZED_OPS) else (),
+            native_moe="moe_experts" in native and "upload_experts" in native,
         )
 
     def quantization_summary(self) -> str:

@@ -57,9 +57,11 @@ from typing import Any
 import pluggy
 
 PROJECT_NAME = "ferrum"
-#: Bumped when a hook changes incompatibly; plugins report the version they
-#: were written for in ``BackendInfo.api_version``.
-API_VERSION = 1
+#: The contract's version, ``"MAJOR.MINOR"`` (changelog: docs/plugins.md). MINOR grows when
+#: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
+#: changes incompatibly. A plugin reports the version it was written for in
+#: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
+API_VERSION = "1.3"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -95,6 +97,12 @@ OPTIONAL_OPS = (
     "quantized_upload",
     "quantized_linear",
     "quantized_embedding",
+    "moe_route",
+    "upload_experts",
+    "moe_experts",
+    "gelu_tanh_mul",
+    "mul_scalar",
+    "softcap",
 )
 
 #: The optional ops that together run packed quantized weights natively.
@@ -234,6 +242,25 @@ def silu_mul(gate: Any, up: Any) -> Any:
 
 
 @hookspec(firstresult=True)
+def gelu_tanh_mul(gate: Any, up: Any) -> Any:
+    """(optional) GeGLU (Gemma): ``gelu_tanh(gate) * up`` with
+    ``gelu_tanh(g) = 0.5 * g * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 * g**3)))``.
+    Fallback: computed on the host in float32, returned in ``gate``'s dtype."""
+
+
+@hookspec(firstresult=True)
+def mul_scalar(x: Any, factor: float) -> Any:
+    """(optional) ``x * factor``, with ``factor`` first rounded to ``x``'s dtype (as transformers
+    scales Gemma's embeddings). Fallback: host round trip, as for :func:`gelu_tanh_mul`."""
+
+
+@hookspec(firstresult=True)
+def softcap(x: Any, cap: float) -> Any:
+    """(optional) Soft-capping (Gemma 2's final logits): ``cap * tanh(x / cap)``, in float32.
+    Fallback: host round trip, as for :func:`gelu_tanh_mul`."""
+
+
+@hookspec(firstresult=True)
 def kv_alloc(
     num_layers: int,
     num_blocks: int,
@@ -264,15 +291,21 @@ def kv_gather(pool: Any, layer: int, block_ids: Any, length: int) -> Any:
 
 
 @hookspec(firstresult=True)
-def attention(q: Any, k: Any, v: Any, scale: float, sliding_window: int | None) -> Any:
+def attention(q: Any, k: Any, v: Any, scale: float, sliding_window: int | None, softcap: float | None) -> Any:
     """Causal attention of one sequence, GQA-aware.
 
     ``q [q_len, heads, head_dim]``, ``k, v [kv_len, kv_heads, head_dim]`` with
     ``heads % kv_heads == 0`` (query head ``h`` reads kv head
     ``h // (heads // kv_heads)``). The queries are the last ``q_len`` positions:
     query ``i`` sees keys ``j <= kv_len - q_len + i`` and, with a
-    ``sliding_window`` ``w``, only ``j > kv_len - q_len + i - w``. Softmax in
-    float32. Returns ``[q_len, heads, head_dim]``.
+    ``sliding_window`` ``w``, only ``j > kv_len - q_len + i - w``. With a
+    ``softcap`` ``c`` (Gemma 2), scores ``s = scale * q.k`` become ``c * tanh(s / c)``
+    before masking. Softmax in float32. Returns ``[q_len, heads, head_dim]``.
+
+    ``sliding_window`` and ``softcap`` are features: an implementation that
+    leaves either out of its signature (or gives it a default, so older
+    callers may omit it) declares whether it offers it, and Ferrum refuses a
+    model that needs a feature the backend lacks, at load.
     """
 
 
@@ -286,7 +319,7 @@ def prepare_attention_batch(batch: Any) -> Any:
 
 @hookspec(firstresult=True)
 def paged_attention(
-    q: Any, pool: Any, layer: int, batch: Any, scale: float, sliding_window: int | None
+    q: Any, pool: Any, layer: int, batch: Any, scale: float, sliding_window: int | None, softcap: float | None
 ) -> Any:
     """(optional) Variable-length causal attention of many sequences at once.
 
@@ -349,3 +382,54 @@ def quantized_embedding(weight: Any, ids: Any) -> Any:
     """(optional) Rows ``ids [n]`` (int32) of a packed ``[vocab, hidden]`` matrix from
     :func:`quantized_upload`, dequantized into the compute dtype: ``[n, hidden]``.
     Fallback: dequantize those rows on the host."""
+
+
+# --------------------------------------------------------------------------
+# Mixture of experts (see ferrum.moe)
+# --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool) -> Any:
+    """(optional) Pick each token's experts: ``(ids, weights)`` as backend arrays.
+
+    ``logits [T, E]`` are the router's outputs in the compute dtype. Softmax in
+    float32, the ``top_k`` largest probabilities (``ids`` int32 ``[T, top_k]``,
+    ties broken as ``torch.topk`` does, see :mod:`ferrum.moe.routing`), divided
+    by their sum when ``normalize``. ``weights`` are float32 ``[T, top_k]``, or
+    ``[T, top_k + 1]`` when ``shared_logit [T, 1]`` is given: the last column
+    is ``sigmoid(shared_logit)``, the shared expert's weight (Qwen2-MoE).
+    Fallback: the host reference :func:`ferrum.moe.routing.route` (one copy of
+    the logits to the host per MoE layer).
+    """
+
+
+@hookspec(firstresult=True)
+def upload_experts(name: str, weight: Any, dtype: str) -> Any:
+    """(optional) Turn one stacked projection of a layer's experts into this backend's form.
+
+    ``weight`` is ``[E, out, in]`` (gate and up ``[E, inter, hidden]``, down
+    ``[E, hidden, inter]``): a host numpy float array, or a
+    :class:`ferrum.moe.experts.StackedQuantized` (the packed affine form with a leading
+    expert axis: ``packed [E, N, K*bits/32]``, ``scales``/``biases [E, N, K/gs]``),
+    offered only for formats in ``BackendInfo.quant_formats``. The result is
+    only handed back to :func:`moe_experts`. Returning ``None`` declines it: the
+    core's reference form then serves it (a layer whose three projections end up
+    in different forms is refused at load). Fallback: each expert's matrix
+    placed as an ordinary weight.
+    """
+
+
+@hookspec(firstresult=True)
+def moe_experts(x: Any, expert_ids: Any, expert_weights: Any, gate: Any, up: Any, down: Any, shared: Any) -> Any:
+    """(optional) The routed SwiGLU experts of token-major ``x [T, hidden]``.
+
+    ``out[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))`` with
+    ``e = expert_ids[t, j]``, ``w = expert_weights`` (both from
+    :func:`moe_route`) and ``gate``, ``up``, ``down`` from :func:`upload_experts`.
+    When ``shared [T, hidden]`` (a shared expert's output) is given,
+    ``expert_weights`` has one more column and ``out[t] += w[t, top_k] * shared[t]``.
+    The weighted sum accumulates in float32; the result has ``x``'s dtype.
+    Fallback: per used expert, ``take_rows`` + ``linear`` + ``silu_mul``; the
+    weighted sum on the host.
+    """

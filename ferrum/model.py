@@ -1,5 +1,8 @@
-"""``DecoderOnlyLLM``: one Llama-family decoder built only from the ops table.
+"""``DecoderOnlyLLM``: one decoder built only from the ops table, composed from an Architecture.
 
+What a block is made of (norm placement, activation, soft-capping, rope per
+layer, the MLP slot...) comes from :class:`ferrum.arch.Architecture`, which the
+family table builds from config.json; nothing here asks which family it runs.
 It never imports a compute framework. Every forward pass is a *unified
 batch*: any mix of prefill chunks and decode tokens of many sequences, laid
 out token-major, sharing one paged KV pool. The convenience calls (prefill,
@@ -8,13 +11,15 @@ decode, forward_verify...) are all that one pass with different items.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
+from ferrum.arch import Rope
+from ferrum.arch.mlp import MLP_KINDS
+from ferrum.arch.tensors import prepare, resolve_layout, weight_shapes
 from ferrum.attention import AttentionBatch
 from ferrum.backends import Backend, backend_for_format, load_backend
 from ferrum.checkpoint import Checkpoint
@@ -25,8 +30,11 @@ from ferrum.errors import (
     PositionMismatchError,
     UnsupportedFeatureError,
 )
+from ferrum.limits import check_kv_pool, check_layer_count
 from ferrum.paged_kv import PagedKVManager
 from ferrum.weights import DTYPE_BYTES, Linear, Placed, place, read_weights
+
+__all__ = ["DecoderOnlyLLM", "ForwardItem", "ForwardOutput", "choose_dtype", "weight_shapes"]
 
 DEFAULT_BLOCK_SIZE = 16
 #: Default KV pool size in tokens when the caller does not choose one.
@@ -59,44 +67,36 @@ class ForwardOutput:
 
 
 class _Layer:
-    """One decoder block's weights; projections carry the op that applies them."""
+    """One decoder block's weights; projections carry the op that applies them, ``mlp`` is its MLP slot."""
 
-    __slots__ = ("ln1", "ln2", "q", "k", "v", "o", "q_norm", "k_norm", "gate", "up", "down", "window")
+    __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "q", "k", "v", "o", "q_norm", "k_norm",
+                 "mlp", "window", "rope", "scale")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
             setattr(self, name, fields[name])
 
 
-def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of ``config`` holds, with its shape, in load order."""
-    h, d, vocab = config.hidden_size, config.head_dim, config.vocab_size
-    q, kv, inter = config.num_heads * d, config.num_kv_heads * d, config.intermediate_size
-    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (vocab, h)
-    per_layer = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h),
-        "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, q),
-        "mlp.gate_proj.weight": (inter, h),
-        "mlp.up_proj.weight": (inter, h),
-        "mlp.down_proj.weight": (h, inter),
-    }
-    if config.attention_bias:
-        per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-    if config.o_proj_bias:
-        per_layer["self_attn.o_proj.bias"] = (h,)
-    if config.mlp_bias:
-        per_layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)})
-    if config.qk_norm:
-        per_layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
-    for i in range(config.num_layers):
-        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
-    return shapes
+class _RopeTables:
+    """One rope's frequency tables on the backend; ``for_batch`` picks per token (see :mod:`ferrum.arch.rope`)."""
+
+    def __init__(self, ops: Any, rope: Rope):
+        self.ops, self.rope = ops, rope
+        self.short = ops.from_numpy(rope.inv_freq(), "float32")
+        self.long = ops.from_numpy(rope.inv_freq(long=True), "float32") if rope.switches else None
+
+    def for_batch(self, positions: Any, batch: AttentionBatch) -> Callable[[Any], Any]:
+        ops, rope = self.ops, self.ops.rope
+        if self.long is None:
+            return lambda x: rope(x, positions, self.short)
+        long_tokens = batch.positions >= self.rope.original_max
+        if long_tokens.all() or not long_tokens.any():
+            table = self.long if long_tokens.all() else self.short
+            return lambda x: rope(x, positions, table)
+        # Tokens on both sides of the switch: rotate with each table, keep each token's row.
+        n = batch.num_tokens
+        rows = ops.from_numpy((np.arange(n) + n * long_tokens).astype(np.int32), None)
+        return lambda x: ops.take_rows(ops.concat([rope(x, positions, self.short), rope(x, positions, self.long)]), rows)
 
 
 def choose_dtype(
@@ -119,7 +119,7 @@ def choose_dtype(
 
 
 class DecoderOnlyLLM:
-    """A Llama / Mistral / Qwen2 / Qwen3 decoder over a paged KV cache."""
+    """A decoder of any family in :data:`ferrum.arch.FAMILIES` over a paged KV cache."""
 
     def __init__(
         self,
@@ -140,12 +140,12 @@ class DecoderOnlyLLM:
         self.pool = ops.kv_alloc(
             config.num_layers, num_kv_blocks, block_size, config.num_kv_heads, config.head_dim, dtype
         )
-        embed = weights["model.embed_tokens.weight"]
+        arch = config.arch
+        embed = weights[f"{arch.prefix}embed_tokens.weight"]
         self.embed, self.embed_lookup = embed.weight, embed.embedding
-        self.final_norm = weights["model.norm.weight"].weight
-        self.lm_head = Linear(embed if config.tie_word_embeddings else weights["lm_head.weight"])
-        self.inv_freq = ops.from_numpy(config.rope_inv_freq(), "float32")
-        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.final_norm = weights[f"{arch.prefix}norm.weight"].weight
+        self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head])
+        self.ropes = {id(r): _RopeTables(ops, r) for r in {id(spec.rope): spec.rope for spec in arch.layers}.values()}
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: Bytes the weights occupy on the backend (packed ones at their packed or repacked size).
         self.weight_bytes = sum(p.nbytes for p in weights.values())
@@ -176,21 +176,29 @@ class DecoderOnlyLLM:
             )
         dtype = choose_dtype(backend, dtype, config.torch_dtype, quantized=quant is not None)
         checkpoint = Checkpoint(path)
-        shapes = weight_shapes(config)
-        weights: dict[str, Placed] = {}
-        embedding_role = "tied" if config.tie_word_embeddings else "embedding"
-        for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
-            role = embedding_role if name == "model.embed_tokens.weight" else "linear"
-            weights[name] = place(backend.ops, name, tensor, dtype, role)
-            if progress is not None:
-                progress(done, len(shapes), name)
+        check_layer_count(config.num_layers, checkpoint.names(), str(path))
         if num_kv_blocks is None:
             tokens = min(DEFAULT_KV_TOKENS, max(config.max_seq_len, 2048))
             num_kv_blocks = -(-tokens // block_size)
+        kv_token_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * DTYPE_BYTES.get(dtype, 4)
+        check_kv_pool(num_kv_blocks, block_size, kv_token_bytes, backend.info.device)
+        config = resolve_layout(config, checkpoint.names())
+        shapes = weight_shapes(config)
+        weights: dict[str, Placed] = {}
+        embedding = f"{config.arch.prefix}embed_tokens.weight"
+        embedding_role = "tied" if config.tie_word_embeddings else "embedding"
+        for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
+            for part, array in prepare(config, name, tensor):
+                role = embedding_role if part == embedding else "linear"
+                weights[part] = place(backend.ops, part, array, dtype, role)
+            if progress is not None:
+                progress(done, len(shapes), name)
         return cls(config, backend, weights, dtype, num_kv_blocks, block_size)
 
     def _layer(self, w: dict[str, Placed], i: int) -> _Layer:
-        p = f"model.layers.{i}."
+        config = self.config
+        arch, spec = config.arch, config.arch.layers[i]
+        p = f"{arch.prefix}layers.{i}."
 
         def tensor(name: str) -> Any:
             placed = w.get(p + name)
@@ -199,33 +207,39 @@ class DecoderOnlyLLM:
         def projection(module: str) -> Linear:
             return Linear(w[f"{p}{module}.weight"], tensor(f"{module}.bias"))
 
+        norms = {slot: tensor(f"{name}.weight") for slot, name in arch.norms.items()}
         return _Layer(
-            ln1=tensor("input_layernorm.weight"),
-            ln2=tensor("post_attention_layernorm.weight"),
+            pre_attn=norms["pre_attn"],
+            post_attn=norms.get("post_attn"),
+            pre_mlp=norms["pre_mlp"],
+            post_mlp=norms.get("post_mlp"),
             q=projection("self_attn.q_proj"),
             k=projection("self_attn.k_proj"),
             v=projection("self_attn.v_proj"),
             o=projection("self_attn.o_proj"),
             q_norm=tensor("self_attn.q_norm.weight"),
             k_norm=tensor("self_attn.k_norm.weight"),
-            gate=projection("mlp.gate_proj"),
-            up=projection("mlp.up_proj"),
-            down=projection("mlp.down_proj"),
-            window=self.config.layer_sliding_windows[i],
+            mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
+            window=spec.window,
+            rope=id(spec.rope),
+            scale=arch.attn_scale,
         )
 
     def projections(self) -> list[Linear]:
         """Every linear projection, LM head included (profilers wrap their bound ops)."""
-        names = ("q", "k", "v", "o", "gate", "up", "down")
-        return [getattr(layer, n) for layer in self.layers for n in names] + [self.lm_head]
+        attention = [p for layer in self.layers for p in (layer.q, layer.k, layer.v, layer.o)]
+        return attention + [p for layer in self.layers for p in layer.mlp.projections()] + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
-        if any(w is not None for w in config.layer_sliding_windows):
-            op = "paged_attention" if "paged_attention" in self.ops.native else "attention"
-            if not self.ops.accepts(op, "sliding_window"):
+        op = "paged_attention" if "paged_attention" in self.ops.native else "attention"
+        needs = {"sliding_window": any(w is not None for w in config.arch.windows),
+                 "softcap": config.arch.attn_softcap is not None}
+        what = {"sliding_window": "sliding-window attention", "softcap": "attention logit soft-capping"}
+        for arg, needed in needs.items():
+            if needed and not self.ops.accepts(op, arg):
                 raise UnsupportedFeatureError(
-                    f"this model uses sliding-window attention but backend {self.backend.name!r}'s "
-                    f"{op} takes no sliding_window; choose another backend"
+                    f"this model uses {what[arg]} but backend {self.backend.name!r}'s "
+                    f"{op} takes no {arg}; choose another backend"
                 )
 
     # ------------------------------------------------------------ validation
@@ -305,29 +319,36 @@ class DecoderOnlyLLM:
         slots = ops.from_numpy(batch.slot_mapping, None)
         n_tok = len(tokens)
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        eps, scale, inv_freq, pool = cfg.rms_norm_eps, self.scale, self.inv_freq, self.pool
-        reshape, rope = ops.reshape, ops.rope
+        eps, pool, arch = cfg.rms_norm_eps, self.pool, cfg.arch
+        reshape, rms_norm, softcap = ops.reshape, ops.rms_norm, arch.attn_softcap
+        ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items()}
 
         h = self.embed_lookup(self.embed, ops.from_numpy(tokens, None))
+        if arch.embed_scale is not None:
+            h = ops.mul_scalar(h, arch.embed_scale)
         residual_in = None  # output of the previous block, not yet added to h
         for index, layer in enumerate(self.layers):
             if residual_in is None:
-                x = ops.rms_norm(h, layer.ln1, eps)
+                x = rms_norm(h, layer.pre_attn, eps)
             else:
-                x, h = ops.add_rms_norm(residual_in, h, layer.ln1, eps)
+                x, h = ops.add_rms_norm(residual_in, h, layer.pre_attn, eps)
             q = reshape(layer.q(x), (n_tok, heads, hd))
             k = reshape(layer.k(x), (n_tok, kv_heads, hd))
             v = reshape(layer.v(x), (n_tok, kv_heads, hd))
             if layer.q_norm is not None:
-                q = ops.rms_norm(q, layer.q_norm, eps)
-                k = ops.rms_norm(k, layer.k_norm, eps)
-            q = rope(q, positions, inv_freq)
-            k = rope(k, positions, inv_freq)
+                q = rms_norm(q, layer.q_norm, eps)
+                k = rms_norm(k, layer.k_norm, eps)
+            rotate = ropes[layer.rope]
+            q, k = rotate(q), rotate(k)
             ops.kv_write(pool, index, k, v, slots)
-            attn = ops.paged_attention(q, pool, index, batch, scale, layer.window)
+            attn = ops.paged_attention(q, pool, index, batch, layer.scale, layer.window, softcap)
             o = layer.o(reshape(attn, (n_tok, heads * hd)))
-            x, h = ops.add_rms_norm(o, h, layer.ln2, eps)
-            residual_in = layer.down(ops.silu_mul(layer.gate(x), layer.up(x)))
+            if layer.post_attn is not None:
+                o = rms_norm(o, layer.post_attn, eps)
+            x, h = ops.add_rms_norm(o, h, layer.pre_mlp, eps)
+            residual_in = layer.mlp(x)
+            if layer.post_mlp is not None:
+                residual_in = rms_norm(residual_in, layer.post_mlp, eps)
         h = ops.add(residual_in, h)
 
         rows: dict[Hashable, tuple[int, int]] = {}
@@ -346,6 +367,8 @@ class DecoderOnlyLLM:
             if len(picks) != n_tok:
                 h = ops.take_rows(h, ops.from_numpy(np.asarray(picks, dtype=np.int32), None))
         logits = self.lm_head(ops.rms_norm(h, self.final_norm, eps))
+        if arch.final_softcap is not None:
+            logits = ops.softcap(logits, arch.final_softcap)
         return ForwardOutput(logits, rows)
 
     # ------------------------------------------------------ seeds' interface

@@ -61,8 +61,11 @@ class OpsTable:
             if impls:
                 impl = impls[-1]  # pluggy calls the last registered first
                 spec_args = tuple(caller.spec.argnames)
-                setattr(table, name, _adapt(impl.function, tuple(impl.argnames), spec_args))
-                table._impl_args[name] = tuple(impl.argnames)
+                # A spec argument the implementation takes with a default still counts as taken,
+                # so a plugin can add a feature argument and keep older direct callers working.
+                impl_args = tuple(impl.argnames) + tuple(a for a in impl.kwargnames if a in spec_args)
+                setattr(table, name, _adapt(impl.function, impl_args, spec_args))
+                table._impl_args[name] = impl_args
                 native.add(name)
             elif name in hookspec.OPTIONAL_OPS:
                 setattr(table, name, table.fallback[name])

@@ -1,9 +1,11 @@
-"""Random-weight Hugging Face checkpoints of any Llama-family shape.
+"""Random-weight Hugging Face checkpoints of any family in :data:`ferrum.arch.FAMILIES`.
 
 Benchmarks use them at realistic sizes and the plugin conformance kit at
 tiny ones, so neither needs a download. The folder is an ordinary
 checkpoint (``config.json`` in the v4 style that transformers, mlx-lm and
-Ferrum all read, plus ``model.safetensors``), written atomically.
+Ferrum all read, plus ``model.safetensors``), written atomically. Mixture-of-experts
+layers are written one matrix per expert, the Hugging Face layout all three read
+(see :mod:`ferrum.moe.loading`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ferrum.config import ModelConfig
+from ferrum.moe.loading import per_expert_names
 from ferrum.model import weight_shapes
 
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -31,9 +34,11 @@ def write_random_checkpoint(
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Path:
-    """Write ``config`` with normal(0, ``std``) weights (norm weights near 1) into ``folder``."""
+    """Write ``config`` with normal(0, ``std``) weights (norms scaling by about 1) into ``folder``."""
     full = {"rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1, **config, "torch_dtype": dtype}
-    shapes = weight_shapes(ModelConfig.from_dict(full))
+    model_config = ModelConfig.from_dict(full)
+    shapes = weight_shapes(model_config)
+    norm_center = 1.0 - model_config.arch.norm_offset  # Gemma's norms scale by 1 + w
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
@@ -44,8 +49,11 @@ def write_random_checkpoint(
     for done, (name, shape) in enumerate(shapes.items(), start=1):
         array = rng.standard_normal(shape, dtype=np.float32) * std
         if name.endswith("norm.weight"):
-            array += 1.0
-        tensors[name] = array.astype(_STORAGE[dtype])
+            array += norm_center
+        if len(shape) == 3:  # a stack of experts
+            tensors.update(zip(per_expert_names(model_config.arch.moe, name), array.astype(_STORAGE[dtype])))
+        else:
+            tensors[name] = array.astype(_STORAGE[dtype])
         if progress is not None:
             progress(done, len(shapes), name)
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})

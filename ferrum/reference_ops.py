@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ferrum.quant.reference import HostQuantized
+from ferrum.moe import reference as moe_reference
 from ferrum.sampling import sample_numpy
 
 
@@ -37,19 +38,49 @@ def prepare_attention_batch(ops: Any, batch: Any) -> Any:
 
 
 def paged_attention(
-    ops: Any, q: Any, pool: Any, layer: int, batch: Any, scale: float, sliding_window: int | None
+    ops: Any, q: Any, pool: Any, layer: int, batch: Any, scale: float, sliding_window: int | None,
+    softcap: float | None = None,
 ) -> Any:
     """Item by item: gather the item's KV from its blocks, then dense attention."""
     if batch.num_items == 1:
         k, v = ops.kv_gather(pool, layer, batch.block_ids(0), int(batch.seq_lens[0]))
-        return ops.attention(q, k, v, scale, sliding_window)
+        return ops.attention(q, k, v, scale, sliding_window, softcap)
     outputs = []
     for item in range(batch.num_items):
         start, end = batch.query_range(item)
         k, v = ops.kv_gather(pool, layer, batch.block_ids(item), int(batch.seq_lens[item]))
         rows = ops.from_numpy(np.arange(start, end, dtype=np.int32), None)
-        outputs.append(ops.attention(ops.take_rows(q, rows), k, v, scale, sliding_window))
+        outputs.append(ops.attention(ops.take_rows(q, rows), k, v, scale, sliding_window, softcap))
     return ops.concat(outputs)
+
+
+def _dtype_name(x: Any) -> str:
+    """The Ferrum dtype name of a backend array whose ``dtype`` prints as one (numpy, torch, MLX do), else float32."""
+    name = str(getattr(x, "dtype", "float32")).rsplit(".", 1)[-1]
+    return name if name in ("float32", "float16", "bfloat16") else "float32"
+
+
+def _on_host(ops: Any, x: Any, fn: Any) -> Any:
+    """``fn`` of ``x`` computed on the host in float32, returned in ``x``'s dtype."""
+    return ops.from_numpy(fn(np.asarray(ops.to_numpy(x), dtype=np.float32)), _dtype_name(x))
+
+
+def gelu_tanh_mul(ops: Any, gate: Any, up: Any) -> Any:
+    u = np.asarray(ops.to_numpy(up), dtype=np.float32)
+
+    def fn(g: np.ndarray) -> np.ndarray:
+        return (0.5 * g * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (g + 0.044715 * g**3))) * u)
+
+    return _on_host(ops, gate, fn)
+
+
+def mul_scalar(ops: Any, x: Any, factor: float) -> Any:
+    rounded = np.asarray(ops.to_numpy(ops.from_numpy(np.array([factor], dtype=np.float32), _dtype_name(x))))[0]
+    return _on_host(ops, x, lambda a: a * np.float32(rounded))
+
+
+def softcap(ops: Any, x: Any, cap: float) -> Any:
+    return _on_host(ops, x, lambda a: np.float32(cap) * np.tanh(a / np.float32(cap)))
 
 
 def sample(ops: Any, logits: Any, batch: Any) -> Any:
@@ -66,3 +97,8 @@ def quantized_linear(ops: Any, x: Any, weight: HostQuantized, bias: Any) -> Any:
 
 def quantized_embedding(ops: Any, weight: HostQuantized, ids: Any) -> Any:
     return weight.rows(ops, ids)
+
+
+moe_route = moe_reference.moe_route
+upload_experts = moe_reference.upload_experts
+moe_experts = moe_reference.moe_experts

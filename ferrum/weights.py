@@ -50,7 +50,14 @@ class Linear:
 
 
 def place(ops: Any, name: str, tensor: HostTensor, dtype: str, role: str = "linear") -> Placed:
-    """Put one host tensor on the backend; ``role`` is "linear", "embedding" or "tied" (both)."""
+    """Put one host tensor on the backend; ``role`` is "linear", "embedding" or "tied" (both).
+
+    A stack of experts (3-D) is placed by :func:`ferrum.moe.experts.place_experts`.
+    """
+    from ferrum.moe import experts  # imported here: it places each expert through this module
+
+    if experts.is_stack(tensor):
+        return experts.place_experts(ops, name, tensor, dtype)
     if not isinstance(tensor, QuantizedWeight):
         nbytes = tensor.size * DTYPE_BYTES.get(dtype, 4)
         return Placed(ops.upload_weight(name, tensor, dtype), ops.linear, ops.embedding, nbytes)
@@ -74,6 +81,10 @@ def runs_natively(ops: Any, bits: int, group_size: int) -> bool:
 
 def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig, name: str) -> tuple[str, ...]:
     """The checkpoint tensors (of ``present``) that make up ``name``: itself, or packed weight, scales and biases."""
+    from ferrum.moe import loading  # imported here: ferrum.moe places each expert through this module
+
+    if config.arch.moe is not None and loading.is_expert_stack(name):
+        return loading.expert_parts(present, config.arch.moe, name)
     module = name.removesuffix(".weight")
     if module == name or f"{module}.scales" not in present:
         return (name,)
@@ -94,6 +105,10 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
 def _assemble(
     name: str, parts: dict[str, np.ndarray], shape: tuple[int, ...], config: ModelConfig, where: str
 ) -> HostTensor:
+    if len(shape) == 3:  # a stack of experts
+        from ferrum.moe.loading import assemble_experts  # imported here, as in _tensor_parts
+
+        return assemble_experts(name, parts, shape, config.quantization, where)
     array = parts[name]
     if len(parts) == 1:
         if array.dtype.kind != "f" and array.dtype.name != "bfloat16":

@@ -266,7 +266,7 @@ def test_quantized_checkpoint_matches_the_core_reference(tmp_path, bits, gs, tie
 
     fast = ferrum.load(folder, backend="cuda")  # the quantized default: bfloat16 where the int4 kernels work
     assert fast.model.dtype == "bfloat16" or not quant.int4_status(ops.DEVICE)[0]
-    assert fast.model.layers[0].down.weight.path == int4_expected(bits, gs, fast.model.dtype)
+    assert fast.model.layers[0].mlp.down.weight.path == int4_expected(bits, gs, fast.model.dtype)
     assert isinstance(fast.model.embed, quant.TorchQuantized)
     assert scaled_error(fast.model.forward_verify("s", prompt), ref) <= 1.5e-1
     params = SamplingParams(max_tokens=8, ignore_eos=True)

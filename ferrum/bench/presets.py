@@ -27,6 +27,23 @@ PRESETS: dict[str, dict] = {
         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
         max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True,
     ),
+    # Qwen3-30B-A3B's design (128 experts, 8 active, 768-wide experts, q/k norms) scaled down to run on a laptop.
+    "qwen3-moe-small": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=512, intermediate_size=1536,
+        moe_intermediate_size=256, num_experts=32, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[],  # mlx-lm requires both
+        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=32000,
+        max_position_embeddings=4096, rope_theta=1000000.0, tie_word_embeddings=False,
+    ),
+    # Gemma 3 1B's blocks (head_dim 256, MQA, q/k norms, sandwich norms, GeGLU, 512-token windows on 5 of
+    # every 6 layers with their own rope base) at 6 of its 26 layers and a 32k vocabulary, to run here.
+    "gemma3-1b-shaped": dict(
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=1152, intermediate_size=6912,
+        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=32768,
+        max_position_embeddings=32768, rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=512,
+        sliding_window_pattern=6, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+    ),
     "tiny": dict(
         architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,

@@ -32,9 +32,9 @@ class Profile:
         lines = [f"decode step of {self.sequences} sequence(s): {self.step_ms:.2f} ms (mean of {self.steps})"]
         for name, ms in self.parts_ms.items():
             lines.append(f"  {name:<34} {ms:8.2f} ms  {100 * ms / self.step_ms:5.1f}%")
-        lines.append("  ops (calls/step, ms/step):")
+        lines.append("  ops (calls/step, ms/step, share of the step):")
         for name, calls, ms in self.ops:
-            lines.append(f"    {name:<24} {calls:6.0f} {ms:8.3f} ms")
+            lines.append(f"    {name:<24} {calls:6.0f} {ms:8.3f} ms  {100 * ms / self.step_ms:5.1f}%")
         return "\n".join(lines)
 
 
@@ -75,6 +75,7 @@ def _timed_bound_ops(model: Any, timers: dict[str, _Timer]) -> Iterator[None]:
     ops = model.ops
     names = {id(getattr(ops, n)): n for n in timers} | {id(f): n for n, f in ops.fallback.items() if n in timers}
     bound = [(lin, "apply") for lin in model.projections()] + [(model, "embed_lookup")]
+    bound += [(layer.mlp.experts, "apply") for layer in model.layers if hasattr(layer.mlp, "experts")]  # MoE
     originals = [getattr(obj, attr) for obj, attr in bound]
     for (obj, attr), fn in zip(bound, originals):
         setattr(obj, attr, timers[names[id(fn)]].wrap(fn))

@@ -9,6 +9,9 @@ projection and the embedding (and an untied ``lm_head``) is packed with
 :func:`ferrum.quant.quantize` (scales and biases in the source tensor's
 dtype); modules whose input size is not a multiple of the group size stay in
 float (``false`` in config.json); norms and biases are copied byte for byte.
+Mixture-of-experts layers are written stacked, as mlx-lm stores them
+(``switch_mlp.*`` ``[E, ...]``, see :mod:`ferrum.moe.loading`), from either
+checkpoint layout.
 
 Tensors are converted and written one at a time, straight into
 safetensors files whose headers are planned up front from the source
@@ -24,7 +27,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -61,11 +64,12 @@ class _Tensor:
 
 @dataclass(frozen=True)
 class _Item:
-    """One source tensor and the output tensors it becomes (one if copied, three if packed)."""
+    """One model tensor and the output tensors it becomes (one if copied, three if packed)."""
 
     source: str
     packed: bool
     outputs: tuple[_Tensor, ...]
+    parts: tuple[str, ...]  # the source tensors it is read from: itself, or each expert's matrix (stacked)
 
 
 def quantize_checkpoint(
@@ -100,7 +104,7 @@ def quantize_checkpoint(
         )
     checkpoint = Checkpoint(src)
     shapes = weight_shapes(config)
-    plan = _plan(checkpoint, shapes, bits, group_size)
+    plan = _plan(checkpoint, shapes, bits, group_size, config)
     _check_destination(src, dst, force)
 
     kept_float = {item.source.removesuffix(".weight"): None for item in plan
@@ -163,13 +167,19 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
 
 
 def _quantizable(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
-    """The matrices mlx-lm quantizes: every Linear and the embedding, i.e. every 2-D ``.weight``."""
-    return name.endswith(".weight") and len(shapes[name]) == 2
+    """The matrices mlx-lm quantizes: every Linear, stacked experts and the embedding (2-D and 3-D ``.weight``)."""
+    return name.endswith(".weight") and len(shapes[name]) in (2, 3)
 
 
-def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int) -> list[_Item]:
+def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int,
+          config: Any) -> list[_Item]:
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
-    checkpoint.require(list(shapes))
+    from ferrum.moe.loading import expert_parts
+
+    present = checkpoint.names()
+    sources = {name: expert_parts(present, config.arch.moe, name) if len(shape) == 3 else (name,)
+               for name, shape in shapes.items()}
+    checkpoint.require([part for parts in sources.values() for part in parts])
     headers = checkpoint.headers()
     if any(name.endswith(".scales") for name in headers):
         raise InvalidRequestError(
@@ -178,7 +188,10 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         )
     plan = []
     for name, shape in shapes.items():
-        code, stored = headers[name]
+        parts = sources[name]
+        code, stored = headers[parts[0]]
+        if len(parts) > 1:  # one expert's matrix of a stack
+            stored = (len(parts), *stored)
         if code not in _FLOAT_CODES:
             raise CheckpointError(
                 f"{checkpoint.folder}: tensor {name} is {code}; `ferrum quantize` reads float32, float16 or "
@@ -186,21 +199,36 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
             )
         if stored != shape:
             raise CheckpointError(f"tensor {name} has shape {stored} but config.json implies {shape}")
-        if _quantizable(name, shapes) and shape[1] % group_size == 0:
+        if _quantizable(name, shapes) and shape[-1] % group_size == 0:
             module = name.removesuffix(".weight")
-            n, k = shape
+            *rows, k = shape
             outputs = (
-                _Tensor(name, "U32", (n, k * bits // 32)),
-                _Tensor(f"{module}.scales", code, (n, k // group_size)),
-                _Tensor(f"{module}.biases", code, (n, k // group_size)),
+                _Tensor(name, "U32", (*rows, k * bits // 32)),
+                _Tensor(f"{module}.scales", code, (*rows, k // group_size)),
+                _Tensor(f"{module}.biases", code, (*rows, k // group_size)),
             )
-            plan.append(_Item(name, True, outputs))
+            plan.append(_Item(name, True, outputs, parts))
         else:
-            plan.append(_Item(name, False, (_Tensor(name, code, shape),)))
+            plan.append(_Item(name, False, (_Tensor(name, code, shape),), parts))
     return plan
 
 
 # ------------------------------------------------------------------ writing
+
+
+def _read(checkpoint: Checkpoint, item: _Item) -> np.ndarray:
+    """The source tensor of ``item``, experts stacked in order."""
+    if len(item.parts) == 1:
+        return checkpoint.read(item.parts[0])
+    return np.stack([checkpoint.read(part) for part in item.parts])
+
+
+def _pack(array: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed weight, scales and biases of a matrix, or of each expert of a stack (stacked again)."""
+    each = [quantize(m, bits, group_size) for m in (array if array.ndim == 3 else [array])]
+    if array.ndim == 2:
+        return each[0].packed, each[0].scales, each[0].biases
+    return tuple(np.stack([getattr(q, f) for q in each]) for f in ("packed", "scales", "biases"))
 
 
 def _shards(plan: list[_Item]) -> list[list[_Item]]:
@@ -234,11 +262,10 @@ def _write_weights(
                 out, [(t.name, t.dtype, t.shape) for item in items for t in item.outputs], {"format": "mlx"}
             )
             for item in items:
-                array = checkpoint.read(item.source)
+                array = _read(checkpoint, item)
                 if item.packed:
-                    packed = quantize(array, bits, group_size)
+                    arrays = _pack(array, bits, group_size)
                     del array
-                    arrays = (packed.packed, packed.scales, packed.biases)
                 else:
                     arrays = (array,)
                 for tensor, data in zip(item.outputs, arrays):

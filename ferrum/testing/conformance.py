@@ -7,6 +7,10 @@ Usage, for a plugin registered under the ``ferrum.backends`` entry point::
     from ferrum.testing import assert_conformance  # in a pytest test
     assert_conformance("mybackend")
 
+    pytest --ferrum-backend mybackend              # one test item per check (ferrum.testing.pytest_plugin)
+
+:func:`checks` lists the checks one by one, each runnable alone; the pytest plugin builds on it.
+
 Each op the plugin implements is checked, and so is the core's fallback for
 each optional op it leaves out (it runs on the plugin's required ops). Inputs
 have the shapes that catch layout bugs: odd sizes, 7 query heads per KV head
@@ -15,7 +19,10 @@ block size, shuffled block tables, and one batch mixing prefill chunks with
 decode tokens. Packed quantized weights are checked at every bit width and
 group size (33 outputs, placed as a tied embedding + head so both the matmul
 and the row lookup run), through whichever path the backend takes for that
-format, against the float64 product with the dequantized matrix. Errors are measured relative to the result's scale,
+format, against the float64 product with the dequantized matrix. Mixture-of-experts ops: routing
+against the host rule, and the expert MLP (float and 4-bit) with every token on one pair of experts
+and with tokens spread evenly, against a token-by-token float64 oracle.
+Errors are measured relative to the result's scale,
 ``max|got - ref| / max(1, max|ref|)``, against the tolerance of the dtype.
 """
 
@@ -28,13 +35,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ferrum import hookspec
 from ferrum.attention import AttentionBatch
-from ferrum.backends import Backend, load_backend
+from ferrum.backends import Backend, api_incompatibility, load_backend
 from ferrum.quant.affine import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizedWeight, dequantize, quantize
 from ferrum.random_checkpoint import write_random_checkpoint
 from ferrum.sampling import RequestSampler, SamplingParams, build_sampling_batch, sample_numpy
 from ferrum.testing import oracle
+from ferrum.testing.family_checks import family_checks
 from ferrum.weights import Placed, place, runs_natively
 
 #: Allowed ``max|got - ref| / max(1, max|ref|)`` per compute dtype: ops, then a whole model's logits.
@@ -130,9 +137,8 @@ def _compare(got: np.ndarray, ref: np.ndarray, tolerance: float) -> float:
 
 def check_backend_info(c: _Context) -> None:
     info = c.backend.info
-    assert info.api_version == hookspec.API_VERSION, (
-        f"api_version {info.api_version}, this Ferrum speaks {hookspec.API_VERSION}"
-    )
+    refusal = api_incompatibility(info.api_version)
+    assert refusal is None, refusal
     assert info.default_dtype in info.dtypes, f"default dtype {info.default_dtype!r} not in {info.dtypes}"
     assert info.name and info.device, "name and device must be set"
 
@@ -201,9 +207,11 @@ def check_silu_mul(c: _Context, tol: float) -> float:
 _ATTENTION_CASES = ((5, 11, 14, 2, 48), (3, 3, 6, 1, 16), (1, 9, 4, 4, 32))
 
 
-def check_attention(c: _Context, tol: float, window: int | None = None) -> float:
+def check_attention(
+    c: _Context, tol: float, window: int | None = None, cases: tuple[tuple[int, ...], ...] = _ATTENTION_CASES
+) -> float:
     errors = []
-    for q_len, kv_len, heads, kv_heads, d in _ATTENTION_CASES:
+    for q_len, kv_len, heads, kv_heads, d in cases:
         q, k, v = (c.rounded(c.random(n, h, d)) for n, h in ((q_len, heads), (kv_len, kv_heads), (kv_len, kv_heads)))
         got = c.get(c.ops.attention(c.put(q), c.put(k), c.put(v), d**-0.5, window))
         errors.append(_compare(got, oracle.attention(q, k, v, d**-0.5, window), tol))
@@ -338,6 +346,52 @@ def check_quantized_embedding(c: _Context, bits: int, group_size: int, tol: floa
     return _compare(c.get(placed.embedding(placed.weight, c.put_int(ids))), dequantize(weight)[ids], tol)
 
 
+def check_moe_route(c: _Context) -> float:
+    """Random logits (no ties at the top-k boundary) and a shared-expert logit, against the host rule."""
+    from ferrum.moe.routing import route
+
+    rng = np.random.default_rng(1)  # its own draws: the other checks' inputs stay as they were
+    logits = c.rounded(rng.standard_normal((9, 6), dtype=np.float32) * 2)
+    shared = c.rounded(rng.standard_normal((9, 1), dtype=np.float32))
+    ids, weights = c.ops.moe_route(c.put(logits), c.put(shared), 2, True)
+    ids, weights = c.get(ids).astype(np.int64), c.get(weights)
+    ref_ids, ref_weights = route(logits, 2, True)
+    order, ref_order = np.argsort(ids, axis=1), np.argsort(ref_ids, axis=1)
+    if not np.array_equal(np.take_along_axis(ids, order, 1), np.take_along_axis(ref_ids, ref_order, 1)):
+        raise AssertionError(f"chose experts {ids.tolist()}, expected {ref_ids.tolist()}")
+    ref = np.concatenate([np.take_along_axis(ref_weights, ref_order, 1), 1 / (1 + np.exp(-shared))], axis=1)
+    return _compare(np.concatenate([np.take_along_axis(weights[:, :2], order, 1), weights[:, 2:]], axis=1), ref, 1e-5)
+
+
+def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = None) -> float:
+    """Five experts of an awkward size, top-2 plus a shared expert's output; 70 tokens (backends
+    sort pairs by expert from 64) all on experts 3 and 1, or spread evenly over every expert."""
+    from ferrum.moe.experts import PlacedExperts, StackedQuantized, place_experts
+
+    rng = np.random.default_rng(2)  # its own draws: the other checks' inputs stay as they were
+    e, hidden, inter, tokens = 5, 96, 64, 70
+    shapes = {"gate": (e, inter, hidden), "up": (e, inter, hidden), "down": (e, hidden, inter)}
+    host, dense = {}, {}
+    for name, shape in shapes.items():
+        w = rng.standard_normal(shape, dtype=np.float32) * 0.2
+        if bits is None:
+            host[name] = dense[name] = c.rounded(w)
+            continue
+        each = [quantize(m, bits, 32, "float16" if c.dtype == "float32" else c.dtype) for m in w]
+        fields = (np.stack([getattr(q, f) for q in each]) for f in ("packed", "scales", "biases"))
+        host[name] = StackedQuantized(*fields, bits, 32)
+        dense[name] = np.stack([dequantize(q) for q in each])
+    placed = [place_experts(c.ops, name, host[name], c.dtype) for name in shapes]
+    experts = PlacedExperts(placed[0].linear, *(p.weight for p in placed))
+    t = np.arange(tokens)
+    ids = np.stack([t % e, (t + 2) % e], axis=1) if spread else np.tile([3, 1], (tokens, 1))
+    weights = rng.uniform(0.1, 1.0, (tokens, 3)).astype(np.float32)
+    x, shared = (c.rounded(rng.standard_normal((tokens, hidden), dtype=np.float32)) for _ in range(2))
+    got = experts(c.put(x), c.put_int(ids), c.ops.from_numpy(weights, None), c.put(shared))
+    ref = oracle.moe_experts(x, ids, weights, dense["gate"], dense["up"], dense["down"], shared)
+    return _compare(c.get(got), ref, tol)
+
+
 def _quantized_checks(c: _Context, tol: float) -> list[tuple[str, Callable[[], float | None], float | None]]:
     """Every bit width and group size of the packed form, through whichever path the backend takes."""
     checks = []
@@ -370,7 +424,14 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         (f"add_rms_norm ({source('add_rms_norm')})", lambda: check_add_rms_norm(c, tol), tol),
         ("rope", lambda: check_rope(c, tol), tol),
         ("silu_mul", lambda: check_silu_mul(c, tol), tol),
-        ("attention", lambda: check_attention(c, tol), tol),
+        (f"moe_route ({source('moe_route')})", lambda: check_moe_route(c), 1e-5),
+        (f"moe_experts, all tokens on one pair ({source('moe_experts')})",
+         lambda: check_moe_experts(c, False, tol), tol),
+        (f"moe_experts, spread evenly ({source('moe_experts')})", lambda: check_moe_experts(c, True, tol), tol),
+        (f"moe_experts packed at 4 bits ({source('moe_experts')})",
+         lambda: check_moe_experts(c, True, tol, bits=4), tol),
+        *((f"attention q{case[0]} kv{case[1]} h{case[2]} kvh{case[3]} d{case[4]}",
+           lambda case=case: check_attention(c, tol, cases=(case,)), tol) for case in _ATTENTION_CASES),
         ("kv_write / kv_gather", lambda: check_kv_write_gather(c), 0.0),
         (f"paged_attention ({source('paged_attention')})", lambda: check_paged_attention(c, tol), tol),
         (f"sample ({source('sample')})", lambda: check_sample(c), 1e-5),
@@ -382,9 +443,35 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
     if ops.accepts(paged_op, "sliding_window"):
         checks.insert(-2, ("paged_attention, sliding window", lambda: check_paged_attention(c, tol, window=3), tol))
     checks[-1:-1] = _quantized_checks(c, tol)
+    checks[-1:-1] = family_checks(c, tol, model_tol)
     checks.append(("model packed at 4 bits: logits and greedy tokens", lambda: check_model(c, model_tol, packed_bits=4),
                    model_tol))
     return checks
+
+
+@dataclass(frozen=True)
+class Check:
+    """One named check of the kit, bound to a backend and dtype (the pytest plugin's test items)."""
+
+    name: str
+    compute: Callable[[], float | None] = field(repr=False)
+    tolerance: float | None = None
+
+    def run(self) -> CheckResult:
+        """Run it; every failure, including an exception in the backend, becomes a failed result."""
+        try:
+            error = self.compute()
+        except _Mismatch as mismatch:
+            return CheckResult(self.name, False, mismatch.error, self.tolerance, "differs from the oracle")
+        except Exception as exc:
+            return CheckResult(self.name, False, message=f"{type(exc).__name__}: {exc}")
+        return CheckResult(self.name, True, error, self.tolerance if error is not None else None)
+
+
+def checks(backend: Backend, dtype: str) -> list[Check]:
+    """Every check the kit runs on ``backend`` in ``dtype``, in order, sharing one seeded generator
+    (a fresh call gives the same inputs again); ops and checks added to the kit appear here."""
+    return [Check(name, compute, tolerance) for name, compute, tolerance in _checks(_Context(backend, dtype))]
 
 
 def check_backend(backend: str | Backend, dtype: str | None = None) -> ConformanceReport:
@@ -396,16 +483,7 @@ def check_backend(backend: str | Backend, dtype: str | None = None) -> Conforman
     if dtype not in backend.info.dtypes:
         report.results.append(CheckResult("dtype", False, message=f"{dtype!r} is not in {backend.info.dtypes}"))
         return report
-    context = _Context(backend, dtype)
-    for name, run, tolerance in _checks(context):
-        try:
-            error = run()
-        except _Mismatch as mismatch:
-            report.results.append(CheckResult(name, False, mismatch.error, tolerance, "differs from the oracle"))
-        except Exception as exc:  # report every failure, keep checking the rest
-            report.results.append(CheckResult(name, False, message=f"{type(exc).__name__}: {exc}"))
-        else:
-            report.results.append(CheckResult(name, True, error, tolerance if error is not None else None))
+    report.results.extend(check.run() for check in checks(backend, dtype))  # a failure does not stop the rest
     return report
 
 

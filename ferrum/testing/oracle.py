@@ -50,6 +50,22 @@ def linear(x, weight, bias=None) -> np.ndarray:
     return out if bias is None else out + f64(bias)
 
 
+def moe_experts(x, ids, weights, gate, up, down, shared=None) -> np.ndarray:
+    """Token by token, chosen expert by chosen expert: ``sum_j w[t, j] * down_e(silu(gate_e x) * up_e x)``,
+    plus ``w[t, k] * shared[t]`` when a shared expert's output is given."""
+    x, weights = f64(x), f64(weights)
+    top_k = ids.shape[1]
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(top_k):
+            e = int(ids[t, j])
+            h = silu_mul(linear(x[t : t + 1], gate[e]), linear(x[t : t + 1], up[e]))
+            out[t] += weights[t, j] * linear(h, down[e])[0]
+        if shared is not None:
+            out[t] += weights[t, top_k] * f64(shared)[t]
+    return out
+
+
 def attention(q, k, v, scale: float, window: int | None) -> np.ndarray:
     """Query ``i`` of ``q_len`` sits at position ``kv_len - q_len + i``; causal, optional window."""
     q, k, v = f64(q), f64(k), f64(v)

@@ -135,13 +135,15 @@ def kv_gather(pool, layer, block_ids, length):
 
 
 @hookimpl
-def attention(q, k, v, scale, sliding_window):
+def attention(q, k, v, scale, sliding_window, softcap=None):
     q_len, heads, _ = q.shape
     kv_len, kv_heads, _ = k.shape
     group = heads // kv_heads
     qg = q.reshape(q_len, kv_heads, group, -1).transpose(1, 2, 0, 3)  # [kvh, g, q, d]
     kt = k.transpose(1, 2, 0)  # [kvh, d, kv]
     scores = (qg @ kt[:, None]) * scale  # [kvh, g, q, kv]
+    if softcap is not None:
+        scores = np.tanh(scores / softcap) * softcap
     query_pos = np.arange(kv_len - q_len, kv_len)[:, None]
     key_pos = np.arange(kv_len)[None, :]
     allowed = key_pos <= query_pos

@@ -197,11 +197,11 @@ def from_numpy(array, dtype):
 def upload_weight(name, array, dtype):
     # Checkpoint arrays are ours once read: on the CPU the weight may alias it.
     weight = _upload(array, dtype, alias_ok=True)
-    if not IS_CUDA and weight.dtype == torch.float32 and weight.dim() == 2:
-        # Same shape [out, in], column-major memory: MKL's float32 GEMM with a
-        # contiguous [in, out] operand is 10-40% faster for decode-sized
-        # batches (measured with torch 2.13). bfloat16 (oneDNN) prefers rows.
-        weight = weight.t().contiguous().t()
+    if not IS_CUDA and weight.dtype == torch.float32 and weight.dim() in (2, 3):
+        # Same shape [out, in] (per expert for a [E, out, in] stack), column-major memory:
+        # MKL's float32 GEMM with a contiguous [in, out] operand is 10-40% faster for
+        # decode-sized batches (measured with torch 2.13). bfloat16 (oneDNN) prefers rows.
+        weight = weight.mT.contiguous().mT
     return weight
 
 
@@ -405,6 +405,21 @@ def silu_mul(gate, up):
     return F.silu(gate) * up
 
 
+@hookimpl
+def gelu_tanh_mul(gate, up):
+    return F.gelu(gate, approximate="tanh") * up
+
+
+@hookimpl
+def mul_scalar(x, factor):
+    return x * torch.tensor(factor, dtype=x.dtype, device=x.device)
+
+
+@hookimpl
+def softcap(x, cap):
+    return (torch.tanh(x.float() / cap) * cap).to(x.dtype)
+
+
 # --------------------------------------------------------------------------
 # Paged KV pool
 # --------------------------------------------------------------------------
@@ -470,8 +485,25 @@ def kv_gather(pool, layer, block_ids, length):
 # --------------------------------------------------------------------------
 
 
-def _sdpa(q, k, v, scale, mask=None, causal=False):
+def _softcapped_sdpa(q, k, v, scale, mask, causal, cap):
+    """``_sdpa`` with Gemma 2's ``cap * tanh(scores / cap)`` on the scores (no fused kernel takes it)."""
+    b, heads, lq, d = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    qg = q.reshape(b, kv_heads, heads // kv_heads, lq, d)
+    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).float() * scale  # [B, KVH, G, Lq, Lk]
+    scores = torch.tanh(scores / cap) * cap
+    if causal:
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    if mask is not None:
+        scores = scores.masked_fill(~(mask[:, :, None] if mask.dim() == 4 else mask), float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v[:, :, None]).reshape(b, heads, lq, d)
+
+
+def _sdpa(q, k, v, scale, mask=None, causal=False, softcap=None):
     """SDPA with GQA: ``q [B, H, Lq, d]``, ``k, v [B, KVH, Lk, d]`` -> ``[B, H, Lq, d]``."""
+    if softcap is not None:
+        return _softcapped_sdpa(q, k, v, scale, mask, causal, softcap)
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads != kv_heads:
         if _HAS_GQA and (causal or _GQA_WITH_MASK):
@@ -503,7 +535,7 @@ def _window_start(q_len: int, kv_len: int, window: int | None) -> int:
     return max(0, kv_len - q_len - window + 1)
 
 
-def _attend_one(q, k, v, scale, window, mask_cache=None):
+def _attend_one(q, k, v, scale, window, mask_cache=None, softcap=None):
     """Dense causal attention of one sequence: ``q [q_len, H, d]``, ``k, v [kv_len, KVH, d]``."""
     q_len, heads, d = q.shape
     kv_len, kv_heads = k.shape[0], k.shape[1]
@@ -515,24 +547,24 @@ def _attend_one(q, k, v, scale, window, mask_cache=None):
     if q_len == 1:
         # Every remaining key is visible; fold the query heads sharing a KV head
         # into the query axis: [1, KVH, group, d], no mask, no key repetition.
-        out = _sdpa(q.view(1, kv_heads, heads // kv_heads, d), kt, vt, scale)
+        out = _sdpa(q.view(1, kv_heads, heads // kv_heads, d), kt, vt, scale, softcap=softcap)
         return out.reshape(1, heads, d)
     qt = q.transpose(0, 1)[None]  # [1, H, q_len, d]
     if q_len == kv_len and start == 0 and (window is None or window >= kv_len):
-        out = _sdpa(qt, kt, vt, scale, causal=True)
+        out = _sdpa(qt, kt, vt, scale, causal=True, softcap=softcap)
     else:
         mask = None if mask_cache is None else mask_cache.get(window)
         if mask is None:
             mask = _end_aligned_mask(q_len, kv_len, window, start)
             if mask_cache is not None:
                 mask_cache[window] = mask
-        out = _sdpa(qt, kt, vt, scale, mask=mask)
+        out = _sdpa(qt, kt, vt, scale, mask=mask, softcap=softcap)
     return out[0].transpose(0, 1)  # [q_len, H, d]
 
 
 @hookimpl
-def attention(q, k, v, scale, sliding_window):
-    return _attend_one(q, k, v, scale, sliding_window)
+def attention(q, k, v, scale, sliding_window, softcap=None):
+    return _attend_one(q, k, v, scale, sliding_window, softcap=softcap)
 
 
 class _Group:
@@ -678,7 +710,7 @@ def _gather_kv(pool: KVPool, layer: int, group: _Group):
     return k, v
 
 
-def _decode_group(q, pool, layer, group: _Group, scale, window):
+def _decode_group(q, pool, layer, group: _Group, scale, window, softcap=None):
     """``q [n, H, d]`` one token per item -> ``[n, H, d]``."""
     n, heads, d = q.shape
     kvh = pool.num_kv_heads
@@ -691,11 +723,11 @@ def _decode_group(q, pool, layer, group: _Group, scale, window):
         if window is not None:
             mask &= kpos >= lens - window
         mask = group.masks[window] = mask[:, None, None, :]  # [n, 1, 1, L]
-    out = _sdpa(q.view(n, kvh, heads // kvh, d), k, v, scale, mask=mask)
+    out = _sdpa(q.view(n, kvh, heads // kvh, d), k, v, scale, mask=mask, softcap=softcap)
     return out.reshape(n, heads, d)
 
 
-def _prefill_group(q, pool, layer, group: _Group, scale, window):
+def _prefill_group(q, pool, layer, group: _Group, scale, window, softcap=None):
     """Padded ``q [n * max_q, H, d]`` -> ``[n * max_q, H, d]`` (padding rows are junk)."""
     n, max_q = group.n, group.max_q
     heads, d = q.shape[1], q.shape[2]
@@ -711,12 +743,12 @@ def _prefill_group(q, pool, layer, group: _Group, scale, window):
             mask |= ~group.q_valid[:, :, None]
         mask = group.masks[window] = mask[:, None]  # [n, 1, max_q, L]
     qt = q.view(n, max_q, heads, d).transpose(1, 2)
-    out = _sdpa(qt, k, v, scale, mask=mask)  # [n, H, max_q, d]
+    out = _sdpa(qt, k, v, scale, mask=mask, softcap=softcap)  # [n, H, max_q, d]
     return out.transpose(1, 2).reshape(n * max_q, heads, d)
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window):
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
     prepared = batch.prepared
     if not isinstance(prepared, PreparedBatch):
         prepared = batch.prepared = _prepare(batch)
@@ -734,6 +766,7 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window):
                     pool.k_heads[layer][:, :, start:end],
                     pool.v_heads[layer][:, :, start:end],
                     scale,
+                    softcap=softcap,
                 )
                 return out.reshape(1, heads, d)
             k = pool.k_flat[layer][first : first + length]
@@ -742,19 +775,89 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window):
             kvh, d = pool.num_kv_heads, pool.head_dim
             k = pool.k[layer].index_select(0, index).view(-1, kvh, d)[:length]
             v = pool.v[layer].index_select(0, index).view(-1, kvh, d)[:length]
-        return _attend_one(q, k, v, scale, window, masks)
+        return _attend_one(q, k, v, scale, window, masks, softcap)
     if prepared.kind == "decode":
-        return _decode_group(q, pool, layer, prepared.decode, scale, window)
+        return _decode_group(q, pool, layer, prepared.decode, scale, window, softcap)
     if prepared.kind == "prefill":
         group = prepared.prefill
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows.view(-1))
-        out = _prefill_group(q_in, pool, layer, group, scale, window)
+        out = _prefill_group(q_in, pool, layer, group, scale, window, softcap)
         return out if prepared.out_index is None else out.index_select(0, prepared.out_index)
-    dec = _decode_group(q.index_select(0, prepared.decode.q_rows), pool, layer, prepared.decode, scale, window)
+    dec = _decode_group(
+        q.index_select(0, prepared.decode.q_rows), pool, layer, prepared.decode, scale, window, softcap
+    )
     pre = _prefill_group(
-        q.index_select(0, prepared.prefill.q_rows.view(-1)), pool, layer, prepared.prefill, scale, window
+        q.index_select(0, prepared.prefill.q_rows.view(-1)), pool, layer, prepared.prefill, scale, window, softcap
     )
     return torch.cat([dec, pre]).index_select(0, prepared.out_index)
+
+
+# --------------------------------------------------------------------------
+# Mixture of experts
+# --------------------------------------------------------------------------
+
+
+@hookimpl
+def moe_route(logits, shared_logit, top_k, normalize):
+    # torch.topk itself, so ties break exactly as in transformers on the same device.
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if shared_logit is not None:
+        weights = torch.cat([weights, torch.sigmoid(shared_logit.float())], dim=-1)
+    return ids.to(torch.int32), weights
+
+
+class ExpertStack:
+    """One stacked projection: a float ``[E, out, in]`` tensor, or one packed matrix per expert."""
+
+    __slots__ = ("w", "quantized")
+
+    def __init__(self, w, quantized: bool):
+        self.w, self.quantized = w, quantized
+
+    def __len__(self) -> int:
+        return len(self.w)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.w) if self.quantized else self.w.numel() * self.w.element_size()
+
+    def __call__(self, e: int, x):
+        return quant.linear(x, self.w[e], None) if self.quantized else F.linear(x, self.w[e])
+
+
+@hookimpl
+def upload_experts(name, weight, dtype):
+    if isinstance(weight, np.ndarray):
+        return ExpertStack(upload_weight(name, weight, dtype), quantized=False)
+    return ExpertStack([quantized_upload(f"{name}.{e}", weight.expert(e), dtype, "linear")
+                        for e in range(weight.num_experts)], quantized=True)
+
+
+@hookimpl
+def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared):
+    """Pairs (token, expert) sorted by expert, one GEMM per used expert over its segment.
+
+    The segment sizes cross to the host once per call (a sync on CUDA): the loop needs them.
+    """
+    tokens, top_k = expert_ids.shape
+    flat = expert_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=len(gate)).tolist()
+    rows = x.index_select(0, order // top_k)
+    y = torch.empty((tokens * top_k, x.shape[1]), dtype=x.dtype, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            seg = rows[start : start + n]
+            y[order[start : start + n]] = down(e, F.silu(gate(e, seg)) * up(e, seg))
+            start += n
+    out = (y.view(tokens, top_k, -1).float() * expert_weights[:, :top_k, None]).sum(dim=1)
+    if shared is not None:
+        out += expert_weights[:, top_k:] * shared.float()
+    return out.to(x.dtype)
 
 
 __all__ = ["DEVICE", "DEVICE_NOTE", "KVPool", "PreparedBatch"]

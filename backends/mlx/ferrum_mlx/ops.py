@@ -11,6 +11,7 @@ import os
 import weakref
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from ferrum.backends import BackendInfo
@@ -70,7 +71,13 @@ def from_numpy(array, dtype):
     if array.dtype.kind == "V" or array.dtype.name == "bfloat16":  # ml_dtypes bfloat16
         array = array.astype(np.float32)
     out = mx.array(array)
-    return out if dtype is None else out.astype(_DTYPES[dtype])
+    if dtype is None:
+        return out
+    # Evaluated now: a lazy cast would stay tied to this thread's stream, and evaluating it from
+    # another thread (the asyncio engine's) fails with "There is no Stream(cpu, 0) in current thread".
+    out = out.astype(_DTYPES[dtype])
+    mx.eval(out)
+    return out
 
 
 @hookimpl
@@ -192,6 +199,21 @@ def rope(x, positions, inv_freq):
 @hookimpl
 def silu_mul(gate, up):
     return gate * mx.sigmoid(gate) * up
+
+
+@hookimpl
+def gelu_tanh_mul(gate, up):
+    return nn.gelu_approx(gate) * up
+
+
+@hookimpl
+def mul_scalar(x, factor):
+    return x * mx.array(factor, dtype=x.dtype)
+
+
+@hookimpl
+def softcap(x, cap):
+    return (mx.tanh(x.astype(mx.float32) / cap) * cap).astype(x.dtype)
 
 
 # ------------------------------------------------------- quantized weights
@@ -318,8 +340,26 @@ def _end_aligned_mask(q_len: np.ndarray, kv_len: np.ndarray, max_q: int, max_kv:
     return allowed[:, None]
 
 
+def _sdpa(q, k, v, scale, mask, softcap):
+    """``mx.fast.scaled_dot_product_attention``, or with Gemma 2's ``cap * tanh(scores / cap)``
+    on the scores (which the fused kernel does not take) the same written out."""
+    if softcap is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    b, heads, lq, d = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    qg = q.reshape(b, kv_heads, heads // kv_heads, lq, d)
+    scores = (qg @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32) * scale  # [B, KVH, G, Lq, Lk]
+    scores = mx.tanh(scores / softcap) * softcap
+    if isinstance(mask, str):  # "causal", end-aligned
+        mask = mx.arange(lk)[None, :] <= mx.arange(lk - lq, lk)[:, None]
+    if mask is not None:
+        scores = mx.where(mask[:, :, None] if mask.ndim == 4 else mask, scores, -mx.inf)
+    probs = mx.softmax(scores, axis=-1).astype(v.dtype)
+    return (probs @ v[:, :, None]).reshape(b, heads, lq, d)
+
+
 @hookimpl
-def attention(q, k, v, scale, sliding_window):
+def attention(q, k, v, scale, sliding_window, softcap=None):
     q_len, kv_len = q.shape[0], k.shape[0]
     qh, kh, vh = (a.transpose(1, 0, 2)[None] for a in (q, k, v))
     if sliding_window is None:
@@ -328,7 +368,7 @@ def attention(q, k, v, scale, sliding_window):
         mask = mx.array(
             _end_aligned_mask(np.array([q_len]), np.array([kv_len]), q_len, kv_len, sliding_window)
         )
-    out = mx.fast.scaled_dot_product_attention(qh, kh, vh, scale=scale, mask=mask)
+    out = _sdpa(qh, kh, vh, scale, mask, softcap)
     return out[0].transpose(1, 0, 2)
 
 
@@ -374,16 +414,89 @@ def prepare_attention_batch(batch):
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window):
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
     prep: PreparedBatch = batch.prepared
     k = pool.k[layer][prep.kv_slots]  # [items, max_kv, kvh, d]
     v = pool.v[layer][prep.kv_slots]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     mask = prep.mask(sliding_window)
     if prep.single:
-        out = mx.fast.scaled_dot_product_attention(q.transpose(1, 0, 2)[None], k, v, scale=scale, mask=mask)
+        out = _sdpa(q.transpose(1, 0, 2)[None], k, v, scale, mask, softcap)
         return out[0].transpose(1, 0, 2)
     qp = q[prep.q_rows].transpose(0, 2, 1, 3)  # [items, heads, max_q, d]
-    out = mx.fast.scaled_dot_product_attention(qp, k, v, scale=scale, mask=mask)
+    out = _sdpa(qp, k, v, scale, mask, softcap)
     out = out.transpose(0, 2, 1, 3).reshape(-1, q.shape[1], q.shape[2])  # [items * max_q, heads, d]
     return out[prep.out_rows]
+
+
+# ------------------------------------------------------- mixture of experts
+@hookimpl
+def moe_route(logits, shared_logit, top_k, normalize):
+    # Ties at the top-k boundary go to argsort's choice, not torch.topk's (ferrum.moe.routing).
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
+    ids = mx.argsort(-probs, axis=-1)[:, :top_k]
+    weights = mx.take_along_axis(probs, ids, axis=-1)
+    if normalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    if shared_logit is not None:
+        weights = mx.concatenate([weights, mx.sigmoid(shared_logit.astype(mx.float32))], axis=-1)
+    return ids.astype(mx.int32), weights
+
+
+class ExpertStack:
+    """One stacked projection ``[E, out, in]``: a float array, or packed ``(q, scales, biases)``."""
+
+    __slots__ = ("w", "q", "scales", "biases", "bits", "group_size")
+
+    def __init__(self, stack, dtype):
+        self.w = self.q = self.scales = self.biases = self.bits = self.group_size = None
+        if isinstance(stack, np.ndarray):
+            # MLX's CPU gather_mm runs float32 only (0.32: "GatherMM::eval Currently only supports float32").
+            self.w = from_numpy(np.ascontiguousarray(stack), dtype if _METAL else "float32")
+        else:
+            self.q = mx.array(stack.packed)
+            self.scales, self.biases = from_numpy(stack.scales, dtype), from_numpy(stack.biases, dtype)
+            self.bits, self.group_size = stack.bits, stack.group_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes if self.bits is None else self.q.nbytes + self.scales.nbytes + self.biases.nbytes
+
+    def __call__(self, x, indices, sorted_indices):
+        """``x [..., 1, in] @ W[indices].T`` as mlx-lm's ``SwitchLinear`` / ``QuantizedSwitchLinear`` do."""
+        if self.bits is None:
+            return mx.gather_mm(x.astype(self.w.dtype), self.w.swapaxes(-1, -2), rhs_indices=indices,
+                                sorted_indices=sorted_indices)
+        return mx.gather_qmm(x, self.q, self.scales, self.biases, rhs_indices=indices, transpose=True,
+                             group_size=self.group_size, bits=self.bits, sorted_indices=sorted_indices)
+
+
+@hookimpl
+def upload_experts(name, weight, dtype):
+    if not isinstance(weight, np.ndarray) and weight.group_size == 16:
+        return None  # no padded form for stacks: the core's per-expert form runs them
+    return ExpertStack(weight, dtype)
+
+
+#: From this many (token, expert) pairs the tokens are sorted by expert first (mlx-lm's switch_layers rule).
+_SORT_PAIRS = 64
+
+
+@hookimpl
+def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared):
+    tokens, top_k = expert_ids.shape
+    h = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, hidden]
+    do_sort = expert_ids.size >= _SORT_PAIRS
+    indices = expert_ids
+    if do_sort:  # gather each (token, expert) pair's row in expert order
+        flat = expert_ids.flatten()
+        order = mx.argsort(flat)
+        h, indices, inverse = h.flatten(0, -3)[order // top_k], flat[order], mx.argsort(order)
+    y = down(silu_mul(gate(h, indices, do_sort), up(h, indices, do_sort)), indices, do_sort)
+    if do_sort:
+        y = mx.unflatten(y[inverse], 0, (tokens, top_k))
+    y = y.squeeze(-2).astype(mx.float32)  # [T, k, hidden]
+    out = (y * expert_weights[:, :top_k, None]).sum(axis=1)
+    if shared is not None:
+        out = out + expert_weights[:, top_k:] * shared.astype(mx.float32)
+    return out.astype(x.dtype)

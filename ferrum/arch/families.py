@@ -1,0 +1,400 @@
+"""The family table: per ``model_type``, the config keys that change the math and how they build an Architecture.
+
+Adding a family is one entry here (its keys and a builder) plus tests; the
+model reads only the resulting :class:`ferrum.arch.spec.Architecture`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ferrum.arch.keys import (
+    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int,
+    optional_positive_number, optional_size, positive_int, positive_number, size,
+)
+from ferrum.arch.rope import Rope, longrope_attention_factor
+from ferrum.arch.spec import Architecture, LayerSpec
+from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
+
+LLAMA_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "post_attention_layernorm"}
+SANDWICH_NORMS = {
+    "pre_attn": "input_layernorm", "post_attn": "post_attention_layernorm",
+    "pre_mlp": "pre_feedforward_layernorm", "post_mlp": "post_feedforward_layernorm",
+}
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The numbers every family has."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_seq_len: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+
+
+@dataclass(frozen=True)
+class Family:
+    keys: dict[str, Key]
+    build: Callable[[KeyReader, Sizes], Architecture]
+    eps_default: float = 1e-6
+
+
+def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
+    return {k.name: k for group in groups for k in group}
+
+
+# ---------------------------------------------------------------- shared keys
+
+def _core(tie_default: bool, head_dim_default: int | None = None) -> tuple[Key, ...]:
+    return (
+        Key("hidden_size", check=size(1 << 17)),
+        Key("intermediate_size", check=size(1 << 20)),
+        Key("num_hidden_layers", check=size(1024)),
+        Key("num_attention_heads", check=size(4096)),
+        Key("num_key_value_heads", check=optional_size(4096)),
+        Key("head_dim", default=head_dim_default, check=optional_size(4096)),
+        Key("vocab_size", check=size(1 << 23)),
+        Key("max_position_embeddings", check=size(1 << 28)),
+        Key("rms_norm_eps", check=optional_positive_number),
+        Key("tie_word_embeddings", default=tie_default, check=boolean),
+    )
+
+
+_ROPE = (
+    Key("rope_theta", check=optional_positive_number),
+    Key("rope_scaling"),  # transformers 4 spelling
+    Key("rope_parameters"),  # transformers 5 spelling
+    Key("partial_rotary_factor", check=one_of(None, 1, 1.0), unsupported=True),
+)
+_SILU = (Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),)
+
+
+def read_sizes(r: KeyReader, eps_default: float) -> Sizes:
+    hidden, heads = r("hidden_size"), r("num_attention_heads")
+    kv_heads = r("num_key_value_heads") or heads
+    if heads % kv_heads:
+        r.fail("num_attention_heads", f"({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    head_dim = r("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            r.fail("hidden_size", f"{hidden} is not divisible by {heads} heads; set head_dim")
+        head_dim = hidden // heads
+    if head_dim % 2:
+        r.fail("head_dim", f"must be even (rope rotates pairs), got {head_dim}")
+    eps = r("rms_norm_eps")
+    return Sizes(
+        hidden_size=hidden, intermediate_size=r("intermediate_size"), num_layers=r("num_hidden_layers"),
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=r("vocab_size"),
+        max_seq_len=r("max_position_embeddings"), rms_norm_eps=float(eps_default if eps is None else eps),
+        tie_word_embeddings=bool(r("tie_word_embeddings")),
+    )
+
+
+# ---------------------------------------------------------------------- rope
+
+def _rope_spec(r: KeyReader) -> tuple[str, dict[str, Any]]:
+    """(the key it came from, one dict of rope settings) from either spelling."""
+    params = r("rope_parameters")
+    if isinstance(params, dict) and params:
+        return "rope_parameters", dict(params)
+    scaling = r("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        r.fail("rope_scaling", f"must be an object, got {scaling!r}")
+    return "rope_scaling", dict(scaling or {})
+
+
+def read_rope(
+    r: KeyReader, sizes: Sizes, spec: dict[str, Any], key: str, kinds: tuple[str, ...],
+    theta_default: float = 10000.0, rotary_dim: int | None = None,
+) -> Rope:
+    """A validated :class:`Rope` from one rope settings dict; ``kinds`` are the scalings the family allows."""
+    theta = spec.get("rope_theta", r.get("rope_theta"))
+    theta = theta_default if theta is None else theta
+    if positive_number(theta):
+        r.fail(key if "rope_theta" in spec else "rope_theta", f"rope_theta must be positive, got {theta!r}")
+    kind = spec.get("rope_type", spec.get("type")) or "default"
+    kind = {"su": "longrope", "yarn": "longrope"}.get(kind, kind) if "longrope" in kinds else kind
+    if kind not in kinds:
+        r.fail(key, f"has rope type {kind!r}, which Ferrum does not support for this family; "
+                    f"it handles {', '.join(kinds)}", unsupported=True)
+    if rotary_dim is None and spec.get("partial_rotary_factor") not in (None, 1, 1.0):
+        r.fail(key, f"sets partial_rotary_factor {spec['partial_rotary_factor']!r}, which Ferrum does not "
+                    "support for this family", unsupported=True)
+    rope = dict(theta=float(theta), head_dim=sizes.head_dim, rotary_dim=rotary_dim or sizes.head_dim, kind=kind)
+    if kind == "default":
+        return Rope(**rope)
+
+    def number(name: str, default: Any = None) -> float:
+        value = spec.get(name, default)
+        if positive_number(value):
+            r.fail(key, f"field {name!r} must be a positive number, got {value!r}")
+        return float(value)
+
+    if kind == "linear":
+        return Rope(**rope, factor=number("factor"))
+    if kind == "llama3":
+        low, high = number("low_freq_factor", 1.0), number("high_freq_factor", 4.0)
+        if high <= low:
+            r.fail(key, f"high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+        original = spec.get("original_max_position_embeddings")
+        if positive_int(original):
+            r.fail(key, f"field 'original_max_position_embeddings' must be a positive integer, got {original!r}")
+        return Rope(**rope, factor=number("factor"), low_freq_factor=low, high_freq_factor=high,
+                    original_max=original)
+    # longrope
+    original = spec.get("original_max_position_embeddings") or r("original_max_position_embeddings")
+    if positive_int(original):
+        r.fail("original_max_position_embeddings", f"must be a positive integer for longrope, got {original!r}")
+    half = rope["rotary_dim"] // 2
+    factors = {}
+    for name in ("short_factor", "long_factor"):
+        values = spec.get(name)
+        if not isinstance(values, list) or len(values) != half or any(positive_number(v) for v in values):
+            r.fail(key, f"field {name!r} must be a list of {half} positive numbers (rotary_dim / 2), got {values!r}")
+        factors[name] = tuple(float(v) for v in values)
+    for name in ("factor", "attention_factor"):
+        if spec.get(name) is not None:
+            number(name)
+    attention = longrope_attention_factor(spec, sizes.max_seq_len, original)
+    return Rope(**rope, original_max=original, attention_factor=attention, **factors)
+
+
+# ------------------------------------------------------------ sliding windows
+
+def _layer_types(r: KeyReader, sizes: Sizes) -> list[str] | None:
+    types = r("layer_types")
+    if types is None:
+        return None
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (SLIDING, FULL) for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {SLIDING!r} / {FULL!r}, got {types!r}")
+    return types
+
+
+def _window(r: KeyReader) -> int | None:
+    return r("sliding_window")
+
+
+_WINDOW = (Key("sliding_window", check=optional_positive_int),)
+_LAYER_TYPES = (Key("layer_types"),)
+
+
+# ------------------------------------------------------------------ families
+
+def _llama_like(qkv_bias_default: bool, qk_norm: bool, windows: Callable[[KeyReader, Sizes], list]):
+    def build(r: KeyReader, sizes: Sizes) -> Architecture:
+        key, spec = _rope_spec(r)
+        rope = read_rope(r, sizes, spec, key, ("default", "linear", "llama3"))
+        r("hidden_act")
+        r("partial_rotary_factor")
+        attention_bias = r.get("attention_bias")
+        attention_bias = qkv_bias_default if attention_bias is None else attention_bias
+        return Architecture(
+            layers=tuple(LayerSpec(w, rope) for w in windows(r, sizes)),
+            norms=LLAMA_NORMS,
+            attn_scale=1.0 / math.sqrt(sizes.head_dim),
+            qk_norm=qk_norm,
+            qkv_bias=attention_bias,
+            # Llama's attention_bias also covers o_proj; Qwen2 biases q/k/v only.
+            o_bias=attention_bias and not qkv_bias_default,
+            mlp_bias=bool(r.get("mlp_bias")),
+        )
+
+    return build
+
+
+def _no_windows(r: KeyReader, sizes: Sizes) -> list:
+    return [None] * sizes.num_layers
+
+
+def _every_layer_window(r: KeyReader, sizes: Sizes) -> list:
+    return [r("sliding_window")] * sizes.num_layers
+
+
+def _qwen_windows(r: KeyReader, sizes: Sizes) -> list:
+    window, types = r("sliding_window"), _layer_types(r, sizes)
+    if types is not None:
+        return [window if t == SLIDING else None for t in types]
+    if not r("use_sliding_window") or not window:
+        return [None] * sizes.num_layers
+    first = r("max_window_layers")
+    first = sizes.num_layers if first is None else first
+    return [window if i >= first else None for i in range(sizes.num_layers)]
+
+
+_QWEN_WINDOW = (
+    *_WINDOW, *_LAYER_TYPES,
+    Key("use_sliding_window", default=False, check=boolean),
+    Key("max_window_layers", check=optional_non_negative_int),  # 0: every layer slides
+)
+
+
+def _gemma(r: KeyReader, sizes: Sizes, pattern_default: int, qk_norm: bool, ropes: Callable) -> Architecture:
+    r("use_bidirectional_attention")
+    r("hidden_activation")
+    window, types = r("sliding_window"), _layer_types(r, sizes)
+    if types is None:
+        pattern = r.get("sliding_window_pattern") or pattern_default
+        types = [SLIDING if (i + 1) % pattern else FULL for i in range(sizes.num_layers)]
+    if window is None and SLIDING in types:
+        r.fail("sliding_window", "must be set when layers use sliding attention")
+    sliding_rope, full_rope = ropes(r, sizes)
+    return Architecture(
+        layers=tuple(
+            LayerSpec(window, sliding_rope) if t == SLIDING else LayerSpec(None, full_rope) for t in types
+        ),
+        norms=SANDWICH_NORMS,
+        norm_offset=1.0,
+        activation="gelu_tanh",
+        embed_scale=math.sqrt(sizes.hidden_size),
+        attn_scale=float(r("query_pre_attn_scalar")) ** -0.5,
+        attn_softcap=r("attn_logit_softcapping"),
+        final_softcap=r("final_logit_softcapping"),
+        qk_norm=qk_norm,
+        qkv_bias=r("attention_bias"),
+        o_bias=r("attention_bias"),
+    )
+
+
+def _gemma2_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, ("default",))
+    return rope, rope
+
+
+def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
+    """Full-attention layers: rope_theta (and rope_scaling); sliding ones: rope_local_base_freq, unscaled."""
+    params = r("rope_parameters")
+    if isinstance(params, dict) and (FULL in params or SLIDING in params):
+        full = read_rope(r, sizes, dict(params.get(FULL) or {}), "rope_parameters", ("default", "linear"),
+                         theta_default=1_000_000.0)
+        sliding = read_rope(r, sizes, dict(params.get(SLIDING) or {}), "rope_parameters", ("default", "linear"),
+                            theta_default=10_000.0)
+        return sliding, full
+    key, spec = _rope_spec(r)
+    full = read_rope(r, sizes, spec, key, ("default", "linear"), theta_default=1_000_000.0)
+    local = r("rope_local_base_freq")
+    return Rope(theta=float(local), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim), full
+
+
+_GEMMA = (
+    Key("hidden_activation", default="gelu_pytorch_tanh", check=one_of("gelu_pytorch_tanh", "gelu_tanh"),
+        unsupported=True),
+    Key("query_pre_attn_scalar", default=256, check=positive_number),
+    Key("attention_bias", default=False, check=boolean),
+    Key("use_bidirectional_attention", default=False,
+        check=falsy("bidirectional Gemma (an embedding model) is not a causal LM; use a causal checkpoint"),
+        unsupported=True),
+    *_WINDOW, *_LAYER_TYPES,
+)
+
+
+def _phi3(r: KeyReader, sizes: Sizes) -> Architecture:
+    key, spec = _rope_spec(r)
+    factor = spec.get("partial_rotary_factor", r("partial_rotary_factor"))
+    factor = 1.0 if factor is None else factor
+    if positive_number(factor) or factor > 1:
+        r.fail("partial_rotary_factor", f"must be in (0, 1], got {factor!r}")
+    rotary_dim = int(sizes.head_dim * factor)
+    if rotary_dim < 2 or rotary_dim % 2:
+        r.fail("partial_rotary_factor", f"gives {rotary_dim} rotary dims of {sizes.head_dim}; "
+                                        "Ferrum needs an even number of at least 2")
+    rope = read_rope(r, sizes, spec, key, ("default", "longrope"), rotary_dim=rotary_dim)
+    r("hidden_act")
+    scale = 1.0 / math.sqrt(sizes.head_dim)
+    return Architecture(
+        layers=tuple(LayerSpec(w, rope) for w in _every_layer_window(r, sizes)),
+        norms=LLAMA_NORMS,
+        attn_scale=scale,
+        fused_qkv=True,
+        fused_gate_up=True,
+    )
+
+
+def _qwen3_moe_windows(r: KeyReader, sizes: Sizes) -> list:
+    """transformers' Qwen3-MoE: every layer, when use_sliding_window."""
+    return [_window(r) if r("use_sliding_window") else None] * sizes.num_layers
+
+
+def _qwen2_moe_windows(r: KeyReader, sizes: Sizes) -> list:
+    """transformers' Qwen2-MoE: layer_types, else odd layers below max_window_layers when use_sliding_window."""
+    types = _layer_types(r, sizes)
+    if types is None and r("use_sliding_window"):
+        first = r("max_window_layers")
+        first = sizes.num_layers if first is None else first
+        types = [SLIDING if (i + 1) % 2 and i < first else FULL for i in range(sizes.num_layers)]
+    window = r("sliding_window") or None  # Qwen2-MoE writes 0 when disabled
+    return [window if t == SLIDING else None for t in types or [FULL] * sizes.num_layers]
+
+
+_QWEN2_MOE_WINDOW = (
+    Key("sliding_window", check=lambda v: None if v == 0 else optional_positive_int(v)), *_QWEN_WINDOW[1:],
+)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean))),
+        _llama_like(False, False, _no_windows),
+    ),
+    "mistral": Family(
+        _keys(_core(False), _ROPE, _SILU, _WINDOW),
+        _llama_like(False, False, _every_layer_window),
+    ),
+    "qwen2": Family(
+        _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),)),
+        _llama_like(True, False, _qwen_windows),
+    ),
+    "qwen3": Family(
+        _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),)),
+        _llama_like(False, True, _qwen_windows),
+    ),
+    "gemma2": Family(
+        _keys(_core(True, 256), _ROPE[:3], _GEMMA, (
+            Key("attn_logit_softcapping", default=50.0, check=optional_positive_number),
+            Key("final_logit_softcapping", default=30.0, check=optional_positive_number),
+        )),
+        lambda r, s: _gemma(r, s, 2, False, _gemma2_ropes),
+    ),
+    "gemma3_text": Family(
+        _keys(_core(True, 256), _ROPE[:3], _GEMMA, (
+            # transformers' Gemma 3 reads this key but never applies it; Gemma 3 releases leave it null
+            Key("attn_logit_softcapping", check=falsy("transformers' Gemma 3 does not apply it either; set it to "
+                                                      "null"), unsupported=True),
+            Key("final_logit_softcapping", check=optional_positive_number),
+            Key("rope_local_base_freq", default=10_000.0, check=positive_number),
+            Key("sliding_window_pattern", default=6, check=optional_positive_int),
+        )),
+        lambda r, s: _gemma(r, s, 6, True, _gemma3_ropes),
+    ),
+    "mixtral": Family(
+        _keys(_core(False), _ROPE, _SILU, _WINDOW, MOE_KEYS["mixtral"]),
+        with_moe("mixtral", _llama_like(False, False, _every_layer_window)),
+        eps_default=1e-5,
+    ),
+    "qwen2_moe": Family(
+        _keys(_core(False), _ROPE, _SILU, _QWEN2_MOE_WINDOW, MOE_KEYS["qwen2_moe"]),
+        with_moe("qwen2_moe", _llama_like(True, False, _qwen2_moe_windows)),
+    ),
+    "qwen3_moe": Family(
+        _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),), MOE_KEYS["qwen3_moe"]),
+        with_moe("qwen3_moe", _llama_like(False, True, _qwen3_moe_windows)),
+    ),
+    "phi3": Family(
+        _keys(_core(False), _ROPE[:3], _SILU, _WINDOW, (
+            Key("partial_rotary_factor", check=optional_positive_number),
+            Key("original_max_position_embeddings", check=optional_positive_int),
+        )),
+        _phi3,
+        eps_default=1e-5,
+    ),
+}

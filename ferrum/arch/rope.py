@@ -1,0 +1,104 @@
+"""Rotary embeddings as data: one :class:`Rope` per attention kind, its frequencies computed on the host.
+
+Every variant reaches the backend's one ``rope`` op as an ``inv_freq [head_dim // 2]``
+table (two for longrope), plus changes to the q/k weights made at load:
+
+* default, ``linear`` and ``llama3`` scaling: one table.
+* ``longrope`` (Phi-3 / Phi-3.5 / Phi-4): a *short* and a *long* table.
+  transformers picks one per forward call by ``max(position_ids) + 1 >
+  original_max_position_embeddings``. Ferrum applies that rule to each token
+  on its own: the token at position ``p`` is rotated with the long table when
+  ``p + 1 > original_max_position_embeddings``. So a key's value depends only
+  on its tokens and position, never on batching or chunking, which the paged
+  cache needs (prefix-cache hits and recompute after preemption reuse or
+  rebuild blocks as they were). Consequences: a sequence within the original
+  length is exact; a sequence growing past it matches transformers decoding
+  token by token with its cache (earlier keys keep the short rotation); a
+  prompt longer than that in one call differs from transformers' single
+  forward, which rotates *all* its tokens with the long table (transformers'
+  ``generate`` also recomputes its cache at the crossing; Ferrum does not).
+  The attention factor multiplies cos and sin in transformers, i.e. the
+  rotated dims of q and k; rope is linear, so Ferrum multiplies those rows of
+  the q and k projections by it at load (:mod:`ferrum.arch.tensors`).
+* partial rotary (``partial_rotary_factor``, Phi-4-mini): transformers rotates
+  the first ``rotary_dim`` dims of each head, pairing ``i`` with ``i +
+  rotary_dim / 2``. Ferrum permutes the q and k projection rows at load so those
+  pairs become ``(i, i + head_dim / 2)`` and gives the untouched pairs frequency
+  0 (an exact identity): scores are unchanged since q and k move together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The rotary embedding of one attention kind (validated by the family table)."""
+
+    theta: float
+    head_dim: int
+    rotary_dim: int  # == head_dim unless partial rotary
+    kind: str = "default"  # default | linear | llama3 | longrope
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max: int | None = None  # llama3 / longrope: pretraining context
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0  # longrope: multiplies cos and sin
+
+    @property
+    def switches(self) -> bool:
+        """Whether the table depends on the sequence length (longrope with two different tables)."""
+        return self.kind == "longrope" and self.short_factor != self.long_factor
+
+    def inv_freq(self, long: bool = False) -> np.ndarray:
+        """``[head_dim // 2]`` float32 frequencies in Ferrum's pairing (zeros for unrotated pairs)."""
+        dim = self.rotary_dim
+        base = 1.0 / (self.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        if self.kind == "linear":
+            base = base / self.factor
+        elif self.kind == "llama3":
+            base = _llama3(base, self)
+        elif self.kind == "longrope":
+            ext = np.asarray(self.long_factor if long else self.short_factor, dtype=np.float64)
+            # transformers: 1 / (ext * theta ** (arange / dim)) in float32
+            shape = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+            base = 1.0 / (ext.astype(np.float32) * np.float32(self.theta) ** shape)
+        out = np.zeros(self.head_dim // 2, dtype=np.float32)
+        out[: dim // 2] = base
+        return out
+
+    def rotary_permutation(self) -> np.ndarray | None:
+        """Row order within a head that maps transformers' partial-rotary pairing onto Ferrum's, or None."""
+        d, r = self.head_dim, self.rotary_dim
+        if r == d:
+            return None
+        half_pass = (d - r) // 2
+        return np.concatenate([
+            np.arange(0, r // 2), np.arange(r, r + half_pass),
+            np.arange(r // 2, r), np.arange(r + half_pass, d),
+        ])
+
+
+def _llama3(inv_freq: np.ndarray, rope: Rope) -> np.ndarray:
+    """Leave high frequencies, divide low ones by factor, blend between."""
+    old_ctx, low, high, factor = float(rope.original_max), rope.low_freq_factor, rope.high_freq_factor, rope.factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return np.where(medium, blended, scaled)
+
+
+def longrope_attention_factor(params: dict, max_position: int, original_max: int) -> float:
+    """transformers' default: ``sqrt(1 + log(factor) / log(original_max))`` with factor = max / original."""
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = params.get("factor") or max_position / original_max
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))

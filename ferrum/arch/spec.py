@@ -1,0 +1,51 @@
+"""The description of a decoder that ``DecoderOnlyLLM`` composes its forward pass from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ferrum.arch.rope import Rope
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What differs between the layers of one model: the attention kind and the MLP slot."""
+
+    window: int | None  # sliding window in tokens; None = full attention
+    rope: Rope
+    mlp: str = "dense"  # a kind of ferrum.arch.mlp.MLP_KINDS (dense gated MLP; MoE plugs in here)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What one decoder block is made of, and where its tensors live in the checkpoint.
+
+    Built from ``config.json`` by the family table (:mod:`ferrum.arch.families`);
+    the model reads only this, never the model_type.
+    """
+
+    layers: tuple[LayerSpec, ...]
+    #: Block norms: ``pre_attn`` and ``pre_mlp`` always; Gemma's sandwich adds
+    #: ``post_attn`` (on the attention output) and ``post_mlp``. Slot -> tensor name in the layer.
+    norms: dict[str, str]
+    #: RMSNorm scales by ``norm_offset + w`` (Gemma stores ``w`` around 0: offset 1).
+    norm_offset: float = 0.0
+    activation: str = "silu"  # gated MLP activation: "silu" | "gelu_tanh"
+    embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype
+    attn_scale: float = 1.0  # multiplies q.k (1/sqrt(head_dim), or query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: the same on the logits
+    qk_norm: bool = False  # RMSNorm per head of q and k before rope (Qwen3, Gemma 3)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    fused_qkv: bool = False  # checkpoint holds self_attn.qkv_proj (Phi-3)
+    fused_gate_up: bool = False  # checkpoint holds mlp.gate_up_proj (Phi-3)
+    moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
+    prefix: str = "model."  # where the decoder's tensors live ("language_model.model." in Gemma 3 multimodal)
+    lm_head: str = "lm_head.weight"
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        return tuple(layer.window for layer in self.layers)

@@ -1,0 +1,9 @@
+"""Mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE): routing, stacked experts, loading them.
+
+Modules: :mod:`~ferrum.moe.spec` (config keys, which layers are sparse),
+:mod:`~ferrum.moe.routing` (the top-k rule), :mod:`~ferrum.moe.experts`
+(stacked host forms, placing them), :mod:`~ferrum.moe.loading` (checkpoint
+layouts), :mod:`~ferrum.moe.block` (the sparse MLP the model calls) and
+:mod:`~ferrum.moe.kind` (its MLP slot kind). Nothing is imported here: the
+family table imports :mod:`~ferrum.moe.spec` while the config module loads.
+"""

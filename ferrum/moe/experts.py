@@ -1,0 +1,113 @@
+"""Stacked expert weights: their host forms, and placing one stacked projection on a backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ferrum.errors import CheckpointError
+from ferrum.quant.affine import QuantizedWeight
+from ferrum.weights import DTYPE_BYTES, Placed, place, runs_natively
+
+
+@dataclass(frozen=True)
+class StackedQuantized:
+    """Packed affine experts with a leading expert axis, as mlx-lm's quantized ``SwitchLinear`` stores them.
+
+    ``packed`` uint32 ``[E, N, K * bits / 32]``, ``scales``/``biases`` ``[E, N, K / group_size]``;
+    expert ``e`` is the ordinary :class:`~ferrum.quant.QuantizedWeight` of ``[N, K]``.
+    """
+
+    packed: np.ndarray
+    scales: np.ndarray
+    biases: np.ndarray
+    bits: int
+    group_size: int
+
+    def __post_init__(self) -> None:
+        shapes = (self.packed.shape, self.scales.shape, self.biases.shape)
+        if any(len(s) != 3 for s in shapes) or len({s[0] for s in shapes}) != 1:
+            raise CheckpointError(f"stacked quantized experts need 3-D packed/scales/biases over one expert axis, "
+                                  f"got {shapes}")
+        self.expert(0)  # validates the per-expert form
+
+    @property
+    def num_experts(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The dense stack's ``(E, N, K)``."""
+        return (self.num_experts, *self.expert(0).shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
+
+    def expert(self, e: int) -> QuantizedWeight:
+        return QuantizedWeight(self.packed[e], self.scales[e], self.biases[e], self.bits, self.group_size)
+
+
+HostExperts = np.ndarray | StackedQuantized
+
+
+def is_stack(tensor: Any) -> bool:
+    """Whether a host tensor is a stack of experts rather than one matrix."""
+    return isinstance(tensor, StackedQuantized) or getattr(tensor, "ndim", 0) == 3
+
+
+class ReferenceStack:
+    """The core's form of one stacked projection: each expert's matrix placed as an ordinary weight.
+
+    Quantized experts then take the backend's ``quantized_linear`` where it runs
+    their format, else the host reference; float ones the dense ``linear``.
+    """
+
+    __slots__ = ("experts", "dtype")
+
+    def __init__(self, ops: Any, name: str, stack: HostExperts, dtype: str):
+        one = stack.expert if isinstance(stack, StackedQuantized) else stack.__getitem__
+        self.experts: list[Placed] = [place(ops, f"{name}.{e}", one(e), dtype) for e in range(stack.shape[0])]
+        self.dtype = dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.experts)
+
+    def __call__(self, e: int, x: Any) -> Any:
+        placed = self.experts[e]
+        return placed.linear(x, placed.weight, None)
+
+
+def place_experts(ops: Any, name: str, stack: HostExperts, dtype: str) -> Placed:
+    """One stacked projection in the backend's own form when it runs MoE natively and takes this stack,
+    else the reference form; ``Placed.linear`` then holds the ``moe_experts`` implementation for it."""
+    native = "moe_experts" in ops.native and "upload_experts" in ops.native
+    if native and isinstance(stack, StackedQuantized):
+        native = runs_natively(ops, stack.bits, stack.group_size)
+    if native:
+        weight = ops.upload_experts(name, stack, dtype)
+        if weight is not None:
+            size = stack.nbytes if isinstance(stack, StackedQuantized) else stack.size * DTYPE_BYTES.get(dtype, 4)
+            return Placed(weight, ops.moe_experts, _no_embedding, getattr(weight, "nbytes", size))
+    weight = ops.fallback["upload_experts"](name, stack, dtype)
+    return Placed(weight, ops.fallback["moe_experts"], _no_embedding, weight.nbytes)
+
+
+def _no_embedding(weight: Any, ids: Any) -> Any:
+    raise CheckpointError("a stack of experts cannot serve as an embedding table")
+
+
+class PlacedExperts:
+    """One layer's three stacked projections with the ``moe_experts`` implementation that takes them
+    (bound once, like ``weights.Linear``; profilers wrap ``apply``)."""
+
+    __slots__ = ("apply", "gate", "up", "down")
+
+    def __init__(self, apply: Callable[..., Any], gate: Any, up: Any, down: Any):
+        self.apply, self.gate, self.up, self.down = apply, gate, up, down
+
+    def __call__(self, x: Any, ids: Any, weights: Any, shared: Any = None) -> Any:
+        return self.apply(x, ids, weights, self.gate, self.up, self.down, shared)

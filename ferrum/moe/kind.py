@@ -1,0 +1,47 @@
+"""The ``"moe"`` MLP slot kind (see :mod:`ferrum.arch.mlp`): a sparse MLP's tensors and how it is built."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ferrum.errors import UnsupportedFeatureError
+from ferrum.moe.block import MoeMLP
+from ferrum.moe.experts import PlacedExperts
+from ferrum.moe.loading import SWITCH
+
+
+class Moe:
+    """Router ``M.gate``, the experts stacked as ``M.switch_mlp.*`` (read from either checkpoint layout,
+    see :mod:`ferrum.moe.loading`) and, for Qwen2-MoE, ``M.shared_expert.*`` with ``M.shared_expert_gate``."""
+
+    def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
+        spec, h = config.arch.moe, config.hidden_size
+        m, e, inter = spec.module, spec.num_experts, spec.expert_size
+        shapes = {f"{m}.gate.weight": (e, h)}
+        shapes.update({f"{m}.switch_mlp.{p}.weight": (e, inter, h) for p in SWITCH[:2]})
+        shapes[f"{m}.switch_mlp.down_proj.weight"] = (e, h, inter)
+        if spec.shared_expert_size:
+            s = spec.shared_expert_size
+            shapes.update({f"{m}.shared_expert.gate_proj.weight": (s, h), f"{m}.shared_expert.up_proj.weight": (s, h),
+                           f"{m}.shared_expert.down_proj.weight": (h, s), f"{m}.shared_expert_gate.weight": (1, h)})
+        return shapes
+
+    def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
+        return [(name, tensor)]
+
+    def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Any], config: Any,
+              layer: int) -> MoeMLP:
+        spec = config.arch.moe
+        m = spec.module
+        stacks = [linear(f"{m}.switch_mlp.{p}") for p in SWITCH]  # Linear(weight, bias=None); apply = moe_experts
+        if len({s.apply for s in stacks}) != 1:
+            raise UnsupportedFeatureError(
+                f"layer {layer}: the backend took some of the expert projections natively and declined others "
+                "(their quantized formats differ); quantize all three alike or choose another backend"
+            )
+        experts = PlacedExperts(stacks[0].apply, *(s.weight for s in stacks))
+        shared = shared_gate = None
+        if spec.shared_expert_size:
+            shared = tuple(linear(f"{m}.shared_expert.{p}") for p in SWITCH)
+            shared_gate = linear(f"{m}.shared_expert_gate")
+        return MoeMLP(ops, linear(f"{m}.gate"), experts, spec.top_k, spec.normalize, shared, shared_gate)

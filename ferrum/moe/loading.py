@@ -1,0 +1,91 @@
+"""A layer's experts in a checkpoint, stacked into ``[E, out, in]`` at load.
+
+The model names each stacked projection as mlx-lm does,
+``M.switch_mlp.{gate,up,down}_proj.weight`` (``M`` the sparse MLP module, e.g.
+``model.layers.3.mlp``). A checkpoint holds it in one of two layouts:
+
+* **stacked** (mlx-lm's converted and quantized checkpoints, after its
+  ``sanitize``): that very tensor, 3-D, with ``.scales``/``.biases`` when packed;
+* **per expert** (Hugging Face releases, and what transformers 5's
+  ``save_pretrained`` writes): ``M.experts.{e}.{name}.weight`` for every expert,
+  with the family's names (Mixtral ``w1``/``w3``/``w2``, Qwen
+  ``gate_proj``/``up_proj``/``down_proj``), each possibly packed. They are
+  read together and stacked, one projection of one layer at a time.
+
+(transformers 5 fuses experts into ``M.experts.gate_up_proj`` only in memory;
+its ``save_pretrained`` converts back to the per-expert layout.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrum.errors import CheckpointError
+from ferrum.moe.experts import HostExperts, StackedQuantized
+from ferrum.moe.spec import MoeSpec
+from ferrum.quant.config import QuantConfig
+
+SWITCH = ("gate_proj", "up_proj", "down_proj")
+_PACKED = ("weight", "scales", "biases")
+
+
+def is_expert_stack(name: str) -> bool:
+    return ".switch_mlp." in name
+
+
+def expert_parts(present: set[str], spec: MoeSpec, name: str) -> tuple[str, ...]:
+    """The checkpoint tensors that make up stacked projection ``name``, in the layout ``present`` holds."""
+    path = name.removesuffix(".weight")
+    if name in present:
+        return (name, f"{path}.scales", f"{path}.biases") if f"{path}.scales" in present else (name,)
+    per_expert = [n.removesuffix(".weight") for n in per_expert_names(spec, name)]
+    kinds = _PACKED if f"{per_expert[0]}.scales" in present else _PACKED[:1]
+    return tuple(f"{p}.{k}" for p in per_expert for k in kinds)
+
+
+def per_expert_names(spec: MoeSpec, name: str) -> list[str]:
+    """``M.switch_mlp.gate_proj.weight`` -> ``[M.experts.0.<gate name>.weight, ...]``, the Hugging Face layout."""
+    module, proj = name.removesuffix(".weight").split(".switch_mlp.")
+    return [f"{module}.experts.{e}.{spec.expert_names[SWITCH.index(proj)]}.weight" for e in range(spec.num_experts)]
+
+
+def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, int, int],
+                     quant: QuantConfig | None, where: str) -> HostExperts:
+    """One stacked projection from its parts (see :func:`expert_parts`), checked against ``shape``."""
+    def stacked(kind: str) -> np.ndarray:
+        names = sorted((n for n in parts if n.endswith(f".{kind}")), key=_expert_index)  # shards read out of order
+        return parts[names[0]] if parts[names[0]].ndim == 3 else np.stack([parts[n] for n in names])
+
+    weight = stacked("weight")
+    first = next(iter(parts)).removesuffix(".weight")
+    if not any(n.endswith(".scales") for n in parts):
+        if tuple(weight.shape) != shape or (weight.dtype.kind != "f" and weight.dtype.name != "bfloat16"):
+            raise CheckpointError(
+                f"{where}: experts {first} stack to {weight.dtype} {tuple(weight.shape)} but config.json implies "
+                f"float {shape} (a packed weight needs .scales and .biases beside it)"
+            )
+        return weight
+    scales, biases = stacked("scales"), stacked("biases")
+    e, n, k = shape
+    if weight.dtype != np.uint32 or weight.shape[:2] != (e, n) or scales.shape[:2] != (e, n) or not scales.shape[-1]:
+        raise CheckpointError(
+            f"{where}: quantized experts {first} must be uint32 [{e}, {n}, K*bits/32] with scales "
+            f"[{e}, {n}, groups]; got {weight.dtype} {tuple(weight.shape)} and scales {tuple(scales.shape)}"
+        )
+    if k % scales.shape[-1] or (weight.shape[-1] * 32) % k:
+        raise CheckpointError(f"{where}: {first} {tuple(weight.shape)} does not describe [{n}, {k}] experts")
+    fmt = (weight.shape[-1] * 32 // k, k // scales.shape[-1])
+    declared = None if quant is None else quant.for_module(first)
+    if fmt != declared:
+        raise CheckpointError(
+            f"{where}: {first} is stored at {fmt[0]} bits, group size {fmt[1]}, but config.json's quantization "
+            f"says {declared}; the checkpoint and its config disagree"
+        )
+    try:
+        return StackedQuantized(weight, scales, biases, *fmt)
+    except Exception as exc:
+        raise CheckpointError(f"{where}: {first}: {exc}") from exc
+
+
+def _expert_index(name: str) -> int:
+    return int(name.split(".experts.")[1].split(".", 1)[0]) if ".experts." in name else 0

@@ -1,0 +1,46 @@
+"""The core's reference compositions of the MoE ops, out of the required ones (bound in :mod:`ferrum.reference_ops`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ferrum.moe.experts import HostExperts, ReferenceStack
+from ferrum.moe.routing import route
+
+
+def moe_route(ops: Any, logits: Any, shared_logit: Any, top_k: int, normalize: bool) -> tuple[Any, Any]:
+    ids, weights = route(ops.to_numpy(logits), top_k, normalize)
+    if shared_logit is not None:
+        gate = ops.to_numpy(shared_logit).astype(np.float32).reshape(-1, 1)
+        weights = np.concatenate([weights, 1.0 / (1.0 + np.exp(-gate))], axis=1)
+    return ops.from_numpy(ids, None), ops.from_numpy(weights.astype(np.float32), None)
+
+
+def upload_experts(ops: Any, name: str, weight: HostExperts, dtype: str) -> ReferenceStack:
+    return ReferenceStack(ops, name, weight, dtype)
+
+
+def moe_experts(ops: Any, x: Any, expert_ids: Any, expert_weights: Any, gate: ReferenceStack,
+                up: ReferenceStack, down: ReferenceStack, shared: Any) -> Any:
+    """Per used expert: gather its tokens, run its SwiGLU on the backend; weigh and sum on the host."""
+    ids = np.asarray(ops.to_numpy(expert_ids), dtype=np.int64)
+    weights = np.asarray(ops.to_numpy(expert_weights), dtype=np.float32)
+    tokens, top_k = ids.shape
+    flat = ids.reshape(-1)
+    slot_weights = weights[:, :top_k].reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(len(gate.experts) + 1))
+    out = None
+    for e in np.flatnonzero(np.diff(bounds)):
+        slots = order[bounds[e] : bounds[e + 1]]
+        rows = slots // top_k
+        xe = ops.take_rows(x, ops.from_numpy(rows.astype(np.int32), None))
+        ye = ops.to_numpy(down(e, ops.silu_mul(gate(e, xe), up(e, xe))))
+        if out is None:
+            out = np.zeros((tokens, ye.shape[1]), dtype=np.float32)
+        np.add.at(out, rows, ye * slot_weights[slots, None])
+    if shared is not None:
+        out += weights[:, top_k:] * ops.to_numpy(shared)
+    return ops.from_numpy(out, gate.dtype)

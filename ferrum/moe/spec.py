@@ -1,0 +1,83 @@
+"""The sparse MLP of a MoE family, read from ``config.json`` through the family's key table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from ferrum.arch.keys import Key, KeyReader, boolean, optional_positive_int, positive_int
+from ferrum.arch.spec import Architecture
+
+#: model_type -> (checkpoint module of the sparse MLP, expert matrix names as (gate, up, down)).
+LAYOUT = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def _layer_list(value: object) -> str | None:
+    if value is None or (isinstance(value, list) and all(isinstance(i, int) and i >= 0 for i in value)):
+        return None
+    return f"must list layer indices, got {value!r}"
+
+
+#: transformers spells the expert count ``num_local_experts`` (Mixtral, and Qwen3-MoE in v5) or
+#: ``num_experts`` (Qwen2-MoE, Qwen3-MoE in v4); either is read.
+_COUNT = (Key("num_local_experts", check=optional_positive_int), Key("num_experts", check=optional_positive_int))
+_QWEN = (
+    Key("moe_intermediate_size", check=positive_int),
+    Key("norm_topk_prob", default=False, check=boolean),
+    Key("decoder_sparse_step", default=1, check=positive_int),
+    Key("mlp_only_layers", default=[], check=_layer_list),
+)
+#: Per family: the MoE keys (transformers' defaults) that change the math.
+KEYS: dict[str, tuple[Key, ...]] = {
+    "mixtral": (*_COUNT, Key("num_experts_per_tok", default=2, check=positive_int)),
+    "qwen2_moe": (*_COUNT, Key("num_experts_per_tok", default=4, check=positive_int), *_QWEN,
+                  Key("shared_expert_intermediate_size", check=positive_int),
+                  Key("qkv_bias", default=True, check=boolean)),
+    "qwen3_moe": (*_COUNT, Key("num_experts_per_tok", default=8, check=positive_int), *_QWEN),
+}
+_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128}
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """Sizes and routing rule of a model's sparse MLPs (which layers have one is ``LayerSpec.mlp``)."""
+
+    module: str  # checkpoint module of the sparse MLP in a layer: "block_sparse_moe" or "mlp"
+    expert_names: tuple[str, str, str]  # checkpoint names of (gate, up, down) inside each expert
+    num_experts: int
+    top_k: int
+    expert_size: int  # intermediate size of each routed expert
+    normalize: bool  # divide the top-k probabilities by their sum (Mixtral always; Qwen: norm_topk_prob)
+    shared_expert_size: int | None  # Qwen2-MoE's sigmoid-gated shared expert, else None
+
+
+def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]) -> Callable:
+    """A family builder: the dense decoder of ``build``, with ``mlp="moe"`` on its sparse layers."""
+
+    def build_moe(r: KeyReader, sizes: object) -> Architecture:
+        arch = build(r, sizes)
+        count = r("num_local_experts") or r("num_experts") or _DEFAULT_COUNT[model_type]
+        top_k = r("num_experts_per_tok")
+        if top_k > count:
+            r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts")
+        module, names = LAYOUT[model_type]
+        layers = sizes.num_layers
+        if model_type == "mixtral":
+            spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, True, None)
+            sparse = [True] * layers
+        else:
+            dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")
+            sparse = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+            shared = r("shared_expert_intermediate_size") if model_type == "qwen2_moe" else None
+            spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"), shared)
+        arch = replace(arch, moe=spec, layers=tuple(
+            replace(layer, mlp="moe") if moe else layer for layer, moe in zip(arch.layers, sparse)))
+        if model_type == "qwen2_moe":  # q/k/v bias from qkv_bias; o_proj never has one
+            arch = replace(arch, qkv_bias=r("qkv_bias"), o_bias=False)
+        return arch
+
+    return build_moe

@@ -1,0 +1,129 @@
+"""A float64 forward pass of any family in the family table, written the way transformers writes it.
+
+It reads the checkpoint tensors as stored (fused q/k/v and gate/up split here,
+Gemma's ``1 + w`` norms, partial rotary on the first ``rotary_dim`` dims with
+transformers' pairing, longrope's attention factor on cos and sin), so it
+checks Ferrum's load-time rewrites as well as a backend's ops. Only the
+interpretation of config.json (:class:`ferrum.arch.Architecture`) is shared
+with Ferrum; that is tested against transformers itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from ferrum.config import ModelConfig
+from ferrum.quant.affine import QuantizedWeight, dequantize
+from ferrum.testing.oracle import f64, linear, rms_norm
+
+
+def _rope(x: np.ndarray, positions: np.ndarray, rope, long_from: int | None) -> np.ndarray:
+    """transformers' rotate-half on the first ``rotary_dim`` dims, cos/sin times the attention factor."""
+    r = rope.rotary_dim
+    out = x.copy()
+    for t, pos in enumerate(positions):
+        inv = f64(rope.inv_freq(long=long_from is not None and pos >= long_from))[: r // 2]
+        angle = np.concatenate([pos * inv, pos * inv])
+        cos, sin = np.cos(angle) * rope.attention_factor, np.sin(angle) * rope.attention_factor
+        rot = x[t, :, :r]
+        half = np.concatenate([-rot[:, r // 2:], rot[:, : r // 2]], axis=-1)
+        out[t, :, :r] = rot * cos + half * sin
+    return out
+
+
+def _attention(q, k, v, scale, window, softcap) -> np.ndarray:
+    n, heads, _ = q.shape
+    group = heads // k.shape[1]
+    out = np.zeros_like(q)
+    for h in range(heads):
+        scores = q[:, h] @ k[:, h // group].T * scale
+        if softcap is not None:
+            scores = softcap * np.tanh(scores / softcap)
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        allowed = (j <= i) & ((j > i - window) if window is not None else True)
+        scores = np.where(allowed, scores, -np.inf)
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        out[:, h] = (weights / weights.sum(axis=-1, keepdims=True)) @ v[:, h // group]
+    return out
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+class ArchOracle:
+    """``logits(tokens)``: ``[len(tokens), vocab]`` for a float checkpoint folder of any supported family."""
+
+    def __init__(self, folder: Path):
+        self.config = ModelConfig.from_file(folder)
+        tensors = load_file(str(Path(folder) / "model.safetensors"))
+        quant = self.config.quantization
+        for scales in [name for name in tensors if name.endswith(".scales")]:  # packed: the values they stand for
+            module = scales.removesuffix(".scales")
+            packed = QuantizedWeight(tensors[f"{module}.weight"], tensors.pop(scales), tensors.pop(f"{module}.biases"),
+                                     *quant.for_module(module))
+            tensors[f"{module}.weight"] = dequantize(packed)
+        self.w = {name: f64(array) for name, array in tensors.items()}
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        cfg = self.config
+        return rms_norm(x, self.w[name] + cfg.arch.norm_offset, cfg.rms_norm_eps)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        cfg, w, arch = self.config, self.w, self.config.arch
+        n, d = len(tokens), cfg.head_dim
+        q_size, kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        positions = np.arange(n)
+        h = w["model.embed_tokens.weight"][tokens]
+        if arch.embed_scale is not None:
+            h = h * arch.embed_scale
+        for i, spec in enumerate(arch.layers):
+            p = f"model.layers.{i}."
+            norm = {slot: p + name + ".weight" for slot, name in arch.norms.items()}
+            x = self._norm(h, norm["pre_attn"])
+            if arch.fused_qkv:
+                qkv = linear(x, w[p + "self_attn.qkv_proj.weight"])
+                q, k, v = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
+            else:
+                q, k, v = (linear(x, w[f"{p}self_attn.{m}_proj.weight"], w.get(f"{p}self_attn.{m}_proj.bias"))
+                           for m in "qkv")
+            q, k, v = (a.reshape(n, -1, d) for a in (q, k, v))
+            if arch.qk_norm:
+                q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
+            long_from = spec.rope.original_max if spec.rope.switches else None
+            q, k = _rope(q, positions, spec.rope, long_from), _rope(k, positions, spec.rope, long_from)
+            attn = _attention(q, k, v, arch.attn_scale, spec.window, arch.attn_softcap).reshape(n, -1)
+            o = linear(attn, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
+            if "post_attn" in norm:
+                o = self._norm(o, norm["post_attn"])
+            h = h + o
+            x = self._norm(h, norm["pre_mlp"])
+            if arch.fused_gate_up:
+                gate, up = np.split(linear(x, w[p + "mlp.gate_up_proj.weight"]), 2, axis=-1)
+            else:
+                gate, up = linear(x, w[p + "mlp.gate_proj.weight"]), linear(x, w[p + "mlp.up_proj.weight"])
+            act = _gelu_tanh(gate) if arch.activation == "gelu_tanh" else gate / (1.0 + np.exp(-gate))
+            y = linear(act * up, w[p + "mlp.down_proj.weight"])
+            if "post_mlp" in norm:
+                y = self._norm(y, norm["post_mlp"])
+            h = h + y
+        head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+        logits = linear(self._norm(h, "model.norm.weight"), head)
+        if arch.final_softcap is not None:
+            logits = arch.final_softcap * np.tanh(logits / arch.final_softcap)
+        return logits
+
+
+def attention(q, k, v, scale: float, window: int | None, softcap: float | None) -> np.ndarray:
+    """One sequence's attention, queries at the last ``q_len`` positions, scores soft-capped before masking."""
+    q, k, v = f64(q), f64(k), f64(v)
+    q_len, kv_len = q.shape[0], k.shape[0]
+    padded = np.zeros((kv_len - q_len, *q.shape[1:]))
+    return _attention(np.concatenate([padded, q]), k, v, scale, window, softcap)[kv_len - q_len:]
+
+
+def gelu_tanh_mul(gate, up) -> np.ndarray:
+    return _gelu_tanh(f64(gate)) * f64(up)
