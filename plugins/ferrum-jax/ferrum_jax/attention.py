@@ -1,0 +1,125 @@
+"""Causal GQA attention: dense for one sequence, and native paged attention over the KV pool.
+
+Both run one kernel, :func:`_attend`, on items padded to a common shape: ``q [items, q_len, heads, d]``
+against ``k, v [items, kv_len, kv_heads, d]``, each query masked by its own position and its item's
+KV length. For a paged batch every padded size is a power-of-two bucket (tokens, items, queries per
+item, blocks per item), so a decode step compiles once per bucket as its sequences grow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ferrum import hookimpl
+
+from ferrum_jax.arrays import DEVICE
+from ferrum_jax.buckets import bucket
+
+F32 = jnp.float32
+#: A masked score: finite, so a padding query that sees no key gets a harmless uniform softmax, not NaN.
+_MASKED = -1e30
+
+
+def _attend(q, k, v, q_pos, kv_len, scale, window, softcap):
+    """``q [n, Q, H, D]``, ``k, v [n, L, KVH, D]``, ``q_pos [n, Q]`` (position of each query, -1 for
+    padding), ``kv_len [n]``; query at position p sees keys ``j <= p``, ``j < kv_len`` (and ``j > p - window``)."""
+    n, q_len, heads, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(n, q_len, kv_heads, heads // kv_heads, d).astype(F32)
+    scores = jnp.einsum("nqkgd,nlkd->nkgql", qg, k.astype(F32)) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    key = jnp.arange(k.shape[1])[None, None, :]
+    pos = q_pos[:, :, None]
+    allowed = (key <= pos) & (key < kv_len[:, None, None])
+    if window is not None:
+        allowed &= key > pos - window
+    scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("nkgql,nlkd->nqkgd", probs, v.astype(F32))
+    return out.reshape(n, q_len, heads, d).astype(q.dtype)
+
+
+@partial(jax.jit, static_argnames=("window", "softcap"))
+def _dense(q, k, v, scale, window, softcap):
+    q_len, kv_len = q.shape[0], k.shape[0]
+    q_pos = jnp.arange(kv_len - q_len, kv_len)[None]
+    return _attend(q[None], k[None], v[None], q_pos, jnp.array([kv_len]), scale, window, softcap)[0]
+
+
+@hookimpl
+def attention(q, k, v, scale, sliding_window, softcap=None):
+    return _dense(q, k, v, scale, window=sliding_window, softcap=softcap)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A forward pass's index arrays on the device, padded to buckets, shared by every layer.
+
+    ``q_rows [items_b, q_b]``: row of the (padded) token array holding each item's i-th query;
+    ``q_pos``: its position (-1 for padding); ``kv_slots [items_b, blocks_b * block_size]``: pool
+    rows of each item's keys; ``kv_len [items_b]``; ``out_rows [tokens_b]``: where token t's output
+    sits in the flattened ``[items_b * q_b]`` result.
+    """
+
+    tokens: int
+    tokens_b: int
+    q_rows: jax.Array
+    q_pos: jax.Array
+    kv_slots: jax.Array
+    kv_len: jax.Array
+    out_rows: jax.Array
+
+
+@hookimpl
+def prepare_attention_batch(batch) -> PreparedBatch:
+    q_len = np.diff(batch.cu_seqlens_q).astype(np.int64)
+    kv_len = batch.seq_lens.astype(np.int64)
+    items, tokens, bs = len(kv_len), batch.num_tokens, batch.block_size
+    items_b, q_b, tokens_b = bucket(items), bucket(int(q_len.max())), bucket(tokens, 8)
+    blocks_b = bucket(batch.block_tables.shape[1])
+    starts = batch.cu_seqlens_q[:-1].astype(np.int64)
+
+    i = np.arange(q_b)[None, :]
+    real = i < q_len[:, None]
+    q_rows = np.full((items_b, q_b), tokens_b - 1, dtype=np.int32)  # padding reads a padding row
+    q_rows[:items] = np.where(real, starts[:, None] + i, tokens_b - 1)
+    q_pos = np.full((items_b, q_b), -1, dtype=np.int32)
+    q_pos[:items] = np.where(real, (kv_len - q_len)[:, None] + i, -1)
+
+    tables = np.zeros((items_b, blocks_b), dtype=np.int64)
+    tables[:items, : batch.block_tables.shape[1]] = batch.block_tables
+    j = np.arange(blocks_b * bs)
+    kv_slots = (tables[:, j // bs] * bs + j % bs).astype(np.int32)
+    kv_len_b = np.zeros(items_b, dtype=np.int32)
+    kv_len_b[:items] = kv_len
+
+    item_of_token = np.repeat(np.arange(items), q_len)
+    out_rows = np.zeros(tokens_b, dtype=np.int32)
+    out_rows[:tokens] = item_of_token * q_b + np.arange(tokens) - starts[item_of_token]
+    put = partial(jax.device_put, device=DEVICE)
+    return PreparedBatch(tokens, tokens_b, put(q_rows), put(q_pos), put(kv_slots), put(kv_len_b), put(out_rows))
+
+
+@partial(jax.jit, static_argnames=("window", "softcap"))
+def _paged(q, k_pool, v_pool, q_rows, q_pos, kv_slots, kv_len, out_rows, scale, window, softcap):
+    items_b, q_b = q_rows.shape
+    k, v = k_pool[kv_slots], v_pool[kv_slots]  # [items_b, L_b, KVH, D]
+    out = _attend(q[q_rows], k, v, q_pos, kv_len, scale, window, softcap)  # [items_b, q_b, H, D]
+    return out.reshape(items_b * q_b, *out.shape[2:])[out_rows]
+
+
+@hookimpl
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
+    prep: PreparedBatch = batch.prepared
+    if prep.tokens_b != prep.tokens:
+        q = jnp.pad(q, ((0, prep.tokens_b - prep.tokens), (0, 0), (0, 0)))
+    out = _paged(q, pool.k[layer], pool.v[layer], prep.q_rows, prep.q_pos, prep.kv_slots, prep.kv_len,
+                 prep.out_rows, scale, window=sliding_window, softcap=softcap)
+    return out[: prep.tokens] if prep.tokens_b != prep.tokens else out
+

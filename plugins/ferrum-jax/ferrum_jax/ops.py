@@ -1,0 +1,16 @@
+"""The ops plugin object ``backend_load`` returns: every hook implementation of this package.
+
+Left to the core's reference compositions: ``embedding`` (a row gather either way) and the
+mixture-of-experts ops (``moe_route``, ``upload_experts``, ``moe_experts``).
+"""
+
+from ferrum_jax.arrays import (  # noqa: F401  (pluggy finds the hook implementations by name)
+    add, backend_info, cast, concat, from_numpy, reshape, take_rows, to_numpy, upload_weight,
+)
+from ferrum_jax.attention import attention, paged_attention, prepare_attention_batch  # noqa: F401
+from ferrum_jax.dense import (  # noqa: F401
+    add_rms_norm, gelu_tanh_mul, linear, mul_scalar, rms_norm, rope, silu_mul, softcap,
+)
+from ferrum_jax.kv import kv_alloc, kv_gather, kv_write  # noqa: F401
+from ferrum_jax.quant import quantized_embedding, quantized_linear, quantized_upload  # noqa: F401
+from ferrum_jax.sampling import sample  # noqa: F401
