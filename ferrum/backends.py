@@ -9,10 +9,12 @@ A plugin that fails to import is listed with the error and skipped.
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 
@@ -32,6 +34,9 @@ class BackendProbe:
     priority: int = 50  # automatic choice takes the lowest available
     #: The automatic choice's order for quantized checkpoints, where it differs from ``priority``.
     quantized_priority: int | None = None
+    #: The plugin API version the plugin was written for (``hookspec.API_VERSION`` of its time);
+    #: declaring it here lets discovery refuse an incompatible plugin before loading it.
+    api_version: int | str | None = None
 
     @property
     def quantized_order(self) -> int:
@@ -48,7 +53,7 @@ class BackendInfo:
     default_dtype: str
     memory_bytes: int | None = None
     max_batch: int | None = None
-    api_version: int = hookspec.API_VERSION
+    api_version: int | str = hookspec.API_VERSION
     note: str = ""  # how it runs, e.g. a fallback from the device that was asked for
     #: (bits, group_size) pairs of the affine packed form its quantized ops run natively.
     quant_formats: tuple[tuple[int, int], ...] = ()
@@ -70,10 +75,73 @@ class BackendEntry:
         return self.probe.available
 
 
+def parse_api_version(version: int | str) -> tuple[int, int]:
+    """``"1.3"`` -> ``(1, 3)``; a bare integer (plugins from before minor versions) is ``(N, 0)``."""
+    try:
+        if isinstance(version, int) and not isinstance(version, bool):
+            return version, 0
+        major, minor = str(version).split(".")
+        return int(major), int(minor)
+    except (TypeError, ValueError):
+        raise PluginContractError(
+            f"api_version {version!r} is not \"MAJOR.MINOR\"; set it to ferrum.API_VERSION "
+            f"({hookspec.API_VERSION!r}) of the Ferrum the plugin was written for"
+        ) from None
+
+
+def api_incompatibility(version: int | str) -> str | None:
+    """Why a plugin written for plugin API ``version`` cannot run on this Ferrum, or ``None`` if it can.
+
+    Only the major version must match: minor versions add optional ops and record fields, which an
+    older plugin leaves to the core's fallbacks and a newer one implements without their being called.
+    """
+    major, minor = parse_api_version(version)
+    ours = parse_api_version(hookspec.API_VERSION)[0]
+    if major == ours:
+        return None
+    return (
+        f"it was written for Ferrum plugin API {major}.{minor}, but this Ferrum speaks "
+        f"{hookspec.API_VERSION}; a different major version changes hooks incompatibly. Install a "
+        f"release of the plugin built for API {ours}.x, or a Ferrum speaking {major}.x (docs/plugins.md "
+        f"lists what changed)"
+    )
+
+
 def _new_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspec.PROJECT_NAME)
     pm.add_hookspecs(hookspec)
     return pm
+
+
+#: Seconds a plugin's import plus probe may take before it is reported as hanging and skipped.
+PROBE_TIMEOUT_S = float(os.environ.get("FERRUM_PROBE_TIMEOUT", "60"))
+
+
+class _PluginFault(Exception):
+    """A plugin's import or probe raised (even SystemExit), or did not return in time."""
+
+
+def _guarded(what: str, call: Callable[[], Any]) -> Any:
+    """Run a plugin's code in a daemon thread with a time limit; whatever it raises becomes a _PluginFault.
+
+    A hung import cannot be killed, but Ferrum stops waiting for it and goes on with the other backends.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # SystemExit / KeyboardInterrupt from plugin code included
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"ferrum-probe {what}", daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    if thread.is_alive():
+        raise _PluginFault(f"{what} did not return within {PROBE_TIMEOUT_S:g}s (FERRUM_PROBE_TIMEOUT); skipped")
+    if "error" in outcome:
+        raise _PluginFault(f"{what} failed: {outcome['error']!r}")
+    return outcome["value"]
 
 
 def _probe_plugin(name: str, source: str, plugin: Any) -> BackendEntry:
@@ -83,11 +151,18 @@ def _probe_plugin(name: str, source: str, plugin: Any) -> BackendEntry:
     except pluggy.PluginValidationError as exc:
         return BackendEntry(name, source, BackendProbe(False, reason=f"invalid plugin: {exc}"))
     try:
-        probe = pm.hook.backend_probe()
-    except Exception as exc:  # a broken probe must not take the runtime down
-        return BackendEntry(name, source, BackendProbe(False, reason=f"probe failed: {exc!r}"))
+        probe = _guarded("probe", pm.hook.backend_probe)
+    except _PluginFault as exc:  # a broken probe must not take the runtime down
+        return BackendEntry(name, source, BackendProbe(False, reason=str(exc)))
     if not isinstance(probe, BackendProbe):
         probe = BackendProbe(False, reason="plugin implements no backend_probe returning BackendProbe")
+    elif probe.api_version is not None:
+        try:
+            refusal = api_incompatibility(probe.api_version)
+        except PluginContractError as exc:
+            refusal = str(exc)
+        if refusal:
+            return BackendEntry(name, source, BackendProbe(False, probe.device, refusal, probe.priority))
     return BackendEntry(name, source, probe, pm)
 
 
@@ -115,20 +190,46 @@ def discover() -> list[BackendEntry]:
     with _lock:
         extra = dict(_extra_plugins)
     entries: dict[str, BackendEntry] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in extra or ep.name in entries:
+    for ep in _unique_entry_points():
+        if ep.name in extra:
             continue
         try:
-            plugin = ep.load()
-        except Exception as exc:
-            entries[ep.name] = BackendEntry(
-                ep.name, ep.value, BackendProbe(False, reason=f"import failed: {exc!r}")
-            )
+            plugin = _guarded("import", ep.load)
+        except _PluginFault as exc:
+            entries[ep.name] = BackendEntry(ep.name, ep.value, BackendProbe(False, reason=str(exc)))
             continue
         entries[ep.name] = _probe_plugin(ep.name, ep.value, plugin)
     for name, plugin in extra.items():
         entries[name] = _probe_plugin(name, f"registered {type(plugin).__name__}", plugin)
     return sorted(entries.values(), key=lambda e: (not e.available, e.probe.priority, e.name))
+
+
+_warned_clashes: set[tuple[str, str]] = set()
+
+
+def _unique_entry_points() -> list[Any]:
+    """One entry point per backend name; Ferrum's built-ins win a clash, with a warning naming the loser."""
+    by_name: dict[str, list[Any]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        by_name.setdefault(ep.name, []).append(ep)
+    chosen = []
+    for name, eps in by_name.items():
+        eps.sort(key=lambda ep: _distribution(ep) != hookspec.PROJECT_NAME)
+        for loser in eps[1:]:
+            if loser.value != eps[0].value and (name, loser.value) not in _warned_clashes:
+                _warned_clashes.add((name, loser.value))
+                warnings.warn(
+                    f"backend name {name!r} is registered by {_distribution(loser) or loser.value} and by "
+                    f"{_distribution(eps[0]) or eps[0].value}; using {eps[0].value}. Rename one of them",
+                    stacklevel=3,
+                )
+        chosen.append(eps[0])
+    return chosen
+
+
+def _distribution(ep: Any) -> str | None:
+    dist = getattr(ep, "dist", None)
+    return None if dist is None else dist.metadata["Name"]
 
 
 def available() -> list[BackendEntry]:
@@ -173,8 +274,9 @@ def load_backend(name: str | None = None) -> "Backend":
     """Load a backend by name (or the default) and resolve its ops table."""
     from ferrum.ops import OpsTable
 
+    if name is None:
+        return _first_loadable()
     entries = {e.name: e for e in discover()}
-    name = name or default_backend_name()
     entry = entries.get(name)
     if entry is None:
         known = ", ".join(sorted(entries)) or "none"
@@ -183,7 +285,10 @@ def load_backend(name: str | None = None) -> "Backend":
         raise BackendUnavailableError(f"backend {name!r} cannot run here: {entry.probe.reason}")
     pm = entry.plugin_manager
     assert pm is not None
-    ops_plugin = pm.hook.backend_load()
+    try:
+        ops_plugin = pm.hook.backend_load()
+    except Exception as exc:
+        raise BackendUnavailableError(f"backend {name!r} failed to load: {type(exc).__name__}: {exc}") from exc
     if ops_plugin is None:
         raise PluginContractError(f"backend {name!r}: backend_load() returned nothing")
     if not pm.is_registered(ops_plugin):
@@ -192,7 +297,29 @@ def load_backend(name: str | None = None) -> "Backend":
         except pluggy.PluginValidationError as exc:
             raise PluginContractError(f"backend {name!r}: {exc}") from exc
     ops = OpsTable.from_plugin_manager(pm, backend_name=name)
+    try:
+        refusal = api_incompatibility(ops.info.api_version)
+    except PluginContractError as exc:
+        raise PluginContractError(f"backend {name!r}: backend_info(): {exc}") from None
+    if refusal:
+        raise PluginContractError(f"backend {name!r} is refused: {refusal}")
     return Backend(name=name, probe=entry.probe, ops=ops, info=ops.info)
+
+
+def _first_loadable() -> "Backend":
+    """The automatic choice: the best available backend that actually loads, the reasons of those that did not."""
+    reasons = []
+    for entry in discover():
+        if not entry.available:
+            continue
+        try:
+            return load_backend(entry.name)
+        except BackendError as exc:
+            reasons.append(str(exc))
+    raise BackendUnavailableError(
+        "no backend can run here" + (f" ({'; '.join(reasons)})" if reasons else "")
+        + "; install one, e.g. `pip install ferrum[mlx]`, and check `ferrum backends` for reasons"
+    )
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
@@ -17,6 +18,10 @@ INDEX_FILE = "model.safetensors.index.json"
 
 #: safetensors dtype codes and their element sizes.
 SAFETENSORS_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1}
+#: What a model's tensors may be stored as: floats, and uint32 words of packed quantized weights.
+#: Integer, bool and float8 tensors (FP8 checkpoints) are refused by name rather than misread.
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+READABLE_DTYPES = FLOAT_DTYPES | {"U32"}
 
 
 def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
@@ -59,14 +64,7 @@ class Checkpoint:
     def _locate_tensors(self) -> dict[str, Path]:
         index = self.folder / INDEX_FILE
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index} is malformed: {exc!r}") from exc
-            missing = sorted({f for f in weight_map.values() if not (self.folder / f).exists()})
-            if missing:
-                raise CheckpointError(f"{index} lists shard(s) that are not in the folder: {', '.join(missing)}")
-            return {name: self.folder / f for name, f in weight_map.items()}
+            return {name: self._shard(index, f) for name, f in self._weight_map(index).items()}
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(
@@ -74,10 +72,41 @@ class Checkpoint:
             )
         where: dict[str, Path] = {}
         for f in files:
-            with safe_open(str(f), framework="numpy") as handle:
+            self._require_regular(f)
+            with _open(f) as handle:
                 for name in handle.keys():
                     where[name] = f
         return where
+
+    @staticmethod
+    def _weight_map(index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise CheckpointError(
+                f"{index} is malformed ({type(exc).__name__}: {exc}); it must be JSON with a 'weight_map' object"
+            ) from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        return weight_map
+
+    def _shard(self, index: Path, name: str) -> Path:
+        """A shard the index names: a regular file inside the checkpoint folder, nothing else."""
+        root = self.folder.resolve()
+        path = (self.folder / name).resolve()
+        if Path(name).is_absolute() or root not in path.parents:
+            raise CheckpointError(f"{index} names {name!r}, which is outside the checkpoint folder; refusing to read it")
+        if not path.exists():
+            raise CheckpointError(f"{index} lists shard {name!r}, which is not in the folder")
+        self._require_regular(path)
+        return path
+
+    @staticmethod
+    def _require_regular(path: Path) -> None:
+        if not path.is_file():  # a FIFO or device would block or stream forever
+            raise CheckpointError(f"{path} is not a regular file; a checkpoint shard must be one")
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -100,9 +129,25 @@ class Checkpoint:
         return next(self.read_many([name]))[1]
 
     def read_many(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield tensors grouped by file, opening each shard once."""
+        """Yield tensors grouped by file, opening each shard once; dtype and finiteness checked."""
         for name, handle in self._open_each(names):
-            yield name, handle.get_tensor(name)
+            path = self._where[name]
+            dtype = handle.get_slice(name).get_dtype()
+            if dtype not in READABLE_DTYPES:
+                raise CheckpointError(
+                    f"{path.name}: tensor {name} is stored as {dtype}; Ferrum reads float weights (F32, F16, BF16) "
+                    "and uint32-packed quantized ones. Convert the checkpoint (FP8 and integer checkpoints are "
+                    "not supported)"
+                )
+            try:
+                array = handle.get_tensor(name)
+            except Exception as exc:  # safetensors raises its own error types for truncated data
+                raise CheckpointError(f"{path}: cannot read tensor {name} ({exc}); the file is truncated or corrupt") from None
+            if dtype in FLOAT_DTYPES and not np.isfinite(array).all():
+                raise CheckpointError(
+                    f"{path.name}: tensor {name} holds NaN or infinite values; the checkpoint is corrupt"
+                )
+            yield name, array
 
     def _open_each(self, names: list[str]) -> Iterator[tuple[str, Any]]:
         """``(name, open handle of its shard)``, shard by shard; a shard that lacks a tensor its
@@ -112,9 +157,23 @@ class Checkpoint:
         for name in names:
             by_file.setdefault(self._where[name], []).append(name)
         for path, file_names in by_file.items():
-            with safe_open(str(path), framework="numpy") as handle:
+            with _open(path) as handle:
                 present = set(handle.keys())
                 for name in file_names:
                     if name not in present:
                         raise MissingTensorError([name], f"{self.folder} (its index lists it in {path.name})")
                     yield name, handle
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    """``safe_open`` whose failures (empty, truncated or garbage files) name the file."""
+    try:
+        handle = safe_open(str(path), framework="numpy")
+    except Exception as exc:  # SafetensorError, OSError, ...
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
+            "it may be truncated (an interrupted download) or not a safetensors file at all"
+        ) from None
+    with handle:
+        yield handle

@@ -32,9 +32,12 @@ class Tokenizer:
                 f"no tokenizer.json in {folder}; Ferrum needs the checkpoint's fast tokenizer "
                 "to turn text into tokens (pass token ids to the executor to run without one)"
             )
-        self._tok = HFTokenizer.from_file(str(path))
-        config_path = folder / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.exists() else {}
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises its own exception type
+            raise ConfigError(f"{path} is not a valid tokenizer.json ({exc}); re-download the checkpoint") from None
+        config = _read_json(folder / "tokenizer_config.json")
+        self.config: dict[str, Any] = config if config is not None else {}
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.chat_template = self._pick_template(self.config.get("chat_template"), folder)
@@ -46,17 +49,25 @@ class Tokenizer:
             named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
             value = named.get("default") or next(iter(named.values()), None)
         if value is None and (folder / "chat_template.jinja").exists():
-            value = (folder / "chat_template.jinja").read_text()
+            value = (folder / "chat_template.jinja").read_text(errors="replace")
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                              f"named templates, got {type(value).__name__}")
         return value
 
     def _eos_ids(self, folder: Path) -> frozenset[int]:
         ids: set[int] = set()
         if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
             ids.add(self._tok.token_to_id(self.eos_token))
-        gen = folder / "generation_config.json"
-        if gen.exists():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        gen = _read_json(folder / "generation_config.json")
+        eos = gen.get("eos_token_id") if gen is not None else None
+        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in eos):
+            raise ConfigError(
+                f"{folder / 'generation_config.json'}: eos_token_id must be token ids in [0, {self.vocab_size}), "
+                f"got {eos!r}"
+            )
+        ids.update(eos)
         return frozenset(ids)
 
     @property
@@ -108,16 +119,39 @@ class Tokenizer:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise InvalidRequestError(f"chat messages need 'role' and 'content', got {m!r}")
-        return _compile(self.chat_template).render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        from jinja2.exceptions import TemplateError
+
+        template = _compile(self.chat_template)
+        try:
+            return template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:  # the template's raise_exception: it refuses these messages
+            raise InvalidRequestError(f"the chat template refused these messages: {exc}") from None
+        except Exception as exc:
+            raise InvalidRequestError(
+                f"the chat template failed on these messages ({type(exc).__name__}: {exc})"
+            ) from None
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         # The template writes BOS itself where the model wants one.
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, None when absent; anything else is a ConfigError naming the file."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path} is not valid UTF-8 JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 @lru_cache(maxsize=1)
@@ -149,7 +183,10 @@ def _compile(source: str) -> Any:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-        _templates[source] = env.from_string(source)
+        try:
+            _templates[source] = env.from_string(source)
+        except TemplateError as exc:
+            raise ConfigError(f"the checkpoint's chat template does not compile: {exc}") from None
     return _templates[source]
 
 

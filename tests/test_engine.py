@@ -251,3 +251,17 @@ def test_asyncio_cancellation_aborts_the_request(llm):
             break
         asyncio.run(asyncio.sleep(0.01))
     assert not llm.engine.has_unfinished() and llm.model.kv.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_asyncio_engine_thread_runs_every_backend(checkpoint, backend):
+    """The stepping thread is not the thread that loaded the weights (MLX streams are per thread)."""
+    llm = ferrum.load(checkpoint, backend=backend)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = llm.generate("hello world", params)
+
+    async def main():
+        return "".join([piece async for piece in llm.astream("hello world", params)])
+
+    assert asyncio.run(main()) == expected
+    llm.async_engine.shutdown()

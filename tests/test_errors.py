@@ -61,7 +61,7 @@ def test_config_problems_are_named(checkpoint, tmp_path):
     with pytest.raises(UnsupportedFeatureError, match="gpt2"):
         DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ConfigError, match="not valid UTF-8 JSON"):
         DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
     with pytest.raises(ConfigError, match="no config.json"):
         DecoderOnlyLLM.from_pretrained(tmp_path / "nowhere", backend="cpu")

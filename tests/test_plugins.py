@@ -174,3 +174,61 @@ def test_ops_table_calls_plugin_functions_directly():
     assert table.linear is cpu_ops.linear  # no pluggy, no wrapper on the hot path
     assert "paged_attention" not in table.native
     assert sys.modules["ferrum_cpu.ops"] is cpu_ops
+
+
+def _install_entry_points(tmp_path, monkeypatch, dist_name: str, modules: dict[str, str]) -> None:
+    """Fake an installed distribution whose ``ferrum.backends`` entry points are ``modules`` (name -> source)."""
+    lines = []
+    for name, source in modules.items():
+        (tmp_path / f"{dist_name}_{name}.py").write_text(textwrap.dedent(source))
+        lines.append(f"{name} = {dist_name}_{name}")
+    dist = tmp_path / f"{dist_name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[ferrum.backends]\n" + "\n".join(lines) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_plugins_that_exit_hang_or_shadow_a_builtin_are_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "PROBE_TIMEOUT_S", 1.0)
+    probe_ok = """
+        import ferrum_cpu.ops as cpu
+        from ferrum import hookimpl
+        from ferrum.backends import BackendProbe
+
+        @hookimpl
+        def backend_probe():
+            return BackendProbe(available=True, device="cpu", priority=1)
+
+        @hookimpl
+        def backend_load():
+            return cpu
+    """
+    _install_entry_points(tmp_path, monkeypatch, "rogue", {
+        "exits": "import sys\nsys.exit(3)\n",
+        "hangs": "import time\ntime.sleep(30)\n",
+        "cpu": probe_ok,  # claims a built-in's name
+    })
+    with pytest.warns(UserWarning, match="backend name 'cpu' is registered by rogue"):
+        listed = {e.name: e for e in backends.available()}
+    assert not listed["exits"].available and "SystemExit" in listed["exits"].probe.reason
+    assert not listed["hangs"].available and "did not return within 1s" in listed["hangs"].probe.reason
+    assert listed["cpu"].source == "ferrum_cpu"  # the built-in is used
+    assert backends.load_backend("cpu").name == "cpu"
+
+
+def test_automatic_choice_falls_back_when_the_first_backend_cannot_load(registered):
+    class LoadsBadly:
+        @hookimpl
+        def backend_probe(self):
+            return backends.BackendProbe(available=True, device="cpu", priority=-100)  # ranked first
+
+        @hookimpl
+        def backend_load(self):
+            raise OSError("libdriver.so: cannot open shared object file")
+
+    registered("fragile", LoadsBadly())
+    assert backends.available()[0].name == "fragile"
+    with pytest.raises(BackendUnavailableError, match="libdriver.so"):
+        backends.load_backend("fragile")
+    assert backends.load_backend().name != "fragile"

@@ -45,6 +45,12 @@ class BenchOptions:
     quantize: int | None = None  # bits: bench a quantized copy of the model (mlx-community layout)
     group_size: int = 64
 
+    def __post_init__(self) -> None:
+        for name in ("repeat", "prompt_len", "gen_len", "concurrency"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidRequestError(f"bench {name.replace('_', '-')} must be a positive integer, got {value!r}")
+
 
 def _versions() -> dict[str, str]:
     """Versions of Ferrum and of the frameworks and peers that may have run."""

@@ -1,0 +1,296 @@
+"""Table-driven bad inputs: one row per malformed checkpoint, tokenizer, load argument, sampling option or
+CLI call; each must raise a ``ferrum.errors`` exception of the stated type whose message holds the stated
+words (naming the file or field), quickly, with nothing left half-done."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import ferrum
+from ferrum.errors import CheckpointError, ConfigError, FerrumError, InvalidRequestError
+from ferrum.sampling import SamplingParams
+from support import write_text_checkpoint
+
+WEIGHTS = "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return write_text_checkpoint(tmp_path_factory.mktemp("bad") / "tiny")
+
+
+@pytest.fixture
+def ckpt(pristine, tmp_path) -> Path:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(pristine, folder)
+    return folder
+
+
+def edit_config(**changes) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return apply
+
+
+def write(name: str, data: bytes) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        (folder / name).write_bytes(data)
+
+    return apply
+
+
+def truncate_weights(folder: Path) -> None:
+    path = folder / WEIGHTS
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def sharded(weight_map: object) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        (folder / WEIGHTS).rename(folder / "model-00001-of-00001.safetensors")
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    return apply
+
+
+def index_to(target: str) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / WEIGHTS), "numpy") as f:
+            names = list(f.keys())
+        sharded({name: target for name in names})(folder)
+
+    return apply
+
+
+def index_to_fifo(folder: Path) -> None:
+    os.mkfifo(folder / "pipe.safetensors")
+    index_to("pipe.safetensors")(folder)
+
+
+def retype_tensor(dtype) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(folder / WEIGHTS))
+        name = next(n for n in tensors if n.endswith("mlp.up_proj.weight"))
+        if dtype == "nan":
+            tensors[name] = tensors[name].copy()
+            tensors[name][0, 0] = np.nan
+        else:
+            tensors[name] = tensors[name].astype(dtype)
+        save_file(tensors, str(folder / WEIGHTS))
+
+    return apply
+
+
+def float8_tensor(folder: Path) -> None:
+    """Store one tensor as F8_E4M3 (as FP8 checkpoints do), writing the file by hand: numpy has no float8."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(folder / WEIGHTS))
+    name = next(n for n in tensors if n.endswith("mlp.up_proj.weight"))
+    header, blobs, offset = {}, [], 0
+    for key, array in tensors.items():
+        data = np.zeros(array.size, np.uint8).tobytes() if key == name else array.tobytes()
+        dtype = "F8_E4M3" if key == name else {"float32": "F32", "float16": "F16"}[str(array.dtype)]
+        header[key] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (folder / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def chat_template(template: str) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+
+    return apply
+
+
+LOAD_ROWS = [
+    # (id, corrupt the folder, exception, words the message must hold)
+    ("config-not-utf8", write("config.json", b"\xff\xfe{}"), ConfigError, ["config.json", "UTF-8"]),
+    ("config-deeply-nested", write("config.json", b"[" * 200_000), ConfigError, ["config.json", "JSON"]),
+    ("config-a-list", write("config.json", b"[1, 2]"), ConfigError, ["config.json", "object"]),
+    ("config-empty", write("config.json", b""), ConfigError, ["config.json"]),
+    ("config-hidden-as-string", edit_config(hidden_size="64"), ConfigError, ["hidden_size"]),
+    ("config-negative-heads", edit_config(num_attention_heads=-4), ConfigError, ["num_attention_heads"]),
+    ("config-model-type-unknown", edit_config(model_type="gpt9"), FerrumError, ["gpt9"]),
+    ("config-more-layers-than-weights", edit_config(num_hidden_layers=40), CheckpointError,
+     ["num_hidden_layers=40", "2 layers"]),
+    ("config-absurd-layers", edit_config(num_hidden_layers=10**9), FerrumError, ["num_hidden_layers"]),
+    ("config-hidden-size-mismatch", edit_config(hidden_size=128), FerrumError, ["shape"]),
+    ("weights-empty", write(WEIGHTS, b""), CheckpointError, [WEIGHTS, "truncated"]),
+    ("weights-truncated", truncate_weights, CheckpointError, [WEIGHTS]),
+    ("weights-garbage", write(WEIGHTS, os.urandom(4096)), CheckpointError, [WEIGHTS, "safetensors"]),
+    ("index-outside-folder", index_to("../elsewhere.safetensors"), CheckpointError, ["outside the checkpoint"]),
+    ("index-absolute-path", index_to("/etc/passwd"), CheckpointError, ["outside the checkpoint"]),
+    ("index-missing-shard", index_to("nope.safetensors"), CheckpointError, ["nope.safetensors", "not in the folder"]),
+    ("index-fifo", index_to_fifo, CheckpointError, ["pipe.safetensors", "not a regular file"]),
+    ("index-not-json", write("model.safetensors.index.json", b"{oops"), CheckpointError, ["index.json", "malformed"]),
+    ("index-map-not-object", sharded(["a", "b"]), CheckpointError, ["weight_map"]),
+    ("weights-int32", retype_tensor(np.int32), CheckpointError, ["up_proj", "I32"]),
+    ("weights-bool", retype_tensor(np.bool_), CheckpointError, ["up_proj", "BOOL"]),
+    ("weights-float8", float8_tensor, CheckpointError, ["up_proj", "F8_E4M3"]),
+    ("weights-nan", retype_tensor("nan"), CheckpointError, ["up_proj", "NaN"]),
+    ("tokenizer-garbage", write("tokenizer.json", b"{not a tokenizer"), ConfigError, ["tokenizer.json"]),
+    ("tokenizer-config-not-json", write("tokenizer_config.json", b"\x00\x01"), ConfigError,
+     ["tokenizer_config.json"]),
+    ("generation-config-bad-eos", write("generation_config.json", b'{"eos_token_id": "x"}'), ConfigError,
+     ["generation_config.json", "eos_token_id"]),
+    ("chat-template-not-a-string", chat_template(42), ConfigError, ["chat_template"]),  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize("corrupt, error, words", [r[1:] for r in LOAD_ROWS], ids=[r[0] for r in LOAD_ROWS])
+def test_malformed_checkpoints(ckpt, corrupt, error, words):
+    corrupt(ckpt)
+    started = time.perf_counter()
+    with pytest.raises(error) as caught:
+        ferrum.load(ckpt, backend="cpu")
+    assert time.perf_counter() - started < 10
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+CALL_ROWS = [
+    ("template-raises", chat_template("{{ raise_exception('no system messages') }}"),
+     lambda llm: llm.generate([{"role": "user", "content": "hi"}], max_tokens=2),
+     InvalidRequestError, ["chat template", "no system messages"]),
+    ("template-syntax-error", chat_template("{% for %}"),
+     lambda llm: llm.generate([{"role": "user", "content": "hi"}], max_tokens=2),
+     ConfigError, ["chat template", "compile"]),
+    ("template-type-error", chat_template("{{ messages + 1 }}"),
+     lambda llm: llm.generate([{"role": "user", "content": "hi"}], max_tokens=2),
+     InvalidRequestError, ["chat template"]),
+]
+
+
+@pytest.mark.parametrize("corrupt, call, error, words", [r[1:] for r in CALL_ROWS], ids=[r[0] for r in CALL_ROWS])
+def test_bad_templates_fail_the_call_not_the_load(ckpt, corrupt, call, error, words):
+    corrupt(ckpt)
+    llm = ferrum.load(ckpt, backend="cpu")
+    with pytest.raises(error) as caught:
+        call(llm)
+    assert all(word in str(caught.value) for word in words), str(caught.value)
+    assert llm.generate("hello", max_tokens=2)  # still usable
+
+
+LOAD_ARG_ROWS = [
+    ("kv-blocks-zero", dict(num_kv_blocks=0), InvalidRequestError, ["num_kv_blocks"]),
+    ("kv-blocks-absurd", dict(num_kv_blocks=10**12), InvalidRequestError, ["GiB", "num_kv_blocks"]),
+    ("max-seq-len-negative", dict(max_seq_len=-5), InvalidRequestError, ["max_seq_len"]),
+    ("backend-unknown", dict(backend="quantum"), FerrumError, ["quantum"]),
+    ("dtype-unknown", dict(dtype="float7"), FerrumError, ["float7"]),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, words", [r[1:] for r in LOAD_ARG_ROWS], ids=[r[0] for r in LOAD_ARG_ROWS])
+def test_bad_load_arguments(pristine, kwargs, error, words):
+    kwargs = {"backend": "cpu", **kwargs}
+    started = time.perf_counter()
+    with pytest.raises(error) as caught:
+        ferrum.load(pristine, **kwargs)
+    assert time.perf_counter() - started < 10
+    assert all(word in str(caught.value) for word in words), str(caught.value)
+
+
+SAMPLING_ROWS = [
+    ("temperature-nan", dict(temperature=float("nan")), ["temperature"]),
+    ("temperature-inf", dict(temperature=float("inf")), ["temperature"]),
+    ("top-p-zero", dict(top_p=0.0), ["top_p"]),
+    ("top-k-float", dict(top_k=2.5), ["top_k"]),
+    ("max-tokens-bool", dict(max_tokens=True), ["max_tokens"]),
+    ("max-tokens-zero", dict(max_tokens=0), ["max_tokens"]),
+    ("seed-negative", dict(seed=-3), ["seed"]),
+    ("seed-string", dict(seed="7"), ["seed"]),
+    ("penalty-nan", dict(presence_penalty=float("nan")), ["presence_penalty"]),
+    ("repetition-zero", dict(repetition_penalty=0.0), ["repetition_penalty"]),
+    ("bias-key-string", dict(logit_bias={"five": 1.0}), ["logit_bias"]),
+    ("bias-value-inf", dict(logit_bias={5: float("inf")}), ["logit_bias"]),
+    ("stop-empty", dict(stop=[""]), ["stop"]),
+    ("stop-not-strings", dict(stop=[3]), ["stop"]),
+    ("stop-ids-string", dict(stop_token_ids="12"), ["stop_token_ids"]),
+    ("stop-ids-negative", dict(stop_token_ids=[-1]), ["stop token"]),
+    ("logprobs-negative", dict(logprobs=-1), ["logprobs"]),
+    ("ignore-eos-string", dict(ignore_eos="yes"), ["ignore_eos"]),
+    ("unknown-option", dict(temprature=0.5), ["temprature"]),
+]
+
+
+@pytest.mark.parametrize("options, words", [r[1:] for r in SAMPLING_ROWS], ids=[r[0] for r in SAMPLING_ROWS])
+def test_bad_sampling_options(pristine_llm, options, words):
+    with pytest.raises(InvalidRequestError) as caught:
+        pristine_llm.generate("hello", **options)
+    assert all(word in str(caught.value) for word in words), str(caught.value)
+    assert not pristine_llm.engine.has_unfinished()
+
+
+REQUEST_ROWS = [
+    ("prompt-empty-ids", [], {}, ["empty"]),
+    ("prompt-id-out-of-vocab", [5, 10**6], {}, ["vocabulary"]),
+    ("prompt-id-negative", [5, -1], {}, ["vocabulary"]),
+    ("bias-out-of-vocab", [5], {"logit_bias": {10**6: 1.0}}, ["logit_bias", "vocabulary"]),
+    ("stop-id-out-of-vocab", [5], {"stop_token_ids": [10**6]}, ["stop_token_ids", "vocabulary"]),
+    ("prompt-over-context", [5] * 300, {}, ["context length"]),
+    ("messages-missing-content", [{"role": "user"}], {}, ["content"]),
+]
+
+
+@pytest.mark.parametrize("prompt, options, words", [r[1:] for r in REQUEST_ROWS], ids=[r[0] for r in REQUEST_ROWS])
+def test_bad_requests(pristine_llm, prompt, options, words):
+    with pytest.raises(InvalidRequestError) as caught:
+        pristine_llm.run([prompt], max_tokens=3, **options)
+    assert all(word in str(caught.value) for word in words), str(caught.value)
+    assert not pristine_llm.engine.has_unfinished()
+    assert pristine_llm.model.kv.num_used_blocks == 0
+
+
+@pytest.fixture(scope="module")
+def pristine_llm(pristine):
+    return ferrum.load(pristine, backend="cpu")
+
+
+CLI_ROWS = [
+    ("generate-missing-model", ["generate", "hi", "--model", "/nonexistent/folder"], ["no checkpoint folder"]),
+    ("generate-bad-temperature", ["generate", "hi", "--temperature", "-1", "--model", "{ckpt}"], ["temperature"]),
+    ("generate-max-tokens-zero", ["generate", "hi", "--max-tokens", "0", "--model", "{ckpt}"], ["max_tokens"]),
+    ("generate-bad-backend", ["generate", "hi", "--backend", "nope", "--model", "{ckpt}"], ["nope"]),
+    ("bench-zero-repeat", ["bench", "--repeat", "0", "--model", "{ckpt}", "--peer", "none"], ["repeat"]),
+    ("bench-negative-concurrency", ["bench", "--concurrency", "-2", "--model", "{ckpt}", "--peer", "none"],
+     ["concurrency"]),
+    ("quantize-bad-bits", ["quantize", "{ckpt}", "{tmp}/out", "--bits", "7"], ["bits"]),
+    ("serve-negative-queue", ["serve", "{ckpt}", "--max-queue", "-1"], ["max-queue"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", [r[1:] for r in CLI_ROWS], ids=[r[0] for r in CLI_ROWS])
+def test_cli_failures_are_one_line(pristine, tmp_path, argv, words):
+    argv = [a.format(ckpt=pristine, tmp=tmp_path) for a in argv]
+    env = {**os.environ, "FERRUM_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "ferrum.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ferrum: error:") or "error:" in last, done.stderr
+    assert all(word in done.stderr for word in words), done.stderr
