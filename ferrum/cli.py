@@ -146,8 +146,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ferrum.quant.convert import quantize_checkpoint
 
     started = time.perf_counter()
+    from ferrum.sources import resolve_model
+
     dst = quantize_checkpoint(
-        args.src, args.dst, bits=args.bits, group_size=args.group_size, force=args.force,
+        resolve_model(args.src), args.dst, bits=args.bits, group_size=args.group_size, force=args.force,
         progress=_progress_printer(f"quantizing to {args.bits}-bit, group size {args.group_size}"),
     )
     files = sorted(dst.glob("*.safetensors"))
@@ -221,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time a workload on ferrum and on a peer (mlx-lm / transformers), same weights")
     p.add_argument("--workload", default="decode-1", choices=sorted(WORKLOADS))
     p.add_argument("--backend", help="backend name; default: best available")
-    p.add_argument("--model", help="checkpoint folder or .gguf file (default: a random-weight --preset)")
+    p.add_argument("--model", help="checkpoint folder, .gguf file or Hugging Face repo id "
+                                   "(default: a random-weight --preset)")
     p.add_argument("--preset", default="qwen2-0.5b", choices=sorted(PRESETS), help="shape of the random checkpoint")
     p.add_argument("--quantize", type=int, choices=(2, 3, 4, 5, 6, 8),
                    help="bench a quantized copy (mlx-community layout, cached) of the model at these bits")
@@ -239,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("quantize", help="write a float checkpoint as an mlx-community quantized one (mlx-lm loads it)")
-    p.add_argument("src", help="float Hugging Face checkpoint folder (safetensors)")
+    p.add_argument("src", help="float Hugging Face checkpoint folder (safetensors) or repo id")
     p.add_argument("dst", help="output folder (must not exist or be empty, unless --force)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=64, help="weights per scale and bias: 32, 64 or 128 (default 64)")

@@ -247,7 +247,7 @@ def test_bad_input_is_refused_before_writing(sources, tmp_path, capsys):
 
     for argv, message in (
         (["quantize", str(src), str(tmp_path / "x"), "--bits", "7"], "7-bit quantization is not supported"),
-        (["quantize", str(tmp_path / "missing"), str(tmp_path / "x")], "is not a folder"),
+        (["quantize", str(tmp_path / "missing"), str(tmp_path / "x")], "no checkpoint folder"),
         (["quantize", str(quantized), str(tmp_path / "x")], "already quantized"),
         (["quantize", str(src), str(dst)], "pass --force"),
     ):

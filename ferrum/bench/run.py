@@ -22,7 +22,7 @@ from ferrum.config import ModelConfig
 from ferrum.errors import InvalidRequestError
 from ferrum.model import DEFAULT_BLOCK_SIZE, weight_shapes
 from ferrum.quant import quantize_checkpoint
-from ferrum.sources import cache_root, gguf_checkpoint
+from ferrum.sources import cache_root, gguf_checkpoint, resolve_model
 
 ProgressFn = Callable[[int, int, str], None]
 #: Makes a progress callback for a labelled phase ("preparing checkpoint", "loading weights").
@@ -135,7 +135,10 @@ def _checkpoint(options: BenchOptions, phase: Callable[[str], ProgressFn | None]
         if options.quantize:
             raise InvalidRequestError("--quantize applies to float checkpoints; a GGUF file is already quantized")
         return Path(options.model), gguf_checkpoint(options.model, phase("importing GGUF"))
-    path = Path(options.model) if options.model else preset_checkpoint(options.preset, phase("preparing checkpoint"))
+    if options.model:
+        path = resolve_model(options.model, phase("importing"))  # a folder, or a Hugging Face repo id
+    else:
+        path = preset_checkpoint(options.preset, phase("preparing checkpoint"))
     if options.quantize:
         target = cache_root() / "bench" / f"{path.name}-q{options.quantize}g{options.group_size}"
         if not (target / "config.json").exists():
