@@ -16,8 +16,9 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ferrum.errors import CheckpointError
 
@@ -92,9 +93,39 @@ def imported_gguf(gguf_path: Path, target: Path, progress: ProgressFn | None = N
     """``target`` holding the import of ``gguf_path``, importing it unless a complete one is there."""
     if is_complete(target):
         return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot create the cache folder {target.parent} ({exc.strerror or exc}); "
+            "set FERRUM_CACHE_DIR to a writable folder"
+        ) from None
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        if is_complete(target):  # another process imported it while this one waited
+            return target
+        _import(gguf_path, target, progress)
+    return target
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An inter-process lock (flock), so concurrent first runs import once; a no-op where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the staging + rename below still keeps the result whole
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _import(gguf_path: Path, target: Path, progress: ProgressFn | None) -> None:
     from ferrum.gguf_import import convert_gguf
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -112,7 +143,6 @@ def imported_gguf(gguf_path: Path, target: Path, progress: ProgressFn | None = N
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _remove_stale_staging(target: Path, max_age_s: float = 3600.0) -> None:

@@ -46,3 +46,47 @@ def test_what_is_neither_a_folder_nor_a_gguf_file_is_named(tmp_path):
     stray.write_bytes(b"\0")
     with pytest.raises(CheckpointError, match="is a file"):
         ferrum.load(stray)
+
+
+IMPORT_ONCE = """
+import sys
+import time
+import ferrum.sources as sources
+
+real = sources._import
+
+def counted(*args):  # slowed down so the three processes overlap
+    with open(sys.argv[2], "a") as log:
+        log.write("import\\n")
+    time.sleep(1.5)
+    real(*args)
+
+sources._import = counted
+print(sources.gguf_checkpoint(sys.argv[1]))
+"""
+
+
+def test_concurrent_first_runs_import_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    log = tmp_path / "imports.log"
+    env = {**os.environ, "FERRUM_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, "-c", IMPORT_ONCE, str(gguf), str(log)], env=env,
+                             stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    folders = {run.communicate(timeout=300)[0].strip() for run in runs}
+    assert all(run.returncode == 0 for run in runs)
+    assert len(folders) == 1 and log.read_text().count("import") == 1
+
+
+def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(blocker / "cache"))
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    with pytest.raises(CheckpointError, match="FERRUM_CACHE_DIR"):
+        gguf_checkpoint(path)
