@@ -121,12 +121,60 @@ class _Metadata:
         field = self._fields.get(key)
         if field is None:
             return default
-        return _field_value(field, key, self.where)
+        value = _field_value(field, key, self.where)
+        kind = _kind_of(key)
+        if kind is not None and not _is_kind(value, kind):
+            raise CheckpointError(
+                f"{self.where}: GGUF metadata {key!r} must be {kind}, got {type(value).__name__} {value!r:.80}; "
+                "the file is corrupt or was written by a broken converter"
+            )
+        return value
 
     def need(self, key: str) -> Any:
         if key not in self._fields:
             raise CheckpointError(f"{self.where}: GGUF metadata lacks {key!r}")
         return self.get(key)
+
+
+#: The type every metadata field Ferrum reads must have, by the end of its key.
+_FIELD_KINDS = {
+    **dict.fromkeys((
+        "embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
+        "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size", "feed_forward_length",
+        "block_count", "context_length", "_token_id",
+    ), "a non-negative integer"),
+    **dict.fromkeys((
+        "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon",
+    ), "a finite number"),
+    **dict.fromkeys((
+        "general.architecture", "rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+        "tokenizer.chat_template", "general.name",
+    ), "a string"),
+    **dict.fromkeys(("tokenizer.ggml.tokens", "tokenizer.ggml.merges"), "a list of strings"),
+    "tokenizer.ggml.token_type": "a list of integers",
+    **dict.fromkeys(("add_bos_token", "add_eos_token"), "a boolean"),
+}
+
+
+def _kind_of(key: str) -> str | None:
+    return next((kind for end, kind in _FIELD_KINDS.items() if key.endswith(end)), None)
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if kind == "a non-negative integer":
+        return integer(value) and value >= 0
+    if kind == "a finite number":
+        return (integer(value) or isinstance(value, float)) and math.isfinite(value)
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "a list of strings":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "a list of integers":
+        return isinstance(value, list) and all(integer(v) for v in value)
+    return isinstance(value, bool)
 
 
 def _field_value(field: Any, key: str, where: str) -> Any:

@@ -12,6 +12,7 @@ racing both end with a whole one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -100,11 +101,20 @@ def imported_gguf(gguf_path: Path, target: Path, progress: ProgressFn | None = N
             f"cannot create the cache folder {target.parent} ({exc.strerror or exc}); "
             "set FERRUM_CACHE_DIR to a writable folder"
         ) from None
-    with _exclusive(target.parent / f".{target.name}.lock"):
+    with _exclusive(_lock_path(target)):
         if is_complete(target):  # another process imported it while this one waited
             return target
         _import(gguf_path, target, progress)
     return target
+
+
+def _lock_path(target: Path) -> Path:
+    """Lock files live apart from the models, one per target folder; they are left in place on purpose
+    (deleting a lock file others wait on would let two holders in)."""
+    digest = hashlib.sha1(str(target.resolve()).encode()).hexdigest()[:16]
+    folder = cache_root() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{target.name}-{digest}.lock"
 
 
 @contextmanager

@@ -294,3 +294,50 @@ def test_cli_failures_are_one_line(pristine, tmp_path, argv, words):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("ferrum: error:") or "error:" in last, done.stderr
     assert all(word in done.stderr for word in words), done.stderr
+
+
+GGUF_ROWS = [
+    # (id, GGUFWriter method to replace, what it writes instead, words)
+    ("block-count-string", "add_block_count", lambda w, n: w.add_string(f"{w.arch}.block_count", "one"),
+     ["block_count", "non-negative integer"]),
+    ("context-length-negative", "add_context_length", lambda w, n: w.add_int32(f"{w.arch}.context_length", -5),
+     ["context_length", "non-negative integer"]),
+    ("rope-base-string", "add_rope_freq_base", lambda w, f: w.add_string(f"{w.arch}.rope.freq_base", "lots"),
+     ["rope.freq_base", "finite number"]),
+    ("rope-base-nan", "add_rope_freq_base", lambda w, f: w.add_float32(f"{w.arch}.rope.freq_base", float("nan")),
+     ["rope.freq_base", "finite number"]),
+    ("tokens-not-strings", "add_token_list", lambda w, t: w.add_array("tokenizer.ggml.tokens", list(range(len(t)))),
+     ["tokenizer.ggml.tokens", "list of strings"]),
+]
+
+
+@pytest.mark.parametrize("method, replacement, words", [r[1:] for r in GGUF_ROWS], ids=[r[0] for r in GGUF_ROWS])
+def test_malformed_gguf_metadata_is_named_and_nothing_is_written(tmp_path, monkeypatch, method, replacement, words):
+    gguf = pytest.importorskip("gguf")
+    from test_gguf_import import write_tiny_gguf
+
+    from ferrum.gguf_import import convert_gguf
+
+    monkeypatch.setattr(gguf.GGUFWriter, method, replacement)
+    write_tiny_gguf(tmp_path / "bad.gguf")
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as caught:
+        convert_gguf(tmp_path / "bad.gguf", out)
+    assert all(word in str(caught.value) for word in words), str(caught.value)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_gguf_garbage_and_truncation(tmp_path):
+    pytest.importorskip("gguf")
+    from test_gguf_import import write_tiny_gguf
+
+    from ferrum.gguf_import import convert_gguf
+
+    (tmp_path / "garbage.gguf").write_bytes(os.urandom(2048))
+    write_tiny_gguf(tmp_path / "whole.gguf")
+    data = (tmp_path / "whole.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 3])
+    for name in ("garbage.gguf", "cut.gguf"):
+        with pytest.raises(CheckpointError, match=name):
+            convert_gguf(tmp_path / name, tmp_path / f"out-{name}")

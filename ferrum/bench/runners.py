@@ -138,7 +138,9 @@ class TransformersRunner(Runner):
 
         self.torch = torch
         self.device = device
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), use_safetensors=True  # never unpickle a .bin from a model folder
+        )
         self.model.to(device).eval()
 
     def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
