@@ -69,7 +69,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "))
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"unknown field {param!r}; see the API reference for the accepted fields", param=param)

@@ -177,6 +177,18 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
+async def _event_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``events``, then ``[DONE]``; an error after the 200 went out becomes an error event before it."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as error:
+        yield _sse(error.body())
+    except FerrumError as error:
+        yield _sse(APIError.from_ferrum(error).body())
+    yield "data: [DONE]\n\n"
+
+
 async def _finals(generation: Generation) -> dict[int, RequestOutput]:
     finals = {}
     async for index, out in generation.events():
@@ -247,7 +259,8 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
     want_logprobs = max(top, 1) if body.logprobs else 0
     stops = body.stop_strings()
     specs = [
-        ChoiceSpec(i, prompt, _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, i), stops))
+        ChoiceSpec(i, prompt, _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, i),
+                                               stops))
         for i in range(body.n)
     ]
     generation = _start(state, "chat", specs)
@@ -279,32 +292,26 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
         usage_field = {"usage": None} if include_usage else {}
         finals: dict[int, RequestOutput] = {}
         started: set[int] = set()
-        try:
-            async for index, out in generation.events():
-                if index not in started:
-                    started.add(index)
-                    yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
-                        {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}]})
-                if out.new_text or (body.logprobs and out.new_token_ids):
-                    yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
-                        {"index": index, "delta": {"content": out.new_text},
-                         "logprobs": logprobs.chat(_new_picks(out), top) if body.logprobs else None,
-                         "finish_reason": None}]})
-                if out.finished:
-                    finals[index] = out
-                    yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
-                        {"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(out)}]})
-            if include_usage:
-                yield _sse({**envelope("chat.completion.chunk"), "choices": [],
-                            "usage": _usage([prompt], finals, {0})})
-        except APIError as error:
-            yield _sse(error.body())
-        except FerrumError as error:
-            yield _sse(APIError.from_ferrum(error).body())
-        yield "data: [DONE]\n\n"
+        async for index, out in generation.events():
+            if index not in started:
+                started.add(index)
+                yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
+                    {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}]})
+            if out.new_text or (body.logprobs and out.new_token_ids):
+                yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
+                    {"index": index, "delta": {"content": out.new_text},
+                     "logprobs": logprobs.chat(_new_picks(out), top) if body.logprobs else None,
+                     "finish_reason": None}]})
+            if out.finished:
+                finals[index] = out
+                yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
+                    {"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(out)}]})
+        if include_usage:
+            yield _sse({**envelope("chat.completion.chunk"), "choices": [],
+                        "usage": _usage([prompt], finals, {0})})
 
-    return Response(generation, None, stream())
+    return Response(generation, None, _event_stream(stream()))
 
 
 # ----------------------------------------------------------------- completions
@@ -363,29 +370,23 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
         usage_field = {"usage": None} if include_usage else {}
         finals: dict[int, RequestOutput] = {}
         offsets: dict[int, int] = {}
-        try:
-            async for index, out in generation.events():
-                prefix = ""
-                if index not in offsets:
-                    prefix = echo_text(index)
-                    offsets[index] = len(prefix)
-                text = prefix + out.new_text
-                piece = None
-                if body.logprobs is not None:
-                    piece = logprobs.completion(_new_picks(out), top, offsets[index])
-                    offsets[index] += sum(len(t) for t in piece["tokens"])
-                if text or (piece and piece["tokens"]) or out.finished:
-                    yield _sse({**envelope(), **usage_field, "choices": [{
-                        "index": index, "text": text, "logprobs": piece,
-                        "finish_reason": _finish_reason(out) if out.finished else None}]})
-                if out.finished:
-                    finals[index] = out
-            if include_usage:
-                yield _sse({**envelope(), "choices": [], "usage": _usage(prompts, finals, first_of_prompt)})
-        except APIError as error:
-            yield _sse(error.body())
-        except FerrumError as error:
-            yield _sse(APIError.from_ferrum(error).body())
-        yield "data: [DONE]\n\n"
+        async for index, out in generation.events():
+            prefix = ""
+            if index not in offsets:
+                prefix = echo_text(index)
+                offsets[index] = len(prefix)
+            text = prefix + out.new_text
+            piece = None
+            if body.logprobs is not None:
+                piece = logprobs.completion(_new_picks(out), top, offsets[index])
+                offsets[index] += sum(len(t) for t in piece["tokens"])
+            if text or (piece and piece["tokens"]) or out.finished:
+                yield _sse({**envelope(), **usage_field, "choices": [{
+                    "index": index, "text": text, "logprobs": piece,
+                    "finish_reason": _finish_reason(out) if out.finished else None}]})
+            if out.finished:
+                finals[index] = out
+        if include_usage:
+            yield _sse({**envelope(), "choices": [], "usage": _usage(prompts, finals, first_of_prompt)})
 
-    return Response(generation, None, stream())
+    return Response(generation, None, _event_stream(stream()))
