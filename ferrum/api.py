@@ -8,14 +8,17 @@ Every call goes through one :class:`ferrum.engine.Engine`, so many prompts
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
+from ferrum.adapters import AdapterInfo
 from ferrum.engine import AsyncEngine, Engine, EngineConfig, RequestOutput
 from ferrum.errors import InvalidRequestError
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM, ProgressFn
 from ferrum.sampling import SamplingParams
+from ferrum.spec import SpeculativeConfig
 from ferrum.sources import resolve_model
 from ferrum.tokenizer import Message, Tokenizer
 
@@ -36,13 +39,14 @@ class LLM:
     """A loaded model with its tokenizer and engine, ready to generate text."""
 
     def __init__(
-        self, executor: LlmExecutor, tokenizer: Tokenizer | None, path: Path, engine_config: EngineConfig | None = None
+        self, executor: LlmExecutor, tokenizer: Tokenizer | None, path: Path, engine_config: EngineConfig | None = None,
+        draft_model: DecoderOnlyLLM | None = None,
     ):
         self.executor = executor
         self.model = executor.model
         self.tokenizer = tokenizer
         self.path = path
-        self.engine = Engine(executor, tokenizer, engine_config)
+        self.engine = Engine(executor, tokenizer, engine_config, draft_model=draft_model)
         self._async_engine: AsyncEngine | None = None
 
     @classmethod
@@ -55,14 +59,48 @@ class LLM:
         max_seq_len: int | None = None,
         progress: ProgressFn | None = None,
         engine_config: EngineConfig | None = None,
+        speculative: str | SpeculativeConfig | None = None,
+        draft_model: str | Path | None = None,
     ) -> "LLM":
+        """``speculative="lookup"`` (prompt lookup) or ``"draft"`` with ``draft_model=PATH`` (a small
+        model with the same tokenizer, loaded on the same backend with a KV pool of the same size)
+        turns on speculative decoding; a :class:`SpeculativeConfig` sets its knobs."""
         path = resolve_model(path, progress)
         model = DecoderOnlyLLM.from_pretrained(
             path, backend=backend, dtype=dtype, num_kv_blocks=num_kv_blocks,
             max_seq_len=max_seq_len, progress=progress,
         )
         tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
-        return cls(LlmExecutor(model), tokenizer, path, engine_config)
+        if isinstance(speculative, str) or (speculative is None and draft_model is not None):
+            speculative = SpeculativeConfig(method=speculative or "draft")
+        if speculative is not None:
+            engine_config = replace(engine_config or EngineConfig(), speculative=speculative)
+        drafter = None
+        if draft_model is not None:
+            drafter = DecoderOnlyLLM.from_pretrained(
+                resolve_model(draft_model, progress), backend=model.backend, dtype=model.dtype,
+                num_kv_blocks=model.kv.num_blocks, block_size=model.kv.block_size,
+                max_seq_len=model.config.max_seq_len,
+            )
+        return cls(LlmExecutor(model), tokenizer, path, engine_config, draft_model=drafter)
+
+    # -------------------------------------------------------------- adapters
+    def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Load a LoRA adapter folder (PEFT or mlx-lm format); requests then name it with ``lora=name``.
+
+        Many adapters stay resident at once and requests using different ones
+        (or none) share forward passes; see :mod:`ferrum.adapters.registry` for the memory budget.
+        """
+        return self.model.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Free an adapter no unfinished request uses."""
+        self.model.adapters.unload(name)
+
+    @property
+    def adapters(self) -> list[AdapterInfo]:
+        """The resident adapters."""
+        return self.model.adapters.list()
 
     # --------------------------------------------------------------- prompts
     def _require_tokenizer(self) -> Tokenizer:
@@ -107,9 +145,13 @@ class LLM:
     # ------------------------------------------------------------ generation
     def run(
         self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
-        **options: Any,
+        metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> list[RequestOutput]:
-        """Run many prompts together through the engine; final outputs in prompt order."""
+        """Run many prompts together through the engine; final outputs in prompt order.
+
+        ``metadata`` goes with every prompt's request (see :mod:`ferrum.metadata`);
+        ``lora`` names a loaded adapter (:meth:`load_adapter`) every prompt runs with.
+        """
         params = self.sampling_params(params, **options)
         encoded = [self.encode_prompt(p, chat) for p in prompts]  # all or nothing: encode before submitting
         finals: dict[str, RequestOutput] = {}
@@ -121,7 +163,7 @@ class LLM:
         ids: list[str] = []
         try:
             for tokens in encoded:  # a prompt refused here takes the ones queued before it back out
-                ids.append(self.engine.add_request(tokens, params, on_output=keep_final))
+                ids.append(self.engine.add_request(tokens, params, on_output=keep_final, metadata=metadata, lora=lora))
             while len(finals) < len(ids):
                 self.engine.step()
         finally:
@@ -134,7 +176,8 @@ class LLM:
         return [finals[request_id] for request_id in ids]
 
     def stream_outputs(
-        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None, **options: Any
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None,
+        metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> Iterator[RequestOutput]:
         """Yield a request's outputs step by step; closing the iterator early aborts it.
 
@@ -142,7 +185,9 @@ class LLM:
         """
         params = self.sampling_params(params, **options)
         pending: deque[RequestOutput] = deque()
-        request_id = self.engine.add_request(self.encode_prompt(prompt, chat), params, on_output=pending.append)
+        request_id = self.engine.add_request(
+            self.encode_prompt(prompt, chat), params, on_output=pending.append, metadata=metadata, lora=lora
+        )
         finished = False
         try:
             while not finished:
@@ -158,23 +203,24 @@ class LLM:
                 self.engine.abort(request_id)
 
     def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None, **options: Any
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None,
+        metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> Iterator[str]:
         """Yield the generated text piece by piece (never half a character, never part of a stop string)."""
         self._require_tokenizer()
-        for out in self.stream_outputs(prompt, params, chat, **options):
+        for out in self.stream_outputs(prompt, params, chat, metadata, lora, **options):
             if out.new_text:
                 yield out.new_text
 
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
-        **options: Any,
+        metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> str | list[str]:
         """The completion of one prompt, or the completions of a list of prompts (batched)."""
         self._require_tokenizer()
         if _is_prompt_list(prompts):
-            return [out.text for out in self.run(prompts, params, chat, **options)]
-        return self.run([prompts], params, chat, **options)[0].text
+            return [out.text for out in self.run(prompts, params, chat, metadata, lora, **options)]
+        return self.run([prompts], params, chat, metadata, lora, **options)[0].text
 
     # --------------------------------------------------------------- asyncio
     @property
@@ -185,11 +231,14 @@ class LLM:
         return self._async_engine
 
     async def astream(
-        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None, **options: Any
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None,
+        metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> AsyncIterator[str]:
         """Async version of :meth:`stream`; concurrent calls are batched together."""
         self._require_tokenizer()
         params = self.sampling_params(params, **options)
-        async for out in self.async_engine.stream(self.encode_prompt(prompt, chat), params):
+        async for out in self.async_engine.stream(
+            self.encode_prompt(prompt, chat), params, metadata=metadata, lora=lora
+        ):
             if out.new_text:
                 yield out.new_text

@@ -43,6 +43,8 @@ class ExecutorCapabilities:
     quant_formats: tuple[tuple[int, int], ...] = ()
     #: The plugin runs mixture-of-experts MLPs itself (``moe_experts``); else the core's per-expert loop.
     native_moe: bool = False
+    #: The plugin adds LoRA products for many adapters itself (``lora_apply``); else the core's host fallback.
+    native_lora: bool = False
 
     @classmethod
     def from_backend(cls, backend: Any, model: Any = None) -> "ExecutorCapabilities":
@@ -81,6 +83,7 @@ class ExecutorCapabilities:
             memory=memory,
             quant_formats=tuple(info.quant_formats) if all(op in native for op in QUANTIZED_OPS) else (),
             native_moe="moe_experts" in native and "upload_experts" in native,
+            native_lora="lora_apply" in native,
         )
 
     def quantization_summary(self) -> str:

@@ -131,6 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         workload=args.workload, backend=args.backend, model=args.model, preset=args.preset, dtype=args.dtype,
         peer=args.peer, repeat=args.repeat, prompt_len=args.prompt_len, gen_len=args.gen_len,
         concurrency=args.concurrency, profile=args.profile, quantize=args.quantize, group_size=args.group_size,
+        speculative=args.speculative, draft_model=args.draft_model,
     )
     report = run_bench(options, progress=_progress_printer,
                        log=lambda line: print(f"[ferrum bench] {line}", file=sys.stderr))
@@ -176,11 +177,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             served_model_names=tuple(args.served_model_name or ()), max_num_seqs=args.max_num_seqs,
             max_queue=args.max_queue, max_seq_len=args.max_seq_len, num_kv_blocks=args.num_kv_blocks,
             api_key=args.api_key or os.environ.get("FERRUM_API_KEY"), shutdown_timeout=args.shutdown_timeout,
+            adapters=tuple(_name_and_path(spec) for spec in args.lora or ()),
             log_level=args.log_level,
         ),
         progress=_progress_printer("loading"),
     )
     return 0
+
+
+def _name_and_path(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise InvalidRequestError(f"--lora takes NAME=PATH, got {spec!r}")
+    return name, path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,11 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", default="auto",
                    help="auto (llama.cpp for a .gguf, mlx-lm for mlx and quantized models, else transformers), "
                         "llama.cpp, mlx-lm, transformers, none")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per side; the median is reported")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="timed rounds; Ferrum and the peer alternate, the median ratio of the pairs is reported")
     p.add_argument("--prompt-len", type=int, help="override the workload's (longest) prompt length")
     p.add_argument("--gen-len", type=int, help="override the tokens generated per request")
     p.add_argument("--concurrency", type=int, help="override the number of requests")
     p.add_argument("--profile", action="store_true", help="also break a decode step down by where its time goes")
+    p.add_argument("--speculative", choices=("lookup", "draft"),
+                   help="decode repeat-the-text and free-text prompts with and without speculative decoding")
+    p.add_argument("--draft-model", help="with --speculative draft: the draft checkpoint "
+                                         "(default: a truncated copy of the model)")
     p.add_argument("--json", help="write the figures to this file")
     p.set_defaults(func=cmd_bench)
 
@@ -264,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, help="cap the context length (KV memory)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache size in blocks of 16 tokens")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set FERRUM_API_KEY)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="load a LoRA adapter (PEFT or mlx-lm folder) that clients select with model=NAME (repeatable)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -67,6 +67,11 @@ class ContextLengthExceededError(InvalidRequestError):
     """A sequence would grow past the model's context length."""
 
 
+class AdapterError(FerrumError):
+    """A LoRA adapter is malformed, uses a feature Ferrum does not run, does not fit the base model,
+    or cannot be loaded or unloaded now (memory budget, requests still using it)."""
+
+
 class KVCacheExhaustedError(FerrumError):
     """Not enough free KV blocks for a request; other sequences are untouched."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Hashable, Iterator, Sequence
 
 import numpy as np
@@ -25,7 +26,18 @@ from ferrum.executor_api import (
     UnifiedBatchItem,
     UnifiedBatchOutput,
 )
-from ferrum.model import DecoderOnlyLLM, ForwardOutput
+from ferrum.metadata import check_metadata, require_full_logits
+from ferrum.model import DecoderOnlyLLM, ForwardItem, ForwardOutput
+
+
+def _with_metadata_flags(item: ForwardItem) -> ForwardItem:
+    """Check the item's metadata and turn the ``ferrum_*`` keys the model acts on into its flags."""
+    if not item.metadata:
+        return item
+    metadata = check_metadata(item.metadata)
+    if require_full_logits(metadata) and not item.full_logits:
+        return replace(item, full_logits=True)
+    return item
 
 
 class _Timings:
@@ -97,7 +109,7 @@ class LlmExecutor(ModelExecutor):
         With ``to_host=False`` logits stay on the backend (for on-device
         sampling); the timing then covers only what the backend ran eagerly.
         """
-        items = tuple(batch.items)
+        items = tuple(_with_metadata_flags(it) for it in batch.items)
         with self._exclusive():
             start = time.perf_counter()
             out = self.model.forward(items, all_logits=batch.require_full_logits)
@@ -112,9 +124,11 @@ class LlmExecutor(ModelExecutor):
     # ------------------------------------------------------------- contract
     def unified_decode(self, batch: UnifiedBatch) -> UnifiedBatchOutput:
         out, handles = self.run(batch)
+        full = {it.seq_id for it in batch.items
+                if batch.require_full_logits or it.full_logits or require_full_logits(it.metadata)}
         logits: dict[Hashable, np.ndarray] = {}
         for seq_id, (start, count) in out.rows.items():
-            logits[seq_id] = out.logits[start : start + count] if batch.require_full_logits else out.logits[start]
+            logits[seq_id] = out.logits[start : start + count] if seq_id in full else out.logits[start]
         return UnifiedBatchOutput(logits, handles)
 
     def prefill(self, request: PrefillInput) -> PrefillOutput:
@@ -127,7 +141,7 @@ class LlmExecutor(ModelExecutor):
                 raise InvalidRequestError(
                     f"sequence {r.cache_id!r} already has a KV cache; release it before prefilling again"
                 )
-        items = tuple(UnifiedBatchItem(r.cache_id, r.tokens, 0, True) for r in requests)
+        items = tuple(UnifiedBatchItem(r.cache_id, r.tokens, 0, True, metadata=r.metadata) for r in requests)
         out = self.unified_decode(UnifiedBatch(items))
         return [PrefillOutput(out.handles[r.cache_id], out.logits[r.cache_id]) for r in requests]
 
@@ -137,7 +151,7 @@ class LlmExecutor(ModelExecutor):
     def batch_decode(self, steps: Sequence[DecodeInput]) -> list[DecodeOutput]:
         for s in steps:
             self.model.kv.length(s.cache_id)  # unknown id -> UnknownSequenceError, nothing changed
-        items = tuple(UnifiedBatchItem(s.cache_id, [s.token], s.position, True) for s in steps)
+        items = tuple(UnifiedBatchItem(s.cache_id, [s.token], s.position, True, metadata=s.metadata) for s in steps)
         out = self.unified_decode(UnifiedBatch(items))
         return [DecodeOutput(out.handles[s.cache_id], out.logits[s.cache_id]) for s in steps]
 

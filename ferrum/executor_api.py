@@ -10,14 +10,15 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
 from ferrum.capabilities import ExecutorCapabilities
 from ferrum.model import ForwardItem
 
-#: One slice of one sequence in a mixed batch: (seq_id, q_tokens, pos_offset, is_final_chunk).
+#: One slice of one sequence in a mixed batch: (seq_id, q_tokens, pos_offset, is_final_chunk),
+#: plus ``full_logits`` and the request's ``metadata`` (``ferrum_require_full_logits`` sets ``full_logits``).
 UnifiedBatchItem = ForwardItem
 
 
@@ -34,6 +35,7 @@ class KvCacheHandle:
 class PrefillInput:
     cache_id: Hashable
     tokens: Sequence[int]
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # see ferrum.metadata
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class DecodeInput:
     cache_id: Hashable
     token: int
     position: int  # must equal the sequence's cached length
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # see ferrum.metadata
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ class UnifiedBatch:
 
 @dataclass(frozen=True)
 class UnifiedBatchOutput:
-    #: seq_id -> ``[vocab]`` for final chunks, or ``[q_len, vocab]`` with full logits.
+    #: seq_id -> ``[vocab]`` for final chunks, or ``[q_len, vocab]`` with full logits
+    #: (the batch's ``require_full_logits``, or the item's own ``full_logits``).
     logits: dict[Hashable, np.ndarray]
     handles: dict[Hashable, KvCacheHandle]
 

@@ -61,7 +61,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.3"
+API_VERSION = "1.4"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -103,6 +103,7 @@ OPTIONAL_OPS = (
     "gelu_tanh_mul",
     "mul_scalar",
     "softcap",
+    "lora_apply",
 )
 
 #: The optional ops that together run packed quantized weights natively.
@@ -382,6 +383,25 @@ def quantized_embedding(weight: Any, ids: Any) -> Any:
     """(optional) Rows ``ids [n]`` (int32) of a packed ``[vocab, hidden]`` matrix from
     :func:`quantized_upload`, dequantized into the compute dtype: ``[n, hidden]``.
     Fallback: dequantize those rows on the host."""
+
+
+@hookspec(firstresult=True)
+def lora_apply(y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
+    """(optional) Add many LoRA adapters' low-rank products to one projection's output, per token.
+
+    ``y [T, out]`` is the base projection's output (from whichever op applied the
+    base weight, dense or packed) and ``x [T, in]`` its input. ``a [S, r, in]`` and
+    ``b [S, r, out]`` stack the factors of every resident adapter by slot (``from_numpy``
+    arrays in the compute dtype; ranks zero-padded to ``r``, the scale already in
+    ``b``). ``batch`` is a :class:`ferrum.adapters.batching.LoraBatch` of host arrays
+    describing the whole pass: ``token_slots`` (each token's slot, -1 for none),
+    ``order`` (rows of tokens that use an adapter, sorted by slot), ``slots`` (their
+    slots) and ``segments`` ``(slot, start, count)`` of equal slots over ``order``; a backend may keep its device copies of these in
+    ``batch.prepared`` (a dict) and reuse them for every projection of the pass.
+    Returns ``y`` with ``y[t] += (x[t] @ a[s].T) @ b[s]`` for each adapted token ``t``
+    of slot ``s``; other rows unchanged. ``y`` is a fresh array nothing else reads,
+    so it may be updated in place. Fallback: computed on the host in float32.
+    """
 
 
 # --------------------------------------------------------------------------

@@ -11,12 +11,13 @@ decode, forward_verify...) are all that one pass with different items.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
+from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.tensors import prepare, resolve_layout, weight_shapes
@@ -49,13 +50,19 @@ class ForwardItem:
 
     ``q_tokens`` are fed at positions ``pos_offset .. pos_offset + len - 1``;
     ``pos_offset`` must equal the sequence's cached length. Logits are
-    produced for final chunks only (or for every position on request).
+    produced for the last position of final chunks, or for every position of
+    items with ``full_logits`` (speculative verification, scoring).
+    ``metadata`` is the request's (see :mod:`ferrum.metadata`).
     """
 
     seq_id: Hashable
     q_tokens: Sequence[int]
     pos_offset: int
     is_final_chunk: bool = True
+    full_logits: bool = False
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: Name of a LoRA adapter loaded on the model (``model.adapters``), or None for the base model.
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,8 @@ class DecoderOnlyLLM:
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head])
         self.ropes = {id(r): _RopeTables(ops, r) for r in {id(spec.rope): spec.rope for spec in arch.layers}.values()}
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        #: LoRA adapters resident beside the base weights (see :mod:`ferrum.adapters`).
+        self.adapters = AdapterRegistry(self)
         #: Bytes the weights occupy on the backend (packed ones at their packed or repacked size).
         self.weight_bytes = sum(p.nbytes for p in weights.values())
 
@@ -280,13 +289,16 @@ class DecoderOnlyLLM:
         """Run one unified batch; logits stay on the backend.
 
         With ``all_logits`` every query position of every item gets a row;
-        otherwise only the last position of final chunks does. On any error
+        otherwise every position of ``full_logits`` items and the last
+        position of other final chunks do, in item order. On any error
         the KV bookkeeping is rolled back, so the batch changed nothing.
         """
         self._validate(items)
-        reservation = self.kv.reserve((item.seq_id, item.q_tokens) for item in items)
+        salts = self.adapters.salts(items)
+        reservation = self.kv.reserve(((item.seq_id, item.q_tokens) for item in items), salts)
         try:
-            out = self._forward(items, all_logits)
+            with self.adapters.active(items):
+                out = self._forward(items, all_logits)
         except BaseException:
             self.kv.rollback(reservation)
             raise
@@ -357,11 +369,13 @@ class DecoderOnlyLLM:
                 start, end = batch.query_range(i)
                 rows[it.seq_id] = (start, end - start)
         else:
-            picks = []
+            picks: list[int] = []
             for i, it in enumerate(items):
-                if it.is_final_chunk:
-                    rows[it.seq_id] = (len(picks), 1)
-                    picks.append(batch.query_range(i)[1] - 1)
+                start, end = batch.query_range(i)
+                if it.full_logits or it.is_final_chunk:
+                    first = start if it.full_logits else end - 1
+                    rows[it.seq_id] = (len(picks), end - first)
+                    picks.extend(range(first, end))
             if not picks:
                 return ForwardOutput(None, rows)
             if len(picks) != n_tok:
@@ -420,7 +434,8 @@ class DecoderOnlyLLM:
         recompute = self.kv.truncate(cache_id, new_len)
         if recompute:
             start = new_len - len(recompute)
-            self.forward([ForwardItem(cache_id, recompute, start, is_final_chunk=False)])
+            adapter = self.adapters.name_for_salt(self.kv.salt(cache_id))
+            self.forward([ForwardItem(cache_id, recompute, start, is_final_chunk=False, adapter=adapter)])
 
     def release(self, cache_id: Hashable) -> None:
         self.kv.release(cache_id)

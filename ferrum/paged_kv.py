@@ -7,7 +7,10 @@ before anything changes, so a batch that does not fit raises
 
 Prefix caching: every *full* block is keyed by a hash chaining its parent
 block's key with its own tokens, so equal keys mean equal token prefixes and
-therefore equal K/V. Blocks are reference counted; a block nobody references
+therefore equal K/V. A sequence's first block chains from its *salt* instead
+of nothing: the digest of the LoRA adapter it runs with (an adapter changes
+the K/V of the same tokens), empty for the base model, so sequences share
+blocks only when they share an adapter. Blocks are reference counted; a block nobody references
 keeps its contents on an LRU list and is revived when another sequence's
 prompt matches it (:meth:`PagedKVManager.match_prefix` then
 :meth:`PagedKVManager.adopt`). It is overwritten only when no never-used
@@ -19,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Sequence
+from typing import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +42,7 @@ class SequenceBlocks:
     length: int = 0  # tokens whose K/V are written
     tokens: list[int] = field(default_factory=list)  # those tokens, for block keys
     hashes: list[bytes] = field(default_factory=list)  # keys of the full blocks, in order
+    salt: bytes = b""  # what its first block's key chains from (its adapter's digest)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,10 @@ class PagedKVManager:
     def length(self, seq_id: Hashable) -> int:
         return self._get(seq_id).length
 
+    def salt(self, seq_id: Hashable) -> bytes:
+        """The salt ``seq_id``'s block keys chain from (b"" for the base model)."""
+        return self._get(seq_id).salt
+
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._get(seq_id).blocks)
 
@@ -144,15 +152,15 @@ class PagedKVManager:
             del self._block_of[key]
 
     # ---- prefix cache --------------------------------------------------------
-    def match_prefix(self, tokens: Sequence[int]) -> PrefixMatch:
-        """The longest run of cached full blocks that starts ``tokens``.
+    def match_prefix(self, tokens: Sequence[int], salt: bytes = b"") -> PrefixMatch:
+        """The longest run of cached full blocks that starts ``tokens`` (computed under ``salt``).
 
         At least one token is always left uncached, so the caller still has
         a position to compute logits for.
         """
         blocks: list[int] = []
         hashes: list[bytes] = []
-        parent = b""
+        parent = salt
         bs = self.block_size
         for start in range(0, len(tokens) - 1 - bs + 1, bs):
             key = chain_hash(parent, tokens[start : start + bs])
@@ -164,7 +172,7 @@ class PagedKVManager:
             parent = key
         return PrefixMatch(tuple(blocks), tuple(hashes), len(blocks) * bs)
 
-    def adopt(self, seq_id: Hashable, tokens: Sequence[int], match: PrefixMatch) -> None:
+    def adopt(self, seq_id: Hashable, tokens: Sequence[int], match: PrefixMatch, salt: bytes = b"") -> None:
         """Start ``seq_id`` on the cached blocks of ``match`` (shared, read-only)."""
         if seq_id in self._seqs:
             raise InvalidRequestError(f"sequence {seq_id!r} already has a KV cache")
@@ -176,14 +184,14 @@ class PagedKVManager:
                 del self._evictable[block]
             self._refs[block] += 1
         self._seqs[seq_id] = SequenceBlocks(
-            list(match.blocks), match.num_tokens, list(tokens[: match.num_tokens]), list(match.hashes)
+            list(match.blocks), match.num_tokens, list(tokens[: match.num_tokens]), list(match.hashes), salt
         )
 
     def _key_full_blocks(self, seq: SequenceBlocks) -> None:
         bs = self.block_size
         while len(seq.hashes) < seq.length // bs:
             index = len(seq.hashes)
-            parent = seq.hashes[-1] if seq.hashes else b""
+            parent = seq.hashes[-1] if seq.hashes else seq.salt
             key = chain_hash(parent, seq.tokens[index * bs : (index + 1) * bs])
             seq.hashes.append(key)
             block = seq.blocks[index]
@@ -192,10 +200,13 @@ class PagedKVManager:
                 self._hash_of[block] = key
 
     # ---- growth ----------------------------------------------------------
-    def reserve(self, growth: Iterable[tuple[Hashable, Sequence[int]]]) -> Reservation:
+    def reserve(
+        self, growth: Iterable[tuple[Hashable, Sequence[int]]], salts: Mapping[Hashable, bytes] | None = None
+    ) -> Reservation:
         """Give each ``(seq_id, new_tokens)`` the blocks it needs, all or nothing.
 
-        Unknown ids are created. Lengths change only on :meth:`commit`.
+        Unknown ids are created, with their salt from ``salts`` (default b"").
+        Lengths change only on :meth:`commit`.
         """
         growth = list(growth)
         needs = [self.blocks_needed(seq_id, len(tokens)) for seq_id, tokens in growth]
@@ -209,7 +220,7 @@ class PagedKVManager:
         for (seq_id, tokens), n in zip(growth, needs):
             seq = self._seqs.get(seq_id)
             if seq is None:
-                seq = self._seqs[seq_id] = SequenceBlocks()
+                seq = self._seqs[seq_id] = SequenceBlocks(salt=(salts or {}).get(seq_id, b""))
                 reservation.new_sequences.append(seq_id)
             seq.blocks.extend(self._take_block() for _ in range(n))
             reservation.added_blocks[seq_id] = n

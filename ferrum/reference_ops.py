@@ -83,6 +83,17 @@ def softcap(ops: Any, x: Any, cap: float) -> Any:
     return _on_host(ops, x, lambda a: np.float32(cap) * np.tanh(a / np.float32(cap)))
 
 
+def lora_apply(ops: Any, y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
+    """Segment by segment on the host: ``y[rows] += (x[rows] @ a[slot].T) @ b[slot]``."""
+    xh = np.asarray(ops.to_numpy(x), dtype=np.float32)
+    ah, bh = np.asarray(ops.to_numpy(a), dtype=np.float32), np.asarray(ops.to_numpy(b), dtype=np.float32)
+    delta = np.zeros((xh.shape[0], bh.shape[2]), dtype=np.float32)
+    for slot, start, count in batch.segments:
+        rows = batch.order[start : start + count]
+        delta[rows] = (xh[rows] @ ah[slot].T) @ bh[slot]
+    return _on_host(ops, y, lambda yh: yh + delta)
+
+
 def sample(ops: Any, logits: Any, batch: Any) -> Any:
     return sample_numpy(ops.to_numpy(logits), batch)
 

@@ -177,6 +177,14 @@ class RequestSampler:
         if self.params.presence_penalty or self.params.frequency_penalty:
             self._counts[token] += 1
 
+    def fork(self) -> "RequestSampler":
+        """A copy with its own history and generator in the same state (to score positions ahead)."""
+        twin = RequestSampler.__new__(RequestSampler)
+        twin.params, twin._seen, twin._counts = self.params, set(self._seen), Counter(self._counts)
+        twin.rng = np.random.default_rng()
+        twin.rng.bit_generator.state = self.rng.bit_generator.state
+        return twin
+
     def rng_state(self) -> dict:
         """The generator's state, so a draw spent on a failed sampling call can be taken back."""
         return self.rng.bit_generator.state

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from ferrum.bench import BenchOptions, Figures, format_report, ratios, run_bench, write_json
+from ferrum.bench.figures import ratio_summary
 from ferrum.bench.workloads import get_workload, make_prompts
 from ferrum.cli import main
 from ferrum.errors import InvalidRequestError
@@ -33,6 +34,17 @@ def test_figures_from_timestamps():
     slower = Figures.from_timestamps(10.0, 18.0, [100, 300], [13.0, 14.0], [5, 9])
     r = ratios(f, slower)
     assert r["throughput_tok_s"] == pytest.approx(2.0) and r["ttft_speedup"] == pytest.approx(3.5 / 1.5)
+    # TTFT counts from each request's own submission (a request sent later waits less)
+    late = Figures.from_timestamps(10.0, 14.0, [100, 300], [11.0, 12.0], [5, 9], submit_times=[10.0, 11.5])
+    assert late.ttft_s == pytest.approx((1.0 + 0.5) / 2) and late.prefill_tok_s == f.prefill_tok_s
+
+
+def test_ratio_summary_is_the_median_and_range_of_the_pairs():
+    pairs = [{"decode_tok_s": 1.2, "ttft_speedup": None}, {"decode_tok_s": 0.9, "ttft_speedup": 2.0},
+             {"decode_tok_s": 1.0, "ttft_speedup": 1.0}]
+    medians, ranges = ratio_summary(pairs)
+    assert medians == {"decode_tok_s": 1.0, "ttft_speedup": 1.5}
+    assert ranges == {"decode_tok_s": [0.9, 1.2], "ttft_speedup": [1.0, 2.0]}
 
 
 def test_workload_prompts_are_deterministic_and_shaped():
@@ -67,6 +79,20 @@ def test_bench_against_transformers_with_profile(tmp_path):
     write_json(report, tmp_path / "out.json")
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["ferrum"] == report["ferrum"] and "profile_table" not in saved
+
+
+@pytest.mark.skipif("mlx" not in runnable_backends(), reason="mlx is not installed")
+def test_bench_pairs_runs_and_gives_mlx_lm_its_prefix_reuse():
+    options = BenchOptions(workload="shared-prefix", backend="mlx", preset="tiny", repeat=3, prompt_len=40,
+                           gen_len=3, concurrency=3, profile=True)
+    report = run_bench(options, log=lambda line: None)
+    assert len(report["pairs"]) == 3 and report["peer"]["generated_tokens"] == report["ferrum"]["generated_tokens"] == 9
+    for key, (low, high) in report["ratio_ranges"].items():
+        assert low <= report["ratios"][key] <= high
+    assert any("prefix" in f for f in report["features"]["mlx-lm"])
+    assert any("prefix cache" in f for f in report["features"]["ferrum"])
+    assert report["profile"]["sequences"] == 3  # the pool has room for the profile's steps at --gen-len 3
+    assert "median of 3 alternating (ferrum, peer) pairs" in format_report(report)
 
 
 @pytest.mark.skipif("mlx" not in runnable_backends(), reason="mlx is not installed")

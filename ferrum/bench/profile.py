@@ -39,18 +39,27 @@ class Profile:
 
 
 class _Timer:
+    """Time and calls of one op. An op called from inside another timed op (a core fallback
+    composing ops) is not counted again: each share is the outermost op's."""
+
+    _depth = 0  # timed calls in progress, over every timer
+
     def __init__(self) -> None:
         self.calls = 0
         self.seconds = 0.0
 
     def wrap(self, fn: Callable) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if _Timer._depth:
+                return fn(*args, **kwargs)
+            _Timer._depth += 1
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
                 self.calls += 1
+                _Timer._depth -= 1
 
         return timed
 

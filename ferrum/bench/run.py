@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ferrum.bench.figures import Figures, median_figures, ratios
+from ferrum.bench.figures import Figures, median_figures, ratio_summary, ratios
 from ferrum.bench.memory import bandwidth_figures, measure_read_bandwidth
 from ferrum.bench.presets import preset_checkpoint
 from ferrum.bench.profile import Profile, profile_decode
+from ferrum.bench.speculative import format_speculative, speculative_bench
 from ferrum.bench.runners import FerrumRunner, Runner, make_peer, peer_for
 from ferrum.bench.workloads import Workload, get_workload, make_prompts
 from ferrum.config import ModelConfig
@@ -25,6 +26,8 @@ from ferrum.quant import quantize_checkpoint
 from ferrum.sources import cache_root, gguf_checkpoint, resolve_model
 
 ProgressFn = Callable[[int, int, str], None]
+#: Decode steps ``--profile`` times.
+PROFILE_STEPS = 16
 #: Makes a progress callback for a labelled phase ("preparing checkpoint", "loading weights").
 ProgressFactory = Callable[[str], ProgressFn]
 
@@ -44,6 +47,8 @@ class BenchOptions:
     profile: bool = False
     quantize: int | None = None  # bits: bench a quantized copy of the model (mlx-community layout)
     group_size: int = 64
+    speculative: str | None = None  # lookup | draft: decode with and without it (see ferrum.bench.speculative)
+    draft_model: str | None = None  # with speculative="draft"; default: a truncated copy of the model
 
     def __post_init__(self) -> None:
         for name in ("repeat", "prompt_len", "gen_len", "concurrency"):
@@ -63,10 +68,22 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _measure(runner: Runner, prompts: list[list[int]], workload: Workload, repeat: int) -> Figures:
-    runner.run([p[:8] for p in prompts[:2]], 2)  # warm-up: kernels, allocations
+def _measure(runners: list[Runner], prompts: list[list[int]], workload: Workload, repeat: int) -> list[list[Figures]]:
+    """Each runner's figures over ``repeat`` rounds, the runners alternating inside every round.
+
+    Each runs the whole workload once first (warm-up at full size: kernels, allocations,
+    caches). The order flips each round, so a burst of load on a shared machine hits
+    both sides of a pair alike instead of all of one side's runs.
+    """
     first_alone = workload.shared_prefix_len > 0
-    return median_figures([runner.run(prompts, workload.gen_len, first_alone) for _ in range(repeat)])
+    for runner in runners:
+        runner.run(prompts, workload.gen_len, first_alone)
+    runs: list[list[Figures]] = [[] for _ in runners]
+    for round_ in range(repeat):
+        order = range(len(runners)) if round_ % 2 == 0 else reversed(range(len(runners)))
+        for i in order:
+            runs[i].append(runners[i].run(prompts, workload.gen_len, first_alone))
+    return runs
 
 
 def run_bench(
@@ -80,10 +97,14 @@ def run_bench(
         return progress(label) if progress is not None else None
 
     gguf_path, path = _checkpoint(options, phase)
+    if options.speculative:
+        return speculative_bench(options, workload, path, phase("loading weights"), log)
     config = ModelConfig.from_file(path)
     prompts = make_prompts(workload, config.vocab_size)
-    # Room for every request at its full length: the benchmark measures batching, not preemption.
-    num_kv_blocks = sum(-(-(len(p) + workload.gen_len) // DEFAULT_BLOCK_SIZE) for p in prompts)
+    # Room for every request at its full length (and the profile's steps): the benchmark measures
+    # batching, not preemption.
+    longest = max(workload.gen_len, PROFILE_STEPS + 2 if options.profile else 0)
+    num_kv_blocks = sum(-(-(len(p) + longest) // DEFAULT_BLOCK_SIZE) for p in prompts)
     ferrum = FerrumRunner(path, options.backend, options.dtype, num_kv_blocks, workload.concurrency,
                           phase("loading weights"))
     backend = ferrum.backend
@@ -99,9 +120,19 @@ def run_bench(
         "backend": backend.name,
         "device": backend.info.device,
         "dtype": ferrum.dtype,
-        "ferrum": _measure(ferrum, prompts, workload, options.repeat).as_dict(),
-        "preemptions": ferrum.preemptions,
     }
+    peer_name = peer_for(backend.name, options.peer, gguf=gguf_path is not None,
+                         quantized=config.quantization is not None)
+    runners: list[Runner] = [ferrum]
+    if peer_name:
+        runners.append(make_peer(peer_name, path, ferrum.dtype, backend.info.device, gguf_path,
+                                 context=max(len(p) for p in prompts) + workload.gen_len + 8,
+                                 prefill_tokens=ferrum.llm.engine.config.max_num_batched_tokens))
+    runs = _measure(runners, prompts, workload, options.repeat)
+    first_alone = workload.shared_prefix_len > 0
+    report["ferrum"] = median_figures(runs[0]).as_dict()
+    report["preemptions"] = ferrum.preemptions
+    report["features"] = {r.name: r.features(prompts, first_alone) for r in runners}
     if workload.shared_prefix_len:
         report["prefix_cache_hit_rate"] = ferrum.cached_tokens / sum(len(p) for p in prompts)
     weights = ferrum.llm.model.weight_bytes
@@ -109,16 +140,14 @@ def run_bench(
                                          measure_read_bandwidth())
     report["memory"]["params"] = sum(math.prod(s) for s in weight_shapes(config).values())
     report["memory"]["bits_per_param"] = 8 * weights / report["memory"]["params"]
-    peer_name = peer_for(backend.name, options.peer, gguf=gguf_path is not None,
-                         quantized=config.quantization is not None)
     if peer_name:
-        peer = make_peer(peer_name, path, ferrum.dtype, backend.info.device, gguf_path,
-                         context=max(len(p) for p in prompts) + workload.gen_len + 8)
-        peer_figures = _measure(peer, prompts, workload, options.repeat)
-        report["peer"] = {"name": peer_name, **peer_figures.as_dict()}
-        report["ratios"] = ratios(Figures(**report["ferrum"]), peer_figures)
+        report["peer"] = {"name": peer_name, **median_figures(runs[1]).as_dict()}
+        pairs = [ratios(f, p) for f, p in zip(*runs)]
+        report["ratios"], report["ratio_ranges"] = ratio_summary(pairs)
+        report["pairs"] = [{"ferrum": f.as_dict(), "peer": p.as_dict(), "ratios": r}
+                           for f, p, r in zip(*runs, pairs)]
     if options.profile:
-        profile: Profile = profile_decode(ferrum.llm, prompts)
+        profile: Profile = profile_decode(ferrum.llm, prompts, PROFILE_STEPS)
         report["profile"] = {"sequences": profile.sequences, "step_ms": profile.step_ms, "parts_ms": profile.parts_ms,
                              "ops": [{"op": n, "calls": c, "ms": ms} for n, c, ms in profile.ops]}
         report["profile_table"] = profile.table()
@@ -148,6 +177,8 @@ def _checkpoint(options: BenchOptions, phase: Callable[[str], ProgressFn | None]
 
 
 def format_report(report: dict) -> str:
+    if "speculative" in report:
+        return format_speculative(report["speculative"])
     rows = [("", "ferrum") + ((report["peer"]["name"], "ratio") if "peer" in report else ())]
     labels = [("prefill_tok_s", "prefill tok/s", "prefill_tok_s"), ("decode_tok_s", "decode tok/s", "decode_tok_s"),
               ("throughput_tok_s", "throughput tok/s", "throughput_tok_s"), ("ttft_s", "TTFT ms", "ttft_speedup")]
@@ -155,13 +186,18 @@ def format_report(report: dict) -> str:
         scale = 1e3 if key == "ttft_s" else 1.0
         row = (label, f"{report['ferrum'][key] * scale:.1f}")
         if "peer" in report:
-            ratio = report["ratios"][ratio_key]
-            row += (f"{report['peer'][key] * scale:.1f}", "-" if ratio is None else f"{ratio:.2f}x")
+            ratio, spread = report["ratios"][ratio_key], report["ratio_ranges"][ratio_key]
+            row += (f"{report['peer'][key] * scale:.1f}",
+                    "-" if ratio is None else f"{ratio:.2f}x ({spread[0]:.2f}-{spread[1]:.2f})")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     if "peer" in report:
-        lines.append("ratio: ferrum/peer for speeds, peer/ferrum for TTFT; above 1 means ferrum is faster")
+        lines.append(f"ratio: median of {len(report['pairs'])} alternating (ferrum, peer) pairs, range in "
+                     "brackets; ferrum/peer for speeds, peer/ferrum for TTFT; above 1 means ferrum is faster")
+        lines.append("figures: the run with the median throughput on each side; TTFT from each request's submission")
+    for side, used in report.get("features", {}).items():
+        lines.append(f"{side} used: {'; '.join(used) if used else '-'}")
     if report.get("preemptions"):
         lines.append(f"warning: ferrum preempted {report['preemptions']} request(s) for lack of KV blocks")
     if "prefix_cache_hit_rate" in report:

@@ -17,13 +17,18 @@ from ferrum.errors import UnsupportedFeatureError
 from ferrum.sampling import SamplingParams
 
 
-Timestamps = tuple[list[float], list[int]]  # first-token time and token count per prompt
+#: Submission time, first-token time and token count per prompt (``time.perf_counter`` seconds).
+Timestamps = tuple[list[float], list[float], list[int]]
 
 
 class Runner:
-    """Runs prompts to ``gen_len`` tokens each; subclasses say how."""
+    """Runs prompts to ``gen_len`` tokens each; subclasses say how, and which features they used."""
 
     name: str
+
+    def features(self, prompts: Sequence[Sequence[int]], first_alone: bool) -> list[str]:
+        """What this side used for these prompts (prefix reuse, batching), for the report."""
+        return []
 
     def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
         raise NotImplementedError
@@ -33,14 +38,16 @@ class Runner:
         prefix they share is then computed once, as when requests arrive over time)."""
         start = time.perf_counter()
         groups = [prompts[:1], prompts[1:]] if first_alone and len(prompts) > 1 else [prompts]
+        submitted: list[float] = []
         first_times: list[float] = []
         counts: list[int] = []
         for group in groups:
-            times, n = self.generate(group, gen_len)
+            sent, times, n = self.generate(group, gen_len)
+            submitted += sent
             first_times += times
             counts += n
         end = time.perf_counter()
-        return Figures.from_timestamps(start, end, [len(p) for p in prompts], first_times, counts)
+        return Figures.from_timestamps(start, end, [len(p) for p in prompts], first_times, counts, submitted)
 
 
 class FerrumRunner(Runner):
@@ -82,37 +89,90 @@ class FerrumRunner(Runner):
             engine.step()
         outs = [finals[i] for i in ids]
         self.cached_tokens += sum(o.metrics.num_cached_tokens for o in outs)
-        return [o.metrics.first_token_time for o in outs], [len(o.token_ids) for o in outs]
+        return ([o.metrics.arrival_time for o in outs], [o.metrics.first_token_time for o in outs],
+                [len(o.token_ids) for o in outs])
+
+    def features(self, prompts: Sequence[Sequence[int]], first_alone: bool) -> list[str]:
+        config = self.llm.engine.config
+        return ["continuous batching", f"chunked prefill, {config.max_num_batched_tokens}-token budget per step",
+                "prefix cache (whole blocks)"]
 
 
 class MlxLmRunner(Runner):
-    """mlx-lm: ``generate_step`` for one request, its ``BatchGenerator`` for many."""
+    """mlx-lm: ``generate_step`` for one request, its ``BatchGenerator`` for many.
+
+    Given the same chances as Ferrum: the batch prefills every prompt together with
+    Ferrum's token budget, and prompts that share a prefix with the request run
+    before them start from a copy of that request's prompt cache (mlx-lm's own
+    prefix reuse), as Ferrum's prefix cache does.
+    """
 
     name = "mlx-lm"
 
-    def __init__(self, path: Path, dtype: str):
+    def __init__(self, path: Path, dtype: str, prefill_tokens: int = 2048):
         import mlx.core as mx
         from mlx_lm.utils import load_model
 
         self.mx = mx
         self.model, _ = load_model(Path(path))
         self.model.set_dtype(getattr(mx, dtype))
+        self.prefill_tokens = prefill_tokens
+        self._earlier: tuple[list[int], list[Any]] | None = None  # the last single request's prompt and cache
 
     def _greedy(self, logprobs):
         return self.mx.argmax(logprobs, axis=-1)
 
+    def features(self, prompts: Sequence[Sequence[int]], first_alone: bool) -> list[str]:
+        used = ["generate_step" if len(prompts) == 1 else
+                f"BatchGenerator, prefill batch {len(prompts)}, {self.prefill_tokens}-token prefill steps"]
+        return used + (["prompt-cache copy of the first request's shared prefix"] if first_alone else [])
+
+    def run(self, prompts: Sequence[Sequence[int]], gen_len: int, first_alone: bool = False) -> Figures:
+        self._earlier = None
+        return super().run(prompts, gen_len, first_alone)
+
+    def _reused(self, prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[list[Any]] | None]:
+        """Each prompt's tokens after the prefix it shares with the earlier request, and its cache."""
+        import copy
+
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+        if self._earlier is None:
+            return [list(p) for p in prompts], None
+        earlier, cache = self._earlier
+        rests, caches = [], []
+        for prompt in prompts:
+            shared = 0
+            while shared < min(len(prompt) - 1, len(earlier)) and prompt[shared] == earlier[shared]:
+                shared += 1
+            own = make_prompt_cache(self.model)
+            if shared:
+                own = copy.deepcopy(cache)
+                trim_prompt_cache(own, own[0].offset - shared)
+            rests.append(list(prompt[shared:]))
+            caches.append(own)
+        return rests, caches
+
     def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
         from mlx_lm.generate import BatchGenerator, generate_step
+        from mlx_lm.models.cache import make_prompt_cache
 
         if len(prompts) == 1:
             first, count = None, 0
-            for _ in generate_step(self.mx.array(prompts[0]), self.model, max_tokens=gen_len, sampler=self._greedy):
+            cache = make_prompt_cache(self.model)
+            sent = time.perf_counter()
+            for _ in generate_step(self.mx.array(prompts[0]), self.model, max_tokens=gen_len, sampler=self._greedy,
+                                   prompt_cache=cache, prefill_step_size=self.prefill_tokens):
                 count += 1
                 first = first or time.perf_counter()
-            return [first], [count]
+            self._earlier = (list(prompts[0]), cache)
+            return [sent], [first], [count]
         generator = BatchGenerator(self.model, max_tokens=gen_len, sampler=self._greedy,
-                                   completion_batch_size=max(32, len(prompts)))
-        uids = generator.insert([list(p) for p in prompts], [gen_len] * len(prompts))
+                                   completion_batch_size=max(32, len(prompts)), prefill_batch_size=len(prompts),
+                                   prefill_step_size=self.prefill_tokens)
+        rests, caches = self._reused(prompts)
+        sent = time.perf_counter()
+        uids = generator.insert(rests, [gen_len] * len(prompts), caches=caches)
         first_times: dict[int, float] = {}
         counts = dict.fromkeys(uids, 0)
         done = 0
@@ -124,7 +184,7 @@ class MlxLmRunner(Runner):
                 counts[r.uid] += 1
                 done += r.finish_reason is not None
         generator.close()
-        return [first_times[u] for u in uids], [counts[u] for u in uids]
+        return [sent] * len(uids), [first_times[u] for u in uids], [counts[u] for u in uids]
 
 
 class TransformersRunner(Runner):
@@ -169,12 +229,16 @@ class TransformersRunner(Runner):
             def end(self) -> None:
                 pass
 
+        sent = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(
                 ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=gen_len,
                 min_new_tokens=gen_len, do_sample=False, pad_token_id=0, streamer=StepClock(),
             )
-        return [steps[0]] * len(prompts), [out.shape[1] - width] * len(prompts)
+        return [sent] * len(prompts), [steps[0]] * len(prompts), [out.shape[1] - width] * len(prompts)
+
+    def features(self, prompts: Sequence[Sequence[int]], first_alone: bool) -> list[str]:
+        return ["generate, one left-padded batch", "no prefix reuse (generate has none across calls)"]
 
 
 def open_llama_cpp(gguf_path: Path, context: int, threads: int) -> Any:
@@ -218,9 +282,17 @@ class LlamaCppRunner(Runner):
                 "source in about 10 minutes), or pass --peer none"
             ) from exc
 
+    def features(self, prompts: Sequence[Sequence[int]], first_alone: bool) -> list[str]:
+        return ["one request at a time", "prefix reuse: the previous prompt's matching KV"]
+
+    def run(self, prompts: Sequence[Sequence[int]], gen_len: int, first_alone: bool = False) -> Figures:
+        self.llm.reset()  # no prefix carried over from an earlier run, as for Ferrum
+        return super().run(prompts, gen_len, first_alone)
+
     def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
-        first_times, counts = [], []
+        sent, first_times, counts = [], [], []
         for prompt in prompts:
+            sent.append(time.perf_counter())
             first, count = None, 0
             for _ in self.llm.generate(list(prompt), top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
                                        repeat_penalty=1.0, reset=True):
@@ -230,7 +302,7 @@ class LlamaCppRunner(Runner):
                     break
             first_times.append(first)
             counts.append(count)
-        return first_times, counts
+        return sent, first_times, counts
 
 
 def peer_for(backend_name: str, requested: str, gguf: bool = False, quantized: bool = False) -> str | None:
@@ -246,13 +318,13 @@ def peer_for(backend_name: str, requested: str, gguf: bool = False, quantized: b
 
 
 def make_peer(name: str, path: Path, dtype: str, device: str, gguf_path: Path | None = None,
-              context: int = 4096) -> Runner:
+              context: int = 4096, prefill_tokens: int = 2048) -> Runner:
     if name == "llama.cpp":
         if gguf_path is None:
             raise UnsupportedFeatureError("the llama.cpp peer runs GGUF files: pass --model FILE.gguf")
         return LlamaCppRunner(gguf_path, context)
     if name == "mlx-lm":
-        return MlxLmRunner(path, dtype)
+        return MlxLmRunner(path, dtype, prefill_tokens)
     if name == "transformers":
         return TransformersRunner(path, dtype, "cpu" if device in ("cpu", "metal") else device)
     raise UnsupportedFeatureError(f"unknown peer {name!r}; use llama.cpp, mlx-lm, transformers or none")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from ferrum.engine.engine import Engine
 from ferrum.engine.request import FinishReason, RequestOutput
@@ -31,10 +31,20 @@ class RequestStream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._sealed = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """Called from the stepping thread; raises RuntimeError when the consumer's loop is closed."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        if not self._sealed:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def seal(self) -> None:
+        """Drop every later output (the request is being failed; its abort output must not arrive first)."""
+        self._sealed = True
+
+    def fail(self, error: BaseException) -> None:
+        self._sealed = True
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, error)
 
     async def get(self) -> RequestOutput:
         item = await self._queue.get()
@@ -96,13 +106,19 @@ class AsyncEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        lora: str | None = None,
     ) -> RequestHandle:
-        """Queue a request now (bad input raises here, before anything is awaited); iterate the handle."""
+        """Queue a request now (bad input raises here, before anything is awaited); iterate the handle.
+
+        ``lora`` names a LoRA adapter loaded on the model (see :meth:`Engine.add_request`)."""
         if self._closed:
             raise ExecutorStateError("this AsyncEngine was shut down")
         stream = RequestStream(asyncio.get_running_loop())
         with self._lock:
-            request_id = self.engine.add_request(prompt_token_ids, params, request_id, on_output=stream.put)
+            request_id = self.engine.add_request(
+                prompt_token_ids, params, request_id, on_output=stream.put, metadata=metadata, lora=lora
+            )
             self._streams[request_id] = stream
         self._start()
         return RequestHandle(self, request_id, stream)
@@ -112,17 +128,20 @@ class AsyncEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as they are produced."""
-        async for out in self.submit(prompt_token_ids, params, request_id):
+        async for out in self.submit(prompt_token_ids, params, request_id, metadata, lora):
             yield out
 
     async def generate(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None, lora: str | None = None,
     ) -> RequestOutput:
         """Submit a request and wait for its final output."""
         out = None
-        async for out in self.stream(prompt_token_ids, params, request_id):
+        async for out in self.stream(prompt_token_ids, params, request_id, metadata, lora):
             pass
         return out
 
@@ -167,6 +186,7 @@ class AsyncEngine:
             except BaseException as error:  # KeyboardInterrupt/SystemExit in an op: tell everyone, then stop
                 self._fail_all(error)
                 self._closed = True
+                self.engine.apply_pending()  # aborts queued while the step held the lock: free their KV now
                 return False
         return not self._closed
 
@@ -177,11 +197,12 @@ class AsyncEngine:
         failure = RequestFailedError(f"the engine step failed: {type(error).__name__}: {error}")
         failure.__cause__ = error
         for request_id, stream in streams:
+            stream.seal()
+            self.engine.abort(request_id)  # KV freed before the consumer hears of the failure
             try:
-                stream.put(failure)  # before the abort, whose final output the consumer then never reads
+                stream.fail(failure)
             except RuntimeError:  # that consumer's event loop is gone
                 pass
-            self.engine.abort(request_id)
 
 
 def _step_while_wanted(ref: "weakref.ref[AsyncEngine]", wake: threading.Event) -> None:

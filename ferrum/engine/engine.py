@@ -5,6 +5,12 @@ prefill chunks of many requests), runs it as **one** forward pass, samples the
 requests whose chunk reached their end (on the backend, from logits that
 never leave it), then applies stop conditions and detokenizes.
 
+With speculative decoding (``EngineConfig.speculative``) a decoding request's
+item also carries its drafted tokens, in the same pass as everyone else's
+decodes and prefill chunks, with logits for all of its positions; the
+confirmed drafts are emitted together and the rejected ones' KV is cut back
+with ``truncate_kv`` (see :mod:`ferrum.spec`).
+
 Requests are added and aborted from any thread: those calls only queue a
 command, which the next step applies before it schedules. So an abort frees
 the request's blocks before the next forward pass and never races one.
@@ -17,7 +23,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -32,8 +38,11 @@ from ferrum.errors import (
 )
 from ferrum.executor import LlmExecutor
 from ferrum.executor_api import UnifiedBatch
-from ferrum.model import ForwardItem
-from ferrum.sampling import RequestSampler, SamplingParams, sample_batch
+from ferrum.metadata import check_metadata, require_full_logits
+from ferrum.model import DecoderOnlyLLM, ForwardItem, ForwardOutput
+from ferrum.sampling import RequestSampler, SampledToken, SamplingParams, sample_batch
+from ferrum.spec.speculator import Speculator
+from ferrum.spec.verify import accepted, row_samplers, spend_draws
 from ferrum.stop import StopStringFilter
 from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -50,13 +59,19 @@ class Engine:
     """Continuous batching, prefix caching, preemption and sampling for one model."""
 
     def __init__(
-        self, executor: LlmExecutor, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None
+        self, executor: LlmExecutor, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
+        draft_model: DecoderOnlyLLM | None = None,
     ):
+        """``draft_model`` drafts for ``config.speculative`` with method ``"draft"`` (same vocabulary)."""
         self.executor = executor
         self.model = executor.model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(self.model.kv, self.config)
+        self._speculator: Speculator | None = None
+        if self.config.speculative is not None:
+            self._speculator = Speculator(self.config.speculative, self.model.config.vocab_size, draft_model)
+            self.scheduler.drafter = self._speculator.propose
         self._requests: dict[str, Request] = {}
         self._inbox: deque[Callable[[], RequestOutput | None]] = deque()
         self._step_lock = threading.Lock()
@@ -75,16 +90,25 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         on_output: OutputCallback | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        lora: str | None = None,
     ) -> str:
         """Queue a request; it joins the batch at the next step. Thread-safe.
 
         Bad input is refused here, before it can reach a batch shared with
         other requests. ``on_output`` is called (on the stepping thread) with
-        every new output of this request.
+        every new output of this request. ``metadata`` travels with the
+        request down to the executor (see :mod:`ferrum.metadata`). ``lora``
+        (or metadata ``ferrum_lora_adapter`` / ``ferrum_lora_path``) names an
+        adapter on the model (``model.adapters``); it stays loaded until the
+        request finishes.
         """
         params = params or SamplingParams()
         with self._registry_lock:
-            request = self._new_request(prompt_token_ids, params, request_id)
+            request = self._new_request(prompt_token_ids, params, request_id, metadata)
+            lora = self.model.adapters.resolve(lora, request.metadata)
+            if lora is not None:
+                request.lora, request.cache_salt = lora, self.model.adapters.acquire(lora)
             request.on_output = on_output
             self._requests[request.request_id] = request
         self._inbox.append(lambda: self._admit(request))
@@ -102,11 +126,20 @@ class Engine:
             finally:
                 self._step_lock.release()
 
+    def apply_pending(self) -> list[RequestOutput]:
+        """Apply queued adds and aborts now, without a forward pass (before a stepping thread stops)."""
+        with self._step_lock:
+            return self._drain_inbox()
+
     def has_unfinished(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_unfinished()
 
-    def _new_request(self, prompt: Sequence[int], params: SamplingParams, request_id: str | None) -> Request:
+    def _new_request(
+        self, prompt: Sequence[int], params: SamplingParams, request_id: str | None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Request:
         cfg = self.model.config
+        metadata = check_metadata(metadata)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif request_id in self._requests:
@@ -137,8 +170,10 @@ class Engine:
                 )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none, use stop_token_ids")
-        request = Request(request_id, tokens, params, max_total)
+        request = Request(request_id, tokens, params, max_total, metadata=metadata)
         request.sampler = RequestSampler(params, tokens)
+        if require_full_logits(metadata):
+            request.full_logits = []
         if self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, tokens)
             request.stop_filter = StopStringFilter(params.stop)
@@ -174,13 +209,15 @@ class Engine:
                 if chunk.request.metrics.first_scheduled_time is None:
                     chunk.request.metrics.first_scheduled_time = started
             picks = self._run_batch(chunks, outputs)
-            for request, pick in picks:
-                outputs.append(self._accept_or_fail(request, pick))
-            self._metrics.stepped(started, sum(len(c.tokens) for c in chunks), len(picks))
+            for chunk, pick in picks:
+                outputs.append(self._accept_or_fail(chunk, pick))
+            self._metrics.stepped(started, sum(len(c.tokens) + len(c.drafts) for c in chunks), len(picks))
             return outputs
 
     # ------------------------------------------------------ fault isolation
-    def _run_batch(self, chunks: list[ScheduledChunk], outputs: list[RequestOutput]) -> list[tuple[Request, Any]]:
+    def _run_batch(
+        self, chunks: list[ScheduledChunk], outputs: list[RequestOutput]
+    ) -> list[tuple[ScheduledChunk, Any]]:
         """Forward and sample one step; what fails ends only the requests it must.
 
         A failed pass is rolled back by the model; if it held several
@@ -199,36 +236,86 @@ class Engine:
                 picks += self._run_batch([chunk], outputs)
             return picks
         self.scheduler.mark_computed(chunks)
-        sampling = [c.request for c in chunks if c.sample]
+        self._keep_full_logits(chunks, out)
+        sampling = [c for c in chunks if c.sample]
         if not sampling:
             return []
-        states = [r.sampler.rng_state() for r in sampling]
+        states = [c.request.sampler.rng_state() for c in sampling]
         try:
-            return list(zip(sampling, sample_batch(self.model.ops, out.logits, [r.sampler for r in sampling])))
+            return list(zip(sampling, self._sample(sampling, out)))
         except Exception:
-            for request, state in zip(sampling, states):
-                request.sampler.rewind(state)
-        picks: list[tuple[Request, Any]] = []
-        ops = self.model.ops
-        for row, request in enumerate(sampling):
+            for chunk, state in zip(sampling, states):
+                chunk.request.sampler.rewind(state)
+        picks: list[tuple[ScheduledChunk, Any]] = []
+        for chunk in sampling:
             try:
-                logits = ops.take_rows(out.logits, ops.from_numpy(np.array([row], dtype=np.int32), None))
-                picks.append((request, sample_batch(ops, logits, [request.sampler])[0]))
+                picks.append((chunk, self._sample([chunk], out)[0]))
             except Exception as error:
-                picks.append((request, _Failure(error, "sampling failed")))
+                picks.append((chunk, _Failure(error, "sampling failed")))
         return picks
 
+    def _sample(self, chunks: list[ScheduledChunk], out: ForwardOutput) -> list[list[SampledToken]]:
+        """One sampling call over the chunks' last rows (every verified position of drafted ones)."""
+        ops = self.model.ops
+        rows: list[int] = []
+        samplers: list[RequestSampler] = []
+        for chunk in chunks:
+            first, count = out.rows[chunk.request.request_id]
+            rows += range(first + count - 1 - len(chunk.drafts), first + count)
+            sampler = chunk.request.sampler
+            samplers += row_samplers(sampler, chunk.drafts) if chunk.drafts else [sampler]
+        logits = out.logits
+        if rows != list(range(sum(count for _, count in out.rows.values()))):
+            logits = ops.take_rows(logits, ops.from_numpy(np.asarray(rows, dtype=np.int32), None))
+        flat = iter(sample_batch(ops, logits, samplers))
+        return [[next(flat) for _ in range(1 + len(chunk.drafts))] for chunk in chunks]
+
     def _forward(self, chunks: list[ScheduledChunk]):
-        items = tuple(ForwardItem(c.request.request_id, c.tokens, c.start, c.sample) for c in chunks)
+        items = tuple(
+            ForwardItem(
+                c.request.request_id, c.tokens + list(c.drafts), c.start, c.sample,
+                full_logits=bool(c.drafts) or c.request.full_logits is not None, metadata=c.request.metadata,
+                adapter=c.request.lora,
+            )
+            for c in chunks
+        )
         return self.executor.run(UnifiedBatch(items), to_host=False)
 
-    def _accept_or_fail(self, request: Request, pick: Any) -> RequestOutput:
-        if isinstance(pick, _Failure):
-            return self._fail(request, pick.error, pick.what)
+    def _keep_full_logits(self, chunks: list[ScheduledChunk], out: ForwardOutput) -> None:
+        """Copy the rows of requests that asked for every position's logits to the host."""
+        wanted = [c for c in chunks if c.request.full_logits is not None]
+        if not wanted:
+            return
+        host = self.model.ops.to_numpy(out.logits)
+        for chunk in wanted:
+            first, count = out.rows[chunk.request.request_id]
+            chunk.request.keep_logits(np.array(host[first : first + count], dtype=np.float32), chunk.start)
+
+    def _verify(self, chunk: ScheduledChunk, picks: list[SampledToken]) -> list[SampledToken]:
+        """Keep the picks that confirm the drafts (plus one); roll the KV of the rejected ones back."""
+        request = chunk.request
+        emitted = accepted(chunk.drafts, picks)
+        spend_draws(request.sampler, len(emitted))
+        kept = chunk.start + len(emitted)  # the fed token and the accepted drafts
+        request.num_computed_tokens = kept
+        if len(emitted) <= len(chunk.drafts):
+            self.executor.truncate_kv(request.request_id, kept)
+        if request.full_logits is not None:
+            request.trim_logits(kept)
+        self._speculator.verified(request, len(chunk.drafts), len(emitted) - 1)
+        self._metrics.verified(len(chunk.drafts), len(emitted) - 1)
+        return emitted
+
+    def _accept_or_fail(self, chunk: ScheduledChunk, picks: Any) -> RequestOutput:
+        request = chunk.request
+        if isinstance(picks, _Failure):
+            return self._fail(request, picks.error, picks.what)
         try:
-            return self._accept(request, pick)
-        except Exception as error:  # detokenizer or stop filter
-            return self._fail(request, error, "handling its new token failed")
+            if chunk.drafts:
+                picks = self._verify(chunk, picks)
+            return self._accept(request, picks)
+        except Exception as error:  # KV rollback, detokenizer or stop filter
+            return self._fail(request, error, "handling its new tokens failed")
 
     def _fail(self, request: Request, error: BaseException, what: str) -> RequestOutput:
         """End ``request`` with ``error`` (frees its blocks); the engine goes on with the others."""
@@ -247,7 +334,16 @@ class Engine:
                 outputs.append(out)
         return outputs
 
-    def _accept(self, request: Request, pick) -> RequestOutput:
+    def _accept(self, request: Request, picks: Sequence[SampledToken]) -> RequestOutput:
+        """Append the new tokens in order until one ends the request; one output for them all."""
+        for pick in picks:
+            reason = self._append(request, pick)
+            if reason is not None:
+                return self._finish(request, reason)
+        return self._emit(request)
+
+    def _append(self, request: Request, pick: SampledToken) -> FinishReason | None:
+        """Take one token; the reason when it ends the request."""
         token = pick.token
         now = time.perf_counter()
         if request.metrics.first_token_time is None:
@@ -255,7 +351,7 @@ class Engine:
         params = request.params
         if token in params.stop_token_ids or (token in self._eos_ids and not params.ignore_eos):
             request.stop_reason = token
-            return self._finish(request, FinishReason.STOP)
+            return FinishReason.STOP
         request.output_token_ids.append(token)
         request.sampler.record(token)
         request.metrics.num_generated_tokens += 1
@@ -265,13 +361,17 @@ class Engine:
             request.text += request.stop_filter.feed(request.detokenizer.push(token))
             if request.stop_filter.stopped:
                 request.stop_reason = request.stop_filter.matched
-                return self._finish(request, FinishReason.STOP)
+                return FinishReason.STOP
         if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= request.max_total_tokens:
-            return self._finish(request, FinishReason.LENGTH)
-        return self._emit(request)
+            return FinishReason.LENGTH
+        return None
 
     def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
         self.scheduler.finish(request)
+        if self._speculator is not None:
+            self._speculator.forget(request)
+        if request.lora is not None:
+            self.model.adapters.release(request.lora)
         request.finish_reason = reason
         ended_early = reason in (FinishReason.ABORT, FinishReason.ERROR)
         if request.detokenizer is not None and not request.stop_filter.stopped and not ended_early:

@@ -34,6 +34,18 @@ class EngineMetrics:
     prefix_cache_hit_rate: float
     preemptions: int
     executor: ExecutorStatus
+    spec_drafted_tokens: int = 0  # speculative decoding: draft tokens verified
+    spec_accepted_tokens: int = 0  # of those, accepted
+    spec_steps: int = 0  # verification steps over all requests
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_drafted_tokens if self.spec_drafted_tokens else 0.0
+
+    @property
+    def spec_tokens_per_step(self) -> float:
+        """Tokens a request emitted per verification step (1 + accepted drafts; 0 without speculation)."""
+        return 1 + self.spec_accepted_tokens / self.spec_steps if self.spec_steps else 0.0
 
 
 class MetricsRecorder:
@@ -50,6 +62,9 @@ class MetricsRecorder:
         self.tpot_sum = 0.0
         self.tpot_count = 0
         self.busy_s = 0.0
+        self.spec_drafted = 0
+        self.spec_accepted = 0
+        self.spec_steps = 0
 
     def arrived(self, request: Request) -> None:
         self.prompt_tokens += len(request.prompt_token_ids)
@@ -60,6 +75,13 @@ class MetricsRecorder:
         self.batched_tokens += query_tokens
         self.generated_tokens += sampled
         self.busy_s += end - step_start
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """A request's drafts were verified; its accepted drafts are generated tokens too."""
+        self.spec_drafted += drafted
+        self.spec_accepted += accepted
+        self.spec_steps += 1
+        self.generated_tokens += accepted
 
     def finished(self, request: Request) -> None:
         self.finished_count += 1
@@ -95,4 +117,7 @@ class MetricsRecorder:
             prefix_cache_hit_rate=scheduler.prefix_cache_hit_rate,
             preemptions=scheduler.preemptions,
             executor=executor,
+            spec_drafted_tokens=self.spec_drafted,
+            spec_accepted_tokens=self.spec_accepted,
+            spec_steps=self.spec_steps,
         )

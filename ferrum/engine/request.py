@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
 
 from ferrum.errors import RequestFailedError
 from ferrum.sampling import SamplingParams
@@ -39,6 +41,19 @@ class RequestMetrics:
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     num_preemptions: int = 0
+    num_drafted_tokens: int = 0  # speculative decoding: tokens proposed by the drafter and verified
+    num_accepted_tokens: int = 0  # of those, the ones the target model agreed with
+    num_spec_steps: int = 0  # verification steps (each emits 1 + the accepted drafts)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens (0 when nothing was drafted)."""
+        return self.num_accepted_tokens / self.num_drafted_tokens if self.num_drafted_tokens else 0.0
+
+    @property
+    def tokens_per_spec_step(self) -> float:
+        """Tokens emitted per verification step (1 + accepted drafts, averaged; 0 without speculation)."""
+        return 1 + self.num_accepted_tokens / self.num_spec_steps if self.num_spec_steps else 0.0
 
     @property
     def ttft(self) -> float | None:
@@ -73,6 +88,11 @@ class RequestOutput:
     stop_reason: int | str | None  # the stop token id or stop string that ended it
     metrics: RequestMetrics
     error: RequestFailedError | None = None  # set when finish_reason is ERROR
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # as given to add_request
+    #: With metadata ``ferrum_require_full_logits``: float32 ``[positions, vocab]``, row ``i`` the
+    #: logits after token ``i`` of prompt + output (predicting token ``i + 1``), for every position
+    #: computed so far; the same rows ``forward_verify`` gives. ``None`` otherwise.
+    full_logits: np.ndarray | None = None
 
 
 OutputCallback = Callable[[RequestOutput], None]
@@ -107,6 +127,24 @@ class Request:
     reported_tokens: int = 0
     reported_text: int = 0
     error: RequestFailedError | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    lora: str | None = None  # the LoRA adapter it runs with (held on the model's registry until it finishes)
+    cache_salt: bytes = b""  # what keys its KV blocks besides its tokens (the adapter's digest)
+    #: Host logits of computed positions, in order, when the metadata asks for them (else None).
+    full_logits: list[np.ndarray] | None = None
+
+    def keep_logits(self, rows: np.ndarray, start: int) -> None:
+        """Store the logits of positions ``start ..``; rows of positions past a recompute are replaced."""
+        held = sum(len(r) for r in self.full_logits)
+        if start < held:
+            self.trim_logits(start)
+        self.full_logits.append(rows)
+
+    def trim_logits(self, length: int) -> None:
+        """Forget the logits of positions ``length`` on (preemption, rejected drafts)."""
+        if self.full_logits:
+            joined = np.concatenate(self.full_logits)[:length]
+            self.full_logits[:] = [joined] if len(joined) else []
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -152,4 +190,6 @@ class Request:
             stop_reason=self.stop_reason,
             metrics=self.metrics,
             error=self.error,
+            metadata=self.metadata,
+            full_logits=np.concatenate(self.full_logits) if self.full_logits else None,
         )

@@ -13,11 +13,13 @@ tokens are kept, so its output does not change).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable, Hashable
 
 from ferrum.engine.request import Request, RequestStatus
 from ferrum.errors import InvalidRequestError
 from ferrum.paged_kv import PagedKVManager, PrefixMatch
+from ferrum.spec.config import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # query tokens in one forward pass
     max_num_seqs: int = 64  # requests holding KV at once
     enable_prefix_caching: bool = True
+    speculative: SpeculativeConfig | None = None  # speculative decoding (off by default)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -40,12 +43,17 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    """Tokens ``start .. start+len(tokens)-1`` of one request; ``sample`` when they reach its end."""
+    """Tokens ``start .. start+len(tokens)-1`` of one request; ``sample`` when they reach its end.
+
+    ``drafts`` are speculative tokens fed after them for verification; their
+    blocks are claimed like the tokens', and rejected ones are rolled back.
+    """
 
     request: Request
     start: int
     tokens: list[int]
     sample: bool
+    drafts: tuple[int, ...] = ()
 
 
 @dataclass
@@ -74,6 +82,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        #: Set by the engine with speculative decoding on: draft tokens for decoding requests, by id.
+        self.drafter: Callable[[list[Request]], dict[Hashable, list[int]]] | None = None
 
     # ------------------------------------------------------------ queue
     def add(self, request: Request) -> None:
@@ -97,6 +107,8 @@ class Scheduler:
         """Plan one forward pass; the KV blocks it needs are guaranteed free."""
         plan = _StepPlan(self.config.max_num_batched_tokens)
         self._schedule_running(plan)
+        if self.drafter is not None:
+            self._add_drafts(plan)
         if not plan.preempted:
             self._admit_waiting(plan)
         return plan.chunks
@@ -131,6 +143,24 @@ class Scheduler:
             self._add_chunk(plan, request, count, blocks)
             index += 1
 
+    def _add_drafts(self, plan: _StepPlan) -> None:
+        """Extend decodes with drafts, as far as the budget and free blocks allow; drafts never preempt."""
+        decodes = [i for i, c in enumerate(plan.chunks) if c.sample and len(c.tokens) == 1]
+        if not decodes or plan.budget <= 0:
+            return
+        proposals = self.drafter([plan.chunks[i].request for i in decodes])
+        for index in decodes:
+            chunk = plan.chunks[index]
+            seq_id = chunk.request.request_id
+            drafts = list(proposals.get(seq_id, ()))[: plan.budget]
+            claimed = self.kv.blocks_needed(seq_id, 1)
+            while drafts and not self._fits(plan, self.kv.blocks_needed(seq_id, 1 + len(drafts)) - claimed):
+                drafts.pop()
+            if drafts:
+                plan.claimed_blocks += self.kv.blocks_needed(seq_id, 1 + len(drafts)) - claimed
+                plan.budget -= len(drafts)
+                plan.chunks[index] = replace(chunk, drafts=tuple(drafts))
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         if request.request_id in self.kv:
@@ -145,7 +175,8 @@ class Scheduler:
         while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             tokens = request.all_token_ids()
-            match = self._match(tokens)
+            # positions served by the prefix cache would have no logits for a request that wants them all
+            match = self._match(tokens, request.cache_salt) if request.full_logits is None else PrefixMatch((), (), 0)
             count = min(len(tokens) - match.num_tokens, plan.budget)
             # adopting a cached block nobody holds takes it off the free list too
             revived = sum(1 for b in match.blocks if self.kv.ref_count(b) == 0)
@@ -156,14 +187,14 @@ class Scheduler:
             self.stats.prefix_queried_tokens += len(tokens)
             self.stats.prefix_hit_tokens += match.num_tokens
             if match.num_tokens:
-                self.kv.adopt(request.request_id, tokens, match)
+                self.kv.adopt(request.request_id, tokens, match, request.cache_salt)
             request.num_computed_tokens = match.num_tokens
             request.metrics.num_cached_tokens = max(request.metrics.num_cached_tokens, match.num_tokens)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._add_chunk(plan, request, count, blocks - revived)
 
-    def _match(self, tokens: list[int]) -> PrefixMatch:
+    def _match(self, tokens: list[int], salt: bytes) -> PrefixMatch:
         if self.config.enable_prefix_caching:
-            return self.kv.match_prefix(tokens)
+            return self.kv.match_prefix(tokens, salt)
         return PrefixMatch((), (), 0)

@@ -392,6 +392,29 @@ def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = 
     return _compare(c.get(got), ref, tol)
 
 
+def check_lora_apply(c: _Context, mixed: bool, tol: float, repeat: int = 1) -> float:
+    """Three adapter slots of ranks padded to 5 on a [40] -> [24] projection of 29 * ``repeat`` tokens
+    (decode-sized and prefill-sized batches): tokens of every slot and of none, interleaved
+    (``mixed``), or one slot for every token in order."""
+    from ferrum.adapters.batching import LoraBatch
+
+    rng = np.random.default_rng(4)  # its own draws: the other checks' inputs stay as they were
+    lengths = [n * repeat for n in (3, 1, 7, 1, 5, 1, 1, 10)]
+    tokens, n_in, n_out, slots, rank = sum(lengths), 40, 24, 3, 5
+    x, y = c.rounded(rng.standard_normal((tokens, n_in), dtype=np.float32)), c.rounded(
+        rng.standard_normal((tokens, n_out), dtype=np.float32))
+    a = c.rounded(rng.standard_normal((slots, rank, n_in), dtype=np.float32) * 0.3)
+    b = c.rounded(rng.standard_normal((slots, rank, n_out), dtype=np.float32) * 0.3)
+    item_slots = [2, -1, 0, 1, -1, 2, 0, 1] if mixed else [1] * len(lengths)
+    batch = LoraBatch.from_items(item_slots, lengths)
+    ref = y.copy()
+    for t, slot in enumerate(batch.token_slots):
+        if slot >= 0:
+            ref[t] += (x[t] @ a[slot].T) @ b[slot]
+    got = c.ops.lora_apply(c.put(y), c.put(x), c.put(a), c.put(b), batch)
+    return _compare(c.get(got), ref, tol)
+
+
 def _quantized_checks(c: _Context, tol: float) -> list[tuple[str, Callable[[], float | None], float | None]]:
     """Every bit width and group size of the packed form, through whichever path the backend takes."""
     checks = []
@@ -435,6 +458,10 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         ("kv_write / kv_gather", lambda: check_kv_write_gather(c), 0.0),
         (f"paged_attention ({source('paged_attention')})", lambda: check_paged_attention(c, tol), tol),
         (f"sample ({source('sample')})", lambda: check_sample(c), 1e-5),
+        (f"lora_apply, adapters and none mixed ({source('lora_apply')})", lambda: check_lora_apply(c, True, tol), tol),
+        (f"lora_apply, adapters and none mixed, 116 tokens ({source('lora_apply')})",
+         lambda: check_lora_apply(c, True, tol, repeat=4), tol),
+        (f"lora_apply, one adapter for all ({source('lora_apply')})", lambda: check_lora_apply(c, False, tol), tol),
         ("model: logits and 16 greedy tokens", lambda: check_model(c, model_tol), model_tol),
     ]
     if ops.accepts("attention", "sliding_window"):

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
+from ferrum.kv_mirror import MirrorBook, MirrorPlan
 from ferrum.sampling import SampleResult
 from ferrum_cuda import guess_device, requested_device, quant
 
@@ -442,6 +443,37 @@ class KVPool:
         # Head-major views for SDPA: [1, kv_heads, num_blocks * block_size, head_dim].
         self.k_heads = [t.permute(1, 0, 2).unsqueeze(0) for t in self.k_flat]
         self.v_heads = [t.permute(1, 0, 2).unsqueeze(0) for t in self.v_flat]
+        self.writes = [0] * num_layers  # kv_write calls per layer, for the mirror book
+        self.mirrors = MirrorBook(num_layers, block_size)
+        self.arena = _Arena(num_layers)
+
+
+class _Arena:
+    """Decoding sequences' K/V kept contiguous (see :mod:`ferrum.kv_mirror`): per layer
+    ``[rows, kv_heads, capacity, head_dim]``, grown in steps (copying what it holds)."""
+
+    ROW_STEP, POS_STEP = 4, 256
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.rows = self.capacity = 0
+
+    def fit(self, pool: "KVPool", rows: int, capacity: int) -> None:
+        if rows <= self.rows and capacity <= self.capacity:
+            return
+        rows = max(self.rows, -(-rows // self.ROW_STEP) * self.ROW_STEP)
+        capacity = max(self.capacity, -(-capacity // self.POS_STEP) * self.POS_STEP)
+        shape = (rows, pool.num_kv_heads, capacity, pool.head_dim)
+        grown = []
+        for old in self.k + self.v or [None] * (2 * self.num_layers):
+            new = torch.zeros(shape, dtype=pool.dtype, device=DEVICE)
+            if old is not None:
+                new[: self.rows, :, : self.capacity] = old
+            grown.append(new)
+        self.k, self.v = grown[: self.num_layers], grown[self.num_layers :]
+        self.rows, self.capacity = rows, capacity
 
 
 @hookimpl
@@ -465,6 +497,7 @@ def kv_write(pool, layer, k, v, slot_mapping):
         k, v = k.to(pool.dtype), v.to(pool.dtype)
     pool.k_flat[layer].index_copy_(0, slots, k)
     pool.v_flat[layer].index_copy_(0, slots, v)
+    pool.writes[layer] += 1
 
 
 def _block_index(block_ids: Any) -> torch.Tensor:
@@ -747,8 +780,59 @@ def _prefill_group(q, pool, layer, group: _Group, scale, window, softcap=None):
     return out.transpose(1, 2).reshape(n * max_q, heads, d)
 
 
+def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None):
+    """Decode items attended over their arena rows: only the positions written since
+    the last step are copied from the pool (``ferrum.kv_mirror``)."""
+    dev = plan.device
+    if sync not in dev:
+        packer = _Packer()
+        for part in (plan.src, plan.dst_row, plan.dst_pos) if sync == "step" else plan.full():
+            packer.add(part)
+        if "rows" not in dev:
+            packer.add(plan.rows)
+            row_lens = np.ones(plan.num_rows, dtype=np.int64)  # rows no item uses: key 0, no NaN
+            row_lens[plan.rows] = plan.lengths
+            packer.add(row_lens)
+        uploaded = packer.upload()
+        dev[sync] = uploaded[:3]
+        if "rows" not in dev:
+            dev["rows"], dev["row_lens"] = uploaded[3:]
+            dev["masks"] = {}
+    arena = pool.arena
+    arena.fit(pool, plan.num_rows, plan.capacity)
+    src, dst_row, dst_pos = dev[sync]
+    k_rows, v_rows = arena.k[layer], arena.v[layer]
+    if src.numel():
+        k_rows[dst_row, :, dst_pos] = pool.k_flat[layer].index_select(0, src)
+        v_rows[dst_row, :, dst_pos] = pool.v_flat[layer].index_select(0, src)
+    n, heads, d = q.shape
+    kvh = pool.num_kv_heads
+    qg = q.view(n, kvh, heads // kvh, d)
+    if n == 1:  # one row: a slice of it, no mask
+        row, end = int(plan.rows[0]), int(plan.lengths[0])
+        start = 0 if window is None else max(0, end - window)
+        k, v = k_rows[row : row + 1, :, start:end], v_rows[row : row + 1, :, start:end]
+        return _sdpa(qg, k, v, scale, softcap=softcap).reshape(1, heads, d)
+    rows, length = dev["rows"], plan.capacity
+    mask = dev["masks"].get(window)
+    if mask is None:
+        kpos = torch.arange(length, device=DEVICE)[None, :]
+        lens = dev["row_lens"][:, None]
+        mask = kpos < lens
+        if window is not None:
+            mask &= kpos >= lens - window
+        mask = dev["masks"][window] = mask[:, None, None, :]  # [rows, 1, 1, L]
+    q_rows = qg.new_zeros((plan.num_rows, kvh, heads // kvh, d)).index_copy_(0, rows, qg)
+    k, v = k_rows[: plan.num_rows, :, :length], v_rows[: plan.num_rows, :, :length]
+    out = _sdpa(q_rows, k, v, scale, mask=mask, softcap=softcap)
+    return out.index_select(0, rows).reshape(n, heads, d)
+
+
 @hookimpl
 def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
+    plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
+    if plan is not None:
+        return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
     prepared = batch.prepared
     if not isinstance(prepared, PreparedBatch):
         prepared = batch.prepared = _prepare(batch)
@@ -790,6 +874,46 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
         q.index_select(0, prepared.prefill.q_rows.view(-1)), pool, layer, prepared.prefill, scale, window, softcap
     )
     return torch.cat([dec, pre]).index_select(0, prepared.out_index)
+
+
+# --------------------------------------------------------------------------
+# Multi-LoRA
+# --------------------------------------------------------------------------
+
+
+#: Up to this many tokens (decode-sized passes), every token is multiplied by every slot's factors at once
+#: and a 0/1 mask keeps its own slot's rank block: two plain GEMMs over ``[S * r]`` columns, each factor
+#: read once, no gather or scatter. Above, one GEMM pair per adapter segment (punica's SGMV).
+_DENSE_TOKENS = 64
+
+
+def _slot_mask(batch, slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[T, slots * rank]``: 1 in the rank block of each token's slot (none for tokens without one)."""
+    key = ("torch-mask", slots, rank, dtype)
+    mask = batch.prepared.get(key)
+    if mask is None:
+        one_hot = batch.token_slots[:, None] == np.arange(slots)[None, :]
+        mask = batch.prepared[key] = _small(np.repeat(one_hot, rank, axis=1)).to(dtype)
+    return mask
+
+
+@hookimpl
+def lora_apply(y, x, a, b, batch):
+    """Adds into ``y`` in place. Segment bounds come from the host, so nothing here waits for the device."""
+    s, r, n_in = a.shape
+    if len(batch.segments) == 1 and len(batch.order) == y.shape[0]:  # one adapter for every row
+        slot = batch.segments[0][0]
+        return y.add_(F.linear(x, a[slot]) @ b[slot])
+    if y.shape[0] <= _DENSE_TOKENS:
+        shrunk = F.linear(x, a.reshape(s * r, n_in)) * _slot_mask(batch, s, r, x.dtype)
+        return y.add_(shrunk @ b.reshape(s * r, -1))
+    rows = batch.prepared.get("torch")
+    if rows is None:
+        rows = batch.prepared["torch"] = _small(batch.order).long()
+    for slot, start, count in batch.segments:
+        seg = rows[start : start + count]
+        y.index_add_(0, seg, F.linear(x.index_select(0, seg), a[slot]) @ b[slot])
+    return y
 
 
 # --------------------------------------------------------------------------

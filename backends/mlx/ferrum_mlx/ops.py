@@ -16,6 +16,7 @@ import numpy as np
 
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
+from ferrum.kv_mirror import MirrorBook, MirrorPlan
 from ferrum.quant.affine import pack, unpack
 from ferrum.sampling import SampleResult
 
@@ -293,15 +294,38 @@ class KVPool:
         self.v = [mx.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         mx.eval(*self.k, *self.v)
         self._pending: set[int] = set()
+        self.shape = (num_kv_heads, head_dim, dtype)
+        self.writes = [0] * num_layers  # kv_write calls per layer, for the mirror book
+        self.mirrors = MirrorBook(num_layers, block_size)
+        self.arena_k: list[mx.array] = []  # per layer [rows, kv_heads, capacity, head_dim]
+        self.arena_v: list[mx.array] = []
 
     def write(self, layer, k, v, slots):
         self.k[layer][slots] = k
         self.v[layer][slots] = v
+        self.writes[layer] += 1
         self._pending.add(layer)
 
     def take_pending(self) -> list[mx.array]:
         layers, self._pending = self._pending, set()
-        return [a for layer in layers for a in (self.k[layer], self.v[layer])]
+        arenas = [self.arena_k, self.arena_v] if self.arena_k else []
+        return [a for layer in layers for a in (self.k[layer], self.v[layer], *(x[layer] for x in arenas))]
+
+    def fit_arena(self, rows: int, capacity: int) -> None:
+        """Grow the mirror arena (see :mod:`ferrum.kv_mirror`) in steps, keeping what it holds."""
+        old_rows, old_cap = (self.arena_k[0].shape[0], self.arena_k[0].shape[2]) if self.arena_k else (0, 0)
+        if rows <= old_rows and capacity <= old_cap:
+            return
+        kvh, d, dtype = self.shape
+        shape = (max(old_rows, -(-rows // 4) * 4), kvh, max(old_cap, -(-capacity // 256) * 256), d)
+        grown = []
+        for old in self.arena_k + self.arena_v or [None] * (2 * len(self.k)):
+            new = mx.zeros(shape, dtype=dtype)
+            if old is not None:
+                new[:old_rows, :, :old_cap] = old
+            grown.append(new)
+        mx.eval(*grown)
+        self.arena_k, self.arena_v = grown[: len(self.k)], grown[len(self.k) :]
 
 
 @hookimpl
@@ -413,8 +437,49 @@ def prepare_attention_batch(batch):
     return PreparedBatch(batch)
 
 
+def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None):
+    """Decode items attended over their arena rows: only the positions written since
+    the last step are copied from the pool (``ferrum.kv_mirror``)."""
+    dev = plan.device
+    if sync not in dev:
+        dev[sync] = [mx.array(a.astype(np.int32)) for a in ((plan.src, plan.dst_row, plan.dst_pos)
+                                                            if sync == "step" else plan.full())]
+    pool.fit_arena(plan.num_rows, plan.capacity)
+    src, dst_row, dst_pos = dev[sync]
+    k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
+    if src.size:
+        k_rows[dst_row, :, dst_pos] = pool.k[layer][src]
+        v_rows[dst_row, :, dst_pos] = pool.v[layer][src]
+    n, heads, d = q.shape
+    kvh = k_rows.shape[1]
+    qg = q.reshape(n, kvh, heads // kvh, d)
+    if n == 1:  # one row: a slice of it, no mask
+        row, end = int(plan.rows[0]), int(plan.lengths[0])
+        start = 0 if window is None else max(0, end - window)
+        k, v = k_rows[row : row + 1, :, start:end], v_rows[row : row + 1, :, start:end]
+        return _sdpa(qg, k, v, scale, None, softcap).reshape(1, heads, d)
+    if "rows" not in dev:
+        row_lens = np.ones(plan.num_rows, dtype=np.int64)  # rows no item uses: key 0, no NaN
+        row_lens[plan.rows] = plan.lengths
+        dev["rows"], dev["row_lens"], dev["masks"] = mx.array(plan.rows.astype(np.int32)), row_lens, {}
+    mask = dev["masks"].get(window)
+    if mask is None:
+        kpos, lens = np.arange(plan.capacity)[None, :], dev["row_lens"][:, None]
+        allowed = (kpos < lens) & (True if window is None else kpos >= lens - window)
+        mask = dev["masks"][window] = mx.array(allowed[:, None, None, :])  # [rows, 1, 1, L]
+    rows = dev["rows"]
+    q_rows = mx.zeros((plan.num_rows, kvh, heads // kvh, d), dtype=q.dtype)
+    q_rows[rows] = qg
+    k, v = k_rows[: plan.num_rows, :, : plan.capacity], v_rows[: plan.num_rows, :, : plan.capacity]
+    out = _sdpa(q_rows, k, v, scale, mask, softcap)
+    return out[rows].reshape(n, heads, d)
+
+
 @hookimpl
 def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
+    plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
+    if plan is not None:
+        return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
     prep: PreparedBatch = batch.prepared
     k = pool.k[layer][prep.kv_slots]  # [items, max_kv, kvh, d]
     v = pool.v[layer][prep.kv_slots]
@@ -441,6 +506,21 @@ def moe_route(logits, shared_logit, top_k, normalize):
     if shared_logit is not None:
         weights = mx.concatenate([weights, mx.sigmoid(shared_logit.astype(mx.float32))], axis=-1)
     return ids.astype(mx.int32), weights
+
+
+@hookimpl
+def lora_apply(y, x, a, b, batch):
+    """Per token, its slot's factors picked by ``mx.gather_mm`` (punica's BGMV), rows sorted by slot;
+    the products are scattered back into ``y`` with one ``.at[].add``."""
+    prepared = batch.prepared.get("mlx")
+    if prepared is None:
+        prepared = batch.prepared["mlx"] = (mx.array(batch.order), mx.array(batch.slots))
+    rows, slots = prepared
+    dtype = a.dtype if _METAL else mx.float32  # MLX's CPU gather_mm runs float32 only (0.32)
+    xs = mx.expand_dims(x[rows], 1).astype(dtype)  # [n, 1, in]
+    shrunk = mx.gather_mm(xs, a.astype(dtype).swapaxes(-1, -2), rhs_indices=slots, sorted_indices=True)
+    delta = mx.gather_mm(shrunk, b.astype(dtype), rhs_indices=slots, sorted_indices=True)
+    return y.at[rows].add(delta.squeeze(1).astype(y.dtype))
 
 
 class ExpertStack:

@@ -1,0 +1,329 @@
+"""Reading a LoRA adapter folder (PEFT or mlx-lm layout) into per-projection low-rank factors.
+
+Both formats end up as one :class:`LoraAdapter`: for each adapted projection
+``(layer, module)`` a pair ``a [in, r]``, ``b [r, out]`` in float32 and its
+scale, so ``y += scale * (x @ a) @ b``. That is mlx-lm's layout; PEFT stores
+the transposes (``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``).
+
+Only what changes a plain linear projection's output by a low-rank product
+is run; everything else an adapter may carry (DoRA magnitudes, embedding or
+LM-head targets, trained biases, full module copies, GPT-2 style
+``fan_in_fan_out`` weights, fused ``qkv_proj``) is refused by name rather
+than silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can read it
+import numpy as np
+
+from ferrum.errors import AdapterError
+
+#: The projections an adapter may target, and the block part they live in.
+PROJECTIONS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+_EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_out")
+_FUSED = ("qkv_proj", "gate_up_proj", "query_key_value")
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+MLX_WEIGHTS = "adapters.safetensors"
+
+Site = tuple[int, str]  # (layer index, projection name such as "q_proj")
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One projection's factors: ``y += scale * (x @ a) @ b``."""
+
+    a: np.ndarray  # [in, r] float32
+    b: np.ndarray  # [r, out] float32
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """An adapter read from disk and checked against a base model's shapes."""
+
+    path: Path
+    format: str  # "peft" | "mlx-lm"
+    weights: dict[Site, LoraWeights]
+    #: Content digest (factors and scales): what keys its KV blocks in the prefix cache.
+    digest: bytes
+
+    @property
+    def max_rank(self) -> int:
+        return max(w.rank for w in self.weights.values())
+
+    def nbytes(self, itemsize: int) -> int:
+        """Bytes its factors take in a compute dtype of ``itemsize`` bytes per element."""
+        return sum((w.a.size + w.b.size) * itemsize for w in self.weights.values())
+
+
+def read_adapter(path: str | Path, config: Any) -> LoraAdapter:
+    """Read the adapter folder ``path`` (PEFT or mlx-lm layout) for a model of ``config`` (a ModelConfig)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist; give the folder holding {PEFT_CONFIG}")
+    config_file = folder / PEFT_CONFIG
+    if not config_file.is_file():
+        raise AdapterError(f"{folder} has no {PEFT_CONFIG}; a PEFT or mlx-lm adapter folder has one")
+    try:
+        settings = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_file} is not readable JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise AdapterError(f"{config_file} must hold a JSON object")
+    if (folder / PEFT_WEIGHTS).is_file():
+        weights = _peft(folder, settings, config)
+        kind = "peft"
+    elif (folder / MLX_WEIGHTS).is_file():
+        weights = _mlx_lm(folder, settings, config)
+        kind = "mlx-lm"
+    elif (folder / "adapter_model.bin").is_file():
+        raise AdapterError(
+            f"{folder} holds adapter_model.bin (pickled torch); save the adapter as safetensors "
+            "(PEFT: save_pretrained(..., safe_serialization=True))"
+        )
+    else:
+        raise AdapterError(f"{folder} holds neither {PEFT_WEIGHTS} (PEFT) nor {MLX_WEIGHTS} (mlx-lm)")
+    if not weights:
+        raise AdapterError(f"{folder}: the adapter adapts no projection")
+    return LoraAdapter(folder, kind, weights, _digest(weights))
+
+
+# ------------------------------------------------------------------- PEFT
+
+_PEFT_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<part>self_attn|mlp)\.(?P<proj>\w+))"
+    r"\.lora_(?P<which>A|B)\.weight$"
+)
+
+
+def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
+    where = str(folder)
+    if str(settings.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"{where}: peft_type {settings.get('peft_type')!r} is not supported; only LORA runs")
+    for key, what in (("use_dora", "DoRA (use_dora)"), ("fan_in_fan_out", "fan_in_fan_out (GPT-2 Conv1D weights)"),
+                      ("lora_bias", "trained LoRA biases (lora_bias)")):
+        if settings.get(key):
+            raise AdapterError(f"{where}: {what} is not supported; train a plain LoRA adapter")
+    if settings.get("bias", "none") != "none":
+        raise AdapterError(f"{where}: bias={settings['bias']!r} trains biases, which is not supported; use bias='none'")
+    for key in ("modules_to_save", "trainable_token_indices"):
+        if settings.get(key):
+            raise AdapterError(
+                f"{where}: {key}={settings[key]!r} carries full copies of modules (e.g. the LM head or "
+                "embeddings), which is not supported"
+            )
+    _check_targets(where, settings.get("target_modules"))
+    r, alpha = settings.get("r"), settings.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+        raise AdapterError(f"{where}: {PEFT_CONFIG} needs a positive integer 'r' and a number 'lora_alpha'")
+    rank_pattern = settings.get("rank_pattern") or {}
+    alpha_pattern = settings.get("alpha_pattern") or {}
+    rslora = bool(settings.get("use_rslora"))
+
+    pairs: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
+    for name, array in _read(folder / PEFT_WEIGHTS):
+        m = _PEFT_KEY.match(name)
+        if m is None:
+            raise AdapterError(f"{where}: {_peft_refusal(name)}")
+        key = (int(m["layer"]), m["proj"], m["module"])
+        pairs.setdefault(key, {})[m["which"]] = array
+    weights = {}
+    for (layer, proj, module), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{where}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        rank = int(rank_pattern[_pattern_key(rank_pattern, module)]) if _pattern_key(rank_pattern, module) else r
+        a_alpha = alpha_pattern[_pattern_key(alpha_pattern, module)] if _pattern_key(alpha_pattern, module) else alpha
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(
+                f"{where}: {module} has lora_A {a.shape} and lora_B {b.shape} but {PEFT_CONFIG} gives rank {rank} "
+                "(r, or its rank_pattern entry); expected [r, in] and [out, r]"
+            )
+        scale = float(a_alpha) / (math.sqrt(rank) if rslora else rank)
+        weights[(layer, proj)] = _checked(where, config, layer, proj, a.T, b.T, scale)
+    return weights
+
+
+def _pattern_key(pattern: dict, module: str) -> str | None:
+    """The ``rank_pattern`` / ``alpha_pattern`` key that applies to ``module``, as PEFT picks it."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _peft_refusal(name: str) -> str:
+    if "lora_magnitude_vector" in name:
+        return f"{name} is a DoRA magnitude vector; DoRA is not supported"
+    if "lora_embedding" in name or any(f".{e}." in f".{name}" for e in _EMBEDDINGS):
+        return f"{name} adapts an embedding or the LM head; only q/k/v/o/gate/up/down projections are supported"
+    if name.endswith(".bias"):
+        return f"{name} is a trained bias; adapters that train biases are not supported"
+    if any(f".{f}." in name for f in _FUSED):
+        return f"{name} adapts a fused projection; only separate q/k/v/o/gate/up/down projections are supported"
+    return (f"tensor {name} is not a LoRA factor of a q/k/v/o/gate/up/down projection "
+            "(expected ...layers.N.self_attn|mlp.<proj>.lora_A|lora_B.weight)")
+
+
+def _check_targets(where: str, targets: Any) -> None:
+    """Refuse by name a ``target_modules`` entry that is not one of the projections Ferrum adapts.
+
+    A regex string is matched by PEFT against the base model's module names; the
+    tensors it produced are checked one by one instead.
+    """
+    if targets is None or isinstance(targets, str):
+        return
+    for target in targets:
+        leaf = str(target).rsplit(".", 1)[-1]
+        if leaf in PROJECTIONS:
+            continue
+        if leaf in _EMBEDDINGS:
+            raise AdapterError(
+                f"{where}: target_modules names {target!r}; embedding and LM-head targets are not supported"
+            )
+        if leaf in _FUSED:
+            raise AdapterError(f"{where}: target_modules names the fused projection {target!r}, which is not supported")
+        raise AdapterError(
+            f"{where}: target_modules names {target!r}; only {', '.join(PROJECTIONS)} (or 'all-linear') are supported"
+        )
+
+
+# ----------------------------------------------------------------- mlx-lm
+
+_MLX_KEY = re.compile(
+    r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<part>self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<which>a|b)$"
+)
+
+
+def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
+    where = str(folder)
+    kind = settings.get("fine_tune_type", "lora")
+    if settings.get("use_dora") or kind == "dora":
+        raise AdapterError(f"{where}: DoRA (fine_tune_type 'dora') is not supported; train a LoRA adapter")
+    if kind != "lora":
+        raise AdapterError(f"{where}: fine_tune_type {kind!r} is not supported; only 'lora' adapters run")
+    params = settings.get("lora_parameters") or {}
+    scale = params.get("scale", 20.0)  # mlx-lm's default
+    if not isinstance(scale, (int, float)):
+        raise AdapterError(f"{where}: lora_parameters.scale must be a number")
+    for key in params.get("keys") or ():
+        leaf = str(key).rsplit(".", 1)[-1]
+        if leaf not in PROJECTIONS:
+            raise AdapterError(
+                f"{where}: lora_parameters.keys names {key!r}; only {', '.join(PROJECTIONS)} are supported"
+            )
+    num_layers = settings.get("num_layers", 16)
+    first = config.num_layers - num_layers if isinstance(num_layers, int) and num_layers >= 0 else 0
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for name, array in _read(folder / MLX_WEIGHTS):
+        m = _MLX_KEY.match(name)
+        if m is None:
+            if any(e in name for e in _EMBEDDINGS):
+                what = "adapts an embedding or the LM head"
+            elif name.endswith(".m"):
+                what = "is a DoRA magnitude"
+            else:
+                what = "is not a lora_a / lora_b of a q/k/v/o/gate/up/down projection"
+            raise AdapterError(f"{where}: tensor {name} {what}; not supported")
+        layer = int(m["layer"])
+        if layer < first:
+            raise AdapterError(
+                f"{where}: {name} adapts layer {layer} but num_layers={num_layers} covers only the last ones"
+            )
+        pairs.setdefault((layer, m["proj"]), {})[m["which"]] = array
+    weights = {}
+    for (layer, proj), ab in sorted(pairs.items()):
+        if set(ab) != {"a", "b"}:
+            raise AdapterError(f"{where}: layer {layer} {proj} has lora_{''.join(ab)} but not both lora_a and lora_b")
+        a, b = ab["a"], ab["b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise AdapterError(
+                f"{where}: layer {layer} {proj}: lora_a {a.shape} and lora_b {b.shape} are not [in, r] and [r, out]"
+            )
+        rank = params.get("rank")
+        if isinstance(rank, int) and a.shape[1] != rank:
+            raise AdapterError(
+                f"{where}: layer {layer} {proj} has rank {a.shape[1]} but lora_parameters.rank is {rank}"
+            )
+        weights[(layer, proj)] = _checked(where, config, layer, proj, a, b, float(scale))
+    return weights
+
+
+# ----------------------------------------------------------------- shared
+
+
+def _read(path: Path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except AdapterError:
+        raise
+    except Exception as exc:
+        raise AdapterError(f"{path} is not a readable safetensors file: {type(exc).__name__}: {exc}") from None
+
+
+def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | None:
+    """``(in, out)`` of a projection of the base model, or None where the layer has no such matrix."""
+    h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    if PROJECTIONS[proj] == "mlp" and config.arch.layers[layer].mlp != "dense":
+        return None
+    inter = config.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}[proj]
+
+
+def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: np.ndarray, scale: float) -> LoraWeights:
+    if proj not in PROJECTIONS:
+        raise AdapterError(
+            f"{where}: layer {layer} {proj} " + (
+                "adapts a fused projection" if proj in _FUSED else "is not a projection Ferrum adapts")
+            + f"; only {', '.join(PROJECTIONS)} are supported"
+        )
+    if layer >= config.num_layers:
+        raise AdapterError(f"{where}: adapts layer {layer} but the base model has {config.num_layers} layers")
+    shape = projection_shape(config, layer, proj)
+    if shape is None:
+        raise AdapterError(
+            f"{where}: layer {layer} {proj}: that layer's MLP is not a dense gated MLP (MoE); not supported"
+        )
+    got = (a.shape[0], b.shape[1])
+    if got != shape:
+        raise AdapterError(
+            f"{where}: layer {layer} {proj} maps {got[0]} -> {got[1]} features but the base model's maps "
+            f"{shape[0]} -> {shape[1]}; the adapter was trained for another model"
+        )
+    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        raise AdapterError(f"{where}: layer {layer} {proj}: factors are {a.dtype}, not floats")
+    a32, b32 = np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
+    if not (np.isfinite(a32).all() and np.isfinite(b32).all() and math.isfinite(scale)):
+        raise AdapterError(f"{where}: layer {layer} {proj} holds non-finite values (NaN or inf)")
+    return LoraWeights(a32, b32, scale)
+
+
+def _digest(weights: dict[Site, LoraWeights]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for (layer, proj), w in sorted(weights.items()):
+        h.update(f"{layer}.{proj}:{w.scale!r}:{w.a.shape}".encode())
+        h.update(w.a.tobytes())
+        h.update(w.b.tobytes())
+    return h.digest()

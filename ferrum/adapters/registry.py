@@ -1,0 +1,298 @@
+"""The adapters resident beside one model: names, slots, the memory budget, and the per-pass grouping.
+
+Every resident adapter owns a slot. For each projection some adapter
+targets, the model's :class:`~ferrum.weights.Linear` is swapped (once) for a
+:class:`~ferrum.adapters.batching.LoraLinear` holding the factors of every
+slot stacked and zero-padded to the largest rank; the base weight is never
+merged, copied or touched. Loading or unloading an adapter re-stacks only
+the (small) factors.
+
+Memory budget policy: the factors of resident adapters may take up to
+``budget_bytes`` (in the compute dtype, before padding to a common rank).
+Adapters loaded by name (:meth:`AdapterRegistry.load`) stay until unloaded;
+adapters loaded on first use from a path (a request's ``ferrum_lora_path``)
+are a cache: when a new adapter does not fit, the least recently used of
+those that no unfinished request holds are evicted (a later request naming
+the path loads it again). If it still does not fit, loading is refused with
+an :class:`~ferrum.errors.AdapterError` that says what is resident.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ferrum.adapters.batching import LoraBatch, LoraLinear
+from ferrum.adapters.files import LoraAdapter, Site, projection_shape, read_adapter
+from ferrum.errors import AdapterError, InvalidRequestError
+from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
+from ferrum.weights import DTYPE_BYTES
+
+#: Default bytes the factors of resident adapters may take.
+DEFAULT_BUDGET_BYTES = 2 << 30
+
+_ATTN = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
+_MLP = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What ``llm.adapters`` lists for one resident adapter."""
+
+    name: str
+    path: Path
+    format: str  # "peft" | "mlx-lm"
+    max_rank: int
+    projections: int  # how many projections it adapts
+    nbytes: int
+    pinned: bool  # loaded by name (kept until unloaded) rather than on first use from a path
+    in_use: int  # unfinished requests holding it
+
+
+class _Resident:
+    __slots__ = ("adapter", "slot", "pinned", "users", "nbytes")
+
+    def __init__(self, adapter: LoraAdapter, slot: int, pinned: bool, nbytes: int):
+        self.adapter, self.slot, self.pinned, self.users, self.nbytes = adapter, slot, pinned, 0, nbytes
+
+
+class AdapterRegistry:
+    """Resident LoRA adapters of one :class:`~ferrum.model.DecoderOnlyLLM`."""
+
+    def __init__(self, model: Any, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+        self.model = model
+        self.budget_bytes = budget_bytes
+        #: The current pass's grouping (read by every LoraLinear); None when no token uses an adapter.
+        self.batch: LoraBatch | None = None
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
+        self._slots: list[str | None] = []
+        self._sites: dict[Site, LoraLinear] = {}
+        self._lock = threading.RLock()  # loads and request holds come from the callers' threads
+
+    # ------------------------------------------------------------ queries
+    def __contains__(self, name: str) -> bool:
+        return name in self._resident
+
+    def __len__(self) -> int:
+        return len(self._resident)
+
+    def list(self) -> list[AdapterInfo]:
+        """Resident adapters, in load order of their slots."""
+        return [self.info(name) for name in self._slots if name is not None]
+
+    def info(self, name: str) -> AdapterInfo:
+        r = self._get(name)
+        a = r.adapter
+        return AdapterInfo(name, a.path, a.format, a.max_rank, len(a.weights), r.nbytes, r.pinned, r.users)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(r.nbytes for r in self._resident.values())
+
+    def salt(self, name: str | None) -> bytes:
+        """What keys the KV blocks of a sequence run with adapter ``name`` (its content digest)."""
+        return b"" if name is None else self._get(name).adapter.digest
+
+    def name_for_salt(self, salt: bytes) -> str | None:
+        """The resident adapter whose blocks are keyed by ``salt`` (None for the base model)."""
+        if not salt:
+            return None
+        for name, r in self._resident.items():
+            if r.adapter.digest == salt:
+                return name
+        raise AdapterError("the adapter this sequence was computed with is no longer loaded; load it again")
+
+    def _get(self, name: str) -> _Resident:
+        try:
+            return self._resident[name]
+        except KeyError:
+            loaded = ", ".join(self._resident) or "none"
+            raise InvalidRequestError(
+                f"no LoRA adapter named {name!r} is loaded (loaded: {loaded}); load it with llm.load_adapter"
+            ) from None
+
+    # ---------------------------------------------------------- lifetime
+    def load(self, name: str, path: str | Path, pinned: bool = True) -> AdapterInfo:
+        """Read the adapter at ``path`` and make it resident as ``name``."""
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError("an adapter name must be a non-empty string")
+        adapter = read_adapter(path, self.model.config)
+        nbytes = adapter.nbytes(DTYPE_BYTES.get(self.model.dtype, 4))
+        with self._lock:
+            return self._add(name, adapter, nbytes, pinned)
+
+    def _add(self, name: str, adapter: LoraAdapter, nbytes: int, pinned: bool) -> AdapterInfo:
+        if name in self._resident:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        self._make_room(nbytes, name)
+        slot = self._slots.index(None) if None in self._slots else len(self._slots)
+        if slot == len(self._slots):
+            self._slots.append(None)
+        self._slots[slot] = name
+        self._resident[name] = _Resident(adapter, slot, pinned, nbytes)
+        try:
+            self._restack()
+        except BaseException:
+            del self._resident[name]
+            self._slots[slot] = None
+            raise
+        return self.info(name)
+
+    def load_path(self, path: str | Path, name: str | None = None) -> str:
+        """The adapter at ``path``, loaded (evictable) on first use under ``name`` (default: the resolved path)."""
+        resolved = Path(path).expanduser().resolve()
+        name = name or str(resolved)
+        with self._lock:
+            r = self._resident.get(name)
+            if r is not None:
+                if r.adapter.path.resolve() != resolved:
+                    raise InvalidRequestError(
+                        f"adapter {name!r} is loaded from {r.adapter.path}, not {resolved}; use another name"
+                    )
+                self._resident.move_to_end(name)
+                return name
+        try:
+            self.load(name, resolved, pinned=False)
+        except AdapterError:
+            if name not in self._resident:  # another thread loaded it meanwhile
+                raise
+        return name
+
+    def resolve(self, lora: str | None, metadata: Mapping[str, Any]) -> str | None:
+        """The adapter a request runs with: ``lora``, or its metadata's ``ferrum_lora_adapter`` /
+        ``ferrum_lora_path`` (loaded on first use); None for the base model."""
+        named = metadata.get(LORA_ADAPTER)
+        if lora is not None and named is not None and lora != named:
+            raise InvalidRequestError(f"lora={lora!r} but metadata {LORA_ADAPTER} is {named!r}; give one adapter")
+        name = lora if lora is not None else named
+        path = metadata.get(LORA_PATH)
+        return name if path is None else self.load_path(path, name)
+
+    def unload(self, name: str) -> None:
+        """Drop an adapter no unfinished request uses; its slot is reused by the next load."""
+        with self._lock:
+            self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        r = self._get(name)
+        if r.users:
+            raise AdapterError(
+                f"adapter {name!r} is used by {r.users} unfinished request(s); unload it when they finish"
+            )
+        del self._resident[name]
+        self._slots[r.slot] = None
+        while self._slots and self._slots[-1] is None:
+            self._slots.pop()
+        self._restack()
+
+    def acquire(self, name: str) -> bytes:
+        """An unfinished request holds ``name`` (it cannot be unloaded or evicted); returns its salt."""
+        with self._lock:
+            r = self._get(name)
+            r.users += 1
+            self._resident.move_to_end(name)
+            return r.adapter.digest
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            r = self._resident.get(name)
+            if r is not None and r.users:
+                r.users -= 1
+
+    def _make_room(self, nbytes: int, name: str) -> None:
+        if nbytes > self.budget_bytes:
+            raise AdapterError(
+                f"adapter {name!r} needs {nbytes / 2**20:.1f} MiB, more than the whole adapter budget of "
+                f"{self.budget_bytes / 2**20:.1f} MiB; raise the budget (llm.model.adapters.budget_bytes)"
+            )
+        for victim in [n for n, r in self._resident.items() if not r.pinned and not r.users]:
+            if self.used_bytes + nbytes <= self.budget_bytes:
+                return
+            self._remove(victim)
+        if self.used_bytes + nbytes > self.budget_bytes:
+            held = ", ".join(f"{n} ({r.nbytes / 2**20:.1f} MiB)" for n, r in self._resident.items())
+            raise AdapterError(
+                f"adapter {name!r} needs {nbytes / 2**20:.1f} MiB but {self.used_bytes / 2**20:.1f} of the "
+                f"{self.budget_bytes / 2**20:.1f} MiB adapter budget are held by {held}; unload one or raise "
+                "the budget (llm.model.adapters.budget_bytes)"
+            )
+
+    # ------------------------------------------------------------ stacks
+    def _restack(self) -> None:
+        """Rebuild each adapted projection's slot stacks from the resident adapters' factors."""
+        self._install()
+        config, ops, dtype = self.model.config, self.model.ops, self.model.dtype
+        for site, linear in self._sites.items():
+            users = [(r.slot, r.adapter.weights[site]) for r in self._resident.values() if site in r.adapter.weights]
+            if not users:
+                linear.a = linear.b = None
+                continue
+            n_in, n_out = projection_shape(config, *site)
+            rank = max(w.rank for _, w in users)
+            a = np.zeros((len(self._slots), rank, n_in), dtype=np.float32)
+            b = np.zeros((len(self._slots), rank, n_out), dtype=np.float32)
+            for slot, w in users:
+                a[slot, : w.rank] = w.a.T
+                b[slot, : w.rank] = w.b * np.float32(w.scale)
+            linear.a, linear.b = ops.from_numpy(a, dtype), ops.from_numpy(b, dtype)
+
+    def _install(self) -> None:
+        """Swap every adaptable projection for a LoraLinear, once."""
+        if self._sites:
+            return
+        config, lora_apply = self.model.config, self.model.ops.lora_apply
+        for index, layer in enumerate(self.model.layers):
+            owners = [(layer, _ATTN)]
+            if projection_shape(config, index, "gate_proj") is not None:
+                owners.append((layer.mlp, _MLP))
+            for owner, names in owners:
+                for proj, attr in names.items():
+                    wrapped = LoraLinear(getattr(owner, attr), self, lora_apply)
+                    setattr(owner, attr, wrapped)
+                    self._sites[(index, proj)] = wrapped
+
+    # ------------------------------------------------------- forward pass
+    def _names(self, items: Sequence[Any]) -> list[str | None]:
+        return [self.resolve(getattr(item, "adapter", None), getattr(item, "metadata", EMPTY)) for item in items]
+
+    def salts(self, items: Sequence[Any]) -> dict[Hashable, bytes]:
+        """Each adapted item's salt; refuses unknown names and a sequence switching adapters mid-way.
+
+        An item names its adapter in ``adapter`` or in its metadata (executor callers), see :meth:`resolve`.
+        """
+        salts = {}
+        kv = self.model.kv
+        for item, name in zip(items, self._names(items)):
+            salt = self.salt(name)
+            if item.seq_id in kv and kv.salt(item.seq_id) != salt:
+                raise InvalidRequestError(
+                    f"sequence {item.seq_id!r} was computed with another adapter than {name!r}; "
+                    "a sequence keeps its adapter (release it and start again)"
+                )
+            if salt:
+                salts[item.seq_id] = salt
+        return salts
+
+    @contextmanager
+    def active(self, items: Sequence[Any]) -> Iterator[None]:
+        """Group the pass's tokens by adapter for every LoraLinear while the pass runs."""
+        names = self._names(items)
+        if not any(names):
+            yield
+            return
+        slots = []
+        for name in names:
+            slots.append(-1 if name is None else self._get(name).slot)
+            if name is not None:
+                self._resident.move_to_end(name)
+        self.batch = LoraBatch.from_items(slots, [len(item.q_tokens) for item in items])
+        try:
+            yield
+        finally:
+            self.batch = None

@@ -1,0 +1,174 @@
+"""Contiguous per-sequence copies of the paged KV, so decode attends without re-gathering.
+
+Why: a decode step that gathers every sequence's whole K/V from the pool, for
+every layer, costs time that grows with the context. mlx-lm instead keeps each
+sequence's K/V contiguous and appends one position per step. A backend can do
+the same on top of the paged pool with a *mirror*: one row of a
+``[rows, kv_heads, capacity, head_dim]`` arena per sequence, holding a copy of
+positions ``[0, length)``; each step copies only the positions written since
+(one per sequence while decoding) and attends over the row in place.
+
+This module is the host-side bookkeeping, shared by the backends: which row
+belongs to which sequence and which pool slots each step must copy. The KV
+manager's sequence ids never reach the ops, so a sequence is recognised by its
+block table (the block holding its last mirrored position, then the whole
+table prefix is compared). A mirror stays exact because
+
+* every batch's writes (``slot_mapping``) shorten any mirror whose mirrored
+  positions they overwrite (freed blocks reused by another sequence, a
+  truncated sequence rewritten, a forward retried after a failure);
+* a layer that was written more than once between two batches, or a batch whose
+  layers were not all attended, means writes the book did not see: that layer
+  is copied in full for the current batch and every mirror is dropped at the
+  next one.
+
+The cost is memory: the arena holds a second copy of the K/V of the sequences
+decoding now (padded to the longest), as mlx-lm's batched cache does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class _Mirror:
+    row: int
+    blocks: list[int]  # block ids covering positions [0, length)
+    index: dict[int, int]  # block id -> its place in ``blocks``
+    length: int  # positions [0, length) equal the pool's, in every layer
+
+
+@dataclass
+class MirrorPlan:
+    """What one decode batch does with the arena: every array is host int64.
+
+    ``rows`` / ``lengths``: each item's arena row and KV length. ``src`` (pool
+    slots) and ``dst_row`` / ``dst_pos`` (arena coordinates): the copies that
+    bring every row up to date; ``full`` the same for whole rows, used by a
+    layer whose writes the book could not account for. ``num_rows`` and
+    ``capacity`` are the arena size this batch needs. ``device`` is the
+    backend's cache of device copies of these arrays.
+    """
+
+    rows: np.ndarray
+    lengths: np.ndarray
+    src: np.ndarray
+    dst_row: np.ndarray
+    dst_pos: np.ndarray
+    num_rows: int
+    capacity: int
+    _tables: np.ndarray
+    _block_size: int
+    device: dict[str, Any] = field(default_factory=dict)
+
+    def full(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(src, dst_row, dst_pos)`` copying every item's positions ``[0, length)``."""
+        bs = self._block_size
+        pos = [np.arange(n) for n in self.lengths]
+        src = np.concatenate([t[p // bs] * bs + p % bs for t, p in zip(self._tables, pos)])
+        dst_row = np.repeat(self.rows, self.lengths)
+        return src.astype(np.int64), dst_row, np.concatenate(pos).astype(np.int64)
+
+
+class MirrorBook:
+    """Rows of one KV pool's arena, and how far each is in step with the pool."""
+
+    def __init__(self, num_layers: int, block_size: int):
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self._by_block: dict[int, _Mirror] = {}  # block of a mirror's last position -> mirror
+        self._mirrors: list[_Mirror] = []
+        self._batch: Any = None
+        self._plan: MirrorPlan | None = None
+        self._attended: set[int] = set()  # layers attended with the current batch
+        self._writes_seen = [0] * num_layers
+        self._reset_next = False
+
+    # ------------------------------------------------------------ per batch
+    def begin(self, batch: Any, layer: int, writes: int) -> tuple[MirrorPlan | None, str]:
+        """Called by every ``paged_attention``: the batch's plan (None unless every item
+        decodes one token) and which copies ``layer`` needs, ``"step"`` (the plan's)
+        or ``"full"``.
+
+        ``writes`` counts the pool's ``kv_write`` calls on ``layer`` so far: one
+        since the last batch is this batch's own write; more were not described
+        by any batch the book saw.
+        """
+        if batch is not self._batch:
+            if self._reset_next or (self._batch is not None and len(self._attended) < self.num_layers):
+                self._drop_all()
+            self._batch, self._attended = batch, set()
+            self._forget_overwritten(batch)
+            q_lens = np.diff(batch.cu_seqlens_q)
+            self._plan = self._make_plan(batch) if len(q_lens) and bool((q_lens == 1).all()) else None
+        unseen = writes - self._writes_seen[layer] > 1
+        self._writes_seen[layer] = writes
+        self._attended.add(layer)
+        if unseen:
+            self._reset_next = True
+        return self._plan, "full" if unseen else "step"
+
+    # -------------------------------------------------------------- helpers
+    def _drop_all(self) -> None:
+        self._mirrors.clear()
+        self._by_block.clear()
+        self._reset_next = False
+
+    def _forget_overwritten(self, batch: Any) -> None:
+        """Shorten mirrors whose mirrored positions this batch's writes overwrite."""
+        if not self._mirrors:
+            return
+        bs = self.block_size
+        slots = np.asarray(batch.slot_mapping, dtype=np.int64)
+        written: dict[int, int] = {}  # block -> lowest offset written
+        for block, offset in zip((slots // bs).tolist(), (slots % bs).tolist()):
+            written[block] = min(offset, written.get(block, bs))
+        for block, offset in written.items():
+            for m in self._mirrors:
+                index = m.index.get(block)
+                if index is not None:
+                    m.length = min(m.length, index * bs + offset)
+
+    def _find(self, table: np.ndarray, length: int) -> _Mirror | None:
+        """The mirror of the sequence with this block table, shortened to what still matches."""
+        bs = self.block_size
+        m = self._by_block.pop(int(table[(length - 2) // bs]), None) if length >= 2 else None
+        if m is None:
+            return None
+        common = min(m.length, length - 1)
+        nb = -(-common // bs)
+        same = np.asarray(m.blocks[:nb]) == table[:nb]
+        if not same.all():
+            common = min(common, int(np.argmin(same)) * bs)
+        m.length = common
+        return m
+
+    def _make_plan(self, batch: Any) -> MirrorPlan:
+        """Match items to mirrors, drop the mirrors no item matched, give the rest free rows."""
+        bs = self.block_size
+        tables = np.asarray(batch.block_tables, dtype=np.int64)
+        lengths = np.asarray(batch.seq_lens, dtype=np.int64)
+        found = [self._find(t, n) for t, n in zip(tables, lengths.tolist())]
+        taken = {m.row for m in found if m is not None}
+        free = (r for r in range(len(found)) if r not in taken)
+        mirrors = [m if m is not None else _Mirror(next(free), [], {}, 0) for m in found]
+        self._mirrors = mirrors
+        self._by_block = {}
+        src, dst_row, dst_pos = [], [], []
+        for m, table, length in zip(mirrors, tables, lengths.tolist()):
+            pos = np.arange(m.length, length)
+            src.append(table[pos // bs] * bs + pos % bs)
+            dst_row.append(np.full(len(pos), m.row))
+            dst_pos.append(pos)
+            m.blocks, m.length = table[: -(-length // bs)].tolist(), length
+            m.index = dict(zip(m.blocks, range(len(m.blocks))))
+            self._by_block[m.blocks[-1]] = m
+        src, dst_row, dst_pos = (np.concatenate(parts).astype(np.int64) for parts in (src, dst_row, dst_pos))
+        return MirrorPlan(
+            np.array([m.row for m in mirrors], dtype=np.int64), lengths, src, dst_row, dst_pos,
+            num_rows=max(m.row for m in mirrors) + 1, capacity=int(lengths.max()), _tables=tables, _block_size=bs,
+        )

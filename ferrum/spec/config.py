@@ -1,0 +1,50 @@
+"""How speculative decoding is turned on: which drafter, how many tokens, when to give up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ferrum.errors import InvalidRequestError
+
+METHODS = ("lookup", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Engine-wide speculative decoding (``EngineConfig(speculative=...)``).
+
+    ``method``: ``"lookup"`` proposes the continuation of an earlier
+    occurrence of the request's last n-gram (prompt lookup, no second model);
+    ``"draft"`` runs a small draft model with the same vocabulary (given to
+    the :class:`~ferrum.engine.Engine` as ``draft_model``).
+
+    Drafting pauses for a request whose acceptance rate over its last
+    ``window`` drafted tokens falls below ``min_acceptance``, for a number of
+    steps that doubles each time it happens again (the adaptive off-switch),
+    so unfavourable text runs at plain decoding speed.
+    """
+
+    method: str = "lookup"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3  # longest n-gram matched
+    prompt_lookup_min: int = 2  # shortest n-gram matched (single tokens recur by chance too often)
+    min_acceptance: float = 0.5
+    window: int = 16
+    max_pause_steps: int = 256
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidRequestError(
+                f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}"
+            )
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "window", "max_pause_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequestError(f"speculative {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.prompt_lookup_max, int) or self.prompt_lookup_max < self.prompt_lookup_min:
+            raise InvalidRequestError(
+                f"prompt_lookup_max ({self.prompt_lookup_max!r}) must be an integer >= prompt_lookup_min "
+                f"({self.prompt_lookup_min})"
+            )
+        if not 0.0 <= self.min_acceptance <= 1.0:
+            raise InvalidRequestError(f"min_acceptance must be in [0, 1], got {self.min_acceptance!r}")

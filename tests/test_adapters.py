@@ -1,0 +1,410 @@
+"""LoRA adapters on every backend that runs here, against independent references.
+
+* PEFT: adapters made with the ``peft`` package on a random transformers
+  Llama; a request with adapter A must give the logits of PEFT's merged model
+  (``merge_and_unload``) within the float32 bound of test_parity.py.
+* mlx-lm: adapters made with mlx-lm's own ``linear_to_lora_layers`` and
+  loaded back with its ``load_adapters`` (what ``mlx_lm.load(adapter_path=)``
+  runs); compared on the MLX backend.
+* Batching: requests with adapters A, B and none in one forward pass equal
+  each run alone (logits and greedy tokens); the prefix cache never shares a
+  block across adapters.
+* Every refusal names what it refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ferrum.engine import Engine, EngineConfig
+from ferrum.errors import AdapterError, InvalidRequestError
+from ferrum.executor import LlmExecutor
+from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.paged_kv import PagedKVManager
+from ferrum.sampling import SamplingParams
+
+from support import reference_logits, runnable_backends, write_arch_checkpoint
+
+RUNNABLE = runnable_backends()
+SAME_BACKEND_TOL = 2e-5
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+
+
+def assert_parity(got: np.ndarray, ref: np.ndarray) -> None:
+    bound = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    diff = float(np.abs(got - ref).max())
+    assert diff <= bound, f"max |diff| {diff:.3g} > {bound:.3g}"
+
+
+def make_peft(hf, folder, seed: int, **config):
+    """A random PEFT LoRA adapter of ``hf`` saved in ``folder``; returns PEFT's merged model."""
+    torch.manual_seed(seed)
+    options = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**{**options, **config}))
+    model.save_pretrained(folder)
+    return model.merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The base checkpoint, and adapters A (all linear layers), B (rsLoRA, rank and alpha patterns)."""
+    root = tmp_path_factory.mktemp("lora")
+    folder = root / "base"
+    hf = write_arch_checkpoint(folder, "llama")
+    merged = {
+        "A": make_peft(hf, root / "A", 1),
+        "B": make_peft(hf, root / "B", 2, r=6, lora_alpha=5, use_rslora=True,
+                       target_modules=["q_proj", "v_proj", "down_proj", "up_proj"],
+                       rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3.0}),
+    }
+    return folder, hf, root, merged
+
+
+def load(base, backend, names=("A", "B"), **kw) -> DecoderOnlyLLM:
+    folder, _, root, _ = base
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, **kw)
+    for name in names:
+        model.adapters.load(name, root / name)
+    return model
+
+
+def logits_alone(model, seq_id, tokens, adapter):
+    out = model.forward([ForwardItem(seq_id, tokens, 0, adapter=adapter)], all_logits=True)
+    return model.ops.to_numpy(out.logits)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_adapter_logits_match_peft_merged_model(base, backend):
+    _, hf, _, merged = base
+    model = load(base, backend)
+    for name in ("A", "B"):
+        ref = reference_logits(merged[name], TOKENS)
+        assert np.abs(ref - reference_logits(hf, TOKENS)).max() > 0.1  # the adapter matters
+        assert_parity(logits_alone(model, name, TOKENS, name), ref)
+    assert_parity(logits_alone(model, "none", TOKENS, None), reference_logits(hf, TOKENS))
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_mixed_batch_equals_each_request_alone(base, backend):
+    """Prefill chunks and decodes of A, B, none and A again in every pass; 6 greedy steps."""
+    model = load(base, backend)
+    plan = [("a1", "A", TOKENS[:7]), ("b", "B", TOKENS[2:11]), ("n", None, TOKENS[:5]), ("a2", "A", TOKENS[4:13])]
+    alone: dict[str, tuple[list[int], np.ndarray]] = {}
+    for seq_id, adapter, prompt in plan:
+        tokens, rows = list(prompt), []
+        for _ in range(6):
+            out = model.forward([ForwardItem(("solo", seq_id), tokens[-1:] if rows else tokens,
+                                             len(tokens) - 1 if rows else 0, adapter=adapter)])
+            rows.append(model.ops.to_numpy(out.logits)[0])
+            tokens.append(int(np.argmax(rows[-1])))
+        alone[seq_id] = (tokens, np.stack(rows))
+    state = {seq_id: list(prompt) for seq_id, _, prompt in plan}
+    got: dict[str, list[np.ndarray]] = {seq_id: [] for seq_id, _, _ in plan}
+    for step in range(6):
+        items = []
+        for seq_id, adapter, prompt in plan:
+            tokens = state[seq_id]
+            fresh = not got[seq_id]
+            items.append(ForwardItem(seq_id, tokens if fresh else tokens[-1:], 0 if fresh else len(tokens) - 1,
+                                     adapter=adapter))
+        out = model.forward(items)
+        host = model.ops.to_numpy(out.logits)
+        for seq_id, _, _ in plan:
+            row = host[out.rows[seq_id][0]]
+            got[seq_id].append(row)
+            state[seq_id].append(int(np.argmax(row)))
+    for seq_id, _, _ in plan:
+        assert state[seq_id] == alone[seq_id][0], seq_id
+        np.testing.assert_allclose(np.stack(got[seq_id]), alone[seq_id][1], atol=SAME_BACKEND_TOL)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_engine_mixes_adapters_and_keys_prefix_cache_by_adapter(base, backend):
+    """Through the engine (the ``lora=`` path): outputs equal solo runs; cached blocks only serve the same adapter."""
+    model = load(base, backend, num_kv_blocks=64)
+    engine = Engine(LlmExecutor(model), None, EngineConfig())
+    params = SamplingParams(max_tokens=5, ignore_eos=True, logprobs=1)
+    prompt = TOKENS + TOKENS[:5]
+
+    def run(requests):
+        ids = {engine.add_request(prompt, params, lora=lora): i for i, lora in enumerate(requests)}
+        done = {ids[o.request_id]: o for o in engine.run_until_done() if o.finished}
+        return [done[i] for i in range(len(requests))]
+
+    solo = {lora: run([lora])[0] for lora in ("A", "B", None)}  # each leaves its prompt's blocks cached
+    assert solo["A"].metrics.num_cached_tokens == 0 and solo["B"].metrics.num_cached_tokens == 0
+    assert solo[None].metrics.num_cached_tokens == 0
+    first = {lora: out.logprobs[0].logprob for lora, out in solo.items()}
+    assert abs(first["A"] - first[None]) > 1e-3 and abs(first["B"] - first[None]) > 1e-3  # adapters matter
+    mixed = run(["A", None, "B", "A"])
+    for out, lora in zip(mixed, ["A", None, "B", "A"]):
+        assert out.token_ids == solo[lora].token_ids, lora
+        np.testing.assert_allclose([p.logprob for p in out.logprobs], [p.logprob for p in solo[lora].logprobs],
+                                   atol=SAME_BACKEND_TOL)
+        assert out.metrics.num_cached_tokens > 0  # its own adapter's blocks, from the solo run
+    model.adapters.unload("B")
+    model.adapters.load("B", base[2] / "A")  # same name, other weights: the old blocks must not match
+    again = run(["B"])[0]
+    assert again.metrics.num_cached_tokens > 0  # A's blocks: same factors, same KV
+    np.testing.assert_allclose([p.logprob for p in again.logprobs], [p.logprob for p in solo["A"].logprobs],
+                               atol=SAME_BACKEND_TOL)
+    assert all(info.in_use == 0 for info in model.adapters.list())
+
+
+def test_prefix_blocks_are_keyed_by_salt():
+    kv = PagedKVManager(16, 4)
+    tokens = list(range(9))
+    kv.commit(kv.reserve([("a", tokens)], {"a": b"A" * 16}))
+    assert kv.salt("a") == b"A" * 16
+    assert kv.match_prefix(tokens, b"A" * 16).num_tokens == 8
+    assert kv.match_prefix(tokens).num_tokens == 0
+    assert kv.match_prefix(tokens, b"B" * 16).num_tokens == 0
+
+
+@pytest.mark.skipif("mlx" not in RUNNABLE, reason="the MLX backend cannot run here")
+def test_mlx_lm_adapter_matches_mlx_lm(base, tmp_path):
+    mx = pytest.importorskip("mlx.core")
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+    from mlx_lm.utils import load_model
+
+    folder = with_v4_rope_keys(base[0], tmp_path / "base")
+    settings = {"fine_tune_type": "lora", "num_layers": 1,
+                "lora_parameters": {"rank": 4, "scale": 3.0, "dropout": 0.0}}
+    model = load_model(folder)[0]
+    linear_to_lora_layers(model, settings["num_layers"], settings["lora_parameters"])
+    rng = np.random.default_rng(3)
+    factors = {k: mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.2)
+               for k, v in tree_flatten(model.parameters()) if k.endswith((".lora_a", ".lora_b"))}
+    assert len(factors) == 14  # every projection of the last layer
+    adapter = tmp_path / "mlx_adapter"
+    adapter.mkdir()
+    mx.save_safetensors(str(adapter / "adapters.safetensors"), factors)
+    (adapter / "adapter_config.json").write_text(json.dumps(settings))
+    reference = load_adapters(load_model(folder)[0], str(adapter))
+    ref = np.array(reference(mx.array([TOKENS])).astype(mx.float32))[0]
+    ours = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", block_size=4)
+    ours.adapters.load("m", adapter)
+    assert ours.adapters.info("m").format == "mlx-lm"
+    assert_parity(logits_alone(ours, "m", TOKENS, "m"), ref)
+
+
+def with_v4_rope_keys(folder, dest):
+    """Copy a checkpoint, spelling rope settings the transformers-4 way mlx-lm reads."""
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    params = config.pop("rope_parameters", None) or {}
+    config["rope_theta"] = params.get("rope_theta", 10000.0)
+    if params.get("rope_type", "default") != "default":
+        config["rope_scaling"] = params
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _edit(root, tmp_path, config=None, tensors=None, source="A"):
+    """A copy of adapter ``source`` with its config updated and tensors replaced (None drops one)."""
+    from safetensors.numpy import load_file, save_file
+
+    dest = tmp_path / "edited"
+    shutil.copytree(root / source, dest)
+    if config:
+        settings = json.loads((dest / "adapter_config.json").read_text())
+        (dest / "adapter_config.json").write_text(json.dumps({**settings, **config}))
+    if tensors:
+        weights = load_file(dest / "adapter_model.safetensors")
+        for name, value in tensors(weights).items():
+            if value is None:
+                del weights[name]
+            else:
+                weights[name] = value
+        save_file(weights, dest / "adapter_model.safetensors")
+    return dest
+
+
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+ROTARY = "base_model.model.model.layers.0.self_attn.rotary"
+LAYER_7 = Q_A.replace("layers.0", "layers.7")
+ONES = np.ones((4, 97), np.float32)
+
+
+def _swap(**tensors):
+    return {"tensors": lambda w: {name: value(w) if callable(value) else value for name, value in tensors.items()}}
+
+
+REFUSALS = {  # case: (edits, words the error must contain)
+    "DoRA": ({"config": {"use_dora": True}}, "DoRA"),
+    "DoRA magnitude": (_swap(**{Q_A.replace("lora_A.weight", "lora_magnitude_vector"): ONES[0, :96]}), "DoRA"),
+    "embedding target": ({"config": {"target_modules": ["q_proj", "embed_tokens"]}}, "embed_tokens"),
+    "lm_head target": ({"config": {"target_modules": ["lm_head"]}}, "lm_head"),
+    "embedding factors": (_swap(**{"base_model.model.model.embed_tokens.lora_embedding_A": ONES}), "embedding"),
+    "bias": ({"config": {"bias": "lora_only"}}, "bias"),
+    "bias tensor": (_swap(**{Q_A.replace("lora_A.weight", "lora_A.bias"): ONES[0, :4]}), "bias"),
+    "fan_in_fan_out": ({"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    "modules_to_save": ({"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
+    "unknown module": ({"config": {"target_modules": ["q_proj", "wqkv"]}}, "'wqkv'"),
+    "unknown tensor": (_swap(**{f"{ROTARY}.lora_A.weight": lambda w: w[Q_A],
+                                f"{ROTARY}.lora_B.weight": lambda w: w[Q_A].T}), "rotary"),
+    "rank mismatch": ({"config": {"r": 8}}, "rank 8"),
+    "shape mismatch": (_swap(**{Q_A: ONES[:, :64]}), "64 -> 96"),
+    "missing half": (_swap(**{Q_A: None}), "not both"),
+    "layer outside": (_swap(**{LAYER_7: lambda w: w[Q_A],
+                               LAYER_7.replace("lora_A", "lora_B"): np.zeros((96, 4), np.float32)}), "2 layers"),
+    "non-finite": (_swap(**{Q_A: lambda w: np.full_like(w[Q_A], np.nan)}), "non-finite"),
+    "not LoRA": ({"config": {"peft_type": "IA3"}}, "IA3"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_unsupported_peft_adapters_are_refused_by_name(base, tmp_path, case):
+    edits, words = REFUSALS[case]
+    path = _edit(base[2], tmp_path, **edits)
+    model = load(base, "cpu", names=())
+    with pytest.raises(AdapterError, match=words):
+        model.adapters.load("x", path)
+    assert len(model.adapters) == 0
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"fine_tune_type": "dora"}, "DoRA"),
+    ({"fine_tune_type": "full"}, "'full'"),
+    ({"lora_parameters": {"rank": 4, "scale": 1.0, "keys": ["self_attn.q_proj", "embed_tokens"]}}, "embed_tokens"),
+])
+def test_unsupported_mlx_lm_adapters_are_refused_by_name(base, tmp_path, settings, words):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "m").mkdir()
+    save_file({"model.layers.1.self_attn.q_proj.lora_a": np.zeros((96, 4), np.float32),
+               "model.layers.1.self_attn.q_proj.lora_b": np.zeros((4, 96), np.float32)},
+              tmp_path / "m" / "adapters.safetensors")
+    (tmp_path / "m" / "adapter_config.json").write_text(json.dumps({"num_layers": 1, **settings}))
+    with pytest.raises(AdapterError, match=words):
+        load(base, "cpu", names=()).adapters.load("m", tmp_path / "m")
+
+
+def test_budget_in_use_and_unknown_names(base, tmp_path):
+    model = load(base, "cpu", names=("A",))
+    engine = Engine(LlmExecutor(model), None, EngineConfig())
+    with pytest.raises(InvalidRequestError, match="no LoRA adapter named 'Z'"):
+        engine.add_request(TOKENS, lora="Z")
+    with pytest.raises(InvalidRequestError, match="no LoRA adapter named 'Z'"):
+        model.forward([ForwardItem("z", TOKENS, 0, adapter="Z")])
+    request_id = engine.add_request(TOKENS, SamplingParams(max_tokens=2), lora="A")
+    with pytest.raises(AdapterError, match="used by 1 unfinished"):
+        model.adapters.unload("A")
+    engine.abort(request_id)
+    model.adapters.unload("A")
+    model.adapters.load("A2", base[2] / "A")
+    with pytest.raises(AdapterError, match="already loaded"):
+        model.adapters.load("A2", base[2] / "A")
+    model.adapters.budget_bytes = model.adapters.used_bytes + 1
+    with pytest.raises(AdapterError, match="adapter budget"):
+        model.adapters.load("B", base[2] / "B")
+    # adapters loaded on first use from a path are evicted (least recently used first) to make room
+    model.adapters.unload("A2")
+    model.adapters.budget_bytes = model.adapters.info(model.adapters.load_path(base[2] / "A")).nbytes
+    name_b = model.adapters.load_path(base[2] / "B")
+    assert [info.name for info in model.adapters.list()] == [name_b]
+    with pytest.raises(AdapterError, match="does not exist"):
+        model.adapters.load("nope", tmp_path / "missing")
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_adapter_on_a_packed_base_matches_peft_on_the_dequantized_weights(base, backend, tmp_path):
+    """LoRA adds to whatever op applies the base projection: here 8-bit packed weights (native or fallback)."""
+    from ferrum.checkpoint import Checkpoint
+    from ferrum.quant import QuantizedWeight, dequantize
+    from ferrum.quant.convert import quantize_checkpoint
+
+    folder, hf, root, _ = base
+    packed = quantize_checkpoint(folder, tmp_path / "q8", bits=8, group_size=32)
+    checkpoint = Checkpoint(packed)
+    names = checkpoint.names()
+    state = {}
+    for name in hf.state_dict():
+        module = name.removesuffix(".weight")
+        if f"{module}.scales" in names:
+            parts = [checkpoint.read(f"{module}.{p}") for p in ("weight", "scales", "biases")]
+            state[name] = torch.from_numpy(dequantize(QuantizedWeight(*parts, 8, 32)).astype(np.float32))
+    assert any("q_proj" in n for n in state)
+    dequantized = copy.deepcopy(hf)
+    dequantized.load_state_dict(state, strict=False)
+    ref = reference_logits(peft.PeftModel.from_pretrained(dequantized, root / "A").merge_and_unload(), TOKENS)
+    model = DecoderOnlyLLM.from_pretrained(packed, backend=backend, block_size=4, dtype="float32")
+    model.adapters.load("A", root / "A")
+    assert_parity(logits_alone(model, "a", TOKENS, "A"), ref)
+
+
+def test_metadata_names_the_adapter_in_the_engine_and_the_executor(base):
+    """``ferrum_lora_adapter`` by name, ``ferrum_lora_path`` loaded on first use (as the seeds' executor does)."""
+    from ferrum.executor_api import DecodeInput, PrefillInput
+
+    root = base[2]
+    model = load(base, "cpu", names=("A",))
+    executor = LlmExecutor(model)
+    engine = Engine(executor, None, EngineConfig(enable_prefix_caching=False))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    def tokens(**kw):
+        request_id = engine.add_request(TOKENS, params, **kw)
+        return next(o for o in engine.run_until_done() if o.finished and o.request_id == request_id).token_ids
+
+    by_name = tokens(lora="A")
+    assert tokens(metadata={"ferrum_lora_adapter": "A"}) == by_name
+    assert tokens(metadata={"ferrum_lora_path": str(root / "A")}) == by_name
+    assert [info.pinned for info in model.adapters.list()] == [True, False]  # the path-loaded one is a cache entry
+    with pytest.raises(InvalidRequestError, match="give one adapter"):
+        engine.add_request(TOKENS, params, lora="A", metadata={"ferrum_lora_adapter": "B"})
+    with pytest.raises(InvalidRequestError, match="ferrum_lora_adapter"):
+        engine.add_request(TOKENS, params, metadata={"ferrum_lora_adapter": ""})
+
+    meta = {"ferrum_lora_path": str(root / "B"), "ferrum_lora_adapter": "b"}
+    first = executor.prefill(PrefillInput("s", TOKENS[:6], metadata=meta)).logits
+    step = executor.decode(DecodeInput("s", 5, 6, metadata=meta)).logits
+    verify = logits_alone(model, "v", TOKENS[:6] + [5], "b")
+    np.testing.assert_allclose(np.stack([first, step]), verify[-2:], atol=SAME_BACKEND_TOL)
+    with pytest.raises(InvalidRequestError, match="another adapter"):
+        executor.decode(DecodeInput("s", 5, 7))
+
+
+def test_python_api_lora_argument_sync_and_async(base):
+    import asyncio
+
+    from ferrum.api import LLM
+
+    folder, _, root, _ = base
+    llm = LLM(LlmExecutor(DecoderOnlyLLM.from_pretrained(folder, backend="cpu", block_size=4)), None, folder)
+    info = llm.load_adapter("A", root / "A")
+    assert [a.name for a in llm.adapters] == ["A"] and info.format == "peft" and info.max_rank == 4
+    adapted = llm.run([TOKENS], lora="A", max_tokens=4, ignore_eos=True)[0].token_ids
+    streamed = [o for o in llm.stream_outputs(TOKENS, lora="A", max_tokens=4, ignore_eos=True)][-1].token_ids
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    out = asyncio.run(llm.async_engine.generate(TOKENS, params, lora="A"))
+    llm.async_engine.shutdown()
+    assert adapted == streamed == out.token_ids
+    assert llm.adapters[0].in_use == 0
+    llm.unload_adapter("A")
+    assert llm.adapters == []
+
+
+def test_truncate_inside_a_shared_block_recomputes_with_the_adapter(base):
+    """Speculative rollback: the private copy of a shared block is recomputed with the sequence's adapter."""
+    model = load(base, "cpu", names=("A",))
+    whole = logits_alone(model, "p", TOKENS, "A")  # leaves p's full blocks keyed under A's salt
+    salt = model.adapters.salt("A")
+    match = model.kv.match_prefix(TOKENS, salt)
+    assert match.num_tokens == 12 and model.kv.match_prefix(TOKENS).num_tokens == 0
+    model.kv.adopt("q", TOKENS, match, salt)
+    model.truncate_kv("q", 6)  # inside the second block, which p shares
+    assert model.kv.length("q") == 6
+    out = model.forward([ForwardItem("q", TOKENS[6:], 6, adapter="A")], all_logits=True)
+    np.testing.assert_allclose(model.ops.to_numpy(out.logits), whole[6:], atol=SAME_BACKEND_TOL)
