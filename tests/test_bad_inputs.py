@@ -20,7 +20,6 @@ from safetensors.numpy import save_file
 
 import ferrum
 from ferrum.errors import CheckpointError, ConfigError, FerrumError, InvalidRequestError
-from ferrum.sampling import SamplingParams
 from support import write_text_checkpoint
 
 WEIGHTS = "model.safetensors"

@@ -421,3 +421,31 @@ def test_sigterm_stops_cleanly_mid_stream(long_context_model):
     assert len(rest) < 8000
     assert json.loads(rest[-2][len("data: "):])["error"]["code"] == "aborted"
     assert rest[-1] == "data: [DONE]"
+
+
+def test_model_names_a_lora_adapter(model, llm, tmp_path):
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+
+    torch.manual_seed(5)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft.get_peft_model(hf, config).save_pretrained(tmp_path / "style")
+    srv = Server(model, "--lora", f"style={tmp_path / 'style'}")
+    try:
+        client = srv.client()
+        assert {m.id for m in client.models.list().data} == {"tiny", "style"}
+        both = {}
+        for name in ("tiny", "style"):
+            reply = client.completions.create(model=name, prompt="hello world", max_tokens=8, temperature=0)
+            both[name] = reply.choices[0].text
+        llm.load_adapter("style", tmp_path / "style")
+        try:
+            assert both["style"] == _solo(llm, "hello world", False, 8, lora="style").text
+        finally:
+            llm.unload_adapter("style")
+        assert both["tiny"] == _solo(llm, "hello world", False, 8).text
+        assert both["style"] != both["tiny"]  # the adapter changed the output
+    finally:
+        assert srv.stop(), srv.log.read_text()

@@ -112,12 +112,14 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
 
     @v1.get("/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [model_card(name) for name in state.model_names]}
+        cards = [model_card(name) for name in state.model_names]
+        cards += [{**model_card(name), "parent": state.model_names[0]} for name in state.adapter_names()]
+        return {"object": "list", "data": cards}
 
     @v1.get("/models/{name:path}")
     async def get_model(name: str) -> dict:
-        state.check_model(name)
-        return model_card(name)
+        adapter = state.check_model(name)
+        return model_card(name) if adapter is None else {**model_card(name), "parent": state.model_names[0]}
 
     @v1.post("/chat/completions")
     async def chat(request: Request) -> HTTPResponse:

@@ -24,6 +24,7 @@ class ChoiceSpec:
     index: int
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    lora: str | None = None  # a resident LoRA adapter, named by the request's ``model``
 
 
 Event = tuple[int, RequestOutput]
@@ -51,7 +52,7 @@ class Generation:
                 if leader is None:
                     leaders[spec.prompt_ids] = spec.index
                     self._followers[spec.index] = []
-                    self._handles[spec.index] = self._engine.submit(spec.prompt_ids, spec.params)
+                    self._handles[spec.index] = self._engine.submit(spec.prompt_ids, spec.params, lora=spec.lora)
                 else:
                     self._followers[leader].append(spec)
         except BaseException:
@@ -67,7 +68,7 @@ class Generation:
             try:
                 async for out in handle:
                     for spec in self._followers.pop(index, ()):
-                        follower = self._engine.submit(spec.prompt_ids, spec.params)
+                        follower = self._engine.submit(spec.prompt_ids, spec.params, lora=spec.lora)
                         self._handles[spec.index] = follower
                         tasks.append(asyncio.create_task(pump(spec.index, follower)))
                     queue.put_nowait((index, out))

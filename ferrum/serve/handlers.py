@@ -43,12 +43,20 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     pending: int = 0
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.model_names:
-            raise APIError(
-                404, f"the model {name!r} does not exist; this server serves {', '.join(self.model_names)}",
-                param="model", code="model_not_found",
-            )
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.llm.adapters]
+
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None for the base model); 404 for anything else."""
+        if name is None or name in self.model_names:
+            return None
+        if name in self.adapter_names():
+            return name
+        served = ", ".join([*self.model_names, *self.adapter_names()])
+        raise APIError(
+            404, f"the model {name!r} does not exist; this server serves {served}",
+            param="model", code="model_not_found",
+        )
 
 
 class Response:
@@ -248,7 +256,7 @@ def _new_picks(out: RequestOutput) -> Sequence[SampledToken]:
 
 # ------------------------------------------------------------------------ chat
 def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response:
-    state.check_model(body.model)
+    lora = state.check_model(body.model)
     body.check_supported()
     if state.llm.tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so chat messages cannot be encoded; use /v1/completions "
@@ -260,7 +268,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
     stops = body.stop_strings()
     specs = [
         ChoiceSpec(i, prompt, _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, i),
-                                               stops))
+                                               stops), lora)
         for i in range(body.n)
     ]
     generation = _start(state, "chat", specs)
@@ -316,7 +324,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
 
 # ----------------------------------------------------------------- completions
 def completion(state: ServerState, body: CompletionRequest) -> Response:
-    state.check_model(body.model)
+    lora = state.check_model(body.model)
     body.check_supported()
     prompts = [_encode(state, p, "prompt") for p in body.prompts()]
     top = body.logprobs or 0
@@ -329,7 +337,7 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
         for j in range(body.n):
             index = p_index * body.n + j
             params = _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, index), stops)
-            specs.append(ChoiceSpec(index, prompt, params))
+            specs.append(ChoiceSpec(index, prompt, params, lora))
     generation = _start(state, "completions", specs)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
     logprobs = _Logprobs(state.llm)

@@ -32,6 +32,7 @@ class ServeOptions:
     max_seq_len: int | None = None
     num_kv_blocks: int | None = None
     api_key: str | None = None
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, folder): LoRA adapters clients select with ``model``
     shutdown_timeout: float = 10.0
     log_level: str = "info"
 
@@ -55,6 +56,8 @@ def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=max(2048, options.max_num_seqs),
         ),
     )
+    for name, folder in options.adapters:
+        llm.load_adapter(name, folder)
     names = options.served_model_names or (default_name,)
     app = create_app(llm, ServeConfig(model_names=tuple(names), api_key=options.api_key, max_queue=options.max_queue))
     return llm, app
