@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,31 @@ def cpu_like_plugin(name: str, omit: tuple[str, ...] = (), extra: dict | None = 
     for key, value in (extra or {}).items():
         setattr(ns, key, value)
     return ns
+
+
+def run_staggered(engine, workload) -> dict[int, tuple[int, ...]]:
+    """Add each request at its arrival step; returns index -> output tokens."""
+    ids: dict[str, int] = {}
+    results: dict[int, tuple[int, ...]] = {}
+    step = 0
+    while len(results) < len(workload):
+        for index, (prompt, arrival, params) in enumerate(workload):
+            if arrival == step:
+                ids[engine.add_request(prompt, params)] = index
+        for out in engine.step():
+            if out.finished:
+                results[ids[out.request_id]] = out.token_ids
+        step += 1
+    return results
+
+
+def with_v4_rope_keys(folder, dest):
+    """Copy a checkpoint, spelling rope settings the transformers-4 way mlx-lm reads."""
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    params = config.pop("rope_parameters", None) or {}
+    config["rope_theta"] = params.get("rope_theta", 10000.0)
+    if params.get("rope_type", "default") != "default":
+        config["rope_scaling"] = params
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest

@@ -28,7 +28,7 @@ from ferrum.model import DecoderOnlyLLM, ForwardItem
 from ferrum.paged_kv import PagedKVManager
 from ferrum.sampling import SamplingParams
 
-from support import reference_logits, runnable_backends, write_arch_checkpoint
+from support import reference_logits, runnable_backends, with_v4_rope_keys, write_arch_checkpoint
 
 RUNNABLE = runnable_backends()
 SAME_BACKEND_TOL = 2e-5
@@ -194,18 +194,6 @@ def test_mlx_lm_adapter_matches_mlx_lm(base, tmp_path):
     ours.adapters.load("m", adapter)
     assert ours.adapters.info("m").format == "mlx-lm"
     assert_parity(logits_alone(ours, "m", TOKENS, "m"), ref)
-
-
-def with_v4_rope_keys(folder, dest):
-    """Copy a checkpoint, spelling rope settings the transformers-4 way mlx-lm reads."""
-    shutil.copytree(folder, dest)
-    config = json.loads((dest / "config.json").read_text())
-    params = config.pop("rope_parameters", None) or {}
-    config["rope_theta"] = params.get("rope_theta", 10000.0)
-    if params.get("rope_type", "default") != "default":
-        config["rope_scaling"] = params
-    (dest / "config.json").write_text(json.dumps(config))
-    return dest
 
 
 # ------------------------------------------------------------------ refusals

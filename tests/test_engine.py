@@ -20,7 +20,7 @@ from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import SamplingParams
 from ferrum.tokenizer import Tokenizer
 
-from support import runnable_backends, write_text_checkpoint
+from support import run_staggered, runnable_backends, write_text_checkpoint
 
 BACKENDS = runnable_backends()
 RNG = np.random.RandomState(1)
@@ -52,22 +52,6 @@ def run_alone(engine: Engine, prompt, params) -> tuple[int, ...]:
     request_id = engine.add_request(prompt, params)
     final = [o for o in engine.run_until_done() if o.request_id == request_id and o.finished]
     return final[0].token_ids
-
-
-def run_staggered(engine: Engine, workload) -> dict[int, tuple[int, ...]]:
-    """Add each request at its arrival step; returns index -> output tokens."""
-    ids: dict[str, int] = {}
-    results: dict[int, tuple[int, ...]] = {}
-    step = 0
-    while len(results) < len(workload):
-        for index, (prompt, arrival, params) in enumerate(workload):
-            if arrival == step:
-                ids[engine.add_request(prompt, params)] = index
-        for out in engine.step():
-            if out.finished:
-                results[ids[out.request_id]] = out.token_ids
-        step += 1
-    return results
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

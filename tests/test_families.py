@@ -246,7 +246,8 @@ def test_each_family_gives_the_same_tokens_alone_and_staggered(checkpoints, fami
     from ferrum.executor import LlmExecutor
     from ferrum.sampling import SamplingParams
 
-    from test_engine import run_alone, run_staggered
+    from support import run_staggered
+    from test_engine import run_alone
 
     rng = np.random.RandomState(3)
     workload = [([int(t) for t in rng.randint(3, VOCAB, size=int(rng.randint(2, 20)))], int(rng.randint(0, 6)),

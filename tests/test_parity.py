@@ -17,7 +17,7 @@ import pytest
 
 from ferrum.model import DecoderOnlyLLM, ForwardItem
 
-from support import ARCHITECTURES, reference_logits, runnable_backends, write_arch_checkpoint
+from support import ARCHITECTURES, reference_logits, runnable_backends, with_v4_rope_keys, write_arch_checkpoint
 
 SAME_BACKEND_TOL = 2e-5
 RUNNABLE = runnable_backends()
@@ -74,21 +74,6 @@ def test_backends_agree_with_cpu_and_greedy_tokens_match(checkpoints, arch, back
         runs[name] = (first, tokens)
     assert_parity(runs[backend][0], runs["cpu"][0])
     assert runs[backend][1] == runs["cpu"][1]
-
-
-def with_v4_rope_keys(folder, dest):
-    """Copy a checkpoint, spelling rope settings the transformers-4 way mlx-lm reads."""
-    import json
-    import shutil
-
-    shutil.copytree(folder, dest)
-    config = json.loads((dest / "config.json").read_text())
-    params = config.pop("rope_parameters", None) or {}
-    config["rope_theta"] = params.get("rope_theta", 10000.0)
-    if params.get("rope_type", "default") != "default":
-        config["rope_scaling"] = params
-    (dest / "config.json").write_text(json.dumps(config))
-    return dest
 
 
 @pytest.mark.skipif("mlx" not in RUNNABLE, reason="the MLX backend cannot run here")

@@ -17,7 +17,7 @@ from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import SamplingParams
 from ferrum.spec import SpeculativeConfig
 
-from support import runnable_backends
+from support import run_staggered, runnable_backends
 
 BACKENDS = runnable_backends()
 METHODS = ("lookup", "draft")
@@ -81,21 +81,6 @@ def make_engine(checkpoints, backend, method=None, num_kv_blocks=256, **config) 
     config.setdefault("max_num_batched_tokens", 96)
     config.setdefault("max_num_seqs", 32)
     return Engine(LlmExecutor(model), None, EngineConfig(speculative=spec, **config), draft_model=drafter)
-
-
-def run_staggered(engine: Engine, workload) -> dict[int, tuple[int, ...]]:
-    ids: dict[str, int] = {}
-    results: dict[int, tuple[int, ...]] = {}
-    step = 0
-    while len(results) < len(workload):
-        for index, (prompt, arrival, params) in enumerate(workload):
-            if arrival == step:
-                ids[engine.add_request(prompt, params)] = index
-        for out in engine.step():
-            if out.finished:
-                results[ids[out.request_id]] = out.token_ids
-        step += 1
-    return results
 
 
 def assert_kv_pools_free(engine: Engine) -> None:
