@@ -20,8 +20,9 @@ def backend_probe() -> BackendProbe:
                             api_version=API_VERSION)
     platforms = os.environ.get("JAX_PLATFORMS", "")
     where = f"JAX_PLATFORMS={platforms}" if platforms else "jax's default device"
-    # After the built-in backends: installing it must not change the automatic choice.
-    return BackendProbe(True, device="jax", reason=f"runs on {where}", priority=70, api_version=API_VERSION)
+    # After every built-in backend (numpy 30, MLX 40, torch 90), for float and quantized checkpoints alike:
+    # installing it must not change the automatic choice; ask for it with backend="jax".
+    return BackendProbe(True, device="jax", reason=f"runs on {where}", priority=100, api_version=API_VERSION)
 
 
 @hookimpl

@@ -29,3 +29,13 @@ def test_it_declares_the_api_version_it_was_written_for():
     backend = load_backend("jax")
     assert backend.info.api_version == ferrum_jax.backend_probe().api_version == ferrum_jax.API_VERSION
     assert ferrum_jax.API_VERSION.split(".")[0] == ferrum.API_VERSION.split(".")[0]
+
+
+def test_installing_it_leaves_the_automatic_choice_alone():
+    from ferrum import backends
+
+    builtin = [e for e in backends.available() if e.available and e.name in ("cpu", "mlx", "cuda")]
+    assert builtin, "no built-in backend runs here"
+    assert backends.default_backend_name() != "jax"
+    for bits, group in ((4, 32), (4, 64), (8, 64)):  # formats the built-ins and the plugin all run
+        assert backends.backend_for_format(bits, group).name != "jax"
