@@ -192,8 +192,15 @@ def _name_and_path(spec: str) -> tuple[str, str]:
     return name, path
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line, like every other failure (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ferrum", description="Run decoder-only LLMs on pluggable backends.")
+    parser = _Parser(prog="ferrum", description="Run decoder-only LLMs on pluggable backends.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -279,6 +279,9 @@ CLI_ROWS = [
      ["concurrency"]),
     ("quantize-bad-bits", ["quantize", "{ckpt}", "{tmp}/out", "--bits", "7"], ["bits"]),
     ("serve-negative-queue", ["serve", "{ckpt}", "--max-queue", "-1"], ["max-queue"]),
+    ("generate-max-tokens-not-a-number", ["generate", "hi", "--max-tokens", "abc"], ["--max-tokens", "abc"]),
+    ("bench-unknown-workload", ["bench", "--workload", "nope"], ["nope"]),
+    ("no-command", [], ["command"]),
 ]
 
 
@@ -290,8 +293,8 @@ def test_cli_failures_are_one_line(pristine, tmp_path, argv, words):
                           timeout=300)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("ferrum: error:") or "error:" in last, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("ferrum"), done.stderr  # one line, no usage dump
     assert all(word in done.stderr for word in words), done.stderr
 
 
