@@ -18,7 +18,7 @@ from ferrum.moe.loading import SWITCH
 from ferrum.moe.routing import route
 from ferrum.quant import dequantize, quantize
 from ferrum.weights import Linear, place
-from support import runnable_backends
+from support import run_staggered, runnable_backends
 
 BACKENDS = runnable_backends()
 HIDDEN = 64
@@ -331,15 +331,7 @@ def test_staggered_batch_gives_each_request_its_solo_output(moe_models, backend)
     for prompt, _, params in workload:
         request_id = engine.add_request(prompt, params)
         solo.append([o for o in engine.run_until_done() if o.request_id == request_id and o.finished][0].token_ids)
-    ids, batched, step = {}, {}, 0
-    while len(batched) < len(workload):
-        for index, (prompt, arrival, params) in enumerate(workload):
-            if arrival == step:
-                ids[engine.add_request(prompt, params)] = index
-        for out in engine.step():
-            if out.finished:
-                batched[ids[out.request_id]] = out.token_ids
-        step += 1
+    batched = run_staggered(engine, workload)
     assert [batched[i] for i in range(len(workload))] == solo
 
 
