@@ -50,6 +50,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 f"  {entry.name}: device={caps.devices[0]} dtypes={','.join(caps.dtypes)} "
                 f"paged_attention={caps.paged_attention} native_unified_batch={caps.native_unified_batch} "
                 f"sliding_window={caps.sliding_window} device_sampling={caps.device_sampling} "
+                f"async_stepping={caps.async_stepping} "
                 f"attention={'+'.join(caps.attention_mechanisms)} quantized={caps.quantization_summary()}"
             )
             if backend.info.note:

@@ -61,7 +61,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.4"
+API_VERSION = "1.5"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -94,6 +94,7 @@ OPTIONAL_OPS = (
     "paged_attention",
     "prepare_attention_batch",
     "sample",
+    "sample_on_device",
     "quantized_upload",
     "quantized_linear",
     "quantized_embedding",
@@ -104,6 +105,8 @@ OPTIONAL_OPS = (
     "mul_scalar",
     "softcap",
     "lora_apply",
+    "split",
+    "compile_fn",
 )
 
 #: The optional ops that together run packed quantized weights natively.
@@ -192,6 +195,31 @@ def take_rows(x: Any, indices: Any) -> Any:
 @hookspec(firstresult=True)
 def concat(parts: list[Any]) -> Any:
     """Join arrays of equal trailing shape along axis 0."""
+
+
+@hookspec(firstresult=True)
+def split(x: Any, sizes: tuple[int, ...]) -> list[Any]:
+    """(optional) ``x [..., sum(sizes)]`` cut along its last axis into consecutive parts of ``sizes``.
+
+    The model fuses projections that read the same input (q/k/v, gate/up) into one
+    matrix and splits the one output, but only on a backend that implements this
+    natively (checked once at load): the fallback round-trips through the host.
+    Parts may be views of ``x``; nothing writes to them.
+    """
+
+
+@hookspec(firstresult=True)
+def compile_fn(fn: Any) -> Any:
+    """(optional) A callable equivalent to ``fn``, which the backend may trace and compile.
+
+    ``fn`` is a pure, row-wise function of backend arrays whose first axis is the
+    batch's tokens (each output row depends only on the same row of the inputs, so a
+    backend may pad the rows to a size it compiled for), returning a tuple of such
+    arrays, built from ops of this table: the model hands over each decoder block's
+    work before and after its KV write and attention, once at load. Weights it reads
+    never change; a pass with LoRA adapters runs the plain functions. The backend
+    decides when compiling pays (e.g. decode-sized batches only). Fallback: ``fn``.
+    """
 
 
 @hookspec(firstresult=True)
@@ -348,6 +376,22 @@ def sample(logits: Any, batch: Any) -> Any:
     semantics are those of :func:`ferrum.sampling.sample_numpy`; only these
     small arrays should cross to the host. Fallback: ``to_numpy`` of the
     logits, then that reference.
+    """
+
+
+@hookspec(firstresult=True)
+def sample_on_device(logits: Any, batch: Any) -> Any:
+    """(optional) :func:`sample` without waiting for the device: for asynchronous stepping.
+
+    Returns a :class:`ferrum.sampling.DeviceSample`: ``ids``, the chosen
+    tokens as a backend int32 ``[n]`` array that the next step's
+    :func:`embedding` may take before the host has seen it, and ``read()``,
+    which waits and returns the :class:`ferrum.sampling.SampleResult` that
+    :func:`sample` would have. Start the device work before returning (MLX:
+    ``mx.async_eval``, with the step's pending KV writes; torch: no host
+    synchronisation until ``read``). A plugin that implements it is stepped
+    asynchronously: the engine issues step N+1 before reading step N.
+    Fallback: :func:`sample` at once, its tokens uploaded (synchronous stepping).
     """
 
 

@@ -20,11 +20,12 @@ import numpy as np
 from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
 from ferrum.arch.mlp import MLP_KINDS
-from ferrum.arch.tensors import prepare, resolve_layout, weight_shapes
+from ferrum.arch.tensors import Fuser, prepare, projection_group, resolve_layout, weight_shapes
 from ferrum.attention import AttentionBatch
 from ferrum.backends import Backend, backend_for_format, load_backend
 from ferrum.checkpoint import Checkpoint
 from ferrum.config import ModelConfig
+from ferrum.device_tokens import DeviceToken, ends_on_device, host_view, token_ids
 from ferrum.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -35,7 +36,7 @@ from ferrum.limits import check_kv_pool, check_layer_count
 from ferrum.paged_kv import PagedKVManager
 from ferrum.weights import DTYPE_BYTES, Linear, Placed, place, read_weights
 
-__all__ = ["DecoderOnlyLLM", "ForwardItem", "ForwardOutput", "choose_dtype", "weight_shapes"]
+__all__ = ["DecoderOnlyLLM", "DeviceToken", "ForwardItem", "ForwardOutput", "choose_dtype", "weight_shapes"]
 
 DEFAULT_BLOCK_SIZE = 16
 #: Default KV pool size in tokens when the caller does not choose one.
@@ -52,11 +53,12 @@ class ForwardItem:
     ``pos_offset`` must equal the sequence's cached length. Logits are
     produced for the last position of final chunks, or for every position of
     items with ``full_logits`` (speculative verification, scoring).
-    ``metadata`` is the request's (see :mod:`ferrum.metadata`).
+    ``metadata`` is the request's (see :mod:`ferrum.metadata`). The last
+    token may be a :class:`DeviceToken`, still on the backend.
     """
 
     seq_id: Hashable
-    q_tokens: Sequence[int]
+    q_tokens: Sequence[int | DeviceToken]
     pos_offset: int
     is_final_chunk: bool = True
     full_logits: bool = False
@@ -76,7 +78,7 @@ class ForwardOutput:
 class _Layer:
     """One decoder block's weights; projections carry the op that applies them, ``mlp`` is its MLP slot."""
 
-    __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "q", "k", "v", "o", "q_norm", "k_norm",
+    __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale")
 
     def __init__(self, **fields: Any):
@@ -154,6 +156,9 @@ class DecoderOnlyLLM:
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head])
         self.ropes = {id(r): _RopeTables(ops, r) for r in {id(spec.rope): spec.rope for spec in arch.layers}.values()}
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
+        self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
+        self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
         #: LoRA adapters resident beside the base weights (see :mod:`ferrum.adapters`).
         self.adapters = AdapterRegistry(self)
         #: Bytes the weights occupy on the backend (packed ones at their packed or repacked size).
@@ -196,10 +201,13 @@ class DecoderOnlyLLM:
         weights: dict[str, Placed] = {}
         embedding = f"{config.arch.prefix}embed_tokens.weight"
         embedding_role = "tied" if config.tie_word_embeddings else "embedding"
+        # Fused projections (one linear, then a split) only where the backend splits natively.
+        fuser = Fuser(config, shapes) if "split" in backend.ops.native else None
         for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
-            for part, array in prepare(config, name, tensor):
-                role = embedding_role if part == embedding else "linear"
-                weights[part] = place(backend.ops, part, array, dtype, role)
+            for prepared, host in prepare(config, name, tensor):
+                for part, array in fuser.add(prepared, host) if fuser else [(prepared, host)]:
+                    role = embedding_role if part == embedding else "linear"
+                    weights[part] = place(backend.ops, part, array, dtype, role)
             if progress is not None:
                 progress(done, len(shapes), name)
         return cls(config, backend, weights, dtype, num_kv_blocks, block_size)
@@ -217,14 +225,13 @@ class DecoderOnlyLLM:
             return Linear(w[f"{p}{module}.weight"], tensor(f"{module}.bias"))
 
         norms = {slot: tensor(f"{name}.weight") for slot, name in arch.norms.items()}
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         return _Layer(
             pre_attn=norms["pre_attn"],
             post_attn=norms.get("post_attn"),
             pre_mlp=norms["pre_mlp"],
             post_mlp=norms.get("post_mlp"),
-            q=projection("self_attn.q_proj"),
-            k=projection("self_attn.k_proj"),
-            v=projection("self_attn.v_proj"),
+            qkv=projection_group(self.ops, tensor, projection, "self_attn.qkv_proj", (q, kv, kv)),
             o=projection("self_attn.o_proj"),
             q_norm=tensor("self_attn.q_norm.weight"),
             k_norm=tensor("self_attn.k_norm.weight"),
@@ -234,9 +241,40 @@ class DecoderOnlyLLM:
             scale=arch.attn_scale,
         )
 
+    def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
+        """``enter(h[, residual]) -> (q, k, v, h)`` (the first block has no residual to add) and
+        ``leave(attn, h) -> (residual, h)``: pure functions of backend arrays, so a backend may compile them
+        (``compile_fn``); rope stays outside, as its table can change from one batch to the next."""
+        ops, cfg = self.ops, self.config
+        reshape, rms_norm, eps = ops.reshape, ops.rms_norm, cfg.rms_norm_eps
+        heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def project(x: Any, h: Any) -> tuple:
+            q, k, v = layer.qkv(x)
+            q, k, v = reshape(q, (-1, heads, hd)), reshape(k, (-1, kv_heads, hd)), reshape(v, (-1, kv_heads, hd))
+            if layer.q_norm is not None:
+                q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+            return q, k, v, h
+
+        def enter_first(h: Any) -> tuple:
+            return project(rms_norm(h, layer.pre_attn, eps), h)
+
+        def enter(h: Any, residual: Any) -> tuple:
+            return project(*ops.add_rms_norm(residual, h, layer.pre_attn, eps))
+
+        def leave(attn: Any, h: Any) -> tuple:
+            o = layer.o(reshape(attn, (-1, heads * hd)))
+            if layer.post_attn is not None:
+                o = rms_norm(o, layer.post_attn, eps)
+            x, h = ops.add_rms_norm(o, h, layer.pre_mlp, eps)
+            out = layer.mlp(x)
+            return (out if layer.post_mlp is None else rms_norm(out, layer.post_mlp, eps)), h
+
+        return enter_first if first else enter, leave
+
     def projections(self) -> list[Linear]:
         """Every linear projection, LM head included (profilers wrap their bound ops)."""
-        attention = [p for layer in self.layers for p in (layer.q, layer.k, layer.v, layer.o)]
+        attention = [p for layer in self.layers for p in (*layer.qkv.linears, layer.o)]
         return attention + [p for layer in self.layers for p in layer.mlp.projections()] + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
@@ -264,8 +302,8 @@ class DecoderOnlyLLM:
             n = len(item.q_tokens)
             if n == 0:
                 raise InvalidRequestError(f"sequence {item.seq_id!r}: empty token list; give at least one token")
-            tokens = np.asarray(item.q_tokens)
-            if tokens.dtype.kind not in "iu":
+            tokens = np.asarray(item.q_tokens[:-1] if ends_on_device(item.q_tokens) else item.q_tokens)
+            if tokens.size and tokens.dtype.kind not in "iu":
                 raise InvalidRequestError(f"sequence {item.seq_id!r}: token ids must be integers")
             bad = tokens[(tokens < 0) | (tokens >= vocab)]
             if bad.size:
@@ -295,7 +333,7 @@ class DecoderOnlyLLM:
         """
         self._validate(items)
         salts = self.adapters.salts(items)
-        reservation = self.kv.reserve(((item.seq_id, item.q_tokens) for item in items), salts)
+        reservation = self.kv.reserve(((item.seq_id, host_view(item.q_tokens)) for item in items), salts)
         try:
             with self.adapters.active(items):
                 out = self._forward(items, all_logits)
@@ -326,42 +364,28 @@ class DecoderOnlyLLM:
         ops, cfg = self.ops, self.config
         batch = self._attention_batch(items)
         batch.prepared = ops.prepare_attention_batch(batch)
-        tokens = np.concatenate([np.asarray(it.q_tokens, dtype=np.int32) for it in items])
+        ids = token_ids(ops, [it.q_tokens for it in items])
         positions = ops.from_numpy(batch.positions, None)
         slots = ops.from_numpy(batch.slot_mapping, None)
-        n_tok = len(tokens)
-        heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        n_tok = batch.num_tokens
         eps, pool, arch = cfg.rms_norm_eps, self.pool, cfg.arch
-        reshape, rms_norm, softcap = ops.reshape, ops.rms_norm, arch.attn_softcap
+        softcap = arch.attn_softcap
         ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items()}
+        halves = self._compiled if self.adapters.batch is None else self._halves
 
-        h = self.embed_lookup(self.embed, ops.from_numpy(tokens, None))
+        h = self.embed_lookup(self.embed, ids)
         if arch.embed_scale is not None:
             h = ops.mul_scalar(h, arch.embed_scale)
-        residual_in = None  # output of the previous block, not yet added to h
+        residual = None  # output of the previous block, not yet added to h
         for index, layer in enumerate(self.layers):
-            if residual_in is None:
-                x = rms_norm(h, layer.pre_attn, eps)
-            else:
-                x, h = ops.add_rms_norm(residual_in, h, layer.pre_attn, eps)
-            q = reshape(layer.q(x), (n_tok, heads, hd))
-            k = reshape(layer.k(x), (n_tok, kv_heads, hd))
-            v = reshape(layer.v(x), (n_tok, kv_heads, hd))
-            if layer.q_norm is not None:
-                q = rms_norm(q, layer.q_norm, eps)
-                k = rms_norm(k, layer.k_norm, eps)
+            enter, leave = halves[index]
+            q, k, v, h = enter(h) if residual is None else enter(h, residual)
             rotate = ropes[layer.rope]
             q, k = rotate(q), rotate(k)
             ops.kv_write(pool, index, k, v, slots)
             attn = ops.paged_attention(q, pool, index, batch, layer.scale, layer.window, softcap)
-            o = layer.o(reshape(attn, (n_tok, heads * hd)))
-            if layer.post_attn is not None:
-                o = rms_norm(o, layer.post_attn, eps)
-            x, h = ops.add_rms_norm(o, h, layer.pre_mlp, eps)
-            residual_in = layer.mlp(x)
-            if layer.post_mlp is not None:
-                residual_in = rms_norm(residual_in, layer.post_mlp, eps)
-        h = ops.add(residual_in, h)
+            residual, h = leave(attn, h)
+        h = ops.add(residual, h)
 
         rows: dict[Hashable, tuple[int, int]] = {}
         if all_logits:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ferrum.quant.reference import HostQuantized
 from ferrum.moe import reference as moe_reference
-from ferrum.sampling import sample_numpy
+from ferrum.sampling import DeviceSample, sample_numpy
 
 
 def cast(ops: Any, x: Any, dtype: str) -> Any:
@@ -94,8 +94,23 @@ def lora_apply(ops: Any, y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
     return _on_host(ops, y, lambda yh: yh + delta)
 
 
+def split(ops: Any, x: Any, sizes: tuple[int, ...]) -> list[Any]:
+    host, dtype = ops.to_numpy(x), _dtype_name(x)
+    return [ops.from_numpy(np.ascontiguousarray(part), dtype)
+            for part in np.split(host, np.cumsum(sizes)[:-1], axis=-1)]
+
+
+def compile_fn(ops: Any, fn: Any) -> Any:
+    return fn
+
+
 def sample(ops: Any, logits: Any, batch: Any) -> Any:
     return sample_numpy(ops.to_numpy(logits), batch)
+
+
+def sample_on_device(ops: Any, logits: Any, batch: Any) -> DeviceSample:
+    result = ops.sample(logits, batch)
+    return DeviceSample(ops.from_numpy(result.tokens.astype(np.int32), None), lambda: result)
 
 
 def quantized_upload(ops: Any, name: str, weight: Any, dtype: str, role: str) -> HostQuantized:

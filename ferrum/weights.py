@@ -49,6 +49,30 @@ class Linear:
         return self.apply(x, self.weight, self.bias)
 
 
+class Projections:
+    """Projections of one input (q/k/v, gate/up): ``self(x)`` is the list of their outputs.
+
+    Either one fused matrix (:data:`ferrum.arch.tensors.FUSED`) whose output is
+    cut by the ops table's ``split`` into ``sizes`` (looked up per call, so profilers
+    see it), or one matrix per output. ``spans`` gives the output columns each of
+    ``linears`` produces, counted over the concatenated outputs, which is how LoRA
+    factors find their place in either form.
+    """
+
+    __slots__ = ("linears", "sizes", "spans", "_ops")
+
+    def __init__(self, linears: list[Linear], sizes: tuple[int, ...], split_by: Any = None):
+        """``split_by``: the ops table that splits the output of one fused matrix, None for one matrix each."""
+        self.linears, self.sizes, self._ops = list(linears), tuple(sizes), split_by
+        bounds = np.cumsum((0, *sizes)).tolist()
+        self.spans = [(0, bounds[-1])] if split_by is not None else list(zip(bounds[:-1], bounds[1:]))
+
+    def __call__(self, x: Any) -> list[Any]:
+        if self._ops is not None:
+            return self._ops.split(self.linears[0](x), self.sizes)
+        return [linear(x) for linear in self.linears]
+
+
 def place(ops: Any, name: str, tensor: HostTensor, dtype: str, role: str = "linear") -> Placed:
     """Put one host tensor on the backend; ``role`` is "linear", "embedding" or "tied" (both).
 

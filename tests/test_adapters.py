@@ -196,6 +196,139 @@ def test_mlx_lm_adapter_matches_mlx_lm(base, tmp_path):
     assert_parity(logits_alone(ours, "m", TOKENS, "m"), ref)
 
 
+# ------------------------------------------- fused projections and MoE bases
+
+
+def _build(folder, config):
+    """A random transformers model of ``config`` saved in ``folder`` (float32, eval)."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    """A Phi-3 base (fused qkv_proj and gate_up_proj in the checkpoint) with PEFT adapters on its fused targets."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("phi3")
+    hf = _build(root / "base", transformers.Phi3Config(
+        vocab_size=97, hidden_size=96, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    merged = {"all": make_peft(hf, root / "all", 1),  # qkv_proj, o_proj, gate_up_proj, down_proj
+              "qkv": make_peft(hf, root / "qkv", 2, r=3, target_modules=["qkv_proj"])}
+    return root, hf, merged
+
+
+def _without_split(registered):
+    from support import cpu_like_plugin
+
+    registered("nosplit", cpu_like_plugin("nosplit", omit=("split",)))
+    return "nosplit"
+
+
+@pytest.mark.parametrize("backend", [*RUNNABLE, "nosplit"])
+def test_fused_phi3_targets_match_peft(phi3, backend, registered):
+    """Phi-3's qkv_proj / gate_up_proj adapters, on the model's fused matrices, and (a plugin without ``split``)
+    on the unfused ones, each target's B split by output columns."""
+    root, hf, merged = phi3
+    if backend == "nosplit":
+        backend = _without_split(registered)
+    model = DecoderOnlyLLM.from_pretrained(root / "base", backend=backend, block_size=4, dtype="float32")
+    assert len(model.layers[0].qkv.linears) == (3 if backend == "nosplit" else 1)
+    for name in merged:
+        model.adapters.load(name, root / name)
+    for name in merged:
+        ref = reference_logits(merged[name], TOKENS)
+        assert np.abs(ref - reference_logits(hf, TOKENS)).max() > 0.1
+        assert_parity(logits_alone(model, name, TOKENS, name), ref)
+
+
+@pytest.mark.parametrize("backend", [*RUNNABLE, "nosplit"])
+def test_separate_targets_on_fused_matrices_match_peft(base, backend, registered):
+    """Adapter B leaves k_proj and gate_proj alone: on the fused q/k/v and gate/up matrices their B columns
+    stay zero, and A's ranks (4 for all) and B's (2 for q, 6 for v) stack in one product per matrix."""
+    _, _, _, merged = base
+    if backend == "nosplit":
+        backend = _without_split(registered)
+    model = load(base, backend)
+    assert len(model.layers[0].qkv.linears) == (3 if backend == "nosplit" else 1)
+    assert len(model.layers[0].mlp.gate_up.linears) == (2 if backend == "nosplit" else 1)
+    for name in ("A", "B"):
+        assert_parity(logits_alone(model, name, TOKENS, name), reference_logits(merged[name], TOKENS))
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """A Qwen3-MoE base whose first layer is dense, with a PEFT adapter on q/k/v/o of every layer."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("moe")
+    hf = _build(root / "base", transformers.Qwen3MoeConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=80, moe_intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[0], max_position_embeddings=128))
+    merged = make_peft(hf, root / "attn", 3, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return root, hf, merged
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_attention_adapter_on_a_moe_base_matches_peft(moe, backend):
+    root, hf, merged = moe
+    model = DecoderOnlyLLM.from_pretrained(root / "base", backend=backend, block_size=4, dtype="float32")
+    assert [layer.mlp for layer in model.config.arch.layers] == ["dense", "moe"]
+    model.adapters.load("attn", root / "attn")
+    ref = reference_logits(merged, TOKENS)
+    assert np.abs(ref - reference_logits(hf, TOKENS)).max() > 0.1
+    assert_parity(logits_alone(model, "attn", TOKENS, "attn"), ref)
+    assert_parity(logits_alone(model, "none", TOKENS, None), reference_logits(hf, TOKENS))
+
+
+def test_expert_and_router_targets_are_refused_by_name(moe, tmp_path):
+    root, hf, _ = moe
+    make_peft(hf, tmp_path / "router", 4, target_modules=["q_proj", "gate"])  # the router of the MoE layer
+    model = DecoderOnlyLLM.from_pretrained(root / "base", backend="cpu", block_size=4)
+    with pytest.raises(AdapterError, match="gate .*mixture-of-experts"):
+        model.adapters.load("x", tmp_path / "router")
+    make_peft(hf, tmp_path / "experts", 5, target_modules=["q_proj", "down_proj"])  # also the experts' stack
+    with pytest.raises(AdapterError, match="mlp.experts.*mixture-of-experts"):
+        model.adapters.load("x", tmp_path / "experts")
+    from safetensors.numpy import save_file
+
+    (tmp_path / "m").mkdir()
+    save_file({"model.layers.1.mlp.switch_mlp.up_proj.lora_a": np.zeros((64, 4), np.float32),
+               "model.layers.1.mlp.switch_mlp.up_proj.lora_b": np.zeros((4, 40), np.float32)},
+              tmp_path / "m" / "adapters.safetensors")
+    (tmp_path / "m" / "adapter_config.json").write_text(json.dumps({"num_layers": 2}))
+    with pytest.raises(AdapterError, match="switch_mlp.*mixture-of-experts"):
+        model.adapters.load("m", tmp_path / "m")
+    assert len(model.adapters) == 0
+
+
+def test_a_target_the_base_stores_otherwise_is_refused(phi3, base, tmp_path):
+    """q_proj on a base whose checkpoint holds qkv_proj (and the reverse) was trained for another layout."""
+    from safetensors.numpy import save_file
+
+    root, _, _ = phi3
+    for model_root, proj, outputs, words in ((root / "base", "q_proj", 96, "inside the fused qkv_proj"),
+                                             (base[0], "qkv_proj", 192, "stores q_proj, k_proj, v_proj separately")):
+        folder = tmp_path / proj
+        folder.mkdir()
+        save_file({f"model.layers.0.self_attn.{proj}.lora_a": np.zeros((96, 4), np.float32),
+                   f"model.layers.0.self_attn.{proj}.lora_b": np.zeros((4, outputs), np.float32)},
+                  folder / "adapters.safetensors")
+        (folder / "adapter_config.json").write_text(json.dumps({"num_layers": 2}))
+        model = DecoderOnlyLLM.from_pretrained(model_root, backend="cpu")
+        with pytest.raises(AdapterError, match=words):
+            model.adapters.load("x", folder)
+
+
 # ------------------------------------------------------------------ refusals
 
 

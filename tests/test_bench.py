@@ -72,8 +72,8 @@ def test_bench_against_transformers_with_profile(tmp_path):
         report["ferrum"]["throughput_tok_s"] / report["peer"]["throughput_tok_s"]
     )
     linear = {row["op"]: row["calls"] for row in report["profile"]["ops"]}["linear"]
-    # one forward per step for all 3 sequences: 2 layers x (q, k, v, o, gate, up, down) + lm_head
-    assert report["profile"]["sequences"] == 3 and linear == 2 * 7 + 1
+    # one forward per step for all 3 sequences: 2 layers x (fused qkv, o, fused gate-up, down) + lm_head
+    assert report["profile"]["sequences"] == 3 and linear == 2 * 4 + 1
     table = format_report(report)
     assert "throughput tok/s" in table and "transformers" in table and "decode step of 3 sequence(s):" in table
     write_json(report, tmp_path / "out.json")

@@ -62,7 +62,7 @@ def test_items_are_one_per_check_and_shape(tmp_path):
     names = {i.split("::", 1)[1] for i in ids}
     assert len(names) == len(ids) >= 60
     assert {"rope[float32]", "attention-q5-kv11-h14-kvh2-d48[float32]", "attention-q1-kv9-h4-kvh4-d32[float32]",
-            "paged_attention-core-fallback[float32]", "quantized_linear-3-bit-g64-core-fallback[float32]",
+            "paged_attention-native[float32]", "quantized_linear-3-bit-g64-core-fallback[float32]",
             "model-logits-and-16-greedy-tokens[float32]", "sample-core-fallback[float32]"} <= names
     assert f"{len(ids)} tests collected" in done.stdout
 

@@ -135,7 +135,8 @@ def test_packed_weights_stay_packed(mlx_lm_4bit):
     config = ModelConfig.from_file(folder)
     dense = sum(np.prod(s) for s in ferrum.model.weight_shapes(config).values()) * 4
     assert llm.model.weight_bytes < dense / 3
-    assert llm.model.layers[0].q.weight.q.dtype == mx.uint32
+    [qkv] = llm.model.layers[0].qkv.linears  # q/k/v fused into one packed matrix
+    assert qkv.weight.q.dtype == mx.uint32
 
 
 def test_automatic_backend_runs_the_format_natively(mlx_lm_4bit):

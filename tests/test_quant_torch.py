@@ -262,7 +262,7 @@ def test_quantized_checkpoint_matches_the_core_reference(tmp_path, bits, gs, tie
 
     exact = ferrum.load(folder, backend="cuda", dtype="float32")
     assert scaled_error(exact.model.forward_verify("s", prompt), ref) <= 1e-4
-    assert exact.model.layers[0].q.weight.path == "dequantize"
+    assert exact.model.layers[0].qkv.linears[0].weight.path == "dequantize"
 
     fast = ferrum.load(folder, backend="cuda")  # the quantized default: bfloat16 where the int4 kernels work
     assert fast.model.dtype == "bfloat16" or not quant.int4_status(ops.DEVICE)[0]

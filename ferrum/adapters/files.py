@@ -8,8 +8,9 @@ the transposes (``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``).
 Only what changes a plain linear projection's output by a low-rank product
 is run; everything else an adapter may carry (DoRA magnitudes, embedding or
 LM-head targets, trained biases, full module copies, GPT-2 style
-``fan_in_fan_out`` weights, fused ``qkv_proj``) is refused by name rather
-than silently dropped.
+``fan_in_fan_out`` weights, the experts and router of a mixture of experts)
+is refused by name rather than silently dropped. Phi-3's fused ``qkv_proj``
+and ``gate_up_proj`` are projections like the others.
 """
 
 from __future__ import annotations
@@ -29,11 +30,16 @@ from ferrum.errors import AdapterError
 
 #: The projections an adapter may target, and the block part they live in.
 PROJECTIONS = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "qkv_proj": "self_attn",
+    "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "gate_up_proj": "mlp", "down_proj": "mlp",
 }
+#: Projections of one input, by the fused projection a checkpoint may store them as (Phi-3).
+_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_out")
-_FUSED = ("qkv_proj", "gate_up_proj", "query_key_value")
+_FUSED = ("query_key_value", "Wqkv")  # other models' fused attention projections
+_MOE = ("experts", "switch_mlp", "shared_expert", "block_sparse_moe")  # module names inside a sparse MLP
+_MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert, the shared expert or the router); "
+                "on MoE models only the attention projections q/k/v/o can be adapted")
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MLX_WEIGHTS = "adapters.safetensors"
@@ -142,6 +148,8 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
         m = _PEFT_KEY.match(name)
         if m is None:
             raise AdapterError(f"{where}: {_peft_refusal(name)}")
+        if m["proj"] in _MOE:
+            raise AdapterError(f"{where}: {name} {_MOE_REFUSAL}")
         key = (int(m["layer"]), m["proj"], m["module"])
         pairs.setdefault(key, {})[m["which"]] = array
     weights = {}
@@ -177,7 +185,9 @@ def _peft_refusal(name: str) -> str:
     if name.endswith(".bias"):
         return f"{name} is a trained bias; adapters that train biases are not supported"
     if any(f".{f}." in name for f in _FUSED):
-        return f"{name} adapts a fused projection; only separate q/k/v/o/gate/up/down projections are supported"
+        return f"{name} adapts a fused projection of another architecture; it is not supported"
+    if any(f".{m}." in name for m in _MOE):
+        return f"{name} {_MOE_REFUSAL}"
     return (f"tensor {name} is not a LoRA factor of a q/k/v/o/gate/up/down projection "
             "(expected ...layers.N.self_attn|mlp.<proj>.lora_A|lora_B.weight)")
 
@@ -200,6 +210,8 @@ def _check_targets(where: str, targets: Any) -> None:
             )
         if leaf in _FUSED:
             raise AdapterError(f"{where}: target_modules names the fused projection {target!r}, which is not supported")
+        if leaf in _MOE or leaf in ("gate", "router", "shared_expert_gate", "w1", "w2", "w3"):
+            raise AdapterError(f"{where}: target_modules names {target!r}, which {_MOE_REFUSAL}")
         raise AdapterError(
             f"{where}: target_modules names {target!r}; only {', '.join(PROJECTIONS)} (or 'all-linear') are supported"
         )
@@ -237,6 +249,8 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
         if m is None:
             if any(e in name for e in _EMBEDDINGS):
                 what = "adapts an embedding or the LM head"
+            elif any(f".{m}." in name for m in _MOE):
+                what = _MOE_REFUSAL
             elif name.endswith(".m"):
                 what = "is a DoRA magnitude"
             else:
@@ -282,30 +296,59 @@ def _read(path: Path):
         raise AdapterError(f"{path} is not a readable safetensors file: {type(exc).__name__}: {exc}") from None
 
 
+def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] | None:
+    """Where ``proj``'s outputs lie: ``(group, start, stop)`` columns of the concatenated outputs of the
+    projections that read the same input (a fused one covers its members'), or None where the base model
+    has no such projection (an MoE layer's MLP, a member of a projection its checkpoint stores fused...)."""
+    arch = config.arch
+    if PROJECTIONS[proj] == "mlp" and arch.layers[layer].mlp != "dense":
+        return None
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    inter = config.intermediate_size
+    outputs = {"qkv_proj": (q, kv, kv), "gate_up_proj": (inter, inter)}
+    fused = {"qkv_proj": arch.fused_qkv, "gate_up_proj": arch.fused_gate_up}
+    for group, members in _GROUPS.items():
+        if proj == group:
+            return (group, 0, sum(outputs[group])) if fused[group] else None
+        if proj in members:
+            start = sum(outputs[group][: members.index(proj)])
+            return None if fused[group] else (group, start, start + outputs[group][members.index(proj)])
+    return proj, 0, {"o_proj": config.hidden_size, "down_proj": config.hidden_size}[proj]
+
+
 def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | None:
     """``(in, out)`` of a projection of the base model, or None where the layer has no such matrix."""
-    h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    if PROJECTIONS[proj] == "mlp" and config.arch.layers[layer].mlp != "dense":
+    span = projection_span(config, layer, proj)
+    if span is None:
         return None
-    inter = config.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}[proj]
+    n_in = {"o_proj": config.num_heads * config.head_dim, "down_proj": config.intermediate_size}
+    return n_in.get(proj, config.hidden_size), span[2] - span[1]
+
+
+def _absent(config: Any, layer: int, proj: str) -> str:
+    """Why the base model has no ``proj`` in ``layer``."""
+    if PROJECTIONS[proj] == "mlp" and config.arch.layers[layer].mlp != "dense":
+        return f"that layer's MLP is a mixture of experts: {proj} {_MOE_REFUSAL}"
+    stored = next((g for g, members in _GROUPS.items() if proj in members), None)
+    if stored is not None:
+        return f"the base model stores {proj} inside the fused {stored}; adapt {stored}"
+    return f"the base model stores {', '.join(_GROUPS[proj])} separately; adapt those"
 
 
 def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: np.ndarray, scale: float) -> LoraWeights:
+    if layer >= config.num_layers:
+        raise AdapterError(f"{where}: adapts layer {layer} but the base model has {config.num_layers} layers")
     if proj not in PROJECTIONS:
+        if config.arch.layers[layer].mlp != "dense" and proj in ("gate", "shared_expert_gate"):
+            raise AdapterError(f"{where}: layer {layer} {proj} {_MOE_REFUSAL}")
         raise AdapterError(
             f"{where}: layer {layer} {proj} " + (
                 "adapts a fused projection" if proj in _FUSED else "is not a projection Ferrum adapts")
             + f"; only {', '.join(PROJECTIONS)} are supported"
         )
-    if layer >= config.num_layers:
-        raise AdapterError(f"{where}: adapts layer {layer} but the base model has {config.num_layers} layers")
     shape = projection_shape(config, layer, proj)
     if shape is None:
-        raise AdapterError(
-            f"{where}: layer {layer} {proj}: that layer's MLP is not a dense gated MLP (MoE); not supported"
-        )
+        raise AdapterError(f"{where}: layer {layer} {proj}: {_absent(config, layer, proj)}")
     got = (a.shape[0], b.shape[1])
     if got != shape:
         raise AdapterError(

@@ -1,11 +1,18 @@
 """The adapters resident beside one model: names, slots, the memory budget, and the per-pass grouping.
 
-Every resident adapter owns a slot. For each projection some adapter
-targets, the model's :class:`~ferrum.weights.Linear` is swapped (once) for a
-:class:`~ferrum.adapters.batching.LoraLinear` holding the factors of every
-slot stacked and zero-padded to the largest rank; the base weight is never
-merged, copied or touched. Loading or unloading an adapter re-stacks only
-the (small) factors.
+Every resident adapter owns a slot. Each of the model's projections is
+swapped (once) for a :class:`~ferrum.adapters.batching.LoraLinear` holding the
+factors of every slot stacked and zero-padded to the largest rank; the base
+weight is never merged, copied or touched. Loading or unloading an adapter
+re-stacks only the (small) factors.
+
+A projection the model fused at load (q/k/v or gate/up as one matrix) stays one
+low-rank product: per slot, the A factors of the members an adapter targets are
+stacked (``[r_q + r_k + r_v, in]``) and their B factors placed block-diagonally
+over the members' output columns, zeros where a member is not adapted. The same
+rule places a fused target (Phi-3's ``qkv_proj``) over unfused projections: each
+takes its own columns of B. So any mix of fused and separate, on either side, is
+one ``lora_apply`` per matrix the model runs.
 
 Memory budget policy: the factors of resident adapters may take up to
 ``budget_bytes`` (in the compute dtype, before padding to a common rank).
@@ -29,7 +36,7 @@ from typing import Any, Hashable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ferrum.adapters.batching import LoraBatch, LoraLinear
-from ferrum.adapters.files import LoraAdapter, Site, projection_shape, read_adapter
+from ferrum.adapters.files import LoraAdapter, LoraWeights, projection_span, read_adapter
 from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
 from ferrum.weights import DTYPE_BYTES
@@ -37,8 +44,16 @@ from ferrum.weights import DTYPE_BYTES
 #: Default bytes the factors of resident adapters may take.
 DEFAULT_BUDGET_BYTES = 2 << 30
 
-_ATTN = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
-_MLP = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+class _Target:
+    """One matrix the model runs, wrapped: its layer, its group of projections (see ``projection_span``)
+    and the output columns of that group it produces."""
+
+    __slots__ = ("layer", "group", "start", "stop", "linear")
+
+    def __init__(self, layer: int, group: str, start: int, stop: int, linear: LoraLinear):
+        self.layer, self.group, self.start, self.stop, self.linear = layer, group, start, stop, linear
 
 
 @dataclass(frozen=True)
@@ -72,7 +87,7 @@ class AdapterRegistry:
         self.batch: LoraBatch | None = None
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
         self._slots: list[str | None] = []
-        self._sites: dict[Site, LoraLinear] = {}
+        self._targets: list[_Target] = []
         self._lock = threading.RLock()  # loads and request holds come from the callers' threads
 
     # ------------------------------------------------------------ queries
@@ -225,37 +240,58 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------ stacks
     def _restack(self) -> None:
-        """Rebuild each adapted projection's slot stacks from the resident adapters' factors."""
+        """Rebuild each wrapped matrix's slot stacks from the resident adapters' factors."""
         self._install()
         config, ops, dtype = self.model.config, self.model.ops, self.model.dtype
-        for site, linear in self._sites.items():
-            users = [(r.slot, r.adapter.weights[site]) for r in self._resident.values() if site in r.adapter.weights]
-            if not users:
-                linear.a = linear.b = None
+        placed: dict[tuple[int, str], list[tuple[int, int, int, LoraWeights]]] = {}  # (layer, group) -> factors
+        for r in self._resident.values():
+            for (layer, proj), w in r.adapter.weights.items():
+                group, start, stop = projection_span(config, layer, proj)
+                placed.setdefault((layer, group), []).append((r.slot, start, stop, w))
+        for t in self._targets:
+            by_slot: dict[int, list[tuple[int, int, LoraWeights]]] = {}
+            for slot, start, stop, w in placed.get((t.layer, t.group), ()):
+                if max(start, t.start) < min(stop, t.stop):
+                    by_slot.setdefault(slot, []).append((start, stop, w))
+            if not by_slot:
+                t.linear.a = t.linear.b = None
                 continue
-            n_in, n_out = projection_shape(config, *site)
-            rank = max(w.rank for _, w in users)
+            rank = max(sum(w.rank for _, _, w in parts) for parts in by_slot.values())
+            n_in = next(iter(by_slot.values()))[0][2].a.shape[0]
             a = np.zeros((len(self._slots), rank, n_in), dtype=np.float32)
-            b = np.zeros((len(self._slots), rank, n_out), dtype=np.float32)
-            for slot, w in users:
-                a[slot, : w.rank] = w.a.T
-                b[slot, : w.rank] = w.b * np.float32(w.scale)
-            linear.a, linear.b = ops.from_numpy(a, dtype), ops.from_numpy(b, dtype)
+            b = np.zeros((len(self._slots), rank, t.stop - t.start), dtype=np.float32)
+            for slot, parts in by_slot.items():
+                row = 0
+                for start, stop, w in parts:
+                    lo, hi = max(start, t.start), min(stop, t.stop)
+                    rows = slice(row, row + w.rank)
+                    a[slot, rows] = w.a.T
+                    b[slot, rows, lo - t.start : hi - t.start] = w.b[:, lo - start : hi - start] * np.float32(w.scale)
+                    row += w.rank
+            t.linear.a, t.linear.b = ops.from_numpy(a, dtype), ops.from_numpy(b, dtype)
 
     def _install(self) -> None:
-        """Swap every adaptable projection for a LoraLinear, once."""
-        if self._sites:
+        """Swap every adaptable matrix for a LoraLinear, once."""
+        if self._targets:
             return
         config, lora_apply = self.model.config, self.model.ops.lora_apply
+
+        def wrap(index: int, group: str, start: int, stop: int, linear: Any) -> LoraLinear:
+            wrapped = LoraLinear(linear, self, lora_apply)
+            self._targets.append(_Target(index, group, start, stop, wrapped))
+            return wrapped
+
         for index, layer in enumerate(self.model.layers):
-            owners = [(layer, _ATTN)]
-            if projection_shape(config, index, "gate_proj") is not None:
-                owners.append((layer.mlp, _MLP))
-            for owner, names in owners:
-                for proj, attr in names.items():
-                    wrapped = LoraLinear(getattr(owner, attr), self, lora_apply)
-                    setattr(owner, attr, wrapped)
-                    self._sites[(index, proj)] = wrapped
+            groups = [("qkv_proj", layer.qkv)]
+            dense = config.arch.layers[index].mlp == "dense"
+            if dense:
+                groups.append(("gate_up_proj", layer.mlp.gate_up))
+            for group, projections in groups:
+                for i, (linear, (start, stop)) in enumerate(zip(projections.linears, projections.spans)):
+                    projections.linears[i] = wrap(index, group, start, stop, linear)
+            layer.o = wrap(index, "o_proj", 0, config.hidden_size, layer.o)
+            if dense:
+                layer.mlp.down = wrap(index, "down_proj", 0, config.hidden_size, layer.mlp.down)
 
     # ------------------------------------------------------- forward pass
     def _names(self, items: Sequence[Any]) -> list[str | None]:

@@ -4,7 +4,9 @@ A layer's ``LayerSpec.mlp`` picks the kind. A kind provides
 ``tensors(config, layer) -> {name: shape}`` (names relative to the layer's
 prefix, as stored in the checkpoint), ``split(config, name, tensor)`` (host
 tensors -> the tensors its ``build`` reads, for fused checkpoint layouts) and
-``build(ops, tensor, linear, config, layer) -> mlp`` where ``mlp(x)`` maps
+``build(ops, tensor, linear, config, layer) -> mlp`` (``tensor`` / ``linear``
+read the layer's placed weights, fused where :class:`ferrum.arch.tensors.Fuser`
+fused them) where ``mlp(x)`` maps
 ``[T, hidden] -> [T, hidden]`` and ``mlp.projections()`` lists its linears.
 """
 
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from ferrum.moe.kind import Moe
 
 if TYPE_CHECKING:
-    from ferrum.weights import Linear
+    from ferrum.weights import Linear, Projections
 
 ACTIVATION_OPS = {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}
 
@@ -30,18 +32,22 @@ class MlpKind(Protocol):
 
 
 class GatedMLP:
-    """``down(act(gate(x)) * up(x))``; the activation op comes from the architecture."""
+    """``down(act(gate(x)) * up(x))``; the activation op comes from the architecture.
 
-    __slots__ = ("gate", "up", "down", "act")
+    ``gate_up`` gives gate's and up's outputs, from one fused matrix or two (:class:`~ferrum.weights.Projections`).
+    """
 
-    def __init__(self, gate: Linear, up: Linear, down: Linear, act: Callable[[Any, Any], Any]):
-        self.gate, self.up, self.down, self.act = gate, up, down, act
+    __slots__ = ("gate_up", "down", "act")
+
+    def __init__(self, gate_up: Projections, down: Linear, act: Callable[[Any, Any], Any]):
+        self.gate_up, self.down, self.act = gate_up, down, act
 
     def __call__(self, x: Any) -> Any:
-        return self.down(self.act(self.gate(x), self.up(x)))
+        gate, up = self.gate_up(x)
+        return self.down(self.act(gate, up))
 
     def projections(self) -> list[Linear]:
-        return [self.gate, self.up, self.down]
+        return [*self.gate_up.linears, self.down]
 
 
 class Dense:
@@ -74,8 +80,12 @@ class Dense:
 
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
               config: Any, layer: int) -> GatedMLP:
+        from ferrum.arch.tensors import projection_group
+
         act = getattr(ops, ACTIVATION_OPS[config.arch.activation])
-        return GatedMLP(linear("mlp.gate_proj"), linear("mlp.up_proj"), linear("mlp.down_proj"), act)
+        inter = config.intermediate_size
+        gate_up = projection_group(ops, tensor, linear, "mlp.gate_up_proj", (inter, inter))
+        return GatedMLP(gate_up, linear("mlp.down_proj"), act)
 
 
 #: Kinds by name; ``LayerSpec.mlp`` picks one.

@@ -6,25 +6,31 @@ writer agree on one list. ``prepare`` then turns each host tensor into what
 the model reads:
 
 * fused q/k/v (Phi-3 ``qkv_proj``) and gate/up (``gate_up_proj``) are split
-  into row blocks at load. A row block of a packed quantized matrix is still
-  a packed matrix, so this works for quantized checkpoints too, and every
-  backend's plain ``linear`` runs them; the price is three matmuls instead of
-  one (splitting the fused output instead would need a column-slice op that
-  the backend contract does not have);
+  into row blocks, so each block gets its own changes below (a row block of a
+  packed quantized matrix is still a packed matrix);
 * Gemma's norms scale by ``1 + w``: the offset is added to the weights once;
 * partial rotary: q and k rows are permuted within each head, and longrope's
   attention factor multiplies their rotated rows (see :mod:`ferrum.arch.rope`).
+
+On a backend with a native ``split`` op, :class:`Fuser` then stacks the
+prepared projections that read the same input (:data:`FUSED`) into one
+matrix, whatever the checkpoint's layout, so a layer runs one ``linear``
+where it ran three (q/k/v) or two (gate/up) and splits the output. Stacking
+rows is exact for packed matrices too (each row keeps its own groups), as
+long as the members share one format; a group that does not (GGUF files
+often keep ``v_proj`` at more bits) stays unfused.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.quant.affine import QuantizedWeight
+from ferrum.weights import Linear, Projections
 
 #: (decoder prefix, LM head) of the layouts a checkpoint may use: causal LMs, then Gemma 3's multimodal wrapper
 #: as released (``language_model.model.*``) and as transformers 5 saves it (``model.language_model.*``).
@@ -33,6 +39,13 @@ LAYOUTS = (
     ("language_model.model.", "language_model.lm_head.weight"),
     ("model.language_model.", "lm_head.weight"),
 )
+
+
+#: Projections that read the same input, fused at load: fused module -> its members, in row order.
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
 def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -136,6 +149,99 @@ def _scale_rows(tensor: Any, factor: np.ndarray) -> Any:
         return QuantizedWeight(tensor.packed, scales, biases, tensor.bits, tensor.group_size)
     shape = (-1,) + (1,) * (np.ndim(tensor) - 1)
     return (np.asarray(tensor, dtype=np.float32) * factor.reshape(shape).astype(np.float32))
+
+
+def projection_group(ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear], fused: str,
+                     sizes: tuple[int, ...]) -> Projections:
+    """A layer's ``fused`` group (a key of :data:`FUSED`) as the :class:`Fuser` left it: fused or one per member.
+
+    ``tensor(name)`` / ``linear(module)`` read the layer's placed weights (names relative to the layer).
+    """
+    if tensor(f"{fused}.weight") is not None:
+        return Projections([linear(fused)], sizes, ops)
+    return Projections([linear(member) for member in FUSED[fused]], sizes)
+
+
+class Fuser:
+    """Holds the prepared members of each fused group of a layer (:data:`FUSED`) until all have
+    arrived, then gives the group back as one matrix (and one bias, zeros for a member without).
+
+    Tensors outside any group pass straight through; only the pending members of
+    groups whose last member has not been read yet stay on the host.
+    """
+
+    def __init__(self, config: Any, names: Iterable[str]):
+        """``names``: every checkpoint tensor that will be prepared (``weight_shapes``)."""
+        self._group: dict[str, tuple[str, str]] = {}  # member tensor -> (layer prefix, fused module)
+        self._expected: dict[tuple[str, str], int] = {}
+        for name in names:
+            for part in _member_parts(config, name):
+                key = _group_of(config, part)
+                if key is not None:
+                    self._group[part] = key
+                    self._expected[key] = self._expected.get(key, 0) + 1
+        self._pending: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def add(self, name: str, tensor: Any) -> list[tuple[str, Any]]:
+        """The tensors ready to place now: ``[(name, tensor)]``, nothing, or a whole fused group."""
+        key = self._group.get(name)
+        if key is None:
+            return [(name, tensor)]
+        got = self._pending.setdefault(key, {})
+        got[name] = tensor
+        if len(got) < self._expected[key]:
+            return []
+        del self._pending[key]
+        return _fused(*key, got)
+
+
+def _member_parts(config: Any, name: str) -> list[str]:
+    """The names ``prepare`` turns checkpoint tensor ``name`` into (a fused checkpoint tensor is split)."""
+    layer = _layer_of(name, config.arch.prefix)
+    if layer is None:
+        return [name]
+    stem = f"{config.arch.prefix}layers.{layer}."
+    module, suffix = name[len(stem):].rsplit(".", 1)
+    return [f"{stem}{m}.{suffix}" for m in FUSED.get(module, (module,))]
+
+
+def _group_of(config: Any, name: str) -> tuple[str, str] | None:
+    layer = _layer_of(name, config.arch.prefix)
+    if layer is None:
+        return None
+    stem = f"{config.arch.prefix}layers.{layer}."
+    module = name[len(stem):].rsplit(".", 1)[0]
+    return next(((stem, fused) for fused, members in FUSED.items() if module in members), None)
+
+
+def _fused(stem: str, fused: str, got: dict[str, Any]) -> list[tuple[str, Any]]:
+    members = FUSED[fused]
+    weights = [got[f"{stem}{m}.weight"] for m in members]
+    formats = {(w.bits, w.group_size) if isinstance(w, QuantizedWeight) else None for w in weights}
+    if len(formats) != 1:
+        return list(got.items())
+    out = [(f"{stem}{fused}.weight", stack_rows(weights))]
+    biases = [got.get(f"{stem}{m}.bias") for m in members]
+    if any(b is not None for b in biases):
+        out.append((f"{stem}{fused}.bias", np.concatenate([
+            np.zeros(w.shape[0], np.float32) if b is None else np.asarray(b, dtype=np.float32)
+            for w, b in zip(weights, biases)])))
+    return out
+
+
+def stack_rows(tensors: list[Any]) -> Any:
+    """Dense or packed matrices of one format, one under the other (the inverse of :func:`rows`)."""
+    if isinstance(tensors[0], QuantizedWeight):
+        packed, scales, biases = (_concat([getattr(t, f) for t in tensors]) for f in ("packed", "scales", "biases"))
+        return QuantizedWeight(packed, scales, biases, tensors[0].bits, tensors[0].group_size)
+    return _concat(tensors)
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """Row-stacked; members of different float dtypes (one rescaled in float32) meet in float32."""
+    if len({a.dtype for a in arrays}) > 1:
+        arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+    return np.concatenate(arrays)
 
 
 def resolve_layout(config: Any, present: set[str]) -> Any:

@@ -175,6 +175,22 @@ def check_rows_concat_add_reshape(c: _Context, tol: float) -> float:
     return max(errors)
 
 
+def check_split(c: _Context) -> float:
+    """A fused q/k/v output cut into its parts, for one token and for many; each part is used downstream."""
+    rng = np.random.default_rng(5)  # its own draws: the other checks' inputs stay as they were
+    sizes = (12, 4, 4)
+    errors = []
+    for tokens in (1, 7):
+        x = c.rounded(rng.standard_normal((tokens, sum(sizes)), dtype=np.float32))
+        parts = c.ops.split(c.put(x), sizes)
+        assert len(parts) == len(sizes), f"split into {sizes} gave {len(parts)} parts"
+        starts = np.cumsum((0, *sizes))
+        for part, start, size in zip(parts, starts, sizes):
+            got = c.get(c.ops.reshape(part, (tokens, size // 4, 4)))
+            errors.append(_compare(got, x[:, start : start + size].reshape(tokens, size // 4, 4), 0.0))
+    return max(errors)
+
+
 def check_rms_norm(c: _Context, tol: float) -> float:
     x, w = c.rounded(c.random(7, 96) * 3), c.rounded(1 + 0.1 * c.random(96))
     heads, hw = c.rounded(c.random(7, 3, 48)), c.rounded(1 + 0.1 * c.random(48))
@@ -281,7 +297,7 @@ def check_paged_attention(c: _Context, tol: float, window: int | None = None) ->
     return max(errors)
 
 
-def check_sample(c: _Context) -> float:
+def _sampling_case() -> tuple[np.ndarray, Any]:
     rng = np.random.default_rng(3)
     logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(5)])
     params = [
@@ -289,7 +305,25 @@ def check_sample(c: _Context) -> float:
         SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1, seed=3, logprobs=3),
         SamplingParams(repetition_penalty=1.5, logit_bias={5: 3.0}, logprobs=2),
     ]
-    batch = build_sampling_batch([RequestSampler(p, [1, 2, 3]) for p in params])
+    return logits, build_sampling_batch([RequestSampler(p, [1, 2, 3]) for p in params])
+
+
+def check_sample_on_device(c: _Context) -> float:
+    """The read result is ``sample``'s; the ids left on the device are its tokens and feed an embedding."""
+    logits, batch = _sampling_case()
+    rng = np.random.default_rng(6)  # its own draws: the other checks' inputs stay as they were
+    table = c.rounded(rng.standard_normal((64, 3), dtype=np.float32))
+    picked = c.ops.sample_on_device(c.ops.from_numpy(logits, "float32"), batch)
+    rows = c.get(c.ops.embedding(c.put_weight(table), picked.ids))
+    got, want = picked.read(), sample_numpy(logits, batch)
+    assert got.tokens.tolist() == want.tokens.tolist(), f"tokens {got.tokens.tolist()}, expected {want.tokens.tolist()}"
+    assert np.asarray(c.ops.to_numpy(picked.ids)).tolist() == want.tokens.tolist(), "ids differ from the read tokens"
+    _compare(rows, table[want.tokens], 0.0)  # the ids select the tokens' embedding rows
+    return max(_compare(got.logprobs, want.logprobs, 1e-5), _compare(got.top_logprobs, want.top_logprobs, 1e-5))
+
+
+def check_sample(c: _Context) -> float:
+    logits, batch = _sampling_case()
     got = c.ops.sample(c.ops.from_numpy(logits, "float32"), batch)
     want = sample_numpy(logits, batch)
     assert got.tokens.tolist() == want.tokens.tolist(), f"tokens {got.tokens.tolist()}, expected {want.tokens.tolist()}"
@@ -443,6 +477,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         ("linear", lambda: check_linear(c, tol), tol),
         (f"embedding ({source('embedding')})", lambda: check_embedding(c), 0.0),
         ("take_rows / concat / add / reshape", lambda: check_rows_concat_add_reshape(c, tol), tol),
+        (f"split ({source('split')})", lambda: check_split(c), 0.0),
         ("rms_norm", lambda: check_rms_norm(c, tol), tol),
         (f"add_rms_norm ({source('add_rms_norm')})", lambda: check_add_rms_norm(c, tol), tol),
         ("rope", lambda: check_rope(c, tol), tol),
@@ -458,6 +493,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         ("kv_write / kv_gather", lambda: check_kv_write_gather(c), 0.0),
         (f"paged_attention ({source('paged_attention')})", lambda: check_paged_attention(c, tol), tol),
         (f"sample ({source('sample')})", lambda: check_sample(c), 1e-5),
+        (f"sample_on_device ({source('sample_on_device')})", lambda: check_sample_on_device(c), 1e-5),
         (f"lora_apply, adapters and none mixed ({source('lora_apply')})", lambda: check_lora_apply(c, True, tol), tol),
         (f"lora_apply, adapters and none mixed, 116 tokens ({source('lora_apply')})",
          lambda: check_lora_apply(c, True, tol, repeat=4), tol),
@@ -465,7 +501,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         ("model: logits and 16 greedy tokens", lambda: check_model(c, model_tol), model_tol),
     ]
     if ops.accepts("attention", "sliding_window"):
-        checks.insert(10, ("attention, sliding window", lambda: check_attention(c, tol, window=4), tol))
+        checks.insert(11, ("attention, sliding window", lambda: check_attention(c, tol, window=4), tol))
     paged_op = "paged_attention" if "paged_attention" in ops.native else "attention"
     if ops.accepts(paged_op, "sliding_window"):
         checks.insert(-2, ("paged_attention, sliding window", lambda: check_paged_attention(c, tol, window=3), tol))

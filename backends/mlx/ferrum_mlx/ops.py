@@ -7,6 +7,7 @@ a result on the host.
 
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
 
@@ -18,7 +19,7 @@ from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
 from ferrum.quant.affine import pack, unpack
-from ferrum.sampling import SampleResult
+from ferrum.sampling import DeviceSample, SampleResult
 
 _METAL = mx.metal.is_available()
 if not _METAL:
@@ -101,9 +102,9 @@ def cast(x, dtype):
     return x.astype(_DTYPES[dtype])
 
 
-@hookimpl
-def sample(logits, batch):
-    """``ferrum.sampling.sample_numpy`` in MLX: one evaluation, only [n]-sized results copied."""
+def _sample_graph(logits, batch) -> tuple[mx.array, ...]:
+    """``ferrum.sampling.sample_numpy`` as a lazy graph: ``(tokens,)``, plus ``(chosen, top, top_logp)``
+    when logprobs are wanted."""
     x = logits.astype(mx.float32)
     if batch.adjust_rows.size:
         rows, tokens = mx.array(batch.adjust_rows), mx.array(batch.adjust_tokens)
@@ -128,17 +129,48 @@ def sample(logits, batch):
         pick = (cdf <= mx.array(batch.uniform)[:, None] * cdf[:, -1:]).sum(axis=-1)
         sampled = mx.take_along_axis(order, mx.minimum(pick, vocab - 1)[:, None], axis=-1)[:, 0]
         tokens = mx.where(mx.array(batch.temperature > 0), sampled, tokens)
+    tokens = tokens.astype(mx.int32)
     if not batch.num_logprobs:
-        _materialise(tokens)
-        return SampleResult(np.array(tokens).astype(np.int64))
+        return (tokens,)
     logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
     top = order[:, : batch.num_logprobs]
     chosen = mx.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-    top_logp = mx.take_along_axis(logp, top, axis=-1)
-    _materialise(tokens, chosen, top, top_logp)
+    return tokens, chosen, top, mx.take_along_axis(logp, top, axis=-1)
+
+
+def _sample_result(graph: tuple[mx.array, ...]) -> SampleResult:
+    """The evaluated graph's [n]-sized results, copied to the host."""
+    if len(graph) == 1:
+        return SampleResult(np.array(graph[0]).astype(np.int64))
+    tokens, chosen, top, top_logp = graph
     return SampleResult(
         np.array(tokens).astype(np.int64), np.array(chosen), np.array(top).astype(np.int64), np.array(top_logp)
     )
+
+
+@hookimpl
+def sample(logits, batch):
+    """``ferrum.sampling.sample_numpy`` in MLX: one evaluation, only [n]-sized results copied."""
+    graph = _sample_graph(logits, batch)
+    _materialise(*graph)
+    return _sample_result(graph)
+
+
+#: How ``sample_on_device`` starts a step. On Metal, ``mx.async_eval`` returns while the GPU runs, so
+#: the host builds the next step meanwhile. On the CPU device the "device" is the host's own cores and
+#: ``mx.async_eval`` cost ~25% more CPU per tiny-model decode step than ``mx.eval`` here (MLX 0.32,
+#: interleaved runs), so the step is evaluated at once; the engine's pipeline is the same.
+_START = mx.async_eval if _METAL else mx.eval
+
+
+@hookimpl
+def sample_on_device(logits, batch):
+    """:func:`sample` started with the step's KV writes and left on the device; the next step's
+    graph takes the ids, the host reads them later."""
+    graph = _sample_graph(logits, batch)
+    pending = [a for pool in _pools for a in pool.take_pending()]
+    _START(*graph, *pending)
+    return DeviceSample(graph[0], lambda: _sample_result(graph))
 
 
 # ------------------------------------------------------------- dense ops
@@ -155,6 +187,44 @@ def take_rows(x, indices):
 @hookimpl
 def concat(parts):
     return mx.concatenate(parts, axis=0)
+
+
+@hookimpl
+def split(x, sizes):
+    return mx.split(x, list(itertools.accumulate(sizes[:-1])), axis=-1)
+
+
+#: Token counts each block's work is compiled for (``compile_fn``): decode-sized batches, where issuing
+#: the graph op by op and running it kernel by kernel is much of the step. A batch is padded with zero rows
+#: up to the next size (the functions are row-wise), so at most this many traces per function; longer
+#: batches (prefill chunks, of any length) run eagerly.
+_COMPILED_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+@hookimpl
+def compile_fn(fn):
+    """``fn`` through ``mx.compile`` for decode-sized batches. A function that cannot be traced (one of
+    its ops is a core fallback that reads values on the host, e.g. experts in a format MLX declines)
+    runs eagerly from its first failed trace on."""
+    compiled = [mx.compile(fn)]
+
+    def call(*args):
+        n = args[0].shape[0]
+        if not compiled or n > _COMPILED_SIZES[-1]:
+            return fn(*args)
+        size = next(s for s in _COMPILED_SIZES if s >= n)
+        if size != n:
+            args = [mx.pad(a, [(0, size - n)] + [(0, 0)] * (a.ndim - 1)) for a in args]
+        try:
+            out = compiled[0](*args)
+        except ValueError as exc:
+            if "during function transformations" not in str(exc):
+                raise
+            compiled.clear()
+            return fn(*(a[:n] for a in args))
+        return out if size == n else tuple(o[:n] for o in out)
+
+    return call
 
 
 @hookimpl
@@ -296,7 +366,8 @@ class KVPool:
         self._pending: set[int] = set()
         self.shape = (num_kv_heads, head_dim, dtype)
         self.writes = [0] * num_layers  # kv_write calls per layer, for the mirror book
-        self.mirrors = MirrorBook(num_layers, block_size)
+        # Decode's contiguous copies hold at most as many positions as the pool itself.
+        self.mirrors = MirrorBook(num_layers, block_size, max_positions=num_blocks * block_size)
         self.arena_k: list[mx.array] = []  # per layer [rows, kv_heads, capacity, head_dim]
         self.arena_v: list[mx.array] = []
 
@@ -312,20 +383,20 @@ class KVPool:
         return [a for layer in layers for a in (self.k[layer], self.v[layer], *(x[layer] for x in arenas))]
 
     def fit_arena(self, rows: int, capacity: int) -> None:
-        """Grow the mirror arena (see :mod:`ferrum.kv_mirror`) in steps, keeping what it holds."""
+        """Resize the mirror arena (see :mod:`ferrum.kv_mirror`) to the plan's shape, keeping what both hold."""
         old_rows, old_cap = (self.arena_k[0].shape[0], self.arena_k[0].shape[2]) if self.arena_k else (0, 0)
-        if rows <= old_rows and capacity <= old_cap:
+        if (rows, capacity) == (old_rows, old_cap):
             return
         kvh, d, dtype = self.shape
-        shape = (max(old_rows, -(-rows // 4) * 4), kvh, max(old_cap, -(-capacity // 256) * 256), d)
-        grown = []
+        keep_rows, keep_cap = min(rows, old_rows), min(capacity, old_cap)
+        resized = []
         for old in self.arena_k + self.arena_v or [None] * (2 * len(self.k)):
-            new = mx.zeros(shape, dtype=dtype)
+            new = mx.zeros((rows, kvh, capacity, d), dtype=dtype)
             if old is not None:
-                new[:old_rows, :, :old_cap] = old
-            grown.append(new)
-        mx.eval(*grown)
-        self.arena_k, self.arena_v = grown[: len(self.k)], grown[len(self.k) :]
+                new[:keep_rows, :, :keep_cap] = old[:keep_rows, :, :keep_cap]
+            resized.append(new)
+        mx.eval(*resized)
+        self.arena_k, self.arena_v = resized[: len(self.k)], resized[len(self.k) :]
 
 
 @hookimpl
@@ -404,12 +475,7 @@ class PreparedBatch:
         kv_len = batch.seq_lens.astype(np.int64)
         self.single = batch.num_items == 1
         self.max_q, self.max_kv = int(q_len.max()), int(kv_len.max())
-        bs = batch.block_size
-        j = np.arange(self.max_kv)
-        tables = batch.block_tables
-        slots = tables[:, np.minimum(j // bs, tables.shape[1] - 1)] * bs + j % bs
-        slots = np.where(j[None, :] < kv_len[:, None], slots, 0)
-        self.kv_slots = mx.array(slots.astype(np.int32))  # [items, max_kv]
+        self._tables, self._block_size, self._kv_slots = batch.block_tables, batch.block_size, None
         self._q_len, self._kv_len = q_len, kv_len
         self._masks: dict = {}
         if not self.single:
@@ -420,6 +486,18 @@ class PreparedBatch:
             item_of_token = np.repeat(np.arange(batch.num_items), q_len)
             offset_in_item = np.arange(batch.num_tokens) - starts[item_of_token]
             self.out_rows = mx.array((item_of_token * self.max_q + offset_in_item).astype(np.int32))
+
+    @property
+    def kv_slots(self) -> mx.array:
+        """``[items, max_kv]`` pool slot of every key, built on first use: a decode batch attended
+        over the mirrors (``ferrum.kv_mirror``) never needs it, and its size grows with the context."""
+        if self._kv_slots is None:
+            bs, tables = self._block_size, self._tables
+            j = np.arange(self.max_kv)
+            slots = tables[:, np.minimum(j // bs, tables.shape[1] - 1)] * bs + j % bs
+            slots = np.where(j[None, :] < self._kv_len[:, None], slots, 0)
+            self._kv_slots = mx.array(slots.astype(np.int32))
+        return self._kv_slots
 
     def mask(self, window):
         """Built once per window size per forward pass."""
@@ -444,7 +522,7 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
     if sync not in dev:
         dev[sync] = [mx.array(a.astype(np.int32)) for a in ((plan.src, plan.dst_row, plan.dst_pos)
                                                             if sync == "step" else plan.full())]
-    pool.fit_arena(plan.num_rows, plan.capacity)
+    pool.fit_arena(*plan.arena_shape)
     src, dst_row, dst_pos = dev[sync]
     k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
     if src.size:
@@ -467,10 +545,12 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
         kpos, lens = np.arange(plan.capacity)[None, :], dev["row_lens"][:, None]
         allowed = (kpos < lens) & (True if window is None else kpos >= lens - window)
         mask = dev["masks"][window] = mx.array(allowed[:, None, None, :])  # [rows, 1, 1, L]
+    k, v = k_rows[: plan.num_rows, :, : plan.capacity], v_rows[: plan.num_rows, :, : plan.capacity]
+    if plan.in_order:
+        return _sdpa(qg, k, v, scale, mask, softcap).reshape(n, heads, d)
     rows = dev["rows"]
     q_rows = mx.zeros((plan.num_rows, kvh, heads // kvh, d), dtype=q.dtype)
     q_rows[rows] = qg
-    k, v = k_rows[: plan.num_rows, :, : plan.capacity], v_rows[: plan.num_rows, :, : plan.capacity]
     out = _sdpa(q_rows, k, v, scale, mask, softcap)
     return out[rows].reshape(n, heads, d)
 
