@@ -188,11 +188,15 @@ class PagedKVManager:
         )
 
     def _key_full_blocks(self, seq: SequenceBlocks) -> None:
+        """Key the full blocks not keyed yet, up to the first that holds a token not known yet (None)."""
         bs = self.block_size
         while len(seq.hashes) < seq.length // bs:
             index = len(seq.hashes)
+            tokens = seq.tokens[index * bs : (index + 1) * bs]
+            if None in tokens:
+                return
             parent = seq.hashes[-1] if seq.hashes else seq.salt
-            key = chain_hash(parent, seq.tokens[index * bs : (index + 1) * bs])
+            key = chain_hash(parent, tokens)
             seq.hashes.append(key)
             block = seq.blocks[index]
             if key not in self._block_of and block not in self._hash_of:
@@ -228,11 +232,25 @@ class PagedKVManager:
         return reservation
 
     def commit(self, reservation: Reservation) -> None:
-        """The batch's K/V are written: extend lengths and key newly full blocks."""
+        """The batch's K/V are written: extend lengths and key newly full blocks.
+
+        A token given as None (sampled on the device, not read yet) holds its
+        block out of the prefix cache until :meth:`fill` supplies it.
+        """
         for seq_id, tokens in reservation.new_tokens.items():
             seq = self._seqs[seq_id]
-            seq.tokens.extend(int(t) for t in tokens)
+            seq.tokens.extend(None if t is None else int(t) for t in tokens)
             seq.length += len(tokens)
+            self._key_full_blocks(seq)
+
+    def fill(self, seq_id: Hashable, position: int, token: int) -> None:
+        """The host learned the token at ``position`` that was committed as None: key what it completes.
+
+        Unknown sequences and positions not held (released, truncated) are ignored.
+        """
+        seq = self._seqs.get(seq_id)
+        if seq is not None and position < len(seq.tokens) and seq.tokens[position] is None:
+            seq.tokens[position] = int(token)
             self._key_full_blocks(seq)
 
     def rollback(self, reservation: Reservation) -> None:

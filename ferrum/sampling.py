@@ -153,6 +153,20 @@ class SampleResult:
 
 
 @dataclass(frozen=True)
+class DeviceSample:
+    """What the ``sample_on_device`` op returns: the picks left on the backend, read on demand.
+
+    ``ids`` (backend int32 ``[n]``) can feed the next step's embedding before
+    the host has seen them; ``read`` waits for the device and returns the
+    :class:`SampleResult`. Reading later than issuing is what lets the host
+    build step N+1 while the device computes step N.
+    """
+
+    ids: Any
+    read: Callable[[], SampleResult]
+
+
+@dataclass(frozen=True)
 class SampledToken:
     """One request's pick: the token, and its logprob and the top-n when asked for."""
 
@@ -237,8 +251,18 @@ def build_sampling_batch(samplers: Sequence[RequestSampler]) -> SamplingBatch:
 def sample_batch(ops: Any, logits: Any, samplers: Sequence[RequestSampler]) -> list[SampledToken]:
     """Row ``i`` of ``logits`` (backend array ``[n, vocab]``) belongs to ``samplers[i]``."""
     result: SampleResult = ops.sample(logits, build_sampling_batch(samplers))
+    return picks_of(result, samplers)
+
+
+def sample_batch_on_device(ops: Any, logits: Any, samplers: Sequence[RequestSampler]) -> DeviceSample:
+    """:func:`sample_batch` without waiting: this step's draws are spent now, the picks read later."""
+    return ops.sample_on_device(logits, build_sampling_batch(samplers))
+
+
+def picks_of(result: SampleResult, samplers: Sequence[RequestSampler], first: int = 0) -> list[SampledToken]:
+    """The picks of rows ``first ..`` of ``result``, one per sampler, with the logprobs each asked for."""
     picks = []
-    for i, sampler in enumerate(samplers):
+    for i, sampler in enumerate(samplers, start=first):
         n = sampler.params.logprobs
         if n:
             top = tuple(zip(result.top_tokens[i, :n].tolist(), result.top_logprobs[i, :n].tolist()))

@@ -3,8 +3,10 @@ for the device, sampling, and each op's share.
 
 Timers wrap the ops table and the executor for the duration of the profile.
 On a lazy backend (MLX) an op's time is the Python time to *build* its part of
-the graph; the device work shows up as the wait for the logits, which the
-profile forces once per step before sampling.
+the graph; the device work shows up as the wait when the host reads the sampled
+ids. With asynchronous stepping that read is of the step issued before, so the
+wait is only the device time the host's own work (the next step's graph,
+stops, detokenizing) did not cover.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from ferrum.hookspec import OPTIONAL_OPS, REQUIRED_OPS
-from ferrum.sampling import SamplingParams
+from ferrum.sampling import DeviceSample, SamplingParams
 
-_NOT_MODEL_OPS = {"backend_info", "sample", "to_numpy"}
+_NOT_MODEL_OPS = {"backend_info", "sample", "sample_on_device", "to_numpy"}
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class Profile:
     sequences: int  # decoded together in each step
     steps: int
     step_ms: float
-    parts_ms: dict[str, float]  # per step: engine, ops issue, device wait, sampling
+    parts_ms: dict[str, float]  # per step: engine, ops issue, other model Python, sampling issue, device wait
     ops: list[tuple[str, float, float]]  # (op, calls per step, ms per step), slowest first
 
     def table(self) -> str:
@@ -106,20 +108,31 @@ def profile_decode(llm: Any, prompts: list[list[int]], steps: int = 16) -> Profi
     op_timers = {name: _Timer() for name in REQUIRED_OPS + OPTIONAL_OPS if name not in _NOT_MODEL_OPS}
     run_timer, wait_timer, sample_timer = _Timer(), _Timer(), _Timer()
 
-    def run_then_wait(run: Callable) -> Callable:
-        def call(batch, to_host=True):
+    def timed_run(run: Callable) -> Callable:
+        """The forward pass's whole time; unlike an op's, the ops inside it are timed too."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
-            out = run(batch, to_host)
-            run_timer.seconds += time.perf_counter() - start
-            wait_timer.wrap(ops.to_numpy)(out[0].logits)  # force the device work to finish here
-            return out
+            try:
+                return run(*args, **kwargs)
+            finally:
+                run_timer.seconds += time.perf_counter() - start
+
+        return call
+
+    def timed_reads(sample_on_device: Callable) -> Callable:
+        """Time the issue of sampling; the wait for the device is timed when the host reads the ids."""
+
+        def call(logits, batch):
+            sample = sample_timer.wrap(sample_on_device)(logits, batch)
+            return DeviceSample(sample.ids, wait_timer.wrap(sample.read))
 
         return call
 
     try:
         with ExitStack() as stack:
-            stack.enter_context(_patched(engine.executor, "run", run_timer, run_then_wait))
-            stack.enter_context(_patched(ops, "sample", sample_timer))
+            stack.enter_context(_patched(engine.executor, "run", run_timer, timed_run))
+            stack.enter_context(_patched(ops, "sample_on_device", sample_timer, timed_reads))
             stack.enter_context(_timed_bound_ops(llm.model, op_timers))
             for name, timer in op_timers.items():
                 stack.enter_context(_patched(ops, name, timer))
@@ -136,8 +149,8 @@ def profile_decode(llm: Any, prompts: list[list[int]], steps: int = 16) -> Profi
         "engine (schedule, stops, detok)": (total - run_timer.seconds - wait_timer.seconds - sample_timer.seconds),
         "forward: ops issue (Python + eager)": ops_ms,
         "forward: other Python in model": run_timer.seconds - ops_ms,
-        "device wait for logits": wait_timer.seconds,
-        "sampling (on backend) + transfer": sample_timer.seconds,
+        "sampling issue + blocking eval": sample_timer.seconds,
+        "device wait (reading sampled ids)": wait_timer.seconds,
     }
     rows = sorted(
         ((name, t.calls / steps, t.seconds * per_step) for name, t in op_timers.items() if t.calls),

@@ -11,6 +11,16 @@ decodes and prefill chunks, with logits for all of its positions; the
 confirmed drafts are emitted together and the rejected ones' KV is cut back
 with ``truncate_kv`` (see :mod:`ferrum.spec`).
 
+Asynchronous stepping (``EngineConfig.async_stepping``, on backends whose
+plugin implements ``sample_on_device``): the sampled ids stay on the device
+and feed the next step's embedding directly (:class:`ferrum.device_tokens.DeviceToken`),
+so step N+1 is issued before the host reads step N; the host then applies
+step N's stop conditions and detokenizes while the device computes. A
+request that step N ended drops the one extra token step N+1 computed for
+it, with its KV. Steps whose sampling needs host tokens (penalties over the
+history, full logits, speculative drafts) run synchronously through the
+same path; so do backends without the op.
+
 Requests are added and aborted from any thread: those calls only queue a
 command, which the next step applies before it schedules. So an abort frees
 the request's blocks before the next forward pass and never races one.
@@ -36,23 +46,66 @@ from ferrum.errors import (
     KVCacheExhaustedError,
     RequestFailedError,
 )
+from ferrum.device_tokens import DeviceToken
 from ferrum.executor import LlmExecutor
 from ferrum.executor_api import UnifiedBatch
 from ferrum.metadata import check_metadata, require_full_logits
 from ferrum.model import DecoderOnlyLLM, ForwardItem, ForwardOutput
-from ferrum.sampling import RequestSampler, SampledToken, SamplingParams, sample_batch
+from ferrum.sampling import (
+    DeviceSample,
+    RequestSampler,
+    SampledToken,
+    SampleResult,
+    SamplingParams,
+    picks_of,
+    sample_batch_on_device,
+)
 from ferrum.spec.speculator import Speculator
 from ferrum.spec.verify import accepted, row_samplers, spend_draws
 from ferrum.stop import StopStringFilter
 from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
-@dataclass(frozen=True)
-class _Failure:
-    """Stands in for a pick when sampling one request failed."""
+class _SampleCall:
+    """One ``sample_on_device`` call; its host result is read once, on first need."""
 
-    error: Exception
-    what: str
+    def __init__(self, sample: DeviceSample, size: int):
+        self.sample, self.size = sample, size
+        self._result: SampleResult | None = None
+        self._error: Exception | None = None
+
+    def result(self) -> SampleResult:
+        if self._result is None and self._error is None:
+            try:
+                self._result = self.sample.read()
+            except Exception as error:  # the device work failed: every row of the call shares the failure
+                self._error = error
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """One chunk's picks: rows ``first ..`` of a sampling call, one per sampler."""
+
+    call: _SampleCall
+    first: int
+    samplers: list[RequestSampler]
+
+    def device_token(self) -> DeviceToken:
+        return DeviceToken(self.call.sample.ids, self.first, self.call.size)
+
+    def picks(self) -> list[SampledToken]:
+        return picks_of(self.call.result(), self.samplers, self.first)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A sampled step whose picks the host reads now, or next step (``lagged``)."""
+
+    pending: list[tuple[ScheduledChunk, _Pending]]
+    lagged: bool
 
 
 class Engine:
@@ -72,6 +125,13 @@ class Engine:
         if self.config.speculative is not None:
             self._speculator = Speculator(self.config.speculative, self.model.config.vocab_size, draft_model)
             self.scheduler.drafter = self._speculator.propose
+            self.scheduler.on_preempt = self._speculator.preempted
+        #: Steps may overlap: the backend leaves sampled ids on the device, nothing needs them on the host first.
+        wanted = self.config.async_stepping
+        if wanted is None:
+            wanted = self.model.backend.info.device != "cpu"
+        self._overlap = wanted and executor.capabilities().async_stepping and self._speculator is None
+        self._in_flight: _Step | None = None  # the step issued last, not read yet
         self._requests: dict[str, Request] = {}
         self._inbox: deque[Callable[[], RequestOutput | None]] = deque()
         self._step_lock = threading.Lock()
@@ -132,7 +192,8 @@ class Engine:
             return self._drain_inbox()
 
     def has_unfinished(self) -> bool:
-        return bool(self._inbox) or self.scheduler.has_unfinished()
+        """Requests queued, running, or a step issued whose tokens the host has not read."""
+        return bool(self._inbox) or self.scheduler.has_unfinished() or self._in_flight is not None
 
     def _new_request(
         self, prompt: Sequence[int], params: SamplingParams, request_id: str | None,
@@ -193,11 +254,16 @@ class Engine:
 
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass over the scheduled batch; outputs of requests that changed."""
+        """Issue one forward pass over the scheduled batch; outputs of requests that changed.
+
+        With overlap, the outputs are those of the step issued before this one
+        (read while this one computes); otherwise of this one.
+        """
         with self._step_lock:
             outputs = self._drain_inbox()
             chunks = self.scheduler.schedule()
-            if not chunks:
+            previous, self._in_flight = self._in_flight, None
+            if not chunks and previous is None:
                 if self.scheduler.waiting and not self.scheduler.running:
                     raise KVCacheExhaustedError(
                         f"no KV blocks free for the next request: {self.model.kv.num_used_blocks} blocks are "
@@ -205,19 +271,56 @@ class Engine:
                     )
                 return outputs
             started = time.perf_counter()
-            for chunk in chunks:
-                if chunk.request.metrics.first_scheduled_time is None:
-                    chunk.request.metrics.first_scheduled_time = started
-            picks = self._run_batch(chunks, outputs)
-            for chunk, pick in picks:
-                outputs.append(self._accept_or_fail(chunk, pick))
-            self._metrics.stepped(started, sum(len(c.tokens) + len(c.drafts) for c in chunks), len(picks))
+            issued = self._issue(chunks, started, outputs) if chunks else None
+            if previous is not None:
+                self._read(previous, outputs)
+            if issued is not None:
+                if not issued.lagged:
+                    self._read(issued, outputs)
+                elif any(not chunk.request.finished for chunk, _ in issued.pending):
+                    self._in_flight = issued  # else all it computed were extra tokens: nothing to read
+                self._metrics.stepped(
+                    started, sum(len(c.tokens) + len(c.drafts) for c in chunks), len(issued.pending)
+                )
             return outputs
+
+    def _issue(self, chunks: list[ScheduledChunk], started: float, outputs: list[RequestOutput]) -> _Step:
+        """Run the forward pass and start sampling; with overlap the picks stay on the device."""
+        for chunk in chunks:
+            if chunk.request.metrics.first_scheduled_time is None:
+                chunk.request.metrics.first_scheduled_time = started
+        pending = self._run_batch(chunks, outputs)
+        lagged = self._overlap and not any(_needs_host_tokens(chunk) for chunk, _ in pending)
+        if lagged:
+            for chunk, picks in pending:
+                chunk.request.lagged.append(picks.device_token())
+        return _Step(pending, lagged)
+
+    def _read(self, step: _Step, outputs: list[RequestOutput]) -> None:
+        """Take a step's picks to the host: stop checks, detokenizing, outputs.
+
+        A request that ended since (at the previous read, an abort, a failure)
+        drops its pick: the extra token was computed into KV it no longer holds.
+        """
+        kv = self.model.kv
+        for chunk, pending in step.pending:
+            request = chunk.request
+            if request.finished:
+                continue
+            if step.lagged:
+                request.lagged.pop(0)
+            try:
+                picks = pending.picks()
+            except Exception as error:
+                outputs.append(self._fail(request, error, "reading its sampled tokens failed"))
+                continue
+            kv.fill(request.request_id, request.num_host_tokens, picks[0].token)  # keys a block it completes
+            outputs.append(self._accept_or_fail(chunk, picks))
 
     # ------------------------------------------------------ fault isolation
     def _run_batch(
         self, chunks: list[ScheduledChunk], outputs: list[RequestOutput]
-    ) -> list[tuple[ScheduledChunk, Any]]:
+    ) -> list[tuple[ScheduledChunk, _Pending]]:
         """Forward and sample one step; what fails ends only the requests it must.
 
         A failed pass is rolled back by the model; if it held several
@@ -231,10 +334,10 @@ class Engine:
             if len(chunks) == 1:
                 outputs.append(self._fail(chunks[0].request, error, "the forward pass failed"))
                 return []
-            picks = []
+            pending = []
             for chunk in chunks:
-                picks += self._run_batch([chunk], outputs)
-            return picks
+                pending += self._run_batch([chunk], outputs)
+            return pending
         self.scheduler.mark_computed(chunks)
         self._keep_full_logits(chunks, out)
         sampling = [c for c in chunks if c.sample]
@@ -246,15 +349,15 @@ class Engine:
         except Exception:
             for chunk, state in zip(sampling, states):
                 chunk.request.sampler.rewind(state)
-        picks: list[tuple[ScheduledChunk, Any]] = []
+        pending = []
         for chunk in sampling:
             try:
-                picks.append((chunk, self._sample([chunk], out)[0]))
+                pending.append((chunk, self._sample([chunk], out)[0]))
             except Exception as error:
-                picks.append((chunk, _Failure(error, "sampling failed")))
-        return picks
+                outputs.append(self._fail(chunk.request, error, "sampling failed"))
+        return pending
 
-    def _sample(self, chunks: list[ScheduledChunk], out: ForwardOutput) -> list[list[SampledToken]]:
+    def _sample(self, chunks: list[ScheduledChunk], out: ForwardOutput) -> list[_Pending]:
         """One sampling call over the chunks' last rows (every verified position of drafted ones)."""
         ops = self.model.ops
         rows: list[int] = []
@@ -267,8 +370,13 @@ class Engine:
         logits = out.logits
         if rows != list(range(sum(count for _, count in out.rows.values()))):
             logits = ops.take_rows(logits, ops.from_numpy(np.asarray(rows, dtype=np.int32), None))
-        flat = iter(sample_batch(ops, logits, samplers))
-        return [[next(flat) for _ in range(1 + len(chunk.drafts))] for chunk in chunks]
+        call = _SampleCall(sample_batch_on_device(ops, logits, samplers), len(samplers))
+        pending, first = [], 0
+        for chunk in chunks:
+            count = 1 + len(chunk.drafts)
+            pending.append(_Pending(call, first, samplers[first : first + count]))
+            first += count
+        return pending
 
     def _forward(self, chunks: list[ScheduledChunk]):
         items = tuple(
@@ -306,10 +414,8 @@ class Engine:
         self._metrics.verified(len(chunk.drafts), len(emitted) - 1)
         return emitted
 
-    def _accept_or_fail(self, chunk: ScheduledChunk, picks: Any) -> RequestOutput:
+    def _accept_or_fail(self, chunk: ScheduledChunk, picks: list[SampledToken]) -> RequestOutput:
         request = chunk.request
-        if isinstance(picks, _Failure):
-            return self._fail(request, picks.error, picks.what)
         try:
             if chunk.drafts:
                 picks = self._verify(chunk, picks)
@@ -362,12 +468,13 @@ class Engine:
             if request.stop_filter.stopped:
                 request.stop_reason = request.stop_filter.matched
                 return FinishReason.STOP
-        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= request.max_total_tokens:
+        if len(request.output_token_ids) >= params.max_tokens or request.num_host_tokens >= request.max_total_tokens:
             return FinishReason.LENGTH
         return None
 
     def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
         self.scheduler.finish(request)
+        request.lagged.clear()  # a token still on the device is dropped with its KV
         if self._speculator is not None:
             self._speculator.forget(request)
         if request.lora is not None:
@@ -409,3 +516,10 @@ class Engine:
             scheduler=stats,
             executor=self.executor.status(),
         )
+
+
+def _needs_host_tokens(chunk: ScheduledChunk) -> bool:
+    """Whether the request's next step needs this step's picks on the host before it is issued:
+    penalties over the token history, every position's logits, speculative drafts."""
+    request = chunk.request
+    return request.params.needs_history or request.full_logits is not None or bool(chunk.drafts)

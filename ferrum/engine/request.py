@@ -105,6 +105,11 @@ class Request:
     ``num_computed_tokens`` chases ``num_tokens``: the prompt, then one more
     with every sampled token. A request whose every token but the last is
     computed is decoding; anything less is (chunked) prefill.
+
+    With asynchronous stepping the newest tokens may still be on the device:
+    ``lagged`` holds them (:class:`ferrum.device_tokens.DeviceToken`, oldest first)
+    after ``output_token_ids`` until the host reads them; they count in
+    ``num_tokens`` and the next step feeds them as they are.
     """
 
     request_id: str
@@ -132,6 +137,8 @@ class Request:
     cache_salt: bytes = b""  # what keys its KV blocks besides its tokens (the adapter's digest)
     #: Host logits of computed positions, in order, when the metadata asks for them (else None).
     full_logits: list[np.ndarray] | None = None
+    #: Sampled tokens the host has not read yet (asynchronous stepping), oldest first.
+    lagged: list[Any] = field(default_factory=list)
 
     def keep_logits(self, rows: np.ndarray, start: int) -> None:
         """Store the logits of positions ``start ..``; rows of positions past a recompute are replaced."""
@@ -152,14 +159,28 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt, output and the lagged tokens still on the device."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.lagged)
+
+    @property
+    def num_host_tokens(self) -> int:
+        """Prompt and output: the tokens the host has read."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def token_slice(self, start: int, stop: int) -> list[int]:
-        """Token ids ``start .. stop-1`` of prompt followed by output."""
+    @property
+    def generation_done(self) -> bool:
+        """Every token it may have is sampled (max_tokens or the context): only reading them is left."""
+        return (
+            len(self.output_token_ids) + len(self.lagged) >= self.params.max_tokens
+            or self.num_tokens >= self.max_total_tokens
+        )
+
+    def token_slice(self, start: int, stop: int) -> list[Any]:
+        """Token ids ``start .. stop-1`` of prompt followed by output (then lagged device tokens)."""
         prompt = self.prompt_token_ids
         if stop <= len(prompt):
             return list(prompt[start:stop])
-        out = self.output_token_ids
+        out = self.output_token_ids + self.lagged if self.lagged else self.output_token_ids
         if start >= len(prompt):
             return out[start - len(prompt) : stop - len(prompt)]
         return list(prompt[start:]) + out[: stop - len(prompt)]

@@ -30,6 +30,10 @@ class EngineConfig:
     max_num_seqs: int = 64  # requests holding KV at once
     enable_prefix_caching: bool = True
     speculative: SpeculativeConfig | None = None  # speculative decoding (off by default)
+    #: Issue step N+1 before reading step N's tokens, where the backend can (``async_stepping``).
+    #: None: only on a device that computes apart from the host (Metal, CUDA); on a CPU device a
+    #: step computes while it is issued, so overlapping only delays each output by a step.
+    async_stepping: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -84,6 +88,8 @@ class Scheduler:
         self.stats = SchedulerStats()
         #: Set by the engine with speculative decoding on: draft tokens for decoding requests, by id.
         self.drafter: Callable[[list[Request]], dict[Hashable, list[int]]] | None = None
+        #: Set by the engine with speculative decoding on: told of each preempted request (frees its draft KV).
+        self.on_preempt: Callable[[Request], None] | None = None
 
     # ------------------------------------------------------------ queue
     def add(self, request: Request) -> None:
@@ -132,6 +138,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and plan.budget > 0:
             request = self.running[index]
+            if request.generation_done:  # its last tokens are on the device, to be read (asynchronous stepping)
+                index += 1
+                continue
             count = min(request.num_tokens - request.num_computed_tokens, plan.budget)
             blocks = self.kv.blocks_needed(request.request_id, count)
             while not self._fits(plan, blocks):
@@ -170,6 +179,8 @@ class Scheduler:
         request.metrics.num_preemptions += 1
         self.stats.preemptions += 1
         self.waiting.appendleft(request)
+        if self.on_preempt is not None:
+            self.on_preempt(request)
 
     def _admit_waiting(self, plan: _StepPlan) -> None:
         while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
