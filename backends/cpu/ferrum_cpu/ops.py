@@ -1,4 +1,10 @@
-"""numpy implementations of the Ferrum ops (float32 compute)."""
+"""numpy implementations of the Ferrum ops (float32 compute).
+
+A decode step of a small model makes hundreds of op calls on single rows, where
+numpy's per-call cost and temporaries weigh more than the arithmetic: the ops below
+make as few numpy calls as their math allows and write into the one array they
+return. Matrix products go to BLAS whole (one ``linear`` per fused projection).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import numpy as np
 
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
+from ferrum_cpu import attention as _attention
+from ferrum_cpu.matmul import matmul_t
 
 
 @hookimpl
@@ -71,31 +79,31 @@ def concat(parts):
 
 
 @hookimpl
+def split(x, sizes):
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(x[..., start : start + size])
+        start += size
+    return parts
+
+
+@hookimpl
 def add(a, b):
     return a + b
 
 
 @hookimpl
 def linear(x, weight, bias):
-    out = x @ weight.T
+    out = matmul_t(x, weight)
     if bias is not None:
         out += bias
     return out
 
 
-# The element-wise ops below write into the one array they return (``out=``): a decode
-# step makes hundreds of these calls on small rows, where numpy's temporaries cost
-# more than the arithmetic.
-
-
 @hookimpl
 def rms_norm(x, weight, eps):
-    flat = x.reshape(-1, x.shape[-1])
-    scale = np.einsum("ij,ij->i", flat, flat).reshape(*x.shape[:-1], 1)
-    scale /= x.shape[-1]
-    scale += eps
-    np.sqrt(scale, out=scale)
-    out = np.divide(x, scale)
+    rms = np.sqrt(np.vecdot(x, x) / x.shape[-1] + eps)  # sum of squares accumulated in float32
+    out = np.divide(x, rms[..., None])
     out *= weight
     return out
 
@@ -106,30 +114,33 @@ def add_rms_norm(x, residual, weight, eps):
     return rms_norm(summed, weight, eps), summed
 
 
-#: cos and sin tables of the last positions seen: a forward rotates q and k of every layer by them.
-_rope_tables: list = [None, None, None, None]
+#: Per rope (keyed by its ``inv_freq`` array): the positions last seen and their tables. A
+#: forward rotates q and k of every layer with the same positions, so the tables are built once.
+_rope_tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
-def _cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    cached_pos, cached_freq, cos, sin = _rope_tables
-    if cached_pos is not positions or cached_freq is not inv_freq:
-        angles = positions[:, None].astype(np.float32) * inv_freq[None, :]  # [T, half]
-        cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
-        _rope_tables[:] = [positions, inv_freq, cos, sin]
-    return cos, sin
+def _rope_table(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``cos [T, 1, 2, half]`` and the signed ``sin`` (``-sin`` then ``sin``) that rotate half pairs."""
+    hit = _rope_tables.get(id(inv_freq))
+    if hit is not None and hit[0] is positions and hit[1] is inv_freq:
+        return hit[2], hit[3]
+    angles = positions[:, None].astype(np.float32) * inv_freq[None, :]  # [T, half]
+    cos, sin = np.cos(angles), np.sin(angles)
+    cos2 = np.stack([cos, cos], axis=1)[:, None]
+    sin2 = np.stack([-sin, sin], axis=1)[:, None]
+    if len(_rope_tables) > 8:  # ropes of models no longer loaded
+        _rope_tables.clear()
+    _rope_tables[id(inv_freq)] = (positions, inv_freq, cos2, sin2)
+    return cos2, sin2
 
 
 @hookimpl
 def rope(x, positions, inv_freq):
-    half = x.shape[-1] // 2
-    cos, sin = _cos_sin(positions, inv_freq)
-    x1, x2 = x[..., :half], x[..., half:]
-    out = np.empty_like(x)
-    np.multiply(x1, cos, out=out[..., :half])
-    out[..., :half] -= x2 * sin
-    np.multiply(x2, cos, out=out[..., half:])
-    out[..., half:] += x1 * sin
-    return out
+    cos2, sin2 = _rope_table(positions, inv_freq)
+    halves = x.reshape(*x.shape[:-1], 2, -1)  # [T, heads, 2, half]: (x1, x2)
+    out = halves * cos2
+    out += halves[..., ::-1, :] * sin2  # (x2, x1) * (-sin, sin)
+    return out.reshape(x.shape)
 
 
 @hookimpl
@@ -142,55 +153,26 @@ def silu_mul(gate, up):
     return out
 
 
-class KVPool:
-    """Per-layer K and V arrays ``[num_blocks, block_size, kv_heads, head_dim]``."""
-
-    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.block_size = block_size
-        self.k = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
-
-
 @hookimpl
 def kv_alloc(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
-    return KVPool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, _np_dtype(dtype))
+    return _attention.KVPool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, _np_dtype(dtype))
 
 
 @hookimpl
 def kv_write(pool, layer, k, v, slot_mapping):
-    k_flat = pool.k[layer].reshape(-1, *pool.k[layer].shape[2:])
-    v_flat = pool.v[layer].reshape(-1, *pool.v[layer].shape[2:])
-    k_flat[slot_mapping] = k
-    v_flat[slot_mapping] = v
+    pool.write(layer, k, v, slot_mapping)
 
 
 @hookimpl
 def kv_gather(pool, layer, block_ids, length):
-    k = pool.k[layer][block_ids].reshape(-1, *pool.k[layer].shape[2:])[:length]
-    v = pool.v[layer][block_ids].reshape(-1, *pool.v[layer].shape[2:])[:length]
-    return k, v
+    return pool.gather(layer, block_ids, length)
 
 
 @hookimpl
 def attention(q, k, v, scale, sliding_window, softcap=None):
-    q_len, heads, _ = q.shape
-    kv_len, kv_heads, _ = k.shape
-    group = heads // kv_heads
-    qg = q.reshape(q_len, kv_heads, group, -1).transpose(1, 2, 0, 3)  # [kvh, g, q, d]
-    kt = k.transpose(1, 2, 0)  # [kvh, d, kv]
-    scores = (qg @ kt[:, None]) * scale  # [kvh, g, q, kv]
-    if softcap is not None:
-        scores = np.tanh(scores / softcap) * softcap
-    query_pos = np.arange(kv_len - q_len, kv_len)[:, None]
-    key_pos = np.arange(kv_len)[None, :]
-    allowed = key_pos <= query_pos
-    if sliding_window is not None:
-        allowed &= key_pos > query_pos - sliding_window
-    scores = np.where(allowed, scores, -np.inf)
-    scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    out = probs @ v.transpose(1, 0, 2)[:, None]  # [kvh, g, q, d]
-    return out.transpose(2, 0, 1, 3).reshape(q_len, heads, -1).astype(q.dtype, copy=False)
+    return _attention.causal_attention(q, k, v, scale, sliding_window, softcap)
 
+
+@hookimpl
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
+    return _attention.paged_attention(q, pool, layer, batch, scale, sliding_window, softcap)
