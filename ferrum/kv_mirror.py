@@ -23,7 +23,11 @@ table prefix is compared). A mirror stays exact because
   next one.
 
 The cost is memory: the arena holds a second copy of the K/V of the sequences
-decoding now (padded to the longest), as mlx-lm's batched cache does.
+decoding now (padded to the longest), as mlx-lm's batched cache does. A book made
+with ``max_positions`` keeps the arena within that many positions (backends pass
+their pool's size, so decoding never holds more than twice the pool's K/V): a
+batch the arena cannot hold within it is refused a plan and attends the way a
+prefill does, by gathering from the pool.
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ class MirrorPlan:
     slots) and ``dst_row`` / ``dst_pos`` (arena coordinates): the copies that
     bring every row up to date; ``full`` the same for whole rows, used by a
     layer whose writes the book could not account for. ``num_rows`` and
-    ``capacity`` are the arena size this batch needs. ``device`` is the
-    backend's cache of device copies of these arrays.
+    ``capacity`` are the arena size this batch needs (``in_order``: item ``i``
+    is in row ``i``, and no other row is in use); ``arena_shape`` the
+    ``(rows, capacity)`` the backend's arena must have (at least as large,
+    grown in steps, within the book's budget: resize to it, keeping what fits).
+    ``device`` is the backend's cache of device copies of these arrays.
     """
 
     rows: np.ndarray
@@ -61,9 +68,14 @@ class MirrorPlan:
     dst_pos: np.ndarray
     num_rows: int
     capacity: int
+    arena_shape: tuple[int, int]
     _tables: np.ndarray
     _block_size: int
     device: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_order(self) -> bool:
+        return self.num_rows == len(self.rows) and bool((self.rows == np.arange(self.num_rows)).all())
 
     def full(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(src, dst_row, dst_pos)`` copying every item's positions ``[0, length)``."""
@@ -77,9 +89,14 @@ class MirrorPlan:
 class MirrorBook:
     """Rows of one KV pool's arena, and how far each is in step with the pool."""
 
-    def __init__(self, num_layers: int, block_size: int):
+    #: The arena grows by this many rows and positions at a time, so it is not resized every step.
+    ROW_STEP, POS_STEP = 4, 256
+
+    def __init__(self, num_layers: int, block_size: int, max_positions: int | None = None):
         self.num_layers = num_layers
         self.block_size = block_size
+        self.max_positions = max_positions
+        self.arena_shape = (0, 0)  # (rows, capacity) of the arena, as the last plan sized it
         self._by_block: dict[int, _Mirror] = {}  # block of a mirror's last position -> mirror
         self._mirrors: list[_Mirror] = []
         self._batch: Any = None
@@ -111,6 +128,12 @@ class MirrorBook:
         if unseen:
             self._reset_next = True
         return self._plan, "full" if unseen else "step"
+
+    @property
+    def arena_positions(self) -> int:
+        """K/V positions per layer the arena holds (its memory: this x 2 x kv_heads x head_dim x layers)."""
+        rows, capacity = self.arena_shape
+        return rows * capacity
 
     # -------------------------------------------------------------- helpers
     def _drop_all(self) -> None:
@@ -147,15 +170,53 @@ class MirrorBook:
         m.length = common
         return m
 
-    def _make_plan(self, batch: Any) -> MirrorPlan:
-        """Match items to mirrors, drop the mirrors no item matched, give the rest free rows."""
+    def _arena_for(self, rows: int, capacity: int, have: tuple[int, int]) -> tuple[int, int] | None:
+        """The shape of an arena that holds ``rows x capacity`` and all of ``have``: grown in
+        steps as far as the budget allows (rows first given up, then positions: an arena grown
+        one position per step would be copied every step); None if it cannot be held."""
+        have_rows, have_capacity = have
+        if rows <= have_rows and capacity <= have_capacity:
+            return have
+        budget = self.max_positions
+        for r in (max(have_rows, -(-rows // self.ROW_STEP) * self.ROW_STEP), max(have_rows, rows)):
+            c = max(have_capacity, -(-capacity // self.POS_STEP) * self.POS_STEP)
+            if budget is not None:
+                c = max(have_capacity, capacity, min(c, budget // r))
+            if budget is None or r * c <= budget:
+                return r, c
+        return None
+
+    def _match(self, tables: np.ndarray, lengths: np.ndarray) -> tuple[list[_Mirror], tuple[int, int] | None]:
+        """Each item's mirror (matched, or new in a free row) and the arena shape they need.
+
+        When growing the arena would break the budget, every mirror is dropped and the items
+        are matched again to rows ``0..n-1`` of an arena just large enough (copied in full);
+        the shape is None when even that is over the budget.
+        """
+        for fresh in (False, True):
+            if fresh:
+                self._drop_all()
+            found = [self._find(t, n) for t, n in zip(tables, lengths.tolist())]
+            taken = {m.row for m in found if m is not None}
+            free = (r for r in range(len(found)) if r not in taken)
+            mirrors = [m if m is not None else _Mirror(next(free), [], {}, 0) for m in found]
+            shape = self._arena_for(max(m.row for m in mirrors) + 1, int(lengths.max()),
+                                    (0, 0) if fresh else self.arena_shape)
+            if shape is not None:
+                break
+        return mirrors, shape
+
+    def _make_plan(self, batch: Any) -> MirrorPlan | None:
+        """Match items to mirrors, drop the mirrors no item matched, give the rest free rows
+        (None, and no mirrors kept, when the arena cannot hold the batch within the budget)."""
         bs = self.block_size
         tables = np.asarray(batch.block_tables, dtype=np.int64)
         lengths = np.asarray(batch.seq_lens, dtype=np.int64)
-        found = [self._find(t, n) for t, n in zip(tables, lengths.tolist())]
-        taken = {m.row for m in found if m is not None}
-        free = (r for r in range(len(found)) if r not in taken)
-        mirrors = [m if m is not None else _Mirror(next(free), [], {}, 0) for m in found]
+        mirrors, shape = self._match(tables, lengths)
+        if shape is None:  # the arena keeps its memory (and shape) for a later batch that fits
+            self._drop_all()
+            return None
+        self.arena_shape = shape
         self._mirrors = mirrors
         self._by_block = {}
         src, dst_row, dst_pos = [], [], []
@@ -170,5 +231,6 @@ class MirrorBook:
         src, dst_row, dst_pos = (np.concatenate(parts).astype(np.int64) for parts in (src, dst_row, dst_pos))
         return MirrorPlan(
             np.array([m.row for m in mirrors], dtype=np.int64), lengths, src, dst_row, dst_pos,
-            num_rows=max(m.row for m in mirrors) + 1, capacity=int(lengths.max()), _tables=tables, _block_size=bs,
+            num_rows=max(m.row for m in mirrors) + 1, capacity=int(lengths.max()), arena_shape=shape,
+            _tables=tables, _block_size=bs,
         )

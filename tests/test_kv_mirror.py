@@ -1,7 +1,7 @@
-"""Decode through a backend's paged attention over many steps, against the oracle, while blocks
-are shared, reused by another sequence, rewritten after a truncation and written behind the
-batch's back: the cases in which a backend that keeps contiguous copies (ferrum.kv_mirror)
-could go stale."""
+"""Decode through a backend's paged attention over many steps, against a float64 reference, while
+blocks are shared, reused by another sequence, rewritten after a truncation (speculative rollback,
+preemption) and written behind the batch's back: the cases in which a backend that keeps contiguous
+copies (ferrum.kv_mirror) could go stale; and the arena's memory budget."""
 
 from __future__ import annotations
 
@@ -10,22 +10,46 @@ import pytest
 
 from ferrum.attention import AttentionBatch
 from ferrum.backends import load_backend
-from ferrum.testing import oracle
+from ferrum.kv_mirror import MirrorBook
 
 from support import runnable_backends
 
 BS, BLOCKS, LAYERS, HEADS, KV_HEADS, D = 4, 24, 2, 6, 2, 8
 
 
+def reference(q, k_pool, v_pool, cu, seq_lens, tables, scale, window, softcap):
+    """Item by item in float64: keys through the block table, end-aligned causal mask, optional
+    window and ``softcap * tanh(scores / softcap)``. ``k_pool, v_pool [slots, kv_heads, d]``."""
+    out = []
+    for item, n in enumerate(seq_lens.tolist()):
+        pos = np.arange(n)
+        slots = np.asarray(tables[item])[pos // BS] * BS + pos % BS
+        k, v = k_pool[slots].astype(np.float64), v_pool[slots].astype(np.float64)  # [n, kvh, d]
+        qi = q[cu[item] : cu[item + 1]].astype(np.float64)  # [q, heads, d]
+        kh = np.repeat(k, HEADS // KV_HEADS, axis=1)
+        vh = np.repeat(v, HEADS // KV_HEADS, axis=1)
+        scores = np.einsum("qhd,khd->hqk", qi, kh) * scale
+        if softcap is not None:
+            scores = softcap * np.tanh(scores / softcap)
+        qpos = np.arange(n - len(qi), n)[:, None]
+        hidden = pos[None, :] > qpos
+        if window is not None:
+            hidden |= pos[None, :] <= qpos - window
+        scores[:, hidden] = -np.inf
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        out.append(np.einsum("hqk,khd->qhd", weights / weights.sum(-1, keepdims=True), vh))
+    return np.concatenate(out)
+
+
 class Scenario:
     """A pool and its host copy; each step writes new K/V and compares every layer's attention."""
 
-    def __init__(self, backend: str, window: int | None):
+    def __init__(self, backend: str, window: int | None, softcap: float | None = None, blocks: int = BLOCKS):
         self.ops = load_backend(backend).ops
-        self.window = window
+        self.window, self.softcap = window, softcap
         self.rng = np.random.default_rng(0)
-        self.pool = self.ops.kv_alloc(LAYERS, BLOCKS, BS, KV_HEADS, D, "float32")
-        self.host = np.zeros((LAYERS, 2, BLOCKS * BS, KV_HEADS, D), dtype=np.float32)
+        self.pool = self.ops.kv_alloc(LAYERS, blocks, BS, KV_HEADS, D, "float32")
+        self.host = np.zeros((LAYERS, 2, blocks * BS, KV_HEADS, D), dtype=np.float32)
 
     def write(self, layer: int, slots: np.ndarray) -> None:
         kv = self.rng.standard_normal((2, len(slots), KV_HEADS, D)).astype(np.float32)
@@ -52,18 +76,21 @@ class Scenario:
             self.write(layer, slots)
             got = self.ops.to_numpy(
                 self.ops.paged_attention(self.ops.from_numpy(q, "float32"), self.pool, layer, batch, D**-0.5,
-                                         self.window)
+                                         self.window, self.softcap)
             )
-            kb, vb = (self.host[layer, i].reshape(BLOCKS, BS, KV_HEADS, D) for i in (0, 1))
             tables = [t for t, _, _ in items]
-            ref = oracle.paged_attention(q, kb, vb, cu, seq_lens, tables, D**-0.5, self.window)
+            ref = reference(q, self.host[layer, 0], self.host[layer, 1], cu, seq_lens, tables, D**-0.5,
+                            self.window, self.softcap)
             np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
+        book = getattr(self.pool, "mirrors", None)
+        if book is not None and book.max_positions is not None:  # the arena's memory stays in its budget
+            assert book.arena_positions <= book.max_positions
 
 
-@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (None, 1.0)])
 @pytest.mark.parametrize("backend", runnable_backends())
-def test_decode_steps_match_the_oracle_as_blocks_change_hands(backend, window):
-    s = Scenario(backend, window)
+def test_decode_steps_match_the_reference_as_blocks_change_hands(backend, window, softcap):
+    s = Scenario(backend, window, softcap)
     a = [3, 7, 1]
     s.step([(a, 9, 9)])  # prefill A
     for n in range(10, 15):  # decode A across a block boundary (its table grows)
@@ -99,3 +126,60 @@ def test_an_interrupted_batch_is_not_trusted(backend):
     s.step([(t, 7, 1)], layers=1)  # fails after layer 0
     s.step([(t, 7, 1)])  # the retry
     s.step([(t, 8, 1)])
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 1.0)])
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_long_decode_matches_the_reference_at_every_length(backend, window, softcap):
+    """Three sequences of different lengths decode 40 steps each over scattered blocks, crossing
+    block boundaries at different steps; one leaves halfway and another takes its place."""
+    s = Scenario(backend, window, softcap, blocks=64)
+    tables = [list(range(40, 1, -3))[:14], list(range(41, 0, -3))[:14], list(range(0, 64, 3))[:14]]
+    lengths = [1, 6, 13]
+    s.step([(t, n, n) for t, n in zip(tables, lengths)])
+    for step in range(40):
+        if step == 20:  # the second leaves; a new one, partly on its freed blocks, joins with a prefill
+            tables[1], lengths[1] = [62, 59, 56, 53, 50, 47, 44, 23, 20, 17, 14, 11, 8, 5], 0
+            q_lens = [1, 3, 1]
+        else:
+            q_lens = [1, 1, 1]
+        lengths = [n + q for n, q in zip(lengths, q_lens)]
+        s.step([(t, n, q) for t, n, q in zip(tables, lengths, q_lens)])
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_a_batch_over_the_arena_budget_attends_from_the_pool(backend):
+    """A pool of 24 blocks x 4 holds 96 positions, so the arena may hold no more: three rows
+    padded to the longest sequence soon do not fit, two do again once one sequence leaves."""
+    s = Scenario(backend, None)
+    a, b, c = list(range(12)), list(range(12, 18)), list(range(18, 24))
+    s.step([(a, 30, 30), (b, 10, 10), (c, 10, 10)])
+    for step in range(1, 6):  # 3 x 31 and 3 x 32 positions: mirrored; then over the budget: gathered
+        s.step([(a, 30 + step, 1), (b, 10 + step, 1), (c, 10 + step, 1)])
+    for step in range(1, 4):  # C leaves; 2 x 36: mirrored again, in an arena rebuilt to fit
+        s.step([(a, 35 + step, 1), (b, 15 + step, 1)])
+
+
+def _decode_batch(tables: list[list[int]], lengths: list[int]) -> AttentionBatch:
+    n = len(lengths)
+    table = np.array(tables, dtype=np.int32)
+    slots = np.array([t[(m - 1) // 4] * 4 + (m - 1) % 4 for t, m in zip(tables, lengths)], dtype=np.int32)
+    return AttentionBatch(np.array(lengths, dtype=np.int32) - 1, slots, np.arange(n + 1, dtype=np.int32),
+                          np.array(lengths, dtype=np.int32), table, 4)
+
+
+def test_the_book_sizes_the_arena_within_its_budget():
+    book = MirrorBook(num_layers=1, block_size=4, max_positions=64)
+    plan, _ = book.begin(_decode_batch([[0, 1, 2], [3, 4, 5]], [10, 10]), 0, 1)
+    assert plan.arena_shape == (4, 16) and len(plan.src) == 20  # 4 rows; positions up to the budget, not 256
+    plan, _ = book.begin(_decode_batch([[0, 1, 2], [3, 4, 5]], [11, 11]), 0, 2)
+    assert plan.arena_shape == (4, 16) and plan.dst_pos.tolist() == [10, 10]  # only the new positions
+    four = [[i, i + 1, i + 2, i + 3, i + 4] for i in range(0, 20, 5)]
+    plan, _ = book.begin(_decode_batch(four, [20, 20, 20, 20]), 0, 3)
+    assert plan is None and book.arena_shape == (4, 16)  # 4 x 20 positions: refused, the arena as it was
+    plan, _ = book.begin(_decode_batch([list(range(20, 30))], [40]), 0, 4)
+    assert plan.arena_shape == (1, 64) and plan.rows.tolist() == [0] and len(plan.src) == 40  # rebuilt: one row
+    assert book.arena_positions == 64
+    unbounded = MirrorBook(num_layers=1, block_size=4)
+    plan, _ = unbounded.begin(_decode_batch([[0, 1, 2], [3, 4, 5]], [10, 10]), 0, 1)
+    assert plan.arena_shape == (MirrorBook.ROW_STEP, MirrorBook.POS_STEP)

@@ -13,8 +13,17 @@ bit width, group size and compute dtype takes.
 
 Paged attention
 ---------------
+A batch in which every item decodes one token attends over per-sequence
+contiguous copies of the pool (:mod:`ferrum.kv_mirror`): each step copies the
+positions written since the last one into an arena ``[rows, kv_heads,
+capacity, head_dim]`` and runs one SDPA over it, so its cost does not grow
+with a gather of the whole context. The arena holds at most as many positions
+as the pool; a decode batch it cannot hold, and every other batch, goes the
+gathering way below.
+
 :func:`prepare_attention_batch` turns an :class:`~ferrum.attention.AttentionBatch`
-into a :class:`PreparedBatch` once per forward pass: every index array the
+into a :class:`PreparedBatch` once per forward pass (on first use for a decode
+batch): every index array the
 layers need is packed into one int64 host buffer and copied to the device in
 one transfer. :func:`paged_attention` then runs without touching the host:
 
@@ -48,7 +57,7 @@ import torch.nn.functional as F
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
-from ferrum.sampling import SampleResult
+from ferrum.sampling import DeviceSample, SampleResult
 from ferrum_cuda import guess_device, requested_device, quant
 
 # --------------------------------------------------------------------------
@@ -96,6 +105,16 @@ _HAS_GQA = _TORCH_VERSION >= (2, 5)
 #: (memory-efficient attention) does not, so there keys are repeated instead.
 _GQA_WITH_MASK = _HAS_GQA and not IS_CUDA
 _HAS_RMS_NORM = hasattr(F, "rms_norm")
+#: ``FERRUM_TORCH_COMPILE=1`` on a CUDA device: each elementwise chain of a step (the norms, rope,
+#: the gated activations) becomes one ``torch.compile``-fused kernel instead of one launch per op,
+#: which is where a small model's decode step on a fast GPU spends its time (benchmarks/gpu.sh
+#: measures both). Off by default, and always off on the CPU, where compiling takes minutes.
+COMPILED = IS_CUDA and os.environ.get("FERRUM_TORCH_COMPILE") == "1"
+
+
+def _fused(fn):
+    return torch.compile(fn, dynamic=True) if COMPILED else fn
+
 
 _DTYPES = {
     "float32": torch.float32,
@@ -140,7 +159,7 @@ def backend_info() -> BackendInfo:
     int4_ok, int4_note = quant.int4_status(DEVICE)
     common = dict(
         name="cuda",
-        note="; ".join(n for n in (DEVICE_NOTE, int4_note) if n),
+        note="; ".join(n for n in (DEVICE_NOTE, int4_note, COMPILED and "elementwise ops torch.compile'd") if n),
         quant_formats=quant.FORMATS,
         quantized_dtype="bfloat16" if int4_ok else None,
     )
@@ -222,9 +241,9 @@ def _small(array: np.ndarray) -> torch.Tensor:
     return _upload(np.ascontiguousarray(array), None)
 
 
-@hookimpl
-def sample(logits, batch):
-    """``ferrum.sampling.sample_numpy`` in torch on the logits' device; only [n]-sized results are copied back."""
+def _sample_graph(logits, batch) -> tuple[torch.Tensor, ...]:
+    """``ferrum.sampling.sample_numpy`` in torch on the logits' device: ``(tokens,)``, plus
+    ``(chosen, top, top_logp)`` when logprobs are wanted; nothing is copied to the host."""
     x = logits.float()
     if batch.adjust_rows.size:
         rows, tokens = _small(batch.adjust_rows).long(), _small(batch.adjust_tokens).long()
@@ -249,15 +268,48 @@ def sample(logits, batch):
         sampled = order.gather(-1, pick.clamp(max=vocab - 1)[:, None])[:, 0]
         tokens = torch.where(_small(batch.temperature > 0), sampled, tokens)
     if not batch.num_logprobs:
-        return SampleResult(tokens.cpu().numpy().astype(np.int64))
+        return (tokens,)
     logp = torch.log_softmax(x, dim=-1)
     top = order[:, : batch.num_logprobs]
-    return SampleResult(
-        tokens.cpu().numpy().astype(np.int64),
-        logp.gather(-1, tokens[:, None])[:, 0].cpu().numpy(),
-        top.cpu().numpy().astype(np.int64),
-        logp.gather(-1, top).cpu().numpy(),
-    )
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0], top, logp.gather(-1, top)
+
+
+def _to_host(graph: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Start copying the results to the host; on CUDA into pinned memory, without waiting."""
+    if not IS_CUDA:
+        return graph
+    return tuple(t.to("cpu", non_blocking=True) for t in graph)
+
+
+def _sample_result(host: tuple[torch.Tensor, ...]) -> SampleResult:
+    if len(host) == 1:
+        return SampleResult(host[0].numpy().astype(np.int64))
+    tokens, chosen, top, top_logp = host
+    return SampleResult(tokens.numpy().astype(np.int64), chosen.numpy(), top.numpy().astype(np.int64), top_logp.numpy())
+
+
+@hookimpl
+def sample(logits, batch):
+    """``ferrum.sampling.sample_numpy`` in torch on the logits' device; only [n]-sized results are copied back."""
+    return _sample_result(tuple(t.cpu() for t in _sample_graph(logits, batch)))
+
+
+@hookimpl
+def sample_on_device(logits, batch):
+    """:func:`sample` without a host synchronisation: the ids stay on the device for the next step's
+    embedding; on CUDA the copy to the host is queued behind the step and ``read`` waits for it."""
+    graph = _sample_graph(logits, batch)
+    host = _to_host(graph)
+    done = torch.cuda.Event() if IS_CUDA else None
+    if done is not None:
+        done.record()
+
+    def read() -> SampleResult:
+        if done is not None:
+            done.synchronize()
+        return _sample_result(host)
+
+    return DeviceSample(graph[0].int(), read)
 
 
 # --------------------------------------------------------------------------
@@ -283,6 +335,11 @@ def embedding(weight, ids):
 @hookimpl
 def concat(parts):
     return torch.cat(list(parts), dim=0)
+
+
+@hookimpl
+def split(x, sizes):
+    return list(torch.split(x, list(sizes), dim=-1))
 
 
 @hookimpl
@@ -319,6 +376,7 @@ def quantized_embedding(weight, ids):
     return quant.embedding(weight, ids)
 
 
+@_fused
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise and scale in float32 (the hookspec's rule), return x's dtype.
     # Hugging Face instead casts before scaling by the weight; in bfloat16 the
@@ -340,10 +398,15 @@ def rms_norm(x, weight, eps):
     return _rms_norm(x, weight, eps)
 
 
-@hookimpl
-def add_rms_norm(x, residual, weight, eps):
+@_fused
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     summed = x + residual
     return _rms_norm(summed, weight, eps), summed
+
+
+@hookimpl
+def add_rms_norm(x, residual, weight, eps):
+    return _add_rms_norm(x, residual, weight, eps)
 
 
 class _IdentityCache:
@@ -394,21 +457,35 @@ def _rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return _rope_cache.put((cos_full, sin_signed), positions, inv_freq, dtype)
 
 
-@hookimpl
-def rope(x, positions, inv_freq):
-    cos, sin = _rope_tables(positions, inv_freq, x.dtype)
+@_fused
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin]
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 @hookimpl
-def silu_mul(gate, up):
+def rope(x, positions, inv_freq):
+    return _rotate(x, *_rope_tables(positions, inv_freq, x.dtype))
+
+
+@_fused
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+@_fused
+def _gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up
+
+
+@hookimpl
+def silu_mul(gate, up):
+    return _silu_mul(gate, up)
 
 
 @hookimpl
 def gelu_tanh_mul(gate, up):
-    return F.gelu(gate, approximate="tanh") * up
+    return _gelu_tanh_mul(gate, up)
 
 
 @hookimpl
@@ -444,15 +521,14 @@ class KVPool:
         self.k_heads = [t.permute(1, 0, 2).unsqueeze(0) for t in self.k_flat]
         self.v_heads = [t.permute(1, 0, 2).unsqueeze(0) for t in self.v_flat]
         self.writes = [0] * num_layers  # kv_write calls per layer, for the mirror book
-        self.mirrors = MirrorBook(num_layers, block_size)
+        # Decode's contiguous copies hold at most as many positions as the pool itself.
+        self.mirrors = MirrorBook(num_layers, block_size, max_positions=num_blocks * block_size)
         self.arena = _Arena(num_layers)
 
 
 class _Arena:
     """Decoding sequences' K/V kept contiguous (see :mod:`ferrum.kv_mirror`): per layer
-    ``[rows, kv_heads, capacity, head_dim]``, grown in steps (copying what it holds)."""
-
-    ROW_STEP, POS_STEP = 4, 256
+    ``[rows, kv_heads, capacity, head_dim]``, sized as the mirror book's plans say."""
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -461,18 +537,18 @@ class _Arena:
         self.rows = self.capacity = 0
 
     def fit(self, pool: "KVPool", rows: int, capacity: int) -> None:
-        if rows <= self.rows and capacity <= self.capacity:
+        """Resize to ``rows x capacity``, keeping what both shapes hold."""
+        if (rows, capacity) == (self.rows, self.capacity):
             return
-        rows = max(self.rows, -(-rows // self.ROW_STEP) * self.ROW_STEP)
-        capacity = max(self.capacity, -(-capacity // self.POS_STEP) * self.POS_STEP)
+        keep_rows, keep_capacity = min(rows, self.rows), min(capacity, self.capacity)
         shape = (rows, pool.num_kv_heads, capacity, pool.head_dim)
-        grown = []
+        resized = []
         for old in self.k + self.v or [None] * (2 * self.num_layers):
             new = torch.zeros(shape, dtype=pool.dtype, device=DEVICE)
             if old is not None:
-                new[: self.rows, :, : self.capacity] = old
-            grown.append(new)
-        self.k, self.v = grown[: self.num_layers], grown[self.num_layers :]
+                new[:keep_rows, :, :keep_capacity] = old[:keep_rows, :, :keep_capacity]
+            resized.append(new)
+        self.k, self.v = resized[: self.num_layers], resized[self.num_layers :]
         self.rows, self.capacity = rows, capacity
 
 
@@ -730,7 +806,10 @@ def _prepare(batch) -> PreparedBatch:
 
 @hookimpl
 def prepare_attention_batch(batch):
-    return _prepare(batch)
+    # A batch of decode steps is attended over the mirrors (``_mirrored_decode``); should the
+    # book refuse it a plan, ``paged_attention`` prepares it on first use.
+    q_lens = np.diff(batch.cu_seqlens_q)
+    return None if len(q_lens) and bool((q_lens == 1).all()) else _prepare(batch)
 
 
 def _gather_kv(pool: KVPool, layer: int, group: _Group):
@@ -799,7 +878,7 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
             dev["rows"], dev["row_lens"] = uploaded[3:]
             dev["masks"] = {}
     arena = pool.arena
-    arena.fit(pool, plan.num_rows, plan.capacity)
+    arena.fit(pool, *plan.arena_shape)
     src, dst_row, dst_pos = dev[sync]
     k_rows, v_rows = arena.k[layer], arena.v[layer]
     if src.numel():
@@ -814,16 +893,24 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
         k, v = k_rows[row : row + 1, :, start:end], v_rows[row : row + 1, :, start:end]
         return _sdpa(qg, k, v, scale, softcap=softcap).reshape(1, heads, d)
     rows, length = dev["rows"], plan.capacity
-    mask = dev["masks"].get(window)
+    key = (window, softcap is None)
+    mask = dev["masks"].get(key)
     if mask is None:
         kpos = torch.arange(length, device=DEVICE)[None, :]
         lens = dev["row_lens"][:, None]
-        mask = kpos < lens
+        allowed = kpos < lens
         if window is not None:
-            mask &= kpos >= lens - window
-        mask = dev["masks"][window] = mask[:, None, None, :]  # [rows, 1, 1, L]
-    q_rows = qg.new_zeros((plan.num_rows, kvh, heads // kvh, d)).index_copy_(0, rows, qg)
+            allowed &= kpos >= lens - window
+        allowed = allowed[:, None, None, :]  # [rows, 1, 1, L]
+        # Additive where SDPA takes it: the CPU kernel runs ~1.5x faster than with a boolean mask
+        # (torch 2.13, 8 rows x 576 keys); the softcapped path masks its scores itself.
+        if softcap is None:
+            allowed = torch.zeros(allowed.shape, dtype=q.dtype, device=DEVICE).masked_fill_(~allowed, float("-inf"))
+        mask = dev["masks"][key] = allowed
     k, v = k_rows[: plan.num_rows, :, :length], v_rows[: plan.num_rows, :, :length]
+    if plan.in_order:
+        return _sdpa(qg, k, v, scale, mask=mask, softcap=softcap).reshape(n, heads, d)
+    q_rows = qg.new_zeros((plan.num_rows, kvh, heads // kvh, d)).index_copy_(0, rows, qg)
     out = _sdpa(q_rows, k, v, scale, mask=mask, softcap=softcap)
     return out.index_select(0, rows).reshape(n, heads, d)
 
