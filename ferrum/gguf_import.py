@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -102,6 +103,70 @@ def _import_gguf() -> Any:
             "reading GGUF files needs the 'gguf' package: pip install 'ferrum[gguf]' (or pip install gguf)"
         ) from exc
     return gguf
+
+
+# ---------------------------------------------------------------- file layout
+
+#: Fewest bytes a metadata entry (key length, 1-byte key, type, 1-byte value) and a tensor info (name length,
+#: 1-byte name, dimension count, one dimension, type, offset) take: a header claiming more entries than the
+#: file can hold is refused before the reader loops over them.
+_MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 1, 8 + 1 + 4 + 8 + 4 + 8
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def _check_header(path: Path, where: str) -> None:
+    """Magic, version and entry counts against the file size, in microseconds and without allocating."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise CheckpointError(f"{where} is not a readable GGUF file: no GGUF header (magic and counts)")
+    version, tensors, kvs = struct.unpack("<IQQ", head[4:])
+    if version not in (2, 3):
+        raise CheckpointError(f"{where} is not a readable GGUF file: format version {version} (Ferrum reads 2 and 3)")
+    room = size - 24
+    if kvs * _MIN_KV_BYTES > room or tensors * _MIN_TENSOR_INFO_BYTES > room:
+        raise CheckpointError(
+            f"{where}: the GGUF header claims {kvs} metadata entries and {tensors} tensors, more than its "
+            f"{size} bytes can hold; the file is truncated or corrupt"
+        )
+
+
+def _check_tensor_layout(reader: Any, size: int, where: str) -> None:
+    """Every tensor's dimensions, byte size, alignment and extent within the file; no two overlap."""
+    from gguf import GGML_QUANT_SIZES
+
+    extents = []
+    for t in reader.tensors:
+        dims = [int(n) for n in t.shape]
+        if not 1 <= len(dims) <= _MAX_DIMS or any(n <= 0 for n in dims):
+            raise CheckpointError(f"{where}: tensor {t.name} has dimensions {dims}; each must be positive, "
+                                  f"at most {_MAX_DIMS} of them")
+        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        if dims[0] % block:
+            raise CheckpointError(f"{where}: tensor {t.name} rows of {dims[0]} values do not fill whole "
+                                  f"{t.tensor_type.name} blocks of {block}")
+        n_bytes = math.prod(dims) // block * type_size
+        start = int(t.data_offset)
+        if (start - reader.data_offset) % reader.alignment:
+            raise CheckpointError(f"{where}: tensor {t.name} starts at byte {start}, not aligned to "
+                                  f"{reader.alignment} bytes")
+        if start + n_bytes > size or t.data.nbytes != n_bytes:
+            raise CheckpointError(f"{where}: tensor {t.name} ({n_bytes} bytes at {start}) runs past the end of "
+                                  f"the file ({size} bytes); the file is truncated or corrupt")
+        extents.append((start, start + n_bytes, t.name))
+    extents.sort()
+    for (_, end, first), (start, _, second) in zip(extents, extents[1:]):
+        if start < end:
+            raise CheckpointError(f"{where}: tensors {first} and {second} overlap in the file")
+
+
+def _check_finite(plan: list["_PlannedTensor"], where: str) -> None:
+    """Float tensors hold finite values (quantized ones: their scales, checked by ``describe``)."""
+    for p in plan:
+        t = p.source
+        if t.data.dtype.kind == "f" and not np.isfinite(t.data).all():
+            raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
 
 
 # ---------------------------------------------------------------- metadata
@@ -732,10 +797,12 @@ def convert_gguf(
         raise ConfigError(f"dequantize_to must be one of {', '.join(DEQUANTIZE_DTYPES)} or None, got {dequantize_to!r}")
     if not gguf_path.is_file():
         raise CheckpointError(f"no GGUF file at {gguf_path}")
+    _check_header(gguf_path, where)
     try:
         reader = gguf.GGUFReader(str(gguf_path), "r")
-    except (ValueError, OSError, struct.error, IndexError) as exc:
-        raise CheckpointError(f"{where} is not a readable GGUF file: {exc}") from exc
+    except (ValueError, OSError, struct.error, IndexError, KeyError, OverflowError, MemoryError) as exc:
+        raise CheckpointError(f"{where} is not a readable GGUF file: {str(exc)[:200]}") from exc
+    _check_tensor_layout(reader, gguf_path.stat().st_size, where)
     meta = _Metadata(reader, where)
     tokens = meta.get("tokenizer.ggml.tokens")
     config = _build_config(meta, reader, tokens)
@@ -745,6 +812,7 @@ def convert_gguf(
     tokenizer_config["model_max_length"] = config["max_position_embeddings"]
     plan = _plan_tensors(reader, config, where)
     _choose_forms(plan, dequantize_to, where)
+    _check_finite(plan, where)
     config["torch_dtype"] = _torch_dtype(plan)
     quantization = _quantization_section(plan)
     if quantization is not None:
@@ -770,10 +838,30 @@ def convert_gguf(
         "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
     }
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(out_dir / "model.safetensors", plan, dequantize_to, where, progress)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_folder(out_dir, {
+        "model.safetensors": lambda path: _write_safetensors(path, plan, dequantize_to, where, progress),
+        "tokenizer.json": lambda path: tokenizer.save(str(path)),
+        "tokenizer_config.json": lambda path: path.write_text(
+            json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n"),
+        "generation_config.json": lambda path: path.write_text(json.dumps(generation, indent=2) + "\n"),
+        "config.json": lambda path: path.write_text(json.dumps(config, indent=2) + "\n"),
+    })
     return out_dir
+
+
+def _write_folder(out_dir: Path, files: dict[str, Callable[[Path], None]]) -> None:
+    """Write ``files`` into ``out_dir``; on any failure (a full disk, an interrupt) remove what was written,
+    and ``out_dir`` itself if it did not exist, so no half-written checkpoint is ever left."""
+    created = not out_dir.exists()
+    written: list[Path] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, write in files.items():
+            written.append(out_dir / name)
+            write(out_dir / name)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise

@@ -334,7 +334,7 @@ def test_a_backend_without_softcapped_attention_refuses_gemma2_at_load(checkpoin
     def attention(q, k, v, scale, sliding_window):
         return cpu_ops.attention(q, k, v, scale, sliding_window)
 
-    registered("nocap", cpu_like_plugin("nocap", extra={"attention": attention}))
+    registered("nocap", cpu_like_plugin("nocap", omit=("paged_attention",), extra={"attention": attention}))
     with pytest.raises(UnsupportedFeatureError, match="soft-capping.*softcap"):
         load(checkpoints["gemma2"][0], "nocap")
     load(checkpoints["gemma3"][0], "nocap")  # no soft-capping: runs
@@ -348,60 +348,268 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 
 
 # ------------------------------------------------------ property: random configs
+#
+# Each example is a config.json as a checkpoint could ship it (either rope spelling, any rope type transformers
+# implements, every math-changing key of the family), read by transformers' AutoConfig from that very file and
+# by Ferrum. Ferrum must refuse naming a key of that file, or match transformers' logits.
+
+PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
+                     "gemma3_text", "phi3")
+#: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
+PROPERTY_EXAMPLES = 15
+_ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
 
 
-def test_random_valid_configs_match_transformers_or_are_refused_by_name(tmp_path_factory):
-    """Draw configs per family; Ferrum either refuses naming a config key or matches transformers."""
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
+def _rope_keys(draw, st, kinds: tuple[str, ...], half: int) -> dict:
+    """Rope settings in one of the spellings transformers reads: v5 ``rope_parameters``, or v4 ``rope_theta``
+    plus ``rope_scaling`` keyed ``type`` or ``rope_type``."""
+    theta = draw(st.sampled_from([100.0, 10000.0, 500000.0]))
+    kind = draw(st.sampled_from(kinds))
+    params: dict = {}
+    if kind in ("linear", "dynamic", "yarn", "llama3"):
+        params["factor"] = draw(st.sampled_from([1.0, 2.0, 8.0]))
+    if kind in ("llama3", "yarn", "longrope"):
+        params["original_max_position_embeddings"] = draw(st.sampled_from([8, 16, 32]))
+    if kind == "llama3":
+        params.update(low_freq_factor=draw(st.sampled_from([1.0, 2.0])),
+                      high_freq_factor=draw(st.sampled_from([4.0, 8.0])))
+    if kind == "longrope":
+        params.update(short_factor=[1.0 + 0.2 * i for i in range(half)],
+                      long_factor=[1.5 + 0.7 * i for i in range(half)])
+    spelling = draw(st.sampled_from(["v5", "v4 type", "v4 rope_type", "v4 bare"]))
+    if spelling == "v4 bare" and kind == "default":
+        return {"rope_theta": theta}
+    if spelling == "v5":
+        return {"rope_parameters": {"rope_type": kind, "rope_theta": theta, **params}}
+    key = "type" if spelling == "v4 type" else "rope_type"
+    return {"rope_theta": theta, "rope_scaling": {key: kind, **params}}
+
+
+def draw_config(draw, st, family: str) -> dict:
+    """A random valid config.json of ``family``, tiny."""
+    heads = draw(st.sampled_from([2, 4]))
+    kv = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+    head_dim = draw(st.sampled_from([8, 16]))
+    layers = draw(st.integers(1, 3))
+    raw = dict(model_type=family, vocab_size=VOCAB, hidden_size=heads * head_dim,
+               intermediate_size=draw(st.integers(8, 40)), num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv, max_position_embeddings=64,
+               rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5, 0.1])), tie_word_embeddings=draw(st.booleans()),
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if draw(st.booleans()):  # head_dim other than hidden / heads
+        raw["head_dim"] = head_dim = draw(st.sampled_from([8, 12, 16]))
+    window = draw(st.integers(1, 12))
+    if family in ("gemma2", "gemma3_text"):
+        raw.update(head_dim=head_dim, sliding_window=window,
+                   query_pre_attn_scalar=draw(st.sampled_from([head_dim, 100])),
+                   hidden_activation=draw(st.sampled_from(["gelu_pytorch_tanh", "gelu_pytorch_tanh", "gelu"])),
+                   final_logit_softcapping=draw(st.sampled_from([None, 3.0])))
+        if draw(st.booleans()):
+            raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
+                                               min_size=layers, max_size=layers))
+        if family == "gemma2":
+            raw.update(attn_logit_softcapping=draw(st.sampled_from([None, 2.0, 20.0])),
+                       **_rope_keys(draw, st, ("default", "linear", "dynamic", "yarn"), head_dim // 2))
+        else:
+            raw["attn_logit_softcapping"] = draw(st.sampled_from([None, None, 20.0]))
+            raw["sliding_window_pattern"] = draw(st.sampled_from([2, 6]))
+            local = draw(st.sampled_from([10.0, 10000.0]))
+            full = _rope_keys(draw, st, ("default", "linear"), head_dim // 2)
+            if "rope_parameters" in full:  # v5: one rope per attention kind
+                raw["rope_parameters"] = {"full_attention": full["rope_parameters"],
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+            else:
+                raw.update(full, rope_local_base_freq=local)
+        return raw
+    raw["hidden_act"] = draw(st.sampled_from(_ACTS))
+    if family == "phi3":
+        factor = draw(st.sampled_from([1.0, 0.5, 0.75]))
+        raw.update(partial_rotary_factor=factor, sliding_window=draw(st.sampled_from([None, window])))
+        rotary = int(head_dim * factor)
+        kinds = ("default", "longrope", "su", "linear") if rotary % 2 == 0 else ("default",)
+        rope = _rope_keys(draw, st, kinds, rotary // 2)
+        scaling = rope.get("rope_scaling") or rope.get("rope_parameters") or {}
+        if "original_max_position_embeddings" in scaling:  # Phi-3 writes it at the top level
+            raw["original_max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
+        return {**raw, **rope}
+    raw.update(_rope_keys(draw, st, ("default", "linear", "dynamic", "llama3", "llama3", "yarn", "longrope"),
+                          head_dim // 2))
+    if family == "llama":  # transformers' Llama ignores sliding_window; so must Ferrum
+        raw.update(attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
+                   sliding_window=draw(st.sampled_from([None, window])))
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
+        raw["attention_bias"] = draw(st.booleans())
+    if family in ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        raw["sliding_window"] = draw(st.sampled_from([None, window, window, 0]) if family == "qwen2_moe"
+                                     else st.sampled_from([None, window]))
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        raw["use_sliding_window"] = draw(st.booleans())
+        raw["max_window_layers"] = draw(st.integers(0, layers))
+        if family != "qwen3_moe" and draw(st.booleans()):
+            raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
+                                               min_size=layers, max_size=layers))
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        experts = draw(st.integers(2, 6))
+        raw[draw(st.sampled_from(["num_experts", "num_local_experts"])) if family != "mixtral"
+            else "num_local_experts"] = experts
+        raw["num_experts_per_tok"] = draw(st.integers(1, experts))
+    if family in ("qwen2_moe", "qwen3_moe"):
+        raw.update(moe_intermediate_size=draw(st.integers(8, 24)), norm_topk_prob=draw(st.booleans()),
+                   decoder_sparse_step=draw(st.integers(1, 2)),
+                   mlp_only_layers=draw(st.lists(st.integers(0, layers - 1), max_size=2, unique=True)))
+    if family == "qwen2_moe":
+        raw.update(shared_expert_intermediate_size=draw(st.integers(8, 24)), qkv_bias=draw(st.booleans()))
+    return raw
+
+
+def _named_keys(raw: dict) -> set[str]:
+    """Every key of a config, nested rope settings included."""
+    names = set(raw)
+    for value in raw.values():
+        if isinstance(value, dict):
+            names |= _named_keys(value)
+    return names
+
+
+def build_from_json(folder, raw: dict, seed: int, tokens: list[int]) -> np.ndarray | None:
+    """Save transformers' model of the config.json ``raw`` (random weights) with ``raw`` as its config.json, as
+    a checkpoint ships it; its logits for ``tokens``, or None when transformers cannot build or run it."""
+    import torch
     import transformers
 
-    @st.composite
-    def configs(draw):
-        family = draw(st.sampled_from(["gemma2", "gemma3_text", "phi3"]))
-        heads = draw(st.sampled_from([2, 4]))
-        kv = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
-        head_dim = draw(st.sampled_from([8, 16, 24]))
-        layers = draw(st.integers(1, 3))
-        common = dict(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=draw(st.integers(8, 40)),
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      max_position_embeddings=64, rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      tie_word_embeddings=draw(st.booleans()))
-        window = draw(st.integers(1, 12))
-        if family == "phi3":
-            factor = draw(st.sampled_from([1.0, 0.5, 0.75, 0.25]))
-            extra = dict(partial_rotary_factor=factor, sliding_window=draw(st.sampled_from([None, window])),
-                         rope_theta=draw(st.sampled_from([100.0, 10000.0])))
-            rotary = int(head_dim * factor)
-            if draw(st.booleans()) and rotary % 2 == 0:
-                extra.update(original_max_position_embeddings=32, rope_scaling=_longrope(rotary // 2))
-            return family, transformers.Phi3Config(**common, **extra)
-        types = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=layers,
-                              max_size=layers))
-        extra = dict(head_dim=head_dim, sliding_window=window, layer_types=types,
-                     query_pre_attn_scalar=draw(st.sampled_from([head_dim, 16, 100])),
-                     attn_logit_softcapping=draw(st.sampled_from([None, 2.0, 20.0])),
-                     final_logit_softcapping=draw(st.sampled_from([None, 3.0])))
-        if family == "gemma2":
-            return family, transformers.Gemma2Config(**common, **extra)
-        return family, transformers.Gemma3TextConfig(**common, **extra, rope_local_base_freq=draw(
-            st.sampled_from([10.0, 10000.0])))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(raw))
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+        ref = reference_logits(model, tokens)
+    except Exception:  # e.g. sliding layers without a window: transformers fails too, so the config is not valid
+        return None
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(raw))  # Ferrum reads the file as shipped, not re-spelled
+    return ref
 
-    @hypothesis.settings(max_examples=8, deadline=None, database=None, derandomize=True,
+
+@pytest.mark.parametrize("family", PROPERTY_FAMILIES)
+def test_random_valid_configs_match_transformers_or_are_refused_by_name(family, tmp_path_factory):
+    """Draw config.json files of ``family``; Ferrum refuses naming one of their keys, or matches transformers."""
+    import re
+
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    outcomes = {"matched": 0, "refused": 0}
+
+    @hypothesis.settings(max_examples=PROPERTY_EXAMPLES, deadline=None, database=None, derandomize=True,
                          suppress_health_check=list(hypothesis.HealthCheck))
-    @hypothesis.given(configs(), st.integers(0, 2**16))
-    def check(drawn, seed):
-        family, config = drawn
+    @hypothesis.given(st.data(), st.integers(0, 2**16))
+    def check(data, seed):
+        raw = data.draw(st.composite(lambda draw: draw_config(draw, st, family))())
         folder = tmp_path_factory.mktemp(family)
-        hf = build(folder, config, seed=seed % 1000)
-        tokens = [int(t) for t in np.random.RandomState(seed).randint(0, VOCAB, size=20)]
+        # longrope switches tables per token in Ferrum, per forward call in transformers (ferrum.arch.rope):
+        # one forward agrees up to the original length
+        length = min(20, raw.get("original_max_position_embeddings") or 20)
+        tokens = [int(t) for t in np.random.RandomState(seed).randint(0, VOCAB, size=length)]
+        ref = build_from_json(folder, raw, seed % 1000, tokens)
+        hypothesis.assume(ref is not None)
         try:
             model = load(folder, "cpu")
         except FerrumError as exc:
-            assert "'" in str(exc), f"a refusal must name what it refuses: {exc}"
+            named = set(re.findall(r"'([A-Za-z_]+)'", str(exc))) & _named_keys(raw)
+            assert named, f"a refusal must name a key of the config: {exc}\n{raw}"
+            outcomes["refused"] += 1
             return
-        assert_parity(model.forward_verify("x", tokens), reference_logits(hf, tokens))
+        got = model.forward_verify("x", tokens)
+        bound = 1e-4 * max(1.0, float(np.abs(ref).max()))
+        assert float(np.abs(got - ref).max()) <= bound, f"logits differ from transformers for {raw}"
+        outcomes["matched"] += 1
+
+    check()
+    assert outcomes["matched"] > 0, outcomes  # the family is exercised, not only refused
+
+
+@pytest.mark.parametrize("spelling", ["v5", "v4 type", "v4 rope_type"])
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "llama3"])
+def test_each_rope_scaling_in_each_spelling_matches_transformers(kind, spelling, tmp_path):
+    """The scalings Ferrum runs for Llama-like families, written each way transformers reads."""
+    params = {"factor": 4.0}
+    if kind == "llama3":
+        params.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+    if spelling == "v5":
+        rope = {"rope_parameters": {"rope_type": kind, "rope_theta": 500.0, **params}}
+    else:
+        rope = {"rope_theta": 500.0, "rope_scaling": {spelling.split()[1]: kind, **params}}
+    raw = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **rope)
+    tokens = TOKENS + TOKENS[:7]
+    ref = build_from_json(tmp_path, raw, 0, tokens)
+    assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), ref)
+    unscaled = {k: v for k, v in raw.items() if k not in ("rope_parameters", "rope_scaling")}
+    plain = build_from_json(tmp_path / "plain", {**unscaled, "rope_theta": 500.0}, 0, tokens)
+    assert kind == "dynamic" or np.abs(plain - ref).max() > 1e-3  # the scaling changes the logits
+
+
+_BAD_NUMBERS = (0, -4, 2.5, "64", True, float("nan"))
+#: key -> the invalid values drawn for it, and the families that read it.
+_INVALID = {
+    **{key: (_BAD_NUMBERS, PROPERTY_FAMILIES) for key in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+        "max_position_embeddings", "head_dim")},
+    "num_key_value_heads": ((0, -1, 3, 1.5, "2"), PROPERTY_FAMILIES),  # 3 divides no drawn head count
+    "rms_norm_eps": ((0, -1e-6, "1e-6", float("nan")), PROPERTY_FAMILIES),
+    "rope_theta": ((0, -10000.0, "1e4", True, float("-inf")), PROPERTY_FAMILIES),
+    "factor": ((0, -2.0, "2", None), tuple(f for f in PROPERTY_FAMILIES if f not in ("gemma2", "gemma3_text", "phi3"))),
+    "sliding_window": ((-1, 2.5, "8", True), ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
+                                             "gemma2", "gemma3_text", "phi3")),
+    "tie_word_embeddings": (("yes", 1, 0.0), PROPERTY_FAMILIES),
+    "num_experts_per_tok": ((0, -1, 99, "2"), ("mixtral", "qwen2_moe", "qwen3_moe")),
+    "moe_intermediate_size": ((0, -8, "16"), ("qwen2_moe", "qwen3_moe")),
+    "decoder_sparse_step": ((0, -1, 1.5), ("qwen2_moe", "qwen3_moe")),
+    "query_pre_attn_scalar": ((0, -1.0, "8"), ("gemma2", "gemma3_text")),
+    "rope_local_base_freq": ((0, -1.0, "1e4"), ("gemma3_text",)),
+    "partial_rotary_factor": ((0, -0.5, 1.5, "0.5"), ("phi3",)),
+    "layer_types": ((["sliding_attention"] * 9, ["local"], "full_attention"), ("qwen2", "qwen3", "gemma2",
+                                                                               "gemma3_text")),
+}
+
+
+def _with_invalid(raw: dict, key: str, value) -> dict:
+    raw = json.loads(json.dumps(raw))
+    if key == "factor":  # inside the rope settings, in the spelling the config uses
+        raw.pop("rope_parameters", None)
+        raw["rope_scaling"] = {"rope_type": "linear", "factor": value}
+    elif key == "rope_theta" and isinstance(raw.get("rope_parameters"), dict):
+        for params in (raw["rope_parameters"], *raw["rope_parameters"].values()):
+            if isinstance(params, dict) and "rope_theta" in params:
+                params["rope_theta"] = value
+    else:
+        raw[key] = value
+    return raw
+
+
+def test_random_invalid_values_are_refused_naming_the_key():
+    """One key of a valid config made invalid (non-positive, wrong type, out of range): ConfigError naming it."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    cases = [(key, family) for key, (_, families) in _INVALID.items() for family in families]
+
+    @hypothesis.settings(max_examples=300, deadline=None, database=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.data())
+    def check(data):
+        key, family = data.draw(st.sampled_from(cases))
+        raw = data.draw(st.composite(lambda draw: draw_config(draw, st, family))())
+        try:
+            ModelConfig.from_dict(raw)
+        except FerrumError:
+            hypothesis.assume(False)  # a config Ferrum refuses already (an unsupported setting)
+        value = data.draw(st.sampled_from(_INVALID[key][0]))
+        with pytest.raises(ConfigError) as caught:
+            ModelConfig.from_dict(_with_invalid(raw, key, value))
+        assert f"'{key}'" in str(caught.value), f"{family} {key}={value!r}: {caught.value}"
 
     check()
 

@@ -542,3 +542,94 @@ def test_not_a_gguf_file(tmp_path):
         convert_gguf(bogus, tmp_path / "out")
     with pytest.raises(CheckpointError, match="no GGUF file"):
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+
+
+# ------------------------------------------------------------------ hostile files: refused before writing
+
+
+def _tensor_info_offsets(path: Path) -> dict[str, dict[str, int]]:
+    """Byte positions of each tensor info's name, type and data offset fields."""
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        name_len, name, n_dims, dims, _, _ = t.field.parts
+        at = t.field.offset
+        name_at = at + name_len.nbytes
+        type_at = name_at + name.nbytes + n_dims.nbytes + dims.nbytes
+        out[t.name] = {"name": name_at, "dims": name_at + name.nbytes + n_dims.nbytes, "type": type_at,
+                       "offset": type_at + 4, "data": int(t.data_offset) - reader.data_offset}
+    return out
+
+
+def _patched(data: bytes, at: int, fmt: str, value) -> bytes:
+    import struct
+
+    return data[:at] + struct.pack(fmt, value) + data[at + struct.calcsize(fmt):]
+
+
+def _hostile(data: bytes, info: dict, case: str) -> bytes:
+    q, k, up = info["blk.0.attn_q.weight"], info["blk.0.attn_k.weight"], info["blk.0.ffn_up.weight"]
+    size = len(data)
+    return {
+        "truncated in the header": lambda: data[:20],
+        "truncated in the metadata": lambda: data[:200],
+        "truncated in the tensor infos": lambda: data[: q["name"] + 4],
+        "truncated in the tensor data": lambda: data[: size - 100],
+        "huge tensor count": lambda: _patched(data, 8, "<Q", 2**62),
+        "huge metadata count": lambda: _patched(data, 16, "<Q", 2**60),
+        "data out of bounds": lambda: _patched(data, up["offset"], "<Q", size * 4),
+        "misaligned data": lambda: _patched(data, up["offset"], "<Q", up["data"] + 4),
+        "overlapping tensors": lambda: _patched(data, k["offset"], "<Q", q["data"]),
+        "unknown dtype": lambda: _patched(data, up["type"], "<I", 9999),
+        "wrong dims": lambda: _patched(data, q["dims"], "<Q", 32),
+        "zero dim": lambda: _patched(data, q["dims"], "<Q", 0),
+        "duplicate tensor names": lambda: data[: k["name"]] + b"blk.0.attn_q.weight" + data[k["name"] + 19:],
+        "huge dimension": lambda: _patched(data, q["dims"], "<Q", 2**61),
+    }[case]()
+
+
+HOSTILE = ("truncated in the header", "truncated in the metadata", "truncated in the tensor infos",
+           "truncated in the tensor data", "huge tensor count", "huge metadata count", "data out of bounds",
+           "misaligned data", "overlapping tensors", "unknown dtype", "wrong dims", "zero dim",
+           "duplicate tensor names", "huge dimension")
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_gguf_is_refused_without_allocating_or_writing(tmp_path, case):
+    """Every structural fault is a CheckpointError naming the file; nothing is left in the output folder, and
+    absurd counts or sizes fail without the reader allocating for them."""
+    import tracemalloc
+
+    write_tiny_gguf(tmp_path / "good.gguf")
+    data = (tmp_path / "good.gguf").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_hostile(data, _tensor_info_offsets(tmp_path / "good.gguf"), case))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="bad.gguf") as caught:
+            convert_gguf(bad, tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not (tmp_path / "out").exists(), caught.value
+    assert peak < 64 << 20, f"{case}: {peak} bytes allocated before refusing"
+
+
+def test_a_failure_while_writing_removes_what_was_written(tmp_path, monkeypatch):
+    """A write that fails half way (a full disk, say) leaves no file behind, in a new or an existing folder."""
+    import ferrum.gguf_import as importer
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+
+    def disk_full(path, *args):
+        path.write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(importer, "_write_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        convert_gguf(tmp_path / "tiny.gguf", tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "staging").mkdir()
+    with pytest.raises(OSError, match="No space"):
+        convert_gguf(tmp_path / "tiny.gguf", tmp_path / "staging")
+    assert list((tmp_path / "staging").iterdir()) == []

@@ -83,7 +83,7 @@ def read_sizes(r: KeyReader, eps_default: float) -> Sizes:
     hidden, heads = r("hidden_size"), r("num_attention_heads")
     kv_heads = r("num_key_value_heads") or heads
     if heads % kv_heads:
-        r.fail("num_attention_heads", f"({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+        r.fail("num_key_value_heads", f"is {kv_heads}, but num_attention_heads ({heads}) must be a multiple of it")
     head_dim = r("head_dim")
     if head_dim is None:
         if hidden % heads:
@@ -121,7 +121,9 @@ def read_rope(
     theta = spec.get("rope_theta", r.get("rope_theta"))
     theta = theta_default if theta is None else theta
     if positive_number(theta):
-        r.fail(key if "rope_theta" in spec else "rope_theta", f"rope_theta must be positive, got {theta!r}")
+        if "rope_theta" in spec:
+            r.fail(key, f"field 'rope_theta' must be a positive number, got {theta!r}")
+        r.fail("rope_theta", f"must be a positive number, got {theta!r}")
     kind = spec.get("rope_type", spec.get("type")) or "default"
     kind = {"su": "longrope", "yarn": "longrope"}.get(kind, kind) if "longrope" in kinds else kind
     if kind not in kinds:
@@ -140,7 +142,7 @@ def read_rope(
             r.fail(key, f"field {name!r} must be a positive number, got {value!r}")
         return float(value)
 
-    if kind == "linear":
+    if kind in ("linear", "dynamic"):
         return Rope(**rope, factor=number("factor"))
     if kind == "llama3":
         low, high = number("low_freq_factor", 1.0), number("high_freq_factor", 4.0)
@@ -193,7 +195,7 @@ _LAYER_TYPES = (Key("layer_types"),)
 def _llama_like(qkv_bias_default: bool, qk_norm: bool, windows: Callable[[KeyReader, Sizes], list]):
     def build(r: KeyReader, sizes: Sizes) -> Architecture:
         key, spec = _rope_spec(r)
-        rope = read_rope(r, sizes, spec, key, ("default", "linear", "llama3"))
+        rope = read_rope(r, sizes, spec, key, ("default", "linear", "dynamic", "llama3"))
         r("hidden_act")
         r("partial_rotary_factor")
         attention_bias = r.get("attention_bias")
@@ -221,20 +223,20 @@ def _every_layer_window(r: KeyReader, sizes: Sizes) -> list:
 
 
 def _qwen_windows(r: KeyReader, sizes: Sizes) -> list:
-    window, types = r("sliding_window"), _layer_types(r, sizes)
-    if types is not None:
-        return [window if t == SLIDING else None for t in types]
-    if not r("use_sliding_window") or not window:
-        return [None] * sizes.num_layers
-    first = r("max_window_layers")
-    first = sizes.num_layers if first is None else first
-    return [window if i >= first else None for i in range(sizes.num_layers)]
+    """transformers' Qwen2 / Qwen3: no window unless use_sliding_window; then layer_types, else the layers
+    from max_window_layers on."""
+    window = r("sliding_window") if r("use_sliding_window") else None
+    types = _layer_types(r, sizes)
+    if types is None:
+        first = r("max_window_layers")
+        types = [SLIDING if i >= first else FULL for i in range(sizes.num_layers)]
+    return [window if t == SLIDING else None for t in types]
 
 
 _QWEN_WINDOW = (
-    *_WINDOW, *_LAYER_TYPES,
+    Key("sliding_window", default=4096, check=optional_positive_int), *_LAYER_TYPES,
     Key("use_sliding_window", default=False, check=boolean),
-    Key("max_window_layers", check=optional_non_negative_int),  # 0: every layer slides
+    Key("max_window_layers", default=28, check=optional_non_negative_int),  # 0: every layer slides
 )
 
 
@@ -267,13 +269,16 @@ def _gemma(r: KeyReader, sizes: Sizes, pattern_default: int, qk_norm: bool, rope
 
 def _gemma2_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     key, spec = _rope_spec(r)
-    rope = read_rope(r, sizes, spec, key, ("default",))
+    rope = read_rope(r, sizes, spec, key, ("default", "linear", "dynamic"))
     return rope, rope
 
 
 def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     """Full-attention layers: rope_theta (and rope_scaling); sliding ones: rope_local_base_freq, unscaled."""
     params = r("rope_parameters")
+    if isinstance(params, dict) and params and FULL not in params and SLIDING not in params:
+        r.fail("rope_parameters", f"must hold one entry per attention kind ({FULL!r}, {SLIDING!r}) for Gemma 3; "
+                                  "transformers ignores a flat one", unsupported=True)
     if isinstance(params, dict) and (FULL in params or SLIDING in params):
         full = read_rope(r, sizes, dict(params.get(FULL) or {}), "rope_parameters", ("default", "linear"),
                          theta_default=1_000_000.0)
@@ -330,14 +335,14 @@ def _qwen2_moe_windows(r: KeyReader, sizes: Sizes) -> list:
     types = _layer_types(r, sizes)
     if types is None and r("use_sliding_window"):
         first = r("max_window_layers")
-        first = sizes.num_layers if first is None else first
         types = [SLIDING if (i + 1) % 2 and i < first else FULL for i in range(sizes.num_layers)]
-    window = r("sliding_window") or None  # Qwen2-MoE writes 0 when disabled
+    window = (r("sliding_window") or None) if r("use_sliding_window") else None  # 0 written when disabled
     return [window if t == SLIDING else None for t in types or [FULL] * sizes.num_layers]
 
 
 _QWEN2_MOE_WINDOW = (
-    Key("sliding_window", check=lambda v: None if v == 0 else optional_positive_int(v)), *_QWEN_WINDOW[1:],
+    Key("sliding_window", default=4096, check=lambda v: None if v == 0 else optional_positive_int(v)),
+    *_QWEN_WINDOW[1:],
 )
 
 
@@ -347,15 +352,16 @@ FAMILIES: dict[str, Family] = {
         _llama_like(False, False, _no_windows),
     ),
     "mistral": Family(
-        _keys(_core(False), _ROPE, _SILU, _WINDOW),
+        _keys(_core(False), _ROPE, _SILU, (Key("sliding_window", default=4096, check=optional_positive_int),)),
         _llama_like(False, False, _every_layer_window),
     ),
-    "qwen2": Family(
-        _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),)),
+    "qwen2": Family(  # transformers' Qwen2 always biases q/k/v and never o; it ignores attention_bias
+        _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW),
         _llama_like(True, False, _qwen_windows),
     ),
     "qwen3": Family(
-        _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),)),
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _QWEN_WINDOW,
+              (Key("attention_bias", check=boolean),)),
         _llama_like(False, True, _qwen_windows),
     ),
     "gemma2": Family(

@@ -4,6 +4,9 @@ Every variant reaches the backend's one ``rope`` op as an ``inv_freq [head_dim /
 table (two for longrope), plus changes to the q/k weights made at load:
 
 * default, ``linear`` and ``llama3`` scaling: one table.
+* ``dynamic`` (NTK): transformers rescales the frequencies only once a
+  sequence exceeds ``max_position_embeddings``, which Ferrum never lets one
+  do (the model refuses longer sequences), so its table is the default one.
 * ``longrope`` (Phi-3 / Phi-3.5 / Phi-4): a *short* and a *long* table.
   transformers picks one per forward call by ``max(position_ids) + 1 >
   original_max_position_embeddings``. Ferrum applies that rule to each token
@@ -42,7 +45,7 @@ class Rope:
     theta: float
     head_dim: int
     rotary_dim: int  # == head_dim unless partial rotary
-    kind: str = "default"  # default | linear | llama3 | longrope
+    kind: str = "default"  # default | linear | dynamic (= default within the context) | llama3 | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
