@@ -118,6 +118,25 @@ def test_rollback_under_preemption_keeps_outputs_and_frees_every_block(checkpoin
     assert_kv_pools_free(engine)
 
 
+def test_preemption_frees_the_draft_models_kv_at_once(checkpoints, plain_outputs):
+    """A preempted request holds no draft KV while it waits (the draft pool is as small as the target's)."""
+    backend, plain = plain_outputs
+    engine = make_engine(checkpoints, backend, "draft", num_kv_blocks=40)
+    draft_kv = engine._speculator.drafter.model.kv
+    step, held_while_waiting = engine.step, []
+
+    def checked_step():
+        outputs = step()
+        held_while_waiting.extend(r.request_id for r in engine.scheduler.waiting if r.request_id in draft_kv)
+        return outputs
+
+    engine.step = checked_step
+    assert run_staggered(engine, WORKLOAD) == plain
+    assert engine.metrics().preemptions > 0 and engine.metrics().spec_accepted_tokens > 0
+    assert not held_while_waiting
+    assert_kv_pools_free(engine)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_abort_mid_speculation_frees_every_block(checkpoints, method):
     engine = make_engine(checkpoints, BACKENDS[0], method)
@@ -247,3 +266,19 @@ def test_bench_speculative_reports_both_prompt_sets(checkpoints, tmp_path, monke
     assert "speed-up" in format_speculative(result)
     copy = truncated_copy(target, 2)
     assert DecoderOnlyLLM.from_pretrained(copy, backend=BACKENDS[0]).config.num_layers == 2
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
+def test_bench_speculative_draft_on_mlx_runs_mlx_lm_with_the_same_draft_model(checkpoints, tmp_path, monkeypatch):
+    import ferrum
+
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path))
+    from ferrum.bench.speculative import format_speculative, run_speculative
+
+    target, draft = checkpoints
+    llm = ferrum.load(target, backend="mlx", num_kv_blocks=256)
+    result = run_speculative(llm, "draft", draft, gen_len=12, concurrency=2, repeat=1, log=lambda line: None)
+    peers = [(r["prompts"], r["concurrency"]) for r in result["rows"] if "mlx_lm_spec_decode_tok_s" in r]
+    assert peers == [("repeat", 1), ("free", 1)]  # batch 1 only: mlx-lm cannot batch speculative requests
+    assert all(r["mlx_lm_spec_decode_tok_s"] > 0 for r in result["rows"] if "mlx_lm_spec_decode_tok_s" in r)
+    assert "ferrum/mlx-lm" in format_speculative(result)

@@ -10,7 +10,9 @@ text followed by its first half (``repeat``) or random tokens (``free``).
 
 ``--speculative draft`` uses ``--draft-model PATH``, or else a truncated
 copy of the model (its first quarter of layers, same weights) cached next to
-the bench checkpoints.
+the bench checkpoints. On the MLX backend, batch-1 rows of ``draft`` also run
+mlx-lm's speculative generation with the same draft model and draft count
+(its peer; it cannot batch), the three runs interleaved per repeat.
 """
 
 from __future__ import annotations
@@ -95,6 +97,36 @@ def _timed(engine: Engine, prompts: Sequence[Sequence[int]], gen_len: int) -> Fi
                                    [o.metrics.first_token_time for o in outs], [len(o.token_ids) for o in outs])
 
 
+class MlxLmSpeculative:
+    """mlx-lm's ``speculative_generate_step`` (batch 1, greedy) with the same target and draft checkpoints."""
+
+    def __init__(self, path: Path, draft_path: Path, dtype: str, num_draft_tokens: int):
+        import mlx.core as mx
+        from mlx_lm.utils import load_model
+
+        self.mx, self.num_draft_tokens = mx, num_draft_tokens
+        self.model, _ = load_model(Path(path))
+        self.draft, _ = load_model(Path(draft_path))
+        for model in (self.model, self.draft):
+            model.set_dtype(getattr(mx, dtype))
+
+    def decode_tok_s(self, prompt: Sequence[int], gen_len: int) -> float:
+        """Decode tokens per second after the first token, as Ferrum's figures count them."""
+        from mlx_lm.generate import speculative_generate_step
+
+        steps = speculative_generate_step(self.mx.array(list(prompt)), self.model, self.draft,
+                                          num_draft_tokens=self.num_draft_tokens, max_tokens=gen_len,
+                                          sampler=lambda logprobs: self.mx.argmax(logprobs, axis=-1))
+        first = None
+        count = 0
+        for token, _, _ in steps:
+            self.mx.eval(token)
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+        return (count - 1) / (time.perf_counter() - first) if count > 1 else 0.0
+
+
 def run_speculative(llm, method: str, draft_path: Path | None, gen_len: int, concurrency: int, repeat: int,
                     log: Callable[[str], None] = print) -> dict:
     """Decode speed with and without ``method`` on both prompt sets, at batch 1 and ``concurrency``."""
@@ -108,11 +140,15 @@ def run_speculative(llm, method: str, draft_path: Path | None, gen_len: int, con
         drafter = DecoderOnlyLLM.from_pretrained(draft_path, backend=model.backend, dtype=model.dtype,
                                                  num_kv_blocks=model.kv.num_blocks, block_size=model.kv.block_size)
         log(f"draft model {draft_path} ({drafter.config.num_layers} layers)")
+    spec_config = SpeculativeConfig(method=method)
+    peer = None
+    if method == "draft" and model.backend.name == "mlx":
+        peer = MlxLmSpeculative(llm.path, draft_path, model.dtype, spec_config.num_speculative_tokens)
     batch = EngineConfig(max_num_seqs=max(concurrency, 1), max_num_batched_tokens=max(2048, concurrency))
     plain = Engine(llm.executor, llm.tokenizer, batch)
     spec = Engine(llm.executor, llm.tokenizer,
                   EngineConfig(batch.max_num_batched_tokens, batch.max_num_seqs, batch.enable_prefix_caching,
-                               speculative=SpeculativeConfig(method=method)),
+                               speculative=spec_config),
                   draft_model=drafter)
     rows = []
     for kind in ("repeat", "free"):
@@ -120,8 +156,12 @@ def run_speculative(llm, method: str, draft_path: Path | None, gen_len: int, con
             prompts = spec_prompts(kind, llm, n, model.config.vocab_size)
             _timed(plain, [p[:8] for p in prompts[:1]], 2)  # warm-up
             before = spec.metrics()
-            base = [_timed(plain, prompts, gen_len) for _ in range(repeat)]
-            fast = [_timed(spec, prompts, gen_len) for _ in range(repeat)]
+            base, fast, peer_tok_s = [], [], []
+            for _ in range(repeat):  # interleaved, so drifting clocks and heat hit every side alike
+                base.append(_timed(plain, prompts, gen_len))
+                fast.append(_timed(spec, prompts, gen_len))
+                if peer is not None and n == 1:
+                    peer_tok_s.append(peer.decode_tok_s(prompts[0], gen_len))
             after = spec.metrics()
             drafted = after.spec_drafted_tokens - before.spec_drafted_tokens
             accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
@@ -135,7 +175,12 @@ def run_speculative(llm, method: str, draft_path: Path | None, gen_len: int, con
                 "tokens_per_verify_step": 1 + accepted / steps if steps else 1.0,
                 "drafted_tokens": drafted,
             })
-            log(f"{kind} x{n}: {plain_tok_s:.1f} -> {spec_tok_s:.1f} decode tok/s")
+            if peer_tok_s:  # the median of the interleaved pairs' ratios
+                pairs = [f.decode_tok_s / m for f, m in zip(fast, peer_tok_s) if m]
+                rows[-1].update(mlx_lm_spec_decode_tok_s=float(np.median(peer_tok_s)),
+                                ferrum_vs_mlx_lm=float(np.median(pairs)) if pairs else None)
+            log(f"{kind} x{n}: {plain_tok_s:.1f} -> {spec_tok_s:.1f} decode tok/s"
+                + (f" (mlx-lm speculative {rows[-1]['mlx_lm_spec_decode_tok_s']:.1f})" if peer_tok_s else ""))
     return {"method": method, "gen_len": gen_len, "rows": rows}
 
 
@@ -164,6 +209,9 @@ def format_speculative(result: dict) -> str:
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    peers = [r for r in result["rows"] if r.get("mlx_lm_spec_decode_tok_s")]
+    lines += [f"mlx-lm speculative ({r['prompts']} x1, same draft model): {r['mlx_lm_spec_decode_tok_s']:.1f} tok/s; "
+              f"ferrum/mlx-lm {r['ferrum_vs_mlx_lm'] or 0:.2f}x (median of interleaved pairs)" for r in peers]
     lines.append("decode tok/s after each request's first token; accepted = accepted/drafted tokens; "
                  "tok/step = tokens a request emits per verification step")
     return "\n".join(lines)

@@ -72,7 +72,7 @@ class DraftModelDrafter:
         return drafts
 
     def forget(self, seq_id: Hashable) -> None:
-        """The request finished: free its draft KV."""
+        """The request finished or was preempted: free its draft KV."""
         self._held.pop(seq_id, None)
         if seq_id in self.model.kv:
             self.model.release(seq_id)

@@ -62,6 +62,12 @@ class Speculator:
         if gate is not None:
             gate.record(drafted, accepted)
 
+    def preempted(self, request: "Request") -> None:
+        """The scheduler freed ``request``'s KV to recompute it later: free its draft KV too (its gate stays,
+        its acceptance history is still its own); the drafter catches up again when it decodes."""
+        if self.drafter is not None:
+            self.drafter.forget(request.request_id)
+
     def forget(self, request: "Request") -> None:
         """The request finished: drop its gate and its draft KV."""
         self._gates.pop(request.request_id, None)
