@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -171,3 +172,34 @@ def with_v4_rope_keys(folder, dest):
         config["rope_scaling"] = params
     (dest / "config.json").write_text(json.dumps(config))
     return dest
+
+
+def flaky(fn, rng: random.Random, calls: int = 40, faults: int = 5):
+    """``fn`` failing at ``faults`` random ones of its first ``calls`` calls, *after* doing its work
+    (KV written, random draws spent)."""
+    fail_at = set(rng.sample(range(1, calls), faults))
+
+    def call(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        call.count += 1
+        if call.count in fail_at:
+            call.faults += 1
+            raise RuntimeError("injected fault")
+        return result
+
+    call.count = call.faults = 0
+    return call
+
+
+def build_transformers_model(folder, config, seed: int = 0):
+    """Save a random-weight transformers model of ``config``; returns it (float32, eval, eager attention)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    return model

@@ -28,7 +28,7 @@ from ferrum.model import DecoderOnlyLLM, ForwardItem
 from ferrum.paged_kv import PagedKVManager
 from ferrum.sampling import SamplingParams
 
-from support import reference_logits, runnable_backends, with_v4_rope_keys, write_arch_checkpoint
+from support import build_transformers_model, reference_logits, runnable_backends, with_v4_rope_keys, write_arch_checkpoint
 
 RUNNABLE = runnable_backends()
 SAME_BACKEND_TOL = 2e-5
@@ -199,26 +199,13 @@ def test_mlx_lm_adapter_matches_mlx_lm(base, tmp_path):
 # ------------------------------------------- fused projections and MoE bases
 
 
-def _build(folder, config):
-    """A random transformers model of ``config`` saved in ``folder`` (float32, eval)."""
-    import transformers
-
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.2)
-    hf.save_pretrained(folder)
-    return hf
-
-
 @pytest.fixture(scope="module")
 def phi3(tmp_path_factory):
     """A Phi-3 base (fused qkv_proj and gate_up_proj in the checkpoint) with PEFT adapters on its fused targets."""
     import transformers
 
     root = tmp_path_factory.mktemp("phi3")
-    hf = _build(root / "base", transformers.Phi3Config(
+    hf = build_transformers_model(root / "base", transformers.Phi3Config(
         vocab_size=97, hidden_size=96, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     merged = {"all": make_peft(hf, root / "all", 1),  # qkv_proj, o_proj, gate_up_proj, down_proj
@@ -270,7 +257,7 @@ def moe(tmp_path_factory):
     import transformers
 
     root = tmp_path_factory.mktemp("moe")
-    hf = _build(root / "base", transformers.Qwen3MoeConfig(
+    hf = build_transformers_model(root / "base", transformers.Qwen3MoeConfig(
         vocab_size=97, hidden_size=64, intermediate_size=80, moe_intermediate_size=40, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=2,
         norm_topk_prob=True, mlp_only_layers=[0], max_position_embeddings=128))

@@ -26,7 +26,7 @@ from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import DeviceSample, SamplingParams, sample_numpy
 from ferrum.tokenizer import Tokenizer
 
-from support import cpu_like_plugin, runnable_backends, write_text_checkpoint
+from support import cpu_like_plugin, flaky, runnable_backends, write_text_checkpoint
 
 
 class _Reads:
@@ -246,22 +246,6 @@ def test_penalties_and_full_logits_run_synchronous_steps_beside_the_rest(checkpo
     assert summary(run(make_engine(checkpoint, backend, True), workload)) == sync
 
 
-def _flaky(fn, rng: random.Random, calls: int, faults: int):
-    """``fn`` raising at ``faults`` random ones of its first ``calls`` calls, after doing its work."""
-    fail_at = set(rng.sample(range(1, calls), faults))
-
-    def call(*args, **kwargs):
-        result = fn(*args, **kwargs)
-        call.count += 1
-        if call.count in fail_at:
-            call.faults += 1
-            raise RuntimeError("injected fault")
-        return result
-
-    call.count = call.faults = 0
-    return call
-
-
 @pytest.mark.parametrize("where", ["forward", "sampling"])
 def test_a_fault_in_an_overlapped_step_ends_only_its_requests(checkpoint, where):
     workload = [(prompt, arrival, _params(i, ignore_eos=True)) for i, (prompt, arrival, _) in enumerate(WORKLOAD)]
@@ -270,9 +254,9 @@ def test_a_fault_in_an_overlapped_step_ends_only_its_requests(checkpoint, where)
     engine = make_engine(checkpoint, "lagging", True, **config)
     ops = engine.model.ops
     if where == "forward":
-        engine.model._forward = injected = _flaky(engine.model._forward, random.Random(1), 40, 4)
+        engine.model._forward = injected = flaky(engine.model._forward, random.Random(1), 40, 4)
     else:
-        ops.sample_on_device = injected = _flaky(ops.sample_on_device, random.Random(1), 30, 3)
+        ops.sample_on_device = injected = flaky(ops.sample_on_device, random.Random(1), 30, 3)
     got = run(engine, workload)
     assert injected.faults > 0
     failed = [i for i, e in got.items() if e["final"].finish_reason is FinishReason.ERROR]

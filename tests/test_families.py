@@ -19,7 +19,7 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, FerrumError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM, ForwardItem
 
-from support import cpu_like_plugin, reference_logits, runnable_backends
+from support import build_transformers_model, cpu_like_plugin, reference_logits, runnable_backends
 
 RUNNABLE = runnable_backends()
 SAME_BACKEND_TOL = 2e-5
@@ -63,23 +63,9 @@ def transformers_config(family: str):
     raise ValueError(family)
 
 
-def build(folder, config, seed: int = 0):
-    """Save a random-weight transformers model of ``config``; returns it (float32, eval, eager attention)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    model.save_pretrained(folder)
-    return model
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return {f: (folder, build(folder, transformers_config(f)))
+    return {f: (folder, build_transformers_model(folder, transformers_config(f)))
             for f in FAMILIES for folder in [tmp_path_factory.mktemp(f)]}
 
 
@@ -230,7 +216,7 @@ def test_gemma3_multimodal_checkpoint_runs_its_text_model(tmp_path):
     config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
                                        mm_tokens_per_image=4, image_token_index=VOCAB - 1,
                                        boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
-    hf = build(tmp_path, config)
+    hf = build_transformers_model(tmp_path, config)
     names = json.loads((tmp_path / "config.json").read_text())
     assert names["model_type"] == "gemma3" and "text_config" in names
     tokens = TOKENS[:9]

@@ -20,7 +20,7 @@ from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import SamplingParams
 from ferrum.tokenizer import Tokenizer
-from support import write_text_checkpoint
+from support import flaky, write_text_checkpoint
 
 WORKLOAD = [
     ([5 + i, 17, 3 * i + 2, 40, 41][: 2 + i % 4] * (1 + i % 3),
@@ -78,23 +78,6 @@ def check_survivors(engine: Engine, finals: dict, solo) -> int:
     again = next(o for o in engine.run_until_done() if o.request_id == fresh and o.finished)
     assert (again.token_ids, again.text) == solo[3]
     return failed
-
-
-def flaky(fn, rng: random.Random, calls: int = 40, faults: int = 5):
-    """``fn`` failing at ``faults`` random ones of its first ``calls`` calls, *after* doing its work
-    (KV written, random draws spent)."""
-    fail_at = set(rng.sample(range(1, calls), faults))
-
-    def call(*args, **kwargs):
-        result = fn(*args, **kwargs)
-        call.count += 1
-        if call.count in fail_at:
-            call.faults += 1
-            raise RuntimeError("injected fault")
-        return result
-
-    call.count = call.faults = 0
-    return call
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
