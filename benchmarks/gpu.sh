@@ -1,33 +1,44 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the torch backend's tests on the GPU, then its benches, in under 8 minutes (each step is
 # capped at what is left of them, so a slow step costs the ones after it, not the deadline). JSON and text land
-# in benchmarks/results/<date>-<machine>-cuda/. Uses the machine's CUDA torch.
-set -euo pipefail
+# in benchmarks/results/<date>-<machine>-cuda/. Uses the machine's CUDA torch: through .venv (made by
+# `FERRUM_SYSTEM_TORCH=1 scripts/setup.sh` when absent), or through the machine's python3 where Ferrum is already
+# installed into it (an offline GPU box: `pip install --no-deps` of a Ferrum wheel). A failing step is reported and
+# the next one runs.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || FERRUM_SYSTEM_TORCH=1 bash scripts/setup.sh
-.venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device for torch')"
+if [ -x .venv/bin/python ]; then py=.venv/bin/python
+elif python3 -c "import ferrum_cuda, torch" 2>/dev/null; then py=python3
+else FERRUM_SYSTEM_TORCH=1 bash scripts/setup.sh || exit; py=.venv/bin/python
+fi
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device for torch')" || exit
+"$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 out="benchmarks/results/$(date +%F)-$(uname -s | tr A-Z a-z)-$(uname -m)-cuda"
 mkdir -p "$out"
 deadline=$((SECONDS + 470))
 cap() { local left=$((deadline - SECONDS)); echo $((left < $1 ? (left > 1 ? left : 1) : $1)); }
 # Tests that run on every available backend (cuda among them), plus the torch quantized ops on the GPU.
 # tests/test_kv_mirror.py: decode over the per-sequence KV mirrors (ferrum/kv_mirror.py) against a reference.
-timeout "$(cap 180)" .venv/bin/python -m pytest -q -x tests/test_quant_torch.py tests/test_conformance.py \
-  tests/test_parity.py tests/test_engine.py tests/test_quant.py tests/test_kv_mirror.py -k "cuda or torch or quant or book"
-timeout "$(cap 60)" .venv/bin/python -m ferrum.testing cuda --dtype bfloat16
+timeout "$(cap 180)" "$py" -m pytest -q tests/test_quant_torch.py tests/test_conformance.py tests/test_parity.py \
+  tests/test_engine.py tests/test_quant.py tests/test_kv_mirror.py tests/test_async_stepping.py \
+  tests/test_fusion.py tests/test_moe.py -k "cuda or torch or quant or book" || echo "tests: exit $?"
+timeout "$(cap 60)" "$py" -m ferrum.testing cuda --dtype bfloat16 || echo "conformance: exit $?"
 # Decode step time at 100 vs 1,000 tokens of context (target: <= 1.15x), batch 1 and 8, beside transformers' own.
-timeout "$(cap 60)" .venv/bin/python benchmarks/context_growth.py --backend cuda --batch 1 8 --pairs 3 --peer \
+timeout "$(cap 60)" "$py" benchmarks/context_growth.py --backend cuda --batch 1 8 --pairs 3 --peer \
   | tee "$out/context-growth.txt" || echo "context growth: exit $?"
 bench() {
   local name=$1 limit=$2; shift 2; echo "== $name: ferrum bench $*"
-  timeout "$(cap "$limit")" .venv/bin/ferrum bench "$@" --json "$out/$name.json" || echo "$name: exit $?"
+  timeout "$(cap "$limit")" "$py" -m ferrum.cli bench "$@" --json "$out/$name.json" || echo "$name: exit $?"
 }
 bench cuda-smollm2-concurrent-8 60 --preset smollm2-135m --backend cuda --workload concurrent-8 --gen-len 64 --repeat 3
-bench cuda-decode-1 60 --preset llama-1b --backend cuda --workload decode-1 --gen-len 128 --profile
+bench cuda-decode-1 90 --preset llama-1b --backend cuda --workload decode-1 --gen-len 128 --profile
+# The same without CUDA graphs (ferrum_cuda/graphs.py): every op launched from Python.
+FERRUM_CUDA_GRAPHS=0 bench cuda-eager-decode-1 60 --preset llama-1b --backend cuda --workload decode-1 \
+  --gen-len 128 --profile
 bench cuda-concurrent-32 75 --preset llama-1b --backend cuda --workload concurrent-32 --gen-len 64 --repeat 3
 # The elementwise ops fused by torch.compile (ferrum_cuda.ops.COMPILED): the conformance kit against the oracle,
 # then the same decode as above (compiling is part of its warm-up).
-FERRUM_TORCH_COMPILE=1 timeout "$(cap 90)" .venv/bin/python -m ferrum.testing cuda --dtype bfloat16 \
+FERRUM_TORCH_COMPILE=1 timeout "$(cap 90)" "$py" -m ferrum.testing cuda --dtype bfloat16 \
   || echo "torch.compile'd ops, conformance: exit $?"
 FERRUM_TORCH_COMPILE=1 bench cuda-compiled-decode-1 90 --preset llama-1b --backend cuda --workload decode-1 \
   --gen-len 128 --profile
