@@ -217,7 +217,10 @@ def compile_fn(fn: Any) -> Any:
     backend may pad the rows to a size it compiled for), returning a tuple of such
     arrays, built from ops of this table: the model hands over each decoder block's
     work before and after its KV write and attention, once at load. Weights it reads
-    never change; a pass with LoRA adapters runs the plain functions. The backend
+    never change; a pass with LoRA adapters runs the plain functions. The model uses
+    a call's outputs only before, or as the inputs of, its next call of a compiled
+    function, so a backend may return views of buffers a later call overwrites
+    (CUDA graphs). The backend
     decides when compiling pays (e.g. decode-sized batches only). Fallback: ``fn``.
     """
 

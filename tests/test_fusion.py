@@ -1,5 +1,5 @@
 """Projections fused at load (q/k/v and gate/up as one matrix, then ``split``) give the logits of the unfused model,
-and blocks compiled by the backend (``compile_fn``, MLX) those of the plain ones.
+and blocks compiled by the backend (``compile_fn``: MLX, CUDA graphs) those of the plain ones.
 
 The unfused model is the same checkpoint on a plugin without ``split`` (the numpy ops minus that one op), so
 the two differ only in how the projections are stored and applied. Checkpoints cover separate projections
@@ -11,6 +11,7 @@ are packed at different bit widths, which stays unfused.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -127,11 +128,26 @@ def test_packed_members_of_different_formats_come_back_as_they_were(tmp_path):
     assert fuser.add(f"{stem}up_proj.weight", up) == [(f"{stem}gate_proj.weight", gate), (f"{stem}up_proj.weight", up)]
 
 
-@pytest.mark.skipif("mlx" not in runnable_backends(), reason="the MLX backend cannot run here")
+def compiling_backend(name: str):
+    """The backend ``name`` if its ``compile_fn`` compiles here (MLX; torch on a GPU: CUDA graphs), else skip."""
+    from ferrum.backends import load_backend
+
+    if name not in runnable_backends():
+        pytest.skip(f"the {name} backend cannot run here")
+    backend = load_backend(name)
+    if name == "cuda" and not backend.info.device.startswith("cuda"):
+        pytest.skip(f"{name} compiles nothing on {backend.info.device}")
+    return backend
+
+
+@pytest.mark.parametrize("name", ["mlx", "cuda"])
 @pytest.mark.parametrize("arch", ["qwen3", "phi3"])
-def test_compiled_blocks_give_the_plain_logits(arch, tmp_path):
-    """MLX compiles each block's work around attention (``compile_fn``) for decode-sized batches; a table
-    whose ``compile_fn`` is the core's (the function itself) runs the same ops one by one."""
+def test_compiled_blocks_give_the_plain_logits(name, arch, tmp_path):
+    """MLX compiles each block's work around attention (``compile_fn``) for decode-sized batches and the torch
+    backend on a GPU replays it from CUDA graphs; a table whose ``compile_fn`` is the core's (the function
+    itself) runs the same ops one by one. Batches of 11, 2, 3 (padded to a size compiled before, whose extra
+    rows hold the last call's values) and 1 tokens."""
+    compiling_backend(name)
     from ferrum.backends import load_backend
 
     folder = tmp_path / arch
@@ -139,30 +155,36 @@ def test_compiled_blocks_give_the_plain_logits(arch, tmp_path):
         phi3_checkpoint(folder)
     else:
         write_arch_checkpoint(folder, arch)
-    plain_backend = load_backend("mlx")
+    plain_backend = load_backend(name)
     plain_backend.ops.compile_fn = plain_backend.ops.fallback["compile_fn"]
     outputs = []
-    for backend in ("mlx", plain_backend):
+    for backend in (name, plain_backend):
         model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
-        prefill = model.forward_verify("a", TOKENS)  # 11 tokens: compiled
-        steps = model.forward([ForwardItem(s, [7], len(TOKENS) if s == "a" else 0) for s in ("a", "b")])
-        outputs.append((prefill, model.ops.to_numpy(steps.logits)))
+        got = [model.forward_verify("a", TOKENS)]  # 11 tokens
+        for step, seqs in enumerate(("ab", "abc", "c")):
+            items = []
+            for s in seqs:
+                cached = model.kv.length(s) if s in model.kv else 0
+                items.append(ForwardItem(s, [7 + step], cached))
+            got.append(model.ops.to_numpy(model.forward(items).logits))
+        outputs.append(got)
     for compiled, plain in zip(*outputs):
         assert_same(compiled, plain)
 
 
-@pytest.mark.skipif("mlx" not in runnable_backends(), reason="the MLX backend cannot run here")
-def test_a_block_that_reads_the_host_runs_eagerly_on_mlx():
-    """A core fallback inside a block (e.g. MoE experts in a format MLX declines) reads values on the host,
-    which a compiled trace cannot: such a function runs as it is."""
-    from ferrum.backends import load_backend
-
-    ops = load_backend("mlx").ops
+@pytest.mark.parametrize("name", ["mlx", "cuda"])
+def test_a_block_that_reads_the_host_runs_eagerly(name):
+    """A core fallback inside a block (e.g. MoE experts in a format MLX declines, or the torch backend's expert
+    dispatch, which counts tokens per expert on the host) reads values on the host, which a compiled trace or a
+    CUDA graph cannot hold: such a function runs as it is."""
+    ops = compiling_backend(name).ops
 
     def host_round_trip(x):
         return (ops.add(ops.from_numpy(ops.to_numpy(x) * 2, "float32"), x),)
 
     fn = ops.compile_fn(host_round_trip)
-    x = ops.from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3), "float32")
-    for _ in range(2):
-        np.testing.assert_array_equal(ops.to_numpy(fn(x)[0]), 3 * np.arange(6, dtype=np.float32).reshape(2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the torch backend says the block runs eagerly
+        for scale in (1, 5):  # a graph holding a stale result would return the first call's values
+            x = scale * np.arange(6, dtype=np.float32).reshape(2, 3)
+            np.testing.assert_array_equal(ops.to_numpy(fn(ops.from_numpy(x, "float32"))[0]), 3 * x)

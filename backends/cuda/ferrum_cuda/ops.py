@@ -58,7 +58,7 @@ from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
 from ferrum.sampling import DeviceSample, SampleResult
-from ferrum_cuda import guess_device, requested_device, quant
+from ferrum_cuda import graphs, guess_device, requested_device, quant
 
 # --------------------------------------------------------------------------
 # Device
@@ -335,6 +335,13 @@ def embedding(weight, ids):
 @hookimpl
 def concat(parts):
     return torch.cat(list(parts), dim=0)
+
+
+@hookimpl
+def compile_fn(fn):
+    """On a GPU, each block half replays from CUDA graphs (:mod:`ferrum_cuda.graphs`); on the CPU there are
+    no launches to save."""
+    return graphs.graphed(fn) if IS_CUDA else fn
 
 
 @hookimpl

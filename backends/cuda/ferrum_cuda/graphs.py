@@ -1,0 +1,100 @@
+"""CUDA graphs of each decoder block's work around attention (the ``compile_fn`` op).
+
+A small model's decode step on a fast GPU is bound by the host launching kernels one by one
+(a 1B model on an H200: ~0.6 ms of weight reads in a ~16 ms step). A captured graph replays a
+block half's dozen-odd kernels with one launch. The model hands over pure, row-wise functions
+(see the hookspec), so a batch of ``n`` tokens runs the graph captured for the next size up:
+its inputs are copied into the graph's static input rows, the rows beyond ``n`` keep whatever
+they held (rows never mix), and the caller gets views of the first ``n`` rows of the static
+outputs. Those views stay valid until the same graph runs again, which on the one stream every
+op runs on is after everything issued before it has read them.
+
+All graphs share one memory pool, held for the process's life (a pool whose graphs all died
+is released, and capturing into a released pool fails). Sharing is safe because every graph's outputs are
+read (copied into the next graph's inputs, or used by the eager ops between two halves) before
+any other graph replays, so no replay can overwrite outputs still needed. A
+function that cannot be captured (it reads values on the host, as MoE expert dispatch does)
+runs eagerly from its first failed capture on. ``FERRUM_CUDA_GRAPHS=0`` turns graphs off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable
+
+import torch
+
+#: Token counts graphs are captured for: decode-sized batches. Longer batches (prefill chunks) run
+#: eagerly, where kernels are large enough that launching them is not the cost.
+GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+ENABLED = os.environ.get("FERRUM_CUDA_GRAPHS", "1") != "0"
+#: Warm-up calls before a capture: the first call may allocate library workspaces or pick kernels,
+#: which a capture cannot do.
+_WARMUP = 2
+
+_pool: list[Any] = []  # the shared torch.cuda.MemPool, made on the first capture
+
+
+def _pool_id() -> Any:
+    if not _pool:
+        _pool.append(torch.cuda.MemPool())
+    return _pool[0].id
+
+
+class _Graph:
+    """One captured call of ``fn`` on ``size`` rows: static inputs, the graph, static outputs."""
+
+    __slots__ = ("inputs", "graph", "outputs")
+
+    def __init__(self, fn: Callable[..., tuple], args: tuple[torch.Tensor, ...], size: int):
+        self.inputs = [torch.zeros((size, *a.shape[1:]), dtype=a.dtype, device=a.device) for a in args]
+        self._load(args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=_pool_id()):
+            self.outputs = fn(*self.inputs)
+
+    def _load(self, args: tuple[torch.Tensor, ...]) -> None:
+        for static, arg in zip(self.inputs, args):
+            static[: arg.shape[0]].copy_(arg)
+
+    def __call__(self, args: tuple[torch.Tensor, ...], n: int) -> tuple:
+        self._load(args)
+        self.graph.replay()
+        return tuple(out[:n] for out in self.outputs)
+
+
+def graphed(fn: Callable[..., tuple]) -> Callable[..., tuple]:
+    """``fn`` replayed from CUDA graphs for batches of up to ``GRAPH_SIZES[-1]`` tokens."""
+    if not ENABLED:
+        return fn
+    graphs: dict[tuple, _Graph] = {}
+    eager = False
+
+    def call(*args: torch.Tensor) -> tuple:
+        nonlocal eager
+        n = args[0].shape[0]
+        if eager or n > GRAPH_SIZES[-1]:
+            return fn(*args)
+        size = next(s for s in GRAPH_SIZES if s >= n)
+        key = (size, *((a.shape[1:], a.dtype) for a in args))
+        graph = graphs.get(key)
+        if graph is None:
+            try:
+                graph = graphs[key] = _Graph(fn, args, size)
+            except Exception as exc:  # an op that reads the host, or one a graph cannot hold: run it as it is
+                torch.cuda.synchronize()
+                eager = True
+                graphs.clear()
+                warnings.warn(f"ferrum cuda backend: a block runs without CUDA graphs ({exc})", RuntimeWarning,
+                              stacklevel=2)
+                return fn(*args)
+        return graph(args, n)
+
+    return call
