@@ -81,6 +81,17 @@ def test_bench_against_transformers_with_profile(tmp_path):
     assert saved["ferrum"] == report["ferrum"] and "profile_table" not in saved
 
 
+def test_memory_line_compares_with_host_bandwidth_only_where_the_weights_live_there():
+    from ferrum.bench.memory import bandwidth_figures
+
+    base = {"ferrum": Figures(1, 8, 8, 0.5, 0.1, 80.0, 20.0, 16.0).as_dict()}
+    host = {**base, "memory": {**bandwidth_figures(10**9, 20.0, 1, 40e9), "bits_per_param": 16.0}}
+    assert "20.00 GB/s of weights = 50% of the 40.0 GB/s measured read bandwidth" in format_report(host)
+    gpu = {**base, "memory": {**bandwidth_figures(10**9, 400.0, 1, None), "bits_per_param": 16.0}}
+    assert gpu["memory"]["decode_bandwidth_fraction"] is None
+    assert "400.00 GB/s of weights (the device's own memory bandwidth is not measured)" in format_report(gpu)
+
+
 @pytest.mark.skipif("mlx" not in runnable_backends(), reason="mlx is not installed")
 def test_bench_pairs_runs_and_gives_mlx_lm_its_prefix_reuse():
     options = BenchOptions(workload="shared-prefix", backend="mlx", preset="tiny", repeat=3, prompt_len=40,

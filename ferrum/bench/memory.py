@@ -33,8 +33,9 @@ def measure_read_bandwidth(tries: int = 5) -> float:
     return best
 
 
-def bandwidth_figures(weight_bytes: int, decode_tok_s: float, sequences: int, bandwidth: float) -> dict:
-    """Weight bytes streamed per second while decoding, and that as a fraction of ``bandwidth``.
+def bandwidth_figures(weight_bytes: int, decode_tok_s: float, sequences: int, bandwidth: float | None) -> dict:
+    """Weight bytes streamed per second while decoding, and that as a fraction of ``bandwidth`` (None where
+    the memory the weights live in was not measured).
 
     Each decode step reads the weights once for all ``sequences`` it advances, so
     steps per second are ``decode_tok_s / sequences``.
@@ -42,7 +43,7 @@ def bandwidth_figures(weight_bytes: int, decode_tok_s: float, sequences: int, ba
     streamed = weight_bytes * decode_tok_s / max(sequences, 1)
     return {
         "weight_bytes": weight_bytes,
-        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "read_bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,
         "decode_weight_gb_s": streamed / 1e9,
         "decode_bandwidth_fraction": streamed / bandwidth if bandwidth else None,
     }

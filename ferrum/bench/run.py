@@ -136,8 +136,11 @@ def run_bench(
     if workload.shared_prefix_len:
         report["prefix_cache_hit_rate"] = ferrum.cached_tokens / sum(len(p) for p in prompts)
     weights = ferrum.llm.model.weight_bytes
+    # The host's bandwidth bounds a backend whose weights live in host memory (CPU devices, Apple's unified
+    # memory); a discrete GPU's is another figure, not measured here.
+    host_memory = not backend.info.device.startswith("cuda")
     report["memory"] = bandwidth_figures(weights, report["ferrum"]["decode_tok_s"], workload.concurrency,
-                                         measure_read_bandwidth())
+                                         measure_read_bandwidth() if host_memory else None)
     report["memory"]["params"] = sum(math.prod(s) for s in weight_shapes(config).values())
     report["memory"]["bits_per_param"] = 8 * weights / report["memory"]["params"]
     if peer_name:
@@ -204,11 +207,11 @@ def format_report(report: dict) -> str:
         lines.append(f"prefix cache hit rate: {report['prefix_cache_hit_rate']:.1%}")
     if "memory" in report:
         m = report["memory"]
-        lines.append(
-            f"weights: {m['weight_bytes'] / 1e6:.1f} MB ({m['bits_per_param']:.2f} bits/param); decode streams "
-            f"{m['decode_weight_gb_s']:.2f} GB/s of weights = {m['decode_bandwidth_fraction']:.0%} of the "
-            f"{m['read_bandwidth_gb_s']:.1f} GB/s measured read bandwidth"
-        )
+        limit = ("(the device's own memory bandwidth is not measured)" if m["read_bandwidth_gb_s"] is None else
+                 f"= {m['decode_bandwidth_fraction']:.0%} of the {m['read_bandwidth_gb_s']:.1f} GB/s measured "
+                 "read bandwidth")
+        lines.append(f"weights: {m['weight_bytes'] / 1e6:.1f} MB ({m['bits_per_param']:.2f} bits/param); decode "
+                     f"streams {m['decode_weight_gb_s']:.2f} GB/s of weights {limit}")
     if "profile_table" in report:
         lines.append(report["profile_table"])
     return "\n".join(lines)
