@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ferrum.arch import FAMILIES, Architecture
-from ferrum.arch.families import read_sizes
+from ferrum.arch.families import Sizes, read_sizes
 from ferrum.arch.keys import KeyReader
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.quant.config import QuantConfig
@@ -22,20 +22,10 @@ TEXT_WRAPPERS = {"gemma3": "gemma3_text"}
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The sizes of a decoder and its :class:`ferrum.arch.Architecture`, validated."""
+class ModelConfig(Sizes):
+    """The sizes of a decoder (:class:`ferrum.arch.Sizes`) and its :class:`ferrum.arch.Architecture`, validated."""
 
     model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_seq_len: int
-    rms_norm_eps: float
-    tie_word_embeddings: bool
     arch: Architecture
     torch_dtype: str | None
     bos_token_id: int | None
@@ -84,17 +74,8 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
+            **asdict(sizes),
             model_type=model_type,
-            hidden_size=sizes.hidden_size,
-            intermediate_size=sizes.intermediate_size,
-            num_layers=sizes.num_layers,
-            num_heads=sizes.num_heads,
-            num_kv_heads=sizes.num_kv_heads,
-            head_dim=sizes.head_dim,
-            vocab_size=sizes.vocab_size,
-            max_seq_len=sizes.max_seq_len,
-            rms_norm_eps=sizes.rms_norm_eps,
-            tie_word_embeddings=sizes.tie_word_embeddings,
             arch=arch,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             bos_token_id=raw.get("bos_token_id"),
