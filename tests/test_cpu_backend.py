@@ -10,10 +10,10 @@ import threading
 import numpy as np
 import pytest
 
-import ferrum_cpu.attention as cpu_attention
 import ferrum_cpu.matmul as matmul
 import ferrum_cpu.ops as ops
 from ferrum.attention import AttentionBatch
+from ferrum.kv_mirror import MirrorBook
 from ferrum.testing import arch_oracle
 
 BS, BLOCKS, KV_HEADS, HEADS, D = 16, 48, 2, 6, 16
@@ -64,8 +64,9 @@ class Sequences:
 
 @pytest.fixture
 def small_arena(monkeypatch):
-    """Arena capacity in steps of 8 positions, so that short sequences regrow it several times."""
-    monkeypatch.setattr(cpu_attention.Arena, "POS_STEP", 8)
+    """Arena capacity (sized by the mirror book) in steps of 8 positions, so that short sequences regrow it
+    several times."""
+    monkeypatch.setattr(MirrorBook, "POS_STEP", 8)
 
 
 @pytest.mark.parametrize("window, softcap", [(None, None), (7, None), (40, 2.0), (None, 2.0)])

@@ -85,6 +85,9 @@ class Scenario:
         book = getattr(self.pool, "mirrors", None)
         if book is not None and book.max_positions is not None:  # the arena's memory stays in its budget
             assert book.arena_positions <= book.max_positions
+            arena = getattr(self.pool, "arena", None)  # the numpy backend's own arrays
+            if hasattr(arena, "capacity"):
+                assert arena.rows * arena.capacity <= book.max_positions
 
 
 @pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (None, 1.0)])

@@ -21,11 +21,8 @@ class Arena:
 
     Keys are stored transposed so that a head's scores are ``q [group, d] @ K [d, length]``, a
     product BLAS runs fast (``q @ K.T`` on token-major keys measured 5-10x slower at 1,000
-    tokens). It grows one row at a time, as numpy's memory is the host's, and by half its
-    capacity at a time, so a long decode regrows it only logarithmically often.
+    tokens). Its shape is the one the mirror book sized within its budget (``plan.arena_shape``).
     """
-
-    POS_STEP = 256
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: type):
         self.num_layers, self.kv_heads, self.head_dim, self.dtype = num_layers, kv_heads, head_dim, dtype
@@ -34,23 +31,21 @@ class Arena:
         self.rows = self.capacity = 0
 
     def fit(self, rows: int, capacity: int) -> None:
-        if rows <= self.rows and capacity <= self.capacity:
+        """Resize to ``rows x capacity`` positions, keeping what fits."""
+        if (rows, capacity) == (self.rows, self.capacity):
             return
-        rows = max(self.rows, rows)
-        if capacity > self.capacity:
-            capacity = -(-max(capacity, self.capacity * 3 // 2) // self.POS_STEP) * self.POS_STEP
-        capacity = max(capacity, self.capacity)
-        kvh, d, old_rows, old_cap = self.kv_heads, self.head_dim, self.rows, self.capacity
-        self.k = [self._grown(old, (rows, kvh, d, capacity), np.s_[:old_rows, :, :, :old_cap]) for old in
+        kvh, d = self.kv_heads, self.head_dim
+        r, c = min(rows, self.rows), min(capacity, self.capacity)
+        self.k = [self._resized(old, (rows, kvh, d, capacity), np.s_[:r, :, :, :c]) for old in
                   self.k or [None] * self.num_layers]
-        self.v = [self._grown(old, (rows, kvh, capacity, d), np.s_[:old_rows, :, :old_cap]) for old in
+        self.v = [self._resized(old, (rows, kvh, capacity, d), np.s_[:r, :, :c]) for old in
                   self.v or [None] * self.num_layers]
         self.rows, self.capacity = rows, capacity
 
-    def _grown(self, old: np.ndarray | None, shape: tuple[int, ...], kept: tuple) -> np.ndarray:
+    def _resized(self, old: np.ndarray | None, shape: tuple[int, ...], kept: tuple) -> np.ndarray:
         new = np.zeros(shape, dtype=self.dtype)
         if old is not None:
-            new[kept] = old
+            new[kept] = old[kept]
         return new
 
 
@@ -67,7 +62,7 @@ class KVPool:
         self.k_flat = [a.reshape(-1, num_kv_heads, head_dim) for a in self.k]
         self.v_flat = [a.reshape(-1, num_kv_heads, head_dim) for a in self.v]
         self.writes = [0] * num_layers  # kv_write calls per layer, for the mirror book
-        self.mirrors = MirrorBook(num_layers, block_size)
+        self.mirrors = MirrorBook(num_layers, block_size, max_positions=num_blocks * block_size)
         self.arena = Arena(num_layers, num_kv_heads, head_dim, dtype)
 
     def write(self, layer: int, k: np.ndarray, v: np.ndarray, slots: np.ndarray) -> None:
@@ -126,7 +121,7 @@ def _mirrored_decode(q: np.ndarray, pool: KVPool, layer: int, plan: MirrorPlan, 
     if copies is None:
         copies = plan.device[sync] = (plan.src, plan.dst_row, plan.dst_pos) if sync == "step" else plan.full()
     arena = pool.arena
-    arena.fit(plan.num_rows, plan.capacity)
+    arena.fit(*plan.arena_shape)
     k_rows, v_rows = arena.k[layer], arena.v[layer]
     src, dst_row, dst_pos = copies
     if len(src):
