@@ -34,15 +34,17 @@ def check_layer_count(num_layers: int, tensor_names: Iterable[str], where: str) 
 
 
 def check_kv_pool(num_blocks: int, block_size: int, bytes_per_token: int, device: str) -> None:
-    """A KV pool of ``num_blocks`` must be positive and, on the host, fit in RAM."""
+    """A KV pool of ``num_blocks`` must be positive and, on the host, fit in RAM together with the
+    decode mirrors (:mod:`ferrum.kv_mirror`), which the backends budget at up to the pool's size again."""
     if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
         raise InvalidRequestError(f"num_kv_blocks must be a positive integer, got {num_blocks!r}")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise InvalidRequestError(f"block_size must be a positive integer, got {block_size!r}")
-    needed = num_blocks * block_size * bytes_per_token
+    pool = num_blocks * block_size * bytes_per_token
     ram = physical_memory_bytes()
-    if device == "cpu" and ram is not None and needed > ram:
+    if device == "cpu" and ram is not None and 2 * pool > ram:
         raise InvalidRequestError(
-            f"a KV cache of {num_blocks} blocks x {block_size} tokens needs {needed / 2**30:.1f} GiB but this "
+            f"a KV cache of {num_blocks} blocks x {block_size} tokens needs {pool / 2**30:.1f} GiB, and decoding "
+            f"keeps contiguous copies of up to as much again ({2 * pool / 2**30:.1f} GiB in all), but this "
             f"machine has {ram / 2**30:.1f} GiB of RAM; lower num_kv_blocks (or max_seq_len)"
         )

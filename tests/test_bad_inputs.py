@@ -213,6 +213,20 @@ def test_bad_load_arguments(pristine, kwargs, error, words):
     assert all(word in str(caught.value) for word in words), str(caught.value)
 
 
+def test_a_pool_that_fits_in_ram_only_without_its_decode_mirrors_is_refused():
+    """Decoding keeps contiguous copies of the KV (up to the pool's size again): a pool of 60% of RAM
+    would end in swapping or the OOM killer once many sequences decode, so it fails at once."""
+    from ferrum.limits import check_kv_pool, physical_memory_bytes
+
+    ram = physical_memory_bytes()
+    if ram is None:
+        pytest.skip("this OS does not say how much RAM it has")
+    per_block = 16 * 4096
+    check_kv_pool(int(0.4 * ram) // per_block, 16, 4096, "cpu")  # 80% of RAM with its mirrors
+    with pytest.raises(InvalidRequestError, match="as much again"):
+        check_kv_pool(int(0.6 * ram) // per_block, 16, 4096, "cpu")
+
+
 SAMPLING_ROWS = [
     ("temperature-nan", dict(temperature=float("nan")), ["temperature"]),
     ("temperature-inf", dict(temperature=float("inf")), ["temperature"]),
