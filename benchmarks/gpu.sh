@@ -36,12 +36,6 @@ bench cuda-decode-1 90 --preset llama-1b --backend cuda --workload decode-1 --ge
 FERRUM_CUDA_GRAPHS=0 bench cuda-eager-decode-1 60 --preset llama-1b --backend cuda --workload decode-1 \
   --gen-len 128 --profile
 bench cuda-concurrent-32 75 --preset llama-1b --backend cuda --workload concurrent-32 --gen-len 64 --repeat 3
-# The elementwise ops fused by torch.compile (ferrum_cuda.ops.COMPILED): the conformance kit against the oracle,
-# then the same decode as above (compiling is part of its warm-up).
-FERRUM_TORCH_COMPILE=1 timeout "$(cap 90)" "$py" -m ferrum.testing cuda --dtype bfloat16 \
-  || echo "torch.compile'd ops, conformance: exit $?"
-FERRUM_TORCH_COMPILE=1 bench cuda-compiled-decode-1 90 --preset llama-1b --backend cuda --workload decode-1 \
-  --gen-len 128 --profile
 bench cuda-q4-decode-1 45 --preset llama-1b --quantize 4 --backend cuda --workload decode-1 --gen-len 128 --peer none
 bench cuda-q4-concurrent-32 45 --preset llama-1b --quantize 4 --backend cuda --workload concurrent-32 --gen-len 64 \
   --repeat 1 --peer none

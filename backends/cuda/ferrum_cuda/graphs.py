@@ -50,15 +50,16 @@ class _Graph:
     def __init__(self, fn: Callable[..., tuple], args: tuple[torch.Tensor, ...], size: int):
         self.inputs = [torch.zeros((size, *a.shape[1:]), dtype=a.dtype, device=a.device) for a in args]
         self._load(args)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(_WARMUP):
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_pool_id()):
-            self.outputs = fn(*self.inputs)
+        with torch.cuda.device(args[0].device):  # streams and the capture on the model's GPU, not the current one
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(_WARMUP):
+                    fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=_pool_id()):
+                self.outputs = fn(*self.inputs)
 
     def _load(self, args: tuple[torch.Tensor, ...]) -> None:
         for static, arg in zip(self.inputs, args):

@@ -105,17 +105,6 @@ _HAS_GQA = _TORCH_VERSION >= (2, 5)
 #: (memory-efficient attention) does not, so there keys are repeated instead.
 _GQA_WITH_MASK = _HAS_GQA and not IS_CUDA
 _HAS_RMS_NORM = hasattr(F, "rms_norm")
-#: ``FERRUM_TORCH_COMPILE=1`` on a CUDA device: each elementwise chain of a step (the norms, rope,
-#: the gated activations) becomes one ``torch.compile``-fused kernel instead of one launch per op,
-#: which is where a small model's decode step on a fast GPU spends its time (benchmarks/gpu.sh
-#: measures both). Off by default, and always off on the CPU, where compiling takes minutes.
-COMPILED = IS_CUDA and os.environ.get("FERRUM_TORCH_COMPILE") == "1"
-
-
-def _fused(fn):
-    return torch.compile(fn, dynamic=True) if COMPILED else fn
-
-
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -159,7 +148,7 @@ def backend_info() -> BackendInfo:
     int4_ok, int4_note = quant.int4_status(DEVICE)
     common = dict(
         name="cuda",
-        note="; ".join(n for n in (DEVICE_NOTE, int4_note, COMPILED and "elementwise ops torch.compile'd") if n),
+        note="; ".join(n for n in (DEVICE_NOTE, int4_note) if n),
         quant_formats=quant.FORMATS,
         quantized_dtype="bfloat16" if int4_ok else None,
     )
@@ -383,7 +372,6 @@ def quantized_embedding(weight, ids):
     return quant.embedding(weight, ids)
 
 
-@_fused
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise and scale in float32 (the hookspec's rule), return x's dtype.
     # Hugging Face instead casts before scaling by the weight; in bfloat16 the
@@ -405,7 +393,6 @@ def rms_norm(x, weight, eps):
     return _rms_norm(x, weight, eps)
 
 
-@_fused
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     summed = x + residual
     return _rms_norm(summed, weight, eps), summed
@@ -464,7 +451,6 @@ def _rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return _rope_cache.put((cos_full, sin_signed), positions, inv_freq, dtype)
 
 
-@_fused
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin]
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
@@ -475,12 +461,10 @@ def rope(x, positions, inv_freq):
     return _rotate(x, *_rope_tables(positions, inv_freq, x.dtype))
 
 
-@_fused
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@_fused
 def _gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
