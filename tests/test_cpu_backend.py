@@ -119,22 +119,35 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # a helper that dies
-@pytest.mark.parametrize("rows, out_features, in_features", [(1, 3000, 64), (7, 513, 40), (1, 2, 8), (300, 64, 32)])
-def test_split_products_equal_numpy(small_chunks, rows, out_features, in_features):
+@pytest.mark.parametrize("order", ["C", "F"])  # row-major; column-major as upload_weight stores weights
+@pytest.mark.parametrize("rows, out_features, in_features",
+                         [(1, 3000, 64), (7, 513, 40), (1, 2, 8), (300, 64, 32), (16, 40, 700), (17, 40, 700)])
+def test_split_products_equal_numpy(small_chunks, rows, out_features, in_features, order):
+    """Cut along the output features (row-major weights, or more than 16 rows) or, for a column-major
+    weight and a decode-sized ``x``, along ``in`` with the threads' partial sums added."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((rows, in_features)).astype(np.float32)
-    w = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    w = np.asarray(rng.standard_normal((out_features, in_features)), dtype=np.float32, order=order)
     splitter = matmul.Splitter(threads=4)
     for _ in range(50):  # helpers waking early and late
         np.testing.assert_allclose(splitter.matmul_t(x, w), x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
 
 
+def test_weights_are_uploaded_column_major_and_keep_their_shape():
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    placed = ops.upload_weight("w", w, "float32")
+    assert placed.flags.f_contiguous and placed.shape == (3, 4)
+    np.testing.assert_array_equal(placed, w)
+
+
 def test_a_failing_chunk_raises_in_the_caller(small_chunks):
     splitter = matmul.Splitter(threads=2)
-    with pytest.raises(ValueError):
-        splitter.matmul_t(np.ones((1, 5), dtype=np.float32), np.ones((400, 8), dtype=np.float32))
-    w = np.ones((400, 8), dtype=np.float32)
-    np.testing.assert_array_equal(splitter.matmul_t(np.ones((1, 8), dtype=np.float32), w), np.full((1, 400), 8.0))
+    for order, shape in (("C", (400, 8)), ("F", (8, 400))):  # cut along out, then along in
+        w = np.ones(shape, dtype=np.float32, order=order)
+        with pytest.raises(ValueError):
+            splitter.matmul_t(np.ones((1, shape[1] - 3), dtype=np.float32), w)
+        np.testing.assert_array_equal(splitter.matmul_t(np.ones((1, shape[1]), dtype=np.float32), w),
+                                      np.full((1, shape[0]), float(shape[1])))
 
 
 def test_callers_on_several_threads_get_their_own_products(small_chunks):

@@ -54,6 +54,12 @@ def from_numpy(array, dtype):
 
 
 @hookimpl
+def upload_weight(name, array, dtype):
+    # Same shape [out, in], column-major memory: the products stream ``w.T`` row by row (ferrum_cpu.matmul).
+    return np.asfortranarray(array, dtype=_np_dtype(dtype)) if array.ndim == 2 else from_numpy(array, dtype)
+
+
+@hookimpl
 def to_numpy(x):
     return x.astype(np.float32) if x.dtype.kind == "f" and x.dtype != np.float32 else x
 
