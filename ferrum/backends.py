@@ -59,6 +59,10 @@ class BackendInfo:
     quant_formats: tuple[tuple[int, int], ...] = ()
     #: Compute dtype chosen by default for quantized checkpoints (what its low-bit kernels want).
     quantized_dtype: str | None = None
+    #: Whether a step runs apart from the thread that issues it (a GPU; MLX's own evaluation thread on
+    #: a CPU), so the engine's asynchronous stepping overlaps host work with it. None: judged from
+    #: ``device`` (anything but ``"cpu"``).
+    computes_apart: bool | None = None
 
 
 @dataclass

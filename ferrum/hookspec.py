@@ -151,8 +151,10 @@ def backend_info() -> Any:
     ``dtypes`` it computes in, ``default_dtype``, ``memory_bytes`` (device
     memory it may use, or ``None`` if unknown), ``max_batch`` (or ``None``),
     ``quant_formats`` (the ``(bits, group_size)`` pairs its quantized ops run
-    natively) and ``quantized_dtype`` (compute dtype for quantized checkpoints,
-    or ``None`` to choose as for float ones).
+    natively), ``quantized_dtype`` (compute dtype for quantized checkpoints,
+    or ``None`` to choose as for float ones) and ``computes_apart`` (a step runs
+    apart from the thread that issues it, so asynchronous stepping pays; ``None``:
+    any device but ``"cpu"``).
     """
 
 

@@ -11,6 +11,8 @@ engine's side is checked exactly on any machine.
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 
 import numpy as np
@@ -146,6 +148,29 @@ def test_the_backend_decides_whether_steps_overlap(checkpoint):
     for name in runnable_backends():
         if name in ("mlx", "cuda"):
             assert ExecutorCapabilities.from_backend(backends.load_backend(name)).async_stepping
+
+
+@pytest.mark.parametrize("computes_apart, device, overlaps", [
+    (None, "cpu", False),  # numpy, torch on a CPU: a step computes while it is issued
+    (None, "cuda:0", True),
+    (True, "cpu", True),  # MLX on a CPU evaluates on its own thread
+    (False, "gpu", False),
+])
+def test_by_default_steps_overlap_where_the_backend_computes_apart(checkpoint, computes_apart, device, overlaps):
+    model = DecoderOnlyLLM.from_pretrained(checkpoint, backend="lagging", num_kv_blocks=64, block_size=4)
+    model.backend = dataclasses.replace(
+        model.backend, info=dataclasses.replace(model.backend.info, device=device, computes_apart=computes_apart))
+    engine = Engine(LlmExecutor(model), Tokenizer(checkpoint), EngineConfig())
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    first_step = sum(len(o.new_token_ids) for o in engine.step())
+    assert first_step == (0 if overlaps else 1)  # an overlapped prefill's token arrives with the next step
+    engine.run_until_done()
+
+
+def test_mlx_reports_that_it_computes_apart():
+    if "mlx" not in runnable_backends():
+        pytest.skip("MLX cannot run here")
+    assert backends.load_backend("mlx").info.computes_apart
 
 
 @pytest.mark.parametrize("overlap", [True, False])

@@ -127,9 +127,9 @@ class Engine:
             self.scheduler.drafter = self._speculator.propose
             self.scheduler.on_preempt = self._speculator.preempted
         #: Steps may overlap: the backend leaves sampled ids on the device, nothing needs them on the host first.
-        wanted = self.config.async_stepping
+        wanted, info = self.config.async_stepping, self.model.backend.info
         if wanted is None:
-            wanted = self.model.backend.info.device != "cpu"
+            wanted = info.device != "cpu" if info.computes_apart is None else info.computes_apart
         self._overlap = wanted and executor.capabilities().async_stepping and self._speculator is None
         self._in_flight: _Step | None = None  # the step issued last, not read yet
         self._requests: dict[str, Request] = {}

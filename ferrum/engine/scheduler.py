@@ -31,8 +31,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     speculative: SpeculativeConfig | None = None  # speculative decoding (off by default)
     #: Issue step N+1 before reading step N's tokens, where the backend can (``async_stepping``).
-    #: None: only on a device that computes apart from the host (Metal, CUDA); on a CPU device a
-    #: step computes while it is issued, so overlapping only delays each output by a step.
+    #: None: where the backend computes apart from the thread that issues a step (Metal, CUDA, MLX's
+    #: evaluation thread: ``BackendInfo.computes_apart``); where a step computes while it is issued
+    #: (numpy, torch on a CPU), overlapping would only delay each output by a step.
     async_stepping: bool | None = None
 
     def __post_init__(self) -> None:
