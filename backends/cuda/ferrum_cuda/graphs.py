@@ -9,10 +9,12 @@ they held (rows never mix), and the caller gets views of the first ``n`` rows of
 outputs. Those views stay valid until the same graph runs again, which on the one stream every
 op runs on is after everything issued before it has read them.
 
-All graphs share one memory pool, held for the process's life (a pool whose graphs all died
-is released, and capturing into a released pool fails). Sharing is safe because every graph's outputs are
-read (copied into the next graph's inputs, or used by the eager ops between two halves) before
-any other graph replays, so no replay can overwrite outputs still needed. A
+The graphs captured on one thread share a memory pool, held for the process's life (a pool
+whose graphs all died is released, and capturing into a released pool fails). Sharing is safe
+because every graph's outputs are read (copied into the next graph's inputs, or used by the eager
+ops between two halves) before any other graph of that pool replays, so no replay can overwrite
+outputs still needed: an engine runs one forward at a time, and two models stepping at once on two
+threads capture into two pools. A
 function that cannot be captured (it reads values on the host, as MoE expert dispatch does)
 runs eagerly from its first failed capture on. ``FERRUM_CUDA_GRAPHS=0`` turns graphs off.
 """
@@ -20,6 +22,7 @@ runs eagerly from its first failed capture on. ``FERRUM_CUDA_GRAPHS=0`` turns gr
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -33,13 +36,14 @@ ENABLED = os.environ.get("FERRUM_CUDA_GRAPHS", "1") != "0"
 #: which a capture cannot do.
 _WARMUP = 2
 
-_pool: list[Any] = []  # the shared torch.cuda.MemPool, made on the first capture
+_pools: dict[int, Any] = {}  # thread id -> the torch.cuda.MemPool its captures share
 
 
 def _pool_id() -> Any:
-    if not _pool:
-        _pool.append(torch.cuda.MemPool())
-    return _pool[0].id
+    pool = _pools.get(threading.get_ident())
+    if pool is None:
+        pool = _pools[threading.get_ident()] = torch.cuda.MemPool()
+    return pool.id
 
 
 class _Graph:
