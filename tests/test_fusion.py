@@ -145,8 +145,8 @@ def compiling_backend(name: str):
 def test_compiled_blocks_give_the_plain_logits(name, arch, tmp_path):
     """MLX compiles each block's work around attention (``compile_fn``) for decode-sized batches and the torch
     backend on a GPU replays it from CUDA graphs; a table whose ``compile_fn`` is the core's (the function
-    itself) runs the same ops one by one. Batches of 11, 2, 3 (padded to a size compiled before, whose extra
-    rows hold the last call's values) and 1 tokens."""
+    itself) runs the same ops one by one. Batches of 11, 2, 4, 3 (padded to the size just compiled, whose
+    extra row holds the last call's values) and 1 tokens."""
     compiling_backend(name)
     from ferrum.backends import load_backend
 
@@ -161,7 +161,7 @@ def test_compiled_blocks_give_the_plain_logits(name, arch, tmp_path):
     for backend in (name, plain_backend):
         model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
         got = [model.forward_verify("a", TOKENS)]  # 11 tokens
-        for step, seqs in enumerate(("ab", "abc", "c")):
+        for step, seqs in enumerate(("ab", "abcd", "abc", "c")):
             items = []
             for s in seqs:
                 cached = model.kv.length(s) if s in model.kv else 0
