@@ -33,6 +33,7 @@ prefill does, by gathering from the pool.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -73,7 +74,7 @@ class MirrorPlan:
     _block_size: int
     device: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property  # asked by every layer's attention
     def in_order(self) -> bool:
         return self.num_rows == len(self.rows) and bool((self.rows == np.arange(self.num_rows)).all())
 
