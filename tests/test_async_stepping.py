@@ -161,6 +161,7 @@ def test_by_default_steps_overlap_where_the_backend_computes_apart(checkpoint, c
     model.backend = dataclasses.replace(
         model.backend, info=dataclasses.replace(model.backend.info, device=device, computes_apart=computes_apart))
     engine = Engine(LlmExecutor(model), Tokenizer(checkpoint), EngineConfig())
+    assert engine.overlaps_steps == overlaps
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
     first_step = sum(len(o.new_token_ids) for o in engine.step())
     assert first_step == (0 if overlaps else 1)  # an overlapped prefill's token arrives with the next step

@@ -67,6 +67,7 @@ def test_bench_against_transformers_with_profile(tmp_path):
     for side in (report["ferrum"], report["peer"]):
         assert side["requests"] == 3 and side["generated_tokens"] == 15
     assert report["peer"]["name"] == "transformers" and report["preemptions"] == 0
+    assert "asynchronous stepping" not in report["features"]["ferrum"]  # numpy computes as it is issued
     assert {"ferrum", "torch", "transformers"} <= set(report["versions"])
     assert report["ratios"]["throughput_tok_s"] == pytest.approx(
         report["ferrum"]["throughput_tok_s"] / report["peer"]["throughput_tok_s"]
@@ -102,6 +103,7 @@ def test_bench_pairs_runs_and_gives_mlx_lm_its_prefix_reuse():
         assert low <= report["ratios"][key] <= high
     assert any("prefix" in f for f in report["features"]["mlx-lm"])
     assert any("prefix cache" in f for f in report["features"]["ferrum"])
+    assert "asynchronous stepping" in report["features"]["ferrum"]  # MLX computes apart from the host thread
     assert report["profile"]["sequences"] == 3  # the pool has room for the profile's steps at --gen-len 3
     assert "median of 3 alternating (ferrum, peer) pairs" in format_report(report)
 

@@ -93,9 +93,10 @@ class FerrumRunner(Runner):
                 [len(o.token_ids) for o in outs])
 
     def features(self, prompts: Sequence[Sequence[int]], first_alone: bool) -> list[str]:
-        config = self.llm.engine.config
-        return ["continuous batching", f"chunked prefill, {config.max_num_batched_tokens}-token budget per step",
+        engine = self.llm.engine
+        used = ["continuous batching", f"chunked prefill, {engine.config.max_num_batched_tokens}-token budget per step",
                 "prefix cache (whole blocks)"]
+        return used + ["asynchronous stepping"] if engine.overlaps_steps else used
 
 
 class MlxLmRunner(Runner):

@@ -130,7 +130,9 @@ class Engine:
         wanted, info = self.config.async_stepping, self.model.backend.info
         if wanted is None:
             wanted = info.device != "cpu" if info.computes_apart is None else info.computes_apart
-        self._overlap = wanted and executor.capabilities().async_stepping and self._speculator is None
+        #: Whether steps overlap (decode steps issue before the last one is read; some steps still run
+        #: synchronously, e.g. with penalties or full-logits metadata).
+        self.overlaps_steps = wanted and executor.capabilities().async_stepping and self._speculator is None
         self._in_flight: _Step | None = None  # the step issued last, not read yet
         self._requests: dict[str, Request] = {}
         self._inbox: deque[Callable[[], RequestOutput | None]] = deque()
@@ -290,7 +292,7 @@ class Engine:
             if chunk.request.metrics.first_scheduled_time is None:
                 chunk.request.metrics.first_scheduled_time = started
         pending = self._run_batch(chunks, outputs)
-        lagged = self._overlap and not any(_needs_host_tokens(chunk) for chunk, _ in pending)
+        lagged = self.overlaps_steps and not any(_needs_host_tokens(chunk) for chunk, _ in pending)
         if lagged:
             for chunk, picks in pending:
                 chunk.request.lagged.append(picks.device_token())
