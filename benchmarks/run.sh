@@ -23,3 +23,10 @@ bench torch-concurrent-32 --preset qwen2-0.5b --backend cuda --workload concurre
 bench torch-shared-prefix --preset qwen2-0.5b --backend cuda --workload shared-prefix --prompt-len 256 --gen-len 8 --repeat 3
 # numpy, float32, vs transformers (bandwidth share printed with the figures).
 bench numpy-decode-1 --preset smollm2-135m --backend cpu --dtype float32 --workload decode-1 --prompt-len 64 --gen-len 32 --repeat 3 --profile
+# numpy vs llama.cpp on the same float32 weights: the default model dequantized into a float32 GGUF
+# (benchmarks/float32_gguf.py), where llama-cpp-python is installed.
+if .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  f32="${FERRUM_CACHE_DIR:-$HOME/.cache/ferrum}/bench/default-model-float32.gguf"
+  [ -f "$f32" ] || .venv/bin/python benchmarks/float32_gguf.py "$f32"
+  bench numpy-float32-gguf-vs-llamacpp --model "$f32" --backend cpu --workload decode-1 --prompt-len 64 --gen-len 32 --repeat 5
+fi
