@@ -83,7 +83,10 @@ def test_bench_against_transformers_with_profile(tmp_path):
 
 
 def test_memory_line_compares_with_host_bandwidth_only_where_the_weights_live_there():
-    from ferrum.bench.memory import bandwidth_figures
+    from ferrum.bench.memory import bandwidth_figures, in_host_memory
+
+    assert in_host_memory("cpu") and in_host_memory("metal")
+    assert not in_host_memory("cuda:0") and not in_host_memory("gpu:0")
 
     base = {"ferrum": Figures(1, 8, 8, 0.5, 0.1, 80.0, 20.0, 16.0).as_dict()}
     host = {**base, "memory": {**bandwidth_figures(10**9, 20.0, 1, 40e9), "bits_per_param": 16.0}}

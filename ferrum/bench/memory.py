@@ -33,6 +33,12 @@ def measure_read_bandwidth(tries: int = 5) -> float:
     return best
 
 
+def in_host_memory(device: str) -> bool:
+    """Whether a backend on ``device`` reads its weights from the memory measured here: a CPU device, or
+    Apple's unified memory. Any other accelerator's (``cuda:0``, JAX's ``gpu:0``) is another figure."""
+    return device in ("cpu", "metal")
+
+
 def bandwidth_figures(weight_bytes: int, decode_tok_s: float, sequences: int, bandwidth: float | None) -> dict:
     """Weight bytes streamed per second while decoding, and that as a fraction of ``bandwidth`` (None where
     the memory the weights live in was not measured).

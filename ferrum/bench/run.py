@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ferrum.bench.figures import Figures, median_figures, ratio_summary, ratios
-from ferrum.bench.memory import bandwidth_figures, measure_read_bandwidth
+from ferrum.bench.memory import bandwidth_figures, in_host_memory, measure_read_bandwidth
 from ferrum.bench.presets import preset_checkpoint
 from ferrum.bench.profile import Profile, profile_decode
 from ferrum.bench.speculative import format_speculative, speculative_bench
@@ -136,11 +136,8 @@ def run_bench(
     if workload.shared_prefix_len:
         report["prefix_cache_hit_rate"] = ferrum.cached_tokens / sum(len(p) for p in prompts)
     weights = ferrum.llm.model.weight_bytes
-    # The host's bandwidth bounds a backend whose weights live in host memory (CPU devices, Apple's unified
-    # memory); a discrete GPU's is another figure, not measured here.
-    host_memory = not backend.info.device.startswith("cuda")
     report["memory"] = bandwidth_figures(weights, report["ferrum"]["decode_tok_s"], workload.concurrency,
-                                         measure_read_bandwidth() if host_memory else None)
+                                         measure_read_bandwidth() if in_host_memory(backend.info.device) else None)
     report["memory"]["params"] = sum(math.prod(s) for s in weight_shapes(config).values())
     report["memory"]["bits_per_param"] = 8 * weights / report["memory"]["params"]
     if peer_name:
