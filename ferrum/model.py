@@ -94,10 +94,14 @@ class _RopeTables:
         self.short = ops.from_numpy(rope.inv_freq(), "float32")
         self.long = ops.from_numpy(rope.inv_freq(long=True), "float32") if rope.switches else None
 
+    @property
+    def fixed(self) -> Any | None:
+        """The table of a rope that has one table: blocks rotate with it inside their (compiled) first half."""
+        return self.short if self.long is None else None
+
     def for_batch(self, positions: Any, batch: AttentionBatch) -> Callable[[Any], Any]:
+        """Rotation for a rope whose table depends on the batch (longrope), applied between the block halves."""
         ops, rope = self.ops, self.ops.rope
-        if self.long is None:
-            return lambda x: rope(x, positions, self.short)
         long_tokens = batch.positions >= self.rope.original_max
         if long_tokens.all() or not long_tokens.any():
             table = self.long if long_tokens.all() else self.short
@@ -242,25 +246,29 @@ class DecoderOnlyLLM:
         )
 
     def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
-        """``enter(h[, residual]) -> (q, k, v, h)`` (the first block has no residual to add) and
+        """``enter(h[, residual], positions) -> (q, k, v, h)`` (the first block has no residual to add) and
         ``leave(attn, h) -> (residual, h)``: pure functions of backend arrays, so a backend may compile them
-        (``compile_fn``); rope stays outside, as its table can change from one batch to the next."""
+        (``compile_fn``). ``enter`` rotates q and k when the layer's rope has one table; a rope whose table
+        depends on the batch (longrope) rotates between the halves (:meth:`_RopeTables.for_batch`)."""
         ops, cfg = self.ops, self.config
         reshape, rms_norm, eps = ops.reshape, ops.rms_norm, cfg.rms_norm_eps
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        table = self.ropes[layer.rope].fixed
 
-        def project(x: Any, h: Any) -> tuple:
+        def project(x: Any, h: Any, positions: Any) -> tuple:
             q, k, v = layer.qkv(x)
             q, k, v = reshape(q, (-1, heads, hd)), reshape(k, (-1, kv_heads, hd)), reshape(v, (-1, kv_heads, hd))
             if layer.q_norm is not None:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+            if table is not None:
+                q, k = ops.rope(q, positions, table), ops.rope(k, positions, table)
             return q, k, v, h
 
-        def enter_first(h: Any) -> tuple:
-            return project(rms_norm(h, layer.pre_attn, eps), h)
+        def enter_first(h: Any, positions: Any) -> tuple:
+            return project(rms_norm(h, layer.pre_attn, eps), h, positions)
 
-        def enter(h: Any, residual: Any) -> tuple:
-            return project(*ops.add_rms_norm(residual, h, layer.pre_attn, eps))
+        def enter(h: Any, residual: Any, positions: Any) -> tuple:
+            return project(*ops.add_rms_norm(residual, h, layer.pre_attn, eps), positions)
 
         def leave(attn: Any, h: Any) -> tuple:
             o = layer.o(reshape(attn, (-1, heads * hd)))
@@ -370,7 +378,7 @@ class DecoderOnlyLLM:
         n_tok = batch.num_tokens
         eps, pool, arch = cfg.rms_norm_eps, self.pool, cfg.arch
         softcap = arch.attn_softcap
-        ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items()}
+        ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items() if tables.fixed is None}
         halves = self._compiled if self.adapters.batch is None else self._halves
 
         h = self.embed_lookup(self.embed, ids)
@@ -379,9 +387,10 @@ class DecoderOnlyLLM:
         residual = None  # output of the previous block, not yet added to h
         for index, layer in enumerate(self.layers):
             enter, leave = halves[index]
-            q, k, v, h = enter(h) if residual is None else enter(h, residual)
-            rotate = ropes[layer.rope]
-            q, k = rotate(q), rotate(k)
+            q, k, v, h = enter(h, positions) if residual is None else enter(h, residual, positions)
+            rotate = ropes.get(layer.rope)
+            if rotate is not None:
+                q, k = rotate(q), rotate(k)
             ops.kv_write(pool, index, k, v, slots)
             attn = ops.paged_attention(q, pool, index, batch, layer.scale, layer.window, softcap)
             residual, h = leave(attn, h)

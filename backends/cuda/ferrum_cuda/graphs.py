@@ -61,6 +61,9 @@ class _Graph:
                 for _ in range(_WARMUP):
                     fn(*self.inputs)
             torch.cuda.current_stream().wait_stream(side)
+            # Copied again, the inputs change version: an op's cache keyed by their identity and version
+            # (rope's tables) misses, so what it derives is computed in the graph, not read from the warm-up.
+            self._load(args)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=_pool_id()):
                 self.outputs = fn(*self.inputs)
