@@ -148,6 +148,39 @@ def test_mixed_batch_equals_each_sequence_alone(checkpoints, arch, backend):
         np.testing.assert_allclose(mixed[k], alone[k][0], atol=SAME_BACKEND_TOL)
 
 
+@pytest.mark.skipif("mlx" not in RUNNABLE, reason="MLX is not installed")
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_mlx_prompts_attended_alone_and_together_equal_each_sequence_alone(checkpoints, arch, monkeypatch):
+    """MLX gives long prefill items an attention call of their own and pads the rest into one; with the
+    threshold lowered, one batch holds both kinds (a fresh prompt, a chunk after a cached prefix) beside
+    short prompts and decodes, and the rows come back in token order (mistral: sliding-window masks)."""
+    import ferrum_mlx.ops
+
+    monkeypatch.setattr(ferrum_mlx.ops, "ALONE_PAIRS", 20)
+    folder = checkpoints[arch][0]
+    long_prompt, cached, chunk = TOKENS[:12], TOKENS[3:10], TOKENS[:6]
+    reference = load(folder, "mlx")
+    want = {"long": reference.prefill("long", long_prompt), "short": reference.prefill("short", TOKENS[4:6]),
+            "one": reference.prefill("one", TOKENS[7:8])}
+    reference.prefill("chunk", cached)
+    want["chunk"] = reference.unified_forward([ForwardItem("chunk", chunk, len(cached), True)])["chunk"]
+    reference.prefill("dec", TOKENS[:5])
+    want["dec"] = reference.decode("dec", TOKENS[5], 5)
+
+    model = load(folder, "mlx")
+    model.prefill("chunk", cached)
+    model.prefill("dec", TOKENS[:5])
+    got = model.unified_forward([
+        ForwardItem("short", TOKENS[4:6], 0, True),  # 2 x 2: padded with the others
+        ForwardItem("long", long_prompt, 0, True),  # 12 x 12: alone
+        ForwardItem("dec", TOKENS[5:6], 5, True),
+        ForwardItem("chunk", chunk, len(cached), True),  # 6 x 13: alone
+        ForwardItem("one", TOKENS[7:8], 0, True),
+    ])
+    for key, logits in want.items():
+        np.testing.assert_allclose(got[key], logits, atol=SAME_BACKEND_TOL, err_msg=key)
+
+
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_truncate_then_redecode_equals_never_decoding(checkpoints, backend):
     model = load(checkpoints["llama"][0], backend)

@@ -259,7 +259,9 @@ def rope(x, positions, inv_freq):
     key = id(inv_freq)
     cached = _periods.get(key)
     if cached is None or cached[0] is not inv_freq:
-        cached = _periods[key] = (inv_freq, 1.0 / inv_freq)
+        # Computed on the host, not as a lazy array: the first call may come while a block is traced
+        # (``compile_fn``), and a lazy array stays tied to that thread's stream (see ``from_numpy``).
+        cached = _periods[key] = (inv_freq, mx.array(1.0 / np.array(inv_freq, dtype=np.float32)))
     t, heads, dim = x.shape
     out = mx.fast.rope(
         x.reshape(t, heads, 1, dim), dim, traditional=False, base=None, scale=1.0,
