@@ -470,30 +470,37 @@ def attention(q, k, v, scale, sliding_window, softcap=None):
     return out[0].transpose(1, 0, 2)
 
 
-class PreparedBatch:
-    """Device-side index arrays of one forward pass, shared by every layer."""
+#: An item whose query is longer than one token and whose query x key count reaches this attends in a call
+#: of its own (a causal mask, no padding); the other items share one padded call. One padded call over
+#: prompts of mixed lengths costs every item the longest one's work (8 prompts of 128-512 tokens: ~2.3x
+#: the keys they need), while a call per short item costs more in issuing than the attention itself.
+ALONE_PAIRS = 128 * 128
 
-    def __init__(self, batch):
-        q_len = np.diff(batch.cu_seqlens_q).astype(np.int64)
-        kv_len = batch.seq_lens.astype(np.int64)
-        self.single = batch.num_items == 1
+
+class _Group:
+    """Items attended in one call: ``[items, heads, max_q, d]`` queries padded, keys gathered by
+    ``kv_slots``, an end-aligned mask; one item alone needs no padding and a causal mask only."""
+
+    def __init__(self, batch, items: np.ndarray):
+        q_len = np.diff(batch.cu_seqlens_q)[items].astype(np.int64)
+        kv_len = batch.seq_lens[items].astype(np.int64)
+        starts = batch.cu_seqlens_q[:-1][items].astype(np.int64)
+        self.single = len(items) == 1
         self.max_q, self.max_kv = int(q_len.max()), int(kv_len.max())
-        self._tables, self._block_size, self._kv_slots = batch.block_tables, batch.block_size, None
+        self.tokens = (int(starts[0]), int(starts[0] + q_len[0])) if self.single else None
+        self._tables, self._block_size, self._kv_slots = batch.block_tables[items], batch.block_size, None
         self._q_len, self._kv_len = q_len, kv_len
         self._masks: dict = {}
         if not self.single:
             i = np.arange(self.max_q)
-            starts = batch.cu_seqlens_q[:-1].astype(np.int64)
             q_rows = np.where(i[None, :] < q_len[:, None], starts[:, None] + i[None, :], 0)
             self.q_rows = mx.array(q_rows.astype(np.int32))  # [items, max_q]
-            item_of_token = np.repeat(np.arange(batch.num_items), q_len)
-            offset_in_item = np.arange(batch.num_tokens) - starts[item_of_token]
-            self.out_rows = mx.array((item_of_token * self.max_q + offset_in_item).astype(np.int32))
+            valid = i[None, :] < q_len[:, None]
+            self.out_rows = mx.array(np.flatnonzero(valid).astype(np.int32))  # row-major: item by item, in order
 
     @property
     def kv_slots(self) -> mx.array:
-        """``[items, max_kv]`` pool slot of every key, built on first use: a decode batch attended
-        over the mirrors (``ferrum.kv_mirror``) never needs it, and its size grows with the context."""
+        """``[items, max_kv]`` pool slot of every key, built on first use."""
         if self._kv_slots is None:
             bs, tables = self._block_size, self._tables
             j = np.arange(self.max_kv)
@@ -511,6 +518,43 @@ class PreparedBatch:
                 _end_aligned_mask(self._q_len, self._kv_len, self.max_q, self.max_kv, window)
             )
         return self._masks[window]
+
+    def attend(self, q, pool, layer, scale, window, softcap):
+        """This group's rows of the attention output, item by item."""
+        k = pool.k[layer][self.kv_slots]  # [items, max_kv, kvh, d]
+        v = pool.v[layer][self.kv_slots]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        mask = self.mask(window)
+        if self.single:
+            start, end = self.tokens
+            mine = q if end - start == q.shape[0] else q[start:end]
+            out = _sdpa(mine.transpose(1, 0, 2)[None], k, v, scale, mask, softcap)
+            return out[0].transpose(1, 0, 2)
+        qp = q[self.q_rows].transpose(0, 2, 1, 3)  # [items, heads, max_q, d]
+        out = _sdpa(qp, k, v, scale, mask, softcap)
+        out = out.transpose(0, 2, 1, 3).reshape(-1, q.shape[1], q.shape[2])  # [items * max_q, heads, d]
+        return out[self.out_rows]
+
+
+class PreparedBatch:
+    """Device-side index arrays of one forward pass, shared by every layer: the items grouped into
+    attention calls (see :data:`ALONE_PAIRS`), and the order that puts the groups' rows back."""
+
+    def __init__(self, batch):
+        q_len = np.diff(batch.cu_seqlens_q).astype(np.int64)
+        alone = (q_len > 1) & (q_len * batch.seq_lens >= ALONE_PAIRS)
+        if batch.num_items == 1 or not alone.any():
+            members = [np.arange(batch.num_items)]
+        else:
+            members = [np.array([i]) for i in np.flatnonzero(alone)]
+            if not alone.all():
+                members.append(np.flatnonzero(~alone))
+        self.groups = [_Group(batch, items) for items in members]
+        self.order = None  # the groups' rows are in token order when there is one group
+        if len(self.groups) > 1:
+            token_item = np.repeat(np.arange(batch.num_items), q_len)
+            emitted = np.concatenate([np.flatnonzero(np.isin(token_item, items)) for items in members])
+            self.order = mx.array(np.argsort(emitted).astype(np.int32))
 
 
 @hookimpl
@@ -564,17 +608,8 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
     if plan is not None:
         return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
     prep: PreparedBatch = batch.prepared
-    k = pool.k[layer][prep.kv_slots]  # [items, max_kv, kvh, d]
-    v = pool.v[layer][prep.kv_slots]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    mask = prep.mask(sliding_window)
-    if prep.single:
-        out = _sdpa(q.transpose(1, 0, 2)[None], k, v, scale, mask, softcap)
-        return out[0].transpose(1, 0, 2)
-    qp = q[prep.q_rows].transpose(0, 2, 1, 3)  # [items, heads, max_q, d]
-    out = _sdpa(qp, k, v, scale, mask, softcap)
-    out = out.transpose(0, 2, 1, 3).reshape(-1, q.shape[1], q.shape[2])  # [items * max_q, heads, d]
-    return out[prep.out_rows]
+    parts = [group.attend(q, pool, layer, scale, sliding_window, softcap) for group in prep.groups]
+    return parts[0] if prep.order is None else mx.concatenate(parts)[prep.order]
 
 
 # ------------------------------------------------------- mixture of experts
