@@ -186,3 +186,19 @@ def test_the_book_sizes_the_arena_within_its_budget():
     unbounded = MirrorBook(num_layers=1, block_size=4)
     plan, _ = unbounded.begin(_decode_batch([[0, 1, 2], [3, 4, 5]], [10, 10]), 0, 1)
     assert plan.arena_shape == (MirrorBook.ROW_STEP, MirrorBook.POS_STEP)
+
+
+def test_long_prefills_get_attention_calls_of_their_own_and_rows_come_back_in_order():
+    # items: decode (1 x 9), long prompt (6 x 6), short prompt (2 x 2), chunk after a cached prefix (3 x 10)
+    q_len, seq_lens = np.array([1, 6, 2, 3]), np.array([9, 6, 2, 10], dtype=np.int32)
+    cu = np.concatenate([[0], np.cumsum(q_len)]).astype(np.int32)
+    tokens = int(cu[-1])
+    batch = AttentionBatch(np.zeros(tokens, np.int32), np.zeros(tokens, np.int32), cu, seq_lens,
+                           np.zeros((4, 3), np.int32), 4)
+    calls, order = batch.attention_calls(alone_pairs=30)
+    assert [c.tolist() for c in calls] == [[1], [3], [0, 2]]
+    # The calls emit item 1's tokens, item 3's, then items 0 and 2 padded together.
+    emitted = np.array([1, 2, 3, 4, 5, 6, 9, 10, 11, 0, 7, 8])
+    assert emitted[order].tolist() == list(range(tokens))
+    calls, order = batch.attention_calls(alone_pairs=10**6)
+    assert [c.tolist() for c in calls] == [[0, 1, 2, 3]] and order is None

@@ -470,10 +470,9 @@ def attention(q, k, v, scale, sliding_window, softcap=None):
     return out[0].transpose(1, 0, 2)
 
 
-#: An item whose query is longer than one token and whose query x key count reaches this attends in a call
-#: of its own (a causal mask, no padding); the other items share one padded call. One padded call over
-#: prompts of mixed lengths costs every item the longest one's work (8 prompts of 128-512 tokens: ~2.3x
-#: the keys they need), while a call per short item costs more in issuing than the attention itself.
+#: Query x key count from which a prefill item attends in a call of its own
+#: (:meth:`ferrum.attention.AttentionBatch.attention_calls`): 8 prompts of 128-512 tokens padded into
+#: one call cost ~2.3x the keys they need.
 ALONE_PAIRS = 128 * 128
 
 
@@ -537,24 +536,13 @@ class _Group:
 
 
 class PreparedBatch:
-    """Device-side index arrays of one forward pass, shared by every layer: the items grouped into
-    attention calls (see :data:`ALONE_PAIRS`), and the order that puts the groups' rows back."""
+    """Device-side index arrays of one forward pass, shared by every layer: its attention calls
+    and the order that puts their rows back."""
 
     def __init__(self, batch):
-        q_len = np.diff(batch.cu_seqlens_q).astype(np.int64)
-        alone = (q_len > 1) & (q_len * batch.seq_lens >= ALONE_PAIRS)
-        if batch.num_items == 1 or not alone.any():
-            members = [np.arange(batch.num_items)]
-        else:
-            members = [np.array([i]) for i in np.flatnonzero(alone)]
-            if not alone.all():
-                members.append(np.flatnonzero(~alone))
-        self.groups = [_Group(batch, items) for items in members]
-        self.order = None  # the groups' rows are in token order when there is one group
-        if len(self.groups) > 1:
-            token_item = np.repeat(np.arange(batch.num_items), q_len)
-            emitted = np.concatenate([np.flatnonzero(np.isin(token_item, items)) for items in members])
-            self.order = mx.array(np.argsort(emitted).astype(np.int32))
+        calls, order = batch.attention_calls(ALONE_PAIRS)
+        self.groups = [_Group(batch, items) for items in calls]
+        self.order = None if order is None else mx.array(order.astype(np.int32))
 
 
 @hookimpl
