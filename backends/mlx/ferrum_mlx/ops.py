@@ -547,7 +547,9 @@ class PreparedBatch:
 
 @hookimpl
 def prepare_attention_batch(batch):
-    return PreparedBatch(batch)
+    # A batch of decode steps is attended over the mirrors (``_mirrored_decode``); should the
+    # book refuse it a plan, ``paged_attention`` prepares it on first use.
+    return None if bool((np.diff(batch.cu_seqlens_q) == 1).all()) else PreparedBatch(batch)
 
 
 def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None):
@@ -595,7 +597,9 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
     if plan is not None:
         return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
-    prep: PreparedBatch = batch.prepared
+    prep = batch.prepared
+    if prep is None:
+        prep = batch.prepared = PreparedBatch(batch)
     parts = [group.attend(q, pool, layer, scale, sliding_window, softcap) for group in prep.groups]
     return parts[0] if prep.order is None else mx.concatenate(parts)[prep.order]
 
