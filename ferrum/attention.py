@@ -42,19 +42,26 @@ class AttentionBatch:
         used = -(-int(self.seq_lens[item]) // self.block_size)
         return self.block_tables[item, :used]
 
-    def attention_calls(self, alone_pairs: int) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """Items grouped into attention calls, and the order that puts the calls' rows back.
+    def alone(self, alone_pairs: int) -> np.ndarray:
+        """``[items]`` bool: the items that attend in a call of their own (a causal mask, no padding).
 
-        An item with more than one query token whose query x key count reaches ``alone_pairs``
-        gets a call of its own (a causal mask, no padding); the others share one padded call.
-        Padding prompts of mixed lengths into one call costs each the longest one's work, while
-        a call per short item costs more to issue than it computes. Returns each call's item
-        indices (ascending), and the permutation taking the calls' concatenated output rows to
-        token order (None when they are in token order already).
+        An item with more than one query token whose query x key count reaches ``alone_pairs``;
+        the others share one padded call. Padding prompts of mixed lengths into one call costs
+        each the longest one's work, while a call per short item costs more to issue than it
+        computes. A batch of one item is one call either way (all False).
+        """
+        q_len = np.diff(self.cu_seqlens_q).astype(np.int64)
+        return (q_len > 1) & (q_len * self.seq_lens >= alone_pairs) & (self.num_items > 1)
+
+    def attention_calls(self, alone_pairs: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Items grouped into attention calls (:meth:`alone`), and the order that puts the calls' rows back.
+
+        Returns each call's item indices (ascending), and the permutation taking the calls'
+        concatenated output rows to token order (None when they are in token order already).
         """
         q_len = np.diff(self.cu_seqlens_q)
-        alone = (q_len > 1) & (q_len.astype(np.int64) * self.seq_lens >= alone_pairs)
-        if self.num_items == 1 or not alone.any():
+        alone = self.alone(alone_pairs)
+        if not alone.any():
             return [np.arange(self.num_items)], None
         calls = [np.array([i]) for i in np.flatnonzero(alone)]
         if not alone.all():

@@ -148,18 +148,22 @@ def test_mixed_batch_equals_each_sequence_alone(checkpoints, arch, backend):
         np.testing.assert_allclose(mixed[k], alone[k][0], atol=SAME_BACKEND_TOL)
 
 
-@pytest.mark.skipif("mlx" not in RUNNABLE, reason="MLX is not installed")
+#: Backends that give long prefill items an attention call of their own, and the module holding the threshold.
+ALONE_THRESHOLDS = {"mlx": "ferrum_mlx.ops", "cuda": "ferrum_cuda.ops"}
+
+
+@pytest.mark.parametrize("backend", [b for b in RUNNABLE if b in ALONE_THRESHOLDS])
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])
-def test_mlx_prompts_attended_alone_and_together_equal_each_sequence_alone(checkpoints, arch, monkeypatch):
-    """MLX gives long prefill items an attention call of their own and pads the rest into one; with the
+def test_prompts_attended_alone_and_together_equal_each_sequence_alone(checkpoints, arch, backend, monkeypatch):
+    """Long prefill items attend in a call of their own and the rest are padded into one; with the
     threshold lowered, one batch holds both kinds (a fresh prompt, a chunk after a cached prefix) beside
     short prompts and decodes, and the rows come back in token order (mistral: sliding-window masks)."""
-    import ferrum_mlx.ops
+    import importlib
 
-    monkeypatch.setattr(ferrum_mlx.ops, "ALONE_PAIRS", 20)
+    monkeypatch.setattr(importlib.import_module(ALONE_THRESHOLDS[backend]), "ALONE_PAIRS", 20)
     folder = checkpoints[arch][0]
     long_prompt, cached, chunk = TOKENS[:12], TOKENS[3:10], TOKENS[:6]
-    reference = load(folder, "mlx")
+    reference = load(folder, backend)
     want = {"long": reference.prefill("long", long_prompt), "short": reference.prefill("short", TOKENS[4:6]),
             "one": reference.prefill("one", TOKENS[7:8])}
     reference.prefill("chunk", cached)
@@ -167,7 +171,7 @@ def test_mlx_prompts_attended_alone_and_together_equal_each_sequence_alone(check
     reference.prefill("dec", TOKENS[:5])
     want["dec"] = reference.decode("dec", TOKENS[5], 5)
 
-    model = load(folder, "mlx")
+    model = load(folder, backend)
     model.prefill("chunk", cached)
     model.prefill("dec", TOKENS[:5])
     got = model.unified_forward([

@@ -37,8 +37,11 @@ one transfer. :func:`paged_attention` then runs without touching the host:
 * prefill items: pad queries to ``[n, heads, max_q, d]``, gather keys/values
   to ``[n, kv_heads, max_kv, d]``, one SDPA with a boolean mask built on the
   device from each query's position (causal, end-aligned, sliding window);
-* a mixed batch runs both groups (two SDPA calls) and restores token order with
-  one ``index_select``.
+* a long prefill item (``AttentionBatch.alone``, from ``ALONE_PAIRS`` query x key pairs)
+  attends in a call of its own, as a single item does, rather than padding every
+  other prompt to its length;
+* a batch of several kinds runs each call and restores token order with one
+  ``index_select``.
 
 Masks depend on the layer's sliding window, so each prepared batch builds
 them lazily once per distinct window and reuses them across layers.
@@ -681,17 +684,31 @@ class _Group:
 class PreparedBatch:
     """Device-side metadata of one forward pass (see the module docs)."""
 
-    __slots__ = ("kind", "block_size", "single", "decode", "prefill", "out_index", "num_tokens")
+    __slots__ = ("kind", "block_size", "single", "alone", "decode", "prefill", "out_index", "num_tokens")
 
     def __init__(self, kind: str, block_size: int, num_tokens: int):
-        self.kind = kind  # "single" | "decode" | "prefill" | "mixed"
+        self.kind = kind  # "single" | "groups"
         self.block_size = block_size
         self.num_tokens = num_tokens
         # (first token slot or None, block index or None, kv length, masks by window)
         self.single: tuple | None = None
+        self.alone: list[tuple] = []  # per long prefill item: (first token, last + 1, *its ``single`` tuple)
         self.decode: _Group | None = None
         self.prefill: _Group | None = None
         self.out_index: torch.Tensor | None = None
+
+
+#: Query x key count from which a prefill item among others attends in a call of its own
+#: (:meth:`ferrum.attention.AttentionBatch.alone`).
+ALONE_PAIRS = 128 * 128
+
+
+def _item_kv(ids: np.ndarray, bs: int, length: int, packer: "_Packer") -> tuple:
+    """An item's ``(first slot or None, packed block index or None, length, masks)``: its blocks, when
+    consecutive, are a zero-copy slice of the pool; otherwise they are gathered by a packed index."""
+    if len(ids) == 0 or np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+        return (int(ids[0]) * bs if len(ids) else 0, None, length, {})
+    return (None, packer.add(ids), length, {})
 
 
 class _Packer:
@@ -731,21 +748,19 @@ def _prepare(batch) -> PreparedBatch:
 
     if n_items == 1:
         prepared = PreparedBatch("single", bs, num_tokens)
-        nb = int(n_blocks[0])
-        ids = tables[0, :nb]
-        if nb == 0 or np.array_equal(ids, np.arange(ids[0], ids[0] + nb)):
-            prepared.single = (int(ids[0]) * bs if nb else 0, None, int(seq_lens[0]), {})
-            return prepared
-        packer.add(ids)
-        (index,) = packer.upload()
-        prepared.single = (None, index, int(seq_lens[0]), {})
+        first, index, length, masks = _item_kv(tables[0, : int(n_blocks[0])], bs, int(seq_lens[0]), packer)
+        tensors = packer.upload()
+        prepared.single = (first, None if index is None else tensors[index], length, masks)
         return prepared
 
+    alone = batch.alone(ALONE_PAIRS)
+    alone_items = np.flatnonzero(alone)
     decode_items = np.flatnonzero(q_lens == 1)
-    prefill_items = np.flatnonzero(q_lens != 1)
-    kind = "decode" if not len(prefill_items) else "prefill" if not len(decode_items) else "mixed"
-    prepared = PreparedBatch(kind, bs, num_tokens)
+    prefill_items = np.flatnonzero((q_lens != 1) & ~alone)
+    calls = len(alone_items) + bool(len(decode_items)) + bool(len(prefill_items))
+    prepared = PreparedBatch("groups", bs, num_tokens)
     slots: dict[str, int] = {}
+    alone_kv = [_item_kv(tables[i, : int(n_blocks[i])], bs, int(seq_lens[i]), packer) for i in alone_items]
 
     if len(decode_items):
         items = decode_items
@@ -753,7 +768,7 @@ def _prepare(batch) -> PreparedBatch:
         prepared.decode = _Group(len(items), nb, 1)
         slots["d_blocks"] = packer.add(tables[items, :nb])
         slots["d_lens"] = packer.add(seq_lens[items])
-        if kind == "mixed":
+        if calls > 1:
             slots["d_rows"] = packer.add(cu[items])
 
     padded = False
@@ -766,23 +781,30 @@ def _prepare(batch) -> PreparedBatch:
         valid = local < q_lens[items][:, None]  # [n, max_q]
         rows = cu[items][:, None] + local  # token row of each padded query slot
         padded = not bool(valid.all())
-        if padded or kind == "mixed":
+        if padded or calls > 1:
             slots["p_rows"] = packer.add(np.where(valid, rows, 0))
         slots["p_blocks"] = packer.add(tables[items, :nb])
         slots["p_qpos"] = packer.add((seq_lens[items] - q_lens[items])[:, None] + local)
         if padded:
             slots["p_valid"] = packer.add(valid)
 
-    if kind == "mixed" or padded:
-        # Token t's row in cat([decode outputs, padded prefill outputs]).
+    if calls > 1 or padded:
+        # Token t's row in cat([each alone item's outputs, decode outputs, padded prefill outputs]).
         where = np.empty(num_tokens, dtype=np.int64)
-        n_dec = len(decode_items)
-        where[cu[decode_items]] = np.arange(n_dec)
-        where[rows[valid]] = n_dec + np.flatnonzero(valid.reshape(-1))
+        row = 0
+        for i in alone_items:
+            where[cu[i] : cu[i + 1]] = row + np.arange(q_lens[i])
+            row += int(q_lens[i])
+        where[cu[decode_items]] = row + np.arange(len(decode_items))
+        if len(prefill_items):
+            where[rows[valid]] = row + len(decode_items) + np.flatnonzero(valid.reshape(-1))
         slots["out"] = packer.add(where)
 
     tensors = packer.upload()
     get = lambda key: tensors[slots[key]] if key in slots else None  # noqa: E731
+    for i, (first, index, length, masks) in zip(alone_items, alone_kv):
+        prepared.alone.append((int(cu[i]), int(cu[i + 1]), first, None if index is None else tensors[index],
+                               length, masks))
     if prepared.decode is not None:
         g = prepared.decode
         g.block_index, g.seq_lens, g.q_rows = get("d_blocks"), get("d_lens"), get("d_rows")
@@ -917,41 +939,42 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
     window = sliding_window
     if prepared.kind == "single":
         first, index, length, masks = prepared.single
-        if index is None:  # consecutive blocks: zero-copy views of the pool
+        if index is None and q.shape[0] == 1:  # decode step over consecutive blocks: no mask
+            end = first + length
+            start = first if window is None else max(first, end - window)
             q_len, heads, d = q.shape
-            if q_len == 1:  # decode step: every key in the window is visible, no mask
-                end = first + length
-                start = first if window is None else max(first, end - window)
-                kvh = pool.num_kv_heads
-                out = _sdpa(
-                    q.view(1, kvh, heads // kvh, d),
-                    pool.k_heads[layer][:, :, start:end],
-                    pool.v_heads[layer][:, :, start:end],
-                    scale,
-                    softcap=softcap,
-                )
-                return out.reshape(1, heads, d)
-            k = pool.k_flat[layer][first : first + length]
-            v = pool.v_flat[layer][first : first + length]
-        else:
-            kvh, d = pool.num_kv_heads, pool.head_dim
-            k = pool.k[layer].index_select(0, index).view(-1, kvh, d)[:length]
-            v = pool.v[layer].index_select(0, index).view(-1, kvh, d)[:length]
-        return _attend_one(q, k, v, scale, window, masks, softcap)
-    if prepared.kind == "decode":
-        return _decode_group(q, pool, layer, prepared.decode, scale, window, softcap)
-    if prepared.kind == "prefill":
+            kvh = pool.num_kv_heads
+            out = _sdpa(
+                q.view(1, kvh, heads // kvh, d),
+                pool.k_heads[layer][:, :, start:end],
+                pool.v_heads[layer][:, :, start:end],
+                scale,
+                softcap=softcap,
+            )
+            return out.reshape(1, heads, d)
+        return _attend_one(q, *_single_kv(pool, layer, first, index, length), scale, window, masks, softcap)
+    parts = [_attend_one(q[start:end], *_single_kv(pool, layer, first, index, length), scale, window, masks, softcap)
+             for start, end, first, index, length, masks in prepared.alone]
+    if prepared.decode is not None:
+        group = prepared.decode
+        q_in = q if group.q_rows is None else q.index_select(0, group.q_rows)
+        parts.append(_decode_group(q_in, pool, layer, group, scale, window, softcap))
+    if prepared.prefill is not None:
         group = prepared.prefill
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows.view(-1))
-        out = _prefill_group(q_in, pool, layer, group, scale, window, softcap)
-        return out if prepared.out_index is None else out.index_select(0, prepared.out_index)
-    dec = _decode_group(
-        q.index_select(0, prepared.decode.q_rows), pool, layer, prepared.decode, scale, window, softcap
-    )
-    pre = _prefill_group(
-        q.index_select(0, prepared.prefill.q_rows.view(-1)), pool, layer, prepared.prefill, scale, window, softcap
-    )
-    return torch.cat([dec, pre]).index_select(0, prepared.out_index)
+        parts.append(_prefill_group(q_in, pool, layer, group, scale, window, softcap))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out if prepared.out_index is None else out.index_select(0, prepared.out_index)
+
+
+def _single_kv(pool: KVPool, layer: int, first: int | None, index: torch.Tensor | None, length: int):
+    """One item's ``(k, v)``, each ``[length, KVH, d]``: a view of the pool, or gathered by block."""
+    if index is None:
+        return pool.k_flat[layer][first : first + length], pool.v_flat[layer][first : first + length]
+    kvh, d = pool.num_kv_heads, pool.head_dim
+    k = pool.k[layer].index_select(0, index).view(-1, kvh, d)[:length]
+    v = pool.v[layer].index_select(0, index).view(-1, kvh, d)[:length]
+    return k, v
 
 
 # --------------------------------------------------------------------------
