@@ -42,9 +42,18 @@ import numpy as np
 @dataclass
 class _Mirror:
     row: int
-    blocks: list[int]  # block ids covering positions [0, length)
+    blocks: np.ndarray  # int64 block ids covering positions [0, length)
     index: dict[int, int]  # block id -> its place in ``blocks``
     length: int  # positions [0, length) equal the pool's, in every layer
+
+    def cover(self, table: np.ndarray, length: int, block_size: int) -> None:
+        """Now mirroring ``[0, length)`` of the sequence with this block table (the index is
+        rebuilt only when the blocks changed: once every ``block_size`` steps while decoding)."""
+        blocks = table[: -(-length // block_size)]
+        if len(blocks) != len(self.blocks) or not (blocks == self.blocks).all():
+            self.blocks = blocks.copy()
+            self.index = dict(zip(self.blocks.tolist(), range(len(self.blocks))))
+        self.length = length
 
 
 @dataclass
@@ -85,6 +94,9 @@ class MirrorPlan:
         src = np.concatenate([t[p // bs] * bs + p % bs for t, p in zip(self._tables, pos)])
         dst_row = np.repeat(self.rows, self.lengths)
         return src.astype(np.int64), dst_row, np.concatenate(pos).astype(np.int64)
+
+
+_NO_BLOCKS = np.zeros(0, dtype=np.int64)
 
 
 class MirrorBook:
@@ -165,7 +177,7 @@ class MirrorBook:
             return None
         common = min(m.length, length - 1)
         nb = -(-common // bs)
-        same = np.asarray(m.blocks[:nb]) == table[:nb]
+        same = m.blocks[:nb] == table[:nb]
         if not same.all():
             common = min(common, int(np.argmin(same)) * bs)
         m.length = common
@@ -200,7 +212,7 @@ class MirrorBook:
             found = [self._find(t, n) for t, n in zip(tables, lengths.tolist())]
             taken = {m.row for m in found if m is not None}
             free = (r for r in range(len(found)) if r not in taken)
-            mirrors = [m if m is not None else _Mirror(next(free), [], {}, 0) for m in found]
+            mirrors = [m if m is not None else _Mirror(next(free), _NO_BLOCKS, {}, 0) for m in found]
             shape = self._arena_for(max(m.row for m in mirrors) + 1, int(lengths.max()),
                                     (0, 0) if fresh else self.arena_shape)
             if shape is not None:
@@ -220,18 +232,18 @@ class MirrorBook:
         self.arena_shape = shape
         self._mirrors = mirrors
         self._by_block = {}
-        src, dst_row, dst_pos = [], [], []
+        # Each item copies positions [its mirror's length, its length): all items' ranges at once.
+        rows = np.array([m.row for m in mirrors], dtype=np.int64)
+        starts = np.array([m.length for m in mirrors], dtype=np.int64)
+        counts = lengths - starts
+        item = np.repeat(np.arange(len(mirrors)), counts)
+        dst_pos = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts - starts, counts)
+        src = tables[item, dst_pos // bs] * bs + dst_pos % bs
         for m, table, length in zip(mirrors, tables, lengths.tolist()):
-            pos = np.arange(m.length, length)
-            src.append(table[pos // bs] * bs + pos % bs)
-            dst_row.append(np.full(len(pos), m.row))
-            dst_pos.append(pos)
-            m.blocks, m.length = table[: -(-length // bs)].tolist(), length
-            m.index = dict(zip(m.blocks, range(len(m.blocks))))
-            self._by_block[m.blocks[-1]] = m
-        src, dst_row, dst_pos = (np.concatenate(parts).astype(np.int64) for parts in (src, dst_row, dst_pos))
+            m.cover(table, length, bs)
+            self._by_block[int(m.blocks[-1])] = m
         return MirrorPlan(
-            np.array([m.row for m in mirrors], dtype=np.int64), lengths, src, dst_row, dst_pos,
+            rows, lengths, src, rows[item], dst_pos,
             num_rows=max(m.row for m in mirrors) + 1, capacity=int(lengths.max()), arena_shape=shape,
             _tables=tables, _block_size=bs,
         )
