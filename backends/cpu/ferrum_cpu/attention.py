@@ -129,6 +129,8 @@ def _mirrored_decode(q: np.ndarray, pool: KVPool, layer: int, plan: MirrorPlan, 
         v_rows[dst_row, :, dst_pos] = pool.v_flat[layer][src]
     _, heads, head_dim = q.shape
     kv_heads = arena.kv_heads
+    if plan.in_order and len(q) > 1:
+        return _attend_rows_together(q, k_rows, v_rows, plan, scale, sliding_window, softcap)
     out = np.empty_like(q)
     for i, (row, end) in enumerate(zip(plan.rows.tolist(), plan.lengths.tolist())):
         start = 0 if sliding_window is None else max(0, end - sliding_window)
@@ -141,6 +143,29 @@ def _mirrored_decode(q: np.ndarray, pool: KVPool, layer: int, plan: MirrorPlan, 
         attended /= scores.sum(axis=-1, keepdims=True)
         out[i] = attended.reshape(heads, head_dim)
     return out
+
+
+def _attend_rows_together(q: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray, plan: MirrorPlan, scale: float,
+                          sliding_window: int | None, softcap: float | None) -> np.ndarray:
+    """Items ``0..n-1`` in arena rows ``0..n-1``: one batched product per step of the softmax, over the
+    longest item's positions with the others' masked, instead of a dozen numpy calls per item."""
+    n, heads, head_dim = q.shape
+    kv_heads = k_rows.shape[1]
+    longest = int(plan.lengths.max())
+    keys, values = k_rows[:n, :, :, :longest], v_rows[:n, :, :longest]  # views: [n, kvh, d, L], [n, kvh, L, d]
+    hidden = plan.device.get(("hidden", sliding_window))
+    if hidden is None:  # 0 where a key is visible, -inf where not: one add masks every item
+        kpos, lengths = np.arange(longest)[None, :], plan.lengths[:, None]
+        visible = (kpos < lengths) & (True if sliding_window is None else kpos >= lengths - sliding_window)
+        hidden = plan.device[("hidden", sliding_window)] = np.where(visible, 0.0, -np.inf).astype(q.dtype)[:, None, None]
+    scores = q.reshape(n, kv_heads, -1, head_dim) @ keys  # [n, kvh, g, L]
+    _scale_and_cap(scores, scale, softcap)
+    scores += hidden
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    out = scores @ values  # [n, kvh, g, d]
+    out /= scores.sum(axis=-1, keepdims=True)
+    return out.reshape(n, heads, head_dim)
 
 
 def paged_attention(q: np.ndarray, pool: KVPool, layer: int, batch: AttentionBatch, scale: float,
