@@ -8,6 +8,11 @@ from typing import Any
 import numpy as np
 
 
+#: Query x key count from which a prefill item attends in a call of its own (:meth:`AttentionBatch.alone`):
+#: eight prompts of 128-512 tokens padded into one call cost ~2.3x the keys they need.
+ALONE_PAIRS = 128 * 128
+
+
 @dataclass
 class AttentionBatch:
     """Where each query token of a mixed batch belongs.
@@ -42,18 +47,20 @@ class AttentionBatch:
         used = -(-int(self.seq_lens[item]) // self.block_size)
         return self.block_tables[item, :used]
 
-    def alone(self, alone_pairs: int) -> np.ndarray:
+    def alone(self, alone_pairs: int | None = None) -> np.ndarray:
         """``[items]`` bool: the items that attend in a call of their own (a causal mask, no padding).
 
-        An item with more than one query token whose query x key count reaches ``alone_pairs``;
+        An item with more than one query token whose query x key count reaches ``alone_pairs``
+        (default :data:`ALONE_PAIRS`);
         the others share one padded call. Padding prompts of mixed lengths into one call costs
         each the longest one's work, while a call per short item costs more to issue than it
         computes. A batch of one item is one call either way (all False).
         """
         q_len = np.diff(self.cu_seqlens_q).astype(np.int64)
-        return (q_len > 1) & (q_len * self.seq_lens >= alone_pairs) & (self.num_items > 1)
+        pairs = ALONE_PAIRS if alone_pairs is None else alone_pairs
+        return (q_len > 1) & (q_len * self.seq_lens >= pairs) & (self.num_items > 1)
 
-    def attention_calls(self, alone_pairs: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def attention_calls(self, alone_pairs: int | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Items grouped into attention calls (:meth:`alone`), and the order that puts the calls' rows back.
 
         Returns each call's item indices (ascending), and the permutation taking the calls'

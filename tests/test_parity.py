@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import ferrum.attention
 from ferrum.model import DecoderOnlyLLM, ForwardItem
 
 from support import ARCHITECTURES, reference_logits, runnable_backends, with_v4_rope_keys, write_arch_checkpoint
@@ -148,19 +149,14 @@ def test_mixed_batch_equals_each_sequence_alone(checkpoints, arch, backend):
         np.testing.assert_allclose(mixed[k], alone[k][0], atol=SAME_BACKEND_TOL)
 
 
-#: Backends that give long prefill items an attention call of their own, and the module holding the threshold.
-ALONE_THRESHOLDS = {"mlx": "ferrum_mlx.ops", "cuda": "ferrum_cuda.ops"}
-
-
-@pytest.mark.parametrize("backend", [b for b in RUNNABLE if b in ALONE_THRESHOLDS])
+@pytest.mark.parametrize("backend", RUNNABLE)
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])
 def test_prompts_attended_alone_and_together_equal_each_sequence_alone(checkpoints, arch, backend, monkeypatch):
-    """Long prefill items attend in a call of their own and the rest are padded into one; with the
-    threshold lowered, one batch holds both kinds (a fresh prompt, a chunk after a cached prefix) beside
-    short prompts and decodes, and the rows come back in token order (mistral: sliding-window masks)."""
-    import importlib
-
-    monkeypatch.setattr(importlib.import_module(ALONE_THRESHOLDS[backend]), "ALONE_PAIRS", 20)
+    """Long prefill items attend in a call of their own (``AttentionBatch.alone``) and the rest are padded
+    into one; with the threshold lowered, one batch holds both kinds (a fresh prompt, a chunk after a cached
+    prefix) beside short prompts and decodes, and the rows come back in token order (mistral: sliding-window
+    masks)."""
+    monkeypatch.setattr(ferrum.attention, "ALONE_PAIRS", 20)
     folder = checkpoints[arch][0]
     long_prompt, cached, chunk = TOKENS[:12], TOKENS[3:10], TOKENS[:6]
     reference = load(folder, backend)

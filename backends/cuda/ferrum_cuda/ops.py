@@ -37,7 +37,7 @@ one transfer. :func:`paged_attention` then runs without touching the host:
 * prefill items: pad queries to ``[n, heads, max_q, d]``, gather keys/values
   to ``[n, kv_heads, max_kv, d]``, one SDPA with a boolean mask built on the
   device from each query's position (causal, end-aligned, sliding window);
-* a long prefill item (``AttentionBatch.alone``, from ``ALONE_PAIRS`` query x key pairs)
+* a long prefill item (``AttentionBatch.alone``: from ``ALONE_PAIRS`` query x key pairs)
   attends in a call of its own, as a single item does, rather than padding every
   other prompt to its length;
 * a batch of several kinds runs each call and restores token order with one
@@ -698,11 +698,6 @@ class PreparedBatch:
         self.out_index: torch.Tensor | None = None
 
 
-#: Query x key count from which a prefill item among others attends in a call of its own
-#: (:meth:`ferrum.attention.AttentionBatch.alone`).
-ALONE_PAIRS = 128 * 128
-
-
 def _item_kv(ids: np.ndarray, bs: int, length: int, packer: "_Packer") -> tuple:
     """An item's ``(first slot or None, packed block index or None, length, masks)``: its blocks, when
     consecutive, are a zero-copy slice of the pool; otherwise they are gathered by a packed index."""
@@ -753,7 +748,7 @@ def _prepare(batch) -> PreparedBatch:
         prepared.single = (first, None if index is None else tensors[index], length, masks)
         return prepared
 
-    alone = batch.alone(ALONE_PAIRS)
+    alone = batch.alone()
     alone_items = np.flatnonzero(alone)
     decode_items = np.flatnonzero(q_lens == 1)
     prefill_items = np.flatnonzero((q_lens != 1) & ~alone)

@@ -470,12 +470,6 @@ def attention(q, k, v, scale, sliding_window, softcap=None):
     return out[0].transpose(1, 0, 2)
 
 
-#: Query x key count from which a prefill item attends in a call of its own
-#: (:meth:`ferrum.attention.AttentionBatch.attention_calls`): 8 prompts of 128-512 tokens padded into
-#: one call cost ~2.3x the keys they need.
-ALONE_PAIRS = 128 * 128
-
-
 class _Group:
     """Items attended in one call: ``[items, heads, max_q, d]`` queries padded, keys gathered by
     ``kv_slots``, an end-aligned mask; one item alone needs no padding and a causal mask only."""
@@ -540,7 +534,7 @@ class PreparedBatch:
     and the order that puts their rows back."""
 
     def __init__(self, batch):
-        calls, order = batch.attention_calls(ALONE_PAIRS)
+        calls, order = batch.attention_calls()
         self.groups = [_Group(batch, items) for items in calls]
         self.order = None if order is None else mx.array(order.astype(np.int32))
 
