@@ -61,18 +61,20 @@ class AttentionBatch:
         return (q_len > 1) & (q_len * self.seq_lens >= pairs) & (self.num_items > 1)
 
     def attention_calls(self, alone_pairs: int | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """Items grouped into attention calls (:meth:`alone`), and the order that puts the calls' rows back.
+        """Items grouped into attention calls, and the order that puts the calls' rows back.
 
-        Returns each call's item indices (ascending), and the permutation taking the calls'
-        concatenated output rows to token order (None when they are in token order already).
+        Each :meth:`alone` item gets a call; the other prefill items share one padded call, and the
+        items decoding one token another (last), which a backend may attend over its mirrors
+        (:mod:`ferrum.kv_mirror`). Returns each call's item indices (ascending), and the permutation
+        taking the calls' concatenated output rows to token order (None when they are in token
+        order already).
         """
         q_len = np.diff(self.cu_seqlens_q)
-        alone = self.alone(alone_pairs)
-        if not alone.any():
-            return [np.arange(self.num_items)], None
+        alone, decoding = self.alone(alone_pairs), q_len == 1
         calls = [np.array([i]) for i in np.flatnonzero(alone)]
-        if not alone.all():
-            calls.append(np.flatnonzero(~alone))
+        calls += [items for items in (np.flatnonzero(~alone & ~decoding), np.flatnonzero(decoding)) if len(items)]
+        if len(calls) == 1:
+            return calls, None
         token_item = np.repeat(np.arange(self.num_items), q_len)
         emitted = np.concatenate([np.flatnonzero(np.isin(token_item, items)) for items in calls])
         return calls, np.argsort(emitted)

@@ -58,9 +58,12 @@ class _Mirror:
 
 @dataclass
 class MirrorPlan:
-    """What one decode batch does with the arena: every array is host int64.
+    """What one batch's decoding items do with the arena: every array is host int64.
 
-    ``rows`` / ``lengths``: each item's arena row and KV length. ``src`` (pool
+    ``items``: the batch's items that decode one token (ascending), which the plan covers;
+    ``tokens``: their query rows; ``whole``: they are the whole batch (otherwise the other
+    items, prefill chunks, attend by gathering from the pool beside them).
+    ``rows`` / ``lengths``: each covered item's arena row and KV length. ``src`` (pool
     slots) and ``dst_row`` / ``dst_pos`` (arena coordinates): the copies that
     bring every row up to date; ``full`` the same for whole rows, used by a
     layer whose writes the book could not account for. ``num_rows`` and
@@ -71,6 +74,9 @@ class MirrorPlan:
     ``device`` is the backend's cache of device copies of these arrays.
     """
 
+    items: np.ndarray
+    tokens: np.ndarray
+    whole: bool
     rows: np.ndarray
     lengths: np.ndarray
     src: np.ndarray
@@ -120,8 +126,8 @@ class MirrorBook:
 
     # ------------------------------------------------------------ per batch
     def begin(self, batch: Any, layer: int, writes: int) -> tuple[MirrorPlan | None, str]:
-        """Called by every ``paged_attention``: the batch's plan (None unless every item
-        decodes one token) and which copies ``layer`` needs, ``"step"`` (the plan's)
+        """Called by every ``paged_attention``: the plan for the batch's items that decode one
+        token (None when none does) and which copies ``layer`` needs, ``"step"`` (the plan's)
         or ``"full"``.
 
         ``writes`` counts the pool's ``kv_write`` calls on ``layer`` so far: one
@@ -133,8 +139,8 @@ class MirrorBook:
                 self._drop_all()
             self._batch, self._attended = batch, set()
             self._forget_overwritten(batch)
-            q_lens = np.diff(batch.cu_seqlens_q)
-            self._plan = self._make_plan(batch) if len(q_lens) and bool((q_lens == 1).all()) else None
+            decoding = np.flatnonzero(np.diff(batch.cu_seqlens_q) == 1)
+            self._plan = self._make_plan(batch, decoding) if len(decoding) else None
         unseen = writes - self._writes_seen[layer] > 1
         self._writes_seen[layer] = writes
         self._attended.add(layer)
@@ -219,12 +225,12 @@ class MirrorBook:
                 break
         return mirrors, shape
 
-    def _make_plan(self, batch: Any) -> MirrorPlan | None:
-        """Match items to mirrors, drop the mirrors no item matched, give the rest free rows
-        (None, and no mirrors kept, when the arena cannot hold the batch within the budget)."""
+    def _make_plan(self, batch: Any, items: np.ndarray) -> MirrorPlan | None:
+        """Match ``items`` to mirrors, drop the mirrors no item matched, give the rest free rows
+        (None, and no mirrors kept, when the arena cannot hold them within the budget)."""
         bs = self.block_size
-        tables = np.asarray(batch.block_tables, dtype=np.int64)
-        lengths = np.asarray(batch.seq_lens, dtype=np.int64)
+        tables = np.asarray(batch.block_tables, dtype=np.int64)[items]
+        lengths = np.asarray(batch.seq_lens, dtype=np.int64)[items]
         mirrors, shape = self._match(tables, lengths)
         if shape is None:  # the arena keeps its memory (and shape) for a later batch that fits
             self._drop_all()
@@ -243,6 +249,7 @@ class MirrorBook:
             m.cover(table, length, bs)
             self._by_block[int(m.blocks[-1])] = m
         return MirrorPlan(
+            items, np.asarray(batch.cu_seqlens_q, dtype=np.int64)[items], len(items) == batch.num_items,
             rows, lengths, src, rows[item], dst_pos,
             num_rows=max(m.row for m in mirrors) + 1, capacity=int(lengths.max()), arena_shape=shape,
             _tables=tables, _block_size=bs,

@@ -119,6 +119,21 @@ def test_decode_steps_match_the_reference_as_blocks_change_hands(backend, window
     s.step([(b, 18, 1), (c, 16, 1)])
 
 
+@pytest.mark.parametrize("window, softcap", [(None, None), (3, None)])
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_items_decoding_beside_prefills_attend_over_their_mirrors(backend, window, softcap):
+    """Batches mixing decodes with prefill chunks: the decoding items keep their mirrors step after step."""
+    s = Scenario(backend, window, softcap)
+    a, b, c, d = [1, 2, 3, 4], [5, 6, 7], [8, 9, 10], [11, 12, 13]
+    s.step([(a, 9, 9)])
+    s.step([(a, 10, 1), (b, 6, 6)])  # A decodes beside B's prompt
+    s.step([(b, 7, 1), (a, 11, 1), (c, 5, 5)])  # both decode beside C's first chunk
+    s.step([(a, 12, 1), (c, 8, 3), (b, 8, 1)])  # C's second chunk between them
+    s.step([(a, 13, 1), (b, 9, 1), (c, 9, 1)])  # all decode
+    s.step([(d, 6, 6), (c, 10, 1), (a, 14, 1)])  # A's table grows beside D's prompt
+    s.step([(c, 11, 1), (d, 7, 1), (b, 10, 1), (a, 15, 1)])
+
+
 @pytest.mark.parametrize("backend", runnable_backends())
 def test_an_interrupted_batch_is_not_trusted(backend):
     """A forward that failed after some layers (the model rolls its KV back) leaves layers behind."""
@@ -195,10 +210,16 @@ def test_long_prefills_get_attention_calls_of_their_own_and_rows_come_back_in_or
     tokens = int(cu[-1])
     batch = AttentionBatch(np.zeros(tokens, np.int32), np.zeros(tokens, np.int32), cu, seq_lens,
                            np.zeros((4, 3), np.int32), 4)
+    assert batch.alone(alone_pairs=30).tolist() == [False, True, False, True]
     calls, order = batch.attention_calls(alone_pairs=30)
-    assert [c.tolist() for c in calls] == [[1], [3], [0, 2]]
-    # The calls emit item 1's tokens, item 3's, then items 0 and 2 padded together.
-    emitted = np.array([1, 2, 3, 4, 5, 6, 9, 10, 11, 0, 7, 8])
+    assert [c.tolist() for c in calls] == [[1], [3], [2], [0]]  # alone ones, other prefills, then decodes
+    # The calls emit item 1's tokens, item 3's, item 2's, then item 0's.
+    emitted = np.array([1, 2, 3, 4, 5, 6, 9, 10, 11, 7, 8, 0])
     assert emitted[order].tolist() == list(range(tokens))
     calls, order = batch.attention_calls(alone_pairs=10**6)
-    assert [c.tolist() for c in calls] == [[0, 1, 2, 3]] and order is None
+    assert [c.tolist() for c in calls] == [[1, 2, 3], [0]]
+    assert np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0])[order].tolist() == list(range(tokens))
+    prefills = AttentionBatch(np.zeros(8, np.int32), np.zeros(8, np.int32), np.array([0, 6, 8], np.int32),
+                              np.array([6, 2], np.int32), np.zeros((2, 2), np.int32), 4)
+    calls, order = prefills.attention_calls(alone_pairs=10**6)
+    assert [c.tolist() for c in calls] == [[0, 1]] and order is None

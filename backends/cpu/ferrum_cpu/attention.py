@@ -170,14 +170,18 @@ def _attend_rows_together(q: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray,
 
 def paged_attention(q: np.ndarray, pool: KVPool, layer: int, batch: AttentionBatch, scale: float,
                     sliding_window: int | None, softcap: float | None = None) -> np.ndarray:
-    """Decode batches attend over the mirrors; any batch with a longer query (prefill chunks,
-    verification) gathers each item's K/V from its blocks."""
+    """Items decoding one token attend over the mirrors; items with a longer query (prefill chunks,
+    verification) gather their K/V from their blocks."""
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
-    if plan is not None:
+    if plan is not None and plan.whole:
         return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
-    parts = []
-    for item in range(batch.num_items):
+    out = np.empty_like(q)
+    gathered = np.ones(batch.num_items, dtype=bool)
+    if plan is not None:
+        out[plan.tokens] = _mirrored_decode(q[plan.tokens], pool, layer, plan, sync, scale, sliding_window, softcap)
+        gathered[plan.items] = False
+    for item in np.flatnonzero(gathered).tolist():
         start, end = batch.query_range(item)
         k, v = pool.gather(layer, batch.block_ids(item), int(batch.seq_lens[item]))
-        parts.append(causal_attention(q[start:end], k, v, scale, sliding_window, softcap))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out[start:end] = causal_attention(q[start:end], k, v, scale, sliding_window, softcap)
+    return out

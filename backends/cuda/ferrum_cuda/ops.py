@@ -41,7 +41,8 @@ one transfer. :func:`paged_attention` then runs without touching the host:
   attends in a call of its own, as a single item does, rather than padding every
   other prompt to its length;
 * a batch of several kinds runs each call and restores token order with one
-  ``index_select``.
+  ``index_select``; its items that decode one token attend over the mirrors
+  (below) where the book planned them.
 
 Masks depend on the layer's sliding window, so each prepared batch builds
 them lazily once per distinct window and reuses them across layers.
@@ -926,7 +927,7 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
 @hookimpl
 def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
-    if plan is not None:
+    if plan is not None and plan.whole:
         return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
     prepared = batch.prepared
     if not isinstance(prepared, PreparedBatch):
@@ -950,10 +951,11 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
         return _attend_one(q, *_single_kv(pool, layer, first, index, length), scale, window, masks, softcap)
     parts = [_attend_one(q[start:end], *_single_kv(pool, layer, first, index, length), scale, window, masks, softcap)
              for start, end, first, index, length, masks in prepared.alone]
-    if prepared.decode is not None:
+    if prepared.decode is not None:  # the items decoding one token: over the mirrors where the book planned them
         group = prepared.decode
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows)
-        parts.append(_decode_group(q_in, pool, layer, group, scale, window, softcap))
+        parts.append(_decode_group(q_in, pool, layer, group, scale, window, softcap) if plan is None else
+                     _mirrored_decode(q_in, pool, layer, plan, sync, scale, window, softcap))
     if prepared.prefill is not None:
         group = prepared.prefill
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows.view(-1))

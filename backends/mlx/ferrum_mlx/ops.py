@@ -479,6 +479,7 @@ class _Group:
         kv_len = batch.seq_lens[items].astype(np.int64)
         starts = batch.cu_seqlens_q[:-1][items].astype(np.int64)
         self.single = len(items) == 1
+        self.decoding = bool((q_len == 1).all())  # attended over the mirrors where the book planned it
         self.max_q, self.max_kv = int(q_len.max()), int(kv_len.max())
         self.tokens = (int(starts[0]), int(starts[0] + q_len[0])) if self.single else None
         self._tables, self._block_size, self._kv_slots = batch.block_tables[items], batch.block_size, None
@@ -512,6 +513,13 @@ class _Group:
             )
         return self._masks[window]
 
+    def queries(self, q):
+        """This group's query rows, for a group of one item or of items decoding one token each."""
+        start, end = self.tokens or (0, 0)
+        if not self.single:
+            return q[self.q_rows.reshape(-1)]
+        return q if end - start == q.shape[0] else q[start:end]
+
     def attend(self, q, pool, layer, scale, window, softcap):
         """This group's rows of the attention output, item by item."""
         k = pool.k[layer][self.kv_slots]  # [items, max_kv, kvh, d]
@@ -519,9 +527,7 @@ class _Group:
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         mask = self.mask(window)
         if self.single:
-            start, end = self.tokens
-            mine = q if end - start == q.shape[0] else q[start:end]
-            out = _sdpa(mine.transpose(1, 0, 2)[None], k, v, scale, mask, softcap)
+            out = _sdpa(self.queries(q).transpose(1, 0, 2)[None], k, v, scale, mask, softcap)
             return out[0].transpose(1, 0, 2)
         qp = q[self.q_rows].transpose(0, 2, 1, 3)  # [items, heads, max_q, d]
         out = _sdpa(qp, k, v, scale, mask, softcap)
@@ -589,12 +595,14 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
 @hookimpl
 def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
-    if plan is not None:
+    if plan is not None and plan.whole:
         return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
     prep = batch.prepared
     if prep is None:
         prep = batch.prepared = PreparedBatch(batch)
-    parts = [group.attend(q, pool, layer, scale, sliding_window, softcap) for group in prep.groups]
+    parts = [_mirrored_decode(group.queries(q), pool, layer, plan, sync, scale, sliding_window, softcap)
+             if plan is not None and group.decoding else group.attend(q, pool, layer, scale, sliding_window, softcap)
+             for group in prep.groups]
     return parts[0] if prep.order is None else mx.concatenate(parts)[prep.order]
 
 
