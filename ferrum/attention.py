@@ -51,10 +51,10 @@ class AttentionBatch:
         """``[items]`` bool: the items that attend in a call of their own (a causal mask, no padding).
 
         An item with more than one query token whose query x key count reaches ``alone_pairs``
-        (default :data:`ALONE_PAIRS`);
-        the others share one padded call. Padding prompts of mixed lengths into one call costs
-        each the longest one's work, while a call per short item costs more to issue than it
-        computes. A batch of one item is one call either way (all False).
+        (default :data:`ALONE_PAIRS`); the other prefill items share one padded call
+        (:meth:`attention_calls`). Padding prompts of mixed lengths into one call costs each the
+        longest one's work, while a call per short item costs more to issue than it computes. A
+        batch of one item is one call either way (all False).
         """
         q_len = np.diff(self.cu_seqlens_q).astype(np.int64)
         pairs = ALONE_PAIRS if alone_pairs is None else alone_pairs

@@ -515,9 +515,9 @@ class _Group:
 
     def queries(self, q):
         """This group's query rows, for a group of one item or of items decoding one token each."""
-        start, end = self.tokens or (0, 0)
         if not self.single:
             return q[self.q_rows.reshape(-1)]
+        start, end = self.tokens
         return q if end - start == q.shape[0] else q[start:end]
 
     def attend(self, q, pool, layer, scale, window, softcap):
