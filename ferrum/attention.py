@@ -30,6 +30,8 @@ class AttentionBatch:
     block_tables: np.ndarray  # [items, max_blocks] block ids, padded with 0
     block_size: int
     prepared: Any = field(default=None, repr=False)
+    #: The batch this one keeps some query rows of (:meth:`narrowed`), else None.
+    parent: "AttentionBatch | None" = field(default=None, repr=False)
 
     @property
     def num_items(self) -> int:
@@ -46,6 +48,23 @@ class AttentionBatch:
         """The blocks item ``item`` needs for its current KV length."""
         used = -(-int(self.seq_lens[item]) // self.block_size)
         return self.block_tables[item, :used]
+
+    def narrowed(self, keep: np.ndarray) -> "AttentionBatch":
+        """The same items' KV with only the query rows ``keep``: what the last layer attends when only
+        those rows' outputs are wanted (their logits), so its attention and MLP skip the others.
+
+        ``keep`` (ascending) must hold a suffix of each item's rows, as the last position of a final
+        chunk is; an item none of whose rows is kept is left out.
+        """
+        keep = np.asarray(keep, dtype=np.int64)
+        item_of = np.repeat(np.arange(self.num_items), np.diff(self.cu_seqlens_q))[keep]
+        items, counts = np.unique(item_of, return_counts=True)
+        cu = np.zeros(len(items) + 1, dtype=np.int32)
+        np.cumsum(counts, out=cu[1:])
+        if (np.diff(keep) <= 0).any() or (keep[cu[:-1]] != self.cu_seqlens_q[items + 1] - counts).any():
+            raise ValueError("kept rows must be, for each item, its last ones, ascending")
+        return AttentionBatch(self.positions[keep], self.slot_mapping[keep], cu, self.seq_lens[items],
+                              self.block_tables[items], self.block_size, parent=self)
 
     def alone(self, alone_pairs: int | None = None) -> np.ndarray:
         """``[items]`` bool: the items that attend in a call of their own (a causal mask, no padding).

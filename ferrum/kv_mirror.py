@@ -132,8 +132,12 @@ class MirrorBook:
 
         ``writes`` counts the pool's ``kv_write`` calls on ``layer`` so far: one
         since the last batch is this batch's own write; more were not described
-        by any batch the book saw.
+        by any batch the book saw. A batch narrowed from another (the last layer's, see
+        ``AttentionBatch.narrowed``) is that batch's; the model narrows only batches in which no
+        item decodes, so it has no plan.
         """
+        narrowed = getattr(batch, "parent", None) is not None
+        batch = batch.parent if narrowed else batch
         if batch is not self._batch:
             if self._reset_next or (self._batch is not None and len(self._attended) < self.num_layers):
                 self._drop_all()
@@ -146,6 +150,8 @@ class MirrorBook:
         self._attended.add(layer)
         if unseen:
             self._reset_next = True
+        if narrowed and self._plan is not None:
+            raise ValueError("only a batch in which no item decodes may be narrowed: its decoding items have mirrors")
         return self._plan, "full" if unseen else "step"
 
     @property

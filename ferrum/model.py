@@ -368,6 +368,39 @@ class DecoderOnlyLLM:
         seq_lens = np.array([it.pos_offset for it in items], dtype=np.int32) + lengths
         return AttentionBatch(positions, slots, cu, seq_lens, block_tables, kv.block_size)
 
+    @staticmethod
+    def _logit_rows(items: Sequence[ForwardItem], batch: AttentionBatch,
+                    all_logits: bool) -> tuple[dict[Hashable, tuple[int, int]], np.ndarray]:
+        """Which query rows get logits: by seq id, (first row of the logits, row count); and those
+        rows' token indices (ascending). Every row with ``all_logits``, else see :meth:`forward`."""
+        rows: dict[Hashable, tuple[int, int]] = {}
+        picks: list[range] = []
+        taken = 0
+        for i, it in enumerate(items):
+            start, end = batch.query_range(i)
+            if all_logits or it.full_logits or it.is_final_chunk:
+                first = start if all_logits or it.full_logits else end - 1
+                rows[it.seq_id] = (taken, end - first)
+                picks.append(range(first, end))
+                taken += end - first
+        return rows, np.fromiter((r for span in picks for r in span), dtype=np.int64, count=taken)
+
+    @staticmethod
+    def _last_layer_rows(batch: AttentionBatch, picks: np.ndarray) -> np.ndarray | None:
+        """The rows the last block computes past its KV write, when not all: only the logit rows.
+
+        The other rows' attention and MLP in the last block feed nothing (their K/V is already
+        written), so a prefill chunk of n tokens costs that block one query's attention instead
+        of n (mlx-lm and llama.cpp skip the same work). A pass without logit rows keeps one
+        row, so every layer is still attended. Not narrowed: batches in which some item decodes
+        one token, whose attention may run over the backend's mirrors (``ferrum.kv_mirror``);
+        there is little to skip there.
+        """
+        q_len = np.diff(batch.cu_seqlens_q)
+        if len(picks) == batch.num_tokens or (q_len == 1).any():
+            return None
+        return picks if len(picks) else np.array([batch.num_tokens - 1])
+
     def _forward(self, items: Sequence[ForwardItem], all_logits: bool) -> ForwardOutput:
         ops, cfg = self.ops, self.config
         batch = self._attention_batch(items)
@@ -381,6 +414,10 @@ class DecoderOnlyLLM:
         ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items() if tables.fixed is None}
         halves = self._compiled if self.adapters.batch is None else self._halves
 
+        rows, picks = self._logit_rows(items, batch, all_logits)
+        last_rows = self._last_layer_rows(batch, picks)
+        last = len(self.layers) - 1
+
         h = self.embed_lookup(self.embed, ids)
         if arch.embed_scale is not None:
             h = ops.mul_scalar(h, arch.embed_scale)
@@ -392,27 +429,20 @@ class DecoderOnlyLLM:
             if rotate is not None:
                 q, k = rotate(q), rotate(k)
             ops.kv_write(pool, index, k, v, slots)
-            attn = ops.paged_attention(q, pool, index, batch, layer.scale, layer.window, softcap)
+            attended = batch
+            if index == last and last_rows is not None:
+                keep = ops.from_numpy(last_rows.astype(np.int32), None)
+                q, h, attended = ops.take_rows(q, keep), ops.take_rows(h, keep), batch.narrowed(last_rows)
+                attended.prepared = ops.prepare_attention_batch(attended)
+                self.adapters.keep_rows(last_rows)
+            attn = ops.paged_attention(q, pool, index, attended, layer.scale, layer.window, softcap)
             residual, h = leave(attn, h)
         h = ops.add(residual, h)
 
-        rows: dict[Hashable, tuple[int, int]] = {}
-        if all_logits:
-            for i, it in enumerate(items):
-                start, end = batch.query_range(i)
-                rows[it.seq_id] = (start, end - start)
-        else:
-            picks: list[int] = []
-            for i, it in enumerate(items):
-                start, end = batch.query_range(i)
-                if it.full_logits or it.is_final_chunk:
-                    first = start if it.full_logits else end - 1
-                    rows[it.seq_id] = (len(picks), end - first)
-                    picks.extend(range(first, end))
-            if not picks:
-                return ForwardOutput(None, rows)
-            if len(picks) != n_tok:
-                h = ops.take_rows(h, ops.from_numpy(np.asarray(picks, dtype=np.int32), None))
+        if not len(picks):
+            return ForwardOutput(None, rows)
+        if last_rows is None and len(picks) != n_tok:
+            h = ops.take_rows(h, ops.from_numpy(picks.astype(np.int32), None))
         logits = self.lm_head(ops.rms_norm(h, self.final_norm, eps))
         if arch.final_softcap is not None:
             logits = ops.softcap(logits, arch.final_softcap)

@@ -223,3 +223,31 @@ def test_long_prefills_get_attention_calls_of_their_own_and_rows_come_back_in_or
                               np.array([6, 2], np.int32), np.zeros((2, 2), np.int32), 4)
     calls, order = prefills.attention_calls(alone_pairs=10**6)
     assert [c.tolist() for c in calls] == [[0, 1]] and order is None
+
+
+def test_a_narrowed_batch_keeps_each_items_last_rows_and_counts_as_its_parent_in_the_book():
+    # items: prompt (5 x 5), chunk after a cached prefix (3 x 7), prompt (2 x 2)
+    cu, seq_lens = np.array([0, 5, 8, 10], np.int32), np.array([5, 7, 2], np.int32)
+    tables = np.array([[1, 2], [3, 4], [5, 0]], np.int32)
+    batch = AttentionBatch(np.arange(10, dtype=np.int32), np.arange(10, dtype=np.int32) + 40, cu, seq_lens, tables, 4)
+    last = batch.narrowed(np.array([4, 9]))  # the last row of items 0 and 2; item 1 has none
+    assert last.cu_seqlens_q.tolist() == [0, 1, 2] and last.seq_lens.tolist() == [5, 2]
+    assert last.block_tables.tolist() == [[1, 2], [5, 0]] and last.positions.tolist() == [4, 9]
+    assert last.slot_mapping.tolist() == [44, 49] and last.parent is batch
+    assert batch.narrowed(np.array([3, 4, 7])).cu_seqlens_q.tolist() == [0, 2, 3]  # suffixes of any length
+    for not_suffixes in ([3], [4, 6], [9, 4], [4, 4]):
+        with pytest.raises(ValueError):
+            batch.narrowed(np.array(not_suffixes))
+
+    # A sequence decoding before and after the pass keeps its mirror: only its new position is copied.
+    def decode_step(length):
+        return AttentionBatch(np.array([length - 1], np.int32), np.array([24 + length - 1], np.int32),
+                              np.array([0, 1], np.int32), np.array([length], np.int32), np.array([[6, 7]], np.int32), 4)
+
+    book = MirrorBook(num_layers=2, block_size=4)
+    for writes, (first, second) in enumerate([(decode_step(6),) * 2, (batch, last), (decode_step(7),) * 2], 1):
+        plan, _ = book.begin(first, 0, writes)
+        assert book.begin(second, 1, writes)[0] is plan
+    assert plan.src.tolist() == [30]
+    with pytest.raises(ValueError, match="decodes"):  # its decoding items have mirrors to keep in step
+        book.begin(decode_step(7).narrowed(np.array([0])), 1, writes=3)

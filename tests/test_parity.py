@@ -182,6 +182,41 @@ def test_prompts_attended_alone_and_together_equal_each_sequence_alone(checkpoin
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_last_block_computes_only_the_rows_with_logits(checkpoints, arch, backend, monkeypatch):
+    """In a pass where no item decodes, the last block attends and runs its MLP for the logit rows only
+    (``DecoderOnlyLLM._last_layer_rows``): logits and the K/V every layer wrote still match transformers."""
+    folder, hf = checkpoints[arch]
+    model = load(folder, backend)
+    rows_attended = []  # query rows of each paged_attention call
+    attend = model.ops.paged_attention
+    monkeypatch.setattr(model.ops, "paged_attention",
+                        lambda q, *args, **kw: rows_attended.append(q.shape[0]) or attend(q, *args, **kw))
+    first = model.forward([
+        ForwardItem("prompt", TOKENS[:9], 0, True),
+        ForwardItem("chunk", TOKENS[:5], 0, is_final_chunk=False),
+        ForwardItem("verify", TOKENS[2:8], 0, True, full_logits=True),
+    ])
+    layers = model.config.num_layers
+    assert rows_attended == [20] * (layers - 1) + [7]  # 9 + 5 + 6 rows; then prompt's last row and verify's 6
+    logits = model.ops.to_numpy(first.logits)
+    assert first.rows == {"prompt": (0, 1), "verify": (1, 6)}
+    assert_parity(logits[0], reference_logits(hf, TOKENS[:9])[-1])
+    assert_parity(logits[1:], reference_logits(hf, TOKENS[2:8]))
+    rows_attended.clear()
+    assert model.unified_forward([ForwardItem("chunk", TOKENS[5:7], 5, is_final_chunk=False)]) == {}
+    assert rows_attended == [2] * (layers - 1) + [1]  # no logit rows: one row keeps every layer attended
+    after = model.unified_forward([  # every layer's K/V of both passes, read back
+        ForwardItem("prompt", TOKENS[9:10], 9, True),
+        ForwardItem("chunk", TOKENS[7:11], 7, True),
+        ForwardItem("verify", TOKENS[8:9], 6, True),
+    ])
+    assert_parity(after["prompt"], reference_logits(hf, TOKENS[:10])[-1])
+    assert_parity(after["chunk"], reference_logits(hf, TOKENS[:11])[-1])
+    assert_parity(after["verify"], reference_logits(hf, TOKENS[2:9])[-1])
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
 def test_truncate_then_redecode_equals_never_decoding(checkpoints, backend):
     model = load(checkpoints["llama"][0], backend)
     model.prefill("t", TOKENS[:6])

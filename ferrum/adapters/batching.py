@@ -43,7 +43,11 @@ class LoraBatch:
     @classmethod
     def from_items(cls, item_slots: list[int], lengths: list[int]) -> "LoraBatch":
         """``item_slots[i]`` (or -1) for the ``lengths[i]`` tokens of item ``i``."""
-        token_slots = np.repeat(np.asarray(item_slots, dtype=np.int32), lengths)
+        return cls.from_token_slots(np.repeat(np.asarray(item_slots, dtype=np.int32), lengths))
+
+    @classmethod
+    def from_token_slots(cls, token_slots: np.ndarray) -> "LoraBatch":
+        """Each token's slot (or -1), in token order."""
         adapted = np.flatnonzero(token_slots >= 0)
         order = adapted[np.argsort(token_slots[adapted], kind="stable")].astype(np.int32)
         slots = token_slots[order]

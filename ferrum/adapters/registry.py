@@ -315,6 +315,11 @@ class AdapterRegistry:
                 salts[item.seq_id] = salt
         return salts
 
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """The rest of the pass computes only these token rows (the last layer's narrowed batch)."""
+        if self.batch is not None:
+            self.batch = LoraBatch.from_token_slots(self.batch.token_slots[rows])
+
     @contextmanager
     def active(self, items: Sequence[Any]) -> Iterator[None]:
         """Group the pass's tokens by adapter for every LoraLinear while the pass runs."""
