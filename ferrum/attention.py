@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,16 @@ class AttentionBatch:
     def num_tokens(self) -> int:
         return int(self.cu_seqlens_q[-1])
 
+    @cached_property
+    def query_lengths(self) -> np.ndarray:
+        """``[items]`` query tokens of each item."""
+        return np.diff(self.cu_seqlens_q)
+
+    @cached_property
+    def decoding(self) -> np.ndarray:
+        """The items that feed one token (ascending): decode steps, or one-token prompts and chunks."""
+        return np.flatnonzero(self.query_lengths == 1)
+
     def query_range(self, item: int) -> tuple[int, int]:
         return int(self.cu_seqlens_q[item]), int(self.cu_seqlens_q[item + 1])
 
@@ -57,7 +68,7 @@ class AttentionBatch:
         chunk is; an item none of whose rows is kept is left out.
         """
         keep = np.asarray(keep, dtype=np.int64)
-        item_of = np.repeat(np.arange(self.num_items), np.diff(self.cu_seqlens_q))[keep]
+        item_of = np.repeat(np.arange(self.num_items), self.query_lengths)[keep]
         items, counts = np.unique(item_of, return_counts=True)
         cu = np.zeros(len(items) + 1, dtype=np.int32)
         np.cumsum(counts, out=cu[1:])
@@ -75,7 +86,7 @@ class AttentionBatch:
         longest one's work, while a call per short item costs more to issue than it computes. A
         batch of one item is one call either way (all False).
         """
-        q_len = np.diff(self.cu_seqlens_q).astype(np.int64)
+        q_len = self.query_lengths.astype(np.int64)
         pairs = ALONE_PAIRS if alone_pairs is None else alone_pairs
         return (q_len > 1) & (q_len * self.seq_lens >= pairs) & (self.num_items > 1)
 
@@ -88,7 +99,7 @@ class AttentionBatch:
         taking the calls' concatenated output rows to token order (None when they are in token
         order already).
         """
-        q_len = np.diff(self.cu_seqlens_q)
+        q_len = self.query_lengths
         alone, decoding = self.alone(alone_pairs), q_len == 1
         calls = [np.array([i]) for i in np.flatnonzero(alone)]
         calls += [items for items in (np.flatnonzero(~alone & ~decoding), np.flatnonzero(decoding)) if len(items)]

@@ -71,7 +71,9 @@ class MirrorPlan:
     is in row ``i``, and no other row is in use); ``arena_shape`` the
     ``(rows, capacity)`` the backend's arena must have (at least as large,
     grown in steps, within the book's budget: resize to it, keeping what fits).
-    ``device`` is the backend's cache of device copies of these arrays.
+    ``device`` is the backend's cache of device copies of these arrays. ``fresh``: every
+    copy is a position this batch writes, the covered items' own new tokens, in ``src``
+    order (a backend may then copy from the K/V it was just given, not from the pool).
     """
 
     items: np.ndarray
@@ -85,6 +87,7 @@ class MirrorPlan:
     num_rows: int
     capacity: int
     arena_shape: tuple[int, int]
+    fresh: bool
     _tables: np.ndarray
     _block_size: int
     device: dict[str, Any] = field(default_factory=dict)
@@ -143,7 +146,7 @@ class MirrorBook:
                 self._drop_all()
             self._batch, self._attended = batch, set()
             self._forget_overwritten(batch)
-            decoding = np.flatnonzero(np.diff(batch.cu_seqlens_q) == 1)
+            decoding = batch.decoding
             self._plan = self._make_plan(batch, decoding) if len(decoding) else None
         unseen = writes - self._writes_seen[layer] > 1
         self._writes_seen[layer] = writes
@@ -235,7 +238,7 @@ class MirrorBook:
         """Match ``items`` to mirrors, drop the mirrors no item matched, give the rest free rows
         (None, and no mirrors kept, when the arena cannot hold them within the budget)."""
         bs = self.block_size
-        tables = np.asarray(batch.block_tables, dtype=np.int64)[items]
+        tables = (batch.block_tables if len(items) == batch.num_items else batch.block_tables[items]).astype(np.int64)
         lengths = np.asarray(batch.seq_lens, dtype=np.int64)[items]
         mirrors, shape = self._match(tables, lengths)
         if shape is None:  # the arena keeps its memory (and shape) for a later batch that fits
@@ -254,9 +257,10 @@ class MirrorBook:
         for m, table, length in zip(mirrors, tables, lengths.tolist()):
             m.cover(table, length, bs)
             self._by_block[int(m.blocks[-1])] = m
+        tokens = np.asarray(batch.cu_seqlens_q, dtype=np.int64)[items]
+        fresh = bool((counts == 1).all() and (src == np.asarray(batch.slot_mapping)[tokens]).all())
         return MirrorPlan(
-            items, np.asarray(batch.cu_seqlens_q, dtype=np.int64)[items], len(items) == batch.num_items,
-            rows, lengths, src, rows[item], dst_pos,
+            items, tokens, len(items) == batch.num_items, rows, lengths, src, rows[item], dst_pos,
             num_rows=max(m.row for m in mirrors) + 1, capacity=int(lengths.max()), arena_shape=shape,
-            _tables=tables, _block_size=bs,
+            fresh=fresh, _tables=tables, _block_size=bs,
         )

@@ -163,6 +163,8 @@ class DecoderOnlyLLM:
         #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
         self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
+        self._logits = self._logits_fn()
+        self._logits_compiled = ops.compile_fn(self._logits)
         #: LoRA adapters resident beside the base weights (see :mod:`ferrum.adapters`).
         self.adapters = AdapterRegistry(self)
         #: Bytes the weights occupy on the backend (packed ones at their packed or repacked size).
@@ -280,6 +282,16 @@ class DecoderOnlyLLM:
 
         return enter_first if first else enter, leave
 
+    def _logits_fn(self) -> Callable[[Any, Any], tuple]:
+        """``logits(residual, h) -> (logits,)`` after the last block: a pure function, compiled like the halves."""
+        ops, eps, cap = self.ops, self.config.rms_norm_eps, self.config.arch.final_softcap
+
+        def logits(residual: Any, h: Any) -> tuple:
+            out = self.lm_head(ops.rms_norm(ops.add(residual, h), self.final_norm, eps))
+            return (out if cap is None else ops.softcap(out, cap)),
+
+        return logits
+
     def projections(self) -> list[Linear]:
         """Every linear projection, LM head included (profilers wrap their bound ops)."""
         attention = [p for layer in self.layers for p in (*layer.qkv.linears, layer.o)]
@@ -396,8 +408,7 @@ class DecoderOnlyLLM:
         one token, whose attention may run over the backend's mirrors (``ferrum.kv_mirror``);
         there is little to skip there.
         """
-        q_len = np.diff(batch.cu_seqlens_q)
-        if len(picks) == batch.num_tokens or (q_len == 1).any():
+        if len(picks) == batch.num_tokens or len(batch.decoding):
             return None
         return picks if len(picks) else np.array([batch.num_tokens - 1])
 
@@ -409,10 +420,11 @@ class DecoderOnlyLLM:
         positions = ops.from_numpy(batch.positions, None)
         slots = ops.from_numpy(batch.slot_mapping, None)
         n_tok = batch.num_tokens
-        eps, pool, arch = cfg.rms_norm_eps, self.pool, cfg.arch
+        pool, arch = self.pool, cfg.arch
         softcap = arch.attn_softcap
         ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items() if tables.fixed is None}
-        halves = self._compiled if self.adapters.batch is None else self._halves
+        compiled = self.adapters.batch is None
+        halves, logits_of = (self._compiled, self._logits_compiled) if compiled else (self._halves, self._logits)
 
         rows, picks = self._logit_rows(items, batch, all_logits)
         last_rows = self._last_layer_rows(batch, picks)
@@ -437,16 +449,13 @@ class DecoderOnlyLLM:
                 self.adapters.keep_rows(last_rows)
             attn = ops.paged_attention(q, pool, index, attended, layer.scale, layer.window, softcap)
             residual, h = leave(attn, h)
-        h = ops.add(residual, h)
 
         if not len(picks):
             return ForwardOutput(None, rows)
         if last_rows is None and len(picks) != n_tok:
-            h = ops.take_rows(h, ops.from_numpy(picks.astype(np.int32), None))
-        logits = self.lm_head(ops.rms_norm(h, self.final_norm, eps))
-        if arch.final_softcap is not None:
-            logits = ops.softcap(logits, arch.final_softcap)
-        return ForwardOutput(logits, rows)
+            keep = ops.from_numpy(picks.astype(np.int32), None)
+            residual, h = ops.take_rows(residual, keep), ops.take_rows(h, keep)
+        return ForwardOutput(logits_of(residual, h)[0], rows)
 
     # ------------------------------------------------------ seeds' interface
     def unified_forward(self, items: Sequence[ForwardItem | tuple]) -> dict[Hashable, np.ndarray]:

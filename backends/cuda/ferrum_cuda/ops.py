@@ -817,8 +817,7 @@ def _prepare(batch) -> PreparedBatch:
 def prepare_attention_batch(batch):
     # A batch of decode steps is attended over the mirrors (``_mirrored_decode``); should the
     # book refuse it a plan, ``paged_attention`` prepares it on first use.
-    q_lens = np.diff(batch.cu_seqlens_q)
-    return None if len(q_lens) and bool((q_lens == 1).all()) else _prepare(batch)
+    return None if batch.num_items and len(batch.decoding) == batch.num_items else _prepare(batch)
 
 
 def _gather_kv(pool: KVPool, layer: int, group: _Group):

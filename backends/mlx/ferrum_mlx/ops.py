@@ -252,22 +252,42 @@ def rms_norm(x, weight, eps):
 _periods: dict[int, tuple[mx.array, mx.array]] = {}
 
 
-@hookimpl
-def rope(x, positions, inv_freq):
-    # mx.fast.rope takes periods (1 / inv_freq); per-token positions go in as
-    # per-"batch" offsets of a [T, heads, 1, head_dim] view.
+def _host_array(inv_freq: mx.array, of) -> mx.array:
+    """``of(inv_freq)`` computed on the host once per table, not as a lazy array: the first call may
+    come while a block is traced (``compile_fn``), and a lazy array stays tied to that thread's
+    stream (see ``from_numpy``)."""
     key = id(inv_freq)
     cached = _periods.get(key)
     if cached is None or cached[0] is not inv_freq:
-        # Computed on the host, not as a lazy array: the first call may come while a block is traced
-        # (``compile_fn``), and a lazy array stays tied to that thread's stream (see ``from_numpy``).
-        cached = _periods[key] = (inv_freq, mx.array(1.0 / np.array(inv_freq, dtype=np.float32)))
+        cached = _periods[key] = (inv_freq, mx.array(of(np.array(inv_freq, dtype=np.float32))))
+    return cached[1]
+
+
+def _rope_metal(x, positions, inv_freq):
+    # mx.fast.rope takes periods (1 / inv_freq); per-token positions go in as
+    # per-"batch" offsets of a [T, heads, 1, head_dim] view.
     t, heads, dim = x.shape
     out = mx.fast.rope(
         x.reshape(t, heads, 1, dim), dim, traditional=False, base=None, scale=1.0,
-        offset=positions, freqs=cached[1],
+        offset=positions, freqs=_host_array(inv_freq, lambda f: 1.0 / f),
     )
     return out.reshape(t, heads, dim)
+
+
+def _rope_cpu(x, positions, inv_freq):
+    # MLX's CPU build runs mx.fast.rope as its generic fallback, about a dozen graph nodes per call
+    # (each costs several microseconds to schedule); the rotation written out is five, and inside a
+    # compiled block the angles and their cos/sin fuse with the products.
+    half = x.shape[-1] // 2
+    angles = (positions.astype(mx.float32)[:, None] * _host_array(inv_freq, lambda f: f)[None, :])[:, None, :]
+    cos, sin = mx.cos(angles), mx.sin(angles)  # float32, as mx.fast.rope computes
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([(x1 * cos - x2 * sin).astype(x.dtype), (x2 * cos + x1 * sin).astype(x.dtype)], axis=-1)
+
+
+@hookimpl
+def rope(x, positions, inv_freq):
+    return (_rope_metal if _METAL else _rope_cpu)(x, positions, inv_freq)
 
 
 @hookimpl
@@ -369,6 +389,7 @@ class KVPool:
         self._pending: set[int] = set()
         self.shape = (num_kv_heads, head_dim, dtype)
         self.writes = [0] * num_layers  # kv_write calls per layer, for the mirror book
+        self.written: list[tuple[mx.array, mx.array] | None] = [None] * num_layers  # the last write's k, v
         # Decode's contiguous copies hold at most as many positions as the pool itself.
         self.mirrors = MirrorBook(num_layers, block_size, max_positions=num_blocks * block_size)
         self.arena_k: list[mx.array] = []  # per layer [rows, kv_heads, capacity, head_dim]
@@ -377,6 +398,7 @@ class KVPool:
     def write(self, layer, k, v, slots):
         self.k[layer][slots] = k
         self.v[layer][slots] = v
+        self.written[layer] = (k, v)  # a plan whose copies are these rows takes them from here
         self.writes[layer] += 1
         self._pending.add(layer)
 
@@ -475,7 +497,7 @@ class _Group:
     ``kv_slots``, an end-aligned mask; one item alone needs no padding and a causal mask only."""
 
     def __init__(self, batch, items: np.ndarray):
-        q_len = np.diff(batch.cu_seqlens_q)[items].astype(np.int64)
+        q_len = batch.query_lengths[items].astype(np.int64)
         kv_len = batch.seq_lens[items].astype(np.int64)
         starts = batch.cu_seqlens_q[:-1][items].astype(np.int64)
         self.single = len(items) == 1
@@ -549,22 +571,40 @@ class PreparedBatch:
 def prepare_attention_batch(batch):
     # A batch of decode steps is attended over the mirrors (``_mirrored_decode``); should the
     # book refuse it a plan, ``paged_attention`` prepares it on first use.
-    return None if bool((np.diff(batch.cu_seqlens_q) == 1).all()) else PreparedBatch(batch)
+    return None if len(batch.decoding) == batch.num_items else PreparedBatch(batch)
+
+
+def _arena_copies(pool: KVPool, layer: int, plan: MirrorPlan, sync: str) -> tuple[mx.array, ...]:
+    """``(rows, heads, positions)`` arena coordinates, each ``[copies, kv_heads]`` (indexing with whole
+    grids costs MLX one scatter node, a ``:`` for the heads nine), and the K and V values to put
+    there: this step's own rows when the plan copies only those (``plan.fresh``), else the pool's."""
+    dev = plan.device
+    if sync not in dev:
+        src, dst_row, dst_pos = (plan.src, plan.dst_row, plan.dst_pos) if sync == "step" else plan.full()
+        grids = np.empty((3, len(src), pool.shape[0]), dtype=np.int32)  # (row, head, position) of each copy
+        grids[0], grids[1], grids[2] = dst_row[:, None], np.arange(pool.shape[0]), dst_pos[:, None]
+        dev[sync] = (mx.array(src.astype(np.int32)), *(mx.array(g) for g in grids))
+    src, *where = dev[sync]
+    if sync == "step" and plan.fresh:
+        k, v = pool.written[layer]
+        if plan.whole:
+            return (*where, k, v)
+        if "tokens" not in dev:
+            dev["tokens"] = mx.array(plan.tokens.astype(np.int32))
+        return (*where, k[dev["tokens"]], v[dev["tokens"]])
+    return (*where, pool.k[layer][src], pool.v[layer][src])
 
 
 def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None):
     """Decode items attended over their arena rows: only the positions written since
     the last step are copied from the pool (``ferrum.kv_mirror``)."""
     dev = plan.device
-    if sync not in dev:
-        dev[sync] = [mx.array(a.astype(np.int32)) for a in ((plan.src, plan.dst_row, plan.dst_pos)
-                                                            if sync == "step" else plan.full())]
     pool.fit_arena(*plan.arena_shape)
-    src, dst_row, dst_pos = dev[sync]
     k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
-    if src.size:
-        k_rows[dst_row, :, dst_pos] = pool.k[layer][src]
-        v_rows[dst_row, :, dst_pos] = pool.v[layer][src]
+    if plan.src.size or sync != "step":
+        rows, heads_at, positions, k_new, v_new = _arena_copies(pool, layer, plan, sync)
+        k_rows[rows, heads_at, positions] = k_new
+        v_rows[rows, heads_at, positions] = v_new
     n, heads, d = q.shape
     kvh = k_rows.shape[1]
     qg = q.reshape(n, kvh, heads // kvh, d)
