@@ -245,9 +245,11 @@ def test_a_narrowed_batch_keeps_each_items_last_rows_and_counts_as_its_parent_in
                               np.array([0, 1], np.int32), np.array([length], np.int32), np.array([[6, 7]], np.int32), 4)
 
     book = MirrorBook(num_layers=2, block_size=4)
+    plans = []
     for writes, (first, second) in enumerate([(decode_step(6),) * 2, (batch, last), (decode_step(7),) * 2], 1):
-        plan, _ = book.begin(first, 0, writes)
-        assert book.begin(second, 1, writes)[0] is plan
-    assert plan.src.tolist() == [30]
+        plans.append(book.begin(first, 0, writes)[0])
+        assert book.begin(second, 1, writes)[0] is plans[-1]
+    assert len(plans[0].src) == 6 and not plans[0].fresh  # a new mirror copies the whole sequence
+    assert plans[2].src.tolist() == [30] and plans[2].fresh  # then only the token this step writes
     with pytest.raises(ValueError, match="decodes"):  # its decoding items have mirrors to keep in step
         book.begin(decode_step(7).narrowed(np.array([0])), 1, writes=3)
