@@ -405,8 +405,8 @@ class DecoderOnlyLLM:
         written), so a prefill chunk of n tokens costs that block one query's attention instead
         of n (mlx-lm and llama.cpp skip the same work). A pass without logit rows keeps one
         row, so every layer is still attended. Not narrowed: batches in which some item decodes
-        one token, whose attention may run over the backend's mirrors (``ferrum.kv_mirror``);
-        there is little to skip there.
+        one token, whose attention runs over the backend's mirrors under a plan made for the
+        whole batch's items (``ferrum.kv_mirror``).
         """
         if len(picks) == batch.num_tokens or len(batch.decoding):
             return None
