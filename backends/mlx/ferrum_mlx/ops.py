@@ -252,14 +252,14 @@ def rms_norm(x, weight, eps):
 _periods: dict[int, tuple[mx.array, mx.array]] = {}
 
 
-def _host_array(inv_freq: mx.array, of) -> mx.array:
-    """``of(inv_freq)`` computed on the host once per table, not as a lazy array: the first call may
+def _periods_of(inv_freq: mx.array) -> mx.array:
+    """``1 / inv_freq`` computed on the host once per table, not as a lazy array: the first call may
     come while a block is traced (``compile_fn``), and a lazy array stays tied to that thread's
     stream (see ``from_numpy``)."""
     key = id(inv_freq)
     cached = _periods.get(key)
     if cached is None or cached[0] is not inv_freq:
-        cached = _periods[key] = (inv_freq, mx.array(of(np.array(inv_freq, dtype=np.float32))))
+        cached = _periods[key] = (inv_freq, mx.array(1.0 / np.array(inv_freq, dtype=np.float32)))
     return cached[1]
 
 
@@ -269,17 +269,17 @@ def _rope_metal(x, positions, inv_freq):
     t, heads, dim = x.shape
     out = mx.fast.rope(
         x.reshape(t, heads, 1, dim), dim, traditional=False, base=None, scale=1.0,
-        offset=positions, freqs=_host_array(inv_freq, lambda f: 1.0 / f),
+        offset=positions, freqs=_periods_of(inv_freq),
     )
     return out.reshape(t, heads, dim)
 
 
 def _rope_cpu(x, positions, inv_freq):
     # MLX's CPU build runs mx.fast.rope as its generic fallback, about a dozen graph nodes per call
-    # (each costs several microseconds to schedule); the rotation written out is five, and inside a
-    # compiled block the angles and their cos/sin fuse with the products.
+    # (each costs microseconds to schedule); written out, the rotation is five, and a compiled block
+    # computes the angles' cos and sin once for its q and k.
     half = x.shape[-1] // 2
-    angles = (positions.astype(mx.float32)[:, None] * _host_array(inv_freq, lambda f: f)[None, :])[:, None, :]
+    angles = (positions.astype(mx.float32)[:, None] * inv_freq[None, :])[:, None, :]  # inv_freq: float32
     cos, sin = mx.cos(angles), mx.sin(angles)  # float32, as mx.fast.rope computes
     x1, x2 = x[..., :half], x[..., half:]
     return mx.concatenate([(x1 * cos - x2 * sin).astype(x.dtype), (x2 * cos + x1 * sin).astype(x.dtype)], axis=-1)
