@@ -163,8 +163,8 @@ class DecoderOnlyLLM:
         #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
         self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
-        self._logits = self._logits_fn()
-        self._logits_compiled = ops.compile_fn(self._logits)
+        self._final = self._final_norm_fn()
+        self._final_compiled = ops.compile_fn(self._final)
         #: LoRA adapters resident beside the base weights (see :mod:`ferrum.adapters`).
         self.adapters = AdapterRegistry(self)
         #: Bytes the weights occupy on the backend (packed ones at their packed or repacked size).
@@ -282,15 +282,16 @@ class DecoderOnlyLLM:
 
         return enter_first if first else enter, leave
 
-    def _logits_fn(self) -> Callable[[Any, Any], tuple]:
-        """``logits(residual, h) -> (logits,)`` after the last block: a pure function, compiled like the halves."""
-        ops, eps, cap = self.ops, self.config.rms_norm_eps, self.config.arch.final_softcap
+    def _final_norm_fn(self) -> Callable[[Any, Any], tuple]:
+        """``final_norm(residual, h) -> (normed,)`` after the last block: a pure function, compiled like the
+        halves. The LM head stays outside, so logits, which outlive the pass, are never a buffer that a
+        compiled call reuses (``compile_fn``)."""
+        ops, eps = self.ops, self.config.rms_norm_eps
 
-        def logits(residual: Any, h: Any) -> tuple:
-            out = self.lm_head(ops.rms_norm(ops.add(residual, h), self.final_norm, eps))
-            return (out if cap is None else ops.softcap(out, cap)),
+        def final_norm(residual: Any, h: Any) -> tuple:
+            return (ops.rms_norm(ops.add(residual, h), self.final_norm, eps),)
 
-        return logits
+        return final_norm
 
     def projections(self) -> list[Linear]:
         """Every linear projection, LM head included (profilers wrap their bound ops)."""
@@ -424,7 +425,7 @@ class DecoderOnlyLLM:
         softcap = arch.attn_softcap
         ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items() if tables.fixed is None}
         compiled = self.adapters.batch is None
-        halves, logits_of = (self._compiled, self._logits_compiled) if compiled else (self._halves, self._logits)
+        halves, final = (self._compiled, self._final_compiled) if compiled else (self._halves, self._final)
 
         rows, picks = self._logit_rows(items, batch, all_logits)
         last_rows = self._last_layer_rows(batch, picks)
@@ -455,7 +456,10 @@ class DecoderOnlyLLM:
         if last_rows is None and len(picks) != n_tok:
             keep = ops.from_numpy(picks.astype(np.int32), None)
             residual, h = ops.take_rows(residual, keep), ops.take_rows(h, keep)
-        return ForwardOutput(logits_of(residual, h)[0], rows)
+        logits = self.lm_head(final(residual, h)[0])
+        if arch.final_softcap is not None:
+            logits = ops.softcap(logits, arch.final_softcap)
+        return ForwardOutput(logits, rows)
 
     # ------------------------------------------------------ seeds' interface
     def unified_forward(self, items: Sequence[ForwardItem | tuple]) -> dict[Hashable, np.ndarray]:
