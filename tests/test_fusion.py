@@ -173,6 +173,39 @@ def test_compiled_blocks_give_the_plain_logits(name, arch, tmp_path):
         assert_same(compiled, plain)
 
 
+def test_a_compile_fn_that_reuses_its_outputs_leaves_every_pass_its_own_logits(tmp_path):
+    """``compile_fn`` may hand back views of buffers that its next call of the same shape overwrites (CUDA
+    graphs do). Emulated on numpy for every backend's sake: the blocks still chain correctly, and a pass's
+    logits, read after later passes of the same sizes, are still its own."""
+    from ferrum.backends import load_backend
+
+    def reusing(fn):
+        buffers: dict = {}
+
+        def call(*args):
+            outs = fn(*args)
+            kept = buffers.setdefault(tuple(a.shape for a in args), [np.empty_like(o) for o in outs])
+            for buffer, out in zip(kept, outs):
+                buffer[...] = out
+            return tuple(kept)
+
+        return call
+
+    write_arch_checkpoint(tmp_path, "qwen3")
+    reused = load_backend("cpu")
+    reused.ops.compile_fn = reusing
+    outputs = []
+    for backend in ("cpu", reused):
+        model = DecoderOnlyLLM.from_pretrained(tmp_path, backend=backend, block_size=4)
+        model.prefill("a", TOKENS[:5])
+        model.prefill("b", TOKENS[2:9])
+        passes = [model.forward([ForwardItem(s, [3 + step], model.kv.length(s)) for s in seqs]).logits
+                  for step, seqs in enumerate(("ab", "a", "ab", "b"))]
+        outputs.append(passes)
+    for reused_logits, plain in zip(outputs[1], outputs[0]):
+        assert_same(reused_logits, plain)
+
+
 @pytest.mark.parametrize("name", ["mlx", "cuda"])
 def test_a_block_that_reads_the_host_runs_eagerly(name):
     """A core fallback inside a block (e.g. MoE experts in a format MLX declines, or the torch backend's expert
