@@ -365,21 +365,21 @@ class DecoderOnlyLLM:
         return out
 
     def _attention_batch(self, items: Sequence[ForwardItem]) -> AttentionBatch:
-        kv = self.kv
-        lengths = np.array([len(it.q_tokens) for it in items], dtype=np.int32)
-        positions = np.concatenate(
-            [np.arange(it.pos_offset, it.pos_offset + n, dtype=np.int32) for it, n in zip(items, lengths)]
-        )
-        slots = np.concatenate([kv.slots(it.seq_id, it.pos_offset, int(n)) for it, n in zip(items, lengths)])
+        """The pass's host metadata, computed for all items at once (a few numpy calls per pass,
+        not per item: a decode step of many sequences builds it every step)."""
+        kv, bs = self.kv, self.kv.block_size
+        lengths = np.fromiter((len(it.q_tokens) for it in items), dtype=np.int32, count=len(items))
+        offsets = np.fromiter((it.pos_offset for it in items), dtype=np.int32, count=len(items))
         tables = [kv.block_table(it.seq_id) for it in items]
-        width = max(len(t) for t in tables)
-        block_tables = np.zeros((len(items), width), dtype=np.int32)
+        block_tables = np.zeros((len(items), max(len(t) for t in tables)), dtype=np.int32)
         for row, table in enumerate(tables):
             block_tables[row, : len(table)] = table
         cu = np.zeros(len(items) + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu[1:])
-        seq_lens = np.array([it.pos_offset for it in items], dtype=np.int32) + lengths
-        return AttentionBatch(positions, slots, cu, seq_lens, block_tables, kv.block_size)
+        item_of_token = np.repeat(np.arange(len(items)), lengths)
+        positions = (np.arange(cu[-1], dtype=np.int32) - (cu[:-1] - offsets)[item_of_token]).astype(np.int32)
+        slots = (block_tables[item_of_token, positions // bs] * bs + positions % bs).astype(np.int32)
+        return AttentionBatch(positions, slots, cu, offsets + lengths, block_tables, bs)
 
     @staticmethod
     def _logit_rows(items: Sequence[ForwardItem], batch: AttentionBatch,
