@@ -597,7 +597,7 @@ def _arena_copies(pool: KVPool, layer: int, plan: MirrorPlan, sync: str) -> tupl
 
 def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None):
     """Decode items attended over their arena rows: only the positions written since
-    the last step are copied from the pool (``ferrum.kv_mirror``)."""
+    the last step are copied in (``_arena_copies``, ``ferrum.kv_mirror``)."""
     dev = plan.device
     pool.fit_arena(*plan.arena_shape)
     k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
