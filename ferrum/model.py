@@ -377,8 +377,8 @@ class DecoderOnlyLLM:
         cu = np.zeros(len(items) + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu[1:])
         item_of_token = np.repeat(np.arange(len(items)), lengths)
-        positions = (np.arange(cu[-1], dtype=np.int32) - (cu[:-1] - offsets)[item_of_token]).astype(np.int32)
-        slots = (block_tables[item_of_token, positions // bs] * bs + positions % bs).astype(np.int32)
+        positions = np.arange(cu[-1], dtype=np.int32) - (cu[:-1] - offsets)[item_of_token]  # int32 throughout
+        slots = block_tables[item_of_token, positions // bs] * bs + positions % bs
         return AttentionBatch(positions, slots, cu, offsets + lengths, block_tables, bs)
 
     @staticmethod
