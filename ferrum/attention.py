@@ -48,6 +48,11 @@ class AttentionBatch:
         return np.diff(self.cu_seqlens_q)
 
     @cached_property
+    def token_items(self) -> np.ndarray:
+        """``[T]`` the item each query token belongs to."""
+        return np.repeat(np.arange(self.num_items), self.query_lengths)
+
+    @cached_property
     def decoding(self) -> np.ndarray:
         """The items that feed one token (ascending): decode steps, or one-token prompts and chunks."""
         return np.flatnonzero(self.query_lengths == 1)
@@ -68,7 +73,7 @@ class AttentionBatch:
         chunk is; an item none of whose rows is kept is left out.
         """
         keep = np.asarray(keep, dtype=np.int64)
-        item_of = np.repeat(np.arange(self.num_items), self.query_lengths)[keep]
+        item_of = self.token_items[keep]
         items, counts = np.unique(item_of, return_counts=True)
         cu = np.zeros(len(items) + 1, dtype=np.int32)
         np.cumsum(counts, out=cu[1:])
@@ -105,6 +110,5 @@ class AttentionBatch:
         calls += [items for items in (np.flatnonzero(~alone & ~decoding), np.flatnonzero(decoding)) if len(items)]
         if len(calls) == 1:
             return calls, None
-        token_item = np.repeat(np.arange(self.num_items), q_len)
-        emitted = np.concatenate([np.flatnonzero(np.isin(token_item, items)) for items in calls])
+        emitted = np.concatenate([np.flatnonzero(np.isin(self.token_items, items)) for items in calls])
         return calls, np.argsort(emitted)
