@@ -22,7 +22,10 @@ cap() { local left=$((deadline - SECONDS)); echo $((left < $1 ? (left > 1 ? left
 timeout "$(cap 180)" "$py" -m pytest -q tests/test_quant_torch.py tests/test_conformance.py tests/test_parity.py \
   tests/test_engine.py tests/test_quant.py tests/test_kv_mirror.py tests/test_async_stepping.py \
   tests/test_fusion.py tests/test_moe.py -k "cuda or torch or quant or book" || echo "tests: exit $?"
-timeout "$(cap 60)" "$py" -m ferrum.testing cuda --dtype bfloat16 || echo "conformance: exit $?"
+# A block whose CUDA graph capture fails runs eagerly (correct, slower) with a warning: counted, 0 expected.
+timeout "$(cap 60)" "$py" -m ferrum.testing cuda --dtype bfloat16 2>&1 | tee "$out/conformance.txt" \
+  || echo "conformance: exit $?"
+echo "conformance: $(grep -c 'without CUDA graphs' "$out/conformance.txt") block(s) fell back to eager (0 expected)"
 # Decode step time at 100 vs 1,000 tokens of context (target: <= 1.15x), batch 1 and 8, beside transformers' own.
 timeout "$(cap 60)" "$py" benchmarks/context_growth.py --backend cuda --batch 1 8 --pairs 3 --peer \
   | tee "$out/context-growth.txt" || echo "context growth: exit $?"

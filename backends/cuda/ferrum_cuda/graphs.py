@@ -21,6 +21,7 @@ runs eagerly from its first failed capture on. ``FERRUM_CUDA_GRAPHS=0`` turns gr
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import warnings
@@ -65,8 +66,7 @@ class _Graph:
             # (rope's tables) misses, so what it derives is computed in the graph, not read from the warm-up.
             self._load(args)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=_pool_id()):
-                self.outputs = fn(*self.inputs)
+            self.outputs = _capture(self.graph, fn, self.inputs)
 
     def _load(self, args: tuple[torch.Tensor, ...]) -> None:
         for static, arg in zip(self.inputs, args):
@@ -76,6 +76,31 @@ class _Graph:
         self._load(args)
         self.graph.replay()
         return tuple(out[:n] for out in self.outputs)
+
+
+def _capture(graph: torch.cuda.CUDAGraph, fn: Callable[..., tuple], inputs: list[torch.Tensor]) -> tuple:
+    """``fn(*inputs)`` captured into ``graph``, with nothing of the process's own able to spoil the capture.
+
+    A capture that CUDA invalidates ends without torch closing its pool's recording (torch 2.11), and every
+    later capture into that pool fails, leaving every block captured after it eager. Two such spoilers are
+    shut out: the collector, which may free a dead model's graphs mid-capture (destroying a graph is a CUDA
+    call a capture forbids), and other threads' CUDA work (a second model stepping), by thread-local errors.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=_pool_id(), capture_error_mode="thread_local"):
+            return fn(*inputs)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    """The error that started a failed capture: a spoiled capture's end raises its own, over the first."""
+    while exc.__context__ is not None:
+        exc = exc.__context__
+    return exc
 
 
 def graphed(fn: Callable[..., tuple]) -> Callable[..., tuple]:
@@ -100,8 +125,8 @@ def graphed(fn: Callable[..., tuple]) -> Callable[..., tuple]:
                 torch.cuda.synchronize()
                 eager = True
                 graphs.clear()
-                warnings.warn(f"ferrum cuda backend: a block runs without CUDA graphs ({exc})", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(f"ferrum cuda backend: a block runs without CUDA graphs ({_first_cause(exc)})",
+                              RuntimeWarning, stacklevel=2)
                 return fn(*args)
         return graph(args, n)
 
