@@ -120,3 +120,18 @@ def test_command_line(capsys, registered):
     assert main(["badrope"]) == 1
     assert main(["cpu", "--dtype", "bfloat16"]) == 1  # the numpy backend computes in float32 only
     assert "not in" in capsys.readouterr().out
+
+
+def test_mlx_attention_written_out_conforms(monkeypatch):
+    """MLX's CPU path writes large attention calls out (base-2 softmax) and leaves small ones to the fused call;
+    forced on every call, the written-out path passes the kit too: GQA, end-aligned causal and window masks,
+    paged groups, decode over the mirrors, whole models."""
+    if "mlx" not in runnable_backends():
+        pytest.skip("the mlx backend cannot run here")
+    import ferrum_mlx.ops as mlx_ops
+
+    if mlx_ops._METAL:
+        pytest.skip("on Metal every call without a soft cap takes the fused kernel")
+    monkeypatch.setattr(mlx_ops, "_WRITTEN_OUT_SCORES", 0)
+    for dtype in ("float32", "bfloat16"):
+        assert_conformance("mlx", dtype)

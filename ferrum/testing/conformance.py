@@ -221,6 +221,8 @@ def check_silu_mul(c: _Context, tol: float) -> float:
 
 #: (q_len, kv_len, heads, kv_heads, head_dim): GQA 7:1 prefill, MQA, MHA with one query (decode).
 _ATTENTION_CASES = ((5, 11, 14, 2, 48), (3, 3, 6, 1, 16), (1, 9, 4, 4, 32))
+#: A chunk over a longer context: backends switch kernels by size (MLX's CPU path writes large calls out).
+_LONG_ATTENTION_CASE = (24, 200, 8, 2, 32)
 
 
 def check_attention(
@@ -509,6 +511,13 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
     checks[-1:-1] = family_checks(c, tol, model_tol)
     checks.append(("model packed at 4 bits: logits and greedy tokens", lambda: check_model(c, model_tol, packed_bits=4),
                    model_tol))
+    # Last, so that the inputs the checks above draw stay as they were.
+    q_len, kv_len = _LONG_ATTENTION_CASE[:2]
+    checks.append((f"attention, {q_len} queries over {kv_len} keys",
+                   lambda: check_attention(c, tol, cases=(_LONG_ATTENTION_CASE,)), tol))
+    if ops.accepts("attention", "sliding_window"):
+        checks.append((f"attention, {q_len} queries over {kv_len} keys, sliding window",
+                       lambda: check_attention(c, tol, window=64, cases=(_LONG_ATTENTION_CASE,)), tol))
     return checks
 
 

@@ -460,21 +460,37 @@ def _end_aligned_mask(q_len: np.ndarray, kv_len: np.ndarray, max_q: int, max_kv:
     return allowed[:, None]
 
 
+#: Scores are taken in base 2 where attention is written out: ``2 ** x`` is one MLX op, like ``exp``.
+_LOG2_E = 1.4426950408889634
+#: On the CPU, calls with fewer scores than this keep the fused call: its few graph nodes cost less than
+#: the cheaper ``2 ** x`` saves (one sequence over 100 keys: 60 against 110 us; over 1,000: level).
+_WRITTEN_OUT_SCORES = 8192
+
+
 def _sdpa(q, k, v, scale, mask, softcap):
-    """``mx.fast.scaled_dot_product_attention``, or with Gemma 2's ``cap * tanh(scores / cap)``
-    on the scores (which the fused kernel does not take) the same written out."""
-    if softcap is None:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    """Attention of ``q [B, H, Lq, d]`` over ``k, v [B, KVH, Lk, d]``.
+
+    On Metal, MLX's fused kernel, unless Gemma 2's ``cap * tanh(scores / cap)`` applies (the kernel does
+    not take it). Elsewhere written out: MLX's CPU build runs the fused call as generic ops whose softmax
+    ``exp`` costs ~25 ns an element here against ~10 for ``2 ** x``, so the scores are scaled into base 2
+    (32 sequences decoding over 1,000 keys attend ~1.4x faster; see benchmarks/README.md).
+    """
     b, heads, lq, d = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
+    if softcap is None and (_METAL or b * heads * lq * lk < _WRITTEN_OUT_SCORES):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     qg = q.reshape(b, kv_heads, heads // kv_heads, lq, d)
-    scores = (qg @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32) * scale  # [B, KVH, G, Lq, Lk]
-    scores = mx.tanh(scores / softcap) * softcap
+    if softcap is None:
+        scores = ((qg * (scale * _LOG2_E)) @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32)
+    else:
+        scores = (qg @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32) * scale  # [B, KVH, G, Lq, Lk]
+        scores = mx.tanh(scores / softcap) * (softcap * _LOG2_E)
     if isinstance(mask, str):  # "causal", end-aligned
         mask = mx.arange(lk)[None, :] <= mx.arange(lk - lq, lk)[:, None]
     if mask is not None:
         scores = mx.where(mask[:, :, None] if mask.ndim == 4 else mask, scores, -mx.inf)
-    probs = mx.softmax(scores, axis=-1).astype(v.dtype)
+    weights = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
+    probs = (weights / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
     return (probs @ v[:, :, None]).reshape(b, heads, lq, d)
 
 
