@@ -145,9 +145,12 @@ class MirrorBook:
             if self._reset_next or (self._batch is not None and len(self._attended) < self.num_layers):
                 self._drop_all()
             self._batch, self._attended = batch, set()
-            self._forget_overwritten(batch)
             decoding = batch.decoding
-            self._plan = self._make_plan(batch, decoding) if len(decoding) else None
+            plan = self._next_step(batch, decoding)
+            if plan is None:
+                self._forget_overwritten(batch)
+                plan = self._make_plan(batch, decoding) if len(decoding) else None
+            self._plan = plan
         unseen = writes - self._writes_seen[layer] > 1
         self._writes_seen[layer] = writes
         self._attended.add(layer)
@@ -167,6 +170,7 @@ class MirrorBook:
     def _drop_all(self) -> None:
         self._mirrors.clear()
         self._by_block.clear()
+        self._plan = None
         self._reset_next = False
 
     def _forget_overwritten(self, batch: Any) -> None:
@@ -233,6 +237,45 @@ class MirrorBook:
             if shape is not None:
                 break
         return mirrors, shape
+
+    def _next_step(self, batch: Any, items: np.ndarray) -> MirrorPlan | None:
+        """The plan of a batch that is the last plan's one token on (decoding's steady state), else None.
+
+        The same sequences in the same order, each one position longer, the blocks their mirrors hold
+        unchanged: each writes its next position into its own last block, which no other sequence
+        holds (shared blocks are full ones), so no mirror is overwritten and each row takes one copy.
+        A few whole-batch comparisons stand in for matching every item again (``_make_plan``).
+        """
+        last, n = self._plan, len(items)
+        if last is None or not last.whole or n != batch.num_items or n != len(last.items):
+            return None
+        lengths = np.asarray(batch.seq_lens, dtype=np.int64)
+        if not np.array_equal(lengths, last.lengths + 1):
+            return None
+        bs = self.block_size
+        tables = np.asarray(batch.block_tables, dtype=np.int64)
+        held = -(-last.lengths // bs)  # blocks each mirror holds
+        width = int(held.max())
+        same = (tables[:, :width] == last._tables[:, :width]) | (np.arange(width)[None, :] >= held[:, None])
+        if not same.all():
+            return None
+        positions = lengths - 1
+        written = tables[np.arange(n), positions // bs]
+        src = written * bs + positions % bs
+        tokens = np.asarray(batch.cu_seqlens_q, dtype=np.int64)[items]
+        shape = self._arena_for(last.num_rows, int(lengths.max()), self.arena_shape)
+        if shape is None or not np.array_equal(src, np.asarray(batch.slot_mapping, dtype=np.int64)[tokens]):
+            return None
+        for i in np.flatnonzero(lengths > held * bs).tolist():  # a new block joins these mirrors
+            self._mirrors[i].cover(tables[i], int(lengths[i]), bs)
+        for m, length in zip(self._mirrors, lengths.tolist()):
+            m.length = length
+        self._by_block = dict(zip(written.tolist(), self._mirrors))
+        self.arena_shape = shape
+        return MirrorPlan(
+            items, tokens, True, last.rows, lengths, src, last.rows, positions, num_rows=last.num_rows,
+            capacity=int(lengths.max()), arena_shape=shape, fresh=True, _tables=tables, _block_size=bs,
+        )
 
     def _make_plan(self, batch: Any, items: np.ndarray) -> MirrorPlan | None:
         """Match ``items`` to mirrors, drop the mirrors no item matched, give the rest free rows

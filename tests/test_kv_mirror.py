@@ -253,3 +253,90 @@ def test_a_narrowed_batch_keeps_each_items_last_rows_and_counts_as_its_parent_in
     assert plans[2].src.tolist() == [30] and plans[2].fresh  # then only the token this step writes
     with pytest.raises(ValueError, match="decodes"):  # its decoding items have mirrors to keep in step
         book.begin(decode_step(7).narrowed(np.array([0])), 1, writes=3)
+
+
+def _random_batches(steps: int, seed: int):
+    """Batches of sequences that mostly decode, and now and then join (a prompt), leave (their blocks
+    return to the free list and are handed out again), roll back (speculative decoding, preemption)
+    or change places: ``AttentionBatch``es as the KV manager would describe them (block size 4)."""
+    rng = np.random.default_rng(seed)
+    free = list(range(200))
+    seqs: list[list] = []  # [block table, length]
+
+    def grow(seq, length):
+        while len(seq[0]) * 4 < length:
+            seq[0].append(free.pop(int(rng.integers(len(free)))))
+        seq[1] = length
+
+    for _ in range(steps):
+        for seq in [seq for seq in seqs if seq[1] > 60]:  # finished
+            seqs.remove(seq)
+            free.extend(seq[0])
+        event = rng.random()
+        if not seqs or (event < 0.08 and len(seqs) < 8):
+            seqs.extend([[], 0] for _ in range(int(rng.integers(1, 4))))  # a burst: the same prompt length
+            q_lens_new = int(rng.integers(2, 12))
+        else:
+            q_lens_new = 0
+        if event > 0.94 and len(seqs) > 1:
+            table, _ = seqs.pop(int(rng.integers(len(seqs))))
+            free.extend(table)
+        elif 0.9 < event <= 0.94:
+            seq = seqs[int(rng.integers(len(seqs)))]
+            seq[1] = max(1, seq[1] - int(rng.integers(1, 6)))  # the next write lands inside the mirror
+            free.extend(seq[0][-(-seq[1] // 4):])
+            del seq[0][-(-seq[1] // 4):]
+        elif 0.86 < event <= 0.9:
+            lengths = [seq[1] for seq in seqs]
+            twins = [(i, j) for i in range(len(seqs)) for j in range(i) if lengths[i] == lengths[j]]
+            if twins:  # the lengths stay as they were: only the block tables tell the swap
+                i, j = twins[int(rng.integers(len(twins)))]
+                seqs[i], seqs[j] = seqs[j], seqs[i]
+            else:
+                rng.shuffle(seqs)
+        items = []
+        for seq in seqs:
+            q = q_lens_new if seq[1] == 0 else 1
+            grow(seq, seq[1] + q)
+            items.append((np.array(seq[0]), seq[1], q))
+        q_lens = np.array([q for _, _, q in items])
+        cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        table = np.zeros((len(items), max(len(t) for t, _, _ in items)), dtype=np.int32)
+        for row, (blocks, _, _) in enumerate(items):
+            table[row, : len(blocks)] = blocks
+        positions = np.concatenate([np.arange(n - q, n) for _, n, q in items]).astype(np.int32)
+        slots = np.concatenate([t[p // 4] * 4 + p % 4 for t, n, q in items for p in [np.arange(n - q, n)]])
+        yield AttentionBatch(positions, slots.astype(np.int32), cu,
+                             np.array([n for _, n, _ in items], dtype=np.int32), table, 4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_steady_state_shortcut_plans_what_full_matching_plans(seed, monkeypatch):
+    """Decoding's steady state (the same sequences, one token on) is planned by a few whole-batch checks
+    (``MirrorBook._next_step``) instead of matching every item again: over random batches, with
+    sequences joining, leaving, rolling back and changing places, its plans equal full matching's."""
+    fast, full = MirrorBook(num_layers=2, block_size=4, max_positions=600), MirrorBook(2, 4, max_positions=600)
+    shortcuts = 0
+    original = MirrorBook._next_step
+
+    def counted(book, batch, items):
+        nonlocal shortcuts
+        plan = original(book, batch, items)
+        shortcuts += plan is not None
+        return plan
+
+    monkeypatch.setattr(full, "_next_step", lambda batch, items: None)
+    monkeypatch.setattr(fast, "_next_step", lambda batch, items: counted(fast, batch, items))
+    for writes, batch in enumerate(_random_batches(300, seed), 1):
+        for layer in range(2):
+            got, want = fast.begin(batch, layer, writes), full.begin(batch, layer, writes)
+            assert got[1] == want[1]
+            assert (got[0] is None) == (want[0] is None)
+            if want[0] is not None:
+                for name in ("items", "tokens", "rows", "lengths", "src", "dst_row", "dst_pos", "_tables"):
+                    np.testing.assert_array_equal(getattr(got[0], name), getattr(want[0], name), err_msg=name)
+                for name in ("whole", "num_rows", "capacity", "arena_shape", "fresh"):
+                    assert getattr(got[0], name) == getattr(want[0], name), name
+                for part_got, part_want in zip(got[0].full(), want[0].full()):
+                    np.testing.assert_array_equal(part_got, part_want)
+    assert shortcuts > 150  # the steady state is the common case, and the shortcut took it
