@@ -323,14 +323,16 @@ class DecoderOnlyLLM:
             n = len(item.q_tokens)
             if n == 0:
                 raise InvalidRequestError(f"sequence {item.seq_id!r}: empty token list; give at least one token")
-            tokens = np.asarray(item.q_tokens[:-1] if ends_on_device(item.q_tokens) else item.q_tokens)
-            if tokens.size and tokens.dtype.kind not in "iu":
-                raise InvalidRequestError(f"sequence {item.seq_id!r}: token ids must be integers")
-            bad = tokens[(tokens < 0) | (tokens >= vocab)]
-            if bad.size:
-                raise InvalidRequestError(
-                    f"sequence {item.seq_id!r}: token id {int(bad[0])} is outside the vocabulary [0, {vocab})"
-                )
+            host = item.q_tokens[:-1] if ends_on_device(item.q_tokens) else item.q_tokens
+            if len(host):  # a decode step fed by the device has none to check
+                tokens = np.asarray(host)
+                if tokens.dtype.kind not in "iu":
+                    raise InvalidRequestError(f"sequence {item.seq_id!r}: token ids must be integers")
+                bad = tokens[(tokens < 0) | (tokens >= vocab)]
+                if bad.size:
+                    raise InvalidRequestError(
+                        f"sequence {item.seq_id!r}: token id {int(bad[0])} is outside the vocabulary [0, {vocab})"
+                    )
             cached = self.kv.length(item.seq_id) if item.seq_id in self.kv else 0
             if item.pos_offset != cached:
                 raise PositionMismatchError(
