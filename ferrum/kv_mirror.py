@@ -16,7 +16,8 @@ table prefix is compared). A mirror stays exact because
 
 * every batch's writes (``slot_mapping``) shorten any mirror whose mirrored
   positions they overwrite (freed blocks reused by another sequence, a
-  truncated sequence rewritten, a forward retried after a failure);
+  truncated sequence rewritten, a forward retried after a failure), except in
+  decoding's steady state, where each write lands just past its own mirror's end;
 * a layer that was written more than once between two batches, or a batch whose
   layers were not all attended, means writes the book did not see: that layer
   is copied in full for the current batch and every mirror is dropped at the
