@@ -123,9 +123,10 @@ def test_command_line(capsys, registered):
 
 
 def test_mlx_attention_written_out_conforms(monkeypatch):
-    """MLX's CPU path writes large attention calls out (base-2 softmax) and leaves small ones to the fused call;
-    forced on every call, the written-out path passes the kit too: GQA, end-aligned causal and window masks,
-    paged groups, decode over the mirrors, whole models."""
+    """MLX's CPU path writes large attention calls out (base-2 softmax; causal ones in chunks of queries, each
+    over the keys it sees) and leaves small ones to the fused call; forced on every call, with small chunks,
+    the written-out path passes the kit too: GQA, end-aligned causal and window masks, paged groups, decode
+    over the mirrors, whole models."""
     if "mlx" not in runnable_backends():
         pytest.skip("the mlx backend cannot run here")
     import ferrum_mlx.ops as mlx_ops
@@ -133,5 +134,6 @@ def test_mlx_attention_written_out_conforms(monkeypatch):
     if mlx_ops._METAL:
         pytest.skip("on Metal every call without a soft cap takes the fused kernel")
     monkeypatch.setattr(mlx_ops, "_WRITTEN_OUT_SCORES", 0)
+    monkeypatch.setattr(mlx_ops, "_CAUSAL_CHUNK", 4)  # causal prompts of 5 to 24 queries: in chunks
     for dtype in ("float32", "bfloat16"):
         assert_conformance("mlx", dtype)

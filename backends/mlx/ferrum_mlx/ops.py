@@ -465,20 +465,38 @@ _LOG2_E = 1.4426950408889634
 #: On the CPU, calls with fewer scores than this keep the fused call: its few graph nodes cost less than
 #: the cheaper ``2 ** x`` saves (one sequence over 100 keys: 60 against 110 us; over 1,000: level).
 _WRITTEN_OUT_SCORES = 8192
+#: A written-out causal call attends in chunks of this many queries, each over only the keys it can see,
+#: so the masked half of the score matrix is never computed.
+_CAUSAL_CHUNK = 64
 
 
 def _sdpa(q, k, v, scale, mask, softcap):
     """Attention of ``q [B, H, Lq, d]`` over ``k, v [B, KVH, Lk, d]``.
 
     On Metal, MLX's fused kernel, unless Gemma 2's ``cap * tanh(scores / cap)`` applies (the kernel does
-    not take it). Elsewhere written out: MLX's CPU build runs the fused call as generic ops whose softmax
-    ``exp`` costs ~25 ns an element here against ~10 for ``2 ** x``, so the scores are scaled into base 2
-    (32 sequences decoding over 1,000 keys attend ~1.4x faster; see benchmarks/README.md).
+    not take it). Elsewhere written out (:func:`_written_out`): MLX's CPU build runs the fused call as
+    generic ops, computing every masked score and a softmax whose ``exp`` costs ~25 ns an element here.
     """
     b, heads, lq, d = q.shape
-    kv_heads, lk = k.shape[1], k.shape[2]
+    lk = k.shape[2]
     if softcap is None and (_METAL or b * heads * lq * lk < _WRITTEN_OUT_SCORES):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if isinstance(mask, str) and lq > _CAUSAL_CHUNK:  # "causal", end-aligned: chunk i sees keys up to its end
+        seen = lk - lq
+        return mx.concatenate([
+            _written_out(q[:, :, start : start + _CAUSAL_CHUNK], k[:, :, : seen + start + _CAUSAL_CHUNK],
+                         v[:, :, : seen + start + _CAUSAL_CHUNK], scale, mask, softcap)
+            for start in range(0, lq, _CAUSAL_CHUNK)
+        ], axis=2)
+    return _written_out(q, k, v, scale, mask, softcap)
+
+
+def _written_out(q, k, v, scale, mask, softcap):
+    """:func:`_sdpa` as plain ops, the scores scaled into base 2: ``2 ** x`` costs ~10 ns an element on
+    MLX's CPU build against ~25 for ``exp`` (32 sequences decoding over 1,000 keys attend ~1.4x faster;
+    see benchmarks/README.md)."""
+    b, heads, lq, d = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
     qg = q.reshape(b, kv_heads, heads // kv_heads, lq, d)
     if softcap is None:
         scores = ((qg * (scale * _LOG2_E)) @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32)
