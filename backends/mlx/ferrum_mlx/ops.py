@@ -473,11 +473,12 @@ _CAUSAL_CHUNK = 64
 def _sdpa(q, k, v, scale, mask, softcap):
     """Attention of ``q [B, H, Lq, d]`` over ``k, v [B, KVH, Lk, d]``.
 
-    On Metal, MLX's fused kernel, unless Gemma 2's ``cap * tanh(scores / cap)`` applies (the kernel does
-    not take it). Elsewhere written out (:func:`_written_out`): MLX's CPU build runs the fused call as
-    generic ops, computing every masked score and a softmax whose ``exp`` costs ~25 ns an element here.
+    MLX's fused kernel on Metal, and on the CPU for calls under ``_WRITTEN_OUT_SCORES``, unless Gemma 2's
+    ``cap * tanh(scores / cap)`` applies (the kernel does not take it). Otherwise written out
+    (:func:`_written_out`): MLX's CPU build runs the fused call as generic ops, computing every masked
+    score and a softmax whose ``exp`` costs ~25 ns an element here.
     """
-    b, heads, lq, d = q.shape
+    b, heads, lq, _ = q.shape
     lk = k.shape[2]
     if softcap is None and (_METAL or b * heads * lq * lk < _WRITTEN_OUT_SCORES):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
