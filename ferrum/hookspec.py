@@ -37,9 +37,11 @@ biases`` per group of ``group_size`` inputs. A backend lists the ``(bits,
 group_size)`` pairs its kernels run in ``BackendInfo.quant_formats`` and
 implements :func:`quantized_upload`, :func:`quantized_linear` and
 :func:`quantized_embedding`; every other pair (or every pair, for a backend
-that implements none of them) runs through the core's reference composition,
-which keeps the packed form on the host and dequantizes one matrix at a time
-into a reused buffer before calling :func:`linear`. ``BackendInfo.quantized_dtype``
+that implements none of them) runs through the core's reference composition
+(:mod:`ferrum.quant.reference`): each matrix is dequantized once at load into
+:func:`upload_weight`'s form while the dense matrices fit in half the backend's
+``memory_bytes``, and past that kept packed on the host and dequantized into a
+reused buffer before each :func:`linear`. ``BackendInfo.quantized_dtype``
 names the compute dtype its low-bit kernels want (e.g. bfloat16), chosen by
 default for quantized checkpoints.
 
@@ -65,6 +67,9 @@ API_VERSION = "1.5"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+#: Bytes per element of each compute dtype name.
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 #: Hooks every ops plugin must implement.
 REQUIRED_OPS = (

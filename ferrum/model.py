@@ -32,9 +32,10 @@ from ferrum.errors import (
     PositionMismatchError,
     UnsupportedFeatureError,
 )
+from ferrum.hookspec import DTYPE_BYTES
 from ferrum.limits import check_kv_pool, check_layer_count
 from ferrum.paged_kv import PagedKVManager
-from ferrum.weights import DTYPE_BYTES, Linear, Placed, place, read_weights
+from ferrum.weights import Linear, Placed, place, read_weights
 
 __all__ = ["DecoderOnlyLLM", "DeviceToken", "ForwardItem", "ForwardOutput", "choose_dtype", "weight_shapes"]
 

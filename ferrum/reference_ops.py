@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ferrum.quant.reference import HostQuantized
+from ferrum.quant import reference as quant_reference
+from ferrum.quant.reference import Dequantized, HostQuantized
 from ferrum.moe import reference as moe_reference
 from ferrum.sampling import DeviceSample, sample_numpy
 
@@ -113,15 +114,15 @@ def sample_on_device(ops: Any, logits: Any, batch: Any) -> DeviceSample:
     return DeviceSample(ops.from_numpy(result.tokens.astype(np.int32), None), lambda: result)
 
 
-def quantized_upload(ops: Any, name: str, weight: Any, dtype: str, role: str) -> HostQuantized:
-    return HostQuantized(name, weight, dtype)
+def quantized_upload(ops: Any, name: str, weight: Any, dtype: str, role: str) -> HostQuantized | Dequantized:
+    return quant_reference.upload(ops, name, weight, dtype)
 
 
-def quantized_linear(ops: Any, x: Any, weight: HostQuantized, bias: Any) -> Any:
+def quantized_linear(ops: Any, x: Any, weight: HostQuantized | Dequantized, bias: Any) -> Any:
     return ops.linear(x, weight.dense(ops), bias)
 
 
-def quantized_embedding(ops: Any, weight: HostQuantized, ids: Any) -> Any:
+def quantized_embedding(ops: Any, weight: HostQuantized | Dequantized, ids: Any) -> Any:
     return weight.rows(ops, ids)
 
 

@@ -18,14 +18,10 @@ import numpy as np
 from ferrum.checkpoint import Checkpoint
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError
-from ferrum.hookspec import QUANTIZED_OPS
+from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
 from ferrum.quant.affine import QuantizedWeight
 
 HostTensor = np.ndarray | QuantizedWeight
-
-#: Bytes per element of each compute dtype.
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
 
 @dataclass(frozen=True)
 class Placed:
@@ -92,7 +88,8 @@ def place(ops: Any, name: str, tensor: HostTensor, dtype: str, role: str = "line
             return Placed(weight, ops.quantized_linear, ops.quantized_embedding, resident)
     fallback = ops.fallback
     weight = fallback["quantized_upload"](name, tensor, dtype, role)
-    return Placed(weight, fallback["quantized_linear"], fallback["quantized_embedding"], tensor.nbytes)
+    resident = getattr(weight, "nbytes", tensor.nbytes)  # dequantized at load where it fits (ferrum.quant.reference)
+    return Placed(weight, fallback["quantized_linear"], fallback["quantized_embedding"], resident)
 
 
 def runs_natively(ops: Any, bits: int, group_size: int) -> bool:

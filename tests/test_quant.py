@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 
@@ -143,6 +144,56 @@ def test_automatic_backend_runs_the_format_natively(mlx_lm_4bit):
     folder, _, _ = mlx_lm_4bit
     llm = ferrum.load(folder)
     assert runs_natively(llm.model.ops, 4, 32)
+
+
+@pytest.fixture
+def dense_budget(monkeypatch):
+    """``budget(n)``: the core's reference may hold ``n`` bytes of dequantized matrices on the host, counted
+    afresh for this test (models other tests keep alive do not count)."""
+    from ferrum.backends import load_backend
+    from ferrum.quant import reference
+
+    memory = load_backend("cpu").info.memory_bytes
+    monkeypatch.setattr(reference, "_budget", reference._DenseBudget())
+    return lambda nbytes: monkeypatch.setattr(reference, "DENSE_SHARE", nbytes / memory)
+
+
+def test_without_quantized_ops_the_matrices_that_fit_are_dequantized_at_load(mlx_lm_4bit, dense_budget):
+    """numpy has no low-bit kernels: within the budget each matrix is dequantized once at load (float
+    memory, dense speed), past it kept packed and dequantized per use. Every mix computes the same numbers."""
+    folder, tokens, ref = mlx_lm_4bit
+
+    def load():
+        model = ferrum.load(folder, backend="cpu").model
+        return model.weight_bytes, model.forward_verify("s", tokens)
+
+    dense_budget(0)
+    packed_bytes, packed = load()
+    dense_budget(1 << 40)
+    dense_bytes, dense = load()
+    assert packed_bytes <= sum(f.stat().st_size for f in folder.glob("*.safetensors")) < dense_bytes / 3
+    assert np.array_equal(dense, packed) and scaled_error(dense, ref) <= 1e-4
+    gc.collect()  # the dense model's matrices return their bytes
+    dense_budget(dense_bytes // 2)
+    mixed_bytes, mixed = load()
+    assert packed_bytes < mixed_bytes < dense_bytes
+    assert np.array_equal(mixed, packed)
+
+
+def test_the_dense_budget_is_shared_by_live_models_and_freed_with_them(mlx_lm_4bit, dense_budget):
+    folder, _, _ = mlx_lm_4bit
+    dense_budget(0)
+    packed_bytes = ferrum.load(folder, backend="cpu").model.weight_bytes
+    dense_budget(1 << 40)
+    dense_bytes = ferrum.load(folder, backend="cpu").model.weight_bytes
+    gc.collect()
+    dense_budget(dense_bytes)
+    first = ferrum.load(folder, backend="cpu")
+    assert first.model.weight_bytes == dense_bytes
+    assert ferrum.load(folder, backend="cpu").model.weight_bytes == packed_bytes  # the first holds the budget
+    del first
+    gc.collect()
+    assert ferrum.load(folder, backend="cpu").model.weight_bytes == dense_bytes
 
 
 def _edit(folder, tmp_path, config_edit=None, drop=()):

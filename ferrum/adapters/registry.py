@@ -39,7 +39,7 @@ from ferrum.adapters.batching import LoraBatch, LoraLinear
 from ferrum.adapters.files import LoraAdapter, LoraWeights, projection_span, read_adapter
 from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
-from ferrum.weights import DTYPE_BYTES
+from ferrum.hookspec import DTYPE_BYTES
 
 #: Default bytes the factors of resident adapters may take.
 DEFAULT_BUDGET_BYTES = 2 << 30

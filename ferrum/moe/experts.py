@@ -9,7 +9,8 @@ import numpy as np
 
 from ferrum.errors import CheckpointError
 from ferrum.quant.affine import QuantizedWeight
-from ferrum.weights import DTYPE_BYTES, Placed, place, runs_natively
+from ferrum.hookspec import DTYPE_BYTES
+from ferrum.weights import Placed, place, runs_natively
 
 
 @dataclass(frozen=True)
