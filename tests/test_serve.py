@@ -267,6 +267,8 @@ def test_ferrum_extras_are_accepted(server, llm):
         ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         "messages.0.content"),
         ({"messages": [{"role": "user", "content": " ".join(WORDS * 40)}]}, "messages"),
         ({"model": "tiny"}, "messages"),
     ],

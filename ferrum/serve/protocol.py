@@ -63,7 +63,10 @@ class _Common(BaseModel):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    """A part's own fields (``image_url``, ``input_audio``, ...) pass validation so that a part of any
+    type other than text is refused by name when the prompt is built."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: StrictStr
     text: StrictStr | None = None
 
