@@ -269,6 +269,7 @@ def test_ferrum_extras_are_accepted(server, llm):
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages.0.content"),
+        ({"messages": [{"role": "user", "content": [{"type": 5}]}]}, "messages.0.content"),  # no union branch fits
         ({"messages": [{"role": "user", "content": " ".join(WORDS * 40)}]}, "messages"),
         ({"model": "tiny"}, "messages"),
     ],
@@ -291,6 +292,8 @@ def test_malformed_and_odd_bodies(server):
     assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
     bad_ids = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 2, 10**6]})
     assert bad_ids.status_code == 400 and "vocabulary" in bad_ids.json()["error"]["message"]
+    float_ids = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 2.5]}).json()["error"]
+    assert float_ids["param"] == "prompt" and "list[int]" in float_ids["message"], float_ids
     unknown = httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": []})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     assert httpx.get(server.url + "/v1/nothing").status_code == 404

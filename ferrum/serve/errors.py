@@ -7,6 +7,7 @@ silently run again. Bad input is always a 4xx here.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ferrum.errors import (
@@ -64,14 +65,37 @@ class APIError(Exception):
         return cls(500, f"{type(error).__name__}: {error}")
 
 
+#: How pydantic names the branch of a union a complaint is about, inside its location: ``str``,
+#: ``list[int]``, ``function-after[...]``. No request field is named so.
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|[A-Za-z_-]+\[.*\])$")
+
+
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    """A 400 for pydantic's complaints about a request body, naming the first bad field."""
+    """A 400 for pydantic's complaints about a request body, naming the first bad field.
+
+    A value that fits no branch of a union draws one complaint per branch; the message gives the
+    complaint of the branch that got furthest into the value and the forms the field takes."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
+    branch_at = next((i for i, part in enumerate(loc) if _UNION_BRANCH.match(part)), None)
+    if branch_at is not None:
+        return _union_error(errors, loc[:branch_at])
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"unknown field {param!r}; see the API reference for the accepted fields", param=param)
     return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
+
+
+def _union_error(errors: list[dict[str, Any]], field: list[str]) -> APIError:
+    depth = len(field)
+    mine = [[str(p) for p in e.get("loc", ()) if p != "body"] for e in errors]
+    mine = [(loc, e) for loc, e in zip(mine, errors) if loc[:depth] == field and len(loc) > depth]
+    forms = list(dict.fromkeys(loc[depth] for loc, _ in mine))
+    deepest_loc, deepest = max(mine, key=lambda pair: len(pair[0]))
+    where = ".".join(field + deepest_loc[depth + 1 :])
+    param = ".".join(field)
+    return APIError(400, f"{where}: {deepest.get('msg', 'invalid value')} ({param} takes {' or '.join(forms)})",
+                    param=param)
