@@ -8,6 +8,8 @@ Every call goes through one :class:`ferrum.engine.Engine`, so many prompts
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
+from numbers import Integral
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
@@ -23,6 +25,7 @@ from ferrum.sources import resolve_model
 from ferrum.tokenizer import Message, Tokenizer
 
 Prompt = str | Sequence[Message] | Sequence[int]
+_PROMPT_FORMS = "a prompt is a string, a list of chat messages or a list of token ids"
 
 
 def _is_prompt_list(prompts: Any) -> bool:
@@ -121,14 +124,16 @@ class LLM:
             if chat:
                 return tok.encode_chat([{"role": "user", "content": prompt}])
             return tok.encode(prompt)
+        if not isinstance(prompt, Iterable):
+            raise InvalidRequestError(f"{_PROMPT_FORMS}, not {type(prompt).__name__}")
         prompt = list(prompt)
         if prompt and all(isinstance(m, dict) for m in prompt):
             if chat is False:
                 raise InvalidRequestError("chat messages were given but chat=False")
             return self._require_tokenizer().encode_chat(prompt)
-        if all(isinstance(t, int) for t in prompt):
-            return prompt
-        raise InvalidRequestError("a prompt is a string, a list of chat messages or a list of token ids")
+        if all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
+            return [int(t) for t in prompt]  # numpy's integers too
+        raise InvalidRequestError(_PROMPT_FORMS)
 
     @staticmethod
     def sampling_params(params: SamplingParams | None = None, **options: Any) -> SamplingParams:

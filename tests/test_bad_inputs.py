@@ -266,6 +266,10 @@ REQUEST_ROWS = [
     ("stop-id-out-of-vocab", [5], {"stop_token_ids": [10**6]}, ["stop_token_ids", "vocabulary"]),
     ("prompt-over-context", [5] * 300, {}, ["context length"]),
     ("messages-missing-content", [{"role": "user"}], {}, ["content"]),
+    ("prompt-none", None, {}, ["a prompt is", "NoneType"]),
+    ("prompt-a-number", 5, {}, ["a prompt is", "int"]),
+    ("prompt-bool-ids", [True, 5], {}, ["a prompt is"]),
+    ("prompt-float-ids", [5, 6.0], {}, ["a prompt is"]),
 ]
 
 
@@ -276,6 +280,12 @@ def test_bad_requests(pristine_llm, prompt, options, words):
     assert all(word in str(caught.value) for word in words), str(caught.value)
     assert not pristine_llm.engine.has_unfinished()
     assert pristine_llm.model.kv.num_used_blocks == 0
+
+
+def test_numpy_token_ids_are_a_prompt(pristine_llm):
+    params = dict(max_tokens=3, ignore_eos=True)
+    assert (pristine_llm.run([np.array([5, 9, 12])], **params)[0].token_ids
+            == pristine_llm.run([[5, 9, 12]], **params)[0].token_ids)
 
 
 @pytest.fixture(scope="module")
