@@ -299,7 +299,11 @@ def test_math_changing_keys_are_refused_by_name(family, overrides, error, key):
         (dict(model_type="llama", hidden_act="gelu"), UnsupportedFeatureError, "hidden_act"),
         (dict(model_type="llama", partial_rotary_factor=0.5), UnsupportedFeatureError, "partial_rotary_factor"),
         (dict(model_type="qwen2", use_sliding_window=True, sliding_window=-3), ConfigError, "sliding_window"),
-        (dict(model_type="mistral", rope_scaling={"rope_type": "yarn", "factor": 4.0}), UnsupportedFeatureError,
+        (dict(model_type="mistral", rope_scaling={"rope_type": "longrope", "factor": 4.0}), UnsupportedFeatureError,
+         "rope_scaling"),
+        (dict(model_type="qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": -1}), ConfigError,
+         "rope_scaling"),
+        (dict(model_type="qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0, "truncate": "no"}), ConfigError,
          "rope_scaling"),
         (dict(model_type="qwen3", rope_theta=0), ConfigError, "rope_theta"),
         (dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": -2.0}), ConfigError, "rope_scaling"),
@@ -518,12 +522,14 @@ def test_random_valid_configs_match_transformers_or_are_refused_by_name(family, 
 
 
 @pytest.mark.parametrize("spelling", ["v5", "v4 type", "v4 rope_type"])
-@pytest.mark.parametrize("kind", ["linear", "dynamic", "llama3"])
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "llama3", "yarn"])
 def test_each_rope_scaling_in_each_spelling_matches_transformers(kind, spelling, tmp_path):
     """The scalings Ferrum runs for Llama-like families, written each way transformers reads."""
     params = {"factor": 4.0}
     if kind == "llama3":
         params.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+    if kind == "yarn":
+        params.update(original_max_position_embeddings=16)
     if spelling == "v5":
         rope = {"rope_parameters": {"rope_type": kind, "rope_theta": 500.0, **params}}
     else:
@@ -639,3 +645,20 @@ def test_packed_phi3_splits_and_scales_quantized_rows_exactly(backend, tmp_path)
             stored.keys())
     got = load(packed, backend, dtype="float32").forward_verify("x", TOKENS)
     assert_parity(got, ArchOracle(packed).logits(TOKENS))
+
+
+@pytest.mark.parametrize("family, settings, top", [
+    ("qwen2", {"beta_fast": 16, "beta_slow": 2, "mscale": 0.7, "mscale_all_dim": 1.0}, {}),
+    ("qwen3", {"truncate": False}, {"original_max_position_embeddings": 12}),  # top level wins, as in transformers
+    ("mistral", {"attention_factor": 1.3}, {}),
+])
+def test_yarn_options_match_transformers(family, settings, top, tmp_path):
+    """YaRN's ramp bounds, its attention factor (given, or from mscale) and where the pretraining context is read."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, **settings}
+    raw = dict(model_type=family, vocab_size=VOCAB, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0,
+               rope_scaling=rope, **top)
+    tokens = TOKENS + TOKENS[:7]
+    ref = build_from_json(tmp_path, raw, 0, tokens)
+    for backend in RUNNABLE:
+        assert_parity(load(tmp_path, backend).forward_verify("x", tokens), ref)

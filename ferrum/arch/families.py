@@ -14,7 +14,7 @@ from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int,
     optional_positive_number, optional_size, positive_int, positive_number, size,
 )
-from ferrum.arch.rope import Rope, longrope_attention_factor
+from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_factor
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 
@@ -75,6 +75,7 @@ _ROPE = (
     Key("rope_scaling"),  # transformers 4 spelling
     Key("rope_parameters"),  # transformers 5 spelling
     Key("partial_rotary_factor", check=one_of(None, 1, 1.0), unsupported=True),
+    Key("original_max_position_embeddings", check=optional_positive_int),  # yarn's, where a config writes it here
 )
 _SILU = (Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),)
 
@@ -153,6 +154,8 @@ def read_rope(
             r.fail(key, f"field 'original_max_position_embeddings' must be a positive integer, got {original!r}")
         return Rope(**rope, factor=number("factor"), low_freq_factor=low, high_freq_factor=high,
                     original_max=original)
+    if kind == "yarn":
+        return _yarn(r, sizes, spec, key, rope, number)
     # longrope
     original = spec.get("original_max_position_embeddings") or r("original_max_position_embeddings")
     if positive_int(original):
@@ -169,6 +172,26 @@ def read_rope(
             number(name)
     attention = longrope_attention_factor(spec, sizes.max_seq_len, original)
     return Rope(**rope, original_max=original, attention_factor=attention, **factors)
+
+
+def _yarn(r: KeyReader, sizes: Sizes, spec: dict[str, Any], key: str, rope: dict[str, Any],
+          number: Callable[..., float]) -> Rope:
+    """transformers' reading: the pretraining context from the config's top level first, then the rope
+    settings, then ``max_position_embeddings``; no ``factor`` means the ratio of the context to it."""
+    original = r.get("original_max_position_embeddings") or spec.get("original_max_position_embeddings")
+    original = sizes.max_seq_len if original is None else original
+    if positive_int(original):
+        r.fail(key, f"field 'original_max_position_embeddings' must be a positive integer, got {original!r}")
+    factor = sizes.max_seq_len / original if spec.get("factor") is None else number("factor")
+    for name in ("attention_factor", "mscale", "mscale_all_dim"):
+        if spec.get(name) is not None:
+            number(name)
+    beta_fast, beta_slow = number("beta_fast", 32.0), number("beta_slow", 1.0)
+    truncate = spec.get("truncate", True)
+    if not isinstance(truncate, bool):
+        r.fail(key, f"field 'truncate' must be true or false, got {truncate!r}")
+    return Rope(**rope, factor=factor, original_max=original, attention_factor=yarn_attention_factor(spec, factor),
+                beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate)
 
 
 # ------------------------------------------------------------ sliding windows
@@ -195,7 +218,7 @@ _LAYER_TYPES = (Key("layer_types"),)
 def _llama_like(qkv_bias_default: bool, qk_norm: bool, windows: Callable[[KeyReader, Sizes], list]):
     def build(r: KeyReader, sizes: Sizes) -> Architecture:
         key, spec = _rope_spec(r)
-        rope = read_rope(r, sizes, spec, key, ("default", "linear", "dynamic", "llama3"))
+        rope = read_rope(r, sizes, spec, key, ("default", "linear", "dynamic", "llama3", "yarn"))
         r("hidden_act")
         r("partial_rotary_factor")
         attention_bias = r.get("attention_bias")

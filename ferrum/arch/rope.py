@@ -3,7 +3,8 @@
 Every variant reaches the backend's one ``rope`` op as an ``inv_freq [head_dim // 2]``
 table (two for longrope), plus changes to the q/k weights made at load:
 
-* default, ``linear`` and ``llama3`` scaling: one table.
+* default, ``linear``, ``llama3`` and ``yarn`` scaling: one table. YaRN also
+  multiplies cos and sin by its attention factor (applied at load, as for longrope below).
 * ``dynamic`` (NTK): transformers rescales the frequencies only once a
   sequence exceeds ``max_position_embeddings``, which Ferrum never lets one
   do (the model refuses longer sequences), so its table is the default one.
@@ -45,14 +46,17 @@ class Rope:
     theta: float
     head_dim: int
     rotary_dim: int  # == head_dim unless partial rotary
-    kind: str = "default"  # default | linear | dynamic (= default within the context) | llama3 | longrope
+    kind: str = "default"  # default | linear | dynamic (= default within the context) | llama3 | yarn | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max: int | None = None  # llama3 / longrope: pretraining context
+    original_max: int | None = None  # llama3 / yarn / longrope: pretraining context
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
-    attention_factor: float = 1.0  # longrope: multiplies cos and sin
+    attention_factor: float = 1.0  # yarn / longrope: multiplies cos and sin
+    beta_fast: float = 32.0  # yarn: rotations over the pretraining context above which a dim keeps its frequency
+    beta_slow: float = 1.0  # yarn: ... below which it is interpolated (divided by factor)
+    truncate: bool = True  # yarn: round the ramp's ends to whole dims
 
     @property
     def switches(self) -> bool:
@@ -67,6 +71,8 @@ class Rope:
             base = base / self.factor
         elif self.kind == "llama3":
             base = _llama3(base, self)
+        elif self.kind == "yarn":
+            base = _yarn(base, self)
         elif self.kind == "longrope":
             ext = np.asarray(self.long_factor if long else self.short_factor, dtype=np.float64)
             # transformers: 1 / (ext * theta ** (arange / dim)) in float32
@@ -97,6 +103,36 @@ def _llama3(inv_freq: np.ndarray, rope: Rope) -> np.ndarray:
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
     return np.where(medium, blended, scaled)
+
+
+def _yarn(inv_freq: np.ndarray, rope: Rope) -> np.ndarray:
+    """Keep the dims that turn more than ``beta_fast`` times over the pretraining context, divide by factor
+    those turning fewer than ``beta_slow`` times, and ramp linearly between (transformers' ``yarn``)."""
+    dim = rope.rotary_dim
+
+    def dim_turning(rotations: float) -> float:
+        return dim * math.log(rope.original_max / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dim_turning(rope.beta_fast), dim_turning(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high + 0.001 if low == high else high) - low),
+                   0, 1)
+    return inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
+
+
+def yarn_attention_factor(params: dict, factor: float) -> float:
+    """transformers' default: ``0.1 * log(factor) + 1``, or the ratio of two such terms weighted by ``mscale``
+    and ``mscale_all_dim`` where both are given."""
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+
+    def mscale(weight: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+    weight, weight_all = params.get("mscale"), params.get("mscale_all_dim")
+    return mscale(weight) / mscale(weight_all) if weight and weight_all else mscale(1.0)
 
 
 def longrope_attention_factor(params: dict, max_position: int, original_max: int) -> float:
