@@ -20,7 +20,7 @@ convert_gguf(sys.argv[1], sys.argv[2], dequantize_to='float32')" "$gguf" "$float
 # The file users have: Q4_1 (+ Q8_0 embedding) on each backend vs llama.cpp on the same file.
 bench gguf-torch --model "$gguf" --backend cuda "${short[@]}" --profile
 bench gguf-mlx --model "$gguf" --backend mlx "${short[@]}"
-bench gguf-cpu --model "$gguf" --backend cpu "${short[@]}" --gen-len 16 --repeat 1
+bench gguf-cpu --model "$gguf" --backend cpu "${short[@]}"
 # Ferrum's own float32 decode of the same model (the same values, dequantized), numpy and torch.
 bench float32-cpu --model "$float_dir" --backend cpu "${short[@]}" --peer none
 bench float32-torch --model "$float_dir" --backend cuda "${short[@]}" --peer none --dtype float32
