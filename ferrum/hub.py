@@ -58,13 +58,21 @@ def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
             "repos accept the license on huggingface.co and log in (`hf auth login` or HF_TOKEN)"
         ) from exc
     except errors.EntryNotFoundError as exc:
+        # LocalEntryNotFoundError, a subclass, is the hub not answering: no file is known missing
+        if isinstance(exc, errors.LocalEntryNotFoundError) or filename is None:
+            raise _download_failed(what, repo_id, constants.HF_HUB_CACHE, exc) from exc
         raise CheckpointError(f"{repo_id} has no file {filename!r}; list its files on huggingface.co") from exc
     except (errors.HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloading it failed "
-            f"({type(exc).__name__}: {exc}); connect to the network, or download it elsewhere "
-            f"(`hf download {repo_id}`) and copy the cache here, or pass a local checkpoint folder"
-        ) from exc
+        raise _download_failed(what, repo_id, constants.HF_HUB_CACHE, exc) from exc
+
+
+def _download_failed(what: str, repo_id: str, cache: str, exc: Exception) -> CheckpointError:
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    return CheckpointError(
+        f"{what} is not in the Hugging Face cache ({cache}) and downloading it failed "
+        f"({type(exc).__name__}: {reason}); connect to the network, or download it elsewhere "
+        f"(`hf download {repo_id}`) and copy the cache here, or pass a local checkpoint folder"
+    )
 
 
 def single_gguf(folder: Path) -> Path | None:

@@ -95,3 +95,26 @@ def test_in_process_load_and_gguf_repos(tmp_path, monkeypatch):
         resolve_model("acme/smol-GGUF/other.gguf")
     with pytest.raises(CheckpointError, match="not a Hugging Face repo id|no checkpoint folder"):
         resolve_model(tmp_path / "missing")
+
+
+def test_an_unreachable_hub_is_named_not_taken_for_a_missing_file(tmp_path, monkeypatch):
+    """huggingface_hub reports a failed connection as LocalEntryNotFoundError, a kind of EntryNotFoundError;
+    the message must say the download failed, not that the repo lacks a file."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    from ferrum.hub import resolve_repo
+
+    def unreachable(*args, **kwargs):
+        raise errors.LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known\nmore")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    for name, file in (("acme/model", None), ("acme/model-GGUF", "model.Q4_0.gguf")):
+        with pytest.raises(CheckpointError) as caught:
+            resolve_repo(name, file)
+        message = str(caught.value)
+        assert "downloading it failed" in message and "Name or service not known" in message, message
+        assert "has no file" not in message
