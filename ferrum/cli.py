@@ -80,6 +80,7 @@ def _op_sources(backend: backends.Backend) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import ferrum
 
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt  # read before the slow load fails late
     model_path = args.model
     if model_path is None:
         from ferrum.default_model import default_model_path
@@ -111,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     final = None
-    for final in llm.stream_outputs(args.prompt, params, chat=chat):
+    for final in llm.stream_outputs(prompt, params, chat=chat):
         sys.stdout.write(final.new_text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backends)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("prompt", help="the prompt text; - reads it from standard input")
     p.add_argument("--model", help="checkpoint folder, .gguf file or Hugging Face repo id "
                                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--backend", help="backend name (see `ferrum backends`); default: best available")

@@ -62,3 +62,16 @@ def test_generate_sampling_options_match_the_python_api(checkpoint, capsys):
     )
     assert captured.out == expected + "\n"
     assert "12 tokens (length); time to first token" in captured.err
+
+
+def test_generate_reads_the_prompt_from_stdin_given_a_dash(checkpoint, capsys, monkeypatch):
+    import io
+
+    import ferrum
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world\nsecond line"))
+    assert main(["generate", "--model", str(checkpoint), "--backend", "cpu", "--max-tokens", "6", "--no-chat",
+                 "--ignore-eos", "-"]) == 0
+    expected = ferrum.load(checkpoint, backend="cpu").generate("hello world\nsecond line", max_tokens=6,
+                                                               ignore_eos=True)
+    assert capsys.readouterr().out == expected + "\n"
