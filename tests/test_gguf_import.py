@@ -347,13 +347,13 @@ ONE_Q8_0 = {"mlp.up_proj.weight": Q.Q8_0}
 
 def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt2", pre: str = "smollm",
                     types: dict | None = None, rope_freqs: np.ndarray | None = None,
-                    hidden: int = 64, inter: int = 96) -> dict[str, np.ndarray]:
+                    hidden: int = 64, inter: int = 96, std: float = 1.0) -> dict[str, np.ndarray]:
     """A 1-layer llama GGUF (4 heads, 2 KV heads); returns its weights in Hugging Face layout, as stored.
 
     ``types`` maps Hugging Face name endings (``"mlp.up_proj.weight"``, or ``"weight"``
     for every matrix) to GGUF storage types, the longest matching ending winning;
     other matrices and every norm are float32. Quantized and float16 tensors are returned as the file's
-    exact values (gguf's dequantization, q/k un-permuted).
+    exact values (gguf's dequantization, q/k un-permuted). ``std`` scales the matrices' normal draws.
     """
     rng = np.random.default_rng(0)
     types = ONE_Q8_0 if types is None else types
@@ -376,7 +376,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
         "model.layers.0.mlp.up_proj.weight": rng.standard_normal((inter, hidden)),
         "model.layers.0.mlp.down_proj.weight": rng.standard_normal((hidden, inter)),
     }
-    hf = {k: v.astype(np.float32) for k, v in hf.items()}
+    hf = {k: (v if k.endswith("norm.weight") else std * v).astype(np.float32) for k, v in hf.items()}
     gguf_names = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",

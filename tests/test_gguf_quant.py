@@ -41,11 +41,13 @@ FORMS = {
     Q.Q5_0: (5, 32, "float16"),
     Q.Q5_1: (5, 32, "float16"),
     Q.Q8_0: (8, 32, "float16"),
+    Q.Q2_K: (2, 16, "float32"),
+    Q.Q3_K: (3, 16, "float32"),
     Q.Q4_K: (4, 32, "float32"),
     Q.Q5_K: (5, 32, "float32"),
     Q.Q6_K: (6, 16, "float32"),
 }
-UNSUPPORTED = [Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ2_XXS, Q.TQ1_0, Q.MXFP4]
+UNSUPPORTED = [Q.IQ4_NL, Q.IQ4_XS, Q.IQ2_XXS, Q.TQ1_0, Q.MXFP4]
 
 
 def reread(tmp_path: Path, tensors: dict[str, tuple[np.ndarray, object]]) -> dict:
@@ -138,7 +140,7 @@ def test_unsupported_types_are_refused_by_name(qtype):
     message = rf"tensor blk\.3\.ffn_down\.weight is stored as GGUF {qtype.name}"
     with pytest.raises(UnsupportedFeatureError, match=message) as err:
         describe(np.zeros((4, size), dtype=np.uint8), qtype.name, (4, block), "blk.3.ffn_down.weight")
-    assert "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K" in str(err.value)
+    assert "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K" in str(err.value)
     assert "dequantize_to='float32'" in str(err.value)
 
 
@@ -232,7 +234,7 @@ def test_mixed_file_config_and_logits_match_float32_import(tmp_path):
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5 * np.abs(logits[1]).max())
 
 
-@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.IQ4_NL], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.IQ4_XS, Q.IQ4_NL], ids=lambda q: q.name)
 def test_unsupported_type_refused_before_writing(tmp_path, qtype):
     write_tiny_gguf(tmp_path / "x.gguf", types={"weight": Q.Q4_0, "mlp.down_proj.weight": qtype}, hidden=256, inter=256)
     message = rf"tensor blk\.0\.ffn_down\.weight is stored as GGUF {qtype.name}"
@@ -272,18 +274,46 @@ NEAR_TIE = 0.5
 def test_greedy_tokens_match_llama_cpp(tmp_path, monkeypatch):
     """Ferrum's greedy tokens are llama.cpp's on the same GGUF and ids, up to a near-tie llama.cpp's rounding flips."""
     pytest.importorskip("llama_cpp")
-    from ferrum.sampling import SamplingParams
 
     monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path))
     llm = ferrum.load(default_model.default_model_path(), backend="cpu")
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
-    ours = list(llm.run([prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0].token_ids)
+    assert_greedy_tokens_match_llama_cpp(llm, default_model.default_gguf_path(), prompt, 16)
 
-    ref = open_llama_cpp(default_model.default_gguf_path(), context=256, threads=2)
+
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_S", "Q3_K_M"])
+def test_llama_cpp_k_quant_mixes_match_llama_cpp(tmp_path, monkeypatch, ftype):
+    """A float32 GGUF quantized by llama.cpp itself into its Q2_K / Q3_K mixes (every matrix a multiple of
+    256 wide, so none falls back to Q4_0/Q5_0): Ferrum runs the packed file with the values of gguf's own
+    dequantization, and picks llama.cpp's greedy tokens up to its near-ties."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "cache"))
+    write_tiny_gguf(tmp_path / "f32.gguf", types={}, hidden=256, inter=512, std=0.1)  # activations of a real scale
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    packed = tmp_path / f"{ftype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(packed).encode(),
+                                          ctypes.byref(params)) == 0
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(packed)).tensors}
+    assert {"Q2_K", "Q3_K"} & types, types
+    llm = ferrum.load(packed, backend="cpu")
+    prompt = [5, 77, 100, 42, 9, 260, 13]
+    floats = ferrum.load(convert_gguf(packed, tmp_path / "float", dequantize_to="float32"), backend="cpu")
+    np.testing.assert_array_equal(llm.model.forward_verify("p", prompt), floats.model.forward_verify("f", prompt))
+    assert_greedy_tokens_match_llama_cpp(llm, packed, prompt, 12)
+
+
+def assert_greedy_tokens_match_llama_cpp(llm, gguf_path: Path, prompt: list[int], count: int) -> None:
+    from ferrum.sampling import SamplingParams
+
+    ours = list(llm.run([prompt], SamplingParams(max_tokens=count, ignore_eos=True))[0].token_ids)
+    ref = open_llama_cpp(gguf_path, context=256, threads=2)
     theirs = []
     for token in ref.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
         theirs.append(token)
-        if len(theirs) == 16:
+        if len(theirs) == count:
             break
     if ours != theirs:
         i = next(j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b)

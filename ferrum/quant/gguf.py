@@ -12,6 +12,8 @@ Q4_1      4      32          ``d``, ``m``                                float16
 Q5_0      5      32          ``d``, ``-16d``                             float16 [1]_
 Q5_1      5      32          ``d``, ``m``                                float16
 Q8_0      8      32          ``d``, ``-128d`` (``q`` = int8 + 128)       float16 [1]_
+Q2_K      2      16          ``d*sc_j``, ``-dmin*m_j``                   float32
+Q3_K      3      16          ``d*sc_j``, ``-4*d*sc_j`` [2]_              float32
 Q4_K      4      32          ``d*sc_j``, ``-dmin*m_j``                   float32
 Q5_K      5      32          ``d*sc_j``, ``-dmin*m_j``                   float32
 Q6_K      6      16          ``d*sc_j``, ``-32*d*sc_j``                  float32
@@ -19,13 +21,15 @@ Q6_K      6      16          ``d*sc_j``, ``-32*d*sc_j``                  float32
 
 .. [1] unless a bias overflows float16 (``|d|`` above 65504 / 8, / 16 or / 128):
    then that tensor's scales and biases are float32.
+.. [2] ``sc_j`` signed (6 bits less 32); ``q`` = the two low bits + 4 * the
+   ``hmask`` bit, which llama.cpp writes as "subtract 4 unless the bit is set".
 
 K-quant scales are an 11-bit float16 significand times a 6-bit (or signed
 8-bit) integer, up to 19 significant bits: exact in float32 only. GGUF packs
 values half-block by half-block (low nibbles, then high nibbles); the packed
 form wants consecutive values, so ``q`` is unpacked and packed again. Other
-GGUF types (Q2_K, Q3_K with 16-value 2/3-bit sub-blocks, the IQ* codebooks,
-TQ*, MXFP4) have no such form and are refused by name.
+GGUF types (the IQ* codebooks, TQ*, MXFP4) have no such form and are refused
+by name.
 """
 
 from __future__ import annotations
@@ -48,17 +52,20 @@ class _BlockType:
     bits: int
     group_size: int
     k_quant: bool  # parameters need float32
+    scalars: tuple[int, ...]  # byte offsets of the block's float16 parameters (d, and m / dmin)
 
 
 _TYPES = {
-    "Q4_0": _BlockType(32, 18, 4, 32, False),
-    "Q4_1": _BlockType(32, 20, 4, 32, False),
-    "Q5_0": _BlockType(32, 22, 5, 32, False),
-    "Q5_1": _BlockType(32, 24, 5, 32, False),
-    "Q8_0": _BlockType(32, 34, 8, 32, False),
-    "Q4_K": _BlockType(256, 144, 4, 32, True),
-    "Q5_K": _BlockType(256, 176, 5, 32, True),
-    "Q6_K": _BlockType(256, 210, 6, 16, True),
+    "Q4_0": _BlockType(32, 18, 4, 32, False, (0,)),
+    "Q4_1": _BlockType(32, 20, 4, 32, False, (0, 2)),
+    "Q5_0": _BlockType(32, 22, 5, 32, False, (0,)),
+    "Q5_1": _BlockType(32, 24, 5, 32, False, (0, 2)),
+    "Q8_0": _BlockType(32, 34, 8, 32, False, (0,)),
+    "Q2_K": _BlockType(256, 84, 2, 16, True, (80, 82)),
+    "Q3_K": _BlockType(256, 110, 3, 16, True, (108,)),
+    "Q4_K": _BlockType(256, 144, 4, 32, True, (0, 2)),
+    "Q5_K": _BlockType(256, 176, 5, 32, True, (0, 2)),
+    "Q6_K": _BlockType(256, 210, 6, 16, True, (208,)),
 }
 #: GGUF types repacked exactly, with their (bits, group size).
 SUPPORTED_TYPES = {name: (t.bits, t.group_size) for name, t in _TYPES.items()}
@@ -118,7 +125,8 @@ def describe(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: st
             f"tensor {tensor} ({type_name}, shape {tuple(shape)}) is not a matrix of whole {kind.block}-value "
             f"blocks per row; {type_name} rows must hold a multiple of {kind.block} values"
         )
-    scalars = _block_scalars(_blocks(raw, kind, shape, tensor), type_name)
+    blocks = _blocks(raw, kind, shape, tensor)
+    scalars = [_f16(blocks, at) for at in kind.scalars]
     _check_finite(tensor, type_name, *scalars)
     if kind.k_quant:
         return StoredForm(tuple(shape), "float32", kind.bits, kind.group_size)
@@ -195,15 +203,6 @@ def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, at : at + 2]).view("<f2")
 
 
-def _block_scalars(blocks: np.ndarray, type_name: str) -> tuple[np.ndarray, ...]:
-    """Each block's float16 parameters (``d``, and ``m`` / ``dmin`` where the type has one)."""
-    if type_name == "Q6_K":
-        return (_f16(blocks, 208),)
-    if type_name in ("Q4_0", "Q5_0", "Q8_0"):
-        return (_f16(blocks, 0),)
-    return _f16(blocks, 0), _f16(blocks, 2)
-
-
 def _check_finite(tensor: str, type_name: str, *params: np.ndarray) -> None:
     for p in params:
         if not np.isfinite(p).all():
@@ -252,6 +251,31 @@ def _q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return blocks[:, 2:34] ^ np.uint8(0x80), d, -128.0 * d  # int8 + 128 = flip the sign bit
 
 
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K low 2 bits: per 32-byte half, bits ``2s, 2s+1`` of byte ``l`` are value ``32s + l``."""
+    b = qs.shape[0]
+    halves = qs.reshape(b, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
+    return (halves & 3).reshape(b, 256)
+
+
+def _q2_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sc = blocks[:, 0:16]  # per sub-block: scale in the low nibble, min in the high one
+    d, dmin = _f16(blocks, 80).astype(np.float32), _f16(blocks, 82).astype(np.float32)
+    return _crumbs(blocks[:, 16:80]), d * (sc & 0x0F).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32))
+
+
+def _q3_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    b = blocks.shape[0]
+    hmask = blocks[:, 0:32]  # bit i of byte l: bit 2 of value 32i + l
+    high = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+    q = _crumbs(blocks[:, 32:96]) | (high.reshape(b, 256) << 2)
+    s = blocks[:, 96:108]  # 16 six-bit scales: low nibbles in bytes 0-7 (then their high nibbles), top 2 bits in 8-11
+    low = np.concatenate([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], axis=1)
+    top = ((s[:, None, 8:12] >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3).reshape(b, 16)
+    scale = _f16(blocks, 108).astype(np.float32) * ((low | (top << 4)).astype(np.float32) - 32.0)
+    return q, scale, -4.0 * scale
+
+
 def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K/Q5_K sub-block scales: ``d * sc_j`` and ``-dmin * m_j``, ``[B, 8]`` float32 (exact)."""
     s = blocks[:, 4:16]
@@ -293,5 +317,5 @@ def _q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 _DECODERS = {
     "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
-    "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
 }
