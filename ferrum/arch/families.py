@@ -215,7 +215,10 @@ _LAYER_TYPES = (Key("layer_types"),)
 
 # ------------------------------------------------------------------ families
 
-def _llama_like(qkv_bias_default: bool, qk_norm: bool, windows: Callable[[KeyReader, Sizes], list]):
+def _llama_like(qkv_bias_default: bool, qk_norm: bool, windows: Callable[[KeyReader, Sizes], list],
+                rotated: Callable[[KeyReader, Sizes], list[bool]] | None = None):
+    """``rotated``: which layers apply rope (SmolLM3's NoPE layers do not); every layer when None."""
+
     def build(r: KeyReader, sizes: Sizes) -> Architecture:
         key, spec = _rope_spec(r)
         rope = read_rope(r, sizes, spec, key, ("default", "linear", "dynamic", "llama3", "yarn"))
@@ -223,8 +226,10 @@ def _llama_like(qkv_bias_default: bool, qk_norm: bool, windows: Callable[[KeyRea
         r("partial_rotary_factor")
         attention_bias = r.get("attention_bias")
         attention_bias = qkv_bias_default if attention_bias is None else attention_bias
+        ropes = [rope if on else Rope.unrotated(sizes.head_dim)
+                 for on in (rotated(r, sizes) if rotated else [True] * sizes.num_layers)]
         return Architecture(
-            layers=tuple(LayerSpec(w, rope) for w in windows(r, sizes)),
+            layers=tuple(LayerSpec(w, layer_rope) for w, layer_rope in zip(windows(r, sizes), ropes)),
             norms=LLAMA_NORMS,
             attn_scale=1.0 / math.sqrt(sizes.head_dim),
             qk_norm=qk_norm,
@@ -260,6 +265,36 @@ _QWEN_WINDOW = (
     Key("sliding_window", default=4096, check=optional_positive_int), *_LAYER_TYPES,
     Key("use_sliding_window", default=False, check=boolean),
     Key("max_window_layers", default=28, check=optional_non_negative_int),  # 0: every layer slides
+)
+
+
+def _smollm3_rotated(r: KeyReader, sizes: Sizes) -> list[bool]:
+    """transformers' SmolLM3: ``no_rope_layers[i]`` is 1 where layer ``i`` applies rope (despite the name),
+    else every ``no_rope_layer_interval``-th layer skips it."""
+    flags = r("no_rope_layers")
+    if flags is None:
+        interval = r("no_rope_layer_interval")
+        return [(i + 1) % interval != 0 for i in range(sizes.num_layers)]
+    if not isinstance(flags, list) or len(flags) != sizes.num_layers or any(f not in (0, 1) for f in flags):
+        r.fail("no_rope_layers", f"must list {sizes.num_layers} entries of 1 (rope) or 0 (none), got {flags!r}")
+    return [bool(f) for f in flags]
+
+
+def _smollm3_windows(r: KeyReader, sizes: Sizes) -> list:
+    """The window where use_sliding_window and the layer slides: layer_types, else the NoPE layers."""
+    window = r("sliding_window") if r("use_sliding_window") else None
+    types = _layer_types(r, sizes)
+    if types is None:
+        types = [SLIDING if window is not None and not on else FULL for on in _smollm3_rotated(r, sizes)]
+    return [window if t == SLIDING else None for t in types]
+
+
+_SMOLLM3 = (
+    Key("sliding_window", check=optional_positive_int), *_LAYER_TYPES,
+    Key("use_sliding_window", default=False, check=boolean),
+    Key("no_rope_layers"),
+    Key("no_rope_layer_interval", default=4, check=optional_positive_int),
+    Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean),
 )
 
 
@@ -386,6 +421,10 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _QWEN_WINDOW,
               (Key("attention_bias", check=boolean),)),
         _llama_like(False, True, _qwen_windows),
+    ),
+    "smollm3": Family(
+        _keys(_core(True), _ROPE, _SILU, _SMOLLM3),
+        _llama_like(False, False, _smollm3_windows, _smollm3_rotated),
     ),
     "gemma2": Family(
         _keys(_core(True, 256), _ROPE[:3], _GEMMA, (

@@ -58,6 +58,11 @@ class Rope:
     beta_slow: float = 1.0  # yarn: ... below which it is interpolated (divided by factor)
     truncate: bool = True  # yarn: round the ramp's ends to whole dims
 
+    @classmethod
+    def unrotated(cls, head_dim: int) -> "Rope":
+        """No rotation at all (SmolLM3's NoPE layers): every pair at frequency 0, an exact identity."""
+        return cls(theta=1.0, head_dim=head_dim, rotary_dim=0)
+
     @property
     def switches(self) -> bool:
         """Whether the table depends on the sequence length (longrope with two different tables)."""
@@ -85,7 +90,7 @@ class Rope:
     def rotary_permutation(self) -> np.ndarray | None:
         """Row order within a head that maps transformers' partial-rotary pairing onto Ferrum's, or None."""
         d, r = self.head_dim, self.rotary_dim
-        if r == d:
+        if r in (0, d):
             return None
         half_pass = (d - r) // 2
         return np.concatenate([
