@@ -26,6 +26,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can read it
 import numpy as np
 
+from ferrum.arch.tensors import prepare
 from ferrum.errors import AdapterError
 
 #: The projections an adapter may target, and the block part they live in.
@@ -360,7 +361,16 @@ def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: n
     a32, b32 = np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
     if not (np.isfinite(a32).all() and np.isfinite(b32).all() and math.isfinite(scale)):
         raise AdapterError(f"{where}: layer {layer} {proj} holds non-finite values (NaN or inf)")
-    return LoraWeights(a32, b32, scale)
+    return LoraWeights(a32, _as_loaded(config, layer, proj, b32), scale)
+
+
+def _as_loaded(config: Any, layer: int, proj: str, b: np.ndarray) -> np.ndarray:
+    """``b [r, out]``'s output columns moved and scaled as the load moves and scales the projection's weight
+    rows (:func:`ferrum.arch.tensors.prepare`: q/k rows in rope's pairing, times longrope's or YaRN's
+    attention factor), so that the adapter adds to the outputs the base model computes."""
+    name = f"{config.arch.prefix}layers.{layer}.{PROJECTIONS[proj]}.{proj}.weight"
+    rows = np.concatenate([part for _, part in prepare(config, name, b.T)])
+    return np.ascontiguousarray(rows.T, dtype=np.float32)
 
 
 def _digest(weights: dict[Site, LoraWeights]) -> bytes:
