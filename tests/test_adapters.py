@@ -213,10 +213,10 @@ def phi3(tmp_path_factory):
     return root, hf, merged
 
 
-@pytest.fixture(scope="module", params=["phi4_mini_like", "qwen2_yarn"])
-def moved_qk(request, tmp_path_factory):
-    """Bases whose q/k rows the load moves (partial rotary) or scales (longrope's and YaRN's attention
-    factor), with a PEFT adapter on every linear layer."""
+@pytest.fixture(scope="module", params=["phi4_mini_like", "qwen2_yarn", "granite"])
+def moved_rows(request, tmp_path_factory):
+    """Bases whose rows the load moves (partial rotary) or scales (longrope's and YaRN's attention factor on
+    q/k, Granite's residual multiplier on o_proj/down_proj), with a PEFT adapter on every linear layer."""
     import transformers
 
     common = dict(vocab_size=97, hidden_size=96, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -226,17 +226,19 @@ def moved_qk(request, tmp_path_factory):
         config = transformers.Phi3Config(**common, partial_rotary_factor=0.5, original_max_position_embeddings=64,
                                          rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * half,
                                                        "long_factor": [2.0] * half})
-    else:
+    elif request.param == "qwen2_yarn":
         config = transformers.Qwen2Config(**common, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                                   "original_max_position_embeddings": 32})
+    else:
+        config = transformers.GraniteConfig(**common, residual_multiplier=0.3, logits_scaling=2.0)
     root = tmp_path_factory.mktemp(request.param)
     hf = build_transformers_model(root / "base", config)
     return root, hf, make_peft(hf, root / "all", 3)
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)
-def test_adapters_on_q_k_rows_the_load_moves_or_scales_match_peft(moved_qk, backend):
-    root, hf, merged = moved_qk
+def test_adapters_on_rows_the_load_moves_or_scales_match_peft(moved_rows, backend):
+    root, hf, merged = moved_rows
     model = DecoderOnlyLLM.from_pretrained(root / "base", backend=backend, block_size=4, dtype="float32")
     model.adapters.load("all", root / "all")
     assert_parity(logits_alone(model, "all", TOKENS, "all"), reference_logits(merged, TOKENS))

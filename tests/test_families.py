@@ -28,7 +28,7 @@ TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 WINDOW = 4  # shorter than the test sequences
 ORIGINAL = 8  # longrope's original_max_position_embeddings: TOKENS cross it
 
-FAMILIES = ("gemma3", "gemma2", "phi3_longrope_partial", "phi3_window", "smollm3")
+FAMILIES = ("gemma3", "gemma2", "phi3_longrope_partial", "phi3_window", "smollm3", "granite")
 
 
 def _longrope(half: int) -> dict:
@@ -60,6 +60,10 @@ def transformers_config(family: str):
         )
     if family == "phi3_window":  # Phi-3-mini style: MHA, untied, a sliding window
         return transformers.Phi3Config(**common, num_attention_heads=4, sliding_window=WINDOW + 1)
+    if family == "granite":  # Granite 3 style: tied, every multiplier away from 1
+        return transformers.GraniteConfig(**common, num_attention_heads=4, num_key_value_heads=2,
+                                          tie_word_embeddings=True, embedding_multiplier=3.0,
+                                          residual_multiplier=0.5, attention_multiplier=0.09, logits_scaling=4.0)
     if family == "smollm3":  # layer 1 of 3 without rope (NoPE), and that layer alone sliding
         return transformers.SmolLM3Config(**common, num_attention_heads=4, num_key_value_heads=2,
                                           no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW)
@@ -347,7 +351,7 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 # by Ferrum. Ferrum must refuse naming a key of that file, or match transformers' logits.
 
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
-                     "gemma3_text", "phi3", "smollm3")
+                     "gemma3_text", "phi3", "smollm3", "granite")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -430,6 +434,10 @@ def draw_config(draw, st, family: str) -> dict:
     if family == "llama":  # transformers' Llama ignores sliding_window; so must Ferrum
         raw.update(attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
                    sliding_window=draw(st.sampled_from([None, window])))
+    if family == "granite":
+        raw.update(attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
+                   **{k: draw(st.sampled_from([1.0, 0.25, 4.0])) for k in (
+                       "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")})
     if family == "smollm3":  # NoPE layers from a list or an interval; windows from layer_types or the NoPE layers
         raw.update(attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
                    use_sliding_window=draw(st.booleans()), sliding_window=draw(st.sampled_from([None, window])))

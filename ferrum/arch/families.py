@@ -7,7 +7,7 @@ model reads only the resulting :class:`ferrum.arch.spec.Architecture`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ferrum.arch.keys import (
@@ -289,6 +289,25 @@ def _smollm3_windows(r: KeyReader, sizes: Sizes) -> list:
     return [window if t == SLIDING else None for t in types]
 
 
+def _granite(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Llama with four multipliers: on the embeddings, on what each block adds to the residual stream,
+    as the attention scale (instead of 1/sqrt(head_dim)), and a divisor of the logits."""
+    return replace(
+        _llama_like(False, False, _no_windows)(r, sizes),
+        embed_scale=None if r("embedding_multiplier") == 1 else float(r("embedding_multiplier")),
+        residual_scale=float(r("residual_multiplier")),
+        attn_scale=float(r("attention_multiplier")),
+        logit_scale=1.0 / float(r("logits_scaling")),
+    )
+
+
+_GRANITE = (
+    Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean),
+    *(Key(name, default=1.0, check=positive_number)
+      for name in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")),
+)
+
+
 _SMOLLM3 = (
     Key("sliding_window", check=optional_positive_int), *_LAYER_TYPES,
     Key("use_sliding_window", default=False, check=boolean),
@@ -421,6 +440,10 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _QWEN_WINDOW,
               (Key("attention_bias", check=boolean),)),
         _llama_like(False, True, _qwen_windows),
+    ),
+    "granite": Family(
+        _keys(_core(False), _ROPE, _SILU, _GRANITE),
+        _granite,
     ),
     "smollm3": Family(
         _keys(_core(True), _ROPE, _SILU, _SMOLLM3),

@@ -32,7 +32,11 @@ class Architecture:
     #: RMSNorm scales by ``norm_offset + w`` (Gemma stores ``w`` around 0: offset 1).
     norm_offset: float = 0.0
     activation: str = "silu"  # gated MLP activation: "silu" | "gelu_tanh"
-    embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype
+    embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype; Granite's multiplier
+    #: Granite: multiplies what each block's attention and MLP add to the residual stream, and the logits.
+    #: Folded into the o_proj / down_proj rows and the final norm at load (ferrum.arch.tensors).
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0
     attn_scale: float = 1.0  # multiplies q.k (1/sqrt(head_dim), or query_pre_attn_scalar ** -0.5)
     attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
     final_softcap: float | None = None  # Gemma 2: the same on the logits

@@ -113,12 +113,20 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
     return [(n, _transform(config, layer, n, t)) for n, t in parts]
 
 
+#: The matrices (and biases) whose outputs a block adds to the residual stream.
+_RESIDUAL_WRITERS = (".self_attn.o_proj.", ".mlp.down_proj.")
+
+
 def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     arch = config.arch
     if arch.norm_offset and name.endswith("norm.weight"):
         tensor = np.asarray(tensor, dtype=np.float32) + np.float32(arch.norm_offset)
     if layer is None:
+        if arch.logit_scale != 1.0 and name == f"{arch.prefix}norm.weight":  # the logits are linear in it
+            tensor = np.asarray(tensor, dtype=np.float32) * np.float32(arch.logit_scale)
         return tensor
+    if arch.residual_scale != 1.0 and any(w in name for w in _RESIDUAL_WRITERS):
+        tensor = _scale_rows(tensor, np.full(tensor.shape[0], arch.residual_scale))
     rope = arch.layers[layer].rope
     heads = _rotated_heads(config, name)
     if heads is None:
