@@ -1,9 +1,10 @@
-"""Turning a llama-architecture GGUF file into a Hugging Face-style checkpoint folder.
+"""Turning a llama, qwen2 or qwen3 GGUF file into a Hugging Face-style checkpoint folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
 model in another layout, so :func:`convert_gguf` rewrites it once:
 
-* ``config.json`` from the ``llama.*`` metadata;
+* ``config.json`` from the ``<architecture>.*`` metadata (:data:`_ARCHITECTURES` maps each onto its
+  Hugging Face family);
 * ``model.safetensors`` with Hugging Face tensor names. Quantized matrices stay
   packed: :mod:`ferrum.quant.gguf` rewrites their blocks into the affine form
   (``X.weight`` uint32, ``X.scales``, ``X.biases``) without going through float,
@@ -20,8 +21,8 @@ Two details of the GGUF layout matter:
 * GGUF lists a tensor's dimensions fastest-first (``ne0, ne1, ...``), the reverse
   of numpy / PyTorch order; a ``[576, 49152]`` GGUF embedding is ``(49152, 576)``
   here. The reader's ``data`` is already row-major, one row per outer index.
-* llama.cpp's converter permutes the rows of ``q_proj`` and ``k_proj`` so that its
-  rope rotates adjacent pairs ``(2j, 2j+1)`` of each head; Hugging Face's Llama
+* for Llama, llama.cpp's converter permutes the rows of ``q_proj`` and ``k_proj`` so that its
+  rope rotates adjacent pairs ``(2j, 2j+1)`` of each head (Qwen's it leaves alone); Hugging Face's Llama
   rotates the two halves ``(j, j + d/2)``. :func:`unpermute_qk` undoes it; it
   moves whole rows, so it applies to packed words, scales and biases alike.
 
@@ -50,7 +51,32 @@ from ferrum.quant.gguf import StoredForm, describe, repack
 
 ProgressFn = Callable[[int, int, str], None]
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    """How one GGUF architecture maps onto a Hugging Face family."""
+
+    model_type: str
+    hf_class: str
+    #: llama.cpp's converter permuted q/k rows for its adjacent-pair rope (Llama); the rotate-half families
+    #: (Qwen) are stored as Hugging Face has them.
+    permuted_qk: bool
+    #: Per-block tensors beyond Llama's, by Hugging Face suffix: what each must hold, every one required.
+    extra_tensors: tuple[str, ...] = ()
+    config: tuple[tuple[str, Any], ...] = ()  # config.json entries fixed by the family
+
+
+_ARCHITECTURES = {
+    "llama": _Architecture("llama", "LlamaForCausalLM", True, (),
+                           (("attention_bias", False), ("mlp_bias", False))),
+    "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", False,
+                           ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+                           (("use_sliding_window", False),)),
+    "qwen3": _Architecture("qwen3", "Qwen3ForCausalLM", False, ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+                           (("attention_bias", False), ("use_sliding_window", False))),
+}
+SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 
 #: Float dtypes ``dequantize_to`` accepts.
 DEQUANTIZE_DTYPES = ("float32", "float16", "bfloat16")
@@ -72,6 +98,9 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's: Llama 3's with every digit on its own.
+_PRE_QWEN2 = {"qwen2", "deepseek-r1-qwen"}
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 # GGUF tensor name -> Hugging Face name, per block and global.
 _GLOBAL_TENSORS = {
@@ -89,6 +118,11 @@ _BLOCK_TENSORS = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 # Present in some files, carry nothing a Hugging Face checkpoint needs.
 _IGNORED_BLOCK_TENSORS = {"attn_rot_embd"}
@@ -355,6 +389,7 @@ def _check_quant_types(tensors: Iterable[Any], where: str) -> None:
 
 def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_PlannedTensor]:
     """Map every GGUF tensor to its Hugging Face name and expected shape (rope_freqs is read into the config)."""
+    arch = _ARCHITECTURES[cfg["model_type"]]
     by_name = {t.name: t for t in reader.tensors}
     n_layers = cfg["num_hidden_layers"]
     h, d = cfg["hidden_size"], cfg["head_dim"]
@@ -376,6 +411,11 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
         "mlp.up_proj.weight": (inter, h),
         "mlp.down_proj.weight": (h, inter),
     }
+    extra_shapes = {
+        "self_attn.q_proj.bias": (heads * d,), "self_attn.k_proj.bias": (kv_heads * d,),
+        "self_attn.v_proj.bias": (kv_heads * d,), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+    }
+    per_layer.update({suffix: extra_shapes[suffix] for suffix in arch.extra_tensors})
     plan: list[_PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
@@ -394,15 +434,15 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
             i, rest = int(m.group(1)), m.group(2)
             if rest.split(".")[0] in _IGNORED_BLOCK_TENSORS:
                 continue
-            if rest not in _BLOCK_TENSORS:
+            if _BLOCK_TENSORS.get(rest) not in per_layer:
                 unknown.append(name)
                 continue
             suffix = _BLOCK_TENSORS[rest]
             hf_name = f"model.layers.{i}.{suffix}"
             want = per_layer[suffix]
-            if rest == "attn_q.weight":
+            if arch.permuted_qk and rest == "attn_q.weight":
                 heads_to_unpermute = heads
-            elif rest == "attn_k.weight":
+            elif arch.permuted_qk and rest == "attn_k.weight":
                 heads_to_unpermute = kv_heads
         shape = _numpy_shape(tensor)
         if shape != want:
@@ -413,8 +453,9 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
         raise UnsupportedFeatureError(
-            f"{where}: {len(unknown)} tensor(s) have no place in a Llama checkpoint: {shown}. "
-            "Ferrum's GGUF import handles plain (dense, bias-free) llama-architecture files"
+            f"{where}: {len(unknown)} tensor(s) have no place in a {arch.hf_class} checkpoint: {shown}. "
+            f"Ferrum's GGUF import handles dense {', '.join(SUPPORTED_ARCHITECTURES)} files as llama.cpp's "
+            "converter writes them"
         )
     have = {p.hf_name for p in plan}
     needed = [n for n in expected if n != "lm_head.weight"] + [
@@ -423,7 +464,7 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
     missing = [n for n in needed if n not in have]
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise CheckpointError(f"{where}: GGUF file lacks {len(missing)} tensor(s) a Llama model needs: {shown}")
+        raise CheckpointError(f"{where}: GGUF file lacks {len(missing)} tensor(s) a {arch.hf_class} needs: {shown}")
     return plan
 
 
@@ -498,8 +539,8 @@ def _write_safetensors(
     path: Path, plan: list[_PlannedTensor], dequantize_to: str | None, where: str, progress: ProgressFn | None
 ) -> None:
     """Stream tensors into a safetensors file one at a time (never all in memory at once)."""
-    tensors = [(f"{p.module}.{suffix}", _SAFETENSORS_DTYPES[dtype], shape)
-               for p in plan for suffix, dtype, shape in p.form.parts()]
+    tensors = [(f"{p.module}.{suffix}" if p.form.packed else p.hf_name, _SAFETENSORS_DTYPES[dtype], shape)
+               for p in plan for suffix, dtype, shape in p.form.parts()]  # a dense tensor keeps its name (a bias)
     with open(path, "wb") as f:
         write_safetensors_header(f, tensors, {"format": "pt"})
         for done, p in enumerate(plan, start=1):
@@ -546,7 +587,7 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> di
 def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
     where = meta.where
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in _ARCHITECTURES:
         raise UnsupportedFeatureError(
             f"{where}: GGUF architecture {arch!r} is not supported; Ferrum converts "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} GGUF files (for other models use a Hugging Face "
@@ -609,9 +650,10 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
             rope_scaling = fitted
 
     names = {t.name for t in reader.tensors}
+    family = _ARCHITECTURES[arch]
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.hf_class],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "intermediate_size": int(meta.need(p + "feed_forward_length")),
         "num_hidden_layers": int(meta.need(p + "block_count")),
@@ -624,8 +666,7 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        **dict(family.config),
         "tie_word_embeddings": "output.weight" not in names,
     }
     for key in ("bos", "eos", "padding"):
@@ -673,15 +714,16 @@ def _build_tokenizer(meta: _Metadata, tokens: list[str]) -> tuple[Any, dict[str,
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
             ]
         )
-    elif pre in _PRE_LLAMA3:
+    elif pre in _PRE_LLAMA3 or pre in _PRE_QWEN2:
         pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre in _PRE_LLAMA3 else _QWEN2_SPLIT),
+                                     behavior="isolated", invert=False),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
     else:
-        known = sorted(_PRE_GPT2 | _PRE_DIGITS_GPT2 | _PRE_LLAMA3)
+        known = sorted(_PRE_GPT2 | _PRE_DIGITS_GPT2 | _PRE_LLAMA3 | _PRE_QWEN2)
         raise UnsupportedFeatureError(
             f"{where}: GGUF pre-tokenizer {pre!r} is not supported; Ferrum knows {', '.join(known)}"
         )

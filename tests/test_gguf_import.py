@@ -348,7 +348,8 @@ ONE_Q8_0 = {"mlp.up_proj.weight": Q.Q8_0}
 def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt2", pre: str = "smollm",
                     types: dict | None = None, rope_freqs: np.ndarray | None = None,
                     hidden: int = 64, inter: int = 96, std: float = 1.0) -> dict[str, np.ndarray]:
-    """A 1-layer llama GGUF (4 heads, 2 KV heads); returns its weights in Hugging Face layout, as stored.
+    """A 1-layer GGUF (4 heads, 2 KV heads) of ``arch`` (llama; qwen2 adds q/k/v biases, qwen3 q/k norms);
+    returns its weights in Hugging Face layout, as stored.
 
     ``types`` maps Hugging Face name endings (``"mlp.up_proj.weight"``, or ``"weight"``
     for every matrix) to GGUF storage types, the longest matching ending winning;
@@ -376,6 +377,11 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
         "model.layers.0.mlp.up_proj.weight": rng.standard_normal((inter, hidden)),
         "model.layers.0.mlp.down_proj.weight": rng.standard_normal((hidden, inter)),
     }
+    if arch == "qwen2":  # q/k/v biases
+        hf.update({f"model.layers.0.self_attn.{p}_proj.bias": rng.standard_normal(n * hd)
+                   for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))})
+    if arch == "qwen3":  # per-head q/k norms
+        hf.update({f"model.layers.0.self_attn.{p}_norm.weight": 1 + 0.1 * rng.standard_normal(hd) for p in "qk"})
     hf = {k: (v if k.endswith("norm.weight") else std * v).astype(np.float32) for k, v in hf.items()}
     gguf_names = {
         "model.embed_tokens.weight": "token_embd.weight",
@@ -390,6 +396,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
         "model.layers.0.mlp.gate_proj.weight": "blk.0.ffn_gate.weight",
         "model.layers.0.mlp.up_proj.weight": "blk.0.ffn_up.weight",
         "model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight",
+        **{f"model.layers.0.self_attn.{p}_proj.bias": f"blk.0.attn_{p}.bias" for p in "qkv"},
+        **{f"model.layers.0.self_attn.{p}_norm.weight": f"blk.0.attn_{p}_norm.weight" for p in "qk"},
     }
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
@@ -399,6 +407,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_rope_dimension_count(hd)
+    if arch == "qwen3":  # llama.cpp's converter writes Qwen3's head size (transformers' default is 128)
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
@@ -413,7 +424,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
     expected = {}
     for name, array in hf.items():
-        n = {"q_proj": heads, "k_proj": kv_heads}.get(name.split(".")[-2])
+        # llama.cpp permutes Llama's q/k rows for its rope; the rotate-half families (Qwen) it stores as they are
+        n = {"q_proj": heads, "k_proj": kv_heads}.get(name.split(".")[-2]) if arch == "llama" else None
         stored = array if n is None else _permute(array, n)
         ending = max((e for e in types if name.endswith(e)), key=len, default=None)
         qtype = types.get(ending, Q.F32) if array.ndim == 2 else Q.F32
@@ -465,6 +477,43 @@ def test_tiny_gguf_round_trip(tmp_path):
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tok.encode("hello<|im_end|>").tokens == ["hello", "<|im_end|>"]
     assert tok.encode("hello<|im_end|>").ids == [3 + 256 + 3, 2]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_matches_transformers_gguf_loader(tmp_path, arch):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms) files, stored rotate-half (no q/k permutation) with
+    llama.cpp's qwen2 pre-tokenizer: exact weights, and the logits and token ids transformers' own GGUF
+    loader gives for the same file."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    path = tmp_path / f"{arch}.gguf"
+    expected = write_tiny_gguf(path, arch=arch, pre="qwen2", types={"weight": Q.Q8_0}, std=0.2)
+    out = convert_gguf(path, tmp_path / "out")
+    weights = dense_weights(out)
+    assert set(weights) == set(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(weights[name], array, err_msg=name)
+    assert ModelConfig.from_file(out).arch.qk_norm == (arch == "qwen3")
+
+    config = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    config.head_dim = 16  # transformers' GGUF mapping drops attention.key_length (its Qwen3 default is 128)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    loaded = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    assert not model.load_state_dict(loaded, strict=False).missing_keys
+    tokens = [5, 77, 100, 42, 9, 200, 13, 60]
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    llm = ferrum.load(out, backend="cpu")
+    got = llm.model.forward_verify("s", tokens)
+    assert float(np.abs(got - ref).max()) <= 1e-4 * float(np.abs(ref).max())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ("hello 12345 world's", "héllo\n\n  x<|im_end|>", "he'LL  1.5e3"):
+        assert llm.tokenizer.encode(text) == tokenizer.encode(text), text
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
