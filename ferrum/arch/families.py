@@ -281,11 +281,15 @@ def _smollm3_rotated(r: KeyReader, sizes: Sizes) -> list[bool]:
 
 
 def _smollm3_windows(r: KeyReader, sizes: Sizes) -> list:
-    """The window where use_sliding_window and the layer slides: layer_types, else the NoPE layers."""
-    window = r("sliding_window") if r("use_sliding_window") else None
-    types = _layer_types(r, sizes)
+    """transformers' SmolLM3: the layers layer_types marks sliding (by default, the NoPE layers when
+    use_sliding_window) attend through sliding_window; an explicit layer_types applies whatever
+    use_sliding_window says."""
+    window, types = r("sliding_window"), _layer_types(r, sizes)
     if types is None:
-        types = [SLIDING if window is not None and not on else FULL for on in _smollm3_rotated(r, sizes)]
+        slides = r("use_sliding_window") and window is not None
+        types = [SLIDING if slides and not on else FULL for on in _smollm3_rotated(r, sizes)]
+    if window is None and SLIDING in types:
+        r.fail("sliding_window", "must be set when layer_types has sliding layers")
     return [window if t == SLIDING else None for t in types]
 
 

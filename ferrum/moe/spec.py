@@ -22,9 +22,12 @@ def _layer_list(value: object) -> str | None:
     return f"must list layer indices, got {value!r}"
 
 
-#: transformers spells the expert count ``num_local_experts`` (Mixtral, and Qwen3-MoE in v5) or
-#: ``num_experts`` (Qwen2-MoE, Qwen3-MoE in v4); either is read.
-_COUNT = (Key("num_local_experts", check=optional_positive_int), Key("num_experts", check=optional_positive_int))
+#: The expert count's spellings transformers reads, first wins: Mixtral and Qwen3-MoE map ``num_experts`` onto
+#: ``num_local_experts``; Qwen2-MoE reads ``num_experts`` only (a ``num_local_experts`` there leaves its 60).
+_COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
+                "qwen3_moe": ("num_local_experts", "num_experts")}
+_COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
+          for family, names in _COUNT_NAMES.items()}
 _QWEN = (
     Key("moe_intermediate_size", check=positive_int),
     Key("norm_topk_prob", default=False, check=boolean),
@@ -33,11 +36,11 @@ _QWEN = (
 )
 #: Per family: the MoE keys (transformers' defaults) that change the math.
 KEYS: dict[str, tuple[Key, ...]] = {
-    "mixtral": (*_COUNT, Key("num_experts_per_tok", default=2, check=positive_int)),
-    "qwen2_moe": (*_COUNT, Key("num_experts_per_tok", default=4, check=positive_int), *_QWEN,
+    "mixtral": (*_COUNT["mixtral"], Key("num_experts_per_tok", default=2, check=positive_int)),
+    "qwen2_moe": (*_COUNT["qwen2_moe"], Key("num_experts_per_tok", default=4, check=positive_int), *_QWEN,
                   Key("shared_expert_intermediate_size", check=positive_int),
                   Key("qkv_bias", default=True, check=boolean)),
-    "qwen3_moe": (*_COUNT, Key("num_experts_per_tok", default=8, check=positive_int), *_QWEN),
+    "qwen3_moe": (*_COUNT["qwen3_moe"], Key("num_experts_per_tok", default=8, check=positive_int), *_QWEN),
 }
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128}
 
@@ -60,7 +63,7 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
 
     def build_moe(r: KeyReader, sizes: object) -> Architecture:
         arch = build(r, sizes)
-        count = r("num_local_experts") or r("num_experts") or _DEFAULT_COUNT[model_type]
+        count = next(filter(None, map(r, _COUNT_NAMES[model_type])), None) or _DEFAULT_COUNT[model_type]
         top_k = r("num_experts_per_tok")
         if top_k > count:
             r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts")
