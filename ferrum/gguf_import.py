@@ -251,7 +251,8 @@ _FIELD_KINDS = {
     ), "a string"),
     **dict.fromkeys(("tokenizer.ggml.tokens", "tokenizer.ggml.merges"), "a list of strings"),
     "tokenizer.ggml.token_type": "a list of integers",
-    **dict.fromkeys(("add_bos_token", "add_eos_token"), "a boolean"),
+    "tokenizer.ggml.scores": "a list of finite numbers",
+    **dict.fromkeys(("add_bos_token", "add_eos_token", "add_space_prefix"), "a boolean"),
 }
 
 
@@ -273,6 +274,8 @@ def _is_kind(value: Any, kind: str) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "a list of integers":
         return isinstance(value, list) and all(integer(v) for v in value)
+    if kind == "a list of finite numbers":
+        return isinstance(value, list) and all((integer(v) or isinstance(v, float)) and math.isfinite(v) for v in value)
     return isinstance(value, bool)
 
 
@@ -693,17 +696,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _build_tokenizer(meta: _Metadata, tokens: list[str]) -> tuple[Any, dict[str, Any]]:
-    """A ``tokenizers.Tokenizer`` equal to the one the GGUF describes, and its tokenizer_config entries."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def _byte_level_model(meta: _Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
+    """Byte-level BPE ('gpt2'): the file's merges, its pre-tokenizer regex, tokens in GPT-2's byte alphabet."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     where = meta.where
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UnsupportedFeatureError(
-            f"{where}: GGUF tokenizer model {kind!r} is not supported; Ferrum's GGUF import rebuilds "
-            "byte-level BPE tokenizers ('gpt2'), not sentencepiece ('llama') ones"
-        )
     pre = meta.get("tokenizer.ggml.pre", "gpt2")
     if pre in _PRE_GPT2:
         pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -737,9 +734,6 @@ def _build_tokenizer(meta: _Metadata, tokens: list[str]) -> tuple[Any, dict[str,
             raise CheckpointError(f"{where}: malformed BPE merge {m!r} in tokenizer.ggml.merges")
         merges.append((parts[0], parts[1]))
 
-    types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
-    if len(types) != len(tokens):
-        raise CheckpointError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
@@ -765,6 +759,65 @@ def _build_tokenizer(meta: _Metadata, tokens: list[str]) -> tuple[Any, dict[str,
     )
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
+    return tok, added
+
+
+def _sentencepiece_model(meta: _Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
+    """SentencePiece BPE ('llama': Llama 2, Mistral, TinyLlama...) as llama.cpp runs it: pieces spelled with
+    ``\u2581`` for a space, unknown characters as ``<0xNN>`` byte pieces, a space put before the text
+    (``add_space_prefix``).
+
+    The file keeps scores, not merges: a piece is merged from any two pieces that spell it, the highest-scored
+    piece first, which is the order llama.cpp merges in."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    where = meta.where
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise CheckpointError(f"{where}: a sentencepiece GGUF tokenizer needs one score per token "
+                              f"(tokenizer.ggml.scores), got {None if scores is None else len(scores)}")
+    vocab: dict[str, int] = {}
+    added: list[AddedToken] = []
+    for index, (token, token_type) in enumerate(zip(tokens, types)):
+        if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
+            added.append(AddedToken(token, special=token_type == _TOKEN_CONTROL, normalized=False))
+        vocab.setdefault(token, index)
+    candidates = []
+    for piece, score in zip(tokens, scores):
+        cuts = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        cuts.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        candidates += [(-float(score), -len(left), -len(right), left, right) for left, right in cuts]
+    candidates.sort(key=lambda c: c[:3])  # stable: ties keep the file's order
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(c[3], c[4]) for c in candidates], dropout=None,
+                               fuse_unk=True, byte_fallback=True))
+    # llama.cpp puts the space before every run of text that starts the prompt or follows an added token, even
+    # one that starts with a space; the normalizer runs on exactly those runs
+    spaces = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if prefix else spaces
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok, added
+
+
+_TOKENIZER_MODELS = {"gpt2": _byte_level_model, "llama": _sentencepiece_model}
+
+
+def _build_tokenizer(meta: _Metadata, tokens: list[str]) -> tuple[Any, dict[str, Any]]:
+    """A ``tokenizers.Tokenizer`` equal to the one the GGUF describes, and its tokenizer_config entries."""
+    from tokenizers import processors
+
+    where = meta.where
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in _TOKENIZER_MODELS:
+        raise UnsupportedFeatureError(
+            f"{where}: GGUF tokenizer model {kind!r} is not supported; Ferrum's GGUF import rebuilds "
+            "byte-level BPE ('gpt2') and sentencepiece BPE ('llama') tokenizers"
+        )
+    types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
+    tok, added = _TOKENIZER_MODELS[kind](meta, tokens, types)
     special = [t for t in added if t.special]
     plain = [t for t in added if not t.special]
     if special:
@@ -777,7 +830,8 @@ def _build_tokenizer(meta: _Metadata, tokens: list[str]) -> tuple[Any, dict[str,
         return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
 
     bos, eos = token_of("bos"), token_of("eos")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if (add_bos and bos is None) or (add_eos and eos is None):
         raise CheckpointError(f"{where}: the tokenizer adds BOS/EOS but names no such token")
@@ -792,7 +846,7 @@ def _build_tokenizer(meta: _Metadata, tokens: list[str]) -> tuple[Any, dict[str,
             pair=first + ["$A:0"] + last + second_first + ["$B:1"] + second_last,
             special_tokens=list(ids.items()),
         )
-    else:
+    elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
     tokenizer_config: dict[str, Any] = {

@@ -18,6 +18,7 @@ gguf = pytest.importorskip("gguf")
 
 from ferrum import default_model  # noqa: E402
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError  # noqa: E402
+from ferrum.bench.runners import open_llama_cpp  # noqa: E402
 from ferrum.gguf_import import convert_gguf, unpermute_qk  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -330,6 +331,18 @@ def random_blocks(shape: tuple[int, int], qtype, rng: np.random.Generator) -> np
     return blocks.reshape(rows, -1)
 
 
+def _sentencepiece_vocab() -> tuple[list[str], list[int], list[float]]:
+    """A small Llama-2-style sentencepiece vocabulary: <unk> <s> </s>, the 256 byte pieces, then pieces scored
+    by rank (the way sentencepiece writes them), with a control token inside."""
+    pieces = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "1", "2", "\u2581h", "he", "ll", "\u2581he", "llo",
+              "\u2581hello", "\u2581w", "or", "ld", "\u2581wor", "\u2581world", "\u2581\u2581", "\u25811", "12",
+              "\u2581lo", "[INST]"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [3 if p == "[INST]" else 1 for p in pieces]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    return tokens, types, scores
+
+
 def _alphabet() -> list[str]:
     from tokenizers import pre_tokenizers
 
@@ -358,9 +371,14 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     """
     rng = np.random.default_rng(0)
     types = ONE_Q8_0 if types is None else types
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens = specials + _alphabet() + ["he", "ll", "hell", "hello"]
-    merges = ["h e", "l l", "he ll", "hell o"]
+    if tokenizer_model == "llama":
+        tokens, token_types, scores = _sentencepiece_vocab()
+        merges = None
+    else:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tokens = specials + _alphabet() + ["he", "ll", "hell", "hello"]
+        token_types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
+        merges, scores = ["h e", "l l", "he ll", "hell o"], None
     vocab, heads, kv_heads = len(tokens), 4, 2
     hd = hidden // heads
     hf = {
@@ -416,11 +434,14 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
-    w.add_token_merges(merges)
+    w.add_token_types(token_types)
+    if merges is not None:
+        w.add_token_merges(merges)
+        w.add_add_bos_token(False)
+    if scores is not None:  # sentencepiece: scores, no merges, and BOS added by default
+        w.add_token_scores(scores)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
     expected = {}
     for name, array in hf.items():
@@ -516,6 +537,48 @@ def test_qwen_gguf_matches_transformers_gguf_loader(tmp_path, arch):
         assert llm.tokenizer.encode(text) == tokenizer.encode(text), text
 
 
+#: Text -> the ids llama.cpp (llama-cpp-python 0.3.36) gives for it on ``_sentencepiece_vocab`` with BOS: the
+#: prefix space before every run of text, a leading space kept ("\u2581\u2581hello"), bytes for what no piece spells.
+SENTENCEPIECE_IDS = {
+    "hello world": [1, 274, 279],
+    " hello  world": [1, 259, 274, 259, 279],
+    "hello\nworld 12": [1, 274, 13, 264, 276, 277, 281, 268],
+    "héllo wörld!": [1, 269, 198, 172, 273, 275, 198, 185, 265, 277, 36],
+    "[INST]hello[INST] lo": [1, 284, 274, 284, 280, 262, 263],
+    "x": [1, 259, 123],
+}
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spm") / "spm.gguf"
+    write_tiny_gguf(path, tokenizer_model="llama", types={})
+    return path, convert_gguf(path, path.parent / "out")
+
+
+def test_sentencepiece_gguf_tokenizer_gives_llama_cpp_ids(sentencepiece_gguf):
+    """llama.cpp's 'llama' (sentencepiece BPE) vocabulary: merges by score, byte pieces for unknown characters,
+    the prefix space, BOS added, control tokens whole; text comes back from the ids."""
+    import ferrum
+
+    tokenizer = ferrum.load(sentencepiece_gguf[1], backend="cpu").tokenizer
+    for text, ids in SENTENCEPIECE_IDS.items():
+        assert tokenizer.encode(text) == ids, text
+        if "[INST]" not in text:
+            assert tokenizer.decode(ids[1:]) == text
+
+
+def test_sentencepiece_gguf_tokenizer_matches_llama_cpp_live(sentencepiece_gguf):
+    pytest.importorskip("llama_cpp")
+    import ferrum
+
+    path, out = sentencepiece_gguf
+    tokenizer = ferrum.load(out, backend="cpu").tokenizer
+    reference = open_llama_cpp(path, context=64, threads=1)
+    for text in [*SENTENCEPIECE_IDS, "  two  spaces ", "1212 hello\n\n", "ünïcode ✓ 🎉"]:
+        assert tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
+
+
 def test_unpermute_inverts_llama_cpp_permutation():
     w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)
     for heads in (1, 2, 6):
@@ -573,7 +636,7 @@ def test_dequantize_to_float16(tmp_path):
     ("kwargs", "message"),
     [
         ({"arch": "gpt2"}, "GGUF architecture 'gpt2' is not supported"),
-        ({"tokenizer_model": "llama"}, "tokenizer model 'llama' is not supported"),
+        ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
         ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
     ],
 )
