@@ -52,7 +52,6 @@ from ferrum.quant.gguf import StoredForm, describe, repack
 ProgressFn = Callable[[int, int, str], None]
 
 
-
 @dataclass(frozen=True)
 class _Architecture:
     """How one GGUF architecture maps onto a Hugging Face family."""
@@ -62,7 +61,7 @@ class _Architecture:
     #: llama.cpp's converter permuted q/k rows for its adjacent-pair rope (Llama); the rotate-half families
     #: (Qwen) are stored as Hugging Face has them.
     permuted_qk: bool
-    #: Per-block tensors beyond Llama's, by Hugging Face suffix: what each must hold, every one required.
+    #: Per-block tensors beyond Llama's (Hugging Face suffixes), all required.
     extra_tensors: tuple[str, ...] = ()
     config: tuple[tuple[str, Any], ...] = ()  # config.json entries fixed by the family
 
@@ -875,7 +874,7 @@ def convert_gguf(
     *,
     dequantize_to: str | None = None,
 ) -> Path:
-    """Write ``gguf_path`` (a llama-architecture GGUF) into ``out_dir`` as a Hugging Face checkpoint.
+    """Write ``gguf_path`` (a llama, qwen2 or qwen3 GGUF) into ``out_dir`` as a Hugging Face checkpoint.
 
     By default quantized matrices stay packed, exactly (see the module
     docstring); GGUF types without an exact packed form are refused by name.

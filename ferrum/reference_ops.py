@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ferrum.quant import reference as quant_reference
-from ferrum.quant.reference import Dequantized, HostQuantized
+from ferrum.quant.reference import Dequantized, HostQuantized, upload
 from ferrum.moe import reference as moe_reference
 from ferrum.sampling import DeviceSample, sample_numpy
 
@@ -115,7 +114,7 @@ def sample_on_device(ops: Any, logits: Any, batch: Any) -> DeviceSample:
 
 
 def quantized_upload(ops: Any, name: str, weight: Any, dtype: str, role: str) -> HostQuantized | Dequantized:
-    return quant_reference.upload(ops, name, weight, dtype)
+    return upload(ops, name, weight, dtype)
 
 
 def quantized_linear(ops: Any, x: Any, weight: HostQuantized | Dequantized, bias: Any) -> Any:
