@@ -180,6 +180,18 @@ def test_without_quantized_ops_the_matrices_that_fit_are_dequantized_at_load(mlx
     assert np.array_equal(mixed, packed)
 
 
+def test_the_environment_sets_the_dense_share(mlx_lm_4bit, dense_budget, monkeypatch):
+    folder, _, _ = mlx_lm_4bit
+    dense_budget(1 << 40)
+    monkeypatch.setenv("FERRUM_DEQUANTIZED_SHARE", "0")
+    files = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert ferrum.load(folder, backend="cpu").model.weight_bytes <= files  # kept packed
+    for bad in ("half", "1.5", "-0.1", "nan"):
+        monkeypatch.setenv("FERRUM_DEQUANTIZED_SHARE", bad)
+        with pytest.raises(ConfigError, match="FERRUM_DEQUANTIZED_SHARE"):
+            ferrum.load(folder, backend="cpu")
+
+
 def test_the_dense_budget_is_shared_by_live_models_and_freed_with_them(mlx_lm_4bit, dense_budget):
     folder, _, _ = mlx_lm_4bit
     dense_budget(0)

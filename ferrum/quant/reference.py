@@ -1,6 +1,6 @@
 """The core's reference form of a quantized weight, for backends without native quantized ops.
 
-While the dense matrices fit (:data:`DENSE_SHARE` of the backend's memory, counted
+While the dense matrices fit (:data:`DENSE_SHARE` of the backend's memory by default, counted
 over every matrix dequantized so far on that device), a packed matrix is
 dequantized once at load into the backend's dense form and runs on its ``linear``
 and ``embedding``: memory at the float size, speed the backend's dense speed.
@@ -14,18 +14,36 @@ Both forms compute from the same float32 values, so they give the same numbers.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from typing import Any
 
 import numpy as np
 
+from ferrum.errors import ConfigError
 from ferrum.hookspec import DTYPE_BYTES
 from ferrum.quant.affine import QuantizedWeight, dequantize
 
 #: Share of a backend's memory (``BackendInfo.memory_bytes``) that matrices dequantized at load may
-#: take together; a backend that does not report its memory keeps every matrix packed.
+#: take together; a backend that does not report its memory keeps every matrix packed. The environment
+#: variable ``FERRUM_DEQUANTIZED_SHARE`` overrides it (0 keeps every matrix packed).
 DENSE_SHARE = 0.5
+_SHARE_VARIABLE = "FERRUM_DEQUANTIZED_SHARE"
+
+
+def _dense_share() -> float:
+    raw = os.environ.get(_SHARE_VARIABLE)
+    if raw is None:
+        return DENSE_SHARE
+    try:
+        share = float(raw)
+    except ValueError:
+        share = math.nan
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"{_SHARE_VARIABLE}={raw!r}: give a share of the backend's memory between 0 and 1 "
+                          "(0 keeps quantized matrices packed)")
+    return share
 
 _buffers: dict[tuple[int, int], np.ndarray] = {}
 _buffers_lock = threading.Lock()
@@ -87,7 +105,7 @@ class _DenseBudget:
     def claim(self, device: str, memory_bytes: int | None, nbytes: int) -> bool:
         with self._lock:
             held = self._held.get(device, 0)
-            if memory_bytes is None or held + nbytes > DENSE_SHARE * memory_bytes:
+            if memory_bytes is None or held + nbytes > _dense_share() * memory_bytes:
                 return False
             self._held[device] = held + nbytes
             return True
