@@ -1,4 +1,4 @@
-"""Turning a llama, qwen2 or qwen3 GGUF file into a Hugging Face-style checkpoint folder.
+"""Turning a llama, qwen2, qwen3 or phi3 GGUF file into a Hugging Face-style checkpoint folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
 model in another layout, so :func:`convert_gguf` rewrites it once:
@@ -64,6 +64,8 @@ class _Architecture:
     #: Per-block tensors beyond Llama's (Hugging Face suffixes), all required.
     extra_tensors: tuple[str, ...] = ()
     config: tuple[tuple[str, Any], ...] = ()  # config.json entries fixed by the family
+    #: Phi-3: q/k/v in one ``attn_qkv``, gate and up in one ``ffn_up``, as the Hugging Face checkpoint has them.
+    fused: bool = False
 
 
 _ARCHITECTURES = {
@@ -74,7 +76,12 @@ _ARCHITECTURES = {
                            (("use_sliding_window", False),)),
     "qwen3": _Architecture("qwen3", "Qwen3ForCausalLM", False, ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
                            (("attention_bias", False), ("use_sliding_window", False))),
+    "phi3": _Architecture("phi3", "Phi3ForCausalLM", False, fused=True),
 }
+#: Phi-3's fused blocks: GGUF name -> Hugging Face suffix, in place of the separate projections.
+_FUSED_BLOCK_TENSORS = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
+#: longrope's per-pair factors, which llama.cpp stores as tensors: GGUF name -> rope_scaling key.
+_ROPE_FACTOR_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 
 #: Float dtypes ``dequantize_to`` accepts.
@@ -239,10 +246,10 @@ _FIELD_KINDS = {
     **dict.fromkeys((
         "embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
         "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size", "feed_forward_length",
-        "block_count", "context_length", "_token_id",
+        "block_count", "context_length", "_token_id", "original_context_length", "attention.sliding_window",
     ), "a non-negative integer"),
     **dict.fromkeys((
-        "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon",
+        "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
     ), "a finite number"),
     **dict.fromkeys((
         "general.architecture", "rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
@@ -418,11 +425,18 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
         "self_attn.v_proj.bias": (kv_heads * d,), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
     }
     per_layer.update({suffix: extra_shapes[suffix] for suffix in arch.extra_tensors})
+    if arch.fused:
+        for separate in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                         "mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            del per_layer[separate]
+        per_layer["self_attn.qkv_proj.weight"] = ((heads + 2 * kv_heads) * d, h)
+        per_layer["mlp.gate_up_proj.weight"] = (2 * inter, h)
+    block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {})}
     plan: list[_PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
     for name, tensor in by_name.items():
-        if name == "rope_freqs.weight":
+        if name == "rope_freqs.weight" or name in _ROPE_FACTOR_TENSORS:  # read into the config
             continue
         heads_to_unpermute = None
         if name in _GLOBAL_TENSORS:
@@ -436,10 +450,10 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
             i, rest = int(m.group(1)), m.group(2)
             if rest.split(".")[0] in _IGNORED_BLOCK_TENSORS:
                 continue
-            if _BLOCK_TENSORS.get(rest) not in per_layer:
+            if block_tensors.get(rest) not in per_layer:
                 unknown.append(name)
                 continue
-            suffix = _BLOCK_TENSORS[rest]
+            suffix = block_tensors[rest]
             hf_name = f"model.layers.{i}.{suffix}"
             want = per_layer[suffix]
             if arch.permuted_qk and rest == "attn_q.weight":
@@ -586,6 +600,26 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> di
     }
 
 
+def _longrope_scaling(meta: _Metadata, p: str, factors: dict[str, Any], rope_dims: int, where: str) -> dict[str, Any]:
+    """Phi-3.5 / Phi-4-mini's longrope, which llama.cpp keeps as two factor tensors and two numbers."""
+    if any(t is None for t in factors.values()):
+        raise CheckpointError(f"{where}: the file holds one of rope_factors_short / rope_factors_long, not both")
+    scaling: dict[str, Any] = {"rope_type": "longrope"}
+    for key, tensor in factors.items():
+        values = _dequantize(tensor, where).reshape(-1)
+        if len(values) != rope_dims // 2:
+            raise CheckpointError(f"{where}: {key} holds {len(values)} factors for {rope_dims // 2} rotary pairs")
+        scaling[key] = [_float32_value(v) for v in values]
+    original = meta.get(p + "rope.scaling.original_context_length")
+    if not original:
+        raise CheckpointError(f"{where}: longrope factors without {p}rope.scaling.original_context_length")
+    scaling["original_max_position_embeddings"] = int(original)
+    attention = meta.get(p + "rope.scaling.attn_factor")
+    if attention is not None:
+        scaling["attention_factor"] = _float32_value(attention)
+    return scaling
+
+
 def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
     where = meta.where
     arch = meta.get("general.architecture")
@@ -614,9 +648,9 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
     if value_dim != head_dim:
         raise UnsupportedFeatureError(f"{where}: key length {head_dim} != value length {value_dim} is not supported")
     rope_dims = int(meta.get(p + "rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
+    if rope_dims != head_dim and arch != "phi3":
         raise UnsupportedFeatureError(
-            f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported"
+            f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported for {arch}"
         )
     if meta.get(p + "expert_count", 0):
         raise UnsupportedFeatureError(f"{where}: mixture-of-experts GGUF files are not supported")
@@ -639,6 +673,10 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
                 f"{where}: rope scaling {kind!r} is not supported; Ferrum handles 'linear' and Llama 3's"
             )
         rope_scaling = {"rope_type": "linear", "factor": _float32_value(factor)}
+    factors = {key: next((t for t in reader.tensors if t.name == name), None)
+               for name, key in _ROPE_FACTOR_TENSORS.items()}
+    if any(t is not None for t in factors.values()):
+        rope_scaling = _longrope_scaling(meta, p, factors, rope_dims, where)
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
         fitted = _llama3_rope_scaling(_dequantize(freqs, where), head_dim, theta)
@@ -671,6 +709,10 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
         **dict(family.config),
         "tie_word_embeddings": "output.weight" not in names,
     }
+    if rope_dims != head_dim:
+        config["partial_rotary_factor"] = rope_dims / head_dim
+    if family.fused:  # Phi-3: the window, where the file sets one
+        config["sliding_window"] = meta.get(p + "attention.sliding_window") or None
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
@@ -874,7 +916,7 @@ def convert_gguf(
     *,
     dequantize_to: str | None = None,
 ) -> Path:
-    """Write ``gguf_path`` (a llama, qwen2 or qwen3 GGUF) into ``out_dir`` as a Hugging Face checkpoint.
+    """Write ``gguf_path`` (a llama, qwen2, qwen3 or phi3 GGUF) into ``out_dir`` as a Hugging Face checkpoint.
 
     By default quantized matrices stay packed, exactly (see the module
     docstring); GGUF types without an exact packed form are refused by name.

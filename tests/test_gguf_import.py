@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from pathlib import Path
 
@@ -577,6 +578,81 @@ def test_sentencepiece_gguf_tokenizer_matches_llama_cpp_live(sentencepiece_gguf)
     reference = open_llama_cpp(path, context=64, threads=1)
     for text in [*SENTENCEPIECE_IDS, "  two  spaces ", "1212 hello\n\n", "ünïcode ✓ 🎉"]:
         assert tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+def _phi3_gguf(path: Path, hf, config, longrope: dict | None) -> None:
+    """``hf``'s weights in the layout llama.cpp's converter writes for Phi-3 (fused q/k/v and gate/up, longrope
+    factors as tensors), with the sentencepiece vocabulary of :func:`_sentencepiece_vocab`."""
+    tokens, token_types, scores = _sentencepiece_vocab()
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    head_dim = config.hidden_size // config.num_attention_heads
+    w.add_rope_dimension_count(int(head_dim * config.partial_rotary_factor))
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_sliding_window(config.sliding_window)
+    if longrope is not None:
+        w.add_rope_scaling_orig_ctx_len(longrope["original_max_position_embeddings"])
+        w.add_rope_scaling_attn_factors(longrope["attention_factor"])
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_block = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "self_attn.qkv_proj.weight": "attn_qkv.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                 "mlp.gate_up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    for name, tensor in hf.state_dict().items():
+        layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
+        target = f"blk.{layer.group(1)}.{per_block[layer.group(2)]}" if layer else names[name]
+        w.add_tensor(target, tensor.float().numpy())
+    if longrope is not None:
+        for key in ("short_factor", "long_factor"):
+            w.add_tensor(f"rope_factors_{key.split('_')[0]}.weight", np.array(longrope[key], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("longrope", [False, True], ids=["phi3-mini", "phi4-mini-like"])
+def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
+    """llama.cpp's Phi-3 layout: fused q/k/v and gate/up kept fused, partial rotary from rope.dimension_count,
+    the sliding window, and longrope's factor tensors back into rope_scaling; logits equal transformers' model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    scaling = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [3.0, 4.0, 5.0, 6.0],  # 4 pairs
+               "original_max_position_embeddings": 32, "attention_factor": 1.25} if longrope else None
+    config = transformers.Phi3Config(
+        vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, partial_rotary_factor=0.5,
+        sliding_window=6, rope_scaling=scaling, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    _phi3_gguf(tmp_path / "phi3.gguf", hf, config, scaling)
+    out = convert_gguf(tmp_path / "phi3.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(out)
+    assert ours.arch.fused_qkv and ours.arch.windows == (6, 6)
+    assert ours.arch.layers[0].rope.rotary_dim == 8
+    if longrope:
+        assert ours.arch.layers[0].rope.long_factor == tuple(scaling["long_factor"])
+        assert ours.arch.layers[0].rope.attention_factor == pytest.approx(1.25)
+    tokens = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]  # within the original context: short factors
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0].numpy()
+    got = ferrum.load(out, backend="cpu").model.forward_verify("s", tokens)
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
