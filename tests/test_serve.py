@@ -233,6 +233,35 @@ def test_completion_logprobs_shape(server):
         assert top[token] == pytest.approx(value) and 1 <= len(top) <= 3
 
 
+def test_echo_with_logprobs_scores_the_prompt_with_the_models_own_logits(server, llm):
+    """What lm-evaluation-harness's loglikelihood asks (echo, logprobs, max_tokens 1): every prompt token's
+    logprob under the positions before it (the first has none), then the generated token's."""
+    prompt = llm.tokenizer.encode("the lazy dog jumps over the quick fox", add_special_tokens=False)
+    reply = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0,
+                                               echo=True, logprobs=2)
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == reply.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    # Independent path: one forward pass, log-softmax in float64 here.
+    logits = llm.model.forward_verify("echo-check", prompt).astype(np.float64)
+    llm.model.release("echo-check")
+    logsm = logits - logits.max(-1, keepdims=True)
+    logsm -= np.log(np.exp(logsm).sum(-1, keepdims=True))
+    for position in range(1, len(prompt)):
+        row = logsm[position - 1]
+        assert lp.token_logprobs[position] == pytest.approx(row[prompt[position]], abs=1e-4)
+        best = np.argsort(-row, kind="stable")[:2]
+        assert [lp.top_logprobs[position][llm.tokenizer.decode([t])] for t in best] == pytest.approx(
+            row[best].tolist(), abs=1e-4)
+    generated = int(np.argmax(logsm[-1]))
+    assert lp.token_logprobs[-1] == pytest.approx(logsm[-1][generated], abs=1e-4)
+    refused = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1,
+                                                                "stream": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+
+
 def test_repeated_prefix_reports_cached_tokens(server):
     long_prompt = " ".join(WORDS * 4)
     client = server.client()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from ferrum.engine import AsyncEngine, RequestHandle, RequestOutput
 from ferrum.sampling import SamplingParams
@@ -25,6 +25,7 @@ class ChoiceSpec:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     lora: str | None = None  # a resident LoRA adapter, named by the request's ``model``
+    metadata: Mapping[str, Any] | None = None  # the engine request's (ferrum.metadata)
 
 
 Event = tuple[int, RequestOutput]
@@ -52,7 +53,7 @@ class Generation:
                 if leader is None:
                     leaders[spec.prompt_ids] = spec.index
                     self._followers[spec.index] = []
-                    self._handles[spec.index] = self._engine.submit(spec.prompt_ids, spec.params, lora=spec.lora)
+                    self._handles[spec.index] = self._engine.submit(spec.prompt_ids, spec.params, metadata=spec.metadata, lora=spec.lora)
                 else:
                     self._followers[leader].append(spec)
         except BaseException:
@@ -68,7 +69,7 @@ class Generation:
             try:
                 async for out in handle:
                     for spec in self._followers.pop(index, ()):
-                        follower = self._engine.submit(spec.prompt_ids, spec.params, lora=spec.lora)
+                        follower = self._engine.submit(spec.prompt_ids, spec.params, metadata=spec.metadata, lora=spec.lora)
                         self._handles[spec.index] = follower
                         tasks.append(asyncio.create_task(pump(spec.index, follower)))
                     queue.put_nowait((index, out))

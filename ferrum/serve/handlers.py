@@ -16,9 +16,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Sequence
 
+import numpy as np
+
 from ferrum.api import LLM
 from ferrum.engine import AsyncEngine, FinishReason, RequestOutput
 from ferrum.errors import FerrumError
+from ferrum.metadata import REQUIRE_FULL_LOGITS
 from ferrum.sampling import SampledToken, SamplingParams
 from ferrum.serve.errors import APIError
 from ferrum.serve.generation import ChoiceSpec, Generation
@@ -231,6 +234,31 @@ class _Logprobs:
                             "top_logprobs": alternatives})
         return {"content": content, "refusal": None}
 
+    def prompt(self, prompt: Sequence[int], logits: np.ndarray, top: int) -> dict:
+        """The completions form for the prompt's own tokens (``echo``): each one's logprob under the logits of
+        the position before it (``logits`` row ``i`` predicts token ``i + 1``); the first has none."""
+        rows = logits[: len(prompt) - 1].astype(np.float32)
+        rows = rows - rows.max(axis=-1, keepdims=True)
+        rows -= np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+        tokens, values, tops, offsets, offset = [], [None], [None], [], 0
+        for position, token_id in enumerate(prompt):
+            text = self.token(token_id)[0]
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            if position == 0:
+                continue
+            row = rows[position - 1]
+            values.append(self.value(float(row[token_id])))
+            best = np.argsort(-row)[:top] if top else ()
+            alternatives = {}
+            for t in best:
+                alternatives.setdefault(self.token(int(t))[0], self.value(float(row[t])))
+            alternatives.setdefault(text, values[-1])
+            tops.append(alternatives)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if top else None,
+                "text_offset": offsets}
+
     def completion(self, picks: Sequence[SampledToken], top: int, offset: int) -> dict:
         tokens, values, tops, offsets = [], [], [], []
         for pick in picks:
@@ -246,6 +274,26 @@ class _Logprobs:
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if top else None,
                 "text_offset": offsets}
+
+
+#: Logits kept for a prompt's own logprobs (``echo`` with ``logprobs``): float32, every position by the vocabulary.
+_PROMPT_LOGITS_BYTES = 1 << 30
+
+
+def _check_prompt_logits(state: ServerState, prompts: list[tuple[int, ...]]) -> None:
+    vocab = state.llm.model.config.vocab_size
+    longest = max(len(p) for p in prompts)
+    if longest * vocab * 4 > _PROMPT_LOGITS_BYTES:
+        raise APIError(400, f"echo with logprobs keeps the logits of every prompt position: {longest} positions x "
+                       f"{vocab} tokens is over {_PROMPT_LOGITS_BYTES >> 20} MiB; score a shorter prompt",
+                       param="prompt")
+
+
+def _joined(first: dict, then: dict) -> dict:
+    """Two completions logprob objects, one after the other (the prompt's, then the generated tokens')."""
+    tops = None if first["top_logprobs"] is None else first["top_logprobs"] + then["top_logprobs"]
+    return {"tokens": first["tokens"] + then["tokens"], "token_logprobs": first["token_logprobs"] + then["token_logprobs"],
+            "top_logprobs": tops, "text_offset": first["text_offset"] + then["text_offset"]}
 
 
 def _new_picks(out: RequestOutput) -> Sequence[SampledToken]:
@@ -329,6 +377,9 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
     prompts = [_encode(state, p, "prompt") for p in body.prompts()]
     top = body.logprobs or 0
     want_logprobs = max(top, 1) if body.logprobs is not None else 0
+    scored = body.echo and body.logprobs is not None  # the prompt's own logprobs: its logits, every position
+    if scored:
+        _check_prompt_logits(state, prompts)
     stops = body.stop_strings()
     specs, first_of_prompt = [], set()
     for p_index, prompt in enumerate(prompts):
@@ -337,7 +388,7 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
         for j in range(body.n):
             index = p_index * body.n + j
             params = _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, index), stops)
-            specs.append(ChoiceSpec(index, prompt, params, lora))
+            specs.append(ChoiceSpec(index, prompt, params, lora, {REQUIRE_FULL_LOGITS: True} if scored else None))
     generation = _start(state, "completions", specs)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
     logprobs = _Logprobs(state.llm)
@@ -362,12 +413,12 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
             choices = []
             for i, out in sorted(finals.items()):
                 prefix = echo_text(i)
-                choices.append({
-                    "index": i, "text": prefix + text_of(out),
-                    "logprobs": logprobs.completion(out.logprobs, top, len(prefix)) if body.logprobs is not None
-                    else None,
-                    "finish_reason": _finish_reason(out),
-                })
+                entry = logprobs.completion(out.logprobs, top, len(prefix)) if body.logprobs is not None else None
+                if scored:
+                    prompt_ids = prompts[i // body.n]
+                    entry = _joined(logprobs.prompt(prompt_ids, out.full_logits, top), entry)
+                choices.append({"index": i, "text": prefix + text_of(out), "logprobs": entry,
+                                "finish_reason": _finish_reason(out)})
             return {**envelope(), "choices": choices, "usage": _usage(prompts, finals, first_of_prompt)}
 
         return Response(generation, collect(), None)

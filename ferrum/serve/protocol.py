@@ -157,8 +157,9 @@ class CompletionRequest(_Common):
         self.refuse_unsupported({"suffix": None})
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        if self.echo and self.logprobs:
-            raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported when streaming; "
+                           "send stream=false", param="stream")
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text or token ids."""
