@@ -260,6 +260,13 @@ def test_echo_with_logprobs_scores_the_prompt_with_the_models_own_logits(server,
     refused = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1,
                                                                 "stream": True})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+    # max_tokens 0: the prompt scored and echoed, nothing generated (the legacy API's scoring form)
+    scored = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1]
+    assert scored.choices[0].text == "".join(lp.tokens[:-1]) and scored.usage.completion_tokens == 0
+    for body in ({"prompt": prompt, "max_tokens": 0}, {"prompt": prompt, "max_tokens": 0, "echo": True, "stream": True}):
+        refused = httpx.post(server.url + "/v1/completions", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens", body
 
 
 def test_repeated_prefix_reports_cached_tokens(server):

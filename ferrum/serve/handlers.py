@@ -172,9 +172,11 @@ def _finish_reason(out: RequestOutput) -> str:
     return out.finish_reason.value
 
 
-def _usage(prompts: list[tuple[int, ...]], finals: dict[int, RequestOutput], first_of_prompt: set[int]) -> dict:
+def _usage(prompts: list[tuple[int, ...]], finals: dict[int, RequestOutput], first_of_prompt: set[int],
+           completion_tokens: bool = True) -> dict:
+    """``completion_tokens=False``: the generated tokens were not returned (a scoring-only request)."""
     prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(len(out.token_ids) for out in finals.values())
+    completion = sum(len(out.token_ids) for out in finals.values()) if completion_tokens else 0
     cached = sum(finals[i].metrics.num_cached_tokens for i in first_of_prompt if i in finals)
     return {
         "prompt_tokens": prompt_tokens,
@@ -382,8 +384,9 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
         _check_prompt_logits(state, prompts)
     stops = body.stop_strings()
     specs, first_of_prompt = [], set()
+    scoring_only = body.max_tokens == 0  # one token is computed for the prompt's logits, then dropped
     for p_index, prompt in enumerate(prompts):
-        max_tokens = _max_tokens(state, len(prompt), body.max_tokens, "prompt")
+        max_tokens = _max_tokens(state, len(prompt), 1 if scoring_only else body.max_tokens, "prompt")
         first_of_prompt.add(p_index * body.n)
         for j in range(body.n):
             index = p_index * body.n + j
@@ -413,13 +416,15 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
             choices = []
             for i, out in sorted(finals.items()):
                 prefix = echo_text(i)
-                entry = logprobs.completion(out.logprobs, top, len(prefix)) if body.logprobs is not None else None
+                picks = () if scoring_only else out.logprobs
+                entry = logprobs.completion(picks, top, len(prefix)) if body.logprobs is not None else None
                 if scored:
                     prompt_ids = prompts[i // body.n]
                     entry = _joined(logprobs.prompt(prompt_ids, out.full_logits, top), entry)
-                choices.append({"index": i, "text": prefix + text_of(out), "logprobs": entry,
-                                "finish_reason": _finish_reason(out)})
-            return {**envelope(), "choices": choices, "usage": _usage(prompts, finals, first_of_prompt)}
+                choices.append({"index": i, "text": prefix + ("" if scoring_only else text_of(out)), "logprobs": entry,
+                                "finish_reason": "length" if scoring_only else _finish_reason(out)})
+            usage = _usage(prompts, finals, first_of_prompt, completion_tokens=not scoring_only)
+            return {**envelope(), "choices": choices, "usage": usage}
 
         return Response(generation, collect(), None)
 

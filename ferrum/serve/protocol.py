@@ -147,7 +147,7 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # the API's documented default
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # the API's documented default; 0 scores an echoed prompt
     echo: StrictBool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
@@ -157,6 +157,9 @@ class CompletionRequest(_Common):
         self.refuse_unsupported({"suffix": None})
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
+        if self.max_tokens == 0 and not (self.echo and not self.stream):
+            raise APIError(400, "max_tokens 0 only scores the prompt: send echo=true (without stream), or ask for "
+                           "at least 1 token", param="max_tokens")
         if self.echo and self.logprobs is not None and self.stream:
             raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported when streaming; "
                            "send stream=false", param="stream")
