@@ -1,4 +1,4 @@
-"""Turning a llama, qwen2, qwen3 or phi3 GGUF file into a Hugging Face-style checkpoint folder.
+"""Turning a llama, qwen2, qwen3, qwen3moe or phi3 GGUF file into a Hugging Face-style checkpoint folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
 model in another layout, so :func:`convert_gguf` rewrites it once:
@@ -37,7 +37,7 @@ import re
 import shutil
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -66,6 +66,8 @@ class _Architecture:
     config: tuple[tuple[str, Any], ...] = ()  # config.json entries fixed by the family
     #: Phi-3: q/k/v in one ``attn_qkv``, gate and up in one ``ffn_up``, as the Hugging Face checkpoint has them.
     fused: bool = False
+    #: Qwen3-MoE: a router and stacked experts in place of the dense MLP, written in mlx-lm's ``switch_mlp`` layout.
+    moe: bool = False
 
 
 _ARCHITECTURES = {
@@ -77,6 +79,17 @@ _ARCHITECTURES = {
     "qwen3": _Architecture("qwen3", "Qwen3ForCausalLM", False, ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
                            (("attention_bias", False), ("use_sliding_window", False))),
     "phi3": _Architecture("phi3", "Phi3ForCausalLM", False, fused=True),
+    "qwen3moe": _Architecture("qwen3_moe", "Qwen3MoeForCausalLM", False,
+                              ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+                              (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
+                               ("mlp_only_layers", [])), moe=True),
+}
+#: The MoE blocks: GGUF name -> Hugging Face suffix (the stacked experts as mlx-lm names them).
+_MOE_BLOCK_TENSORS = {
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.switch_mlp.gate_proj.weight",
+    "ffn_up_exps.weight": "mlp.switch_mlp.up_proj.weight",
+    "ffn_down_exps.weight": "mlp.switch_mlp.down_proj.weight",
 }
 #: Phi-3's fused blocks: GGUF name -> Hugging Face suffix, in place of the separate projections.
 _FUSED_BLOCK_TENSORS = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
@@ -247,6 +260,7 @@ _FIELD_KINDS = {
         "embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
         "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size", "feed_forward_length",
         "block_count", "context_length", "_token_id", "original_context_length", "attention.sliding_window",
+        "expert_used_count", "expert_feed_forward_length",
     ), "a non-negative integer"),
     **dict.fromkeys((
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
@@ -258,7 +272,7 @@ _FIELD_KINDS = {
     **dict.fromkeys(("tokenizer.ggml.tokens", "tokenizer.ggml.merges"), "a list of strings"),
     "tokenizer.ggml.token_type": "a list of integers",
     "tokenizer.ggml.scores": "a list of finite numbers",
-    **dict.fromkeys(("add_bos_token", "add_eos_token", "add_space_prefix"), "a boolean"),
+    **dict.fromkeys(("add_bos_token", "add_eos_token", "add_space_prefix", "expert_weights_norm"), "a boolean"),
 }
 
 
@@ -398,7 +412,7 @@ def _check_quant_types(tensors: Iterable[Any], where: str) -> None:
 
 def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_PlannedTensor]:
     """Map every GGUF tensor to its Hugging Face name and expected shape (rope_freqs is read into the config)."""
-    arch = _ARCHITECTURES[cfg["model_type"]]
+    arch = next(a for a in _ARCHITECTURES.values() if a.model_type == cfg["model_type"])
     by_name = {t.name: t for t in reader.tensors}
     n_layers = cfg["num_hidden_layers"]
     h, d = cfg["hidden_size"], cfg["head_dim"]
@@ -431,7 +445,18 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
             del per_layer[separate]
         per_layer["self_attn.qkv_proj.weight"] = ((heads + 2 * kv_heads) * d, h)
         per_layer["mlp.gate_up_proj.weight"] = (2 * inter, h)
-    block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {})}
+    if arch.moe:
+        experts, expert_inter = cfg["num_experts"], cfg["moe_intermediate_size"]
+        for dense in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+            del per_layer[dense]
+        per_layer.update({
+            "mlp.gate.weight": (experts, h),
+            "mlp.switch_mlp.gate_proj.weight": (experts, expert_inter, h),
+            "mlp.switch_mlp.up_proj.weight": (experts, expert_inter, h),
+            "mlp.switch_mlp.down_proj.weight": (experts, h, expert_inter),
+        })
+    block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {}),
+                     **(_MOE_BLOCK_TENSORS if arch.moe else {})}
     plan: list[_PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
@@ -494,14 +519,19 @@ def _choose_forms(plan: list[_PlannedTensor], dequantize_to: str | None, where: 
     for p in plan:
         t = p.source
         try:
-            p.form = describe(t.data, t.tensor_type.name, p.shape, t.name)
+            p.form = replace(describe(t.data, t.tensor_type.name, _as_matrix(p.shape), t.name), shape=p.shape)
         except (CheckpointError, UnsupportedFeatureError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
 
 
+def _as_matrix(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A stack of experts ``[E, N, K]`` as the ``[E * N, K]`` rows its blocks are stored in."""
+    return (math.prod(shape[:-1]), shape[-1]) if len(shape) == 3 else shape
+
+
 def _quantization_section(plan: list[_PlannedTensor]) -> dict[str, Any] | None:
     """mlx-lm's ``quantization`` entry: the commonest (bits, group size), then every matrix that differs."""
-    matrices = [p for p in plan if len(p.shape) == 2]
+    matrices = [p for p in plan if len(p.shape) >= 2]  # expert stacks too
     formats = Counter((p.form.bits, p.form.group_size) for p in matrices if p.form.packed)
     if not formats:
         return None
@@ -521,7 +551,7 @@ def _torch_dtype(plan: list[_PlannedTensor]) -> str:
     values), float32 once any K-quant or overflowing scale needs it: a backend
     following ``torch_dtype`` then computes at the precision the file was made in.
     """
-    dtypes = {p.form.dtype for p in plan if len(p.shape) == 2}
+    dtypes = {p.form.dtype for p in plan if len(p.shape) >= 2}
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
@@ -537,12 +567,13 @@ def _stored_arrays(p: _PlannedTensor, dequantize_to: str | None, where: str) -> 
     """The arrays ``p.form.parts()`` describes, q/k rows un-permuted."""
     t = p.source
     if dequantize_to is None:
-        value = repack(t.data, t.tensor_type.name, p.shape, t.name)  # checked by _choose_forms
+        value = repack(t.data, t.tensor_type.name, _as_matrix(p.shape), t.name)  # checked by _choose_forms
     else:
         value = _dequantize(t, where)
     if isinstance(value, QuantizedWeight):
-        arrays = [value.packed, value.scales, value.biases]
+        arrays = [a.reshape(*p.shape[:-1], -1) for a in (value.packed, value.scales, value.biases)]
     else:
+        value = value.reshape(p.shape)
         if not np.isfinite(value.astype(np.float32, copy=False)).all():
             raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
         arrays = [value.astype(_numpy_dtype(p.form.dtype), copy=False)]
@@ -652,8 +683,10 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
         raise UnsupportedFeatureError(
             f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported for {arch}"
         )
-    if meta.get(p + "expert_count", 0):
-        raise UnsupportedFeatureError(f"{where}: mixture-of-experts GGUF files are not supported")
+    family = _ARCHITECTURES[arch]
+    if meta.get(p + "expert_count", 0) and not family.moe:
+        raise UnsupportedFeatureError(f"{where}: mixture-of-experts {arch} GGUF files are not supported "
+                                      f"(Ferrum imports qwen3moe ones)")
 
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
@@ -690,12 +723,11 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
             rope_scaling = fitted
 
     names = {t.name for t in reader.tensors}
-    family = _ARCHITECTURES[arch]
     config: dict[str, Any] = {
         "architectures": [family.hf_class],
         "model_type": family.model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(meta.need(p + "feed_forward_length")),
+        "intermediate_size": int(meta.get(p + "feed_forward_length") or meta.need(p + "expert_feed_forward_length")),
         "num_hidden_layers": int(meta.need(p + "block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -709,6 +741,12 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
         **dict(family.config),
         "tie_word_embeddings": "output.weight" not in names,
     }
+    if family.moe:
+        config.update(num_experts=int(meta.need(p + "expert_count")),
+                      num_experts_per_tok=int(meta.need(p + "expert_used_count")),
+                      moe_intermediate_size=int(meta.need(p + "expert_feed_forward_length")),
+                      # llama.cpp renormalises Qwen3-MoE's top-k weights unless the file says otherwise
+                      norm_topk_prob=bool(meta.get(p + "expert_weights_norm", True)))
     if rope_dims != head_dim:
         config["partial_rotary_factor"] = rope_dims / head_dim
     if family.fused:  # Phi-3: the window, where the file sets one
@@ -916,7 +954,8 @@ def convert_gguf(
     *,
     dequantize_to: str | None = None,
 ) -> Path:
-    """Write ``gguf_path`` (a llama, qwen2, qwen3 or phi3 GGUF) into ``out_dir`` as a Hugging Face checkpoint.
+    """Write ``gguf_path`` (a llama, qwen2, qwen3, qwen3moe or phi3 GGUF) into ``out_dir`` as a Hugging Face
+    checkpoint.
 
     By default quantized matrices stay packed, exactly (see the module
     docstring); GGUF types without an exact packed form are refused by name.

@@ -655,6 +655,97 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
+def _qwen3moe_gguf(path: Path, hf, config, expert_type) -> None:
+    """``hf``'s weights as llama.cpp's converter writes a Qwen3-MoE: experts stacked per projection
+    (``ffn_{gate,up,down}_exps``, stored as ``expert_type``), the router as ``ffn_gate_inp``."""
+    tokens, token_types, scores = _sentencepiece_vocab()
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_expert_feed_forward_length(config.moe_intermediate_size)
+    w.add_expert_count(config.num_experts)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_block = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                 "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+                 "mlp.gate.weight": "ffn_gate_inp.weight"}
+    inter = config.moe_intermediate_size
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
+        if layer is None:
+            w.add_tensor(names[name], array)
+            continue
+        block, rest = layer.group(1), layer.group(2)
+        if rest == "mlp.experts.gate_up_proj":
+            stacks = {"ffn_gate_exps": array[:, :inter], "ffn_up_exps": array[:, inter:]}
+        elif rest == "mlp.experts.down_proj":
+            stacks = {"ffn_down_exps": array}
+        else:
+            w.add_tensor(f"blk.{block}.{per_block[rest]}", array)
+            continue
+        for gguf_name, stack in stacks.items():
+            stack = np.ascontiguousarray(stack)
+            if expert_type == Q.F32:
+                w.add_tensor(f"blk.{block}.{gguf_name}.weight", stack)
+            else:
+                w.add_tensor(f"blk.{block}.{gguf_name}.weight", gguf.quants.quantize(stack, expert_type),
+                             raw_dtype=expert_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("expert_type", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_qwen3moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type):
+    """Stacked experts and the router into mlx-lm's switch_mlp layout, kept packed when quantized: float32
+    experts give transformers' logits; Q8_0 ones exactly what the same file imported in float32 gives."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=128, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    _qwen3moe_gguf(tmp_path / "moe.gguf", hf, config, expert_type)
+    packed = convert_gguf(tmp_path / "moe.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(packed)
+    assert ours.arch.moe.num_experts == 4 and ours.arch.moe.top_k == 2 and ours.arch.moe.normalize
+    tokens = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]
+    got = ferrum.load(packed, backend="cpu").model.forward_verify("s", tokens)
+    if expert_type == Q.F32:
+        with torch.no_grad():
+            ref = hf(torch.tensor([tokens])).logits[0].numpy()
+    else:
+        assert (ours.quantization.bits, ours.quantization.group_size) == (8, 32)
+        floats = convert_gguf(tmp_path / "moe.gguf", tmp_path / "float", dequantize_to="float32")
+        ref = ferrum.load(floats, backend="cpu").model.forward_verify("f", tokens)
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
 def test_unpermute_inverts_llama_cpp_permutation():
     w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)
     for heads in (1, 2, 6):

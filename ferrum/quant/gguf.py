@@ -80,7 +80,7 @@ _CHUNK_VALUES = 1 << 22
 class StoredForm:
     """How one GGUF tensor is stored in the checkpoint: packed (``bits`` set) or dense."""
 
-    shape: tuple[int, ...]  # the dense tensor's numpy shape
+    shape: tuple[int, ...]  # the dense tensor's numpy shape (``[E, N, K]`` for a stack of experts)
     dtype: str  # scale/bias dtype when packed, the tensor's dtype when dense
     bits: int | None = None
     group_size: int | None = None
@@ -93,9 +93,9 @@ class StoredForm:
         """``(suffix, dtype, shape)`` per stored array: ``weight`` (uint32), ``scales``, ``biases``; or ``weight``."""
         if self.bits is None:
             return [("weight", self.dtype, self.shape)]
-        n, k = self.shape
-        groups = (n, k // self.group_size)
-        packed = ("weight", "uint32", (n, k * self.bits // 32))
+        *lead, k = self.shape  # a matrix, or a stack of them (experts)
+        groups = (*lead, k // self.group_size)
+        packed = ("weight", "uint32", (*lead, k * self.bits // 32))
         return [packed, ("scales", self.dtype, groups), ("biases", self.dtype, groups)]
 
 
