@@ -1,4 +1,5 @@
-"""Turning a llama, qwen2, qwen3, qwen3moe or phi3 GGUF file into a Hugging Face-style checkpoint folder.
+"""Turning a llama (Mixtral too), qwen2, qwen3, qwen3moe or phi3 GGUF file into a Hugging Face-style checkpoint
+folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
 model in another layout, so :func:`convert_gguf` rewrites it once:
@@ -53,6 +54,16 @@ ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
+class _Experts:
+    """Where a family keeps its sparse MLP, and how its config.json spells the MoE numbers."""
+
+    module: str  # the sparse MLP's module in a layer
+    count_key: str  # the expert count
+    size_key: str | None  # each expert's intermediate size (None: intermediate_size)
+    renormalise_key: str | None  # renormalising the top-k weights (None: the family always does)
+
+
+@dataclass(frozen=True)
 class _Architecture:
     """How one GGUF architecture maps onto a Hugging Face family."""
 
@@ -66,8 +77,8 @@ class _Architecture:
     config: tuple[tuple[str, Any], ...] = ()  # config.json entries fixed by the family
     #: Phi-3: q/k/v in one ``attn_qkv``, gate and up in one ``ffn_up``, as the Hugging Face checkpoint has them.
     fused: bool = False
-    #: Qwen3-MoE: a router and stacked experts in place of the dense MLP, written in mlx-lm's ``switch_mlp`` layout.
-    moe: bool = False
+    #: A router and stacked experts in place of the dense MLP, written in mlx-lm's ``switch_mlp`` layout.
+    moe: _Experts | None = None
 
 
 _ARCHITECTURES = {
@@ -82,14 +93,18 @@ _ARCHITECTURES = {
     "qwen3moe": _Architecture("qwen3_moe", "Qwen3MoeForCausalLM", False,
                               ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
                               (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
-                               ("mlp_only_layers", [])), moe=True),
+                               ("mlp_only_layers", [])),
+                              moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob")),
 }
-#: The MoE blocks: GGUF name -> Hugging Face suffix (the stacked experts as mlx-lm names them).
+#: A ``llama`` file with experts (llama.cpp writes Mixtral so).
+_MIXTRAL = _Architecture("mixtral", "MixtralForCausalLM", True,
+                         moe=_Experts("block_sparse_moe", "num_local_experts", None, None))
+#: The MoE blocks: GGUF name -> Hugging Face suffix within the sparse MLP module (mlx-lm's stacked names).
 _MOE_BLOCK_TENSORS = {
-    "ffn_gate_inp.weight": "mlp.gate.weight",
-    "ffn_gate_exps.weight": "mlp.switch_mlp.gate_proj.weight",
-    "ffn_up_exps.weight": "mlp.switch_mlp.up_proj.weight",
-    "ffn_down_exps.weight": "mlp.switch_mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "gate.weight",
+    "ffn_gate_exps.weight": "switch_mlp.gate_proj.weight",
+    "ffn_up_exps.weight": "switch_mlp.up_proj.weight",
+    "ffn_down_exps.weight": "switch_mlp.down_proj.weight",
 }
 #: Phi-3's fused blocks: GGUF name -> Hugging Face suffix, in place of the separate projections.
 _FUSED_BLOCK_TENSORS = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
@@ -412,7 +427,7 @@ def _check_quant_types(tensors: Iterable[Any], where: str) -> None:
 
 def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_PlannedTensor]:
     """Map every GGUF tensor to its Hugging Face name and expected shape (rope_freqs is read into the config)."""
-    arch = next(a for a in _ARCHITECTURES.values() if a.model_type == cfg["model_type"])
+    arch = next(a for a in (*_ARCHITECTURES.values(), _MIXTRAL) if a.model_type == cfg["model_type"])
     by_name = {t.name: t for t in reader.tensors}
     n_layers = cfg["num_hidden_layers"]
     h, d = cfg["hidden_size"], cfg["head_dim"]
@@ -445,18 +460,20 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
             del per_layer[separate]
         per_layer["self_attn.qkv_proj.weight"] = ((heads + 2 * kv_heads) * d, h)
         per_layer["mlp.gate_up_proj.weight"] = (2 * inter, h)
-    if arch.moe:
-        experts, expert_inter = cfg["num_experts"], cfg["moe_intermediate_size"]
+    moe_tensors = {}
+    if arch.moe is not None:
+        m = arch.moe.module
+        experts, expert_inter = cfg[arch.moe.count_key], cfg[arch.moe.size_key or "intermediate_size"]
         for dense in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
             del per_layer[dense]
         per_layer.update({
-            "mlp.gate.weight": (experts, h),
-            "mlp.switch_mlp.gate_proj.weight": (experts, expert_inter, h),
-            "mlp.switch_mlp.up_proj.weight": (experts, expert_inter, h),
-            "mlp.switch_mlp.down_proj.weight": (experts, h, expert_inter),
+            f"{m}.gate.weight": (experts, h),
+            f"{m}.switch_mlp.gate_proj.weight": (experts, expert_inter, h),
+            f"{m}.switch_mlp.up_proj.weight": (experts, expert_inter, h),
+            f"{m}.switch_mlp.down_proj.weight": (experts, h, expert_inter),
         })
-    block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {}),
-                     **(_MOE_BLOCK_TENSORS if arch.moe else {})}
+        moe_tensors = {name: f"{m}.{suffix}" for name, suffix in _MOE_BLOCK_TENSORS.items()}
+    block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {}), **moe_tensors}
     plan: list[_PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
@@ -684,9 +701,11 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
             f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported for {arch}"
         )
     family = _ARCHITECTURES[arch]
-    if meta.get(p + "expert_count", 0) and not family.moe:
-        raise UnsupportedFeatureError(f"{where}: mixture-of-experts {arch} GGUF files are not supported "
-                                      f"(Ferrum imports qwen3moe ones)")
+    if meta.get(p + "expert_count", 0) and family.moe is None:
+        if arch != "llama":
+            raise UnsupportedFeatureError(f"{where}: mixture-of-experts {arch} GGUF files are not supported "
+                                          f"(Ferrum imports llama (Mixtral) and qwen3moe ones)")
+        family = _MIXTRAL
 
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
@@ -741,12 +760,14 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
         **dict(family.config),
         "tie_word_embeddings": "output.weight" not in names,
     }
-    if family.moe:
-        config.update(num_experts=int(meta.need(p + "expert_count")),
-                      num_experts_per_tok=int(meta.need(p + "expert_used_count")),
-                      moe_intermediate_size=int(meta.need(p + "expert_feed_forward_length")),
-                      # llama.cpp renormalises Qwen3-MoE's top-k weights unless the file says otherwise
-                      norm_topk_prob=bool(meta.get(p + "expert_weights_norm", True)))
+    if family.moe is not None:
+        experts = family.moe
+        config[experts.count_key] = int(meta.need(p + "expert_count"))
+        config["num_experts_per_tok"] = int(meta.need(p + "expert_used_count"))
+        if experts.size_key is not None:
+            config[experts.size_key] = int(meta.need(p + "expert_feed_forward_length"))
+        if experts.renormalise_key is not None:  # llama.cpp renormalises unless the file says otherwise
+            config[experts.renormalise_key] = bool(meta.get(p + "expert_weights_norm", True))
     if rope_dims != head_dim:
         config["partial_rotary_factor"] = rope_dims / head_dim
     if family.fused:  # Phi-3: the window, where the file sets one

@@ -655,22 +655,24 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
-def _qwen3moe_gguf(path: Path, hf, config, expert_type) -> None:
-    """``hf``'s weights as llama.cpp's converter writes a Qwen3-MoE: experts stacked per projection
-    (``ffn_{gate,up,down}_exps``, stored as ``expert_type``), the router as ``ffn_gate_inp``."""
+def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
+    """``hf``'s weights as llama.cpp's converter writes a Qwen3-MoE (``qwen3moe``) or a Mixtral (``llama``, q/k
+    rows permuted): experts stacked per projection (``ffn_{gate,up,down}_exps``, stored as ``expert_type``),
+    the router as ``ffn_gate_inp``."""
     tokens, token_types, scores = _sentencepiece_vocab()
-    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_hidden_layers)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_feed_forward_length(config.intermediate_size)
-    w.add_expert_feed_forward_length(config.moe_intermediate_size)
-    w.add_expert_count(config.num_experts)
+    if arch == "qwen3moe":
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
+    w.add_expert_count(config.num_local_experts if arch == "llama" else config.num_experts)
     w.add_expert_used_count(config.num_experts_per_tok)
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(config.num_key_value_heads)
-    w.add_key_length(config.head_dim)
-    w.add_value_length(config.head_dim)
     w.add_rope_freq_base(config.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_tokenizer_model("llama")
@@ -686,9 +688,12 @@ def _qwen3moe_gguf(path: Path, hf, config, expert_type) -> None:
                  "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
                  "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
                  "mlp.gate.weight": "ffn_gate_inp.weight"}
-    inter = config.moe_intermediate_size
+    inter = config.intermediate_size if arch == "llama" else config.moe_intermediate_size
+    heads = {"self_attn.q_proj.weight": config.num_attention_heads, "self_attn.k_proj.weight": config.num_key_value_heads}
     for name, tensor in hf.state_dict().items():
         array = tensor.float().numpy()
+        if arch == "llama" and name.split(".", 3)[-1] in heads:  # llama.cpp's rope pairs adjacent rows
+            array = _permute(array, heads[name.split(".", 3)[-1]])
         layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
         if layer is None:
             w.add_tensor(names[name], array)
@@ -714,8 +719,9 @@ def _qwen3moe_gguf(path: Path, hf, config, expert_type) -> None:
     w.close()
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama"], ids=["qwen3moe", "mixtral"])
 @pytest.mark.parametrize("expert_type", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
-def test_qwen3moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type):
+def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, arch):
     """Stacked experts and the router into mlx-lm's switch_mlp layout, kept packed when quantized: float32
     experts give transformers' logits; Q8_0 ones exactly what the same file imported in float32 gives."""
     torch = pytest.importorskip("torch")
@@ -723,14 +729,17 @@ def test_qwen3moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_ty
     import ferrum
     from ferrum.config import ModelConfig
 
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
-        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=128, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=128,
+                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "qwen3moe":
+        config = transformers.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, head_dim=16,
+                                             num_experts=4, norm_topk_prob=True)
+    else:
+        config = transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=4)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    _qwen3moe_gguf(tmp_path / "moe.gguf", hf, config, expert_type)
+    _moe_gguf(tmp_path / "moe.gguf", hf, config, expert_type, arch)
     packed = convert_gguf(tmp_path / "moe.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(packed)
     assert ours.arch.moe.num_experts == 4 and ours.arch.moe.top_k == 2 and ours.arch.moe.normalize
