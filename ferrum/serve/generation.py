@@ -53,12 +53,15 @@ class Generation:
                 if leader is None:
                     leaders[spec.prompt_ids] = spec.index
                     self._followers[spec.index] = []
-                    self._handles[spec.index] = self._engine.submit(spec.prompt_ids, spec.params, metadata=spec.metadata, lora=spec.lora)
+                    self._handles[spec.index] = self._submit(spec)
                 else:
                     self._followers[leader].append(spec)
         except BaseException:
             self.abort()
             raise
+
+    def _submit(self, spec: ChoiceSpec) -> RequestHandle:
+        return self._engine.submit(spec.prompt_ids, spec.params, metadata=spec.metadata, lora=spec.lora)
 
     async def events(self) -> AsyncIterator[Event]:
         """``(choice index, output)`` as outputs arrive, until every choice has finished."""
@@ -69,7 +72,7 @@ class Generation:
             try:
                 async for out in handle:
                     for spec in self._followers.pop(index, ()):
-                        follower = self._engine.submit(spec.prompt_ids, spec.params, metadata=spec.metadata, lora=spec.lora)
+                        follower = self._submit(spec)
                         self._handles[spec.index] = follower
                         tasks.append(asyncio.create_task(pump(spec.index, follower)))
                     queue.put_nowait((index, out))

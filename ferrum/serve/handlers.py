@@ -294,7 +294,8 @@ def _check_prompt_logits(state: ServerState, prompts: list[tuple[int, ...]]) -> 
 def _joined(first: dict, then: dict) -> dict:
     """Two completions logprob objects, one after the other (the prompt's, then the generated tokens')."""
     tops = None if first["top_logprobs"] is None else first["top_logprobs"] + then["top_logprobs"]
-    return {"tokens": first["tokens"] + then["tokens"], "token_logprobs": first["token_logprobs"] + then["token_logprobs"],
+    return {"tokens": first["tokens"] + then["tokens"],
+            "token_logprobs": first["token_logprobs"] + then["token_logprobs"],
             "top_logprobs": tops, "text_offset": first["text_offset"] + then["text_offset"]}
 
 
@@ -421,8 +422,8 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
                 if scored:
                     prompt_ids = prompts[i // body.n]
                     entry = _joined(logprobs.prompt(prompt_ids, out.full_logits, top), entry)
-                choices.append({"index": i, "text": prefix + ("" if scoring_only else text_of(out)), "logprobs": entry,
-                                "finish_reason": "length" if scoring_only else _finish_reason(out)})
+                choices.append({"index": i, "text": prefix + ("" if scoring_only else text_of(out)),
+                                "logprobs": entry, "finish_reason": "length" if scoring_only else _finish_reason(out)})
             usage = _usage(prompts, finals, first_of_prompt, completion_tokens=not scoring_only)
             return {**envelope(), "choices": choices, "usage": usage}
 
