@@ -11,6 +11,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -580,47 +581,61 @@ def test_sentencepiece_gguf_tokenizer_matches_llama_cpp_live(sentencepiece_gguf)
         assert tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
 
 
-def _phi3_gguf(path: Path, hf, config, longrope: dict | None) -> None:
-    """``hf``'s weights in the layout llama.cpp's converter writes for Phi-3 (fused q/k/v and gate/up, longrope
-    factors as tensors), with the sentencepiece vocabulary of :func:`_sentencepiece_vocab`."""
+#: Hugging Face names outside the blocks -> llama.cpp's.
+_GLOBAL_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                      "lm_head.weight": "output.weight"}
+
+
+def _gguf_writer(path: Path, arch: str, config) -> Any:
+    """A GGUF writer of ``arch`` with what every llama.cpp conversion writes of ``config`` (sizes, rope base,
+    norm epsilon) and the sentencepiece vocabulary of :func:`_sentencepiece_vocab`; tensors are the caller's."""
     tokens, token_types, scores = _sentencepiece_vocab()
-    w = gguf.GGUFWriter(str(path), "phi3")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_hidden_layers)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(config.num_key_value_heads)
-    head_dim = config.hidden_size // config.num_attention_heads
-    w.add_rope_dimension_count(int(head_dim * config.partial_rotary_factor))
     w.add_rope_freq_base(config.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_sliding_window(config.sliding_window)
-    if longrope is not None:
-        w.add_rope_scaling_orig_ctx_len(longrope["original_max_position_embeddings"])
-        w.add_rope_scaling_attn_factors(longrope["attention_factor"])
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_types(token_types)
     w.add_token_scores(scores)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    return w
+
+
+def _finish(w: Any) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _phi3_gguf(path: Path, hf, config, longrope: dict | None) -> None:
+    """``hf``'s weights in the layout llama.cpp's converter writes for Phi-3 (fused q/k/v and gate/up, longrope
+    factors as tensors)."""
+    w = _gguf_writer(path, "phi3", config)
+    head_dim = config.hidden_size // config.num_attention_heads
+    w.add_rope_dimension_count(int(head_dim * config.partial_rotary_factor))
+    w.add_sliding_window(config.sliding_window)
+    if longrope is not None:
+        w.add_rope_scaling_orig_ctx_len(longrope["original_max_position_embeddings"])
+        w.add_rope_scaling_attn_factors(longrope["attention_factor"])
     per_block = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
                  "self_attn.qkv_proj.weight": "attn_qkv.weight", "self_attn.o_proj.weight": "attn_output.weight",
                  "mlp.gate_up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
     for name, tensor in hf.state_dict().items():
         layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
-        target = f"blk.{layer.group(1)}.{per_block[layer.group(2)]}" if layer else names[name]
+        target = f"blk.{layer.group(1)}.{per_block[layer.group(2)]}" if layer else _GLOBAL_GGUF_NAMES[name]
         w.add_tensor(target, tensor.float().numpy())
     if longrope is not None:
         for key in ("short_factor", "long_factor"):
             w.add_tensor(f"rope_factors_{key.split('_')[0]}.weight", np.array(longrope[key], dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
 
 
 @pytest.mark.parametrize("longrope", [False, True], ids=["phi3-mini", "phi4-mini-like"])
@@ -632,8 +647,9 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
     import ferrum
     from ferrum.config import ModelConfig
 
-    scaling = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [3.0, 4.0, 5.0, 6.0],  # 4 pairs
-               "original_max_position_embeddings": 32, "attention_factor": 1.25} if longrope else None
+    scaling = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5],  # 4 rotary pairs
+               "long_factor": [3.0, 4.0, 5.0, 6.0], "original_max_position_embeddings": 32,
+               "attention_factor": 1.25} if longrope else None
     config = transformers.Phi3Config(
         vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, partial_rotary_factor=0.5,
@@ -659,44 +675,28 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
     """``hf``'s weights as llama.cpp's converter writes a Qwen3-MoE (``qwen3moe``) or a Mixtral (``llama``, q/k
     rows permuted): experts stacked per projection (``ffn_{gate,up,down}_exps``, stored as ``expert_type``),
     the router as ``ffn_gate_inp``."""
-    tokens, token_types, scores = _sentencepiece_vocab()
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(config.num_hidden_layers)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
+    w = _gguf_writer(path, arch, config)
     if arch == "qwen3moe":
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     w.add_expert_count(config.num_local_experts if arch == "llama" else config.num_experts)
     w.add_expert_used_count(config.num_experts_per_tok)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads)
-    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_scores(scores)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
     per_block = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
                  "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
                  "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
                  "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
                  "mlp.gate.weight": "ffn_gate_inp.weight"}
     inter = config.intermediate_size if arch == "llama" else config.moe_intermediate_size
-    heads = {"self_attn.q_proj.weight": config.num_attention_heads, "self_attn.k_proj.weight": config.num_key_value_heads}
+    heads = {"self_attn.q_proj.weight": config.num_attention_heads,
+             "self_attn.k_proj.weight": config.num_key_value_heads}
     for name, tensor in hf.state_dict().items():
         array = tensor.float().numpy()
         if arch == "llama" and name.split(".", 3)[-1] in heads:  # llama.cpp's rope pairs adjacent rows
             array = _permute(array, heads[name.split(".", 3)[-1]])
         layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
         if layer is None:
-            w.add_tensor(names[name], array)
+            w.add_tensor(_GLOBAL_GGUF_NAMES[name], array)
             continue
         block, rest = layer.group(1), layer.group(2)
         if rest == "mlp.experts.gate_up_proj":
@@ -713,10 +713,7 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
             else:
                 w.add_tensor(f"blk.{block}.{gguf_name}.weight", gguf.quants.quantize(stack, expert_type),
                              raw_dtype=expert_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "llama"], ids=["qwen3moe", "mixtral"])
