@@ -1,5 +1,5 @@
-"""Turning a llama (Mixtral too), qwen2, qwen3, qwen3moe or phi3 GGUF file into a Hugging Face-style checkpoint
-folder.
+"""Turning a llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe or phi3 GGUF file into a Hugging Face-style
+checkpoint folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
 model in another layout, so :func:`convert_gguf` rewrites it once:
@@ -61,6 +61,8 @@ class _Experts:
     count_key: str  # the expert count
     size_key: str | None  # each expert's intermediate size (None: intermediate_size)
     renormalise_key: str | None  # renormalising the top-k weights (None: the family always does)
+    renormalise: bool = True  # what llama.cpp does when the file does not say (``expert_weights_norm``)
+    shared: bool = False  # Qwen2-MoE's sigmoid-gated shared expert beside the routed ones
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,11 @@ _ARCHITECTURES = {
     "qwen3": _Architecture("qwen3", "Qwen3ForCausalLM", False, ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
                            (("attention_bias", False), ("use_sliding_window", False))),
     "phi3": _Architecture("phi3", "Phi3ForCausalLM", False, fused=True),
+    "qwen2moe": _Architecture("qwen2_moe", "Qwen2MoeForCausalLM", False,
+                              ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+                              (("use_sliding_window", False), ("decoder_sparse_step", 1), ("mlp_only_layers", [])),
+                              moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
+                                           renormalise=False, shared=True)),
     "qwen3moe": _Architecture("qwen3_moe", "Qwen3MoeForCausalLM", False,
                               ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
                               (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
@@ -105,6 +112,13 @@ _MOE_BLOCK_TENSORS = {
     "ffn_gate_exps.weight": "switch_mlp.gate_proj.weight",
     "ffn_up_exps.weight": "switch_mlp.up_proj.weight",
     "ffn_down_exps.weight": "switch_mlp.down_proj.weight",
+}
+#: The shared expert, where the family has one.
+_SHARED_EXPERT_TENSORS = {
+    "ffn_gate_inp_shexp.weight": "shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "shared_expert.down_proj.weight",
 }
 #: Phi-3's fused blocks: GGUF name -> Hugging Face suffix, in place of the separate projections.
 _FUSED_BLOCK_TENSORS = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
@@ -275,7 +289,7 @@ _FIELD_KINDS = {
         "embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
         "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size", "feed_forward_length",
         "block_count", "context_length", "_token_id", "original_context_length", "attention.sliding_window",
-        "expert_used_count", "expert_feed_forward_length",
+        "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length",
     ), "a non-negative integer"),
     **dict.fromkeys((
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
@@ -473,6 +487,13 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
             f"{m}.switch_mlp.down_proj.weight": (experts, h, expert_inter),
         })
         moe_tensors = {name: f"{m}.{suffix}" for name, suffix in _MOE_BLOCK_TENSORS.items()}
+        if arch.moe.shared:
+            size = cfg["shared_expert_intermediate_size"]
+            per_layer.update({f"{m}.shared_expert_gate.weight": (1, h),
+                              f"{m}.shared_expert.gate_proj.weight": (size, h),
+                              f"{m}.shared_expert.up_proj.weight": (size, h),
+                              f"{m}.shared_expert.down_proj.weight": (h, size)})
+            moe_tensors.update({name: f"{m}.{suffix}" for name, suffix in _SHARED_EXPERT_TENSORS.items()})
     block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {}), **moe_tensors}
     plan: list[_PlannedTensor] = []
     unknown: list[str] = []
@@ -503,6 +524,8 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
             elif arch.permuted_qk and rest == "attn_k.weight":
                 heads_to_unpermute = kv_heads
         shape = _numpy_shape(tensor)
+        if len(shape) == 1 and want == (1, *shape):  # a one-row matrix llama.cpp stores as a vector
+            shape = want
         if shape != want:
             raise CheckpointError(
                 f"{where}: tensor {name} ({hf_name}) has shape {shape} but the metadata implies {want}"
@@ -704,7 +727,7 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
     if meta.get(p + "expert_count", 0) and family.moe is None:
         if arch != "llama":
             raise UnsupportedFeatureError(f"{where}: mixture-of-experts {arch} GGUF files are not supported "
-                                          f"(Ferrum imports llama (Mixtral) and qwen3moe ones)")
+                                          f"(Ferrum imports llama (Mixtral), qwen2moe and qwen3moe ones)")
         family = _MIXTRAL
 
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
@@ -766,8 +789,10 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
         config["num_experts_per_tok"] = int(meta.need(p + "expert_used_count"))
         if experts.size_key is not None:
             config[experts.size_key] = int(meta.need(p + "expert_feed_forward_length"))
-        if experts.renormalise_key is not None:  # llama.cpp renormalises unless the file says otherwise
-            config[experts.renormalise_key] = bool(meta.get(p + "expert_weights_norm", True))
+        if experts.renormalise_key is not None:  # as llama.cpp does unless the file says
+            config[experts.renormalise_key] = bool(meta.get(p + "expert_weights_norm", experts.renormalise))
+        if experts.shared:
+            config["shared_expert_intermediate_size"] = int(meta.need(p + "expert_shared_feed_forward_length"))
     if rope_dims != head_dim:
         config["partial_rotary_factor"] = rope_dims / head_dim
     if family.fused:  # Phi-3: the window, where the file sets one
@@ -975,8 +1000,8 @@ def convert_gguf(
     *,
     dequantize_to: str | None = None,
 ) -> Path:
-    """Write ``gguf_path`` (a llama, qwen2, qwen3, qwen3moe or phi3 GGUF) into ``out_dir`` as a Hugging Face
-    checkpoint.
+    """Write ``gguf_path`` (a llama, qwen2, qwen2moe, qwen3, qwen3moe or phi3 GGUF) into ``out_dir`` as a
+    Hugging Face checkpoint.
 
     By default quantized matrices stay packed, exactly (see the module
     docstring); GGUF types without an exact packed form are refused by name.

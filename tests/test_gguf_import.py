@@ -672,21 +672,26 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
 
 
 def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
-    """``hf``'s weights as llama.cpp's converter writes a Qwen3-MoE (``qwen3moe``) or a Mixtral (``llama``, q/k
-    rows permuted): experts stacked per projection (``ffn_{gate,up,down}_exps``, stored as ``expert_type``),
-    the router as ``ffn_gate_inp``."""
+    """``hf``'s weights as llama.cpp's converter writes a Qwen3-MoE (``qwen3moe``), a Qwen2-MoE (``qwen2moe``,
+    with its shared expert) or a Mixtral (``llama``, q/k rows permuted): experts stacked per projection
+    (``ffn_{gate,up,down}_exps``, stored as ``expert_type``), the router as ``ffn_gate_inp``."""
     w = _gguf_writer(path, arch, config)
-    if arch == "qwen3moe":
+    if arch != "llama":
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if arch == "qwen3moe":
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     w.add_expert_count(config.num_local_experts if arch == "llama" else config.num_experts)
     w.add_expert_used_count(config.num_experts_per_tok)
     per_block = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
                  "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
                  "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
                  "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-                 "mlp.gate.weight": "ffn_gate_inp.weight"}
+                 "mlp.gate.weight": "ffn_gate_inp.weight",
+                 **{f"self_attn.{p}_proj.bias": f"attn_{p}.bias" for p in "qkv"},
+                 **{f"mlp.shared_expert.{p}_proj.weight": f"ffn_{p}_shexp.weight" for p in ("gate", "up", "down")}}
     inter = config.intermediate_size if arch == "llama" else config.moe_intermediate_size
     heads = {"self_attn.q_proj.weight": config.num_attention_heads,
              "self_attn.k_proj.weight": config.num_key_value_heads}
@@ -699,6 +704,9 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
             w.add_tensor(_GLOBAL_GGUF_NAMES[name], array)
             continue
         block, rest = layer.group(1), layer.group(2)
+        if rest == "mlp.shared_expert_gate.weight":  # llama.cpp stores this one-row matrix as a vector
+            w.add_tensor(f"blk.{block}.ffn_gate_inp_shexp.weight", array.reshape(-1))
+            continue
         if rest == "mlp.experts.gate_up_proj":
             stacks = {"ffn_gate_exps": array[:, :inter], "ffn_up_exps": array[:, inter:]}
         elif rest == "mlp.experts.down_proj":
@@ -716,7 +724,7 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "llama"], ids=["qwen3moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama"], ids=["qwen3moe", "qwen2moe", "mixtral"])
 @pytest.mark.parametrize("expert_type", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
 def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, arch):
     """Stacked experts and the router into mlx-lm's switch_mlp layout, kept packed when quantized: float32
@@ -732,6 +740,9 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
     if arch == "qwen3moe":
         config = transformers.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, head_dim=16,
                                              num_experts=4, norm_topk_prob=True)
+    elif arch == "qwen2moe":
+        config = transformers.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                                             shared_expert_intermediate_size=48)
     else:
         config = transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=4)
     torch.manual_seed(0)
@@ -739,7 +750,9 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
     _moe_gguf(tmp_path / "moe.gguf", hf, config, expert_type, arch)
     packed = convert_gguf(tmp_path / "moe.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(packed)
-    assert ours.arch.moe.num_experts == 4 and ours.arch.moe.top_k == 2 and ours.arch.moe.normalize
+    assert ours.arch.moe.num_experts == 4 and ours.arch.moe.top_k == 2
+    assert ours.arch.moe.normalize == (arch != "qwen2moe")  # llama.cpp's rule for each, as transformers has it
+    assert ours.arch.moe.shared_expert_size == (48 if arch == "qwen2moe" else None)
     tokens = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]
     got = ferrum.load(packed, backend="cpu").model.forward_verify("s", tokens)
     if expert_type == Q.F32:
