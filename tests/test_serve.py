@@ -260,6 +260,12 @@ def test_echo_with_logprobs_scores_the_prompt_with_the_models_own_logits(server,
     refused = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1,
                                                                 "stream": True})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+    # the logits every choice keeps are bounded over the whole request (1 GiB): enough prompts x n to pass it
+    per_request = 128 * len(prompt)  # n = 128, the most the API allows
+    copies = (1 << 30) // (4 * llm.model.config.vocab_size * per_request) + 1
+    too_many = httpx.post(server.url + "/v1/completions", json={"prompt": [prompt] * copies, "n": 128, "echo": True,
+                                                                 "logprobs": 1, "max_tokens": 1})
+    assert too_many.status_code == 400 and "positions" in too_many.json()["error"]["message"], too_many.text
     # max_tokens 0: the prompt scored and echoed, nothing generated (the legacy API's scoring form)
     scored = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
     assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1]

@@ -282,13 +282,14 @@ class _Logprobs:
 _PROMPT_LOGITS_BYTES = 1 << 30
 
 
-def _check_prompt_logits(state: ServerState, prompts: list[tuple[int, ...]]) -> None:
+def _check_prompt_logits(state: ServerState, prompts: list[tuple[int, ...]], choices_each: int) -> None:
+    """Every choice keeps its prompt's logits until it finishes: all of them together stay under the bound."""
     vocab = state.llm.model.config.vocab_size
-    longest = max(len(p) for p in prompts)
-    if longest * vocab * 4 > _PROMPT_LOGITS_BYTES:
-        raise APIError(400, f"echo with logprobs keeps the logits of every prompt position: {longest} positions x "
-                       f"{vocab} tokens is over {_PROMPT_LOGITS_BYTES >> 20} MiB; score a shorter prompt",
-                       param="prompt")
+    positions = sum(len(p) for p in prompts) * choices_each
+    if positions * vocab * 4 > _PROMPT_LOGITS_BYTES:
+        raise APIError(400, f"echo with logprobs keeps the logits of every prompt position: {positions} positions "
+                       f"(prompts x n) x {vocab} tokens is over {_PROMPT_LOGITS_BYTES >> 20} MiB; score fewer or "
+                       "shorter prompts per request", param="prompt")
 
 
 def _joined(first: dict, then: dict) -> dict:
@@ -382,7 +383,7 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
     want_logprobs = max(top, 1) if body.logprobs is not None else 0
     scored = body.echo and body.logprobs is not None  # the prompt's own logprobs: its logits, every position
     if scored:
-        _check_prompt_logits(state, prompts)
+        _check_prompt_logits(state, prompts, body.n)
     stops = body.stop_strings()
     specs, first_of_prompt = [], set()
     scoring_only = body.max_tokens == 0  # one token is computed for the prompt's logits, then dropped
