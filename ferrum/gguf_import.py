@@ -44,7 +44,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ferrum.arch.tensors import weight_shapes
 from ferrum.checkpoint import write_safetensors_header
+from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
 from ferrum.quant.affine import QuantizedWeight
 from ferrum.quant.config import QuantConfig
@@ -74,8 +76,6 @@ class _Architecture:
     #: llama.cpp's converter permuted q/k rows for its adjacent-pair rope (Llama); the rotate-half families
     #: (Qwen) are stored as Hugging Face has them.
     permuted_qk: bool
-    #: Per-block tensors beyond Llama's (Hugging Face suffixes), all required.
-    extra_tensors: tuple[str, ...] = ()
     config: tuple[tuple[str, Any], ...] = ()  # config.json entries fixed by the family
     #: Phi-3: q/k/v in one ``attn_qkv``, gate and up in one ``ffn_up``, as the Hugging Face checkpoint has them.
     fused: bool = False
@@ -83,22 +83,19 @@ class _Architecture:
     moe: _Experts | None = None
 
 
+#: Which tensors each block holds (q/k/v biases, q/k norms, experts) follows from the config written, through
+#: the family's own table (``ferrum.arch.tensors.weight_shapes``).
 _ARCHITECTURES = {
-    "llama": _Architecture("llama", "LlamaForCausalLM", True, (),
-                           (("attention_bias", False), ("mlp_bias", False))),
-    "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", False,
-                           ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-                           (("use_sliding_window", False),)),
-    "qwen3": _Architecture("qwen3", "Qwen3ForCausalLM", False, ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+    "llama": _Architecture("llama", "LlamaForCausalLM", True, (("attention_bias", False), ("mlp_bias", False))),
+    "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", False, (("use_sliding_window", False),)),
+    "qwen3": _Architecture("qwen3", "Qwen3ForCausalLM", False,
                            (("attention_bias", False), ("use_sliding_window", False))),
     "phi3": _Architecture("phi3", "Phi3ForCausalLM", False, fused=True),
     "qwen2moe": _Architecture("qwen2_moe", "Qwen2MoeForCausalLM", False,
-                              ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
                               (("use_sliding_window", False), ("decoder_sparse_step", 1), ("mlp_only_layers", [])),
                               moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
                                            renormalise=False, shared=True)),
     "qwen3moe": _Architecture("qwen3_moe", "Qwen3MoeForCausalLM", False,
-                              ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
                               (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
                                ("mlp_only_layers", [])),
                               moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob")),
@@ -440,89 +437,37 @@ def _check_quant_types(tensors: Iterable[Any], where: str) -> None:
 
 
 def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_PlannedTensor]:
-    """Map every GGUF tensor to its Hugging Face name and expected shape (rope_freqs is read into the config)."""
+    """Map every GGUF tensor to its Hugging Face name and the shape the model reads it in: ``weight_shapes`` of
+    the config being written (rope_freqs and longrope's factors are read into the config instead)."""
     arch = next(a for a in (*_ARCHITECTURES.values(), _MIXTRAL) if a.model_type == cfg["model_type"])
+    expected = weight_shapes(ModelConfig.from_dict(cfg, where))
     by_name = {t.name: t for t in reader.tensors}
-    n_layers = cfg["num_hidden_layers"]
-    h, d = cfg["hidden_size"], cfg["head_dim"]
-    heads, kv_heads, inter = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
-    vocab = cfg["vocab_size"]
-    expected = {
-        "model.embed_tokens.weight": (vocab, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (vocab, h),
-    }
-    per_layer = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (heads * d, h),
-        "self_attn.k_proj.weight": (kv_heads * d, h),
-        "self_attn.v_proj.weight": (kv_heads * d, h),
-        "self_attn.o_proj.weight": (h, heads * d),
-        "mlp.gate_proj.weight": (inter, h),
-        "mlp.up_proj.weight": (inter, h),
-        "mlp.down_proj.weight": (h, inter),
-    }
-    extra_shapes = {
-        "self_attn.q_proj.bias": (heads * d,), "self_attn.k_proj.bias": (kv_heads * d,),
-        "self_attn.v_proj.bias": (kv_heads * d,), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
-    }
-    per_layer.update({suffix: extra_shapes[suffix] for suffix in arch.extra_tensors})
-    if arch.fused:
-        for separate in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                         "mlp.gate_proj.weight", "mlp.up_proj.weight"):
-            del per_layer[separate]
-        per_layer["self_attn.qkv_proj.weight"] = ((heads + 2 * kv_heads) * d, h)
-        per_layer["mlp.gate_up_proj.weight"] = (2 * inter, h)
-    moe_tensors = {}
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {})}
     if arch.moe is not None:
-        m = arch.moe.module
-        experts, expert_inter = cfg[arch.moe.count_key], cfg[arch.moe.size_key or "intermediate_size"]
-        for dense in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
-            del per_layer[dense]
-        per_layer.update({
-            f"{m}.gate.weight": (experts, h),
-            f"{m}.switch_mlp.gate_proj.weight": (experts, expert_inter, h),
-            f"{m}.switch_mlp.up_proj.weight": (experts, expert_inter, h),
-            f"{m}.switch_mlp.down_proj.weight": (experts, h, expert_inter),
-        })
-        moe_tensors = {name: f"{m}.{suffix}" for name, suffix in _MOE_BLOCK_TENSORS.items()}
-        if arch.moe.shared:
-            size = cfg["shared_expert_intermediate_size"]
-            per_layer.update({f"{m}.shared_expert_gate.weight": (1, h),
-                              f"{m}.shared_expert.gate_proj.weight": (size, h),
-                              f"{m}.shared_expert.up_proj.weight": (size, h),
-                              f"{m}.shared_expert.down_proj.weight": (h, size)})
-            moe_tensors.update({name: f"{m}.{suffix}" for name, suffix in _SHARED_EXPERT_TENSORS.items()})
-    block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {}), **moe_tensors}
+        block_tensors.update({name: f"{arch.moe.module}.{suffix}"
+                              for name, suffix in {**_MOE_BLOCK_TENSORS, **_SHARED_EXPERT_TENSORS}.items()})
     plan: list[_PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
     for name, tensor in by_name.items():
         if name == "rope_freqs.weight" or name in _ROPE_FACTOR_TENSORS:  # read into the config
             continue
-        heads_to_unpermute = None
-        if name in _GLOBAL_TENSORS:
-            hf_name = _GLOBAL_TENSORS[name]
-            want = expected[hf_name]
-        else:
-            m = block.match(name)
-            if m is None or int(m.group(1)) >= n_layers:
-                unknown.append(name)
-                continue
+        heads_to_unpermute, hf_name = None, _GLOBAL_TENSORS.get(name)
+        m = block.match(name)
+        if m is not None:
             i, rest = int(m.group(1)), m.group(2)
             if rest.split(".")[0] in _IGNORED_BLOCK_TENSORS:
                 continue
-            if block_tensors.get(rest) not in per_layer:
-                unknown.append(name)
-                continue
-            suffix = block_tensors[rest]
-            hf_name = f"model.layers.{i}.{suffix}"
-            want = per_layer[suffix]
+            hf_name = f"model.layers.{i}.{block_tensors[rest]}" if rest in block_tensors else None
             if arch.permuted_qk and rest == "attn_q.weight":
                 heads_to_unpermute = heads
             elif arch.permuted_qk and rest == "attn_k.weight":
                 heads_to_unpermute = kv_heads
+        want = expected.get(hf_name)
+        if want is None:
+            unknown.append(name)
+            continue
         shape = _numpy_shape(tensor)
         if len(shape) == 1 and want == (1, *shape):  # a one-row matrix llama.cpp stores as a vector
             shape = want
@@ -539,10 +484,7 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
             "converter writes them"
         )
     have = {p.hf_name for p in plan}
-    needed = [n for n in expected if n != "lm_head.weight"] + [
-        f"model.layers.{i}.{k}" for i in range(n_layers) for k in per_layer
-    ]
-    missing = [n for n in needed if n not in have]
+    missing = [n for n in expected if n not in have]
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(f"{where}: GGUF file lacks {len(missing)} tensor(s) a {arch.hf_class} needs: {shown}")
