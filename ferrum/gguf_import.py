@@ -1,5 +1,5 @@
-"""Turning a llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe or phi3 GGUF file into a Hugging Face-style
-checkpoint folder.
+"""Turning a llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, gemma2 or gemma3 GGUF file into a
+Hugging Face-style checkpoint folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
 model in another layout, so :func:`convert_gguf` rewrites it once:
@@ -26,6 +26,8 @@ Two details of the GGUF layout matter:
   rope rotates adjacent pairs ``(2j, 2j+1)`` of each head (Qwen's it leaves alone); Hugging Face's Llama
   rotates the two halves ``(j, j + d/2)``. :func:`unpermute_qk` undoes it; it
   moves whole rows, so it applies to packed words, scales and biases alike.
+* for Gemma, the converter stores every norm weight as ``1 + w`` (Gemma's RMSNorm scales by ``1 + w``;
+  llama.cpp's by the stored value); the import subtracts the 1 again.
 
 The ``gguf`` package (llama.cpp's own reader) is needed: ``pip install 'ferrum[gguf]'``.
 """
@@ -81,7 +83,55 @@ class _Architecture:
     fused: bool = False
     #: A router and stacked experts in place of the dense MLP, written in mlx-lm's ``switch_mlp`` layout.
     moe: _Experts | None = None
+    #: Block tensors whose Hugging Face name differs from Llama's (Gemma's four norms): GGUF -> Hugging Face.
+    renamed: tuple[tuple[str, str], ...] = ()
+    #: What the converter added to every norm weight (Gemma's ``1 + w``), subtracted again on import.
+    norm_offset: float = 0.0
+    #: config.json entries the family reads from its own metadata keys (``meta``, ``arch.`` prefix, config so far).
+    configure: Callable[[_Metadata, str, dict[str, Any]], dict[str, Any]] | None = None
 
+
+def _query_pre_attn_scalar(meta: _Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
+    """Gemma's attention scale as ``1 / sqrt(query_pre_attn_scalar)``. The converter does not write it, so llama.cpp
+    takes head_dim, except for the 27B model (known by its layer count), whose Hugging Face config says
+    hidden / heads; a file that does carry ``attention.scale`` is taken at its word."""
+    scale = meta.get(p + "attention.scale")
+    if scale:
+        return 1.0 / float(scale) ** 2
+    if cfg["num_hidden_layers"] == layers_of_27b:
+        return cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["head_dim"]
+
+
+def _gemma2_config(meta: _Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's Gemma 2 reading: both soft-caps (50 and 30 where absent), a 4096-token window where absent."""
+    return {
+        "query_pre_attn_scalar": _query_pre_attn_scalar(meta, p, cfg, layers_of_27b=46),
+        "attn_logit_softcapping": _float32_value(meta.get(p + "attn_logit_softcapping", 50.0)),
+        "final_logit_softcapping": _float32_value(meta.get(p + "final_logit_softcapping", 30.0)),
+        "sliding_window": int(meta.get(p + "attention.sliding_window", 4096)),
+    }
+
+
+def _gemma3_config(meta: _Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's Gemma 3 reading: five sliding layers of the file's window to one global; the sliding ones
+    rotate at base 10000, unscaled; no attention soft-cap; the final one only where the file sets it."""
+    final = meta.get(p + "final_logit_softcapping")
+    return {
+        "query_pre_attn_scalar": _query_pre_attn_scalar(meta, p, cfg, layers_of_27b=62),
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None if final is None else _float32_value(final),
+        "sliding_window": int(meta.need(p + "attention.sliding_window")),
+        "sliding_window_pattern": 6,
+        "rope_local_base_freq": 10000.0,
+    }
+
+
+#: Gemma's norms: one before and one after each of attention and the MLP.
+_GEMMA_NORMS = (("post_attention_norm.weight", "post_attention_layernorm.weight"),
+                ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+                ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"))
+_GEMMA_ACTIVATION = (("hidden_act", "gelu_pytorch_tanh"), ("hidden_activation", "gelu_pytorch_tanh"))
 
 #: Which tensors each block holds (q/k/v biases, q/k norms, experts) follows from the config written, through
 #: the family's own table (``ferrum.arch.tensors.weight_shapes``).
@@ -99,6 +149,10 @@ _ARCHITECTURES = {
                               (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
                                ("mlp_only_layers", [])),
                               moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob")),
+    "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
+                            renamed=_GEMMA_NORMS, norm_offset=1.0, configure=_gemma2_config),
+    "gemma3": _Architecture("gemma3_text", "Gemma3ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
+                            renamed=_GEMMA_NORMS, norm_offset=1.0, configure=_gemma3_config),
 }
 #: A ``llama`` file with experts (llama.cpp writes Mixtral so).
 _MIXTRAL = _Architecture("mixtral", "MixtralForCausalLM", True,
@@ -127,6 +181,13 @@ SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 DEQUANTIZE_DTYPES = ("float32", "float16", "bfloat16")
 #: safetensors' name of each stored dtype.
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
+
+#: Tokens llama.cpp ends generation at wherever the vocabulary has them, whatever the file names as EOS: chat
+#: models' end-of-turn markers, which many conversions (Gemma's, older Llama 3 ones) do not name.
+_END_OF_GENERATION = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
+    "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+))
 
 # GGUF token types (llama.cpp's llama_token_type).
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
@@ -290,6 +351,7 @@ _FIELD_KINDS = {
     ), "a non-negative integer"),
     **dict.fromkeys((
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
+        "attn_logit_softcapping", "final_logit_softcapping", "attention.scale",
     ), "a finite number"),
     **dict.fromkeys((
         "general.architecture", "rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
@@ -387,6 +449,7 @@ class _PlannedTensor:
     source: Any  # gguf ReaderTensor
     shape: tuple[int, ...]  # numpy / Hugging Face order
     unpermute_heads: int | None  # q/k: heads to un-permute over
+    offset: float = 0.0  # subtracted from the values (Gemma's norms)
     form: StoredForm | None = None  # how it is written, set by _choose_forms
 
     @property
@@ -443,7 +506,7 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
     expected = weight_shapes(ModelConfig.from_dict(cfg, where))
     by_name = {t.name: t for t in reader.tensors}
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {})}
+    block_tensors = {**_BLOCK_TENSORS, **(_FUSED_BLOCK_TENSORS if arch.fused else {}), **dict(arch.renamed)}
     if arch.moe is not None:
         block_tensors.update({name: f"{arch.moe.module}.{suffix}"
                               for name, suffix in {**_MOE_BLOCK_TENSORS, **_SHARED_EXPERT_TENSORS}.items()})
@@ -475,7 +538,8 @@ def _plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[_Planned
             raise CheckpointError(
                 f"{where}: tensor {name} ({hf_name}) has shape {shape} but the metadata implies {want}"
             )
-        plan.append(_PlannedTensor(hf_name, tensor, shape, heads_to_unpermute))
+        offset = arch.norm_offset if hf_name.endswith("norm.weight") else 0.0
+        plan.append(_PlannedTensor(hf_name, tensor, shape, heads_to_unpermute, offset))
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
         raise UnsupportedFeatureError(
@@ -556,6 +620,8 @@ def _stored_arrays(p: _PlannedTensor, dequantize_to: str | None, where: str) -> 
         arrays = [a.reshape(*p.shape[:-1], -1) for a in (value.packed, value.scales, value.biases)]
     else:
         value = value.reshape(p.shape)
+        if p.offset:  # in float32: exact for the norm weights near 1 the converter wrote
+            value = value.astype(np.float32) - np.float32(p.offset)
         if not np.isfinite(value.astype(np.float32, copy=False)).all():
             raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
         arrays = [value.astype(_numpy_dtype(p.form.dtype), copy=False)]
@@ -737,6 +803,8 @@ def _build_config(meta: _Metadata, reader: Any, tokens: list[str] | None) -> dic
             config["shared_expert_intermediate_size"] = int(meta.need(p + "expert_shared_feed_forward_length"))
     if rope_dims != head_dim:
         config["partial_rotary_factor"] = rope_dims / head_dim
+    if family.configure is not None:
+        config.update(family.configure(meta, p, config))
     if family.fused:  # Phi-3: the window, where the file sets one
         config["sliding_window"] = meta.get(p + "attention.sliding_window") or None
     for key in ("bos", "eos", "padding"):
@@ -942,8 +1010,8 @@ def convert_gguf(
     *,
     dequantize_to: str | None = None,
 ) -> Path:
-    """Write ``gguf_path`` (a llama, qwen2, qwen2moe, qwen3, qwen3moe or phi3 GGUF) into ``out_dir`` as a
-    Hugging Face checkpoint.
+    """Write ``gguf_path`` (an architecture of :data:`SUPPORTED_ARCHITECTURES`) into ``out_dir`` as a Hugging Face
+    checkpoint.
 
     By default quantized matrices stay packed, exactly (see the module
     docstring); GGUF types without an exact packed form are refused by name.
@@ -991,6 +1059,7 @@ def convert_gguf(
         for k in ("eos", "eot", "eom")
         if meta.get(f"tokenizer.ggml.{k}_token_id") is not None
     ]
+    stops += [i for i, token in enumerate(tokens) if token in _END_OF_GENERATION]
     stops = list(dict.fromkeys(stops))
     if stops:
         generation["eos_token_id"] = stops[0] if len(stops) == 1 else stops

@@ -199,7 +199,7 @@ def test_special_tokens(converted):
     tok = Tokenizer(converted[0])
     assert tok.vocab_size == 49152
     assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
-    assert tok.eos_token_ids == frozenset({2})
+    assert tok.eos_token_ids == frozenset({2, 0})  # <|endoftext|> too: llama.cpp ends generation at either
     assert tok.encode("<|im_start|>assistant<|im_end|><|endoftext|>") == [1, 520, 9531, 2, 0]
     assert tok.decode([1, 520, 9531, 2]) == "assistant"  # special tokens skipped
 
@@ -597,7 +597,7 @@ def _gguf_writer(path: Path, arch: str, config) -> Any:
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(config.num_key_value_heads)
-    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -763,6 +763,97 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
         floats = convert_gguf(tmp_path / "moe.gguf", tmp_path / "float", dequantize_to="float32")
         ref = ferrum.load(floats, backend="cpu").model.forward_verify("f", tokens)
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+#: Gemma's block tensors: Hugging Face name -> GGUF name (llama.cpp's converter).
+_GEMMA_GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight", "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    **{f"self_attn.{p}_proj.weight": f"attn_{p}.weight" for p in "qkv"}, "self_attn.o_proj.weight": "attn_output.weight",
+    **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")},
+}
+
+
+def _gemma_gguf(path: Path, hf, config, arch: str) -> None:
+    """``hf``'s weights as llama.cpp's converter writes a Gemma 2 / 3: every norm weight stored as ``1 + w``, the
+    soft-caps and window as metadata, no space put before the text, the output tied to the embeddings."""
+    w = _gguf_writer(path, arch, config)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_sliding_window(config.sliding_window)
+    w.add_add_space_prefix(False)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
+    elif config.rope_parameters["full_attention"]["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(config.rope_parameters["full_attention"]["factor"])
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        array = tensor.float().numpy() + (1.0 if name.endswith("norm.weight") else 0.0)
+        layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
+        w.add_tensor(f"blk.{layer.group(1)}.{_GEMMA_GGUF_NAMES[layer.group(2)]}" if layer else _GLOBAL_GGUF_NAMES[name],
+                     array)
+    _finish(w)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
+    """llama.cpp's Gemma layout: the 1 its converter adds to every norm taken off again, the four norms of each
+    block, soft-caps, sliding windows (every other layer for Gemma 2, five in six for Gemma 3, whose global
+    layers alone are rope-scaled), head_dim as the attention scale; logits equal transformers' model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    common = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                  sliding_window=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gemma2":
+        config = transformers.Gemma2Config(**common, num_hidden_layers=4, attn_logit_softcapping=20.0,
+                                           final_logit_softcapping=3.0)
+    else:
+        config = transformers.Gemma3TextConfig(**common, num_hidden_layers=7,
+                                               rope_scaling={"rope_type": "linear", "factor": 8.0})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # norms away from zero, so a norm read without its offset is visible
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)
+    _gemma_gguf(tmp_path / "gemma.gguf", hf, config, arch)
+    out = convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(out)
+    sliding = (4, None) * 2 if arch == "gemma2" else (4,) * 5 + (None, 4)
+    assert ours.arch.windows == sliding
+    assert ours.arch.attn_scale == pytest.approx(16 ** -0.5)
+    tokens = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]  # past the window
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0].numpy()
+    got = ferrum.load(out, backend="cpu").model.forward_verify("s", tokens)
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    ids = ferrum.load(out, backend="cpu").tokenizer.encode("hello world", add_special_tokens=False)
+    vocab = _sentencepiece_vocab()[0]
+    assert ids == [vocab.index(piece) for piece in ("he", "llo", "\u2581world")]  # no space put before the text
+
+
+@pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 46, 16), ("gemma2", 26, 8), ("gemma3", 62, 16)])
+def test_gemma_attention_scale_follows_llama_cpp(tmp_path, arch, layers, scalar):
+    """The file does not carry query_pre_attn_scalar: llama.cpp takes hidden / heads for the 27B models (46
+    layers for Gemma 2, 62 for Gemma 3) and head_dim for the others, as their Hugging Face configs say."""
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    cls = transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig
+    config = cls(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=8,
+                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                 sliding_window=4, rope_scaling=None, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    _gemma_gguf(tmp_path / "gemma.gguf", transformers.AutoModelForCausalLM.from_config(config).float(), config, arch)
+    out = convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["query_pre_attn_scalar"] == scalar
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
