@@ -799,16 +799,11 @@ def _gemma_gguf(path: Path, hf, config, arch: str) -> None:
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
-def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
-    """llama.cpp's Gemma layout: the 1 its converter adds to every norm taken off again, the four norms of each
-    block, soft-caps, sliding windows (every other layer for Gemma 2, five in six for Gemma 3, whose global
-    layers alone are rope-scaled), head_dim as the attention scale; logits equal transformers' model."""
+def _tiny_gemma(tmp_path: Path, arch: str) -> tuple[Any, Path, Path]:
+    """A random Gemma 2 (4 layers) or Gemma 3 (7: a global layer among sliding ones, linear rope scaling), its
+    GGUF as llama.cpp's converter writes it, and the folder imported from that: (model, GGUF, folder)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import ferrum
-    from ferrum.config import ModelConfig
-
     common = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                   sliding_window=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -825,19 +820,48 @@ def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
             if name.endswith("norm.weight"):
                 param.uniform_(-0.5, 0.5)
     _gemma_gguf(tmp_path / "gemma.gguf", hf, config, arch)
-    out = convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
+    return hf, tmp_path / "gemma.gguf", convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
+
+
+GEMMA_TOKENS = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]  # past the window
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
+    """llama.cpp's Gemma layout: the 1 its converter adds to every norm taken off again, the four norms of each
+    block, soft-caps, sliding windows (every other layer for Gemma 2, five in six for Gemma 3, whose global
+    layers alone are rope-scaled), head_dim as the attention scale; logits equal transformers' model."""
+    import torch
+
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    hf, _, out = _tiny_gemma(tmp_path, arch)
     ours = ModelConfig.from_file(out)
-    sliding = (4, None) * 2 if arch == "gemma2" else (4,) * 5 + (None, 4)
-    assert ours.arch.windows == sliding
+    assert ours.arch.windows == ((4, None) * 2 if arch == "gemma2" else (4,) * 5 + (None, 4))
     assert ours.arch.attn_scale == pytest.approx(16 ** -0.5)
-    tokens = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]  # past the window
     with torch.no_grad():
-        ref = hf(torch.tensor([tokens])).logits[0].numpy()
-    got = ferrum.load(out, backend="cpu").model.forward_verify("s", tokens)
+        ref = hf(torch.tensor([GEMMA_TOKENS])).logits[0].numpy()
+    llm = ferrum.load(out, backend="cpu")
+    got = llm.model.forward_verify("s", GEMMA_TOKENS)
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
-    ids = ferrum.load(out, backend="cpu").tokenizer.encode("hello world", add_special_tokens=False)
     vocab = _sentencepiece_vocab()[0]
+    ids = llm.tokenizer.encode("hello world", add_special_tokens=False)
     assert ids == [vocab.index(piece) for piece in ("he", "llo", "\u2581world")]  # no space put before the text
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_gguf_matches_llama_cpp_live(tmp_path, arch):
+    """The same files run by llama.cpp itself (its KV cache is float16, its GELU a float16 table)."""
+    pytest.importorskip("llama_cpp")
+    import ferrum
+
+    _, path, out = _tiny_gemma(tmp_path, arch)
+    reference = open_llama_cpp(path, context=64, threads=1, logits_all=True)
+    reference.eval(GEMMA_TOKENS)
+    ref = np.asarray(reference.scores[: len(GEMMA_TOKENS)])
+    got = ferrum.load(out, backend="cpu").model.forward_verify("s", GEMMA_TOKENS)
+    assert float(np.abs(got - ref).max()) <= 2e-3 * float(np.abs(ref).max())
 
 
 @pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 46, 16), ("gemma2", 26, 8), ("gemma3", 62, 16)])

@@ -242,7 +242,7 @@ class TransformersRunner(Runner):
         return ["generate, one left-padded batch", "no prefix reuse (generate has none across calls)"]
 
 
-def open_llama_cpp(gguf_path: Path, context: int, threads: int) -> Any:
+def open_llama_cpp(gguf_path: Path, context: int, threads: int, logits_all: bool = False) -> Any:
     """A ``llama_cpp.Llama`` on llama.cpp's plain CPU kernels.
 
     Its AMX weight repacking (an "extra buffer type") dies with SIGILL where the
@@ -261,7 +261,7 @@ def open_llama_cpp(gguf_path: Path, context: int, threads: int) -> Any:
     llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffer_types
     try:
         return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=context, n_batch=512, n_threads=threads,
-                               logits_all=False, verbose=False)
+                               logits_all=logits_all, verbose=False)
     finally:
         llama_cpp.llama_cpp.llama_model_default_params = defaults
 
