@@ -46,8 +46,10 @@ FORMS = {
     Q.Q4_K: (4, 32, "float32"),
     Q.Q5_K: (5, 32, "float32"),
     Q.Q6_K: (6, 16, "float32"),
+    Q.IQ4_NL: (8, 32, "float16"),
+    Q.IQ4_XS: (8, 32, "float32"),
 }
-UNSUPPORTED = [Q.IQ4_NL, Q.IQ4_XS, Q.IQ2_XXS, Q.TQ1_0, Q.MXFP4]
+UNSUPPORTED = [Q.IQ2_XXS, Q.IQ3_S, Q.IQ1_M, Q.TQ1_0, Q.MXFP4]
 
 
 def reread(tmp_path: Path, tensors: dict[str, tuple[np.ndarray, object]]) -> dict:
@@ -234,7 +236,7 @@ def test_mixed_file_config_and_logits_match_float32_import(tmp_path):
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5 * np.abs(logits[1]).max())
 
 
-@pytest.mark.parametrize("qtype", [Q.IQ4_XS, Q.IQ4_NL], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.IQ2_XXS, Q.IQ3_S], ids=lambda q: q.name)
 def test_unsupported_type_refused_before_writing(tmp_path, qtype):
     write_tiny_gguf(tmp_path / "x.gguf", types={"weight": Q.Q4_0, "mlp.down_proj.weight": qtype}, hidden=256, inter=256)
     message = rf"tensor blk\.0\.ffn_down\.weight is stored as GGUF {qtype.name}"

@@ -17,19 +17,25 @@ Q3_K      3      16          ``d*sc_j``, ``-4*d*sc_j`` [2]_              float32
 Q4_K      4      32          ``d*sc_j``, ``-dmin*m_j``                   float32
 Q5_K      5      32          ``d*sc_j``, ``-dmin*m_j``                   float32
 Q6_K      6      16          ``d*sc_j``, ``-32*d*sc_j``                  float32
+IQ4_NL    8      32          ``d``, ``-128d`` (``q`` = code + 128) [3]_  float16 [1]_
+IQ4_XS    8      32          ``d*sc_j``, ``-128*d*sc_j`` [3]_            float32
 ========  =====  ==========  ==========================================  ==============
 
 .. [1] unless a bias overflows float16 (``|d|`` above 65504 / 8, / 16 or / 128):
    then that tensor's scales and biases are float32.
 .. [2] ``sc_j`` signed (6 bits less 32); ``q`` = the two low bits + 4 * the
    ``hmask`` bit, which llama.cpp writes as "subtract 4 unless the bit is set".
+.. [3] IQ4's 16 levels are not evenly spaced, so no 4-bit affine code holds
+   them; but each is an integer in [-127, 113] times the (sub-)block scale,
+   which 8 bits hold, exactly: twice the memory of the file's 4 bits. (IQ4_XS's
+   ``d * sc_j * q`` is at most 11 + 5 + 8 significant bits: exact in float32.)
 
 K-quant scales are an 11-bit float16 significand times a 6-bit (or signed
 8-bit) integer, up to 19 significant bits: exact in float32 only. GGUF packs
 values half-block by half-block (low nibbles, then high nibbles); the packed
 form wants consecutive values, so ``q`` is unpacked and packed again. Other
-GGUF types (the IQ* codebooks, TQ*, MXFP4) have no such form and are refused
-by name.
+GGUF types (the IQ1/IQ2/IQ3 lattice codebooks, TQ*, MXFP4) have no such form
+and are refused by name.
 """
 
 from __future__ import annotations
@@ -66,12 +72,14 @@ _TYPES = {
     "Q4_K": _BlockType(256, 144, 4, 32, True, (0, 2)),
     "Q5_K": _BlockType(256, 176, 5, 32, True, (0, 2)),
     "Q6_K": _BlockType(256, 210, 6, 16, True, (208,)),
+    "IQ4_NL": _BlockType(32, 18, 8, 32, False, (0,)),
+    "IQ4_XS": _BlockType(256, 136, 8, 32, True, (0,)),
 }
 #: GGUF types repacked exactly, with their (bits, group size).
 SUPPORTED_TYPES = {name: (t.bits, t.group_size) for name, t in _TYPES.items()}
 
 #: The float16 bias ``-c * d`` of the types whose bias is a multiple of ``d``.
-_BIAS_FACTOR = {"Q4_0": 8.0, "Q5_0": 16.0, "Q8_0": 128.0}
+_BIAS_FACTOR = {"Q4_0": 8.0, "Q5_0": 16.0, "Q8_0": 128.0, "IQ4_NL": 128.0}
 #: Values repacked per step, to bound temporary memory on large tensors.
 _CHUNK_VALUES = 1 << 22
 
@@ -315,7 +323,28 @@ def _q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, scale, -32.0 * scale
 
 
+#: IQ4's 16 levels (llama.cpp's ``kvalues_iq4nl``) as unsigned 8-bit codes: level + 128.
+_IQ4_CODES = (np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]) + 128).astype(np.uint8)
+
+
+def _iq4_nl(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _f16(blocks, 0).astype(np.float32)
+    return _IQ4_CODES[_halves(blocks[:, 2:18])], d, -128.0 * d
+
+
+def _iq4_xs(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eight sub-blocks of 32: 6-bit scales (low nibbles in bytes 4-7, top 2 bits in the uint16 at 2), less 32."""
+    b = blocks.shape[0]
+    low = blocks[:, 4:8]
+    low = np.stack([low & 0x0F, low >> 4], axis=2).reshape(b, 8)
+    top = (np.ascontiguousarray(blocks[:, 2:4]).view("<u2") >> np.arange(0, 16, 2, dtype=np.uint16)) & 3
+    scale = _f16(blocks, 0).astype(np.float32) * ((low | (top.astype(np.uint8) << 4)).astype(np.float32) - 32.0)
+    codes = _IQ4_CODES[_halves(blocks[:, 8:136].reshape(b, 8, 16))]  # per sub-block: low nibbles, then high
+    return codes.reshape(b, 256), scale, -128.0 * scale
+
+
 _DECODERS = {
     "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
     "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+    "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
 }
