@@ -1,5 +1,5 @@
-"""Turning a llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, gemma2 or gemma3 GGUF file into a
-Hugging Face-style checkpoint folder.
+"""Turning a llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, smollm3, granite, gemma2 or gemma3
+GGUF file into a Hugging Face-style checkpoint folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
 model in another layout, so :func:`convert_gguf` rewrites it once:
@@ -127,6 +127,13 @@ def _gemma3_config(meta: _Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
     }
 
 
+def _granite_config(meta: _Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Granite's four multipliers, which llama.cpp requires in the file."""
+    keys = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+            "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}
+    return {name: _float32_value(meta.need(p + key)) for name, key in keys.items()}
+
+
 #: Gemma's norms: one before and one after each of attention and the MLP.
 _GEMMA_NORMS = (("post_attention_norm.weight", "post_attention_layernorm.weight"),
                 ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
@@ -149,6 +156,11 @@ _ARCHITECTURES = {
                               (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
                                ("mlp_only_layers", [])),
                               moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob")),
+    # llama.cpp's SmolLM3: every fourth layer without rope, which the file does not say (nor does the config)
+    "smollm3": _Architecture("smollm3", "SmolLM3ForCausalLM", True,
+                             (("attention_bias", False), ("mlp_bias", False), ("no_rope_layer_interval", 4))),
+    "granite": _Architecture("granite", "GraniteForCausalLM", True, (("attention_bias", False), ("mlp_bias", False)),
+                             configure=_granite_config),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
                             renamed=_GEMMA_NORMS, norm_offset=1.0, configure=_gemma2_config),
     "gemma3": _Architecture("gemma3_text", "Gemma3ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
@@ -351,7 +363,8 @@ _FIELD_KINDS = {
     ), "a non-negative integer"),
     **dict.fromkeys((
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
-        "attn_logit_softcapping", "final_logit_softcapping", "attention.scale",
+        "attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "embedding_scale",
+        "residual_scale", "logit_scale",
     ), "a finite number"),
     **dict.fromkeys((
         "general.architecture", "rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",

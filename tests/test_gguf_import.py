@@ -770,7 +770,8 @@ _GEMMA_GGUF_NAMES = {
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
     "pre_feedforward_layernorm.weight": "ffn_norm.weight", "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
     "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-    **{f"self_attn.{p}_proj.weight": f"attn_{p}.weight" for p in "qkv"}, "self_attn.o_proj.weight": "attn_output.weight",
+    **{f"self_attn.{p}_proj.weight": f"attn_{p}.weight" for p in "qkv"},
+    "self_attn.o_proj.weight": "attn_output.weight",
     **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")},
 }
 
@@ -823,7 +824,7 @@ def _tiny_gemma(tmp_path: Path, arch: str) -> tuple[Any, Path, Path]:
     return hf, tmp_path / "gemma.gguf", convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
 
 
-GEMMA_TOKENS = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]  # past the window
+TINY_TOKENS = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]  # past the window
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
@@ -841,9 +842,9 @@ def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     assert ours.arch.windows == ((4, None) * 2 if arch == "gemma2" else (4,) * 5 + (None, 4))
     assert ours.arch.attn_scale == pytest.approx(16 ** -0.5)
     with torch.no_grad():
-        ref = hf(torch.tensor([GEMMA_TOKENS])).logits[0].numpy()
+        ref = hf(torch.tensor([TINY_TOKENS])).logits[0].numpy()
     llm = ferrum.load(out, backend="cpu")
-    got = llm.model.forward_verify("s", GEMMA_TOKENS)
+    got = llm.model.forward_verify("s", TINY_TOKENS)
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
     vocab = _sentencepiece_vocab()[0]
     ids = llm.tokenizer.encode("hello world", add_special_tokens=False)
@@ -858,10 +859,61 @@ def test_gemma_gguf_matches_llama_cpp_live(tmp_path, arch):
 
     _, path, out = _tiny_gemma(tmp_path, arch)
     reference = open_llama_cpp(path, context=64, threads=1, logits_all=True)
-    reference.eval(GEMMA_TOKENS)
-    ref = np.asarray(reference.scores[: len(GEMMA_TOKENS)])
-    got = ferrum.load(out, backend="cpu").model.forward_verify("s", GEMMA_TOKENS)
+    reference.eval(TINY_TOKENS)
+    ref = np.asarray(reference.scores[: len(TINY_TOKENS)])
+    got = ferrum.load(out, backend="cpu").model.forward_verify("s", TINY_TOKENS)
     assert float(np.abs(got - ref).max()) <= 2e-3 * float(np.abs(ref).max())
+
+
+def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
+    """``hf``'s weights as llama.cpp's converter writes the Llama-derived ``arch`` (q/k rows permuted for its
+    adjacent-pair rope), with Granite's four multipliers where ``arch`` is granite."""
+    w = _gguf_writer(path, arch, config)
+    if arch == "granite":
+        w.add_embedding_scale(config.embedding_multiplier)
+        w.add_residual_scale(config.residual_multiplier)
+        w.add_attention_scale(config.attention_multiplier)
+        w.add_logit_scale(config.logits_scaling)
+    names = {name: gguf_name for name, gguf_name in _GEMMA_GGUF_NAMES.items() if "norm" not in name}
+    names.update({"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"})
+    heads = {"self_attn.q_proj.weight": config.num_attention_heads,
+             "self_attn.k_proj.weight": config.num_key_value_heads}
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
+        if layer is None:
+            w.add_tensor(_GLOBAL_GGUF_NAMES[name], array)
+            continue
+        if layer.group(2) in heads:
+            array = _permute(array, heads[layer.group(2)])
+        w.add_tensor(f"blk.{layer.group(1)}.{names[layer.group(2)]}", array)
+    _finish(w)
+
+
+@pytest.mark.parametrize("arch", ["smollm3", "granite"])
+def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
+    """SmolLM3 (every fourth layer without rope, as llama.cpp assumes) and Granite (its four multipliers from
+    the metadata): logits equal transformers' model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+
+    common = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "smollm3":
+        config = transformers.SmolLM3Config(**common)
+    else:
+        config = transformers.GraniteConfig(**common, embedding_multiplier=6.0, residual_multiplier=0.3,
+                                            attention_multiplier=0.1, logits_scaling=4.0)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    _llama_layout_gguf(tmp_path / "m.gguf", hf, config, arch)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    with torch.no_grad():
+        ref = hf(torch.tensor([TINY_TOKENS])).logits[0].numpy()
+    got = ferrum.load(out, backend="cpu").model.forward_verify("s", TINY_TOKENS)
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
 @pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 46, 16), ("gemma2", 26, 8), ("gemma3", 62, 16)])

@@ -324,7 +324,8 @@ def _q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 #: IQ4's 16 levels (llama.cpp's ``kvalues_iq4nl``) as unsigned 8-bit codes: level + 128.
-_IQ4_CODES = (np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]) + 128).astype(np.uint8)
+_IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_IQ4_CODES = (np.array(_IQ4_LEVELS) + 128).astype(np.uint8)
 
 
 def _iq4_nl(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
