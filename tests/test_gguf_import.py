@@ -1090,7 +1090,7 @@ def test_a_failure_while_writing_removes_what_was_written(tmp_path, monkeypatch)
         path.write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(importer, "_write_safetensors", disk_full)
+    monkeypatch.setattr(importer, "write_safetensors", disk_full)
     with pytest.raises(OSError, match="No space"):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "new")
     assert not (tmp_path / "new").exists()

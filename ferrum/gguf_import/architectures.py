@@ -1,0 +1,167 @@
+"""How each GGUF architecture maps onto a Hugging Face family: its tensors' names and the config.json
+entries its metadata gives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ferrum.gguf_import.files import Metadata, float32_value
+
+
+@dataclass(frozen=True)
+class _Experts:
+    """Where a family keeps its sparse MLP, and how its config.json spells the MoE numbers."""
+
+    module: str  # the sparse MLP's module in a layer
+    count_key: str  # the expert count
+    size_key: str | None  # each expert's intermediate size (None: intermediate_size)
+    renormalise_key: str | None  # renormalising the top-k weights (None: the family always does)
+    renormalise: bool = True  # what llama.cpp does when the file does not say (``expert_weights_norm``)
+    shared: bool = False  # Qwen2-MoE's sigmoid-gated shared expert beside the routed ones
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    """How one GGUF architecture maps onto a Hugging Face family."""
+
+    model_type: str
+    hf_class: str
+    #: llama.cpp's converter permuted q/k rows for its adjacent-pair rope (Llama); the rotate-half families
+    #: (Qwen) are stored as Hugging Face has them.
+    permuted_qk: bool
+    config: tuple[tuple[str, Any], ...] = ()  # config.json entries fixed by the family
+    #: Phi-3: q/k/v in one ``attn_qkv``, gate and up in one ``ffn_up``, as the Hugging Face checkpoint has them.
+    fused: bool = False
+    #: A router and stacked experts in place of the dense MLP, written in mlx-lm's ``switch_mlp`` layout.
+    moe: _Experts | None = None
+    #: Block tensors whose Hugging Face name differs from Llama's (Gemma's four norms): GGUF -> Hugging Face.
+    renamed: tuple[tuple[str, str], ...] = ()
+    #: What the converter added to every norm weight (Gemma's ``1 + w``), subtracted again on import.
+    norm_offset: float = 0.0
+    #: config.json entries the family reads from its own metadata keys (``meta``, ``arch.`` prefix, config so far).
+    configure: Callable[[Metadata, str, dict[str, Any]], dict[str, Any]] | None = None
+
+
+def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
+    """Gemma's attention scale as ``1 / sqrt(query_pre_attn_scalar)``. The converter does not write it, so llama.cpp
+    takes head_dim, except for the 27B model (known by its layer count), whose Hugging Face config says
+    hidden / heads; a file that does carry ``attention.scale`` is taken at its word."""
+    scale = meta.get(p + "attention.scale")
+    if scale:
+        return 1.0 / float(scale) ** 2
+    if cfg["num_hidden_layers"] == layers_of_27b:
+        return cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["head_dim"]
+
+
+def _gemma2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's Gemma 2 reading: both soft-caps (50 and 30 where absent), a 4096-token window where absent."""
+    return {
+        "query_pre_attn_scalar": _query_pre_attn_scalar(meta, p, cfg, layers_of_27b=46),
+        "attn_logit_softcapping": float32_value(meta.get(p + "attn_logit_softcapping", 50.0)),
+        "final_logit_softcapping": float32_value(meta.get(p + "final_logit_softcapping", 30.0)),
+        "sliding_window": int(meta.get(p + "attention.sliding_window", 4096)),
+    }
+
+
+def _gemma3_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's Gemma 3 reading: five sliding layers of the file's window to one global; the sliding ones
+    rotate at base 10000, unscaled; no attention soft-cap; the final one only where the file sets it."""
+    final = meta.get(p + "final_logit_softcapping")
+    return {
+        "query_pre_attn_scalar": _query_pre_attn_scalar(meta, p, cfg, layers_of_27b=62),
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None if final is None else float32_value(final),
+        "sliding_window": int(meta.need(p + "attention.sliding_window")),
+        "sliding_window_pattern": 6,
+        "rope_local_base_freq": 10000.0,
+    }
+
+
+def _granite_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Granite's four multipliers, which llama.cpp requires in the file."""
+    keys = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+            "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}
+    return {name: float32_value(meta.need(p + key)) for name, key in keys.items()}
+
+
+#: Gemma's norms: one before and one after each of attention and the MLP.
+_GEMMA_NORMS = (("post_attention_norm.weight", "post_attention_layernorm.weight"),
+                ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+                ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"))
+_GEMMA_ACTIVATION = (("hidden_act", "gelu_pytorch_tanh"), ("hidden_activation", "gelu_pytorch_tanh"))
+
+#: Which tensors each block holds (q/k/v biases, q/k norms, experts) follows from the config written, through
+#: the family's own table (``ferrum.arch.tensors.weight_shapes``).
+ARCHITECTURES = {
+    "llama": _Architecture("llama", "LlamaForCausalLM", True, (("attention_bias", False), ("mlp_bias", False))),
+    "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", False, (("use_sliding_window", False),)),
+    "qwen3": _Architecture("qwen3", "Qwen3ForCausalLM", False,
+                           (("attention_bias", False), ("use_sliding_window", False))),
+    "phi3": _Architecture("phi3", "Phi3ForCausalLM", False, fused=True),
+    "qwen2moe": _Architecture("qwen2_moe", "Qwen2MoeForCausalLM", False,
+                              (("use_sliding_window", False), ("decoder_sparse_step", 1), ("mlp_only_layers", [])),
+                              moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
+                                           renormalise=False, shared=True)),
+    "qwen3moe": _Architecture("qwen3_moe", "Qwen3MoeForCausalLM", False,
+                              (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
+                               ("mlp_only_layers", [])),
+                              moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob")),
+    # llama.cpp's SmolLM3: every fourth layer without rope, which the file does not say (nor does the config)
+    "smollm3": _Architecture("smollm3", "SmolLM3ForCausalLM", True,
+                             (("attention_bias", False), ("mlp_bias", False), ("no_rope_layer_interval", 4))),
+    "granite": _Architecture("granite", "GraniteForCausalLM", True, (("attention_bias", False), ("mlp_bias", False)),
+                             configure=_granite_config),
+    "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
+                            renamed=_GEMMA_NORMS, norm_offset=1.0, configure=_gemma2_config),
+    "gemma3": _Architecture("gemma3_text", "Gemma3ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
+                            renamed=_GEMMA_NORMS, norm_offset=1.0, configure=_gemma3_config),
+}
+#: A ``llama`` file with experts (llama.cpp writes Mixtral so).
+MIXTRAL = _Architecture("mixtral", "MixtralForCausalLM", True,
+                         moe=_Experts("block_sparse_moe", "num_local_experts", None, None))
+#: The MoE blocks: GGUF name -> Hugging Face suffix within the sparse MLP module (mlx-lm's stacked names).
+MOE_BLOCK_TENSORS = {
+    "ffn_gate_inp.weight": "gate.weight",
+    "ffn_gate_exps.weight": "switch_mlp.gate_proj.weight",
+    "ffn_up_exps.weight": "switch_mlp.up_proj.weight",
+    "ffn_down_exps.weight": "switch_mlp.down_proj.weight",
+}
+#: The shared expert, where the family has one.
+SHARED_EXPERT_TENSORS = {
+    "ffn_gate_inp_shexp.weight": "shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "shared_expert.down_proj.weight",
+}
+#: Phi-3's fused blocks: GGUF name -> Hugging Face suffix, in place of the separate projections.
+FUSED_BLOCK_TENSORS = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
+#: longrope's per-pair factors, which llama.cpp stores as tensors: GGUF name -> rope_scaling key.
+ROPE_FACTOR_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+
+# GGUF tensor name -> Hugging Face name, per block and global.
+GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+BLOCK_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+# Present in some files, carry nothing a Hugging Face checkpoint needs.
+IGNORED_BLOCK_TENSORS = {"attn_rot_embd"}

@@ -1,0 +1,179 @@
+"""``config.json`` from a GGUF file's metadata (rope scaling included)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
+from ferrum.gguf_import.architectures import ARCHITECTURES, MIXTRAL, ROPE_FACTOR_TENSORS, SUPPORTED_ARCHITECTURES
+from ferrum.gguf_import.files import Metadata, float32_value
+from ferrum.gguf_import.tensors import dequantized, numpy_shape
+
+
+def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """Recover Llama 3.x rope scaling from llama.cpp's per-pair ``rope_freqs`` divisors.
+
+    llama.cpp stores ``1``, ``factor`` or a blend per frequency; Hugging Face
+    stores the four numbers that generate them. Try the values every Llama 3.x
+    release uses (low 1, high 4, original context 8192) with the largest divisor
+    as ``factor``; ``None`` if they do not reproduce the file.
+    """
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if factors.size != head_dim // 2 or not np.all(factors > 0):
+        return None
+    if np.allclose(factors, 1.0):
+        return {}
+    factor = float32_value(factors.max())
+    low, high, old_ctx = 1.0, 4.0, 8192
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    want = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blended))
+    if not np.allclose(factors, want, rtol=1e-4, atol=1e-6):
+        return None
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": old_ctx,
+    }
+
+
+def _longrope_scaling(meta: Metadata, p: str, factors: dict[str, Any], rope_dims: int, where: str) -> dict[str, Any]:
+    """Phi-3.5 / Phi-4-mini's longrope, which llama.cpp keeps as two factor tensors and two numbers."""
+    if any(t is None for t in factors.values()):
+        raise CheckpointError(f"{where}: the file holds one of rope_factors_short / rope_factors_long, not both")
+    scaling: dict[str, Any] = {"rope_type": "longrope"}
+    for key, tensor in factors.items():
+        values = dequantized(tensor, where).reshape(-1)
+        if len(values) != rope_dims // 2:
+            raise CheckpointError(f"{where}: {key} holds {len(values)} factors for {rope_dims // 2} rotary pairs")
+        scaling[key] = [float32_value(v) for v in values]
+    original = meta.get(p + "rope.scaling.original_context_length")
+    if not original:
+        raise CheckpointError(f"{where}: longrope factors without {p}rope.scaling.original_context_length")
+    scaling["original_max_position_embeddings"] = int(original)
+    attention = meta.get(p + "rope.scaling.attn_factor")
+    if attention is not None:
+        scaling["attention_factor"] = float32_value(attention)
+    return scaling
+
+
+def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
+    where = meta.where
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedFeatureError(
+            f"{where}: GGUF architecture {arch!r} is not supported; Ferrum converts "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} GGUF files (for other models use a Hugging Face "
+            "safetensors checkpoint folder)"
+        )
+    p = f"{arch}."
+    hidden = int(meta.need(p + "embedding_length"))
+    heads = int(meta.need(p + "attention.head_count"))
+    kv_heads = meta.get(p + "attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):
+        if len(set(kv_heads)) != 1:
+            raise UnsupportedFeatureError(f"{where}: per-layer KV head counts {sorted(set(kv_heads))} are not supported")
+        kv_heads = kv_heads[0]
+    kv_heads = int(kv_heads)
+    if p + "attention.key_length" in meta:
+        head_dim = int(meta.get(p + "attention.key_length"))
+    elif heads <= 0 or hidden % heads:
+        raise ConfigError(f"{where}: hidden size {hidden} is not divisible by {heads} heads")
+    else:
+        head_dim = hidden // heads
+    value_dim = int(meta.get(p + "attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedFeatureError(f"{where}: key length {head_dim} != value length {value_dim} is not supported")
+    rope_dims = int(meta.get(p + "rope.dimension_count", head_dim))
+    if rope_dims != head_dim and arch != "phi3":
+        raise UnsupportedFeatureError(
+            f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported for {arch}"
+        )
+    family = ARCHITECTURES[arch]
+    if meta.get(p + "expert_count", 0) and family.moe is None:
+        if arch != "llama":
+            raise UnsupportedFeatureError(f"{where}: mixture-of-experts {arch} GGUF files are not supported "
+                                          f"(Ferrum imports llama (Mixtral), qwen2moe and qwen3moe ones)")
+        family = MIXTRAL
+
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise CheckpointError(f"{where}: GGUF file has no token_embd.weight")
+    vocab = numpy_shape(embed)[0]
+    declared = meta.get(p + "vocab_size") or (len(tokens) if tokens else None)
+    if declared is not None and int(declared) != vocab:
+        raise CheckpointError(f"{where}: vocab size {declared} in the metadata but token_embd has {vocab} rows")
+
+    theta = float32_value(meta.get(p + "rope.freq_base", 10000.0))
+    rope_scaling: dict[str, Any] | None = None
+    kind = meta.get(p + "rope.scaling.type")
+    if kind not in (None, "none"):
+        factor = meta.get(p + "rope.scaling.factor")
+        if kind != "linear" or not factor:
+            raise UnsupportedFeatureError(
+                f"{where}: rope scaling {kind!r} is not supported; Ferrum handles 'linear' and Llama 3's"
+            )
+        rope_scaling = {"rope_type": "linear", "factor": float32_value(factor)}
+    factors = {key: next((t for t in reader.tensors if t.name == name), None)
+               for name, key in ROPE_FACTOR_TENSORS.items()}
+    if any(t is not None for t in factors.values()):
+        rope_scaling = _longrope_scaling(meta, p, factors, rope_dims, where)
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        fitted = _llama3_rope_scaling(dequantized(freqs, where), head_dim, theta)
+        if fitted is None:
+            raise UnsupportedFeatureError(
+                f"{where}: the file's rope_freqs tensor does not match Llama 3 rope scaling; not supported"
+            )
+        if fitted:
+            if rope_scaling is not None:
+                raise UnsupportedFeatureError(f"{where}: both linear and Llama 3 rope scaling; not supported")
+            rope_scaling = fitted
+
+    names = {t.name for t in reader.tensors}
+    config: dict[str, Any] = {
+        "architectures": [family.hf_class],
+        "model_type": family.model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.get(p + "feed_forward_length") or meta.need(p + "expert_feed_forward_length")),
+        "num_hidden_layers": int(meta.need(p + "block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": int(meta.need(p + "context_length")),
+        "rms_norm_eps": float32_value(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": rope_scaling,
+        "hidden_act": "silu",
+        **dict(family.config),
+        "tie_word_embeddings": "output.weight" not in names,
+    }
+    if family.moe is not None:
+        experts = family.moe
+        config[experts.count_key] = int(meta.need(p + "expert_count"))
+        config["num_experts_per_tok"] = int(meta.need(p + "expert_used_count"))
+        if experts.size_key is not None:
+            config[experts.size_key] = int(meta.need(p + "expert_feed_forward_length"))
+        if experts.renormalise_key is not None:  # as llama.cpp does unless the file says
+            config[experts.renormalise_key] = bool(meta.get(p + "expert_weights_norm", experts.renormalise))
+        if experts.shared:
+            config["shared_expert_intermediate_size"] = int(meta.need(p + "expert_shared_feed_forward_length"))
+    if rope_dims != head_dim:
+        config["partial_rotary_factor"] = rope_dims / head_dim
+    if family.configure is not None:
+        config.update(family.configure(meta, p, config))
+    if family.fused:  # Phi-3: the window, where the file sets one
+        config["sliding_window"] = meta.get(p + "attention.sliding_window") or None
+    for key in ("bos", "eos", "padding"):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
+    return config

@@ -1,0 +1,185 @@
+"""Reading a GGUF file safely: header and tensor layout checked before anything is allocated, and typed
+access to its metadata."""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
+
+
+# ---------------------------------------------------------------- file layout
+
+#: Fewest bytes a metadata entry (key length, 1-byte key, type, 1-byte value) and a tensor info (name length,
+#: 1-byte name, dimension count, one dimension, type, offset) take: a header claiming more entries than the
+#: file can hold is refused before the reader loops over them.
+_MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 1, 8 + 1 + 4 + 8 + 4 + 8
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def check_header(path: Path, where: str) -> None:
+    """Magic, version and entry counts against the file size, in microseconds and without allocating."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise CheckpointError(f"{where} is not a readable GGUF file: no GGUF header (magic and counts)")
+    version, tensors, kvs = struct.unpack("<IQQ", head[4:])
+    if version not in (2, 3):
+        raise CheckpointError(f"{where} is not a readable GGUF file: format version {version} (Ferrum reads 2 and 3)")
+    room = size - 24
+    if kvs * _MIN_KV_BYTES > room or tensors * _MIN_TENSOR_INFO_BYTES > room:
+        raise CheckpointError(
+            f"{where}: the GGUF header claims {kvs} metadata entries and {tensors} tensors, more than its "
+            f"{size} bytes can hold; the file is truncated or corrupt"
+        )
+
+
+def check_tensor_layout(reader: Any, size: int, where: str) -> None:
+    """Every tensor's dimensions, byte size, alignment and extent within the file; no two overlap."""
+    from gguf import GGML_QUANT_SIZES
+
+    extents = []
+    for t in reader.tensors:
+        dims = [int(n) for n in t.shape]
+        if not 1 <= len(dims) <= _MAX_DIMS or any(n <= 0 for n in dims):
+            raise CheckpointError(f"{where}: tensor {t.name} has dimensions {dims}; each must be positive, "
+                                  f"at most {_MAX_DIMS} of them")
+        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        if dims[0] % block:
+            raise CheckpointError(f"{where}: tensor {t.name} rows of {dims[0]} values do not fill whole "
+                                  f"{t.tensor_type.name} blocks of {block}")
+        n_bytes = math.prod(dims) // block * type_size
+        start = int(t.data_offset)
+        if (start - reader.data_offset) % reader.alignment:
+            raise CheckpointError(f"{where}: tensor {t.name} starts at byte {start}, not aligned to "
+                                  f"{reader.alignment} bytes")
+        if start + n_bytes > size or t.data.nbytes != n_bytes:
+            raise CheckpointError(f"{where}: tensor {t.name} ({n_bytes} bytes at {start}) runs past the end of "
+                                  f"the file ({size} bytes); the file is truncated or corrupt")
+        extents.append((start, start + n_bytes, t.name))
+    extents.sort()
+    for (_, end, first), (start, _, second) in zip(extents, extents[1:]):
+        if start < end:
+            raise CheckpointError(f"{where}: tensors {first} and {second} overlap in the file")
+
+# ---------------------------------------------------------------- metadata
+
+
+class Metadata:
+    """Typed access to a GGUF file's key/value fields."""
+
+    def __init__(self, reader: Any, where: str):
+        self._fields = reader.fields
+        self.where = where
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self._fields.get(key)
+        if field is None:
+            return default
+        value = _field_value(field, key, self.where)
+        kind = _kind_of(key)
+        if kind is not None and not _is_kind(value, kind):
+            raise CheckpointError(
+                f"{self.where}: GGUF metadata {key!r} must be {kind}, got {type(value).__name__} {value!r:.80}; "
+                "the file is corrupt or was written by a broken converter"
+            )
+        return value
+
+    def need(self, key: str) -> Any:
+        if key not in self._fields:
+            raise CheckpointError(f"{self.where}: GGUF metadata lacks {key!r}")
+        return self.get(key)
+
+
+#: The type every metadata field Ferrum reads must have, by the end of its key.
+_FIELD_KINDS = {
+    **dict.fromkeys((
+        "embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
+        "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size", "feed_forward_length",
+        "block_count", "context_length", "_token_id", "original_context_length", "attention.sliding_window",
+        "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length",
+    ), "a non-negative integer"),
+    **dict.fromkeys((
+        "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
+        "attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "embedding_scale",
+        "residual_scale", "logit_scale",
+    ), "a finite number"),
+    **dict.fromkeys((
+        "general.architecture", "rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+        "tokenizer.chat_template", "general.name",
+    ), "a string"),
+    **dict.fromkeys(("tokenizer.ggml.tokens", "tokenizer.ggml.merges"), "a list of strings"),
+    "tokenizer.ggml.token_type": "a list of integers",
+    "tokenizer.ggml.scores": "a list of finite numbers",
+    **dict.fromkeys(("add_bos_token", "add_eos_token", "add_space_prefix", "expert_weights_norm"), "a boolean"),
+}
+
+
+def _kind_of(key: str) -> str | None:
+    return next((kind for end, kind in _FIELD_KINDS.items() if key.endswith(end)), None)
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if kind == "a non-negative integer":
+        return integer(value) and value >= 0
+    if kind == "a finite number":
+        return (integer(value) or isinstance(value, float)) and math.isfinite(value)
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "a list of strings":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "a list of integers":
+        return isinstance(value, list) and all(integer(v) for v in value)
+    if kind == "a list of finite numbers":
+        return isinstance(value, list) and all((integer(v) or isinstance(v, float)) and math.isfinite(v) for v in value)
+    return isinstance(value, bool)
+
+
+def _field_value(field: Any, key: str, where: str) -> Any:
+    """Decode a ReaderField from its raw parts (works across gguf package versions)."""
+    from gguf import GGUFValueType
+
+    types = list(field.types)
+    if not types:
+        return None
+
+    def scalar(part: np.ndarray) -> Any:
+        value = part.tolist()
+        return value[0] if isinstance(value, list) else value
+
+    def string(part: np.ndarray) -> str:
+        try:
+            return bytes(part).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{where}: GGUF field {key!r} holds invalid UTF-8: {exc}") from exc
+
+    if types[0] == GGUFValueType.ARRAY:
+        if len(types) > 2:
+            raise UnsupportedFeatureError(f"{where}: nested GGUF arrays ({key!r}) are not supported")
+        sub = types[-1] if len(types) > 1 else None
+        if sub == GGUFValueType.STRING:
+            return [string(field.parts[i]) for i in field.data]
+        return [scalar(field.parts[i]) for i in field.data]
+    if types[0] == GGUFValueType.STRING:
+        return string(field.parts[field.data[0]])
+    value = scalar(field.parts[field.data[0]])
+    if types[0] == GGUFValueType.BOOL:
+        return bool(value)
+    return value
+
+
+def float32_value(value: float) -> float:
+    """A float32 metadata value as the short decimal it was written from (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(value)))

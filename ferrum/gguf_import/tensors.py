@@ -1,0 +1,257 @@
+"""Every GGUF tensor mapped to its Hugging Face name and shape, stored packed or dense, and streamed into
+``model.safetensors``."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ferrum.arch.tensors import weight_shapes
+from ferrum.checkpoint import write_safetensors_header
+from ferrum.config import ModelConfig
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.gguf_import.architectures import (
+    ARCHITECTURES, BLOCK_TENSORS, FUSED_BLOCK_TENSORS, GLOBAL_TENSORS, IGNORED_BLOCK_TENSORS, MIXTRAL,
+    MOE_BLOCK_TENSORS, ROPE_FACTOR_TENSORS, SHARED_EXPERT_TENSORS, SUPPORTED_ARCHITECTURES,
+)
+from ferrum.quant.affine import QuantizedWeight
+from ferrum.quant.config import QuantConfig
+from ferrum.quant.gguf import StoredForm, describe, repack
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+#: Float dtypes ``dequantize_to`` accepts.
+DEQUANTIZE_DTYPES = ("float32", "float16", "bfloat16")
+#: safetensors' name of each stored dtype.
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
+
+def check_finite(plan: list["PlannedTensor"], where: str) -> None:
+    """Float tensors hold finite values (quantized ones: their scales, checked by ``describe``)."""
+    for p in plan:
+        t = p.source
+        if t.data.dtype.kind == "f" and not np.isfinite(t.data).all():
+            raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
+
+
+def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's row permutation of a q/k projection (``[n_heads * head_dim, ...]``).
+
+    llama.cpp's converter reorders each head's rows ``(half, j) -> (j, half)`` so
+    that the rotary pairs ``(j, j + d/2)`` of the rotate-half layout become the
+    adjacent rows ``(2j, 2j + 1)`` its rope kernel rotates. Reading each head's
+    rows as ``(j, half)`` and swapping back restores Hugging Face's order.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise CheckpointError(f"cannot un-permute a q/k tensor of {rows} rows over {n_heads} heads")
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+@dataclass
+class PlannedTensor:
+    hf_name: str
+    source: Any  # gguf ReaderTensor
+    shape: tuple[int, ...]  # numpy / Hugging Face order
+    unpermute_heads: int | None  # q/k: heads to un-permute over
+    offset: float = 0.0  # subtracted from the values (Gemma's norms)
+    form: StoredForm | None = None  # how it is written, set by choose_forms
+
+    @property
+    def module(self) -> str:
+        return self.hf_name.removesuffix(".weight")
+
+
+def numpy_shape(tensor: Any) -> tuple[int, ...]:
+    """GGUF lists ne0 (fastest) first; numpy wants the slowest dimension first."""
+    return tuple(int(n) for n in reversed(list(tensor.shape)))
+
+
+def dequantized(tensor: Any, where: str) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    try:
+        array = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as exc:
+        raise UnsupportedFeatureError(
+            f"{where}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the installed "
+            f"gguf package cannot dequantize ({exc}); try upgrading it: pip install -U gguf"
+        ) from exc
+    shape = numpy_shape(tensor)
+    if array.size != math.prod(shape):
+        raise CheckpointError(
+            f"{where}: tensor {tensor.name} dequantized to {array.size} values but its shape {shape} "
+            f"needs {math.prod(shape)}"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+
+
+def _check_quant_types(tensors: Iterable[Any], where: str) -> None:
+    """Dequantize one block of every storage type up front, so nothing is written for a file we cannot read."""
+    from gguf.quants import dequantize
+
+    seen: dict[Any, Any] = {}
+    for t in tensors:
+        seen.setdefault(t.tensor_type, t)
+    for qtype, t in seen.items():
+        first_row = t.data.reshape(-1, t.data.shape[-1])[:1] if t.data.ndim else t.data
+        try:
+            dequantize(first_row, qtype)
+        except NotImplementedError as exc:
+            raise UnsupportedFeatureError(
+                f"{where}: tensor {t.name} is stored as {qtype.name}, which the installed gguf package cannot "
+                f"dequantize ({exc}); try upgrading it: pip install -U gguf"
+            ) from exc
+
+
+def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTensor]:
+    """Map every GGUF tensor to its Hugging Face name and the shape the model reads it in: ``weight_shapes`` of
+    the config being written (rope_freqs and longrope's factors are read into the config instead)."""
+    arch = next(a for a in (*ARCHITECTURES.values(), MIXTRAL) if a.model_type == cfg["model_type"])
+    expected = weight_shapes(ModelConfig.from_dict(cfg, where))
+    by_name = {t.name: t for t in reader.tensors}
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    block_tensors = {**BLOCK_TENSORS, **(FUSED_BLOCK_TENSORS if arch.fused else {}), **dict(arch.renamed)}
+    if arch.moe is not None:
+        block_tensors.update({name: f"{arch.moe.module}.{suffix}"
+                              for name, suffix in {**MOE_BLOCK_TENSORS, **SHARED_EXPERT_TENSORS}.items()})
+    plan: list[PlannedTensor] = []
+    unknown: list[str] = []
+    block = re.compile(r"blk\.(\d+)\.(.+)$")
+    for name, tensor in by_name.items():
+        if name == "rope_freqs.weight" or name in ROPE_FACTOR_TENSORS:  # read into the config
+            continue
+        heads_to_unpermute, hf_name = None, GLOBAL_TENSORS.get(name)
+        m = block.match(name)
+        if m is not None:
+            i, rest = int(m.group(1)), m.group(2)
+            if rest.split(".")[0] in IGNORED_BLOCK_TENSORS:
+                continue
+            hf_name = f"model.layers.{i}.{block_tensors[rest]}" if rest in block_tensors else None
+            if arch.permuted_qk and rest == "attn_q.weight":
+                heads_to_unpermute = heads
+            elif arch.permuted_qk and rest == "attn_k.weight":
+                heads_to_unpermute = kv_heads
+        want = expected.get(hf_name)
+        if want is None:
+            unknown.append(name)
+            continue
+        shape = numpy_shape(tensor)
+        if len(shape) == 1 and want == (1, *shape):  # a one-row matrix llama.cpp stores as a vector
+            shape = want
+        if shape != want:
+            raise CheckpointError(
+                f"{where}: tensor {name} ({hf_name}) has shape {shape} but the metadata implies {want}"
+            )
+        offset = arch.norm_offset if hf_name.endswith("norm.weight") else 0.0
+        plan.append(PlannedTensor(hf_name, tensor, shape, heads_to_unpermute, offset))
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
+        raise UnsupportedFeatureError(
+            f"{where}: {len(unknown)} tensor(s) have no place in a {arch.hf_class} checkpoint: {shown}. "
+            f"Ferrum's GGUF import handles dense {', '.join(SUPPORTED_ARCHITECTURES)} files as llama.cpp's "
+            "converter writes them"
+        )
+    have = {p.hf_name for p in plan}
+    missing = [n for n in expected if n not in have]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CheckpointError(f"{where}: GGUF file lacks {len(missing)} tensor(s) a {arch.hf_class} needs: {shown}")
+    return plan
+
+
+def choose_forms(plan: list[PlannedTensor], dequantize_to: str | None, where: str) -> None:
+    """Decide how every tensor is stored, checking types, block shapes and scales before anything is written."""
+    if dequantize_to is not None:
+        _check_quant_types([p.source for p in plan], where)
+        for p in plan:
+            p.form = StoredForm(p.shape, dequantize_to)
+        return
+    for p in plan:
+        t = p.source
+        try:
+            p.form = replace(describe(t.data, t.tensor_type.name, _as_matrix(p.shape), t.name), shape=p.shape)
+        except (CheckpointError, UnsupportedFeatureError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+
+
+def _as_matrix(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A stack of experts ``[E, N, K]`` as the ``[E * N, K]`` rows its blocks are stored in."""
+    return (math.prod(shape[:-1]), shape[-1]) if len(shape) == 3 else shape
+
+
+def quantization_section(plan: list[PlannedTensor]) -> dict[str, Any] | None:
+    """mlx-lm's ``quantization`` entry: the commonest (bits, group size), then every matrix that differs."""
+    matrices = [p for p in plan if len(p.shape) >= 2]  # expert stacks too
+    formats = Counter((p.form.bits, p.form.group_size) for p in matrices if p.form.packed)
+    if not formats:
+        return None
+    default = formats.most_common(1)[0][0]
+    overrides: dict[str, tuple[int, int] | None] = {}
+    for p in matrices:
+        fmt = (p.form.bits, p.form.group_size) if p.form.packed else None
+        if fmt != default:
+            overrides[p.module] = fmt  # None: kept dense (``false``)
+    return QuantConfig(*default, overrides).to_json()
+
+
+def torch_dtype(plan: list[PlannedTensor]) -> str:
+    """The one float dtype every matrix's scales (or dense values) are stored in, else float32.
+
+    float16 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 imports (their parameters are float16
+    values), float32 once any K-quant or overflowing scale needs it: a backend
+    following ``torch_dtype`` then computes at the precision the file was made in.
+    """
+    dtypes = {p.form.dtype for p in plan if len(p.shape) >= 2}
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
+def _numpy_dtype(name: str) -> Any:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _stored_arrays(p: PlannedTensor, dequantize_to: str | None, where: str) -> list[np.ndarray]:
+    """The arrays ``p.form.parts()`` describes, q/k rows un-permuted."""
+    t = p.source
+    if dequantize_to is None:
+        value = repack(t.data, t.tensor_type.name, _as_matrix(p.shape), t.name)  # checked by choose_forms
+    else:
+        value = dequantized(t, where)
+    if isinstance(value, QuantizedWeight):
+        arrays = [a.reshape(*p.shape[:-1], -1) for a in (value.packed, value.scales, value.biases)]
+    else:
+        value = value.reshape(p.shape)
+        if p.offset:  # in float32: exact for the norm weights near 1 the converter wrote
+            value = value.astype(np.float32) - np.float32(p.offset)
+        if not np.isfinite(value.astype(np.float32, copy=False)).all():
+            raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
+        arrays = [value.astype(_numpy_dtype(p.form.dtype), copy=False)]
+    if p.unpermute_heads is not None:
+        arrays = [unpermute_qk(a, p.unpermute_heads) for a in arrays]  # whole rows move: exact when packed
+    return arrays
+
+
+def write_safetensors(
+    path: Path, plan: list[PlannedTensor], dequantize_to: str | None, where: str, progress: ProgressFn | None
+) -> None:
+    """Stream tensors into a safetensors file one at a time (never all in memory at once)."""
+    tensors = [(f"{p.module}.{suffix}" if p.form.packed else p.hf_name, _SAFETENSORS_DTYPES[dtype], shape)
+               for p in plan for suffix, dtype, shape in p.form.parts()]  # a dense tensor keeps its name (a bias)
+    with open(path, "wb") as f:
+        write_safetensors_header(f, tensors, {"format": "pt"})
+        for done, p in enumerate(plan, start=1):
+            for array in _stored_arrays(p, dequantize_to, where):
+                f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            if progress is not None:
+                progress(done, len(plan), p.hf_name)

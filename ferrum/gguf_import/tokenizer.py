@@ -1,0 +1,218 @@
+"""``tokenizer.json`` rebuilt from ``tokenizer.ggml.*``: byte-level BPE or sentencepiece, as llama.cpp runs them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.gguf_import.files import Metadata
+
+
+#: Tokens llama.cpp ends generation at wherever the vocabulary has them, whatever the file names as EOS: chat
+#: models' end-of-turn markers, which many conversions (Gemma's, older Llama 3 ones) do not name.
+END_OF_GENERATION = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
+    "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+))
+
+# GGUF token types (llama.cpp's llama_token_type).
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
+
+# ``tokenizer.ggml.pre`` values, grouped by how llama.cpp splits text before BPE.
+# GPT-2's regex only (tokenizers' ByteLevel pre-tokenizer with use_regex=True).
+_PRE_GPT2 = {"gpt2", "mpt", "olmo", "jais"}
+# Every digit on its own first (tokenizers' Digits), then GPT-2's regex: SmolLM,
+# StarCoder and relatives (llama.cpp: regex "\p{N}" then the GPT-2 one).
+_PRE_DIGITS_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+# Llama 3's regex (tiktoken-style).
+_PRE_LLAMA3 = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "pixtral"}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2's: Llama 3's with every digit on its own.
+_PRE_QWEN2 = {"qwen2", "deepseek-r1-qwen"}
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE vocabularies)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
+    """Byte-level BPE ('gpt2'): the file's merges, its pre-tokenizer regex, tokens in GPT-2's byte alphabet."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    where = meta.where
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre in _PRE_GPT2:
+        pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pre in _PRE_DIGITS_GPT2:
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    elif pre in _PRE_LLAMA3 or pre in _PRE_QWEN2:
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre in _PRE_LLAMA3 else _QWEN2_SPLIT),
+                                     behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        known = sorted(_PRE_GPT2 | _PRE_DIGITS_GPT2 | _PRE_LLAMA3 | _PRE_QWEN2)
+        raise UnsupportedFeatureError(
+            f"{where}: GGUF pre-tokenizer {pre!r} is not supported; Ferrum knows {', '.join(known)}"
+        )
+    merges_raw = meta.get("tokenizer.ggml.merges")
+    if not merges_raw:
+        raise UnsupportedFeatureError(f"{where}: the GGUF byte-level BPE tokenizer lists no merges")
+    merges: list[tuple[str, str]] = []
+    for m in merges_raw:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise CheckpointError(f"{where}: malformed BPE merge {m!r} in tokenizer.ggml.merges")
+        merges.append((parts[0], parts[1]))
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    added: list[AddedToken] = []
+    for index, (token, token_type) in enumerate(zip(tokens, types)):
+        if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
+            # Matched whole in the raw text, written as is.
+            added.append(AddedToken(token, special=token_type == _TOKEN_CONTROL, normalized=False))
+        elif not set(token) <= alphabet:
+            # A plain token spelled in raw text: write it in the byte alphabet like the rest.
+            token = "".join(spelling[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, index)
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    return tok, added
+
+
+def _sentencepiece_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
+    """SentencePiece BPE ('llama': Llama 2, Mistral, TinyLlama...) as llama.cpp runs it: pieces spelled with
+    ``\u2581`` for a space, unknown characters as ``<0xNN>`` byte pieces, a space put before the text
+    (``add_space_prefix``).
+
+    The file keeps scores, not merges: a piece is merged from any two pieces that spell it, the highest-scored
+    piece first, which is the order llama.cpp merges in."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    where = meta.where
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise CheckpointError(f"{where}: a sentencepiece GGUF tokenizer needs one score per token "
+                              f"(tokenizer.ggml.scores), got {None if scores is None else len(scores)}")
+    vocab: dict[str, int] = {}
+    added: list[AddedToken] = []
+    for index, (token, token_type) in enumerate(zip(tokens, types)):
+        if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
+            added.append(AddedToken(token, special=token_type == _TOKEN_CONTROL, normalized=False))
+        vocab.setdefault(token, index)
+    candidates = []
+    for piece, score in zip(tokens, scores):
+        cuts = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        cuts.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        candidates += [(-float(score), -len(left), -len(right), left, right) for left, right in cuts]
+    candidates.sort(key=lambda c: c[:3])  # stable: ties keep the file's order
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(c[3], c[4]) for c in candidates], dropout=None,
+                               fuse_unk=True, byte_fallback=True))
+    # llama.cpp puts the space before every run of text that starts the prompt or follows an added token, even
+    # one that starts with a space; the normalizer runs on exactly those runs
+    spaces = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if prefix else spaces
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok, added
+
+
+_TOKENIZER_MODELS = {"gpt2": _byte_level_model, "llama": _sentencepiece_model}
+
+
+def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, Any]]:
+    """A ``tokenizers.Tokenizer`` equal to the one the GGUF describes, and its tokenizer_config entries."""
+    from tokenizers import processors
+
+    where = meta.where
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in _TOKENIZER_MODELS:
+        raise UnsupportedFeatureError(
+            f"{where}: GGUF tokenizer model {kind!r} is not supported; Ferrum's GGUF import rebuilds "
+            "byte-level BPE ('gpt2') and sentencepiece BPE ('llama') tokenizers"
+        )
+    types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
+    tok, added = _TOKENIZER_MODELS[kind](meta, tokens, types)
+    special = [t for t in added if t.special]
+    plain = [t for t in added if not t.special]
+    if special:
+        tok.add_special_tokens(special)
+    if plain:
+        tok.add_tokens(plain)
+
+    def token_of(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+
+    bos, eos = token_of("bos"), token_of("eos")
+    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    if (add_bos and bos is None) or (add_eos and eos is None):
+        raise CheckpointError(f"{where}: the tokenizer adds BOS/EOS but names no such token")
+    if add_bos or add_eos:
+        first = [f"{bos}:0"] if add_bos else []
+        last = [f"{eos}:0"] if add_eos else []
+        second_first = [f"{bos}:1"] if add_bos else []
+        second_last = [f"{eos}:1"] if add_eos else []
+        ids = {t: tok.token_to_id(t) for t in (bos if add_bos else None, eos if add_eos else None) if t}
+        tok.post_processor = processors.TemplateProcessing(
+            single=first + ["$A:0"] + last,
+            pair=first + ["$A:0"] + last + second_first + ["$B:1"] + second_last,
+            special_tokens=list(ids.items()),
+        )
+    elif kind == "gpt2":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    tokenizer_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+    }
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        text = token_of(key)
+        if text is not None:
+            tokenizer_config[name] = text
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        tokenizer_config["chat_template"] = template
+    return tok, tokenizer_config
