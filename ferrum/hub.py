@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ferrum.errors import CheckpointError
+from ferrum.gguf_import.files import part_names
 
 #: ``org/name`` or ``org/name/path/in/repo.gguf``: Hugging Face's character set for ids.
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.gguf))?$", re.IGNORECASE)
@@ -34,8 +35,9 @@ def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
     from huggingface_hub import constants, errors, hf_hub_download, snapshot_download
 
     def fetch(local_only: bool) -> Path:
-        if filename is not None:
-            return Path(hf_hub_download(repo_id, filename, local_files_only=local_only))
+        if filename is not None:  # the first part of a split model brings the other parts along
+            parts = [hf_hub_download(repo_id, part, local_files_only=local_only) for part in part_names(filename)]
+            return Path(parts[0])
         patterns = None if local_only else CHECKPOINT_FILES
         return Path(snapshot_download(repo_id, local_files_only=local_only, allow_patterns=patterns))
 
@@ -76,13 +78,13 @@ def _download_failed(what: str, repo_id: str, cache: str, exc: Exception) -> Che
 
 
 def single_gguf(folder: Path) -> Path | None:
-    """The only ``.gguf`` file of a snapshot that has no ``config.json`` (a GGUF-only repo)."""
+    """The only ``.gguf`` file (or first part of a split one) of a snapshot that has no ``config.json``."""
     if (folder / "config.json").exists():
         return None
     ggufs = sorted(folder.rglob("*.gguf"))
-    if len(ggufs) > 1:
-        names = ", ".join(str(p.relative_to(folder)) for p in ggufs[:6])
+    names = [str(p.relative_to(folder)) for p in ggufs]
+    if len(ggufs) > 1 and names != part_names(names[0]):  # not the parts of one split model
         raise CheckpointError(
-            f"{folder} holds several GGUF files ({names}); name one, e.g. org/name/{ggufs[0].relative_to(folder)}"
+            f"{folder} holds several GGUF files ({', '.join(names[:6])}); name one, e.g. org/name/{names[0]}"
         )
     return ggufs[0] if ggufs else None

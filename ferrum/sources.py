@@ -4,8 +4,8 @@ A folder is used as it is. A Hugging Face repo id (``org/name``, or
 ``org/name/file.gguf`` for one file of a GGUF repo) that is not a local path
 is resolved through the Hugging Face cache (:mod:`ferrum.hub`). A GGUF file is imported once (weights kept packed,
 see :mod:`ferrum.gguf_import`) into Ferrum's cache, in a folder named after
-the file and its size and modification time, so a changed file is imported
-again. Imports are written into a staging folder and renamed into place when
+the file and its size and modification time (a split model's: all its parts'), so a changed file is
+imported again. Imports are written into a staging folder and renamed into place when
 complete: an interrupted run never leaves half a model, and two processes
 racing both end with a whole one.
 """
@@ -78,8 +78,12 @@ def gguf_checkpoint(gguf_path: str | Path, progress: ProgressFn | None = None) -
     gguf_path = Path(gguf_path).expanduser().absolute()  # named as given: hub snapshots link to hashed blobs
     if not gguf_path.is_file():
         raise CheckpointError(f"no GGUF file at {gguf_path}")
-    stat = gguf_path.stat()
-    target = cache_root() / "models" / "gguf" / f"{gguf_path.stem}-{stat.st_size:x}-{stat.st_mtime_ns:x}"
+    from ferrum.gguf_import.files import part_names
+
+    parts = [gguf_path.with_name(name) for name in part_names(gguf_path.name)]  # a split model's, by their names
+    stats = [part.stat() for part in parts if part.is_file()]
+    size, mtime = sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
+    target = cache_root() / "models" / "gguf" / f"{gguf_path.stem}-{size:x}-{mtime:x}"
     return imported_gguf(gguf_path, target, progress)
 
 

@@ -362,14 +362,17 @@ ONE_Q8_0 = {"mlp.up_proj.weight": Q.Q8_0}
 
 def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt2", pre: str = "smollm",
                     types: dict | None = None, rope_freqs: np.ndarray | None = None,
-                    hidden: int = 64, inter: int = 96, std: float = 1.0) -> dict[str, np.ndarray]:
+                    hidden: int = 64, inter: int = 96, std: float = 1.0,
+                    split_max_tensors: int = 0) -> dict[str, np.ndarray]:
     """A 1-layer GGUF (4 heads, 2 KV heads) of ``arch`` (llama; qwen2 adds q/k/v biases, qwen3 q/k norms);
     returns its weights in Hugging Face layout, as stored.
 
     ``types`` maps Hugging Face name endings (``"mlp.up_proj.weight"``, or ``"weight"``
     for every matrix) to GGUF storage types, the longest matching ending winning;
     other matrices and every norm are float32. Quantized and float16 tensors are returned as the file's
-    exact values (gguf's dequantization, q/k un-permuted). ``std`` scales the matrices' normal draws.
+    exact values (gguf's dequantization, q/k un-permuted). ``std`` scales the matrices' normal draws;
+    ``split_max_tensors`` splits the model into parts of that many tensors as llama.cpp's converter does
+    (``<stem>-00001-of-0000N.gguf`` ...).
     """
     rng = np.random.default_rng(0)
     types = ONE_Q8_0 if types is None else types
@@ -419,7 +422,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
         **{f"model.layers.0.self_attn.{p}_proj.bias": f"blk.0.attn_{p}.bias" for p in "qkv"},
         **{f"model.layers.0.self_attn.{p}_norm.weight": f"blk.0.attn_{p}_norm.weight" for p in "qk"},
     }
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_block_count(1)
     w.add_context_length(128)
     w.add_embedding_length(hidden)
@@ -930,6 +933,43 @@ def test_gemma_attention_scale_follows_llama_cpp(tmp_path, arch, layers, scalar)
     _gemma_gguf(tmp_path / "gemma.gguf", transformers.AutoModelForCausalLM.from_config(config).float(), config, arch)
     out = convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["query_pre_attn_scalar"] == scalar
+
+
+def test_split_gguf_imports_from_its_first_part(tmp_path):
+    """A model split into parts (llama.cpp's gguf-split naming) imports from its first part to what the unsplit
+    file gives; naming another part, or a part missing, is refused with what to do."""
+    import json
+
+    from ferrum.gguf_import.files import part_names
+
+    write_tiny_gguf(tmp_path / "whole.gguf")
+    write_tiny_gguf(tmp_path / "tiny.gguf", split_max_tensors=4)
+    parts = sorted(tmp_path.glob("tiny-*-of-*.gguf"))
+    count = len(parts)
+    assert count >= 3 and [p.name for p in parts] == part_names(parts[0].name)
+    whole, split = (convert_gguf(tmp_path / "whole.gguf", tmp_path / "a"), convert_gguf(parts[0], tmp_path / "b"))
+    expected, got = dense_weights(whole), dense_weights(split)
+    assert set(got) == set(expected)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (whole, split)]
+    assert [c.pop("ferrum_gguf_source")["parts"] for c in configs] == [1, count]
+    assert configs[0] == configs[1]
+    with pytest.raises(CheckpointError, match=rf"part 2 of a model split into {count} GGUF files; name the first"):
+        convert_gguf(parts[1], tmp_path / "c")
+    parts[-1].unlink()
+    with pytest.raises(CheckpointError, match=rf"part {count} \({parts[-1].name}\) is not beside it"):
+        convert_gguf(parts[0], tmp_path / "d")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_part_names():
+    from ferrum.gguf_import.files import part_names
+
+    assert part_names("m-Q4_K_M-00001-of-00003.gguf") == [f"m-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert part_names("sub/m-00001-of-00002.gguf") == ["sub/m-00001-of-00002.gguf", "sub/m-00002-of-00002.gguf"]
+    for single in ("m.gguf", "m-00002-of-00003.gguf", "m-1-of-3.gguf"):
+        assert part_names(single) == [single]
 
 
 def test_unpermute_inverts_llama_cpp_permutation():

@@ -97,6 +97,28 @@ def test_in_process_load_and_gguf_repos(tmp_path, monkeypatch):
         resolve_model(tmp_path / "missing")
 
 
+def test_a_split_gguf_repo_resolves_through_its_first_part(tmp_path, monkeypatch):
+    """Every part comes along with the first (by llama.cpp's part names), and a repo holding only the parts of
+    one model is that model."""
+    from huggingface_hub import constants
+    from test_gguf_import import write_tiny_gguf
+
+    from ferrum.sources import resolve_model
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_tiny_gguf(parts / "tiny.gguf", split_max_tensors=4)
+    first = sorted(p.name for p in parts.iterdir())[0]
+    fake_hub_cache(tmp_path / "hub", "acme/split-GGUF", parts)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "ferrum"))
+
+    named = resolve_model(f"acme/split-GGUF/{first}")
+    assert named == resolve_model("acme/split-GGUF") and (named / "config.json").exists()
+    assert named.name.startswith("tiny-00001-of-")
+
+
 def test_an_unreachable_hub_is_named_not_taken_for_a_missing_file(tmp_path, monkeypatch):
     """huggingface_hub reports a failed connection as LocalEntryNotFoundError, a kind of EntryNotFoundError;
     the message must say the download failed, not that the repo lacks a file."""

@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 from typing import Any, Callable
 
 from ferrum.errors import CheckpointError, ConfigError
 from ferrum.gguf_import.architectures import SUPPORTED_ARCHITECTURES
 from ferrum.gguf_import.config import build_config
-from ferrum.gguf_import.files import Metadata, check_header, check_tensor_layout
+from ferrum.gguf_import.files import Metadata, read_model
 from ferrum.gguf_import.tensors import (
     DEQUANTIZE_DTYPES, ProgressFn, check_finite, choose_forms, plan_tensors, quantization_section, torch_dtype,
     unpermute_qk, write_safetensors,
@@ -94,12 +93,7 @@ def convert_gguf(
         raise ConfigError(f"dequantize_to must be one of {', '.join(DEQUANTIZE_DTYPES)} or None, got {dequantize_to!r}")
     if not gguf_path.is_file():
         raise CheckpointError(f"no GGUF file at {gguf_path}")
-    check_header(gguf_path, where)
-    try:
-        reader = gguf.GGUFReader(str(gguf_path), "r")
-    except (ValueError, OSError, struct.error, IndexError, KeyError, OverflowError, MemoryError) as exc:
-        raise CheckpointError(f"{where} is not a readable GGUF file: {str(exc)[:200]}") from exc
-    check_tensor_layout(reader, gguf_path.stat().st_size, where)
+    reader = read_model(gguf, gguf_path, where)
     meta = Metadata(reader, where)
     tokens = meta.get("tokenizer.ggml.tokens")
     config = build_config(meta, reader, tokens)
@@ -134,6 +128,7 @@ def convert_gguf(
         "file": gguf_path.name,
         "name": meta.get("general.name"),
         "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
+        "parts": len(reader.files),
     }
 
     _write_folder(out_dir, {

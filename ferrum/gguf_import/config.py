@@ -79,7 +79,9 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     kv_heads = meta.get(p + "attention.head_count_kv", heads)
     if isinstance(kv_heads, list):
         if len(set(kv_heads)) != 1:
-            raise UnsupportedFeatureError(f"{where}: per-layer KV head counts {sorted(set(kv_heads))} are not supported")
+            raise UnsupportedFeatureError(
+                f"{where}: per-layer KV head counts {sorted(set(kv_heads))} are not supported"
+            )
         kv_heads = kv_heads[0]
     kv_heads = int(kv_heads)
     if p + "attention.key_length" in meta:

@@ -1,10 +1,12 @@
-"""Reading a GGUF file safely: header and tensor layout checked before anything is allocated, and typed
-access to its metadata."""
+"""Reading a GGUF file (or every part of a split one) safely: header and tensor layout checked before anything
+is allocated, and typed access to its metadata."""
 
 from __future__ import annotations
 
 import math
+import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,74 @@ def check_tensor_layout(reader: Any, size: int, where: str) -> None:
         if start < end:
             raise CheckpointError(f"{where}: tensors {first} and {second} overlap in the file")
 
+#: How llama.cpp names the parts of a split model (``gguf-split``, ``convert_hf_to_gguf.py --split-max-size``).
+_PART_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+_READ_ERRORS = (ValueError, OSError, struct.error, IndexError, KeyError, OverflowError, MemoryError)
+
+
+def part_names(name: str) -> list[str]:
+    """Every part's file name, for the first part of a split model (by its name alone); else ``[name]``."""
+    named = _PART_NAME.match(name)
+    if named is None or int(named["no"]) != 1:
+        return [name]
+    count = int(named["count"])
+    return [f"{named['prefix']}-{number:05d}-of-{count:05d}.gguf" for number in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """What the import reads of a model: the first file's metadata and every part's tensors."""
+
+    fields: dict[str, Any]
+    tensors: list[Any]  # gguf ReaderTensor
+    files: tuple[Path, ...]
+
+
+def read_model(gguf: Any, path: Path, where: str) -> GGUFModel:
+    """``path`` checked and read; for the first part of a split model (``name-00001-of-00003.gguf``), every part,
+    each checked the same way and named as llama.cpp names them beside it."""
+    first = _read_file(gguf, path, where)
+    meta = Metadata(first, where)
+    count = int(meta.get("split.count", 1))
+    if count <= 1:
+        return GGUFModel(first.fields, list(first.tensors), (path,))
+    number, named = int(meta.get("split.no", 0)), _PART_NAME.match(path.name)
+    if number != 0 or named is None or int(named["count"]) != count:
+        raise CheckpointError(
+            f"{where} is part {number + 1} of a model split into {count} GGUF files; name the first part "
+            f"(its name ends in -00001-of-{count:05d}.gguf), with the other parts beside it"
+        )
+    files, tensors = [path], list(first.tensors)
+    for number, name in enumerate(part_names(path.name)[1:], start=2):
+        part = path.with_name(name)
+        if not part.is_file():
+            raise CheckpointError(f"{where} is the first of {count} parts, but part {number} ({part.name}) is "
+                                  f"not beside it; put every part in {path.parent}")
+        reader = _read_file(gguf, part, str(part))
+        its = Metadata(reader, str(part))
+        if (its.get("split.no"), its.get("split.count")) != (number - 1, count):
+            raise CheckpointError(f"{part} does not say it is part {number} of {count} (split.no, split.count); "
+                                  "the parts come from different splits")
+        files.append(part)
+        tensors += reader.tensors
+    declared = meta.get("split.tensors.count")
+    names = {t.name for t in tensors}
+    if len(names) != len(tensors) or (declared is not None and int(declared) != len(tensors)):
+        raise CheckpointError(f"{where}: its {count} parts hold {len(tensors)} tensors ({len(names)} names), "
+                              f"the first part says {declared}; the parts come from different splits")
+    return GGUFModel(first.fields, tensors, tuple(files))
+
+
+def _read_file(gguf: Any, path: Path, where: str) -> Any:
+    check_header(path, where)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except _READ_ERRORS as exc:
+        raise CheckpointError(f"{where} is not a readable GGUF file: {str(exc)[:200]}") from exc
+    check_tensor_layout(reader, path.stat().st_size, where)
+    return reader
+
+
 # ---------------------------------------------------------------- metadata
 
 
@@ -106,7 +176,8 @@ _FIELD_KINDS = {
         "embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
         "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size", "feed_forward_length",
         "block_count", "context_length", "_token_id", "original_context_length", "attention.sliding_window",
-        "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length",
+        "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length", "split.count",
+        "split.no", "split.tensors.count",
     ), "a non-negative integer"),
     **dict.fromkeys((
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
