@@ -561,6 +561,30 @@ def sentencepiece_gguf(tmp_path_factory):
     return path, convert_gguf(path, path.parent / "out")
 
 
+@pytest.mark.parametrize(("pre", "words"), [
+    ("llama-bpe", ["HelloWorld", " I", "'m", " DONE", " ", "123", "45", " a", "/b"]),
+    ("qwen2", ["HelloWorld", " I", "'m", " DONE", " ", "1", "2", "3", "4", "5", " a", "/b"]),
+    ("tekken", ["Hello", "World", " I", "'m", " DONE", " ", "1", "2", "3", "4", "5", " a", "/b"]),
+    ("gpt-4o", ["Hello", "World", " I'm", " DONE", " ", "123", "45", " a", "/b"]),
+    ("gpt-2", ["HelloWorld", " I", "'m", " DONE", " 12345", " a", "/", "b"]),
+])
+def test_pre_tokenizers_split_words_as_the_models_own_regex(tmp_path, pre, words):
+    """Each ``tokenizer.ggml.pre`` splits text with its model's regex (Tekken and o200k at case changes, Qwen2 and
+    Tekken digit by digit, Llama 3 and o200k in threes); Llama 3 and Tekken take a word the vocabulary holds whole
+    as one token (llama.cpp's ignore_merges)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    write_tiny_gguf(tmp_path / "t.gguf", pre=pre, types={})
+    out = convert_gguf(tmp_path / "t.gguf", tmp_path / "out")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    split = [word for word, _ in tok.pre_tokenizer.pre_tokenize_str("HelloWorld I'm DONE 12345 a/b")]
+    assert split == [w.replace(" ", "\u0120") for w in words]  # ByteLevel's spelling of a space
+    model = json.loads((out / "tokenizer.json").read_text())["model"]
+    assert model["ignore_merges"] == (pre in ("llama-bpe", "tekken"))
+
+
 def test_sentencepiece_gguf_tokenizer_gives_llama_cpp_ids(sentencepiece_gguf):
     """llama.cpp's 'llama' (sentencepiece BPE) vocabulary: merges by score, byte pieces for unknown characters,
     the prefix space, BOS added, control tokens whole; text comes back from the ids."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
@@ -18,21 +19,42 @@ END_OF_GENERATION = frozenset((
 # GGUF token types (llama.cpp's llama_token_type).
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
 
-# ``tokenizer.ggml.pre`` values, grouped by how llama.cpp splits text before BPE.
-# GPT-2's regex only (tokenizers' ByteLevel pre-tokenizer with use_regex=True).
-_PRE_GPT2 = {"gpt2", "mpt", "olmo", "jais"}
-# Every digit on its own first (tokenizers' Digits), then GPT-2's regex: SmolLM,
-# StarCoder and relatives (llama.cpp: regex "\p{N}" then the GPT-2 one).
-_PRE_DIGITS_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
-# Llama 3's regex (tiktoken-style).
-_PRE_LLAMA3 = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "pixtral"}
-_LLAMA3_SPLIT = (
+
+@dataclass(frozen=True)
+class _Split:
+    """How one group of ``tokenizer.ggml.pre`` values splits text before byte-level BPE (llama.cpp's
+    ``regex_exprs``, written as the model's own tokenizer.json has them)."""
+
+    regex: str | None  # None: GPT-2's, built into tokenizers' ByteLevel pre-tokenizer
+    digits: bool = False  # every digit split off first (tokenizers' Digits; llama.cpp: "\p{N}" first)
+    #: A word the vocabulary holds whole is one token, whatever the merges say (llama.cpp's ``ignore_merges``).
+    ignore_merges: bool = False
+
+
+_LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# Qwen2's: Llama 3's with every digit on its own.
-_PRE_QWEN2 = {"qwen2", "deepseek-r1-qwen"}
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+#: Words split at case changes (Mistral's Tekken, OpenAI's o200k): an upper-case run, then lower-case letters.
+_CASED_WORDS = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+{suffix}"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*{suffix}")
+_CASED_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GPT2 = _Split(None)
+_LLAMA3 = _Split(_LLAMA3_REGEX, ignore_merges=True)
+#: ``tokenizer.ggml.pre`` -> how its text is split, for the values llama.cpp knows and Ferrum's families use.
+_PRE_TOKENIZERS = {
+    **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"), _GPT2),
+    # SmolLM, StarCoder and relatives: every digit on its own, then GPT-2's regex
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+                    _Split(None, digits=True)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _LLAMA3),
+    **dict.fromkeys(("smaug-bpe", "dbrx"), _Split(_LLAMA3_REGEX)),
+    # Qwen2's: Llama 3's with every digit on its own
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _Split(_LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"))),
+    "tekken": _Split(_CASED_WORDS.replace("{suffix}", "") + r"|\p{N}" + _CASED_REST, ignore_merges=True),
+    **dict.fromkeys(("gpt-4o", "llama4"), _Split(
+        _CASED_WORDS.replace("{suffix}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?") + r"|\p{N}{1,3}" + _CASED_REST)),
+}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -55,28 +77,15 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
 
     where = meta.where
     pre = meta.get("tokenizer.ggml.pre", "gpt2")
-    if pre in _PRE_GPT2:
-        pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif pre in _PRE_DIGITS_GPT2:
-        pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-    elif pre in _PRE_LLAMA3 or pre in _PRE_QWEN2:
-        pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre in _PRE_LLAMA3 else _QWEN2_SPLIT),
-                                     behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    else:
-        known = sorted(_PRE_GPT2 | _PRE_DIGITS_GPT2 | _PRE_LLAMA3 | _PRE_QWEN2)
+    split = _PRE_TOKENIZERS.get(pre)
+    if split is None:
         raise UnsupportedFeatureError(
-            f"{where}: GGUF pre-tokenizer {pre!r} is not supported; Ferrum knows {', '.join(known)}"
+            f"{where}: GGUF pre-tokenizer {pre!r} is not supported; Ferrum knows {', '.join(sorted(_PRE_TOKENIZERS))}"
         )
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if split.digits else []
+    if split.regex is not None:
+        steps.append(pre_tokenizers.Split(Regex(split.regex), behavior="isolated", invert=False))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split.regex is None))
     merges_raw = meta.get("tokenizer.ggml.merges")
     if not merges_raw:
         raise UnsupportedFeatureError(f"{where}: the GGUF byte-level BPE tokenizer lists no merges")
@@ -108,9 +117,10 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
             end_of_word_suffix="",
             fuse_unk=False,
             byte_fallback=False,
+            ignore_merges=split.ignore_merges,
         )
     )
-    tok.pre_tokenizer = pre_tokenizer
+    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     return tok, added
 
