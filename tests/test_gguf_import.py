@@ -893,18 +893,27 @@ def test_gemma_gguf_matches_llama_cpp_live(tmp_path, arch):
 
 
 def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
-    """``hf``'s weights as llama.cpp's converter writes the Llama-derived ``arch`` (q/k rows permuted for its
-    adjacent-pair rope), with Granite's four multipliers where ``arch`` is granite."""
+    """``hf``'s weights as llama.cpp's converter writes ``arch`` in Llama's layout (q/k rows permuted for its
+    adjacent-pair rope unless ``arch`` is a Qwen), with Granite's four multipliers and YaRN's numbers."""
     w = _gguf_writer(path, arch, config)
+    scaling = config.rope_parameters
+    if scaling.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
+    if arch.startswith("qwen"):
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
     if arch == "granite":
         w.add_embedding_scale(config.embedding_multiplier)
         w.add_residual_scale(config.residual_multiplier)
         w.add_attention_scale(config.attention_multiplier)
         w.add_logit_scale(config.logits_scaling)
-    names = {name: gguf_name for name, gguf_name in _GEMMA_GGUF_NAMES.items() if "norm" not in name}
+    names = {name: gguf_name for name, gguf_name in _GEMMA_GGUF_NAMES.items() if "layernorm" not in name}
     names.update({"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"})
-    heads = {"self_attn.q_proj.weight": config.num_attention_heads,
-             "self_attn.k_proj.weight": config.num_key_value_heads}
+    heads = {} if arch.startswith("qwen") else {"self_attn.q_proj.weight": config.num_attention_heads,
+                                                "self_attn.k_proj.weight": config.num_key_value_heads}
     for name, tensor in hf.state_dict().items():
         array = tensor.float().numpy()
         layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
@@ -917,10 +926,10 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["smollm3", "granite"])
+@pytest.mark.parametrize("arch", ["smollm3", "granite", "qwen3"])
 def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
-    """SmolLM3 (every fourth layer without rope, as llama.cpp assumes) and Granite (its four multipliers from
-    the metadata): logits equal transformers' model."""
+    """SmolLM3 (every fourth layer without rope, as llama.cpp assumes), Granite (its four multipliers from
+    the metadata) and a Qwen3 with YaRN (its rope.scaling numbers): logits equal transformers' model."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import ferrum
@@ -930,6 +939,9 @@ def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch
                   tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "smollm3":
         config = transformers.SmolLM3Config(**common)
+    elif arch == "qwen3":
+        config = transformers.Qwen3Config(**{**common, "max_position_embeddings": 16384}, head_dim=16, rope_scaling={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 16.0})
     else:
         config = transformers.GraniteConfig(**common, embedding_multiplier=6.0, residual_multiplier=0.3,
                                             attention_multiplier=0.1, logits_scaling=4.0)

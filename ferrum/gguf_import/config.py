@@ -64,6 +64,26 @@ def _longrope_scaling(meta: Metadata, p: str, factors: dict[str, Any], rope_dims
     return scaling
 
 
+def _yarn_scaling(meta: Metadata, p: str, where: str) -> dict[str, Any]:
+    """YaRN's numbers (Qwen's long-context files) back into transformers' names; the two llama.cpp-only knobs are
+    refused unless neutral, since transformers' YaRN has no place for them."""
+    original = meta.get(p + "rope.scaling.original_context_length")
+    if not original:
+        raise CheckpointError(f"{where}: yarn rope scaling without {p}rope.scaling.original_context_length")
+    scaling: dict[str, Any] = {"original_max_position_embeddings": int(original)}
+    for key, name in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                      ("yarn_beta_slow", "beta_slow")):
+        value = meta.get(f"{p}rope.scaling.{key}")
+        if value is not None:
+            scaling[name] = float32_value(value)
+    for key, neutral in (("yarn_ext_factor", 1.0), ("yarn_log_multiplier", 0.0)):
+        value = meta.get(f"{p}rope.scaling.{key}")
+        if value is not None and value != neutral:
+            raise UnsupportedFeatureError(f"{where}: {p}rope.scaling.{key} = {value} is not supported "
+                                          f"(transformers' YaRN has no such setting; {neutral} is accepted)")
+    return scaling
+
+
 def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
     where = meta.where
     arch = meta.get("general.architecture")
@@ -118,11 +138,14 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     kind = meta.get(p + "rope.scaling.type")
     if kind not in (None, "none"):
         factor = meta.get(p + "rope.scaling.factor")
-        if kind != "linear" or not factor:
+        if kind not in ("linear", "yarn") or not factor:
             raise UnsupportedFeatureError(
-                f"{where}: rope scaling {kind!r} is not supported; Ferrum handles 'linear' and Llama 3's"
+                f"{where}: rope scaling {kind!r} (factor {factor}) is not supported; Ferrum handles 'linear', "
+                "'yarn', longrope and Llama 3's"
             )
-        rope_scaling = {"rope_type": "linear", "factor": float32_value(factor)}
+        rope_scaling = {"rope_type": kind, "factor": float32_value(factor)}
+        if kind == "yarn":
+            rope_scaling.update(_yarn_scaling(meta, p, where))
     factors = {key: next((t for t in reader.tensors if t.name == name), None)
                for name, key in ROPE_FACTOR_TENSORS.items()}
     if any(t is not None for t in factors.values()):

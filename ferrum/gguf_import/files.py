@@ -181,7 +181,8 @@ _FIELD_KINDS = {
     ), "a non-negative integer"),
     **dict.fromkeys((
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
-        "attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "embedding_scale",
+        "attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "embedding_scale", "yarn_attn_factor",
+        "yarn_beta_fast", "yarn_beta_slow", "yarn_ext_factor", "yarn_log_multiplier",
         "residual_scale", "logit_scale",
     ), "a finite number"),
     **dict.fromkeys((
