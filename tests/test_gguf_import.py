@@ -642,6 +642,35 @@ def _finish(w: Any) -> None:
     w.close()
 
 
+#: Token ids a tiny model's logits are compared on (past a 4- or 6-token window).
+TINY_TOKENS = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]
+
+
+def _tiny_model(config_class: Any, **settings: Any) -> tuple[Any, Any]:
+    """A random float32 transformers model of ``config_class`` over :func:`_sentencepiece_vocab` (64 wide, 4 heads,
+    2 KV heads unless ``settings`` say otherwise), and its config."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = config_class(**{
+        "vocab_size": len(_sentencepiece_vocab()[0]), "hidden_size": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, **settings})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval(), config
+
+
+def _assert_logits_match(hf: Any, folder: Path, tokens: list[int] = TINY_TOKENS) -> None:
+    """The numpy backend's logits for ``folder`` (imported from ``hf``'s GGUF) equal transformers' own."""
+    import torch
+
+    import ferrum
+
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0].numpy()
+    got = ferrum.load(folder, backend="cpu").model.forward_verify("s", tokens)
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
 def _phi3_gguf(path: Path, hf, config, longrope: dict | None) -> None:
     """``hf``'s weights in the layout llama.cpp's converter writes for Phi-3 (fused q/k/v and gate/up, longrope
     factors as tensors)."""
@@ -669,20 +698,14 @@ def _phi3_gguf(path: Path, hf, config, longrope: dict | None) -> None:
 def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
     """llama.cpp's Phi-3 layout: fused q/k/v and gate/up kept fused, partial rotary from rope.dimension_count,
     the sliding window, and longrope's factor tensors back into rope_scaling; logits equal transformers' model."""
-    torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import ferrum
     from ferrum.config import ModelConfig
 
     scaling = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5],  # 4 rotary pairs
                "long_factor": [3.0, 4.0, 5.0, 6.0], "original_max_position_embeddings": 32,
                "attention_factor": 1.25} if longrope else None
-    config = transformers.Phi3Config(
-        vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, partial_rotary_factor=0.5,
-        sliding_window=6, rope_scaling=scaling, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    hf, config = _tiny_model(transformers.Phi3Config, intermediate_size=96, num_hidden_layers=2,
+                             partial_rotary_factor=0.5, sliding_window=6, rope_scaling=scaling)
     _phi3_gguf(tmp_path / "phi3.gguf", hf, config, scaling)
     out = convert_gguf(tmp_path / "phi3.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(out)
@@ -691,11 +714,7 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
     if longrope:
         assert ours.arch.layers[0].rope.long_factor == tuple(scaling["long_factor"])
         assert ours.arch.layers[0].rope.attention_factor == pytest.approx(1.25)
-    tokens = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]  # within the original context: short factors
-    with torch.no_grad():
-        ref = hf(torch.tensor([tokens])).logits[0].numpy()
-    got = ferrum.load(out, backend="cpu").model.forward_verify("s", tokens)
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_logits_match(hf, out)  # within the original context: the short factors
 
 
 def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
@@ -756,39 +775,31 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
 def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, arch):
     """Stacked experts and the router into mlx-lm's switch_mlp layout, kept packed when quantized: float32
     experts give transformers' logits; Q8_0 ones exactly what the same file imported in float32 gives."""
-    torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import ferrum
     from ferrum.config import ModelConfig
 
-    common = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=128,
-                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(num_hidden_layers=2, num_experts_per_tok=2, tie_word_embeddings=False)
     if arch == "qwen3moe":
-        config = transformers.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, head_dim=16,
-                                             num_experts=4, norm_topk_prob=True)
+        hf, config = _tiny_model(transformers.Qwen3MoeConfig, **common, intermediate_size=96,
+                                 moe_intermediate_size=32, head_dim=16, num_experts=4, norm_topk_prob=True)
     elif arch == "qwen2moe":
-        config = transformers.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
-                                             shared_expert_intermediate_size=48)
+        hf, config = _tiny_model(transformers.Qwen2MoeConfig, **common, intermediate_size=96,
+                                 moe_intermediate_size=32, num_experts=4, shared_expert_intermediate_size=48)
     else:
-        config = transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=4)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        hf, config = _tiny_model(transformers.MixtralConfig, **common, intermediate_size=32, num_local_experts=4)
     _moe_gguf(tmp_path / "moe.gguf", hf, config, expert_type, arch)
     packed = convert_gguf(tmp_path / "moe.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(packed)
     assert ours.arch.moe.num_experts == 4 and ours.arch.moe.top_k == 2
     assert ours.arch.moe.normalize == (arch != "qwen2moe")  # llama.cpp's rule for each, as transformers has it
     assert ours.arch.moe.shared_expert_size == (48 if arch == "qwen2moe" else None)
-    tokens = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]
-    got = ferrum.load(packed, backend="cpu").model.forward_verify("s", tokens)
     if expert_type == Q.F32:
-        with torch.no_grad():
-            ref = hf(torch.tensor([tokens])).logits[0].numpy()
-    else:
-        assert (ours.quantization.bits, ours.quantization.group_size) == (8, 32)
-        floats = convert_gguf(tmp_path / "moe.gguf", tmp_path / "float", dequantize_to="float32")
-        ref = ferrum.load(floats, backend="cpu").model.forward_verify("f", tokens)
+        _assert_logits_match(hf, packed)
+        return
+    assert (ours.quantization.bits, ours.quantization.group_size) == (8, 32)
+    floats = convert_gguf(tmp_path / "moe.gguf", tmp_path / "float", dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (packed, floats))
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
@@ -832,17 +843,13 @@ def _tiny_gemma(tmp_path: Path, arch: str) -> tuple[Any, Path, Path]:
     GGUF as llama.cpp's converter writes it, and the folder imported from that: (model, GGUF, folder)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    common = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                  sliding_window=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(intermediate_size=96, head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
     if arch == "gemma2":
-        config = transformers.Gemma2Config(**common, num_hidden_layers=4, attn_logit_softcapping=20.0,
-                                           final_logit_softcapping=3.0)
+        hf, config = _tiny_model(transformers.Gemma2Config, **common, num_hidden_layers=4,
+                                 attn_logit_softcapping=20.0, final_logit_softcapping=3.0)
     else:
-        config = transformers.Gemma3TextConfig(**common, num_hidden_layers=7,
-                                               rope_scaling={"rope_type": "linear", "factor": 8.0})
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        hf, config = _tiny_model(transformers.Gemma3TextConfig, **common, num_hidden_layers=7,
+                                 rope_scaling={"rope_type": "linear", "factor": 8.0})
     with torch.no_grad():  # norms away from zero, so a norm read without its offset is visible
         for name, param in hf.named_parameters():
             if name.endswith("norm.weight"):
@@ -851,16 +858,11 @@ def _tiny_gemma(tmp_path: Path, arch: str) -> tuple[Any, Path, Path]:
     return hf, tmp_path / "gemma.gguf", convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
 
 
-TINY_TOKENS = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]  # past the window
-
-
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     """llama.cpp's Gemma layout: the 1 its converter adds to every norm taken off again, the four norms of each
     block, soft-caps, sliding windows (every other layer for Gemma 2, five in six for Gemma 3, whose global
     layers alone are rope-scaled), head_dim as the attention scale; logits equal transformers' model."""
-    import torch
-
     import ferrum
     from ferrum.config import ModelConfig
 
@@ -868,13 +870,9 @@ def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     ours = ModelConfig.from_file(out)
     assert ours.arch.windows == ((4, None) * 2 if arch == "gemma2" else (4,) * 5 + (None, 4))
     assert ours.arch.attn_scale == pytest.approx(16 ** -0.5)
-    with torch.no_grad():
-        ref = hf(torch.tensor([TINY_TOKENS])).logits[0].numpy()
-    llm = ferrum.load(out, backend="cpu")
-    got = llm.model.forward_verify("s", TINY_TOKENS)
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_logits_match(hf, out)
     vocab = _sentencepiece_vocab()[0]
-    ids = llm.tokenizer.encode("hello world", add_special_tokens=False)
+    ids = ferrum.load(out, backend="cpu").tokenizer.encode("hello world", add_special_tokens=False)
     assert ids == [vocab.index(piece) for piece in ("he", "llo", "\u2581world")]  # no space put before the text
 
 
@@ -930,29 +928,20 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
 def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     """SmolLM3 (every fourth layer without rope, as llama.cpp assumes), Granite (its four multipliers from
     the metadata) and a Qwen3 with YaRN (its rope.scaling numbers): logits equal transformers' model."""
-    torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import ferrum
 
-    common = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=96,
-                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(intermediate_size=96, num_hidden_layers=4, tie_word_embeddings=False)
     if arch == "smollm3":
-        config = transformers.SmolLM3Config(**common)
+        hf, config = _tiny_model(transformers.SmolLM3Config, **common)
     elif arch == "qwen3":
-        config = transformers.Qwen3Config(**{**common, "max_position_embeddings": 16384}, head_dim=16, rope_scaling={
-            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 16.0})
+        hf, config = _tiny_model(transformers.Qwen3Config, **common, max_position_embeddings=16384, head_dim=16,
+                                 rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 4096, "beta_fast": 16.0})
     else:
-        config = transformers.GraniteConfig(**common, embedding_multiplier=6.0, residual_multiplier=0.3,
-                                            attention_multiplier=0.1, logits_scaling=4.0)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        hf, config = _tiny_model(transformers.GraniteConfig, **common, embedding_multiplier=6.0,
+                                 residual_multiplier=0.3, attention_multiplier=0.1, logits_scaling=4.0)
     _llama_layout_gguf(tmp_path / "m.gguf", hf, config, arch)
-    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    with torch.no_grad():
-        ref = hf(torch.tensor([TINY_TOKENS])).logits[0].numpy()
-    got = ferrum.load(out, backend="cpu").model.forward_verify("s", TINY_TOKENS)
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 @pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 46, 16), ("gemma2", 26, 8), ("gemma3", 62, 16)])
@@ -962,11 +951,10 @@ def test_gemma_attention_scale_follows_llama_cpp(tmp_path, arch, layers, scalar)
     transformers = pytest.importorskip("transformers")
     import json
 
-    cls = transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig
-    config = cls(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=8,
-                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
-                 sliding_window=4, rope_scaling=None, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    _gemma_gguf(tmp_path / "gemma.gguf", transformers.AutoModelForCausalLM.from_config(config).float(), config, arch)
+    hf, config = _tiny_model(transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig,
+                             intermediate_size=8, num_hidden_layers=layers, num_key_value_heads=1, head_dim=8,
+                             sliding_window=4, rope_scaling=None)
+    _gemma_gguf(tmp_path / "gemma.gguf", hf, config, arch)
     out = convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["query_pre_attn_scalar"] == scalar
 
