@@ -23,6 +23,7 @@ pairs they run natively; the core's reference composition runs the rest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +106,13 @@ class QuantizedWeight:
 # ------------------------------------------------------------------ bit streams
 
 
+def _run_shape(bits: int) -> tuple[int, int, str]:
+    """The fewest values that fill whole bytes at ``bits`` bits, those bytes (3 bits: 8 values in 3 bytes), and
+    the little-endian word a run fits in."""
+    values = 8 // math.gcd(8, bits)
+    return values, values * bits // 8, "<u4" if values * bits <= 32 else "<u8"
+
+
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned ``q [..., K]`` (values below ``2**bits``) into ``uint32 [..., K * bits / 32]``."""
     q = np.asarray(q)
@@ -119,14 +127,17 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
         for i in range(1, per_byte):
             as_bytes |= values[..., i] << np.uint8(i * bits)
         return as_bytes.view("<u4").reshape(*q.shape[:-1], k * bits // 32)
-    out = np.empty((rows.shape[0], k * bits // 32), dtype=np.uint32)
-    shifts = np.arange(bits, dtype=np.uint8)
+    # 3, 5, 6 bits: each run of values or-ed into one little-endian uint64, whose low bytes are the run's bytes
+    per_run, run_bytes, word_type = _run_shape(bits)
+    out = np.empty((rows.shape[0], k * bits // 8), dtype=np.uint8)
     for start in range(0, rows.shape[0], _ROW_CHUNK):
-        chunk = rows[start : start + _ROW_CHUNK].astype(np.uint8)
-        stream = (chunk[..., None] >> shifts) & 1  # [rows, K, bits], LSB first
-        as_bytes = np.packbits(stream.reshape(chunk.shape[0], -1), axis=-1, bitorder="little")
-        out[start : start + _ROW_CHUNK] = as_bytes.view("<u4")
-    return out.reshape(*q.shape[:-1], k * bits // 32)
+        runs = rows[start : start + _ROW_CHUNK].astype(word_type).reshape(-1, k // per_run, per_run)
+        word = runs[..., 0].copy()
+        for i in range(1, per_run):
+            word |= runs[..., i] << word.dtype.type(i * bits)
+        as_bytes = word.view(np.uint8).reshape(*word.shape, word.itemsize)
+        out[start : start + _ROW_CHUNK] = as_bytes[..., :run_bytes].reshape(word.shape[0], -1)
+    return out.view("<u4").reshape(*q.shape[:-1], k * bits // 32)
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -141,12 +152,17 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
         shifts = (np.arange(per_byte, dtype=np.uint8) * bits)
         q = (as_bytes[..., None] >> shifts) & np.uint8((1 << bits) - 1)
         return q.reshape(*packed.shape[:-1], k)
+    per_run, run_bytes, word_type = _run_shape(bits)
+    word_bytes = np.dtype(word_type).itemsize
+    shifts = (np.arange(per_run) * bits).astype(word_type)
+    mask = np.dtype(word_type).type((1 << bits) - 1)
     out = np.empty((rows.shape[0], k), dtype=np.uint8)
-    weights = (1 << np.arange(bits)).astype(np.uint8)
     for start in range(0, rows.shape[0], _ROW_CHUNK):
-        chunk = rows[start : start + _ROW_CHUNK].view(np.uint8)
-        stream = np.unpackbits(chunk, axis=-1, bitorder="little").reshape(chunk.shape[0], k, bits)
-        out[start : start + _ROW_CHUNK] = stream @ weights
+        runs = rows[start : start + _ROW_CHUNK].view(np.uint8).reshape(-1, k // per_run, run_bytes)
+        padded = np.zeros((*runs.shape[:2], word_bytes), dtype=np.uint8)  # each run's bytes as one word
+        padded[..., :run_bytes] = runs
+        word = padded.view(word_type)  # [rows, runs, 1]
+        out[start : start + _ROW_CHUNK] = ((word >> shifts) & mask).reshape(runs.shape[0], k)
     return out.reshape(*packed.shape[:-1], k)
 
 
