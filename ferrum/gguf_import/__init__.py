@@ -21,7 +21,7 @@ model in another layout, so :func:`convert_gguf` rewrites it once:
   ``tokenizer.ggml.*``, plus ``tokenizer_config.json`` (chat template, special
   tokens) and ``generation_config.json`` (stop token ids).
 
-Two details of the GGUF layout matter:
+Three details of the GGUF layout matter:
 
 * GGUF lists a tensor's dimensions fastest-first (``ne0, ne1, ...``), the reverse
   of numpy / PyTorch order; a ``[576, 49152]`` GGUF embedding is ``(49152, 576)``
@@ -51,7 +51,7 @@ from ferrum.gguf_import.tensors import (
     DEQUANTIZE_DTYPES, ProgressFn, check_finite, choose_forms, plan_tensors, quantization_section, torch_dtype,
     unpermute_qk, write_safetensors,
 )
-from ferrum.gguf_import.tokenizer import END_OF_GENERATION, build_tokenizer
+from ferrum.gguf_import.tokenizer import build_tokenizer, stop_token_ids
 
 __all__ = ["DEQUANTIZE_DTYPES", "SUPPORTED_ARCHITECTURES", "convert_gguf", "unpermute_qk"]
 
@@ -113,13 +113,7 @@ def convert_gguf(
     generation: dict[str, Any] = {}
     if "bos_token_id" in config:
         generation["bos_token_id"] = config["bos_token_id"]
-    stops = [
-        int(meta.get(f"tokenizer.ggml.{k}_token_id"))
-        for k in ("eos", "eot", "eom")
-        if meta.get(f"tokenizer.ggml.{k}_token_id") is not None
-    ]
-    stops += [i for i, token in enumerate(tokens) if token in END_OF_GENERATION]
-    stops = list(dict.fromkeys(stops))
+    stops = stop_token_ids(meta, tokens)
     if stops:
         generation["eos_token_id"] = stops[0] if len(stops) == 1 else stops
     if "pad_token_id" in config:

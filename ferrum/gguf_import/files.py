@@ -24,7 +24,7 @@ _MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 1, 8 + 1 + 4 + 8 + 4 + 8
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
-def check_header(path: Path, where: str) -> None:
+def _check_header(path: Path, where: str) -> None:
     """Magic, version and entry counts against the file size, in microseconds and without allocating."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -42,7 +42,7 @@ def check_header(path: Path, where: str) -> None:
         )
 
 
-def check_tensor_layout(reader: Any, size: int, where: str) -> None:
+def _check_tensor_layout(reader: Any, size: int, where: str) -> None:
     """Every tensor's dimensions, byte size, alignment and extent within the file; no two overlap."""
     from gguf import GGML_QUANT_SIZES
 
@@ -69,6 +69,7 @@ def check_tensor_layout(reader: Any, size: int, where: str) -> None:
     for (_, end, first), (start, _, second) in zip(extents, extents[1:]):
         if start < end:
             raise CheckpointError(f"{where}: tensors {first} and {second} overlap in the file")
+
 
 #: How llama.cpp names the parts of a split model (``gguf-split``, ``convert_hf_to_gguf.py --split-max-size``).
 _PART_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
@@ -101,10 +102,10 @@ def read_model(gguf: Any, path: Path, where: str) -> GGUFModel:
     count = int(meta.get("split.count", 1))
     if count <= 1:
         return GGUFModel(first.fields, list(first.tensors), (path,))
-    number, named = int(meta.get("split.no", 0)), _PART_NAME.match(path.name)
-    if number != 0 or named is None or int(named["count"]) != count:
+    this_part, named = int(meta.get("split.no", 0)), _PART_NAME.match(path.name)
+    if this_part != 0 or named is None or int(named["count"]) != count:
         raise CheckpointError(
-            f"{where} is part {number + 1} of a model split into {count} GGUF files; name the first part "
+            f"{where} is part {this_part + 1} of a model split into {count} GGUF files; name the first part "
             f"(its name ends in -00001-of-{count:05d}.gguf), with the other parts beside it"
         )
     files, tensors = [path], list(first.tensors)
@@ -129,12 +130,12 @@ def read_model(gguf: Any, path: Path, where: str) -> GGUFModel:
 
 
 def _read_file(gguf: Any, path: Path, where: str) -> Any:
-    check_header(path, where)
+    _check_header(path, where)
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except _READ_ERRORS as exc:
         raise CheckpointError(f"{where} is not a readable GGUF file: {str(exc)[:200]}") from exc
-    check_tensor_layout(reader, path.stat().st_size, where)
+    _check_tensor_layout(reader, path.stat().st_size, where)
     return reader
 
 

@@ -11,7 +11,7 @@ from ferrum.gguf_import.files import Metadata
 
 #: Tokens llama.cpp ends generation at wherever the vocabulary has them, whatever the file names as EOS: chat
 #: models' end-of-turn markers, which many conversions (Gemma's, older Llama 3 ones) do not name.
-END_OF_GENERATION = frozenset((
+_END_OF_GENERATION = frozenset((
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
     "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
 ))
@@ -226,3 +226,11 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
     if template:
         tokenizer_config["chat_template"] = template
     return tok, tokenizer_config
+
+
+def stop_token_ids(meta: Metadata, tokens: list[str]) -> list[int]:
+    """The ids generation ends at: the file's EOS / EOT / EOM, then every end-of-turn token llama.cpp knows."""
+    named = (meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom"))
+    stops = [int(token_id) for token_id in named if token_id is not None]
+    stops += [i for i, token in enumerate(tokens) if token in _END_OF_GENERATION]
+    return list(dict.fromkeys(stops))
