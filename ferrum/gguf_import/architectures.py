@@ -31,16 +31,19 @@ class _Architecture:
     #: (Qwen) are stored as Hugging Face has them.
     permuted_qk: bool
     config: tuple[tuple[str, Any], ...] = ()  # config.json entries fixed by the family
-    #: Phi-3: q/k/v in one ``attn_qkv``, gate and up in one ``ffn_up``, as the Hugging Face checkpoint has them.
-    fused: bool = False
     #: A router and stacked experts in place of the dense MLP, written in mlx-lm's ``switch_mlp`` layout.
     moe: _Experts | None = None
-    #: Block tensors whose Hugging Face name differs from Llama's (Gemma's four norms): GGUF -> Hugging Face.
+    #: Block tensors whose Hugging Face name differs from Llama's (Gemma's four norms, Phi-3's fused
+    #: projections): GGUF -> Hugging Face.
     renamed: tuple[tuple[str, str], ...] = ()
     #: What the converter added to every norm weight (Gemma's ``1 + w``), subtracted again on import.
     norm_offset: float = 0.0
     #: config.json entries the family reads from its own metadata keys (``meta``, ``arch.`` prefix, config so far).
     configure: Callable[[Metadata, str, dict[str, Any]], dict[str, Any]] | None = None
+    #: Rope over part of each head (``rope.dimension_count``), which the Hugging Face family reads.
+    partial_rotary: bool = False
+    #: What a file of this architecture with experts is (llama.cpp writes Mixtral as ``llama``).
+    with_experts: "_Architecture | None" = None
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -79,6 +82,11 @@ def _gemma3_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any
     }
 
 
+def _phi3_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's window, where the file sets one."""
+    return {"sliding_window": meta.get(p + "attention.sliding_window") or None}
+
+
 def _granite_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Granite's four multipliers, which llama.cpp requires in the file."""
     keys = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
@@ -86,6 +94,9 @@ def _granite_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
     return {name: float32_value(meta.need(p + key)) for name, key in keys.items()}
 
 
+#: Phi-3's fused blocks, kept fused as the Hugging Face checkpoint has them: q/k/v in one ``attn_qkv``, gate and
+#: up in one ``ffn_up``.
+_PHI3_FUSED = (("attn_qkv.weight", "self_attn.qkv_proj.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))
 #: Gemma's norms: one before and one after each of attention and the MLP.
 _GEMMA_NORMS = (("post_attention_norm.weight", "post_attention_layernorm.weight"),
                 ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
@@ -95,11 +106,14 @@ _GEMMA_ACTIVATION = (("hidden_act", "gelu_pytorch_tanh"), ("hidden_activation", 
 #: Which tensors each block holds (q/k/v biases, q/k norms, experts) follows from the config written, through
 #: the family's own table (``ferrum.arch.tensors.weight_shapes``).
 ARCHITECTURES = {
-    "llama": _Architecture("llama", "LlamaForCausalLM", True, (("attention_bias", False), ("mlp_bias", False))),
+    "llama": _Architecture("llama", "LlamaForCausalLM", True, (("attention_bias", False), ("mlp_bias", False)),
+                           with_experts=_Architecture("mixtral", "MixtralForCausalLM", True, moe=_Experts(
+                               "block_sparse_moe", "num_local_experts", None, None))),
     "qwen2": _Architecture("qwen2", "Qwen2ForCausalLM", False, (("use_sliding_window", False),)),
     "qwen3": _Architecture("qwen3", "Qwen3ForCausalLM", False,
                            (("attention_bias", False), ("use_sliding_window", False))),
-    "phi3": _Architecture("phi3", "Phi3ForCausalLM", False, fused=True),
+    "phi3": _Architecture("phi3", "Phi3ForCausalLM", False, renamed=_PHI3_FUSED, configure=_phi3_config,
+                          partial_rotary=True),
     "qwen2moe": _Architecture("qwen2_moe", "Qwen2MoeForCausalLM", False,
                               (("use_sliding_window", False), ("decoder_sparse_step", 1), ("mlp_only_layers", [])),
                               moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
@@ -118,9 +132,14 @@ ARCHITECTURES = {
     "gemma3": _Architecture("gemma3_text", "Gemma3ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
                             renamed=_GEMMA_NORMS, norm_offset=1.0, configure=_gemma3_config),
 }
-#: A ``llama`` file with experts (llama.cpp writes Mixtral so).
-MIXTRAL = _Architecture("mixtral", "MixtralForCausalLM", True,
-                         moe=_Experts("block_sparse_moe", "num_local_experts", None, None))
+
+
+def for_model_type(model_type: str) -> _Architecture:
+    """The architecture whose config.json names ``model_type`` (Mixtral's included)."""
+    every = [*ARCHITECTURES.values(), *(a.with_experts for a in ARCHITECTURES.values() if a.with_experts)]
+    return next(a for a in every if a.model_type == model_type)
+
+
 #: The MoE blocks: GGUF name -> Hugging Face suffix within the sparse MLP module (mlx-lm's stacked names).
 MOE_BLOCK_TENSORS = {
     "ffn_gate_inp.weight": "gate.weight",
@@ -135,8 +154,6 @@ SHARED_EXPERT_TENSORS = {
     "ffn_up_shexp.weight": "shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "shared_expert.down_proj.weight",
 }
-#: Phi-3's fused blocks: GGUF name -> Hugging Face suffix, in place of the separate projections.
-FUSED_BLOCK_TENSORS = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
 #: longrope's per-pair factors, which llama.cpp stores as tensors: GGUF name -> rope_scaling key.
 ROPE_FACTOR_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)

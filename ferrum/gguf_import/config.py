@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
-from ferrum.gguf_import.architectures import ARCHITECTURES, MIXTRAL, ROPE_FACTOR_TENSORS, SUPPORTED_ARCHITECTURES
+from ferrum.gguf_import.architectures import ARCHITECTURES, ROPE_FACTOR_TENSORS, SUPPORTED_ARCHITECTURES
 from ferrum.gguf_import.files import Metadata, float32_value
 from ferrum.gguf_import.tensors import dequantized, numpy_shape
 
@@ -113,17 +113,17 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     value_dim = int(meta.get(p + "attention.value_length", head_dim))
     if value_dim != head_dim:
         raise UnsupportedFeatureError(f"{where}: key length {head_dim} != value length {value_dim} is not supported")
+    family = ARCHITECTURES[arch]
     rope_dims = int(meta.get(p + "rope.dimension_count", head_dim))
-    if rope_dims != head_dim and arch != "phi3":
+    if rope_dims != head_dim and not family.partial_rotary:
         raise UnsupportedFeatureError(
             f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported for {arch}"
         )
-    family = ARCHITECTURES[arch]
     if meta.get(p + "expert_count", 0) and family.moe is None:
-        if arch != "llama":
+        if family.with_experts is None:
             raise UnsupportedFeatureError(f"{where}: mixture-of-experts {arch} GGUF files are not supported "
                                           f"(Ferrum imports llama (Mixtral), qwen2moe and qwen3moe ones)")
-        family = MIXTRAL
+        family = family.with_experts
 
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
@@ -195,8 +195,6 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         config["partial_rotary_factor"] = rope_dims / head_dim
     if family.configure is not None:
         config.update(family.configure(meta, p, config))
-    if family.fused:  # Phi-3: the window, where the file sets one
-        config["sliding_window"] = meta.get(p + "attention.sliding_window") or None
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:

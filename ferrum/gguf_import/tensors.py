@@ -17,8 +17,8 @@ from ferrum.checkpoint import write_safetensors_header
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.architectures import (
-    ARCHITECTURES, BLOCK_TENSORS, FUSED_BLOCK_TENSORS, GLOBAL_TENSORS, IGNORED_BLOCK_TENSORS, MIXTRAL,
-    MOE_BLOCK_TENSORS, ROPE_FACTOR_TENSORS, SHARED_EXPERT_TENSORS, SUPPORTED_ARCHITECTURES,
+    BLOCK_TENSORS, GLOBAL_TENSORS, IGNORED_BLOCK_TENSORS, MOE_BLOCK_TENSORS, ROPE_FACTOR_TENSORS,
+    SHARED_EXPERT_TENSORS, SUPPORTED_ARCHITECTURES, for_model_type,
 )
 from ferrum.quant.affine import QuantizedWeight
 from ferrum.quant.config import QuantConfig
@@ -114,11 +114,11 @@ def _check_quant_types(tensors: Iterable[Any], where: str) -> None:
 def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTensor]:
     """Map every GGUF tensor to its Hugging Face name and the shape the model reads it in: ``weight_shapes`` of
     the config being written (rope_freqs and longrope's factors are read into the config instead)."""
-    arch = next(a for a in (*ARCHITECTURES.values(), MIXTRAL) if a.model_type == cfg["model_type"])
+    arch = for_model_type(cfg["model_type"])
     expected = weight_shapes(ModelConfig.from_dict(cfg, where))
     by_name = {t.name: t for t in reader.tensors}
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    block_tensors = {**BLOCK_TENSORS, **(FUSED_BLOCK_TENSORS if arch.fused else {}), **dict(arch.renamed)}
+    block_tensors = {**BLOCK_TENSORS, **dict(arch.renamed)}
     if arch.moe is not None:
         block_tensors.update({name: f"{arch.moe.module}.{suffix}"
                               for name, suffix in {**MOE_BLOCK_TENSORS, **SHARED_EXPERT_TENSORS}.items()})
