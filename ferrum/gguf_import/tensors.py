@@ -32,6 +32,7 @@ DEQUANTIZE_DTYPES = ("float32", "float16", "bfloat16")
 #: safetensors' name of each stored dtype.
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
 
+
 def check_finite(plan: list["PlannedTensor"], where: str) -> None:
     """Float tensors hold finite values (quantized ones: their scales, checked by ``describe``)."""
     for p in plan:
@@ -75,6 +76,7 @@ def numpy_shape(tensor: Any) -> tuple[int, ...]:
 
 
 def dequantized(tensor: Any, where: str) -> np.ndarray:
+    """A GGUF tensor's values as float32 in numpy order, through the ``gguf`` package's own dequantization."""
     from gguf.quants import dequantize
 
     try:
