@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -109,8 +110,10 @@ class Tokenizer:
         parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
         return any(part.get("type") == "ByteLevel" for part in parts)
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the checkpoint's Jinja chat template."""
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                            tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """Render ``messages`` with the checkpoint's Jinja chat template (and ``tools``, OpenAI's function
+        definitions, for templates that describe them to the model)."""
         if not self.chat_template:
             raise ConfigError(
                 "this checkpoint has no chat template (tokenizer_config.json: chat_template); "
@@ -128,6 +131,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                tools=list(tools) if tools else None,
             )
         except TemplateError as exc:  # the template's raise_exception: it refuses these messages
             raise InvalidRequestError(f"the chat template refused these messages: {exc}") from None
@@ -136,9 +140,9 @@ class Tokenizer:
                 f"the chat template failed on these messages ({type(exc).__name__}: {exc})"
             ) from None
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         # The template writes BOS itself where the model wants one.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -182,6 +186,7 @@ def _compile(source: str) -> Any:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama 3.x templates date the prompt
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
         try:
             _templates[source] = env.from_string(source)

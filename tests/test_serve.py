@@ -308,7 +308,7 @@ def test_ferrum_extras_are_accepted(server, llm):
         ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
         ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
-        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools.0"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages.0.content"),
         ({"messages": [{"role": "user", "content": [{"type": 5}]}]}, "messages.0.content"),  # no union branch fits

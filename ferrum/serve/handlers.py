@@ -27,6 +27,8 @@ from ferrum.serve.errors import APIError
 from ferrum.serve.generation import ChoiceSpec, Generation
 from ferrum.serve.metrics import ServerMetrics
 from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest, _Common
+from ferrum.serve.tools import ToolReplies
+from ferrum.serve.tools import format_of as tools_format_of
 
 #: JSON has no infinities; a token the logit bias banned gets this logprob (as vLLM sends).
 _MIN_LOGPROB = -9999.0
@@ -128,9 +130,10 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed + index) % _SEED_MODULUS
 
 
-def _encode(state: ServerState, prompt: str | Sequence[Any], param: str) -> tuple[int, ...]:
+def _encode(state: ServerState, prompt: str | Sequence[Any], param: str,
+            tools: list[dict[str, Any]] | None = None) -> tuple[int, ...]:
     try:
-        return tuple(state.llm.encode_prompt(prompt))
+        return tuple(state.llm.encode_prompt(prompt, tools=tools))
     except FerrumError as error:
         raise APIError(400, str(error), param=param) from None
     except Exception as error:  # a chat template's raise_exception, or one that breaks on this input
@@ -307,13 +310,23 @@ def _new_picks(out: RequestOutput) -> Sequence[SampledToken]:
 
 
 # ------------------------------------------------------------------------ chat
+def _tool_replies(state: ServerState, body: ChatCompletionRequest) -> ToolReplies:
+    tools = body.active_tools()
+    fmt = tools_format_of(state.llm.tokenizer.chat_template) if tools else None
+    if tools and fmt is None:
+        raise APIError(400, "this model's chat template does not describe tools to it, so it cannot call them; "
+                       "send the request without tools", param="tools")
+    return ToolReplies(tools, fmt, single=body.parallel_tool_calls is False)
+
+
 def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response:
     lora = state.check_model(body.model)
     body.check_supported()
     if state.llm.tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so chat messages cannot be encoded; use /v1/completions "
                        "with token ids")
-    prompt = _encode(state, body.template_messages(), "messages")
+    replies = _tool_replies(state, body)
+    prompt = _encode(state, body.template_messages(), "messages", replies.tools)
     max_tokens = _max_tokens(state, len(prompt), body.max_new_tokens(), "messages")
     top = body.top_logprobs or 0
     want_logprobs = max(top, 1) if body.logprobs else 0
@@ -333,15 +346,12 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
     if not body.stream:
         async def collect() -> dict:
             finals = await _finals(generation)
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": out.text, "refusal": None},
-                    "logprobs": logprobs.chat(out.logprobs, top) if body.logprobs else None,
-                    "finish_reason": _finish_reason(out),
-                }
-                for i, out in sorted(finals.items())
-            ]
+            choices = []
+            for i, out in sorted(finals.items()):
+                message, reason = replies.message(out.text or "", _finish_reason(out))
+                choices.append({"index": i, "message": message,
+                                "logprobs": logprobs.chat(out.logprobs, top) if body.logprobs else None,
+                                "finish_reason": reason})
             return {**envelope("chat.completion"), "choices": choices, "usage": _usage([prompt], finals, {0})}
 
         return Response(generation, collect(), None)
@@ -358,15 +368,20 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
                     {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}]})
-            if out.new_text or (body.logprobs and out.new_token_ids):
+            content = replies.delta(index, out.text or "", out.new_text, out.finished)
+            if content or (body.logprobs and out.new_token_ids):
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
-                    {"index": index, "delta": {"content": out.new_text},
+                    {"index": index, "delta": {"content": content},
                      "logprobs": logprobs.chat(_new_picks(out), top) if body.logprobs else None,
                      "finish_reason": None}]})
             if out.finished:
                 finals[index] = out
+                deltas, reason = replies.ending(out.text or "", _finish_reason(out))
+                for delta in deltas:
+                    yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
+                        {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
-                    {"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(out)}]})
+                    {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]})
         if include_usage:
             yield _sse({**envelope("chat.completion.chunk"), "choices": [],
                         "usage": _usage([prompt], finals, {0})})

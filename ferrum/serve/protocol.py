@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ferrum.serve.errors import APIError
+from ferrum.serve.tools import check_tools, template_tool_calls
 
 #: OpenAI's own bounds (the API reference), checked before anything reaches the engine.
 Temperature = Annotated[float, Field(ge=0, le=2)]
@@ -72,7 +73,7 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message; tool calls and non-text parts are refused when the prompt is built."""
+    """One message; non-text parts are refused when the prompt is built."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -89,10 +90,10 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    # Accepted only at their no-op values.
     tools: list[dict[str, Any]] | None = None
     tool_choice: StrictStr | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
+    # Accepted only at their no-op values.
     functions: list[dict[str, Any]] | None = None
     function_call: StrictStr | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -109,7 +110,7 @@ class ChatCompletionRequest(_Common):
 
     def check_supported(self) -> None:
         self.refuse_unsupported({
-            "tools": [], "tool_choice": ("none", "auto"), "functions": [], "function_call": ("none", "auto"),
+            "functions": [], "function_call": ("none", "auto"),
             "response_format": {"type": "text"}, "modalities": ["text"], "audio": None,
             "prediction": None, "reasoning_effort": None,
         })
@@ -118,16 +119,27 @@ class ChatCompletionRequest(_Common):
         if not self.messages:
             raise APIError(400, "messages must hold at least one message", param="messages")
 
+    def active_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the model may call: all of them with ``tool_choice`` auto (the default), none with "none".
+        Forcing a call ("required", or one named function) would need constrained decoding: refused."""
+        choice = self.tool_choice if self.tool_choice is not None else "auto"
+        if choice not in ("auto", "none"):
+            raise APIError(400, f"tool_choice={choice!r} is not supported by this server (it would need constrained "
+                           "decoding); send \"auto\" and describe the call wanted in the messages",
+                           param="tool_choice")
+        if not self.tools or choice == "none":
+            return None
+        return check_tools(self.tools)
+
     def max_new_tokens(self) -> int | None:
         """``max_completion_tokens`` replaces the deprecated ``max_tokens``; the first one set wins."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as chat templates expect them: ``role`` and text ``content``."""
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as chat templates expect them: ``role`` and text ``content``, with an assistant's earlier
+        ``tool_calls`` and a tool result's ``tool_call_id`` and ``name`` where given."""
         out = []
         for i, message in enumerate(self.messages):
-            if message.tool_calls:
-                raise APIError(400, "tool calls are not supported by this server", param=f"messages.{i}.tool_calls")
             content = message.content
             if isinstance(content, list):
                 texts = []
@@ -141,7 +153,13 @@ class ChatCompletionRequest(_Common):
                 content = "".join(texts)
             # Templates rarely know OpenAI's newer "developer" role; it is the system prompt.
             role = "system" if message.role == "developer" else message.role
-            out.append({"role": role, "content": content or ""})
+            entry: dict[str, Any] = {"role": role, "content": content or ""}
+            if message.tool_calls:
+                entry["tool_calls"] = template_tool_calls(message.tool_calls, f"messages.{i}.tool_calls")
+            for key in ("tool_call_id", "name"):
+                if getattr(message, key) is not None:
+                    entry[key] = getattr(message, key)
+            out.append(entry)
         return out
 
 

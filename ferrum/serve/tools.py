@@ -1,0 +1,234 @@
+"""Tool calls: how a model's chat template asks for them, and the calls parsed back out of its text.
+
+A chat template that describes tools to the model also fixes how the model writes a call; the format is
+recognised from the template itself, as vLLM's ``--tool-call-parser`` choices are named after them:
+
+* ``hermes`` (Qwen 2.5 / 3, Hermes, and most templates with ``<tool_call>``): each call is
+  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
+* ``mistral`` (templates with ``[TOOL_CALLS]``): ``[TOOL_CALLS]`` then a JSON list of such objects;
+* ``llama3_json`` (Llama 3.1-3.3, whose templates carry ``<|python_tag|>``): the whole reply is one JSON object
+  ``{"name": ..., "parameters": {...}}``.
+
+Text that does not parse as calls stays the reply's content: nothing is dropped. A stream holds back only
+what may turn out to be a call (from its opening marker on) and sends the calls when the choice ends.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ferrum.serve.errors import APIError
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    """A reply split into the text around the calls and the calls (OpenAI's ``tool_calls`` entries)."""
+
+    before: str  # the text before the first call (all of it when there is none)
+    calls: list[dict[str, Any]]
+    after: str = ""  # text between and after the calls
+
+    @property
+    def content(self) -> str | None:
+        text = (self.before + self.after).strip() if self.calls else self.before
+        return text or None
+
+
+def _call(name: Any, arguments: Any) -> dict[str, Any] | None:
+    """One OpenAI tool call, or None where the model's object is not a call (no name, odd arguments)."""
+    if not isinstance(name, str) or not name:
+        return None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def _object_call(text: str, arguments_key: str = "arguments") -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    return _call(value.get("name"), value.get(arguments_key, value.get("arguments")))
+
+
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def _hermes(text: str) -> ParsedReply:
+    start = text.find("<tool_call>")
+    if start < 0:
+        return ParsedReply(text, [])
+    calls, rest, end = [], [], start
+    for match in _HERMES_CALL.finditer(text, start):
+        rest.append(text[end:match.start()])
+        call = _object_call(match.group(1))
+        if call is None:
+            return ParsedReply(text, [])
+        calls.append(call)
+        end = match.end()
+    return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
+
+
+def _mistral(text: str) -> ParsedReply:
+    marker = text.find("[TOOL_CALLS]")
+    body = text[marker + len("[TOOL_CALLS]"):] if marker >= 0 else text.lstrip()
+    if marker < 0 and not body.startswith("[{"):  # the marker may be decoded away as a special token
+        return ParsedReply(text, [])
+    try:
+        value, end = json.JSONDecoder().raw_decode(body.lstrip())
+    except json.JSONDecodeError:
+        return ParsedReply(text, [])
+    items = value if isinstance(value, list) else [value]
+    calls = [_call(i.get("name"), i.get("arguments")) if isinstance(i, dict) else None for i in items]
+    if not calls or None in calls:
+        return ParsedReply(text, [])
+    return ParsedReply(text[:max(marker, 0)], calls, body.lstrip()[end:])
+
+
+def _llama3_json(text: str) -> ParsedReply:
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    if not body.startswith("{"):
+        return ParsedReply(text, [])
+    calls = [_object_call(part, "parameters") for part in body.split(";")] if ";" in body else [
+        _object_call(body, "parameters")]
+    if None in calls:
+        return ParsedReply(text, [])
+    return ParsedReply("", calls)
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How one family of chat templates has the model write calls."""
+
+    name: str
+    detect: str  # a template holding this text uses the format
+    marker: str | None  # opens a call anywhere in the reply
+    openers: tuple[str, ...]  # open a call at the start of the reply
+    parse: Callable[[str], ParsedReply]
+
+
+FORMATS = (
+    ToolCallFormat("hermes", "<tool_call>", "<tool_call>", (), _hermes),
+    # [TOOL_CALLS] is a special token, which decoding may drop: a reply opening with a JSON list is a call too
+    ToolCallFormat("mistral", "[TOOL_CALLS]", "[TOOL_CALLS]", ("[{",), _mistral),
+    ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json),
+)
+
+
+def format_of(template: str | None) -> ToolCallFormat | None:
+    """The tool-call format a chat template asks for; None for templates that do not describe tools."""
+    if not template or "tools" not in template:
+        return None
+    return next((f for f in FORMATS if f.detect in template), None)
+
+
+def releasable(fmt: ToolCallFormat, text: str) -> int:
+    """How much of an unfinished reply a stream can send as content: up to where a call starts or may start."""
+    head = text.lstrip()
+    if any(head.startswith(opener) or opener.startswith(head) for opener in fmt.openers):
+        return 0
+    if fmt.marker is None:
+        return len(text)
+    start = text.find(fmt.marker)
+    if start >= 0:
+        return start
+    for keep in range(min(len(fmt.marker) - 1, len(text)), 0, -1):  # a marker cut by the token boundary
+        if fmt.marker.startswith(text[-keep:]):
+            return len(text) - keep
+    return len(text)
+
+
+class ToolReplies:
+    """One chat request's replies split into content and calls, whole or as a stream (all of it content when the
+    request has no tools). ``single``: ``parallel_tool_calls`` was false, so only the first call is kept."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None, fmt: ToolCallFormat | None, single: bool = False):
+        self.tools, self.format, self.single = tools, fmt, single
+        self.streamed: dict[int, int] = {}  # per choice, the characters of its text sent as content
+
+    def parse(self, text: str) -> ParsedReply:
+        if self.format is None:
+            return ParsedReply(text, [])
+        reply = self.format.parse(text)
+        return ParsedReply(reply.before, reply.calls[:1], reply.after) if self.single else reply
+
+    def message(self, text: str, reason: str) -> tuple[dict[str, Any], str]:
+        """A finished choice's message and finish reason (``tool_calls`` where it stopped after calling)."""
+        reply = self.parse(text)
+        message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+        if not reply.calls:
+            return message, reason
+        return {**message, "tool_calls": reply.calls}, "tool_calls" if reason == "stop" else reason
+
+    def delta(self, index: int, text: str, new_text: str, finished: bool) -> str:
+        """The content choice ``index`` can stream now, its reply being ``text`` so far: the new text, less what
+        may be the start of a call (held back until the choice ends)."""
+        if self.format is None:
+            return new_text
+        sent = self.streamed.get(index, 0)
+        if finished:  # the calls go out apart (ending); the text before them is content
+            reply = self.parse(text)
+            ready = len(reply.before) if reply.calls else len(text)
+        else:
+            ready = releasable(self.format, text)
+        self.streamed[index] = max(sent, ready)
+        return text[sent:max(sent, ready)]
+
+    def ending(self, text: str, reason: str) -> tuple[list[dict[str, Any]], str]:
+        """A finished choice's last stream deltas (its calls, then any text after them) and its finish reason."""
+        reply = self.parse(text)
+        if not reply.calls:
+            return [], reason
+        deltas: list[dict[str, Any]] = [{"tool_calls": [{"index": j, **call}]} for j, call in enumerate(reply.calls)]
+        if reply.after.strip():
+            deltas.append({"content": reply.after})
+        return deltas, "tool_calls" if reason == "stop" else reason
+
+
+def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's tool definitions, each an OpenAI function (name, optional description and JSON schema)."""
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise APIError(400, 'each tool must be {"type": "function", "function": {"name": ..., ...}}',
+                           param=f"tools.{i}")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise APIError(400, "a tool's function needs a name", param=f"tools.{i}.function.name")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise APIError(400, "a tool's parameters must be a JSON schema object",
+                           param=f"tools.{i}.function.parameters")
+    return tools
+
+
+def template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier calls as chat templates read them: arguments as an object, not the JSON
+    text OpenAI clients send back (templates write ``arguments | tojson``)."""
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError(400, 'each tool call must be {"type": "function", "function": {"name": ..., '
+                           '"arguments": "<JSON>"}}', param=f"{where}.{j}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise APIError(400, "a tool call's arguments must be JSON text", param=f"{where}.{j}") from None
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out

@@ -1,0 +1,228 @@
+"""Tool calls over the OpenAI API: tools rendered by the model's chat template, calls parsed out of its reply.
+
+The parsers run on replies written the way each template family asks for them; the server runs a tiny model
+whose vocabulary holds one token spelling a whole Hermes-style call, which a logit bias makes it write.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import openai
+import pytest
+
+from ferrum.serve.tools import FORMATS, ToolReplies, format_of, releasable
+from support import write_text_checkpoint
+
+HERMES, MISTRAL, LLAMA3 = FORMATS
+
+# A Qwen 2.5-style template (its tool parts as Qwen writes them) over the test tokenizer's role tags.
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|system|>You may call these functions:\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n"
+    'Reply with <tool_call>{"name": ..., "arguments": ...}</tool_call>.</s>{%- endif %}'
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>{{ m.content }}"
+    "{%- for call in m.tool_calls %}\n<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}</s>"
+    "{%- elif m.role == 'tool' %}<|user|><tool_response>{{ m.content }}</tool_response></s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+#: Ends the reply right after the call (a stop string), so the choice finishes as a model's would.
+END = "<end>"
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}
+
+
+# ----------------------------------------------------------------- parsing
+def test_hermes_calls_and_the_text_around_them():
+    reply = HERMES.parse("Let me check.\n" + CALL + "\n" + CALL.replace("Paris", "Oslo"))
+    assert reply.content == "Let me check."
+    assert [json.loads(c["function"]["arguments"])["city"] for c in reply.calls] == ["Paris", "Oslo"]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in reply.calls)
+    assert len({c["id"] for c in reply.calls}) == 2
+    unterminated = HERMES.parse('<tool_call>\n{"name": "f", "arguments": {}}')  # stopped before the closing tag
+    assert unterminated.calls[0]["function"] == {"name": "f", "arguments": "{}"} and unterminated.content is None
+
+
+@pytest.mark.parametrize("text", [
+    "no call here", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+])
+def test_what_is_not_a_call_stays_content(text):
+    reply = HERMES.parse(text)
+    assert reply.calls == [] and reply.content == text
+
+
+def test_mistral_and_llama3_replies():
+    for text in ('[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]', '[{"name": "f", "arguments": {"x": 1}}]'):
+        reply = MISTRAL.parse(text)  # the marker is a special token, which decoding may have dropped
+        assert [c["function"] for c in reply.calls] == [{"name": "f", "arguments": '{"x": 1}'}], text
+    for text in ('<|python_tag|>{"name": "f", "parameters": {"x": 1}}', ' {"name": "f", "parameters": {"x": 1}}'):
+        assert [c["function"] for c in LLAMA3.parse(text).calls] == [{"name": "f", "arguments": '{"x": 1}'}], text
+    assert LLAMA3.parse("The answer is {x}.").calls == []
+
+
+def test_formats_are_read_from_the_template():
+    assert format_of(TOOL_TEMPLATE) is HERMES
+    assert format_of("{% for m in messages %}{{ m.content }}{% endfor %}") is None  # no tools in it
+    assert format_of("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]") is MISTRAL
+    assert format_of("{% if tools %}{{ tools }}{% endif %}<|python_tag|>") is LLAMA3
+
+
+def test_a_stream_holds_back_only_what_may_be_a_call():
+    assert releasable(HERMES, "Let me check.") == len("Let me check.")
+    assert releasable(HERMES, "Let me check.<tool") == len("Let me check.")  # the marker, cut by a token boundary
+    assert releasable(HERMES, "Let me check." + CALL) == len("Let me check.")
+    assert releasable(LLAMA3, ' {"name"') == 0 and releasable(LLAMA3, "Hi {") == 4
+    assert releasable(MISTRAL, "[{") == 0 and releasable(MISTRAL, "ok [TOOL_C") == 3
+
+
+def _stream(replies: ToolReplies, pieces: list[str], reason: str = "stop") -> tuple[str, list[dict], str]:
+    """Feed a reply piece by piece as a stream would: (content sent, last deltas, finish reason)."""
+    sent, text = "", ""
+    for i, piece in enumerate(pieces):
+        text += piece
+        sent += replies.delta(0, text, piece, finished=i == len(pieces) - 1)
+    deltas, reason = replies.ending(text, reason)
+    return sent, deltas, reason
+
+
+def test_a_stream_sends_the_text_before_a_call_and_the_call_at_the_end():
+    pieces = ["Let me ", "check.", "\n<tool", "_call>\n{\"name\": \"get_", 'weather", "arguments": {"city": ',
+              '"Paris"}}', "\n</tool_call>"]
+    sent, deltas, reason = _stream(ToolReplies([WEATHER], HERMES), pieces)
+    assert sent == "Let me check.\n" and reason == "tool_calls"
+    (delta,) = deltas
+    assert delta["tool_calls"][0]["index"] == 0 and delta["tool_calls"][0]["function"]["name"] == "get_weather"
+    # a marker that never became a call is content after all, when the choice ends
+    sent, deltas, reason = _stream(ToolReplies([WEATHER], HERMES), ["a <tool", "box> b"])
+    assert (sent, deltas, reason) == ("a <toolbox> b", [], "stop")
+    # without tools nothing is held back or parsed
+    assert _stream(ToolReplies(None, None), ["x", CALL]) == ("x" + CALL, [], "stop")
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    text = CALL + CALL.replace("Paris", "Oslo")
+    message, reason = ToolReplies([WEATHER], HERMES, single=True).message(text, "stop")
+    assert len(message["tool_calls"]) == 1 and reason == "tool_calls"
+    message, reason = ToolReplies([WEATHER], HERMES).message(text, "length")
+    assert len(message["tool_calls"]) == 2 and reason == "length"  # a cut reply says so
+
+
+# ----------------------------------------------------------------- served
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory) -> tuple[Path, int]:
+    """The test checkpoint with the tool template and one more token, spelling a whole call, the model can write."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import AddedToken, Tokenizer
+
+    folder = write_text_checkpoint(tmp_path_factory.mktemp("tools") / "tiny", seed=3)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens([AddedToken(CALL + END, special=False, normalized=False)])
+    tok.save(str(folder / "tokenizer.json"))
+    call_id = tok.token_to_id(CALL + END)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(call_id + 1, mean_resizing=False)
+    model.config.max_position_embeddings = 1024  # room for the tool definitions
+    model.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
+    return folder, call_id
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_model):
+    from test_serve import Server
+
+    srv = Server(tool_model[0])
+    yield srv
+    assert srv.stop(), srv.log.read_text()
+
+
+def _ask(tool_server, call_id: int, **extra):
+    return tool_server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "weather in Paris?"}], tools=[WEATHER],
+        logit_bias={str(call_id): 100}, stop=[END], max_tokens=4, temperature=0, **extra)
+
+
+def test_a_call_comes_back_as_tool_calls(tool_server, tool_model):
+    done = _ask(tool_server, tool_model[1])
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "C"}
+
+
+def test_a_streamed_call_arrives_whole_after_the_content(tool_server, tool_model):
+    chunks = list(_ask(tool_server, tool_model[1], stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas)  # the call's text is never sent as content
+    calls = [call for d in deltas for call in d.tool_calls or ()]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "C"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_without_tools_or_with_tool_choice_none_the_text_is_content(tool_server, tool_model):
+    client = tool_server.client()
+    done = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "weather?"}], logit_bias={str(tool_model[1]): 100},
+        stop=[END], max_tokens=4, temperature=0)
+    assert done.choices[0].message.content == CALL and not done.choices[0].message.tool_calls
+    done = _ask(tool_server, tool_model[1], tool_choice="none")
+    assert done.choices[0].message.content == CALL and done.choices[0].finish_reason == "stop"
+
+
+def test_tools_and_earlier_calls_reach_the_template(tool_server, tool_model):
+    """The tool definitions lengthen the prompt; an assistant's earlier call (arguments as JSON text, as
+    clients send them back) and the tool's result render."""
+    client = tool_server.client()
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    with_tools = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                tools=[WEATHER], max_tokens=1)
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+    follow_up = client.chat.completions.create(model="tiny", max_tokens=1, tools=[WEATHER], messages=[
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    ])
+    assert follow_up.usage.prompt_tokens > with_tools.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0"),
+])
+def test_tool_requests_it_cannot_honour_get_400(tool_server, tool_model, extra, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], **extra}
+    with pytest.raises(openai.BadRequestError) as err:
+        tool_server.client().chat.completions.create(**body)
+    assert err.value.body["param"] == param
+
+
+def test_a_template_without_tools_refuses_them(tmp_path):
+    from test_serve import Server
+
+    folder = write_text_checkpoint(tmp_path / "plain", seed=3)  # its template never mentions tools
+    srv = Server(folder)
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            srv.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 tools=[WEATHER])
+        assert err.value.body["param"] == "tools" and "chat template" in err.value.body["message"]
+    finally:
+        assert srv.stop(), srv.log.read_text()
+        shutil.rmtree(folder, ignore_errors=True)
