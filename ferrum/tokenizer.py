@@ -41,19 +41,30 @@ class Tokenizer:
         self.config: dict[str, Any] = config if config is not None else {}
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
-        self.chat_template = self._pick_template(self.config.get("chat_template"), folder)
+        named = self._named_templates(self.config.get("chat_template"), folder)
+        self.chat_template = named.get("default") or next(iter(named.values()), None)
+        #: What a request with tools renders: the "tool_use" template where the checkpoint names one, as
+        #: transformers picks it.
+        self.tool_chat_template = named.get("tool_use") or self.chat_template
         self.eos_token_ids = self._eos_ids(folder)
 
     @staticmethod
-    def _pick_template(value: Any, folder: Path) -> str | None:
-        if isinstance(value, list):  # named templates: use "default"
-            named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-            value = named.get("default") or next(iter(named.values()), None)
-        if value is None and (folder / "chat_template.jinja").exists():
-            value = (folder / "chat_template.jinja").read_text(errors="replace")
-        if value is not None and not isinstance(value, str):
+    def _named_templates(value: Any, folder: Path) -> dict[str, str]:
+        """The checkpoint's chat templates by name: tokenizer_config.json's (one string is "default", or a list of
+        named ones), else ``chat_template.jinja`` and ``chat_templates/<name>.jinja``."""
+        if isinstance(value, list):
+            value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        elif value is not None:
+            value = {"default": value}
+        else:
+            files = sorted((folder / "chat_templates").glob("*.jinja")) if (folder / "chat_templates").is_dir() else []
+            if (folder / "chat_template.jinja").exists():
+                files.append(folder / "chat_template.jinja")
+            value = {("default" if f.name == "chat_template.jinja" else f.stem): f.read_text(errors="replace")
+                     for f in files}
+        if not all(isinstance(name, str) and isinstance(text, str) for name, text in value.items()):
             raise ConfigError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of "
-                              f"named templates, got {type(value).__name__}")
+                              "named templates ({\"name\": ..., \"template\": ...})")
         return value
 
     def _eos_ids(self, folder: Path) -> frozenset[int]:
@@ -114,7 +125,8 @@ class Tokenizer:
                             tools: Sequence[dict[str, Any]] | None = None) -> str:
         """Render ``messages`` with the checkpoint's Jinja chat template (and ``tools``, OpenAI's function
         definitions, for templates that describe them to the model)."""
-        if not self.chat_template:
+        source = self.tool_chat_template if tools else self.chat_template
+        if not source:
             raise ConfigError(
                 "this checkpoint has no chat template (tokenizer_config.json: chat_template); "
                 "pass a plain string prompt instead of chat messages"
@@ -124,7 +136,7 @@ class Tokenizer:
                 raise InvalidRequestError(f"chat messages need 'role' and 'content', got {m!r}")
         from jinja2.exceptions import TemplateError
 
-        template = _compile(self.chat_template)
+        template = _compile(source)
         try:
             return template.render(
                 messages=list(messages),

@@ -116,6 +116,31 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
     assert len(message["tool_calls"]) == 2 and reason == "length"  # a cut reply says so
 
 
+def test_a_checkpoints_tool_use_template_renders_requests_with_tools(tmp_path):
+    """Named templates (Hermes 2 Pro, Cohere, older Mistral): "default" without tools, "tool_use" with them,
+    as transformers picks; the same from chat_templates/*.jinja files."""
+    from ferrum.tokenizer import Tokenizer
+
+    folder = write_text_checkpoint(tmp_path / "named", seed=3)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    plain = config["chat_template"]
+    config["chat_template"] = [{"name": "default", "template": plain}, {"name": "tool_use", "template": TOOL_TEMPLATE}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}]
+    tok = Tokenizer(folder)
+    assert "<tools>" in tok.apply_chat_template(messages, tools=[WEATHER])
+    assert "<tools>" not in tok.apply_chat_template(messages)
+    assert format_of(tok.tool_chat_template) is HERMES and format_of(tok.chat_template) is None
+
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(plain)
+    (folder / "chat_templates").mkdir()
+    (folder / "chat_templates" / "tool_use.jinja").write_text(TOOL_TEMPLATE)
+    tok = Tokenizer(folder)
+    assert tok.chat_template == plain and tok.tool_chat_template == TOOL_TEMPLATE
+
+
 # ----------------------------------------------------------------- served
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory) -> tuple[Path, int]:

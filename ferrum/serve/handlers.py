@@ -312,7 +312,7 @@ def _new_picks(out: RequestOutput) -> Sequence[SampledToken]:
 # ------------------------------------------------------------------------ chat
 def _tool_replies(state: ServerState, body: ChatCompletionRequest) -> ToolReplies:
     tools = body.active_tools()
-    fmt = tools_format_of(state.llm.tokenizer.chat_template) if tools else None
+    fmt = tools_format_of(state.llm.tokenizer.tool_chat_template) if tools else None
     if tools and fmt is None:
         raise APIError(400, "this model's chat template does not describe tools to it, so it cannot call them; "
                        "send the request without tools", param="tools")
