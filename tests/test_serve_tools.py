@@ -16,7 +16,7 @@ import pytest
 from ferrum.serve.tools import FORMATS, ToolReplies, format_of, releasable
 from support import write_text_checkpoint
 
-HERMES, MISTRAL, LLAMA3 = FORMATS
+HERMES, MISTRAL, GRANITE, LLAMA3 = FORMATS
 
 # A Qwen 2.5-style template (its tool parts as Qwen writes them) over the test tokenizer's role tags.
 TOOL_TEMPLATE = (
@@ -64,6 +64,8 @@ def test_mistral_and_llama3_replies():
     for text in ('[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]', '[{"name": "f", "arguments": {"x": 1}}]'):
         reply = MISTRAL.parse(text)  # the marker is a special token, which decoding may have dropped
         assert [c["function"] for c in reply.calls] == [{"name": "f", "arguments": '{"x": 1}'}], text
+    reply = GRANITE.parse('Sure.<|tool_call|>[{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]')
+    assert [c["function"]["name"] for c in reply.calls] == ["f", "g"] and reply.content == "Sure."
     for text in ('<|python_tag|>{"name": "f", "parameters": {"x": 1}}', ' {"name": "f", "parameters": {"x": 1}}'):
         assert [c["function"] for c in LLAMA3.parse(text).calls] == [{"name": "f", "arguments": '{"x": 1}'}], text
     assert LLAMA3.parse("The answer is {x}.").calls == []
@@ -74,6 +76,7 @@ def test_formats_are_read_from_the_template():
     assert format_of("{% for m in messages %}{{ m.content }}{% endfor %}") is None  # no tools in it
     assert format_of("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]") is MISTRAL
     assert format_of("{% if tools %}{{ tools }}{% endif %}<|python_tag|>") is LLAMA3
+    assert format_of("{%- if tools %}available_tools{%- endif %}<|tool_call|>") is GRANITE
 
 
 def test_a_stream_holds_back_only_what_may_be_a_call():

@@ -6,6 +6,7 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
 * ``hermes`` (Qwen 2.5 / 3, Hermes, and most templates with ``<tool_call>``): each call is
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
 * ``mistral`` (templates with ``[TOOL_CALLS]``): ``[TOOL_CALLS]`` then a JSON list of such objects;
+* ``granite`` (IBM Granite 3, templates with ``<|tool_call|>``): the same list after ``<|tool_call|>``;
 * ``llama3_json`` (Llama 3.1-3.3, whose templates carry ``<|python_tag|>``): the whole reply is one JSON object
   ``{"name": ..., "parameters": {...}}``.
 
@@ -83,20 +84,26 @@ def _hermes(text: str) -> ParsedReply:
     return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
 
 
-def _mistral(text: str) -> ParsedReply:
-    marker = text.find("[TOOL_CALLS]")
-    body = text[marker + len("[TOOL_CALLS]"):] if marker >= 0 else text.lstrip()
-    if marker < 0 and not body.startswith("[{"):  # the marker may be decoded away as a special token
-        return ParsedReply(text, [])
-    try:
-        value, end = json.JSONDecoder().raw_decode(body.lstrip())
-    except json.JSONDecodeError:
-        return ParsedReply(text, [])
-    items = value if isinstance(value, list) else [value]
-    calls = [_call(i.get("name"), i.get("arguments")) if isinstance(i, dict) else None for i in items]
-    if not calls or None in calls:
-        return ParsedReply(text, [])
-    return ParsedReply(text[:max(marker, 0)], calls, body.lstrip()[end:])
+def _json_list_after(token: str) -> Callable[[str], ParsedReply]:
+    """Calls written as ``token`` then a JSON list of ``{"name", "arguments"}`` objects (Mistral, Granite). The
+    token is a special one, which decoding may drop: a reply opening with such a list is a call too."""
+
+    def parse(text: str) -> ParsedReply:
+        marker = text.find(token)
+        body = (text[marker + len(token):] if marker >= 0 else text).lstrip()
+        if marker < 0 and not body.startswith("[{"):
+            return ParsedReply(text, [])
+        try:
+            value, end = json.JSONDecoder().raw_decode(body)
+        except json.JSONDecodeError:
+            return ParsedReply(text, [])
+        items = value if isinstance(value, list) else [value]
+        calls = [_call(i.get("name"), i.get("arguments")) if isinstance(i, dict) else None for i in items]
+        if not calls or None in calls:
+            return ParsedReply(text, [])
+        return ParsedReply(text[:max(marker, 0)], calls, body[end:])
+
+    return parse
 
 
 def _llama3_json(text: str) -> ParsedReply:
@@ -123,8 +130,8 @@ class ToolCallFormat:
 
 FORMATS = (
     ToolCallFormat("hermes", "<tool_call>", "<tool_call>", (), _hermes),
-    # [TOOL_CALLS] is a special token, which decoding may drop: a reply opening with a JSON list is a call too
-    ToolCallFormat("mistral", "[TOOL_CALLS]", "[TOOL_CALLS]", ("[{",), _mistral),
+    ToolCallFormat("mistral", "[TOOL_CALLS]", "[TOOL_CALLS]", ("[{",), _json_list_after("[TOOL_CALLS]")),
+    ToolCallFormat("granite", "<|tool_call|>", "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>")),
     ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json),
 )
 
