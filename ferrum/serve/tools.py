@@ -35,8 +35,10 @@ class ParsedReply:
 
     @property
     def content(self) -> str | None:
-        text = (self.before + self.after).strip() if self.calls else self.before
-        return text or None
+        """The message's content: the text as it is without calls; the text around them, or null, with calls."""
+        if not self.calls:
+            return self.before
+        return (self.before + self.after).strip() or None
 
 
 def _call(name: Any, arguments: Any) -> dict[str, Any] | None:
