@@ -69,6 +69,8 @@ def test_mistral_and_llama3_replies():
     for text in ('<|python_tag|>{"name": "f", "parameters": {"x": 1}}', ' {"name": "f", "parameters": {"x": 1}}'):
         assert [c["function"] for c in LLAMA3.parse(text).calls] == [{"name": "f", "arguments": '{"x": 1}'}], text
     assert LLAMA3.parse("The answer is {x}.").calls == []
+    two = LLAMA3.parse('{"name": "run", "parameters": {"cmd": "a; b"}}; {"name": "f", "parameters": {}}')
+    assert [json.loads(c["function"]["arguments"]) for c in two.calls] == [{"cmd": "a; b"}, {}]  # ";" in a string
 
 
 def test_formats_are_read_from_the_template():

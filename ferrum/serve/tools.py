@@ -58,14 +58,12 @@ def _call(name: Any, arguments: Any) -> dict[str, Any] | None:
             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
 
 
-def _object_call(text: str, arguments_key: str = "arguments") -> dict[str, Any] | None:
+def _object_call(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
         return None
-    if not isinstance(value, dict):
-        return None
-    return _call(value.get("name"), value.get(arguments_key, value.get("arguments")))
+    return _call(value.get("name"), value.get("arguments")) if isinstance(value, dict) else None
 
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -109,14 +107,22 @@ def _json_list_after(token: str) -> Callable[[str], ParsedReply]:
 
 
 def _llama3_json(text: str) -> ParsedReply:
+    """The whole reply is calls: JSON objects, one after another (Llama 3.1 separates several with ``;``)."""
     body = text.strip().removeprefix("<|python_tag|>").strip()
-    if not body.startswith("{"):
-        return ParsedReply(text, [])
-    calls = [_object_call(part, "parameters") for part in body.split(";")] if ";" in body else [
-        _object_call(body, "parameters")]
-    if None in calls:
-        return ParsedReply(text, [])
-    return ParsedReply("", calls)
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while at < len(body):
+        try:
+            value, at = decoder.raw_decode(body, at)
+        except json.JSONDecodeError:
+            return ParsedReply(text, [])
+        call = _call(value.get("name"), value.get("parameters", value.get("arguments"))) if isinstance(
+            value, dict) else None
+        if call is None:
+            return ParsedReply(text, [])
+        calls.append(call)
+        while at < len(body) and body[at] in " \t\r\n;":
+            at += 1
+    return ParsedReply("", calls) if calls else ParsedReply(text, [])
 
 
 @dataclass(frozen=True)
