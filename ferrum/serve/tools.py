@@ -115,8 +115,9 @@ def _llama3_json(text: str) -> ParsedReply:
             value, at = decoder.raw_decode(body, at)
         except json.JSONDecodeError:
             return ParsedReply(text, [])
-        call = _call(value.get("name"), value.get("parameters", value.get("arguments"))) if isinstance(
-            value, dict) else None
+        if not isinstance(value, dict):
+            return ParsedReply(text, [])
+        call = _call(value.get("name"), value.get("parameters", value.get("arguments")))
         if call is None:
             return ParsedReply(text, [])
         calls.append(call)
