@@ -294,6 +294,26 @@ def test_ferrum_extras_are_accepted(server, llm):
     assert reply.choices[0].text == solo.text
 
 
+def test_tokenize_and_detokenize(server, llm):
+    """vLLM's extras: a prompt's ids (with BOS unless asked not to), chat messages as the chat endpoint encodes
+    them, and ids back to text; an id outside the vocabulary is a 400 naming ``tokens``."""
+    text = "hello world the quick brown fox"
+    done = httpx.post(server.url + "/tokenize", json={"model": "tiny", "prompt": text}).json()
+    assert done["tokens"] == llm.tokenizer.encode(text) and done["count"] == len(done["tokens"])
+    assert done["max_model_len"] == llm.model.config.max_seq_len
+    bare = httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert bare["tokens"] == llm.tokenizer.encode(text, add_special_tokens=False)
+    messages = [{"role": "user", "content": text}]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == llm.encode_prompt(messages)
+    back = httpx.post(server.url + "/detokenize", json={"tokens": bare["tokens"]}).json()
+    assert back == {"prompt": text}
+    for path, body, param in [("/detokenize", {"tokens": [10**6]}, "tokens"), ("/tokenize", {}, "prompt"),
+                              ("/tokenize", {"prompt": "a", "messages": messages}, "prompt")]:
+        response = httpx.post(server.url + path, json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 # ------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "body, param",

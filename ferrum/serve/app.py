@@ -30,7 +30,7 @@ from ferrum.serve import handlers
 from ferrum.serve.errors import APIError, validation_error
 from ferrum.serve.handlers import ServerState
 from ferrum.serve.metrics import CONTENT_TYPE, ServerMetrics
-from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest
+from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 #: Larger bodies are refused before they are parsed (a 1M-token prompt as JSON is ~8 MB).
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -132,6 +132,18 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
         return await _reply(request, handlers.completion(state, body))
 
     app.include_router(v1)
+
+    extras = APIRouter(dependencies=[Depends(require_api_key)])  # vLLM's, beside the OpenAI API
+
+    @extras.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        return handlers.tokenize(state, await _parse(request, TokenizeRequest))
+
+    @extras.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        return handlers.detokenize(state, await _parse(request, DetokenizeRequest))
+
+    app.include_router(extras)
     return app
 
 

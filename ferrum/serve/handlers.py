@@ -26,7 +26,9 @@ from ferrum.sampling import SampledToken, SamplingParams
 from ferrum.serve.errors import APIError
 from ferrum.serve.generation import ChoiceSpec, Generation
 from ferrum.serve.metrics import ServerMetrics
-from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest, _Common
+from ferrum.serve.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common,
+)
 from ferrum.serve.tools import ToolReplies
 from ferrum.serve.tools import format_of as tools_format_of
 
@@ -471,3 +473,35 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
             yield _sse({**envelope(), "choices": [], "usage": _usage(prompts, finals, first_of_prompt)})
 
     return Response(generation, None, _event_stream(stream()))
+
+
+# ------------------------------------------------------------ tokenizer extras
+def tokenize(state: ServerState, body: TokenizeRequest) -> dict:
+    """vLLM's ``/tokenize``: the ids a prompt (or chat messages, with tools) becomes, and the room left."""
+    state.check_model(body.model)
+    body.check_supported()
+    tok = state.llm.tokenizer
+    if tok is None:
+        raise APIError(400, "this model has no tokenizer, so text cannot be tokenized")
+    try:
+        if body.prompt is not None:
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            text = tok.apply_chat_template(body.template_messages(), body.add_generation_prompt, body.tools)
+            ids = tok.encode(text, add_special_tokens=False)
+    except FerrumError as error:
+        raise APIError(400, str(error), param="messages" if body.messages is not None else "prompt") from None
+    return {"count": len(ids), "max_model_len": state.llm.model.config.max_seq_len, "tokens": ids}
+
+
+def detokenize(state: ServerState, body: DetokenizeRequest) -> dict:
+    """vLLM's ``/detokenize``: token ids back to their text."""
+    state.check_model(body.model)
+    tok = state.llm.tokenizer
+    if tok is None:
+        raise APIError(400, "this model has no tokenizer, so ids cannot be turned into text")
+    bad = [t for t in body.tokens if not 0 <= t < tok.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
+    return {"prompt": tok.decode(body.tokens)}
+

@@ -84,6 +84,34 @@ class ChatMessage(BaseModel):
     refusal: StrictStr | None = None
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: ``role`` and text ``content``, with an assistant's earlier
+    ``tool_calls`` and a tool result's ``tool_call_id`` and ``name`` where given."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(
+                        400, f"content part of type {part.type!r} is not supported; send text parts",
+                        param=f"messages.{i}.content",
+                    )
+                texts.append(part.text)
+            content = "".join(texts)
+        # Templates rarely know OpenAI's newer "developer" role; it is the system prompt.
+        role = "system" if message.role == "developer" else message.role
+        entry: dict[str, Any] = {"role": role, "content": content or ""}
+        if message.tool_calls:
+            entry["tool_calls"] = template_tool_calls(message.tool_calls, f"messages.{i}.tool_calls")
+        for key in ("tool_call_id", "name"):
+            if getattr(message, key) is not None:
+                entry[key] = getattr(message, key)
+        out.append(entry)
+    return out
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -136,31 +164,7 @@ class ChatCompletionRequest(_Common):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def template_messages(self) -> list[dict[str, Any]]:
-        """Messages as chat templates expect them: ``role`` and text ``content``, with an assistant's earlier
-        ``tool_calls`` and a tool result's ``tool_call_id`` and ``name`` where given."""
-        out = []
-        for i, message in enumerate(self.messages):
-            content = message.content
-            if isinstance(content, list):
-                texts = []
-                for part in content:
-                    if part.type != "text" or part.text is None:
-                        raise APIError(
-                            400, f"content part of type {part.type!r} is not supported; send text parts",
-                            param=f"messages.{i}.content",
-                        )
-                    texts.append(part.text)
-                content = "".join(texts)
-            # Templates rarely know OpenAI's newer "developer" role; it is the system prompt.
-            role = "system" if message.role == "developer" else message.role
-            entry: dict[str, Any] = {"role": role, "content": content or ""}
-            if message.tool_calls:
-                entry["tool_calls"] = template_tool_calls(message.tool_calls, f"messages.{i}.tool_calls")
-            for key in ("tool_call_id", "name"):
-                if getattr(message, key) is not None:
-                    entry[key] = getattr(message, key)
-            out.append(entry)
-        return out
+        return template_messages(self.messages)
 
 
 class CompletionRequest(_Common):
@@ -192,3 +196,33 @@ class CompletionRequest(_Common):
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]
         return list(prompt)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a text prompt, or chat messages rendered by the chat template (tools too)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_special_tokens: StrictBool = True  # a text prompt's BOS; a chat template writes its own
+    add_generation_prompt: StrictBool = True
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return template_messages(self.messages or [])
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "send either prompt (text) or messages (chat)", param="prompt")
+        if self.tools is not None:
+            check_tools(self.tools)
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``/detokenize``: token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
