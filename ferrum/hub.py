@@ -1,4 +1,4 @@
-"""Hugging Face repo ids (``org/name``, ``org/name/file.gguf``) turned into local files.
+"""Hugging Face repo ids (``org/name``, ``org/name/file.gguf``, ``org/name:Q4_K_M``) turned into local files.
 
 Resolution goes through ``huggingface_hub``'s own cache, so a model another
 tool downloaded is found again and ``HF_HUB_CACHE`` / ``HF_HOME`` /
@@ -13,10 +13,13 @@ import re
 from pathlib import Path
 
 from ferrum.errors import CheckpointError
-from ferrum.gguf_import.files import part_names
+from ferrum.gguf_import.files import is_whole_or_first_part, part_names
 
 #: ``org/name`` or ``org/name/path/in/repo.gguf``: Hugging Face's character set for ids.
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.gguf))?$", re.IGNORECASE)
+
+#: ``org/name:TAG``: one quantization of a GGUF repo, as llama.cpp's ``-hf`` and Ollama name it.
+_TAGGED = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<tag>[\w.-]+)$")
 
 #: What a safetensors checkpoint needs; skips duplicate PyTorch/ONNX/GGUF weights in the same repo.
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -28,6 +31,51 @@ def parse_repo_id(name: str) -> tuple[str, str | None] | None:
     if match is None or ".." in name or name.startswith(("./", "/", "~")):
         return None
     return match["repo"], match["file"]
+
+
+def tagged_gguf(name: str) -> tuple[str, str] | None:
+    """For ``org/name:Q4_K_M``, the repo and its one GGUF file of that quantization (the first part of a split
+    one): the file whose name holds the tag after a separator and before ``-``, ``.`` or its end, case aside.
+    None for names of other forms."""
+    match = _TAGGED.match(name)
+    if match is None or ".." in name:
+        return None
+    repo_id, tag = match["repo"], match["tag"]
+    pattern = re.compile(rf"(^|[-._/]){re.escape(tag)}([-.]|$)", re.IGNORECASE)  # Q4_K is not Q4_K_M
+
+    def matching(names: list[str]) -> list[str]:
+        return sorted(n for n in names if pattern.search(n[: -len(".gguf")]) and is_whole_or_first_part(n))
+
+    from huggingface_hub import constants
+
+    listed = _gguf_files(repo_id, local_only=True)  # the cache first, as for every repo id
+    found = matching(listed)
+    if not found and not constants.HF_HUB_OFFLINE:
+        listed = _gguf_files(repo_id, local_only=False) or listed
+        found = matching(listed)
+    if len(found) == 1:
+        return repo_id, found[0]
+    if found:
+        raise CheckpointError(f"{name}: several GGUF files of {repo_id} match {tag!r} ({', '.join(found[:6])}); "
+                              f"name one: {repo_id}/FILE.gguf")
+    known = ", ".join(listed[:8]) if listed else "none that could be listed (offline, or not downloaded)"
+    raise CheckpointError(f"{name}: {repo_id} has no GGUF file for {tag!r}; its GGUF files: {known}")
+
+
+def _gguf_files(repo_id: str, local_only: bool) -> list[str]:
+    """The repo's ``.gguf`` paths: those of its cached snapshot, or the hub's listing; [] when neither answers."""
+    from huggingface_hub import HfApi, errors, snapshot_download
+
+    try:
+        if local_only:
+            folder = Path(snapshot_download(repo_id, local_files_only=True))
+            return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.gguf"))
+        return sorted(f for f in HfApi().list_repo_files(repo_id) if f.lower().endswith(".gguf"))
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as exc:
+        raise CheckpointError(f"cannot list {repo_id}: {type(exc).__name__}; check the repo id, and for gated or "
+                              "private repos log in (`hf auth login` or HF_TOKEN)") from exc
+    except (errors.LocalEntryNotFoundError, FileNotFoundError, errors.HfHubHTTPError, OSError, ValueError):
+        return []
 
 
 def resolve_repo(repo_id: str, filename: str | None = None) -> Path:

@@ -1,7 +1,7 @@
 """What a user names as a model, turned into a checkpoint folder Ferrum loads.
 
 A folder is used as it is. A Hugging Face repo id (``org/name``, or
-``org/name/file.gguf`` for one file of a GGUF repo) that is not a local path
+``org/name/file.gguf`` or ``org/name:Q4_K_M`` for one file of a GGUF repo) that is not a local path
 is resolved through the Hugging Face cache (:mod:`ferrum.hub`). A GGUF file is imported once (weights kept packed,
 see :mod:`ferrum.gguf_import`) into Ferrum's cache, in a folder named after
 the file and its size and modification time (a split model's: all its parts'), so a changed file is
@@ -48,7 +48,7 @@ def resolve_model(path: str | Path, progress: ProgressFn | None = None) -> Path:
     if isinstance(named, str) and not path.exists():
         from ferrum import hub
 
-        repo = hub.parse_repo_id(named)
+        repo = hub.parse_repo_id(named) or hub.tagged_gguf(named)
         if repo is not None:
             path = hub.resolve_repo(*repo)
             gguf = path if path.is_file() else hub.single_gguf(path)

@@ -119,6 +119,40 @@ def test_a_split_gguf_repo_resolves_through_its_first_part(tmp_path, monkeypatch
     assert named.name.startswith("tiny-00001-of-")
 
 
+def test_a_quantization_tag_names_one_gguf_of_a_repo(tmp_path, monkeypatch):
+    """``org/name:Q4_1`` (llama.cpp's ``-hf`` form) picks the file with that tag between separators, the first
+    part of a split one; an unknown or ambiguous tag says which files there are."""
+    from huggingface_hub import constants
+
+    from ferrum.default_model import default_gguf_path
+    from ferrum.hub import tagged_gguf
+    from ferrum.sources import resolve_model
+
+    files = tmp_path / "files"
+    files.mkdir()
+    for name in ("SmolLM2-135M-Instruct-Q4_1.gguf", "SmolLM2-135M-Instruct-Q4_1_alt.gguf",
+                 "SmolLM2-135M-Instruct-Q8_0-00001-of-00002.gguf", "SmolLM2-135M-Instruct-Q8_0-00002-of-00002.gguf",
+                 "SmolLM2-135M-Instruct-UD-Q4_K_XL.gguf", "x-IQ4_XS.gguf", "y-IQ4_XS.gguf"):
+        (files / name).symlink_to(default_gguf_path())
+    fake_hub_cache(tmp_path / "hub", "acme/smol-GGUF", files)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "ferrum"))
+
+    assert tagged_gguf("acme/smol-GGUF:q4_1") == ("acme/smol-GGUF", "SmolLM2-135M-Instruct-Q4_1.gguf")
+    assert tagged_gguf("acme/smol-GGUF:Q8_0") == ("acme/smol-GGUF", "SmolLM2-135M-Instruct-Q8_0-00001-of-00002.gguf")
+    assert tagged_gguf("acme/smol-GGUF:UD-Q4_K_XL")[1] == "SmolLM2-135M-Instruct-UD-Q4_K_XL.gguf"
+    with pytest.raises(CheckpointError, match="no GGUF file for 'Q4_K'"):  # a prefix of Q4_K_XL is not its tag
+        tagged_gguf("acme/smol-GGUF:Q4_K")
+    assert tagged_gguf("acme/smol-GGUF") is None and tagged_gguf("acme/smol-GGUF/x.gguf") is None
+    with pytest.raises(CheckpointError, match=r"no GGUF file for 'Q5_K_M'; its GGUF files: .*Q4_1.gguf"):
+        tagged_gguf("acme/smol-GGUF:Q5_K_M")
+    with pytest.raises(CheckpointError, match=r"several GGUF files .* match 'IQ4_XS' \(x-IQ4_XS.gguf, y-IQ4_XS"):
+        tagged_gguf("acme/smol-GGUF:IQ4_XS")
+    folder = resolve_model("acme/smol-GGUF:Q4_1")
+    assert (folder / "config.json").exists() and folder.name.startswith("SmolLM2-135M-Instruct-Q4_1-")
+
+
 def test_an_unreachable_hub_is_named_not_taken_for_a_missing_file(tmp_path, monkeypatch):
     """huggingface_hub reports a failed connection as LocalEntryNotFoundError, a kind of EntryNotFoundError;
     the message must say the download failed, not that the repo lacks a file."""

@@ -85,6 +85,12 @@ def part_names(name: str) -> list[str]:
     return [f"{named['prefix']}-{number:05d}-of-{count:05d}.gguf" for number in range(1, count + 1)]
 
 
+def is_whole_or_first_part(name: str) -> bool:
+    """False for the second and later parts of a split model (by name)."""
+    named = _PART_NAME.match(name)
+    return named is None or int(named["no"]) == 1
+
+
 @dataclass(frozen=True)
 class GGUFModel:
     """What the import reads of a model: the first file's metadata and every part's tensors."""
