@@ -28,7 +28,7 @@ TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 WINDOW = 4  # shorter than the test sequences
 ORIGINAL = 8  # longrope's original_max_position_embeddings: TOKENS cross it
 
-FAMILIES = ("gemma3", "gemma2", "phi3_longrope_partial", "phi3_window", "smollm3", "granite")
+FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite")
 
 
 def _longrope(half: int) -> dict:
@@ -53,6 +53,9 @@ def transformers_config(family: str):
             **common, num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=WINDOW,
             attn_logit_softcapping=3.0, final_logit_softcapping=5.0, query_pre_attn_scalar=40,
         )
+    if family == "gemma":  # Gemma 1: Llama's two norms with (1 + w), GeGLU; the official configs' legacy "gelu"
+        return transformers.GemmaConfig(**{**common, "hidden_size": 64}, num_attention_heads=4, num_key_value_heads=1,
+                                        head_dim=32, hidden_act="gelu")
     if family == "phi3_longrope_partial":  # Phi-4-mini style: partial rotary, tied, longrope
         return transformers.Phi3Config(
             **common, num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5,
@@ -191,7 +194,8 @@ def _mlx_lm_config(config: dict) -> dict:
                                             ("phi3_partial", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
-    always uses the long factors, so Phi-3's partial rotary is compared without longrope."""
+    always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
+    exact GELU where transformers, and Gemma's training, use the tanh form: compared with transformers only.)"""
     import shutil
 
     mx = pytest.importorskip("mlx.core")
@@ -350,8 +354,8 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 # implements, every math-changing key of the family), read by transformers' AutoConfig from that very file and
 # by Ferrum. Ferrum must refuse naming a key of that file, or match transformers' logits.
 
-PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
-                     "gemma3_text", "phi3", "smollm3", "granite")
+PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
+                     "gemma2", "gemma3_text", "phi3", "smollm3", "granite")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -448,7 +452,7 @@ def draw_config(draw, st, family: str) -> dict:
         if draw(st.booleans()):
             raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
                                                min_size=layers, max_size=layers))
-    if family in ("qwen2", "qwen3", "qwen3_moe"):
+    if family in ("qwen2", "qwen3", "qwen3_moe", "gemma"):
         raw["attention_bias"] = draw(st.booleans())
     if family in ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         raw["sliding_window"] = draw(st.sampled_from([None, window, window, 0]) if family == "qwen2_moe"

@@ -900,7 +900,7 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
         w.add_rope_scaling_factor(scaling["factor"])
         w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
         w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
-    if arch.startswith("qwen"):
+    if arch.startswith(("qwen", "gemma")):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     if arch == "granite":
@@ -910,10 +910,12 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
         w.add_logit_scale(config.logits_scaling)
     names = {name: gguf_name for name, gguf_name in _GEMMA_GGUF_NAMES.items() if "layernorm" not in name}
     names.update({"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"})
-    heads = {} if arch.startswith("qwen") else {"self_attn.q_proj.weight": config.num_attention_heads,
-                                                "self_attn.k_proj.weight": config.num_key_value_heads}
+    heads = {} if arch.startswith(("qwen", "gemma")) else {"self_attn.q_proj.weight": config.num_attention_heads,
+                                                           "self_attn.k_proj.weight": config.num_key_value_heads}
     for name, tensor in hf.state_dict().items():
-        array = tensor.float().numpy()
+        if arch == "gemma" and name == "lm_head.weight":  # tied: llama.cpp's converter skips it
+            continue
+        array = tensor.float().numpy() + (1.0 if arch == "gemma" and name.endswith("norm.weight") else 0.0)
         layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
         if layer is None:
             w.add_tensor(_GLOBAL_GGUF_NAMES[name], array)
@@ -924,15 +926,23 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["smollm3", "granite", "qwen3"])
+@pytest.mark.parametrize("arch", ["smollm3", "granite", "qwen3", "gemma"])
 def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     """SmolLM3 (every fourth layer without rope, as llama.cpp assumes), Granite (its four multipliers from
-    the metadata) and a Qwen3 with YaRN (its rope.scaling numbers): logits equal transformers' model."""
+    the metadata), a Qwen3 with YaRN (its rope.scaling numbers) and Gemma 1 (norms stored as 1 + w, GeGLU):
+    logits equal transformers' model."""
+    torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
     common = dict(intermediate_size=96, num_hidden_layers=4, tie_word_embeddings=False)
     if arch == "smollm3":
         hf, config = _tiny_model(transformers.SmolLM3Config, **common)
+    elif arch == "gemma":
+        hf, config = _tiny_model(transformers.GemmaConfig, **{**common, "tie_word_embeddings": True}, head_dim=16)
+        with torch.no_grad():  # norms away from zero, so a norm read without its offset is visible
+            for name, param in hf.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.uniform_(-0.5, 0.5)
     elif arch == "qwen3":
         hf, config = _tiny_model(transformers.Qwen3Config, **common, max_position_embeddings=16384, head_dim=16,
                                  rope_scaling={"rope_type": "yarn", "factor": 4.0,

@@ -321,6 +321,28 @@ _SMOLLM3 = (
 )
 
 
+#: transformers' Gemma (1) reads ``hidden_act`` only, taking the legacy "gelu" of the official configs as the tanh
+#: approximation Gemma was trained with.
+_GEMMA1_ACTIVATIONS = {"gelu": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu"}
+
+
+def _gemma1(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Llama's two pre-norms with Gemma's ``1 + w`` weights, a GeGLU MLP and embeddings scaled by sqrt(hidden)."""
+    r("use_bidirectional_attention")
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, ("default", "linear", "dynamic", "llama3", "yarn"))
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS,
+        norm_offset=1.0,
+        activation=_GEMMA1_ACTIVATIONS[r("hidden_act")],
+        embed_scale=math.sqrt(sizes.hidden_size),
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qkv_bias=r("attention_bias"),
+        o_bias=r("attention_bias"),
+    )
+
+
 def _gemma(r: KeyReader, sizes: Sizes, pattern_default: int, qk_norm: bool, ropes: Callable) -> Architecture:
     r("use_bidirectional_attention")
     r("hidden_activation")
@@ -372,15 +394,17 @@ def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     return Rope(theta=float(local), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim), full
 
 
-_GEMMA = (
-    Key("hidden_activation", default="gelu_pytorch_tanh", check=one_of("gelu_pytorch_tanh", "gelu_tanh"),
-        unsupported=True),
-    Key("query_pre_attn_scalar", default=256, check=positive_number),
+_CAUSAL_GEMMA = (
     Key("attention_bias", default=False, check=boolean),
     Key("use_bidirectional_attention", default=False,
         check=falsy("bidirectional Gemma (an embedding model) is not a causal LM; use a causal checkpoint"),
         unsupported=True),
-    *_WINDOW, *_LAYER_TYPES,
+)
+_GEMMA = (
+    Key("hidden_activation", default="gelu_pytorch_tanh", check=one_of("gelu_pytorch_tanh", "gelu_tanh"),
+        unsupported=True),
+    Key("query_pre_attn_scalar", default=256, check=positive_number),
+    *_CAUSAL_GEMMA, *_WINDOW, *_LAYER_TYPES,
 )
 
 
@@ -452,6 +476,12 @@ FAMILIES: dict[str, Family] = {
     "smollm3": Family(
         _keys(_core(True), _ROPE, _SILU, _SMOLLM3),
         _llama_like(False, False, _smollm3_windows, _smollm3_rotated),
+    ),
+    "gemma": Family(
+        _keys(_core(True, 256), _ROPE, _CAUSAL_GEMMA, (
+            Key("hidden_act", default="gelu_pytorch_tanh", check=one_of(*_GEMMA1_ACTIVATIONS), unsupported=True),
+        )),
+        _gemma1,
     ),
     "gemma2": Family(
         _keys(_core(True, 256), _ROPE[:3], _GEMMA, (

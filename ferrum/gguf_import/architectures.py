@@ -127,6 +127,8 @@ ARCHITECTURES = {
                              (("attention_bias", False), ("mlp_bias", False), ("no_rope_layer_interval", 4))),
     "granite": _Architecture("granite", "GraniteForCausalLM", True, (("attention_bias", False), ("mlp_bias", False)),
                              configure=_granite_config),
+    "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
+                                                                 ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
                             renamed=_GEMMA_NORMS, norm_offset=1.0, configure=_gemma2_config),
     "gemma3": _Architecture("gemma3_text", "Gemma3ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
