@@ -53,7 +53,7 @@ def test_hermes_calls_and_the_text_around_them():
 
 @pytest.mark.parametrize("text", [
     "no call here", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
-    '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', "<tool_call>" + "[" * 100_000 + "</tool_call>",
 ])
 def test_what_is_not_a_call_stays_content(text):
     reply = HERMES.parse(text)

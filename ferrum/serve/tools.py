@@ -24,6 +24,9 @@ from typing import Any, Callable
 
 from ferrum.serve.errors import APIError
 
+#: What reading text that is not (or too deeply nested) JSON raises.
+_NOT_JSON = (json.JSONDecodeError, RecursionError)
+
 
 @dataclass(frozen=True)
 class ParsedReply:
@@ -48,7 +51,7 @@ def _call(name: Any, arguments: Any) -> dict[str, Any] | None:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except json.JSONDecodeError:
+        except _NOT_JSON:
             return None
     if arguments is None:
         arguments = {}
@@ -61,7 +64,7 @@ def _call(name: Any, arguments: Any) -> dict[str, Any] | None:
 def _object_call(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except _NOT_JSON:
         return None
     return _call(value.get("name"), value.get("arguments")) if isinstance(value, dict) else None
 
@@ -95,7 +98,7 @@ def _json_list_after(token: str) -> Callable[[str], ParsedReply]:
             return ParsedReply(text, [])
         try:
             value, end = json.JSONDecoder().raw_decode(body)
-        except json.JSONDecodeError:
+        except _NOT_JSON:
             return ParsedReply(text, [])
         items = value if isinstance(value, list) else [value]
         calls = [_call(i.get("name"), i.get("arguments")) if isinstance(i, dict) else None for i in items]
@@ -113,7 +116,7 @@ def _llama3_json(text: str) -> ParsedReply:
     while at < len(body):
         try:
             value, at = decoder.raw_decode(body, at)
-        except json.JSONDecodeError:
+        except _NOT_JSON:
             return ParsedReply(text, [])
         if not isinstance(value, dict):
             return ParsedReply(text, [])
@@ -243,7 +246,7 @@ def template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[st
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError:
+            except _NOT_JSON:
                 raise APIError(400, "a tool call's arguments must be JSON text", param=f"{where}.{j}") from None
         out.append({"id": call.get("id"), "type": "function",
                     "function": {"name": function["name"], "arguments": arguments}})
