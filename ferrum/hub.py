@@ -58,8 +58,12 @@ def tagged_gguf(name: str) -> tuple[str, str] | None:
     if found:
         raise CheckpointError(f"{name}: several GGUF files of {repo_id} match {tag!r} ({', '.join(found[:6])}); "
                               f"name one: {repo_id}/FILE.gguf")
-    known = ", ".join(listed[:8]) if listed else "none that could be listed (offline, or not downloaded)"
-    raise CheckpointError(f"{name}: {repo_id} has no GGUF file for {tag!r}; its GGUF files: {known}")
+    if not listed:
+        why = ("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else "neither the Hugging Face cache nor the hub could list its files")
+        raise CheckpointError(f"{name}: no GGUF file of {repo_id} found for {tag!r}: {why}; download it where there "
+                              f"is network (`hf download {repo_id}`), or name a local .gguf file")
+    raise CheckpointError(f"{name}: {repo_id} has no GGUF file for {tag!r}; its GGUF files: {', '.join(listed[:8])}")
 
 
 def _gguf_files(repo_id: str, local_only: bool) -> list[str]:

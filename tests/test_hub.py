@@ -149,6 +149,8 @@ def test_a_quantization_tag_names_one_gguf_of_a_repo(tmp_path, monkeypatch):
         tagged_gguf("acme/smol-GGUF:Q5_K_M")
     with pytest.raises(CheckpointError, match=r"several GGUF files .* match 'IQ4_XS' \(x-IQ4_XS.gguf, y-IQ4_XS"):
         tagged_gguf("acme/smol-GGUF:IQ4_XS")
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set"):
+        tagged_gguf("acme/never-downloaded-GGUF:Q4_1")
     folder = resolve_model("acme/smol-GGUF:Q4_1")
     assert (folder / "config.json").exists() and folder.name.startswith("SmolLM2-135M-Instruct-Q4_1-")
 
