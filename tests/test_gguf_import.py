@@ -363,7 +363,7 @@ ONE_Q8_0 = {"mlp.up_proj.weight": Q.Q8_0}
 def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt2", pre: str = "smollm",
                     types: dict | None = None, rope_freqs: np.ndarray | None = None,
                     hidden: int = 64, inter: int = 96, std: float = 1.0,
-                    split_max_tensors: int = 0) -> dict[str, np.ndarray]:
+                    split_max_tensors: int = 0, chat_template: Any = None) -> dict[str, np.ndarray]:
     """A 1-layer GGUF (4 heads, 2 KV heads) of ``arch`` (llama; qwen2 adds q/k/v biases, qwen3 q/k norms);
     returns its weights in Hugging Face layout, as stored.
 
@@ -372,7 +372,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     other matrices and every norm are float32. Quantized and float16 tensors are returned as the file's
     exact values (gguf's dequantization, q/k un-permuted). ``std`` scales the matrices' normal draws;
     ``split_max_tensors`` splits the model into parts of that many tensors as llama.cpp's converter does
-    (``<stem>-00001-of-0000N.gguf`` ...).
+    (``<stem>-00001-of-0000N.gguf`` ...); ``chat_template`` (a string, or named ones) is written as llama.cpp's
+    converter writes it.
     """
     rng = np.random.default_rng(0)
     types = ONE_Q8_0 if types is None else types
@@ -447,7 +448,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
         w.add_token_scores(scores)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    w.add_chat_template(chat_template or "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
     expected = {}
     for name, array in hf.items():
         # llama.cpp permutes Llama's q/k rows for its rope; the rotate-half families (Qwen) it stores as they are
@@ -967,6 +968,25 @@ def test_gemma_attention_scale_follows_llama_cpp(tmp_path, arch, layers, scalar)
     _gemma_gguf(tmp_path / "gemma.gguf", hf, config, arch)
     out = convert_gguf(tmp_path / "gemma.gguf", tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["query_pre_attn_scalar"] == scalar
+
+
+def test_named_chat_templates_come_along(tmp_path):
+    """llama.cpp's ``tokenizer.chat_template.<name>`` (Hermes 2 Pro's tool_use): kept by name, so a request with
+    tools renders the tool_use one; a file with one template keeps it as a string."""
+    import json
+
+    from ferrum.tokenizer import Tokenizer
+
+    named = [{"name": "default", "template": "plain {{ messages[0].content }}"},
+             {"name": "tool_use", "template": "tools {{ tools | length }} {{ messages[0].content }}"}]
+    write_tiny_gguf(tmp_path / "named.gguf", types={}, chat_template=named)
+    tok = Tokenizer(convert_gguf(tmp_path / "named.gguf", tmp_path / "named"))
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(messages) == "plain hi"
+    assert tok.apply_chat_template(messages, tools=[{"type": "function", "function": {"name": "f"}}]) == "tools 1 hi"
+    write_tiny_gguf(tmp_path / "one.gguf", types={}, chat_template="only {{ messages[0].content }}")
+    config = json.loads((convert_gguf(tmp_path / "one.gguf", tmp_path / "one") / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == "only {{ messages[0].content }}"
 
 
 def test_split_gguf_imports_from_its_first_part(tmp_path):

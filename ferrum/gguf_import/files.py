@@ -158,6 +158,10 @@ class Metadata:
     def __contains__(self, key: str) -> bool:
         return key in self._fields
 
+    def keys(self, prefix: str) -> list[str]:
+        """The file's keys that start with ``prefix``."""
+        return [key for key in self._fields if key.startswith(prefix)]
+
     def get(self, key: str, default: Any = None) -> Any:
         field = self._fields.get(key)
         if field is None:

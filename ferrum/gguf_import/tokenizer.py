@@ -222,9 +222,14 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
         text = token_of(key)
         if text is not None:
             tokenizer_config[name] = text
-    template = meta.get("tokenizer.chat_template")
-    if template:
-        tokenizer_config["chat_template"] = template
+    templates = {"default": meta.get("tokenizer.chat_template")}  # and llama.cpp's named ones (tool_use, rag...)
+    templates.update({key.removeprefix("tokenizer.chat_template."): meta.get(key)
+                      for key in meta.keys("tokenizer.chat_template.")})
+    templates = {name: text for name, text in templates.items() if isinstance(text, str) and text}
+    if list(templates) == ["default"]:
+        tokenizer_config["chat_template"] = templates["default"]
+    elif templates:
+        tokenizer_config["chat_template"] = [{"name": name, "template": text} for name, text in templates.items()]
     return tok, tokenizer_config
 
 
