@@ -75,17 +75,22 @@ def numpy_shape(tensor: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(list(tensor.shape)))
 
 
-def dequantized(tensor: Any, where: str) -> np.ndarray:
-    """A GGUF tensor's values as float32 in numpy order, through the ``gguf`` package's own dequantization."""
+def _gguf_dequantize(data: np.ndarray, tensor: Any, where: str) -> np.ndarray:
+    """``data`` (some or all of ``tensor``'s blocks) through the ``gguf`` package's own dequantization."""
     from gguf.quants import dequantize
 
     try:
-        array = dequantize(tensor.data, tensor.tensor_type)
+        return dequantize(data, tensor.tensor_type)
     except NotImplementedError as exc:
         raise UnsupportedFeatureError(
             f"{where}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the installed "
             f"gguf package cannot dequantize ({exc}); try upgrading it: pip install -U gguf"
         ) from exc
+
+
+def dequantized(tensor: Any, where: str) -> np.ndarray:
+    """A GGUF tensor's values as float32 in numpy order."""
+    array = _gguf_dequantize(tensor.data, tensor, where)
     shape = numpy_shape(tensor)
     if array.size != math.prod(shape):
         raise CheckpointError(
@@ -97,20 +102,11 @@ def dequantized(tensor: Any, where: str) -> np.ndarray:
 
 def _check_quant_types(tensors: Iterable[Any], where: str) -> None:
     """Dequantize one block of every storage type up front, so nothing is written for a file we cannot read."""
-    from gguf.quants import dequantize
-
     seen: dict[Any, Any] = {}
     for t in tensors:
         seen.setdefault(t.tensor_type, t)
-    for qtype, t in seen.items():
-        first_row = t.data.reshape(-1, t.data.shape[-1])[:1] if t.data.ndim else t.data
-        try:
-            dequantize(first_row, qtype)
-        except NotImplementedError as exc:
-            raise UnsupportedFeatureError(
-                f"{where}: tensor {t.name} is stored as {qtype.name}, which the installed gguf package cannot "
-                f"dequantize ({exc}); try upgrading it: pip install -U gguf"
-            ) from exc
+    for t in seen.values():
+        _gguf_dequantize(t.data.reshape(-1, t.data.shape[-1])[:1] if t.data.ndim else t.data, t, where)
 
 
 def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTensor]:
