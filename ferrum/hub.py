@@ -76,8 +76,7 @@ def _gguf_files(repo_id: str, local_only: bool) -> list[str]:
             return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.gguf"))
         return sorted(f for f in HfApi().list_repo_files(repo_id) if f.lower().endswith(".gguf"))
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as exc:
-        raise CheckpointError(f"cannot list {repo_id}: {type(exc).__name__}; check the repo id, and for gated or "
-                              "private repos log in (`hf auth login` or HF_TOKEN)") from exc
+        raise _not_accessible(f"cannot list {repo_id}", exc) from exc
     except (errors.LocalEntryNotFoundError, FileNotFoundError, errors.HfHubHTTPError, OSError, ValueError):
         return []
 
@@ -107,10 +106,7 @@ def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
     try:
         return fetch(local_only=False)
     except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError) as exc:
-        raise CheckpointError(
-            f"cannot download {what}: {type(exc).__name__}; check the repo id, and for gated or private "
-            "repos accept the license on huggingface.co and log in (`hf auth login` or HF_TOKEN)"
-        ) from exc
+        raise _not_accessible(f"cannot download {what}", exc) from exc
     except errors.EntryNotFoundError as exc:
         # LocalEntryNotFoundError, a subclass, is the hub not answering: no file is known missing
         if isinstance(exc, errors.LocalEntryNotFoundError) or filename is None:
@@ -118,6 +114,11 @@ def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
         raise CheckpointError(f"{repo_id} has no file {filename!r}; list its files on huggingface.co") from exc
     except (errors.HfHubHTTPError, OSError, ValueError) as exc:
         raise _download_failed(what, repo_id, constants.HF_HUB_CACHE, exc) from exc
+
+
+def _not_accessible(what: str, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{what}: {type(exc).__name__}; check the repo id, and for gated or private repos "
+                           "accept the license on huggingface.co and log in (`hf auth login` or HF_TOKEN)")
 
 
 def _download_failed(what: str, repo_id: str, cache: str, exc: Exception) -> CheckpointError:

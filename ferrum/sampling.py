@@ -284,6 +284,12 @@ def apply_adjustments_numpy(logits: np.ndarray, batch: SamplingBatch) -> np.ndar
     return x
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, computed in ``x``'s dtype (shifted by the row maximum)."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def sample_numpy(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
     """The semantics of the ``sample`` op (see the module docstring), vectorised over rows."""
     x = apply_adjustments_numpy(logits, batch)
@@ -308,8 +314,7 @@ def sample_numpy(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
         tokens = np.where(batch.temperature > 0, sampled, tokens)
     if not batch.num_logprobs:
         return SampleResult(tokens)
-    shifted = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
-    logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    logp = log_softmax(x.astype(np.float64))
     top = order[:, : batch.num_logprobs]
     return SampleResult(
         tokens,

@@ -152,9 +152,11 @@ class Tokenizer:
                 f"the chat template failed on these messages ({type(exc).__name__}: {exc})"
             ) from None
 
-    def encode_chat(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
         # The template writes BOS itself where the model wants one.
-        return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
+        return self.encode(text, add_special_tokens=False)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

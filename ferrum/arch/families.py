@@ -215,13 +215,17 @@ _LAYER_TYPES = (Key("layer_types"),)
 
 # ------------------------------------------------------------------ families
 
+#: The rope scalings transformers' Llama-derived families apply.
+_LLAMA_ROPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
 def _llama_like(qkv_bias_default: bool, qk_norm: bool, windows: Callable[[KeyReader, Sizes], list],
                 rotated: Callable[[KeyReader, Sizes], list[bool]] | None = None):
     """``rotated``: which layers apply rope (SmolLM3's NoPE layers do not); every layer when None."""
 
     def build(r: KeyReader, sizes: Sizes) -> Architecture:
         key, spec = _rope_spec(r)
-        rope = read_rope(r, sizes, spec, key, ("default", "linear", "dynamic", "llama3", "yarn"))
+        rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
         r("hidden_act")
         r("partial_rotary_factor")
         attention_bias = r.get("attention_bias")
@@ -330,7 +334,7 @@ def _gemma1(r: KeyReader, sizes: Sizes) -> Architecture:
     """Llama's two pre-norms with Gemma's ``1 + w`` weights, a GeGLU MLP and embeddings scaled by sqrt(hidden)."""
     r("use_bidirectional_attention")
     key, spec = _rope_spec(r)
-    rope = read_rope(r, sizes, spec, key, ("default", "linear", "dynamic", "llama3", "yarn"))
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
     return Architecture(
         layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
         norms=LLAMA_NORMS,

@@ -125,7 +125,8 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
                                           f"(Ferrum imports llama (Mixtral), qwen2moe and qwen3moe ones)")
         family = family.with_experts
 
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    tensors = {t.name: t for t in reader.tensors}
+    embed = tensors.get("token_embd.weight")
     if embed is None:
         raise CheckpointError(f"{where}: GGUF file has no token_embd.weight")
     vocab = numpy_shape(embed)[0]
@@ -146,11 +147,10 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         rope_scaling = {"rope_type": kind, "factor": float32_value(factor)}
         if kind == "yarn":
             rope_scaling.update(_yarn_scaling(meta, p, where))
-    factors = {key: next((t for t in reader.tensors if t.name == name), None)
-               for name, key in ROPE_FACTOR_TENSORS.items()}
+    factors = {key: tensors.get(name) for name, key in ROPE_FACTOR_TENSORS.items()}
     if any(t is not None for t in factors.values()):
         rope_scaling = _longrope_scaling(meta, p, factors, rope_dims, where)
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    freqs = tensors.get("rope_freqs.weight")
     if freqs is not None:
         fitted = _llama3_rope_scaling(dequantized(freqs, where), head_dim, theta)
         if fitted is None:
@@ -159,10 +159,10 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
             )
         if fitted:
             if rope_scaling is not None:
-                raise UnsupportedFeatureError(f"{where}: both linear and Llama 3 rope scaling; not supported")
+                raise UnsupportedFeatureError(
+                    f"{where}: both {rope_scaling['rope_type']} and Llama 3 rope scaling; not supported")
             rope_scaling = fitted
 
-    names = {t.name for t in reader.tensors}
     config: dict[str, Any] = {
         "architectures": [family.hf_class],
         "model_type": family.model_type,
@@ -179,7 +179,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         "rope_scaling": rope_scaling,
         "hidden_act": "silu",
         **dict(family.config),
-        "tie_word_embeddings": "output.weight" not in names,
+        "tie_word_embeddings": "output.weight" not in tensors,
     }
     if family.moe is not None:
         experts = family.moe

@@ -22,15 +22,14 @@ from ferrum.api import LLM
 from ferrum.engine import AsyncEngine, FinishReason, RequestOutput
 from ferrum.errors import FerrumError
 from ferrum.metadata import REQUIRE_FULL_LOGITS
-from ferrum.sampling import SampledToken, SamplingParams
+from ferrum.sampling import SampledToken, SamplingParams, log_softmax
 from ferrum.serve.errors import APIError
 from ferrum.serve.generation import ChoiceSpec, Generation
 from ferrum.serve.metrics import ServerMetrics
 from ferrum.serve.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, template_messages,
 )
-from ferrum.serve.tools import ToolReplies
-from ferrum.serve.tools import format_of as tools_format_of
+from ferrum.serve.tools import ToolReplies, format_of as tools_format_of
 
 #: JSON has no infinities; a token the logit bias banned gets this logprob (as vLLM sends).
 _MIN_LOGPROB = -9999.0
@@ -244,9 +243,7 @@ class _Logprobs:
     def prompt(self, prompt: Sequence[int], logits: np.ndarray, top: int) -> dict:
         """The completions form for the prompt's own tokens (``echo``): each one's logprob under the logits of
         the position before it (``logits`` row ``i`` predicts token ``i + 1``); the first has none."""
-        rows = logits[: len(prompt) - 1].astype(np.float32)
-        rows = rows - rows.max(axis=-1, keepdims=True)
-        rows -= np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+        rows = log_softmax(logits[: len(prompt) - 1].astype(np.float32))
         tokens, values, tops, offsets, offset = [], [None], [None], [], 0
         for position, token_id in enumerate(prompt):
             text = self.token(token_id)[0]
@@ -328,7 +325,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
         raise APIError(400, "this model has no tokenizer, so chat messages cannot be encoded; use /v1/completions "
                        "with token ids")
     replies = _tool_replies(state, body)
-    prompt = _encode(state, body.template_messages(), "messages", replies.tools)
+    prompt = _encode(state, template_messages(body.messages), "messages", replies.tools)
     max_tokens = _max_tokens(state, len(prompt), body.max_new_tokens(), "messages")
     top = body.top_logprobs or 0
     want_logprobs = max(top, 1) if body.logprobs else 0
@@ -487,8 +484,7 @@ def tokenize(state: ServerState, body: TokenizeRequest) -> dict:
         if body.prompt is not None:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
-            text = tok.apply_chat_template(body.template_messages(), body.add_generation_prompt, body.tools)
-            ids = tok.encode(text, add_special_tokens=False)
+            ids = tok.encode_chat(template_messages(body.messages), body.tools, body.add_generation_prompt)
     except FerrumError as error:
         raise APIError(400, str(error), param="messages" if body.messages is not None else "prompt") from None
     return {"count": len(ids), "max_model_len": state.llm.model.config.max_seq_len, "tokens": ids}

@@ -163,9 +163,6 @@ class ChatCompletionRequest(_Common):
         """``max_completion_tokens`` replaces the deprecated ``max_tokens``; the first one set wins."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        return template_messages(self.messages)
-
 
 class CompletionRequest(_Common):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -208,9 +205,6 @@ class TokenizeRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     add_special_tokens: StrictBool = True  # a text prompt's BOS; a chat template writes its own
     add_generation_prompt: StrictBool = True
-
-    def template_messages(self) -> list[dict[str, Any]]:
-        return template_messages(self.messages or [])
 
     def check_supported(self) -> None:
         if (self.prompt is None) == (self.messages is None):
