@@ -10,6 +10,7 @@ import pytest
 
 import ferrum
 from ferrum.engine import AsyncEngine, Engine, EngineConfig
+from ferrum.engine.request import LogitRows
 from ferrum.errors import InvalidRequestError
 from ferrum.executor import LlmExecutor
 from ferrum.executor_api import PrefillInput, UnifiedBatch, UnifiedBatchItem
@@ -68,6 +69,44 @@ def test_full_logits_survive_preemption(checkpoint):
     for o in out[:2]:
         reference = load(checkpoint, BACKENDS[0]).forward_verify("r", list(o.prompt_token_ids) + list(o.token_ids[:-1]))
         np.testing.assert_allclose(o.full_logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_each_output_holds_its_own_logits_without_copying_the_earlier_ones(checkpoint):
+    """Every step's output carries all rows so far: as read-only views of one growing buffer (not a
+    fresh concatenation per step, which costs positions x vocab a step), none of which a later step,
+    nor a preemption's recompute, changes."""
+    engine = Engine(LlmExecutor(DecoderOnlyLLM.from_pretrained(checkpoint, backend=BACKENDS[0], num_kv_blocks=16,
+                                                               block_size=4)),
+                    None, EngineConfig(max_num_batched_tokens=16, max_num_seqs=4))
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    ids = [engine.add_request(p, params, metadata=FULL) for p in (PROMPTS[0], PROMPTS[2])]
+    outputs = {i: [] for i in ids}
+    for out in engine.run_until_done():
+        outputs[out.request_id].append((out, out.full_logits.copy()))
+    assert engine.metrics().preemptions > 0
+    for steps in outputs.values():
+        final = steps[-1][0].full_logits
+        assert len(final) == len(steps[-1][0].prompt_token_ids) + 24 - 1
+        for out, at_the_time in steps:
+            np.testing.assert_array_equal(out.full_logits, at_the_time)
+            assert not out.full_logits.flags.writeable
+        views = [out.full_logits for out, _ in steps]
+        copies = sum(not np.shares_memory(a, b) for a, b in zip(views, views[1:]))
+        assert copies <= 6, f"{copies} of {len(views) - 1} steps copied the rows"  # doublings and recomputes
+
+
+def test_logit_rows_replace_recomputed_positions_and_refuse_gaps():
+    rows = LogitRows()
+    block = np.arange(12, dtype=np.float32).reshape(4, 3)
+    rows.put(block, 0)
+    before = rows.view()
+    rows.put(block[:2] + 100, 3)  # positions 3 and 4 recomputed from 3 on
+    np.testing.assert_array_equal(rows.view(), np.concatenate([block[:3], block[:2] + 100]))
+    np.testing.assert_array_equal(before, block)  # the view handed out earlier is untouched
+    rows.truncate(1)
+    np.testing.assert_array_equal(rows.view(), block[:1])
+    with pytest.raises(ValueError, match="gap"):
+        rows.put(block, 3)
 
 
 def test_executor_items_carry_metadata(checkpoint):

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ferrum.engine.metrics import EngineMetrics, MetricsRecorder
-from ferrum.engine.request import FinishReason, OutputCallback, Request, RequestOutput
+from ferrum.engine.request import FinishReason, LogitRows, OutputCallback, Request, RequestOutput
 from ferrum.engine.scheduler import EngineConfig, ScheduledChunk, Scheduler
 from ferrum.errors import (
     ContextLengthExceededError,
@@ -236,7 +236,7 @@ class Engine:
         request = Request(request_id, tokens, params, max_total, metadata=metadata)
         request.sampler = RequestSampler(params, tokens)
         if require_full_logits(metadata):
-            request.full_logits = []
+            request.full_logits = LogitRows()
         if self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, tokens)
             request.stop_filter = StopStringFilter(params.stop)

@@ -98,6 +98,54 @@ class RequestOutput:
 OutputCallback = Callable[[RequestOutput], None]
 
 
+class LogitRows:
+    """A request's logits, one row per computed position, appended to in place.
+
+    Every step's output carries all rows so far; concatenating them anew each step would copy
+    ``positions x vocab`` floats per step (quadratic in the length). Rows live in one buffer
+    that doubles when full, and an output gets a read-only view of the filled rows: a later
+    append writes past the view, a doubling moves on to a new buffer, and ``truncate`` copies
+    into a new one, so a view handed out never changes.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: np.ndarray | None = None
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def put(self, rows: np.ndarray, start: int) -> None:
+        """Rows for positions ``start ..``; any held from ``start`` on (a recompute) are dropped first."""
+        if start > self._length:
+            raise ValueError(f"logit rows from position {start} leave a gap after {self._length} held rows")
+        if start < self._length:
+            self.truncate(start)
+        end = start + len(rows)
+        if self._buffer is None or end > len(self._buffer):
+            self._regrow(max(end, 2 * self._length, 16), rows.shape[1:])
+        self._buffer[start:end] = rows
+        self._length = end
+
+    def truncate(self, length: int) -> None:
+        """Keep the rows of positions ``.. length - 1``, in a new buffer (views handed out keep theirs)."""
+        if length < self._length:
+            self._length = length
+            self._regrow(len(self._buffer), self._buffer.shape[1:])
+
+    def view(self) -> np.ndarray:
+        """The rows so far, read-only (call it once there is one)."""
+        rows = self._buffer[: self._length]
+        rows.flags.writeable = False
+        return rows
+
+    def _regrow(self, capacity: int, row_shape: tuple[int, ...]) -> None:
+        buffer = np.empty((capacity, *row_shape), dtype=np.float32)
+        if self._buffer is not None:
+            buffer[: self._length] = self._buffer[: self._length]
+        self._buffer = buffer
+
+
 @dataclass(eq=False)
 class Request:
     """Scheduling state (token counts) plus the per-request sampling and text state.
@@ -136,22 +184,17 @@ class Request:
     lora: str | None = None  # the LoRA adapter it runs with (held on the model's registry until it finishes)
     cache_salt: bytes = b""  # what keys its KV blocks besides its tokens (the adapter's digest)
     #: Host logits of computed positions, in order, when the metadata asks for them (else None).
-    full_logits: list[np.ndarray] | None = None
+    full_logits: LogitRows | None = None
     #: Sampled tokens the host has not read yet (asynchronous stepping), oldest first.
     lagged: list[Any] = field(default_factory=list)
 
     def keep_logits(self, rows: np.ndarray, start: int) -> None:
         """Store the logits of positions ``start ..``; rows of positions past a recompute are replaced."""
-        held = sum(len(r) for r in self.full_logits)
-        if start < held:
-            self.trim_logits(start)
-        self.full_logits.append(rows)
+        self.full_logits.put(rows, start)
 
     def trim_logits(self, length: int) -> None:
         """Forget the logits of positions ``length`` on (preemption, rejected drafts)."""
-        if self.full_logits:
-            joined = np.concatenate(self.full_logits)[:length]
-            self.full_logits[:] = [joined] if len(joined) else []
+        self.full_logits.truncate(length)
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -212,5 +255,5 @@ class Request:
             metrics=self.metrics,
             error=self.error,
             metadata=self.metadata,
-            full_logits=np.concatenate(self.full_logits) if self.full_logits else None,
+            full_logits=self.full_logits.view() if self.full_logits else None,
         )
