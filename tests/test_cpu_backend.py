@@ -13,6 +13,7 @@ import pytest
 import ferrum_cpu.matmul as matmul
 import ferrum_cpu.ops as ops
 from ferrum.attention import AttentionBatch
+from ferrum.errors import ConfigError
 from ferrum.kv_mirror import MirrorBook
 from ferrum.testing import arch_oracle
 
@@ -182,4 +183,44 @@ def test_one_thread_configured_means_no_splitting(monkeypatch):
     assert matmul._make_matmul_t() is matmul._whole
     monkeypatch.setenv("FERRUM_CPU_THREADS", "2")
     made = matmul._make_matmul_t()
-    assert made is matmul._whole or made.__self__.helpers == 1  # whole where numpy's BLAS is not OpenBLAS
+    assert made is matmul._whole or made.splitter.helpers == 1  # whole where numpy's BLAS is not OpenBLAS
+    monkeypatch.setenv("FERRUM_CPU_MATMUL", "fast")
+    with pytest.raises(ConfigError, match="FERRUM_CPU_MATMUL='fast'.*auto, split, blas"):
+        matmul._make_matmul_t()
+
+
+def _feed(chooser: "matmul.ModeChooser", speed: dict, products: int) -> list[str]:
+    """Time ``products`` 1 MB products at ``speed[mode]`` MB/s; the mode each ran in."""
+    seen = []
+    for _ in range(products):
+        seen.append(chooser.mode)
+        chooser.record(1.0 / speed[chooser.mode], 1 << 20)
+    return seen
+
+
+def test_the_mode_chooser_keeps_the_faster_mode_and_follows_a_change_of_load():
+    applied = []
+    chooser = matmul.ModeChooser(applied.append, window=4, interval=2, max_interval=8)
+    idle = {"split": 15.0, "blas": 19.0}  # spinning BLAS threads win on an idle machine
+    seen = _feed(chooser, idle, 12)
+    assert seen[:9] == ["split"] * 8 + ["blas"]  # two windows, then a probe of one product that wins
+    assert chooser.mode == "blas" and applied[-1] == "blas"
+    busy = {"split": 12.0, "blas": 6.0}  # another process holds a core: BLAS's barrier stalls
+    seen = _feed(chooser, busy, 200)
+    assert seen.count("blas") < 20 and chooser.mode == "split"  # a probe back won, and later probes lose
+    probes = [i for i in range(1, len(seen)) if seen[i] == "blas" and seen[i - 1] == "split"]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert len(probes) >= 3 and gaps == sorted(gaps)  # each lost probe waits longer for the next
+    seen = _feed(chooser, idle, 200)
+    assert seen[-100:].count("blas") >= 90 and chooser.mode == "blas" and applied[-1] == "blas"
+
+
+def test_both_modes_compute_the_same_products(small_chunks):
+    rng = np.random.default_rng(6)
+    w = np.asfortranarray(rng.standard_normal((900, 64)).astype(np.float32))
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    threads_set = []
+    for mode in ("split", "blas"):
+        product = matmul.AdaptiveMatmul(2, threads_set.append, pinned=mode)
+        np.testing.assert_allclose(product(x, w), x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
+    assert threads_set[-1] == 2 and 1 in threads_set

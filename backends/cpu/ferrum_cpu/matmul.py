@@ -1,6 +1,7 @@
-"""Matrix products spread over the cores by Ferrum itself, with BLAS single-threaded.
+"""Matrix products spread over the cores: by Ferrum itself with BLAS single-threaded, or by
+BLAS's own threads, whichever is measured faster while the process runs.
 
-Why not BLAS's own threads: a decode step of a small model is ~100 matrix-vector products
+Why not always BLAS's own threads: a decode step of a small model is ~100 matrix-vector products
 of a few MB each, and OpenBLAS's threads meet at a barrier after each one. When another
 process holds a core, the barrier waits for a descheduled thread; measured on a busy
 2-core machine, a decode step took 5-6x longer with 2 OpenBLAS threads than with one.
@@ -15,9 +16,17 @@ thread). Decode-sized products are cut along ``in`` so that each chunk reads one
 block, each thread sums its chunks' partial products, and the caller adds the threads'
 sums; larger ones (prefill), and row-major weights, are cut along the output features.
 
+That robustness costs speed on an idle machine: each product waits for a helper thread to
+wake, while OpenBLAS's threads spin between products (a 30-layer decode step measured 33-35
+against 38-42 ms idle, but 88-129 against 48-63 ms with another process spinning on one of
+two cores). So which of the two spreads the decode-sized products is measured as the process
+runs (:class:`ModeChooser`): the faster one per byte of weights, the other re-tried now and
+then in case the machine's load changed.
+
 ``FERRUM_CPU_THREADS`` sets how many threads share a product (default: the cores this
-process may run on). Where the BLAS that numpy uses cannot be told to run single-threaded,
-products are left to it whole.
+process may run on); ``FERRUM_CPU_MATMUL`` pins the choice (``split`` or ``blas``; default
+``auto``). Where the BLAS that numpy uses cannot be told how many threads to run, products
+are left to it whole.
 """
 
 from __future__ import annotations
@@ -26,9 +35,13 @@ import itertools
 import os
 import queue
 import threading
+import time
+from typing import Callable
 
 import numpy as np
 import threadpoolctl
+
+from ferrum.errors import ConfigError
 
 #: Weight bytes per chunk at least: large enough that a chunk's Python cost and a helper's GIL
 #: hand-over (microseconds) are small beside its BLAS time (~25 us); smaller weights (a tiny
@@ -43,17 +56,20 @@ SPLIT_IN_ROWS = 16
 #: product by a quarter of it, not half.
 IN_CHUNKS_PER_THREAD = 2
 
-def _single_threaded_blas() -> bool:
-    """Tell the BLAS libraries in this process (numpy's) to run each call on one thread.
 
-    Process-wide: every numpy product then runs on one thread unless split here.
-    threadpoolctl knows every BLAS build numpy ships with; False where it finds none.
-    """
+def _blas_thread_setter() -> Callable[[int], None] | None:
+    """A function that sets how many threads the BLAS libraries in this process (numpy's) run each
+    call on, process-wide; None where threadpoolctl finds none it can set (it knows every build numpy
+    ships with)."""
     blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
     if not blas.lib_controllers:
-        return False
-    blas.limit(limits=1)
-    return True
+        return None
+
+    def set_threads(count: int) -> None:
+        for library in blas.lib_controllers:
+            library.set_num_threads(count)
+
+    return set_threads
 
 
 def _thread_count() -> int:
@@ -173,12 +189,101 @@ class Splitter:
         return out
 
 
-def _make_matmul_t():
-    """``x @ w.T``: split over this process's cores where BLAS can be made single-threaded."""
+class ModeChooser:
+    """Measures which way of spreading decode-sized products is faster here and now: ``split``
+    (:class:`Splitter`, BLAS on one thread) or ``blas`` (one call, BLAS on every thread).
+
+    Products are timed in windows of ``window`` of them. After ``interval`` windows in one mode
+    a quarter window runs in the other (a probe: short, as the losing mode can be twice as slow);
+    the probe is kept if its bytes per second beat the window before it by ``margin``, else the
+    mode goes back and the next probe waits twice as long (up to ``max_interval`` windows), so
+    that a machine whose load keeps one mode ahead pays for few probes.
+    """
+
+    MODES = ("split", "blas")
+
+    def __init__(self, apply: Callable[[str], None], window: int = 256, interval: int = 4,
+                 max_interval: int = 128, margin: float = 1.03):
+        self.mode = "split"
+        self._apply, self._window, self._first_interval = apply, window, interval
+        self._max_interval, self._margin = max_interval, margin
+        self._interval = interval
+        self._windows_in_mode = 0
+        self._probing = False
+        self._before_probe = 0.0  # bytes per second of the window before the probe
+        self._products, self._seconds, self._bytes = 0, 0.0, 0
+        self._lock = threading.Lock()
+        apply(self.mode)
+
+    def record(self, seconds: float, nbytes: int) -> None:
+        """One product of ``nbytes`` of weights took ``seconds`` in the current mode."""
+        with self._lock:
+            self._products += 1
+            self._seconds += seconds
+            self._bytes += nbytes
+            if self._products >= (self._window // 4 if self._probing else self._window):
+                rate = self._bytes / max(self._seconds, 1e-9)
+                self._products, self._seconds, self._bytes = 0, 0.0, 0
+                self._end_window(rate)
+
+    def _end_window(self, rate: float) -> None:
+        if self._probing:
+            self._probing = False
+            if rate > self._before_probe * self._margin:
+                self._interval = self._first_interval  # switched: the load changed, look again soon
+            else:
+                self._interval = min(2 * self._interval, self._max_interval)
+                self._switch()
+            self._windows_in_mode = 0
+            return
+        self._windows_in_mode += 1
+        if self._windows_in_mode >= self._interval:
+            self._before_probe, self._probing = rate, True
+            self._switch()
+
+    def _switch(self) -> None:
+        self.mode = self.MODES[1 - self.MODES.index(self.mode)]
+        self._apply(self.mode)
+
+
+class AdaptiveMatmul:
+    """``x @ w.T`` by whichever mode the chooser holds: products large enough to split, with a
+    decode-sized ``x``, are timed for it; larger ones (prefill) follow the same mode untimed."""
+
+    def __init__(self, threads: int, set_blas_threads: Callable[[int], None], pinned: str | None = None):
+        self.splitter = Splitter(threads)
+        self._set_blas_threads, self._threads = set_blas_threads, threads
+        self.chooser = ModeChooser(self._apply)
+        if pinned is not None:
+            self.chooser.mode = pinned
+            self._apply(pinned)
+        self._timed = pinned is None
+
+    def _apply(self, mode: str) -> None:
+        self._set_blas_threads(self._threads if mode == "blas" else 1)
+
+    def __call__(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        timed = self._timed and x.size <= SPLIT_IN_ROWS * x.shape[-1] and w.nbytes >= 2 * CHUNK_BYTES
+        start = time.perf_counter() if timed else 0.0
+        out = np.matmul(x, w.T) if self.chooser.mode == "blas" else self.splitter.matmul_t(x, w)
+        if timed:
+            self.chooser.record(time.perf_counter() - start, w.nbytes)
+        return out
+
+
+def _make_matmul_t() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``x @ w.T``: spread over this process's cores where BLAS's threads can be set."""
     threads = _thread_count()
-    if _single_threaded_blas() and threads > 1:
-        return Splitter(threads).matmul_t
-    return _whole
+    set_blas_threads = _blas_thread_setter()
+    if set_blas_threads is None:
+        return _whole
+    if threads == 1:
+        set_blas_threads(1)
+        return _whole
+    mode = os.environ.get("FERRUM_CPU_MATMUL", "auto")
+    if mode not in ("auto", *ModeChooser.MODES):
+        raise ConfigError(f"FERRUM_CPU_MATMUL={mode!r} is not one of auto, split, blas")
+    return AdaptiveMatmul(threads, set_blas_threads, None if mode == "auto" else mode)
 
 
 def _whole(x: np.ndarray, w: np.ndarray) -> np.ndarray:
