@@ -203,16 +203,16 @@ def test_the_mode_chooser_keeps_the_faster_mode_and_follows_a_change_of_load():
     chooser = matmul.ModeChooser(applied.append, window=4, interval=2, max_interval=8)
     idle = {"split": 15.0, "blas": 19.0}  # spinning BLAS threads win on an idle machine
     seen = _feed(chooser, idle, 12)
-    assert seen[:9] == ["split"] * 8 + ["blas"]  # two windows, then a probe of one product that wins
+    assert seen[:5] == ["split"] * 4 + ["blas"]  # one window, then a probe of one product that wins
     assert chooser.mode == "blas" and applied[-1] == "blas"
     busy = {"split": 12.0, "blas": 6.0}  # another process holds a core: BLAS's barrier stalls
     seen = _feed(chooser, busy, 200)
-    assert seen.count("blas") < 20 and chooser.mode == "split"  # a probe back won, and later probes lose
-    probes = [i for i in range(1, len(seen)) if seen[i] == "blas" and seen[i - 1] == "split"]
+    assert seen[100:].count("blas") <= 5 and chooser.mode == "split"  # a probe back won, later ones lose
+    probes = [i for i in range(1, len(seen) - 1) if seen[i - 1 : i + 2] == ["split", "blas", "split"]]
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert len(probes) >= 3 and gaps == sorted(gaps)  # each lost probe waits longer for the next
     seen = _feed(chooser, idle, 200)
-    assert seen[-100:].count("blas") >= 90 and chooser.mode == "blas" and applied[-1] == "blas"
+    assert seen[-100:].count("blas") >= 90  # back to BLAS's threads, the split mode only probed
 
 
 def test_both_modes_compute_the_same_products(small_chunks):

@@ -193,11 +193,12 @@ class ModeChooser:
     """Measures which way of spreading decode-sized products is faster here and now: ``split``
     (:class:`Splitter`, BLAS on one thread) or ``blas`` (one call, BLAS on every thread).
 
-    Products are timed in windows of ``window`` of them. After ``interval`` windows in one mode
-    a quarter window runs in the other (a probe: short, as the losing mode can be twice as slow);
-    the probe is kept if its bytes per second beat the window before it by ``margin``, else the
-    mode goes back and the next probe waits twice as long (up to ``max_interval`` windows), so
-    that a machine whose load keeps one mode ahead pays for few probes.
+    Products are timed in windows of ``window`` of them. The first window runs split (robust on a
+    busy machine); after it, and after ``interval`` windows in one mode from then on, a quarter
+    window runs in the other (a probe: short, as the losing mode can be twice as slow). The probe
+    is kept if its bytes per second beat the window before it by ``margin``, else the mode goes
+    back and the next probe waits twice as long (up to ``max_interval`` windows), so that a
+    machine whose load keeps one mode ahead pays for few probes.
     """
 
     MODES = ("split", "blas")
@@ -207,7 +208,7 @@ class ModeChooser:
         self.mode = "split"
         self._apply, self._window, self._first_interval = apply, window, interval
         self._max_interval, self._margin = max_interval, margin
-        self._interval = interval
+        self._interval = 1  # the first probe comes after one window
         self._windows_in_mode = 0
         self._probing = False
         self._before_probe = 0.0  # bytes per second of the window before the probe
