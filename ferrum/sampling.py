@@ -68,6 +68,9 @@ class SamplingParams:
     stop: Sequence[str] = ()  # stop strings, not part of the output
     ignore_eos: bool = False
     logprobs: int = 0  # top-n logprobs to return per token
+    #: Leave special tokens (``[TOOL_CALLS]``, ``<|python_tag|>``...) out of the text, as tokenizers decode by
+    #: default; the token ids are unchanged either way.
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         """Type- and range-check every field (NaN, infinities and bools included) and normalise collections."""
@@ -82,8 +85,9 @@ class SamplingParams:
         _integer("logprobs", self.logprobs, 0)
         if self.seed is not None:
             _integer("seed", self.seed, 0)
-        if not isinstance(self.ignore_eos, bool):
-            _bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        for flag in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, flag), bool):
+                _bad(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.logit_bias, Mapping):
             _bad(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
         bias = {}

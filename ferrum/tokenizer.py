@@ -218,8 +218,8 @@ class IncrementalDetokenizer:
     letting the tokenizer handle spaces between tokens correctly.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_tail: Sequence[int] = ()):
-        self._tok = tokenizer
+    def __init__(self, tokenizer: Tokenizer, prompt_tail: Sequence[int] = (), skip_special_tokens: bool = True):
+        self._tok, self._skip = tokenizer, skip_special_tokens
         self._ids: list[int] = list(prompt_tail)[-6:]
         self._prefix = 0  # window start
         self._read = len(self._ids)  # tokens already turned into emitted text
@@ -227,8 +227,8 @@ class IncrementalDetokenizer:
     def push(self, token: int) -> str:
         """Add one token; return the text it completes (maybe empty)."""
         self._ids.append(token)
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        full_text = self._tok.decode(self._ids[self._prefix :])
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
+        full_text = self._tok.decode(self._ids[self._prefix :], self._skip)
         if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
@@ -236,7 +236,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character shows as U+FFFD)."""
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        full_text = self._tok.decode(self._ids[self._prefix :])
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
+        full_text = self._tok.decode(self._ids[self._prefix :], self._skip)
         self._prefix = self._read = len(self._ids)
         return full_text[len(prefix_text) :]

@@ -164,7 +164,8 @@ def test_logprobs_are_of_the_adjusted_logits(ops):
 @pytest.mark.parametrize(
     "bad",
     [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
-     dict(repetition_penalty=0.0), dict(logprobs=-1), dict(max_tokens=0)],
+     dict(repetition_penalty=0.0), dict(logprobs=-1), dict(max_tokens=0), dict(skip_special_tokens="no"),
+     dict(ignore_eos=1)],
 )
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(InvalidRequestError):

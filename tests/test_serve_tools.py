@@ -73,6 +73,20 @@ def test_mistral_and_llama3_replies():
     assert [json.loads(c["function"]["arguments"]) for c in two.calls] == [{"cmd": "a; b"}, {}]  # ";" in a string
 
 
+def test_mistral_v11_calls_each_after_their_own_marker():
+    """From the v11 tokenizers on: ``[TOOL_CALLS]name[ARGS]{...}`` per call, ``[CALL_ID]id`` maybe before ``[ARGS]``."""
+    reply = MISTRAL.parse('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}')
+    assert reply.content == "Checking." and [c["function"] for c in reply.calls] == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    two = MISTRAL.parse('[TOOL_CALLS]f[ARGS]{"x": [1, 2]}[TOOL_CALLS]g[CALL_ID]a1b2c3d4e[ARGS]{} done')
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in two.calls] == [
+        ("f", {"x": [1, 2]}), ("g", {})]
+    assert two.content == "done"
+    for text in ('[TOOL_CALLS]f[ARGS]{"x": ', "[TOOL_CALLS]f[ARGS][1]", '[TOOL_CALLS]{"x": 1}',
+                 '[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS]'):  # cut short, odd arguments, no name, an empty second call
+        assert MISTRAL.parse(text).calls == [] and MISTRAL.parse(text).content == text, text
+
+
 def test_formats_are_read_from_the_template():
     assert format_of(TOOL_TEMPLATE) is HERMES
     assert format_of("{% for m in messages %}{{ m.content }}{% endfor %}") is None  # no tools in it
@@ -256,3 +270,56 @@ def test_a_template_without_tools_refuses_them(tmp_path):
     finally:
         assert srv.stop(), srv.log.read_text()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# A Mistral v11-style template; its calls are marked by a special token, which decoding drops by default.
+MISTRAL_TEMPLATE = (
+    "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}"
+    "{%- for call in m.tool_calls %}[TOOL_CALLS]{{ call.function.name }}[ARGS]{{ call.function.arguments | tojson }}"
+    "{%- endfor %}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+MISTRAL_CALL = '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}'
+
+
+def test_calls_marked_by_a_special_token_survive_decoding(tmp_path):
+    """The reply is one special token spelling a whole v11 call: a request with tools keeps special tokens in its
+    text, so the call is found; ``skip_special_tokens`` set, or no tools, leave it out as decoding does."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import AddedToken, Tokenizer
+
+    from test_serve import Server
+
+    folder = write_text_checkpoint(tmp_path / "mistral", seed=3)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens([AddedToken(MISTRAL_CALL + END, special=True, normalized=False)])
+    tok.save(str(folder / "tokenizer.json"))
+    call_id = tok.token_to_id(MISTRAL_CALL + END)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(call_id + 1, mean_resizing=False)
+    model.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": MISTRAL_TEMPLATE}))
+    srv = Server(folder)
+    try:
+        def ask(**extra):
+            return srv.client().chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "weather in Oslo?"}], logit_bias={str(call_id): 100},
+                stop=[END], max_tokens=2, temperature=0, **extra).choices[0]
+
+        choice = ask(tools=[WEATHER])
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("get_weather", {"city": "Oslo"})]
+        choice = ask(tools=[WEATHER], extra_body={"skip_special_tokens": True})
+        assert not choice.message.tool_calls and not choice.message.content
+        choice = ask()
+        assert not choice.message.tool_calls and not choice.message.content
+        kept = srv.client().completions.create(model="tiny", prompt="hi", logit_bias={str(call_id): 100}, max_tokens=1,
+                                               temperature=0, extra_body={"skip_special_tokens": False})
+        assert kept.choices[0].text == MISTRAL_CALL + END
+    finally:
+        assert srv.stop(), srv.log.read_text()

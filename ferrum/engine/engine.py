@@ -238,7 +238,7 @@ class Engine:
         if require_full_logits(metadata):
             request.full_logits = LogitRows()
         if self.tokenizer is not None:
-            request.detokenizer = IncrementalDetokenizer(self.tokenizer, tokens)
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, tokens, params.skip_special_tokens)
             request.stop_filter = StopStringFilter(params.stop)
         if params.logprobs:
             request.logprobs = []

@@ -76,8 +76,10 @@ class Response:
 
 # --------------------------------------------------------------------- params
 def _sampling_params(
-    state: ServerState, body: _Common, max_tokens: int, logprobs: int, seed: int | None, stops: list[str]
+    state: ServerState, body: _Common, max_tokens: int, logprobs: int, seed: int | None, stops: list[str],
+    keep_special_tokens: bool = False,
 ) -> SamplingParams:
+    """``keep_special_tokens``: what an unset ``skip_special_tokens`` means is to keep them."""
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         try:
@@ -85,6 +87,7 @@ def _sampling_params(
         except ValueError:
             raise APIError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias") from None
     defaults = state.sampling_defaults
+    skip_special = body.skip_special_tokens
 
     def pick(name: str, api_default: float) -> Any:
         value = getattr(body, name)
@@ -103,6 +106,7 @@ def _sampling_params(
         seed=seed,
         stop=tuple(stops),
         logprobs=logprobs,
+        skip_special_tokens=not keep_special_tokens if skip_special is None else skip_special,
     )
 
 
@@ -332,7 +336,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
     stops = body.stop_strings()
     specs = [
         ChoiceSpec(i, prompt, _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, i),
-                                               stops), lora)
+                                               stops, replies.keeps_special_tokens), lora)
         for i in range(body.n)
     ]
     generation = _start(state, "chat", specs)

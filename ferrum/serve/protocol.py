@@ -3,9 +3,9 @@
 Unknown fields are refused (a misspelt ``temprature`` must not be silently
 ignored); fields of the OpenAI API that Ferrum cannot honour are accepted
 only at their no-op values and refused by name otherwise (see
-:meth:`_Common.refuse_unsupported`). ``top_k``, ``min_p`` and
-``repetition_penalty`` are Ferrum extras, sent by the ``openai`` client as
-``extra_body``.
+:meth:`_Common.refuse_unsupported`). ``top_k``, ``min_p``,
+``repetition_penalty`` and ``skip_special_tokens`` are extras (vLLM's names),
+sent by the ``openai`` client as ``extra_body``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class _Common(BaseModel):
     top_k: Annotated[int, Field(ge=0)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    #: Unset: special tokens are left out of the text, except in chat requests with tools whose format marks
+    #: calls with one (Mistral's ``[TOOL_CALLS]``), which keep them so the calls can be found.
+    skip_special_tokens: StrictBool | None = None
 
     def refuse_unsupported(self, fields: dict[str, Any]) -> None:
         """Raise a 400 naming the first field set to a value Ferrum cannot honour."""

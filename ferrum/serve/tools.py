@@ -5,11 +5,14 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
 
 * ``hermes`` (Qwen 2.5 / 3, Hermes, and most templates with ``<tool_call>``): each call is
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
-* ``mistral`` (templates with ``[TOOL_CALLS]``): ``[TOOL_CALLS]`` then a JSON list of such objects;
+* ``mistral`` (templates with ``[TOOL_CALLS]``): ``[TOOL_CALLS]`` then a JSON list of such objects, or, from
+  the v11 tokenizers on (Mistral Small 3.1+, Devstral, Magistral), ``[TOOL_CALLS]name[ARGS]{...}`` per call;
 * ``granite`` (IBM Granite 3, templates with ``<|tool_call|>``): the same list after ``<|tool_call|>``;
 * ``llama3_json`` (Llama 3.1-3.3, whose templates carry ``<|python_tag|>``): the whole reply is one JSON object
   ``{"name": ..., "parameters": {...}}``.
 
+Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
+tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
 Text that does not parse as calls stays the reply's content: nothing is dropped. A stream holds back only
 what may turn out to be a call (from its opening marker on) and sends the calls when the choice ends.
 """
@@ -109,6 +112,36 @@ def _json_list_after(token: str) -> Callable[[str], ParsedReply]:
     return parse
 
 
+_TOOL_CALLS = "[TOOL_CALLS]"
+_mistral_list = _json_list_after(_TOOL_CALLS)
+#: What follows ``[TOOL_CALLS]`` in a v11 call, up to its arguments: the name, maybe ``[CALL_ID]id``, ``[ARGS]``.
+_MISTRAL_CALL_HEAD = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*(?:\[CALL_ID\]\s*\w*\s*)?(?:\[ARGS\])?\s*")
+
+
+def _mistral(text: str) -> ParsedReply:
+    """Mistral's calls: a JSON list after ``[TOOL_CALLS]`` (tokenizers before v11), else, from v11 on, each
+    call opened by its own ``[TOOL_CALLS]``, then its name, ``[ARGS]`` and its arguments' JSON object."""
+    start = text.find(_TOOL_CALLS)
+    if start < 0 or text[start + len(_TOOL_CALLS):].lstrip().startswith("["):
+        return _mistral_list(text)
+    decoder, calls, rest, at = json.JSONDecoder(), [], [], start
+    while at >= 0:
+        head = _MISTRAL_CALL_HEAD.match(text, at + len(_TOOL_CALLS))
+        if head is None:
+            return ParsedReply(text, [])
+        try:
+            arguments, end = decoder.raw_decode(text, head.end())
+        except _NOT_JSON:
+            return ParsedReply(text, [])
+        call = _call(head.group(1), arguments)
+        if call is None:
+            return ParsedReply(text, [])
+        calls.append(call)
+        at = text.find(_TOOL_CALLS, end)
+        rest.append(text[end:] if at < 0 else text[end:at])
+    return ParsedReply(text[:start], calls, "".join(rest))
+
+
 def _llama3_json(text: str) -> ParsedReply:
     """The whole reply is calls: JSON objects, one after another (Llama 3.1 separates several with ``;``)."""
     body = text.strip().removeprefix("<|python_tag|>").strip()
@@ -142,7 +175,7 @@ class ToolCallFormat:
 
 FORMATS = (
     ToolCallFormat("hermes", "<tool_call>", "<tool_call>", (), _hermes),
-    ToolCallFormat("mistral", "[TOOL_CALLS]", "[TOOL_CALLS]", ("[{",), _json_list_after("[TOOL_CALLS]")),
+    ToolCallFormat("mistral", _TOOL_CALLS, _TOOL_CALLS, ("[{",), _mistral),
     ToolCallFormat("granite", "<|tool_call|>", "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>")),
     ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json),
 )
@@ -178,6 +211,11 @@ class ToolReplies:
     def __init__(self, tools: list[dict[str, Any]] | None, fmt: ToolCallFormat | None, single: bool = False):
         self.tools, self.format, self.single = tools, fmt, single
         self.streamed: dict[int, int] = {}  # per choice, the characters of its text sent as content
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether replies decode with special tokens kept: calls may be marked by one."""
+        return self.format is not None
 
     def parse(self, text: str) -> ParsedReply:
         if self.format is None:
