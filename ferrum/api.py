@@ -113,18 +113,19 @@ class LLM:
             )
         return self.tokenizer
 
-    def encode_prompt(self, prompt: Prompt, chat: bool | None = None,
-                      tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, chat: bool | None = None, tools: Sequence[dict[str, Any]] | None = None,
+                      chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Token ids for a text prompt, chat messages or ids.
 
         ``chat=None`` applies the chat template to message lists only;
         ``chat=True`` also wraps a plain string as one user message.
-        ``tools`` (OpenAI function definitions) go to the chat template with the messages.
+        ``tools`` (OpenAI function definitions) and ``chat_template_kwargs`` (more variables, e.g. Qwen 3's
+        ``enable_thinking``) go to the chat template with the messages.
         """
         if isinstance(prompt, str):
             tok = self._require_tokenizer()
             if chat:
-                return tok.encode_chat([{"role": "user", "content": prompt}])
+                return tok.encode_chat([{"role": "user", "content": prompt}], template_kwargs=chat_template_kwargs)
             return tok.encode(prompt)
         if not isinstance(prompt, Iterable):
             raise InvalidRequestError(f"{_PROMPT_FORMS}, not {type(prompt).__name__}")
@@ -132,7 +133,7 @@ class LLM:
         if prompt and all(isinstance(m, dict) for m in prompt):
             if chat is False:
                 raise InvalidRequestError("chat messages were given but chat=False")
-            return self._require_tokenizer().encode_chat(prompt, tools=tools)
+            return self._require_tokenizer().encode_chat(prompt, tools=tools, template_kwargs=chat_template_kwargs)
         if all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
             return [int(t) for t in prompt]  # numpy's integers too
         raise InvalidRequestError(_PROMPT_FORMS)

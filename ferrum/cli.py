@@ -180,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue, max_seq_len=args.max_seq_len, num_kv_blocks=args.num_kv_blocks,
             api_key=args.api_key or os.environ.get("FERRUM_API_KEY"), shutdown_timeout=args.shutdown_timeout,
             adapters=tuple(_name_and_path(spec) for spec in args.lora or ()),
-            log_level=args.log_level,
+            log_level=args.log_level, reasoning_parser=args.reasoning_parser,
         ),
         progress=_progress_printer("loading"),
     )
@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load a LoRA adapter (PEFT or mlx-lm folder) that clients select with model=NAME (repeatable)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
+    p.add_argument("--reasoning-parser", metavar="NAME",
+                   help="return a reasoning model's <think>...</think> apart from its answer, as reasoning_content: "
+                        "deepseek_r1 or qwen3 (vLLM's names; both read the same tags)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
     return parser

@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -20,6 +20,10 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+#: What :meth:`Tokenizer.apply_chat_template` passes a template itself; template kwargs may not replace them.
+_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"})
 
 
 class Tokenizer:
@@ -122,9 +126,11 @@ class Tokenizer:
         return any(part.get("type") == "ByteLevel" for part in parts)
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-                            tools: Sequence[dict[str, Any]] | None = None) -> str:
+                            tools: Sequence[dict[str, Any]] | None = None,
+                            template_kwargs: Mapping[str, Any] | None = None) -> str:
         """Render ``messages`` with the checkpoint's Jinja chat template (and ``tools``, OpenAI's function
-        definitions, for templates that describe them to the model)."""
+        definitions, for templates that describe them to the model). ``template_kwargs`` are more variables
+        the template reads, e.g. Qwen 3's ``enable_thinking``."""
         source = self.tool_chat_template if tools else self.chat_template
         if not source:
             raise ConfigError(
@@ -136,9 +142,15 @@ class Tokenizer:
                 raise InvalidRequestError(f"chat messages need 'role' and 'content', got {m!r}")
         from jinja2.exceptions import TemplateError
 
+        extra = dict(template_kwargs or {})
+        taken = sorted(set(extra) & _TEMPLATE_VARIABLES)
+        if taken:
+            raise InvalidRequestError(f"chat template variable {taken[0]!r} is set from the request itself; "
+                                      "leave it out of the template kwargs")
         template = _compile(source)
         try:
             return template.render(
+                **extra,
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -153,9 +165,9 @@ class Tokenizer:
             ) from None
 
     def encode_chat(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True, template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         # The template writes BOS itself where the model wants one.
-        text = self.apply_chat_template(messages, add_generation_prompt, tools)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
         return self.encode(text, add_special_tokens=False)
 
 

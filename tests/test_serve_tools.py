@@ -108,7 +108,7 @@ def _stream(replies: ToolReplies, pieces: list[str], reason: str = "stop") -> tu
     sent, text = "", ""
     for i, piece in enumerate(pieces):
         text += piece
-        sent += replies.delta(0, text, piece, finished=i == len(pieces) - 1)
+        sent += replies.delta(0, text, finished=i == len(pieces) - 1)
     deltas, reason = replies.ending(text, reason)
     return sent, deltas, reason
 

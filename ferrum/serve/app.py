@@ -43,6 +43,7 @@ class ServeConfig:
     model_names: tuple[str, ...]
     api_key: str | None = None
     max_queue: int = 256  # engine requests (choices) allowed to wait beyond max_num_seqs running
+    reasoning_parser: str | None = None  # one of ferrum.serve.reasoning.PARSERS: thinking apart from the answer
 
 
 def generation_defaults(folder: Path) -> dict[str, float]:
@@ -62,7 +63,7 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
     state = ServerState(
         llm=llm, engine=engine, metrics=ServerMetrics(llm.engine), model_names=config.model_names,
         max_pending=llm.engine.config.max_num_seqs + config.max_queue,
-        sampling_defaults=generation_defaults(llm.path),
+        sampling_defaults=generation_defaults(llm.path), reasoning_parser=config.reasoning_parser,
     )
 
     @asynccontextmanager

@@ -29,6 +29,7 @@ from ferrum.serve.metrics import ServerMetrics
 from ferrum.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, template_messages,
 )
+from ferrum.serve.reasoning import Thinking, starts_inside
 from ferrum.serve.tools import ToolReplies, format_of as tools_format_of
 
 #: JSON has no infinities; a token the logit bias banned gets this logprob (as vLLM sends).
@@ -46,6 +47,7 @@ class ServerState:
     model_names: tuple[str, ...]
     max_pending: int  # engine requests (choices) running or queued at once
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # from generation_config.json
+    reasoning_parser: str | None = None  # --reasoning-parser: thinking returned apart as reasoning_content
     created: int = field(default_factory=lambda: int(time.time()))
     pending: int = 0
 
@@ -135,10 +137,10 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed + index) % _SEED_MODULUS
 
 
-def _encode(state: ServerState, prompt: str | Sequence[Any], param: str,
-            tools: list[dict[str, Any]] | None = None) -> tuple[int, ...]:
+def _encode(state: ServerState, prompt: str | Sequence[Any], param: str, tools: list[dict[str, Any]] | None = None,
+            template_kwargs: dict[str, Any] | None = None) -> tuple[int, ...]:
     try:
-        return tuple(state.llm.encode_prompt(prompt, tools=tools))
+        return tuple(state.llm.encode_prompt(prompt, tools=tools, chat_template_kwargs=template_kwargs))
     except FerrumError as error:
         raise APIError(400, str(error), param=param) from None
     except Exception as error:  # a chat template's raise_exception, or one that breaks on this input
@@ -322,6 +324,13 @@ def _tool_replies(state: ServerState, body: ChatCompletionRequest) -> ToolReplie
     return ToolReplies(tools, fmt, single=body.parallel_tool_calls is False)
 
 
+def _thinking(state: ServerState, prompt: Sequence[int]) -> Thinking | None:
+    """With ``--reasoning-parser``: how this prompt's replies split into thinking and answer."""
+    if state.reasoning_parser is None:
+        return None
+    return Thinking(starts_inside(state.llm.tokenizer.decode(prompt[-8:], skip_special_tokens=False)))
+
+
 def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response:
     lora = state.check_model(body.model)
     body.check_supported()
@@ -329,7 +338,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
         raise APIError(400, "this model has no tokenizer, so chat messages cannot be encoded; use /v1/completions "
                        "with token ids")
     replies = _tool_replies(state, body)
-    prompt = _encode(state, template_messages(body.messages), "messages", replies.tools)
+    prompt = _encode(state, template_messages(body.messages), "messages", replies.tools, body.chat_template_kwargs)
     max_tokens = _max_tokens(state, len(prompt), body.max_new_tokens(), "messages")
     top = body.top_logprobs or 0
     want_logprobs = max(top, 1) if body.logprobs else 0
@@ -339,6 +348,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
                                                stops, replies.keeps_special_tokens), lora)
         for i in range(body.n)
     ]
+    thinking = _thinking(state, prompt)
     generation = _start(state, "chat", specs)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
     logprobs = _Logprobs(state.llm)
@@ -351,7 +361,10 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
             finals = await _finals(generation)
             choices = []
             for i, out in sorted(finals.items()):
-                message, reason = replies.message(out.text or "", _finish_reason(out))
+                thought, answer = thinking.split(out.text or "") if thinking else (None, out.text or "")
+                message, reason = replies.message(answer, _finish_reason(out))
+                if thinking is not None:
+                    message["reasoning_content"] = thought
                 choices.append({"index": i, "message": message,
                                 "logprobs": logprobs.chat(out.logprobs, top) if body.logprobs else None,
                                 "finish_reason": reason})
@@ -371,7 +384,14 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
                     {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}]})
-            content = replies.delta(index, out.text or "", out.new_text, out.finished)
+            text = out.text or ""
+            if thinking is not None:
+                thought, text = thinking.delta(index, text, out.finished)
+                if thought:
+                    yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
+                        {"index": index, "delta": {"reasoning_content": thought}, "logprobs": None,
+                         "finish_reason": None}]})
+            content = replies.delta(index, text, out.finished)
             if content or (body.logprobs and out.new_token_ids):
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
                     {"index": index, "delta": {"content": content},
@@ -379,7 +399,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
                      "finish_reason": None}]})
             if out.finished:
                 finals[index] = out
-                deltas, reason = replies.ending(out.text or "", _finish_reason(out))
+                deltas, reason = replies.ending(text, _finish_reason(out))
                 for delta in deltas:
                     yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
                         {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})
@@ -488,7 +508,8 @@ def tokenize(state: ServerState, body: TokenizeRequest) -> dict:
         if body.prompt is not None:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
-            ids = tok.encode_chat(template_messages(body.messages), body.tools, body.add_generation_prompt)
+            ids = tok.encode_chat(template_messages(body.messages), body.tools, body.add_generation_prompt,
+                                  body.chat_template_kwargs)
     except FerrumError as error:
         raise APIError(400, str(error), param="messages" if body.messages is not None else "prompt") from None
     return {"count": len(ids), "max_model_len": state.llm.model.config.max_seq_len, "tokens": ids}

@@ -124,6 +124,8 @@ class ChatCompletionRequest(_Common):
     tools: list[dict[str, Any]] | None = None
     tool_choice: StrictStr | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
+    #: vLLM's extra: more variables for the chat template (Qwen 3's ``{"enable_thinking": false}``).
+    chat_template_kwargs: dict[str, Any] | None = None
     # Accepted only at their no-op values.
     functions: list[dict[str, Any]] | None = None
     function_call: StrictStr | dict[str, Any] | None = None
@@ -206,6 +208,7 @@ class TokenizeRequest(BaseModel):
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
     tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: StrictBool = True  # a text prompt's BOS; a chat template writes its own
     add_generation_prompt: StrictBool = True
 

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from ferrum.engine import EngineConfig
+from ferrum.errors import ConfigError
 from ferrum.model import ProgressFn
 
 
@@ -35,12 +36,17 @@ class ServeOptions:
     adapters: tuple[tuple[str, str], ...] = ()  # (name, folder): LoRA adapters clients select with ``model``
     shutdown_timeout: float = 10.0
     log_level: str = "info"
+    reasoning_parser: str | None = None  # thinking (<think>...</think>) returned apart as reasoning_content
 
 
 def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
     """The LLM and the app serving it."""
     import ferrum
     from ferrum.serve.app import ServeConfig, create_app
+    from ferrum.serve.reasoning import PARSERS
+
+    if options.reasoning_parser not in (None, *PARSERS):
+        raise ConfigError(f"--reasoning-parser {options.reasoning_parser!r} is not one of {', '.join(PARSERS)}")
 
     model = options.model
     if model is None:
@@ -59,7 +65,8 @@ def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
     for name, folder in options.adapters:
         llm.load_adapter(name, folder)
     names = options.served_model_names or (default_name,)
-    app = create_app(llm, ServeConfig(model_names=tuple(names), api_key=options.api_key, max_queue=options.max_queue))
+    app = create_app(llm, ServeConfig(model_names=tuple(names), api_key=options.api_key, max_queue=options.max_queue,
+                                      reasoning_parser=options.reasoning_parser))
     return llm, app
 
 

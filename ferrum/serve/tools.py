@@ -231,13 +231,13 @@ class ToolReplies:
             return message, reason
         return {**message, "tool_calls": reply.calls}, "tool_calls" if reason == "stop" else reason
 
-    def delta(self, index: int, text: str, new_text: str, finished: bool) -> str:
+    def delta(self, index: int, text: str, finished: bool) -> str:
         """The content choice ``index`` can stream now, its reply being ``text`` so far: the new text, less what
         may be the start of a call (held back until the choice ends)."""
-        if self.format is None:
-            return new_text
         sent = self.streamed.get(index, 0)
-        if finished:  # the calls go out apart (ending); the text before them is content
+        if self.format is None:
+            ready = len(text)
+        elif finished:  # the calls go out apart (ending); the text before them is content
             reply = self.parse(text)
             ready = len(reply.before) if reply.calls else len(text)
         else:

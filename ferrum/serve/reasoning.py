@@ -1,0 +1,60 @@
+"""A reasoning model's thinking (``<think> ... </think>``), returned apart from its answer as
+``reasoning_content`` when the server runs with ``--reasoning-parser`` (vLLM's option and field).
+
+Qwen 3 writes the opening tag itself; DeepSeek-R1's template opens it in the prompt, so that reply
+starts inside its thinking with no tag of its own. Which of the two holds is read from the end of the
+rendered prompt, so one parser serves both (vLLM's ``qwen3`` and ``deepseek_r1`` are accepted by name).
+A reply cut off before ``</think>`` is all thinking; a reply without thinking is all answer.
+"""
+
+from __future__ import annotations
+
+OPEN, CLOSE = "<think>", "</think>"
+#: ``--reasoning-parser`` values: vLLM's names for the models that think between these tags.
+PARSERS = ("deepseek_r1", "qwen3")
+
+
+def starts_inside(prompt_tail: str) -> bool:
+    """Whether a reply to a prompt ending in ``prompt_tail`` begins inside its thinking: the template opened
+    a ``<think>`` that it did not close."""
+    return prompt_tail.rfind(OPEN) > prompt_tail.rfind(CLOSE)
+
+
+def _held(text: str, tag: str) -> int:
+    """How many characters at the end of ``text`` may be the start of ``tag``, cut by a token boundary."""
+    return next((keep for keep in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-keep:])), 0)
+
+
+class Thinking:
+    """One chat request's replies split into thinking and answer, whole or as a stream."""
+
+    def __init__(self, inside: bool):
+        self.inside = inside
+        self.sent: dict[int, int] = {}  # per choice, the characters of thinking sent
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """``(thinking, answer)``: thinking is None where the reply has none; the answer is what follows
+        ``</think>``, its leading whitespace dropped."""
+        head = text.lstrip()
+        inside = self.inside
+        if head.startswith(OPEN):
+            text, inside = head[len(OPEN):], True
+        if not inside:
+            return None, text
+        end = text.find(CLOSE)
+        if end < 0:
+            return text, ""
+        return text[:end], text[end + len(CLOSE):].lstrip()
+
+    def delta(self, index: int, text: str, finished: bool) -> tuple[str, str]:
+        """For choice ``index``, its reply being ``text`` so far: ``(thinking not sent yet, answer so far)``,
+        holding back what may be the start of a tag until the next piece (or the end) decides it."""
+        if not finished and not self.inside and OPEN.startswith(text.lstrip()) and text.strip():
+            return "", ""  # "<thi": the reply may be opening its thinking
+        thinking, answer = self.split(text)
+        if thinking is None:
+            return "", answer
+        ready = len(thinking) if finished or CLOSE in text else len(thinking) - _held(thinking, CLOSE)
+        sent = self.sent.get(index, 0)
+        self.sent[index] = max(sent, ready)
+        return thinking[sent:ready], answer

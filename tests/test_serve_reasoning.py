@@ -1,0 +1,127 @@
+"""``--reasoning-parser``: a reasoning model's ``<think> ... </think>`` comes back as ``reasoning_content``, apart
+from its answer, whole or streamed; without the option (or without thinking) the reply is all content."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from ferrum.serve.reasoning import Thinking, starts_inside
+from support import write_text_checkpoint
+
+
+def test_a_reply_splits_at_its_closing_tag():
+    qwen = Thinking(inside=False)  # Qwen 3 writes <think> itself
+    assert qwen.split("<think>\nplan\n</think>\n\nParis.") == ("\nplan\n", "Paris.")
+    assert qwen.split("Paris.") == (None, "Paris.")  # no thinking (enable_thinking off)
+    assert qwen.split("<think>still going") == ("still going", "")  # cut by max_tokens
+    r1 = Thinking(inside=True)  # DeepSeek-R1's template opened it in the prompt
+    assert r1.split("plan</think>Paris.") == ("plan", "Paris.")
+    assert r1.split("plan, cut") == ("plan, cut", "")
+    assert starts_inside("<|Assistant|><think>\n") and not starts_inside("<|im_start|>assistant\n")
+    assert not starts_inside("<think>\n\n</think>\n\n")  # Qwen 3 with thinking off: opened and closed
+
+
+def _stream(thinking: Thinking, pieces: list[str]) -> tuple[str, str]:
+    """Feed a reply piece by piece: (thinking sent, the answer at the end)."""
+    sent, text, answer = "", "", ""
+    for i, piece in enumerate(pieces):
+        text += piece
+        thought, answer = thinking.delta(0, text, finished=i == len(pieces) - 1)
+        sent += thought
+    return sent, answer
+
+
+@pytest.mark.parametrize("pieces, inside", [
+    (["<th", "ink>", "pl", "an</th", "ink>", "\n\nPar", "is."], False),
+    (["<think>plan</", "think>Paris."], False),
+    (["pl", "an<", "/think>Paris."], True),
+    (["plan", "</", "think>", "Paris."], True),
+])
+def test_a_stream_sends_the_thinking_once_and_never_a_tag(pieces, inside):
+    sent, answer = _stream(Thinking(inside), pieces)
+    assert sent == "plan" and answer.strip() == "Paris."
+
+
+def test_a_stream_without_thinking_holds_back_only_a_possible_tag():
+    thinking = Thinking(inside=False)
+    assert thinking.delta(0, "<th", finished=False) == ("", "")
+    assert thinking.delta(0, "<tha", finished=False) == ("", "<tha")
+    assert _stream(Thinking(False), ["<b>", "hi"]) == ("", "<b>hi")
+
+
+# ------------------------------------------------------------------- served
+R1_TEMPLATE = (  # DeepSeek-R1's way: the assistant turn opens its thinking in the prompt (unless told not to)
+    "{%- for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>{%- if enable_thinking is not defined or enable_thinking %}"
+    "<think>\n{%- endif %}{%- endif %}"
+)
+REPLY, END = "plan it</think>\n\nIt is sunny.", "<end>"
+
+
+@pytest.fixture(scope="module")
+def reasoning_model(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import AddedToken, Tokenizer
+
+    folder = write_text_checkpoint(tmp_path_factory.mktemp("reasoning") / "tiny", seed=3)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens([AddedToken(REPLY + END, special=False, normalized=False)])
+    tok.save(str(folder / "tokenizer.json"))
+    reply_id = tok.token_to_id(REPLY + END)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(reply_id + 1, mean_resizing=False)
+    model.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": R1_TEMPLATE}))
+    return folder, reply_id
+
+
+def _ask(srv, reply_id: int, **extra):
+    return srv.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "weather?"}], logit_bias={str(reply_id): 100},
+        stop=[END], max_tokens=2, temperature=0, **extra)
+
+
+def test_thinking_comes_back_as_reasoning_content(reasoning_model):
+    from test_serve import Server
+
+    folder, reply_id = reasoning_model
+    srv = Server(folder, "--reasoning-parser", "deepseek_r1")
+    try:
+        message = _ask(srv, reply_id).choices[0].message
+        assert message.content == "It is sunny." and message.model_extra["reasoning_content"] == "plan it"
+        chunks = list(_ask(srv, reply_id, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "plan it"
+        assert "".join(d.content or "" for d in deltas) == "It is sunny."
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        # chat_template_kwargs reach the template: no <think> opened, so the reply is all answer
+        message = _ask(srv, reply_id, extra_body={"chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
+        assert message.content == REPLY and message.model_extra["reasoning_content"] is None
+        with pytest.raises(openai.BadRequestError, match="'messages' is set from the request itself"):
+            _ask(srv, reply_id, extra_body={"chat_template_kwargs": {"messages": []}})
+    finally:
+        assert srv.stop(), srv.log.read_text()
+
+
+def test_without_the_option_the_reply_is_all_content(reasoning_model):
+    from test_serve import Server
+
+    folder, reply_id = reasoning_model
+    srv = Server(folder)
+    try:
+        message = _ask(srv, reply_id).choices[0].message
+        assert message.content == REPLY and "reasoning_content" not in (message.model_extra or {})
+    finally:
+        assert srv.stop(), srv.log.read_text()
+
+
+def test_an_unknown_parser_is_refused(reasoning_model):
+    from ferrum.errors import ConfigError
+    from ferrum.serve import ServeOptions, load_for_serving
+
+    with pytest.raises(ConfigError, match="'think' is not one of deepseek_r1, qwen3"):
+        load_for_serving(ServeOptions(model=str(reasoning_model[0]), reasoning_parser="think"))
