@@ -18,7 +18,7 @@ from ferrum.quant.config import QuantConfig
 #: model_type values Ferrum runs (the keys of the family table).
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 #: Multimodal wrappers whose ``text_config`` holds a supported decoder -> that decoder's model_type.
-TEXT_WRAPPERS = {"gemma3": "gemma3_text"}
+TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral"}  # Mistral Small 3.1+, Magistral, Devstral 2507
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,11 @@ class ModelConfig(Sizes):
         outer = raw
         if isinstance(raw.get("text_config"), dict) and "hidden_size" not in raw:
             raw = {"model_type": TEXT_WRAPPERS.get(outer.get("model_type")), **raw["text_config"]}
-            for key in ("tie_word_embeddings", "torch_dtype", "dtype", "bos_token_id", "eos_token_id"):
+            for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id"):
                 if key in outer and key not in raw:
                     raw[key] = outer[key]
+            if "tie_word_embeddings" in outer:  # the wrapper's own says whether its LM head is tied (transformers 5)
+                raw["tie_word_embeddings"] = outer["tie_word_embeddings"]
         model_type = raw.get("model_type")
         family = FAMILIES.get(model_type)
         if family is None:

@@ -191,13 +191,19 @@ def flaky(fn, rng: random.Random, calls: int = 40, faults: int = 5):
     return call
 
 
-def build_transformers_model(folder, config, seed: int = 0):
-    """Save a random-weight transformers model of ``config``; returns it (float32, eval, eager attention)."""
+def build_transformers_model(folder, config, seed: int = 0, model_class=None):
+    """Save a random-weight transformers model of ``config`` (as ``model_class``, else the causal LM its config
+    maps to); returns it (float32, eval, eager attention)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    if model_class is None:
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    else:
+        config._attn_implementation = "eager"
+        model = model_class(config)
+    model = model.float().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)

@@ -234,6 +234,24 @@ def test_gemma3_multimodal_checkpoint_runs_its_text_model(tmp_path):
     assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), reference_logits(hf, tokens))
 
 
+def test_mistral3_checkpoint_runs_its_text_model(tmp_path):
+    """Mistral3ForConditionalGeneration (Mistral Small 3.1+, Magistral): a Mistral decoder under text_config."""
+    import transformers
+
+    text = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      max_position_embeddings=128, rope_theta=1e6, sliding_window=None)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                         image_token_index=VOCAB - 1)
+    hf = build_transformers_model(tmp_path, config, model_class=transformers.Mistral3ForConditionalGeneration)
+    names = json.loads((tmp_path / "config.json").read_text())
+    assert names["model_type"] == "mistral3" and "text_config" in names
+    tokens = TOKENS[:9]
+    assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), reference_logits(hf, tokens))
+
+
 # ---------------------------------------------------------------- engine
 
 
