@@ -234,9 +234,9 @@ class DecoderOnlyLLM:
         norms = {slot: tensor(f"{name}.weight") for slot, name in arch.norms.items()}
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         return _Layer(
-            pre_attn=norms["pre_attn"],
+            pre_attn=norms.get("pre_attn"),
             post_attn=norms.get("post_attn"),
-            pre_mlp=norms["pre_mlp"],
+            pre_mlp=norms.get("pre_mlp"),
             post_mlp=norms.get("post_mlp"),
             qkv=projection_group(self.ops, tensor, projection, "self_attn.qkv_proj", (q, kv, kv)),
             o=projection("self_attn.o_proj"),
@@ -257,27 +257,37 @@ class DecoderOnlyLLM:
         reshape, rms_norm, eps = ops.reshape, ops.rms_norm, cfg.rms_norm_eps
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         table = self.ropes[layer.rope].fixed
+        qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
+
+        def add_then_norm(x: Any, h: Any, weight: Any) -> tuple[Any, Any]:
+            """``(norm(x + h), x + h)``; without a norm there (OLMo 2's blocks) the sum is both."""
+            if weight is None:
+                summed = ops.add(x, h)
+                return summed, summed
+            return ops.add_rms_norm(x, h, weight, eps)
 
         def project(x: Any, h: Any, positions: Any) -> tuple:
             q, k, v = layer.qkv(x)
+            if qk_norm == "projection":
+                q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             q, k, v = reshape(q, (-1, heads, hd)), reshape(k, (-1, kv_heads, hd)), reshape(v, (-1, kv_heads, hd))
-            if layer.q_norm is not None:
+            if qk_norm == "head":
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             if table is not None:
                 q, k = ops.rope(q, positions, table), ops.rope(k, positions, table)
             return q, k, v, h
 
         def enter_first(h: Any, positions: Any) -> tuple:
-            return project(rms_norm(h, layer.pre_attn, eps), h, positions)
+            return project(h if layer.pre_attn is None else rms_norm(h, layer.pre_attn, eps), h, positions)
 
         def enter(h: Any, residual: Any, positions: Any) -> tuple:
-            return project(*ops.add_rms_norm(residual, h, layer.pre_attn, eps), positions)
+            return project(*add_then_norm(residual, h, layer.pre_attn), positions)
 
         def leave(attn: Any, h: Any) -> tuple:
             o = layer.o(reshape(attn, (-1, heads * hd)))
             if layer.post_attn is not None:
                 o = rms_norm(o, layer.post_attn, eps)
-            x, h = ops.add_rms_norm(o, h, layer.pre_mlp, eps)
+            x, h = add_then_norm(o, h, layer.pre_mlp)
             out = layer.mlp(x)
             return (out if layer.post_mlp is None else rms_norm(out, layer.post_mlp, eps)), h
 

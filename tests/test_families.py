@@ -1,5 +1,5 @@
-"""Gemma 2, Gemma 3 (text) and Phi-3 / Phi-4 against transformers (the reference), mlx-lm and each other,
-plus the family key table's refusals.
+"""Gemma 1-3 (text), Phi-3 / Phi-4, SmolLM3, Granite and OLMo 2 against transformers (the reference), mlx-lm and
+each other, plus the family key table's refusals.
 
 Tiny random checkpoints are built with transformers' own model classes (eager
 attention, so Gemma 2's soft-capping is applied by the reference). Bounds are
@@ -28,7 +28,7 @@ TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 WINDOW = 4  # shorter than the test sequences
 ORIGINAL = 8  # longrope's original_max_position_embeddings: TOKENS cross it
 
-FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite")
+FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2")
 
 
 def _longrope(half: int) -> dict:
@@ -70,6 +70,8 @@ def transformers_config(family: str):
     if family == "smollm3":  # layer 1 of 3 without rope (NoPE), and that layer alone sliding
         return transformers.SmolLM3Config(**common, num_attention_heads=4, num_key_value_heads=2,
                                           no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW)
+    if family == "olmo2":  # norms only after attention and MLP; q/k normed over all heads at once
+        return transformers.Olmo2Config(**common, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)
     raise ValueError(family)
 
 
@@ -191,7 +193,7 @@ def _mlx_lm_config(config: dict) -> dict:
 
 @pytest.mark.skipif("mlx" not in RUNNABLE, reason="the MLX backend cannot run here")
 @pytest.mark.parametrize("family, length", [("gemma3", 13), ("gemma2", WINDOW), ("phi3_window", WINDOW + 1),
-                                            ("phi3_partial", 13)])
+                                            ("phi3_partial", 13), ("olmo2", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -373,7 +375,7 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 # by Ferrum. Ferrum must refuse naming a key of that file, or match transformers' logits.
 
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
-                     "gemma2", "gemma3_text", "phi3", "smollm3", "granite")
+                     "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -470,7 +472,7 @@ def draw_config(draw, st, family: str) -> dict:
         if draw(st.booleans()):
             raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
                                                min_size=layers, max_size=layers))
-    if family in ("qwen2", "qwen3", "qwen3_moe", "gemma"):
+    if family in ("qwen2", "qwen3", "qwen3_moe", "gemma", "olmo2"):
         raw["attention_bias"] = draw(st.booleans())
     if family in ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         raw["sliding_window"] = draw(st.sampled_from([None, window, window, 0]) if family == "qwen2_moe"

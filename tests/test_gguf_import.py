@@ -525,7 +525,7 @@ def test_qwen_gguf_matches_transformers_gguf_loader(tmp_path, arch):
     assert set(weights) == set(expected)
     for name, array in expected.items():
         np.testing.assert_array_equal(weights[name], array, err_msg=name)
-    assert ModelConfig.from_file(out).arch.qk_norm == (arch == "qwen3")
+    assert ModelConfig.from_file(out).arch.qk_norm == ("head" if arch == "qwen3" else None)
 
     config = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
     config.head_dim = 16  # transformers' GGUF mapping drops attention.key_length (its Qwen3 default is 128)
@@ -910,9 +910,15 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
         w.add_attention_scale(config.attention_multiplier)
         w.add_logit_scale(config.logits_scaling)
     names = {name: gguf_name for name, gguf_name in _GEMMA_GGUF_NAMES.items() if "layernorm" not in name}
-    names.update({"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"})
-    heads = {} if arch.startswith(("qwen", "gemma")) else {"self_attn.q_proj.weight": config.num_attention_heads,
-                                                           "self_attn.k_proj.weight": config.num_key_value_heads}
+    if arch == "olmo2":  # its two norms after attention and the MLP, under Gemma's names
+        names.update({n: _GEMMA_GGUF_NAMES[n] for n in ("post_attention_layernorm.weight",
+                                                        "post_feedforward_layernorm.weight")})
+    else:
+        names.update({"input_layernorm.weight": "attn_norm.weight",
+                      "post_attention_layernorm.weight": "ffn_norm.weight"})
+    permuted = {"self_attn.q_proj.weight": config.num_attention_heads,
+                "self_attn.k_proj.weight": config.num_key_value_heads}
+    heads = {} if arch.startswith(("qwen", "gemma", "olmo")) else permuted
     for name, tensor in hf.state_dict().items():
         if arch == "gemma" and name == "lm_head.weight":  # tied: llama.cpp's converter skips it
             continue
@@ -927,11 +933,11 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["smollm3", "granite", "qwen3", "gemma"])
+@pytest.mark.parametrize("arch", ["smollm3", "granite", "qwen3", "gemma", "olmo2"])
 def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     """SmolLM3 (every fourth layer without rope, as llama.cpp assumes), Granite (its four multipliers from
-    the metadata), a Qwen3 with YaRN (its rope.scaling numbers) and Gemma 1 (norms stored as 1 + w, GeGLU):
-    logits equal transformers' model."""
+    the metadata), a Qwen3 with YaRN (its rope.scaling numbers), Gemma 1 (norms stored as 1 + w, GeGLU) and
+    OLMo 2 (norms after attention and the MLP, q/k normed over all heads): logits equal transformers' model."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
@@ -944,6 +950,8 @@ def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch
             for name, param in hf.named_parameters():
                 if name.endswith("norm.weight"):
                     param.uniform_(-0.5, 0.5)
+    elif arch == "olmo2":
+        hf, config = _tiny_model(transformers.Olmo2Config, **common)
     elif arch == "qwen3":
         hf, config = _tiny_model(transformers.Qwen3Config, **common, max_position_embeddings=16384, head_dim=16,
                                  rope_scaling={"rope_type": "yarn", "factor": 4.0,

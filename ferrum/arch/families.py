@@ -23,6 +23,8 @@ SANDWICH_NORMS = {
     "pre_attn": "input_layernorm", "post_attn": "post_attention_layernorm",
     "pre_mlp": "pre_feedforward_layernorm", "post_mlp": "post_feedforward_layernorm",
 }
+#: OLMo 2: no norm before attention or MLP; each one's output is normed before it joins the residual stream.
+POST_NORMS = {"post_attn": "post_attention_layernorm", "post_mlp": "post_feedforward_layernorm"}
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -219,8 +221,8 @@ _LAYER_TYPES = (Key("layer_types"),)
 _LLAMA_ROPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
-def _llama_like(qkv_bias_default: bool, qk_norm: bool, windows: Callable[[KeyReader, Sizes], list],
-                rotated: Callable[[KeyReader, Sizes], list[bool]] | None = None):
+def _llama_like(qkv_bias_default: bool, qk_norm: str | None, windows: Callable[[KeyReader, Sizes], list],
+                rotated: Callable[[KeyReader, Sizes], list[bool]] | None = None, norms: dict[str, str] = LLAMA_NORMS):
     """``rotated``: which layers apply rope (SmolLM3's NoPE layers do not); every layer when None."""
 
     def build(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -234,7 +236,7 @@ def _llama_like(qkv_bias_default: bool, qk_norm: bool, windows: Callable[[KeyRea
                  for on in (rotated(r, sizes) if rotated else [True] * sizes.num_layers)]
         return Architecture(
             layers=tuple(LayerSpec(w, layer_rope) for w, layer_rope in zip(windows(r, sizes), ropes)),
-            norms=LLAMA_NORMS,
+            norms=norms,
             attn_scale=1.0 / math.sqrt(sizes.head_dim),
             qk_norm=qk_norm,
             qkv_bias=attention_bias,
@@ -301,7 +303,7 @@ def _granite(r: KeyReader, sizes: Sizes) -> Architecture:
     """Llama with four multipliers: on the embeddings, on what each block adds to the residual stream,
     as the attention scale (instead of 1/sqrt(head_dim)), and a divisor of the logits."""
     return replace(
-        _llama_like(False, False, _no_windows)(r, sizes),
+        _llama_like(False, None, _no_windows)(r, sizes),
         embed_scale=None if r("embedding_multiplier") == 1 else float(r("embedding_multiplier")),
         residual_scale=float(r("residual_multiplier")),
         attn_scale=float(r("attention_multiplier")),
@@ -347,7 +349,7 @@ def _gemma1(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
-def _gemma(r: KeyReader, sizes: Sizes, pattern_default: int, qk_norm: bool, ropes: Callable) -> Architecture:
+def _gemma(r: KeyReader, sizes: Sizes, pattern_default: int, qk_norm: str | None, ropes: Callable) -> Architecture:
     r("use_bidirectional_attention")
     r("hidden_activation")
     window, types = r("sliding_window"), _layer_types(r, sizes)
@@ -458,20 +460,20 @@ _QWEN2_MOE_WINDOW = (
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean))),
-        _llama_like(False, False, _no_windows),
+        _llama_like(False, None, _no_windows),
     ),
     "mistral": Family(
         _keys(_core(False), _ROPE, _SILU, (Key("sliding_window", default=4096, check=optional_positive_int),)),
-        _llama_like(False, False, _every_layer_window),
+        _llama_like(False, None, _every_layer_window),
     ),
     "qwen2": Family(  # transformers' Qwen2 always biases q/k/v and never o; it ignores attention_bias
         _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW),
-        _llama_like(True, False, _qwen_windows),
+        _llama_like(True, None, _qwen_windows),
     ),
     "qwen3": Family(
         _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _QWEN_WINDOW,
               (Key("attention_bias", check=boolean),)),
-        _llama_like(False, True, _qwen_windows),
+        _llama_like(False, "head", _qwen_windows),
     ),
     "granite": Family(
         _keys(_core(False), _ROPE, _SILU, _GRANITE),
@@ -479,7 +481,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "smollm3": Family(
         _keys(_core(True), _ROPE, _SILU, _SMOLLM3),
-        _llama_like(False, False, _smollm3_windows, _smollm3_rotated),
+        _llama_like(False, None, _smollm3_windows, _smollm3_rotated),
     ),
     "gemma": Family(
         _keys(_core(True, 256), _ROPE, _CAUSAL_GEMMA, (
@@ -492,7 +494,7 @@ FAMILIES: dict[str, Family] = {
             Key("attn_logit_softcapping", default=50.0, check=optional_positive_number),
             Key("final_logit_softcapping", default=30.0, check=optional_positive_number),
         )),
-        lambda r, s: _gemma(r, s, 2, False, _gemma2_ropes),
+        lambda r, s: _gemma(r, s, 2, None, _gemma2_ropes),
     ),
     "gemma3_text": Family(
         _keys(_core(True, 256), _ROPE[:3], _GEMMA, (
@@ -503,20 +505,24 @@ FAMILIES: dict[str, Family] = {
             Key("rope_local_base_freq", default=10_000.0, check=positive_number),
             Key("sliding_window_pattern", default=6, check=optional_positive_int),
         )),
-        lambda r, s: _gemma(r, s, 6, True, _gemma3_ropes),
+        lambda r, s: _gemma(r, s, 6, "head", _gemma3_ropes),
     ),
     "mixtral": Family(
         _keys(_core(False), _ROPE, _SILU, _WINDOW, MOE_KEYS["mixtral"]),
-        with_moe("mixtral", _llama_like(False, False, _every_layer_window)),
+        with_moe("mixtral", _llama_like(False, None, _every_layer_window)),
         eps_default=1e-5,
     ),
     "qwen2_moe": Family(
         _keys(_core(False), _ROPE, _SILU, _QWEN2_MOE_WINDOW, MOE_KEYS["qwen2_moe"]),
-        with_moe("qwen2_moe", _llama_like(True, False, _qwen2_moe_windows)),
+        with_moe("qwen2_moe", _llama_like(True, None, _qwen2_moe_windows)),
     ),
     "qwen3_moe": Family(
         _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),), MOE_KEYS["qwen3_moe"]),
-        with_moe("qwen3_moe", _llama_like(False, True, _qwen3_moe_windows)),
+        with_moe("qwen3_moe", _llama_like(False, "head", _qwen3_moe_windows)),
+    ),
+    "olmo2": Family(  # transformers' OLMo 2: attention_bias covers q/k/v and o, like Llama's
+        _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", check=boolean),)),
+        _llama_like(False, "projection", _no_windows, norms=POST_NORMS),
     ),
     "phi3": Family(
         _keys(_core(False), _ROPE[:3], _SILU, _WINDOW, (

@@ -26,8 +26,8 @@ class Architecture:
     """
 
     layers: tuple[LayerSpec, ...]
-    #: Block norms: ``pre_attn`` and ``pre_mlp`` always; Gemma's sandwich adds
-    #: ``post_attn`` (on the attention output) and ``post_mlp``. Slot -> tensor name in the layer.
+    #: Block norms, slot -> tensor name in the layer: ``pre_attn`` and ``pre_mlp`` (Llama); Gemma's sandwich
+    #: adds ``post_attn`` (on the attention output) and ``post_mlp``; OLMo 2 has only those two.
     norms: dict[str, str]
     #: RMSNorm scales by ``norm_offset + w`` (Gemma stores ``w`` around 0: offset 1).
     norm_offset: float = 0.0
@@ -40,7 +40,9 @@ class Architecture:
     attn_scale: float = 1.0  # multiplies q.k (1/sqrt(head_dim), or query_pre_attn_scalar ** -0.5)
     attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
     final_softcap: float | None = None  # Gemma 2: the same on the logits
-    qk_norm: bool = False  # RMSNorm per head of q and k before rope (Qwen3, Gemma 3)
+    #: RMSNorm of q and k before rope: "head", one scale per head dim (Qwen3, Gemma 3), or "projection",
+    #: one over all of q's heads and one over k's (OLMo 2); None without.
+    qk_norm: str | None = None
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False

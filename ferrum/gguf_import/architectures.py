@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ferrum.errors import UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata, float32_value
 
 
@@ -94,6 +95,14 @@ def _granite_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
     return {name: float32_value(meta.need(p + key)) for name, key in keys.items()}
 
 
+def _olmo2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """OLMo 2 attends in full; llama.cpp reads a file with a window as OLMo 3's three sliding layers in four."""
+    if meta.get(p + "attention.sliding_window"):
+        raise UnsupportedFeatureError(f"{p}attention.sliding_window: OLMo 3's sliding layers are not supported; "
+                                      "OLMo 2 files have no window")
+    return {}
+
+
 #: Phi-3's fused blocks, kept fused as the Hugging Face checkpoint has them: q/k/v in one ``attn_qkv``, gate and
 #: up in one ``ffn_up``.
 _PHI3_FUSED = (("attn_qkv.weight", "self_attn.qkv_proj.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))
@@ -102,6 +111,8 @@ _GEMMA_NORMS = (("post_attention_norm.weight", "post_attention_layernorm.weight"
                 ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
                 ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"))
 _GEMMA_ACTIVATION = (("hidden_act", "gelu_pytorch_tanh"), ("hidden_activation", "gelu_pytorch_tanh"))
+#: OLMo 2's norms: one after each of attention and the MLP, none before.
+_OLMO2_NORMS = (_GEMMA_NORMS[0], _GEMMA_NORMS[2])
 
 #: Which tensors each block holds (q/k/v biases, q/k norms, experts) follows from the config written, through
 #: the family's own table (``ferrum.arch.tensors.weight_shapes``).
@@ -127,6 +138,8 @@ ARCHITECTURES = {
                              (("attention_bias", False), ("mlp_bias", False), ("no_rope_layer_interval", 4))),
     "granite": _Architecture("granite", "GraniteForCausalLM", True, (("attention_bias", False), ("mlp_bias", False)),
                              configure=_granite_config),
+    "olmo2": _Architecture("olmo2", "Olmo2ForCausalLM", False, (("attention_bias", False),), renamed=_OLMO2_NORMS,
+                           configure=_olmo2_config),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),

@@ -83,15 +83,17 @@ class ArchOracle:
         for i, spec in enumerate(arch.layers):
             p = f"model.layers.{i}."
             norm = {slot: p + name + ".weight" for slot, name in arch.norms.items()}
-            x = self._norm(h, norm["pre_attn"])
+            x = self._norm(h, norm["pre_attn"]) if "pre_attn" in norm else h
             if arch.fused_qkv:
                 qkv = linear(x, w[p + "self_attn.qkv_proj.weight"])
                 q, k, v = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
             else:
                 q, k, v = (linear(x, w[f"{p}self_attn.{m}_proj.weight"], w.get(f"{p}self_attn.{m}_proj.bias"))
                            for m in "qkv")
+            if arch.qk_norm == "projection":
+                q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
             q, k, v = (a.reshape(n, -1, d) for a in (q, k, v))
-            if arch.qk_norm:
+            if arch.qk_norm == "head":
                 q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
             long_from = spec.rope.original_max if spec.rope.switches else None
             q, k = _rope(q, positions, spec.rope, long_from), _rope(k, positions, spec.rope, long_from)
@@ -100,7 +102,7 @@ class ArchOracle:
             if "post_attn" in norm:
                 o = self._norm(o, norm["post_attn"])
             h = h + o
-            x = self._norm(h, norm["pre_mlp"])
+            x = self._norm(h, norm["pre_mlp"]) if "pre_mlp" in norm else h
             if arch.fused_gate_up:
                 gate, up = np.split(linear(x, w[p + "mlp.gate_up_proj.weight"]), 2, axis=-1)
             else:
