@@ -27,8 +27,12 @@ VOCAB = 97
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 WINDOW = 4  # shorter than the test sequences
 ORIGINAL = 8  # longrope's original_max_position_embeddings: TOKENS cross it
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                   "llama_4_scaling_beta": 0.1}
 
-FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2")
+FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
+            "ministral", "ministral3")
 
 
 def _longrope(half: int) -> dict:
@@ -70,6 +74,13 @@ def transformers_config(family: str):
     if family == "smollm3":  # layer 1 of 3 without rope (NoPE), and that layer alone sliding
         return transformers.SmolLM3Config(**common, num_attention_heads=4, num_key_value_heads=2,
                                           no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW)
+    if family == "ministral":  # Mistral with per-layer windows
+        return transformers.MinistralConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                            sliding_window=WINDOW,
+                                            layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    if family == "ministral3":  # YaRN, and Llama 4's query scaling from position 32 on (past the test tokens)
+        return transformers.Ministral3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                             rope_parameters=MINISTRAL3_ROPE)
     if family == "olmo2":  # norms only after attention and MLP; q/k normed over all heads at once
         return transformers.Olmo2Config(**common, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)
     raise ValueError(family)
@@ -254,6 +265,26 @@ def test_mistral3_checkpoint_runs_its_text_model(tmp_path):
     assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), reference_logits(hf, tokens))
 
 
+def test_ministral3_context_stops_where_llama4_scaling_starts(checkpoints):
+    """Llama 4's query scaling multiplies queries by exactly 1 before original_max_position_embeddings and by more
+    from there on (transformers' logits change there), which Ferrum does not apply: the context stops there."""
+    raw = json.loads((checkpoints["ministral3"][0] / "config.json").read_text())
+    with pytest.warns(UserWarning, match="limited to 32 tokens of its 128"):
+        assert ModelConfig.from_dict(raw).max_seq_len == 32
+    plain = {**raw, "rope_parameters": {k: v for k, v in raw["rope_parameters"].items() if k != "llama_4_scaling_beta"}}
+    assert ModelConfig.from_dict(plain).max_seq_len == 128
+    hf = checkpoints["ministral3"][1]
+    tokens = [int(t) for t in np.random.RandomState(1).randint(0, VOCAB, size=40)]
+    scaled = reference_logits(hf, tokens)
+    rope = hf.config.rope_parameters
+    hf.config.rope_parameters = {**rope, "llama_4_scaling_beta": 0.0}
+    try:
+        unscaled = reference_logits(hf, tokens)
+    finally:
+        hf.config.rope_parameters = rope  # the module's model, shared with the other tests
+    assert np.allclose(scaled[:32], unscaled[:32], atol=1e-5) and not np.allclose(scaled[32:], unscaled[32:], atol=1e-3)
+
+
 # ---------------------------------------------------------------- engine
 
 
@@ -375,7 +406,7 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 # by Ferrum. Ferrum must refuse naming a key of that file, or match transformers' logits.
 
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
-                     "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2")
+                     "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -474,6 +505,11 @@ def draw_config(draw, st, family: str) -> dict:
                                                min_size=layers, max_size=layers))
     if family in ("qwen2", "qwen3", "qwen3_moe", "gemma", "olmo2"):
         raw["attention_bias"] = draw(st.booleans())
+    if family == "ministral":  # windows from layer_types, else on every layer when set
+        raw.update(head_dim=head_dim, sliding_window=draw(st.sampled_from([None, window])))  # transformers needs head_dim
+        if draw(st.booleans()):
+            raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
+                                               min_size=layers, max_size=layers))
     if family in ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         raw["sliding_window"] = draw(st.sampled_from([None, window, window, 0]) if family == "qwen2_moe"
                                      else st.sampled_from([None, window]))

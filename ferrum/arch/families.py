@@ -256,6 +256,33 @@ def _every_layer_window(r: KeyReader, sizes: Sizes) -> list:
     return [r("sliding_window")] * sizes.num_layers
 
 
+def _ministral_windows(r: KeyReader, sizes: Sizes) -> list:
+    """transformers' Ministral: layer_types, else every layer sliding when sliding_window is set."""
+    window = r("sliding_window")
+    types = _layer_types(r, sizes) or [SLIDING if window else FULL] * sizes.num_layers
+    if window is None and SLIDING in types:
+        r.fail("sliding_window", "must be set when layer_types has sliding layers")
+    return [window if t == SLIDING else None for t in types]
+
+
+def _ministral3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Mistral's blocks, YaRN, and Llama 4's attention scaling: queries multiplied by ``1 + beta * log(1 +
+    floor(position / original_max_position_embeddings))``, which is exactly 1 before that position, so the
+    model runs exactly up to there (``exact_context``) and its context stops there."""
+    arch = _llama_like(False, None, _every_layer_window)(r, sizes)
+    key, spec = _rope_spec(r)
+    beta = spec.get("llama_4_scaling_beta")
+    if not beta:
+        return arch
+    if positive_number(beta):
+        r.fail(key, f"field 'llama_4_scaling_beta' must be a positive number, got {beta!r}")
+    original = spec.get("original_max_position_embeddings")  # transformers reads it from the rope settings
+    if positive_int(original):
+        r.fail(key, "field 'original_max_position_embeddings' must be a positive integer with llama_4_scaling_beta, "
+                    f"got {original!r}")
+    return replace(arch, exact_context=original)
+
+
 def _qwen_windows(r: KeyReader, sizes: Sizes) -> list:
     """transformers' Qwen2 / Qwen3: no window unless use_sliding_window; then layer_types, else the layers
     from max_window_layers on."""
@@ -465,6 +492,16 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(
         _keys(_core(False), _ROPE, _SILU, (Key("sliding_window", default=4096, check=optional_positive_int),)),
         _llama_like(False, None, _every_layer_window),
+    ),
+    "ministral": Family(  # Ministral 8B (2410)
+        _keys(_core(False), _ROPE, _SILU, _LAYER_TYPES,
+              (Key("sliding_window", default=4096, check=optional_positive_int),)),
+        _llama_like(False, None, _ministral_windows),
+    ),
+    "ministral3": Family(  # Ministral 3 (3B / 8B / 14B), Devstral 2: the text model of a Mistral3 wrapper
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _WINDOW),
+        _ministral3,
+        eps_default=1e-5,
     ),
     "qwen2": Family(  # transformers' Qwen2 always biases q/k/v and never o; it ignores attention_bias
         _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW),
