@@ -3,13 +3,11 @@ from its answer, whole or streamed; without the option (or without thinking) the
 
 from __future__ import annotations
 
-import json
-
 import openai
 import pytest
 
 from ferrum.serve.reasoning import Thinking, starts_inside
-from support import write_text_checkpoint
+from support import write_scripted_checkpoint
 
 
 def test_a_reply_splits_at_its_closing_tag():
@@ -63,20 +61,8 @@ REPLY, END = "plan it</think>\n\nIt is sunny.", "<end>"
 
 @pytest.fixture(scope="module")
 def reasoning_model(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import AddedToken, Tokenizer
-
-    folder = write_text_checkpoint(tmp_path_factory.mktemp("reasoning") / "tiny", seed=3)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.add_tokens([AddedToken(REPLY + END, special=False, normalized=False)])
-    tok.save(str(folder / "tokenizer.json"))
-    reply_id = tok.token_to_id(REPLY + END)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    model.resize_token_embeddings(reply_id + 1, mean_resizing=False)
-    model.save_pretrained(folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": R1_TEMPLATE}))
-    return folder, reply_id
+    pytest.importorskip("transformers")
+    return write_scripted_checkpoint(tmp_path_factory.mktemp("reasoning") / "tiny", REPLY + END, R1_TEMPLATE)
 
 
 def _ask(srv, reply_id: int, **extra):

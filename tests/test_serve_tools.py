@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from ferrum.serve.tools import FORMATS, ToolReplies, format_of, releasable
-from support import write_text_checkpoint
+from support import write_scripted_checkpoint, write_text_checkpoint
 
 HERMES, MISTRAL, GRANITE, LLAMA3 = FORMATS
 
@@ -164,21 +164,9 @@ def test_a_checkpoints_tool_use_template_renders_requests_with_tools(tmp_path):
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory) -> tuple[Path, int]:
     """The test checkpoint with the tool template and one more token, spelling a whole call, the model can write."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import AddedToken, Tokenizer
-
-    folder = write_text_checkpoint(tmp_path_factory.mktemp("tools") / "tiny", seed=3)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.add_tokens([AddedToken(CALL + END, special=False, normalized=False)])
-    tok.save(str(folder / "tokenizer.json"))
-    call_id = tok.token_to_id(CALL + END)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    model.resize_token_embeddings(call_id + 1, mean_resizing=False)
-    model.config.max_position_embeddings = 1024  # room for the tool definitions
-    model.save_pretrained(folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
-    return folder, call_id
+    pytest.importorskip("transformers")
+    return write_scripted_checkpoint(tmp_path_factory.mktemp("tools") / "tiny", CALL + END, TOOL_TEMPLATE,
+                                     context=1024)  # room for the tool definitions
 
 
 @pytest.fixture(scope="module")
@@ -288,21 +276,11 @@ MISTRAL_CALL = '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}'
 def test_calls_marked_by_a_special_token_survive_decoding(tmp_path):
     """The reply is one special token spelling a whole v11 call: a request with tools keeps special tokens in its
     text, so the call is found; ``skip_special_tokens`` set, or no tools, leave it out as decoding does."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import AddedToken, Tokenizer
-
+    pytest.importorskip("transformers")
     from test_serve import Server
 
-    folder = write_text_checkpoint(tmp_path / "mistral", seed=3)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.add_tokens([AddedToken(MISTRAL_CALL + END, special=True, normalized=False)])
-    tok.save(str(folder / "tokenizer.json"))
-    call_id = tok.token_to_id(MISTRAL_CALL + END)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    model.resize_token_embeddings(call_id + 1, mean_resizing=False)
-    model.save_pretrained(folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": MISTRAL_TEMPLATE}))
+    folder, call_id = write_scripted_checkpoint(tmp_path / "mistral", MISTRAL_CALL + END, MISTRAL_TEMPLATE,
+                                                special=True)
     srv = Server(folder)
     try:
         def ask(**extra):
