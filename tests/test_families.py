@@ -32,7 +32,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
                    "llama_4_scaling_beta": 0.1}
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
-            "ministral", "ministral3")
+            "olmo3", "ministral", "ministral3")
 
 
 def _longrope(half: int) -> dict:
@@ -81,6 +81,11 @@ def transformers_config(family: str):
     if family == "ministral3":  # YaRN, and Llama 4's query scaling from position 32 on (past the test tokens)
         return transformers.Ministral3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                              rope_parameters=MINISTRAL3_ROPE)
+    if family == "olmo3":  # OLMo 2's blocks; sliding layers but the last; YaRN on the full layer only
+        return transformers.Olmo3Config(**{**common, "num_hidden_layers": 4}, num_attention_heads=4,
+                                        num_key_value_heads=2, sliding_window=WINDOW,
+                                        rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0,
+                                                      "original_max_position_embeddings": 32})
     if family == "olmo2":  # norms only after attention and MLP; q/k normed over all heads at once
         return transformers.Olmo2Config(**common, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)
     raise ValueError(family)
@@ -263,6 +268,19 @@ def test_mistral3_checkpoint_runs_its_text_model(tmp_path):
     assert names["model_type"] == "mistral3" and "text_config" in names
     tokens = TOKENS[:9]
     assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), reference_logits(hf, tokens))
+
+
+def test_olmo3_scales_the_rope_of_its_full_layers_only(checkpoints):
+    """OLMo 3 as released spells its rope the transformers 4 way: rope_scaling applies to the full layers only
+    (transformers 5 files key it by attention kind, as the parity tests load). A flat transformers 5 dict is one
+    transformers ignores: refused by name."""
+    raw = json.loads((checkpoints["olmo3"][0] / "config.json").read_text())
+    full = raw.pop("rope_parameters")["full_attention"]
+    v4 = {**raw, "rope_theta": full.pop("rope_theta"), "rope_scaling": full}
+    layers = ModelConfig.from_dict(v4).arch.layers
+    assert [(layer.window, layer.rope.kind) for layer in layers] == [(WINDOW, "default")] * 3 + [(None, "yarn")]
+    with pytest.raises(UnsupportedFeatureError, match="'rope_parameters'.*one entry per attention kind"):
+        ModelConfig.from_dict({**raw, "rope_parameters": {"rope_type": "yarn", **full}})
 
 
 def test_ministral3_context_stops_where_llama4_scaling_starts(checkpoints):

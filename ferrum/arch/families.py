@@ -427,6 +427,33 @@ def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     return Rope(theta=float(local), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim), full
 
 
+def _olmo3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """OLMo 2's blocks, three sliding layers to one full (unless layer_types says otherwise), and a rope per
+    attention kind: the full layers' scaled (rope_scaling, e.g. YaRN), the sliding layers' plain."""
+    window, types = r("sliding_window"), _layer_types(r, sizes)
+    types = types or [FULL if (i + 1) % 4 == 0 else SLIDING for i in range(sizes.num_layers)]
+    if window is None and SLIDING in types:
+        r.fail("sliding_window", "must be set when layers use sliding attention")
+    r("hidden_act")
+    params = r("rope_parameters")
+    if isinstance(params, dict) and (FULL in params or SLIDING in params):
+        full, sliding = (read_rope(r, sizes, dict(params.get(kind) or {}), "rope_parameters", _LLAMA_ROPES,
+                                   theta_default=500_000.0) for kind in (FULL, SLIDING))
+    elif isinstance(params, dict) and params:
+        r.fail("rope_parameters", f"must hold one entry per attention kind ({FULL!r}, {SLIDING!r}) for OLMo 3; "
+                                  "transformers ignores a flat one", unsupported=True)
+    else:  # transformers 4's spelling: rope_scaling scales the full layers only
+        key, spec = _rope_spec(r)
+        full = read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=500_000.0)
+        sliding = read_rope(r, sizes, {}, key, ("default",), theta_default=500_000.0)
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(window, sliding) if t == SLIDING else LayerSpec(None, full) for t in types),
+        norms=POST_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="projection",
+        qkv_bias=bias, o_bias=bias,
+    )
+
+
 _CAUSAL_GEMMA = (
     Key("attention_bias", default=False, check=boolean),
     Key("use_bidirectional_attention", default=False,
@@ -492,6 +519,14 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(
         _keys(_core(False), _ROPE, _SILU, (Key("sliding_window", default=4096, check=optional_positive_int),)),
         _llama_like(False, None, _every_layer_window),
+    ),
+    "olmo3": Family(
+        _keys(_core(False), _ROPE[:3], _SILU, _LAYER_TYPES, (
+            Key("sliding_window", default=4096, check=optional_positive_int),
+            Key("attention_bias", default=False, check=boolean),
+        )),
+        _olmo3,
+        eps_default=1e-5,
     ),
     "ministral": Family(  # Ministral 8B (2410)
         _keys(_core(False), _ROPE, _SILU, _LAYER_TYPES,
