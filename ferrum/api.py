@@ -25,6 +25,8 @@ from ferrum.sources import resolve_model
 from ferrum.tokenizer import Message, Tokenizer
 
 Prompt = str | Sequence[Message] | Sequence[int]
+#: Whether to apply the chat template (None: to message lists only), or the variables to apply it with.
+Chat = bool | Mapping[str, Any] | None
 _PROMPT_FORMS = "a prompt is a string, a list of chat messages or a list of token ids"
 
 
@@ -113,15 +115,17 @@ class LLM:
             )
         return self.tokenizer
 
-    def encode_prompt(self, prompt: Prompt, chat: bool | None = None, tools: Sequence[dict[str, Any]] | None = None,
+    def encode_prompt(self, prompt: Prompt, chat: Chat = None, tools: Sequence[dict[str, Any]] | None = None,
                       chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Token ids for a text prompt, chat messages or ids.
 
         ``chat=None`` applies the chat template to message lists only;
-        ``chat=True`` also wraps a plain string as one user message.
-        ``tools`` (OpenAI function definitions) and ``chat_template_kwargs`` (more variables, e.g. Qwen 3's
-        ``enable_thinking``) go to the chat template with the messages.
+        ``chat=True`` also wraps a plain string as one user message; a mapping does what True does and gives
+        the template these variables (``chat={"enable_thinking": False}`` for Qwen 3), as
+        ``chat_template_kwargs`` does. ``tools`` (OpenAI function definitions) go to the chat template too.
         """
+        if isinstance(chat, Mapping):
+            chat_template_kwargs, chat = {**(chat_template_kwargs or {}), **chat}, True
         if isinstance(prompt, str):
             tok = self._require_tokenizer()
             if chat:
@@ -152,7 +156,7 @@ class LLM:
 
     # ------------------------------------------------------------ generation
     def run(
-        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: Chat = None,
         metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> list[RequestOutput]:
         """Run many prompts together through the engine; final outputs in prompt order.
@@ -184,7 +188,7 @@ class LLM:
         return [finals[request_id] for request_id in ids]
 
     def stream_outputs(
-        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None,
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: Chat = None,
         metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> Iterator[RequestOutput]:
         """Yield a request's outputs step by step; closing the iterator early aborts it.
@@ -211,7 +215,7 @@ class LLM:
                 self.engine.abort(request_id)
 
     def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None,
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: Chat = None,
         metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> Iterator[str]:
         """Yield the generated text piece by piece (never half a character, never part of a stop string)."""
@@ -221,7 +225,7 @@ class LLM:
                 yield out.new_text
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, chat: Chat = None,
         metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> str | list[str]:
         """The completion of one prompt, or the completions of a list of prompts (batched)."""
@@ -239,7 +243,7 @@ class LLM:
         return self._async_engine
 
     async def astream(
-        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None,
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: Chat = None,
         metadata: Mapping[str, Any] | None = None, lora: str | None = None, **options: Any,
     ) -> AsyncIterator[str]:
         """Async version of :meth:`stream`; concurrent calls are batched together."""

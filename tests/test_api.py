@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -76,6 +78,26 @@ def test_chat_messages_use_the_template(llm):
     assert llm.encode_prompt("hello", chat=True) == llm.encode_prompt(messages)
     with pytest.raises(InvalidRequestError):
         llm.encode_prompt([{"content": "no role"}])
+
+
+def test_chat_template_variables_come_with_the_chat_flag(tmp_path):
+    """``chat={"enable_thinking": False}`` applies the template with that variable (Qwen 3's switch); a variable
+    the call itself sets is refused by name."""
+    folder = write_text_checkpoint(tmp_path / "thinking", seed=3)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{%- for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{%- endfor %}<|assistant|>"
+                               "{%- if enable_thinking is defined and not enable_thinking %}<think></think>{%- endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    llm = ferrum.load(folder, backend="cpu")
+    messages = [{"role": "user", "content": "hello"}]
+    plain, quiet = llm.encode_prompt("hello", chat=True), llm.encode_prompt("hello", chat={"enable_thinking": False})
+    assert llm.tokenizer.decode(quiet, skip_special_tokens=False).endswith("<|assistant|><think></think>")
+    assert quiet[: len(plain)] == plain and len(quiet) > len(plain)
+    assert llm.encode_prompt(messages, chat={"enable_thinking": False}) == quiet
+    assert llm.encode_prompt(messages, chat_template_kwargs={"enable_thinking": False}) == quiet
+    assert llm.generate("hello", chat={"enable_thinking": False}, max_tokens=3) == llm.generate(quiet, max_tokens=3)
+    with pytest.raises(InvalidRequestError, match="'messages' is set from the request itself"):
+        llm.encode_prompt("hello", chat={"messages": []})
 
 
 def test_bad_requests_are_rejected(llm):
