@@ -495,22 +495,24 @@ def _sdpa(q, k, v, scale, mask, softcap):
 def _written_out(q, k, v, scale, mask, softcap):
     """:func:`_sdpa` as plain ops, the scores scaled into base 2: ``2 ** x`` costs ~10 ns an element on
     MLX's CPU build against ~25 for ``exp`` (32 sequences decoding over 1,000 keys attend ~1.4x faster;
-    see benchmarks/README.md)."""
+    see benchmarks/README.md). A KV head's query heads are the rows of one product (``[G * Lq, d]`` by
+    ``[d, Lk]``), not a batch broadcast over its keys."""
     b, heads, lq, d = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
-    qg = q.reshape(b, kv_heads, heads // kv_heads, lq, d)
+    group = heads // kv_heads
+    qg = q.reshape(b, kv_heads, group * lq, d)
     if softcap is None:
-        scores = ((qg * (scale * _LOG2_E)) @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32)
+        scores = (qg * (scale * _LOG2_E)) @ k.swapaxes(-1, -2)
     else:
-        scores = (qg @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32) * scale  # [B, KVH, G, Lq, Lk]
-        scores = mx.tanh(scores / softcap) * (softcap * _LOG2_E)
+        scores = mx.tanh((qg @ k.swapaxes(-1, -2)).astype(mx.float32) * (scale / softcap)) * (softcap * _LOG2_E)
+    scores = scores.astype(mx.float32).reshape(b, kv_heads, group, lq, lk)
     if isinstance(mask, str):  # "causal", end-aligned
         mask = mx.arange(lk)[None, :] <= mx.arange(lk - lq, lk)[:, None]
     if mask is not None:
         scores = mx.where(mask[:, :, None] if mask.ndim == 4 else mask, scores, -mx.inf)
     weights = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
     probs = (weights / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
-    return (probs @ v[:, :, None]).reshape(b, heads, lq, d)
+    return (probs.reshape(b, kv_heads, group * lq, lk) @ v).reshape(b, heads, lq, d)
 
 
 @hookimpl
