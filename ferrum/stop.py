@@ -1,8 +1,14 @@
-"""Stop strings over streamed text, including ones that span token boundaries."""
+"""Stop strings, and other markers, over streamed text, including ones that span token boundaries."""
 
 from __future__ import annotations
 
 from typing import Sequence
+
+
+def cut_marker(text: str, marker: str) -> int:
+    """How many characters at the end of ``text`` may be the start of ``marker``, cut by a token boundary
+    (0 if none): what a stream holds back until the next piece decides it."""
+    return next((keep for keep in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-keep:])), 0)
 
 
 class StopStringFilter:

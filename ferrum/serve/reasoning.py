@@ -9,6 +9,8 @@ A reply cut off before ``</think>`` is all thinking; a reply without thinking is
 
 from __future__ import annotations
 
+from ferrum.stop import cut_marker
+
 OPEN, CLOSE = "<think>", "</think>"
 #: ``--reasoning-parser`` values: vLLM's names for the models that think between these tags.
 PARSERS = ("deepseek_r1", "qwen3")
@@ -18,11 +20,6 @@ def starts_inside(prompt_tail: str) -> bool:
     """Whether a reply to a prompt ending in ``prompt_tail`` begins inside its thinking: the template opened
     a ``<think>`` that it did not close."""
     return prompt_tail.rfind(OPEN) > prompt_tail.rfind(CLOSE)
-
-
-def _held(text: str, tag: str) -> int:
-    """How many characters at the end of ``text`` may be the start of ``tag``, cut by a token boundary."""
-    return next((keep for keep in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-keep:])), 0)
 
 
 class Thinking:
@@ -54,7 +51,7 @@ class Thinking:
         thinking, answer = self.split(text)
         if thinking is None:
             return "", answer
-        ready = len(thinking) if finished or CLOSE in text else len(thinking) - _held(thinking, CLOSE)
+        ready = len(thinking) if finished or CLOSE in text else len(thinking) - cut_marker(thinking, CLOSE)
         sent = self.sent.get(index, 0)
         self.sent[index] = max(sent, ready)
         return thinking[sent:ready], answer

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ferrum.serve.errors import APIError
+from ferrum.stop import cut_marker
 
 #: What reading text that is not (or too deeply nested) JSON raises.
 _NOT_JSON = (json.JSONDecodeError, RecursionError)
@@ -196,12 +197,7 @@ def releasable(fmt: ToolCallFormat, text: str) -> int:
     if fmt.marker is None:
         return len(text)
     start = text.find(fmt.marker)
-    if start >= 0:
-        return start
-    for keep in range(min(len(fmt.marker) - 1, len(text)), 0, -1):  # a marker cut by the token boundary
-        if fmt.marker.startswith(text[-keep:]):
-            return len(text) - keep
-    return len(text)
+    return start if start >= 0 else len(text) - cut_marker(text, fmt.marker)
 
 
 class ToolReplies:
