@@ -207,6 +207,16 @@ def _layer_types(r: KeyReader, sizes: Sizes) -> list[str] | None:
     return types
 
 
+def _layer_kinds(r: KeyReader, sizes: Sizes, default: Callable[[int], str]) -> tuple[int | None, list[str]]:
+    """The sliding window and each layer's attention kind: layer_types, else ``default(layer)``; sliding
+    layers need a window."""
+    window, types = r("sliding_window"), _layer_types(r, sizes)
+    types = types or [default(i) for i in range(sizes.num_layers)]
+    if window is None and SLIDING in types:
+        r.fail("sliding_window", "must be set when layers use sliding attention")
+    return window, types
+
+
 def _window(r: KeyReader) -> int | None:
     return r("sliding_window")
 
@@ -258,10 +268,8 @@ def _every_layer_window(r: KeyReader, sizes: Sizes) -> list:
 
 def _ministral_windows(r: KeyReader, sizes: Sizes) -> list:
     """transformers' Ministral: layer_types, else every layer sliding when sliding_window is set."""
-    window = r("sliding_window")
-    types = _layer_types(r, sizes) or [SLIDING if window else FULL] * sizes.num_layers
-    if window is None and SLIDING in types:
-        r.fail("sliding_window", "must be set when layer_types has sliding layers")
+    every = SLIDING if r("sliding_window") else FULL
+    window, types = _layer_kinds(r, sizes, lambda _: every)
     return [window if t == SLIDING else None for t in types]
 
 
@@ -379,12 +387,8 @@ def _gemma1(r: KeyReader, sizes: Sizes) -> Architecture:
 def _gemma(r: KeyReader, sizes: Sizes, pattern_default: int, qk_norm: str | None, ropes: Callable) -> Architecture:
     r("use_bidirectional_attention")
     r("hidden_activation")
-    window, types = r("sliding_window"), _layer_types(r, sizes)
-    if types is None:
-        pattern = r.get("sliding_window_pattern") or pattern_default
-        types = [SLIDING if (i + 1) % pattern else FULL for i in range(sizes.num_layers)]
-    if window is None and SLIDING in types:
-        r.fail("sliding_window", "must be set when layers use sliding attention")
+    pattern = r.get("sliding_window_pattern") or pattern_default
+    window, types = _layer_kinds(r, sizes, lambda i: SLIDING if (i + 1) % pattern else FULL)
     sliding_rope, full_rope = ropes(r, sizes)
     return Architecture(
         layers=tuple(
@@ -430,10 +434,7 @@ def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
 def _olmo3(r: KeyReader, sizes: Sizes) -> Architecture:
     """OLMo 2's blocks, three sliding layers to one full (unless layer_types says otherwise), and a rope per
     attention kind: the full layers' scaled (rope_scaling, e.g. YaRN), the sliding layers' plain."""
-    window, types = r("sliding_window"), _layer_types(r, sizes)
-    types = types or [FULL if (i + 1) % 4 == 0 else SLIDING for i in range(sizes.num_layers)]
-    if window is None and SLIDING in types:
-        r.fail("sliding_window", "must be set when layers use sliding attention")
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if (i + 1) % 4 == 0 else SLIDING)
     r("hidden_act")
     params = r("rope_parameters")
     if isinstance(params, dict) and (FULL in params or SLIDING in params):
