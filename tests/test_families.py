@@ -57,9 +57,9 @@ def transformers_config(family: str):
             **common, num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=WINDOW,
             attn_logit_softcapping=3.0, final_logit_softcapping=5.0, query_pre_attn_scalar=40,
         )
-    if family == "gemma":  # Gemma 1: Llama's two norms with (1 + w), GeGLU; the official configs' legacy "gelu"
+    if family == "gemma":  # Gemma 1: Llama's two norms with (1 + w), GeGLU (the checkpoint says "gelu": build_family)
         return transformers.GemmaConfig(**{**common, "hidden_size": 64}, num_attention_heads=4, num_key_value_heads=1,
-                                        head_dim=32, hidden_act="gelu")
+                                        head_dim=32, hidden_act="gelu_pytorch_tanh")
     if family == "phi3_longrope_partial":  # Phi-4-mini style: partial rotary, tied, longrope
         return transformers.Phi3Config(
             **common, num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5,
@@ -91,10 +91,20 @@ def transformers_config(family: str):
     raise ValueError(family)
 
 
+def build_family(folder, family: str):
+    """The family's checkpoint in ``folder``; returns the reference model. Gemma 1's says the official configs'
+    legacy ``hidden_act: "gelu"``, meaning the tanh approximation Gemma was trained with: transformers 5.24 reads
+    it so, 5.17 ran exact GELU, so the reference is built with the tanh form named outright."""
+    model = build_transformers_model(folder, transformers_config(family))
+    if family == "gemma":
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "hidden_act": "gelu"}))
+    return model
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return {f: (folder, build_transformers_model(folder, transformers_config(f)))
-            for f in FAMILIES for folder in [tmp_path_factory.mktemp(f)]}
+    return {f: (folder, build_family(folder, f)) for f in FAMILIES for folder in [tmp_path_factory.mktemp(f)]}
 
 
 def load(folder, backend, **kw) -> DecoderOnlyLLM:
