@@ -232,3 +232,29 @@ def build_transformers_model(folder, config, seed: int = 0, model_class=None):
             p.normal_(0, 0.2)
     model.save_pretrained(folder)
     return model
+
+
+def paged_reference(q, k_pool, v_pool, cu, seq_lens, tables, block_size: int, scale: float, window: int | None,
+                    softcap: float | None = None) -> np.ndarray:
+    """Paged attention item by item in float64: keys through the block table, end-aligned causal mask,
+    optional window and ``softcap * tanh(scores / softcap)``. ``q [tokens, heads, d]``,
+    ``k_pool, v_pool [slots, kv_heads, d]``."""
+    out = []
+    for item, n in enumerate(np.asarray(seq_lens).tolist()):
+        pos = np.arange(n)
+        slots = np.asarray(tables[item])[pos // block_size] * block_size + pos % block_size
+        k, v = k_pool[slots].astype(np.float64), v_pool[slots].astype(np.float64)  # [n, kvh, d]
+        qi = q[cu[item] : cu[item + 1]].astype(np.float64)  # [q, heads, d]
+        group = q.shape[1] // k_pool.shape[1]
+        kh, vh = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        scores = np.einsum("qhd,khd->hqk", qi, kh) * scale
+        if softcap is not None:
+            scores = softcap * np.tanh(scores / softcap)
+        qpos = np.arange(n - len(qi), n)[:, None]
+        hidden = pos[None, :] > qpos
+        if window is not None:
+            hidden |= pos[None, :] <= qpos - window
+        scores[:, hidden] = -np.inf
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        out.append(np.einsum("hqk,khd->qhd", weights / weights.sum(-1, keepdims=True), vh))
+    return np.concatenate(out)

@@ -12,33 +12,9 @@ from ferrum.attention import AttentionBatch
 from ferrum.backends import load_backend
 from ferrum.kv_mirror import MirrorBook
 
-from support import runnable_backends
+from support import paged_reference, runnable_backends
 
 BS, BLOCKS, LAYERS, HEADS, KV_HEADS, D = 4, 24, 2, 6, 2, 8
-
-
-def reference(q, k_pool, v_pool, cu, seq_lens, tables, scale, window, softcap):
-    """Item by item in float64: keys through the block table, end-aligned causal mask, optional
-    window and ``softcap * tanh(scores / softcap)``. ``k_pool, v_pool [slots, kv_heads, d]``."""
-    out = []
-    for item, n in enumerate(seq_lens.tolist()):
-        pos = np.arange(n)
-        slots = np.asarray(tables[item])[pos // BS] * BS + pos % BS
-        k, v = k_pool[slots].astype(np.float64), v_pool[slots].astype(np.float64)  # [n, kvh, d]
-        qi = q[cu[item] : cu[item + 1]].astype(np.float64)  # [q, heads, d]
-        kh = np.repeat(k, HEADS // KV_HEADS, axis=1)
-        vh = np.repeat(v, HEADS // KV_HEADS, axis=1)
-        scores = np.einsum("qhd,khd->hqk", qi, kh) * scale
-        if softcap is not None:
-            scores = softcap * np.tanh(scores / softcap)
-        qpos = np.arange(n - len(qi), n)[:, None]
-        hidden = pos[None, :] > qpos
-        if window is not None:
-            hidden |= pos[None, :] <= qpos - window
-        scores[:, hidden] = -np.inf
-        weights = np.exp(scores - scores.max(-1, keepdims=True))
-        out.append(np.einsum("hqk,khd->qhd", weights / weights.sum(-1, keepdims=True), vh))
-    return np.concatenate(out)
 
 
 class Scenario:
@@ -79,8 +55,8 @@ class Scenario:
                                          self.window, self.softcap)
             )
             tables = [t for t, _, _ in items]
-            ref = reference(q, self.host[layer, 0], self.host[layer, 1], cu, seq_lens, tables, D**-0.5,
-                            self.window, self.softcap)
+            ref = paged_reference(q, self.host[layer, 0], self.host[layer, 1], cu, seq_lens, tables, BS, D**-0.5,
+                                  self.window, self.softcap)
             np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
         book = getattr(self.pool, "mirrors", None)
         if book is not None and book.max_positions is not None:  # the arena's memory stays in its budget

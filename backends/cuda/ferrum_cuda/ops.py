@@ -40,6 +40,11 @@ one transfer. :func:`paged_attention` then runs without touching the host:
 * a long prefill item (``AttentionBatch.alone``: from ``ALONE_PAIRS`` query x key pairs)
   attends in a call of its own, as a single item does, rather than padding every
   other prompt to its length;
+* on a GPU with FlashAttention 2 (compute capability 8.0 on, half precision, head
+  size a multiple of 8 up to 256, no soft cap), every item with more than one
+  query token instead attends in one variable-length flash call over its keys
+  gathered token by token: a step of eight prompts is one kernel per layer, not
+  one SDPA per prompt (``FERRUM_CUDA_VARLEN=0`` turns it off);
 * a batch of several kinds runs each call and restores token order with one
   ``index_select``; its items that decode one token attend over the mirrors
   (below) where the book planned them.
@@ -109,6 +114,19 @@ _HAS_GQA = _TORCH_VERSION >= (2, 5)
 #: (memory-efficient attention) does not, so there keys are repeated instead.
 _GQA_WITH_MASK = _HAS_GQA and not IS_CUDA
 _HAS_RMS_NORM = hasattr(F, "rms_norm")
+
+
+def _flash_varlen_available() -> bool:
+    """FlashAttention 2's variable-length kernel, through the aten op SDPA itself uses (torch's public
+    ``varlen_attn`` changed its arguments between 2.11 and 2.13; the op did not)."""
+    if not IS_CUDA or torch.version.hip or os.environ.get("FERRUM_CUDA_VARLEN", "1") == "0":
+        return False
+    flash_built = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
+    return (flash_built and hasattr(torch.ops.aten, "_flash_attention_forward")
+            and torch.cuda.get_device_capability(DEVICE) >= (8, 0))
+
+
+_FLASH_VARLEN = _flash_varlen_available()
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -682,10 +700,22 @@ class _Group:
         self.masks: dict[int | None, torch.Tensor] = {}
 
 
+class _Varlen:
+    """Items attended by one variable-length flash call: their query rows, the prefix sums of
+    their query and key lengths (int32, as the kernel takes them) and their keys' pool slots."""
+
+    __slots__ = ("q_rows", "cu_q", "cu_k", "kv_slots", "max_q", "max_k")
+
+    def __init__(self, max_q: int, max_k: int):
+        self.max_q, self.max_k = max_q, max_k
+        self.q_rows = self.cu_q = self.cu_k = self.kv_slots = None
+
+
 class PreparedBatch:
     """Device-side metadata of one forward pass (see the module docs)."""
 
-    __slots__ = ("kind", "block_size", "single", "alone", "decode", "prefill", "out_index", "num_tokens")
+    __slots__ = ("kind", "block_size", "single", "alone", "decode", "prefill", "varlen", "out_index", "num_tokens",
+                 "without_flash")
 
     def __init__(self, kind: str, block_size: int, num_tokens: int):
         self.kind = kind  # "single" | "groups"
@@ -696,7 +726,9 @@ class PreparedBatch:
         self.alone: list[tuple] = []  # per long prefill item: (first token, last + 1, *its ``single`` tuple)
         self.decode: _Group | None = None
         self.prefill: _Group | None = None
+        self.varlen: _Varlen | None = None
         self.out_index: torch.Tensor | None = None
+        self.without_flash: PreparedBatch | None = None  # for a call the flash kernel cannot take
 
 
 def _item_kv(ids: np.ndarray, bs: int, length: int, packer: "_Packer") -> tuple:
@@ -731,7 +763,7 @@ class _Packer:
         return out
 
 
-def _prepare(batch) -> PreparedBatch:
+def _prepare(batch, flash: bool = _FLASH_VARLEN) -> PreparedBatch:
     cu = np.asarray(batch.cu_seqlens_q, dtype=np.int64)
     seq_lens = np.asarray(batch.seq_lens, dtype=np.int64)
     tables = np.asarray(batch.block_tables, dtype=np.int64)
@@ -749,11 +781,13 @@ def _prepare(batch) -> PreparedBatch:
         prepared.single = (first, None if index is None else tensors[index], length, masks)
         return prepared
 
-    alone = batch.alone()
-    alone_items = np.flatnonzero(alone)
-    decode_items = np.flatnonzero(q_lens == 1)
-    prefill_items = np.flatnonzero((q_lens != 1) & ~alone)
-    calls = len(alone_items) + bool(len(decode_items)) + bool(len(prefill_items))
+    decode_items, none = np.flatnonzero(q_lens == 1), np.empty(0, dtype=np.int64)
+    if flash:  # every item with several query tokens in one variable-length call
+        varlen_items, alone_items, prefill_items = np.flatnonzero(q_lens != 1), none, none
+    else:
+        alone = batch.alone()
+        varlen_items, alone_items, prefill_items = none, np.flatnonzero(alone), np.flatnonzero((q_lens != 1) & ~alone)
+    calls = len(alone_items) + bool(len(decode_items)) + bool(len(prefill_items)) + bool(len(varlen_items))
     prepared = PreparedBatch("groups", bs, num_tokens)
     slots: dict[str, int] = {}
     alone_kv = [_item_kv(tables[i, : int(n_blocks[i])], bs, int(seq_lens[i]), packer) for i in alone_items]
@@ -766,6 +800,19 @@ def _prepare(batch) -> PreparedBatch:
         slots["d_lens"] = packer.add(seq_lens[items])
         if calls > 1:
             slots["d_rows"] = packer.add(cu[items])
+
+    if len(varlen_items):
+        items = varlen_items
+        vq, vk = q_lens[items], seq_lens[items]
+        cu_q, cu_k = np.concatenate([[0], np.cumsum(vq)]), np.concatenate([[0], np.cumsum(vk)])
+        prepared.varlen = _Varlen(int(vq.max()), int(vk.max()))
+        varlen_rows = np.repeat(cu[items] - cu_q[:-1], vq) + np.arange(cu_q[-1])
+        pos = np.arange(cu_k[-1]) - np.repeat(cu_k[:-1], vk)  # each key's position in its item
+        owner = np.repeat(items, vk)
+        slots["v_cu_q"], slots["v_cu_k"] = packer.add(cu_q), packer.add(cu_k)
+        slots["v_kv"] = packer.add(tables[owner, pos // bs] * bs + pos % bs)
+        if calls > 1:
+            slots["v_rows"] = packer.add(varlen_rows)
 
     padded = False
     if len(prefill_items):
@@ -792,6 +839,8 @@ def _prepare(batch) -> PreparedBatch:
             where[cu[i] : cu[i + 1]] = row + np.arange(q_lens[i])
             row += int(q_lens[i])
         where[cu[decode_items]] = row + np.arange(len(decode_items))
+        if len(varlen_items):
+            where[varlen_rows] = row + len(decode_items) + np.arange(len(varlen_rows))
         if len(prefill_items):
             where[rows[valid]] = row + len(decode_items) + np.flatnonzero(valid.reshape(-1))
         slots["out"] = packer.add(where)
@@ -804,6 +853,10 @@ def _prepare(batch) -> PreparedBatch:
     if prepared.decode is not None:
         g = prepared.decode
         g.block_index, g.seq_lens, g.q_rows = get("d_blocks"), get("d_lens"), get("d_rows")
+    if prepared.varlen is not None:
+        g = prepared.varlen
+        g.q_rows, g.kv_slots = get("v_rows"), get("v_kv")
+        g.cu_q, g.cu_k = get("v_cu_q").to(torch.int32), get("v_cu_k").to(torch.int32)
     if prepared.prefill is not None:
         g = prepared.prefill
         g.block_index, g.q_rows, g.qpos = get("p_blocks"), get("p_rows"), get("p_qpos")
@@ -865,6 +918,31 @@ def _prefill_group(q, pool, layer, group: _Group, scale, window, softcap=None):
     qt = q.view(n, max_q, heads, d).transpose(1, 2)
     out = _sdpa(qt, k, v, scale, mask=mask, softcap=softcap)  # [n, H, max_q, d]
     return out.transpose(1, 2).reshape(n * max_q, heads, d)
+
+
+def _flash_takes(q: torch.Tensor, pool: KVPool, softcap) -> bool:
+    """What FlashAttention 2 computes: half precision, head size a multiple of 8 up to 256, no soft cap."""
+    d = q.shape[-1]
+    return softcap is None and q.dtype in (torch.float16, torch.bfloat16) and pool.dtype == q.dtype and d % 8 == 0 \
+        and d <= 256
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window: int | None):
+    """FlashAttention 2 over packed items: ``q [tokens, H, d]``, ``k, v [keys, KVH, d]``, item ``i`` the rows
+    ``cu[i]:cu[i + 1]`` of each. Causal, or a band of ``window`` keys, aligned to each item's last key (a
+    later chunk's queries sit at the end of its keys)."""
+    left = -1 if window is None else window - 1
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, window is None, False,
+        scale=scale, window_size_left=left, window_size_right=0,
+    )[0]
+
+
+def _varlen_attention(q, pool: KVPool, layer: int, group: _Varlen, scale, window):
+    """``q [tokens, H, d]`` of the group's items -> ``[tokens, H, d]``, keys gathered from the pool by slot."""
+    k = pool.k_flat[layer].index_select(0, group.kv_slots)
+    v = pool.v_flat[layer].index_select(0, group.kv_slots)
+    return _flash_varlen(q.contiguous(), k, v, group.cu_q, group.cu_k, group.max_q, group.max_k, scale, window)
 
 
 def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None):
@@ -932,6 +1010,10 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
     if not isinstance(prepared, PreparedBatch):
         prepared = batch.prepared = _prepare(batch)
     window = sliding_window
+    if prepared.varlen is not None and not _flash_takes(q, pool, softcap):
+        if prepared.without_flash is None:
+            prepared.without_flash = _prepare(batch, flash=False)
+        prepared = prepared.without_flash
     if prepared.kind == "single":
         first, index, length, masks = prepared.single
         if index is None and q.shape[0] == 1:  # decode step over consecutive blocks: no mask
@@ -955,6 +1037,10 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows)
         parts.append(_decode_group(q_in, pool, layer, group, scale, window, softcap) if plan is None else
                      _mirrored_decode(q_in, pool, layer, plan, sync, scale, window, softcap))
+    if prepared.varlen is not None:
+        group = prepared.varlen
+        q_in = q if group.q_rows is None else q.index_select(0, group.q_rows)
+        parts.append(_varlen_attention(q_in, pool, layer, group, scale, window))
     if prepared.prefill is not None:
         group = prepared.prefill
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows.view(-1))

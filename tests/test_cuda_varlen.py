@@ -1,0 +1,104 @@
+"""The torch backend's variable-length attention: every item of a batch with several query tokens (whole
+prompts, later chunks of long ones) in one FlashAttention 2 call per layer, beside items decoding one
+token. Its host side (item order, key slots, prefix sums, the rows put back in token order) runs on any
+device with a torch reference of the kernel's contract standing in for the kernel; the kernel itself runs
+on a CUDA GPU. Both against a float64 reference, item by item."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ferrum.attention import AttentionBatch  # noqa: E402
+
+from support import paged_reference  # noqa: E402
+
+ops = pytest.importorskip("ferrum_cuda.ops")
+
+BS, BLOCKS, HEADS, KV_HEADS, D = 16, 64, 8, 2, 64
+#: (kv length after the step, query length): a whole 300-token prompt, a decode step, the 100-token
+#: chunk that ends a 260-token prompt, a whole 7-token prompt, a decode step at a block's first slot.
+ITEMS = [(300, 300), (40, 1), (260, 100), (7, 7), (17, 1)]
+
+
+def mixed_batch(rng: np.random.Generator) -> tuple[AttentionBatch, list[np.ndarray]]:
+    """The items of ``ITEMS`` over scattered blocks of the pool."""
+    free = list(rng.permutation(BLOCKS))
+    tables = [np.array([free.pop() for _ in range(-(-n // BS))]) for n, _ in ITEMS]
+    table = np.zeros((len(ITEMS), max(map(len, tables))), dtype=np.int32)
+    for row, blocks in enumerate(tables):
+        table[row, : len(blocks)] = blocks
+    cu = np.concatenate([[0], np.cumsum([q for _, q in ITEMS])]).astype(np.int32)
+    positions = np.concatenate([np.arange(n - q, n) for n, q in ITEMS]).astype(np.int32)
+    slots = np.concatenate([t[np.arange(n - q, n) // BS] * BS + np.arange(n - q, n) % BS
+                            for t, (n, q) in zip(tables, ITEMS)]).astype(np.int32)
+    seq_lens = np.array([n for n, _ in ITEMS], dtype=np.int32)
+    return AttentionBatch(positions, slots, cu, seq_lens, table, BS), tables
+
+
+def attend(dtype: str, window: int | None) -> tuple[np.ndarray, np.ndarray, ops.PreparedBatch]:
+    """The backend's ``paged_attention`` over a pool of random K/V, and the float64 reference."""
+    rng = np.random.default_rng(0 if window is None else window)
+    pool = ops.kv_alloc(1, BLOCKS, BS, KV_HEADS, D, dtype)
+    torch_dtype = pool.dtype
+    k_host = rng.standard_normal((BLOCKS * BS, KV_HEADS, D)).astype(np.float32)
+    v_host = rng.standard_normal((BLOCKS * BS, KV_HEADS, D)).astype(np.float32)
+    # What the pool holds after rounding to its dtype is what the reference reads.
+    k_dev, v_dev = torch.from_numpy(k_host).to(torch_dtype), torch.from_numpy(v_host).to(torch_dtype)
+    every_slot = torch.arange(BLOCKS * BS, dtype=torch.int32)
+    put = lambda t: t.to(ops.DEVICE)  # noqa: E731
+    ops.kv_write(pool, 0, put(k_dev), put(v_dev), put(every_slot))
+    batch, tables = mixed_batch(rng)
+    batch.prepared = ops._prepare(batch, flash=True)
+    q_dev = torch.from_numpy(rng.standard_normal((batch.num_tokens, HEADS, D)).astype(np.float32)).to(torch_dtype)
+    got = ops.paged_attention(put(q_dev), pool, 0, batch, D**-0.5, window).float().cpu().numpy()
+    ref = paged_reference(q_dev.float().numpy(), k_dev.float().numpy(), v_dev.float().numpy(), batch.cu_seqlens_q,
+                          batch.seq_lens, tables, BS, D**-0.5, window)
+    return got, ref, batch.prepared
+
+
+def kernel_contract(q, k, v, cu_q, cu_k, max_q, max_k, scale, window):
+    """What ``_flash_varlen`` promises, in plain torch item by item: causal (or a band of ``window`` keys)
+    aligned to each item's last key, grouped query heads; and the kernel's input rules."""
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and q.is_contiguous() and k.is_contiguous()
+    q_lens, k_lens = torch.diff(cu_q).tolist(), torch.diff(cu_k).tolist()
+    assert (max_q, max_k) == (max(q_lens), max(k_lens))
+    out = torch.empty_like(q)
+    for i, (nq, nk) in enumerate(zip(q_lens, k_lens)):
+        qi = q[cu_q[i] : cu_q[i + 1]].float().transpose(0, 1)
+        ki, vi = (t[cu_k[i] : cu_k[i + 1]].float().transpose(0, 1) for t in (k, v))
+        qpos, kpos = torch.arange(nk - nq, nk, device=q.device)[:, None], torch.arange(nk, device=q.device)[None, :]
+        allowed = (kpos <= qpos) & ((kpos > qpos - window) if window is not None else True)
+        o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed, scale=scale,
+                                                             enable_gqa=True)
+        out[cu_q[i] : cu_q[i + 1]] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_prefill_items_share_one_call_beside_decode_items(monkeypatch, window):
+    monkeypatch.setattr(ops, "_flash_varlen", kernel_contract)
+    got, ref, prepared = attend("bfloat16", window)
+    varlen = prepared.varlen
+    assert varlen is not None and prepared.alone == [] and prepared.prefill is None
+    assert varlen.cu_q.tolist() == [0, 300, 400, 407] and varlen.cu_k.tolist() == [0, 300, 560, 567]
+    np.testing.assert_allclose(got, ref, atol=3e-2, rtol=2e-2)
+
+
+def test_calls_the_kernel_cannot_take_are_prepared_without_it(monkeypatch):
+    """float32 (and soft-capped scores) go the SDPA way, from the same prepared batch."""
+    monkeypatch.setattr(ops, "_flash_varlen", lambda *a, **k: pytest.fail("float32 reached the flash kernel"))
+    got, ref, prepared = attend("float32", None)
+    assert prepared.without_flash is not None and prepared.without_flash.varlen is None
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not ops._FLASH_VARLEN, reason="needs a CUDA GPU with FlashAttention 2 (compute capability 8.0+)")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("window", [None, 50])
+def test_flash_kernel_matches_the_reference(dtype, window):
+    got, ref, prepared = attend(dtype, window)
+    assert prepared.varlen is not None and prepared.without_flash is None
+    np.testing.assert_allclose(got, ref, atol=3e-2 if dtype == "bfloat16" else 4e-3, rtol=2e-2)
