@@ -55,6 +55,7 @@ them lazily once per distinct window and reuses them across layers.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any
@@ -116,17 +117,17 @@ _GQA_WITH_MASK = _HAS_GQA and not IS_CUDA
 _HAS_RMS_NORM = hasattr(F, "rms_norm")
 
 
+@functools.cache
 def _flash_varlen_available() -> bool:
     """FlashAttention 2's variable-length kernel, through the aten op SDPA itself uses (torch's public
-    ``varlen_attn`` changed its arguments between 2.11 and 2.13; the op did not)."""
+    ``varlen_attn`` changed its arguments between 2.11 and 2.13; the op did not). Asked on first use: reading
+    the device's compute capability initializes CUDA, which an import must not do (a fork after it breaks)."""
     if not IS_CUDA or torch.version.hip or os.environ.get("FERRUM_CUDA_VARLEN", "1") == "0":
         return False
     flash_built = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
     return (flash_built and hasattr(torch.ops.aten, "_flash_attention_forward")
             and torch.cuda.get_device_capability(DEVICE) >= (8, 0))
 
-
-_FLASH_VARLEN = _flash_varlen_available()
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -763,7 +764,7 @@ class _Packer:
         return out
 
 
-def _prepare(batch, flash: bool = _FLASH_VARLEN) -> PreparedBatch:
+def _prepare(batch, flash: bool | None = None) -> PreparedBatch:
     cu = np.asarray(batch.cu_seqlens_q, dtype=np.int64)
     seq_lens = np.asarray(batch.seq_lens, dtype=np.int64)
     tables = np.asarray(batch.block_tables, dtype=np.int64)
@@ -782,7 +783,7 @@ def _prepare(batch, flash: bool = _FLASH_VARLEN) -> PreparedBatch:
         return prepared
 
     decode_items, none = np.flatnonzero(q_lens == 1), np.empty(0, dtype=np.int64)
-    if flash:  # every item with several query tokens in one variable-length call
+    if _flash_varlen_available() if flash is None else flash:  # every item of several query tokens in one call
         varlen_items, alone_items, prefill_items = np.flatnonzero(q_lens != 1), none, none
     else:
         alone = batch.alone()
