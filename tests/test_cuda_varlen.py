@@ -21,24 +21,26 @@ BS, BLOCKS, HEADS, KV_HEADS, D = 16, 64, 8, 2, 64
 #: (kv length after the step, query length): a whole 300-token prompt, a decode step, the 100-token
 #: chunk that ends a 260-token prompt, a whole 7-token prompt, a decode step at a block's first slot.
 ITEMS = [(300, 300), (40, 1), (260, 100), (7, 7), (17, 1)]
+#: A lone item whose queries follow cached keys (a prefix-cache hit, a later chunk): the kernel's too.
+LATER_CHUNK = [(260, 100)]
 
 
-def mixed_batch(rng: np.random.Generator) -> tuple[AttentionBatch, list[np.ndarray]]:
-    """The items of ``ITEMS`` over scattered blocks of the pool."""
+def batch_of(items, rng: np.random.Generator) -> tuple[AttentionBatch, list[np.ndarray]]:
+    """``items`` over scattered blocks of the pool."""
     free = list(rng.permutation(BLOCKS))
-    tables = [np.array([free.pop() for _ in range(-(-n // BS))]) for n, _ in ITEMS]
-    table = np.zeros((len(ITEMS), max(map(len, tables))), dtype=np.int32)
+    tables = [np.array([free.pop() for _ in range(-(-n // BS))]) for n, _ in items]
+    table = np.zeros((len(items), max(map(len, tables))), dtype=np.int32)
     for row, blocks in enumerate(tables):
         table[row, : len(blocks)] = blocks
-    cu = np.concatenate([[0], np.cumsum([q for _, q in ITEMS])]).astype(np.int32)
-    positions = np.concatenate([np.arange(n - q, n) for n, q in ITEMS]).astype(np.int32)
+    cu = np.concatenate([[0], np.cumsum([q for _, q in items])]).astype(np.int32)
+    positions = np.concatenate([np.arange(n - q, n) for n, q in items]).astype(np.int32)
     slots = np.concatenate([t[np.arange(n - q, n) // BS] * BS + np.arange(n - q, n) % BS
-                            for t, (n, q) in zip(tables, ITEMS)]).astype(np.int32)
-    seq_lens = np.array([n for n, _ in ITEMS], dtype=np.int32)
+                            for t, (n, q) in zip(tables, items)]).astype(np.int32)
+    seq_lens = np.array([n for n, _ in items], dtype=np.int32)
     return AttentionBatch(positions, slots, cu, seq_lens, table, BS), tables
 
 
-def attend(dtype: str, window: int | None) -> tuple[np.ndarray, np.ndarray, ops.PreparedBatch]:
+def attend(dtype: str, window: int | None, items=ITEMS) -> tuple[np.ndarray, np.ndarray, ops.PreparedBatch]:
     """The backend's ``paged_attention`` over a pool of random K/V, and the float64 reference."""
     rng = np.random.default_rng(0 if window is None else window)
     pool = ops.kv_alloc(1, BLOCKS, BS, KV_HEADS, D, dtype)
@@ -50,7 +52,7 @@ def attend(dtype: str, window: int | None) -> tuple[np.ndarray, np.ndarray, ops.
     every_slot = torch.arange(BLOCKS * BS, dtype=torch.int32)
     put = lambda t: t.to(ops.DEVICE)  # noqa: E731
     ops.kv_write(pool, 0, put(k_dev), put(v_dev), put(every_slot))
-    batch, tables = mixed_batch(rng)
+    batch, tables = batch_of(items, rng)
     batch.prepared = ops._prepare(batch, flash=True)
     q_dev = torch.from_numpy(rng.standard_normal((batch.num_tokens, HEADS, D)).astype(np.float32)).to(torch_dtype)
     got = ops.paged_attention(put(q_dev), pool, 0, batch, D**-0.5, window).float().cpu().numpy()
@@ -87,6 +89,18 @@ def test_prefill_items_share_one_call_beside_decode_items(monkeypatch, window):
     np.testing.assert_allclose(got, ref, atol=3e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("window", [None, 50])
+def test_a_lone_later_chunk_takes_the_kernel_and_a_whole_prompt_does_not(monkeypatch, window):
+    monkeypatch.setattr(ops, "_flash_varlen", kernel_contract)
+    got, ref, prepared = attend("bfloat16", window, LATER_CHUNK)
+    assert prepared.varlen is not None and prepared.varlen.cu_k.tolist() == [0, 260]
+    np.testing.assert_allclose(got, ref, atol=3e-2, rtol=2e-2)
+    monkeypatch.setattr(ops, "_flash_varlen", lambda *a, **k: pytest.fail("a whole prompt reached the flash kernel"))
+    got, ref, prepared = attend("bfloat16", window, [(300, 300)])  # one SDPA call, causal or over the window
+    assert prepared.kind == "single"
+    np.testing.assert_allclose(got, ref, atol=3e-2, rtol=2e-2)
+
+
 def test_calls_the_kernel_cannot_take_are_prepared_without_it(monkeypatch):
     """float32 (and soft-capped scores) go the SDPA way, from the same prepared batch."""
     monkeypatch.setattr(ops, "_flash_varlen", lambda *a, **k: pytest.fail("float32 reached the flash kernel"))
@@ -100,9 +114,10 @@ needs_flash = pytest.mark.skipif(not ops._flash_varlen_available(),
 
 
 @needs_flash
+@pytest.mark.parametrize("items", [ITEMS, LATER_CHUNK], ids=["mixed", "later-chunk"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("window", [None, 50])
-def test_flash_kernel_matches_the_reference(dtype, window):
-    got, ref, prepared = attend(dtype, window)
+def test_flash_kernel_matches_the_reference(dtype, window, items):
+    got, ref, prepared = attend(dtype, window, items)
     assert prepared.varlen is not None and prepared.without_flash is None
     np.testing.assert_allclose(got, ref, atol=3e-2 if dtype == "bfloat16" else 4e-3, rtol=2e-2)

@@ -41,10 +41,11 @@ one transfer. :func:`paged_attention` then runs without touching the host:
   attends in a call of its own, as a single item does, rather than padding every
   other prompt to its length;
 * on a GPU with FlashAttention 2 (compute capability 8.0 on, half precision, head
-  size a multiple of 8 up to 256, no soft cap), every item with more than one
-  query token instead attends in one variable-length flash call over its keys
-  gathered token by token: a step of eight prompts is one kernel per layer, not
-  one SDPA per prompt (``FERRUM_CUDA_VARLEN=0`` turns it off);
+  size a multiple of 8 up to 256, no soft cap), the items of a batch with more
+  than one query token, and a lone item whose queries follow cached keys, instead
+  attend in one variable-length flash call over their keys gathered token by
+  token: a step of eight prompts is one kernel per layer, not one SDPA per prompt,
+  and a later chunk needs no mask (``FERRUM_CUDA_VARLEN=0`` turns it off);
 * a batch of several kinds runs each call and restores token order with one
   ``index_select``; its items that decode one token attend over the mirrors
   (below) where the book planned them.
@@ -774,8 +775,12 @@ def _prepare(batch, flash: bool | None = None) -> PreparedBatch:
     n_blocks = -(-seq_lens // bs)
     num_tokens = int(cu[-1])
     packer = _Packer()
+    flash = _flash_varlen_available() if flash is None else flash
 
-    if n_items == 1:
+    # A lone item attends in one SDPA call (over a slice of the pool where its blocks are consecutive), unless
+    # its queries follow keys already cached (a prefix-cache hit, a later chunk, verification): SDPA needs a
+    # mask there, and on CUDA repeats the keys of a GQA model; the flash kernel takes it as it is.
+    if n_items == 1 and not (flash and 1 < q_lens[0] < seq_lens[0]):
         prepared = PreparedBatch("single", bs, num_tokens)
         first, index, length, masks = _item_kv(tables[0, : int(n_blocks[0])], bs, int(seq_lens[0]), packer)
         tensors = packer.upload()
@@ -783,7 +788,7 @@ def _prepare(batch, flash: bool | None = None) -> PreparedBatch:
         return prepared
 
     decode_items, none = np.flatnonzero(q_lens == 1), np.empty(0, dtype=np.int64)
-    if _flash_varlen_available() if flash is None else flash:  # every item of several query tokens in one call
+    if flash:  # every item of several query tokens in one call
         varlen_items, alone_items, prefill_items = np.flatnonzero(q_lens != 1), none, none
     else:
         alone = batch.alone()
