@@ -44,3 +44,8 @@ bench cuda-concurrent-32 75 --preset llama-1b --backend cuda --workload concurre
 bench cuda-q4-decode-1 45 --preset llama-1b --quantize 4 --backend cuda --workload decode-1 --gen-len 128 --peer none
 bench cuda-q4-concurrent-32 45 --preset llama-1b --quantize 4 --backend cuda --workload concurrent-32 --gen-len 64 \
   --repeat 1 --peer none
+# A prompt longer than the 2048-token step budget prefills in chunks; the later chunk attends through the flash
+# kernel (ferrum_cuda.ops: a lone item after cached keys), or with FERRUM_CUDA_VARLEN=0 through SDPA with a mask.
+bench cuda-long-prompt 45 --preset llama-1b --backend cuda --workload decode-1 --prompt-len 3500 --gen-len 16 --repeat 3
+FERRUM_CUDA_VARLEN=0 bench cuda-long-prompt-sdpa 45 --preset llama-1b --backend cuda --workload decode-1 \
+  --prompt-len 3500 --gen-len 16 --repeat 3
