@@ -234,6 +234,23 @@ def build_transformers_model(folder, config, seed: int = 0, model_class=None):
     return model
 
 
+def attention_batch(items, block_size: int):
+    """The ``AttentionBatch`` of ``items``, each ``(block table, kv length after the step, query length)``: the
+    queries are each item's last positions, written to the slots its table gives them."""
+    from ferrum.attention import AttentionBatch
+
+    q_lens = np.array([q for _, _, q in items])
+    seq_lens = np.array([n for _, n, _ in items], dtype=np.int32)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    table = np.zeros((len(items), max(len(t) for t, _, _ in items)), dtype=np.int32)
+    for row, (blocks, _, _) in enumerate(items):
+        table[row, : len(blocks)] = blocks
+    positions = np.concatenate([np.arange(n - q, n) for _, n, q in items]).astype(np.int32)
+    slots = np.concatenate([np.asarray(t)[positions[cu[i] : cu[i + 1]] // block_size] * block_size
+                            + positions[cu[i] : cu[i + 1]] % block_size for i, (t, _, _) in enumerate(items)])
+    return AttentionBatch(positions, slots.astype(np.int32), cu, seq_lens, table, block_size)
+
+
 def paged_reference(q, k_pool, v_pool, cu, seq_lens, tables, block_size: int, scale: float, window: int | None,
                     softcap: float | None = None) -> np.ndarray:
     """Paged attention item by item in float64: keys through the block table, end-aligned causal mask,

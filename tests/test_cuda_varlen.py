@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from ferrum.attention import AttentionBatch  # noqa: E402
 
-from support import paged_reference  # noqa: E402
+from support import attention_batch, paged_reference  # noqa: E402
 
 ops = pytest.importorskip("ferrum_cuda.ops")
 
@@ -26,18 +26,10 @@ LATER_CHUNK = [(260, 100)]
 
 
 def batch_of(items, rng: np.random.Generator) -> tuple[AttentionBatch, list[np.ndarray]]:
-    """``items`` over scattered blocks of the pool."""
+    """``items`` over scattered blocks of the pool, and their block tables."""
     free = list(rng.permutation(BLOCKS))
     tables = [np.array([free.pop() for _ in range(-(-n // BS))]) for n, _ in items]
-    table = np.zeros((len(items), max(map(len, tables))), dtype=np.int32)
-    for row, blocks in enumerate(tables):
-        table[row, : len(blocks)] = blocks
-    cu = np.concatenate([[0], np.cumsum([q for _, q in items])]).astype(np.int32)
-    positions = np.concatenate([np.arange(n - q, n) for n, q in items]).astype(np.int32)
-    slots = np.concatenate([t[np.arange(n - q, n) // BS] * BS + np.arange(n - q, n) % BS
-                            for t, (n, q) in zip(tables, items)]).astype(np.int32)
-    seq_lens = np.array([n for n, _ in items], dtype=np.int32)
-    return AttentionBatch(positions, slots, cu, seq_lens, table, BS), tables
+    return attention_batch([(t, n, q) for t, (n, q) in zip(tables, items)], BS), tables
 
 
 def attend(dtype: str, window: int | None, items=ITEMS) -> tuple[np.ndarray, np.ndarray, ops.PreparedBatch]:

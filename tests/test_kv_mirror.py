@@ -12,7 +12,7 @@ from ferrum.attention import AttentionBatch
 from ferrum.backends import load_backend
 from ferrum.kv_mirror import MirrorBook
 
-from support import paged_reference, runnable_backends
+from support import attention_batch, paged_reference, runnable_backends
 
 BS, BLOCKS, LAYERS, HEADS, KV_HEADS, D = 4, 24, 2, 6, 2, 8
 
@@ -35,17 +35,8 @@ class Scenario:
 
     def step(self, items: list[tuple[list[int], int, int]], layers: int = LAYERS) -> None:
         """``items``: (block table, kv length after the step, query length); the first ``layers`` run."""
-        q_lens = np.array([q for _, _, q in items])
-        seq_lens = np.array([n for _, n, _ in items], dtype=np.int32)
-        cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-        table = np.zeros((len(items), max(len(t) for t, _, _ in items)), dtype=np.int32)
-        for row, (blocks, _, _) in enumerate(items):
-            table[row, : len(blocks)] = blocks
-        positions = np.concatenate([np.arange(n - q, n) for _, n, q in items]).astype(np.int32)
-        slots = np.concatenate(
-            [[t[p // BS] * BS + p % BS for p in range(n - q, n)] for t, n, q in items]
-        ).astype(np.int32)
-        batch = AttentionBatch(positions, slots, cu, seq_lens, table, BS)
+        batch = attention_batch(items, BS)
+        cu, seq_lens, slots = batch.cu_seqlens_q, batch.seq_lens, batch.slot_mapping
         batch.prepared = self.ops.prepare_attention_batch(batch)
         q = self.rng.standard_normal((int(cu[-1]), HEADS, D)).astype(np.float32)
         for layer in range(layers):
