@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import weakref
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -60,13 +60,32 @@ def backend_info() -> BackendInfo:
 
 
 # ----------------------------------------------------------- host transfer
-_pools: "weakref.WeakSet[KVPool]" = weakref.WeakSet()
+#: Pools with KV writes not yet evaluated, per thread. MLX keeps a stream per thread and a graph
+#: is evaluated by the thread that built it: an engine stepping on its own thread must never have
+#: its writes evaluated by another thread's ``to_numpy`` (that crashed MLX's CPU build).
+_written = threading.local()
+
+
+def _written_pools() -> dict[int, KVPool]:
+    pools = getattr(_written, "pools", None)
+    if pools is None:
+        pools = _written.pools = {}
+    return pools
+
+
+def _take_pending() -> list[mx.array]:
+    """This thread's unevaluated KV writes, handed over once."""
+    pools = _written_pools()
+    if not pools:
+        return []
+    taken = [a for pool in pools.values() for a in pool.take_pending()]
+    pools.clear()
+    return taken
 
 
 def _materialise(*arrays: mx.array) -> None:
     """Evaluate results together with pending KV writes, so graphs never chain across steps."""
-    pending = [a for pool in _pools for a in pool.take_pending()]
-    mx.eval(*arrays, *pending)
+    mx.eval(*arrays, *_take_pending())
 
 
 @hookimpl
@@ -169,8 +188,7 @@ def sample_on_device(logits, batch):
     """:func:`sample` started with the step's KV writes and left on the device; the next step's
     graph takes the ids, the host reads them later."""
     graph = _sample_graph(logits, batch)
-    pending = [a for pool in _pools for a in pool.take_pending()]
-    _START(*graph, *pending)
+    _START(*graph, *_take_pending())
     return DeviceSample(graph[0], lambda: _sample_result(graph))
 
 
@@ -401,6 +419,7 @@ class KVPool:
         self.written[layer] = (k, v)  # a plan whose copies are these rows takes them from here
         self.writes[layer] += 1
         self._pending.add(layer)
+        _written_pools()[id(self)] = self
 
     def take_pending(self) -> list[mx.array]:
         layers, self._pending = self._pending, set()
@@ -426,9 +445,7 @@ class KVPool:
 
 @hookimpl
 def kv_alloc(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
-    pool = KVPool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, _DTYPES[dtype])
-    _pools.add(pool)
-    return pool
+    return KVPool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, _DTYPES[dtype])
 
 
 @hookimpl
