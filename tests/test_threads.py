@@ -1,7 +1,7 @@
-"""MLX models driven from several threads.
+"""MLX models driven from several threads, and interpreter exit with a stepping thread alive.
 
-Each case runs in a child process: what went wrong here was a segfault, which would take pytest
-down with it.
+Each case runs in a child process: what went wrong here was a segfault or an abort at exit,
+which would take pytest down with it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def run_child(script: str, *args: str, timeout: float = 300) -> subprocess.Compl
 
 
 TWO_THREADS = """
-    import sys, threading
+    import os, sys, threading
     import numpy as np
     import ferrum
     from ferrum.model import DecoderOnlyLLM
@@ -71,6 +71,7 @@ TWO_THREADS = """
     assert worst == 0.0, f"main thread's logits moved by {worst}"
     assert seen and all(tokens == alone_tokens for tokens in seen), "background thread's tokens changed"
     print("ok", len(seen), flush=True)
+    os._exit(0)  # this script's own thread used MLX: skip MLX's exit-time teardown (tested below)
 """
 
 
@@ -81,3 +82,33 @@ def test_two_threads_run_mlx_models_at_once(checkpoint):
     child = run_child(TWO_THREADS, str(checkpoint))
     assert child.returncode == 0, child.stderr[-3000:]
     assert child.stdout.startswith("ok"), child.stdout
+
+
+ASYNC_EXIT = """
+    import asyncio, sys
+    import ferrum
+    from ferrum.engine import AsyncEngine, Engine
+    from ferrum.sampling import SamplingParams
+
+    folder, shut_down = sys.argv[1], sys.argv[2] == "shutdown"
+    llm = ferrum.load(folder, backend="mlx")
+    engine = AsyncEngine(Engine(llm.executor, llm.tokenizer))
+
+    async def main():
+        return await engine.generate([5, 9, 14], SamplingParams(max_tokens=6, ignore_eos=True))
+
+    out = asyncio.run(main())
+    if shut_down:
+        engine.shutdown()
+    print("generated", len(out.token_ids))
+"""
+
+
+@pytest.mark.parametrize("ending", ["shutdown", "left-running"])
+def test_exit_after_an_async_engine_on_mlx_is_clean(checkpoint, ending):
+    """MLX (0.32, CPU) aborts at exit while a thread that evaluated MLX work is alive or still
+    unwinding; the stepping thread is ended and waited for before the interpreter finalizes."""
+    child = run_child(ASYNC_EXIT, str(checkpoint), ending)
+    assert child.stdout.strip() == "generated 6", child.stderr[-3000:]
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "terminate called" not in child.stderr

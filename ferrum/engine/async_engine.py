@@ -12,7 +12,10 @@ frees its model, KV pool and thread.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import os
 import threading
+import time
 import weakref
 from typing import Any, AsyncIterator, Mapping, Sequence
 
@@ -23,6 +26,9 @@ from ferrum.sampling import SamplingParams
 
 #: How often an idle stepping thread checks whether its engine is still wanted.
 _IDLE_CHECK_S = 1.0
+
+#: The longest interpreter exit waits for one stepping thread to end.
+_EXIT_WAIT_S = 5.0
 
 
 class RequestStream:
@@ -100,6 +106,7 @@ class AsyncEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         weakref.finalize(self, self._wake.set)  # a dropped engine lets its thread notice at once
+        _live_engines.add(self)
 
     def submit(
         self,
@@ -158,14 +165,19 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         """Stop stepping; unfinished requests are aborted (their consumers see an ``abort`` finish)."""
+        self._stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+            _wait_until_torn_down(self._thread)
+
+    def _stop(self) -> None:
+        """Close, abort what is unfinished and let the thread end after its current step."""
         self._closed = True
         with self._lock:
             pending = list(self._streams)
         for request_id in pending:
             self.engine.abort(request_id)
         self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
 
     # ------------------------------------------------------------ thread
     def _start(self) -> None:
@@ -174,6 +186,7 @@ class AsyncEngine:
                 target=_step_while_wanted, args=(weakref.ref(self), self._wake), name="ferrum-engine", daemon=True
             )
             self._thread.start()
+            _stepping_threads.add(self._thread)
         self._wake.set()
 
     def _step_until_idle(self) -> bool:
@@ -217,3 +230,32 @@ def _step_while_wanted(ref: "weakref.ref[AsyncEngine]", wake: threading.Event) -
         del engine
         if not keep_going:
             return
+
+
+# ------------------------------------------------------------- interpreter exit
+# A backend may keep per-thread native state that its own exit-time destructors also tear down: MLX
+# (0.32, CPU) aborts the process ("terminate called without an active exception") when it exits while
+# a thread that evaluated MLX work is still alive or still unwinding. So every stepping thread is
+# ended, and waited for until the OS has removed it, before the interpreter finalizes.
+_live_engines: "weakref.WeakSet[AsyncEngine]" = weakref.WeakSet()
+_stepping_threads: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+def _wait_until_torn_down(thread: threading.Thread, timeout: float = _EXIT_WAIT_S) -> None:
+    """Wait until the OS thread behind a joined ``thread`` is gone: ``join`` returns once its Python
+    state is released, before its native thread-local destructors have run. Linux lists live threads
+    in ``/proc/self/task``; elsewhere there is nothing to poll and this returns at once."""
+    task = f"/proc/self/task/{thread.native_id}"
+    deadline = time.monotonic() + timeout
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+@atexit.register
+def _end_stepping_threads() -> None:
+    """Stop every engine, then wait (a bounded time: a step may be long) for each stepping thread."""
+    for engine in list(_live_engines):
+        engine._stop()
+    for thread in list(_stepping_threads):  # including those whose engine was collected and ended alone
+        thread.join(_EXIT_WAIT_S)
+        _wait_until_torn_down(thread)
