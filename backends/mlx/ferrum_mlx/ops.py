@@ -45,11 +45,34 @@ _DTYPES = {
 _QUANT_FORMATS = tuple((bits, gs) for bits in (2, 3, 4, 5, 6, 8) for gs in (16, 32, 64, 128))
 
 
+def _recommended_working_set() -> int | None:
+    """Metal's recommended working set in bytes (``mx.device_info``; ``mx.metal.device_info``,
+    deprecated since, on MLX releases before it)."""
+    device_info = getattr(mx, "device_info", None) or mx.metal.device_info
+    return device_info().get("max_recommended_working_set_size")
+
+
+_wired = False
+
+
+def _wire_recommended_memory() -> None:
+    """On Metal, let MLX keep up to the recommended working set wired (resident), once per process:
+    what mlx-lm's generator and server do, so weights are not paged out between steps. MLX's default
+    wires nothing; on a CPU there is no such limit."""
+    global _wired
+    if _wired or not _METAL or not hasattr(mx, "set_wired_limit"):
+        return
+    size = _recommended_working_set()
+    if size:
+        mx.set_wired_limit(size)
+    _wired = True
+
+
 @hookimpl
 def backend_info() -> BackendInfo:
     dtypes = ("float32", "float16", "bfloat16")
     if _METAL:
-        memory = mx.metal.device_info().get("max_recommended_working_set_size")
+        memory = _recommended_working_set()
         return BackendInfo("mlx", "metal", dtypes, "bfloat16", memory, quant_formats=_QUANT_FORMATS,
                            computes_apart=True)
     try:
@@ -445,6 +468,7 @@ class KVPool:
 
 @hookimpl
 def kv_alloc(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
+    _wire_recommended_memory()  # a model is about to run: before any step is in flight
     return KVPool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, _DTYPES[dtype])
 
 
