@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 __all__ = ["API_VERSION", "SamplingParams", "backends", "errors", "hookimpl", "load", "__version__"]
 
 
-def load(path, backend=None, dtype=None, **options):
-    """Load a checkpoint folder (Hugging Face or mlx-community quantized) or a GGUF file;
-    returns a :class:`ferrum.api.LLM`."""
+def load(path=None, backend=None, dtype=None, **options):
+    """Load a checkpoint folder (Hugging Face or mlx-community quantized), a GGUF file or a Hugging Face
+    repo id, or with no ``path`` the embedded default model; returns a :class:`ferrum.api.LLM`."""
     from ferrum.api import LLM
 
     return LLM.load(path, backend=backend, dtype=dtype, **options)

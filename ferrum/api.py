@@ -57,7 +57,7 @@ class LLM:
     @classmethod
     def load(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         backend: str | None = None,
         dtype: str | None = None,
         num_kv_blocks: int | None = None,
@@ -69,7 +69,12 @@ class LLM:
     ) -> "LLM":
         """``speculative="lookup"`` (prompt lookup) or ``"draft"`` with ``draft_model=PATH`` (a small
         model with the same tokenizer, loaded on the same backend with a KV pool of the same size)
-        turns on speculative decoding; a :class:`SpeculativeConfig` sets its knobs."""
+        turns on speculative decoding; a :class:`SpeculativeConfig` sets its knobs. Without ``path``, the
+        embedded default model (SmolLM2-135M-Instruct, see :mod:`ferrum.default_model`)."""
+        if path is None:
+            from ferrum.default_model import default_model_path
+
+            path = default_model_path(progress)
         path = resolve_model(path, progress)
         model = DecoderOnlyLLM.from_pretrained(
             path, backend=backend, dtype=dtype, num_kv_blocks=num_kv_blocks,

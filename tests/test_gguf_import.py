@@ -258,6 +258,16 @@ def test_cache_is_reused(converted, monkeypatch):
 
 
 @needs_smollm2
+def test_load_without_a_path_is_the_default_model(converted, monkeypatch):
+    import ferrum
+
+    monkeypatch.setattr("ferrum.gguf_import.convert_gguf", lambda *a, **k: pytest.fail("converted again"))
+    llm = ferrum.load(backend="cpu")
+    assert llm.path == converted[0]
+    assert llm.generate("Hi", max_tokens=2)
+
+
+@needs_smollm2
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path))
 
