@@ -136,6 +136,8 @@ class LLM:
             if chat:
                 return tok.encode_chat([{"role": "user", "content": prompt}], template_kwargs=chat_template_kwargs)
             return tok.encode(prompt)
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise InvalidRequestError(f"{_PROMPT_FORMS}, not bytes: decode text to str first")
         if not isinstance(prompt, Iterable):
             raise InvalidRequestError(f"{_PROMPT_FORMS}, not {type(prompt).__name__}")
         prompt = list(prompt)

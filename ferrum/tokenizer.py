@@ -91,7 +91,18 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # tokenizers says "TextInputSequence must be str" for text it cannot read as UTF-8
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(
+                    f"the text holds {text[exc.start:exc.end]!a} at character {exc.start}, which is not valid "
+                    "Unicode (a lone surrogate, e.g. from decoding bytes with errors='surrogateescape'); "
+                    "clean the text first"
+                ) from None
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -111,6 +111,19 @@ def test_bad_requests_are_rejected(llm):
         llm.generate([1, "x"], max_tokens=3)
 
 
+@pytest.mark.parametrize("prompt", [b"hello", bytearray(b"hello")])
+def test_bytes_are_not_read_as_token_ids(llm, prompt):
+    with pytest.raises(InvalidRequestError, match="bytes"):
+        llm.generate(prompt, max_tokens=2)
+
+
+@pytest.mark.parametrize("prompt", ["bad \udcff text", [{"role": "user", "content": "bad \ud800"}]])
+def test_text_that_is_not_unicode_is_a_request_error(llm, prompt):
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        llm.generate(prompt, max_tokens=2)
+    assert llm.generate("hello", max_tokens=2) is not None
+
+
 def test_token_prompts_work_without_a_tokenizer(checkpoint, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
