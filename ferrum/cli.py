@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Sequence
 
 from ferrum import backends
@@ -299,8 +300,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Ferrum's own warnings as the CLI's other messages read; others keep Python's form (--debug: all)."""
+    if category is UserWarning and filename.startswith(_PACKAGE_DIR):
+        return f"ferrum: warning: {message}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_python_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = _python_warning
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except FerrumError as exc:

@@ -10,6 +10,7 @@ the weight, so a forward pass never asks which kind it holds.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -166,6 +167,34 @@ def _assemble(
         raise CheckpointError(f"{where}: {module}: {exc}") from exc
 
 
+#: Shown by name at most, of the tensors a load leaves unread.
+_UNREAD_SHOWN = 8
+
+
+def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
+    """Say which tensors of the checkpoint the model does not use: a misnamed ``model_type``, biases or
+    norms config.json does not turn on, or extra layers would otherwise load and run silently wrong.
+    Not reported: rotary inverse frequencies (recomputed from config.json), the LM head a tied model
+    reads from its embedding, and, when the decoder sits inside a multimodal wrapper, the other
+    modalities' towers (only the text model runs)."""
+    arch = config.arch
+    wrapped = arch.prefix != "model."
+    left = sorted(
+        name for name in unread
+        if not name.endswith("rotary_emb.inv_freq")
+        and not (config.tie_word_embeddings and name == arch.lm_head)
+        and not (wrapped and not name.startswith(arch.prefix) and name != arch.lm_head)
+    )
+    if left:
+        more = len(left) - _UNREAD_SHOWN
+        shown = ", ".join(left[:_UNREAD_SHOWN]) + (f" and {more} more" if more > 0 else "")
+        warnings.warn(
+            f"{where}: {len(left)} tensor(s) in the checkpoint are not used by a {config.model_type} model and "
+            f"were not loaded: {shown}. If the model needs them, config.json does not describe these weights",
+            stacklevel=2,
+        )
+
+
 def read_weights(
     checkpoint: Checkpoint, config: ModelConfig, shapes: dict[str, tuple[int, ...]]
 ) -> Iterator[tuple[str, HostTensor]]:
@@ -175,6 +204,7 @@ def read_weights(
     owner = {part: name for name, parts in parts_of.items() for part in parts}
     checkpoint.require(list(owner))
     where = str(checkpoint.folder)
+    _warn_unread(where, config, present - owner.keys())
     pending: dict[str, dict[str, np.ndarray]] = {}
     for part, array in checkpoint.read_many(list(owner)):
         name = owner[part]

@@ -171,6 +171,43 @@ def test_malformed_checkpoints(ckpt, corrupt, error, words):
         assert word in str(caught.value), (word, str(caught.value))
 
 
+def add_tensors(folder: Path, extra: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(folder / WEIGHTS))
+    save_file({**tensors, **extra}, str(folder / WEIGHTS))
+
+
+def test_tensors_the_model_does_not_use_are_named(ckpt):
+    """A misnamed model_type (Qwen 3's q/k norms under "qwen2") or biases config.json does not turn on
+    would load and run wrong without a word."""
+    extra = {f"model.layers.{i}.self_attn.q_norm.weight": np.ones(16, np.float32) for i in range(2)}
+    add_tensors(ckpt, {**extra, "model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)})
+    with pytest.warns(UserWarning, match="3 tensor") as caught:
+        ferrum.load(ckpt, backend="cpu")
+    message = str(caught[0].message)
+    assert "model.layers.0.self_attn.o_proj.bias" in message and "model.layers.1.self_attn.q_norm.weight" in message
+
+
+def test_the_cli_says_so_in_one_line(ckpt, tmp_path):
+    add_tensors(ckpt, {"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)})
+    done = subprocess.run([sys.executable, "-m", "ferrum.cli", "generate", "hi", "--model", str(ckpt), "--backend",
+                           "cpu", "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "o_proj.bias" in line]
+    assert len(warned) == 1 and warned[0].startswith("ferrum: warning:"), done.stderr
+
+
+def test_tensors_left_by_design_are_not_reported(ckpt, recwarn):
+    """Rotary inverse frequencies are recomputed; a tied model's LM head copy is its embedding."""
+    add_tensors(ckpt, {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)})
+    config = json.loads((ckpt / "config.json").read_text())
+    add_tensors(ckpt, {"lm_head.weight": np.zeros((config["vocab_size"], 64), np.float32)})
+    edit_config(tie_word_embeddings=True)(ckpt)
+    ferrum.load(ckpt, backend="cpu")
+    assert not [w for w in recwarn if "not used" in str(w.message)]
+
+
 CALL_ROWS = [
     ("template-raises", chat_template("{{ raise_exception('no system messages') }}"),
      lambda llm: llm.generate([{"role": "user", "content": "hi"}], max_tokens=2),
