@@ -151,6 +151,8 @@ LOAD_ROWS = [
     ("weights-bool", retype_tensor(np.bool_), CheckpointError, ["up_proj", "BOOL"]),
     ("weights-float8", float8_tensor, CheckpointError, ["up_proj", "F8_E4M3"]),
     ("weights-nan", retype_tensor("nan"), CheckpointError, ["up_proj", "NaN"]),
+    ("rope-scaling-disagrees-with-rope-parameters", edit_config(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+     ConfigError, ["rope_scaling", "rope_parameters", "disagree"]),
     ("tokenizer-garbage", write("tokenizer.json", b"{not a tokenizer"), ConfigError, ["tokenizer.json"]),
     ("tokenizer-config-not-json", write("tokenizer_config.json", b"\x00\x01"), ConfigError,
      ["tokenizer_config.json"]),
@@ -176,6 +178,14 @@ def add_tensors(folder: Path, extra: dict[str, np.ndarray]) -> None:
 
     tensors = load_file(str(folder / WEIGHTS))
     save_file({**tensors, **extra}, str(folder / WEIGHTS))
+
+
+def test_rope_scaling_that_repeats_rope_parameters_loads(ckpt, pristine_llm):
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "default"  # as transformers 5 saves it
+    edit_config(rope_scaling={"type": "default"})(ckpt)
+    assert ferrum.load(ckpt, backend="cpu").generate([5, 6, 7], max_tokens=4) == pristine_llm.generate(
+        [5, 6, 7], max_tokens=4)
 
 
 def test_tensors_the_model_does_not_use_are_named(ckpt):

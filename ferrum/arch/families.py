@@ -106,14 +106,29 @@ def read_sizes(r: KeyReader, eps_default: float) -> Sizes:
 # ---------------------------------------------------------------------- rope
 
 def _rope_spec(r: KeyReader) -> tuple[str, dict[str, Any]]:
-    """(the key it came from, one dict of rope settings) from either spelling."""
+    """(the key it came from, one dict of rope settings) from either spelling. A config saved by
+    transformers 5 and then given a ``rope_scaling`` by hand (as model cards say to for long contexts)
+    holds both; where they disagree, which one was meant is not Ferrum's guess."""
     params = r("rope_parameters")
-    if isinstance(params, dict) and params:
-        return "rope_parameters", dict(params)
     scaling = r("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         r.fail("rope_scaling", f"must be an object, got {scaling!r}")
+    if isinstance(params, dict) and params:
+        if scaling and _scalings_differ(params, scaling):
+            r.fail("rope_scaling", f"is {scaling!r} but rope_parameters is {params!r}; the two disagree "
+                                   "(transformers 5 reads rope_scaling); keep the one meant")
+        return "rope_parameters", dict(params)
     return "rope_scaling", dict(scaling or {})
+
+
+def _scalings_differ(params: dict[str, Any], scaling: dict[str, Any]) -> bool:
+    """Whether ``rope_scaling`` asks for another scaling than ``rope_parameters`` holds (its type, or a
+    field both could set; rope_theta lives outside rope_scaling)."""
+    def kind(spec: dict[str, Any]) -> str:
+        return spec.get("rope_type", spec.get("type")) or "default"
+
+    fields = set(scaling) - {"type", "rope_type", "rope_theta"}
+    return kind(params) != kind(scaling) or any(params.get(f) != scaling[f] for f in fields)
 
 
 def read_rope(
