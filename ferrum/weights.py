@@ -179,10 +179,11 @@ def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
     modalities' towers (only the text model runs)."""
     arch = config.arch
     wrapped = arch.prefix != "model."
+    head = arch.lm_head.removesuffix(".weight")  # its packed scales and biases too
     left = sorted(
         name for name in unread
         if not name.endswith("rotary_emb.inv_freq")
-        and not (config.tie_word_embeddings and name == arch.lm_head)
+        and not (config.tie_word_embeddings and name.rsplit(".", 1)[0] == head)
         and not (wrapped and not name.startswith(arch.prefix) and name != arch.lm_head)
     )
     if left:

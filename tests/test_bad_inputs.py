@@ -212,7 +212,8 @@ def test_tensors_left_by_design_are_not_reported(ckpt, recwarn):
     """Rotary inverse frequencies are recomputed; a tied model's LM head copy is its embedding."""
     add_tensors(ckpt, {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)})
     config = json.loads((ckpt / "config.json").read_text())
-    add_tensors(ckpt, {"lm_head.weight": np.zeros((config["vocab_size"], 64), np.float32)})
+    add_tensors(ckpt, {"lm_head.weight": np.zeros((config["vocab_size"], 64), np.float32),
+                       "lm_head.scales": np.ones((config["vocab_size"], 1), np.float32)})
     edit_config(tie_word_embeddings=True)(ckpt)
     ferrum.load(ckpt, backend="cpu")
     assert not [w for w in recwarn if "not used" in str(w.message)]
