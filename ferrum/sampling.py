@@ -71,6 +71,9 @@ class SamplingParams:
     #: Leave special tokens (``[TOOL_CALLS]``, ``<|python_tag|>``...) out of the text, as tokenizers decode by
     #: default; the token ids are unchanged either way.
     skip_special_tokens: bool = True
+    #: Structured output (:mod:`ferrum.structured`): ``True`` for any JSON object, or a JSON schema (a
+    #: mapping) the output must match; every token the grammar does not allow next is forbidden.
+    json_schema: bool | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         """Type- and range-check every field (NaN, infinities and bools included) and normalise collections."""
@@ -104,6 +107,8 @@ class SamplingParams:
         stops = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stops, Iterable) or any(not isinstance(t, str) or not t for t in stops):
             _bad(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if not (self.json_schema is None or self.json_schema is True or isinstance(self.json_schema, Mapping)):
+            _bad(f"json_schema must be True (any JSON object) or a JSON schema object, got {self.json_schema!r}")
         object.__setattr__(self, "logit_bias", bias)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop_ids))
         object.__setattr__(self, "stop", tuple(stops))
@@ -127,7 +132,9 @@ class SamplingBatch:
     ``logits[adjust_rows[j], adjust_tokens[j]]`` by ``adjust_scale[j]`` (the
     repetition penalty: divide if positive, multiply if not) and then adds
     ``adjust_shift[j]``. So they run on the device without a dense
-    ``[n, vocab]`` upload.
+    ``[n, vocab]`` upload. A ``(row, token)`` pair appears at most once (a token a
+    grammar forbids has only its ``-inf`` shift), so a backend may scatter the
+    entries in any order.
     """
 
     temperature: np.ndarray  # float32 [n]; 0 = greedy
@@ -180,25 +187,30 @@ class SampledToken:
 
 
 class RequestSampler:
-    """One request's sampling state: params, its own generator, token history for penalties."""
+    """One request's sampling state: params, its own generator, token history for penalties, and the
+    grammar of a structured output (``matcher``, a :class:`ferrum.structured.TokenMatcher`)."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], matcher: Any = None):
         self.params = params
+        self.matcher = matcher
         self.rng = np.random.default_rng(params.seed)
         self._seen = set(int(t) for t in prompt_ids) if params.repetition_penalty != 1.0 else set()
         self._counts: Counter[int] = Counter()
 
     def record(self, token: int) -> None:
-        """An output token was accepted: it now counts for the penalties."""
+        """An output token was accepted: it now counts for the penalties and moves the grammar on."""
         if self.params.repetition_penalty != 1.0:
             self._seen.add(token)
         if self.params.presence_penalty or self.params.frequency_penalty:
             self._counts[token] += 1
+        if self.matcher is not None:
+            self.matcher.consume(token)
 
     def fork(self) -> "RequestSampler":
         """A copy with its own history and generator in the same state (to score positions ahead)."""
         twin = RequestSampler.__new__(RequestSampler)
         twin.params, twin._seen, twin._counts = self.params, set(self._seen), Counter(self._counts)
+        twin.matcher = None if self.matcher is None else self.matcher.fork()
         twin.rng = np.random.default_rng()
         twin.rng.bit_generator.state = self.rng.bit_generator.state
         return twin
@@ -214,10 +226,17 @@ class RequestSampler:
         """This step's draw (one per sampled token, greedy requests draw nothing)."""
         return 0.0 if self.params.greedy else min(float(self.rng.random()), _BELOW_ONE)
 
-    def adjustments(self) -> tuple[list[int], list[float], list[float]]:
-        """Sparse ``(tokens, scale, shift)`` for penalties and logit bias."""
+    def forbidden(self) -> np.ndarray | None:
+        """The token ids the grammar does not allow next (``None`` without a grammar)."""
+        return None if self.matcher is None else self.matcher.forbidden()
+
+    def adjustments(self, forbidden: np.ndarray | None = None) -> tuple[list[int], list[float], list[float]]:
+        """Sparse ``(tokens, scale, shift)`` for penalties and logit bias, leaving out ``forbidden`` tokens
+        (each gets one ``-inf`` entry of its own)."""
         p = self.params
         touched = set(self._seen) | set(self._counts) | {int(t) for t in p.logit_bias}
+        if forbidden is not None and touched:
+            touched.difference_update(forbidden.tolist())
         tokens = sorted(touched)
         scale = [p.repetition_penalty if t in self._seen else 1.0 for t in tokens]
         shift = [
@@ -231,12 +250,24 @@ class RequestSampler:
 
 def build_sampling_batch(samplers: Sequence[RequestSampler]) -> SamplingBatch:
     rows, tokens, scale, shift = [], [], [], []
+    blocked: list[tuple[int, np.ndarray]] = []  # (row, forbidden token ids) of rows under a grammar
     for row, sampler in enumerate(samplers):
-        t, sc, sh = sampler.adjustments()
+        forbidden = sampler.forbidden()
+        t, sc, sh = sampler.adjustments(forbidden)
         rows += [row] * len(t)
         tokens += t
         scale += sc
         shift += sh
+        if forbidden is not None and forbidden.size:
+            blocked.append((row, forbidden))
+    adjust = [np.array(rows, dtype=np.int32), np.array(tokens, dtype=np.int32),
+              np.array(scale, dtype=np.float32), np.array(shift, dtype=np.float32)]
+    if blocked:  # the grammar's -inf entries, appended as arrays (a row may forbid most of the vocabulary)
+        ids = np.concatenate([b for _, b in blocked])
+        owners = np.repeat([row for row, _ in blocked], [len(b) for _, b in blocked]).astype(np.int32)
+        adjust = [np.concatenate([adjust[0], owners]), np.concatenate([adjust[1], ids]),
+                  np.concatenate([adjust[2], np.ones(len(ids), dtype=np.float32)]),
+                  np.concatenate([adjust[3], np.full(len(ids), -np.inf, dtype=np.float32)])]
     params = [s.params for s in samplers]
     return SamplingBatch(
         temperature=np.array([p.temperature for p in params], dtype=np.float32),
@@ -245,10 +276,10 @@ def build_sampling_batch(samplers: Sequence[RequestSampler]) -> SamplingBatch:
         min_p=np.array([p.min_p for p in params], dtype=np.float32),
         uniform=np.array([s.uniform() for s in samplers], dtype=np.float32),
         num_logprobs=max(p.logprobs for p in params),
-        adjust_rows=np.array(rows, dtype=np.int32),
-        adjust_tokens=np.array(tokens, dtype=np.int32),
-        adjust_scale=np.array(scale, dtype=np.float32),
-        adjust_shift=np.array(shift, dtype=np.float32),
+        adjust_rows=adjust[0],
+        adjust_tokens=adjust[1],
+        adjust_scale=adjust[2],
+        adjust_shift=adjust[3],
     )
 
 

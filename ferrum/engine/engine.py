@@ -63,6 +63,7 @@ from ferrum.sampling import (
 from ferrum.spec.speculator import Speculator
 from ferrum.spec.verify import accepted, row_samplers, spend_draws
 from ferrum.stop import StopStringFilter
+from ferrum.structured import matcher_for
 from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -233,8 +234,11 @@ class Engine:
                 )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none, use stop_token_ids")
+        matcher = None
+        if params.json_schema is not None:
+            matcher = matcher_for(params.json_schema, self.tokenizer, cfg.vocab_size, self._eos_ids)
         request = Request(request_id, tokens, params, max_total, metadata=metadata)
-        request.sampler = RequestSampler(params, tokens)
+        request.sampler = RequestSampler(params, tokens, matcher)
         if require_full_logits(metadata):
             request.full_logits = LogitRows()
         if self.tokenizer is not None:
@@ -470,6 +474,8 @@ class Engine:
             if request.stop_filter.stopped:
                 request.stop_reason = request.stop_filter.matched
                 return FinishReason.STOP
+        if request.sampler.matcher is not None and request.sampler.matcher.complete:
+            return FinishReason.STOP  # the structured output is whole: only the end of sequence could follow
         if len(request.output_token_ids) >= params.max_tokens or request.num_host_tokens >= request.max_total_tokens:
             return FinishReason.LENGTH
         return None
@@ -522,6 +528,7 @@ class Engine:
 
 def _needs_host_tokens(chunk: ScheduledChunk) -> bool:
     """Whether the request's next step needs this step's picks on the host before it is issued:
-    penalties over the token history, every position's logits, speculative drafts."""
+    penalties over the token history, every position's logits, speculative drafts, a grammar."""
     request = chunk.request
-    return request.params.needs_history or request.full_logits is not None or bool(chunk.drafts)
+    return (request.params.needs_history or request.full_logits is not None or bool(chunk.drafts)
+            or request.sampler.matcher is not None)

@@ -39,6 +39,8 @@ class Speculator:
         cfg = self.config
         wants = []
         for request in requests:
+            if request.sampler.matcher is not None:
+                continue  # a grammar decides each next token on the host: nothing to draft ahead of it
             count = self._room(request)
             gate = self._gates.get(request.request_id)
             if gate is None:

@@ -1,0 +1,83 @@
+"""Compile a request's grammar against the model's tokenizer, and track it token by token."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from typing import Any, Mapping
+
+import numpy as np
+
+from ferrum.errors import InvalidRequestError, UnsupportedFeatureError
+
+#: llguidance's view of each tokenizer (building one reads every token's bytes: ~0.5 s), per
+#: Ferrum tokenizer and logits width.
+_compiled_tokenizers: "weakref.WeakKeyDictionary[Any, dict[int, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _llguidance() -> Any:
+    try:
+        import llguidance
+    except ImportError:
+        raise UnsupportedFeatureError(
+            "structured outputs (json_schema) need the llguidance package: pip install llguidance"
+        ) from None
+    return llguidance
+
+
+def _lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> Any:
+    by_width = _compiled_tokenizers.setdefault(tokenizer, {})
+    if vocab_size not in by_width:
+        llg = _llguidance()
+        by_width[vocab_size] = llg.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=sorted(eos_ids))
+    return by_width[vocab_size]
+
+
+def _grammar(json_schema: bool | Mapping[str, Any]) -> str:
+    """``True``: any JSON object (OpenAI's ``json_object`` mode); a mapping: that schema."""
+    schema = {"type": "object"} if json_schema is True else dict(json_schema)
+    try:
+        return _llguidance().LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {exc}") from None
+
+
+class TokenMatcher:
+    """Where a request stands in its grammar: which tokens may come next, and the tokens it took."""
+
+    def __init__(self, matcher: Any, vocab_size: int):
+        self._matcher = matcher
+        self._vocab_size = vocab_size
+
+    def forbidden(self) -> np.ndarray:
+        """Token ids the grammar does not allow next, int32 ascending (every one but the end of sequence
+        once the grammar is complete)."""
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little")[: self._vocab_size]
+        return np.flatnonzero(allowed == 0).astype(np.int32)
+
+    def consume(self, token: int) -> None:
+        if not self._matcher.consume_token(token):
+            raise InvalidRequestError(f"token {token} does not continue the requested JSON: "
+                                      f"{self._matcher.get_error() or 'rejected by the grammar'}")
+
+    @property
+    def complete(self) -> bool:
+        """The grammar is satisfied and allows nothing more."""
+        return self._matcher.is_stopped() and self._matcher.is_accepting()
+
+    def fork(self) -> "TokenMatcher":
+        return TokenMatcher(self._matcher.deep_copy(), self._vocab_size)
+
+
+def matcher_for(json_schema: bool | Mapping[str, Any], tokenizer: Any, vocab_size: int,
+                eos_ids: frozenset[int]) -> TokenMatcher:
+    """A fresh matcher of ``json_schema`` for a model whose logits have ``vocab_size`` columns; a schema
+    that does not compile is an :class:`InvalidRequestError` (raised before the request is queued)."""
+    if tokenizer is None:
+        raise InvalidRequestError("structured outputs (json_schema) need the model's tokenizer; this model has none")
+    llg = _llguidance()
+    matcher = llg.LLMatcher(_lltokenizer(tokenizer, vocab_size, eos_ids), _grammar(json_schema), log_level=0)
+    if matcher.is_error():
+        raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {matcher.get_error()}")
+    return TokenMatcher(matcher, vocab_size)

@@ -1,0 +1,134 @@
+"""Structured outputs: every token a grammar forbids is never sampled, on every backend, in a mixed
+batch, under logit bias and asynchronous stepping; a finished output parses and matches its schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ferrum
+from ferrum.errors import InvalidRequestError
+from ferrum.sampling import SamplingParams
+from ferrum.structured import matcher_for
+from support import runnable_backends, write_text_checkpoint
+
+pytest.importorskip("llguidance")
+
+#: A schema whose every output is short: bounded integer, an enum, a capped string, no free whitespace
+#: (llguidance's ``x-guidance`` options), so even a random model finishes it within a few dozen tokens.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "kind": {"enum": ["cat", "dog"]},
+        "name": {"type": "string", "maxLength": 6},
+    },
+    "required": ["age", "kind", "name"],
+    "additionalProperties": False,
+    "x-guidance": {"whitespace_flexible": False},
+}
+PROMPTS = [[5, 9, 14, 3], [7, 21, 2, 30, 11, 4, 8], [40, 41]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_text_checkpoint(tmp_path_factory.mktemp("structured"))
+
+
+def check_person(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) == {"age", "kind", "name"}, value
+    assert isinstance(value["age"], int) and 0 <= value["age"] <= 99
+    assert value["kind"] in ("cat", "dog")
+    assert isinstance(value["name"], str) and len(value["name"]) <= 6
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "seed": 5}])
+def test_random_weights_still_give_the_schema(checkpoint, backend, sampling):
+    llm = ferrum.load(checkpoint, backend=backend, dtype="float32")
+    outs = llm.run(PROMPTS, max_tokens=80, json_schema=PERSON, **sampling)
+    for out in outs:
+        assert out.finish_reason == ferrum.engine.FinishReason.STOP, out.text
+        check_person(out.text)
+
+
+def test_the_grammar_beats_logit_bias(checkpoint):
+    """A forbidden token has one -inf entry, even where logit_bias pushes it up."""
+    llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")
+    pushed = {t: 100.0 for t in llm.tokenizer.encode("zzz qq", add_special_tokens=False)}
+    for out in llm.run(PROMPTS, max_tokens=80, json_schema=PERSON, logit_bias=pushed):
+        check_person(out.text)
+
+
+def test_each_logit_is_adjusted_once(checkpoint):
+    """Backends may scatter the sparse entries in any order (CUDA's index_put_ does): a biased token the
+    grammar forbids must carry only its -inf entry."""
+    from ferrum.sampling import RequestSampler, build_sampling_batch
+
+    llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")
+    matcher = matcher_for(PERSON, llm.tokenizer, llm.model.config.vocab_size, frozenset({1}))
+    forbidden = matcher.forbidden()
+    params = SamplingParams(logit_bias={int(t): 5.0 for t in forbidden[:10]}, repetition_penalty=1.3)
+    batch = build_sampling_batch([RequestSampler(params, [3, 4, int(forbidden[0])], matcher)])
+    pairs = list(zip(batch.adjust_rows.tolist(), batch.adjust_tokens.tolist()))
+    assert len(pairs) == len(set(pairs))
+    shift = dict(zip(batch.adjust_tokens.tolist(), batch.adjust_shift.tolist()))
+    assert all(shift[int(t)] == float("-inf") for t in forbidden)
+
+
+def test_json_object_mode_starts_an_object_and_every_token_is_allowed(checkpoint):
+    llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")
+    out = llm.run([PROMPTS[0]], max_tokens=24, json_schema=True)[0]
+    assert out.text.lstrip().startswith("{"), out.text
+    # Replayed through a fresh matcher, each token was allowed where it was sampled.
+    replay = matcher_for(True, llm.tokenizer, llm.model.config.vocab_size, frozenset({1}))
+    for token in out.token_ids:
+        assert token not in set(replay.forbidden().tolist())
+        replay.consume(token)
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable_backends() if b in ("mlx", "cuda")] or ["cpu"])
+def test_a_constrained_request_leaves_the_batch_it_joins_unchanged(checkpoint, backend):
+    """With asynchronous stepping on, the plain requests of a mixed batch get the tokens they get alone,
+    and the constrained one the output it gets alone."""
+    llm = ferrum.load(checkpoint, backend=backend, dtype="float32")
+    plain = SamplingParams(max_tokens=12, ignore_eos=True)
+    shaped = SamplingParams(max_tokens=80, json_schema=PERSON)
+    alone = [llm.run([p], plain)[0].token_ids for p in PROMPTS]
+    shaped_alone = llm.run([PROMPTS[1]], shaped)[0].token_ids
+    engine = llm.engine
+    ids = [engine.add_request(p, plain) for p in PROMPTS] + [engine.add_request(PROMPTS[1], shaped)]
+    finals = {out.request_id: out for out in engine.run_until_done() if out.finished}
+    assert [finals[i].token_ids for i in ids[:3]] == alone
+    assert finals[ids[3]].token_ids == shaped_alone
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "nope"}, ["json_schema", "nope"]),
+    ({"$ref": "#/definitions/missing"}, ["json_schema", "missing"]),
+])
+def test_a_schema_that_does_not_compile_is_refused_before_queueing(checkpoint, schema, words):
+    llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")
+    with pytest.raises(InvalidRequestError) as caught:
+        llm.generate(PROMPTS[0], max_tokens=5, json_schema=schema)
+    assert all(w in str(caught.value) for w in words)
+    assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("value", [False, "json", 1])
+def test_json_schema_takes_true_or_a_schema(value):
+    with pytest.raises(InvalidRequestError, match="json_schema"):
+        SamplingParams(json_schema=value)
+
+
+def test_a_model_without_a_tokenizer_says_so(checkpoint, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(checkpoint, bare)
+    (bare / "tokenizer.json").unlink()
+    llm = ferrum.load(bare, backend="cpu", dtype="float32")
+    with pytest.raises(InvalidRequestError, match="tokenizer"):
+        llm.generate([5, 6], max_tokens=3, json_schema=True)
