@@ -517,3 +517,42 @@ def test_model_names_a_lora_adapter(model, llm, tmp_path):
         assert both["style"] != both["tiny"]  # the adapter changed the output
     finally:
         assert srv.stop(), srv.log.read_text()
+
+
+# ------------------------------------------------------------ structured outputs
+SHAPE = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}, "tag": {"enum": ["a", "bb"]}},
+    "required": ["n", "tag"], "additionalProperties": False, "x-guidance": {"whitespace_flexible": False},
+}
+
+
+def test_response_format_json_schema(server):
+    reply = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "shape", "schema": SHAPE, "strict": True}},
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    value = json.loads(reply.choices[0].message.content)
+    assert set(value) == {"n", "tag"} and 0 <= value["n"] <= 9 and value["tag"] in ("a", "bb")
+
+
+def test_response_format_json_object_streams_an_object(server):
+    chunks = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12, stream=True,
+        response_format={"type": "json_object"},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.lstrip().startswith("{"), text
+
+
+@pytest.mark.parametrize("fmt, words", [
+    ({"type": "xml"}, ["response_format", "xml"]),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}, ["nope"]),
+    ({"type": "json_schema", "json_schema": "not an object"}, ["json_schema"]),
+])
+def test_bad_response_formats_are_400(server, fmt, words):
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, response_format=fmt)
+    assert all(w in str(caught.value) for w in words), str(caught.value)

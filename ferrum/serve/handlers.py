@@ -109,6 +109,7 @@ def _sampling_params(
         stop=tuple(stops),
         logprobs=logprobs,
         skip_special_tokens=not keep_special_tokens if skip_special is None else skip_special,
+        json_schema=body.output_schema(),
     )
 
 

@@ -59,6 +59,10 @@ class _Common(BaseModel):
             if value is not None and value != allowed and not (isinstance(allowed, tuple) and value in allowed):
                 raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
 
+    def output_schema(self) -> bool | dict[str, Any] | None:
+        """The structure the output must have (``SamplingParams.json_schema``): none for plain text."""
+        return None
+
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
@@ -143,14 +147,34 @@ class ChatCompletionRequest(_Common):
 
     def check_supported(self) -> None:
         self.refuse_unsupported({
-            "functions": [], "function_call": ("none", "auto"),
-            "response_format": {"type": "text"}, "modalities": ["text"], "audio": None,
+            "functions": [], "function_call": ("none", "auto"), "modalities": ["text"], "audio": None,
             "prediction": None, "reasoning_effort": None,
         })
+        self.output_schema()  # a malformed response_format is a 400 before anything is queued
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         if not self.messages:
             raise APIError(400, "messages must hold at least one message", param="messages")
+
+    def output_schema(self) -> bool | dict[str, Any] | None:
+        """``response_format``: ``{"type": "json_object"}`` is any JSON object (True), ``{"type":
+        "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` that schema (``strict`` is how
+        Ferrum always holds it), ``{"type": "text"}`` or none plain text."""
+        fmt = self.response_format
+        kind = None if fmt is None else fmt.get("type")
+        if kind in (None, "text"):
+            return None
+        if kind == "json_object":
+            return True
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema", True) if isinstance(spec, dict) else None
+            if schema is True or isinstance(schema, dict):
+                return schema
+            raise APIError(400, "response_format json_schema needs a 'json_schema' object whose 'schema' is a JSON "
+                           "schema object", param="response_format")
+        raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                       param="response_format")
 
     def active_tools(self) -> list[dict[str, Any]] | None:
         """The tools the model may call: all of them with ``tool_choice`` auto (the default), none with "none".
