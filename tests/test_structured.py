@@ -105,6 +105,17 @@ def test_a_constrained_request_leaves_the_batch_it_joins_unchanged(checkpoint, b
     assert finals[ids[3]].token_ids == shaped_alone
 
 
+@pytest.mark.parametrize("speculative", ["lookup", "draft"])
+def test_constrained_requests_are_not_drafted(checkpoint, speculative):
+    """A grammar decides each next token on the host; drafts it never saw would be verified unmasked."""
+    extra = {"draft_model": checkpoint} if speculative == "draft" else {}
+    llm = ferrum.load(checkpoint, backend="cpu", dtype="float32", speculative=speculative, **extra)
+    outs = llm.run(PROMPTS, max_tokens=80, json_schema=PERSON)
+    for out in outs:
+        check_person(out.text)
+        assert out.metrics.num_drafted_tokens == 0
+
+
 @pytest.mark.parametrize("schema, words", [
     ({"type": "nope"}, ["json_schema", "nope"]),
     ({"$ref": "#/definitions/missing"}, ["json_schema", "missing"]),

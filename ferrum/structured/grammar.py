@@ -29,7 +29,10 @@ def _lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> An
     by_width = _compiled_tokenizers.setdefault(tokenizer, {})
     if vocab_size not in by_width:
         llg = _llguidance()
-        by_width[vocab_size] = llg.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=sorted(eos_ids))
+        try:
+            by_width[vocab_size] = llg.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=sorted(eos_ids))
+        except (ValueError, RuntimeError) as exc:
+            raise UnsupportedFeatureError(f"structured outputs cannot use this model's tokenizer: {exc}") from None
     return by_width[vocab_size]
 
 
