@@ -78,6 +78,20 @@ def _op_sources(backend: backends.Backend) -> list[str]:
     return lines
 
 
+def _json_schema_arg(text: str) -> dict:
+    """``--json-schema``: a JSON object inline, or ``@path`` to a file holding one."""
+    import json
+
+    try:
+        source = open(text[1:], encoding="utf-8").read() if text.startswith("@") else text
+        schema = json.loads(source)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"not a JSON schema ({exc})") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError("a JSON schema is a JSON object")
+    return schema
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import ferrum
 
@@ -111,6 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop or (),
         ignore_eos=args.ignore_eos,
+        json_schema=args.json_schema,
     )
     final = None
     for final in llm.stream_outputs(prompt, params, chat=chat):
@@ -231,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", dest="json_schema", action="store_const", const=True,
+                       help="constrain the output to a JSON object")
+    shape.add_argument("--json-schema", dest="json_schema", type=_json_schema_arg, metavar="SCHEMA",
+                       help="constrain the output to a JSON schema (inline JSON, or @FILE)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as raw text")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -33,6 +35,16 @@ def test_generate_prints_text_and_stats(checkpoint, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip()
     assert "backend=cpu" in captured.err and "loading weights" in captured.err
+
+
+def test_generate_json_schema_from_a_file(checkpoint, capsys, tmp_path):
+    schema = {"type": "object", "properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"],
+              "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    code = main(["generate", "--model", str(checkpoint), "--backend", "cpu", "--max-tokens", "40",
+                 "--json-schema", f"@{tmp_path / 'schema.json'}", "hello"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["k"] in ("x", "y")
 
 
 def test_errors_are_reported_not_raised(checkpoint, capsys):
