@@ -178,12 +178,13 @@ class ChatCompletionRequest(_Common):
 
     def active_tools(self) -> list[dict[str, Any]] | None:
         """The tools the model may call: all of them with ``tool_choice`` auto (the default), none with "none".
-        Forcing a call ("required", or one named function) would need constrained decoding: refused."""
+        Forcing a call ("required", or one named function) would need each template's call format (Hermes
+        ``<tool_call>``, Mistral ``[TOOL_CALLS]``...) as a grammar around the arguments' schema: refused."""
         choice = self.tool_choice if self.tool_choice is not None else "auto"
         if choice not in ("auto", "none"):
-            raise APIError(400, f"tool_choice={choice!r} is not supported by this server (it would need constrained "
-                           "decoding); send \"auto\" and describe the call wanted in the messages",
-                           param="tool_choice")
+            raise APIError(400, f"tool_choice={choice!r} is not supported by this server (forcing a call would need "
+                           "the chat template's call format as a grammar); send \"auto\" and describe the call "
+                           "wanted in the messages", param="tool_choice")
         if not self.tools or choice == "none":
             return None
         return check_tools(self.tools)
