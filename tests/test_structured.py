@@ -8,7 +8,7 @@ import json
 import pytest
 
 import ferrum
-from ferrum.errors import InvalidRequestError
+from ferrum.errors import InvalidRequestError, RequestFailedError
 from ferrum.sampling import SamplingParams
 from ferrum.structured import matcher_for
 from support import runnable_backends, write_text_checkpoint
@@ -143,3 +143,14 @@ def test_a_model_without_a_tokenizer_says_so(checkpoint, tmp_path):
     llm = ferrum.load(bare, backend="cpu", dtype="float32")
     with pytest.raises(InvalidRequestError, match="tokenizer"):
         llm.generate([5, 6], max_tokens=3, json_schema=True)
+
+
+def test_a_schema_past_the_parsers_limits_fails_its_request_in_a_line(checkpoint):
+    """llguidance finds some limits only while generating; its error (which carries the parser state and
+    the whole grammar) is cut to its first line."""
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}}
+    llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")
+    with pytest.raises(RequestFailedError) as caught:
+        llm.generate(PROMPTS[0], max_tokens=20, json_schema=wide)
+    assert "Parser Error" in str(caught.value) and len(str(caught.value)) < 800
+    assert llm.generate(PROMPTS[0], max_tokens=3, json_schema=PERSON) is not None

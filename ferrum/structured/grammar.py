@@ -45,6 +45,12 @@ def _grammar(json_schema: bool | Mapping[str, Any]) -> str:
         raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {exc}") from None
 
 
+def _error_of(matcher: Any) -> str:
+    """llguidance's error, without the parser state and the whole grammar it appends."""
+    message = matcher.get_error().split("\n<state>", 1)[0].strip() or "rejected by the grammar"
+    return message if len(message) <= 400 else message[:400] + "..."
+
+
 class TokenMatcher:
     """Where a request stands in its grammar: which tokens may come next, and the tokens it took."""
 
@@ -56,13 +62,14 @@ class TokenMatcher:
         """Token ids the grammar does not allow next, int32 ascending (every one but the end of sequence
         once the grammar is complete)."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        if self._matcher.is_error():  # e.g. a schema too large for the parser's limits, found only now
+            raise InvalidRequestError(f"the requested JSON schema cannot be followed: {_error_of(self._matcher)}")
         allowed = np.unpackbits(bits, bitorder="little")[: self._vocab_size]
         return np.flatnonzero(allowed == 0).astype(np.int32)
 
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise InvalidRequestError(f"token {token} does not continue the requested JSON: "
-                                      f"{self._matcher.get_error() or 'rejected by the grammar'}")
+            raise InvalidRequestError(f"token {token} does not continue the requested JSON: {_error_of(self._matcher)}")
 
     @property
     def complete(self) -> bool:
@@ -82,5 +89,5 @@ def matcher_for(json_schema: bool | Mapping[str, Any], tokenizer: Any, vocab_siz
     llg = _llguidance()
     matcher = llg.LLMatcher(_lltokenizer(tokenizer, vocab_size, eos_ids), _grammar(json_schema), log_level=0)
     if matcher.is_error():
-        raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {matcher.get_error()}")
+        raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {_error_of(matcher)}")
     return TokenMatcher(matcher, vocab_size)
