@@ -379,7 +379,8 @@ def sample(logits: Any, batch: Any) -> Any:
 
     ``batch`` is a :class:`ferrum.sampling.SamplingBatch` of host numpy arrays,
     one row per sequence: temperature (0 = greedy), top-k, top-p, min-p, this
-    step's uniform draw, sparse penalty/bias adjustments, and how many top
+    step's uniform draw, sparse penalty/bias adjustments (a shift may be -inf:
+    a token a grammar forbids; no (row, token) twice), and how many top
     logprobs are wanted. Returns a :class:`ferrum.sampling.SampleResult` of
     host numpy arrays: the chosen tokens, and when ``batch.num_logprobs > 0``
     the chosen tokens' logprobs and the top-n tokens with theirs. The exact
