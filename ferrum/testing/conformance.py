@@ -299,15 +299,29 @@ def check_paged_attention(c: _Context, tol: float, window: int | None = None) ->
     return max(errors)
 
 
+class _AllowOnly:
+    """A grammar's view for the sampling case: every token but ``allowed`` forbidden (``-inf`` entries)."""
+
+    def __init__(self, allowed: tuple[int, ...], vocab: int):
+        self._forbidden = np.setdiff1d(np.arange(vocab, dtype=np.int32), np.array(allowed, dtype=np.int32))
+
+    def forbidden(self) -> np.ndarray:
+        return self._forbidden
+
+
 def _sampling_case() -> tuple[np.ndarray, Any]:
     rng = np.random.default_rng(3)
-    logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(5)])
+    logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(6)])
     params = [
         SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.2, top_k=4, seed=2),
         SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1, seed=3, logprobs=3),
         SamplingParams(repetition_penalty=1.5, logit_bias={5: 3.0}, logprobs=2),
+        # A structured output's row: 61 of 64 tokens at -inf, one of them also biased up.
+        SamplingParams(temperature=0.9, seed=4, logit_bias={int(np.argmax(logits[5])): 50.0}, logprobs=2),
     ]
-    return logits, build_sampling_batch([RequestSampler(p, [1, 2, 3]) for p in params])
+    samplers = [RequestSampler(p, [1, 2, 3]) for p in params]
+    samplers[-1].matcher = _AllowOnly((7, 19, 40), logits.shape[1])
+    return logits, build_sampling_batch(samplers)
 
 
 def check_sample_on_device(c: _Context) -> float:
