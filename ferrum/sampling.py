@@ -74,6 +74,9 @@ class SamplingParams:
     #: Structured output (:mod:`ferrum.structured`): ``True`` for any JSON object, or a JSON schema (a
     #: mapping) the output must match; every token the grammar does not allow next is forbidden.
     json_schema: bool | Mapping[str, Any] | None = None
+    #: Structured output by a Lark grammar in llguidance's dialect (``%json {...}`` embeds a schema,
+    #: ``<[id]>`` names a special token); instead of ``json_schema``.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         """Type- and range-check every field (NaN, infinities and bools included) and normalise collections."""
@@ -109,9 +112,18 @@ class SamplingParams:
             _bad(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if not (self.json_schema is None or self.json_schema is True or isinstance(self.json_schema, Mapping)):
             _bad(f"json_schema must be True (any JSON object) or a JSON schema object, got {self.json_schema!r}")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            _bad(f"grammar must be a non-empty Lark grammar, got {self.grammar!r}")
+        if self.grammar is not None and self.json_schema is not None:
+            _bad("give json_schema or grammar, not both")
         object.__setattr__(self, "logit_bias", bias)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop_ids))
         object.__setattr__(self, "stop", tuple(stops))
+
+    @property
+    def structured(self) -> bool:
+        """A grammar (``json_schema`` or ``grammar``) decides which tokens may come next."""
+        return self.json_schema is not None or self.grammar is not None
 
     @property
     def greedy(self) -> bool:

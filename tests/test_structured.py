@@ -68,7 +68,8 @@ def test_each_logit_is_adjusted_once(checkpoint):
     from ferrum.sampling import RequestSampler, build_sampling_batch
 
     llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")
-    matcher = matcher_for(PERSON, llm.tokenizer, llm.model.config.vocab_size, frozenset({1}))
+    vocab = llm.model.config.vocab_size
+    matcher = matcher_for(SamplingParams(json_schema=PERSON), llm.tokenizer, vocab, frozenset({1}))
     forbidden = matcher.forbidden()
     params = SamplingParams(logit_bias={int(t): 5.0 for t in forbidden[:10]}, repetition_penalty=1.3)
     batch = build_sampling_batch([RequestSampler(params, [3, 4, int(forbidden[0])], matcher)])
@@ -83,7 +84,7 @@ def test_json_object_mode_starts_an_object_and_every_token_is_allowed(checkpoint
     out = llm.run([PROMPTS[0]], max_tokens=24, json_schema=True)[0]
     assert out.text.lstrip().startswith("{"), out.text
     # Replayed through a fresh matcher, each token was allowed where it was sampled.
-    replay = matcher_for(True, llm.tokenizer, llm.model.config.vocab_size, frozenset({1}))
+    replay = matcher_for(SamplingParams(json_schema=True), llm.tokenizer, llm.model.config.vocab_size, frozenset({1}))
     for token in out.token_ids:
         assert token not in set(replay.forbidden().tolist())
         replay.consume(token)
@@ -154,3 +155,16 @@ def test_a_schema_past_the_parsers_limits_fails_its_request_in_a_line(checkpoint
         llm.generate(PROMPTS[0], max_tokens=20, json_schema=wide)
     assert "Parser Error" in str(caught.value) and len(str(caught.value)) < 800
     assert llm.generate(PROMPTS[0], max_tokens=3, json_schema=PERSON) is not None
+
+
+def test_a_lark_grammar(checkpoint):
+    """``grammar``: llguidance's Lark, here a choice of words then a JSON schema inline."""
+    lark = 'start: ("yes" | "no") " " num\nnum: %json {"type": "integer", "minimum": 10, "maximum": 99}'
+    llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")
+    for out in llm.run(PROMPTS, max_tokens=20, grammar=lark, temperature=1.0, seed=2):
+        word, number = out.text.split(" ")
+        assert word in ("yes", "no") and 10 <= int(number) <= 99, out.text
+    with pytest.raises(InvalidRequestError, match="grammar"):
+        llm.generate(PROMPTS[0], max_tokens=5, grammar="start: undefined_rule")
+    with pytest.raises(InvalidRequestError, match="not both"):
+        SamplingParams(grammar=lark, json_schema=True)

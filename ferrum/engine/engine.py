@@ -234,9 +234,7 @@ class Engine:
                 )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none, use stop_token_ids")
-        matcher = None
-        if params.json_schema is not None:
-            matcher = matcher_for(params.json_schema, self.tokenizer, cfg.vocab_size, self._eos_ids)
+        matcher = matcher_for(params, self.tokenizer, cfg.vocab_size, self._eos_ids) if params.structured else None
         request = Request(request_id, tokens, params, max_total, metadata=metadata)
         request.sampler = RequestSampler(params, tokens, matcher)
         if require_full_logits(metadata):

@@ -36,8 +36,11 @@ def _lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> An
     return by_width[vocab_size]
 
 
-def _grammar(json_schema: bool | Mapping[str, Any]) -> str:
-    """``True``: any JSON object (OpenAI's ``json_object`` mode); a mapping: that schema."""
+def _grammar(json_schema: bool | Mapping[str, Any] | None, lark: str | None) -> str:
+    """``json_schema`` True: any JSON object (OpenAI's ``json_object`` mode); a mapping: that schema; else the
+    Lark grammar."""
+    if lark is not None:
+        return _llguidance().LLMatcher.grammar_from_lark(lark)
     schema = {"type": "object"} if json_schema is True else dict(json_schema)
     try:
         return _llguidance().LLMatcher.grammar_from_json_schema(json.dumps(schema))
@@ -63,13 +66,14 @@ class TokenMatcher:
         once the grammar is complete)."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         if self._matcher.is_error():  # e.g. a schema too large for the parser's limits, found only now
-            raise InvalidRequestError(f"the requested JSON schema cannot be followed: {_error_of(self._matcher)}")
+            raise InvalidRequestError(f"the requested structure cannot be followed: {_error_of(self._matcher)}")
         allowed = np.unpackbits(bits, bitorder="little")[: self._vocab_size]
         return np.flatnonzero(allowed == 0).astype(np.int32)
 
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise InvalidRequestError(f"token {token} does not continue the requested JSON: {_error_of(self._matcher)}")
+            raise InvalidRequestError(
+                f"token {token} does not continue the requested output: {_error_of(self._matcher)}")
 
     @property
     def complete(self) -> bool:
@@ -80,14 +84,16 @@ class TokenMatcher:
         return TokenMatcher(self._matcher.deep_copy(), self._vocab_size)
 
 
-def matcher_for(json_schema: bool | Mapping[str, Any], tokenizer: Any, vocab_size: int,
-                eos_ids: frozenset[int]) -> TokenMatcher:
-    """A fresh matcher of ``json_schema`` for a model whose logits have ``vocab_size`` columns; a schema
-    that does not compile is an :class:`InvalidRequestError` (raised before the request is queued)."""
+def matcher_for(params: Any, tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> TokenMatcher:
+    """A fresh matcher of ``params.json_schema`` or ``params.grammar`` for a model whose logits have
+    ``vocab_size`` columns; one that does not compile is an :class:`InvalidRequestError` (raised before the
+    request is queued)."""
+    what = "grammar" if params.grammar is not None else "json_schema"
     if tokenizer is None:
-        raise InvalidRequestError("structured outputs (json_schema) need the model's tokenizer; this model has none")
+        raise InvalidRequestError(f"structured outputs ({what}) need the model's tokenizer; this model has none")
     llg = _llguidance()
-    matcher = llg.LLMatcher(_lltokenizer(tokenizer, vocab_size, eos_ids), _grammar(json_schema), log_level=0)
+    grammar = _grammar(params.json_schema, params.grammar)
+    matcher = llg.LLMatcher(_lltokenizer(tokenizer, vocab_size, eos_ids), grammar, log_level=0)
     if matcher.is_error():
-        raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {_error_of(matcher)}")
+        raise InvalidRequestError(f"{what} is not one Ferrum can compile: {_error_of(matcher)}")
     return TokenMatcher(matcher, vocab_size)
