@@ -95,6 +95,43 @@ def test_formats_are_read_from_the_template():
     assert format_of("{%- if tools %}available_tools{%- endif %}<|tool_call|>") is GRANITE
 
 
+@pytest.mark.parametrize("fmt, template, text, markers", [
+    (HERMES, TOOL_TEMPLATE, '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>',
+     ("<tool_call>", "</tool_call>")),
+    (MISTRAL, "[TOOL_CALLS]", '[TOOL_CALLS][{"name": "get_time", "arguments": {"tz": "UTC"}}]', ("[TOOL_CALLS]",)),
+    (MISTRAL, "[TOOL_CALLS][ARGS]", '[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}', ("[TOOL_CALLS]", "[ARGS]")),
+    (GRANITE, "<|tool_call|>", '<|tool_call|>[{"name": "get_time", "arguments": {"tz": "UTC"}}]', ("<|tool_call|>",)),
+    (LLAMA3, "<|python_tag|>", '{"name": "get_time", "parameters": {"tz": "UTC"}}', ()),
+], ids=["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json"])
+@pytest.mark.parametrize("special", [True, False], ids=["special-markers", "text-markers"])
+def test_a_forced_calls_grammar_takes_the_call_its_parser_reads(tmp_path, fmt, template, text, markers, special):
+    """Each format's grammar, compiled against a tokenizer whose markers are special tokens (or plain text),
+    accepts token by token the call as the template writes it, and that text parses as that call."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer
+
+    from ferrum.sampling import SamplingParams
+    from ferrum.serve.tools import forced_call_grammar
+    from ferrum.structured import matcher_for
+    from ferrum.tokenizer import Tokenizer
+    from support import write_tokenizer
+
+    pytest.importorskip("llguidance")
+    write_tokenizer(tmp_path)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    if special and markers:
+        hf.add_tokens([AddedToken(m, special=True, normalized=False) for m in markers])
+        hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    grammar = forced_call_grammar(fmt, [CITY, CLOCK], tok, template)
+    matcher = matcher_for(SamplingParams(grammar=grammar), tok, hf.get_vocab_size(), frozenset({1}))
+    for token in tok.encode(text, add_special_tokens=False):
+        assert token not in set(matcher.forbidden().tolist()), (text, token)
+        matcher.consume(token)
+    assert matcher.complete
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in fmt.parse(text).calls] == [
+        ("get_time", {"tz": "UTC"})]
+
+
 def test_a_stream_holds_back_only_what_may_be_a_call():
     assert releasable(HERMES, "Let me check.") == len("Let me check.")
     assert releasable(HERMES, "Let me check.<tool") == len("Let me check.")  # the marker, cut by a token boundary
@@ -232,14 +269,64 @@ def test_tools_and_earlier_calls_reach_the_template(tool_server, tool_model):
     assert follow_up.usage.prompt_tokens > with_tools.usage.prompt_tokens
 
 
+# Tools whose every call is short (capped string, enum, no other keys), so even random weights finish one.
+CITY = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+    "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
+    "additionalProperties": False}}}
+
+
+def _check_call(call) -> None:
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_time":
+        assert args["tz"] in ("UTC", "CET") and set(args) == {"tz"}
+    else:
+        assert call.function.name == "get_weather" and set(args) == {"city"} and len(args["city"]) <= 6
+
+
+@pytest.mark.parametrize("choice, names", [
+    ("required", {"get_weather", "get_time"}),
+    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+])
+def test_a_forced_call_is_a_call(tool_server, choice, names):
+    """``tool_choice`` required or named: the reply is sampled under the template's call format around the
+    tools' schemas, so the random model calls (the scripted whole-call token is no longer allowed)."""
+    for seed in (0, 1):
+        done = tool_server.client().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "what now?"}], tools=[CITY, CLOCK],
+            tool_choice=choice, max_tokens=80, temperature=1.0, seed=seed)
+        choice_out = done.choices[0]
+        assert choice_out.finish_reason == "tool_calls", choice_out
+        (call,) = choice_out.message.tool_calls
+        assert call.function.name in names
+        _check_call(call)
+
+
+def test_a_forced_call_streams_as_a_call(tool_server):
+    chunks = list(tool_server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "what now?"}], tools=[CITY, CLOCK], stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=80, temperature=0))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas)
+    calls = [call for d in deltas for call in d.tool_calls or ()]
+    assert [c.function.name for c in calls] == ["get_weather"]
+    _check_call(calls[0])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "any"}, "tool_choice"),
+    ({"tool_choice": "required", "tools": None}, "tool_choice"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
     ({"tools": [{"type": "retrieval"}]}, "tools.0"),
 ])
 def test_tool_requests_it_cannot_honour_get_400(tool_server, tool_model, extra, param):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], **extra}
+    body = {k: v for k, v in body.items() if v is not None}
     with pytest.raises(openai.BadRequestError) as err:
         tool_server.client().chat.completions.create(**body)
     assert err.value.body["param"] == param

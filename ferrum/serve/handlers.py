@@ -30,7 +30,7 @@ from ferrum.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, template_messages,
 )
 from ferrum.serve.reasoning import Thinking, starts_inside
-from ferrum.serve.tools import ToolReplies, format_of as tools_format_of
+from ferrum.serve.tools import ToolReplies, forced_call_grammar, format_of as tools_format_of
 
 #: JSON has no infinities; a token the logit bias banned gets this logprob (as vLLM sends).
 _MIN_LOGPROB = -9999.0
@@ -79,9 +79,10 @@ class Response:
 # --------------------------------------------------------------------- params
 def _sampling_params(
     state: ServerState, body: _Common, max_tokens: int, logprobs: int, seed: int | None, stops: list[str],
-    keep_special_tokens: bool = False,
+    keep_special_tokens: bool = False, grammar: str | None = None,
 ) -> SamplingParams:
-    """``keep_special_tokens``: what an unset ``skip_special_tokens`` means is to keep them."""
+    """``keep_special_tokens``: what an unset ``skip_special_tokens`` means is to keep them; ``grammar``: a forced
+    tool call's, else ``response_format`` shapes the reply."""
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         try:
@@ -109,7 +110,8 @@ def _sampling_params(
         stop=tuple(stops),
         logprobs=logprobs,
         skip_special_tokens=not keep_special_tokens if skip_special is None else skip_special,
-        json_schema=body.output_schema(),
+        json_schema=body.output_schema() if grammar is None else None,
+        grammar=grammar,
     )
 
 
@@ -318,11 +320,19 @@ def _new_picks(out: RequestOutput) -> Sequence[SampledToken]:
 # ------------------------------------------------------------------------ chat
 def _tool_replies(state: ServerState, body: ChatCompletionRequest) -> ToolReplies:
     tools = body.active_tools()
-    fmt = tools_format_of(state.llm.tokenizer.tool_chat_template) if tools else None
+    template = state.llm.tokenizer.tool_chat_template
+    fmt = tools_format_of(template) if tools else None
     if tools and fmt is None:
         raise APIError(400, "this model's chat template does not describe tools to it, so it cannot call them; "
                        "send the request without tools", param="tools")
-    return ToolReplies(tools, fmt, single=body.parallel_tool_calls is False)
+    replies = ToolReplies(tools, fmt, single=body.parallel_tool_calls is False)
+    forced = body.forced_tools()
+    if forced is not None:
+        if body.output_schema() is not None:
+            raise APIError(400, "a forced tool call and response_format cannot both shape the reply",
+                           param="response_format")
+        replies.grammar = forced_call_grammar(fmt, forced, state.llm.tokenizer, template)
+    return replies
 
 
 def _thinking(state: ServerState, prompt: Sequence[int]) -> Thinking | None:
@@ -346,7 +356,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
     stops = body.stop_strings()
     specs = [
         ChoiceSpec(i, prompt, _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, i),
-                                               stops, replies.keeps_special_tokens), lora)
+                                               stops, replies.keeps_special_tokens, replies.grammar), lora)
         for i in range(body.n)
     ]
     thinking = _thinking(state, prompt)

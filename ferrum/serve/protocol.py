@@ -177,17 +177,32 @@ class ChatCompletionRequest(_Common):
                        param="response_format")
 
     def active_tools(self) -> list[dict[str, Any]] | None:
-        """The tools the model may call: all of them with ``tool_choice`` auto (the default), none with "none".
-        Forcing a call ("required", or one named function) would need each template's call format (Hermes
-        ``<tool_call>``, Mistral ``[TOOL_CALLS]``...) as a grammar around the arguments' schema: refused."""
+        """The tools the model may call: all of them unless ``tool_choice`` is "none"."""
         choice = self.tool_choice if self.tool_choice is not None else "auto"
-        if choice not in ("auto", "none"):
-            raise APIError(400, f"tool_choice={choice!r} is not supported by this server (forcing a call would need "
-                           "the chat template's call format as a grammar); send \"auto\" and describe the call "
-                           "wanted in the messages", param="tool_choice")
+        if choice not in ("auto", "none", "required") and not isinstance(choice, dict):
+            raise APIError(400, f"tool_choice={choice!r} is not one of auto, none, required or "
+                           '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+        if choice != "auto" and choice != "none" and not self.tools:
+            raise APIError(400, "tool_choice forces a call but the request has no tools", param="tool_choice")
         if not self.tools or choice == "none":
             return None
         return check_tools(self.tools)
+
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """The tools one of which the reply must call: all with "required", the named one with
+        ``{"type": "function", "function": {"name": ...}}``; None when the model may answer in text."""
+        tools, choice = self.active_tools(), self.tool_choice
+        if tools is None or choice in (None, "auto"):
+            return None
+        if choice == "required":
+            return tools
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        named = [t for t in tools if t["function"]["name"] == name]
+        if not named:
+            raise APIError(400, f"tool_choice names {name!r}, which is not one of the request's tools",
+                           param="tool_choice")
+        return named[:1]
 
     def max_new_tokens(self) -> int | None:
         """``max_completion_tokens`` replaces the deprecated ``max_tokens``; the first one set wins."""

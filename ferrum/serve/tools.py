@@ -15,6 +15,8 @@ Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out b
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
 Text that does not parse as calls stays the reply's content: nothing is dropped. A stream holds back only
 what may turn out to be a call (from its opening marker on) and sends the calls when the choice ends.
+A forced call (``tool_choice`` required or named) is sampled under a grammar of one call in the format
+(``forced_call_grammar``, :mod:`ferrum.structured`).
 """
 
 from __future__ import annotations
@@ -163,6 +165,57 @@ def _llama3_json(text: str) -> ParsedReply:
     return ParsedReply("", calls) if calls else ParsedReply(text, [])
 
 
+# ------------------------------------------------------------- forced calls
+#: How a call's JSON is held: the separators of ``json.dumps`` and Jinja's ``tojson``, which wrote the calls
+#: in the model's training, and no free whitespace to spend tokens on.
+_CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _call_schema(tools: list[dict[str, Any]], args: str = "arguments") -> dict[str, Any]:
+    """One call to one of ``tools``: ``{"name": <its name>, <args>: <its parameters>}``."""
+    calls = [{
+        "type": "object", "required": ["name", args], "additionalProperties": False,
+        "properties": {"name": {"const": f["name"]}, args: f.get("parameters") or {"type": "object"}},
+    } for f in (tool["function"] for tool in tools)]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def _json(schema: dict[str, Any]) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": _CALL_JSON})
+
+
+def _hermes_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str) -> str:
+    return f'start: {mark("<tool_call>")} "\\n" call "\\n" {mark("</tool_call>")}\ncall: {_json(_call_schema(tools))}'
+
+
+def _list_call(marker: str) -> Callable[[list[dict[str, Any]], Callable[[str], str], str], str]:
+    def grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str) -> str:
+        calls = {"type": "array", "items": _call_schema(tools), "minItems": 1, "maxItems": 1}
+        return f"start: {mark(marker)} calls\ncalls: {_json(calls)}"
+
+    return grammar
+
+
+_granite_call = _list_call("<|tool_call|>")
+
+
+def _mistral_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str) -> str:
+    """The v11 form (``name[ARGS]{...}``) where the template writes it, else the list after ``[TOOL_CALLS]``."""
+    if "[ARGS]" not in template:
+        return _list_call(_TOOL_CALLS)(tools, mark, template)
+    names = " | ".join(f"call{i}" for i in range(len(tools)))
+    rules = "\n".join(
+        f'call{i}: {json.dumps(t["function"]["name"])} {mark("[ARGS]")} '
+        f'{_json(t["function"].get("parameters") or {"type": "object"})}'
+        for i, t in enumerate(tools)
+    )
+    return f"start: {mark(_TOOL_CALLS)} ({names})\n{rules}"
+
+
+def _llama3_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str) -> str:
+    return f"start: call\ncall: {_json(_call_schema(tools, 'parameters'))}"
+
+
 @dataclass(frozen=True)
 class ToolCallFormat:
     """How one family of chat templates has the model write calls."""
@@ -172,13 +225,17 @@ class ToolCallFormat:
     marker: str | None  # opens a call anywhere in the reply
     openers: tuple[str, ...]  # open a call at the start of the reply
     parse: Callable[[str], ParsedReply]
+    #: A Lark grammar (llguidance's dialect) of one call to one of ``tools`` written this way, for a forced call:
+    #: ``(tools, mark, template)``, ``mark`` spelling a marker as its special token or as text.
+    forced: Callable[[list[dict[str, Any]], Callable[[str], str], str], str]
 
 
 FORMATS = (
-    ToolCallFormat("hermes", "<tool_call>", "<tool_call>", (), _hermes),
-    ToolCallFormat("mistral", _TOOL_CALLS, _TOOL_CALLS, ("[{",), _mistral),
-    ToolCallFormat("granite", "<|tool_call|>", "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>")),
-    ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json),
+    ToolCallFormat("hermes", "<tool_call>", "<tool_call>", (), _hermes, _hermes_call),
+    ToolCallFormat("mistral", _TOOL_CALLS, _TOOL_CALLS, ("[{",), _mistral, _mistral_call),
+    ToolCallFormat("granite", "<|tool_call|>", "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>"),
+                   _granite_call),
+    ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
 )
 
 
@@ -206,6 +263,7 @@ class ToolReplies:
 
     def __init__(self, tools: list[dict[str, Any]] | None, fmt: ToolCallFormat | None, single: bool = False):
         self.tools, self.format, self.single = tools, fmt, single
+        self.grammar: str | None = None  # a forced call's (``forced_call_grammar``)
         self.streamed: dict[int, int] = {}  # per choice, the characters of its text sent as content
 
     @property
@@ -250,6 +308,16 @@ class ToolReplies:
         if reply.after.strip():
             deltas.append({"content": reply.after})
         return deltas, "tool_calls" if reason == "stop" else reason
+
+
+def forced_call_grammar(fmt: ToolCallFormat, tools: list[dict[str, Any]], tokenizer: Any, template: str) -> str:
+    """The grammar a forced call (``tool_choice`` required or named) is sampled under: one call to one of
+    ``tools`` as ``fmt`` writes it, each marker its special token where the tokenizer has one."""
+    def mark(text: str) -> str:
+        token = tokenizer.special_token_id(text)
+        return json.dumps(text) if token is None else f"<[{token}]>"
+
+    return fmt.forced(tools, mark, template)
 
 
 def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
