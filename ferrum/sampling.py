@@ -72,7 +72,8 @@ class SamplingParams:
     #: default; the token ids are unchanged either way.
     skip_special_tokens: bool = True
     #: Structured output (:mod:`ferrum.structured`): ``True`` for any JSON object, or a JSON schema (a
-    #: mapping) the output must match; every token the grammar does not allow next is forbidden.
+    #: mapping, or a pydantic model whose schema it is) the output must match; every token the grammar does
+    #: not allow next is forbidden.
     json_schema: bool | Mapping[str, Any] | None = None
     #: Structured output by a Lark grammar in llguidance's dialect (``%json {...}`` embeds a schema,
     #: ``<[id]>`` names a special token); instead of ``json_schema``.
@@ -110,8 +111,11 @@ class SamplingParams:
         stops = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stops, Iterable) or any(not isinstance(t, str) or not t for t in stops):
             _bad(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if callable(getattr(self.json_schema, "model_json_schema", None)):  # a pydantic model (class)
+            object.__setattr__(self, "json_schema", self.json_schema.model_json_schema())
         if not (self.json_schema is None or self.json_schema is True or isinstance(self.json_schema, Mapping)):
-            _bad(f"json_schema must be True (any JSON object) or a JSON schema object, got {self.json_schema!r}")
+            _bad(f"json_schema must be True (any JSON object), a JSON schema object or a pydantic model, "
+                 f"got {self.json_schema!r}")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             _bad(f"grammar must be a non-empty Lark grammar, got {self.grammar!r}")
         if self.grammar is not None and self.json_schema is not None:

@@ -168,3 +168,20 @@ def test_a_lark_grammar(checkpoint):
         llm.generate(PROMPTS[0], max_tokens=5, grammar="start: undefined_rule")
     with pytest.raises(InvalidRequestError, match="not both"):
         SamplingParams(grammar=lark, json_schema=True)
+
+
+def test_a_pydantic_model_is_its_schema(checkpoint):
+    pydantic = pytest.importorskip("pydantic")
+
+    class Pet(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(
+            extra="forbid", json_schema_extra={"x-guidance": {"whitespace_flexible": False}})
+        kind: str = pydantic.Field(pattern="^(cat|dog)$")
+        age: int = pydantic.Field(ge=0, le=9)
+
+    params = SamplingParams(json_schema=Pet)
+    assert params.json_schema == Pet.model_json_schema()
+    llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")
+    for out in llm.run(PROMPTS, params=None, max_tokens=60, json_schema=Pet, temperature=1.0, seed=1):
+        pet = Pet.model_validate_json(out.text)
+        assert pet.kind in ("cat", "dog") and 0 <= pet.age <= 9
