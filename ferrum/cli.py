@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 from ferrum import backends
@@ -83,7 +84,7 @@ def _json_schema_arg(text: str) -> dict:
     import json
 
     try:
-        source = open(text[1:], encoding="utf-8").read() if text.startswith("@") else text
+        source = Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text
         schema = json.loads(source)
     except (OSError, ValueError) as exc:
         raise argparse.ArgumentTypeError(f"not a JSON schema ({exc})") from None

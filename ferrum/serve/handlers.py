@@ -326,7 +326,7 @@ def _tool_replies(state: ServerState, body: ChatCompletionRequest) -> ToolReplie
         raise APIError(400, "this model's chat template does not describe tools to it, so it cannot call them; "
                        "send the request without tools", param="tools")
     replies = ToolReplies(tools, fmt, single=body.parallel_tool_calls is False)
-    forced = body.forced_tools()
+    forced = body.forced_tools(tools)
     if forced is not None:
         if body.output_schema() is not None:
             raise APIError(400, "a forced tool call and response_format cannot both shape the reply",

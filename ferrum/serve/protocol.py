@@ -188,10 +188,10 @@ class ChatCompletionRequest(_Common):
             return None
         return check_tools(self.tools)
 
-    def forced_tools(self) -> list[dict[str, Any]] | None:
-        """The tools one of which the reply must call: all with "required", the named one with
-        ``{"type": "function", "function": {"name": ...}}``; None when the model may answer in text."""
-        tools, choice = self.active_tools(), self.tool_choice
+    def forced_tools(self, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """Of the ``active_tools``, those one of which the reply must call: all with "required", the named one
+        with ``{"type": "function", "function": {"name": ...}}``; None when the model may answer in text."""
+        choice = self.tool_choice
         if tools is None or choice in (None, "auto"):
             return None
         if choice == "required":
