@@ -293,6 +293,8 @@ SAMPLING_ROWS = [
     ("stop-ids-string", dict(stop_token_ids="12"), ["stop_token_ids"]),
     ("stop-ids-negative", dict(stop_token_ids=[-1]), ["stop token"]),
     ("logprobs-negative", dict(logprobs=-1), ["logprobs"]),
+    ("logprobs-over-the-cap", dict(logprobs=21), ["logprobs=21", "at most 20", "max_logprobs"]),
+    ("logprobs-huge", dict(logprobs=10**9), ["logprobs=1000000000", "at most 20"]),
     ("ignore-eos-string", dict(ignore_eos="yes"), ["ignore_eos"]),
     ("unknown-option", dict(temprature=0.5), ["temprature"]),
 ]
@@ -328,6 +330,20 @@ def test_bad_requests(pristine_llm, prompt, options, words):
     assert all(word in str(caught.value) for word in words), str(caught.value)
     assert not pristine_llm.engine.has_unfinished()
     assert pristine_llm.model.kv.num_used_blocks == 0
+
+
+def test_max_logprobs_none_allows_the_whole_vocabulary_and_no_more(pristine):
+    from ferrum.engine import EngineConfig
+
+    llm = ferrum.load(pristine, backend="cpu", engine_config=EngineConfig(max_logprobs=None))
+    vocab = llm.model.config.vocab_size
+    pick = llm.run([[5, 9]], max_tokens=1, logprobs=vocab)[0].logprobs[0]
+    assert len(pick.top_logprobs) == vocab and len({t for t, _ in pick.top_logprobs}) == vocab
+    assert abs(sum(np.exp([lp for _, lp in pick.top_logprobs])) - 1.0) < 1e-3  # the whole distribution
+    with pytest.raises(InvalidRequestError, match=f"at most {vocab}$"):
+        llm.run([[5, 9]], max_tokens=1, logprobs=vocab + 1)
+    with pytest.raises(InvalidRequestError, match="max_logprobs"):
+        EngineConfig(max_logprobs=-1)
 
 
 def test_numpy_token_ids_are_a_prompt(pristine_llm):

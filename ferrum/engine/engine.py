@@ -232,6 +232,13 @@ class Engine:
                 raise InvalidRequestError(
                     f"{kind} token {outside[0]} is outside the vocabulary [0, {cfg.vocab_size})"
                 )
+        cap = min(cfg.vocab_size, self.config.max_logprobs if self.config.max_logprobs is not None else cfg.vocab_size)
+        if params.logprobs > cap:
+            raise InvalidRequestError(
+                f"logprobs={params.logprobs} asks for more top logprobs per token than this engine returns "
+                f"({cap}); ask for at most {cap}"
+                + ("" if cap == cfg.vocab_size else " or raise EngineConfig(max_logprobs=...)")
+            )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none, use stop_token_ids")
         matcher = matcher_for(params, self.tokenizer, cfg.vocab_size, self._eos_ids) if params.structured else None

@@ -35,8 +35,13 @@ class EngineConfig:
     #: evaluation thread: ``BackendInfo.computes_apart``); where a step computes while it is issued
     #: (numpy, torch on a CPU), overlapping would only delay each output by a step.
     async_stepping: bool | None = None
+    #: Most top logprobs one request may ask for per token (vLLM's default); None: up to the vocabulary.
+    #: Each costs the host a (token, logprob) pair per generated token, so a huge ask is refused.
+    max_logprobs: int | None = 20
 
     def __post_init__(self) -> None:
+        if self.max_logprobs is not None and (isinstance(self.max_logprobs, bool) or self.max_logprobs < 0):
+            raise InvalidRequestError(f"max_logprobs must be None or >= 0, got {self.max_logprobs!r}")
         if self.max_num_seqs < 1:
             raise InvalidRequestError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
