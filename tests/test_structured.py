@@ -4,6 +4,7 @@ batch, under logit bias and asynchronous stepping; a finished output parses and 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -185,3 +186,46 @@ def test_a_pydantic_model_is_its_schema(checkpoint):
     for out in llm.run(PROMPTS, params=None, max_tokens=60, json_schema=Pet, temperature=1.0, seed=1):
         pet = Pet.model_validate_json(out.text)
         assert pet.kind in ("cat", "dog") and 0 <= pet.age <= 9
+
+
+def _count_tokenizer_builds(monkeypatch) -> list[int]:
+    import llguidance
+
+    builds = [0]
+    real = llguidance.LLTokenizer
+
+    def counted(*args, **kwargs):
+        builds[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llguidance, "LLTokenizer", counted)
+    return builds
+
+
+def test_an_engine_builds_the_grammar_view_of_its_tokenizer_once_ahead_of_requests(checkpoint, monkeypatch):
+    builds = _count_tokenizer_builds(monkeypatch)
+    llm = ferrum.load(checkpoint, backend="cpu")
+    assert llm.engine.prepare_structured_outputs() and builds == [1]
+    llm.run([PROMPTS[0]], SamplingParams(max_tokens=40, json_schema=PERSON))
+    assert builds == [1]
+
+
+def test_a_server_readies_structured_outputs_off_its_event_loop_at_startup(checkpoint, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from ferrum.serve.app import ServeConfig, create_app
+
+    builds = _count_tokenizer_builds(monkeypatch)
+    app = create_app(ferrum.load(checkpoint, backend="cpu"), ServeConfig(model_names=("tiny",)))
+    with TestClient(app) as client:
+        ready, deadline = app.state.ferrum.structured_ready, time.monotonic() + 60  # an asyncio future
+        while not ready.done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.result() is True and builds == [1]
+        reply = client.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+        })
+        assert reply.status_code == 200, reply.text
+        check_person(reply.json()["choices"][0]["message"]["content"])
+    assert builds == [1]

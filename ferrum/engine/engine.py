@@ -63,7 +63,7 @@ from ferrum.sampling import (
 from ferrum.spec.speculator import Speculator
 from ferrum.spec.verify import accepted, row_samplers, spend_draws
 from ferrum.stop import StopStringFilter
-from ferrum.structured import matcher_for
+from ferrum.structured import matcher_for, prepare as prepare_structured
 from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -193,6 +193,12 @@ class Engine:
         """Apply queued adds and aborts now, without a forward pass (before a stepping thread stops)."""
         with self._step_lock:
             return self._drain_inbox()
+
+    def prepare_structured_outputs(self) -> bool:
+        """Ready structured outputs ahead of the first request that asks for one (building the grammar
+        engine's view of the tokenizer takes a fraction of a second, once); False where they cannot run
+        (no tokenizer, llguidance missing). Thread-safe."""
+        return prepare_structured(self.tokenizer, self.model.config.vocab_size, self._eos_ids)
 
     def has_unfinished(self) -> bool:
         """Requests queued, running, or a step issued whose tokens the host has not read."""

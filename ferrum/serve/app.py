@@ -68,6 +68,8 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Off the event loop, so the first response_format or forced tool call does not stall every stream.
+        state.structured_ready = asyncio.get_running_loop().run_in_executor(None, llm.engine.prepare_structured_outputs)
         yield
         await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 

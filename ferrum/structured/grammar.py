@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 from typing import Any, Mapping
 
@@ -25,7 +26,15 @@ def _llguidance() -> Any:
     return llguidance
 
 
+_tokenizer_lock = threading.Lock()  # one build per tokenizer, also when a server builds it ahead of a request
+
+
 def _lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> Any:
+    with _tokenizer_lock:
+        return _built_lltokenizer(tokenizer, vocab_size, eos_ids)
+
+
+def _built_lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> Any:
     by_width = _compiled_tokenizers.setdefault(tokenizer, {})
     if vocab_size not in by_width:
         llg = _llguidance()
@@ -34,6 +43,19 @@ def _lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> An
         except (ValueError, RuntimeError) as exc:
             raise UnsupportedFeatureError(f"structured outputs cannot use this model's tokenizer: {exc}") from None
     return by_width[vocab_size]
+
+
+def prepare(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> bool:
+    """Build llguidance's view of ``tokenizer`` now (the slow part of a model's first structured request),
+    so a server can do it off its event loop at startup; False where structured outputs cannot run."""
+    if tokenizer is None:
+        return False
+    try:
+        _llguidance()
+        _lltokenizer(tokenizer, vocab_size, eos_ids)
+    except UnsupportedFeatureError:
+        return False
+    return True
 
 
 def _grammar(json_schema: bool | Mapping[str, Any] | None, lark: str | None) -> str:
