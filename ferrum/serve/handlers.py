@@ -50,7 +50,7 @@ class ServerState:
     reasoning_parser: str | None = None  # --reasoning-parser: thinking returned apart as reasoning_content
     created: int = field(default_factory=lambda: int(time.time()))
     pending: int = 0
-    structured_ready: Any = None  # the startup's future: True once structured outputs are ready, False where they cannot run
+    structured_ready: Any = None  # startup's future: True once structured outputs are ready, False if they cannot run
 
     def adapter_names(self) -> list[str]:
         return [a.name for a in self.llm.adapters]
