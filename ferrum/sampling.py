@@ -78,6 +78,10 @@ class SamplingParams:
     #: Structured output by a Lark grammar in llguidance's dialect (``%json {...}`` embeds a schema,
     #: ``<[id]>`` names a special token); instead of ``json_schema``.
     grammar: str | None = None
+    #: With ``json_schema`` or ``grammar``, for a reasoning model: the tags it thinks between (``("<think>",
+    #: "</think>")``, each one token of its vocabulary). The thinking is left free and the grammar applies to
+    #: the answer after the closing tag (:mod:`ferrum.structured.thinking`).
+    reasoning_tags: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         """Type- and range-check every field (NaN, infinities and bools included) and normalise collections."""
@@ -120,6 +124,16 @@ class SamplingParams:
             _bad(f"grammar must be a non-empty Lark grammar, got {self.grammar!r}")
         if self.grammar is not None and self.json_schema is not None:
             _bad("give json_schema or grammar, not both")
+        if self.reasoning_tags is not None:
+            tags = self.reasoning_tags
+            if (isinstance(tags, str) or not isinstance(tags, Iterable)
+                    or len(tags := tuple(tags)) != 2 or not all(isinstance(t, str) and t for t in tags)
+                    or tags[0] == tags[1]):
+                _bad(f"reasoning_tags must be two different non-empty strings (opening, closing), "
+                     f"got {self.reasoning_tags!r}")
+            if not self.structured:
+                _bad("reasoning_tags says where a structured output starts; give json_schema or grammar with it")
+            object.__setattr__(self, "reasoning_tags", tags)
         object.__setattr__(self, "logit_bias", bias)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop_ids))
         object.__setattr__(self, "stop", tuple(stops))

@@ -59,24 +59,31 @@ def write_text_checkpoint(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def add_tokens(folder: Path, texts: list[str], special: bool = False, context: int | None = None) -> list[int]:
+    """Add ``texts`` to the checkpoint's tokenizer as whole tokens (special ones if ``special``) and grow its
+    embeddings to match; their ids. ``context``: a longer max_position_embeddings."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens([AddedToken(text, special=special, normalized=False) for text in texts])
+    tok.save(str(folder / "tokenizer.json"))
+    ids = [tok.token_to_id(text) for text in texts]
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    if context is not None:
+        model.config.max_position_embeddings = context
+    model.save_pretrained(folder)
+    return ids
+
+
 def write_scripted_checkpoint(folder: Path, reply: str, template: str, special: bool = False,
                               context: int | None = None) -> tuple[Path, int]:
     """:func:`write_text_checkpoint` with ``template`` as its chat template and one more token spelling all of
     ``reply`` (a special one if ``special``), which a logit bias makes the model write; the folder and the
     token's id. ``context``: a longer max_position_embeddings (room for tool definitions)."""
-    import transformers
-    from tokenizers import AddedToken, Tokenizer
-
     write_text_checkpoint(folder, seed=3)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.add_tokens([AddedToken(reply, special=special, normalized=False)])
-    tok.save(str(folder / "tokenizer.json"))
-    token = tok.token_to_id(reply)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    model.resize_token_embeddings(token + 1, mean_resizing=False)
-    if context is not None:
-        model.config.max_position_embeddings = context
-    model.save_pretrained(folder)
+    (token,) = add_tokens(folder, [reply], special, context)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
     return folder, token

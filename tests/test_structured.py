@@ -223,7 +223,7 @@ def test_a_server_readies_structured_outputs_off_its_event_loop_at_startup(check
             time.sleep(0.05)
         assert ready.result() is True and builds == [1]
         reply = client.post("/v1/chat/completions", json={
-            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40,
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 0,
             "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
         })
         assert reply.status_code == 200, reply.text

@@ -247,7 +247,8 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none, use stop_token_ids")
-        matcher = matcher_for(params, self.tokenizer, cfg.vocab_size, self._eos_ids) if params.structured else None
+        matcher = (matcher_for(params, self.tokenizer, cfg.vocab_size, self._eos_ids, tokens)
+                   if params.structured else None)
         request = Request(request_id, tokens, params, max_total, metadata=metadata)
         request.sampler = RequestSampler(params, tokens, matcher)
         if require_full_logits(metadata):

@@ -29,7 +29,7 @@ from ferrum.serve.metrics import ServerMetrics
 from ferrum.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, template_messages,
 )
-from ferrum.serve.reasoning import Thinking, starts_inside
+from ferrum.serve.reasoning import Thinking, starts_inside, structured_tags
 from ferrum.serve.tools import ToolReplies, forced_call_grammar, format_of as tools_format_of
 
 #: JSON has no infinities; a token the logit bias banned gets this logprob (as vLLM sends).
@@ -80,10 +80,11 @@ class Response:
 # --------------------------------------------------------------------- params
 def _sampling_params(
     state: ServerState, body: _Common, max_tokens: int, logprobs: int, seed: int | None, stops: list[str],
-    keep_special_tokens: bool = False, grammar: str | None = None,
+    keep_special_tokens: bool = False, grammar: str | None = None, thinks: bool = False,
 ) -> SamplingParams:
     """``keep_special_tokens``: what an unset ``skip_special_tokens`` means is to keep them; ``grammar``: a forced
-    tool call's, else ``response_format`` shapes the reply."""
+    tool call's, else ``response_format`` shapes the reply; ``thinks``: after the thinking, where there is one
+    (``--reasoning-parser``)."""
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         try:
@@ -97,6 +98,8 @@ def _sampling_params(
         value = getattr(body, name)
         return value if value is not None else defaults.get(name, api_default)
 
+    schema = body.output_schema() if grammar is None else None
+    shaped = schema is not None or grammar is not None
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=pick("temperature", 1.0),
@@ -111,8 +114,9 @@ def _sampling_params(
         stop=tuple(stops),
         logprobs=logprobs,
         skip_special_tokens=not keep_special_tokens if skip_special is None else skip_special,
-        json_schema=body.output_schema() if grammar is None else None,
+        json_schema=schema,
         grammar=grammar,
+        reasoning_tags=structured_tags(state.llm.tokenizer) if thinks and shaped else None,
     )
 
 
@@ -355,12 +359,13 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
     top = body.top_logprobs or 0
     want_logprobs = max(top, 1) if body.logprobs else 0
     stops = body.stop_strings()
+    thinking = _thinking(state, prompt)
     specs = [
         ChoiceSpec(i, prompt, _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, i),
-                                               stops, replies.keeps_special_tokens, replies.grammar), lora)
+                                               stops, replies.keeps_special_tokens, replies.grammar,
+                                               thinks=thinking is not None), lora)
         for i in range(body.n)
     ]
-    thinking = _thinking(state, prompt)
     generation = _start(state, "chat", specs)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
     logprobs = _Logprobs(state.llm)

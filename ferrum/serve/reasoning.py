@@ -16,6 +16,15 @@ OPEN, CLOSE = "<think>", "</think>"
 PARSERS = ("deepseek_r1", "qwen3")
 
 
+def structured_tags(tokenizer: object) -> tuple[str, str] | None:
+    """The tags for ``SamplingParams.reasoning_tags`` (a response format or forced tool call then shapes the
+    answer after the thinking), where the tokenizer has each as one token; else None: the grammar applies
+    from the reply's first token."""
+    if all(tokenizer.token_to_id(tag) is not None for tag in (OPEN, CLOSE)):  # type: ignore[attr-defined]
+        return OPEN, CLOSE
+    return None
+
+
 def starts_inside(prompt_tail: str) -> bool:
     """Whether a reply to a prompt ending in ``prompt_tail`` begins inside its thinking: the template opened
     a ``<think>`` that it did not close."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ferrum.errors import InvalidRequestError, UnsupportedFeatureError
+from ferrum.structured.thinking import AfterThinking
 
 #: llguidance's view of each tokenizer (building one reads every token's bytes: ~0.5 s), per
 #: Ferrum tokenizer and logits width.
@@ -106,10 +107,12 @@ class TokenMatcher:
         return TokenMatcher(self._matcher.deep_copy(), self._vocab_size)
 
 
-def matcher_for(params: Any, tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> TokenMatcher:
+def matcher_for(params: Any, tokenizer: Any, vocab_size: int, eos_ids: frozenset[int],
+                prompt_ids: Sequence[int] = ()) -> Any:
     """A fresh matcher of ``params.json_schema`` or ``params.grammar`` for a model whose logits have
-    ``vocab_size`` columns; one that does not compile is an :class:`InvalidRequestError` (raised before the
-    request is queued)."""
+    ``vocab_size`` columns, applied after the thinking where ``params.reasoning_tags`` says (``prompt_ids``
+    tell whether the reply starts inside it); one that does not compile is an :class:`InvalidRequestError`
+    (raised before the request is queued)."""
     what = "grammar" if params.grammar is not None else "json_schema"
     if tokenizer is None:
         raise InvalidRequestError(f"structured outputs ({what}) need the model's tokenizer; this model has none")
@@ -118,4 +121,6 @@ def matcher_for(params: Any, tokenizer: Any, vocab_size: int, eos_ids: frozenset
     matcher = llg.LLMatcher(_lltokenizer(tokenizer, vocab_size, eos_ids), grammar, log_level=0)
     if matcher.is_error():
         raise InvalidRequestError(f"{what} is not one Ferrum can compile: {_error_of(matcher)}")
-    return TokenMatcher(matcher, vocab_size)
+    if params.reasoning_tags is None:
+        return TokenMatcher(matcher, vocab_size)
+    return AfterThinking(TokenMatcher(matcher, vocab_size), tokenizer, params.reasoning_tags, prompt_ids, eos_ids)
