@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +73,6 @@ class ModelConfig(Sizes):
         reader.validate_all()
         sizes = read_sizes(reader, family.eps_default)
         arch = family.build(reader, sizes)
-        if arch.exact_context is not None and arch.exact_context < sizes.max_seq_len:
-            warnings.warn(f"{where}: the context is limited to {arch.exact_context} tokens of its "
-                          f"{sizes.max_seq_len}: past that, {model_type} scales its queries in a way Ferrum does "
-                          "not implement (Llama 4's attention scaling)", stacklevel=2)
-            sizes = replace(sizes, max_seq_len=arch.exact_context)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(

@@ -102,15 +102,31 @@ class _RopeTables:
 
     def for_batch(self, positions: Any, batch: AttentionBatch) -> Callable[[Any], Any]:
         """Rotation for a rope whose table depends on the batch (longrope), applied between the block halves."""
-        ops, rope = self.ops, self.ops.rope
-        long_tokens = batch.positions >= self.rope.original_max
-        if long_tokens.all() or not long_tokens.any():
-            table = self.long if long_tokens.all() else self.short
-            return lambda x: rope(x, positions, table)
-        # Tokens on both sides of the switch: rotate with each table, keep each token's row.
-        n = batch.num_tokens
-        rows = ops.from_numpy((np.arange(n) + n * long_tokens).astype(np.int32), None)
-        return lambda x: ops.take_rows(ops.concat([rope(x, positions, self.short), rope(x, positions, self.long)]), rows)
+        rope = self.ops.rope
+        rotations = [lambda x: rope(x, positions, self.short), lambda x: rope(x, positions, self.long)]
+        return per_token(self.ops, (batch.positions >= self.rope.original_max).astype(np.int64), rotations)
+
+
+def per_token(ops: Any, choice: np.ndarray, variants: Sequence[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """``x -> y`` whose row ``t`` is ``variants[choice[t]](x)``'s: the one variant a batch uses, else each used
+    one over the whole batch and every token's row picked (few variants, each a cheap elementwise op)."""
+    used, which = np.unique(choice, return_inverse=True)
+    if len(used) == 1:
+        return variants[int(used[0])]
+    n = len(choice)
+    rows = ops.from_numpy((np.arange(n) + n * which.reshape(-1)).astype(np.int32), None)
+    return lambda x: ops.take_rows(ops.concat([variants[int(u)](x) for u in used]), rows)
+
+
+def query_scaler(ops: Any, scaling: tuple[float, int], positions: np.ndarray) -> Callable[[Any], Any] | None:
+    """Llama 4's attention scaling of a batch's queries (``Architecture.query_scaling``); None where every
+    factor is 1 (positions before ``original``)."""
+    beta, original = scaling
+    factors, choice = np.unique(1.0 + beta * np.log1p(np.floor(positions / original)), return_inverse=True)
+    if len(factors) == 1 and factors[0] == 1.0:
+        return None
+    scale = [lambda q, f=float(f): q if f == 1.0 else ops.mul_scalar(q, f) for f in factors]
+    return per_token(ops, choice.reshape(-1), scale)
 
 
 def choose_dtype(
@@ -437,6 +453,7 @@ class DecoderOnlyLLM:
         pool, arch = self.pool, cfg.arch
         softcap = arch.attn_softcap
         ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items() if tables.fixed is None}
+        scale_queries = None if arch.query_scaling is None else query_scaler(ops, arch.query_scaling, batch.positions)
         compiled = self.adapters.batch is None
         halves, final = (self._compiled, self._final_compiled) if compiled else (self._halves, self._final)
 
@@ -454,6 +471,8 @@ class DecoderOnlyLLM:
             rotate = ropes.get(layer.rope)
             if rotate is not None:
                 q, k = rotate(q), rotate(k)
+            if scale_queries is not None:
+                q = scale_queries(q)
             ops.kv_write(pool, index, k, v, slots)
             attended = batch
             if index == last and last_rows is not None:

@@ -27,7 +27,7 @@ VOCAB = 97
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 WINDOW = 4  # shorter than the test sequences
 ORIGINAL = 8  # longrope's original_max_position_embeddings: TOKENS cross it
-MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32,
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                    "llama_4_scaling_beta": 0.1}
 
@@ -78,7 +78,7 @@ def transformers_config(family: str):
         return transformers.MinistralConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                                             sliding_window=WINDOW,
                                             layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-    if family == "ministral3":  # YaRN, and Llama 4's query scaling from position 32 on (past the test tokens)
+    if family == "ministral3":  # YaRN, and Llama 4's query scaling from position ORIGINAL on (TOKENS cross it)
         return transformers.Ministral3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                              rope_parameters=MINISTRAL3_ROPE)
     if family == "olmo3":  # OLMo 2's blocks; sliding layers but the last; YaRN on the full layer only
@@ -295,24 +295,32 @@ def test_olmo3_scales_the_rope_of_its_full_layers_only(checkpoints):
         ModelConfig.from_dict({**raw, "rope_parameters": {"rope_type": "yarn", **full}})
 
 
-def test_ministral3_context_stops_where_llama4_scaling_starts(checkpoints):
+def test_ministral3_scales_queries_past_original_max_and_keeps_its_whole_context(checkpoints):
     """Llama 4's query scaling multiplies queries by exactly 1 before original_max_position_embeddings and by more
-    from there on (transformers' logits change there), which Ferrum does not apply: the context stops there."""
+    from there on: transformers' logits change there (so the parity tests above, whose tokens cross it, check it),
+    and the context is the config's."""
     raw = json.loads((checkpoints["ministral3"][0] / "config.json").read_text())
-    with pytest.warns(UserWarning, match="limited to 32 tokens of its 128"):
-        assert ModelConfig.from_dict(raw).max_seq_len == 32
-    plain = {**raw, "rope_parameters": {k: v for k, v in raw["rope_parameters"].items() if k != "llama_4_scaling_beta"}}
-    assert ModelConfig.from_dict(plain).max_seq_len == 128
+    assert ModelConfig.from_dict(raw).max_seq_len == 128
     hf = checkpoints["ministral3"][1]
-    tokens = [int(t) for t in np.random.RandomState(1).randint(0, VOCAB, size=40)]
-    scaled = reference_logits(hf, tokens)
+    scaled = reference_logits(hf, TOKENS)
     rope = hf.config.rope_parameters
     hf.config.rope_parameters = {**rope, "llama_4_scaling_beta": 0.0}
     try:
-        unscaled = reference_logits(hf, tokens)
+        unscaled = reference_logits(hf, TOKENS)
     finally:
         hf.config.rope_parameters = rope  # the module's model, shared with the other tests
-    assert np.allclose(scaled[:32], unscaled[:32], atol=1e-5) and not np.allclose(scaled[32:], unscaled[32:], atol=1e-3)
+    assert np.allclose(scaled[:ORIGINAL], unscaled[:ORIGINAL], atol=1e-5)
+    assert not np.allclose(scaled[ORIGINAL:], unscaled[ORIGINAL:], atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_query_scaling_in_a_batch_on_both_sides_of_original_max_equals_each_alone(checkpoints, backend):
+    folder, hf = checkpoints["ministral3"]
+    model = load(folder, backend)
+    model.prefill("long", TOKENS[:7])
+    out = model.unified_forward([ForwardItem("long", TOKENS[7:12], 7, True), ForwardItem("short", TOKENS[:5], 0, True)])
+    assert_parity(out["long"], reference_logits(hf, TOKENS[:12])[-1])
+    assert_parity(out["short"], reference_logits(hf, TOKENS[:5])[-1])
 
 
 # ---------------------------------------------------------------- engine

@@ -290,8 +290,7 @@ def _ministral_windows(r: KeyReader, sizes: Sizes) -> list:
 
 def _ministral3(r: KeyReader, sizes: Sizes) -> Architecture:
     """Mistral's blocks, YaRN, and Llama 4's attention scaling: queries multiplied by ``1 + beta * log(1 +
-    floor(position / original_max_position_embeddings))``, which is exactly 1 before that position, so the
-    model runs exactly up to there (``exact_context``) and its context stops there."""
+    floor(position / original_max_position_embeddings))`` (``query_scaling``)."""
     arch = _llama_like(False, None, _every_layer_window)(r, sizes)
     key, spec = _rope_spec(r)
     beta = spec.get("llama_4_scaling_beta")
@@ -303,7 +302,7 @@ def _ministral3(r: KeyReader, sizes: Sizes) -> Architecture:
     if positive_int(original):
         r.fail(key, "field 'original_max_position_embeddings' must be a positive integer with llama_4_scaling_beta, "
                     f"got {original!r}")
-    return replace(arch, exact_context=original)
+    return replace(arch, query_scaling=(float(beta), int(original)))
 
 
 def _qwen_windows(r: KeyReader, sizes: Sizes) -> list:

@@ -49,9 +49,9 @@ class Architecture:
     fused_qkv: bool = False  # checkpoint holds self_attn.qkv_proj (Phi-3)
     fused_gate_up: bool = False  # checkpoint holds mlp.gate_up_proj (Phi-3)
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
-    #: The positions the model runs exactly, where less than its config's context: Ministral 3 scales queries
-    #: from ``original_max_position_embeddings`` on (Llama 4's attention scaling), which Ferrum does not apply.
-    exact_context: int | None = None
+    #: Llama 4's attention scaling (Ministral 3), ``(beta, original)``: each query is multiplied by ``1 + beta *
+    #: log(1 + floor(position / original))``, exactly 1 before ``original_max_position_embeddings``.
+    query_scaling: tuple[float, int] | None = None
     prefix: str = "model."  # where the decoder's tensors live ("language_model.model." in Gemma 3 multimodal)
     lm_head: str = "lm_head.weight"
 

@@ -97,6 +97,9 @@ class ArchOracle:
                 q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
             long_from = spec.rope.original_max if spec.rope.switches else None
             q, k = _rope(q, positions, spec.rope, long_from), _rope(k, positions, spec.rope, long_from)
+            if arch.query_scaling is not None:  # Llama 4's attention scaling
+                beta, original = arch.query_scaling
+                q = q * (1.0 + beta * np.log(1.0 + np.floor(positions / original)))[:, None, None]
             attn = _attention(q, k, v, arch.attn_scale, spec.window, arch.attn_softcap).reshape(n, -1)
             o = linear(attn, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
             if "post_attn" in norm:
