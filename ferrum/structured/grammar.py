@@ -72,9 +72,16 @@ def _grammar(json_schema: bool | Mapping[str, Any] | None, lark: str | None) -> 
 
 
 def _error_of(matcher: Any) -> str:
-    """llguidance's error, without the parser state and the whole grammar it appends."""
-    message = matcher.get_error().split("\n<state>", 1)[0].strip() or "rejected by the grammar"
+    """llguidance's error in a line (its marker of left-out details dropped)."""
+    message = matcher.get_error().replace("<non-verbose/>", "").strip() or "rejected by the grammar"
     return message if len(message) <= 400 else message[:400] + "..."
+
+
+def _limits() -> Any:
+    """llguidance's parser limits, one raised: a row may hold 10,000 Earley items instead of 2,000, so an object
+    of up to ~2,500 properties is followed (600 needed 2,407; each step then costs a few ms) where vLLM's
+    defaults fail it mid-reply. Errors leave out the parser state and the grammar (``verbose_errors``)."""
+    return _llguidance().LLParserLimits(max_items_in_row=10_000, verbose_errors=False)
 
 
 class TokenMatcher:
@@ -118,7 +125,7 @@ def matcher_for(params: Any, tokenizer: Any, vocab_size: int, eos_ids: frozenset
         raise InvalidRequestError(f"structured outputs ({what}) need the model's tokenizer; this model has none")
     llg = _llguidance()
     grammar = _grammar(params.json_schema, params.grammar)
-    matcher = llg.LLMatcher(_lltokenizer(tokenizer, vocab_size, eos_ids), grammar, log_level=0)
+    matcher = llg.LLMatcher(_lltokenizer(tokenizer, vocab_size, eos_ids), grammar, log_level=0, limits=_limits())
     if matcher.is_error():
         raise InvalidRequestError(f"{what} is not one Ferrum can compile: {_error_of(matcher)}")
     if params.reasoning_tags is None:
