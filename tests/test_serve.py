@@ -556,3 +556,23 @@ def test_bad_response_formats_are_400(server, fmt, words):
         server.client().chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, response_format=fmt)
     assert all(w in str(caught.value) for w in words), str(caught.value)
+
+
+def test_a_refused_request_of_several_prompts_leaves_no_capacity_taken(model):
+    """The first prompt is queued, the second refused (outside the vocabulary): a 400, the first aborted, and the
+    server's count of running choices back where it was."""
+    from starlette.testclient import TestClient
+
+    from ferrum.serve.app import ServeConfig, create_app
+
+    llm = ferrum.load(model, backend="cpu", dtype="float32")
+    app = create_app(llm, ServeConfig(model_names=("tiny",)))
+    state = app.state.ferrum
+    with TestClient(app) as client:
+        for _ in range(3):
+            reply = client.post("/v1/completions", json={"model": "tiny", "prompt": [[5, 6], [10**6]], "max_tokens": 4})
+            assert reply.status_code == 400 and "vocabulary" in reply.text, reply.text
+        assert state.pending == 0
+        ok = client.post("/v1/completions", json={"model": "tiny", "prompt": [[5, 6], [7]], "max_tokens": 4})
+        assert ok.status_code == 200 and state.pending == 0
+    assert not llm.engine.has_unfinished() and llm.model.kv.num_used_blocks == 0

@@ -240,3 +240,54 @@ def test_a_server_readies_structured_outputs_off_its_event_loop_at_startup(check
         assert reply.status_code == 200, reply.text
         check_person(reply.json()["choices"][0]["message"]["content"])
     assert builds == [1]
+
+
+def test_a_server_compiles_grammars_off_its_event_loop(checkpoint, monkeypatch):
+    """``AsyncEngine.submit_off_loop``: a structured request is queued (its grammar compiled) from a worker thread;
+    a plain one at once, on the loop's thread."""
+    import asyncio
+    import threading
+
+    llm = ferrum.load(checkpoint, backend="cpu")
+    engine, threads = llm.async_engine, []
+    add = llm.engine.add_request
+    monkeypatch.setattr(llm.engine, "add_request",
+                        lambda *a, **k: threads.append(threading.current_thread()) or add(*a, **k))
+
+    async def run() -> list[str]:
+        texts = []
+        for params in (SamplingParams(max_tokens=40, json_schema=PERSON), SamplingParams(max_tokens=3)):
+            out = None
+            async for out in await engine.submit_off_loop(PROMPTS[0], params):
+                pass
+            texts.append(out.text)
+        return texts
+
+    texts = asyncio.run(run())
+    check_person(texts[0])
+    assert threads[0] is not threading.main_thread() and threads[1] is threading.main_thread()
+    engine.shutdown()
+
+
+def test_a_request_cancelled_while_its_grammar_compiles_is_aborted(checkpoint):
+    import asyncio
+
+    llm = ferrum.load(checkpoint, backend="cpu")
+    engine = llm.async_engine
+
+    async def cancel_during_compile() -> None:
+        every = {**_wide(600), "required": [f"p{i}" for i in range(600)]}  # slow to compile, long to write
+        task = asyncio.ensure_future(engine.submit_off_loop(PROMPTS[0], SamplingParams(max_tokens=200,
+                                                                                       json_schema=every)))
+        await asyncio.sleep(0)  # the compile has started in its worker
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 60  # the loop lives on (a closed loop would end the request anyway)
+        while (llm.engine.has_unfinished() or not llm.engine.metrics().num_finished) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    asyncio.run(cancel_during_compile())
+    assert not llm.engine.has_unfinished() and llm.model.kv.num_used_blocks == 0
+    assert llm.engine.metrics().generated_tokens < 100  # aborted, not run to its 200 tokens
+    engine.shutdown()

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 from ferrum.engine.engine import Engine
@@ -29,6 +30,9 @@ _IDLE_CHECK_S = 1.0
 
 #: The longest interpreter exit waits for one stepping thread to end.
 _EXIT_WAIT_S = 5.0
+
+#: Where structured outputs' grammars compile for :meth:`AsyncEngine.submit_off_loop`.
+_compiling = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ferrum-grammar")
 
 
 class RequestStream:
@@ -119,15 +123,45 @@ class AsyncEngine:
         """Queue a request now (bad input raises here, before anything is awaited); iterate the handle.
 
         ``lora`` names a LoRA adapter loaded on the model (see :meth:`Engine.add_request`)."""
+        return self._queue(self._open(), prompt_token_ids, params, request_id, metadata, lora)
+
+    async def submit_off_loop(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        lora: str | None = None,
+    ) -> RequestHandle:
+        """:meth:`submit` for a server's event loop: a structured output's grammar (``json_schema``, ``grammar``)
+        compiles in a worker thread, so other requests' streams go on meanwhile (a few ms for most schemas,
+        seconds for one of thousands of properties). Cancelled while it compiles, the request is aborted."""
+        stream = self._open()
+        if params is None or not params.structured:
+            return self._queue(stream, prompt_token_ids, params, request_id, metadata, lora)
+        queued = _compiling.submit(self._queue, stream, prompt_token_ids, params, request_id, metadata, lora)
+        try:
+            return await asyncio.wrap_future(queued)
+        except asyncio.CancelledError:
+            queued.add_done_callback(lambda done: done.exception() is None and done.result().abort())
+            raise
+
+    def _open(self) -> RequestStream:
         if self._closed:
             raise ExecutorStateError("this AsyncEngine was shut down")
-        stream = RequestStream(asyncio.get_running_loop())
+        return RequestStream(asyncio.get_running_loop())
+
+    def _queue(self, stream: RequestStream, prompt_token_ids: Sequence[int], params: SamplingParams | None,
+               request_id: str | None, metadata: Mapping[str, Any] | None, lora: str | None) -> RequestHandle:
+        """Add the request and route its outputs to ``stream``; thread-safe."""
         with self._lock:
+            if self._closed:  # shut down while the grammar compiled
+                raise ExecutorStateError("this AsyncEngine was shut down")
             request_id = self.engine.add_request(
                 prompt_token_ids, params, request_id, on_output=stream.put, metadata=metadata, lora=lora
             )
             self._streams[request_id] = stream
-        self._start()
+            self._start()
         return RequestHandle(self, request_id, stream)
 
     async def stream(

@@ -127,12 +127,12 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat(request: Request) -> HTTPResponse:
         body = await _parse(request, ChatCompletionRequest)
-        return await _reply(request, handlers.chat_completion(state, body))
+        return await _reply(request, await handlers.chat_completion(state, body))
 
     @v1.post("/completions")
     async def completions(request: Request) -> HTTPResponse:
         body = await _parse(request, CompletionRequest)
-        return await _reply(request, handlers.completion(state, body))
+        return await _reply(request, await handlers.completion(state, body))
 
     app.include_router(v1)
 

@@ -44,8 +44,9 @@ class Generation:
         self._followers: dict[int, list[ChoiceSpec]] = {}
         self._ended: set[int] = set()
 
-    def start(self) -> None:
-        """Submit the first choice of each distinct prompt; bad input raises here, before any response."""
+    async def start(self) -> None:
+        """Submit the first choice of each distinct prompt; bad input raises here, before any response (and
+        every choice is ended, so ``on_end`` runs once for each whatever happens)."""
         leaders: dict[tuple[int, ...], int] = {}
         try:
             for spec in self._specs:
@@ -53,15 +54,16 @@ class Generation:
                 if leader is None:
                     leaders[spec.prompt_ids] = spec.index
                     self._followers[spec.index] = []
-                    self._handles[spec.index] = self._submit(spec)
+                    self._handles[spec.index] = await self._submit(spec)
                 else:
                     self._followers[leader].append(spec)
         except BaseException:
             self.abort()
             raise
 
-    def _submit(self, spec: ChoiceSpec) -> RequestHandle:
-        return self._engine.submit(spec.prompt_ids, spec.params, metadata=spec.metadata, lora=spec.lora)
+    async def _submit(self, spec: ChoiceSpec) -> RequestHandle:
+        return await self._engine.submit_off_loop(spec.prompt_ids, spec.params, metadata=spec.metadata,
+                                                  lora=spec.lora)
 
     async def events(self) -> AsyncIterator[Event]:
         """``(choice index, output)`` as outputs arrive, until every choice has finished."""
@@ -72,7 +74,7 @@ class Generation:
             try:
                 async for out in handle:
                     for spec in self._followers.pop(index, ()):
-                        follower = self._submit(spec)
+                        follower = await self._submit(spec)
                         self._handles[spec.index] = follower
                         tasks.append(asyncio.create_task(pump(spec.index, follower)))
                     queue.put_nowait((index, out))
@@ -97,13 +99,10 @@ class Generation:
             self.abort()
 
     def abort(self) -> None:
-        """Cancel every unfinished choice (idempotent)."""
-        for index, handle in self._handles.items():
+        """Cancel every unfinished choice, submitted or not (idempotent)."""
+        for handle in self._handles.values():
             handle.abort()
-            if index not in self._ended:
-                self._ended.add(index)
-                self._on_end(None)
-        for spec in (s for followers in self._followers.values() for s in followers):
+        for spec in self._specs:
             if spec.index not in self._ended:
                 self._ended.add(spec.index)
                 self._on_end(None)

@@ -156,7 +156,7 @@ def _encode(state: ServerState, prompt: str | Sequence[Any], param: str, tools: 
 
 
 # -------------------------------------------------------------- run and reply
-def _start(state: ServerState, endpoint: str, specs: list[ChoiceSpec]) -> Generation:
+async def _start(state: ServerState, endpoint: str, specs: list[ChoiceSpec]) -> Generation:
     if len(specs) > state.max_pending:
         raise APIError(
             400, f"this request asks for {len(specs)} choices but the server runs or queues at most "
@@ -175,12 +175,12 @@ def _start(state: ServerState, endpoint: str, specs: list[ChoiceSpec]) -> Genera
         else:
             state.metrics.finished(endpoint, out)
 
-    generation = Generation(state.engine, specs, ended)
+    state.pending += len(specs)  # before any await: requests arriving meanwhile see these choices
+    generation = Generation(state.engine, specs, ended)  # which ends each one (``ended``) whatever happens
     try:
-        generation.start()
+        await generation.start()
     except FerrumError as error:
         raise APIError.from_ferrum(error) from None
-    state.pending += len(specs)
     return generation
 
 
@@ -347,7 +347,7 @@ def _thinking(state: ServerState, prompt: Sequence[int]) -> Thinking | None:
     return Thinking(starts_inside(state.llm.tokenizer.decode(prompt[-8:], skip_special_tokens=False)))
 
 
-def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response:
+async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response:
     lora = state.check_model(body.model)
     body.check_supported()
     if state.llm.tokenizer is None:
@@ -366,7 +366,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
                                                thinks=thinking is not None), lora)
         for i in range(body.n)
     ]
-    generation = _start(state, "chat", specs)
+    generation = await _start(state, "chat", specs)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
     logprobs = _Logprobs(state.llm)
 
@@ -430,7 +430,7 @@ def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response
 
 
 # ----------------------------------------------------------------- completions
-def completion(state: ServerState, body: CompletionRequest) -> Response:
+async def completion(state: ServerState, body: CompletionRequest) -> Response:
     lora = state.check_model(body.model)
     body.check_supported()
     prompts = [_encode(state, p, "prompt") for p in body.prompts()]
@@ -449,7 +449,7 @@ def completion(state: ServerState, body: CompletionRequest) -> Response:
             index = p_index * body.n + j
             params = _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, index), stops)
             specs.append(ChoiceSpec(index, prompt, params, lora, {REQUIRE_FULL_LOGITS: True} if scored else None))
-    generation = _start(state, "completions", specs)
+    generation = await _start(state, "completions", specs)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
     logprobs = _Logprobs(state.llm)
     tok = state.llm.tokenizer
