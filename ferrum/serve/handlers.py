@@ -347,7 +347,25 @@ def _thinking(state: ServerState, prompt: Sequence[int]) -> Thinking | None:
     return Thinking(starts_inside(state.llm.tokenizer.decode(prompt[-8:], skip_special_tokens=False)))
 
 
-async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response:
+@dataclass
+class ChatRun:
+    """A chat request's engine work and how its replies are read: thinking apart (``--reasoning-parser``), then
+    the content and tool calls."""
+
+    generation: Generation
+    prompt: tuple[int, ...]
+    replies: ToolReplies
+    thinking: Thinking | None
+
+    def split(self, out: RequestOutput) -> tuple[str | None, dict[str, Any], str]:
+        """A finished choice's thinking (None without), message and finish reason."""
+        thought, answer = self.thinking.split(out.text or "") if self.thinking else (None, out.text or "")
+        message, reason = self.replies.message(answer, _finish_reason(out))
+        return thought, message, reason
+
+
+async def start_chat(state: ServerState, body: ChatCompletionRequest, endpoint: str = "chat") -> ChatRun:
+    """Check the request, build its prompt and submit its choices; any bad input raises before a response."""
     lora = state.check_model(body.model)
     body.check_supported()
     if state.llm.tokenizer is None:
@@ -356,8 +374,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
     replies = _tool_replies(state, body)
     prompt = _encode(state, template_messages(body.messages), "messages", replies.tools, body.chat_template_kwargs)
     max_tokens = _max_tokens(state, len(prompt), body.max_new_tokens(), "messages")
-    top = body.top_logprobs or 0
-    want_logprobs = max(top, 1) if body.logprobs else 0
+    want_logprobs = max(body.top_logprobs or 0, 1) if body.logprobs else 0
     stops = body.stop_strings()
     thinking = _thinking(state, prompt)
     specs = [
@@ -366,7 +383,13 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
                                                thinks=thinking is not None), lora)
         for i in range(body.n)
     ]
-    generation = await _start(state, "chat", specs)
+    return ChatRun(await _start(state, endpoint, specs), prompt, replies, thinking)
+
+
+async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Response:
+    run = await start_chat(state, body)
+    generation, prompt, replies, thinking = run.generation, run.prompt, run.replies, run.thinking
+    top = body.top_logprobs or 0
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
     logprobs = _Logprobs(state.llm)
 
@@ -378,8 +401,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
             finals = await _finals(generation)
             choices = []
             for i, out in sorted(finals.items()):
-                thought, answer = thinking.split(out.text or "") if thinking else (None, out.text or "")
-                message, reason = replies.message(answer, _finish_reason(out))
+                thought, message, reason = run.split(out)
                 if thinking is not None:
                     message["reasoning_content"] = thought
                 choices.append({"index": i, "message": message,
