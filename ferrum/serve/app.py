@@ -31,6 +31,7 @@ from ferrum.serve.errors import APIError, validation_error
 from ferrum.serve.handlers import ServerState
 from ferrum.serve.metrics import CONTENT_TYPE, ServerMetrics
 from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from ferrum.serve.responses import ResponsesRequest, ResponseStore, create_response as create_response_for
 
 #: Larger bodies are refused before they are parsed (a 1M-token prompt as JSON is ~8 MB).
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -133,6 +134,22 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
     async def completions(request: Request) -> HTTPResponse:
         body = await _parse(request, CompletionRequest)
         return await _reply(request, await handlers.completion(state, body))
+
+    responses = ResponseStore()
+
+    @v1.post("/responses")
+    async def create_response(request: Request) -> HTTPResponse:
+        body = await _parse(request, ResponsesRequest)
+        return await _reply(request, await create_response_for(state, responses, body))
+
+    @v1.get("/responses/{response_id}")
+    async def get_response(response_id: str) -> dict:
+        return responses.get(response_id)[0]
+
+    @v1.delete("/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        responses.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     app.include_router(v1)
 

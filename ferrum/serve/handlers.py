@@ -1,4 +1,5 @@
-"""``/v1/chat/completions`` and ``/v1/completions``: request in, engine requests, OpenAI-shaped response out.
+"""``/v1/chat/completions`` and ``/v1/completions`` (and the chat run ``/v1/responses`` reuses): request in, engine
+requests, OpenAI-shaped response out.
 
 Response shapes follow the OpenAI API reference (and what vLLM sends where
 it is silent): a stream sends per choice a role chunk, content deltas and a

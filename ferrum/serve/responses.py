@@ -1,0 +1,404 @@
+"""``/v1/responses``: OpenAI's Responses API over the chat machinery.
+
+A request becomes a chat request (``instructions`` the system message, input items the messages, flat
+function tools the chat form, ``text.format`` the response format) and runs as one; its reply comes back
+as output items: the thinking as a ``reasoning`` item (with ``--reasoning-parser``), the text as a
+``message``, each call as a ``function_call``. A stream sends the API's typed events (``response.created``,
+``response.output_text.delta``, ..., ``response.completed``) with no ``[DONE]``. Stored responses (``store``,
+on by default, kept in memory, the latest :data:`STORED` of them) continue with ``previous_response_id`` and
+can be read back or deleted by id. Hosted tools, files and images are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+from typing import Annotated, Any, AsyncIterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from ferrum.engine import RequestOutput
+from ferrum.errors import FerrumError
+from ferrum.serve.errors import APIError
+from ferrum.serve.handlers import ChatRun, Response, ServerState, start_chat
+from ferrum.serve.protocol import ChatCompletionRequest, Temperature
+
+#: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first.
+STORED = 1024
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: StrictStr | None = None
+    input: StrictStr | list[dict[str, Any]]
+    instructions: StrictStr | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    stream: StrictBool = False
+    store: StrictBool | None = None
+    previous_response_id: StrictStr | None = None
+    metadata: dict[str, StrictStr] | None = None
+    user: StrictStr | None = None
+    # Accepted only at their no-op values.
+    top_logprobs: Annotated[int, Field(ge=0, le=0)] | None = None
+    truncation: Literal["disabled"] | None = None
+    background: Literal[False] | None = None
+    include: Annotated[list[StrictStr], Field(max_length=0)] | None = None
+    max_tool_calls: StrictInt | None = None
+    stream_options: dict[str, Any] | None = None
+    # Bookkeeping fields of OpenAI's platform; nothing to do here.
+    service_tier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    # Ferrum extras (vLLM's names), as in chat.
+    seed: StrictInt | None = None
+    top_k: Annotated[int, Field(ge=0)] = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+
+
+class ResponseStore:
+    """Stored responses: each one's object and its conversation as chat messages (input and output)."""
+
+    def __init__(self, size: int = STORED):
+        self.size = size
+        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+
+    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        self._items[response["id"]] = (response, conversation)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if response_id not in self._items:
+            raise APIError(404, f"no stored response has the id {response_id!r} (this server keeps the latest "
+                           f"{self.size}, in memory)", param="response_id", code="not_found")
+        self._items.move_to_end(response_id)
+        return self._items[response_id]
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self._items[response_id]
+
+
+# --------------------------------------------------------------------- request
+def _text_of(content: Any, where: str) -> str:
+    """A message's content: a string, or text parts (``input_text``, or ``output_text`` in replayed replies)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, f"{where} must be a string or a list of content parts", param=where)
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise APIError(400, f"content part of type {kind!r} is not supported; send input_text parts",
+                           param=f"{where}.{i}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as chat messages: messages, and the calls and results of earlier turns."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        where = f"input.{i}"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise APIError(400, f"{where}.role {role!r} is not one of user, system, developer, assistant",
+                               param=f"{where}.role")
+            messages.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and not last["content"]:
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": _text_of(output, f"{where}.output")})
+        elif kind != "reasoning":  # earlier thinking is not replayed (chat templates drop it as well)
+            raise APIError(400, f"input item type {kind!r} is not supported; send messages, function_call and "
+                           "function_call_output items", param=f"{where}.type")
+    return messages
+
+
+def _chat_tools(body: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    """The flat function tools and tool choice of the Responses API in chat's form."""
+    tools = None
+    if body.tools is not None:
+        tools = []
+        for i, tool in enumerate(body.tools):
+            if tool.get("type") != "function":
+                raise APIError(400, f"tool type {tool.get('type')!r} is not supported; send function tools",
+                               param=f"tools.{i}.type")
+            tools.append({"type": "function", "function": {
+                k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}})
+    choice = body.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise APIError(400, 'tool_choice must be auto, none, required or {"type": "function", "name": ...}',
+                           param="tool_choice")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return tools, choice
+
+
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    fmt = (text or {}).get("format")
+    if fmt is None or fmt.get("type") in ("text", "json_object"):
+        return fmt
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}}
+    raise APIError(400, f"text.format type {fmt.get('type')!r} is not one of text, json_object, json_schema",
+                   param="text.format")
+
+
+def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, list]:
+    """The chat request this one runs as, and its conversation (``history`` and the input, without the
+    instructions, which a continuation does not inherit)."""
+    if body.text and set(body.text) - {"format", "verbosity"}:
+        raise APIError(400, f"text fields {sorted(set(body.text) - {'format', 'verbosity'})} are not supported",
+                       param="text")
+    conversation = history + _messages(body.input)
+    system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
+    tools, choice = _chat_tools(body)
+    effort = (body.reasoning or {}).get("effort")
+    fields = {
+        "model": body.model, "messages": system + conversation, "max_completion_tokens": body.max_output_tokens,
+        "temperature": body.temperature, "top_p": body.top_p, "tools": tools, "tool_choice": choice,
+        "parallel_tool_calls": body.parallel_tool_calls, "response_format": _response_format(body.text),
+        "stream": body.stream, "seed": body.seed, "top_k": body.top_k, "min_p": body.min_p,
+        "repetition_penalty": body.repetition_penalty, "logit_bias": body.logit_bias,
+        # vLLM's way with an effort: a template variable, for the templates that read one (gpt-oss).
+        "chat_template_kwargs": {"reasoning_effort": effort} if effort is not None else None,
+    }
+    try:
+        chat = ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise APIError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", param="input") from None
+    return chat, conversation
+
+
+# -------------------------------------------------------------------- response
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class _Reply:
+    """One response's envelope (the request's settings echoed back) and its output items."""
+
+    def __init__(self, state: ServerState, body: ResponsesRequest, run: ChatRun):
+        self.run, self.body = run, body
+        self.id, self.created = _id("resp"), int(time.time())
+        self.model = body.model or state.model_names[0]
+        self.tokenizer = state.llm.tokenizer
+
+    def envelope(self, status: str, output: list[dict[str, Any]], out: RequestOutput | None = None,
+                 thought: str | None = None) -> dict[str, Any]:
+        body = self.body
+        incomplete = status == "incomplete"
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": self.model,
+            "output": output, "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": body.previous_response_id, "reasoning": body.reasoning or {"effort": None},
+            "store": body.store is not False, "temperature": body.temperature, "top_p": body.top_p,
+            "text": body.text or {"format": {"type": "text"}}, "tool_choice": body.tool_choice or "auto",
+            "tools": body.tools or [], "truncation": "disabled", "user": body.user, "metadata": body.metadata or {},
+            "usage": None if out is None else self.usage(out, thought),
+        }
+
+    def usage(self, out: RequestOutput, thought: str | None) -> dict[str, Any]:
+        prompt, generated = len(self.run.prompt), len(out.token_ids)
+        thinking = len(self.tokenizer.encode(thought, add_special_tokens=False)) if thought else 0
+        return {"input_tokens": prompt,
+                "input_tokens_details": {"cached_tokens": out.metrics.num_cached_tokens, "cache_write_tokens": 0},
+                "output_tokens": generated, "output_tokens_details": {"reasoning_tokens": min(thinking, generated)},
+                "total_tokens": prompt + generated}
+
+    def items(self, out: RequestOutput) -> tuple[list[dict[str, Any]], str, str | None, dict[str, Any]]:
+        """A finished reply's output items, status, thinking and chat message."""
+        thought, message, reason = self.run.split(out)
+        status = "incomplete" if reason == "length" else "completed"
+        items = []
+        if thought is not None:
+            items.append(reasoning_item(_id("rs"), thought, status))
+        calls = message.get("tool_calls") or []
+        if message["content"] or not calls:
+            items.append(message_item(_id("msg"), message["content"] or "", status))
+        items += [call_item(_id("fc"), call, "completed") for call in calls]
+        return items, status, thought, message
+
+
+def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id, "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [] if text is None else [_text_part(text)]}
+
+
+def call_item(item_id: str, call: dict[str, Any], status: str) -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id, "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"], "status": status}
+
+
+def _stored_turn(message: dict[str, Any]) -> dict[str, Any]:
+    """The reply as the assistant message a continuation replays."""
+    turn = {"role": "assistant", "content": message["content"] or ""}
+    if message.get("tool_calls"):
+        turn["tool_calls"] = message["tool_calls"]
+    return turn
+
+
+async def create_response(state: ServerState, store: ResponseStore, body: ResponsesRequest) -> Response:
+    history = [] if body.previous_response_id is None else list(store.get(body.previous_response_id)[1])
+    chat, conversation = to_chat(body, history)
+    run = await start_chat(state, chat, endpoint="responses")
+    reply = _Reply(state, body, run)
+
+    def keep(response: dict[str, Any], message: dict[str, Any]) -> None:
+        if body.store is not False:
+            store.put(response, conversation + [_stored_turn(message)])
+
+    if not body.stream:
+        async def collect() -> dict:
+            out = None
+            async for _, out in run.generation.events():
+                pass
+            items, status, thought, message = reply.items(out)
+            response = reply.envelope(status, items, out, thought)
+            keep(response, message)
+            return response
+
+        return Response(run.generation, collect(), None)
+    return Response(run.generation, None, _Events(reply, keep).stream())
+
+
+class _Events:
+    """A response's stream: typed events, each numbered, the items opened and closed as the reply unfolds."""
+
+    def __init__(self, reply: _Reply, keep):
+        self.reply, self.keep = reply, keep
+        self.number = 0
+        self.items: list[dict[str, Any]] = []  # finished output items
+        self.open: dict[str, Any] | None = None  # the item being streamed: reasoning or message
+        self.text = ""  # of the open item
+
+    def event(self, kind: str, **fields: Any) -> str:
+        payload = {"type": kind, "sequence_number": self.number, **fields}
+        self.number += 1
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
+
+    def _place(self) -> dict[str, Any]:
+        return {"item_id": self.open["id"], "output_index": len(self.items), "content_index": 0}
+
+    def _begin(self, kind: str) -> list[str]:
+        item_id = _id("rs" if kind == "reasoning" else "msg")
+        self.open, self.text = {"type": kind, "id": item_id}, ""
+        if kind == "reasoning":
+            return [self.event("response.output_item.added", output_index=len(self.items),
+                               item={**reasoning_item(item_id, "", "in_progress"), "content": []})]
+        return [self.event("response.output_item.added", output_index=len(self.items),
+                           item=message_item(item_id, None, "in_progress")),
+                self.event("response.content_part.added", **self._place(), part=_text_part(""))]
+
+    def _add(self, kind: str, delta: str) -> list[str]:
+        events = []
+        if self.open is not None and self.open["type"] != kind:
+            events += self._close("completed")
+        if self.open is None:
+            events += self._begin(kind)
+        self.text += delta
+        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        extra = {} if kind == "reasoning" else {"logprobs": []}
+        return events + [self.event(name, **self._place(), delta=delta, **extra)]
+
+    def _close(self, status: str) -> list[str]:
+        item, text, place = self.open, self.text, self._place()
+        if item["type"] == "reasoning":
+            done = reasoning_item(item["id"], text, status)
+            events = [self.event("response.reasoning_text.done", **place, text=text)]
+        else:
+            done = message_item(item["id"], text, status)
+            events = [self.event("response.output_text.done", **place, text=text, logprobs=[]),
+                      self.event("response.content_part.done", **place, part=_text_part(text))]
+        events.append(self.event("response.output_item.done", output_index=len(self.items), item=done))
+        self.items.append(done)
+        self.open = None
+        return events
+
+    def _calls(self, calls: list[dict[str, Any]]) -> list[str]:
+        events = []
+        for call in calls:
+            item = call_item(_id("fc"), call, "completed")
+            index = len(self.items)
+            events += [
+                self.event("response.output_item.added", output_index=index,
+                           item={**item, "arguments": "", "status": "in_progress"}),
+                self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                           delta=item["arguments"]),
+                self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                           name=item["name"], arguments=item["arguments"]),
+                self.event("response.output_item.done", output_index=index, item=item),
+            ]
+            self.items.append(item)
+        return events
+
+    async def stream(self) -> AsyncIterator[str]:
+        reply, run = self.reply, self.reply.run
+        try:
+            yield self.event("response.created", response=reply.envelope("in_progress", []))
+            yield self.event("response.in_progress", response=reply.envelope("in_progress", []))
+            async for _, out in run.generation.events():
+                text = out.text or ""
+                if run.thinking is not None:
+                    thought, text = run.thinking.delta(0, text, out.finished)
+                    for event in self._add("reasoning", thought) if thought else ():
+                        yield event
+                content = run.replies.delta(0, text, out.finished)
+                for event in self._add("message", content) if content else ():
+                    yield event
+                if out.finished:
+                    items, status, thought, message = reply.items(out)
+                    if self.open is not None:
+                        for event in self._close(status):
+                            yield event
+                    if not any(item["type"] == "message" for item in self.items) and not message.get("tool_calls"):
+                        for event in self._begin("message") + self._close(status):
+                            yield event  # an empty reply is still a message
+                    for event in self._calls(message.get("tool_calls") or []):
+                        yield event
+                    response = reply.envelope(status, self.items, out, thought)
+                    self.keep(response, message)
+                    yield self.event("response.completed" if status == "completed" else "response.incomplete",
+                                     response=response)
+        except (APIError, FerrumError) as error:  # after the 200 went out: an error event ends the stream
+            api = error if isinstance(error, APIError) else APIError.from_ferrum(error)
+            yield self.event("error", code=api.code, message=api.message, param=api.param)

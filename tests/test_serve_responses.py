@@ -1,0 +1,191 @@
+"""``/v1/responses`` as the ``openai`` client's ``responses`` API sees it: every reply is the chat endpoint's reply
+to the same conversation (greedy, so token for token), reshaped into output items, whole or as typed events."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from test_serve import Server
+from test_serve_tools import CALL, CITY, CLOCK, END, TOOL_TEMPLATE, _check_call
+from test_structured import PERSON, check_person
+
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """test_serve_tools' model: a Hermes tool template (and a token spelling a whole call, unused here)."""
+    from support import write_scripted_checkpoint
+
+    folder, _ = write_scripted_checkpoint(tmp_path_factory.mktemp("tools") / "tiny", CALL + END, TOOL_TEMPLATE,
+                                          context=1024)
+    srv = Server(folder)
+    yield srv
+    assert srv.stop(), srv.log.read_text()
+
+
+def _chat(srv: Server, messages: list[dict], **extra) -> str:
+    done = srv.client().chat.completions.create(model="tiny", messages=messages, **GREEDY, **extra)
+    return done.choices[0].message.content
+
+
+def _flat(tool: dict) -> dict:
+    """A chat tool in the Responses API's flat form."""
+    return {"type": "function", **tool["function"]}
+
+
+def test_a_response_is_the_chat_reply_as_a_message_item(server):
+    client = server.client()
+    done = client.responses.create(model="tiny", input="hello there", max_output_tokens=12, **GREEDY)
+    assert done.object == "response" and done.id.startswith("resp_")
+    assert done.output_text == _chat(server, [{"role": "user", "content": "hello there"}], max_completion_tokens=12)
+    (item,) = done.output
+    assert item.type == "message" and item.role == "assistant" and item.content[0].type == "output_text"
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello there"}],
+                                          max_completion_tokens=12, **GREEDY)
+    assert done.usage.input_tokens == chat.usage.prompt_tokens
+    assert done.usage.output_tokens == chat.usage.completion_tokens
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+    expected = "incomplete" if chat.choices[0].finish_reason == "length" else "completed"
+    assert done.status == expected
+    if expected == "incomplete":
+        assert done.incomplete_details.reason == "max_output_tokens"
+
+
+def test_instructions_are_the_system_message_and_input_items_the_messages(server):
+    items = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "sec"},
+                                                              {"type": "input_text", "text": "ond"}]}]
+    done = server.client().responses.create(model="tiny", instructions="be brief", input=items,
+                                            max_output_tokens=10, **GREEDY)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "second"}]
+    assert done.output_text == _chat(server, messages, max_completion_tokens=10)
+
+
+def test_a_stream_sends_numbered_events_that_add_up_to_the_response(server):
+    events = list(server.client().responses.create(model="tiny", input="hello there", max_output_tokens=12,
+                                                    stream=True, **GREEDY))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert kinds[2:5] == ["response.output_item.added", "response.content_part.added", "response.output_text.delta"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert final.output_text == text == events[-2].item.content[0].text
+    assert text == _chat(server, [{"role": "user", "content": "hello there"}], max_completion_tokens=12)
+    person = {"format": {"type": "json_schema", "name": "person", "schema": PERSON}}  # a reply that completes
+    whole = server.client().responses.create(model="tiny", input="who?", max_output_tokens=60, text=person, **GREEDY)
+    with server.client().responses.stream(model="tiny", input="who?", max_output_tokens=60, text=person,
+                                          **GREEDY) as stream:
+        final = stream.get_final_response()  # the client's own accumulation of the events
+    assert whole.status == final.status == "completed" and final.output_text == whole.output_text
+
+
+def test_previous_response_id_continues_the_conversation(server):
+    client = server.client()
+    first = client.responses.create(model="tiny", input="hello", instructions="sys", max_output_tokens=6, **GREEDY)
+    second = client.responses.create(model="tiny", input="and then?", previous_response_id=first.id,
+                                     max_output_tokens=6, **GREEDY)
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.output_text},
+                {"role": "user", "content": "and then?"}]  # a continuation does not inherit the instructions
+    assert second.output_text == _chat(server, messages, max_completion_tokens=6)
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+    unstored = client.responses.create(model="tiny", input="hi", store=False, max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="tiny", input="more", previous_response_id=unstored.id)
+
+
+def test_a_json_schema_text_format_shapes_the_output(server):
+    done = server.client().responses.create(
+        model="tiny", input="who?", max_output_tokens=60, **GREEDY,
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
+    check_person(done.output_text)
+
+
+def test_a_forced_call_is_a_function_call_item_and_its_result_goes_back_in(tool_server):
+    client = tool_server.client()
+    done = client.responses.create(model="tiny", input="weather?", tools=[_flat(CITY), _flat(CLOCK)],
+                                   tool_choice="required", max_output_tokens=80, temperature=1.0)
+    calls = [item for item in done.output if item.type == "function_call"]
+    assert calls and calls[0].call_id.startswith("call_") and done.status == "completed"
+    call = calls[0]
+    _check_call(type("Call", (), {"function": call})())
+    follow = client.responses.create(
+        model="tiny", tools=[_flat(CITY), _flat(CLOCK)], max_output_tokens=5, **GREEDY,
+        input=[{"role": "user", "content": "weather?"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    chat_tools = [CITY, CLOCK]
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": call.call_id, "type": "function",
+                     "function": {"name": call.name, "arguments": call.arguments}}]},
+                {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
+    assert follow.output_text == _chat(tool_server, messages, tools=chat_tools, max_completion_tokens=5)
+    streamed = list(client.responses.create(model="tiny", input="weather?", tools=[_flat(CITY)], stream=True,
+                                            tool_choice={"type": "function", "name": "get_weather"},
+                                            max_output_tokens=80, **GREEDY))
+    added = [e.item for e in streamed if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    arguments = "".join(e.delta for e in streamed if e.type == "response.function_call_arguments.delta")
+    assert [a.name for a in added] == ["get_weather"] and json.loads(arguments) == json.loads(added[0].arguments)
+
+
+@pytest.mark.parametrize("extra, status, words", [
+    ({"temprature": 0.5}, 400, ["temprature"]),
+    ({"tools": [{"type": "web_search"}]}, 400, ["web_search"]),
+    ({"input": [{"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     400, ["input_image"]),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, 400, ["item_reference"]),
+    ({"previous_response_id": "resp_nope"}, 404, ["resp_nope"]),
+    ({"background": True}, 400, ["background"]),
+    ({"text": {"format": {"type": "grammar"}}}, 400, ["text.format"]),
+    ({"max_output_tokens": 0}, 400, ["max_output_tokens"]),
+])
+def test_what_cannot_be_honoured_is_refused_by_name(server, extra, status, words):
+    body = {"model": "tiny", "input": "hi", **extra}
+    reply = httpx.post(server.url + "/v1/responses", json=body, timeout=30)
+    assert reply.status_code == status, reply.text
+    message = reply.json()["error"]["message"]
+    assert all(w in message for w in words), message
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from support import write_text_checkpoint
+
+    srv = Server(write_text_checkpoint(tmp_path_factory.mktemp("responses") / "tiny", seed=3))
+    yield srv
+    assert srv.stop(), srv.log.read_text()
+
+
+def test_thinking_is_a_reasoning_item(tmp_path):
+    from support import write_scripted_checkpoint
+    from test_serve_reasoning import END as REPLY_END, R1_TEMPLATE, REPLY
+
+    folder, reply_id = write_scripted_checkpoint(tmp_path / "tiny", REPLY + REPLY_END, R1_TEMPLATE)
+    srv = Server(folder, "--reasoning-parser", "deepseek_r1")
+    try:
+        done = srv.client().responses.create(model="tiny", input="weather?", max_output_tokens=1, **GREEDY,
+                                             extra_body={"logit_bias": {str(reply_id): 100}})
+        thought, message = done.output
+        assert thought.type == "reasoning" and thought.content[0].text == "plan it"
+        assert message.type == "message" and done.output_text == "It is sunny." + REPLY_END
+        assert 0 < done.usage.output_tokens_details.reasoning_tokens <= done.usage.output_tokens
+        events = list(srv.client().responses.create(model="tiny", input="weather?", max_output_tokens=1, stream=True,
+                                                    extra_body={"logit_bias": {str(reply_id): 100}}, **GREEDY))
+        kinds = [e.type for e in events]
+        assert kinds.index("response.reasoning_text.delta") < kinds.index("response.output_text.delta")
+        assert [i.type for i in events[-1].response.output] == ["reasoning", "message"]
+        assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "plan it"
+    finally:
+        assert srv.stop(), srv.log.read_text()
