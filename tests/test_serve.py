@@ -576,3 +576,29 @@ def test_a_refused_request_of_several_prompts_leaves_no_capacity_taken(model):
         ok = client.post("/v1/completions", json={"model": "tiny", "prompt": [[5, 6], [7]], "max_tokens": 4})
         assert ok.status_code == 200 and state.pending == 0
     assert not llm.engine.has_unfinished() and llm.model.kv.num_used_blocks == 0
+
+
+def test_prompts_are_encoded_off_the_event_loop(model, monkeypatch):
+    """A long prompt's template and tokenizing (0.3 s for 100,000 tokens) run in a worker thread, where no event
+    loop runs, so other streams go on meanwhile."""
+    from starlette.testclient import TestClient
+
+    from ferrum.serve.app import ServeConfig, create_app
+
+    llm = ferrum.load(model, backend="cpu", dtype="float32")
+    encode, loops = llm.encode_prompt, []
+
+    def recording(*args, **kwargs):
+        try:
+            loops.append(asyncio.get_running_loop())
+        except RuntimeError:
+            loops.append(None)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "encode_prompt", recording)
+    with TestClient(create_app(llm, ServeConfig(model_names=("tiny",)))) as client:
+        chat = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+        text = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a b", "c"], "max_tokens": 2})
+    assert chat.status_code == text.status_code == 200
+    assert loops == [None, None, None]
