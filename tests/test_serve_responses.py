@@ -151,6 +151,12 @@ def test_a_forced_call_is_a_function_call_item_and_its_result_goes_back_in(tool_
     ({"background": True}, 400, ["background"]),
     ({"text": {"format": {"type": "grammar"}}}, 400, ["text.format"]),
     ({"max_output_tokens": 0}, 400, ["max_output_tokens"]),
+    ({"text": {"format": "json"}}, 400, ["text.format"]),
+    ({"text": {"verbosity": "low"}}, 400, ["text.verbosity"]),
+    ({"input": [{"type": "function_call", "call_id": 1, "name": "f", "arguments": "{}"}]}, 400, ["call_id"]),
+    ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, 400, ["'text' string"]),
+    ({"input": [{"type": "reasoning", "summary": []}]}, 400, ["no message"]),
+    ({"reasoning": {"effort": 5}}, 400, ["reasoning.effort"]),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(server, extra, status, words):
     body = {"model": "tiny", "input": "hi", **extra}

@@ -101,9 +101,11 @@ def _text_of(content: Any, where: str) -> str:
     texts = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+        if kind not in ("input_text", "output_text", "text"):
             raise APIError(400, f"content part of type {kind!r} is not supported; send input_text parts",
                            param=f"{where}.{i}")
+        if not isinstance(part.get("text"), str):
+            raise APIError(400, f"{where}.{i} ({kind}) needs a 'text' string", param=f"{where}.{i}.text")
         texts.append(part["text"])
     return "".join(texts)
 
@@ -122,6 +124,9 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 raise APIError(400, f"{where}.role {role!r} is not one of user, system, developer, assistant",
                                param=f"{where}.role")
             messages.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
+        elif kind in ("function_call", "function_call_output") and not (
+                isinstance(item.get("call_id"), str) and item["call_id"]):
+            raise APIError(400, f"{where} ({kind}) needs a 'call_id' string", param=f"{where}.call_id")
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
@@ -161,7 +166,18 @@ def _chat_tools(body: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, An
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
-    fmt = (text or {}).get("format")
+    """``text``: its ``format`` as chat's response format; a ``verbosity`` other than the default is refused."""
+    text = text or {}
+    if set(text) - {"format", "verbosity"}:
+        raise APIError(400, f"text fields {sorted(set(text) - {'format', 'verbosity'})} are not supported",
+                       param="text")
+    if text.get("verbosity") not in (None, "medium"):
+        raise APIError(400, f"text.verbosity={text['verbosity']!r} is not supported by this server (only medium)",
+                       param="text.verbosity")
+    fmt = text.get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise APIError(400, "text.format must be an object such as {\"type\": \"json_schema\", \"schema\": {...}}",
+                       param="text.format")
     if fmt is None or fmt.get("type") in ("text", "json_object"):
         return fmt
     if fmt.get("type") == "json_schema":
@@ -173,13 +189,15 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
 def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, list]:
     """The chat request this one runs as, and its conversation (``history`` and the input, without the
     instructions, which a continuation does not inherit)."""
-    if body.text and set(body.text) - {"format", "verbosity"}:
-        raise APIError(400, f"text fields {sorted(set(body.text) - {'format', 'verbosity'})} are not supported",
-                       param="text")
     conversation = history + _messages(body.input)
+    if not conversation:
+        raise APIError(400, "input holds no message; send a string or at least one message item", param="input")
     system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
     tools, choice = _chat_tools(body)
     effort = (body.reasoning or {}).get("effort")
+    if effort is not None and not isinstance(effort, str):
+        raise APIError(400, f"reasoning.effort must be a string such as 'low', got {effort!r}",
+                       param="reasoning.effort")
     fields = {
         "model": body.model, "messages": system + conversation, "max_completion_tokens": body.max_output_tokens,
         "temperature": body.temperature, "top_p": body.top_p, "tools": tools, "tool_choice": choice,
