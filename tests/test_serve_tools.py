@@ -95,18 +95,23 @@ def test_formats_are_read_from_the_template():
     assert format_of("{%- if tools %}available_tools{%- endif %}<|tool_call|>") is GRANITE
 
 
-@pytest.mark.parametrize("fmt, template, text, markers", [
-    (HERMES, TOOL_TEMPLATE, '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>',
-     ("<tool_call>", "</tool_call>")),
-    (MISTRAL, "[TOOL_CALLS]", '[TOOL_CALLS][{"name": "get_time", "arguments": {"tz": "UTC"}}]', ("[TOOL_CALLS]",)),
-    (MISTRAL, "[TOOL_CALLS][ARGS]", '[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}', ("[TOOL_CALLS]", "[ARGS]")),
-    (GRANITE, "<|tool_call|>", '<|tool_call|>[{"name": "get_time", "arguments": {"tz": "UTC"}}]', ("<|tool_call|>",)),
-    (LLAMA3, "<|python_tag|>", '{"name": "get_time", "parameters": {"tz": "UTC"}}', ()),
-], ids=["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json"])
-@pytest.mark.parametrize("special", [True, False], ids=["special-markers", "text-markers"])
-def test_a_forced_calls_grammar_takes_the_call_its_parser_reads(tmp_path, fmt, template, text, markers, special):
-    """Each format's grammar, compiled against a tokenizer whose markers are special tokens (or plain text),
-    accepts token by token the call as the template writes it, and that text parses as that call."""
+_TIME = '{"name": "get_time", "arguments": {"tz": "UTC"}}'
+_WEATHER = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+FORCED_ROWS = [  # (format, template, one call as the template writes it, two calls, markers)
+    (HERMES, TOOL_TEMPLATE, f"<tool_call>\n{_TIME}\n</tool_call>",
+     f"<tool_call>\n{_TIME}\n</tool_call>\n<tool_call>\n{_WEATHER}\n</tool_call>", ("<tool_call>", "</tool_call>")),
+    (MISTRAL, "[TOOL_CALLS]", f"[TOOL_CALLS][{_TIME}]", f"[TOOL_CALLS][{_TIME}, {_WEATHER}]", ("[TOOL_CALLS]",)),
+    (MISTRAL, "[TOOL_CALLS][ARGS]", '[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}',
+     '[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}',
+     ("[TOOL_CALLS]", "[ARGS]")),
+    (GRANITE, "<|tool_call|>", f"<|tool_call|>[{_TIME}]", f"<|tool_call|>[{_TIME}, {_WEATHER}]", ("<|tool_call|>",)),
+    (LLAMA3, "<|python_tag|>", _TIME.replace("arguments", "parameters"),
+     _TIME.replace("arguments", "parameters") + "; " + _WEATHER.replace("arguments", "parameters"), ()),
+]
+FORCED_IDS = ["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json"]
+
+
+def _forced_matcher(tmp_path, fmt, template, markers, special, many):
     from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
     from ferrum.sampling import SamplingParams
@@ -116,20 +121,52 @@ def test_a_forced_calls_grammar_takes_the_call_its_parser_reads(tmp_path, fmt, t
     from support import write_tokenizer
 
     pytest.importorskip("llguidance")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     write_tokenizer(tmp_path)
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
     if special and markers:
         hf.add_tokens([AddedToken(m, special=True, normalized=False) for m in markers])
         hf.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer(tmp_path)
-    grammar = forced_call_grammar(fmt, [CITY, CLOCK], tok, template)
-    matcher = matcher_for(SamplingParams(grammar=grammar), tok, hf.get_vocab_size(), frozenset({1}))
+    grammar = forced_call_grammar(fmt, [CITY, CLOCK], tok, template, many)
+    return tok, matcher_for(SamplingParams(grammar=grammar), tok, hf.get_vocab_size(), frozenset({1}))
+
+
+def _takes(tok, matcher, text: str) -> bool:
+    """Whether the grammar allows ``text`` token by token."""
     for token in tok.encode(text, add_special_tokens=False):
-        assert token not in set(matcher.forbidden().tolist()), (text, token)
+        if token in set(matcher.forbidden().tolist()):
+            return False
         matcher.consume(token)
-    assert matcher.complete
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in fmt.parse(text).calls] == [
-        ("get_time", {"tz": "UTC"})]
+    return True
+
+
+def _calls(fmt, text: str) -> list:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in fmt.parse(text).calls]
+
+
+@pytest.mark.parametrize("fmt, template, one, two, markers", FORCED_ROWS, ids=FORCED_IDS)
+def test_required_calls_grammar_takes_one_or_more_calls_and_a_single_ones_stops_after_one(tmp_path, fmt, template,
+                                                                                          one, two, markers):
+    """``tool_choice`` required with parallel calls: one or more calls in the format, which its parser reads;
+    a named function (or parallel_tool_calls false): exactly one."""
+    tok, matcher = _forced_matcher(tmp_path / "many", fmt, template, markers, True, many=True)
+    assert _takes(tok, matcher, two) and 1 not in matcher.forbidden().tolist()  # may end after them
+    assert _calls(fmt, two) == [("get_time", {"tz": "UTC"}), ("get_weather", {"city": "Oslo"})]
+    tok, matcher = _forced_matcher(tmp_path / "many-one", fmt, template, markers, True, many=True)
+    assert _takes(tok, matcher, one) and 1 not in matcher.forbidden().tolist()  # one call may end the reply
+    tok, single = _forced_matcher(tmp_path / "single", fmt, template, markers, True, many=False)
+    assert not _takes(tok, single, two)
+
+
+@pytest.mark.parametrize("fmt, template, text, two, markers", FORCED_ROWS, ids=FORCED_IDS)
+@pytest.mark.parametrize("special", [True, False], ids=["special-markers", "text-markers"])
+def test_a_forced_calls_grammar_takes_the_call_its_parser_reads(tmp_path, fmt, template, text, two, markers, special):
+    """Each format's grammar, compiled against a tokenizer whose markers are special tokens (or plain text),
+    accepts token by token the call as the template writes it, and that text parses as that call."""
+    tok, matcher = _forced_matcher(tmp_path, fmt, template, markers, special, many=False)
+    assert _takes(tok, matcher, text) and matcher.complete
+    assert _calls(fmt, text) == [("get_time", {"tz": "UTC"})]
 
 
 def test_a_stream_holds_back_only_what_may_be_a_call():
@@ -286,22 +323,27 @@ def _check_call(call) -> None:
         assert call.function.name == "get_weather" and set(args) == {"city"} and len(args["city"]) <= 6
 
 
-@pytest.mark.parametrize("choice, names", [
-    ("required", {"get_weather", "get_time"}),
-    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+@pytest.mark.parametrize("choice, extra, names, single", [
+    ("required", {"parallel_tool_calls": False}, {"get_weather", "get_time"}, True),
+    # One or more calls: a bias towards the end of sequence (forbidden inside a call) ends the random model's
+    # reply after a call or a few, as a real model's would.
+    ("required", {"logit_bias": {"1": 6}}, {"get_weather", "get_time"}, False),
+    ({"type": "function", "function": {"name": "get_time"}}, {}, {"get_time"}, True),
 ])
-def test_a_forced_call_is_a_call(tool_server, choice, names):
+def test_a_forced_call_is_a_call(tool_server, choice, extra, names, single):
     """``tool_choice`` required or named: the reply is sampled under the template's call format around the
     tools' schemas, so the random model calls (the scripted whole-call token is no longer allowed)."""
     for seed in (0, 1):
         done = tool_server.client().chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "what now?"}], tools=[CITY, CLOCK],
-            tool_choice=choice, max_tokens=80, temperature=1.0, seed=seed)
+            tool_choice=choice, max_tokens=200, temperature=1.0, seed=seed, **extra)
         choice_out = done.choices[0]
         assert choice_out.finish_reason == "tool_calls", choice_out
-        (call,) = choice_out.message.tool_calls
-        assert call.function.name in names
-        _check_call(call)
+        calls = choice_out.message.tool_calls
+        assert len(calls) == 1 if single else len(calls) >= 1
+        for call in calls:
+            assert call.function.name in names
+            _check_call(call)
 
 
 def test_a_forced_call_streams_as_a_call(tool_server):

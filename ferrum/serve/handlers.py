@@ -346,7 +346,8 @@ def _tool_replies(state: ServerState, body: ChatCompletionRequest) -> ToolReplie
         if body.output_schema() is not None:
             raise APIError(400, "a forced tool call and response_format cannot both shape the reply",
                            param="response_format")
-        replies.grammar = forced_call_grammar(fmt, forced, state.llm.tokenizer, template)
+        many = body.tool_choice == "required" and body.parallel_tool_calls is not False
+        replies.grammar = forced_call_grammar(fmt, forced, state.llm.tokenizer, template, many)
     return replies
 
 

@@ -15,7 +15,8 @@ Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out b
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
 Text that does not parse as calls stays the reply's content: nothing is dropped. A stream holds back only
 what may turn out to be a call (from its opening marker on) and sends the calls when the choice ends.
-A forced call (``tool_choice`` required or named) is sampled under a grammar of one call in the format
+A forced call (``tool_choice`` required or named) is sampled under a grammar of calls in the format: one or
+more for "required" (unless ``parallel_tool_calls`` is false), one for a named function
 (``forced_call_grammar``, :mod:`ferrum.structured`).
 """
 
@@ -184,13 +185,20 @@ def _json(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": _CALL_JSON})
 
 
-def _hermes_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str) -> str:
-    return f'start: {mark("<tool_call>")} "\\n" call "\\n" {mark("</tool_call>")}\ncall: {_json(_call_schema(tools))}'
+def _repeated(one: str, separator: str, many: bool) -> str:
+    """A Lark body of one ``one``, or (``many``) one or more separated by ``separator`` (a Lark string)."""
+    return f"{one} ({separator} {one})*" if many else one
 
 
-def _list_call(marker: str) -> Callable[[list[dict[str, Any]], Callable[[str], str], str], str]:
-    def grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str) -> str:
-        calls = {"type": "array", "items": _call_schema(tools), "minItems": 1, "maxItems": 1}
+def _hermes_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    block = f'block: {mark("<tool_call>")} "\\n" call "\\n" {mark("</tool_call>")}'
+    blocks = _repeated("block", r'"\n"', many)
+    return f"start: {blocks}\n{block}\ncall: {_json(_call_schema(tools))}"
+
+
+def _list_call(marker: str) -> Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]:
+    def grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+        calls = {"type": "array", "items": _call_schema(tools), "minItems": 1, **({} if many else {"maxItems": 1})}
         return f"start: {mark(marker)} calls\ncalls: {_json(calls)}"
 
     return grammar
@@ -199,21 +207,24 @@ def _list_call(marker: str) -> Callable[[list[dict[str, Any]], Callable[[str], s
 _granite_call = _list_call("<|tool_call|>")
 
 
-def _mistral_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str) -> str:
-    """The v11 form (``name[ARGS]{...}``) where the template writes it, else the list after ``[TOOL_CALLS]``."""
+def _mistral_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """The v11 form (``name[ARGS]{...}``, each call opened by ``[TOOL_CALLS]``) where the template writes it, else
+    the list after ``[TOOL_CALLS]``."""
     if "[ARGS]" not in template:
-        return _list_call(_TOOL_CALLS)(tools, mark, template)
+        return _list_call(_TOOL_CALLS)(tools, mark, template, many)
     names = " | ".join(f"call{i}" for i in range(len(tools)))
     rules = "\n".join(
         f'call{i}: {json.dumps(t["function"]["name"])} {mark("[ARGS]")} '
         f'{_json(t["function"].get("parameters") or {"type": "object"})}'
         for i, t in enumerate(tools)
     )
-    return f"start: {mark(_TOOL_CALLS)} ({names})\n{rules}"
+    return f"start: {'opened+' if many else 'opened'}\nopened: {mark(_TOOL_CALLS)} ({names})\n{rules}"
 
 
-def _llama3_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str) -> str:
-    return f"start: call\ncall: {_json(_call_schema(tools, 'parameters'))}"
+def _llama3_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Llama 3.1 separates several calls with ``; ``."""
+    calls = _repeated("call", '"; "', many)
+    return f"start: {calls}\ncall: {_json(_call_schema(tools, 'parameters'))}"
 
 
 @dataclass(frozen=True)
@@ -225,9 +236,9 @@ class ToolCallFormat:
     marker: str | None  # opens a call anywhere in the reply
     openers: tuple[str, ...]  # open a call at the start of the reply
     parse: Callable[[str], ParsedReply]
-    #: A Lark grammar (llguidance's dialect) of one call to one of ``tools`` written this way, for a forced call:
-    #: ``(tools, mark, template)``, ``mark`` spelling a marker as its special token or as text.
-    forced: Callable[[list[dict[str, Any]], Callable[[str], str], str], str]
+    #: A Lark grammar (llguidance's dialect) of one call to one of ``tools`` written this way, or one or more, for a
+    #: forced call: ``(tools, mark, template, many)``, ``mark`` spelling a marker as its special token or as text.
+    forced: Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]
 
 
 FORMATS = (
@@ -310,14 +321,16 @@ class ToolReplies:
         return deltas, "tool_calls" if reason == "stop" else reason
 
 
-def forced_call_grammar(fmt: ToolCallFormat, tools: list[dict[str, Any]], tokenizer: Any, template: str) -> str:
+def forced_call_grammar(fmt: ToolCallFormat, tools: list[dict[str, Any]], tokenizer: Any, template: str,
+                        many: bool = False) -> str:
     """The grammar a forced call (``tool_choice`` required or named) is sampled under: one call to one of
-    ``tools`` as ``fmt`` writes it, each marker its special token where the tokenizer has one."""
+    ``tools`` as ``fmt`` writes it (or, ``many``, one or more), each marker its special token where the tokenizer
+    has one."""
     def mark(text: str) -> str:
         token = tokenizer.special_token_id(text)
         return json.dumps(text) if token is None else f"<[{token}]>"
 
-    return fmt.forced(tools, mark, template)
+    return fmt.forced(tools, mark, template, many)
 
 
 def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
