@@ -602,3 +602,25 @@ def test_prompts_are_encoded_off_the_event_loop(model, monkeypatch):
         text = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a b", "c"], "max_tokens": 2})
     assert chat.status_code == text.status_code == 200
     assert loops == [None, None, None]
+
+
+def test_reasoning_effort_is_a_chat_template_variable(model, monkeypatch):
+    """As in vLLM: chat's ``reasoning_effort`` and the Responses API's ``reasoning.effort`` reach the chat template
+    as ``reasoning_effort`` (gpt-oss's templates read it), beside the request's own ``chat_template_kwargs``."""
+    from starlette.testclient import TestClient
+
+    from ferrum.serve.app import ServeConfig, create_app
+
+    llm = ferrum.load(model, backend="cpu", dtype="float32")
+    encode, seen = llm.encode_prompt, []
+    monkeypatch.setattr(llm, "encode_prompt",
+                        lambda *a, **k: seen.append(k.get("chat_template_kwargs")) or encode(*a, **k))
+    hi = [{"role": "user", "content": "hi"}]
+    with TestClient(create_app(llm, ServeConfig(model_names=("tiny",)))) as client:
+        for body in ({"reasoning_effort": "high"}, {"reasoning_effort": "low", "chat_template_kwargs": {"x": 1}}, {}):
+            assert client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 1, "messages": hi,
+                                                             **body}).status_code == 200
+        assert client.post("/v1/responses", json={"model": "tiny", "max_output_tokens": 1, "input": "hi",
+                                                  "reasoning": {"effort": "medium"}}).status_code == 200
+    assert seen == [{"reasoning_effort": "high"}, {"reasoning_effort": "low", "x": 1}, None,
+                    {"reasoning_effort": "medium"}]

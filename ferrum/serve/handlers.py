@@ -384,7 +384,7 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest, endpoint: 
                        "with token ids")
     replies = _tool_replies(state, body)
     prompt = await _encode(state, template_messages(body.messages), "messages", replies.tools,
-                           body.chat_template_kwargs)
+                           body.template_variables())
     max_tokens = _max_tokens(state, len(prompt), body.max_new_tokens(), "messages")
     want_logprobs = max(body.top_logprobs or 0, 1) if body.logprobs else 0
     stops = body.stop_strings()

@@ -137,6 +137,7 @@ class ChatCompletionRequest(_Common):
     modalities: list[StrictStr] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
+    #: vLLM's way with it: a variable of the chat template, for the templates that read one (gpt-oss's).
     reasoning_effort: StrictStr | None = None
     # Bookkeeping fields of OpenAI's platform; nothing to do here.
     store: StrictBool | None = None
@@ -148,7 +149,7 @@ class ChatCompletionRequest(_Common):
     def check_supported(self) -> None:
         self.refuse_unsupported({
             "functions": [], "function_call": ("none", "auto"), "modalities": ["text"], "audio": None,
-            "prediction": None, "reasoning_effort": None,
+            "prediction": None,
         })
         self.output_schema()  # a malformed response_format is a 400 before anything is queued
         if self.top_logprobs and not self.logprobs:
@@ -203,6 +204,12 @@ class ChatCompletionRequest(_Common):
             raise APIError(400, f"tool_choice names {name!r}, which is not one of the request's tools",
                            param="tool_choice")
         return named[:1]
+
+    def template_variables(self) -> dict[str, Any] | None:
+        """``chat_template_kwargs``, with ``reasoning_effort`` among them where the request sets it."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
 
     def max_new_tokens(self) -> int | None:
         """``max_completion_tokens`` replaces the deprecated ``max_tokens``; the first one set wins."""

@@ -204,8 +204,7 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[Chat
         "parallel_tool_calls": body.parallel_tool_calls, "response_format": _response_format(body.text),
         "stream": body.stream, "seed": body.seed, "top_k": body.top_k, "min_p": body.min_p,
         "repetition_penalty": body.repetition_penalty, "logit_bias": body.logit_bias,
-        # vLLM's way with an effort: a template variable, for the templates that read one (gpt-oss).
-        "chat_template_kwargs": {"reasoning_effort": effort} if effort is not None else None,
+        "reasoning_effort": effort,
     }
     try:
         chat = ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
