@@ -12,7 +12,7 @@ import ferrum
 from ferrum.errors import InvalidRequestError
 from ferrum.sampling import SamplingParams
 from ferrum.structured import matcher_for
-from support import add_tokens, write_text_checkpoint
+from support import add_tokens, runnable_backends, write_text_checkpoint
 from test_structured import PERSON, check_person
 
 pytest.importorskip("llguidance")
@@ -75,8 +75,10 @@ def test_the_prompt_says_whether_the_reply_starts_inside_its_thinking(thinker, p
     assert _allowed(_matcher(llm, prompt), letter) is inside
 
 
-def test_a_reply_thinks_then_answers_in_the_schema(thinker):
-    folder, llm, open_id, close_id = thinker
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_a_reply_thinks_then_answers_in_the_schema(thinker, backend):
+    folder, _, open_id, close_id = thinker
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
     prompt = llm.encode_prompt([{"role": "user", "content": "who?"}])
     assert prompt[-1] == open_id
     params = dict(max_tokens=60, json_schema=PERSON, logit_bias={close_id: 50.0})
