@@ -20,10 +20,12 @@ cap() { local left=$((deadline - SECONDS)); echo $((left < $1 ? (left > 1 ? left
 # Tests that run on every available backend (cuda among them), plus the torch quantized ops on the GPU.
 # tests/test_kv_mirror.py: decode over the per-sequence KV mirrors (ferrum/kv_mirror.py) against a reference;
 # tests/test_cuda_varlen.py: prefill items attended by FlashAttention 2's variable-length kernel;
-# tests/test_structured.py: a grammar's -inf entries scattered by CUDA's index_put_ (needs llguidance installed).
+# tests/test_structured*.py: a grammar's -inf entries scattered by CUDA's index_put_ (needs llguidance installed),
+# also after a reasoning model's free thinking; tests/test_families.py has Ministral 3's query scaling on cuda.
 timeout "$(cap 180)" "$py" -m pytest -q tests/test_quant_torch.py tests/test_conformance.py tests/test_parity.py \
   tests/test_engine.py tests/test_quant.py tests/test_kv_mirror.py tests/test_async_stepping.py \
   tests/test_fusion.py tests/test_moe.py tests/test_cuda_varlen.py tests/test_families.py tests/test_structured.py \
+  tests/test_structured_thinking.py \
   -k "cuda or torch or quant or book" || echo "tests: exit $?"
 # A block whose CUDA graph capture fails runs eagerly (correct, slower) with a warning: counted, 0 expected.
 timeout "$(cap 60)" "$py" -m ferrum.testing cuda --dtype bfloat16 2>&1 | tee "$out/conformance.txt" \
