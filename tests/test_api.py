@@ -157,3 +157,16 @@ def test_stop_strings_spanning_pieces():
     assert f.feed("more") == ""
     g = StopStringFilter(["STOP"])
     assert "".join([g.feed("ST"), g.feed("ay"), g.flush()]) == "STay"
+
+
+def test_each_output_holds_the_tokens_of_its_step_when_read_later(llm):
+    """An output reads its ``token_ids`` and ``logprobs`` from the request's lists only when asked (a stream
+    that takes ``new_token_ids`` never copies the whole output each step), and still holds its own step's."""
+    outputs = list(llm.stream_outputs([5, 9, 12], max_tokens=6, ignore_eos=True, logprobs=2))
+    assert len(outputs) == 6
+    so_far: tuple[int, ...] = ()
+    for out in outputs:  # read after the request has finished
+        so_far += out.new_token_ids
+        assert out.token_ids == so_far and len(out.logprobs) == len(so_far)
+        assert [p.token for p in out.logprobs] == list(so_far)
+    assert outputs[-1].token_ids == tuple(llm.run([[5, 9, 12]], max_tokens=6, ignore_eos=True)[0].token_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
@@ -74,15 +75,17 @@ class RequestMetrics:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """A request's state after a step: everything so far plus what is new."""
+    """A request's state after a step: everything so far plus what is new.
+
+    ``token_ids`` and ``logprobs`` are read from the request's append-only lists when first asked for, so a
+    step's outputs nobody reads in whole (a stream's, which takes the ``new_*`` fields) do not copy every token
+    so far: per request and step that copy grew with the output."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
-    token_ids: tuple[int, ...]
     text: str | None  # None when the model has no tokenizer
     new_token_ids: tuple[int, ...]
     new_text: str
-    logprobs: tuple[SampledToken, ...] | None  # one per token when logprobs were asked for
     finished: bool
     finish_reason: FinishReason | None
     stop_reason: int | str | None  # the stop token id or stop string that ended it
@@ -93,6 +96,18 @@ class RequestOutput:
     #: logits after token ``i`` of prompt + output (predicting token ``i + 1``), for every position
     #: computed so far; the same rows ``forward_verify`` gives. ``None`` otherwise.
     full_logits: np.ndarray | None = None
+    _tokens: list[int] = field(default_factory=list, repr=False, compare=False)  # the request's, appended to later
+    _picks: list[SampledToken] | None = field(default=None, repr=False, compare=False)  # likewise
+    _count: int = 0  # how many of them this output holds
+
+    @cached_property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(self._tokens[: self._count])
+
+    @cached_property
+    def logprobs(self) -> tuple[SampledToken, ...] | None:
+        """One per token when logprobs were asked for."""
+        return None if self._picks is None else tuple(self._picks[: self._count])
 
 
 OutputCallback = Callable[[RequestOutput], None]
@@ -237,18 +252,16 @@ class Request:
 
     def snapshot(self) -> RequestOutput:
         """The output so far; ``new_*`` hold what appeared since the last snapshot."""
-        tokens = tuple(self.output_token_ids)
-        new_tokens = tokens[self.reported_tokens :]
+        count = len(self.output_token_ids)
+        new_tokens = tuple(self.output_token_ids[self.reported_tokens :])
         new_text = self.text[self.reported_text :]
-        self.reported_tokens, self.reported_text = len(tokens), len(self.text)
+        self.reported_tokens, self.reported_text = count, len(self.text)
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
-            token_ids=tokens,
             text=self.text if self.detokenizer is not None else None,
             new_token_ids=new_tokens,
             new_text=new_text,
-            logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
             finished=self.finished,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
@@ -256,4 +269,7 @@ class Request:
             error=self.error,
             metadata=self.metadata,
             full_logits=self.full_logits.view() if self.full_logits else None,
+            _tokens=self.output_token_ids,
+            _picks=self.logprobs,
+            _count=count,
         )
