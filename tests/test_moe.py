@@ -32,6 +32,9 @@ def moe_config(family: str, **extra):
     if family == "qwen2_moe":
         return transformers.Qwen2MoeConfig(**common, intermediate_size=80, moe_intermediate_size=40, num_experts=6,
                                            shared_expert_intermediate_size=56, norm_topk_prob=False, **extra)
+    if family == "olmoe":  # q and k normed over their whole projections; softmax routing, not renormalized
+        return transformers.OlmoeConfig(**common, intermediate_size=48, num_experts=6, norm_topk_prob=False,
+                                        **extra)
     return transformers.Qwen3MoeConfig(**common, intermediate_size=80, moe_intermediate_size=40, num_experts=6,
                                        norm_topk_prob=True, head_dim=16, **extra)
 
@@ -40,6 +43,7 @@ SPARSE_BLOCKS = {
     "mixtral": transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock,
     "qwen2_moe": transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock,
     "qwen3_moe": transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock,
+    "olmoe": transformers.models.olmoe.modeling_olmoe.OlmoeSparseMoeBlock,
 }
 
 
@@ -221,23 +225,25 @@ def test_sparse_layers_and_sizes_follow_the_config():
     assert arch.qkv_bias and not arch.o_bias
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"num_experts_per_tok": 9}, "exceeds the 6 experts"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"mlp_only_layers": "all"}, "mlp_only_layers"),
+@pytest.mark.parametrize("family,change,message", [
+    ("qwen3_moe", {"num_experts_per_tok": 9}, "exceeds the 6 experts"),
+    ("qwen3_moe", {"hidden_act": "gelu"}, "hidden_act"),
+    ("qwen3_moe", {"mlp_only_layers": "all"}, "mlp_only_layers"),
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+    ("olmoe", {"num_experts_per_tok": 7}, "exceeds the 6 experts"),
 ])
-def test_unsupported_or_invalid_moe_keys_are_refused_by_name(change, message):
+def test_unsupported_or_invalid_moe_keys_are_refused_by_name(family, change, message):
     from ferrum.errors import ConfigError, UnsupportedFeatureError
 
     with pytest.raises((ConfigError, UnsupportedFeatureError), match=message):
-        ModelConfig.from_dict({**moe_config("qwen3_moe").to_dict(), **change})
+        ModelConfig.from_dict({**moe_config(family).to_dict(), **change})
 
 
 # ------------------------------------------------------------------ whole models
 
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 #: Layer 0 of Qwen3-MoE keeps the dense MLP (decoder_sparse_step; mlx-lm's Qwen2-MoE has no dense layers).
-MODEL_EXTRA = {"mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {"decoder_sparse_step": 2}}
+MODEL_EXTRA = {"mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {"decoder_sparse_step": 2}, "olmoe": {}}
 
 
 def write_moe_checkpoint(folder, family: str):

@@ -607,6 +607,14 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),), MOE_KEYS["qwen3_moe"]),
         with_moe("qwen3_moe", _llama_like(False, "head", _qwen3_moe_windows)),
     ),
+    "olmoe": Family(  # OLMoE: Llama's norms, q and k normed over their whole projections, experts on every layer
+        _keys(_core(False), _ROPE, _SILU, (
+            Key("attention_bias", check=boolean),
+            Key("clip_qkv", check=falsy("clipping q, k and v is not implemented; set it to null"), unsupported=True),
+        ), MOE_KEYS["olmoe"]),
+        with_moe("olmoe", _llama_like(False, "projection", _no_windows)),
+        eps_default=1e-5,
+    ),
     "olmo2": Family(  # transformers' OLMo 2: attention_bias covers q/k/v and o, like Llama's
         _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", check=boolean),)),
         _llama_like(False, "projection", _no_windows, norms=POST_NORMS),

@@ -13,6 +13,7 @@ LAYOUT = {
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 
 
@@ -25,7 +26,7 @@ def _layer_list(value: object) -> str | None:
 #: The expert count's spellings transformers reads, first wins: Mixtral and Qwen3-MoE map ``num_experts`` onto
 #: ``num_local_experts``; Qwen2-MoE reads ``num_experts`` only (a ``num_local_experts`` there leaves its 60).
 _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
-                "qwen3_moe": ("num_local_experts", "num_experts")}
+                "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -41,8 +42,13 @@ KEYS: dict[str, tuple[Key, ...]] = {
                   Key("shared_expert_intermediate_size", check=positive_int),
                   Key("qkv_bias", default=True, check=boolean)),
     "qwen3_moe": (*_COUNT["qwen3_moe"], Key("num_experts_per_tok", default=8, check=positive_int), *_QWEN),
+    "olmoe": (*_COUNT["olmoe"], Key("num_experts_per_tok", default=8, check=positive_int),
+              Key("norm_topk_prob", default=False, check=boolean)),
 }
-_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128}
+_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64}
+#: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
+#: top-k probabilities, OLMoE where ``norm_topk_prob`` says.
+_EVERY_LAYER = {"mixtral": lambda r: True, "olmoe": lambda r: r("norm_topk_prob")}
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,8 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts")
         module, names = LAYOUT[model_type]
         layers = sizes.num_layers
-        if model_type == "mixtral":
-            spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, True, None)
+        if model_type in _EVERY_LAYER:
+            spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r), None)
             sparse = [True] * layers
         else:
             dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")
