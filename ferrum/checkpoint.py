@@ -67,8 +67,13 @@ class Checkpoint:
             return {name: self._shard(index, f) for name, f in self._weight_map(index).items()}
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
+            pickled = sorted(p.name for p in (*self.folder.glob("*.bin"), *self.folder.glob("*.pt")))
+            hint = "" if not pickled else (
+                f" ({pickled[0]} is a PyTorch pickle, which Ferrum does not unpickle: loading one can run code. "
+                "Save the model as safetensors with transformers: AutoModelForCausalLM.from_pretrained(FOLDER)"
+                ".save_pretrained(NEW_FOLDER))")
             raise CheckpointError(
-                f"no *.safetensors files in {self.folder}; Ferrum loads Hugging Face safetensors checkpoints"
+                f"no *.safetensors files in {self.folder}; Ferrum loads Hugging Face safetensors checkpoints{hint}"
             )
         where: dict[str, Path] = {}
         for f in files:

@@ -141,6 +141,8 @@ LOAD_ROWS = [
     ("weights-empty", write(WEIGHTS, b""), CheckpointError, [WEIGHTS, "truncated"]),
     ("weights-truncated", truncate_weights, CheckpointError, [WEIGHTS]),
     ("weights-garbage", write(WEIGHTS, os.urandom(4096)), CheckpointError, [WEIGHTS, "safetensors"]),
+    ("weights-pytorch-pickle-only", lambda f: (f / WEIGHTS).rename(f / "pytorch_model.bin"), CheckpointError,
+     ["no *.safetensors", "pytorch_model.bin", "pickle", "save_pretrained"]),
     ("index-outside-folder", index_to("../elsewhere.safetensors"), CheckpointError, ["outside the checkpoint"]),
     ("index-absolute-path", index_to("/etc/passwd"), CheckpointError, ["outside the checkpoint"]),
     ("index-missing-shard", index_to("nope.safetensors"), CheckpointError, ["nope.safetensors", "not in the folder"]),
