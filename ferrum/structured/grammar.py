@@ -32,18 +32,15 @@ _tokenizer_lock = threading.Lock()  # one build per tokenizer, also when a serve
 
 def _lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> Any:
     with _tokenizer_lock:
-        return _built_lltokenizer(tokenizer, vocab_size, eos_ids)
-
-
-def _built_lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> Any:
-    by_width = _compiled_tokenizers.setdefault(tokenizer, {})
-    if vocab_size not in by_width:
-        llg = _llguidance()
-        try:
-            by_width[vocab_size] = llg.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=sorted(eos_ids))
-        except (ValueError, RuntimeError) as exc:
-            raise UnsupportedFeatureError(f"structured outputs cannot use this model's tokenizer: {exc}") from None
-    return by_width[vocab_size]
+        by_width = _compiled_tokenizers.setdefault(tokenizer, {})
+        if vocab_size not in by_width:
+            llg = _llguidance()
+            try:
+                by_width[vocab_size] = llg.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size,
+                                                       eos_token=sorted(eos_ids))
+            except (ValueError, RuntimeError) as exc:
+                raise UnsupportedFeatureError(f"structured outputs cannot use this model's tokenizer: {exc}") from None
+        return by_width[vocab_size]
 
 
 def prepare(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> bool:
