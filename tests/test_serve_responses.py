@@ -147,7 +147,7 @@ def test_a_forced_call_is_a_function_call_item_and_its_result_goes_back_in(tool_
     ({"input": [{"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      400, ["input_image"]),
     ({"input": [{"type": "item_reference", "id": "x"}]}, 400, ["item_reference"]),
-    ({"previous_response_id": "resp_nope"}, 404, ["resp_nope"]),
+    ({"previous_response_id": "resp_nope"}, 404, ["resp_nope", "latest 1024"]),
     ({"background": True}, 400, ["background"]),
     ({"text": {"format": {"type": "grammar"}}}, 400, ["text.format"]),
     ({"max_output_tokens": 0}, 400, ["max_output_tokens"]),

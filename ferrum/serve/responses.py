@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
@@ -79,10 +79,10 @@ class ResponseStore:
         while len(self._items) > self.size:
             self._items.popitem(last=False)
 
-    def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def get(self, response_id: str, param: str = "response_id") -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if response_id not in self._items:
             raise APIError(404, f"no stored response has the id {response_id!r} (this server keeps the latest "
-                           f"{self.size}, in memory)", param="response_id", code="not_found")
+                           f"{self.size}, in memory)", param=param, code="not_found")
         self._items.move_to_end(response_id)
         return self._items[response_id]
 
@@ -295,7 +295,8 @@ def _stored_turn(message: dict[str, Any]) -> dict[str, Any]:
 
 
 async def create_response(state: ServerState, store: ResponseStore, body: ResponsesRequest) -> Response:
-    history = [] if body.previous_response_id is None else list(store.get(body.previous_response_id)[1])
+    previous = body.previous_response_id
+    history = [] if previous is None else list(store.get(previous, "previous_response_id")[1])
     chat, conversation = to_chat(body, history)
     run = await start_chat(state, chat, endpoint="responses")
     reply = _Reply(state, body, run)
@@ -321,7 +322,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
 class _Events:
     """A response's stream: typed events, each numbered, the items opened and closed as the reply unfolds."""
 
-    def __init__(self, reply: _Reply, keep):
+    def __init__(self, reply: _Reply, keep: Callable[[dict[str, Any], dict[str, Any]], None]):
         self.reply, self.keep = reply, keep
         self.number = 0
         self.items: list[dict[str, Any]] = []  # finished output items
