@@ -128,9 +128,10 @@ def _assemble(
     name: str, parts: dict[str, np.ndarray], shape: tuple[int, ...], config: ModelConfig, where: str
 ) -> HostTensor:
     if len(shape) == 3:  # a stack of experts
-        from ferrum.moe.loading import assemble_experts  # imported here, as in _tensor_parts
+        from ferrum.moe.loading import assemble_experts, fused_half  # imported here, as in _tensor_parts
 
-        return assemble_experts(name, parts, shape, config.quantization, where)
+        half = fused_half(config.arch.moe, name, tuple(parts))
+        return assemble_experts(name, parts, shape, config.quantization, where, half)
     array = parts[name]
     if len(parts) == 1:
         if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
@@ -202,15 +203,18 @@ def read_weights(
     """Yield every tensor of ``shapes`` (dense name -> shape), dense or packed, checked against config."""
     present = checkpoint.names()
     parts_of = {name: _tensor_parts(checkpoint, present, config, name) for name in shapes}
-    owner = {part: name for name, parts in parts_of.items() for part in parts}
-    checkpoint.require(list(owner))
+    owners: dict[str, list[str]] = {}  # a part may make up several tensors (GraniteMoE's gate and up experts)
+    for name, parts in parts_of.items():
+        for part in parts:
+            owners.setdefault(part, []).append(name)
+    checkpoint.require(list(owners))
     where = str(checkpoint.folder)
-    _warn_unread(where, config, present - owner.keys())
+    _warn_unread(where, config, present - owners.keys())
     pending: dict[str, dict[str, np.ndarray]] = {}
-    for part, array in checkpoint.read_many(list(owner)):
-        name = owner[part]
-        got = pending.setdefault(name, {})
-        got[part] = array
-        if len(got) == len(parts_of[name]):
-            del pending[name]
-            yield name, _assemble(name, got, shapes[name], config, where)
+    for part, array in checkpoint.read_many(list(owners)):
+        for name in owners[part]:
+            got = pending.setdefault(name, {})
+            got[part] = array
+            if len(got) == len(parts_of[name]):
+                del pending[name]
+                yield name, _assemble(name, got, shapes[name], config, where)

@@ -32,6 +32,10 @@ def moe_config(family: str, **extra):
     if family == "qwen2_moe":
         return transformers.Qwen2MoeConfig(**common, intermediate_size=80, moe_intermediate_size=40, num_experts=6,
                                            shared_expert_intermediate_size=56, norm_topk_prob=False, **extra)
+    if family == "granitemoe":  # Granite's four multipliers; experts stacked as input_linear / output_linear
+        return transformers.GraniteMoeConfig(**common, intermediate_size=48, num_local_experts=6,
+                                             embedding_multiplier=3.0, residual_multiplier=0.5,
+                                             attention_multiplier=0.09, logits_scaling=4.0, **extra)
     if family == "olmoe":  # q and k normed over their whole projections; softmax routing, not renormalized
         return transformers.OlmoeConfig(**common, intermediate_size=48, num_experts=6, norm_topk_prob=False,
                                         **extra)
@@ -44,6 +48,7 @@ SPARSE_BLOCKS = {
     "qwen2_moe": transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock,
     "qwen3_moe": transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock,
     "olmoe": transformers.models.olmoe.modeling_olmoe.OlmoeSparseMoeBlock,
+    "granitemoe": transformers.models.granitemoe.modeling_granitemoe.GraniteMoeMoE,
 }
 
 
@@ -69,7 +74,9 @@ def ferrum_block(ops, config, block, dtype: str = "float32"):
         for proj, name in zip(SWITCH, arch.moe.expert_names):
             state[f"experts.{proj}"] = np.stack([state.pop(f"experts.{e}.{name}.weight")
                                                  for e in range(arch.moe.num_experts)])
-    names = {"gate.weight": f"{m}.gate.weight", **{f"experts.{p}": f"{m}.switch_mlp.{p}.weight" for p in SWITCH},
+    router = f"{m}.{arch.moe.router}.weight"  # transformers 5 names it "gate" or (GraniteMoE) "router"
+    names = {"gate.weight": router, "router.weight": router,
+             **{f"experts.{p}": f"{m}.switch_mlp.{p}.weight" for p in SWITCH},
              **{f"shared_expert.{p}.weight": f"{m}.shared_expert.{p}.weight" for p in SWITCH},
              "shared_expert_gate.weight": f"{m}.shared_expert_gate.weight"}
     placed = {names[k]: place(ops, names[k], v, dtype) for k, v in state.items()}
@@ -243,7 +250,7 @@ def test_unsupported_or_invalid_moe_keys_are_refused_by_name(family, change, mes
 
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 #: Layer 0 of Qwen3-MoE keeps the dense MLP (decoder_sparse_step; mlx-lm's Qwen2-MoE has no dense layers).
-MODEL_EXTRA = {"mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {"decoder_sparse_step": 2}, "olmoe": {}}
+MODEL_EXTRA = {"mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {"decoder_sparse_step": 2}, "olmoe": {}, "granitemoe": {}}
 
 
 def write_moe_checkpoint(folder, family: str):
@@ -401,13 +408,14 @@ def test_moe_preset_shape_and_the_profile_reports_the_expert_op(tmp_path):
 
 
 @pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs the MLX backend's framework")
-def test_ferrum_quantize_stacks_experts_as_mlx_lm_reads_them(moe_models, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_moe", "granitemoe"])  # per expert; gate and up in one stack
+def test_ferrum_quantize_stacks_experts_as_mlx_lm_reads_them(moe_models, tmp_path, family):
     import mlx.core as mx
     from mlx_lm.utils import load_model as mlx_lm_load
 
     from ferrum.quant import quantize_checkpoint
 
-    folder = quantize_checkpoint(moe_models["qwen2_moe"][0], tmp_path / "q4", bits=4, group_size=32)
+    folder = quantize_checkpoint(moe_models[family][0], tmp_path / "q4", bits=4, group_size=32)
     reference, _ = mlx_lm_load(folder)
     ref = np.array(reference(mx.array([TOKENS])).astype(mx.float32))[0]
     for backend in BACKENDS:

@@ -607,6 +607,10 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),), MOE_KEYS["qwen3_moe"]),
         with_moe("qwen3_moe", _llama_like(False, "head", _qwen3_moe_windows)),
     ),
+    "granitemoe": Family(  # Granite 3 MoE: Granite's multipliers, experts on every layer, routed by "router.layer"
+        _keys(_core(False), _ROPE, _SILU, _GRANITE, MOE_KEYS["granitemoe"]),
+        with_moe("granitemoe", _granite),
+    ),
     "olmoe": Family(  # OLMoE: Llama's norms, q and k normed over their whole projections, experts on every layer
         _keys(_core(False), _ROPE, _SILU, (
             Key("attention_bias", check=boolean),

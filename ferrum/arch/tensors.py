@@ -116,7 +116,7 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
 
 
 #: The matrices (and biases) whose outputs a block adds to the residual stream.
-_RESIDUAL_WRITERS = (".self_attn.o_proj.", ".mlp.down_proj.")
+_RESIDUAL_WRITERS = (".self_attn.o_proj.", ".mlp.down_proj.", ".switch_mlp.down_proj.")
 
 
 def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
@@ -128,7 +128,7 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
             tensor = np.asarray(tensor, dtype=np.float32) * np.float32(arch.logit_scale)
         return tensor
     if arch.residual_scale != 1.0 and any(w in name for w in _RESIDUAL_WRITERS):
-        tensor = _scale_rows(tensor, np.full(tensor.shape[0], arch.residual_scale))
+        tensor = _scaled(tensor, arch.residual_scale)
     rope = arch.layers[layer].rope
     heads = _rotated_heads(config, name)
     if heads is None:
@@ -150,6 +150,14 @@ def _rotated_heads(config: Any, name: str) -> int | None:
         if f".{module}" in name:
             return 1 if name.endswith("norm.weight") and config.arch.qk_norm == "head" else heads
     return None
+
+
+def _scaled(tensor: Any, factor: float) -> Any:
+    """Every entry times ``factor``: a matrix, a stack of experts, or either packed (its scales and biases)."""
+    if hasattr(tensor, "scales"):  # QuantizedWeight, StackedQuantized: w = scales * q + biases, kept in float32
+        return replace(tensor, scales=tensor.scales.astype(np.float32) * np.float32(factor),
+                       biases=tensor.biases.astype(np.float32) * np.float32(factor))
+    return np.asarray(tensor, dtype=np.float32) * np.float32(factor)
 
 
 def _scale_rows(tensor: Any, factor: np.ndarray) -> Any:

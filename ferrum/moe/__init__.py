@@ -1,4 +1,4 @@
-"""Mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): routing, stacked experts, loading them.
+"""Mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE): routing, stacked experts, loading.
 
 Modules: :mod:`~ferrum.moe.spec` (config keys, which layers are sparse),
 :mod:`~ferrum.moe.routing` (the top-k rule), :mod:`~ferrum.moe.experts`

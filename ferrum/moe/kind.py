@@ -11,13 +11,14 @@ from ferrum.moe.loading import SWITCH
 
 
 class Moe:
-    """Router ``M.gate``, the experts stacked as ``M.switch_mlp.*`` (read from either checkpoint layout,
-    see :mod:`ferrum.moe.loading`) and, for Qwen2-MoE, ``M.shared_expert.*`` with ``M.shared_expert_gate``."""
+    """Router ``M.gate`` (or ``MoeSpec.router``), the experts stacked as ``M.switch_mlp.*`` (read from any
+    checkpoint layout, see :mod:`ferrum.moe.loading`) and, for Qwen2-MoE, ``M.shared_expert.*`` with
+    ``M.shared_expert_gate``."""
 
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
         spec, h = config.arch.moe, config.hidden_size
         m, e, inter = spec.module, spec.num_experts, spec.expert_size
-        shapes = {f"{m}.gate.weight": (e, h)}
+        shapes = {f"{m}.{spec.router}.weight": (e, h)}
         shapes.update({f"{m}.switch_mlp.{p}.weight": (e, inter, h) for p in SWITCH[:2]})
         shapes[f"{m}.switch_mlp.down_proj.weight"] = (e, h, inter)
         if spec.shared_expert_size:
@@ -44,4 +45,4 @@ class Moe:
         if spec.shared_expert_size:
             shared = tuple(linear(f"{m}.shared_expert.{p}") for p in SWITCH)
             shared_gate = linear(f"{m}.shared_expert_gate")
-        return MoeMLP(ops, linear(f"{m}.gate"), experts, spec.top_k, spec.normalize, shared, shared_gate)
+        return MoeMLP(ops, linear(f"{m}.{spec.router}"), experts, spec.top_k, spec.normalize, shared, shared_gate)

@@ -10,7 +10,9 @@ The model names each stacked projection as mlx-lm does,
   ``save_pretrained`` writes): ``M.experts.{e}.{name}.weight`` for every expert,
   with the family's names (Mixtral ``w1``/``w3``/``w2``, Qwen
   ``gate_proj``/``up_proj``/``down_proj``), each possibly packed. They are
-  read together and stacked, one projection of one layer at a time.
+  read together and stacked, one projection of one layer at a time;
+* **stacked under the family's names** (GraniteMoE's ``M.input_linear``, gate
+  and up rows in one stack, and ``M.output_linear``: ``MoeSpec.stacked``), float.
 
 (transformers 5 fuses experts into ``M.experts.gate_up_proj`` only in memory;
 its ``save_pretrained`` converts back to the per-expert layout.)
@@ -38,6 +40,9 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str) -> tuple[str, ...]
     path = name.removesuffix(".weight")
     if name in present:
         return (name, f"{path}.scales", f"{path}.biases") if f"{path}.scales" in present else (name,)
+    if spec.stacked is not None:
+        module, proj = path.split(".switch_mlp.")
+        return (f"{module}.{spec.stacked[SWITCH.index(proj)]}.weight",)
     per_expert = [n.removesuffix(".weight") for n in per_expert_names(spec, name)]
     kinds = _PACKED if f"{per_expert[0]}.scales" in present else _PACKED[:1]
     return tuple(f"{p}.{k}" for p in per_expert for k in kinds)
@@ -49,14 +54,27 @@ def per_expert_names(spec: MoeSpec, name: str) -> list[str]:
     return [f"{module}.experts.{e}.{spec.expert_names[SWITCH.index(proj)]}.weight" for e in range(spec.num_experts)]
 
 
+def fused_half(spec: MoeSpec, name: str, parts: tuple[str, ...]) -> int | None:
+    """Which half of its one part stacked projection ``name`` is (0 gate, 1 up), where gate and up share a
+    stack (``MoeSpec.stacked``); else None."""
+    if spec.stacked is None or ".switch_mlp." in parts[0]:
+        return None
+    gate, up, _ = spec.stacked
+    proj = name.removesuffix(".weight").split(".switch_mlp.")[1]
+    return SWITCH.index(proj) if gate == up and proj in SWITCH[:2] else None
+
+
 def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, int, int],
-                     quant: QuantConfig | None, where: str) -> HostExperts:
-    """One stacked projection from its parts (see :func:`expert_parts`), checked against ``shape``."""
+                     quant: QuantConfig | None, where: str, half: int | None = None) -> HostExperts:
+    """One stacked projection from its parts (see :func:`expert_parts`; ``half`` of a fused gate and up stack,
+    see :func:`fused_half`), checked against ``shape``."""
     def stacked(kind: str) -> np.ndarray:
         names = sorted((n for n in parts if n.endswith(f".{kind}")), key=_expert_index)  # shards read out of order
         return parts[names[0]] if parts[names[0]].ndim == 3 else np.stack([parts[n] for n in names])
 
     weight = stacked("weight")
+    if half is not None and weight.ndim == 3 and weight.shape[1] == 2 * shape[1]:
+        weight = weight[:, half * shape[1]:(half + 1) * shape[1]]
     first = next(iter(parts)).removesuffix(".weight")
     if not any(n.endswith(".scales") for n in parts):
         if tuple(weight.shape) != shape or (weight.dtype.kind != "f" and weight.dtype.name != "bfloat16"):

@@ -14,7 +14,13 @@ LAYOUT = {
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "granitemoe": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
 }
+#: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
+#: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
+STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear")}
+#: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
+ROUTER = {"granitemoe": "router.layer"}
 
 
 def _layer_list(value: object) -> str | None:
@@ -26,7 +32,8 @@ def _layer_list(value: object) -> str | None:
 #: The expert count's spellings transformers reads, first wins: Mixtral and Qwen3-MoE map ``num_experts`` onto
 #: ``num_local_experts``; Qwen2-MoE reads ``num_experts`` only (a ``num_local_experts`` there leaves its 60).
 _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
-                "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts",)}
+                "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts",),
+                "granitemoe": ("num_local_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -44,11 +51,13 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "qwen3_moe": (*_COUNT["qwen3_moe"], Key("num_experts_per_tok", default=8, check=positive_int), *_QWEN),
     "olmoe": (*_COUNT["olmoe"], Key("num_experts_per_tok", default=8, check=positive_int),
               Key("norm_topk_prob", default=False, check=boolean)),
+    "granitemoe": (*_COUNT["granitemoe"], Key("num_experts_per_tok", default=2, check=positive_int)),
 }
-_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64}
+_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
-#: top-k probabilities, OLMoE where ``norm_topk_prob`` says.
-_EVERY_LAYER = {"mixtral": lambda r: True, "olmoe": lambda r: r("norm_topk_prob")}
+#: top-k probabilities (GraniteMoE's softmax over the top-k logits is the same), OLMoE where ``norm_topk_prob``
+#: says.
+_EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob")}
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class MoeSpec:
     expert_size: int  # intermediate size of each routed expert
     normalize: bool  # divide the top-k probabilities by their sum (Mixtral always; Qwen: norm_topk_prob)
     shared_expert_size: int | None  # Qwen2-MoE's sigmoid-gated shared expert, else None
+    router: str = "gate"  # the router's module in the sparse MLP module
+    stacked: tuple[str, str, str] | None = None  # the Hugging Face stacks of (gate, up, down) where not per expert
 
 
 def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]) -> Callable:
@@ -76,7 +87,8 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
         module, names = LAYOUT[model_type]
         layers = sizes.num_layers
         if model_type in _EVERY_LAYER:
-            spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r), None)
+            spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r), None,
+                           ROUTER.get(model_type, "gate"), STACKED.get(model_type))
             sparse = [True] * layers
         else:
             dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")

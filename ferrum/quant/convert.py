@@ -70,6 +70,7 @@ class _Item:
     packed: bool
     outputs: tuple[_Tensor, ...]
     parts: tuple[str, ...]  # the source tensors it is read from: itself, or each expert's matrix (stacked)
+    half: int | None = None  # of a stack holding two projections, which (GraniteMoE's gate, then up)
 
 
 def quantize_checkpoint(
@@ -174,7 +175,7 @@ def _quantizable(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
 def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int,
           config: Any) -> list[_Item]:
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
-    from ferrum.moe.loading import expert_parts
+    from ferrum.moe.loading import expert_parts, fused_half
 
     present = checkpoint.names()
     sources = {name: expert_parts(present, config.arch.moe, name) if len(shape) == 3 else (name,)
@@ -192,6 +193,9 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         code, stored = headers[parts[0]]
         if len(parts) > 1:  # one expert's matrix of a stack
             stored = (len(parts), *stored)
+        half = fused_half(config.arch.moe, name, parts) if len(shape) == 3 else None
+        if half is not None and len(stored) == 3:
+            stored = (stored[0], stored[1] // 2, stored[2])
         if code not in _FLOAT_CODES:
             raise CheckpointError(
                 f"{checkpoint.folder}: tensor {name} is {code}; `ferrum quantize` reads float32, float16 or "
@@ -207,9 +211,9 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
                 _Tensor(f"{module}.scales", code, (*rows, k // group_size)),
                 _Tensor(f"{module}.biases", code, (*rows, k // group_size)),
             )
-            plan.append(_Item(name, True, outputs, parts))
+            plan.append(_Item(name, True, outputs, parts, half))
         else:
-            plan.append(_Item(name, False, (_Tensor(name, code, shape),), parts))
+            plan.append(_Item(name, False, (_Tensor(name, code, shape),), parts, half))
     return plan
 
 
@@ -218,9 +222,13 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
 
 def _read(checkpoint: Checkpoint, item: _Item) -> np.ndarray:
     """The source tensor of ``item``, experts stacked in order."""
-    if len(item.parts) == 1:
-        return checkpoint.read(item.parts[0])
-    return np.stack([checkpoint.read(part) for part in item.parts])
+    if len(item.parts) > 1:
+        return np.stack([checkpoint.read(part) for part in item.parts])
+    array = checkpoint.read(item.parts[0])
+    if item.half is None:
+        return array
+    rows = array.shape[1] // 2
+    return array[:, item.half * rows:(item.half + 1) * rows]
 
 
 def _pack(array: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
