@@ -177,12 +177,17 @@ def test_longrope_is_exact_within_the_original_length(checkpoints, backend):
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)
-def test_longrope_batch_mixing_both_sides_of_the_switch_equals_each_alone(checkpoints, backend):
-    folder, hf = checkpoints["phi3_longrope_partial"]
+@pytest.mark.parametrize("family, cached", [("phi3_longrope_partial", 10), ("ministral3", 7)],
+                         ids=["longrope-switch", "llama4-query-scaling"])
+def test_a_batch_on_both_sides_of_original_max_equals_each_alone(checkpoints, backend, family, cached):
+    """Longrope's table switch and Llama 4's query scaling both act per token from original_max on: a batch
+    holding one item past it (its last chunk crossing it, for the scaling) and one before it."""
+    folder, hf = checkpoints[family]
     model = load(folder, backend)
-    model.prefill("long", TOKENS[:10])
-    out = model.unified_forward([ForwardItem("long", TOKENS[10:12], 10, True), ForwardItem("short", TOKENS[:5], 0, True)])
-    assert_parity(out["long"], reference_for("phi3_longrope", hf, TOKENS[:12])[-1])
+    model.prefill("long", TOKENS[:cached])
+    out = model.unified_forward([ForwardItem("long", TOKENS[cached:12], cached, True),
+                                 ForwardItem("short", TOKENS[:5], 0, True)])
+    assert_parity(out["long"], reference_for(family, hf, TOKENS[:12])[-1])
     assert_parity(out["short"], reference_logits(hf, TOKENS[:5])[-1])
 
 
@@ -311,16 +316,6 @@ def test_ministral3_scales_queries_past_original_max_and_keeps_its_whole_context
         hf.config.rope_parameters = rope  # the module's model, shared with the other tests
     assert np.allclose(scaled[:ORIGINAL], unscaled[:ORIGINAL], atol=1e-5)
     assert not np.allclose(scaled[ORIGINAL:], unscaled[ORIGINAL:], atol=1e-3)
-
-
-@pytest.mark.parametrize("backend", RUNNABLE)
-def test_query_scaling_in_a_batch_on_both_sides_of_original_max_equals_each_alone(checkpoints, backend):
-    folder, hf = checkpoints["ministral3"]
-    model = load(folder, backend)
-    model.prefill("long", TOKENS[:7])
-    out = model.unified_forward([ForwardItem("long", TOKENS[7:12], 7, True), ForwardItem("short", TOKENS[:5], 0, True)])
-    assert_parity(out["long"], reference_logits(hf, TOKENS[:12])[-1])
-    assert_parity(out["short"], reference_logits(hf, TOKENS[:5])[-1])
 
 
 # ---------------------------------------------------------------- engine
