@@ -253,10 +253,14 @@ class _Reply:
                 "output_tokens": generated, "output_tokens_details": {"reasoning_tokens": min(thinking, generated)},
                 "total_tokens": prompt + generated}
 
-    def items(self, out: RequestOutput) -> tuple[list[dict[str, Any]], str, str | None, dict[str, Any]]:
-        """A finished reply's output items, status, thinking and chat message."""
+    def ending(self, out: RequestOutput) -> tuple[str, str | None, dict[str, Any]]:
+        """A finished reply's status, thinking and chat message."""
         thought, message, reason = self.run.split(out)
-        status = "incomplete" if reason == "length" else "completed"
+        return "incomplete" if reason == "length" else "completed", thought, message
+
+    def items(self, out: RequestOutput) -> tuple[list[dict[str, Any]], str, str | None, dict[str, Any]]:
+        """A finished reply's output items, with its :meth:`ending`."""
+        status, thought, message = self.ending(out)
         items = []
         if thought is not None:
             items.append(reasoning_item(_id("rs"), thought, status))
@@ -404,7 +408,7 @@ class _Events:
                 for event in self._add("message", content) if content else ():
                     yield event
                 if out.finished:
-                    items, status, thought, message = reply.items(out)
+                    status, thought, message = reply.ending(out)
                     if self.open is not None:
                         for event in self._close(status):
                             yield event
