@@ -64,6 +64,12 @@ def fused_half(spec: MoeSpec, name: str, parts: tuple[str, ...]) -> int | None:
     return SWITCH.index(proj) if gate == up and proj in SWITCH[:2] else None
 
 
+def half_of(stack: np.ndarray, half: int) -> np.ndarray:
+    """Of a stack ``[E, 2 * out, in]`` holding two projections' rows, the first (0, gate) or second (1, up)."""
+    rows = stack.shape[1] // 2
+    return stack[:, half * rows:(half + 1) * rows]
+
+
 def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, int, int],
                      quant: QuantConfig | None, where: str, half: int | None = None) -> HostExperts:
     """One stacked projection from its parts (see :func:`expert_parts`; ``half`` of a fused gate and up stack,
@@ -74,7 +80,7 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
 
     weight = stacked("weight")
     if half is not None and weight.ndim == 3 and weight.shape[1] == 2 * shape[1]:
-        weight = weight[:, half * shape[1]:(half + 1) * shape[1]]
+        weight = half_of(weight, half)
     first = next(iter(parts)).removesuffix(".weight")
     if not any(n.endswith(".scales") for n in parts):
         if tuple(weight.shape) != shape or (weight.dtype.kind != "f" and weight.dtype.name != "bfloat16"):

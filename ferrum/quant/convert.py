@@ -224,11 +224,10 @@ def _read(checkpoint: Checkpoint, item: _Item) -> np.ndarray:
     """The source tensor of ``item``, experts stacked in order."""
     if len(item.parts) > 1:
         return np.stack([checkpoint.read(part) for part in item.parts])
+    from ferrum.moe.loading import half_of  # imported here, as in _plan
+
     array = checkpoint.read(item.parts[0])
-    if item.half is None:
-        return array
-    rows = array.shape[1] // 2
-    return array[:, item.half * rows:(item.half + 1) * rows]
+    return array if item.half is None else half_of(array, item.half)
 
 
 def _pack(array: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
