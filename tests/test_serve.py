@@ -294,6 +294,27 @@ def test_ferrum_extras_are_accepted(server, llm):
     assert reply.choices[0].text == solo.text
 
 
+def test_stop_token_ids_and_ignore_eos_extras(server, llm):
+    """vLLM's extras: an id of ``stop_token_ids`` ends the reply where the model emits it, and ``ignore_eos``
+    keeps going past the model's end token (here made certain by a logit bias)."""
+    solo = _solo(llm, "hello", False, 8)
+    stop_at = solo.token_ids[3]
+    first = solo.token_ids.index(stop_at)  # the earliest step that emits it
+    cut = server.client().completions.create(
+        model="tiny", prompt="hello", max_tokens=8, temperature=0, extra_body={"stop_token_ids": [stop_at]},
+    ).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == llm.tokenizer.decode(solo.token_ids[:first])
+    eos = min(llm.tokenizer.eos_token_ids)
+    forced = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0, "logit_bias": {str(eos): 100}}
+    ended = server.client().completions.create(**forced).choices[0]
+    assert ended.finish_reason == "stop" and ended.text == ""
+    kept = server.client().completions.create(**forced, extra_body={"ignore_eos": True})
+    assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 5
+    bad = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "stop_token_ids": [10**7]})
+    assert bad.status_code == 400 and "stop_token_ids" in bad.json()["error"]["message"]
+
+
 def test_tokenize_and_detokenize(server, llm):
     """vLLM's extras: a prompt's ids (with BOS unless asked not to), chat messages as the chat endpoint encodes
     them, and ids back to text; an id outside the vocabulary is a 400 naming ``tokens``."""
@@ -356,6 +377,10 @@ def test_malformed_and_odd_bodies(server):
     assert bad_ids.status_code == 400 and "vocabulary" in bad_ids.json()["error"]["message"]
     float_ids = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 2.5]}).json()["error"]
     assert float_ids["param"] == "prompt" and "list[int]" in float_ids["message"], float_ids
+    for field, value in (("temperature", b"NaN"), ("top_p", b"Infinity"), ("frequency_penalty", b"-Infinity")):
+        data = b'{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (field.encode(), value)
+        error = post(data).json()["error"]  # JSON has no NaN, but parsers take it: a bound check must not
+        assert error["param"] == field and "finite" in error["message"], error
     unknown = httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": []})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     assert httpx.get(server.url + "/v1/nothing").status_code == 404

@@ -114,6 +114,8 @@ def _sampling_params(
         logit_bias=bias,
         seed=seed,
         stop=tuple(stops),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=not keep_special_tokens if skip_special is None else skip_special,
         json_schema=schema,

@@ -4,7 +4,7 @@ Unknown fields are refused (a misspelt ``temprature`` must not be silently
 ignored); fields of the OpenAI API that Ferrum cannot honour are accepted
 only at their no-op values and refused by name otherwise (see
 :meth:`_Common.refuse_unsupported`). ``top_k``, ``min_p``,
-``repetition_penalty`` and ``skip_special_tokens`` are extras (vLLM's names),
+``repetition_penalty``, ``stop_token_ids``, ``ignore_eos`` and ``skip_special_tokens`` are extras (vLLM's names),
 sent by the ``openai`` client as ``extra_body``.
 """
 
@@ -21,16 +21,20 @@ from ferrum.serve.tools import check_tools, template_tool_calls
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 
+#: Every request body: unknown fields refused, no type coercion, and ``NaN`` / ``Infinity`` (which the
+#: JSON parser accepts) refused as "not a finite number" instead of failing a bound check confusingly.
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
     include_usage: StrictBool = False
 
 
 class _Common(BaseModel):
     """Sampling fields shared by chat and legacy completions."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
     model: StrictStr | None = None
     temperature: Temperature | None = None
@@ -48,6 +52,8 @@ class _Common(BaseModel):
     top_k: Annotated[int, Field(ge=0)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    stop_token_ids: list[StrictInt] | None = None  # ids that end the output, beside the model's end tokens
+    ignore_eos: StrictBool = False  # generate max_tokens whatever the model's end tokens say
     #: Unset: special tokens are left out of the text, except in chat requests with tools whose format marks
     #: calls with one (Mistral's ``[TOOL_CALLS]``), which keep them so the calls can be found.
     skip_special_tokens: StrictBool | None = None
@@ -74,7 +80,7 @@ class ContentPart(BaseModel):
     """A part's own fields (``image_url``, ``input_audio``, ...) pass validation so that a part of any
     type other than text is refused by name when the prompt is built."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     type: StrictStr
     text: StrictStr | None = None
 
@@ -82,7 +88,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     """One message; non-text parts are refused when the prompt is built."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
@@ -250,7 +256,7 @@ class CompletionRequest(_Common):
 class TokenizeRequest(BaseModel):
     """vLLM's ``/tokenize``: a text prompt, or chat messages rendered by the chat template (tools too)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
@@ -269,7 +275,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """vLLM's ``/detokenize``: token ids back to text."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
     model: StrictStr | None = None
     tokens: list[StrictInt]
 

@@ -17,20 +17,20 @@ import uuid
 from collections import OrderedDict
 from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from ferrum.engine import RequestOutput
 from ferrum.errors import FerrumError
 from ferrum.serve.errors import APIError
 from ferrum.serve.handlers import ChatRun, Response, ServerState, start_chat
-from ferrum.serve.protocol import ChatCompletionRequest, Temperature
+from ferrum.serve.protocol import STRICT, ChatCompletionRequest, Temperature
 
 #: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first.
 STORED = 1024
 
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
     model: StrictStr | None = None
     input: StrictStr | list[dict[str, Any]]
