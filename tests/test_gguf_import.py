@@ -11,7 +11,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -728,20 +728,34 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
     _assert_logits_match(hf, out)  # within the original context: the short factors
 
 
-def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
+#: The GGUF architectures whose converter permutes q/k rows for llama.cpp's adjacent-pair rope, and whose
+#: experts are as wide as ``intermediate_size`` (no ``moe_intermediate_size``).
+_PERMUTED, _PLAIN_EXPERTS = ("llama", "granitemoe"), ("llama", "olmoe", "granitemoe")
+
+
+def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
+              more_metadata: Callable[[Any], None] | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes a Qwen3-MoE (``qwen3moe``), a Qwen2-MoE (``qwen2moe``,
-    with its shared expert) or a Mixtral (``llama``, q/k rows permuted): experts stacked per projection
-    (``ffn_{gate,up,down}_exps``, stored as ``expert_type``), the router as ``ffn_gate_inp``."""
+    with its shared expert), an OLMoE (``olmoe``), a GraniteMoE (``granitemoe``: its multipliers, q/k rows
+    permuted, the fused gate/up stack split) or a Mixtral (``llama``, q/k rows permuted): experts stacked per
+    projection (``ffn_{gate,up,down}_exps``, stored as ``expert_type``), the router as ``ffn_gate_inp``."""
     w = _gguf_writer(path, arch, config)
-    if arch != "llama":
+    if arch not in _PLAIN_EXPERTS:
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
     if arch == "qwen3moe":
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
-    w.add_expert_count(config.num_local_experts if arch == "llama" else config.num_experts)
+    if arch == "granitemoe":
+        w.add_attention_scale(config.attention_multiplier)
+        w.add_embedding_scale(config.embedding_multiplier)
+        w.add_residual_scale(config.residual_multiplier)
+        w.add_logit_scale(config.logits_scaling)
+    w.add_expert_count(config.num_experts if hasattr(config, "num_experts") else config.num_local_experts)
     w.add_expert_used_count(config.num_experts_per_tok)
+    if more_metadata is not None:
+        more_metadata(w)
     per_block = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
                  "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
                  "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
@@ -749,18 +763,19 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
                  "mlp.gate.weight": "ffn_gate_inp.weight",
                  **{f"self_attn.{p}_proj.bias": f"attn_{p}.bias" for p in "qkv"},
                  **{f"mlp.shared_expert.{p}_proj.weight": f"ffn_{p}_shexp.weight" for p in ("gate", "up", "down")}}
-    inter = config.intermediate_size if arch == "llama" else config.moe_intermediate_size
+    inter = config.intermediate_size if arch in _PLAIN_EXPERTS else config.moe_intermediate_size
     heads = {"self_attn.q_proj.weight": config.num_attention_heads,
              "self_attn.k_proj.weight": config.num_key_value_heads}
     for name, tensor in hf.state_dict().items():
         array = tensor.float().numpy()
-        if arch == "llama" and name.split(".", 3)[-1] in heads:  # llama.cpp's rope pairs adjacent rows
+        if arch in _PERMUTED and name.split(".", 3)[-1] in heads:  # llama.cpp's rope pairs adjacent rows
             array = _permute(array, heads[name.split(".", 3)[-1]])
         layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
         if layer is None:
             w.add_tensor(_GLOBAL_GGUF_NAMES[name], array)
             continue
-        block, rest = layer.group(1), layer.group(2)
+        block = layer.group(1)  # GraniteMoE's sparse MLP is "block_sparse_moe" with a "router"
+        rest = layer.group(2).replace("block_sparse_moe.router.", "mlp.gate.").replace("block_sparse_moe.", "mlp.")
         if rest == "mlp.shared_expert_gate.weight":  # llama.cpp stores this one-row matrix as a vector
             w.add_tensor(f"blk.{block}.ffn_gate_inp_shexp.weight", array.reshape(-1))
             continue
@@ -781,7 +796,8 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str) -> None:
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama"], ids=["qwen3moe", "qwen2moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama", "olmoe", "granitemoe"],
+                         ids=["qwen3moe", "qwen2moe", "mixtral", "olmoe", "granitemoe"])
 @pytest.mark.parametrize("expert_type", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
 def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, arch):
     """Stacked experts and the router into mlx-lm's switch_mlp layout, kept packed when quantized: float32
@@ -797,13 +813,17 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
     elif arch == "qwen2moe":
         hf, config = _tiny_model(transformers.Qwen2MoeConfig, **common, intermediate_size=96,
                                  moe_intermediate_size=32, num_experts=4, shared_expert_intermediate_size=48)
+    elif arch == "olmoe":
+        hf, config = _tiny_model(transformers.OlmoeConfig, **common, intermediate_size=32, num_experts=4)
+    elif arch == "granitemoe":
+        hf, config = _tiny_granitemoe()
     else:
         hf, config = _tiny_model(transformers.MixtralConfig, **common, intermediate_size=32, num_local_experts=4)
     _moe_gguf(tmp_path / "moe.gguf", hf, config, expert_type, arch)
     packed = convert_gguf(tmp_path / "moe.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(packed)
     assert ours.arch.moe.num_experts == 4 and ours.arch.moe.top_k == 2
-    assert ours.arch.moe.normalize == (arch != "qwen2moe")  # llama.cpp's rule for each, as transformers has it
+    assert ours.arch.moe.normalize == (arch not in ("qwen2moe", "olmoe"))  # llama.cpp's rule, as transformers has it
     assert ours.arch.moe.shared_expert_size == (48 if arch == "qwen2moe" else None)
     if expert_type == Q.F32:
         _assert_logits_match(hf, packed)
@@ -812,6 +832,24 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
     floats = convert_gguf(tmp_path / "moe.gguf", tmp_path / "float", dequantize_to="float32")
     got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (packed, floats))
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def _tiny_granitemoe() -> tuple[Any, Any]:
+    transformers = pytest.importorskip("transformers")
+    return _tiny_model(transformers.GraniteMoeConfig, num_hidden_layers=2, num_experts_per_tok=2,
+                       tie_word_embeddings=False, intermediate_size=32, num_local_experts=4,
+                       embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=3.0)
+
+
+def test_granitemoe_with_a_shared_expert_is_refused_before_writing(tmp_path):
+    """GraniteMoeShared's GGUF says so by its shared expert's width; Ferrum has no such family, so it must not
+    import the file as a plain GraniteMoE without that expert."""
+    hf, config = _tiny_granitemoe()
+    _moe_gguf(tmp_path / "shared.gguf", hf, config, Q.F32, "granitemoe",
+              more_metadata=lambda w: w.add_expert_shared_feed_forward_length(48))
+    with pytest.raises(UnsupportedFeatureError, match="shared expert"):
+        convert_gguf(tmp_path / "shared.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 #: Gemma's block tensors: Hugging Face name -> GGUF name (llama.cpp's converter).

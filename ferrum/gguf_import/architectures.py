@@ -138,6 +138,13 @@ ARCHITECTURES = {
                              (("attention_bias", False), ("mlp_bias", False), ("no_rope_layer_interval", 4))),
     "granite": _Architecture("granite", "GraniteForCausalLM", True, (("attention_bias", False), ("mlp_bias", False)),
                              configure=_granite_config),
+    # llama.cpp splits GraniteMoE's fused input_linear into gate and up stacks, and permutes q/k as for Llama
+    "granitemoe": _Architecture("granitemoe", "GraniteMoeForCausalLM", True, (("attention_bias", False),),
+                                configure=_granite_config,
+                                moe=_Experts("block_sparse_moe", "num_local_experts", None, None)),
+    # OLMoE: q and k normed over their whole projections; llama.cpp never renormalises its top-k weights
+    "olmoe": _Architecture("olmoe", "OlmoeForCausalLM", False, (("attention_bias", False), ("clip_qkv", None)),
+                           moe=_Experts("mlp", "num_experts", None, "norm_topk_prob", renormalise=False)),
     "olmo2": _Architecture("olmo2", "Olmo2ForCausalLM", False, (("attention_bias", False),), renamed=_OLMO2_NORMS,
                            configure=_olmo2_config),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
@@ -155,9 +162,9 @@ def for_model_type(model_type: str) -> _Architecture:
     return next(a for a in every if a.model_type == model_type)
 
 
-#: The MoE blocks: GGUF name -> Hugging Face suffix within the sparse MLP module (mlx-lm's stacked names).
+#: The MoE blocks: GGUF name -> Hugging Face suffix within the sparse MLP module (mlx-lm's stacked names); the
+#: router, ``ffn_gate_inp``, is the family's router module (``ferrum.moe.spec.ROUTER``).
 MOE_BLOCK_TENSORS = {
-    "ffn_gate_inp.weight": "gate.weight",
     "ffn_gate_exps.weight": "switch_mlp.gate_proj.weight",
     "ffn_up_exps.weight": "switch_mlp.up_proj.weight",
     "ffn_down_exps.weight": "switch_mlp.down_proj.weight",

@@ -16,6 +16,7 @@ from ferrum.arch.tensors import weight_shapes
 from ferrum.checkpoint import write_safetensors_header
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.architectures import (
     BLOCK_TENSORS, GLOBAL_TENSORS, IGNORED_BLOCK_TENSORS, MOE_BLOCK_TENSORS, ROPE_FACTOR_TENSORS,
     SHARED_EXPERT_TENSORS, SUPPORTED_ARCHITECTURES, for_model_type,
@@ -118,8 +119,9 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     block_tensors = {**BLOCK_TENSORS, **dict(arch.renamed)}
     if arch.moe is not None:
-        block_tensors.update({name: f"{arch.moe.module}.{suffix}"
-                              for name, suffix in {**MOE_BLOCK_TENSORS, **SHARED_EXPERT_TENSORS}.items()})
+        router = {"ffn_gate_inp.weight": f"{ROUTER.get(arch.model_type, 'gate')}.weight"}
+        moe_tensors = {**MOE_BLOCK_TENSORS, **router, **(SHARED_EXPERT_TENSORS if arch.moe.shared else {})}
+        block_tensors.update({name: f"{arch.moe.module}.{suffix}" for name, suffix in moe_tensors.items()})
     plan: list[PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
