@@ -160,8 +160,8 @@ class Tokenizer:
                 "this checkpoint has no chat template (tokenizer_config.json: chat_template); "
                 "pass a plain string prompt instead of chat messages"
             )
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        for m in messages:  # an assistant's turn of tool calls may have no content
+            if not isinstance(m, dict) or "role" not in m or not ("content" in m or "tool_calls" in m):
                 raise InvalidRequestError(f"chat messages need 'role' and 'content', got {m!r}")
         from jinja2.exceptions import TemplateError
 
@@ -224,19 +224,37 @@ def _unicode_to_byte() -> dict[str, int]:
 _templates: dict[str, Any] = {}
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """Hugging Face's ``tojson``: JSON without Jinja's HTML escaping, with json.dumps' options."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def _compile(source: str) -> Any:
-    """Compile like Hugging Face does: sandboxed Jinja with ``raise_exception``."""
+    """Compile like Hugging Face does: sandboxed Jinja with ``raise_exception``, ``strftime_now``, its ``tojson``,
+    ``{% break %}`` / ``{% continue %}`` and ``{% generation %}`` blocks."""
     if source not in _templates:
         from jinja2.exceptions import TemplateError
+        from jinja2.ext import Extension, loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class Generation(Extension):
+            """``{% generation %}...{% endgeneration %}`` marks the assistant's text for training masks; it renders
+            as its body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser: Any) -> Any:
+                next(parser.stream)
+                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama 3.x templates date the prompt
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        env.filters["tojson"] = _tojson
         try:
             _templates[source] = env.from_string(source)
         except TemplateError as exc:

@@ -80,6 +80,36 @@ def test_chat_messages_use_the_template(llm):
         llm.encode_prompt([{"content": "no role"}])
 
 
+#: Jinja that Hugging Face's template environment accepts beyond plain Jinja: loop controls, training-mask
+#: ``generation`` blocks, ``tojson`` with json.dumps' options, an assistant's tool-call turn without content.
+_HF_JINJA = (
+    "{%- for m in messages %}{%- if m.role == 'system' %}{% continue %}{% endif %}"
+    "{%- if m.role == 'assistant' %}<|assistant|>{% generation %}{{ m.content }}"
+    "{%- for c in m.tool_calls or [] %}{{ c.function | tojson(ensure_ascii=True, sort_keys=True) }}{% endfor %}"
+    "{% endgeneration %}</s>{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- if loop.index >= 4 %}{% break %}{% endif %}{%- endfor %}"
+    "{%- if tools %}{{ tools | tojson(indent=2, separators=(',', ': ')) }}{% endif %}<|assistant|>"
+)
+
+
+def test_chat_templates_render_hugging_face_jinja_as_transformers_does(tmp_path):
+    transformers_templates = pytest.importorskip("transformers.utils.chat_template_utils")
+    folder = write_text_checkpoint(tmp_path / "jinja", seed=3)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": _HF_JINJA}))
+    tokenizer = Tokenizer(folder)
+    call = {"type": "function", "function": {"name": "wetter", "arguments": '{"ort": "Zürich"}'}}
+    messages = [{"role": "system", "content": "skipped"}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "content": "sonnig"},
+                {"role": "user", "content": "after the break"}]
+    tools = [{"type": "function", "function": {"name": "wetter", "parameters": {"type": "object"}}}]
+    ours = tokenizer.apply_chat_template(messages, tools=tools)
+    theirs = transformers_templates.render_jinja_template(
+        [messages], tools=tools, chat_template=_HF_JINJA, add_generation_prompt=True)[0][0]
+    assert ours == theirs
+    assert "after the break" not in ours and "Z\\u00fcrich" in ours and '"wetter",\n' in ours
+
+
 def test_chat_template_variables_come_with_the_chat_flag(tmp_path):
     """``chat={"enable_thinking": False}`` applies the template with that variable (Qwen 3's switch); a variable
     the call itself sets is refused by name."""
