@@ -497,6 +497,8 @@ def test_a_client_that_does_not_read_stalls_nobody(long_context_model):
                 assert quick.usage.completion_tokens == 8 and time.time() - started < 10
         huge = httpx.post(srv.url + "/v1/completions", content=b"{" + b" " * (33 * 2**20) + b"}")
         assert huge.status_code == 413 and huge.json()["error"]["message"]
+        chunked = httpx.post(srv.url + "/v1/completions", content=(b" " * 2**20 for _ in range(40)))  # no length
+        assert chunked.status_code == 413 and chunked.json()["error"]["message"]
     finally:
         assert srv.stop(), srv.log.read_text()
 
