@@ -89,10 +89,26 @@ def backend_info() -> BackendInfo:
 _written = threading.local()
 
 
+class _StreamsOfThisThread:
+    """Held in a thread-local slot of a thread other than the main one that runs a model: freed as that
+    thread ends, in that thread, it waits for the thread's MLX streams and destroys them. Left to process
+    exit, the stream of a thread that traced a compiled block aborted the interpreter now and then
+    ("terminate called without an active exception", MLX 0.32's CPU build)."""
+
+    def __del__(self) -> None:
+        try:
+            mx.synchronize()
+            mx.clear_streams()
+        except Exception:  # the interpreter may be shutting down; nothing is left to protect then
+            pass
+
+
 def _written_pools() -> dict[int, KVPool]:
     pools = getattr(_written, "pools", None)
     if pools is None:
         pools = _written.pools = {}
+        if threading.current_thread() is not threading.main_thread():
+            _written.streams = _StreamsOfThisThread()
     return pools
 
 
