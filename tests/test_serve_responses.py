@@ -196,3 +196,37 @@ def test_thinking_is_a_reasoning_item(tmp_path):
         assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "plan it"
     finally:
         assert srv.stop(), srv.log.read_text()
+
+
+def test_the_store_drops_the_oldest_past_its_count_or_its_bytes():
+    """A chain of turns stores its history once per turn, so the store is bounded in bytes as well as in count;
+    the least recently used go first, and one response over the whole budget is not kept."""
+    from ferrum.serve.errors import APIError
+    from ferrum.serve.responses import ResponseStore
+
+    def turn(i: int, words: int) -> tuple[dict, list[dict]]:
+        return {"id": f"resp_{i}"}, [{"role": "user", "content": "word " * words}]
+
+    small = len(json.dumps(list(turn(0, 10))).encode())
+    budget = 10_000
+    store = ResponseStore(size=3, max_bytes=budget)
+    for i in range(4):
+        store.put(*turn(i, 10))
+    with pytest.raises(APIError, match="resp_0"):
+        store.get("resp_0")  # over the count
+    assert store.bytes == 3 * small
+    store.get("resp_1")  # now the most recently used
+    big = turn(4, (budget - small) // 5 - 20)  # fits beside one small response, not beside two
+    store.put(*big)  # the count drops resp_2, the bytes resp_3
+    assert small + len(json.dumps(list(big)).encode()) <= budget < 2 * small + len(json.dumps(list(big)).encode())
+    assert [store.get(f"resp_{i}")[0]["id"] for i in (1, 4)] == ["resp_1", "resp_4"]
+    for gone in ("resp_2", "resp_3"):
+        with pytest.raises(APIError):
+            store.get(gone)
+    assert store.bytes <= budget
+    store.put(*turn(5, 5000))  # larger than the whole budget: not kept, nothing else dropped for it
+    with pytest.raises(APIError, match="MiB"):
+        store.get("resp_5")
+    kept = store.bytes
+    store.delete("resp_4")
+    assert 0 < store.bytes < kept

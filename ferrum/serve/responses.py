@@ -5,8 +5,8 @@ function tools the chat form, ``text.format`` the response format) and runs as o
 as output items: the thinking as a ``reasoning`` item (with ``--reasoning-parser``), the text as a
 ``message``, each call as a ``function_call``. A stream sends the API's typed events (``response.created``,
 ``response.output_text.delta``, ..., ``response.completed``) with no ``[DONE]``. Stored responses (``store``,
-on by default, kept in memory, the latest :data:`STORED` of them) continue with ``previous_response_id`` and
-can be read back or deleted by id. Hosted tools, files and images are refused by name.
+on by default, kept in memory, the latest :data:`STORED` of them within :data:`STORED_BYTES`) continue with
+``previous_response_id`` and can be read back or deleted by id. Hosted tools, files and images are refused by name.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from ferrum.serve.errors import APIError
 from ferrum.serve.handlers import ChatRun, Response, ServerState, start_chat
 from ferrum.serve.protocol import STRICT, ChatCompletionRequest, Temperature
 
-#: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first.
+#: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first: at most
+#: this many, holding at most ``STORED_BYTES`` of JSON between them (each keeps its whole conversation, so a long
+#: chain of turns would otherwise hold its history once per turn).
 STORED = 1024
+STORED_BYTES = 256 * 2**20
 
 
 class ResponsesRequest(BaseModel):
@@ -70,25 +73,33 @@ class ResponsesRequest(BaseModel):
 class ResponseStore:
     """Stored responses: each one's object and its conversation as chat messages (input and output)."""
 
-    def __init__(self, size: int = STORED):
-        self.size = size
-        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+    def __init__(self, size: int = STORED, max_bytes: int = STORED_BYTES):
+        self.size, self.max_bytes = size, max_bytes
+        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], int]] = OrderedDict()
+        self.bytes = 0  # the stored items' JSON, together
 
     def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        self._items[response["id"]] = (response, conversation)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        """Keep a response; one larger than the whole budget is not kept (a later ``get`` says so)."""
+        size = len(json.dumps([response, conversation], ensure_ascii=False).encode())
+        if size > self.max_bytes:
+            return
+        self._items[response["id"]] = (response, conversation, size)
+        self.bytes += size
+        while len(self._items) > self.size or self.bytes > self.max_bytes:
+            self.bytes -= self._items.popitem(last=False)[1][2]
 
     def get(self, response_id: str, param: str = "response_id") -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if response_id not in self._items:
             raise APIError(404, f"no stored response has the id {response_id!r} (this server keeps the latest "
-                           f"{self.size}, in memory)", param=param, code="not_found")
+                           f"{self.size}, up to {self.max_bytes // 2**20} MiB, in memory)", param=param,
+                           code="not_found")
         self._items.move_to_end(response_id)
-        return self._items[response_id]
+        response, conversation, _ = self._items[response_id]
+        return response, conversation
 
     def delete(self, response_id: str) -> None:
         self.get(response_id)
-        del self._items[response_id]
+        self.bytes -= self._items.pop(response_id)[2]
 
 
 # --------------------------------------------------------------------- request
