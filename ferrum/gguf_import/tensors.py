@@ -16,11 +16,11 @@ from ferrum.arch.tensors import weight_shapes
 from ferrum.checkpoint import write_safetensors_header
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
-from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.architectures import (
     BLOCK_TENSORS, GLOBAL_TENSORS, IGNORED_BLOCK_TENSORS, MOE_BLOCK_TENSORS, ROPE_FACTOR_TENSORS,
     SHARED_EXPERT_TENSORS, SUPPORTED_ARCHITECTURES, for_model_type,
 )
+from ferrum.moe.spec import ROUTER
 from ferrum.quant.affine import QuantizedWeight
 from ferrum.quant.config import QuantConfig
 from ferrum.quant.gguf import StoredForm, describe, repack

@@ -711,14 +711,13 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
     the last step are copied in (``_arena_copies``, ``ferrum.kv_mirror``)."""
     dev = plan.device
     pool.fit_arena(*plan.arena_shape)
-    k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
     if sync == "step" and plan.fresh and plan.whole and len(plan.src) == 1:  # one sequence's new token
         _put_one(pool, layer, plan)
-        k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
     elif plan.src.size or sync != "step":
         rows, heads_at, positions, k_new, v_new = _arena_copies(pool, layer, plan, sync)
-        k_rows[rows, heads_at, positions] = k_new
-        v_rows[rows, heads_at, positions] = v_new
+        pool.arena_k[layer][rows, heads_at, positions] = k_new
+        pool.arena_v[layer][rows, heads_at, positions] = v_new
+    k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
     n, heads, d = q.shape
     kvh = k_rows.shape[1]
     qg = q.reshape(n, kvh, heads // kvh, d)
