@@ -240,7 +240,7 @@ async def _finals(generation: Generation) -> dict[int, RequestOutput]:
     return finals
 
 
-class _Logprobs:
+class Logprobs:
     """Token strings and bytes for logprob entries."""
 
     def __init__(self, llm: LLM):
@@ -328,7 +328,7 @@ def _joined(first: dict, then: dict) -> dict:
             "top_logprobs": tops, "text_offset": first["text_offset"] + then["text_offset"]}
 
 
-def _new_picks(out: RequestOutput) -> Sequence[SampledToken]:
+def new_picks(out: RequestOutput) -> Sequence[SampledToken]:
     if not out.logprobs:
         return ()
     return out.logprobs[len(out.token_ids) - len(out.new_token_ids):]
@@ -405,7 +405,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
     generation, prompt, replies, thinking = run.generation, run.prompt, run.replies, run.thinking
     top = body.top_logprobs or 0
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
-    logprobs = _Logprobs(state.llm)
+    logprobs = Logprobs(state.llm)
 
     def envelope(obj: str) -> dict:
         return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None}
@@ -448,7 +448,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
             if content or (body.logprobs and out.new_token_ids):
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
                     {"index": index, "delta": {"content": content},
-                     "logprobs": logprobs.chat(_new_picks(out), top) if body.logprobs else None,
+                     "logprobs": logprobs.chat(new_picks(out), top) if body.logprobs else None,
                      "finish_reason": None}]})
             if out.finished:
                 finals[index] = out
@@ -487,7 +487,7 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
             specs.append(ChoiceSpec(index, prompt, params, lora, {REQUIRE_FULL_LOGITS: True} if scored else None))
     generation = await _start(state, "completions", specs)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
-    logprobs = _Logprobs(state.llm)
+    logprobs = Logprobs(state.llm)
     tok = state.llm.tokenizer
 
     def echo_text(index: int) -> str:
@@ -535,7 +535,7 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
             text = prefix + out.new_text
             piece = None
             if body.logprobs is not None:
-                piece = logprobs.completion(_new_picks(out), top, offsets[index])
+                piece = logprobs.completion(new_picks(out), top, offsets[index])
                 offsets[index] += sum(len(t) for t in piece["tokens"])
             if text or (piece and piece["tokens"]) or out.finished:
                 yield _sse({**envelope(), **usage_field, "choices": [{

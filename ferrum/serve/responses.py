@@ -6,7 +6,9 @@ as output items: the thinking as a ``reasoning`` item (with ``--reasoning-parser
 ``message``, each call as a ``function_call``. A stream sends the API's typed events (``response.created``,
 ``response.output_text.delta``, ..., ``response.completed``) with no ``[DONE]``. Stored responses (``store``,
 on by default, kept in memory, the latest :data:`STORED` of them within :data:`STORED_BYTES`) continue with
-``previous_response_id`` and can be read back or deleted by id. Hosted tools, files and images are refused by name.
+``previous_response_id`` and can be read back or deleted by id. ``include`` of the text's logprobs fills each
+output text's ``logprobs`` (the chat reply's entries) where the reply is text alone. Hosted tools, files and images
+are refused by name.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from typing import Annotated, Any, AsyncIterator, Callable, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from ferrum.engine import RequestOutput
+from ferrum.sampling import SampledToken
 from ferrum.errors import FerrumError
 from ferrum.serve.errors import APIError
-from ferrum.serve.handlers import ChatRun, Response, ServerState, start_chat
+from ferrum.serve.handlers import ChatRun, Response, ServerState, Logprobs, new_picks, start_chat
 from ferrum.serve.protocol import STRICT, ChatCompletionRequest, Temperature
 
 #: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first: at most
@@ -51,11 +54,11 @@ class ResponsesRequest(BaseModel):
     previous_response_id: StrictStr | None = None
     metadata: dict[str, StrictStr] | None = None
     user: StrictStr | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    include: list[StrictStr] | None = None
     # Accepted only at their no-op values.
-    top_logprobs: Annotated[int, Field(ge=0, le=0)] | None = None
     truncation: Literal["disabled"] | None = None
     background: Literal[False] | None = None
-    include: Annotated[list[StrictStr], Field(max_length=0)] | None = None
     max_tool_calls: StrictInt | None = None
     stream_options: dict[str, Any] | None = None
     # Bookkeeping fields of OpenAI's platform; nothing to do here.
@@ -197,6 +200,25 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
                    param="text.format")
 
 
+#: The one ``include`` value Ferrum fills: each output text's tokens with their logprobs.
+TEXT_LOGPROBS = "message.output_text.logprobs"
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """Whether the reply's text comes with its tokens' logprobs (``include``), checking what goes with it."""
+    others = sorted(set(body.include or ()) - {TEXT_LOGPROBS})
+    if others:
+        raise APIError(400, f"include {others} is not supported by this server; it fills {TEXT_LOGPROBS!r} only",
+                       param="include")
+    wanted = TEXT_LOGPROBS in (body.include or ())
+    if body.top_logprobs and not wanted:
+        raise APIError(400, f"top_logprobs needs include: [{TEXT_LOGPROBS!r}]", param="top_logprobs")
+    if wanted and body.tools:
+        raise APIError(400, "logprobs of a reply that may hold function calls are not supported; send the request "
+                       "without tools or without include", param="include")
+    return wanted
+
+
 def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, list]:
     """The chat request this one runs as, and its conversation (``history`` and the input, without the
     instructions, which a continuation does not inherit)."""
@@ -215,7 +237,7 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[Chat
         "parallel_tool_calls": body.parallel_tool_calls, "response_format": _response_format(body.text),
         "stream": body.stream, "seed": body.seed, "top_k": body.top_k, "min_p": body.min_p,
         "repetition_penalty": body.repetition_penalty, "logit_bias": body.logit_bias,
-        "reasoning_effort": effort,
+        "reasoning_effort": effort, "logprobs": wants_logprobs(body), "top_logprobs": body.top_logprobs,
     }
     try:
         chat = ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -238,6 +260,13 @@ class _Reply:
         self.id, self.created = _id("resp"), int(time.time())
         self.model = body.model or state.model_names[0]
         self.tokenizer = state.llm.tokenizer
+        #: With ``include`` of the text's logprobs: how entries are written, and how many alternatives each has.
+        self.logprobs = Logprobs(state.llm) if TEXT_LOGPROBS in (body.include or ()) else None
+        self.top = body.top_logprobs or 0
+
+    def entries(self, picks: Sequence[SampledToken]) -> list[dict[str, Any]]:
+        """The output text's logprob entries for these tokens (none unless asked for)."""
+        return [] if self.logprobs is None else self.logprobs.chat(picks, self.top)["content"]
 
     def envelope(self, status: str, output: list[dict[str, Any]], out: RequestOutput | None = None,
                  thought: str | None = None) -> dict[str, Any]:
@@ -277,7 +306,7 @@ class _Reply:
             items.append(reasoning_item(_id("rs"), thought, status))
         calls = message.get("tool_calls") or []
         if message["content"] or not calls:
-            items.append(message_item(_id("msg"), message["content"] or "", status))
+            items.append(message_item(_id("msg"), message["content"] or "", status, self.entries(out.logprobs)))
         items += [call_item(_id("fc"), call, "completed") for call in calls]
         return items, status, thought, message
 
@@ -287,13 +316,13 @@ def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
             "content": [{"type": "reasoning_text", "text": text}]}
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
 
 
-def message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+def message_item(item_id: str, text: str | None, status: str, logprobs: list[dict[str, Any]] = ()) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [] if text is None else [_text_part(text)]}
+            "content": [] if text is None else [_text_part(text, logprobs)]}
 
 
 def call_item(item_id: str, call: dict[str, Any], status: str) -> dict[str, Any]:
@@ -313,6 +342,9 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
     previous = body.previous_response_id
     history = [] if previous is None else list(store.get(previous, "previous_response_id")[1])
     chat, conversation = to_chat(body, history)
+    if chat.logprobs and state.reasoning_parser is not None:
+        raise APIError(400, "logprobs of a reply split into reasoning and message (--reasoning-parser) are not "
+                       "supported; send the request without include", param="include")
     run = await start_chat(state, chat, endpoint="responses")
     reply = _Reply(state, body, run)
 
@@ -343,6 +375,8 @@ class _Events:
         self.items: list[dict[str, Any]] = []  # finished output items
         self.open: dict[str, Any] | None = None  # the item being streamed: reasoning or message
         self.text = ""  # of the open item
+        self.logprobs: list[dict[str, Any]] = []  # the message's logprob entries sent so far
+        self.unsent: list[dict[str, Any]] = []  # those of tokens whose text is not out yet (held back)
 
     def event(self, kind: str, **fields: Any) -> str:
         payload = {"type": kind, "sequence_number": self.number, **fields}
@@ -369,9 +403,11 @@ class _Events:
         if self.open is None:
             events += self._begin(kind)
         self.text += delta
-        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        extra = {} if kind == "reasoning" else {"logprobs": []}
-        return events + [self.event(name, **self._place(), delta=delta, **extra)]
+        if kind == "reasoning":
+            return events + [self.event("response.reasoning_text.delta", **self._place(), delta=delta)]
+        sent, self.unsent = self.unsent, []
+        self.logprobs += sent
+        return events + [self.event("response.output_text.delta", **self._place(), delta=delta, logprobs=sent)]
 
     def _close(self, status: str) -> list[str]:
         item, text, place = self.open, self.text, self._place()
@@ -379,9 +415,11 @@ class _Events:
             done = reasoning_item(item["id"], text, status)
             events = [self.event("response.reasoning_text.done", **place, text=text)]
         else:
-            done = message_item(item["id"], text, status)
-            events = [self.event("response.output_text.done", **place, text=text, logprobs=[]),
-                      self.event("response.content_part.done", **place, part=_text_part(text))]
+            self.logprobs += self.unsent
+            self.unsent = []
+            done = message_item(item["id"], text, status, self.logprobs)
+            events = [self.event("response.output_text.done", **place, text=text, logprobs=self.logprobs),
+                      self.event("response.content_part.done", **place, part=_text_part(text, self.logprobs))]
         events.append(self.event("response.output_item.done", output_index=len(self.items), item=done))
         self.items.append(done)
         self.open = None
@@ -410,6 +448,7 @@ class _Events:
             yield self.event("response.created", response=reply.envelope("in_progress", []))
             yield self.event("response.in_progress", response=reply.envelope("in_progress", []))
             async for _, out in run.generation.events():
+                self.unsent += reply.entries(new_picks(out))
                 text = out.text or ""
                 if run.thinking is not None:
                     thought, text = run.thinking.delta(0, text, out.finished)
