@@ -221,7 +221,7 @@ def test_thinking_is_a_reasoning_item(tmp_path):
         assert kinds.index("response.reasoning_text.delta") < kinds.index("response.output_text.delta")
         assert [i.type for i in events[-1].response.output] == ["reasoning", "message"]
         assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "plan it"
-        with pytest.raises(openai.BadRequestError, match="reasoning-parser"):  # no token split of the two yet
+        with pytest.raises(openai.BadRequestError, match="not single tokens"):  # its tags are inside one token
             srv.client().responses.create(model="tiny", input="weather?", include=["message.output_text.logprobs"])
     finally:
         assert srv.stop(), srv.log.read_text()
@@ -259,3 +259,44 @@ def test_the_store_drops_the_oldest_past_its_count_or_its_bytes():
     kept = store.bytes
     store.delete("resp_4")
     assert 0 < store.bytes < kept
+
+
+def test_a_thinking_replys_logprobs_are_those_of_its_answer(tmp_path):
+    """With ``--reasoning-parser`` and ``<think>`` / ``</think>`` single tokens, the message's logprob entries are
+    those of the tokens after ``</think>``: chat's entries (which cover every token) past the first one, whole and
+    streamed. A logit bias on ``</think>`` is searched for that makes the reply think a while, then answer."""
+    from starlette.testclient import TestClient
+
+    import ferrum
+    from ferrum.serve.app import ServeConfig, create_app
+    from support import add_tokens, write_text_checkpoint
+    from test_structured_thinking import R1_TEMPLATE, TAGS
+
+    folder = write_text_checkpoint(tmp_path / "tiny", seed=3)
+    _, close_id = add_tokens(folder, list(TAGS))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": R1_TEMPLATE}))
+    app = create_app(ferrum.load(folder, backend="cpu"),
+                     ServeConfig(model_names=("tiny",), reasoning_parser="deepseek_r1"))
+    with TestClient(app) as client:
+        for bias in (2.0, 2.2, 2.4, 2.6, 2.8, 3.0):
+            chat = client.post("/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "who?"}], "max_tokens": 24,
+                "temperature": 0, "logprobs": True, "top_logprobs": 2, "logit_bias": {str(close_id): bias}}).json()
+            every = chat["choices"][0]["logprobs"]["content"]
+            tokens = [entry["token"] for entry in every]
+            if TAGS[1] in tokens and 0 < tokens.index(TAGS[1]) < len(tokens) - 2:
+                break
+        else:
+            pytest.fail("no bias made the reply think, then answer")
+        expected = every[tokens.index(TAGS[1]) + 1:]
+        asked = {"model": "tiny", "input": "who?", "max_output_tokens": 24, "temperature": 0, "top_logprobs": 2,
+                 "include": ["message.output_text.logprobs"], "logit_bias": {str(close_id): bias}}
+        done = client.post("/v1/responses", json=asked).json()
+        thought, message = done["output"]
+        assert thought["type"] == "reasoning" and message["content"][0]["logprobs"] == expected
+        with client.stream("POST", "/v1/responses", json={**asked, "stream": True}) as stream:
+            events = [json.loads(line[len("data: "):]) for line in stream.iter_lines() if line.startswith("data: ")]
+    deltas = [entry for e in events if e["type"] == "response.output_text.delta" for entry in e["logprobs"]]
+    (finished,) = [e for e in events if e["type"] == "response.output_text.done"]
+    assert deltas == finished["logprobs"] == expected

@@ -328,7 +328,7 @@ def _joined(first: dict, then: dict) -> dict:
             "top_logprobs": tops, "text_offset": first["text_offset"] + then["text_offset"]}
 
 
-def new_picks(out: RequestOutput) -> Sequence[SampledToken]:
+def _new_picks(out: RequestOutput) -> Sequence[SampledToken]:
     if not out.logprobs:
         return ()
     return out.logprobs[len(out.token_ids) - len(out.new_token_ids):]
@@ -448,7 +448,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
             if content or (body.logprobs and out.new_token_ids):
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
                     {"index": index, "delta": {"content": content},
-                     "logprobs": logprobs.chat(new_picks(out), top) if body.logprobs else None,
+                     "logprobs": logprobs.chat(_new_picks(out), top) if body.logprobs else None,
                      "finish_reason": None}]})
             if out.finished:
                 finals[index] = out
@@ -535,7 +535,7 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
             text = prefix + out.new_text
             piece = None
             if body.logprobs is not None:
-                piece = logprobs.completion(new_picks(out), top, offsets[index])
+                piece = logprobs.completion(_new_picks(out), top, offsets[index])
                 offsets[index] += sum(len(t) for t in piece["tokens"])
             if text or (piece and piece["tokens"]) or out.finished:
                 yield _sse({**envelope(), **usage_field, "choices": [{

@@ -6,9 +6,9 @@ as output items: the thinking as a ``reasoning`` item (with ``--reasoning-parser
 ``message``, each call as a ``function_call``. A stream sends the API's typed events (``response.created``,
 ``response.output_text.delta``, ..., ``response.completed``) with no ``[DONE]``. Stored responses (``store``,
 on by default, kept in memory, the latest :data:`STORED` of them within :data:`STORED_BYTES`) continue with
-``previous_response_id`` and can be read back or deleted by id. ``include`` of the text's logprobs fills each
-output text's ``logprobs`` (the chat reply's entries) where the reply is text alone. Hosted tools, files and images
-are refused by name.
+``previous_response_id`` and can be read back or deleted by id. ``include`` of the text's logprobs fills the
+output text's ``logprobs`` with the chat reply's entries for the answer's tokens (not with tools). Hosted tools,
+files and images are refused by name.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from ferrum.engine import RequestOutput
-from ferrum.sampling import SampledToken
 from ferrum.errors import FerrumError
 from ferrum.serve.errors import APIError
-from ferrum.serve.handlers import ChatRun, Response, ServerState, Logprobs, new_picks, start_chat
+from ferrum.serve.handlers import ChatRun, Logprobs, Response, ServerState, start_chat
 from ferrum.serve.protocol import STRICT, ChatCompletionRequest, Temperature
+from ferrum.serve.reasoning import CLOSE, OPEN, structured_tags
 
 #: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first: at most
 #: this many, holding at most ``STORED_BYTES`` of JSON between them (each keeps its whole conversation, so a long
@@ -264,9 +264,18 @@ class _Reply:
         self.logprobs = Logprobs(state.llm) if TEXT_LOGPROBS in (body.include or ()) else None
         self.top = body.top_logprobs or 0
 
-    def entries(self, picks: Sequence[SampledToken]) -> list[dict[str, Any]]:
-        """The output text's logprob entries for these tokens (none unless asked for)."""
-        return [] if self.logprobs is None else self.logprobs.chat(picks, self.top)["content"]
+    def entries(self, out: RequestOutput, since: int = 0) -> list[dict[str, Any]]:
+        """The output text's logprob entries for the reply's answer tokens from index ``since`` on (none unless
+        asked for): with ``--reasoning-parser``, the tokens after ``</think>``; none while the reply thinks."""
+        if self.logprobs is None:
+            return []
+        start = 0
+        thinking = self.run.thinking
+        if thinking is not None and thinking.split(out.text or "")[0] is not None:
+            tokens = out.token_ids
+            close = self.tokenizer.token_to_id(CLOSE)
+            start = tokens.index(close) + 1 if close in tokens else len(tokens)
+        return self.logprobs.chat(out.logprobs[max(start, since):], self.top)["content"]
 
     def envelope(self, status: str, output: list[dict[str, Any]], out: RequestOutput | None = None,
                  thought: str | None = None) -> dict[str, Any]:
@@ -306,7 +315,7 @@ class _Reply:
             items.append(reasoning_item(_id("rs"), thought, status))
         calls = message.get("tool_calls") or []
         if message["content"] or not calls:
-            items.append(message_item(_id("msg"), message["content"] or "", status, self.entries(out.logprobs)))
+            items.append(message_item(_id("msg"), message["content"] or "", status, self.entries(out)))
         items += [call_item(_id("fc"), call, "completed") for call in calls]
         return items, status, thought, message
 
@@ -342,9 +351,10 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
     previous = body.previous_response_id
     history = [] if previous is None else list(store.get(previous, "previous_response_id")[1])
     chat, conversation = to_chat(body, history)
-    if chat.logprobs and state.reasoning_parser is not None:
-        raise APIError(400, "logprobs of a reply split into reasoning and message (--reasoning-parser) are not "
-                       "supported; send the request without include", param="include")
+    if chat.logprobs and state.reasoning_parser is not None and structured_tags(state.llm.tokenizer) is None:
+        raise APIError(400, f"this model's {OPEN} and {CLOSE} are not single tokens, so its answer's tokens cannot be "
+                       "told from its thinking's for their logprobs; send the request without include",
+                       param="include")
     run = await start_chat(state, chat, endpoint="responses")
     reply = _Reply(state, body, run)
 
@@ -377,6 +387,7 @@ class _Events:
         self.text = ""  # of the open item
         self.logprobs: list[dict[str, Any]] = []  # the message's logprob entries sent so far
         self.unsent: list[dict[str, Any]] = []  # those of tokens whose text is not out yet (held back)
+        self.seen = 0  # the reply's tokens looked at for entries
 
     def event(self, kind: str, **fields: Any) -> str:
         payload = {"type": kind, "sequence_number": self.number, **fields}
@@ -448,7 +459,8 @@ class _Events:
             yield self.event("response.created", response=reply.envelope("in_progress", []))
             yield self.event("response.in_progress", response=reply.envelope("in_progress", []))
             async for _, out in run.generation.events():
-                self.unsent += reply.entries(new_picks(out))
+                self.unsent += reply.entries(out, since=self.seen)
+                self.seen = len(out.token_ids)
                 text = out.text or ""
                 if run.thinking is not None:
                     thought, text = run.thinking.delta(0, text, out.finished)
