@@ -255,13 +255,13 @@ def _id(prefix: str) -> str:
 class _Reply:
     """One response's envelope (the request's settings echoed back) and its output items."""
 
-    def __init__(self, state: ServerState, body: ResponsesRequest, run: ChatRun):
+    def __init__(self, state: ServerState, body: ResponsesRequest, run: ChatRun, logprobs: bool = False):
         self.run, self.body = run, body
         self.id, self.created = _id("resp"), int(time.time())
         self.model = body.model or state.model_names[0]
         self.tokenizer = state.llm.tokenizer
         #: With ``include`` of the text's logprobs: how entries are written, and how many alternatives each has.
-        self.logprobs = Logprobs(state.llm) if TEXT_LOGPROBS in (body.include or ()) else None
+        self.logprobs = Logprobs(state.llm) if logprobs else None
         self.top = body.top_logprobs or 0
 
     def entries(self, out: RequestOutput, since: int = 0) -> list[dict[str, Any]]:
@@ -356,7 +356,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
                        "told from its thinking's for their logprobs; send the request without include",
                        param="include")
     run = await start_chat(state, chat, endpoint="responses")
-    reply = _Reply(state, body, run)
+    reply = _Reply(state, body, run, logprobs=chat.logprobs)
 
     def keep(response: dict[str, Any], message: dict[str, Any]) -> None:
         if body.store is not False:
