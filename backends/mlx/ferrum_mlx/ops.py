@@ -453,12 +453,8 @@ class KVPool:
         self.arena_v: list[mx.array] = []
 
     def write(self, layer, k, v, slots):
-        if k.shape[0] == 1:  # a decode step's token: one graph node each, where a scatter costs four
-            self.k[layer] = mx.slice_update(self.k[layer], k.astype(self.shape[2]), slots, axes=(0,))
-            self.v[layer] = mx.slice_update(self.v[layer], v.astype(self.shape[2]), slots, axes=(0,))
-        else:
-            self.k[layer][slots] = k
-            self.v[layer][slots] = v
+        self.k[layer][slots] = k
+        self.v[layer][slots] = v
         self.written[layer] = (k, v)  # a plan whose copies are these rows takes them from here
         self.writes[layer] += 1
         self._pending.add(layer)
@@ -693,31 +689,16 @@ def _arena_copies(pool: KVPool, layer: int, plan: MirrorPlan, sync: str) -> tupl
     return (*where, pool.k[layer][src], pool.v[layer][src])
 
 
-def _put_one(pool: KVPool, layer: int, plan: MirrorPlan) -> None:
-    """The one token this step wrote, into its arena row: a slice update per arena (one graph node, where
-    indexing with coordinate grids costs four)."""
-    dev = plan.device
-    if "one" not in dev:
-        dev["one"] = mx.array([int(plan.dst_row[0]), int(plan.dst_pos[0])], dtype=mx.int32)
-    k, v = pool.written[layer]
-    kvh, d, dtype = pool.shape
-    for arenas, new in ((pool.arena_k, k), (pool.arena_v, v)):
-        arenas[layer] = mx.slice_update(arenas[layer], new.reshape(1, kvh, 1, d).astype(dtype), dev["one"],
-                                        axes=(0, 2))
-
-
 def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None):
     """Decode items attended over their arena rows: only the positions written since
     the last step are copied in (``_arena_copies``, ``ferrum.kv_mirror``)."""
     dev = plan.device
     pool.fit_arena(*plan.arena_shape)
-    if sync == "step" and plan.fresh and plan.whole and len(plan.src) == 1:  # one sequence's new token
-        _put_one(pool, layer, plan)
-    elif plan.src.size or sync != "step":
-        rows, heads_at, positions, k_new, v_new = _arena_copies(pool, layer, plan, sync)
-        pool.arena_k[layer][rows, heads_at, positions] = k_new
-        pool.arena_v[layer][rows, heads_at, positions] = v_new
     k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
+    if plan.src.size or sync != "step":
+        rows, heads_at, positions, k_new, v_new = _arena_copies(pool, layer, plan, sync)
+        k_rows[rows, heads_at, positions] = k_new
+        v_rows[rows, heads_at, positions] = v_new
     n, heads, d = q.shape
     kvh = k_rows.shape[1]
     qg = q.reshape(n, kvh, heads // kvh, d)
