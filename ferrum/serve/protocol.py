@@ -80,7 +80,7 @@ class ContentPart(BaseModel):
     """A part's own fields (``image_url``, ``input_audio``, ...) pass validation so that a part of any
     type other than text is refused by name when the prompt is built."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(**{**STRICT, "extra": "ignore"})
     type: StrictStr
     text: StrictStr | None = None
 

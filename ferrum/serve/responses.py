@@ -17,7 +17,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from typing import Annotated, Any, AsyncIterator, Callable, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
@@ -325,11 +325,12 @@ def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
             "content": [{"type": "reasoning_text", "text": text}]}
 
 
-def _text_part(text: str, logprobs: list[dict[str, Any]] = ()) -> dict[str, Any]:
+def _text_part(text: str, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
 
 
-def message_item(item_id: str, text: str | None, status: str, logprobs: list[dict[str, Any]] = ()) -> dict[str, Any]:
+def message_item(item_id: str, text: str | None, status: str,
+                 logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
             "content": [] if text is None else [_text_part(text, logprobs)]}
 
