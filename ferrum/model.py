@@ -399,7 +399,7 @@ class DecoderOnlyLLM:
         kv, bs = self.kv, self.kv.block_size
         lengths = np.fromiter((len(it.q_tokens) for it in items), dtype=np.int32, count=len(items))
         offsets = np.fromiter((it.pos_offset for it in items), dtype=np.int32, count=len(items))
-        tables = [kv.block_table(it.seq_id) for it in items]
+        tables = [kv.block_array(it.seq_id) for it in items]
         block_tables = np.zeros((len(items), max(len(t) for t in tables)), dtype=np.int32)
         for row, table in enumerate(tables):
             block_tables[row, : len(table)] = table

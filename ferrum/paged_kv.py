@@ -43,6 +43,22 @@ class SequenceBlocks:
     tokens: list[int] = field(default_factory=list)  # those tokens, for block keys
     hashes: list[bytes] = field(default_factory=list)  # keys of the full blocks, in order
     salt: bytes = b""  # what its first block's key chains from (its adapter's digest)
+    _table: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def table(self) -> np.ndarray:
+        """``blocks`` as int32, built again only after they change (once per block while decoding): every
+        step reads every running sequence's table, and converting the list each time grows with the context."""
+        if self._table is None:
+            self._table = np.array(self.blocks, dtype=np.int32)
+        return self._table
+
+    def grow(self, blocks: Iterable[int]) -> None:
+        self.blocks.extend(blocks)
+        self._table = None
+
+    def drop_last(self) -> int:
+        self._table = None
+        return self.blocks.pop()
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,12 @@ class PagedKVManager:
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._get(seq_id).blocks)
+
+    def block_array(self, seq_id: Hashable) -> np.ndarray:
+        """:meth:`block_table` as a read-only int32 array, without converting the list every call."""
+        table = self._get(seq_id).table()
+        table.flags.writeable = False
+        return table
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]
@@ -226,7 +248,8 @@ class PagedKVManager:
             if seq is None:
                 seq = self._seqs[seq_id] = SequenceBlocks(salt=(salts or {}).get(seq_id, b""))
                 reservation.new_sequences.append(seq_id)
-            seq.blocks.extend(self._take_block() for _ in range(n))
+            if n:
+                seq.grow(self._take_block() for _ in range(n))
             reservation.added_blocks[seq_id] = n
             reservation.new_tokens[seq_id] = tokens
         return reservation
@@ -258,14 +281,14 @@ class PagedKVManager:
         for seq_id, n in reservation.added_blocks.items():
             seq = self._seqs[seq_id]
             for _ in range(n):
-                self._unref(seq.blocks.pop())
+                self._unref(seq.drop_last())
         for seq_id in reservation.new_sequences:
             del self._seqs[seq_id]
 
     # ---- slot arithmetic ------------------------------------------------
     def slots(self, seq_id: Hashable, start: int, count: int) -> np.ndarray:
         """KV slots of positions ``start .. start+count-1`` (blocks must be reserved)."""
-        blocks = np.asarray(self._get(seq_id).blocks, dtype=np.int64)
+        blocks = self._get(seq_id).table().astype(np.int64)
         pos = np.arange(start, start + count)
         return (blocks[pos // self.block_size] * self.block_size + pos % self.block_size).astype(np.int32)
 
@@ -291,7 +314,7 @@ class PagedKVManager:
             keep -= 1
         recompute = seq.tokens[keep * bs : new_length]
         while len(seq.blocks) > keep:
-            self._unref(seq.blocks.pop())
+            self._unref(seq.drop_last())
         if partial and not recompute:
             self._forget_key(seq.blocks[-1])  # sole owner: its tail is about to change
         seq.length = keep * bs if recompute else new_length

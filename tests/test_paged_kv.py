@@ -37,6 +37,36 @@ def test_reserve_commit_rollback_truncate_release():
         kv.release("x")
 
 
+def test_block_array_follows_the_table_through_every_change():
+    """The int32 copy the model reads each step is kept between calls; any change to the blocks must show."""
+    kv = PagedKVManager(num_blocks=8, block_size=4)
+    history = []
+
+    def check(seq_id):
+        array = kv.block_array(seq_id)
+        assert array.dtype == np.int32 and array.tolist() == kv.block_table(seq_id)
+        history.append(array)
+
+    grow(kv, "x", range(5))
+    check("x")
+    grow(kv, "x", [6])  # no new block: the same array serves
+    assert kv.block_array("x") is history[-1]
+    failed = kv.reserve([("y", [1]), ("x", [7, 8, 9])])  # x takes its third block
+    check("x")  # as a forward pass reads it before it fails
+    kv.rollback(failed)
+    check("x")
+    grow(kv, "y", range(9))  # takes the blocks x's failed batch returned, so x's next ones differ
+    grow(kv, "x", [7, 8, 9])
+    check("x")
+    assert kv.truncate("x", 3) == []
+    check("x")
+    match = kv.match_prefix(list(range(9)) + [5])
+    kv.adopt("z", list(range(9)), match)
+    check("z")
+    with pytest.raises(ValueError):
+        kv.block_array("z")[0] = 7  # read-only: a caller cannot change the manager's copy
+
+
 def test_exhaustion_changes_nothing():
     kv = PagedKVManager(num_blocks=2, block_size=4)
     grow(kv, "a", range(5))
