@@ -48,12 +48,16 @@ class _Mirror:
     length: int  # positions [0, length) equal the pool's, in every layer
 
     def cover(self, table: np.ndarray, length: int, block_size: int) -> None:
-        """Now mirroring ``[0, length)`` of the sequence with this block table (the index is
-        rebuilt only when the blocks changed: once every ``block_size`` steps while decoding)."""
+        """Now mirroring ``[0, length)`` of the sequence with this block table (the index changes only
+        when the blocks do; while decoding, once every ``block_size`` steps, by the one new block)."""
         blocks = table[: -(-length // block_size)]
-        if len(blocks) != len(self.blocks) or not (blocks == self.blocks).all():
+        held = len(self.blocks)
+        if len(blocks) != held or not (blocks == self.blocks).all():
+            if len(blocks) > held and (blocks[:held] == self.blocks).all():
+                self.index.update(zip(blocks[held:].tolist(), range(held, len(blocks))))
+            else:
+                self.index = dict(zip(blocks.tolist(), range(len(blocks))))
             self.blocks = blocks.copy()
-            self.index = dict(zip(self.blocks.tolist(), range(len(self.blocks))))
         self.length = length
 
 
