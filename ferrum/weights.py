@@ -18,9 +18,11 @@ import numpy as np
 
 from ferrum.checkpoint import Checkpoint
 from ferrum.config import ModelConfig
-from ferrum.errors import CheckpointError
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
+from ferrum.quant import float_modes
 from ferrum.quant.affine import QuantizedWeight
+from ferrum.quant.config import AFFINE
 
 HostTensor = np.ndarray | QuantizedWeight
 
@@ -105,12 +107,17 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     """The checkpoint tensors (of ``present``) that make up ``name``: itself, or packed weight, scales and biases."""
     from ferrum.moe import loading  # imported here: ferrum.moe places each expert through this module
 
-    if config.arch.moe is not None and loading.is_expert_stack(name):
-        return loading.expert_parts(present, config.arch.moe, name)
     module = name.removesuffix(".weight")
+    quant = config.quantization
+    if config.arch.moe is not None and loading.is_expert_stack(name):
+        if quant is not None and quant.mode_for(module) != AFFINE:
+            raise UnsupportedFeatureError(
+                f"{checkpoint.folder}: experts quantized in mode {quant.mode_for(module)!r} are not supported; "
+                "Ferrum reads MLX's float modes for dense layers only: quantize the experts in 'affine' mode"
+            )
+        return loading.expert_parts(present, config.arch.moe, name)
     if module == name or f"{module}.scales" not in present:
         return (name,)
-    quant = config.quantization
     if quant is None:
         raise CheckpointError(
             f"{checkpoint.folder}: {module}.scales marks a quantized module, but config.json has no "
@@ -121,6 +128,8 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
             f"{checkpoint.folder}: config.json keeps {module} in float (false) but the checkpoint holds "
             f"{module}.scales; the two disagree"
         )
+    if quant.mode_for(module) != AFFINE:  # a float mode: codes and scales only
+        return name, f"{module}.scales"
     return name, f"{module}.scales", f"{module}.biases"
 
 
@@ -143,6 +152,9 @@ def _assemble(
             raise CheckpointError(f"tensor {name} has shape {tuple(array.shape)} but config.json implies {shape}")
         return array
     module = name.removesuffix(".weight")
+    mode = config.quantization.mode_for(module)
+    if mode != AFFINE:
+        return float_modes.decode(array, parts[f"{module}.scales"], mode, shape, f"{where}: {module}")
     scales, biases = parts[f"{module}.scales"], parts[f"{module}.biases"]
     n, k = shape
     if array.dtype != np.uint32 or array.ndim != 2 or array.shape[0] != n or scales.ndim != 2 or not scales.shape[1]:

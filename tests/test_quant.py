@@ -12,8 +12,9 @@ import pytest
 import ferrum
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, ConfigError, MissingTensorError, UnsupportedFeatureError
-from ferrum.quant import QuantConfig, QuantizedWeight, dequantize, pack, quantize, unpack
+from ferrum.quant import QuantConfig, QuantizedWeight, dequantize, float_modes, pack, quantize, unpack
 from ferrum.quant.affine import SUPPORTED_BITS
+from ferrum.quant.config import FLOAT_MODES
 from ferrum.sampling import SamplingParams
 from ferrum.weights import runs_natively
 
@@ -80,7 +81,8 @@ def test_quant_config_reads_mlx_lm_sections_with_overrides():
 @pytest.mark.parametrize(
     "section, error, words",
     [
-        ({"bits": 4, "group_size": 64, "mode": "mxfp4"}, UnsupportedFeatureError, "mxfp4"),
+        ({"bits": 6, "group_size": 32, "mode": "fp6"}, UnsupportedFeatureError, "mode 'fp6'"),
+        ({"bits": 4, "group_size": 64, "mode": "mxfp4"}, ConfigError, "mode 'mxfp4' is 4 bits in groups of 32"),
         ({"quant_method": "awq", "bits": 4}, UnsupportedFeatureError, "awq"),
         ({"bits": 7, "group_size": 64}, UnsupportedFeatureError, "7-bit"),
         ({"bits": 4, "group_size": 48}, UnsupportedFeatureError, "group size 48"),
@@ -92,6 +94,48 @@ def test_quant_config_reads_mlx_lm_sections_with_overrides():
 def test_quant_config_refuses_what_it_cannot_run_by_name(section, error, words):
     with pytest.raises(error, match=words):
         QuantConfig.from_config({"quantization": section})
+
+
+def test_quant_config_reads_float_modes_per_module():
+    raw = {"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4",
+                            "lm_head": {"group_size": 64, "bits": 8, "mode": "affine"},
+                            "model.layers.0.mlp.down_proj": {"mode": "mxfp8"}}}
+    quant = QuantConfig.from_config(raw)
+    assert (quant.mode_for("model.layers.1.mlp.up_proj"), quant.for_module("model.layers.1.mlp.up_proj")) == (
+        "mxfp4", (4, 32))
+    assert (quant.mode_for("lm_head"), quant.for_module("lm_head")) == ("affine", (8, 64))
+    assert (quant.mode_for("model.layers.0.mlp.down_proj"),
+            quant.for_module("model.layers.0.mlp.down_proj")) == ("mxfp8", (8, 32))
+    assert QuantConfig.from_config({"quantization": quant.to_json()}) == quant
+
+
+@pytest.mark.parametrize("mode", FLOAT_MODES)
+def test_float_modes_decode_bit_for_bit_as_mlx(mode):
+    """Every code and scale byte (NaN codes and scales aside) gives MLX's own dequantized value exactly."""
+    bits, group_size = FLOAT_MODES[mode]
+    rng = np.random.default_rng(7)
+    packed = rng.integers(0, 2**32, size=(24, 256 * bits // 32), dtype=np.uint64).astype(np.uint32)
+    if mode == "mxfp8":  # E4M3's two NaN codes
+        codes = packed.view(np.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0x7E
+    low, high = (1, 127) if mode == "nvfp4" else (90, 160)  # nvfp4: positive E4M3 scales short of NaN
+    scales = rng.integers(low, high, size=(24, 256 // group_size)).astype(np.uint8)
+    ref = np.array(mx.dequantize(mx.array(packed), mx.array(scales), mode=mode, dtype=mx.float32))
+    got = float_modes.decode(packed, scales, mode, (24, 256), "test")
+    if mode == "mxfp8":
+        assert isinstance(got, np.ndarray)
+    else:
+        assert (got.bits, got.group_size) == (5, group_size)
+        got = dequantize(got)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_float_mode_nan_scales_and_shapes_are_refused():
+    packed = np.zeros((4, 8), np.uint32)
+    with pytest.raises(CheckpointError, match="mxfp4 scale is NaN"):
+        float_modes.decode(packed, np.full((4, 2), 255, np.uint8), "mxfp4", (4, 64), "test")
+    with pytest.raises(CheckpointError, match=r"uint8 scales \[4, 2\]"):
+        float_modes.decode(packed, np.zeros((4, 2), np.float32), "mxfp4", (4, 64), "test")
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -126,6 +170,46 @@ def test_greedy_tokens_equal_across_backends(mlx_lm_4bit):
                for b in runnable_backends()}
     first = next(iter(outputs.values()))
     assert all(out == first for out in outputs.values()), outputs
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_float_modes(tmp_path_factory):
+    """The same tiny model quantized by mlx-lm in each float mode, with mlx-lm's logits for it."""
+    from mlx_lm import convert, load
+
+    root = tmp_path_factory.mktemp("float_modes")
+    write_text_checkpoint(root / "float")
+    tokens = [0, 5, 9, 33, 77, 120, 201, 7]
+    made = {}
+    for mode in FLOAT_MODES:
+        convert(str(root / "float"), mlx_path=str(root / mode), quantize=True, q_mode=mode)
+        model, _ = load(str(root / mode))
+        made[mode] = root / mode, np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+    return made, tokens
+
+
+@pytest.mark.parametrize("mode", FLOAT_MODES)
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_float_mode_checkpoints_match_mlx_lm_on_every_backend(backend, mode, mlx_lm_float_modes):
+    made, tokens = mlx_lm_float_modes
+    folder, ref = made[mode]
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
+    assert llm.model.config.quantization.mode == mode
+    assert scaled_error(llm.model.forward_verify("s", tokens), ref) <= 1e-4
+
+
+def test_float_mode_experts_are_refused_by_name(tmp_path):
+    from ferrum.random_checkpoint import write_random_checkpoint
+
+    config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 64,
+              "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1,
+              "max_position_embeddings": 64}
+    folder = write_random_checkpoint(tmp_path / "moe", config, dtype="float32")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "quantization": {"mode": "mxfp4"}}))
+    with pytest.raises(UnsupportedFeatureError, match="experts quantized in mode 'mxfp4'"):
+        ferrum.load(folder, backend="cpu")
 
 
 def test_packed_weights_stay_packed(mlx_lm_4bit):

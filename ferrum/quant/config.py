@@ -3,9 +3,10 @@
 mlx-lm writes ``"quantization": {"group_size": 64, "bits": 4, "mode": "affine"}``
 (duplicated as ``"quantization_config"``); mixed-precision recipes add one
 entry per module path, ``"model.layers.0.mlp.down_proj": {"group_size": 64,
-"bits": 6}``, or ``false`` for a module left in float. Other quantization
-schemes (Hugging Face's ``quant_method`` GPTQ/AWQ/bitsandbytes/FP8, MLX's
-float modes) are refused by name.
+"bits": 6}``, or ``false`` for a module left in float. MLX's float modes
+(``"mode": "mxfp4"``, ``"nvfp4"``, ``"mxfp8"``) are read into the forms every
+backend runs (:mod:`ferrum.quant.float_modes`). Other quantization schemes
+(Hugging Face's ``quant_method`` GPTQ/AWQ/bitsandbytes/FP8) are refused by name.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from ferrum.errors import ConfigError, InvalidRequestError, UnsupportedFeatureEr
 from ferrum.quant.affine import check_format
 
 Format = tuple[int, int]  # (bits, group_size)
+AFFINE = "affine"
+#: MLX's float quantization modes: their (bits, group size), fixed by the mode.
+FLOAT_MODES: dict[str, Format] = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """The default ``(bits, group_size)`` and per-module overrides (``None``: kept in float)."""
+    """The default ``(bits, group_size)`` and mode, and per-module overrides (``None``: kept in float) with
+    the modes of those that have their own."""
 
     bits: int
     group_size: int
     overrides: Mapping[str, Format | None] = field(default_factory=dict)
+    mode: str = AFFINE
+    modes: Mapping[str, str] = field(default_factory=dict)
 
     def for_module(self, module: str) -> Format | None:
         """The format config.json gives ``module`` (a path like ``model.layers.0.mlp.down_proj``)."""
@@ -33,10 +40,15 @@ class QuantConfig:
             return self.overrides[module]
         return self.bits, self.group_size
 
+    def mode_for(self, module: str) -> str:
+        """``module``'s quantization mode: "affine", or one of :data:`FLOAT_MODES`."""
+        return self.modes.get(module, self.mode)
+
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
+        out: dict[str, Any] = {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
         for module, fmt in self.overrides.items():
-            out[module] = False if fmt is None else {"group_size": fmt[1], "bits": fmt[0], "mode": "affine"}
+            out[module] = False if fmt is None else {"group_size": fmt[1], "bits": fmt[0],
+                                                     "mode": self.mode_for(module)}
         return out
 
     @classmethod
@@ -56,29 +68,42 @@ class QuantConfig:
                 "quantization (mlx-community checkpoints, GGUF files, `ferrum quantize`): convert the float "
                 "model with `ferrum quantize SRC DST --bits 4`"
             )
-        bits, group_size = _format(section, where, "quantization")
+        bits, group_size, mode = _format(section, where, "quantization")
         overrides: dict[str, Format | None] = {}
+        modes: dict[str, str] = {}
         for key, value in section.items():
             if key in ("bits", "group_size", "mode"):
                 continue
             if value is False:
                 overrides[key] = None
             elif isinstance(value, Mapping):
-                overrides[key] = _format(value, where, f"quantization[{key!r}]")
+                module_bits, module_group, module_mode = _format(value, where, f"quantization[{key!r}]")
+                overrides[key] = (module_bits, module_group)
+                if module_mode != mode:
+                    modes[key] = module_mode
             else:
                 raise ConfigError(
                     f"{where}: quantization entry {key!r} must be false or an object with bits and group_size, "
                     f"got {value!r}"
                 )
-        return cls(bits, group_size, overrides)
+        return cls(bits, group_size, overrides, mode, modes)
 
 
-def _format(section: Mapping[str, Any], where: str, what: str) -> Format:
-    mode = section.get("mode", "affine")
-    if mode != "affine":
+def _format(section: Mapping[str, Any], where: str, what: str) -> tuple[int, int, str]:
+    """``(bits, group_size, mode)`` of one section, checked."""
+    mode = section.get("mode", AFFINE)
+    if mode != AFFINE and mode not in FLOAT_MODES:
         raise UnsupportedFeatureError(
-            f"{where}: {what} uses mode {mode!r}; Ferrum runs only MLX's 'affine' quantization"
+            f"{where}: {what} uses mode {mode!r}; Ferrum runs MLX's 'affine' quantization and its float modes "
+            f"{', '.join(FLOAT_MODES)}"
         )
+    if mode in FLOAT_MODES:
+        fixed = FLOAT_MODES[mode]
+        got = (section.get("bits", fixed[0]), section.get("group_size", fixed[1]))
+        if got != fixed:
+            raise ConfigError(f"{where}: {what}: mode {mode!r} is {fixed[0]} bits in groups of {fixed[1]}, "
+                              f"not {got[0]} bits in groups of {got[1]}")
+        return (*fixed, mode)
     bits, group_size = section.get("bits"), section.get("group_size")
     for key, value in (("bits", bits), ("group_size", group_size)):
         if not isinstance(value, int) or isinstance(value, bool):
@@ -87,4 +112,4 @@ def _format(section: Mapping[str, Any], where: str, what: str) -> Format:
         check_format(bits, group_size, f"{where}: {what}")
     except InvalidRequestError as exc:
         raise UnsupportedFeatureError(str(exc)) from None
-    return bits, group_size
+    return bits, group_size, mode

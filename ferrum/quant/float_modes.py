@@ -1,0 +1,71 @@
+"""MLX's float quantization modes (mxfp4, nvfp4, mxfp8) read into the forms every backend runs.
+
+mlx-lm writes them as it writes affine checkpoints, with ``"mode"`` set in the
+quantization section, a ``uint32`` packed ``weight`` (codes packed as affine
+``q`` is), ``uint8`` ``scales`` and no ``biases``. A value is a small float code
+times its group's scale:
+
+=======  ====  =====  ==========================  ===================================
+mode     bits  group  code                        scale
+=======  ====  =====  ==========================  ===================================
+mxfp4    4     32     E2M1: 0, ±0.5, ±1 ... ±6    E8M0: ``2 ** (s - 127)``
+nvfp4    4     16     E2M1                        E4M3 (up to 448, 4 significant bits)
+mxfp8    8     32     E4M3                        E8M0
+=======  ====  =====  ==========================  ===================================
+
+An E2M1 code is a half-integer in [-6, 6], so ``2 * v + 12`` is an integer in
+[0, 24]: five affine bits with ``scale = s / 2`` and ``bias = -12 * scale`` hold
+the fp4 modes exactly (``q * scale + bias`` is ``(q - 12) * scale`` with no
+rounding: mxfp4's scales are powers of two, kept in bfloat16, which has
+float32's range; nvfp4's are kept in float32). No affine code of eight bits
+holds E4M3's 16 octaves, so mxfp8 is decoded to dense float32 weights (exact),
+which the backend casts to its compute dtype like any float checkpoint.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from ferrum.errors import CheckpointError
+from ferrum.quant.affine import QuantizedWeight, pack, unpack
+from ferrum.quant.config import FLOAT_MODES
+
+#: E2M1 code -> ``2 * value + 12``: the affine ``q`` of the fp4 modes (code 8 is -0).
+_FP4_AS_Q = np.array([12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0], dtype=np.uint8)
+
+
+def _scales(scales: np.ndarray, mode: str, where: str) -> np.ndarray:
+    """The groups' scales as float32: E8M0 for the mx modes, E4M3 for nvfp4 (both refused where NaN)."""
+    kind = ml_dtypes.float8_e4m3fn if mode == "nvfp4" else ml_dtypes.float8_e8m0fnu
+    values = np.ascontiguousarray(scales, dtype=np.uint8).view(kind).astype(np.float32)
+    if not np.isfinite(values).all():
+        byte = int(np.asarray(scales).flat[int(np.argmin(np.isfinite(values)))])
+        raise CheckpointError(f"{where}: a {mode} scale is NaN (byte {byte}); the checkpoint is damaged")
+    return values
+
+
+def decode(packed: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, int],
+           where: str) -> QuantizedWeight | np.ndarray:
+    """One ``[N, K]`` matrix of a float mode: exact 5-bit affine for mxfp4 and nvfp4, dense float32 for mxfp8."""
+    bits, group_size = FLOAT_MODES[mode]
+    n, k = shape
+    if (packed.dtype != np.uint32 or packed.shape != (n, k * bits // 32) or scales.dtype != np.uint8
+            or scales.shape != (n, k // group_size) or k % group_size):
+        raise CheckpointError(
+            f"{where}: a {mode} [{n}, {k}] matrix is uint32 [{n}, {k * bits // 32}] with uint8 scales "
+            f"[{n}, {k // group_size}]; got {packed.dtype} {tuple(packed.shape)} and {scales.dtype} "
+            f"{tuple(scales.shape)}"
+        )
+    scale = _scales(scales, mode, where)
+    codes = unpack(packed, bits)
+    if mode == "mxfp8":
+        values = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32).reshape(n, -1, group_size)
+        if not np.isfinite(values).all():
+            raise CheckpointError(f"{where}: an mxfp8 weight is NaN; the checkpoint is damaged")
+        return (values * scale[..., None]).reshape(n, k)
+    half = scale / 2
+    dtype = ml_dtypes.bfloat16 if mode == "mxfp4" else np.float32
+    if not np.isfinite(half * -12).all():
+        raise CheckpointError(f"{where}: a {mode} scale ({float(np.max(scale)):g}) is too large for float32")
+    return QuantizedWeight(pack(_FP4_AS_Q[codes], 5), half.astype(dtype), (half * -12).astype(dtype), 5, group_size)
