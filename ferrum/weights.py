@@ -18,7 +18,7 @@ import numpy as np
 
 from ferrum.checkpoint import Checkpoint
 from ferrum.config import ModelConfig
-from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.errors import CheckpointError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
 from ferrum.quant import float_modes
 from ferrum.quant.affine import QuantizedWeight
@@ -110,12 +110,8 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     module = name.removesuffix(".weight")
     quant = config.quantization
     if config.arch.moe is not None and loading.is_expert_stack(name):
-        if quant is not None and quant.mode_for(module) != AFFINE:
-            raise UnsupportedFeatureError(
-                f"{checkpoint.folder}: experts quantized in mode {quant.mode_for(module)!r} are not supported; "
-                "Ferrum reads MLX's float modes for dense layers only: quantize the experts in 'affine' mode"
-            )
-        return loading.expert_parts(present, config.arch.moe, name)
+        float_mode = quant is not None and quant.mode_for(module) != AFFINE
+        return loading.expert_parts(present, config.arch.moe, name, float_mode)
     if module == name or f"{module}.scales" not in present:
         return (name,)
     if quant is None:

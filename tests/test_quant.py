@@ -18,7 +18,7 @@ from ferrum.quant.config import FLOAT_MODES
 from ferrum.sampling import SamplingParams
 from ferrum.weights import runs_natively
 
-from support import runnable_backends, write_text_checkpoint
+from support import runnable_backends, write_text_checkpoint, write_tokenizer
 
 mx = pytest.importorskip("mlx.core")
 
@@ -198,17 +198,53 @@ def test_float_mode_checkpoints_match_mlx_lm_on_every_backend(backend, mode, mlx
     assert scaled_error(llm.model.forward_verify("s", tokens), ref) <= 1e-4
 
 
-def test_float_mode_experts_are_refused_by_name(tmp_path):
+@pytest.fixture(scope="module")
+def mlx_lm_float_mode_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE quantized by mlx-lm in each float mode (experts stacked, the router kept affine by
+    mlx-lm), with mlx-lm's logits for it."""
+    from mlx_lm import convert, load
+
     from ferrum.random_checkpoint import write_random_checkpoint
 
-    config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 64,
-              "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1,
-              "max_position_embeddings": 64}
-    folder = write_random_checkpoint(tmp_path / "moe", config, dtype="float32")
-    raw = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**raw, "quantization": {"mode": "mxfp4"}}))
-    with pytest.raises(UnsupportedFeatureError, match="experts quantized in mode 'mxfp4'"):
+    root = tmp_path_factory.mktemp("float_mode_moe")
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 300,
+              "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
+              "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+              "max_position_embeddings": 128, "rope_theta": 10000.0, "tie_word_embeddings": False}
+    write_random_checkpoint(root / "float", config, dtype="float32", std=0.3)
+    write_tokenizer(root / "float")
+    tokens = [0, 5, 9, 33, 77, 120, 201, 7]
+    made = {}
+    for mode in FLOAT_MODES:
+        convert(str(root / "float"), mlx_path=str(root / mode), quantize=True, q_mode=mode)
+        model, _ = load(str(root / mode))
+        made[mode] = root / mode, np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+    return made, tokens
+
+
+@pytest.mark.parametrize("mode", FLOAT_MODES)
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_float_mode_experts_match_mlx_lm_on_every_backend(backend, mode, mlx_lm_float_mode_moe):
+    made, tokens = mlx_lm_float_mode_moe
+    folder, ref = made[mode]
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
+    assert scaled_error(llm.model.forward_verify("s", tokens), ref) <= 1e-4
+
+
+def test_nvfp4_experts_with_a_tensor_scale_are_refused_by_name(mlx_lm_float_mode_moe, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "nvfp4"
+    shutil.copytree(mlx_lm_float_mode_moe[0]["nvfp4"][0], folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.0.mlp.switch_mlp.up_proj.global_scale"
+    tensors[name] = np.ones(4, np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][name] = "model.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UnsupportedFeatureError, match=r"up_proj\.global_scale: nvfp4 experts with a tensor scale"):
         ferrum.load(folder, backend="cpu")
 
 

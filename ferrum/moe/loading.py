@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ferrum.errors import CheckpointError
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.experts import HostExperts, StackedQuantized
 from ferrum.moe.spec import MoeSpec
-from ferrum.quant.config import QuantConfig
+from ferrum.quant import float_modes
+from ferrum.quant.config import AFFINE, QuantConfig
 
 SWITCH = ("gate_proj", "up_proj", "down_proj")
 _PACKED = ("weight", "scales", "biases")
@@ -35,16 +36,21 @@ def is_expert_stack(name: str) -> bool:
     return ".switch_mlp." in name
 
 
-def expert_parts(present: set[str], spec: MoeSpec, name: str) -> tuple[str, ...]:
-    """The checkpoint tensors that make up stacked projection ``name``, in the layout ``present`` holds."""
+def expert_parts(present: set[str], spec: MoeSpec, name: str, float_mode: bool = False) -> tuple[str, ...]:
+    """The checkpoint tensors that make up stacked projection ``name``, in the layout ``present`` holds
+    (``float_mode``: quantized in one of MLX's float modes, so codes and scales without biases)."""
     path = name.removesuffix(".weight")
+    packed = _PACKED[:2] if float_mode else _PACKED
     if name in present:
-        return (name, f"{path}.scales", f"{path}.biases") if f"{path}.scales" in present else (name,)
+        if float_mode and f"{path}.global_scale" in present:
+            raise UnsupportedFeatureError(f"{path}.global_scale: nvfp4 experts with a tensor scale (global_scale) "
+                                          "are not supported; quantize the experts without one")
+        return tuple(f"{path}.{k}" for k in packed) if f"{path}.scales" in present else (name,)
     if spec.stacked is not None:
         module, proj = path.split(".switch_mlp.")
         return (f"{module}.{spec.stacked[SWITCH.index(proj)]}.weight",)
     per_expert = [n.removesuffix(".weight") for n in per_expert_names(spec, name)]
-    kinds = _PACKED if f"{per_expert[0]}.scales" in present else _PACKED[:1]
+    kinds = packed if f"{per_expert[0]}.scales" in present else _PACKED[:1]
     return tuple(f"{p}.{k}" for p in per_expert for k in kinds)
 
 
@@ -89,6 +95,9 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
                 f"float {shape} (a packed weight needs .scales and .biases beside it)"
             )
         return weight
+    mode = AFFINE if quant is None else quant.mode_for(name.removesuffix(".weight"))
+    if mode != AFFINE:
+        return _float_mode_experts(weight, stacked("scales"), mode, shape, f"{where}: {first}")
     scales, biases = stacked("scales"), stacked("biases")
     e, n, k = shape
     if weight.dtype != np.uint32 or weight.shape[:2] != (e, n) or scales.shape[:2] != (e, n) or not scales.shape[-1]:
@@ -109,6 +118,20 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
         return StackedQuantized(weight, scales, biases, *fmt)
     except Exception as exc:
         raise CheckpointError(f"{where}: {first}: {exc}") from exc
+
+
+def _float_mode_experts(weight: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, int, int],
+                        where: str) -> HostExperts:
+    """Experts in one of MLX's float modes, each decoded as a matrix is (:mod:`ferrum.quant.float_modes`)."""
+    e, n, k = shape
+    if weight.ndim != 3 or scales.ndim != 3 or weight.shape[0] != e or scales.shape[0] != e:
+        raise CheckpointError(f"{where}: {mode} experts must stack {e} experts' codes and scales; got "
+                              f"{tuple(weight.shape)} and {tuple(scales.shape)}")
+    decoded = [float_modes.decode(weight[i], scales[i], mode, (n, k), f"{where} (expert {i})") for i in range(e)]
+    if isinstance(decoded[0], np.ndarray):
+        return np.stack(decoded)
+    return StackedQuantized(*(np.stack([getattr(d, part) for d in decoded]) for part in ("packed", "scales", "biases")),
+                            decoded[0].bits, decoded[0].group_size)
 
 
 def _expert_index(name: str) -> int:

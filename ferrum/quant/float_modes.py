@@ -19,7 +19,8 @@ the fp4 modes exactly (``q * scale + bias`` is ``(q - 12) * scale`` with no
 rounding: mxfp4's scales are powers of two, kept in bfloat16, which has
 float32's range; nvfp4's are kept in float32). No affine code of eight bits
 holds E4M3's 16 octaves, so mxfp8 is decoded to dense float32 weights (exact),
-which the backend casts to its compute dtype like any float checkpoint.
+which the backend casts to its compute dtype like any float checkpoint. Stacked
+experts are decoded expert by expert (:mod:`ferrum.moe.loading`).
 """
 
 from __future__ import annotations
