@@ -21,7 +21,7 @@ SAFETENSORS_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8":
 #: What a model's tensors may be stored as: floats, and uint32 words of packed quantized weights.
 #: Integer, bool and float8 tensors (FP8 checkpoints) are refused by name rather than misread.
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-READABLE_DTYPES = FLOAT_DTYPES | {"U32", "U8"}  # packed codes; the float modes' uint8 scales
+READABLE_DTYPES = FLOAT_DTYPES | {"U32", "U8", "I32"}  # MLX codes, float-mode scales, AWQ/GPTQ words
 
 
 def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
@@ -141,8 +141,8 @@ class Checkpoint:
             if dtype not in READABLE_DTYPES:
                 raise CheckpointError(
                     f"{path.name}: tensor {name} is stored as {dtype}; Ferrum reads float weights (F32, F16, BF16) "
-                    "and MLX-quantized ones (uint32 codes, uint8 scales). Convert the checkpoint (FP8 and integer "
-                    "checkpoints are not supported)"
+                    "and quantized ones (MLX, AWQ, GPTQ). Convert the checkpoint (FP8 and integer checkpoints are "
+                    "not supported)"
                 )
             try:
                 array = handle.get_tensor(name)

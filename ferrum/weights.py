@@ -18,9 +18,9 @@ import numpy as np
 
 from ferrum.checkpoint import Checkpoint
 from ferrum.config import ModelConfig
-from ferrum.errors import CheckpointError
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
-from ferrum.quant import float_modes
+from ferrum.quant import awq_gptq, float_modes
 from ferrum.quant.affine import QuantizedWeight
 from ferrum.quant.config import AFFINE
 
@@ -110,8 +110,18 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     module = name.removesuffix(".weight")
     quant = config.quantization
     if config.arch.moe is not None and loading.is_expert_stack(name):
+        if quant is not None and quant.mode_for(module) in awq_gptq.METHODS:
+            raise UnsupportedFeatureError(f"{checkpoint.folder}: {quant.mode_for(module)} experts are not supported; "
+                                          "Ferrum reads AWQ and GPTQ for dense layers")
         float_mode = quant is not None and quant.mode_for(module) != AFFINE
         return loading.expert_parts(present, config.arch.moe, name, float_mode)
+    if module != name and f"{module}.qweight" in present:
+        if quant is None or quant.mode_for(module) not in awq_gptq.METHODS:
+            raise CheckpointError(f"{checkpoint.folder}: {module}.qweight marks an AWQ or GPTQ layer, but config.json "
+                                  "has no quantization_config with quant_method awq or gptq")
+        kinds = ("qweight", "qzeros", "scales", "g_idx") if f"{module}.g_idx" in present else (
+            "qweight", "qzeros", "scales")
+        return tuple(f"{module}.{kind}" for kind in kinds)
     if module == name or f"{module}.scales" not in present:
         return (name,)
     if quant is None:
@@ -137,6 +147,10 @@ def _assemble(
 
         half = fused_half(config.arch.moe, name, tuple(parts))
         return assemble_experts(name, parts, shape, config.quantization, where, half)
+    module = name.removesuffix(".weight")
+    if f"{module}.qweight" in parts:
+        quant = config.quantization
+        return awq_gptq.repack(parts, module, quant.mode_for(module), shape, quant.bits, quant.group_size, where)
     array = parts[name]
     if len(parts) == 1:
         if array.dtype.kind != "f" and array.dtype.name != "bfloat16":

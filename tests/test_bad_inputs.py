@@ -149,7 +149,7 @@ LOAD_ROWS = [
     ("index-fifo", index_to_fifo, CheckpointError, ["pipe.safetensors", "not a regular file"]),
     ("index-not-json", write("model.safetensors.index.json", b"{oops"), CheckpointError, ["index.json", "malformed"]),
     ("index-map-not-object", sharded(["a", "b"]), CheckpointError, ["weight_map"]),
-    ("weights-int32", retype_tensor(np.int32), CheckpointError, ["up_proj", "I32"]),
+    ("weights-int32", retype_tensor(np.int32), CheckpointError, ["up_proj", "int32", "float tensor is expected"]),
     ("weights-bool", retype_tensor(np.bool_), CheckpointError, ["up_proj", "BOOL"]),
     ("weights-float8", float8_tensor, CheckpointError, ["up_proj", "F8_E4M3"]),
     ("weights-nan", retype_tensor("nan"), CheckpointError, ["up_proj", "NaN"]),

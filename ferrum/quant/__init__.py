@@ -1,4 +1,5 @@
-"""Quantized weights: the one packed affine form, reading it from checkpoints, and writing it (`ferrum quantize`)."""
+"""Quantized weights: the one packed affine form, reading it (and the formats rewritten into it) from checkpoints,
+and writing it (`ferrum quantize`)."""
 
 from ferrum.quant.affine import (
     SUPPORTED_BITS,

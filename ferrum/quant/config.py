@@ -5,8 +5,9 @@ mlx-lm writes ``"quantization": {"group_size": 64, "bits": 4, "mode": "affine"}`
 entry per module path, ``"model.layers.0.mlp.down_proj": {"group_size": 64,
 "bits": 6}``, or ``false`` for a module left in float. MLX's float modes
 (``"mode": "mxfp4"``, ``"nvfp4"``, ``"mxfp8"``) are read into the forms every
-backend runs (:mod:`ferrum.quant.float_modes`). Other quantization schemes
-(Hugging Face's ``quant_method`` GPTQ/AWQ/bitsandbytes/FP8) are refused by name.
+backend runs (:mod:`ferrum.quant.float_modes`), and so are Hugging Face's
+``quant_method`` "awq" and "gptq" sections (:mod:`ferrum.quant.awq_gptq`). Other
+schemes (bitsandbytes, FP8, compressed-tensors...) are refused by name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ferrum.errors import ConfigError, InvalidRequestError, UnsupportedFeatureError
-from ferrum.quant.affine import check_format
+from ferrum.quant.affine import SUPPORTED_GROUP_SIZES, check_format
 
 Format = tuple[int, int]  # (bits, group_size)
 AFFINE = "affine"
@@ -41,7 +42,8 @@ class QuantConfig:
         return self.bits, self.group_size
 
     def mode_for(self, module: str) -> str:
-        """``module``'s quantization mode: "affine", or one of :data:`FLOAT_MODES`."""
+        """``module``'s quantization mode: "affine", one of :data:`FLOAT_MODES`, or "awq" / "gptq" /
+        "gptq_v2" for a checkpoint in those layouts."""
         return self.modes.get(module, self.mode)
 
     def to_json(self) -> dict[str, Any]:
@@ -63,11 +65,7 @@ class QuantConfig:
             raise ConfigError(f"{where}: 'quantization' must be an object, got {section!r}")
         method = section.get("quant_method")
         if method is not None:
-            raise UnsupportedFeatureError(
-                f"{where}: quant_method {method!r} checkpoints are not supported; Ferrum runs MLX affine "
-                "quantization (mlx-community checkpoints, GGUF files, `ferrum quantize`): convert the float "
-                "model with `ferrum quantize SRC DST --bits 4`"
-            )
+            return cls._foreign(section, method, where)
         bits, group_size, mode = _format(section, where, "quantization")
         overrides: dict[str, Format | None] = {}
         modes: dict[str, str] = {}
@@ -87,6 +85,42 @@ class QuantConfig:
                     f"got {value!r}"
                 )
         return cls(bits, group_size, overrides, mode, modes)
+
+
+    @classmethod
+    def _foreign(cls, section: Mapping[str, Any], method: Any, where: str) -> "QuantConfig":
+        """An AutoAWQ (GEMM) or GPTQ section (:mod:`ferrum.quant.awq_gptq`); other methods refused by name."""
+        if method not in ("awq", "gptq"):
+            raise UnsupportedFeatureError(
+                f"{where}: quant_method {method!r} checkpoints are not supported; Ferrum runs MLX's quantization "
+                "(mlx-community checkpoints, `ferrum quantize`), GGUF files, AWQ and GPTQ: convert the float "
+                "model with `ferrum quantize SRC DST --bits 4`"
+            )
+        bits, group_size = section.get("bits", 4), section.get("group_size", 128)
+        for key, value in (("bits", bits), ("group_size", group_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{where}: quantization_config needs an integer {key!r}, got {value!r}")
+        if method == "awq":
+            version = str(section.get("version", "gemm")).lower()
+            if version != "gemm" or bits != 4 or section.get("zero_point", True) is not True:
+                raise UnsupportedFeatureError(
+                    f"{where}: AWQ version {version!r} at {bits} bits, zero_point {section.get('zero_point', True)}: "
+                    "Ferrum reads AutoAWQ's GEMM layout at 4 bits with zero points"
+                )
+            mode = "awq"
+        else:
+            mode = section.get("checkpoint_format", section.get("format", "gptq"))
+            if mode not in ("gptq", "gptq_v2") or bits not in (2, 4, 8):
+                raise UnsupportedFeatureError(
+                    f"{where}: GPTQ format {mode!r} at {bits} bits: Ferrum reads formats gptq and gptq_v2 at 2, 4 "
+                    "or 8 bits"
+                )
+        if group_size not in SUPPORTED_GROUP_SIZES:
+            raise UnsupportedFeatureError(
+                f"{where}: {method} group_size {group_size}: Ferrum runs groups of {SUPPORTED_GROUP_SIZES} inputs "
+                "(not -1, one group per row)"
+            )
+        return cls(bits, group_size, {}, mode)
 
 
 def _format(section: Mapping[str, Any], where: str, what: str) -> tuple[int, int, str]:

@@ -1,0 +1,80 @@
+"""AutoAWQ and GPTQ checkpoints (``quant_method`` "awq" / "gptq") repacked exactly into the affine form.
+
+Both store a linear layer as int32 words of packed codes ``q``, packed zero
+points ``z`` and float16 ``scales`` per group of ``group_size`` inputs, with
+``w = (q - z) * scale``: the affine form with ``scale`` and ``bias = -z * scale``,
+both kept in float32, where each is exact (a float16 times an integer below 256).
+They differ in layout:
+
+* **AWQ** (``version`` "gemm", 4 bits): ``qweight`` ``[in, out / 8]`` and
+  ``qzeros`` ``[in / group, out / 8]``, eight outputs to a word, output ``j``
+  of each eight in nibble ``(0, 4, 1, 5, 2, 6, 3, 7)[j]`` (AutoAWQ's
+  ``AWQ_ORDER`` is the inverse);
+* **GPTQ** (2, 4 or 8 bits): ``qweight`` ``[in * bits / 32, out]`` packed
+  along the inputs, ``qzeros`` ``[in / group, out * bits / 32]`` along the
+  outputs, both in order from the lowest bits; the v1 format
+  (``checkpoint_format`` "gptq", the default) stores each zero less one (a
+  symmetric 4-bit layer's words read 0x77777777), v2 stores it as it is. A
+  ``g_idx`` other than ``input // group_size`` (act-order, ``desc_act``) puts a
+  group's inputs apart, which no affine group holds: refused, as mlx-lm
+  refuses it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.quant.affine import QuantizedWeight, pack
+
+#: config.json's ``quant_method`` -> the mode :class:`ferrum.quant.QuantConfig` records (GPTQ by format).
+METHODS = ("awq", "gptq", "gptq_v2")
+#: Output ``j`` of each eight sits in nibble ``_AWQ_NIBBLE[j]`` of its AWQ word.
+_AWQ_NIBBLE = np.array([0, 4, 1, 5, 2, 6, 3, 7])
+
+
+def _words_to_codes(words: np.ndarray, bits: int) -> np.ndarray:
+    """int32 words -> their ``32 / bits`` codes each, lowest bits first, along a new last axis."""
+    shifts = np.arange(0, 32, bits, dtype=np.uint32)
+    return ((words.astype(np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)).astype(np.uint8)
+
+
+def _awq_codes(words: np.ndarray) -> np.ndarray:
+    """AWQ's ``[rows, out / 8]`` words -> ``[rows, out]`` codes in output order."""
+    nibbles = _words_to_codes(words, 4)  # [rows, out / 8, 8], nibble order
+    return nibbles[..., _AWQ_NIBBLE].reshape(words.shape[0], -1)
+
+
+def repack(parts: dict[str, np.ndarray], module: str, mode: str, shape: tuple[int, int], bits: int,
+           group_size: int, where: str) -> QuantizedWeight:
+    """One ``[out, in]`` layer's ``qweight``, ``qzeros``, ``scales`` (and GPTQ's ``g_idx``) as a packed affine
+    weight."""
+    out, k = shape
+    qweight, qzeros, scales = (parts[f"{module}.{kind}"] for kind in ("qweight", "qzeros", "scales"))
+    groups = k // group_size
+    per_word = 32 // bits
+    expected = {
+        "awq": ((k, out // per_word), (groups, out // per_word)),
+        "gptq": ((k // per_word, out), (groups, out // per_word)),
+    }["awq" if mode == "awq" else "gptq"]
+    if (qweight.dtype != np.int32 or qzeros.dtype != np.int32 or tuple(qweight.shape) != expected[0]
+            or tuple(qzeros.shape) != expected[1] or tuple(scales.shape) != (groups, out) or k % group_size):
+        raise CheckpointError(
+            f"{where}: {module} in {mode} at {bits} bits, group {group_size}, is int32 qweight {expected[0]}, "
+            f"int32 qzeros {expected[1]} and scales {(groups, out)}; got {qweight.dtype} {tuple(qweight.shape)}, "
+            f"{qzeros.dtype} {tuple(qzeros.shape)} and {tuple(scales.shape)}"
+        )
+    g_idx = parts.get(f"{module}.g_idx")
+    if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // group_size):
+        raise UnsupportedFeatureError(
+            f"{where}: {module}.g_idx orders its inputs by activation (desc_act), so a group's inputs are not "
+            "adjacent; quantize the model without act-order, or use its float checkpoint"
+        )
+    if mode == "awq":
+        q, z = _awq_codes(qweight).T, _awq_codes(qzeros)  # q: [out, in]; z: [groups, out]
+    else:
+        q = _words_to_codes(qweight, bits).transpose(1, 0, 2).reshape(out, k)
+        z = _words_to_codes(qzeros, bits).reshape(groups, out).astype(np.int32) + (mode == "gptq")
+    scale = np.ascontiguousarray(scales.astype(np.float32).T)  # [out, groups]
+    return QuantizedWeight(pack(np.ascontiguousarray(q), bits), scale, -z.T.astype(np.float32) * scale, bits,
+                           group_size)
