@@ -172,71 +172,59 @@ def test_greedy_tokens_equal_across_backends(mlx_lm_4bit):
     assert all(out == first for out in outputs.values()), outputs
 
 
-@pytest.fixture(scope="module")
-def mlx_lm_float_modes(tmp_path_factory):
-    """The same tiny model quantized by mlx-lm in each float mode, with mlx-lm's logits for it."""
+FLOAT_MODE_TOKENS = [0, 5, 9, 33, 77, 120, 201, 7]
+
+
+def _mlx_lm_in_each_float_mode(float_folder) -> dict:
+    """``float_folder`` quantized by mlx-lm in each float mode beside it: mode -> (folder, mlx-lm's logits)."""
     from mlx_lm import convert, load
 
-    root = tmp_path_factory.mktemp("float_modes")
-    write_text_checkpoint(root / "float")
-    tokens = [0, 5, 9, 33, 77, 120, 201, 7]
     made = {}
     for mode in FLOAT_MODES:
-        convert(str(root / "float"), mlx_path=str(root / mode), quantize=True, q_mode=mode)
-        model, _ = load(str(root / mode))
-        made[mode] = root / mode, np.array(model(mx.array([tokens]))[0].astype(mx.float32))
-    return made, tokens
+        folder = float_folder.parent / mode
+        convert(str(float_folder), mlx_path=str(folder), quantize=True, q_mode=mode)
+        model, _ = load(str(folder))
+        made[mode] = folder, np.array(model(mx.array([FLOAT_MODE_TOKENS]))[0].astype(mx.float32))
+    return made
 
 
-@pytest.mark.parametrize("mode", FLOAT_MODES)
-@pytest.mark.parametrize("backend", runnable_backends())
-def test_float_mode_checkpoints_match_mlx_lm_on_every_backend(backend, mode, mlx_lm_float_modes):
-    made, tokens = mlx_lm_float_modes
-    folder, ref = made[mode]
-    llm = ferrum.load(folder, backend=backend, dtype="float32")
-    assert llm.model.config.quantization.mode == mode
-    assert scaled_error(llm.model.forward_verify("s", tokens), ref) <= 1e-4
+@pytest.fixture(scope="module")
+def mlx_lm_float_modes(tmp_path_factory):
+    """The tiny Llama in each float mode."""
+    return _mlx_lm_in_each_float_mode(write_text_checkpoint(tmp_path_factory.mktemp("float_modes") / "float"))
 
 
 @pytest.fixture(scope="module")
 def mlx_lm_float_mode_moe(tmp_path_factory):
-    """A tiny Qwen3-MoE quantized by mlx-lm in each float mode (experts stacked, the router kept affine by
-    mlx-lm), with mlx-lm's logits for it."""
-    from mlx_lm import convert, load
-
+    """A tiny Qwen3-MoE in each float mode (experts stacked; mlx-lm keeps the router affine)."""
     from ferrum.random_checkpoint import write_random_checkpoint
 
-    root = tmp_path_factory.mktemp("float_mode_moe")
+    folder = tmp_path_factory.mktemp("float_mode_moe") / "float"
     config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 300,
               "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
               "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
               "max_position_embeddings": 128, "rope_theta": 10000.0, "tie_word_embeddings": False}
-    write_random_checkpoint(root / "float", config, dtype="float32", std=0.3)
-    write_tokenizer(root / "float")
-    tokens = [0, 5, 9, 33, 77, 120, 201, 7]
-    made = {}
-    for mode in FLOAT_MODES:
-        convert(str(root / "float"), mlx_path=str(root / mode), quantize=True, q_mode=mode)
-        model, _ = load(str(root / mode))
-        made[mode] = root / mode, np.array(model(mx.array([tokens]))[0].astype(mx.float32))
-    return made, tokens
+    write_random_checkpoint(folder, config, dtype="float32", std=0.3)
+    write_tokenizer(folder)
+    return _mlx_lm_in_each_float_mode(folder)
 
 
+@pytest.mark.parametrize("models", ["mlx_lm_float_modes", "mlx_lm_float_mode_moe"])
 @pytest.mark.parametrize("mode", FLOAT_MODES)
 @pytest.mark.parametrize("backend", runnable_backends())
-def test_float_mode_experts_match_mlx_lm_on_every_backend(backend, mode, mlx_lm_float_mode_moe):
-    made, tokens = mlx_lm_float_mode_moe
-    folder, ref = made[mode]
+def test_float_mode_checkpoints_match_mlx_lm_on_every_backend(backend, mode, models, request):
+    folder, ref = request.getfixturevalue(models)[mode]
     llm = ferrum.load(folder, backend=backend, dtype="float32")
-    assert scaled_error(llm.model.forward_verify("s", tokens), ref) <= 1e-4
+    assert llm.model.config.quantization.mode == mode
+    assert scaled_error(llm.model.forward_verify("s", FLOAT_MODE_TOKENS), ref) <= 1e-4
 
 
 def test_nvfp4_experts_with_a_tensor_scale_are_refused_by_name(mlx_lm_float_mode_moe, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     folder = tmp_path / "nvfp4"
-    shutil.copytree(mlx_lm_float_mode_moe[0]["nvfp4"][0], folder)
+    shutil.copytree(mlx_lm_float_mode_moe["nvfp4"][0], folder)
     tensors = load_file(str(folder / "model.safetensors"))
     name = "model.layers.0.mlp.switch_mlp.up_proj.global_scale"
     tensors[name] = np.ones(4, np.float32)
