@@ -104,7 +104,8 @@ def runs_natively(ops: Any, bits: int, group_size: int) -> bool:
 
 
 def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig, name: str) -> tuple[str, ...]:
-    """The checkpoint tensors (of ``present``) that make up ``name``: itself, or packed weight, scales and biases."""
+    """The checkpoint tensors (of ``present``) that make up ``name``: itself, or packed weight, scales and biases
+    (scales alone in MLX's float modes; AWQ's and GPTQ's ``qweight``, ``qzeros``, ``scales`` and ``g_idx``)."""
     from ferrum.moe import loading  # imported here: ferrum.moe places each expert through this module
 
     module = name.removesuffix(".weight")
@@ -119,8 +120,7 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
         if quant is None or quant.mode_for(module) not in awq_gptq.METHODS:
             raise CheckpointError(f"{checkpoint.folder}: {module}.qweight marks an AWQ or GPTQ layer, but config.json "
                                   "has no quantization_config with quant_method awq or gptq")
-        kinds = ("qweight", "qzeros", "scales", "g_idx") if f"{module}.g_idx" in present else (
-            "qweight", "qzeros", "scales")
+        kinds = ("qweight", "qzeros", "scales") + (("g_idx",) if f"{module}.g_idx" in present else ())
         return tuple(f"{module}.{kind}" for kind in kinds)
     if module == name or f"{module}.scales" not in present:
         return (name,)
@@ -161,7 +161,6 @@ def _assemble(
         if tuple(array.shape) != shape:
             raise CheckpointError(f"tensor {name} has shape {tuple(array.shape)} but config.json implies {shape}")
         return array
-    module = name.removesuffix(".weight")
     mode = config.quantization.mode_for(module)
     if mode != AFFINE:
         return float_modes.decode(array, parts[f"{module}.scales"], mode, shape, f"{where}: {module}")

@@ -86,7 +86,6 @@ class QuantConfig:
                 )
         return cls(bits, group_size, overrides, mode, modes)
 
-
     @classmethod
     def _foreign(cls, section: Mapping[str, Any], method: Any, where: str) -> "QuantConfig":
         """An AutoAWQ (GEMM) or GPTQ section (:mod:`ferrum.quant.awq_gptq`); other methods refused by name."""
