@@ -13,7 +13,7 @@ from ferrum.arch import FAMILIES, Architecture
 from ferrum.arch.families import Sizes, read_sizes
 from ferrum.arch.keys import KeyReader
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.quant.config import QuantConfig
+from ferrum.quant.config import SIDECARS, QuantConfig, sidecar_section
 
 #: model_type values Ferrum runs (the keys of the family table).
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -30,7 +30,7 @@ class ModelConfig(Sizes):
     torch_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    quantization: QuantConfig | None = None  # packed affine weights (mlx-community layout)
+    quantization: QuantConfig | None = None  # quantized weights (MLX's modes, AWQ, GPTQ: see ferrum.quant)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -39,16 +39,12 @@ class ModelConfig(Sizes):
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"no config.json at {path}; point Ferrum at a Hugging Face checkpoint folder")
-        if not path.is_file():
-            raise ConfigError(f"{path} is not a regular file")
-        try:
-            raw = json.loads(path.read_bytes().decode("utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON, absurdly nested
-            raise ConfigError(f"{path} is not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
+        raw = _json_object(path)
+        if "quantization" not in raw and "quantization_config" not in raw:  # older AWQ / GPTQ releases
+            section = sidecar_section({name: _json_object(path.parent / name) for name in SIDECARS
+                                       if (path.parent / name).exists()})
+            if section is not None:
+                raw = {**raw, "quantization_config": section}
         return cls.from_dict(raw, where=str(path))
 
     @classmethod
@@ -99,3 +95,18 @@ class ModelConfig(Sizes):
     def rope_inv_freq(self) -> np.ndarray:
         """The first layer's per-pair inverse frequencies, with the checkpoint's rope scaling applied."""
         return self.arch.layers[0].rope.inv_freq()
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object a checkpoint file holds, or a :class:`ConfigError` naming the file and the problem."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a regular file")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON, absurdly nested
+        raise ConfigError(f"{path} is not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return raw

@@ -142,6 +142,25 @@ def test_symmetric_gptq_stores_its_zeros_as_real_checkpoints_do(float_model, tmp
     assert scaled_error(got, ref) <= 1e-4
 
 
+@pytest.mark.parametrize("method, sidecar, spelled", [
+    ("awq", "quant_config.json", {"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMM"}),
+    ("gptq", "quantize_config.json", {"bits": 4, "group_size": GROUP, "desc_act": False, "sym": False}),
+])
+def test_older_releases_describe_their_quantization_beside_config_json(float_model, tmp_path, method, sidecar,
+                                                                      spelled):
+    """AutoAWQ's quant_config.json and AutoGPTQ's quantize_config.json, where config.json says nothing."""
+    folder = tmp_path / method
+    dequantized = _write(folder, float_model, method)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / sidecar).write_text(json.dumps(spelled))
+    llm = ferrum.load(folder, backend="cpu", dtype="float32")
+    assert llm.model.config.quantization == QuantConfig(4, GROUP, {}, method)
+    ref = _reference_logits(float_model, dequantized, tmp_path)
+    assert scaled_error(llm.model.forward_verify("s", TOKENS), ref) <= 1e-4
+
+
 def test_act_order_and_other_layouts_are_refused_by_name(float_model, tmp_path):
     _write(tmp_path / "act", float_model, "gptq", desc_act=True)
     tensors = load_file(str(tmp_path / "act" / "model.safetensors"))

@@ -122,6 +122,21 @@ class QuantConfig:
         return cls(bits, group_size, {}, mode)
 
 
+#: Files older AWQ and GPTQ releases describe their quantization in instead of config.json, with the
+#: method each implies and its keys' spellings in Hugging Face's quantization_config.
+SIDECARS = {"quantize_config.json": ("gptq", {}),  # AutoGPTQ
+            "quant_config.json": ("awq", {"w_bit": "bits", "q_group_size": "group_size"})}  # AutoAWQ
+
+
+def sidecar_section(files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """A ``quantization_config`` section from a sidecar file's contents (file name -> its JSON), or None."""
+    for name, (method, renamed) in SIDECARS.items():
+        found = files.get(name)
+        if isinstance(found, Mapping):
+            return {"quant_method": method, **{renamed.get(key, key): value for key, value in found.items()}}
+    return None
+
+
 def _format(section: Mapping[str, Any], where: str, what: str) -> tuple[int, int, str]:
     """``(bits, group_size, mode)`` of one section, checked."""
     mode = section.get("mode", AFFINE)
