@@ -53,15 +53,13 @@ def repack(parts: dict[str, np.ndarray], module: str, mode: str, shape: tuple[in
     qweight, qzeros, scales = (parts[f"{module}.{kind}"] for kind in ("qweight", "qzeros", "scales"))
     groups = k // group_size
     per_word = 32 // bits
-    expected = {
-        "awq": ((k, out // per_word), (groups, out // per_word)),
-        "gptq": ((k // per_word, out), (groups, out // per_word)),
-    }["awq" if mode == "awq" else "gptq"]
-    if (qweight.dtype != np.int32 or qzeros.dtype != np.int32 or tuple(qweight.shape) != expected[0]
-            or tuple(qzeros.shape) != expected[1] or tuple(scales.shape) != (groups, out) or k % group_size):
+    words = (k, out // per_word) if mode == "awq" else (k // per_word, out)  # AWQ packs outputs, GPTQ inputs
+    zero_words = (groups, out // per_word)
+    if (qweight.dtype != np.int32 or qzeros.dtype != np.int32 or tuple(qweight.shape) != words
+            or tuple(qzeros.shape) != zero_words or tuple(scales.shape) != (groups, out) or k % group_size):
         raise CheckpointError(
-            f"{where}: {module} in {mode} at {bits} bits, group {group_size}, is int32 qweight {expected[0]}, "
-            f"int32 qzeros {expected[1]} and scales {(groups, out)}; got {qweight.dtype} {tuple(qweight.shape)}, "
+            f"{where}: {module} in {mode} at {bits} bits, group {group_size}, is int32 qweight {words}, "
+            f"int32 qzeros {zero_words} and scales {(groups, out)}; got {qweight.dtype} {tuple(qweight.shape)}, "
             f"{qzeros.dtype} {tuple(qzeros.shape)} and {tuple(scales.shape)}"
         )
     g_idx = parts.get(f"{module}.g_idx")
