@@ -18,7 +18,7 @@ import numpy as np
 
 from ferrum.checkpoint import Checkpoint
 from ferrum.config import ModelConfig
-from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.errors import CheckpointError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
 from ferrum.quant import awq_gptq, float_modes
 from ferrum.quant.affine import QuantizedWeight
@@ -111,11 +111,7 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     module = name.removesuffix(".weight")
     quant = config.quantization
     if config.arch.moe is not None and loading.is_expert_stack(name):
-        if quant is not None and quant.mode_for(module) in awq_gptq.METHODS:
-            raise UnsupportedFeatureError(f"{checkpoint.folder}: {quant.mode_for(module)} experts are not supported; "
-                                          "Ferrum reads AWQ and GPTQ for dense layers")
-        float_mode = quant is not None and quant.mode_for(module) != AFFINE
-        return loading.expert_parts(present, config.arch.moe, name, float_mode)
+        return loading.expert_parts(present, config.arch.moe, name, AFFINE if quant is None else quant.mode_for(module))
     if module != name and f"{module}.qweight" in present:
         if quant is None or quant.mode_for(module) not in awq_gptq.METHODS:
             raise CheckpointError(f"{checkpoint.folder}: {module}.qweight marks an AWQ or GPTQ layer, but config.json "

@@ -22,8 +22,6 @@ transformers = pytest.importorskip("transformers")
 
 GROUP = 32
 TOKENS = [0, 5, 9, 33, 77, 120, 201, 7]
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 #: AutoAWQ's packing order: nibble i of a word holds output ``8c + AWQ_ORDER[i]``.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -64,7 +62,9 @@ def _write(folder, src, method: str, bits: int = 4, symmetric: bool = False, **e
     shutil.copytree(src, folder)
     tensors = load_file(str(folder / "model.safetensors"))
     dequantized = {}
-    for name in [n for n in tensors if n.endswith(".weight") and any(f".{lin}." in n for lin in LINEARS)]:
+    quantized = [n for n, a in tensors.items() if n.startswith("model.layers.") and n.endswith(".weight")
+                 and a.ndim == 2 and not n.endswith(".mlp.gate.weight")]  # norms are vectors; a MoE router stays float
+    for name in quantized:
         module = name.removesuffix(".weight")
         v1 = method == "gptq" and extra.get("checkpoint_format", "gptq") == "gptq"  # cannot store a zero of 0
         q, zero, scale = _quantize(tensors.pop(name).astype(np.float32), bits, symmetric, lowest_zero=int(v1))
@@ -86,12 +86,12 @@ def _write(folder, src, method: str, bits: int = 4, symmetric: bool = False, **e
 
 
 def _reference_logits(src, dequantized, tmp_path) -> np.ndarray:
-    """transformers on the float model with every linear layer replaced by its dequantized weights."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    state = model.state_dict()
+    """transformers on the float model with every quantized layer replaced by its dequantized weights."""
+    folder = tmp_path / "dequantized"
+    shutil.copytree(src, folder)
+    save_file({**load_file(str(src / "model.safetensors")), **dequantized}, str(folder / "model.safetensors"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, w in dequantized.items():
-            state[name].copy_(torch.from_numpy(w))
         return model(torch.tensor([TOKENS])).logits[0].numpy()
 
 
@@ -119,6 +119,35 @@ def test_checkpoints_match_transformers_on_their_dequantized_weights(float_model
     llm = ferrum.load(tmp_path / method, backend=backend, dtype="float32")
     assert llm.model.config.quantization == QuantConfig(bits, GROUP, {}, extra.get("checkpoint_format", method))
     assert scaled_error(llm.model.forward_verify("s", TOKENS), ref) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def float_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE in the Hugging Face per-expert layout AWQ and GPTQ releases keep."""
+    from ferrum.random_checkpoint import write_random_checkpoint
+
+    from support import write_tokenizer
+
+    folder = tmp_path_factory.mktemp("awq_gptq_moe") / "float"
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 300,
+              "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
+              "num_experts_per_tok": 2, "norm_topk_prob": True, "max_position_embeddings": 128,
+              "tie_word_embeddings": False}
+    write_random_checkpoint(folder, config, dtype="float32", std=0.3)
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method, extra", [("awq", {"version": "gemm", "zero_point": True}),
+                                           ("gptq", {"desc_act": False, "sym": False})])
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_experts_match_transformers_on_their_dequantized_weights(float_moe, tmp_path, method, extra, backend):
+    dequantized = _write(tmp_path / method, float_moe, method, **extra)
+    assert any(".experts.3.down_proj." in name for name in dequantized)
+    ref = _reference_logits(float_moe, dequantized, tmp_path)
+    got = ferrum.load(tmp_path / method, backend=backend, dtype="float32").model.forward_verify("s", TOKENS)
+    assert scaled_error(got, ref) <= 1e-4
 
 
 def test_awq_matches_mlx_lm_reading_the_same_file(float_model, tmp_path):

@@ -25,24 +25,26 @@ import numpy as np
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.experts import HostExperts, StackedQuantized
 from ferrum.moe.spec import MoeSpec
-from ferrum.quant import float_modes
+from ferrum.quant import awq_gptq, float_modes
 from ferrum.quant.config import AFFINE, QuantConfig
 
 SWITCH = ("gate_proj", "up_proj", "down_proj")
 _PACKED = ("weight", "scales", "biases")
+_AWQ_GPTQ = ("qweight", "qzeros", "scales")
 
 
 def is_expert_stack(name: str) -> bool:
     return ".switch_mlp." in name
 
 
-def expert_parts(present: set[str], spec: MoeSpec, name: str, float_mode: bool = False) -> tuple[str, ...]:
-    """The checkpoint tensors that make up stacked projection ``name``, in the layout ``present`` holds
-    (``float_mode``: quantized in one of MLX's float modes, so codes and scales without biases)."""
+def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE) -> tuple[str, ...]:
+    """The checkpoint tensors that make up stacked projection ``name``, in the layout ``present`` holds, for
+    its quantization ``mode`` (MLX's float modes have no biases; AWQ and GPTQ experts are per-expert
+    ``qweight``, ``qzeros``, ``scales`` and maybe ``g_idx``)."""
     path = name.removesuffix(".weight")
-    packed = _PACKED[:2] if float_mode else _PACKED
+    packed = _PACKED if mode == AFFINE else _PACKED[:2]
     if name in present:
-        if float_mode and f"{path}.global_scale" in present:
+        if f"{path}.global_scale" in present and mode != AFFINE:
             raise UnsupportedFeatureError(f"{path}.global_scale: nvfp4 experts with a tensor scale (global_scale) "
                                           "are not supported; quantize the experts without one")
         return tuple(f"{path}.{k}" for k in packed) if f"{path}.scales" in present else (name,)
@@ -50,7 +52,10 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, float_mode: bool =
         module, proj = path.split(".switch_mlp.")
         return (f"{module}.{spec.stacked[SWITCH.index(proj)]}.weight",)
     per_expert = [n.removesuffix(".weight") for n in per_expert_names(spec, name)]
-    kinds = packed if f"{per_expert[0]}.scales" in present else _PACKED[:1]
+    if f"{per_expert[0]}.qweight" in present:
+        kinds = _AWQ_GPTQ + (("g_idx",) if f"{per_expert[0]}.g_idx" in present else ())
+    else:
+        kinds = packed if f"{per_expert[0]}.scales" in present else _PACKED[:1]
     return tuple(f"{p}.{k}" for p in per_expert for k in kinds)
 
 
@@ -84,6 +89,8 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
         names = sorted((n for n in parts if n.endswith(f".{kind}")), key=_expert_index)  # shards read out of order
         return parts[names[0]] if parts[names[0]].ndim == 3 else np.stack([parts[n] for n in names])
 
+    if any(n.endswith(".qweight") for n in parts):
+        return _awq_gptq_experts(parts, shape, quant, where)
     weight = stacked("weight")
     if half is not None and weight.ndim == 3 and weight.shape[1] == 2 * shape[1]:
         weight = half_of(weight, half)
@@ -132,6 +139,22 @@ def _float_mode_experts(weight: np.ndarray, scales: np.ndarray, mode: str, shape
         return np.stack(decoded)
     return StackedQuantized(*(np.stack([getattr(d, part) for d in decoded]) for part in ("packed", "scales", "biases")),
                             decoded[0].bits, decoded[0].group_size)
+
+
+def _awq_gptq_experts(parts: dict[str, np.ndarray], shape: tuple[int, int, int], quant: QuantConfig | None,
+                      where: str) -> StackedQuantized:
+    """Per-expert AWQ or GPTQ layers, each repacked as a dense layer is (:mod:`ferrum.quant.awq_gptq`), stacked."""
+    paths = sorted({n.rsplit(".", 1)[0] for n in parts}, key=_expert_index)
+    mode = None if quant is None else quant.mode_for(paths[0])
+    if mode not in awq_gptq.METHODS:
+        raise CheckpointError(f"{where}: {paths[0]}.qweight marks AWQ or GPTQ experts, but config.json has no "
+                              "quantization_config with quant_method awq or gptq")
+    experts = [awq_gptq.repack({n: a for n, a in parts.items() if n.rsplit(".", 1)[0] == path}, path, mode,
+                               shape[1:], quant.bits, quant.group_size, where) for path in paths]
+    if len(experts) != shape[0]:
+        raise CheckpointError(f"{where}: {len(experts)} AWQ/GPTQ experts where config.json implies {shape[0]}")
+    return StackedQuantized(*(np.stack([getattr(e, part) for e in experts]) for part in ("packed", "scales", "biases")),
+                            experts[0].bits, experts[0].group_size)
 
 
 def _expert_index(name: str) -> int:

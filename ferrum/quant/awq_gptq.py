@@ -18,6 +18,9 @@ They differ in layout:
   ``g_idx`` other than ``input // group_size`` (act-order, ``desc_act``) puts a
   group's inputs apart, which no affine group holds: refused, as mlx-lm
   refuses it.
+
+A MoE's experts, one such layer each in the Hugging Face layout, are repacked
+one by one and stacked (:mod:`ferrum.moe.loading`).
 """
 
 from __future__ import annotations
