@@ -59,6 +59,21 @@ def write_text_checkpoint(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_tiny_qwen3_moe(folder: Path) -> Path:
+    """A random 2-layer Qwen3-MoE (4 experts of 32, hidden 64) in the Hugging Face per-expert layout, with a
+    tokenizer: sizes every quantization format's groups divide."""
+    from ferrum.random_checkpoint import write_random_checkpoint
+
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 300,
+              "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
+              "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+              "max_position_embeddings": 128, "rope_theta": 10000.0, "tie_word_embeddings": False}
+    write_random_checkpoint(folder, config, dtype="float32", std=0.3)
+    write_tokenizer(folder)
+    return folder
+
+
 def add_tokens(folder: Path, texts: list[str], special: bool = False, context: int | None = None) -> list[int]:
     """Add ``texts`` to the checkpoint's tokenizer as whole tokens (special ones if ``special``) and grow its
     embeddings to match; their ids. ``context``: a longer max_position_embeddings."""

@@ -15,7 +15,7 @@ import ferrum
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant import QuantConfig
 
-from support import runnable_backends, write_text_checkpoint
+from support import runnable_backends, write_text_checkpoint, write_tiny_qwen3_moe
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -124,19 +124,7 @@ def test_checkpoints_match_transformers_on_their_dequantized_weights(float_model
 @pytest.fixture(scope="module")
 def float_moe(tmp_path_factory):
     """A tiny Qwen3-MoE in the Hugging Face per-expert layout AWQ and GPTQ releases keep."""
-    from ferrum.random_checkpoint import write_random_checkpoint
-
-    from support import write_tokenizer
-
-    folder = tmp_path_factory.mktemp("awq_gptq_moe") / "float"
-    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 300,
-              "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
-              "num_experts_per_tok": 2, "norm_topk_prob": True, "max_position_embeddings": 128,
-              "tie_word_embeddings": False}
-    write_random_checkpoint(folder, config, dtype="float32", std=0.3)
-    write_tokenizer(folder)
-    return folder
+    return write_tiny_qwen3_moe(tmp_path_factory.mktemp("awq_gptq_moe") / "float")
 
 
 @pytest.mark.parametrize("method, extra", [("awq", {"version": "gemm", "zero_point": True}),

@@ -18,7 +18,7 @@ from ferrum.quant.config import FLOAT_MODES
 from ferrum.sampling import SamplingParams
 from ferrum.weights import runs_natively
 
-from support import runnable_backends, write_text_checkpoint, write_tokenizer
+from support import runnable_backends, write_text_checkpoint, write_tiny_qwen3_moe
 
 mx = pytest.importorskip("mlx.core")
 
@@ -197,17 +197,7 @@ def mlx_lm_float_modes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mlx_lm_float_mode_moe(tmp_path_factory):
     """A tiny Qwen3-MoE in each float mode (experts stacked; mlx-lm keeps the router affine)."""
-    from ferrum.random_checkpoint import write_random_checkpoint
-
-    folder = tmp_path_factory.mktemp("float_mode_moe") / "float"
-    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 300,
-              "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
-              "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-              "max_position_embeddings": 128, "rope_theta": 10000.0, "tie_word_embeddings": False}
-    write_random_checkpoint(folder, config, dtype="float32", std=0.3)
-    write_tokenizer(folder)
-    return _mlx_lm_in_each_float_mode(folder)
+    return _mlx_lm_in_each_float_mode(write_tiny_qwen3_moe(tmp_path_factory.mktemp("float_mode_moe") / "float"))
 
 
 @pytest.mark.parametrize("models", ["mlx_lm_float_modes", "mlx_lm_float_mode_moe"])
