@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.5"
+API_VERSION = "1.6"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -419,7 +419,10 @@ def quantized_upload(name: str, weight: Any, dtype: str, role: str) -> Any:
     may repack it for its kernels; a result with an ``nbytes`` attribute reports
     its resident size (memory figures use it). Returning ``None`` declines this tensor (for
     example a shape the kernel cannot take): the core's reference form then
-    serves it. Fallback: the reference form for every tensor.
+    serves it. A weight loaded from one of MLX's float modes also carries the file's
+    codes (``weight.float_codes``: uint32 codes, uint8 scales, ``mode``), the same
+    values, which a backend with kernels for that mode may keep instead. Fallback:
+    the reference form for every tensor.
     """
 
 

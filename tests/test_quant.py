@@ -210,6 +210,33 @@ def test_float_mode_checkpoints_match_mlx_lm_on_every_backend(backend, mode, mod
     assert scaled_error(llm.model.forward_verify("s", FLOAT_MODE_TOKENS), ref) <= 1e-4
 
 
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
+def test_mlx_runs_fp4_modes_on_the_files_codes(mode, mlx_lm_float_modes):
+    """MLX keeps the file's codes and scales and runs its own kernels for the mode: every projection, q/k/v and
+    gate/up fused, in that mode, and the resident weights no larger than the file (the affine form is 6 bits a
+    weight for mxfp4, 9 for nvfp4, against the file's 4.25 / 4.5)."""
+    folder, ref = mlx_lm_float_modes[mode]
+    model = ferrum.load(folder, backend="mlx", dtype="float32").model
+    projections = [p.weight for p in model.projections()]
+    assert {getattr(w, "mode", None) for w in projections} == {mode}
+    assert model.weight_bytes <= (folder / "model.safetensors").stat().st_size
+
+
+def test_float_codes_follow_row_moves_and_not_scaling():
+    from ferrum.arch import tensors
+
+    w = mx.random.normal((64, 64))
+    packed, scales = (np.array(a) for a in mx.quantize(w, mode="mxfp4")[:2])
+    weight = float_modes.decode(packed, scales, "mxfp4", (64, 64), "test")
+    other = float_modes.decode(packed[:32], scales[:32], "mxfp4", (32, 64), "test")
+    fused = tensors.stack_rows([weight, other])
+    np.testing.assert_array_equal(fused.float_codes.packed, np.concatenate([packed, packed[:32]]))
+    np.testing.assert_array_equal(tensors.rows(fused, 64, 96).float_codes.scales, scales[:32])
+    assert tensors.stack_rows([weight, quantize(np.array(w), 5, 32)]).float_codes is None  # not all have codes
+    assert tensors._scaled(weight, 2.0).float_codes is None
+    assert tensors._scale_rows(weight, np.full(64, 2.0)).float_codes is None
+
+
 def test_nvfp4_experts_with_a_tensor_scale_are_refused_by_name(mlx_lm_float_mode_moe, tmp_path):
     from safetensors.numpy import load_file, save_file
 

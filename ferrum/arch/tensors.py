@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ferrum.arch.mlp import MLP_KINDS
-from ferrum.quant.affine import QuantizedWeight
+from ferrum.quant.affine import FloatCodes, QuantizedWeight
 from ferrum.weights import Linear, Projections
 
 #: (decoder prefix, LM head) of the layouts a checkpoint may use: causal LMs, then Gemma 3's multimodal wrapper
@@ -81,15 +81,13 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 def rows(tensor: Any, start: int, stop: int) -> Any:
     """Rows ``start:stop`` of a dense or packed matrix (or a vector)."""
     if isinstance(tensor, QuantizedWeight):
-        return QuantizedWeight(tensor.packed[start:stop], tensor.scales[start:stop], tensor.biases[start:stop],
-                               tensor.bits, tensor.group_size)
+        return tensor.take_rows(slice(start, stop))
     return tensor[start:stop]
 
 
 def _take_rows(tensor: Any, order: np.ndarray) -> Any:
     if isinstance(tensor, QuantizedWeight):
-        return QuantizedWeight(tensor.packed[order], tensor.scales[order], tensor.biases[order],
-                               tensor.bits, tensor.group_size)
+        return tensor.take_rows(order)
     return tensor[order]
 
 
@@ -155,8 +153,9 @@ def _rotated_heads(config: Any, name: str) -> int | None:
 def _scaled(tensor: Any, factor: float) -> Any:
     """Every entry times ``factor``: a matrix, a stack of experts, or either packed (its scales and biases)."""
     if hasattr(tensor, "scales"):  # QuantizedWeight, StackedQuantized: w = scales * q + biases, kept in float32
+        dropped = {"float_codes": None} if isinstance(tensor, QuantizedWeight) else {}  # codes cannot be scaled
         return replace(tensor, scales=tensor.scales.astype(np.float32) * np.float32(factor),
-                       biases=tensor.biases.astype(np.float32) * np.float32(factor))
+                       biases=tensor.biases.astype(np.float32) * np.float32(factor), **dropped)
     return np.asarray(tensor, dtype=np.float32) * np.float32(factor)
 
 
@@ -251,7 +250,12 @@ def stack_rows(tensors: list[Any]) -> Any:
     """Dense or packed matrices of one format, one under the other (the inverse of :func:`rows`)."""
     if isinstance(tensors[0], QuantizedWeight):
         packed, scales, biases = (_concat([getattr(t, f) for t in tensors]) for f in ("packed", "scales", "biases"))
-        return QuantizedWeight(packed, scales, biases, tensors[0].bits, tensors[0].group_size)
+        codes = [t.float_codes for t in tensors]
+        if all(c is not None for c in codes) and len({c.mode for c in codes}) == 1:  # kept where all have them
+            joined = FloatCodes(_concat([c.packed for c in codes]), _concat([c.scales for c in codes]), codes[0].mode)
+        else:
+            joined = None
+        return QuantizedWeight(packed, scales, biases, tensors[0].bits, tensors[0].group_size, joined)
     return _concat(tensors)
 
 

@@ -56,17 +56,38 @@ def _dtype_name(array: np.ndarray) -> str:
 
 
 @dataclass(frozen=True)
+class FloatCodes:
+    """The same matrix as a checkpoint stored it in one of MLX's float modes (:mod:`ferrum.quant.float_modes`):
+    a backend with kernels for ``mode`` may run these instead of the affine form, to the same values."""
+
+    packed: np.ndarray  # uint32 [N, K * bits / 32] codes
+    scales: np.ndarray  # uint8 [N, K / group_size]
+    mode: str  # "mxfp4" or "nvfp4"
+
+    def take_rows(self, rows: np.ndarray | slice) -> "FloatCodes":
+        return FloatCodes(self.packed[rows], self.scales[rows], self.mode)
+
+
+@dataclass(frozen=True)
 class QuantizedWeight:
-    """A host-side packed matrix: what loaders produce and ``quantized_upload`` receives."""
+    """A host-side packed matrix: what loaders produce and ``quantized_upload`` receives.
+
+    ``float_codes``, where set, is the same matrix in the float mode it was loaded from; operations that change
+    values (scaling) drop it, those that move whole rows keep it.
+    """
 
     packed: np.ndarray  # uint32 [N, K * bits / 32]
     scales: np.ndarray  # [N, K / group_size], float16 / bfloat16 / float32
     biases: np.ndarray  # same shape and dtype as scales
     bits: int
     group_size: int
+    float_codes: FloatCodes | None = None
 
     def __post_init__(self) -> None:
         check_format(self.bits, self.group_size)
+        if self.float_codes is not None and self.float_codes.packed.shape[0] != self.packed.shape[0]:
+            raise CheckpointError(f"float-mode codes of {self.float_codes.packed.shape[0]} rows for a matrix of "
+                                  f"{self.packed.shape[0]}")
         p, s, b = self.packed, self.scales, self.biases
         if p.dtype != np.uint32 or p.ndim != 2:
             raise CheckpointError(f"packed weights must be a 2-D uint32 array, got {p.dtype} {p.shape}")
@@ -98,9 +119,11 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
 
-    def take_rows(self, rows: np.ndarray) -> "QuantizedWeight":
+    def take_rows(self, rows: np.ndarray | slice) -> "QuantizedWeight":
         """The same form restricted to some output rows (row order is free to change)."""
-        return QuantizedWeight(self.packed[rows], self.scales[rows], self.biases[rows], self.bits, self.group_size)
+        codes = None if self.float_codes is None else self.float_codes.take_rows(rows)
+        return QuantizedWeight(self.packed[rows], self.scales[rows], self.biases[rows], self.bits, self.group_size,
+                               codes)
 
 
 # ------------------------------------------------------------------ bit streams

@@ -21,6 +21,10 @@ float32's range; nvfp4's are kept in float32). No affine code of eight bits
 holds E4M3's 16 octaves, so mxfp8 is decoded to dense float32 weights (exact),
 which the backend casts to its compute dtype like any float checkpoint. Stacked
 experts are decoded expert by expert (:mod:`ferrum.moe.loading`).
+
+An fp4 matrix also keeps the file's codes and scales (``QuantizedWeight.float_codes``),
+so a backend with kernels for the mode (MLX's) runs them at the file's 4.25 or
+4.5 bits a weight instead of the affine form's 6 (mxfp4) or 9 (nvfp4).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from ferrum.errors import CheckpointError
-from ferrum.quant.affine import QuantizedWeight, pack, unpack
+from ferrum.quant.affine import FloatCodes, QuantizedWeight, pack, unpack
 from ferrum.quant.config import FLOAT_MODES
 
 #: E2M1 code -> ``2 * value + 12``: the affine ``q`` of the fp4 modes (code 8 is -0).
@@ -69,4 +73,5 @@ def decode(packed: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, 
     dtype = ml_dtypes.bfloat16 if mode == "mxfp4" else np.float32
     if not np.isfinite(half * -12).all():
         raise CheckpointError(f"{where}: a {mode} scale ({float(np.max(scale)):g}) is too large for float32")
-    return QuantizedWeight(pack(_FP4_AS_Q[codes], 5), half.astype(dtype), (half * -12).astype(dtype), 5, group_size)
+    return QuantizedWeight(pack(_FP4_AS_Q[codes], 5), half.astype(dtype), (half * -12).astype(dtype), 5, group_size,
+                           FloatCodes(packed, scales, mode))

@@ -19,6 +19,7 @@ from ferrum.backends import BackendInfo
 from ferrum.hookspec import hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
 from ferrum.quant.affine import pack, unpack
+from ferrum.quant.config import FLOAT_MODES
 from ferrum.sampling import DeviceSample, SampleResult
 
 _METAL = mx.metal.is_available()
@@ -379,12 +380,22 @@ class QuantizedMatrix:
     group of 16 values is followed by 16 zeros under the same scale and bias, and
     inputs get matching zero columns, so the padding adds exactly nothing. Such
     a matrix takes twice its packed memory and matmul work.
+
+    A matrix loaded from one of MLX's float modes (``weight.float_codes``) keeps the
+    file's codes and uint8 scales and runs MLX's kernels for that ``mode`` (no biases):
+    the same values in fewer bytes.
     """
 
-    __slots__ = ("q", "scales", "biases", "bits", "group_size", "padded")
+    __slots__ = ("q", "scales", "biases", "bits", "group_size", "padded", "mode")
 
     def __init__(self, weight, dtype):
-        self.padded = weight.group_size == 16
+        codes = weight.float_codes
+        self.mode = "affine" if codes is None else codes.mode
+        self.padded = codes is None and weight.group_size == 16
+        if codes is not None:
+            self.q, self.scales, self.biases = mx.array(codes.packed), mx.array(codes.scales), None
+            self.bits, self.group_size = FLOAT_MODES[codes.mode]
+            return
         packed = weight.packed
         if self.padded:
             n, k = weight.shape
@@ -397,7 +408,7 @@ class QuantizedMatrix:
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + self.scales.nbytes + self.biases.nbytes
+        return self.q.nbytes + self.scales.nbytes + (0 if self.biases is None else self.biases.nbytes)
 
 
 def _pad_groups_of_16(x):
@@ -417,7 +428,7 @@ def quantized_linear(x, weight, bias):
         x = _pad_groups_of_16(x)
     out = mx.quantized_matmul(
         x, weight.q, weight.scales, weight.biases, transpose=True,
-        group_size=weight.group_size, bits=weight.bits,
+        group_size=weight.group_size, bits=weight.bits, mode=weight.mode,
     )
     return out if bias is None else out + bias
 
@@ -425,7 +436,8 @@ def quantized_linear(x, weight, bias):
 @hookimpl
 def quantized_embedding(weight, ids):
     rows = mx.dequantize(
-        weight.q[ids], weight.scales[ids], weight.biases[ids], group_size=weight.group_size, bits=weight.bits
+        weight.q[ids], weight.scales[ids], None if weight.biases is None else weight.biases[ids],
+        group_size=weight.group_size, bits=weight.bits, mode=weight.mode,
     )
     if weight.padded:
         n, padded_k = rows.shape
