@@ -211,15 +211,17 @@ def test_float_mode_checkpoints_match_mlx_lm_on_every_backend(backend, mode, mod
 
 
 @pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
-def test_mlx_runs_fp4_modes_on_the_files_codes(mode, mlx_lm_float_modes):
-    """MLX keeps the file's codes and scales and runs its own kernels for the mode: every projection, q/k/v and
-    gate/up fused, in that mode, and the resident weights no larger than the file (the affine form is 6 bits a
-    weight for mxfp4, 9 for nvfp4, against the file's 4.25 / 4.5)."""
-    folder, ref = mlx_lm_float_modes[mode]
+def test_mlx_runs_fp4_modes_on_the_files_codes(mode, mlx_lm_float_modes, mlx_lm_float_mode_moe):
+    """MLX keeps the file's codes and scales and runs its own kernels for the mode: every projection (q/k/v and
+    gate/up fused) and every stack of experts in that mode, and the resident weights no larger than the file (the
+    affine form is 6 bits a weight for mxfp4, 9 for nvfp4, against the file's 4.25 / 4.5)."""
+    folder, _ = mlx_lm_float_modes[mode]
     model = ferrum.load(folder, backend="mlx", dtype="float32").model
-    projections = [p.weight for p in model.projections()]
-    assert {getattr(w, "mode", None) for w in projections} == {mode}
+    assert {getattr(p.weight, "mode", None) for p in model.projections()} == {mode}
     assert model.weight_bytes <= (folder / "model.safetensors").stat().st_size
+    moe = ferrum.load(mlx_lm_float_mode_moe[mode][0], backend="mlx", dtype="float32").model
+    stacks = [getattr(layer.mlp.experts, p) for layer in moe.layers for p in ("gate", "up", "down")]
+    assert {getattr(stack, "mode", None) for stack in stacks} == {mode}
 
 
 def test_float_codes_follow_row_moves_and_not_scaling():

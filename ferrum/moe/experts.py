@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ferrum.errors import CheckpointError
-from ferrum.quant.affine import QuantizedWeight
+from ferrum.quant.affine import FloatCodes, QuantizedWeight
 from ferrum.hookspec import DTYPE_BYTES
 from ferrum.weights import Placed, place, runs_natively
 
@@ -18,7 +18,8 @@ class StackedQuantized:
     """Packed affine experts with a leading expert axis, as mlx-lm's quantized ``SwitchLinear`` stores them.
 
     ``packed`` uint32 ``[E, N, K * bits / 32]``, ``scales``/``biases`` ``[E, N, K / group_size]``;
-    expert ``e`` is the ordinary :class:`~ferrum.quant.QuantizedWeight` of ``[N, K]``.
+    expert ``e`` is the ordinary :class:`~ferrum.quant.QuantizedWeight` of ``[N, K]``. ``float_codes``, where
+    set, stacks the experts' float-mode codes the same way (see ``QuantizedWeight.float_codes``).
     """
 
     packed: np.ndarray
@@ -26,6 +27,7 @@ class StackedQuantized:
     biases: np.ndarray
     bits: int
     group_size: int
+    float_codes: FloatCodes | None = None
 
     def __post_init__(self) -> None:
         shapes = (self.packed.shape, self.scales.shape, self.biases.shape)
@@ -48,7 +50,8 @@ class StackedQuantized:
         return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
 
     def expert(self, e: int) -> QuantizedWeight:
-        return QuantizedWeight(self.packed[e], self.scales[e], self.biases[e], self.bits, self.group_size)
+        codes = None if self.float_codes is None else self.float_codes.take_rows(e)  # expert e's [N, ...] codes
+        return QuantizedWeight(self.packed[e], self.scales[e], self.biases[e], self.bits, self.group_size, codes)
 
 
 HostExperts = np.ndarray | StackedQuantized

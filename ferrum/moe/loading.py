@@ -26,6 +26,7 @@ from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.experts import HostExperts, StackedQuantized
 from ferrum.moe.spec import MoeSpec
 from ferrum.quant import awq_gptq, float_modes
+from ferrum.quant.affine import FloatCodes
 from ferrum.quant.config import AFFINE, QuantConfig
 
 SWITCH = ("gate_proj", "up_proj", "down_proj")
@@ -138,7 +139,7 @@ def _float_mode_experts(weight: np.ndarray, scales: np.ndarray, mode: str, shape
     if isinstance(decoded[0], np.ndarray):
         return np.stack(decoded)
     return StackedQuantized(*(np.stack([getattr(d, part) for d in decoded]) for part in ("packed", "scales", "biases")),
-                            decoded[0].bits, decoded[0].group_size)
+                            decoded[0].bits, decoded[0].group_size, FloatCodes(weight, scales, mode))
 
 
 def _awq_gptq_experts(parts: dict[str, np.ndarray], shape: tuple[int, int, int], quant: QuantConfig | None,

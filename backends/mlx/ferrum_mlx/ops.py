@@ -782,15 +782,21 @@ def lora_apply(y, x, a, b, batch):
 
 
 class ExpertStack:
-    """One stacked projection ``[E, out, in]``: a float array, or packed ``(q, scales, biases)``."""
+    """One stacked projection ``[E, out, in]``: a float array, or packed ``(q, scales, biases)`` (a float mode's
+    codes and uint8 scales, without biases, where the stack carries them: ``StackedQuantized.float_codes``)."""
 
-    __slots__ = ("w", "q", "scales", "biases", "bits", "group_size")
+    __slots__ = ("w", "q", "scales", "biases", "bits", "group_size", "mode")
 
     def __init__(self, stack, dtype):
         self.w = self.q = self.scales = self.biases = self.bits = self.group_size = None
+        codes = getattr(stack, "float_codes", None)
+        self.mode = "affine" if codes is None else codes.mode
         if isinstance(stack, np.ndarray):
             # MLX's CPU gather_mm runs float32 only (0.32: "GatherMM::eval Currently only supports float32").
             self.w = from_numpy(np.ascontiguousarray(stack), dtype if _METAL else "float32")
+        elif codes is not None:
+            self.q, self.scales = mx.array(codes.packed), mx.array(codes.scales)
+            self.bits, self.group_size = FLOAT_MODES[codes.mode]
         else:
             self.q = mx.array(stack.packed)
             self.scales, self.biases = from_numpy(stack.scales, dtype), from_numpy(stack.biases, dtype)
@@ -798,7 +804,9 @@ class ExpertStack:
 
     @property
     def nbytes(self) -> int:
-        return self.w.nbytes if self.bits is None else self.q.nbytes + self.scales.nbytes + self.biases.nbytes
+        if self.bits is None:
+            return self.w.nbytes
+        return self.q.nbytes + self.scales.nbytes + (0 if self.biases is None else self.biases.nbytes)
 
     def __call__(self, x, indices, sorted_indices):
         """``x [..., 1, in] @ W[indices].T`` as mlx-lm's ``SwitchLinear`` / ``QuantizedSwitchLinear`` do."""
@@ -806,12 +814,12 @@ class ExpertStack:
             return mx.gather_mm(x.astype(self.w.dtype), self.w.swapaxes(-1, -2), rhs_indices=indices,
                                 sorted_indices=sorted_indices)
         return mx.gather_qmm(x, self.q, self.scales, self.biases, rhs_indices=indices, transpose=True,
-                             group_size=self.group_size, bits=self.bits, sorted_indices=sorted_indices)
+                             group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices)
 
 
 @hookimpl
 def upload_experts(name, weight, dtype):
-    if not isinstance(weight, np.ndarray) and weight.group_size == 16:
+    if not isinstance(weight, np.ndarray) and weight.group_size == 16 and weight.float_codes is None:
         return None  # no padded form for stacks: the core's per-expert form runs them
     return ExpertStack(weight, dtype)
 
