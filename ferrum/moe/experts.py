@@ -49,6 +49,12 @@ class StackedQuantized:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
 
+    @classmethod
+    def of(cls, experts: list[QuantizedWeight], float_codes: FloatCodes | None = None) -> "StackedQuantized":
+        """Matrices of one format, one per expert, stacked."""
+        return cls(*(np.stack([getattr(e, part) for e in experts]) for part in ("packed", "scales", "biases")),
+                   experts[0].bits, experts[0].group_size, float_codes)
+
     def expert(self, e: int) -> QuantizedWeight:
         codes = None if self.float_codes is None else self.float_codes.take_rows(e)  # expert e's [N, ...] codes
         return QuantizedWeight(self.packed[e], self.scales[e], self.biases[e], self.bits, self.group_size, codes)

@@ -138,8 +138,7 @@ def _float_mode_experts(weight: np.ndarray, scales: np.ndarray, mode: str, shape
     decoded = [float_modes.decode(weight[i], scales[i], mode, (n, k), f"{where} (expert {i})") for i in range(e)]
     if isinstance(decoded[0], np.ndarray):
         return np.stack(decoded)
-    return StackedQuantized(*(np.stack([getattr(d, part) for d in decoded]) for part in ("packed", "scales", "biases")),
-                            decoded[0].bits, decoded[0].group_size, FloatCodes(weight, scales, mode))
+    return StackedQuantized.of(decoded, FloatCodes(weight, scales, mode))
 
 
 def _awq_gptq_experts(parts: dict[str, np.ndarray], shape: tuple[int, int, int], quant: QuantConfig | None,
@@ -154,8 +153,7 @@ def _awq_gptq_experts(parts: dict[str, np.ndarray], shape: tuple[int, int, int],
                                shape[1:], quant.bits, quant.group_size, where) for path in paths]
     if len(experts) != shape[0]:
         raise CheckpointError(f"{where}: {len(experts)} AWQ/GPTQ experts where config.json implies {shape[0]}")
-    return StackedQuantized(*(np.stack([getattr(e, part) for e in experts]) for part in ("packed", "scales", "biases")),
-                            experts[0].bits, experts[0].group_size)
+    return StackedQuantized.of(experts)
 
 
 def _expert_index(name: str) -> int:

@@ -95,10 +95,7 @@ class QuantConfig:
                 "(mlx-community checkpoints, `ferrum quantize`), GGUF files, AWQ and GPTQ: convert the float "
                 "model with `ferrum quantize SRC DST --bits 4`"
             )
-        bits, group_size = section.get("bits", 4), section.get("group_size", 128)
-        for key, value in (("bits", bits), ("group_size", group_size)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{where}: quantization_config needs an integer {key!r}, got {value!r}")
+        bits, group_size = _bits_and_group(section, where, "quantization_config", default=(4, 128))
         if method == "awq":
             version = str(section.get("version", "gemm")).lower()
             if version != "gemm" or bits != 4 or section.get("zero_point", True) is not True:
@@ -137,6 +134,16 @@ def sidecar_section(files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | 
     return None
 
 
+def _bits_and_group(section: Mapping[str, Any], where: str, what: str,
+                    default: tuple[int | None, int | None] = (None, None)) -> Format:
+    """A section's integer ``bits`` and ``group_size`` (``default`` where absent)."""
+    values = section.get("bits", default[0]), section.get("group_size", default[1])
+    for key, value in zip(("bits", "group_size"), values):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {what} needs an integer {key!r}, got {value!r}")
+    return values
+
+
 def _format(section: Mapping[str, Any], where: str, what: str) -> tuple[int, int, str]:
     """``(bits, group_size, mode)`` of one section, checked."""
     mode = section.get("mode", AFFINE)
@@ -152,10 +159,7 @@ def _format(section: Mapping[str, Any], where: str, what: str) -> tuple[int, int
             raise ConfigError(f"{where}: {what}: mode {mode!r} is {fixed[0]} bits in groups of {fixed[1]}, "
                               f"not {got[0]} bits in groups of {got[1]}")
         return (*fixed, mode)
-    bits, group_size = section.get("bits"), section.get("group_size")
-    for key, value in (("bits", bits), ("group_size", group_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{where}: {what} needs an integer {key!r}, got {value!r}")
+    bits, group_size = _bits_and_group(section, where, what)
     try:
         check_format(bits, group_size, f"{where}: {what}")
     except InvalidRequestError as exc:

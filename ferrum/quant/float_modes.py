@@ -70,8 +70,9 @@ def decode(packed: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, 
             raise CheckpointError(f"{where}: an mxfp8 weight is NaN; the checkpoint is damaged")
         return (values * scale[..., None]).reshape(n, k)
     half = scale / 2
-    dtype = ml_dtypes.bfloat16 if mode == "mxfp4" else np.float32
-    if not np.isfinite(half * -12).all():
+    bias = half * -12
+    if not np.isfinite(bias).all():
         raise CheckpointError(f"{where}: a {mode} scale ({float(np.max(scale)):g}) is too large for float32")
-    return QuantizedWeight(pack(_FP4_AS_Q[codes], 5), half.astype(dtype), (half * -12).astype(dtype), 5, group_size,
+    dtype = ml_dtypes.bfloat16 if mode == "mxfp4" else np.float32
+    return QuantizedWeight(pack(_FP4_AS_Q[codes], 5), half.astype(dtype), bias.astype(dtype), 5, group_size,
                            FloatCodes(packed, scales, mode))

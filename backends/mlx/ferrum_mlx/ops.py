@@ -369,6 +369,11 @@ def softcap(x, cap):
 
 
 # ------------------------------------------------------- quantized weights
+def _float_codes(codes) -> tuple[mx.array, mx.array, int, int]:
+    """A float mode's codes and uint8 scales as MLX's ``mode=`` kernels take them, with the mode's bits and group."""
+    return (mx.array(codes.packed), mx.array(codes.scales), *FLOAT_MODES[codes.mode])
+
+
 class QuantizedMatrix:
     """Packed affine weights as MLX's kernels take them (checkpoint orientation, groups along K).
 
@@ -393,8 +398,8 @@ class QuantizedMatrix:
         self.mode = "affine" if codes is None else codes.mode
         self.padded = codes is None and weight.group_size == 16
         if codes is not None:
-            self.q, self.scales, self.biases = mx.array(codes.packed), mx.array(codes.scales), None
-            self.bits, self.group_size = FLOAT_MODES[codes.mode]
+            self.q, self.scales, self.bits, self.group_size = _float_codes(codes)
+            self.biases = None
             return
         packed = weight.packed
         if self.padded:
@@ -795,8 +800,7 @@ class ExpertStack:
             # MLX's CPU gather_mm runs float32 only (0.32: "GatherMM::eval Currently only supports float32").
             self.w = from_numpy(np.ascontiguousarray(stack), dtype if _METAL else "float32")
         elif codes is not None:
-            self.q, self.scales = mx.array(codes.packed), mx.array(codes.scales)
-            self.bits, self.group_size = FLOAT_MODES[codes.mode]
+            self.q, self.scales, self.bits, self.group_size = _float_codes(codes)
         else:
             self.q = mx.array(stack.packed)
             self.scales, self.biases = from_numpy(stack.scales, dtype), from_numpy(stack.biases, dtype)
