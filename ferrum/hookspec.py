@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.6"
+API_VERSION = "1.7"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -330,7 +330,9 @@ def kv_gather(pool: Any, layer: int, block_ids: Any, length: int) -> Any:
 
 
 @hookspec(firstresult=True)
-def attention(q: Any, k: Any, v: Any, scale: float, sliding_window: int | None, softcap: float | None) -> Any:
+def attention(
+    q: Any, k: Any, v: Any, scale: float, sliding_window: int | None, softcap: float | None, sinks: Any
+) -> Any:
     """Causal attention of one sequence, GQA-aware.
 
     ``q [q_len, heads, head_dim]``, ``k, v [kv_len, kv_heads, head_dim]`` with
@@ -339,12 +341,16 @@ def attention(q: Any, k: Any, v: Any, scale: float, sliding_window: int | None, 
     query ``i`` sees keys ``j <= kv_len - q_len + i`` and, with a
     ``sliding_window`` ``w``, only ``j > kv_len - q_len + i - w``. With a
     ``softcap`` ``c`` (Gemma 2), scores ``s = scale * q.k`` become ``c * tanh(s / c)``
-    before masking. Softmax in float32. Returns ``[q_len, heads, head_dim]``.
+    before masking. With ``sinks`` (gpt-oss), a float32 ``[heads]`` array from
+    ``from_numpy``, head ``h``'s softmax gets one more logit, ``sinks[h]``
+    (unscaled, never masked), that has no value: ``p_j = exp(s_j) /
+    (exp(sinks[h]) + sum_j' exp(s_j'))``, so a query may attend to less than
+    a whole unit. Softmax in float32. Returns ``[q_len, heads, head_dim]``.
 
-    ``sliding_window`` and ``softcap`` are features: an implementation that
-    leaves either out of its signature (or gives it a default, so older
-    callers may omit it) declares whether it offers it, and Ferrum refuses a
-    model that needs a feature the backend lacks, at load.
+    ``sliding_window``, ``softcap`` and ``sinks`` are features: an
+    implementation that leaves one out of its signature (or gives it a
+    default, so older callers may omit it) declares whether it offers it, and
+    Ferrum refuses a model that needs a feature the backend lacks, at load.
     """
 
 
@@ -358,7 +364,8 @@ def prepare_attention_batch(batch: Any) -> Any:
 
 @hookspec(firstresult=True)
 def paged_attention(
-    q: Any, pool: Any, layer: int, batch: Any, scale: float, sliding_window: int | None, softcap: float | None
+    q: Any, pool: Any, layer: int, batch: Any, scale: float, sliding_window: int | None, softcap: float | None,
+    sinks: Any,
 ) -> Any:
     """(optional) Variable-length causal attention of many sequences at once.
 
@@ -366,8 +373,8 @@ def paged_attention(
     ``batch`` is an :class:`ferrum.attention.AttentionBatch`: ``cu_seqlens_q``
     (prefix sums of each item's query length), ``seq_lens`` (each item's KV
     length after this step, new tokens already written), ``block_tables``
-    ``[items, max_blocks]`` and ``block_size``. Same masking rule as
-    :func:`attention`, per item. Fallback: per item, ``kv_gather`` then
+    ``[items, max_blocks]`` and ``block_size``. Same masking rule (and
+    ``softcap``, ``sinks``) as :func:`attention`, per item. Fallback: per item, ``kv_gather`` then
     ``attention``; a plugin that implements this op natively is reported as
     running unified batches natively.
     """
@@ -499,7 +506,10 @@ def upload_experts(name: str, weight: Any, dtype: str) -> Any:
 
 
 @hookspec(firstresult=True)
-def moe_experts(x: Any, expert_ids: Any, expert_weights: Any, gate: Any, up: Any, down: Any, shared: Any) -> Any:
+def moe_experts(
+    x: Any, expert_ids: Any, expert_weights: Any, gate: Any, up: Any, down: Any, shared: Any, biases: Any,
+    activation: Any,
+) -> Any:
     """(optional) The routed SwiGLU experts of token-major ``x [T, hidden]``.
 
     ``out[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))`` with
@@ -508,6 +518,13 @@ def moe_experts(x: Any, expert_ids: Any, expert_weights: Any, gate: Any, up: Any
     When ``shared [T, hidden]`` (a shared expert's output) is given,
     ``expert_weights`` has one more column and ``out[t] += w[t, top_k] * shared[t]``.
     The weighted sum accumulates in float32; the result has ``x``'s dtype.
-    Fallback: per used expert, ``take_rows`` + ``linear`` + ``silu_mul``; the
-    weighted sum on the host.
+
+    Two features (gpt-oss), declared by the signature as for :func:`attention`:
+    ``biases``, None or ``(gate, up, down)`` arrays ``[E, out]`` in the compute
+    dtype (from ``from_numpy``), expert ``e``'s row added to each projection's
+    output; ``activation``, None for ``silu(g) * u`` or a
+    :class:`ferrum.moe.activation.ClampedSwiGLU` in its place. A backend whose
+    ``moe_experts`` lacks one a model needs runs that model's experts through
+    the fallback. Fallback: per used expert, ``take_rows`` + ``linear`` +
+    ``silu_mul`` (the clamped activation on the host); the weighted sum on the host.
     """

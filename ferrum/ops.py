@@ -20,14 +20,15 @@ from ferrum.errors import PluginContractError
 
 
 def _adapt(fn: Callable, impl_args: tuple[str, ...], spec_args: tuple[str, ...]) -> Callable:
-    """Call ``fn`` positionally with only the spec arguments it declares."""
+    """Call ``fn`` positionally with only the spec arguments it declares. A caller may leave out trailing
+    feature arguments (``softcap``, ``sinks``...), as it may with an implementation that defaults them."""
     if impl_args == spec_args:
         return fn
     picks = tuple(spec_args.index(a) for a in impl_args)
 
     @functools.wraps(fn)
     def call(*args: Any) -> Any:
-        return fn(*[args[i] for i in picks])
+        return fn(*[args[i] for i in picks if i < len(args)])
 
     return call
 

@@ -72,17 +72,22 @@ class Projections:
         return [linear(x) for linear in self.linears]
 
 
-def place(ops: Any, name: str, tensor: HostTensor, dtype: str, role: str = "linear") -> Placed:
-    """Put one host tensor on the backend; ``role`` is "linear", "embedding" or "tied" (both).
+def place(ops: Any, name: str, tensor: HostTensor, dtype: str, role: str = "linear",
+          needs: tuple[str, ...] = ()) -> Placed:
+    """Put one host tensor on the backend; ``role`` is "linear", "embedding", "tied" (both) or "bias"
+    (added to outputs as it is: never laid out for products, which ``upload_weight`` may do to 2-D arrays).
 
-    A stack of experts (3-D) is placed by :func:`ferrum.moe.experts.place_experts`.
+    A stack of experts (3-D) is placed by :func:`ferrum.moe.experts.place_experts`, with the
+    ``moe_experts`` features its experts ``needs``.
     """
     from ferrum.moe import experts  # imported here: it places each expert through this module
 
     if experts.is_stack(tensor):
-        return experts.place_experts(ops, name, tensor, dtype)
+        return experts.place_experts(ops, name, tensor, dtype, needs)
     if not isinstance(tensor, QuantizedWeight):
         nbytes = tensor.size * DTYPE_BYTES.get(dtype, 4)
+        if role == "bias":
+            return Placed(ops.from_numpy(np.ascontiguousarray(tensor), dtype), ops.linear, ops.embedding, nbytes)
         return Placed(ops.upload_weight(name, tensor, dtype), ops.linear, ops.embedding, nbytes)
     if runs_natively(ops, tensor.bits, tensor.group_size):
         weight = ops.quantized_upload(name, tensor, dtype, role)
@@ -111,7 +116,7 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     module = name.removesuffix(".weight")
     quant = config.quantization
     if config.arch.moe is not None and loading.is_expert_stack(name):
-        return loading.expert_parts(present, config.arch.moe, name, AFFINE if quant is None else quant.mode_for(module))
+        return loading.expert_parts(present, config.arch.moe, name, loading.stack_mode(quant, config.arch.moe, name))
     if module != name and f"{module}.qweight" in present:
         if quant is None or quant.mode_for(module) not in awq_gptq.METHODS:
             raise CheckpointError(f"{checkpoint.folder}: {module}.qweight marks an AWQ or GPTQ layer, but config.json "
@@ -138,11 +143,10 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
 def _assemble(
     name: str, parts: dict[str, np.ndarray], shape: tuple[int, ...], config: ModelConfig, where: str
 ) -> HostTensor:
-    if len(shape) == 3:  # a stack of experts
-        from ferrum.moe.loading import assemble_experts, fused_half  # imported here, as in _tensor_parts
+    from ferrum.moe import loading  # imported here, as in _tensor_parts
 
-        half = fused_half(config.arch.moe, name, tuple(parts))
-        return assemble_experts(name, parts, shape, config.quantization, where, half)
+    if config.arch.moe is not None and loading.is_expert_stack(name):  # a stack of experts, or their biases
+        return loading.assemble_stack(name, parts, shape, config.arch.moe, config.quantization, where)
     module = name.removesuffix(".weight")
     if f"{module}.qweight" in parts:
         quant = config.quantization

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ferrum.errors import CheckpointError
+from ferrum.moe.activation import ClampedSwiGLU
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
 from ferrum.hookspec import DTYPE_BYTES
 from ferrum.weights import Placed, place, runs_natively
@@ -91,10 +92,12 @@ class ReferenceStack:
         return placed.linear(x, placed.weight, None)
 
 
-def place_experts(ops: Any, name: str, stack: HostExperts, dtype: str) -> Placed:
-    """One stacked projection in the backend's own form when it runs MoE natively and takes this stack,
-    else the reference form; ``Placed.linear`` then holds the ``moe_experts`` implementation for it."""
+def place_experts(ops: Any, name: str, stack: HostExperts, dtype: str, needs: tuple[str, ...] = ()) -> Placed:
+    """One stacked projection in the backend's own form when it runs MoE natively, takes this stack and
+    the feature arguments its experts ``needs`` (``MoeSpec.needs``), else the reference form;
+    ``Placed.linear`` then holds the ``moe_experts`` implementation for it."""
     native = "moe_experts" in ops.native and "upload_experts" in ops.native
+    native = native and all(ops.accepts("moe_experts", arg) for arg in needs)
     if native and isinstance(stack, StackedQuantized):
         native = runs_natively(ops, stack.bits, stack.group_size)
     if native:
@@ -111,13 +114,16 @@ def _no_embedding(weight: Any, ids: Any) -> Any:
 
 
 class PlacedExperts:
-    """One layer's three stacked projections with the ``moe_experts`` implementation that takes them
-    (bound once, like ``weights.Linear``; profilers wrap ``apply``)."""
+    """One layer's three stacked projections, their biases and activation where not plain SwiGLU, with
+    the ``moe_experts`` implementation that takes them (bound once, like ``weights.Linear``; profilers
+    wrap ``apply``)."""
 
-    __slots__ = ("apply", "gate", "up", "down")
+    __slots__ = ("apply", "gate", "up", "down", "biases", "activation")
 
-    def __init__(self, apply: Callable[..., Any], gate: Any, up: Any, down: Any):
+    def __init__(self, apply: Callable[..., Any], gate: Any, up: Any, down: Any, biases: Any = None,
+                 activation: ClampedSwiGLU | None = None):
         self.apply, self.gate, self.up, self.down = apply, gate, up, down
+        self.biases, self.activation = biases, activation
 
     def __call__(self, x: Any, ids: Any, weights: Any, shared: Any = None) -> Any:
-        return self.apply(x, ids, weights, self.gate, self.up, self.down, shared)
+        return self.apply(x, ids, weights, self.gate, self.up, self.down, shared, self.biases, self.activation)

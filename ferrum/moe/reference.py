@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ferrum.moe.activation import ClampedSwiGLU
 from ferrum.moe.experts import HostExperts, ReferenceStack
 from ferrum.moe.routing import route
 
@@ -23,8 +24,11 @@ def upload_experts(ops: Any, name: str, weight: HostExperts, dtype: str) -> Refe
 
 
 def moe_experts(ops: Any, x: Any, expert_ids: Any, expert_weights: Any, gate: ReferenceStack,
-                up: ReferenceStack, down: ReferenceStack, shared: Any) -> Any:
-    """Per used expert: gather its tokens, run its SwiGLU on the backend; weigh and sum on the host."""
+                up: ReferenceStack, down: ReferenceStack, shared: Any, biases: Any = None,
+                activation: ClampedSwiGLU | None = None) -> Any:
+    """Per used expert: gather its tokens, run its SwiGLU on the backend (with biases or the clamped
+    activation, the activation on the host); weigh and sum on the host."""
+    host_biases = None if biases is None else [np.asarray(ops.to_numpy(b), dtype=np.float32) for b in biases]
     ids = np.asarray(ops.to_numpy(expert_ids), dtype=np.int64)
     weights = np.asarray(ops.to_numpy(expert_weights), dtype=np.float32)
     tokens, top_k = ids.shape
@@ -37,10 +41,25 @@ def moe_experts(ops: Any, x: Any, expert_ids: Any, expert_weights: Any, gate: Re
         slots = order[bounds[e] : bounds[e + 1]]
         rows = slots // top_k
         xe = ops.take_rows(x, ops.from_numpy(rows.astype(np.int32), None))
-        ye = ops.to_numpy(down(e, ops.silu_mul(gate(e, xe), up(e, xe))))
+        if host_biases is None and activation is None:
+            ye = ops.to_numpy(down(e, ops.silu_mul(gate(e, xe), up(e, xe))))
+        else:
+            hidden = _host_activation(ops, gate(e, xe), up(e, xe), host_biases, e, activation)
+            ye = ops.to_numpy(down(e, ops.from_numpy(hidden, gate.dtype)))
+            if host_biases is not None:
+                ye = ye + host_biases[2][e]
         if out is None:
             out = np.zeros((tokens, ye.shape[1]), dtype=np.float32)
         np.add.at(out, rows, ye * slot_weights[slots, None])
     if shared is not None:
         out += weights[:, top_k:] * ops.to_numpy(shared)
     return ops.from_numpy(out, gate.dtype)
+
+
+def _host_activation(ops: Any, gate: Any, up: Any, biases: list[np.ndarray] | None, e: int,
+                     activation: ClampedSwiGLU | None) -> np.ndarray:
+    """One expert's gate and up outputs, biased where the experts have biases, through its activation."""
+    g, u = (np.asarray(ops.to_numpy(a), dtype=np.float32) for a in (gate, up))
+    if biases is not None:
+        g, u = g + biases[0][e], u + biases[1][e]
+    return g / (1.0 + np.exp(-g)) * u if activation is None else activation.host(g, u)

@@ -34,7 +34,8 @@ def _rope(x: np.ndarray, positions: np.ndarray, rope, long_from: int | None) -> 
     return out
 
 
-def _attention(q, k, v, scale, window, softcap) -> np.ndarray:
+def _attention(q, k, v, scale, window, softcap, sinks=None) -> np.ndarray:
+    """With ``sinks`` (gpt-oss), head ``h``'s scores get one more column, ``sinks[h]``, dropped after the softmax."""
     n, heads, _ = q.shape
     group = heads // k.shape[1]
     out = np.zeros_like(q)
@@ -45,8 +46,11 @@ def _attention(q, k, v, scale, window, softcap) -> np.ndarray:
         i, j = np.arange(n)[:, None], np.arange(n)[None, :]
         allowed = (j <= i) & ((j > i - window) if window is not None else True)
         scores = np.where(allowed, scores, -np.inf)
+        if sinks is not None:
+            scores = np.concatenate([scores, np.full((n, 1), f64(sinks)[h])], axis=1)
         weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        out[:, h] = (weights / weights.sum(axis=-1, keepdims=True)) @ v[:, h // group]
+        weights = (weights / weights.sum(axis=-1, keepdims=True))[:, :n]
+        out[:, h] = weights @ v[:, h // group]
     return out
 
 
@@ -122,12 +126,12 @@ class ArchOracle:
         return logits
 
 
-def attention(q, k, v, scale: float, window: int | None, softcap: float | None) -> np.ndarray:
+def attention(q, k, v, scale: float, window: int | None, softcap: float | None, sinks=None) -> np.ndarray:
     """One sequence's attention, queries at the last ``q_len`` positions, scores soft-capped before masking."""
     q, k, v = f64(q), f64(k), f64(v)
     q_len, kv_len = q.shape[0], k.shape[0]
     padded = np.zeros((kv_len - q_len, *q.shape[1:]))
-    return _attention(np.concatenate([padded, q]), k, v, scale, window, softcap)[kv_len - q_len:]
+    return _attention(np.concatenate([padded, q]), k, v, scale, window, softcap, sinks)[kv_len - q_len:]
 
 
 def gelu_tanh_mul(gate, up) -> np.ndarray:

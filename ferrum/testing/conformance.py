@@ -413,9 +413,12 @@ def check_moe_route(c: _Context) -> float:
     return _compare(np.concatenate([np.take_along_axis(weights[:, :2], order, 1), weights[:, 2:]], axis=1), ref, 1e-5)
 
 
-def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = None) -> float:
+def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = None, gpt_oss: bool = False
+                      ) -> float:
     """Five experts of an awkward size, top-2 plus a shared expert's output; 70 tokens (backends
-    sort pairs by expert from 64) all on experts 3 and 1, or spread evenly over every expert."""
+    sort pairs by expert from 64) all on experts 3 and 1, or spread evenly over every expert.
+    ``gpt_oss``: with biases and the clamped SwiGLU, clamped at 0.5 so that it bites."""
+    from ferrum.moe.activation import ClampedSwiGLU
     from ferrum.moe.experts import PlacedExperts, StackedQuantized, place_experts
 
     rng = np.random.default_rng(2)  # its own draws: the other checks' inputs stay as they were
@@ -431,14 +434,19 @@ def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = 
         fields = (np.stack([getattr(q, f) for q in each]) for f in ("packed", "scales", "biases"))
         host[name] = StackedQuantized(*fields, bits, 32)
         dense[name] = np.stack([dequantize(q) for q in each])
-    placed = [place_experts(c.ops, name, host[name], c.dtype) for name in shapes]
-    experts = PlacedExperts(placed[0].linear, *(p.weight for p in placed))
+    needs, biases, activation = (), None, None
+    if gpt_oss:
+        needs, activation = ("biases", "activation"), ClampedSwiGLU(1.702, 0.5)
+        biases = [c.rounded(rng.standard_normal((e, shape[1]), dtype=np.float32) * 0.3) for shape in shapes.values()]
+    placed = [place_experts(c.ops, name, host[name], c.dtype, needs) for name in shapes]
+    device_biases = None if biases is None else tuple(c.put(b) for b in biases)
+    experts = PlacedExperts(placed[0].linear, *(p.weight for p in placed), device_biases, activation)
     t = np.arange(tokens)
     ids = np.stack([t % e, (t + 2) % e], axis=1) if spread else np.tile([3, 1], (tokens, 1))
     weights = rng.uniform(0.1, 1.0, (tokens, 3)).astype(np.float32)
     x, shared = (c.rounded(rng.standard_normal((tokens, hidden), dtype=np.float32)) for _ in range(2))
     got = experts(c.put(x), c.put_int(ids), c.ops.from_numpy(weights, None), c.put(shared))
-    ref = oracle.moe_experts(x, ids, weights, dense["gate"], dense["up"], dense["down"], shared)
+    ref = oracle.moe_experts(x, ids, weights, dense["gate"], dense["up"], dense["down"], shared, biases, activation)
     return _compare(c.get(got), ref, tol)
 
 
@@ -487,6 +495,8 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
     def source(op: str) -> str:
         return "native" if op in ops.native else "core fallback"
 
+    gpt_oss_native = all(ops.accepts("moe_experts", arg) for arg in ("biases", "activation"))
+    gpt_oss_experts = source("moe_experts") if gpt_oss_native else "core fallback"
     checks: list[tuple[str, Callable[[], float | None], float | None]] = [
         ("backend_info", lambda: check_backend_info(c), None),
         ("from_numpy / to_numpy / cast", lambda: check_host_round_trip(c), 0.0),
@@ -504,6 +514,8 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         (f"moe_experts, spread evenly ({source('moe_experts')})", lambda: check_moe_experts(c, True, tol), tol),
         (f"moe_experts packed at 4 bits ({source('moe_experts')})",
          lambda: check_moe_experts(c, True, tol, bits=4), tol),
+        (f"moe_experts with biases, clamped SwiGLU ({gpt_oss_experts})",
+         lambda: check_moe_experts(c, True, tol, gpt_oss=True), tol),
         *((f"attention q{case[0]} kv{case[1]} h{case[2]} kvh{case[3]} d{case[4]}",
            lambda case=case: check_attention(c, tol, cases=(case,)), tol) for case in _ATTENTION_CASES),
         ("kv_write / kv_gather", lambda: check_kv_write_gather(c), 0.0),

@@ -2,9 +2,9 @@
 whole tiny model per family (Gemma 2, Gemma 3, Phi-3 with longrope and partial rotary) against the float64
 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
-A backend whose attention takes no ``softcap`` is not failed: it is never
-handed a soft-capped model (Ferrum refuses such a model at load), so the
-soft-capping checks and the Gemma 2 model are left out of its report.
+A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
+it is never handed such a model (Ferrum refuses it at load), so those checks
+and the Gemma 2 model are left out of its report.
 """
 
 from __future__ import annotations
@@ -70,17 +70,25 @@ def check_softcap(c: Any, tol: float) -> float:
     return _compare(c.get(c.ops.softcap(c.put(x), 15.0)), 15.0 * np.tanh(x / 15.0), tol)
 
 
-def check_softcapped_attention(c: Any, tol: float) -> float:
+#: gpt-oss's learned sinks for the 6 query heads of the attention cases: around the scores' size, so each one
+#: takes a visible share of its head's softmax.
+_SINKS = np.array([-1.5, 0.0, 2.5, 1.0, -0.5, 4.0], dtype=np.float32)
+
+
+def check_attention_features(c: Any, tol: float, softcap: float | None, sinks: np.ndarray | None) -> float:
+    """Dense attention with scores capped at ``softcap`` or per-head ``sinks``, a window or none."""
     errors = []
+    device_sinks = None if sinks is None else c.ops.from_numpy(sinks, "float32")
     for q_len, kv_len, window in ((5, 9, None), (1, 7, None), (4, 4, 3)):
         q, k, v = _attention_case(c, q_len, kv_len)
-        got = c.get(c.ops.attention(c.put(q), c.put(k), c.put(v), 24**-0.5, window, 2.0))
-        errors.append(_compare(got, arch_oracle.attention(q, k, v, 24**-0.5, window, 2.0), tol))
+        got = c.get(c.ops.attention(c.put(q), c.put(k), c.put(v), 24**-0.5, window, softcap, device_sinks))
+        errors.append(_compare(got, arch_oracle.attention(q, k, v, 24**-0.5, window, softcap, sinks), tol))
     return max(errors)
 
 
-def check_softcapped_paged_attention(c: Any, tol: float) -> float:
-    """A prefill chunk and a decode token of two sequences in shuffled blocks, one layer, scores capped at 2."""
+def check_paged_attention_features(c: Any, tol: float, softcap: float | None, sinks: np.ndarray | None) -> float:
+    """A prefill chunk and a decode token of two sequences in shuffled blocks, one layer, scores capped at
+    ``softcap`` or with per-head ``sinks``."""
     from ferrum.attention import AttentionBatch
 
     block, kv_heads, d = 4, 2, 24
@@ -97,9 +105,11 @@ def check_softcapped_paged_attention(c: Any, tol: float) -> float:
                            cu, np.array(seq_lens, dtype=np.int32), np.array(tables, dtype=np.int32), block)
     batch.prepared = c.ops.prepare_attention_batch(batch)
     q = c.rounded(c.random(4, 6, d) * 4)
-    got = c.get(c.ops.paged_attention(c.put(q), pool, 0, batch, d**-0.5, None, 2.0))
+    device_sinks = None if sinks is None else c.ops.from_numpy(sinks, "float32")
+    got = c.get(c.ops.paged_attention(c.put(q), pool, 0, batch, d**-0.5, None, softcap, device_sinks))
     ref = np.concatenate([
-        arch_oracle.attention(q[cu[i]:cu[i + 1]], k_all[item_slots[i]], v_all[item_slots[i]], d**-0.5, None, 2.0)
+        arch_oracle.attention(q[cu[i]:cu[i + 1]], k_all[item_slots[i]], v_all[item_slots[i]], d**-0.5, None,
+                              softcap, sinks)
         for i in range(2)
     ])
     return _compare(got, ref, tol)
@@ -132,16 +142,18 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
 
     paged = "paged_attention" if "paged_attention" in ops.native else "attention"
     softcap = ops.accepts(paged, "softcap") and ops.accepts("attention", "softcap")
+    sinks = ops.accepts(paged, "sinks") and ops.accepts("attention", "sinks")
     sliding = ops.accepts(paged, "sliding_window")
     checks = [
         (f"gelu_tanh_mul ({source('gelu_tanh_mul')})", lambda: check_gelu_tanh_mul(c, tol), tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
     ]
-    if softcap:
-        checks.append(("attention, soft-capped scores", lambda: check_softcapped_attention(c, tol), tol))
-        checks.append((f"paged_attention, soft-capped scores ({source('paged_attention')})",
-                       lambda: check_softcapped_paged_attention(c, tol), tol))
+    for offered, what, features in ((softcap, "soft-capped scores", (2.0, None)), (sinks, "sinks", (None, _SINKS))):
+        if offered:
+            checks.append((f"attention, {what}", lambda f=features: check_attention_features(c, tol, *f), tol))
+            checks.append((f"paged_attention, {what} ({source('paged_attention')})",
+                           lambda f=features: check_paged_attention_features(c, tol, *f), tol))
     for family, config in FAMILY_MODELS.items():
         needs_softcap = config.get("attn_logit_softcapping") is not None
         if (needs_softcap and not softcap) or (config.get("sliding_window") and not sliding):

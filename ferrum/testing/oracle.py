@@ -50,17 +50,24 @@ def linear(x, weight, bias=None) -> np.ndarray:
     return out if bias is None else out + f64(bias)
 
 
-def moe_experts(x, ids, weights, gate, up, down, shared=None) -> np.ndarray:
+def moe_experts(x, ids, weights, gate, up, down, shared=None, biases=None, activation=None) -> np.ndarray:
     """Token by token, chosen expert by chosen expert: ``sum_j w[t, j] * down_e(silu(gate_e x) * up_e x)``,
-    plus ``w[t, k] * shared[t]`` when a shared expert's output is given."""
+    plus ``w[t, k] * shared[t]`` when a shared expert's output is given. ``biases`` (gate, up, down ``[E, out]``)
+    and ``activation`` (a ``ClampedSwiGLU``, gpt-oss) as :func:`ferrum.hookspec.moe_experts` describes them."""
     x, weights = f64(x), f64(weights)
     top_k = ids.shape[1]
     out = np.zeros_like(x)
+    bias = (lambda which, e: None) if biases is None else (lambda which, e: biases[which][e])
     for t in range(x.shape[0]):
         for j in range(top_k):
             e = int(ids[t, j])
-            h = silu_mul(linear(x[t : t + 1], gate[e]), linear(x[t : t + 1], up[e]))
-            out[t] += weights[t, j] * linear(h, down[e])[0]
+            g, u = linear(x[t : t + 1], gate[e], bias(0, e)), linear(x[t : t + 1], up[e], bias(1, e))
+            if activation is None:
+                h = silu_mul(g, u)
+            else:
+                g, u = np.minimum(g, activation.limit), np.clip(u, -activation.limit, activation.limit)
+                h = (u + 1.0) * g / (1.0 + np.exp(-activation.alpha * g))
+            out[t] += weights[t, j] * linear(h, down[e], bias(2, e))[0]
         if shared is not None:
             out[t] += weights[t, top_k] * f64(shared)[t]
     return out

@@ -88,8 +88,29 @@ def _scale_and_cap(scores: np.ndarray, scale: float, softcap: float | None) -> N
     scores *= softcap
 
 
+def _weigh(scores: np.ndarray, values: np.ndarray, sinks: np.ndarray | None) -> np.ndarray:
+    """``softmax(scores) @ values`` over the last axis (``scores`` overwritten); ``sinks``, broadcast
+    against ``scores[..., :1]``, is each row's extra value-less logit (gpt-oss)."""
+    top = scores.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        top = np.maximum(top, sinks)
+    scores -= top
+    np.exp(scores, out=scores)
+    out = scores @ values
+    total = scores.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total += np.exp(sinks - top)
+    out /= total
+    return out
+
+
+def _grouped_sinks(sinks: np.ndarray | None, kv_heads: int) -> np.ndarray | None:
+    """Per-head sinks ``[heads]`` as ``[kv_heads, group, 1]``, the layout the scores group heads in."""
+    return None if sinks is None else np.asarray(sinks, dtype=np.float32).reshape(kv_heads, -1, 1)
+
+
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, sliding_window: int | None,
-                     softcap: float | None = None) -> np.ndarray:
+                     softcap: float | None = None, sinks: np.ndarray | None = None) -> np.ndarray:
     """One sequence's attention (the ``attention`` op's contract), computed per kv head group."""
     q_len, heads, head_dim = q.shape
     kv_len, kv_heads, _ = k.shape
@@ -105,15 +126,13 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, 
         hidden |= key_pos <= query_pos - sliding_window
     if hidden.any():
         scores[..., hidden] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    out = scores @ v.transpose(1, 0, 2)[:, None]  # [kvh, g, q, d]
-    out /= scores.sum(axis=-1, keepdims=True)
+    sinks = _grouped_sinks(sinks, kv_heads)
+    out = _weigh(scores, v.transpose(1, 0, 2)[:, None], None if sinks is None else sinks[..., None])  # [kvh, g, q, d]
     return out.transpose(2, 0, 1, 3).reshape(q_len, heads, head_dim).astype(q.dtype, copy=False)
 
 
 def _mirrored_decode(q: np.ndarray, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale: float,
-                     sliding_window: int | None, softcap: float | None) -> np.ndarray:
+                     sliding_window: int | None, softcap: float | None, sinks: np.ndarray | None) -> np.ndarray:
     """Every item decodes one token: bring its arena row up to date (the positions written
     since the last step, or the whole row when ``sync`` is ``"full"``), then attend over the
     row in place."""
@@ -129,24 +148,22 @@ def _mirrored_decode(q: np.ndarray, pool: KVPool, layer: int, plan: MirrorPlan, 
         v_rows[dst_row, :, dst_pos] = pool.v_flat[layer][src]
     _, heads, head_dim = q.shape
     kv_heads = arena.kv_heads
+    sinks = _grouped_sinks(sinks, kv_heads)
     if plan.in_order and len(q) > 1:
-        return _attend_rows_together(q, k_rows, v_rows, plan, scale, sliding_window, softcap)
+        return _attend_rows_together(q, k_rows, v_rows, plan, scale, sliding_window, softcap, sinks)
     out = np.empty_like(q)
     for i, (row, end) in enumerate(zip(plan.rows.tolist(), plan.lengths.tolist())):
         start = 0 if sliding_window is None else max(0, end - sliding_window)
         keys, values = k_rows[row, :, :, start:end], v_rows[row, :, start:end]  # [kvh, d, L], [kvh, L, d]
         scores = q[i].reshape(kv_heads, -1, head_dim) @ keys  # [kvh, g, L]
         _scale_and_cap(scores, scale, softcap)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        attended = scores @ values  # [kvh, g, d]
-        attended /= scores.sum(axis=-1, keepdims=True)
-        out[i] = attended.reshape(heads, head_dim)
+        out[i] = _weigh(scores, values, sinks).reshape(heads, head_dim)  # [kvh, g, d]
     return out
 
 
 def _attend_rows_together(q: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray, plan: MirrorPlan, scale: float,
-                          sliding_window: int | None, softcap: float | None) -> np.ndarray:
+                          sliding_window: int | None, softcap: float | None,
+                          sinks: np.ndarray | None) -> np.ndarray:
     """Items ``0..n-1`` in arena rows ``0..n-1``: one batched product per step of the softmax, over the
     longest item's positions with the others' masked, instead of a dozen numpy calls per item."""
     n, heads, head_dim = q.shape
@@ -161,27 +178,25 @@ def _attend_rows_together(q: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray,
     scores = q.reshape(n, kv_heads, -1, head_dim) @ keys  # [n, kvh, g, L]
     _scale_and_cap(scores, scale, softcap)
     scores += hidden
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    out = scores @ values  # [n, kvh, g, d]
-    out /= scores.sum(axis=-1, keepdims=True)
-    return out.reshape(n, heads, head_dim)
+    return _weigh(scores, values, sinks).reshape(n, heads, head_dim)  # [n, kvh, g, d]
 
 
 def paged_attention(q: np.ndarray, pool: KVPool, layer: int, batch: AttentionBatch, scale: float,
-                    sliding_window: int | None, softcap: float | None = None) -> np.ndarray:
+                    sliding_window: int | None, softcap: float | None = None,
+                    sinks: np.ndarray | None = None) -> np.ndarray:
     """Items decoding one token attend over the mirrors; items with a longer query (prefill chunks,
     verification) gather their K/V from their blocks."""
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
+    features = (sliding_window, softcap, sinks)
     if plan is not None and plan.whole:
-        return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
+        return _mirrored_decode(q, pool, layer, plan, sync, scale, *features)
     out = np.empty_like(q)
     gathered = np.ones(batch.num_items, dtype=bool)
     if plan is not None:
-        out[plan.tokens] = _mirrored_decode(q[plan.tokens], pool, layer, plan, sync, scale, sliding_window, softcap)
+        out[plan.tokens] = _mirrored_decode(q[plan.tokens], pool, layer, plan, sync, scale, *features)
         gathered[plan.items] = False
     for item in np.flatnonzero(gathered).tolist():
         start, end = batch.query_range(item)
         k, v = pool.gather(layer, batch.block_ids(item), int(batch.seq_lens[item]))
-        out[start:end] = causal_attention(q[start:end], k, v, scale, sliding_window, softcap)
+        out[start:end] = causal_attention(q[start:end], k, v, scale, *features)
     return out

@@ -175,10 +175,10 @@ def kv_gather(pool, layer, block_ids, length):
 
 
 @hookimpl
-def attention(q, k, v, scale, sliding_window, softcap=None):
-    return _attention.causal_attention(q, k, v, scale, sliding_window, softcap)
+def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None):
+    return _attention.causal_attention(q, k, v, scale, sliding_window, softcap, sinks)
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
-    return _attention.paged_attention(q, pool, layer, batch, scale, sliding_window, softcap)
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None):
+    return _attention.paged_attention(q, pool, layer, batch, scale, sliding_window, softcap, sinks)

@@ -41,7 +41,7 @@ one transfer. :func:`paged_attention` then runs without touching the host:
   attends in a call of its own, as a single item does, rather than padding every
   other prompt to its length;
 * on a GPU with FlashAttention 2 (compute capability 8.0 on, half precision, head
-  size a multiple of 8 up to 256, no soft cap), the items of a batch with more
+  size a multiple of 8 up to 256, no soft cap, no sinks), the items of a batch with more
   than one query token, and a lone item whose queries follow cached keys, instead
   attend in one variable-length flash call over their keys gathered token by
   token: a step of eight prompts is one kernel per layer, not one SDPA per prompt,
@@ -52,6 +52,9 @@ one transfer. :func:`paged_attention` then runs without touching the host:
 
 Masks depend on the layer's sliding window, so each prepared batch builds
 them lazily once per distinct window and reuses them across layers.
+
+A soft cap or attention sinks (gpt-oss) take every path above but the flash
+one, the SDPA call written out (:func:`_written_sdpa`): no fused kernel takes either.
 """
 
 from __future__ import annotations
@@ -609,25 +612,48 @@ def kv_gather(pool, layer, block_ids, length):
 # --------------------------------------------------------------------------
 
 
-def _softcapped_sdpa(q, k, v, scale, mask, causal, cap):
-    """``_sdpa`` with Gemma 2's ``cap * tanh(scores / cap)`` on the scores (no fused kernel takes it)."""
+#: Queries a written-out call attends at once: its float32 scores are ``heads x this x keys`` (gpt-oss's 64
+#: heads over 8,192 keys: 512 MiB), where a whole long prompt's would not fit.
+_WRITTEN_QUERIES = 256
+
+
+def _written_sdpa(q, k, v, scale, mask, causal, cap, sinks):
+    """``_sdpa`` with what no fused kernel takes: Gemma 2's ``cap * tanh(scores / cap)`` on the scores, and
+    gpt-oss's sinks, one more logit per row that joins the softmax and leaves without a value (as in
+    transformers' eager attention). ``mask`` is boolean; ``sinks`` broadcasts against ``[B, H, Lq, 1]``.
+    Long query runs go ``_WRITTEN_QUERIES`` at a time, each with its rows of the mask."""
     b, heads, lq, d = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
-    qg = q.reshape(b, kv_heads, heads // kv_heads, lq, d)
-    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).float() * scale  # [B, KVH, G, Lq, Lk]
-    scores = torch.tanh(scores / cap) * cap
     if causal:
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    if lq > _WRITTEN_QUERIES and (sinks is None or sinks.shape[2] == 1):  # not a decode step's folded heads
+        def rows(start):
+            end = start + _WRITTEN_QUERIES
+            part = mask if mask is None or mask.shape[-2] == 1 else mask[..., start:end, :]
+            return _written_sdpa(q[:, :, start:end], k, v, scale, part, False, cap, sinks)
+
+        return torch.cat([rows(start) for start in range(0, lq, _WRITTEN_QUERIES)], dim=2)
+    qg = q.reshape(b, kv_heads, heads // kv_heads, lq, d)
+    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).float().reshape(b, heads, lq, lk).mul_(scale)
+    if cap is not None:
+        scores = torch.tanh(scores.div_(cap)).mul_(cap)
     if mask is not None:
-        scores = scores.masked_fill(~(mask[:, :, None] if mask.dim() == 4 else mask), float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype)
+        scores.masked_fill_(~mask, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.expand(b, heads, lq, 1)], dim=-1)
+    probs = scores.softmax(-1)[..., :lk].to(v.dtype).reshape(b, kv_heads, heads // kv_heads, lq, lk)
     return torch.matmul(probs, v[:, :, None]).reshape(b, heads, lq, d)
 
 
-def _sdpa(q, k, v, scale, mask=None, causal=False, softcap=None):
-    """SDPA with GQA: ``q [B, H, Lq, d]``, ``k, v [B, KVH, Lk, d]`` -> ``[B, H, Lq, d]``."""
-    if softcap is not None:
-        return _softcapped_sdpa(q, k, v, scale, mask, causal, softcap)
+def _sdpa(q, k, v, scale, mask=None, causal=False, softcap=None, sinks=None):
+    """SDPA with GQA: ``q [B, H, Lq, d]``, ``k, v [B, KVH, Lk, d]`` -> ``[B, H, Lq, d]``.
+
+    ``sinks``, one logit per query head of the model, is laid over ``q``'s two head-carrying axes: as
+    ``[1, H, 1, 1]``, or as ``[1, KVH, group, 1]`` where a decode step folds each KV head's query heads into
+    the query axis (``q [B, KVH, group, d]``)."""
+    if softcap is not None or sinks is not None:
+        sinks = None if sinks is None else sinks.float().view(1, q.shape[1], -1, 1)
+        return _written_sdpa(q, k, v, scale, mask, causal, softcap, sinks)
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads != kv_heads:
         if _HAS_GQA and (causal or _GQA_WITH_MASK):
@@ -659,7 +685,7 @@ def _window_start(q_len: int, kv_len: int, window: int | None) -> int:
     return max(0, kv_len - q_len - window + 1)
 
 
-def _attend_one(q, k, v, scale, window, mask_cache=None, softcap=None):
+def _attend_one(q, k, v, scale, window, mask_cache=None, softcap=None, sinks=None):
     """Dense causal attention of one sequence: ``q [q_len, H, d]``, ``k, v [kv_len, KVH, d]``."""
     q_len, heads, d = q.shape
     kv_len, kv_heads = k.shape[0], k.shape[1]
@@ -671,24 +697,24 @@ def _attend_one(q, k, v, scale, window, mask_cache=None, softcap=None):
     if q_len == 1:
         # Every remaining key is visible; fold the query heads sharing a KV head
         # into the query axis: [1, KVH, group, d], no mask, no key repetition.
-        out = _sdpa(q.view(1, kv_heads, heads // kv_heads, d), kt, vt, scale, softcap=softcap)
+        out = _sdpa(q.view(1, kv_heads, heads // kv_heads, d), kt, vt, scale, softcap=softcap, sinks=sinks)
         return out.reshape(1, heads, d)
     qt = q.transpose(0, 1)[None]  # [1, H, q_len, d]
     if q_len == kv_len and start == 0 and (window is None or window >= kv_len):
-        out = _sdpa(qt, kt, vt, scale, causal=True, softcap=softcap)
+        out = _sdpa(qt, kt, vt, scale, causal=True, softcap=softcap, sinks=sinks)
     else:
         mask = None if mask_cache is None else mask_cache.get(window)
         if mask is None:
             mask = _end_aligned_mask(q_len, kv_len, window, start)
             if mask_cache is not None:
                 mask_cache[window] = mask
-        out = _sdpa(qt, kt, vt, scale, mask=mask, softcap=softcap)
+        out = _sdpa(qt, kt, vt, scale, mask=mask, softcap=softcap, sinks=sinks)
     return out[0].transpose(0, 1)  # [q_len, H, d]
 
 
 @hookimpl
-def attention(q, k, v, scale, sliding_window, softcap=None):
-    return _attend_one(q, k, v, scale, sliding_window, softcap=softcap)
+def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None):
+    return _attend_one(q, k, v, scale, sliding_window, softcap=softcap, sinks=sinks)
 
 
 class _Group:
@@ -889,7 +915,7 @@ def _gather_kv(pool: KVPool, layer: int, group: _Group):
     return k, v
 
 
-def _decode_group(q, pool, layer, group: _Group, scale, window, softcap=None):
+def _decode_group(q, pool, layer, group: _Group, scale, window, softcap=None, sinks=None):
     """``q [n, H, d]`` one token per item -> ``[n, H, d]``."""
     n, heads, d = q.shape
     kvh = pool.num_kv_heads
@@ -902,11 +928,11 @@ def _decode_group(q, pool, layer, group: _Group, scale, window, softcap=None):
         if window is not None:
             mask &= kpos >= lens - window
         mask = group.masks[window] = mask[:, None, None, :]  # [n, 1, 1, L]
-    out = _sdpa(q.view(n, kvh, heads // kvh, d), k, v, scale, mask=mask, softcap=softcap)
+    out = _sdpa(q.view(n, kvh, heads // kvh, d), k, v, scale, mask=mask, softcap=softcap, sinks=sinks)
     return out.reshape(n, heads, d)
 
 
-def _prefill_group(q, pool, layer, group: _Group, scale, window, softcap=None):
+def _prefill_group(q, pool, layer, group: _Group, scale, window, softcap=None, sinks=None):
     """Padded ``q [n * max_q, H, d]`` -> ``[n * max_q, H, d]`` (padding rows are junk)."""
     n, max_q = group.n, group.max_q
     heads, d = q.shape[1], q.shape[2]
@@ -922,15 +948,15 @@ def _prefill_group(q, pool, layer, group: _Group, scale, window, softcap=None):
             mask |= ~group.q_valid[:, :, None]
         mask = group.masks[window] = mask[:, None]  # [n, 1, max_q, L]
     qt = q.view(n, max_q, heads, d).transpose(1, 2)
-    out = _sdpa(qt, k, v, scale, mask=mask, softcap=softcap)  # [n, H, max_q, d]
+    out = _sdpa(qt, k, v, scale, mask=mask, softcap=softcap, sinks=sinks)  # [n, H, max_q, d]
     return out.transpose(1, 2).reshape(n * max_q, heads, d)
 
 
-def _flash_takes(q: torch.Tensor, pool: KVPool, softcap) -> bool:
-    """What FlashAttention 2 computes: half precision, head size a multiple of 8 up to 256, no soft cap."""
+def _flash_takes(q: torch.Tensor, pool: KVPool, softcap, sinks) -> bool:
+    """What FlashAttention 2 computes: half precision, head size a multiple of 8 up to 256, no soft cap, no sinks."""
     d = q.shape[-1]
-    return softcap is None and q.dtype in (torch.float16, torch.bfloat16) and pool.dtype == q.dtype and d % 8 == 0 \
-        and d <= 256
+    return softcap is None and sinks is None and q.dtype in (torch.float16, torch.bfloat16) \
+        and pool.dtype == q.dtype and d % 8 == 0 and d <= 256
 
 
 def _flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window: int | None):
@@ -951,7 +977,8 @@ def _varlen_attention(q, pool: KVPool, layer: int, group: _Varlen, scale, window
     return _flash_varlen(q.contiguous(), k, v, group.cu_q, group.cu_k, group.max_q, group.max_k, scale, window)
 
 
-def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None):
+def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None,
+                     sinks=None):
     """Decode items attended over their arena rows: only the positions written since
     the last step are copied from the pool (``ferrum.kv_mirror``)."""
     dev = plan.device
@@ -983,9 +1010,10 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
         row, end = int(plan.rows[0]), int(plan.lengths[0])
         start = 0 if window is None else max(0, end - window)
         k, v = k_rows[row : row + 1, :, start:end], v_rows[row : row + 1, :, start:end]
-        return _sdpa(qg, k, v, scale, softcap=softcap).reshape(1, heads, d)
+        return _sdpa(qg, k, v, scale, softcap=softcap, sinks=sinks).reshape(1, heads, d)
     rows, length = dev["rows"], plan.capacity
-    key = (window, softcap is None)
+    fused = softcap is None and sinks is None  # SDPA itself, not the written-out path
+    key = (window, fused)
     mask = dev["masks"].get(key)
     if mask is None:
         kpos = torch.arange(length, device=DEVICE)[None, :]
@@ -995,28 +1023,29 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
             allowed &= kpos >= lens - window
         allowed = allowed[:, None, None, :]  # [rows, 1, 1, L]
         # Additive where SDPA takes it: the CPU kernel runs ~1.5x faster than with a boolean mask
-        # (torch 2.13, 8 rows x 576 keys); the softcapped path masks its scores itself.
-        if softcap is None:
+        # (torch 2.13, 8 rows x 576 keys); the written-out path masks its scores itself.
+        if fused:
             allowed = torch.zeros(allowed.shape, dtype=q.dtype, device=DEVICE).masked_fill_(~allowed, float("-inf"))
         mask = dev["masks"][key] = allowed
     k, v = k_rows[: plan.num_rows, :, :length], v_rows[: plan.num_rows, :, :length]
     if plan.in_order:
-        return _sdpa(qg, k, v, scale, mask=mask, softcap=softcap).reshape(n, heads, d)
+        return _sdpa(qg, k, v, scale, mask=mask, softcap=softcap, sinks=sinks).reshape(n, heads, d)
     q_rows = qg.new_zeros((plan.num_rows, kvh, heads // kvh, d)).index_copy_(0, rows, qg)
-    out = _sdpa(q_rows, k, v, scale, mask=mask, softcap=softcap)
+    out = _sdpa(q_rows, k, v, scale, mask=mask, softcap=softcap, sinks=sinks)
     return out.index_select(0, rows).reshape(n, heads, d)
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None):
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
+    features = (softcap, sinks)
     if plan is not None and plan.whole:
-        return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
+        return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, *features)
     prepared = batch.prepared
     if not isinstance(prepared, PreparedBatch):
         prepared = batch.prepared = _prepare(batch)
     window = sliding_window
-    if prepared.varlen is not None and not _flash_takes(q, pool, softcap):
+    if prepared.varlen is not None and not _flash_takes(q, pool, *features):
         if prepared.without_flash is None:
             prepared.without_flash = _prepare(batch, flash=False)
         prepared = prepared.without_flash
@@ -1033,16 +1062,18 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
                 pool.v_heads[layer][:, :, start:end],
                 scale,
                 softcap=softcap,
+                sinks=sinks,
             )
             return out.reshape(1, heads, d)
-        return _attend_one(q, *_single_kv(pool, layer, first, index, length), scale, window, masks, softcap)
-    parts = [_attend_one(q[start:end], *_single_kv(pool, layer, first, index, length), scale, window, masks, softcap)
+        return _attend_one(q, *_single_kv(pool, layer, first, index, length), scale, window, masks, *features)
+    parts = [_attend_one(q[start:end], *_single_kv(pool, layer, first, index, length), scale, window, masks,
+                         *features)
              for start, end, first, index, length, masks in prepared.alone]
     if prepared.decode is not None:  # the items decoding one token: over the mirrors where the book planned them
         group = prepared.decode
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows)
-        parts.append(_decode_group(q_in, pool, layer, group, scale, window, softcap) if plan is None else
-                     _mirrored_decode(q_in, pool, layer, plan, sync, scale, window, softcap))
+        parts.append(_decode_group(q_in, pool, layer, group, scale, window, *features) if plan is None else
+                     _mirrored_decode(q_in, pool, layer, plan, sync, scale, window, *features))
     if prepared.varlen is not None:
         group = prepared.varlen
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows)
@@ -1050,7 +1081,7 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
     if prepared.prefill is not None:
         group = prepared.prefill
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows.view(-1))
-        parts.append(_prefill_group(q_in, pool, layer, group, scale, window, softcap))
+        parts.append(_prefill_group(q_in, pool, layer, group, scale, window, *features))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out if prepared.out_index is None else out.index_select(0, prepared.out_index)
 
@@ -1137,8 +1168,10 @@ class ExpertStack:
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.w) if self.quantized else self.w.numel() * self.w.element_size()
 
-    def __call__(self, e: int, x):
-        return quant.linear(x, self.w[e], None) if self.quantized else F.linear(x, self.w[e])
+    def __call__(self, e: int, x, biases=None):
+        """Expert ``e``'s projection of ``x``, plus row ``e`` of ``biases [E, out]`` when given."""
+        bias = None if biases is None else biases[e]
+        return quant.linear(x, self.w[e], bias) if self.quantized else F.linear(x, self.w[e], bias)
 
 
 @hookimpl
@@ -1149,12 +1182,22 @@ def upload_experts(name, weight, dtype):
                         for e in range(weight.num_experts)], quantized=True)
 
 
+def _clamped_swiglu(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's :class:`ferrum.moe.activation.ClampedSwiGLU`, in float32 as its host reference."""
+    g = gate.float().clamp(max=activation.limit)
+    u = up.float().clamp(-activation.limit, activation.limit)
+    return ((u + 1.0) * g * torch.sigmoid(activation.alpha * g)).to(gate.dtype)
+
+
 @hookimpl
-def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared):
-    """Pairs (token, expert) sorted by expert, one GEMM per used expert over its segment.
+def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=None, activation=None):
+    """Pairs (token, expert) sorted by expert, one GEMM per used expert over its segment; ``biases``
+    (gpt-oss) go into each GEMM, ``activation`` replaces ``silu(g) * u``.
 
     The segment sizes cross to the host once per call (a sync on CUDA): the loop needs them.
     """
+    gate_b, up_b, down_b = (None, None, None) if biases is None else biases
+    act = _silu_mul if activation is None else functools.partial(_clamped_swiglu, activation)
     tokens, top_k = expert_ids.shape
     flat = expert_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
@@ -1165,7 +1208,8 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared):
     for e, n in enumerate(counts):
         if n:
             seg = rows[start : start + n]
-            y[order[start : start + n]] = down(e, F.silu(gate(e, seg)) * up(e, seg))
+            hidden = act(gate(e, seg, gate_b), up(e, seg, up_b))
+            y[order[start : start + n]] = down(e, hidden, down_b)
             start += n
     out = (y.view(tokens, top_k, -1).float() * expert_weights[:, :top_k, None]).sum(dim=1)
     if shared is not None:

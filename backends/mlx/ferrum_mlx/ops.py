@@ -544,8 +544,8 @@ _WRITTEN_OUT_SCORES = 8192
 _CAUSAL_CHUNK = 64
 
 
-def _sdpa(q, k, v, scale, mask, softcap):
-    """Attention of ``q [B, H, Lq, d]`` over ``k, v [B, KVH, Lk, d]``.
+def _sdpa(q, k, v, scale, mask, softcap, sinks=None):
+    """Attention of ``q [B, H, Lq, d]`` over ``k, v [B, KVH, Lk, d]``; ``sinks`` float32 ``[H]`` or None.
 
     MLX's fused kernel on Metal, and on the CPU for calls under ``_WRITTEN_OUT_SCORES``, unless Gemma 2's
     ``cap * tanh(scores / cap)`` applies (the kernel does not take it). Otherwise written out
@@ -555,18 +555,20 @@ def _sdpa(q, k, v, scale, mask, softcap):
     b, heads, lq, _ = q.shape
     lk = k.shape[2]
     if softcap is None and (_METAL or b * heads * lq * lk < _WRITTEN_OUT_SCORES):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        # The kernel takes sinks in q's dtype (a bfloat16 checkpoint's sinks are bfloat16 values anyway).
+        sinks = None if sinks is None else sinks.astype(q.dtype)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
     if isinstance(mask, str) and lq > _CAUSAL_CHUNK:  # "causal", end-aligned: chunk i sees keys up to its end
         seen = lk - lq
         return mx.concatenate([
             _written_out(q[:, :, start : start + _CAUSAL_CHUNK], k[:, :, : seen + start + _CAUSAL_CHUNK],
-                         v[:, :, : seen + start + _CAUSAL_CHUNK], scale, mask, softcap)
+                         v[:, :, : seen + start + _CAUSAL_CHUNK], scale, mask, softcap, sinks)
             for start in range(0, lq, _CAUSAL_CHUNK)
         ], axis=2)
-    return _written_out(q, k, v, scale, mask, softcap)
+    return _written_out(q, k, v, scale, mask, softcap, sinks)
 
 
-def _written_out(q, k, v, scale, mask, softcap):
+def _written_out(q, k, v, scale, mask, softcap, sinks):
     """:func:`_sdpa` as plain ops, the scores scaled into base 2: ``2 ** x`` costs ~10 ns an element on
     MLX's CPU build against ~25 for ``exp`` (32 sequences decoding over 1,000 keys attend ~1.4x faster;
     see benchmarks/README.md). A KV head's query heads are the rows of one product (``[G * Lq, d]`` by
@@ -584,13 +586,20 @@ def _written_out(q, k, v, scale, mask, softcap):
         mask = mx.arange(lk)[None, :] <= mx.arange(lk - lq, lk)[:, None]
     if mask is not None:
         scores = mx.where(mask[:, :, None] if mask.ndim == 4 else mask, scores, -mx.inf)
-    weights = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
-    probs = (weights / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
+    top = scores.max(axis=-1, keepdims=True)
+    if sinks is not None:  # each head's value-less logit, in the same base 2
+        sinks = (sinks * _LOG2_E).reshape(kv_heads, group, 1, 1)
+        top = mx.maximum(top, sinks)
+    weights = mx.power(2.0, scores - top)
+    total = weights.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + mx.power(2.0, sinks - top)
+    probs = (weights / total).astype(v.dtype)
     return (probs.reshape(b, kv_heads, group * lq, lk) @ v).reshape(b, heads, lq, d)
 
 
 @hookimpl
-def attention(q, k, v, scale, sliding_window, softcap=None):
+def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None):
     q_len, kv_len = q.shape[0], k.shape[0]
     qh, kh, vh = (a.transpose(1, 0, 2)[None] for a in (q, k, v))
     if sliding_window is None:
@@ -599,7 +608,7 @@ def attention(q, k, v, scale, sliding_window, softcap=None):
         mask = mx.array(
             _end_aligned_mask(np.array([q_len]), np.array([kv_len]), q_len, kv_len, sliding_window)
         )
-    out = _sdpa(qh, kh, vh, scale, mask, softcap)
+    out = _sdpa(qh, kh, vh, scale, mask, softcap, sinks)
     return out[0].transpose(1, 0, 2)
 
 
@@ -653,17 +662,17 @@ class _Group:
         start, end = self.tokens
         return q if end - start == q.shape[0] else q[start:end]
 
-    def attend(self, q, pool, layer, scale, window, softcap):
+    def attend(self, q, pool, layer, scale, window, softcap, sinks):
         """This group's rows of the attention output, item by item."""
         k = pool.k[layer][self.kv_slots]  # [items, max_kv, kvh, d]
         v = pool.v[layer][self.kv_slots]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         mask = self.mask(window)
         if self.single:
-            out = _sdpa(self.queries(q).transpose(1, 0, 2)[None], k, v, scale, mask, softcap)
+            out = _sdpa(self.queries(q).transpose(1, 0, 2)[None], k, v, scale, mask, softcap, sinks)
             return out[0].transpose(1, 0, 2)
         qp = q[self.q_rows].transpose(0, 2, 1, 3)  # [items, heads, max_q, d]
-        out = _sdpa(qp, k, v, scale, mask, softcap)
+        out = _sdpa(qp, k, v, scale, mask, softcap, sinks)
         out = out.transpose(0, 2, 1, 3).reshape(-1, q.shape[1], q.shape[2])  # [items * max_q, heads, d]
         return out[self.out_rows]
 
@@ -706,9 +715,11 @@ def _arena_copies(pool: KVPool, layer: int, plan: MirrorPlan, sync: str) -> tupl
     return (*where, pool.k[layer][src], pool.v[layer][src])
 
 
-def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None):
+def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None,
+                     sinks=None):
     """Decode items attended over their arena rows: only the positions written since
-    the last step are copied in (``_arena_copies``, ``ferrum.kv_mirror``)."""
+    the last step are copied in (``_arena_copies``, ``ferrum.kv_mirror``). A KV head's query heads
+    are the rows of one product, except with ``sinks``, which are per head: one query row per head."""
     dev = plan.device
     pool.fit_arena(*plan.arena_shape)
     k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
@@ -718,12 +729,12 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
         v_rows[rows, heads_at, positions] = v_new
     n, heads, d = q.shape
     kvh = k_rows.shape[1]
-    qg = q.reshape(n, kvh, heads // kvh, d)
+    qg = q.reshape(n, kvh, heads // kvh, d) if sinks is None else q.reshape(n, heads, 1, d)
     if n == 1:  # one row: a slice of it, no mask
         row, end = int(plan.rows[0]), int(plan.lengths[0])
         start = 0 if window is None else max(0, end - window)
         k, v = k_rows[row : row + 1, :, start:end], v_rows[row : row + 1, :, start:end]
-        return _sdpa(qg, k, v, scale, None, softcap).reshape(1, heads, d)
+        return _sdpa(qg, k, v, scale, None, softcap, sinks).reshape(1, heads, d)
     if "rows" not in dev:
         row_lens = np.ones(plan.num_rows, dtype=np.int64)  # rows no item uses: key 0, no NaN
         row_lens[plan.rows] = plan.lengths
@@ -735,24 +746,25 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
         mask = dev["masks"][window] = mx.array(allowed[:, None, None, :])  # [rows, 1, 1, L]
     k, v = k_rows[: plan.num_rows, :, : plan.capacity], v_rows[: plan.num_rows, :, : plan.capacity]
     if plan.in_order:
-        return _sdpa(qg, k, v, scale, mask, softcap).reshape(n, heads, d)
+        return _sdpa(qg, k, v, scale, mask, softcap, sinks).reshape(n, heads, d)
     rows = dev["rows"]
-    q_rows = mx.zeros((plan.num_rows, kvh, heads // kvh, d), dtype=q.dtype)
+    q_rows = mx.zeros((plan.num_rows, *qg.shape[1:]), dtype=q.dtype)
     q_rows[rows] = qg
-    out = _sdpa(q_rows, k, v, scale, mask, softcap)
+    out = _sdpa(q_rows, k, v, scale, mask, softcap, sinks)
     return out[rows].reshape(n, heads, d)
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None):
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
+    features = (sliding_window, softcap, sinks)
     if plan is not None and plan.whole:
-        return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, softcap)
+        return _mirrored_decode(q, pool, layer, plan, sync, scale, *features)
     prep = batch.prepared
     if prep is None:
         prep = batch.prepared = PreparedBatch(batch)
-    parts = [_mirrored_decode(group.queries(q), pool, layer, plan, sync, scale, sliding_window, softcap)
-             if plan is not None and group.decoding else group.attend(q, pool, layer, scale, sliding_window, softcap)
+    parts = [_mirrored_decode(group.queries(q), pool, layer, plan, sync, scale, *features)
+             if plan is not None and group.decoding else group.attend(q, pool, layer, scale, *features)
              for group in prep.groups]
     return parts[0] if prep.order is None else mx.concatenate(parts)[prep.order]
 
@@ -832,8 +844,15 @@ def upload_experts(name, weight, dtype):
 _SORT_PAIRS = 64
 
 
+def _clamped_swiglu(activation, gate, up):
+    """gpt-oss's expert activation (``ferrum.moe.activation.ClampedSwiGLU``), in float32."""
+    g = mx.minimum(gate.astype(mx.float32), activation.limit)
+    u = mx.clip(up.astype(mx.float32), -activation.limit, activation.limit)
+    return ((u + 1.0) * g * mx.sigmoid(activation.alpha * g)).astype(gate.dtype)
+
+
 @hookimpl
-def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared):
+def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=None, activation=None):
     tokens, top_k = expert_ids.shape
     h = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, hidden]
     do_sort = expert_ids.size >= _SORT_PAIRS
@@ -842,7 +861,14 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared):
         flat = expert_ids.flatten()
         order = mx.argsort(flat)
         h, indices, inverse = h.flatten(0, -3)[order // top_k], flat[order], mx.argsort(order)
-    y = down(silu_mul(gate(h, indices, do_sort), up(h, indices, do_sort)), indices, do_sort)
+
+    def project(stack, rows, bias):
+        out = stack(rows, indices, do_sort)
+        return out if bias is None else out + mx.expand_dims(bias[indices], -2)
+
+    gate_bias, up_bias, down_bias = biases or (None, None, None)
+    g, u = project(gate, h, gate_bias), project(up, h, up_bias)
+    y = project(down, silu_mul(g, u) if activation is None else _clamped_swiglu(activation, g, u), down_bias)
     if do_sort:
         y = mx.unflatten(y[inverse], 0, (tokens, top_k))
     y = y.squeeze(-2).astype(mx.float32)  # [T, k, hidden]

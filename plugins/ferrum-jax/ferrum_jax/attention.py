@@ -25,9 +25,11 @@ F32 = jnp.float32
 _MASKED = -1e30
 
 
-def _attend(q, k, v, q_pos, kv_len, scale, window, softcap):
+def _attend(q, k, v, q_pos, kv_len, scale, window, softcap, sinks):
     """``q [n, Q, H, D]``, ``k, v [n, L, KVH, D]``, ``q_pos [n, Q]`` (position of each query, -1 for
-    padding), ``kv_len [n]``; query at position p sees keys ``j <= p``, ``j < kv_len`` (and ``j > p - window``)."""
+    padding), ``kv_len [n]``; query at position p sees keys ``j <= p``, ``j < kv_len`` (and ``j > p - window``).
+    ``sinks [H]`` or None: each head's value-less extra logit (gpt-oss), a column that joins the softmax
+    and leaves."""
     n, q_len, heads, d = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(n, q_len, kv_heads, heads // kv_heads, d).astype(F32)
@@ -40,21 +42,24 @@ def _attend(q, k, v, q_pos, kv_len, scale, window, softcap):
     if window is not None:
         allowed &= key > pos - window
     scores = jnp.where(allowed[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
+    if sinks is not None:
+        column = jnp.broadcast_to(sinks.astype(F32).reshape(kv_heads, -1, 1, 1), (*scores.shape[:-1], 1))
+        scores = jnp.concatenate([scores, column], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1)[..., : k.shape[1]]
     out = jnp.einsum("nkgql,nlkd->nqkgd", probs, v.astype(F32))
     return out.reshape(n, q_len, heads, d).astype(q.dtype)
 
 
 @partial(jax.jit, static_argnames=("window", "softcap"))
-def _dense(q, k, v, scale, window, softcap):
+def _dense(q, k, v, scale, sinks, window, softcap):
     q_len, kv_len = q.shape[0], k.shape[0]
     q_pos = jnp.arange(kv_len - q_len, kv_len)[None]
-    return _attend(q[None], k[None], v[None], q_pos, jnp.array([kv_len]), scale, window, softcap)[0]
+    return _attend(q[None], k[None], v[None], q_pos, jnp.array([kv_len]), scale, window, softcap, sinks)[0]
 
 
 @hookimpl
-def attention(q, k, v, scale, sliding_window, softcap=None):
-    return _dense(q, k, v, scale, window=sliding_window, softcap=softcap)
+def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None):
+    return _dense(q, k, v, scale, sinks, window=sliding_window, softcap=softcap)
 
 
 @dataclass(frozen=True)
@@ -107,19 +112,19 @@ def prepare_attention_batch(batch) -> PreparedBatch:
 
 
 @partial(jax.jit, static_argnames=("window", "softcap"))
-def _paged(q, k_pool, v_pool, q_rows, q_pos, kv_slots, kv_len, out_rows, scale, window, softcap):
+def _paged(q, k_pool, v_pool, q_rows, q_pos, kv_slots, kv_len, out_rows, scale, sinks, window, softcap):
     items_b, q_b = q_rows.shape
     k, v = k_pool[kv_slots], v_pool[kv_slots]  # [items_b, L_b, KVH, D]
-    out = _attend(q[q_rows], k, v, q_pos, kv_len, scale, window, softcap)  # [items_b, q_b, H, D]
+    out = _attend(q[q_rows], k, v, q_pos, kv_len, scale, window, softcap, sinks)  # [items_b, q_b, H, D]
     return out.reshape(items_b * q_b, *out.shape[2:])[out_rows]
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None):
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None):
     prep: PreparedBatch = batch.prepared
     if prep.tokens_b != prep.tokens:
         q = jnp.pad(q, ((0, prep.tokens_b - prep.tokens), (0, 0), (0, 0)))
     out = _paged(q, pool.k[layer], pool.v[layer], prep.q_rows, prep.q_pos, prep.kv_slots, prep.kv_len,
-                 prep.out_rows, scale, window=sliding_window, softcap=softcap)
+                 prep.out_rows, scale, sinks, window=sliding_window, softcap=softcap)
     return out[: prep.tokens] if prep.tokens_b != prep.tokens else out
 
