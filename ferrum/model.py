@@ -80,7 +80,7 @@ class _Layer:
     """One decoder block's weights; projections carry the op that applies them, ``mlp`` is its MLP slot."""
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
-                 "mlp", "window", "rope", "scale")
+                 "mlp", "window", "rope", "scale", "sinks")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -226,11 +226,12 @@ class DecoderOnlyLLM:
         embedding_role = "tied" if config.tie_word_embeddings else "embedding"
         # Fused projections (one linear, then a split) only where the backend splits natively.
         fuser = Fuser(config, shapes) if "split" in backend.ops.native else None
+        needs = config.arch.moe.needs if config.arch.moe is not None else ()
         for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
             for prepared, host in prepare(config, name, tensor):
                 for part, array in fuser.add(prepared, host) if fuser else [(prepared, host)]:
-                    role = embedding_role if part == embedding else "linear"
-                    weights[part] = place(backend.ops, part, array, dtype, role)
+                    role = embedding_role if part == embedding else "bias" if part.endswith(".bias") else "linear"
+                    weights[part] = place(backend.ops, part, array, dtype, role, needs)
             if progress is not None:
                 progress(done, len(shapes), name)
         return cls(config, backend, weights, dtype, num_kv_blocks, block_size)
@@ -248,6 +249,7 @@ class DecoderOnlyLLM:
             return Linear(w[f"{p}{module}.weight"], tensor(f"{module}.bias"))
 
         norms = {slot: tensor(f"{name}.weight") for slot, name in arch.norms.items()}
+        sinks = tensor("self_attn.sinks")
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         return _Layer(
             pre_attn=norms.get("pre_attn"),
@@ -262,6 +264,7 @@ class DecoderOnlyLLM:
             window=spec.window,
             rope=id(spec.rope),
             scale=arch.attn_scale,
+            sinks=None if sinks is None else self.ops.cast(sinks, "float32"),  # the contract's float32 logits
         )
 
     def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
@@ -328,8 +331,9 @@ class DecoderOnlyLLM:
     def _check_backend_supports(self, config: ModelConfig) -> None:
         op = "paged_attention" if "paged_attention" in self.ops.native else "attention"
         needs = {"sliding_window": any(w is not None for w in config.arch.windows),
-                 "softcap": config.arch.attn_softcap is not None}
-        what = {"sliding_window": "sliding-window attention", "softcap": "attention logit soft-capping"}
+                 "softcap": config.arch.attn_softcap is not None, "sinks": config.arch.sinks}
+        what = {"sliding_window": "sliding-window attention", "softcap": "attention logit soft-capping",
+                "sinks": "attention sinks"}
         for arg, needed in needs.items():
             if needed and not self.ops.accepts(op, arg):
                 raise UnsupportedFeatureError(
@@ -480,7 +484,7 @@ class DecoderOnlyLLM:
                 q, h, attended = ops.take_rows(q, keep), ops.take_rows(h, keep), batch.narrowed(last_rows)
                 attended.prepared = ops.prepare_attention_batch(attended)
                 self.adapters.keep_rows(last_rows)
-            attn = ops.paged_attention(q, pool, index, attended, layer.scale, layer.window, softcap)
+            attn = ops.paged_attention(q, pool, index, attended, layer.scale, layer.window, softcap, layer.sinks)
             residual, h = leave(attn, h)
 
         if not len(picks):

@@ -5,7 +5,8 @@ tiny ones, so neither needs a download. The folder is an ordinary
 checkpoint (``config.json`` in the v4 style that transformers, mlx-lm and
 Ferrum all read, plus ``model.safetensors``), written atomically. Mixture-of-experts
 layers are written one matrix per expert, the Hugging Face layout all three read
-(see :mod:`ferrum.moe.loading`).
+(see :mod:`ferrum.moe.loading`), except a family with layouts of its own (gpt-oss),
+written as mlx-lm stores it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ferrum.config import ModelConfig
-from ferrum.moe.loading import per_expert_names
+from ferrum.moe.loading import LAYOUTS, is_expert_stack, per_expert_names
 from ferrum.model import weight_shapes
 
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -38,6 +39,7 @@ def write_random_checkpoint(
     full = {"rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1, **config, "torch_dtype": dtype}
     model_config = ModelConfig.from_dict(full)
     shapes = weight_shapes(model_config)
+    moe = model_config.arch.moe
     norm_center = 1.0 - model_config.arch.norm_offset  # Gemma's norms scale by 1 + w
     rng = np.random.default_rng(seed)
     folder = Path(folder)
@@ -50,8 +52,10 @@ def write_random_checkpoint(
         array = rng.standard_normal(shape, dtype=np.float32) * std
         if name.endswith("norm.weight"):
             array += norm_center
-        if len(shape) == 3:  # a stack of experts
-            tensors.update(zip(per_expert_names(model_config.arch.moe, name), array.astype(_STORAGE[dtype])))
+        if moe is not None and moe.layout is not None and is_expert_stack(name):  # a family's own layout
+            tensors[LAYOUTS[moe.layout].mlx_lm_name(name)] = array.astype(_STORAGE[dtype])
+        elif len(shape) == 3:  # a stack of experts
+            tensors.update(zip(per_expert_names(moe, name), array.astype(_STORAGE[dtype])))
         else:
             tensors[name] = array.astype(_STORAGE[dtype])
         if progress is not None:

@@ -520,6 +520,25 @@ def _qwen2_moe_windows(r: KeyReader, sizes: Sizes) -> list:
     return [window if t == SLIDING else None for t in types or [FULL] * sizes.num_layers]
 
 
+#: transformers' gpt-oss rope where config.json has none: YaRN, 32x over 4,096 positions, the ramp's ends unrounded.
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 4096}
+
+
+def _gpt_oss(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Llama's blocks with every attention projection biased, a learned sink per query head, and one
+    sliding layer to one full (unless layer_types says otherwise); one rope for both kinds."""
+    window, types = _layer_kinds(r, sizes, lambda i: SLIDING if i % 2 == 0 else FULL)
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec or dict(_GPT_OSS_ROPE), key, _LLAMA_ROPES, theta_default=150_000.0)
+    r("hidden_act")
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(window if t == SLIDING else None, rope) for t in types),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias, sinks=True,
+    )
+
+
 _QWEN2_MOE_WINDOW = (
     Key("sliding_window", default=4096, check=lambda v: None if v == 0 else optional_positive_int(v)),
     *_QWEN_WINDOW[1:],
@@ -622,6 +641,14 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family(  # transformers' OLMo 2: attention_bias covers q/k/v and o, like Llama's
         _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", check=boolean),)),
         _llama_like(False, "projection", _no_windows, norms=POST_NORMS),
+    ),
+    "gpt_oss": Family(
+        _keys(_core(False, head_dim_default=64), _ROPE, _SILU, _LAYER_TYPES, (
+            Key("sliding_window", default=128, check=optional_positive_int),
+            Key("attention_bias", default=True, check=boolean),
+        ), MOE_KEYS["gpt_oss"]),
+        with_moe("gpt_oss", _gpt_oss),
+        eps_default=1e-5,
     ),
     "phi3": Family(
         _keys(_core(False), _ROPE[:3], _SILU, _WINDOW, (

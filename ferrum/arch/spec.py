@@ -39,6 +39,7 @@ class Architecture:
     logit_scale: float = 1.0
     attn_scale: float = 1.0  # multiplies q.k (1/sqrt(head_dim), or query_pre_attn_scalar ** -0.5)
     attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
+    sinks: bool = False  # gpt-oss: a learned logit per query head joins every softmax (``self_attn.sinks``)
     final_softcap: float | None = None  # Gemma 2: the same on the logits
     #: RMSNorm of q and k before rope: "head", one scale per head dim (Qwen3, Gemma 3), or "projection",
     #: one over all of q's heads and one over k's (OLMo 2); None without.

@@ -64,6 +64,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         attention.update({"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
                           "self_attn.v_proj.weight": (kv, h)})
     attention["self_attn.o_proj.weight"] = (h, q)
+    if arch.sinks:
+        attention["self_attn.sinks"] = (config.num_heads,)
     if arch.qkv_bias:
         attention.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
     if arch.o_bias:

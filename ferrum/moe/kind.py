@@ -12,8 +12,8 @@ from ferrum.moe.loading import SWITCH
 
 class Moe:
     """Router ``M.gate`` (or ``MoeSpec.router``), the experts stacked as ``M.switch_mlp.*`` (read from any
-    checkpoint layout, see :mod:`ferrum.moe.loading`) and, for Qwen2-MoE, ``M.shared_expert.*`` with
-    ``M.shared_expert_gate``."""
+    checkpoint layout, see :mod:`ferrum.moe.loading`) with their biases where ``MoeSpec.biased`` and, for
+    Qwen2-MoE, ``M.shared_expert.*`` with ``M.shared_expert_gate``."""
 
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
         spec, h = config.arch.moe, config.hidden_size
@@ -21,6 +21,9 @@ class Moe:
         shapes = {f"{m}.{spec.router}.weight": (e, h)}
         shapes.update({f"{m}.switch_mlp.{p}.weight": (e, inter, h) for p in SWITCH[:2]})
         shapes[f"{m}.switch_mlp.down_proj.weight"] = (e, h, inter)
+        if spec.biased:
+            shapes[f"{m}.{spec.router}.bias"] = (e,)
+            shapes.update({f"{m}.switch_mlp.{p}.bias": (e, size) for p, size in zip(SWITCH, (inter, inter, h))})
         if spec.shared_expert_size:
             s = spec.shared_expert_size
             shapes.update({f"{m}.shared_expert.gate_proj.weight": (s, h), f"{m}.shared_expert.up_proj.weight": (s, h),
@@ -40,7 +43,8 @@ class Moe:
                 f"layer {layer}: the backend took some of the expert projections natively and declined others "
                 "(their quantized formats differ); quantize all three alike or choose another backend"
             )
-        experts = PlacedExperts(stacks[0].apply, *(s.weight for s in stacks))
+        biases = tuple(tensor(f"{m}.switch_mlp.{p}.bias") for p in SWITCH) if spec.biased else None
+        experts = PlacedExperts(stacks[0].apply, *(s.weight for s in stacks), biases, spec.activation)
         shared = shared_gate = None
         if spec.shared_expert_size:
             shared = tuple(linear(f"{m}.shared_expert.{p}") for p in SWITCH)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.moe import gpt_oss
 from ferrum.moe.experts import HostExperts, StackedQuantized
 from ferrum.moe.spec import MoeSpec
 from ferrum.quant import awq_gptq, float_modes
@@ -30,12 +31,24 @@ from ferrum.quant.affine import FloatCodes
 from ferrum.quant.config import AFFINE, QuantConfig
 
 SWITCH = ("gate_proj", "up_proj", "down_proj")
+#: ``MoeSpec.layout`` -> the module reading a family's own layouts: ``parts(present, name, packed_kinds)``
+#: names the checkpoint tensors of a model tensor, ``hugging_face(name, got, shape, where)`` converts them.
+LAYOUTS = {"gpt_oss": gpt_oss}
 _PACKED = ("weight", "scales", "biases")
 _AWQ_GPTQ = ("qweight", "qzeros", "scales")
 
 
 def is_expert_stack(name: str) -> bool:
+    """Whether model tensor ``name`` belongs to a layer's stacked experts (their matrices or biases)."""
     return ".switch_mlp." in name
+
+
+def stack_mode(quant: QuantConfig | None, spec: MoeSpec, name: str) -> str:
+    """The quantization mode config.json gives the checkpoint module of stacked projection ``name``."""
+    if quant is None:
+        return AFFINE
+    module = name.removesuffix(".weight")
+    return quant.mode_for(module if spec.layout is None else LAYOUTS[spec.layout].checkpoint_module(name))
 
 
 def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE) -> tuple[str, ...]:
@@ -44,6 +57,8 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE
     ``qweight``, ``qzeros``, ``scales`` and maybe ``g_idx``)."""
     path = name.removesuffix(".weight")
     packed = _PACKED if mode == AFFINE else _PACKED[:2]
+    if spec.layout is not None:
+        return LAYOUTS[spec.layout].parts(present, name, packed)
     if name in present:
         if f"{path}.global_scale" in present and mode != AFFINE:
             raise UnsupportedFeatureError(f"{path}.global_scale: nvfp4 experts with a tensor scale (global_scale) "
@@ -82,8 +97,26 @@ def half_of(stack: np.ndarray, half: int) -> np.ndarray:
     return stack[:, half * rows:(half + 1) * rows]
 
 
+def assemble_stack(name: str, parts: dict[str, np.ndarray], shape: tuple[int, ...], spec: MoeSpec,
+                   quant: QuantConfig | None, where: str) -> HostExperts:
+    """Model tensor ``name`` (a stacked projection, or its ``[E, out]`` biases) from its checkpoint ``parts``
+    (see :func:`expert_parts`)."""
+    first = next(iter(parts))
+    if spec.layout is not None and not first.endswith((".weight", ".scales", ".biases", ".bias")):
+        got = LAYOUTS[spec.layout].hugging_face(name, parts, shape, where)
+        return got[0] if len(got) == 1 else _float_mode_experts(*got, "mxfp4", shape, f"{where}: {first}")
+    if len(shape) == 2:  # biases stored as the model reads them
+        bias = parts[first]
+        if tuple(bias.shape) != shape or (bias.dtype.kind != "f" and bias.dtype.name != "bfloat16"):
+            raise CheckpointError(f"{where}: {first} is {bias.dtype} {tuple(bias.shape)} where config.json implies "
+                                  f"float {shape}")
+        return bias
+    return assemble_experts(name, parts, shape, quant, where, fused_half(spec, name, tuple(parts)),
+                            stack_mode(quant, spec, name))
+
+
 def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, int, int],
-                     quant: QuantConfig | None, where: str, half: int | None = None) -> HostExperts:
+                     quant: QuantConfig | None, where: str, half: int | None = None, mode: str = AFFINE) -> HostExperts:
     """One stacked projection from its parts (see :func:`expert_parts`; ``half`` of a fused gate and up stack,
     see :func:`fused_half`), checked against ``shape``."""
     def stacked(kind: str) -> np.ndarray:
@@ -103,7 +136,6 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
                 f"float {shape} (a packed weight needs .scales and .biases beside it)"
             )
         return weight
-    mode = AFFINE if quant is None else quant.mode_for(name.removesuffix(".weight"))
     if mode != AFFINE:
         return _float_mode_experts(weight, stacked("scales"), mode, shape, f"{where}: {first}")
     scales, biases = stacked("scales"), stacked("biases")
@@ -157,4 +189,6 @@ def _awq_gptq_experts(parts: dict[str, np.ndarray], shape: tuple[int, int, int],
 
 
 def _expert_index(name: str) -> int:
-    return int(name.split(".experts.")[1].split(".", 1)[0]) if ".experts." in name else 0
+    """Expert ``e`` of a per-expert tensor ``M.experts.{e}...``; 0 for a stacked one."""
+    index = name.split(".experts.")[1].split(".", 1)[0] if ".experts." in name else ""
+    return int(index) if index.isdigit() else 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ferrum.arch.keys import Key, KeyReader, boolean, optional_positive_int, positive_int
+from ferrum.arch.keys import Key, KeyReader, boolean, optional_positive_int, positive_int, positive_number
 from ferrum.arch.spec import Architecture
+from ferrum.moe.activation import ClampedSwiGLU
 
 #: model_type -> (checkpoint module of the sparse MLP, expert matrix names as (gate, up, down)).
 LAYOUT = {
@@ -15,12 +16,13 @@ LAYOUT = {
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "granitemoe": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
+    "gpt_oss": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.gpt_oss)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
 STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
-ROUTER = {"granitemoe": "router.layer"}
+ROUTER = {"granitemoe": "router.layer", "gpt_oss": "router"}
 
 
 def _layer_list(value: object) -> str | None:
@@ -33,7 +35,7 @@ def _layer_list(value: object) -> str | None:
 #: ``num_local_experts``; Qwen2-MoE reads ``num_experts`` only (a ``num_local_experts`` there leaves its 60).
 _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
                 "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts",),
-                "granitemoe": ("num_local_experts",)}
+                "granitemoe": ("num_local_experts",), "gpt_oss": ("num_local_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -52,12 +54,22 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "olmoe": (*_COUNT["olmoe"], Key("num_experts_per_tok", default=8, check=positive_int),
               Key("norm_topk_prob", default=False, check=boolean)),
     "granitemoe": (*_COUNT["granitemoe"], Key("num_experts_per_tok", default=2, check=positive_int)),
+    "gpt_oss": (*_COUNT["gpt_oss"], Key("num_experts_per_tok", default=4, check=positive_int),
+                Key("swiglu_alpha", default=1.702, check=positive_number),
+                Key("swiglu_limit", default=7.0, check=positive_number)),
 }
-_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8}
+_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
-#: top-k probabilities (GraniteMoE's softmax over the top-k logits is the same), OLMoE where ``norm_topk_prob``
-#: says.
-_EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob")}
+#: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
+#: ``norm_topk_prob`` says.
+_EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob"),
+                "gpt_oss": lambda r: True}
+#: Per family, what its experts add to plain SwiGLU ones: gpt-oss biases its router and every expert
+#: projection, clamps its activation, and stores its experts in layouts of its own.
+_EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
+    "gpt_oss": lambda r: dict(biased=True, activation=ClampedSwiGLU(float(r("swiglu_alpha")),
+                                                                    float(r("swiglu_limit"))), layout="gpt_oss"),
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,14 @@ class MoeSpec:
     shared_expert_size: int | None  # Qwen2-MoE's sigmoid-gated shared expert, else None
     router: str = "gate"  # the router's module in the sparse MLP module
     stacked: tuple[str, str, str] | None = None  # the Hugging Face stacks of (gate, up, down) where not per expert
+    biased: bool = False  # the router and every expert projection have biases (gpt-oss)
+    activation: ClampedSwiGLU | None = None  # the experts' activation where not SwiGLU
+    layout: str | None = None  # a family's own checkpoint layouts (ferrum.moe.loading.LAYOUTS)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The ``moe_experts`` feature arguments these experts need (see ferrum.hookspec.moe_experts)."""
+        return ("biases",) * self.biased + ("activation",) * (self.activation is not None)
 
 
 def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]) -> Callable:
@@ -88,7 +108,8 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
         layers = sizes.num_layers
         if model_type in _EVERY_LAYER:
             spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r), None,
-                           ROUTER.get(model_type, "gate"), STACKED.get(model_type))
+                           ROUTER.get(model_type, "gate"), STACKED.get(model_type),
+                           **_EXPERT_EXTRAS.get(model_type, lambda r: {})(r))
             sparse = [True] * layers
         else:
             dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")

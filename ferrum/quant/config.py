@@ -6,7 +6,7 @@ entry per module path, ``"model.layers.0.mlp.down_proj": {"group_size": 64,
 "bits": 6}``, or ``false`` for a module left in float. MLX's float modes
 (``"mode": "mxfp4"``, ``"nvfp4"``, ``"mxfp8"``) are read into the forms every
 backend runs (:mod:`ferrum.quant.float_modes`), and so are Hugging Face's
-``quant_method`` "awq" and "gptq" sections (:mod:`ferrum.quant.awq_gptq`). Other
+``quant_method`` "awq" and "gptq" sections (:mod:`ferrum.quant.awq_gptq`) and gpt-oss's "mxfp4". Other
 schemes (bitsandbytes, FP8, compressed-tensors...) are refused by name.
 """
 
@@ -88,7 +88,11 @@ class QuantConfig:
 
     @classmethod
     def _foreign(cls, section: Mapping[str, Any], method: Any, where: str) -> "QuantConfig":
-        """An AutoAWQ (GEMM) or GPTQ section (:mod:`ferrum.quant.awq_gptq`); other methods refused by name."""
+        """An AutoAWQ (GEMM) or GPTQ section (:mod:`ferrum.quant.awq_gptq`), or gpt-oss's MXFP4 one (its
+        experts in ``*_blocks`` / ``*_scales``, MLX's mxfp4 codes: :mod:`ferrum.moe.gpt_oss`); other methods
+        refused by name."""
+        if method == "mxfp4":
+            return cls(*FLOAT_MODES["mxfp4"], {}, "mxfp4")
         if method not in ("awq", "gptq"):
             raise UnsupportedFeatureError(
                 f"{where}: quant_method {method!r} checkpoints are not supported; Ferrum runs MLX's quantization "

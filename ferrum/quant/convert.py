@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ferrum.checkpoint import INDEX_FILE, Checkpoint, tensor_nbytes, write_safetensors_header
-from ferrum.errors import CheckpointError, InvalidRequestError
+from ferrum.errors import CheckpointError, InvalidRequestError, UnsupportedFeatureError
 from ferrum.quant.affine import MLX_GROUP_SIZES, SUPPORTED_BITS, quantize
 from ferrum.quant.config import QuantConfig
 
@@ -177,6 +177,11 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
     from ferrum.moe.loading import expert_parts, fused_half
 
+    if config.arch.moe is not None and config.arch.moe.layout is not None:
+        raise UnsupportedFeatureError(
+            f"{checkpoint.folder}: `ferrum quantize` does not convert {config.model_type}'s expert layout; load the "
+            "checkpoint as it is (its MXFP4 release and mlx-community's conversions run directly)"
+        )
     present = checkpoint.names()
     sources = {name: expert_parts(present, config.arch.moe, name) if len(shape) == 3 else (name,)
                for name, shape in shapes.items()}

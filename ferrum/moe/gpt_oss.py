@@ -1,0 +1,90 @@
+"""gpt-oss's experts in the checkpoint layouts it is released and converted in.
+
+The model reads ``M.switch_mlp.{gate,up,down}_proj.{weight,bias}`` (``M`` a layer's
+``mlp``), as for every MoE family; a gpt-oss checkpoint holds them as one of:
+
+* **Hugging Face, float** (what transformers' ``save_pretrained`` writes):
+  ``M.experts.gate_up_proj [E, hidden, 2 * inter]``, laid out for ``x @ W`` (inputs
+  first) with gate and up *interleaved* along the outputs (gate ``0::2``, up
+  ``1::2``), ``M.experts.gate_up_proj_bias [E, 2 * inter]`` likewise, and
+  ``M.experts.down_proj [E, inter, hidden]`` with ``down_proj_bias [E, hidden]``;
+* **Hugging Face, MXFP4** (OpenAI's release, ``quant_method: mxfp4``): the same
+  modules as ``*_blocks`` (uint8 ``[E, out, in / 32, 16]``, two E2M1 codes a byte,
+  low nibble first, outputs first) and ``*_scales`` (uint8 E8M0 ``[E, out, in / 32]``):
+  MLX's mxfp4 codes byte for byte (:mod:`ferrum.quant.float_modes`);
+* **mlx-lm's** (after its ``sanitize``, as mlx-community publishes it):
+  ``M.experts.{gate,up,down}_proj.weight`` stacked ``[E, out, in]``, packed with
+  ``.scales`` (and ``.biases`` in affine mode) where quantized, and ``.bias``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrum.errors import CheckpointError
+
+_FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+
+
+def _names(name: str) -> tuple[str, str, str, bool]:
+    """``M.switch_mlp.<proj>.<kind>`` -> (``M.experts``, proj, the Hugging Face tensor it comes from, is a bias)."""
+    module, rest = name.split(".switch_mlp.")
+    proj, kind = rest.split(".")
+    return f"{module}.experts", proj, _FUSED[proj][0], kind == "bias"
+
+
+def checkpoint_module(name: str) -> str:
+    """The module mlx-lm's layout stores model tensor ``name`` in (where config.json's per-module
+    quantization entries name it)."""
+    experts, proj, _, _ = _names(name)
+    return f"{experts}.{proj}"
+
+
+def mlx_lm_name(name: str) -> str:
+    """Where mlx-lm's layout stores model tensor ``name`` (random checkpoints are written this way)."""
+    return f"{checkpoint_module(name)}.{name.rsplit('.', 1)[1]}"
+
+
+def parts(present: set[str], name: str, packed_kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The checkpoint tensors model tensor ``name`` is read from; ``packed_kinds`` those of a packed
+    mlx-lm stack in its quantization mode. Unknown: the Hugging Face float name, so a missing tensor is
+    reported by the name transformers writes."""
+    experts, _, fused, bias = _names(name)
+    mlx = checkpoint_module(name)
+    if bias:
+        return (f"{mlx}.bias",) if f"{mlx}.bias" in present else (f"{experts}.{fused}_bias",)
+    if f"{mlx}.weight" in present:
+        return tuple(f"{mlx}.{k}" for k in packed_kinds) if f"{mlx}.scales" in present else (f"{mlx}.weight",)
+    if f"{experts}.{fused}_blocks" in present:
+        return f"{experts}.{fused}_blocks", f"{experts}.{fused}_scales"
+    return (f"{experts}.{fused}",)
+
+
+def hugging_face(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
+    """A Hugging Face tensor (``got`` holds it alone, or blocks and scales) as the model's: a float
+    ``[E, out, in]`` stack or ``[E, out]`` bias, or ``(codes uint32 [E, out, in / 8], scales)`` in mxfp4."""
+    _, proj, fused, bias = _names(name)
+    half = _FUSED[proj][1]
+    outputs = np.s_[:] if half is None else np.s_[half::2]  # gate and up alternate along the outputs
+    (first, array), *rest = got.items()
+    if bias:
+        return (_checked(array[:, outputs], shape, first, where),)
+    if not rest:  # float, inputs first: [E, in, out]
+        return (_checked(array[:, :, outputs].transpose(0, 2, 1), shape, first, where),)
+    blocks, scales = array, rest[0][1]
+    e, n, k = shape
+    if blocks.dtype != np.uint8 or blocks.shape[-1] != 16 or blocks.ndim != 4 or scales.shape != blocks.shape[:-1]:
+        raise CheckpointError(f"{where}: {first} must be uint8 [E, out, in / 32, 16] MXFP4 blocks with scales "
+                              f"[E, out, in / 32]; got {blocks.dtype} {tuple(blocks.shape)} and {tuple(scales.shape)}")
+    codes = np.ascontiguousarray(blocks[:, outputs]).reshape(*blocks[:, outputs].shape[:2], -1).view(np.uint32)
+    if codes.shape != (e, n, k // 8):
+        raise CheckpointError(f"{where}: {first} holds {tuple(codes.shape[:2])} rows of {codes.shape[2] * 8} inputs "
+                              f"but config.json implies {e} experts of [{n}, {k}]")
+    return codes, np.ascontiguousarray(scales[:, outputs])
+
+
+def _checked(array: np.ndarray, shape: tuple[int, ...], part: str, where: str) -> np.ndarray:
+    if tuple(array.shape) != shape or (array.dtype.kind != "f" and array.dtype.name != "bfloat16"):
+        raise CheckpointError(f"{where}: {part} gives a {array.dtype} {tuple(array.shape)} tensor where config.json "
+                              f"implies float {shape}")
+    return np.ascontiguousarray(array)

@@ -1,0 +1,251 @@
+"""gpt-oss: attention sinks, biased experts with the clamped SwiGLU, YaRN and alternating sliding layers, read
+from the layouts it ships in (transformers' float one, OpenAI's MXFP4 release, mlx-lm's conversion) and compared
+with transformers and mlx-lm running the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import ferrum
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.model import DecoderOnlyLLM
+
+from support import cpu_like_plugin, runnable_backends, write_tokenizer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOKENS = [0, 5, 9, 33, 77, 120, 201, 7, 64, 3, 250, 18]
+#: Small enough that the clamps bite: a quarter of the gate and up outputs lie beyond it with these weights.
+LIMIT = 1.5
+
+
+def _config(**extra):
+    return transformers.GptOssConfig(**{
+        "vocab_size": 300, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "sliding_window": 4, "max_position_embeddings": 131072, "swiglu_limit": LIMIT,
+        "bos_token_id": 0, "eos_token_id": 1, **extra})
+
+
+def _random_model(seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    config = _config(**extra)
+    config._attn_implementation = "eager"
+    model = transformers.GptOssForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0 if "sinks" in name else 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt_oss")
+    model = _random_model()
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder, model
+
+
+def _reference(model, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def _assert_close(got, want, tol=1e-4):
+    scale = max(1.0, float(np.abs(want).max()))
+    assert np.abs(got - want).max() <= tol * scale, np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_matches_transformers_in_prefill_and_decode(float_checkpoint, backend):
+    folder, hf = float_checkpoint
+    want = _reference(hf, TOKENS)
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32")
+    _assert_close(model.forward_verify("whole", TOKENS), want)
+    # Decoding token by token past the window: the sliding layers drop keys, the sinks stay.
+    model.prefill("steps", TOKENS[:3])
+    for pos in range(3, len(TOKENS)):
+        _assert_close(model.decode("steps", TOKENS[pos], pos), want[pos])
+    # Several sequences in one decode batch (the mirrored paths), each at its own length.
+    for i in range(3):
+        model.prefill(f"b{i}", TOKENS[: 5 + i])
+    logits = model.decode_batch([(f"b{i}", TOKENS[5 + i], 5 + i) for i in range(3)])
+    for i in range(3):
+        _assert_close(logits[i], want[5 + i])
+
+
+def test_the_model_depends_on_what_sets_it_apart(float_checkpoint, tmp_path):
+    """Zeroing the sinks, the expert biases or raising the clamp limit each moves the logits, so the parity
+    above checks every one of them."""
+    folder, hf = float_checkpoint
+    base = DecoderOnlyLLM.from_pretrained(folder, backend="cpu").forward_verify("x", TOKENS)
+    tensors = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    variants = {
+        "sinks": ({k: np.zeros_like(v) if k.endswith("sinks") else v for k, v in tensors.items()}, config),
+        "biases": ({k: np.zeros_like(v) if "experts" in k and k.endswith("_bias") else v
+                    for k, v in tensors.items()}, config),
+        "limit": (tensors, {**config, "swiglu_limit": 100.0}),
+    }
+    for name, (weights, cfg) in variants.items():
+        dest = tmp_path / name
+        dest.mkdir()
+        save_file(weights, dest / "model.safetensors")
+        (dest / "config.json").write_text(json.dumps(cfg))
+        changed = DecoderOnlyLLM.from_pretrained(dest, backend="cpu").forward_verify("x", TOKENS)
+        assert np.abs(changed - base).max() > 1e-2, name
+
+
+def test_generates_greedily_as_transformers(float_checkpoint):
+    folder, hf = float_checkpoint
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=12, do_sample=False)[0, len(TOKENS):].tolist()
+    llm = ferrum.load(folder, backend="cpu")
+    (out,) = llm.run([TOKENS], max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert list(out.token_ids) == want
+
+
+# ------------------------------------------------------------------ MXFP4
+
+
+def _mxfp4_release(folder, model, seed: int = 1) -> None:
+    """Rewrite ``folder``'s experts as OpenAI's release stores them (random E2M1 codes and E8M0 scales), and
+    put the same experts, decoded by transformers' own converter, into ``model``."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    rng = np.random.default_rng(seed)
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, inputs, outputs = tensors.pop(name).shape  # transformers' float layout: [E, in, out]
+        blocks = rng.integers(0, 256, (e, outputs, inputs // 32, 16), dtype=np.uint8)
+        scales = rng.integers(123, 128, (e, outputs, inputs // 32), dtype=np.uint8)
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+        dense = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+        layer, module = name.removeprefix("model.").split(".mlp.")
+        with torch.no_grad():
+            getattr(model.get_submodule(f"model.{layer}.mlp.experts"), module.split(".")[1]).copy_(dense)
+    save_file(tensors, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(tmp_path_factory):
+    """The release's layout, with the config keys mlx-lm reads too: its gpt-oss model clamps at 7 whatever
+    ``swiglu_limit`` says and reads the rope from ``rope_scaling`` (transformers 5 writes ``rope_parameters``)."""
+    folder = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    model = _random_model(seed=2, swiglu_limit=7.0)
+    model.save_pretrained(folder)
+    _mxfp4_release(folder, model)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = config["rope_parameters"]
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, model
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_mxfp4_release_matches_transformers(mxfp4_checkpoint, backend):
+    folder, hf = mxfp4_checkpoint
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32")
+    _assert_close(model.forward_verify("x", TOKENS), _reference(hf, TOKENS))
+    if backend == "mlx":  # the file's codes run as they are, through MLX's mxfp4 kernels
+        experts = model.layers[0].mlp.experts
+        assert {experts.gate.mode, experts.up.mode, experts.down.mode} == {"mxfp4"}
+
+
+def _mlx_lm_model(folder):
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    model, config = mlx_lm_utils.load_model(folder)
+    return model, config
+
+
+def test_mxfp4_release_matches_mlx_lm(mxfp4_checkpoint):
+    """mlx-lm reads the release with its own sanitizer and runs it with its own gpt-oss model."""
+    import mlx.core as mx
+
+    folder, _ = mxfp4_checkpoint
+    reference, _ = _mlx_lm_model(folder)
+    want = np.array(reference(mx.array([TOKENS]))[0].astype(mx.float32))
+    got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu").forward_verify("x", TOKENS)
+    _assert_close(got, want, 1e-3)
+
+
+def test_mlx_lm_conversion_loads(mxfp4_checkpoint, tmp_path):
+    """What mlx-lm saves after reading the release (mlx-community's layout: ``experts.gate_proj`` stacks with
+    mxfp4 codes, ``.bias`` beside them) gives the release's logits."""
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    folder, hf = mxfp4_checkpoint
+    model, config = _mlx_lm_model(folder)
+    mlx_lm_utils.save_model(tmp_path, model)
+    mlx_lm_utils.save_config(config, tmp_path / "config.json")
+    names = set(load_file(next(tmp_path.glob("*.safetensors"))))
+    assert "model.layers.0.mlp.experts.gate_proj.scales" in names and "model.layers.0.mlp.experts.up_proj.bias" in names
+    got = DecoderOnlyLLM.from_pretrained(tmp_path, backend="cpu").forward_verify("x", TOKENS)
+    _assert_close(got, _reference(hf, TOKENS))
+
+
+def test_malformed_blocks_are_named(mxfp4_checkpoint, tmp_path):
+    folder, _ = mxfp4_checkpoint
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj_blocks"
+    tensors[name] = tensors[name][:, :, :1]  # half the inputs
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="down_proj_blocks"):
+        DecoderOnlyLLM.from_pretrained(tmp_path, backend="cpu")
+
+
+def test_a_backend_without_sinks_refuses_the_model(float_checkpoint, registered):
+    import ferrum_cpu.ops as cpu_ops
+    from ferrum.hookspec import hookimpl
+
+    @hookimpl
+    def attention(q, k, v, scale, sliding_window, softcap=None):
+        return cpu_ops.attention(q, k, v, scale, sliding_window, softcap)
+
+    registered("nosinks", cpu_like_plugin("nosinks", omit=("paged_attention",), extra={"attention": attention}))
+    with pytest.raises(UnsupportedFeatureError, match="attention sinks"):
+        DecoderOnlyLLM.from_pretrained(float_checkpoint[0], backend="nosinks")
+
+
+def test_experts_fall_back_where_moe_experts_lacks_the_features(float_checkpoint, registered):
+    """A plugin whose moe_experts predates biases and the clamped activation runs gpt-oss's experts through
+    the core's reference, and still matches transformers."""
+    import ferrum_cpu.ops as cpu_ops
+    from ferrum.hookspec import hookimpl
+    from ferrum.moe import reference
+
+    @hookimpl
+    def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared):
+        raise AssertionError("called without the biases it cannot take")
+
+    plugin = cpu_like_plugin("oldmoe", extra={
+        "moe_experts": moe_experts,
+        "upload_experts": hookimpl(lambda name, weight, dtype: reference.ReferenceStack(cpu_ops, name, weight, dtype))})
+    registered("oldmoe", plugin)
+    folder, hf = float_checkpoint
+    model = DecoderOnlyLLM.from_pretrained(folder, backend="oldmoe")
+    _assert_close(model.forward_verify("x", TOKENS), _reference(hf, TOKENS))
+
+
+def test_random_checkpoints_load_alike_on_every_backend(tmp_path):
+    """``write_random_checkpoint`` (benchmarks, the conformance kit) writes gpt-oss in mlx-lm's layout; every
+    backend reads it to the numpy backend's logits."""
+    from ferrum.random_checkpoint import write_random_checkpoint
+
+    config = _config(swiglu_limit=7.0).to_dict()
+    folder = write_random_checkpoint(tmp_path / "random", config, dtype="float32", std=0.2)
+    want = DecoderOnlyLLM.from_pretrained(folder, backend="cpu").forward_verify("x", TOKENS)
+    assert np.abs(want).max() > 0.5
+    for backend in runnable_backends():
+        _assert_close(DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32").forward_verify(
+            "x", TOKENS), want)
