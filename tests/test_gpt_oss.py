@@ -193,6 +193,35 @@ def test_mlx_lm_conversion_loads(mxfp4_checkpoint, tmp_path):
     _assert_close(got, _reference(hf, TOKENS))
 
 
+def test_mixed_mlx_community_quantization_loads(mxfp4_checkpoint, tmp_path):
+    """mlx-community's "MXFP4-Q8" recipe: the experts keep the release's mxfp4 codes, every other linear (router,
+    attention, embedding, head) is quantized to 8-bit affine, named per module in config.json. Every backend
+    gives mlx-lm's logits for the saved model."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    model, config = _mlx_lm_model(mxfp4_checkpoint[0])
+    eight_bit = {}
+
+    def affine_8(path, module):
+        if hasattr(module, "to_quantized") and not hasattr(module, "scales") and module.weight.shape[-1] % 64 == 0:
+            eight_bit[path] = {"group_size": 64, "bits": 8, "mode": "affine"}
+            return True
+        return False
+
+    nn.quantize(model, group_size=64, bits=8, class_predicate=affine_8)
+    assert "model.layers.0.mlp.router" in eight_bit and "model.layers.0.self_attn.q_proj" in eight_bit
+    config["quantization"] = config["quantization_config"] = {"group_size": 32, "bits": 4, "mode": "mxfp4",
+                                                              **eight_bit}
+    mlx_lm_utils.save_model(tmp_path, model)
+    mlx_lm_utils.save_config(config, tmp_path / "config.json")
+    want = np.array(model(mx.array([TOKENS]))[0].astype(mx.float32))
+    for backend in runnable_backends():
+        got = DecoderOnlyLLM.from_pretrained(tmp_path, backend=backend, dtype="float32").forward_verify("x", TOKENS)
+        _assert_close(got, want, 1e-3)
+
+
 def test_malformed_blocks_are_named(mxfp4_checkpoint, tmp_path):
     folder, _ = mxfp4_checkpoint
     tensors = load_file(folder / "model.safetensors")
