@@ -49,7 +49,7 @@ FORMS = {
     Q.IQ4_NL: (8, 32, "float16"),
     Q.IQ4_XS: (8, 32, "float32"),
 }
-UNSUPPORTED = [Q.IQ2_XXS, Q.IQ3_S, Q.IQ1_M, Q.TQ1_0, Q.MXFP4]
+UNSUPPORTED = [Q.IQ2_XXS, Q.IQ3_S, Q.IQ1_M, Q.TQ1_0]
 
 
 def reread(tmp_path: Path, tensors: dict[str, tuple[np.ndarray, object]]) -> dict:
@@ -74,7 +74,33 @@ def reference(t) -> np.ndarray:
 
 
 def test_supported_types_are_exactly_these():
-    assert SUPPORTED_TYPES == {q.name: fmt[:2] for q, fmt in FORMS.items()}
+    assert SUPPORTED_TYPES == {**{q.name: fmt[:2] for q, fmt in FORMS.items()}, "MXFP4": (4, 32)}
+
+
+def test_mxfp4_keeps_its_codes_and_equals_gguf_dequantize(tmp_path):
+    """gpt-oss's MXFP4 experts: the E2M1 codes and E8M0 exponents reordered into MLX's mxfp4 layout, whose
+    decoding (``ferrum.quant.float_modes``) equals gguf's own dequantizer bit for bit, for gguf's quantization
+    and for random blocks (every code and every finite exponent)."""
+    from ferrum.quant.affine import FloatCodes
+    from ferrum.quant.float_modes import decode
+
+    rng = np.random.default_rng(39)
+    shape = (24, 512)
+    weights = (rng.standard_normal(shape) * rng.uniform(0.01, 3, (shape[0], 1))).astype(np.float32)
+    random = random_blocks(shape, Q.MXFP4, rng)
+    blocks = random.reshape(-1, 17)  # a uint8 exponent, then 16 bytes of codes
+    blocks[:, 0] = rng.integers(100, 150, len(blocks), dtype=np.uint8)  # around 2 ** 0, none 0xFF (NaN)
+    tensors = reread(tmp_path, {"quantized": (gguf_blocks(weights, Q.MXFP4, rng), Q.MXFP4),
+                                "random": (random, Q.MXFP4)})
+    for name, t in tensors.items():
+        codes = repack(t.data, "MXFP4", shape, name)
+        assert isinstance(codes, FloatCodes) and codes.mode == "mxfp4" and codes.scales.dtype == np.uint8
+        assert codes.packed.shape == (24, 64) and codes.scales.shape == (24, 16)
+        np.testing.assert_array_equal(dequantize(decode(codes.packed, codes.scales, "mxfp4", shape, name)),
+                                      reference(t), err_msg=name)
+    blocks[3, 0] = 0xFF
+    with pytest.raises(CheckpointError, match=r"tensor blk\.0\.x \(MXFP4\) holds NaN block scales"):
+        describe(random, "MXFP4", shape, "blk.0.x")
 
 
 @pytest.mark.parametrize("qtype", list(FORMS), ids=lambda q: q.name)

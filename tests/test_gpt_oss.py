@@ -278,3 +278,93 @@ def test_random_checkpoints_load_alike_on_every_backend(tmp_path):
     for backend in runnable_backends():
         _assert_close(DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32").forward_verify(
             "x", TOKENS), want)
+
+
+# ------------------------------------------------------------------ GGUF
+
+
+def _gpt_oss_gguf(path, hf, config, expert_type) -> None:
+    """``hf``'s weights as llama.cpp's converter writes gpt-oss: gate and up split out of their interleaved
+    stack, every expert stack ``[E, out, in]`` stored as ``expert_type``; ``hf``'s experts then take the
+    values the file holds (gguf's own dequantizer), so both sides run the same weights."""
+    import gguf
+    from test_gguf_import import _finish, _gguf_writer
+
+    w = _gguf_writer(path, "gpt-oss", config)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_expert_count(config.num_local_experts)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    w.add_expert_feed_forward_length(config.intermediate_size)
+    w.add_sliding_window(config.sliding_window)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(config.rope_parameters["factor"])
+    w.add_rope_scaling_orig_ctx_len(config.rope_parameters["original_max_position_embeddings"])
+    names = {"input_layernorm.weight": "attn_norm.weight", "self_attn.sinks": "attn_sinks.weight",
+             "post_attention_layernorm.weight": "post_attention_norm.weight",
+             "mlp.router.weight": "ffn_gate_inp.weight", "mlp.router.bias": "ffn_gate_inp.bias",
+             **{f"self_attn.{p}_proj.{k}": f"attn_{p}.{k}" for p in "qkv" for k in ("weight", "bias")},
+             **{f"self_attn.o_proj.{k}": f"attn_output.{k}" for k in ("weight", "bias")}}
+    globals_ = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        if name in globals_:
+            w.add_tensor(globals_[name], array)
+            continue
+        block, rest = name.removeprefix("model.layers.").split(".", 1)
+        if rest in names:
+            w.add_tensor(f"blk.{block}.{names[rest]}", array)
+        elif rest == "mlp.experts.gate_up_proj_bias":
+            w.add_tensor(f"blk.{block}.ffn_gate_exps.bias", np.ascontiguousarray(array[:, ::2]))
+            w.add_tensor(f"blk.{block}.ffn_up_exps.bias", np.ascontiguousarray(array[:, 1::2]))
+        elif rest == "mlp.experts.down_proj_bias":
+            w.add_tensor(f"blk.{block}.ffn_down_exps.bias", array)
+        else:  # the stacks, inputs first in transformers: [E, in, out]
+            held = []
+            parts = {"ffn_down_exps": np.s_[:]} if rest == "mlp.experts.down_proj" else {
+                "ffn_gate_exps": np.s_[0::2], "ffn_up_exps": np.s_[1::2]}
+            for gguf_name, outputs in parts.items():
+                stack = np.ascontiguousarray(array[:, :, outputs].transpose(0, 2, 1))
+                if expert_type == gguf.GGMLQuantizationType.F32:
+                    w.add_tensor(f"blk.{block}.{gguf_name}.weight", stack)
+                    held.append((outputs, stack))
+                else:
+                    packed = gguf.quants.quantize(stack, expert_type)
+                    w.add_tensor(f"blk.{block}.{gguf_name}.weight", packed, raw_dtype=expert_type)
+                    held.append((outputs, gguf.quants.dequantize(packed, expert_type)))
+            with torch.no_grad():
+                for outputs, values in held:
+                    tensor[:, :, outputs] = torch.from_numpy(values.transpose(0, 2, 1))
+    _finish(w)
+
+
+@pytest.mark.parametrize("expert_type", ["F32", "MXFP4"])
+def test_gguf_imports_and_matches_transformers(tmp_path, expert_type):
+    """llama.cpp's gpt-oss layout: sinks, the split expert stacks and their biases, the router's bias, the
+    sliding window and YaRN from the metadata; MXFP4 experts kept as mxfp4 codes (MLX runs them as they are)."""
+    import gguf
+
+    from ferrum.config import ModelConfig
+    from ferrum.gguf_import import convert_gguf
+    from test_gguf_import import _tiny_model
+
+    hf, config = _tiny_model(transformers.GptOssConfig, intermediate_size=64, num_hidden_layers=2, head_dim=16,
+                             num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                             max_position_embeddings=131072, tie_word_embeddings=False)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0, 1.0 if "sinks" in name else 0.2)
+    _gpt_oss_gguf(tmp_path / "gpt-oss.gguf", hf, config, getattr(gguf.GGMLQuantizationType, expert_type))
+    folder = convert_gguf(tmp_path / "gpt-oss.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(folder)
+    assert ours.arch.sinks and ours.arch.windows == (4, None) and ours.arch.moe.biased
+    if expert_type == "MXFP4":
+        assert ours.quantization.mode_for("model.layers.0.mlp.switch_mlp.up_proj") == "mxfp4"
+    tokens = [5, 77, 100, 42, 9, 200, 13, 60, 7, 33, 90]
+    want = _reference(hf, tokens)
+    for backend in runnable_backends():
+        model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32")
+        _assert_close(model.forward_verify("x", tokens), want)
+        if backend == "mlx" and expert_type == "MXFP4":
+            assert model.layers[0].mlp.experts.down.mode == "mxfp4"

@@ -1,7 +1,7 @@
 """Importing a GGUF file (llama.cpp's format) as a Hugging Face-style checkpoint folder.
 
 Architectures: llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, smollm3, granite, granitemoe,
-olmo2, olmoe, gemma, gemma2 and gemma3 (:data:`SUPPORTED_ARCHITECTURES`). The rooms: ``files`` reads a file
+olmo2, olmoe, gpt-oss, gemma, gemma2 and gemma3 (:data:`SUPPORTED_ARCHITECTURES`). The rooms: ``files`` reads a file
 safely, ``architectures`` maps each architecture onto its Hugging Face family, ``config``, ``tensors`` and
 ``tokenizer`` write the three parts of the folder.
 

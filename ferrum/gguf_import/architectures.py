@@ -103,6 +103,14 @@ def _olmo2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
     return {}
 
 
+def _gpt_oss_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """gpt-oss: the file's window on every other layer, the first sliding; its YaRN with the ramp's ends
+    unrounded, as transformers' and OpenAI's own model have them (llama.cpp rounds them)."""
+    scaling = cfg.get("rope_scaling")
+    return {"sliding_window": int(meta.need(p + "attention.sliding_window")),
+            **({"rope_scaling": {**scaling, "truncate": False}} if scaling and scaling["rope_type"] == "yarn" else {})}
+
+
 #: Phi-3's fused blocks, kept fused as the Hugging Face checkpoint has them: q/k/v in one ``attn_qkv``, gate and
 #: up in one ``ffn_up``.
 _PHI3_FUSED = (("attn_qkv.weight", "self_attn.qkv_proj.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))
@@ -111,6 +119,13 @@ _GEMMA_NORMS = (("post_attention_norm.weight", "post_attention_layernorm.weight"
                 ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
                 ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"))
 _GEMMA_ACTIVATION = (("hidden_act", "gelu_pytorch_tanh"), ("hidden_activation", "gelu_pytorch_tanh"))
+#: gpt-oss's blocks beyond Llama's: its MLP norm, attention sinks, biases on o_proj, the router and the experts.
+_GPT_OSS_TENSORS = (
+    ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    ("attn_sinks.weight", "self_attn.sinks"), ("attn_sinks", "self_attn.sinks"),
+    ("attn_output.bias", "self_attn.o_proj.bias"), ("ffn_gate_inp.bias", "mlp.router.bias"),
+    *((f"ffn_{p}_exps.bias", f"mlp.switch_mlp.{p}_proj.bias") for p in ("gate", "up", "down")),
+)
 #: OLMo 2's norms: one after each of attention and the MLP, none before.
 _OLMO2_NORMS = (_GEMMA_NORMS[0], _GEMMA_NORMS[2])
 
@@ -147,6 +162,9 @@ ARCHITECTURES = {
                            moe=_Experts("mlp", "num_experts", None, "norm_topk_prob", renormalise=False)),
     "olmo2": _Architecture("olmo2", "Olmo2ForCausalLM", False, (("attention_bias", False),), renamed=_OLMO2_NORMS,
                            configure=_olmo2_config),
+    "gpt-oss": _Architecture("gpt_oss", "GptOssForCausalLM", False, (("attention_bias", True),),
+                             moe=_Experts("mlp", "num_local_experts", None, None), renamed=_GPT_OSS_TENSORS,
+                             configure=_gpt_oss_config),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),

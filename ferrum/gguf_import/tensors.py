@@ -21,8 +21,8 @@ from ferrum.gguf_import.architectures import (
     SHARED_EXPERT_TENSORS, SUPPORTED_ARCHITECTURES, for_model_type,
 )
 from ferrum.moe.spec import ROUTER
-from ferrum.quant.affine import QuantizedWeight
-from ferrum.quant.config import QuantConfig
+from ferrum.quant.affine import FloatCodes, QuantizedWeight
+from ferrum.quant.config import AFFINE, QuantConfig
 from ferrum.quant.gguf import StoredForm, describe, repack
 
 ProgressFn = Callable[[int, int, str], None]
@@ -31,7 +31,7 @@ ProgressFn = Callable[[int, int, str], None]
 #: Float dtypes ``dequantize_to`` accepts.
 DEQUANTIZE_DTYPES = ("float32", "float16", "bfloat16")
 #: safetensors' name of each stored dtype.
-_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32", "uint8": "U8"}
 
 
 def check_finite(plan: list["PlannedTensor"], where: str) -> None:
@@ -188,18 +188,21 @@ def _as_matrix(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def quantization_section(plan: list[PlannedTensor]) -> dict[str, Any] | None:
-    """mlx-lm's ``quantization`` entry: the commonest (bits, group size), then every matrix that differs."""
+    """mlx-lm's ``quantization`` entry: the commonest (bits, group size, mode), then every matrix that differs."""
     matrices = [p for p in plan if len(p.shape) >= 2]  # expert stacks too
-    formats = Counter((p.form.bits, p.form.group_size) for p in matrices if p.form.packed)
+    formats = Counter((p.form.bits, p.form.group_size, p.form.mode) for p in matrices if p.form.packed)
     if not formats:
         return None
-    default = formats.most_common(1)[0][0]
+    bits, group_size, mode = formats.most_common(1)[0][0]
     overrides: dict[str, tuple[int, int] | None] = {}
+    modes: dict[str, str] = {}
     for p in matrices:
-        fmt = (p.form.bits, p.form.group_size) if p.form.packed else None
-        if fmt != default:
-            overrides[p.module] = fmt  # None: kept dense (``false``)
-    return QuantConfig(*default, overrides).to_json()
+        fmt = (p.form.bits, p.form.group_size, p.form.mode) if p.form.packed else None
+        if fmt != (bits, group_size, mode):
+            overrides[p.module] = None if fmt is None else fmt[:2]  # None: kept dense (``false``)
+            if fmt is not None and fmt[2] != mode:
+                modes[p.module] = fmt[2]
+    return QuantConfig(bits, group_size, overrides, mode, modes).to_json()
 
 
 def torch_dtype(plan: list[PlannedTensor]) -> str:
@@ -209,7 +212,7 @@ def torch_dtype(plan: list[PlannedTensor]) -> str:
     values), float32 once any K-quant or overflowing scale needs it: a backend
     following ``torch_dtype`` then computes at the precision the file was made in.
     """
-    dtypes = {p.form.dtype for p in plan if len(p.shape) >= 2}
+    dtypes = {p.form.dtype for p in plan if len(p.shape) >= 2 and p.form.mode == AFFINE}  # not uint8 exponents
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
@@ -230,6 +233,8 @@ def _stored_arrays(p: PlannedTensor, dequantize_to: str | None, where: str) -> l
         value = dequantized(t, where)
     if isinstance(value, QuantizedWeight):
         arrays = [a.reshape(*p.shape[:-1], -1) for a in (value.packed, value.scales, value.biases)]
+    elif isinstance(value, FloatCodes):
+        arrays = [a.reshape(*p.shape[:-1], -1) for a in (value.packed, value.scales)]
     else:
         value = value.reshape(p.shape)
         if p.offset:  # in float32: exact for the norm weights near 1 the converter wrote

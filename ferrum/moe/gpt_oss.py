@@ -46,15 +46,17 @@ def mlx_lm_name(name: str) -> str:
 
 
 def parts(present: set[str], name: str, packed_kinds: tuple[str, ...]) -> tuple[str, ...]:
-    """The checkpoint tensors model tensor ``name`` is read from; ``packed_kinds`` those of a packed
-    mlx-lm stack in its quantization mode. Unknown: the Hugging Face float name, so a missing tensor is
-    reported by the name transformers writes."""
+    """The checkpoint tensors model tensor ``name`` is read from; ``packed_kinds`` those of a packed stack
+    in its quantization mode. A stack stored as the model names it (a GGUF import) or as mlx-lm does;
+    else the Hugging Face tensors, so a missing one is reported by the name transformers writes."""
     experts, _, fused, bias = _names(name)
-    mlx = checkpoint_module(name)
+    kind = name.rsplit(".", 1)[1]
+    for module in (name.removesuffix(f".{kind}"), checkpoint_module(name)):
+        if f"{module}.{kind}" in present:
+            packed = not bias and f"{module}.scales" in present
+            return tuple(f"{module}.{k}" for k in packed_kinds) if packed else (f"{module}.{kind}",)
     if bias:
-        return (f"{mlx}.bias",) if f"{mlx}.bias" in present else (f"{experts}.{fused}_bias",)
-    if f"{mlx}.weight" in present:
-        return tuple(f"{mlx}.{k}" for k in packed_kinds) if f"{mlx}.scales" in present else (f"{mlx}.weight",)
+        return (f"{experts}.{fused}_bias",)
     if f"{experts}.{fused}_blocks" in present:
         return f"{experts}.{fused}_blocks", f"{experts}.{fused}_scales"
     return (f"{experts}.{fused}",)

@@ -48,7 +48,10 @@ def stack_mode(quant: QuantConfig | None, spec: MoeSpec, name: str) -> str:
     if quant is None:
         return AFFINE
     module = name.removesuffix(".weight")
-    return quant.mode_for(module if spec.layout is None else LAYOUTS[spec.layout].checkpoint_module(name))
+    if spec.layout is not None:  # config.json names the module where the stack is stored: either name
+        stored = LAYOUTS[spec.layout].checkpoint_module(name)
+        module = stored if stored in quant.modes or stored in quant.overrides else module
+    return quant.mode_for(module)
 
 
 def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE) -> tuple[str, ...]:

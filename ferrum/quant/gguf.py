@@ -21,6 +21,10 @@ IQ4_NL    8      32          ``d``, ``-128d`` (``q`` = code + 128) [3]_  float16
 IQ4_XS    8      32          ``d*sc_j``, ``-128*d*sc_j`` [3]_            float32
 ========  =====  ==========  ==========================================  ==============
 
+MXFP4 (gpt-oss's experts) is no affine code but one of MLX's float modes: its
+E2M1 codes and E8M0 block exponents are kept as they are, reordered into MLX's
+mxfp4 layout (``FloatCodes``), which every backend reads (:mod:`ferrum.quant.float_modes`).
+
 .. [1] unless a bias overflows float16 (``|d|`` above 65504 / 8, / 16 or / 128):
    then that tensor's scales and biases are float32.
 .. [2] ``sc_j`` signed (6 bits less 32); ``q`` = the two low bits + 4 * the
@@ -34,8 +38,8 @@ K-quant scales are an 11-bit float16 significand times a 6-bit (or signed
 8-bit) integer, up to 19 significant bits: exact in float32 only. GGUF packs
 values half-block by half-block (low nibbles, then high nibbles); the packed
 form wants consecutive values, so ``q`` is unpacked and packed again. Other
-GGUF types (the IQ1/IQ2/IQ3 lattice codebooks, TQ*, MXFP4) have no such form
-and are refused by name.
+GGUF types (the IQ1/IQ2/IQ3 lattice codebooks, TQ*) have no such form and are
+refused by name.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
-from ferrum.quant.affine import QuantizedWeight, pack
+from ferrum.quant.affine import FloatCodes, QuantizedWeight, pack
+from ferrum.quant.config import AFFINE
 
 #: GGUF types kept as they are (dense), with their numpy dtype names.
 DENSE_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -75,8 +80,12 @@ _TYPES = {
     "IQ4_NL": _BlockType(32, 18, 8, 32, False, (0,)),
     "IQ4_XS": _BlockType(256, 136, 8, 32, True, (0,)),
 }
+#: GGUF types kept as one of MLX's float modes: block, bytes per block (a uint8 E8M0 exponent, then 16 bytes
+#: of E2M1 codes, low nibbles first), bits and group size.
+_FLOAT_CODED = {"MXFP4": ("mxfp4", _BlockType(32, 17, 4, 32, False, ()))}
 #: GGUF types repacked exactly, with their (bits, group size).
-SUPPORTED_TYPES = {name: (t.bits, t.group_size) for name, t in _TYPES.items()}
+SUPPORTED_TYPES = {name: (t.bits, t.group_size) for name, t in (*_TYPES.items(),
+                                                                 *((n, k) for n, (_, k) in _FLOAT_CODED.items()))}
 
 #: The float16 bias ``-c * d`` of the types whose bias is a multiple of ``d``.
 _BIAS_FACTOR = {"Q4_0": 8.0, "Q5_0": 16.0, "Q8_0": 128.0, "IQ4_NL": 128.0}
@@ -92,6 +101,7 @@ class StoredForm:
     dtype: str  # scale/bias dtype when packed, the tensor's dtype when dense
     bits: int | None = None
     group_size: int | None = None
+    mode: str = AFFINE  # or one of MLX's float modes: uint32 codes and uint8 scales, no biases
 
     @property
     def packed(self) -> bool:
@@ -104,6 +114,8 @@ class StoredForm:
         *lead, k = self.shape  # a matrix, or a stack of them (experts)
         groups = (*lead, k // self.group_size)
         packed = ("weight", "uint32", (*lead, k * self.bits // 32))
+        if self.mode != AFFINE:
+            return [packed, ("scales", "uint8", groups)]
         return [packed, ("scales", self.dtype, groups), ("biases", self.dtype, groups)]
 
 
@@ -125,14 +137,16 @@ def describe(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: st
     """
     if type_name in DENSE_TYPES:
         return StoredForm(tuple(shape), DENSE_TYPES[type_name])
+    if type_name in _FLOAT_CODED:
+        mode, kind = _FLOAT_CODED[type_name]
+        _check_blocks_per_row(kind, type_name, shape, tensor)
+        if (_blocks(raw, kind, shape, tensor)[:, 0] == 0xFF).any():  # E8M0's NaN
+            raise CheckpointError(f"tensor {tensor} ({type_name}) holds NaN block scales; the file is damaged")
+        return StoredForm(tuple(shape), "uint8", kind.bits, kind.group_size, mode)
     kind = _TYPES.get(type_name)
     if kind is None:
         raise _unsupported(type_name, tensor)
-    if len(shape) != 2 or shape[1] % kind.block:
-        raise CheckpointError(
-            f"tensor {tensor} ({type_name}, shape {tuple(shape)}) is not a matrix of whole {kind.block}-value "
-            f"blocks per row; {type_name} rows must hold a multiple of {kind.block} values"
-        )
+    _check_blocks_per_row(kind, type_name, shape, tensor)
     blocks = _blocks(raw, kind, shape, tensor)
     scalars = [_f16(blocks, at) for at in kind.scalars]
     _check_finite(tensor, type_name, *scalars)
@@ -148,8 +162,18 @@ def describe(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: st
     return StoredForm(tuple(shape), "float16", kind.bits, kind.group_size)
 
 
-def repack(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: str) -> QuantizedWeight | np.ndarray:
-    """One GGUF tensor in the packed affine form (quantized types) or as its dense array (F32/F16/BF16).
+def _check_blocks_per_row(kind: _BlockType, type_name: str, shape: tuple[int, ...], tensor: str) -> None:
+    if len(shape) != 2 or shape[1] % kind.block:
+        raise CheckpointError(
+            f"tensor {tensor} ({type_name}, shape {tuple(shape)}) is not a matrix of whole {kind.block}-value "
+            f"blocks per row; {type_name} rows must hold a multiple of {kind.block} values"
+        )
+
+
+def repack(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: str
+           ) -> QuantizedWeight | FloatCodes | np.ndarray:
+    """One GGUF tensor in the packed affine form (quantized types), as MLX float-mode codes (MXFP4) or as its
+    dense array (F32/F16/BF16).
 
     ``dequantize`` of the result equals ``gguf.quants.dequantize`` of ``raw``
     exactly, both evaluated in float32.
@@ -157,6 +181,11 @@ def repack(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: str)
     form = describe(raw, type_name, shape, tensor)
     if not form.packed:
         return _dense(raw, form.dtype, form.shape, tensor)
+    if form.mode != AFFINE:
+        blocks = _blocks(raw, _FLOAT_CODED[type_name][1], form.shape, tensor)
+        n, k = form.shape
+        codes = pack(_halves(blocks[:, 1:]).reshape(n, k), form.bits)  # values in order, lowest bits first
+        return FloatCodes(codes, np.ascontiguousarray(blocks[:, 0]).reshape(n, k // form.group_size), form.mode)
     kind = _TYPES[type_name]
     n, k = form.shape
     blocks = _blocks(raw, kind, form.shape, tensor)
