@@ -44,6 +44,16 @@ PRESETS: dict[str, dict] = {
         sliding_window_pattern=6, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
         tie_word_embeddings=True,
     ),
+    # gpt-oss-20b's design (32 experts, 4 active, biased; attention sinks; 128-token windows on every other
+    # layer; YaRN) at a fifth of its width and a third of its layers, to run on a laptop.
+    "gpt-oss-small": dict(
+        architectures=["GptOssForCausalLM"], model_type="gpt_oss", hidden_size=576, intermediate_size=576,
+        num_local_experts=32, num_experts_per_tok=4, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=2, head_dim=64, vocab_size=32000, sliding_window=128, max_position_embeddings=131072,
+        rope_theta=150000.0, rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                           "truncate": False, "original_max_position_embeddings": 4096},
+        tie_word_embeddings=False,
+    ),
     "tiny": dict(
         architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,

@@ -62,13 +62,16 @@ def parts(present: set[str], name: str, packed_kinds: tuple[str, ...]) -> tuple[
     return (f"{experts}.{fused}",)
 
 
-def hugging_face(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
-    """A Hugging Face tensor (``got`` holds it alone, or blocks and scales) as the model's: a float
-    ``[E, out, in]`` stack or ``[E, out]`` bias, or ``(codes uint32 [E, out, in / 8], scales)`` in mxfp4."""
+def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
+    """Biases, and Hugging Face stacks (``got`` holds one tensor, or blocks and scales), as the model reads
+    them: a float ``[E, out]`` bias or ``[E, out, in]`` stack, or ``(codes uint32 [E, out, in / 8], scales)``
+    in mxfp4. (Stacks stored as mlx-lm stores them are read as every family's are.)"""
     _, proj, fused, bias = _names(name)
     half = _FUSED[proj][1]
     outputs = np.s_[:] if half is None else np.s_[half::2]  # gate and up alternate along the outputs
     (first, array), *rest = got.items()
+    if first.endswith(".bias"):  # stored as the model reads it
+        return (_checked(array, shape, first, where),)
     if bias:
         return (_checked(array[:, outputs], shape, first, where),)
     if not rest:  # float, inputs first: [E, in, out]

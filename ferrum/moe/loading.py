@@ -32,7 +32,8 @@ from ferrum.quant.config import AFFINE, QuantConfig
 
 SWITCH = ("gate_proj", "up_proj", "down_proj")
 #: ``MoeSpec.layout`` -> the module reading a family's own layouts: ``parts(present, name, packed_kinds)``
-#: names the checkpoint tensors of a model tensor, ``hugging_face(name, got, shape, where)`` converts them.
+#: names the checkpoint tensors of a model tensor, ``convert(name, got, shape, where)`` converts those that
+#: are not mlx-lm's stacks.
 LAYOUTS = {"gpt_oss": gpt_oss}
 _PACKED = ("weight", "scales", "biases")
 _AWQ_GPTQ = ("qweight", "qzeros", "scales")
@@ -105,15 +106,9 @@ def assemble_stack(name: str, parts: dict[str, np.ndarray], shape: tuple[int, ..
     """Model tensor ``name`` (a stacked projection, or its ``[E, out]`` biases) from its checkpoint ``parts``
     (see :func:`expert_parts`)."""
     first = next(iter(parts))
-    if spec.layout is not None and not first.endswith((".weight", ".scales", ".biases", ".bias")):
-        got = LAYOUTS[spec.layout].hugging_face(name, parts, shape, where)
+    if spec.layout is not None and (len(shape) == 2 or not first.endswith((".weight", ".scales", ".biases"))):
+        got = LAYOUTS[spec.layout].convert(name, parts, shape, where)
         return got[0] if len(got) == 1 else _float_mode_experts(*got, "mxfp4", shape, f"{where}: {first}")
-    if len(shape) == 2:  # biases stored as the model reads them
-        bias = parts[first]
-        if tuple(bias.shape) != shape or (bias.dtype.kind != "f" and bias.dtype.name != "bfloat16"):
-            raise CheckpointError(f"{where}: {first} is {bias.dtype} {tuple(bias.shape)} where config.json implies "
-                                  f"float {shape}")
-        return bias
     return assemble_experts(name, parts, shape, quant, where, fused_half(spec, name, tuple(parts)),
                             stack_mode(quant, spec, name))
 
