@@ -368,3 +368,13 @@ def test_gguf_imports_and_matches_transformers(tmp_path, expert_type):
         _assert_close(model.forward_verify("x", tokens), want)
         if backend == "mlx" and expert_type == "MXFP4":
             assert model.layers[0].mlp.experts.down.mode == "mxfp4"
+
+
+def test_bench_preset_has_gpt_oss_20b_design():
+    from ferrum.bench.presets import PRESETS
+    from ferrum.config import ModelConfig
+
+    arch = ModelConfig.from_dict(PRESETS["gpt-oss-small"]).arch
+    assert arch.sinks and arch.qkv_bias and arch.o_bias and arch.windows == (128, None) * 4
+    assert (arch.moe.num_experts, arch.moe.top_k, arch.moe.biased) == (32, 4, True)
+    assert arch.moe.activation.limit == 7.0 and arch.layers[0].rope.kind == "yarn" and not arch.layers[0].rope.truncate
