@@ -102,13 +102,15 @@ def test_the_model_depends_on_what_sets_it_apart(float_checkpoint, tmp_path):
         assert np.abs(changed - base).max() > 1e-2, name
 
 
-def test_generates_greedily_as_transformers(float_checkpoint):
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_generates_greedily_as_transformers(float_checkpoint, backend):
+    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
     folder, hf = float_checkpoint
     with torch.no_grad():
-        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=12, do_sample=False)[0, len(TOKENS):].tolist()
-    llm = ferrum.load(folder, backend="cpu")
-    (out,) = llm.run([TOKENS], max_tokens=12, temperature=0.0, ignore_eos=True)
-    assert list(out.token_ids) == want
+        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=16, do_sample=False)[0, len(TOKENS):].tolist()
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
+    first, _, again = llm.run([TOKENS, TOKENS[:5], TOKENS], max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert list(first.token_ids) == want and list(again.token_ids) == want
 
 
 # ------------------------------------------------------------------ MXFP4
