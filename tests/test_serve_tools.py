@@ -16,7 +16,7 @@ import pytest
 from ferrum.serve.tools import FORMATS, ToolReplies, format_of, releasable
 from support import write_scripted_checkpoint, write_text_checkpoint
 
-HERMES, MISTRAL, GRANITE, LLAMA3 = FORMATS
+HERMES, MISTRAL, GRANITE, LLAMA3, HARMONY = FORMATS
 
 # A Qwen 2.5-style template (its tool parts as Qwen writes them) over the test tokenizer's role tags.
 TOOL_TEMPLATE = (

@@ -31,6 +31,7 @@ from ferrum.serve.metrics import ServerMetrics
 from ferrum.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, template_messages,
 )
+from ferrum.serve.harmony import HarmonyThinking, is_harmony
 from ferrum.serve.reasoning import Thinking, starts_inside, structured_tags
 from ferrum.serve.tools import ToolReplies, forced_call_grammar, format_of as tools_format_of
 
@@ -353,8 +354,11 @@ def _tool_replies(state: ServerState, body: ChatCompletionRequest) -> ToolReplie
     return replies
 
 
-def _thinking(state: ServerState, prompt: Sequence[int]) -> Thinking | None:
-    """With ``--reasoning-parser``: how this prompt's replies split into thinking and answer."""
+def _thinking(state: ServerState, prompt: Sequence[int]) -> Thinking | HarmonyThinking | None:
+    """How this prompt's replies split into thinking and answer: always for a model that writes harmony
+    (gpt-oss: its reply is messages, not text), else with ``--reasoning-parser``."""
+    if is_harmony(state.llm.tokenizer):
+        return HarmonyThinking()
     if state.reasoning_parser is None:
         return None
     return Thinking(starts_inside(state.llm.tokenizer.decode(prompt[-8:], skip_special_tokens=False)))
@@ -368,7 +372,7 @@ class ChatRun:
     generation: Generation
     prompt: tuple[int, ...]
     replies: ToolReplies
-    thinking: Thinking | None
+    thinking: Thinking | HarmonyThinking | None
 
     def split(self, out: RequestOutput) -> tuple[str | None, dict[str, Any], str]:
         """A finished choice's thinking (None without), message and finish reason."""
@@ -391,9 +395,10 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest, endpoint: 
     want_logprobs = max(body.top_logprobs or 0, 1) if body.logprobs else 0
     stops = body.stop_strings()
     thinking = _thinking(state, prompt)
+    keeps_special = thinking is not None and thinking.keeps_special_tokens
     specs = [
         ChoiceSpec(i, prompt, _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, i),
-                                               stops, replies.keeps_special_tokens, replies.grammar,
+                                               stops, replies.keeps_special_tokens or keeps_special, replies.grammar,
                                                thinks=thinking is not None), lora)
         for i in range(body.n)
     ]

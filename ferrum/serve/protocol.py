@@ -86,7 +86,9 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message; non-text parts are refused when the prompt is built."""
+    """One message; non-text parts are refused when the prompt is built. An assistant message the server
+    returned may come back whole (``message.model_dump()`` in the ``openai`` client): its thinking
+    (``reasoning_content``) goes to the template, its output-only fields are accepted empty."""
 
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -95,11 +97,15 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: StrictStr | None = None
     refusal: StrictStr | None = None
+    reasoning_content: StrictStr | None = None
+    annotations: list[dict[str, Any]] | None = None  # citations of a reply: nothing a prompt holds
+    audio: None = None
+    function_call: None = None  # the deprecated form of tool_calls
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as chat templates expect them: ``role`` and text ``content``, with an assistant's earlier
-    ``tool_calls`` and a tool result's ``tool_call_id`` and ``name`` where given."""
+    ``tool_calls`` and thinking and a tool result's ``tool_call_id`` and ``name`` where given."""
     out = []
     for i, message in enumerate(messages):
         content = message.content
@@ -121,6 +127,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         for key in ("tool_call_id", "name"):
             if getattr(message, key) is not None:
                 entry[key] = getattr(message, key)
+        if message.reasoning_content:  # under the names templates read it by: Qwen 3's, and gpt-oss's
+            entry["reasoning_content"] = entry["thinking"] = message.reasoning_content
         out.append(entry)
     return out
 

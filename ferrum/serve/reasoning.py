@@ -12,8 +12,9 @@ from __future__ import annotations
 from ferrum.stop import cut_marker
 
 OPEN, CLOSE = "<think>", "</think>"
-#: ``--reasoning-parser`` values: vLLM's names for the models that think between these tags.
-PARSERS = ("deepseek_r1", "qwen3")
+#: ``--reasoning-parser`` values: vLLM's names for the models that think between these tags, and for gpt-oss,
+#: whose harmony replies are always read apart (:mod:`ferrum.serve.harmony`).
+PARSERS = ("deepseek_r1", "qwen3", "openai_gptoss")
 
 
 def structured_tags(tokenizer: object) -> tuple[str, str] | None:
@@ -33,6 +34,8 @@ def starts_inside(prompt_tail: str) -> bool:
 
 class Thinking:
     """One chat request's replies split into thinking and answer, whole or as a stream."""
+
+    keeps_special_tokens = False  # the tags are read from the text as it decodes by default
 
     def __init__(self, inside: bool):
         self.inside = inside

@@ -9,7 +9,9 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
   the v11 tokenizers on (Mistral Small 3.1+, Devstral, Magistral), ``[TOOL_CALLS]name[ARGS]{...}`` per call;
 * ``granite`` (IBM Granite 3, templates with ``<|tool_call|>``): the same list after ``<|tool_call|>``;
 * ``llama3_json`` (Llama 3.1-3.3, whose templates carry ``<|python_tag|>``): the whole reply is one JSON object
-  ``{"name": ..., "parameters": {...}}``.
+  ``{"name": ..., "parameters": {...}}``;
+* ``harmony`` (gpt-oss, templates with ``<|call|>``): a message to ``functions.NAME`` whose text is the
+  arguments (read by :mod:`ferrum.serve.harmony`, which hands the calls on in one canonical form).
 
 Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
@@ -28,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ferrum.serve import harmony
 from ferrum.serve.errors import APIError
 from ferrum.stop import cut_marker
 
@@ -221,6 +224,26 @@ def _mistral_call(tools: list[dict[str, Any]], mark: Callable[[str], str], templ
     return f"start: {'opened+' if many else 'opened'}\nopened: {mark(_TOOL_CALLS)} ({names})\n{rules}"
 
 
+def _harmony(text: str) -> ParsedReply:
+    visible, calls = harmony.parse_calls(text)
+    parsed = [_call(name, arguments) for name, arguments in calls]
+    if not calls or None in parsed:  # text that only looks like a call stays content
+        return ParsedReply(text, [])
+    return ParsedReply(visible, parsed)
+
+
+def _harmony_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """A message to one of the functions, headed as gpt-oss's template heads the calls it writes back
+    (one call: generation stops at ``<|call|>``)."""
+    names = " | ".join(f"call{i}" for i in range(len(tools)))
+    rules = "\n".join(
+        f'call{i}: {mark(harmony.CHANNEL)} {json.dumps("commentary to=functions." + t["function"]["name"] + " json")} '
+        f'{mark(harmony.MESSAGE)} {_json(t["function"].get("parameters") or {"type": "object"})}'
+        for i, t in enumerate(tools)
+    )
+    return f"start: {names}\n{rules}"
+
+
 def _llama3_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """Llama 3.1 separates several calls with ``; ``."""
     calls = _repeated("call", '"; "', many)
@@ -247,6 +270,7 @@ FORMATS = (
     ToolCallFormat("granite", "<|tool_call|>", "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>"),
                    _granite_call),
     ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
+    ToolCallFormat("harmony", "<|call|>", harmony.CALL_OPEN, (), _harmony, _harmony_call),
 )
 
 
