@@ -215,13 +215,17 @@ def _mistral_call(tools: list[dict[str, Any]], mark: Callable[[str], str], templ
     the list after ``[TOOL_CALLS]``."""
     if "[ARGS]" not in template:
         return _list_call(_TOOL_CALLS)(tools, mark, template, many)
-    names = " | ".join(f"call{i}" for i in range(len(tools)))
-    rules = "\n".join(
-        f'call{i}: {json.dumps(t["function"]["name"])} {mark("[ARGS]")} '
-        f'{_json(t["function"].get("parameters") or {"type": "object"})}'
-        for i, t in enumerate(tools)
-    )
+    names, rules = _per_function(tools, lambda name: f'{json.dumps(name)} {mark("[ARGS]")}')
     return f"start: {'opened+' if many else 'opened'}\nopened: {mark(_TOOL_CALLS)} ({names})\n{rules}"
+
+
+def _per_function(tools: list[dict[str, Any]], head: Callable[[str], str]) -> tuple[str, str]:
+    """Lark rules for calls that name their function ahead of its arguments: ``call0 | call1 | ...``, and per
+    tool ``head(name)`` (a Lark body) then its parameters' JSON."""
+    names = " | ".join(f"call{i}" for i in range(len(tools)))
+    rules = "\n".join(f'call{i}: {head(t["function"]["name"])} '
+                      f'{_json(t["function"].get("parameters") or {"type": "object"})}' for i, t in enumerate(tools))
+    return names, rules
 
 
 def _harmony(text: str) -> ParsedReply:
@@ -235,12 +239,9 @@ def _harmony(text: str) -> ParsedReply:
 def _harmony_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """A message to one of the functions, headed as gpt-oss's template heads the calls it writes back
     (one call: generation stops at ``<|call|>``)."""
-    names = " | ".join(f"call{i}" for i in range(len(tools)))
-    rules = "\n".join(
-        f'call{i}: {mark(harmony.CHANNEL)} {json.dumps("commentary to=functions." + t["function"]["name"] + " json")} '
-        f'{mark(harmony.MESSAGE)} {_json(t["function"].get("parameters") or {"type": "object"})}'
-        for i, t in enumerate(tools)
-    )
+    names, rules = _per_function(tools, lambda name: f'{mark(harmony.CHANNEL)} '
+                                                    f'{json.dumps(f"commentary to=functions.{name} json")} '
+                                                    f'{mark(harmony.MESSAGE)}')
     return f"start: {names}\n{rules}"
 
 
