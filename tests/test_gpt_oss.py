@@ -285,10 +285,23 @@ def test_random_checkpoints_load_alike_on_every_backend(tmp_path):
 # ------------------------------------------------------------------ GGUF
 
 
-def _gpt_oss_gguf(path, hf, config, expert_type) -> None:
+def _tiny_gguf_model():
+    from test_gguf_import import _tiny_model
+
+    hf, config = _tiny_model(transformers.GptOssConfig, intermediate_size=64, num_hidden_layers=2, head_dim=16,
+                             num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                             max_position_embeddings=131072, tie_word_embeddings=False)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0, 1.0 if "sinks" in name else 0.2)
+    return hf, config
+
+
+def _gpt_oss_gguf(path, hf, config, expert_type, matrix_type=None) -> None:
     """``hf``'s weights as llama.cpp's converter writes gpt-oss: gate and up split out of their interleaved
     stack, every expert stack ``[E, out, in]`` stored as ``expert_type``; ``hf``'s experts then take the
-    values the file holds (gguf's own dequantizer), so both sides run the same weights."""
+    values the file holds (gguf's own dequantizer), so both sides run the same weights. ``matrix_type``: the
+    attention and router matrices' type (float32 when None)."""
     import gguf
     from test_gguf_import import _finish, _gguf_writer
 
@@ -315,7 +328,10 @@ def _gpt_oss_gguf(path, hf, config, expert_type) -> None:
             w.add_tensor(globals_[name], array)
             continue
         block, rest = name.removeprefix("model.layers.").split(".", 1)
-        if rest in names:
+        if rest in names and matrix_type is not None and array.ndim == 2:
+            w.add_tensor(f"blk.{block}.{names[rest]}", gguf.quants.quantize(array, matrix_type),
+                         raw_dtype=matrix_type)
+        elif rest in names:
             w.add_tensor(f"blk.{block}.{names[rest]}", array)
         elif rest == "mlp.experts.gate_up_proj_bias":
             w.add_tensor(f"blk.{block}.ffn_gate_exps.bias", np.ascontiguousarray(array[:, ::2]))
@@ -349,14 +365,8 @@ def test_gguf_imports_and_matches_transformers(tmp_path, expert_type):
 
     from ferrum.config import ModelConfig
     from ferrum.gguf_import import convert_gguf
-    from test_gguf_import import _tiny_model
 
-    hf, config = _tiny_model(transformers.GptOssConfig, intermediate_size=64, num_hidden_layers=2, head_dim=16,
-                             num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
-                             max_position_embeddings=131072, tie_word_embeddings=False)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(0, 1.0 if "sinks" in name else 0.2)
+    hf, config = _tiny_gguf_model()
     _gpt_oss_gguf(tmp_path / "gpt-oss.gguf", hf, config, getattr(gguf.GGMLQuantizationType, expert_type))
     folder = convert_gguf(tmp_path / "gpt-oss.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(folder)
@@ -380,3 +390,26 @@ def test_bench_preset_has_gpt_oss_20b_design():
     assert arch.sinks and arch.qkv_bias and arch.o_bias and arch.windows == (128, None) * 4
     assert (arch.moe.num_experts, arch.moe.top_k, arch.moe.biased) == (32, 4, True)
     assert arch.moe.activation.limit == 7.0 and arch.layers[0].rope.kind == "yarn" and not arch.layers[0].rope.truncate
+
+
+def test_gguf_with_q8_0_attention_and_mxfp4_experts(tmp_path):
+    """llama.cpp's usual gpt-oss mix: 8-bit affine attention and router beside mxfp4 experts, each module's
+    mode in the quantization section; every backend gives what the same file imported in float32 gives."""
+    import gguf
+
+    from ferrum.config import ModelConfig
+    from ferrum.gguf_import import convert_gguf
+
+    hf, config = _tiny_gguf_model()
+    q = gguf.GGMLQuantizationType
+    _gpt_oss_gguf(tmp_path / "mix.gguf", hf, config, q.MXFP4, matrix_type=q.Q8_0)
+    packed = convert_gguf(tmp_path / "mix.gguf", tmp_path / "packed")
+    quant = ModelConfig.from_file(packed).quantization
+    assert quant.mode_for("model.layers.1.self_attn.q_proj") == "affine" and quant.bits == 8
+    assert quant.mode_for("model.layers.1.mlp.switch_mlp.down_proj") == "mxfp4"
+    floats = convert_gguf(tmp_path / "mix.gguf", tmp_path / "float", dequantize_to="float32")
+    tokens = [5, 77, 100, 42, 9, 200, 13, 60, 7, 33, 90]
+    want = DecoderOnlyLLM.from_pretrained(floats, backend="cpu").forward_verify("x", tokens)
+    for backend in runnable_backends():
+        got = DecoderOnlyLLM.from_pretrained(packed, backend=backend, dtype="float32").forward_verify("x", tokens)
+        _assert_close(got, want)
