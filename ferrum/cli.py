@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 from ferrum import backends
 from ferrum.errors import FerrumError, InvalidRequestError
@@ -128,11 +129,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         json_schema=args.json_schema,
     )
-    final = None
-    for final in llm.stream_outputs(prompt, params, chat=chat):
-        sys.stdout.write(final.new_text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    from ferrum.serve.harmony import HarmonyThinking, is_harmony
+
+    harmony = HarmonyThinking() if chat and llm.tokenizer is not None and is_harmony(llm.tokenizer) else None
+    if harmony is not None:  # gpt-oss: its messages are read, so their markers must decode
+        params = dataclasses.replace(params, skip_special_tokens=False)
+    final = _write_reply(llm.stream_outputs(prompt, params, chat=chat), harmony)
     m = final.metrics
     decode_rate = f", {1 / m.tpot:.1f} tok/s decode" if m.tpot else ""
     print(
@@ -141,6 +143,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _write_reply(outputs: Iterable[Any], harmony: Any = None) -> Any:
+    """Print a reply as it streams and return its last output. A harmony reply (gpt-oss) prints its thinking
+    to stderr and its answer to stdout (``ferrum.serve.harmony``), as a server returns them apart."""
+    final, shown = None, 0
+    for final in outputs:
+        if harmony is None:
+            sys.stdout.write(final.new_text)
+        else:
+            thought, answer = harmony.delta(0, final.text or "", final.finished)
+            sys.stderr.write(thought)
+            sys.stderr.flush()
+            sys.stdout.write(answer[shown:])
+            shown = len(answer)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return final
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

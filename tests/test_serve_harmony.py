@@ -164,3 +164,21 @@ def test_a_forced_calls_grammar_takes_one_call_message(tmp_path, many):
     assert _takes(tok, matcher, text) and matcher.complete
     (call,) = harmony.parse(read(text, True)[1]).calls
     assert call["function"]["name"] == "get_time" and json.loads(call["function"]["arguments"]) == {"tz": "UTC"}
+
+
+def test_ferrum_generate_prints_the_answer_and_sends_the_thinking_to_stderr(capsys):
+    """``ferrum generate`` on a harmony model: the reply as it streams, its thinking on stderr, its answer on
+    stdout, no marker on either."""
+    from types import SimpleNamespace
+
+    from ferrum.cli import _write_reply
+
+    pieces, text, outputs = _pieces(ANSWER), "", []
+    for i, piece in enumerate(pieces):
+        text += piece
+        outputs.append(SimpleNamespace(text=text, new_text=piece, finished=i == len(pieces) - 1))
+    assert _write_reply(outputs, HarmonyThinking()) is outputs[-1]
+    printed = capsys.readouterr()
+    assert printed.out == "It is sunny.\n" and printed.err == "The user wants the weather."
+    _write_reply(outputs)  # any other model: the text as it decodes
+    assert capsys.readouterr().out == ANSWER + "\n"
