@@ -2,8 +2,9 @@
 
 It reads the checkpoint tensors as stored (fused q/k/v and gate/up split here,
 Gemma's ``1 + w`` norms, partial rotary on the first ``rotary_dim`` dims with
-transformers' pairing, longrope's attention factor on cos and sin), so it
-checks Ferrum's load-time rewrites as well as a backend's ops. Only the
+transformers' pairing, longrope's attention factor on cos and sin, experts one
+matrix per expert or stacked as mlx-lm stacks them), so it checks Ferrum's
+load-time rewrites as well as a backend's ops. Only the
 interpretation of config.json (:class:`ferrum.arch.Architecture`) is shared
 with Ferrum; that is tested against transformers itself.
 """
@@ -104,12 +105,16 @@ class ArchOracle:
             if arch.query_scaling is not None:  # Llama 4's attention scaling
                 beta, original = arch.query_scaling
                 q = q * (1.0 + beta * np.log(1.0 + np.floor(positions / original)))[:, None, None]
-            attn = _attention(q, k, v, arch.attn_scale, spec.window, arch.attn_softcap).reshape(n, -1)
+            attn = _attention(q, k, v, arch.attn_scale, spec.window, arch.attn_softcap,
+                              w.get(p + "self_attn.sinks")).reshape(n, -1)
             o = linear(attn, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
             if "post_attn" in norm:
                 o = self._norm(o, norm["post_attn"])
             h = h + o
             x = self._norm(h, norm["pre_mlp"]) if "pre_mlp" in norm else h
+            if spec.mlp == "moe":
+                h = h + self._experts(x, p)
+                continue
             if arch.fused_gate_up:
                 gate, up = np.split(linear(x, w[p + "mlp.gate_up_proj.weight"]), 2, axis=-1)
             else:
@@ -124,6 +129,40 @@ class ArchOracle:
         if arch.final_softcap is not None:
             logits = arch.final_softcap * np.tanh(logits / arch.final_softcap)
         return logits
+
+
+    def _experts(self, x: np.ndarray, p: str) -> np.ndarray:
+        """A sparse MLP token by token: softmax over the router's logits, the top-k, renormalised where the
+        family says, each chosen expert's gated MLP (with its biases and activation where it has them)."""
+        moe, w = self.config.arch.moe, self.w
+        m = f"{p}{moe.module}."
+        logits = linear(x, w[f"{m}{moe.router}.weight"], w.get(f"{m}{moe.router}.bias"))
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(x)
+        for t in range(len(x)):
+            chosen = np.argsort(-probs[t])[: moe.top_k]
+            weights = probs[t, chosen] / (probs[t, chosen].sum() if moe.normalize else 1.0)
+            for e, weight in zip(chosen, weights):
+                g, u = (self._expert(m, e, j, x[t : t + 1]) for j in (0, 1))
+                if moe.activation is None:
+                    act = g / (1.0 + np.exp(-g)) * u
+                else:
+                    limit, alpha = moe.activation.limit, moe.activation.alpha
+                    g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
+                    act = (u + 1.0) * g / (1.0 + np.exp(-alpha * g))
+                out[t] += weight * self._expert(m, e, 2, act)[0]
+        return out
+
+    def _expert(self, m: str, e: int, which: int, x: np.ndarray) -> np.ndarray:
+        """Expert ``e``'s gate (0), up (1) or down (2) projection of ``x``: stacked (``M.experts.gate_proj``,
+        mlx-lm's layout, with ``.bias``) or one matrix per expert (``M.experts.{e}.<name>``)."""
+        w, moe = self.w, self.config.arch.moe
+        stacked = f"{m}experts.{('gate_proj', 'up_proj', 'down_proj')[which]}"
+        if f"{stacked}.weight" in w:
+            bias = w.get(f"{stacked}.bias")
+            return linear(x, w[f"{stacked}.weight"][e], None if bias is None else bias[e])
+        return linear(x, w[f"{m}experts.{e}.{moe.expert_names[which]}.weight"])
 
 
 def attention(q, k, v, scale: float, window: int | None, softcap: float | None, sinks=None) -> np.ndarray:

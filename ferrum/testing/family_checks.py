@@ -1,6 +1,6 @@
-"""Conformance checks for what the model families beyond Llama need: GeGLU, scaling, soft-capping, and one
-whole tiny model per family (Gemma 2, Gemma 3, Phi-3 with longrope and partial rotary) against the float64
-:class:`ferrum.testing.arch_oracle.ArchOracle`.
+"""Conformance checks for what the model families beyond Llama need: GeGLU, scaling, soft-capping, sinks, and
+one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Phi-3 with longrope and partial rotary) against the
+float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
 A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
 it is never handed such a model (Ferrum refuses it at load), so those checks
@@ -31,6 +31,12 @@ FAMILY_MODELS: dict[str, dict] = {
         num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, head_dim=48, vocab_size=97,
         max_position_embeddings=256, sliding_window=3, layer_types=["sliding_attention", "full_attention"],
         query_pre_attn_scalar=48, rope_theta=1000000.0, rope_local_base_freq=100.0, tie_word_embeddings=True,
+    ),
+    "gpt_oss": dict(  # sinks, biased experts with the clamped SwiGLU (clamped low so that it bites), YaRN
+        architectures=["GptOssForCausalLM"], model_type="gpt_oss", hidden_size=64, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=97,
+        num_local_experts=4, num_experts_per_tok=2, swiglu_limit=0.5, sliding_window=3,
+        max_position_embeddings=131072, tie_word_embeddings=False,
     ),
     "phi3": dict(  # Phi-4-mini style: partial rotary, tied; longrope switching at 8 (the prompt crosses it)
         architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=96, intermediate_size=80,
@@ -156,7 +162,8 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
                            lambda f=features: check_paged_attention_features(c, tol, *f), tol))
     for family, config in FAMILY_MODELS.items():
         needs_softcap = config.get("attn_logit_softcapping") is not None
-        if (needs_softcap and not softcap) or (config.get("sliding_window") and not sliding):
+        if (needs_softcap and not softcap) or (config.get("sliding_window") and not sliding) or (
+                family == "gpt_oss" and not sinks):
             continue
         checks.append((f"model {family}: logits and decode steps",
                        lambda family=family: check_family_model(c, family, model_tol), model_tol))
