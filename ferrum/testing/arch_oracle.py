@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from ferrum.config import ModelConfig
 from ferrum.quant.affine import QuantizedWeight, dequantize
-from ferrum.testing.oracle import f64, linear, rms_norm
+from ferrum.testing.oracle import f64, linear, moe_experts, rms_norm
 
 
 def _rope(x: np.ndarray, positions: np.ndarray, rope, long_from: int | None) -> np.ndarray:
@@ -132,37 +132,28 @@ class ArchOracle:
 
 
     def _experts(self, x: np.ndarray, p: str) -> np.ndarray:
-        """A sparse MLP token by token: softmax over the router's logits, the top-k, renormalised where the
-        family says, each chosen expert's gated MLP (with its biases and activation where it has them)."""
+        """A sparse MLP: softmax over the router's logits, the top-k (renormalised where the family says), then
+        :func:`ferrum.testing.oracle.moe_experts` over the experts as stored."""
         moe, w = self.config.arch.moe, self.w
         m = f"{p}{moe.module}."
         logits = linear(x, w[f"{m}{moe.router}.weight"], w.get(f"{m}{moe.router}.bias"))
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
-        out = np.zeros_like(x)
-        for t in range(len(x)):
-            chosen = np.argsort(-probs[t])[: moe.top_k]
-            weights = probs[t, chosen] / (probs[t, chosen].sum() if moe.normalize else 1.0)
-            for e, weight in zip(chosen, weights):
-                g, u = (self._expert(m, e, j, x[t : t + 1]) for j in (0, 1))
-                if moe.activation is None:
-                    act = g / (1.0 + np.exp(-g)) * u
-                else:
-                    limit, alpha = moe.activation.limit, moe.activation.alpha
-                    g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
-                    act = (u + 1.0) * g / (1.0 + np.exp(-alpha * g))
-                out[t] += weight * self._expert(m, e, 2, act)[0]
-        return out
+        ids = np.argsort(-probs, axis=-1)[:, : moe.top_k]
+        weights = np.take_along_axis(probs, ids, axis=-1)
+        if moe.normalize:
+            weights /= weights.sum(axis=-1, keepdims=True)
+        stacks, biases = zip(*(self._stack(m, which) for which in range(3)))
+        return moe_experts(x, ids, weights, *stacks, None, None if biases[0] is None else biases, moe.activation)
 
-    def _expert(self, m: str, e: int, which: int, x: np.ndarray) -> np.ndarray:
-        """Expert ``e``'s gate (0), up (1) or down (2) projection of ``x``: stacked (``M.experts.gate_proj``,
-        mlx-lm's layout, with ``.bias``) or one matrix per expert (``M.experts.{e}.<name>``)."""
+    def _stack(self, m: str, which: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The gate (0), up (1) or down (2) projections of every expert ``[E, out, in]`` and their biases:
+        stacked as mlx-lm stores them (``M.experts.gate_proj`` with ``.bias``), or one matrix per expert."""
         w, moe = self.w, self.config.arch.moe
         stacked = f"{m}experts.{('gate_proj', 'up_proj', 'down_proj')[which]}"
         if f"{stacked}.weight" in w:
-            bias = w.get(f"{stacked}.bias")
-            return linear(x, w[f"{stacked}.weight"][e], None if bias is None else bias[e])
-        return linear(x, w[f"{m}experts.{e}.{moe.expert_names[which]}.weight"])
+            return w[f"{stacked}.weight"], w.get(f"{stacked}.bias")
+        return np.stack([w[f"{m}experts.{e}.{moe.expert_names[which]}.weight"] for e in range(moe.num_experts)]), None
 
 
 def attention(q, k, v, scale: float, window: int | None, softcap: float | None, sinks=None) -> np.ndarray:
