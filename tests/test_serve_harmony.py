@@ -79,10 +79,10 @@ def harmony_server(tmp_path_factory):
 
     folder, answer_id = write_scripted_checkpoint(tmp_path_factory.mktemp("harmony") / "tiny", ANSWER + END,
                                                   TEMPLATE, special=True, context=1024)
-    (call_id,) = add_tokens(folder, [CALL + END], special=True)
+    call_id, bare_call_id = add_tokens(folder, [CALL + END, CALL], special=True)  # the Responses API takes no stop
     add_tokens(folder, MARKERS, special=True)
     srv = Server(folder)
-    yield srv, answer_id, call_id
+    yield srv, answer_id, call_id, bare_call_id
     assert srv.stop(), srv.log.read_text()
 
 
@@ -93,7 +93,7 @@ def _ask(srv, reply_id: int, **extra):
 
 
 def test_the_answer_is_the_content_and_the_analysis_the_reasoning(harmony_server):
-    srv, answer_id, _ = harmony_server
+    srv, answer_id, *_ = harmony_server
     message = _ask(srv, answer_id).choices[0].message
     assert message.content == "It is sunny."
     assert message.model_extra["reasoning_content"] == "The user wants the weather."
@@ -105,7 +105,7 @@ def test_the_answer_is_the_content_and_the_analysis_the_reasoning(harmony_server
 
 
 def test_a_message_to_a_function_is_a_tool_call(harmony_server):
-    srv, _, call_id = harmony_server
+    srv, _, call_id, _ = harmony_server
     choice = _ask(srv, call_id, tools=[WEATHER]).choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -143,7 +143,7 @@ def test_a_returned_message_goes_back_whole_with_its_thinking():
 
 
 def test_the_responses_api_gives_a_reasoning_item_and_the_answer(harmony_server):
-    srv, answer_id, _ = harmony_server
+    srv, answer_id, *_ = harmony_server
     done = srv.client().responses.create(model="tiny", input="weather?", max_output_tokens=1, temperature=0,
                                          extra_body={"logit_bias": {str(answer_id): 100}})
     kinds = [item.type for item in done.output]
@@ -182,3 +182,14 @@ def test_ferrum_generate_prints_the_answer_and_sends_the_thinking_to_stderr(caps
     assert printed.out == "It is sunny.\n" and printed.err == "The user wants the weather."
     _write_reply(outputs)  # any other model: the text as it decodes
     assert capsys.readouterr().out == ANSWER + "\n"
+
+
+def test_the_responses_api_gives_a_function_call_item(harmony_server):
+    srv, *_, call_id = harmony_server
+    done = srv.client().responses.create(
+        model="tiny", input="weather?", max_output_tokens=1, temperature=0,
+        tools=[{"type": "function", **WEATHER["function"]}], extra_body={"logit_bias": {str(call_id): 100}})
+    reasoning, call = done.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "The user wants the weather."
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
