@@ -47,7 +47,8 @@ def test_a_wrong_rope_is_caught(registered):
     report = check_backend("badrope")
     assert set(report.failed()) == {
         "rope", "model: logits and 16 greedy tokens", "model packed at 4 bits: logits and greedy tokens",
-        *(f"model {family}: logits and decode steps" for family in ("gemma2", "gemma3_text", "gpt_oss", "phi3")),
+        *(f"model {family}: logits and decode steps"
+          for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3")),
     }
     with pytest.raises(AssertionError, match="FAIL  rope"):
         assert_conformance("badrope")

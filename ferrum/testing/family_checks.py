@@ -1,6 +1,6 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, scaling, soft-capping, sinks, and
-one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Phi-3 with longrope and partial rotary) against the
-float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
+one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE, Phi-3 with longrope and partial rotary)
+against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
 A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
 it is never handed such a model (Ferrum refuses it at load), so those checks
@@ -37,6 +37,12 @@ FAMILY_MODELS: dict[str, dict] = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=97,
         num_local_experts=4, num_experts_per_tok=2, swiglu_limit=0.5, sliding_window=3,
         max_position_embeddings=131072, tie_word_embeddings=False,
+    ),
+    "qwen3_moe": dict(  # routed experts, one matrix per expert as Hugging Face stores them, q/k norms
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=97, max_position_embeddings=256,
+        tie_word_embeddings=False,
     ),
     "phi3": dict(  # Phi-4-mini style: partial rotary, tied; longrope switching at 8 (the prompt crosses it)
         architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=96, intermediate_size=80,
