@@ -186,6 +186,8 @@ class DecoderOnlyLLM:
         self.adapters = AdapterRegistry(self)
         #: Bytes the weights occupy on the backend (packed ones at their packed or repacked size).
         self.weight_bytes = sum(p.nbytes for p in weights.values())
+        #: Of those, the mixture-of-experts stacks' (a decode step reads only the experts its tokens chose).
+        self.expert_weight_bytes = sum(p.nbytes for name, p in weights.items() if ".switch_mlp." in name)
 
     # ------------------------------------------------------------------ load
     @classmethod

@@ -6,7 +6,7 @@ checkpoint (``config.json`` in the v4 style that transformers, mlx-lm and
 Ferrum all read, plus ``model.safetensors``), written atomically. Mixture-of-experts
 layers are written one matrix per expert, the Hugging Face layout all three read
 (see :mod:`ferrum.moe.loading`), except a family with layouts of its own (gpt-oss),
-written as mlx-lm stores it.
+written as mlx-lm stores it or, for transformers, as transformers does (neither reads the other's).
 """
 
 from __future__ import annotations
@@ -21,10 +21,19 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ferrum.config import ModelConfig
+from ferrum.errors import InvalidRequestError
 from ferrum.moe.loading import LAYOUTS, is_expert_stack, per_expert_names
 from ferrum.model import weight_shapes
 
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+#: How a family with expert layouts of its own (:data:`ferrum.moe.loading.LAYOUTS`) is written.
+EXPERT_LAYOUTS = ("mlx-lm", "transformers")
+
+
+def has_own_expert_layout(config: dict) -> bool:
+    """Whether ``write_random_checkpoint``'s ``expert_layout`` changes what it writes for ``config``."""
+    moe = ModelConfig.from_dict({"rms_norm_eps": 1e-6, **config}).arch.moe
+    return moe is not None and moe.layout is not None
 
 
 def write_random_checkpoint(
@@ -34,8 +43,12 @@ def write_random_checkpoint(
     std: float = 0.02,
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
+    expert_layout: str = "mlx-lm",
 ) -> Path:
-    """Write ``config`` with normal(0, ``std``) weights (norms scaling by about 1) into ``folder``."""
+    """Write ``config`` with normal(0, ``std``) weights (norms scaling by about 1) into ``folder``;
+    ``expert_layout`` (one of :data:`EXPERT_LAYOUTS`) matters only to a family with layouts of its own."""
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise InvalidRequestError(f"expert_layout must be one of {EXPERT_LAYOUTS}, not {expert_layout!r}")
     full = {"rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1, **config, "torch_dtype": dtype}
     model_config = ModelConfig.from_dict(full)
     shapes = weight_shapes(model_config)
@@ -47,19 +60,23 @@ def write_random_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     (staging / "config.json").write_text(json.dumps(full, indent=2))
-    tensors = {}
+    tensors, own_layout = {}, {}
     for done, (name, shape) in enumerate(shapes.items(), start=1):
         array = rng.standard_normal(shape, dtype=np.float32) * std
         if name.endswith("norm.weight"):
             array += norm_center
         if moe is not None and moe.layout is not None and is_expert_stack(name):  # a family's own layout
-            tensors[LAYOUTS[moe.layout].mlx_lm_name(name)] = array.astype(_STORAGE[dtype])
+            own_layout[name] = array.astype(_STORAGE[dtype])
         elif len(shape) == 3:  # a stack of experts
             tensors.update(zip(per_expert_names(moe, name), array.astype(_STORAGE[dtype])))
         else:
             tensors[name] = array.astype(_STORAGE[dtype])
         if progress is not None:
             progress(done, len(shapes), name)
+    if own_layout:
+        layout = LAYOUTS[moe.layout]
+        tensors.update(layout.hugging_face_tensors(own_layout) if expert_layout == "transformers" else
+                       {layout.mlx_lm_name(name): array for name, array in own_layout.items()})
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)

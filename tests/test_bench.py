@@ -96,6 +96,18 @@ def test_memory_line_compares_with_host_bandwidth_only_where_the_weights_live_th
     assert "400.00 GB/s of weights (the device's own memory bandwidth is not measured)" in format_report(gpu)
 
 
+def test_memory_line_counts_the_experts_a_decode_step_reads():
+    from ferrum.bench.memory import bandwidth_figures
+
+    # 1 GB of weights, 0.8 GB of it in 32 experts with 4 chosen per token: a lone sequence reads 0.2 + 0.1 GB.
+    alone = bandwidth_figures(10**9, 10.0, 1, None, expert_bytes=8 * 10**8, experts_chosen=4 / 32)
+    assert alone["decode_weight_gb_s"] == pytest.approx(3.0)
+    # Eight sequences (10 steps/s at 80 tok/s) choose 1 - (28/32)^8 of the experts in expectation.
+    eight = bandwidth_figures(10**9, 80.0, 8, None, expert_bytes=8 * 10**8, experts_chosen=4 / 32)
+    assert eight["decode_weight_gb_s"] == pytest.approx(10 * (0.2 + 0.8 * (1 - (28 / 32) ** 8)))
+    assert bandwidth_figures(10**9, 10.0, 1, None)["decode_weight_gb_s"] == pytest.approx(10.0)  # dense
+
+
 @pytest.mark.skipif("mlx" not in runnable_backends(), reason="mlx is not installed")
 def test_bench_pairs_runs_and_gives_mlx_lm_its_prefix_reuse():
     options = BenchOptions(workload="shared-prefix", backend="mlx", preset="tiny", repeat=3, prompt_len=40,

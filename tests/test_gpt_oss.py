@@ -282,6 +282,27 @@ def test_random_checkpoints_load_alike_on_every_backend(tmp_path):
             "x", TOKENS), want)
 
 
+def test_random_checkpoint_in_transformers_layout_is_what_transformers_runs(tmp_path):
+    """Benchmarks against transformers write gpt-oss in its layout (it reads no other): transformers loads every
+    weight, and runs them to Ferrum's logits, which match those of the same weights in mlx-lm's layout."""
+    from ferrum.bench.runners import TransformersRunner
+    from ferrum.random_checkpoint import write_random_checkpoint
+
+    config = _config(swiglu_limit=7.0).to_dict()
+    mlx_lm = write_random_checkpoint(tmp_path / "mlx-lm", config, dtype="float32", std=0.2)
+    folder = write_random_checkpoint(tmp_path / "hf", config, dtype="float32", std=0.2, expert_layout="transformers")
+    assert any(name.endswith("experts.gate_up_proj") for name in load_file(folder / "model.safetensors"))
+    got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu").forward_verify("x", TOKENS)
+    _assert_close(got, DecoderOnlyLLM.from_pretrained(mlx_lm, backend="cpu").forward_verify("x", TOKENS), 1e-6)
+    hf, loading = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    hf.config._attn_implementation = "eager"
+    _assert_close(got, _reference(hf.float().eval(), TOKENS))
+    # The bench's peer refuses the layout it cannot read rather than run freshly initialized experts.
+    with pytest.raises(CheckpointError, match="does not read this checkpoint's layout"):
+        TransformersRunner(mlx_lm, "float32", "cpu")
+
+
 # ------------------------------------------------------------------ GGUF
 
 

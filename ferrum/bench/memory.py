@@ -1,4 +1,5 @@
-"""How close decode comes to the memory-bandwidth limit: batch-1 decode reads every weight once per step.
+"""How close decode comes to the memory-bandwidth limit: batch-1 decode reads every weight once per step
+(of a mixture of experts' stacks, only the experts its tokens chose).
 
 The machine's read bandwidth is measured here, with numpy, by a max-reduction over a
 buffer far larger than any cache (the cheapest operation that must read every byte),
@@ -39,14 +40,20 @@ def in_host_memory(device: str) -> bool:
     return device in ("cpu", "metal")
 
 
-def bandwidth_figures(weight_bytes: int, decode_tok_s: float, sequences: int, bandwidth: float | None) -> dict:
+def bandwidth_figures(weight_bytes: int, decode_tok_s: float, sequences: int, bandwidth: float | None,
+                      expert_bytes: int = 0, experts_chosen: float = 1.0) -> dict:
     """Weight bytes streamed per second while decoding, and that as a fraction of ``bandwidth`` (None where
     the memory the weights live in was not measured).
 
     Each decode step reads the weights once for all ``sequences`` it advances, so
-    steps per second are ``decode_tok_s / sequences``.
+    steps per second are ``decode_tok_s / sequences``. Of ``expert_bytes`` (the expert
+    stacks among the weights), a step reads the experts its tokens chose: with each token
+    choosing a fraction ``experts_chosen`` of them, independently and evenly (random weights
+    route about so), ``1 - (1 - experts_chosen) ** sequences`` of them in expectation.
     """
-    streamed = weight_bytes * decode_tok_s / max(sequences, 1)
+    steps = decode_tok_s / max(sequences, 1)
+    read = expert_bytes * (1 - (1 - experts_chosen) ** max(sequences, 1))
+    streamed = (weight_bytes - expert_bytes + read) * steps
     return {
         "weight_bytes": weight_bytes,
         "read_bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,

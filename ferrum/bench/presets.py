@@ -8,7 +8,7 @@ from typing import Callable
 
 from ferrum.sources import cache_root
 from ferrum.errors import InvalidRequestError
-from ferrum.random_checkpoint import write_random_checkpoint
+from ferrum.random_checkpoint import has_own_expert_layout, write_random_checkpoint
 
 #: Shapes of public models; the weights are random.
 PRESETS: dict[str, dict] = {
@@ -62,11 +62,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_checkpoint(name: str, progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """The cached checkpoint folder of preset ``name``, written on first use."""
+def preset_checkpoint(name: str, progress: Callable[[int, int, str], None] | None = None,
+                      expert_layout: str = "mlx-lm") -> Path:
+    """The cached checkpoint folder of preset ``name``, written on first use; a family with expert
+    layouts of its own (gpt-oss) is written in ``expert_layout``, the one its peer reads."""
     if name not in PRESETS:
         raise InvalidRequestError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    folder = cache_root() / "bench" / name
+    config = PRESETS[name]
+    own_layout = expert_layout != "mlx-lm" and has_own_expert_layout(config)
+    folder = cache_root() / "bench" / (f"{name}-{expert_layout}" if own_layout else name)
     if not (folder / "model.safetensors").exists():
-        write_random_checkpoint(folder, PRESETS[name], progress=progress)
+        write_random_checkpoint(folder, config, progress=progress, expert_layout=expert_layout)
     return folder

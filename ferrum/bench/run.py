@@ -19,6 +19,7 @@ from ferrum.bench.profile import Profile, profile_decode
 from ferrum.bench.speculative import format_speculative, speculative_bench
 from ferrum.bench.runners import FerrumRunner, Runner, make_peer, peer_for
 from ferrum.bench.workloads import Workload, get_workload, make_prompts
+from ferrum.backends import default_backend_name
 from ferrum.config import ModelConfig
 from ferrum.errors import InvalidRequestError
 from ferrum.model import DEFAULT_BLOCK_SIZE, weight_shapes
@@ -135,9 +136,11 @@ def run_bench(
     report["features"] = {r.name: r.features(prompts, first_alone) for r in runners}
     if workload.shared_prefix_len:
         report["prefix_cache_hit_rate"] = ferrum.cached_tokens / sum(len(p) for p in prompts)
-    weights = ferrum.llm.model.weight_bytes
+    model, moe = ferrum.llm.model, config.arch.moe
+    weights = model.weight_bytes
     report["memory"] = bandwidth_figures(weights, report["ferrum"]["decode_tok_s"], workload.concurrency,
-                                         measure_read_bandwidth() if in_host_memory(backend.info.device) else None)
+                                         measure_read_bandwidth() if in_host_memory(backend.info.device) else None,
+                                         model.expert_weight_bytes, moe.top_k / moe.num_experts if moe else 1.0)
     report["memory"]["params"] = sum(math.prod(s) for s in weight_shapes(config).values())
     report["memory"]["bits_per_param"] = 8 * weights / report["memory"]["params"]
     if peer_name:
@@ -167,7 +170,9 @@ def _checkpoint(options: BenchOptions, phase: Callable[[str], ProgressFn | None]
     if options.model:
         path = resolve_model(options.model, phase("importing"))  # a folder, or a Hugging Face repo id
     else:
-        path = preset_checkpoint(options.preset, phase("preparing checkpoint"))
+        peer = peer_for(options.backend or default_backend_name(), options.peer, quantized=bool(options.quantize))
+        path = preset_checkpoint(options.preset, phase("preparing checkpoint"),
+                                 expert_layout="transformers" if peer == "transformers" else "mlx-lm")
     if options.quantize:
         target = cache_root() / "bench" / f"{path.name}-q{options.quantize}g{options.group_size}"
         if not (target / "config.json").exists():

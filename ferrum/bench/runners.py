@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from ferrum.bench.figures import Figures
 from ferrum.engine import EngineConfig, RequestOutput
-from ferrum.errors import UnsupportedFeatureError
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.sampling import SamplingParams
 
 
@@ -199,9 +199,14 @@ class TransformersRunner(Runner):
 
         self.torch = torch
         self.device = device
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), use_safetensors=True  # never unpickle a .bin from a model folder
+        self.model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), use_safetensors=True,  # never unpickle a .bin from a model folder
+            output_loading_info=True,
         )
+        if loading["missing_keys"]:  # transformers would run them as freshly initialized weights
+            missing = sorted(loading["missing_keys"])
+            raise CheckpointError(f"transformers cannot read {len(missing)} weight(s) of {path} (e.g. {missing[0]}): "
+                                  "it does not read this checkpoint's layout; bench with --peer none or another peer")
         self.model.to(device).eval()
 
     def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:

@@ -45,6 +45,28 @@ def mlx_lm_name(name: str) -> str:
     return f"{checkpoint_module(name)}.{name.rsplit('.', 1)[1]}"
 
 
+def hugging_face_tensors(stacks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Float expert tensors as the model names them (``M.switch_mlp.<proj>.<weight|bias>``, each layer's
+    six present) stored as transformers stores them: the inverse of :func:`convert`, so that random
+    checkpoints can be read by transformers too."""
+    out = {}
+    for name in stacks:
+        experts, proj, fused, bias = _names(name)
+        if proj == "up_proj":  # written with its gate
+            continue
+        if proj == "down_proj":
+            out[f"{experts}.{fused}_bias" if bias else f"{experts}.{fused}"] = (
+                stacks[name] if bias else stacks[name].transpose(0, 2, 1))
+            continue
+        gate, up = stacks[name], stacks[name.replace(".gate_proj.", ".up_proj.")]
+        pair = np.stack([gate, up], axis=2)  # gate then up for each output: [E, out, 2(, in)]
+        if bias:
+            out[f"{experts}.{fused}_bias"] = pair.reshape(gate.shape[0], -1)
+        else:
+            out[f"{experts}.{fused}"] = pair.reshape(gate.shape[0], -1, gate.shape[2]).transpose(0, 2, 1)
+    return {name: np.ascontiguousarray(array) for name, array in out.items()}
+
+
 def parts(present: set[str], name: str, packed_kinds: tuple[str, ...]) -> tuple[str, ...]:
     """The checkpoint tensors model tensor ``name`` is read from; ``packed_kinds`` those of a packed stack
     in its quantization mode. A stack stored as the model names it (a GGUF import) or as mlx-lm does;
