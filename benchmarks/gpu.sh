@@ -21,11 +21,12 @@ cap() { local left=$((deadline - SECONDS)); echo $((left < $1 ? (left > 1 ? left
 # tests/test_kv_mirror.py: decode over the per-sequence KV mirrors (ferrum/kv_mirror.py) against a reference;
 # tests/test_cuda_varlen.py: prefill items attended by FlashAttention 2's variable-length kernel;
 # tests/test_structured*.py: a grammar's -inf entries scattered by CUDA's index_put_ (needs llguidance installed),
-# also after a reasoning model's free thinking; tests/test_families.py has Ministral 3's query scaling on cuda.
+# also after a reasoning model's free thinking; tests/test_families.py has Ministral 3's query scaling on cuda;
+# tests/test_gpt_oss.py, tests/test_sinks_ops.py: attention sinks and the biased, clamped experts of gpt-oss.
 timeout "$(cap 180)" "$py" -m pytest -q tests/test_quant_torch.py tests/test_conformance.py tests/test_parity.py \
   tests/test_engine.py tests/test_quant.py tests/test_kv_mirror.py tests/test_async_stepping.py \
   tests/test_fusion.py tests/test_moe.py tests/test_cuda_varlen.py tests/test_families.py tests/test_structured.py \
-  tests/test_structured_thinking.py \
+  tests/test_structured_thinking.py tests/test_gpt_oss.py tests/test_sinks_ops.py \
   -k "cuda or torch or quant or book" || echo "tests: exit $?"
 # A block whose CUDA graph capture fails runs eagerly (correct, slower) with a warning: counted, 0 expected.
 timeout "$(cap 60)" "$py" -m ferrum.testing cuda --dtype bfloat16 2>&1 | tee "$out/conformance.txt" \
@@ -47,6 +48,9 @@ bench cuda-concurrent-32 75 --preset llama-1b --backend cuda --workload concurre
 bench cuda-q4-decode-1 45 --preset llama-1b --quantize 4 --backend cuda --workload decode-1 --gen-len 128 --peer none
 bench cuda-q4-concurrent-32 45 --preset llama-1b --quantize 4 --backend cuda --workload concurrent-32 --gen-len 64 \
   --repeat 1 --peer none
+# gpt-oss-20b's design, smaller: sinks (written-out attention on torch) and 32 biased experts, 4 active.
+bench cuda-gpt-oss-small-concurrent-8 60 --preset gpt-oss-small --backend cuda --workload concurrent-8 --gen-len 64 \
+  --repeat 3
 # A prompt longer than the 2048-token step budget prefills in chunks; the later chunk attends through the flash
 # kernel (ferrum_cuda.ops: a lone item after cached keys), or with FERRUM_CUDA_VARLEN=0 through SDPA with a mask.
 bench cuda-long-prompt 45 --preset llama-1b --backend cuda --workload decode-1 --prompt-len 3500 --gen-len 16 --repeat 3
