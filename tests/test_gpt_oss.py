@@ -172,7 +172,7 @@ def _mlx_lm_model(folder):
 
 def test_mxfp4_release_matches_mlx_lm(mxfp4_checkpoint):
     """mlx-lm reads the release with its own sanitizer and runs it with its own gpt-oss model."""
-    import mlx.core as mx
+    mx = pytest.importorskip("mlx.core")
 
     folder, _ = mxfp4_checkpoint
     reference, _ = _mlx_lm_model(folder)
@@ -199,10 +199,10 @@ def test_mixed_mlx_community_quantization_loads(mxfp4_checkpoint, tmp_path):
     """mlx-community's "MXFP4-Q8" recipe: the experts keep the release's mxfp4 codes, every other linear (router,
     attention, embedding, head) is quantized to 8-bit affine, named per module in config.json. Every backend
     gives mlx-lm's logits for the saved model."""
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")  # before mlx itself: a GPU machine may have neither
     import mlx.core as mx
     import mlx.nn as nn
 
-    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
     model, config = _mlx_lm_model(mxfp4_checkpoint[0])
     eight_bit = {}
 

@@ -1189,28 +1189,57 @@ def _clamped_swiglu(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.T
     return ((u + 1.0) * g * torch.sigmoid(activation.alpha * g)).to(gate.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _grouped_gemm_runs(dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` (a private op: one GEMM per run of rows, the runs' ends on the device)
+    runs here in ``dtype``; asked once, with a tiny product, on first use."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        rows = torch.ones((2, 16), dtype=dtype, device=DEVICE)
+        stack = torch.ones((2, 16, 16), dtype=dtype, device=DEVICE)
+        ends = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)
+        return bool((torch._grouped_mm(rows, stack.transpose(1, 2), offs=ends) == 16).all())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _grouped(stack: ExpertStack, rows, ends, expert_of_row, biases):
+    """Each expert's projection of its run of ``rows`` (sorted by expert; run ``e`` ends at ``ends[e]``)."""
+    y = torch._grouped_mm(rows, stack.w.transpose(1, 2), offs=ends)
+    return y if biases is None else y + biases.index_select(0, expert_of_row)
+
+
 @hookimpl
 def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=None, activation=None):
-    """Pairs (token, expert) sorted by expert, one GEMM per used expert over its segment; ``biases``
-    (gpt-oss) go into each GEMM, ``activation`` replaces ``silu(g) * u``.
+    """Pairs (token, expert) sorted by expert; ``biases`` (gpt-oss) join each projection, ``activation``
+    replaces ``silu(g) * u``.
 
-    The segment sizes cross to the host once per call (a sync on CUDA): the loop needs them.
+    Float stacks go through one grouped GEMM per projection, the runs' ends computed on the device: no
+    sync, so a decode step's block stays inside its CUDA graph. Packed stacks (or a torch without the
+    grouped GEMM) take one GEMM per used expert, whose segment sizes cross to the host once per call.
     """
     gate_b, up_b, down_b = (None, None, None) if biases is None else biases
     act = _silu_mul if activation is None else functools.partial(_clamped_swiglu, activation)
     tokens, top_k = expert_ids.shape
     flat = expert_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=len(gate)).tolist()
     rows = x.index_select(0, order // top_k)
     y = torch.empty((tokens * top_k, x.shape[1]), dtype=x.dtype, device=x.device)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            seg = rows[start : start + n]
-            hidden = act(gate(e, seg, gate_b), up(e, seg, up_b))
-            y[order[start : start + n]] = down(e, hidden, down_b)
-            start += n
+    if not gate.quantized and _grouped_gemm_runs(x.dtype):
+        expert_of_row = flat.index_select(0, order)
+        experts = torch.arange(len(gate), device=x.device)
+        ends = torch.searchsorted(expert_of_row, experts, right=True).to(torch.int32)
+        hidden = act(_grouped(gate, rows, ends, expert_of_row, gate_b), _grouped(up, rows, ends, expert_of_row, up_b))
+        y.index_copy_(0, order, _grouped(down, hidden, ends, expert_of_row, down_b))
+    else:
+        start = 0
+        for e, n in enumerate(torch.bincount(flat, minlength=len(gate)).tolist()):
+            if n:
+                seg = rows[start : start + n]
+                hidden = act(gate(e, seg, gate_b), up(e, seg, up_b))
+                y[order[start : start + n]] = down(e, hidden, down_b)
+                start += n
     out = (y.view(tokens, top_k, -1).float() * expert_weights[:, :top_k, None]).sum(dim=1)
     if shared is not None:
         out += expert_weights[:, top_k:] * shared.float()
