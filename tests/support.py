@@ -274,10 +274,10 @@ def attention_batch(items, block_size: int):
 
 
 def paged_reference(q, k_pool, v_pool, cu, seq_lens, tables, block_size: int, scale: float, window: int | None,
-                    softcap: float | None = None) -> np.ndarray:
+                    softcap: float | None = None, sinks: np.ndarray | None = None) -> np.ndarray:
     """Paged attention item by item in float64: keys through the block table, end-aligned causal mask,
-    optional window and ``softcap * tanh(scores / softcap)``. ``q [tokens, heads, d]``,
-    ``k_pool, v_pool [slots, kv_heads, d]``."""
+    optional window, ``softcap * tanh(scores / softcap)`` and ``sinks [heads]`` (a logit per head that joins
+    each row's softmax without a value). ``q [tokens, heads, d]``, ``k_pool, v_pool [slots, kv_heads, d]``."""
     out = []
     for item, n in enumerate(np.asarray(seq_lens).tolist()):
         pos = np.arange(n)
@@ -294,6 +294,10 @@ def paged_reference(q, k_pool, v_pool, cu, seq_lens, tables, block_size: int, sc
         if window is not None:
             hidden |= pos[None, :] <= qpos - window
         scores[:, hidden] = -np.inf
-        weights = np.exp(scores - scores.max(-1, keepdims=True))
-        out.append(np.einsum("hqk,khd->qhd", weights / weights.sum(-1, keepdims=True), vh))
+        top = scores.max(-1, keepdims=True)
+        weights = np.exp(scores - top)
+        total = weights.sum(-1, keepdims=True)
+        if sinks is not None:
+            total = total + np.exp(np.asarray(sinks, np.float64)[:, None, None] - top)
+        out.append(np.einsum("hqk,khd->qhd", weights / total, vh))
     return np.concatenate(out)

@@ -175,19 +175,23 @@ def test_decode_with_sinks_where_no_mirror_fits(backend, window):
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_torch_batches_prepared_for_flash_attention_take_sinks_the_sdpa_way(monkeypatch, window):
-    """On a GPU with FlashAttention 2, prefill items are prepared for its variable-length kernel, which has
-    no sinks: a call with sinks is prepared again without it."""
+def test_torch_batches_prepared_for_flash_attention_take_sinks_through_it(monkeypatch, window):
+    """On a GPU with FlashAttention 2, prefill items attend in its variable-length kernel, sinks too (laid on
+    from its log-sum-exp): with the kernel's contract standing in for it, every step matches the formula."""
     if "cuda" not in BACKENDS:
         pytest.skip("no torch backend")
     torch_ops = pytest.importorskip("ferrum_cuda.ops")
+    from test_cuda_varlen import kernel_contract
+
+    calls = []
     monkeypatch.setattr(torch_ops, "_flash_varlen_available", lambda: True)
-    monkeypatch.setattr(torch_ops, "_flash_varlen", lambda *a, **k: pytest.fail("sinks reached the flash kernel"))
+    monkeypatch.setattr(torch_ops, "_flash_kernel", lambda *a: calls.append(1) or kernel_contract(*a))
     s = PagedScenario("cuda", window, None, "bfloat16")
     a, b = [1, 2, 3], [4, 9, 6]
     s.step([(a, 7, 7)])
     for batch in (s.step([(a, 10, 3)]), s.step([(a, 11, 1), (b, 9, 9)])):
-        assert batch.prepared.varlen is not None and batch.prepared.without_flash is not None
+        assert batch.prepared.varlen is not None and batch.prepared.without_flash is None
+    assert len(calls) == 4  # both layers of both steps
 
 
 # ------------------------------------------------------------------ experts

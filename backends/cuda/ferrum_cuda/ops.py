@@ -41,7 +41,7 @@ one transfer. :func:`paged_attention` then runs without touching the host:
   attends in a call of its own, as a single item does, rather than padding every
   other prompt to its length;
 * on a GPU with FlashAttention 2 (compute capability 8.0 on, half precision, head
-  size a multiple of 8 up to 256, no soft cap, no sinks), the items of a batch with more
+  size a multiple of 8 up to 256, no soft cap), the items of a batch with more
   than one query token, and a lone item whose queries follow cached keys, instead
   attend in one variable-length flash call over their keys gathered token by
   token: a step of eight prompts is one kernel per layer, not one SDPA per prompt,
@@ -53,8 +53,9 @@ one transfer. :func:`paged_attention` then runs without touching the host:
 Masks depend on the layer's sliding window, so each prepared batch builds
 them lazily once per distinct window and reuses them across layers.
 
-A soft cap or attention sinks (gpt-oss) take every path above but the flash
-one, the SDPA call written out (:func:`_written_sdpa`): no fused kernel takes either.
+A soft cap or attention sinks (gpt-oss) take every other path above with the SDPA call
+written out (:func:`_written_sdpa`): no fused kernel takes either. The flash call takes
+sinks all the same: its log-sum-exp says how much of each row's softmax a sink takes.
 """
 
 from __future__ import annotations
@@ -953,28 +954,41 @@ def _prefill_group(q, pool, layer, group: _Group, scale, window, softcap=None, s
 
 
 def _flash_takes(q: torch.Tensor, pool: KVPool, softcap, sinks) -> bool:
-    """What FlashAttention 2 computes: half precision, head size a multiple of 8 up to 256, no soft cap, no sinks."""
+    """What FlashAttention 2 computes: half precision, head size a multiple of 8 up to 256, no soft cap (sinks
+    are laid on afterwards, see :func:`_flash_varlen`)."""
     d = q.shape[-1]
-    return softcap is None and sinks is None and q.dtype in (torch.float16, torch.bfloat16) \
+    return softcap is None and q.dtype in (torch.float16, torch.bfloat16) \
         and pool.dtype == q.dtype and d % 8 == 0 and d <= 256
 
 
-def _flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window: int | None):
+def _flash_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window: int | None):
     """FlashAttention 2 over packed items: ``q [tokens, H, d]``, ``k, v [keys, KVH, d]``, item ``i`` the rows
     ``cu[i]:cu[i + 1]`` of each. Causal, or a band of ``window`` keys, aligned to each item's last key (a
-    later chunk's queries sit at the end of its keys)."""
+    later chunk's queries sit at the end of its keys). Returns the output and ``lse [H, tokens]`` (float32),
+    the log-sum-exp of each row's scores."""
     left = -1 if window is None else window - 1
-    return torch.ops.aten._flash_attention_forward(
+    return tuple(torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, max_q, max_k, 0.0, window is None, False,
         scale=scale, window_size_left=left, window_size_right=0,
-    )[0]
+    )[:2])
 
 
-def _varlen_attention(q, pool: KVPool, layer: int, group: _Varlen, scale, window):
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window: int | None, sinks=None):
+    """:func:`_flash_kernel`'s output. ``sinks`` (gpt-oss: a logit per head that joins each row's softmax
+    without a value) scale each row by ``sigmoid(lse - sink)``, the share of the softmax its keys keep."""
+    out, lse = _flash_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, window)
+    if sinks is None:
+        return out
+    kept = torch.sigmoid(lse.float().transpose(0, 1) - sinks.float())  # [tokens, H]
+    return (out.float() * kept[..., None]).to(out.dtype)
+
+
+def _varlen_attention(q, pool: KVPool, layer: int, group: _Varlen, scale, window, sinks=None):
     """``q [tokens, H, d]`` of the group's items -> ``[tokens, H, d]``, keys gathered from the pool by slot."""
     k = pool.k_flat[layer].index_select(0, group.kv_slots)
     v = pool.v_flat[layer].index_select(0, group.kv_slots)
-    return _flash_varlen(q.contiguous(), k, v, group.cu_q, group.cu_k, group.max_q, group.max_k, scale, window)
+    return _flash_varlen(q.contiguous(), k, v, group.cu_q, group.cu_k, group.max_q, group.max_k, scale, window,
+                         sinks)
 
 
 def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None,
@@ -1077,7 +1091,7 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, 
     if prepared.varlen is not None:
         group = prepared.varlen
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows)
-        parts.append(_varlen_attention(q_in, pool, layer, group, scale, window))
+        parts.append(_varlen_attention(q_in, pool, layer, group, scale, window, sinks))
     if prepared.prefill is not None:
         group = prepared.prefill
         q_in = q if group.q_rows is None else q.index_select(0, group.q_rows.view(-1))
