@@ -129,13 +129,19 @@ class LLM:
         the template these variables (``chat={"enable_thinking": False}`` for Qwen 3), as
         ``chat_template_kwargs`` does. ``tools`` (OpenAI function definitions) go to the chat template too.
         """
+        return self._encode(prompt, chat, tools, chat_template_kwargs)[0]
+
+    def _encode(self, prompt: Prompt, chat: Chat = None, tools: Sequence[dict[str, Any]] | None = None,
+                chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[int], bool]:
+        """:meth:`encode_prompt`'s ids, and whether they went through the chat template."""
         if isinstance(chat, Mapping):
             chat_template_kwargs, chat = {**(chat_template_kwargs or {}), **chat}, True
         if isinstance(prompt, str):
             tok = self._require_tokenizer()
             if chat:
-                return tok.encode_chat([{"role": "user", "content": prompt}], template_kwargs=chat_template_kwargs)
-            return tok.encode(prompt)
+                user = [{"role": "user", "content": prompt}]
+                return tok.encode_chat(user, template_kwargs=chat_template_kwargs), True
+            return tok.encode(prompt), False
         if isinstance(prompt, (bytes, bytearray, memoryview)):
             raise InvalidRequestError(f"{_PROMPT_FORMS}, not bytes: decode text to str first")
         if not isinstance(prompt, Iterable):
@@ -144,10 +150,20 @@ class LLM:
         if prompt and all(isinstance(m, dict) for m in prompt):
             if chat is False:
                 raise InvalidRequestError("chat messages were given but chat=False")
-            return self._require_tokenizer().encode_chat(prompt, tools=tools, template_kwargs=chat_template_kwargs)
+            tok = self._require_tokenizer()
+            return tok.encode_chat(prompt, tools=tools, template_kwargs=chat_template_kwargs), True
         if all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
-            return [int(t) for t in prompt]  # numpy's integers too
+            return [int(t) for t in prompt], False  # numpy's integers too
         raise InvalidRequestError(_PROMPT_FORMS)
+
+    def _request(self, prompt: Prompt, chat: Chat, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """A prompt's ids and the params it runs with: an unset ``skip_special_tokens`` is decided here,
+        kept for a chat reply in harmony (gpt-oss), whose channels are special tokens, else skipped."""
+        tokens, templated = self._encode(prompt, chat)
+        if params.skip_special_tokens is None:
+            harmony = templated and self.tokenizer is not None and self.tokenizer.writes_harmony
+            params = replace(params, skip_special_tokens=not harmony)
+        return tokens, params
 
     @staticmethod
     def sampling_params(params: SamplingParams | None = None, **options: Any) -> SamplingParams:
@@ -172,7 +188,7 @@ class LLM:
         ``lora`` names a loaded adapter (:meth:`load_adapter`) every prompt runs with.
         """
         params = self.sampling_params(params, **options)
-        encoded = [self.encode_prompt(p, chat) for p in prompts]  # all or nothing: encode before submitting
+        encoded = [self._request(p, chat, params) for p in prompts]  # all or nothing: encode before submitting
         finals: dict[str, RequestOutput] = {}
 
         def keep_final(out: RequestOutput) -> None:
@@ -181,8 +197,9 @@ class LLM:
 
         ids: list[str] = []
         try:
-            for tokens in encoded:  # a prompt refused here takes the ones queued before it back out
-                ids.append(self.engine.add_request(tokens, params, on_output=keep_final, metadata=metadata, lora=lora))
+            for tokens, request_params in encoded:  # a prompt refused here takes the ones queued before it back out
+                ids.append(self.engine.add_request(tokens, request_params, on_output=keep_final, metadata=metadata,
+                                                   lora=lora))
             while len(finals) < len(ids):
                 self.engine.step()
         finally:
@@ -202,11 +219,9 @@ class LLM:
 
         Other requests in the engine advance in the same steps.
         """
-        params = self.sampling_params(params, **options)
+        tokens, params = self._request(prompt, chat, self.sampling_params(params, **options))
         pending: deque[RequestOutput] = deque()
-        request_id = self.engine.add_request(
-            self.encode_prompt(prompt, chat), params, on_output=pending.append, metadata=metadata, lora=lora
-        )
+        request_id = self.engine.add_request(tokens, params, on_output=pending.append, metadata=metadata, lora=lora)
         finished = False
         try:
             while not finished:
@@ -255,9 +270,7 @@ class LLM:
     ) -> AsyncIterator[str]:
         """Async version of :meth:`stream`; concurrent calls are batched together."""
         self._require_tokenizer()
-        params = self.sampling_params(params, **options)
-        async for out in self.async_engine.stream(
-            self.encode_prompt(prompt, chat), params, metadata=metadata, lora=lora
-        ):
+        tokens, params = self._request(prompt, chat, self.sampling_params(params, **options))
+        async for out in self.async_engine.stream(tokens, params, metadata=metadata, lora=lora):
             if out.new_text:
                 yield out.new_text

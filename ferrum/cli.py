@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -129,11 +128,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         json_schema=args.json_schema,
     )
-    from ferrum.serve.harmony import HarmonyThinking, is_harmony
+    from ferrum.serve.harmony import HarmonyThinking
 
-    harmony = HarmonyThinking() if chat and llm.tokenizer is not None and is_harmony(llm.tokenizer) else None
-    if harmony is not None:  # gpt-oss: its messages are read, so their markers must decode
-        params = dataclasses.replace(params, skip_special_tokens=False)
+    # gpt-oss: its messages are read by their markers (which a chat reply decodes with: see SamplingParams).
+    harmony = HarmonyThinking() if chat and llm.tokenizer is not None and llm.tokenizer.writes_harmony else None
     final = _write_reply(llm.stream_outputs(prompt, params, chat=chat), harmony)
     m = final.metrics
     decode_rate = f", {1 / m.tpot:.1f} tok/s decode" if m.tpot else ""

@@ -69,8 +69,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0  # top-n logprobs to return per token
     #: Leave special tokens (``[TOOL_CALLS]``, ``<|python_tag|>``...) out of the text, as tokenizers decode by
-    #: default; the token ids are unchanged either way.
-    skip_special_tokens: bool = True
+    #: default; the token ids are unchanged either way. ``None``: leave them out, except from a chat reply
+    #: whose structure is special tokens (gpt-oss's harmony channels), which would read garbled without them.
+    skip_special_tokens: bool | None = None
     #: Structured output (:mod:`ferrum.structured`): ``True`` for any JSON object, or a JSON schema (a
     #: mapping, or a pydantic model whose schema it is) the output must match; every token the grammar does
     #: not allow next is forbidden.
@@ -96,9 +97,10 @@ class SamplingParams:
         _integer("logprobs", self.logprobs, 0)
         if self.seed is not None:
             _integer("seed", self.seed, 0)
-        for flag in ("ignore_eos", "skip_special_tokens"):
-            if not isinstance(getattr(self, flag), bool):
-                _bad(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.ignore_eos, bool):
+            _bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.skip_special_tokens is not None and not isinstance(self.skip_special_tokens, bool):
+            _bad(f"skip_special_tokens must be True, False or None, got {self.skip_special_tokens!r}")
         if not isinstance(self.logit_bias, Mapping):
             _bad(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
         bias = {}

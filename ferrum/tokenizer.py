@@ -116,6 +116,12 @@ class Tokenizer:
         return self._special_ids.get(text)
 
     @cached_property
+    def writes_harmony(self) -> bool:
+        """Whether the model's chat replies are OpenAI's harmony messages (gpt-oss): its vocabulary has their
+        four markers as special tokens. A reply is read by those markers, so it must decode with them."""
+        return all(self.special_token_id(m) is not None for m in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>"))
+
+    @cached_property
     def _special_ids(self) -> dict[str, int]:
         return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 

@@ -72,18 +72,45 @@ def test_a_stream_sends_the_thinking_once_and_the_answer_as_it_grows(reply):
 
 
 @pytest.fixture(scope="module")
-def harmony_server(tmp_path_factory):
+def harmony_model(tmp_path_factory):
+    """A tiny model with a harmony tokenizer and template; tokens spelling a whole reply, which a logit bias
+    makes it write: ``(folder, answer id, call id, call id without the stop string)``."""
     pytest.importorskip("transformers")
     from support import add_tokens, write_scripted_checkpoint
-    from test_serve import Server
 
     folder, answer_id = write_scripted_checkpoint(tmp_path_factory.mktemp("harmony") / "tiny", ANSWER + END,
                                                   TEMPLATE, special=True, context=1024)
     call_id, bare_call_id = add_tokens(folder, [CALL + END, CALL], special=True)  # the Responses API takes no stop
     add_tokens(folder, MARKERS, special=True)
+    return folder, answer_id, call_id, bare_call_id
+
+
+@pytest.fixture(scope="module")
+def harmony_server(harmony_model):
+    from test_serve import Server
+
+    folder, *ids = harmony_model
     srv = Server(folder)
-    yield srv, answer_id, call_id, bare_call_id
+    yield srv, *ids
     assert srv.stop(), srv.log.read_text()
+
+
+def test_the_python_api_keeps_a_chat_reply_readable(harmony_model):
+    """``LLM.generate`` returns a harmony chat reply with its markers (what ``read`` splits), not the run of
+    channel names and texts that skipping special tokens leaves; other prompts, or an explicit
+    ``skip_special_tokens``, decode as tokenizers do."""
+    import ferrum
+
+    folder, answer_id, *_ = harmony_model
+    llm = ferrum.load(folder, backend="cpu")
+    ask = dict(logit_bias={answer_id: 100}, stop=[END], max_tokens=2, temperature=0)
+    assert llm.tokenizer.writes_harmony
+    reply = llm.generate("weather?", chat=True, **ask)
+    assert reply == ANSWER and read(reply, True) == ("The user wants the weather.", "It is sunny.")
+    assert llm.generate([{"role": "user", "content": "weather?"}], **ask) == ANSWER
+    assert "".join(llm.stream("weather?", chat=True, **ask)) == ANSWER
+    assert llm.generate("weather?", chat=True, skip_special_tokens=True, **ask) == ""
+    assert llm.generate("weather?", **ask) == ""  # no template: no harmony reply to read
 
 
 def _ask(srv, reply_id: int, **extra):

@@ -254,7 +254,8 @@ class Engine:
         if require_full_logits(metadata):
             request.full_logits = LogitRows()
         if self.tokenizer is not None:
-            request.detokenizer = IncrementalDetokenizer(self.tokenizer, tokens, params.skip_special_tokens)
+            skip_special = params.skip_special_tokens is not False  # None (unset) skips them
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, tokens, skip_special)
             request.stop_filter = StopStringFilter(params.stop)
         if params.logprobs:
             request.logprobs = []

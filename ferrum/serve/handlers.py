@@ -31,7 +31,7 @@ from ferrum.serve.metrics import ServerMetrics
 from ferrum.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, template_messages,
 )
-from ferrum.serve.harmony import HarmonyThinking, is_harmony
+from ferrum.serve.harmony import HarmonyThinking
 from ferrum.serve.reasoning import Thinking, starts_inside, structured_tags
 from ferrum.serve.tools import ToolReplies, forced_call_grammar, format_of as tools_format_of
 
@@ -357,7 +357,7 @@ def _tool_replies(state: ServerState, body: ChatCompletionRequest) -> ToolReplie
 def _thinking(state: ServerState, prompt: Sequence[int]) -> Thinking | HarmonyThinking | None:
     """How this prompt's replies split into thinking and answer: always for a model that writes harmony
     (gpt-oss: its reply is messages, not text), else with ``--reasoning-parser``."""
-    if is_harmony(state.llm.tokenizer):
+    if state.llm.tokenizer.writes_harmony:
         return HarmonyThinking()
     if state.reasoning_parser is None:
         return None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 START, CHANNEL, MESSAGE, END = "<|start|>", "<|channel|>", "<|message|>", "<|end|>"
 #: Ends of a message's text: its own end, or generation's where the tokenizer keeps them in the text.
@@ -28,11 +27,6 @@ _CHANNEL = re.compile(r"<\|channel\|>\s*([\w.-]+)")
 _RECIPIENT = re.compile(r"\bto=([^\s<]+)")
 #: How the answer carries a call: the way gpt-oss's chat template writes one back into the prompt.
 CALL_OPEN = f"{START}assistant to=functions."
-
-
-def is_harmony(tokenizer: Any) -> bool:
-    """Whether the model writes harmony: its tokenizer has the four message markers as special tokens."""
-    return all(tokenizer.special_token_id(marker) is not None for marker in (START, CHANNEL, MESSAGE, END))
 
 
 @dataclass(frozen=True)
