@@ -158,13 +158,21 @@ def mxfp4_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", runnable_backends())
-def test_mxfp4_release_matches_transformers(mxfp4_checkpoint, backend):
+def test_mxfp4_release_matches_transformers(mxfp4_checkpoint, backend, monkeypatch):
+    from ferrum.quant import float_modes
+
+    converted = []  # matrices of codes turned into the affine form, which a backend without mxfp4 kernels runs
+    convert = float_modes._fp4_as_affine
+    monkeypatch.setattr(float_modes, "_fp4_as_affine", lambda packed: converted.append(1) or convert(packed))
     folder, hf = mxfp4_checkpoint
     model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32")
     _assert_close(model.forward_verify("x", TOKENS), _reference(hf, TOKENS))
-    if backend == "mlx":  # the file's codes run as they are, through MLX's mxfp4 kernels
+    if backend == "mlx":  # the file's codes run as they are, through MLX's mxfp4 kernels, never converted
         experts = model.layers[0].mlp.experts
         assert {experts.gate.mode, experts.up.mode, experts.down.mode} == {"mxfp4"}
+        assert not converted
+    else:
+        assert converted
 
 
 def _mlx_lm_model(folder):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -14,7 +13,6 @@ from ferrum.hookspec import DTYPE_BYTES
 from ferrum.weights import Placed, place, runs_natively
 
 
-@dataclass(frozen=True)
 class StackedQuantized:
     """Packed affine experts with a leading expert axis, as mlx-lm's quantized ``SwitchLinear`` stores them.
 
@@ -23,32 +21,57 @@ class StackedQuantized:
     set, stacks the experts' float-mode codes the same way (see ``QuantizedWeight.float_codes``).
     """
 
-    packed: np.ndarray
-    scales: np.ndarray
-    biases: np.ndarray
-    bits: int
-    group_size: int
-    float_codes: FloatCodes | None = None
+    __slots__ = ("bits", "group_size", "float_codes", "_parts", "_build", "_shape")
 
-    def __post_init__(self) -> None:
-        shapes = (self.packed.shape, self.scales.shape, self.biases.shape)
+    def __init__(self, packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
+                 float_codes: FloatCodes | None = None):
+        self.bits, self.group_size, self.float_codes = bits, group_size, float_codes
+        self._parts, self._build = (packed, scales, biases), None
+        shapes = (packed.shape, scales.shape, biases.shape)
         if any(len(s) != 3 for s in shapes) or len({s[0] for s in shapes}) != 1:
             raise CheckpointError(f"stacked quantized experts need 3-D packed/scales/biases over one expert axis, "
                                   f"got {shapes}")
-        self.expert(0)  # validates the per-expert form
+        self._shape = (packed.shape[0], *self.expert(0).shape)  # validates the per-expert form
+
+    @classmethod
+    def deferred(cls, build: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]], shape: tuple[int, int, int],
+                 bits: int, group_size: int, float_codes: FloatCodes) -> "StackedQuantized":
+        """Experts loaded in a float mode whose affine form ``build()`` makes on first use: a backend with
+        kernels for the mode runs ``float_codes`` and never needs it (gpt-oss-20b's: ~1 min of a load)."""
+        stack = cls.__new__(cls)
+        stack.bits, stack.group_size, stack.float_codes = bits, group_size, float_codes
+        stack._parts, stack._build, stack._shape = None, build, shape
+        return stack
+
+    def _affine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._parts is None:
+            self._parts, self._build = self._build(), None
+        return self._parts
+
+    @property
+    def packed(self) -> np.ndarray:
+        return self._affine()[0]
+
+    @property
+    def scales(self) -> np.ndarray:
+        return self._affine()[1]
+
+    @property
+    def biases(self) -> np.ndarray:
+        return self._affine()[2]
 
     @property
     def num_experts(self) -> int:
-        return self.packed.shape[0]
+        return self._shape[0]
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """The dense stack's ``(E, N, K)``."""
-        return (self.num_experts, *self.expert(0).shape)
+        return self._shape
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales.nbytes + self.biases.nbytes
+        return sum(part.nbytes for part in self._affine())
 
     @classmethod
     def of(cls, experts: list[QuantizedWeight], float_codes: FloatCodes | None = None) -> "StackedQuantized":
@@ -58,7 +81,8 @@ class StackedQuantized:
 
     def expert(self, e: int) -> QuantizedWeight:
         codes = None if self.float_codes is None else self.float_codes.take_rows(e)  # expert e's [N, ...] codes
-        return QuantizedWeight(self.packed[e], self.scales[e], self.biases[e], self.bits, self.group_size, codes)
+        packed, scales, biases = self._affine()
+        return QuantizedWeight(packed[e], scales[e], biases[e], self.bits, self.group_size, codes)
 
 
 HostExperts = np.ndarray | StackedQuantized
@@ -103,8 +127,10 @@ def place_experts(ops: Any, name: str, stack: HostExperts, dtype: str, needs: tu
     if native:
         weight = ops.upload_experts(name, stack, dtype)
         if weight is not None:
+            if hasattr(weight, "nbytes"):
+                return Placed(weight, ops.moe_experts, _no_embedding, weight.nbytes)
             size = stack.nbytes if isinstance(stack, StackedQuantized) else stack.size * DTYPE_BYTES.get(dtype, 4)
-            return Placed(weight, ops.moe_experts, _no_embedding, getattr(weight, "nbytes", size))
+            return Placed(weight, ops.moe_experts, _no_embedding, size)
     weight = ops.fallback["upload_experts"](name, stack, dtype)
     return Placed(weight, ops.fallback["moe_experts"], _no_embedding, weight.nbytes)
 

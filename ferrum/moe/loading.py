@@ -28,7 +28,7 @@ from ferrum.moe.experts import HostExperts, StackedQuantized
 from ferrum.moe.spec import MoeSpec
 from ferrum.quant import awq_gptq, float_modes
 from ferrum.quant.affine import FloatCodes
-from ferrum.quant.config import AFFINE, QuantConfig
+from ferrum.quant.config import AFFINE, FLOAT_MODES, QuantConfig
 
 SWITCH = ("gate_proj", "up_proj", "down_proj")
 #: ``MoeSpec.layout`` -> the module reading a family's own layouts: ``parts(present, name, packed_kinds)``
@@ -165,10 +165,17 @@ def _float_mode_experts(weight: np.ndarray, scales: np.ndarray, mode: str, shape
     if weight.ndim != 3 or scales.ndim != 3 or weight.shape[0] != e or scales.shape[0] != e:
         raise CheckpointError(f"{where}: {mode} experts must stack {e} experts' codes and scales; got "
                               f"{tuple(weight.shape)} and {tuple(scales.shape)}")
-    decoded = [float_modes.decode(weight[i], scales[i], mode, (n, k), f"{where} (expert {i})") for i in range(e)]
-    if isinstance(decoded[0], np.ndarray):
-        return np.stack(decoded)
-    return StackedQuantized.of(decoded, FloatCodes(weight, scales, mode))
+    if mode == "mxfp8":  # dense float32 (no affine form holds it)
+        return np.stack([float_modes.decode(weight[i], scales[i], mode, (n, k), f"{where} (expert {i})")
+                         for i in range(e)])
+    scale = np.stack([float_modes.checked_scales(weight[i], scales[i], mode, (n, k), f"{where} (expert {i})")
+                      for i in range(e)])
+
+    def affine() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # the experts as one [E * N, K] matrix
+        parts = float_modes.fp4_affine(weight.reshape(e * n, -1), scale.reshape(e * n, -1), mode)
+        return tuple(part.reshape(e, n, -1) for part in parts)
+
+    return StackedQuantized.deferred(affine, shape, 5, FLOAT_MODES[mode][1], FloatCodes(weight, scales, mode))
 
 
 def _awq_gptq_experts(parts: dict[str, np.ndarray], shape: tuple[int, int, int], quant: QuantConfig | None,

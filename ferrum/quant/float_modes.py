@@ -62,9 +62,9 @@ def _scales(scales: np.ndarray, mode: str, where: str) -> np.ndarray:
     return values
 
 
-def decode(packed: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, int],
-           where: str) -> QuantizedWeight | np.ndarray:
-    """One ``[N, K]`` matrix of a float mode: exact 5-bit affine for mxfp4 and nvfp4, dense float32 for mxfp8."""
+def checked_scales(packed: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, int], where: str) -> np.ndarray:
+    """The float32 group scales of one ``[N, K]`` matrix of a float mode, after checking its codes' and scales'
+    forms and, for the fp4 modes, that its affine form's biases (``-6 * scale``) are finite."""
     bits, group_size = FLOAT_MODES[mode]
     n, k = shape
     if (packed.dtype != np.uint32 or packed.shape != (n, k * bits // 32) or scales.dtype != np.uint8
@@ -75,15 +75,28 @@ def decode(packed: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, 
             f"{tuple(scales.shape)}"
         )
     scale = _scales(scales, mode, where)
+    if mode != "mxfp8" and not np.isfinite(scale * np.float32(6)).all():
+        raise CheckpointError(f"{where}: a {mode} scale ({float(np.max(scale)):g}) is too large for float32")
+    return scale
+
+
+def fp4_affine(packed: np.ndarray, scale: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact 5-bit affine ``(packed, scales, biases)`` of fp4 codes ``packed [N, K / 8]`` whose float32 group
+    scales are ``scale`` (:func:`checked_scales`)."""
+    half = scale / 2
+    dtype = ml_dtypes.bfloat16 if mode == "mxfp4" else np.float32
+    return _fp4_as_affine(packed), half.astype(dtype), (half * -12).astype(dtype)
+
+
+def decode(packed: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, int],
+           where: str) -> QuantizedWeight | np.ndarray:
+    """One ``[N, K]`` matrix of a float mode: exact 5-bit affine for mxfp4 and nvfp4, dense float32 for mxfp8."""
+    scale = checked_scales(packed, scales, mode, shape, where)
     if mode == "mxfp8":
+        n, k = shape
+        bits, group_size = FLOAT_MODES[mode]
         values = unpack(packed, bits).view(ml_dtypes.float8_e4m3fn).astype(np.float32).reshape(n, -1, group_size)
         if not np.isfinite(values).all():
             raise CheckpointError(f"{where}: an mxfp8 weight is NaN; the checkpoint is damaged")
         return (values * scale[..., None]).reshape(n, k)
-    half = scale / 2
-    bias = half * -12
-    if not np.isfinite(bias).all():
-        raise CheckpointError(f"{where}: a {mode} scale ({float(np.max(scale)):g}) is too large for float32")
-    dtype = ml_dtypes.bfloat16 if mode == "mxfp4" else np.float32
-    return QuantizedWeight(_fp4_as_affine(packed), half.astype(dtype), bias.astype(dtype), 5, group_size,
-                           FloatCodes(packed, scales, mode))
+    return QuantizedWeight(*fp4_affine(packed, scale, mode), 5, FLOAT_MODES[mode][1], FloatCodes(packed, scales, mode))
