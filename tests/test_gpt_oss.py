@@ -235,6 +235,34 @@ def test_mixed_mlx_community_quantization_loads(mxfp4_checkpoint, tmp_path):
         _assert_close(got, want, 1e-3)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_ferrum_quantize_writes_what_mlx_lm_runs(tmp_path, bits):
+    """``ferrum quantize`` reads transformers' float layout (which mlx-lm's own converter misreads) and writes
+    mlx-lm's, the experts packed like every projection: mlx-lm and every backend run it to the same logits."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    mx = pytest.importorskip("mlx.core")
+    model = _random_model(seed=4, swiglu_limit=7.0)  # mlx-lm clamps at 7 whatever the config says
+    model.save_pretrained(tmp_path / "float")
+    write_tokenizer(tmp_path / "float")
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    config["rope_scaling"], config["rope_theta"] = config["rope_parameters"], config["rope_parameters"]["rope_theta"]
+    (tmp_path / "float" / "config.json").write_text(json.dumps(config))
+
+    folder = quantize_checkpoint(tmp_path / "float", tmp_path / "packed", bits=bits, group_size=32)
+    stored = load_file(folder / "model.safetensors")
+    experts = "model.layers.0.mlp.experts"
+    assert stored[f"{experts}.gate_proj.weight"].dtype == np.uint32 and f"{experts}.down_proj.scales" in stored
+    assert stored[f"{experts}.up_proj.bias"].shape == (4, 64)
+    reference, _ = _mlx_lm_model(folder)
+    want = np.array(reference(mx.array([TOKENS]))[0].astype(mx.float32))
+    for backend in runnable_backends():
+        got = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32").forward_verify("x", TOKENS)
+        _assert_close(got, want, 1e-3)
+    if bits == 8:  # and close to the float model
+        _assert_close(want, _reference(model, TOKENS), 3e-2)
+
+
 def test_malformed_blocks_are_named(mxfp4_checkpoint, tmp_path):
     folder, _ = mxfp4_checkpoint
     tensors = load_file(folder / "model.safetensors")

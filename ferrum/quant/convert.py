@@ -10,8 +10,8 @@ projection and the embedding (and an untied ``lm_head``) is packed with
 dtype); modules whose input size is not a multiple of the group size stay in
 float (``false`` in config.json); norms and biases are copied byte for byte.
 Mixture-of-experts layers are written stacked, as mlx-lm stores them
-(``switch_mlp.*`` ``[E, ...]``, see :mod:`ferrum.moe.loading`), from either
-checkpoint layout.
+(``switch_mlp.*`` ``[E, ...]``, see :mod:`ferrum.moe.loading`, or a family's own
+names: gpt-oss's ``experts.*``), from any checkpoint layout Ferrum reads.
 
 Tensors are converted and written one at a time, straight into
 safetensors files whose headers are planned up front from the source
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ferrum.checkpoint import INDEX_FILE, Checkpoint, tensor_nbytes, write_safetensors_header
-from ferrum.errors import CheckpointError, InvalidRequestError, UnsupportedFeatureError
+from ferrum.errors import CheckpointError, InvalidRequestError
 from ferrum.quant.affine import MLX_GROUP_SIZES, SUPPORTED_BITS, quantize
 from ferrum.quant.config import QuantConfig
 
@@ -67,10 +67,10 @@ class _Item:
     """One model tensor and the output tensors it becomes (one if copied, three if packed)."""
 
     source: str
+    shape: tuple[int, ...]  # the model tensor's
     packed: bool
     outputs: tuple[_Tensor, ...]
-    parts: tuple[str, ...]  # the source tensors it is read from: itself, or each expert's matrix (stacked)
-    half: int | None = None  # of a stack holding two projections, which (GraniteMoE's gate, then up)
+    parts: tuple[str, ...]  # the source tensors it is read from: itself, or those its experts are assembled from
 
 
 def quantize_checkpoint(
@@ -108,7 +108,7 @@ def quantize_checkpoint(
     plan = _plan(checkpoint, shapes, bits, group_size, config)
     _check_destination(src, dst, force)
 
-    kept_float = {item.source.removesuffix(".weight"): None for item in plan
+    kept_float = {item.outputs[0].name.removesuffix(".weight"): None for item in plan
                   if _quantizable(item.source, shapes) and not item.packed}
     quant = QuantConfig(bits, group_size, kept_float).to_json()
     raw = json.loads((src / "config.json").read_text())
@@ -121,7 +121,7 @@ def quantize_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run killed outright
     try:
         staging.mkdir(parents=True)
-        _write_weights(checkpoint, plan, staging, bits, group_size, progress)
+        _write_weights(checkpoint, plan, staging, bits, group_size, progress, config.arch.moe)
         (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         for pattern in COPIED_FILES:
             for path in src.glob(pattern):
@@ -175,15 +175,12 @@ def _quantizable(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
 def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int,
           config: Any) -> list[_Item]:
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
-    from ferrum.moe.loading import expert_parts, fused_half
+    from ferrum.moe.loading import LAYOUTS, expert_parts, fused_half, is_expert_stack
 
-    if config.arch.moe is not None and config.arch.moe.layout is not None:
-        raise UnsupportedFeatureError(
-            f"{checkpoint.folder}: `ferrum quantize` does not convert {config.model_type}'s expert layout; load the "
-            "checkpoint as it is (its MXFP4 release and mlx-community's conversions run directly)"
-        )
+    moe = config.arch.moe
+    layout = None if moe is None or moe.layout is None else LAYOUTS[moe.layout]
     present = checkpoint.names()
-    sources = {name: expert_parts(present, config.arch.moe, name) if len(shape) == 3 else (name,)
+    sources = {name: expert_parts(present, moe, name) if moe is not None and is_expert_stack(name) else (name,)
                for name, shape in shapes.items()}
     checkpoint.require([part for parts in sources.values() for part in parts])
     headers = checkpoint.headers()
@@ -196,43 +193,48 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
     for name, shape in shapes.items():
         parts = sources[name]
         code, stored = headers[parts[0]]
-        if len(parts) > 1:  # one expert's matrix of a stack
-            stored = (len(parts), *stored)
-        half = fused_half(config.arch.moe, name, parts) if len(shape) == 3 else None
-        if half is not None and len(stored) == 3:
-            stored = (stored[0], stored[1] // 2, stored[2])
+        own_layout = layout is not None and is_expert_stack(name)
+        if own_layout:  # as the family's layout stores it
+            shape_stored = layout.stored_shape(name, parts[0], shape)
+        else:
+            if len(parts) > 1:  # one expert's matrix of a stack
+                stored = (len(parts), *stored)
+            if len(shape) == 3 and fused_half(moe, name, parts) is not None and len(stored) == 3:
+                stored = (stored[0], stored[1] // 2, stored[2])
+            shape_stored = shape
         if code not in _FLOAT_CODES:
             raise CheckpointError(
-                f"{checkpoint.folder}: tensor {name} is {code}; `ferrum quantize` reads float32, float16 or "
+                f"{checkpoint.folder}: tensor {parts[0]} is {code}; `ferrum quantize` reads float32, float16 or "
                 "bfloat16 checkpoints"
             )
-        if stored != shape:
-            raise CheckpointError(f"tensor {name} has shape {stored} but config.json implies {shape}")
+        if stored != shape_stored:
+            raise CheckpointError(f"tensor {parts[0]} has shape {stored} but config.json implies {shape_stored}")
+        written = layout.mlx_lm_name(name) if own_layout else name  # where mlx-lm's layout keeps it
         if _quantizable(name, shapes) and shape[-1] % group_size == 0:
-            module = name.removesuffix(".weight")
+            module = written.removesuffix(".weight")
             *rows, k = shape
             outputs = (
-                _Tensor(name, "U32", (*rows, k * bits // 32)),
+                _Tensor(written, "U32", (*rows, k * bits // 32)),
                 _Tensor(f"{module}.scales", code, (*rows, k // group_size)),
                 _Tensor(f"{module}.biases", code, (*rows, k // group_size)),
             )
-            plan.append(_Item(name, True, outputs, parts, half))
+            plan.append(_Item(name, shape, True, outputs, parts))
         else:
-            plan.append(_Item(name, False, (_Tensor(name, code, shape),), parts, half))
+            plan.append(_Item(name, shape, False, (_Tensor(written, code, shape),), parts))
     return plan
 
 
 # ------------------------------------------------------------------ writing
 
 
-def _read(checkpoint: Checkpoint, item: _Item) -> np.ndarray:
-    """The source tensor of ``item``, experts stacked in order."""
-    if len(item.parts) > 1:
-        return np.stack([checkpoint.read(part) for part in item.parts])
-    from ferrum.moe.loading import half_of  # imported here, as in _plan
+def _read(checkpoint: Checkpoint, item: _Item, moe: Any) -> np.ndarray:
+    """The source tensor of ``item``; experts assembled into their stack as the loader does."""
+    from ferrum.moe.loading import assemble_stack, is_expert_stack  # imported here, as in _plan
 
-    array = checkpoint.read(item.parts[0])
-    return array if item.half is None else half_of(array, item.half)
+    if moe is None or not is_expert_stack(item.source):
+        return checkpoint.read(item.parts[0])
+    parts = {part: checkpoint.read(part) for part in item.parts}
+    return assemble_stack(item.source, parts, item.shape, moe, None, str(checkpoint.folder))
 
 
 def _pack(array: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -259,7 +261,7 @@ def _shards(plan: list[_Item]) -> list[list[_Item]]:
 
 def _write_weights(
     checkpoint: Checkpoint, plan: list[_Item], folder: Path, bits: int, group_size: int,
-    progress: ProgressFn | None,
+    progress: ProgressFn | None, moe: Any,
 ) -> None:
     """Write the shards (plus an index when there are several), converting one source tensor at a time."""
     shards = _shards(plan)
@@ -274,7 +276,7 @@ def _write_weights(
                 out, [(t.name, t.dtype, t.shape) for item in items for t in item.outputs], {"format": "mlx"}
             )
             for item in items:
-                array = _read(checkpoint, item)
+                array = _read(checkpoint, item, moe)
                 if item.packed:
                     arrays = _pack(array, bits, group_size)
                     del array
