@@ -32,7 +32,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
                    "llama_4_scaling_beta": 0.1}
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
-            "olmo3", "ministral", "ministral3")
+            "olmo3", "ministral", "ministral3", "exaone4")
 
 
 def _longrope(half: int) -> dict:
@@ -88,6 +88,9 @@ def transformers_config(family: str):
                                                       "original_max_position_embeddings": 32})
     if family == "olmo2":  # norms only after attention and MLP; q/k normed over all heads at once
         return transformers.Olmo2Config(**common, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)
+    if family == "exaone4":  # OLMo 2's norms, q/k normed per head, sliding layers with rope, a full one without
+        return transformers.Exaone4Config(**common, num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW,
+                                          sliding_window_pattern=2)
     raise ValueError(family)
 
 
@@ -224,7 +227,7 @@ def _mlx_lm_config(config: dict) -> dict:
 
 @pytest.mark.skipif("mlx" not in RUNNABLE, reason="the MLX backend cannot run here")
 @pytest.mark.parametrize("family, length", [("gemma3", 13), ("gemma2", WINDOW), ("phi3_window", WINDOW + 1),
-                                            ("phi3_partial", 13), ("olmo2", 13)])
+                                            ("phi3_partial", 13), ("olmo2", 13), ("exaone4", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -239,6 +242,8 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     if family == "phi3_partial":
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    if family == "exaone4":  # mlx-lm reads the layers' kinds from a string of L (sliding) and G (full)
+        config.update(sliding_window_pattern="LG", head_dim=24, rope_scaling=None)
     (folder / "config.json").write_text(json.dumps(_mlx_lm_config(config)))
     loaded = mlx_utils.load_model(folder)
     reference_model = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -439,7 +444,7 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 # by Ferrum. Ferrum must refuse naming a key of that file, or match transformers' logits.
 
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
-                     "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral")
+                     "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -538,6 +543,12 @@ def draw_config(draw, st, family: str) -> dict:
                                                min_size=layers, max_size=layers))
     if family in ("qwen2", "qwen3", "qwen3_moe", "gemma", "olmo2"):
         raw["attention_bias"] = draw(st.booleans())
+    if family == "exaone4":  # windows (and with them NoPE full layers) from layer_types or a pattern
+        raw.update(sliding_window=draw(st.sampled_from([None, window])),
+                   sliding_window_pattern=draw(st.integers(1, 3)))
+        if draw(st.booleans()):
+            raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
+                                               min_size=layers, max_size=layers))
     if family == "ministral":  # windows from layer_types, else on every layer when set
         raw.update(head_dim=head_dim, sliding_window=draw(st.sampled_from([None, window])))  # transformers needs head_dim
         if draw(st.booleans()):

@@ -348,6 +348,39 @@ def _smollm3_windows(r: KeyReader, sizes: Sizes) -> list:
     return [window if t == SLIDING else None for t in types]
 
 
+def _exaone4_kinds(r: KeyReader, sizes: Sizes) -> list[str]:
+    """transformers' EXAONE 4: layer_types, else ``sliding_window_pattern``: a number ``n`` (every ``n``-th
+    layer full, the rest sliding) or a string of ``L`` (sliding) and ``G`` (full) repeated over the layers.
+    Without a sliding_window every layer is full."""
+    window, types = r("sliding_window"), _layer_types(r, sizes)
+    if window is None:
+        return [FULL] * sizes.num_layers
+    if types is not None:
+        return types
+    pattern = r("sliding_window_pattern")
+    if isinstance(pattern, str) and pattern and set(pattern) <= {"L", "G"}:
+        return [SLIDING if pattern[i % len(pattern)] == "L" else FULL for i in range(sizes.num_layers)]
+    if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+        return [SLIDING if (i + 1) % pattern else FULL for i in range(sizes.num_layers)]
+    r.fail("sliding_window_pattern", f"must be a positive integer or a string of 'L' and 'G', got {pattern!r}")
+
+
+def _exaone4_windows(r: KeyReader, sizes: Sizes) -> list:
+    window = r("sliding_window")
+    return [window if kind == SLIDING else None for kind in _exaone4_kinds(r, sizes)]
+
+
+def _exaone4_rotated(r: KeyReader, sizes: Sizes) -> list[bool]:
+    """With a sliding window, the full layers take no rope (NoPE); without one, every layer takes it."""
+    return [kind == SLIDING or r("sliding_window") is None for kind in _exaone4_kinds(r, sizes)]
+
+
+_EXAONE4 = (
+    Key("sliding_window", default=4096, check=optional_positive_int), *_LAYER_TYPES,
+    Key("sliding_window_pattern", default=4),
+)
+
+
 def _granite(r: KeyReader, sizes: Sizes) -> Architecture:
     """Llama with four multipliers: on the embeddings, on what each block adds to the residual stream,
     as the attention scale (instead of 1/sqrt(head_dim)), and a divisor of the logits."""
@@ -636,6 +669,11 @@ FAMILIES: dict[str, Family] = {
             Key("clip_qkv", check=falsy("clipping q, k and v is not implemented; set it to null"), unsupported=True),
         ), MOE_KEYS["olmoe"]),
         with_moe("olmoe", _llama_like(False, "projection", _no_windows)),
+        eps_default=1e-5,
+    ),
+    "exaone4": Family(  # EXAONE 4: OLMo 2's norms after attention and MLP, Qwen 3's q/k norms, NoPE full layers
+        _keys(_core(False), _ROPE, _SILU, _EXAONE4),
+        _llama_like(False, "head", _exaone4_windows, _exaone4_rotated, norms=POST_NORMS),
         eps_default=1e-5,
     ),
     "olmo2": Family(  # transformers' OLMo 2: attention_bias covers q/k/v and o, like Llama's
