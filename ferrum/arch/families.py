@@ -381,6 +381,11 @@ _EXAONE4 = (
 )
 
 
+def _seed_oss(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Llama's blocks with attention_bias on q/k/v only (Qwen 2's) and attention_out_bias on o_proj."""
+    return replace(_llama_like(True, None, _no_windows)(r, sizes), o_bias=r("attention_out_bias"))
+
+
 def _granite(r: KeyReader, sizes: Sizes) -> Architecture:
     """Llama with four multipliers: on the embeddings, on what each block adds to the residual stream,
     as the attention scale (instead of 1/sqrt(head_dim)), and a divisor of the logits."""
@@ -670,6 +675,12 @@ FAMILIES: dict[str, Family] = {
         ), MOE_KEYS["olmoe"]),
         with_moe("olmoe", _llama_like(False, "projection", _no_windows)),
         eps_default=1e-5,
+    ),
+    "seed_oss": Family(  # ByteDance's Seed-OSS
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
+            Key("attention_bias", default=True, check=boolean), Key("attention_out_bias", default=False, check=boolean),
+            Key("mlp_bias", default=False, check=boolean))),
+        _seed_oss,
     ),
     "exaone4": Family(  # EXAONE 4: OLMo 2's norms after attention and MLP, Qwen 3's q/k norms, NoPE full layers
         _keys(_core(False), _ROPE, _SILU, _EXAONE4),
