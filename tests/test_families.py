@@ -32,7 +32,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
                    "llama_4_scaling_beta": 0.1}
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
-            "olmo3", "ministral", "ministral3", "exaone4", "seed_oss")
+            "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5")
 
 
 def _longrope(half: int) -> dict:
@@ -94,6 +94,9 @@ def transformers_config(family: str):
     if family == "seed_oss":  # biases on q/k/v and on o_proj, from two keys, and on the MLP
         return transformers.SeedOssConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                           attention_out_bias=True, mlp_bias=True)
+    if family == "ernie4_5":  # GPT-J's rope (adjacent dims paired), biases on every projection, untied
+        return transformers.Ernie4_5Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           use_bias=True, tie_word_embeddings=False)
     raise ValueError(family)
 
 
@@ -231,7 +234,7 @@ def _mlx_lm_config(config: dict) -> dict:
 @pytest.mark.skipif("mlx" not in RUNNABLE, reason="the MLX backend cannot run here")
 @pytest.mark.parametrize("family, length", [("gemma3", 13), ("gemma2", WINDOW), ("phi3_window", WINDOW + 1),
                                             ("phi3_partial", 13), ("olmo2", 13), ("exaone4", 13),
-                                            ("seed_oss", 13)])
+                                            ("seed_oss", 13), ("ernie4_5", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -448,7 +451,8 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 # by Ferrum. Ferrum must refuse naming a key of that file, or match transformers' logits.
 
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
-                     "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss")
+                     "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
+                     "ernie4_5")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -547,6 +551,8 @@ def draw_config(draw, st, family: str) -> dict:
                                                min_size=layers, max_size=layers))
     if family in ("qwen2", "qwen3", "qwen3_moe", "gemma", "olmo2"):
         raw["attention_bias"] = draw(st.booleans())
+    if family == "ernie4_5":
+        raw["use_bias"] = draw(st.booleans())
     if family == "seed_oss":
         raw.update(attention_bias=draw(st.booleans()), attention_out_bias=draw(st.booleans()),
                    mlp_bias=draw(st.booleans()))

@@ -381,6 +381,14 @@ _EXAONE4 = (
 )
 
 
+def _ernie4_5(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Llama's blocks, use_bias on every projection, and GPT-J's rope pairing adjacent dims (interleaved)."""
+    arch = _llama_like(False, None, _no_windows)(r, sizes)
+    bias = r("use_bias")
+    layers = tuple(replace(layer, rope=replace(layer.rope, interleaved=True)) for layer in arch.layers)
+    return replace(arch, layers=layers, qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+
+
 def _seed_oss(r: KeyReader, sizes: Sizes) -> Architecture:
     """Llama's blocks with attention_bias on q/k/v only (Qwen 2's) and attention_out_bias on o_proj."""
     return replace(_llama_like(True, None, _no_windows)(r, sizes), o_bias=r("attention_out_bias"))
@@ -674,6 +682,11 @@ FAMILIES: dict[str, Family] = {
             Key("clip_qkv", check=falsy("clipping q, k and v is not implemented; set it to null"), unsupported=True),
         ), MOE_KEYS["olmoe"]),
         with_moe("olmoe", _llama_like(False, "projection", _no_windows)),
+        eps_default=1e-5,
+    ),
+    "ernie4_5": Family(  # Baidu's ERNIE 4.5 (dense)
+        _keys(_core(True, head_dim_default=128), _ROPE, _SILU, (Key("use_bias", default=False, check=boolean),)),
+        _ernie4_5,
         eps_default=1e-5,
     ),
     "seed_oss": Family(  # ByteDance's Seed-OSS

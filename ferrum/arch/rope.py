@@ -57,6 +57,8 @@ class Rope:
     beta_fast: float = 32.0  # yarn: rotations over the pretraining context above which a dim keeps its frequency
     beta_slow: float = 1.0  # yarn: ... below which it is interpolated (divided by factor)
     truncate: bool = True  # yarn: round the ramp's ends to whole dims
+    #: The checkpoint pairs adjacent dims (GPT-J's rope: Ernie 4.5), not each dim with the one half a head on.
+    interleaved: bool = False
 
     @classmethod
     def unrotated(cls, head_dim: int) -> "Rope":
@@ -88,15 +90,15 @@ class Rope:
         return out
 
     def rotary_permutation(self) -> np.ndarray | None:
-        """Row order within a head that maps transformers' partial-rotary pairing onto Ferrum's, or None."""
+        """Row order within a head that maps the checkpoint's pairing of q/k dims (partial rotary, adjacent
+        pairs) onto Ferrum's (dim ``j`` with ``j + head_dim / 2``, the unrotated pairs last), or None."""
         d, r = self.head_dim, self.rotary_dim
-        if r in (0, d):
+        if r in (0, d) and not self.interleaved:
             return None
+        first, second = (np.arange(0, r, 2), np.arange(1, r, 2)) if self.interleaved else \
+            (np.arange(0, r // 2), np.arange(r // 2, r))
         half_pass = (d - r) // 2
-        return np.concatenate([
-            np.arange(0, r // 2), np.arange(r, r + half_pass),
-            np.arange(r // 2, r), np.arange(r + half_pass, d),
-        ])
+        return np.concatenate([first, np.arange(r, r + half_pass), second, np.arange(r + half_pass, d)])
 
 
 def _llama3(inv_freq: np.ndarray, rope: Rope) -> np.ndarray:
