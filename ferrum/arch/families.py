@@ -381,6 +381,28 @@ _EXAONE4 = (
 )
 
 
+#: GLM-4's four norms: Gemma's sandwich under its own names.
+GLM4_NORMS = {
+    "pre_attn": "input_layernorm", "post_attn": "post_self_attn_layernorm",
+    "pre_mlp": "post_attention_layernorm", "post_mlp": "post_mlp_layernorm",
+}
+
+
+def _glm4(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GLM-4 (0414): a norm before and after each of attention and the MLP, q/k/v biases by attention_bias,
+    gate and up in one matrix, and GPT-J's rope (adjacent dims paired) on partial_rotary_factor of each head."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.5))
+    r("hidden_act")
+    return Architecture(
+        layers=tuple(LayerSpec(None, replace(rope, interleaved=True)) for _ in range(sizes.num_layers)),
+        norms=GLM4_NORMS,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qkv_bias=r("attention_bias"),
+        fused_gate_up=True,
+    )
+
+
 def _ernie4_5(r: KeyReader, sizes: Sizes) -> Architecture:
     """Llama's blocks, use_bias on every projection, and GPT-J's rope pairing adjacent dims (interleaved)."""
     arch = _llama_like(False, None, _no_windows)(r, sizes)
@@ -529,17 +551,22 @@ _GEMMA = (
 )
 
 
-def _phi3(r: KeyReader, sizes: Sizes) -> Architecture:
-    key, spec = _rope_spec(r)
+def _rotary_dim(r: KeyReader, sizes: Sizes, spec: dict, default: float) -> int:
+    """The dims of a head that rope rotates: partial_rotary_factor of them, in the rope settings or beside."""
     factor = spec.get("partial_rotary_factor", r("partial_rotary_factor"))
-    factor = 1.0 if factor is None else factor
+    factor = default if factor is None else factor
     if positive_number(factor) or factor > 1:
         r.fail("partial_rotary_factor", f"must be in (0, 1], got {factor!r}")
     rotary_dim = int(sizes.head_dim * factor)
     if rotary_dim < 2 or rotary_dim % 2:
         r.fail("partial_rotary_factor", f"gives {rotary_dim} rotary dims of {sizes.head_dim}; "
                                         "Ferrum needs an even number of at least 2")
-    rope = read_rope(r, sizes, spec, key, ("default", "longrope"), rotary_dim=rotary_dim)
+    return rotary_dim
+
+
+def _phi3(r: KeyReader, sizes: Sizes) -> Architecture:
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, ("default", "longrope"), rotary_dim=_rotary_dim(r, sizes, spec, 1.0))
     r("hidden_act")
     scale = 1.0 / math.sqrt(sizes.head_dim)
     return Architecture(
@@ -683,6 +710,14 @@ FAMILIES: dict[str, Family] = {
         ), MOE_KEYS["olmoe"]),
         with_moe("olmoe", _llama_like(False, "projection", _no_windows)),
         eps_default=1e-5,
+    ),
+    "glm4": Family(  # GLM-4-0414
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
+            Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("attention_bias", default=True, check=boolean),
+        )),
+        _glm4,
+        eps_default=1.5625e-07,
     ),
     "ernie4_5": Family(  # Baidu's ERNIE 4.5 (dense)
         _keys(_core(True, head_dim_default=128), _ROPE, _SILU, (Key("use_bias", default=False, check=boolean),)),
