@@ -155,8 +155,8 @@ def _rotated_heads(config: Any, name: str) -> int | None:
 def _scaled(tensor: Any, factor: float) -> Any:
     """Every entry times ``factor``: a matrix, a stack of experts, or either packed (its scales and biases)."""
     if hasattr(tensor, "scales"):  # QuantizedWeight, StackedQuantized: w = scales * q + biases, kept in float32
-        return replace(tensor, scales=tensor.scales.astype(np.float32) * np.float32(factor),
-                       biases=tensor.biases.astype(np.float32) * np.float32(factor), float_codes=None)  # not scalable
+        scales, biases = (part.astype(np.float32) * np.float32(factor) for part in (tensor.scales, tensor.biases))
+        return type(tensor)(tensor.packed, scales, biases, tensor.bits, tensor.group_size)  # float codes: not scalable
     return np.asarray(tensor, dtype=np.float32) * np.float32(factor)
 
 
