@@ -18,7 +18,10 @@ from ferrum.quant.config import SIDECARS, QuantConfig, sidecar_section
 #: model_type values Ferrum runs (the keys of the family table).
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 #: Multimodal wrappers whose ``text_config`` holds a supported decoder -> that decoder's model_type.
-TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral"}  # Mistral Small 3.1+, Magistral, Devstral 2507
+TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral",  # Mistral Small 3.1+, Magistral, Devstral 2507
+                 "exaone4_5": "exaone4"}
+#: Older names of a wrapper's text model (EXAONE 4.5's first release named its decoder so).
+TEXT_ALIASES = {"exaone4_5_text": "exaone4"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class ModelConfig(Sizes):
         outer = raw
         if isinstance(raw.get("text_config"), dict) and "hidden_size" not in raw:
             raw = {"model_type": TEXT_WRAPPERS.get(outer.get("model_type")), **raw["text_config"]}
+            raw["model_type"] = TEXT_ALIASES.get(raw["model_type"], raw["model_type"])
             for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id"):
                 if key in outer and key not in raw:
                     raw[key] = outer[key]

@@ -303,6 +303,25 @@ def test_mistral3_checkpoint_runs_its_text_model(tmp_path):
     assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), reference_logits(hf, tokens))
 
 
+@pytest.mark.parametrize("text_type", ["exaone4", "exaone4_5_text"])  # the first release's name, then today's
+def test_exaone4_5_checkpoint_runs_its_text_model(tmp_path, text_type):
+    """EXAONE 4.5 (Exaone4_5_ForConditionalGeneration): an EXAONE 4 decoder under text_config."""
+    import transformers
+
+    text = transformers_config("exaone4")
+    vision = transformers.Exaone4_5_VisionConfig(depth=1, hidden_size=32, intermediate_size=37, num_heads=2,
+                                                 out_hidden_size=text.hidden_size, fullatt_block_indexes=[0])
+    config = transformers.Exaone4_5_Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                           image_token_id=VOCAB - 1, video_token_id=VOCAB - 2)
+    hf = build_transformers_model(tmp_path, config, model_class=transformers.Exaone4_5_ForConditionalGeneration)
+    names = json.loads((tmp_path / "config.json").read_text())
+    assert names["model_type"] == "exaone4_5" and "text_config" in names
+    names["text_config"]["model_type"] = text_type
+    (tmp_path / "config.json").write_text(json.dumps(names))
+    tokens = TOKENS[:9]
+    assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), reference_logits(hf, tokens))
+
+
 def test_olmo3_scales_the_rope_of_its_full_layers_only(checkpoints):
     """OLMo 3 as released spells its rope the transformers 4 way: rope_scaling applies to the full layers only
     (transformers 5 files key it by attention kind, as the parity tests load). A flat transformers 5 dict is one
