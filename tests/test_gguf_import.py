@@ -949,16 +949,19 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
         w.add_rope_scaling_factor(scaling["factor"])
         w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
         w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
-    if arch.startswith(("qwen", "gemma")):
+    if arch.startswith(("qwen", "gemma", "ernie")):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
+    if arch == "exaone4" and config.sliding_window is not None:  # a flag per layer: sliding or not
+        w.add_sliding_window(config.sliding_window)
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
     if arch == "granite":
         w.add_embedding_scale(config.embedding_multiplier)
         w.add_residual_scale(config.residual_multiplier)
         w.add_attention_scale(config.attention_multiplier)
         w.add_logit_scale(config.logits_scaling)
     names = {name: gguf_name for name, gguf_name in _GEMMA_GGUF_NAMES.items() if "layernorm" not in name}
-    if arch == "olmo2":  # its two norms after attention and the MLP, under Gemma's names
+    if arch in ("olmo2", "exaone4"):  # their two norms after attention and the MLP, under Gemma's names
         names.update({n: _GEMMA_GGUF_NAMES[n] for n in ("post_attention_layernorm.weight",
                                                         "post_feedforward_layernorm.weight")})
     else:
@@ -966,7 +969,7 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
                       "post_attention_layernorm.weight": "ffn_norm.weight"})
     permuted = {"self_attn.q_proj.weight": config.num_attention_heads,
                 "self_attn.k_proj.weight": config.num_key_value_heads}
-    heads = {} if arch.startswith(("qwen", "gemma", "olmo")) else permuted
+    heads = {} if arch.startswith(("qwen", "gemma", "olmo", "exaone", "ernie")) else permuted
     for name, tensor in hf.state_dict().items():
         if arch == "gemma" and name == "lm_head.weight":  # tied: llama.cpp's converter skips it
             continue
@@ -981,11 +984,14 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["smollm3", "granite", "qwen3", "gemma", "olmo2"])
+@pytest.mark.parametrize("arch", ["smollm3", "granite", "qwen3", "gemma", "olmo2", "exaone4", "exaone4-full",
+                                  "ernie4_5"])
 def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     """SmolLM3 (every fourth layer without rope, as llama.cpp assumes), Granite (its four multipliers from
-    the metadata), a Qwen3 with YaRN (its rope.scaling numbers), Gemma 1 (norms stored as 1 + w, GeGLU) and
-    OLMo 2 (norms after attention and the MLP, q/k normed over all heads): logits equal transformers' model."""
+    the metadata), a Qwen3 with YaRN (its rope.scaling numbers), Gemma 1 (norms stored as 1 + w, GeGLU),
+    OLMo 2 (norms after attention and the MLP, q/k normed over all heads), EXAONE 4 (its sliding layers flagged
+    one by one, the full ones without rope; or no window at all) and ERNIE 4.5 (adjacent-pair rope, rows as
+    transformers has them): logits equal transformers' model."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
@@ -1000,6 +1006,14 @@ def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch
                     param.uniform_(-0.5, 0.5)
     elif arch == "olmo2":
         hf, config = _tiny_model(transformers.Olmo2Config, **common)
+    elif arch.startswith("exaone4"):
+        kinds = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+        window = dict(sliding_window=None, layer_types=["full_attention"] * 4) if arch.endswith("full") else dict(
+            sliding_window=4, layer_types=kinds)
+        hf, config = _tiny_model(transformers.Exaone4Config, **common, **window)
+        arch = "exaone4"
+    elif arch == "ernie4_5":
+        hf, config = _tiny_model(transformers.Ernie4_5Config, **common, head_dim=32)
     elif arch == "qwen3":
         hf, config = _tiny_model(transformers.Qwen3Config, **common, max_position_embeddings=16384, head_dim=16,
                                  rope_scaling={"rope_type": "yarn", "factor": 4.0,

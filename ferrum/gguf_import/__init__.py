@@ -1,9 +1,9 @@
 """Importing a GGUF file (llama.cpp's format) as a Hugging Face-style checkpoint folder.
 
 Architectures: llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, smollm3, granite, granitemoe,
-olmo2, olmoe, gpt-oss, gemma, gemma2 and gemma3 (:data:`SUPPORTED_ARCHITECTURES`). The rooms: ``files`` reads a file
-safely, ``architectures`` maps each architecture onto its Hugging Face family, ``config``, ``tensors`` and
-``tokenizer`` write the three parts of the folder.
+olmo2, olmoe, exaone4, ernie4_5, gpt-oss, gemma, gemma2 and gemma3 (:data:`SUPPORTED_ARCHITECTURES`). The rooms:
+``files`` reads a file safely, ``architectures`` maps each architecture onto its Hugging Face family,
+``config``, ``tensors`` and ``tokenizer`` write the three parts of the folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
 model in another layout, so :func:`convert_gguf` rewrites it once:

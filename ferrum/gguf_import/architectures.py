@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ferrum.errors import UnsupportedFeatureError
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata, float32_value
 
 
@@ -103,6 +103,24 @@ def _olmo2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
     return {}
 
 
+def _exaone4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """EXAONE 4: the window and a flag per layer for the sliding ones (which rotate; the full ones take no rope).
+    Without a window every layer attends in full, with rope: config.json says so outright (transformers' default
+    would be a 4096 window)."""
+    window = meta.get(p + "attention.sliding_window")
+    if not window:
+        return {"sliding_window": None}
+    flags = meta.get(p + "attention.sliding_window_pattern")
+    if flags is None:  # transformers' default: every fourth layer full
+        return {"sliding_window": int(window)}
+    layers = cfg["num_hidden_layers"]
+    if not isinstance(flags, (list, tuple)) or len(flags) != layers or any(f not in (0, 1) for f in flags):
+        raise CheckpointError(f"{meta.where}: {p}attention.sliding_window_pattern must flag each of the {layers} "
+                              "layers sliding (true) or not")
+    return {"sliding_window": int(window),
+            "layer_types": ["sliding_attention" if f else "full_attention" for f in flags]}
+
+
 def _gpt_oss_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """gpt-oss: the file's window on every other layer, the first sliding; its YaRN with the ramp's ends
     unrounded, as transformers' and OpenAI's own model have them (llama.cpp rounds them)."""
@@ -165,6 +183,10 @@ ARCHITECTURES = {
     "gpt-oss": _Architecture("gpt_oss", "GptOssForCausalLM", False, (("attention_bias", True),),
                              moe=_Experts("mlp", "num_local_experts", None, None), renamed=_GPT_OSS_TENSORS,
                              configure=_gpt_oss_config),
+    # EXAONE 4: OLMo 2's norms and Qwen 3's q/k norms; rope over rotate-half pairs, stored as transformers has it
+    "exaone4": _Architecture("exaone4", "Exaone4ForCausalLM", False, renamed=_OLMO2_NORMS, configure=_exaone4_config),
+    # ERNIE 4.5: llama.cpp rotates adjacent pairs, as the checkpoint does, so its q/k rows are stored unchanged
+    "ernie4_5": _Architecture("ernie4_5", "Ernie4_5ForCausalLM", False, (("use_bias", False),)),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
