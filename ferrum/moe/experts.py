@@ -127,7 +127,7 @@ def place_experts(ops: Any, name: str, stack: HostExperts, dtype: str, needs: tu
     if native:
         weight = ops.upload_experts(name, stack, dtype)
         if weight is not None:
-            if hasattr(weight, "nbytes"):
+            if hasattr(weight, "nbytes"):  # before the host stack's: asking a deferred one builds its affine form
                 return Placed(weight, ops.moe_experts, _no_embedding, weight.nbytes)
             size = stack.nbytes if isinstance(stack, StackedQuantized) else stack.size * DTYPE_BYTES.get(dtype, 4)
             return Placed(weight, ops.moe_experts, _no_embedding, size)

@@ -168,11 +168,12 @@ def _float_mode_experts(weight: np.ndarray, scales: np.ndarray, mode: str, shape
     if mode == "mxfp8":  # dense float32 (no affine form holds it)
         return np.stack([float_modes.decode(weight[i], scales[i], mode, (n, k), f"{where} (expert {i})")
                          for i in range(e)])
-    scale = np.stack([float_modes.checked_scales(weight[i], scales[i], mode, (n, k), f"{where} (expert {i})")
-                      for i in range(e)])
+    for i in range(e):  # checked now, so that a damaged file fails at load, not when a backend asks
+        float_modes.checked_scales(weight[i], scales[i], mode, (n, k), f"{where} (expert {i})")
 
     def affine() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # the experts as one [E * N, K] matrix
-        parts = float_modes.fp4_affine(weight.reshape(e * n, -1), scale.reshape(e * n, -1), mode)
+        codes, groups = weight.reshape(e * n, -1), scales.reshape(e * n, -1)
+        parts = float_modes.fp4_affine(codes, float_modes.checked_scales(codes, groups, mode, (e * n, k), where), mode)
         return tuple(part.reshape(e, n, -1) for part in parts)
 
     return StackedQuantized.deferred(affine, shape, 5, FLOAT_MODES[mode][1], FloatCodes(weight, scales, mode))
