@@ -19,9 +19,27 @@ from ferrum.quant.config import SIDECARS, QuantConfig, sidecar_section
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 #: Multimodal wrappers whose ``text_config`` holds a supported decoder -> that decoder's model_type.
 TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral",  # Mistral Small 3.1+, Magistral, Devstral 2507
-                 "exaone4_5": "exaone4"}
-#: Older names of a wrapper's text model (EXAONE 4.5's first release named its decoder so).
-TEXT_ALIASES = {"exaone4_5_text": "exaone4"}
+                 "exaone4_5": "exaone4", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+#: A wrapper's text model_type -> the family it is (EXAONE 4.5's first release named its decoder so; the Qwen VL
+#: decoders are Qwen 2's and Qwen 3's).
+TEXT_ALIASES = {"exaone4_5_text": "exaone4", "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
+                "qwen3_vl_text": "qwen3"}
+#: A vision-language model's rope over (time, height, width) positions (Qwen's mrope): a text token has the same
+#: position on all three, which makes it the family's own rope over the whole head.
+_MROPE_FIELDS = ("mrope_section", "mrope_interleaved")
+
+
+def _text_positions(raw: dict[str, Any]) -> dict[str, Any]:
+    """A wrapped text model's config with mrope read as the plain rope it is for text alone."""
+    for key in ("rope_scaling", "rope_parameters"):
+        spec = raw.get(key)
+        if isinstance(spec, dict) and any(field in spec for field in _MROPE_FIELDS):
+            spec = {k: v for k, v in spec.items() if k not in _MROPE_FIELDS}
+            for kind in ("type", "rope_type"):
+                if spec.get(kind) == "mrope":
+                    spec[kind] = "default"
+            raw = {**raw, key: spec}
+    return raw
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,9 @@ class ModelConfig(Sizes):
                     raw[key] = outer[key]
             if "tie_word_embeddings" in outer:  # the wrapper's own says whether its LM head is tied (transformers 5)
                 raw["tie_word_embeddings"] = outer["tie_word_embeddings"]
+            raw = _text_positions(raw)
+        elif raw.get("model_type") in TEXT_WRAPPERS:  # written flat, its decoder's keys beside vision_config
+            raw = _text_positions({**raw, "model_type": TEXT_WRAPPERS[raw["model_type"]]})
         model_type = raw.get("model_type")
         family = FAMILIES.get(model_type)
         if family is None:

@@ -322,6 +322,39 @@ def test_exaone4_5_checkpoint_runs_its_text_model(tmp_path, text_type):
     assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), reference_logits(hf, tokens))
 
 
+@pytest.mark.parametrize("release", ["qwen2_5_vl", "qwen2_5_vl-flat", "qwen3_vl"])
+def test_qwen_vl_checkpoint_runs_its_text_model_on_text(tmp_path, release):
+    """Qwen2.5-VL and Qwen3-VL: a Qwen 2 / Qwen 3 decoder whose rope (mrope) runs over time, height and width
+    positions, which are one position for text: on text, the family's plain rope gives transformers' logits
+    (whatever mrope_section says, interleaved or not). Qwen2.5-VL as released has its decoder's keys flat
+    beside vision_config, its rope type "mrope"."""
+    import transformers
+
+    name = "Qwen3VL" if release == "qwen3_vl" else "Qwen2_5_VL"
+    text = getattr(transformers, f"{name}TextConfig")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                         **({"mrope_interleaved": True} if release == "qwen3_vl" else {})})
+    vision = getattr(transformers, f"{name}VisionConfig")(depth=1, hidden_size=32, intermediate_size=37, num_heads=2,
+                                                          out_hidden_size=64)
+    config = getattr(transformers, f"{name}Config")(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                    image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+                                                    vision_start_token_id=VOCAB - 3)
+    model_class = getattr(transformers, f"{name}ForConditionalGeneration")
+    hf = build_transformers_model(tmp_path, config, model_class=model_class)
+    if release.endswith("flat"):
+        raw = json.loads((tmp_path / "config.json").read_text())
+        decoder = raw.pop("text_config")
+        rope = decoder.pop("rope_parameters")
+        raw.update({k: v for k, v in decoder.items() if k != "model_type"}, rope_theta=rope["rope_theta"],
+                   rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+    tokens = TOKENS[:9]
+    for backend in RUNNABLE:
+        assert_parity(load(tmp_path, backend).forward_verify("x", tokens), reference_logits(hf, tokens))
+
+
 def test_olmo3_scales_the_rope_of_its_full_layers_only(checkpoints):
     """OLMo 3 as released spells its rope the transformers 4 way: rope_scaling applies to the full layers only
     (transformers 5 files key it by attention kind, as the parity tests load). A flat transformers 5 dict is one

@@ -233,6 +233,12 @@ def test_a_checkpoints_tool_use_template_renders_requests_with_tools(tmp_path):
     tok = Tokenizer(folder)
     assert tok.chat_template == plain and tok.tool_chat_template == TOOL_TEMPLATE
 
+    # a vision-language model's processor keeps its template in chat_template.json
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_templates" / "tool_use.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": plain}))
+    assert Tokenizer(folder).chat_template == plain
+
 
 # ----------------------------------------------------------------- served
 @pytest.fixture(scope="module")
