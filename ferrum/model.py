@@ -260,8 +260,8 @@ class DecoderOnlyLLM:
             post_mlp=norms.get("post_mlp"),
             qkv=projection_group(self.ops, tensor, projection, "self_attn.qkv_proj", (q, kv, kv)),
             o=projection("self_attn.o_proj"),
-            q_norm=tensor("self_attn.q_norm.weight"),
-            k_norm=tensor("self_attn.k_norm.weight"),
+            q_norm=tensor(f"self_attn.{arch.qk_norm_names[0]}.weight"),
+            k_norm=tensor(f"self_attn.{arch.qk_norm_names[1]}.weight"),
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
             window=spec.window,
             rope=id(spec.rope),
@@ -279,6 +279,7 @@ class DecoderOnlyLLM:
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         table = self.ropes[layer.rope].fixed
         qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
+        norm_after_rope = cfg.arch.qk_norm_after_rope
 
         def add_then_norm(x: Any, h: Any, weight: Any) -> tuple[Any, Any]:
             """``(norm(x + h), x + h)``; without a norm there (OLMo 2's blocks) the sum is both."""
@@ -292,10 +293,12 @@ class DecoderOnlyLLM:
             if qk_norm == "projection":
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             q, k, v = reshape(q, (-1, heads, hd)), reshape(k, (-1, kv_heads, hd)), reshape(v, (-1, kv_heads, hd))
-            if qk_norm == "head":
+            if qk_norm == "head" and not norm_after_rope:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             if table is not None:
                 q, k = ops.rope(q, positions, table), ops.rope(k, positions, table)
+            if qk_norm == "head" and norm_after_rope:
+                q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             return q, k, v, h
 
         def enter_first(h: Any, positions: Any) -> tuple:

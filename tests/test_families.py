@@ -32,7 +32,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
                    "llama_4_scaling_beta": 0.1}
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
-            "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4")
+            "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan")
 
 
 def _longrope(half: int) -> dict:
@@ -99,6 +99,10 @@ def transformers_config(family: str):
                                            use_bias=True, tie_word_embeddings=False)
     if family == "glm4":  # a norm before and after attention and the MLP; GPT-J's rope on half of each head
         return transformers.Glm4Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    if family == "hunyuan":  # q/k normed once rotated; its checkpoints' "dynamic" rope with a fixed alpha
+        return transformers.HunYuanDenseV1Config(
+            **common, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+            rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})
     raise ValueError(family)
 
 
@@ -236,7 +240,7 @@ def _mlx_lm_config(config: dict) -> dict:
 @pytest.mark.skipif("mlx" not in RUNNABLE, reason="the MLX backend cannot run here")
 @pytest.mark.parametrize("family, length", [("gemma3", 13), ("gemma2", WINDOW), ("phi3_window", WINDOW + 1),
                                             ("phi3_partial", 13), ("olmo2", 13), ("exaone4", 13),
-                                            ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13)])
+                                            ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13), ("hunyuan", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -255,6 +259,8 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
         config.update(sliding_window_pattern="LG", head_dim=24, rope_scaling=None)
     if family == "glm4":  # beside the rope settings, as GLM-4-0414 ships it
         config["partial_rotary_factor"] = 0.5
+    if family == "hunyuan":  # as Hunyuan's checkpoints spell it
+        config.update(head_dim=24, rope_theta=10000.0, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
     (folder / "config.json").write_text(json.dumps(_mlx_lm_config(config)))
     loaded = mlx_utils.load_model(folder)
     reference_model = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -508,7 +514,7 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
-                     "ernie4_5", "glm4")
+                     "ernie4_5", "glm4", "hunyuan_v1_dense")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -609,6 +615,12 @@ def draw_config(draw, st, family: str) -> dict:
         raw["attention_bias"] = draw(st.booleans())
     if family == "ernie4_5":
         raw["use_bias"] = draw(st.booleans())
+    if family == "hunyuan_v1_dense":  # Hunyuan's rope: "dynamic" with a fixed alpha, beside the usual kinds
+        raw.update(attention_bias=draw(st.booleans()), head_dim=head_dim)  # transformers reads head_dim as is
+        if draw(st.booleans()):
+            raw.pop("rope_scaling", None)
+            raw["rope_parameters"] = {"rope_type": "dynamic", "factor": 1.0, "rope_theta": 10000.0,
+                                      "alpha": draw(st.sampled_from([1.0, 50.0, 1000.0]))}
     if family == "glm4":  # partial rotary beside the rope settings, as GLM-4-0414's config.json has it
         raw.update(attention_bias=draw(st.booleans()), partial_rotary_factor=draw(st.sampled_from([0.25, 0.5, 1.0])))
     if family == "seed_oss":

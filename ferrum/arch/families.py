@@ -403,6 +403,23 @@ def _glm4(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _hunyuan_dense(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Hunyuan (dense): Llama's blocks with per-head q/k norms (``query_layernorm``, ``key_layernorm``) applied
+    once q and k are rotated. Its checkpoints' rope scaling is "dynamic" with an ``alpha``, which transformers
+    reads as a fixed base, ``rope_theta * alpha ** (head_dim / (head_dim - 2))``."""
+    arch = _llama_like(False, "head", _no_windows)(r, sizes)
+    key, spec = _rope_spec(r)
+    alpha = spec.get("alpha")
+    if alpha is not None:
+        if positive_number(alpha) or (spec.get("rope_type", spec.get("type")) or "default") != "dynamic":
+            r.fail(key, f"field 'alpha' must be a positive number, with rope type 'dynamic'; got {alpha!r}")
+        d = sizes.head_dim
+        arch = replace(arch, layers=tuple(replace(layer, rope=replace(
+            layer.rope, theta=layer.rope.theta * float(alpha) ** (d / (d - 2)), kind="default", factor=1.0))
+            for layer in arch.layers))
+    return replace(arch, qk_norm_names=("query_layernorm", "key_layernorm"), qk_norm_after_rope=True)
+
+
 def _ernie4_5(r: KeyReader, sizes: Sizes) -> Architecture:
     """Llama's blocks, use_bias on every projection, and GPT-J's rope pairing adjacent dims (interleaved)."""
     arch = _llama_like(False, None, _no_windows)(r, sizes)
@@ -718,6 +735,11 @@ FAMILIES: dict[str, Family] = {
         )),
         _glm4,
         eps_default=1.5625e-07,
+    ),
+    "hunyuan_v1_dense": Family(  # Tencent's Hunyuan 0.5B-7B
+        _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", default=False, check=boolean),)),
+        _hunyuan_dense,
+        eps_default=1e-5,
     ),
     "ernie4_5": Family(  # Baidu's ERNIE 4.5 (dense)
         _keys(_core(True, head_dim_default=128), _ROPE, _SILU, (Key("use_bias", default=False, check=boolean),)),

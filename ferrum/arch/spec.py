@@ -44,6 +44,8 @@ class Architecture:
     #: RMSNorm of q and k before rope: "head", one scale per head dim (Qwen3, Gemma 3), or "projection",
     #: one over all of q's heads and one over k's (OLMo 2); None without.
     qk_norm: str | None = None
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")  # their modules in self_attn (Hunyuan's query_layernorm...)
+    qk_norm_after_rope: bool = False  # Hunyuan norms q and k once rotated
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False

@@ -72,8 +72,9 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         attention["self_attn.o_proj.bias"] = (h,)
     if arch.qk_norm:
         whole = arch.qk_norm == "projection"  # one scale per q (k) column, else per head dimension
-        attention.update({"self_attn.q_norm.weight": (q if whole else d,),
-                          "self_attn.k_norm.weight": (kv if whole else d,)})
+        q_norm, k_norm = arch.qk_norm_names
+        attention.update({f"self_attn.{q_norm}.weight": (q if whole else d,),
+                          f"self_attn.{k_norm}.weight": (kv if whole else d,)})
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         shapes.update({f"{p}layers.{i}.{name}": shape for name, shape in {**attention, **mlp}.items()})
@@ -134,8 +135,10 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if heads is None:
         return tensor
     d = config.head_dim
-    if rope.attention_factor != 1.0 and name.endswith("norm.weight") == (arch.qk_norm is not None):
-        # longrope's factor multiplies cos and sin, i.e. the rotated dims of q and k (after any q/k norm)
+    if rope.attention_factor != 1.0 and name.endswith("norm.weight") == (
+            arch.qk_norm is not None and not arch.qk_norm_after_rope):
+        # longrope's factor multiplies cos and sin, i.e. the rotated dims of q and k (after any q/k norm, or
+        # before one that follows rope)
         factor = np.where(np.arange(d) < rope.rotary_dim, rope.attention_factor, 1.0)
         tensor = _scale_rows(tensor, np.tile(factor, heads))
     order = rope.rotary_permutation()
@@ -146,9 +149,13 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
 
 def _rotated_heads(config: Any, name: str) -> int | None:
     """How many heads a q/k tensor holds (1 for a per-head norm), or None for any other tensor."""
-    for module, heads in (("self_attn.q_", config.num_heads), ("self_attn.k_", config.num_kv_heads)):
+    arch = config.arch
+    for norm, module, heads in zip(arch.qk_norm_names, ("self_attn.q_", "self_attn.k_"),
+                                   (config.num_heads, config.num_kv_heads)):
+        if f".self_attn.{norm}.weight" in name:
+            return 1 if arch.qk_norm == "head" else heads
         if f".{module}" in name:
-            return 1 if name.endswith("norm.weight") and config.arch.qk_norm == "head" else heads
+            return heads
     return None
 
 
