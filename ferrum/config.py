@@ -19,11 +19,12 @@ from ferrum.quant.config import SIDECARS, QuantConfig, sidecar_section
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 #: Multimodal wrappers whose ``text_config`` holds a supported decoder -> that decoder's model_type.
 TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral",  # Mistral Small 3.1+, Magistral, Devstral 2507
-                 "exaone4_5": "exaone4", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+                 "exaone4_5": "exaone4", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
+                 "qwen3_vl_moe": "qwen3_vl_moe"}
 #: A wrapper's text model_type -> the family it is (EXAONE 4.5's first release named its decoder so; the Qwen VL
 #: decoders are Qwen 2's and Qwen 3's).
 TEXT_ALIASES = {"exaone4_5_text": "exaone4", "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
-                "qwen3_vl_text": "qwen3"}
+                "qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_vl_moe"}
 #: A vision-language model's rope over (time, height, width) positions (Qwen's mrope): a text token has the same
 #: position on all three, which makes it the family's own rope over the whole head.
 _MROPE_FIELDS = ("mrope_section", "mrope_interleaved")

@@ -361,6 +361,61 @@ def test_qwen_vl_checkpoint_runs_its_text_model_on_text(tmp_path, release):
         assert_parity(load(tmp_path, backend).forward_verify("x", tokens), reference_logits(hf, tokens))
 
 
+@pytest.mark.parametrize("layout", ["transformers", "release", "mlx"])
+def test_qwen3_vl_moe_checkpoint_runs_its_text_model_on_text(tmp_path, layout):
+    """Qwen3-VL-MoE's decoder is Qwen3-MoE's with gate and up in one expert stack, and top-k weights always
+    renormalized (norm_topk_prob false here, which transformers ignores). Its experts as transformers 5 saves
+    them (outputs first), as Qwen's release stores them (inputs first) and under the model's own names (mlx-lm,
+    mlx-vlm) all give transformers' logits."""
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    text = transformers.Qwen3VLMoeTextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=80, moe_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=128, norm_topk_prob=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True})
+    vision = transformers.Qwen3VLMoeVisionConfig(depth=1, hidden_size=32, intermediate_size=37, num_heads=2,
+                                                 out_hidden_size=64)
+    config = transformers.Qwen3VLMoeConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                           image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
+                                           vision_start_token_id=VOCAB - 3)
+    hf = build_transformers_model(tmp_path, config, model_class=transformers.Qwen3VLMoeForConditionalGeneration)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for i in range(2):
+        experts = f"model.language_model.layers.{i}.mlp.experts"
+        gate_up, down = tensors.pop(f"{experts}.gate_up_proj"), tensors.pop(f"{experts}.down_proj")
+        assert gate_up.shape == (4, 48, 64) and down.shape == (4, 64, 24)  # transformers 5: outputs first
+        if layout == "transformers":
+            tensors.update({f"{experts}.gate_up_proj": gate_up, f"{experts}.down_proj": down})
+        elif layout == "release":
+            tensors.update({f"{experts}.gate_up_proj": np.ascontiguousarray(gate_up.transpose(0, 2, 1)),
+                            f"{experts}.down_proj": np.ascontiguousarray(down.transpose(0, 2, 1))})
+        else:
+            stacks = dict(zip(("gate_proj", "up_proj"), np.split(gate_up, 2, axis=1)), down_proj=down)
+            tensors.update({f"{experts.replace('experts', 'switch_mlp')}.{proj}.weight": np.ascontiguousarray(w)
+                            for proj, w in stacks.items()})
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    tokens = TOKENS[:9]
+    for backend in RUNNABLE:
+        assert_parity(load(tmp_path, backend).forward_verify("x", tokens), reference_logits(hf, tokens))
+
+
+def test_fused_expert_stacks_of_undecidable_orientation_are_refused():
+    """A hidden size equal to the stack's other side leaves inputs-first and outputs-first alike: refused."""
+    from ferrum.errors import CheckpointError
+    from ferrum.moe import fused_gate_up
+
+    name = "model.layers.0.mlp.switch_mlp.gate_proj.weight"
+    stack = {"model.layers.0.mlp.experts.gate_up_proj": np.zeros((4, 32, 32), np.float32)}  # 2 * 16 == 32
+    with pytest.raises(CheckpointError, match="cannot tell"):
+        fused_gate_up.convert(name, stack, (4, 16, 32), "ckpt")
+    with pytest.raises(CheckpointError, match=r"\(4, 64, 32\) \(inputs first\) or \(4, 32, 64\)"):
+        fused_gate_up.convert(name, {"model.layers.0.mlp.experts.gate_up_proj": np.zeros((4, 64, 64), np.float32)},
+                              (4, 16, 64), "ckpt")
+
+
 def test_olmo3_scales_the_rope_of_its_full_layers_only(checkpoints):
     """OLMo 3 as released spells its rope the transformers 4 way: rope_scaling applies to the full layers only
     (transformers 5 files key it by attention kind, as the parity tests load). A flat transformers 5 dict is one

@@ -716,6 +716,11 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),), MOE_KEYS["qwen3_moe"]),
         with_moe("qwen3_moe", _llama_like(False, "head", _qwen3_moe_windows)),
     ),
+    "qwen3_vl_moe": Family(  # Qwen3-VL-MoE's text model (its wrapper's text_config): Qwen3-MoE, experts fused
+        _keys(_core(True), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),),
+              MOE_KEYS["qwen3_vl_moe"]),
+        with_moe("qwen3_vl_moe", _llama_like(False, "head", _qwen3_moe_windows)),
+    ),
     "granitemoe": Family(  # Granite 3 MoE: Granite's multipliers, experts on every layer, routed by "router.layer"
         _keys(_core(False), _ROPE, _SILU, _GRANITE, MOE_KEYS["granitemoe"]),
         with_moe("granitemoe", _granite),

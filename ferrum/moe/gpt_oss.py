@@ -67,14 +67,14 @@ def hugging_face_tensors(stacks: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return {name: np.ascontiguousarray(array) for name, array in out.items()}
 
 
-def stored_shape(name: str, part: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """The shape float checkpoint tensor ``part`` (of :func:`parts`) has where model tensor ``name`` is
     ``shape``: the model's own (mlx-lm's layout), or transformers' (inputs first, gate and up in one)."""
     if part.endswith((".weight", ".bias")):
-        return shape
+        return (shape,)
     _, proj, _, bias = _names(name)
     width = 1 if _FUSED[proj][1] is None else 2
-    return (shape[0], shape[1] * width) if bias else (shape[0], shape[2], shape[1] * width)
+    return ((shape[0], shape[1] * width) if bias else (shape[0], shape[2], shape[1] * width),)
 
 
 def parts(present: set[str], name: str, packed_kinds: tuple[str, ...]) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
-from ferrum.moe import gpt_oss
+from ferrum.moe import fused_gate_up, gpt_oss
 from ferrum.moe.experts import HostExperts, StackedQuantized
 from ferrum.moe.spec import MoeSpec
 from ferrum.quant import awq_gptq, float_modes
@@ -34,7 +34,7 @@ SWITCH = ("gate_proj", "up_proj", "down_proj")
 #: ``MoeSpec.layout`` -> the module reading a family's own layouts: ``parts(present, name, packed_kinds)``
 #: names the checkpoint tensors of a model tensor, ``convert(name, got, shape, where)`` converts those that
 #: are not mlx-lm's stacks.
-LAYOUTS = {"gpt_oss": gpt_oss}
+LAYOUTS = {"gpt_oss": gpt_oss, "fused_gate_up": fused_gate_up}
 _PACKED = ("weight", "scales", "biases")
 _AWQ_GPTQ = ("qweight", "qzeros", "scales")
 

@@ -17,6 +17,7 @@ LAYOUT = {
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "granitemoe": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
     "gpt_oss": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.gpt_oss)
+    "qwen3_vl_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.fused_gate_up)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -35,7 +36,8 @@ def _layer_list(value: object) -> str | None:
 #: ``num_local_experts``; Qwen2-MoE reads ``num_experts`` only (a ``num_local_experts`` there leaves its 60).
 _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
                 "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts",),
-                "granitemoe": ("num_local_experts",), "gpt_oss": ("num_local_experts",)}
+                "granitemoe": ("num_local_experts",), "gpt_oss": ("num_local_experts",),
+                "qwen3_vl_moe": ("num_local_experts", "num_experts")}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -51,6 +53,7 @@ KEYS: dict[str, tuple[Key, ...]] = {
                   Key("shared_expert_intermediate_size", check=positive_int),
                   Key("qkv_bias", default=True, check=boolean)),
     "qwen3_moe": (*_COUNT["qwen3_moe"], Key("num_experts_per_tok", default=8, check=positive_int), *_QWEN),
+    "qwen3_vl_moe": (*_COUNT["qwen3_vl_moe"], Key("num_experts_per_tok", default=4, check=positive_int), *_QWEN),
     "olmoe": (*_COUNT["olmoe"], Key("num_experts_per_tok", default=8, check=positive_int),
               Key("norm_topk_prob", default=False, check=boolean)),
     "granitemoe": (*_COUNT["granitemoe"], Key("num_experts_per_tok", default=2, check=positive_int)),
@@ -58,7 +61,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
                 Key("swiglu_alpha", default=1.702, check=positive_number),
                 Key("swiglu_limit", default=7.0, check=positive_number)),
 }
-_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128}
+_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
+                  "qwen3_vl_moe": 60}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
@@ -69,6 +73,8 @@ _EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe"
 _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
     "gpt_oss": lambda r: dict(biased=True, activation=ClampedSwiGLU(float(r("swiglu_alpha")),
                                                                     float(r("swiglu_limit"))), layout="gpt_oss"),
+    # Qwen3-VL-MoE renormalizes its top-k weights whatever norm_topk_prob says, as transformers runs it
+    "qwen3_vl_moe": lambda r: dict(layout="fused_gate_up", normalize=True),
 }
 
 
@@ -115,7 +121,9 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")
             sparse = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
             shared = r("shared_expert_intermediate_size") if model_type == "qwen2_moe" else None
-            spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"), shared)
+            extras = _EXPERT_EXTRAS.get(model_type, lambda r: {})(r)
+            normalize = extras.pop("normalize") if "normalize" in extras else r("norm_topk_prob")
+            spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), normalize, shared, **extras)
         arch = replace(arch, moe=spec, layers=tuple(
             replace(layer, mlp="moe") if moe else layer for layer, moe in zip(arch.layers, sparse)))
         if model_type == "qwen2_moe":  # q/k/v bias from qkv_bias; o_proj never has one

@@ -195,20 +195,21 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         code, stored = headers[parts[0]]
         own_layout = layout is not None and is_expert_stack(name)
         if own_layout:  # as the family's layout stores it
-            shape_stored = layout.stored_shape(name, parts[0], shape)
+            shapes_stored = layout.stored_shapes(name, parts[0], shape)
         else:
             if len(parts) > 1:  # one expert's matrix of a stack
                 stored = (len(parts), *stored)
             if len(shape) == 3 and fused_half(moe, name, parts) is not None and len(stored) == 3:
                 stored = (stored[0], stored[1] // 2, stored[2])
-            shape_stored = shape
+            shapes_stored = (shape,)
         if code not in _FLOAT_CODES:
             raise CheckpointError(
                 f"{checkpoint.folder}: tensor {parts[0]} is {code}; `ferrum quantize` reads float32, float16 or "
                 "bfloat16 checkpoints"
             )
-        if stored != shape_stored:
-            raise CheckpointError(f"tensor {parts[0]} has shape {stored} but config.json implies {shape_stored}")
+        if stored not in shapes_stored:
+            raise CheckpointError(f"tensor {parts[0]} has shape {stored} but config.json implies "
+                                  f"{' or '.join(map(str, shapes_stored))}")
         written = layout.mlx_lm_name(name) if own_layout else name  # where mlx-lm's layout keeps it
         if _quantizable(name, shapes) and shape[-1] % group_size == 0:
             module = written.removesuffix(".weight")

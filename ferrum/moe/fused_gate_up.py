@@ -1,0 +1,95 @@
+"""Experts stored as two stacks, gate and up in one: Qwen3-VL-MoE's checkpoints.
+
+The model reads ``M.switch_mlp.{gate,up,down}_proj.weight`` (``M`` a layer's ``mlp``), as for every MoE
+family; a checkpoint holds it as one of:
+
+* **the release's** (Qwen's upload): ``M.experts.gate_up_proj [E, hidden, 2 * inter]``, inputs first,
+  gate then up along the outputs, and ``M.experts.down_proj [E, inter, hidden]``;
+* **transformers 5's** (what its ``save_pretrained`` writes): the same two tensors outputs first,
+  ``[E, 2 * inter, hidden]`` and ``[E, hidden, inter]``;
+* **mlx-lm's and mlx-vlm's** conversions: the model's own names, packed where quantized (read as every
+  family's stacks are).
+
+The two orientations are told apart by shape; a model whose hidden size equals the stack's other side
+(``2 * inter`` for gate and up, ``inter`` for down) cannot be, and is refused rather than guessed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrum.errors import CheckpointError
+
+_FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+
+
+def _names(name: str) -> tuple[str, str, str]:
+    """``M.switch_mlp.<proj>.weight`` -> (``M.experts``, proj, the stored tensor it comes from)."""
+    module, rest = name.split(".switch_mlp.")
+    proj = rest.split(".")[0]
+    return f"{module}.experts", proj, _FUSED[proj][0]
+
+
+def checkpoint_module(name: str) -> str:
+    """The module mlx-lm's layout stores model tensor ``name`` in: the model's own."""
+    return name.rsplit(".", 1)[0]
+
+
+def mlx_lm_name(name: str) -> str:
+    """Where mlx-lm's (and mlx-vlm's) layout stores model tensor ``name``: under the model's own name."""
+    return name
+
+
+def parts(present: set[str], name: str, packed_kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The checkpoint tensors model tensor ``name`` is read from; ``packed_kinds`` those of a packed stack."""
+    module = checkpoint_module(name)
+    if name in present:
+        return tuple(f"{module}.{k}" for k in packed_kinds) if f"{module}.scales" in present else (name,)
+    experts, _, stored = _names(name)
+    return (f"{experts}.{stored}",)
+
+
+def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The shapes float checkpoint tensor ``part`` may have where model tensor ``name`` is ``shape``."""
+    if part == name:
+        return (shape,)
+    _, proj, _ = _names(name)
+    e, out, inp = shape
+    width = 1 if _FUSED[proj][1] is None else 2
+    return (e, inp, out * width), (e, out * width, inp)
+
+
+def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
+    """A stored stack (one tensor in ``got``) as the model reads it, ``[E, out, in]`` float."""
+    (stored, array), = got.items()
+    _, proj, _ = _names(name)
+    half = _FUSED[proj][1]
+    release, saved = stored_shapes(name, stored, shape)
+    if array.ndim != 3 or (array.dtype.kind != "f" and array.dtype.name != "bfloat16"):
+        raise CheckpointError(f"{where}: {stored} must be a float [E, ...] stack, got {array.dtype} "
+                              f"{tuple(array.shape)}")
+    if release == saved:
+        raise CheckpointError(f"{where}: {stored} {tuple(array.shape)} could be stored inputs first or outputs "
+                              "first (the hidden size equals the other side); Ferrum cannot tell which")
+    out = shape[1]
+    picked = np.s_[:] if half is None else np.s_[half * out:(half + 1) * out]
+    if tuple(array.shape) == release:  # inputs first
+        return (np.ascontiguousarray(array[:, :, picked].transpose(0, 2, 1)),)
+    if tuple(array.shape) == saved:
+        return (np.ascontiguousarray(array[:, picked]),)
+    raise CheckpointError(f"{where}: {stored} has shape {tuple(array.shape)} where config.json implies {release} "
+                          f"(inputs first) or {saved}")
+
+
+def hugging_face_tensors(stacks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Float stacks as the model names them (``M.switch_mlp.<proj>.weight``) stored as transformers 5 writes
+    them (outputs first, gate rows then up rows in one): the inverse of :func:`convert` on that form."""
+    out = {}
+    for name, array in stacks.items():
+        experts, proj, stored = _names(name)
+        if proj == "up_proj":  # written with its gate
+            continue
+        if proj == "gate_proj":
+            array = np.concatenate([array, stacks[name.replace(".gate_proj.", ".up_proj.")]], axis=1)
+        out[f"{experts}.{stored}"] = np.ascontiguousarray(array)
+    return out
