@@ -285,6 +285,29 @@ def dense_budget(monkeypatch):
     return lambda nbytes: monkeypatch.setattr(reference, "DENSE_SHARE", nbytes / memory)
 
 
+def test_a_matrix_freed_while_the_budget_is_claimed_returns_its_bytes(monkeypatch):
+    """A dequantized matrix's finalizer runs wherever the garbage collector does, inside a claim too: its bytes
+    come back at the next claim, without waiting on the lock that claim holds (a load once deadlocked so)."""
+    import threading
+
+    from ferrum.quant import reference
+
+    budget = reference._DenseBudget()
+    assert budget.claim("cpu", 200, 60)  # of the 100 bytes allowed (half the memory)
+    share = reference._dense_share
+
+    def collected_meanwhile() -> float:  # as if collecting garbage freed the first matrix right here
+        budget.release("cpu", 60)
+        return share()
+
+    monkeypatch.setattr(reference, "_dense_share", collected_meanwhile)
+    claimed = []
+    worker = threading.Thread(target=lambda: claimed.append(budget.claim("cpu", 200, 50)), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert claimed == [True]  # finished, and with the 60 bytes back, 50 more fit in the 100 allowed
+
+
 def test_without_quantized_ops_the_matrices_that_fit_are_dequantized_at_load(mlx_lm_4bit, dense_budget):
     """numpy has no low-bit kernels: within the budget each matrix is dequantized once at load (float
     memory, dense speed), past it kept packed and dequantized per use. Every mix computes the same numbers."""

@@ -13,6 +13,7 @@ Both forms compute from the same float32 values, so they give the same numbers.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import threading
@@ -101,18 +102,25 @@ class _DenseBudget:
     def __init__(self) -> None:
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
+        #: (device, bytes) of freed matrices, settled under the lock by the next claim.
+        self._returned: collections.deque[tuple[str, int]] = collections.deque()
 
     def claim(self, device: str, memory_bytes: int | None, nbytes: int) -> bool:
+        share = _dense_share()
         with self._lock:
+            while self._returned:
+                freed, size = self._returned.popleft()
+                self._held[freed] -= size
             held = self._held.get(device, 0)
-            if memory_bytes is None or held + nbytes > _dense_share() * memory_bytes:
+            if memory_bytes is None or held + nbytes > share * memory_bytes:
                 return False
             self._held[device] = held + nbytes
             return True
 
     def release(self, device: str, nbytes: int) -> None:
-        with self._lock:
-            self._held[device] -= nbytes
+        """Queue the bytes back, without the lock: a freed matrix's finalizer runs wherever the garbage
+        collector does, inside :meth:`claim` too (taking the lock there deadlocked a load)."""
+        self._returned.append((device, nbytes))
 
 
 _budget = _DenseBudget()
