@@ -279,7 +279,12 @@ class DecoderOnlyLLM:
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         table = self.ropes[layer.rope].fixed
         qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
-        norm_after_rope = cfg.arch.qk_norm_after_rope
+        # "projection" norms go on the projections, "head" norms on each head, before rope or (Hunyuan) after it
+        where = {"projection": "projection", "head": "rotated" if cfg.arch.qk_norm_after_rope else "head"}
+        norm_at = where.get(qk_norm)
+
+        def norm_qk(q: Any, k: Any) -> tuple[Any, Any]:
+            return rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
 
         def add_then_norm(x: Any, h: Any, weight: Any) -> tuple[Any, Any]:
             """``(norm(x + h), x + h)``; without a norm there (OLMo 2's blocks) the sum is both."""
@@ -290,15 +295,15 @@ class DecoderOnlyLLM:
 
         def project(x: Any, h: Any, positions: Any) -> tuple:
             q, k, v = layer.qkv(x)
-            if qk_norm == "projection":
-                q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+            if norm_at == "projection":
+                q, k = norm_qk(q, k)
             q, k, v = reshape(q, (-1, heads, hd)), reshape(k, (-1, kv_heads, hd)), reshape(v, (-1, kv_heads, hd))
-            if qk_norm == "head" and not norm_after_rope:
-                q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+            if norm_at == "head":
+                q, k = norm_qk(q, k)
             if table is not None:
                 q, k = ops.rope(q, positions, table), ops.rope(k, positions, table)
-            if qk_norm == "head" and norm_after_rope:
-                q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+            if norm_at == "rotated":
+                q, k = norm_qk(q, k)
             return q, k, v, h
 
         def enter_first(h: Any, positions: Any) -> tuple:
