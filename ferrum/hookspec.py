@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.7"
+API_VERSION = "1.8"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -107,6 +107,8 @@ OPTIONAL_OPS = (
     "upload_experts",
     "moe_experts",
     "gelu_tanh_mul",
+    "layer_norm",
+    "gelu",
     "mul_scalar",
     "softcap",
     "lora_apply",
@@ -285,6 +287,20 @@ def gelu_tanh_mul(gate: Any, up: Any) -> Any:
     """(optional) GeGLU (Gemma): ``gelu_tanh(gate) * up`` with
     ``gelu_tanh(g) = 0.5 * g * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 * g**3)))``.
     Fallback: computed on the host in float32, returned in ``gate``'s dtype."""
+
+
+@hookspec(firstresult=True)
+def layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
+    """(optional) LayerNorm over the last axis (Phi-2, StableLM, StarCoder2), in float32:
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance; ``bias [hidden]``
+    may be None (no bias added). Fallback: computed on the host, as for :func:`gelu_tanh_mul`."""
+
+
+@hookspec(firstresult=True)
+def gelu(x: Any, tanh: bool) -> Any:
+    """(optional) GELU of an ungated MLP's hidden layer (Phi-2, StarCoder2): exact, ``0.5 * x * (1 +
+    erf(x / sqrt(2)))``, or with ``tanh`` the approximation of :func:`gelu_tanh_mul`. Fallback: computed
+    on the host in float32."""
 
 
 @hookspec(firstresult=True)

@@ -7,6 +7,7 @@ implementation must match.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -65,13 +66,36 @@ def _on_host(ops: Any, x: Any, fn: Any) -> Any:
     return ops.from_numpy(fn(np.asarray(ops.to_numpy(x), dtype=np.float32)), _dtype_name(x))
 
 
+def _gelu_tanh(g: np.ndarray) -> np.ndarray:
+    return 0.5 * g * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (g + 0.044715 * g**3)))
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _gelu_exact(g: np.ndarray) -> np.ndarray:
+    return (0.5 * g * (1.0 + _erf(g / np.sqrt(2.0)))).astype(np.float32)
+
+
 def gelu_tanh_mul(ops: Any, gate: Any, up: Any) -> Any:
     u = np.asarray(ops.to_numpy(up), dtype=np.float32)
+    return _on_host(ops, gate, lambda g: _gelu_tanh(g) * u)
 
-    def fn(g: np.ndarray) -> np.ndarray:
-        return (0.5 * g * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (g + 0.044715 * g**3))) * u)
 
-    return _on_host(ops, gate, fn)
+def layer_norm(ops: Any, x: Any, weight: Any, bias: Any, eps: float) -> Any:
+    w = np.asarray(ops.to_numpy(weight), dtype=np.float32)
+    b = None if bias is None else np.asarray(ops.to_numpy(bias), dtype=np.float32)
+
+    def fn(a: np.ndarray) -> np.ndarray:
+        centered = a - a.mean(axis=-1, keepdims=True)
+        out = centered / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + np.float32(eps)) * w
+        return out if b is None else out + b
+
+    return _on_host(ops, x, fn)
+
+
+def gelu(ops: Any, x: Any, tanh: bool) -> Any:
+    return _on_host(ops, x, _gelu_tanh if tanh else _gelu_exact)
 
 
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:

@@ -115,6 +115,17 @@ def rms_norm(x, weight, eps):
 
 
 @hookimpl
+def layer_norm(x, weight, bias, eps):
+    out = np.subtract(x, x.mean(axis=-1, keepdims=True))
+    deviation = np.sqrt(np.vecdot(out, out) / x.shape[-1] + eps)
+    out /= deviation[..., None]
+    out *= weight
+    if bias is not None:
+        out += bias
+    return out
+
+
+@hookimpl
 def add_rms_norm(x, residual, weight, eps):
     summed = np.add(x, residual)
     return rms_norm(summed, weight, eps), summed

@@ -508,6 +508,16 @@ def gelu_tanh_mul(gate, up):
 
 
 @hookimpl
+def layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@hookimpl
+def gelu(x, tanh):
+    return F.gelu(x, approximate="tanh" if tanh else "none")
+
+
+@hookimpl
 def mul_scalar(x, factor):
     return x * torch.tensor(factor, dtype=x.dtype, device=x.device)
 

@@ -359,6 +359,16 @@ def gelu_tanh_mul(gate, up):
 
 
 @hookimpl
+def layer_norm(x, weight, bias, eps):
+    return mx.fast.layer_norm(x, weight, bias, eps)
+
+
+@hookimpl
+def gelu(x, tanh):
+    return nn.gelu_approx(x) if tanh else nn.gelu(x)
+
+
+@hookimpl
 def mul_scalar(x, factor):
     return x * mx.array(factor, dtype=x.dtype)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -94,6 +96,29 @@ def _gelu_tanh_mul(gate, up):
 @hookimpl
 def gelu_tanh_mul(gate, up):
     return _gelu_tanh_mul(gate, up)
+
+
+@jax.jit
+def _layer_norm(x, weight, bias, eps):
+    xf = x.astype(F32)
+    centered = xf - xf.mean(axis=-1, keepdims=True)
+    out = centered * lax.rsqrt((centered * centered).mean(axis=-1, keepdims=True) + eps) * weight.astype(F32)
+    return (out if bias is None else out + bias.astype(F32)).astype(x.dtype)
+
+
+@hookimpl
+def layer_norm(x, weight, bias, eps):
+    return _layer_norm(x, weight, bias, eps)
+
+
+@functools.partial(jax.jit, static_argnames="tanh")
+def _gelu(x, tanh):
+    return jax.nn.gelu(x.astype(F32), approximate=tanh).astype(x.dtype)
+
+
+@hookimpl
+def gelu(x, tanh):
+    return _gelu(x, tanh=bool(tanh))
 
 
 @hookimpl
