@@ -129,6 +129,28 @@ def query_scaler(ops: Any, scaling: tuple[float, int], positions: np.ndarray) ->
     return per_token(ops, choice.reshape(-1), scale)
 
 
+def _norm_weights(weights: dict[str, Placed], module: str) -> tuple[Any, Any] | None:
+    """A norm's ``(weight, bias)`` on the backend (bias None where it has none); None where there is no such norm."""
+    weight, bias = weights.get(f"{module}.weight"), weights.get(f"{module}.bias")
+    return None if weight is None else (weight.weight, None if bias is None else bias.weight)
+
+
+def _norm_ops(ops: Any, kind: str, eps: float) -> tuple[Callable[..., Any], Callable[..., tuple]]:
+    """``norm(x, weights)`` and ``add_norm(x, h, weights) -> (norm(x + h), x + h)`` for the architecture's
+    norm kind, ``weights`` being :func:`_norm_weights`' pair."""
+    if kind == "layer":
+        def layer_norm(x: Any, weights: tuple) -> Any:
+            return ops.layer_norm(x, weights[0], weights[1], eps)
+
+        def add_layer_norm(x: Any, h: Any, weights: tuple) -> tuple:
+            summed = ops.add(x, h)
+            return layer_norm(summed, weights), summed
+
+        return layer_norm, add_layer_norm
+    return (lambda x, weights: ops.rms_norm(x, weights[0], eps),
+            lambda x, h, weights: ops.add_rms_norm(x, h, weights[0], eps))
+
+
 def choose_dtype(
     backend: Backend, requested: str | None, checkpoint_dtype: str | None, quantized: bool = False
 ) -> str:
@@ -173,8 +195,10 @@ class DecoderOnlyLLM:
         arch = config.arch
         embed = weights[f"{arch.prefix}embed_tokens.weight"]
         self.embed, self.embed_lookup = embed.weight, embed.embedding
-        self.final_norm = weights[f"{arch.prefix}norm.weight"].weight
-        self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head])
+        self.final_norm = _norm_weights(weights, f"{arch.prefix}norm")
+        head_bias = weights.get(arch.lm_head.removesuffix(".weight") + ".bias")
+        self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
+                              None if head_bias is None else head_bias.weight)
         self.ropes = {id(r): _RopeTables(ops, r) for r in {id(spec.rope): spec.rope for spec in arch.layers}.values()}
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
@@ -250,7 +274,7 @@ class DecoderOnlyLLM:
         def projection(module: str) -> Linear:
             return Linear(w[f"{p}{module}.weight"], tensor(f"{module}.bias"))
 
-        norms = {slot: tensor(f"{name}.weight") for slot, name in arch.norms.items()}
+        norms = {slot: _norm_weights(w, p + name) for slot, name in arch.norms.items()}
         sinks = tensor("self_attn.sinks")
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         return _Layer(
@@ -260,8 +284,8 @@ class DecoderOnlyLLM:
             post_mlp=norms.get("post_mlp"),
             qkv=projection_group(self.ops, tensor, projection, "self_attn.qkv_proj", (q, kv, kv)),
             o=projection("self_attn.o_proj"),
-            q_norm=tensor(f"self_attn.{arch.qk_norm_names[0]}.weight"),
-            k_norm=tensor(f"self_attn.{arch.qk_norm_names[1]}.weight"),
+            q_norm=_norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[0]}"),
+            k_norm=_norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}"),
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
             window=spec.window,
             rope=id(spec.rope),
@@ -275,23 +299,25 @@ class DecoderOnlyLLM:
         (``compile_fn``). ``enter`` rotates q and k when the layer's rope has one table; a rope whose table
         depends on the batch (longrope) rotates between the halves (:meth:`_RopeTables.for_batch`)."""
         ops, cfg = self.ops, self.config
-        reshape, rms_norm, eps = ops.reshape, ops.rms_norm, cfg.rms_norm_eps
+        reshape = ops.reshape
+        norm, add_norm = _norm_ops(ops, cfg.arch.norm, cfg.rms_norm_eps)
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         table = self.ropes[layer.rope].fixed
         qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
         # "projection" norms go on the projections, "head" norms on each head, before rope or (Hunyuan) after it
         where = {"projection": "projection", "head": "rotated" if cfg.arch.qk_norm_after_rope else "head"}
         norm_at = where.get(qk_norm)
+        parallel = cfg.arch.parallel
 
         def norm_qk(q: Any, k: Any) -> tuple[Any, Any]:
-            return rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+            return norm(q, layer.q_norm), norm(k, layer.k_norm)
 
-        def add_then_norm(x: Any, h: Any, weight: Any) -> tuple[Any, Any]:
+        def add_then_norm(x: Any, h: Any, weights: Any) -> tuple[Any, Any]:
             """``(norm(x + h), x + h)``; without a norm there (OLMo 2's blocks) the sum is both."""
-            if weight is None:
+            if weights is None:
                 summed = ops.add(x, h)
                 return summed, summed
-            return ops.add_rms_norm(x, h, weight, eps)
+            return add_norm(x, h, weights)
 
         def project(x: Any, h: Any, positions: Any) -> tuple:
             q, k, v = layer.qkv(x)
@@ -304,10 +330,12 @@ class DecoderOnlyLLM:
                 q, k = ops.rope(q, positions, table), ops.rope(k, positions, table)
             if norm_at == "rotated":
                 q, k = norm_qk(q, k)
+            if parallel:  # the MLP reads the block's input beside attention: its output joins h now, attention's later
+                h = ops.add(h, layer.mlp(x if layer.pre_mlp is None else norm(h, layer.pre_mlp)))
             return q, k, v, h
 
         def enter_first(h: Any, positions: Any) -> tuple:
-            return project(h if layer.pre_attn is None else rms_norm(h, layer.pre_attn, eps), h, positions)
+            return project(h if layer.pre_attn is None else norm(h, layer.pre_attn), h, positions)
 
         def enter(h: Any, residual: Any, positions: Any) -> tuple:
             return project(*add_then_norm(residual, h, layer.pre_attn), positions)
@@ -315,21 +343,25 @@ class DecoderOnlyLLM:
         def leave(attn: Any, h: Any) -> tuple:
             o = layer.o(reshape(attn, (-1, heads * hd)))
             if layer.post_attn is not None:
-                o = rms_norm(o, layer.post_attn, eps)
+                o = norm(o, layer.post_attn)
             x, h = add_then_norm(o, h, layer.pre_mlp)
             out = layer.mlp(x)
-            return (out if layer.post_mlp is None else rms_norm(out, layer.post_mlp, eps)), h
+            return (out if layer.post_mlp is None else norm(out, layer.post_mlp)), h
 
-        return enter_first if first else enter, leave
+        def leave_parallel(attn: Any, h: Any) -> tuple:
+            return layer.o(reshape(attn, (-1, heads * hd))), h
+
+        return enter_first if first else enter, leave_parallel if parallel else leave
 
     def _final_norm_fn(self) -> Callable[[Any, Any], tuple]:
         """``final_norm(residual, h) -> (normed,)`` after the last block: a pure function, compiled like the
         halves. The LM head stays outside, so logits, which outlive the pass, are never a buffer that a
         compiled call reuses (``compile_fn``)."""
-        ops, eps = self.ops, self.config.rms_norm_eps
+        ops = self.ops
+        norm, _ = _norm_ops(ops, self.config.arch.norm, self.config.rms_norm_eps)
 
         def final_norm(residual: Any, h: Any) -> tuple:
-            return (ops.rms_norm(ops.add(residual, h), self.final_norm, eps),)
+            return (norm(ops.add(residual, h), self.final_norm),)
 
         return final_norm
 

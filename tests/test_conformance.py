@@ -48,17 +48,36 @@ def test_a_wrong_rope_is_caught(registered):
     assert set(report.failed()) == {
         "rope", "model: logits and 16 greedy tokens", "model packed at 4 bits: logits and greedy tokens",
         *(f"model {family}: logits and decode steps"
-          for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3")),
+          for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "phi", "starcoder2")),
     }
     with pytest.raises(AssertionError, match="FAIL  rope"):
         assert_conformance("badrope")
 
 
+@hookimpl
+def layer_norm_dropping_the_bias(x, weight, bias, eps):
+    return cpu_ops.layer_norm(x, weight, None, eps)
+
+
+def test_a_layer_norm_dropping_its_bias_is_caught(registered):
+    registered("nobias", cpu_like_plugin("nobias", extra={"layer_norm": layer_norm_dropping_the_bias}))
+    report = check_backend("nobias")
+    assert set(report.failed()) == {"layer_norm (native)", "model phi: logits and decode steps",
+                                    "model starcoder2: logits and decode steps"}
+
+
+def test_the_core_fallbacks_of_layer_norm_and_gelu_conform(registered):
+    registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm",)))
+    passed = [r.name for r in assert_conformance("nolayernorm").results if r.passed]
+    assert {"layer_norm (core fallback)", "gelu (core fallback)", "model phi: logits and decode steps"} <= set(passed)
+
+
 def test_a_paged_attention_ignoring_the_window_is_caught(registered):
     registered("nowindow", cpu_like_plugin("nowindow", extra={"paged_attention": paged_attention_without_window}))
     report = check_backend("nowindow")
-    # Gemma 3's sliding layers catch it too; Gemma 2 is left out (this paged_attention takes no softcap)
-    assert report.failed() == ["paged_attention, sliding window", "model gemma3_text: logits and decode steps"]
+    # Gemma 3's and StarCoder2's sliding layers catch it too; Gemma 2 is left out (this paged_attention has no softcap)
+    assert report.failed() == ["paged_attention, sliding window", "model gemma3_text: logits and decode steps",
+                               "model starcoder2: logits and decode steps"]
     assert "paged_attention (native)" in [r.name for r in report.results if r.passed]
     assert not any("gemma2" in r.name for r in report.results)
 

@@ -1,5 +1,5 @@
-"""Gemma 1-3 (text), Phi-3 / Phi-4, SmolLM3, Granite and OLMo 2 against transformers (the reference), mlx-lm and
-each other, plus the family key table's refusals.
+"""Gemma 1-3 (text), Phi-3 / Phi-4, SmolLM3, Granite, OLMo 2, the LayerNorm families (Phi-2, StableLM, StarCoder2)
+and more against transformers (the reference), mlx-lm and each other, plus the family key table's refusals.
 
 Tiny random checkpoints are built with transformers' own model classes (eager
 attention, so Gemma 2's soft-capping is applied by the reference). Bounds are
@@ -32,7 +32,8 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
                    "llama_4_scaling_beta": 0.1}
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
-            "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan")
+            "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
+            "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere2")
 
 
 def _longrope(half: int) -> dict:
@@ -103,6 +104,25 @@ def transformers_config(family: str):
         return transformers.HunYuanDenseV1Config(
             **common, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
             rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})
+    if family == "phi":  # Phi-2: one LayerNorm, attention and an ungated GELU MLP side by side, biased LM head
+        return transformers.PhiConfig(**common, num_attention_heads=4, partial_rotary_factor=0.5)
+    if family == "phi_qk_norm_exact_gelu":  # Phi's per-head q/k LayerNorms, GQA, and the exact GELU
+        return transformers.PhiConfig(**common, num_attention_heads=4, num_key_value_heads=2, qk_layernorm=True,
+                                      hidden_act="gelu", partial_rotary_factor=0.25)
+    if family == "stablelm":  # StableLM 2 1.6B style: biased LayerNorms, q/k/v biases, rope on a quarter of each head
+        return transformers.StableLmConfig(**common, num_attention_heads=4, num_key_value_heads=2, use_qkv_bias=True)
+    if family == "stablelm_parallel":  # attention and the MLP side by side after one norm (use_parallel_residual)
+        return transformers.StableLmConfig(**common, num_attention_heads=4, num_key_value_heads=4,
+                                           use_parallel_residual=True, partial_rotary_factor=0.5)
+    if family == "starcoder2":  # biased LayerNorms and projections, an ungated GELU MLP, a window, tied
+        return transformers.Starcoder2Config(**common, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=WINDOW)
+    if family == "cohere":  # Command R: LayerNorms without bias, a parallel block, GPT-J's rope, scaled logits
+        return transformers.CohereConfig(**common, num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25,
+                                         attention_bias=True)
+    if family == "cohere2":  # Command R7B: sliding layers with rope, the last full and without (NoPE)
+        return transformers.Cohere2Config(**{**common, "num_hidden_layers": 4}, num_attention_heads=4,
+                                          num_key_value_heads=2, sliding_window=WINDOW, logit_scale=0.5)
     raise ValueError(family)
 
 
@@ -232,6 +252,8 @@ def _mlx_lm_config(config: dict) -> dict:
         config["sliding_window_pattern"] = config["layer_types"].index("full_attention") + 1
     else:
         config["rope_theta"] = params.get("rope_theta", 10000.0)
+        if "partial_rotary_factor" in params:  # beside the rope settings in transformers 4
+            config["partial_rotary_factor"] = params["partial_rotary_factor"]
         if params.get("rope_type", "default") != "default":
             config["rope_scaling"] = {**params, "type": params["rope_type"]}
     return config
@@ -240,7 +262,9 @@ def _mlx_lm_config(config: dict) -> dict:
 @pytest.mark.skipif("mlx" not in RUNNABLE, reason="the MLX backend cannot run here")
 @pytest.mark.parametrize("family, length", [("gemma3", 13), ("gemma2", WINDOW), ("phi3_window", WINDOW + 1),
                                             ("phi3_partial", 13), ("olmo2", 13), ("exaone4", 13),
-                                            ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13), ("hunyuan", 13)])
+                                            ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13), ("hunyuan", 13),
+                                            ("phi", 13), ("stablelm", 13), ("stablelm_parallel", 13),
+                                            ("starcoder2", WINDOW), ("cohere", 13), ("cohere2", WINDOW)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -569,7 +593,10 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
-                     "ernie4_5", "glm4", "hunyuan_v1_dense")
+                     "ernie4_5", "glm4", "hunyuan_v1_dense", "phi", "stablelm", "starcoder2", "cohere", "cohere2")
+#: The LayerNorm families, and the key each reads its norms' epsilon from.
+LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
+                  "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps"}
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -636,6 +663,8 @@ def draw_config(draw, st, family: str) -> dict:
             else:
                 raw.update(full, rope_local_base_freq=local)
         return raw
+    if family in LAYER_NORM_EPS:
+        return _draw_layer_norm_family(draw, st, family, raw, head_dim, window)
     raw["hidden_act"] = draw(st.sampled_from(_ACTS))
     if family == "phi3":
         factor = draw(st.sampled_from([1.0, 0.5, 0.75]))
@@ -712,6 +741,31 @@ def draw_config(draw, st, family: str) -> dict:
                    mlp_only_layers=draw(st.lists(st.integers(0, layers - 1), max_size=2, unique=True)))
     if family == "qwen2_moe":
         raw.update(shared_expert_intermediate_size=draw(st.integers(8, 24)), qkv_bias=draw(st.booleans()))
+    return raw
+
+
+def _draw_layer_norm_family(draw, st, family: str, raw: dict, head_dim: int, window: int) -> dict:
+    """Phi, StableLM, StarCoder2, Command R (1, 2): their epsilon key, activations (an unsupported one now and
+    then), partial rotary, biases, StableLM's parallel block, the windows, Command R's logit scale."""
+    raw[LAYER_NORM_EPS[family]] = raw.pop("rms_norm_eps")
+    gated = family in ("stablelm", "cohere", "cohere2")
+    acts = ("silu", "silu", "gelu") if gated else ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
+    raw["hidden_act"] = draw(st.sampled_from(acts))
+    raw.update(_rope_keys(draw, st, ("default", "linear", "dynamic"), head_dim // 2))
+    if family == "phi":
+        raw.update(partial_rotary_factor=draw(st.sampled_from([0.25, 0.5, 1.0])), qk_layernorm=draw(st.booleans()))
+    if family == "stablelm":
+        raw.update(partial_rotary_factor=draw(st.sampled_from([0.25, 0.5, 1.0])), use_qkv_bias=draw(st.booleans()),
+                   use_parallel_residual=draw(st.booleans()))
+    if family == "starcoder2":
+        raw.update(use_bias=draw(st.booleans()), sliding_window=draw(st.sampled_from([None, window])))
+    if family in ("cohere", "cohere2"):
+        raw.update(attention_bias=draw(st.booleans()), logit_scale=draw(st.sampled_from([0.0625, 1.0, 3.0])))
+    if family == "cohere2":
+        raw.update(sliding_window=window, sliding_window_pattern=draw(st.integers(1, 4)))
+        if draw(st.booleans()):
+            raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
+                                               min_size=raw["num_hidden_layers"], max_size=raw["num_hidden_layers"]))
     return raw
 
 
@@ -814,18 +868,21 @@ _INVALID = {
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
         "max_position_embeddings", "head_dim")},
     "num_key_value_heads": ((0, -1, 3, 1.5, "2"), PROPERTY_FAMILIES),  # 3 divides no drawn head count
-    "rms_norm_eps": ((0, -1e-6, "1e-6", float("nan")), PROPERTY_FAMILIES),
+    "rms_norm_eps": ((0, -1e-6, "1e-6", float("nan")), tuple(f for f in PROPERTY_FAMILIES if f not in LAYER_NORM_EPS)),
+    "layer_norm_eps": ((0, -1e-6, "1e-6", float("nan")), ("phi", "stablelm", "cohere", "cohere2")),
+    "logit_scale": ((0, -0.5, "0.0625"), ("cohere", "cohere2")),
+    "norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), ("starcoder2",)),
     "rope_theta": ((0, -10000.0, "1e4", True, float("-inf")), PROPERTY_FAMILIES),
     "factor": ((0, -2.0, "2", None), tuple(f for f in PROPERTY_FAMILIES if f not in ("gemma2", "gemma3_text", "phi3"))),
     "sliding_window": ((-1, 2.5, "8", True), ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
-                                             "gemma2", "gemma3_text", "phi3")),
+                                             "gemma2", "gemma3_text", "phi3", "starcoder2")),
     "tie_word_embeddings": (("yes", 1, 0.0), PROPERTY_FAMILIES),
     "num_experts_per_tok": ((0, -1, 99, "2"), ("mixtral", "qwen2_moe", "qwen3_moe")),
     "moe_intermediate_size": ((0, -8, "16"), ("qwen2_moe", "qwen3_moe")),
     "decoder_sparse_step": ((0, -1, 1.5), ("qwen2_moe", "qwen3_moe")),
     "query_pre_attn_scalar": ((0, -1.0, "8"), ("gemma2", "gemma3_text")),
     "rope_local_base_freq": ((0, -1.0, "1e4"), ("gemma3_text",)),
-    "partial_rotary_factor": ((0, -0.5, 1.5, "0.5"), ("phi3",)),
+    "partial_rotary_factor": ((0, -0.5, 1.5, "0.5"), ("phi3", "phi", "stablelm")),
     "layer_types": ((["sliding_attention"] * 9, ["local"], "full_attention"), ("qwen2", "qwen3", "gemma2",
                                                                                "gemma3_text")),
 }
@@ -925,3 +982,43 @@ def test_yarn_options_match_transformers(family, settings, top, tmp_path):
     ref = build_from_json(tmp_path, raw, 0, tokens)
     for backend in RUNNABLE:
         assert_parity(load(tmp_path, backend).forward_verify("x", tokens), ref)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("family, stored", [("phi", "mlp.fc1"), ("starcoder2", "mlp.c_fc")])
+def test_packed_layer_norm_families_match_the_oracle(backend, family, stored, tmp_path):
+    """Packed at 8 bits under the checkpoint's own names (Phi-2's fc1 / fc2 / dense, StarCoder2's c_fc / c_proj),
+    Phi-2's LM head keeping its bias, against the float64 oracle computing with the dequantized values."""
+    from safetensors import safe_open
+
+    from ferrum.quant.convert import quantize_checkpoint
+    from ferrum.random_checkpoint import write_random_checkpoint
+    from ferrum.testing.arch_oracle import ArchOracle
+    from ferrum.testing.family_checks import FAMILY_MODELS
+
+    folder = write_random_checkpoint(tmp_path / family, FAMILY_MODELS[family], dtype="float32", std=0.2)
+    packed = quantize_checkpoint(folder, tmp_path / "packed", bits=8, group_size=32)
+    with safe_open(str(packed / "model.safetensors"), "np") as handle:
+        assert f"model.layers.0.{stored}.scales" in handle.keys()
+    got = load(packed, backend, dtype="float32").forward_verify("x", TOKENS)
+    assert_parity(got, ArchOracle(packed).logits(TOKENS))
+
+
+@pytest.mark.skipif("mlx" not in RUNNABLE, reason="the MLX backend cannot run here")
+def test_quantized_phi_runs_as_in_mlx_lm(checkpoints, tmp_path):
+    """``ferrum quantize`` of a Phi-2 checkpoint: mlx-lm loads the result and computes Ferrum's logits."""
+    mx = pytest.importorskip("mlx.core")
+    mlx_utils = pytest.importorskip("mlx_lm.utils")
+    import shutil
+
+    from ferrum.quant.convert import quantize_checkpoint
+
+    source = tmp_path / "phi"
+    shutil.copytree(checkpoints["phi"][0], source)
+    path = source / "config.json"
+    path.write_text(json.dumps(_mlx_lm_config(json.loads(path.read_text()))))
+    packed = quantize_checkpoint(source, tmp_path / "packed", bits=4, group_size=32)
+    loaded = mlx_utils.load_model(packed)
+    reference_model = loaded[0] if isinstance(loaded, tuple) else loaded
+    ref = np.array(reference_model(mx.array([TOKENS])).astype(mx.float32))[0]
+    assert_parity(load(packed, "mlx", dtype="float32").forward_verify("q", TOKENS), ref)

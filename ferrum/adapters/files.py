@@ -328,7 +328,10 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
 
 def _absent(config: Any, layer: int, proj: str) -> str:
     """Why the base model has no ``proj`` in ``layer``."""
-    if PROJECTIONS[proj] == "mlp" and config.arch.layers[layer].mlp != "dense":
+    kind = config.arch.layers[layer].mlp
+    if PROJECTIONS[proj] == "mlp" and kind == "plain":
+        return f"that layer's MLP is ungated (Phi-2's fc1 / fc2): LoRA on its {proj} is not supported; adapt attention"
+    if PROJECTIONS[proj] == "mlp" and kind != "dense":
         return f"that layer's MLP is a mixture of experts: {proj} {_MOE_REFUSAL}"
     stored = next((g for g, members in _GROUPS.items() if proj in members), None)
     if stored is not None:

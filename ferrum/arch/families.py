@@ -49,6 +49,7 @@ class Family:
     keys: dict[str, Key]
     build: Callable[[KeyReader, Sizes], Architecture]
     eps_default: float = 1e-6
+    eps_key: str = "rms_norm_eps"  # the norms' epsilon (LayerNorm families: layer_norm_eps, norm_epsilon)
 
 
 def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
@@ -57,7 +58,7 @@ def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
 
 # ---------------------------------------------------------------- shared keys
 
-def _core(tie_default: bool, head_dim_default: int | None = None) -> tuple[Key, ...]:
+def _core(tie_default: bool, head_dim_default: int | None = None, eps_key: str = "rms_norm_eps") -> tuple[Key, ...]:
     return (
         Key("hidden_size", check=size(1 << 17)),
         Key("intermediate_size", check=size(1 << 20)),
@@ -67,7 +68,7 @@ def _core(tie_default: bool, head_dim_default: int | None = None) -> tuple[Key, 
         Key("head_dim", default=head_dim_default, check=optional_size(4096)),
         Key("vocab_size", check=size(1 << 23)),
         Key("max_position_embeddings", check=size(1 << 28)),
-        Key("rms_norm_eps", check=optional_positive_number),
+        Key(eps_key, check=optional_positive_number),
         Key("tie_word_embeddings", default=tie_default, check=boolean),
     )
 
@@ -82,7 +83,7 @@ _ROPE = (
 _SILU = (Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),)
 
 
-def read_sizes(r: KeyReader, eps_default: float) -> Sizes:
+def read_sizes(r: KeyReader, eps_default: float, eps_key: str = "rms_norm_eps") -> Sizes:
     hidden, heads = r("hidden_size"), r("num_attention_heads")
     kv_heads = r("num_key_value_heads") or heads
     if heads % kv_heads:
@@ -94,7 +95,7 @@ def read_sizes(r: KeyReader, eps_default: float) -> Sizes:
         head_dim = hidden // heads
     if head_dim % 2:
         r.fail("head_dim", f"must be even (rope rotates pairs), got {head_dim}")
-    eps = r("rms_norm_eps")
+    eps = r(eps_key)
     return Sizes(
         hidden_size=hidden, intermediate_size=r("intermediate_size"), num_layers=r("num_hidden_layers"),
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=r("vocab_size"),
@@ -629,6 +630,113 @@ def _gpt_oss(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: transformers' names of the ungated MLP's activations: the tanh approximation of GELU, or the exact one.
+_GELU_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                     "gelu": "gelu"}
+#: The rope scalings the LayerNorm families' configs may ask for.
+_LAYER_NORM_ROPES = ("default", "linear", "dynamic")
+#: Phi-1 / 1.5 / 2's modules under Llama's names.
+PHI_NAMES = {"self_attn.o_proj": "self_attn.dense", "mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2",
+             "norm": "final_layernorm"}
+
+
+def _gelu_activation(r: KeyReader) -> str:
+    return _GELU_ACTIVATIONS[r("hidden_act")]
+
+
+def _phi(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Phi-1 / 1.5 / 2: one LayerNorm feeding attention and an ungated GELU MLP side by side (a parallel block),
+    every projection and the LM head biased, rope on partial_rotary_factor (0.5) of each head; qk_layernorm
+    adds a LayerNorm per head dimension to q and k."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.5))
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mlp="plain") for _ in range(sizes.num_layers)),
+        norms={"pre_attn": "input_layernorm"}, norm="layer", norm_bias=True, parallel=True,
+        activation=_gelu_activation(r), attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="head" if r("qk_layernorm") else None, qk_norm_names=("q_layernorm", "k_layernorm"),
+        qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=True, stored_names=PHI_NAMES,
+    )
+
+
+def _stablelm(r: KeyReader, sizes: Sizes) -> Architecture:
+    """StableLM (3B 4E1T, 2 1.6B): Llama's blocks with biased LayerNorms, q/k/v biased by use_qkv_bias, rope on
+    partial_rotary_factor (0.25) of each head; use_parallel_residual puts attention and the MLP side by side
+    after the one norm."""
+    if sizes.head_dim * sizes.num_heads != sizes.hidden_size:
+        r.fail("head_dim", f"is {sizes.head_dim}, but StableLM splits hidden_size ({sizes.hidden_size}) among its "
+                           f"{sizes.num_heads} heads; leave head_dim out")
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.25))
+    r("hidden_act")
+    r("qk_layernorm")
+    parallel = r("use_parallel_residual")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms={"pre_attn": "input_layernorm"} if parallel else LLAMA_NORMS, norm="layer", norm_bias=True,
+        parallel=parallel, attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=r("use_qkv_bias"),
+    )
+
+
+def _starcoder2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """StarCoder2: Llama's blocks with biased LayerNorms, every projection biased by use_bias, an ungated GELU
+    MLP (c_fc, c_proj), and sliding_window on every layer."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES)
+    bias = r("use_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(w, rope, mlp="plain") for w in _every_layer_window(r, sizes)),
+        norms=LLAMA_NORMS, norm="layer", norm_bias=True, activation=_gelu_activation(r),
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias, mlp_bias=bias,
+        stored_names={"mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"},
+    )
+
+
+def _cohere_blocks(r: KeyReader, sizes: Sizes, ropes: list[Rope], windows: list) -> Architecture:
+    """Command R's blocks: one LayerNorm without a bias feeding attention and the MLP side by side, GPT-J's rope
+    (adjacent dims paired), attention_bias on every attention projection, logits scaled by logit_scale."""
+    r("hidden_act")
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(w, replace(rope, interleaved=True)) for w, rope in zip(windows, ropes)),
+        norms={"pre_attn": "input_layernorm"}, norm="layer", parallel=True, attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        logit_scale=float(r("logit_scale")), qkv_bias=bias, o_bias=bias,
+    )
+
+
+def _cohere(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Command R (v01, 08-2024)."""
+    r("use_qk_norm")
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES)
+    return _cohere_blocks(r, sizes, [rope] * sizes.num_layers, [None] * sizes.num_layers)
+
+
+def _cohere2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Command R7B, Command A: Command R's blocks, three sliding layers with rope to one full layer without (NoPE),
+    unless layer_types says otherwise. Its heads split hidden_size: transformers ignores a head_dim."""
+    if sizes.head_dim * sizes.num_heads != sizes.hidden_size:
+        r.fail("head_dim", f"is {sizes.head_dim}, but Cohere 2 splits hidden_size ({sizes.hidden_size}) among its "
+                           f"{sizes.num_heads} heads; leave head_dim out")
+    pattern = r("sliding_window_pattern")
+    window, types = _layer_kinds(r, sizes, lambda i: SLIDING if (i + 1) % pattern else FULL)
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES)
+    return _cohere_blocks(r, sizes, [rope if t == SLIDING else Rope.unrotated(sizes.head_dim) for t in types],
+                          [window if t == SLIDING else None for t in types])
+
+
+_COHERE = (
+    Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),
+    Key("attention_bias", default=False, check=boolean),
+    Key("logit_scale", default=0.0625, check=positive_number),
+)
+
+
+def _gelu_key(default: str) -> Key:
+    return Key("hidden_act", default=default, check=one_of(*_GELU_ACTIVATIONS), unsupported=True)
+
+
 _QWEN2_MOE_WINDOW = (
     Key("sliding_window", default=4096, check=lambda v: None if v == 0 else optional_positive_int(v)),
     *_QWEN_WINDOW[1:],
@@ -781,5 +889,55 @@ FAMILIES: dict[str, Family] = {
         )),
         _phi3,
         eps_default=1e-5,
+    ),
+    "phi": Family(  # Phi-1, Phi-1.5, Phi-2
+        _keys(_core(False, eps_key="layer_norm_eps"), _ROPE[:3], (
+            _gelu_key("gelu_new"),
+            Key("partial_rotary_factor", check=optional_positive_number),
+            Key("qk_layernorm", default=False, check=boolean),
+        )),
+        _phi,
+        eps_default=1e-5,
+        eps_key="layer_norm_eps",
+    ),
+    "stablelm": Family(
+        _keys(_core(False, eps_key="layer_norm_eps"), _ROPE[:3], (
+            Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),
+            Key("partial_rotary_factor", check=optional_positive_number),
+            Key("use_qkv_bias", default=False, check=boolean),
+            Key("use_parallel_residual", default=False, check=boolean),
+            Key("qk_layernorm", default=False, unsupported=True, check=falsy(
+                "StableLM 2 12B's per-head q/k LayerNorms are not supported; use a checkpoint without them")),
+        )),
+        _stablelm,
+        eps_default=1e-5,
+        eps_key="layer_norm_eps",
+    ),
+    "cohere": Family(  # Command R
+        _keys(_core(True, eps_key="layer_norm_eps"), _ROPE[:3], _COHERE, (
+            Key("use_qk_norm", default=False, unsupported=True, check=falsy(
+                "Command R+'s per-head q/k LayerNorms are not supported; use a checkpoint without them")),
+        )),
+        _cohere,
+        eps_default=1e-5,
+        eps_key="layer_norm_eps",
+    ),
+    "cohere2": Family(  # Command R7B, Command A
+        _keys(_core(True, eps_key="layer_norm_eps"), _ROPE[:3], _COHERE, _LAYER_TYPES, (
+            Key("sliding_window", default=4096, check=optional_positive_int),
+            Key("sliding_window_pattern", default=4, check=positive_int),
+        )),
+        _cohere2,
+        eps_default=1e-5,
+        eps_key="layer_norm_eps",
+    ),
+    "starcoder2": Family(
+        _keys(_core(True, eps_key="norm_epsilon"), _ROPE[:3], _WINDOW, (
+            _gelu_key("gelu_pytorch_tanh"),
+            Key("use_bias", default=True, check=boolean),
+        )),
+        _starcoder2,
+        eps_default=1e-5,
+        eps_key="norm_epsilon",
     ),
 }

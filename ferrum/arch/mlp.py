@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from ferrum.weights import Linear, Projections
 
 ACTIVATION_OPS = {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}
+#: The ungated MLP's activations: name -> ``gelu``'s ``tanh`` argument.
+PLAIN_ACTIVATIONS = {"gelu_tanh": True, "gelu": False}
 
 
 class MlpKind(Protocol):
@@ -88,5 +90,40 @@ class Dense:
         return GatedMLP(gate_up, linear("mlp.down_proj"), act)
 
 
+class UngatedMLP:
+    """``down(act(up(x)))``."""
+
+    __slots__ = ("up", "down", "act")
+
+    def __init__(self, up: Linear, down: Linear, act: Callable[[Any], Any]):
+        self.up, self.down, self.act = up, down, act
+
+    def __call__(self, x: Any) -> Any:
+        return self.down(self.act(self.up(x)))
+
+    def projections(self) -> list[Linear]:
+        return [self.up, self.down]
+
+
+class Plain:
+    """The ungated MLP (Phi-2's fc1 / fc2, StarCoder2's c_fc / c_proj), under Llama's names up_proj / down_proj
+    (``Architecture.stored_names`` maps them to the checkpoint's)."""
+
+    def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
+        h, inter = config.hidden_size, config.intermediate_size
+        shapes = {"mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
+        if config.arch.mlp_bias:
+            shapes.update({"mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)})
+        return shapes
+
+    def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
+        return [(name, tensor)]
+
+    def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
+              config: Any, layer: int) -> UngatedMLP:
+        tanh = PLAIN_ACTIVATIONS[config.arch.activation]
+        return UngatedMLP(linear("mlp.up_proj"), linear("mlp.down_proj"), lambda x: ops.gelu(x, tanh))
+
+
 #: Kinds by name; ``LayerSpec.mlp`` picks one.
-MLP_KINDS: dict[str, MlpKind] = {"dense": Dense(), "moe": Moe()}
+MLP_KINDS: dict[str, MlpKind] = {"dense": Dense(), "plain": Plain(), "moe": Moe()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ferrum.arch.rope import Rope
@@ -14,7 +14,7 @@ class LayerSpec:
 
     window: int | None  # sliding window in tokens; None = full attention
     rope: Rope
-    mlp: str = "dense"  # a kind of ferrum.arch.mlp.MLP_KINDS (dense gated MLP; MoE plugs in here)
+    mlp: str = "dense"  # a kind of ferrum.arch.mlp.MLP_KINDS (dense gated MLP, "plain" ungated; MoE plugs in here)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,16 @@ class Architecture:
     norms: dict[str, str]
     #: RMSNorm scales by ``norm_offset + w`` (Gemma stores ``w`` around 0: offset 1).
     norm_offset: float = 0.0
-    activation: str = "silu"  # gated MLP activation: "silu" | "gelu_tanh"
+    #: Every norm's kind: "rms" (RMSNorm) or "layer" (LayerNorm: Phi-2, StableLM, StarCoder2), with a bias
+    #: beside each weight where ``norm_bias``.
+    norm: str = "rms"
+    norm_bias: bool = False
+    #: Attention and the MLP both read the block's normed input and both outputs join the residual stream
+    #: (Phi-2, StableLM 2 12B); the MLP reads ``pre_mlp``'s norm of the input where the block has one.
+    parallel: bool = False
+    #: The activation: of the gated MLP, "silu" | "gelu_tanh"; of the ungated one (``LayerSpec.mlp`` "plain"),
+    #: "gelu_tanh" | "gelu" (exact).
+    activation: str = "silu"
     embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype; Granite's multiplier
     #: Granite: multiplies what each block's attention and MLP add to the residual stream, and the logits.
     #: Folded into the o_proj / down_proj rows and the final norm at load (ferrum.arch.tensors).
@@ -57,6 +66,11 @@ class Architecture:
     query_scaling: tuple[float, int] | None = None
     prefix: str = "model."  # where the decoder's tensors live ("language_model.model." in Gemma 3 multimodal)
     lm_head: str = "lm_head.weight"
+    lm_head_bias: bool = False  # Phi-2's LM head adds a bias
+    #: Modules the checkpoint stores under other names than Llama's, relative to the prefix or to a layer:
+    #: Llama's name -> the checkpoint's (Phi-2: ``{"self_attn.o_proj": "self_attn.dense", "norm":
+    #: "final_layernorm", ...}``). Ferrum uses Llama's names from loading on (:mod:`ferrum.arch.tensors`).
+    stored_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def windows(self) -> tuple[int | None, ...]:

@@ -49,15 +49,19 @@ FUSED = {
 
 
 def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of ``config`` holds, with its shape, in load order."""
+    """Every tensor a checkpoint of ``config`` holds, with its shape, in load order, by its stored name."""
     arch = config.arch
     h, d, vocab = config.hidden_size, config.head_dim, config.vocab_size
     q, kv = config.num_heads * d, config.num_kv_heads * d
     p = arch.prefix
-    shapes = {f"{p}embed_tokens.weight": (vocab, h), f"{p}norm.weight": (h,)}
+    norm_parts = ("weight", "bias") if arch.norm_bias else ("weight",)
+    shapes = {f"{p}embed_tokens.weight": (vocab, h), **{f"{p}norm.{part}": (h,) for part in norm_parts}}
     if not config.tie_word_embeddings:
         shapes[arch.lm_head] = (vocab, h)
-    attention: dict[str, tuple[int, ...]] = {f"{norm}.weight": (h,) for norm in arch.norms.values()}
+    if arch.lm_head_bias:  # its own even where the head's weight is the embedding's
+        shapes[_bias_of(arch.lm_head)] = (vocab,)
+    attention: dict[str, tuple[int, ...]] = {
+        f"{norm}.{part}": (h,) for norm in arch.norms.values() for part in norm_parts}
     if arch.fused_qkv:
         attention["self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
     else:
@@ -73,12 +77,40 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     if arch.qk_norm:
         whole = arch.qk_norm == "projection"  # one scale per q (k) column, else per head dimension
         q_norm, k_norm = arch.qk_norm_names
-        attention.update({f"self_attn.{q_norm}.weight": (q if whole else d,),
-                          f"self_attn.{k_norm}.weight": (kv if whole else d,)})
+        attention.update({f"self_attn.{norm}.{part}": (size,) for norm, size in ((q_norm, q if whole else d),
+                                                                              (k_norm, kv if whole else d))
+                          for part in norm_parts})
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         shapes.update({f"{p}layers.{i}.{name}": shape for name, shape in {**attention, **mlp}.items()})
-    return shapes
+    return {stored_name(arch, name): shape for name, shape in shapes.items()}
+
+
+def _bias_of(weight: str) -> str:
+    return weight.removesuffix(".weight") + ".bias"
+
+
+def stored_name(arch: Any, name: str) -> str:
+    """The checkpoint's name of tensor ``name`` (Llama's naming; :attr:`Architecture.stored_names`)."""
+    return _renamed(arch, name, arch.stored_names)
+
+
+def model_name(arch: Any, name: str) -> str:
+    """Llama's name of checkpoint tensor ``name``: the inverse of :func:`stored_name`."""
+    return _renamed(arch, name, {stored: ours for ours, stored in arch.stored_names.items()})
+
+
+def _renamed(arch: Any, name: str, table: dict[str, str]) -> str:
+    """``name`` with its module (under the prefix, or under a layer) looked up in ``table``."""
+    if not table or not name.startswith(arch.prefix):
+        return name
+    rest, stem = name[len(arch.prefix):], arch.prefix
+    if rest.startswith("layers."):
+        index, rest = rest[len("layers."):].split(".", 1)
+        stem += f"layers.{index}."
+    module, suffix = rest.rsplit(".", 1) if "." in rest else (rest, None)
+    module = table.get(module, module)
+    return stem + module + ("" if suffix is None else f".{suffix}")
 
 
 def rows(tensor: Any, start: int, stop: int) -> Any:
@@ -101,8 +133,9 @@ def _layer_of(name: str, prefix: str) -> int | None:
 
 
 def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
-    """One checkpoint tensor -> the tensors the model reads (split, offset, permuted)."""
+    """One checkpoint tensor -> the tensors the model reads (renamed, split, offset, permuted)."""
     arch = config.arch
+    name = model_name(arch, name)
     layer = _layer_of(name, arch.prefix)
     if layer is None:
         parts = [(name, tensor)]
@@ -125,7 +158,7 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if arch.norm_offset and name.endswith("norm.weight"):
         tensor = np.asarray(tensor, dtype=np.float32) + np.float32(arch.norm_offset)
     if layer is None:
-        if arch.logit_scale != 1.0 and name == f"{arch.prefix}norm.weight":  # the logits are linear in it
+        if arch.logit_scale != 1.0 and name.startswith(f"{arch.prefix}norm."):  # the logits are linear in it
             tensor = np.asarray(tensor, dtype=np.float32) * np.float32(arch.logit_scale)
         return tensor
     if arch.residual_scale != 1.0 and any(w in name for w in _RESIDUAL_WRITERS):
@@ -135,7 +168,7 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if heads is None:
         return tensor
     d = config.head_dim
-    if rope.attention_factor != 1.0 and name.endswith("norm.weight") == (
+    if rope.attention_factor != 1.0 and _is_norm(name) == (
             arch.qk_norm is not None and not arch.qk_norm_after_rope):
         # longrope's factor multiplies cos and sin, i.e. the rotated dims of q and k (after any q/k norm, or
         # before one that follows rope)
@@ -147,12 +180,17 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     return _take_rows(tensor, (np.arange(heads)[:, None] * d + order[None, :]).reshape(-1))
 
 
+def _is_norm(name: str) -> bool:
+    """Whether ``name`` is a norm's weight or bias."""
+    return name.rsplit(".", 2)[-2].endswith("norm")
+
+
 def _rotated_heads(config: Any, name: str) -> int | None:
     """How many heads a q/k tensor holds (1 for a per-head norm), or None for any other tensor."""
     arch = config.arch
     for norm, module, heads in zip(arch.qk_norm_names, ("self_attn.q_", "self_attn.k_"),
                                    (config.num_heads, config.num_kv_heads)):
-        if f".self_attn.{norm}.weight" in name:
+        if f".self_attn.{norm}." in name:
             return 1 if arch.qk_norm == "head" else heads
         if f".{module}" in name:
             return heads
@@ -199,12 +237,16 @@ class Fuser:
         """``names``: every checkpoint tensor that will be prepared (``weight_shapes``)."""
         self._group: dict[str, tuple[str, str]] = {}  # member tensor -> (layer prefix, fused module)
         self._expected: dict[tuple[str, str], int] = {}
+        parts_of: dict[tuple[str, str], list[str]] = {}
         for name in names:
             for part in _member_parts(config, name):
                 key = _group_of(config, part)
                 if key is not None:
-                    self._group[part] = key
-                    self._expected[key] = self._expected.get(key, 0) + 1
+                    parts_of.setdefault(key, []).append(part)
+        for (stem, fused), parts in parts_of.items():
+            if all(f"{stem}{member}.weight" in parts for member in FUSED[fused]):  # not an ungated MLP's lone up_proj
+                self._group.update(dict.fromkeys(parts, (stem, fused)))
+                self._expected[(stem, fused)] = len(parts)
         self._pending: dict[tuple[str, str], dict[str, Any]] = {}
 
     def add(self, name: str, tensor: Any) -> list[tuple[str, Any]]:
@@ -222,6 +264,7 @@ class Fuser:
 
 def _member_parts(config: Any, name: str) -> list[str]:
     """The names ``prepare`` turns checkpoint tensor ``name`` into (a fused checkpoint tensor is split)."""
+    name = model_name(config.arch, name)
     layer = _layer_of(name, config.arch.prefix)
     if layer is None:
         return [name]

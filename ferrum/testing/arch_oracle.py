@@ -1,7 +1,8 @@
 """A float64 forward pass of any family in the family table, written the way transformers writes it.
 
-It reads the checkpoint tensors as stored (fused q/k/v and gate/up split here,
-Gemma's ``1 + w`` norms, partial rotary on the first ``rotary_dim`` dims with
+It reads the checkpoint tensors as stored (under the checkpoint's own names,
+fused q/k/v and gate/up split here, Gemma's ``1 + w`` norms, LayerNorms with
+their biases, partial rotary on the first ``rotary_dim`` dims with
 transformers' pairing, longrope's attention factor on cos and sin, experts one
 matrix per expert or stacked as mlx-lm stacks them), so it checks Ferrum's
 load-time rewrites as well as a backend's ops. Only the
@@ -11,11 +12,13 @@ with Ferrum; that is tested against transformers itself.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
+from ferrum.arch.tensors import stored_name
 from ferrum.config import ModelConfig
 from ferrum.quant.affine import QuantizedWeight, dequantize
 from ferrum.testing.oracle import f64, linear, moe_experts, rms_norm
@@ -59,6 +62,20 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
 
+_erf = np.vectorize(math.erf)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
+
+
+def layer_norm(x, weight, bias, eps: float) -> np.ndarray:
+    x = f64(x)
+    centered = x - x.mean(axis=-1, keepdims=True)
+    out = centered / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps) * f64(weight)
+    return out if bias is None else out + f64(bias)
+
+
 class ArchOracle:
     """``logits(tokens)``: ``[len(tokens), vocab]`` for a float checkpoint folder of any supported family."""
 
@@ -71,72 +88,93 @@ class ArchOracle:
             packed = QuantizedWeight(tensors[f"{module}.weight"], tensors.pop(scales), tensors.pop(f"{module}.biases"),
                                      *quant.for_module(module))
             tensors[f"{module}.weight"] = dequantize(packed)
-        self.w = {name: f64(array) for name, array in tensors.items()}
+        self.stored = {name: f64(array) for name, array in tensors.items()}
 
-    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        cfg = self.config
-        return rms_norm(x, self.w[name] + cfg.arch.norm_offset, cfg.rms_norm_eps)
+    def w(self, name: str) -> np.ndarray | None:
+        """Tensor ``name`` (Llama's naming), read under the checkpoint's name; None where it has none."""
+        return self.stored.get(stored_name(self.config.arch, name))
+
+    def _norm(self, x: np.ndarray, module: str) -> np.ndarray:
+        cfg, arch = self.config, self.config.arch
+        weight = self.w(f"{module}.weight") + arch.norm_offset
+        if arch.norm == "layer":
+            return layer_norm(x, weight, self.w(f"{module}.bias"), cfg.rms_norm_eps)
+        return rms_norm(x, weight, cfg.rms_norm_eps)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         cfg, w, arch = self.config, self.w, self.config.arch
         n, d = len(tokens), cfg.head_dim
         q_size, kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         positions = np.arange(n)
-        h = w["model.embed_tokens.weight"][tokens]
+        h = w("model.embed_tokens.weight")[tokens]
         if arch.embed_scale is not None:
             h = h * arch.embed_scale
         for i, spec in enumerate(arch.layers):
             p = f"model.layers.{i}."
-            norm = {slot: p + name + ".weight" for slot, name in arch.norms.items()}
+            norm = {slot: p + name for slot, name in arch.norms.items()}
             x = self._norm(h, norm["pre_attn"]) if "pre_attn" in norm else h
             if arch.fused_qkv:
-                qkv = linear(x, w[p + "self_attn.qkv_proj.weight"])
+                qkv = linear(x, w(p + "self_attn.qkv_proj.weight"))
                 q, k, v = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
             else:
-                q, k, v = (linear(x, w[f"{p}self_attn.{m}_proj.weight"], w.get(f"{p}self_attn.{m}_proj.bias"))
+                q, k, v = (linear(x, w(f"{p}self_attn.{m}_proj.weight"), w(f"{p}self_attn.{m}_proj.bias"))
                            for m in "qkv")
+            q_norm, k_norm = (f"{p}self_attn.{name}" for name in arch.qk_norm_names)
             if arch.qk_norm == "projection":
-                q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
+                q, k = self._norm(q, q_norm), self._norm(k, k_norm)
             q, k, v = (a.reshape(n, -1, d) for a in (q, k, v))
             if arch.qk_norm == "head":
-                q, k = self._norm(q, p + "self_attn.q_norm.weight"), self._norm(k, p + "self_attn.k_norm.weight")
+                q, k = self._norm(q, q_norm), self._norm(k, k_norm)
             long_from = spec.rope.original_max if spec.rope.switches else None
             q, k = _rope(q, positions, spec.rope, long_from), _rope(k, positions, spec.rope, long_from)
             if arch.query_scaling is not None:  # Llama 4's attention scaling
                 beta, original = arch.query_scaling
                 q = q * (1.0 + beta * np.log(1.0 + np.floor(positions / original)))[:, None, None]
             attn = _attention(q, k, v, arch.attn_scale, spec.window, arch.attn_softcap,
-                              w.get(p + "self_attn.sinks")).reshape(n, -1)
-            o = linear(attn, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
+                              w(p + "self_attn.sinks")).reshape(n, -1)
+            o = linear(attn, w(p + "self_attn.o_proj.weight"), w(p + "self_attn.o_proj.bias"))
             if "post_attn" in norm:
                 o = self._norm(o, norm["post_attn"])
+            if arch.parallel:  # the MLP reads the block's input, beside attention
+                x = self._norm(h, norm["pre_mlp"]) if "pre_mlp" in norm else x
+                h = h + o + self._mlp(x, p, spec.mlp)
+                continue
             h = h + o
             x = self._norm(h, norm["pre_mlp"]) if "pre_mlp" in norm else h
-            if spec.mlp == "moe":
-                h = h + self._experts(x, p)
-                continue
-            if arch.fused_gate_up:
-                gate, up = np.split(linear(x, w[p + "mlp.gate_up_proj.weight"]), 2, axis=-1)
-            else:
-                gate, up = linear(x, w[p + "mlp.gate_proj.weight"]), linear(x, w[p + "mlp.up_proj.weight"])
-            act = _gelu_tanh(gate) if arch.activation == "gelu_tanh" else gate / (1.0 + np.exp(-gate))
-            y = linear(act * up, w[p + "mlp.down_proj.weight"])
+            y = self._mlp(x, p, spec.mlp)
             if "post_mlp" in norm:
                 y = self._norm(y, norm["post_mlp"])
             h = h + y
-        head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
-        logits = linear(self._norm(h, "model.norm.weight"), head)
+        head = w("lm_head.weight")
+        logits = linear(self._norm(h, "model.norm"), w("model.embed_tokens.weight") if head is None else head,
+                        w("lm_head.bias"))
         if arch.final_softcap is not None:
             logits = arch.final_softcap * np.tanh(logits / arch.final_softcap)
         return logits
 
+
+    def _mlp(self, x: np.ndarray, p: str, kind: str) -> np.ndarray:
+        w, arch = self.w, self.config.arch
+        if kind == "moe":
+            return self._experts(x, p)
+        if kind == "plain":
+            up = linear(x, w(p + "mlp.up_proj.weight"), w(p + "mlp.up_proj.bias"))
+            act = _gelu_tanh(up) if arch.activation == "gelu_tanh" else _gelu(up)
+            return linear(act, w(p + "mlp.down_proj.weight"), w(p + "mlp.down_proj.bias"))
+        if arch.fused_gate_up:
+            gate, up = np.split(linear(x, w(p + "mlp.gate_up_proj.weight")), 2, axis=-1)
+        else:
+            gate = linear(x, w(p + "mlp.gate_proj.weight"), w(p + "mlp.gate_proj.bias"))
+            up = linear(x, w(p + "mlp.up_proj.weight"), w(p + "mlp.up_proj.bias"))
+        act = _gelu_tanh(gate) if arch.activation == "gelu_tanh" else gate / (1.0 + np.exp(-gate))
+        return linear(act * up, w(p + "mlp.down_proj.weight"), w(p + "mlp.down_proj.bias"))
 
     def _experts(self, x: np.ndarray, p: str) -> np.ndarray:
         """A sparse MLP: softmax over the router's logits, the top-k (renormalised where the family says), then
         :func:`ferrum.testing.oracle.moe_experts` over the experts as stored."""
         moe, w = self.config.arch.moe, self.w
         m = f"{p}{moe.module}."
-        logits = linear(x, w[f"{m}{moe.router}.weight"], w.get(f"{m}{moe.router}.bias"))
+        logits = linear(x, w(f"{m}{moe.router}.weight"), w(f"{m}{moe.router}.bias"))
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
         ids = np.argsort(-probs, axis=-1)[:, : moe.top_k]
@@ -151,9 +189,9 @@ class ArchOracle:
         stacked as mlx-lm stores them (``M.experts.gate_proj`` with ``.bias``), or one matrix per expert."""
         w, moe = self.w, self.config.arch.moe
         stacked = f"{m}experts.{('gate_proj', 'up_proj', 'down_proj')[which]}"
-        if f"{stacked}.weight" in w:
-            return w[f"{stacked}.weight"], w.get(f"{stacked}.bias")
-        return np.stack([w[f"{m}experts.{e}.{moe.expert_names[which]}.weight"] for e in range(moe.num_experts)]), None
+        if w(f"{stacked}.weight") is not None:
+            return w(f"{stacked}.weight"), w(f"{stacked}.bias")
+        return np.stack([w(f"{m}experts.{e}.{moe.expert_names[which]}.weight") for e in range(moe.num_experts)]), None
 
 
 def attention(q, k, v, scale: float, window: int | None, softcap: float | None, sinks=None) -> np.ndarray:
@@ -166,3 +204,7 @@ def attention(q, k, v, scale: float, window: int | None, softcap: float | None, 
 
 def gelu_tanh_mul(gate, up) -> np.ndarray:
     return _gelu_tanh(f64(gate)) * f64(up)
+
+
+def gelu(x, tanh: bool) -> np.ndarray:
+    return _gelu_tanh(f64(x)) if tanh else _gelu(f64(x))

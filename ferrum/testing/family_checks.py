@@ -1,6 +1,7 @@
-"""Conformance checks for what the model families beyond Llama need: GeGLU, scaling, soft-capping, sinks, and
-one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE, Phi-3 with longrope and partial rotary)
-against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
+"""Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, scaling,
+soft-capping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE, Phi-3 with
+longrope and partial rotary, Phi-2, StarCoder2) against the float64
+:class:`ferrum.testing.arch_oracle.ArchOracle`.
 
 A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
 it is never handed such a model (Ferrum refuses it at load), so those checks
@@ -52,6 +53,16 @@ FAMILY_MODELS: dict[str, dict] = {
         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(6)],
                       "long_factor": [2.0 + 0.5 * i for i in range(6)]},
     ),
+    "phi": dict(  # Phi-2 style: LayerNorms, a parallel block, an ungated MLP, partial rotary; q/k LayerNorms too
+        architectures=["PhiForCausalLM"], model_type="phi", hidden_size=96, intermediate_size=80,
+        num_hidden_layers=2, num_attention_heads=4, vocab_size=97, max_position_embeddings=256,
+        partial_rotary_factor=0.5, qk_layernorm=True, hidden_act="gelu_new", tie_word_embeddings=False,
+    ),
+    "starcoder2": dict(  # biased LayerNorms and projections, the exact GELU, a window shorter than the prompt, tied
+        architectures=["Starcoder2ForCausalLM"], model_type="starcoder2", hidden_size=64, intermediate_size=80,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+        max_position_embeddings=256, sliding_window=3, hidden_act="gelu", tie_word_embeddings=True,
+    ),
 }
 
 
@@ -69,6 +80,22 @@ def _attention_case(c: Any, q_len: int, kv_len: int) -> tuple:
 def check_gelu_tanh_mul(c: Any, tol: float) -> float:
     g, u = c.rounded(c.random(6, 80) * 3), c.rounded(c.random(6, 80))
     return _compare(c.get(c.ops.gelu_tanh_mul(c.put(g), c.put(u))), arch_oracle.gelu_tanh_mul(g, u), tol)
+
+
+def check_layer_norm(c: Any, tol: float) -> float:
+    """Rows far from zero mean (so that the mean matters), with a bias and without, on [T, hidden] and per head."""
+    x, w, b = c.rounded(c.random(6, 80) * 3 + 2), c.rounded(c.random(80)), c.rounded(c.random(80))
+    heads = c.rounded(c.random(5, 4, 24) + 1)
+    w24 = c.rounded(c.random(24))
+    return max(_compare(c.get(c.ops.layer_norm(c.put(x), c.put(w), c.put(b), 1e-5)),
+                        arch_oracle.layer_norm(x, w, b, 1e-5), tol),
+               _compare(c.get(c.ops.layer_norm(c.put(heads), c.put(w24), None, 1e-5)),
+                        arch_oracle.layer_norm(heads, w24, None, 1e-5), tol))
+
+
+def check_gelu(c: Any, tol: float) -> float:
+    x = c.rounded(c.random(6, 80) * 3)
+    return max(_compare(c.get(c.ops.gelu(c.put(x), tanh)), arch_oracle.gelu(x, tanh), tol) for tanh in (True, False))
 
 
 def check_mul_scalar(c: Any, tol: float) -> float:
@@ -158,6 +185,8 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
     sliding = ops.accepts(paged, "sliding_window")
     checks = [
         (f"gelu_tanh_mul ({source('gelu_tanh_mul')})", lambda: check_gelu_tanh_mul(c, tol), tol),
+        (f"layer_norm ({source('layer_norm')})", lambda: check_layer_norm(c, tol), tol),
+        (f"gelu ({source('gelu')})", lambda: check_gelu(c, tol), tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
     ]
