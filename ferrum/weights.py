@@ -189,6 +189,9 @@ def _assemble(
         raise CheckpointError(f"{where}: {module}: {exc}") from exc
 
 
+#: Tensors older checkpoints saved from buffers that Ferrum recomputes: rotary inverse frequencies, and GPT-NeoX's
+#: causal mask.
+_BUFFERS = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
 #: Shown by name at most, of the tensors a load leaves unread.
 _UNREAD_SHOWN = 8
 
@@ -196,15 +199,15 @@ _UNREAD_SHOWN = 8
 def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
     """Say which tensors of the checkpoint the model does not use: a misnamed ``model_type``, biases or
     norms config.json does not turn on, or extra layers would otherwise load and run silently wrong.
-    Not reported: rotary inverse frequencies (recomputed from config.json), the LM head a tied model
-    reads from its embedding, and, when the decoder sits inside a multimodal wrapper, the other
-    modalities' towers (only the text model runs)."""
+    Not reported: buffers (rotary inverse frequencies, recomputed from config.json; causal masks), the
+    LM head a tied model reads from its embedding, and, when the decoder sits inside a multimodal
+    wrapper, the other modalities' towers (only the text model runs)."""
     arch = config.arch
     wrapped = arch.prefix != "model."
     head = arch.lm_head.removesuffix(".weight")  # its packed scales and biases too
     left = sorted(
         name for name in unread
-        if not name.endswith("rotary_emb.inv_freq")
+        if not name.endswith(_BUFFERS)
         and not (config.tie_word_embeddings and name.rsplit(".", 1)[0] == head)
         and not (wrapped and not name.startswith(arch.prefix) and name != arch.lm_head)
     )

@@ -33,7 +33,8 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
-            "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere2")
+            "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere2",
+            "gpt_neox", "gpt_neox_serial")
 
 
 def _longrope(half: int) -> dict:
@@ -123,6 +124,11 @@ def transformers_config(family: str):
     if family == "cohere2":  # Command R7B: sliding layers with rope, the last full and without (NoPE)
         return transformers.Cohere2Config(**{**common, "num_hidden_layers": 4}, num_attention_heads=4,
                                           num_key_value_heads=2, sliding_window=WINDOW, logit_scale=0.5)
+    if family == "gpt_neox":  # Pythia: q/k/v fused per head, a parallel block with two norms, the exact GELU
+        return transformers.GPTNeoXConfig(**{**common, "intermediate_size": 4 * 96}, num_attention_heads=4)
+    if family == "gpt_neox_serial":  # use_parallel_residual off, half of each head rotated, the tanh GELU
+        return transformers.GPTNeoXConfig(**common, num_attention_heads=4, use_parallel_residual=False,
+                                          rotary_pct=0.5, hidden_act="gelu_new")
     raise ValueError(family)
 
 
@@ -204,6 +210,15 @@ def test_chunked_prefill_and_stepwise_decode_past_the_window(checkpoints, family
     assert_parity(np.stack(steps), ref[1:])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_conformance_kits_oracle_matches_transformers(checkpoints, family):
+    """``ArchOracle`` (float64, from the tensors as stored), which plugin authors' backends are held to."""
+    from ferrum.testing.arch_oracle import ArchOracle
+
+    folder, hf = checkpoints[family]
+    assert_parity(ArchOracle(folder).logits(TOKENS), reference_for(family, hf, TOKENS))
+
+
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_longrope_is_exact_within_the_original_length(checkpoints, backend):
     folder, hf = checkpoints["phi3_longrope_partial"]
@@ -264,7 +279,8 @@ def _mlx_lm_config(config: dict) -> dict:
                                             ("phi3_partial", 13), ("olmo2", 13), ("exaone4", 13),
                                             ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13), ("hunyuan", 13),
                                             ("phi", 13), ("stablelm", 13), ("stablelm_parallel", 13),
-                                            ("starcoder2", WINDOW), ("cohere", 13), ("cohere2", WINDOW)])
+                                            ("starcoder2", WINDOW), ("cohere", 13), ("cohere2", WINDOW),
+                                            ("gpt_neox", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -283,6 +299,8 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
         config.update(sliding_window_pattern="LG", head_dim=24, rope_scaling=None)
     if family == "glm4":  # beside the rope settings, as GLM-4-0414 ships it
         config["partial_rotary_factor"] = 0.5
+    if family == "gpt_neox":  # its rope as Pythia spells it (mlx-lm reads only this); mlx-lm's GELU is the tanh form
+        config.update(rotary_emb_base=10000.0, rotary_pct=0.25, hidden_act="gelu_new")
     if family == "hunyuan":  # as Hunyuan's checkpoints spell it
         config.update(head_dim=24, rope_theta=10000.0, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
     (folder / "config.json").write_text(json.dumps(_mlx_lm_config(config)))
@@ -593,10 +611,11 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
-                     "ernie4_5", "glm4", "hunyuan_v1_dense", "phi", "stablelm", "starcoder2", "cohere", "cohere2")
+                     "ernie4_5", "glm4", "hunyuan_v1_dense", "phi", "stablelm", "starcoder2", "cohere", "cohere2",
+                     "gpt_neox")
 #: The LayerNorm families, and the key each reads its norms' epsilon from.
 LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
-                  "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps"}
+                  "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps"}
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -752,6 +771,12 @@ def _draw_layer_norm_family(draw, st, family: str, raw: dict, head_dim: int, win
     acts = ("silu", "silu", "gelu") if gated else ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
     raw["hidden_act"] = draw(st.sampled_from(acts))
     raw.update(_rope_keys(draw, st, ("default", "linear", "dynamic"), head_dim // 2))
+    if family == "gpt_neox":  # its own rope keys (Pythia's), or transformers 5's; parallel blocks or not
+        raw.update(use_parallel_residual=draw(st.booleans()), attention_bias=draw(st.booleans()))
+        if "rope_parameters" in raw:
+            raw["rope_parameters"]["partial_rotary_factor"] = draw(st.sampled_from([0.25, 0.5, 1.0]))
+        else:
+            raw.update(rotary_emb_base=raw.pop("rope_theta"), rotary_pct=draw(st.sampled_from([0.25, 0.5, 1.0])))
     if family == "phi":
         raw.update(partial_rotary_factor=draw(st.sampled_from([0.25, 0.5, 1.0])), qk_layernorm=draw(st.booleans()))
     if family == "stablelm":
@@ -869,7 +894,8 @@ _INVALID = {
         "max_position_embeddings", "head_dim")},
     "num_key_value_heads": ((0, -1, 3, 1.5, "2"), PROPERTY_FAMILIES),  # 3 divides no drawn head count
     "rms_norm_eps": ((0, -1e-6, "1e-6", float("nan")), tuple(f for f in PROPERTY_FAMILIES if f not in LAYER_NORM_EPS)),
-    "layer_norm_eps": ((0, -1e-6, "1e-6", float("nan")), ("phi", "stablelm", "cohere", "cohere2")),
+    "layer_norm_eps": ((0, -1e-6, "1e-6", float("nan")), ("phi", "stablelm", "cohere", "cohere2", "gpt_neox")),
+    "rotary_pct": ((0, -0.5, 1.5, "0.5"), ("gpt_neox",)),
     "logit_scale": ((0, -0.5, "0.0625"), ("cohere", "cohere2")),
     "norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), ("starcoder2",)),
     "rope_theta": ((0, -10000.0, "1e4", True, float("-inf")), PROPERTY_FAMILIES),

@@ -569,16 +569,17 @@ _GEMMA = (
 )
 
 
-def _rotary_dim(r: KeyReader, sizes: Sizes, spec: dict, default: float) -> int:
-    """The dims of a head that rope rotates: partial_rotary_factor of them, in the rope settings or beside."""
-    factor = spec.get("partial_rotary_factor", r("partial_rotary_factor"))
+def _rotary_dim(r: KeyReader, sizes: Sizes, spec: dict, default: float, beside: str = "partial_rotary_factor") -> int:
+    """The dims of a head that rope rotates: partial_rotary_factor of them, in the rope settings or beside them
+    (under the name ``beside``: GPT-NeoX's rotary_pct)."""
+    name = "partial_rotary_factor" if "partial_rotary_factor" in spec else beside
+    factor = spec.get("partial_rotary_factor", r(beside))
     factor = default if factor is None else factor
     if positive_number(factor) or factor > 1:
-        r.fail("partial_rotary_factor", f"must be in (0, 1], got {factor!r}")
+        r.fail(name, f"must be in (0, 1], got {factor!r}")
     rotary_dim = int(sizes.head_dim * factor)
     if rotary_dim < 2 or rotary_dim % 2:
-        r.fail("partial_rotary_factor", f"gives {rotary_dim} rotary dims of {sizes.head_dim}; "
-                                        "Ferrum needs an even number of at least 2")
+        r.fail(name, f"gives {rotary_dim} rotary dims of {sizes.head_dim}; Ferrum needs an even number of at least 2")
     return rotary_dim
 
 
@@ -731,6 +732,33 @@ _COHERE = (
     Key("attention_bias", default=False, check=boolean),
     Key("logit_scale", default=0.0625, check=positive_number),
 )
+
+
+#: GPT-NeoX's modules under Llama's names.
+GPT_NEOX_NAMES = {"embed_tokens": "embed_in", "norm": "final_layer_norm",
+                  "self_attn.qkv_proj": "attention.query_key_value", "self_attn.o_proj": "attention.dense",
+                  "mlp.up_proj": "mlp.dense_h_to_4h", "mlp.down_proj": "mlp.dense_4h_to_h"}
+
+
+def _gpt_neox(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GPT-NeoX (Pythia, RedPajama-INCITE, Dolly 2): q/k/v in one matrix grouped by head, rope on rotary_pct
+    (0.25) of each head from rotary_emb_base, biased LayerNorms and projections, an ungated GELU MLP; with
+    use_parallel_residual (the default) attention and the MLP read the block input through their own norms."""
+    if sizes.head_dim * sizes.num_heads != sizes.hidden_size or sizes.num_kv_heads != sizes.num_heads:
+        r.fail("head_dim" if sizes.head_dim * sizes.num_heads != sizes.hidden_size else "num_key_value_heads",
+               "GPT-NeoX attends with num_attention_heads heads of hidden_size / num_attention_heads; leave it out")
+    key, spec = _rope_spec(r)
+    theta = r("rotary_emb_base")
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES, theta_default=10000.0 if theta is None else theta,
+                     rotary_dim=_rotary_dim(r, sizes, spec, 0.25, beside="rotary_pct"))
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mlp="plain") for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm="layer", norm_bias=True, parallel=r("use_parallel_residual"),
+        activation=_gelu_activation(r), attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias,
+        mlp_bias=True, fused_qkv=True, qkv_per_head=True, prefix="gpt_neox.", lm_head="embed_out.weight",
+        stored_names=GPT_NEOX_NAMES,
+    )
 
 
 def _gelu_key(default: str) -> Key:
@@ -928,6 +956,18 @@ FAMILIES: dict[str, Family] = {
             Key("sliding_window_pattern", default=4, check=positive_int),
         )),
         _cohere2,
+        eps_default=1e-5,
+        eps_key="layer_norm_eps",
+    ),
+    "gpt_neox": Family(  # Pythia, RedPajama-INCITE, Dolly 2, GPT-NeoX-20B
+        _keys(_core(False, eps_key="layer_norm_eps"), _ROPE[:3], (
+            _gelu_key("gelu"),
+            Key("rotary_emb_base", check=optional_positive_number),
+            Key("rotary_pct", check=optional_positive_number),
+            Key("use_parallel_residual", default=True, check=boolean),
+            Key("attention_bias", default=True, check=boolean),
+        )),
+        _gpt_neox,
         eps_default=1e-5,
         eps_key="layer_norm_eps",
     ),

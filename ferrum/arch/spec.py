@@ -59,6 +59,7 @@ class Architecture:
     o_bias: bool = False
     mlp_bias: bool = False
     fused_qkv: bool = False  # checkpoint holds self_attn.qkv_proj (Phi-3)
+    qkv_per_head: bool = False  # ...with its rows grouped per head, each head's q, k, v in turn (GPT-NeoX)
     fused_gate_up: bool = False  # checkpoint holds mlp.gate_up_proj (Phi-3)
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
     #: Llama 4's attention scaling (Ministral 3), ``(beta, original)``: each query is multiplied by ``1 + beta *

@@ -70,7 +70,9 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     attention["self_attn.o_proj.weight"] = (h, q)
     if arch.sinks:
         attention["self_attn.sinks"] = (config.num_heads,)
-    if arch.qkv_bias:
+    if arch.qkv_bias and arch.fused_qkv:
+        attention["self_attn.qkv_proj.bias"] = (q + 2 * kv,)
+    elif arch.qkv_bias:
         attention.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
     if arch.o_bias:
         attention["self_attn.o_proj.bias"] = (h,)
@@ -141,6 +143,9 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = [(name, tensor)]
     elif ".self_attn.qkv_proj." in name:
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        if arch.qkv_per_head:  # [head][q, k, v][dim] -> [q, k, v][head][dim]
+            heads, d = config.num_heads, config.head_dim
+            tensor = _take_rows(tensor, np.arange(3 * q).reshape(heads, 3, d).transpose(1, 0, 2).reshape(-1))
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
                  (name.replace("qkv_proj", "k_proj"), rows(tensor, q, q + kv)),
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]

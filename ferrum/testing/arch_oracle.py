@@ -1,13 +1,14 @@
 """A float64 forward pass of any family in the family table, written the way transformers writes it.
 
 It reads the checkpoint tensors as stored (under the checkpoint's own names,
-fused q/k/v and gate/up split here, Gemma's ``1 + w`` norms, LayerNorms with
-their biases, partial rotary on the first ``rotary_dim`` dims with
-transformers' pairing, longrope's attention factor on cos and sin, experts one
-matrix per expert or stacked as mlx-lm stacks them), so it checks Ferrum's
-load-time rewrites as well as a backend's ops. Only the
+fused q/k/v (GPT-NeoX's grouped per head) and gate/up split here, Gemma's
+``1 + w`` norms, LayerNorms with their biases, rope on the first
+``rotary_dim`` dims with transformers' pairing or GPT-J's, longrope's attention
+factor on cos and sin, Granite's multipliers applied where transformers applies
+them, experts one matrix per expert or stacked as mlx-lm stacks them), so it
+checks Ferrum's load-time rewrites as well as a backend's ops. Only the
 interpretation of config.json (:class:`ferrum.arch.Architecture`) is shared
-with Ferrum; that is tested against transformers itself.
+with Ferrum; the oracle is tested against transformers on every family.
 """
 
 from __future__ import annotations
@@ -25,16 +26,20 @@ from ferrum.testing.oracle import f64, linear, moe_experts, rms_norm
 
 
 def _rope(x: np.ndarray, positions: np.ndarray, rope, long_from: int | None) -> np.ndarray:
-    """transformers' rotate-half on the first ``rotary_dim`` dims, cos/sin times the attention factor."""
+    """transformers' rotate-half on the first ``rotary_dim`` dims (GPT-J's adjacent pairs where the rope is
+    interleaved), cos/sin times the attention factor."""
     r = rope.rotary_dim
     out = x.copy()
     for t, pos in enumerate(positions):
         inv = f64(rope.inv_freq(long=long_from is not None and pos >= long_from))[: r // 2]
-        angle = np.concatenate([pos * inv, pos * inv])
-        cos, sin = np.cos(angle) * rope.attention_factor, np.sin(angle) * rope.attention_factor
+        cos, sin = np.cos(pos * inv) * rope.attention_factor, np.sin(pos * inv) * rope.attention_factor
         rot = x[t, :, :r]
-        half = np.concatenate([-rot[:, r // 2:], rot[:, : r // 2]], axis=-1)
-        out[t, :, :r] = rot * cos + half * sin
+        first, second = (rot[:, 0::2], rot[:, 1::2]) if rope.interleaved else (rot[:, : r // 2], rot[:, r // 2:])
+        turned = (first * cos - second * sin, second * cos + first * sin)
+        if rope.interleaved:
+            out[t, :, 0:r:2], out[t, :, 1:r:2] = turned
+        else:
+            out[t, :, :r] = np.concatenate(turned, axis=-1)
     return out
 
 
@@ -106,15 +111,18 @@ class ArchOracle:
         n, d = len(tokens), cfg.head_dim
         q_size, kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         positions = np.arange(n)
-        h = w("model.embed_tokens.weight")[tokens]
+        p_model = arch.prefix
+        h = w(p_model + "embed_tokens.weight")[tokens]
         if arch.embed_scale is not None:
             h = h * arch.embed_scale
         for i, spec in enumerate(arch.layers):
-            p = f"model.layers.{i}."
+            p = f"{p_model}layers.{i}."
             norm = {slot: p + name for slot, name in arch.norms.items()}
             x = self._norm(h, norm["pre_attn"]) if "pre_attn" in norm else h
             if arch.fused_qkv:
-                qkv = linear(x, w(p + "self_attn.qkv_proj.weight"))
+                qkv = linear(x, w(p + "self_attn.qkv_proj.weight"), w(p + "self_attn.qkv_proj.bias"))
+                if arch.qkv_per_head:  # each head's q, k, v in turn
+                    qkv = qkv.reshape(n, -1, 3, d).transpose(0, 2, 1, 3).reshape(n, -1)
                 q, k, v = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
             else:
                 q, k, v = (linear(x, w(f"{p}self_attn.{m}_proj.weight"), w(f"{p}self_attn.{m}_proj.bias"))
@@ -123,10 +131,12 @@ class ArchOracle:
             if arch.qk_norm == "projection":
                 q, k = self._norm(q, q_norm), self._norm(k, k_norm)
             q, k, v = (a.reshape(n, -1, d) for a in (q, k, v))
-            if arch.qk_norm == "head":
+            if arch.qk_norm == "head" and not arch.qk_norm_after_rope:
                 q, k = self._norm(q, q_norm), self._norm(k, k_norm)
             long_from = spec.rope.original_max if spec.rope.switches else None
             q, k = _rope(q, positions, spec.rope, long_from), _rope(k, positions, spec.rope, long_from)
+            if arch.qk_norm == "head" and arch.qk_norm_after_rope:
+                q, k = self._norm(q, q_norm), self._norm(k, k_norm)
             if arch.query_scaling is not None:  # Llama 4's attention scaling
                 beta, original = arch.query_scaling
                 q = q * (1.0 + beta * np.log(1.0 + np.floor(positions / original)))[:, None, None]
@@ -137,17 +147,17 @@ class ArchOracle:
                 o = self._norm(o, norm["post_attn"])
             if arch.parallel:  # the MLP reads the block's input, beside attention
                 x = self._norm(h, norm["pre_mlp"]) if "pre_mlp" in norm else x
-                h = h + o + self._mlp(x, p, spec.mlp)
+                h = h + (o + self._mlp(x, p, spec.mlp)) * arch.residual_scale
                 continue
-            h = h + o
+            h = h + o * arch.residual_scale
             x = self._norm(h, norm["pre_mlp"]) if "pre_mlp" in norm else h
             y = self._mlp(x, p, spec.mlp)
             if "post_mlp" in norm:
                 y = self._norm(y, norm["post_mlp"])
-            h = h + y
-        head = w("lm_head.weight")
-        logits = linear(self._norm(h, "model.norm"), w("model.embed_tokens.weight") if head is None else head,
-                        w("lm_head.bias"))
+            h = h + y * arch.residual_scale
+        head = self.stored.get(arch.lm_head)
+        logits = linear(self._norm(h, p_model + "norm"), w(p_model + "embed_tokens.weight") if head is None else head,
+                        self.stored.get(arch.lm_head.removesuffix(".weight") + ".bias")) * arch.logit_scale
         if arch.final_softcap is not None:
             logits = arch.final_softcap * np.tanh(logits / arch.final_softcap)
         return logits
