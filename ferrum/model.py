@@ -195,6 +195,8 @@ class DecoderOnlyLLM:
         arch = config.arch
         embed = weights[f"{arch.prefix}embed_tokens.weight"]
         self.embed, self.embed_lookup = embed.weight, embed.embedding
+        #: Learned absolute positions (GPT-2), or None.
+        self.position_table = weights.get(f"{arch.prefix}embed_positions.weight")
         self.final_norm = _norm_weights(weights, f"{arch.prefix}norm")
         head_bias = weights.get(arch.lm_head.removesuffix(".weight") + ".bias")
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
@@ -249,14 +251,15 @@ class DecoderOnlyLLM:
         shapes = weight_shapes(config)
         weights: dict[str, Placed] = {}
         embedding = f"{config.arch.prefix}embed_tokens.weight"
-        embedding_role = "tied" if config.tie_word_embeddings else "embedding"
+        roles = {embedding: "tied" if config.tie_word_embeddings else "embedding",
+                 f"{config.arch.prefix}embed_positions.weight": "embedding"}
         # Fused projections (one linear, then a split) only where the backend splits natively.
         fuser = Fuser(config, shapes) if "split" in backend.ops.native else None
         needs = config.arch.moe.needs if config.arch.moe is not None else ()
         for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
             for prepared, host in prepare(config, name, tensor):
                 for part, array in fuser.add(prepared, host) if fuser else [(prepared, host)]:
-                    role = embedding_role if part == embedding else "bias" if part.endswith(".bias") else "linear"
+                    role = roles.get(part, "bias" if part.endswith(".bias") else "linear")
                     weights[part] = place(backend.ops, part, array, dtype, role, needs)
             if progress is not None:
                 progress(done, len(shapes), name)
@@ -508,6 +511,8 @@ class DecoderOnlyLLM:
         last = len(self.layers) - 1
 
         h = self.embed_lookup(self.embed, ids)
+        if self.position_table is not None:
+            h = ops.add(h, self.position_table.embedding(self.position_table.weight, positions))
         if arch.embed_scale is not None:
             h = ops.mul_scalar(h, arch.embed_scale)
         residual = None  # output of the previous block, not yet added to h

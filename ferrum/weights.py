@@ -190,8 +190,8 @@ def _assemble(
 
 
 #: Tensors older checkpoints saved from buffers that Ferrum recomputes: rotary inverse frequencies, and GPT-NeoX's
-#: causal mask.
-_BUFFERS = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
+#: and GPT-2's causal masks.
+_BUFFERS = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias", ".attn.bias", ".attn.masked_bias")
 #: Shown by name at most, of the tensors a load leaves unread.
 _UNREAD_SHOWN = 8
 

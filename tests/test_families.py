@@ -34,7 +34,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
             "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere2",
-            "gpt_neox", "gpt_neox_serial")
+            "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu")
 
 
 def _longrope(half: int) -> dict:
@@ -129,6 +129,13 @@ def transformers_config(family: str):
     if family == "gpt_neox_serial":  # use_parallel_residual off, half of each head rotated, the tanh GELU
         return transformers.GPTNeoXConfig(**common, num_attention_heads=4, use_parallel_residual=False,
                                           rotary_pct=0.5, hidden_act="gelu_new")
+    if family == "gpt2":  # learned positions, no rope, fused and transposed (Conv1D) projections, tied
+        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=96, n_layer=3, n_head=4, n_positions=64,
+                                       bos_token_id=1, eos_token_id=2)
+    if family == "gpt2_untied_exact_gelu":  # its own LM head and MLP width, the exact GELU
+        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32, n_inner=80,
+                                       activation_function="gelu", tie_word_embeddings=False, bos_token_id=1,
+                                       eos_token_id=2)
     raise ValueError(family)
 
 
@@ -258,6 +265,17 @@ def test_backends_agree_with_cpu_and_greedy_tokens_match(checkpoints, family, ba
     assert runs[backend][1] == runs["cpu"][1]
 
 
+def _as_bare_gpt2(path, layers: int, positions: int) -> None:
+    """A GPT2LMHeadModel's tensors as the first GPT-2 release stores them: no ``transformer.`` prefix, and each
+    layer's causal mask buffer ``h.N.attn.bias`` beside its weights."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {name.removeprefix("transformer."): array for name, array in load_file(str(path)).items()}
+    mask = np.tril(np.ones((positions, positions), dtype=np.float32))[None, None]
+    tensors.update({f"h.{i}.attn.bias": mask for i in range(layers)})
+    save_file(tensors, str(path))
+
+
 def _mlx_lm_config(config: dict) -> dict:
     """The transformers-4 spelling of the rope and window keys, which mlx-lm reads."""
     params = config.pop("rope_parameters", None) or {}
@@ -280,7 +298,7 @@ def _mlx_lm_config(config: dict) -> dict:
                                             ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13), ("hunyuan", 13),
                                             ("phi", 13), ("stablelm", 13), ("stablelm_parallel", 13),
                                             ("starcoder2", WINDOW), ("cohere", 13), ("cohere2", WINDOW),
-                                            ("gpt_neox", 13)])
+                                            ("gpt_neox", 13), ("gpt2", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -301,6 +319,9 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
         config["partial_rotary_factor"] = 0.5
     if family == "gpt_neox":  # its rope as Pythia spells it (mlx-lm reads only this); mlx-lm's GELU is the tanh form
         config.update(rotary_emb_base=10000.0, rotary_pct=0.25, hidden_act="gelu_new")
+    if family == "gpt2":  # as the first release: the bare decoder with its mask buffers, which mlx-lm reads
+        config["n_ctx"] = config["n_positions"]
+        _as_bare_gpt2(folder / "model.safetensors", config["n_layer"], config["n_positions"])
     if family == "hunyuan":  # as Hunyuan's checkpoints spell it
         config.update(head_dim=24, rope_theta=10000.0, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
     (folder / "config.json").write_text(json.dumps(_mlx_lm_config(config)))
@@ -612,10 +633,16 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
                      "ernie4_5", "glm4", "hunyuan_v1_dense", "phi", "stablelm", "starcoder2", "cohere", "cohere2",
-                     "gpt_neox")
+                     "gpt_neox", "gpt2")
 #: The LayerNorm families, and the key each reads its norms' epsilon from.
 LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
-                  "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps"}
+                  "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps",
+                  "gpt2": "layer_norm_epsilon"}
+#: GPT-2's keys for the sizes, by the usual key.
+GPT2_KEYS = {"hidden_size": "n_embd", "intermediate_size": "n_inner", "num_hidden_layers": "n_layer",
+             "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
+#: The families that read the usual size and rope keys.
+USUAL_KEYS = tuple(f for f in PROPERTY_FAMILIES if f != "gpt2")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -767,6 +794,14 @@ def _draw_layer_norm_family(draw, st, family: str, raw: dict, head_dim: int, win
     """Phi, StableLM, StarCoder2, Command R (1, 2): their epsilon key, activations (an unsupported one now and
     then), partial rotary, biases, StableLM's parallel block, the windows, Command R's logit scale."""
     raw[LAYER_NORM_EPS[family]] = raw.pop("rms_norm_eps")
+    if family == "gpt2":  # its own keys, learned positions instead of rope, one head size
+        for usual, own in GPT2_KEYS.items():
+            raw[own] = raw.pop(usual)
+        del raw["num_key_value_heads"]
+        raw.pop("head_dim", None)
+        raw.update(activation_function=draw(st.sampled_from(["gelu_new", "gelu", "gelu_pytorch_tanh", "relu"])),
+                   scale_attn_weights=draw(st.booleans()), n_inner=draw(st.sampled_from([None, raw["n_inner"]])))
+        return raw
     gated = family in ("stablelm", "cohere", "cohere2")
     acts = ("silu", "silu", "gelu") if gated else ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
     raw["hidden_act"] = draw(st.sampled_from(acts))
@@ -889,17 +924,20 @@ def test_each_rope_scaling_in_each_spelling_matches_transformers(kind, spelling,
 _BAD_NUMBERS = (0, -4, 2.5, "64", True, float("nan"))
 #: key -> the invalid values drawn for it, and the families that read it.
 _INVALID = {
-    **{key: (_BAD_NUMBERS, PROPERTY_FAMILIES) for key in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-        "max_position_embeddings", "head_dim")},
-    "num_key_value_heads": ((0, -1, 3, 1.5, "2"), PROPERTY_FAMILIES),  # 3 divides no drawn head count
+    **{key: (_BAD_NUMBERS, USUAL_KEYS) for key in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+        "head_dim")},
+    **{key: (_BAD_NUMBERS, ("gpt2",)) for key in GPT2_KEYS.values()},
+    "vocab_size": (_BAD_NUMBERS, PROPERTY_FAMILIES),
+    "num_key_value_heads": ((0, -1, 3, 1.5, "2"), USUAL_KEYS),  # 3 divides no drawn head count
     "rms_norm_eps": ((0, -1e-6, "1e-6", float("nan")), tuple(f for f in PROPERTY_FAMILIES if f not in LAYER_NORM_EPS)),
     "layer_norm_eps": ((0, -1e-6, "1e-6", float("nan")), ("phi", "stablelm", "cohere", "cohere2", "gpt_neox")),
+    "layer_norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), ("gpt2",)),
     "rotary_pct": ((0, -0.5, 1.5, "0.5"), ("gpt_neox",)),
     "logit_scale": ((0, -0.5, "0.0625"), ("cohere", "cohere2")),
     "norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), ("starcoder2",)),
-    "rope_theta": ((0, -10000.0, "1e4", True, float("-inf")), PROPERTY_FAMILIES),
-    "factor": ((0, -2.0, "2", None), tuple(f for f in PROPERTY_FAMILIES if f not in ("gemma2", "gemma3_text", "phi3"))),
+    "rope_theta": ((0, -10000.0, "1e4", True, float("-inf")), USUAL_KEYS),
+    "factor": ((0, -2.0, "2", None), tuple(f for f in USUAL_KEYS if f not in ("gemma2", "gemma3_text", "phi3"))),
     "sliding_window": ((-1, 2.5, "8", True), ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
                                              "gemma2", "gemma3_text", "phi3", "starcoder2")),
     "tie_word_embeddings": (("yes", 1, 0.0), PROPERTY_FAMILIES),

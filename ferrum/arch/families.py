@@ -7,7 +7,7 @@ model reads only the resulting :class:`ferrum.arch.spec.Architecture`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ferrum.arch.keys import (
@@ -50,6 +50,7 @@ class Family:
     build: Callable[[KeyReader, Sizes], Architecture]
     eps_default: float = 1e-6
     eps_key: str = "rms_norm_eps"  # the norms' epsilon (LayerNorm families: layer_norm_eps, norm_epsilon)
+    names: dict[str, str] = field(default_factory=dict)  # the sizes' keys where the family has its own (GPT-2)
 
 
 def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
@@ -83,24 +84,32 @@ _ROPE = (
 _SILU = (Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),)
 
 
-def read_sizes(r: KeyReader, eps_default: float, eps_key: str = "rms_norm_eps") -> Sizes:
-    hidden, heads = r("hidden_size"), r("num_attention_heads")
-    kv_heads = r("num_key_value_heads") or heads
+def read_sizes(r: KeyReader, eps_default: float, eps_key: str = "rms_norm_eps",
+               names: dict[str, str] | None = None) -> Sizes:
+    """The sizes under their usual keys, or under ``names`` (usual key -> the family's: GPT-2's n_embd...)."""
+    names = names or {}
+    hidden_key, heads_key = names.get("hidden_size", "hidden_size"), names.get("num_attention_heads",
+                                                                               "num_attention_heads")
+    hidden, heads = r(hidden_key), r(heads_key)
+    kv_heads = r.get("num_key_value_heads") or heads
     if heads % kv_heads:
-        r.fail("num_key_value_heads", f"is {kv_heads}, but num_attention_heads ({heads}) must be a multiple of it")
-    head_dim = r("head_dim")
+        r.fail("num_key_value_heads", f"is {kv_heads}, but {heads_key} ({heads}) must be a multiple of it")
+    head_dim = r.get("head_dim")
     if head_dim is None:
         if hidden % heads:
-            r.fail("hidden_size", f"{hidden} is not divisible by {heads} heads; set head_dim")
+            r.fail(hidden_key, f"{hidden} is not divisible by {heads} heads; set head_dim")
         head_dim = hidden // heads
     if head_dim % 2:
-        r.fail("head_dim", f"must be even (rope rotates pairs), got {head_dim}")
+        r.fail("head_dim" if "head_dim" in r.keys else hidden_key, f"gives heads of {head_dim} dims; "
+                                                                   "Ferrum needs an even number (rope rotates pairs)")
     eps = r(eps_key)
+    intermediate = r(names.get("intermediate_size", "intermediate_size"))
     return Sizes(
-        hidden_size=hidden, intermediate_size=r("intermediate_size"), num_layers=r("num_hidden_layers"),
+        hidden_size=hidden, intermediate_size=4 * hidden if intermediate is None else intermediate,  # GPT-2's n_inner
+        num_layers=r(names.get("num_hidden_layers", "num_hidden_layers")),
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=r("vocab_size"),
-        max_seq_len=r("max_position_embeddings"), rms_norm_eps=float(eps_default if eps is None else eps),
-        tie_word_embeddings=bool(r("tie_word_embeddings")),
+        max_seq_len=r(names.get("max_position_embeddings", "max_position_embeddings")),
+        rms_norm_eps=float(eps_default if eps is None else eps), tie_word_embeddings=bool(r("tie_word_embeddings")),
     )
 
 
@@ -761,6 +770,28 @@ def _gpt_neox(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: GPT-2's modules, and its config's keys for the sizes, under Llama's names.
+GPT2_NAMES = {"layers": "h", "embed_tokens": "wte", "embed_positions": "wpe", "norm": "ln_f",
+              "self_attn.qkv_proj": "attn.c_attn", "self_attn.o_proj": "attn.c_proj",
+              "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+GPT2_CONFIG_NAMES = {"hidden_size": "n_embd", "intermediate_size": "n_inner", "num_hidden_layers": "n_layer",
+                     "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
+
+
+def _gpt2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GPT-2: learned positions added to the token embeddings (no rope), q/k/v in one matrix, every projection
+    biased and stored transposed (its Conv1D), an ungated GELU MLP, biased LayerNorms."""
+    r("scale_attn_by_inverse_layer_idx")
+    return Architecture(
+        layers=tuple(LayerSpec(None, Rope.unrotated(sizes.head_dim), mlp="plain") for _ in range(sizes.num_layers)),
+        norms={"pre_attn": "ln_1", "pre_mlp": "ln_2"}, norm="layer", norm_bias=True,
+        activation=_GELU_ACTIVATIONS[r("activation_function")],
+        attn_scale=1.0 / math.sqrt(sizes.head_dim) if r("scale_attn_weights") else 1.0,
+        qkv_bias=True, o_bias=True, mlp_bias=True, fused_qkv=True, position_embedding=True, transposed=True,
+        prefix="transformer.", stored_names=GPT2_NAMES,
+    )
+
+
 def _gelu_key(default: str) -> Key:
     return Key("hidden_act", default=default, check=one_of(*_GELU_ACTIVATIONS), unsupported=True)
 
@@ -970,6 +1001,26 @@ FAMILIES: dict[str, Family] = {
         _gpt_neox,
         eps_default=1e-5,
         eps_key="layer_norm_eps",
+    ),
+    "gpt2": Family(
+        _keys((
+            Key("n_embd", check=size(1 << 17)),
+            Key("n_inner", check=optional_size(1 << 20)),  # None: 4 x n_embd
+            Key("n_layer", check=size(1024)),
+            Key("n_head", check=size(4096)),
+            Key("vocab_size", check=size(1 << 23)),
+            Key("n_positions", check=size(1 << 28)),
+            Key("layer_norm_epsilon", check=optional_positive_number),
+            Key("tie_word_embeddings", default=True, check=boolean),
+            Key("activation_function", default="gelu_new", check=one_of(*_GELU_ACTIVATIONS), unsupported=True),
+            Key("scale_attn_weights", default=True, check=boolean),
+            Key("scale_attn_by_inverse_layer_idx", default=False, unsupported=True, check=falsy(
+                "attention scaled by each layer's depth is not supported")),
+        )),
+        _gpt2,
+        eps_default=1e-5,
+        eps_key="layer_norm_epsilon",
+        names=GPT2_CONFIG_NAMES,
     ),
     "starcoder2": Family(
         _keys(_core(True, eps_key="norm_epsilon"), _ROPE[:3], _WINDOW, (

@@ -65,6 +65,10 @@ class Architecture:
     #: Llama 4's attention scaling (Ministral 3), ``(beta, original)``: each query is multiplied by ``1 + beta *
     #: log(1 + floor(position / original))``, exactly 1 before ``original_max_position_embeddings``.
     query_scaling: tuple[float, int] | None = None
+    #: Learned absolute positions (GPT-2): ``embed_positions`` rows added to the token embeddings.
+    position_embedding: bool = False
+    #: The layers' projections are stored ``[in, out]`` (GPT-2's Conv1D), transposed at load.
+    transposed: bool = False
     prefix: str = "model."  # where the decoder's tensors live ("language_model.model." in Gemma 3 multimodal)
     lm_head: str = "lm_head.weight"
     lm_head_bias: bool = False  # Phi-2's LM head adds a bias

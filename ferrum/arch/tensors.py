@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ferrum.arch.mlp import MLP_KINDS
+from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
 from ferrum.weights import Linear, Projections
 
@@ -38,6 +39,8 @@ LAYOUTS = (
     ("model.", "lm_head.weight"),
     ("language_model.model.", "language_model.lm_head.weight"),
     ("model.language_model.", "lm_head.weight"),
+    ("transformer.", "lm_head.weight"),  # GPT-2's LM
+    ("", "lm_head.weight"),  # GPT-2's bare decoder, as the first releases saved it
 )
 
 
@@ -56,6 +59,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     p = arch.prefix
     norm_parts = ("weight", "bias") if arch.norm_bias else ("weight",)
     shapes = {f"{p}embed_tokens.weight": (vocab, h), **{f"{p}norm.{part}": (h,) for part in norm_parts}}
+    if arch.position_embedding:
+        shapes[f"{p}embed_positions.weight"] = (config.max_seq_len, h)
     if not config.tie_word_embeddings:
         shapes[arch.lm_head] = (vocab, h)
     if arch.lm_head_bias:  # its own even where the head's weight is the embedding's
@@ -84,7 +89,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
                           for part in norm_parts})
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
-        shapes.update({f"{p}layers.{i}.{name}": shape for name, shape in {**attention, **mlp}.items()})
+        shapes.update({f"{p}layers.{i}.{name}": shape[::-1] if arch.transposed and len(shape) == 2 else shape
+                       for name, shape in {**attention, **mlp}.items()})
     return {stored_name(arch, name): shape for name, shape in shapes.items()}
 
 
@@ -103,16 +109,26 @@ def model_name(arch: Any, name: str) -> str:
 
 
 def _renamed(arch: Any, name: str, table: dict[str, str]) -> str:
-    """``name`` with its module (under the prefix, or under a layer) looked up in ``table``."""
+    """``name`` with its module (under the prefix, or under a layer) and the layers' container looked up in
+    ``table``."""
     if not table or not name.startswith(arch.prefix):
         return name
     rest, stem = name[len(arch.prefix):], arch.prefix
-    if rest.startswith("layers."):
-        index, rest = rest[len("layers."):].split(".", 1)
-        stem += f"layers.{index}."
+    container, _, inner = rest.partition(".")
+    if "layers" in (container, table.get(container)) and inner.split(".", 1)[0].isdigit() and "." in inner:
+        index, rest = inner.split(".", 1)
+        stem += f"{table.get(container, container)}.{index}."
     module, suffix = rest.rsplit(".", 1) if "." in rest else (rest, None)
     module = table.get(module, module)
     return stem + module + ("" if suffix is None else f".{suffix}")
+
+
+def _transposed(name: str, tensor: Any) -> np.ndarray:
+    """A projection stored ``[in, out]`` (GPT-2's Conv1D) as ``[out, in]``."""
+    if isinstance(tensor, QuantizedWeight):
+        raise UnsupportedFeatureError(f"{name}: packed projections stored transposed (GPT-2's Conv1D) are not "
+                                      "supported; load the float checkpoint")
+    return np.ascontiguousarray(np.asarray(tensor).T)
 
 
 def rows(tensor: Any, start: int, stop: int) -> Any:
@@ -135,10 +151,12 @@ def _layer_of(name: str, prefix: str) -> int | None:
 
 
 def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
-    """One checkpoint tensor -> the tensors the model reads (renamed, split, offset, permuted)."""
+    """One checkpoint tensor -> the tensors the model reads (renamed, transposed, split, offset, permuted)."""
     arch = config.arch
     name = model_name(arch, name)
     layer = _layer_of(name, arch.prefix)
+    if arch.transposed and layer is not None and np.ndim(tensor) == 2:
+        tensor = _transposed(name, tensor)
     if layer is None:
         parts = [(name, tensor)]
     elif ".self_attn.qkv_proj." in name:
@@ -325,6 +343,8 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
 def resolve_layout(config: Any, present: set[str]) -> Any:
     """``config`` with the decoder prefix and LM head name of the layout ``present`` (tensor names) uses."""
     for prefix, head in LAYOUTS:
-        if f"{prefix}embed_tokens.weight" in present or f"{prefix}embed_tokens.scales" in present:
-            return replace(config, arch=replace(config.arch, prefix=prefix, lm_head=head))
+        arch = replace(config.arch, prefix=prefix, lm_head=head)
+        embedding = stored_name(arch, f"{prefix}embed_tokens.weight").removesuffix(".weight")
+        if f"{embedding}.weight" in present or f"{embedding}.scales" in present:
+            return replace(config, arch=arch)
     return config

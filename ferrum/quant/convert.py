@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ferrum.checkpoint import INDEX_FILE, Checkpoint, tensor_nbytes, write_safetensors_header
-from ferrum.errors import CheckpointError, InvalidRequestError
+from ferrum.errors import CheckpointError, InvalidRequestError, UnsupportedFeatureError
 from ferrum.quant.affine import MLX_GROUP_SIZES, SUPPORTED_BITS, quantize
 from ferrum.quant.config import QuantConfig
 
@@ -103,6 +103,9 @@ def quantize_checkpoint(
             f"{src} is already quantized ({config.quantization.bits}-bit, group size "
             f"{config.quantization.group_size}); quantize its float original instead"
         )
+    if config.arch.transposed:
+        raise UnsupportedFeatureError(f"{src}: a {config.model_type} checkpoint stores its projections transposed "
+                                      "(GPT-2's Conv1D), which ferrum quantize does not pack; run it in float")
     checkpoint = Checkpoint(src)
     shapes = weight_shapes(config)
     plan = _plan(checkpoint, shapes, bits, group_size, config)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from ferrum.arch.tensors import stored_name
+from ferrum.arch.tensors import resolve_layout, stored_name
 from ferrum.config import ModelConfig
 from ferrum.quant.affine import QuantizedWeight, dequantize
 from ferrum.testing.oracle import f64, linear, moe_experts, rms_norm
@@ -85,8 +85,8 @@ class ArchOracle:
     """``logits(tokens)``: ``[len(tokens), vocab]`` for a float checkpoint folder of any supported family."""
 
     def __init__(self, folder: Path):
-        self.config = ModelConfig.from_file(folder)
         tensors = load_file(str(Path(folder) / "model.safetensors"))
+        self.config = resolve_layout(ModelConfig.from_file(folder), set(tensors))
         quant = self.config.quantization
         for scales in [name for name in tensors if name.endswith(".scales")]:  # packed: the values they stand for
             module = scales.removesuffix(".scales")
@@ -96,8 +96,12 @@ class ArchOracle:
         self.stored = {name: f64(array) for name, array in tensors.items()}
 
     def w(self, name: str) -> np.ndarray | None:
-        """Tensor ``name`` (Llama's naming), read under the checkpoint's name; None where it has none."""
-        return self.stored.get(stored_name(self.config.arch, name))
+        """Tensor ``name`` (Llama's naming), read under the checkpoint's name (a layer's projection stored
+        transposed, as GPT-2's Conv1D, turned back); None where it has none."""
+        arch = self.config.arch
+        tensor = self.stored.get(stored_name(arch, name))
+        in_layer = name.startswith(f"{arch.prefix}layers.")
+        return tensor.T if arch.transposed and in_layer and tensor is not None and tensor.ndim == 2 else tensor
 
     def _norm(self, x: np.ndarray, module: str) -> np.ndarray:
         cfg, arch = self.config, self.config.arch
@@ -113,6 +117,8 @@ class ArchOracle:
         positions = np.arange(n)
         p_model = arch.prefix
         h = w(p_model + "embed_tokens.weight")[tokens]
+        if arch.position_embedding:  # learned absolute positions (GPT-2)
+            h = h + w(p_model + "embed_positions.weight")[positions]
         if arch.embed_scale is not None:
             h = h * arch.embed_scale
         for i, spec in enumerate(arch.layers):
