@@ -34,7 +34,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
             "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere2",
-            "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu")
+            "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode", "gpt_bigcode_mha", "gptj")
 
 
 def _longrope(half: int) -> dict:
@@ -136,6 +136,15 @@ def transformers_config(family: str):
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32, n_inner=80,
                                        activation_function="gelu", tie_word_embeddings=False, bos_token_id=1,
                                        eos_token_id=2)
+    if family == "gpt_bigcode":  # StarCoder 1: GPT-2's blocks as Linear layers, one key/value head (multi_query)
+        return transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=96, n_layer=3, n_head=4, n_positions=64,
+                                             bos_token_id=1, eos_token_id=2)
+    if family == "gpt_bigcode_mha":  # without multi_query: each head's q, k, v in turn
+        return transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                                             multi_query=False, bos_token_id=1, eos_token_id=2)
+    if family == "gptj":  # a parallel block, GPT-J's rope on the first rotary_dim dims, a biased LM head
+        return transformers.GPTJConfig(vocab_size=VOCAB, n_embd=96, n_layer=3, n_head=4, n_positions=64, rotary_dim=12,
+                                       bos_token_id=1, eos_token_id=2)
     raise ValueError(family)
 
 
@@ -298,7 +307,7 @@ def _mlx_lm_config(config: dict) -> dict:
                                             ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13), ("hunyuan", 13),
                                             ("phi", 13), ("stablelm", 13), ("stablelm_parallel", 13),
                                             ("starcoder2", WINDOW), ("cohere", 13), ("cohere2", WINDOW),
-                                            ("gpt_neox", 13), ("gpt2", 13)])
+                                            ("gpt_neox", 13), ("gpt2", 13), ("gpt_bigcode", 13), ("gptj", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -322,6 +331,8 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     if family == "gpt2":  # as the first release: the bare decoder with its mask buffers, which mlx-lm reads
         config["n_ctx"] = config["n_positions"]
         _as_bare_gpt2(folder / "model.safetensors", config["n_layer"], config["n_positions"])
+    if family == "gpt_bigcode":  # mlx-lm needs the MLP's width spelled out, and its GELU is the exact one
+        config.update(n_inner=4 * config["n_embd"], activation_function="gelu")
     if family == "hunyuan":  # as Hunyuan's checkpoints spell it
         config.update(head_dim=24, rope_theta=10000.0, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
     (folder / "config.json").write_text(json.dumps(_mlx_lm_config(config)))
@@ -633,16 +644,18 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
                      "ernie4_5", "glm4", "hunyuan_v1_dense", "phi", "stablelm", "starcoder2", "cohere", "cohere2",
-                     "gpt_neox", "gpt2")
+                     "gpt_neox", "gpt2", "gpt_bigcode", "gptj")
 #: The LayerNorm families, and the key each reads its norms' epsilon from.
 LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps",
-                  "gpt2": "layer_norm_epsilon"}
+                  "gpt2": "layer_norm_epsilon", "gpt_bigcode": "layer_norm_epsilon", "gptj": "layer_norm_epsilon"}
+#: The families that read the sizes under GPT-2's keys.
+GPT2_LIKE = ("gpt2", "gpt_bigcode", "gptj")
 #: GPT-2's keys for the sizes, by the usual key.
 GPT2_KEYS = {"hidden_size": "n_embd", "intermediate_size": "n_inner", "num_hidden_layers": "n_layer",
              "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
 #: The families that read the usual size and rope keys.
-USUAL_KEYS = tuple(f for f in PROPERTY_FAMILIES if f != "gpt2")
+USUAL_KEYS = tuple(f for f in PROPERTY_FAMILIES if f not in GPT2_LIKE)
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -794,13 +807,18 @@ def _draw_layer_norm_family(draw, st, family: str, raw: dict, head_dim: int, win
     """Phi, StableLM, StarCoder2, Command R (1, 2): their epsilon key, activations (an unsupported one now and
     then), partial rotary, biases, StableLM's parallel block, the windows, Command R's logit scale."""
     raw[LAYER_NORM_EPS[family]] = raw.pop("rms_norm_eps")
-    if family == "gpt2":  # its own keys, learned positions instead of rope, one head size
+    if family in GPT2_LIKE:  # GPT-2's keys, one head size; learned positions, or GPT-J's rope
         for usual, own in GPT2_KEYS.items():
             raw[own] = raw.pop(usual)
         del raw["num_key_value_heads"]
+        head_dim = raw["n_embd"] // raw["n_head"]
         raw.pop("head_dim", None)
         raw.update(activation_function=draw(st.sampled_from(["gelu_new", "gelu", "gelu_pytorch_tanh", "relu"])),
                    scale_attn_weights=draw(st.booleans()), n_inner=draw(st.sampled_from([None, raw["n_inner"]])))
+        if family == "gpt_bigcode":
+            raw["multi_query"] = draw(st.booleans())
+        if family == "gptj":
+            raw["rotary_dim"] = draw(st.sampled_from([None, 4, head_dim]))
         return raw
     gated = family in ("stablelm", "cohere", "cohere2")
     acts = ("silu", "silu", "gelu") if gated else ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
@@ -927,12 +945,13 @@ _INVALID = {
     **{key: (_BAD_NUMBERS, USUAL_KEYS) for key in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
         "head_dim")},
-    **{key: (_BAD_NUMBERS, ("gpt2",)) for key in GPT2_KEYS.values()},
+    **{key: (_BAD_NUMBERS, GPT2_LIKE) for key in GPT2_KEYS.values()},
     "vocab_size": (_BAD_NUMBERS, PROPERTY_FAMILIES),
     "num_key_value_heads": ((0, -1, 3, 1.5, "2"), USUAL_KEYS),  # 3 divides no drawn head count
     "rms_norm_eps": ((0, -1e-6, "1e-6", float("nan")), tuple(f for f in PROPERTY_FAMILIES if f not in LAYER_NORM_EPS)),
     "layer_norm_eps": ((0, -1e-6, "1e-6", float("nan")), ("phi", "stablelm", "cohere", "cohere2", "gpt_neox")),
-    "layer_norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), ("gpt2",)),
+    "layer_norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), GPT2_LIKE),
+    "rotary_dim": ((0, -4, 2.5, "8"), ("gptj",)),
     "rotary_pct": ((0, -0.5, 1.5, "0.5"), ("gpt_neox",)),
     "logit_scale": ((0, -0.5, "0.0625"), ("cohere", "cohere2")),
     "norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), ("starcoder2",)),
@@ -1086,3 +1105,29 @@ def test_quantized_phi_runs_as_in_mlx_lm(checkpoints, tmp_path):
     reference_model = loaded[0] if isinstance(loaded, tuple) else loaded
     ref = np.array(reference_model(mx.array([TOKENS])).astype(mx.float32))[0]
     assert_parity(load(packed, "mlx", dtype="float32").forward_verify("q", TOKENS), ref)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("family, stored", [("gpt_neox", "attention.query_key_value"), ("gptj", "mlp.fc_in"),
+                                            ("gpt_bigcode", "attn.c_attn")])
+def test_packed_gpt_families_match_the_oracle(checkpoints, backend, family, stored, tmp_path):
+    """Packed at 8 bits under their own names: GPT-NeoX's per-head q/k/v rows reordered as packed rows, GPT-J's
+    biased LM head, GPT-BigCode's single key/value head."""
+    from safetensors import safe_open
+
+    from ferrum.quant.convert import quantize_checkpoint
+    from ferrum.testing.arch_oracle import ArchOracle
+
+    packed = quantize_checkpoint(checkpoints[family][0], tmp_path / "packed", bits=8, group_size=32)
+    with safe_open(str(packed / "model.safetensors"), "np") as handle:
+        assert any(name.endswith(f".0.{stored}.scales") for name in handle.keys())
+    got = load(packed, backend, dtype="float32").forward_verify("x", TOKENS)
+    assert_parity(got, ArchOracle(packed).logits(TOKENS))
+
+
+def test_gpt2_is_refused_by_ferrum_quantize_by_name(checkpoints, tmp_path):
+    from ferrum.quant.convert import quantize_checkpoint
+
+    with pytest.raises(UnsupportedFeatureError, match="Conv1D"):
+        quantize_checkpoint(checkpoints["gpt2"][0], tmp_path / "packed", bits=4, group_size=32)
+    assert not (tmp_path / "packed").exists()

@@ -91,7 +91,7 @@ def read_sizes(r: KeyReader, eps_default: float, eps_key: str = "rms_norm_eps",
     hidden_key, heads_key = names.get("hidden_size", "hidden_size"), names.get("num_attention_heads",
                                                                                "num_attention_heads")
     hidden, heads = r(hidden_key), r(heads_key)
-    kv_heads = r.get("num_key_value_heads") or heads
+    kv_heads = 1 if r.get("multi_query") else r.get("num_key_value_heads") or heads  # GPT-BigCode's multi_query
     if heads % kv_heads:
         r.fail("num_key_value_heads", f"is {kv_heads}, but {heads_key} ({heads}) must be a multiple of it")
     head_dim = r.get("head_dim")
@@ -778,17 +778,63 @@ GPT2_CONFIG_NAMES = {"hidden_size": "n_embd", "intermediate_size": "n_inner", "n
                      "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
 
 
-def _gpt2(r: KeyReader, sizes: Sizes) -> Architecture:
-    """GPT-2: learned positions added to the token embeddings (no rope), q/k/v in one matrix, every projection
-    biased and stored transposed (its Conv1D), an ungated GELU MLP, biased LayerNorms."""
-    r("scale_attn_by_inverse_layer_idx")
+def _gpt2_blocks(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GPT-2's blocks: learned positions added to the token embeddings (no rope), q/k/v in one matrix, every
+    projection biased, an ungated GELU MLP, biased LayerNorms."""
     return Architecture(
         layers=tuple(LayerSpec(None, Rope.unrotated(sizes.head_dim), mlp="plain") for _ in range(sizes.num_layers)),
         norms={"pre_attn": "ln_1", "pre_mlp": "ln_2"}, norm="layer", norm_bias=True,
         activation=_GELU_ACTIVATIONS[r("activation_function")],
         attn_scale=1.0 / math.sqrt(sizes.head_dim) if r("scale_attn_weights") else 1.0,
-        qkv_bias=True, o_bias=True, mlp_bias=True, fused_qkv=True, position_embedding=True, transposed=True,
+        qkv_bias=True, o_bias=True, mlp_bias=True, fused_qkv=True, position_embedding=True,
         prefix="transformer.", stored_names=GPT2_NAMES,
+    )
+
+
+def _gpt2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GPT-2: its blocks with every projection stored transposed (its Conv1D)."""
+    r("scale_attn_by_inverse_layer_idx")
+    return replace(_gpt2_blocks(r, sizes), transposed=True)
+
+
+def _gpt_bigcode(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GPT-BigCode (StarCoder, SantaCoder): GPT-2's blocks, projections stored as Linear; with multi_query one
+    key/value head after the queries, else each head's q, k and v in turn."""
+    return replace(_gpt2_blocks(r, sizes), qkv_per_head=not r("multi_query"))
+
+
+#: GPT-J's modules under Llama's names.
+GPTJ_NAMES = {"layers": "h", "embed_tokens": "wte", "norm": "ln_f", "self_attn.q_proj": "attn.q_proj",
+              "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj", "self_attn.o_proj": "attn.out_proj",
+              "mlp.up_proj": "mlp.fc_in", "mlp.down_proj": "mlp.fc_out"}
+
+
+def _gptj(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GPT-J: one LayerNorm feeding attention and an ungated GELU MLP side by side, GPT-J's rope (adjacent pairs)
+    on the first rotary_dim dims of each head, unbiased attention, a biased LM head."""
+    rotary = r("rotary_dim") or sizes.head_dim
+    if rotary > sizes.head_dim or rotary % 2:
+        r.fail("rotary_dim", f"is {rotary}; it must be even and at most the head size, {sizes.head_dim}")
+    rope = Rope(theta=10000.0, head_dim=sizes.head_dim, rotary_dim=rotary, interleaved=True)
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mlp="plain") for _ in range(sizes.num_layers)),
+        norms={"pre_attn": "ln_1"}, norm="layer", norm_bias=True, parallel=True,
+        activation=_GELU_ACTIVATIONS[r("activation_function")], attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        mlp_bias=True, lm_head_bias=True, prefix="transformer.", stored_names=GPTJ_NAMES,
+    )
+
+
+def _gpt2_core(tie_default: bool) -> tuple[Key, ...]:
+    """The sizes under GPT-2's keys (:data:`GPT2_CONFIG_NAMES`)."""
+    return (
+        Key("n_embd", check=size(1 << 17)),
+        Key("n_inner", check=optional_size(1 << 20)),  # None: 4 x n_embd
+        Key("n_layer", check=size(1024)),
+        Key("n_head", check=size(4096)),
+        Key("vocab_size", check=size(1 << 23)),
+        Key("n_positions", check=size(1 << 28)),
+        Key("layer_norm_epsilon", check=optional_positive_number),
+        Key("tie_word_embeddings", default=tie_default, check=boolean),
     )
 
 
@@ -1003,21 +1049,35 @@ FAMILIES: dict[str, Family] = {
         eps_key="layer_norm_eps",
     ),
     "gpt2": Family(
-        _keys((
-            Key("n_embd", check=size(1 << 17)),
-            Key("n_inner", check=optional_size(1 << 20)),  # None: 4 x n_embd
-            Key("n_layer", check=size(1024)),
-            Key("n_head", check=size(4096)),
-            Key("vocab_size", check=size(1 << 23)),
-            Key("n_positions", check=size(1 << 28)),
-            Key("layer_norm_epsilon", check=optional_positive_number),
-            Key("tie_word_embeddings", default=True, check=boolean),
+        _keys(_gpt2_core(True), (
             Key("activation_function", default="gelu_new", check=one_of(*_GELU_ACTIVATIONS), unsupported=True),
             Key("scale_attn_weights", default=True, check=boolean),
             Key("scale_attn_by_inverse_layer_idx", default=False, unsupported=True, check=falsy(
                 "attention scaled by each layer's depth is not supported")),
         )),
         _gpt2,
+        eps_default=1e-5,
+        eps_key="layer_norm_epsilon",
+        names=GPT2_CONFIG_NAMES,
+    ),
+    "gpt_bigcode": Family(  # StarCoder (1), SantaCoder, WizardCoder, OctoCoder
+        _keys(_gpt2_core(True), (
+            Key("activation_function", default="gelu_pytorch_tanh", check=one_of(*_GELU_ACTIVATIONS),
+                unsupported=True),
+            Key("scale_attn_weights", default=True, check=boolean),
+            Key("multi_query", default=True, check=boolean),
+        )),
+        _gpt_bigcode,
+        eps_default=1e-5,
+        eps_key="layer_norm_epsilon",
+        names=GPT2_CONFIG_NAMES,
+    ),
+    "gptj": Family(
+        _keys(_gpt2_core(False), (
+            Key("activation_function", default="gelu_new", check=one_of(*_GELU_ACTIVATIONS), unsupported=True),
+            Key("rotary_dim", default=64, check=optional_positive_int),
+        )),
+        _gptj,
         eps_default=1e-5,
         eps_key="layer_norm_epsilon",
         names=GPT2_CONFIG_NAMES,
