@@ -636,7 +636,10 @@ def _gguf_writer(path: Path, arch: str, config) -> Any:
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(config.num_key_value_heads)
     w.add_rope_freq_base(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if hasattr(config, "rms_norm_eps"):
+        w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    else:  # a LayerNorm family
+        w.add_layer_norm_eps(getattr(config, "layer_norm_eps", None) or config.norm_epsilon)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_types(token_types)
@@ -1022,6 +1025,44 @@ def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch
         hf, config = _tiny_model(transformers.GraniteConfig, **common, embedding_multiplier=6.0,
                                  residual_multiplier=0.3, attention_multiplier=0.1, logits_scaling=4.0)
     _llama_layout_gguf(tmp_path / "m.gguf", hf, config, arch)
+    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+
+
+def _layer_norm_gguf(path: Path, hf, config, arch: str) -> None:
+    """``hf``'s weights under the names gguf's own tensor map gives ``arch`` (biases and all), with its partial
+    rotary and Command R's logit scale in the metadata."""
+    w = _gguf_writer(path, arch, config)
+    head_dim = config.hidden_size // config.num_attention_heads
+    w.add_rope_dimension_count(int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0)))
+    if arch == "command-r":
+        w.add_logit_scale(config.logit_scale)
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
+    for name, tensor in hf.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":  # tied: llama.cpp's converter skips it
+            continue
+        module, suffix = name.rsplit(".", 1)
+        w.add_tensor(f"{names.get_name(module)}.{suffix}", tensor.float().numpy())
+    _finish(w)
+
+
+@pytest.mark.parametrize("arch", ["phi2", "starcoder2", "command-r"])
+def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
+    """Phi-2 (a parallel block, partial rotary, biased LM head), StarCoder2 (biased norms and projections, an
+    ungated MLP) and Command R (LayerNorms without bias, adjacent-pair rope, its logit scale from the metadata)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    common = dict(intermediate_size=96, num_hidden_layers=2)
+    if arch == "phi2":
+        hf, config = _tiny_model(transformers.PhiConfig, **common, partial_rotary_factor=0.5)
+    elif arch == "starcoder2":
+        hf, config = _tiny_model(transformers.Starcoder2Config, **common, sliding_window=None)
+    else:
+        hf, config = _tiny_model(transformers.CohereConfig, **common, logit_scale=0.25)
+    with torch.no_grad():  # biases and norms away from their initial 0 and 1, so one dropped is visible
+        for param in hf.parameters():
+            param.normal_(0, 0.2)
+    _layer_norm_gguf(tmp_path / "m.gguf", hf, config, arch)
     _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 

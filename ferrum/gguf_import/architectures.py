@@ -121,6 +121,11 @@ def _exaone4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
             "layer_types": ["sliding_attention" if f else "full_attention" for f in flags]}
 
 
+def _command_r_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Command R's logit scale, which llama.cpp requires in the file."""
+    return {"logit_scale": float32_value(meta.need(p + "logit_scale"))}
+
+
 def _gpt_oss_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """gpt-oss: the file's window on every other layer, the first sliding; its YaRN with the ramp's ends
     unrounded, as transformers' and OpenAI's own model have them (llama.cpp rounds them)."""
@@ -187,6 +192,14 @@ ARCHITECTURES = {
     "exaone4": _Architecture("exaone4", "Exaone4ForCausalLM", False, renamed=_OLMO2_NORMS, configure=_exaone4_config),
     # ERNIE 4.5: llama.cpp rotates adjacent pairs, as the checkpoint does, so its q/k rows are stored unchanged
     "ernie4_5": _Architecture("ernie4_5", "Ernie4_5ForCausalLM", False, (("use_bias", False),)),
+    # The LayerNorm families: biased norms and projections, under the checkpoint's own module names
+    # (``ferrum.arch.tensors.stored_name``). llama.cpp rotates Phi-2's and StarCoder2's rotate-half pairs and Command
+    # R's adjacent ones as the checkpoints store them; it runs StarCoder2 without the window its config.json sets.
+    "phi2": _Architecture("phi", "PhiForCausalLM", False, (("hidden_act", "gelu_new"),), partial_rotary=True),
+    "starcoder2": _Architecture("starcoder2", "Starcoder2ForCausalLM", False,
+                                (("hidden_act", "gelu_pytorch_tanh"), ("use_bias", True), ("sliding_window", None))),
+    "command-r": _Architecture("cohere", "CohereForCausalLM", False, (("attention_bias", False),),
+                               configure=_command_r_config),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
@@ -224,7 +237,9 @@ SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
+    "output_norm.bias": "model.norm.bias",
     "output.weight": "lm_head.weight",
+    "output.bias": "lm_head.bias",
 }
 BLOCK_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -239,6 +254,11 @@ BLOCK_TENSORS = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.bias": "mlp.down_proj.bias",
+    "attn_norm.bias": "input_layernorm.bias",
+    "ffn_norm.bias": "post_attention_layernorm.bias",
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
 }

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ferrum.arch import FAMILIES
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
 from ferrum.gguf_import.architectures import ARCHITECTURES, ROPE_FACTOR_TENSORS, SUPPORTED_ARCHITECTURES
 from ferrum.gguf_import.files import Metadata, float32_value
@@ -82,6 +83,14 @@ def _yarn_scaling(meta: Metadata, p: str, where: str) -> dict[str, Any]:
             raise UnsupportedFeatureError(f"{where}: {p}rope.scaling.{key} = {value} is not supported "
                                           f"(transformers' YaRN has no such setting; {neutral} is accepted)")
     return scaling
+
+
+def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
+    """The norms' epsilon under the key the family reads: RMSNorm's, or LayerNorm's (``layer_norm_eps``...)."""
+    key = FAMILIES[model_type].eps_key
+    if key == "rms_norm_eps":
+        return {key: float32_value(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6))}
+    return {key: float32_value(meta.get(p + "attention.layer_norm_epsilon", 1e-5))}
 
 
 def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
@@ -178,7 +187,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         "head_dim": head_dim,
         "vocab_size": vocab,
         "max_position_embeddings": int(meta.need(p + "context_length")),
-        "rms_norm_eps": float32_value(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        **_norm_epsilon(meta, p, family.model_type),
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
         "hidden_act": "silu",

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ferrum.arch.tensors import weight_shapes
+from ferrum.arch.tensors import stored_name, weight_shapes
 from ferrum.checkpoint import write_safetensors_header
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
@@ -114,7 +114,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
     """Map every GGUF tensor to its Hugging Face name and the shape the model reads it in: ``weight_shapes`` of
     the config being written (rope_freqs and longrope's factors are read into the config instead)."""
     arch = for_model_type(cfg["model_type"])
-    expected = weight_shapes(ModelConfig.from_dict(cfg, where))
+    model_config = ModelConfig.from_dict(cfg, where)
+    model_arch, expected = model_config.arch, weight_shapes(model_config)
     by_name = {t.name: t for t in reader.tensors}
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     block_tensors = {**BLOCK_TENSORS, **dict(arch.renamed)}
@@ -139,6 +140,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
                 heads_to_unpermute = heads
             elif arch.permuted_qk and rest == "attn_k.weight":
                 heads_to_unpermute = kv_heads
+        hf_name = None if hf_name is None else stored_name(model_arch, hf_name)  # the family's own module names
         want = expected.get(hf_name)
         if want is None:
             unknown.append(name)
