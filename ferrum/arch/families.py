@@ -838,8 +838,22 @@ def _gpt2_core(tie_default: bool) -> tuple[Key, ...]:
     )
 
 
-def _gelu_key(default: str) -> Key:
-    return Key("hidden_act", default=default, check=one_of(*_GELU_ACTIVATIONS), unsupported=True)
+def _gelu_key(default: str, name: str = "hidden_act") -> Key:
+    return Key(name, default=default, check=one_of(*_GELU_ACTIVATIONS), unsupported=True)
+
+
+def _layer_norm_family(build: Callable[[KeyReader, Sizes], Architecture], tie_default: bool,
+                       *groups: tuple[Key, ...], eps_key: str = "layer_norm_eps") -> Family:
+    """A LayerNorm family: the core keys with the epsilon (1e-5 unless set) under ``eps_key``, the rope's."""
+    return Family(_keys(_core(tie_default, eps_key=eps_key), _ROPE[:3], *groups), build, eps_default=1e-5,
+                  eps_key=eps_key)
+
+
+def _gpt2_family(build: Callable[[KeyReader, Sizes], Architecture], tie_default: bool,
+                 *groups: tuple[Key, ...]) -> Family:
+    """A family of GPT-2's config keys (:data:`GPT2_CONFIG_NAMES`)."""
+    return Family(_keys(_gpt2_core(tie_default), *groups), build, eps_default=1e-5, eps_key="layer_norm_epsilon",
+                  names=GPT2_CONFIG_NAMES)
 
 
 _QWEN2_MOE_WINDOW = (
@@ -995,100 +1009,51 @@ FAMILIES: dict[str, Family] = {
         _phi3,
         eps_default=1e-5,
     ),
-    "phi": Family(  # Phi-1, Phi-1.5, Phi-2
-        _keys(_core(False, eps_key="layer_norm_eps"), _ROPE[:3], (
-            _gelu_key("gelu_new"),
-            Key("partial_rotary_factor", check=optional_positive_number),
-            Key("qk_layernorm", default=False, check=boolean),
-        )),
-        _phi,
-        eps_default=1e-5,
-        eps_key="layer_norm_eps",
-    ),
-    "stablelm": Family(
-        _keys(_core(False, eps_key="layer_norm_eps"), _ROPE[:3], (
-            Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),
-            Key("partial_rotary_factor", check=optional_positive_number),
-            Key("use_qkv_bias", default=False, check=boolean),
-            Key("use_parallel_residual", default=False, check=boolean),
-            Key("qk_layernorm", default=False, unsupported=True, check=falsy(
-                "StableLM 2 12B's per-head q/k LayerNorms are not supported; use a checkpoint without them")),
-        )),
-        _stablelm,
-        eps_default=1e-5,
-        eps_key="layer_norm_eps",
-    ),
-    "cohere": Family(  # Command R
-        _keys(_core(True, eps_key="layer_norm_eps"), _ROPE[:3], _COHERE, (
-            Key("use_qk_norm", default=False, unsupported=True, check=falsy(
-                "Command R+'s per-head q/k LayerNorms are not supported; use a checkpoint without them")),
-        )),
-        _cohere,
-        eps_default=1e-5,
-        eps_key="layer_norm_eps",
-    ),
-    "cohere2": Family(  # Command R7B, Command A
-        _keys(_core(True, eps_key="layer_norm_eps"), _ROPE[:3], _COHERE, _LAYER_TYPES, (
-            Key("sliding_window", default=4096, check=optional_positive_int),
-            Key("sliding_window_pattern", default=4, check=positive_int),
-        )),
-        _cohere2,
-        eps_default=1e-5,
-        eps_key="layer_norm_eps",
-    ),
-    "gpt_neox": Family(  # Pythia, RedPajama-INCITE, Dolly 2, GPT-NeoX-20B
-        _keys(_core(False, eps_key="layer_norm_eps"), _ROPE[:3], (
-            _gelu_key("gelu"),
-            Key("rotary_emb_base", check=optional_positive_number),
-            Key("rotary_pct", check=optional_positive_number),
-            Key("use_parallel_residual", default=True, check=boolean),
-            Key("attention_bias", default=True, check=boolean),
-        )),
-        _gpt_neox,
-        eps_default=1e-5,
-        eps_key="layer_norm_eps",
-    ),
-    "gpt2": Family(
-        _keys(_gpt2_core(True), (
-            Key("activation_function", default="gelu_new", check=one_of(*_GELU_ACTIVATIONS), unsupported=True),
-            Key("scale_attn_weights", default=True, check=boolean),
-            Key("scale_attn_by_inverse_layer_idx", default=False, unsupported=True, check=falsy(
-                "attention scaled by each layer's depth is not supported")),
-        )),
-        _gpt2,
-        eps_default=1e-5,
-        eps_key="layer_norm_epsilon",
-        names=GPT2_CONFIG_NAMES,
-    ),
-    "gpt_bigcode": Family(  # StarCoder (1), SantaCoder, WizardCoder, OctoCoder
-        _keys(_gpt2_core(True), (
-            Key("activation_function", default="gelu_pytorch_tanh", check=one_of(*_GELU_ACTIVATIONS),
-                unsupported=True),
-            Key("scale_attn_weights", default=True, check=boolean),
-            Key("multi_query", default=True, check=boolean),
-        )),
-        _gpt_bigcode,
-        eps_default=1e-5,
-        eps_key="layer_norm_epsilon",
-        names=GPT2_CONFIG_NAMES,
-    ),
-    "gptj": Family(
-        _keys(_gpt2_core(False), (
-            Key("activation_function", default="gelu_new", check=one_of(*_GELU_ACTIVATIONS), unsupported=True),
-            Key("rotary_dim", default=64, check=optional_positive_int),
-        )),
-        _gptj,
-        eps_default=1e-5,
-        eps_key="layer_norm_epsilon",
-        names=GPT2_CONFIG_NAMES,
-    ),
-    "starcoder2": Family(
-        _keys(_core(True, eps_key="norm_epsilon"), _ROPE[:3], _WINDOW, (
-            _gelu_key("gelu_pytorch_tanh"),
-            Key("use_bias", default=True, check=boolean),
-        )),
-        _starcoder2,
-        eps_default=1e-5,
-        eps_key="norm_epsilon",
-    ),
+    "phi": _layer_norm_family(_phi, False, (  # Phi-1, Phi-1.5, Phi-2
+        _gelu_key("gelu_new"),
+        Key("partial_rotary_factor", check=optional_positive_number),
+        Key("qk_layernorm", default=False, check=boolean),
+    )),
+    "stablelm": _layer_norm_family(_stablelm, False, (
+        Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),
+        Key("partial_rotary_factor", check=optional_positive_number),
+        Key("use_qkv_bias", default=False, check=boolean),
+        Key("use_parallel_residual", default=False, check=boolean),
+        Key("qk_layernorm", default=False, unsupported=True, check=falsy(
+            "StableLM 2 12B's per-head q/k LayerNorms are not supported; use a checkpoint without them")),
+    )),
+    "cohere": _layer_norm_family(_cohere, True, _COHERE, (  # Command R
+        Key("use_qk_norm", default=False, unsupported=True, check=falsy(
+            "Command R+'s per-head q/k LayerNorms are not supported; use a checkpoint without them")),
+    )),
+    "cohere2": _layer_norm_family(_cohere2, True, _COHERE, _LAYER_TYPES, (  # Command R7B, Command A
+        Key("sliding_window", default=4096, check=optional_positive_int),
+        Key("sliding_window_pattern", default=4, check=positive_int),
+    )),
+    "gpt_neox": _layer_norm_family(_gpt_neox, False, (  # Pythia, RedPajama-INCITE, Dolly 2, GPT-NeoX-20B
+        _gelu_key("gelu"),
+        Key("rotary_emb_base", check=optional_positive_number),
+        Key("rotary_pct", check=optional_positive_number),
+        Key("use_parallel_residual", default=True, check=boolean),
+        Key("attention_bias", default=True, check=boolean),
+    )),
+    "gpt2": _gpt2_family(_gpt2, True, (
+        _gelu_key("gelu_new", "activation_function"),
+        Key("scale_attn_weights", default=True, check=boolean),
+        Key("scale_attn_by_inverse_layer_idx", default=False, unsupported=True, check=falsy(
+            "attention scaled by each layer's depth is not supported")),
+    )),
+    "gpt_bigcode": _gpt2_family(_gpt_bigcode, True, (  # StarCoder (1), SantaCoder, WizardCoder, OctoCoder
+        _gelu_key("gelu_pytorch_tanh", "activation_function"),
+        Key("scale_attn_weights", default=True, check=boolean),
+        Key("multi_query", default=True, check=boolean),
+    )),
+    "gptj": _gpt2_family(_gptj, False, (
+        _gelu_key("gelu_new", "activation_function"),
+        Key("rotary_dim", default=64, check=optional_positive_int),
+    )),
+    "starcoder2": _layer_norm_family(_starcoder2, True, _WINDOW, (
+        _gelu_key("gelu_pytorch_tanh"),
+        Key("use_bias", default=True, check=boolean),
+    ), eps_key="norm_epsilon"),
 }
