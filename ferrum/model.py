@@ -20,7 +20,8 @@ import numpy as np
 from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
 from ferrum.arch.mlp import MLP_KINDS
-from ferrum.arch.tensors import Fuser, prepare, projection_group, resolve_layout, weight_shapes
+from ferrum.arch.norms import NORM_KINDS
+from ferrum.arch.tensors import Fuser, bias_of, prepare, projection_group, resolve_layout, weight_shapes
 from ferrum.attention import AttentionBatch
 from ferrum.backends import Backend, backend_for_format, load_backend
 from ferrum.checkpoint import Checkpoint
@@ -135,22 +136,6 @@ def _norm_weights(weights: dict[str, Placed], module: str) -> tuple[Any, Any] | 
     return None if weight is None else (weight.weight, None if bias is None else bias.weight)
 
 
-def _norm_ops(ops: Any, kind: str, eps: float) -> tuple[Callable[..., Any], Callable[..., tuple]]:
-    """``norm(x, weights)`` and ``add_norm(x, h, weights) -> (norm(x + h), x + h)`` for the architecture's
-    norm kind, ``weights`` being :func:`_norm_weights`' pair."""
-    if kind == "layer":
-        def layer_norm(x: Any, weights: tuple) -> Any:
-            return ops.layer_norm(x, weights[0], weights[1], eps)
-
-        def add_layer_norm(x: Any, h: Any, weights: tuple) -> tuple:
-            summed = ops.add(x, h)
-            return layer_norm(summed, weights), summed
-
-        return layer_norm, add_layer_norm
-    return (lambda x, weights: ops.rms_norm(x, weights[0], eps),
-            lambda x, h, weights: ops.add_rms_norm(x, h, weights[0], eps))
-
-
 def choose_dtype(
     backend: Backend, requested: str | None, checkpoint_dtype: str | None, quantized: bool = False
 ) -> str:
@@ -198,7 +183,7 @@ class DecoderOnlyLLM:
         #: Learned absolute positions (GPT-2), or None.
         self.position_table = weights.get(f"{arch.prefix}embed_positions.weight")
         self.final_norm = _norm_weights(weights, f"{arch.prefix}norm")
-        head_bias = weights.get(arch.lm_head.removesuffix(".weight") + ".bias")
+        head_bias = weights.get(bias_of(arch.lm_head))
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
                               None if head_bias is None else head_bias.weight)
         self.ropes = {id(r): _RopeTables(ops, r) for r in {id(spec.rope): spec.rope for spec in arch.layers}.values()}
@@ -303,7 +288,7 @@ class DecoderOnlyLLM:
         depends on the batch (longrope) rotates between the halves (:meth:`_RopeTables.for_batch`)."""
         ops, cfg = self.ops, self.config
         reshape = ops.reshape
-        norm, add_norm = _norm_ops(ops, cfg.arch.norm, cfg.rms_norm_eps)
+        norm, add_norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         table = self.ropes[layer.rope].fixed
         qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
@@ -361,7 +346,7 @@ class DecoderOnlyLLM:
         halves. The LM head stays outside, so logits, which outlive the pass, are never a buffer that a
         compiled call reuses (``compile_fn``)."""
         ops = self.ops
-        norm, _ = _norm_ops(ops, self.config.arch.norm, self.config.rms_norm_eps)
+        norm, _ = NORM_KINDS[self.config.arch.norm](ops, self.config.rms_norm_eps)
 
         def final_norm(residual: Any, h: Any) -> tuple:
             return (norm(ops.add(residual, h), self.final_norm),)

@@ -31,8 +31,8 @@ class Architecture:
     norms: dict[str, str]
     #: RMSNorm scales by ``norm_offset + w`` (Gemma stores ``w`` around 0: offset 1).
     norm_offset: float = 0.0
-    #: Every norm's kind: "rms" (RMSNorm) or "layer" (LayerNorm: Phi-2, StableLM, StarCoder2), with a bias
-    #: beside each weight where ``norm_bias``.
+    #: Every norm's kind (:data:`ferrum.arch.norms.NORM_KINDS`): "rms" (RMSNorm) or "layer" (LayerNorm: Phi-2,
+    #: StableLM, StarCoder2, GPT-2...), with a bias beside each weight where ``norm_bias``.
     norm: str = "rms"
     norm_bias: bool = False
     #: Attention and the MLP both read the block's normed input and both outputs join the residual stream

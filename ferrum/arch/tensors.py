@@ -64,7 +64,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     if not config.tie_word_embeddings:
         shapes[arch.lm_head] = (vocab, h)
     if arch.lm_head_bias:  # its own even where the head's weight is the embedding's
-        shapes[_bias_of(arch.lm_head)] = (vocab,)
+        shapes[bias_of(arch.lm_head)] = (vocab,)
     attention: dict[str, tuple[int, ...]] = {
         f"{norm}.{part}": (h,) for norm in arch.norms.values() for part in norm_parts}
     if arch.fused_qkv:
@@ -94,7 +94,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return {stored_name(arch, name): shape for name, shape in shapes.items()}
 
 
-def _bias_of(weight: str) -> str:
+def bias_of(weight: str) -> str:
+    """The name of the bias beside the weight ``weight``."""
     return weight.removesuffix(".weight") + ".bias"
 
 

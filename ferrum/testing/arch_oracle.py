@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from ferrum.arch.tensors import resolve_layout, stored_name
+from ferrum.arch.tensors import bias_of, resolve_layout, stored_name
 from ferrum.config import ModelConfig
 from ferrum.quant.affine import QuantizedWeight, dequantize
 from ferrum.testing.oracle import f64, linear, moe_experts, rms_norm
@@ -163,7 +163,7 @@ class ArchOracle:
             h = h + y * arch.residual_scale
         head = self.stored.get(arch.lm_head)
         logits = linear(self._norm(h, p_model + "norm"), w(p_model + "embed_tokens.weight") if head is None else head,
-                        self.stored.get(arch.lm_head.removesuffix(".weight") + ".bias")) * arch.logit_scale
+                        self.stored.get(bias_of(arch.lm_head))) * arch.logit_scale
         if arch.final_softcap is not None:
             logits = arch.final_softcap * np.tanh(logits / arch.final_softcap)
         return logits
