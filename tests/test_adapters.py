@@ -282,6 +282,33 @@ def test_separate_targets_on_fused_matrices_match_peft(base, backend, registered
         assert_parity(logits_alone(model, name, TOKENS, name), reference_logits(merged[name], TOKENS))
 
 
+@pytest.fixture(scope="module", params=["phi", "starcoder2"])
+def stored_names(request, tmp_path_factory):
+    """Bases whose checkpoints name their projections their own way (Phi-2's dense / fc1 / fc2 in a parallel
+    block, StarCoder2's c_fc / c_proj), ungated MLPs, with a PEFT adapter on every linear layer."""
+    import transformers
+
+    common = dict(vocab_size=97, hidden_size=96, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = (transformers.PhiConfig(**common, partial_rotary_factor=0.5) if request.param == "phi" else
+              transformers.Starcoder2Config(**common))
+    root = tmp_path_factory.mktemp(request.param)
+    hf = build_transformers_model(root / "base", config)
+    return root, hf, make_peft(hf, root / "all", 6)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_adapters_on_projections_under_their_own_names_match_peft(stored_names, backend):
+    root, hf, merged = stored_names
+    model = DecoderOnlyLLM.from_pretrained(root / "base", backend=backend, block_size=4, dtype="float32")
+    info = model.adapters.load("all", root / "all")
+    assert info.projections == 2 * 6  # q, k, v, o, up, down in each of the two layers
+    ref = reference_logits(merged, TOKENS)
+    assert np.abs(ref - reference_logits(hf, TOKENS)).max() > 0.1
+    assert_parity(logits_alone(model, "all", TOKENS, "all"), ref)
+    assert_parity(logits_alone(model, "none", TOKENS, None), reference_logits(hf, TOKENS))
+
+
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """A Qwen3-MoE base whose first layer is dense, with a PEFT adapter on q/k/v/o of every layer."""

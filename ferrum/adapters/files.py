@@ -10,7 +10,10 @@ is run; everything else an adapter may carry (DoRA magnitudes, embedding or
 LM-head targets, trained biases, full module copies, GPT-2 style
 ``fan_in_fan_out`` weights, the experts and router of a mixture of experts)
 is refused by name rather than silently dropped. Phi-3's fused ``qkv_proj``
-and ``gate_up_proj`` are projections like the others.
+and ``gate_up_proj`` are projections like the others, and so are those a
+checkpoint stores under its own names (Phi-2's ``dense``, ``fc1``, ``fc2``;
+StarCoder2's ``c_fc``, ``c_proj``: ``Architecture.stored_names``), an ungated
+MLP's up and down projections included.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
                 f"{where}: {key}={settings[key]!r} carries full copies of modules (e.g. the LM head or "
                 "embeddings), which is not supported"
             )
-    _check_targets(where, settings.get("target_modules"))
+    _check_targets(where, settings.get("target_modules"), config)
     r, alpha = settings.get("r"), settings.get("lora_alpha")
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
         raise AdapterError(f"{where}: {PEFT_CONFIG} needs a positive integer 'r' and a number 'lora_alpha'")
@@ -151,7 +154,7 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
             raise AdapterError(f"{where}: {_peft_refusal(name)}")
         if m["proj"] in _MOE:
             raise AdapterError(f"{where}: {name} {_MOE_REFUSAL}")
-        key = (int(m["layer"]), m["proj"], m["module"])
+        key = (int(m["layer"]), _llama_name(config, m["part"], m["proj"]), m["module"])
         pairs.setdefault(key, {})[m["which"]] = array
     weights = {}
     for (layer, proj, module), ab in sorted(pairs.items()):
@@ -193,7 +196,20 @@ def _peft_refusal(name: str) -> str:
             "(expected ...layers.N.self_attn|mlp.<proj>.lora_A|lora_B.weight)")
 
 
-def _check_targets(where: str, targets: Any) -> None:
+def _llama_name(config: Any, part: str, proj: str) -> str:
+    """Llama's name of projection ``proj`` of ``part`` as the checkpoint, and so an adapter trained on it, names
+    it (Phi-2's ``self_attn.dense`` is ``o_proj``)."""
+    ours = {theirs: llama for llama, theirs in config.arch.stored_names.items()}
+    return ours.get(f"{part}.{proj}", f"{part}.{proj}").split(".", 1)[1]
+
+
+def _stored_leaves(config: Any) -> dict[str, str]:
+    """The checkpoint's projection names -> Llama's (``dense`` -> ``o_proj``), as target lists give them."""
+    return {theirs.rsplit(".", 1)[-1]: llama.rsplit(".", 1)[-1]
+            for llama, theirs in config.arch.stored_names.items() if "." in theirs}
+
+
+def _check_targets(where: str, targets: Any, config: Any) -> None:
     """Refuse by name a ``target_modules`` entry that is not one of the projections Ferrum adapts.
 
     A regex string is matched by PEFT against the base model's module names; the
@@ -201,9 +217,10 @@ def _check_targets(where: str, targets: Any) -> None:
     """
     if targets is None or isinstance(targets, str):
         return
+    leaves = _stored_leaves(config)
     for target in targets:
         leaf = str(target).rsplit(".", 1)[-1]
-        if leaf in PROJECTIONS:
+        if leaves.get(leaf, leaf) in PROJECTIONS:
             continue
         if leaf in _EMBEDDINGS:
             raise AdapterError(
@@ -236,9 +253,10 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
     scale = params.get("scale", 20.0)  # mlx-lm's default
     if not isinstance(scale, (int, float)):
         raise AdapterError(f"{where}: lora_parameters.scale must be a number")
+    leaves = _stored_leaves(config)
     for key in params.get("keys") or ():
         leaf = str(key).rsplit(".", 1)[-1]
-        if leaf not in PROJECTIONS:
+        if leaves.get(leaf, leaf) not in PROJECTIONS:
             raise AdapterError(
                 f"{where}: lora_parameters.keys names {key!r}; only {', '.join(PROJECTIONS)} are supported"
             )
@@ -262,7 +280,7 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
             raise AdapterError(
                 f"{where}: {name} adapts layer {layer} but num_layers={num_layers} covers only the last ones"
             )
-        pairs.setdefault((layer, m["proj"]), {})[m["which"]] = array
+        pairs.setdefault((layer, _llama_name(config, m["part"], m["proj"])), {})[m["which"]] = array
     weights = {}
     for (layer, proj), ab in sorted(pairs.items()):
         if set(ab) != {"a", "b"}:
@@ -302,10 +320,13 @@ def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] 
     projections that read the same input (a fused one covers its members'), or None where the base model
     has no such projection (an MoE layer's MLP, a member of a projection its checkpoint stores fused...)."""
     arch = config.arch
-    if PROJECTIONS[proj] == "mlp" and arch.layers[layer].mlp != "dense":
+    kind = arch.layers[layer].mlp
+    inter = config.intermediate_size
+    if PROJECTIONS[proj] == "mlp" and kind == "plain":  # an ungated MLP: up and down, each its own matrix
+        return {"up_proj": ("up_proj", 0, inter), "down_proj": ("down_proj", 0, config.hidden_size)}.get(proj)
+    if PROJECTIONS[proj] == "mlp" and kind != "dense":
         return None
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    inter = config.intermediate_size
     outputs = {"qkv_proj": (q, kv, kv), "gate_up_proj": (inter, inter)}
     fused = {"qkv_proj": arch.fused_qkv, "gate_up_proj": arch.fused_gate_up}
     for group, members in _GROUPS.items():
@@ -330,7 +351,7 @@ def _absent(config: Any, layer: int, proj: str) -> str:
     """Why the base model has no ``proj`` in ``layer``."""
     kind = config.arch.layers[layer].mlp
     if PROJECTIONS[proj] == "mlp" and kind == "plain":
-        return f"that layer's MLP is ungated (Phi-2's fc1 / fc2): LoRA on its {proj} is not supported; adapt attention"
+        return f"that layer's MLP is ungated: it has an up and a down projection, no {proj}"
     if PROJECTIONS[proj] == "mlp" and kind != "dense":
         return f"that layer's MLP is a mixture of experts: {proj} {_MOE_REFUSAL}"
     stored = next((g for g, members in _GROUPS.items() if proj in members), None)

@@ -283,14 +283,16 @@ class AdapterRegistry:
 
         for index, layer in enumerate(self.model.layers):
             groups = [("qkv_proj", layer.qkv)]
-            dense = config.arch.layers[index].mlp == "dense"
-            if dense:
+            kind = config.arch.layers[index].mlp
+            if kind == "dense":
                 groups.append(("gate_up_proj", layer.mlp.gate_up))
             for group, projections in groups:
                 for i, (linear, (start, stop)) in enumerate(zip(projections.linears, projections.spans)):
                     projections.linears[i] = wrap(index, group, start, stop, linear)
             layer.o = wrap(index, "o_proj", 0, config.hidden_size, layer.o)
-            if dense:
+            if kind == "plain":
+                layer.mlp.up = wrap(index, "up_proj", 0, config.intermediate_size, layer.mlp.up)
+            if kind in ("dense", "plain"):
                 layer.mlp.down = wrap(index, "down_proj", 0, config.hidden_size, layer.mlp.down)
 
     # ------------------------------------------------------- forward pass
