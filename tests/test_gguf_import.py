@@ -1034,8 +1034,10 @@ def _layer_norm_gguf(path: Path, hf, config, arch: str) -> None:
     w = _gguf_writer(path, arch, config)
     head_dim = config.hidden_size // config.num_attention_heads
     w.add_rope_dimension_count(int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0)))
-    if arch == "command-r":
+    if arch in ("command-r", "cohere2"):
         w.add_logit_scale(config.logit_scale)
+    if arch == "cohere2":
+        w.add_sliding_window(config.sliding_window)
     kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
     for name, tensor in hf.state_dict().items():
@@ -1046,10 +1048,11 @@ def _layer_norm_gguf(path: Path, hf, config, arch: str) -> None:
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["phi2", "starcoder2", "command-r"])
+@pytest.mark.parametrize("arch", ["phi2", "starcoder2", "command-r", "cohere2"])
 def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     """Phi-2 (a parallel block, partial rotary, biased LM head), StarCoder2 (biased norms and projections, an
-    ungated MLP) and Command R (LayerNorms without bias, adjacent-pair rope, its logit scale from the metadata)."""
+    ungated MLP), Command R (LayerNorms without bias, adjacent-pair rope, its logit scale from the metadata) and
+    Command R7B (three sliding layers to one full one without rope, past its window)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     common = dict(intermediate_size=96, num_hidden_layers=2)
@@ -1057,6 +1060,9 @@ def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
         hf, config = _tiny_model(transformers.PhiConfig, **common, partial_rotary_factor=0.5)
     elif arch == "starcoder2":
         hf, config = _tiny_model(transformers.Starcoder2Config, **common, sliding_window=None)
+    elif arch == "cohere2":
+        hf, config = _tiny_model(transformers.Cohere2Config, **{**common, "num_hidden_layers": 4}, logit_scale=0.5,
+                                 sliding_window=4)
     else:
         hf, config = _tiny_model(transformers.CohereConfig, **common, logit_scale=0.25)
     with torch.no_grad():  # biases and norms away from their initial 0 and 1, so one dropped is visible

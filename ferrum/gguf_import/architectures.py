@@ -126,6 +126,13 @@ def _command_r_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, 
     return {"logit_scale": float32_value(meta.need(p + "logit_scale"))}
 
 
+def _cohere2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Command R7B / A: Command R's logit scale, and the window on three layers of every four (llama.cpp's
+    fixed pattern; the last of each four attends in full, without rope)."""
+    return {**_command_r_config(meta, p, cfg), "sliding_window": int(meta.need(p + "attention.sliding_window")),
+            "sliding_window_pattern": 4}
+
+
 def _gpt_oss_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """gpt-oss: the file's window on every other layer, the first sliding; its YaRN with the ramp's ends
     unrounded, as transformers' and OpenAI's own model have them (llama.cpp rounds them)."""
@@ -200,6 +207,8 @@ ARCHITECTURES = {
                                 (("hidden_act", "gelu_pytorch_tanh"), ("use_bias", True), ("sliding_window", None))),
     "command-r": _Architecture("cohere", "CohereForCausalLM", False, (("attention_bias", False),),
                                configure=_command_r_config),
+    "cohere2": _Architecture("cohere2", "Cohere2ForCausalLM", False, (("attention_bias", False),),
+                             configure=_cohere2_config),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
