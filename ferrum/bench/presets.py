@@ -54,6 +54,14 @@ PRESETS: dict[str, dict] = {
                                            "truncate": False, "original_max_position_embeddings": 4096},
         tie_word_embeddings=False,
     ),
+    # Phi-2's blocks (LayerNorms with biases, attention and a GELU MLP side by side, rope on 32 of each head's 80
+    # dims, a biased LM head) at half its width and 6 of its 32 layers, to run on a laptop.
+    "phi2-shaped": dict(
+        architectures=["PhiForCausalLM"], model_type="phi", hidden_size=1280, intermediate_size=5120,
+        num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=16,  # mlx-lm's default is 32
+        vocab_size=51200, max_position_embeddings=2048, partial_rotary_factor=0.4, layer_norm_eps=1e-5,
+        hidden_act="gelu_new", rope_theta=10000.0, tie_word_embeddings=False,
+    ),
     "tiny": dict(
         architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
