@@ -93,7 +93,7 @@ class ModelConfig(Sizes):
             )
         reader = KeyReader(raw, family.keys, model_type, where)
         reader.validate_all()
-        sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names)
+        sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads)
         arch = family.build(reader, sizes)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))

@@ -34,7 +34,8 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
             "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere2",
-            "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode", "gpt_bigcode_mha", "gptj")
+            "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode", "gpt_bigcode_mha", "gptj",
+            "falcon", "falcon_new_architecture", "falcon_serial")
 
 
 def _longrope(half: int) -> dict:
@@ -145,6 +146,17 @@ def transformers_config(family: str):
     if family == "gptj":  # a parallel block, GPT-J's rope on the first rotary_dim dims, a biased LM head
         return transformers.GPTJConfig(vocab_size=VOCAB, n_embd=96, n_layer=3, n_head=4, n_positions=64, rotary_dim=12,
                                        bos_token_id=1, eos_token_id=2)
+    if family == "falcon":  # Falcon 7B: one key/value head, one norm feeding attention and the MLP side by side
+        return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    if family == "falcon_new_architecture":  # Falcon 40B / 180B: q/k/v grouped by key/value head, two norms, untied
+        return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                         num_kv_heads=2, new_decoder_architecture=True, tie_word_embeddings=False,
+                                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    if family == "falcon_serial":  # every head its own key and value (each head's q, k, v in turn), serial, biased
+        return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                         multi_query=False, parallel_attn=False, bias=True, ffn_hidden_size=80,
+                                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
     raise ValueError(family)
 
 
@@ -644,11 +656,12 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
                      "ernie4_5", "glm4", "hunyuan_v1_dense", "phi", "stablelm", "starcoder2", "cohere", "cohere2",
-                     "gpt_neox", "gpt2", "gpt_bigcode", "gptj")
+                     "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "falcon")
 #: The LayerNorm families, and the key each reads its norms' epsilon from.
 LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps",
-                  "gpt2": "layer_norm_epsilon", "gpt_bigcode": "layer_norm_epsilon", "gptj": "layer_norm_epsilon"}
+                  "gpt2": "layer_norm_epsilon", "gpt_bigcode": "layer_norm_epsilon", "gptj": "layer_norm_epsilon",
+                  "falcon": "layer_norm_epsilon"}
 #: The families that read the sizes under GPT-2's keys.
 GPT2_LIKE = ("gpt2", "gpt_bigcode", "gptj")
 #: GPT-2's keys for the sizes, by the usual key.
@@ -656,6 +669,8 @@ GPT2_KEYS = {"hidden_size": "n_embd", "intermediate_size": "n_inner", "num_hidde
              "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
 #: The families that read the usual size and rope keys.
 USUAL_KEYS = tuple(f for f in PROPERTY_FAMILIES if f not in GPT2_LIKE)
+#: ...of which those with an intermediate_size and num_key_value_heads (not Falcon's own keys).
+SIZE_KEYS = tuple(f for f in USUAL_KEYS if f != "falcon")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
@@ -820,6 +835,16 @@ def _draw_layer_norm_family(draw, st, family: str, raw: dict, head_dim: int, win
         if family == "gptj":
             raw["rotary_dim"] = draw(st.sampled_from([None, 4, head_dim]))
         return raw
+    if family == "falcon":  # its own keys for the MLP width and key/value heads; three q/k/v layouts, norms
+        raw["ffn_hidden_size"] = draw(st.sampled_from([None, raw.pop("intermediate_size")]))
+        raw.pop("head_dim", None)
+        raw["num_kv_heads"] = raw.pop("num_key_value_heads")
+        raw.update(_rope_keys(draw, st, ("default", "linear", "dynamic"), head_dim // 2),
+                   activation=draw(st.sampled_from(["gelu", "gelu", "gelu_new", "relu"])),
+                   **{k: draw(st.booleans()) for k in ("multi_query", "new_decoder_architecture", "parallel_attn",
+                                                         "bias", "alibi")},
+                   num_ln_in_parallel_attn=draw(st.sampled_from([None, 1, 2])))
+        return raw
     gated = family in ("stablelm", "cohere", "cohere2")
     acts = ("silu", "silu", "gelu") if gated else ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
     raw["hidden_act"] = draw(st.sampled_from(acts))
@@ -943,14 +968,16 @@ _BAD_NUMBERS = (0, -4, 2.5, "64", True, float("nan"))
 #: key -> the invalid values drawn for it, and the families that read it.
 _INVALID = {
     **{key: (_BAD_NUMBERS, USUAL_KEYS) for key in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
-        "head_dim")},
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")},
+    **{key: (_BAD_NUMBERS, SIZE_KEYS) for key in ("intermediate_size", "head_dim")},
+    "ffn_hidden_size": (_BAD_NUMBERS, ("falcon",)),
+    "num_kv_heads": ((0, -1, 1.5, "2"), ("falcon",)),
     **{key: (_BAD_NUMBERS, GPT2_LIKE) for key in GPT2_KEYS.values()},
     "vocab_size": (_BAD_NUMBERS, PROPERTY_FAMILIES),
-    "num_key_value_heads": ((0, -1, 3, 1.5, "2"), USUAL_KEYS),  # 3 divides no drawn head count
+    "num_key_value_heads": ((0, -1, 3, 1.5, "2"), SIZE_KEYS),  # 3 divides no drawn head count
     "rms_norm_eps": ((0, -1e-6, "1e-6", float("nan")), tuple(f for f in PROPERTY_FAMILIES if f not in LAYER_NORM_EPS)),
     "layer_norm_eps": ((0, -1e-6, "1e-6", float("nan")), ("phi", "stablelm", "cohere", "cohere2", "gpt_neox")),
-    "layer_norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), GPT2_LIKE),
+    "layer_norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), (*GPT2_LIKE, "falcon")),
     "rotary_dim": ((0, -4, 2.5, "8"), ("gptj",)),
     "rotary_pct": ((0, -0.5, 1.5, "0.5"), ("gpt_neox",)),
     "logit_scale": ((0, -0.5, "0.0625"), ("cohere", "cohere2")),

@@ -44,6 +44,10 @@ class Sizes:
     tie_word_embeddings: bool
 
 
+#: How a family counts its key/value heads: ``(reader, attention heads) -> key/value heads``.
+KvHeads = Callable[[KeyReader, int], int]
+
+
 @dataclass(frozen=True)
 class Family:
     keys: dict[str, Key]
@@ -51,6 +55,7 @@ class Family:
     eps_default: float = 1e-6
     eps_key: str = "rms_norm_eps"  # the norms' epsilon (LayerNorm families: layer_norm_eps, norm_epsilon)
     names: dict[str, str] = field(default_factory=dict)  # the sizes' keys where the family has its own (GPT-2)
+    kv_heads: KvHeads | None = None  # where the family does not say num_key_value_heads (multi_query...)
 
 
 def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
@@ -85,13 +90,14 @@ _SILU = (Key("hidden_act", default="silu", check=one_of("silu"), unsupported=Tru
 
 
 def read_sizes(r: KeyReader, eps_default: float, eps_key: str = "rms_norm_eps",
-               names: dict[str, str] | None = None) -> Sizes:
-    """The sizes under their usual keys, or under ``names`` (usual key -> the family's: GPT-2's n_embd...)."""
+               names: dict[str, str] | None = None, kv_heads: KvHeads | None = None) -> Sizes:
+    """The sizes under their usual keys, or under ``names`` (usual key -> the family's: GPT-2's n_embd...);
+    the key/value heads as ``kv_heads(r, heads)`` counts them, else from num_key_value_heads."""
     names = names or {}
     hidden_key, heads_key = names.get("hidden_size", "hidden_size"), names.get("num_attention_heads",
                                                                                "num_attention_heads")
     hidden, heads = r(hidden_key), r(heads_key)
-    kv_heads = 1 if r.get("multi_query") else r.get("num_key_value_heads") or heads  # GPT-BigCode's multi_query
+    kv_heads = kv_heads(r, heads) if kv_heads is not None else r.get("num_key_value_heads") or heads
     if heads % kv_heads:
         r.fail("num_key_value_heads", f"is {kv_heads}, but {heads_key} ({heads}) must be a multiple of it")
     head_dim = r.get("head_dim")
@@ -765,7 +771,7 @@ def _gpt_neox(r: KeyReader, sizes: Sizes) -> Architecture:
         layers=tuple(LayerSpec(None, rope, mlp="plain") for _ in range(sizes.num_layers)),
         norms=LLAMA_NORMS, norm="layer", norm_bias=True, parallel=r("use_parallel_residual"),
         activation=_gelu_activation(r), attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias,
-        mlp_bias=True, fused_qkv=True, qkv_per_head=True, prefix="gpt_neox.", lm_head="embed_out.weight",
+        mlp_bias=True, fused_qkv=True, qkv_grouped=True, prefix="gpt_neox.", lm_head="embed_out.weight",
         stored_names=GPT_NEOX_NAMES,
     )
 
@@ -798,9 +804,9 @@ def _gpt2(r: KeyReader, sizes: Sizes) -> Architecture:
 
 
 def _gpt_bigcode(r: KeyReader, sizes: Sizes) -> Architecture:
-    """GPT-BigCode (StarCoder, SantaCoder): GPT-2's blocks, projections stored as Linear; with multi_query one
-    key/value head after the queries, else each head's q, k and v in turn."""
-    return replace(_gpt2_blocks(r, sizes), qkv_per_head=not r("multi_query"))
+    """GPT-BigCode (StarCoder, SantaCoder): GPT-2's blocks, projections stored as Linear, q/k/v grouped by
+    key/value head (multi_query: one group, the queries then one key and one value)."""
+    return replace(_gpt2_blocks(r, sizes), qkv_grouped=True)
 
 
 #: GPT-J's modules under Llama's names.
@@ -838,6 +844,46 @@ def _gpt2_core(tie_default: bool) -> tuple[Key, ...]:
     )
 
 
+#: Falcon's modules under Llama's names.
+FALCON_NAMES = {"layers": "h", "embed_tokens": "word_embeddings", "norm": "ln_f",
+                "self_attn.qkv_proj": "self_attention.query_key_value", "self_attn.o_proj": "self_attention.dense",
+                "mlp.up_proj": "mlp.dense_h_to_4h", "mlp.down_proj": "mlp.dense_4h_to_h"}
+
+
+def _falcon_kv_heads(r: KeyReader, heads: int) -> int:
+    """Falcon's key/value heads: num_kv_heads (every head by default) in the new decoder architecture; before it,
+    one with multi_query, else one per head (its q/k/v matrix holds three of each)."""
+    if r("new_decoder_architecture"):
+        return r("num_kv_heads") or heads
+    return 1 if r("multi_query") else heads
+
+
+def _falcon(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Falcon (7B, 40B, 180B, RW): q/k/v in one matrix grouped by key/value head, an ungated GELU MLP, biased
+    LayerNorms, projections biased by ``bias``; with parallel_attn attention and the MLP read the block input
+    side by side, through one norm or (num_ln_in_parallel_attn 2, the new decoder architecture) two."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES)
+    lns = r("num_ln_in_parallel_attn") or (2 if r("new_decoder_architecture") else 1)
+    if not r("parallel_attn"):
+        norms = LLAMA_NORMS
+    elif lns == 2 and r("new_decoder_architecture"):
+        norms = {"pre_attn": "ln_attn", "pre_mlp": "ln_mlp"}
+    elif lns == 1:
+        norms = {"pre_attn": "input_layernorm"}
+    else:
+        r.fail("num_ln_in_parallel_attn", f"is {lns}; two norms run only with new_decoder_architecture, and a "
+                                          "block has one or two")
+    bias = r("bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mlp="plain") for _ in range(sizes.num_layers)),
+        norms=norms, norm="layer", norm_bias=True, parallel=r("parallel_attn"),
+        activation=_GELU_ACTIVATIONS[r("activation")], attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qkv_bias=bias, o_bias=bias, mlp_bias=bias, fused_qkv=True, qkv_grouped=True,
+        prefix="transformer.", stored_names=FALCON_NAMES,
+    )
+
+
 def _gelu_key(default: str, name: str = "hidden_act") -> Key:
     return Key(name, default=default, check=one_of(*_GELU_ACTIVATIONS), unsupported=True)
 
@@ -850,10 +896,10 @@ def _layer_norm_family(build: Callable[[KeyReader, Sizes], Architecture], tie_de
 
 
 def _gpt2_family(build: Callable[[KeyReader, Sizes], Architecture], tie_default: bool,
-                 *groups: tuple[Key, ...]) -> Family:
+                 *groups: tuple[Key, ...], kv_heads: KvHeads | None = None) -> Family:
     """A family of GPT-2's config keys (:data:`GPT2_CONFIG_NAMES`)."""
     return Family(_keys(_gpt2_core(tie_default), *groups), build, eps_default=1e-5, eps_key="layer_norm_epsilon",
-                  names=GPT2_CONFIG_NAMES)
+                  names=GPT2_CONFIG_NAMES, kv_heads=kv_heads)
 
 
 _QWEN2_MOE_WINDOW = (
@@ -1047,11 +1093,37 @@ FAMILIES: dict[str, Family] = {
         _gelu_key("gelu_pytorch_tanh", "activation_function"),
         Key("scale_attn_weights", default=True, check=boolean),
         Key("multi_query", default=True, check=boolean),
-    )),
+    ), kv_heads=lambda r, heads: 1 if r("multi_query") else heads),
     "gptj": _gpt2_family(_gptj, False, (
         _gelu_key("gelu_new", "activation_function"),
         Key("rotary_dim", default=64, check=optional_positive_int),
     )),
+    "falcon": Family(
+        _keys((
+            Key("hidden_size", check=size(1 << 17)),
+            Key("ffn_hidden_size", check=optional_size(1 << 20)),  # None: 4 x hidden_size
+            Key("num_hidden_layers", check=size(1024)),
+            Key("num_attention_heads", check=size(4096)),
+            Key("num_kv_heads", check=optional_size(4096)),
+            Key("vocab_size", check=size(1 << 23)),
+            Key("max_position_embeddings", check=size(1 << 28)),
+            Key("layer_norm_epsilon", check=optional_positive_number),
+            Key("tie_word_embeddings", default=True, check=boolean),
+            Key("multi_query", default=True, check=boolean),
+            Key("new_decoder_architecture", default=False, check=boolean),
+            Key("parallel_attn", default=True, check=boolean),
+            Key("num_ln_in_parallel_attn", check=optional_positive_int),
+            Key("bias", default=False, check=boolean),
+            Key("alibi", default=False, unsupported=True, check=falsy(
+                "ALiBi positions (Falcon-RW) are not supported; use a Falcon with rope")),
+            _gelu_key("gelu", "activation"),
+        ), _ROPE[:3]),
+        _falcon,
+        eps_default=1e-5,
+        eps_key="layer_norm_epsilon",
+        names={"intermediate_size": "ffn_hidden_size"},
+        kv_heads=_falcon_kv_heads,
+    ),
     "starcoder2": _layer_norm_family(_starcoder2, True, _WINDOW, (
         _gelu_key("gelu_pytorch_tanh"),
         Key("use_bias", default=True, check=boolean),

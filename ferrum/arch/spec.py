@@ -59,7 +59,9 @@ class Architecture:
     o_bias: bool = False
     mlp_bias: bool = False
     fused_qkv: bool = False  # checkpoint holds self_attn.qkv_proj (Phi-3)
-    qkv_per_head: bool = False  # ...with its rows grouped per head, each head's q, k, v in turn (GPT-NeoX)
+    #: ...with its rows grouped by key/value head: that head's queries, then its key, then its value (GPT-NeoX's
+    #: per-head q, k, v; Falcon's groups).
+    qkv_grouped: bool = False
     fused_gate_up: bool = False  # checkpoint holds mlp.gate_up_proj (Phi-3)
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
     #: Llama 4's attention scaling (Ministral 3), ``(beta, original)``: each query is multiplied by ``1 + beta *

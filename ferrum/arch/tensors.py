@@ -162,9 +162,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = [(name, tensor)]
     elif ".self_attn.qkv_proj." in name:
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        if arch.qkv_per_head:  # [head][q, k, v][dim] -> [q, k, v][head][dim]
-            heads, d = config.num_heads, config.head_dim
-            tensor = _take_rows(tensor, np.arange(3 * q).reshape(heads, 3, d).transpose(1, 0, 2).reshape(-1))
+        if arch.qkv_grouped:  # [kv head][its queries, key, value][dim] -> [queries; keys; values]
+            tensor = _take_rows(tensor, grouped_qkv_order(config.num_heads, config.num_kv_heads, config.head_dim))
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
                  (name.replace("qkv_proj", "k_proj"), rows(tensor, q, q + kv)),
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
@@ -202,6 +201,15 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if order is None:
         return tensor
     return _take_rows(tensor, (np.arange(heads)[:, None] * d + order[None, :]).reshape(-1))
+
+
+def grouped_qkv_order(heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+    """Row order taking q/k/v rows grouped by key/value head (each group's ``heads / kv_heads`` queries, then its
+    key, then its value) to all queries, then all keys, then all values."""
+    group = heads // kv_heads
+    blocks = np.arange(kv_heads * (group + 2) * head_dim).reshape(kv_heads, group + 2, head_dim)
+    return np.concatenate([blocks[:, :group].reshape(-1), blocks[:, group].reshape(-1),
+                           blocks[:, group + 1].reshape(-1)])
 
 
 def _is_norm(name: str) -> bool:

@@ -127,8 +127,10 @@ class ArchOracle:
             x = self._norm(h, norm["pre_attn"]) if "pre_attn" in norm else h
             if arch.fused_qkv:
                 qkv = linear(x, w(p + "self_attn.qkv_proj.weight"), w(p + "self_attn.qkv_proj.bias"))
-                if arch.qkv_per_head:  # each head's q, k, v in turn
-                    qkv = qkv.reshape(n, -1, 3, d).transpose(0, 2, 1, 3).reshape(n, -1)
+                if arch.qkv_grouped:  # per key/value head: its queries, its key, its value
+                    groups = qkv.reshape(n, cfg.num_kv_heads, -1, d)
+                    qkv = np.concatenate([groups[:, :, :-2].reshape(n, -1), groups[:, :, -2].reshape(n, -1),
+                                          groups[:, :, -1].reshape(n, -1)], axis=1)
                 q, k, v = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
             else:
                 q, k, v = (linear(x, w(f"{p}self_attn.{m}_proj.weight"), w(f"{p}self_attn.{m}_proj.bias"))
