@@ -293,7 +293,8 @@ def gelu_tanh_mul(gate: Any, up: Any) -> Any:
 def layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
     """(optional) LayerNorm over the last axis (Phi-2, StableLM, StarCoder2), in float32:
     ``(x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance; ``bias [hidden]``
-    may be None (no bias added). Fallback: computed on the host, as for :func:`gelu_tanh_mul`."""
+    may be None (no bias added), and so may ``weight`` (OLMo's norms have neither). Fallback:
+    computed on the host, as for :func:`gelu_tanh_mul`."""
 
 
 @hookspec(firstresult=True)

@@ -130,8 +130,11 @@ def query_scaler(ops: Any, scaling: tuple[float, int], positions: np.ndarray) ->
     return per_token(ops, choice.reshape(-1), scale)
 
 
-def _norm_weights(weights: dict[str, Placed], module: str) -> tuple[Any, Any] | None:
-    """A norm's ``(weight, bias)`` on the backend (bias None where it has none); None where there is no such norm."""
+def _norm_weights(weights: dict[str, Placed], module: str, params: bool = True) -> tuple[Any, Any] | None:
+    """A norm's ``(weight, bias)`` on the backend (bias None where it has none); None where there is no such norm.
+    A norm without ``params`` (OLMo 1's) is ``(None, None)``."""
+    if not params:
+        return None, None
     weight, bias = weights.get(f"{module}.weight"), weights.get(f"{module}.bias")
     return None if weight is None else (weight.weight, None if bias is None else bias.weight)
 
@@ -182,7 +185,7 @@ class DecoderOnlyLLM:
         self.embed, self.embed_lookup = embed.weight, embed.embedding
         #: Learned absolute positions (GPT-2), or None.
         self.position_table = weights.get(f"{arch.prefix}embed_positions.weight")
-        self.final_norm = _norm_weights(weights, f"{arch.prefix}norm")
+        self.final_norm = _norm_weights(weights, f"{arch.prefix}norm", arch.norm_params)
         head_bias = weights.get(bias_of(arch.lm_head))
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
                               None if head_bias is None else head_bias.weight)
@@ -262,7 +265,7 @@ class DecoderOnlyLLM:
         def projection(module: str) -> Linear:
             return Linear(w[f"{p}{module}.weight"], tensor(f"{module}.bias"))
 
-        norms = {slot: _norm_weights(w, p + name) for slot, name in arch.norms.items()}
+        norms = {slot: _norm_weights(w, p + name, arch.norm_params) for slot, name in arch.norms.items()}
         sinks = tensor("self_attn.sinks")
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         return _Layer(

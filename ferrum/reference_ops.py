@@ -83,12 +83,12 @@ def gelu_tanh_mul(ops: Any, gate: Any, up: Any) -> Any:
 
 
 def layer_norm(ops: Any, x: Any, weight: Any, bias: Any, eps: float) -> Any:
-    w = np.asarray(ops.to_numpy(weight), dtype=np.float32)
-    b = None if bias is None else np.asarray(ops.to_numpy(bias), dtype=np.float32)
+    w, b = (None if p is None else np.asarray(ops.to_numpy(p), dtype=np.float32) for p in (weight, bias))
 
     def fn(a: np.ndarray) -> np.ndarray:
         centered = a - a.mean(axis=-1, keepdims=True)
-        out = centered / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + np.float32(eps)) * w
+        out = centered / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + np.float32(eps))
+        out = out if w is None else out * w
         return out if b is None else out + b
 
     return _on_host(ops, x, fn)

@@ -35,7 +35,7 @@ FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
             "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere2",
             "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode", "gpt_bigcode_mha", "gptj",
-            "falcon", "falcon_new_architecture", "falcon_serial")
+            "falcon", "falcon_new_architecture", "falcon_serial", "olmo")
 
 
 def _longrope(half: int) -> dict:
@@ -157,6 +157,9 @@ def transformers_config(family: str):
         return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
                                          multi_query=False, parallel_attn=False, bias=True, ffn_hidden_size=80,
                                          max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    if family == "olmo":  # OLMo 1: Llama's blocks, LayerNorms without weight or bias, every attention projection biased
+        return transformers.OlmoConfig(**common, num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                       tie_word_embeddings=True)
     raise ValueError(family)
 
 
@@ -656,7 +659,7 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
                      "ernie4_5", "glm4", "hunyuan_v1_dense", "phi", "stablelm", "starcoder2", "cohere", "cohere2",
-                     "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "falcon")
+                     "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "falcon", "olmo")
 #: The LayerNorm families, and the key each reads its norms' epsilon from.
 LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps",
@@ -769,7 +772,7 @@ def draw_config(draw, st, family: str) -> dict:
         if draw(st.booleans()):
             raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
                                                min_size=layers, max_size=layers))
-    if family in ("qwen2", "qwen3", "qwen3_moe", "gemma", "olmo2"):
+    if family in ("qwen2", "qwen3", "qwen3_moe", "gemma", "olmo", "olmo2"):
         raw["attention_bias"] = draw(st.booleans())
     if family == "ernie4_5":
         raw["use_bias"] = draw(st.booleans())
@@ -975,7 +978,8 @@ _INVALID = {
     **{key: (_BAD_NUMBERS, GPT2_LIKE) for key in GPT2_KEYS.values()},
     "vocab_size": (_BAD_NUMBERS, PROPERTY_FAMILIES),
     "num_key_value_heads": ((0, -1, 3, 1.5, "2"), SIZE_KEYS),  # 3 divides no drawn head count
-    "rms_norm_eps": ((0, -1e-6, "1e-6", float("nan")), tuple(f for f in PROPERTY_FAMILIES if f not in LAYER_NORM_EPS)),
+    "rms_norm_eps": ((0, -1e-6, "1e-6", float("nan")),  # OLMo 1 fixes its epsilon
+                     tuple(f for f in PROPERTY_FAMILIES if f not in LAYER_NORM_EPS and f != "olmo")),
     "layer_norm_eps": ((0, -1e-6, "1e-6", float("nan")), ("phi", "stablelm", "cohere", "cohere2", "gpt_neox")),
     "layer_norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), (*GPT2_LIKE, "falcon")),
     "rotary_dim": ((0, -4, 2.5, "8"), ("gptj",)),

@@ -53,7 +53,8 @@ class Family:
     keys: dict[str, Key]
     build: Callable[[KeyReader, Sizes], Architecture]
     eps_default: float = 1e-6
-    eps_key: str = "rms_norm_eps"  # the norms' epsilon (LayerNorm families: layer_norm_eps, norm_epsilon)
+    #: the norms' epsilon (LayerNorm families: layer_norm_eps, norm_epsilon); None where it is fixed (OLMo 1's)
+    eps_key: str | None = "rms_norm_eps"
     names: dict[str, str] = field(default_factory=dict)  # the sizes' keys where the family has its own (GPT-2)
     kv_heads: KvHeads | None = None  # where the family does not say num_key_value_heads (multi_query...)
 
@@ -64,7 +65,9 @@ def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
 
 # ---------------------------------------------------------------- shared keys
 
-def _core(tie_default: bool, head_dim_default: int | None = None, eps_key: str = "rms_norm_eps") -> tuple[Key, ...]:
+def _core(tie_default: bool, head_dim_default: int | None = None,
+          eps_key: str | None = "rms_norm_eps") -> tuple[Key, ...]:
+    """The sizes' keys, and the norms' epsilon under ``eps_key`` (None: the family fixes it)."""
     return (
         Key("hidden_size", check=size(1 << 17)),
         Key("intermediate_size", check=size(1 << 20)),
@@ -74,7 +77,7 @@ def _core(tie_default: bool, head_dim_default: int | None = None, eps_key: str =
         Key("head_dim", default=head_dim_default, check=optional_size(4096)),
         Key("vocab_size", check=size(1 << 23)),
         Key("max_position_embeddings", check=size(1 << 28)),
-        Key(eps_key, check=optional_positive_number),
+        *((Key(eps_key, check=optional_positive_number),) if eps_key else ()),
         Key("tie_word_embeddings", default=tie_default, check=boolean),
     )
 
@@ -89,7 +92,7 @@ _ROPE = (
 _SILU = (Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),)
 
 
-def read_sizes(r: KeyReader, eps_default: float, eps_key: str = "rms_norm_eps",
+def read_sizes(r: KeyReader, eps_default: float, eps_key: str | None = "rms_norm_eps",
                names: dict[str, str] | None = None, kv_heads: KvHeads | None = None) -> Sizes:
     """The sizes under their usual keys, or under ``names`` (usual key -> the family's: GPT-2's n_embd...);
     the key/value heads as ``kv_heads(r, heads)`` counts them, else from num_key_value_heads."""
@@ -108,7 +111,7 @@ def read_sizes(r: KeyReader, eps_default: float, eps_key: str = "rms_norm_eps",
     if head_dim % 2:
         r.fail("head_dim" if "head_dim" in r.keys else hidden_key, f"gives heads of {head_dim} dims; "
                                                                    "Ferrum needs an even number (rope rotates pairs)")
-    eps = r(eps_key)
+    eps = None if eps_key is None else r(eps_key)
     intermediate = r(names.get("intermediate_size", "intermediate_size"))
     return Sizes(
         hidden_size=hidden, intermediate_size=4 * hidden if intermediate is None else intermediate,  # GPT-2's n_inner
@@ -884,6 +887,11 @@ def _falcon(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _olmo(r: KeyReader, sizes: Sizes) -> Architecture:
+    """OLMo (1): Llama's blocks with LayerNorms that have no weight or bias, at a fixed epsilon of 1e-5."""
+    return replace(_llama_like(False, None, _no_windows)(r, sizes), norm="layer", norm_params=False)
+
+
 def _gelu_key(default: str, name: str = "hidden_act") -> Key:
     return Key(name, default=default, check=one_of(*_GELU_ACTIVATIONS), unsupported=True)
 
@@ -1034,6 +1042,16 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False), _ROPE, _SILU, _EXAONE4),
         _llama_like(False, "head", _exaone4_windows, _exaone4_rotated, norms=POST_NORMS),
         eps_default=1e-5,
+    ),
+    "olmo": Family(  # OLMo 1 (1B, 7B)
+        _keys(_core(False, eps_key=None), _ROPE, _SILU, (
+            Key("attention_bias", check=boolean),
+            Key("clip_qkv", unsupported=True, check=falsy(
+                "clipping q, k and v (OLMo 7B 0424 / 0724) is not supported; use an OLMo without it")),
+        )),
+        _olmo,
+        eps_default=1e-5,
+        eps_key=None,
     ),
     "olmo2": Family(  # transformers' OLMo 2: attention_bias covers q/k/v and o, like Llama's
         _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", check=boolean),)),

@@ -35,6 +35,7 @@ class Architecture:
     #: StableLM, StarCoder2, GPT-2...), with a bias beside each weight where ``norm_bias``.
     norm: str = "rms"
     norm_bias: bool = False
+    norm_params: bool = True  # False: the block and final norms have no weight at all (OLMo 1's LayerNorm)
     #: Attention and the MLP both read the block's normed input and both outputs join the residual stream
     #: (Phi-2, StableLM 2 12B); the MLP reads ``pre_mlp``'s norm of the input where the block has one.
     parallel: bool = False

@@ -57,7 +57,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     h, d, vocab = config.hidden_size, config.head_dim, config.vocab_size
     q, kv = config.num_heads * d, config.num_kv_heads * d
     p = arch.prefix
-    norm_parts = ("weight", "bias") if arch.norm_bias else ("weight",)
+    norm_parts = ("weight", "bias") if arch.norm_bias else ("weight",) if arch.norm_params else ()
     shapes = {f"{p}embed_tokens.weight": (vocab, h), **{f"{p}norm.{part}": (h,) for part in norm_parts}}
     if arch.position_embedding:
         shapes[f"{p}embed_positions.weight"] = (config.max_seq_len, h)

@@ -88,6 +88,8 @@ def _yarn_scaling(meta: Metadata, p: str, where: str) -> dict[str, Any]:
 def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
     """The norms' epsilon under the key the family reads: RMSNorm's, or LayerNorm's (``layer_norm_eps``...)."""
     key = FAMILIES[model_type].eps_key
+    if key is None:  # the family fixes it
+        return {}
     if key == "rms_norm_eps":
         return {key: float32_value(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6))}
     return {key: float32_value(meta.get(p + "attention.layer_norm_epsilon", 1e-5))}

@@ -77,7 +77,8 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 def layer_norm(x, weight, bias, eps: float) -> np.ndarray:
     x = f64(x)
     centered = x - x.mean(axis=-1, keepdims=True)
-    out = centered / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps) * f64(weight)
+    out = centered / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
+    out = out if weight is None else out * f64(weight)
     return out if bias is None else out + f64(bias)
 
 
@@ -105,10 +106,9 @@ class ArchOracle:
 
     def _norm(self, x: np.ndarray, module: str) -> np.ndarray:
         cfg, arch = self.config, self.config.arch
-        weight = self.w(f"{module}.weight") + arch.norm_offset
-        if arch.norm == "layer":
-            return layer_norm(x, weight, self.w(f"{module}.bias"), cfg.rms_norm_eps)
-        return rms_norm(x, weight, cfg.rms_norm_eps)
+        if arch.norm == "layer":  # weights and bias where it has them (OLMo's have neither)
+            return layer_norm(x, self.w(f"{module}.weight"), self.w(f"{module}.bias"), cfg.rms_norm_eps)
+        return rms_norm(x, self.w(f"{module}.weight") + arch.norm_offset, cfg.rms_norm_eps)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         cfg, w, arch = self.config, self.w, self.config.arch

@@ -119,7 +119,8 @@ def layer_norm(x, weight, bias, eps):
     out = np.subtract(x, x.mean(axis=-1, keepdims=True))
     deviation = np.sqrt(np.vecdot(out, out) / x.shape[-1] + eps)
     out /= deviation[..., None]
-    out *= weight
+    if weight is not None:
+        out *= weight
     if bias is not None:
         out += bias
     return out

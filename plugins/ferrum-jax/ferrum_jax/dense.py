@@ -102,7 +102,8 @@ def gelu_tanh_mul(gate, up):
 def _layer_norm(x, weight, bias, eps):
     xf = x.astype(F32)
     centered = xf - xf.mean(axis=-1, keepdims=True)
-    out = centered * lax.rsqrt((centered * centered).mean(axis=-1, keepdims=True) + eps) * weight.astype(F32)
+    out = centered * lax.rsqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
+    out = out if weight is None else out * weight.astype(F32)
     return (out if bias is None else out + bias.astype(F32)).astype(x.dtype)
 
 
