@@ -1038,21 +1038,28 @@ def _layer_norm_gguf(path: Path, hf, config, arch: str) -> None:
         w.add_logit_scale(config.logit_scale)
     if arch == "cohere2":
         w.add_sliding_window(config.sliding_window)
+    if arch == "gptneox":
+        w.add_parallel_residual(config.use_parallel_residual)
     kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
     for name, tensor in hf.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":  # tied: llama.cpp's converter skips it
             continue
+        array = tensor.float().numpy()
+        if arch == "gptneox" and ".query_key_value." in name:  # the converter's order: every q, then k, then v
+            array = array.reshape(config.num_attention_heads, 3, -1, *array.shape[1:]).swapaxes(0, 1).reshape(
+                array.shape)
         module, suffix = name.rsplit(".", 1)
-        w.add_tensor(f"{names.get_name(module)}.{suffix}", tensor.float().numpy())
+        w.add_tensor(f"{names.get_name(module)}.{suffix}", array)
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["phi2", "starcoder2", "command-r", "cohere2"])
+@pytest.mark.parametrize("arch", ["phi2", "starcoder2", "command-r", "cohere2", "gptneox"])
 def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     """Phi-2 (a parallel block, partial rotary, biased LM head), StarCoder2 (biased norms and projections, an
-    ungated MLP), Command R (LayerNorms without bias, adjacent-pair rope, its logit scale from the metadata) and
-    Command R7B (three sliding layers to one full one without rope, past its window)."""
+    ungated MLP), Command R (LayerNorms without bias, adjacent-pair rope, its logit scale from the metadata),
+    Command R7B (three sliding layers to one full one without rope, past its window) and GPT-NeoX (q/k/v rows as
+    llama.cpp's converter orders them, regrouped per head; its prefix and LM head)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     common = dict(intermediate_size=96, num_hidden_layers=2)
@@ -1060,6 +1067,8 @@ def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
         hf, config = _tiny_model(transformers.PhiConfig, **common, partial_rotary_factor=0.5)
     elif arch == "starcoder2":
         hf, config = _tiny_model(transformers.Starcoder2Config, **common, sliding_window=None)
+    elif arch == "gptneox":
+        hf, config = _tiny_model(transformers.GPTNeoXConfig, **common, num_key_value_heads=4)
     elif arch == "cohere2":
         hf, config = _tiny_model(transformers.Cohere2Config, **{**common, "num_hidden_layers": 4}, logit_scale=0.5,
                                  sliding_window=4)

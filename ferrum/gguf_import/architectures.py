@@ -45,6 +45,9 @@ class _Architecture:
     partial_rotary: bool = False
     #: What a file of this architecture with experts is (llama.cpp writes Mixtral as ``llama``).
     with_experts: "_Architecture | None" = None
+    #: llama.cpp's converter put the fused q/k/v's rows in q, k, v order; the family reads them grouped by
+    #: key/value head, as the checkpoint had them (GPT-NeoX).
+    grouped_qkv: bool = False
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -133,6 +136,11 @@ def _cohere2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
             "sliding_window_pattern": 4}
 
 
+def _gpt_neox_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """GPT-NeoX's parallel blocks, where the file says (llama.cpp's default: parallel)."""
+    return {"use_parallel_residual": bool(meta.get(p + "use_parallel_residual", True))}
+
+
 def _gpt_oss_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """gpt-oss: the file's window on every other layer, the first sliding; its YaRN with the ramp's ends
     unrounded, as transformers' and OpenAI's own model have them (llama.cpp rounds them)."""
@@ -209,6 +217,9 @@ ARCHITECTURES = {
                                configure=_command_r_config),
     "cohere2": _Architecture("cohere2", "Cohere2ForCausalLM", False, (("attention_bias", False),),
                              configure=_cohere2_config),
+    "gptneox": _Architecture("gpt_neox", "GPTNeoXForCausalLM", False, (("hidden_act", "gelu"),
+                                                                        ("attention_bias", True)),
+                             partial_rotary=True, configure=_gpt_neox_config, grouped_qkv=True),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
@@ -260,6 +271,8 @@ BLOCK_TENSORS = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
+    "attn_qkv.bias": "self_attn.qkv_proj.bias",
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ferrum.arch.tensors import stored_name, weight_shapes
+from ferrum.arch.tensors import bias_of, grouped_qkv_order, stored_name, weight_shapes
 from ferrum.checkpoint import write_safetensors_header
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
@@ -62,7 +62,7 @@ class PlannedTensor:
     hf_name: str
     source: Any  # gguf ReaderTensor
     shape: tuple[int, ...]  # numpy / Hugging Face order
-    unpermute_heads: int | None  # q/k: heads to un-permute over
+    row_order: np.ndarray | None  # rows taken in this order (q/k un-permuted, q/k/v regrouped), or as stored
     offset: float = 0.0  # subtracted from the values (Gemma's norms)
     form: StoredForm | None = None  # how it is written, set by choose_forms
 
@@ -110,6 +110,13 @@ def _check_quant_types(tensors: Iterable[Any], where: str) -> None:
         _gguf_dequantize(t.data.reshape(-1, t.data.shape[-1])[:1] if t.data.ndim else t.data, t, where)
 
 
+def _in_layout(arch: Any, name: str) -> str:
+    """Llama's name ``model.* / lm_head.*`` under the family's decoder prefix and LM head (GPT-NeoX's)."""
+    if name.startswith("lm_head."):
+        return bias_of(arch.lm_head) if name.endswith(".bias") else arch.lm_head
+    return arch.prefix + name.removeprefix("model.")
+
+
 def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTensor]:
     """Map every GGUF tensor to its Hugging Face name and the shape the model reads it in: ``weight_shapes`` of
     the config being written (rope_freqs and longrope's factors are read into the config instead)."""
@@ -129,18 +136,20 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
     for name, tensor in by_name.items():
         if name == "rope_freqs.weight" or name in ROPE_FACTOR_TENSORS:  # read into the config
             continue
-        heads_to_unpermute, hf_name = None, GLOBAL_TENSORS.get(name)
+        row_order, hf_name = None, GLOBAL_TENSORS.get(name)
         m = block.match(name)
         if m is not None:
             i, rest = int(m.group(1)), m.group(2)
             if rest.split(".")[0] in IGNORED_BLOCK_TENSORS:
                 continue
             hf_name = f"model.layers.{i}.{block_tensors[rest]}" if rest in block_tensors else None
-            if arch.permuted_qk and rest == "attn_q.weight":
-                heads_to_unpermute = heads
-            elif arch.permuted_qk and rest == "attn_k.weight":
-                heads_to_unpermute = kv_heads
-        hf_name = None if hf_name is None else stored_name(model_arch, hf_name)  # the family's own module names
+            if arch.permuted_qk and rest in ("attn_q.weight", "attn_k.weight"):
+                n = heads if rest == "attn_q.weight" else kv_heads
+                row_order = unpermute_qk(np.arange(n * model_config.head_dim), n)
+            elif arch.grouped_qkv and rest.startswith("attn_qkv."):  # the checkpoint's rows, grouped by kv head
+                row_order = np.argsort(grouped_qkv_order(heads, kv_heads, model_config.head_dim))
+        if hf_name is not None:  # under the family's own prefix and module names
+            hf_name = stored_name(model_arch, _in_layout(model_arch, hf_name))
         want = expected.get(hf_name)
         if want is None:
             unknown.append(name)
@@ -153,7 +162,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
                 f"{where}: tensor {name} ({hf_name}) has shape {shape} but the metadata implies {want}"
             )
         offset = arch.norm_offset if hf_name.endswith("norm.weight") else 0.0
-        plan.append(PlannedTensor(hf_name, tensor, shape, heads_to_unpermute, offset))
+        plan.append(PlannedTensor(hf_name, tensor, shape, row_order, offset))
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
         raise UnsupportedFeatureError(
@@ -244,8 +253,8 @@ def _stored_arrays(p: PlannedTensor, dequantize_to: str | None, where: str) -> l
         if not np.isfinite(value.astype(np.float32, copy=False)).all():
             raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
         arrays = [value.astype(_numpy_dtype(p.form.dtype), copy=False)]
-    if p.unpermute_heads is not None:
-        arrays = [unpermute_qk(a, p.unpermute_heads) for a in arrays]  # whole rows move: exact when packed
+    if p.row_order is not None:
+        arrays = [a[p.row_order] for a in arrays]  # whole rows move: exact when packed
     return arrays
 
 
