@@ -93,14 +93,14 @@ _SILU = (Key("hidden_act", default="silu", check=one_of("silu"), unsupported=Tru
 
 
 def read_sizes(r: KeyReader, eps_default: float, eps_key: str | None = "rms_norm_eps",
-               names: dict[str, str] | None = None, kv_heads: KvHeads | None = None) -> Sizes:
+               names: dict[str, str] | None = None, count_kv_heads: KvHeads | None = None) -> Sizes:
     """The sizes under their usual keys, or under ``names`` (usual key -> the family's: GPT-2's n_embd...);
-    the key/value heads as ``kv_heads(r, heads)`` counts them, else from num_key_value_heads."""
+    the key/value heads as ``count_kv_heads(r, heads)`` counts them, else from num_key_value_heads."""
     names = names or {}
     hidden_key, heads_key = names.get("hidden_size", "hidden_size"), names.get("num_attention_heads",
                                                                                "num_attention_heads")
     hidden, heads = r(hidden_key), r(heads_key)
-    kv_heads = kv_heads(r, heads) if kv_heads is not None else r.get("num_key_value_heads") or heads
+    kv_heads = count_kv_heads(r, heads) if count_kv_heads is not None else r.get("num_key_value_heads") or heads
     if heads % kv_heads:
         r.fail("num_key_value_heads", f"is {kv_heads}, but {heads_key} ({heads}) must be a multiple of it")
     head_dim = r.get("head_dim")
