@@ -213,27 +213,35 @@ def phi3(tmp_path_factory):
     return root, hf, merged
 
 
+#: The sizes of the small bases below.
+COMMON = dict(vocab_size=97, hidden_size=96, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def with_adapter(tmp_path_factory, name: str, config, seed: int):
+    """A random base of ``config`` and a PEFT adapter on every linear layer: ``(root, base, PEFT's merged model)``."""
+    root = tmp_path_factory.mktemp(name)
+    hf = build_transformers_model(root / "base", config)
+    return root, hf, make_peft(hf, root / "all", seed)
+
+
 @pytest.fixture(scope="module", params=["phi4_mini_like", "qwen2_yarn", "granite"])
 def moved_rows(request, tmp_path_factory):
     """Bases whose rows the load moves (partial rotary) or scales (longrope's and YaRN's attention factor on
     q/k, Granite's residual multiplier on o_proj/down_proj), with a PEFT adapter on every linear layer."""
     import transformers
 
-    common = dict(vocab_size=97, hidden_size=96, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if request.param == "phi4_mini_like":
         half = 6  # rotary dims / 2: head_dim 24 x 0.5
-        config = transformers.Phi3Config(**common, partial_rotary_factor=0.5, original_max_position_embeddings=64,
+        config = transformers.Phi3Config(**COMMON, partial_rotary_factor=0.5, original_max_position_embeddings=64,
                                          rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * half,
                                                        "long_factor": [2.0] * half})
     elif request.param == "qwen2_yarn":
-        config = transformers.Qwen2Config(**common, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+        config = transformers.Qwen2Config(**COMMON, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                                   "original_max_position_embeddings": 32})
     else:
-        config = transformers.GraniteConfig(**common, residual_multiplier=0.3, logits_scaling=2.0)
-    root = tmp_path_factory.mktemp(request.param)
-    hf = build_transformers_model(root / "base", config)
-    return root, hf, make_peft(hf, root / "all", 3)
+        config = transformers.GraniteConfig(**COMMON, residual_multiplier=0.3, logits_scaling=2.0)
+    return with_adapter(tmp_path_factory, request.param, config, 3)
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)
@@ -288,13 +296,9 @@ def stored_names(request, tmp_path_factory):
     block, StarCoder2's c_fc / c_proj), ungated MLPs, with a PEFT adapter on every linear layer."""
     import transformers
 
-    common = dict(vocab_size=97, hidden_size=96, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config = (transformers.PhiConfig(**common, partial_rotary_factor=0.5) if request.param == "phi" else
-              transformers.Starcoder2Config(**common))
-    root = tmp_path_factory.mktemp(request.param)
-    hf = build_transformers_model(root / "base", config)
-    return root, hf, make_peft(hf, root / "all", 6)
+    config = (transformers.PhiConfig(**COMMON, partial_rotary_factor=0.5) if request.param == "phi" else
+              transformers.Starcoder2Config(**COMMON))
+    return with_adapter(tmp_path_factory, request.param, config, 6)
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)

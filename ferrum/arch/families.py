@@ -833,15 +833,19 @@ def _gptj(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
-def _gpt2_core(tie_default: bool) -> tuple[Key, ...]:
-    """The sizes under GPT-2's keys (:data:`GPT2_CONFIG_NAMES`)."""
+def _renamed_core(names: dict[str, str], tie_default: bool) -> tuple[Key, ...]:
+    """The sizes' keys under a family's own ``names`` (usual key -> the family's), the MLP's width optional (None:
+    4 x the hidden size), and the norms' epsilon as GPT-2 and Falcon name it."""
+    def key(usual: str) -> str:
+        return names.get(usual, usual)
+
     return (
-        Key("n_embd", check=size(1 << 17)),
-        Key("n_inner", check=optional_size(1 << 20)),  # None: 4 x n_embd
-        Key("n_layer", check=size(1024)),
-        Key("n_head", check=size(4096)),
+        Key(key("hidden_size"), check=size(1 << 17)),
+        Key(key("intermediate_size"), check=optional_size(1 << 20)),
+        Key(key("num_hidden_layers"), check=size(1024)),
+        Key(key("num_attention_heads"), check=size(4096)),
         Key("vocab_size", check=size(1 << 23)),
-        Key("n_positions", check=size(1 << 28)),
+        Key(key("max_position_embeddings"), check=size(1 << 28)),
         Key("layer_norm_epsilon", check=optional_positive_number),
         Key("tie_word_embeddings", default=tie_default, check=boolean),
     )
@@ -851,6 +855,9 @@ def _gpt2_core(tie_default: bool) -> tuple[Key, ...]:
 FALCON_NAMES = {"layers": "h", "embed_tokens": "word_embeddings", "norm": "ln_f",
                 "self_attn.qkv_proj": "self_attention.query_key_value", "self_attn.o_proj": "self_attention.dense",
                 "mlp.up_proj": "mlp.dense_h_to_4h", "mlp.down_proj": "mlp.dense_4h_to_h"}
+
+
+FALCON_CONFIG_NAMES = {"intermediate_size": "ffn_hidden_size"}
 
 
 def _falcon_kv_heads(r: KeyReader, heads: int) -> int:
@@ -906,7 +913,8 @@ def _layer_norm_family(build: Callable[[KeyReader, Sizes], Architecture], tie_de
 def _gpt2_family(build: Callable[[KeyReader, Sizes], Architecture], tie_default: bool,
                  *groups: tuple[Key, ...], kv_heads: KvHeads | None = None) -> Family:
     """A family of GPT-2's config keys (:data:`GPT2_CONFIG_NAMES`)."""
-    return Family(_keys(_gpt2_core(tie_default), *groups), build, eps_default=1e-5, eps_key="layer_norm_epsilon",
+    return Family(_keys(_renamed_core(GPT2_CONFIG_NAMES, tie_default), *groups), build, eps_default=1e-5,
+                  eps_key="layer_norm_epsilon",
                   names=GPT2_CONFIG_NAMES, kv_heads=kv_heads)
 
 
@@ -1117,16 +1125,8 @@ FAMILIES: dict[str, Family] = {
         Key("rotary_dim", default=64, check=optional_positive_int),
     )),
     "falcon": Family(
-        _keys((
-            Key("hidden_size", check=size(1 << 17)),
-            Key("ffn_hidden_size", check=optional_size(1 << 20)),  # None: 4 x hidden_size
-            Key("num_hidden_layers", check=size(1024)),
-            Key("num_attention_heads", check=size(4096)),
+        _keys(_renamed_core(FALCON_CONFIG_NAMES, True), (
             Key("num_kv_heads", check=optional_size(4096)),
-            Key("vocab_size", check=size(1 << 23)),
-            Key("max_position_embeddings", check=size(1 << 28)),
-            Key("layer_norm_epsilon", check=optional_positive_number),
-            Key("tie_word_embeddings", default=True, check=boolean),
             Key("multi_query", default=True, check=boolean),
             Key("new_decoder_architecture", default=False, check=boolean),
             Key("parallel_attn", default=True, check=boolean),
@@ -1139,7 +1139,7 @@ FAMILIES: dict[str, Family] = {
         _falcon,
         eps_default=1e-5,
         eps_key="layer_norm_epsilon",
-        names={"intermediate_size": "ffn_hidden_size"},
+        names=FALCON_CONFIG_NAMES,
         kv_heads=_falcon_kv_heads,
     ),
     "starcoder2": _layer_norm_family(_starcoder2, True, _WINDOW, (
