@@ -29,7 +29,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can read it
 import numpy as np
 
-from ferrum.arch.tensors import prepare
+from ferrum.arch.tensors import llama_names, prepare
 from ferrum.errors import AdapterError
 
 #: The projections an adapter may target, and the block part they live in.
@@ -199,14 +199,13 @@ def _peft_refusal(name: str) -> str:
 def _llama_name(config: Any, part: str, proj: str) -> str:
     """Llama's name of projection ``proj`` of ``part`` as the checkpoint, and so an adapter trained on it, names
     it (Phi-2's ``self_attn.dense`` is ``o_proj``)."""
-    ours = {theirs: llama for llama, theirs in config.arch.stored_names.items()}
-    return ours.get(f"{part}.{proj}", f"{part}.{proj}").split(".", 1)[1]
+    return llama_names(config.arch).get(f"{part}.{proj}", f"{part}.{proj}").split(".", 1)[1]
 
 
 def _stored_leaves(config: Any) -> dict[str, str]:
     """The checkpoint's projection names -> Llama's (``dense`` -> ``o_proj``), as target lists give them."""
     return {theirs.rsplit(".", 1)[-1]: llama.rsplit(".", 1)[-1]
-            for llama, theirs in config.arch.stored_names.items() if "." in theirs}
+            for theirs, llama in llama_names(config.arch).items() if "." in theirs}
 
 
 def _check_targets(where: str, targets: Any, config: Any) -> None:

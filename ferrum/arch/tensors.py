@@ -104,9 +104,14 @@ def stored_name(arch: Any, name: str) -> str:
     return _renamed(arch, name, arch.stored_names)
 
 
+def llama_names(arch: Any) -> dict[str, str]:
+    """The checkpoint's module names -> Llama's: :attr:`Architecture.stored_names` the other way round."""
+    return {stored: ours for ours, stored in arch.stored_names.items()}
+
+
 def model_name(arch: Any, name: str) -> str:
     """Llama's name of checkpoint tensor ``name``: the inverse of :func:`stored_name`."""
-    return _renamed(arch, name, {stored: ours for ours, stored in arch.stored_names.items()})
+    return _renamed(arch, name, llama_names(arch))
 
 
 def _renamed(arch: Any, name: str, table: dict[str, str]) -> str:
