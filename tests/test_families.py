@@ -358,6 +358,30 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     assert_parity(load(folder, "mlx").forward_verify("m", tokens), ref)
 
 
+@pytest.mark.parametrize("bits", [None, 8])
+def test_mlx_lm_conversion_of_gpt2_loads(checkpoints, bits, tmp_path):
+    """mlx-lm's conversion of GPT-2 stores the projections [out, in] under ``model.`` (its Conv1D turned into
+    Linear), float or packed: read as such, on every backend, and as mlx-lm runs it."""
+    mx = pytest.importorskip("mlx.core")
+    convert = pytest.importorskip("mlx_lm.convert")
+    mlx_utils = pytest.importorskip("mlx_lm.utils")
+    import shutil
+
+    source = tmp_path / "bare"
+    shutil.copytree(checkpoints["gpt2"][0], source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}))
+    _as_bare_gpt2(source / "model.safetensors", config["n_layer"], config["n_positions"])  # what mlx-lm reads
+    converted = tmp_path / "mlx"
+    convert.convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
+    loaded = mlx_utils.load_model(converted)
+    reference_model = loaded[0] if isinstance(loaded, tuple) else loaded
+    tokens = TOKENS[:9]
+    ref = np.array(reference_model(mx.array([tokens])).astype(mx.float32))[0]
+    for backend in RUNNABLE:
+        assert_parity(load(converted, backend, dtype="float32").forward_verify("m", tokens), ref)
+
+
 # ---------------------------------------------------------- checkpoint layouts
 
 

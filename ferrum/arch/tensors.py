@@ -24,7 +24,7 @@ often keep ``v_proj`` at more bits) stays unfused.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -354,11 +354,27 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays)
 
 
-def resolve_layout(config: Any, present: set[str]) -> Any:
-    """``config`` with the decoder prefix and LM head name of the layout ``present`` (tensor names) uses."""
+def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
+    """``config`` with the decoder prefix and LM head name of the layout the checkpoint's tensors (``stored``: name
+    -> shape) use, and for a family stored transposed (GPT-2's Conv1D), whether this checkpoint is: mlx-lm's
+    conversions (under ``model.``) and Ferrum's GGUF imports save the projections ``[out, in]``."""
     for prefix, head in LAYOUTS:
         arch = replace(config.arch, prefix=prefix, lm_head=head)
         embedding = stored_name(arch, f"{prefix}embed_tokens.weight").removesuffix(".weight")
-        if f"{embedding}.weight" in present or f"{embedding}.scales" in present:
-            return replace(config, arch=arch)
+        if f"{embedding}.weight" in stored or f"{embedding}.scales" in stored:
+            config = replace(config, arch=arch)
+            break
+    if config.arch.transposed and _stored_untransposed(config, stored):
+        config = replace(config, arch=replace(config.arch, transposed=False))
     return config
+
+
+def _stored_untransposed(config: Any, stored: Mapping[str, tuple[int, ...]]) -> bool:
+    """Told by the MLP's up projection: packed (never transposed), or ``[out, in]`` by its shape, or, where it is
+    square, by mlx-lm's prefix."""
+    up = stored_name(config.arch, f"{config.arch.prefix}layers.0.mlp.up_proj.weight").removesuffix(".weight")
+    if f"{up}.scales" in stored:
+        return True
+    if config.intermediate_size == config.hidden_size:
+        return config.arch.prefix == "model."
+    return stored.get(f"{up}.weight") == (config.intermediate_size, config.hidden_size)

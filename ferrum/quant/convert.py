@@ -88,6 +88,7 @@ def quantize_checkpoint(
     source tensors.
     """
     # Imported here: ferrum.config and ferrum.model import ferrum.quant, which exports this module.
+    from ferrum.arch.tensors import resolve_layout
     from ferrum.config import ModelConfig
     from ferrum.model import weight_shapes
 
@@ -103,10 +104,11 @@ def quantize_checkpoint(
             f"{src} is already quantized ({config.quantization.bits}-bit, group size "
             f"{config.quantization.group_size}); quantize its float original instead"
         )
+    checkpoint = Checkpoint(src)
+    config = resolve_layout(config, {name: shape for name, (_, shape) in checkpoint.headers().items()})
     if config.arch.transposed:
         raise UnsupportedFeatureError(f"{src}: a {config.model_type} checkpoint stores its projections transposed "
                                       "(GPT-2's Conv1D), which ferrum quantize does not pack; run it in float")
-    checkpoint = Checkpoint(src)
     shapes = weight_shapes(config)
     plan = _plan(checkpoint, shapes, bits, group_size, config)
     _check_destination(src, dst, force)

@@ -87,7 +87,7 @@ class ArchOracle:
 
     def __init__(self, folder: Path):
         tensors = load_file(str(Path(folder) / "model.safetensors"))
-        self.config = resolve_layout(ModelConfig.from_file(folder), set(tensors))
+        self.config = resolve_layout(ModelConfig.from_file(folder), {n: t.shape for n, t in tensors.items()})
         quant = self.config.quantization
         for scales in [name for name in tensors if name.endswith(".scales")]:  # packed: the values they stand for
             module = scales.removesuffix(".scales")
