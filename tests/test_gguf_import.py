@@ -10,6 +10,7 @@ import importlib.util
 import os
 import re
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -578,6 +579,8 @@ def sentencepiece_gguf(tmp_path_factory):
     ("tekken", ["Hello", "World", " I", "'m", " DONE", " ", "1", "2", "3", "4", "5", " a", "/b"]),
     ("gpt-4o", ["Hello", "World", " I'm", " DONE", " ", "123", "45", " a", "/b"]),
     ("gpt-2", ["HelloWorld", " I", "'m", " DONE", " 12345", " a", "/", "b"]),
+    ("stablelm2", ["HelloWorld", " I", "'m", " DONE", " ", "1", "2", "3", "4", "5", " a", "/b"]),
+    ("falcon", ["HelloWorld", " I", "'", "m", " DONE", " ", "123", "45", " a", "/", "b"]),
 ])
 def test_pre_tokenizers_split_words_as_the_models_own_regex(tmp_path, pre, words):
     """Each ``tokenizer.ggml.pre`` splits text with its model's regex (Tekken and o200k at case changes, Qwen2 and
@@ -1028,9 +1031,9 @@ def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch
     _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
-def _layer_norm_gguf(path: Path, hf, config, arch: str) -> None:
+def _layer_norm_gguf(path: Path, hf, config, arch: str, extra: dict[str, np.ndarray] | None = None) -> None:
     """``hf``'s weights under the names gguf's own tensor map gives ``arch`` (biases and all), with its partial
-    rotary and Command R's logit scale in the metadata."""
+    rotary and Command R's logit scale in the metadata; ``extra`` tensors are written as named."""
     w = _gguf_writer(path, arch, config)
     head_dim = config.hidden_size // config.num_attention_heads
     w.add_rope_dimension_count(int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0)))
@@ -1051,6 +1054,8 @@ def _layer_norm_gguf(path: Path, hf, config, arch: str) -> None:
                 array.shape)
         module, suffix = name.rsplit(".", 1)
         w.add_tensor(f"{names.get_name(module)}.{suffix}", array)
+    for name, array in (extra or {}).items():
+        w.add_tensor(name, array)
     _finish(w)
 
 
@@ -1079,6 +1084,83 @@ def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
             param.normal_(0, 0.2)
     _layer_norm_gguf(tmp_path / "m.gguf", hf, config, arch)
     _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+
+
+def _gpt2_like_gguf(path: Path, hf, config, arch: str) -> None:
+    """``hf``'s weights as llama.cpp's converter writes GPT-2 (projections transposed from its Conv1D, the embedding
+    written again as the output), StarCoder (one key/value head) and Falcon (q/k/v regrouped: every q, then k, then
+    v; the MLP 4 x wide; the context 2048)."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    kv_heads = {"gpt2": heads, "starcoder": 1, "falcon": getattr(config, "num_kv_heads", 1)}[arch]
+    if arch == "falcon" and not config.new_decoder_architecture:
+        kv_heads = 1 if config.multi_query else heads
+    sizes = types.SimpleNamespace(
+        num_hidden_layers=config.num_hidden_layers, hidden_size=h, intermediate_size=4 * h,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, rope_parameters={"rope_theta": 10000.0},
+        layer_norm_eps=config.layer_norm_epsilon,
+        max_position_embeddings=2048 if arch == "falcon" else config.max_position_embeddings)
+    w = _gguf_writer(path, arch, sizes)
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        if arch == "gpt2" and array.ndim == 2 and ".h." in name:
+            array = np.ascontiguousarray(array.T)
+        if arch == "falcon" and ".query_key_value." in name:
+            head_dim = h // heads
+            groups = array.reshape(kv_heads, heads // kv_heads + 2, head_dim, *array.shape[1:])
+            array = np.concatenate([groups[:, :-2].reshape(-1, *array.shape[1:]),
+                                    groups[:, -2].reshape(-1, *array.shape[1:]),
+                                    groups[:, -1].reshape(-1, *array.shape[1:])])
+        if arch != "gpt2" and config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        module, suffix = name.rsplit(".", 1)
+        w.add_tensor(f"{names.get_name(module)}.{suffix}", array)
+    _finish(w)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "starcoder", "falcon-7b", "falcon-40b", "falcon-11b", "stablelm",
+                                     "stablelm-parallel"])
+def test_gpt2_falcon_stablelm_gguf_match_the_model_they_were_written_from(tmp_path, variant):
+    """GPT-2 (learned positions, its projections transposed back, read as [out, in]), StarCoder (one key/value
+    head), Falcon 7B (one key/value head, one norm), 40B (key/value groups, a norm each for attention and the MLP)
+    and Falcon 2 (key/value groups, one norm), and StableLM (partial rotary, q/k/v biases; side by side without an
+    MLP norm)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    arch = variant.split("-")[0]
+    if arch == "gpt2":
+        hf, config = _tiny_model(transformers.GPT2Config, n_layer=2)
+    elif arch == "starcoder":
+        hf, config = _tiny_model(transformers.GPTBigCodeConfig, n_layer=2, multi_query=True)
+    elif variant == "falcon-7b":
+        hf, config = _tiny_model(transformers.FalconConfig, num_hidden_layers=2, multi_query=True)
+    elif arch == "falcon":
+        hf, config = _tiny_model(transformers.FalconConfig, num_hidden_layers=2, new_decoder_architecture=True,
+                                 num_kv_heads=2, num_ln_in_parallel_attn=2 if variant == "falcon-40b" else 1)
+    else:
+        hf, config = _tiny_model(transformers.StableLmConfig, intermediate_size=96, num_hidden_layers=2,
+                                 use_qkv_bias=True, use_parallel_residual=variant == "stablelm-parallel")
+    with torch.no_grad():  # biases and norms away from their initial 0 and 1, so one dropped is visible
+        for param in hf.parameters():
+            param.normal_(0, 0.2)
+    if arch == "stablelm":
+        _layer_norm_gguf(tmp_path / "m.gguf", hf, config, arch)
+    else:
+        _gpt2_like_gguf(tmp_path / "m.gguf", hf, config, arch)
+    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+
+
+def test_stablelm_2_12b_gguf_is_refused_by_name(tmp_path):
+    """StableLM 2 12B's per-head q/k norms (stacked by the converter) are named, not reported as stray tensors."""
+    transformers = pytest.importorskip("transformers")
+    hf, config = _tiny_model(transformers.StableLmConfig, intermediate_size=96, num_hidden_layers=2)
+    stacked = {f"blk.{i}.attn_{x}_norm.weight": np.ones((heads, 16), np.float32)
+               for i in range(2) for x, heads in (("q", 4), ("k", 2))}
+    _layer_norm_gguf(tmp_path / "m.gguf", hf, config, "stablelm", extra=stacked)
+    with pytest.raises(UnsupportedFeatureError, match="12B's per-head q/k LayerNorms"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 46, 16), ("gemma2", 26, 8), ("gemma3", 62, 16)])
@@ -1208,7 +1290,7 @@ def test_dequantize_to_float16(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"arch": "gpt2"}, "GGUF architecture 'gpt2' is not supported"),
+        ({"arch": "bloom"}, "GGUF architecture 'bloom' is not supported"),
         ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
         ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
     ],

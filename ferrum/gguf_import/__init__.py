@@ -43,6 +43,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, ConfigError
 from ferrum.gguf_import.architectures import SUPPORTED_ARCHITECTURES
 from ferrum.gguf_import.config import build_config
@@ -100,7 +101,7 @@ def convert_gguf(
     if not tokens:
         raise CheckpointError(f"{where}: GGUF metadata has no tokenizer.ggml.tokens; cannot build a tokenizer")
     tokenizer, tokenizer_config = build_tokenizer(meta, tokens)
-    tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+    tokenizer_config["model_max_length"] = ModelConfig.from_dict(config, where).max_seq_len
     plan = plan_tensors(reader, config, where)
     choose_forms(plan, dequantize_to, where)
     check_finite(plan, where)

@@ -46,8 +46,10 @@ class _Architecture:
     #: What a file of this architecture with experts is (llama.cpp writes Mixtral as ``llama``).
     with_experts: "_Architecture | None" = None
     #: llama.cpp's converter put the fused q/k/v's rows in q, k, v order; the family reads them grouped by
-    #: key/value head, as the checkpoint had them (GPT-NeoX).
+    #: key/value head, as the checkpoint had them (GPT-NeoX, Falcon).
     grouped_qkv: bool = False
+    #: Renames that hold where the file's blocks have the named tensor (Falcon 40B's second norm).
+    renamed_with: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -141,6 +143,29 @@ def _gpt_neox_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
     return {"use_parallel_residual": bool(meta.get(p + "use_parallel_residual", True))}
 
 
+def _stablelm_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """StableLM: q/k/v biases where the file has them; attention and the MLP side by side where the blocks have no
+    MLP norm, as llama.cpp decides (the converter writes ``use_parallel_residual`` true where the config is silent)."""
+    if "blk.0.attn_q_norm.weight" in meta.tensors:
+        raise UnsupportedFeatureError(f"{meta.where}: StableLM 2 12B's per-head q/k LayerNorms are not supported")
+    return {"use_qkv_bias": "blk.0.attn_q.bias" in meta.tensors,
+            "use_parallel_residual": "blk.0.ffn_norm.weight" not in meta.tensors}
+
+
+def _falcon_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Falcon: attention and the MLP side by side, as llama.cpp always runs it. A second norm (Falcon 40B and
+    180B's) or several key/value heads (those and Falcon 2) make it the new decoder architecture."""
+    two_norms, kv_heads = "blk.0.attn_norm_2.weight" in meta.tensors, cfg["num_key_value_heads"]
+    return {"parallel_attn": True, "new_decoder_architecture": two_norms or kv_heads > 1,
+            "num_ln_in_parallel_attn": 2 if two_norms else 1, "num_kv_heads": kv_heads, "multi_query": kv_heads == 1,
+            "bias": "blk.0.attn_qkv.bias" in meta.tensors}
+
+
+def _starcoder_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """StarCoder (GPT-BigCode): one key/value head, as llama.cpp's converter always writes it."""
+    return {"multi_query": cfg["num_key_value_heads"] == 1}
+
+
 def _gpt_oss_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """gpt-oss: the file's window on every other layer, the first sliding; its YaRN with the ramp's ends
     unrounded, as transformers' and OpenAI's own model have them (llama.cpp rounds them)."""
@@ -164,6 +189,9 @@ _GPT_OSS_TENSORS = (
     ("attn_output.bias", "self_attn.o_proj.bias"), ("ffn_gate_inp.bias", "mlp.router.bias"),
     *((f"ffn_{p}_exps.bias", f"mlp.switch_mlp.{p}_proj.bias") for p in ("gate", "up", "down")),
 )
+#: GPT-2's (and GPT-BigCode's) norms, before attention and before the MLP.
+_GPT2_NORMS = tuple((f"{gguf}.{part}", f"{hf}.{part}") for gguf, hf in (("attn_norm", "ln_1"), ("ffn_norm", "ln_2"))
+                    for part in ("weight", "bias"))
 #: OLMo 2's norms: one after each of attention and the MLP, none before.
 _OLMO2_NORMS = (_GEMMA_NORMS[0], _GEMMA_NORMS[2])
 
@@ -220,6 +248,19 @@ ARCHITECTURES = {
     "gptneox": _Architecture("gpt_neox", "GPTNeoXForCausalLM", False, (("hidden_act", "gelu"),
                                                                         ("attention_bias", True)),
                              partial_rotary=True, configure=_gpt_neox_config, grouped_qkv=True),
+    # StableLM rotates its rotate-half pairs as stored; GPT-2's and StarCoder's projections are stored [out, in]
+    # (GPT-2's transposed from its Conv1D by the converter, read so by ``ferrum.arch.tensors.resolve_layout``)
+    "stablelm": _Architecture("stablelm", "StableLmForCausalLM", False, partial_rotary=True,
+                              configure=_stablelm_config),
+    "falcon": _Architecture("falcon", "FalconForCausalLM", False, (("activation", "gelu"),), configure=_falcon_config,
+                            grouped_qkv=True, renamed_with=(("attn_norm_2.weight", (
+                                ("attn_norm_2.weight", "ln_attn.weight"), ("attn_norm_2.bias", "ln_attn.bias"),
+                                ("attn_norm.weight", "ln_mlp.weight"), ("attn_norm.bias", "ln_mlp.bias"))),)),
+    "gpt2": _Architecture("gpt2", "GPT2LMHeadModel", False, (("activation_function", "gelu_new"),),
+                          renamed=_GPT2_NORMS),
+    "starcoder": _Architecture("gpt_bigcode", "GPTBigCodeForCausalLM", False,
+                               (("activation_function", "gelu_pytorch_tanh"),), renamed=_GPT2_NORMS,
+                               configure=_starcoder_config, grouped_qkv=True),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
@@ -256,6 +297,7 @@ SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 # GGUF tensor name -> Hugging Face name, per block and global.
 GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
+    "position_embd.weight": "model.embed_positions.weight",
     "output_norm.weight": "model.norm.weight",
     "output_norm.bias": "model.norm.bias",
     "output.weight": "lm_head.weight",

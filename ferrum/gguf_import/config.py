@@ -214,4 +214,5 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
             config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
-    return config
+    names = FAMILIES[family.model_type].names  # the family's own spelling of the sizes (GPT-2's n_embd...)
+    return {names.get(key, key): value for key, value in config.items()}

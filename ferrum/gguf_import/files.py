@@ -154,6 +154,8 @@ class Metadata:
     def __init__(self, reader: Any, where: str):
         self._fields = reader.fields
         self.where = where
+        #: The model's tensor names, which tell what its blocks hold where no key says (biases, a second norm).
+        self.tensors = frozenset(t.name for t in reader.tensors)
 
     def __contains__(self, key: str) -> bool:
         return key in self._fields

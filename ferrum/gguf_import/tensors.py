@@ -122,10 +122,16 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
     the config being written (rope_freqs and longrope's factors are read into the config instead)."""
     arch = for_model_type(cfg["model_type"])
     model_config = ModelConfig.from_dict(cfg, where)
-    model_arch, expected = model_config.arch, weight_shapes(model_config)
+    # written as the converter stored them, [out, in], whatever the family's own checkpoints do (GPT-2's Conv1D)
+    model_arch = replace(model_config.arch, transposed=False)
+    model_config = replace(model_config, arch=model_arch)
+    expected = weight_shapes(model_config)
     by_name = {t.name: t for t in reader.tensors}
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    heads, kv_heads = model_config.num_heads, model_config.num_kv_heads
     block_tensors = {**BLOCK_TENSORS, **dict(arch.renamed)}
+    for tensor, renamed in arch.renamed_with:
+        if f"blk.0.{tensor}" in by_name:
+            block_tensors.update(renamed)
     if arch.moe is not None:
         router = {"ffn_gate_inp.weight": f"{ROUTER.get(arch.model_type, 'gate')}.weight"}
         moe_tensors = {**MOE_BLOCK_TENSORS, **router, **(SHARED_EXPERT_TENSORS if arch.moe.shared else {})}

@@ -22,38 +22,42 @@ _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
 
 @dataclass(frozen=True)
 class _Split:
-    """How one group of ``tokenizer.ggml.pre`` values splits text before byte-level BPE (llama.cpp's
-    ``regex_exprs``, written as the model's own tokenizer.json has them)."""
+    """How one group of ``tokenizer.ggml.pre`` values splits text before byte-level BPE: llama.cpp's
+    ``regex_exprs``, each splitting the pieces the one before it left, written as the model's own tokenizer.json
+    has them."""
 
-    regex: str | None  # None: GPT-2's, built into tokenizers' ByteLevel pre-tokenizer
-    digits: bool = False  # every digit split off first (tokenizers' Digits; llama.cpp: "\p{N}" first)
+    regexes: tuple[str, ...]
     #: A word the vocabulary holds whole is one token, whatever the merges say (llama.cpp's ``ignore_merges``).
     ignore_merges: bool = False
 
 
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 #: Words split at case changes (Mistral's Tekken, OpenAI's o200k): an upper-case run, then lower-case letters.
 _CASED_WORDS = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+{suffix}"
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*{suffix}")
 _CASED_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_GPT2 = _Split(None)
-_LLAMA3 = _Split(_LLAMA3_REGEX, ignore_merges=True)
+_GPT2 = _Split((_GPT2_REGEX,))
+_LLAMA3 = _Split((_LLAMA3_REGEX,), ignore_merges=True)
 #: ``tokenizer.ggml.pre`` -> how its text is split, for the values llama.cpp knows and Ferrum's families use.
 _PRE_TOKENIZERS = {
     **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"), _GPT2),
     # SmolLM, StarCoder and relatives: every digit on its own, then GPT-2's regex
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-                    _Split(None, digits=True)),
+                    _Split((r"\p{N}", _GPT2_REGEX))),
+    # Falcon: runs of punctuation, GPT-2's regex, then numbers cut in threes
+    "falcon": _Split((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_REGEX, "[0-9][0-9][0-9]")),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _LLAMA3),
-    **dict.fromkeys(("smaug-bpe", "dbrx"), _Split(_LLAMA3_REGEX)),
-    # Qwen2's: Llama 3's with every digit on its own
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _Split(_LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"))),
-    "tekken": _Split(_CASED_WORDS.replace("{suffix}", "") + r"|\p{N}" + _CASED_REST, ignore_merges=True),
-    **dict.fromkeys(("gpt-4o", "llama4"), _Split(
-        _CASED_WORDS.replace("{suffix}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?") + r"|\p{N}{1,3}" + _CASED_REST)),
+    **dict.fromkeys(("smaug-bpe", "dbrx"), _Split((_LLAMA3_REGEX,))),
+    # Qwen2's (and StableLM 2's): Llama 3's with every digit on its own
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2"), _Split((_QWEN2_REGEX,))),
+    "tekken": _Split((_CASED_WORDS.replace("{suffix}", "") + r"|\p{N}" + _CASED_REST,), ignore_merges=True),
+    **dict.fromkeys(("gpt-4o", "llama4"), _Split((
+        _CASED_WORDS.replace("{suffix}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?") + r"|\p{N}{1,3}" + _CASED_REST,))),
 }
 
 
@@ -82,10 +86,8 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
         raise UnsupportedFeatureError(
             f"{where}: GGUF pre-tokenizer {pre!r} is not supported; Ferrum knows {', '.join(sorted(_PRE_TOKENIZERS))}"
         )
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if split.digits else []
-    if split.regex is not None:
-        steps.append(pre_tokenizers.Split(Regex(split.regex), behavior="isolated", invert=False))
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split.regex is None))
+    steps = [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False) for regex in split.regexes]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
     merges_raw = meta.get("tokenizer.ggml.merges")
     if not merges_raw:
         raise UnsupportedFeatureError(f"{where}: the GGUF byte-level BPE tokenizer lists no merges")
@@ -120,7 +122,7 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
             ignore_merges=split.ignore_merges,
         )
     )
-    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     return tok, added
 
