@@ -12,11 +12,13 @@ Semantics, row by row (:func:`sample_numpy` is the reference):
    divided, negative multiplied), then ``+ logit_bias - presence - frequency * count``;
 2. logprobs are the log-softmax of the adjusted logits (before temperature);
 3. greedy rows (temperature 0) take the first maximum;
-4. other rows: softmax of ``logits / temperature``, sorted by probability
-   (ties: lower token id first), keep the top-k, the shortest prefix whose
+4. other rows: softmax of ``logits / temperature``, sorted by logit (ties:
+   lower token id first; by logit, not by probability, which underflows to
+   ties at a low temperature), keep the top-k, the shortest prefix whose
    mass reaches top-p, and tokens with at least ``min_p`` times the top
-   probability; pick by inverse CDF: the first sorted token whose cumulative
-   kept mass exceeds ``uniform * total``.
+   probability, and always the most likely token (a top-p that rounds to 0);
+   pick by inverse CDF: the first sorted token whose cumulative kept mass
+   exceeds ``uniform * total``. The logprobs' top tokens are in that order.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from ferrum.errors import InvalidRequestError
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
 #: Largest float32 below 1, so a uniform never selects past the kept mass.
 _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
@@ -91,7 +94,8 @@ class SamplingParams:
         _integer("top_k", self.top_k, 0)
         _number("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
         _number("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _number("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "> 0")
+        # beyond 1e4 either way it already removes (or forces) the seen tokens; further, float32 logits overflow
+        _number("repetition_penalty", self.repetition_penalty, lambda v: 1e-4 <= v <= 1e4, "in [1e-4, 1e4]")
         _number("presence_penalty", self.presence_penalty)
         _number("frequency_penalty", self.frequency_penalty)
         _integer("logprobs", self.logprobs, 0)
@@ -303,7 +307,7 @@ def build_sampling_batch(samplers: Sequence[RequestSampler]) -> SamplingBatch:
     params = [s.params for s in samplers]
     return SamplingBatch(
         temperature=np.array([p.temperature for p in params], dtype=np.float32),
-        top_k=np.array([p.top_k for p in params], dtype=np.int32),
+        top_k=np.array([min(p.top_k, _INT32_MAX) for p in params], dtype=np.int32),  # past the vocabulary: all
         top_p=np.array([p.top_p for p in params], dtype=np.float32),
         min_p=np.array([p.min_p for p in params], dtype=np.float32),
         uniform=np.array([s.uniform() for s in samplers], dtype=np.float32),
@@ -368,13 +372,14 @@ def sample_numpy(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
         z = x.astype(np.float64) / temperature
         probs = np.exp(z - z.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
-        order = np.argsort(-probs, axis=-1, kind="stable")
+        order = np.argsort(-x, axis=-1, kind="stable")
     if not batch.all_greedy:
         sorted_probs = np.take_along_axis(probs, order, axis=-1)
         rank = np.arange(vocab)[None, :]
         keep = rank < np.where(batch.top_k > 0, batch.top_k, vocab)[:, None]
         keep &= (np.cumsum(sorted_probs, axis=-1) - sorted_probs) < batch.top_p[:, None]
         keep &= sorted_probs >= batch.min_p[:, None] * sorted_probs[:, :1]
+        keep |= rank == 0
         cdf = np.cumsum(np.where(keep, sorted_probs, 0.0), axis=-1)
         pick = (cdf <= batch.uniform[:, None] * cdf[:, -1:]).sum(axis=-1)
         sampled = np.take_along_axis(order, np.minimum(pick, vocab - 1)[:, None], axis=-1)[:, 0]

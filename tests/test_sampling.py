@@ -161,11 +161,36 @@ def test_logprobs_are_of_the_adjusted_logits(ops):
     np.testing.assert_allclose([lp for _, lp in pick.top_logprobs], np.sort(logp)[::-1][:5], atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.002, 0.05, 1.0])
+def test_top_logprobs_are_the_same_at_any_temperature(ops, temperature):
+    """Logprobs come before temperature, and so does their ranking: at a low temperature the tail's probabilities
+    underflow to ties, which must not reorder the top tokens (ranked by logit)."""
+    rng = np.random.default_rng(3)
+    row = (rng.permutation(VOCAB) * -0.6).astype(np.float32)[None]  # 0.6 nats apart: 20 ranks span 12 nats
+    pick = sample_rows(ops, row, [RequestSampler(SamplingParams(temperature=temperature, logprobs=20, seed=1), [])])[0]
+    assert [t for t, _ in pick.top_logprobs] == np.argsort(-row[0], kind="stable")[:20].tolist()
+    values = [lp for _, lp in pick.top_logprobs]
+    assert values == sorted(values, reverse=True)
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token(ops):
+    row = well_separated_logits(1, seed=2)[0]
+    draws = many_draws(ops, SamplingParams(temperature=1.0, top_p=1e-300), row, n=64)
+    assert set(draws.tolist()) == {int(row.argmax())}
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token(ops):
+    row = well_separated_logits(1, seed=5)[0]
+    for huge in (VOCAB, 2**31, 2**63):
+        np.testing.assert_array_equal(many_draws(ops, SamplingParams(temperature=1.0, top_k=huge), row, n=64),
+                                      many_draws(ops, SamplingParams(temperature=1.0), row, n=64))
+
+
 @pytest.mark.parametrize(
     "bad",
     [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
-     dict(repetition_penalty=0.0), dict(logprobs=-1), dict(max_tokens=0), dict(skip_special_tokens="no"),
-     dict(ignore_eos=1)],
+     dict(repetition_penalty=0.0), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300), dict(logprobs=-1),
+     dict(max_tokens=0), dict(skip_special_tokens="no"), dict(ignore_eos=1)],
 )
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(InvalidRequestError):

@@ -124,6 +124,10 @@ def _compare(got: np.ndarray, ref: np.ndarray, tolerance: float) -> float:
     got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     if got.shape != ref.shape:
         raise AssertionError(f"shape {got.shape}, expected {ref.shape}")
+    infinite = np.isinf(ref)  # -inf logprobs (a grammar's forbidden tokens) must be exactly that
+    if not np.array_equal(got[infinite], ref[infinite]):
+        raise _Mismatch(float("inf"))
+    got, ref = got[~infinite], ref[~infinite]
     error = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max()))) if ref.size else 0.0
     if not error <= tolerance:
         raise _Mismatch(error)
@@ -311,16 +315,18 @@ class _AllowOnly:
 
 def _sampling_case() -> tuple[np.ndarray, Any]:
     rng = np.random.default_rng(3)
-    logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(6)])
+    logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(8)])
     params = [
         SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.2, top_k=4, seed=2),
         SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1, seed=3, logprobs=3),
         SamplingParams(repetition_penalty=1.5, logit_bias={5: 3.0}, logprobs=2),
         # A structured output's row: 61 of 64 tokens at -inf, one of them also biased up.
         SamplingParams(temperature=0.9, seed=4, logit_bias={int(np.argmax(logits[5])): 50.0}, logprobs=2),
+        # Ranked by logit where a low temperature's probabilities underflow to ties; a top-p of 0 in float32.
+        SamplingParams(temperature=0.01, seed=5, logprobs=20), SamplingParams(temperature=1.0, top_p=1e-300, seed=6),
     ]
     samplers = [RequestSampler(p, [1, 2, 3]) for p in params]
-    samplers[-1].matcher = _AllowOnly((7, 19, 40), logits.shape[1])
+    samplers[5].matcher = _AllowOnly((7, 19, 40), logits.shape[1])
     return logits, build_sampling_batch(samplers)
 
 

@@ -273,13 +273,15 @@ def _sample_graph(logits, batch) -> tuple[torch.Tensor, ...]:
     if not batch.all_greedy or batch.num_logprobs:
         temperature = _small(np.where(batch.temperature > 0, batch.temperature, 1.0).astype(np.float32))
         probs = torch.softmax(x / temperature[:, None], dim=-1)
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+        sorted_probs = probs.gather(-1, order)
     if not batch.all_greedy:
         vocab = x.shape[-1]
         rank = torch.arange(vocab, device=x.device)[None, :]
         keep = rank < _small(np.where(batch.top_k > 0, batch.top_k, vocab))[:, None]
         keep &= (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < _small(batch.top_p)[:, None]
         keep &= sorted_probs >= _small(batch.min_p)[:, None] * sorted_probs[:, :1]
+        keep |= rank == 0
         cdf = torch.cumsum(torch.where(keep, sorted_probs, 0.0), dim=-1)
         pick = (cdf <= _small(batch.uniform)[:, None] * cdf[:, -1:]).sum(dim=-1)
         sampled = order.gather(-1, pick.clamp(max=vocab - 1)[:, None])[:, 0]

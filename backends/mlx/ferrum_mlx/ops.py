@@ -177,14 +177,14 @@ def _sample_graph(logits, batch) -> tuple[mx.array, ...]:
     if not batch.all_greedy or batch.num_logprobs:
         temperature = mx.array(np.where(batch.temperature > 0, batch.temperature, 1.0))[:, None]
         probs = mx.softmax(x / temperature, axis=-1)
-        order = mx.argsort(-probs, axis=-1)
+        order = mx.argsort(-x, axis=-1)
     if not batch.all_greedy:
         vocab = x.shape[-1]
         sorted_probs = mx.take_along_axis(probs, order, axis=-1)
         rank = mx.arange(vocab)[None, :]
         keep = rank < mx.array(np.where(batch.top_k > 0, batch.top_k, vocab))[:, None]
         keep = keep & ((mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < mx.array(batch.top_p)[:, None])
-        keep = keep & (sorted_probs >= mx.array(batch.min_p)[:, None] * sorted_probs[:, :1])
+        keep = (keep & (sorted_probs >= mx.array(batch.min_p)[:, None] * sorted_probs[:, :1])) | (rank == 0)
         cdf = mx.cumsum(mx.where(keep, sorted_probs, 0.0), axis=-1)
         pick = (cdf <= mx.array(batch.uniform)[:, None] * cdf[:, -1:]).sum(axis=-1)
         sampled = mx.take_along_axis(order, mx.minimum(pick, vocab - 1)[:, None], axis=-1)[:, 0]

@@ -28,13 +28,14 @@ def _sample(logits, temperature, top_k, top_p, min_p, uniform, rows, tokens, sca
     order = None
     if not greedy or num_logprobs:
         probs = jax.nn.softmax(x / jnp.where(temperature > 0, temperature, 1.0)[:, None], axis=-1)
-        order = jnp.argsort(-probs, axis=-1, stable=True)
+        order = jnp.argsort(-x, axis=-1, stable=True)
     if not greedy:
         sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
         rank = jnp.arange(vocab)[None, :]
         keep = rank < jnp.where(top_k > 0, top_k, vocab)[:, None]
         keep &= (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p[:, None]
         keep &= sorted_probs >= min_p[:, None] * sorted_probs[:, :1]
+        keep |= rank == 0
         cdf = jnp.cumsum(jnp.where(keep, sorted_probs, 0.0), axis=-1)
         pick = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(axis=-1)
         sampled = jnp.take_along_axis(order, jnp.minimum(pick, vocab - 1)[:, None], axis=-1)[:, 0]
