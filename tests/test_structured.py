@@ -121,6 +121,7 @@ def test_constrained_requests_are_not_drafted(checkpoint, speculative):
 @pytest.mark.parametrize("schema, words", [
     ({"type": "nope"}, ["json_schema", "nope"]),
     ({"$ref": "#/definitions/missing"}, ["json_schema", "missing"]),
+    ({"$ref": "#"}, ["structure cannot be followed"]),  # compiles, but no output satisfies it
 ])
 def test_a_schema_that_does_not_compile_is_refused_before_queueing(checkpoint, schema, words):
     llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")

@@ -125,6 +125,8 @@ def matcher_for(params: Any, tokenizer: Any, vocab_size: int, eos_ids: frozenset
     matcher = llg.LLMatcher(_lltokenizer(tokenizer, vocab_size, eos_ids), grammar, log_level=0, limits=_limits())
     if matcher.is_error():
         raise InvalidRequestError(f"{what} is not one Ferrum can compile: {_error_of(matcher)}")
+    tokens = TokenMatcher(matcher, vocab_size)
+    tokens.forbidden()  # some grammars fail only at their first mask (a schema nothing satisfies): refused now
     if params.reasoning_tags is None:
-        return TokenMatcher(matcher, vocab_size)
-    return AfterThinking(TokenMatcher(matcher, vocab_size), tokenizer, params.reasoning_tags, prompt_ids, eos_ids)
+        return tokens
+    return AfterThinking(tokens, tokenizer, params.reasoning_tags, prompt_ids, eos_ids)
