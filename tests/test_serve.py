@@ -476,6 +476,19 @@ def test_64_streaming_clients_a_third_disconnecting(server, llm):
     assert delta("ferrum_time_to_first_token_seconds_count") == ended["stop"] + ended["length"]
 
 
+def test_a_request_refused_at_submission_counts_as_rejected_not_as_aborted_choices(server):
+    """The engine refuses the request (a token id outside the vocabulary) before any choice runs: one 400 among
+    the rejected, none of its five choices among the ended requests."""
+    before = server.metrics()
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model="tiny", prompt="hi", max_tokens=2, n=5, logit_bias={"99999": 1})
+    after = server.metrics()
+    ended = [name for name in after if name.startswith("ferrum_requests_total")]
+    assert [after[name] - before.get(name, 0.0) for name in ended] == [0.0] * len(ended)
+    status = 'ferrum_requests_rejected_total{status="400"}'
+    assert after[status] - before.get(status, 0.0) == 1
+
+
 async def _enumerate(stream):
     n = 0
     async for item in stream:
@@ -577,6 +590,7 @@ def test_response_format_json_object_streams_an_object(server):
     ({"type": "xml"}, ["response_format", "xml"]),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}, ["nope"]),
     ({"type": "json_schema", "json_schema": "not an object"}, ["json_schema"]),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}, ["cannot be followed"]),
 ])
 def test_bad_response_formats_are_400(server, fmt, words):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -181,12 +181,14 @@ async def _start(state: ServerState, endpoint: str, specs: list[ChoiceSpec]) -> 
             code="server_busy", headers={"Retry-After": "1"},
         )
 
+    started = False  # a request refused at submission counts as rejected (its status), not as aborted choices
+
     def ended(out: RequestOutput | None) -> None:
         state.pending -= 1
-        if out is None:
-            state.metrics.requests.labels(endpoint, "abort").inc()
-        else:
+        if out is not None:
             state.metrics.finished(endpoint, out)
+        elif started:
+            state.metrics.requests.labels(endpoint, "abort").inc()
 
     state.pending += len(specs)  # before any await: requests arriving meanwhile see these choices
     generation = Generation(state.engine, specs, ended)  # which ends each one (``ended``) whatever happens
@@ -194,6 +196,7 @@ async def _start(state: ServerState, endpoint: str, specs: list[ChoiceSpec]) -> 
         await generation.start()
     except FerrumError as error:
         raise APIError.from_ferrum(error) from None
+    started = True
     return generation
 
 
