@@ -131,15 +131,16 @@ def test_aborted_request_reports_abort(checkpoint):
 def test_bad_requests_are_refused_before_they_reach_a_batch(checkpoint):
     engine = make_engine(checkpoint, BACKENDS[0], num_kv_blocks=8)
     good = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3))
-    for prompt, params, error in [
-        ([], SamplingParams(), InvalidRequestError),
-        ([5, 300], SamplingParams(), InvalidRequestError),
-        ([5] * 256, SamplingParams(), ContextLengthExceededError),
-        ([5], SamplingParams(max_tokens=100), InvalidRequestError),  # more than the 32-token pool
-        ([5], SamplingParams(max_tokens=3, logit_bias={999: 1.0}), InvalidRequestError),
-        ([5], SamplingParams(max_tokens=3, stop=["x"]), InvalidRequestError),  # no tokenizer
+    for prompt, params, error, words in [
+        ([], SamplingParams(), InvalidRequestError, "empty"),
+        ([5, 300], SamplingParams(), InvalidRequestError, "vocabulary"),
+        ([5] * 256, SamplingParams(), ContextLengthExceededError, "context length"),
+        ([5], SamplingParams(max_tokens=100), InvalidRequestError, "lower max_tokens"),  # more than the 32-token pool
+        ([5] * 40, SamplingParams(max_tokens=3), InvalidRequestError, "shorten the prompt"),  # the prompt alone too
+        ([5], SamplingParams(max_tokens=3, logit_bias={999: 1.0}), InvalidRequestError, "logit_bias"),
+        ([5], SamplingParams(max_tokens=3, stop=["x"]), InvalidRequestError, "tokenizer"),
     ]:
-        with pytest.raises(error):
+        with pytest.raises(error, match=words):
             engine.add_request(prompt, params)
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request([1], SamplingParams(max_tokens=3), request_id=good)

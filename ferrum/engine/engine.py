@@ -228,9 +228,11 @@ class Engine:
         max_total = min(cfg.max_seq_len, len(tokens) + params.max_tokens)
         kv = self.model.kv
         if -(-max_total // kv.block_size) > kv.num_blocks:
+            pool = kv.num_blocks * kv.block_size
+            lower = "shorten the prompt" if len(tokens) >= pool else "lower max_tokens"
             raise InvalidRequestError(
-                f"this request may need {max_total} tokens of KV cache but the pool holds "
-                f"{kv.num_blocks * kv.block_size}; lower max_tokens or load the model with more KV blocks"
+                f"this request may need {max_total} tokens of KV cache (a {len(tokens)}-token prompt) but the pool "
+                f"holds {pool}; {lower} or load the model with more KV blocks"
             )
         for kind, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
             outside = [t for t in ids if not 0 <= t < cfg.vocab_size]
