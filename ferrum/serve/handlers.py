@@ -90,10 +90,9 @@ def _sampling_params(
     (``--reasoning-parser``)."""
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
-        try:
-            bias[int(key)] = float(value)
-        except ValueError:
-            raise APIError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias") from None
+        if not (key.isascii() and key.isdigit()):  # int() would take " 7", "1_0" and other scripts' digits
+            raise APIError(400, f"logit_bias keys are token ids (decimal digits), got {key!r}", param="logit_bias")
+        bias[int(key)] = float(value)
     defaults = state.sampling_defaults
     skip_special = body.skip_special_tokens
 

@@ -58,6 +58,10 @@ class _Common(BaseModel):
     #: calls with one (Mistral's ``[TOOL_CALLS]``), which keep them so the calls can be found.
     skip_special_tokens: StrictBool | None = None
 
+    def check_supported(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
     def refuse_unsupported(self, fields: dict[str, Any]) -> None:
         """Raise a 400 naming the first field set to a value Ferrum cannot honour."""
         for name, allowed in fields.items():
@@ -161,6 +165,7 @@ class ChatCompletionRequest(_Common):
     safety_identifier: StrictStr | None = None
 
     def check_supported(self) -> None:
+        super().check_supported()
         self.refuse_unsupported({
             "functions": [], "function_call": ("none", "auto"), "modalities": ["text"], "audio": None,
             "prediction": None,
@@ -239,6 +244,7 @@ class CompletionRequest(_Common):
     suffix: StrictStr | None = None
 
     def check_supported(self) -> None:
+        super().check_supported()
         self.refuse_unsupported({"suffix": None})
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
