@@ -49,7 +49,12 @@ class UnsupportedFeatureError(FerrumError):
 
 
 class InvalidRequestError(FerrumError, ValueError):
-    """Bad input from the caller; nothing was changed."""
+    """Bad input from the caller; nothing was changed. ``param`` names the argument at fault, where one is
+    (``prompt``, a :class:`~ferrum.sampling.SamplingParams` field), so a server can name its own field."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownSequenceError(InvalidRequestError, KeyError):

@@ -37,20 +37,20 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
 
-def _bad(message: str) -> None:
-    raise InvalidRequestError(f"invalid sampling parameters: {message}")
+def _bad(message: str, param: str | None = None) -> None:
+    raise InvalidRequestError(f"invalid sampling parameters: {message}", param=param)
 
 
 def _integer(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        _bad(f"{name} must be an integer >= {minimum}, got {value!r}")
+        _bad(f"{name} must be an integer >= {minimum}, got {value!r}", name)
 
 
 def _number(name: str, value: Any, ok: Callable[[float], bool] | None = None, rule: str = "") -> None:
     if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or not math.isfinite(value):
-        _bad(f"{name} must be a finite number{' ' + rule if rule else ''}, got {value!r}")
+        _bad(f"{name} must be a finite number{' ' + rule if rule else ''}, got {value!r}", name)
     if ok is not None and not ok(float(value)):
-        _bad(f"{name} must be {rule}, got {value!r}")
+        _bad(f"{name} must be {rule}, got {value!r}", name)
 
 
 @dataclass(frozen=True)

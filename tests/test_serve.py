@@ -369,6 +369,22 @@ def test_bad_chat_requests_get_400_naming_the_parameter(server, body, param):
     assert error["param"] == param
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": [5, 10**6]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**6]}, "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"999999": 1}},
+     "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                                         "schema": {"$ref": "#"}}}},
+     "response_format"),
+])
+def test_what_the_engine_refuses_names_the_request_field(server, path, body, param):
+    response = httpx.post(server.url + path, json={"model": "tiny", "max_tokens": 2, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
 def test_malformed_and_odd_bodies(server):
     post = lambda data, **kw: httpx.post(server.url + "/v1/chat/completions", content=data, **kw)  # noqa: E731
     for data in (b"{bad", b"", b"[]", b'"text"', b"\xff\xfe", json.dumps({"messages": "hi"}).encode()):
@@ -484,8 +500,9 @@ def test_a_request_refused_at_submission_counts_as_rejected_not_as_aborted_choic
     """The engine refuses the request (a token id outside the vocabulary) before any choice runs: one 400 among
     the rejected, none of its five choices among the ended requests."""
     before = server.metrics()
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as caught:
         server.client().completions.create(model="tiny", prompt="hi", max_tokens=2, n=5, logit_bias={"99999": 1})
+    assert caught.value.param == "logit_bias"
     after = server.metrics()
     ended = [name for name in after if name.startswith("ferrum_requests_total")]
     assert [after[name] - before.get(name, 0.0) for name in ended] == [0.0] * len(ended)

@@ -193,6 +193,18 @@ def test_what_cannot_be_honoured_is_refused_by_name(server, extra, status, words
     assert all(w in message for w in words), message
 
 
+@pytest.mark.parametrize("extra, param", [
+    ({"input": "hello " * 5000}, "input"),
+    ({"max_output_tokens": 10**6}, "max_output_tokens"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"$ref": "#"}}}}, "text.format"),
+])
+def test_errors_name_the_responses_parameters(server, extra, param):
+    """The request runs as a chat request; its errors still name the Responses API's fields."""
+    reply = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "hi", **extra}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from support import write_text_checkpoint

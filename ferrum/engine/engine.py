@@ -216,39 +216,42 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         tokens = tuple(int(t) for t in prompt)
         if not tokens:
-            raise InvalidRequestError("the prompt is empty; give at least one token")
+            raise InvalidRequestError("the prompt is empty; give at least one token", param="prompt")
         bad = [t for t in tokens if not 0 <= t < cfg.vocab_size]
         if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})",
+                                      param="prompt")
         if len(tokens) >= cfg.max_seq_len:
             raise ContextLengthExceededError(
                 f"the prompt has {len(tokens)} tokens but the context length is {cfg.max_seq_len}; "
-                "shorten the prompt so at least one token can be generated"
+                "shorten the prompt so at least one token can be generated", param="prompt"
             )
         max_total = min(cfg.max_seq_len, len(tokens) + params.max_tokens)
         kv = self.model.kv
         if -(-max_total // kv.block_size) > kv.num_blocks:
             pool = kv.num_blocks * kv.block_size
-            lower = "shorten the prompt" if len(tokens) >= pool else "lower max_tokens"
+            prompt_alone = len(tokens) >= pool
             raise InvalidRequestError(
                 f"this request may need {max_total} tokens of KV cache (a {len(tokens)}-token prompt) but the pool "
-                f"holds {pool}; {lower} or load the model with more KV blocks"
+                f"holds {pool}; {'shorten the prompt' if prompt_alone else 'lower max_tokens'} or load the model "
+                "with more KV blocks", param="prompt" if prompt_alone else "max_tokens"
             )
         for kind, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
             outside = [t for t in ids if not 0 <= t < cfg.vocab_size]
             if outside:
                 raise InvalidRequestError(
-                    f"{kind} token {outside[0]} is outside the vocabulary [0, {cfg.vocab_size})"
+                    f"{kind} token {outside[0]} is outside the vocabulary [0, {cfg.vocab_size})", param=kind
                 )
         cap = min(cfg.vocab_size, self.config.max_logprobs if self.config.max_logprobs is not None else cfg.vocab_size)
         if params.logprobs > cap:
             raise InvalidRequestError(
                 f"logprobs={params.logprobs} asks for more top logprobs per token than this engine returns "
                 f"({cap}); ask for at most {cap}"
-                + ("" if cap == cfg.vocab_size else " or raise EngineConfig(max_logprobs=...)")
+                + ("" if cap == cfg.vocab_size else " or raise EngineConfig(max_logprobs=...)"), param="logprobs"
             )
         if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this model has none, use stop_token_ids")
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none, use stop_token_ids",
+                                      param="stop")
         matcher = (matcher_for(params, self.tokenizer, cfg.vocab_size, self._eos_ids, tokens)
                    if params.structured else None)
         request = Request(request_id, tokens, params, max_total, metadata=metadata)

@@ -8,7 +8,7 @@ silently run again. Bad input is always a 4xx here.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Mapping
 
 from ferrum.errors import (
     ContextLengthExceededError,
@@ -54,12 +54,15 @@ class APIError(Exception):
         }
 
     @classmethod
-    def from_ferrum(cls, error: FerrumError) -> "APIError":
-        """The response for an error Ferrum raised while taking a request in."""
+    def from_ferrum(cls, error: FerrumError, names: Mapping[str, str] | None = None) -> "APIError":
+        """The response for an error Ferrum raised while taking a request in; ``names`` gives the endpoint's
+        name of the argument at fault (``InvalidRequestError.param``) where it differs from Ferrum's."""
+        param = getattr(error, "param", None)
+        param = (names or {}).get(param, param)
         if isinstance(error, ContextLengthExceededError):
-            return cls(400, str(error), param="messages", code="context_length_exceeded")
+            return cls(400, str(error), param=param, code="context_length_exceeded")
         if isinstance(error, (InvalidRequestError, UnsupportedFeatureError)):
-            return cls(400, str(error))
+            return cls(400, str(error), param=param)
         if isinstance(error, KVCacheExhaustedError):
             return cls(503, str(error), headers={"Retry-After": "1"})
         return cls(500, f"{type(error).__name__}: {error}")

@@ -168,6 +168,12 @@ def _encode_now(state: ServerState, prompt: str | Sequence[Any], param: str, too
 
 
 # -------------------------------------------------------------- run and reply
+#: Ferrum's names of a request's arguments (``InvalidRequestError.param``) as chat requests name them (the
+#: Responses API renames them once more); legacy completions name them as Ferrum does.
+_CHAT_FIELDS = {"prompt": "messages", "json_schema": "response_format", "grammar": "tool_choice",
+                "logprobs": "top_logprobs"}
+
+
 async def _start(state: ServerState, endpoint: str, specs: list[ChoiceSpec]) -> Generation:
     if len(specs) > state.max_pending:
         raise APIError(
@@ -194,7 +200,7 @@ async def _start(state: ServerState, endpoint: str, specs: list[ChoiceSpec]) -> 
     try:
         await generation.start()
     except FerrumError as error:
-        raise APIError.from_ferrum(error) from None
+        raise APIError.from_ferrum(error, None if endpoint == "completions" else _CHAT_FIELDS) from None
     started = True
     return generation
 

@@ -33,6 +33,18 @@ from ferrum.serve.reasoning import CLOSE, OPEN, structured_tags
 #: chain of turns would otherwise hold its history once per turn).
 STORED = 1024
 STORED_BYTES = 256 * 2**20
+#: Chat's parameters under the Responses API's names, for the errors of a request run as a chat request.
+_RESPONSES_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens",
+                     "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+def _responses_param(param: str | None) -> str | None:
+    """``param`` (chat's name, maybe with a path under it) as the Responses API names it; a message's index
+    is left out, since instructions and items do not map one to one onto messages."""
+    if param is None:
+        return None
+    head = param.split(".", 1)[0]
+    return _RESPONSES_PARAMS.get(head, param)
 
 
 class ResponsesRequest(BaseModel):
@@ -356,7 +368,11 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
         raise APIError(400, f"this model's {OPEN} and {CLOSE} are not single tokens, so its answer's tokens cannot be "
                        "told from its thinking's for their logprobs; send the request without include",
                        param="include")
-    run = await start_chat(state, chat, endpoint="responses")
+    try:
+        run = await start_chat(state, chat, endpoint="responses")
+    except APIError as error:
+        error.param = _responses_param(error.param)
+        raise
     reply = _Reply(state, body, run, logprobs=chat.logprobs)
 
     def keep(response: dict[str, Any], message: dict[str, Any]) -> None:

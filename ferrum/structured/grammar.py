@@ -65,7 +65,8 @@ def _grammar(json_schema: bool | Mapping[str, Any] | None, lark: str | None) -> 
     try:
         return _llguidance().LLMatcher.grammar_from_json_schema(json.dumps(schema))
     except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {exc}") from None
+        raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {exc}",
+                                  param="json_schema") from None
 
 
 def _error_of(matcher: Any) -> str:
@@ -119,14 +120,18 @@ def matcher_for(params: Any, tokenizer: Any, vocab_size: int, eos_ids: frozenset
     (raised before the request is queued)."""
     what = "grammar" if params.grammar is not None else "json_schema"
     if tokenizer is None:
-        raise InvalidRequestError(f"structured outputs ({what}) need the model's tokenizer; this model has none")
+        raise InvalidRequestError(f"structured outputs ({what}) need the model's tokenizer; this model has none",
+                                  param=what)
     llg = _llguidance()
     grammar = _grammar(params.json_schema, params.grammar)
     matcher = llg.LLMatcher(_lltokenizer(tokenizer, vocab_size, eos_ids), grammar, log_level=0, limits=_limits())
     if matcher.is_error():
-        raise InvalidRequestError(f"{what} is not one Ferrum can compile: {_error_of(matcher)}")
+        raise InvalidRequestError(f"{what} is not one Ferrum can compile: {_error_of(matcher)}", param=what)
     tokens = TokenMatcher(matcher, vocab_size)
-    tokens.forbidden()  # some grammars fail only at their first mask (a schema nothing satisfies): refused now
+    try:
+        tokens.forbidden()  # some grammars fail only at their first mask (a schema nothing satisfies): refused now
+    except InvalidRequestError as error:
+        raise InvalidRequestError(str(error), param=what) from None
     if params.reasoning_tags is None:
         return tokens
     return AfterThinking(tokens, tokenizer, params.reasoning_tags, prompt_ids, eos_ids)
