@@ -357,6 +357,9 @@ def test_tokenize_and_detokenize(server, llm):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages.0.content"),
         ({"messages": [{"role": "user", "content": [{"type": 5}]}]}, "messages.0.content"),  # no union branch fits
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}]},
+         "messages.0.content.1"),
+        ({"messages": [{"role": "user", "content": "hi"}], "metadata": {"int": 5}}, "metadata.int"),  # a key, no branch
         ({"messages": [{"role": "user", "content": " ".join(WORDS * 40)}]}, "messages"),
         ({"model": "tiny"}, "messages"),
     ],

@@ -69,8 +69,20 @@ class APIError(Exception):
 
 
 #: How pydantic names the branch of a union a complaint is about, inside its location: ``str``,
-#: ``list[int]``, ``function-after[...]``. No request field is named so.
+#: ``list[int]``, ``function-after[...]``. No request field is named so, but a key of a map may be: a
+#: union's branches are told by complaining side by side (one each) under the same field.
 _UNION_BRANCH = re.compile(r"^(str|int|float|bool|[A-Za-z_-]+\[.*\])$")
+
+
+def _branch_at(loc: list[str], errors: list[dict[str, Any]]) -> int | None:
+    """Where ``loc`` names a union's branch: a part spelt like one, beside another complaint's other branch."""
+    for i, part in enumerate(loc):
+        if _UNION_BRANCH.match(part):
+            others = {str(parts[i]) for e in errors
+                      if len(parts := [str(p) for p in e.get("loc", ()) if p != "body"]) > i and parts[:i] == loc[:i]}
+            if len(others) > 1:
+                return i
+    return None
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
@@ -83,7 +95,7 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
-    branch_at = next((i for i, part in enumerate(loc) if _UNION_BRANCH.match(part)), None)
+    branch_at = _branch_at(loc, errors)
     if branch_at is not None:
         return _union_error(errors, loc[:branch_at])
     param = ".".join(loc) or None

@@ -115,12 +115,14 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         content = message.content
         if isinstance(content, list):
             texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
+            for j, part in enumerate(content):
+                if part.type != "text":
                     raise APIError(
                         400, f"content part of type {part.type!r} is not supported; send text parts",
                         param=f"messages.{i}.content",
                     )
+                if part.text is None:
+                    raise APIError(400, "a text content part needs a 'text' string", param=f"messages.{i}.content.{j}")
                 texts.append(part.text)
             content = "".join(texts)
         # Templates rarely know OpenAI's newer "developer" role; it is the system prompt.
