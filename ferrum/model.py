@@ -280,7 +280,7 @@ class DecoderOnlyLLM:
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
             window=spec.window,
             rope=id(spec.rope),
-            scale=arch.attn_scale,
+            scale=arch.attn_scale if spec.attn_scale is None else spec.attn_scale,
             sinks=None if sinks is None else self.ops.cast(sinks, "float32"),  # the contract's float32 logits
         )
 

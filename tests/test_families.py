@@ -133,10 +133,11 @@ def transformers_config(family: str):
     if family == "gpt2":  # learned positions, no rope, fused and transposed (Conv1D) projections, tied
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=96, n_layer=3, n_head=4, n_positions=64,
                                        bos_token_id=1, eos_token_id=2)
-    if family == "gpt2_untied_exact_gelu":  # its own LM head and MLP width, the exact GELU
+    if family == "gpt2_untied_exact_gelu":  # its own LM head and MLP width, the exact GELU; Stanford CRFM's scale
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32, n_inner=80,
                                        activation_function="gelu", tie_word_embeddings=False, bos_token_id=1,
-                                       eos_token_id=2)
+                                       eos_token_id=2, scale_attn_by_inverse_layer_idx=True,
+                                       reorder_and_upcast_attn=True)
     if family == "gpt_bigcode":  # StarCoder 1: GPT-2's blocks as Linear layers, one key/value head (multi_query)
         return transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=96, n_layer=3, n_head=4, n_positions=64,
                                              bos_token_id=1, eos_token_id=2)

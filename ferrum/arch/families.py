@@ -801,9 +801,13 @@ def _gpt2_blocks(r: KeyReader, sizes: Sizes) -> Architecture:
 
 
 def _gpt2(r: KeyReader, sizes: Sizes) -> Architecture:
-    """GPT-2: its blocks with every projection stored transposed (its Conv1D)."""
-    r("scale_attn_by_inverse_layer_idx")
-    return replace(_gpt2_blocks(r, sizes), transposed=True)
+    """GPT-2: its blocks with every projection stored transposed (its Conv1D); scale_attn_by_inverse_layer_idx
+    (Stanford CRFM's GPT-2s) divides layer i's attention scale by i + 1."""
+    arch = replace(_gpt2_blocks(r, sizes), transposed=True)
+    if not r("scale_attn_by_inverse_layer_idx"):
+        return arch
+    return replace(arch, layers=tuple(replace(layer, attn_scale=arch.attn_scale / (i + 1))
+                                      for i, layer in enumerate(arch.layers)))
 
 
 def _gpt_bigcode(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -1112,8 +1116,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": _gpt2_family(_gpt2, True, (
         _gelu_key("gelu_new", "activation_function"),
         Key("scale_attn_weights", default=True, check=boolean),
-        Key("scale_attn_by_inverse_layer_idx", default=False, unsupported=True, check=falsy(
-            "attention scaled by each layer's depth is not supported")),
+        Key("scale_attn_by_inverse_layer_idx", default=False, check=boolean),
     )),
     "gpt_bigcode": _gpt2_family(_gpt_bigcode, True, (  # StarCoder (1), SantaCoder, WizardCoder, OctoCoder
         _gelu_key("gelu_pytorch_tanh", "activation_function"),

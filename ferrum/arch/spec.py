@@ -15,6 +15,7 @@ class LayerSpec:
     window: int | None  # sliding window in tokens; None = full attention
     rope: Rope
     mlp: str = "dense"  # a kind of ferrum.arch.mlp.MLP_KINDS (dense gated MLP, "plain" ungated; MoE plugs in here)
+    attn_scale: float | None = None  # this layer's own scale of q.k; None: the architecture's
 
 
 @dataclass(frozen=True)

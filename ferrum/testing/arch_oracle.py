@@ -148,7 +148,8 @@ class ArchOracle:
             if arch.query_scaling is not None:  # Llama 4's attention scaling
                 beta, original = arch.query_scaling
                 q = q * (1.0 + beta * np.log(1.0 + np.floor(positions / original)))[:, None, None]
-            attn = _attention(q, k, v, arch.attn_scale, spec.window, arch.attn_softcap,
+            scale = arch.attn_scale if spec.attn_scale is None else spec.attn_scale
+            attn = _attention(q, k, v, scale, spec.window, arch.attn_softcap,
                               w(p + "self_attn.sinks")).reshape(n, -1)
             o = linear(attn, w(p + "self_attn.o_proj.weight"), w(p + "self_attn.o_proj.bias"))
             if "post_attn" in norm:
