@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.8"
+API_VERSION = "1.9"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -111,6 +111,7 @@ OPTIONAL_OPS = (
     "gelu",
     "mul_scalar",
     "softcap",
+    "clip",
     "lora_apply",
     "split",
     "compile_fn",
@@ -313,6 +314,12 @@ def mul_scalar(x: Any, factor: float) -> Any:
 @hookspec(firstresult=True)
 def softcap(x: Any, cap: float) -> Any:
     """(optional) Soft-capping (Gemma 2's final logits): ``cap * tanh(x / cap)``, in float32.
+    Fallback: host round trip, as for :func:`gelu_tanh_mul`."""
+
+
+@hookspec(firstresult=True)
+def clip(x: Any, limit: float) -> Any:
+    """(optional) ``x`` clipped to ``[-limit, limit]`` (OLMo's ``clip_qkv`` on q, k and v), in ``x``'s dtype.
     Fallback: host round trip, as for :func:`gelu_tanh_mul`."""
 
 

@@ -298,7 +298,7 @@ class DecoderOnlyLLM:
         # "projection" norms go on the projections, "head" norms on each head, before rope or (Hunyuan) after it
         where = {"projection": "projection", "head": "rotated" if cfg.arch.qk_norm_after_rope else "head"}
         norm_at = where.get(qk_norm)
-        parallel = cfg.arch.parallel
+        parallel, clip = cfg.arch.parallel, cfg.arch.clip_qkv
 
         def norm_qk(q: Any, k: Any) -> tuple[Any, Any]:
             return norm(q, layer.q_norm), norm(k, layer.k_norm)
@@ -314,6 +314,8 @@ class DecoderOnlyLLM:
             q, k, v = layer.qkv(x)
             if norm_at == "projection":
                 q, k = norm_qk(q, k)
+            if clip is not None:
+                q, k, v = ops.clip(q, clip), ops.clip(k, clip), ops.clip(v, clip)
             q, k, v = reshape(q, (-1, heads, hd)), reshape(k, (-1, kv_heads, hd)), reshape(v, (-1, kv_heads, hd))
             if norm_at == "head":
                 q, k = norm_qk(q, k)

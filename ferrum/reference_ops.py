@@ -107,6 +107,10 @@ def softcap(ops: Any, x: Any, cap: float) -> Any:
     return _on_host(ops, x, lambda a: np.float32(cap) * np.tanh(a / np.float32(cap)))
 
 
+def clip(ops: Any, x: Any, limit: float) -> Any:
+    return _on_host(ops, x, lambda a: np.clip(a, -np.float32(limit), np.float32(limit)))
+
+
 def lora_apply(ops: Any, y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
     """Segment by segment on the host: ``y[rows] += (x[rows] @ a[slot].T) @ b[slot]``."""
     xh = np.asarray(ops.to_numpy(x), dtype=np.float32)

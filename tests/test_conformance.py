@@ -48,7 +48,7 @@ def test_a_wrong_rope_is_caught(registered):
     assert set(report.failed()) == {
         "rope", "model: logits and 16 greedy tokens", "model packed at 4 bits: logits and greedy tokens",
         *(f"model {family}: logits and decode steps"
-          for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "phi", "starcoder2")),
+          for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "phi", "starcoder2", "olmo")),
     }
     with pytest.raises(AssertionError, match="FAIL  rope"):
         assert_conformance("badrope")
@@ -67,9 +67,20 @@ def test_a_layer_norm_dropping_its_bias_is_caught(registered):
 
 
 def test_the_core_fallbacks_of_layer_norm_and_gelu_conform(registered):
-    registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm",)))
+    registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm", "clip")))
     passed = [r.name for r in assert_conformance("nolayernorm").results if r.passed]
-    assert {"layer_norm (core fallback)", "gelu (core fallback)", "model phi: logits and decode steps"} <= set(passed)
+    assert {"layer_norm (core fallback)", "gelu (core fallback)", "clip (core fallback)",
+            "model phi: logits and decode steps", "model olmo: logits and decode steps"} <= set(passed)
+
+
+@hookimpl
+def clip_ignoring_the_limit(x, limit):
+    return x
+
+
+def test_a_clip_ignoring_its_limit_is_caught(registered):
+    registered("noclip", cpu_like_plugin("noclip", extra={"clip": clip_ignoring_the_limit}))
+    assert set(check_backend("noclip").failed()) == {"clip (native)", "model olmo: logits and decode steps"}
 
 
 def test_a_paged_attention_ignoring_the_window_is_caught(registered):

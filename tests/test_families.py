@@ -35,7 +35,7 @@ FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
             "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere2",
             "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode", "gpt_bigcode_mha", "gptj",
-            "falcon", "falcon_new_architecture", "falcon_serial", "olmo")
+            "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip")
 
 
 def _longrope(half: int) -> dict:
@@ -161,6 +161,8 @@ def transformers_config(family: str):
     if family == "olmo":  # OLMo 1: Llama's blocks, LayerNorms without weight or bias, every attention projection biased
         return transformers.OlmoConfig(**common, num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
                                        tie_word_embeddings=True)
+    if family == "olmo_clip":  # OLMo 1.7's q, k and v clipped, tight enough to bite
+        return transformers.OlmoConfig(**common, num_attention_heads=4, num_key_value_heads=2, clip_qkv=0.05)
     raise ValueError(family)
 
 

@@ -753,6 +753,8 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
         w.add_value_length(config.head_dim)
     if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    if arch == "olmoe":
+        w.add_clamp_kqv(config.clip_qkv)
     if arch == "granitemoe":
         w.add_attention_scale(config.attention_multiplier)
         w.add_embedding_scale(config.embedding_multiplier)
@@ -820,7 +822,8 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
         hf, config = _tiny_model(transformers.Qwen2MoeConfig, **common, intermediate_size=96,
                                  moe_intermediate_size=32, num_experts=4, shared_expert_intermediate_size=48)
     elif arch == "olmoe":
-        hf, config = _tiny_model(transformers.OlmoeConfig, **common, intermediate_size=32, num_experts=4)
+        hf, config = _tiny_model(transformers.OlmoeConfig, **common, intermediate_size=32, num_experts=4,
+                                 clip_qkv=0.1)  # tight enough to bite
     elif arch == "granitemoe":
         hf, config = _tiny_granitemoe()
     else:

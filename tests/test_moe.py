@@ -236,7 +236,7 @@ def test_sparse_layers_and_sizes_follow_the_config():
     ("qwen3_moe", {"num_experts_per_tok": 9}, "exceeds the 6 experts"),
     ("qwen3_moe", {"hidden_act": "gelu"}, "hidden_act"),
     ("qwen3_moe", {"mlp_only_layers": "all"}, "mlp_only_layers"),
-    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+    ("olmoe", {"clip_qkv": -1.0}, "clip_qkv"),
     ("olmoe", {"num_experts_per_tok": 7}, "exceeds the 6 experts"),
 ])
 def test_unsupported_or_invalid_moe_keys_are_refused_by_name(family, change, message):
@@ -253,12 +253,12 @@ TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 MODEL_EXTRA = {"mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {"decoder_sparse_step": 2}, "olmoe": {}, "granitemoe": {}}
 
 
-def write_moe_checkpoint(folder, family: str):
+def write_moe_checkpoint(folder, family: str, **extra):
     """A random transformers MoE model saved as transformers writes it, plus the v4 keys mlx-lm reads."""
     import json
 
     torch.manual_seed(0)
-    config = moe_config(family, max_position_embeddings=256, **MODEL_EXTRA[family])
+    config = moe_config(family, max_position_embeddings=256, **{**MODEL_EXTRA[family], **extra})
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -310,6 +310,16 @@ def test_moe_model_matches_transformers(moe_models, backend, family):
         ["dense", "moe"] if family == "qwen3_moe" else ["moe", "moe"])
     assert scaled_error(model.forward_verify("all", TOKENS), ref) <= 1e-4
     assert scaled_error(model.prefill("last", TOKENS), ref[-1]) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_olmoe_clip_qkv_matches_transformers(tmp_path, moe_models, backend):
+    """OLMoE's clip_qkv: q and k clipped once normed, v once projected; tight enough here to change the logits."""
+    model = write_moe_checkpoint(tmp_path, "olmoe", clip_qkv=0.1)
+    with torch.no_grad():
+        ref = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert scaled_error(ref, moe_models["olmoe"][2]) > 1e-2  # the clipping bites
+    assert scaled_error(load_model(tmp_path, backend).forward_verify("all", TOKENS), ref) <= 1e-4
 
 
 @pytest.mark.parametrize("family", list(SPARSE_BLOCKS))

@@ -899,8 +899,16 @@ def _falcon(r: KeyReader, sizes: Sizes) -> Architecture:
 
 
 def _olmo(r: KeyReader, sizes: Sizes) -> Architecture:
-    """OLMo (1): Llama's blocks with LayerNorms that have no weight or bias, at a fixed epsilon of 1e-5."""
-    return replace(_llama_like(False, None, _no_windows)(r, sizes), norm="layer", norm_params=False)
+    """OLMo (1): Llama's blocks with LayerNorms that have no weight or bias, at a fixed epsilon of 1e-5; q, k and v
+    clipped by clip_qkv (OLMo 1.7: 7B 0424, 0724)."""
+    return replace(_llama_like(False, None, _no_windows)(r, sizes), norm="layer", norm_params=False,
+                   clip_qkv=r("clip_qkv"))
+
+
+def _olmoe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """OLMoE: Llama's norms, q and k normed over their whole projections, then with v clipped by clip_qkv; experts
+    on every layer."""
+    return replace(with_moe("olmoe", _llama_like(False, "projection", _no_windows))(r, sizes), clip_qkv=r("clip_qkv"))
 
 
 def _gelu_key(default: str, name: str = "hidden_act") -> Key:
@@ -1021,9 +1029,9 @@ FAMILIES: dict[str, Family] = {
     "olmoe": Family(  # OLMoE: Llama's norms, q and k normed over their whole projections, experts on every layer
         _keys(_core(False), _ROPE, _SILU, (
             Key("attention_bias", check=boolean),
-            Key("clip_qkv", check=falsy("clipping q, k and v is not implemented; set it to null"), unsupported=True),
+            Key("clip_qkv", check=optional_positive_number),
         ), MOE_KEYS["olmoe"]),
-        with_moe("olmoe", _llama_like(False, "projection", _no_windows)),
+        _olmoe,
         eps_default=1e-5,
     ),
     "glm4": Family(  # GLM-4-0414
@@ -1058,8 +1066,7 @@ FAMILIES: dict[str, Family] = {
     "olmo": Family(  # OLMo 1 (1B, 7B)
         _keys(_core(False, eps_key=None), _ROPE, _SILU, (
             Key("attention_bias", check=boolean),
-            Key("clip_qkv", unsupported=True, check=falsy(
-                "clipping q, k and v (OLMo 7B 0424 / 0724) is not supported; use an OLMo without it")),
+            Key("clip_qkv", check=optional_positive_number),
         )),
         _olmo,
         eps_default=1e-5,

@@ -57,6 +57,8 @@ class Architecture:
     qk_norm: str | None = None
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")  # their modules in self_attn (Hunyuan's query_layernorm...)
     qk_norm_after_rope: bool = False  # Hunyuan norms q and k once rotated
+    #: OLMo's clip_qkv: q, k and v clipped to [-c, c] once projected (and OLMoE's q and k once normed).
+    clip_qkv: float | None = None
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False

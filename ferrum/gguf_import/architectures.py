@@ -143,6 +143,12 @@ def _gpt_neox_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
     return {"use_parallel_residual": bool(meta.get(p + "use_parallel_residual", True))}
 
 
+def _olmoe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """OLMoE's q, k and v clipping, where the file sets one (``attention.clamp_kqv``)."""
+    clamp = meta.get(p + "attention.clamp_kqv")
+    return {"clip_qkv": float32_value(clamp) if clamp else None}
+
+
 def _stablelm_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """StableLM: q/k/v biases where the file has them; attention and the MLP side by side where the blocks have no
     MLP norm, as llama.cpp decides (the converter writes ``use_parallel_residual`` true where the config is silent)."""
@@ -224,7 +230,7 @@ ARCHITECTURES = {
                                 configure=_granite_config,
                                 moe=_Experts("block_sparse_moe", "num_local_experts", None, None)),
     # OLMoE: q and k normed over their whole projections; llama.cpp never renormalises its top-k weights
-    "olmoe": _Architecture("olmoe", "OlmoeForCausalLM", False, (("attention_bias", False), ("clip_qkv", None)),
+    "olmoe": _Architecture("olmoe", "OlmoeForCausalLM", False, (("attention_bias", False),), configure=_olmoe_config,
                            moe=_Experts("mlp", "num_experts", None, "norm_topk_prob", renormalise=False)),
     "olmo2": _Architecture("olmo2", "Olmo2ForCausalLM", False, (("attention_bias", False),), renamed=_OLMO2_NORMS,
                            configure=_olmo2_config),

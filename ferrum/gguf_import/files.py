@@ -196,7 +196,7 @@ _FIELD_KINDS = {
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
         "attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "embedding_scale", "yarn_attn_factor",
         "yarn_beta_fast", "yarn_beta_slow", "yarn_ext_factor", "yarn_log_multiplier",
-        "residual_scale", "logit_scale",
+        "residual_scale", "logit_scale", "attention.clamp_kqv",
     ), "a finite number"),
     **dict.fromkeys((
         "general.architecture", "rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",

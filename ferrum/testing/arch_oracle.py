@@ -138,6 +138,8 @@ class ArchOracle:
             q_norm, k_norm = (f"{p}self_attn.{name}" for name in arch.qk_norm_names)
             if arch.qk_norm == "projection":
                 q, k = self._norm(q, q_norm), self._norm(k, k_norm)
+            if arch.clip_qkv is not None:
+                q, k, v = (np.clip(a, -arch.clip_qkv, arch.clip_qkv) for a in (q, k, v))
             q, k, v = (a.reshape(n, -1, d) for a in (q, k, v))
             if arch.qk_norm == "head" and not arch.qk_norm_after_rope:
                 q, k = self._norm(q, q_norm), self._norm(k, k_norm)

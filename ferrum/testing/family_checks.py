@@ -1,6 +1,6 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, scaling,
-soft-capping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE, Phi-3 with
-longrope and partial rotary, Phi-2, StarCoder2) against the float64
+soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE, Phi-3 with
+longrope and partial rotary, Phi-2, StarCoder2, OLMo 1.7) against the float64
 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
 A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
@@ -63,6 +63,11 @@ FAMILY_MODELS: dict[str, dict] = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
         max_position_embeddings=256, sliding_window=3, hidden_act="gelu", tie_word_embeddings=True,
     ),
+    "olmo": dict(  # OLMo 1.7: LayerNorms without parameters, q, k and v clipped (low, so that it bites)
+        architectures=["OlmoForCausalLM"], model_type="olmo", hidden_size=64, intermediate_size=80,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+        max_position_embeddings=256, clip_qkv=0.5, tie_word_embeddings=False,
+    ),
 }
 
 
@@ -104,6 +109,14 @@ def check_mul_scalar(c: Any, tol: float) -> float:
     x = c.rounded(c.random(5, 64))
     factor = float(c.rounded(np.array([np.sqrt(3072.0)], dtype=np.float32))[0])  # as the dtype holds it
     return _compare(c.get(c.ops.mul_scalar(c.put(x), np.sqrt(3072.0))), x * factor, tol)
+
+
+def check_clip(c: Any, tol: float) -> float:
+    """Values on both sides of the limit, some exactly at it."""
+    x = c.random(5, 64) * 3
+    x[0, :4] = [1.5, -1.5, 0.0, 2.0]
+    x = c.rounded(x)
+    return _compare(c.get(c.ops.clip(c.put(x), 1.5)), np.clip(x, -1.5, 1.5), tol)
 
 
 def check_softcap(c: Any, tol: float) -> float:
@@ -191,6 +204,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"gelu ({source('gelu')})", lambda: check_gelu(c, tol), tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
+        (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),
     ]
     for offered, what, features in ((softcap, "soft-capped scores", (2.0, None)), (sinks, "sinks", (None, _SINKS))):
         if offered:

@@ -127,6 +127,11 @@ def layer_norm(x, weight, bias, eps):
 
 
 @hookimpl
+def clip(x, limit):
+    return np.clip(x, -limit, limit).astype(x.dtype, copy=False)
+
+
+@hookimpl
 def add_rms_norm(x, residual, weight, eps):
     summed = np.add(x, residual)
     return rms_norm(summed, weight, eps), summed

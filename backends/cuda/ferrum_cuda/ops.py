@@ -529,6 +529,11 @@ def softcap(x, cap):
     return (torch.tanh(x.float() / cap) * cap).to(x.dtype)
 
 
+@hookimpl
+def clip(x, limit):
+    return x.clamp(-limit, limit)
+
+
 # --------------------------------------------------------------------------
 # Paged KV pool
 # --------------------------------------------------------------------------

@@ -378,6 +378,11 @@ def softcap(x, cap):
     return (mx.tanh(x.astype(mx.float32) / cap) * cap).astype(x.dtype)
 
 
+@hookimpl
+def clip(x, limit):
+    return mx.clip(x, -limit, limit)
+
+
 # ------------------------------------------------------- quantized weights
 def _float_codes(codes) -> tuple[mx.array, mx.array, int, int]:
     """A float mode's codes and uint8 scales as MLX's ``mode=`` kernels take them, with the mode's bits and group."""

@@ -122,6 +122,16 @@ def gelu(x, tanh):
     return _gelu(x, tanh=bool(tanh))
 
 
+@jax.jit
+def _clip(x, limit):
+    return jnp.clip(x, -limit, limit).astype(x.dtype)
+
+
+@hookimpl
+def clip(x, limit):
+    return _clip(x, float(limit))
+
+
 @hookimpl
 def mul_scalar(x, factor):
     return x * jnp.asarray(factor, dtype=x.dtype)
