@@ -362,19 +362,25 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [None, 8])
-def test_mlx_lm_conversion_of_gpt2_loads(checkpoints, bits, tmp_path):
-    """mlx-lm's conversion of GPT-2 stores the projections [out, in] under ``model.`` (its Conv1D turned into
-    Linear), float or packed: read as such, on every backend, and as mlx-lm runs it."""
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
+    """mlx-lm's conversions of GPT-2 (the projections [out, in] under ``model.``, its Conv1D turned into Linear)
+    and GPT-NeoX (``model.h.*``, ``model.embed_out``), float or packed: read as such, on every backend, and as
+    mlx-lm runs them."""
     mx = pytest.importorskip("mlx.core")
     convert = pytest.importorskip("mlx_lm.convert")
     mlx_utils = pytest.importorskip("mlx_lm.utils")
     import shutil
 
-    source = tmp_path / "bare"
-    shutil.copytree(checkpoints["gpt2"][0], source)
+    source = tmp_path / "hf"
+    shutil.copytree(checkpoints[family][0], source)
     config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}))
-    _as_bare_gpt2(source / "model.safetensors", config["n_layer"], config["n_positions"])  # what mlx-lm reads
+    if family == "gpt2":  # the bare decoder, which mlx-lm reads
+        config["n_ctx"] = config["n_positions"]
+        _as_bare_gpt2(source / "model.safetensors", config["n_layer"], config["n_positions"])
+    else:  # its rope as Pythia spells it, which mlx-lm reads
+        config.update(rotary_emb_base=10000.0, rotary_pct=0.25, hidden_act="gelu_new")
+    (source / "config.json").write_text(json.dumps(_mlx_lm_config(config)))
     converted = tmp_path / "mlx"
     convert.convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
     loaded = mlx_utils.load_model(converted)

@@ -775,7 +775,7 @@ def _gpt_neox(r: KeyReader, sizes: Sizes) -> Architecture:
         norms=LLAMA_NORMS, norm="layer", norm_bias=True, parallel=r("use_parallel_residual"),
         activation=_gelu_activation(r), attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias,
         mlp_bias=True, fused_qkv=True, qkv_grouped=True, prefix="gpt_neox.", lm_head="embed_out.weight",
-        stored_names=GPT_NEOX_NAMES,
+        stored_names=GPT_NEOX_NAMES, layouts=(("model.", "model.embed_out.weight", {"layers": "h"}),),
     )
 
 

@@ -82,6 +82,9 @@ class Architecture:
     #: Llama's name -> the checkpoint's (Phi-2: ``{"self_attn.o_proj": "self_attn.dense", "norm":
     #: "final_layernorm", ...}``). Ferrum uses Llama's names from loading on (:mod:`ferrum.arch.tensors`).
     stored_names: dict[str, str] = field(default_factory=dict)
+    #: The family's other checkpoint layouts, tried before the common ones (``ferrum.arch.tensors.LAYOUTS``):
+    #: ``(prefix, LM head, names beyond stored_names)`` (mlx-lm's GPT-NeoX: ``model.h.*``, ``model.embed_out``).
+    layouts: tuple[tuple[str, str, dict[str, str]], ...] = ()
 
     @property
     def windows(self) -> tuple[int | None, ...]:

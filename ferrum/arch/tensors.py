@@ -356,11 +356,12 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
 
 def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     """``config`` with the decoder prefix and LM head name of the layout the checkpoint's tensors (``stored``: name
-    -> shape) use, and for a family stored transposed (GPT-2's Conv1D), whether this checkpoint is: mlx-lm's
+    -> shape) use (the family's own ``layouts`` first, then the common ones), and for a family stored transposed (GPT-2's Conv1D), whether this checkpoint is: mlx-lm's
     conversions (under ``model.``) and Ferrum's GGUF imports save the projections ``[out, in]``."""
-    for prefix, head in LAYOUTS:
-        arch = replace(config.arch, prefix=prefix, lm_head=head)
-        embedding = stored_name(arch, f"{prefix}embed_tokens.weight").removesuffix(".weight")
+    own = [replace(config.arch, prefix=prefix, lm_head=head, stored_names={**config.arch.stored_names, **names})
+           for prefix, head, names in config.arch.layouts]
+    for arch in [*own, *(replace(config.arch, prefix=prefix, lm_head=head) for prefix, head in LAYOUTS)]:
+        embedding = stored_name(arch, f"{arch.prefix}embed_tokens.weight").removesuffix(".weight")
         if f"{embedding}.weight" in stored or f"{embedding}.scales" in stored:
             config = replace(config, arch=arch)
             break
