@@ -371,6 +371,10 @@ def test_a_forced_call_streams_as_a_call(tool_server):
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
     ({"tools": [{"type": "retrieval"}]}, "tools.0"),
+    *(({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}, "messages.0.tool_calls.0")
+      for arguments in ("{not json", "[1, 2]", "7")),
 ])
 def test_tool_requests_it_cannot_honour_get_400(tool_server, tool_model, extra, param):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], **extra}

@@ -388,6 +388,9 @@ def template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[st
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except _NOT_JSON:
                 raise APIError(400, "a tool call's arguments must be JSON text", param=f"{where}.{j}") from None
+        if not isinstance(arguments, dict):  # templates read them as an object (``arguments.items()``)
+            raise APIError(400, f"a tool call's arguments must be a JSON object, got {type(arguments).__name__}",
+                           param=f"{where}.{j}")
         out.append({"id": call.get("id"), "type": "function",
                     "function": {"name": function["name"], "arguments": arguments}})
     return out
