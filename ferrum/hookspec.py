@@ -112,6 +112,7 @@ OPTIONAL_OPS = (
     "mul_scalar",
     "softcap",
     "clip",
+    "mul",
     "lora_apply",
     "split",
     "compile_fn",
@@ -320,6 +321,13 @@ def softcap(x: Any, cap: float) -> Any:
 @hookspec(firstresult=True)
 def clip(x: Any, limit: float) -> Any:
     """(optional) ``x`` clipped to ``[-limit, limit]`` (OLMo's ``clip_qkv`` on q, k and v), in ``x``'s dtype.
+    Fallback: host round trip, as for :func:`gelu_tanh_mul`."""
+
+
+@hookspec(firstresult=True)
+def mul(a: Any, b: Any) -> Any:
+    """(optional) ``a * b`` elementwise, ``b`` broadcast over ``a``'s leading axes as numpy does (a weight per
+    head, ``[heads, head_dim]``, over ``[tokens, heads, head_dim]``: Command R+'s q/k norms), in ``a``'s dtype.
     Fallback: host round trip, as for :func:`gelu_tanh_mul`."""
 
 

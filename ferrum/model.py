@@ -21,7 +21,9 @@ from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS
-from ferrum.arch.tensors import Fuser, bias_of, prepare, projection_group, resolve_layout, weight_shapes
+from ferrum.arch.tensors import (
+    Fuser, bias_of, is_norm, prepare, projection_group, resolve_layout, weight_shapes,
+)
 from ferrum.attention import AttentionBatch
 from ferrum.backends import Backend, backend_for_format, load_backend
 from ferrum.checkpoint import Checkpoint
@@ -247,7 +249,8 @@ class DecoderOnlyLLM:
         for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
             for prepared, host in prepare(config, name, tensor):
                 for part, array in fuser.add(prepared, host) if fuser else [(prepared, host)]:
-                    role = roles.get(part, "bias" if part.endswith(".bias") else "linear")
+                    # biases and norms are used as they are, never laid out for products (a 2-D norm too)
+                    role = roles.get(part, "bias" if part.endswith(".bias") or is_norm(part) else "linear")
                     weights[part] = place(backend.ops, part, array, dtype, role, needs)
             if progress is not None:
                 progress(done, len(shapes), name)
@@ -296,11 +299,15 @@ class DecoderOnlyLLM:
         table = self.ropes[layer.rope].fixed
         qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
         # "projection" norms go on the projections, "head" norms on each head, before rope or (Hunyuan) after it
-        where = {"projection": "projection", "head": "rotated" if cfg.arch.qk_norm_after_rope else "head"}
+        where = {"projection": "projection", "head": "rotated" if cfg.arch.qk_norm_after_rope else "head",
+                 "each_head": "head"}
         norm_at = where.get(qk_norm)
         parallel, clip = cfg.arch.parallel, cfg.arch.clip_qkv
 
         def norm_qk(q: Any, k: Any) -> tuple[Any, Any]:
+            if qk_norm == "each_head":  # [heads, head_dim] weights: normed without, then scaled head by head
+                return (ops.mul(norm(q, (None, None)), layer.q_norm[0]),
+                        ops.mul(norm(k, (None, None)), layer.k_norm[0]))
             return norm(q, layer.q_norm), norm(k, layer.k_norm)
 
         def add_then_norm(x: Any, h: Any, weights: Any) -> tuple[Any, Any]:

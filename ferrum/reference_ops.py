@@ -111,6 +111,11 @@ def clip(ops: Any, x: Any, limit: float) -> Any:
     return _on_host(ops, x, lambda a: np.clip(a, -np.float32(limit), np.float32(limit)))
 
 
+def mul(ops: Any, a: Any, b: Any) -> Any:
+    other = np.asarray(ops.to_numpy(b), dtype=np.float32)
+    return _on_host(ops, a, lambda x: x * other)
+
+
 def lora_apply(ops: Any, y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
     """Segment by segment on the host: ``y[rows] += (x[rows] @ a[slot].T) @ b[slot]``."""
     xh = np.asarray(ops.to_numpy(x), dtype=np.float32)

@@ -48,7 +48,8 @@ def test_a_wrong_rope_is_caught(registered):
     assert set(report.failed()) == {
         "rope", "model: logits and 16 greedy tokens", "model packed at 4 bits: logits and greedy tokens",
         *(f"model {family}: logits and decode steps"
-          for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "phi", "starcoder2", "olmo")),
+          for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "phi", "starcoder2", "cohere",
+                         "olmo")),
     }
     with pytest.raises(AssertionError, match="FAIL  rope"):
         assert_conformance("badrope")
@@ -67,10 +68,11 @@ def test_a_layer_norm_dropping_its_bias_is_caught(registered):
 
 
 def test_the_core_fallbacks_of_layer_norm_and_gelu_conform(registered):
-    registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm", "clip")))
+    registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm", "clip", "mul")))
     passed = [r.name for r in assert_conformance("nolayernorm").results if r.passed]
-    assert {"layer_norm (core fallback)", "gelu (core fallback)", "clip (core fallback)",
-            "model phi: logits and decode steps", "model olmo: logits and decode steps"} <= set(passed)
+    assert {"layer_norm (core fallback)", "gelu (core fallback)", "clip (core fallback)", "mul (core fallback)",
+            "model phi: logits and decode steps", "model olmo: logits and decode steps",
+            "model cohere: logits and decode steps"} <= set(passed)
 
 
 @hookimpl

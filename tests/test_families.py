@@ -33,9 +33,9 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
-            "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere2",
-            "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode", "gpt_bigcode_mha", "gptj",
-            "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip")
+            "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere_qk_norm",
+            "cohere2", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode",
+            "gpt_bigcode_mha", "gptj", "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip")
 
 
 def _longrope(half: int) -> dict:
@@ -122,6 +122,9 @@ def transformers_config(family: str):
     if family == "cohere":  # Command R: LayerNorms without bias, a parallel block, GPT-J's rope, scaled logits
         return transformers.CohereConfig(**common, num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25,
                                          attention_bias=True)
+    if family == "cohere_qk_norm":  # Command R+: q and k LayerNormed head by head, a weight per head
+        return transformers.CohereConfig(**common, num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25,
+                                         use_qk_norm=True)
     if family == "cohere2":  # Command R7B: sliding layers with rope, the last full and without (NoPE)
         return transformers.Cohere2Config(**{**common, "num_hidden_layers": 4}, num_attention_heads=4,
                                           num_key_value_heads=2, sliding_window=WINDOW, logit_scale=0.5)
@@ -324,8 +327,9 @@ def _mlx_lm_config(config: dict) -> dict:
                                             ("phi3_partial", 13), ("olmo2", 13), ("exaone4", 13),
                                             ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13), ("hunyuan", 13),
                                             ("phi", 13), ("stablelm", 13), ("stablelm_parallel", 13),
-                                            ("starcoder2", WINDOW), ("cohere", 13), ("cohere2", WINDOW),
-                                            ("gpt_neox", 13), ("gpt2", 13), ("gpt_bigcode", 13), ("gptj", 13)])
+                                            ("starcoder2", WINDOW), ("cohere", 13), ("cohere_qk_norm", 13),
+                                            ("cohere2", WINDOW), ("gpt_neox", 13), ("gpt2", 13), ("gpt_bigcode", 13),
+                                            ("gptj", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses

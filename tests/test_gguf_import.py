@@ -1062,7 +1062,7 @@ def _layer_norm_gguf(path: Path, hf, config, arch: str, extra: dict[str, np.ndar
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["phi2", "starcoder2", "command-r", "cohere2", "gptneox"])
+@pytest.mark.parametrize("arch", ["phi2", "starcoder2", "command-r", "command-r-plus", "cohere2", "gptneox"])
 def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     """Phi-2 (a parallel block, partial rotary, biased LM head), StarCoder2 (biased norms and projections, an
     ungated MLP), Command R (LayerNorms without bias, adjacent-pair rope, its logit scale from the metadata),
@@ -1080,12 +1080,13 @@ def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     elif arch == "cohere2":
         hf, config = _tiny_model(transformers.Cohere2Config, **{**common, "num_hidden_layers": 4}, logit_scale=0.5,
                                  sliding_window=4)
-    else:
-        hf, config = _tiny_model(transformers.CohereConfig, **common, logit_scale=0.25)
+    else:  # Command R+: q and k LayerNormed with a weight per head
+        hf, config = _tiny_model(transformers.CohereConfig, **common, logit_scale=0.25,
+                                 use_qk_norm=arch == "command-r-plus")
     with torch.no_grad():  # biases and norms away from their initial 0 and 1, so one dropped is visible
         for param in hf.parameters():
             param.normal_(0, 0.2)
-    _layer_norm_gguf(tmp_path / "m.gguf", hf, config, arch)
+    _layer_norm_gguf(tmp_path / "m.gguf", hf, config, arch.removesuffix("-plus"))
     _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 

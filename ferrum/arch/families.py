@@ -713,19 +713,20 @@ def _starcoder2(r: KeyReader, sizes: Sizes) -> Architecture:
 
 def _cohere_blocks(r: KeyReader, sizes: Sizes, ropes: list[Rope], windows: list) -> Architecture:
     """Command R's blocks: one LayerNorm without a bias feeding attention and the MLP side by side, GPT-J's rope
-    (adjacent dims paired), attention_bias on every attention projection, logits scaled by logit_scale."""
+    (adjacent dims paired), attention_bias on every attention projection, logits scaled by logit_scale; with
+    use_qk_norm (Command R+) q and k LayerNormed head by head, with a weight per head."""
     r("hidden_act")
     bias = r("attention_bias")
     return Architecture(
         layers=tuple(LayerSpec(w, replace(rope, interleaved=True)) for w, rope in zip(windows, ropes)),
         norms={"pre_attn": "input_layernorm"}, norm="layer", parallel=True, attn_scale=1.0 / math.sqrt(sizes.head_dim),
         logit_scale=float(r("logit_scale")), qkv_bias=bias, o_bias=bias,
+        qk_norm="each_head" if r("use_qk_norm") else None,
     )
 
 
 def _cohere(r: KeyReader, sizes: Sizes) -> Architecture:
-    """Command R (v01, 08-2024)."""
-    r("use_qk_norm")
+    """Command R (v01, 08-2024), Command R+."""
     key, spec = _rope_spec(r)
     rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES)
     return _cohere_blocks(r, sizes, [rope] * sizes.num_layers, [None] * sizes.num_layers)
@@ -749,6 +750,7 @@ _COHERE = (
     Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),
     Key("attention_bias", default=False, check=boolean),
     Key("logit_scale", default=0.0625, check=positive_number),
+    Key("use_qk_norm", default=False, check=boolean),
 )
 
 
@@ -1105,10 +1107,7 @@ FAMILIES: dict[str, Family] = {
         Key("qk_layernorm", default=False, unsupported=True, check=falsy(
             "StableLM 2 12B's per-head q/k LayerNorms are not supported; use a checkpoint without them")),
     )),
-    "cohere": _layer_norm_family(_cohere, True, _COHERE, (  # Command R
-        Key("use_qk_norm", default=False, unsupported=True, check=falsy(
-            "Command R+'s per-head q/k LayerNorms are not supported; use a checkpoint without them")),
-    )),
+    "cohere": _layer_norm_family(_cohere, True, _COHERE),  # Command R, Command R+
     "cohere2": _layer_norm_family(_cohere2, True, _COHERE, _LAYER_TYPES, (  # Command R7B, Command A
         Key("sliding_window", default=4096, check=optional_positive_int),
         Key("sliding_window_pattern", default=4, check=positive_int),

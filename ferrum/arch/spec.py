@@ -52,8 +52,9 @@ class Architecture:
     attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
     sinks: bool = False  # gpt-oss: a learned logit per query head joins every softmax (``self_attn.sinks``)
     final_softcap: float | None = None  # Gemma 2: the same on the logits
-    #: RMSNorm of q and k before rope: "head", one scale per head dim (Qwen3, Gemma 3), or "projection",
-    #: one over all of q's heads and one over k's (OLMo 2); None without.
+    #: The norm of q and k before rope: "head", one scale per head dim (Qwen3, Gemma 3), "each_head", a scale per
+    #: head and dim (Command R+: ``[heads, head_dim]``), or "projection", one over all of q's heads and one over
+    #: k's (OLMo 2); None without.
     qk_norm: str | None = None
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")  # their modules in self_attn (Hunyuan's query_layernorm...)
     qk_norm_after_rope: bool = False  # Hunyuan norms q and k once rotated

@@ -82,10 +82,10 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     if arch.o_bias:
         attention["self_attn.o_proj.bias"] = (h,)
     if arch.qk_norm:
-        whole = arch.qk_norm == "projection"  # one scale per q (k) column, else per head dimension
         q_norm, k_norm = arch.qk_norm_names
-        attention.update({f"self_attn.{norm}.{part}": (size,) for norm, size in ((q_norm, q if whole else d),
-                                                                              (k_norm, kv if whole else d))
+        sizes = {"projection": ((q,), (kv,)), "head": ((d,), (d,)),  # per q (k) column, or per head dimension
+                 "each_head": ((config.num_heads, d), (config.num_kv_heads, d))}[arch.qk_norm]
+        attention.update({f"self_attn.{norm}.{part}": size for norm, size in zip((q_norm, k_norm), sizes)
                           for part in norm_parts})
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
@@ -195,8 +195,17 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     heads = _rotated_heads(config, name)
     if heads is None:
         return tensor
+    if np.ndim(tensor) == 2 and is_norm(name):  # a weight per head: rotated as the rows of q (k) are
+        return _transformed_rows(config, rope, heads, name, np.asarray(tensor).reshape(-1)).reshape(np.shape(tensor))
+    return _transformed_rows(config, rope, heads, name, tensor)
+
+
+def _transformed_rows(config: Any, rope: Any, heads: int, name: str, tensor: Any) -> Any:
+    """A q/k projection's rows (or its norm's entries), ``heads`` of ``head_dim`` each: longrope's factor, and the
+    rotary pairs made rotate-half (``Rope.rotary_permutation``)."""
+    arch = config.arch
     d = config.head_dim
-    if rope.attention_factor != 1.0 and _is_norm(name) == (
+    if rope.attention_factor != 1.0 and is_norm(name) == (
             arch.qk_norm is not None and not arch.qk_norm_after_rope):
         # longrope's factor multiplies cos and sin, i.e. the rotated dims of q and k (after any q/k norm, or
         # before one that follows rope)
@@ -217,7 +226,7 @@ def grouped_qkv_order(heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
                            blocks[:, group + 1].reshape(-1)])
 
 
-def _is_norm(name: str) -> bool:
+def is_norm(name: str) -> bool:
     """Whether ``name`` is a norm's weight or bias."""
     return name.rsplit(".", 2)[-2].endswith("norm")
 
@@ -356,8 +365,9 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
 
 def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     """``config`` with the decoder prefix and LM head name of the layout the checkpoint's tensors (``stored``: name
-    -> shape) use (the family's own ``layouts`` first, then the common ones), and for a family stored transposed (GPT-2's Conv1D), whether this checkpoint is: mlx-lm's
-    conversions (under ``model.``) and Ferrum's GGUF imports save the projections ``[out, in]``."""
+    -> shape) use (the family's own ``layouts`` first, then the common ones), and for a family stored transposed
+    (GPT-2's Conv1D), whether this checkpoint is: mlx-lm's conversions (under ``model.``) and Ferrum's GGUF
+    imports save the projections ``[out, in]``."""
     own = [replace(config.arch, prefix=prefix, lm_head=head, stored_names={**config.arch.stored_names, **names})
            for prefix, head, names in config.arch.layouts]
     for arch in [*own, *(replace(config.arch, prefix=prefix, lm_head=head) for prefix, head in LAYOUTS)]:

@@ -127,8 +127,9 @@ def _exaone4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
 
 
 def _command_r_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Command R's logit scale, which llama.cpp requires in the file."""
-    return {"logit_scale": float32_value(meta.need(p + "logit_scale"))}
+    """Command R's logit scale, which llama.cpp requires in the file; Command R+'s q/k norms where it has them."""
+    return {"logit_scale": float32_value(meta.need(p + "logit_scale")),
+            "use_qk_norm": "blk.0.attn_q_norm.weight" in meta.tensors}
 
 
 def _cohere2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class ArchOracle:
             if arch.clip_qkv is not None:
                 q, k, v = (np.clip(a, -arch.clip_qkv, arch.clip_qkv) for a in (q, k, v))
             q, k, v = (a.reshape(n, -1, d) for a in (q, k, v))
-            if arch.qk_norm == "head" and not arch.qk_norm_after_rope:
+            if arch.qk_norm in ("head", "each_head") and not arch.qk_norm_after_rope:  # [d] or [heads, d] weights
                 q, k = self._norm(q, q_norm), self._norm(k, k_norm)
             long_from = spec.rope.original_max if spec.rope.switches else None
             q, k = _rope(q, positions, spec.rope, long_from), _rope(k, positions, spec.rope, long_from)

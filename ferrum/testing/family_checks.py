@@ -1,6 +1,6 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, scaling,
 soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE, Phi-3 with
-longrope and partial rotary, Phi-2, StarCoder2, OLMo 1.7) against the float64
+longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7) against the float64
 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
 A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
@@ -63,6 +63,11 @@ FAMILY_MODELS: dict[str, dict] = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
         max_position_embeddings=256, sliding_window=3, hidden_act="gelu", tie_word_embeddings=True,
     ),
+    "cohere": dict(  # Command R+: a parallel block, adjacent-pair rope, q and k LayerNormed with a weight per head
+        architectures=["CohereForCausalLM"], model_type="cohere", hidden_size=64, intermediate_size=80,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+        max_position_embeddings=256, logit_scale=0.5, use_qk_norm=True, tie_word_embeddings=True,
+    ),
     "olmo": dict(  # OLMo 1.7: LayerNorms without parameters, q, k and v clipped (low, so that it bites)
         architectures=["OlmoForCausalLM"], model_type="olmo", hidden_size=64, intermediate_size=80,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
@@ -117,6 +122,13 @@ def check_clip(c: Any, tol: float) -> float:
     x[0, :4] = [1.5, -1.5, 0.0, 2.0]
     x = c.rounded(x)
     return _compare(c.get(c.ops.clip(c.put(x), 1.5)), np.clip(x, -1.5, 1.5), tol)
+
+
+def check_mul(c: Any, tol: float) -> float:
+    """A weight per head ``[heads, dim]`` over ``[tokens, heads, dim]``, and two arrays of one shape."""
+    x, w = c.rounded(c.random(5, 4, 24)), c.rounded(c.random(4, 24))
+    return max(_compare(c.get(c.ops.mul(c.put(x), c.put(w))), x * w, tol),
+               _compare(c.get(c.ops.mul(c.put(x), c.put(x))), x * x, tol))
 
 
 def check_softcap(c: Any, tol: float) -> float:
@@ -205,6 +217,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),
+        (f"mul ({source('mul')})", lambda: check_mul(c, tol), tol),
     ]
     for offered, what, features in ((softcap, "soft-capped scores", (2.0, None)), (sinks, "sinks", (None, _SINKS))):
         if offered:

@@ -127,6 +127,11 @@ def layer_norm(x, weight, bias, eps):
 
 
 @hookimpl
+def mul(a, b):
+    return np.multiply(a, b, dtype=a.dtype)
+
+
+@hookimpl
 def clip(x, limit):
     return np.clip(x, -limit, limit).astype(x.dtype, copy=False)
 

@@ -530,6 +530,11 @@ def softcap(x, cap):
 
 
 @hookimpl
+def mul(a, b):
+    return (a * b).to(a.dtype)
+
+
+@hookimpl
 def clip(x, limit):
     return x.clamp(-limit, limit)
 

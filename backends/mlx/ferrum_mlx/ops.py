@@ -379,6 +379,11 @@ def softcap(x, cap):
 
 
 @hookimpl
+def mul(a, b):
+    return (a * b).astype(a.dtype)
+
+
+@hookimpl
 def clip(x, limit):
     return mx.clip(x, -limit, limit)
 

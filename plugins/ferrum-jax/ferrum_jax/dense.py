@@ -123,6 +123,16 @@ def gelu(x, tanh):
 
 
 @jax.jit
+def _mul(a, b):
+    return (a * b).astype(a.dtype)
+
+
+@hookimpl
+def mul(a, b):
+    return _mul(a, b)
+
+
+@jax.jit
 def _clip(x, limit):
     return jnp.clip(x, -limit, limit).astype(x.dtype)
 
