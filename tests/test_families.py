@@ -122,8 +122,9 @@ def transformers_config(family: str):
     if family == "cohere":  # Command R: LayerNorms without bias, a parallel block, GPT-J's rope, scaled logits
         return transformers.CohereConfig(**common, num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25,
                                          attention_bias=True)
-    if family == "cohere_qk_norm":  # Command R+: q and k LayerNormed head by head, a weight per head
-        return transformers.CohereConfig(**common, num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25,
+    if family == "cohere_qk_norm":  # Command R+: q and k LayerNormed head by head, a weight per head (32 wide, so
+        # that ferrum quantize could pack it: it must not)
+        return transformers.CohereConfig(**common, num_attention_heads=3, num_key_value_heads=1, logit_scale=0.25,
                                          use_qk_norm=True)
     if family == "cohere2":  # Command R7B: sliding layers with rope, the last full and without (NoPE)
         return transformers.Cohere2Config(**{**common, "num_hidden_layers": 4}, num_attention_heads=4,
@@ -1177,10 +1178,10 @@ def test_quantized_phi_runs_as_in_mlx_lm(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("backend", RUNNABLE)
 @pytest.mark.parametrize("family, stored", [("gpt_neox", "attention.query_key_value"), ("gptj", "mlp.fc_in"),
-                                            ("gpt_bigcode", "attn.c_attn")])
+                                            ("gpt_bigcode", "attn.c_attn"), ("cohere_qk_norm", "self_attn.q_proj")])
 def test_packed_gpt_families_match_the_oracle(checkpoints, backend, family, stored, tmp_path):
     """Packed at 8 bits under their own names: GPT-NeoX's per-head q/k/v rows reordered as packed rows, GPT-J's
-    biased LM head, GPT-BigCode's single key/value head."""
+    biased LM head, GPT-BigCode's single key/value head; Command R+'s q/k norm weights per head stay float."""
     from safetensors import safe_open
 
     from ferrum.quant.convert import quantize_checkpoint
@@ -1189,6 +1190,7 @@ def test_packed_gpt_families_match_the_oracle(checkpoints, backend, family, stor
     packed = quantize_checkpoint(checkpoints[family][0], tmp_path / "packed", bits=8, group_size=32)
     with safe_open(str(packed / "model.safetensors"), "np") as handle:
         assert any(name.endswith(f".0.{stored}.scales") for name in handle.keys())
+        assert not any("norm" in name and name.endswith(".scales") for name in handle.keys())
     got = load(packed, backend, dtype="float32").forward_verify("x", TOKENS)
     assert_parity(got, ArchOracle(packed).logits(TOKENS))
 
