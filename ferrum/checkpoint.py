@@ -66,6 +66,8 @@ class Checkpoint:
         if index.exists():
             return {name: self._shard(index, f) for name, f in self._weight_map(index).items()}
         files = sorted(self.folder.glob("*.safetensors"))
+        if (self.folder / "model.safetensors") in files:  # the whole model, as transformers reads it: other files
+            files = [self.folder / "model.safetensors"]   # beside it (an adapter, Mistral's consolidated) are not
         if not files:
             pickled = sorted(p.name for p in (*self.folder.glob("*.bin"), *self.folder.glob("*.pt")))
             hint = "" if not pickled else (
@@ -80,6 +82,10 @@ class Checkpoint:
             self._require_regular(f)
             with _open(f) as handle:
                 for name in handle.keys():
+                    if name in where:
+                        raise CheckpointError(
+                            f"tensor {name} is in both {where[name].name} and {f.name} in {self.folder}, which has no "
+                            f"{INDEX_FILE} to say which to read; remove the stale file (or add the index)")
                     where[name] = f
         return where
 
