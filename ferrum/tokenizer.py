@@ -54,22 +54,23 @@ class Tokenizer:
 
     @staticmethod
     def _named_templates(value: Any, folder: Path) -> dict[str, str]:
-        """The checkpoint's chat templates by name: tokenizer_config.json's (one string is "default", or a list of
-        named ones), else ``chat_template.jinja`` and ``chat_templates/<name>.jinja``, else ``chat_template.json``'s
+        """The checkpoint's chat templates by name: ``chat_template.jinja`` and ``chat_templates/<name>.jinja``
+        (which win, as in transformers: a repo fixes its template there and leaves the old one in the config), else
+        tokenizer_config.json's (one string is "default", or a list of named ones), else ``chat_template.json``'s
         (where the processors of vision-language models keep it)."""
-        if isinstance(value, list):
+        files = sorted((folder / "chat_templates").glob("*.jinja")) if (folder / "chat_templates").is_dir() else []
+        if (folder / "chat_template.jinja").exists():
+            files.append(folder / "chat_template.jinja")
+        if files:
+            value = {("default" if f.name == "chat_template.jinja" else f.stem): f.read_text(errors="replace")
+                     for f in files}
+        elif isinstance(value, list):
             value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         elif value is not None:
             value = {"default": value}
         else:
-            files = sorted((folder / "chat_templates").glob("*.jinja")) if (folder / "chat_templates").is_dir() else []
-            if (folder / "chat_template.jinja").exists():
-                files.append(folder / "chat_template.jinja")
-            value = {("default" if f.name == "chat_template.jinja" else f.stem): f.read_text(errors="replace")
-                     for f in files}
-            processor = _read_json(folder / "chat_template.json") if not value else None
-            if processor is not None and "chat_template" in processor:
-                value = {"default": processor["chat_template"]}
+            processor = _read_json(folder / "chat_template.json")
+            value = {"default": processor["chat_template"]} if processor and "chat_template" in processor else {}
         if not all(isinstance(name, str) and isinstance(text, str) for name, text in value.items()):
             raise ConfigError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of "
                               "named templates ({\"name\": ..., \"template\": ...})")

@@ -232,6 +232,11 @@ def test_a_checkpoints_tool_use_template_renders_requests_with_tools(tmp_path):
     (folder / "chat_templates" / "tool_use.jinja").write_text(TOOL_TEMPLATE)
     tok = Tokenizer(folder)
     assert tok.chat_template == plain and tok.tool_chat_template == TOOL_TEMPLATE
+    config["chat_template"] = "{{ 'stale' }}"  # an older release's, left in the config: the files win (transformers)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer(folder).chat_template == plain
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
     # a vision-language model's processor keeps its template in chat_template.json
     (folder / "chat_template.jinja").unlink()
