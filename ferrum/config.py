@@ -97,6 +97,8 @@ class ModelConfig(Sizes):
         arch = family.build(reader, sizes)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < sizes.vocab_size for t in eos_ids):
+            raise ConfigError(f"{where}: eos_token_id must be token ids in [0, {sizes.vocab_size}), got {eos!r}")
         return cls(
             **asdict(sizes),
             model_type=model_type,
