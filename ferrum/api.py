@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
+import numpy as np
+
 from ferrum.adapters import AdapterInfo
 from ferrum.engine import AsyncEngine, Engine, EngineConfig, RequestOutput
 from ferrum.errors import InvalidRequestError
@@ -36,7 +38,7 @@ def _is_prompt_list(prompts: Any) -> bool:
         not isinstance(prompts, str)
         and isinstance(prompts, Sequence)
         and len(prompts) > 0
-        and all(isinstance(p, (str, list, tuple)) for p in prompts)
+        and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompts)
     )
 
 
@@ -166,11 +168,16 @@ class LLM:
         return tokens, params
 
     @staticmethod
-    def sampling_params(params: SamplingParams | None = None, **options: Any) -> SamplingParams:
-        """``params`` as given, or one built from keyword options (not both)."""
+    def sampling_params(params: SamplingParams | Mapping[str, Any] | None = None, **options: Any) -> SamplingParams:
+        """``params`` as given (a mapping: its options), or one built from keyword options (not both)."""
         if params is not None:
             if options:
                 raise InvalidRequestError("pass either a SamplingParams or sampling keyword options, not both")
+            if isinstance(params, Mapping):
+                return LLM.sampling_params(None, **params)
+            if not isinstance(params, SamplingParams):
+                raise InvalidRequestError(f"params must be a ferrum.SamplingParams or a mapping of its options, "
+                                          f"not {type(params).__name__}")
             return params
         try:
             return SamplingParams(**options)
@@ -185,9 +192,12 @@ class LLM:
         """Run many prompts together through the engine; final outputs in prompt order.
 
         ``metadata`` goes with every prompt's request (see :mod:`ferrum.metadata`);
-        ``lora`` names a loaded adapter (:meth:`load_adapter`) every prompt runs with.
+        ``lora`` names a loaded adapter (:meth:`load_adapter`) every prompt runs with. A lone string is one
+        prompt (not one per character).
         """
         params = self.sampling_params(params, **options)
+        if isinstance(prompts, str):
+            prompts = [prompts]
         encoded = [self._request(p, chat, params) for p in prompts]  # all or nothing: encode before submitting
         finals: dict[str, RequestOutput] = {}
 

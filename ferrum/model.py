@@ -12,6 +12,7 @@ decode, forward_verify...) are all that one pass with different items.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
@@ -148,6 +149,8 @@ def choose_dtype(
     else the checkpoint's on accelerators, else the backend default."""
     info = backend.info
     if requested is not None:
+        if not isinstance(requested, str):
+            raise InvalidRequestError(f"dtype is a name such as {info.dtypes[0]!r}, not {requested!r}")
         if requested not in info.dtypes:
             raise UnsupportedFeatureError(
                 f"backend {backend.name!r} computes in {', '.join(info.dtypes)}, not {requested!r}"
@@ -220,8 +223,8 @@ class DecoderOnlyLLM:
         """Load a Hugging Face safetensors checkpoint folder onto a backend."""
         config = ModelConfig.from_file(path)
         if max_seq_len is not None:
-            if max_seq_len <= 0:
-                raise InvalidRequestError(f"max_seq_len must be positive, got {max_seq_len}")
+            if not isinstance(max_seq_len, Integral) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
+                raise InvalidRequestError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
             config = replace(config, max_seq_len=min(max_seq_len, config.max_seq_len))
         quant = config.quantization
         if not isinstance(backend, Backend):

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ferrum.errors import CheckpointError
+from ferrum.errors import CheckpointError, InvalidRequestError
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -43,6 +43,9 @@ def cache_root() -> Path:
 
 def resolve_model(path: str | Path, progress: ProgressFn | None = None) -> Path:
     """The checkpoint folder for ``path``: a folder itself, a GGUF file's cached import, or a repo id's snapshot."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidRequestError(f"a model is named by a folder, a .gguf file or a repo id (a str or a path), "
+                                  f"not {type(path).__name__}")
     named = path
     path = Path(path).expanduser()
     if isinstance(named, str) and not path.exists():

@@ -200,3 +200,34 @@ def test_each_output_holds_the_tokens_of_its_step_when_read_later(llm):
         assert out.token_ids == so_far and len(out.logprobs) == len(so_far)
         assert [p.token for p in out.logprobs] == list(so_far)
     assert outputs[-1].token_ids == tuple(llm.run([[5, 9, 12]], max_tokens=6, ignore_eos=True)[0].token_ids)
+
+
+def test_run_takes_a_lone_string_as_one_prompt(tmp_path):
+    llm = ferrum.load(write_text_checkpoint(tmp_path / "m", seed=3), backend="cpu")
+    outs = llm.run("hello there", max_tokens=3)
+    assert len(outs) == 1 and outs[0].text == llm.generate("hello there", max_tokens=3)
+
+
+def test_options_as_a_mapping_and_prompts_as_numpy_arrays(tmp_path):
+    llm = ferrum.load(write_text_checkpoint(tmp_path / "m", seed=3), backend="cpu")
+    assert llm.generate("hello", {"max_tokens": 3}) == llm.generate("hello", max_tokens=3)
+    with pytest.raises(InvalidRequestError, match="SamplingParams"):
+        llm.generate("hello", 3)
+    texts = llm.generate([np.array([5, 6]), np.array([7, 8])], max_tokens=2)
+    assert texts == [llm.generate([5, 6], max_tokens=2), llm.generate([7, 8], max_tokens=2)]
+
+
+def test_a_model_named_by_something_else_is_refused():
+    with pytest.raises(InvalidRequestError, match="folder, a .gguf file or a repo id"):
+        ferrum.load(5)
+
+
+def test_model_safetensors_is_read_alone_beside_other_files(tmp_path):
+    """As transformers reads it: another *.safetensors beside it (an adapter, Mistral's consolidated file) is not
+    part of the model, even where its names overlap."""
+    from safetensors.numpy import save_file
+
+    folder = write_text_checkpoint(tmp_path / "m", seed=3)
+    before = ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4)
+    save_file({"model.norm.weight": np.zeros(64, np.float32)}, str(folder / "zz-old.safetensors"))
+    assert ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4) == before

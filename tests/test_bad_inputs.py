@@ -125,6 +125,17 @@ def chat_template(template: str) -> Callable[[Path], None]:
     return apply
 
 
+def stray_copy_of_a_tensor(folder: Path) -> None:
+    """The model split in two files without an index, one tensor in both (a stale export left beside them)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / WEIGHTS))
+    (folder / WEIGHTS).unlink()
+    names, both = sorted(tensors), "model.layers.0.input_layernorm.weight"
+    for part, chosen in (("a-model", names[: len(names) // 2]), ("shard-2", names[len(names) // 2:])):
+        save_file({n: tensors[n] for n in [*chosen, both]}, str(folder / f"{part}.safetensors"))
+
+
 LOAD_ROWS = [
     # (id, corrupt the folder, exception, words the message must hold)
     ("config-not-utf8", write("config.json", b"\xff\xfe{}"), ConfigError, ["config.json", "UTF-8"]),
@@ -161,6 +172,10 @@ LOAD_ROWS = [
     ("generation-config-bad-eos", write("generation_config.json", b'{"eos_token_id": "x"}'), ConfigError,
      ["generation_config.json", "eos_token_id"]),
     ("chat-template-not-a-string", chat_template(42), ConfigError, ["chat_template"]),  # type: ignore[arg-type]
+    ("config-eos-a-string", edit_config(eos_token_id="1"), ConfigError, ["config.json", "eos_token_id"]),
+    ("config-eos-out-of-vocab", edit_config(eos_token_id=[2, 10**6]), ConfigError, ["eos_token_id"]),
+    ("weights-a-tensor-in-two-files", stray_copy_of_a_tensor, CheckpointError,
+     ["model.layers.0.input_layernorm.weight", "a-model.safetensors", "shard-2.safetensors", "index"]),
 ]
 
 
@@ -248,6 +263,8 @@ LOAD_ARG_ROWS = [
     ("kv-blocks-zero", dict(num_kv_blocks=0), InvalidRequestError, ["num_kv_blocks"]),
     ("kv-blocks-absurd", dict(num_kv_blocks=10**12), InvalidRequestError, ["GiB", "num_kv_blocks"]),
     ("max-seq-len-negative", dict(max_seq_len=-5), InvalidRequestError, ["max_seq_len"]),
+    ("max-seq-len-fractional", dict(max_seq_len=20.5), InvalidRequestError, ["max_seq_len", "integer"]),
+    ("dtype-not-a-name", dict(dtype=np.float32), InvalidRequestError, ["dtype", "'float32'"]),
     ("backend-unknown", dict(backend="quantum"), FerrumError, ["quantum"]),
     ("dtype-unknown", dict(dtype="float7"), FerrumError, ["float7"]),
 ]
