@@ -422,10 +422,11 @@ def sample(logits: Any, batch: Any) -> Any:
     a token a grammar forbids; no (row, token) twice), and how many top
     logprobs are wanted. Returns a :class:`ferrum.sampling.SampleResult` of
     host numpy arrays: the chosen tokens, and when ``batch.num_logprobs > 0``
-    the chosen tokens' logprobs and the top-n tokens with theirs. The exact
-    semantics are those of :func:`ferrum.sampling.sample_numpy`; only these
-    small arrays should cross to the host. Fallback: ``to_numpy`` of the
-    logits, then that reference.
+    the chosen tokens' logprobs and the top-n tokens with theirs, and (API
+    1.9) ``unusable``, the rows whose logits hold NaN (their requests fail).
+    The exact semantics are those of :func:`ferrum.sampling.sample_numpy`;
+    only these small arrays should cross to the host. Fallback: ``to_numpy``
+    of the logits, then that reference.
     """
 
 

@@ -33,6 +33,8 @@ import numpy as np
 from ferrum.errors import InvalidRequestError
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
+#: The token a row whose logits hold NaN picks: no token at all, so its request fails instead of going on.
+UNUSABLE = -1
 #: Largest float32 below 1, so a uniform never selects past the kept mass.
 _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
@@ -197,6 +199,9 @@ class SampleResult:
     logprobs: np.ndarray | None = None  # float32 [n], of the chosen tokens
     top_tokens: np.ndarray | None = None  # int64 [n, num_logprobs], best first
     top_logprobs: np.ndarray | None = None  # float32 [n, num_logprobs]
+    #: bool [n]: the rows whose logits hold NaN, whose picks mean nothing (a broken weight, a float16
+    #: overflow); None where the backend does not tell (API 1.8 and before).
+    unusable: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -331,15 +336,17 @@ def sample_batch_on_device(ops: Any, logits: Any, samplers: Sequence[RequestSamp
 
 
 def picks_of(result: SampleResult, samplers: Sequence[RequestSampler], first: int = 0) -> list[SampledToken]:
-    """The picks of rows ``first ..`` of ``result``, one per sampler, with the logprobs each asked for."""
+    """The picks of rows ``first ..`` of ``result``, one per sampler, with the logprobs each asked for; a row
+    whose logits held NaN picks :data:`UNUSABLE`."""
     picks = []
     for i, sampler in enumerate(samplers, start=first):
         n = sampler.params.logprobs
+        token = UNUSABLE if result.unusable is not None and result.unusable[i] else int(result.tokens[i])
         if n:
             top = tuple(zip(result.top_tokens[i, :n].tolist(), result.top_logprobs[i, :n].tolist()))
-            picks.append(SampledToken(int(result.tokens[i]), float(result.logprobs[i]), top))
+            picks.append(SampledToken(token, float(result.logprobs[i]), top))
         else:
-            picks.append(SampledToken(int(result.tokens[i]), None, ()))
+            picks.append(SampledToken(token, None, ()))
     return picks
 
 
@@ -363,6 +370,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def sample_numpy(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
     """The semantics of the ``sample`` op (see the module docstring), vectorised over rows."""
+    unusable = np.isnan(logits).any(axis=-1)
     x = apply_adjustments_numpy(logits, batch)
     n, vocab = x.shape
     tokens = np.argmax(x, axis=-1).astype(np.int64)
@@ -385,7 +393,7 @@ def sample_numpy(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
         sampled = np.take_along_axis(order, np.minimum(pick, vocab - 1)[:, None], axis=-1)[:, 0]
         tokens = np.where(batch.temperature > 0, sampled, tokens)
     if not batch.num_logprobs:
-        return SampleResult(tokens)
+        return SampleResult(tokens, unusable=unusable)
     logp = log_softmax(x.astype(np.float64))
     top = order[:, : batch.num_logprobs]
     return SampleResult(
@@ -393,4 +401,5 @@ def sample_numpy(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
         np.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0].astype(np.float32),
         top.astype(np.int64),
         np.take_along_axis(logp, top, axis=-1).astype(np.float32),
+        unusable,
     )

@@ -20,9 +20,10 @@ from safetensors.numpy import save_file
 
 import ferrum
 from ferrum.errors import CheckpointError, ConfigError, FerrumError, InvalidRequestError
-from support import write_text_checkpoint
+from support import runnable_backends, write_text_checkpoint
 
 WEIGHTS = "model.safetensors"
+BACKENDS = runnable_backends()
 
 
 @pytest.fixture(scope="module")
@@ -450,3 +451,28 @@ def test_gguf_garbage_and_truncation(tmp_path):
     for name in ("garbage.gguf", "cut.gguf"):
         with pytest.raises(CheckpointError, match=name):
             convert_gguf(tmp_path / name, tmp_path / f"out-{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_fail_the_request_in_a_line_and_leave_the_others(ckpt, backend):
+    """Finite weights that overflow to NaN: the request ends in an error that says so, instead of returning a
+    meaningless token until max_tokens; the engine goes on (a request on the unbroken model is fine)."""
+    import warnings
+
+    from safetensors.numpy import load_file
+
+    from ferrum.errors import RequestFailedError
+
+    good = ferrum.load(ckpt, backend=backend).generate("hello", max_tokens=3, ignore_eos=True)
+    tensors = load_file(str(ckpt / WEIGHTS))
+    tensors["model.layers.0.post_attention_layernorm.weight"] = np.full_like(
+        tensors["model.layers.0.post_attention_layernorm.weight"], 1e38)
+    save_file(tensors, str(ckpt / WEIGHTS))
+    broken = ferrum.load(ckpt, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's overflow warnings: the error below is the signal
+        for logprobs in (0, 1):
+            with pytest.raises(RequestFailedError, match="logits hold NaN"):
+                broken.generate("hello", max_tokens=3, logprobs=logprobs)
+    assert not broken.engine.has_unfinished() and broken.model.kv.num_used_blocks == 0
+    assert good

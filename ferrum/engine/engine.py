@@ -57,6 +57,7 @@ from ferrum.sampling import (
     SampledToken,
     SampleResult,
     SamplingParams,
+    UNUSABLE,
     picks_of,
     sample_batch_on_device,
 )
@@ -475,6 +476,10 @@ class Engine:
     def _append(self, request: Request, pick: SampledToken) -> FinishReason | None:
         """Take one token; the reason when it ends the request."""
         token = pick.token
+        if token == UNUSABLE:
+            raise FloatingPointError(
+                "the model's logits hold NaN: a weight is broken, or the compute dtype overflowed (float16 does where "
+                "bfloat16 and float32 do not); load the model with dtype=\"bfloat16\" or \"float32\"")
         now = time.perf_counter()
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now

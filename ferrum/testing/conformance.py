@@ -353,6 +353,23 @@ def check_sample(c: _Context) -> float:
     return max(_compare(got.logprobs, want.logprobs, 1e-5), _compare(got.top_logprobs, want.top_logprobs, 1e-5))
 
 
+def check_sample_flags_nan(c: _Context) -> float | None:
+    """A row whose logits hold NaN is flagged (``SampleResult.unusable``, so its request fails instead of going on
+    with a meaningless token), greedy or sampled, with logprobs or without; the other rows are sampled as ever."""
+    logits = np.stack([np.random.default_rng(7).permutation(64).astype(np.float32) * 0.4 for _ in range(4)])
+    logits[1, 5] = logits[3, 60] = np.nan
+    for logprobs in (0, 2):
+        params = [SamplingParams(logprobs=logprobs), SamplingParams(logprobs=logprobs),
+                  SamplingParams(temperature=0.9, seed=1, logprobs=logprobs),
+                  SamplingParams(temperature=0.9, seed=2, logprobs=logprobs)]
+        batch = build_sampling_batch([RequestSampler(p, [1, 2]) for p in params])
+        got, want = c.ops.sample(c.ops.from_numpy(logits, "float32"), batch), sample_numpy(logits, batch)
+        flags = None if got.unusable is None else np.asarray(got.unusable).tolist()
+        assert flags == [False, True, False, True], f"rows with NaN logits flagged {flags}, expected rows 1 and 3"
+        assert got.tokens[[0, 2]].tolist() == want.tokens[[0, 2]].tolist(), "the rows without NaN changed"
+    return None
+
+
 def check_model(c: _Context, tol: float, packed_bits: int | None = None) -> float:
     """The tiny model's logits against the oracle, and 16 greedy tokens in float32; with
     ``packed_bits``, packed at that width, group 32 (``ferrum quantize``), the oracle computing
@@ -528,6 +545,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         (f"paged_attention ({source('paged_attention')})", lambda: check_paged_attention(c, tol), tol),
         (f"sample ({source('sample')})", lambda: check_sample(c), 1e-5),
         (f"sample_on_device ({source('sample_on_device')})", lambda: check_sample_on_device(c), 1e-5),
+        (f"sample flags NaN rows ({source('sample')})", lambda: check_sample_flags_nan(c), 0.0),
         (f"lora_apply, adapters and none mixed ({source('lora_apply')})", lambda: check_lora_apply(c, True, tol), tol),
         (f"lora_apply, adapters and none mixed, 116 tokens ({source('lora_apply')})",
          lambda: check_lora_apply(c, True, tol, repeat=4), tol),

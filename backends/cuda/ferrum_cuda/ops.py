@@ -259,8 +259,9 @@ def _small(array: np.ndarray) -> torch.Tensor:
 
 
 def _sample_graph(logits, batch) -> tuple[torch.Tensor, ...]:
-    """``ferrum.sampling.sample_numpy`` in torch on the logits' device: ``(tokens,)``, plus
+    """``ferrum.sampling.sample_numpy`` in torch on the logits' device: ``(tokens, unusable)``, plus
     ``(chosen, top, top_logp)`` when logprobs are wanted; nothing is copied to the host."""
+    unusable = logits.isnan().any(dim=-1)
     x = logits.float()
     if batch.adjust_rows.size:
         rows, tokens = _small(batch.adjust_rows).long(), _small(batch.adjust_tokens).long()
@@ -287,10 +288,10 @@ def _sample_graph(logits, batch) -> tuple[torch.Tensor, ...]:
         sampled = order.gather(-1, pick.clamp(max=vocab - 1)[:, None])[:, 0]
         tokens = torch.where(_small(batch.temperature > 0), sampled, tokens)
     if not batch.num_logprobs:
-        return (tokens,)
+        return tokens, unusable
     logp = torch.log_softmax(x, dim=-1)
     top = order[:, : batch.num_logprobs]
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0], top, logp.gather(-1, top)
+    return tokens, unusable, logp.gather(-1, tokens[:, None])[:, 0], top, logp.gather(-1, top)
 
 
 def _to_host(graph: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -301,10 +302,11 @@ def _to_host(graph: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 
 def _sample_result(host: tuple[torch.Tensor, ...]) -> SampleResult:
-    if len(host) == 1:
-        return SampleResult(host[0].numpy().astype(np.int64))
-    tokens, chosen, top, top_logp = host
-    return SampleResult(tokens.numpy().astype(np.int64), chosen.numpy(), top.numpy().astype(np.int64), top_logp.numpy())
+    tokens, unusable, *logprobs = (part.numpy() for part in host)
+    if not logprobs:
+        return SampleResult(tokens.astype(np.int64), unusable=unusable)
+    chosen, top, top_logp = logprobs
+    return SampleResult(tokens.astype(np.int64), chosen, top.astype(np.int64), top_logp, unusable)
 
 
 @hookimpl

@@ -163,8 +163,9 @@ def cast(x, dtype):
 
 
 def _sample_graph(logits, batch) -> tuple[mx.array, ...]:
-    """``ferrum.sampling.sample_numpy`` as a lazy graph: ``(tokens,)``, plus ``(chosen, top, top_logp)``
+    """``ferrum.sampling.sample_numpy`` as a lazy graph: ``(tokens, unusable)``, plus ``(chosen, top, top_logp)``
     when logprobs are wanted."""
+    unusable = mx.isnan(logits).any(axis=-1)
     x = logits.astype(mx.float32)
     if batch.adjust_rows.size:
         rows, tokens = mx.array(batch.adjust_rows), mx.array(batch.adjust_tokens)
@@ -191,21 +192,20 @@ def _sample_graph(logits, batch) -> tuple[mx.array, ...]:
         tokens = mx.where(mx.array(batch.temperature > 0), sampled, tokens)
     tokens = tokens.astype(mx.int32)
     if not batch.num_logprobs:
-        return (tokens,)
+        return tokens, unusable
     logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
     top = order[:, : batch.num_logprobs]
     chosen = mx.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen, top, mx.take_along_axis(logp, top, axis=-1)
+    return tokens, unusable, chosen, top, mx.take_along_axis(logp, top, axis=-1)
 
 
 def _sample_result(graph: tuple[mx.array, ...]) -> SampleResult:
     """The evaluated graph's [n]-sized results, copied to the host."""
-    if len(graph) == 1:
-        return SampleResult(np.array(graph[0]).astype(np.int64))
-    tokens, chosen, top, top_logp = graph
-    return SampleResult(
-        np.array(tokens).astype(np.int64), np.array(chosen), np.array(top).astype(np.int64), np.array(top_logp)
-    )
+    tokens, unusable, *logprobs = (np.array(part) for part in graph)
+    if not logprobs:
+        return SampleResult(tokens.astype(np.int64), unusable=unusable)
+    chosen, top, top_logp = logprobs
+    return SampleResult(tokens.astype(np.int64), chosen, top.astype(np.int64), top_logp, unusable)
 
 
 @hookimpl

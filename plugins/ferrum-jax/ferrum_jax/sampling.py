@@ -19,6 +19,7 @@ F32 = jnp.float32
 
 @partial(jax.jit, static_argnames=("greedy", "num_logprobs"))
 def _sample(logits, temperature, top_k, top_p, min_p, uniform, rows, tokens, scale, shift, greedy, num_logprobs):
+    unusable = jnp.isnan(logits).any(axis=-1)
     x = logits.astype(F32)
     old = x[rows, tokens]  # padding entries have row n: clamped here, dropped by the scatter below
     new = jnp.where(old > 0, old / scale, old * scale) + shift
@@ -41,10 +42,11 @@ def _sample(logits, temperature, top_k, top_p, min_p, uniform, rows, tokens, sca
         sampled = jnp.take_along_axis(order, jnp.minimum(pick, vocab - 1)[:, None], axis=-1)[:, 0]
         chosen = jnp.where(temperature > 0, sampled, chosen)
     if not num_logprobs:
-        return (chosen,)
+        return chosen, unusable
     logp = jax.nn.log_softmax(x, axis=-1)
     top = order[:, :num_logprobs]
-    return chosen, jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], top, jnp.take_along_axis(logp, top, -1)
+    return (chosen, unusable, jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], top,
+            jnp.take_along_axis(logp, top, -1))
 
 
 def _padded(values: np.ndarray, size: int, fill) -> np.ndarray:
@@ -61,9 +63,9 @@ def sample(logits, batch):
               _padded(batch.adjust_scale, m, 1.0), _padded(batch.adjust_shift, m, 0.0))
     out = _sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.uniform, *adjust,
                   greedy=bool(batch.all_greedy), num_logprobs=int(batch.num_logprobs))
-    host = jax.device_get(out)
-    if len(host) == 1:
-        return SampleResult(host[0].astype(np.int64))
-    tokens, chosen, top, top_logp = host
+    tokens, unusable, *logprobs = (np.asarray(part) for part in jax.device_get(out))
+    if not logprobs:
+        return SampleResult(tokens.astype(np.int64), unusable=unusable)
+    chosen, top, top_logp = logprobs
     return SampleResult(tokens.astype(np.int64), chosen.astype(np.float32), top.astype(np.int64),
-                        top_logp.astype(np.float32))
+                        top_logp.astype(np.float32), unusable)
