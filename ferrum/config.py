@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,19 @@ def _text_positions(raw: dict[str, Any]) -> dict[str, Any]:
                     spec[kind] = "default"
             raw = {**raw, key: spec}
     return raw
+
+
+def _eos_ids(eos: Any, vocab_size: int, where: str) -> tuple[int, ...]:
+    """config.json's end-of-sequence ids: integers, or a ConfigError; one outside the vocabulary (a multimodal
+    wrapper's default over a smaller text model) is left out with a warning, as transformers warns of it."""
+    ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ConfigError(f"{where}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    inside = tuple(t for t in ids if 0 <= t < vocab_size)
+    if inside != ids:
+        warnings.warn(f"{where}: eos_token_id {eos!r} names ids outside the vocabulary [0, {vocab_size}); "
+                      f"generation ends at {list(inside)} only", stacklevel=3)
+    return inside
 
 
 @dataclass(frozen=True)
@@ -95,10 +109,7 @@ class ModelConfig(Sizes):
         reader.validate_all()
         sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads)
         arch = family.build(reader, sizes)
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < sizes.vocab_size for t in eos_ids):
-            raise ConfigError(f"{where}: eos_token_id must be token ids in [0, {sizes.vocab_size}), got {eos!r}")
+        eos_ids = _eos_ids(raw.get("eos_token_id"), sizes.vocab_size, where)
         return cls(
             **asdict(sizes),
             model_type=model_type,

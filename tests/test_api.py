@@ -231,3 +231,13 @@ def test_model_safetensors_is_read_alone_beside_other_files(tmp_path):
     before = ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4)
     save_file({"model.norm.weight": np.zeros(64, np.float32)}, str(folder / "zz-old.safetensors"))
     assert ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4) == before
+
+
+def test_an_eos_id_outside_the_vocabulary_is_left_out_with_a_warning(tmp_path):
+    """A multimodal wrapper's default eos over a smaller text model: transformers warns, and so does Ferrum, ending
+    generation at the ids that are tokens."""
+    folder = write_text_checkpoint(tmp_path / "m", seed=3)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 10**6]}))
+    with pytest.warns(UserWarning, match="outside the vocabulary"):
+        assert ferrum.load(folder, backend="cpu").model.config.eos_token_ids == (2,)

@@ -1201,3 +1201,25 @@ def test_gpt2_is_refused_by_ferrum_quantize_by_name(checkpoints, tmp_path):
     with pytest.raises(UnsupportedFeatureError, match="Conv1D"):
         quantize_checkpoint(checkpoints["gpt2"][0], tmp_path / "packed", bits=4, group_size=32)
     assert not (tmp_path / "packed").exists()
+
+
+@pytest.mark.parametrize("model_type, left_out", [
+    ("mixtral", "rope"), ("ernie4_5", "rope"), ("smollm3", "rope"), ("cohere", "rope"), ("olmo2", "rms_norm_eps"),
+    ("falcon", "max_position_embeddings"), ("gpt2", "n_positions"), ("gpt_bigcode", "n_positions"),
+    ("gptj", "n_positions"),
+])
+def test_a_left_out_key_takes_the_transformers_default(model_type, left_out):
+    """A hand-written config.json (or an old release's: Falcon's first had no context length) that leaves a key
+    out means what transformers reads it as: its config class's default."""
+    import transformers
+
+    reference = transformers.CONFIG_MAPPING[model_type]()
+    raw = reference.to_dict()
+    dropped = ("rope_parameters", "rope_scaling", "rope_theta") if left_out == "rope" else (left_out,)
+    ours = ModelConfig.from_dict({k: v for k, v in raw.items() if k not in dropped})
+    if left_out == "rope":
+        assert ours.arch.layers[0].rope.theta == reference.rope_parameters["rope_theta"]
+    elif left_out == "rms_norm_eps":
+        assert ours.rms_norm_eps == reference.rms_norm_eps
+    else:
+        assert ours.max_seq_len == reference.max_position_embeddings

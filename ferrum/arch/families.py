@@ -92,6 +92,11 @@ _ROPE = (
 _SILU = (Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),)
 
 
+def _theta(default: float) -> tuple[Key, ...]:
+    """rope_theta where the config leaves it out: the family's transformers default (after ``_ROPE``)."""
+    return (Key("rope_theta", default=default, check=optional_positive_number),)
+
+
 def read_sizes(r: KeyReader, eps_default: float, eps_key: str | None = "rms_norm_eps",
                names: dict[str, str] | None = None, count_kv_heads: KvHeads | None = None) -> Sizes:
     """The sizes under their usual keys, or under ``names`` (usual key -> the family's: GPT-2's n_embd...);
@@ -162,6 +167,8 @@ def read_rope(
             r.fail(key, f"field 'rope_theta' must be a positive number, got {theta!r}")
         r.fail("rope_theta", f"must be a positive number, got {theta!r}")
     kind = spec.get("rope_type", spec.get("type")) or "default"
+    if not isinstance(kind, str):
+        r.fail(key, f"has rope type {kind!r}; it must be a name such as 'linear' or 'yarn'")
     kind = {"su": "longrope", "yarn": "longrope"}.get(kind, kind) if "longrope" in kinds else kind
     if kind not in kinds:
         r.fail(key, f"has rope type {kind!r}, which Ferrum does not support for this family; "
@@ -331,7 +338,9 @@ def _qwen_windows(r: KeyReader, sizes: Sizes) -> list:
     types = _layer_types(r, sizes)
     if types is None:
         first = r("max_window_layers")
-        types = [SLIDING if i >= first else FULL for i in range(sizes.num_layers)]
+        if window is not None and first is None:
+            r.fail("max_window_layers", "is null, but use_sliding_window needs the index of the first sliding layer")
+        types = [SLIDING if window is not None and i >= first else FULL for i in range(sizes.num_layers)]
     return [window if t == SLIDING else None for t in types]
 
 
@@ -839,9 +848,10 @@ def _gptj(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
-def _renamed_core(names: dict[str, str], tie_default: bool) -> tuple[Key, ...]:
+def _renamed_core(names: dict[str, str], tie_default: bool, positions_default: int) -> tuple[Key, ...]:
     """The sizes' keys under a family's own ``names`` (usual key -> the family's), the MLP's width optional (None:
-    4 x the hidden size), and the norms' epsilon as GPT-2 and Falcon name it."""
+    4 x the hidden size), the context as transformers defaults it (older configs leave it out), and the norms'
+    epsilon as GPT-2 and Falcon name it."""
     def key(usual: str) -> str:
         return names.get(usual, usual)
 
@@ -851,7 +861,7 @@ def _renamed_core(names: dict[str, str], tie_default: bool) -> tuple[Key, ...]:
         Key(key("num_hidden_layers"), check=size(1024)),
         Key(key("num_attention_heads"), check=size(4096)),
         Key("vocab_size", check=size(1 << 23)),
-        Key(key("max_position_embeddings"), check=size(1 << 28)),
+        Key(key("max_position_embeddings"), default=positions_default, check=size(1 << 28)),
         Key("layer_norm_epsilon", check=optional_positive_number),
         Key("tie_word_embeddings", default=tie_default, check=boolean),
     )
@@ -924,12 +934,11 @@ def _layer_norm_family(build: Callable[[KeyReader, Sizes], Architecture], tie_de
                   eps_key=eps_key)
 
 
-def _gpt2_family(build: Callable[[KeyReader, Sizes], Architecture], tie_default: bool,
+def _gpt2_family(build: Callable[[KeyReader, Sizes], Architecture], tie_default: bool, positions_default: int,
                  *groups: tuple[Key, ...], kv_heads: KvHeads | None = None) -> Family:
     """A family of GPT-2's config keys (:data:`GPT2_CONFIG_NAMES`)."""
-    return Family(_keys(_renamed_core(GPT2_CONFIG_NAMES, tie_default), *groups), build, eps_default=1e-5,
-                  eps_key="layer_norm_epsilon",
-                  names=GPT2_CONFIG_NAMES, kv_heads=kv_heads)
+    return Family(_keys(_renamed_core(GPT2_CONFIG_NAMES, tie_default, positions_default), *groups), build,
+                  eps_default=1e-5, eps_key="layer_norm_epsilon", names=GPT2_CONFIG_NAMES, kv_heads=kv_heads)
 
 
 _QWEN2_MOE_WINDOW = (
@@ -979,7 +988,7 @@ FAMILIES: dict[str, Family] = {
         _granite,
     ),
     "smollm3": Family(
-        _keys(_core(True), _ROPE, _SILU, _SMOLLM3),
+        _keys(_core(True), _ROPE, _theta(2_000_000.0), _SILU, _SMOLLM3),
         _llama_like(False, None, _smollm3_windows, _smollm3_rotated),
     ),
     "gemma": Family(
@@ -1007,7 +1016,7 @@ FAMILIES: dict[str, Family] = {
         lambda r, s: _gemma(r, s, 6, "head", _gemma3_ropes),
     ),
     "mixtral": Family(
-        _keys(_core(False), _ROPE, _SILU, _WINDOW, MOE_KEYS["mixtral"]),
+        _keys(_core(False), _ROPE, _theta(1_000_000.0), _SILU, _WINDOW, MOE_KEYS["mixtral"]),
         with_moe("mixtral", _llama_like(False, None, _every_layer_window)),
         eps_default=1e-5,
     ),
@@ -1050,7 +1059,8 @@ FAMILIES: dict[str, Family] = {
         eps_default=1e-5,
     ),
     "ernie4_5": Family(  # Baidu's ERNIE 4.5 (dense)
-        _keys(_core(True, head_dim_default=128), _ROPE, _SILU, (Key("use_bias", default=False, check=boolean),)),
+        _keys(_core(True, head_dim_default=128), _ROPE, _theta(500_000.0), _SILU,
+              (Key("use_bias", default=False, check=boolean),)),
         _ernie4_5,
         eps_default=1e-5,
     ),
@@ -1077,6 +1087,7 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family(  # transformers' OLMo 2: attention_bias covers q/k/v and o, like Llama's
         _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", check=boolean),)),
         _llama_like(False, "projection", _no_windows, norms=POST_NORMS),
+        eps_default=1e-5,
     ),
     "gpt_oss": Family(
         _keys(_core(False, head_dim_default=64), _ROPE, _SILU, _LAYER_TYPES, (
@@ -1107,7 +1118,7 @@ FAMILIES: dict[str, Family] = {
         Key("qk_layernorm", default=False, unsupported=True, check=falsy(
             "StableLM 2 12B's per-head q/k LayerNorms are not supported; use a checkpoint without them")),
     )),
-    "cohere": _layer_norm_family(_cohere, True, _COHERE),  # Command R, Command R+
+    "cohere": _layer_norm_family(_cohere, True, _COHERE, _theta(500_000.0)),  # Command R, Command R+
     "cohere2": _layer_norm_family(_cohere2, True, _COHERE, _LAYER_TYPES, (  # Command R7B, Command A
         Key("sliding_window", default=4096, check=optional_positive_int),
         Key("sliding_window_pattern", default=4, check=positive_int),
@@ -1119,22 +1130,22 @@ FAMILIES: dict[str, Family] = {
         Key("use_parallel_residual", default=True, check=boolean),
         Key("attention_bias", default=True, check=boolean),
     )),
-    "gpt2": _gpt2_family(_gpt2, True, (
+    "gpt2": _gpt2_family(_gpt2, True, 1024, (
         _gelu_key("gelu_new", "activation_function"),
         Key("scale_attn_weights", default=True, check=boolean),
         Key("scale_attn_by_inverse_layer_idx", default=False, check=boolean),
     )),
-    "gpt_bigcode": _gpt2_family(_gpt_bigcode, True, (  # StarCoder (1), SantaCoder, WizardCoder, OctoCoder
+    "gpt_bigcode": _gpt2_family(_gpt_bigcode, True, 1024, (  # StarCoder (1), SantaCoder, WizardCoder, OctoCoder
         _gelu_key("gelu_pytorch_tanh", "activation_function"),
         Key("scale_attn_weights", default=True, check=boolean),
         Key("multi_query", default=True, check=boolean),
     ), kv_heads=lambda r, heads: 1 if r("multi_query") else heads),
-    "gptj": _gpt2_family(_gptj, False, (
+    "gptj": _gpt2_family(_gptj, False, 2048, (
         _gelu_key("gelu_new", "activation_function"),
         Key("rotary_dim", default=64, check=optional_positive_int),
     )),
     "falcon": Family(
-        _keys(_renamed_core(FALCON_CONFIG_NAMES, True), (
+        _keys(_renamed_core(FALCON_CONFIG_NAMES, True, 2048), (
             Key("num_kv_heads", check=optional_size(4096)),
             Key("multi_query", default=True, check=boolean),
             Key("new_decoder_architecture", default=False, check=boolean),
