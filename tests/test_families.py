@@ -812,6 +812,8 @@ def draw_config(draw, st, family: str) -> dict:
                                                min_size=layers, max_size=layers))
     if family in ("qwen2", "qwen3", "qwen3_moe", "gemma", "olmo", "olmo2"):
         raw["attention_bias"] = draw(st.booleans())
+    if family == "olmo":  # OLMo 1.7's clipping, loose or tight enough to bite
+        raw["clip_qkv"] = draw(st.sampled_from([None, 0.05, 8.0]))
     if family == "ernie4_5":
         raw["use_bias"] = draw(st.booleans())
     if family == "hunyuan_v1_dense":  # Hunyuan's rope: "dynamic" with a fixed alpha, beside the usual kinds
@@ -871,6 +873,8 @@ def _draw_layer_norm_family(draw, st, family: str, raw: dict, head_dim: int, win
         raw.pop("head_dim", None)
         raw.update(activation_function=draw(st.sampled_from(["gelu_new", "gelu", "gelu_pytorch_tanh", "relu"])),
                    scale_attn_weights=draw(st.booleans()), n_inner=draw(st.sampled_from([None, raw["n_inner"]])))
+        if family == "gpt2":
+            raw["scale_attn_by_inverse_layer_idx"] = draw(st.booleans())
         if family == "gpt_bigcode":
             raw["multi_query"] = draw(st.booleans())
         if family == "gptj":
@@ -905,6 +909,8 @@ def _draw_layer_norm_family(draw, st, family: str, raw: dict, head_dim: int, win
         raw.update(use_bias=draw(st.booleans()), sliding_window=draw(st.sampled_from([None, window])))
     if family in ("cohere", "cohere2"):
         raw.update(attention_bias=draw(st.booleans()), logit_scale=draw(st.sampled_from([0.0625, 1.0, 3.0])))
+    if family == "cohere":  # Command R+'s q/k norms
+        raw["use_qk_norm"] = draw(st.booleans())
     if family == "cohere2":
         raw.update(sliding_window=window, sliding_window_pattern=draw(st.integers(1, 4)))
         if draw(st.booleans()):
