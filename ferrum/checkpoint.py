@@ -60,6 +60,7 @@ class Checkpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._where: dict[str, Path] = self._locate_tensors()
+        self._headers: dict[str, tuple[str, tuple[int, ...]]] | None = None
 
     def _locate_tensors(self) -> dict[str, Path]:
         index = self.folder / INDEX_FILE
@@ -129,12 +130,18 @@ class Checkpoint:
             raise MissingTensorError(missing, str(self.folder))
 
     def headers(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """Every tensor's safetensors dtype code and shape, from the file headers (no data read)."""
-        found: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for name, handle in self._open_each(list(self._where)):
-            tensor = handle.get_slice(name)
-            found[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
-        return found
+        """Every tensor's safetensors dtype code and shape, from the file headers (no data read; read once)."""
+        if self._headers is None:
+            found: dict[str, tuple[str, tuple[int, ...]]] = {}
+            for name, handle in self._open_each(list(self._where)):
+                tensor = handle.get_slice(name)
+                found[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
+            self._headers = found
+        return self._headers
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the file headers."""
+        return {name: shape for name, (_, shape) in self.headers().items()}
 
     def read(self, name: str) -> np.ndarray:
         return next(self.read_many([name]))[1]

@@ -240,7 +240,7 @@ class DecoderOnlyLLM:
             num_kv_blocks = -(-tokens // block_size)
         kv_token_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * DTYPE_BYTES.get(dtype, 4)
         check_kv_pool(num_kv_blocks, block_size, kv_token_bytes, backend.info.device)
-        config = resolve_layout(config, {name: shape for name, (_, shape) in checkpoint.headers().items()})
+        config = resolve_layout(config, checkpoint.shapes())
         shapes = weight_shapes(config)
         weights: dict[str, Placed] = {}
         embedding = f"{config.arch.prefix}embed_tokens.weight"

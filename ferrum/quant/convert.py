@@ -105,7 +105,7 @@ def quantize_checkpoint(
             f"{config.quantization.group_size}); quantize its float original instead"
         )
     checkpoint = Checkpoint(src)
-    config = resolve_layout(config, {name: shape for name, (_, shape) in checkpoint.headers().items()})
+    config = resolve_layout(config, checkpoint.shapes())
     if config.arch.transposed:
         raise UnsupportedFeatureError(f"{src}: a {config.model_type} checkpoint stores its projections transposed "
                                       "(GPT-2's Conv1D), which ferrum quantize does not pack; run it in float")
