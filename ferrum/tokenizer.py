@@ -126,6 +126,15 @@ class Tokenizer:
         four markers as special tokens. A reply is read by those markers, so it must decode with them."""
         return all(self.special_token_id(m) is not None for m in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>"))
 
+    def added_token_id(self, text: str) -> int | None:
+        """The id of the added token spelled ``text``, special or not (Qwen's ``<tool_call>`` is not), or None:
+        the tokenizer matches it whole in text, so a grammar must ask for that id, not for its letters."""
+        return self._added_ids.get(text)
+
+    @cached_property
+    def _added_ids(self) -> dict[str, int]:
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+
     @cached_property
     def _special_ids(self) -> dict[str, int]:
         return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}

@@ -111,7 +111,7 @@ FORCED_ROWS = [  # (format, template, one call as the template writes it, two ca
 FORCED_IDS = ["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json"]
 
 
-def _forced_matcher(tmp_path, fmt, template, markers, special, many):
+def _forced_matcher(tmp_path, fmt, template, markers, special, many, tools=None):
     from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
     from ferrum.sampling import SamplingParams
@@ -124,11 +124,11 @@ def _forced_matcher(tmp_path, fmt, template, markers, special, many):
     tmp_path.mkdir(parents=True, exist_ok=True)
     write_tokenizer(tmp_path)
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    if special and markers:
-        hf.add_tokens([AddedToken(m, special=True, normalized=False) for m in markers])
+    if special is not None and markers:  # added tokens: special ones, or plain added ones (Qwen's <tool_call>)
+        hf.add_tokens([AddedToken(m, special=special, normalized=False) for m in markers])
         hf.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer(tmp_path)
-    grammar = forced_call_grammar(fmt, [CITY, CLOCK], tok, template, many)
+    grammar = forced_call_grammar(fmt, tools or [CITY, CLOCK], tok, template, many)
     return tok, matcher_for(SamplingParams(grammar=grammar), tok, hf.get_vocab_size(), frozenset({1}))
 
 
@@ -160,13 +160,42 @@ def test_required_calls_grammar_takes_one_or_more_calls_and_a_single_ones_stops_
 
 
 @pytest.mark.parametrize("fmt, template, text, two, markers", FORCED_ROWS, ids=FORCED_IDS)
-@pytest.mark.parametrize("special", [True, False], ids=["special-markers", "text-markers"])
+@pytest.mark.parametrize("special", [True, False, None], ids=["special-markers", "added-markers", "text-markers"])
 def test_a_forced_calls_grammar_takes_the_call_its_parser_reads(tmp_path, fmt, template, text, two, markers, special):
-    """Each format's grammar, compiled against a tokenizer whose markers are special tokens (or plain text),
-    accepts token by token the call as the template writes it, and that text parses as that call."""
+    """Each format's grammar, compiled against a tokenizer whose markers are special tokens, added tokens that are
+    not special (Qwen 2.5's and 3's <tool_call>), or plain text, accepts token by token the call as the template
+    writes it, and that text parses as that call."""
     tok, matcher = _forced_matcher(tmp_path, fmt, template, markers, special, many=False)
     assert _takes(tok, matcher, text) and matcher.complete
     assert _calls(fmt, text) == [("get_time", {"tz": "UTC"})]
+
+
+#: A tool as ``openai.pydantic_function_tool`` writes one with a nested model: refs into the schema's ``$defs``.
+NESTED = {"type": "function", "function": {"name": "find", "parameters": {
+    "$defs": {"Loc": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                      "additionalProperties": False}},
+    "type": "object", "properties": {"where": {"$ref": "#/$defs/Loc"}, "days": {"type": "integer"}},
+    "required": ["where", "days"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("fmt, template, text, two, markers", FORCED_ROWS, ids=FORCED_IDS)
+def test_a_forced_call_follows_a_schema_with_definitions(tmp_path, fmt, template, text, two, markers):
+    """The call's wrapper would move the tool's ``#/$defs/...`` refs away from their root: they still resolve, and
+    the nested model is held to its schema."""
+    nested = '{"name": "find", "arguments": {"where": {"city": "Oslo"}, "days": 2}}'
+    wrong = '{"name": "find", "arguments": {"where": {"town": "Oslo"}, "days": 2}}'
+    if fmt is LLAMA3:
+        nested, wrong = (t.replace("arguments", "parameters") for t in (nested, wrong))
+    written = _TIME if _TIME in text else _TIME.replace("arguments", "parameters")  # Llama 3's JSON says parameters
+    call, bad = (text.replace(written, t) for t in (nested, wrong))
+    if "[ARGS]" in template:  # Mistral v11: the name, then the arguments alone
+        call = '[TOOL_CALLS]find[ARGS]{"where": {"city": "Oslo"}, "days": 2}'
+        bad = '[TOOL_CALLS]find[ARGS]{"where": {"town": "Oslo"}, "days": 2}'
+    tok, matcher = _forced_matcher(tmp_path / "good", fmt, template, markers, True, many=False, tools=[NESTED])
+    assert _takes(tok, matcher, call) and matcher.complete
+    assert _calls(fmt, call) == [("find", {"where": {"city": "Oslo"}, "days": 2})]
+    tok, matcher = _forced_matcher(tmp_path / "bad", fmt, template, markers, True, many=False, tools=[NESTED])
+    assert not _takes(tok, matcher, bad)
 
 
 def test_a_stream_holds_back_only_what_may_be_a_call():

@@ -176,12 +176,37 @@ _CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 
 
 def _call_schema(tools: list[dict[str, Any]], args: str = "arguments") -> dict[str, Any]:
-    """One call to one of ``tools``: ``{"name": <its name>, <args>: <its parameters>}``."""
-    calls = [{
-        "type": "object", "required": ["name", args], "additionalProperties": False,
-        "properties": {"name": {"const": f["name"]}, args: f.get("parameters") or {"type": "object"}},
-    } for f in (tool["function"] for tool in tools)]
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+    """One call to one of ``tools``: ``{"name": <its name>, <args>: <its parameters>}``. Each tool's definitions
+    (``$defs``, ``definitions``: pydantic's nested models) move to the root, where its ``#/...`` refs resolve."""
+    calls, defs = [], {}
+    for i, function in enumerate(tool["function"] for tool in tools):
+        parameters, own = _lifted_definitions(function.get("parameters") or {"type": "object"}, f"tool{i}.")
+        defs.update(own)
+        calls.append({"type": "object", "required": ["name", args], "additionalProperties": False,
+                      "properties": {"name": {"const": function["name"]}, args: parameters}})
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {**schema, "$defs": defs} if defs else schema
+
+
+_DEFINITIONS = ("$defs", "definitions")
+
+
+def _lifted_definitions(schema: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``schema`` without its root definitions, its refs to them pointing at ``#/$defs/<prefix><name>``, and
+    those definitions under their new names (their own refs rewritten alike)."""
+    def moved(ref: str) -> str:
+        for key in _DEFINITIONS:
+            if ref.startswith(f"#/{key}/"):
+                return f"#/$defs/{prefix}{ref[len(key) + 3:]}"
+        return ref
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: moved(v) if k == "$ref" and isinstance(v, str) else rewrite(v) for k, v in node.items()}
+        return [rewrite(item) for item in node] if isinstance(node, list) else node
+
+    defs = {f"{prefix}{name}": rewrite(sub) for key in _DEFINITIONS for name, sub in (schema.get(key) or {}).items()}
+    return rewrite({k: v for k, v in schema.items() if k not in _DEFINITIONS}), defs
 
 
 def _json(schema: dict[str, Any]) -> str:
@@ -201,7 +226,10 @@ def _hermes_call(tools: list[dict[str, Any]], mark: Callable[[str], str], templa
 
 def _list_call(marker: str) -> Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]:
     def grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
-        calls = {"type": "array", "items": _call_schema(tools), "minItems": 1, **({} if many else {"maxItems": 1})}
+        call = _call_schema(tools)
+        defs = call.pop("$defs", None)  # at the root, where the refs resolve
+        calls = {"type": "array", "items": call, "minItems": 1, **({} if many else {"maxItems": 1}),
+                 **({"$defs": defs} if defs else {})}
         return f"start: {mark(marker)} calls\ncalls: {_json(calls)}"
 
     return grammar
@@ -349,10 +377,10 @@ class ToolReplies:
 def forced_call_grammar(fmt: ToolCallFormat, tools: list[dict[str, Any]], tokenizer: Any, template: str,
                         many: bool = False) -> str:
     """The grammar a forced call (``tool_choice`` required or named) is sampled under: one call to one of
-    ``tools`` as ``fmt`` writes it (or, ``many``, one or more), each marker its special token where the tokenizer
-    has one."""
+    ``tools`` as ``fmt`` writes it (or, ``many``, one or more), each marker its added token where the tokenizer
+    has one (special or not)."""
     def mark(text: str) -> str:
-        token = tokenizer.special_token_id(text)
+        token = tokenizer.added_token_id(text)
         return json.dumps(text) if token is None else f"<[{token}]>"
 
     return fmt.forced(tools, mark, template, many)
