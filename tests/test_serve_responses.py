@@ -312,3 +312,19 @@ def test_a_thinking_replys_logprobs_are_those_of_its_answer(tmp_path):
     deltas = [entry for e in events if e["type"] == "response.output_text.delta" for entry in e["logprobs"]]
     (finished,) = [e for e in events if e["type"] == "response.output_text.done"]
     assert deltas == finished["logprobs"] == expected
+
+
+def test_a_replayed_turn_with_text_and_calls_is_one_assistant_message():
+    """``response.output`` sent back as input (the stateless way): the reply's text and its calls are one
+    assistant turn, as the model wrote them, not two."""
+    from ferrum.serve.responses import _messages
+
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    messages = _messages([
+        {"role": "user", "content": "weather?"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me check."}]},
+        call, {**call, "call_id": "c2"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ])
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1]["content"] == "Let me check." and [c["id"] for c in messages[1]["tool_calls"]] == ["c1", "c2"]
