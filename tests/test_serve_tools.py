@@ -401,6 +401,9 @@ def test_a_forced_call_streams_as_a_call(tool_server):
 @pytest.mark.parametrize(("extra", "param"), [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "any"}, "tool_choice"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice.function.name"),
+    ({"tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice.function.name"),  # the Responses form
+    ({"tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice.type"),
     ({"tool_choice": "required", "tools": None}, "tool_choice"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),

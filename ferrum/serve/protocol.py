@@ -218,8 +218,14 @@ class ChatCompletionRequest(_Common):
             return None
         if choice == "required":
             return tools
-        function = choice.get("function") if choice.get("type") == "function" else None
+        if choice.get("type") != "function":
+            raise APIError(400, f"tool_choice of type {choice.get('type')!r} is not supported; send auto, none, "
+                           'required or {"type": "function", "function": {"name": ...}}', param="tool_choice.type")
+        function = choice.get("function")
         name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise APIError(400, 'tool_choice names no function: send {"type": "function", "function": {"name": '
+                           '...}}', param="tool_choice.function.name")
         named = [t for t in tools if t["function"]["name"] == name]
         if not named:
             raise APIError(400, f"tool_choice names {name!r}, which is not one of the request's tools",
