@@ -328,3 +328,28 @@ def test_a_replayed_turn_with_text_and_calls_is_one_assistant_message():
     ])
     assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
     assert messages[1]["content"] == "Let me check." and [c["id"] for c in messages[1]["tool_calls"]] == ["c1", "c2"]
+
+
+def test_a_streamed_reply_keeps_the_text_after_its_calls(tmp_path):
+    """A reply that goes on after its call: streamed, its message holds that text, as the whole reply's does."""
+    from starlette.testclient import TestClient
+
+    import ferrum
+    from ferrum.serve.app import ServeConfig, create_app
+    from support import write_scripted_checkpoint
+
+    folder, token = write_scripted_checkpoint(tmp_path / "m", CALL + " and more", TOOL_TEMPLATE, context=1024)
+    body = {"model": "tiny", "input": "weather?", "tools": [_flat(CITY)], "logit_bias": {str(token): 100},
+            "max_output_tokens": 1, **GREEDY}
+    app = create_app(ferrum.load(folder, backend="cpu"), ServeConfig(model_names=("tiny",)))
+
+    def texts(output: list) -> list[str]:
+        return [part["text"].strip() for item in output if item["type"] == "message" for part in item["content"]]
+
+    with TestClient(app) as client:
+        whole = client.post("/v1/responses", json=body).json()["output"]
+        stream = client.post("/v1/responses", json={**body, "stream": True}).text
+    events = [json.loads(line[len("data: "):]) for line in stream.splitlines() if line.startswith("data: ")]
+    streamed = events[-1]["response"]["output"]
+    assert texts(whole) == texts(streamed) == ["and more"]
+    assert [item["type"] for item in streamed].count("function_call") == 1
