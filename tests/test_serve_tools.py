@@ -198,6 +198,15 @@ def test_a_forced_call_follows_a_schema_with_definitions(tmp_path, fmt, template
     assert not _takes(tok, matcher, bad)
 
 
+def test_a_call_to_a_function_the_request_did_not_offer_is_text():
+    """OpenAI's replies never call a function outside the request's tools; such a reply is content."""
+    stray = CALL.replace("get_weather", "no_such_tool")
+    message, reason = ToolReplies([WEATHER], HERMES).message(stray, "stop")
+    assert (message["content"], message.get("tool_calls"), reason) == (stray, None, "stop")
+    message, reason = ToolReplies([WEATHER], HERMES).message(CALL, "stop")
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather" and reason == "tool_calls"
+
+
 def test_a_stream_holds_back_only_what_may_be_a_call():
     assert releasable(HERMES, "Let me check.") == len("Let me check.")
     assert releasable(HERMES, "Let me check.<tool") == len("Let me check.")  # the marker, cut by a token boundary
@@ -404,6 +413,11 @@ def test_a_forced_call_streams_as_a_call(tool_server):
     ({"tool_choice": {"type": "function"}}, "tool_choice.function.name"),
     ({"tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice.function.name"),  # the Responses form
     ({"tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice.type"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {  # no arguments satisfy it
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["n"]}}}],
+      "tool_choice": "required"}, "tools"),
     ({"tool_choice": "required", "tools": None}, "tool_choice"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),

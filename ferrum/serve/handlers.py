@@ -170,7 +170,7 @@ def _encode_now(state: ServerState, prompt: str | Sequence[Any], param: str, too
 # -------------------------------------------------------------- run and reply
 #: Ferrum's names of a request's arguments (``InvalidRequestError.param``) as chat requests name them (the
 #: Responses API renames them once more); legacy completions name them as Ferrum does.
-_CHAT_FIELDS = {"prompt": "messages", "json_schema": "response_format", "grammar": "tool_choice",
+_CHAT_FIELDS = {"prompt": "messages", "json_schema": "response_format", "grammar": "tools",
                 "logprobs": "top_logprobs"}
 
 

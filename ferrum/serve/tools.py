@@ -336,9 +336,14 @@ class ToolReplies:
         return self.format is not None
 
     def parse(self, text: str) -> ParsedReply:
+        """The reply's calls, where each names one of the request's tools (as OpenAI's never name another): a
+        reply calling a function the request did not offer is text."""
         if self.format is None:
             return ParsedReply(text, [])
         reply = self.format.parse(text)
+        offered = {tool["function"]["name"] for tool in self.tools or ()}
+        if any(call["function"]["name"] not in offered for call in reply.calls):
+            return ParsedReply(text, [])
         return ParsedReply(reply.before, reply.calls[:1], reply.after) if self.single else reply
 
     def message(self, text: str, reason: str) -> tuple[dict[str, Any], str]:
@@ -395,8 +400,9 @@ def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
                            param=f"tools.{i}")
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise APIError(400, "a tool's function needs a name", param=f"tools.{i}.function.name")
-        if not isinstance(function.get("parameters", {}), dict):
-            raise APIError(400, "a tool's parameters must be a JSON schema object",
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise APIError(400, "a tool's parameters must be a JSON schema of an object (its arguments are one)",
                            param=f"tools.{i}.function.parameters")
     return tools
 
