@@ -44,9 +44,10 @@ def _text_positions(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _eos_ids(eos: Any, vocab_size: int, where: str) -> tuple[int, ...]:
-    """config.json's end-of-sequence ids: integers, or a ConfigError; one outside the vocabulary (a multimodal
-    wrapper's default over a smaller text model) is left out with a warning, as transformers warns of it."""
+def eos_token_ids(eos: Any, vocab_size: int, where: str) -> tuple[int, ...]:
+    """An ``eos_token_id`` entry (config.json, generation_config.json) as end-of-sequence ids: integers, or a
+    ConfigError; one outside the vocabulary (a multimodal wrapper's default over a smaller text model) is left out
+    with a warning, as transformers warns of it."""
     ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise ConfigError(f"{where}: eos_token_id must be a token id or a list of them, got {eos!r}")
@@ -109,7 +110,7 @@ class ModelConfig(Sizes):
         reader.validate_all()
         sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads)
         arch = family.build(reader, sizes)
-        eos_ids = _eos_ids(raw.get("eos_token_id"), sizes.vocab_size, where)
+        eos_ids = eos_token_ids(raw.get("eos_token_id"), sizes.vocab_size, where)
         return cls(
             **asdict(sizes),
             model_type=model_type,

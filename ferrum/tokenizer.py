@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from ferrum.config import eos_token_ids
 from ferrum.errors import ConfigError, InvalidRequestError
 
 Message = dict[str, Any]
@@ -81,14 +82,8 @@ class Tokenizer:
         if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
             ids.add(self._tok.token_to_id(self.eos_token))
         gen = _read_json(folder / "generation_config.json")
-        eos = gen.get("eos_token_id") if gen is not None else None
-        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in eos):
-            raise ConfigError(
-                f"{folder / 'generation_config.json'}: eos_token_id must be token ids in [0, {self.vocab_size}), "
-                f"got {eos!r}"
-            )
-        ids.update(eos)
+        if gen is not None:
+            ids.update(eos_token_ids(gen.get("eos_token_id"), self.vocab_size, str(folder / "generation_config.json")))
         return frozenset(ids)
 
     @property

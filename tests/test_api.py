@@ -241,3 +241,11 @@ def test_an_eos_id_outside_the_vocabulary_is_left_out_with_a_warning(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 10**6]}))
     with pytest.warns(UserWarning, match="outside the vocabulary"):
         assert ferrum.load(folder, backend="cpu").model.config.eos_token_ids == (2,)
+
+
+def test_generation_config_eos_ids_outside_the_vocabulary_are_left_out_as_config_json_ones_are(tmp_path):
+    folder = write_text_checkpoint(tmp_path / "m", seed=3)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 10**6]}))
+    with pytest.warns(UserWarning, match="generation_config.json.*outside the vocabulary"):
+        llm = ferrum.load(folder, backend="cpu")
+    assert 5 in llm.tokenizer.eos_token_ids and 10**6 not in llm.tokenizer.eos_token_ids
