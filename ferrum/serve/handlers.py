@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from ferrum.engine import AsyncEngine, FinishReason, RequestOutput
 from ferrum.errors import FerrumError
 from ferrum.metadata import REQUIRE_FULL_LOGITS
 from ferrum.sampling import SampledToken, SamplingParams, log_softmax
+from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
 from ferrum.serve.errors import APIError
 from ferrum.serve.generation import ChoiceSpec, Generation
 from ferrum.serve.metrics import ServerMetrics
@@ -275,16 +276,18 @@ class Logprobs:
                             "top_logprobs": alternatives})
         return {"content": content, "refusal": None}
 
+    def offsets(self, start: int, context: Sequence[int] = (), skip_special: bool = True) -> TextOffsets:
+        return TextOffsets(self.tok, start, context, skip_special)
+
     def prompt(self, prompt: Sequence[int], logits: np.ndarray, top: int) -> dict:
         """The completions form for the prompt's own tokens (``echo``): each one's logprob under the logits of
         the position before it (``logits`` row ``i`` predicts token ``i + 1``); the first has none."""
         rows = log_softmax(logits[: len(prompt) - 1].astype(np.float32))
-        tokens, values, tops, offsets, offset = [], [None], [None], [], 0
+        tokens, values, tops = [], [None], [None]
+        offsets = self.offsets(0).of(prompt)
         for position, token_id in enumerate(prompt):
             text = self.token(token_id)[0]
             tokens.append(text)
-            offsets.append(offset)
-            offset += len(text)
             if position == 0:
                 continue
             row = rows[position - 1]
@@ -298,8 +301,8 @@ class Logprobs:
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if top else None,
                 "text_offset": offsets}
 
-    def completion(self, picks: Sequence[SampledToken], top: int, offset: int) -> dict:
-        tokens, values, tops, offsets = [], [], [], []
+    def completion(self, picks: Sequence[SampledToken], top: int, offsets: TextOffsets) -> dict:
+        tokens, values, tops = [], [], []
         for pick in picks:
             text, _ = self.token(pick.token)
             tokens.append(text)
@@ -309,10 +312,25 @@ class Logprobs:
                 alternatives.setdefault(self.token(token_id)[0], self.value(lp))
             alternatives.setdefault(text, self.value(pick.logprob))  # the sampled token is always listed
             tops.append(alternatives)
-            offsets.append(offset)
-            offset += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if top else None,
-                "text_offset": offsets}
+                "text_offset": offsets.of(pick.token for pick in picks)}
+
+
+class TextOffsets:
+    """Where each token's text starts in a choice's text: after the text the tokens before it completed, as the
+    engine's detokenizer writes it. A token holding part of a character starts where that character does, and a
+    skipped special token adds nothing (a token's own spelling, U+FFFD for a byte, would drift the offsets)."""
+
+    def __init__(self, tok: Tokenizer | None, start: int, context: Sequence[int] = (), skip_special: bool = True):
+        self._detokenizer = IncrementalDetokenizer(tok, context, skip_special) if tok is not None else None
+        self.at = start
+
+    def of(self, tokens: Iterable[int]) -> list[int]:
+        offsets = []
+        for token in tokens:
+            offsets.append(self.at)
+            self.at += len(self._detokenizer.push(token) if self._detokenizer is not None else str(token))
+        return offsets
 
 
 #: Logits kept for a prompt's own logprobs (``echo`` with ``logprobs``): float32, every position by the vocabulary.
@@ -512,6 +530,9 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
     def text_of(out: RequestOutput) -> str:
         return out.text if out.text is not None else ""
 
+    def choice_offsets(index: int, start: int) -> TextOffsets:
+        return logprobs.offsets(start, prompts[index // body.n], specs[index].params.skip_special_tokens is not False)
+
     def envelope() -> dict:
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": None}
@@ -523,7 +544,9 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
             for i, out in sorted(finals.items()):
                 prefix = echo_text(i)
                 picks = () if scoring_only else out.logprobs
-                entry = logprobs.completion(picks, top, len(prefix)) if body.logprobs is not None else None
+                entry = None
+                if body.logprobs is not None:
+                    entry = logprobs.completion(picks, top, choice_offsets(i, len(prefix)))
                 if scored:
                     prompt_ids = prompts[i // body.n]
                     entry = _joined(logprobs.prompt(prompt_ids, out.full_logits, top), entry)
@@ -539,17 +562,14 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
     async def stream() -> AsyncIterator[str]:
         usage_field = {"usage": None} if include_usage else {}
         finals: dict[int, RequestOutput] = {}
-        offsets: dict[int, int] = {}
+        offsets: dict[int, TextOffsets] = {}
         async for index, out in generation.events():
             prefix = ""
             if index not in offsets:
                 prefix = echo_text(index)
-                offsets[index] = len(prefix)
+                offsets[index] = choice_offsets(index, len(prefix))
             text = prefix + out.new_text
-            piece = None
-            if body.logprobs is not None:
-                piece = logprobs.completion(_new_picks(out), top, offsets[index])
-                offsets[index] += sum(len(t) for t in piece["tokens"])
+            piece = logprobs.completion(_new_picks(out), top, offsets[index]) if body.logprobs is not None else None
             if text or (piece and piece["tokens"]) or out.finished:
                 yield _sse({**envelope(), **usage_field, "choices": [{
                     "index": index, "text": text, "logprobs": piece,
