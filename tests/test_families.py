@@ -1229,3 +1229,30 @@ def test_a_left_out_key_takes_the_transformers_default(model_type, left_out):
         assert ours.rms_norm_eps == reference.rms_norm_eps
     else:
         assert ours.max_seq_len == reference.max_position_embeddings
+
+
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+_LONGROPE = {"type": "longrope", "short_factor": [1.0] * 12, "long_factor": [3.0] * 12}
+
+
+@pytest.mark.parametrize("model_type, top, scaling", [
+    ("llama", 16, {**_LLAMA3, "original_max_position_embeddings": 64}),
+    ("llama", None, _LLAMA3),
+    ("llama", 16, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    ("phi3", 16, {**_LONGROPE, "original_max_position_embeddings": 64}),
+    ("phi3", 16, _LONGROPE),
+    ("phi3", None, {**_LONGROPE, "original_max_position_embeddings": 64}),  # Phi3Config's own default wins
+], ids=["llama3-both", "llama3-neither", "yarn-both", "longrope-both", "longrope-top", "longrope-settings"])
+def test_the_pretraining_context_is_read_where_transformers_reads_it(model_type, top, scaling, tmp_path):
+    """llama3, YaRN and longrope's original_max_position_embeddings: the top level first, then the rope settings,
+    then max_position_embeddings (llama3 without one was refused; the settings' value used to win)."""
+    import transformers
+
+    raw = dict(model_type=model_type, vocab_size=97, hidden_size=96, intermediate_size=80, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0,
+               rope_scaling=scaling, pad_token_id=0, **({} if top is None else {"original_max_position_embeddings": top}))
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    # the settings the model runs with: building it settles them again (its config alone may still say otherwise)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    expected = model.config.rope_parameters
+    assert ModelConfig.from_dict(raw).arch.layers[0].rope.original_max == expected["original_max_position_embeddings"]

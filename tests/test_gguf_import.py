@@ -722,7 +722,8 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
                "long_factor": [3.0, 4.0, 5.0, 6.0], "original_max_position_embeddings": 32,
                "attention_factor": 1.25} if longrope else None
     hf, config = _tiny_model(transformers.Phi3Config, intermediate_size=96, num_hidden_layers=2,
-                             partial_rotary_factor=0.5, sliding_window=6, rope_scaling=scaling)
+                             partial_rotary_factor=0.5, sliding_window=6, rope_scaling=scaling,
+                             **({"original_max_position_embeddings": 32} if longrope else {}))  # where Phi-3 has it
     _phi3_gguf(tmp_path / "phi3.gguf", hf, config, scaling)
     out = convert_gguf(tmp_path / "phi3.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(out)
@@ -731,6 +732,7 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
     if longrope:
         assert ours.arch.layers[0].rope.long_factor == tuple(scaling["long_factor"])
         assert ours.arch.layers[0].rope.attention_factor == pytest.approx(1.25)
+        assert ours.arch.layers[0].rope.original_max == 32  # not Phi3Config's default of 4096
     _assert_logits_match(hf, out)  # within the original context: the short factors
 
 

@@ -192,17 +192,12 @@ def read_rope(
         low, high = number("low_freq_factor", 1.0), number("high_freq_factor", 4.0)
         if high <= low:
             r.fail(key, f"high_freq_factor ({high}) must exceed low_freq_factor ({low})")
-        original = spec.get("original_max_position_embeddings")
-        if positive_int(original):
-            r.fail(key, f"field 'original_max_position_embeddings' must be a positive integer, got {original!r}")
         return Rope(**rope, factor=number("factor"), low_freq_factor=low, high_freq_factor=high,
-                    original_max=original)
+                    original_max=_pretraining_context(r, sizes, spec, key))
     if kind == "yarn":
         return _yarn(r, sizes, spec, key, rope, number)
     # longrope
-    original = spec.get("original_max_position_embeddings") or r("original_max_position_embeddings")
-    if positive_int(original):
-        r.fail("original_max_position_embeddings", f"must be a positive integer for longrope, got {original!r}")
+    original = _pretraining_context(r, sizes, spec, key)
     half = rope["rotary_dim"] // 2
     factors = {}
     for name in ("short_factor", "long_factor"):
@@ -217,14 +212,23 @@ def read_rope(
     return Rope(**rope, original_max=original, attention_factor=attention, **factors)
 
 
-def _yarn(r: KeyReader, sizes: Sizes, spec: dict[str, Any], key: str, rope: dict[str, Any],
-          number: Callable[..., float]) -> Rope:
-    """transformers' reading: the pretraining context from the config's top level first, then the rope
-    settings, then ``max_position_embeddings``; no ``factor`` means the ratio of the context to it."""
-    original = r.get("original_max_position_embeddings") or spec.get("original_max_position_embeddings")
-    original = sizes.max_seq_len if original is None else original
+def _pretraining_context(r: KeyReader, sizes: Sizes, spec: dict[str, Any], key: str) -> int:
+    """llama3, YaRN and longrope's ``original_max_position_embeddings`` as transformers reads it: the config's top
+    level first (Phi-3 writes it there, and its config class defaults it to 4096), then the rope settings, then
+    ``max_position_embeddings``."""
+    original = r.get("original_max_position_embeddings")
+    if original is None:
+        original = spec.get("original_max_position_embeddings", sizes.max_seq_len)
     if positive_int(original):
         r.fail(key, f"field 'original_max_position_embeddings' must be a positive integer, got {original!r}")
+    return original
+
+
+def _yarn(r: KeyReader, sizes: Sizes, spec: dict[str, Any], key: str, rope: dict[str, Any],
+          number: Callable[..., float]) -> Rope:
+    """transformers' reading: the pretraining context as :func:`_pretraining_context` says; no ``factor`` means
+    the ratio of the context to it."""
+    original = _pretraining_context(r, sizes, spec, key)
     factor = sizes.max_seq_len / original if spec.get("factor") is None else number("factor")
     for name in ("attention_factor", "mscale", "mscale_all_dim"):
         if spec.get(name) is not None:
@@ -1100,7 +1104,7 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(
         _keys(_core(False), _ROPE[:3], _SILU, _WINDOW, (
             Key("partial_rotary_factor", check=optional_positive_number),
-            Key("original_max_position_embeddings", check=optional_positive_int),
+            Key("original_max_position_embeddings", default=4096, check=optional_positive_int),
         )),
         _phi3,
         eps_default=1e-5,

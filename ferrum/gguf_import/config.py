@@ -208,6 +208,9 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
             config["shared_expert_intermediate_size"] = int(meta.need(p + "expert_shared_feed_forward_length"))
     if rope_dims != head_dim:
         config["partial_rotary_factor"] = rope_dims / head_dim
+    if rope_scaling is not None and "original_max_position_embeddings" in rope_scaling:
+        # where transformers reads it first (and Phi-3's config class would otherwise default it to 4096)
+        config["original_max_position_embeddings"] = rope_scaling["original_max_position_embeddings"]
     if family.configure is not None:
         config.update(family.configure(meta, p, config))
     for key in ("bos", "eos", "padding"):
