@@ -431,6 +431,19 @@ REFUSALS = {  # case: (edits, words the error must contain)
                                LAYER_7.replace("lora_A", "lora_B"): np.zeros((96, 4), np.float32)}), "2 layers"),
     "non-finite": (_swap(**{Q_A: lambda w: np.full_like(w[Q_A], np.nan)}), "non-finite"),
     "not LoRA": ({"config": {"peft_type": "IA3"}}, "IA3"),
+    "activated LoRA": ({"config": {"alora_invocation_tokens": [5, 6]}}, "Activated LoRA"),
+    "QA-LoRA": ({"config": {"use_qalora": True}}, "QA-LoRA"),
+    "arrow": ({"config": {"arrow_config": {"top_k": 2}}}, "Arrow"),
+    "int B factor": (_swap(**{Q_A.replace("lora_A", "lora_B"): np.ones((96, 4), np.int8)}), "int8, not floats"),
+    "scale overflows": ({"config": {"lora_alpha": 1e300}}, "overflows float32"),
+    "rank_pattern not ints": ({"config": {"rank_pattern": {"q_proj": "four"}}}, "rank_pattern must map"),
+    "rank_pattern a list": ({"config": {"rank_pattern": ["q_proj"]}}, "rank_pattern must map"),
+    "alpha_pattern null": ({"config": {"alpha_pattern": {"q_proj": None}}}, "alpha_pattern must map"),
+    "pattern not a regex": ({"config": {"rank_pattern": {"q_proj[": 4}}}, "not a valid regex"),
+    "targets not a list": ({"config": {"target_modules": 5}}, "target_modules must be a list"),
+    "two prefixes, one projection": (_swap(**{Q_A.replace("model.model.", "model.other."): lambda w: w[Q_A],
+                                              Q_A.replace("model.model.", "model.other.").replace("lora_A", "lora_B"):
+                                              lambda w: w[Q_A.replace("lora_A", "lora_B")]}), "both adapt layer 0"),
 }
 
 
@@ -459,6 +472,17 @@ def test_unsupported_mlx_lm_adapters_are_refused_by_name(base, tmp_path, setting
     (tmp_path / "m" / "adapter_config.json").write_text(json.dumps({"num_layers": 1, **settings}))
     with pytest.raises(AdapterError, match=words):
         load(base, "cpu", names=()).adapters.load("m", tmp_path / "m")
+
+
+def test_mlx_lm_num_layers_0_adapts_every_layer_as_mlx_lm_does(base, tmp_path):
+    """mlx-lm adapts ``model.layers[-max(num_layers, 0):]``: every layer for 0 (it was refused)."""
+    from safetensors.numpy import save_file
+
+    (tmp_path / "m").mkdir()
+    save_file({f"model.layers.{i}.self_attn.q_proj.lora_{ab}": np.zeros(shape, np.float32)
+               for i in (0, 1) for ab, shape in (("a", (96, 4)), ("b", (4, 96)))}, tmp_path / "m" / "adapters.safetensors")
+    (tmp_path / "m" / "adapter_config.json").write_text(json.dumps({"num_layers": 0}))
+    assert load(base, "cpu", names=()).adapters.load("m", tmp_path / "m").projections == 2
 
 
 def test_budget_in_use_and_unknown_names(base, tmp_path):

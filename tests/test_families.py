@@ -410,12 +410,25 @@ def test_gemma3_multimodal_checkpoint_runs_its_text_model(tmp_path, recwarn):
     config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
                                        mm_tokens_per_image=4, image_token_index=VOCAB - 1,
                                        boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
-    hf = build_transformers_model(tmp_path, config)
-    names = json.loads((tmp_path / "config.json").read_text())
+    hf = build_transformers_model(tmp_path / "base", config)
+    names = json.loads((tmp_path / "base" / "config.json").read_text())
     assert names["model_type"] == "gemma3" and "text_config" in names
     tokens = TOKENS[:9]
-    assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), reference_logits(hf, tokens))
+    model = load(tmp_path / "base", "cpu")
+    assert_parity(model.forward_verify("x", tokens), reference_logits(hf, tokens))
     assert not [w for w in recwarn if "not used" in str(w.message)]
+    # A PEFT adapter of q/v trained on the whole model also adapts the vision tower's: those are left out with a
+    # warning, the text model's run (the vision ones, mapped onto text layers, were refused as the wrong shape or,
+    # shaped alike, silently replaced the text layers' factors).
+    peft, torch = pytest.importorskip("peft"), pytest.importorskip("torch")
+    torch.manual_seed(5)
+    adapted = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False)).eval()
+    adapted.save_pretrained(tmp_path / "lora")
+    with pytest.warns(UserWarning, match="vision or audio part"):
+        assert model.adapters.load("qv", tmp_path / "lora").projections == 2 * text.num_hidden_layers
+    out = model.forward([ForwardItem("y", tokens, 0, adapter="qv")], all_logits=True)
+    assert_parity(model.ops.to_numpy(out.logits), reference_logits(adapted, tokens))
 
 
 def test_mistral3_checkpoint_runs_its_text_model(tmp_path):

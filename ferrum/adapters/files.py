@@ -9,7 +9,8 @@ Only what changes a plain linear projection's output by a low-rank product
 is run; everything else an adapter may carry (DoRA magnitudes, embedding or
 LM-head targets, trained biases, full module copies, GPT-2 style
 ``fan_in_fan_out`` weights, the experts and router of a mixture of experts)
-is refused by name rather than silently dropped. Phi-3's fused ``qkv_proj``
+is refused by name rather than silently dropped; factors of a multimodal model's
+vision or audio parts, which Ferrum never runs, are left out with a warning. Phi-3's fused ``qkv_proj``
 and ``gate_up_proj`` are projections like the others, and so are those a
 checkpoint stores under its own names (Phi-2's ``dense``, ``fc1``, ``fc2``;
 StarCoder2's ``c_fc``, ``c_proj``: ``Architecture.stored_names``), an ungated
@@ -22,6 +23,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,21 @@ _FUSED = ("query_key_value", "Wqkv")  # other models' fused attention projection
 _MOE = ("experts", "switch_mlp", "shared_expert", "block_sparse_moe")  # module names inside a sparse MLP
 _MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert, the shared expert or the router); "
                 "on MoE models only the attention projections q/k/v/o can be adapted")
+
+#: PEFT settings that change what an adapted projection computes, beyond ``scale * (x @ a) @ b``.
+_PEFT_VARIANTS = {
+    "use_dora": "DoRA (use_dora)",
+    "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D weights)",
+    "lora_bias": "trained LoRA biases (lora_bias)",
+    "alora_invocation_tokens": "Activated LoRA (alora_invocation_tokens: it acts only from its invocation tokens on)",
+    "use_qalora": "QA-LoRA (use_qalora: its A factor reads pooled inputs)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing over several LoRA experts (arrow_config)",
+    "kasa_config": "KaSA (kasa_config: a singular-value adaptation of the base weight)",
+    "layer_replication": "layer replication (layer_replication: it repeats base layers)",
+}
+#: Modules of a multimodal checkpoint that are not its text model, which is all Ferrum runs.
+_NOT_TEXT = re.compile(r"(?:^|\.)(?:vision\w*|visual|audio\w*|\w*multi_modal_projector|mm_projector|image\w*)\.")
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MLX_WEIGHTS = "adapters.safetensors"
@@ -127,11 +144,10 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
     where = str(folder)
     if str(settings.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{where}: peft_type {settings.get('peft_type')!r} is not supported; only LORA runs")
-    for key, what in (("use_dora", "DoRA (use_dora)"), ("fan_in_fan_out", "fan_in_fan_out (GPT-2 Conv1D weights)"),
-                      ("lora_bias", "trained LoRA biases (lora_bias)")):
+    for key, what in _PEFT_VARIANTS.items():
         if settings.get(key):
             raise AdapterError(f"{where}: {what} is not supported; train a plain LoRA adapter")
-    if settings.get("bias", "none") != "none":
+    if settings.get("bias", "none") not in ("none", None):
         raise AdapterError(f"{where}: bias={settings['bias']!r} trains biases, which is not supported; use bias='none'")
     for key in ("modules_to_save", "trainable_token_indices"):
         if settings.get(key):
@@ -141,14 +157,18 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
             )
     _check_targets(where, settings.get("target_modules"), config)
     r, alpha = settings.get("r"), settings.get("lora_alpha")
-    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+    if not _is_int(r) or r <= 0 or not _is_number(alpha):
         raise AdapterError(f"{where}: {PEFT_CONFIG} needs a positive integer 'r' and a number 'lora_alpha'")
-    rank_pattern = settings.get("rank_pattern") or {}
-    alpha_pattern = settings.get("alpha_pattern") or {}
+    rank_pattern = _pattern(where, settings, "rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers")
+    alpha_pattern = _pattern(where, settings, "alpha_pattern", _is_number, "numbers")
     rslora = bool(settings.get("use_rslora"))
 
     pairs: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
+    skipped = []
     for name, array in _read(folder / PEFT_WEIGHTS):
+        if _NOT_TEXT.search(name):
+            skipped.append(name)
+            continue
         m = _PEFT_KEY.match(name)
         if m is None:
             raise AdapterError(f"{where}: {_peft_refusal(name)}")
@@ -156,12 +176,20 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
             raise AdapterError(f"{where}: {name} {_MOE_REFUSAL}")
         key = (int(m["layer"]), _llama_name(config, m["part"], m["proj"]), m["module"])
         pairs.setdefault(key, {})[m["which"]] = array
-    weights = {}
+    if skipped:
+        warnings.warn(f"{where}: {len(skipped)} factors adapt a vision or audio part of a multimodal model (e.g. "
+                      f"{skipped[0]}); Ferrum runs its text model, so they are not loaded", stacklevel=3)
+    weights, modules = {}, {}
     for (layer, proj, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{where}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
-        rank = int(rank_pattern[_pattern_key(rank_pattern, module)]) if _pattern_key(rank_pattern, module) else r
-        a_alpha = alpha_pattern[_pattern_key(alpha_pattern, module)] if _pattern_key(alpha_pattern, module) else alpha
+        if (layer, proj) in modules:
+            raise AdapterError(f"{where}: {modules[layer, proj]} and {module} both adapt layer {layer} {proj} of the "
+                               "text model; an adapter holds one pair of factors per projection")
+        modules[layer, proj] = module
+        rank_key, alpha_key = _pattern_key(where, rank_pattern, module), _pattern_key(where, alpha_pattern, module)
+        rank = rank_pattern[rank_key] if rank_key is not None else r
+        a_alpha = alpha_pattern[alpha_key] if alpha_key is not None else alpha
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterError(
@@ -173,11 +201,30 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
     return weights
 
 
-def _pattern_key(pattern: dict, module: str) -> str | None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pattern(where: str, settings: dict, key: str, valid: Any, what: str) -> dict[str, Any]:
+    """``rank_pattern`` / ``alpha_pattern``: module-name regexes to values."""
+    pattern = settings.get(key) or {}
+    if not isinstance(pattern, dict) or not all(valid(v) for v in pattern.values()):
+        raise AdapterError(f"{where}: {PEFT_CONFIG} {key} must map module names to {what}, got {pattern!r}")
+    return pattern
+
+
+def _pattern_key(where: str, pattern: dict, module: str) -> str | None:
     """The ``rank_pattern`` / ``alpha_pattern`` key that applies to ``module``, as PEFT picks it."""
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error as exc:
+            raise AdapterError(f"{where}: {PEFT_CONFIG} pattern key {key!r} is not a valid regex: {exc}") from None
     return None
 
 
@@ -216,6 +263,9 @@ def _check_targets(where: str, targets: Any, config: Any) -> None:
     """
     if targets is None or isinstance(targets, str):
         return
+    if not isinstance(targets, list):
+        raise AdapterError(f"{where}: target_modules must be a list of module names or a regex string, "
+                           f"got {targets!r}")
     leaves = _stored_leaves(config)
     for target in targets:
         leaf = str(target).rsplit(".", 1)[-1]
@@ -259,8 +309,8 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
             raise AdapterError(
                 f"{where}: lora_parameters.keys names {key!r}; only {', '.join(PROJECTIONS)} are supported"
             )
-    num_layers = settings.get("num_layers", 16)
-    first = config.num_layers - num_layers if isinstance(num_layers, int) and num_layers >= 0 else 0
+    num_layers = settings.get("num_layers", 16)  # mlx-lm adapts model.layers[-max(num_layers, 0):]: 0 is all
+    first = max(config.num_layers - num_layers, 0) if _is_int(num_layers) and num_layers > 0 else 0
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, array in _read(folder / MLX_WEIGHTS):
         m = _MLX_KEY.match(name)
@@ -379,11 +429,15 @@ def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: n
             f"{where}: layer {layer} {proj} maps {got[0]} -> {got[1]} features but the base model's maps "
             f"{shape[0]} -> {shape[1]}; the adapter was trained for another model"
         )
-    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
-        raise AdapterError(f"{where}: layer {layer} {proj}: factors are {a.dtype}, not floats")
+    for factor in (a, b):
+        if factor.dtype.kind != "f" and factor.dtype.name != "bfloat16":
+            raise AdapterError(f"{where}: layer {layer} {proj}: factors are {factor.dtype}, not floats")
     a32, b32 = np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
-    if not (np.isfinite(a32).all() and np.isfinite(b32).all() and math.isfinite(scale)):
-        raise AdapterError(f"{where}: layer {layer} {proj} holds non-finite values (NaN or inf)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(a32).all() and math.isfinite(scale) and np.isfinite(b32 * np.float32(scale)).all()
+    if not finite:
+        raise AdapterError(f"{where}: layer {layer} {proj} holds non-finite values (NaN or inf), or its scale "
+                           f"({scale:g}) times its B factor overflows float32")
     return LoraWeights(a32, _as_loaded(config, layer, proj, b32), scale)
 
 
