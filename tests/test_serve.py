@@ -23,6 +23,7 @@ import openai
 import pytest
 
 import ferrum
+from ferrum.errors import ConfigError
 from support import write_text_checkpoint
 
 BACKEND = ["--backend", "cpu", "--dtype", "float32"]
@@ -597,6 +598,11 @@ def test_model_names_a_lora_adapter(model, llm, tmp_path):
         llm.load_adapter("style", tmp_path / "style")
         try:
             assert both["style"] == _solo(llm, "hello world", False, 8, lora="style").text
+            # an adapter named like the served model could never be reached: refused before serving
+            from ferrum.serve.app import ServeConfig, create_app
+
+            with pytest.raises(ConfigError, match="'style' names both the served model and a LoRA adapter"):
+                create_app(llm, ServeConfig(model_names=("style",)))
         finally:
             llm.unload_adapter("style")
         assert both["tiny"] == _solo(llm, "hello world", False, 8).text

@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from ferrum.api import LLM
-from ferrum.errors import FerrumError
+from ferrum.errors import ConfigError, FerrumError
 from ferrum.serve import handlers
 from ferrum.serve.errors import APIError, validation_error
 from ferrum.serve.handlers import ServerState
@@ -60,6 +60,10 @@ def generation_defaults(folder: Path) -> dict[str, float]:
 
 def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
     """An app serving ``llm``; its engine thread stops (aborting what is left) when the app shuts down."""
+    clash = sorted(set(config.model_names) & {a.name for a in llm.adapters})
+    if clash:
+        raise ConfigError(f"{', '.join(map(repr, clash))} names both the served model and a LoRA adapter, so requests "
+                          "could not reach the adapter; give the adapter (--lora NAME=PATH) another name")
     engine = llm.async_engine
     state = ServerState(
         llm=llm, engine=engine, metrics=ServerMetrics(llm.engine), model_names=config.model_names,
