@@ -479,8 +479,9 @@ def test_mlx_lm_num_layers_0_adapts_every_layer_as_mlx_lm_does(base, tmp_path):
     from safetensors.numpy import save_file
 
     (tmp_path / "m").mkdir()
-    save_file({f"model.layers.{i}.self_attn.q_proj.lora_{ab}": np.zeros(shape, np.float32)
-               for i in (0, 1) for ab, shape in (("a", (96, 4)), ("b", (4, 96)))}, tmp_path / "m" / "adapters.safetensors")
+    factors = {f"model.layers.{i}.self_attn.q_proj.lora_{ab}": np.zeros(shape, np.float32)
+               for i in (0, 1) for ab, shape in (("a", (96, 4)), ("b", (4, 96)))}
+    save_file(factors, tmp_path / "m" / "adapters.safetensors")
     (tmp_path / "m" / "adapter_config.json").write_text(json.dumps({"num_layers": 0}))
     assert load(base, "cpu", names=()).adapters.load("m", tmp_path / "m").projections == 2
 
