@@ -506,11 +506,30 @@ def test_budget_in_use_and_unknown_names(base, tmp_path):
         model.adapters.load("B", base[2] / "B")
     # adapters loaded on first use from a path are evicted (least recently used first) to make room
     model.adapters.unload("A2")
-    model.adapters.budget_bytes = model.adapters.info(model.adapters.load_path(base[2] / "A")).nbytes
+    model.adapters.load_path(base[2] / "A")
+    model.adapters.budget_bytes = model.adapters.used_bytes
     name_b = model.adapters.load_path(base[2] / "B")
     assert [info.name for info in model.adapters.list()] == [name_b]
     with pytest.raises(AdapterError, match="does not exist"):
         model.adapters.load("nope", tmp_path / "missing")
+
+
+def test_the_budget_counts_the_stacks_as_built(base, tmp_path):
+    """Every slot of a matrix is padded to the largest rank on it: the budget bounds that, not the adapters' own
+    factors (twenty rank-1 adapters beside a rank-32 one took 19x what was counted)."""
+    hf = base[1]
+    make_peft(hf, tmp_path / "wide", 3, r=32, lora_alpha=8)
+    make_peft(hf, tmp_path / "thin", 4, r=1, lora_alpha=8)
+    model = load(base, "cpu", names=())
+    model.adapters.load("wide", tmp_path / "wide")
+    for i in range(3):
+        model.adapters.load(f"thin{i}", tmp_path / "thin")
+    stacked = sum(t.linear.a.nbytes + t.linear.b.nbytes for t in model.adapters._targets if t.linear.a is not None)
+    assert model.adapters.used_bytes == stacked  # float32: the stacks' own bytes
+    assert stacked > 3 * sum(info.nbytes for info in model.adapters.list())  # far more than the factors alone
+    model.adapters.budget_bytes = stacked
+    with pytest.raises(AdapterError, match="padded to the largest rank"):
+        model.adapters.load("thin3", tmp_path / "thin")
 
 
 @pytest.mark.parametrize("backend", RUNNABLE)

@@ -14,8 +14,10 @@ rule places a fused target (Phi-3's ``qkv_proj``) over unfused projections: each
 takes its own columns of B. So any mix of fused and separate, on either side, is
 one ``lora_apply`` per matrix the model runs.
 
-Memory budget policy: the factors of resident adapters may take up to
-``budget_bytes`` (in the compute dtype, before padding to a common rank).
+Memory budget policy: the slot stacks of resident adapters may take up to
+``budget_bytes`` in the compute dtype, counted as they are built: every slot of a
+matrix padded to the largest rank any adapter gives it (one rank-64 adapter
+among rank-8 ones makes each of their slots rank 64 on that matrix).
 Adapters loaded by name (:meth:`AdapterRegistry.load`) stay until unloaded;
 adapters loaded on first use from a path (a request's ``ferrum_lora_path``)
 are a cache: when a new adapter does not fit, the least recently used of
@@ -41,8 +43,10 @@ from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
 from ferrum.hookspec import DTYPE_BYTES
 
-#: Default bytes the factors of resident adapters may take.
+#: Default bytes the slot stacks of resident adapters may take.
 DEFAULT_BUDGET_BYTES = 2 << 30
+
+_Part = tuple[int, int, LoraWeights]  # one projection's factors on a matrix: (start, stop) columns of its group
 
 
 
@@ -108,7 +112,8 @@ class AdapterRegistry:
 
     @property
     def used_bytes(self) -> int:
-        return sum(r.nbytes for r in self._resident.values())
+        """Bytes the slot stacks of the resident adapters take."""
+        return self._stacked_bytes({r.slot: r.adapter for r in self._resident.values()})
 
     def salt(self, name: str | None) -> bytes:
         """What keys the KV blocks of a sequence run with adapter ``name`` (its content digest)."""
@@ -145,8 +150,8 @@ class AdapterRegistry:
     def _add(self, name: str, adapter: LoraAdapter, nbytes: int, pinned: bool) -> AdapterInfo:
         if name in self._resident:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
-        self._make_room(nbytes, name)
-        slot = self._slots.index(None) if None in self._slots else len(self._slots)
+        self._make_room(adapter, name)
+        slot = self._free_slot()
         if slot == len(self._slots):
             self._slots.append(None)
         self._slots[slot] = name
@@ -220,39 +225,65 @@ class AdapterRegistry:
             if r is not None and r.users:
                 r.users -= 1
 
-    def _make_room(self, nbytes: int, name: str) -> None:
-        if nbytes > self.budget_bytes:
+    def _free_slot(self) -> int:
+        return self._slots.index(None) if None in self._slots else len(self._slots)
+
+    def _make_room(self, adapter: LoraAdapter, name: str) -> None:
+        """Evict unpinned, unused adapters (least recently used first) until ``adapter`` fits the budget."""
+        def with_it() -> int:
+            return self._stacked_bytes({**{r.slot: r.adapter for r in self._resident.values()},
+                                        self._free_slot(): adapter})
+
+        alone = self._stacked_bytes({0: adapter})
+        if alone > self.budget_bytes:
             raise AdapterError(
-                f"adapter {name!r} needs {nbytes / 2**20:.1f} MiB, more than the whole adapter budget of "
+                f"adapter {name!r} needs {alone / 2**20:.1f} MiB, more than the whole adapter budget of "
                 f"{self.budget_bytes / 2**20:.1f} MiB; raise the budget (llm.model.adapters.budget_bytes)"
             )
         for victim in [n for n, r in self._resident.items() if not r.pinned and not r.users]:
-            if self.used_bytes + nbytes <= self.budget_bytes:
+            if with_it() <= self.budget_bytes:
                 return
             self._remove(victim)
-        if self.used_bytes + nbytes > self.budget_bytes:
-            held = ", ".join(f"{n} ({r.nbytes / 2**20:.1f} MiB)" for n, r in self._resident.items())
+        if with_it() > self.budget_bytes:
+            held = ", ".join(f"{n} (rank {r.adapter.max_rank})" for n, r in self._resident.items())
             raise AdapterError(
-                f"adapter {name!r} needs {nbytes / 2**20:.1f} MiB but {self.used_bytes / 2**20:.1f} of the "
-                f"{self.budget_bytes / 2**20:.1f} MiB adapter budget are held by {held}; unload one or raise "
-                "the budget (llm.model.adapters.budget_bytes)"
+                f"adapter {name!r} would make the adapter stacks {with_it() / 2**20:.1f} MiB (each slot padded to "
+                f"the largest rank of each matrix), over the {self.budget_bytes / 2**20:.1f} MiB adapter budget; resident: "
+                f"{held}; unload one or raise the budget (llm.model.adapters.budget_bytes)"
             )
 
     # ------------------------------------------------------------ stacks
-    def _restack(self) -> None:
-        """Rebuild each wrapped matrix's slot stacks from the resident adapters' factors."""
+    def _stacking(self, adapters: Mapping[int, LoraAdapter]) -> Iterator[tuple[_Target, dict[int, list[_Part]]]]:
+        """Each wrapped matrix with the factors each slot puts on it: ``(start, stop, weights)`` of the
+        projections, among the columns of the matrix's group, that overlap the matrix's own columns."""
         self._install()
-        config, ops, dtype = self.model.config, self.model.ops, self.model.dtype
+        config = self.model.config
         placed: dict[tuple[int, str], list[tuple[int, int, int, LoraWeights]]] = {}  # (layer, group) -> factors
-        for r in self._resident.values():
-            for (layer, proj), w in r.adapter.weights.items():
+        for slot, adapter in adapters.items():
+            for (layer, proj), w in adapter.weights.items():
                 group, start, stop = projection_span(config, layer, proj)
-                placed.setdefault((layer, group), []).append((r.slot, start, stop, w))
+                placed.setdefault((layer, group), []).append((slot, start, stop, w))
         for t in self._targets:
-            by_slot: dict[int, list[tuple[int, int, LoraWeights]]] = {}
+            by_slot: dict[int, list[_Part]] = {}
             for slot, start, stop, w in placed.get((t.layer, t.group), ()):
                 if max(start, t.start) < min(stop, t.stop):
                     by_slot.setdefault(slot, []).append((start, stop, w))
+            yield t, by_slot
+
+    def _stacked_bytes(self, adapters: Mapping[int, LoraAdapter]) -> int:
+        """Bytes the slot stacks of ``adapters`` (by slot) take in the compute dtype."""
+        slots, total = max(adapters, default=-1) + 1, 0
+        for t, by_slot in self._stacking(adapters):
+            if by_slot:
+                rank = max(sum(w.rank for _, _, w in parts) for parts in by_slot.values())
+                n_in = next(iter(by_slot.values()))[0][2].a.shape[0]
+                total += slots * rank * (n_in + t.stop - t.start)
+        return total * DTYPE_BYTES.get(self.model.dtype, 4)
+
+    def _restack(self) -> None:
+        """Rebuild each wrapped matrix's slot stacks from the resident adapters' factors."""
+        ops, dtype = self.model.ops, self.model.dtype
+        for t, by_slot in self._stacking({r.slot: r.adapter for r in self._resident.values()}):
             if not by_slot:
                 t.linear.a = t.linear.b = None
                 continue
