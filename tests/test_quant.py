@@ -219,6 +219,12 @@ def test_mlx_runs_fp4_modes_on_the_files_codes(mode, mlx_lm_float_modes, mlx_lm_
     model = ferrum.load(folder, backend="mlx", dtype="float32").model
     assert {getattr(p.weight, "mode", None) for p in model.projections()} == {mode}
     assert model.weight_bytes <= (folder / "model.safetensors").stat().st_size
+    # the embedding's rows come in the compute dtype (the mode's own dequantize gives bfloat16, which ran
+    # Gemma's embedding scale in bfloat16, and turned a float16 model's residual stream into float32)
+    for dtype in ("float32", "float16"):
+        model = ferrum.load(folder, backend="mlx", dtype=dtype).model
+        rows = model.embed_lookup(model.embed, model.ops.from_numpy(np.array([1, 5], np.int32), None))
+        assert str(rows.dtype) == f"mlx.core.{dtype}"
     moe = ferrum.load(mlx_lm_float_mode_moe[mode][0], backend="mlx", dtype="float32").model
     stacks = [getattr(layer.mlp.experts, p) for layer in moe.layers for p in ("gate", "up", "down")]
     assert {getattr(stack, "mode", None) for stack in stacks} == {mode}

@@ -411,9 +411,10 @@ class QuantizedMatrix:
     the same values in fewer bytes.
     """
 
-    __slots__ = ("q", "scales", "biases", "bits", "group_size", "padded", "mode")
+    __slots__ = ("q", "scales", "biases", "bits", "group_size", "padded", "mode", "dtype")
 
     def __init__(self, weight, dtype):
+        self.dtype = _DTYPES[dtype]  # the compute dtype: a float mode dequantizes to bfloat16 on its own
         codes = weight.float_codes
         self.mode = "affine" if codes is None else codes.mode
         self.padded = codes is None and weight.group_size == 16
@@ -463,7 +464,7 @@ def quantized_embedding(weight, ids):
     rows = mx.dequantize(
         weight.q[ids], weight.scales[ids], None if weight.biases is None else weight.biases[ids],
         group_size=weight.group_size, bits=weight.bits, mode=weight.mode,
-    )
+    ).astype(weight.dtype)
     if weight.padded:
         n, padded_k = rows.shape
         rows = rows.reshape(n, padded_k // 32, 32)[..., :16].reshape(n, padded_k // 2)
