@@ -200,6 +200,20 @@ def mlx_lm_float_mode_moe(tmp_path_factory):
     return _mlx_lm_in_each_float_mode(write_tiny_qwen3_moe(tmp_path_factory.mktemp("float_mode_moe") / "float"))
 
 
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_experts_packed_but_for_one_stack_match_mlx_lm_on_every_backend(backend, tmp_path):
+    """An mlx-lm predicate may leave one expert stack float (here gate) and pack the others: the float stacks no
+    longer take the grouped GEMM alone (CUDA sent the packed ones there and failed)."""
+    from mlx_lm import convert, load
+
+    float_folder = write_tiny_qwen3_moe(tmp_path / "float")
+    convert(str(float_folder), mlx_path=str(tmp_path / "q"), quantize=True, q_bits=4, q_group_size=32,
+            quant_predicate=lambda path, module: not path.endswith("switch_mlp.gate_proj"))
+    ref = np.array(load(str(tmp_path / "q"))[0](mx.array([FLOAT_MODE_TOKENS]))[0].astype(mx.float32))
+    model = ferrum.load(tmp_path / "q", backend=backend, dtype="float32").model
+    assert scaled_error(model.forward_verify("s", FLOAT_MODE_TOKENS), ref) <= 1e-4
+
+
 @pytest.mark.parametrize("models", ["mlx_lm_float_modes", "mlx_lm_float_mode_moe"])
 @pytest.mark.parametrize("mode", FLOAT_MODES)
 @pytest.mark.parametrize("backend", runnable_backends())

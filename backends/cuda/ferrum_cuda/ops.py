@@ -1254,8 +1254,9 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
     replaces ``silu(g) * u``.
 
     Float stacks go through one grouped GEMM per projection, the runs' ends computed on the device: no
-    sync, so a decode step's block stays inside its CUDA graph. Packed stacks (or a torch without the
-    grouped GEMM) take one GEMM per used expert, whose segment sizes cross to the host once per call.
+    sync, so a decode step's block stays inside its CUDA graph. Where any stack is packed (a checkpoint may
+    pack some and not others), or torch lacks the grouped GEMM, each used expert takes its own GEMMs, whose
+    segment sizes cross to the host once per call.
     """
     gate_b, up_b, down_b = (None, None, None) if biases is None else biases
     act = _silu_mul if activation is None else functools.partial(_clamped_swiglu, activation)
@@ -1264,7 +1265,7 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
     order = torch.argsort(flat, stable=True)
     rows = x.index_select(0, order // top_k)
     y = torch.empty((tokens * top_k, x.shape[1]), dtype=x.dtype, device=x.device)
-    if not gate.quantized and _grouped_gemm_runs(x.dtype):
+    if not (gate.quantized or up.quantized or down.quantized) and _grouped_gemm_runs(x.dtype):
         expert_of_row = flat.index_select(0, order)
         experts = torch.arange(len(gate), device=x.device)
         ends = torch.searchsorted(expert_of_row, experts, right=True).to(torch.int32)
