@@ -219,6 +219,36 @@ def test_tensors_equal_mlx_lm_convert(tmp_path, kind, dtype, bits, group_size):
     assert kept_float == (set() if group_size == 32 else {f"model.layers.{i}.mlp.down_proj" for i in range(2)})
 
 
+def _granite(folder: Path) -> Path:
+    config = dict(model_type="granite", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+                  tie_word_embeddings=False, embedding_multiplier=12.0, residual_multiplier=0.22,
+                  attention_multiplier=0.0078125, logits_scaling=8.0, attention_bias=False, mlp_bias=False)
+    write_random_checkpoint(folder, config, dtype="float32", std=0.2)
+    write_tokenizer(folder)
+    return folder
+
+
+@needs_mlx
+@pytest.mark.parametrize("family", ["qwen3_moe", "granite"])
+def test_modules_mlx_lm_keeps_at_8_bits_are_written_so(tmp_path, family):
+    """mlx-lm's model classes keep some modules at 8 bits, group size 64 (a MoE's router; Granite's o_proj,
+    down_proj and LM head): the same tensors and config.json entries, bit for bit (they were packed at 3 bits)."""
+    from support import write_tiny_qwen3_moe
+
+    src = (write_tiny_qwen3_moe if family == "qwen3_moe" else _granite)(tmp_path / "src")
+    ours = quantize_checkpoint(src, tmp_path / "ferrum", bits=3, group_size=32)
+    mlx_convert(hf_path=str(src), mlx_path=str(tmp_path / "mlx"), quantize=True, q_group_size=32, q_bits=3)
+    got, expected = tensors(ours), tensors(tmp_path / "mlx")
+    assert got.keys() == expected.keys()
+    for name, array in expected.items():
+        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
+    ours_quant, their_quant = config_of(ours)["quantization"], config_of(tmp_path / "mlx")["quantization"]
+    eight_bit = {k for k, v in their_quant.items() if isinstance(v, dict) and v.get("bits") == 8}
+    assert eight_bit and {k: v["bits"] for k, v in ours_quant.items() if k in eight_bit} == dict.fromkeys(eight_bit, 8)
+    assert_close(ferrum_logits(ours, "cpu"), mlx_lm_logits(tmp_path / "mlx"))
+
+
 # ------------------------------------------------------------------ bad input
 
 

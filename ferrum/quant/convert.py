@@ -7,8 +7,10 @@ bfloat16 ones :func:`ferrum.quant.quantize` rounds some ``q`` to the stored
 scales where ``mx.quantize`` uses unrounded ones, a closer fit). Every
 projection and the embedding (and an untied ``lm_head``) is packed with
 :func:`ferrum.quant.quantize` (scales and biases in the source tensor's
-dtype); modules whose input size is not a multiple of the group size stay in
-float (``false`` in config.json); norms and biases are copied byte for byte.
+dtype), at 8 bits where mlx-lm's model class asks for it (MoE routers,
+some of Granite's projections: :data:`_MLX_LM_EIGHT_BIT`); modules whose
+input size is not a multiple of the group size stay in float (``false`` in
+config.json); norms and biases are copied byte for byte.
 Mixture-of-experts layers are written stacked, as mlx-lm stores them
 (``switch_mlp.*`` ``[E, ...]``, see :mod:`ferrum.moe.loading`, or a family's own
 names: gpt-oss's ``experts.*``), from any checkpoint layout Ferrum reads.
@@ -47,6 +49,16 @@ COPIED_FILES = (
 )
 #: safetensors dtype codes of the float tensors a source may hold.
 _FLOAT_CODES = ("F32", "F16", "BF16")
+#: Modules mlx-lm's model classes keep at 8 bits, group size 64 (their ``quant_predicate``), by the ending of
+#: their mlx-lm path and by model_type: MoE routers, and Granite's projections whose small values low bit widths
+#: lose.
+EIGHT_BIT = (8, 64)
+_MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
+    "qwen3_moe": ("mlp.gate",),
+    "gpt_oss": ("router",),
+    "granite": ("self_attn.o_proj", "mlp.down_proj", "lm_head"),
+    "granitemoe": ("block_sparse_moe.router.layer", "self_attn.o_proj", "mlp.down_proj", "lm_head"),
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ class _Item:
     packed: bool
     outputs: tuple[_Tensor, ...]
     parts: tuple[str, ...]  # the source tensors it is read from: itself, or those its experts are assembled from
+    format: tuple[int, int] | None = None  # (bits, group_size) where packed
 
 
 def quantize_checkpoint(
@@ -113,9 +126,9 @@ def quantize_checkpoint(
     plan = _plan(checkpoint, shapes, bits, group_size, config)
     _check_destination(src, dst, force)
 
-    kept_float = {item.outputs[0].name.removesuffix(".weight"): None for item in plan
-                  if _quantizable(item.source, shapes) and not item.packed}
-    quant = QuantConfig(bits, group_size, kept_float).to_json()
+    overrides = {item.outputs[0].name.removesuffix(".weight"): item.format for item in plan
+                 if _quantizable(item.source, shapes) and item.format != (bits, group_size)}
+    quant = QuantConfig(bits, group_size, overrides).to_json()
     raw = json.loads((src / "config.json").read_text())
     if "text_config" not in raw:
         # mlx-lm's models read a missing key as tied embeddings; Hugging Face (and Ferrum) read it as untied.
@@ -126,7 +139,7 @@ def quantize_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run killed outright
     try:
         staging.mkdir(parents=True)
-        _write_weights(checkpoint, plan, staging, bits, group_size, progress, config.arch.moe)
+        _write_weights(checkpoint, plan, staging, progress, config.arch.moe)
         (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         for pattern in COPIED_FILES:
             for path in src.glob(pattern):
@@ -197,6 +210,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
             f"{checkpoint.folder} holds packed weights (*.scales) although config.json has no 'quantization' "
             "section; quantize its float original instead"
         )
+    eight_bit = _MLX_LM_EIGHT_BIT.get(config.model_type, ())
     plan = []
     for name, shape in shapes.items():
         parts = sources[name]
@@ -219,15 +233,16 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
             raise CheckpointError(f"tensor {parts[0]} has shape {stored} but config.json implies "
                                   f"{' or '.join(map(str, shapes_stored))}")
         written = layout.mlx_lm_name(name) if own_layout else name  # where mlx-lm's layout keeps it
+        module = written.removesuffix(".weight")
         if _quantizable(name, shapes) and shape[-1] % group_size == 0:
-            module = written.removesuffix(".weight")
+            fmt = EIGHT_BIT if module.endswith(eight_bit) and shape[-1] % EIGHT_BIT[1] == 0 else (bits, group_size)
             *rows, k = shape
             outputs = (
-                _Tensor(written, "U32", (*rows, k * bits // 32)),
-                _Tensor(f"{module}.scales", code, (*rows, k // group_size)),
-                _Tensor(f"{module}.biases", code, (*rows, k // group_size)),
+                _Tensor(written, "U32", (*rows, k * fmt[0] // 32)),
+                _Tensor(f"{module}.scales", code, (*rows, k // fmt[1])),
+                _Tensor(f"{module}.biases", code, (*rows, k // fmt[1])),
             )
-            plan.append(_Item(name, shape, True, outputs, parts))
+            plan.append(_Item(name, shape, True, outputs, parts, fmt))
         else:
             plan.append(_Item(name, shape, False, (_Tensor(written, code, shape),), parts))
     return plan
@@ -269,8 +284,7 @@ def _shards(plan: list[_Item]) -> list[list[_Item]]:
 
 
 def _write_weights(
-    checkpoint: Checkpoint, plan: list[_Item], folder: Path, bits: int, group_size: int,
-    progress: ProgressFn | None, moe: Any,
+    checkpoint: Checkpoint, plan: list[_Item], folder: Path, progress: ProgressFn | None, moe: Any,
 ) -> None:
     """Write the shards (plus an index when there are several), converting one source tensor at a time."""
     shards = _shards(plan)
@@ -287,7 +301,7 @@ def _write_weights(
             for item in items:
                 array = _read(checkpoint, item, moe)
                 if item.packed:
-                    arrays = _pack(array, bits, group_size)
+                    arrays = _pack(array, *item.format)
                     del array
                 else:
                     arrays = (array,)
