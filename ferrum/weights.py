@@ -221,6 +221,22 @@ def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
         )
 
 
+def _warn_untied_head(checkpoint: Checkpoint, config: ModelConfig, present: set[str]) -> None:
+    """A tied model whose file also holds an LM head that differs from its embedding: the embedding is the head,
+    as mlx-lm and transformers 4 read it (transformers 5 runs the stored head instead), so say so."""
+    from ferrum.arch.tensors import stored_name  # imported here: ferrum.arch.tensors imports this module
+
+    arch = config.arch
+    embed = stored_name(arch, f"{arch.prefix}embed_tokens.weight")
+    if not (config.tie_word_embeddings and arch.lm_head in present and embed in present):
+        return
+    head, table = checkpoint.read(arch.lm_head), checkpoint.read(embed)
+    if head.shape == table.shape and not np.array_equal(head, table):
+        warnings.warn(f"{checkpoint.folder}: config.json ties the LM head to the embedding (tie_word_embeddings), but "
+                      f"the file's {arch.lm_head} differs from it; the embedding is used, as mlx-lm does (set "
+                      "tie_word_embeddings to false to run the stored head, as transformers 5 does)", stacklevel=3)
+
+
 def read_weights(
     checkpoint: Checkpoint, config: ModelConfig, shapes: dict[str, tuple[int, ...]]
 ) -> Iterator[tuple[str, HostTensor]]:
@@ -234,6 +250,7 @@ def read_weights(
     checkpoint.require(list(owners))
     where = str(checkpoint.folder)
     _warn_unread(where, config, present - owners.keys())
+    _warn_untied_head(checkpoint, config, present)
     pending: dict[str, dict[str, np.ndarray]] = {}
     for part, array in checkpoint.read_many(list(owners)):
         for name in owners[part]:

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -234,6 +235,22 @@ def test_tensors_left_by_design_are_not_reported(ckpt, recwarn):
     edit_config(tie_word_embeddings=True)(ckpt)
     ferrum.load(ckpt, backend="cpu")
     assert not [w for w in recwarn if "not used" in str(w.message)]
+
+
+def test_a_tied_model_whose_file_holds_another_head_says_which_it_runs(ckpt):
+    """mlx-lm ties, transformers 5 runs the stored head: a copy equal to the embedding passes silently, a
+    different one is named (it was silently left out)."""
+    from safetensors.numpy import load_file
+
+    embed = load_file(str(ckpt / WEIGHTS))["model.embed_tokens.weight"]
+    edit_config(tie_word_embeddings=True)(ckpt)
+    add_tensors(ckpt, {"lm_head.weight": embed.copy()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ferrum.load(ckpt, backend="cpu")
+    add_tensors(ckpt, {"lm_head.weight": embed[::-1].copy()})
+    with pytest.warns(UserWarning, match="ties the LM head to the embedding.*the embedding is used"):
+        ferrum.load(ckpt, backend="cpu")
 
 
 CALL_ROWS = [
