@@ -569,6 +569,25 @@ def test_olmo3_scales_the_rope_of_its_full_layers_only(checkpoints):
         ModelConfig.from_dict({**raw, "rope_parameters": {"rope_type": "yarn", **full}})
 
 
+def test_ministral3_without_rope_settings_takes_transformers_defaults(tmp_path):
+    """No rope_parameters (nor rope_scaling): transformers runs YaRN x16 over 16384 positions at theta 1e6 with
+    Llama 4's beta 0.1, whatever rope_theta says (Ferrum ran plain rope at rope_theta)."""
+    import transformers
+
+    config = transformers.Ministral3Config(vocab_size=VOCAB, hidden_size=96, intermediate_size=80,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=32, max_position_embeddings=512, rope_theta=500.0)
+    hf = build_transformers_model(tmp_path, config)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("rope_parameters")
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "rope_theta": 500.0}))
+    tokens = TOKENS[:9]
+    assert_parity(load(tmp_path, "cpu").forward_verify("x", tokens), reference_logits(hf, tokens))
+    legacy = {"rope_type": "linear", "factor": 2.0}  # a config's own settings still win
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "rope_scaling": legacy}))
+    assert ModelConfig.from_file(tmp_path).arch.layers[0].rope.kind == "linear"
+
+
 def test_ministral3_scales_queries_past_original_max_and_keeps_its_whole_context(checkpoints):
     """Llama 4's query scaling multiplies queries by exactly 1 before original_max_position_embeddings and by more
     from there on: transformers' logits change there (so the parity tests above, whose tokens cross it, check it),

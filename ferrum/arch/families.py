@@ -137,6 +137,8 @@ def _rope_spec(r: KeyReader) -> tuple[str, dict[str, Any]]:
     scaling = r("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         r.fail("rope_scaling", f"must be an object, got {scaling!r}")
+    if scaling and "rope_parameters" not in r.raw:  # a family's default settings stand only for a config's silence
+        return "rope_scaling", dict(scaling)
     if isinstance(params, dict) and params:
         if scaling and _scalings_differ(params, scaling):
             r.fail("rope_scaling", f"is {scaling!r} but rope_parameters is {params!r}; the two disagree "
@@ -316,6 +318,13 @@ def _ministral_windows(r: KeyReader, sizes: Sizes) -> list:
     every = SLIDING if r("sliding_window") else FULL
     window, types = _layer_kinds(r, sizes, lambda _: every)
     return [window if t == SLIDING else None for t in types]
+
+
+#: transformers' Ministral 3 rope settings where a config gives none (rope_theta included: a top-level one is
+#: not read then).
+_MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16384,
+                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                    "llama_4_scaling_beta": 0.1}
 
 
 def _ministral3(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -974,7 +983,8 @@ FAMILIES: dict[str, Family] = {
         _llama_like(False, None, _ministral_windows),
     ),
     "ministral3": Family(  # Ministral 3 (3B / 8B / 14B), Devstral 2: the text model of a Mistral3 wrapper
-        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _WINDOW),
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _WINDOW,
+              (Key("rope_parameters", default=_MINISTRAL3_ROPE),)),
         _ministral3,
         eps_default=1e-5,
     ),
