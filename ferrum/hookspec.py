@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.9"
+API_VERSION = "1.10"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -116,6 +116,7 @@ OPTIONAL_OPS = (
     "lora_apply",
     "split",
     "compile_fn",
+    "flush",
 )
 
 #: The optional ops that together run packed quantized weights natively.
@@ -329,6 +330,14 @@ def mul(a: Any, b: Any) -> Any:
     """(optional) ``a * b`` elementwise, ``b`` broadcast over ``a``'s leading axes as numpy does (a weight per
     head, ``[heads, head_dim]``, over ``[tokens, heads, head_dim]``: Command R+'s q/k norms), in ``a``'s dtype.
     Fallback: host round trip, as for :func:`gelu_tanh_mul`."""
+
+
+@hookspec(firstresult=True)
+def flush() -> None:
+    """(optional) Finish the work this thread issued and the backend still holds unevaluated (a lazy backend's
+    pending KV writes). The engine calls it when a step stopped half way (Ctrl-C in a caller stepping the
+    engine), so that nothing tied to this thread is left for the next step, which may run on another thread.
+    Fallback: nothing (backends that run each op as it is called hold nothing)."""
 
 
 @hookspec(firstresult=True)

@@ -599,6 +599,10 @@ class DecoderOnlyLLM:
     def release(self, cache_id: Hashable) -> None:
         self.kv.release(cache_id)
 
+    def flush(self) -> None:
+        """Finish what a pass stopped half way left for the backend to evaluate on this thread (``ops.flush``)."""
+        self.ops.flush()
+
     def reset(self) -> None:
         """Drop every sequence; the KV pool is reused."""
         self.kv.reset()

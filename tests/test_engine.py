@@ -250,3 +250,50 @@ def test_asyncio_engine_thread_runs_every_backend(checkpoint, backend):
 
     assert asyncio.run(main()) == expected
     llm.async_engine.shutdown()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["after the forward pass", "before the previous step is read"])
+def test_ctrl_c_inside_a_step_leaves_every_request_whole(checkpoint, backend, where):
+    """A KeyboardInterrupt landing inside ``Engine.step`` (Ctrl-C in a caller stepping a shared engine): the
+    requests of that step go on, from another thread as the asyncio engine's would, to their solo outputs, and
+    every KV block comes back. Before, one was left with KV counted as computed and no token to feed ("empty
+    token list"), or waiting forever on a step nobody would read, or (MLX) met the interrupted thread's lazy
+    KV writes on the other thread ("There is no Stream(cpu, 0) in current thread")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = make_engine(checkpoint, backend, async_stepping=True)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    expected = [run_alone(engine, prompt, params) for prompt in prompts]
+    free = engine.model.kv.num_free_blocks
+    armed = [True]
+    if where == "after the forward pass":
+        wrapped, hooked = engine.scheduler, "mark_computed"
+    else:
+        wrapped, hooked = engine, "_read"
+    real = getattr(wrapped, hooked)
+
+    def interrupted(*args):
+        if armed[0] and len(args[0] if hooked == "mark_computed" else args[0].pending) > 1:
+            armed[0] = False
+            raise KeyboardInterrupt
+        return real(*args)
+
+    setattr(wrapped, hooked, interrupted)
+    finals = {}
+    with ThreadPoolExecutor(1) as other_thread:
+        first = engine.add_request(prompts[0], params)
+        for out in other_thread.submit(lambda: engine.step() + engine.step()).result():  # it has stepped before
+            finals[out.request_id] = out
+        second = engine.add_request(prompts[1], params)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(8):
+                for out in engine.step():
+                    finals[out.request_id] = out
+        assert not armed[0]
+        for out in other_thread.submit(engine.run_until_done).result():
+            finals[out.request_id] = out
+    assert [finals[first].token_ids, finals[second].token_ids] == expected
+    assert finals[first].finished and finals[second].finished
+    assert engine.model.kv.num_free_blocks == free

@@ -286,28 +286,49 @@ class Engine:
         """
         with self._step_lock:
             outputs = self._drain_inbox()
-            chunks = self.scheduler.schedule()
-            previous, self._in_flight = self._in_flight, None
-            if not chunks and previous is None:
-                if self.scheduler.waiting and not self.scheduler.running:
-                    raise KVCacheExhaustedError(
-                        f"no KV blocks free for the next request: {self.model.kv.num_used_blocks} blocks are "
-                        "held by sequences outside this engine; release them (LlmExecutor.release_cache)"
-                    )
-                return outputs
-            started = time.perf_counter()
-            issued = self._issue(chunks, started, outputs) if chunks else None
-            if previous is not None:
-                self._read(previous, outputs)
-            if issued is not None:
-                if not issued.lagged:
-                    self._read(issued, outputs)
-                elif any(not chunk.request.finished for chunk, _ in issued.pending):
-                    self._in_flight = issued  # else all it computed were extra tokens: nothing to read
-                self._metrics.stepped(
-                    started, sum(len(c.tokens) + len(c.drafts) for c in chunks), len(issued.pending)
+            try:
+                return self._step(outputs)
+            except BaseException:
+                self._recover(outputs)
+                raise
+
+    def _step(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        if not chunks and previous is None:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise KVCacheExhaustedError(
+                    f"no KV blocks free for the next request: {self.model.kv.num_used_blocks} blocks are "
+                    "held by sequences outside this engine; release them (LlmExecutor.release_cache)"
                 )
             return outputs
+        started = time.perf_counter()
+        issued = self._issue(chunks, started, outputs) if chunks else None
+        if previous is not None:
+            self._read(previous, outputs)
+        if issued is not None:
+            if not issued.lagged:
+                self._read(issued, outputs)
+            elif any(not chunk.request.finished for chunk, _ in issued.pending):
+                self._in_flight = issued  # else all it computed were extra tokens: nothing to read
+            self._metrics.stepped(
+                started, sum(len(c.tokens) + len(c.drafts) for c in chunks), len(issued.pending)
+            )
+        return outputs
+
+    def _recover(self, outputs: list[RequestOutput]) -> None:
+        """A step stopped half way (Ctrl-C in a caller stepping the engine, or an error no request owns): what
+        it already emitted goes out with the next step, and every running request is computed again from the
+        tokens the host holds (tokens of the lost steps, still on the device, are sampled again). Without
+        this, a request could be left with its KV counted as computed but no token to feed next, or waiting on
+        a step that will never be read."""
+        self._in_flight = None
+        self.model.flush()
+        for out in reversed(outputs):
+            self._inbox.appendleft(lambda out=out: out)
+        for request in list(self.scheduler.running):
+            request.lagged.clear()
+            self.scheduler.preempt(request)
 
     def _issue(self, chunks: list[ScheduledChunk], started: float, outputs: list[RequestOutput]) -> _Step:
         """Run the forward pass and start sampling; with overlap the picks stay on the device."""

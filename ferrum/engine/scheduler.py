@@ -151,7 +151,7 @@ class Scheduler:
             blocks = self.kv.blocks_needed(request.request_id, count)
             while not self._fits(plan, blocks):
                 victim = self.running[-1]
-                self._preempt(victim)
+                self.preempt(victim)
                 plan.preempted = True
                 if victim is request:
                     return
@@ -176,7 +176,8 @@ class Scheduler:
                 plan.budget -= len(drafts)
                 plan.chunks[index] = replace(chunk, drafts=tuple(drafts))
 
-    def _preempt(self, request: Request) -> None:
+    def preempt(self, request: Request) -> None:
+        """Free a running request's KV blocks and queue it first, to be computed again from its tokens."""
         self.running.remove(request)
         if request.request_id in self.kv:
             self.kv.release(request.request_id)

@@ -276,6 +276,54 @@ def check_kv_write_gather(c: _Context) -> float:
     return max(errors)
 
 
+def check_flush(c: _Context) -> float:
+    """KV written and flushed on this thread, then written and read on a thread that had run the backend
+    before (the engine's recovery from a step stopped half way: the next step may run on the asyncio engine's
+    thread). MLX fails that without a flush: "There is no Stream(cpu, 0) in current thread"."""
+    import queue
+    import threading
+
+    jobs: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        for job in iter(jobs.get, None):
+            try:
+                results.put(job())
+            except Exception as error:  # reported on the calling thread
+                results.put(error)
+
+    def on_worker(job: Callable[[], Any]) -> Any:
+        jobs.put(job)
+        result = results.get()
+        if isinstance(result, Exception):
+            raise AssertionError(f"KV flushed on one thread failed on another: {result!r}")
+        return result
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        pool, contents = _filled_pool(c, 2, 48)
+        c.ops.flush()
+        first, more = c.rounded(c.random(1, 2, 48)), c.rounded(c.random(1, 2, 48))
+
+        def write_and_read(k: np.ndarray, slot: int) -> np.ndarray:
+            c.ops.kv_write(pool, 0, c.put(k), c.put(k), c.put_int([slot]))
+            return c.get(c.ops.kv_gather(pool, 0, np.arange(12), 48)[0])
+
+        on_worker(lambda: write_and_read(first, 9))  # the worker has run the backend (as the engine's would)
+        new_k = c.rounded(c.random(2, 2, 48))
+        c.ops.kv_write(pool, 0, c.put(new_k), c.put(new_k), c.put_int([5, 40]))
+        c.ops.flush()
+        seen = on_worker(lambda: write_and_read(more, 7))
+    finally:
+        jobs.put(None)
+        thread.join()
+    expected = contents[0][0].reshape(-1, 2, 48).copy()
+    expected[[5, 40]], expected[7], expected[9] = new_k, more[0], first[0]
+    return _compare(seen, expected, 0.0)
+
+
 def check_paged_attention(c: _Context, tol: float, window: int | None = None) -> float:
     heads, kv_heads, d = 14, 2, 48
     pool, contents = _filled_pool(c, kv_heads, d)
@@ -542,6 +590,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         *((f"attention q{case[0]} kv{case[1]} h{case[2]} kvh{case[3]} d{case[4]}",
            lambda case=case: check_attention(c, tol, cases=(case,)), tol) for case in _ATTENTION_CASES),
         ("kv_write / kv_gather", lambda: check_kv_write_gather(c), 0.0),
+        (f"flush, then KV on another thread ({source('flush')})", lambda: check_flush(c), 0.0),
         (f"paged_attention ({source('paged_attention')})", lambda: check_paged_attention(c, tol), tol),
         (f"sample ({source('sample')})", lambda: check_sample(c), 1e-5),
         (f"sample_on_device ({source('sample_on_device')})", lambda: check_sample_on_device(c), 1e-5),
