@@ -125,6 +125,8 @@ def test_aborted_request_reports_abort(checkpoint):
     engine.step()
     engine.abort(request_id)
     assert outputs[-1].finished and outputs[-1].finish_reason is FinishReason.ABORT
+    # a caller reading step() sees it too (an abort applied between steps used to reach callbacks only)
+    assert [(o.request_id, o.finish_reason) for o in engine.step()] == [(request_id, FinishReason.ABORT)]
     assert not engine.has_unfinished()
 
 
@@ -139,6 +141,10 @@ def test_bad_requests_are_refused_before_they_reach_a_batch(checkpoint):
         ([5] * 40, SamplingParams(max_tokens=3), InvalidRequestError, "shorten the prompt"),  # the prompt alone too
         ([5], SamplingParams(max_tokens=3, logit_bias={999: 1.0}), InvalidRequestError, "logit_bias"),
         ([5], SamplingParams(max_tokens=3, stop=["x"]), InvalidRequestError, "tokenizer"),
+        ([5.9, 6.2], SamplingParams(), InvalidRequestError, "integers, got 5.9"),  # was read as [5, 6]
+        (np.array([2.7]), SamplingParams(), InvalidRequestError, "integers"),
+        ([True, 7], SamplingParams(), InvalidRequestError, "integers, got True"),
+        (["12"], SamplingParams(), InvalidRequestError, "integers, got '12'"),
     ]:
         with pytest.raises(error, match=words):
             engine.add_request(prompt, params)
@@ -146,6 +152,42 @@ def test_bad_requests_are_refused_before_they_reach_a_batch(checkpoint):
         engine.add_request([1], SamplingParams(max_tokens=3), request_id=good)
     finals = [o for o in engine.run_until_done() if o.finished]
     assert [o.request_id for o in finals] == [good] and len(finals[0].token_ids) <= 3
+    for bad, words in [({"max_num_batched_tokens": 2.5}, "an integer, got 2.5"),
+                       ({"max_num_seqs": float("nan")}, "an integer"),
+                       ({"enable_prefix_caching": "no"}, "True or False, got 'no'")]:
+        with pytest.raises(InvalidRequestError, match=words):
+            EngineConfig(**bad)
+
+
+def test_ids_chosen_by_the_caller_and_by_the_engine_never_collide(checkpoint):
+    """A caller's id equal to the next automatic one: the engine skips it (two requests shared one KV
+    sequence, and the engine broke for both)."""
+    engine = make_engine(checkpoint, BACKENDS[0])
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    prompts = ([5, 6, 7], [8, 9], [10, 11, 12])
+    expected = [run_alone(engine, p, params) for p in prompts]
+    first = engine.add_request(prompts[0], params)
+    taken = engine.add_request(prompts[1], params, request_id=f"req-{int(first.removeprefix('req-')) + 1}")
+    automatic = engine.add_request(prompts[2], params)
+    assert len({first, taken, automatic}) == 3
+    finals = {o.request_id: o.token_ids for o in engine.run_until_done() if o.finished}
+    assert [finals[i] for i in (first, taken, automatic)] == expected
+
+
+def test_generated_tokens_count_what_requests_took_with_or_without_overlap(checkpoint):
+    """With overlapping steps the step after a request stopped (on a stop token the host sees late) computes one
+    more token for it, dropped at the read: it is not counted (it was)."""
+    if "mlx" not in BACKENDS:
+        pytest.skip("needs a backend that overlaps steps (MLX)")
+    greedy = run_alone(make_engine(checkpoint, "mlx"), [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+    stop = next(t for t in greedy if greedy.index(t) >= 2)  # the request takes tokens up to its first one
+    taken = greedy.index(stop) + 1  # the stop token counts
+    for overlap in (False, True):
+        engine = make_engine(checkpoint, "mlx", async_stepping=overlap)
+        assert engine.overlaps_steps == overlap
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=8, stop_token_ids=[stop]))
+        list(engine.run_until_done())
+        assert engine.metrics().generated_tokens == taken
 
 
 def test_stop_token_ids_and_eos(checkpoint):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ferrum.engine import Engine, EngineConfig
+from ferrum.engine import Engine, EngineConfig, FinishReason
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import SamplingParams
@@ -146,8 +146,9 @@ def test_abort_mid_speculation_frees_every_block(checkpoints, method):
     assert engine.metrics().spec_drafted_tokens > 0
     for request_id in ids:
         engine.abort(request_id)
+    assert_kv_pools_free(engine)  # at once
+    assert {o.finish_reason for o in engine.step()} == {FinishReason.ABORT}  # the next step reports them
     assert not engine.has_unfinished()
-    assert_kv_pools_free(engine)
 
 
 def _target_probs(logits: np.ndarray, history: list[int], temperature: float, top_k: int, presence: float):

@@ -181,14 +181,21 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Cancel a request and free its KV blocks. Thread-safe.
 
-        Applied at once unless a step is running, else before the next forward pass.
+        Applied at once unless a step is running, else before the next forward pass; either way the next
+        step returns its final output.
         """
         self._inbox.append(lambda: self._abort(request_id))
         if self._step_lock.acquire(blocking=False):
             try:
-                self._drain_inbox()
+                self._requeue(self._drain_inbox())
             finally:
                 self._step_lock.release()
+
+    def _requeue(self, outputs: list[RequestOutput]) -> None:
+        """Outputs made outside a step's return (an abort applied at once, a step stopped half way), handed
+        out first by the next step."""
+        for out in reversed(outputs):
+            self._inbox.appendleft(lambda out=out: out)
 
     def apply_pending(self) -> list[RequestOutput]:
         """Apply queued adds and aborts now, without a forward pass (before a stepping thread stops)."""
@@ -212,10 +219,14 @@ class Engine:
         cfg = self.model.config
         metadata = check_metadata(metadata)
         if request_id is None:
-            request_id = f"req-{next(self._ids)}"
+            request_id = next(i for i in (f"req-{n}" for n in self._ids) if i not in self._requests)
         elif request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        tokens = tuple(int(t) for t in prompt)
+        tokens = tuple(prompt)
+        odd = next((t for t in tokens if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_))), None)
+        if odd is not None:
+            raise InvalidRequestError(f"prompt token ids must be integers, got {odd!r}", param="prompt")
+        tokens = tuple(int(t) for t in tokens)
         if not tokens:
             raise InvalidRequestError("the prompt is empty; give at least one token", param="prompt")
         bad = [t for t in tokens if not 0 <= t < cfg.vocab_size]
@@ -311,9 +322,7 @@ class Engine:
                 self._read(issued, outputs)
             elif any(not chunk.request.finished for chunk, _ in issued.pending):
                 self._in_flight = issued  # else all it computed were extra tokens: nothing to read
-            self._metrics.stepped(
-                started, sum(len(c.tokens) + len(c.drafts) for c in chunks), len(issued.pending)
-            )
+            self._metrics.stepped(started, sum(len(c.tokens) + len(c.drafts) for c in chunks))
         return outputs
 
     def _recover(self, outputs: list[RequestOutput]) -> None:
@@ -324,8 +333,7 @@ class Engine:
         a step that will never be read."""
         self._in_flight = None
         self.model.flush()
-        for out in reversed(outputs):
-            self._inbox.appendleft(lambda out=out: out)
+        self._requeue(outputs)
         for request in list(self.scheduler.running):
             request.lagged.clear()
             self.scheduler.preempt(request)
@@ -502,6 +510,7 @@ class Engine:
                 "the model's logits hold NaN: a weight is broken, or the compute dtype overflowed (float16 does where "
                 "bfloat16 and float32 do not); load the model with dtype=\"bfloat16\" or \"float32\"")
         now = time.perf_counter()
+        self._metrics.took_token()
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
         params = request.params

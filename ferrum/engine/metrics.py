@@ -69,19 +69,22 @@ class MetricsRecorder:
     def arrived(self, request: Request) -> None:
         self.prompt_tokens += len(request.prompt_token_ids)
 
-    def stepped(self, step_start: float, query_tokens: int, sampled: int) -> None:
+    def stepped(self, step_start: float, query_tokens: int) -> None:
         end = time.perf_counter()
         self.steps += 1
         self.batched_tokens += query_tokens
-        self.generated_tokens += sampled
         self.busy_s += end - step_start
 
+    def took_token(self) -> None:
+        """A request took a sampled token (counted as read, not as computed: with overlapping steps, a request
+        that ended at one step drops the token the next one computed for it)."""
+        self.generated_tokens += 1
+
     def verified(self, drafted: int, accepted: int) -> None:
-        """A request's drafts were verified; its accepted drafts are generated tokens too."""
+        """A request's drafts were verified (its accepted drafts count as generated tokens as it takes them)."""
         self.spec_drafted += drafted
         self.spec_accepted += accepted
         self.spec_steps += 1
-        self.generated_tokens += accepted
 
     def finished(self, request: Request) -> None:
         self.finished_count += 1

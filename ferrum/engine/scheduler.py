@@ -22,6 +22,12 @@ from ferrum.paged_kv import PagedKVManager, PrefixMatch
 from ferrum.spec.config import SpeculativeConfig
 
 
+#: The type each EngineConfig setting must have (a float or a string there fails later, far from the cause).
+_SETTING_TYPES = {"max_num_batched_tokens": int, "max_num_seqs": int, "max_logprobs": int,
+                  "enable_prefix_caching": bool, "async_stepping": bool}
+_MAY_BE_NONE = ("max_logprobs", "async_stepping")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Per-step limits. The defaults suit a single-user Mac as well as a small server."""
@@ -40,7 +46,14 @@ class EngineConfig:
     max_logprobs: int | None = 20
 
     def __post_init__(self) -> None:
-        if self.max_logprobs is not None and (isinstance(self.max_logprobs, bool) or self.max_logprobs < 0):
+        for name, kind in _SETTING_TYPES.items():
+            value = getattr(self, name)
+            if value is None and name in _MAY_BE_NONE:
+                continue
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise InvalidRequestError(
+                    f"{name} must be {'an integer' if kind is int else 'True or False'}, got {value!r}")
+        if self.max_logprobs is not None and self.max_logprobs < 0:
             raise InvalidRequestError(f"max_logprobs must be None or >= 0, got {self.max_logprobs!r}")
         if self.max_num_seqs < 1:
             raise InvalidRequestError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
