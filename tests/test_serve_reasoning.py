@@ -50,6 +50,21 @@ def test_a_stream_without_thinking_holds_back_only_a_possible_tag():
     assert _stream(Thinking(False), ["<b>", "hi"]) == ("", "<b>hi")
 
 
+def test_whitespace_before_the_opening_tag_is_held_like_a_partial_tag():
+    """A reply opening with "\n<think>": the "\n" went out as answer, then the answer became the text after
+    </think>, and the stream's count of characters sent cut its first one ("\nello world")."""
+    from ferrum.serve.tools import ToolReplies
+
+    thinking, replies = Thinking(inside=False), ToolReplies(None, None)
+    assert thinking.delta(0, "\n", finished=False) == ("", "")
+    pieces, text, content = ["\n", "<think>", "hmm", "</think>", "Hello", " world"], "", ""
+    for i, piece in enumerate(pieces):
+        text += piece
+        content += replies.delta(0, thinking.delta(0, text, finished=i == len(pieces) - 1)[1], i == len(pieces) - 1)
+    assert content == thinking.split(text)[1] == "Hello world"
+    assert _stream(Thinking(False), ["\n", "Hi"]) == ("", "\nHi")  # no thinking: the whitespace is kept
+
+
 # ------------------------------------------------------------------- served
 R1_TEMPLATE = (  # DeepSeek-R1's way: the assistant turn opens its thinking in the prompt (unless told not to)
     "{%- for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{%- endfor %}"

@@ -58,8 +58,8 @@ class Thinking:
     def delta(self, index: int, text: str, finished: bool) -> tuple[str, str]:
         """For choice ``index``, its reply being ``text`` so far: ``(thinking not sent yet, answer so far)``,
         holding back what may be the start of a tag until the next piece (or the end) decides it."""
-        if not finished and not self.inside and OPEN.startswith(text.lstrip()) and text.strip():
-            return "", ""  # "<thi": the reply may be opening its thinking
+        if not finished and not self.inside and OPEN.startswith(text.lstrip()):
+            return "", ""  # "<thi", or only whitespace yet: the reply may be opening its thinking
         thinking, answer = self.split(text)
         if thinking is None:
             return "", answer
