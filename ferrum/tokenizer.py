@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from datetime import datetime
 from functools import cached_property, lru_cache
@@ -281,7 +282,9 @@ class IncrementalDetokenizer:
     """Turns a growing token list into text pieces without splitting characters.
 
     A multi-byte character can span tokens; until its last byte arrives the
-    decoded text ends in U+FFFD, so nothing is emitted. Decoding a short
+    decoded text ends in U+FFFD, so nothing is emitted. A U+FFFD that no byte can
+    complete (the character itself, or bytes that are not UTF-8) goes out at once:
+    the tokens' bytes tell the two apart. Decoding a short
     window of recent tokens (not the whole output) keeps each step cheap while
     letting the tokenizer handle spaces between tokens correctly.
     """
@@ -297,10 +300,17 @@ class IncrementalDetokenizer:
         self._ids.append(token)
         prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
         full_text = self._tok.decode(self._ids[self._prefix :], self._skip)
-        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+        if (full_text.endswith("\ufffd") and self._ends_inside_a_character()) or len(full_text) <= len(prefix_text):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return full_text[len(prefix_text) :]
+
+    def _ends_inside_a_character(self) -> bool:
+        """Whether the last tokens' bytes stop part way through a UTF-8 character (a character spans at most
+        four bytes, so four tokens hold its start)."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(b"".join(self._tok.token_bytes(t) for t in self._ids[-4:]))
+        return bool(decoder.getstate()[0])
 
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character shows as U+FFFD)."""

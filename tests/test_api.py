@@ -180,6 +180,21 @@ def test_incremental_detokenizer_never_splits_characters(checkpoint):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_a_replacement_character_no_byte_completes_streams_at_once(checkpoint):
+    """A real U+FFFD in the text, or a byte that is not UTF-8, goes out as it arrives (it was held until a token
+    without one came, re-decoding the whole run at every push: 4,000 of them took seconds)."""
+    tok = Tokenizer(checkpoint)
+    real = tok.encode("a\ufffd", add_special_tokens=False)  # the character's three bytes
+    invalid = [t for t in range(tok.vocab_size) if tok.token_bytes(t) == b"\xff"]
+    for ids, expected in ((real, "a\ufffd"), (tok.encode("a", add_special_tokens=False) + invalid, "a\ufffd")):
+        detok = IncrementalDetokenizer(tok)
+        assert "".join(detok.push(t) for t in ids) == expected
+        assert detok.flush() == ""
+    detok = IncrementalDetokenizer(tok)  # a character still missing bytes is held, as before
+    ids = tok.encode("é", add_special_tokens=False)
+    assert [detok.push(t) for t in ids] == [""] * (len(ids) - 1) + ["é"]
+
+
 def test_stop_strings_spanning_pieces():
     f = StopStringFilter(["STOP", "xyz"])
     shown = [f.feed(p) for p in ["abc S", "T", "OP tail"]]
