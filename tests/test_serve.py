@@ -338,6 +338,17 @@ def test_stop_token_ids_and_ignore_eos_extras(server, llm):
     assert bad.status_code == 400 and "stop_token_ids" in bad.json()["error"]["message"]
 
 
+def test_text_parts_of_a_message_are_its_lines(server):
+    """As vLLM joins them: ["Hello", "world"] is "Hello\nworld" (they ran together as "Helloworld")."""
+    def ids(content):
+        reply = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": content}]})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["tokens"]
+
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    assert ids(parts) == ids("Hello\nworld") != ids("Helloworld")
+
+
 def test_tokenize_and_detokenize(server, llm):
     """vLLM's extras: a prompt's ids (with BOS unless asked not to), chat messages as the chat endpoint encodes
     them, and ids back to text; an id outside the vocabulary is a 400 naming ``tokens``."""

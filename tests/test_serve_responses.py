@@ -85,7 +85,7 @@ def test_instructions_are_the_system_message_and_input_items_the_messages(server
     done = server.client().responses.create(model="tiny", instructions="be brief", input=items,
                                             max_output_tokens=10, **GREEDY)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first"},
-                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "second"}]
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "sec\nond"}]  # parts: lines
     assert done.output_text == _chat(server, messages, max_completion_tokens=10)
 
 

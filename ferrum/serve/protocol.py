@@ -24,6 +24,8 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 #: Every request body: unknown fields refused, no type coercion, and ``NaN`` / ``Infinity`` (which the
 #: JSON parser accepts) refused as "not a finite number" instead of failing a bound check confusingly.
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+#: Between the text parts of one message's content, as vLLM joins them (parts are paragraphs, not fragments).
+PART_SEPARATOR = "\n"
 
 
 class StreamOptions(BaseModel):
@@ -124,7 +126,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 if part.text is None:
                     raise APIError(400, "a text content part needs a 'text' string", param=f"messages.{i}.content.{j}")
                 texts.append(part.text)
-            content = "".join(texts)
+            content = PART_SEPARATOR.join(texts)
         # Templates rarely know OpenAI's newer "developer" role; it is the system prompt.
         role = "system" if message.role == "developer" else message.role
         entry: dict[str, Any] = {"role": role, "content": content or ""}

@@ -25,7 +25,7 @@ from ferrum.engine import RequestOutput
 from ferrum.errors import FerrumError
 from ferrum.serve.errors import APIError
 from ferrum.serve.handlers import ChatRun, Logprobs, Response, ServerState, start_chat
-from ferrum.serve.protocol import STRICT, ChatCompletionRequest, Temperature
+from ferrum.serve.protocol import PART_SEPARATOR, STRICT, ChatCompletionRequest, Temperature
 from ferrum.serve.reasoning import CLOSE, OPEN, structured_tags
 
 #: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first: at most
@@ -133,7 +133,7 @@ def _text_of(content: Any, where: str) -> str:
         if not isinstance(part.get("text"), str):
             raise APIError(400, f"{where}.{i} ({kind}) needs a 'text' string", param=f"{where}.{i}.text")
         texts.append(part["text"])
-    return "".join(texts)
+    return PART_SEPARATOR.join(texts)
 
 
 def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
