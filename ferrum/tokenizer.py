@@ -26,6 +26,8 @@ def _token_text(value: Any) -> str | None:
 
 #: What :meth:`Tokenizer.apply_chat_template` passes a template itself; template kwargs may not replace them.
 _TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"})
+#: The other special tokens of tokenizer_config.json a template may read (transformers passes them all).
+_OTHER_SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
@@ -47,6 +49,8 @@ class Tokenizer:
         self.config: dict[str, Any] = config if config is not None else {}
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
+        specials = {name: _token_text(self.config.get(name)) for name in _OTHER_SPECIAL_TOKENS}
+        self._template_specials = {name: value for name, value in specials.items() if value is not None}
         named = self._named_templates(self.config.get("chat_template"), folder)
         self.chat_template = named.get("default") or next(iter(named.values()), None)
         #: What a request with tools renders: the "tool_use" template where the checkpoint names one, as
@@ -189,7 +193,7 @@ class Tokenizer:
         template = _compile(source)
         try:
             return template.render(
-                **extra,
+                **{**self._template_specials, **extra},
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",

@@ -110,6 +110,20 @@ def test_chat_templates_render_hugging_face_jinja_as_transformers_does(tmp_path)
     assert "after the break" not in ours and "Z\\u00fcrich" in ours and '"wetter",\n' in ours
 
 
+def test_a_template_reads_every_special_token_as_transformers_passes_them(tmp_path):
+    """pad_token, unk_token and the rest came to a template empty (only bos_token and eos_token were passed)."""
+    transformers = pytest.importorskip("transformers")
+    folder = write_text_checkpoint(tmp_path / "specials", seed=3)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    template = "{{ messages[0].content }}|{{ pad_token }}|{{ unk_token }}|{{ sep_token | default('none') }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "chat_template": template, "pad_token": "</s>", "unk_token": "<s>",
+         "sep_token": None}))
+    messages = [{"role": "user", "content": "hi"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False)
+    assert Tokenizer(folder).apply_chat_template(messages) == theirs == "hi|</s>|<s>|none"
+
+
 def test_chat_template_variables_come_with_the_chat_flag(tmp_path):
     """``chat={"enable_thinking": False}`` applies the template with that variable (Qwen 3's switch); a variable
     the call itself sets is refused by name."""
