@@ -96,7 +96,16 @@ def _json_schema_arg(text: str) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     import ferrum
 
+    if args.prompt == "-" and sys.stdin is None:
+        raise InvalidRequestError("the prompt is - but standard input is closed; pass the prompt as an argument")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt  # read before the slow load fails late
+    sampling = dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos, json_schema=args.json_schema,
+    )
+    ferrum.SamplingParams(**sampling)  # refused before the slow load
     model_path = args.model
     if model_path is None:
         from ferrum.default_model import default_model_path
@@ -114,20 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     info = llm.model.backend.info
     print(f"[ferrum] backend={llm.model.backend.name} device={info.device} dtype={llm.model.dtype}", file=sys.stderr)
-    params = llm.sampling_params(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop=args.stop or (),
-        ignore_eos=args.ignore_eos,
-        json_schema=args.json_schema,
-    )
+    params = llm.sampling_params(**sampling)
     from ferrum.serve.harmony import HarmonyThinking
 
     # gpt-oss: its messages are read by their markers (which a chat reply decodes with: see SamplingParams).
@@ -170,6 +166,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, profile=args.profile, quantize=args.quantize, group_size=args.group_size,
         speculative=args.speculative, draft_model=args.draft_model,
     )
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        raise InvalidRequestError(f"--json {args.json}: not a file in an existing folder; the figures go there")
     report = run_bench(options, progress=_progress_printer,
                        log=lambda line: print(f"[ferrum bench] {line}", file=sys.stderr))
     print(format_report(report))
@@ -208,6 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_queue < 0:
         raise InvalidRequestError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if any(not name.strip() for name in args.served_model_name or ()):
+        raise InvalidRequestError("--served-model-name must not be empty; clients send it as 'model'")
     serve(
         ServeOptions(
             model=args.model, backend=args.backend, dtype=args.dtype, host=args.host, port=args.port,
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="backend name (see `ferrum backends`); default: best available")
     p.add_argument("--dtype", help="compute dtype, e.g. float32, bfloat16")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0-65535 (default 8000)")
     p.add_argument("--served-model-name", action="append",
                    help="name clients use in 'model' (repeatable; default: the MODEL argument)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoding at once (default 64)")
@@ -329,14 +329,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set FERRUM_API_KEY)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="load a LoRA adapter (PEFT or mlx-lm folder) that clients select with model=NAME (repeatable)")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+    p.add_argument("--shutdown-timeout", type=_grace_seconds, default=10.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
     p.add_argument("--reasoning-parser", metavar="NAME",
                    help="return a reasoning model's <think>...</think> apart from its answer, as reasoning_content: "
                         "deepseek_r1 or qwen3 (vLLM's names; both read the same tags)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
+    for command in sub.choices.values():  # where the error messages' hint makes people put it, too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks instead of one-line errors")
     return parser
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def _grace_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= 86400:  # NaN fails too; far past a day, threading.Timer overflows
+        raise argparse.ArgumentTypeError(f"must be 0 to 86400 seconds, got {text!r}")
+    return seconds
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -370,6 +389,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`ferrum generate ... | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's flush
+        return 141
     except Exception as exc:  # a bug or an environment problem: one line unless --debug
         if args.debug:
             raise

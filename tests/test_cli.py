@@ -87,3 +87,53 @@ def test_generate_reads_the_prompt_from_stdin_given_a_dash(checkpoint, capsys, m
     expected = ferrum.load(checkpoint, backend="cpu").generate("hello world\nsecond line", max_tokens=6,
                                                                ignore_eos=True)
     assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["serve", "--port", "99999"], "a port is a number from 0 to 65535"),  # a traceback once the model had loaded
+    (["serve", "--port", "-1"], "a port is a number from 0 to 65535"),
+    (["serve", "--shutdown-timeout", "inf"], "must be 0 to 86400 seconds"),  # killed the shutdown timer
+    (["serve", "--shutdown-timeout", "nan"], "must be 0 to 86400 seconds"),  # behaved as 0
+])
+def test_serve_arguments_out_of_range_are_usage_errors(argv, words, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_mistakes_are_refused_before_the_slow_work(checkpoint, capsys, monkeypatch, tmp_path):
+    """Sampling options, bench options and an output path are checked before a model loads or a bench runs."""
+    import ferrum
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model before refusing the arguments")
+
+    monkeypatch.setattr(ferrum, "load", no_load)
+    for argv, words in [
+        (["generate", "--model", str(checkpoint), "--top-p", "2", "hi"], "top_p"),
+        (["bench", "--peer", "bogus"], "bench peer 'bogus'"),
+        (["bench", "--draft-model", str(checkpoint)], "speculative 'draft' only"),
+        (["bench", "--json", str(tmp_path / "missing" / "x.json")], "not a file in an existing folder"),
+        (["serve", "--served-model-name", ""], "must not be empty"),
+    ]:
+        assert main(argv) == 2, argv
+        assert words in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", None)
+    assert main(["generate", "--model", str(checkpoint), "-"]) == 2
+    assert "standard input is closed" in capsys.readouterr().err
+
+
+def test_debug_is_taken_after_the_subcommand_too(checkpoint, capsys):
+    """Where the one-line errors' hint makes people put it."""
+    from ferrum.errors import FerrumError
+
+    with pytest.raises(FerrumError, match="no backend named 'nope'"):  # raised, not one line: --debug took
+        main(["generate", "--model", str(checkpoint), "--backend", "nope", "hi", "--debug"])
+    assert main(["generate", "--model", str(checkpoint), "--backend", "nope", "hi"]) == 2
+
+
+def test_a_reader_that_goes_away_ends_generate_quietly(checkpoint):
+    """``ferrum generate ... | head -c 1``: no "BrokenPipeError" line."""
+    done = subprocess.run(f"{sys.executable} -m ferrum.cli generate --model {checkpoint} --backend cpu --max-tokens 200 "
+                          "--ignore-eos --no-chat hello | head -c 1", shell=True, capture_output=True, text=True)
+    assert "Error" not in done.stderr, done.stderr

@@ -27,6 +27,8 @@ from ferrum.quant import quantize_checkpoint
 from ferrum.sources import cache_root, gguf_checkpoint, resolve_model
 
 ProgressFn = Callable[[int, int, str], None]
+#: ``--peer`` values.
+PEERS = ("auto", "llama.cpp", "mlx-lm", "transformers", "none")
 #: Decode steps ``--profile`` times.
 PROFILE_STEPS = 16
 #: Makes a progress callback for a labelled phase ("preparing checkpoint", "loading weights").
@@ -40,7 +42,7 @@ class BenchOptions:
     model: str | None = None  # a checkpoint folder; else ``preset``
     preset: str = "qwen2-0.5b"
     dtype: str | None = None
-    peer: str = "auto"  # auto | mlx-lm | transformers | none
+    peer: str = "auto"  # one of PEERS
     repeat: int = 3
     prompt_len: int | None = None
     gen_len: int | None = None
@@ -56,6 +58,10 @@ class BenchOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidRequestError(f"bench {name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.peer not in PEERS:  # checked before the model loads
+            raise InvalidRequestError(f"bench peer {self.peer!r} is not one of {', '.join(PEERS)}")
+        if self.draft_model is not None and self.speculative != "draft":
+            raise InvalidRequestError("a draft model is used with speculative 'draft' only (--speculative draft)")
 
 
 def _versions() -> dict[str, str]:
