@@ -134,6 +134,7 @@ def test_debug_is_taken_after_the_subcommand_too(checkpoint, capsys):
 
 def test_a_reader_that_goes_away_ends_generate_quietly(checkpoint):
     """``ferrum generate ... | head -c 1``: no "BrokenPipeError" line."""
-    done = subprocess.run(f"{sys.executable} -m ferrum.cli generate --model {checkpoint} --backend cpu --max-tokens 200 "
-                          "--ignore-eos --no-chat hello | head -c 1", shell=True, capture_output=True, text=True)
+    command = (f"{sys.executable} -m ferrum.cli generate --model {checkpoint} --backend cpu --max-tokens 200 "
+               "--ignore-eos --no-chat hello | head -c 1")
+    done = subprocess.run(command, shell=True, capture_output=True, text=True)
     assert "Error" not in done.stderr, done.stderr
