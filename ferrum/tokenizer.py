@@ -52,7 +52,9 @@ class Tokenizer:
         specials = {name: _token_text(self.config.get(name)) for name in _OTHER_SPECIAL_TOKENS}
         self._template_specials = {name: value for name, value in specials.items() if value is not None}
         named = self._named_templates(self.config.get("chat_template"), folder)
-        self.chat_template = named.get("default") or next(iter(named.values()), None)
+        # Several named templates and none "default": transformers refuses to pick one for a plain chat.
+        self.chat_template = named.get("default") or (next(iter(named.values())) if len(named) == 1 else None)
+        self._template_names = sorted(named)
         #: What a request with tools renders: the "tool_use" template where the checkpoint names one, as
         #: transformers picks it.
         self.tool_chat_template = named.get("tool_use") or self.chat_template
@@ -175,6 +177,11 @@ class Tokenizer:
         definitions, for templates that describe them to the model). ``template_kwargs`` are more variables
         the template reads, e.g. Qwen 3's ``enable_thinking``."""
         source = self.tool_chat_template if tools else self.chat_template
+        if not source and self._template_names:
+            raise ConfigError(
+                f"this checkpoint has chat templates named {', '.join(self._template_names)} and none named "
+                "'default', so none is the one for a plain chat (transformers refuses too); add a 'default' one"
+            )
         if not source:
             raise ConfigError(
                 "this checkpoint has no chat template (tokenizer_config.json: chat_template); "

@@ -124,6 +124,21 @@ def test_a_template_reads_every_special_token_as_transformers_passes_them(tmp_pa
     assert Tokenizer(folder).apply_chat_template(messages) == theirs == "hi|</s>|<s>|none"
 
 
+def test_named_templates_without_a_default_leave_plain_chats_without_one(tmp_path):
+    """As transformers: several named templates and none "default" is no template for a plain chat (the first,
+    a "rag" one say, was used); a request with tools still takes "tool_use"."""
+    folder = write_text_checkpoint(tmp_path / "named", seed=3)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "rag", "template": "rag {{ messages[0].content }}"},
+                               {"name": "tool_use", "template": "tools {{ messages[0].content }}"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer, messages = Tokenizer(folder), [{"role": "user", "content": "hi"}]
+    with pytest.raises(ConfigError, match="named rag, tool_use and none named 'default'"):
+        tokenizer.apply_chat_template(messages)
+    assert tokenizer.apply_chat_template(messages, tools=[{"type": "function", "function": {"name": "f"}}]) == \
+        "tools hi"
+
+
 def test_chat_template_variables_come_with_the_chat_flag(tmp_path):
     """``chat={"enable_thinking": False}`` applies the template with that variable (Qwen 3's switch); a variable
     the call itself sets is refused by name."""
