@@ -236,10 +236,10 @@ def test_multibyte_characters_split_across_tokens_are_streamed_whole(llm):
     tokens = list(final.token_ids)
     split = [i for i in range(len(tokens) - 1) if tokens[i : i + 2] == e_bytes]
     assert split, "the test needs an 'é' assembled from two tokens"
+    # a piece sent before its character's last byte came would show as U+FFFD here and never become the "é"
+    # (a U+FFFD for a byte that is not UTF-8, which random weights write too, goes out at once and stays)
     assert "".join(o.new_text for o in outputs) == final.text == tok.decode(tokens)
     assert "é" in final.text
-    for o in outputs[:-1]:
-        assert not o.new_text.endswith("\ufffd")
 
 
 def test_generate_many_prompts_is_batched_and_equals_one_by_one(llm):
