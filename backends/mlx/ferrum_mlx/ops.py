@@ -94,9 +94,16 @@ class _StreamsOfThisThread:
     """Held in a thread-local slot of a thread other than the main one that runs a model: freed as that
     thread ends, in that thread, it waits for the thread's MLX streams and destroys them. Left to process
     exit, the stream of a thread that traced a compiled block aborted the interpreter now and then
-    ("terminate called without an active exception", MLX 0.32's CPU build)."""
+    ("terminate called without an active exception", MLX 0.32's CPU build). Freed on any other thread (the
+    garbage collector's, later), it does nothing: there those calls would reach that thread's own streams,
+    perhaps mid-step."""
+
+    def __init__(self) -> None:
+        self.owner = threading.get_ident()
 
     def __del__(self) -> None:
+        if threading.get_ident() != self.owner:
+            return
         try:
             mx.synchronize()
             mx.clear_streams()
