@@ -334,9 +334,10 @@ def mul(a: Any, b: Any) -> Any:
 
 @hookspec(firstresult=True)
 def flush() -> None:
-    """(optional) Finish the work this thread issued and the backend still holds unevaluated (a lazy backend's
-    pending KV writes). The engine calls it when a step stopped half way (Ctrl-C in a caller stepping the
-    engine), so that nothing tied to this thread is left for the next step, which may run on another thread.
+    """(optional) Finish the work this thread issued and the backend still holds unevaluated or running (a lazy
+    backend's pending KV writes, a step started and never read). The engine calls it when a step stopped half
+    way (Ctrl-C in a caller stepping the engine) and when it drops a step it issued (every request in it had
+    ended), so that nothing tied to this thread is left for the next step, which may run on another thread.
     Fallback: nothing (backends that run each op as it is called hold nothing)."""
 
 

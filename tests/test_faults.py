@@ -148,6 +148,9 @@ def test_a_bad_prompt_in_a_batch_queues_nothing(checkpoint):
     llm = ferrum.load(checkpoint, backend="cpu")
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         llm.run([[5, 6], [7, 10**6]], max_tokens=3)
+    assert not llm.engine.scheduler.has_unfinished() and llm.model.kv.num_used_blocks == 0
+    # the prompt queued before the bad one was aborted at once; the next step hands out its output, then nothing
+    assert [o.finish_reason.value for o in llm.engine.step()] == ["abort"]
     assert not llm.engine.has_unfinished()
 
 

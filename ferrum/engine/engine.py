@@ -321,7 +321,9 @@ class Engine:
             if not issued.lagged:
                 self._read(issued, outputs)
             elif any(not chunk.request.finished for chunk, _ in issued.pending):
-                self._in_flight = issued  # else all it computed were extra tokens: nothing to read
+                self._in_flight = issued
+            else:  # all it computed were extra tokens: nothing to read, but no work is left running either
+                self.model.flush()
             self._metrics.stepped(started, sum(len(c.tokens) + len(c.drafts) for c in chunks))
         return outputs
 
