@@ -24,6 +24,7 @@ from ferrum.config import ModelConfig
 from ferrum.errors import InvalidRequestError
 from ferrum.moe.loading import LAYOUTS, is_expert_stack, per_expert_names
 from ferrum.model import weight_shapes
+from ferrum.weights import split_norm_parts
 
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 #: How a family with expert layouts of its own (:data:`ferrum.moe.loading.LAYOUTS`) is written.
@@ -69,6 +70,8 @@ def write_random_checkpoint(
             own_layout[name] = array.astype(_STORAGE[dtype])
         elif len(shape) == 3:  # a stack of experts
             tensors.update(zip(per_expert_names(moe, name), array.astype(_STORAGE[dtype])))
+        elif split_norm_parts(model_config, name):  # a norm a head, each its own tensor (StableLM 2 12B)
+            tensors.update(zip(split_norm_parts(model_config, name), array.astype(_STORAGE[dtype])))
         else:
             tensors[name] = array.astype(_STORAGE[dtype])
         if progress is not None:

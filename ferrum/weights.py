@@ -115,6 +115,9 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
 
     module = name.removesuffix(".weight")
     quant = config.quantization
+    heads = split_norm_parts(config, name)
+    if heads:
+        return heads
     if config.arch.moe is not None and loading.is_expert_stack(name):
         return loading.expert_parts(present, config.arch.moe, name, loading.stack_mode(quant, config.arch.moe, name))
     if module != name and f"{module}.qweight" in present:
@@ -140,10 +143,27 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     return name, f"{module}.scales", f"{module}.biases"
 
 
+def split_norm_parts(config: ModelConfig, name: str) -> tuple[str, ...]:
+    """The per-head tensors, in head order, that make up q/k norm weight ``name`` where the checkpoint keeps
+    one a head (``Architecture.qk_norm_split``); else ()."""
+    arch = config.arch
+    if not arch.qk_norm_split or not name.startswith(arch.prefix) or ".self_attn." not in name:
+        return ()
+    q_norm, k_norm = (f".self_attn.{n}.weight" for n in arch.qk_norm_names)
+    heads = config.num_heads if name.endswith(q_norm) else config.num_kv_heads if name.endswith(k_norm) else 0
+    return tuple(f"{name.removesuffix('.weight')}.norms.{h}.weight" for h in range(heads))
+
+
 def _assemble(
     name: str, parts: dict[str, np.ndarray], shape: tuple[int, ...], config: ModelConfig, where: str
 ) -> HostTensor:
     from ferrum.moe import loading  # imported here, as in _tensor_parts
+
+    heads = split_norm_parts(config, name)
+    if heads:  # one tensor a head, stacked in head order
+        if any(tuple(parts[head].shape) != shape[1:] for head in heads):
+            raise CheckpointError(f"{where}: {', '.join(heads)} must each be [{shape[1]}] (one head's dims)")
+        return np.stack([parts[head] for head in heads])
 
     if config.arch.moe is not None and loading.is_expert_stack(name):  # a stack of experts, or their biases
         return loading.assemble_stack(name, parts, shape, config.arch.moe, config.quantization, where)

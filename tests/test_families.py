@@ -33,7 +33,8 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
-            "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "starcoder2", "cohere", "cohere_qk_norm",
+            "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "stablelm_qk_norm", "starcoder2", "cohere",
+            "cohere_qk_norm",
             "cohere2", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode",
             "gpt_bigcode_mha", "gptj", "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip")
 
@@ -113,6 +114,9 @@ def transformers_config(family: str):
                                       hidden_act="gelu", partial_rotary_factor=0.25)
     if family == "stablelm":  # StableLM 2 1.6B style: biased LayerNorms, q/k/v biases, rope on a quarter of each head
         return transformers.StableLmConfig(**common, num_attention_heads=4, num_key_value_heads=2, use_qkv_bias=True)
+    if family == "stablelm_qk_norm":  # StableLM 2 12B: a LayerNorm per head on q and k, one tensor a head; GQA
+        return transformers.StableLmConfig(**common, num_attention_heads=4, num_key_value_heads=2, qk_layernorm=True,
+                                           use_parallel_residual=True)
     if family == "stablelm_parallel":  # attention and the MLP side by side after one norm (use_parallel_residual)
         return transformers.StableLmConfig(**common, num_attention_heads=4, num_key_value_heads=4,
                                            use_parallel_residual=True, partial_rotary_factor=0.5)
@@ -328,6 +332,7 @@ def _mlx_lm_config(config: dict) -> dict:
                                             ("phi3_partial", 13), ("olmo2", 13), ("exaone4", 13),
                                             ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13), ("hunyuan", 13),
                                             ("phi", 13), ("stablelm", 13), ("stablelm_parallel", 13),
+                                            ("stablelm_qk_norm", 13),
                                             ("starcoder2", WINDOW), ("cohere", 13), ("cohere_qk_norm", 13),
                                             ("cohere2", WINDOW), ("gpt_neox", 13), ("gpt2", 13), ("gpt_bigcode", 13),
                                             ("gptj", 13)])
@@ -936,7 +941,7 @@ def _draw_layer_norm_family(draw, st, family: str, raw: dict, head_dim: int, win
         raw.update(partial_rotary_factor=draw(st.sampled_from([0.25, 0.5, 1.0])), qk_layernorm=draw(st.booleans()))
     if family == "stablelm":
         raw.update(partial_rotary_factor=draw(st.sampled_from([0.25, 0.5, 1.0])), use_qkv_bias=draw(st.booleans()),
-                   use_parallel_residual=draw(st.booleans()))
+                   use_parallel_residual=draw(st.booleans()), qk_layernorm=draw(st.booleans()))
     if family == "starcoder2":
         raw.update(use_bias=draw(st.booleans()), sliding_window=draw(st.sampled_from([None, window])))
     if family in ("cohere", "cohere2"):

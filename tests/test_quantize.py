@@ -249,6 +249,22 @@ def test_modules_mlx_lm_keeps_at_8_bits_are_written_so(tmp_path, family):
     assert_close(ferrum_logits(ours, "cpu"), mlx_lm_logits(tmp_path / "mlx"))
 
 
+@needs_mlx
+def test_per_head_norm_tensors_are_copied_as_mlx_lm_keeps_them(tmp_path):
+    """StableLM 2 12B keeps a q/k LayerNorm a head, one tensor each (``q_layernorm.norms.<h>.weight``): quantize
+    copies them as they are (it looked for one stacked tensor), and both runtimes agree on the output."""
+    config = dict(model_type="stablelm", vocab_size=300, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+                  partial_rotary_factor=0.25, qk_layernorm=True, use_parallel_residual=True, use_qkv_bias=False,
+                  layer_norm_eps=1e-5, tie_word_embeddings=False)
+    src = write_random_checkpoint(tmp_path / "src", config, dtype="float32", std=0.2)
+    write_tokenizer(src)
+    assert "model.layers.0.self_attn.q_layernorm.norms.3.weight" in tensors(src)
+    dst = quantize_checkpoint(src, tmp_path / "q", bits=8, group_size=32)
+    assert {n for n in tensors(dst) if ".norms." in n} == {n for n in tensors(src) if ".norms." in n}
+    assert_close(ferrum_logits(dst, "cpu"), mlx_lm_logits(dst))
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -248,8 +248,8 @@ class AdapterRegistry:
             held = ", ".join(f"{n} (rank {r.adapter.max_rank})" for n, r in self._resident.items())
             raise AdapterError(
                 f"adapter {name!r} would make the adapter stacks {with_it() / 2**20:.1f} MiB (each slot padded to "
-                f"the largest rank of each matrix), over the {self.budget_bytes / 2**20:.1f} MiB adapter budget; resident: "
-                f"{held}; unload one or raise the budget (llm.model.adapters.budget_bytes)"
+                f"the largest rank of each matrix), over the {self.budget_bytes / 2**20:.1f} MiB adapter budget; "
+                f"resident: {held}; unload one or raise the budget (llm.model.adapters.budget_bytes)"
             )
 
     # ------------------------------------------------------------ stacks

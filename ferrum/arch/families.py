@@ -701,21 +701,22 @@ def _phi(r: KeyReader, sizes: Sizes) -> Architecture:
 
 
 def _stablelm(r: KeyReader, sizes: Sizes) -> Architecture:
-    """StableLM (3B 4E1T, 2 1.6B): Llama's blocks with biased LayerNorms, q/k/v biased by use_qkv_bias, rope on
-    partial_rotary_factor (0.25) of each head; use_parallel_residual puts attention and the MLP side by side
-    after the one norm."""
+    """StableLM (3B 4E1T, 2 1.6B, 2 12B): Llama's blocks with biased LayerNorms, q/k/v biased by use_qkv_bias,
+    rope on partial_rotary_factor (0.25) of each head; use_parallel_residual puts attention and the MLP side by
+    side after the one norm; qk_layernorm adds a LayerNorm (no bias) per head to q and k."""
     if sizes.head_dim * sizes.num_heads != sizes.hidden_size:
         r.fail("head_dim", f"is {sizes.head_dim}, but StableLM splits hidden_size ({sizes.hidden_size}) among its "
                            f"{sizes.num_heads} heads; leave head_dim out")
     key, spec = _rope_spec(r)
     rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.25))
     r("hidden_act")
-    r("qk_layernorm")
     parallel = r("use_parallel_residual")
     return Architecture(
         layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
         norms={"pre_attn": "input_layernorm"} if parallel else LLAMA_NORMS, norm="layer", norm_bias=True,
         parallel=parallel, attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=r("use_qkv_bias"),
+        qk_norm="each_head" if r("qk_layernorm") else None, qk_norm_names=("q_layernorm", "k_layernorm"),
+        qk_norm_split=True,
     )
 
 
@@ -1129,8 +1130,7 @@ FAMILIES: dict[str, Family] = {
         Key("partial_rotary_factor", check=optional_positive_number),
         Key("use_qkv_bias", default=False, check=boolean),
         Key("use_parallel_residual", default=False, check=boolean),
-        Key("qk_layernorm", default=False, unsupported=True, check=falsy(
-            "StableLM 2 12B's per-head q/k LayerNorms are not supported; use a checkpoint without them")),
+        Key("qk_layernorm", default=False, check=boolean),  # StableLM 2 12B: a LayerNorm per head on q and k
     )),
     "cohere": _layer_norm_family(_cohere, True, _COHERE, _theta(500_000.0)),  # Command R, Command R+
     "cohere2": _layer_norm_family(_cohere2, True, _COHERE, _LAYER_TYPES, (  # Command R7B, Command A

@@ -58,6 +58,8 @@ class Architecture:
     qk_norm: str | None = None
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")  # their modules in self_attn (Hunyuan's query_layernorm...)
     qk_norm_after_rope: bool = False  # Hunyuan norms q and k once rotated
+    #: "each_head" weights stored one tensor a head, ``<norm>.norms.<h>.weight`` (StableLM 2 12B), stacked at load.
+    qk_norm_split: bool = False
     #: OLMo's clip_qkv: q, k and v clipped to [-c, c] once projected (and OLMoE's q and k once normed).
     clip_qkv: float | None = None
     qkv_bias: bool = False

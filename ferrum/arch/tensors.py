@@ -85,8 +85,9 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         q_norm, k_norm = arch.qk_norm_names
         sizes = {"projection": ((q,), (kv,)), "head": ((d,), (d,)),  # per q (k) column, or per head dimension
                  "each_head": ((config.num_heads, d), (config.num_kv_heads, d))}[arch.qk_norm]
+        parts = ("weight",) if arch.qk_norm == "each_head" else norm_parts  # per-head norms have no bias
         attention.update({f"self_attn.{norm}.{part}": size for norm, size in zip((q_norm, k_norm), sizes)
-                          for part in norm_parts})
+                          for part in parts})
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         shapes.update({f"{p}layers.{i}.{name}": shape[::-1] if arch.transposed and len(shape) == 2 else shape

@@ -197,12 +197,13 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
           config: Any) -> list[_Item]:
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
     from ferrum.moe.loading import LAYOUTS, expert_parts, fused_half, is_expert_stack
+    from ferrum.weights import split_norm_parts
 
     moe = config.arch.moe
     layout = None if moe is None or moe.layout is None else LAYOUTS[moe.layout]
     present = checkpoint.names()
-    sources = {name: expert_parts(present, moe, name) if moe is not None and is_expert_stack(name) else (name,)
-               for name, shape in shapes.items()}
+    sources = {name: expert_parts(present, moe, name) if moe is not None and is_expert_stack(name)
+               else split_norm_parts(config, name) or (name,) for name in shapes}
     checkpoint.require([part for parts in sources.values() for part in parts])
     headers = checkpoint.headers()
     if any(name.endswith(".scales") for name in headers):
@@ -214,6 +215,13 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
     plan = []
     for name, shape in shapes.items():
         parts = sources[name]
+        if split_norm_parts(config, name):  # one tensor a head, copied as they are (mlx-lm keeps them so)
+            for part in parts:
+                code, stored = headers[part]
+                if stored != shape[1:]:
+                    raise CheckpointError(f"tensor {part} has shape {stored} but config.json implies {shape[1:]}")
+                plan.append(_Item(name, shape[1:], False, (_Tensor(part, code, shape[1:]),), (part,)))
+            continue
         code, stored = headers[parts[0]]
         own_layout = layout is not None and is_expert_stack(name)
         if own_layout:  # as the family's layout stores it

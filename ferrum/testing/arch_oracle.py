@@ -14,6 +14,7 @@ with Ferrum; the oracle is tested against transformers on every family.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,10 @@ class ArchOracle:
             packed = QuantizedWeight(tensors[f"{module}.weight"], tensors.pop(scales), tensors.pop(f"{module}.biases"),
                                      *quant.for_module(module))
             tensors[f"{module}.weight"] = dequantize(packed)
+        for head in sorted(n for n in tensors if re.search(r"\.norms\.0\.weight$", n)):  # a norm a head (StableLM)
+            module = head.removesuffix(".norms.0.weight")
+            count = sum(1 for n in tensors if n.startswith(f"{module}.norms."))
+            tensors[f"{module}.weight"] = np.stack([tensors.pop(f"{module}.norms.{h}.weight") for h in range(count)])
         self.stored = {name: f64(array) for name, array in tensors.items()}
 
     def w(self, name: str) -> np.ndarray | None:
