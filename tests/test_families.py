@@ -33,8 +33,8 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
-            "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "stablelm_qk_norm", "starcoder2", "cohere",
-            "cohere_qk_norm",
+            "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "stablelm_qk_norm", "starcoder2",
+            "cohere", "cohere_qk_norm",
             "cohere2", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode",
             "gpt_bigcode_mha", "gptj", "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip")
 
