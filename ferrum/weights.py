@@ -115,7 +115,7 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
 
     module = name.removesuffix(".weight")
     quant = config.quantization
-    heads = split_norm_parts(config, name)
+    heads = split_norm_parts(config, name) if name not in present else ()  # stacked already (a GGUF import's)
     if heads:
         return heads
     if config.arch.moe is not None and loading.is_expert_stack(name):
@@ -144,8 +144,8 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
 
 
 def split_norm_parts(config: ModelConfig, name: str) -> tuple[str, ...]:
-    """The per-head tensors, in head order, that make up q/k norm weight ``name`` where the checkpoint keeps
-    one a head (``Architecture.qk_norm_split``); else ()."""
+    """The per-head tensors, in head order, that make up q/k norm weight ``name`` where the family keeps one a
+    head (``Architecture.qk_norm_split``; a checkpoint holding ``name`` itself stacked is read as it is); else ()."""
     arch = config.arch
     if not arch.qk_norm_split or not name.startswith(arch.prefix) or ".self_attn." not in name:
         return ()
@@ -159,7 +159,7 @@ def _assemble(
 ) -> HostTensor:
     from ferrum.moe import loading  # imported here, as in _tensor_parts
 
-    heads = split_norm_parts(config, name)
+    heads = split_norm_parts(config, name) if name not in parts else ()
     if heads:  # one tensor a head, stacked in head order
         if any(tuple(parts[head].shape) != shape[1:] for head in heads):
             raise CheckpointError(f"{where}: {', '.join(heads)} must each be [{shape[1]}] (one head's dims)")

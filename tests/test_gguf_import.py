@@ -7,6 +7,7 @@ file, and tiny GGUF files written here with ``gguf.GGUFWriter``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import time
@@ -217,8 +218,6 @@ CHAT_TEXT = (
 
 @needs_smollm2
 def test_chat_template_renders(converted):
-    import json
-
     import jinja2
 
     from ferrum.tokenizer import Tokenizer
@@ -586,8 +585,6 @@ def test_pre_tokenizers_split_words_as_the_models_own_regex(tmp_path, pre, words
     """Each ``tokenizer.ggml.pre`` splits text with its model's regex (Tekken and o200k at case changes, Qwen2 and
     Tekken digit by digit, Llama 3 and o200k in threes); Llama 3 and Tekken take a word the vocabulary holds whole
     as one token (llama.cpp's ignore_merges)."""
-    import json
-
     from tokenizers import Tokenizer
 
     write_tiny_gguf(tmp_path / "t.gguf", pre=pre, types={})
@@ -1036,9 +1033,11 @@ def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch
     _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
-def _layer_norm_gguf(path: Path, hf, config, arch: str, extra: dict[str, np.ndarray] | None = None) -> None:
+def _layer_norm_gguf(path: Path, hf, config, arch: str, extra: dict[str, np.ndarray] | None = None,
+                     skip: str | None = None) -> None:
     """``hf``'s weights under the names gguf's own tensor map gives ``arch`` (biases and all), with its partial
-    rotary and Command R's logit scale in the metadata; ``extra`` tensors are written as named."""
+    rotary and Command R's logit scale in the metadata; ``extra`` tensors are written as named, in place of those
+    whose names hold ``skip``."""
     w = _gguf_writer(path, arch, config)
     head_dim = config.hidden_size // config.num_attention_heads
     w.add_rope_dimension_count(int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0)))
@@ -1051,8 +1050,8 @@ def _layer_norm_gguf(path: Path, hf, config, arch: str, extra: dict[str, np.ndar
     kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
     for name, tensor in hf.state_dict().items():
-        if config.tie_word_embeddings and name == "lm_head.weight":  # tied: llama.cpp's converter skips it
-            continue
+        if config.tie_word_embeddings and name == "lm_head.weight" or skip is not None and skip in name:
+            continue  # tied: llama.cpp's converter skips the head
         array = tensor.float().numpy()
         if arch == "gptneox" and ".query_key_value." in name:  # the converter's order: every q, then k, then v
             array = array.reshape(config.num_attention_heads, 3, -1, *array.shape[1:]).swapaxes(0, 1).reshape(
@@ -1157,16 +1156,23 @@ def test_gpt2_falcon_stablelm_gguf_match_the_model_they_were_written_from(tmp_pa
     _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
-def test_stablelm_2_12b_gguf_is_refused_by_name(tmp_path):
-    """StableLM 2 12B's per-head q/k norms (stacked by the converter) are named, not reported as stray tensors."""
+def test_stablelm_2_12b_gguf_matches_the_model_it_was_written_from(tmp_path):
+    """StableLM 2 12B's per-head q/k LayerNorms, which llama.cpp's converter stacks into one [heads, head_dim]
+    tensor each: read stacked as they are (they were refused)."""
+    torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf, config = _tiny_model(transformers.StableLmConfig, intermediate_size=96, num_hidden_layers=2)
-    stacked = {f"blk.{i}.attn_{x}_norm.weight": np.ones((heads, 16), np.float32)
-               for i in range(2) for x, heads in (("q", 4), ("k", 2))}
-    _layer_norm_gguf(tmp_path / "m.gguf", hf, config, "stablelm", extra=stacked)
-    with pytest.raises(UnsupportedFeatureError, match="12B's per-head q/k LayerNorms"):
-        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    hf, config = _tiny_model(transformers.StableLmConfig, intermediate_size=96, num_hidden_layers=2, qk_layernorm=True)
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.normal_(0, 0.2)
+    state = hf.state_dict()
+    stacked = {f"blk.{i}.attn_{x}_norm.weight": np.stack([
+        state[f"model.layers.{i}.self_attn.{x}_layernorm.norms.{h}.weight"].float().numpy() for h in range(heads)])
+        for i in range(2) for x, heads in (("q", config.num_attention_heads), ("k", config.num_key_value_heads))}
+    _layer_norm_gguf(tmp_path / "m.gguf", hf, config, "stablelm", extra=stacked, skip=".norms.")
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["qk_layernorm"] is True
+    _assert_logits_match(hf, out)
 
 
 @pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 46, 16), ("gemma2", 26, 8), ("gemma3", 62, 16)])
@@ -1174,8 +1180,6 @@ def test_gemma_attention_scale_follows_llama_cpp(tmp_path, arch, layers, scalar)
     """The file does not carry query_pre_attn_scalar: llama.cpp takes hidden / heads for the 27B models (46
     layers for Gemma 2, 62 for Gemma 3) and head_dim for the others, as their Hugging Face configs say."""
     transformers = pytest.importorskip("transformers")
-    import json
-
     hf, config = _tiny_model(transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig,
                              intermediate_size=8, num_hidden_layers=layers, num_key_value_heads=1, head_dim=8,
                              sliding_window=4, rope_scaling=None)
@@ -1187,8 +1191,6 @@ def test_gemma_attention_scale_follows_llama_cpp(tmp_path, arch, layers, scalar)
 def test_named_chat_templates_come_along(tmp_path):
     """llama.cpp's ``tokenizer.chat_template.<name>`` (Hermes 2 Pro's tool_use): kept by name, so a request with
     tools renders the tool_use one; a file with one template keeps it as a string."""
-    import json
-
     from ferrum.tokenizer import Tokenizer
 
     named = [{"name": "default", "template": "plain {{ messages[0].content }}"},
@@ -1206,8 +1208,6 @@ def test_named_chat_templates_come_along(tmp_path):
 def test_split_gguf_imports_from_its_first_part(tmp_path):
     """A model split into parts (llama.cpp's gguf-split naming) imports from its first part to what the unsplit
     file gives; naming another part, or a part missing, is refused with what to do."""
-    import json
-
     from ferrum.gguf_import.files import part_names
 
     write_tiny_gguf(tmp_path / "whole.gguf")
@@ -1277,8 +1277,6 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
 
 
 def test_dequantize_to_float16(tmp_path):
-    import json
-
     from safetensors.numpy import load_file
 
     expected = write_tiny_gguf(tmp_path / "tiny.gguf")

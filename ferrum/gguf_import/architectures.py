@@ -150,13 +150,17 @@ def _olmoe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
     return {"clip_qkv": float32_value(clamp) if clamp else None}
 
 
+#: StableLM 2 12B's per-head q/k norms, which the converter stacks into one ``[heads, head_dim]`` tensor each.
+_STABLELM_QK_NORMS = (("attn_q_norm.weight", "self_attn.q_layernorm.weight"),
+                      ("attn_k_norm.weight", "self_attn.k_layernorm.weight"))
+
+
 def _stablelm_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """StableLM: q/k/v biases where the file has them; attention and the MLP side by side where the blocks have no
     MLP norm, as llama.cpp decides (the converter writes ``use_parallel_residual`` true where the config is silent)."""
-    if "blk.0.attn_q_norm.weight" in meta.tensors:
-        raise UnsupportedFeatureError(f"{meta.where}: StableLM 2 12B's per-head q/k LayerNorms are not supported")
     return {"use_qkv_bias": "blk.0.attn_q.bias" in meta.tensors,
-            "use_parallel_residual": "blk.0.ffn_norm.weight" not in meta.tensors}
+            "use_parallel_residual": "blk.0.ffn_norm.weight" not in meta.tensors,
+            "qk_layernorm": "blk.0.attn_q_norm.weight" in meta.tensors}  # StableLM 2 12B's, stacked [heads, dim]
 
 
 def _falcon_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +262,7 @@ ARCHITECTURES = {
     # StableLM rotates its rotate-half pairs as stored; GPT-2's and StarCoder's projections are stored [out, in]
     # (GPT-2's transposed from its Conv1D by the converter, read so by ``ferrum.arch.tensors.resolve_layout``)
     "stablelm": _Architecture("stablelm", "StableLmForCausalLM", False, partial_rotary=True,
-                              configure=_stablelm_config),
+                              configure=_stablelm_config, renamed=_STABLELM_QK_NORMS),
     "falcon": _Architecture("falcon", "FalconForCausalLM", False, (("activation", "gelu"),), configure=_falcon_config,
                             grouped_qkv=True, renamed_with=(("attn_norm_2.weight", (
                                 ("attn_norm_2.weight", "ln_attn.weight"), ("attn_norm_2.bias", "ln_attn.bias"),

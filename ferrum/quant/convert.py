@@ -203,7 +203,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
     layout = None if moe is None or moe.layout is None else LAYOUTS[moe.layout]
     present = checkpoint.names()
     sources = {name: expert_parts(present, moe, name) if moe is not None and is_expert_stack(name)
-               else split_norm_parts(config, name) or (name,) for name in shapes}
+               else (name,) if name in present else split_norm_parts(config, name) or (name,) for name in shapes}
     checkpoint.require([part for parts in sources.values() for part in parts])
     headers = checkpoint.headers()
     if any(name.endswith(".scales") for name in headers):
@@ -215,7 +215,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
     plan = []
     for name, shape in shapes.items():
         parts = sources[name]
-        if split_norm_parts(config, name):  # one tensor a head, copied as they are (mlx-lm keeps them so)
+        if parts == split_norm_parts(config, name):  # one tensor a head, copied as they are (as mlx-lm keeps them)
             for part in parts:
                 code, stored = headers[part]
                 if stored != shape[1:]:
