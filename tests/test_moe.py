@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,8 +40,8 @@ def moe_config(family: str, **extra):
     if family == "olmoe":  # q and k normed over their whole projections; softmax routing, not renormalized
         return transformers.OlmoeConfig(**common, intermediate_size=48, num_experts=6, norm_topk_prob=False,
                                         **extra)
-    return transformers.Qwen3MoeConfig(**common, intermediate_size=80, moe_intermediate_size=40, num_experts=6,
-                                       norm_topk_prob=True, head_dim=16, **extra)
+    return transformers.Qwen3MoeConfig(**{**common, "intermediate_size": 80, "moe_intermediate_size": 40,
+                                          "num_experts": 6, "norm_topk_prob": True, "head_dim": 16, **extra})
 
 
 SPARSE_BLOCKS = {
@@ -320,6 +321,39 @@ def test_olmoe_clip_qkv_matches_transformers(tmp_path, moe_models, backend):
         ref = model(torch.tensor([TOKENS])).logits[0].numpy()
     assert scaled_error(ref, moe_models["olmoe"][2]) > 1e-2  # the clipping bites
     assert scaled_error(load_model(tmp_path, backend).forward_verify("all", TOKENS), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_experts_of_sizes_the_grouped_gemm_cannot_stride_match_transformers(tmp_path, backend):
+    """37 wide: rows of 148 bytes, not a multiple of 16, which torch's grouped GEMM refuses; CUDA takes the
+    per-expert GEMMs for them (it raised a raw RuntimeError)."""
+    write_moe_checkpoint(tmp_path, "qwen3_moe", moe_intermediate_size=37)
+    model = transformers.AutoModelForCausalLM.from_pretrained(  # transformers' own grouped GEMM refuses them too
+        tmp_path, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert scaled_error(load_model(tmp_path, backend).forward_verify("all", TOKENS), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda w: w[:-1], "float32 (39, 64) but"),  # one expert a row short: numpy's raw ValueError before
+    (lambda w: (w * 100).astype(np.int32), "int32 (40, 64) but"),  # promoted among floats and run as weights
+])
+def test_one_expert_tensor_unlike_the_others_is_refused_by_name(moe_models, tmp_path, change, words):
+    from safetensors.numpy import load_file, save_file
+
+    from ferrum.errors import CheckpointError
+
+    folder = moe_models["qwen3_moe"][0]
+    for path in folder.iterdir():
+        if path.is_file():
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    name = "model.layers.1.mlp.experts.2.gate_proj.weight"
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"expert tensor {name} is {re.escape(words)}"):
+        load_model(tmp_path, "cpu")
 
 
 @pytest.mark.parametrize("family", list(SPARSE_BLOCKS))

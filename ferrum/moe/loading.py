@@ -119,7 +119,18 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
     see :func:`fused_half`), checked against ``shape``."""
     def stacked(kind: str) -> np.ndarray:
         names = sorted((n for n in parts if n.endswith(f".{kind}")), key=_expert_index)  # shards read out of order
-        return parts[names[0]] if parts[names[0]].ndim == 3 else np.stack([parts[n] for n in names])
+        if parts[names[0]].ndim == 3:
+            return parts[names[0]]
+        def kind(array: np.ndarray) -> tuple:
+            return array.shape, "float" if array.dtype.kind == "f" or array.dtype.name == "bfloat16" else array.dtype
+
+        odd = next((n for n in names if kind(parts[n]) != kind(parts[names[0]])), None)
+        if odd is not None:  # np.stack would refuse another shape raw, and take ints among floats as weights
+            raise CheckpointError(
+                f"{where}: expert tensor {odd} is {parts[odd].dtype} {tuple(parts[odd].shape)} but {names[0]} is "
+                f"{parts[names[0]].dtype} {tuple(parts[names[0]].shape)}; every expert's must match (config.json "
+                f"implies {shape[1:]})")
+        return np.stack([parts[n] for n in names])
 
     if any(n.endswith(".qweight") for n in parts):
         return _awq_gptq_experts(parts, shape, quant, where)

@@ -1242,6 +1242,13 @@ def _grouped_gemm_runs(dtype: torch.dtype) -> bool:
         return False
 
 
+def _aligned(weights, dtype: torch.dtype) -> bool:
+    """Whether the grouped GEMM takes these ``[E, out, in]`` weights: its operands' rows must span a multiple of
+    16 bytes (an expert 37 wide is not; real checkpoints' are)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return all(size * itemsize % 16 == 0 for size in weights.shape[1:])
+
+
 def _grouped(stack: ExpertStack, rows, ends, expert_of_row, biases):
     """Each expert's projection of its run of ``rows`` (sorted by expert; run ``e`` ends at ``ends[e]``)."""
     y = torch._grouped_mm(rows, stack.w.transpose(1, 2), offs=ends)
@@ -1265,7 +1272,8 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
     order = torch.argsort(flat, stable=True)
     rows = x.index_select(0, order // top_k)
     y = torch.empty((tokens * top_k, x.shape[1]), dtype=x.dtype, device=x.device)
-    if not (gate.quantized or up.quantized or down.quantized) and _grouped_gemm_runs(x.dtype):
+    if not (gate.quantized or up.quantized or down.quantized) and _grouped_gemm_runs(x.dtype) and all(
+            _aligned(stack.w, x.dtype) for stack in (gate, up, down)):
         expert_of_row = flat.index_select(0, order)
         experts = torch.arange(len(gate), device=x.device)
         ends = torch.searchsorted(expert_of_row, experts, right=True).to(torch.int32)
