@@ -24,6 +24,11 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 READABLE_DTYPES = FLOAT_DTYPES | {"U32", "U8", "I32"}  # MLX codes, float-mode scales, AWQ/GPTQ words
 
 
+def is_float(array: np.ndarray) -> bool:
+    """Whether a tensor read from a checkpoint holds floats (ml_dtypes' bfloat16, which numpy calls kind "V", too)."""
+    return array.dtype.kind == "f" or array.dtype.name == "bfloat16"
+
+
 def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
     """Bytes of a tensor of safetensors dtype code ``dtype`` and ``shape``."""
     return math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ferrum.checkpoint import Checkpoint
+from ferrum.checkpoint import Checkpoint, is_float
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
@@ -173,7 +173,7 @@ def _assemble(
         return awq_gptq.repack(parts, module, quant.mode_for(module), shape, quant.bits, quant.group_size, where)
     array = parts[name]
     if len(parts) == 1:
-        if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+        if not is_float(array):
             raise CheckpointError(
                 f"{where}: tensor {name} is {array.dtype} but a float tensor is expected "
                 "(a packed weight needs its .scales and .biases and a 'quantization' section in config.json)"

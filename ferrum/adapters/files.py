@@ -32,6 +32,7 @@ import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can
 import numpy as np
 
 from ferrum.arch.tensors import llama_names, prepare
+from ferrum.checkpoint import is_float
 from ferrum.errors import AdapterError
 
 #: The projections an adapter may target, and the block part they live in.
@@ -430,7 +431,7 @@ def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: n
             f"{shape[0]} -> {shape[1]}; the adapter was trained for another model"
         )
     for factor in (a, b):
-        if factor.dtype.kind != "f" and factor.dtype.name != "bfloat16":
+        if not is_float(factor):
             raise AdapterError(f"{where}: layer {layer} {proj}: factors are {factor.dtype}, not floats")
     a32, b32 = np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
     with np.errstate(over="ignore", invalid="ignore"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ferrum.checkpoint import is_float
 from ferrum.errors import CheckpointError
 
 _FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
@@ -65,7 +66,7 @@ def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where
     _, proj, _ = _names(name)
     half = _FUSED[proj][1]
     release, saved = stored_shapes(name, stored, shape)
-    if array.ndim != 3 or (array.dtype.kind != "f" and array.dtype.name != "bfloat16"):
+    if array.ndim != 3 or not is_float(array):
         raise CheckpointError(f"{where}: {stored} must be a float [E, ...] stack, got {array.dtype} "
                               f"{tuple(array.shape)}")
     if release == saved:

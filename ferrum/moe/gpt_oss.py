@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ferrum.checkpoint import is_float
 from ferrum.errors import CheckpointError
 
 _FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
@@ -121,7 +122,7 @@ def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where
 
 
 def _checked(array: np.ndarray, shape: tuple[int, ...], part: str, where: str) -> np.ndarray:
-    if tuple(array.shape) != shape or (array.dtype.kind != "f" and array.dtype.name != "bfloat16"):
+    if tuple(array.shape) != shape or not is_float(array):
         raise CheckpointError(f"{where}: {part} gives a {array.dtype} {tuple(array.shape)} tensor where config.json "
                               f"implies float {shape}")
     return np.ascontiguousarray(array)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ferrum.checkpoint import is_float
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe import fused_gate_up, gpt_oss
 from ferrum.moe.experts import HostExperts, StackedQuantized
@@ -121,10 +122,11 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
         names = sorted((n for n in parts if n.endswith(f".{kind}")), key=_expert_index)  # shards read out of order
         if parts[names[0]].ndim == 3:
             return parts[names[0]]
-        def kind(array: np.ndarray) -> tuple:
-            return array.shape, "float" if array.dtype.kind == "f" or array.dtype.name == "bfloat16" else array.dtype
 
-        odd = next((n for n in names if kind(parts[n]) != kind(parts[names[0]])), None)
+        def form(array: np.ndarray) -> tuple:
+            return array.shape, "float" if is_float(array) else array.dtype
+
+        odd = next((n for n in names if form(parts[n]) != form(parts[names[0]])), None)
         if odd is not None:  # np.stack would refuse another shape raw, and take ints among floats as weights
             raise CheckpointError(
                 f"{where}: expert tensor {odd} is {parts[odd].dtype} {tuple(parts[odd].shape)} but {names[0]} is "
@@ -139,7 +141,7 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
         weight = half_of(weight, half)
     first = next(iter(parts)).removesuffix(".weight")
     if not any(n.endswith(".scales") for n in parts):
-        if tuple(weight.shape) != shape or (weight.dtype.kind != "f" and weight.dtype.name != "bfloat16"):
+        if tuple(weight.shape) != shape or not is_float(weight):
             raise CheckpointError(
                 f"{where}: experts {first} stack to {weight.dtype} {tuple(weight.shape)} but config.json implies "
                 f"float {shape} (a packed weight needs .scales and .biases beside it)"
