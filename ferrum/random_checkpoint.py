@@ -70,8 +70,8 @@ def write_random_checkpoint(
             own_layout[name] = array.astype(_STORAGE[dtype])
         elif len(shape) == 3:  # a stack of experts
             tensors.update(zip(per_expert_names(moe, name), array.astype(_STORAGE[dtype])))
-        elif split_norm_parts(model_config, name):  # a norm a head, each its own tensor (StableLM 2 12B)
-            tensors.update(zip(split_norm_parts(model_config, name), array.astype(_STORAGE[dtype])))
+        elif heads := split_norm_parts(model_config, name):  # a norm a head, each its own tensor (StableLM 2 12B)
+            tensors.update(zip(heads, array.astype(_STORAGE[dtype])))
         else:
             tensors[name] = array.astype(_STORAGE[dtype])
         if progress is not None:

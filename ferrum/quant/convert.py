@@ -202,8 +202,15 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
     moe = config.arch.moe
     layout = None if moe is None or moe.layout is None else LAYOUTS[moe.layout]
     present = checkpoint.names()
-    sources = {name: expert_parts(present, moe, name) if moe is not None and is_expert_stack(name)
-               else (name,) if name in present else split_norm_parts(config, name) or (name,) for name in shapes}
+
+    def source_parts(name: str) -> tuple[str, ...]:
+        """The tensors ``name`` is read from: an MoE stack's experts, a norm stored a head a tensor, or itself."""
+        if moe is not None and is_expert_stack(name):
+            return expert_parts(present, moe, name)
+        heads = () if name in present else split_norm_parts(config, name)
+        return heads or (name,)
+
+    sources = {name: source_parts(name) for name in shapes}
     checkpoint.require([part for parts in sources.values() for part in parts])
     headers = checkpoint.headers()
     if any(name.endswith(".scales") for name in headers):
