@@ -9,6 +9,7 @@ cached is downloaded, and then only the files Ferrum reads.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -93,18 +94,23 @@ def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=local_only, allow_patterns=patterns))
 
     what = f"{repo_id}/{filename}" if filename else repo_id
+    missing = None
     try:
-        return fetch(local_only=True)
+        cached = fetch(local_only=True)
+        missing = None if filename is not None else _missing_weights(cached)
+        if missing is None:
+            return cached
     except (errors.LocalEntryNotFoundError, FileNotFoundError):
         pass
     if constants.HF_HUB_OFFLINE:
+        held = (f"{what} is in the Hugging Face cache ({constants.HF_HUB_CACHE}) without {missing}" if missing else
+                f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})")
         raise CheckpointError(
-            f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
-            f"download it where there is network (`hf download {repo_id}`) and copy the cache here, "
-            "or pass a local checkpoint folder"
+            f"{held} and HF_HUB_OFFLINE is set; download it where there is network (`hf download {repo_id}`) "
+            "and copy the cache here, or pass a local checkpoint folder"
         )
     try:
-        return fetch(local_only=False)
+        fetched = fetch(local_only=False)
     except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError) as exc:
         raise _not_accessible(f"cannot download {what}", exc) from exc
     except errors.EntryNotFoundError as exc:
@@ -114,6 +120,30 @@ def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
         raise CheckpointError(f"{repo_id} has no file {filename!r}; list its files on huggingface.co") from exc
     except (errors.HfHubHTTPError, OSError, ValueError) as exc:
         raise _download_failed(what, repo_id, constants.HF_HUB_CACHE, exc) from exc
+    # huggingface_hub hands back the cached snapshot as it is when the hub does not answer
+    still_missing = None if filename is not None else _missing_weights(fetched)
+    if still_missing:
+        raise CheckpointError(f"{what} is in the Hugging Face cache ({constants.HF_HUB_CACHE}) without "
+                              f"{still_missing}, and downloading did not bring them; connect to the network and "
+                              f"retry, or download it elsewhere (`hf download {repo_id}`)")
+    return fetched
+
+
+def _missing_weights(snapshot: Path) -> str | None:
+    """What a cached snapshot lacks of its weights (a config or tokenizer fetched alone leaves a snapshot
+    folder behind), or None when they are all there: every shard its safetensors index names, else a
+    safetensors or GGUF file."""
+    index = snapshot / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None  # loading names what is wrong with the index
+        absent = [name for name in shards if not (snapshot / name).exists()]
+        return f"{len(absent)} of its {len(shards)} weight files ({', '.join(absent[:3])})" if absent else None
+    if any(snapshot.glob("*.safetensors")) or any(snapshot.rglob("*.gguf")):
+        return None
+    return "its weights (no *.safetensors or *.gguf file)"
 
 
 def _not_accessible(what: str, exc: Exception) -> CheckpointError:

@@ -176,3 +176,58 @@ def test_an_unreachable_hub_is_named_not_taken_for_a_missing_file(tmp_path, monk
         message = str(caught.value)
         assert "downloading it failed" in message and "Name or service not known" in message, message
         assert "has no file" not in message
+
+
+def test_a_snapshot_cached_without_its_weights_is_completed_or_named(checkpoint, tmp_path, monkeypatch):
+    """A config or tokenizer fetched alone (``AutoTokenizer.from_pretrained``) leaves a snapshot folder with
+    no weights: online, the rest is downloaded; offline, the error says which weights the cache lacks."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from ferrum.hub import resolve_repo
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(checkpoint / name, partial / name)
+    snapshot = fake_hub_cache(tmp_path / "hub", "acme/tiny", partial)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match=r"acme/tiny is in the Hugging Face cache .* without its weights .*"
+                                              r"HF_HUB_OFFLINE is set"):
+        resolve_repo("acme/tiny")
+
+    real_download, downloads = huggingface_hub.snapshot_download, []
+
+    def download(repo_id, local_files_only=False, **kwargs):
+        if not local_files_only:  # what the hub would bring: the files the snapshot lacks
+            downloads.append(kwargs.get("allow_patterns"))
+            for weights in checkpoint.glob("*.safetensors"):
+                shutil.copyfile(weights, snapshot / weights.name)
+        return real_download(repo_id, local_files_only=True)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert resolve_repo("acme/tiny") == snapshot and len(downloads) == 1
+    assert "*.safetensors" in downloads[0]
+    assert resolve_repo("acme/tiny") == snapshot and len(downloads) == 1  # complete now: the cache answers
+
+
+def test_a_sharded_snapshot_missing_a_shard_names_it(checkpoint, tmp_path, monkeypatch):
+    import json
+
+    from huggingface_hub import constants
+
+    from ferrum.hub import resolve_repo
+
+    files = tmp_path / "files"
+    files.mkdir()
+    shutil.copyfile(checkpoint / "config.json", files / "config.json")
+    (files / "model-00001-of-00002.safetensors").write_bytes(b"")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (files / "model.safetensors.index.json").write_text(json.dumps(index))
+    fake_hub_cache(tmp_path / "hub", "acme/sharded", files)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match=r"without 1 of its 2 weight files \(model-00002-of-00002"):
+        resolve_repo("acme/sharded")
