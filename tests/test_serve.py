@@ -440,6 +440,7 @@ def test_malformed_and_odd_bodies(server):
         assert error["param"] == field and "finite" in error["message"], error
     unknown = httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": []})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert unknown.json()["error"]["type"] == "invalid_request_error"  # OpenAI's type, the code says which
     assert httpx.get(server.url + "/v1/nothing").status_code == 404
     with pytest.raises(openai.BadRequestError):
         server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
@@ -728,3 +729,32 @@ def test_reasoning_effort_is_a_chat_template_variable(model, monkeypatch):
                                                   "reasoning": {"effort": "medium"}}).status_code == 200
     assert seen == [{"reasoning_effort": "high"}, {"reasoning_effort": "low", "x": 1}, None,
                     {"reasoning_effort": "medium"}]
+
+
+def test_null_is_the_default_and_a_parsed_reply_goes_back_in(server, llm):
+    """The ``openai`` client sends an argument passed as None as null, which the API reads as its default; a
+    message from the client's ``.parse()`` carries ``parsed``, and the tool loop sends it back whole."""
+    client, messages = server.client(), [{"role": "user", "content": "hello"}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    nulls = dict.fromkeys(("n", "stream", "logprobs", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                           "repetition_penalty", "ignore_eos", "stream_options"))
+    reply = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0, **nulls})
+    assert reply.status_code == 200, reply.text
+    (choice,) = reply.json()["choices"]
+    assert choice["message"]["content"] == plain.choices[0].message.content
+    completion = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "hello", "max_tokens": None, "echo": None, "n": None, "stream": None,
+        "ignore_eos": True})
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["usage"]["completion_tokens"] == 16  # the API's default max_tokens
+    missing = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": None}).json()
+    assert missing["error"]["param"] == "messages"  # a required field stays required
+    from openai.types.chat import ParsedChatCompletionMessage
+
+    turn = ParsedChatCompletionMessage(role="assistant", content=plain.choices[0].message.content, parsed=None)
+    again = client.chat.completions.create(model="tiny", messages=[*messages, turn, {"role": "user", "content": "ok"}],
+                                           max_tokens=4, temperature=0)
+    expected = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
+        *messages, {"role": "assistant", "content": turn.content}, {"role": "user", "content": "ok"}])
+    assert again.choices[0].message.content == expected.choices[0].message.content

@@ -245,8 +245,8 @@ def test_the_store_drops_the_oldest_past_its_count_or_its_bytes():
     from ferrum.serve.errors import APIError
     from ferrum.serve.responses import ResponseStore
 
-    def turn(i: int, words: int) -> tuple[dict, list[dict]]:
-        return {"id": f"resp_{i}"}, [{"role": "user", "content": "word " * words}]
+    def turn(i: int, words: int) -> tuple[dict, list[dict], list[dict]]:
+        return {"id": f"resp_{i}"}, [{"role": "user", "content": "word " * words}], []
 
     small = len(json.dumps(list(turn(0, 10))).encode())
     budget = 10_000
@@ -353,3 +353,39 @@ def test_a_streamed_reply_keeps_the_text_after_its_calls(tmp_path):
     streamed = events[-1]["response"]["output"]
     assert texts(whole) == texts(streamed) == ["and more"]
     assert [item["type"] for item in streamed].count("function_call") == 1
+
+
+def test_input_items_list_a_responses_input_in_pages(server):
+    """``client.responses.input_items.list``: the request's own input (not its history), each item with an id,
+    newest first unless asked, in pages the client follows."""
+    client = server.client()
+    first = client.responses.create(model="tiny", input="hello", max_output_tokens=2, **GREEDY)
+    listed = client.responses.input_items.list(first.id)
+    (item,) = listed.data
+    assert item.type == "message" and item.role == "user" and item.id.startswith("msg_")
+    assert [part.text for part in item.content] == ["hello"] and listed.has_more is False
+    turns = [{"role": "user", "content": f"turn {i}"} for i in range(5)]
+    second = client.responses.create(model="tiny", input=turns, previous_response_id=first.id, max_output_tokens=2,
+                                     **GREEDY)
+    page = client.responses.input_items.list(second.id, limit=2)
+    assert [i.content[0].text for i in page.data] == ["turn 4", "turn 3"] and page.has_more
+    every = [i.content[0].text for i in client.responses.input_items.list(second.id, limit=2, order="asc")]
+    assert every == [f"turn {i}" for i in range(5)]  # the client follows has_more / after through the pages
+    for query, param in (({"limit": 0}, "limit"), ({"order": "up"}, "order"), ({"after": "msg_x"}, "after"),
+                         ({"limit": "many"}, "limit")):
+        reply = httpx.get(f"{server.url}/v1/responses/{second.id}/input_items", params=query, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")
+
+
+def test_function_tools_with_null_parameters_take_no_arguments(tool_server):
+    """The Responses API's function tool has ``parameters`` nullable: a function of no arguments."""
+    server, tool = tool_server, {"type": "function", "name": "ping", "parameters": None, "strict": None}
+    done = server.client().responses.create(model="tiny", input="hi", tools=[tool], max_output_tokens=2,
+                                            stream=None, **GREEDY)
+    assert done.status in ("completed", "incomplete")
+    chat = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "tools": [{"type": "function", "function": {"name": "ping", "parameters": None}}]})
+    assert chat.status_code == 200, chat.text

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response as HTTPResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
@@ -31,7 +32,8 @@ from ferrum.serve.errors import APIError, validation_error
 from ferrum.serve.handlers import ServerState
 from ferrum.serve.metrics import CONTENT_TYPE, ServerMetrics
 from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from ferrum.serve.responses import ResponsesRequest, ResponseStore, create_response as create_response_for
+from ferrum.serve.responses import ResponsesRequest, ResponseStore, input_item_list
+from ferrum.serve.responses import create_response as create_response_for
 
 #: Larger bodies are refused before they are parsed (a 1M-token prompt as JSON is ~8 MB).
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -91,6 +93,12 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return await api_error(request, APIError(error.status_code, str(error.detail)))
 
+    @app.exception_handler(RequestValidationError)
+    async def query_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"][1:]) or None  # past "query" / "path"
+        return await api_error(request, APIError(400, f"{param}: {first['msg']}", param=param))
+
     @app.exception_handler(FerrumError)
     async def ferrum_error(request: Request, error: FerrumError) -> JSONResponse:
         return await api_error(request, APIError.from_ferrum(error))
@@ -149,6 +157,13 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
     @v1.get("/responses/{response_id}")
     async def get_response(response_id: str) -> dict:
         return responses.get(response_id)[0]
+
+    @v1.get("/responses/{response_id}/input_items")
+    async def list_input_items(response_id: str, limit: int = 20, order: str = "desc", after: str | None = None,
+                               include: list[str] = Query([])) -> dict:
+        if include:
+            raise APIError(400, f"include {include} is not supported for input items", param="include")
+        return input_item_list(responses.inputs(response_id), limit, order, after)
 
     @v1.delete("/responses/{response_id}")
     async def delete_response(response_id: str) -> dict:

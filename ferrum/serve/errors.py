@@ -20,8 +20,8 @@ from ferrum.errors import (
 
 _TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
+    401: "invalid_request_error",  # OpenAI's, with code "invalid_api_key"
+    404: "invalid_request_error",  # OpenAI's, with code "model_not_found" for a model
     413: "invalid_request_error",
     429: "rate_limit_exceeded",
     500: "server_error",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from ferrum.serve.errors import APIError
 from ferrum.serve.tools import check_tools, template_tool_calls
@@ -28,15 +28,28 @@ STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 PART_SEPARATOR = "\n"
 
 
-class StreamOptions(BaseModel):
+class Body(BaseModel):
+    """A request body (or part of one): :data:`STRICT`, and a field sent as ``null`` takes its default, as the
+    OpenAI API reads null (the ``openai`` client sends an argument passed as None that way)."""
+
     model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()}
+
+
+class StreamOptions(Body):
     include_usage: StrictBool = False
 
 
-class _Common(BaseModel):
+class _Common(Body):
     """Sampling fields shared by chat and legacy completions."""
-
-    model_config = STRICT
 
     model: StrictStr | None = None
     temperature: Temperature | None = None
@@ -91,12 +104,12 @@ class ContentPart(BaseModel):
     text: StrictStr | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     """One message; non-text parts are refused when the prompt is built. An assistant message the server
     returned may come back whole (``message.model_dump()`` in the ``openai`` client): its thinking
-    (``reasoning_content``) goes to the template, its output-only fields are accepted empty."""
+    (``reasoning_content``) goes to the template, its output-only fields are accepted empty, and the client's
+    own ``parsed`` (what ``.parse()`` read of a structured reply) is ignored."""
 
-    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
@@ -107,6 +120,7 @@ class ChatMessage(BaseModel):
     annotations: list[dict[str, Any]] | None = None  # citations of a reply: nothing a prompt holds
     audio: None = None
     function_call: None = None  # the deprecated form of tool_calls
+    parsed: Any = None
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -277,10 +291,9 @@ class CompletionRequest(_Common):
         return list(prompt)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Body):
     """vLLM's ``/tokenize``: a text prompt, or chat messages rendered by the chat template (tools too)."""
 
-    model_config = STRICT
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
@@ -296,10 +309,9 @@ class TokenizeRequest(BaseModel):
             check_tools(self.tools)
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Body):
     """vLLM's ``/detokenize``: token ids back to text."""
 
-    model_config = STRICT
     model: StrictStr | None = None
     tokens: list[StrictInt]
 

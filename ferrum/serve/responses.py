@@ -6,9 +6,9 @@ as output items: the thinking as a ``reasoning`` item (with ``--reasoning-parser
 ``message``, each call as a ``function_call``. A stream sends the API's typed events (``response.created``,
 ``response.output_text.delta``, ..., ``response.completed``) with no ``[DONE]``. Stored responses (``store``,
 on by default, kept in memory, the latest :data:`STORED` of them within :data:`STORED_BYTES`) continue with
-``previous_response_id`` and can be read back or deleted by id. ``include`` of the text's logprobs fills the
-output text's ``logprobs`` with the chat reply's entries for the answer's tokens (not with tools). Hosted tools,
-files and images are refused by name.
+``previous_response_id`` and can be read back, with their input items, or deleted by id. ``include`` of the
+text's logprobs fills the output text's ``logprobs`` with the chat reply's entries for the answer's tokens (not
+with tools). Hosted tools, files and images are refused by name.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import uuid
 from collections import OrderedDict
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence
 
-from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from ferrum.engine import RequestOutput
 from ferrum.errors import FerrumError
 from ferrum.serve.errors import APIError
 from ferrum.serve.handlers import ChatRun, Logprobs, Response, ServerState, start_chat
-from ferrum.serve.protocol import PART_SEPARATOR, STRICT, ChatCompletionRequest, Temperature
+from ferrum.serve.protocol import PART_SEPARATOR, Body, ChatCompletionRequest, Temperature
 from ferrum.serve.reasoning import CLOSE, OPEN, structured_tags
 
 #: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first: at most
@@ -47,8 +47,7 @@ def _responses_param(param: str | None) -> str | None:
     return _RESPONSES_PARAMS.get(head, param)
 
 
-class ResponsesRequest(BaseModel):
-    model_config = STRICT
+class ResponsesRequest(Body):
 
     model: StrictStr | None = None
     input: StrictStr | list[dict[str, Any]]
@@ -86,35 +85,86 @@ class ResponsesRequest(BaseModel):
 
 
 class ResponseStore:
-    """Stored responses: each one's object and its conversation as chat messages (input and output)."""
+    """Stored responses: each one's object, its conversation as chat messages (input and output) and its input
+    items as the API lists them back."""
 
     def __init__(self, size: int = STORED, max_bytes: int = STORED_BYTES):
         self.size, self.max_bytes = size, max_bytes
-        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], int]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], int]] = \
+            OrderedDict()
         self.bytes = 0  # the stored items' JSON, together
 
-    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]],
+            inputs: Sequence[dict[str, Any]] = ()) -> None:
         """Keep a response; one larger than the whole budget is not kept (a later ``get`` says so)."""
-        size = len(json.dumps([response, conversation], ensure_ascii=False).encode())
+        size = len(json.dumps([response, conversation, list(inputs)], ensure_ascii=False).encode())
         if size > self.max_bytes:
             return
-        self._items[response["id"]] = (response, conversation, size)
+        self._items[response["id"]] = (response, conversation, list(inputs), size)
         self.bytes += size
         while len(self._items) > self.size or self.bytes > self.max_bytes:
-            self.bytes -= self._items.popitem(last=False)[1][2]
+            self.bytes -= self._items.popitem(last=False)[1][3]
 
     def get(self, response_id: str, param: str = "response_id") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The response and its conversation."""
+        return self._entry(response_id, param)[:2]
+
+    def inputs(self, response_id: str) -> list[dict[str, Any]]:
+        """The response's input items."""
+        return self._entry(response_id, "response_id")[2]
+
+    def _entry(self, response_id: str, param: str) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                            list[dict[str, Any]], int]:
         if response_id not in self._items:
             raise APIError(404, f"no stored response has the id {response_id!r} (this server keeps the latest "
                            f"{self.size}, up to {self.max_bytes // 2**20} MiB, in memory)", param=param,
                            code="not_found")
         self._items.move_to_end(response_id)
-        response, conversation, _ = self._items[response_id]
-        return response, conversation
+        return self._items[response_id]
 
     def delete(self, response_id: str) -> None:
         self.get(response_id)
-        self.bytes -= self._items.pop(response_id)[2]
+        self.bytes -= self._items.pop(response_id)[3]
+
+
+def input_item_list(items: list[dict[str, Any]], limit: int = 20, order: str = "desc",
+                    after: str | None = None) -> dict[str, Any]:
+    """``GET /v1/responses/{id}/input_items``: a page of ``limit`` items in ``order``, after the item ``after``."""
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"order must be asc or desc, got {order!r}", param="order")
+    if not 1 <= limit <= 100:
+        raise APIError(400, f"limit must be between 1 and 100, got {limit}", param="limit")
+    ordered = items if order == "asc" else items[::-1]
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise APIError(400, f"after={after!r} is not an input item of this response", param="after")
+        start = ids.index(after) + 1
+    page = ordered[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(ordered)}
+
+
+#: The id prefix of each input item type, as OpenAI's own ids begin.
+_ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def _input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's input as the API lists it back: each item with an id, a message's text as content parts."""
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    listed = []
+    for item in items:
+        item = {"type": "message", **item}
+        if item["type"] == "message":
+            if isinstance(item.get("content"), str):
+                part = "output_text" if item.get("role") == "assistant" else "input_text"
+                item["content"] = [{"type": part, "text": item["content"]}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", _id(_ITEM_ID_PREFIXES.get(item["type"], "item")))
+        listed.append(item)
+    return listed
 
 
 # --------------------------------------------------------------------- request
@@ -377,7 +427,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
 
     def keep(response: dict[str, Any], message: dict[str, Any]) -> None:
         if body.store is not False:
-            store.put(response, conversation + [_stored_turn(message)])
+            store.put(response, conversation + [_stored_turn(message)], _input_items(body.input))
 
     if not body.stream:
         async def collect() -> dict:

@@ -400,7 +400,8 @@ def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
                            param=f"tools.{i}")
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise APIError(400, "a tool's function needs a name", param=f"tools.{i}.function.name")
-        parameters = function.get("parameters", {})
+        parameters = function.get("parameters")
+        parameters = {} if parameters is None else parameters  # null: a function of no arguments
         if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             raise APIError(400, "a tool's parameters must be a JSON schema of an object (its arguments are one)",
                            param=f"tools.{i}.function.parameters")
