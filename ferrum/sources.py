@@ -28,8 +28,9 @@ ProgressFn = Callable[[int, int, str], None]
 #: Written last into a finished import; a folder without it is not used.
 DONE_MARKER = ".ferrum-converted"
 #: Bump when an import's output changes, so old caches are redone.
-#: 1: every tensor dequantized to float32; 2: quantized weights kept packed.
-IMPORT_FORMAT = "2"
+#: 1: every tensor dequantized to float32; 2: quantized weights kept packed; 3: llama.cpp's stop tokens, BOS
+#: defaults, default pre-tokenizer, Phi-3 whitespace and legacy rope scale.
+IMPORT_FORMAT = "3"
 
 
 def cache_root() -> Path:

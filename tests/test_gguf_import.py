@@ -201,7 +201,8 @@ def test_special_tokens(converted):
     tok = Tokenizer(converted[0])
     assert tok.vocab_size == 49152
     assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
-    assert tok.eos_token_ids == frozenset({2, 0})  # <|endoftext|> too: llama.cpp ends generation at either
+    # <|endoftext|> and <reponame> (a next repository, fill-in-the-middle's) too: llama.cpp ends generation at each
+    assert tok.eos_token_ids == frozenset({2, 0, 4})
     assert tok.encode("<|im_start|>assistant<|im_end|><|endoftext|>") == [1, 520, 9531, 2, 0]
     assert tok.decode([1, 520, 9531, 2]) == "assistant"  # special tokens skipped
 
@@ -370,10 +371,12 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 ONE_Q8_0 = {"mlp.up_proj.weight": Q.Q8_0}
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt2", pre: str = "smollm",
+def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt2", pre: str | None = "smollm",
                     types: dict | None = None, rope_freqs: np.ndarray | None = None,
                     hidden: int = 64, inter: int = 96, std: float = 1.0,
-                    split_max_tensors: int = 0, chat_template: Any = None) -> dict[str, np.ndarray]:
+                    split_max_tensors: int = 0, chat_template: Any = None, controls: tuple[str, ...] = (),
+                    add_bos: bool | None = False, name: str | None = None, metadata: dict[str, Any] | None = None,
+                    kv_heads_per_layer: bool = False) -> dict[str, np.ndarray]:
     """A 1-layer GGUF (4 heads, 2 KV heads) of ``arch`` (llama; qwen2 adds q/k/v biases, qwen3 q/k norms);
     returns its weights in Hugging Face layout, as stored.
 
@@ -383,7 +386,10 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     exact values (gguf's dequantization, q/k un-permuted). ``std`` scales the matrices' normal draws;
     ``split_max_tensors`` splits the model into parts of that many tensors as llama.cpp's converter does
     (``<stem>-00001-of-0000N.gguf`` ...); ``chat_template`` (a string, or named ones) is written as llama.cpp's
-    converter writes it.
+    converter writes it. ``controls`` are more control tokens at the vocabulary's end; ``pre`` None and a
+    byte-level vocabulary's ``add_bos`` None leave their keys out, as older converters did; ``name`` is
+    ``general.name``; ``metadata`` more keys under the architecture's prefix (floats as float32, strings);
+    ``kv_heads_per_layer`` writes the KV head count as a list of one per layer.
     """
     rng = np.random.default_rng(0)
     types = ONE_Q8_0 if types is None else types
@@ -395,6 +401,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
         tokens = specials + _alphabet() + ["he", "ll", "hell", "hello"]
         token_types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
         merges, scores = ["h e", "l l", "he ll", "hell o"], None
+    tokens, token_types = tokens + list(controls), token_types + [3] * len(controls)
+    scores = None if scores is None else scores + [0.0] * len(controls)
     vocab, heads, kv_heads = len(tokens), 4, 2
     hd = hidden // heads
     hf = {
@@ -439,8 +447,15 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(inter)
     w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
+    if kv_heads_per_layer:
+        w.add_array(f"{arch}.attention.head_count_kv", [kv_heads])
+    else:
+        w.add_head_count_kv(kv_heads)
     w.add_rope_dimension_count(hd)
+    if name is not None:
+        w.add_name(name)
+    for key, value in (metadata or {}).items():
+        (w.add_float32 if isinstance(value, float) else w.add_string)(f"{arch}.{key}", value)
     if arch == "qwen3":  # llama.cpp's converter writes Qwen3's head size (transformers' default is 128)
         w.add_key_length(hd)
         w.add_value_length(hd)
@@ -448,12 +463,14 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
     w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre(pre)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(token_types)
     if merges is not None:
         w.add_token_merges(merges)
-        w.add_add_bos_token(False)
+        if add_bos is not None:
+            w.add_add_bos_token(add_bos)
     if scores is not None:  # sentencepiece: scores, no merges, and BOS added by default
         w.add_token_scores(scores)
     w.add_bos_token_id(1)
@@ -580,6 +597,9 @@ def sentencepiece_gguf(tmp_path_factory):
     ("gpt-2", ["HelloWorld", " I", "'m", " DONE", " 12345", " a", "/", "b"]),
     ("stablelm2", ["HelloWorld", " I", "'m", " DONE", " ", "1", "2", "3", "4", "5", " a", "/b"]),
     ("falcon", ["HelloWorld", " I", "'", "m", " DONE", " ", "123", "45", " a", "/", "b"]),
+    # llama.cpp's rule for a file naming no pre-tokenizer: punctuation runs, GPT-2's, numbers, threes of digits
+    ("default", ["HelloWorld", " I", "'", "m", " DONE", " ", "123", "45", " a", "/", "b"]),
+    (None, ["HelloWorld", " I", "'", "m", " DONE", " ", "123", "45", " a", "/", "b"]),
 ])
 def test_pre_tokenizers_split_words_as_the_models_own_regex(tmp_path, pre, words):
     """Each ``tokenizer.ggml.pre`` splits text with its model's regex (Tekken and o200k at case changes, Qwen2 and
@@ -588,7 +608,11 @@ def test_pre_tokenizers_split_words_as_the_models_own_regex(tmp_path, pre, words
     from tokenizers import Tokenizer
 
     write_tiny_gguf(tmp_path / "t.gguf", pre=pre, types={})
-    out = convert_gguf(tmp_path / "t.gguf", tmp_path / "out")
+    if pre is None:  # converted before the key existed: the default rule, with a warning
+        with pytest.warns(UserWarning, match="names no pre-tokenizer"):
+            out = convert_gguf(tmp_path / "t.gguf", tmp_path / "out")
+    else:
+        out = convert_gguf(tmp_path / "t.gguf", tmp_path / "out")
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     split = [word for word, _ in tok.pre_tokenizer.pre_tokenize_str("HelloWorld I'm DONE 12345 a/b")]
     assert split == [w.replace(" ", "\u0120") for w in words]  # ByteLevel's spelling of a space
@@ -1404,3 +1428,80 @@ def test_a_failure_while_writing_removes_what_was_written(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space"):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "staging")
     assert list((tmp_path / "staging").iterdir()) == []
+
+
+def _converted_tokenizer(tmp_path: Path, **settings: Any) -> tuple[Any, dict[str, Any], Path]:
+    from tokenizers import Tokenizer
+
+    tmp_path.mkdir(exist_ok=True)
+    write_tiny_gguf(tmp_path / "t.gguf", types={}, **settings)
+    out = convert_gguf(tmp_path / "t.gguf", tmp_path / "out")
+    generation = json.loads((out / "generation_config.json").read_text())
+    return Tokenizer.from_file(str(out / "tokenizer.json")), generation, out
+
+
+def test_stop_tokens_are_llama_cpps_end_of_generation_set(tmp_path):
+    """A harmony vocabulary (gpt-oss) ends each message with <|end|> and the reply with <|return|> or <|call|>, so
+    <|end|> is no stop there (the analysis message would end the reply); fill-in-the-middle tokens that close a
+    code completion are stops, as llama.cpp gathers them."""
+    harmony = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>")
+    tok, generation, _ = _converted_tokenizer(tmp_path / "harmony", controls=harmony)
+    stops = {tok.id_to_token(i) for i in generation["eos_token_id"]}
+    assert {"<|return|>", "<|call|>", "<|endoftext|>"} <= stops and "<|end|>" not in stops
+    tok, generation, _ = _converted_tokenizer(tmp_path / "phi", controls=("<|end|>", "<|user|>"))
+    assert "<|end|>" in {tok.id_to_token(i) for i in generation["eos_token_id"]}  # Phi-3's end of turn
+    fim = ("<|fim_prefix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+    tok, generation, _ = _converted_tokenizer(tmp_path / "coder", controls=fim)
+    stops = {tok.id_to_token(i) for i in generation["eos_token_id"]}
+    assert {"<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"} <= stops and "<|fim_prefix|>" not in stops
+
+
+@pytest.mark.parametrize("pre, adds_bos", [("llama-bpe", True), ("tekken", True), ("qwen2", False),
+                                           ("smollm", False)])
+def test_a_file_silent_on_bos_takes_llama_cpps_default(tmp_path, pre, adds_bos):
+    """Older Llama 3 conversions write no add_bos_token; llama.cpp adds BOS for Llama 3's pre-tokenizer and its
+    kin, so a raw prompt starts with it."""
+    tok, _, out = _converted_tokenizer(tmp_path, pre=pre, add_bos=None)
+    ids = tok.encode("hello").ids
+    assert (ids[0] == 1) == adds_bos and tok.id_to_token(ids[-1]) == "hello"
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] == adds_bos
+    tok, _, _ = _converted_tokenizer(tmp_path / "said", pre=pre, add_bos=False)
+    assert tok.encode("hello").ids[0] != 1  # the file's own word wins
+
+
+@pytest.mark.parametrize("name, strips", [("Phi-3 Mini 4k Instruct", True), ("phi3", True), ("Llama 2", False)])
+def test_phi_3s_special_tokens_take_the_whitespace_after_them(tmp_path, name, strips):
+    """llama.cpp strips the whitespace after every special token of a model named Phi-3 (its own added tokens are
+    rstrip), except <unk>, <s> and <|endoftext|>; it knows the vocabulary only by that name."""
+    tok, _, _ = _converted_tokenizer(tmp_path, tokenizer_model="llama", name=name,
+                                     controls=("<|user|>", "<|end|>", "<|endoftext|>"))
+    pieces = [tok.id_to_token(i) for i in tok.encode("<|user|>\nhello<|end|>\n<|endoftext|>\nhello").ids]
+    if strips:  # <|endoftext|> keeps its newline
+        assert pieces[:7] == ["<s>", "<|user|>", "\u2581hello", "<|end|>", "<|endoftext|>", "\u2581", "<0x0A>"]
+    else:
+        assert pieces[:4] == ["<s>", "<|user|>", "\u2581", "<0x0A>"]
+
+
+@pytest.mark.parametrize("metadata, scaling", [
+    ({"rope.scale_linear": 4.0}, {"rope_type": "linear", "factor": 4.0}),  # the old converter's key
+    ({"rope.scaling.factor": 4.0}, {"rope_type": "linear", "factor": 4.0}),  # no type: linear
+    ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, None),
+    ({"rope.scaling.factor": 1.0}, None),
+])
+def test_rope_scaling_reads_as_llama_cpp_reads_it(tmp_path, metadata, scaling):
+    write_tiny_gguf(tmp_path / "t.gguf", types={}, metadata=metadata)
+    config = json.loads((convert_gguf(tmp_path / "t.gguf", tmp_path / "out") / "config.json").read_text())
+    assert config.get("rope_scaling") == scaling
+
+
+def test_kv_heads_written_per_layer_convert(tmp_path):
+    write_tiny_gguf(tmp_path / "t.gguf", types={}, kv_heads_per_layer=True)
+    config = json.loads((convert_gguf(tmp_path / "t.gguf", tmp_path / "out") / "config.json").read_text())
+    assert config["num_key_value_heads"] == 2
+
+
+def test_float16_import_refuses_values_beyond_its_range(tmp_path):
+    write_tiny_gguf(tmp_path / "t.gguf", types={}, std=1e5)
+    with pytest.raises(CheckpointError, match="beyond float16's range; import it as bfloat16 or float32"):
+        convert_gguf(tmp_path / "t.gguf", tmp_path / "out", dequantize_to="float16")
+    convert_gguf(tmp_path / "t.gguf", tmp_path / "bf16", dequantize_to="bfloat16")

@@ -108,7 +108,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     hidden = int(meta.need(p + "embedding_length"))
     heads = int(meta.need(p + "attention.head_count"))
     kv_heads = meta.get(p + "attention.head_count_kv", heads)
-    if isinstance(kv_heads, list):
+    if isinstance(kv_heads, list):  # one per layer
         if len(set(kv_heads)) != 1:
             raise UnsupportedFeatureError(
                 f"{where}: per-layer KV head counts {sorted(set(kv_heads))} are not supported"
@@ -151,9 +151,10 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
 
     theta = float32_value(meta.get(p + "rope.freq_base", 10000.0))
     rope_scaling: dict[str, Any] | None = None
-    kind = meta.get(p + "rope.scaling.type")
-    if kind not in (None, "none"):
-        factor = meta.get(p + "rope.scaling.factor")
+    # as llama.cpp reads it: no type is linear, and the old converter's key holds the factor
+    kind = meta.get(p + "rope.scaling.type", "linear")
+    factor = meta.get(p + "rope.scaling.factor", meta.get(p + "rope.scale_linear"))
+    if kind != "none" and not (kind == "linear" and factor in (None, 0, 1)):
         if kind not in ("linear", "yarn") or not factor:
             raise UnsupportedFeatureError(
                 f"{where}: rope scaling {kind!r} (factor {factor}) is not supported; Ferrum handles 'linear', "

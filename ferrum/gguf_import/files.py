@@ -186,17 +186,18 @@ class Metadata:
 #: The type every metadata field Ferrum reads must have, by the end of its key.
 _FIELD_KINDS = {
     **dict.fromkeys((
-        "embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
+        "embedding_length", "attention.head_count", "attention.key_length",
         "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size", "feed_forward_length",
         "block_count", "context_length", "_token_id", "original_context_length", "attention.sliding_window",
         "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length", "split.count",
         "split.no", "split.tensors.count",
     ), "a non-negative integer"),
+    "attention.head_count_kv": "a non-negative integer, or a list of one per layer",
     **dict.fromkeys((
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
         "attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "embedding_scale", "yarn_attn_factor",
         "yarn_beta_fast", "yarn_beta_slow", "yarn_ext_factor", "yarn_log_multiplier",
-        "residual_scale", "logit_scale", "attention.clamp_kqv",
+        "residual_scale", "logit_scale", "attention.clamp_kqv", "rope.scale_linear",
     ), "a finite number"),
     **dict.fromkeys((
         "general.architecture", "rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
@@ -219,6 +220,8 @@ def _is_kind(value: Any, kind: str) -> bool:
 
     if kind == "a non-negative integer":
         return integer(value) and value >= 0
+    if kind == "a non-negative integer, or a list of one per layer":
+        return all(integer(v) and v >= 0 for v in (value if isinstance(value, list) else [value])) and value != []
     if kind == "a finite number":
         return (integer(value) or isinstance(value, float)) and math.isfinite(value)
     if kind == "a string":

@@ -258,7 +258,14 @@ def _stored_arrays(p: PlannedTensor, dequantize_to: str | None, where: str) -> l
             value = value.astype(np.float32) - np.float32(p.offset)
         if not np.isfinite(value.astype(np.float32, copy=False)).all():
             raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
-        arrays = [value.astype(_numpy_dtype(p.form.dtype), copy=False)]
+        with np.errstate(over="ignore"):  # an overflow is refused just below, by name
+            stored = value.astype(_numpy_dtype(p.form.dtype), copy=False)
+        if not np.isfinite(stored.astype(np.float32, copy=False)).all():
+            raise CheckpointError(
+                f"{where}: tensor {t.name} holds values up to {np.abs(value).max():.4g}, beyond {p.form.dtype}'s "
+                "range; import it as bfloat16 or float32"
+            )
+        arrays = [stored]
     if p.row_order is not None:
         arrays = [a[p.row_order] for a in arrays]  # whole rows move: exact when packed
     return arrays

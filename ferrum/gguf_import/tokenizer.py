@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,22 @@ _END_OF_GENERATION = frozenset((
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
     "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
 ))
+#: The fill-in-the-middle tokens that end generation too (a code model's padding, next repository, next file), by
+#: the file's key or, as llama.cpp finds them without one, by their spellings: the first of them the vocabulary has.
+_FIM_STOPS = {
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>",),
+}
+#: OpenAI's harmony format ends every message with ``<|end|>``, the reply itself with ``<|return|>`` or
+#: ``<|call|>``: in a vocabulary with all three, ``<|end|>`` does not end generation (as llama.cpp decides it).
+_HARMONY_ENDS = ("<|return|>", "<|call|>")
+#: Pre-tokenizers whose vocabularies take a BOS token unless the file says otherwise (llama.cpp's defaults).
+_ADDS_BOS = frozenset(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                       "tekken", "chameleon"))
+#: Phi-3's special tokens eat the whitespace after them, except these; llama.cpp knows a Phi-3 vocabulary only by
+#: the model's name, so it is recognised the same way.
+_PHI3_NAMES, _PHI3_KEEPS_WHITESPACE = ("phi-3", "phi3"), frozenset(("<unk>", "<s>", "<|endoftext|>"))
 
 # GGUF token types (llama.cpp's llama_token_type).
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
@@ -42,9 +59,12 @@ _CASED_WORDS = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*{suffix}")
 _CASED_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _GPT2 = _Split((_GPT2_REGEX,))
+#: llama.cpp's split for a byte-level vocabulary whose file names no pre-tokenizer (converted before May 2024).
+_DEFAULT = _Split((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"))
 _LLAMA3 = _Split((_LLAMA3_REGEX,), ignore_merges=True)
 #: ``tokenizer.ggml.pre`` -> how its text is split, for the values llama.cpp knows and Ferrum's families use.
 _PRE_TOKENIZERS = {
+    "default": _DEFAULT,
     **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"), _GPT2),
     # SmolLM, StarCoder and relatives: every digit on its own, then GPT-2's regex
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
@@ -75,12 +95,26 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+def _added_token(meta: Metadata, token: str, token_type: int) -> Any:
+    """A control or user-defined token, matched whole in raw text (Phi-3's taking the whitespace after it)."""
+    from tokenizers import AddedToken
+
+    name = (meta.get("general.name") or "").lower()
+    rstrip = any(n in name for n in _PHI3_NAMES) and token not in _PHI3_KEEPS_WHITESPACE
+    return AddedToken(token, special=token_type == _TOKEN_CONTROL, normalized=False, rstrip=rstrip)
+
+
 def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
     """Byte-level BPE ('gpt2'): the file's merges, its pre-tokenizer regex, tokens in GPT-2's byte alphabet."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     where = meta.where
-    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre is None:
+        warnings.warn(f"{where} names no pre-tokenizer (tokenizer.ggml.pre, written since May 2024); its text is "
+                      "split by llama.cpp's default rule, which may not be the model's own: re-convert the file "
+                      "for the tokens it was trained on", stacklevel=2)
+        pre = "default"
     split = _PRE_TOKENIZERS.get(pre)
     if split is None:
         raise UnsupportedFeatureError(
@@ -101,11 +135,11 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
-    added: list[AddedToken] = []
+    added: list[Any] = []
     for index, (token, token_type) in enumerate(zip(tokens, types)):
         if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
             # Matched whole in the raw text, written as is.
-            added.append(AddedToken(token, special=token_type == _TOKEN_CONTROL, normalized=False))
+            added.append(_added_token(meta, token, token_type))
         elif not set(token) <= alphabet:
             # A plain token spelled in raw text: write it in the byte alphabet like the rest.
             token = "".join(spelling[b] for b in token.encode("utf-8"))
@@ -134,7 +168,7 @@ def _sentencepiece_model(meta: Metadata, tokens: list[str], types: list[int]) ->
 
     The file keeps scores, not merges: a piece is merged from any two pieces that spell it, the highest-scored
     piece first, which is the order llama.cpp merges in."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     where = meta.where
     scores = meta.get("tokenizer.ggml.scores")
@@ -142,10 +176,10 @@ def _sentencepiece_model(meta: Metadata, tokens: list[str], types: list[int]) ->
         raise CheckpointError(f"{where}: a sentencepiece GGUF tokenizer needs one score per token "
                               f"(tokenizer.ggml.scores), got {None if scores is None else len(scores)}")
     vocab: dict[str, int] = {}
-    added: list[AddedToken] = []
+    added: list[Any] = []
     for index, (token, token_type) in enumerate(zip(tokens, types)):
         if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
-            added.append(AddedToken(token, special=token_type == _TOKEN_CONTROL, normalized=False))
+            added.append(_added_token(meta, token, token_type))
         vocab.setdefault(token, index)
     candidates = []
     for piece, score in zip(tokens, scores):
@@ -195,8 +229,9 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
         return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
 
     bos, eos = token_of("bos"), token_of("eos")
-    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    # llama.cpp adds BOS to a sentencepiece vocabulary, and to Llama 3's and its kin's, unless the file says otherwise
+    adds_bos = kind == "llama" or meta.get("tokenizer.ggml.pre") in _ADDS_BOS
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", adds_bos))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if (add_bos and bos is None) or (add_eos and eos is None):
         raise CheckpointError(f"{where}: the tokenizer adds BOS/EOS but names no such token")
@@ -236,8 +271,16 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
 
 
 def stop_token_ids(meta: Metadata, tokens: list[str]) -> list[int]:
-    """The ids generation ends at: the file's EOS / EOT / EOM, then every end-of-turn token llama.cpp knows."""
-    named = (meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom"))
+    """The ids generation ends at, as llama.cpp gathers them: the file's EOS / EOT / EOM, every end-of-turn token
+    it knows, and the fill-in-the-middle tokens that end a completion; not harmony's ``<|end|>``."""
+    ids = {token: i for i, token in enumerate(tokens)}
+    named = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    for key, spellings in _FIM_STOPS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        found = next((ids[s] for s in spellings if s in ids), None)
+        named.append(token_id if token_id is not None and 0 <= token_id < len(tokens) else found)
     stops = [int(token_id) for token_id in named if token_id is not None]
     stops += [i for i, token in enumerate(tokens) if token in _END_OF_GENERATION]
+    if all(end in ids for end in _HARMONY_ENDS) and "<|end|>" in ids:
+        stops = [i for i in stops if tokens[i] != "<|end|>"]
     return list(dict.fromkeys(stops))
