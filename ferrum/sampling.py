@@ -13,10 +13,11 @@ Semantics, row by row (:func:`sample_numpy` is the reference):
 2. logprobs are the log-softmax of the adjusted logits (before temperature);
 3. greedy rows (temperature 0) take the first maximum;
 4. other rows: softmax of ``logits / temperature``, sorted by logit (ties:
-   lower token id first; by logit, not by probability, which underflows to
-   ties at a low temperature), keep the top-k, the shortest prefix whose
-   mass reaches top-p, and tokens with at least ``min_p`` times the top
-   probability, and always the most likely token (a top-p that rounds to 0);
+   ties at a low temperature), keep the top-k, of those the shortest prefix
+   whose mass reaches top-p of theirs (top-p within the top-k renormalised,
+   as vLLM, transformers and llama.cpp chain them), and tokens with at least
+   ``min_p`` times the top probability, and always the most likely token (a
+   top-p that rounds to 0);
    pick by inverse CDF: the first sorted token whose cumulative kept mass
    exceeds ``uniform * total``. The logprobs' top tokens are in that order.
 """
@@ -57,11 +58,14 @@ def _number(name: str, value: Any, ok: Callable[[float], bool] | None = None, ru
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. The defaults give greedy decoding of up to 256 tokens."""
+    """How to pick tokens. The defaults give greedy decoding of up to 256 tokens.
 
-    max_tokens: int = 256
+    vLLM's spellings of "none" are taken too: ``max_tokens=None`` runs to the context length, ``top_k=-1`` is
+    off, and ``None`` for ``stop``, ``stop_token_ids``, ``logit_bias`` or ``logprobs`` is none."""
+
+    max_tokens: int | None = 256  # None: up to the context length
     temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 (or -1) = off
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
@@ -91,6 +95,12 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         """Type- and range-check every field (NaN, infinities and bools included) and normalise collections."""
+        for name, none in (("max_tokens", _INT32_MAX), ("stop", ()), ("stop_token_ids", ()), ("logit_bias", {}),
+                           ("logprobs", 0)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, none)
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
         _integer("max_tokens", self.max_tokens, 1)
         _number("temperature", self.temperature, lambda v: v >= 0, ">= 0")
         _integer("top_k", self.top_k, 0)
@@ -385,7 +395,8 @@ def sample_numpy(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
         sorted_probs = np.take_along_axis(probs, order, axis=-1)
         rank = np.arange(vocab)[None, :]
         keep = rank < np.where(batch.top_k > 0, batch.top_k, vocab)[:, None]
-        keep &= (np.cumsum(sorted_probs, axis=-1) - sorted_probs) < batch.top_p[:, None]
+        top_k_mass = np.where(keep, sorted_probs, 0.0).sum(axis=-1, keepdims=True)
+        keep &= (np.cumsum(sorted_probs, axis=-1) - sorted_probs) < batch.top_p[:, None] * top_k_mass
         keep &= sorted_probs >= batch.min_p[:, None] * sorted_probs[:, :1]
         keep |= rank == 0
         cdf = np.cumsum(np.where(keep, sorted_probs, 0.0), axis=-1)

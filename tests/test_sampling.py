@@ -41,6 +41,7 @@ def test_native_sample_matches_the_reference(ops):
         SamplingParams(temperature=0.9, repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.25,
                        logit_bias={7: 2.0, 11: -3.0}, seed=5),
         SamplingParams(logprobs=4, repetition_penalty=2.0),
+        SamplingParams(temperature=4.0, top_k=6, top_p=0.45, seed=6),
     ]
     logits = well_separated_logits(len(params))
     for step in range(4):
@@ -90,6 +91,16 @@ def test_top_p_and_min_p_exclude_what_they_should(ops):
     assert top_p == {0, 1}  # 0.5 < 0.7 so token 1 is needed; 0.8 >= 0.7 so token 2 is not
     min_p = set(many_draws(ops, SamplingParams(temperature=1.0, min_p=0.25), row, n=1000).tolist())
     assert min_p == {0, 1, 2}  # 0.05 < 0.25 * 0.5
+
+
+def test_top_p_is_measured_within_the_top_k(ops):
+    """Both set: top-p of the top-k's renormalised mass (vLLM's, transformers' and llama.cpp's chain), so 0.40 of
+    the top two's 0.75 is not half of it and token 1 stays out; top-p of the whole mass would keep it."""
+    row = np.log(np.array([0.40, 0.35, 0.25] + [1e-9] * (VOCAB - 3), dtype=np.float32))
+    both = set(many_draws(ops, SamplingParams(temperature=1.0, top_k=2, top_p=0.5), row, n=400).tolist())
+    assert both == {0}
+    wider = set(many_draws(ops, SamplingParams(temperature=1.0, top_k=2, top_p=0.6), row, n=400).tolist())
+    assert wider == {0, 1}  # 0.40 / 0.75 < 0.6: token 1 is needed
 
 
 def test_frequencies_follow_the_filtered_distribution(ops):
@@ -188,10 +199,19 @@ def test_a_top_k_past_the_vocabulary_keeps_every_token(ops):
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
+    [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
      dict(repetition_penalty=0.0), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300), dict(logprobs=-1),
      dict(max_tokens=0), dict(skip_special_tokens="no"), dict(ignore_eos=1)],
 )
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**bad)
+
+
+def test_vllms_spellings_of_none_are_taken():
+    """``top_k=-1`` is off and None is none, as vLLM's SamplingParams spell them; ``max_tokens=None`` runs to the
+    context length (the engine stops a request there)."""
+    params = SamplingParams(max_tokens=None, top_k=-1, stop=None, stop_token_ids=None, logit_bias=None,
+                            logprobs=None)
+    assert (params.top_k, params.stop, params.stop_token_ids, params.logit_bias, params.logprobs) == (0, (), (), {}, 0)
+    assert params.max_tokens >= 2**31 - 1

@@ -363,7 +363,7 @@ class _AllowOnly:
 
 def _sampling_case() -> tuple[np.ndarray, Any]:
     rng = np.random.default_rng(3)
-    logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(8)])
+    logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(9)])
     params = [
         SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.2, top_k=4, seed=2),
         SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1, seed=3, logprobs=3),
@@ -372,6 +372,8 @@ def _sampling_case() -> tuple[np.ndarray, Any]:
         SamplingParams(temperature=0.9, seed=4, logit_bias={int(np.argmax(logits[5])): 50.0}, logprobs=2),
         # Ranked by logit where a low temperature's probabilities underflow to ties; a top-p of 0 in float32.
         SamplingParams(temperature=0.01, seed=5, logprobs=20), SamplingParams(temperature=1.0, top_p=1e-300, seed=6),
+        # top-p within the top-k (API 1.11): of 4 tokens' mass, not of the whole vocabulary's.
+        SamplingParams(temperature=3.0, top_k=4, top_p=0.5, seed=7),
     ]
     samplers = [RequestSampler(p, [1, 2, 3]) for p in params]
     samplers[5].matcher = _AllowOnly((7, 19, 40), logits.shape[1])

@@ -280,7 +280,8 @@ def _sample_graph(logits, batch) -> tuple[torch.Tensor, ...]:
         vocab = x.shape[-1]
         rank = torch.arange(vocab, device=x.device)[None, :]
         keep = rank < _small(np.where(batch.top_k > 0, batch.top_k, vocab))[:, None]
-        keep &= (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < _small(batch.top_p)[:, None]
+        top_k_mass = torch.where(keep, sorted_probs, 0.0).sum(dim=-1, keepdim=True)
+        keep &= (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < _small(batch.top_p)[:, None] * top_k_mass
         keep &= sorted_probs >= _small(batch.min_p)[:, None] * sorted_probs[:, :1]
         keep |= rank == 0
         cdf = torch.cumsum(torch.where(keep, sorted_probs, 0.0), dim=-1)

@@ -191,7 +191,9 @@ def _sample_graph(logits, batch) -> tuple[mx.array, ...]:
         sorted_probs = mx.take_along_axis(probs, order, axis=-1)
         rank = mx.arange(vocab)[None, :]
         keep = rank < mx.array(np.where(batch.top_k > 0, batch.top_k, vocab))[:, None]
-        keep = keep & ((mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < mx.array(batch.top_p)[:, None])
+        top_k_mass = mx.where(keep, sorted_probs, 0.0).sum(axis=-1, keepdims=True)
+        top_p = mx.array(batch.top_p)[:, None] * top_k_mass
+        keep = keep & ((mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p)
         keep = (keep & (sorted_probs >= mx.array(batch.min_p)[:, None] * sorted_probs[:, :1])) | (rank == 0)
         cdf = mx.cumsum(mx.where(keep, sorted_probs, 0.0), axis=-1)
         pick = (cdf <= mx.array(batch.uniform)[:, None] * cdf[:, -1:]).sum(axis=-1)

@@ -34,7 +34,8 @@ def _sample(logits, temperature, top_k, top_p, min_p, uniform, rows, tokens, sca
         sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
         rank = jnp.arange(vocab)[None, :]
         keep = rank < jnp.where(top_k > 0, top_k, vocab)[:, None]
-        keep &= (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p[:, None]
+        top_k_mass = jnp.where(keep, sorted_probs, 0.0).sum(axis=-1, keepdims=True)
+        keep &= (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p[:, None] * top_k_mass
         keep &= sorted_probs >= min_p[:, None] * sorted_probs[:, :1]
         keep |= rank == 0
         cdf = jnp.cumsum(jnp.where(keep, sorted_probs, 0.0), axis=-1)
