@@ -758,3 +758,31 @@ def test_null_is_the_default_and_a_parsed_reply_goes_back_in(server, llm):
     expected = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
         *messages, {"role": "assistant", "content": turn.content}, {"role": "user", "content": "ok"}])
     assert again.choices[0].message.content == expected.choices[0].message.content
+
+
+def test_unset_sampling_takes_the_checkpoints_generation_config(model, tmp_path):
+    """As vLLM reads generation_config.json: what a request leaves unset (top_k, repetition_penalty...) is the
+    checkpoint's; what it sets, 0 included, is its own."""
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    from ferrum.serve.app import ServeConfig, create_app
+
+    folder = shutil.copytree(model, tmp_path / "tiny")
+    config = json.loads((folder / "generation_config.json").read_text()) if (
+        folder / "generation_config.json").exists() else {}
+    config.update(temperature=1.0, top_k=1, repetition_penalty=1.8)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    llm = ferrum.load(folder, backend="cpu", dtype="float32")
+    greedy = llm.generate("hello world", max_tokens=8, ignore_eos=True, repetition_penalty=1.8)
+    with TestClient(create_app(llm, ServeConfig(model_names=("tiny",)))) as client:
+        def texts(**fields) -> set[str]:
+            return {client.post("/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 8,
+                                                         "ignore_eos": True, "seed": seed, **fields}).json()
+                    ["choices"][0]["text"] for seed in range(6)}
+
+        assert texts() == {greedy}  # top_k 1 from the config: greedy under its repetition penalty
+        assert len(texts(top_k=0)) > 1 and len(texts(top_k=-1)) > 1  # off, as the request says
+        assert texts(top_k=0, temperature=0, repetition_penalty=1.0) == {
+            llm.generate("hello world", max_tokens=8, ignore_eos=True)}

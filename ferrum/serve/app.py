@@ -50,14 +50,16 @@ class ServeConfig:
 
 
 def generation_defaults(folder: Path) -> dict[str, float]:
-    """The checkpoint's recommended sampling (``generation_config.json``), used where a request says nothing."""
+    """The checkpoint's recommended sampling (``generation_config.json``), used where a request says nothing (as
+    vLLM takes them: temperature, top_p, top_k, min_p, repetition_penalty)."""
     try:
         raw = json.loads((folder / "generation_config.json").read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(raw, dict):
         return {}
-    return {k: raw[k] for k in ("temperature", "top_p", "top_k") if isinstance(raw.get(k), (int, float))}
+    return {k: raw[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+            if isinstance(raw.get(k), (int, float)) and not isinstance(raw.get(k), bool)}
 
 
 def create_app(llm: LLM, config: ServeConfig) -> FastAPI:

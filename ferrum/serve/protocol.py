@@ -64,9 +64,10 @@ class _Common(Body):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: StrictStr | None = None  # ignored: only for the caller's abuse monitoring at OpenAI
     # Ferrum extras.
-    top_k: Annotated[int, Field(ge=0)] = 0
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    # Unset: the checkpoint's generation_config.json, else off; top_k -1 is off too (vLLM's).
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     stop_token_ids: list[StrictInt] | None = None  # ids that end the output, beside the model's end tokens
     ignore_eos: StrictBool = False  # generate max_tokens whatever the model's end tokens say
     #: Unset: special tokens are left out of the text, except in chat requests with tools whose format marks

@@ -78,9 +78,10 @@ class ResponsesRequest(Body):
     safety_identifier: StrictStr | None = None
     # Ferrum extras (vLLM's names), as in chat.
     seed: StrictInt | None = None
-    top_k: Annotated[int, Field(ge=0)] = 0
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    # Unset: the checkpoint's generation_config.json, else off; top_k -1 is off too (vLLM's).
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
 
 
