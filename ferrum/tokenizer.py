@@ -141,6 +141,14 @@ class Tokenizer:
     def _special_ids(self) -> dict[str, int]:
         return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a special token (which decoding leaves out by default)."""
+        return token_id in self._special_id_set
+
+    @cached_property
+    def _special_id_set(self) -> frozenset[int]:
+        return frozenset(self._special_ids.values())
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -303,8 +311,29 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_tail: Sequence[int] = (), skip_special_tokens: bool = True):
         self._tok, self._skip = tokenizer, skip_special_tokens
         self._ids: list[int] = list(prompt_tail)[-6:]
+        held, self._echo = self._unfinished_character()
         self._prefix = 0  # window start
-        self._read = len(self._ids)  # tokens already turned into emitted text
+        self._read = len(self._ids) - held  # tokens already turned into emitted text
+
+    def _unfinished_character(self) -> tuple[int, str]:
+        """How many of the prompt's last tokens hold a character it stops part way through, and the text those
+        tokens hold before it. They count as unread: the output that completes the character emits it whole
+        (decoding stops the prompt's text at a character, not a token), without that text, which is the
+        prompt's."""
+        shown = [t for t in self._ids if not (self._skip and self._tok.is_special(t))]
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(b"".join(self._tok.token_bytes(t) for t in shown[-4:]))
+        pending = decoder.getstate()[0]
+        if not pending:
+            return 0, ""
+        covered, held = b"", 0
+        for token in reversed(self._ids):
+            held += 1
+            if not (self._skip and self._tok.is_special(token)):
+                covered = self._tok.token_bytes(token) + covered
+            if len(covered) >= len(pending):
+                break
+        return held, covered[: len(covered) - len(pending)].decode("utf-8", "replace")
 
     def push(self, token: int) -> str:
         """Add one token; return the text it completes (maybe empty)."""
@@ -314,13 +343,18 @@ class IncrementalDetokenizer:
         if (full_text.endswith("\ufffd") and self._ends_inside_a_character()) or len(full_text) <= len(prefix_text):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
-        return full_text[len(prefix_text) :]
+        return self._without_echo(full_text[len(prefix_text) :])
+
+    def _without_echo(self, text: str) -> str:
+        text, self._echo = text.removeprefix(self._echo), ""
+        return text
 
     def _ends_inside_a_character(self) -> bool:
         """Whether the last tokens' bytes stop part way through a UTF-8 character (a character spans at most
-        four bytes, so four tokens hold its start)."""
+        four bytes, so four tokens hold its start); special tokens that decoding leaves out are left out."""
+        shown = [t for t in self._ids if not (self._skip and self._tok.is_special(t))]
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(b"".join(self._tok.token_bytes(t) for t in self._ids[-4:]))
+        decoder.decode(b"".join(self._tok.token_bytes(t) for t in shown[-4:]))
         return bool(decoder.getstate()[0])
 
     def flush(self) -> str:
@@ -328,4 +362,4 @@ class IncrementalDetokenizer:
         prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
         full_text = self._tok.decode(self._ids[self._prefix :], self._skip)
         self._prefix = self._read = len(self._ids)
-        return full_text[len(prefix_text) :]
+        return self._without_echo(full_text[len(prefix_text) :])

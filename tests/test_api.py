@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +295,42 @@ def test_generation_config_eos_ids_outside_the_vocabulary_are_left_out_as_config
     with pytest.warns(UserWarning, match="generation_config.json.*outside the vocabulary"):
         llm = ferrum.load(folder, backend="cpu")
     assert 5 in llm.tokenizer.eos_token_ids and 10**6 not in llm.tokenizer.eos_token_ids
+
+
+def _streamed(tok: Tokenizer, prompt: list[int], output: list[int]) -> str:
+    detok = IncrementalDetokenizer(tok, prompt)
+    return "".join(detok.push(t) for t in output) + detok.flush()
+
+
+def _sentencepiece_tokenizer(folder: Path) -> Tokenizer:
+    """llama.cpp's sentencepiece vocabulary (byte pieces for what it cannot spell) as the GGUF import rebuilds it."""
+    from test_gguf_import import convert_gguf, write_tiny_gguf
+
+    folder.mkdir()
+    write_tiny_gguf(folder / "spm.gguf", tokenizer_model="llama", types={})
+    return Tokenizer(convert_gguf(folder / "spm.gguf", folder / "out"))
+
+
+def test_a_token_prompt_ending_inside_a_character_streams_the_character_whole(checkpoint, tmp_path):
+    """A prompt of token ids cut part way through a character (a continuation of an output that max_tokens cut):
+    the output that completes the character emits all of it, and nothing of the text around it is lost, for
+    byte-level BPE and for sentencepiece byte pieces (whose decoding turns a run of bytes with a broken character
+    in it into U+FFFD, whole characters included)."""
+    text = "hi \U0001f642 café 你好 ok"
+    for tok in (Tokenizer(checkpoint), _sentencepiece_tokenizer(tmp_path / "spm")):
+        ids = tok.encode(text)
+        shown = [t for t in ids if not tok.is_special(t)]
+        for cut in range(2, len(ids)):
+            prompt_bytes = b"".join(tok.token_bytes(t) for t in ids[:cut] if not tok.is_special(t))
+            whole = b"".join(tok.token_bytes(t) for t in shown)
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            decoder.decode(prompt_bytes)
+            boundary = len(prompt_bytes) - len(decoder.getstate()[0])  # where the prompt's last character ends
+            assert _streamed(tok, ids[:cut], ids[cut:]) == whole[boundary:].decode(), (tok.to_json()[:40], cut)
+
+
+def test_a_skipped_special_token_between_a_characters_bytes_streams_as_decoding_reads_it(checkpoint):
+    tok = Tokenizer(checkpoint)
+    by_bytes = {tok.token_bytes(t): t for t in range(tok.vocab_size) if not tok.is_special(t)}
+    ids = [by_bytes[b"h"], by_bytes[b"\xdd"], tok.token_to_id("<s>"), by_bytes[b"\x81"], by_bytes[b"h"]]
+    assert _streamed(tok, [tok.token_to_id("<s>")], ids) == tok.decode(ids) == "h\u0741h"
