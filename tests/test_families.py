@@ -1249,7 +1249,8 @@ def test_gpt2_is_refused_by_ferrum_quantize_by_name(checkpoints, tmp_path):
 @pytest.mark.parametrize("model_type, left_out", [
     ("mixtral", "rope"), ("ernie4_5", "rope"), ("smollm3", "rope"), ("cohere", "rope"), ("olmo2", "rms_norm_eps"),
     ("falcon", "max_position_embeddings"), ("gpt2", "n_positions"), ("gpt_bigcode", "n_positions"),
-    ("gptj", "n_positions"),
+    ("gptj", "n_positions"), ("llama", "max_position_embeddings"), ("llama", "vocab_size"),
+    ("mistral", "vocab_size"), ("mistral", "max_position_embeddings"), ("gemma3_text", "sizes"),
 ])
 def test_a_left_out_key_takes_the_transformers_default(model_type, left_out):
     """A hand-written config.json (or an old release's: Falcon's first had no context length) that leaves a key
@@ -1258,14 +1259,45 @@ def test_a_left_out_key_takes_the_transformers_default(model_type, left_out):
 
     reference = transformers.CONFIG_MAPPING[model_type]()
     raw = reference.to_dict()
-    dropped = ("rope_parameters", "rope_scaling", "rope_theta") if left_out == "rope" else (left_out,)
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size", "max_position_embeddings", "sliding_window")
+    dropped = {"rope": ("rope_parameters", "rope_scaling", "rope_theta"), "sizes": sizes}.get(left_out, (left_out,))
     ours = ModelConfig.from_dict({k: v for k, v in raw.items() if k not in dropped})
     if left_out == "rope":
         assert ours.arch.layers[0].rope.theta == reference.rope_parameters["rope_theta"]
     elif left_out == "rms_norm_eps":
         assert ours.rms_norm_eps == reference.rms_norm_eps
-    else:
+    elif left_out in ("n_positions", "max_position_embeddings"):
         assert ours.max_seq_len == reference.max_position_embeddings
+    else:
+        read = {"num_attention_heads": ours.num_heads, "num_key_value_heads": ours.num_kv_heads,
+                "head_dim": ours.head_dim, "vocab_size": ours.vocab_size, "hidden_size": ours.hidden_size,
+                "intermediate_size": ours.intermediate_size, "num_hidden_layers": ours.num_layers,
+                "max_position_embeddings": ours.max_seq_len,
+                "sliding_window": max(layer.window or 0 for layer in ours.arch.layers)}
+        assert {k: read[k] for k in dropped} == {k: getattr(reference, k) for k in dropped}
+
+
+def test_gemma_3s_released_multimodal_config_reads_as_transformers_reads_it():
+    """google/gemma-3-4b-it's config.json gives its text model five sizes and leaves the rest to Gemma3TextConfig's
+    defaults (8 heads of 256 dims, 4 key/value heads, a 262,208-token vocabulary); it was refused."""
+    import transformers
+
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}
+    raw = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text,
+           "vision_config": {"model_type": "siglip_vision_model"}, "eos_token_id": [1, 106]}
+    ours = ModelConfig.from_dict(raw)
+    reference = transformers.Gemma3Config(text_config=text, vision_config=raw["vision_config"]).text_config
+    assert (ours.num_heads, ours.num_kv_heads, ours.head_dim, ours.vocab_size, ours.max_seq_len) == (
+        reference.num_attention_heads, reference.num_key_value_heads, reference.head_dim, reference.vocab_size,
+        reference.max_position_embeddings)
+    full, sliding = reference.rope_parameters["full_attention"], reference.rope_parameters["sliding_attention"]
+    layers = ours.arch.layers
+    assert [layer.window for layer in layers[:6]] == [1024] * 5 + [None]
+    assert (layers[5].rope.theta, layers[5].rope.kind, layers[5].rope.factor) == (
+        full["rope_theta"], full["rope_type"], full["factor"])
+    assert (layers[0].rope.theta, layers[0].rope.kind) == (sliding["rope_theta"], sliding["rope_type"])
 
 
 _LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}

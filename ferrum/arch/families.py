@@ -82,6 +82,13 @@ def _core(tie_default: bool, head_dim_default: int | None = None,
     )
 
 
+def _core_defaults(**defaults: Any) -> tuple[Key, ...]:
+    """Core keys as the family's transformers config class defaults them, for configs that leave them out (after
+    ``_core``): Gemma 3's releases give their text model's few sizes, LLaMA 1's no max_position_embeddings."""
+    core = {k.name: k for k in _core(False)}
+    return tuple(replace(core[name], default=value) for name, value in defaults.items())
+
+
 _ROPE = (
     Key("rope_theta", check=optional_positive_number),
     Key("rope_scaling"),  # transformers 4 spelling
@@ -963,11 +970,12 @@ _QWEN2_MOE_WINDOW = (
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
-        _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean))),
+        _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU,
+              (Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean))),
         _llama_like(False, None, _no_windows),
     ),
     "mistral": Family(
-        _keys(_core(False), _ROPE, _SILU, (Key("sliding_window", default=4096, check=optional_positive_int),)),
+        _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=131072), _ROPE, _SILU, (Key("sliding_window", default=4096, check=optional_positive_int),)),
         _llama_like(False, None, _every_layer_window),
     ),
     "olmo3": Family(
@@ -1020,7 +1028,11 @@ FAMILIES: dict[str, Family] = {
         lambda r, s: _gemma(r, s, 2, None, _gemma2_ropes),
     ),
     "gemma3_text": Family(
-        _keys(_core(True, 256), _ROPE[:3], _GEMMA, (
+        _keys(_core(True, 256), _core_defaults(
+            hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+            num_key_value_heads=4, vocab_size=262_208, max_position_embeddings=131_072,
+        ), _ROPE[:3], _GEMMA, (
+            Key("sliding_window", default=4096, check=optional_positive_int),
             # transformers' Gemma 3 reads this key but never applies it; Gemma 3 releases leave it null
             Key("attn_logit_softcapping", check=falsy("transformers' Gemma 3 does not apply it either; set it to "
                                                       "null"), unsupported=True),
