@@ -975,7 +975,8 @@ FAMILIES: dict[str, Family] = {
         _llama_like(False, None, _no_windows),
     ),
     "mistral": Family(
-        _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=131072), _ROPE, _SILU, (Key("sliding_window", default=4096, check=optional_positive_int),)),
+        _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=131072), _ROPE, _SILU,
+              (Key("sliding_window", default=4096, check=optional_positive_int),)),
         _llama_like(False, None, _every_layer_window),
     ),
     "olmo3": Family(
