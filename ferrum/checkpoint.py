@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
@@ -64,16 +65,29 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self._where: dict[str, Path] = self._locate_tensors()
+        #: where each tensor is, and the index entries no shard holds (named when the model needs one)
+        self._where, self._unheld = self._locate_tensors()
         self._headers: dict[str, tuple[str, tuple[int, ...]]] | None = None
 
-    def _locate_tensors(self) -> dict[str, Path]:
-        index = self.folder / INDEX_FILE
-        if index.exists():
-            return {name: self._shard(index, f) for name, f in self._weight_map(index).items()}
-        files = sorted(self.folder.glob("*.safetensors"))
-        if (self.folder / "model.safetensors") in files:  # the whole model, as transformers reads it: other files
-            files = [self.folder / "model.safetensors"]   # beside it (an adapter, Mistral's consolidated) are not
+    def _locate_tensors(self) -> tuple[dict[str, Path], dict[str, str]]:
+        """Where each tensor is, by the files' own headers (as transformers reads them), in ``model.safetensors``
+        where the folder has one (files beside it, an adapter, Mistral's consolidated or a stale sharding, are not
+        the model), else in the shards the index names (an index entry no shard holds, a stale
+        ``rotary_emb.inv_freq``, is not a tensor; a tensor it leaves out still is), else in every
+        ``*.safetensors`` file."""
+        index, whole = self.folder / INDEX_FILE, self.folder / "model.safetensors"
+        weight_map = self._weight_map(index) if index.exists() else {}
+        if whole.exists():
+            files = [whole]
+            others = sorted(set(weight_map.values()) - {whole.name})
+            if others:
+                warnings.warn(f"{self.folder} holds model.safetensors and an index of other shards ({others[0]}...); "
+                              "reading model.safetensors, as transformers does: remove whichever is stale",
+                              stacklevel=3)
+        elif weight_map:
+            files = list(dict.fromkeys(self._shard(index, f) for f in weight_map.values()))
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             pickled = sorted(p.name for p in (*self.folder.glob("*.bin"), *self.folder.glob("*.pt")))
             hint = "" if not pickled else (
@@ -88,12 +102,13 @@ class Checkpoint:
             self._require_regular(f)
             with _open(f) as handle:
                 for name in handle.keys():
-                    if name in where:
+                    if name in where and weight_map.get(name) not in (where[name].name, f.name):
                         raise CheckpointError(
-                            f"tensor {name} is in both {where[name].name} and {f.name} in {self.folder}, which has no "
-                            f"{INDEX_FILE} to say which to read; remove the stale file (or add the index)")
-                    where[name] = f
-        return where
+                            f"tensor {name} is in both {where[name].name} and {f.name} in {self.folder}, and no "
+                            f"{INDEX_FILE} says which to read; remove the stale file (or add the index)")
+                    if name not in where or weight_map.get(name) == f.name:
+                        where[name] = f
+        return where, {name: file for name, file in weight_map.items() if name not in where and whole not in files}
 
     @staticmethod
     def _weight_map(index: Path) -> dict[str, str]:
@@ -132,7 +147,10 @@ class Checkpoint:
         """Fail naming every tensor that is absent, before any is uploaded."""
         missing = [n for n in names if n not in self._where]
         if missing:
-            raise MissingTensorError(missing, str(self.folder))
+            listed = [self._unheld[n] for n in missing if n in self._unheld]
+            where = f"{self.folder} (its index lists it in {listed[0]}, which does not hold it)" if listed else \
+                str(self.folder)
+            raise MissingTensorError(missing, where)
 
     def headers(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Every tensor's safetensors dtype code and shape, from the file headers (no data read; read once)."""
@@ -173,18 +191,14 @@ class Checkpoint:
             yield name, array
 
     def _open_each(self, names: list[str]) -> Iterator[tuple[str, Any]]:
-        """``(name, open handle of its shard)``, shard by shard; a shard that lacks a tensor its
-        index promises is named, not left to a raw reader error."""
+        """``(name, open handle of its shard)``, shard by shard."""
         self.require(names)
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self._where[name], []).append(name)
         for path, file_names in by_file.items():
             with _open(path) as handle:
-                present = set(handle.keys())
                 for name in file_names:
-                    if name not in present:
-                        raise MissingTensorError([name], f"{self.folder} (its index lists it in {path.name})")
                     yield name, handle
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +335,61 @@ def test_a_skipped_special_token_between_a_characters_bytes_streams_as_decoding_
     by_bytes = {tok.token_bytes(t): t for t in range(tok.vocab_size) if not tok.is_special(t)}
     ids = [by_bytes[b"h"], by_bytes[b"\xdd"], tok.token_to_id("<s>"), by_bytes[b"\x81"], by_bytes[b"h"]]
     assert _streamed(tok, [tok.token_to_id("<s>")], ids) == tok.decode(ids) == "h\u0741h"
+
+
+def _shard_in_two(folder: Path) -> dict[str, str]:
+    """The checkpoint's one file split into two shards with an index, as save_pretrained shards; its weight map."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+        file = f"model-0000{i}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(folder / file))
+        weight_map.update(dict.fromkeys(part, file))
+    return weight_map
+
+
+def _write_index(folder: Path, weight_map: dict[str, str]) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_shards_are_read_by_their_own_headers_as_transformers_reads_them(tmp_path):
+    """An index entry no shard holds (a stale rotary_emb.inv_freq) is not a tensor, and a tensor a shard holds that
+    the index leaves out still is; a needed tensor the index promises and no shard holds is named with the shard."""
+    folder = write_text_checkpoint(tmp_path / "m", seed=3)
+    before = ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4)
+    weight_map = _shard_in_two(folder)
+    stale = {**weight_map, "model.layers.0.self_attn.rotary_emb.inv_freq": "model-00001-of-00002.safetensors"}
+    _write_index(folder, stale)
+    assert ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4) == before
+    _write_index(folder, {k: v for k, v in weight_map.items() if k != "model.norm.weight"})
+    assert ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4) == before
+    from safetensors.numpy import load_file, save_file
+
+    shard = folder / weight_map["model.norm.weight"]
+    save_file({k: v for k, v in load_file(str(shard)).items() if k != "model.norm.weight"}, str(shard))
+    _write_index(folder, weight_map)
+    expected = f"its index lists it in {shard.name}, which does not hold it) lacks 1 tensor(s) the model needs: " \
+        "model.norm.weight"
+    with pytest.raises(ferrum.errors.MissingTensorError, match=re.escape(expected)):
+        ferrum.load(folder, backend="cpu")
+
+
+def test_model_safetensors_wins_over_an_index_of_other_shards(tmp_path):
+    """Both a model.safetensors and an index of other shards (a re-upload that left the old ones): transformers
+    reads model.safetensors, and so does Ferrum, saying so."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = write_text_checkpoint(tmp_path / "m", seed=3)
+    whole = load_file(str(folder / "model.safetensors"))
+    before = ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4)
+    weight_map = _shard_in_two(folder)
+    for file in set(weight_map.values()):  # stale shards: other numbers
+        save_file({k: v * 0 for k, v in load_file(str(folder / file)).items()}, str(folder / file))
+    _write_index(folder, weight_map)
+    save_file(whole, str(folder / "model.safetensors"))
+    with pytest.warns(UserWarning, match="reading model.safetensors, as transformers does"):
+        assert ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4) == before
