@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,9 @@ from safetensors import safe_open
 from ferrum.errors import CheckpointError, MissingTensorError
 
 INDEX_FILE = "model.safetensors.index.json"
+#: Modules of a multimodal checkpoint that are not its text model, which is all Ferrum runs (Qwen2-VL's
+#: ``visual.*`` beside its ``model.*``, Gemma 3's ``vision_tower``, projectors, audio towers).
+NOT_TEXT = re.compile(r"(?:^|\.)(?:vision\w*|visual|audio\w*|\w*multi_modal_projector|mm_projector|image\w*)\.")
 
 #: safetensors dtype codes and their element sizes.
 SAFETENSORS_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1}

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ferrum.checkpoint import Checkpoint, is_float
+from ferrum.checkpoint import NOT_TEXT, Checkpoint, is_float
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
@@ -220,8 +220,8 @@ def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
     """Say which tensors of the checkpoint the model does not use: a misnamed ``model_type``, biases or
     norms config.json does not turn on, or extra layers would otherwise load and run silently wrong.
     Not reported: buffers (rotary inverse frequencies, recomputed from config.json; causal masks), the
-    LM head a tied model reads from its embedding, and, when the decoder sits inside a multimodal
-    wrapper, the other modalities' towers (only the text model runs)."""
+    LM head a tied model reads from its embedding, and the other modalities' towers of a multimodal
+    checkpoint, wherever they sit (only the text model runs)."""
     arch = config.arch
     wrapped = arch.prefix != "model."
     head = arch.lm_head.removesuffix(".weight")  # its packed scales and biases too
@@ -230,6 +230,7 @@ def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
         if not name.endswith(_BUFFERS)
         and not (config.tie_word_embeddings and name.rsplit(".", 1)[0] == head)
         and not (wrapped and not name.startswith(arch.prefix) and name != arch.lm_head)
+        and not NOT_TEXT.search(name)
     )
     if left:
         more = len(left) - _UNREAD_SHOWN

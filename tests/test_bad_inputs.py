@@ -210,11 +210,15 @@ def test_tensors_the_model_does_not_use_are_named(ckpt):
     """A misnamed model_type (Qwen 3's q/k norms under "qwen2") or biases config.json does not turn on
     would load and run wrong without a word."""
     extra = {f"model.layers.{i}.self_attn.q_norm.weight": np.ones(16, np.float32) for i in range(2)}
-    add_tensors(ckpt, {**extra, "model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)})
+    # a vision tower beside the text model (Qwen2-VL's release layout) is not the text model's: not named
+    towers = {"visual.blocks.0.attn.qkv.weight": np.ones((4, 4), np.float32),
+              "model.vision_tower.patch_embed.weight": np.ones(4, np.float32)}
+    add_tensors(ckpt, {**extra, **towers, "model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)})
     with pytest.warns(UserWarning, match="3 tensor") as caught:
         ferrum.load(ckpt, backend="cpu")
     message = str(caught[0].message)
     assert "model.layers.0.self_attn.o_proj.bias" in message and "model.layers.1.self_attn.q_norm.weight" in message
+    assert "visual" not in message and "vision_tower" not in message
 
 
 def test_the_cli_says_so_in_one_line(ckpt, tmp_path):

@@ -32,7 +32,7 @@ import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can
 import numpy as np
 
 from ferrum.arch.tensors import llama_names, prepare
-from ferrum.checkpoint import is_float
+from ferrum.checkpoint import NOT_TEXT, is_float
 from ferrum.errors import AdapterError
 
 #: The projections an adapter may target, and the block part they live in.
@@ -60,9 +60,6 @@ _PEFT_VARIANTS = {
     "kasa_config": "KaSA (kasa_config: a singular-value adaptation of the base weight)",
     "layer_replication": "layer replication (layer_replication: it repeats base layers)",
 }
-#: Modules of a multimodal checkpoint that are not its text model, which is all Ferrum runs.
-_NOT_TEXT = re.compile(r"(?:^|\.)(?:vision\w*|visual|audio\w*|\w*multi_modal_projector|mm_projector|image\w*)\.")
-
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MLX_WEIGHTS = "adapters.safetensors"
 
@@ -167,7 +164,7 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
     pairs: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
     skipped = []
     for name, array in _read(folder / PEFT_WEIGHTS):
-        if _NOT_TEXT.search(name):
+        if NOT_TEXT.search(name):
             skipped.append(name)
             continue
         m = _PEFT_KEY.match(name)
