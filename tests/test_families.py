@@ -1166,6 +1166,7 @@ def test_packed_phi3_splits_and_scales_quantized_rows_exactly(backend, tmp_path)
     ("qwen2", {"beta_fast": 16, "beta_slow": 2, "mscale": 0.7, "mscale_all_dim": 1.0}, {}),
     ("qwen3", {"truncate": False}, {"original_max_position_embeddings": 12}),  # top level wins, as in transformers
     ("mistral", {"attention_factor": 1.3}, {}),
+    ("llama", {"mscale": 1.0, "mscale_all_dim": 0.0}, {}),  # 0: unset, as DeepSeek's configs write it
 ])
 def test_yarn_options_match_transformers(family, settings, top, tmp_path):
     """YaRN's ramp bounds, its attention factor (given, or from mscale) and where the pretraining context is read."""

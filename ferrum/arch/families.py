@@ -239,8 +239,9 @@ def _yarn(r: KeyReader, sizes: Sizes, spec: dict[str, Any], key: str, rope: dict
     the ratio of the context to it."""
     original = _pretraining_context(r, sizes, spec, key)
     factor = sizes.max_seq_len / original if spec.get("factor") is None else number("factor")
+    # mscale and mscale_all_dim of 0 mean unset (transformers weighs them only when both are non-zero)
     for name in ("attention_factor", "mscale", "mscale_all_dim"):
-        if spec.get(name) is not None:
+        if spec.get(name) is not None and not (name != "attention_factor" and spec[name] == 0):
             number(name)
     beta_fast, beta_slow = number("beta_fast", 32.0), number("beta_slow", 1.0)
     truncate = spec.get("truncate", True)
