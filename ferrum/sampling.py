@@ -8,8 +8,9 @@ tokens do not depend on which other requests share the batch.
 
 Semantics, row by row (:func:`sample_numpy` is the reference):
 
-1. adjust: repetition penalty on tokens of prompt + output (positive logits
-   divided, negative multiplied), then ``+ logit_bias - presence - frequency * count``;
+1. adjust: ``+ logit_bias``, then the repetition penalty on tokens of prompt +
+   output (positive logits divided, negative multiplied: the biased logit's sign,
+   in vLLM's, mlx-lm's and llama.cpp's order), then ``- presence - frequency * count``;
 2. logprobs are the log-softmax of the adjusted logits (before temperature);
 3. greedy rows (temperature 0) take the first maximum;
 4. other rows: softmax of ``logits / temperature``, sorted by logit (ties:
@@ -176,8 +177,9 @@ class SamplingParams:
 class SamplingBatch:
     """What the ``sample`` op needs, one row per sequence, as host numpy arrays.
 
-    Penalties and logit bias are *sparse*: entry ``j`` rescales
-    ``logits[adjust_rows[j], adjust_tokens[j]]`` by ``adjust_scale[j]`` (the
+    Penalties and logit bias are *sparse*: entry ``j`` adds ``adjust_offset[j]``
+    to ``logits[adjust_rows[j], adjust_tokens[j]]`` (API 1.11: a logit bias the
+    repetition penalty then scales), rescales it by ``adjust_scale[j]`` (the
     repetition penalty: divide if positive, multiply if not) and then adds
     ``adjust_shift[j]``. So they run on the device without a dense
     ``[n, vocab]`` upload. A ``(row, token)`` pair appears at most once (a token a
@@ -195,6 +197,13 @@ class SamplingBatch:
     adjust_tokens: np.ndarray  # int32 [m]
     adjust_scale: np.ndarray  # float32 [m]
     adjust_shift: np.ndarray  # float32 [m]
+    #: float32 [m], added before the scale; zeros wherever the scale is 1 (a bias then goes in the shift, so a
+    #: plugin written before API 1.11, which ignores this, errs only where a penalised token is also biased)
+    adjust_offset: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.adjust_offset is None:
+            object.__setattr__(self, "adjust_offset", np.zeros(len(self.adjust_rows), dtype=np.float32))
 
     @property
     def all_greedy(self) -> bool:
@@ -281,44 +290,47 @@ class RequestSampler:
         """The token ids the grammar does not allow next (``None`` without a grammar)."""
         return None if self.matcher is None else self.matcher.forbidden()
 
-    def adjustments(self, forbidden: np.ndarray | None = None) -> tuple[list[int], list[float], list[float]]:
-        """Sparse ``(tokens, scale, shift)`` for penalties and logit bias, leaving out ``forbidden`` tokens
-        (each gets one ``-inf`` entry of its own)."""
+    def adjustments(self, forbidden: np.ndarray | None = None) -> tuple[list[int], list[float], list[float],
+                                                                       list[float]]:
+        """Sparse ``(tokens, scale, shift, offset)`` for penalties and logit bias (see :class:`SamplingBatch`),
+        leaving out ``forbidden`` tokens (each gets one ``-inf`` entry of its own)."""
         p = self.params
         touched = set(self._seen) | set(self._counts) | {int(t) for t in p.logit_bias}
         if forbidden is not None and touched:
             touched.difference_update(forbidden.tolist())
         tokens = sorted(touched)
         scale = [p.repetition_penalty if t in self._seen else 1.0 for t in tokens]
-        shift = [
-            float(p.logit_bias.get(t, 0.0))
-            - p.frequency_penalty * self._counts[t]
-            - (p.presence_penalty if self._counts[t] else 0.0)
-            for t in tokens
-        ]
-        return tokens, scale, shift
+        bias = [float(p.logit_bias.get(t, 0.0)) for t in tokens]
+        offset = [b if s != 1.0 else 0.0 for b, s in zip(bias, scale)]
+        penalty = [p.frequency_penalty * self._counts[t] + (p.presence_penalty if self._counts[t] else 0.0)
+                   for t in tokens]
+        shift = [(b if s == 1.0 else 0.0) - pen for b, s, pen in zip(bias, scale, penalty)]
+        return tokens, scale, shift, offset
 
 
 def build_sampling_batch(samplers: Sequence[RequestSampler]) -> SamplingBatch:
-    rows, tokens, scale, shift = [], [], [], []
+    rows, tokens, scale, shift, offset = [], [], [], [], []
     blocked: list[tuple[int, np.ndarray]] = []  # (row, forbidden token ids) of rows under a grammar
     for row, sampler in enumerate(samplers):
         forbidden = sampler.forbidden()
-        t, sc, sh = sampler.adjustments(forbidden)
+        t, sc, sh, off = sampler.adjustments(forbidden)
         rows += [row] * len(t)
         tokens += t
         scale += sc
         shift += sh
+        offset += off
         if forbidden is not None and forbidden.size:
             blocked.append((row, forbidden))
     adjust = [np.array(rows, dtype=np.int32), np.array(tokens, dtype=np.int32),
-              np.array(scale, dtype=np.float32), np.array(shift, dtype=np.float32)]
+              np.array(scale, dtype=np.float32), np.array(shift, dtype=np.float32),
+              np.array(offset, dtype=np.float32)]
     if blocked:  # the grammar's -inf entries, appended as arrays (a row may forbid most of the vocabulary)
         ids = np.concatenate([b for _, b in blocked])
         owners = np.repeat([row for row, _ in blocked], [len(b) for _, b in blocked]).astype(np.int32)
         adjust = [np.concatenate([adjust[0], owners]), np.concatenate([adjust[1], ids]),
                   np.concatenate([adjust[2], np.ones(len(ids), dtype=np.float32)]),
-                  np.concatenate([adjust[3], np.full(len(ids), -np.inf, dtype=np.float32)])]
+                  np.concatenate([adjust[3], np.full(len(ids), -np.inf, dtype=np.float32)]),
+                  np.concatenate([adjust[4], np.zeros(len(ids), dtype=np.float32)])]
     params = [s.params for s in samplers]
     return SamplingBatch(
         temperature=np.array([p.temperature for p in params], dtype=np.float32),
@@ -331,6 +343,7 @@ def build_sampling_batch(samplers: Sequence[RequestSampler]) -> SamplingBatch:
         adjust_tokens=adjust[1],
         adjust_scale=adjust[2],
         adjust_shift=adjust[3],
+        adjust_offset=adjust[4],
     )
 
 
@@ -367,7 +380,7 @@ def apply_adjustments_numpy(logits: np.ndarray, batch: SamplingBatch) -> np.ndar
     x = np.array(logits, dtype=np.float32)
     if batch.adjust_rows.size:
         r, t = batch.adjust_rows, batch.adjust_tokens
-        v = x[r, t]
+        v = x[r, t] + batch.adjust_offset
         x[r, t] = np.where(v > 0, v / batch.adjust_scale, v * batch.adjust_scale) + batch.adjust_shift
     return x
 

@@ -215,3 +215,23 @@ def test_vllms_spellings_of_none_are_taken():
                             logprobs=None)
     assert (params.top_k, params.stop, params.stop_token_ids, params.logit_bias, params.logprobs) == (0, (), (), {}, 0)
     assert params.max_tokens >= 2**31 - 1
+
+
+def test_logit_bias_applies_before_the_repetition_penalty_as_mlx_lm_orders_them(ops):
+    """The penalty scales the biased logit (vLLM's, mlx-lm's and llama.cpp's order): every logprob equals the
+    log-softmax of mlx-lm's own logits processors' output, on tokens biased, penalised, or both."""
+    mx = pytest.importorskip("mlx.core")
+    sample_utils = pytest.importorskip("mlx_lm.sample_utils")
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((1, VOCAB)) * 3).astype(np.float32)
+    bias, prompt = {4: 2.0, 9: -3.0, 11: 1.0, 3: 5.0}, [3, 4, 9, 20]
+    reference = mx.array(logits)
+    for processor in sample_utils.make_logits_processors(logit_bias=bias, repetition_penalty=1.7):
+        reference = processor(mx.array(prompt), reference)
+    expected = np.array(reference, dtype=np.float64)
+    expected = expected - expected.max() - np.log(np.exp(expected - expected.max()).sum())
+    sampler = RequestSampler(SamplingParams(logit_bias=bias, repetition_penalty=1.7, logprobs=VOCAB), prompt)
+    got = ops.sample(ops.from_numpy(logits, "float32"), build_sampling_batch([sampler]))
+    by_token = np.empty(VOCAB)
+    by_token[got.top_tokens[0]] = got.top_logprobs[0]
+    np.testing.assert_allclose(by_token, expected[0], atol=1e-4)

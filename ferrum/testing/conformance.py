@@ -367,7 +367,7 @@ def _sampling_case() -> tuple[np.ndarray, Any]:
     params = [
         SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.2, top_k=4, seed=2),
         SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1, seed=3, logprobs=3),
-        SamplingParams(repetition_penalty=1.5, logit_bias={5: 3.0}, logprobs=2),
+        SamplingParams(repetition_penalty=1.5, logit_bias={5: 3.0, 2: -4.0}, logprobs=2),  # 2 penalised after
         # A structured output's row: 61 of 64 tokens at -inf, one of them also biased up.
         SamplingParams(temperature=0.9, seed=4, logit_bias={int(np.argmax(logits[5])): 50.0}, logprobs=2),
         # Ranked by logit where a low temperature's probabilities underflow to ties; a top-p of 0 in float32.

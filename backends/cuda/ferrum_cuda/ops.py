@@ -265,10 +265,9 @@ def _sample_graph(logits, batch) -> tuple[torch.Tensor, ...]:
     x = logits.float()
     if batch.adjust_rows.size:
         rows, tokens = _small(batch.adjust_rows).long(), _small(batch.adjust_tokens).long()
-        old = x[rows, tokens]
-        scale = _small(batch.adjust_scale)
+        scale, biased = _small(batch.adjust_scale), x[rows, tokens] + _small(batch.adjust_offset)
         x = x.clone()
-        x[rows, tokens] = torch.where(old > 0, old / scale, old * scale) + _small(batch.adjust_shift)
+        x[rows, tokens] = torch.where(biased > 0, biased / scale, biased * scale) + _small(batch.adjust_shift)
     tokens = x.argmax(dim=-1)
     order = None
     if not batch.all_greedy or batch.num_logprobs:

@@ -177,8 +177,8 @@ def _sample_graph(logits, batch) -> tuple[mx.array, ...]:
     if batch.adjust_rows.size:
         rows, tokens = mx.array(batch.adjust_rows), mx.array(batch.adjust_tokens)
         old = x[rows, tokens]
-        scale = mx.array(batch.adjust_scale)
-        new = mx.where(old > 0, old / scale, old * scale) + mx.array(batch.adjust_shift)
+        scale, biased = mx.array(batch.adjust_scale), old + mx.array(batch.adjust_offset)
+        new = mx.where(biased > 0, biased / scale, biased * scale) + mx.array(batch.adjust_shift)
         x = x.at[rows, tokens].add(new - old)
     tokens = mx.argmax(x, axis=-1)
     order = None

@@ -18,10 +18,11 @@ F32 = jnp.float32
 
 
 @partial(jax.jit, static_argnames=("greedy", "num_logprobs"))
-def _sample(logits, temperature, top_k, top_p, min_p, uniform, rows, tokens, scale, shift, greedy, num_logprobs):
+def _sample(logits, temperature, top_k, top_p, min_p, uniform, rows, tokens, scale, shift, offset, greedy,
+            num_logprobs):
     unusable = jnp.isnan(logits).any(axis=-1)
     x = logits.astype(F32)
-    old = x[rows, tokens]  # padding entries have row n: clamped here, dropped by the scatter below
+    old = x[rows, tokens] + offset  # padding entries have row n: clamped here, dropped by the scatter below
     new = jnp.where(old > 0, old / scale, old * scale) + shift
     x = x.at[rows, tokens].set(new, mode="drop")
     vocab = x.shape[-1]
@@ -61,7 +62,8 @@ def sample(logits, batch):
     # Penalties touch a few (row, token) pairs whose count grows every step: pad it to a bucket.
     m = bucket(len(batch.adjust_rows), 8)
     adjust = (_padded(batch.adjust_rows, m, logits.shape[0]), _padded(batch.adjust_tokens, m, 0),
-              _padded(batch.adjust_scale, m, 1.0), _padded(batch.adjust_shift, m, 0.0))
+              _padded(batch.adjust_scale, m, 1.0), _padded(batch.adjust_shift, m, 0.0),
+              _padded(batch.adjust_offset, m, 0.0))
     out = _sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.uniform, *adjust,
                   greedy=bool(batch.all_greedy), num_logprobs=int(batch.num_logprobs))
     tokens, unusable, *logprobs = (np.asarray(part) for part in jax.device_get(out))
