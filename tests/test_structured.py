@@ -200,6 +200,33 @@ def test_a_pydantic_model_is_its_schema(checkpoint):
         assert pet.kind in ("cat", "dog") and 0 <= pet.age <= 9
 
 
+def test_formats_llguidance_cannot_enforce_are_annotations(checkpoint):
+    """OpenAPI's int32 and pydantic's bytes or Path write formats llguidance does not know; JSON Schema makes a
+    format an annotation, so the schema is followed without it (it was refused whole). A known format is still
+    enforced, and a property, enum value or const that happens to be called "format" is left alone."""
+    pydantic = pytest.importorskip("pydantic")
+    import datetime
+    import pathlib
+
+    class Upload(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(json_schema_extra={"x-guidance": {"whitespace_flexible": False}})
+        count: int = pydantic.Field(ge=0, le=99, json_schema_extra={"format": "int32"})
+        path: pathlib.Path
+        when: datetime.date
+        format: str = pydantic.Field(json_schema_extra={"enum": ["png", "jpg"]})
+
+    assert Upload.model_json_schema()["properties"]["path"]["format"] == "path"
+    llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")
+    outs = llm.run(PROMPTS, max_tokens=160, json_schema=Upload, temperature=1.0, seed=2)
+    finished = [out for out in outs if out.finish_reason.value == "stop"]
+    assert finished
+    for out in finished:
+        upload = Upload.model_validate_json(out.text)
+        assert upload.format in ("png", "jpg") and isinstance(upload.when, datetime.date)
+    with pytest.raises(InvalidRequestError, match="uniqueItems"):  # a constraint, not an annotation: refused
+        llm.generate(PROMPTS[0], max_tokens=5, json_schema={"type": "array", "uniqueItems": True})
+
+
 def _count_tokenizer_builds(monkeypatch) -> list[int]:
     import llguidance
 

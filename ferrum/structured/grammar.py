@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import weakref
@@ -61,12 +62,36 @@ def _grammar(json_schema: bool | Mapping[str, Any] | None, lark: str | None) -> 
     Lark grammar."""
     if lark is not None:
         return _llguidance().LLMatcher.grammar_from_lark(lark)
-    schema = {"type": "object"} if json_schema is True else dict(json_schema)
+    schema = {"type": "object"} if json_schema is True else _without_unknown_formats(dict(json_schema))
     try:
         return _llguidance().LLMatcher.grammar_from_json_schema(json.dumps(schema))
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {exc}",
                                   param="json_schema") from None
+
+
+#: Keywords whose values are data, not schemas: a "format" key inside them is not an annotation.
+_DATA_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
+
+
+def _without_unknown_formats(schema: Any) -> Any:
+    """``schema`` without the ``format`` annotations llguidance cannot enforce (OpenAPI's ``int32``, pydantic's
+    ``binary`` or ``path``...): JSON Schema makes a format an annotation, which a validator that does not know it
+    ignores; llguidance refuses the whole schema instead. Formats it knows (date-time, email, uuid...) stay."""
+    if isinstance(schema, list):
+        return [_without_unknown_formats(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: value if key in _DATA_KEYWORDS else _without_unknown_formats(value)
+            for key, value in schema.items()
+            if not (key == "format" and isinstance(value, str) and not _enforced_format(value))}
+
+
+@functools.lru_cache(maxsize=256)
+def _enforced_format(name: str) -> bool:
+    grammar = _llguidance().LLMatcher.grammar_from_json_schema(json.dumps({"type": "string", "format": name}))
+    failed, warnings = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
+    return not failed and not warnings
 
 
 def _error_of(matcher: Any) -> str:
