@@ -178,6 +178,28 @@ NESTED = {"type": "function", "function": {"name": "find", "parameters": {
     "required": ["where", "days"], "additionalProperties": False}}}
 
 
+#: Refs relative to the parameters' own root: a recursive tree (``#``) and a pointer into its properties.
+TREE = {"type": "function", "function": {"name": "tree", "parameters": {
+    "type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}},
+                                     "tag": {"enum": ["a", "b"]}, "also": {"$ref": "#/properties/tag"}},
+    "required": ["v"], "additionalProperties": False}}}
+
+
+def test_a_forced_call_resolves_refs_from_its_parameters_root(tmp_path):
+    """``#`` in a tool's parameters is the parameters, not the call's wrapper around them: a recursive tree's kids
+    are trees (a kid shaped like a call was taken), and ``#/properties/...`` resolves (it failed to compile)."""
+    fmt, template, _, _, markers = FORCED_ROWS[0]
+    good = '<tool_call>\n{"name": "tree", "arguments": {"v": 1, "kids": [{"v": 2, "also": "b"}], "tag": "a"}}\n' \
+           '</tool_call>'
+    wrapper = '<tool_call>\n{"name": "tree", "arguments": {"v": 1, "kids": [{"name": "tree", "arguments": {"v": 2}}]}}'
+    tok, matcher = _forced_matcher(tmp_path / "good", fmt, template, markers, True, many=False, tools=[TREE])
+    assert _takes(tok, matcher, good) and matcher.complete
+    tok, matcher = _forced_matcher(tmp_path / "wrapper", fmt, template, markers, True, many=False, tools=[TREE])
+    assert not _takes(tok, matcher, wrapper)
+    tok, matcher = _forced_matcher(tmp_path / "enum", fmt, template, markers, True, many=False, tools=[TREE])
+    assert not _takes(tok, matcher, good.replace('"also": "b"', '"also": "c"'))
+
+
 @pytest.mark.parametrize("fmt, template, text, two, markers", FORCED_ROWS, ids=FORCED_IDS)
 def test_a_forced_call_follows_a_schema_with_definitions(tmp_path, fmt, template, text, two, markers):
     """The call's wrapper would move the tool's ``#/$defs/...`` refs away from their root: they still resolve, and

@@ -33,6 +33,7 @@ from typing import Any, Callable
 from ferrum.serve import harmony
 from ferrum.serve.errors import APIError
 from ferrum.stop import cut_marker
+from ferrum.structured import DATA_KEYWORDS
 
 #: What reading text that is not (or too deeply nested) JSON raises.
 _NOT_JSON = (json.JSONDecodeError, RecursionError)
@@ -176,37 +177,32 @@ _CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 
 
 def _call_schema(tools: list[dict[str, Any]], args: str = "arguments") -> dict[str, Any]:
-    """One call to one of ``tools``: ``{"name": <its name>, <args>: <its parameters>}``. Each tool's definitions
-    (``$defs``, ``definitions``: pydantic's nested models) move to the root, where its ``#/...`` refs resolve."""
+    """One call to one of ``tools``: ``{"name": <its name>, <args>: <its parameters>}``. Each tool's parameters
+    move whole under ``#/$defs/tool<i>``, their refs (``#``, ``#/$defs/...``, ``#/properties/...``: relative to
+    their own root) rewritten to point there, so they resolve inside the call's schema as they did alone."""
     calls, defs = [], {}
     for i, function in enumerate(tool["function"] for tool in tools):
-        parameters, own = _lifted_definitions(function.get("parameters") or {"type": "object"}, f"tool{i}.")
-        defs.update(own)
+        name = f"tool{i}"
+        defs[name] = _rerooted(function.get("parameters") or {"type": "object"}, f"#/$defs/{name}")
         calls.append({"type": "object", "required": ["name", args], "additionalProperties": False,
-                      "properties": {"name": {"const": function["name"]}, args: parameters}})
+                      "properties": {"name": {"const": function["name"]}, args: {"$ref": f"#/$defs/{name}"}}})
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return {**schema, "$defs": defs} if defs else schema
+    return {**schema, "$defs": defs}
 
 
-_DEFINITIONS = ("$defs", "definitions")
+def _rerooted(schema: Any, root: str) -> Any:
+    """``schema`` with each of its document-relative refs (``#``, ``#/...``) made relative to ``root``."""
+    if isinstance(schema, list):
+        return [_rerooted(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
 
+    def value(key: str, item: Any) -> Any:
+        if key == "$ref" and isinstance(item, str) and (item == "#" or item.startswith("#/")):
+            return root + item[1:]
+        return item if key in DATA_KEYWORDS else _rerooted(item, root)
 
-def _lifted_definitions(schema: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``schema`` without its root definitions, its refs to them pointing at ``#/$defs/<prefix><name>``, and
-    those definitions under their new names (their own refs rewritten alike)."""
-    def moved(ref: str) -> str:
-        for key in _DEFINITIONS:
-            if ref.startswith(f"#/{key}/"):
-                return f"#/$defs/{prefix}{ref[len(key) + 3:]}"
-        return ref
-
-    def rewrite(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: moved(v) if k == "$ref" and isinstance(v, str) else rewrite(v) for k, v in node.items()}
-        return [rewrite(item) for item in node] if isinstance(node, list) else node
-
-    defs = {f"{prefix}{name}": rewrite(sub) for key in _DEFINITIONS for name, sub in (schema.get(key) or {}).items()}
-    return rewrite({k: v for k, v in schema.items() if k not in _DEFINITIONS}), defs
+    return {key: value(key, item) for key, item in schema.items()}
 
 
 def _json(schema: dict[str, Any]) -> str:

@@ -7,6 +7,6 @@ behind llama.cpp's, vLLM's and SGLang's guidance backends), against the model's 
 ``tokenizer.json``.
 """
 
-from ferrum.structured.grammar import TokenMatcher, matcher_for, prepare
+from ferrum.structured.grammar import DATA_KEYWORDS, TokenMatcher, matcher_for, prepare
 
-__all__ = ["TokenMatcher", "matcher_for", "prepare"]
+__all__ = ["DATA_KEYWORDS", "TokenMatcher", "matcher_for", "prepare"]

@@ -71,7 +71,7 @@ def _grammar(json_schema: bool | Mapping[str, Any] | None, lark: str | None) -> 
 
 
 #: Keywords whose values are data, not schemas: a "format" key inside them is not an annotation.
-_DATA_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
+DATA_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
 
 
 def _without_unknown_formats(schema: Any) -> Any:
@@ -82,7 +82,7 @@ def _without_unknown_formats(schema: Any) -> Any:
         return [_without_unknown_formats(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    return {key: value if key in _DATA_KEYWORDS else _without_unknown_formats(value)
+    return {key: value if key in DATA_KEYWORDS else _without_unknown_formats(value)
             for key, value in schema.items()
             if not (key == "format" and isinstance(value, str) and not _enforced_format(value))}
 
