@@ -428,6 +428,12 @@ def test_malformed_and_odd_bodies(server):
         response = post(data)
         assert response.status_code == 400, (data, response.text)
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    deep = {"type": "object"}
+    for _ in range(300):
+        deep = {"type": "array", "items": deep}
+    nested = post(json.dumps({"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": deep}}}).encode()).json()["error"]
+    assert "deeper than" in nested["message"] and "not valid JSON" not in nested["message"]  # it is valid
     over = httpx.post(server.url + "/v1/completions", json={"prompt": " ".join(WORDS * 40), "max_tokens": 1})
     assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
     bad_ids = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 2, 10**6]})

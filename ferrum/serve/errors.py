@@ -94,6 +94,9 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
+        if "recursion limit" in detail:  # the parser's depth limit (200 levels), not a syntax error
+            return APIError(400, "the request body nests objects or arrays deeper than this server reads "
+                                 "(200 levels); flatten it (a JSON schema: move nested parts to $defs)")
         return APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
     branch_at = _branch_at(loc, errors)
     if branch_at is not None:
