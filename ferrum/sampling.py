@@ -14,6 +14,7 @@ Semantics, row by row (:func:`sample_numpy` is the reference):
 2. logprobs are the log-softmax of the adjusted logits (before temperature);
 3. greedy rows (temperature 0) take the first maximum;
 4. other rows: softmax of ``logits / temperature``, sorted by logit (ties:
+   lower token id first; by logit, not by probability, which underflows to
    ties at a low temperature), keep the top-k, of those the shortest prefix
    whose mass reaches top-p of theirs (top-p within the top-k renormalised,
    as vLLM, transformers and llama.cpp chain them), and tokens with at least
