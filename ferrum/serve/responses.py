@@ -48,7 +48,6 @@ def _responses_param(param: str | None) -> str | None:
 
 
 class ResponsesRequest(Body):
-
     model: StrictStr | None = None
     input: StrictStr | list[dict[str, Any]]
     instructions: StrictStr | None = None
