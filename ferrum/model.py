@@ -207,6 +207,10 @@ class DecoderOnlyLLM:
         self.weight_bytes = sum(p.nbytes for p in weights.values())
         #: Of those, the mixture-of-experts stacks' (a decode step reads only the experts its tokens chose).
         self.expert_weight_bytes = sum(p.nbytes for name, p in weights.items() if ".switch_mlp." in name)
+        #: Of those, the tables a step looks a few rows up in: the input embedding where the LM head is a matrix
+        #: of its own, learned positions.
+        self.lookup_weight_bytes = (0 if config.tie_word_embeddings else embed.nbytes) + (
+            0 if self.position_table is None else self.position_table.nbytes)
 
     # ------------------------------------------------------------------ load
     @classmethod

@@ -24,19 +24,48 @@ def bench_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "bench-cache"))
 
 
+def _steady(first: float, count: int, every: float) -> list[float]:
+    """``count`` token times, the first at ``first``, then one each ``every`` seconds."""
+    return [first + i * every for i in range(count)]
+
+
 def test_figures_from_timestamps():
-    f = Figures.from_timestamps(start=10.0, end=14.0, prompt_lens=[100, 300], first_token_times=[11.0, 12.0],
-                                generated=[5, 9])
-    assert f.ttft_s == pytest.approx(1.5)
+    tokens = [_steady(11.0, 5, 0.5), _steady(12.0, 9, 0.25)]  # both done at 13.0, the wall ends at 14.0
+    f = Figures.from_timestamps(start=10.0, end=14.0, prompt_lens=[100, 300], token_times=tokens)
+    assert f.ttft_s == pytest.approx(1.5) and f.generated_tokens == 14
     assert f.prefill_tok_s == pytest.approx(400 / 2.0)
-    assert f.decode_tok_s == pytest.approx((14 - 2) / 2.0)
+    assert f.decode_tok_s == pytest.approx((2 + 8) / 2.0)  # the tokens after 12.0 only, over 12.0 -> 14.0
     assert f.throughput_tok_s == pytest.approx(14 / 4.0)
-    slower = Figures.from_timestamps(10.0, 18.0, [100, 300], [13.0, 14.0], [5, 9])
+    slower = Figures.from_timestamps(10.0, 18.0, [100, 300], [_steady(13.0, 5, 1.0), _steady(14.0, 9, 0.5)])
     r = ratios(f, slower)
     assert r["throughput_tok_s"] == pytest.approx(2.0) and r["ttft_speedup"] == pytest.approx(3.5 / 1.5)
     # TTFT counts from each request's own submission (a request sent later waits less)
-    late = Figures.from_timestamps(10.0, 14.0, [100, 300], [11.0, 12.0], [5, 9], submit_times=[10.0, 11.5])
-    assert late.ttft_s == pytest.approx((1.0 + 0.5) / 2) and late.prefill_tok_s == f.prefill_tok_s
+    late = Figures.from_timestamps(10.0, 14.0, [100, 300], tokens, submit_times=[10.0, 11.5])
+    assert late.ttft_s == pytest.approx((1.0 + 0.5) / 2)
+    assert late.prefill_tok_s == pytest.approx(400 / 1.5)  # 10 -> 11 and 11.5 -> 12: 1.5 s of waiting
+
+
+def test_a_request_done_before_the_others_start_is_not_counted_as_their_decode_or_prefill():
+    """shared-prefix: the first request runs alone, then the other seven together. Its tokens before the
+    others' first tokens are not decode of that window, and its decoding is not the others' prefill."""
+    alone = _steady(10.1, 32, 0.01)  # 10.1 -> 10.41
+    together = [_steady(10.5, 32, 0.02) for _ in range(7)]  # submitted at 10.42, first tokens at 10.5
+    f = Figures.from_timestamps(10.0, 11.12, [64] * 8, [alone, *together], submit_times=[10.0] + [10.42] * 7)
+    assert f.decode_tok_s == pytest.approx(7 * 31 / 0.62)
+    assert f.prefill_tok_s == pytest.approx(8 * 64 / (0.1 + 0.08))
+
+
+def test_a_side_running_requests_one_after_another_prefills_and_decodes_at_its_own_rate():
+    """llama.cpp's peer: every request handed over at once and run in turn. TTFT counts the queueing, prefill
+    only the time it spent reaching each first token, decode the last request's (the only one left)."""
+    tokens, began = [], []
+    for i in range(4):
+        began.append(10.0 + i)
+        tokens.append(_steady(10.2 + i, 9, 0.1))  # 0.2 s to the first token, 8 more in 0.8 s
+    f = Figures.from_timestamps(10.0, 14.0, [50] * 4, tokens, begin_times=began)
+    assert f.ttft_s == pytest.approx((0.2 + 1.2 + 2.2 + 3.2) / 4)
+    assert f.prefill_tok_s == pytest.approx(200 / 0.8)
+    assert f.decode_tok_s == pytest.approx(8 / 0.8)
 
 
 def test_ratio_summary_is_the_median_and_range_of_the_pairs():
@@ -106,6 +135,23 @@ def test_memory_line_counts_the_experts_a_decode_step_reads():
     eight = bandwidth_figures(10**9, 80.0, 8, None, expert_bytes=8 * 10**8, experts_chosen=4 / 32)
     assert eight["decode_weight_gb_s"] == pytest.approx(10 * (0.2 + 0.8 * (1 - (28 / 32) ** 8)))
     assert bandwidth_figures(10**9, 10.0, 1, None)["decode_weight_gb_s"] == pytest.approx(10.0)  # dense
+    # an input embedding apart from the LM head is looked up, a few rows a step: not streamed
+    assert bandwidth_figures(10**9, 10.0, 1, None, lookup_bytes=2 * 10**8)["decode_weight_gb_s"] == pytest.approx(8.0)
+
+
+def test_a_models_lookup_tables_are_its_untied_embedding(tmp_path):
+    import ferrum
+    from support import write_text_checkpoint
+
+    folder = write_text_checkpoint(tmp_path / "untied")
+    untied = ferrum.load(folder, backend="cpu", dtype="float32").model
+    assert not untied.config.tie_word_embeddings
+    assert untied.lookup_weight_bytes == untied.config.vocab_size * untied.config.hidden_size * 4
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.warns(UserWarning):  # the file's own lm_head is left unread
+        tied = ferrum.load(folder, backend="cpu", dtype="float32").model
+    assert tied.lookup_weight_bytes == 0  # the embedding is the LM head too: read whole every step
 
 
 @pytest.mark.skipif("mlx" not in runnable_backends(), reason="mlx is not installed")
@@ -149,3 +195,18 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert code == 0
     assert "decode tok/s" in capsys.readouterr().out
     assert json.loads(out.read_text())["workload"]["gen_len"] == 3
+
+
+def test_a_workload_past_the_context_or_a_peer_that_cannot_read_the_weights_is_refused_before_timing():
+    """Each side would stop at the context (Ferrum at 4 of 16 tokens, transformers going on), and transformers
+    cannot read MLX's packing: refused with the reason, not timed into a wrong ratio or a library error."""
+    from ferrum.errors import UnsupportedFeatureError
+
+    past = BenchOptions(workload="decode-1", backend="cpu", preset="tiny", peer="none", repeat=1,
+                        prompt_len=1020, gen_len=16)
+    with pytest.raises(InvalidRequestError, match="context of 1024 tokens"):
+        run_bench(past, log=lambda line: None)
+    packed = BenchOptions(workload="decode-1", backend="cpu", preset="tiny", peer="transformers", repeat=1,
+                          prompt_len=12, gen_len=2, quantize=8)
+    with pytest.raises(UnsupportedFeatureError, match="transformers peer cannot read"):
+        run_bench(packed, log=lambda line: None)

@@ -41,7 +41,7 @@ def in_host_memory(device: str) -> bool:
 
 
 def bandwidth_figures(weight_bytes: int, decode_tok_s: float, sequences: int, bandwidth: float | None,
-                      expert_bytes: int = 0, experts_chosen: float = 1.0) -> dict:
+                      expert_bytes: int = 0, experts_chosen: float = 1.0, lookup_bytes: int = 0) -> dict:
     """Weight bytes streamed per second while decoding, and that as a fraction of ``bandwidth`` (None where
     the memory the weights live in was not measured).
 
@@ -49,11 +49,13 @@ def bandwidth_figures(weight_bytes: int, decode_tok_s: float, sequences: int, ba
     steps per second are ``decode_tok_s / sequences``. Of ``expert_bytes`` (the expert
     stacks among the weights), a step reads the experts its tokens chose: with each token
     choosing a fraction ``experts_chosen`` of them, independently and evenly (random weights
-    route about so), ``1 - (1 - experts_chosen) ** sequences`` of them in expectation.
+    route about so), ``1 - (1 - experts_chosen) ** sequences`` of them in expectation. Of
+    ``lookup_bytes`` (tables a step looks a few rows up in: an input embedding apart from the LM head),
+    it reads next to nothing.
     """
     steps = decode_tok_s / max(sequences, 1)
     read = expert_bytes * (1 - (1 - experts_chosen) ** max(sequences, 1))
-    streamed = (weight_bytes - expert_bytes + read) * steps
+    streamed = (weight_bytes - lookup_bytes - expert_bytes + read) * steps
     return {
         "weight_bytes": weight_bytes,
         "read_bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,

@@ -23,7 +23,7 @@ from ferrum.backends import default_backend_name
 from ferrum.config import ModelConfig
 from ferrum.errors import InvalidRequestError
 from ferrum.model import DEFAULT_BLOCK_SIZE, weight_shapes
-from ferrum.quant import quantize_checkpoint
+from ferrum.quant import awq_gptq, quantize_checkpoint
 from ferrum.sources import cache_root, gguf_checkpoint, resolve_model
 
 ProgressFn = Callable[[int, int, str], None]
@@ -108,6 +108,11 @@ def run_bench(
         return speculative_bench(options, workload, path, phase("loading weights"), log)
     config = ModelConfig.from_file(path)
     prompts = make_prompts(workload, config.vocab_size)
+    if max(len(p) for p in prompts) + workload.gen_len > config.max_seq_len:
+        raise InvalidRequestError(
+            f"a {max(len(p) for p in prompts)}-token prompt and {workload.gen_len} tokens out pass this model's "
+            f"context of {config.max_seq_len} tokens, where each side would stop early; shorten --prompt-len or "
+            "--gen-len")
     # Room for every request at its full length (and the profile's steps): the benchmark measures
     # batching, not preemption.
     longest = max(workload.gen_len, PROFILE_STEPS + 2 if options.profile else 0)
@@ -115,8 +120,9 @@ def run_bench(
     ferrum = FerrumRunner(path, options.backend, options.dtype, num_kv_blocks, workload.concurrency,
                           phase("loading weights"))
     backend = ferrum.backend
+    shared = f", the first {workload.shared_prefix_len} shared" if workload.shared_prefix_len else ""
     log(f"workload {workload.name}: {workload.description} "
-        f"(here: {workload.concurrency} x prompt<={workload.prompt_len}, {workload.gen_len} out)")
+        f"(here: {workload.concurrency} x prompt<={workload.prompt_len}{shared}, {workload.gen_len} out)")
     log(f"model {path} on {backend.name} ({backend.info.device}), {ferrum.dtype}")
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -134,8 +140,15 @@ def run_bench(
     if peer_name:
         runners.append(make_peer(peer_name, path, ferrum.dtype, backend.info.device, gguf_path,
                                  context=max(len(p) for p in prompts) + workload.gen_len + 8,
-                                 prefill_tokens=ferrum.llm.engine.config.max_num_batched_tokens))
+                                 prefill_tokens=ferrum.llm.engine.config.max_num_batched_tokens,
+                                 mlx_packed=config.quantization is not None and config.quantization.mode not in
+                                 awq_gptq.METHODS))
     runs = _measure(runners, prompts, workload, options.repeat)
+    short = [r.name for r, side in zip(runners, runs)
+             if any(f.generated_tokens != len(prompts) * workload.gen_len for f in side)]
+    if short:
+        log(f"warning: {' and '.join(short)} did not generate {workload.gen_len} tokens for every request; the "
+            "ratios compare different work")
     first_alone = workload.shared_prefix_len > 0
     report["ferrum"] = median_figures(runs[0]).as_dict()
     report["preemptions"] = ferrum.preemptions
@@ -146,7 +159,8 @@ def run_bench(
     weights = model.weight_bytes
     report["memory"] = bandwidth_figures(weights, report["ferrum"]["decode_tok_s"], workload.concurrency,
                                          measure_read_bandwidth() if in_host_memory(backend.info.device) else None,
-                                         model.expert_weight_bytes, moe.top_k / moe.num_experts if moe else 1.0)
+                                         model.expert_weight_bytes, moe.top_k / moe.num_experts if moe else 1.0,
+                                         model.lookup_weight_bytes)
     report["memory"]["params"] = sum(math.prod(s) for s in weight_shapes(config).values())
     report["memory"]["bits_per_param"] = 8 * weights / report["memory"]["params"]
     if peer_name:

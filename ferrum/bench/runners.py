@@ -8,6 +8,7 @@ own timestamps, taken the same way on both sides.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,8 +18,19 @@ from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.sampling import SamplingParams
 
 
-#: Submission time, first-token time and token count per prompt (``time.perf_counter`` seconds).
-Timestamps = tuple[list[float], list[float], list[int]]
+@dataclass(frozen=True)
+class Timestamps:
+    """One group's times (``time.perf_counter`` seconds), one entry per prompt: when it was handed over, when
+    the side began to work on it (later, where it runs prompts one after another), and when each token came out."""
+
+    submitted: list[float]
+    began: list[float]
+    tokens: list[list[float]]
+
+    @classmethod
+    def together(cls, sent: float, tokens: list[list[float]]) -> "Timestamps":
+        """Prompts handed over and begun together at ``sent``."""
+        return cls([sent] * len(tokens), [sent] * len(tokens), tokens)
 
 
 class Runner:
@@ -39,15 +51,15 @@ class Runner:
         start = time.perf_counter()
         groups = [prompts[:1], prompts[1:]] if first_alone and len(prompts) > 1 else [prompts]
         submitted: list[float] = []
-        first_times: list[float] = []
-        counts: list[int] = []
+        began: list[float] = []
+        tokens: list[list[float]] = []
         for group in groups:
-            sent, times, n = self.generate(group, gen_len)
-            submitted += sent
-            first_times += times
-            counts += n
+            times = self.generate(group, gen_len)
+            submitted += times.submitted
+            began += times.began
+            tokens += times.tokens
         end = time.perf_counter()
-        return Figures.from_timestamps(start, end, [len(p) for p in prompts], first_times, counts, submitted)
+        return Figures.from_timestamps(start, end, [len(p) for p in prompts], tokens, submitted, began)
 
 
 class FerrumRunner(Runner):
@@ -79,18 +91,20 @@ class FerrumRunner(Runner):
         engine = self.llm.engine
         params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
         finals: dict[str, RequestOutput] = {}
+        token_times: dict[str, list[float]] = {}
 
-        def keep_final(out: RequestOutput) -> None:
+        def keep(out: RequestOutput) -> None:
+            token_times.setdefault(out.request_id, []).extend([time.perf_counter()] * len(out.new_token_ids))
             if out.finished:
                 finals[out.request_id] = out
 
-        ids = [engine.add_request(prompt, params, on_output=keep_final) for prompt in prompts]
+        ids = [engine.add_request(prompt, params, on_output=keep) for prompt in prompts]
         while len(finals) < len(ids):
             engine.step()
         outs = [finals[i] for i in ids]
         self.cached_tokens += sum(o.metrics.num_cached_tokens for o in outs)
-        return ([o.metrics.arrival_time for o in outs], [o.metrics.first_token_time for o in outs],
-                [len(o.token_ids) for o in outs])
+        arrivals = [o.metrics.arrival_time for o in outs]
+        return Timestamps(arrivals, arrivals, [token_times[i] for i in ids])
 
     def features(self, prompts: Sequence[Sequence[int]], first_alone: bool) -> list[str]:
         engine = self.llm.engine
@@ -159,33 +173,30 @@ class MlxLmRunner(Runner):
         from mlx_lm.models.cache import make_prompt_cache
 
         if len(prompts) == 1:
-            first, count = None, 0
+            times: list[float] = []
             cache = make_prompt_cache(self.model)
             sent = time.perf_counter()
             for _ in generate_step(self.mx.array(prompts[0]), self.model, max_tokens=gen_len, sampler=self._greedy,
                                    prompt_cache=cache, prefill_step_size=self.prefill_tokens):
-                count += 1
-                first = first or time.perf_counter()
+                times.append(time.perf_counter())
             self._earlier = (list(prompts[0]), cache)
-            return [sent], [first], [count]
+            return Timestamps.together(sent, [times])
         generator = BatchGenerator(self.model, max_tokens=gen_len, sampler=self._greedy,
                                    completion_batch_size=max(32, len(prompts)), prefill_batch_size=len(prompts),
                                    prefill_step_size=self.prefill_tokens)
         rests, caches = self._reused(prompts)
         sent = time.perf_counter()
         uids = generator.insert(rests, [gen_len] * len(prompts), caches=caches)
-        first_times: dict[int, float] = {}
-        counts = dict.fromkeys(uids, 0)
+        token_times: dict[int, list[float]] = {uid: [] for uid in uids}
         done = 0
         while done < len(uids):
             responses = generator.next_generated()
             now = time.perf_counter()
             for r in responses:
-                first_times.setdefault(r.uid, now)
-                counts[r.uid] += 1
+                token_times[r.uid].append(now)
                 done += r.finish_reason is not None
         generator.close()
-        return [sent] * len(uids), [first_times[u] for u in uids], [counts[u] for u in uids]
+        return Timestamps.together(sent, [token_times[u] for u in uids])
 
 
 class TransformersRunner(Runner):
@@ -241,7 +252,7 @@ class TransformersRunner(Runner):
                 ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=gen_len,
                 min_new_tokens=gen_len, do_sample=False, pad_token_id=0, streamer=StepClock(),
             )
-        return [sent] * len(prompts), [steps[0]] * len(prompts), [out.shape[1] - width] * len(prompts)
+        return Timestamps.together(sent, [steps[: out.shape[1] - width] for _ in prompts])
 
     def features(self, prompts: Sequence[Sequence[int]], first_alone: bool) -> list[str]:
         return ["generate, one left-padded batch", "no prefix reuse (generate has none across calls)"]
@@ -296,19 +307,18 @@ class LlamaCppRunner(Runner):
         return super().run(prompts, gen_len, first_alone)
 
     def generate(self, prompts: Sequence[Sequence[int]], gen_len: int) -> Timestamps:
-        sent, first_times, counts = [], [], []
+        """The prompts are handed over together, as to Ferrum, and run one after another."""
+        sent, began, tokens = time.perf_counter(), [], []
         for prompt in prompts:
-            sent.append(time.perf_counter())
-            first, count = None, 0
+            began.append(time.perf_counter())
+            times: list[float] = []
             for _ in self.llm.generate(list(prompt), top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
                                        repeat_penalty=1.0, reset=True):
-                count += 1
-                first = first or time.perf_counter()
-                if count == gen_len:
+                times.append(time.perf_counter())
+                if len(times) == gen_len:
                     break
-            first_times.append(first)
-            counts.append(count)
-        return sent, first_times, counts
+            tokens.append(times)
+        return Timestamps([sent] * len(prompts), began, tokens)
 
 
 def peer_for(backend_name: str, requested: str, gguf: bool = False, quantized: bool = False) -> str | None:
@@ -324,7 +334,12 @@ def peer_for(backend_name: str, requested: str, gguf: bool = False, quantized: b
 
 
 def make_peer(name: str, path: Path, dtype: str, device: str, gguf_path: Path | None = None,
-              context: int = 4096, prefill_tokens: int = 2048) -> Runner:
+              context: int = 4096, prefill_tokens: int = 2048, mlx_packed: bool = False) -> Runner:
+    """The peer runner ``name``; ``mlx_packed``: the checkpoint's weights are in MLX's packing."""
+    if name == "transformers" and mlx_packed:
+        raise UnsupportedFeatureError(
+            "the transformers peer cannot read this checkpoint's quantized weights (MLX's packing, or a GGUF file's "
+            "kept packed); bench against mlx-lm (--peer mlx-lm), llama.cpp on a GGUF file, or --peer none")
     if name == "llama.cpp":
         if gguf_path is None:
             raise UnsupportedFeatureError("the llama.cpp peer runs GGUF files: pass --model FILE.gguf")

@@ -85,16 +85,16 @@ def _timed(engine: Engine, prompts: Sequence[Sequence[int]], gen_len: int) -> Fi
     engine.model.reset()
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True)
     finals: dict[str, RequestOutput] = {}
+    token_times: dict[str, list[float]] = {}
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
     while len(finals) < len(ids):
         for out in engine.step():
+            token_times.setdefault(out.request_id, []).extend([time.perf_counter()] * len(out.new_token_ids))
             if out.finished:
                 finals[out.request_id] = out
     end = time.perf_counter()
-    outs = [finals[i] for i in ids]
-    return Figures.from_timestamps(start, end, [len(p) for p in prompts],
-                                   [o.metrics.first_token_time for o in outs], [len(o.token_ids) for o in outs])
+    return Figures.from_timestamps(start, end, [len(p) for p in prompts], [token_times[i] for i in ids])
 
 
 class MlxLmSpeculative:
