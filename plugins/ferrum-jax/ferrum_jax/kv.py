@@ -11,7 +11,7 @@ import numpy as np
 
 from ferrum import hookimpl
 
-from ferrum_jax.arrays import dtype_of
+from ferrum_jax.arrays import DEVICE, dtype_of
 
 
 class KVPool:
@@ -25,8 +25,10 @@ class KVPool:
     def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype):
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
         self.block_size, self.num_slots = block_size, num_blocks * block_size
-        self.k = [jnp.zeros(shape, dtype) for _ in range(num_layers)]
-        self.v = [jnp.zeros(shape, dtype) for _ in range(num_layers)]
+        # committed to the device, as the scatter's results are: an uncommitted first pool would compile
+        # ``_scatter`` once more at the second write of each layer (the first timed step of a bench)
+        self.k = [jax.device_put(jnp.zeros(shape, dtype), DEVICE) for _ in range(num_layers)]
+        self.v = [jax.device_put(jnp.zeros(shape, dtype), DEVICE) for _ in range(num_layers)]
 
 
 @hookimpl

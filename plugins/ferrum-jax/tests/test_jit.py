@@ -3,6 +3,8 @@ compiles its attention once per bucket, not once per step."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 import ferrum
@@ -42,3 +44,19 @@ def test_a_growing_decode_compiles_attention_once_per_block_bucket(tmp_path):
         logits = model.decode("s", int(np.argmax(logits)), pos)
     # the prefill, then decode with widths bucketed to 1, 2 and 4 blocks; a layer's window would add more
     assert attention._paged._cache_size() - compiled <= 4 < steps
+
+
+def test_the_pool_is_written_by_one_compiled_scatter_from_the_first_write_on(caplog):
+    """The pool starts committed to the device, as each write leaves it: an uncommitted first pool made the
+    second write compile the scatter again (a bench's first timed step paid for it after its warm-up)."""
+    import jax
+
+    from ferrum_jax.arrays import DEVICE
+
+    pool = kv.kv_alloc(1, 7, 16, 3, 10, "float32")  # shapes no other test writes, so nothing is compiled yet
+    k = jax.device_put(np.ones((5, 3, 10), np.float32), DEVICE)  # as the model's projections hand them over
+    slots = jax.device_put(np.array([1, 2, 3, 4, 5], np.int32), DEVICE)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        for scale in (1, 2, 3):
+            kv.kv_write(pool, 0, scale * k, k, slots)
+    assert sum("Compiling jit(_scatter)" in r.getMessage() for r in caplog.records) == 1
