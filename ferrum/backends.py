@@ -53,7 +53,9 @@ class BackendInfo:
     default_dtype: str
     memory_bytes: int | None = None
     max_batch: int | None = None
-    api_version: int | str = hookspec.API_VERSION
+    #: The plugin API version it was written for, as a literal ("1.11"); None: not declared (the conformance kit
+    #: fails that; loading reads it as the first minor wherever a later one refined an op's meaning).
+    api_version: int | str | None = None
     note: str = ""  # how it runs, e.g. a fallback from the device that was asked for
     #: (bits, group_size) pairs of the affine packed form its quantized ops run natively.
     quant_formats: tuple[tuple[int, int], ...] = ()
@@ -88,17 +90,28 @@ def parse_api_version(version: int | str) -> tuple[int, int]:
         return int(major), int(minor)
     except (TypeError, ValueError):
         raise PluginContractError(
-            f"api_version {version!r} is not \"MAJOR.MINOR\"; set it to ferrum.API_VERSION "
-            f"({hookspec.API_VERSION!r}) of the Ferrum the plugin was written for"
+            f"api_version {version!r} is not \"MAJOR.MINOR\"; set it to the literal version of the Ferrum the "
+            f"plugin was written for (this one speaks {hookspec.API_VERSION!r})"
         ) from None
 
 
-def api_incompatibility(version: int | str) -> str | None:
+def declared_version(info: "BackendInfo") -> tuple[int, int]:
+    """The API version a loaded plugin was written for; one that declares none counts as ``(major, 0)``."""
+    if info.api_version is None:
+        return parse_api_version(hookspec.API_VERSION)[0], 0
+    return parse_api_version(info.api_version)
+
+
+def api_incompatibility(version: int | str | None) -> str | None:
     """Why a plugin written for plugin API ``version`` cannot run on this Ferrum, or ``None`` if it can.
 
     Only the major version must match: minor versions add optional ops and record fields, which an
-    older plugin leaves to the core's fallbacks and a newer one implements without their being called.
+    older plugin leaves to the core's fallbacks and a newer one implements without their being called
+    (where a minor refined an existing op's meaning, the ops table sends what an older plugin would read
+    the old way to the core's reference). An undeclared version (None) is not refused here.
     """
+    if version is None:
+        return None
     major, minor = parse_api_version(version)
     ours = parse_api_version(hookspec.API_VERSION)[0]
     if major == ours:
@@ -291,7 +304,7 @@ def load_backend(name: str | None = None) -> "Backend":
     assert pm is not None
     try:
         ops_plugin = pm.hook.backend_load()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a plugin's sys.exit() must not end the caller's process
         raise BackendUnavailableError(f"backend {name!r} failed to load: {type(exc).__name__}: {exc}") from exc
     if ops_plugin is None:
         raise PluginContractError(f"backend {name!r}: backend_load() returned nothing")
@@ -307,6 +320,7 @@ def load_backend(name: str | None = None) -> "Backend":
         raise PluginContractError(f"backend {name!r}: backend_info(): {exc}") from None
     if refusal:
         raise PluginContractError(f"backend {name!r} is refused: {refusal}")
+    ops.keep_older_meanings()
     return Backend(name=name, probe=entry.probe, ops=ops, info=ops.info)
 
 

@@ -72,7 +72,8 @@ def _op_sources(backend: backends.Backend) -> list[str]:
     """One line per hook: whether the plugin implements it or the core's reference composition runs."""
     from ferrum import hookspec
 
-    lines = [f"    plugin API {backend.info.api_version} (this Ferrum speaks {hookspec.API_VERSION}); ops:"]
+    declared = backend.info.api_version if backend.info.api_version is not None else "undeclared"
+    lines = [f"    plugin API {declared} (this Ferrum speaks {hookspec.API_VERSION}); ops:"]
     for op in hookspec.REQUIRED_OPS + hookspec.OPTIONAL_OPS:
         source = "native" if op in backend.ops.native else "core fallback"
         lines.append(f"      {op:<26} {source}")

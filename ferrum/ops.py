@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pluggy
 
 from ferrum import hookspec, reference_ops
-from ferrum.errors import PluginContractError
+from ferrum.errors import BackendUnavailableError, PluginContractError
 
 
 def _adapt(fn: Callable, impl_args: tuple[str, ...], spec_args: tuple[str, ...]) -> Callable:
@@ -31,6 +31,16 @@ def _adapt(fn: Callable, impl_args: tuple[str, ...], spec_args: tuple[str, ...])
         return fn(*[args[i] for i in picks if i < len(args)])
 
     return call
+
+
+def _unless_refined(own: Callable, reference: Callable) -> Callable:
+    """``own`` sampling, except for batches API 1.11 reads otherwise (top-p within a top-k, a bias before a
+    penalty), which ``reference`` samples."""
+    def sample(logits: Any, batch: Any) -> Any:
+        refined = ((batch.top_k > 0) & (batch.top_p < 1)).any() or batch.adjust_offset.any()
+        return reference(logits, batch) if refined else own(logits, batch)
+
+    return sample
 
 
 class OpsTable:
@@ -76,7 +86,11 @@ class OpsTable:
                     f"see ferrum.hookspec.{name} for its contract"
                 )
         table.native = frozenset(native)
-        table.info = table.backend_info()
+        try:
+            table.info = table.backend_info()
+        except Exception as exc:  # the plugin's own failure (a device lost at start-up): named, not a crash
+            raise BackendUnavailableError(
+                f"backend {backend_name!r}: backend_info() failed: {type(exc).__name__}: {exc}") from exc
         from ferrum.backends import BackendInfo
 
         if not isinstance(table.info, BackendInfo):
@@ -85,6 +99,17 @@ class OpsTable:
                 f"got {type(table.info).__name__}"
             )
         return table
+
+    def keep_older_meanings(self) -> None:
+        """A plugin written before API 1.11 samples top-p over the whole vocabulary and knows no
+        ``adjust_offset``: the batches whose rows 1.11 reads otherwise go to the core's reference."""
+        from ferrum.backends import declared_version
+
+        if declared_version(self.info) >= (1, 11):
+            return
+        for op in ("sample", "sample_on_device"):  # the reference on device reads through the sample here
+            if op in self.native:
+                setattr(self, op, _unless_refined(getattr(self, op), self.fallback[op]))
 
     def accepts(self, op: str, arg: str) -> bool:
         """Whether the plugin's own implementation of ``op`` takes ``arg``."""

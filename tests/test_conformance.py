@@ -130,7 +130,8 @@ def test_a_quantized_linear_reading_nibbles_in_the_wrong_order_is_caught(registe
 
     @hookimpl
     def backend_info():
-        return BackendInfo("nibbles", "cpu", ("float32",), "float32", quant_formats=((4, 32), (4, 64), (8, 32)))
+        return BackendInfo("nibbles", "cpu", ("float32",), "float32", quant_formats=((4, 32), (4, 64), (8, 32)),
+                           api_version="1.11")
 
     registered("nibbles", cpu_like_plugin("nibbles", extra={
         "backend_info": backend_info, "quantized_upload": quantized_upload,

@@ -232,3 +232,57 @@ def test_automatic_choice_falls_back_when_the_first_backend_cannot_load(register
     with pytest.raises(BackendUnavailableError, match="libdriver.so"):
         backends.load_backend("fragile")
     assert backends.load_backend().name != "fragile"
+
+
+@pytest.mark.parametrize("failure", ["backend_load exits", "backend_info raises"])
+def test_a_plugin_failing_at_load_is_named_and_skipped_not_fatal(registered, failure):
+    """A plugin's ``sys.exit()`` in backend_load, or a backend_info() that raises (a device lost at start-up),
+    is that backend failing to load: named, and the automatic choice goes on to the next backend."""
+    def exits():
+        raise SystemExit("cuda init failed")
+
+    @hookimpl
+    def backend_info():
+        raise RuntimeError("FancyAccel driver: device lost")
+
+    plugin = cpu_like_plugin("fragile", extra={"backend_info": backend_info})
+    if failure == "backend_load exits":
+        plugin = cpu_like_plugin("fragile")
+        plugin.backend_load = hookimpl(exits)
+    plugin.backend_probe = hookimpl(lambda: backends.BackendProbe(available=True, device="cpu", priority=-100))
+    registered("fragile", plugin)
+    with pytest.raises(BackendUnavailableError, match="cuda init failed|device lost") as caught:
+        backends.load_backend("fragile")
+    assert "'fragile'" in str(caught.value)
+    assert backends.load_backend().name != "fragile"
+
+
+@pytest.mark.parametrize("declared", ["1.10", None, "1.11"])
+def test_a_plugin_written_before_1_11_never_samples_what_1_11_reads_otherwise(registered, declared):
+    """API 1.11 measures top-p within the top-k and adds a bias before the penalty scales it; a plugin declaring
+    an older minor (or none) wrote its sample for the old meanings, so the core samples those batches itself,
+    and the plugin keeps every other batch. One declaring 1.11 gets them all."""
+    from dataclasses import replace
+
+    seen = []
+
+    @hookimpl
+    def sample(logits, batch):
+        seen.append(bool(((batch.top_k > 0) & (batch.top_p < 1)).any() or batch.adjust_offset.any()))
+        return sample_numpy(cpu_ops.to_numpy(logits), batch)
+
+    @hookimpl
+    def backend_info():
+        return replace(cpu_ops.backend_info(), name="older", api_version=declared)
+
+    registered("older", cpu_like_plugin("older", extra={"sample": sample, "backend_info": backend_info}))
+    ops = backends.load_backend("older").ops
+    logits = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
+    cases = [SamplingParams(temperature=1.0, top_k=5, top_p=0.5, seed=1),
+             SamplingParams(repetition_penalty=1.5, logit_bias={2: 3.0}, logprobs=2),
+             SamplingParams(temperature=1.0, top_p=0.5, seed=1), SamplingParams(temperature=1.0, top_k=5, seed=1)]
+    for params in cases:
+        batch = build_sampling_batch([RequestSampler(params, [1, 2, 3])])
+        got = ops.sample(ops.from_numpy(logits, "float32"), batch)
+        assert got.tokens.tolist() == sample_numpy(logits, batch).tokens.tolist()
+    assert seen == ([True, True] if declared == "1.11" else []) + [False, False]

@@ -37,6 +37,7 @@ import numpy as np
 
 from ferrum.attention import AttentionBatch
 from ferrum.backends import Backend, api_incompatibility, load_backend
+from ferrum.hookspec import API_VERSION
 from ferrum.quant.affine import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizedWeight, dequantize, quantize
 from ferrum.random_checkpoint import write_random_checkpoint
 from ferrum.sampling import RequestSampler, SamplingParams, build_sampling_batch, sample_numpy
@@ -141,6 +142,9 @@ def _compare(got: np.ndarray, ref: np.ndarray, tolerance: float) -> float:
 
 def check_backend_info(c: _Context) -> None:
     info = c.backend.info
+    assert info.api_version is not None, (
+        "BackendInfo.api_version is not declared: set it (and BackendProbe.api_version) to the literal version "
+        f"the plugin was written for, e.g. {API_VERSION!r}, so an incompatible Ferrum refuses it by name")
     refusal = api_incompatibility(info.api_version)
     assert refusal is None, refusal
     assert info.default_dtype in info.dtypes, f"default dtype {info.default_dtype!r} not in {info.dtypes}"
@@ -235,7 +239,8 @@ def check_attention(
     errors = []
     for q_len, kv_len, heads, kv_heads, d in cases:
         q, k, v = (c.rounded(c.random(n, h, d)) for n, h in ((q_len, heads), (kv_len, kv_heads), (kv_len, kv_heads)))
-        got = c.get(c.ops.attention(c.put(q), c.put(k), c.put(v), d**-0.5, window))
+        got = c.get(c.ops.attention(c.put(q), c.put(k), c.put(v), d**-0.5, window, None, None))  # every argument:
+        # a plugin may write the hookspec's signature as it stands, without defaults
         errors.append(_compare(got, oracle.attention(q, k, v, d**-0.5, window), tol))
     return max(errors)
 
@@ -345,7 +350,7 @@ def check_paged_attention(c: _Context, tol: float, window: int | None = None) ->
     q = c.rounded(c.random(int(cu[-1]), heads, d))
     errors = []
     for layer, (kb, vb) in enumerate(contents):
-        got = c.get(c.ops.paged_attention(c.put(q), pool, layer, batch, d**-0.5, window))
+        got = c.get(c.ops.paged_attention(c.put(q), pool, layer, batch, d**-0.5, window, None, None))
         ref = oracle.paged_attention(q, kb, vb, cu, seq_lens, block_tables, d**-0.5, window)
         errors.append(_compare(got, ref, tol))
     return max(errors)
@@ -363,7 +368,7 @@ class _AllowOnly:
 
 def _sampling_case() -> tuple[np.ndarray, Any]:
     rng = np.random.default_rng(3)
-    logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(9)])
+    logits = np.stack([rng.permutation(64).astype(np.float32) * 0.4 for _ in range(16)])
     params = [
         SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.2, top_k=4, seed=2),
         SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1, seed=3, logprobs=3),
@@ -374,7 +379,12 @@ def _sampling_case() -> tuple[np.ndarray, Any]:
         SamplingParams(temperature=0.01, seed=5, logprobs=20), SamplingParams(temperature=1.0, top_p=1e-300, seed=6),
         # top-p within the top-k (API 1.11): of 4 tokens' mass, not of the whole vocabulary's.
         SamplingParams(temperature=3.0, top_k=4, top_p=0.5, seed=7),
+        # min-p alone, where nothing else narrows the draw: a hot temperature would pick far down otherwise.
+        *(SamplingParams(temperature=2.0, min_p=0.3, seed=seed) for seed in (8, 9, 10, 11)),
+        # a bias on a token the penalty also scales (API 1.11: the biased logit is scaled), made the top one.
+        SamplingParams(repetition_penalty=1.5, logit_bias={2: 30.0}, logprobs=2),
     ]
+    logits = logits[: len(params)]
     samplers = [RequestSampler(p, [1, 2, 3]) for p in params]
     samplers[5].matcher = _AllowOnly((7, 19, 40), logits.shape[1])
     return logits, build_sampling_batch(samplers)

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ferrum.backends import BackendInfo
-from ferrum.hookspec import hookimpl
+from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum_cpu import attention as _attention
 from ferrum_cpu.matmul import matmul_t
 
@@ -26,6 +26,7 @@ def backend_info() -> BackendInfo:
         dtypes=("float32",),
         default_dtype="float32",
         memory_bytes=_host_memory_bytes(),
+        api_version=API_VERSION,  # a built-in speaks the version of the core it ships with
     )
 
 

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from ferrum.backends import BackendInfo
-from ferrum.hookspec import hookimpl
+from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
 from ferrum.sampling import DeviceSample, SampleResult
 from ferrum_cuda import graphs, guess_device, requested_device, quant
@@ -176,6 +176,7 @@ def backend_info() -> BackendInfo:
     int4_ok, int4_note = quant.int4_status(DEVICE)
     common = dict(
         name="cuda",
+        api_version=API_VERSION,  # a built-in speaks the version of the core it ships with
         note="; ".join(n for n in (DEVICE_NOTE, int4_note) if n),
         quant_formats=quant.FORMATS,
         quantized_dtype="bfloat16" if int4_ok else None,

@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ferrum.backends import BackendInfo
-from ferrum.hookspec import hookimpl
+from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
 from ferrum.quant.affine import pack, unpack
 from ferrum.quant.config import FLOAT_MODES
@@ -75,12 +75,13 @@ def backend_info() -> BackendInfo:
     if _METAL:
         memory = _recommended_working_set()
         return BackendInfo("mlx", "metal", dtypes, "bfloat16", memory, quant_formats=_QUANT_FORMATS,
-                           computes_apart=True)
+                           computes_apart=True, api_version=API_VERSION)
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = None
-    return BackendInfo("mlx", "cpu", dtypes, "float32", memory, quant_formats=_QUANT_FORMATS, computes_apart=True)
+    return BackendInfo("mlx", "cpu", dtypes, "float32", memory, quant_formats=_QUANT_FORMATS, computes_apart=True,
+                       api_version=API_VERSION)  # a built-in speaks the version of the core it ships with
 
 
 # ----------------------------------------------------------- host transfer
