@@ -93,12 +93,16 @@ def check_gelu_tanh_mul(c: Any, tol: float) -> float:
 
 
 def check_layer_norm(c: Any, tol: float) -> float:
-    """Rows far from zero mean (so that the mean matters): with a bias, without one (per head), with neither."""
+    """Rows far from zero mean (so that the mean matters): with a bias, without one (per head), with neither;
+    and rows whose variance is near eps (so that eps matters)."""
     x, w, b = c.rounded(c.random(6, 80) * 3 + 2), c.rounded(c.random(80)), c.rounded(c.random(80))
     heads = c.rounded(c.random(5, 4, 24) + 1)
     w24 = c.rounded(c.random(24))
+    flat = c.rounded(c.random(6, 80) * 0.05 + 1)
     return max(_compare(c.get(c.ops.layer_norm(c.put(x), c.put(w), c.put(b), 1e-5)),
                         arch_oracle.layer_norm(x, w, b, 1e-5), tol),
+               _compare(c.get(c.ops.layer_norm(c.put(flat), c.put(w), c.put(b), 1e-3)),
+                        arch_oracle.layer_norm(flat, w, b, 1e-3), tol),
                _compare(c.get(c.ops.layer_norm(c.put(heads), c.put(w24), None, 1e-5)),
                         arch_oracle.layer_norm(heads, w24, None, 1e-5), tol),
                _compare(c.get(c.ops.layer_norm(c.put(x), None, None, 1e-5)),  # OLMo's: no parameters
