@@ -256,8 +256,9 @@ class DecoderOnlyLLM:
         for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
             for prepared, host in prepare(config, name, tensor):
                 for part, array in fuser.add(prepared, host) if fuser else [(prepared, host)]:
-                    # biases and norms are used as they are, never laid out for products (a 2-D norm too)
-                    role = roles.get(part, "bias" if part.endswith(".bias") or is_norm(part) else "linear")
+                    # biases, norms and sinks are used as they are, never laid out for products (a 2-D norm too)
+                    as_is = part.endswith((".bias", ".sinks")) or is_norm(part)
+                    role = roles.get(part, "bias" if as_is else "linear")
                     weights[part] = place(backend.ops, part, array, dtype, role, needs)
             if progress is not None:
                 progress(done, len(shapes), name)

@@ -286,3 +286,35 @@ def test_a_plugin_written_before_1_11_never_samples_what_1_11_reads_otherwise(re
         got = ops.sample(ops.from_numpy(logits, "float32"), batch)
         assert got.tokens.tolist() == sample_numpy(logits, batch).tokens.tolist()
     assert seen == ([True, True] if declared == "1.11" else []) + [False, False]
+
+
+def test_weights_only_a_plugins_products_read_go_through_its_upload_weight(registered, tmp_path):
+    """``upload_weight``'s result is only handed back to the plugin's own linear and embedding, so it may be any
+    layout; gpt-oss's attention sinks, which attention reads as an array, come from from_numpy (they went
+    through upload_weight and then cast, which a wrapped layout broke)."""
+    from ferrum.random_checkpoint import write_random_checkpoint
+    from ferrum.testing.family_checks import FAMILY_MODELS
+
+    class Laid:
+        def __init__(self, array):
+            self.array, self.nbytes = array, array.nbytes
+
+    @hookimpl
+    def upload_weight(name, array, dtype):
+        return Laid(cpu_ops.from_numpy(array, dtype))
+
+    @hookimpl
+    def linear(x, weight, bias):
+        return cpu_ops.linear(x, weight.array, bias)
+
+    @hookimpl
+    def embedding(weight, ids):
+        return cpu_ops.take_rows(weight.array, ids)
+
+    registered("laid", cpu_like_plugin("laid", omit=("split",), extra={
+        "upload_weight": upload_weight, "linear": linear, "embedding": embedding}))
+    folder = write_random_checkpoint(tmp_path / "gpt_oss", FAMILY_MODELS["gpt_oss"], dtype="float32", std=0.2)
+    laid = DecoderOnlyLLM.from_pretrained(folder, backend="laid", dtype="float32")
+    plain = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32")
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6]
+    np.testing.assert_allclose(laid.forward_verify("x", tokens), plain.forward_verify("y", tokens), atol=1e-5)
