@@ -134,7 +134,11 @@ def backend_probe() -> Any:
 
     Returns a :class:`ferrum.backends.BackendProbe` with ``available`` and,
     when unavailable, a human ``reason`` (e.g. "torch.cuda.is_available() is
-    False"). ``priority`` orders the automatic choice: lower runs first.
+    False"). ``priority`` orders the automatic choice: lower runs first. For a
+    quantized checkpoint (the embedded default model is one) the order is
+    ``quantized_priority`` (``priority`` where unset), and a backend whose
+    ``BackendInfo.quant_formats`` runs the checkpoint's format natively comes
+    before one that would dequantize it.
     """
 
 
