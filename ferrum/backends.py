@@ -83,6 +83,9 @@ class BackendEntry:
 
 def parse_api_version(version: int | str) -> tuple[int, int]:
     """``"1.3"`` -> ``(1, 3)``; a bare integer (plugins from before minor versions) is ``(N, 0)``."""
+    if isinstance(version, float):
+        raise PluginContractError(f"api_version {version!r} is a number, which cannot say 1.10 from 1.1; write it "
+                                  f"as a string, e.g. {hookspec.API_VERSION!r}")
     try:
         if isinstance(version, int) and not isinstance(version, bool):
             return version, 0

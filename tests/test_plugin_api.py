@@ -54,6 +54,11 @@ def test_a_plugin_declaring_its_version_only_in_backend_info_is_refused_at_load(
         backends.load_backend("past")
 
 
+def test_a_version_written_as_a_float_is_refused():
+    with pytest.raises(PluginContractError, match="is a number, which cannot say 1.10 from 1.1"):
+        backends.parse_api_version(1.10)
+
+
 def test_a_malformed_version_is_refused_with_what_to_write(registered):
     registered("garbled", _written_for("garbled", "v1", declare_in_probe=False))
     with pytest.raises(PluginContractError, match="backend 'garbled': backend_info\\(\\): api_version 'v1'"):

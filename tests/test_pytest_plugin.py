@@ -93,6 +93,15 @@ def test_what_cannot_run_is_one_failing_item_saying_why(tmp_path, args, message)
     assert len(_outcomes(done.stdout)) == 1
 
 
+def test_a_dtype_the_backend_lacks_is_skipped_beside_one_it_has(tmp_path):
+    """The documented CI line (float32 and bfloat16) passes a float32-only plugin on its float32 checks."""
+    done = _pytest(tmp_path, "--ferrum-backend", "broken", "--ferrum-dtype", "float32", "--ferrum-dtype", "bfloat16",
+                   "-k", "silu_mul or dtype")
+    assert _outcomes(done.stdout) == {"ferrum-conformance[broken]::silu_mul[float32]": "PASSED"}, done.stdout
+    assert "1 passed, 1 skipped" in done.stdout and "computes in float32, not 'bfloat16'" in done.stdout
+    assert done.returncode == 0
+
+
 def test_without_the_option_it_adds_nothing(tmp_path):
     (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
     done = _pytest(tmp_path)
