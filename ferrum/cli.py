@@ -112,9 +112,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from ferrum.default_model import default_model_path
 
         model_path = default_model_path(progress=_progress_printer("preparing default model"))
-        chat = True if args.chat is None else args.chat
-    else:
-        chat = args.chat
     llm = ferrum.load(
         model_path,
         backend=args.backend,
@@ -124,6 +121,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     info = llm.model.backend.info
     print(f"[ferrum] backend={llm.model.backend.name} device={info.device} dtype={llm.model.dtype}", file=sys.stderr)
+    # as mlx-lm's and llama.cpp's command lines: through the chat template where the model has one
+    has_template = llm.tokenizer is not None and llm.tokenizer.chat_template is not None
+    chat = has_template if args.chat is None else args.chat
     params = llm.sampling_params(**sampling)
     from ferrum.serve.harmony import HarmonyThinking
 
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--json-schema", dest="json_schema", type=_json_schema_arg, metavar="SCHEMA",
                        help="constrain the output to a JSON schema (inline JSON, or @FILE)")
     chat = p.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="apply the chat template (the default where the model has one)")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as raw text")
     p.set_defaults(func=cmd_generate)
 

@@ -89,6 +89,26 @@ def test_generate_reads_the_prompt_from_stdin_given_a_dash(checkpoint, capsys, m
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_generate_applies_a_models_chat_template_unless_told_not_to(checkpoint, tmp_path, capsys):
+    """As mlx-lm's and llama.cpp's command lines do: a model with a chat template chats; --no-chat feeds the text
+    raw; a model without one gets the text raw."""
+    import shutil
+
+    import ferrum
+
+    llm = ferrum.load(checkpoint, backend="cpu")
+    assert llm.tokenizer.chat_template is not None
+    run = ["generate", "--backend", "cpu", "--max-tokens", "6", "--ignore-eos", "hello"]
+    assert main([*run[:1], "--model", str(checkpoint), *run[1:]]) == 0
+    assert capsys.readouterr().out == llm.generate("hello", chat=True, max_tokens=6, ignore_eos=True) + "\n"
+    bare = shutil.copytree(checkpoint, tmp_path / "bare")
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main([*run[:1], "--model", str(bare), *run[1:]]) == 0
+    assert capsys.readouterr().out == llm.generate("hello", max_tokens=6, ignore_eos=True) + "\n"
+
+
 @pytest.mark.parametrize("argv, words", [
     (["serve", "--port", "99999"], "a port is a number from 0 to 65535"),  # a traceback once the model had loaded
     (["serve", "--port", "-1"], "a port is a number from 0 to 65535"),
