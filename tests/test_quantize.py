@@ -324,3 +324,12 @@ def test_interrupted_run_leaves_nothing(sources, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(sources["untied"], tmp_path / "out", progress=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_matrices_a_group_size_does_not_divide_stay_float_with_a_warning(sources, tmp_path):
+    """mlx-lm keeps them in float without a word; a 128-wide group over 64-wide inputs packs almost nothing."""
+    widths = {shape[-1] for shape in (tensor.shape for tensor in tensors(sources["untied"]).values())}
+    group = 128
+    assert any(width % group for width in widths)
+    with pytest.warns(UserWarning, match=f"not a multiple of --group-size {group} wide and stay in float"):
+        quantize_checkpoint(sources["untied"], tmp_path / "q", bits=4, group_size=group)

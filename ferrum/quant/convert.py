@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -125,6 +126,11 @@ def quantize_checkpoint(
     shapes = weight_shapes(config)
     plan = _plan(checkpoint, shapes, bits, group_size, config)
     _check_destination(src, dst, force)
+    unpacked = [item.source for item in plan if _quantizable(item.source, shapes) and not item.packed]
+    if unpacked:  # mlx-lm keeps them in float too, without a word
+        warnings.warn(f"{len(unpacked)} matri{'x' if len(unpacked) == 1 else 'ces'} (e.g. {unpacked[0]}, "
+                      f"{shapes[unpacked[0]][-1]} wide) are not a multiple of --group-size {group_size} wide and stay "
+                      "in float; a smaller group size packs them", stacklevel=2)
 
     overrides = {item.outputs[0].name.removesuffix(".weight"): item.format for item in plan
                  if _quantizable(item.source, shapes) and item.format != (bits, group_size)}
