@@ -54,7 +54,13 @@ def resolve_model(path: str | Path, progress: ProgressFn | None = None) -> Path:
 
         repo = hub.parse_repo_id(named) or hub.tagged_gguf(named)
         if repo is not None:
-            path = hub.resolve_repo(*repo)
+            try:
+                path = hub.resolve_repo(*repo)
+            except CheckpointError as exc:
+                if path.parent.is_dir() and path.parent != Path("."):  # more likely a local path with a typo
+                    raise CheckpointError(f"no {path.name!r} in the local folder {path.parent}/ (read as a Hugging "
+                                          f"Face repo id instead: {exc})") from None
+                raise
             gguf = path if path.is_file() else hub.single_gguf(path)
             if gguf is not None:
                 return gguf_checkpoint(gguf, progress)

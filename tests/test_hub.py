@@ -231,3 +231,20 @@ def test_a_sharded_snapshot_missing_a_shard_names_it(checkpoint, tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match=r"without 1 of its 2 weight files \(model-00002-of-00002"):
         resolve_repo("acme/sharded")
+
+
+def test_a_missing_path_under_a_local_folder_is_named_as_one(tmp_path, monkeypatch):
+    """``models/llama`` reads like a repo id too; where ``models/`` is a folder here, the typo is the likelier
+    story, and the error says so before the hub's."""
+    from huggingface_hub import constants
+
+    from ferrum.sources import resolve_model
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match=r"no 'llama' in the local folder models/ \(read as a Hugging Face"):
+        resolve_model("models/llama")
+    with pytest.raises(CheckpointError, match=r"^acme/llama is not in the Hugging Face cache"):
+        resolve_model("acme/llama")
