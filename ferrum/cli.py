@@ -36,6 +36,8 @@ def _progress_printer(label: str):
 def cmd_backends(args: argparse.Namespace) -> int:
     from ferrum.capabilities import ExecutorCapabilities
 
+    if args.verbose and args.no_load:
+        raise InvalidRequestError("--verbose lists each backend's ops, which needs loading it; drop --no-load")
     rows = [("backend", "available", "device", "order", "notes")]
     flags: list[str] = []
     for rank, entry in enumerate(backends.available(), start=1):

@@ -158,3 +158,8 @@ def test_a_reader_that_goes_away_ends_generate_quietly(checkpoint):
                "--ignore-eos --no-chat hello | head -c 1")
     done = subprocess.run(command, shell=True, capture_output=True, text=True)
     assert "Error" not in done.stderr, done.stderr
+
+
+def test_backends_verbose_without_loading_is_refused_not_ignored(capsys):
+    assert main(["backends", "--verbose", "--no-load"]) == 2
+    assert "--verbose lists each backend's ops, which needs loading it" in capsys.readouterr().err
