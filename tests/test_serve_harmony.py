@@ -129,6 +129,9 @@ def test_the_answer_is_the_content_and_the_analysis_the_reasoning(harmony_server
     assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "The user wants the weather."
     assert "".join(d.content or "" for d in deltas) == "It is sunny."
     assert chunks[-1].choices[0].finish_reason == "stop"
+    # vLLM's default skip_special_tokens=true, which some clients send: the markers are read all the same
+    told = _ask(srv, answer_id, extra_body={"skip_special_tokens": True}).choices[0].message
+    assert (told.content, told.model_extra["reasoning_content"]) == ("It is sunny.", "The user wants the weather.")
 
 
 def test_a_message_to_a_function_is_a_tool_call(harmony_server):

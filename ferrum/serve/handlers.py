@@ -85,10 +85,12 @@ class Response:
 def _sampling_params(
     state: ServerState, body: _Common, max_tokens: int, logprobs: int, seed: int | None, stops: list[str],
     keep_special_tokens: bool = False, grammar: str | None = None, thinks: bool = False,
+    needs_special_tokens: bool = False,
 ) -> SamplingParams:
-    """``keep_special_tokens``: what an unset ``skip_special_tokens`` means is to keep them; ``grammar``: a forced
-    tool call's, else ``response_format`` shapes the reply; ``thinks``: after the thinking, where there is one
-    (``--reasoning-parser``)."""
+    """``keep_special_tokens``: what an unset ``skip_special_tokens`` means is to keep them;
+    ``needs_special_tokens``: kept whatever the request says (a gpt-oss reply is read by its markers, which vLLM
+    reads from the token ids); ``grammar``: a forced tool call's, else ``response_format`` shapes the reply;
+    ``thinks``: after the thinking, where there is one (``--reasoning-parser``)."""
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         if not (key.isascii() and key.isdigit()):  # int() would take " 7", "1_0" and other scripts' digits
@@ -118,7 +120,8 @@ def _sampling_params(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
-        skip_special_tokens=not keep_special_tokens if skip_special is None else skip_special,
+        skip_special_tokens=False if needs_special_tokens else (
+            not keep_special_tokens if skip_special is None else skip_special),
         json_schema=schema,
         grammar=grammar,
         reasoning_tags=structured_tags(state.llm.tokenizer) if thinks and shaped else None,
@@ -424,8 +427,8 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest, endpoint: 
     keeps_special = thinking is not None and thinking.keeps_special_tokens
     specs = [
         ChoiceSpec(i, prompt, _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, i),
-                                               stops, replies.keeps_special_tokens or keeps_special, replies.grammar,
-                                               thinks=thinking is not None), lora)
+                                               stops, replies.keeps_special_tokens, replies.grammar,
+                                               thinks=thinking is not None, needs_special_tokens=keeps_special), lora)
         for i in range(body.n)
     ]
     return ChatRun(await _start(state, endpoint, specs), prompt, replies, thinking)
