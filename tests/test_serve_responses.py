@@ -389,3 +389,21 @@ def test_function_tools_with_null_parameters_take_no_arguments(tool_server):
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
         "tools": [{"type": "function", "function": {"name": "ping", "parameters": None}}]})
     assert chat.status_code == 200, chat.text
+
+
+def test_a_reasoning_item_sent_back_is_the_next_assistant_turns_thinking():
+    """OpenAI asks clients to send reasoning items back through a tool loop; chat templates (Qwen 3's, gpt-oss's)
+    write that thinking into the turn of the calls, as chat's replayed reasoning_content does (it was dropped)."""
+    from ferrum.serve.responses import ResponsesRequest, to_chat
+
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    items = [{"role": "user", "content": "weather?"},
+             {"type": "reasoning", "id": "rs_1", "summary": [],
+              "content": [{"type": "reasoning_text", "text": "I should call it"}]},
+             call, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]
+    _, conversation = to_chat(ResponsesRequest(input=items), [])
+    turn = conversation[1]
+    assert turn["role"] == "assistant" and turn["reasoning_content"] == "I should call it"
+    assert turn["tool_calls"][0]["function"]["name"] == "get_weather"
+    _, plain = to_chat(ResponsesRequest(input=[items[0], call, items[3]]), [])
+    assert "reasoning_content" not in plain[1]

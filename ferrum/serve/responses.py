@@ -187,10 +187,19 @@ def _text_of(content: Any, where: str) -> str:
 
 
 def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Input items as chat messages: messages, and the calls and results of earlier turns."""
+    """Input items as chat messages: messages, and the calls and results of earlier turns, an assistant turn
+    with the thinking of the reasoning item before it (templates write it into a tool loop's turns)."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict[str, Any]] = []
+    thought: str | None = None  # a reasoning item's, for the assistant turn that follows it
+
+    def assistant(turn: dict[str, Any]) -> dict[str, Any]:
+        nonlocal thought
+        if thought:
+            turn["reasoning_content"], thought = thought, None
+        return turn
+
     for i, item in enumerate(items):
         where = f"input.{i}"
         kind = item.get("type", "message")
@@ -199,7 +208,8 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             if role not in ("user", "system", "developer", "assistant"):
                 raise APIError(400, f"{where}.role {role!r} is not one of user, system, developer, assistant",
                                param=f"{where}.role")
-            messages.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
+            turn = {"role": role, "content": _text_of(item.get("content"), f"{where}.content")}
+            messages.append(assistant(turn) if role == "assistant" else turn)
         elif kind in ("function_call", "function_call_output") and not (
                 isinstance(item.get("call_id"), str) and item["call_id"]):
             raise APIError(400, f"{where} ({kind}) needs a 'call_id' string", param=f"{where}.call_id")
@@ -207,17 +217,21 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":  # one turn: its text, then its calls
+            if last is not None and last["role"] == "assistant" and not thought:  # one turn: its text, its calls
                 last.setdefault("tool_calls", []).append(call)
             else:
-                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                messages.append(assistant({"role": "assistant", "content": "", "tool_calls": [call]}))
         elif kind == "function_call_output":
             output = item.get("output")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
                              "content": _text_of(output, f"{where}.output")})
-        elif kind != "reasoning":  # earlier thinking is not replayed (chat templates drop it as well)
-            raise APIError(400, f"input item type {kind!r} is not supported; send messages, function_call and "
-                           "function_call_output items", param=f"{where}.type")
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or []
+            thought = "".join(p.get("text", "") for p in parts if isinstance(p, dict)) if isinstance(parts, list) \
+                else None
+        else:
+            raise APIError(400, f"input item type {kind!r} is not supported; send messages, reasoning, "
+                           "function_call and function_call_output items", param=f"{where}.type")
     return messages
 
 
@@ -402,11 +416,14 @@ def call_item(item_id: str, call: dict[str, Any], status: str) -> dict[str, Any]
             "arguments": call["function"]["arguments"], "status": status}
 
 
-def _stored_turn(message: dict[str, Any]) -> dict[str, Any]:
-    """The reply as the assistant message a continuation replays."""
+def _stored_turn(message: dict[str, Any], thought: str | None) -> dict[str, Any]:
+    """The reply as the assistant message a continuation replays, with its thinking (a template writes it into
+    the turns of a tool loop: Qwen 3's after the last user message, gpt-oss's into its calls)."""
     turn = {"role": "assistant", "content": message["content"] or ""}
     if message.get("tool_calls"):
         turn["tool_calls"] = message["tool_calls"]
+    if thought:
+        turn["reasoning_content"] = thought
     return turn
 
 
@@ -425,9 +442,9 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
         raise
     reply = _Reply(state, body, run, logprobs=chat.logprobs)
 
-    def keep(response: dict[str, Any], message: dict[str, Any]) -> None:
+    def keep(response: dict[str, Any], message: dict[str, Any], thought: str | None) -> None:
         if body.store is not False:
-            store.put(response, conversation + [_stored_turn(message)], _input_items(body.input))
+            store.put(response, conversation + [_stored_turn(message, thought)], _input_items(body.input))
 
     if not body.stream:
         async def collect() -> dict:
@@ -436,7 +453,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
                 pass
             items, status, thought, message = reply.items(out)
             response = reply.envelope(status, items, out, thought)
-            keep(response, message)
+            keep(response, message, thought)
             return response
 
         return Response(run.generation, collect(), None)
@@ -446,7 +463,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
 class _Events:
     """A response's stream: typed events, each numbered, the items opened and closed as the reply unfolds."""
 
-    def __init__(self, reply: _Reply, keep: Callable[[dict[str, Any], dict[str, Any]], None]):
+    def __init__(self, reply: _Reply, keep: Callable[[dict[str, Any], dict[str, Any], str | None], None]):
         self.reply, self.keep = reply, keep
         self.number = 0
         self.items: list[dict[str, Any]] = []  # finished output items
@@ -550,7 +567,7 @@ class _Events:
                     for event in self._calls(message.get("tool_calls") or []):
                         yield event
                     response = reply.envelope(status, self.items, out, thought)
-                    self.keep(response, message)
+                    self.keep(response, message, thought)
                     yield self.event("response.completed" if status == "completed" else "response.incomplete",
                                      response=response)
         except (APIError, FerrumError) as error:  # after the 200 went out: an error event ends the stream
