@@ -339,3 +339,16 @@ def test_ctrl_c_inside_a_step_leaves_every_request_whole(checkpoint, backend, wh
     assert [finals[first].token_ids, finals[second].token_ids] == expected
     assert finals[first].finished and finals[second].finished
     assert engine.model.kv.num_free_blocks == free
+
+
+def test_a_preempted_requests_own_blocks_are_not_counted_as_its_prompts_cache_hits(checkpoint):
+    """Readmitted after a preemption, a request matches its own prompt and output blocks still cached: recompute
+    saved, not prompt tokens served by the cache, which usage reports (it reported 48 cached of a 20-token
+    prompt that no other request shared)."""
+    engine = make_engine(checkpoint, BACKENDS[0], num_kv_blocks=24)  # 96 slots of the 130 both reach
+    first = engine.add_request(list(range(2, 22)), SamplingParams(max_tokens=30, ignore_eos=True))
+    second = engine.add_request(list(range(30, 50)), SamplingParams(max_tokens=60, ignore_eos=True))
+    finals = {o.request_id: o for o in engine.run_until_done() if o.finished}
+    assert engine.metrics().preemptions > 0 and finals[second].metrics.num_preemptions > 0
+    assert [finals[r].metrics.num_cached_tokens for r in (first, second)] == [0, 0]
+    assert engine.metrics().prefix_cache_queried_tokens == 40 and engine.metrics().prefix_cache_hit_tokens == 0

@@ -215,12 +215,14 @@ class Scheduler:
             if not self._fits(plan, blocks):
                 return  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.stats.prefix_queried_tokens += len(tokens)
-            self.stats.prefix_hit_tokens += match.num_tokens
+            if not request.metrics.num_preemptions:  # the prompt's own hit, as usage reports it (vLLM's rule):
+                # a preempted request matching its own blocks again is recompute saved, not prompt tokens cached
+                self.stats.prefix_queried_tokens += len(tokens)
+                self.stats.prefix_hit_tokens += match.num_tokens
+                request.metrics.num_cached_tokens = match.num_tokens
             if match.num_tokens:
                 self.kv.adopt(request.request_id, tokens, match, request.cache_salt)
             request.num_computed_tokens = match.num_tokens
-            request.metrics.num_cached_tokens = max(request.metrics.num_cached_tokens, match.num_tokens)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._add_chunk(plan, request, count, blocks - revived)
