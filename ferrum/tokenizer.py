@@ -320,16 +320,13 @@ class IncrementalDetokenizer:
         tokens hold before it. They count as unread: the output that completes the character emits it whole
         (decoding stops the prompt's text at a character, not a token), without that text, which is the
         prompt's."""
-        shown = [t for t in self._ids if not (self._skip and self._tok.is_special(t))]
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(b"".join(self._tok.token_bytes(t) for t in shown[-4:]))
-        pending = decoder.getstate()[0]
+        pending = self._pending_bytes()
         if not pending:
             return 0, ""
         covered, held = b"", 0
         for token in reversed(self._ids):
             held += 1
-            if not (self._skip and self._tok.is_special(token)):
+            if self._shown(token):
                 covered = self._tok.token_bytes(token) + covered
             if len(covered) >= len(pending):
                 break
@@ -350,12 +347,18 @@ class IncrementalDetokenizer:
         return text
 
     def _ends_inside_a_character(self) -> bool:
-        """Whether the last tokens' bytes stop part way through a UTF-8 character (a character spans at most
-        four bytes, so four tokens hold its start); special tokens that decoding leaves out are left out."""
-        shown = [t for t in self._ids if not (self._skip and self._tok.is_special(t))]
+        return bool(self._pending_bytes())
+
+    def _pending_bytes(self) -> bytes:
+        """The bytes the last tokens leave of a UTF-8 character they stop part way through (a character spans at
+        most four bytes, so four tokens hold its start); special tokens that decoding leaves out are left out."""
+        shown = [t for t in self._ids if self._shown(t)]
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         decoder.decode(b"".join(self._tok.token_bytes(t) for t in shown[-4:]))
-        return bool(decoder.getstate()[0])
+        return decoder.getstate()[0]
+
+    def _shown(self, token: int) -> bool:
+        return not (self._skip and self._tok.is_special(token))
 
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character shows as U+FFFD)."""
