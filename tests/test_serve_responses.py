@@ -232,6 +232,8 @@ def test_thinking_is_a_reasoning_item(tmp_path):
         kinds = [e.type for e in events]
         assert kinds.index("response.reasoning_text.delta") < kinds.index("response.output_text.delta")
         assert [i.type for i in events[-1].response.output] == ["reasoning", "message"]
+        # the thinking ended before the cut: complete either way, as the stream closes it when the answer starts
+        assert thought.status == events[-1].response.output[0].status == "completed"
         assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "plan it"
         with pytest.raises(openai.BadRequestError, match="not single tokens"):  # its tags are inside one token
             srv.client().responses.create(model="tiny", input="weather?", include=["message.output_text.logprobs"])

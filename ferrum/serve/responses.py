@@ -387,9 +387,9 @@ class _Reply:
         """A finished reply's output items, with its :meth:`ending`."""
         status, thought, message = self.ending(out)
         items = []
-        if thought is not None:
-            items.append(reasoning_item(_id("rs"), thought, status))
         calls = message.get("tool_calls") or []
+        if thought is not None:  # finished where the reply went on past it, as a stream closes it
+            items.append(reasoning_item(_id("rs"), thought, "completed" if message["content"] or calls else status))
         if message["content"] or not calls:
             items.append(message_item(_id("msg"), message["content"] or "", status, self.entries(out)))
         items += [call_item(_id("fc"), call, "completed") for call in calls]
