@@ -92,13 +92,17 @@ def test_thinking_comes_back_as_reasoning_content(reasoning_model):
     folder, reply_id = reasoning_model
     srv = Server(folder, "--reasoning-parser", "deepseek_r1")
     try:
-        message = _ask(srv, reply_id).choices[0].message
+        reply = _ask(srv, reply_id)
+        message = reply.choices[0].message
         assert message.content == "It is sunny." and message.model_extra["reasoning_content"] == "plan it"
-        chunks = list(_ask(srv, reply_id, stream=True))
+        # the one token spelling the whole reply holds the thinking: counted, within the completion's
+        assert reply.usage.completion_tokens_details.reasoning_tokens == 1 == reply.usage.completion_tokens
+        chunks = list(_ask(srv, reply_id, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 1
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "plan it"
         assert "".join(d.content or "" for d in deltas) == "It is sunny."
-        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "stop"
         # chat_template_kwargs reach the template: no <think> opened, so the reply is all answer
         message = _ask(srv, reply_id, extra_body={"chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
         assert message.content == REPLY and message.model_extra["reasoning_content"] is None
@@ -108,14 +112,36 @@ def test_thinking_comes_back_as_reasoning_content(reasoning_model):
         assert srv.stop(), srv.log.read_text()
 
 
+def test_thinking_tokens_run_through_the_closing_tag(tmp_path):
+    """As OpenAI counts reasoning tokens: the thinking and its tags; a reply that never closed it is all thinking;
+    without a one-token tag, the thinking text's tokens."""
+    from support import add_tokens, write_text_checkpoint
+
+    from ferrum.serve.reasoning import thinking_tokens
+    from ferrum.tokenizer import Tokenizer
+
+    folder = write_text_checkpoint(tmp_path / "tiny", seed=3)
+    (close,) = add_tokens(folder, ["</think>"], False, None)
+    tok = Tokenizer(folder)
+    thought, answer = tok.encode("plan it", add_special_tokens=False), tok.encode("It is", add_special_tokens=False)
+    assert thinking_tokens(tok, [*thought, close, *answer], "plan it") == len(thought) + 1
+    assert thinking_tokens(tok, thought, "plan it") == len(thought)  # cut before the tag
+    assert thinking_tokens(tok, [*thought, close, *answer], None) == 0
+    bare = Tokenizer(write_text_checkpoint(tmp_path / "bare", seed=3))
+    assert thinking_tokens(bare, [*thought, *answer], "plan it") == len(bare.encode("plan it",
+                                                                                    add_special_tokens=False))
+
+
 def test_without_the_option_the_reply_is_all_content(reasoning_model):
     from test_serve import Server
 
     folder, reply_id = reasoning_model
     srv = Server(folder)
     try:
-        message = _ask(srv, reply_id).choices[0].message
+        reply = _ask(srv, reply_id)
+        message = reply.choices[0].message
         assert message.content == REPLY and "reasoning_content" not in (message.model_extra or {})
+        assert reply.usage.completion_tokens_details is None  # nothing is read as thinking
     finally:
         assert srv.stop(), srv.log.read_text()
 

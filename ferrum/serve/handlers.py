@@ -33,7 +33,7 @@ from ferrum.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, _Common, template_messages,
 )
 from ferrum.serve.harmony import HarmonyThinking
-from ferrum.serve.reasoning import Thinking, starts_inside, structured_tags
+from ferrum.serve.reasoning import Thinking, starts_inside, structured_tags, thinking_tokens
 from ferrum.serve.tools import ToolReplies, forced_call_grammar, format_of as tools_format_of
 
 #: JSON has no infinities; a token the logit bias banned gets this logprob (as vLLM sends).
@@ -216,17 +216,21 @@ def _finish_reason(out: RequestOutput) -> str:
 
 
 def _usage(prompts: list[tuple[int, ...]], finals: dict[int, RequestOutput], first_of_prompt: set[int],
-           completion_tokens: bool = True) -> dict:
-    """``completion_tokens=False``: the generated tokens were not returned (a scoring-only request)."""
+           completion_tokens: bool = True, reasoning_tokens: int | None = None) -> dict:
+    """``completion_tokens=False``: the generated tokens were not returned (a scoring-only request);
+    ``reasoning_tokens``: of the completion's, those of thinking (a chat reply read for it)."""
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(len(out.token_ids) for out in finals.values()) if completion_tokens else 0
     cached = sum(finals[i].metrics.num_cached_tokens for i in first_of_prompt if i in finals)
-    return {
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 def _sse(payload: dict) -> str:
@@ -444,6 +448,11 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
     def envelope(obj: str) -> dict:
         return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None}
 
+    def usage(finals: dict[int, RequestOutput]) -> dict:
+        reasoning = None if thinking is None else sum(
+            thinking_tokens(state.llm.tokenizer, out.token_ids, run.split(out)[0]) for out in finals.values())
+        return _usage([prompt], finals, {0}, reasoning_tokens=reasoning)
+
     if not body.stream:
         async def collect() -> dict:
             finals = await _finals(generation)
@@ -455,7 +464,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
                 choices.append({"index": i, "message": message,
                                 "logprobs": logprobs.chat(out.logprobs, top) if body.logprobs else None,
                                 "finish_reason": reason})
-            return {**envelope("chat.completion"), "choices": choices, "usage": _usage([prompt], finals, {0})}
+            return {**envelope("chat.completion"), "choices": choices, "usage": usage(finals)}
 
         return Response(generation, collect(), None)
 
@@ -493,8 +502,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
                     {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]})
         if include_usage:
-            yield _sse({**envelope("chat.completion.chunk"), "choices": [],
-                        "usage": _usage([prompt], finals, {0})})
+            yield _sse({**envelope("chat.completion.chunk"), "choices": [], "usage": usage(finals)})
 
     return Response(generation, None, _event_stream(stream()))
 

@@ -9,6 +9,8 @@ A reply cut off before ``</think>`` is all thinking; a reply without thinking is
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 from ferrum.stop import cut_marker
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -24,6 +26,17 @@ def structured_tags(tokenizer: object) -> tuple[str, str] | None:
     if all(tokenizer.token_to_id(tag) is not None for tag in (OPEN, CLOSE)):  # type: ignore[attr-defined]
         return OPEN, CLOSE
     return None
+
+
+def thinking_tokens(tokenizer: Any, token_ids: Sequence[int], thought: str | None) -> int:
+    """How many of a reply's tokens are its thinking, as OpenAI counts reasoning tokens: through the closing tag
+    where it is one token (every token where the reply never closed it), else the thinking text's tokens."""
+    if thought is None:
+        return 0
+    close = tokenizer.token_to_id(CLOSE)
+    if close is not None:
+        return list(token_ids).index(close) + 1 if close in token_ids else len(token_ids)
+    return min(len(tokenizer.encode(thought, add_special_tokens=False)), len(token_ids))
 
 
 def starts_inside(prompt_tail: str) -> bool:

@@ -26,7 +26,7 @@ from ferrum.errors import FerrumError
 from ferrum.serve.errors import APIError
 from ferrum.serve.handlers import ChatRun, Logprobs, Response, ServerState, start_chat
 from ferrum.serve.protocol import PART_SEPARATOR, Body, ChatCompletionRequest, Temperature
-from ferrum.serve.reasoning import CLOSE, OPEN, structured_tags
+from ferrum.serve.reasoning import CLOSE, OPEN, structured_tags, thinking_tokens
 
 #: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first: at most
 #: this many, holding at most ``STORED_BYTES`` of JSON between them (each keeps its whole conversation, so a long
@@ -372,10 +372,10 @@ class _Reply:
 
     def usage(self, out: RequestOutput, thought: str | None) -> dict[str, Any]:
         prompt, generated = len(self.run.prompt), len(out.token_ids)
-        thinking = len(self.tokenizer.encode(thought, add_special_tokens=False)) if thought else 0
+        thinking = thinking_tokens(self.tokenizer, out.token_ids, thought)
         return {"input_tokens": prompt,
                 "input_tokens_details": {"cached_tokens": out.metrics.num_cached_tokens, "cache_write_tokens": 0},
-                "output_tokens": generated, "output_tokens_details": {"reasoning_tokens": min(thinking, generated)},
+                "output_tokens": generated, "output_tokens_details": {"reasoning_tokens": thinking},
                 "total_tokens": prompt + generated}
 
     def ending(self, out: RequestOutput) -> tuple[str, str | None, dict[str, Any]]:
