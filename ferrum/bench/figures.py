@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Figures:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def stamp_tokens(token_times: dict[str, list[float]], out: Any) -> None:
+    """Note when an engine output's new tokens came out, under its request's id."""
+    token_times.setdefault(out.request_id, []).extend([time.perf_counter()] * len(out.new_token_ids))
 
 
 def _covered(spans: list[tuple[float, float]]) -> float:

@@ -108,9 +108,10 @@ def run_bench(
         return speculative_bench(options, workload, path, phase("loading weights"), log)
     config = ModelConfig.from_file(path)
     prompts = make_prompts(workload, config.vocab_size)
-    if max(len(p) for p in prompts) + workload.gen_len > config.max_seq_len:
+    longest_prompt = max(len(p) for p in prompts)
+    if longest_prompt + workload.gen_len > config.max_seq_len:
         raise InvalidRequestError(
-            f"a {max(len(p) for p in prompts)}-token prompt and {workload.gen_len} tokens out pass this model's "
+            f"a {longest_prompt}-token prompt and {workload.gen_len} tokens out pass this model's "
             f"context of {config.max_seq_len} tokens, where each side would stop early; shorten --prompt-len or "
             "--gen-len")
     # Room for every request at its full length (and the profile's steps): the benchmark measures
@@ -139,7 +140,7 @@ def run_bench(
     runners: list[Runner] = [ferrum]
     if peer_name:
         runners.append(make_peer(peer_name, path, ferrum.dtype, backend.info.device, gguf_path,
-                                 context=max(len(p) for p in prompts) + workload.gen_len + 8,
+                                 context=longest_prompt + workload.gen_len + 8,
                                  prefill_tokens=ferrum.llm.engine.config.max_num_batched_tokens,
                                  mlx_packed=config.quantization is not None and config.quantization.mode not in
                                  awq_gptq.METHODS))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ferrum.bench.figures import Figures
+from ferrum.bench.figures import Figures, stamp_tokens
 from ferrum.engine import EngineConfig, RequestOutput
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.sampling import SamplingParams
@@ -94,7 +94,7 @@ class FerrumRunner(Runner):
         token_times: dict[str, list[float]] = {}
 
         def keep(out: RequestOutput) -> None:
-            token_times.setdefault(out.request_id, []).extend([time.perf_counter()] * len(out.new_token_ids))
+            stamp_tokens(token_times, out)
             if out.finished:
                 finals[out.request_id] = out
 

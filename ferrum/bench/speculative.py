@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ferrum.bench.figures import Figures
+from ferrum.bench.figures import Figures, stamp_tokens
 from ferrum.engine import Engine, EngineConfig, RequestOutput
 from ferrum.sampling import SamplingParams
 from ferrum.sources import cache_root
@@ -90,7 +90,7 @@ def _timed(engine: Engine, prompts: Sequence[Sequence[int]], gen_len: int) -> Fi
     ids = [engine.add_request(p, params) for p in prompts]
     while len(finals) < len(ids):
         for out in engine.step():
-            token_times.setdefault(out.request_id, []).extend([time.perf_counter()] * len(out.new_token_ids))
+            stamp_tokens(token_times, out)
             if out.finished:
                 finals[out.request_id] = out
     end = time.perf_counter()
