@@ -73,6 +73,32 @@ def test_mistral_and_llama3_replies():
     assert [json.loads(c["function"]["arguments"]) for c in two.calls] == [{"cmd": "a; b"}, {}]  # ";" in a string
 
 
+@pytest.mark.parametrize("fmt, text", [
+    (HERMES, '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "g", "arguments": {"y'),
+    (MISTRAL, '[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {"y'),
+    (MISTRAL, '[TOOL_CALLS]f[ARGS]{"x": 1}[TOOL_CALLS]g[ARGS]{"y'),
+    (GRANITE, '<|tool_call|>[{"name": "f", "arguments": {"x": {"name": "h", "arguments": 2}}}, '
+              '{"name": "g", "arguments'),
+    (LLAMA3, '{"name": "f", "parameters": {"x": 1}}; {"name": "g", "parameters": {"y'),
+    (HARMONY, '<|start|>assistant to=functions.f<|channel|>commentary json<|message|>{"x": 1}'
+              '<|start|>assistant to=functions.g<|channel|>commentary json<|message|>{"y'),
+])
+def test_a_cut_forced_reply_reads_as_its_calls_so_far(fmt, text):
+    """Under a forced call's grammar a reply that does not parse was cut: its calls, the last as far as it got
+    (an object inside the arguments that looks like a call is arguments)."""
+    tools = [{"type": "function", "function": {"name": name}} for name in "fgh"]
+    replies = ToolReplies(tools, fmt)
+    assert replies.message(text, "length")[0]["content"] == text  # not forced: the text stays content
+    replies.grammar = "forced"
+    message, reason = replies.message(text, "length")
+    calls = [call["function"] for call in message["tool_calls"]]
+    assert message["content"] is None and reason == "length"
+    assert [c["name"] for c in calls] == ["f", "g"]
+    assert json.loads(calls[0]["arguments"])["x"] in (1, {"name": "h", "arguments": 2})
+    assert calls[1]["arguments"] in ('{"y', "")
+
+
 def test_mistral_v11_calls_each_after_their_own_marker():
     """From the v11 tokenizers on: ``[TOOL_CALLS]name[ARGS]{...}`` per call, ``[CALL_ID]id`` maybe before ``[ARGS]``."""
     reply = MISTRAL.parse('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}')
@@ -427,6 +453,34 @@ def test_a_forced_call_streams_as_a_call(tool_server):
     assert [c.function.name for c in calls] == ["get_weather"]
     _check_call(calls[0])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_forced_call_cut_by_max_tokens_is_a_call_as_far_as_it_got(tool_server):
+    """OpenAI and vLLM hand back a call that ``max_tokens`` cut as a call whose arguments stop where the reply
+    did (finish reason ``length``); its markup never reaches the content, whole or streamed."""
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "what now?"}], tools=[CITY, CLOCK],
+               tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0)
+    whole = tool_server.client().chat.completions.create(**ask, max_tokens=80)
+    arguments = whole.choices[0].message.tool_calls[0].function.arguments
+    partial = 0
+    for max_tokens in range(whole.usage.completion_tokens - 1, 0, -1):
+        cut = tool_server.client().chat.completions.create(**ask, max_tokens=max_tokens)
+        message = cut.choices[0].message
+        assert cut.choices[0].finish_reason == "length"
+        if not message.tool_calls:  # cut before the call named its function: nothing to read yet
+            assert '"get_weather"' not in message.content, message
+            break
+        (call,) = message.tool_calls
+        assert message.content is None and call.function.name == "get_weather"
+        so_far = call.function.arguments.removesuffix("\ufffd")  # a character cut between its bytes
+        assert arguments.startswith(so_far), (arguments, call.function.arguments)
+        partial += len(so_far) < len(arguments)
+    assert partial >= 2
+    chunks = list(tool_server.client().chat.completions.create(**ask, max_tokens=max_tokens + 2, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "length"
+    (call,) = [call for d in deltas for call in d.tool_calls or ()]
+    assert call.function.name == "get_weather" and arguments.startswith(call.function.arguments.rstrip("\ufffd"))
 
 
 @pytest.mark.parametrize(("extra", "param"), [

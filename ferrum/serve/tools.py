@@ -252,6 +252,39 @@ def _per_function(tools: list[dict[str, Any]], head: Callable[[str], str]) -> tu
     return names, rules
 
 
+def _calls_so_far(heads: tuple[re.Pattern[str], ...], text: str) -> ParsedReply:
+    """A forced reply (one that opens with a call) cut short, by ``max_tokens`` or a stop: the calls it wrote, the
+    last with its arguments' text as far as it got, which OpenAI and vLLM hand back as it is (not JSON). ``heads``
+    match where a call names its function, up to its arguments (the first match is the call). A reply cut
+    before the first call's name is text."""
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while matches := [m for m in (head.search(text, at) for head in heads) if m is not None]:
+        match = min(matches, key=lambda m: m.start())
+        name = match.group("name")
+        name = json.loads(name) if name.startswith('"') else name  # JSON's spelling of it
+        if match.groupdict().get("args", "") is None:  # cut between the name and its arguments
+            arguments, at = "", len(text)
+        else:
+            try:
+                value, at = decoder.raw_decode(text, match.end())
+                arguments = json.dumps(value, ensure_ascii=False)
+            except _NOT_JSON:
+                arguments, at = text[match.end():], len(text)
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": name, "arguments": arguments}})
+    return ParsedReply("", calls) if calls else ParsedReply(text, [])
+
+
+#: A call as JSON names its function first (the forced grammar's order), then its arguments (group ``args``: the
+#: key, where the reply got that far).
+_JSON_HEAD = re.compile(r'\{\s*"name"\s*:\s*(?P<name>"(?:[^"\\]|\\.)*")'
+                        r'(?P<args>\s*,\s*"(?:arguments|parameters)"\s*:\s*)?')
+_MISTRAL_HEAD = re.compile(re.escape(_TOOL_CALLS) + r"\s*(?P<name>[A-Za-z_][\w.\-]*)\s*"
+                           r"(?:\[CALL_ID\]\s*\w*\s*)?\[ARGS\]\s*")
+_HARMONY_HEAD = re.compile(re.escape(harmony.CALL_OPEN) + r"(?P<name>[^<\s]+)"
+                           + re.escape(f"{harmony.CHANNEL}commentary json{harmony.MESSAGE}"))
+
+
 def _harmony(text: str) -> ParsedReply:
     visible, calls = harmony.parse_calls(text)
     parsed = [_call(name, arguments) for name, arguments in calls]
@@ -287,15 +320,17 @@ class ToolCallFormat:
     #: A Lark grammar (llguidance's dialect) of one call to one of ``tools`` written this way, or one or more, for a
     #: forced call: ``(tools, mark, template, many)``, ``mark`` spelling a marker as its special token or as text.
     forced: Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]
+    #: Where a call names its function, up to its arguments (``_calls_so_far``); group ``name``.
+    heads: tuple[re.Pattern[str], ...] = (_JSON_HEAD,)
 
 
 FORMATS = (
     ToolCallFormat("hermes", "<tool_call>", "<tool_call>", (), _hermes, _hermes_call),
-    ToolCallFormat("mistral", _TOOL_CALLS, _TOOL_CALLS, ("[{",), _mistral, _mistral_call),
+    ToolCallFormat("mistral", _TOOL_CALLS, _TOOL_CALLS, ("[{",), _mistral, _mistral_call, (_MISTRAL_HEAD, _JSON_HEAD)),
     ToolCallFormat("granite", "<|tool_call|>", "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>"),
                    _granite_call),
     ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
-    ToolCallFormat("harmony", "<|call|>", harmony.CALL_OPEN, (), _harmony, _harmony_call),
+    ToolCallFormat("harmony", "<|call|>", harmony.CALL_OPEN, (), _harmony, _harmony_call, (_HARMONY_HEAD,)),
 )
 
 
@@ -337,6 +372,8 @@ class ToolReplies:
         if self.format is None:
             return ParsedReply(text, [])
         reply = self.format.parse(text)
+        if not reply.calls and self.grammar is not None:  # a forced reply is calls: one that does not parse was cut
+            reply = _calls_so_far(self.format.heads, text)
         offered = {tool["function"]["name"] for tool in self.tools or ()}
         if any(call["function"]["name"] not in offered for call in reply.calls):
             return ParsedReply(text, [])
