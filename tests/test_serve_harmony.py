@@ -223,3 +223,23 @@ def test_the_responses_api_gives_a_function_call_item(harmony_server):
     assert reasoning.type == "reasoning" and reasoning.content[0].text == "The user wants the weather."
     assert call.type == "function_call" and call.name == "get_weather"
     assert json.loads(call.arguments) == {"city": "Paris"}
+
+
+def test_the_answers_tokens_start_after_its_header(harmony_model):
+    """The Responses API's output-text logprobs cover the answer's tokens: those after the final message's
+    header, none of a reply that only thinks or calls, all of one without headers."""
+    import ferrum
+
+    tokenizer = ferrum.load(harmony_model[0], backend="cpu").tokenizer
+    harmony = HarmonyThinking()
+    call = CALL.replace("Paris", "Oslo")  # not the scripted tokens spelling whole replies
+    for reply, answer in [(ANSWER + "<|return|>", "It is sunny."), (call + "<|call|>", None), (THINK, None),
+                          ("It is sunny.", "It is sunny."),
+                          (call + "<|end|><|start|>assistant<|channel|>commentary<|message|>Checking.", "Checking.")]:
+        ids = tokenizer.encode(reply, add_special_tokens=False)
+        assert len(ids) > 10
+        start = harmony.answer_start(reply, ids, tokenizer)
+        if answer is None:
+            assert start == len(ids), reply
+        else:
+            assert tokenizer.decode(ids[start:]) == answer, reply

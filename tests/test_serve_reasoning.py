@@ -132,6 +132,25 @@ def test_thinking_tokens_run_through_the_closing_tag(tmp_path):
                                                                                     add_special_tokens=False))
 
 
+def test_the_answers_tokens_start_after_the_tag_and_the_whitespace_the_answer_drops(tmp_path):
+    """The Responses API's output-text logprobs cover the tokens of the answer ``split`` returns."""
+    from support import add_tokens, write_text_checkpoint
+
+    from ferrum.tokenizer import Tokenizer
+
+    folder = write_text_checkpoint(tmp_path / "tiny", seed=3)
+    add_tokens(folder, ["<think>", "</think>"], False, None)
+    tok = Tokenizer(folder)
+    for reply, inside in [("<think>plan it</think>\n\n It is", False), ("plan it</think> \nIt is", True),
+                          ("It is", False)]:
+        ids = tok.encode(reply, add_special_tokens=False)
+        thinking = Thinking(inside)
+        answer = thinking.split(reply)[1]
+        assert answer == "It is" and tok.decode(ids[thinking.answer_start(reply, ids, tok):]) == answer, reply
+    cut = tok.encode("<think>plan it", add_special_tokens=False)
+    assert Thinking(False).answer_start("<think>plan it", cut, tok) == len(cut)
+
+
 def test_without_the_option_the_reply_is_all_content(reasoning_model):
     from test_serve import Server
 

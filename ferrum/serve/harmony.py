@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 START, CHANNEL, MESSAGE, END = "<|start|>", "<|channel|>", "<|message|>", "<|end|>"
 #: Ends of a message's text: its own end, or generation's where the tokenizer keeps them in the text.
@@ -80,6 +81,23 @@ class HarmonyThinking:
 
     def split(self, text: str) -> tuple[str | None, str]:
         return read(text, finished=True)
+
+    def answer_start(self, text: str, token_ids: Sequence[int], tokenizer: Any) -> int:
+        """Where the answer of a reply (``token_ids``, so far) begins among its tokens: after the header of its
+        first message that is neither thinking nor a call; the reply's length before one (0 for a reply without
+        headers, all answer)."""
+        start, message = (tokenizer.token_to_id(marker) for marker in (START, MESSAGE))
+        if message not in token_ids:
+            return 0 if read(text, finished=True)[0] is None and CHANNEL not in text else len(token_ids)
+        header = 0
+        for i, token in enumerate(token_ids):
+            if token == start:
+                header = i + 1
+            elif token == message:
+                said = _messages(tokenizer.decode(token_ids[header:i + 1], skip_special_tokens=False), True)[-1]
+                if said.channel != "analysis" and not (said.recipient or "").startswith("functions."):
+                    return i + 1
+        return len(token_ids)
 
     def delta(self, index: int, text: str, finished: bool) -> tuple[str, str]:
         """For choice ``index``, its reply being ``text`` so far: ``(thinking not sent yet, answer so far)``."""

@@ -68,6 +68,20 @@ class Thinking:
             return text, ""
         return text[:end], text[end + len(CLOSE):].lstrip()
 
+    def answer_start(self, text: str, token_ids: Sequence[int], tokenizer: Any) -> int:
+        """Where the answer of a reply (``text``, its tokens ``token_ids``, so far) begins among its tokens: 0
+        without thinking, else after ``</think>`` (one token of this tokenizer) and the whitespace ``split``
+        drops; the reply's length while it thinks."""
+        if self.split(text)[0] is None:
+            return 0
+        close = tokenizer.token_to_id(CLOSE)
+        if close not in token_ids:
+            return len(token_ids)
+        start = list(token_ids).index(close) + 1
+        while start < len(token_ids) and not tokenizer.decode([token_ids[start]]).strip():
+            start += 1
+        return start
+
     def delta(self, index: int, text: str, finished: bool) -> tuple[str, str]:
         """For choice ``index``, its reply being ``text`` so far: ``(thinking not sent yet, answer so far)``,
         holding back what may be the start of a tag until the next piece (or the end) decides it."""

@@ -342,15 +342,11 @@ class _Reply:
 
     def entries(self, out: RequestOutput, since: int = 0) -> list[dict[str, Any]]:
         """The output text's logprob entries for the reply's answer tokens from index ``since`` on (none unless
-        asked for): with ``--reasoning-parser``, the tokens after ``</think>``; none while the reply thinks."""
+        asked for): after the thinking (``--reasoning-parser``, gpt-oss's analysis), none while the reply thinks."""
         if self.logprobs is None:
             return []
-        start = 0
         thinking = self.run.thinking
-        if thinking is not None and thinking.split(out.text or "")[0] is not None:
-            tokens = out.token_ids
-            close = self.tokenizer.token_to_id(CLOSE)
-            start = tokens.index(close) + 1 if close in tokens else len(tokens)
+        start = 0 if thinking is None else thinking.answer_start(out.text or "", out.token_ids, self.tokenizer)
         return self.logprobs.chat(out.logprobs[max(start, since):], self.top)["content"]
 
     def envelope(self, status: str, output: list[dict[str, Any]], out: RequestOutput | None = None,
