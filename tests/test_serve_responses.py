@@ -409,3 +409,32 @@ def test_a_reasoning_item_sent_back_is_the_next_assistant_turns_thinking():
     assert turn["tool_calls"][0]["function"]["name"] == "get_weather"
     _, plain = to_chat(ResponsesRequest(input=[items[0], call, items[3]]), [])
     assert "reasoning_content" not in plain[1]
+
+
+def test_a_reply_cut_inside_its_thinking_is_the_reasoning_item_alone(tmp_path):
+    """As OpenAI returns a reasoning model that ``max_output_tokens`` stopped while it thought: ``incomplete``,
+    the reasoning item and no (empty) message, whole and streamed."""
+    from starlette.testclient import TestClient
+
+    import ferrum
+    from ferrum.serve.app import ServeConfig, create_app
+    from support import add_tokens, write_text_checkpoint
+    from test_structured_thinking import R1_TEMPLATE, TAGS
+
+    folder = write_text_checkpoint(tmp_path / "tiny", seed=3)
+    _, close_id = add_tokens(folder, list(TAGS))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": R1_TEMPLATE}))
+    app = create_app(ferrum.load(folder, backend="cpu"),
+                     ServeConfig(model_names=("tiny",), reasoning_parser="deepseek_r1"))
+    asked = {"model": "tiny", "input": "who?", "max_output_tokens": 4, "temperature": 0,
+             "logit_bias": {str(close_id): -100}}
+    with TestClient(app) as client:
+        done = client.post("/v1/responses", json=asked).json()
+        with client.stream("POST", "/v1/responses", json={**asked, "stream": True}) as stream:
+            events = [json.loads(line[len("data: "):]) for line in stream.iter_lines() if line.startswith("data: ")]
+    assert done["status"] == "incomplete" and done["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert [item["type"] for item in done["output"]] == ["reasoning"] and done["output"][0]["content"][0]["text"]
+    assert [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"] == ["reasoning"]
+    assert [item["type"] for item in events[-1]["response"]["output"]] == ["reasoning"]
+    assert events[-1]["type"] == "response.incomplete"

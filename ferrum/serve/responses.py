@@ -386,10 +386,16 @@ class _Reply:
         calls = message.get("tool_calls") or []
         if thought is not None:  # finished where the reply went on past it, as a stream closes it
             items.append(reasoning_item(_id("rs"), thought, "completed" if message["content"] or calls else status))
-        if message["content"] or not calls:
+        if message["content"] or _empty_message_shown(message, thought, status):
             items.append(message_item(_id("msg"), message["content"] or "", status, self.entries(out)))
         items += [call_item(_id("fc"), call, "completed") for call in calls]
         return items, status, thought, message
+
+
+def _empty_message_shown(message: dict[str, Any], thought: str | None, status: str) -> bool:
+    """Whether a reply without text still gets a message item: it does unless it called, or it thought until
+    ``max_output_tokens`` cut it (OpenAI then returns the reasoning item alone)."""
+    return not message.get("tool_calls") and not (thought is not None and status == "incomplete")
 
 
 def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -557,7 +563,8 @@ class _Events:
                     if self.open is not None:
                         for event in self._close(status):
                             yield event
-                    if not any(item["type"] == "message" for item in self.items) and not message.get("tool_calls"):
+                    if not any(item["type"] == "message" for item in self.items) and _empty_message_shown(
+                            message, thought, status):
                         for event in self._begin("message") + self._close(status):
                             yield event  # an empty reply is still a message
                     for event in self._calls(message.get("tool_calls") or []):
