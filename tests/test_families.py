@@ -574,6 +574,26 @@ def test_olmo3_scales_the_rope_of_its_full_layers_only(checkpoints):
         ModelConfig.from_dict({**raw, "rope_parameters": {"rope_type": "yarn", **full}})
 
 
+def test_a_rope_scaling_beside_per_kind_rope_parameters_must_agree_with_the_full_layers(checkpoints):
+    """transformers 5 merges a ``rope_scaling`` added by hand into the full layers' entry of ``rope_parameters``
+    (Gemma 3, OLMo 3): one that agrees loads, one that does not is refused naming both (it was ignored: plain rope
+    on every layer). A sliding entry without ``rope_theta`` takes Gemma 3's ``rope_local_base_freq``."""
+    for family in ("gemma3", "olmo3"):
+        raw = json.loads((checkpoints[family][0] / "config.json").read_text())
+        full = raw["rope_parameters"]["full_attention"]
+        scaling = {key: value for key, value in full.items() if key != "rope_theta"}
+        ModelConfig.from_dict({**raw, "rope_scaling": scaling})
+        with pytest.raises(ConfigError, match="rope_scaling.*full_attention.*disagree"):
+            ModelConfig.from_dict({**raw, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    raw = json.loads((checkpoints["gemma3"][0] / "config.json").read_text())
+    bare = {kind: {"rope_type": "default"} for kind in ("full_attention", "sliding_attention")}
+    for local, expected in (({"rope_local_base_freq": 50.0}, 50.0), ({}, 10_000.0)):
+        config = {**{k: v for k, v in raw.items() if k != "rope_local_base_freq"}, **local,
+                  "rope_parameters": bare, "rope_theta": 1e6}
+        thetas = {(layer.window is None, layer.rope.theta) for layer in ModelConfig.from_dict(config).arch.layers}
+        assert thetas == {(True, 1e6), (False, expected)}
+
+
 def test_ministral3_without_rope_settings_takes_transformers_defaults(tmp_path):
     """No rope_parameters (nor rope_scaling): transformers runs YaRN x16 over 16384 positions at theta 1e6 with
     Llama 4's beta 0.1, whatever rope_theta says (Ferrum ran plain rope at rope_theta)."""
@@ -1167,6 +1187,7 @@ def test_packed_phi3_splits_and_scales_quantized_rows_exactly(backend, tmp_path)
     ("qwen3", {"truncate": False}, {"original_max_position_embeddings": 12}),  # top level wins, as in transformers
     ("mistral", {"attention_factor": 1.3}, {}),
     ("llama", {"mscale": 1.0, "mscale_all_dim": 0.0}, {}),  # 0: unset, as DeepSeek's configs write it
+    ("llama", {"beta_fast": None, "beta_slow": None, "truncate": None}, {}),  # null: the defaults; no rounding
 ])
 def test_yarn_options_match_transformers(family, settings, top, tmp_path):
     """YaRN's ramp bounds, its attention factor (given, or from mscale) and where the pretraining context is read."""

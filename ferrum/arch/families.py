@@ -190,7 +190,8 @@ def read_rope(
         return Rope(**rope)
 
     def number(name: str, default: Any = None) -> float:
-        value = spec.get(name, default)
+        value = spec.get(name)
+        value = default if value is None else value  # null: the default, as transformers reads it
         if positive_number(value):
             r.fail(key, f"field {name!r} must be a positive number, got {value!r}")
         return float(value)
@@ -245,6 +246,7 @@ def _yarn(r: KeyReader, sizes: Sizes, spec: dict[str, Any], key: str, rope: dict
             number(name)
     beta_fast, beta_slow = number("beta_fast", 32.0), number("beta_slow", 1.0)
     truncate = spec.get("truncate", True)
+    truncate = False if truncate is None else truncate  # transformers tests it for truth: null does not round
     if not isinstance(truncate, bool):
         r.fail(key, f"field 'truncate' must be true or false, got {truncate!r}")
     return Rope(**rope, factor=factor, original_max=original, attention_factor=yarn_attention_factor(spec, factor),
@@ -561,17 +563,34 @@ def _gemma2_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     return rope, rope
 
 
+def _per_kind_rope_specs(r: KeyReader, family: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """transformers 5's ``rope_parameters`` with one entry per attention kind: ``(full, sliding)`` settings, None
+    for a config without them. A ``rope_scaling`` beside them (added by hand for a longer context) must agree
+    with the full layers' entry, which transformers merges it into; a flat ``rope_parameters`` is refused."""
+    params = r("rope_parameters")
+    if not isinstance(params, dict) or not params:
+        return None
+    if FULL not in params and SLIDING not in params:
+        r.fail("rope_parameters", f"must hold one entry per attention kind ({FULL!r}, {SLIDING!r}) for {family}; "
+                                  "transformers ignores a flat one", unsupported=True)
+    full, sliding = (dict(params.get(kind) or {}) for kind in (FULL, SLIDING))
+    scaling = r("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        r.fail("rope_scaling", f"must be an object, got {scaling!r}")
+    if scaling and _scalings_differ(full, scaling):
+        r.fail("rope_scaling", f"is {scaling!r} but rope_parameters' {FULL!r} entry is {full!r}; the two disagree "
+                               "(transformers 5 merges rope_scaling into it); keep the one meant in rope_parameters")
+    return full, sliding
+
+
 def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     """Full-attention layers: rope_theta (and rope_scaling); sliding ones: rope_local_base_freq, unscaled."""
-    params = r("rope_parameters")
-    if isinstance(params, dict) and params and FULL not in params and SLIDING not in params:
-        r.fail("rope_parameters", f"must hold one entry per attention kind ({FULL!r}, {SLIDING!r}) for Gemma 3; "
-                                  "transformers ignores a flat one", unsupported=True)
-    if isinstance(params, dict) and (FULL in params or SLIDING in params):
-        full = read_rope(r, sizes, dict(params.get(FULL) or {}), "rope_parameters", ("default", "linear"),
-                         theta_default=1_000_000.0)
-        sliding = read_rope(r, sizes, dict(params.get(SLIDING) or {}), "rope_parameters", ("default", "linear"),
-                            theta_default=10_000.0)
+    specs = _per_kind_rope_specs(r, "Gemma 3")
+    if specs is not None:
+        full, sliding = specs
+        full = read_rope(r, sizes, full, "rope_parameters", ("default", "linear"), theta_default=1_000_000.0)
+        sliding = read_rope(r, sizes, {"rope_theta": r("rope_local_base_freq"), **sliding}, "rope_parameters",
+                            ("default", "linear"))
         return sliding, full
     key, spec = _rope_spec(r)
     full = read_rope(r, sizes, spec, key, ("default", "linear"), theta_default=1_000_000.0)
@@ -584,13 +603,10 @@ def _olmo3(r: KeyReader, sizes: Sizes) -> Architecture:
     attention kind: the full layers' scaled (rope_scaling, e.g. YaRN), the sliding layers' plain."""
     window, types = _layer_kinds(r, sizes, lambda i: FULL if (i + 1) % 4 == 0 else SLIDING)
     r("hidden_act")
-    params = r("rope_parameters")
-    if isinstance(params, dict) and (FULL in params or SLIDING in params):
-        full, sliding = (read_rope(r, sizes, dict(params.get(kind) or {}), "rope_parameters", _LLAMA_ROPES,
-                                   theta_default=500_000.0) for kind in (FULL, SLIDING))
-    elif isinstance(params, dict) and params:
-        r.fail("rope_parameters", f"must hold one entry per attention kind ({FULL!r}, {SLIDING!r}) for OLMo 3; "
-                                  "transformers ignores a flat one", unsupported=True)
+    specs = _per_kind_rope_specs(r, "OLMo 3")
+    if specs is not None:
+        full, sliding = (read_rope(r, sizes, spec, "rope_parameters", _LLAMA_ROPES, theta_default=500_000.0)
+                         for spec in specs)
     else:  # transformers 4's spelling: rope_scaling scales the full layers only
         key, spec = _rope_spec(r)
         full = read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=500_000.0)
