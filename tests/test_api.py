@@ -393,3 +393,28 @@ def test_model_safetensors_wins_over_an_index_of_other_shards(tmp_path):
     save_file(whole, str(folder / "model.safetensors"))
     with pytest.warns(UserWarning, match="reading model.safetensors, as transformers does"):
         assert ferrum.load(folder, backend="cpu").generate("hello", max_tokens=4) == before
+
+
+def test_encoding_a_long_text_lets_other_threads_run(llm):
+    """A server encodes prompts in a worker thread while its event loop streams other replies: the tokenizer must
+    release the GIL as it works (``tokenizers``' ``encode`` held it for the whole text)."""
+    import threading
+
+    text = "The quick brown fox jumps over the lazy dog. " * 30_000
+    ticks, done = [], threading.Event()
+
+    def tick() -> None:
+        while not done.is_set():
+            ticks.append(1)
+            done.wait(0.001)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        began = len(ticks)
+        ids = llm.tokenizer.encode(text)
+        during = len(ticks) - began
+    finally:
+        done.set()
+        ticker.join()
+    assert len(ids) > 100_000 and during >= 10, during
