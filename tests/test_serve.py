@@ -689,6 +689,21 @@ def test_a_refused_request_of_several_prompts_leaves_no_capacity_taken(model):
     assert not llm.engine.has_unfinished() and llm.model.kv.num_used_blocks == 0
 
 
+def test_a_request_reaching_a_stopped_engine_is_a_503(model):
+    """Past the shutdown's grace period the engine is gone; a request that reaches it then (its body or its
+    prompt was still on the way) is aborted as the others were, not a 500."""
+    from starlette.testclient import TestClient
+
+    from ferrum.serve.app import ServeConfig, create_app
+
+    llm = ferrum.load(model, backend="cpu", dtype="float32")
+    app = create_app(llm, ServeConfig(model_names=("tiny",)))
+    with TestClient(app) as client:
+        app.state.ferrum.engine.shutdown()
+        reply = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "aborted", reply.text
+
+
 def test_prompts_are_encoded_off_the_event_loop(model, monkeypatch):
     """A long prompt's template and tokenizing (0.3 s for 100,000 tokens) run in a worker thread, where no event
     loop runs, so other streams go on meanwhile."""

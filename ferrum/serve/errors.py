@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from ferrum.errors import (
     ContextLengthExceededError,
+    ExecutorStateError,
     FerrumError,
     InvalidRequestError,
     KVCacheExhaustedError,
@@ -65,6 +66,8 @@ class APIError(Exception):
             return cls(400, str(error), param=param)
         if isinstance(error, KVCacheExhaustedError):
             return cls(503, str(error), headers={"Retry-After": "1"})
+        if isinstance(error, ExecutorStateError):  # the engine stopped: the server is shutting down
+            return cls(503, "the request was aborted: the server is shutting down", code="aborted")
         return cls(500, f"{type(error).__name__}: {error}")
 
 
