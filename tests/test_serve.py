@@ -704,6 +704,32 @@ def test_a_request_reaching_a_stopped_engine_is_a_503(model):
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "aborted", reply.text
 
 
+def test_a_client_gone_before_its_body_is_whole_ends_quietly(model):
+    """A disconnect while the body arrives is answered 499 (to no one) and counted, not an application error
+    with a traceback in the server's log."""
+    from ferrum.serve.app import ServeConfig, create_app
+
+    app = create_app(ferrum.load(model, backend="cpu", dtype="float32"), ServeConfig(model_names=("tiny",)))
+    messages = iter([{"type": "http.request", "body": b'{"model": "tiny", "prom', "more_body": True},
+                     {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("t", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    from prometheus_client import generate_latest
+
+    assert 'status="499"' in generate_latest(app.state.ferrum.metrics.registry).decode()
+
+
 def test_prompts_are_encoded_off_the_event_loop(model, monkeypatch):
     """A long prompt's template and tokenizing (0.3 s for 100,000 tokens) run in a worker thread, where no event
     loop runs, so other streams go on meanwhile."""

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response as HTTPResponse, StreamingR
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ferrum.api import LLM
 from ferrum.errors import ConfigError, FerrumError
@@ -193,11 +194,14 @@ async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():  # counted as it arrives: a chunked body declares no length
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # counted as it arrives: a chunked body declares no length
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before its body was whole: no one to answer (nginx's 499, counted as such)
+        raise APIError(499, "the client closed the connection before its request body was complete") from None
     raw = b"".join(chunks)
     try:
         return model.model_validate_json(raw)
