@@ -11,6 +11,7 @@ decode, forward_verify...) are all that one pass with different items.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from numbers import Integral
 from pathlib import Path
@@ -229,6 +230,9 @@ class DecoderOnlyLLM:
         if max_seq_len is not None:
             if not isinstance(max_seq_len, Integral) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
                 raise InvalidRequestError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+            if max_seq_len > config.max_seq_len:
+                warnings.warn(f"max_seq_len {max_seq_len} is past {path}'s context of {config.max_seq_len} tokens "
+                              "(positions it was not trained for); the context stays at that", stacklevel=2)
             config = replace(config, max_seq_len=min(max_seq_len, config.max_seq_len))
         quant = config.quantization
         if not isinstance(backend, Backend):

@@ -704,6 +704,25 @@ def test_a_request_reaching_a_stopped_engine_is_a_503(model):
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "aborted", reply.text
 
 
+def test_a_pool_smaller_than_the_context_is_the_served_context(model):
+    """With fewer KV blocks than the context needs, the longest sequence is the pool's: ``/v1/models`` says so
+    and a request past it is ``context_length_exceeded`` (as vLLM would not start with a context it cannot hold).
+    A ``max_seq_len`` past the model's context is warned of, and the context stays."""
+    from starlette.testclient import TestClient
+
+    from ferrum.serve.app import ServeConfig, create_app
+
+    with pytest.warns(UserWarning, match="past .* context of"):
+        llm = ferrum.load(model, backend="cpu", dtype="float32", num_kv_blocks=2, max_seq_len=10**6)
+    pool = llm.model.kv_capacity()
+    assert pool < llm.model.config.max_seq_len
+    with TestClient(create_app(llm, ServeConfig(model_names=("tiny",)))) as client:
+        assert client.get("/v1/models").json()["data"][0]["max_model_len"] == pool
+        reply = client.post("/v1/completions", json={"model": "tiny", "prompt": [5] * pool, "max_tokens": 1})
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded", reply.text
+        assert client.post("/v1/completions", json={"model": "tiny", "prompt": [3, 4], "max_tokens": 4}).is_success
+
+
 def test_a_client_gone_before_its_body_is_whole_ends_quietly(model):
     """A disconnect while the body arrives is answered 499 (to no one) and counted, not an application error
     with a traceback in the server's log."""

@@ -243,7 +243,7 @@ class Engine:
         if -(-max_total // kv.block_size) > kv.num_blocks:
             pool = kv.num_blocks * kv.block_size
             prompt_alone = len(tokens) >= pool
-            raise InvalidRequestError(
+            raise ContextLengthExceededError(  # the pool is this engine's context: the request can never run
                 f"this request may need {max_total} tokens of KV cache (a {len(tokens)}-token prompt) but the pool "
                 f"holds {pool}; {'shorten the prompt' if prompt_alone else 'lower max_tokens'} or load the model "
                 "with more KV blocks", param="prompt" if prompt_alone else "max_tokens"

@@ -125,7 +125,7 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "ferrum",
-                "max_model_len": llm.model.config.max_seq_len}
+                "max_model_len": state.max_model_len}
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 

@@ -56,6 +56,12 @@ class ServerState:
     pending: int = 0
     structured_ready: Any = None  # startup's future: True once structured outputs are ready, False if they cannot run
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence a request may grow to: the model's context, or the KV pool where it holds less."""
+        model = self.llm.model
+        return min(model.config.max_seq_len, model.kv_capacity())
+
     def adapter_names(self) -> list[str]:
         return [a.name for a in self.llm.adapters]
 
@@ -609,7 +615,7 @@ def tokenize(state: ServerState, body: TokenizeRequest) -> dict:
                                   body.chat_template_kwargs)
     except FerrumError as error:
         raise APIError(400, str(error), param="messages" if body.messages is not None else "prompt") from None
-    return {"count": len(ids), "max_model_len": state.llm.model.config.max_seq_len, "tokens": ids}
+    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
 
 def detokenize(state: ServerState, body: DetokenizeRequest) -> dict:
