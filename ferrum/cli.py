@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
     p.add_argument("--reasoning-parser", metavar="NAME",
                    help="return a reasoning model's <think>...</think> apart from its answer, as reasoning_content: "
-                        "deepseek_r1 or qwen3 (vLLM's names; both read the same tags)")
+                        "deepseek_r1 or qwen3 (vLLM's names; both read the same tags); gpt-oss's harmony replies "
+                        "are always read apart (openai_gptoss is accepted)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
     for command in sub.choices.values():  # where the error messages' hint makes people put it, too

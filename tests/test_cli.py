@@ -121,6 +121,24 @@ def test_serve_arguments_out_of_range_are_usage_errors(argv, words, capsys):
     assert exited.value.code == 2 and words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "host.invalid"])
+def test_serve_refuses_a_port_in_use_or_a_bad_host_before_loading(checkpoint, capsys, monkeypatch, host):
+    """The socket is bound first: a port in use (or a host that does not resolve) is one error line at once,
+    not a banner and uvicorn's error after the model loaded."""
+    import socket
+
+    import ferrum.serve.server as server
+
+    monkeypatch.setattr(server, "load_for_serving", lambda *a, **k: pytest.fail("the model loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(checkpoint), "--host", host, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert ("cannot listen on" if host == "127.0.0.1" else "does not resolve") in err and "serving" not in err, err
+
+
 def test_mistakes_are_refused_before_the_slow_work(checkpoint, capsys, monkeypatch, tmp_path):
     """Sampling options, bench options and an output path are checked before a model loads or a bench runs."""
     import ferrum

@@ -9,6 +9,7 @@ instead of being cut by uvicorn cancelling its task.
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -70,9 +71,28 @@ def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
     return llm, app
 
 
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use (or a host that is not this machine's)
+    fails at once, not after minutes of loading."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host!r} does not resolve: {error.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port or --host"
+                          ) from None
+    return sock
+
+
 def serve(options: ServeOptions, progress: ProgressFn | None = None) -> None:
     import uvicorn
 
+    sock = _bound_socket(options.host, options.port)
     llm, app = load_for_serving(options, progress)
     info = llm.model.backend.info
     print(
@@ -94,4 +114,4 @@ def serve(options: ServeOptions, progress: ProgressFn | None = None) -> None:
         # A backstop only: the engine shutdown above ends every response well before it.
         timeout_graceful_shutdown=options.shutdown_timeout + 30,
     )
-    Server(config).run()
+    Server(config).run(sockets=[sock])
