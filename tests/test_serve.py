@@ -192,6 +192,21 @@ def test_same_seed_same_choices_and_n_choices_differ(server):
     assert ask(99) != first
 
 
+def test_a_prompts_seed_does_not_depend_on_its_place_in_a_batch(server):
+    """vLLM's rule: each prompt of a batch takes the request's seed; only the n choices of one prompt differ."""
+    client = server.client()
+
+    def texts(prompt, n=1):
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=1.0, seed=7, n=n)
+        return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    (alone,) = texts("hello world")
+    assert texts(["lazy dog", "hello world"])[1] == alone
+    assert texts(["hello world", "hello world"]) == [alone, alone]
+    two = texts(["lazy dog", "hello world"], n=2)
+    assert two[2:] == texts("hello world", n=2) and two[2] == alone and two[2] != two[3]
+
+
 def test_chat_logprobs_match_the_models_own_logits(server, llm):
     messages = [{"role": "user", "content": "lazy dog"}]
     reply = server.client().chat.completions.create(

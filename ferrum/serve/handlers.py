@@ -531,7 +531,8 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
         first_of_prompt.add(p_index * body.n)
         for j in range(body.n):
             index = p_index * body.n + j
-            params = _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, index), stops)
+            # the seed is the prompt's wherever it sits in the batch; its n choices each take their own (vLLM's)
+            params = _sampling_params(state, body, max_tokens, want_logprobs, _choice_seed(body.seed, j), stops)
             specs.append(ChoiceSpec(index, prompt, params, lora, {REQUIRE_FULL_LOGITS: True} if scored else None))
     generation = await _start(state, "completions", specs)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_names[0]
