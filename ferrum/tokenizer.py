@@ -118,6 +118,11 @@ class Tokenizer:
                 ) from None
             raise
 
+    def char_starts(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Where each of :meth:`encode`'s tokens of ``text`` starts in it (an added special token at 0): a token
+        spelling a special token's text, or normalized text, still points into ``text`` as written."""
+        return [start for start, _ in self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].offsets]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -271,6 +271,22 @@ def test_text_offsets_index_the_text_where_tokens_split_characters(server):
     assert whole.logprobs.text_offset[-1] <= len(whole.text)
 
 
+def test_echoed_prompt_offsets_index_the_echoed_text(server):
+    """A text prompt spelling a special token (which the tokenizer reads as that token) is echoed as written, and
+    the offsets point into it; a token-id prompt is echoed as its reply decodes (``skip_special_tokens``)."""
+    text = "hello</s> world the"
+    lp = server.client().completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=0
+                                            ).choices[0].logprobs
+    assert "</s>" in lp.tokens and lp.text_offset[lp.tokens.index("</s>")] == text.index("</s>")
+    for token, offset in zip(lp.tokens[1:], lp.text_offset[1:]):
+        assert text[offset:].startswith(token), (token, offset, lp)
+    ids = [5, 1, 6]  # 1 is </s>
+    for skip, echoed in ((True, "$%"), (False, "$</s>%")):
+        choice = server.client().completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0,
+                                                    extra_body={"skip_special_tokens": skip}).choices[0]
+        assert choice.text == echoed and choice.logprobs.text_offset == [0, 1, len(echoed) - 1], choice
+
+
 def test_echo_with_logprobs_scores_the_prompt_with_the_models_own_logits(server, llm):
     """What lm-evaluation-harness's loglikelihood asks (echo, logprobs, max_tokens 1): every prompt token's
     logprob under the positions before it (the first has none), then the generated token's."""

@@ -292,12 +292,12 @@ class Logprobs:
     def offsets(self, start: int, context: Sequence[int] = (), skip_special: bool = True) -> TextOffsets:
         return TextOffsets(self.tok, start, context, skip_special)
 
-    def prompt(self, prompt: Sequence[int], logits: np.ndarray, top: int) -> dict:
+    def prompt(self, prompt: Sequence[int], logits: np.ndarray, top: int, offsets: Sequence[int]) -> dict:
         """The completions form for the prompt's own tokens (``echo``): each one's logprob under the logits of
-        the position before it (``logits`` row ``i`` predicts token ``i + 1``); the first has none."""
+        the position before it (``logits`` row ``i`` predicts token ``i + 1``); the first has none. ``offsets``:
+        where each token starts in the echoed prompt."""
         rows = log_softmax(logits[: len(prompt) - 1].astype(np.float32))
         tokens, values, tops = [], [None], [None]
-        offsets = self.offsets(0).of(prompt)
         for position, token_id in enumerate(prompt):
             text = self.token(token_id)[0]
             tokens.append(text)
@@ -312,7 +312,7 @@ class Logprobs:
             alternatives.setdefault(text, values[-1])
             tops.append(alternatives)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if top else None,
-                "text_offset": offsets}
+                "text_offset": list(offsets)}
 
     def completion(self, picks: Sequence[SampledToken], top: int, offsets: TextOffsets) -> dict:
         tokens, values, tops = [], [], []
@@ -539,17 +539,31 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
     logprobs = Logprobs(state.llm)
     tok = state.llm.tokenizer
 
+    def skips_special(index: int) -> bool:
+        return specs[index].params.skip_special_tokens is not False
+
     def echo_text(index: int) -> str:
+        """The prompt as written, or its token ids decoded as the reply is."""
         if not body.echo:
             return ""
         prompt = body.prompts()[index // body.n]
-        return prompt if isinstance(prompt, str) else (tok.decode(prompt) if tok is not None else "")
+        if isinstance(prompt, str):
+            return prompt
+        return tok.decode(prompt, skip_special_tokens=skips_special(index)) if tok is not None else ""
+
+    def prompt_offsets(index: int) -> list[int]:
+        """Where each prompt token starts in :func:`echo_text`: by the tokenizer's own alignment for text (a
+        special token's spelling, an added BOS), else as the decoding writes the tokens."""
+        prompt = body.prompts()[index // body.n]
+        if isinstance(prompt, str):
+            return tok.char_starts(prompt)
+        return logprobs.offsets(0, skip_special=skips_special(index)).of(prompts[index // body.n])
 
     def text_of(out: RequestOutput) -> str:
         return out.text if out.text is not None else ""
 
     def choice_offsets(index: int, start: int) -> TextOffsets:
-        return logprobs.offsets(start, prompts[index // body.n], specs[index].params.skip_special_tokens is not False)
+        return logprobs.offsets(start, prompts[index // body.n], skips_special(index))
 
     def envelope() -> dict:
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -567,7 +581,7 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
                     entry = logprobs.completion(picks, top, choice_offsets(i, len(prefix)))
                 if scored:
                     prompt_ids = prompts[i // body.n]
-                    entry = _joined(logprobs.prompt(prompt_ids, out.full_logits, top), entry)
+                    entry = _joined(logprobs.prompt(prompt_ids, out.full_logits, top, prompt_offsets(i)), entry)
                 choices.append({"index": i, "text": prefix + ("" if scoring_only else text_of(out)),
                                 "logprobs": entry, "finish_reason": "length" if scoring_only else _finish_reason(out)})
             usage = _usage(prompts, finals, first_of_prompt, completion_tokens=not scoring_only)
