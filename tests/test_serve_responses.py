@@ -241,6 +241,32 @@ def test_thinking_is_a_reasoning_item(tmp_path):
         assert srv.stop(), srv.log.read_text()
 
 
+def test_the_stores_memory_is_the_bytes_it_counts():
+    """A response with logprobs (many small dicts and floats) held as Python objects took ~5x the JSON bytes the
+    budget counts; what the store holds must be what it counts, and a ``get`` must not hand out its own state."""
+    import tracemalloc
+
+    from ferrum.serve.responses import ResponseStore
+
+    def response(i: int) -> dict:
+        entries = [{"token": f"t{j}", "logprob": -0.5 * j, "bytes": [116, 48 + j % 10],
+                    "top_logprobs": [{"token": f"u{k}", "logprob": -1.0 * k, "bytes": [117]} for k in range(5)]}
+                   for j in range(200)]
+        return {"id": f"resp_{i}", "output": [{"type": "message", "content": [{"logprobs": entries}]}]}
+
+    store = ResponseStore(size=100, max_bytes=1 << 30)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(20):
+        store.put(response(i), [{"role": "user", "content": "hi"}])
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert held < 1.3 * store.bytes, (held, store.bytes)
+    got, _ = store.get("resp_3")
+    got["output"].clear()
+    assert store.get("resp_3")[0]["output"], "a get handed out the stored object"
+
+
 def test_the_store_drops_the_oldest_past_its_count_or_its_bytes():
     """A chain of turns stores its history once per turn, so the store is bounded in bytes as well as in count;
     the least recently used go first, and one response over the whole budget is not kept."""

@@ -86,45 +86,46 @@ class ResponsesRequest(Body):
 
 class ResponseStore:
     """Stored responses: each one's object, its conversation as chat messages (input and output) and its input
-    items as the API lists them back."""
+    items as the API lists them back. Each is kept as its JSON text, so the bytes counted are the bytes held (as
+    Python objects a response took 5x its JSON) and every ``get`` hands out a copy of its own."""
 
     def __init__(self, size: int = STORED, max_bytes: int = STORED_BYTES):
         self.size, self.max_bytes = size, max_bytes
-        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], int]] = \
-            OrderedDict()
+        self._items: OrderedDict[str, bytes] = OrderedDict()
         self.bytes = 0  # the stored items' JSON, together
 
     def put(self, response: dict[str, Any], conversation: list[dict[str, Any]],
             inputs: Sequence[dict[str, Any]] = ()) -> None:
         """Keep a response; one larger than the whole budget is not kept (a later ``get`` says so)."""
-        size = len(json.dumps([response, conversation, list(inputs)], ensure_ascii=False).encode())
-        if size > self.max_bytes:
+        stored = json.dumps([response, conversation, list(inputs)], ensure_ascii=False).encode()
+        if len(stored) > self.max_bytes:
             return
-        self._items[response["id"]] = (response, conversation, list(inputs), size)
-        self.bytes += size
+        self.bytes -= len(self._items.pop(response["id"], b""))
+        self._items[response["id"]] = stored
+        self.bytes += len(stored)
         while len(self._items) > self.size or self.bytes > self.max_bytes:
-            self.bytes -= self._items.popitem(last=False)[1][3]
+            self.bytes -= len(self._items.popitem(last=False)[1])
 
     def get(self, response_id: str, param: str = "response_id") -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The response and its conversation."""
-        return self._entry(response_id, param)[:2]
+        response, conversation, _ = self._entry(response_id, param)
+        return response, conversation
 
     def inputs(self, response_id: str) -> list[dict[str, Any]]:
         """The response's input items."""
         return self._entry(response_id, "response_id")[2]
 
-    def _entry(self, response_id: str, param: str) -> tuple[dict[str, Any], list[dict[str, Any]],
-                                                            list[dict[str, Any]], int]:
+    def _entry(self, response_id: str, param: str) -> list[Any]:
         if response_id not in self._items:
             raise APIError(404, f"no stored response has the id {response_id!r} (this server keeps the latest "
                            f"{self.size}, up to {self.max_bytes // 2**20} MiB, in memory)", param=param,
                            code="not_found")
         self._items.move_to_end(response_id)
-        return self._items[response_id]
+        return json.loads(self._items[response_id])
 
     def delete(self, response_id: str) -> None:
         self.get(response_id)
-        self.bytes -= self._items.pop(response_id)[3]
+        self.bytes -= len(self._items.pop(response_id))
 
 
 def input_item_list(items: list[dict[str, Any]], limit: int = 20, order: str = "desc",
