@@ -280,6 +280,39 @@ def test_asyncio_cancellation_aborts_the_request(llm):
     assert not llm.engine.has_unfinished() and llm.model.kv.num_used_blocks == 0
 
 
+def test_finished_requests_leave_the_async_engine_whether_read_or_not(llm):
+    """A handle never iterated holds its outputs, not the engine: once the request finishes nothing of it stays
+    routed. A caller's id taken again after it finished belongs to the new request: reading (or leaving) the
+    old handle neither unroutes nor aborts the new one."""
+    engine = llm.async_engine
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+
+    async def dropped():
+        for _ in range(5):
+            engine.submit(llm.encode_prompt("hello"), params)
+        while llm.engine.has_unfinished():
+            await asyncio.sleep(0.01)
+
+    asyncio.run(dropped())
+    assert not engine._streams
+
+    async def reused():
+        first = engine.submit(llm.encode_prompt("hello"), params, request_id="job")
+        while llm.engine.has_unfinished():
+            await asyncio.sleep(0.01)
+        second = engine.submit(llm.encode_prompt("lazy dog"), SamplingParams(max_tokens=200, ignore_eos=True),
+                               request_id="job")
+        assert [out async for out in first][-1].finished
+        first.abort()
+        assert engine._streams.get("job") is second._stream
+        outs = [out async for out in second]
+        return outs[-1]
+
+    last = asyncio.run(reused())
+    assert last.finished and len(last.token_ids) == 200 and last.finish_reason.value == "length"
+    assert not engine._streams
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_asyncio_engine_thread_runs_every_backend(checkpoint, backend):
     """The stepping thread is not the thread that loaded the weights (MLX streams are per thread)."""

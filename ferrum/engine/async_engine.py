@@ -42,6 +42,7 @@ class RequestStream:
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._sealed = False
+        self.ended = False  # its final output was put
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """Called from the stepping thread; raises RuntimeError when the consumer's loop is closed."""
@@ -93,10 +94,10 @@ class RequestHandle:
     def abort(self) -> None:
         """Cancel the request unless it finished; frees its KV blocks before the next step. Idempotent."""
         if self.finished:
-            self.engine.forget(self.request_id)
+            self.engine.forget(self.request_id, self._stream)
         else:
             self.finished = True
-            self.engine.abort(self.request_id)
+            self.engine.abort(self.request_id, self._stream)
 
 
 class AsyncEngine:
@@ -104,6 +105,7 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        #: The streams of unfinished requests (those ``shutdown`` aborts and a failed step fails), by id.
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -157,10 +159,11 @@ class AsyncEngine:
         with self._lock:
             if self._closed:  # shut down while the grammar compiled
                 raise ExecutorStateError("this AsyncEngine was shut down")
-            request_id = self.engine.add_request(
-                prompt_token_ids, params, request_id, on_output=stream.put, metadata=metadata, lora=lora
-            )
-            self._streams[request_id] = stream
+            request_id = self.engine.add_request(prompt_token_ids, params, request_id,
+                                                 on_output=lambda out: self._deliver(stream, out),
+                                                 metadata=metadata, lora=lora)
+            if not stream.ended:
+                self._streams[request_id] = stream
             self._start()
         return RequestHandle(self, request_id, stream)
 
@@ -186,16 +189,30 @@ class AsyncEngine:
             pass
         return out
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, stream: RequestStream | None = None) -> None:
+        """Cancel the request (``stream``: only while that stream is still the id's: a finished request's id
+        may have been taken again)."""
         with self._lock:
+            if stream is not None and self._streams.get(request_id, stream) is not stream:
+                return
             self._streams.pop(request_id, None)
         self.engine.abort(request_id)
         self._wake.set()
 
-    def forget(self, request_id: str) -> None:
-        """Stop routing outputs of a finished request."""
+    def forget(self, request_id: str, stream: RequestStream | None = None) -> None:
+        """Stop routing outputs of a finished request (``stream``: only that one's, as in :meth:`abort`)."""
         with self._lock:
-            self._streams.pop(request_id, None)
+            if stream is None or self._streams.get(request_id) is stream:
+                self._streams.pop(request_id, None)
+
+    def _deliver(self, stream: RequestStream, out: RequestOutput) -> None:
+        """An output for ``stream``; a final one ends its routing, so a handle never read holds nothing here."""
+        stream.put(out)
+        if out.finished:
+            stream.ended = True
+            with self._lock:
+                if self._streams.get(out.request_id) is stream:
+                    del self._streams[out.request_id]
 
     def shutdown(self) -> None:
         """Stop stepping; unfinished requests are aborted (their consumers see an ``abort`` finish)."""
