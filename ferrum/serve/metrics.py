@@ -42,7 +42,7 @@ class _EngineCollector(Collector):
         yield gauge("kv_blocks_total", "KV cache blocks in the pool.", m.kv_blocks_total)
         yield gauge("kv_blocks_used", "KV cache blocks held by sequences.", m.kv_blocks_used)
         yield gauge("kv_blocks_free", "KV cache blocks free (cached prefix blocks included).", m.kv_blocks_free)
-        yield gauge("kv_blocks_cached", "Free KV blocks still holding a reusable prefix.", m.kv_blocks_cached)
+        yield gauge("kv_blocks_cached", "KV blocks keyed for prefix reuse, held by sequences or free.", m.kv_blocks_cached)
         yield gauge("prefix_cache_hit_rate", "Prompt tokens served by the prefix cache / tokens looked up.",
                     m.prefix_cache_hit_rate)
         yield counter("prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.",
