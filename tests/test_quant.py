@@ -18,7 +18,7 @@ from ferrum.quant.config import FLOAT_MODES
 from ferrum.sampling import SamplingParams
 from ferrum.weights import runs_natively
 
-from support import runnable_backends, write_text_checkpoint, write_tiny_qwen3_moe
+from support import runnable_backends, write_text_checkpoint, write_tiny_qwen3_moe, write_tokenizer
 
 mx = pytest.importorskip("mlx.core")
 
@@ -128,6 +128,35 @@ def test_float_modes_decode_bit_for_bit_as_mlx(mode):
         assert (got.bits, got.group_size) == (5, group_size)
         got = dequantize(got)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_nvfp4_rows_of_16_not_32_decode_dense_as_mlx():
+    """An nvfp4 input size that 16 divides but 32 does not (80): five-bit codes would not fill whole words, so
+    the matrix is dense float32 (a numpy error stopped the load), MLX's own values exactly."""
+    rng = np.random.default_rng(3)
+    packed = rng.integers(0, 2**32, size=(8, 80 * 4 // 32), dtype=np.uint64).astype(np.uint32)
+    scales = rng.integers(1, 127, size=(8, 80 // 16)).astype(np.uint8)
+    got = float_modes.decode(packed, scales, "nvfp4", (8, 80), "test")
+    ref = np.array(mx.dequantize(mx.array(packed), mx.array(scales), mode="nvfp4", dtype=mx.float32))
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_nvfp4_checkpoint_with_inputs_of_16_not_32_matches_mlx_lm(backend, tmp_path):
+    """mlx-lm packs a dense down_proj of 80 inputs and experts' of 48 in nvfp4 (groups of 16) and runs them."""
+    from mlx_lm import convert, load
+
+    from ferrum.random_checkpoint import write_random_checkpoint
+
+    config = json.loads((write_tiny_qwen3_moe(tmp_path / "base") / "config.json").read_text())
+    write_random_checkpoint(tmp_path / "float", {**config, "intermediate_size": 80, "moe_intermediate_size": 48,
+                                                 "mlp_only_layers": [0]}, dtype="float32", std=0.3)
+    write_tokenizer(tmp_path / "float")
+    convert(str(tmp_path / "float"), mlx_path=str(tmp_path / "q"), quantize=True, q_mode="nvfp4")
+    ref = np.array(load(str(tmp_path / "q"))[0](mx.array([FLOAT_MODE_TOKENS]))[0].astype(mx.float32))
+    model = ferrum.load(tmp_path / "q", backend=backend, dtype="float32").model
+    assert scaled_error(model.forward_verify("s", FLOAT_MODE_TOKENS), ref) <= 1e-4
 
 
 def test_float_mode_nan_scales_and_shapes_are_refused():

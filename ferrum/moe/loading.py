@@ -178,7 +178,7 @@ def _float_mode_experts(weight: np.ndarray, scales: np.ndarray, mode: str, shape
     if weight.ndim != 3 or scales.ndim != 3 or weight.shape[0] != e or scales.shape[0] != e:
         raise CheckpointError(f"{where}: {mode} experts must stack {e} experts' codes and scales; got "
                               f"{tuple(weight.shape)} and {tuple(scales.shape)}")
-    if mode == "mxfp8":  # dense float32 (no affine form holds it)
+    if not float_modes.has_affine_form(mode, k):  # dense float32, as such a matrix is
         return np.stack([float_modes.decode(weight[i], scales[i], mode, (n, k), f"{where} (expert {i})")
                          for i in range(e)])
     for i in range(e):  # checked now, so that a damaged file fails at load, not when a backend asks

@@ -19,8 +19,10 @@ the fp4 modes exactly (``q * scale + bias`` is ``(q - 12) * scale`` with no
 rounding: mxfp4's scales are powers of two, kept in bfloat16, which has
 float32's range; nvfp4's are kept in float32). No affine code of eight bits
 holds E4M3's 16 octaves, so mxfp8 is decoded to dense float32 weights (exact),
-which the backend casts to its compute dtype like any float checkpoint. Stacked
-experts are decoded expert by expert (:mod:`ferrum.moe.loading`).
+which the backend casts to its compute dtype like any float checkpoint, and so
+is an fp4 matrix whose rows' five-bit codes would not fill whole words (an
+nvfp4 input size that is a multiple of 16 but not of 32). Stacked experts are
+decoded expert by expert (:mod:`ferrum.moe.loading`).
 
 An fp4 matrix also keeps the file's codes and scales (``QuantizedWeight.float_codes``),
 so a backend with kernels for the mode (MLX's) runs them at the file's 4.25 or
@@ -88,14 +90,25 @@ def fp4_affine(packed: np.ndarray, scale: np.ndarray, mode: str) -> tuple[np.nda
     return _fp4_as_affine(packed), half.astype(dtype), (half * -12).astype(dtype)
 
 
+def has_affine_form(mode: str, k: int) -> bool:
+    """Whether ``[N, K]`` matrices of ``mode`` have the exact 5-bit affine form: fp4 rows whose ``5 * K`` bits
+    fill whole uint32 words."""
+    return mode != "mxfp8" and k % 32 == 0
+
+
 def decode(packed: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, int],
            where: str) -> QuantizedWeight | np.ndarray:
-    """One ``[N, K]`` matrix of a float mode: exact 5-bit affine for mxfp4 and nvfp4, dense float32 for mxfp8."""
+    """One ``[N, K]`` matrix of a float mode: exact 5-bit affine where :func:`has_affine_form`, else dense
+    float32 (exact too)."""
     scale = checked_scales(packed, scales, mode, shape, where)
-    if mode == "mxfp8":
+    if not has_affine_form(mode, shape[1]):
         n, k = shape
         bits, group_size = FLOAT_MODES[mode]
-        values = unpack(packed, bits).view(ml_dtypes.float8_e4m3fn).astype(np.float32).reshape(n, -1, group_size)
+        if mode == "mxfp8":
+            values = unpack(packed, bits).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+        else:
+            values = (_FP4_AS_Q[unpack(packed, bits)].astype(np.float32) - 12) / 2
+        values = values.reshape(n, -1, group_size)
         if not np.isfinite(values).all():
             raise CheckpointError(f"{where}: an mxfp8 weight is NaN; the checkpoint is damaged")
         return (values * scale[..., None]).reshape(n, k)
