@@ -46,7 +46,8 @@ def test_a_wrong_rope_is_caught(registered):
     registered("badrope", cpu_like_plugin("badrope", extra={"rope": rope_turning_the_wrong_way}))
     report = check_backend("badrope")
     assert set(report.failed()) == {
-        "rope", "model: logits and 16 greedy tokens", "model packed at 4 bits: logits and greedy tokens",
+        "rope", "rope at positions bfloat16 cannot hold", "model: logits and 16 greedy tokens",
+        "model packed at 4 bits: logits and greedy tokens",
         *(f"model {family}: logits and decode steps"
           for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "phi", "starcoder2", "cohere",
                          "olmo")),
@@ -93,6 +94,34 @@ def test_a_paged_attention_ignoring_the_window_is_caught(registered):
                                "model starcoder2: logits and decode steps"]
     assert "paged_attention (native)" in [r.name for r in report.results if r.passed]
     assert not any("gemma2" in r.name for r in report.results)
+
+
+@hookimpl
+def rope_on_bfloat16_positions(x, positions, inv_freq):
+    import ml_dtypes
+
+    return cpu_ops.rope(x, np.asarray(positions).astype(ml_dtypes.bfloat16).astype(np.int32), inv_freq)
+
+
+@hookimpl
+def sample_skipping_adjustments_when_all_greedy(logits, batch):
+    """A shortcut for a batch of greedy rows: the argmax of the raw logits, bias and penalties forgotten."""
+    from ferrum.sampling import SampleResult, sample_numpy
+
+    if not batch.all_greedy:
+        return sample_numpy(logits, batch)
+    exact = sample_numpy(logits, batch)
+    return SampleResult(np.argmax(logits, axis=-1), exact.logprobs, exact.top_tokens, exact.top_logprobs,
+                        exact.unusable)
+
+
+def test_positions_rounded_to_bfloat16_and_a_greedy_shortcut_are_caught(registered):
+    """Two bugs that passed every check before (positions up to 256 and 1000 are exact in bfloat16; every sampling
+    batch had a sampled row)."""
+    registered("bfpos", cpu_like_plugin("bfpos", extra={"rope": rope_on_bfloat16_positions}))
+    assert "rope at positions bfloat16 cannot hold" in check_backend("bfpos").failed()
+    registered("greedy", cpu_like_plugin("greedy", extra={"sample": sample_skipping_adjustments_when_all_greedy}))
+    assert check_backend("greedy").failed() == ["sample, greedy rows only (native)"]
 
 
 class _Packed:
