@@ -2,8 +2,9 @@
 
 Both run one kernel, :func:`_attend`, on items padded to a common shape: ``q [items, q_len, heads, d]``
 against ``k, v [items, kv_len, kv_heads, d]``, each query masked by its own position and its item's
-KV length. For a paged batch every padded size is a power-of-two bucket (tokens, items, queries per
-item, blocks per item), so a decode step compiles once per bucket as its sequences grow.
+KV length. A paged batch runs one call per group of items the core groups (decodes, prefill chunks, a
+long chunk alone), each padded to power-of-two buckets (tokens, items, queries per item, blocks per item),
+so a decode step compiles once per bucket as its sequences grow.
 """
 
 from __future__ import annotations
@@ -63,17 +64,16 @@ def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None):
 
 
 @dataclass(frozen=True)
-class PreparedBatch:
-    """A forward pass's index arrays on the device, padded to buckets, shared by every layer.
+class _Call:
+    """One attention call's index arrays on the device, padded to buckets.
 
-    ``q_rows [items_b, q_b]``: row of the (padded) token array holding each item's i-th query;
-    ``q_pos``: its position (-1 for padding); ``kv_slots [items_b, blocks_b * block_size]``: pool
-    rows of each item's keys; ``kv_len [items_b]``; ``out_rows [tokens_b]``: where token t's output
-    sits in the flattened ``[items_b * q_b]`` result.
+    ``q_rows [items_b, q_b]``: row of the batch's (padded) token array holding each item's i-th query;
+    ``q_pos``: its position (-1 for padding); ``kv_slots [items_b, blocks_b * block_size]``: pool rows of each
+    item's keys; ``kv_len [items_b]``; ``out_rows``: where the call's t-th token's output sits in the flattened
+    ``[items_b * q_b]`` result (its first ``tokens`` rows are real).
     """
 
     tokens: int
-    tokens_b: int
     q_rows: jax.Array
     q_pos: jax.Array
     kv_slots: jax.Array
@@ -81,34 +81,57 @@ class PreparedBatch:
     out_rows: jax.Array
 
 
-@hookimpl
-def prepare_attention_batch(batch) -> PreparedBatch:
-    q_len = np.diff(batch.cu_seqlens_q).astype(np.int64)
-    kv_len = batch.seq_lens.astype(np.int64)
-    items, tokens, bs = len(kv_len), batch.num_tokens, batch.block_size
-    items_b, q_b, tokens_b = bucket(items), bucket(int(q_len.max())), bucket(tokens, 8)
-    blocks_b = bucket(batch.block_tables.shape[1])
-    starts = batch.cu_seqlens_q[:-1].astype(np.int64)
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A forward pass's attention calls, shared by every layer: the batch's items grouped as
+    ``AttentionBatch.attention_calls`` groups them (decodes apart from prefill chunks, a long chunk alone), so a
+    one-token decode is not padded to the longest chunk's queries and keys (60 decodes beside a 1,900-token prompt
+    made a 12.8 GB score tensor). ``order`` puts the calls' concatenated rows back in token order (None: they are)."""
+
+    tokens: int
+    tokens_b: int
+    calls: tuple[_Call, ...]
+    order: jax.Array | None
+
+
+def _call(batch, items: np.ndarray) -> _Call:
+    q_len = np.diff(batch.cu_seqlens_q).astype(np.int64)[items]
+    kv_len = batch.seq_lens.astype(np.int64)[items]
+    starts = batch.cu_seqlens_q[:-1].astype(np.int64)[items]
+    bs, count, tokens = batch.block_size, len(items), int(q_len.sum())
+    items_b, q_b, tokens_b = bucket(count), bucket(int(q_len.max())), bucket(tokens, 8)
+    width = -(-int(kv_len.max()) // bs)  # the blocks these items use, not the widest item's of the batch
+    blocks_b = bucket(width)
+    padding_row = bucket(batch.num_tokens, 8) - 1  # a padding row of the batch's token array
 
     i = np.arange(q_b)[None, :]
     real = i < q_len[:, None]
-    q_rows = np.full((items_b, q_b), tokens_b - 1, dtype=np.int32)  # padding reads a padding row
-    q_rows[:items] = np.where(real, starts[:, None] + i, tokens_b - 1)
+    q_rows = np.full((items_b, q_b), padding_row, dtype=np.int32)
+    q_rows[:count] = np.where(real, starts[:, None] + i, padding_row)
     q_pos = np.full((items_b, q_b), -1, dtype=np.int32)
-    q_pos[:items] = np.where(real, (kv_len - q_len)[:, None] + i, -1)
+    q_pos[:count] = np.where(real, (kv_len - q_len)[:, None] + i, -1)
 
     tables = np.zeros((items_b, blocks_b), dtype=np.int64)
-    tables[:items, : batch.block_tables.shape[1]] = batch.block_tables
+    tables[:count, :width] = batch.block_tables[items, :width]
     j = np.arange(blocks_b * bs)
     kv_slots = (tables[:, j // bs] * bs + j % bs).astype(np.int32)
     kv_len_b = np.zeros(items_b, dtype=np.int32)
-    kv_len_b[:items] = kv_len
+    kv_len_b[:count] = kv_len
 
-    item_of_token = np.repeat(np.arange(items), q_len)
+    item_of_token = np.repeat(np.arange(count), q_len)
+    first_token = np.concatenate([[0], np.cumsum(q_len)[:-1]])
     out_rows = np.zeros(tokens_b, dtype=np.int32)
-    out_rows[:tokens] = item_of_token * q_b + np.arange(tokens) - starts[item_of_token]
+    out_rows[:tokens] = item_of_token * q_b + np.arange(tokens) - first_token[item_of_token]
     put = partial(jax.device_put, device=DEVICE)
-    return PreparedBatch(tokens, tokens_b, put(q_rows), put(q_pos), put(kv_slots), put(kv_len_b), put(out_rows))
+    return _Call(tokens, put(q_rows), put(q_pos), put(kv_slots), put(kv_len_b), put(out_rows))
+
+
+@hookimpl
+def prepare_attention_batch(batch) -> PreparedBatch:
+    groups, order = batch.attention_calls()
+    calls = tuple(_call(batch, items) for items in groups)
+    order = None if order is None else jax.device_put(order.astype(np.int32), DEVICE)
+    return PreparedBatch(batch.num_tokens, bucket(batch.num_tokens, 8), calls, order)
 
 
 @partial(jax.jit, static_argnames=("window", "softcap"))
@@ -124,7 +147,8 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, 
     prep: PreparedBatch = batch.prepared
     if prep.tokens_b != prep.tokens:
         q = jnp.pad(q, ((0, prep.tokens_b - prep.tokens), (0, 0), (0, 0)))
-    out = _paged(q, pool.k[layer], pool.v[layer], prep.q_rows, prep.q_pos, prep.kv_slots, prep.kv_len,
-                 prep.out_rows, scale, sinks, window=sliding_window, softcap=softcap)
-    return out[: prep.tokens] if prep.tokens_b != prep.tokens else out
-
+    outs = [_paged(q, pool.k[layer], pool.v[layer], call.q_rows, call.q_pos, call.kv_slots, call.kv_len,
+                   call.out_rows, scale, sinks, window=sliding_window, softcap=softcap)[: call.tokens]
+            for call in prep.calls]
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+    return out if prep.order is None else out[prep.order]

@@ -5,7 +5,7 @@ mixture-of-experts ops (``moe_route``, ``upload_experts``, ``moe_experts``).
 """
 
 from ferrum_jax.arrays import (  # noqa: F401  (pluggy finds the hook implementations by name)
-    add, backend_info, cast, concat, from_numpy, reshape, take_rows, to_numpy, upload_weight,
+    add, backend_info, cast, concat, from_numpy, reshape, split, take_rows, to_numpy, upload_weight,
 )
 from ferrum_jax.attention import attention, paged_attention, prepare_attention_batch  # noqa: F401
 from ferrum_jax.dense import (  # noqa: F401

@@ -60,3 +60,24 @@ def test_the_pool_is_written_by_one_compiled_scatter_from_the_first_write_on(cap
         for scale in (1, 2, 3):
             kv.kv_write(pool, 0, scale * k, k, slots)
     assert sum("Compiling jit(_scatter)" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_decodes_beside_a_long_chunk_are_not_padded_to_it():
+    """The core's attention calls: 24 one-token decodes over 40 keys each and a 1,000-token prompt are two calls,
+    the decodes' one query and 3 blocks wide (one padded call made every decode 1,024 queries by 64 blocks:
+    60 decodes beside a 1,900-token prompt took 12.8 GB and 30 s a step)."""
+    from ferrum.attention import AttentionBatch
+
+    bs, decodes, prompt = 16, 24, 1000
+    q_lens = np.array([1] * decodes + [prompt])
+    seq_lens = np.array([40] * decodes + [prompt], dtype=np.int32)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    tables = np.zeros((decodes + 1, -(-prompt // bs)), dtype=np.int32)
+    tables[:decodes, :3] = np.arange(decodes * 3).reshape(decodes, 3)
+    tables[decodes] = np.arange(tables.shape[1]) + decodes * 3
+    positions = np.concatenate([np.arange(s - q, s) for q, s in zip(q_lens, seq_lens)]).astype(np.int32)
+    slots = np.concatenate([tables[i, p // bs] * bs + p % bs for i, (q, s) in enumerate(zip(q_lens, seq_lens))
+                            for p in [np.arange(s - q, s)]]).astype(np.int32)
+    prepared = attention.prepare_attention_batch(AttentionBatch(positions, slots, cu, seq_lens, tables, bs))
+    shapes = sorted((call.q_rows.shape, call.kv_slots.shape) for call in prepared.calls)
+    assert shapes == [((1, 1024), (1, 64 * bs)), ((32, 1), (32, 4 * bs))], shapes
