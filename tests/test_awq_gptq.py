@@ -66,8 +66,10 @@ def _write(folder, src, method: str, bits: int = 4, symmetric: bool = False, **e
                  and a.ndim == 2 and not n.endswith(".mlp.gate.weight")]  # norms are vectors; a MoE router stays float
     for name in quantized:
         module = name.removesuffix(".weight")
-        v1 = method == "gptq" and extra.get("checkpoint_format", "gptq") == "gptq"  # cannot store a zero of 0
-        q, zero, scale = _quantize(tensors.pop(name).astype(np.float32), bits, symmetric, lowest_zero=int(v1))
+        v1 = method == "gptq" and extra.get("checkpoint_format", "gptq") == "gptq"
+        q, zero, scale = _quantize(tensors.pop(name).astype(np.float32), bits, symmetric)
+        if v1 and not symmetric:  # zeros of 0 beside others in a word, which v1's subtraction borrows across
+            zero[::2, 0] = 0
         dequantized[name] = ((q.reshape(*zero.shape, GROUP) - zero[..., None]) * scale.astype(np.float32)[..., None]
                              ).reshape(q.shape)
         if method == "awq":
@@ -75,7 +77,9 @@ def _write(folder, src, method: str, bits: int = 4, symmetric: bool = False, **e
             tensors[f"{module}.qzeros"] = _pack_awq(zero.T)
         else:
             tensors[f"{module}.qweight"] = _pack_rows(q, bits).T.copy()  # [in * bits / 32, out]
-            tensors[f"{module}.qzeros"] = _pack_rows(zero.T - v1, bits)  # v1: each zero less one
+            ones = sum(1 << shift for shift in range(0, 32, bits)) if v1 else 0  # v1: each zero less one,
+            words = _pack_rows(zero.T, bits).view(np.uint32) - np.uint32(ones)  # as GPTQModel subtracts it
+            tensors[f"{module}.qzeros"] = words.view(np.int32)
             tensors[f"{module}.g_idx"] = (np.arange(q.shape[1]) // GROUP).astype(np.int32)
         tensors[f"{module}.scales"] = np.ascontiguousarray(scale.T)
     save_file(tensors, str(folder / "model.safetensors"))

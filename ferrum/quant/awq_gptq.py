@@ -13,8 +13,10 @@ They differ in layout:
 * **GPTQ** (2, 4 or 8 bits): ``qweight`` ``[in * bits / 32, out]`` packed
   along the inputs, ``qzeros`` ``[in / group, out * bits / 32]`` along the
   outputs, both in order from the lowest bits; the v1 format
-  (``checkpoint_format`` "gptq", the default) stores each zero less one (a
-  symmetric 4-bit layer's words read 0x77777777), v2 stores it as it is. A
+  (``checkpoint_format`` "gptq", the default) stores each zero less one,
+  subtracted from the packed words as integers (a symmetric 4-bit layer's
+  words read 0x77777777; a zero of 0 borrows from the next code), so one is
+  added back to each code the same way; v2 stores each zero as it is. A
   ``g_idx`` other than ``input // group_size`` (act-order, ``desc_act``) puts a
   group's inputs apart, which no affine group holds: refused, as mlx-lm
   refuses it.
@@ -32,12 +34,14 @@ from ferrum.quant.affine import QuantizedWeight
 
 #: config.json's ``quant_method`` -> the mode :class:`ferrum.quant.QuantConfig` records (GPTQ by format).
 METHODS = ("awq", "gptq", "gptq_v2")
+#: A one in each code of a word, by bits: what GPTQ v1 took from its zeros' words (GPTQModel adds it back so).
+_ONE_EACH = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
 #: Output ``j`` of each eight sits in nibble ``_AWQ_NIBBLE[j]`` of its AWQ word.
 _AWQ_NIBBLE = np.array([0, 4, 1, 5, 2, 6, 3, 7])
 
 
 def _words_to_codes(words: np.ndarray, bits: int) -> np.ndarray:
-    """int32 words -> their ``32 / bits`` codes each, lowest bits first, along a new last axis."""
+    """int32 (or uint32) words -> their ``32 / bits`` codes each, lowest bits first, along a new last axis."""
     shifts = np.arange(0, 32, bits, dtype=np.uint32)
     return ((words.astype(np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)).astype(np.uint8)
 
@@ -87,6 +91,9 @@ def repack(parts: dict[str, np.ndarray], module: str, mode: str, shape: tuple[in
         packed, z = _awq_as_affine(qweight), _awq_codes(qzeros)  # z: [groups, out]
     else:  # a GPTQ word holds consecutive inputs lowest bits first, as an affine word does: only transposed
         packed = np.ascontiguousarray(qweight.view(np.uint32).T)
-        z = _words_to_codes(qzeros, bits).reshape(groups, out).astype(np.int32) + (mode == "gptq")
+        words = qzeros.view(np.uint32)
+        if mode == "gptq":  # v1 subtracted one from each zero as whole words: a zero of 0 borrowed from the next
+            words = words + np.uint32(_ONE_EACH[bits])  # uint32 arithmetic wraps, as the subtraction did
+        z = _words_to_codes(words, bits).reshape(groups, out).astype(np.int32)
     scale = np.ascontiguousarray(scales.astype(np.float32).T)  # [out, groups]
     return QuantizedWeight(packed, scale, -z.T.astype(np.float32) * scale, bits, group_size)
