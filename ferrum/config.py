@@ -77,7 +77,7 @@ class ModelConfig(Sizes):
         if not path.exists():
             raise ConfigError(f"no config.json at {path}; point Ferrum at a Hugging Face checkpoint folder")
         raw = _json_object(path)
-        if "quantization" not in raw and "quantization_config" not in raw:  # older AWQ / GPTQ releases
+        if raw.get("quantization") is None and raw.get("quantization_config") is None:  # older AWQ / GPTQ releases
             section = sidecar_section({name: _json_object(path.parent / name) for name in SIDECARS
                                        if (path.parent / name).exists()})
             if section is not None:

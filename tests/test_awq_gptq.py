@@ -163,17 +163,21 @@ def test_symmetric_gptq_stores_its_zeros_as_real_checkpoints_do(float_model, tmp
     assert scaled_error(got, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("method, sidecar, spelled", [
-    ("awq", "quant_config.json", {"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMM"}),
-    ("gptq", "quantize_config.json", {"bits": 4, "group_size": GROUP, "desc_act": False, "sym": False}),
+@pytest.mark.parametrize("method, sidecar, spelled, left", [
+    ("awq", "quant_config.json", {"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMM"}, False),
+    ("gptq", "quantize_config.json", {"bits": 4, "group_size": GROUP, "desc_act": False, "sym": False}, False),
+    ("gptq", "quantize_config.json", {"bits": 4, "group_size": GROUP, "desc_act": False, "sym": False}, True),
 ])
 def test_older_releases_describe_their_quantization_beside_config_json(float_model, tmp_path, method, sidecar,
-                                                                      spelled):
-    """AutoAWQ's quant_config.json and AutoGPTQ's quantize_config.json, where config.json says nothing."""
+                                                                      spelled, left):
+    """AutoAWQ's quant_config.json and AutoGPTQ's quantize_config.json, where config.json says nothing (or
+    ``"quantization_config": null``)."""
     folder = tmp_path / method
     dequantized = _write(folder, float_model, method)
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]
+    if left:
+        config["quantization_config"] = None
     (folder / "config.json").write_text(json.dumps(config))
     (folder / sidecar).write_text(json.dumps(spelled))
     llm = ferrum.load(folder, backend="cpu", dtype="float32")

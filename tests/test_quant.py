@@ -109,6 +109,13 @@ def test_quant_config_reads_float_modes_per_module():
     assert QuantConfig.from_config({"quantization": quant.to_json()}) == quant
 
 
+@pytest.mark.parametrize("raw", [{"quantization": {"bits": 4, "group_size": 64, "mode": ["affine"]}},
+                                 {"quantization": {"bits": 4, "group_size": 64, "lm_head": {"mode": {}}}}])
+def test_a_mode_that_is_not_a_name_is_a_config_error(raw):
+    with pytest.raises(ConfigError, match="mode must be a name"):
+        QuantConfig.from_config(raw)
+
+
 @pytest.mark.parametrize("mode", FLOAT_MODES)
 def test_float_modes_decode_bit_for_bit_as_mlx(mode):
     """Every code and scale byte (NaN codes and scales aside) gives MLX's own dequantized value exactly."""

@@ -151,6 +151,8 @@ def _bits_and_group(section: Mapping[str, Any], where: str, what: str,
 def _format(section: Mapping[str, Any], where: str, what: str) -> tuple[int, int, str]:
     """``(bits, group_size, mode)`` of one section, checked."""
     mode = section.get("mode", AFFINE)
+    if not isinstance(mode, str):
+        raise ConfigError(f"{where}: {what}'s mode must be a name such as 'affine' or 'mxfp4', got {mode!r}")
     if mode != AFFINE and mode not in FLOAT_MODES:
         raise UnsupportedFeatureError(
             f"{where}: {what} uses mode {mode!r}; Ferrum runs MLX's 'affine' quantization and its float modes "
