@@ -12,6 +12,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import ferrum
+from ferrum.config import ModelConfig
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant import QuantConfig
 
@@ -198,6 +199,17 @@ def test_act_order_and_other_layouts_are_refused_by_name(float_model, tmp_path):
         ({"quant_method": "gptq", "bits": 3, "group_size": 32}, "at 3 bits"),
         ({"quant_method": "gptq", "bits": 4, "group_size": -1}, "group_size -1"),
         ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "'bitsandbytes'"),  # transformers' older spelling
+        ({"quant_method": "gptq", "bits": 4, "group_size": 32, "dynamic": {"+:.*down_proj.*": {"bits": 8}}},
+         "dynamic per-module settings"),
     ]:
         with pytest.raises(UnsupportedFeatureError, match=words):
             QuantConfig.from_config({"quantization_config": section})
+    excluded = {"quant_method": "gptq", "bits": 4, "group_size": 32, "dynamic": {"-:.*o_proj.*": {}}}
+    assert QuantConfig.from_config({"quantization_config": excluded}).mode == "gptq"  # those modules stay float
+    (tmp_path / "modelopt").mkdir()
+    (tmp_path / "modelopt" / "config.json").write_text((float_model / "config.json").read_text())
+    (tmp_path / "modelopt" / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4", "group_size": 16}}))
+    with pytest.raises(UnsupportedFeatureError, match="'modelopt'"):
+        ModelConfig.from_file(tmp_path / "modelopt")

@@ -64,6 +64,8 @@ class QuantConfig:
         if not isinstance(section, Mapping):
             raise ConfigError(f"{where}: 'quantization' must be an object, got {section!r}")
         method = section.get("quant_method")
+        if method is None and any(str(key).startswith(("load_in_", "bnb_")) for key in section):
+            method = "bitsandbytes"  # transformers' older spelling: load_in_4bit and bnb_* keys alone
         if method is not None:
             return cls._foreign(section, method, where)
         bits, group_size, mode = _format(section, where, "quantization")
@@ -115,6 +117,14 @@ class QuantConfig:
                     f"{where}: GPTQ format {mode!r} at {bits} bits: Ferrum reads formats gptq and gptq_v2 at 2, 4 "
                     "or 8 bits"
                 )
+            dynamic = section.get("dynamic") or {}
+            changed = [pattern for pattern, settings in dynamic.items() if not str(pattern).startswith("-:")
+                       and settings] if isinstance(dynamic, Mapping) else [dynamic]
+            if changed:  # "-:pattern" only leaves modules float, which their float tensors say anyway
+                raise UnsupportedFeatureError(
+                    f"{where}: GPTQModel's dynamic per-module settings ({changed[0]!r}) are not supported: Ferrum "
+                    f"reads one bits and group_size for every packed layer; requantize without them"
+                )
         if group_size not in SUPPORTED_GROUP_SIZES:
             raise UnsupportedFeatureError(
                 f"{where}: {method} group_size {group_size}: Ferrum runs groups of {SUPPORTED_GROUP_SIZES} inputs "
@@ -126,7 +136,8 @@ class QuantConfig:
 #: Files older AWQ and GPTQ releases describe their quantization in instead of config.json, with the
 #: method each implies and its keys' spellings in Hugging Face's quantization_config.
 SIDECARS = {"quantize_config.json": ("gptq", {}),  # AutoGPTQ
-            "quant_config.json": ("awq", {"w_bit": "bits", "q_group_size": "group_size"})}  # AutoAWQ
+            "quant_config.json": ("awq", {"w_bit": "bits", "q_group_size": "group_size"}),  # AutoAWQ
+            "hf_quant_config.json": ("modelopt", {})}  # NVIDIA ModelOpt exports: refused by name
 
 
 def sidecar_section(files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
