@@ -109,6 +109,31 @@ def test_outputs_are_identical_with_and_without_speculation(checkpoints, plain_o
     assert_kv_pools_free(engine)
 
 
+def test_drafts_a_stop_cut_off_are_not_counted_as_accepted(checkpoints):
+    """A stop inside an accepted run ends the request there: the drafts after it were never taken, so the
+    acceptance counts (and the off-switch fed by them) leave them out. Each step takes its accepted drafts and one
+    token more, so a request's accepted drafts lie between its spec-step tokens less its steps and those tokens."""
+    plain = make_engine(checkpoints, "cpu")
+    prompts = [_prompt(np.random.RandomState(seed)) for seed in range(12)]
+    greedy = {}
+    for i, prompt in enumerate(prompts):
+        plain.add_request(prompt, SamplingParams(max_tokens=16, ignore_eos=True), request_id=str(i))
+    for out in plain.run_until_done():
+        if out.finished:
+            greedy[out.request_id] = out.token_ids
+    engine = make_engine(checkpoints, "cpu", "draft")
+    for i, prompt in enumerate(prompts):
+        stop = greedy[str(i)][2 + i % 5]
+        engine.add_request(prompt, SamplingParams(max_tokens=16, ignore_eos=True, stop_token_ids=[stop]),
+                           request_id=str(i))
+    finals = [out for out in engine.run_until_done() if out.finished]
+    for out in finals:
+        m = out.metrics
+        from_steps = len(out.token_ids) + (out.stop_reason is not None) - 1  # the first token came from the prefill
+        assert from_steps - m.num_spec_steps <= m.num_accepted_tokens <= from_steps, (out.token_ids, m)
+    assert engine.metrics().spec_accepted_tokens == sum(out.metrics.num_accepted_tokens for out in finals) > 0
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_rollback_under_preemption_keeps_outputs_and_frees_every_block(checkpoints, plain_outputs, method):
     backend, plain = plain_outputs

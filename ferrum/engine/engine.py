@@ -466,16 +466,20 @@ class Engine:
             self.executor.truncate_kv(request.request_id, kept)
         if request.full_logits is not None:
             request.trim_logits(kept)
-        self._speculator.verified(request, len(chunk.drafts), len(emitted) - 1)
-        self._metrics.verified(len(chunk.drafts), len(emitted) - 1)
         return emitted
 
     def _accept_or_fail(self, chunk: ScheduledChunk, picks: list[SampledToken]) -> RequestOutput:
         request = chunk.request
         try:
-            if chunk.drafts:
-                picks = self._verify(chunk, picks)
-            return self._accept(request, picks)
+            if not chunk.drafts:
+                return self._accept(request, picks)
+            picks = self._verify(chunk, picks)
+
+            def taken(count: int) -> None:  # the drafts it accepted that the request took (a stop may cut them)
+                self._speculator.verified(request, len(chunk.drafts), min(len(picks) - 1, count))
+                self._metrics.verified(len(chunk.drafts), min(len(picks) - 1, count))
+
+            return self._accept(request, picks, taken)
         except Exception as error:  # KV rollback, detokenizer or stop filter
             return self._fail(request, error, "handling its new tokens failed")
 
@@ -496,12 +500,18 @@ class Engine:
                 outputs.append(out)
         return outputs
 
-    def _accept(self, request: Request, picks: Sequence[SampledToken]) -> RequestOutput:
-        """Append the new tokens in order until one ends the request; one output for them all."""
-        for pick in picks:
+    def _accept(self, request: Request, picks: Sequence[SampledToken],
+                taken: Callable[[int], None] | None = None) -> RequestOutput:
+        """Append the new tokens in order until one ends the request; one output for them all. ``taken`` hears
+        how many were appended before that output is made."""
+        for count, pick in enumerate(picks, 1):
             reason = self._append(request, pick)
             if reason is not None:
+                if taken is not None:
+                    taken(count)
                 return self._finish(request, reason)
+        if taken is not None:
+            taken(len(picks))
         return self._emit(request)
 
     def _append(self, request: Request, pick: SampledToken) -> FinishReason | None:
