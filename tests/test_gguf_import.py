@@ -24,6 +24,7 @@ from ferrum import default_model  # noqa: E402
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError  # noqa: E402
 from ferrum.bench.runners import open_llama_cpp  # noqa: E402
 from ferrum.gguf_import import convert_gguf, unpermute_qk  # noqa: E402
+from support import runnable_backends  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -819,11 +820,16 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
             continue
         for gguf_name, stack in stacks.items():
             stack = np.ascontiguousarray(stack)
-            if expert_type == Q.F32:
+            kind = expert_type.get(gguf_name, Q.F32) if isinstance(expert_type, dict) else expert_type
+            if kind == Q.F32:
                 w.add_tensor(f"blk.{block}.{gguf_name}.weight", stack)
-            else:
-                w.add_tensor(f"blk.{block}.{gguf_name}.weight", gguf.quants.quantize(stack, expert_type),
-                             raw_dtype=expert_type)
+                continue
+            try:
+                data = gguf.quants.quantize(stack, kind)
+            except NotImplementedError:  # a type gguf only reads (K-quants): random valid blocks instead
+                rows = random_blocks((stack.size // stack.shape[-1], stack.shape[-1]), kind, np.random.default_rng(0))
+                data = rows.reshape(*stack.shape[:-1], -1)
+            w.add_tensor(f"blk.{block}.{gguf_name}.weight", data, raw_dtype=kind)
     _finish(w)
 
 
@@ -864,6 +870,26 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
     floats = convert_gguf(tmp_path / "moe.gguf", tmp_path / "float", dequantize_to="float32")
     got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (packed, floats))
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_experts_in_a_q4_k_m_mix_run_packed_on_every_backend(tmp_path):
+    """llama.cpp's Q4_K_M writes gate and up experts in Q4_K (groups of 32) and down ones in Q6_K (groups of 16):
+    every backend runs the layer (MLX declined the Q6_K stack alone, then refused the layer whose projections
+    disagreed), matching the same file imported in float32 (the experts random valid blocks: gguf cannot write
+    K-quants)."""
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+
+    hf, config = _tiny_model(transformers.MixtralConfig, num_hidden_layers=2, num_experts_per_tok=2, hidden_size=256,
+                             intermediate_size=256, num_local_experts=4, tie_word_embeddings=False)
+    mix = {"ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K}
+    _moe_gguf(tmp_path / "moe.gguf", hf, config, mix, "llama")
+    packed = convert_gguf(tmp_path / "moe.gguf", tmp_path / "out")
+    floats = convert_gguf(tmp_path / "moe.gguf", tmp_path / "float", dequantize_to="float32")
+    ref = ferrum.load(floats, backend="cpu").model.forward_verify("s", TINY_TOKENS)
+    for backend in runnable_backends():
+        got = ferrum.load(packed, backend=backend, dtype="float32").model.forward_verify("s", TINY_TOKENS)
+        assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max())), backend
 
 
 def _tiny_granitemoe() -> tuple[Any, Any]:

@@ -445,12 +445,7 @@ class QuantizedMatrix:
             self.q, self.scales, self.bits, self.group_size = _float_codes(codes)
             self.biases = None
             return
-        packed = weight.packed
-        if self.padded:
-            n, k = weight.shape
-            q = unpack(packed, weight.bits).reshape(n, k // 16, 16)
-            packed = pack(np.concatenate([q, np.zeros_like(q)], axis=-1).reshape(n, 2 * k), weight.bits)
-        self.q = mx.array(packed)
+        self.q = mx.array(_padded_codes(weight.packed, weight.bits) if self.padded else weight.packed)
         self.scales = from_numpy(weight.scales, dtype)
         self.biases = from_numpy(weight.biases, dtype)
         self.bits, self.group_size = weight.bits, 32 if self.padded else weight.group_size
@@ -460,10 +455,20 @@ class QuantizedMatrix:
         return self.q.nbytes + self.scales.nbytes + (0 if self.biases is None else self.biases.nbytes)
 
 
+def _padded_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Packed codes ``[..., K * bits / 32]`` in groups of 16 as groups of 32: 16 zero codes after every 16 (the
+    inputs are padded alike, so the padding adds nothing whatever its scale and bias)."""
+    q = unpack(packed, bits)
+    *lead, k = q.shape
+    q = q.reshape(*lead, k // 16, 16)
+    return pack(np.concatenate([q, np.zeros_like(q)], axis=-1).reshape(*lead, 2 * k), bits)
+
+
 def _pad_groups_of_16(x):
-    """``[n, K]`` -> ``[n, 2K]``: 16 zeros after every 16 values."""
-    n, k = x.shape
-    return mx.pad(x.reshape(n, k // 16, 16), [(0, 0), (0, 0), (0, 16)]).reshape(n, 2 * k)
+    """``[..., K]`` -> ``[..., 2K]``: 16 zeros after every 16 values."""
+    *lead, k = x.shape
+    pads = [(0, 0)] * len(lead) + [(0, 0), (0, 16)]
+    return mx.pad(x.reshape(*lead, k // 16, 16), pads).reshape(*lead, 2 * k)
 
 
 @hookimpl
@@ -846,21 +851,23 @@ class ExpertStack:
     """One stacked projection ``[E, out, in]``: a float array, or packed ``(q, scales, biases)`` (a float mode's
     codes and uint8 scales, without biases, where the stack carries them: ``StackedQuantized.float_codes``)."""
 
-    __slots__ = ("w", "q", "scales", "biases", "bits", "group_size", "mode")
+    __slots__ = ("w", "q", "scales", "biases", "bits", "group_size", "mode", "padded")
 
     def __init__(self, stack, dtype):
         self.w = self.q = self.scales = self.biases = self.bits = self.group_size = None
         codes = getattr(stack, "float_codes", None)
         self.mode = "affine" if codes is None else codes.mode
+        self.padded = False
         if isinstance(stack, np.ndarray):
             # MLX's CPU gather_mm runs float32 only (0.32: "GatherMM::eval Currently only supports float32").
             self.w = from_numpy(np.ascontiguousarray(stack), dtype if _METAL else "float32")
         elif codes is not None:
             self.q, self.scales, self.bits, self.group_size = _float_codes(codes)
-        else:
-            self.q = mx.array(stack.packed)
+        else:  # groups of 16 (GGUF's K-quant sub-blocks) run as 32, padded as a QuantizedMatrix pads them
+            self.padded = stack.group_size == 16
+            self.q = mx.array(_padded_codes(stack.packed, stack.bits) if self.padded else stack.packed)
             self.scales, self.biases = from_numpy(stack.scales, dtype), from_numpy(stack.biases, dtype)
-            self.bits, self.group_size = stack.bits, stack.group_size
+            self.bits, self.group_size = stack.bits, 32 if self.padded else stack.group_size
 
     @property
     def nbytes(self) -> int:
@@ -873,14 +880,14 @@ class ExpertStack:
         if self.bits is None:
             return mx.gather_mm(x.astype(self.w.dtype), self.w.swapaxes(-1, -2), rhs_indices=indices,
                                 sorted_indices=sorted_indices)
+        if self.padded:
+            x = _pad_groups_of_16(x)
         return mx.gather_qmm(x, self.q, self.scales, self.biases, rhs_indices=indices, transpose=True,
                              group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices)
 
 
 @hookimpl
 def upload_experts(name, weight, dtype):
-    if not isinstance(weight, np.ndarray) and weight.group_size == 16 and weight.float_codes is None:
-        return None  # no padded form for stacks: the core's per-expert form runs them
     return ExpertStack(weight, dtype)
 
 
