@@ -326,7 +326,11 @@ def dense_weights(folder: Path) -> dict[str, np.ndarray]:
 
 
 def gguf_blocks(array: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
-    """``array`` quantized to ``qtype`` by gguf, or valid random blocks where gguf cannot quantize the type."""
+    """``array`` quantized to ``qtype`` by gguf, or valid random blocks where gguf cannot quantize the type (an
+    integer type: the values scaled and cast)."""
+    integer = {Q.I8: np.int8, Q.I16: np.int16, Q.I32: np.int32, Q.I64: np.int64}.get(qtype)
+    if integer is not None:
+        return (array * 10).astype(integer)
     try:
         return gguf.quants.quantize(array, qtype)
     except NotImplementedError:
@@ -494,7 +498,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
         else:
             raw = gguf_blocks(stored, qtype, rng)
             w.add_tensor(gguf_names[name], raw, raw_dtype=qtype)
-        values = gguf.quants.dequantize(raw, qtype).reshape(array.shape)
+        values = (raw.astype(np.float32) if raw.dtype.kind == "i" else gguf.quants.dequantize(raw, qtype)
+                  ).reshape(array.shape)
         expected[name] = values if n is None else unpermute_qk(values, n)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
@@ -1354,6 +1359,13 @@ def test_unsupported_gguf_raises_before_writing(tmp_path, kwargs, message):
     with pytest.raises(UnsupportedFeatureError, match=message):
         convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_integer_tensor_is_refused_through_float_too(tmp_path):
+    """Through ``dequantize_to`` the refusal said to upgrade the gguf package, which reads no integer weights."""
+    write_tiny_gguf(tmp_path / "x.gguf", types={"mlp.up_proj.weight": Q.I8})
+    with pytest.raises(UnsupportedFeatureError, match="I8, which is not a weight type"):
+        convert_gguf(tmp_path / "x.gguf", tmp_path / "out", dequantize_to="float32")
 
 
 def test_not_a_gguf_file(tmp_path):

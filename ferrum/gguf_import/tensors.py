@@ -78,8 +78,13 @@ def numpy_shape(tensor: Any) -> tuple[int, ...]:
 
 def _gguf_dequantize(data: np.ndarray, tensor: Any, where: str) -> np.ndarray:
     """``data`` (some or all of ``tensor``'s blocks) through the ``gguf`` package's own dequantization."""
+    from gguf.constants import GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
+    if tensor.tensor_type in (Q.I8, Q.I16, Q.I32, Q.I64, Q.F64):
+        raise UnsupportedFeatureError(
+            f"{where}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which is not a weight type "
+            "llama.cpp writes for a model's matrices; Ferrum reads F32, F16, BF16 and its quantized types")
     try:
         return dequantize(data, tensor.tensor_type)
     except NotImplementedError as exc:
