@@ -301,12 +301,9 @@ def test_the_store_drops_the_oldest_past_its_count_or_its_bytes():
     assert 0 < store.bytes < kept
 
 
-def test_a_thinking_replys_logprobs_are_those_of_its_answer(tmp_path):
-    """With ``--reasoning-parser`` and ``<think>`` / ``</think>`` single tokens, the message's logprob entries are
-    those of the tokens after ``</think>``: chat's entries (which cover every token) past the first one, whole and
-    streamed. A logit bias on ``</think>`` is searched for that makes the reply think a while, then answer."""
-    from starlette.testclient import TestClient
-
+def _r1_app(tmp_path):
+    """A server with ``--reasoning-parser deepseek_r1`` over the test model whose template opens ``<think>`` in
+    the prompt (DeepSeek-R1's), both tags single tokens: the app and the id of ``</think>``."""
     import ferrum
     from ferrum.serve.app import ServeConfig, create_app
     from support import add_tokens, write_text_checkpoint
@@ -316,8 +313,19 @@ def test_a_thinking_replys_logprobs_are_those_of_its_answer(tmp_path):
     _, close_id = add_tokens(folder, list(TAGS))
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": R1_TEMPLATE}))
-    app = create_app(ferrum.load(folder, backend="cpu"),
-                     ServeConfig(model_names=("tiny",), reasoning_parser="deepseek_r1"))
+    return create_app(ferrum.load(folder, backend="cpu"),
+                      ServeConfig(model_names=("tiny",), reasoning_parser="deepseek_r1")), close_id
+
+
+def test_a_thinking_replys_logprobs_are_those_of_its_answer(tmp_path):
+    """With ``--reasoning-parser`` and ``<think>`` / ``</think>`` single tokens, the message's logprob entries are
+    those of the tokens after ``</think>``: chat's entries (which cover every token) past the first one, whole and
+    streamed. A logit bias on ``</think>`` is searched for that makes the reply think a while, then answer."""
+    from starlette.testclient import TestClient
+
+    from test_structured_thinking import TAGS
+
+    app, close_id = _r1_app(tmp_path)
     with TestClient(app) as client:
         for bias in (2.0, 2.2, 2.4, 2.6, 2.8, 3.0):
             chat = client.post("/v1/chat/completions", json={
@@ -442,17 +450,7 @@ def test_a_reply_cut_inside_its_thinking_is_the_reasoning_item_alone(tmp_path):
     the reasoning item and no (empty) message, whole and streamed."""
     from starlette.testclient import TestClient
 
-    import ferrum
-    from ferrum.serve.app import ServeConfig, create_app
-    from support import add_tokens, write_text_checkpoint
-    from test_structured_thinking import R1_TEMPLATE, TAGS
-
-    folder = write_text_checkpoint(tmp_path / "tiny", seed=3)
-    _, close_id = add_tokens(folder, list(TAGS))
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": R1_TEMPLATE}))
-    app = create_app(ferrum.load(folder, backend="cpu"),
-                     ServeConfig(model_names=("tiny",), reasoning_parser="deepseek_r1"))
+    app, close_id = _r1_app(tmp_path)
     asked = {"model": "tiny", "input": "who?", "max_output_tokens": 4, "temperature": 0,
              "logit_bias": {str(close_id): -100}}
     with TestClient(app) as client:
