@@ -68,8 +68,13 @@ def _call(name: Any, arguments: Any) -> dict[str, Any] | None:
         arguments = {}
     if not isinstance(arguments, dict):
         return None
+    return _entry(name, json.dumps(arguments, ensure_ascii=False))
+
+
+def _entry(name: str, arguments: str) -> dict[str, Any]:
+    """An OpenAI ``tool_calls`` entry with a fresh id; ``arguments`` as the JSON text clients read."""
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            "function": {"name": name, "arguments": arguments}}
 
 
 def _object_call(text: str) -> dict[str, Any] | None:
@@ -270,8 +275,7 @@ def _calls_so_far(heads: tuple[re.Pattern[str], ...], text: str) -> ParsedReply:
                 arguments = json.dumps(value, ensure_ascii=False)
             except _NOT_JSON:
                 arguments, at = text[match.end():], len(text)
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": name, "arguments": arguments}})
+        calls.append(_entry(name, arguments))
     return ParsedReply("", calls) if calls else ParsedReply(text, [])
 
 
