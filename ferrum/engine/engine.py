@@ -475,9 +475,10 @@ class Engine:
                 return self._accept(request, picks)
             picks = self._verify(chunk, picks)
 
-            def taken(count: int) -> None:  # the drafts it accepted that the request took (a stop may cut them)
-                self._speculator.verified(request, len(chunk.drafts), min(len(picks) - 1, count))
-                self._metrics.verified(len(chunk.drafts), min(len(picks) - 1, count))
+            def taken(count: int) -> None:  # the accepted drafts are the picks but the last, less those a stop cut
+                accepted = min(len(picks) - 1, count)
+                self._speculator.verified(request, len(chunk.drafts), accepted)
+                self._metrics.verified(len(chunk.drafts), accepted)
 
             return self._accept(request, picks, taken)
         except Exception as error:  # KV rollback, detokenizer or stop filter
