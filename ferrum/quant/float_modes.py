@@ -106,10 +106,10 @@ def decode(packed: np.ndarray, scales: np.ndarray, mode: str, shape: tuple[int, 
         bits, group_size = FLOAT_MODES[mode]
         if mode == "mxfp8":
             values = unpack(packed, bits).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+            if not np.isfinite(values).all():  # E4M3 has NaN codes; E2M1 has none
+                raise CheckpointError(f"{where}: an mxfp8 weight is NaN; the checkpoint is damaged")
         else:
             values = (_FP4_AS_Q[unpack(packed, bits)].astype(np.float32) - 12) / 2
         values = values.reshape(n, -1, group_size)
-        if not np.isfinite(values).all():
-            raise CheckpointError(f"{where}: an mxfp8 weight is NaN; the checkpoint is damaged")
         return (values * scale[..., None]).reshape(n, k)
     return QuantizedWeight(*fp4_affine(packed, scale, mode), 5, FLOAT_MODES[mode][1], FloatCodes(packed, scales, mode))
