@@ -116,16 +116,20 @@ class ResponseStore:
         return self._entry(response_id, "response_id")[2]
 
     def _entry(self, response_id: str, param: str) -> list[Any]:
+        return json.loads(self._stored(response_id, param))
+
+    def _stored(self, response_id: str, param: str) -> bytes:
+        """The response's JSON text, now the most recently used; 404 for an id not (or no longer) stored."""
         if response_id not in self._items:
             raise APIError(404, f"no stored response has the id {response_id!r} (this server keeps the latest "
                            f"{self.size}, up to {self.max_bytes // 2**20} MiB, in memory)", param=param,
                            code="not_found")
         self._items.move_to_end(response_id)
-        return json.loads(self._items[response_id])
+        return self._items[response_id]
 
     def delete(self, response_id: str) -> None:
-        self.get(response_id)
-        self.bytes -= len(self._items.pop(response_id))
+        self.bytes -= len(self._stored(response_id, "response_id"))
+        del self._items[response_id]
 
 
 def input_item_list(items: list[dict[str, Any]], limit: int = 20, order: str = "desc",
