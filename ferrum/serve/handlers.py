@@ -221,12 +221,18 @@ def _finish_reason(out: RequestOutput) -> str:
     return out.finish_reason.value
 
 
+def generated_tokens(out: RequestOutput) -> int:
+    """Tokens the model generated: those returned, and the end-of-sequence or stop token that ended it (computed
+    like the others, though not returned), as vLLM counts them."""
+    return len(out.token_ids) + isinstance(out.stop_reason, int)
+
+
 def _usage(prompts: list[tuple[int, ...]], finals: dict[int, RequestOutput], first_of_prompt: set[int],
            completion_tokens: bool = True, reasoning_tokens: int | None = None) -> dict:
     """``completion_tokens=False``: the generated tokens were not returned (a scoring-only request);
     ``reasoning_tokens``: of the completion's, those of thinking (a chat reply read for it)."""
     prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(len(out.token_ids) for out in finals.values()) if completion_tokens else 0
+    completion = sum(generated_tokens(out) for out in finals.values()) if completion_tokens else 0
     cached = sum(finals[i].metrics.num_cached_tokens for i in first_of_prompt if i in finals)
     usage = {
         "prompt_tokens": prompt_tokens,

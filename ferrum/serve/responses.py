@@ -24,7 +24,7 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError
 from ferrum.engine import RequestOutput
 from ferrum.errors import FerrumError
 from ferrum.serve.errors import APIError
-from ferrum.serve.handlers import ChatRun, Logprobs, Response, ServerState, start_chat
+from ferrum.serve.handlers import ChatRun, Logprobs, Response, ServerState, generated_tokens, start_chat
 from ferrum.serve.protocol import PART_SEPARATOR, Body, ChatCompletionRequest, Temperature
 from ferrum.serve.reasoning import CLOSE, OPEN, structured_tags, thinking_tokens
 
@@ -372,7 +372,7 @@ class _Reply:
         }
 
     def usage(self, out: RequestOutput, thought: str | None) -> dict[str, Any]:
-        prompt, generated = len(self.run.prompt), len(out.token_ids)
+        prompt, generated = len(self.run.prompt), generated_tokens(out)
         thinking = thinking_tokens(self.tokenizer, out.token_ids, thought)
         return {"input_tokens": prompt,
                 "input_tokens_details": {"cached_tokens": out.metrics.num_cached_tokens, "cache_write_tokens": 0},
