@@ -1,4 +1,4 @@
-"""``ferrum`` command line: list backends, generate text."""
+"""``ferrum`` command line: list backends, generate text, chat, bench, quantize, serve."""
 
 from __future__ import annotations
 
@@ -96,19 +96,24 @@ def _json_schema_arg(text: str) -> dict:
     return schema
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import ferrum
-
-    if args.prompt == "-" and sys.stdin is None:
-        raise InvalidRequestError("the prompt is - but standard input is closed; pass the prompt as an argument")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt  # read before the slow load fails late
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options given on the command line, checked before the slow load."""
     sampling = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop=tuple(args.stop or ()),
-        ignore_eos=args.ignore_eos, json_schema=args.json_schema,
+        ignore_eos=args.ignore_eos, json_schema=getattr(args, "json_schema", None),
     )
-    ferrum.SamplingParams(**sampling)  # refused before the slow load
+    import ferrum
+
+    ferrum.SamplingParams(**sampling)
+    return sampling
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """``--model`` (default: the embedded model) loaded with the command's options, announced on stderr."""
+    import ferrum
+
     model_path = args.model
     if model_path is None:
         from ferrum.default_model import default_model_path
@@ -123,15 +128,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     info = llm.model.backend.info
     print(f"[ferrum] backend={llm.model.backend.name} device={info.device} dtype={llm.model.dtype}", file=sys.stderr)
+    return llm
+
+
+def _harmony(llm: Any, chat: bool) -> Any:
+    """gpt-oss: a chat reply's messages are read by their markers (which it decodes with: see SamplingParams)."""
+    from ferrum.serve.harmony import HarmonyThinking
+
+    return HarmonyThinking() if chat and llm.tokenizer is not None and llm.tokenizer.writes_harmony else None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompt == "-" and sys.stdin is None:
+        raise InvalidRequestError("the prompt is - but standard input is closed; pass the prompt as an argument")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt  # read before the slow load fails late
+    sampling = _sampling(args)
+    llm = _load(args)
     # as mlx-lm's and llama.cpp's command lines: through the chat template where the model has one
     has_template = llm.tokenizer is not None and llm.tokenizer.chat_template is not None
     chat = has_template if args.chat is None else args.chat
     params = llm.sampling_params(**sampling)
-    from ferrum.serve.harmony import HarmonyThinking
-
-    # gpt-oss: its messages are read by their markers (which a chat reply decodes with: see SamplingParams).
-    harmony = HarmonyThinking() if chat and llm.tokenizer is not None and llm.tokenizer.writes_harmony else None
-    final = _write_reply(llm.stream_outputs(prompt, params, chat=chat), harmony)
+    final, _ = _write_reply(llm.stream_outputs(prompt, params, chat=chat), _harmony(llm, chat))
     m = final.metrics
     decode_rate = f", {1 / m.tpot:.1f} tok/s decode" if m.tpot else ""
     print(
@@ -142,22 +159,71 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_reply(outputs: Iterable[Any], harmony: Any = None) -> Any:
-    """Print a reply as it streams and return its last output. A harmony reply (gpt-oss) prints its thinking
+_CHAT_HELP = "/reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops a reply"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A conversation at the terminal: each line is a user turn, answered as it streams, the history kept (and
+    its KV reused by the prefix cache). Lines come from standard input, so a script can pipe a conversation."""
+    sampling = _sampling(args)
+    llm = _load(args)
+    if llm.tokenizer is None or llm.tokenizer.chat_template is None:
+        raise InvalidRequestError(
+            "this model has no chat template, so it cannot hold a conversation; use `ferrum generate --no-chat`")
+    params = llm.sampling_params(**sampling)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"[ferrum] {_CHAT_HELP}", file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(f"\n[ferrum] {_CHAT_HELP}", file=sys.stderr)
+            continue
+        text = line.strip()
+        if text in ("/quit", "/exit"):
+            break
+        if text in ("/reset", "/help") or not text:
+            if text == "/reset":
+                history.clear()
+            print(f"[ferrum] {'conversation forgotten' if text == '/reset' else _CHAT_HELP}", file=sys.stderr)
+            continue
+        turn = [*history, {"role": "user", "content": text}]
+        try:
+            final, answer = _write_reply(llm.stream_outputs(system + turn, params, chat=True), _harmony(llm, True))
+        except KeyboardInterrupt:
+            print("\n[ferrum] reply stopped; that turn is not kept", file=sys.stderr)
+            continue
+        except FerrumError as exc:  # e.g. the conversation outgrew the context: the session goes on
+            print(f"ferrum: error: {exc}" + ("; /reset starts over" if history else ""), file=sys.stderr)
+            continue
+        if final.finish_reason.value == "length":
+            print(f"[ferrum] the reply reached --max-tokens ({params.max_tokens}) or the context", file=sys.stderr)
+        history = [*turn, {"role": "assistant", "content": answer}]
+    return 0
+
+
+def _write_reply(outputs: Iterable[Any], harmony: Any = None) -> tuple[Any, str]:
+    """Print a reply as it streams; its last output and its answer. A harmony reply (gpt-oss) prints its thinking
     to stderr and its answer to stdout (``ferrum.serve.harmony``), as a server returns them apart."""
-    final, shown = None, 0
+    final, answer = None, ""
     for final in outputs:
         if harmony is None:
             sys.stdout.write(final.new_text)
+            answer = final.text or ""
         else:
-            thought, answer = harmony.delta(0, final.text or "", final.finished)
+            thought, whole = harmony.delta(0, final.text or "", final.finished)
             sys.stderr.write(thought)
             sys.stderr.flush()
-            sys.stdout.write(answer[shown:])
-            shown = len(answer)
+            sys.stdout.write(whole[len(answer):])
+            answer = whole
         sys.stdout.flush()
     sys.stdout.write("\n")
-    return final
+    return final, answer
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -252,22 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("prompt", help="the prompt text; - reads it from standard input")
-    p.add_argument("--model", help="checkpoint folder, .gguf file or Hugging Face repo id "
-                                   "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", help="backend name (see `ferrum backends`); default: best available")
-    p.add_argument("--dtype", help="compute dtype, e.g. float32, bfloat16")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, default=None, help="cap the context length (KV memory)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    _add_generation_options(p, max_tokens=128)
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json", dest="json_schema", action="store_const", const=True,
                        help="constrain the output to a JSON object")
@@ -278,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="apply the chat template (the default where the model has one)")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as raw text")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="hold a conversation at the terminal (through the model's chat template)")
+    _add_generation_options(p, max_tokens=1024)
+    p.add_argument("--system", help="a system message that opens the conversation")
+    p.set_defaults(func=cmd_chat)
 
     from ferrum.bench.presets import PRESETS
     from ferrum.bench.workloads import WORKLOADS
@@ -345,6 +401,26 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show tracebacks instead of one-line errors")
     return parser
+
+
+def _add_generation_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The model and sampling options ``generate`` and ``chat`` share."""
+    p.add_argument("--model", help="checkpoint folder, .gguf file or Hugging Face repo id "
+                                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", help="backend name (see `ferrum backends`); default: best available")
+    p.add_argument("--dtype", help="compute dtype, e.g. float32, bfloat16")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"per reply (default {max_tokens})")
+    p.add_argument("--max-seq-len", type=int, default=None, help="cap the context length (KV memory)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
 
 
 def _port(text: str) -> int:

@@ -1,4 +1,4 @@
-"""The ``ferrum`` command: backends table and generate."""
+"""The ``ferrum`` command: backends table, generate and chat."""
 
 from __future__ import annotations
 
@@ -181,3 +181,60 @@ def test_a_reader_that_goes_away_ends_generate_quietly(checkpoint):
 def test_backends_verbose_without_loading_is_refused_not_ignored(capsys):
     assert main(["backends", "--verbose", "--no-load"]) == 2
     assert "--verbose lists each backend's ops, which needs loading it" in capsys.readouterr().err
+
+
+def _chat(checkpoint, monkeypatch, capsys, lines: str, *options: str) -> tuple[int, str, str]:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    code = main(["chat", "--model", str(checkpoint), "--backend", "cpu", *options])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_chat_keeps_the_conversation_and_forgets_it_on_reset(checkpoint, monkeypatch, capsys):
+    """Each line a user turn answered in the light of the earlier ones, as the Python API answers the same
+    messages; /reset starts over; the end of input ends the session."""
+    import ferrum
+
+    llm = ferrum.load(checkpoint, backend="cpu")
+    options = dict(max_tokens=5, ignore_eos=True)
+    system = [{"role": "system", "content": "be brief"}]
+    first = [*system, {"role": "user", "content": "hello"}]
+    reply = llm.generate(first, chat=True, **options)
+    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "and again"}]
+    code, out, err = _chat(checkpoint, monkeypatch, capsys, "hello\n\n  and again \n/reset\nand again\n",
+                           "--max-tokens", "5", "--ignore-eos", "--system", "be brief")
+    assert code == 0
+    fresh = llm.generate([*system, {"role": "user", "content": "and again"}], chat=True, **options)
+    assert out == f"{reply}\n{llm.generate(second, chat=True, **options)}\n{fresh}\n"
+    assert "conversation forgotten" in err
+
+
+def test_chat_outliving_the_context_says_so_and_goes_on(checkpoint, monkeypatch, capsys):
+    """A turn that no longer fits is an error line and is not kept; the session goes on, and /quit ends it."""
+    import ferrum
+
+    llm = ferrum.load(checkpoint, backend="cpu")
+    long = " ".join(["word"] * llm.model.config.max_seq_len)
+    options = dict(max_tokens=3, ignore_eos=True)
+    first = [{"role": "user", "content": "hello"}]
+    reply = llm.generate(first, chat=True, **options)
+    after = llm.generate([*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "again"}],
+                         chat=True, **options)
+    code, out, err = _chat(checkpoint, monkeypatch, capsys, f"hello\n{long}\nagain\n/quit\nnever read\n",
+                           "--max-tokens", "3", "--ignore-eos")
+    assert code == 0
+    assert out == f"{reply}\n{after}\n"
+    assert "context length" in err and "/reset starts over" in err
+
+
+def test_chat_needs_a_chat_template(checkpoint, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    bare = shutil.copytree(checkpoint, tmp_path / "bare")
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    code, _, err = _chat(bare, monkeypatch, capsys, "hello\n")
+    assert code == 2 and "no chat template" in err and "ferrum generate --no-chat" in err
