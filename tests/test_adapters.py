@@ -422,13 +422,15 @@ REFUSALS = {  # case: (edits, words the error must contain)
     "fan_in_fan_out": ({"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
     "modules_to_save": ({"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
     "unknown module": ({"config": {"target_modules": ["q_proj", "wqkv"]}}, "'wqkv'"),
-    "unknown tensor": (_swap(**{f"{ROTARY}.lora_A.weight": lambda w: w[Q_A],
-                                f"{ROTARY}.lora_B.weight": lambda w: w[Q_A].T}), "rotary"),
+    "unknown tensor": ({**_swap(**{f"{ROTARY}.lora_A.weight": lambda w: w[Q_A],
+                                   f"{ROTARY}.lora_B.weight": lambda w: w[Q_A].T}),
+                        "config": {"target_modules": "model.layers.0.self_attn.rotary"}}, "rotary"),
     "rank mismatch": ({"config": {"r": 8}}, "rank 8"),
     "shape mismatch": (_swap(**{Q_A: ONES[:, :64]}), "64 -> 96"),
     "missing half": (_swap(**{Q_A: None}), "not both"),
-    "layer outside": (_swap(**{LAYER_7: lambda w: w[Q_A],
-                               LAYER_7.replace("lora_A", "lora_B"): np.zeros((96, 4), np.float32)}), "2 layers"),
+    "layer outside": ({**_swap(**{LAYER_7: lambda w: w[Q_A],
+                                  LAYER_7.replace("lora_A", "lora_B"): np.zeros((96, 4), np.float32)}),
+                       "config": {"target_modules": ["q_proj"]}}, "2 layers"),
     "non-finite": (_swap(**{Q_A: lambda w: np.full_like(w[Q_A], np.nan)}), "non-finite"),
     "not LoRA": ({"config": {"peft_type": "IA3"}}, "IA3"),
     "activated LoRA": ({"config": {"alora_invocation_tokens": [5, 6]}}, "Activated LoRA"),
@@ -441,10 +443,25 @@ REFUSALS = {  # case: (edits, words the error must contain)
     "alpha_pattern null": ({"config": {"alpha_pattern": {"q_proj": None}}}, "alpha_pattern must map"),
     "pattern not a regex": ({"config": {"rank_pattern": {"q_proj[": 4}}}, "not a valid regex"),
     "targets not a list": ({"config": {"target_modules": 5}}, "target_modules must be a list"),
+    "targets not a regex": ({"config": {"target_modules": "q_proj("}}, "not a valid regex"),
     "two prefixes, one projection": (_swap(**{Q_A.replace("model.model.", "model.other."): lambda w: w[Q_A],
                                               Q_A.replace("model.model.", "model.other.").replace("lora_A", "lora_B"):
                                               lambda w: w[Q_A.replace("lora_A", "lora_B")]}), "both adapt layer 0"),
 }
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "model.layers.1.mlp.down_proj"], r".*\.(q_proj|down_proj)"])
+def test_factors_outside_target_modules_are_left_out_as_peft_leaves_them(base, tmp_path, targets):
+    """A folder holding factors its config does not target (a hand-edited or merged-by-script adapter): PEFT
+    builds LoRA layers only where target_modules says and ignores the rest; so does Ferrum, with a warning."""
+    _, hf, root, _ = base
+    path = _edit(root, tmp_path, config={"target_modules": targets})
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(hf), path).merge_and_unload().eval()
+    model = load(base, "cpu", names=())
+    expected = 14 - (3 if isinstance(targets, list) else 4)  # q_proj in both layers; down_proj in one or both
+    with pytest.warns(UserWarning, match=f"factors of {expected} modules its target_modules does not name"):
+        model.adapters.load("x", path)
+    assert_parity(logits_alone(model, "x", TOKENS, "x"), reference_logits(reference, TOKENS))
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))

@@ -162,7 +162,7 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
     rslora = bool(settings.get("use_rslora"))
 
     pairs: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
-    skipped = []
+    skipped, untargeted = [], []
     for name, array in _read(folder / PEFT_WEIGHTS):
         if NOT_TEXT.search(name):
             skipped.append(name)
@@ -170,6 +170,9 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
         m = _PEFT_KEY.match(name)
         if m is None:
             raise AdapterError(f"{where}: {_peft_refusal(name)}")
+        if not _targeted(settings.get("target_modules"), settings.get("target_parameters"), m["module"]):
+            untargeted.append(m["module"])
+            continue
         if m["proj"] in _MOE:
             raise AdapterError(f"{where}: {name} {_MOE_REFUSAL}")
         key = (int(m["layer"]), _llama_name(config, m["part"], m["proj"]), m["module"])
@@ -177,6 +180,10 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
     if skipped:
         warnings.warn(f"{where}: {len(skipped)} factors adapt a vision or audio part of a multimodal model (e.g. "
                       f"{skipped[0]}); Ferrum runs its text model, so they are not loaded", stacklevel=3)
+    if untargeted:
+        left_out = sorted(set(untargeted))
+        warnings.warn(f"{where}: factors of {len(left_out)} modules its target_modules does not name (e.g. "
+                      f"{left_out[0]}); PEFT does not apply them, so they are not loaded", stacklevel=3)
     weights, modules = {}, {}
     for (layer, proj, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -197,6 +204,21 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
         scale = float(a_alpha) / (math.sqrt(rank) if rslora else rank)
         weights[(layer, proj)] = _checked(where, config, layer, proj, a.T, b.T, scale)
     return weights
+
+
+def _targeted(targets: Any, parameters: Any, module: str) -> bool:
+    """Whether PEFT adapts ``module`` (named from the base model down): a ``target_modules`` regex string matches
+    its whole name, a list entry its name or its last dotted parts ('all-linear', or no list, every projection);
+    a ``target_parameters`` entry (``gate.weight``, ``experts.down_proj``) names a parameter of it (a bare
+    parameter name, ``down_proj``, may be any module's: those are taken, and checked like the others)."""
+    owners = [str(p).rpartition(".")[0] for p in parameters or ()]
+    if any(not owner or module == owner or module.endswith(f".{owner}") for owner in owners):
+        return True
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == target or module.endswith(f".{target}") for target in map(str, targets))
 
 
 def _is_int(value: Any) -> bool:
@@ -259,7 +281,13 @@ def _check_targets(where: str, targets: Any, config: Any) -> None:
     A regex string is matched by PEFT against the base model's module names; the
     tensors it produced are checked one by one instead.
     """
-    if targets is None or isinstance(targets, str):
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise AdapterError(f"{where}: target_modules {targets!r} is not a valid regex: {exc}") from None
         return
     if not isinstance(targets, list):
         raise AdapterError(f"{where}: target_modules must be a list of module names or a regex string, "
