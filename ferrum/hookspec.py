@@ -511,7 +511,9 @@ def lora_apply(y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
     slots) and ``segments`` ``(slot, start, count)`` of equal slots over ``order``; a backend may keep its device copies of these in
     ``batch.prepared`` (a dict) and reuse them for every projection of the pass.
     Returns ``y`` with ``y[t] += (x[t] @ a[s].T) @ b[s]`` for each adapted token ``t``
-    of slot ``s``; other rows unchanged. ``y`` is a fresh array nothing else reads,
+    of slot ``s``; other rows unchanged, even where one slot's product overflows the
+    compute dtype (select each token's slot; a 0/1 mask multiplying every slot's product
+    turns another slot's inf into NaN). ``y`` is a fresh array nothing else reads,
     so it may be updated in place. Fallback: computed on the host in float32.
     """
 

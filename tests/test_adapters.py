@@ -474,6 +474,19 @@ def test_unsupported_peft_adapters_are_refused_by_name(base, tmp_path, case):
     assert len(model.adapters) == 0
 
 
+def test_factors_past_float16s_range_are_refused_for_a_float16_model(base, tmp_path):
+    """Finite in float32, but past 65504 once stacked (B times the scale): a float16 model would run them as inf,
+    the adapted request's logits NaN; refused at load, naming the way out. bfloat16 holds them."""
+    if "mlx" not in RUNNABLE:
+        pytest.skip("float16 runs on the mlx backend here")
+    path = _edit(base[2], tmp_path, config={"lora_alpha": 4e6})  # scale 1e6
+    model = load(base, "mlx", names=(), dtype="float16")
+    with pytest.raises(AdapterError, match="past float16's largest value .*bfloat16 or float32"):
+        model.adapters.load("x", path)
+    assert len(model.adapters) == 0
+    load(base, "mlx", names=(), dtype="bfloat16").adapters.load("x", path)
+
+
 @pytest.mark.parametrize("settings, words", [
     ({"fine_tune_type": "dora"}, "DoRA"),
     ({"fine_tune_type": "full"}, "'full'"),

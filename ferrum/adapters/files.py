@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can read it
+import ml_dtypes  # also registers bfloat16 with numpy, so safetensors can read it
 import numpy as np
 
 from ferrum.arch.tensors import llama_names, prepare
@@ -96,6 +96,21 @@ class LoraAdapter:
     def nbytes(self, itemsize: int) -> int:
         """Bytes its factors take in a compute dtype of ``itemsize`` bytes per element."""
         return sum((w.a.size + w.b.size) * itemsize for w in self.weights.values())
+
+
+def check_range(adapter: LoraAdapter, dtype: str) -> None:
+    """Refuse factors past the compute dtype's range (float16's 65504): they would run as inf, an adapted
+    request's logits NaN. Checked on the factors as stacked, ``b`` times the scale."""
+    try:
+        limit = float(ml_dtypes.finfo(dtype).max)
+    except (TypeError, ValueError):  # not a float dtype either knows: the plugin's own, checked as it runs
+        return
+    for (layer, proj), w in sorted(adapter.weights.items()):
+        peak = max(float(np.abs(w.a).max(initial=0)), float(np.abs(w.b).max(initial=0)) * abs(w.scale))
+        if peak > limit:
+            raise AdapterError(
+                f"{adapter.path}: layer {layer} {proj} has factors reaching {peak:.3g} (B times the scale), past "
+                f"{dtype}'s largest value ({limit:.6g}); load the base model in bfloat16 or float32")
 
 
 def read_adapter(path: str | Path, config: Any) -> LoraAdapter:

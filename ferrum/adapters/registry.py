@@ -38,7 +38,7 @@ from typing import Any, Hashable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ferrum.adapters.batching import LoraBatch, LoraLinear
-from ferrum.adapters.files import LoraAdapter, LoraWeights, projection_span, read_adapter
+from ferrum.adapters.files import LoraAdapter, LoraWeights, check_range, projection_span, read_adapter
 from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
 from ferrum.hookspec import DTYPE_BYTES
@@ -143,6 +143,7 @@ class AdapterRegistry:
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("an adapter name must be a non-empty string")
         adapter = read_adapter(path, self.model.config)
+        check_range(adapter, self.model.dtype)
         nbytes = adapter.nbytes(DTYPE_BYTES.get(self.model.dtype, 4))
         with self._lock:
             return self._add(name, adapter, nbytes, pinned)

@@ -598,6 +598,32 @@ def check_lora_apply(c: _Context, mixed: bool, tol: float, repeat: int = 1) -> f
     return _compare(c.get(got), ref, tol)
 
 
+def check_lora_overflow_stays_in_its_rows(c: _Context, tol: float, repeat: int = 1) -> float:
+    """Slot 0's product overflows the compute dtype (inf) in its own tokens' rows: every other token's row is
+    still its own product, finite (a 0/1 mask multiplying every slot's product makes it NaN, inf * 0)."""
+    from ferrum.adapters.batching import LoraBatch
+
+    rng = np.random.default_rng(5)
+    lengths = [n * repeat for n in (3, 1, 7, 1, 5, 1, 1, 10)]
+    tokens, n_in, n_out, slots, rank = sum(lengths), 40, 24, 3, 5
+    item_slots = [2, -1, 0, 1, -1, 2, 0, 1]
+    batch = LoraBatch.from_items(item_slots, lengths)
+    x = np.abs(rng.standard_normal((tokens, n_in), dtype=np.float32)) + 0.5  # slot 0's sums past the range
+    y = rng.standard_normal((tokens, n_out), dtype=np.float32)
+    a = rng.standard_normal((slots, rank, n_in), dtype=np.float32) * 0.3
+    a[0] = float(np.finfo(np.float16).max if c.dtype == "float16" else np.finfo(np.float32).max) / 4
+    b = rng.standard_normal((slots, rank, n_out), dtype=np.float32) * 0.3
+    x, y, a, b = (c.rounded(v) for v in (x, y, a, b))
+    others = batch.token_slots != 0
+    ref = y.copy()
+    for t in np.flatnonzero(others & (batch.token_slots >= 0)):
+        ref[t] += (x[t] @ a[batch.token_slots[t]].T) @ b[batch.token_slots[t]]
+    got = c.get(c.ops.lora_apply(c.put(y), c.put(x), c.put(a), c.put(b), batch))
+    if not np.isfinite(got[others]).all():
+        raise AssertionError("an overflowing adapter made other tokens' rows NaN or inf")
+    return _compare(got[others], ref[others], tol)
+
+
 def _quantized_checks(c: _Context, tol: float) -> list[tuple[str, Callable[[], float | None], float | None]]:
     """Every bit width and group size of the packed form, through whichever path the backend takes."""
     checks = []
@@ -653,6 +679,8 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         (f"lora_apply, adapters and none mixed, 116 tokens ({source('lora_apply')})",
          lambda: check_lora_apply(c, True, tol, repeat=4), tol),
         (f"lora_apply, one adapter for all ({source('lora_apply')})", lambda: check_lora_apply(c, False, tol), tol),
+        (f"lora_apply, one adapter overflowing, others intact ({source('lora_apply')})",
+         lambda: check_lora_overflow_stays_in_its_rows(c, tol), tol),
         ("model: logits and 16 greedy tokens", lambda: check_model(c, model_tol), model_tol),
     ]
     if ops.accepts("attention", "sliding_window"):

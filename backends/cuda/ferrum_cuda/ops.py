@@ -1146,13 +1146,13 @@ def _single_kv(pool: KVPool, layer: int, first: int | None, index: torch.Tensor 
 _DENSE_TOKENS = 64
 
 
-def _slot_mask(batch, slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[T, slots * rank]``: 1 in the rank block of each token's slot (none for tokens without one)."""
-    key = ("torch-mask", slots, rank, dtype)
+def _slot_mask(batch, slots: int, rank: int) -> torch.Tensor:
+    """``[T, slots * rank]``: True in the rank block of each token's slot (none for tokens without one)."""
+    key = ("torch-mask", slots, rank)
     mask = batch.prepared.get(key)
     if mask is None:
         one_hot = batch.token_slots[:, None] == np.arange(slots)[None, :]
-        mask = batch.prepared[key] = _small(np.repeat(one_hot, rank, axis=1)).to(dtype)
+        mask = batch.prepared[key] = _small(np.repeat(one_hot, rank, axis=1))
     return mask
 
 
@@ -1164,7 +1164,9 @@ def lora_apply(y, x, a, b, batch):
         slot = batch.segments[0][0]
         return y.add_(F.linear(x, a[slot]) @ b[slot])
     if y.shape[0] <= _DENSE_TOKENS:
-        shrunk = F.linear(x, a.reshape(s * r, n_in)) * _slot_mask(batch, s, r, x.dtype)
+        # selected, not multiplied by a 0/1 mask: one row's overflow (inf) in its slot's columns would be NaN
+        # (inf * 0) in every other row
+        shrunk = torch.where(_slot_mask(batch, s, r), F.linear(x, a.reshape(s * r, n_in)), 0)
         return y.add_(shrunk @ b.reshape(s * r, -1))
     rows = batch.prepared.get("torch")
     if rows is None:
