@@ -8,6 +8,7 @@ or next to a cancelled request.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -295,6 +296,17 @@ def test_finished_requests_leave_the_async_engine_whether_read_or_not(llm):
 
     asyncio.run(dropped())
     assert not engine._streams
+
+    async def left():  # its event loop closes with requests unfinished: they fail, and are unrouted too
+        for _ in range(3):
+            engine.submit(llm.encode_prompt("hello"), SamplingParams(max_tokens=200, ignore_eos=True))
+
+    asyncio.run(left())
+    for _ in range(200):
+        if not llm.engine.has_unfinished():
+            break
+        time.sleep(0.01)
+    assert not engine._streams and llm.model.kv.num_used_blocks == 0
 
     async def reused():
         first = engine.submit(llm.encode_prompt("hello"), params, request_id="job")

@@ -206,13 +206,22 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
 
     def _deliver(self, stream: RequestStream, out: RequestOutput) -> None:
-        """An output for ``stream``; a final one ends its routing, so a handle never read holds nothing here."""
-        stream.put(out)
+        """An output for ``stream``; a final one ends its routing, so a handle never read holds nothing here. So does
+        one its consumer cannot take (its event loop closed): the engine then fails the request, and that final
+        output reaches no callback."""
+        try:
+            stream.put(out)
+        except BaseException:
+            self._end(stream, out.request_id)
+            raise
         if out.finished:
-            stream.ended = True
-            with self._lock:
-                if self._streams.get(out.request_id) is stream:
-                    del self._streams[out.request_id]
+            self._end(stream, out.request_id)
+
+    def _end(self, stream: RequestStream, request_id: str) -> None:
+        stream.ended = True
+        with self._lock:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
 
     def shutdown(self) -> None:
         """Stop stepping; unfinished requests are aborted (their consumers see an ``abort`` finish)."""
