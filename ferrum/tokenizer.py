@@ -24,6 +24,8 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+#: Where transformers keeps a checkpoint's chat templates other than the default, one ``<name>.jinja`` each.
+NAMED_TEMPLATES = "additional_chat_templates"
 #: What :meth:`Tokenizer.apply_chat_template` passes a template itself; template kwargs may not replace them.
 _TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"})
 #: The other special tokens of tokenizer_config.json a template may read (transformers passes them all).
@@ -62,11 +64,13 @@ class Tokenizer:
 
     @staticmethod
     def _named_templates(value: Any, folder: Path) -> dict[str, str]:
-        """The checkpoint's chat templates by name: ``chat_template.jinja`` and ``chat_templates/<name>.jinja``
-        (which win, as in transformers: a repo fixes its template there and leaves the old one in the config), else
+        """The checkpoint's chat templates by name: ``chat_template.jinja`` and
+        ``additional_chat_templates/<name>.jinja`` (which win, as in transformers: a repo fixes its template there
+        and leaves the old one in the config), else
         tokenizer_config.json's (one string is "default", or a list of named ones), else ``chat_template.json``'s
         (where the processors of vision-language models keep it)."""
-        files = sorted((folder / "chat_templates").glob("*.jinja")) if (folder / "chat_templates").is_dir() else []
+        named = folder / NAMED_TEMPLATES
+        files = sorted(named.glob("*.jinja")) if named.is_dir() else []
         if (folder / "chat_template.jinja").exists():
             files.append(folder / "chat_template.jinja")
         if files:
@@ -206,6 +210,7 @@ class Tokenizer:
         for m in messages:  # an assistant's turn of tool calls may have no content
             if not isinstance(m, dict) or "role" not in m or not ("content" in m or "tool_calls" in m):
                 raise InvalidRequestError(f"chat messages need 'role' and 'content', got {m!r}")
+        messages = [_as_templates_read(m) for m in messages]
         from jinja2.exceptions import TemplateError
 
         extra = dict(template_kwargs or {})
@@ -235,6 +240,21 @@ class Tokenizer:
         # The template writes BOS itself where the model wants one.
         text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+#: The names a message's thinking goes by: Qwen 3's templates read the first, gpt-oss's the second.
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _as_templates_read(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as transformers hands it to a template: keys set to None left out (OpenAI's ``content: None``
+    beside tool calls; templates print "None", or fail, where they handle a missing key), and its thinking under
+    the names templates read it by."""
+    message = {key: value for key, value in message.items() if value is not None}
+    thought = next((message[key] for key in _REASONING_KEYS if key in message), None)
+    if thought is not None:
+        message = {"thinking": thought, **message, "reasoning_content": thought}
+    return message
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

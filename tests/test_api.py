@@ -127,6 +127,27 @@ def test_a_template_reads_every_special_token_as_transformers_passes_them(tmp_pa
     assert Tokenizer(folder).apply_chat_template(messages) == theirs == "hi|</s>|<s>|none"
 
 
+def test_messages_reach_a_template_as_transformers_hands_them(tmp_path):
+    """Keys set to None are left out (OpenAI's ``content: None`` beside tool calls printed "None"), and a message's
+    thinking comes under each name templates read it by (``reasoning`` reached a Qwen 3 template as nothing)."""
+    transformers = pytest.importorskip("transformers")
+    folder = write_text_checkpoint(tmp_path / "normalized", seed=3)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    template = ("{%- for m in messages %}[{{ m.role }}|{{ m.content }}|{{ m.tool_calls | length if m.tool_calls is "
+                "defined else '-' }}|{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.reasoning }}]{%- endfor %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "hi", "name": None},
+                {"role": "assistant", "content": None, "tool_calls": [call], "reasoning": "so I call f"},
+                {"role": "tool", "content": "done"},
+                {"role": "assistant", "content": "ok", "tool_calls": None, "thinking": "said ok"},
+                {"role": "user", "content": "again", "reasoning_content": None}]
+    theirs = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False)
+    ours = Tokenizer(folder).apply_chat_template(messages, add_generation_prompt=False)
+    assert ours == theirs
+    assert "None" not in ours and "|so I call f|so I call f|so I call f]" in ours and "|said ok|said ok|]" in ours
+
+
 def test_named_templates_without_a_default_leave_plain_chats_without_one(tmp_path):
     """As transformers: several named templates and none "default" is no template for a plain chat (the first,
     a "rag" one say, was used); a request with tools still takes "tool_use"."""

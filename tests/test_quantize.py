@@ -333,3 +333,19 @@ def test_matrices_a_group_size_does_not_divide_stay_float_with_a_warning(sources
     assert any(width % group for width in widths)
     with pytest.warns(UserWarning, match=f"not a multiple of --group-size {group} wide and stay in float"):
         quantize_checkpoint(sources["untied"], tmp_path / "q", bits=4, group_size=group)
+
+
+def test_the_chat_templates_come_along(tmp_path):
+    """chat_template.jinja and the named ones transformers keeps in additional_chat_templates/ (a tool_use one
+    rendered requests with tools; the quantized copy lost it)."""
+    from ferrum.tokenizer import Tokenizer
+
+    src = write_source(tmp_path / "src", "untied")
+    (src / "chat_template.jinja").write_text("plain {{ messages[0].content }}")
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text("tools {{ messages[0].content }}")
+    dst = quantize_checkpoint(src, tmp_path / "q", bits=8, group_size=32)
+    tokenizer, messages = Tokenizer(dst), [{"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(messages) == "plain hi"
+    assert tokenizer.apply_chat_template(messages, tools=[{"type": "function", "function": {"name": "f"}}]) == \
+        "tools hi"

@@ -156,8 +156,8 @@ def test_a_message_to_a_function_is_a_tool_call(harmony_server):
 
 def test_a_returned_message_goes_back_whole_with_its_thinking():
     """``messages.append(reply.message.model_dump())``: the output-only fields come back empty and are accepted,
-    the thinking reaches the template under the names templates read (Qwen 3's ``reasoning_content``, gpt-oss's
-    ``thinking``); a deprecated ``function_call`` is refused."""
+    the thinking (``reasoning_content``, or vLLM's newer ``reasoning``) reaches the template (which the tokenizer
+    hands it under every name templates read it by); a deprecated ``function_call`` is refused."""
     from pydantic import ValidationError
 
     from ferrum.serve.protocol import ChatMessage, template_messages
@@ -167,7 +167,9 @@ def test_a_returned_message_goes_back_whole_with_its_thinking():
                 "tool_calls": [{"id": "call_1", "type": "function",
                                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
     (entry,) = template_messages([ChatMessage(**returned)])
-    assert entry["thinking"] == entry["reasoning_content"] == "Look it up." and entry["content"] == ""
+    assert entry["reasoning_content"] == "Look it up." and entry["content"] == ""
+    assert template_messages([ChatMessage(**{**returned, "reasoning_content": None, "reasoning": "Look it up."})]) == \
+        [entry]
     with pytest.raises(ValidationError):
         ChatMessage(**{**returned, "function_call": {"name": "get_weather", "arguments": "{}"}})
 
@@ -207,10 +209,10 @@ def test_ferrum_generate_prints_the_answer_and_sends_the_thinking_to_stderr(caps
     for i, piece in enumerate(pieces):
         text += piece
         outputs.append(SimpleNamespace(text=text, new_text=piece, finished=i == len(pieces) - 1))
-    assert _write_reply(outputs, HarmonyThinking()) is outputs[-1]
+    assert _write_reply(outputs, HarmonyThinking()) == (outputs[-1], "It is sunny.")  # what `ferrum chat` keeps
     printed = capsys.readouterr()
     assert printed.out == "It is sunny.\n" and printed.err == "The user wants the weather."
-    _write_reply(outputs)  # any other model: the text as it decodes
+    assert _write_reply(outputs) == (outputs[-1], ANSWER)  # any other model: the text as it decodes
     assert capsys.readouterr().out == ANSWER + "\n"
 
 

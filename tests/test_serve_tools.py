@@ -297,7 +297,7 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
 
 def test_a_checkpoints_tool_use_template_renders_requests_with_tools(tmp_path):
     """Named templates (Hermes 2 Pro, Cohere, older Mistral): "default" without tools, "tool_use" with them,
-    as transformers picks; the same from chat_templates/*.jinja files."""
+    as transformers picks; the same from the files transformers writes, additional_chat_templates/*.jinja."""
     from ferrum.tokenizer import Tokenizer
 
     folder = write_text_checkpoint(tmp_path / "named", seed=3)
@@ -314,10 +314,15 @@ def test_a_checkpoints_tool_use_template_renders_requests_with_tools(tmp_path):
     del config["chat_template"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "chat_template.jinja").write_text(plain)
-    (folder / "chat_templates").mkdir()
-    (folder / "chat_templates" / "tool_use.jinja").write_text(TOOL_TEMPLATE)
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_TEMPLATE)
     tok = Tokenizer(folder)
     assert tok.chat_template == plain and tok.tool_chat_template == TOOL_TEMPLATE
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    for tools in (None, [WEATHER]):
+        assert tok.apply_chat_template(messages, tools=tools) == reference.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True)
     config["chat_template"] = "{{ 'stale' }}"  # an older release's, left in the config: the files win (transformers)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     assert Tokenizer(folder).chat_template == plain
@@ -326,7 +331,7 @@ def test_a_checkpoints_tool_use_template_renders_requests_with_tools(tmp_path):
 
     # a vision-language model's processor keeps its template in chat_template.json
     (folder / "chat_template.jinja").unlink()
-    (folder / "chat_templates" / "tool_use.jinja").unlink()
+    (folder / "additional_chat_templates" / "tool_use.jinja").unlink()
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": plain}))
     assert Tokenizer(folder).chat_template == plain
 

@@ -151,6 +151,10 @@ def quantize_checkpoint(
             for path in src.glob(pattern):
                 if path.is_file():
                     shutil.copy2(path, staging / path.name)
+        from ferrum.tokenizer import NAMED_TEMPLATES  # here: the tokenizer's import of the config imports this room
+
+        if (src / NAMED_TEMPLATES).is_dir():
+            shutil.copytree(src / NAMED_TEMPLATES, staging / NAMED_TEMPLATES)
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(staging, dst)

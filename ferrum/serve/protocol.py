@@ -118,6 +118,7 @@ class ChatMessage(Body):
     tool_call_id: StrictStr | None = None
     refusal: StrictStr | None = None
     reasoning_content: StrictStr | None = None
+    reasoning: StrictStr | None = None  # vLLM's newer name for it
     annotations: list[dict[str, Any]] | None = None  # citations of a reply: nothing a prompt holds
     audio: None = None
     function_call: None = None  # the deprecated form of tool_calls
@@ -150,8 +151,9 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         for key in ("tool_call_id", "name"):
             if getattr(message, key) is not None:
                 entry[key] = getattr(message, key)
-        if message.reasoning_content:  # under the names templates read it by: Qwen 3's, and gpt-oss's
-            entry["reasoning_content"] = entry["thinking"] = message.reasoning_content
+        thought = message.reasoning_content or message.reasoning
+        if thought:  # the tokenizer hands it to templates under every name they read it by
+            entry["reasoning_content"] = thought
         out.append(entry)
     return out
 
