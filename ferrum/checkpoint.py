@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import warnings
 from contextlib import contextmanager
@@ -129,11 +130,12 @@ class Checkpoint:
         return weight_map
 
     def _shard(self, index: Path, name: str) -> Path:
-        """A shard the index names: a regular file inside the checkpoint folder, nothing else."""
-        root = self.folder.resolve()
-        path = (self.folder / name).resolve()
-        if Path(name).is_absolute() or root not in path.parents:
+        """A shard the index names: a regular file inside the checkpoint folder, nothing else. Judged by its name,
+        links not followed: the Hugging Face cache's snapshot files are links into its ``blobs`` folder."""
+        normalized = os.path.normpath(name)
+        if Path(name).is_absolute() or normalized == ".." or normalized.startswith(f"..{os.sep}"):
             raise CheckpointError(f"{index} names {name!r}, which is outside the checkpoint folder; refusing to read it")
+        path = self.folder / normalized
         if not path.exists():
             raise CheckpointError(f"{index} lists shard {name!r}, which is not in the folder")
         self._require_regular(path)

@@ -248,3 +248,41 @@ def test_a_missing_path_under_a_local_folder_is_named_as_one(tmp_path, monkeypat
         resolve_model("models/llama")
     with pytest.raises(CheckpointError, match=r"^acme/llama is not in the Hugging Face cache"):
         resolve_model("acme/llama")
+
+
+def _sharded_copy(checkpoint: Path, folder: Path) -> Path:
+    """``checkpoint`` with its weights in two shards and an index."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(checkpoint, folder)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, part in shards.items():
+        save_file({n: tensors[n] for n in part}, folder / shard)
+    weight_map = {n: shard for shard, part in shards.items() for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_a_sharded_snapshot_loads_through_the_caches_links(checkpoint, tmp_path, monkeypatch):
+    """A snapshot's shards are links into the cache's blobs/ folder: they were refused as "outside the checkpoint
+    folder", so no sharded model loaded by repo id. A name leading out of the folder still is."""
+    from huggingface_hub import constants
+
+    import ferrum
+
+    files = _sharded_copy(checkpoint, tmp_path / "files")
+    fake_hub_cache(tmp_path / "hub", "acme/sharded", files)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    expected = ferrum.load(checkpoint, backend="cpu").generate("hello", max_tokens=6, ignore_eos=True)
+    assert ferrum.load("acme/sharded", backend="cpu").generate("hello", max_tokens=6, ignore_eos=True) == expected
+
+    index = files / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace('"model-00002', '"../files/model-00002'))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        ferrum.load(files, backend="cpu")
