@@ -129,6 +129,10 @@ def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
     return fetched
 
 
+#: PyTorch pickles, which Ferrum does not read (nor fetch): a snapshot holding only these is not incomplete.
+_PICKLES = ("*.bin", "*.pt", "*.pth")
+
+
 def _missing_weights(snapshot: Path) -> str | None:
     """What a cached snapshot lacks of its weights (a config or tokenizer fetched alone leaves a snapshot
     folder behind), or None when they are all there: every shard its safetensors index names, else a
@@ -143,6 +147,8 @@ def _missing_weights(snapshot: Path) -> str | None:
         return f"{len(absent)} of its {len(shards)} weight files ({', '.join(absent[:3])})" if absent else None
     if any(snapshot.glob("*.safetensors")) or any(snapshot.rglob("*.gguf")):
         return None
+    if any(p for pattern in _PICKLES for p in snapshot.glob(pattern)):
+        return None  # weights no download would replace: loading says what they are and what to do
     return "its weights (no *.safetensors or *.gguf file)"
 
 

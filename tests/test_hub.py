@@ -286,3 +286,22 @@ def test_a_sharded_snapshot_loads_through_the_caches_links(checkpoint, tmp_path,
     index.write_text(index.read_text().replace('"model-00002', '"../files/model-00002'))
     with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
         ferrum.load(files, backend="cpu")
+
+
+def test_a_snapshot_of_pytorch_pickles_is_named_as_such_not_as_incomplete(checkpoint, tmp_path, monkeypatch):
+    """No download brings safetensors a repo does not have: the error was "download it where there is network"."""
+    from huggingface_hub import constants
+
+    import ferrum
+
+    files = tmp_path / "files"
+    files.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(checkpoint / name, files / name)
+    (files / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not read")
+    fake_hub_cache(tmp_path / "hub", "acme/pickled", files)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is a PyTorch pickle") as refused:
+        ferrum.load("acme/pickled", backend="cpu")
+    assert "network" not in str(refused.value)
