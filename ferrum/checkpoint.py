@@ -108,9 +108,11 @@ class Checkpoint:
             with _open(f) as handle:
                 for name in handle.keys():
                     if name in where and weight_map.get(name) not in (where[name].name, f.name):
+                        arbiter = (f"{INDEX_FILE} does not name it" if weight_map
+                                   else f"no {INDEX_FILE} says which to read")
                         raise CheckpointError(
-                            f"tensor {name} is in both {where[name].name} and {f.name} in {self.folder}, and no "
-                            f"{INDEX_FILE} says which to read; remove the stale file (or add the index)")
+                            f"tensor {name} is in both {where[name].name} and {f.name} in {self.folder}, and "
+                            f"{arbiter}; remove the stale file (or name it in the index)")
                     if name not in where or weight_map.get(name) == f.name:
                         where[name] = f
         return where, {name: file for name, file in weight_map.items() if name not in where and whole not in files}

@@ -138,6 +138,19 @@ def stray_copy_of_a_tensor(folder: Path) -> None:
         save_file({n: tensors[n] for n in [*chosen, both]}, str(folder / f"{part}.safetensors"))
 
 
+def stray_copy_the_index_leaves_out(folder: Path) -> None:
+    """:func:`stray_copy_of_a_tensor` with an index naming every tensor but the one in both files."""
+    stray_copy_of_a_tensor(folder)
+    from safetensors import safe_open
+
+    weight_map = {}
+    for part in ("a-model", "shard-2"):
+        with safe_open(str(folder / f"{part}.safetensors"), "np") as handle:
+            weight_map.update({n: f"{part}.safetensors" for n in handle.keys()})
+    del weight_map["model.layers.0.input_layernorm.weight"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
 LOAD_ROWS = [
     # (id, corrupt the folder, exception, words the message must hold)
     ("config-not-utf8", write("config.json", b"\xff\xfe{}"), ConfigError, ["config.json", "UTF-8"]),
@@ -177,6 +190,8 @@ LOAD_ROWS = [
     ("config-eos-a-string", edit_config(eos_token_id="1"), ConfigError, ["config.json", "eos_token_id"]),
     ("weights-a-tensor-in-two-files", stray_copy_of_a_tensor, CheckpointError,
      ["model.layers.0.input_layernorm.weight", "a-model.safetensors", "shard-2.safetensors", "index"]),
+    ("weights-a-tensor-in-two-files-the-index-leaves-out", stray_copy_the_index_leaves_out, CheckpointError,
+     ["model.layers.0.input_layernorm.weight", "model.safetensors.index.json does not name it"]),
 ]
 
 
