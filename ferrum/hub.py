@@ -74,8 +74,10 @@ def _gguf_files(repo_id: str, local_only: bool) -> list[str]:
     try:
         if local_only:
             folder = Path(snapshot_download(repo_id, local_files_only=True))
-            return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.gguf"))
-        return sorted(f for f in HfApi().list_repo_files(repo_id) if f.lower().endswith(".gguf"))
+            names = [str(p.relative_to(folder)) for p in folder.rglob("*.gguf")]
+        else:
+            names = [f for f in HfApi().list_repo_files(repo_id) if f.lower().endswith(".gguf")]
+        return sorted(n for n in names if not _is_projector(n))
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as exc:
         raise _not_accessible(f"cannot list {repo_id}", exc) from exc
     except (errors.LocalEntryNotFoundError, FileNotFoundError, errors.HfHubHTTPError, OSError, ValueError):
@@ -166,14 +168,21 @@ def _download_failed(what: str, repo_id: str, cache: str, exc: Exception) -> Che
     )
 
 
-def single_gguf(folder: Path) -> Path | None:
-    """The only ``.gguf`` file (or first part of a split one) of a snapshot that has no ``config.json``."""
+def single_gguf(folder: Path, repo_id: str) -> Path | None:
+    """The only model ``.gguf`` file (or first part of a split one) of ``repo_id``'s snapshot ``folder`` that has
+    no ``config.json``."""
     if (folder / "config.json").exists():
         return None
-    ggufs = sorted(folder.rglob("*.gguf"))
+    ggufs = sorted(p for p in folder.rglob("*.gguf") if not _is_projector(p.name))
     names = [str(p.relative_to(folder)) for p in ggufs]
     if len(ggufs) > 1 and names != part_names(names[0]):  # not the parts of one split model
         raise CheckpointError(
-            f"{folder} holds several GGUF files ({', '.join(names[:6])}); name one, e.g. org/name/{names[0]}"
+            f"{folder} holds several GGUF files ({', '.join(names[:6])}); name one, e.g. {repo_id}/{names[0]}"
         )
     return ggufs[0] if ggufs else None
+
+
+def _is_projector(name: str) -> bool:
+    """A vision model's projector (llava's ``mmproj-*.gguf``) that sits beside the language model it feeds: never
+    the model a repo id or a quantization tag picks, as llama.cpp never picks it."""
+    return Path(name).name.lower().startswith("mmproj")

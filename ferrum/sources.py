@@ -61,7 +61,7 @@ def resolve_model(path: str | Path, progress: ProgressFn | None = None) -> Path:
                     raise CheckpointError(f"no {path.name!r} in the local folder {path.parent}/ (read as a Hugging "
                                           f"Face repo id instead: {exc})") from None
                 raise
-            gguf = path if path.is_file() else hub.single_gguf(path)
+            gguf = path if path.is_file() else hub.single_gguf(path, repo[0])
             if gguf is not None:
                 return gguf_checkpoint(gguf, progress)
             if not (path / "config.json").exists():

@@ -155,6 +155,32 @@ def test_a_quantization_tag_names_one_gguf_of_a_repo(tmp_path, monkeypatch):
     assert (folder / "config.json").exists() and folder.name.startswith("SmolLM2-135M-Instruct-Q4_1-")
 
 
+def test_a_vision_projector_beside_the_model_is_never_the_pick(tmp_path, monkeypatch):
+    """llava-style repos ship ``mmproj-*.gguf`` beside the model: as llama.cpp, neither a tag nor the bare repo id
+    takes it (both were refused as ambiguous); several models in a repo are named with the repo's own id."""
+    from huggingface_hub import constants
+
+    from ferrum.default_model import default_gguf_path
+    from ferrum.hub import tagged_gguf
+    from ferrum.sources import resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "ferrum"))
+    for repo, names in (("acme/vision-GGUF", ("model-F16.gguf", "mmproj-model-F16.gguf")),
+                        ("acme/two-GGUF", ("a-Q4_1.gguf", "b-Q8_0.gguf"))):
+        files = tmp_path / repo.replace("/", "_")
+        files.mkdir()
+        for name in names:
+            (files / name).symlink_to(default_gguf_path())
+        fake_hub_cache(tmp_path / "hub", repo, files)
+    assert tagged_gguf("acme/vision-GGUF:F16") == ("acme/vision-GGUF", "model-F16.gguf")
+    assert resolve_model("acme/vision-GGUF").name.startswith("model-F16-")
+    with pytest.raises(CheckpointError, match=r"several GGUF files \(a-Q4_1.gguf, b-Q8_0.gguf\); name one, e\.g\. "
+                                              r"acme/two-GGUF/a-Q4_1.gguf"):
+        resolve_model("acme/two-GGUF")
+
+
 def test_an_unreachable_hub_is_named_not_taken_for_a_missing_file(tmp_path, monkeypatch):
     """huggingface_hub reports a failed connection as LocalEntryNotFoundError, a kind of EntryNotFoundError;
     the message must say the download failed, not that the repo lacks a file."""
