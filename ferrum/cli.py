@@ -185,9 +185,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"\n[ferrum] {_CHAT_HELP}", file=sys.stderr)
             continue
         text = line.strip()
+        if not text:
+            continue
         if text in ("/quit", "/exit"):
             break
-        if text in ("/reset", "/help") or not text:
+        if text in ("/reset", "/help"):
             if text == "/reset":
                 history.clear()
             print(f"[ferrum] {'conversation forgotten' if text == '/reset' else _CHAT_HELP}", file=sys.stderr)
