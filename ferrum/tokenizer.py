@@ -221,7 +221,7 @@ class Tokenizer:
         template = _compile(source)
         try:
             return template.render(
-                **{**self._template_specials, **extra},
+                **{"documents": None, **self._template_specials, **extra},  # defined, as transformers defines it
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",

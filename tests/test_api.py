@@ -129,12 +129,14 @@ def test_a_template_reads_every_special_token_as_transformers_passes_them(tmp_pa
 
 def test_messages_reach_a_template_as_transformers_hands_them(tmp_path):
     """Keys set to None are left out (OpenAI's ``content: None`` beside tool calls printed "None"), and a message's
-    thinking comes under each name templates read it by (``reasoning`` reached a Qwen 3 template as nothing)."""
+    thinking comes under each name templates read it by (``reasoning`` reached a Qwen 3 template as nothing);
+    ``documents`` is defined, None where not given, as transformers defines it."""
     transformers = pytest.importorskip("transformers")
     folder = write_text_checkpoint(tmp_path / "normalized", seed=3)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     template = ("{%- for m in messages %}[{{ m.role }}|{{ m.content }}|{{ m.tool_calls | length if m.tool_calls is "
-                "defined else '-' }}|{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.reasoning }}]{%- endfor %}")
+                "defined else '-' }}|{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.reasoning }}]{%- endfor %}"
+                "{{ 'documents' if documents is defined }}")
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
     call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [{"role": "user", "content": "hi", "name": None},
