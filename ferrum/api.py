@@ -122,6 +122,11 @@ class LLM:
             )
         return self.tokenizer
 
+    def use_chat_template(self, source: str) -> None:
+        """Chat through ``source``, Jinja text, instead of the checkpoint's template (see
+        :meth:`Tokenizer.use_chat_template`): the CLI's and the server's ``--chat-template``."""
+        self._require_tokenizer().use_chat_template(source)
+
     def encode_prompt(self, prompt: Prompt, chat: Chat = None, tools: Sequence[dict[str, Any]] | None = None,
                       chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Token ids for a text prompt, chat messages or ids.

@@ -126,9 +126,24 @@ def _load(args: argparse.Namespace) -> Any:
         max_seq_len=args.max_seq_len,
         progress=_progress_printer("loading weights"),
     )
+    if args.chat_template is not None:
+        llm.use_chat_template(args.chat_template)
     info = llm.model.backend.info
     print(f"[ferrum] backend={llm.model.backend.name} device={info.device} dtype={llm.model.dtype}", file=sys.stderr)
     return llm
+
+
+def _chat_template_arg(text: str) -> str:
+    """``--chat-template``: a file's Jinja text, or the template itself (as vLLM takes either)."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text}: {exc}")
+    if "{{" in text or "{%" in text:
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a file nor a Jinja template")
 
 
 def _harmony(llm: Any, chat: bool) -> Any:
@@ -286,7 +301,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue, max_seq_len=args.max_seq_len, num_kv_blocks=args.num_kv_blocks,
             api_key=args.api_key or os.environ.get("FERRUM_API_KEY"), shutdown_timeout=args.shutdown_timeout,
             adapters=tuple(_name_and_path(spec) for spec in args.lora or ()),
-            log_level=args.log_level, reasoning_parser=args.reasoning_parser,
+            log_level=args.log_level, reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
         ),
         progress=_progress_printer("loading"),
     )
@@ -398,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "deepseek_r1 or qwen3 (vLLM's names; both read the same tags); gpt-oss's harmony replies "
                         "are always read apart (openai_gptoss is accepted)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _add_chat_template_option(p)
     p.set_defaults(func=cmd_serve)
     for command in sub.choices.values():  # where the error messages' hint makes people put it, too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -423,6 +439,12 @@ def _add_generation_options(p: argparse.ArgumentParser, max_tokens: int) -> None
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    _add_chat_template_option(p)
+
+
+def _add_chat_template_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", type=_chat_template_arg, metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template (a file, or the text) to use instead of the model's")
 
 
 def _port(text: str) -> int:

@@ -190,6 +190,16 @@ class Tokenizer:
         parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
         return any(part.get("type") == "ByteLevel" for part in parts)
 
+    def use_chat_template(self, source: str) -> None:
+        """Render every chat with ``source``, a Jinja chat template, instead of the checkpoint's (a base model's
+        missing one, a broken one), as ``--chat-template`` does in vLLM, mlx-lm and llama.cpp; a template that
+        does not compile is refused now, not at the first chat."""
+        if not isinstance(source, str) or not source.strip():
+            raise ConfigError("a chat template must be non-empty Jinja text")
+        _compile(source)
+        self.chat_template = self.tool_chat_template = source
+        self._template_names = []
+
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                             tools: Sequence[dict[str, Any]] | None = None,
                             template_kwargs: Mapping[str, Any] | None = None) -> str:
@@ -321,7 +331,7 @@ def _compile(source: str) -> Any:
         try:
             _templates[source] = env.from_string(source)
         except TemplateError as exc:
-            raise ConfigError(f"the checkpoint's chat template does not compile: {exc}") from None
+            raise ConfigError(f"the chat template does not compile: {exc}") from None
     return _templates[source]
 
 

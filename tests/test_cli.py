@@ -238,3 +238,33 @@ def test_chat_needs_a_chat_template(checkpoint, tmp_path, monkeypatch, capsys):
     (bare / "tokenizer_config.json").write_text(json.dumps(config))
     code, _, err = _chat(bare, monkeypatch, capsys, "hello\n")
     assert code == 2 and "no chat template" in err and "ferrum generate --no-chat" in err
+
+
+def test_a_chat_template_from_the_command_line(checkpoint, tmp_path, monkeypatch, capsys):
+    """``--chat-template`` takes a file or the Jinja text (as vLLM's does): a model without a template chats
+    through it; text that is neither, or a template that does not compile, is refused before generating."""
+    import shutil
+
+    import ferrum
+
+    bare = shutil.copytree(checkpoint, tmp_path / "bare")
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    (tmp_path / "t.jinja").write_text(template)
+    llm = ferrum.load(bare, backend="cpu")
+    llm.use_chat_template(template)
+    expected = llm.generate("hello", chat=True, max_tokens=5, ignore_eos=True)
+    run = ["generate", "--model", str(bare), "--backend", "cpu", "--max-tokens", "5", "--ignore-eos", "hello"]
+    for given in (str(tmp_path / "t.jinja"), template):
+        assert main([*run, "--chat-template", given]) == 0
+        assert capsys.readouterr().out == expected + "\n"
+    code, out, _ = _chat(bare, monkeypatch, capsys, "hello\n", "--max-tokens", "5", "--ignore-eos",
+                         "--chat-template", template)
+    assert code == 0 and out == expected + "\n"
+    with pytest.raises(SystemExit):
+        main([*run, "--chat-template", str(tmp_path / "missing.jinja")])
+    assert "neither a file nor a Jinja template" in capsys.readouterr().err
+    assert main([*run, "--chat-template", "{% for m in messages %}"]) == 2
+    assert "does not compile" in capsys.readouterr().err

@@ -896,3 +896,31 @@ def test_unset_sampling_takes_the_checkpoints_generation_config(model, tmp_path)
         assert len(texts(top_k=0)) > 1 and len(texts(top_k=-1)) > 1  # off, as the request says
         assert texts(top_k=0, temperature=0, repetition_penalty=1.0) == {
             llm.generate("hello world", max_tokens=8, ignore_eos=True)}
+
+
+def test_a_chat_template_given_at_launch_renders_the_chats(model, tmp_path):
+    """``ferrum serve --chat-template FILE`` (vLLM's, mlx-lm's and llama.cpp's flag): a base model without a
+    template chats through it; a template that does not compile stops the launch."""
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    from ferrum.errors import ConfigError
+    from ferrum.serve.server import ServeOptions, load_for_serving
+
+    bare = shutil.copytree(model, tmp_path / "bare")
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    llm, app = load_for_serving(ServeOptions(model=str(bare), backend="cpu", dtype="float32", chat_template=template,
+                                             served_model_names=("tiny",)))
+    messages = [{"role": "user", "content": "hello world"}]
+    expected = llm.generate(llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), False), max_tokens=5)
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 5,
+                                                          "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+    with pytest.raises(ConfigError, match="does not compile"):
+        load_for_serving(ServeOptions(model=str(bare), backend="cpu", chat_template="{% for m in messages %}"))

@@ -38,6 +38,7 @@ class ServeOptions:
     shutdown_timeout: float = 10.0
     log_level: str = "info"
     reasoning_parser: str | None = None  # thinking (<think>...</think>) returned apart as reasoning_content
+    chat_template: str | None = None  # Jinja text rendering chats instead of the model's
 
 
 def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
@@ -63,6 +64,8 @@ def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=max(2048, options.max_num_seqs),
         ),
     )
+    if options.chat_template is not None:
+        llm.use_chat_template(options.chat_template)
     for name, folder in options.adapters:
         llm.load_adapter(name, folder)
     names = options.served_model_names or (default_name,)
