@@ -61,6 +61,10 @@ def write_safetensors_header(
     out.write(text)
 
 
+#: The names of a model's weights saved as PyTorch pickles (transformers', Mistral's): not its training_args.bin.
+WEIGHT_PICKLES = ("pytorch_model*.bin", "consolidated*.pth", "model*.pt")
+
+
 class Checkpoint:
     """Lazy access to the tensors of a checkpoint folder.
 
@@ -94,7 +98,7 @@ class Checkpoint:
         else:
             files = sorted(self.folder.glob("*.safetensors"))
         if not files:
-            pickled = sorted(p.name for p in (*self.folder.glob("*.bin"), *self.folder.glob("*.pt")))
+            pickled = sorted(p.name for pattern in WEIGHT_PICKLES for p in self.folder.glob(pattern))
             hint = "" if not pickled else (
                 f" ({pickled[0]} is a PyTorch pickle, which Ferrum does not unpickle: loading one can run code. "
                 "Save the model as safetensors with transformers: AutoModelForCausalLM.from_pretrained(FOLDER)"

@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+from ferrum.checkpoint import WEIGHT_PICKLES
 from ferrum.errors import CheckpointError
 from ferrum.gguf_import.files import is_whole_or_first_part, part_names
 
@@ -100,7 +101,7 @@ def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
     try:
         cached = fetch(local_only=True)
         missing = None if filename is not None else _missing_weights(cached)
-        if missing is None:
+        if missing is None or constants.HF_HUB_OFFLINE and _holds_weight_pickles(cached):
             return cached
     except (errors.LocalEntryNotFoundError, FileNotFoundError):
         pass
@@ -124,15 +125,11 @@ def resolve_repo(repo_id: str, filename: str | None = None) -> Path:
         raise _download_failed(what, repo_id, constants.HF_HUB_CACHE, exc) from exc
     # huggingface_hub hands back the cached snapshot as it is when the hub does not answer
     still_missing = None if filename is not None else _missing_weights(fetched)
-    if still_missing:
+    if still_missing and not _holds_weight_pickles(fetched):
         raise CheckpointError(f"{what} is in the Hugging Face cache ({constants.HF_HUB_CACHE}) without "
                               f"{still_missing}, and downloading did not bring them; connect to the network and "
                               f"retry, or download it elsewhere (`hf download {repo_id}`)")
     return fetched
-
-
-#: PyTorch pickles, which Ferrum does not read (nor fetch): a snapshot holding only these is not incomplete.
-_PICKLES = ("*.bin", "*.pt", "*.pth")
 
 
 def _missing_weights(snapshot: Path) -> str | None:
@@ -149,9 +146,13 @@ def _missing_weights(snapshot: Path) -> str | None:
         return f"{len(absent)} of its {len(shards)} weight files ({', '.join(absent[:3])})" if absent else None
     if any(snapshot.glob("*.safetensors")) or any(snapshot.rglob("*.gguf")):
         return None
-    if any(p for pattern in _PICKLES for p in snapshot.glob(pattern)):
-        return None  # weights no download would replace: loading says what they are and what to do
     return "its weights (no *.safetensors or *.gguf file)"
+
+
+def _holds_weight_pickles(snapshot: Path) -> bool:
+    """Whether the snapshot holds a model's weights as PyTorch pickles, which Ferrum neither reads nor fetches:
+    where no safetensors come, loading says what they are and what to do (not "download it")."""
+    return any(p for pattern in WEIGHT_PICKLES for p in snapshot.glob(pattern))
 
 
 def _not_accessible(what: str, exc: Exception) -> CheckpointError:
@@ -183,6 +184,6 @@ def single_gguf(folder: Path, repo_id: str) -> Path | None:
 
 
 def _is_projector(name: str) -> bool:
-    """A vision model's projector (llava's ``mmproj-*.gguf``) that sits beside the language model it feeds: never
-    the model a repo id or a quantization tag picks, as llama.cpp never picks it."""
-    return Path(name).name.lower().startswith("mmproj")
+    """A vision model's projector (``mmproj-*.gguf``, ``*-mmproj-f16.gguf``) that sits beside the language model it
+    feeds: never the model a repo id or a quantization tag picks, as llama.cpp skips any name holding "mmproj"."""
+    return "mmproj" in Path(name).name.lower()

@@ -167,7 +167,7 @@ def test_a_vision_projector_beside_the_model_is_never_the_pick(tmp_path, monkeyp
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "ferrum"))
-    for repo, names in (("acme/vision-GGUF", ("model-F16.gguf", "mmproj-model-F16.gguf")),
+    for repo, names in (("acme/vision-GGUF", ("model-F16.gguf", "mmproj-model-F16.gguf", "model-mmproj-f16.gguf")),
                         ("acme/two-GGUF", ("a-Q4_1.gguf", "b-Q8_0.gguf"))):
         files = tmp_path / repo.replace("/", "_")
         files.mkdir()
@@ -315,7 +315,8 @@ def test_a_sharded_snapshot_loads_through_the_caches_links(checkpoint, tmp_path,
 
 
 def test_a_snapshot_of_pytorch_pickles_is_named_as_such_not_as_incomplete(checkpoint, tmp_path, monkeypatch):
-    """No download brings safetensors a repo does not have: the error was "download it where there is network"."""
+    """Offline, or once a download brought no safetensors, the pickled weights are named with what to do (the
+    error was "download it where there is network"); a training_args.bin is no model's weights."""
     from huggingface_hub import constants
 
     import ferrum
@@ -331,3 +332,18 @@ def test_a_snapshot_of_pytorch_pickles_is_named_as_such_not_as_incomplete(checkp
     with pytest.raises(CheckpointError, match="pytorch_model.bin is a PyTorch pickle") as refused:
         ferrum.load("acme/pickled", backend="cpu")
     assert "network" not in str(refused.value)
+
+    import huggingface_hub
+
+    real = huggingface_hub.snapshot_download  # online, the hub has nothing more to give (no safetensors)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, local_files_only=False, **kw: real(repo_id, local_files_only=True))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is a PyTorch pickle"):
+        ferrum.load("acme/pickled", backend="cpu")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    (files / "pytorch_model.bin").rename(files / "training_args.bin")  # a pickle, but not of the weights
+    fake_hub_cache(tmp_path / "hub", "acme/weightless", files)
+    with pytest.raises(CheckpointError, match=r"without its weights \(no \*.safetensors"):
+        ferrum.load("acme/weightless", backend="cpu")
