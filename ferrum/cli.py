@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ferrum import backends
-from ferrum.errors import FerrumError, InvalidRequestError
+from ferrum.errors import ContextLengthExceededError, FerrumError, InvalidRequestError
 
 
 def _progress_printer(label: str):
@@ -134,16 +134,15 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _chat_template_arg(text: str) -> str:
-    """``--chat-template``: a file's Jinja text, or the template itself (as vLLM takes either)."""
-    path = Path(text).expanduser()
-    if path.is_file():
-        try:
-            return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise argparse.ArgumentTypeError(f"cannot read {text}: {exc}")
-    if "{{" in text or "{%" in text:
+    """``--chat-template``: the template itself, or a file's Jinja text (as vLLM takes either)."""
+    if "{{" in text or "{%" in text:  # before any file lookup: a template is no path (and too long a name for one)
         return text
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a file nor a Jinja template")
+    try:
+        return Path(text).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a file nor a Jinja template")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc}")
 
 
 def _harmony(llm: Any, chat: bool) -> Any:
@@ -215,8 +214,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("\n[ferrum] reply stopped; that turn is not kept", file=sys.stderr)
             continue
-        except FerrumError as exc:  # e.g. the conversation outgrew the context: the session goes on
+        except ContextLengthExceededError as exc:  # the conversation outgrew the context: the session goes on
             print(f"ferrum: error: {exc}" + ("; /reset starts over" if history else ""), file=sys.stderr)
+            continue
+        except FerrumError as exc:  # e.g. text that is not valid Unicode: that turn is refused, the session goes on
+            print(f"ferrum: error: {exc}", file=sys.stderr)
             continue
         if final.finish_reason.value == "length":
             print(f"[ferrum] the reply reached --max-tokens ({params.max_tokens}) or the context", file=sys.stderr)
