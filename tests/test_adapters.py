@@ -444,22 +444,33 @@ REFUSALS = {  # case: (edits, words the error must contain)
     "pattern not a regex": ({"config": {"rank_pattern": {"q_proj[": 4}}}, "not a valid regex"),
     "targets not a list": ({"config": {"target_modules": 5}}, "target_modules must be a list"),
     "targets not a regex": ({"config": {"target_modules": "q_proj("}}, "not a valid regex"),
+    "no targets": ({"config": {"target_modules": None}}, "no target_modules, for which PEFT takes its default"),
+    "layers not indices": ({"config": {"layers_to_transform": ["0"]}}, "layers_to_transform must be"),
+    "exclusions not a regex": ({"config": {"exclude_modules": "v_proj("}}, "exclude_modules .* not a valid regex"),
     "two prefixes, one projection": (_swap(**{Q_A.replace("model.model.", "model.other."): lambda w: w[Q_A],
                                               Q_A.replace("model.model.", "model.other.").replace("lora_A", "lora_B"):
                                               lambda w: w[Q_A.replace("lora_A", "lora_B")]}), "both adapt layer 0"),
 }
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "model.layers.1.mlp.down_proj"], r".*\.(q_proj|down_proj)"])
-def test_factors_outside_target_modules_are_left_out_as_peft_leaves_them(base, tmp_path, targets):
-    """A folder holding factors its config does not target (a hand-edited or merged-by-script adapter): PEFT
-    builds LoRA layers only where target_modules says and ignores the rest; so does Ferrum, with a warning."""
+@pytest.mark.parametrize("config, kept", [
+    ({"target_modules": ["q_proj", "model.layers.1.mlp.down_proj"]}, 3),
+    ({"target_modules": r".*\.(q_proj|down_proj)"}, 4),
+    ({"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0]}, 2),
+    ({"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["v_proj"]}, 2),
+    # a module named whole is adapted whatever layers_to_transform says (PEFT's rule)
+    ({"target_modules": ["model.layers.1.self_attn.q_proj", "k_proj"], "layers_to_transform": 0}, 2),
+])
+def test_factors_outside_target_modules_are_left_out_as_peft_leaves_them(base, tmp_path, config, kept):
+    """A folder holding factors its config does not adapt (a hand-edited or merged-by-script adapter): PEFT
+    builds LoRA layers only where target_modules, exclude_modules and layers_to_transform say and ignores the
+    rest; so does Ferrum, with a warning."""
     _, hf, root, _ = base
-    path = _edit(root, tmp_path, config={"target_modules": targets})
+    path = _edit(root, tmp_path, config=config)
     reference = peft.PeftModel.from_pretrained(copy.deepcopy(hf), path).merge_and_unload().eval()
     model = load(base, "cpu", names=())
-    expected = 14 - (3 if isinstance(targets, list) else 4)  # q_proj in both layers; down_proj in one or both
-    with pytest.warns(UserWarning, match=f"factors of {expected} modules its target_modules does not name"):
+    expected = 14 - kept
+    with pytest.warns(UserWarning, match=f"factors of {expected} modules its config does not adapt"):
         model.adapters.load("x", path)
     assert_parity(logits_alone(model, "x", TOKENS, "x"), reference_logits(reference, TOKENS))
 

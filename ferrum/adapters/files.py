@@ -168,7 +168,7 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
                 f"{where}: {key}={settings[key]!r} carries full copies of modules (e.g. the LM head or "
                 "embeddings), which is not supported"
             )
-    _check_targets(where, settings.get("target_modules"), config)
+    _check_targets(where, settings, config)
     r, alpha = settings.get("r"), settings.get("lora_alpha")
     if not _is_int(r) or r <= 0 or not _is_number(alpha):
         raise AdapterError(f"{where}: {PEFT_CONFIG} needs a positive integer 'r' and a number 'lora_alpha'")
@@ -185,7 +185,7 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
         m = _PEFT_KEY.match(name)
         if m is None:
             raise AdapterError(f"{where}: {_peft_refusal(name)}")
-        if not _targeted(settings.get("target_modules"), settings.get("target_parameters"), m["module"]):
+        if not _targeted(settings, m["module"], int(m["layer"])):
             untargeted.append(m["module"])
             continue
         if m["proj"] in _MOE:
@@ -197,8 +197,9 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
                       f"{skipped[0]}); Ferrum runs its text model, so they are not loaded", stacklevel=3)
     if untargeted:
         left_out = sorted(set(untargeted))
-        warnings.warn(f"{where}: factors of {len(left_out)} modules its target_modules does not name (e.g. "
-                      f"{left_out[0]}); PEFT does not apply them, so they are not loaded", stacklevel=3)
+        warnings.warn(f"{where}: factors of {len(left_out)} modules its config does not adapt (target_modules, "
+                      f"exclude_modules, layers_to_transform; e.g. {left_out[0]}); PEFT does not apply them, so they "
+                      "are not loaded", stacklevel=3)
     weights, modules = {}, {}
     for (layer, proj, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -221,19 +222,34 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
     return weights
 
 
-def _targeted(targets: Any, parameters: Any, module: str) -> bool:
-    """Whether PEFT adapts ``module`` (named from the base model down): a ``target_modules`` regex string matches
-    its whole name, a list entry its name or its last dotted parts ('all-linear', or no list, every projection);
-    a ``target_parameters`` entry (``gate.weight``, ``experts.down_proj``) names a parameter of it (a bare
-    parameter name, ``down_proj``, may be any module's: those are taken, and checked like the others)."""
-    owners = [str(p).rpartition(".")[0] for p in parameters or ()]
+def _targeted(settings: dict, module: str, layer: int) -> bool:
+    """Whether PEFT adapts ``module`` (named from the base model down, in layer ``layer``), as its
+    ``check_target_module_exists`` decides: not if ``exclude_modules`` names it; yes if a ``target_parameters``
+    entry (``gate.weight``, ``experts.down_proj``) names a parameter of it (a bare parameter name may be any
+    module's: those are taken, and checked like the others); else by ``target_modules``, a regex matching its
+    whole name, or a list naming it whole or by its last dotted parts, in the ``layers_to_transform`` if any."""
+    excluded = settings.get("exclude_modules")
+    if isinstance(excluded, str) and re.fullmatch(excluded, module) or \
+            isinstance(excluded, list) and _names(excluded, module):
+        return False
+    owners = [str(p).rpartition(".")[0] for p in settings.get("target_parameters") or ()]
     if any(not owner or module == owner or module.endswith(f".{owner}") for owner in owners):
         return True
+    targets = settings.get("target_modules")
     if targets is None or targets == "all-linear":
-        return True
+        return targets is not None
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
-    return any(module == target or module.endswith(f".{target}") for target in map(str, targets))
+    if module in map(str, targets):
+        return True
+    layers = settings.get("layers_to_transform")
+    in_layers = layers in (None, []) or (layer == layers if isinstance(layers, int) else layer in layers)
+    return _names(targets, module) and in_layers
+
+
+def _names(entries: list, module: str) -> bool:
+    """Whether a list of module names names ``module``: whole, or by its last dotted parts (PEFT's rule)."""
+    return any(module == entry or module.endswith(f".{entry}") for entry in map(str, entries))
 
 
 def _is_int(value: Any) -> bool:
@@ -290,19 +306,31 @@ def _stored_leaves(config: Any) -> dict[str, str]:
             for theirs, llama in llama_names(config.arch).items() if "." in theirs}
 
 
-def _check_targets(where: str, targets: Any, config: Any) -> None:
+def _check_targets(where: str, settings: dict, config: Any) -> None:
     """Refuse by name a ``target_modules`` entry that is not one of the projections Ferrum adapts.
 
     A regex string is matched by PEFT against the base model's module names; the
     tensors it produced are checked one by one instead.
     """
+    targets = settings.get("target_modules")
+    if targets is None and not settings.get("target_parameters"):
+        raise AdapterError(f"{where}: {PEFT_CONFIG} has no target_modules, for which PEFT takes its default for the "
+                           "model type (q_proj and v_proj for most); name the adapted modules in target_modules")
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(settings.get(key), str):
+            try:
+                re.compile(settings[key])
+            except re.error as exc:
+                raise AdapterError(f"{where}: {key} {settings[key]!r} is not a valid regex: {exc}") from None
+    if not isinstance(settings.get("exclude_modules"), (str, list, type(None))):
+        raise AdapterError(f"{where}: exclude_modules must be a list of module names or a regex string, "
+                           f"got {settings['exclude_modules']!r}")
+    layers = settings.get("layers_to_transform")
+    if layers is not None and not (_is_int(layers) or isinstance(layers, list) and all(map(_is_int, layers))):
+        raise AdapterError(f"{where}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
     if targets is None or targets == "all-linear":
         return
     if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise AdapterError(f"{where}: target_modules {targets!r} is not a valid regex: {exc}") from None
         return
     if not isinstance(targets, list):
         raise AdapterError(f"{where}: target_modules must be a list of module names or a regex string, "

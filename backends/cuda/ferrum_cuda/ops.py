@@ -1141,7 +1141,7 @@ def _single_kv(pool: KVPool, layer: int, first: int | None, index: torch.Tensor 
 
 
 #: Up to this many tokens (decode-sized passes), every token is multiplied by every slot's factors at once
-#: and a 0/1 mask keeps its own slot's rank block: two plain GEMMs over ``[S * r]`` columns, each factor
+#: and a mask selects its own slot's rank block: two plain GEMMs over ``[S * r]`` columns, each factor
 #: read once, no gather or scatter. Above, one GEMM pair per adapter segment (punica's SGMV).
 _DENSE_TOKENS = 64
 
