@@ -132,6 +132,28 @@ def test_detokenizer_and_callback_failures(checkpoint, solo):
     assert engine.model.kv.num_used_blocks == 0
 
 
+def test_a_failure_decoding_the_end_of_a_reply_fails_that_request_whole(checkpoint, solo):
+    """The detokenizer's last flush, as a request finishes, failing: the request ends as an error that its
+    callback hears and leaves the engine (it was left half finished: "length" without an error, its id taken
+    for good, its consumer waiting forever, ``LLM.run`` spinning)."""
+    engine = make_engine(checkpoint)
+    heard = []
+    ids = {engine.add_request(prompt, params, on_output=heard.append): i for i, (prompt, params) in enumerate(WORKLOAD)}
+    engine.step()
+    victim = next(r for r in engine._requests.values() if ids[r.request_id] == 3)
+    victim.detokenizer.flush = lambda: (_ for _ in ()).throw(UnicodeError("broken at the end"))
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[ids[out.request_id]] = out
+    assert finals[3].finish_reason is FinishReason.ERROR and "decoding the end of its text" in str(finals[3].error)
+    assert [o.finish_reason for o in heard if ids[o.request_id] == 3 and o.finished] == [FinishReason.ERROR]
+    assert all((finals[i].token_ids, finals[i].text) == solo[i] for i in range(len(WORKLOAD)) if i != 3)
+    assert not engine._requests and engine.model.kv.num_used_blocks == 0
+    engine.add_request(WORKLOAD[3][0], WORKLOAD[3][1], request_id=victim.request_id)  # its id is free again
+
+
 def test_llm_run_raises_the_failure_and_keeps_serving(checkpoint):
     llm = ferrum.load(checkpoint, backend="cpu")
     expected = llm.generate("hello world", max_tokens=5)

@@ -547,6 +547,12 @@ class Engine:
         return None
 
     def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
+        ended_early = reason in (FinishReason.ABORT, FinishReason.ERROR)
+        if request.detokenizer is not None and not request.stop_filter.stopped and not ended_early:
+            try:  # first, while a failure can still end the request as one
+                request.text += request.stop_filter.feed(request.detokenizer.flush()) + request.stop_filter.flush()
+            except Exception as error:
+                return self._fail(request, error, "decoding the end of its text failed")
         self.scheduler.finish(request)
         request.lagged.clear()  # a token still on the device is dropped with its KV
         if self._speculator is not None:
@@ -554,9 +560,6 @@ class Engine:
         if request.lora is not None:
             self.model.adapters.release(request.lora)
         request.finish_reason = reason
-        ended_early = reason in (FinishReason.ABORT, FinishReason.ERROR)
-        if request.detokenizer is not None and not request.stop_filter.stopped and not ended_early:
-            request.text += request.stop_filter.feed(request.detokenizer.flush()) + request.stop_filter.flush()
         request.metrics.finish_time = time.perf_counter()
         self._metrics.finished(request)
         with self._registry_lock:
