@@ -143,6 +143,27 @@ def test_rollback_under_preemption_keeps_outputs_and_frees_every_block(checkpoin
     assert_kv_pools_free(engine)
 
 
+def test_a_drafter_failing_on_one_request_leaves_it_to_decode_plainly(checkpoints, plain_outputs, monkeypatch):
+    """Lookup drafting raising for one request's tokens: that request decodes without drafts, the others go on
+    drafting; every output is as without speculation (the step raised, and every request was preempted)."""
+    import ferrum.spec.speculator as speculator
+
+    backend, plain = plain_outputs
+    victim, real = WORKLOAD[3][0], speculator.propose_lookup
+
+    def failing(tokens, *args):
+        if list(tokens[: len(victim)]) == victim:
+            raise RuntimeError("drafter bug")
+        return real(tokens, *args)
+
+    monkeypatch.setattr(speculator, "propose_lookup", failing)
+    engine = make_engine(checkpoints, backend, "lookup")
+    with pytest.warns(RuntimeWarning, match="drafting for request .* failed .*drafter bug"):
+        assert run_staggered(engine, WORKLOAD) == plain
+    assert engine.metrics().preemptions == 0 and engine.metrics().spec_accepted_tokens > 0
+    assert_kv_pools_free(engine)
+
+
 def test_preemption_frees_the_draft_models_kv_at_once(checkpoints, plain_outputs):
     """A preempted request holds no draft KV while it waits (the draft pool is as small as the target's)."""
     backend, plain = plain_outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Hashable, Sequence
 
 from ferrum.errors import InvalidRequestError
@@ -48,11 +49,15 @@ class Speculator:
             if count > 0 and gate.open():
                 wants.append((request.request_id, request.all_token_ids(), count))
         if self.drafter is not None:
-            return self.drafter.propose(wants)
-        return {
-            request_id: propose_lookup(tokens, count, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
-            for request_id, tokens, count in wants
-        }
+            return self.drafter.propose(wants)  # which falls back to no drafts itself
+        drafts = {}
+        for request_id, tokens, count in wants:
+            try:
+                drafts[request_id] = propose_lookup(tokens, count, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            except Exception as error:  # drafting is a shortcut: a request it fails on decodes plainly
+                warnings.warn(f"drafting for request {request_id!r} failed ({type(error).__name__}: {error}); it "
+                              "decodes without drafts this step", RuntimeWarning, stacklevel=2)
+        return drafts
 
     def verified(self, request: "Request", drafted: int, accepted: int) -> None:
         """One verification step of ``request`` ended; count it and feed the off-switch."""
