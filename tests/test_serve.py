@@ -794,29 +794,34 @@ def test_a_client_gone_before_its_body_is_whole_ends_quietly(model):
 
 
 def test_prompts_are_encoded_off_the_event_loop(model, monkeypatch):
-    """A long prompt's template and tokenizing (0.3 s for 100,000 tokens) run in a worker thread, where no event
-    loop runs, so other streams go on meanwhile."""
+    """A long prompt's template and tokenizing (0.3 s for 100,000 tokens), /tokenize's too, run in a worker
+    thread, where no event loop runs, so other streams go on meanwhile."""
     from starlette.testclient import TestClient
 
     from ferrum.serve.app import ServeConfig, create_app
 
     llm = ferrum.load(model, backend="cpu", dtype="float32")
-    encode, loops = llm.encode_prompt, []
+    loops = []
 
-    def recording(*args, **kwargs):
-        try:
-            loops.append(asyncio.get_running_loop())
-        except RuntimeError:
-            loops.append(None)
-        return encode(*args, **kwargs)
+    def recorded(function):
+        def call(*args, **kwargs):
+            try:
+                loops.append(asyncio.get_running_loop())
+            except RuntimeError:
+                loops.append(None)
+            return function(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(llm, "encode_prompt", recording)
+    monkeypatch.setattr(llm, "encode_prompt", recorded(llm.encode_prompt))
+    monkeypatch.setattr(llm.tokenizer, "encode", recorded(llm.tokenizer.encode))
     with TestClient(create_app(llm, ServeConfig(model_names=("tiny",)))) as client:
         chat = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
                                                          "messages": [{"role": "user", "content": "hi"}]})
         text = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a b", "c"], "max_tokens": 2})
-    assert chat.status_code == text.status_code == 200
-    assert loops == [None, None, None]
+        before = len(loops)
+        tokens = client.post("/tokenize", json={"model": "tiny", "prompt": "a b"})  # it blocked the loop 7 s
+    assert chat.status_code == text.status_code == tokens.status_code == 200
+    assert len(loops) > before and set(loops) == {None}
 
 
 def test_reasoning_effort_is_a_chat_template_variable(model, monkeypatch):
@@ -924,3 +929,50 @@ def test_a_chat_template_given_at_launch_renders_the_chats(model, tmp_path):
         assert reply.json()["choices"][0]["message"]["content"] == expected
     with pytest.raises(ConfigError, match="does not compile"):
         load_for_serving(ServeOptions(model=str(bare), backend="cpu", chat_template="{% for m in messages %}"))
+
+
+def test_hostile_bodies_are_400s_and_leave_no_slot_held(model, monkeypatch):
+    """NaN/Infinity inside a free-form field (a 500, and streaming a slot held for good: 320 of them and every
+    request was a 429), a logit_bias key of 5,000 digits (int() refuses it: a 500), a reasoning item whose text
+    is no string; a grammar found impossible after submission is the client's 400; a bug in a stream ends it
+    with an error event, its slot released; any other bug is an OpenAI-shaped 500."""
+    from starlette.testclient import TestClient
+
+    import ferrum.serve.responses as responses
+    from ferrum.serve.app import ServeConfig, create_app
+
+    app = create_app(ferrum.load(model, backend="cpu", dtype="float32"), ServeConfig(model_names=("tiny",)))
+    state = app.state.ferrum
+    hi = [{"role": "user", "content": "hi"}]
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for stream in (False, True):
+            body = '{"model": "tiny", "input": "hi", "max_output_tokens": 2, "stream": %s, "reasoning": {"x": NaN}}'
+            reply = client.post("/v1/responses", content=body % str(stream).lower(),
+                                headers={"content-type": "application/json"})
+            assert reply.status_code == 400 and "NaN, which is not a JSON number" in reply.json()["error"]["message"]
+        bias = client.post("/v1/chat/completions", json={"model": "tiny", "messages": hi, "max_tokens": 1,
+                                                         "logit_bias": {"9" * 5000: 1}})
+        assert bias.status_code == 400 and bias.json()["error"]["param"] == "logit_bias"
+        item = client.post("/v1/responses", json={"model": "tiny", "max_output_tokens": 1, "input": [
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": 5}]},
+            {"role": "user", "content": "hi"}]})
+        assert item.status_code == 400 and item.json()["error"]["param"] == "input.0.content"
+        pattern = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+            "type": "string", "pattern": "^(a{1000}){1000}$"}}}  # too large for llguidance's lexer
+        shaped = client.post("/v1/chat/completions", json={"model": "tiny", "messages": hi, "max_tokens": 8,
+                                                           "response_format": pattern})
+        assert shaped.status_code == 400, shaped.text
+
+        def broken(*args, **kwargs):
+            raise ValueError("a bug")
+
+        monkeypatch.setattr(responses._Reply, "entries", broken)
+        streamed = client.post("/v1/responses", json={"model": "tiny", "input": "hi", "max_output_tokens": 4,
+                                                      "stream": True, "include": ["message.output_text.logprobs"]})
+        assert streamed.status_code == 200 and "ValueError: a bug" in streamed.text
+        plain = client.post("/v1/responses", json={"model": "tiny", "input": "hi", "max_output_tokens": 4,
+                                                   "include": ["message.output_text.logprobs"]})
+        assert plain.status_code == 500 and plain.json()["error"]["message"] == "ValueError: a bug"
+        assert state.pending == 0
+        assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": hi,
+                                                         "max_tokens": 2}).status_code == 200

@@ -30,6 +30,7 @@ from ferrum.api import LLM
 from ferrum.errors import ConfigError, FerrumError
 from ferrum.serve import handlers
 from ferrum.serve.errors import APIError, validation_error
+from ferrum.serve.generation import Generation
 from ferrum.serve.handlers import ServerState
 from ferrum.serve.metrics import CONTENT_TYPE, ServerMetrics
 from ferrum.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -106,6 +107,10 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
     async def ferrum_error(request: Request, error: FerrumError) -> JSONResponse:
         return await api_error(request, APIError.from_ferrum(error))
 
+    @app.exception_handler(Exception)  # a bug: still an OpenAI error body, not a bare "Internal Server Error"
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        return await api_error(request, APIError.of(error))
+
     async def require_api_key(request: Request) -> None:
         if config.api_key is not None:
             sent = request.headers.get("authorization", "")
@@ -179,7 +184,7 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
 
     @extras.post("/tokenize")
     async def tokenize(request: Request) -> dict:
-        return handlers.tokenize(state, await _parse(request, TokenizeRequest))
+        return await handlers.tokenize(state, await _parse(request, TokenizeRequest))
 
     @extras.post("/detokenize")
     async def detokenize(request: Request) -> dict:
@@ -204,9 +209,35 @@ async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
         raise APIError(499, "the client closed the connection before its request body was complete") from None
     raw = b"".join(chunks)
     try:
-        return model.model_validate_json(raw)
+        body = model.model_validate_json(raw)  # a typed field's NaN is refused here, by name
     except ValidationError as error:
         raise validation_error(error.errors(include_url=False)) from None
+    if b"NaN" in raw or b"Infinity" in raw:  # cheap: most bodies hold neither word
+        _refuse_non_finite(raw)
+    return body
+
+
+def _refuse_non_finite(raw: bytes) -> None:
+    """NaN and Infinity are not JSON, though parsers take them: typed numbers refuse them, but a free-form object
+    (a tool's parameters, ``reasoning``) would carry one on, to a reply that cannot be written as JSON."""
+
+    def refuse(constant: str) -> None:
+        raise APIError(400, f"the request body holds {constant}, which is not a JSON number; send a finite number")
+
+    try:
+        json.loads(raw, parse_constant=refuse)
+    except (ValueError, RecursionError):  # JSON pydantic reads and Python's module does not: nothing more to say
+        pass
+
+
+async def _releasing(stream: AsyncIterator[str], generation: Generation) -> AsyncIterator[str]:
+    """``stream``, its generation aborted however it ends: an error inside a stream skips the response's
+    background task, and the request's slot was never released (the server said 429 to all once they ran out)."""
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        generation.abort()
 
 
 async def _client_gone(request: Request) -> None:
@@ -218,7 +249,7 @@ async def _client_gone(request: Request) -> None:
 async def _reply(request: Request, response: handlers.Response) -> HTTPResponse:
     if response.stream is not None:
         return StreamingResponse(
-            response.stream, media_type="text/event-stream",
+            _releasing(response.stream, response.generation), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             background=BackgroundTask(response.generation.abort),
         )

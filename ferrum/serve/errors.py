@@ -16,6 +16,7 @@ from ferrum.errors import (
     FerrumError,
     InvalidRequestError,
     KVCacheExhaustedError,
+    RequestFailedError,
     UnsupportedFeatureError,
 )
 
@@ -55,6 +56,16 @@ class APIError(Exception):
         }
 
     @classmethod
+    def of(cls, error: BaseException) -> "APIError":
+        """The response for any error: as it is, as :meth:`from_ferrum` shapes Ferrum's, else a server error
+        (a bug) named by its type and message."""
+        if isinstance(error, APIError):
+            return error
+        if isinstance(error, FerrumError):
+            return cls.from_ferrum(error)
+        return cls(500, f"{type(error).__name__}: {error}")
+
+    @classmethod
     def from_ferrum(cls, error: FerrumError, names: Mapping[str, str] | None = None) -> "APIError":
         """The response for an error Ferrum raised while taking a request in; ``names`` gives the endpoint's
         name of the argument at fault (``InvalidRequestError.param``) where it differs from Ferrum's."""
@@ -68,6 +79,8 @@ class APIError(Exception):
             return cls(503, str(error), headers={"Retry-After": "1"})
         if isinstance(error, ExecutorStateError):  # the engine stopped: the server is shutting down
             return cls(503, "the request was aborted: the server is shutting down", code="aborted")
+        if isinstance(error, RequestFailedError) and isinstance(error.__cause__, InvalidRequestError):
+            return cls(400, str(error))  # taken in, then found impossible (a structure its grammar cannot follow)
         return cls(500, f"{type(error).__name__}: {error}")
 
 

@@ -101,7 +101,10 @@ def _sampling_params(
     for key, value in (body.logit_bias or {}).items():
         if not (key.isascii() and key.isdigit()):  # int() would take " 7", "1_0" and other scripts' digits
             raise APIError(400, f"logit_bias keys are token ids (decimal digits), got {key!r}", param="logit_bias")
-        bias[int(key)] = float(value)
+        token = key.lstrip("0") or "0"
+        if len(token) > 18:  # no vocabulary is near it (and int() refuses past 4,300 digits)
+            raise APIError(400, f"logit_bias key {key[:40]}... is no token id of this model", param="logit_bias")
+        bias[int(token)] = float(value)
     defaults = state.sampling_defaults
     skip_special = body.skip_special_tokens
 
@@ -254,10 +257,8 @@ async def _event_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event
-    except APIError as error:
-        yield _sse(error.body())
-    except FerrumError as error:
-        yield _sse(APIError.from_ferrum(error).body())
+    except Exception as error:
+        yield _sse(APIError.of(error).body())
     yield "data: [DONE]\n\n"
 
 
@@ -621,7 +622,12 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
 
 
 # ------------------------------------------------------------ tokenizer extras
-def tokenize(state: ServerState, body: TokenizeRequest) -> dict:
+async def tokenize(state: ServerState, body: TokenizeRequest) -> dict:
+    """:func:`tokenize_now` off the event loop (a long text takes seconds to encode)."""
+    return await asyncio.to_thread(tokenize_now, state, body)
+
+
+def tokenize_now(state: ServerState, body: TokenizeRequest) -> dict:
     """vLLM's ``/tokenize``: the ids a prompt (or chat messages, with tools) becomes, and the room left."""
     state.check_model(body.model)
     body.check_supported()

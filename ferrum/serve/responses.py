@@ -22,7 +22,6 @@ from typing import Annotated, Any, AsyncIterator, Callable, Literal, Sequence
 from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from ferrum.engine import RequestOutput
-from ferrum.errors import FerrumError
 from ferrum.serve.errors import APIError
 from ferrum.serve.handlers import ChatRun, Logprobs, Response, ServerState, generated_tokens, start_chat
 from ferrum.serve.protocol import PART_SEPARATOR, Body, ChatCompletionRequest, Temperature
@@ -232,8 +231,10 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "content": _text_of(output, f"{where}.output")})
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
-            thought = "".join(p.get("text", "") for p in parts if isinstance(p, dict)) if isinstance(parts, list) \
-                else None
+            texts = [p.get("text", "") for p in parts if isinstance(p, dict)] if isinstance(parts, list) else None
+            if texts is not None and not all(isinstance(t, str) for t in texts):
+                raise APIError(400, "a reasoning item's parts carry their text as a string", param=f"{where}.content")
+            thought = None if texts is None else "".join(texts)
         else:
             raise APIError(400, f"input item type {kind!r} is not supported; send messages, reasoning, "
                            "function_call and function_call_output items", param=f"{where}.type")
@@ -578,6 +579,6 @@ class _Events:
                     self.keep(response, message, thought)
                     yield self.event("response.completed" if status == "completed" else "response.incomplete",
                                      response=response)
-        except (APIError, FerrumError) as error:  # after the 200 went out: an error event ends the stream
-            api = error if isinstance(error, APIError) else APIError.from_ferrum(error)
+        except Exception as error:  # after the 200 went out: an error event ends the stream
+            api = APIError.of(error)
             yield self.event("error", code=api.code, message=api.message, param=api.param)
