@@ -184,6 +184,9 @@ def test_a_forced_call_is_a_function_call_item_and_its_result_goes_back_in(tool_
     ({"top_logprobs": 21, "include": ["message.output_text.logprobs"]}, 400, ["top_logprobs"]),
     ({"include": ["message.output_text.logprobs"], "tools": [{"type": "function", "name": "f"}]}, 400,
      ["logprobs", "tools"]),
+    ({"stream_options": {"include_obfuscation": False}}, 400, ["stream_options", "stream is true"]),
+    ({"stream": True, "stream_options": {"x": 1}}, 400, ["stream_options.x"]),
+    ({"max_tool_calls": -1}, 400, ["max_tool_calls"]),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(server, extra, status, words):
     body = {"model": "tiny", "input": "hi", **extra}

@@ -46,6 +46,10 @@ def _responses_param(param: str | None) -> str | None:
     return _RESPONSES_PARAMS.get(head, param)
 
 
+class ResponsesStreamOptions(Body):
+    include_obfuscation: StrictBool = True  # padding against length side channels: nothing to pad here
+
+
 class ResponsesRequest(Body):
     model: StrictStr | None = None
     input: StrictStr | list[dict[str, Any]]
@@ -68,8 +72,8 @@ class ResponsesRequest(Body):
     # Accepted only at their no-op values.
     truncation: Literal["disabled"] | None = None
     background: Literal[False] | None = None
-    max_tool_calls: StrictInt | None = None
-    stream_options: dict[str, Any] | None = None
+    max_tool_calls: Annotated[int, Field(ge=0)] | None = None  # of built-in tools, which this server has none of
+    stream_options: ResponsesStreamOptions | None = None
     # Bookkeeping fields of OpenAI's platform; nothing to do here.
     service_tier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
@@ -436,6 +440,8 @@ def _stored_turn(message: dict[str, Any], thought: str | None) -> dict[str, Any]
 
 
 async def create_response(state: ServerState, store: ResponseStore, body: ResponsesRequest) -> Response:
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     previous = body.previous_response_id
     history = [] if previous is None else list(store.get(previous, "previous_response_id")[1])
     chat, conversation = to_chat(body, history)
