@@ -618,7 +618,8 @@ def check_lora_overflow_stays_in_its_rows(c: _Context, tol: float, repeat: int =
     ref = y.copy()
     for t in np.flatnonzero(others & (batch.token_slots >= 0)):
         ref[t] += (x[t] @ a[batch.token_slots[t]].T) @ b[batch.token_slots[t]]
-    got = c.get(c.ops.lora_apply(c.put(y), c.put(x), c.put(a), c.put(b), batch))
+    with np.errstate(over="ignore", invalid="ignore"):  # slot 0's rows overflow, as meant (a host fallback says so)
+        got = c.get(c.ops.lora_apply(c.put(y), c.put(x), c.put(a), c.put(b), batch))
     if not np.isfinite(got[others]).all():
         raise AssertionError("an overflowing adapter made other tokens' rows NaN or inf")
     return _compare(got[others], ref[others], tol)
