@@ -328,9 +328,7 @@ def _check_targets(where: str, settings: dict, config: Any) -> None:
     layers = settings.get("layers_to_transform")
     if layers is not None and not (_is_int(layers) or isinstance(layers, list) and all(map(_is_int, layers))):
         raise AdapterError(f"{where}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
-    if targets is None or targets == "all-linear":
-        return
-    if isinstance(targets, str):
+    if targets is None or isinstance(targets, str):  # a regex, or "all-linear": the tensors are checked instead
         return
     if not isinstance(targets, list):
         raise AdapterError(f"{where}: target_modules must be a list of module names or a regex string, "
