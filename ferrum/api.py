@@ -22,7 +22,7 @@ from ferrum.errors import InvalidRequestError
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM, ProgressFn
 from ferrum.sampling import SamplingParams
-from ferrum.spec import SpeculativeConfig
+from ferrum.spec import SpeculativeConfig, resolve_speculative
 from ferrum.sources import resolve_model
 from ferrum.tokenizer import Message, Tokenizer
 
@@ -73,6 +73,8 @@ class LLM:
         model with the same tokenizer, loaded on the same backend with a KV pool of the same size)
         turns on speculative decoding; a :class:`SpeculativeConfig` sets its knobs. Without ``path``, the
         embedded default model (SmolLM2-135M-Instruct, see :mod:`ferrum.default_model`)."""
+        speculative = resolve_speculative(speculative, engine_config and engine_config.speculative,
+                                          with_draft_model=draft_model is not None)  # before the slow load
         if path is None:
             from ferrum.default_model import default_model_path
 
@@ -83,16 +85,13 @@ class LLM:
             max_seq_len=max_seq_len, progress=progress,
         )
         tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
-        if isinstance(speculative, str) or (speculative is None and draft_model is not None):
-            speculative = SpeculativeConfig(method=speculative or "draft")
         if speculative is not None:
             engine_config = replace(engine_config or EngineConfig(), speculative=speculative)
         drafter = None
-        if draft_model is not None:
+        if draft_model is not None:  # its own context, within the one asked for
             drafter = DecoderOnlyLLM.from_pretrained(
                 resolve_model(draft_model, progress), backend=model.backend, dtype=model.dtype,
-                num_kv_blocks=model.kv.num_blocks, block_size=model.kv.block_size,
-                max_seq_len=model.config.max_seq_len,
+                num_kv_blocks=model.kv.num_blocks, block_size=model.kv.block_size, max_seq_len=max_seq_len,
             )
         return cls(LlmExecutor(model), tokenizer, path, engine_config, draft_model=drafter)
 

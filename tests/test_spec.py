@@ -297,6 +297,41 @@ def test_the_off_switch_pauses_drafting_longer_after_each_bad_window():
     gate.record(8, 8)  # a good window resets the pause
     gate.record(8, 0)
     assert gate.pause == 8
+    short = DraftGate(min_acceptance=0.5, window=8, max_pause=2)  # a cap under the first pause holds from the first
+    short.record(8, 1)
+    assert short.pause == 2
+
+
+def test_speculation_settings_are_taken_as_given_or_refused_before_loading(checkpoints, monkeypatch):
+    """An engine_config's own SpeculativeConfig is kept beside a draft model (its knobs were replaced by the
+    defaults); a draft model for another method, a speculative of another type, a config field of another type
+    and the target itself as its own draft are refused by name; those ferrum.load can judge, before any weights
+    load (a draft model was loaded to sit unused, a wrong type failed after loading with AttributeError)."""
+    import ferrum
+    from ferrum.engine import EngineConfig
+    from ferrum.errors import InvalidRequestError
+    from ferrum.spec import SpeculativeConfig
+
+    target, draft = checkpoints
+    own = SpeculativeConfig("draft", num_speculative_tokens=7, min_acceptance=0.1)
+    llm = ferrum.load(target, backend=BACKENDS[0], engine_config=EngineConfig(speculative=own), draft_model=draft)
+    assert llm.engine.config.speculative == own
+    monkeypatch.setattr(DecoderOnlyLLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    for options, words in (({"speculative": "lookup", "draft_model": draft}, "draft model drafts with .* 'draft'"),
+                           ({"speculative": 5}, "speculative must be one of"),
+                           ({"speculative": ""}, "method must be one of")):
+        with pytest.raises(InvalidRequestError, match=words):
+            ferrum.load(target, backend=BACKENDS[0], **options)
+    for bad in ({"min_acceptance": "0.5"}, {"min_acceptance": True}, {"prompt_lookup_max": True}):
+        with pytest.raises(InvalidRequestError, match=next(iter(bad))):
+            SpeculativeConfig(**bad)
+    with pytest.raises(InvalidRequestError, match="speculative must be a SpeculativeConfig"):
+        EngineConfig(speculative="lookup")
+    model = llm.engine.model
+    with pytest.raises(InvalidRequestError, match="target model itself"):
+        Engine(LlmExecutor(model), None, EngineConfig(speculative=own), draft_model=model)
+    with pytest.raises(InvalidRequestError, match="sit unused"):
+        Engine(LlmExecutor(model), None, EngineConfig(), draft_model=llm.engine._speculator.drafter.model)
 
 
 def test_bench_speculative_reports_both_prompt_sets(checkpoints, tmp_path, monkeypatch):

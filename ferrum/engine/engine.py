@@ -124,6 +124,12 @@ class Engine:
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(self.model.kv, self.config)
         self._speculator: Speculator | None = None
+        if draft_model is not None and (self.config.speculative is None or self.config.speculative.method != "draft"):
+            raise InvalidRequestError("a draft model drafts with EngineConfig(speculative=SpeculativeConfig('draft')) "
+                                      "only; without it, it would sit unused")
+        if draft_model is not None and draft_model is self.model:
+            raise InvalidRequestError("the draft model is the target model itself, whose KV it would overwrite; load "
+                                      "a second copy (ferrum.load's draft_model=PATH does)")
         if self.config.speculative is not None:
             self._speculator = Speculator(self.config.speculative, self.model.config.vocab_size, draft_model)
             self.scheduler.drafter = self._speculator.propose

@@ -53,6 +53,9 @@ class EngineConfig:
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise InvalidRequestError(
                     f"{name} must be {'an integer' if kind is int else 'True or False'}, got {value!r}")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise InvalidRequestError(
+                f"speculative must be a SpeculativeConfig (ferrum.spec), got {self.speculative!r}")
         if self.max_logprobs is not None and self.max_logprobs < 0:
             raise InvalidRequestError(f"max_logprobs must be None or >= 0, got {self.max_logprobs!r}")
         if self.max_num_seqs < 1:

@@ -20,7 +20,7 @@ class DraftGate:
         self.min_acceptance, self.window, self.max_pause = min_acceptance, window, max_pause
         self.drafted = self.accepted = 0
         self.pause = 0  # steps left without drafting
-        self.next_pause = _FIRST_PAUSE
+        self.next_pause = min(_FIRST_PAUSE, max_pause)
 
     def open(self) -> bool:
         """Whether to draft this step (a closed gate counts down one step)."""
@@ -38,5 +38,5 @@ class DraftGate:
             self.pause = self.next_pause
             self.next_pause = min(2 * self.next_pause, self.max_pause)
         else:
-            self.next_pause = _FIRST_PAUSE
+            self.next_pause = min(_FIRST_PAUSE, self.max_pause)
         self.drafted = self.accepted = 0

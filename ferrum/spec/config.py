@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ferrum.errors import InvalidRequestError
 
@@ -41,10 +42,29 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidRequestError(f"speculative {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.prompt_lookup_max, int) or self.prompt_lookup_max < self.prompt_lookup_min:
+        lookup_max = self.prompt_lookup_max
+        if not isinstance(lookup_max, int) or isinstance(lookup_max, bool) or lookup_max < self.prompt_lookup_min:
             raise InvalidRequestError(
-                f"prompt_lookup_max ({self.prompt_lookup_max!r}) must be an integer >= prompt_lookup_min "
+                f"prompt_lookup_max ({lookup_max!r}) must be an integer >= prompt_lookup_min "
                 f"({self.prompt_lookup_min})"
             )
-        if not 0.0 <= self.min_acceptance <= 1.0:
-            raise InvalidRequestError(f"min_acceptance must be in [0, 1], got {self.min_acceptance!r}")
+        accept = self.min_acceptance
+        if not isinstance(accept, (int, float)) or isinstance(accept, bool) or not 0.0 <= accept <= 1.0:
+            raise InvalidRequestError(f"min_acceptance must be a number in [0, 1], got {accept!r}")
+
+
+def resolve(speculative: Any, configured: SpeculativeConfig | None, with_draft_model: bool) -> SpeculativeConfig | None:
+    """The speculative decoding ``ferrum.load`` runs: ``speculative`` (a method's name, or a config), else the
+    ``engine_config``'s, else draft-model drafting where a draft model is given; checked before any weights load.
+    A draft model drafts with method "draft" only (loaded for another method, it would sit unused)."""
+    if isinstance(speculative, str):
+        speculative = SpeculativeConfig(method=speculative)
+    elif speculative is None:
+        speculative = configured or (SpeculativeConfig(method="draft") if with_draft_model else None)
+    elif not isinstance(speculative, SpeculativeConfig):
+        raise InvalidRequestError(f"speculative must be one of {', '.join(METHODS)} or a SpeculativeConfig, got "
+                                  f"{speculative!r}")
+    if with_draft_model and (speculative is None or speculative.method != "draft"):
+        raise InvalidRequestError(f"a draft model drafts with speculative method 'draft' only, not "
+                                  f"{speculative.method!r}; leave draft_model out, or use speculative='draft'")
+    return speculative
