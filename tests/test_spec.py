@@ -164,6 +164,27 @@ def test_a_drafter_failing_on_one_request_leaves_it_to_decode_plainly(checkpoint
     assert_kv_pools_free(engine)
 
 
+def test_the_draft_model_catches_up_within_the_token_budget(checkpoints):
+    """A long prompt is prefilled in chunks of ``max_num_batched_tokens``; the draft model's catch-up with it
+    was one pass over every token (the memory and latency the budget bounds); outputs stay the plain ones."""
+    prompt = [int(t) for t in np.random.RandomState(3).randint(2, 300, size=150)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = run_alone_tokens(make_engine(checkpoints, BACKENDS[0], max_num_batched_tokens=32, max_num_seqs=8),
+                             prompt, params)
+    engine = make_engine(checkpoints, BACKENDS[0], "draft", max_num_batched_tokens=32, max_num_seqs=8)
+    draft = engine._speculator.drafter.model
+    passes, forward = [], draft.forward
+    draft.forward = lambda items, *a, **k: passes.append(sum(len(i.q_tokens) for i in items)) or forward(items, *a, **k)
+    assert run_alone_tokens(engine, prompt, params) == plain
+    assert max(passes) <= 32 and sum(passes) >= len(prompt)
+    assert_kv_pools_free(engine)
+
+
+def run_alone_tokens(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[int, ...]:
+    request_id = engine.add_request(prompt, params)
+    return next(o for o in engine.run_until_done() if o.request_id == request_id and o.finished).token_ids
+
+
 def test_preemption_frees_the_draft_models_kv_at_once(checkpoints, plain_outputs):
     """A preempted request holds no draft KV while it waits (the draft pool is as small as the target's)."""
     backend, plain = plain_outputs

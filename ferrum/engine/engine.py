@@ -131,7 +131,8 @@ class Engine:
             raise InvalidRequestError("the draft model is the target model itself, whose KV it would overwrite; load "
                                       "a second copy (ferrum.load's draft_model=PATH does)")
         if self.config.speculative is not None:
-            self._speculator = Speculator(self.config.speculative, self.model.config.vocab_size, draft_model)
+            self._speculator = Speculator(self.config.speculative, self.model.config.vocab_size, draft_model,
+                                          self.config.max_num_batched_tokens)
             self.scheduler.drafter = self._speculator.propose
             self.scheduler.on_preempt = self._speculator.preempted
         #: Steps may overlap: the backend leaves sampled ids on the device, nothing needs them on the host first.

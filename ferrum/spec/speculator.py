@@ -19,14 +19,16 @@ if TYPE_CHECKING:
 class Speculator:
     """Proposes drafts for decoding requests (the scheduler fits them into the step) and records results."""
 
-    def __init__(self, config: SpeculativeConfig, vocab_size: int, draft_model: "DecoderOnlyLLM | None" = None):
+    def __init__(self, config: SpeculativeConfig, vocab_size: int, draft_model: "DecoderOnlyLLM | None",
+                 token_budget: int):
+        """``token_budget``: the engine's tokens per pass, which the draft model's passes keep to as well."""
         if config.method == "draft" and draft_model is None:
             raise InvalidRequestError(
                 "speculative method 'draft' needs a draft model: ferrum.load(..., draft_model=PATH) "
                 "or Engine(..., draft_model=model)"
             )
         self.config = config
-        self.drafter = DraftModelDrafter(draft_model, vocab_size) if config.method == "draft" else None
+        self.drafter = DraftModelDrafter(draft_model, vocab_size, token_budget) if config.method == "draft" else None
         self._gates: dict[Hashable, DraftGate] = {}
 
     def _room(self, request: "Request") -> int:
