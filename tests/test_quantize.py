@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -349,3 +350,24 @@ def test_the_chat_templates_come_along(tmp_path):
     assert tokenizer.apply_chat_template(messages) == "plain hi"
     assert tokenizer.apply_chat_template(messages, tools=[{"type": "function", "function": {"name": "f"}}]) == \
         "tools hi"
+
+
+def test_the_output_may_be_named_dot_and_dead_runs_leave_nothing(tmp_path, monkeypatch):
+    """``ferrum quantize SRC .`` crashed ("PosixPath('.') has an empty name"); the staging folder of a run
+    killed outright (a model's size, hidden) is removed by the next run into the same folder, one of a live
+    process is not."""
+    import subprocess
+    import sys
+
+    src = write_source(tmp_path / "src", "untied")
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".out.partial-{int(gone.stdout)}"
+    (dead / "half").mkdir(parents=True)
+    alive = tmp_path / f".out.partial-{os.getppid()}"
+    alive.mkdir()
+    monkeypatch.chdir(out)
+    assert quantize_checkpoint(src, ".", bits=8, group_size=32) == out
+    assert (out / "config.json").exists() and "lm_head.scales" in tensors(out)
+    assert not dead.exists() and alive.exists()

@@ -106,7 +106,7 @@ def quantize_checkpoint(
     from ferrum.config import ModelConfig
     from ferrum.model import weight_shapes
 
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), Path(os.path.abspath(dst))  # "." and ".." named: the staging folder sits beside it
     _check_format(bits, group_size)
     if not src.is_dir():
         raise CheckpointError(
@@ -141,8 +141,8 @@ def quantize_checkpoint(
         raw.setdefault("tie_word_embeddings", config.tie_word_embeddings)
     raw["quantization"], raw["quantization_config"] = quant, quant
 
+    _remove_dead_staging(dst)
     staging = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run killed outright
     try:
         staging.mkdir(parents=True)
         _write_weights(checkpoint, plan, staging, progress, config.arch.moe)
@@ -165,6 +165,27 @@ def quantize_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dst
+
+
+def _remove_dead_staging(dst: Path) -> None:
+    """Delete the staging folders of earlier runs into ``dst`` that were killed outright (their process is gone),
+    so a retry does not leave them behind, hidden, a model's size each."""
+    for leftover in dst.parent.glob(f".{dst.name}.partial-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this run's own name: left by an earlier run that had the same id
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, alive
+        return True
+    return True
 
 
 # ------------------------------------------------------------------ checks and plan
