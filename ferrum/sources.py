@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,7 +93,9 @@ def gguf_checkpoint(gguf_path: str | Path, progress: ProgressFn | None = None) -
     parts = [gguf_path.with_name(name) for name in part_names(gguf_path.name)]  # a split model's, by their names
     stats = [part.stat() for part in parts if part.is_file()]
     size, mtime = sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
-    target = cache_root() / "models" / "gguf" / f"{gguf_path.stem}-{size:x}-{mtime:x}"
+    # where it is, too: two files of one name, size and time (cp -p, rsync -t, tar) are not taken for one
+    where = hashlib.sha1(str(gguf_path).encode()).hexdigest()[:8]
+    target = cache_root() / "models" / "gguf" / f"{gguf_path.stem}-{size:x}-{mtime:x}-{where}"
     return imported_gguf(gguf_path, target, progress)
 
 
@@ -115,10 +117,16 @@ def imported_gguf(gguf_path: Path, target: Path, progress: ProgressFn | None = N
             f"cannot create the cache folder {target.parent} ({exc.strerror or exc}); "
             "set FERRUM_CACHE_DIR to a writable folder"
         ) from None
-    with _exclusive(_lock_path(target)):
-        if is_complete(target):  # another process imported it while this one waited
-            return target
-        _import(gguf_path, target, progress)
+    try:
+        with _exclusive(_lock_path(target)):
+            if is_complete(target):  # another process imported it while this one waited
+                return target
+            _import(gguf_path, target, progress)
+    except OSError as exc:  # a full disk, a read-only or foreign cache: name the folder and the way out
+        raise CheckpointError(
+            f"importing {gguf_path.name} into {target.parent} failed ({exc.strerror or exc}); free space there or "
+            "set FERRUM_CACHE_DIR to a writable folder with room"
+        ) from None
     return target
 
 
@@ -151,7 +159,10 @@ def _import(gguf_path: Path, target: Path, progress: ProgressFn | None) -> None:
     from ferrum.gguf_import import convert_gguf
 
     _remove_stale_staging(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # made as the umask says, as any folder (mkdtemp's are the owner's alone: a cache warmed by one user, in an
+    # image build say, was unreadable to the others)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
         convert_gguf(gguf_path, staging, progress=progress)
         (staging / DONE_MARKER).write_text(IMPORT_FORMAT + "\n")

@@ -39,6 +39,50 @@ def test_a_changed_gguf_file_is_imported_again(tmp_path, monkeypatch):
     assert first != second and ferrum.config.ModelConfig.from_file(second).quantization.bits == 4
 
 
+def test_two_files_of_one_name_size_and_time_are_two_imports_anyone_may_read(tmp_path, monkeypatch):
+    """Copies keep a file's time (cp -p, rsync -t, tar): two different models at two places, alike in name, size
+    and time, were one import, the second running the first's weights. Imports are made as the umask says (they
+    were the importing user's alone, so a cache warmed in an image build failed for every other user)."""
+    import os
+
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    write_tiny_gguf(first, types={"weight": gguf.GGMLQuantizationType.Q8_0})
+    write_tiny_gguf(second, types={"weight": gguf.GGMLQuantizationType.Q8_0}, std=0.5)
+    assert first.stat().st_size == second.stat().st_size and first.read_bytes() != second.read_bytes()
+    os.utime(second, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns))
+    old = os.umask(0o022)
+    try:
+        imported = [gguf_checkpoint(first), gguf_checkpoint(second)]
+    finally:
+        os.umask(old)
+    assert imported[0] != imported[1]
+    tokens = [3, 1, 4, 1, 5]
+    logits = [ferrum.load(path, backend="cpu").model.forward_verify("a", tokens) for path in (first, second)]
+    assert not np.allclose(logits[0], logits[1])
+    assert all(folder.stat().st_mode & 0o777 == 0o755 for folder in imported)
+
+
+def test_a_cache_that_cannot_take_the_import_is_named_with_the_way_out(tmp_path, monkeypatch):
+    """A full disk (or a read-only cache whose folders exist) was a bare OSError; nothing is left half written."""
+    import errno
+
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    def full(gguf_path, staging, progress=None):
+        (staging / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("ferrum.gguf_import.convert_gguf", full)
+    with pytest.raises(CheckpointError, match=r"into .*cache/models/gguf failed \(No space left on device\); free "
+                                              r"space there or set FERRUM_CACHE_DIR"):
+        gguf_checkpoint(path)
+    assert not [p for p in (tmp_path / "cache" / "models" / "gguf").iterdir()]
+
+
 def test_what_is_neither_a_folder_nor_a_gguf_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint folder"):
         resolve_model(tmp_path / "missing")
