@@ -19,7 +19,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 from ferrum.errors import CheckpointError, InvalidRequestError
 
@@ -118,7 +118,7 @@ def imported_gguf(gguf_path: Path, target: Path, progress: ProgressFn | None = N
             "set FERRUM_CACHE_DIR to a writable folder"
         ) from None
     try:
-        with _exclusive(_lock_path(target)):
+        with cache_lock(target):
             if is_complete(target):  # another process imported it while this one waited
                 return target
             _import(gguf_path, target, progress)
@@ -128,6 +128,11 @@ def imported_gguf(gguf_path: Path, target: Path, progress: ProgressFn | None = N
             "set FERRUM_CACHE_DIR to a writable folder with room"
         ) from None
     return target
+
+
+def cache_lock(target: Path) -> ContextManager[None]:
+    """Held while ``target``, a folder of the cache, is written: concurrent first runs write it once, in turn."""
+    return _exclusive(_lock_path(target))
 
 
 def _lock_path(target: Path) -> Path:

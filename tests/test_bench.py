@@ -210,3 +210,43 @@ def test_a_workload_past_the_context_or_a_peer_that_cannot_read_the_weights_is_r
                           prompt_len=12, gen_len=2, quantize=8)
     with pytest.raises(UnsupportedFeatureError, match="transformers peer cannot read"):
         run_bench(packed, log=lambda line: None)
+
+
+PRESET_RACE = """
+import sys
+from ferrum.bench.presets import preset_checkpoint
+print(preset_checkpoint("tiny"))
+"""
+
+
+def test_presets_are_written_once_as_defined_and_quantized_copies_are_of_their_own_source(tmp_path, monkeypatch):
+    """Three first runs at once all get the preset (two crashed on its shared staging folder); a changed
+    definition is written anew (the old shape was benched); ``--quantize`` of two folders of one name (two
+    training runs' ``checkpoint-100``) quantizes each (the second benched the first's copy)."""
+    import os
+    import subprocess
+    import sys
+
+    from ferrum.bench import presets
+    from ferrum.bench.run import _checkpoint
+    from ferrum.random_checkpoint import write_random_checkpoint
+
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "cache"))
+    env = {**os.environ, "FERRUM_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, "-c", PRESET_RACE], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err for _, err in outs]
+    folder = presets.preset_checkpoint("tiny")
+    assert {out.strip() for out, _ in outs} == {str(folder)}
+    monkeypatch.setitem(presets.PRESETS, "tiny", {**presets.PRESETS["tiny"], "num_hidden_layers": 1})
+    assert json.loads((presets.preset_checkpoint("tiny") / "config.json").read_text())["num_hidden_layers"] == 1
+
+    sources = []
+    for run, layers in (("runA", 1), ("runB", 2)):
+        source = write_random_checkpoint(tmp_path / run / "checkpoint-100",
+                                         {**presets.PRESETS["tiny"], "num_hidden_layers": layers})
+        options = BenchOptions(workload="decode-1", backend="cpu", model=str(source), peer="none", quantize=8)
+        sources.append(_checkpoint(options, lambda label: None)[1])
+    assert sources[0] != sources[1]
+    assert [json.loads((s / "config.json").read_text())["num_hidden_layers"] for s in sources] == [1, 2]

@@ -3,10 +3,11 @@ once into the cache (see :mod:`ferrum.random_checkpoint`) so benchmarks run with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
-from ferrum.sources import cache_root
+from ferrum.sources import cache_lock, cache_root
 from ferrum.errors import InvalidRequestError
 from ferrum.random_checkpoint import has_own_expert_layout, write_random_checkpoint
 
@@ -79,6 +80,17 @@ def preset_checkpoint(name: str, progress: Callable[[int, int, str], None] | Non
     config = PRESETS[name]
     own_layout = expert_layout != "mlx-lm" and has_own_expert_layout(config)
     folder = cache_root() / "bench" / (f"{name}-{expert_layout}" if own_layout else name)
-    if not (folder / "model.safetensors").exists():
-        write_random_checkpoint(folder, config, progress=progress, expert_layout=expert_layout)
+    if not _written(folder, config):
+        with cache_lock(folder):  # concurrent first runs write it once (they raced on its staging folder)
+            if not _written(folder, config):
+                write_random_checkpoint(folder, config, progress=progress, expert_layout=expert_layout)
     return folder
+
+
+def _written(folder: Path, config: dict) -> bool:
+    """Whether ``folder`` holds the preset as ``config`` now defines it (a changed definition is written anew)."""
+    try:
+        stored = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "model.safetensors").exists() and all(stored.get(key) == value for key, value in config.items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -24,7 +25,7 @@ from ferrum.config import ModelConfig
 from ferrum.errors import InvalidRequestError
 from ferrum.model import DEFAULT_BLOCK_SIZE, weight_shapes
 from ferrum.quant import awq_gptq, quantize_checkpoint
-from ferrum.sources import cache_root, gguf_checkpoint, resolve_model
+from ferrum.sources import cache_lock, cache_root, gguf_checkpoint, resolve_model
 
 ProgressFn = Callable[[int, int, str], None]
 #: ``--peer`` values.
@@ -195,11 +196,22 @@ def _checkpoint(options: BenchOptions, phase: Callable[[str], ProgressFn | None]
         path = preset_checkpoint(options.preset, phase("preparing checkpoint"),
                                  expert_layout="transformers" if peer == "transformers" else "mlx-lm")
     if options.quantize:
-        target = cache_root() / "bench" / f"{path.name}-q{options.quantize}g{options.group_size}"
-        if not (target / "config.json").exists():
-            quantize_checkpoint(path, target, options.quantize, options.group_size, phase("quantizing"))
+        target = cache_root() / "bench" / f"{path.name}-{_stamp(path)}-q{options.quantize}g{options.group_size}"
+        with cache_lock(target):
+            if not (target / "config.json").exists():
+                quantize_checkpoint(path, target, options.quantize, options.group_size, phase("quantizing"))
         path = target
     return None, path
+
+
+def _stamp(folder: Path) -> str:
+    """Which checkpoint ``folder`` is: its place and its files' sizes and times (two ``checkpoint-100`` folders of
+    two runs, or one retrained, got one quantized copy)."""
+    digest = hashlib.sha1(str(folder.resolve()).encode())
+    for path in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:10]
 
 
 def format_report(report: dict) -> str:
