@@ -95,7 +95,8 @@ def gguf_checkpoint(gguf_path: str | Path, progress: ProgressFn | None = None) -
     size, mtime = sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
     # where it is, too: two files of one name, size and time (cp -p, rsync -t, tar) are not taken for one
     where = hashlib.sha1(str(gguf_path).encode()).hexdigest()[:8]
-    target = cache_root() / "models" / "gguf" / f"{gguf_path.stem}-{size:x}-{mtime:x}-{where}"
+    # the name cut short: its lock and staging folder add ~45 characters to a name, which may have 255
+    target = cache_root() / "models" / "gguf" / f"{gguf_path.stem[:120]}-{size:x}-{mtime:x}-{where}"
     return imported_gguf(gguf_path, target, progress)
 
 

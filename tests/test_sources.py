@@ -83,6 +83,19 @@ def test_a_cache_that_cannot_take_the_import_is_named_with_the_way_out(tmp_path,
     assert not [p for p in (tmp_path / "cache" / "models" / "gguf").iterdir()]
 
 
+def test_a_long_name_imports_and_a_file_cut_short_is_named_so(tmp_path, monkeypatch):
+    """A 230-character name (the import's lock and staging names overran 255: "File name too long"); a file cut
+    inside its tensor data, as an interrupted download leaves it, says what to suspect."""
+    monkeypatch.setenv("FERRUM_CACHE_DIR", str(tmp_path / "cache"))
+    long = tmp_path / ("m" * 225 + ".gguf")
+    write_tiny_gguf(long)
+    assert (gguf_checkpoint(long) / "config.json").exists()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(long.read_bytes()[:-5000])
+    with pytest.raises(CheckpointError, match="cut short|truncated"):
+        gguf_checkpoint(cut)
+
+
 def test_what_is_neither_a_folder_nor_a_gguf_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint folder"):
         resolve_model(tmp_path / "missing")

@@ -140,7 +140,8 @@ def _read_file(gguf: Any, path: Path, where: str) -> Any:
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except _READ_ERRORS as exc:
-        raise CheckpointError(f"{where} is not a readable GGUF file: {str(exc)[:200]}") from exc
+        raise CheckpointError(f"{where} is not a readable GGUF file: {str(exc)[:200]} (a file cut short, as an "
+                              "interrupted download leaves one, reads so: compare its size with the source's)") from exc
     _check_tensor_layout(reader, path.stat().st_size, where)
     return reader
 
