@@ -351,7 +351,7 @@ def test_speculation_settings_are_taken_as_given_or_refused_before_loading(check
     model = llm.engine.model
     with pytest.raises(InvalidRequestError, match="target model itself"):
         Engine(LlmExecutor(model), None, EngineConfig(speculative=own), draft_model=model)
-    with pytest.raises(InvalidRequestError, match="sit unused"):
+    with pytest.raises(InvalidRequestError, match="draft model drafts with speculative method 'draft' only, not None"):
         Engine(LlmExecutor(model), None, EngineConfig(), draft_model=llm.engine._speculator.drafter.model)
 
 

@@ -61,6 +61,7 @@ from ferrum.sampling import (
     picks_of,
     sample_batch_on_device,
 )
+from ferrum.spec.config import require_draft_method
 from ferrum.spec.speculator import Speculator
 from ferrum.spec.verify import accepted, row_samplers, spend_draws
 from ferrum.stop import StopStringFilter
@@ -124,9 +125,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(self.model.kv, self.config)
         self._speculator: Speculator | None = None
-        if draft_model is not None and (self.config.speculative is None or self.config.speculative.method != "draft"):
-            raise InvalidRequestError("a draft model drafts with EngineConfig(speculative=SpeculativeConfig('draft')) "
-                                      "only; without it, it would sit unused")
+        if draft_model is not None:
+            require_draft_method(self.config.speculative)
         if draft_model is not None and draft_model is self.model:
             raise InvalidRequestError("the draft model is the target model itself, whose KV it would overwrite; load "
                                       "a second copy (ferrum.load's draft_model=PATH does)")

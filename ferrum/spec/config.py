@@ -64,7 +64,14 @@ def resolve(speculative: Any, configured: SpeculativeConfig | None, with_draft_m
     elif not isinstance(speculative, SpeculativeConfig):
         raise InvalidRequestError(f"speculative must be one of {', '.join(METHODS)} or a SpeculativeConfig, got "
                                   f"{speculative!r}")
-    if with_draft_model and (speculative is None or speculative.method != "draft"):
-        raise InvalidRequestError(f"a draft model drafts with speculative method 'draft' only, not "
-                                  f"{speculative.method!r}; leave draft_model out, or use speculative='draft'")
+    if with_draft_model:
+        require_draft_method(speculative)
     return speculative
+
+
+def require_draft_method(speculative: SpeculativeConfig | None) -> None:
+    """A draft model drafts with method "draft" only: given for another, or for none, it would sit unused."""
+    if speculative is None or speculative.method != "draft":
+        raise InvalidRequestError(f"a draft model drafts with speculative method 'draft' only, not "
+                                  f"{getattr(speculative, 'method', None)!r}; leave the draft model out, or use "
+                                  "speculative='draft' (SpeculativeConfig('draft'))")
