@@ -110,10 +110,27 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return sampling
 
 
+def _speculative(args: argparse.Namespace) -> Any:
+    """``--speculative`` / ``--draft-model`` / ``--num-speculative-tokens`` as ``ferrum.load`` takes them, checked
+    before the slow load; None when speculative decoding is off."""
+    from ferrum.spec import SpeculativeConfig, resolve_speculative
+
+    if args.speculative is None and args.draft_model is None:
+        if args.num_speculative_tokens is not None:
+            raise InvalidRequestError("--num-speculative-tokens needs --speculative lookup, or --draft-model PATH")
+        return None
+    method = args.speculative or "draft"
+    knobs = {} if args.num_speculative_tokens is None else {"num_speculative_tokens": args.num_speculative_tokens}
+    with_draft_model = args.draft_model is not None
+    return resolve_speculative(SpeculativeConfig(method=method, **knobs), None, with_draft_model=with_draft_model)
+
+
 def _load(args: argparse.Namespace) -> Any:
-    """``--model`` (default: the embedded model) loaded with the command's options, announced on stderr."""
+    """``--model`` (default: the embedded model) loaded with the command's options, announced on stderr; with
+    ``--adapter``, the adapter every prompt runs with is loaded as ``"adapter"``."""
     import ferrum
 
+    speculative = _speculative(args)
     model_path = args.model
     if model_path is None:
         from ferrum.default_model import default_model_path
@@ -125,12 +142,24 @@ def _load(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         max_seq_len=args.max_seq_len,
         progress=_progress_printer("loading weights"),
+        speculative=speculative,
+        draft_model=args.draft_model,
     )
     if args.chat_template is not None:
         llm.use_chat_template(args.chat_template)
+    if args.adapter is not None:
+        llm.load_adapter(_ADAPTER, args.adapter)
     info = llm.model.backend.info
     print(f"[ferrum] backend={llm.model.backend.name} device={info.device} dtype={llm.model.dtype}", file=sys.stderr)
     return llm
+
+
+_ADAPTER = "adapter"
+
+
+def _lora(args: argparse.Namespace) -> str | None:
+    """The loaded ``--adapter``'s name, which every prompt runs with (None: the base model)."""
+    return None if args.adapter is None else _ADAPTER
 
 
 def _chat_template_arg(text: str) -> str:
@@ -162,12 +191,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     has_template = llm.tokenizer is not None and llm.tokenizer.chat_template is not None
     chat = has_template if args.chat is None else args.chat
     params = llm.sampling_params(**sampling)
-    final, _ = _write_reply(llm.stream_outputs(prompt, params, chat=chat), _harmony(llm, chat))
+    final, _ = _write_reply(llm.stream_outputs(prompt, params, chat=chat, lora=_lora(args)), _harmony(llm, chat))
     m = final.metrics
     decode_rate = f", {1 / m.tpot:.1f} tok/s decode" if m.tpot else ""
+    drafts = (f"; {m.num_accepted_tokens} of {m.num_drafted_tokens} drafted tokens accepted"
+              if llm.engine.config.speculative is not None else "")
     print(
         f"[ferrum] {m.num_generated_tokens} tokens ({final.finish_reason.value}); "
-        f"time to first token {m.ttft * 1e3:.0f} ms{decode_rate}",
+        f"time to first token {m.ttft * 1e3:.0f} ms{decode_rate}{drafts}",
         file=sys.stderr,
     )
     return 0
@@ -210,7 +241,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         turn = [*history, {"role": "user", "content": text}]
         try:
-            final, answer = _write_reply(llm.stream_outputs(system + turn, params, chat=True), _harmony(llm, True))
+            replies = llm.stream_outputs(system + turn, params, chat=True, lora=_lora(args))
+            final, answer = _write_reply(replies, _harmony(llm, True))
         except KeyboardInterrupt:
             print("\n[ferrum] reply stopped; that turn is not kept", file=sys.stderr)
             continue
@@ -296,6 +328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--max-queue must be >= 0, got {args.max_queue}")
     if any(not name.strip() for name in args.served_model_name or ()):
         raise InvalidRequestError("--served-model-name must not be empty; clients send it as 'model'")
+    speculative = _speculative(args)
     serve(
         ServeOptions(
             model=args.model, backend=args.backend, dtype=args.dtype, host=args.host, port=args.port,
@@ -304,6 +337,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             api_key=args.api_key or os.environ.get("FERRUM_API_KEY"), shutdown_timeout=args.shutdown_timeout,
             adapters=tuple(_name_and_path(spec) for spec in args.lora or ()),
             log_level=args.log_level, reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
+            speculative=speculative, draft_model=args.draft_model,
         ),
         progress=_progress_printer("loading"),
     )
@@ -416,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "are always read apart (openai_gptoss is accepted)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _add_chat_template_option(p)
+    _add_speculative_options(p)
     p.set_defaults(func=cmd_serve)
     for command in sub.choices.values():  # where the error messages' hint makes people put it, too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -441,7 +476,21 @@ def _add_generation_options(p: argparse.ArgumentParser, max_tokens: int) -> None
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    p.add_argument("--adapter", "--adapter-path", metavar="PATH",
+                   help="a LoRA adapter (PEFT or mlx-lm folder) every prompt runs with")
     _add_chat_template_option(p)
+    _add_speculative_options(p)
+
+
+def _add_speculative_options(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding, as ``ferrum.load`` takes it (``generate``, ``chat``, ``serve``)."""
+    p.add_argument("--speculative", choices=("lookup", "draft"),
+                   help="speculative decoding: lookup drafts from the prompt's own n-grams (no second model); draft "
+                        "runs --draft-model")
+    p.add_argument("--draft-model", metavar="PATH",
+                   help="a small model with the same tokenizer that drafts tokens (implies --speculative draft)")
+    p.add_argument("--num-speculative-tokens", type=int, metavar="N",
+                   help="tokens drafted per step (default 4)")
 
 
 def _add_chat_template_option(p: argparse.ArgumentParser) -> None:

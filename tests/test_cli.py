@@ -153,6 +153,11 @@ def test_mistakes_are_refused_before_the_slow_work(checkpoint, capsys, monkeypat
         (["bench", "--draft-model", str(checkpoint)], "speculative 'draft' only"),
         (["bench", "--json", str(tmp_path / "missing" / "x.json")], "not a file in an existing folder"),
         (["serve", "--served-model-name", ""], "must not be empty"),
+        (["generate", "--speculative", "draft", "hi"], "method 'draft' needs a draft model"),
+        (["generate", "--speculative", "lookup", "--draft-model", str(checkpoint), "hi"], "'draft' only"),
+        (["chat", "--num-speculative-tokens", "2"], "needs --speculative lookup, or --draft-model"),
+        (["serve", "--speculative", "draft"], "method 'draft' needs a draft model"),
+        (["serve", "--speculative", "lookup", "--num-speculative-tokens", "0"], "must be an integer >= 1"),
     ]:
         assert main(argv) == 2, argv
         assert words in capsys.readouterr().err
@@ -252,7 +257,8 @@ def test_a_chat_template_from_the_command_line(checkpoint, tmp_path, monkeypatch
     config.pop("chat_template")
     (bare / "tokenizer_config.json").write_text(json.dumps(config))
     # longer than a file name may be (a path lookup of it raised "File name too long")
-    template = "{# " + "a comment " * 40 + "#}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    template = ("{# " + "a comment " * 40 + "#}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>")
     (tmp_path / "t.jinja").write_text(template)
     llm = ferrum.load(bare, backend="cpu")
     llm.use_chat_template(template)
@@ -269,3 +275,50 @@ def test_a_chat_template_from_the_command_line(checkpoint, tmp_path, monkeypatch
     assert "neither a file nor a Jinja template" in capsys.readouterr().err
     assert main([*run, "--chat-template", "{% for m in messages %}"]) == 2
     assert "does not compile" in capsys.readouterr().err
+
+
+def test_speculative_decoding_from_the_command_line_keeps_greedy_output(checkpoint, tmp_path, capsys):
+    """``--speculative lookup`` and ``--draft-model`` (as vLLM's and mlx-lm's command lines take them) run the
+    model's greedy tokens, and the stats line says how many drafts were accepted."""
+    import ferrum
+
+    prompt = "abc abc abc abc abc abc"
+    expected = ferrum.load(checkpoint, backend="cpu").generate(prompt, max_tokens=16, ignore_eos=True)
+    run = ["generate", "--model", str(checkpoint), "--backend", "cpu", "--max-tokens", "16", "--ignore-eos",
+           "--no-chat"]
+    for options in (["--speculative", "lookup", "--num-speculative-tokens", "3"], ["--draft-model", str(checkpoint)]):
+        assert main([*run, *options, prompt]) == 0, options
+        captured = capsys.readouterr()
+        assert captured.out == expected + "\n", options
+        drafted = captured.err.split("; ")[-1]
+        assert drafted.endswith("drafted tokens accepted\n"), captured.err
+        accepted, _, total = drafted.split()[:3]
+        assert 0 < int(total) and 0 <= int(accepted) <= int(total), drafted
+    assert main([*run, "--draft-model", str(checkpoint), "--num-speculative-tokens", "0", prompt]) == 2
+    assert "num_speculative_tokens must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_an_adapter_from_the_command_line_runs_every_prompt(checkpoint, tmp_path, capsys):
+    """``--adapter PATH`` (mlx-lm's ``--adapter-path``) gives what ``lora=`` gives through the Python API."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import ferrum
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    rng = np.random.default_rng(0)
+    outputs = {"q_proj": 64, "v_proj": 32}  # 4 heads of 16; 2 KV heads
+    save_file({f"model.layers.{i}.self_attn.{proj}.lora_{ab}": rng.normal(0, 0.5, shape).astype(np.float32)
+               for i in range(2) for proj, width in outputs.items()
+               for ab, shape in (("a", (64, 4)), ("b", (4, width)))},
+              adapter / "adapters.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"num_layers": 2}))
+    llm = ferrum.load(checkpoint, backend="cpu")
+    llm.load_adapter("x", adapter)
+    expected = llm.generate("hello", max_tokens=12, ignore_eos=True, lora="x")
+    assert expected != llm.generate("hello", max_tokens=12, ignore_eos=True)  # the adapter changes the reply
+    for flag in ("--adapter", "--adapter-path"):
+        assert main(["generate", "--model", str(checkpoint), "--backend", "cpu", "--max-tokens", "12", "--ignore-eos",
+                     "--no-chat", flag, str(adapter), "hello"]) == 0
+        assert capsys.readouterr().out == expected + "\n"

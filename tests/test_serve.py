@@ -976,3 +976,28 @@ def test_hostile_bodies_are_400s_and_leave_no_slot_held(model, monkeypatch):
         assert state.pending == 0
         assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": hi,
                                                          "max_tokens": 2}).status_code == 200
+
+
+def test_speculative_decoding_given_at_launch_serves_the_same_greedy_replies(model):
+    """``ferrum serve --speculative lookup`` / ``--draft-model``: requests are verified drafts, with the replies
+    plain decoding gives."""
+    from starlette.testclient import TestClient
+
+    import ferrum
+    from ferrum.serve.server import ServeOptions, load_for_serving
+    from ferrum.spec import SpeculativeConfig
+
+    prompt = "one two one two one two one two"
+    expected = ferrum.load(model, backend="cpu").generate(prompt, max_tokens=12, ignore_eos=True)
+    for speculative, draft in ((SpeculativeConfig("lookup"), None), (SpeculativeConfig("draft"), str(model))):
+        llm, app = load_for_serving(ServeOptions(model=str(model), backend="cpu", served_model_names=("tiny",),
+                                                 speculative=speculative, draft_model=draft))
+        assert llm.engine.config.speculative == speculative
+        with TestClient(app) as client:
+            reply = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 12,
+                                                         "temperature": 0, "ignore_eos": True})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["text"] == expected
+        if draft is not None:  # the same weights drafting: every draft is taken (lookup's depend on the text)
+            metrics = llm.engine.metrics()
+            assert metrics.spec_accepted_tokens == metrics.spec_drafted_tokens > 0

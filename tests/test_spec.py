@@ -340,7 +340,9 @@ def test_speculation_settings_are_taken_as_given_or_refused_before_loading(check
     monkeypatch.setattr(DecoderOnlyLLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
     for options, words in (({"speculative": "lookup", "draft_model": draft}, "draft model drafts with .* 'draft'"),
                            ({"speculative": 5}, "speculative must be one of"),
-                           ({"speculative": ""}, "method must be one of")):
+                           ({"speculative": ""}, "method must be one of"),
+                           ({"speculative": "draft"}, "method 'draft' needs a draft model"),
+                           ({"engine_config": EngineConfig(speculative=own)}, "method 'draft' needs a draft model")):
         with pytest.raises(InvalidRequestError, match=words):
             ferrum.load(target, backend=BACKENDS[0], **options)
     for bad in ({"min_acceptance": "0.5"}, {"min_acceptance": True}, {"prompt_lookup_max": True}):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ferrum.engine import EngineConfig
 from ferrum.errors import ConfigError
 from ferrum.model import ProgressFn
+from ferrum.spec import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class ServeOptions:
     log_level: str = "info"
     reasoning_parser: str | None = None  # thinking (<think>...</think>) returned apart as reasoning_content
     chat_template: str | None = None  # Jinja text rendering chats instead of the model's
+    speculative: SpeculativeConfig | None = None  # speculative decoding for every request
+    draft_model: str | None = None  # with speculative method "draft": the drafting model's folder, file or repo id
 
 
 def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
@@ -60,6 +63,7 @@ def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
     llm = ferrum.load(
         path, backend=options.backend, dtype=options.dtype, max_seq_len=options.max_seq_len,
         num_kv_blocks=options.num_kv_blocks, progress=progress,
+        speculative=options.speculative, draft_model=options.draft_model,
         engine_config=EngineConfig(
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=max(2048, options.max_num_seqs),
         ),

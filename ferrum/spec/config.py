@@ -66,6 +66,9 @@ def resolve(speculative: Any, configured: SpeculativeConfig | None, with_draft_m
                                   f"{speculative!r}")
     if with_draft_model:
         require_draft_method(speculative)
+    elif speculative is not None and speculative.method == "draft":
+        raise InvalidRequestError("speculative method 'draft' needs a draft model: pass draft_model=PATH (a small "
+                                  "model with the same tokenizer), or use speculative='lookup'")
     return speculative
 
 
