@@ -404,3 +404,14 @@ class IncrementalDetokenizer:
         full_text = self._tok.decode(self._ids[self._prefix :], self._skip)
         self._prefix = self._read = len(self._ids)
         return self._without_echo(full_text[len(prefix_text) :])
+
+    @classmethod
+    def text_before(cls, tokenizer: Tokenizer, prompt: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """``prompt`` decoded up to a character its last tokens stop part way through: the text an output
+        continuing it follows (the detokenizer emits that character with the output, whole or as U+FFFD), so
+        the two joined read as ``prompt + output`` decoded."""
+        detokenizer = cls(tokenizer, prompt, skip_special_tokens)
+        held = len(detokenizer._ids) - detokenizer._read
+        if not held:
+            return tokenizer.decode(list(prompt), skip_special_tokens)
+        return tokenizer.decode(list(prompt[:-held]), skip_special_tokens) + detokenizer._echo

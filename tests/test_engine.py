@@ -137,7 +137,7 @@ def test_bad_requests_are_refused_before_they_reach_a_batch(checkpoint):
     for prompt, params, error, words in [
         ([], SamplingParams(), InvalidRequestError, "empty"),
         ([5, 300], SamplingParams(), InvalidRequestError, "vocabulary"),
-        ([5] * 256, SamplingParams(), ContextLengthExceededError, "context length"),
+        ([5] * 257, SamplingParams(), ContextLengthExceededError, "context length"),
         ([5], SamplingParams(max_tokens=100), InvalidRequestError, "lower max_tokens"),  # more than the 32-token pool
         ([5] * 40, SamplingParams(max_tokens=3), InvalidRequestError, "shorten the prompt"),  # the prompt alone too
         ([5], SamplingParams(max_tokens=3, logit_bias={999: 1.0}), InvalidRequestError, "logit_bias"),
@@ -158,6 +158,24 @@ def test_bad_requests_are_refused_before_they_reach_a_batch(checkpoint):
                        ({"enable_prefix_caching": "no"}, "True or False, got 'no'")]:
         with pytest.raises(InvalidRequestError, match=words):
             EngineConfig(**bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("overlap", [False, True], ids=["synchronous", "asynchronous stepping"])
+def test_a_prompt_filling_the_context_gives_one_token(checkpoint, backend, overlap):
+    """As vLLM's: its last position's logits pick a token that is never fed back, so it needs no room in the
+    cache; the request ends at the context. Chunked over several steps, it is not mistaken for one whose
+    tokens are all sampled (the scheduler would wait on it for good)."""
+    model = DecoderOnlyLLM.from_pretrained(checkpoint, backend=backend, num_kv_blocks=64, block_size=4, max_seq_len=32)
+    config = EngineConfig(max_num_batched_tokens=12, max_num_seqs=4, async_stepping=overlap)
+    engine = Engine(LlmExecutor(model), None, config)
+    prompt = [int(t) for t in RNG.randint(2, 300, size=32)]
+    expected = int(np.argmax(model.forward_verify("reference", prompt)[-1]))
+    model.release("reference")
+    request_id = engine.add_request(prompt, SamplingParams(max_tokens=5))
+    finals = [o for o in engine.run_until_done() if o.request_id == request_id and o.finished]
+    assert finals[0].token_ids == (expected,) and finals[0].finish_reason is FinishReason.LENGTH
+    assert request_id not in model.kv
 
 
 def test_ids_chosen_by_the_caller_and_by_the_engine_never_collide(checkpoint):

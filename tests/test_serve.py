@@ -282,6 +282,84 @@ def test_text_offsets_index_the_text_where_tokens_split_characters(server):
     assert whole.logprobs.text_offset[-1] <= len(whole.text)
 
 
+def _log_softmax(llm, tokens) -> np.ndarray:
+    """Row ``i``: float64 log-probabilities of the token after ``tokens[i]``, from one forward pass."""
+    logits = llm.model.forward_verify("logsm-check", list(tokens)).astype(np.float64)
+    llm.model.release("logsm-check")
+    logits -= logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def test_the_token_that_ends_a_completion_is_among_its_logprobs(server, llm):
+    """The end-of-sequence or stop token that ended a completion is listed in its logprobs (not its text), as
+    OpenAI and vLLM list it: lm-eval scores ``echo, max_tokens=1, logprobs=1`` by the last entry, and without it
+    a reply that ended at once scored a perfect 0.0."""
+    prompt = llm.tokenizer.encode("the lazy dog jumps", add_special_tokens=False)
+    rows = _log_softmax(llm, prompt)
+    first = int(np.argmax(rows[-1]))  # made the stop token: the reply ends on it at once
+    body = dict(model="tiny", prompt=prompt, max_tokens=1, temperature=0, logprobs=1,
+                extra_body={"stop_token_ids": [first]})
+    choice = server.client().completions.create(**body, echo=True).choices[0]
+    lp = choice.logprobs
+    assert choice.finish_reason == "stop" and choice.text == llm.tokenizer.decode(prompt)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == len(prompt) + 1
+    assert lp.tokens[-1] == llm.tokenizer.decode([first]) and lp.text_offset[-1] == len(choice.text)
+    assert lp.token_logprobs[-1] == pytest.approx(rows[-1][first], abs=1e-4)
+    streamed = [c.choices[0] for c in server.client().completions.create(**body, stream=True) if c.choices]
+    assert [t for c in streamed if c.logprobs for t in c.logprobs.tokens] == [lp.tokens[-1]]
+    assert streamed[-1].finish_reason == "stop" and "".join(c.text for c in streamed) == ""
+    out = llm.run([prompt], max_tokens=1, logprobs=1, stop_token_ids=[first])[0]
+    assert out.token_ids == () and out.stop_reason == first and out.stop_logprobs.token == first
+
+
+def test_logprobs_zero_lists_each_chosen_token(server):
+    """``logprobs: 0`` still gives each position's entry for the token itself (vLLM's and the API's "up to
+    logprobs + 1"); it was null."""
+    choice = server.client().completions.create(model="tiny", prompt="hello world", max_tokens=2, temperature=0,
+                                                echo=True, logprobs=0).choices[0]
+    lp = choice.logprobs
+    assert lp.top_logprobs[0] is None and len(lp.top_logprobs) == len(lp.tokens)
+    assert [list(top) for top in lp.top_logprobs[1:]] == [[token] for token in lp.tokens[1:]]
+    assert [top[token] for top, token in zip(lp.top_logprobs[1:], lp.tokens[1:])] == lp.token_logprobs[1:]
+
+
+def test_a_prompt_filling_the_context_is_scored_not_generated_from(model):
+    """``echo, max_tokens=0`` scores a prompt as long as the context (lm-eval's rolling windows are), as vLLM
+    does; asking for a token more is still over the context."""
+    from starlette.testclient import TestClient
+
+    from ferrum.serve.app import ServeConfig, create_app
+
+    llm = ferrum.load(model, backend="cpu", dtype="float32", max_seq_len=64)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(2, 300, size=64)]
+    rows = _log_softmax(llm, prompt)
+    with TestClient(create_app(llm, ServeConfig(model_names=("tiny",)))) as client:
+        def complete(tokens, max_tokens):
+            return client.post("/v1/completions", json={"model": "tiny", "prompt": tokens, "echo": True,
+                                                        "logprobs": 1, "max_tokens": max_tokens})
+
+        scored = complete(prompt, 0)
+        assert scored.status_code == 200, scored.text
+        values = scored.json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert values[0] is None and len(values) == len(prompt)
+        assert values[1:] == pytest.approx([rows[i - 1][prompt[i]] for i in range(1, len(prompt))], abs=1e-4)
+        for tokens, max_tokens in ((prompt, 1), (prompt + [5], 0)):
+            refused = complete(tokens, max_tokens)
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert llm.engine.model.kv.num_free_blocks == llm.engine.model.kv.num_blocks
+
+
+def test_an_echoed_prompt_ending_inside_a_character_is_not_echoed_twice(server, llm):
+    """A token-id prompt that stops part way through a character: the reply carries that character (whole, or
+    U+FFFD), so the echo stops before it and echo + reply read as prompt + reply decoded."""
+    prompt = llm.tokenizer.encode("日本", add_special_tokens=False)[:-1]
+    assert llm.tokenizer.decode(prompt).endswith("\ufffd")
+    reply = llm.run([prompt], max_tokens=3, ignore_eos=True)[0]
+    choice = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0,
+                                                echo=True, extra_body={"ignore_eos": True}).choices[0]
+    assert choice.text == llm.tokenizer.decode(prompt + list(reply.token_ids)) == "日" + reply.text
+
+
 def test_echoed_prompt_offsets_index_the_echoed_text(server):
     """A text prompt spelling a special token (which the tokenizer reads as that token) is echoed as written, and
     the offsets point into it; a token-id prompt is echoed as its reply decodes (``skip_special_tokens``)."""

@@ -240,14 +240,16 @@ class Engine:
         if bad:
             raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})",
                                       param="prompt")
-        if len(tokens) >= cfg.max_seq_len:
+        if len(tokens) > cfg.max_seq_len:
             raise ContextLengthExceededError(
                 f"the prompt has {len(tokens)} tokens but the context length is {cfg.max_seq_len}; "
-                "shorten the prompt so at least one token can be generated", param="prompt"
+                "shorten the prompt", param="prompt"
             )
-        max_total = min(cfg.max_seq_len, len(tokens) + params.max_tokens)
+        # a prompt filling the context still gives one token, as vLLM's does (scoring reads its logits): the
+        # last token is never fed back, so it needs no position in the cache
+        max_total = min(max(cfg.max_seq_len, len(tokens) + 1), len(tokens) + params.max_tokens)
         kv = self.model.kv
-        if -(-max_total // kv.block_size) > kv.num_blocks:
+        if -(-min(max_total, cfg.max_seq_len) // kv.block_size) > kv.num_blocks:
             pool = kv.num_blocks * kv.block_size
             prompt_alone = len(tokens) >= pool
             raise ContextLengthExceededError(  # the pool is this engine's context: the request can never run
@@ -536,6 +538,8 @@ class Engine:
         params = request.params
         if token in params.stop_token_ids or (token in self._eos_ids and not params.ignore_eos):
             request.stop_reason = token
+            if request.logprobs is not None:
+                request.stop_pick = pick
             return FinishReason.STOP
         request.output_token_ids.append(token)
         request.sampler.record(token)

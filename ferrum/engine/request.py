@@ -96,6 +96,9 @@ class RequestOutput:
     #: logits after token ``i`` of prompt + output (predicting token ``i + 1``), for every position
     #: computed so far; the same rows ``forward_verify`` gives. ``None`` otherwise.
     full_logits: np.ndarray | None = None
+    #: With logprobs: the pick of the end-of-sequence or stop token that ended the request (``stop_reason``),
+    #: which ``token_ids`` and ``logprobs`` leave out. None otherwise.
+    stop_logprobs: SampledToken | None = None
     _tokens: list[int] = field(default_factory=list, repr=False, compare=False)  # the request's, appended to later
     _picks: list[SampledToken] | None = field(default=None, repr=False, compare=False)  # likewise
     _count: int = 0  # how many of them this output holds
@@ -192,6 +195,7 @@ class Request:
     on_output: OutputCallback | None = None
     text: str = ""
     logprobs: list[SampledToken] | None = None
+    stop_pick: SampledToken | None = None  # with logprobs: the stop token's (not among output_token_ids)
     reported_tokens: int = 0
     reported_text: int = 0
     error: RequestFailedError | None = None
@@ -269,6 +273,7 @@ class Request:
             error=self.error,
             metadata=self.metadata,
             full_logits=self.full_logits.view() if self.full_logits else None,
+            stop_logprobs=self.stop_pick,
             _tokens=self.output_token_ids,
             _picks=self.logprobs,
             _count=count,

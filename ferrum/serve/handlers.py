@@ -138,10 +138,11 @@ def _sampling_params(
 
 
 def _max_tokens(state: ServerState, prompt_len: int, requested: int | None, prompt_param: str) -> int:
-    """The request's limit, or all the room the context and the KV pool leave."""
+    """The request's limit, or all the room the context and the KV pool leave; 0 (scoring the prompt) takes
+    a prompt as long as the context."""
     model = state.llm.model
     context = model.config.max_seq_len
-    if prompt_len >= context:
+    if prompt_len > context or (prompt_len == context and requested != 0):
         raise APIError(
             400, f"the prompt has {prompt_len} tokens but this model's context length is {context}; "
             "shorten the prompt", param=prompt_param, code="context_length_exceeded",
@@ -318,7 +319,7 @@ class Logprobs:
                 alternatives.setdefault(self.token(int(t))[0], self.value(float(row[t])))
             alternatives.setdefault(text, values[-1])
             tops.append(alternatives)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if top else None,
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
                 "text_offset": list(offsets)}
 
     def completion(self, picks: Sequence[SampledToken], top: int, offsets: TextOffsets) -> dict:
@@ -332,7 +333,7 @@ class Logprobs:
                 alternatives.setdefault(self.token(token_id)[0], self.value(lp))
             alternatives.setdefault(text, self.value(pick.logprob))  # the sampled token is always listed
             tops.append(alternatives)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if top else None,
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
                 "text_offset": offsets.of(pick.token for pick in picks)}
 
 
@@ -369,16 +370,23 @@ def _check_prompt_logits(state: ServerState, prompts: list[tuple[int, ...]], cho
 
 def _joined(first: dict, then: dict) -> dict:
     """Two completions logprob objects, one after the other (the prompt's, then the generated tokens')."""
-    tops = None if first["top_logprobs"] is None else first["top_logprobs"] + then["top_logprobs"]
     return {"tokens": first["tokens"] + then["tokens"],
             "token_logprobs": first["token_logprobs"] + then["token_logprobs"],
-            "top_logprobs": tops, "text_offset": first["text_offset"] + then["text_offset"]}
+            "top_logprobs": first["top_logprobs"] + then["top_logprobs"],
+            "text_offset": first["text_offset"] + then["text_offset"]}
 
 
 def _new_picks(out: RequestOutput) -> Sequence[SampledToken]:
     if not out.logprobs:
         return ()
     return out.logprobs[len(out.token_ids) - len(out.new_token_ids):]
+
+
+def _with_stop_pick(picks: Sequence[SampledToken], out: RequestOutput) -> Sequence[SampledToken]:
+    """A completion's picks and, once it ended on one, the end-of-sequence or stop token's: OpenAI and vLLM list
+    that token among the logprobs (not the text), and scoring clients (lm-eval) read the last entry as the last
+    token generated."""
+    return picks if out.stop_logprobs is None else (*picks, out.stop_logprobs)
 
 
 # ------------------------------------------------------------------------ chat
@@ -534,7 +542,7 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
     specs, first_of_prompt = [], set()
     scoring_only = body.max_tokens == 0  # one token is computed for the prompt's logits, then dropped
     for p_index, prompt in enumerate(prompts):
-        max_tokens = _max_tokens(state, len(prompt), 1 if scoring_only else body.max_tokens, "prompt")
+        max_tokens = max(1, _max_tokens(state, len(prompt), body.max_tokens, "prompt"))  # scoring: one, dropped
         first_of_prompt.add(p_index * body.n)
         for j in range(body.n):
             index = p_index * body.n + j
@@ -556,7 +564,7 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
         prompt = body.prompts()[index // body.n]
         if isinstance(prompt, str):
             return prompt
-        return tok.decode(prompt, skip_special_tokens=skips_special(index)) if tok is not None else ""
+        return IncrementalDetokenizer.text_before(tok, prompt, skips_special(index)) if tok is not None else ""
 
     def prompt_offsets(index: int) -> list[int]:
         """Where each prompt token starts in :func:`echo_text`: by the tokenizer's own alignment for text (a
@@ -582,7 +590,7 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
             choices = []
             for i, out in sorted(finals.items()):
                 prefix = echo_text(i)
-                picks = () if scoring_only else out.logprobs
+                picks = () if scoring_only else _with_stop_pick(out.logprobs, out)
                 entry = None
                 if body.logprobs is not None:
                     entry = logprobs.completion(picks, top, choice_offsets(i, len(prefix)))
@@ -608,7 +616,10 @@ async def completion(state: ServerState, body: CompletionRequest) -> Response:
                 prefix = echo_text(index)
                 offsets[index] = choice_offsets(index, len(prefix))
             text = prefix + out.new_text
-            piece = logprobs.completion(_new_picks(out), top, offsets[index]) if body.logprobs is not None else None
+            piece = None
+            if body.logprobs is not None:
+                picks = _with_stop_pick(_new_picks(out), out) if out.finished else _new_picks(out)
+                piece = logprobs.completion(picks, top, offsets[index])
             if text or (piece and piece["tokens"]) or out.finished:
                 yield _sse({**envelope(), **usage_field, "choices": [{
                     "index": index, "text": text, "logprobs": piece,
