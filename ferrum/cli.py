@@ -145,6 +145,9 @@ def _load(args: argparse.Namespace) -> Any:
         speculative=speculative,
         draft_model=args.draft_model,
     )
+    if llm.tokenizer is None:
+        raise InvalidRequestError(f"{llm.path} has no tokenizer.json, and the command line reads and writes text; "
+                                  "add the model's tokenizer.json (and tokenizer_config.json) to the folder")
     if args.chat_template is not None:
         llm.use_chat_template(args.chat_template)
     if args.adapter is not None:
@@ -188,7 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     llm = _load(args)
     # as mlx-lm's and llama.cpp's command lines: through the chat template where the model has one
-    has_template = llm.tokenizer is not None and llm.tokenizer.chat_template is not None
+    has_template = llm.tokenizer.chat_template is not None
     chat = has_template if args.chat is None else args.chat
     params = llm.sampling_params(**sampling)
     final, _ = _write_reply(llm.stream_outputs(prompt, params, chat=chat, lora=_lora(args)), _harmony(llm, chat))
@@ -212,9 +215,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     its KV reused by the prefix cache). Lines come from standard input, so a script can pipe a conversation."""
     sampling = _sampling(args)
     llm = _load(args)
-    if llm.tokenizer is None or llm.tokenizer.chat_template is None:
-        raise InvalidRequestError(
-            "this model has no chat template, so it cannot hold a conversation; use `ferrum generate --no-chat`")
+    if llm.tokenizer.chat_template is None:
+        raise InvalidRequestError("this model has no chat template, so it cannot hold a conversation; give one with "
+                                  "--chat-template FILE, or use `ferrum generate --no-chat`")
     params = llm.sampling_params(**sampling)
     system = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -439,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting beyond --max-num-seqs before new ones get 429 (default 256)")
     p.add_argument("--max-seq-len", type=int, help="cap the context length (KV memory)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache size in blocks of 16 tokens")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set FERRUM_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
+                                     "(or set FERRUM_API_KEY)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="load a LoRA adapter (PEFT or mlx-lm folder) that clients select with model=NAME (repeatable)")
     p.add_argument("--shutdown-timeout", type=_grace_seconds, default=10.0,

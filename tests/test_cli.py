@@ -242,7 +242,24 @@ def test_chat_needs_a_chat_template(checkpoint, tmp_path, monkeypatch, capsys):
     config.pop("chat_template")
     (bare / "tokenizer_config.json").write_text(json.dumps(config))
     code, _, err = _chat(bare, monkeypatch, capsys, "hello\n")
-    assert code == 2 and "no chat template" in err and "ferrum generate --no-chat" in err
+    assert code == 2 and "no chat template" in err and "--chat-template FILE" in err
+    (bare / "tokenizer.json").unlink()  # the command line has no way to take token ids: not the way out it names
+    code, _, err = _chat(bare, monkeypatch, capsys, "hello\n")
+    assert code == 2 and "has no tokenizer.json" in err and "pass token ids" not in err
+    assert main(["generate", "--model", str(bare), "--backend", "cpu", "hello"]) == 2
+    assert "add the model's tokenizer.json" in capsys.readouterr().err
+
+
+def test_serve_announces_the_port_the_system_chose():
+    """``--port 0`` (allowed, as uvicorn's): the banner names the port listened on, not 0."""
+    from ferrum.serve.server import _address, _bound_socket
+
+    sock = _bound_socket("127.0.0.1", 0)
+    try:
+        address = _address(sock)
+        assert address == f"http://127.0.0.1:{sock.getsockname()[1]}" and not address.endswith(":0")
+    finally:
+        sock.close()
 
 
 def test_a_chat_template_from_the_command_line(checkpoint, tmp_path, monkeypatch, capsys):

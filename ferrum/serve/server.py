@@ -96,6 +96,12 @@ def _bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _address(sock: socket.socket) -> str:
+    """The URL the server answers at: the port the system chose for --port 0, an IPv6 host in brackets."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
+
+
 def serve(options: ServeOptions, progress: ProgressFn | None = None) -> None:
     import uvicorn
 
@@ -103,7 +109,7 @@ def serve(options: ServeOptions, progress: ProgressFn | None = None) -> None:
     llm, app = load_for_serving(options, progress)
     info = llm.model.backend.info
     print(
-        f"[ferrum] serving {', '.join(app.state.ferrum.model_names)} on http://{options.host}:{options.port}/v1 "
+        f"[ferrum] serving {', '.join(app.state.ferrum.model_names)} on {_address(sock)}/v1 "
         f"(backend={llm.model.backend.name} device={info.device} dtype={llm.model.dtype})",
         file=sys.stderr, flush=True,
     )
