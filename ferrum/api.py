@@ -140,6 +140,9 @@ class LLM:
     def _encode(self, prompt: Prompt, chat: Chat = None, tools: Sequence[dict[str, Any]] | None = None,
                 chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[int], bool]:
         """:meth:`encode_prompt`'s ids, and whether they went through the chat template."""
+        if not (chat is None or isinstance(chat, (bool, Mapping))):
+            raise InvalidRequestError(f"chat must be None, True, False or a mapping of chat template variables, "
+                                      f"got {chat!r}")
         if isinstance(chat, Mapping):
             chat_template_kwargs, chat = {**(chat_template_kwargs or {}), **chat}, True
         if isinstance(prompt, str):
@@ -159,6 +162,9 @@ class LLM:
             tok = self._require_tokenizer()
             return tok.encode_chat(prompt, tools=tools, template_kwargs=chat_template_kwargs), True
         if all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
+            if chat:
+                raise InvalidRequestError("chat applies the chat template to text or messages; token ids are run as "
+                                          "they are: leave chat out for them, or give the text")
             return [int(t) for t in prompt], False  # numpy's integers too
         raise InvalidRequestError(_PROMPT_FORMS)
 

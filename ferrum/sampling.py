@@ -46,6 +46,15 @@ def _bad(message: str, param: str | None = None) -> None:
     raise InvalidRequestError(f"invalid sampling parameters: {message}", param=param)
 
 
+#: Logit bias and the presence and frequency penalties: beyond 1e4 either way a bias already forces or bans
+#: its token (logits span tens), and past float32's range it turned into inf and NaN logprobs.
+_LOGIT_RANGE = "in [-1e4, 1e4]"
+
+
+def _within_logit_range(value: float) -> bool:
+    return -1e4 <= value <= 1e4
+
+
 def _integer(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         _bad(f"{name} must be an integer >= {minimum}, got {value!r}", name)
@@ -110,8 +119,8 @@ class SamplingParams:
         _number("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
         # beyond 1e4 either way it already removes (or forces) the seen tokens; further, float32 logits overflow
         _number("repetition_penalty", self.repetition_penalty, lambda v: 1e-4 <= v <= 1e4, "in [1e-4, 1e4]")
-        _number("presence_penalty", self.presence_penalty)
-        _number("frequency_penalty", self.frequency_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _number(name, getattr(self, name), _within_logit_range, _LOGIT_RANGE)
         _integer("logprobs", self.logprobs, 0)
         if self.seed is not None:
             _integer("seed", self.seed, 0)
@@ -124,16 +133,19 @@ class SamplingParams:
         bias = {}
         for token, value in self.logit_bias.items():
             _integer("a logit_bias token id", token, 0)
-            _number(f"logit_bias[{token}]", value)
+            _number(f"logit_bias[{token}]", value, _within_logit_range, _LOGIT_RANGE)
             bias[int(token)] = float(value)
-        stop_ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, int) else self.stop_token_ids
-        if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Iterable):
+        stop_ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, (int, np.integer)) else self.stop_token_ids
+        if isinstance(stop_ids, (str, bytes, Mapping)) or not isinstance(stop_ids, Iterable):
             _bad(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         stop_ids = tuple(stop_ids)
         for token in stop_ids:
             _integer("a stop token id", token, 0)
         stops = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stops, Iterable) or any(not isinstance(t, str) or not t for t in stops):
+        if isinstance(stops, Mapping) or not isinstance(stops, Iterable):
+            _bad(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        stops = tuple(stops)  # once: an iterator checked first would be stored empty
+        if any(not isinstance(t, str) or not t for t in stops):
             _bad(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if callable(getattr(self.json_schema, "model_json_schema", None)):  # a pydantic model (class)
             object.__setattr__(self, "json_schema", self.json_schema.model_json_schema())

@@ -194,6 +194,12 @@ def test_bad_requests_are_rejected(llm):
         llm.generate([], max_tokens=3)
     with pytest.raises(InvalidRequestError):
         llm.generate([1, "x"], max_tokens=3)
+    # ``chat`` is a switch or template variables: "no" and 2.5 applied the template, a list of pairs dropped them
+    for chat in ("no", 2.5, [("enable_thinking", False)]):
+        with pytest.raises(InvalidRequestError, match="chat must be None, True, False or a mapping"):
+            llm.generate("hello", max_tokens=2, chat=chat)
+    with pytest.raises(InvalidRequestError, match="token ids are run as they are"):  # was silently ignored
+        llm.generate([5, 6], max_tokens=2, chat=True)
 
 
 @pytest.mark.parametrize("prompt", [b"hello", bytearray(b"hello")])

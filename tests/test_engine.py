@@ -244,6 +244,20 @@ def test_stop_string_spanning_a_token_boundary(llm):
     assert out.finish_reason is FinishReason.STOP and out.stop_reason == stop
 
 
+def test_a_stop_string_the_last_flush_completes_ends_as_a_stop(llm):
+    """At max_tokens a last token part way through a character flushes as U+FFFD; a stop string ending in it
+    is cut from the text, and then the request stopped on it (it said 'length', with no stop_reason)."""
+    flushed = 0
+    for max_tokens in range(2, 48):
+        plain = llm.run(["the quick brown"], max_tokens=max_tokens, ignore_eos=True)[0]
+        stop = plain.text[-2:]
+        out = llm.run(["the quick brown"], max_tokens=max_tokens, ignore_eos=True, stop=[stop])[0]
+        if out.text != plain.text:
+            assert out.finish_reason is FinishReason.STOP and out.stop_reason == stop, (max_tokens, out)
+        flushed += stop.endswith("\ufffd") and out.text == plain.text[:-2] and plain.text.count(stop) == 1
+    assert flushed, "the test needs a reply whose last token stops part way through a character"
+
+
 def test_multibyte_characters_split_across_tokens_are_streamed_whole(llm):
     tok = llm.tokenizer
     e_bytes = tok.encode("é", add_special_tokens=False)

@@ -214,11 +214,29 @@ def test_a_top_k_past_the_vocabulary_keeps_every_token(ops):
     "bad",
     [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
      dict(repetition_penalty=0.0), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300), dict(logprobs=-1),
-     dict(max_tokens=0), dict(skip_special_tokens="no"), dict(ignore_eos=1)],
+     dict(max_tokens=0), dict(skip_special_tokens="no"), dict(ignore_eos=1),
+     # past float32's range these became inf in the sampling batch, and every logprob NaN
+     dict(logit_bias={5: 1e39}), dict(logit_bias={5: -2e4}), dict(presence_penalty=-1e39),
+     dict(frequency_penalty=1e5), dict(stop={"a": 1}), dict(stop_token_ids={5: "x"})],
 )
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**bad)
+
+
+def test_collections_given_as_iterators_are_kept():
+    """A generator of stop strings was used up by the check and stored empty: generation never stopped."""
+    params = SamplingParams(stop=(s for s in ["\n", "."]), stop_token_ids=iter([5, np.int64(6)]))
+    assert params.stop == ("\n", ".") and params.stop_token_ids == (5, 6)
+    assert SamplingParams(stop_token_ids=np.int64(7)).stop_token_ids == (7,)
+
+
+def test_a_bias_at_the_bound_forces_its_token_without_nan(ops):
+    """1e4 (the most a bias may be) already decides the token, and keeps every logprob finite."""
+    row = well_separated_logits(1, seed=4)[0]
+    low = int(row.argmin())
+    pick = sample_rows(ops, row[None], [RequestSampler(SamplingParams(logit_bias={low: 1e4}, logprobs=3), [])])[0]
+    assert pick.token == low and np.isfinite(pick.logprob) and all(np.isfinite(v) for _, v in pick.top_logprobs)
 
 
 def test_vllms_spellings_of_none_are_taken():

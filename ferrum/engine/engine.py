@@ -564,6 +564,8 @@ class Engine:
                 request.text += request.stop_filter.feed(request.detokenizer.flush()) + request.stop_filter.flush()
             except Exception as error:
                 return self._fail(request, error, "decoding the end of its text failed")
+            if request.stop_filter.stopped:  # the last character completed a stop string
+                reason, request.stop_reason = FinishReason.STOP, request.stop_filter.matched
         self.scheduler.finish(request)
         request.lagged.clear()  # a token still on the device is dropped with its KV
         if self._speculator is not None:
