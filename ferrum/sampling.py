@@ -110,7 +110,7 @@ class SamplingParams:
                            ("logprobs", 0)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, none)
-        if self.top_k == -1:
+        if self.top_k == -1 and isinstance(self.top_k, (int, np.integer)) and not isinstance(self.top_k, bool):
             object.__setattr__(self, "top_k", 0)
         _integer("max_tokens", self.max_tokens, 1)
         _number("temperature", self.temperature, lambda v: v >= 0, ">= 0")

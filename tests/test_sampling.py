@@ -217,7 +217,7 @@ def test_a_top_k_past_the_vocabulary_keeps_every_token(ops):
      dict(max_tokens=0), dict(skip_special_tokens="no"), dict(ignore_eos=1),
      # past float32's range these became inf in the sampling batch, and every logprob NaN
      dict(logit_bias={5: 1e39}), dict(logit_bias={5: -2e4}), dict(presence_penalty=-1e39),
-     dict(frequency_penalty=1e5), dict(stop={"a": 1}), dict(stop_token_ids={5: "x"})],
+     dict(frequency_penalty=1e5), dict(stop={"a": 1}), dict(stop_token_ids={5: "x"}), dict(top_k=-1.0)],
 )
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(InvalidRequestError):
