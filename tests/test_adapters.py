@@ -565,7 +565,8 @@ def test_the_budget_counts_the_stacks_as_built(base, tmp_path):
     model.adapters.load("wide", tmp_path / "wide")
     for i in range(3):
         model.adapters.load(f"thin{i}", tmp_path / "thin")
-    stacked = sum(t.linear.a.nbytes + t.linear.b.nbytes for t in model.adapters._targets if t.linear.a is not None)
+    stacked = sum(a.nbytes + b.nbytes for t in model.adapters._targets if t.linear.factors
+                  for a, b in [t.linear.factors])
     assert model.adapters.used_bytes == stacked  # float32: the stacks' own bytes
     assert stacked > 3 * sum(info.nbytes for info in model.adapters.list())  # far more than the factors alone
     model.adapters.budget_bytes = stacked
@@ -663,3 +664,37 @@ def test_truncate_inside_a_shared_block_recomputes_with_the_adapter(base):
     assert model.kv.length("q") == 6
     out = model.forward([ForwardItem("q", TOKENS[6:], 6, adapter="A")], all_logits=True)
     np.testing.assert_allclose(model.ops.to_numpy(out.logits), whole[6:], atol=SAME_BACKEND_TOL)
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_loading_adapters_while_another_thread_generates_leaves_its_requests_whole(base, backend):
+    """A load or unload rebuilds every adapted matrix's stacks while a pass on another thread reads them: it
+    read one stack's ``a`` with the other's ``b`` (torch: "shapes cannot be multiplied", one in eight requests).
+    ``llm.adapters`` listed as another thread unloaded raised."""
+    import threading
+
+    import ferrum
+
+    folder, _, root, _ = base
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
+    llm.load_adapter("A", root / "A")
+    def reply() -> tuple[int, ...]:
+        return llm.run([[5, 6, 7]], lora="A", max_tokens=12, ignore_eos=True)[0].token_ids
+
+    expected = reply()
+    stop, churned = threading.Event(), []
+
+    def churn() -> None:
+        while not stop.is_set():
+            llm.load_adapter("B", root / "B")
+            llm.unload_adapter("B")
+            churned.append(len(llm.adapters))
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        replies = [reply() for _ in range(40)]
+    finally:
+        stop.set()
+        thread.join()
+    assert churned and replies == [expected] * len(replies)

@@ -60,22 +60,24 @@ class LoraBatch:
 class LoraLinear(Linear):
     """A base projection (dense or packed, applied by its bound op) plus the adapters' factors for it.
 
-    ``a [S, r, in]`` / ``b [S, r, out]`` hold every resident adapter's factors by
-    slot (zero where an adapter leaves this projection alone; scale folded into
-    ``b``), or None when none adapts it. ``state.batch`` is the current pass's
-    :class:`LoraBatch`, None when no token of the pass uses an adapter.
+    ``factors``, ``(a [S, r, in], b [S, r, out])``, hold every resident adapter's
+    factors by slot (zero where an adapter leaves this projection alone; scale
+    folded into ``b``), or None when none adapts it: one attribute, replaced whole,
+    so a pass on another thread than a load never reads one stack's ``a`` with
+    another's ``b``. ``state.batch`` is the current pass's :class:`LoraBatch`,
+    None when no token of the pass uses an adapter.
     """
 
-    __slots__ = ("a", "b", "state", "lora_apply")
+    __slots__ = ("factors", "state", "lora_apply")
 
     def __init__(self, base: Linear, state: Any, lora_apply: Callable[..., Any]):
         self.apply, self.weight, self.bias = base.apply, base.weight, base.bias
-        self.a = self.b = None
+        self.factors: tuple[Any, Any] | None = None
         self.state, self.lora_apply = state, lora_apply
 
     def __call__(self, x: Any) -> Any:
         y = self.apply(x, self.weight, self.bias)
-        batch = self.state.batch
-        if batch is None or self.a is None:
+        batch, factors = self.state.batch, self.factors
+        if batch is None or factors is None:
             return y
-        return self.lora_apply(y, x, self.a, self.b, batch)
+        return self.lora_apply(y, x, *factors, batch)

@@ -103,7 +103,8 @@ class AdapterRegistry:
 
     def list(self) -> list[AdapterInfo]:
         """Resident adapters, in load order of their slots."""
-        return [self.info(name) for name in self._slots if name is not None]
+        with self._lock:  # as another thread unloads one
+            return [self.info(name) for name in self._slots if name is not None]
 
     def info(self, name: str) -> AdapterInfo:
         r = self._get(name)
@@ -286,7 +287,7 @@ class AdapterRegistry:
         ops, dtype = self.model.ops, self.model.dtype
         for t, by_slot in self._stacking({r.slot: r.adapter for r in self._resident.values()}):
             if not by_slot:
-                t.linear.a = t.linear.b = None
+                t.linear.factors = None
                 continue
             rank = max(sum(w.rank for _, _, w in parts) for parts in by_slot.values())
             n_in = next(iter(by_slot.values()))[0][2].a.shape[0]
@@ -300,7 +301,7 @@ class AdapterRegistry:
                     a[slot, rows] = w.a.T
                     b[slot, rows, lo - t.start : hi - t.start] = w.b[:, lo - start : hi - start] * np.float32(w.scale)
                     row += w.rank
-            t.linear.a, t.linear.b = ops.from_numpy(a, dtype), ops.from_numpy(b, dtype)
+            t.linear.factors = ops.from_numpy(a, dtype), ops.from_numpy(b, dtype)
 
     def _install(self) -> None:
         """Swap every adaptable matrix for a LoraLinear, once."""
