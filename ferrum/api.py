@@ -279,8 +279,9 @@ class LLM:
     # --------------------------------------------------------------- asyncio
     @property
     def async_engine(self) -> AsyncEngine:
-        """The engine stepped by a background thread, for asyncio applications."""
-        if self._async_engine is None:
+        """The engine stepped by a background thread, for asyncio applications (a new one where an interrupt in
+        the last one's thread stopped it; one shut down stays so, and refuses new requests)."""
+        if self._async_engine is None or self._async_engine.broken is not None:
             self._async_engine = AsyncEngine(self.engine)
         return self._async_engine
 

@@ -15,7 +15,7 @@ import pytest
 
 import ferrum
 from ferrum.engine import AsyncEngine, Engine, EngineConfig, FinishReason
-from ferrum.errors import InvalidRequestError, RequestFailedError
+from ferrum.errors import ExecutorStateError, InvalidRequestError, RequestFailedError
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import SamplingParams
@@ -205,6 +205,15 @@ def test_async_consumers_get_the_error_and_the_thread_survives(checkpoint, solo)
     assert "KeyboardInterrupt" in str(results[0])
     llm.model._forward = real
     assert llm.model.kv.num_used_blocks == 0
+    # the stopped engine says why (it said "shut down", which no one did); LLM.async_engine starts another
+    with pytest.raises(ExecutorStateError, match="stopped: KeyboardInterrupt in its stepping thread"):
+        asyncio.run(consume(0))
+    llm._async_engine = engine
+    assert llm.async_engine is not engine and asyncio.run(_collect(llm.astream("hello", max_tokens=3)))
+
+
+async def _collect(pieces) -> str:
+    return "".join([piece async for piece in pieces])
 
 
 def test_a_consumer_whose_loop_died_is_dropped(checkpoint, solo):

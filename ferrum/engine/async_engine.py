@@ -110,6 +110,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
+        #: Why it stopped by itself (an interrupt in its stepping thread); None while it runs or once shut down.
+        self.broken: str | None = None
         self._thread: threading.Thread | None = None
         weakref.finalize(self, self._wake.set)  # a dropped engine lets its thread notice at once
         _live_engines.add(self)
@@ -150,15 +152,20 @@ class AsyncEngine:
 
     def _open(self) -> RequestStream:
         if self._closed:
-            raise ExecutorStateError("this AsyncEngine was shut down")
+            raise ExecutorStateError(self._closed_reason())
         return RequestStream(asyncio.get_running_loop())
+
+    def _closed_reason(self) -> str:
+        if self.broken is None:
+            return "this AsyncEngine was shut down"
+        return f"this AsyncEngine stopped: {self.broken} in its stepping thread; start another (LLM.async_engine does)"
 
     def _queue(self, stream: RequestStream, prompt_token_ids: Sequence[int], params: SamplingParams | None,
                request_id: str | None, metadata: Mapping[str, Any] | None, lora: str | None) -> RequestHandle:
         """Add the request and route its outputs to ``stream``; thread-safe."""
         with self._lock:
             if self._closed:  # shut down while the grammar compiled
-                raise ExecutorStateError("this AsyncEngine was shut down")
+                raise ExecutorStateError(self._closed_reason())
             request_id = self.engine.add_request(prompt_token_ids, params, request_id,
                                                  on_output=lambda out: self._deliver(stream, out),
                                                  metadata=metadata, lora=lora)
@@ -256,9 +263,11 @@ class AsyncEngine:
                 self.engine.step()
             except Exception as error:  # a step-level failure: end the requests it held, keep serving
                 self._fail_all(error)
-            except BaseException as error:  # KeyboardInterrupt/SystemExit in an op: tell everyone, then stop
+            except BaseException as error:  # KeyboardInterrupt/SystemExit in an op: stop, then tell everyone
+                # closed first: a request submitted as its consumers hear of the failure is refused, not left
+                # queued for a thread that has ended (it waited for good)
+                self.broken, self._closed = type(error).__name__, True
                 self._fail_all(error)
-                self._closed = True
                 self.engine.apply_pending()  # aborts queued while the step held the lock: free their KV now
                 return False
         return not self._closed
