@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
-import ml_dtypes  # noqa: F401  registers bfloat16 with numpy so safetensors can read it
+import ml_dtypes  # registers bfloat16 with numpy so safetensors can read it
 import numpy as np
 from safetensors import safe_open
 
@@ -23,11 +24,15 @@ INDEX_FILE = "model.safetensors.index.json"
 NOT_TEXT = re.compile(r"(?:^|\.)(?:vision\w*|visual|audio\w*|\w*multi_modal_projector|mm_projector|image\w*)\.")
 
 #: safetensors dtype codes and their element sizes.
-SAFETENSORS_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1}
-#: What a model's tensors may be stored as: floats, and uint32 words of packed quantized weights.
-#: Integer, bool and float8 tensors (FP8 checkpoints) are refused by name rather than misread.
+SAFETENSORS_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F8_E4M3": 1,
+                        "F8_E5M2": 1}
+#: safetensors dtype codes of FP8 tensors -> ml_dtypes' types, which safetensors' numpy reader does not know
+#: (read by :func:`_read_raw`; decoded by :mod:`ferrum.quant.fp8`).
+FP8_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+#: What a model's tensors may be stored as: floats, uint32 words of packed quantized weights, and FP8 codes.
+#: Other integer and bool tensors are refused by name rather than misread.
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-READABLE_DTYPES = FLOAT_DTYPES | {"U32", "U8", "I32"}  # MLX codes, float-mode scales, AWQ/GPTQ words
+READABLE_DTYPES = FLOAT_DTYPES | {"U32", "U8", "I32"} | set(FP8_DTYPES)  # MLX codes, float-mode scales, AWQ/GPTQ
 
 
 def is_float(array: np.ndarray) -> bool:
@@ -189,11 +194,13 @@ class Checkpoint:
             if dtype not in READABLE_DTYPES:
                 raise CheckpointError(
                     f"{path.name}: tensor {name} is stored as {dtype}; Ferrum reads float weights (F32, F16, BF16) "
-                    "and quantized ones (MLX, AWQ, GPTQ). Convert the checkpoint (FP8 and integer checkpoints are "
+                    "and quantized ones (MLX, AWQ, GPTQ, FP8). Convert the checkpoint (integer checkpoints are "
                     "not supported)"
                 )
             try:
-                array = handle.get_tensor(name)
+                array = _read_raw(path, name, dtype) if dtype in FP8_DTYPES else handle.get_tensor(name)
+            except CheckpointError:
+                raise
             except Exception as exc:  # safetensors raises its own error types for truncated data
                 raise CheckpointError(f"{path}: cannot read tensor {name} ({exc}); the file is truncated or corrupt") from None
             if dtype in FLOAT_DTYPES and not np.isfinite(array).all():
@@ -212,6 +219,34 @@ class Checkpoint:
             with _open(path) as handle:
                 for name in file_names:
                     yield name, handle
+
+
+def _read_raw(path: Path, name: str, dtype: str) -> np.ndarray:
+    """Tensor ``name`` of safetensors file ``path`` from its bytes, as the numpy type of ``dtype`` (an FP8 code,
+    which safetensors' numpy reader cannot name): the header is a little-endian u64 length, then JSON giving the
+    tensor's shape and byte range after it."""
+    stat = path.stat()
+    size, header = _header(str(path), stat.st_size, stat.st_mtime_ns)
+    entry = header[name]
+    start, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    if end - start != tensor_nbytes(dtype, shape):
+        raise CheckpointError(f"{path}: tensor {name} holds {end - start} bytes, not the "
+                              f"{tensor_nbytes(dtype, shape)} of {dtype} {list(shape)}; the file is corrupt")
+    with open(path, "rb") as f:
+        f.seek(8 + size + start)
+        data = f.read(end - start)
+    if len(data) != end - start:
+        raise CheckpointError(f"{path}: cannot read tensor {name} (the file ends early); it is truncated")
+    return np.frombuffer(data, dtype=FP8_DTYPES[dtype]).reshape(shape)
+
+
+@functools.lru_cache(maxsize=4)
+def _header(path: str, file_size: int, mtime_ns: int) -> tuple[int, dict[str, Any]]:
+    """A safetensors file's header length and JSON (cached by path, size and time: a shard holds many tensors)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return size, json.loads(f.read(size))
 
 
 @contextmanager

@@ -235,6 +235,8 @@ class DecoderOnlyLLM:
                               "(positions it was not trained for); the context stays at that", stacklevel=2)
             config = replace(config, max_seq_len=min(max_seq_len, config.max_seq_len))
         quant = config.quantization
+        if quant is not None and quant.runs_as_float:  # FP8: decoded to float at load, loaded as a float model
+            quant = None
         if not isinstance(backend, Backend):
             # Automatic choice for a quantized checkpoint: the first backend whose kernels run its format.
             backend = backend_for_format(quant.bits, quant.group_size) if backend is None and quant else (

@@ -20,7 +20,7 @@ from ferrum.checkpoint import NOT_TEXT, Checkpoint, is_float
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
-from ferrum.quant import awq_gptq, float_modes
+from ferrum.quant import awq_gptq, float_modes, fp8
 from ferrum.quant.affine import QuantizedWeight
 from ferrum.quant.config import AFFINE
 
@@ -126,6 +126,9 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
                                   "has no quantization_config with quant_method awq or gptq")
         kinds = ("qweight", "qzeros", "scales") + (("g_idx",) if f"{module}.g_idx" in present else ())
         return tuple(f"{module}.{kind}" for kind in kinds)
+    scale = fp8.scale_part(module, present) if quant is not None and quant.fp8 is not None and module != name else None
+    if scale is not None:  # an FP8 weight and its scale
+        return name, scale
     if module == name or f"{module}.scales" not in present:
         return (name,)
     if quant is None:
@@ -172,7 +175,13 @@ def _assemble(
         quant = config.quantization
         return awq_gptq.repack(parts, module, quant.mode_for(module), shape, quant.bits, quant.group_size, where)
     array = parts[name]
+    quant = config.quantization
+    scale = fp8.scale_part(module, parts) if quant is not None and quant.fp8 is not None else None
+    if scale is not None:
+        return fp8.decode(array, parts[scale], quant.fp8, shape, f"{where}: {module}")
     if len(parts) == 1:
+        if fp8.is_fp8(array):
+            raise CheckpointError(fp8.unscaled(name, array, quant, where))
         if not is_float(array):
             raise CheckpointError(
                 f"{where}: tensor {name} is {array.dtype} but a float tensor is expected "
@@ -221,16 +230,19 @@ def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
     norms config.json does not turn on, or extra layers would otherwise load and run silently wrong.
     Not reported: buffers (rotary inverse frequencies, recomputed from config.json; causal masks), the
     LM head a tied model reads from its embedding, and the other modalities' towers of a multimodal
-    checkpoint, wherever they sit (only the text model runs)."""
+    checkpoint, wherever they sit (only the text model runs), and an FP8 checkpoint's activation and KV-cache
+    scales, which only FP8 kernels use (:mod:`ferrum.quant.fp8`)."""
     arch = config.arch
     wrapped = arch.prefix != "model."
     head = arch.lm_head.removesuffix(".weight")  # its packed scales and biases too
+    unused_fp8 = config.quantization is not None and config.quantization.fp8 is not None
     left = sorted(
         name for name in unread
         if not name.endswith(_BUFFERS)
         and not (config.tie_word_embeddings and name.rsplit(".", 1)[0] == head)
         and not (wrapped and not name.startswith(arch.prefix) and name != arch.lm_head)
         and not NOT_TEXT.search(name)
+        and not (unused_fp8 and name.endswith(fp8.UNUSED_SUFFIXES))
     )
     if left:
         more = len(left) - _UNREAD_SHOWN

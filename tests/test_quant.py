@@ -83,7 +83,7 @@ def test_quant_config_reads_mlx_lm_sections_with_overrides():
     [
         ({"bits": 6, "group_size": 32, "mode": "fp6"}, UnsupportedFeatureError, "mode 'fp6'"),
         ({"bits": 4, "group_size": 64, "mode": "mxfp4"}, ConfigError, "mode 'mxfp4' is 4 bits in groups of 32"),
-        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, UnsupportedFeatureError, "quant_method 'fp8'"),
+        ({"quant_method": "torchao", "quant_type": {}}, UnsupportedFeatureError, "quant_method 'torchao'"),
         ({"bits": 7, "group_size": 64}, UnsupportedFeatureError, "7-bit"),
         ({"bits": 4, "group_size": 48}, UnsupportedFeatureError, "group size 48"),
         ({"bits": "4", "group_size": 64}, ConfigError, "integer 'bits'"),

@@ -6,8 +6,11 @@ entry per module path, ``"model.layers.0.mlp.down_proj": {"group_size": 64,
 "bits": 6}``, or ``false`` for a module left in float. MLX's float modes
 (``"mode": "mxfp4"``, ``"nvfp4"``, ``"mxfp8"``) are read into the forms every
 backend runs (:mod:`ferrum.quant.float_modes`), and so are Hugging Face's
-``quant_method`` "awq" and "gptq" sections (:mod:`ferrum.quant.awq_gptq`) and gpt-oss's "mxfp4". Other
-schemes (bitsandbytes, FP8, compressed-tensors...) are refused by name.
+``quant_method`` "awq" and "gptq" sections (:mod:`ferrum.quant.awq_gptq`) and gpt-oss's "mxfp4". FP8
+checkpoints (``quant_method`` "fp8": Qwen3-*-FP8, DeepSeek's and Mistral's FP8 releases; compressed-tensors'
+"float-quantized": RedHatAI's ``*-FP8-dynamic``) are decoded to float at load (:mod:`ferrum.quant.fp8`;
+mode "fp8", :attr:`QuantConfig.fp8` saying how their scales are laid out). Other schemes (bitsandbytes,
+compressed-tensors' integer formats, ModelOpt...) are refused by name.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ferrum.errors import ConfigError, InvalidRequestError, UnsupportedFeatureError
+from ferrum.quant.fp8 import FP8, Fp8Scheme, is_fp8_section, parse as parse_fp8
 from ferrum.quant.affine import SUPPORTED_GROUP_SIZES, check_format
 
 Format = tuple[int, int]  # (bits, group_size)
@@ -34,6 +38,13 @@ class QuantConfig:
     overrides: Mapping[str, Format | None] = field(default_factory=dict)
     mode: str = AFFINE
     modes: Mapping[str, str] = field(default_factory=dict)
+    fp8: Fp8Scheme | None = None  # an FP8 checkpoint's scale layout (mode "fp8")
+
+    @property
+    def runs_as_float(self) -> bool:
+        """Whether the quantized weights are decoded to float ones at load (FP8), so the model picks its backend
+        and dtype and runs as a float checkpoint does."""
+        return self.mode == FP8
 
     def for_module(self, module: str) -> Format | None:
         """The format config.json gives ``module`` (a path like ``model.layers.0.mlp.down_proj``)."""
@@ -42,8 +53,8 @@ class QuantConfig:
         return self.bits, self.group_size
 
     def mode_for(self, module: str) -> str:
-        """``module``'s quantization mode: "affine", one of :data:`FLOAT_MODES`, or "awq" / "gptq" /
-        "gptq_v2" for a checkpoint in those layouts."""
+        """``module``'s quantization mode: "affine", one of :data:`FLOAT_MODES`, "awq" / "gptq" /
+        "gptq_v2" for a checkpoint in those layouts, or "fp8"."""
         return self.modes.get(module, self.mode)
 
     def to_json(self) -> dict[str, Any]:
@@ -90,15 +101,17 @@ class QuantConfig:
 
     @classmethod
     def _foreign(cls, section: Mapping[str, Any], method: Any, where: str) -> "QuantConfig":
-        """An AutoAWQ (GEMM) or GPTQ section (:mod:`ferrum.quant.awq_gptq`), or gpt-oss's MXFP4 one (its
-        experts in ``*_blocks`` / ``*_scales``, MLX's mxfp4 codes: :mod:`ferrum.moe.gpt_oss`); other methods
-        refused by name."""
+        """An AutoAWQ (GEMM) or GPTQ section (:mod:`ferrum.quant.awq_gptq`), an FP8 one (:mod:`ferrum.quant.fp8`),
+        or gpt-oss's MXFP4 one (its experts in ``*_blocks`` / ``*_scales``, MLX's mxfp4 codes:
+        :mod:`ferrum.moe.gpt_oss`); other methods refused by name."""
         if method == "mxfp4":
             return cls(*FLOAT_MODES["mxfp4"], {}, "mxfp4")
+        if is_fp8_section(section):
+            return cls(8, 0, {}, FP8, fp8=parse_fp8(section, where))
         if method not in ("awq", "gptq"):
             raise UnsupportedFeatureError(
                 f"{where}: quant_method {method!r} checkpoints are not supported; Ferrum runs MLX's quantization "
-                "(mlx-community checkpoints, `ferrum quantize`), GGUF files, AWQ and GPTQ: convert the float "
+                "(mlx-community checkpoints, `ferrum quantize`), GGUF files, AWQ, GPTQ and FP8: convert the float "
                 "model with `ferrum quantize SRC DST --bits 4`"
             )
         bits, group_size = _bits_and_group(section, where, "quantization_config", default=(4, 128))
