@@ -19,7 +19,7 @@ import ferrum
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
 from ferrum.quant import QuantConfig
 
-from support import runnable_backends, write_arch_checkpoint
+from support import runnable_backends, write_arch_checkpoint, write_tiny_qwen3_moe
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -204,6 +204,22 @@ def test_transformers_own_fp8_loader_agrees_where_it_runs(qwen3, tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor([TOKENS])).logits[0].float().numpy()
     got = ferrum.load(tmp_path / "fp8", backend="cpu", dtype="float32").model.forward_verify("s", TOKENS)
+    assert scaled_error(got, ref) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def float_moe(tmp_path_factory):
+    return write_tiny_qwen3_moe(tmp_path_factory.mktemp("fp8_moe") / "float")
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_fp8_experts_match_transformers_on_their_dequantized_weights(float_moe, tmp_path, backend):
+    """Qwen3-30B-A3B-FP8's layout: each expert's projections FP8 with their block scales, the router in float."""
+    section = {**FP8_BLOCK, "weight_block_size": [24, 24]}  # 32- and 64-wide matrices: partial blocks
+    dequantized = write_fp8(tmp_path / "fp8", float_moe, section, "block", (24, 24))
+    assert any(".experts.3.down_proj." in name for name in dequantized)
+    ref = reference_logits(float_moe, dequantized, tmp_path / "dequantized")
+    got = ferrum.load(tmp_path / "fp8", backend=backend, dtype="float32").model.forward_verify("s", TOKENS)
     assert scaled_error(got, ref) <= 1e-4
 
 

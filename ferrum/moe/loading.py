@@ -27,7 +27,7 @@ from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe import fused_gate_up, gpt_oss
 from ferrum.moe.experts import HostExperts, StackedQuantized
 from ferrum.moe.spec import MoeSpec
-from ferrum.quant import awq_gptq, float_modes
+from ferrum.quant import awq_gptq, float_modes, fp8
 from ferrum.quant.affine import FloatCodes
 from ferrum.quant.config import AFFINE, FLOAT_MODES, QuantConfig
 
@@ -68,6 +68,9 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE
         if f"{path}.global_scale" in present and mode != AFFINE:
             raise UnsupportedFeatureError(f"{path}.global_scale: nvfp4 experts with a tensor scale (global_scale) "
                                           "are not supported; quantize the experts without one")
+        scale = fp8.scale_part(path, present)
+        if scale is not None:  # FP8 experts, stacked
+            return name, scale
         return tuple(f"{path}.{k}" for k in packed) if f"{path}.scales" in present else (name,)
     if spec.stacked is not None:
         module, proj = path.split(".switch_mlp.")
@@ -75,6 +78,8 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE
     per_expert = [n.removesuffix(".weight") for n in per_expert_names(spec, name)]
     if f"{per_expert[0]}.qweight" in present:
         kinds = _AWQ_GPTQ + (("g_idx",) if f"{per_expert[0]}.g_idx" in present else ())
+    elif fp8.scale_part(per_expert[0], present) is not None:  # FP8 experts: each weight and its scale
+        kinds = ("weight", fp8.scale_part(per_expert[0], present).rsplit(".", 1)[1])
     else:
         kinds = packed if f"{per_expert[0]}.scales" in present else _PACKED[:1]
     return tuple(f"{p}.{k}" for p in per_expert for k in kinds)
@@ -140,7 +145,14 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
     if half is not None and weight.ndim == 3 and weight.shape[1] == 2 * shape[1]:
         weight = half_of(weight, half)
     first = next(iter(parts)).removesuffix(".weight")
+    scale_kind = next((k for k in fp8.SCALE_NAMES if any(n.endswith(f".{k}") for n in parts)), None)
+    if scale_kind is not None:  # one stack's scales as stored, or each expert's stacked
+        scale_parts = [n for n in parts if n.endswith(f".{scale_kind}")]
+        scales = parts[scale_parts[0]] if len(scale_parts) == 1 and weight.ndim == 3 else stacked(scale_kind)
+        return _fp8_experts(weight, scales, quant, shape, f"{where}: {first}")
     if not any(n.endswith(".scales") for n in parts):
+        if fp8.is_fp8(weight):
+            raise CheckpointError(fp8.unscaled(f"{first}.weight", weight, quant, where))
         if tuple(weight.shape) != shape or not is_float(weight):
             raise CheckpointError(
                 f"{where}: experts {first} stack to {weight.dtype} {tuple(weight.shape)} but config.json implies "
@@ -190,6 +202,19 @@ def _float_mode_experts(weight: np.ndarray, scales: np.ndarray, mode: str, shape
         return tuple(part.reshape(e, n, -1) for part in parts)
 
     return StackedQuantized.deferred(affine, shape, 5, FLOAT_MODES[mode][1], FloatCodes(weight, scales, mode))
+
+
+def _fp8_experts(weight: np.ndarray, scales: np.ndarray, quant: QuantConfig | None, shape: tuple[int, int, int],
+                 where: str) -> np.ndarray:
+    """FP8 experts, each decoded to float32 as a matrix is (:mod:`ferrum.quant.fp8`), stacked."""
+    if quant is None or quant.fp8 is None:
+        raise CheckpointError(f"{where}: the experts hold FP8 weight scales, but config.json has no FP8 "
+                              "quantization_config (quant_method 'fp8', or compressed-tensors' 'float-quantized')")
+    e, n, k = shape
+    if weight.ndim != 3 or weight.shape[0] != e or scales.shape[:1] != (e,):
+        raise CheckpointError(f"{where}: FP8 experts must stack {e} experts' weights and scales; got "
+                              f"{tuple(weight.shape)} and {tuple(scales.shape)}")
+    return np.stack([fp8.decode(weight[i], scales[i], quant.fp8, (n, k), f"{where} (expert {i})") for i in range(e)])
 
 
 def _awq_gptq_experts(parts: dict[str, np.ndarray], shape: tuple[int, int, int], quant: QuantConfig | None,
