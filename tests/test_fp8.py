@@ -272,3 +272,10 @@ def test_damaged_fp8_checkpoints_are_refused_clearly(llama, tmp_path):
 def test_other_schemes_are_refused_by_name(section, error, words):
     with pytest.raises(error, match=words):
         QuantConfig.from_config({"quantization_config": section})
+
+
+def test_quantize_refuses_an_fp8_source_and_says_what_runs_it(llama, tmp_path):
+    write_fp8(tmp_path / "fp8", llama, FP8_BLOCK, "block", (128, 128))
+    with pytest.raises(UnsupportedFeatureError, match="is an FP8 checkpoint; `ferrum quantize` reads float ones"):
+        ferrum.quant.quantize_checkpoint(tmp_path / "fp8", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

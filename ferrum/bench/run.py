@@ -136,15 +136,14 @@ def run_bench(
         "device": backend.info.device,
         "dtype": ferrum.dtype,
     }
-    peer_name = peer_for(backend.name, options.peer, gguf=gguf_path is not None,
-                         quantized=config.quantization is not None)
+    packed = config.quantization is not None and not config.quantization.runs_as_float  # FP8 is read by transformers
+    peer_name = peer_for(backend.name, options.peer, gguf=gguf_path is not None, quantized=packed)
     runners: list[Runner] = [ferrum]
     if peer_name:
         runners.append(make_peer(peer_name, path, ferrum.dtype, backend.info.device, gguf_path,
                                  context=longest_prompt + workload.gen_len + 8,
                                  prefill_tokens=ferrum.llm.engine.config.max_num_batched_tokens,
-                                 mlx_packed=config.quantization is not None and config.quantization.mode not in
-                                 awq_gptq.METHODS))
+                                 mlx_packed=packed and config.quantization.mode not in awq_gptq.METHODS))
     runs = _measure(runners, prompts, workload, options.repeat)
     short = [r.name for r, side in zip(runners, runs)
              if any(f.generated_tokens != len(prompts) * workload.gen_len for f in side)]

@@ -113,6 +113,11 @@ def quantize_checkpoint(
             f"{src} is not a folder; give the folder of a float Hugging Face checkpoint (config.json + *.safetensors)"
         )
     config = ModelConfig.from_file(src)
+    if config.quantization is not None and config.quantization.runs_as_float:
+        raise UnsupportedFeatureError(
+            f"{src} is an FP8 checkpoint; `ferrum quantize` reads float ones. Ferrum runs it as it is (its weights "
+            "dequantized at load: ferrum.load, ferrum generate), or quantize its float original"
+        )
     if config.quantization is not None:
         raise InvalidRequestError(
             f"{src} is already quantized ({config.quantization.bits}-bit, group size "
