@@ -71,16 +71,18 @@ def _quantized_names(tensors: dict[str, np.ndarray]) -> list[str]:
 
 
 def write_fp8(folder, src, section: dict, strategy: str, block=None, fmt: str = "e4m3",
-              scale_name: str = "weight_scale_inv", extra=None, change=None) -> dict[str, np.ndarray]:
+              scale_name: str = "weight_scale_inv", extra=None, change=None,
+              scale_dtype=np.float32) -> dict[str, np.ndarray]:
     """``src``'s linear layers as FP8 into ``folder`` with ``section`` as config.json's quantization_config;
     ``extra(module)``: more tensors a layer stores (activation scales); ``change(tensors)``: damage done before
-    writing. Returns the dequantized weights."""
+    writing; ``scale_dtype``: the stored scales'. Returns the dequantized weights."""
     shutil.copytree(src, folder)
     tensors = load_file(str(folder / "model.safetensors"))
     dequantized = {}
     for name in _quantized_names(tensors):
         module = name.removesuffix(".weight")
         codes, stored = _quantize(tensors[name].astype(np.float32), strategy, block, fmt)
+        stored = stored.astype(scale_dtype)
         tensors[name], tensors[f"{module}.{scale_name}"] = codes, stored
         tensors.update(extra(module) if extra else {})
         dequantized[name] = _dequantized(codes, stored, strategy, block)
@@ -156,6 +158,9 @@ CASES = {
     "fp8-tensor-autofp8": ("qwen3", {"quant_method": "fp8", "activation_scheme": "static"}, "tensor", None, "e4m3",
                            "weight_scale", lambda m: {f"{m}.input_scale": np.array([0.01], np.float32)}),
     "ct-channel": ("qwen3", compressed_tensors("channel"), "channel", None, "e4m3", "weight_scale", None),
+    # RedHatAI's releases store the scales in the model's dtype
+    "ct-channel-bf16": ("qwen3", compressed_tensors("channel"), "channel", None, "e4m3", "weight_scale", None,
+                        ml_dtypes.bfloat16),
     "ct-tensor": ("llama", compressed_tensors("tensor"), "tensor", None, "e4m3", "weight_scale", None),
     "ct-block": ("qwen3", compressed_tensors("block", block_structure=[128, 128]), "block", (128, 128), "e4m3",
                  "weight_scale", None),
@@ -165,9 +170,10 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", runnable_backends())
 def test_fp8_checkpoints_match_transformers_on_their_dequantized_weights(request, tmp_path, case, backend):
-    arch, section, strategy, block, fmt, scale_name, extra = CASES[case]
+    arch, section, strategy, block, fmt, scale_name, extra, *scale_dtype = CASES[case]
     src = request.getfixturevalue(arch)
-    dequantized = write_fp8(tmp_path / "fp8", src, section, strategy, block, fmt, scale_name, extra)
+    dequantized = write_fp8(tmp_path / "fp8", src, section, strategy, block, fmt, scale_name, extra,
+                            scale_dtype=scale_dtype[0] if scale_dtype else np.float32)
     ref = reference_logits(src, dequantized, tmp_path / "dequantized")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # activation scales are not reported as unread tensors
