@@ -19,9 +19,18 @@ rule, lets ``argsort`` decide boundary ties.
 Dtype. The weights stay float32 up to the weighted sum. transformers' Qwen
 routers round them to the compute dtype first: identical in float32, within
 one rounding of each weight in bfloat16.
+
+Grouped sigmoid routing (:class:`GroupedSigmoid`, ``MoeSpec.routing``
+``"sigmoid_grouped"``: GLM-4.5 / 4.6, DeepSeek-V3's "noaux_tc") is another
+rule, :func:`route_grouped`; a backend's ``moe_route`` runs it only if its
+signature takes the ``routing`` argument, else the model calls this host
+reference for it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,16 +45,69 @@ def _softmax_f32(logits: np.ndarray) -> np.ndarray:
 def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int32 [T, k], weights float32 [T, k])`` from router logits ``[T, E]``."""
     probs = _softmax_f32(logits)
-    order = np.argsort(-probs, axis=-1, kind="stable")
-    ids = order[:, :top_k]
-    if top_k < probs.shape[1]:
-        ranked = np.take_along_axis(probs, order[:, top_k - 1 : top_k + 1], axis=-1)
-        for row in np.flatnonzero(ranked[:, 0] == ranked[:, 1]):  # a tie straddles the boundary
-            ids[row] = _torch_cpu_topk(probs[row], top_k)
+    ids = _topk_ids(probs, top_k)
     weights = np.take_along_axis(probs, ids, axis=-1)
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return ids.astype(np.int32), weights.astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class GroupedSigmoid:
+    """One sparse layer's grouped sigmoid routing, as ``moe_route``'s ``routing`` argument receives it
+    (transformers' ``DeepseekV3TopkRouter``, which ``Glm4MoeTopkRouter`` is): see :func:`route_grouped`.
+
+    ``bias`` is the layer's ``e_score_correction_bias``, a float32 ``[E]`` backend array (``from_numpy``),
+    kept in float32 whatever the compute dtype, as transformers keeps it."""
+
+    n_group: int
+    topk_group: int
+    scale: float  # routed_scaling_factor
+    bias: Any
+
+
+def route_grouped(logits: np.ndarray, bias: np.ndarray, top_k: int, n_group: int, topk_group: int,
+                  normalize: bool, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32 [T, k], weights float32 [T, k])`` by DeepSeek-V3's "noaux_tc" rule, every step in float32:
+
+    1. ``scores = sigmoid(logits)``; ``choice = scores + bias`` (the per-expert correction bias);
+    2. the experts split into ``n_group`` consecutive groups of ``E / n_group``; a group's score is the sum of
+       its two largest ``choice`` values (so a group needs at least two experts);
+    3. the ``topk_group`` best groups are kept (``torch.topk``, ties as on the CPU), the other groups'
+       experts masked to ``-inf``; with ``n_group == 1`` nothing is masked;
+    4. the ``top_k`` largest ``choice`` values among the kept experts pick the experts (``torch.topk``
+       again; ``top_k`` must not exceed the kept experts, which the config check ensures);
+    5. the weights are the chosen experts' *uncorrected* ``scores`` (the bias only chooses), divided by
+       ``their sum + 1e-20`` when ``normalize``, then multiplied by ``scale`` (routed_scaling_factor).
+    """
+    scores = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float32)))
+    choice = scores + np.asarray(bias, dtype=np.float32).reshape(1, -1)
+    tokens, experts = choice.shape
+    if n_group > 1:
+        grouped = choice.reshape(tokens, n_group, experts // n_group)
+        top2 = -np.sort(-grouped, axis=-1)[..., :2]
+        group_scores = top2[..., 0] + top2[..., 1]
+        kept = np.zeros((tokens, n_group), dtype=bool)
+        np.put_along_axis(kept, _topk_ids(group_scores, topk_group), True, axis=-1)
+        choice = np.where(np.repeat(kept, experts // n_group, axis=1), choice, np.float32(-np.inf))
+    ids = _topk_ids(choice, top_k)
+    weights = np.take_along_axis(scores, ids, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(1e-20))
+    weights = weights * np.float32(scale)
+    return ids.astype(np.int32), weights.astype(np.float32)
+
+
+def _topk_ids(values: np.ndarray, k: int) -> np.ndarray:
+    """The column indices ``torch.topk(values, k)`` picks on the CPU, per row (in no particular order):
+    a stable sort, and where a tie straddles the boundary, torch's selection replayed."""
+    order = np.argsort(-values, axis=-1, kind="stable")
+    ids = order[:, :k]
+    if k < values.shape[1]:
+        ranked = np.take_along_axis(values, order[:, k - 1 : k + 1], axis=-1)
+        for row in np.flatnonzero(ranked[:, 0] == ranked[:, 1]):  # a tie straddles the boundary
+            ids[row] = _torch_cpu_topk(values[row], k)
+    return ids
 
 
 def _torch_cpu_topk(values: np.ndarray, k: int) -> list[int]:
