@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.11"
+API_VERSION = "1.12"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -524,7 +524,7 @@ def lora_apply(y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool) -> Any:
+def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routing: Any) -> Any:
     """(optional) Pick each token's experts: ``(ids, weights)`` as backend arrays.
 
     ``logits [T, E]`` are the router's outputs in the compute dtype. Softmax in
@@ -533,8 +533,20 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool) -> An
     by their sum when ``normalize``. ``weights`` are float32 ``[T, top_k]``, or
     ``[T, top_k + 1]`` when ``shared_logit [T, 1]`` is given: the last column
     is ``sigmoid(shared_logit)``, the shared expert's weight (Qwen2-MoE).
-    Fallback: the host reference :func:`ferrum.moe.routing.route` (one copy of
-    the logits to the host per MoE layer).
+
+    ``routing`` (API 1.12) is a feature, declared by the signature as for
+    :func:`attention`: None for the softmax rule above, or a
+    :class:`ferrum.moe.routing.GroupedSigmoid` (GLM-4.5, DeepSeek-V3): sigmoid
+    scores, a per-expert correction bias (``routing.bias``, float32 ``[E]``
+    from ``from_numpy``) that only chooses, the best ``routing.topk_group`` of
+    ``routing.n_group`` expert groups, the chosen experts' scores (normalized
+    when ``normalize``) times ``routing.scale``, exactly as
+    :func:`ferrum.moe.routing.route_grouped` says, every step in float32
+    (``shared_logit`` is then None). An implementation without ``routing``
+    is never handed one: the model routes those layers by the fallback.
+    Fallback: the host references :func:`ferrum.moe.routing.route` and
+    :func:`~ferrum.moe.routing.route_grouped` (one copy of the logits to the
+    host per MoE layer).
     """
 
 

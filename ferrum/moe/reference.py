@@ -8,11 +8,17 @@ import numpy as np
 
 from ferrum.moe.activation import ClampedSwiGLU
 from ferrum.moe.experts import HostExperts, ReferenceStack
-from ferrum.moe.routing import route
+from ferrum.moe.routing import GroupedSigmoid, route, route_grouped
 
 
-def moe_route(ops: Any, logits: Any, shared_logit: Any, top_k: int, normalize: bool) -> tuple[Any, Any]:
-    ids, weights = route(ops.to_numpy(logits), top_k, normalize)
+def moe_route(ops: Any, logits: Any, shared_logit: Any, top_k: int, normalize: bool,
+              routing: GroupedSigmoid | None = None) -> tuple[Any, Any]:
+    host = ops.to_numpy(logits)
+    if routing is None:
+        ids, weights = route(host, top_k, normalize)
+    else:
+        ids, weights = route_grouped(host, ops.to_numpy(routing.bias), top_k, routing.n_group, routing.topk_group,
+                                     normalize, routing.scale)
     if shared_logit is not None:
         gate = ops.to_numpy(shared_logit).astype(np.float32).reshape(-1, 1)
         weights = np.concatenate([weights, 1.0 / (1.0 + np.exp(-gate))], axis=1)
