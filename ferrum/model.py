@@ -263,9 +263,10 @@ class DecoderOnlyLLM:
             for prepared, host in prepare(config, name, tensor):
                 for part, array in fuser.add(prepared, host) if fuser else [(prepared, host)]:
                     # biases, norms and sinks are used as they are, never laid out for products (a 2-D norm too)
-                    as_is = part.endswith((".bias", ".sinks")) or is_norm(part)
+                    float32 = part.endswith(config.arch.keep_float32)
+                    as_is = part.endswith((".bias", ".sinks")) or is_norm(part) or float32
                     role = roles.get(part, "bias" if as_is else "linear")
-                    weights[part] = place(backend.ops, part, array, dtype, role, needs)
+                    weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs)
             if progress is not None:
                 progress(done, len(shapes), name)
         return cls(config, backend, weights, dtype, num_kv_blocks, block_size)

@@ -454,6 +454,24 @@ def _glm4(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _glm4_moe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GLM-4.5 / 4.6 (transformers' Glm4Moe), DeepSeek-V3's MoE with GQA attention: Llama's two norms, q/k/v biased
+    by attention_bias (o never), per-head q/k norms before rope with use_qk_norm, and rope on partial_rotary_factor
+    (0.5) of each head with Llama's rotate-half pairs (not GLM-4's adjacent ones); the sparse MLPs (grouped
+    sigmoid routing, an ungated shared expert, the first first_k_dense_replace layers dense) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.5))
+    r("hidden_act")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="head" if r("use_qk_norm") else None,
+        qkv_bias=r("attention_bias"),
+    )
+
+
 def _hunyuan_dense(r: KeyReader, sizes: Sizes) -> Architecture:
     """Hunyuan (dense): Llama's blocks with per-head q/k norms (``query_layernorm``, ``key_layernorm``) applied
     once q and k are rotated. Its checkpoints' rope scaling is "dynamic" with an ``alpha``, which transformers
@@ -1097,6 +1115,15 @@ FAMILIES: dict[str, Family] = {
         )),
         _glm4,
         eps_default=1.5625e-07,
+    ),
+    "glm4_moe": Family(  # GLM-4.5, GLM-4.5-Air, GLM-4.6: DeepSeek-V3's grouped sigmoid routing
+        _keys(_core(False), _ROPE, _SILU, (
+            Key("partial_rotary_factor", default=0.5, check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("attention_bias", default=False, check=boolean),
+            Key("use_qk_norm", default=False, check=boolean),
+        ), MOE_KEYS["glm4_moe"]),
+        with_moe("glm4_moe", _glm4_moe),
+        eps_default=1e-5,
     ),
     "hunyuan_v1_dense": Family(  # Tencent's Hunyuan 0.5B-7B
         _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", default=False, check=boolean),)),

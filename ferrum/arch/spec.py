@@ -71,6 +71,9 @@ class Architecture:
     qkv_grouped: bool = False
     fused_gate_up: bool = False  # checkpoint holds mlp.gate_up_proj (Phi-3)
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
+    #: Endings of the tensors placed in float32 whatever the compute dtype (transformers' _keep_in_fp32_modules:
+    #: GLM-4.5's router correction biases, which choose between experts whose scores differ in the fourth digit).
+    keep_float32: tuple[str, ...] = ()
     #: Llama 4's attention scaling (Ministral 3), ``(beta, original)``: each query is multiplied by ``1 + beta *
     #: log(1 + floor(position / original))``, exactly 1 before ``original_max_position_embeddings``.
     query_scaling: tuple[float, int] | None = None

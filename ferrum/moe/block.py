@@ -1,10 +1,11 @@
-"""One sparse MLP as the model calls it: route, run the chosen experts, add the gated shared expert."""
+"""One sparse MLP as the model calls it: route, run the chosen experts, add the shared expert."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ferrum.moe.experts import PlacedExperts
+from ferrum.moe.routing import GroupedSigmoid
 
 
 class MoeMLP:
@@ -12,15 +13,23 @@ class MoeMLP:
 
     ``router`` and the shared expert's projections are ordinary linears
     (``weights.Linear``), so a quantized router runs like any projection.
+    The shared expert is weighed by ``sigmoid(shared_gate(x))`` inside
+    ``moe_experts`` (Qwen2-MoE), or, without a gate, added to the routed
+    experts' sum in the compute dtype (GLM-4.5, as transformers adds it).
+    ``routing`` is None for softmax routing, else the layer's
+    :class:`~ferrum.moe.routing.GroupedSigmoid`, handed to ``route`` (the
+    backend's ``moe_route`` where it takes that argument, else the core's).
     """
 
-    __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate")
+    __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route")
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
-                 shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None):
+                 shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
+                 routing: GroupedSigmoid | None = None, route: Callable[..., Any] | None = None):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize
         self.shared, self.shared_gate = shared, shared_gate
+        self.routing, self.route = routing, route  # route None: ops.moe_route, looked up per call
 
     def projections(self) -> list[Any]:
         """The ordinary linears (router, shared expert); the experts are ``self.experts``."""
@@ -33,6 +42,14 @@ class MoeMLP:
         if self.shared is not None:
             gate, up, down = self.shared
             shared_out = down(ops.silu_mul(gate(x), up(x)))
-            shared_logit = self.shared_gate(x)
-        ids, weights = ops.moe_route(self.router(x), shared_logit, self.top_k, self.normalize)
+            if self.shared_gate is not None:
+                shared_logit = self.shared_gate(x)
+        logits = self.router(x)
+        if self.routing is None:
+            ids, weights = ops.moe_route(logits, shared_logit, self.top_k, self.normalize)
+        else:
+            route = ops.moe_route if self.route is None else self.route
+            ids, weights = route(logits, shared_logit, self.top_k, self.normalize, self.routing)
+        if shared_out is not None and shared_logit is None:  # ungated: added once the routed experts are summed
+            return ops.add(self.experts(x, ids, weights, None), shared_out)
         return self.experts(x, ids, weights, shared_out)

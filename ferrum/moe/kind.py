@@ -8,12 +8,17 @@ from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
 from ferrum.moe.experts import PlacedExperts
 from ferrum.moe.loading import SWITCH
+from ferrum.moe.routing import GroupedSigmoid
+
+#: The router's per-expert bias of grouped sigmoid routing (``MoeSpec.routing``), in the router's module.
+CORRECTION_BIAS = "e_score_correction_bias"
 
 
 class Moe:
-    """Router ``M.gate`` (or ``MoeSpec.router``), the experts stacked as ``M.switch_mlp.*`` (read from any
-    checkpoint layout, see :mod:`ferrum.moe.loading`) with their biases where ``MoeSpec.biased`` and, for
-    Qwen2-MoE, ``M.shared_expert.*`` with ``M.shared_expert_gate``."""
+    """Router ``M.gate`` (or ``MoeSpec.router``), with ``M.gate.e_score_correction_bias`` under grouped sigmoid
+    routing (GLM-4.5), the experts stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see
+    :mod:`ferrum.moe.loading`) with their biases where ``MoeSpec.biased``, and the shared expert: Qwen2-MoE's
+    ``M.shared_expert.*`` with ``M.shared_expert_gate``, GLM-4.5's ungated ``M.shared_experts.*``."""
 
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
         spec, h = config.arch.moe, config.hidden_size
@@ -24,10 +29,14 @@ class Moe:
         if spec.biased:
             shapes[f"{m}.{spec.router}.bias"] = (e,)
             shapes.update({f"{m}.switch_mlp.{p}.bias": (e, size) for p, size in zip(SWITCH, (inter, inter, h))})
+        if spec.routing == "sigmoid_grouped":
+            shapes[f"{m}.{spec.router}.{CORRECTION_BIAS}"] = (e,)
         if spec.shared_expert_size:
-            s = spec.shared_expert_size
-            shapes.update({f"{m}.shared_expert.gate_proj.weight": (s, h), f"{m}.shared_expert.up_proj.weight": (s, h),
-                           f"{m}.shared_expert.down_proj.weight": (h, s), f"{m}.shared_expert_gate.weight": (1, h)})
+            s, shared = spec.shared_expert_size, f"{m}.{spec.shared_module}"
+            shapes.update({f"{shared}.gate_proj.weight": (s, h), f"{shared}.up_proj.weight": (s, h),
+                           f"{shared}.down_proj.weight": (h, s)})
+            if spec.shared_gate is not None:
+                shapes[f"{m}.{spec.shared_gate}.weight"] = (1, h)
         return shapes
 
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
@@ -47,6 +56,15 @@ class Moe:
         experts = PlacedExperts(stacks[0].apply, *(s.weight for s in stacks), biases, spec.activation)
         shared = shared_gate = None
         if spec.shared_expert_size:
-            shared = tuple(linear(f"{m}.shared_expert.{p}") for p in SWITCH)
-            shared_gate = linear(f"{m}.shared_expert_gate")
-        return MoeMLP(ops, linear(f"{m}.{spec.router}"), experts, spec.top_k, spec.normalize, shared, shared_gate)
+            shared = tuple(linear(f"{m}.{spec.shared_module}.{p}") for p in SWITCH)
+            shared_gate = None if spec.shared_gate is None else linear(f"{m}.{spec.shared_gate}")
+        routing = route = None
+        if spec.routing == "sigmoid_grouped":
+            routing = GroupedSigmoid(spec.n_group, spec.topk_group, spec.routed_scale,
+                                     tensor(f"{m}.{spec.router}.{CORRECTION_BIAS}"))
+            # a backend's own moe_route that does not take ``routing`` would route by softmax: the core's instead
+            route = None if ops.accepts("moe_route", "routing") else ops.fallback["moe_route"]
+        elif spec.routing != "softmax":
+            raise UnsupportedFeatureError(f"layer {layer}: routing {spec.routing!r} is not one Ferrum runs")
+        return MoeMLP(ops, linear(f"{m}.{spec.router}"), experts, spec.top_k, spec.normalize, shared, shared_gate,
+                      routing, route)

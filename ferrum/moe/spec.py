@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ferrum.arch.keys import Key, KeyReader, boolean, optional_positive_int, positive_int, positive_number
+from ferrum.arch.keys import (
+    Key, KeyReader, boolean, optional_non_negative_int, optional_positive_int, positive_int, positive_number,
+)
 from ferrum.arch.spec import Architecture
 from ferrum.moe.activation import ClampedSwiGLU
 
@@ -18,6 +20,7 @@ LAYOUT = {
     "granitemoe": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
     "gpt_oss": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.gpt_oss)
     "qwen3_vl_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.fused_gate_up)
+    "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -32,12 +35,17 @@ def _layer_list(value: object) -> str | None:
     return f"must list layer indices, got {value!r}"
 
 
+def _non_negative_int(value: object) -> str | None:
+    return "must be a non-negative integer, got None" if value is None else optional_non_negative_int(value)
+
+
 #: The expert count's spellings transformers reads, first wins: Mixtral and Qwen3-MoE map ``num_experts`` onto
 #: ``num_local_experts``; Qwen2-MoE reads ``num_experts`` only (a ``num_local_experts`` there leaves its 60).
 _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
                 "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts",),
                 "granitemoe": ("num_local_experts",), "gpt_oss": ("num_local_experts",),
-                "qwen3_vl_moe": ("num_local_experts", "num_experts")}
+                "qwen3_vl_moe": ("num_local_experts", "num_experts"),
+                "glm4_moe": ("n_routed_experts", "num_local_experts")}  # the latter its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -60,9 +68,18 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "gpt_oss": (*_COUNT["gpt_oss"], Key("num_experts_per_tok", default=4, check=positive_int),
                 Key("swiglu_alpha", default=1.702, check=positive_number),
                 Key("swiglu_limit", default=7.0, check=positive_number)),
+    # DeepSeek-V3's routing (transformers' Glm4MoeConfig defaults)
+    "glm4_moe": (*_COUNT["glm4_moe"], Key("num_experts_per_tok", default=8, check=positive_int),
+                 Key("moe_intermediate_size", default=1408, check=positive_int),
+                 Key("norm_topk_prob", default=True, check=boolean),
+                 Key("n_shared_experts", default=1, check=positive_int),
+                 Key("routed_scaling_factor", default=1.0, check=positive_number),
+                 Key("n_group", default=1, check=positive_int),
+                 Key("topk_group", default=1, check=positive_int),
+                 Key("first_k_dense_replace", default=1, check=_non_negative_int)),
 }
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
-                  "qwen3_vl_moe": 60}
+                  "qwen3_vl_moe": 60, "glm4_moe": 128}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
@@ -88,17 +105,55 @@ class MoeSpec:
     top_k: int
     expert_size: int  # intermediate size of each routed expert
     normalize: bool  # divide the top-k probabilities by their sum (Mixtral always; Qwen: norm_topk_prob)
-    shared_expert_size: int | None  # Qwen2-MoE's sigmoid-gated shared expert, else None
+    shared_expert_size: int | None  # the shared expert's width (Qwen2-MoE's, GLM-4.5's), else None
     router: str = "gate"  # the router's module in the sparse MLP module
     stacked: tuple[str, str, str] | None = None  # the Hugging Face stacks of (gate, up, down) where not per expert
     biased: bool = False  # the router and every expert projection have biases (gpt-oss)
     activation: ClampedSwiGLU | None = None  # the experts' activation where not SwiGLU
     layout: str | None = None  # a family's own checkpoint layouts (ferrum.moe.loading.LAYOUTS)
+    #: The shared expert's module, and the module of its sigmoid gate (Qwen2-MoE's); None: ungated, added to the
+    #: routed experts' sum as it is (GLM-4.5's ``shared_experts``)
+    shared_module: str = "shared_expert"
+    shared_gate: str | None = "shared_expert_gate"
+    #: The routing rule: "softmax" (ferrum.moe.routing.route) or "sigmoid_grouped" (DeepSeek-V3's, GLM-4.5's:
+    #: ferrum.moe.routing.route_grouped, with ``n_group``, ``topk_group``, ``routed_scale`` and each layer's
+    #: ``<router>.e_score_correction_bias``)
+    routing: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scale: float = 1.0
 
     @property
     def needs(self) -> tuple[str, ...]:
         """The ``moe_experts`` feature arguments these experts need (see ferrum.hookspec.moe_experts)."""
         return ("biases",) * self.biased + ("activation",) * (self.activation is not None)
+
+
+#: Families routed by DeepSeek-V3's grouped sigmoid rule, with an ungated shared expert of ``n_shared_experts``
+#: times the routed experts' width and dense MLPs on the first ``first_k_dense_replace`` layers.
+_SIGMOID_GROUPED = ("glm4_moe",)
+
+
+def _sigmoid_grouped(r: KeyReader, module: str, names: tuple[str, str, str], count: int, top_k: int,
+                     layers: int) -> tuple[MoeSpec, list[bool]]:
+    """GLM-4.5's sparse MLPs (transformers' ``Glm4MoeMoE``); refuses groupings its router cannot run."""
+    groups, kept = r("n_group"), r("topk_group")
+    if count % groups:
+        r.fail("n_group", f"({groups}) must divide the {count} routed experts (n_routed_experts) into equal groups")
+    if count // groups < 2:
+        r.fail("n_group", f"({groups}) leaves {count // groups} expert per group; a group's score sums its two best "
+                          "experts, so each group needs at least two")
+    if kept > groups:
+        r.fail("topk_group", f"({kept}) exceeds the {groups} expert groups (n_group)")
+    if top_k > kept * (count // groups):
+        r.fail("num_experts_per_tok", f"({top_k}) exceeds the {kept * (count // groups)} experts of the {kept} "
+                                      f"group(s) topk_group keeps")
+    first_sparse = r("first_k_dense_replace")
+    spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
+                   r("moe_intermediate_size") * r("n_shared_experts"), shared_module="shared_experts",
+                   shared_gate=None, routing="sigmoid_grouped", n_group=groups, topk_group=kept,
+                   routed_scale=float(r("routed_scaling_factor")))
+    return spec, [i >= first_sparse for i in range(layers)]
 
 
 def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]) -> Callable:
@@ -112,7 +167,9 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts")
         module, names = LAYOUT[model_type]
         layers = sizes.num_layers
-        if model_type in _EVERY_LAYER:
+        if model_type in _SIGMOID_GROUPED:
+            spec, sparse = _sigmoid_grouped(r, module, names, count, top_k, layers)
+        elif model_type in _EVERY_LAYER:
             spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r), None,
                            ROUTER.get(model_type, "gate"), STACKED.get(model_type),
                            **_EXPERT_EXTRAS.get(model_type, lambda r: {})(r))
@@ -126,6 +183,8 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), normalize, shared, **extras)
         arch = replace(arch, moe=spec, layers=tuple(
             replace(layer, mlp="moe") if moe else layer for layer, moe in zip(arch.layers, sparse)))
+        if spec.routing == "sigmoid_grouped":  # the router's correction bias stays float32, as transformers keeps it
+            arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.router}.e_score_correction_bias"))
         if model_type == "qwen2_moe":  # q/k/v bias from qkv_bias; o_proj never has one
             arch = replace(arch, qkv_bias=r("qkv_bias"), o_bias=False)
         return arch

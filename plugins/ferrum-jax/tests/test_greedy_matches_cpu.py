@@ -25,3 +25,20 @@ def test_greedy_tokens_equal_the_cpu_backends(tmp_path):
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert [len(t) for t in got] == [24, 24, 24]
     assert got == want
+
+
+#: GLM-4.5's layout (grouped sigmoid routing, random correction biases, an ungated shared expert, a dense first
+#: layer, rope on half of each head): the model routes it through the core's reference, whatever the plugin runs.
+GLM4_MOE = dict(
+    architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", hidden_size=64, intermediate_size=80,
+    moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+    n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+    routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True, partial_rotary_factor=0.5,
+    max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+)
+
+
+def test_glm4_moe_greedy_tokens_equal_the_cpu_backends(tmp_path):
+    folder = write_random_checkpoint(tmp_path / "glm", GLM4_MOE, dtype="float32", std=0.2, seed=3)
+    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
+    assert got == want

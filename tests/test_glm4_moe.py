@@ -1,0 +1,218 @@
+"""GLM-4.5 / 4.6 (``glm4_moe``): DeepSeek-V3's grouped sigmoid routing, an ungated shared expert, dense first
+layers, partial rope; against transformers' own router and model on every runnable backend."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+import ferrum
+from ferrum.backends import load_backend
+from ferrum.config import ModelConfig
+from ferrum.errors import ConfigError
+from ferrum.model import DecoderOnlyLLM
+from ferrum.moe.routing import route_grouped
+from support import runnable_backends
+
+BACKENDS = runnable_backends()
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
+
+
+def glm_config(**extra) -> transformers.Glm4MoeConfig:
+    settings = dict(vocab_size=97, hidden_size=64, intermediate_size=80, moe_intermediate_size=24,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, n_routed_experts=8,
+                    num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                    partial_rotary_factor=0.5, max_position_embeddings=256, attention_bias=True,
+                    routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-5)
+    return transformers.Glm4MoeConfig(**{**settings, **extra})
+
+
+#: GLM-4.5's layout; GLM-4.5-Air's without groups, with q/k norms, unnormalized weights and two shared experts.
+VARIANTS = {"grouped": {}, "qk_norm": dict(n_group=1, topk_group=1, use_qk_norm=True, attention_bias=False,
+                                           norm_topk_prob=False, n_shared_experts=2, num_experts_per_tok=3,
+                                           first_k_dense_replace=2, routed_scaling_factor=1.0)}
+
+
+def _reference(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def _zero_correction_biases(model) -> None:
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.zero_()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """variant -> (folder, transformers model): random weights, random correction biases large enough to change
+    which experts the routers choose."""
+    out = {}
+    for variant, extra in VARIANTS.items():
+        folder = tmp_path_factory.mktemp(variant)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(glm_config(**extra)).float().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+            for name, buffer in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buffer.normal_(0, 0.5)
+        model.save_pretrained(folder)
+        out[variant] = folder, model
+    return out
+
+
+def _scaled_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
+
+
+# ------------------------------------------------------------------ routing
+
+
+@pytest.mark.parametrize("experts, groups, kept, top_k", [(8, 2, 1, 2), (8, 1, 1, 2), (16, 4, 2, 3), (12, 3, 2, 4),
+                                                          (64, 8, 4, 8), (256, 8, 4, 8)])
+def test_grouped_routing_matches_transformers_router_including_ties(experts, groups, kept, top_k):
+    """transformers' router on logits it reads as they are (an identity router weight): random ones, and small
+    integers, full of ties between experts and between groups, with biases that are zero, tie, or random."""
+    config = glm_config(hidden_size=experts, n_routed_experts=experts, n_group=groups, topk_group=kept,
+                        num_experts_per_tok=top_k)
+    router = Glm4MoeTopkRouter(config)
+    rng = np.random.default_rng(experts + groups)
+    logits = rng.integers(-1, 2, size=(300, experts)).astype(np.float32)
+    logits[:100] = rng.standard_normal((100, experts))
+    logits[100] = 0.0  # every expert ties
+    biases = {"zero": np.zeros(experts), "ties": rng.integers(0, 2, experts) * 0.5,
+              "random": rng.standard_normal(experts) * 0.1}
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(experts))
+        for bias in biases.values():
+            bias = bias.astype(np.float32)
+            router.e_score_correction_bias.copy_(torch.from_numpy(bias))
+            for normalize in (True, False):
+                router.norm_topk_prob = normalize
+                _, want_weights, want_ids = router(torch.from_numpy(logits))
+                ids, weights = route_grouped(logits, bias, top_k, groups, kept, normalize, 2.5)
+                order, want_order = np.argsort(ids, 1), np.argsort(want_ids.numpy(), 1)
+                np.testing.assert_array_equal(np.take_along_axis(ids, order, 1),
+                                              np.take_along_axis(want_ids.numpy(), want_order, 1))
+                np.testing.assert_allclose(np.take_along_axis(weights, order, 1),
+                                           np.take_along_axis(want_weights.numpy(), want_order, 1), rtol=1e-6)
+
+
+def test_the_correction_bias_chooses_but_does_not_weigh():
+    logits = np.array([[2.0, 1.0, 0.0, -1.0]], dtype=np.float32)
+    ids, weights = route_grouped(logits, np.array([0, 0, 5, 0], np.float32), 2, 1, 1, False, 1.0)
+    assert sorted(ids[0].tolist()) == [0, 2]
+    np.testing.assert_allclose(np.sort(weights[0]), np.sort(1 / (1 + np.exp(-logits[0, [0, 2]]))), rtol=1e-6)
+
+
+def test_a_moe_route_without_the_routing_argument_is_never_handed_it(checkpoints):
+    """The torch plugin's own moe_route knows softmax routing only: grouped layers route through the core's."""
+    if "cuda" not in BACKENDS:
+        pytest.skip("the torch backend is not installed")
+    ops = load_backend("cuda").ops
+    assert "moe_route" in ops.native and not ops.accepts("moe_route", "routing")
+    model = DecoderOnlyLLM.from_pretrained(checkpoints["grouped"][0], backend="cuda", dtype="float32")
+    sparse = [layer.mlp for layer, spec in zip(model.layers, model.config.arch.layers) if spec.mlp == "moe"]
+    assert sparse and all(mlp.route == model.ops.fallback["moe_route"] for mlp in sparse)
+
+
+# ------------------------------------------------------------------ whole models
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_matches_transformers(checkpoints, backend, variant):
+    folder, hf = checkpoints[variant]
+    want = _reference(hf, TOKENS)
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    dense = VARIANTS[variant].get("first_k_dense_replace", 1)
+    assert [spec.mlp for spec in model.config.arch.layers] == ["dense"] * dense + ["moe"] * (3 - dense)
+    assert _scaled_error(model.forward_verify("all", TOKENS), want) <= 1e-4
+    model.prefill("steps", TOKENS[:5])  # then decode token by token
+    for pos in range(5, len(TOKENS)):
+        assert _scaled_error(model.decode("steps", TOKENS[pos], pos), want[pos]) <= 1e-4
+
+
+def test_the_parity_checks_the_correction_biases(checkpoints):
+    """Zeroing the checkpoint's correction biases moves transformers' logits: they choose experts here."""
+    folder, hf = checkpoints["grouped"]
+    want = _reference(hf, TOKENS)
+    unbiased = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    _zero_correction_biases(unbiased)
+    assert _scaled_error(_reference(unbiased, TOKENS), want) > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generates_greedily_as_transformers(checkpoints, backend):
+    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
+    folder, hf = checkpoints["grouped"]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=12, do_sample=False)[0, len(TOKENS):].tolist()
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
+    first, _, again = llm.run([TOKENS, TOKENS[:5], TOKENS], max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert list(first.token_ids) == want and list(again.token_ids) == want
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes])
+def test_correction_biases_stay_float32_in_bfloat16(checkpoints, backend):
+    """transformers keeps e_score_correction_bias in float32 (_keep_in_fp32_modules_strict); so does Ferrum."""
+    folder, hf = checkpoints["grouped"]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
+    want = hf.model.layers[1].mlp.gate.e_score_correction_bias.numpy()
+    got = model.ops.to_numpy(model.layers[1].mlp.routing.bias)
+    assert not np.array_equal(want.astype(np.float32), want.astype("bfloat16").astype(np.float32))  # bf16 would round
+    np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------ config
+
+
+def _raw(**changes) -> dict:
+    return {**glm_config().to_dict(), **changes}
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"topk_group": 3}, "'topk_group' (3) exceeds the 2 expert groups"),
+    ({"n_group": 3}, "'n_group' (3) must divide the 8 routed experts"),
+    ({"n_group": 8}, "leaves 1 expert per group"),
+    ({"num_experts_per_tok": 5}, "'num_experts_per_tok' (5) exceeds the 4 experts of the 1 group"),
+    ({"first_k_dense_replace": None}, "'first_k_dense_replace' must be a non-negative integer"),
+    ({"routed_scaling_factor": 0}, "'routed_scaling_factor' must be a positive number"),
+    ({"n_shared_experts": 0}, "'n_shared_experts' must be a positive integer"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.5}},
+     "'partial_rotary_factor' must be in (0, 1]"),
+])
+def test_bad_routing_keys_are_refused_by_name(changes, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        ModelConfig.from_dict(_raw(**changes))
+
+
+def test_glm_4_5_config_reads_as_released():
+    """GLM-4.5's config.json (its sizes and keys as zai-org ships them, top-level partial_rotary_factor)."""
+    raw = json.loads(json.dumps({
+        "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "attention_bias": True,
+        "first_k_dense_replace": 3, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+        "intermediate_size": 12288, "max_position_embeddings": 131072, "moe_intermediate_size": 1536,
+        "n_group": 1, "n_routed_experts": 160, "n_shared_experts": 1, "norm_topk_prob": True,
+        "num_attention_heads": 96, "num_experts_per_tok": 8, "num_hidden_layers": 92, "num_key_value_heads": 8,
+        "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05, "rope_theta": 1000000,
+        "routed_scaling_factor": 2.5, "tie_word_embeddings": False, "topk_group": 1, "use_qk_norm": True,
+        "vocab_size": 151552}))
+    arch = ModelConfig.from_dict(raw).arch
+    assert [layer.mlp for layer in arch.layers[:4]] == ["dense"] * 3 + ["moe"]
+    assert arch.layers[0].rope.rotary_dim == 64 and arch.layers[0].rope.theta == 1e6
+    assert not arch.layers[0].rope.interleaved and arch.qk_norm == "head" and arch.qkv_bias and not arch.o_bias
+    moe = arch.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_size, moe.shared_expert_size) == (160, 8, 1536, 1536)
+    assert (moe.routing, moe.n_group, moe.topk_group, moe.routed_scale, moe.normalize) == (
+        "sigmoid_grouped", 1, 1, 2.5, True)
