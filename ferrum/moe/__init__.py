@@ -1,7 +1,7 @@
-"""Mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE): routing, stacked experts, loading.
+"""Mixture-of-experts MLPs (Mixtral, Qwen, OLMoE, GraniteMoE, gpt-oss, GLM-4.5): routing, stacked experts, loading.
 
 Modules: :mod:`~ferrum.moe.spec` (config keys, which layers are sparse),
-:mod:`~ferrum.moe.routing` (the top-k rule), :mod:`~ferrum.moe.experts`
+:mod:`~ferrum.moe.routing` (the softmax and grouped sigmoid rules), :mod:`~ferrum.moe.experts`
 (stacked host forms, placing them), :mod:`~ferrum.moe.loading` (checkpoint
 layouts), :mod:`~ferrum.moe.block` (the sparse MLP the model calls) and
 :mod:`~ferrum.moe.kind` (its MLP slot kind). Nothing is imported here: the
