@@ -15,11 +15,15 @@ from ferrum import backends
 from ferrum.errors import ContextLengthExceededError, FerrumError, InvalidRequestError
 
 
+_unended_progress_line = False  # a progress line on stderr waits for its end (an error must start a line)
+
+
 def _progress_printer(label: str):
     """A load-progress callback drawing one updating line on stderr."""
     started = time.perf_counter()
 
     def show(done: int, total: int, name: str) -> None:
+        global _unended_progress_line
         if not sys.stderr.isatty() and done not in (1, total):
             return
         width = 30
@@ -28,9 +32,19 @@ def _progress_printer(label: str):
         sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:5.1f}s")
         if done == total:
             sys.stderr.write("\n")
+        _unended_progress_line = done != total
         sys.stderr.flush()
 
     return show
+
+
+def _error_line(text: str) -> None:
+    """``ferrum: error: ...`` on a line of its own, after a load's progress line it cut short."""
+    global _unended_progress_line
+    if _unended_progress_line:
+        sys.stderr.write("\n")
+        _unended_progress_line = False
+    print(f"ferrum: error: {text}", file=sys.stderr)
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -119,6 +133,11 @@ def _speculative(args: argparse.Namespace) -> Any:
         if args.num_speculative_tokens is not None:
             raise InvalidRequestError("--num-speculative-tokens needs --speculative lookup, or --draft-model PATH")
         return None
+    if args.speculative == "draft" and args.draft_model is None:
+        raise InvalidRequestError("--speculative draft needs --draft-model PATH (a small model with the same "
+                                  "tokenizer); or use --speculative lookup, which needs none")
+    if args.speculative == "lookup" and args.draft_model is not None:
+        raise InvalidRequestError("--draft-model drafts with --speculative draft, not lookup; leave one of them out")
     method = args.speculative or "draft"
     knobs = {} if args.num_speculative_tokens is None else {"num_speculative_tokens": args.num_speculative_tokens}
     with_draft_model = args.draft_model is not None
@@ -131,6 +150,9 @@ def _load(args: argparse.Namespace) -> Any:
     import ferrum
 
     speculative = _speculative(args)
+    if args.adapter is not None and not Path(args.adapter).is_dir():
+        raise InvalidRequestError(f"--adapter {args.adapter} is not a folder; give the adapter's folder (its "
+                                  "adapter_config.json and weights, as PEFT or mlx-lm save them)")
     model_path = args.model
     if model_path is None:
         from ferrum.default_model import default_model_path
@@ -545,7 +567,7 @@ def _run(args: argparse.Namespace) -> int:
     except FerrumError as exc:
         if args.debug:
             raise
-        print(f"ferrum: error: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         return 2
     except KeyboardInterrupt:
         return 130
@@ -555,7 +577,7 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as exc:  # a bug or an environment problem: one line unless --debug
         if args.debug:
             raise
-        print(f"ferrum: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        _error_line(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return 1
 
 

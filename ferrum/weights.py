@@ -230,15 +230,18 @@ def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
     norms config.json does not turn on, or extra layers would otherwise load and run silently wrong.
     Not reported: buffers (rotary inverse frequencies, recomputed from config.json; causal masks), the
     LM head a tied model reads from its embedding, and the other modalities' towers of a multimodal
-    checkpoint, wherever they sit (only the text model runs), and an FP8 checkpoint's activation and KV-cache
-    scales, which only FP8 kernels use (:mod:`ferrum.quant.fp8`)."""
+    checkpoint, wherever they sit (only the text model runs), an FP8 checkpoint's activation and KV-cache
+    scales, which only FP8 kernels use (:mod:`ferrum.quant.fp8`), and multi-token prediction layers
+    (``Architecture.mtp_layers``)."""
     arch = config.arch
     wrapped = arch.prefix != "model."
     head = arch.lm_head.removesuffix(".weight")  # its packed scales and biases too
     unused_fp8 = config.quantization is not None and config.quantization.fp8 is not None
+    mtp = tuple(f"{arch.prefix}layers.{config.num_layers + i}." for i in range(arch.mtp_layers))
     left = sorted(
         name for name in unread
         if not name.endswith(_BUFFERS)
+        and not name.startswith(mtp)
         and not (config.tie_word_embeddings and name.rsplit(".", 1)[0] == head)
         and not (wrapped and not name.startswith(arch.prefix) and name != arch.lm_head)
         and not NOT_TEXT.search(name)

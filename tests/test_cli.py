@@ -153,10 +153,12 @@ def test_mistakes_are_refused_before_the_slow_work(checkpoint, capsys, monkeypat
         (["bench", "--draft-model", str(checkpoint)], "speculative 'draft' only"),
         (["bench", "--json", str(tmp_path / "missing" / "x.json")], "not a file in an existing folder"),
         (["serve", "--served-model-name", ""], "must not be empty"),
-        (["generate", "--speculative", "draft", "hi"], "method 'draft' needs a draft model"),
-        (["generate", "--speculative", "lookup", "--draft-model", str(checkpoint), "hi"], "'draft' only"),
+        (["generate", "--speculative", "draft", "hi"], "--speculative draft needs --draft-model PATH"),
+        (["generate", "--speculative", "lookup", "--draft-model", str(checkpoint), "hi"],
+         "--draft-model drafts with --speculative draft, not lookup"),
+        (["generate", "--adapter", str(checkpoint / "config.json"), "hi"], "is not a folder"),
         (["chat", "--num-speculative-tokens", "2"], "needs --speculative lookup, or --draft-model"),
-        (["serve", "--speculative", "draft"], "method 'draft' needs a draft model"),
+        (["serve", "--speculative", "draft"], "--speculative draft needs --draft-model PATH"),
         (["serve", "--speculative", "lookup", "--num-speculative-tokens", "0"], "must be an integer >= 1"),
     ]:
         assert main(argv) == 2, argv
@@ -248,6 +250,22 @@ def test_chat_needs_a_chat_template(checkpoint, tmp_path, monkeypatch, capsys):
     assert code == 2 and "has no tokenizer.json" in err and "pass token ids" not in err
     assert main(["generate", "--model", str(bare), "--backend", "cpu", "hello"]) == 2
     assert "add the model's tokenizer.json" in capsys.readouterr().err
+
+
+def test_a_load_that_fails_part_way_ends_its_progress_line_before_the_error(checkpoint, tmp_path, capsys):
+    """The error line started where the progress bar stopped (``... 1/21   0.0sferrum: error: ...``)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    name = next(n for n in sorted(weights) if n.endswith("mlp.down_proj.weight"))
+    weights[name] = weights[name][:, :5]  # a shape config.json does not imply: refused as that tensor loads
+    save_file(weights, broken / "model.safetensors")
+    assert main(["generate", "--model", str(broken), "--backend", "cpu", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "loading weights" in err and "\nferrum: error: " in err and "sferrum" not in err
 
 
 def test_serve_announces_the_port_the_system_chose():

@@ -241,6 +241,13 @@ def test_damaged_fp8_checkpoints_are_refused_clearly(llama, tmp_path):
                      "an FP8 weight is NaN or infinite \\(byte 0x7f\\)"),
         "float weight beside a scale": (lambda t: t.__setitem__(f"{module}.weight", np.zeros((80, 96), np.float32)),
                                         "the weight beside an FP8 scale is float32"),
+        # an exponent byte read as a factor scaled the matrix by 120 and loaded
+        "integer scale": (lambda t: t.__setitem__(f"{module}.weight_scale_inv", np.full((3, 2), 120, np.uint8)),
+                          "the FP8 scale is stored as uint8, not as floats"),
+        # a norm with a scale beside it raised a bare ValueError (a crash, not a refusal)
+        "scaled vector": (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(ml_dtypes.float8_e4m3fn),
+                                              "model.norm.weight_scale_inv": np.ones((1,), np.float32)}),
+                          r"an FP8 tensor of shape \[96\] has a scale beside it"),
     }
     for case, (change, words) in cases.items():
         folder = tmp_path / case.replace(" ", "_")

@@ -188,6 +188,7 @@ def _raw(**changes) -> dict:
     ({"num_experts_per_tok": 5}, "'num_experts_per_tok' (5) exceeds the 4 experts of the 1 group"),
     ({"first_k_dense_replace": None}, "'first_k_dense_replace' must be a non-negative integer"),
     ({"routed_scaling_factor": 0}, "'routed_scaling_factor' must be a positive number"),
+    ({"routed_scaling_factor": float("inf")}, "'routed_scaling_factor' must be a positive number"),  # loaded
     ({"n_shared_experts": 0}, "'n_shared_experts' must be a positive integer"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.5}},
      "'partial_rotary_factor' must be in (0, 1]"),
@@ -216,3 +217,32 @@ def test_glm_4_5_config_reads_as_released():
     assert (moe.num_experts, moe.top_k, moe.expert_size, moe.shared_expert_size) == (160, 8, 1536, 1536)
     assert (moe.routing, moe.n_group, moe.topk_group, moe.routed_scale, moe.normalize) == (
         "sigmoid_grouped", 1, 1, 2.5, True)
+
+
+def test_a_released_checkpoints_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
+    """GLM-4.5's releases store the multi-token prediction layer after the decoder's
+    (``num_nextn_predict_layers``): not run, as transformers does not, and not reported as unread (44 tensors
+    were); a layer past it still is."""
+    import shutil
+    import warnings
+
+    from safetensors.numpy import load_file, save_file
+
+    folder, model = checkpoints["grouped"]
+    copy = shutil.copytree(folder, tmp_path / "mtp")
+    config = json.loads((copy / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    tensors = load_file(copy / "model.safetensors")
+    hidden = config["hidden_size"]
+    tensors[f"model.layers.{layers}.eh_proj.weight"] = np.zeros((hidden, 2 * hidden), np.float32)
+    tensors[f"model.layers.{layers}.enorm.weight"] = np.ones(hidden, np.float32)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    (copy / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.warns(UserWarning, match=f"model.layers.{layers}.eh_proj.weight"):
+        ferrum.load(copy, backend="cpu")  # config.json does not say there is such a layer
+    (copy / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))  # transformers' default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llm = ferrum.load(copy, backend="cpu")
+    got = llm.model.forward_verify("mtp", TOKENS)
+    assert _scaled_error(got, _reference(model, TOKENS)) < 1e-4

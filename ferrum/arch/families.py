@@ -469,6 +469,7 @@ def _glm4_moe(r: KeyReader, sizes: Sizes) -> Architecture:
         attn_scale=1.0 / math.sqrt(sizes.head_dim),
         qk_norm="head" if r("use_qk_norm") else None,
         qkv_bias=r("attention_bias"),
+        mtp_layers=r("num_nextn_predict_layers") or 0,
     )
 
 
@@ -1121,6 +1122,7 @@ FAMILIES: dict[str, Family] = {
             Key("partial_rotary_factor", default=0.5, check=optional_positive_number),  # in place of _ROPE's refusal
             Key("attention_bias", default=False, check=boolean),
             Key("use_qk_norm", default=False, check=boolean),
+            Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
         ), MOE_KEYS["glm4_moe"]),
         with_moe("glm4_moe", _glm4_moe),
         eps_default=1e-5,

@@ -9,6 +9,7 @@ returns None when the value is fine, or says what is wrong and what to do.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,7 +69,7 @@ def optional_non_negative_int(value: Any) -> str | None:
 
 
 def positive_number(value: Any) -> str | None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
         return f"must be a positive number, got {value!r}"
     return None
 

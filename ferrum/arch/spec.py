@@ -74,6 +74,9 @@ class Architecture:
     #: Endings of the tensors placed in float32 whatever the compute dtype (transformers' _keep_in_fp32_modules:
     #: GLM-4.5's router correction biases, which choose between experts whose scores differ in the fourth digit).
     keep_float32: tuple[str, ...] = ()
+    #: Multi-token prediction layers stored after the decoder's (GLM-4.5's ``num_nextn_predict_layers``): draft
+    #: heads Ferrum does not run, as transformers does not, so their tensors are not reported unread.
+    mtp_layers: int = 0
     #: Llama 4's attention scaling (Ministral 3), ``(beta, original)``: each query is multiplied by ``1 + beta *
     #: log(1 + floor(position / original))``, exactly 1 before ``original_max_position_embeddings``.
     query_scaling: tuple[float, int] | None = None

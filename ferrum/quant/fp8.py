@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ferrum.checkpoint import FP8_DTYPES
+from ferrum.checkpoint import FP8_DTYPES, is_float
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
 
 #: The mode :class:`ferrum.quant.QuantConfig` records for an FP8 checkpoint.
@@ -192,6 +192,12 @@ def decode(weight: np.ndarray, scale: np.ndarray, scheme: Fp8Scheme, shape: tupl
     if tuple(weight.shape) != tuple(shape):
         raise CheckpointError(f"{where}: FP8 weight has shape {tuple(weight.shape)} but config.json implies "
                               f"{tuple(shape)}")
+    if len(shape) != 2:
+        raise CheckpointError(f"{where}: an FP8 tensor of shape {list(shape)} has a scale beside it; FP8 checkpoints "
+                              "quantize matrices only, so the checkpoint is damaged")
+    if not is_float(scale):  # an exponent byte (E8M0) or integer read as a factor would scale every weight wrongly
+        raise CheckpointError(f"{where}: the FP8 scale is stored as {scale.dtype}, not as floats; the checkpoint "
+                              "is damaged or in a scale format Ferrum does not read")
     block = next((b for b in scheme.blocks if _fits(scale, _grid(shape, b))), None)
     if block is None:
         wanted = " or ".join(str(list(_grid(shape, b))) for b in scheme.blocks)
