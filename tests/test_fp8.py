@@ -229,6 +229,9 @@ def test_fp8_experts_match_transformers_on_their_dequantized_weights(float_moe, 
     assert scaled_error(got, ref) <= 1e-4
 
 
+FP8_E4M3 = ml_dtypes.float8_e4m3fn
+
+
 def test_damaged_fp8_checkpoints_are_refused_clearly(llama, tmp_path):
     module = "model.layers.0.mlp.up_proj"
     cases = {
@@ -245,7 +248,7 @@ def test_damaged_fp8_checkpoints_are_refused_clearly(llama, tmp_path):
         "integer scale": (lambda t: t.__setitem__(f"{module}.weight_scale_inv", np.full((3, 2), 120, np.uint8)),
                           "the FP8 scale is stored as uint8, not as floats"),
         # a norm with a scale beside it raised a bare ValueError (a crash, not a refusal)
-        "scaled vector": (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(ml_dtypes.float8_e4m3fn),
+        "scaled vector": (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(FP8_E4M3),
                                               "model.norm.weight_scale_inv": np.ones((1,), np.float32)}),
                           r"an FP8 tensor of shape \[96\] has a scale beside it"),
     }
