@@ -354,9 +354,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if any(not name.strip() for name in args.served_model_name or ()):
         raise InvalidRequestError("--served-model-name must not be empty; clients send it as 'model'")
     speculative = _speculative(args)
+    if args.model is not None and args.model_option is not None and args.model != args.model_option:
+        raise InvalidRequestError(f"two models were named: {args.model!r} and --model {args.model_option!r}; "
+                                  "name one")
     serve(
         ServeOptions(
-            model=args.model, backend=args.backend, dtype=args.dtype, host=args.host, port=args.port,
+            model=args.model or args.model_option, backend=args.backend, dtype=args.dtype, host=args.host,
+            port=args.port,
             served_model_names=tuple(args.served_model_name or ()), max_num_seqs=args.max_num_seqs,
             max_queue=args.max_queue, max_seq_len=args.max_seq_len, num_kv_blocks=args.num_kv_blocks,
             api_key=args.api_key or os.environ.get("FERRUM_API_KEY"), shutdown_timeout=args.shutdown_timeout,
@@ -453,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("model", nargs="?", help="checkpoint folder, .gguf file or Hugging Face repo id "
                                             "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", dest="model_option", metavar="MODEL",
+                   help="the same, as generate and chat take it (vLLM's serve takes both)")
     p.add_argument("--backend", help="backend name (see `ferrum backends`); default: best available")
     p.add_argument("--dtype", help="compute dtype, e.g. float32, bfloat16")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

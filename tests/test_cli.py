@@ -357,3 +357,16 @@ def test_an_adapter_from_the_command_line_runs_every_prompt(checkpoint, tmp_path
         assert main(["generate", "--model", str(checkpoint), "--backend", "cpu", "--max-tokens", "12", "--ignore-eos",
                      "--no-chat", flag, str(adapter), "hello"]) == 0
         assert capsys.readouterr().out == expected + "\n"
+
+
+def test_serve_takes_the_model_as_generate_does_too(checkpoint, monkeypatch, tmp_path):
+    """``ferrum serve --model PATH`` (as generate and chat take it, and vLLM's serve) names the model served;
+    two different models named are refused."""
+    import ferrum.serve
+
+    served = []
+    monkeypatch.setattr(ferrum.serve, "serve", lambda options, progress=None: served.append(options.model))
+    assert main(["serve", "--model", str(checkpoint)]) == 0
+    assert main(["serve", str(checkpoint), "--model", str(checkpoint)]) == 0
+    assert served == [str(checkpoint)] * 2
+    assert main(["serve", str(checkpoint), "--model", str(tmp_path)]) == 2
