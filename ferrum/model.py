@@ -21,6 +21,7 @@ import numpy as np
 
 from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
+from ferrum.arch.mla import MlaOutput, MlaProjections
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS
 from ferrum.arch.tensors import (
@@ -196,6 +197,9 @@ class DecoderOnlyLLM:
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
                               None if head_bias is None else head_bias.weight)
         self.ropes = {id(r): _RopeTables(ops, r) for r in {id(spec.rope): spec.rope for spec in arch.layers}.values()}
+        #: Latent attention's 0/1 placement matrices (ferrum.arch.mla), one set per rope, shared by its layers.
+        self._mla = {} if arch.mla is None else {
+            key: arch.mla.place(ops, dtype, tables.rope) for key, tables in self.ropes.items()}
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
@@ -286,13 +290,20 @@ class DecoderOnlyLLM:
         norms = {slot: _norm_weights(w, p + name, arch.norm_params) for slot, name in arch.norms.items()}
         sinks = tensor("self_attn.sinks")
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        if arch.mla is None:
+            qkv = projection_group(self.ops, tensor, projection, "self_attn.qkv_proj", (q, kv, kv))
+            o = projection("self_attn.o_proj")
+        else:  # latent attention: its projections give the blocks ordinary q, k, v heads (ferrum.arch.mla)
+            placed = self._mla[id(spec.rope)]
+            qkv = MlaProjections(arch.mla, self.ops, projection, lambda norm: tensor(f"{norm}.weight"), placed)
+            o = MlaOutput(arch.mla, self.ops, projection("self_attn.o_proj"), placed)
         return _Layer(
             pre_attn=norms.get("pre_attn"),
             post_attn=norms.get("post_attn"),
             pre_mlp=norms.get("pre_mlp"),
             post_mlp=norms.get("post_mlp"),
-            qkv=projection_group(self.ops, tensor, projection, "self_attn.qkv_proj", (q, kv, kv)),
-            o=projection("self_attn.o_proj"),
+            qkv=qkv,
+            o=o,
             q_norm=_norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[0]}"),
             k_norm=_norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}"),
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
@@ -382,7 +393,7 @@ class DecoderOnlyLLM:
 
     def projections(self) -> list[Linear]:
         """Every linear projection, LM head included (profilers wrap their bound ops)."""
-        attention = [p for layer in self.layers for p in (*layer.qkv.linears, layer.o)]
+        attention = [p for layer in self.layers for p in (*layer.qkv.linears, *getattr(layer.o, "linears", [layer.o]))]
         return attention + [p for layer in self.layers for p in layer.mlp.projections()] + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:

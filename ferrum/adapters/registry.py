@@ -143,6 +143,9 @@ class AdapterRegistry:
         """Read the adapter at ``path`` and make it resident as ``name``."""
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("an adapter name must be a non-empty string")
+        if self.model.config.arch.mla is not None:
+            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on Multi-head Latent Attention models "
+                               "are not supported yet (their attention has no q/k/v/o projections to adapt)")
         adapter = read_adapter(path, self.model.config)
         check_range(adapter, self.model.dtype)
         nbytes = adapter.nbytes(DTYPE_BYTES.get(self.model.dtype, 4))

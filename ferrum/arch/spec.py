@@ -70,6 +70,9 @@ class Architecture:
     #: per-head q, k, v; Falcon's groups).
     qkv_grouped: bool = False
     fused_gate_up: bool = False  # checkpoint holds mlp.gate_up_proj (Phi-3)
+    #: Multi-head Latent Attention (DeepSeek-V3): a :class:`ferrum.arch.mla.MlaSpec` in place of q/k/v projections;
+    #: the model's heads are then its q/k heads (``head_dim`` = qk_nope + qk_rope dims, as many key/value heads).
+    mla: Any = None
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
     #: Endings of the tensors placed in float32 whatever the compute dtype (transformers' _keep_in_fp32_modules:
     #: GLM-4.5's router correction biases, which choose between experts whose scores differ in the fourth digit).

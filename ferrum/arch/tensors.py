@@ -67,18 +67,22 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         shapes[bias_of(arch.lm_head)] = (vocab,)
     attention: dict[str, tuple[int, ...]] = {
         f"{norm}.{part}": (h,) for norm in arch.norms.values() for part in norm_parts}
-    if arch.fused_qkv:
+    if arch.mla is not None:
+        attention.update(arch.mla.tensors(h))
+    elif arch.fused_qkv:
         attention["self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
     else:
         attention.update({"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
                           "self_attn.v_proj.weight": (kv, h)})
-    attention["self_attn.o_proj.weight"] = (h, q)
+    if arch.mla is None:
+        attention["self_attn.o_proj.weight"] = (h, q)
     if arch.sinks:
         attention["self_attn.sinks"] = (config.num_heads,)
     if arch.qkv_bias and arch.fused_qkv:
         attention["self_attn.qkv_proj.bias"] = (q + 2 * kv,)
     elif arch.qkv_bias:
-        attention.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        attention.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                          "self_attn.v_proj.bias": (kv,)})
     if arch.o_bias:
         attention["self_attn.o_proj.bias"] = (h,)
     if arch.qk_norm:
@@ -166,6 +170,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         tensor = _transposed(name, tensor)
     if layer is None:
         parts = [(name, tensor)]
+    elif arch.mla is not None and ".self_attn.kv_a_proj_with_mqa." in name:
+        parts = arch.mla.split(name, tensor, rows)
     elif ".self_attn.qkv_proj." in name:
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         if arch.qkv_grouped:  # [kv head][its queries, key, value][dim] -> [queries; keys; values]
@@ -193,6 +199,8 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if arch.residual_scale != 1.0 and any(w in name for w in _RESIDUAL_WRITERS):
         tensor = _scaled(tensor, arch.residual_scale)
     rope = arch.layers[layer].rope
+    if arch.mla is not None and ".self_attn." in name:  # latent attention lays out its own q and k heads
+        return arch.mla.transform(name, tensor, rope, _take_rows, _scale_rows)
     heads = _rotated_heads(config, name)
     if heads is None:
         return tensor

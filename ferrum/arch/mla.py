@@ -1,0 +1,194 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3, R1, Kimi K2, Moonlight) run as ordinary per-head attention.
+
+The checkpoint's attention of one layer (transformers' ``DeepseekV3Attention``), with ``H`` heads, q/k heads of
+``Dq = nope + rope`` dims (``qk_nope_head_dim + qk_rope_head_dim``) and value heads of ``v`` dims:
+
+* queries: ``q_proj [H*Dq, hidden]``, or, with a ``q_lora_rank``, ``q_b_proj(q_a_layernorm(q_a_proj(x)))``;
+* keys and values from a latent: ``kv_a_proj_with_mqa [kv_lora + rope, hidden]`` gives the latent ``c`` (its first
+  ``kv_lora_rank`` rows, normed by ``kv_a_layernorm``) and one rope key ``k_pe`` shared by every head (its last
+  ``rope`` rows, never normed); ``kv_b_proj [H*(nope + v), kv_lora]`` expands ``c`` into each head's ``k_nope``
+  and value;
+* rope on the ``rope`` dims only (the last of each q head, and ``k_pe``), in DeepSeek's interleaved pairs where
+  ``rope_interleave`` (transformers' default) or rotate-half ones; ``o_proj [hidden, H*v]``.
+
+This first version expands the latent per head *before* caching, so every backend's paged attention runs it
+unchanged: the cache holds ``H`` key heads of ``Dq`` dims and ``H`` value heads zero-padded to ``Dq`` dims (zeros
+in the values are exact: they only add zero columns to the output, which are dropped before ``o_proj``). Caching
+the compressed latent (``kv_lora + rope`` numbers a token instead of ``2*H*Dq``) and absorbing ``kv_b_proj`` into
+the queries and the output is a later optimization.
+
+How the pieces meet without any op beyond ``linear``, ``reshape``, ``add`` and ``rope``:
+
+* every head of q and k is laid out as :meth:`MlaSpec.head_layout` says, the rope dims in Ferrum's rotate-half
+  pairs ``(j, j + Dq/2)`` and the nope dims in the pairs the model's ``rope`` op turns by frequency 0 (an exact
+  identity), as for partial rotary (:mod:`ferrum.arch.rope`); q's projection rows are permuted so at load;
+* a head's key is ``k_nope`` placed by a 0/1 matrix ``[Dq, nope + v]`` applied to each head's slice of the
+  ``kv_b_proj`` output, plus ``k_pe`` placed into every head by a 0/1 matrix ``[H*Dq, rope]``; a value is placed
+  by another ``[Dq, nope + v]`` matrix. Products with 0 and 1 and sums with 0 are exact in any float dtype, and
+  the checkpoint's matrices stay as stored (a packed ``kv_b_proj`` or ``o_proj`` runs packed);
+* the attention output's value dims are picked by a 0/1 matrix ``[v, Dq]`` before ``o_proj``.
+
+YaRN's attention factor multiplies cos and sin in transformers, i.e. the rope rows of q and of ``k_pe``: they are
+scaled at load. Its ``mscale_all_dim`` correction of the softmax scale is the family's ``attn_scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ferrum.arch.rope import Rope
+
+if TYPE_CHECKING:  # ferrum.weights reads the family table, which reads this module
+    from ferrum.weights import Linear
+
+#: The latent norms' epsilon: transformers builds q_a_layernorm and kv_a_layernorm with DeepseekV3RMSNorm's default,
+#: whatever rms_norm_eps says.
+LATENT_EPS = 1e-6
+
+#: The two halves of ``kv_a_proj_with_mqa`` once split at load: the latent's rows and the shared rope key's.
+LATENT, ROPE_KEY = "self_attn.kv_a_proj", "self_attn.kv_rope_proj"
+
+
+@dataclass(frozen=True)
+class MlaSpec:
+    """The sizes of one model's latent attention (every layer's is alike)."""
+
+    heads: int
+    q_lora_rank: int | None  # None: a plain q_proj
+    kv_lora_rank: int
+    nope: int  # qk_nope_head_dim
+    rope: int  # qk_rope_head_dim
+    v_head_dim: int
+    bias: bool = False  # attention_bias: q_a_proj, kv_a_proj_with_mqa and o_proj have biases
+
+    @property
+    def qk_head_dim(self) -> int:
+        """The dims of a q (and cached k) head; the cache's value heads are zero-padded to it."""
+        return self.nope + self.rope
+
+    def head_layout(self, rope: Rope) -> np.ndarray:
+        """``[Dq]``: the checkpoint's dim (``< nope``: a nope dim; ``nope + i``: rope dim ``i``) at each position
+        of Ferrum's head, rope dims first and then in the pairing ``rope.rotary_permutation`` makes."""
+        rope_first = np.concatenate([np.arange(self.nope, self.qk_head_dim), np.arange(self.nope)])
+        order = rope.rotary_permutation()
+        return rope_first if order is None else rope_first[order]
+
+    # ------------------------------------------------------------- checkpoint
+    def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
+        """One layer's attention tensors as the checkpoint stores them (names relative to the layer; the block's
+        norms are the architecture's)."""
+        h, d = self.heads, self.qk_head_dim
+        out: dict[str, tuple[int, ...]] = {}
+        if self.q_lora_rank is None:
+            out["self_attn.q_proj.weight"] = (h * d, hidden)
+        else:
+            out.update({"self_attn.q_a_proj.weight": (self.q_lora_rank, hidden),
+                        "self_attn.q_a_layernorm.weight": (self.q_lora_rank,),
+                        "self_attn.q_b_proj.weight": (h * d, self.q_lora_rank)})
+            if self.bias:
+                out["self_attn.q_a_proj.bias"] = (self.q_lora_rank,)
+        out.update({"self_attn.kv_a_proj_with_mqa.weight": (self.kv_lora_rank + self.rope, hidden),
+                    "self_attn.kv_a_layernorm.weight": (self.kv_lora_rank,),
+                    "self_attn.kv_b_proj.weight": (h * (self.nope + self.v_head_dim), self.kv_lora_rank),
+                    "self_attn.o_proj.weight": (hidden, h * self.v_head_dim)})
+        if self.bias:
+            out.update({"self_attn.kv_a_proj_with_mqa.bias": (self.kv_lora_rank + self.rope,),
+                        "self_attn.o_proj.bias": (hidden,)})
+        return out
+
+    def split(self, name: str, tensor: Any, rows: Callable[[Any, int, int], Any]) -> list[tuple[str, Any]]:
+        """``kv_a_proj_with_mqa`` (weight or bias) cut into the latent's rows and the rope key's."""
+        latent = self.kv_lora_rank
+        return [(name.replace("self_attn.kv_a_proj_with_mqa", LATENT), rows(tensor, 0, latent)),
+                (name.replace("self_attn.kv_a_proj_with_mqa", ROPE_KEY), rows(tensor, latent, latent + self.rope))]
+
+    def transform(self, name: str, tensor: Any, rope: Rope, take_rows: Callable[[Any, np.ndarray], Any],
+                  scale_rows: Callable[[Any, np.ndarray], Any]) -> Any:
+        """The q projection's rows laid out per :meth:`head_layout` (rope rows times the rope's attention factor),
+        the rope key's rows times that factor; any other tensor as it is."""
+        factor = rope.attention_factor
+        if f".{ROPE_KEY}." in name:
+            return tensor if factor == 1.0 else scale_rows(tensor, np.full(self.rope, factor))
+        if not any(f".self_attn.{q}." in name for q in ("q_proj", "q_b_proj")):
+            return tensor
+        layout, d = self.head_layout(rope), self.qk_head_dim
+        if factor != 1.0:
+            tensor = scale_rows(tensor, np.tile(np.where(np.arange(d) >= self.nope, factor, 1.0), self.heads))
+        return take_rows(tensor, (np.arange(self.heads)[:, None] * d + layout[None, :]).reshape(-1))
+
+    # ------------------------------------------------------------------ model
+    def placements(self, rope: Rope) -> dict[str, np.ndarray]:
+        """The 0/1 matrices (``[out, in]``, as ``linear`` takes them) that assemble keys and values and pick the
+        attention output's value dims (see the module docstring)."""
+        d, nope, v, r, h = self.qk_head_dim, self.nope, self.v_head_dim, self.rope, self.heads
+        layout = self.head_layout(rope)
+        k_nope = np.zeros((d, nope + v), np.float32)
+        k_rope = np.zeros((d, r), np.float32)
+        for j, dim in enumerate(layout):
+            if dim < nope:
+                k_nope[j, dim] = 1.0
+            else:
+                k_rope[j, dim - nope] = 1.0
+        value = np.zeros((d, nope + v), np.float32)
+        value[np.arange(v), nope + np.arange(v)] = 1.0
+        return {"k_nope": k_nope, "k_rope": np.tile(k_rope, (h, 1)), "value": value,
+                "pick_value": np.ascontiguousarray(value[:, nope:].T)}
+
+    def place(self, ops: Any, dtype: str, rope: Rope) -> dict[str, Linear]:
+        """:meth:`placements` on the backend, shared by every layer."""
+        from ferrum.weights import Linear, place
+
+        return {name: Linear(place(ops, f"mla.{name}", array, dtype))
+                for name, array in self.placements(rope).items()}
+
+
+class MlaProjections:
+    """One layer's ``x -> (q, k, v)``, each ``[T, H*Dq]`` (values zero-padded per head), as the model's blocks take
+    a projection group's outputs; ``linears`` are every matrix it applies (profilers wrap them)."""
+
+    __slots__ = ("spec", "ops", "q_a", "q_a_norm", "q", "latent", "latent_norm", "rope_key", "kv_b", "placed",
+                 "linears")
+
+    def __init__(self, spec: MlaSpec, ops: Any, projection: Callable[[str], Linear], norm: Callable[[str], Any],
+                 placed: dict[str, Linear]):
+        self.spec, self.ops, self.placed = spec, ops, placed
+        lora = spec.q_lora_rank is not None
+        self.q_a = projection("self_attn.q_a_proj") if lora else None
+        self.q_a_norm = norm("self_attn.q_a_layernorm") if lora else None
+        self.q = projection("self_attn.q_b_proj" if lora else "self_attn.q_proj")
+        self.latent, self.rope_key = projection(LATENT), projection(ROPE_KEY)
+        self.latent_norm = norm("self_attn.kv_a_layernorm")
+        self.kv_b = projection("self_attn.kv_b_proj")
+        own = [p for p in (self.q_a, self.q, self.latent, self.rope_key, self.kv_b) if p is not None]
+        self.linears = own + [placed[name] for name in ("k_nope", "k_rope", "value")]
+
+    def __call__(self, x: Any) -> tuple[Any, Any, Any]:
+        ops, spec, placed = self.ops, self.spec, self.placed
+        width = spec.heads * spec.qk_head_dim
+        q = self.q(x if self.q_a is None else ops.rms_norm(self.q_a(x), self.q_a_norm, LATENT_EPS))
+        latent = ops.rms_norm(self.latent(x), self.latent_norm, LATENT_EPS)
+        per_head = ops.reshape(self.kv_b(latent), (-1, spec.nope + spec.v_head_dim))  # [T*H, nope + v]
+        k = ops.add(ops.reshape(placed["k_nope"](per_head), (-1, width)), placed["k_rope"](self.rope_key(x)))
+        v = ops.reshape(placed["value"](per_head), (-1, width))
+        return q, k, v
+
+
+class MlaOutput:
+    """``o_proj`` of the attention output's value dims: ``[T, H*Dq] -> [T, hidden]``."""
+
+    __slots__ = ("spec", "ops", "pick", "o", "linears")
+
+    def __init__(self, spec: MlaSpec, ops: Any, o: Linear, placed: dict[str, Linear]):
+        self.spec, self.ops, self.o = spec, ops, o
+        self.pick = None if spec.v_head_dim == spec.qk_head_dim else placed["pick_value"]
+        self.linears = [o] if self.pick is None else [self.pick, o]
+
+    def __call__(self, attn: Any) -> Any:
+        if self.pick is None:
+            return self.o(attn)
+        ops, spec = self.ops, self.spec
+        values = self.pick(ops.reshape(attn, (-1, spec.qk_head_dim)))  # [T*H, v]
+        return self.o(ops.reshape(values, (-1, spec.heads * spec.v_head_dim)))
