@@ -108,7 +108,8 @@ class ModelConfig(Sizes):
             )
         reader = KeyReader(raw, family.keys, model_type, where)
         reader.validate_all()
-        sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads)
+        sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads,
+                           family.head_dim)
         arch = family.build(reader, sizes)
         eos_ids = eos_token_ids(raw.get("eos_token_id"), sizes.vocab_size, where)
         return cls(

@@ -14,6 +14,7 @@ from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int,
     optional_positive_number, optional_size, positive_int, positive_number, size,
 )
+from ferrum.arch.mla import MlaSpec
 from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_factor
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
@@ -46,6 +47,8 @@ class Sizes:
 
 #: How a family counts its key/value heads: ``(reader, attention heads) -> key/value heads``.
 KvHeads = Callable[[KeyReader, int], int]
+#: How a family sizes its heads where head_dim does not (latent attention: qk_nope + qk_rope dims).
+HeadDim = Callable[[KeyReader], int]
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Family:
     eps_key: str | None = "rms_norm_eps"
     names: dict[str, str] = field(default_factory=dict)  # the sizes' keys where the family has its own (GPT-2)
     kv_heads: KvHeads | None = None  # where the family does not say num_key_value_heads (multi_query...)
+    head_dim: HeadDim | None = None  # where head_dim is not the heads' size (DeepSeek-V3's is its rope dims)
 
 
 def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
@@ -105,9 +109,11 @@ def _theta(default: float) -> tuple[Key, ...]:
 
 
 def read_sizes(r: KeyReader, eps_default: float, eps_key: str | None = "rms_norm_eps",
-               names: dict[str, str] | None = None, count_kv_heads: KvHeads | None = None) -> Sizes:
+               names: dict[str, str] | None = None, count_kv_heads: KvHeads | None = None,
+               size_heads: HeadDim | None = None) -> Sizes:
     """The sizes under their usual keys, or under ``names`` (usual key -> the family's: GPT-2's n_embd...);
-    the key/value heads as ``count_kv_heads(r, heads)`` counts them, else from num_key_value_heads."""
+    the key/value heads as ``count_kv_heads(r, heads)`` counts them, else from num_key_value_heads; the heads'
+    dims as ``size_heads(r)`` sizes them, else from head_dim."""
     names = names or {}
     hidden_key, heads_key = names.get("hidden_size", "hidden_size"), names.get("num_attention_heads",
                                                                                "num_attention_heads")
@@ -115,7 +121,7 @@ def read_sizes(r: KeyReader, eps_default: float, eps_key: str | None = "rms_norm
     kv_heads = count_kv_heads(r, heads) if count_kv_heads is not None else r.get("num_key_value_heads") or heads
     if heads % kv_heads:
         r.fail("num_key_value_heads", f"is {kv_heads}, but {heads_key} ({heads}) must be a multiple of it")
-    head_dim = r.get("head_dim")
+    head_dim = r.get("head_dim") if size_heads is None else size_heads(r)
     if head_dim is None:
         if hidden % heads:
             r.fail(hidden_key, f"{hidden} is not divisible by {heads} heads; set head_dim")
@@ -470,6 +476,65 @@ def _glm4_moe(r: KeyReader, sizes: Sizes) -> Architecture:
         qk_norm="head" if r("use_qk_norm") else None,
         qkv_bias=r("attention_bias"),
         mtp_layers=r("num_nextn_predict_layers") or 0,
+    )
+
+
+def _mla_head_dim(r: KeyReader) -> int:
+    """Latent attention's q/k heads: qk_nope_head_dim + qk_rope_head_dim dims (its head_dim key, which
+    transformers sets to qk_rope_head_dim, sizes only the rope); values of v_head_dim are zero-padded to them."""
+    nope, rope, v = r("qk_nope_head_dim"), r("qk_rope_head_dim"), r("v_head_dim")
+    if rope % 2:
+        r.fail("qk_rope_head_dim", f"is {rope}; Ferrum needs an even number (rope rotates pairs)")
+    if nope % 2:
+        r.fail("qk_nope_head_dim", f"is {nope}; Ferrum needs an even number (each head's dims pair up)")
+    if v > nope + rope:
+        r.fail("v_head_dim", f"({v}) exceeds the {nope + rope} dims of a query/key head (qk_nope_head_dim + "
+                             "qk_rope_head_dim); Ferrum caches values padded to a key head's size", unsupported=True)
+    return nope + rope
+
+
+def _mla_kv_heads(r: KeyReader, heads: int) -> int:
+    """Every attention head has its own key and value, expanded from the shared latent."""
+    kv_heads = r("num_key_value_heads")
+    if kv_heads is not None and kv_heads != heads:
+        r.fail("num_key_value_heads", f"is {kv_heads}, but latent attention expands its keys and values to all "
+                                      f"{heads} attention heads (num_attention_heads); transformers runs only equal "
+                                      "counts")
+    return heads
+
+
+def _yarn_mscale(factor: float, weight: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+
+def _deepseek_v3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """DeepSeek-V3 / R1, Moonlight, Kimi K2 (transformers' DeepseekV3): Llama's blocks with Multi-head Latent
+    Attention (:mod:`ferrum.arch.mla`): rope on the qk_rope_head_dim dims of each q/k head, DeepSeek's adjacent pairs
+    where rope_interleave, the softmax scale ``1/sqrt(qk_nope + qk_rope)`` times ``mscale(factor,
+    mscale_all_dim)**2`` under a rope scaling that sets mscale_all_dim; the sparse MLPs (grouped sigmoid routing, an
+    ungated shared expert, the first first_k_dense_replace layers dense) are :func:`ferrum.moe.spec.with_moe`'s."""
+    key, spec = _rope_spec(r)
+    if spec.get("partial_rotary_factor") not in (None, 1, 1.0):
+        r.fail(key, f"sets partial_rotary_factor {spec['partial_rotary_factor']!r}; latent attention rotates "
+                    "qk_rope_head_dim dims of each head, which Ferrum does not combine with it", unsupported=True)
+    rotary = r("qk_rope_head_dim")
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=rotary)
+    rope = replace(rope, interleaved=bool(r("rope_interleave")))  # null: transformers' rotate-half
+    r("hidden_act")
+    r("partial_rotary_factor")
+    scale = 1.0 / math.sqrt(sizes.head_dim)
+    weight = spec.get("mscale_all_dim")
+    if rope.kind != "default" and weight:  # transformers' yarn_apply_mscale
+        if positive_number(weight):
+            r.fail(key, f"field 'mscale_all_dim' must be a positive number, got {weight!r}")
+        scale *= _yarn_mscale(rope.factor, float(weight)) ** 2
+    mla = MlaSpec(heads=sizes.num_heads, q_lora_rank=r("q_lora_rank"), kv_lora_rank=r("kv_lora_rank"),
+                  nope=r("qk_nope_head_dim"), rope=rotary, v_head_dim=r("v_head_dim"), bias=r("attention_bias"))
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS,
+        attn_scale=scale,
+        mla=mla,
     )
 
 
@@ -1126,6 +1191,20 @@ FAMILIES: dict[str, Family] = {
         ), MOE_KEYS["glm4_moe"]),
         with_moe("glm4_moe", _glm4_moe),
         eps_default=1e-5,
+    ),
+    "deepseek_v3": Family(  # DeepSeek-V3 / R1, Moonlight, Kimi K2: latent attention, grouped sigmoid routing
+        _keys(_core(False), _ROPE, _SILU, (
+            Key("q_lora_rank", default=1536, check=optional_size(1 << 17)),  # null: a plain q_proj
+            Key("kv_lora_rank", default=512, check=size(1 << 17)),
+            Key("qk_nope_head_dim", default=128, check=size(4096)),
+            Key("qk_rope_head_dim", default=64, check=size(4096)),
+            Key("v_head_dim", default=128, check=size(4096)),
+            Key("rope_interleave", default=True, check=boolean),
+            Key("attention_bias", default=False, check=boolean),
+        ), MOE_KEYS["deepseek_v3"]),
+        with_moe("deepseek_v3", _deepseek_v3),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
     ),
     "hunyuan_v1_dense": Family(  # Tencent's Hunyuan 0.5B-7B
         _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", default=False, check=boolean),)),

@@ -21,6 +21,7 @@ LAYOUT = {
     "gpt_oss": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.gpt_oss)
     "qwen3_vl_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.fused_gate_up)
     "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -45,7 +46,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts",),
                 "granitemoe": ("num_local_experts",), "gpt_oss": ("num_local_experts",),
                 "qwen3_vl_moe": ("num_local_experts", "num_experts"),
-                "glm4_moe": ("n_routed_experts", "num_local_experts")}  # the latter its attribute_map's alias
+                "glm4_moe": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
+                "deepseek_v3": ("n_routed_experts", "num_local_experts")}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -77,9 +79,18 @@ KEYS: dict[str, tuple[Key, ...]] = {
                  Key("n_group", default=1, check=positive_int),
                  Key("topk_group", default=1, check=positive_int),
                  Key("first_k_dense_replace", default=1, check=_non_negative_int)),
+    # transformers' DeepseekV3Config defaults (DeepSeek-V3's own sizes)
+    "deepseek_v3": (*_COUNT["deepseek_v3"], Key("num_experts_per_tok", default=8, check=positive_int),
+                    Key("moe_intermediate_size", default=2048, check=positive_int),
+                    Key("norm_topk_prob", default=True, check=boolean),
+                    Key("n_shared_experts", default=1, check=positive_int),
+                    Key("routed_scaling_factor", default=2.5, check=positive_number),
+                    Key("n_group", default=8, check=positive_int),
+                    Key("topk_group", default=4, check=positive_int),
+                    Key("first_k_dense_replace", default=3, check=_non_negative_int)),
 }
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
-                  "qwen3_vl_moe": 60, "glm4_moe": 128}
+                  "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
@@ -131,12 +142,13 @@ class MoeSpec:
 
 #: Families routed by DeepSeek-V3's grouped sigmoid rule, with an ungated shared expert of ``n_shared_experts``
 #: times the routed experts' width and dense MLPs on the first ``first_k_dense_replace`` layers.
-_SIGMOID_GROUPED = ("glm4_moe",)
+_SIGMOID_GROUPED = ("glm4_moe", "deepseek_v3")
 
 
 def _sigmoid_grouped(r: KeyReader, module: str, names: tuple[str, str, str], count: int, top_k: int,
                      layers: int) -> tuple[MoeSpec, list[bool]]:
-    """GLM-4.5's sparse MLPs (transformers' ``Glm4MoeMoE``); refuses groupings its router cannot run."""
+    """DeepSeek-V3's and GLM-4.5's sparse MLPs (transformers' ``DeepseekV3MoE``, ``Glm4MoeMoE``); refuses groupings
+    their router cannot run."""
     groups, kept = r("n_group"), r("topk_group")
     if count % groups:
         r.fail("n_group", f"({groups}) must divide the {count} routed experts (n_routed_experts) into equal groups")
