@@ -42,3 +42,22 @@ def test_glm4_moe_greedy_tokens_equal_the_cpu_backends(tmp_path):
     folder = write_random_checkpoint(tmp_path / "glm", GLM4_MOE, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert got == want
+
+
+#: DeepSeek-V3's layout: Multi-head Latent Attention (low-rank q, the KV latent expanded per head, interleaved rope on
+#: 8 of each head's 24 q/k dims, values of 12 dims padded in the cache, YaRN's mscale) over grouped sigmoid routing.
+DEEPSEEK_V3 = dict(
+    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=64, intermediate_size=80,
+    moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=101,
+    q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+    num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+    routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
+    rope_scaling=dict(type="yarn", factor=4.0, mscale=0.707, mscale_all_dim=1.0, original_max_position_embeddings=64),
+    rope_theta=10000.0, rms_norm_eps=1e-6,
+)
+
+
+def test_deepseek_v3_greedy_tokens_equal_the_cpu_backends(tmp_path):
+    folder = write_random_checkpoint(tmp_path / "dsv3", DEEPSEEK_V3, dtype="float32", std=0.2, seed=3)
+    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
+    assert got == want

@@ -1,0 +1,256 @@
+"""DeepSeek-V3 (``deepseek_v3``): Multi-head Latent Attention (low-rank q, a compressed KV latent expanded per head,
+rope on a slice of each head in DeepSeek's interleaved pairs, value heads narrower than q/k heads, YaRN's mscale on
+the softmax scale) over DeepSeek-V3's grouped sigmoid MoE; against transformers' own model on every runnable
+backend."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import ferrum
+from ferrum.arch.tensors import weight_shapes
+from ferrum.config import ModelConfig
+from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
+from ferrum.model import DecoderOnlyLLM
+from support import runnable_backends
+
+BACKENDS = runnable_backends()
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def dsv3_config(**extra) -> transformers.DeepseekV3Config:
+    settings = dict(vocab_size=97, hidden_size=64, intermediate_size=80, moe_intermediate_size=24,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24,
+                    kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+                    num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                    max_position_embeddings=256, routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-6)
+    return transformers.DeepseekV3Config(**{**settings, **extra})
+
+
+#: DeepSeek-V3's layout; Moonlight's plain q_proj; YaRN with mscale_all_dim as DeepSeek-V3 and Kimi K2 ship it;
+#: rotate-half rope with biases and value heads as wide as q/k heads.
+VARIANTS = {
+    "lora_q": {},
+    "plain_q": dict(q_lora_rank=None),
+    "yarn": dict(rope_parameters=YARN),
+    "rotate_half": dict(rope_interleave=False, attention_bias=True, v_head_dim=24, n_group=1, topk_group=1,
+                        first_k_dense_replace=2, norm_topk_prob=False, routed_scaling_factor=1.0),
+}
+
+
+def _reference(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def _randomized(config) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """variant -> (folder, transformers model): random weights, random correction biases that change which experts
+    the routers choose."""
+    out = {}
+    for variant, extra in VARIANTS.items():
+        folder = tmp_path_factory.mktemp(variant)
+        model = _randomized(dsv3_config(**extra))
+        model.save_pretrained(folder)
+        out[variant] = folder, model
+    return out
+
+
+def _scaled_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
+
+
+# ------------------------------------------------------------------ whole models
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_matches_transformers(checkpoints, backend, variant):
+    """A full forward and token-by-token decode, against transformers' logits."""
+    folder, hf = checkpoints[variant]
+    want = _reference(hf, TOKENS)
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    dense = VARIANTS[variant].get("first_k_dense_replace", 1)
+    assert [spec.mlp for spec in model.config.arch.layers] == ["dense"] * dense + ["moe"] * (3 - dense)
+    assert (model.config.head_dim, model.config.num_kv_heads) == (24, 4)
+    assert _scaled_error(model.forward_verify("all", TOKENS), want) <= 1e-4
+    model.prefill("steps", TOKENS[:5])
+    for pos in range(5, len(TOKENS)):
+        assert _scaled_error(model.decode("steps", TOKENS[pos], pos), want[pos]) <= 1e-4
+
+
+def test_the_parity_is_sensitive_to_each_mla_setting(checkpoints):
+    """The checked settings move transformers' logits here: the rope pairing, YaRN (frequencies, attention factor
+    and mscale), and the latent norms' fixed epsilon is not rms_norm_eps's."""
+    folder, hf = checkpoints["lora_q"]
+    want = _reference(hf, TOKENS)
+    for changes in ({"rope_interleave": False}, {"rope_parameters": YARN}):
+        other = transformers.AutoModelForCausalLM.from_pretrained(folder, **changes).float().eval()
+        assert _scaled_error(_reference(other, TOKENS), want) > 1e-3, changes
+    yarn_folder, yarn_hf = checkpoints["yarn"]
+    plain = transformers.AutoModelForCausalLM.from_pretrained(
+        yarn_folder, rope_parameters={**YARN, "mscale_all_dim": 0}).float().eval()
+    assert _scaled_error(_reference(plain, TOKENS), _reference(yarn_hf, TOKENS)) > 1e-3
+    arch = ModelConfig.from_file(yarn_folder).arch
+    assert arch.attn_scale == pytest.approx(yarn_hf.model.layers[0].self_attn.scaling)
+    assert arch.attn_scale == pytest.approx(24 ** -0.5 * (0.1 * math.log(4.0) + 1) ** 2)
+    assert arch.layers[0].rope.attention_factor == pytest.approx(
+        (0.1 * 0.707 * math.log(4) + 1) / (0.1 * math.log(4) + 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generates_greedily_as_transformers(checkpoints, backend):
+    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache, and
+    each equal to a run of its own."""
+    folder, hf = checkpoints["lora_q"]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=12, do_sample=False)[0, len(TOKENS):].tolist()
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
+    first, short, again = llm.run([TOKENS, TOKENS[:5], TOKENS], max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert list(first.token_ids) == want and list(again.token_ids) == want
+    solo = ferrum.load(folder, backend=backend, dtype="float32")
+    (alone,) = solo.run([TOKENS[:5]], max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert list(short.token_ids) == list(alone.token_ids)
+
+
+def test_the_cache_holds_value_heads_padded_with_zeros(checkpoints):
+    """Keys of qk_nope + qk_rope dims per head, values of v_head_dim zero-padded to them (exact)."""
+    folder, _ = checkpoints["lora_q"]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", block_size=4, dtype="float32")
+    model.prefill("s", TOKENS)
+    k, v = model.ops.kv_gather(model.pool, 1, model.kv.block_array("s"), len(TOKENS))
+    k, v = model.ops.to_numpy(k), model.ops.to_numpy(v)
+    assert k.shape == v.shape == (len(TOKENS), 4, 24)
+    assert not v[..., 12:].any() and v[..., :12].any()
+
+
+def test_lora_adapters_are_refused(checkpoints, tmp_path):
+    model = DecoderOnlyLLM.from_pretrained(checkpoints["lora_q"][0], backend="cpu", dtype="float32")
+    with pytest.raises(AdapterError, match="Multi-head Latent Attention"):
+        model.adapters.load("a", tmp_path)
+
+
+def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
+    """weight_shapes (loading, ferrum quantize, the random checkpoint writer) lists every attention tensor with the
+    shape transformers saves."""
+    from safetensors import safe_open
+
+    for variant in ("lora_q", "plain_q", "rotate_half"):
+        folder, _ = checkpoints[variant]
+        with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        shapes = weight_shapes(ModelConfig.from_file(folder))
+        attention = {n: s for n, s in shapes.items() if ".self_attn." in n}
+        assert attention and all(saved[n] == s for n, s in attention.items()), variant
+        assert {n for n in saved if ".self_attn." in n} == set(attention)
+
+
+# ------------------------------------------------------------------ config
+
+
+def _raw(**changes) -> dict:
+    return {**dsv3_config().to_dict(), **changes}
+
+
+@pytest.mark.parametrize("changes, error, words", [
+    ({"num_key_value_heads": 2}, ConfigError, "'num_key_value_heads' is 2, but latent attention expands"),
+    ({"v_head_dim": 32}, UnsupportedFeatureError, "'v_head_dim' (32) exceeds the 24 dims"),
+    ({"qk_rope_head_dim": 7}, ConfigError, "'qk_rope_head_dim' is 7; Ferrum needs an even number"),
+    ({"qk_nope_head_dim": 15}, ConfigError, "'qk_nope_head_dim' is 15; Ferrum needs an even number"),
+    ({"kv_lora_rank": None}, ConfigError, "'kv_lora_rank' must be a positive integer"),
+    ({"q_lora_rank": 0}, ConfigError, "'q_lora_rank' must be a positive integer"),
+    ({"rope_interleave": "yes"}, ConfigError, "'rope_interleave' must be true or false"),
+    ({"rope_parameters": {**YARN, "mscale_all_dim": "x"}}, ConfigError, "'mscale_all_dim' must be a positive number"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     UnsupportedFeatureError, "sets partial_rotary_factor 0.5"),
+    ({"topk_group": 3}, ConfigError, "'topk_group' (3) exceeds the 2 expert groups"),
+    ({"n_group": 3}, ConfigError, "'n_group' (3) must divide the 8 routed experts"),
+    ({"num_experts_per_tok": 5}, ConfigError, "'num_experts_per_tok' (5) exceeds the 4 experts of the 1 group"),
+])
+def test_bad_keys_are_refused_by_name(changes, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        ModelConfig.from_dict(_raw(**changes))
+
+
+DEEPSEEK_V3 = {  # DeepSeek-V3's config.json as deepseek-ai ships it (its quantization_config left out)
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+    "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+    "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False,
+    "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280}
+
+
+def test_deepseek_v3_config_reads_as_released():
+    config = ModelConfig.from_dict(json.loads(json.dumps(DEEPSEEK_V3)))
+    arch = config.arch
+    assert (config.head_dim, config.num_heads, config.num_kv_heads) == (192, 128, 128)
+    assert [layer.mlp for layer in arch.layers[:4]] == ["dense"] * 3 + ["moe"]
+    rope = arch.layers[0].rope
+    assert (rope.kind, rope.rotary_dim, rope.head_dim, rope.factor, rope.original_max) == ("yarn", 64, 192, 40, 4096)
+    assert rope.interleaved and rope.attention_factor == 1.0
+    assert arch.attn_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+    mla = arch.mla
+    assert (mla.q_lora_rank, mla.kv_lora_rank, mla.nope, mla.rope, mla.v_head_dim) == (1536, 512, 128, 64, 128)
+    moe = arch.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_size, moe.shared_expert_size) == (256, 8, 2048, 2048)
+    assert (moe.routing, moe.n_group, moe.topk_group, moe.routed_scale, moe.normalize) == (
+        "sigmoid_grouped", 8, 4, 2.5, True)
+
+
+def test_moonlight_and_kimi_k2_configs_read_as_released():
+    """Moonlight-16B-A3B: a plain q_proj, no rope scaling; Kimi K2: 64 heads, one expert group, YaRN factor 32."""
+    moonlight = ModelConfig.from_dict({**DEEPSEEK_V3, "q_lora_rank": None, "hidden_size": 2048, "intermediate_size":
+                                       11264, "moe_intermediate_size": 1408, "num_attention_heads": 16,
+                                       "num_key_value_heads": 16, "num_hidden_layers": 27, "n_routed_experts": 64,
+                                       "n_shared_experts": 2, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6,
+                                       "first_k_dense_replace": 1, "rope_scaling": None, "rope_theta": 50000.0,
+                                       "max_position_embeddings": 8192, "routed_scaling_factor": 2.446,
+                                       "vocab_size": 163840})
+    assert moonlight.arch.mla.q_lora_rank is None and moonlight.arch.attn_scale == pytest.approx(192 ** -0.5)
+    assert moonlight.arch.moe.shared_expert_size == 2816
+    kimi = ModelConfig.from_dict({**DEEPSEEK_V3, "num_attention_heads": 64, "num_key_value_heads": 64,
+                                  "n_routed_experts": 384, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+                                  "routed_scaling_factor": 2.827, "rope_theta": 50000.0, "vocab_size": 163840,
+                                  "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0,
+                                                   "mscale": 1.0, "mscale_all_dim": 1.0,
+                                                   "original_max_position_embeddings": 4096, "type": "yarn"}})
+    assert (kimi.num_heads, kimi.head_dim, kimi.arch.moe.num_experts) == (64, 192, 384)
+    assert kimi.arch.attn_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(32) + 1) ** 2)
+
+
+def test_random_checkpoints_are_what_transformers_reads(tmp_path):
+    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
+    from ferrum.random_checkpoint import write_random_checkpoint
+
+    raw = {**_raw(), "architectures": ["DeepseekV3ForCausalLM"], "rope_parameters": YARN}
+    folder = write_random_checkpoint(tmp_path / "dsv3", raw, dtype="float32", std=0.2)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", TOKENS)
+    assert _scaled_error(got, _reference(hf.float().eval(), TOKENS)) <= 1e-4
