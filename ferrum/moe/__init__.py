@@ -1,4 +1,5 @@
-"""Mixture-of-experts MLPs (Mixtral, Qwen, OLMoE, GraniteMoE, gpt-oss, GLM-4.5): routing, stacked experts, loading.
+"""Mixture-of-experts MLPs (Mixtral, Qwen, OLMoE, GraniteMoE, gpt-oss, GLM-4.5, DeepSeek-V3): routing, stacked
+experts, loading.
 
 Modules: :mod:`~ferrum.moe.spec` (config keys, which layers are sparse),
 :mod:`~ferrum.moe.routing` (the softmax and grouped sigmoid rules), :mod:`~ferrum.moe.experts`
