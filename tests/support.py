@@ -301,3 +301,21 @@ def paged_reference(q, k_pool, v_pool, cu, seq_lens, tables, block_size: int, sc
             total = total + np.exp(np.asarray(sinks, np.float64)[:, None, None] - top)
         out.append(np.einsum("hqk,khd->qhd", weights / total, vh))
     return np.concatenate(out)
+
+
+def with_prediction_layer(folder: Path, dest: Path, nextn: int) -> Path:
+    """A copy of checkpoint ``folder`` holding one multi-token prediction layer after the decoder's, as GLM-4.5's
+    and DeepSeek-V3's releases store it, with config.json's ``num_nextn_predict_layers`` set to ``nextn``."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    copy = shutil.copytree(folder, dest)
+    config = json.loads((copy / "config.json").read_text())
+    layer, hidden = config["num_hidden_layers"], config["hidden_size"]
+    tensors = load_file(copy / "model.safetensors")
+    tensors[f"model.layers.{layer}.eh_proj.weight"] = np.zeros((hidden, 2 * hidden), np.float32)
+    tensors[f"model.layers.{layer}.enorm.weight"] = np.ones(hidden, np.float32)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    (copy / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": nextn}))
+    return copy

@@ -19,7 +19,7 @@ from ferrum.arch.tensors import weight_shapes
 from ferrum.config import ModelConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from support import runnable_backends
+from support import runnable_backends, with_prediction_layer
 
 BACKENDS = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
@@ -254,3 +254,14 @@ def test_random_checkpoints_are_what_transformers_reads(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", TOKENS)
     assert _scaled_error(got, _reference(hf.float().eval(), TOKENS)) <= 1e-4
+
+
+def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
+    """DeepSeek-V3's releases store the multi-token prediction layer as layer 61: not run, not reported unread."""
+    import warnings
+
+    folder, model = checkpoints["lora_q"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llm = ferrum.load(with_prediction_layer(folder, tmp_path / "mtp", 1), backend="cpu")
+    assert _scaled_error(llm.model.forward_verify("mtp", TOKENS), _reference(model, TOKENS)) < 1e-4

@@ -18,7 +18,7 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
 from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.routing import route_grouped
-from support import runnable_backends
+from support import runnable_backends, with_prediction_layer
 
 BACKENDS = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
@@ -222,27 +222,13 @@ def test_glm_4_5_config_reads_as_released():
 def test_a_released_checkpoints_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
     """GLM-4.5's releases store the multi-token prediction layer after the decoder's
     (``num_nextn_predict_layers``): not run, as transformers does not, and not reported as unread (44 tensors
-    were); a layer past it still is."""
-    import shutil
+    were); a layer config.json does not announce still is."""
     import warnings
 
-    from safetensors.numpy import load_file, save_file
-
     folder, model = checkpoints["grouped"]
-    copy = shutil.copytree(folder, tmp_path / "mtp")
-    config = json.loads((copy / "config.json").read_text())
-    layers = config["num_hidden_layers"]
-    tensors = load_file(copy / "model.safetensors")
-    hidden = config["hidden_size"]
-    tensors[f"model.layers.{layers}.eh_proj.weight"] = np.zeros((hidden, 2 * hidden), np.float32)
-    tensors[f"model.layers.{layers}.enorm.weight"] = np.ones(hidden, np.float32)
-    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
-    (copy / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
-    with pytest.warns(UserWarning, match=f"model.layers.{layers}.eh_proj.weight"):
-        ferrum.load(copy, backend="cpu")  # config.json does not say there is such a layer
-    (copy / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))  # transformers' default
+    with pytest.warns(UserWarning, match=r"model\.layers\.3\.eh_proj\.weight"):
+        ferrum.load(with_prediction_layer(folder, tmp_path / "unannounced", 0), backend="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        llm = ferrum.load(copy, backend="cpu")
-    got = llm.model.forward_verify("mtp", TOKENS)
-    assert _scaled_error(got, _reference(model, TOKENS)) < 1e-4
+        llm = ferrum.load(with_prediction_layer(folder, tmp_path / "mtp", 1), backend="cpu")
+    assert _scaled_error(llm.model.forward_verify("mtp", TOKENS), _reference(model, TOKENS)) < 1e-4

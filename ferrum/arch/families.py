@@ -535,6 +535,7 @@ def _deepseek_v3(r: KeyReader, sizes: Sizes) -> Architecture:
         norms=LLAMA_NORMS,
         attn_scale=scale,
         mla=mla,
+        mtp_layers=r("num_nextn_predict_layers") or 0,
     )
 
 
@@ -1201,6 +1202,7 @@ FAMILIES: dict[str, Family] = {
             Key("v_head_dim", default=128, check=size(4096)),
             Key("rope_interleave", default=True, check=boolean),
             Key("attention_bias", default=False, check=boolean),
+            Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
         ), MOE_KEYS["deepseek_v3"]),
         with_moe("deepseek_v3", _deepseek_v3),
         kv_heads=_mla_kv_heads,
