@@ -29,8 +29,10 @@ ProgressFn = Callable[[int, int, str], None]
 DONE_MARKER = ".ferrum-converted"
 #: Bump when an import's output changes, so old caches are redone.
 #: 1: every tensor dequantized to float32; 2: quantized weights kept packed; 3: llama.cpp's stop tokens, BOS
-#: defaults, default pre-tokenizer, Phi-3 whitespace and legacy rope scale.
-IMPORT_FORMAT = "3"
+#: defaults, default pre-tokenizer, Phi-3 whitespace and legacy rope scale; 4: unknown tokens matched whole and
+#: written for characters no sentencepiece piece spells, merges that make no token left out, llama.cpp's
+#: default special ids.
+IMPORT_FORMAT = "4"
 
 
 def cache_root() -> Path:

@@ -381,7 +381,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
                     hidden: int = 64, inter: int = 96, std: float = 1.0,
                     split_max_tensors: int = 0, chat_template: Any = None, controls: tuple[str, ...] = (),
                     add_bos: bool | None = False, name: str | None = None, metadata: dict[str, Any] | None = None,
-                    kv_heads_per_layer: bool = False) -> dict[str, np.ndarray]:
+                    kv_heads_per_layer: bool = False, vocab: tuple | None = None,
+                    special_ids: dict[str, int] | None = None, unembedded: tuple[str, ...] = ()
+                    ) -> dict[str, np.ndarray]:
     """A 1-layer GGUF (4 heads, 2 KV heads) of ``arch`` (llama; qwen2 adds q/k/v biases, qwen3 q/k norms);
     returns its weights in Hugging Face layout, as stored.
 
@@ -394,7 +396,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     converter writes it. ``controls`` are more control tokens at the vocabulary's end; ``pre`` None and a
     byte-level vocabulary's ``add_bos`` None leave their keys out, as older converters did; ``name`` is
     ``general.name``; ``metadata`` more keys under the architecture's prefix (floats as float32, strings);
-    ``kv_heads_per_layer`` writes the KV head count as a list of one per layer.
+    ``kv_heads_per_layer`` writes the KV head count as a list of one per layer; ``vocab`` is ``(tokens, types,
+    scores, merges)`` instead of the tokenizer model's small vocabulary; ``special_ids`` the ``*_token_id`` keys
+    written (default bos 1, eos 2); ``unembedded`` tokens listed past the embedding's rows (a damaged file).
     """
     rng = np.random.default_rng(0)
     types = ONE_Q8_0 if types is None else types
@@ -406,6 +410,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
         tokens = specials + _alphabet() + ["he", "ll", "hell", "hello"]
         token_types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
         merges, scores = ["h e", "l l", "he ll", "hell o"], None
+    if vocab is not None:
+        tokens, token_types, scores, merges = (list(part) if part is not None else None for part in vocab)
     tokens, token_types = tokens + list(controls), token_types + [3] * len(controls)
     scores = None if scores is None else scores + [0.0] * len(controls)
     vocab, heads, kv_heads = len(tokens), 4, 2
@@ -470,16 +476,16 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     w.add_tokenizer_model(tokenizer_model)
     if pre is not None:
         w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
+    w.add_token_list(tokens + list(unembedded))
+    w.add_token_types(token_types + [1] * len(unembedded))
     if merges is not None:
         w.add_token_merges(merges)
         if add_bos is not None:
             w.add_add_bos_token(add_bos)
     if scores is not None:  # sentencepiece: scores, no merges, and BOS added by default
         w.add_token_scores(scores)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    for key, token_id in (special_ids if special_ids is not None else {"bos": 1, "eos": 2}).items():
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", token_id)
     w.add_chat_template(chat_template or "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
     expected = {}
     for name, array in hf.items():
@@ -624,6 +630,57 @@ def test_pre_tokenizers_split_words_as_the_models_own_regex(tmp_path, pre, words
     assert split == [w.replace(" ", "\u0120") for w in words]  # ByteLevel's spelling of a space
     model = json.loads((out / "tokenizer.json").read_text())["model"]
     assert model["ignore_merges"] == (pre in ("llama-bpe", "tekken"))
+
+
+def _tokenizer_of(tmp_path: Path, **options: Any):
+    from ferrum.tokenizer import Tokenizer
+
+    write_tiny_gguf(tmp_path / "t.gguf", types={}, **options)
+    return Tokenizer(convert_gguf(tmp_path / "t.gguf", tmp_path / "out"))
+
+
+def test_a_merge_the_vocabulary_cannot_make_is_left_out_as_llama_cpp_leaves_it(tmp_path):
+    """GPT-NeoX-style files hold whitespace runs as user-defined tokens in place of the merges' results: a merge
+    only ranks a pair, so one that makes no token never applies (the import crashed with a bare Exception)."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = _alphabet()
+    tokens = specials + alphabet + ["he", "  ", "hell"]  # "  " (user-defined) where "ĠĠ" would be
+    types = [3] * 3 + [1] * len(alphabet) + [1, 4, 1]
+    merges = ["h e", "\u0120 \u0120", "q j", "he ll"]  # "ĠĠ" and "qj" are no tokens; "ll" neither
+    tok = _tokenizer_of(tmp_path, vocab=(tokens, types, None, merges))
+    ids = tok.encode("he  he", add_special_tokens=False)
+    assert ids == [tokens.index("he"), tokens.index("  "), tokens.index("he")]
+    assert tok.decode(ids) == "he  he"
+
+
+def test_a_sentencepiece_vocabulary_without_byte_pieces_keeps_unknown_characters_as_unk(tmp_path):
+    """OpenLLaMA-style vocabularies have no <0xNN> pieces: a character no piece spells is the unknown token, as
+    sentencepiece writes it (it was dropped with its text); <unk> in text is that token, as llama.cpp matches it."""
+    tokens, types, scores = _sentencepiece_vocab()
+    keep = [i for i, t in enumerate(tokens) if not t.startswith("<0x")]
+    vocab = ([tokens[i] for i in keep], [types[i] for i in keep], [scores[i] for i in keep], None)
+    tok = _tokenizer_of(tmp_path, tokenizer_model="llama", vocab=vocab)
+    ids = tok.encode("hé 日")
+    assert ids.count(0) == 2 and ids[0] == 1  # BOS, then é and 日 each the unknown token (id 0)
+    assert tok.encode("<unk>", add_special_tokens=False) == [0]
+
+
+def test_a_sentencepiece_file_naming_no_bos_takes_llama_cpps_default_ids(tmp_path):
+    """llama.cpp falls back to bos 1, eos 2, unk 0 for a sentencepiece vocabulary (and takes an id outside the
+    vocabulary as none given): the import refused such a file."""
+    for ids in ({}, {"bos": 99999, "eos": 2}):
+        folder = tmp_path / str(len(ids))
+        folder.mkdir()
+        assert _tokenizer_of(folder, tokenizer_model="llama", special_ids=ids).encode("hello")[0] == 1
+        config = json.loads((folder / "out" / "tokenizer_config.json").read_text())
+        assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
+
+
+def test_a_tokenizer_longer_than_the_embedding_is_refused(tmp_path):
+    """Its last tokens would be ids the model has no row for: every request writing one failed."""
+    write_tiny_gguf(tmp_path / "t.gguf", types={}, unembedded=("<|extra|>",))
+    with pytest.raises(CheckpointError, match="the tokenizer lists .* tokens but token_embd has"):
+        convert_gguf(tmp_path / "t.gguf", tmp_path / "out")
 
 
 def test_sentencepiece_gguf_tokenizer_gives_llama_cpp_ids(sentencepiece_gguf):

@@ -148,6 +148,9 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     declared = meta.get(p + "vocab_size") or (len(tokens) if tokens else None)
     if declared is not None and int(declared) != vocab:
         raise CheckpointError(f"{where}: vocab size {declared} in the metadata but token_embd has {vocab} rows")
+    if tokens and len(tokens) > vocab:  # the tokenizer would write ids the model has no embedding for
+        raise CheckpointError(f"{where}: the tokenizer lists {len(tokens)} tokens but token_embd has {vocab} rows; "
+                              "the file is damaged or was converted wrongly")
 
     theta = float32_value(meta.get(p + "rope.freq_base", 10000.0))
     rope_scaling: dict[str, Any] | None = None

@@ -34,7 +34,12 @@ _ADDS_BOS = frozenset(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1"
 _PHI3_NAMES, _PHI3_KEEPS_WHITESPACE = ("phi-3", "phi3"), frozenset(("<unk>", "<s>", "<|endoftext|>"))
 
 # GGUF token types (llama.cpp's llama_token_type).
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
+#: Token types llama.cpp matches whole in raw text before tokenizing the rest (its special-token partition).
+_MATCHED_WHOLE = (_TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+#: llama.cpp's ids for a sentencepiece vocabulary's BOS, EOS and unknown token where the file names none (or an
+#: id outside the vocabulary).
+_SPM_DEFAULT_IDS = {"bos": 1, "eos": 2, "unknown": 0}
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ def _added_token(meta: Metadata, token: str, token_type: int) -> Any:
 
     name = (meta.get("general.name") or "").lower()
     rstrip = any(n in name for n in _PHI3_NAMES) and token not in _PHI3_KEEPS_WHITESPACE
-    return AddedToken(token, special=token_type == _TOKEN_CONTROL, normalized=False, rstrip=rstrip)
+    return AddedToken(token, special=token_type != _TOKEN_USER_DEFINED, normalized=False, rstrip=rstrip)
 
 
 def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
@@ -137,13 +142,17 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
     vocab: dict[str, int] = {}
     added: list[Any] = []
     for index, (token, token_type) in enumerate(zip(tokens, types)):
-        if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
+        if token_type in _MATCHED_WHOLE:
             # Matched whole in the raw text, written as is.
             added.append(_added_token(meta, token, token_type))
         elif not set(token) <= alphabet:
             # A plain token spelled in raw text: write it in the byte alphabet like the rest.
             token = "".join(spelling[b] for b in token.encode("utf-8"))
         vocab.setdefault(token, index)
+    # A merge only ranks a pair (llama.cpp merges a pair whose join is a token): one whose parts or join the
+    # vocabulary lacks (a whitespace run taken over by an added token, GPT-NeoX's) never applies, and the
+    # tokenizers library refuses it
+    merges = [(left, right) for left, right in merges if left in vocab and right in vocab and left + right in vocab]
     tok = Tokenizer(
         models.BPE(
             vocab=vocab,
@@ -178,9 +187,10 @@ def _sentencepiece_model(meta: Metadata, tokens: list[str], types: list[int]) ->
     vocab: dict[str, int] = {}
     added: list[Any] = []
     for index, (token, token_type) in enumerate(zip(tokens, types)):
-        if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
+        if token_type in _MATCHED_WHOLE:
             added.append(_added_token(meta, token, token_type))
         vocab.setdefault(token, index)
+    unknown = _token_id(meta, tokens, "unknown", _SPM_DEFAULT_IDS["unknown"])
     candidates = []
     for piece, score in zip(tokens, scores):
         cuts = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
@@ -188,8 +198,11 @@ def _sentencepiece_model(meta: Metadata, tokens: list[str], types: list[int]) ->
         candidates += [(-float(score), -len(left), -len(right), left, right) for left, right in cuts]
     candidates.sort(key=lambda c: c[:3])  # stable: ties keep the file's order
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    # a character no piece spells becomes its <0xNN> byte pieces, or, in a vocabulary without them (OpenLLaMA's),
+    # the unknown token, as sentencepiece writes it; it was dropped, and the text lost with it
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(c[3], c[4]) for c in candidates], dropout=None,
-                               fuse_unk=True, byte_fallback=True))
+                               unk_token=None if unknown is None else tokens[unknown], fuse_unk=True,
+                               byte_fallback=True))
     # llama.cpp puts the space before every run of text that starts the prompt or follows an added token, even
     # one that starts with a space; the normalizer runs on exactly those runs
     spaces = normalizers.Replace(" ", "\u2581")
@@ -225,8 +238,8 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
         tok.add_tokens(plain)
 
     def token_of(key: str) -> str | None:
-        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+        token_id = _token_id(meta, tokens, key, _SPM_DEFAULT_IDS.get(key) if kind == "llama" else None)
+        return None if token_id is None else tokens[token_id]
 
     bos, eos = token_of("bos"), token_of("eos")
     # llama.cpp adds BOS to a sentencepiece vocabulary, and to Llama 3's and its kin's, unless the file says otherwise
@@ -268,6 +281,15 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
     elif templates:
         tokenizer_config["chat_template"] = [{"name": name, "template": text} for name, text in templates.items()]
     return tok, tokenizer_config
+
+
+def _token_id(meta: Metadata, tokens: list[str], key: str, default: int | None) -> int | None:
+    """The id of the file's ``key`` token (bos, eos, unknown...), else ``default``, as llama.cpp takes them: an
+    id outside the vocabulary is one not given."""
+    for token_id in (meta.get(f"tokenizer.ggml.{key}_token_id"), default):
+        if token_id is not None and 0 <= token_id < len(tokens):
+            return int(token_id)
+    return None
 
 
 def stop_token_ids(meta: Metadata, tokens: list[str]) -> list[int]:
