@@ -96,6 +96,41 @@ def test_a_paged_attention_ignoring_the_window_is_caught(registered):
     assert not any("gemma2" in r.name for r in report.results)
 
 
+def _with_shared(ids, weights, shared_logit):
+    if shared_logit is not None:
+        weights = np.concatenate([weights, 1 / (1 + np.exp(-np.asarray(shared_logit, np.float32)))], axis=1)
+    return ids, weights
+
+
+@hookimpl
+def moe_route_always_normalizing(logits, shared_logit, top_k, normalize):
+    from ferrum.moe.routing import route
+
+    return _with_shared(*route(np.asarray(logits), top_k, True), shared_logit)
+
+
+@hookimpl
+def moe_route_taking_routing_without_a_default(logits, shared_logit, top_k, normalize, routing):
+    from ferrum.moe.routing import route, route_grouped
+
+    logits = np.asarray(logits)
+    if routing is None:
+        return _with_shared(*route(logits, top_k, normalize), shared_logit)
+    return route_grouped(logits, np.asarray(routing.bias), top_k, routing.n_group, routing.topk_group, normalize,
+                         routing.scale)
+
+
+def test_moe_route_written_to_the_hookspec_runs_and_one_always_normalizing_is_caught(registered):
+    """A ``moe_route`` declaring ``routing`` as the hookspec writes it (no default) is called with it by the
+    model (softmax MoE models failed with "missing 1 required positional argument"); one that normalizes
+    whatever ``normalize`` says passed every check (Qwen2-MoE and OLMoE do not normalize)."""
+    registered("routes", cpu_like_plugin("routes", extra={"moe_route": moe_route_taking_routing_without_a_default}))
+    report = check_backend("routes")
+    assert report.failed() == [] and "moe_route, grouped sigmoid (native)" in [r.name for r in report.results]
+    registered("normalizes", cpu_like_plugin("normalizes", extra={"moe_route": moe_route_always_normalizing}))
+    assert check_backend("normalizes").failed() == ["moe_route, unnormalized (native)"]
+
+
 @hookimpl
 def rope_on_bfloat16_positions(x, positions, inv_freq):
     import ml_dtypes

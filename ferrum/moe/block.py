@@ -46,7 +46,7 @@ class MoeMLP:
                 shared_logit = self.shared_gate(x)
         logits = self.router(x)
         if self.routing is None:
-            ids, weights = ops.moe_route(logits, shared_logit, self.top_k, self.normalize)
+            ids, weights = ops.moe_route(logits, shared_logit, self.top_k, self.normalize, None)
         else:
             route = ops.moe_route if self.route is None else self.route
             ids, weights = route(logits, shared_logit, self.top_k, self.normalize, self.routing)

@@ -541,16 +541,18 @@ def check_moe_route_grouped(c: _Context) -> float:
     return _compare(np.take_along_axis(weights, order, 1), np.take_along_axis(ref_weights, ref_order, 1), 1e-5)
 
 
-def check_moe_route(c: _Context) -> float:
-    """Random logits (no ties at the top-k boundary) and a shared-expert logit, against the host rule."""
+def check_moe_route(c: _Context, normalize: bool = True) -> float:
+    """Random logits (no ties at the top-k boundary) and a shared-expert logit, against the host rule; the
+    chosen probabilities divided by their sum or not (Qwen2-MoE, OLMoE), as ``normalize`` says. Called as the
+    model calls it, ``routing`` None (a plugin may declare it without a default)."""
     from ferrum.moe.routing import route
 
     rng = np.random.default_rng(1)  # its own draws: the other checks' inputs stay as they were
     logits = c.rounded(rng.standard_normal((9, 6), dtype=np.float32) * 2)
     shared = c.rounded(rng.standard_normal((9, 1), dtype=np.float32))
-    ids, weights = c.ops.moe_route(c.put(logits), c.put(shared), 2, True)
+    ids, weights = c.ops.moe_route(c.put(logits), c.put(shared), 2, normalize, None)
     ids, weights = c.get(ids).astype(np.int64), c.get(weights)
-    ref_ids, ref_weights = route(logits, 2, True)
+    ref_ids, ref_weights = route(logits, 2, normalize)
     order, ref_order = np.argsort(ids, axis=1), np.argsort(ref_ids, axis=1)
     if not np.array_equal(np.take_along_axis(ids, order, 1), np.take_along_axis(ref_ids, ref_order, 1)):
         raise AssertionError(f"chose experts {ids.tolist()}, expected {ref_ids.tolist()}")
@@ -682,6 +684,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         ("rope", lambda: check_rope(c, tol), tol),
         ("silu_mul", lambda: check_silu_mul(c, tol), tol),
         (f"moe_route ({source('moe_route')})", lambda: check_moe_route(c), 1e-5),
+        (f"moe_route, unnormalized ({source('moe_route')})", lambda: check_moe_route(c, normalize=False), 1e-5),
         (f"moe_route, grouped sigmoid ({grouped_route})", lambda: check_moe_route_grouped(c), 1e-5),
         (f"moe_experts, all tokens on one pair ({source('moe_experts')})",
          lambda: check_moe_experts(c, False, tol), tol),
