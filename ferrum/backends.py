@@ -316,6 +316,10 @@ def load_backend(name: str | None = None) -> "Backend":
             pm.register(ops_plugin, name=f"{name}.ops")
         except pluggy.PluginValidationError as exc:
             raise PluginContractError(f"backend {name!r}: {exc}") from exc
+    try:  # a hook no spec names (a misspelt op) would never be called: its op would quietly fall back
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginContractError(f"backend {name!r}: {exc}; see ferrum.hookspec for the ops' names") from None
     ops = OpsTable.from_plugin_manager(pm, backend_name=name)
     try:
         refusal = api_incompatibility(ops.info.api_version)

@@ -148,6 +148,16 @@ def test_missing_required_op_is_named(registered):
         backends.load_backend("broken")
 
 
+def test_a_misspelt_op_is_named_not_left_to_fall_back(registered):
+    """pluggy takes a hook no spec names and never calls it: ``rms_nrom`` loaded, and rms_norm quietly ran the
+    core's reference."""
+    from ferrum.hookspec import hookimpl
+
+    registered("typo", cpu_like_plugin("typo", omit=("rms_norm",), extra={"rms_nrom": hookimpl(lambda x, w, eps: x)}))
+    with pytest.raises(PluginContractError, match="rms_nrom"):
+        backends.load_backend("typo")
+
+
 def test_invalid_or_failing_plugins_are_listed_not_fatal(registered):
     @hookimpl
     def linear(x, weight, bias, surprise):  # an argument the spec does not have
