@@ -131,6 +131,26 @@ def test_moe_route_written_to_the_hookspec_runs_and_one_always_normalizing_is_ca
     assert check_backend("normalizes").failed() == ["moe_route, unnormalized (native)"]
 
 
+def test_an_older_plugins_own_sampling_is_checked(registered):
+    """A plugin declaring API 1.10 has every batch holding a row 1.11 reads otherwise sampled by the core, and the
+    kit's one batch held such rows: a ``sample`` ignoring top-k passed every check."""
+    from dataclasses import replace
+
+    from ferrum.sampling import sample_numpy
+
+    @hookimpl
+    def sample(logits, batch):
+        return sample_numpy(cpu_ops.to_numpy(logits), replace(batch, top_k=np.zeros_like(batch.top_k)))
+
+    @hookimpl
+    def backend_info():
+        return replace(cpu_ops.backend_info(), name="oldtopk", api_version="1.10")
+
+    registered("oldtopk", cpu_like_plugin("oldtopk", omit=("sample_on_device",),
+                                          extra={"sample": sample, "backend_info": backend_info}))
+    assert "sample (native)" in check_backend("oldtopk").failed()
+
+
 @hookimpl
 def rope_on_bfloat16_positions(x, positions, inv_freq):
     import ml_dtypes
