@@ -141,6 +141,27 @@ class _PluginFault(Exception):
     """A plugin's import or probe raised (even SystemExit), or did not return in time."""
 
 
+class _PluginHung(_PluginFault):
+    """A plugin's import or probe did not return in time; its thread runs on."""
+
+
+#: (backend name, source) -> why: an import or probe that hung, which no later discovery in this process waits on
+#: again (each waited the whole timeout, once per backend ``ferrum backends`` listed, and left a thread behind).
+_hung: dict[tuple[str, str], str] = {}
+
+
+def _guarded_once(name: str, source: str, what: str, call: Callable[[], Any]) -> Any:
+    """:func:`_guarded`, except for a plugin whose import or probe already hung in this process."""
+    reason = _hung.get((name, source))
+    if reason is not None:
+        raise _PluginFault(reason)
+    try:
+        return _guarded(what, call)
+    except _PluginHung as exc:
+        _hung[(name, source)] = f"{exc} (not waited on again in this process)"
+        raise
+
+
 def _guarded(what: str, call: Callable[[], Any]) -> Any:
     """Run a plugin's code in a daemon thread with a time limit; whatever it raises becomes a _PluginFault.
 
@@ -158,7 +179,7 @@ def _guarded(what: str, call: Callable[[], Any]) -> Any:
     thread.start()
     thread.join(PROBE_TIMEOUT_S)
     if thread.is_alive():
-        raise _PluginFault(f"{what} did not return within {PROBE_TIMEOUT_S:g}s (FERRUM_PROBE_TIMEOUT); skipped")
+        raise _PluginHung(f"{what} did not return within {PROBE_TIMEOUT_S:g}s (FERRUM_PROBE_TIMEOUT); skipped")
     if "error" in outcome:
         raise _PluginFault(f"{what} failed: {outcome['error']!r}")
     return outcome["value"]
@@ -171,7 +192,7 @@ def _probe_plugin(name: str, source: str, plugin: Any) -> BackendEntry:
     except pluggy.PluginValidationError as exc:
         return BackendEntry(name, source, BackendProbe(False, reason=f"invalid plugin: {exc}"))
     try:
-        probe = _guarded("probe", pm.hook.backend_probe)
+        probe = _guarded_once(name, source, "probe", pm.hook.backend_probe)
     except _PluginFault as exc:  # a broken probe must not take the runtime down
         return BackendEntry(name, source, BackendProbe(False, reason=str(exc)))
     if not isinstance(probe, BackendProbe):
@@ -214,7 +235,7 @@ def discover() -> list[BackendEntry]:
         if ep.name in extra:
             continue
         try:
-            plugin = _guarded("import", ep.load)
+            plugin = _guarded_once(ep.name, ep.value, "import", ep.load)
         except _PluginFault as exc:
             entries[ep.name] = BackendEntry(ep.name, ep.value, BackendProbe(False, reason=str(exc)))
             continue

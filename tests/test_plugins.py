@@ -225,6 +225,15 @@ def test_plugins_that_exit_hang_or_shadow_a_builtin_are_skipped(tmp_path, monkey
     assert not listed["hangs"].available and "did not return within 1s" in listed["hangs"].probe.reason
     assert listed["cpu"].source == "ferrum_cpu"  # the built-in is used
     assert backends.load_backend("cpu").name == "cpu"
+    # the hung import is not waited on again: each discovery waited the timeout and left one more thread behind
+    import threading
+
+    def stuck() -> int:
+        return sum(t.name == "ferrum-probe import" and t.is_alive() for t in threading.enumerate())
+
+    before = stuck()
+    again = {e.name: e for e in backends.available()}  # (the name clash was said once)
+    assert "not waited on again" in again["hangs"].probe.reason and stuck() == before >= 1
 
 
 def test_automatic_choice_falls_back_when_the_first_backend_cannot_load(registered):
