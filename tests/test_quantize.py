@@ -230,6 +230,48 @@ def _granite(folder: Path) -> Path:
     return folder
 
 
+def _grouped_moe(folder: Path, family: str) -> Path:
+    """A tiny GLM-4.5 or DeepSeek-V3 (grouped sigmoid routing) with the top-level rope keys of their released
+    configs, which mlx-lm's model arguments read."""
+    import torch
+    import transformers
+
+    common = dict(vocab_size=300, hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                  topk_group=1, n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=256,
+                  tie_word_embeddings=False)
+    config = (transformers.Glm4MoeConfig(**common, num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5)
+              if family == "glm4_moe" else
+              transformers.DeepseekV3Config(**common, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
+                                            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    raw = config_of(folder)
+    rope = raw.pop("rope_parameters")
+    raw.update(rope_theta=rope["rope_theta"], rope_scaling=None,
+               partial_rotary_factor=rope.get("partial_rotary_factor", 1.0))
+    (folder / "config.json").write_text(json.dumps(raw))
+    write_tokenizer(folder)
+    return folder
+
+
+@needs_mlx
+@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3"])
+def test_a_router_mlx_lm_holds_as_a_parameter_stays_float(tmp_path, family):
+    """GLM-4.5's and DeepSeek-V3's routers are plain parameters in mlx-lm (its MoEGate), which its conversion
+    leaves in float and its loader refuses packed ("parameters not in model: ...mlp.gate.scales")."""
+    src = _grouped_moe(tmp_path / "src", family)
+    ours = quantize_checkpoint(src, tmp_path / "ferrum", bits=4, group_size=32)
+    got = tensors(ours)
+    assert got["model.layers.1.mlp.gate.weight"].dtype == np.float32 and "model.layers.1.mlp.gate.scales" not in got
+    assert config_of(ours)["quantization"]["model.layers.1.mlp.gate"] is False
+    mlx_convert(hf_path=str(src), mlx_path=str(tmp_path / "mlx"), quantize=True, q_group_size=32, q_bits=4)
+    assert tensors(tmp_path / "mlx")["model.layers.1.mlp.gate.weight"].dtype == np.float32  # as mlx-lm writes it
+    theirs = mlx_lm_logits(ours)  # mlx-lm loads Ferrum's output
+    if family == "glm4_moe":  # (mlx-lm re-quantizes DeepSeek-V3's kv_b_proj as it loads it: not comparable)
+        assert_close(ferrum_logits(ours, "cpu"), theirs)
+
+
 @needs_mlx
 @pytest.mark.parametrize("family", ["qwen3_moe", "granite"])
 def test_modules_mlx_lm_keeps_at_8_bits_are_written_so(tmp_path, family):

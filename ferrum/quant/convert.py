@@ -54,6 +54,9 @@ _FLOAT_CODES = ("F32", "F16", "BF16")
 #: their mlx-lm path and by model_type: MoE routers, and Granite's projections whose small values low bit widths
 #: lose.
 EIGHT_BIT = (8, 64)
+#: Modules mlx-lm's model classes hold as plain parameters, not linear layers, so its conversion leaves them in
+#: float (and its loader refuses them packed): GLM-4.5's and DeepSeek-V3's routers (their ``MoEGate``).
+_MLX_LM_FLOAT: dict[str, tuple[str, ...]] = {"glm4_moe": ("mlp.gate",), "deepseek_v3": ("mlp.gate",)}
 _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("mlp.gate",),
     "gpt_oss": ("router",),
@@ -131,7 +134,9 @@ def quantize_checkpoint(
     shapes = weight_shapes(config)
     plan = _plan(checkpoint, shapes, bits, group_size, config)
     _check_destination(src, dst, force)
-    unpacked = [item.source for item in plan if _quantizable(item.source, shapes) and not item.packed]
+    kept_float = _MLX_LM_FLOAT.get(config.model_type, ())
+    unpacked = [item.source for item in plan if _quantizable(item.source, shapes) and not item.packed
+                and not item.source.removesuffix(".weight").endswith(kept_float)]
     if unpacked:  # mlx-lm keeps them in float too, without a word
         warnings.warn(f"{len(unpacked)} matri{'x' if len(unpacked) == 1 else 'ces'} (e.g. {unpacked[0]}, "
                       f"{shapes[unpacked[0]][-1]} wide) are not a multiple of --group-size {group_size} wide and stay "
@@ -255,6 +260,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
             "section; quantize its float original instead"
         )
     eight_bit = _MLX_LM_EIGHT_BIT.get(config.model_type, ())
+    kept_float = _MLX_LM_FLOAT.get(config.model_type, ())
     plan = []
     for name, shape in shapes.items():
         parts = sources[name]
@@ -285,7 +291,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
                                   f"{' or '.join(map(str, shapes_stored))}")
         written = layout.mlx_lm_name(name) if own_layout else name  # where mlx-lm's layout keeps it
         module = written.removesuffix(".weight")
-        if _quantizable(name, shapes) and shape[-1] % group_size == 0:
+        if _quantizable(name, shapes) and shape[-1] % group_size == 0 and not module.endswith(kept_float):
             fmt = EIGHT_BIT if module.endswith(eight_bit) and shape[-1] % EIGHT_BIT[1] == 0 else (bits, group_size)
             *rows, k = shape
             outputs = (
