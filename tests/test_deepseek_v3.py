@@ -265,3 +265,24 @@ def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
         warnings.simplefilter("error")
         llm = ferrum.load(with_prediction_layer(folder, tmp_path / "mtp", 1), backend="cpu")
     assert _scaled_error(llm.model.forward_verify("mtp", TOKENS), _reference(model, TOKENS)) < 1e-4
+
+
+def test_mlx_lms_split_kv_b_proj_is_refused_by_name(checkpoints, tmp_path):
+    """mlx-lm's conversions store kv_b_proj as per-head embed_q and unembed_out: named as such, not as tensors
+    missing as if a shard were."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from ferrum.errors import UnsupportedFeatureError
+
+    folder, _ = checkpoints["lora_q"]
+    copy = shutil.copytree(folder, tmp_path / "split")
+    tensors = load_file(copy / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("self_attn.kv_b_proj.weight")]:
+        weight = tensors.pop(name)
+        tensors[name.replace("kv_b_proj", "embed_q")] = weight[:8]
+        tensors[name.replace("kv_b_proj", "unembed_out")] = weight[8:]
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnsupportedFeatureError, match="split into embed_q and unembed_out"):
+        ferrum.load(copy, backend="cpu")

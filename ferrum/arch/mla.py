@@ -35,11 +35,12 @@ scaled at load. Its ``mscale_all_dim`` correction of the softmax scale is the fa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
 from ferrum.arch.rope import Rope
+from ferrum.errors import UnsupportedFeatureError
 
 if TYPE_CHECKING:  # ferrum.weights reads the family table, which reads this module
     from ferrum.weights import Linear
@@ -68,6 +69,17 @@ class MlaSpec:
     def qk_head_dim(self) -> int:
         """The dims of a q (and cached k) head; the cache's value heads are zero-padded to it."""
         return self.nope + self.rope
+
+    @staticmethod
+    def check_stored(stored: Mapping[str, tuple[int, ...]], prefix: str) -> None:
+        """Refuse mlx-lm's conversions, which store each ``kv_b_proj`` split into per-head ``embed_q`` and
+        ``unembed_out`` (the rest would be named missing, as if a shard were)."""
+        split = f"{prefix}layers.0.self_attn.embed_q"
+        if f"{split}.weight" in stored and f"{prefix}layers.0.self_attn.kv_b_proj.weight" not in stored:
+            raise UnsupportedFeatureError(
+                f"this checkpoint stores each layer's kv_b_proj split into embed_q and unembed_out ({split}), as "
+                "mlx-lm converts DeepSeek-V3; Ferrum reads kv_b_proj, as Hugging Face stores it: load the float "
+                "checkpoint, or quantize it with `ferrum quantize` (mlx-lm loads that output too)")
 
     def head_layout(self, rope: Rope) -> np.ndarray:
         """``[Dq]``: the checkpoint's dim (``< nope``: a nope dim; ``nope + i``: rope dim ``i``) at each position
