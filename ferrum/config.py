@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ferrum.arch import FAMILIES, Architecture
+from ferrum.arch import Architecture
+from ferrum.arch.families import FAMILIES
 from ferrum.arch.families import Sizes, read_sizes
 from ferrum.arch.keys import KeyReader
 from ferrum.errors import ConfigError, UnsupportedFeatureError

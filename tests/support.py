@@ -319,3 +319,17 @@ def with_prediction_layer(folder: Path, dest: Path, nextn: int) -> Path:
     save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
     (copy / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": nextn}))
     return copy
+
+
+def assert_forward_and_decode_match(model, tokens: list[int], want: np.ndarray, tolerance: float = 1e-4) -> None:
+    """``model``'s logits over ``tokens`` (one forward pass, then a prefill of five and token-by-token decode)
+    within ``tolerance`` of ``want``, scaled by the largest reference logit."""
+    assert scaled_error(model.forward_verify("all", tokens), want) <= tolerance
+    model.prefill("steps", tokens[:5])
+    for pos in range(5, len(tokens)):
+        assert scaled_error(model.decode("steps", tokens[pos], pos), want[pos]) <= tolerance
+
+
+def scaled_error(got: np.ndarray, want: np.ndarray) -> float:
+    """The largest difference, scaled by the largest reference value (at least 1)."""
+    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))

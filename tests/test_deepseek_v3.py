@@ -19,7 +19,9 @@ from ferrum.arch.tensors import weight_shapes
 from ferrum.config import ModelConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from support import runnable_backends, with_prediction_layer
+from support import (
+    assert_forward_and_decode_match, reference_logits, runnable_backends, scaled_error, with_prediction_layer,
+)
 
 BACKENDS = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
@@ -47,10 +49,6 @@ VARIANTS = {
 }
 
 
-def _reference(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].numpy()
-
 
 def _randomized(config) -> transformers.PreTrainedModel:
     torch.manual_seed(0)
@@ -77,9 +75,6 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _scaled_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
-
 
 # ------------------------------------------------------------------ whole models
 
@@ -89,29 +84,26 @@ def _scaled_error(got: np.ndarray, want: np.ndarray) -> float:
 def test_model_matches_transformers(checkpoints, backend, variant):
     """A full forward and token-by-token decode, against transformers' logits."""
     folder, hf = checkpoints[variant]
-    want = _reference(hf, TOKENS)
+    want = reference_logits(hf, TOKENS)
     model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
     dense = VARIANTS[variant].get("first_k_dense_replace", 1)
     assert [spec.mlp for spec in model.config.arch.layers] == ["dense"] * dense + ["moe"] * (3 - dense)
     assert (model.config.head_dim, model.config.num_kv_heads) == (24, 4)
-    assert _scaled_error(model.forward_verify("all", TOKENS), want) <= 1e-4
-    model.prefill("steps", TOKENS[:5])
-    for pos in range(5, len(TOKENS)):
-        assert _scaled_error(model.decode("steps", TOKENS[pos], pos), want[pos]) <= 1e-4
+    assert_forward_and_decode_match(model, TOKENS, want)
 
 
 def test_the_parity_is_sensitive_to_each_mla_setting(checkpoints):
     """The checked settings move transformers' logits here: the rope pairing, YaRN (frequencies, attention factor
     and mscale), and the latent norms' fixed epsilon is not rms_norm_eps's."""
     folder, hf = checkpoints["lora_q"]
-    want = _reference(hf, TOKENS)
+    want = reference_logits(hf, TOKENS)
     for changes in ({"rope_interleave": False}, {"rope_parameters": YARN}):
         other = transformers.AutoModelForCausalLM.from_pretrained(folder, **changes).float().eval()
-        assert _scaled_error(_reference(other, TOKENS), want) > 1e-3, changes
+        assert scaled_error(reference_logits(other, TOKENS), want) > 1e-3, changes
     yarn_folder, yarn_hf = checkpoints["yarn"]
     plain = transformers.AutoModelForCausalLM.from_pretrained(
         yarn_folder, rope_parameters={**YARN, "mscale_all_dim": 0}).float().eval()
-    assert _scaled_error(_reference(plain, TOKENS), _reference(yarn_hf, TOKENS)) > 1e-3
+    assert scaled_error(reference_logits(plain, TOKENS), reference_logits(yarn_hf, TOKENS)) > 1e-3
     arch = ModelConfig.from_file(yarn_folder).arch
     assert arch.attn_scale == pytest.approx(yarn_hf.model.layers[0].self_attn.scaling)
     assert arch.attn_scale == pytest.approx(24 ** -0.5 * (0.1 * math.log(4.0) + 1) ** 2)
@@ -253,7 +245,7 @@ def test_random_checkpoints_are_what_transformers_reads(tmp_path):
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", TOKENS)
-    assert _scaled_error(got, _reference(hf.float().eval(), TOKENS)) <= 1e-4
+    assert scaled_error(got, reference_logits(hf.float().eval(), TOKENS)) <= 1e-4
 
 
 def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
@@ -264,7 +256,7 @@ def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         llm = ferrum.load(with_prediction_layer(folder, tmp_path / "mtp", 1), backend="cpu")
-    assert _scaled_error(llm.model.forward_verify("mtp", TOKENS), _reference(model, TOKENS)) < 1e-4
+    assert scaled_error(llm.model.forward_verify("mtp", TOKENS), reference_logits(model, TOKENS)) < 1e-4
 
 
 def test_mlx_lms_split_kv_b_proj_is_refused_by_name(checkpoints, tmp_path):

@@ -18,7 +18,9 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
 from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.routing import route_grouped
-from support import runnable_backends, with_prediction_layer
+from support import (
+    assert_forward_and_decode_match, reference_logits, runnable_backends, scaled_error, with_prediction_layer,
+)
 
 BACKENDS = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
@@ -38,10 +40,6 @@ VARIANTS = {"grouped": {}, "qk_norm": dict(n_group=1, topk_group=1, use_qk_norm=
                                            norm_topk_prob=False, n_shared_experts=2, num_experts_per_tok=3,
                                            first_k_dense_replace=2, routed_scaling_factor=1.0)}
 
-
-def _reference(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].numpy()
 
 
 def _zero_correction_biases(model) -> None:
@@ -70,9 +68,6 @@ def checkpoints(tmp_path_factory):
         out[variant] = folder, model
     return out
 
-
-def _scaled_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
 
 
 # ------------------------------------------------------------------ routing
@@ -133,23 +128,20 @@ def test_a_moe_route_without_the_routing_argument_is_never_handed_it(checkpoints
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_matches_transformers(checkpoints, backend, variant):
     folder, hf = checkpoints[variant]
-    want = _reference(hf, TOKENS)
+    want = reference_logits(hf, TOKENS)
     model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
     dense = VARIANTS[variant].get("first_k_dense_replace", 1)
     assert [spec.mlp for spec in model.config.arch.layers] == ["dense"] * dense + ["moe"] * (3 - dense)
-    assert _scaled_error(model.forward_verify("all", TOKENS), want) <= 1e-4
-    model.prefill("steps", TOKENS[:5])  # then decode token by token
-    for pos in range(5, len(TOKENS)):
-        assert _scaled_error(model.decode("steps", TOKENS[pos], pos), want[pos]) <= 1e-4
+    assert_forward_and_decode_match(model, TOKENS, want)
 
 
 def test_the_parity_checks_the_correction_biases(checkpoints):
     """Zeroing the checkpoint's correction biases moves transformers' logits: they choose experts here."""
     folder, hf = checkpoints["grouped"]
-    want = _reference(hf, TOKENS)
+    want = reference_logits(hf, TOKENS)
     unbiased = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
     _zero_correction_biases(unbiased)
-    assert _scaled_error(_reference(unbiased, TOKENS), want) > 1e-2
+    assert scaled_error(reference_logits(unbiased, TOKENS), want) > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -231,4 +223,4 @@ def test_a_released_checkpoints_prediction_layer_is_left_out_quietly(checkpoints
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         llm = ferrum.load(with_prediction_layer(folder, tmp_path / "mtp", 1), backend="cpu")
-    assert _scaled_error(llm.model.forward_verify("mtp", TOKENS), _reference(model, TOKENS)) < 1e-4
+    assert scaled_error(llm.model.forward_verify("mtp", TOKENS), reference_logits(model, TOKENS)) < 1e-4

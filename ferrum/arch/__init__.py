@@ -1,7 +1,10 @@
-"""Architecture as data: what each model family's decoder block is made of, read from config.json by one key table."""
+"""Architecture as data: what each model family's decoder block is made of, read from config.json by one key table.
 
-from ferrum.arch.families import FAMILIES
+The table itself is :data:`ferrum.arch.families.FAMILIES` (imported from there: it composes these pieces with
+:mod:`ferrum.moe`, which builds on them, so importing it here made a cycle).
+"""
+
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
 
-__all__ = ["FAMILIES", "Architecture", "LayerSpec", "Rope"]
+__all__ = ["Architecture", "LayerSpec", "Rope"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ferrum.arch import FAMILIES
+from ferrum.arch.families import FAMILIES
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
 from ferrum.gguf_import.architectures import ARCHITECTURES, ROPE_FACTOR_TENSORS, SUPPORTED_ARCHITECTURES
 from ferrum.gguf_import.files import Metadata, float32_value

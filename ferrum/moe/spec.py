@@ -56,6 +56,19 @@ _QWEN = (
     Key("decoder_sparse_step", default=1, check=positive_int),
     Key("mlp_only_layers", default=[], check=_layer_list),
 )
+def _grouped_sigmoid_keys(family: str, moe_size: int, scale: float, n_group: int, topk_group: int,
+                          dense: int) -> tuple[Key, ...]:
+    """DeepSeek-V3's routing keys (GLM-4.5's too), with a family's transformers defaults."""
+    return (*_COUNT[family], Key("num_experts_per_tok", default=8, check=positive_int),
+            Key("moe_intermediate_size", default=moe_size, check=positive_int),
+            Key("norm_topk_prob", default=True, check=boolean),
+            Key("n_shared_experts", default=1, check=positive_int),
+            Key("routed_scaling_factor", default=scale, check=positive_number),
+            Key("n_group", default=n_group, check=positive_int),
+            Key("topk_group", default=topk_group, check=positive_int),
+            Key("first_k_dense_replace", default=dense, check=_non_negative_int))
+
+
 #: Per family: the MoE keys (transformers' defaults) that change the math.
 KEYS: dict[str, tuple[Key, ...]] = {
     "mixtral": (*_COUNT["mixtral"], Key("num_experts_per_tok", default=2, check=positive_int)),
@@ -70,24 +83,10 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "gpt_oss": (*_COUNT["gpt_oss"], Key("num_experts_per_tok", default=4, check=positive_int),
                 Key("swiglu_alpha", default=1.702, check=positive_number),
                 Key("swiglu_limit", default=7.0, check=positive_number)),
-    # DeepSeek-V3's routing (transformers' Glm4MoeConfig defaults)
-    "glm4_moe": (*_COUNT["glm4_moe"], Key("num_experts_per_tok", default=8, check=positive_int),
-                 Key("moe_intermediate_size", default=1408, check=positive_int),
-                 Key("norm_topk_prob", default=True, check=boolean),
-                 Key("n_shared_experts", default=1, check=positive_int),
-                 Key("routed_scaling_factor", default=1.0, check=positive_number),
-                 Key("n_group", default=1, check=positive_int),
-                 Key("topk_group", default=1, check=positive_int),
-                 Key("first_k_dense_replace", default=1, check=_non_negative_int)),
-    # transformers' DeepseekV3Config defaults (DeepSeek-V3's own sizes)
-    "deepseek_v3": (*_COUNT["deepseek_v3"], Key("num_experts_per_tok", default=8, check=positive_int),
-                    Key("moe_intermediate_size", default=2048, check=positive_int),
-                    Key("norm_topk_prob", default=True, check=boolean),
-                    Key("n_shared_experts", default=1, check=positive_int),
-                    Key("routed_scaling_factor", default=2.5, check=positive_number),
-                    Key("n_group", default=8, check=positive_int),
-                    Key("topk_group", default=4, check=positive_int),
-                    Key("first_k_dense_replace", default=3, check=_non_negative_int)),
+    # DeepSeek-V3's routing, with transformers' Glm4MoeConfig and DeepseekV3Config defaults
+    "glm4_moe": _grouped_sigmoid_keys("glm4_moe", moe_size=1408, scale=1.0, n_group=1, topk_group=1, dense=1),
+    "deepseek_v3": _grouped_sigmoid_keys("deepseek_v3", moe_size=2048, scale=2.5, n_group=8, topk_group=4,
+                                         dense=3),
 }
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256}
