@@ -337,10 +337,6 @@ def load_backend(name: str | None = None) -> "Backend":
             pm.register(ops_plugin, name=f"{name}.ops")
         except pluggy.PluginValidationError as exc:
             raise PluginContractError(f"backend {name!r}: {exc}") from exc
-    try:  # a hook no spec names (a misspelt op) would never be called: its op would quietly fall back
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginContractError(f"backend {name!r}: {exc}; see ferrum.hookspec for the ops' names") from None
     ops = OpsTable.from_plugin_manager(pm, backend_name=name)
     try:
         refusal = api_incompatibility(ops.info.api_version)
@@ -348,8 +344,22 @@ def load_backend(name: str | None = None) -> "Backend":
         raise PluginContractError(f"backend {name!r}: backend_info(): {exc}") from None
     if refusal:
         raise PluginContractError(f"backend {name!r} is refused: {refusal}")
+    _warn_unknown_hooks(name, pm, ops.info.api_version)
     ops.keep_older_meanings()
     return Backend(name=name, probe=entry.probe, ops=ops, info=ops.info)
+
+
+def _warn_unknown_hooks(name: str, pm: pluggy.PluginManager, version: int | str | None) -> None:
+    """Name the hooks no op of this contract names, where the plugin declares no later minor (whose new ops they
+    would be, never called here, as versioning intends): a misspelt op is otherwise never called and its op
+    quietly runs the core's reference."""
+    if version is not None and parse_api_version(version) > parse_api_version(hookspec.API_VERSION):
+        return
+    unknown = sorted(hook for hook, caller in vars(pm.hook).items() if getattr(caller, "spec", True) is None)
+    if unknown:
+        warnings.warn(f"backend {name!r} implements hooks no op of Ferrum's plugin API {hookspec.API_VERSION} names: "
+                      f"{', '.join(unknown)}; they are never called (see ferrum.hookspec for the ops' names)",
+                      stacklevel=3)
 
 
 def _first_loadable() -> "Backend":

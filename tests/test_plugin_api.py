@@ -3,6 +3,8 @@ versions stay compatible, and ``ferrum backends --verbose`` says which ops run n
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 import ferrum_cpu.ops as cpu_ops
@@ -70,9 +72,14 @@ def test_other_minor_versions_load(registered, version):
     plugin = _written_for("minor", version, declare_in_probe=True)
     plugin.op_from_a_later_minor = hookimpl(lambda x: x)  # a hook this Ferrum has no spec for: never called
     registered("minor", plugin)
-    backend = backends.load_backend("minor")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        backend = backends.load_backend("minor")
     assert backend.info.api_version == version
     assert not hasattr(backend.ops, "op_from_a_later_minor")
+    # named where the plugin declares no later minor, whose op it could be: a misspelling then
+    named = [str(w.message) for w in seen if "op_from_a_later_minor" in str(w.message)]
+    assert bool(named) == (version != f"{MAJOR}.{MINOR + 5}"), named
 
 
 def test_backends_verbose_lists_native_and_fallback_per_op(registered, capsys):

@@ -149,12 +149,14 @@ def test_missing_required_op_is_named(registered):
 
 
 def test_a_misspelt_op_is_named_not_left_to_fall_back(registered):
-    """pluggy takes a hook no spec names and never calls it: ``rms_nrom`` loaded, and rms_norm quietly ran the
-    core's reference."""
+    """pluggy takes a hook no spec names and never calls it: ``add_rms_nrom`` loaded, and add_rms_norm quietly
+    ran the core's reference. (A plugin declaring a later minor may implement ops this Ferrum does not know:
+    those are not named.)"""
     from ferrum.hookspec import hookimpl
 
-    registered("typo", cpu_like_plugin("typo", omit=("rms_norm",), extra={"rms_nrom": hookimpl(lambda x, w, eps: x)}))
-    with pytest.raises(PluginContractError, match="rms_nrom"):
+    misspelt = hookimpl(lambda x, residual, weight, eps: (x, x))
+    registered("typo", cpu_like_plugin("typo", omit=("add_rms_norm",), extra={"add_rms_nrom": misspelt}))
+    with pytest.warns(UserWarning, match="implements hooks no op of Ferrum's plugin API .* names: add_rms_nrom"):
         backends.load_backend("typo")
 
 
