@@ -8,10 +8,7 @@ from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
 from ferrum.moe.experts import PlacedExperts
 from ferrum.moe.loading import SWITCH
-from ferrum.moe.routing import GroupedSigmoid
-
-#: The router's per-expert bias of grouped sigmoid routing (``MoeSpec.routing``), in the router's module.
-CORRECTION_BIAS = "e_score_correction_bias"
+from ferrum.moe.routing import CORRECTION_BIAS, GroupedSigmoid
 
 
 class Moe:

@@ -78,8 +78,8 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE
     per_expert = [n.removesuffix(".weight") for n in per_expert_names(spec, name)]
     if f"{per_expert[0]}.qweight" in present:
         kinds = _AWQ_GPTQ + (("g_idx",) if f"{per_expert[0]}.g_idx" in present else ())
-    elif fp8.scale_part(per_expert[0], present) is not None:  # FP8 experts: each weight and its scale
-        kinds = ("weight", fp8.scale_part(per_expert[0], present).rsplit(".", 1)[1])
+    elif (scale := fp8.scale_part(per_expert[0], present)) is not None:  # FP8 experts: each weight and its scale
+        kinds = ("weight", scale.rsplit(".", 1)[1])
     else:
         kinds = packed if f"{per_expert[0]}.scales" in present else _PACKED[:1]
     return tuple(f"{p}.{k}" for p in per_expert for k in kinds)

@@ -52,6 +52,10 @@ def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, 
     return ids.astype(np.int32), weights.astype(np.float32)
 
 
+#: The router's per-expert correction bias of grouped sigmoid routing, in the router's module.
+CORRECTION_BIAS = "e_score_correction_bias"
+
+
 @dataclass(frozen=True, eq=False)
 class GroupedSigmoid:
     """One sparse layer's grouped sigmoid routing, as ``moe_route``'s ``routing`` argument receives it

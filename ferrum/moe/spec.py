@@ -10,6 +10,7 @@ from ferrum.arch.keys import (
 )
 from ferrum.arch.spec import Architecture
 from ferrum.moe.activation import ClampedSwiGLU
+from ferrum.moe.routing import CORRECTION_BIAS
 
 #: model_type -> (checkpoint module of the sparse MLP, expert matrix names as (gate, up, down)).
 LAYOUT = {
@@ -56,6 +57,8 @@ _QWEN = (
     Key("decoder_sparse_step", default=1, check=positive_int),
     Key("mlp_only_layers", default=[], check=_layer_list),
 )
+
+
 def _grouped_sigmoid_keys(family: str, moe_size: int, scale: float, n_group: int, topk_group: int,
                           dense: int) -> tuple[Key, ...]:
     """DeepSeek-V3's routing keys (GLM-4.5's too), with a family's transformers defaults."""
@@ -195,7 +198,7 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
         arch = replace(arch, moe=spec, layers=tuple(
             replace(layer, mlp="moe") if moe else layer for layer, moe in zip(arch.layers, sparse)))
         if spec.routing == "sigmoid_grouped":  # the router's correction bias stays float32, as transformers keeps it
-            arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.router}.e_score_correction_bias"))
+            arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.router}.{CORRECTION_BIAS}"))
         if model_type == "qwen2_moe":  # q/k/v bias from qkv_bias; o_proj never has one
             arch = replace(arch, qkv_bias=r("qkv_bias"), o_bias=False)
         return arch

@@ -101,8 +101,7 @@ def _parse_fp8(section: Mapping[str, Any], where: str) -> Fp8Scheme:
     block = section.get("weight_block_size", DEFAULT_BLOCK)
     if block is None:
         return Fp8Scheme(FP8, ((None, None),))
-    if (not isinstance(block, (list, tuple)) or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+    if not _is_block(block):
         raise ConfigError(f"{where}: quantization_config's weight_block_size must be two positive integers "
                           f"([128, 128]) or null, got {block!r}")
     # A one-value scale beside a block size: AutoFP8's per-tensor checkpoints, which name no block size.
@@ -148,14 +147,19 @@ def _parse_compressed_tensors(section: Mapping[str, Any], where: str) -> Fp8Sche
             block = (1, size)
         else:
             structure = weights.get("block_structure")
-            if (not isinstance(structure, (list, tuple)) or len(structure) != 2 or not all(
-                    isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in structure)):
+            if not _is_block(structure):
                 raise ConfigError(f"{where}: compressed-tensors group {name!r}: strategy 'block' needs a "
                                   f"block_structure of two positive integers, got {structure!r}")
             block = tuple(structure)
         if block not in blocks:
             blocks.append(block)
     return Fp8Scheme("compressed-tensors", tuple(blocks))
+
+
+def _is_block(value: Any) -> bool:
+    """Whether a config value is a block's two sizes: two positive integers."""
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value))
 
 
 def scale_part(module: str, present: set[str] | Mapping[str, Any]) -> str | None:
