@@ -96,6 +96,24 @@ def test_a_paged_attention_ignoring_the_window_is_caught(registered):
     assert not any("gemma2" in r.name for r in report.results)
 
 
+def _gate_of(gate):
+    raise ValueError(f"no gate for shape {np.shape(gate)}")
+
+
+@hookimpl
+def silu_mul_raising_in_a_helper(gate, up):
+    return _gate_of(gate) * up
+
+
+def test_a_raising_op_is_named_with_the_line_that_raised(registered):
+    registered("raising", cpu_like_plugin("raising", extra={"silu_mul": silu_mul_raising_in_a_helper}))
+    report = check_backend("raising")
+    where = f"(raised in the plugin's op 'silu_mul', at {__file__}:{_gate_of.__code__.co_firstlineno + 1})"
+    failed = [r for r in report.results if not r.passed]
+    assert "model: logits and 16 greedy tokens" in [r.name for r in failed]
+    assert all(r.message.startswith("ValueError: no gate for shape") and r.message.endswith(where) for r in failed)
+
+
 def _with_shared(ids, weights, shared_logit):
     if shared_logit is not None:
         weights = np.concatenate([weights, 1 / (1 + np.exp(-np.asarray(shared_logit, np.float32)))], axis=1)

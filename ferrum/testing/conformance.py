@@ -30,7 +30,9 @@ Errors are measured relative to the result's scale,
 
 from __future__ import annotations
 
+import inspect
 import tempfile
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -759,6 +761,7 @@ class Check:
     name: str
     compute: Callable[[], float | None] = field(repr=False)
     tolerance: float | None = None
+    ops: Any = field(default=None, repr=False, compare=False)  # the table under test, to name a raising op
 
     def run(self) -> CheckResult:
         """Run it; every failure, including an exception in the backend, becomes a failed result."""
@@ -767,14 +770,37 @@ class Check:
         except _Mismatch as mismatch:
             return CheckResult(self.name, False, mismatch.error, self.tolerance, "differs from the oracle")
         except Exception as exc:
-            return CheckResult(self.name, False, message=f"{type(exc).__name__}: {exc}")
+            message = f"{type(exc).__name__}: {str(exc).rstrip()}{_raised_in(exc, self.ops)}"
+            return CheckResult(self.name, False, message=message)
         return CheckResult(self.name, True, error, self.tolerance if error is not None else None)
+
+
+def _raised_in(exc: BaseException, ops: Any) -> str:
+    """`` (raised in the plugin's op 'NAME', at FILE:LINE)``: the innermost of the plugin's op functions on
+    ``exc``'s traceback, and the innermost line of the plugin's op modules there, so a whole-model check's
+    failure points at the op to fix; ``""`` where no plugin op was running (the core raised on what an op
+    returned)."""
+    if ops is None:
+        return ""
+    op_of_code = {}
+    for name in ops.native:
+        code = getattr(inspect.unwrap(getattr(ops, name)), "__code__", None)
+        if code is not None:
+            op_of_code.setdefault(code, name)
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    ops_on_stack = [op_of_code[frame.f_code] for frame, _ in frames if frame.f_code in op_of_code]
+    if not ops_on_stack:
+        return ""
+    plugin_files = {code.co_filename for code in op_of_code}
+    frame, line = [(frame, line) for frame, line in frames if frame.f_code.co_filename in plugin_files][-1]
+    return f" (raised in the plugin's op {ops_on_stack[-1]!r}, at {frame.f_code.co_filename}:{line})"
 
 
 def checks(backend: Backend, dtype: str) -> list[Check]:
     """Every check the kit runs on ``backend`` in ``dtype``, in order, sharing one seeded generator
     (a fresh call gives the same inputs again); ops and checks added to the kit appear here."""
-    return [Check(name, compute, tolerance) for name, compute, tolerance in _checks(_Context(backend, dtype))]
+    return [Check(name, compute, tolerance, backend.ops)
+            for name, compute, tolerance in _checks(_Context(backend, dtype))]
 
 
 def check_backend(backend: str | Backend, dtype: str | None = None) -> ConformanceReport:
