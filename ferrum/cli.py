@@ -85,13 +85,21 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _op_sources(backend: backends.Backend) -> list[str]:
-    """One line per hook: whether the plugin implements it or the core's reference composition runs."""
+    """One line per hook: whether the plugin implements it or the core's reference composition runs, and the
+    spec's arguments a native implementation does not take (the features, such as ``moe_route``'s ``routing``,
+    that the core handles for it or refuses)."""
+    import inspect
+
     from ferrum import hookspec
 
     declared = backend.info.api_version if backend.info.api_version is not None else "undeclared"
     lines = [f"    plugin API {declared} (this Ferrum speaks {hookspec.API_VERSION}); ops:"]
     for op in hookspec.REQUIRED_OPS + hookspec.OPTIONAL_OPS:
-        source = "native" if op in backend.ops.native else "core fallback"
+        source = "core fallback"
+        if op in backend.ops.native:
+            spec_args = inspect.signature(getattr(hookspec, op)).parameters
+            missing = [arg for arg in spec_args if not backend.ops.accepts(op, arg)]
+            source = f"native, without {', '.join(missing)}" if missing else "native"
         lines.append(f"      {op:<26} {source}")
     return lines
 

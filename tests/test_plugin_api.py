@@ -88,7 +88,12 @@ def test_backends_verbose_lists_native_and_fallback_per_op(registered, capsys):
         summed = x + residual
         return cpu_ops.rms_norm(summed, weight, eps), summed
 
-    registered("fused", cpu_like_plugin("fused", omit=("paged_attention",), extra={"add_rms_norm": add_rms_norm}))
+    @hookimpl
+    def attention(q, k, v, scale, sliding_window):  # no softcap nor sinks: a plugin of an older minor
+        return cpu_ops.attention(q, k, v, scale, sliding_window)
+
+    registered("fused", cpu_like_plugin("fused", omit=("paged_attention",),
+                                        extra={"add_rms_norm": add_rms_norm, "attention": attention}))
     assert main(["backends", "--verbose"]) == 0
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("  fused: "))
@@ -101,6 +106,7 @@ def test_backends_verbose_lists_native_and_fallback_per_op(registered, capsys):
         rows[op] = source
     assert list(rows) == list(hookspec.REQUIRED_OPS + hookspec.OPTIONAL_OPS)
     assert rows["add_rms_norm"] == "native" and rows["linear"] == "native"
+    assert rows["attention"] == "native, without softcap, sinks"
     assert rows["paged_attention"] == "core fallback" and rows["sample"] == "core fallback"
     assert main(["backends"]) == 0
     assert "core fallback" not in capsys.readouterr().out
