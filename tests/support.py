@@ -175,7 +175,7 @@ def cpu_like_plugin(name: str, omit: tuple[str, ...] = (), extra: dict | None = 
 
     @hookimpl
     def backend_probe():
-        return BackendProbe(available=True, device="cpu", priority=99)
+        return BackendProbe(available=True, device="cpu", priority=99, api_version=ns.backend_info().api_version)
 
     @hookimpl
     def backend_load():

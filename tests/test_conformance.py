@@ -273,3 +273,20 @@ def test_mlx_attention_written_out_conforms(monkeypatch):
     monkeypatch.setattr(mlx_ops, "_CAUSAL_CHUNK", 4)  # causal prompts of 5 to 24 queries: in chunks
     for dtype in ("float32", "bfloat16"):
         assert_conformance("mlx", dtype)
+
+
+@pytest.mark.parametrize("probed, complaint", [
+    (None, "BackendProbe.api_version is not declared"),
+    ("1.0", "BackendProbe.api_version '1.0' and BackendInfo.api_version"),
+])
+def test_a_probe_not_declaring_the_plugins_api_version_is_caught(registered, probed, complaint):
+    from ferrum.backends import BackendProbe
+
+    @hookimpl
+    def backend_probe():
+        return BackendProbe(available=True, device="cpu", priority=99, api_version=probed)
+
+    registered("probed", cpu_like_plugin("probed", extra={"backend_probe": backend_probe}))
+    report = check_backend("probed")
+    assert report.failed() == ["backend_info"]
+    assert complaint in report.results[0].message

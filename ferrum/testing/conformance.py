@@ -152,6 +152,13 @@ def check_backend_info(c: _Context) -> None:
         f"the plugin was written for, e.g. {API_VERSION!r}, so an incompatible Ferrum refuses it by name")
     refusal = api_incompatibility(info.api_version)
     assert refusal is None, refusal
+    probed = c.backend.probe.api_version
+    assert probed is not None, (
+        f"BackendProbe.api_version is not declared: set it to {info.api_version!r} too, so discovery refuses the "
+        "plugin under an incompatible Ferrum by name before importing its framework")
+    assert str(probed) == str(info.api_version), (
+        f"BackendProbe.api_version {probed!r} and BackendInfo.api_version {info.api_version!r} differ: "
+        "both are the one version the plugin was written for")
     assert info.default_dtype in info.dtypes, f"default dtype {info.default_dtype!r} not in {info.dtypes}"
     assert info.name and info.device, "name and device must be set"
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from ferrum.backends import BackendProbe
-from ferrum.hookspec import hookimpl
+from ferrum.hookspec import API_VERSION, hookimpl
 
 
 @hookimpl
 def backend_probe() -> BackendProbe:
-    return BackendProbe(available=True, device="cpu", priority=30)
+    return BackendProbe(available=True, device="cpu", priority=30, api_version=API_VERSION)
 
 
 @hookimpl

@@ -23,7 +23,7 @@ import importlib.util
 import os
 
 from ferrum.backends import BackendProbe
-from ferrum.hookspec import hookimpl
+from ferrum.hookspec import API_VERSION, hookimpl
 
 #: Environment variable that chooses the torch device ("cpu", "cuda:1", ...).
 DEVICE_ENV = "FERRUM_TORCH_DEVICE"
@@ -73,7 +73,7 @@ def backend_probe() -> BackendProbe:
         )
     device, note = guess_device()
     priority = GPU_PRIORITY if device.startswith("cuda") else CPU_PRIORITY
-    return BackendProbe(available=True, device=device, reason=note, priority=priority)
+    return BackendProbe(available=True, device=device, reason=note, priority=priority, api_version=API_VERSION)
 
 
 @hookimpl

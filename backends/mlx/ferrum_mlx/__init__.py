@@ -10,7 +10,7 @@ import importlib.util
 import platform
 
 from ferrum.backends import BackendProbe
-from ferrum.hookspec import hookimpl
+from ferrum.hookspec import API_VERSION, hookimpl
 
 
 @hookimpl
@@ -24,12 +24,12 @@ def backend_probe() -> BackendProbe:
         import mlx.core as mx
 
         if mx.metal.is_available():
-            return BackendProbe(available=True, device="metal", priority=0)
+            return BackendProbe(available=True, device="metal", priority=0, api_version=API_VERSION)
     # MLX's CPU matmul is 10-20x slower than numpy's BLAS (benchmarks/README.md), so
     # without Metal the numpy backend (priority 30) is the better automatic choice; its
     # CPU quantized matmul is a plain loop, slower than torch's int4 kernels (priority 90).
     return BackendProbe(
-        available=True, device="cpu", priority=40, quantized_priority=95,
+        available=True, device="cpu", priority=40, quantized_priority=95, api_version=API_VERSION,
         reason="MLX on the CPU (no Metal here); numpy is faster, torch for quantized weights",
     )
 
