@@ -604,6 +604,7 @@ def sentencepiece_gguf(tmp_path_factory):
 @pytest.mark.parametrize(("pre", "words"), [
     ("llama-bpe", ["HelloWorld", " I", "'m", " DONE", " ", "123", "45", " a", "/b"]),
     ("qwen2", ["HelloWorld", " I", "'m", " DONE", " ", "1", "2", "3", "4", "5", " a", "/b"]),
+    ("glm4", ["HelloWorld", " I", "'m", " DONE", " ", "123", "45", " a", "/b"]),  # Llama 3's split, with merges
     ("tekken", ["Hello", "World", " I", "'m", " DONE", " ", "1", "2", "3", "4", "5", " a", "/b"]),
     ("gpt-4o", ["Hello", "World", " I'm", " DONE", " ", "123", "45", " a", "/b"]),
     ("gpt-2", ["HelloWorld", " I", "'m", " DONE", " 12345", " a", "/", "b"]),
@@ -711,12 +712,13 @@ _GLOBAL_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.n
                       "lm_head.weight": "output.weight"}
 
 
-def _gguf_writer(path: Path, arch: str, config) -> Any:
+def _gguf_writer(path: Path, arch: str, config, extra_blocks: int = 0) -> Any:
     """A GGUF writer of ``arch`` with what every llama.cpp conversion writes of ``config`` (sizes, rope base,
-    norm epsilon) and the sentencepiece vocabulary of :func:`_sentencepiece_vocab`; tensors are the caller's."""
+    norm epsilon) and the sentencepiece vocabulary of :func:`_sentencepiece_vocab`; tensors are the caller's
+    (``extra_blocks``: blocks the converter appends after the decoder's, GLM-4.5's next-token prediction)."""
     tokens, token_types, scores = _sentencepiece_vocab()
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(config.num_hidden_layers)
+    w.add_block_count(config.num_hidden_layers + extra_blocks)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_feed_forward_length(config.intermediate_size)
@@ -1600,3 +1602,99 @@ def test_float16_import_refuses_values_beyond_its_range(tmp_path):
     with pytest.raises(CheckpointError, match="beyond float16's range; import it as bfloat16 or float32"):
         convert_gguf(tmp_path / "t.gguf", tmp_path / "out", dequantize_to="float16")
     convert_gguf(tmp_path / "t.gguf", tmp_path / "bf16", dequantize_to="bfloat16")
+
+
+def _glm_gguf(path: Path, hf, config, arch: str, prediction_layers: int = 0) -> None:
+    """``hf``'s weights as llama.cpp's converter writes GLM-4 (``glm4``: its four norms, fused gate/up) and GLM-4.5
+    (``glm4moe``: the sigmoid-gated experts stacked per projection, the router's correction bias as
+    ``exp_probs_b.bias``, the shared experts, and ``prediction_layers`` next-token-prediction blocks after the
+    decoder's), under the names gguf's own tensor map gives them; q/k rows as stored."""
+    w = _gguf_writer(path, arch, config, extra_blocks=prediction_layers)
+    w.add_rope_dimension_count(int(config.head_dim * config.rope_parameters["partial_rotary_factor"]))
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    if arch == "glm4moe":
+        w.add_expert_count(config.n_routed_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        w.add_expert_shared_count(config.n_shared_experts)
+        w.add_leading_dense_block_count(config.first_k_dense_replace)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_scale(config.routed_scaling_factor)
+        w.add_expert_weights_norm(config.norm_topk_prob)
+        w.add_expert_group_count(config.n_group)
+        w.add_expert_group_used_count(config.topk_group)
+        w.add_nextn_predict_layers(prediction_layers)
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers + prediction_layers)
+    inter = getattr(config, "moe_intermediate_size", None)
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # as the converter renames it
+        if not name.endswith((".weight", ".bias")):  # transformers' stacked experts
+            name += ".weight"
+        if name.endswith("mlp.experts.gate_up_proj.weight"):
+            stacks = {name.replace("gate_up_proj", "gate_proj"): array[:, :inter],
+                      name.replace("gate_up_proj", "up_proj"): array[:, inter:]}
+        else:
+            stacks = {name: array}
+        for hf_name, array in stacks.items():
+            module, suffix = hf_name.rsplit(".", 1)
+            w.add_tensor(f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(array))
+    rng = np.random.default_rng(1)  # the prediction blocks: a decoder block and nextn's own tensors, never read
+    for block in range(config.num_hidden_layers, config.num_hidden_layers + prediction_layers):
+        for part, shape in (("attn_norm.weight", (config.hidden_size,)),
+                            ("nextn.eh_proj.weight", (config.hidden_size, 2 * config.hidden_size)),
+                            ("nextn.enorm.weight", (config.hidden_size,))):
+            w.add_tensor(f"blk.{block}.{part}", rng.standard_normal(shape).astype(np.float32))
+    _finish(w)
+
+
+@pytest.mark.parametrize("arch", ["glm4", "glm4moe", "glm4moe-grouped"])
+def test_glm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
+    """GLM-4 (partial adjacent-pair rope, four norms, fused gate/up, q/k/v biases) and GLM-4.5 (DeepSeek-V3's
+    grouped sigmoid routing with its correction bias, a dense first layer, shared experts, q/k norms, and a
+    next-token-prediction block that is left out): logits equal transformers' model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from ferrum.config import ModelConfig
+
+    common = dict(intermediate_size=96, num_hidden_layers=3, head_dim=16, tie_word_embeddings=False)
+    if arch == "glm4":
+        hf, config = _tiny_model(transformers.Glm4Config, **common)
+    else:
+        grouped = dict(n_group=4, topk_group=2) if arch.endswith("grouped") else {}
+        hf, config = _tiny_model(transformers.Glm4MoeConfig, **common, moe_intermediate_size=32, n_routed_experts=8,
+                                 num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+                                 routed_scaling_factor=1.5, norm_topk_prob=True, use_qk_norm=True,
+                                 attention_bias=True, **grouped)
+    with torch.no_grad():  # biases, norms and the correction bias away from 0 and 1, so one dropped is visible
+        for name, param in hf.named_parameters():
+            if name.endswith(("bias", "norm.weight")):
+                param.normal_(0, 0.5)
+        for name, buffer in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.5)
+    prediction_layers = 0 if arch == "glm4" else 1
+    _glm_gguf(tmp_path / "m.gguf", hf, config, arch.removesuffix("-grouped"), prediction_layers)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(out)
+    assert ours.num_layers == 3 and ours.arch.layers[0].rope.rotary_dim == 8
+    if arch != "glm4":
+        moe = ours.arch.moe
+        assert (moe.num_experts, moe.top_k, moe.routed_scale) == (8, 3, 1.5)
+        assert (moe.n_group, moe.topk_group) == ((4, 2) if arch.endswith("grouped") else (1, 1))
+        assert [layer.mlp for layer in ours.arch.layers] == ["dense", "moe", "moe"]
+    _assert_logits_match(hf, out)
+
+
+def test_a_glm4moe_gguf_with_another_gate_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf, config = _tiny_model(transformers.Glm4MoeConfig, intermediate_size=96, num_hidden_layers=2, head_dim=16,
+                             moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2)
+    _glm_gguf(tmp_path / "m.gguf", hf, config, "glm4moe")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf", "r+")  # rewrite the gate in place: softmax (1)
+    field = reader.fields["glm4moe.expert_gating_func"]
+    field.parts[field.data[0]][0] = gguf.ExpertGatingFuncType.SOFTMAX
+    with pytest.raises(UnsupportedFeatureError, match="expert_gating_func 1 is not supported"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")

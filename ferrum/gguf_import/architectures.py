@@ -185,6 +185,36 @@ def _gpt_oss_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
             **({"rope_scaling": {**scaling, "truncate": False}} if scaling and scaling["rope_type"] == "yarn" else {})}
 
 
+def _glm4_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4.5's sparse MLPs as llama.cpp reads them: the sigmoid gate (the only one it runs for this architecture;
+    a file that names another is refused), its groups, scale and dense first layers, the shared experts, the q/k
+    biases and norms the blocks hold, and the trailing next-token-prediction layers, which are not decoder layers."""
+    gating = meta.get(p + "expert_gating_func", _SIGMOID_GATING)
+    if gating != _SIGMOID_GATING:
+        raise UnsupportedFeatureError(f"{meta.where}: {p}expert_gating_func {gating} is not supported; GLM-4.5 routes "
+                                      f"with the sigmoid gate ({_SIGMOID_GATING})")
+    mtp = int(meta.get(p + "nextn_predict_layers", 0))
+    return {"num_hidden_layers": cfg["num_hidden_layers"] - mtp, "num_nextn_predict_layers": mtp,
+            "n_shared_experts": int(meta.need(p + "expert_shared_count")),
+            "first_k_dense_replace": int(meta.get(p + "leading_dense_block_count", 0)),
+            "routed_scaling_factor": float32_value(meta.get(p + "expert_weights_scale", 1.0)),
+            "n_group": int(meta.get(p + "expert_group_count", 1)),
+            "topk_group": int(meta.get(p + "expert_group_used_count", 1)),
+            "attention_bias": "blk.0.attn_q.bias" in meta.tensors,
+            "use_qk_norm": "blk.0.attn_q_norm.weight" in meta.tensors}
+
+
+#: llama.cpp's ``expert_gating_func`` value for the sigmoid gate (``LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID``).
+_SIGMOID_GATING = 2
+#: GLM-4's four norms: GGUF's names for the two after attention and the MLP; and its fused gate/up.
+_GLM4_TENSORS = (("post_attention_norm.weight", "post_self_attn_layernorm.weight"),
+                 ("post_ffw_norm.weight", "post_mlp_layernorm.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))
+#: GLM-4.5's norm after attention, its router's correction bias and its ungated shared experts.
+_GLM4_MOE_TENSORS = (("post_attention_norm.weight", "post_attention_layernorm.weight"),
+                     ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
+                     *((f"ffn_{p}_shexp.weight", f"mlp.shared_experts.{p}_proj.weight")
+                       for p in ("gate", "up", "down")))
+
 #: Phi-3's fused blocks, kept fused as the Hugging Face checkpoint has them: q/k/v in one ``attn_qkv``, gate and
 #: up in one ``ffn_up``.
 _PHI3_FUSED = (("attn_qkv.weight", "self_attn.qkv_proj.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))
@@ -272,6 +302,14 @@ ARCHITECTURES = {
     "starcoder": _Architecture("gpt_bigcode", "GPTBigCodeForCausalLM", False,
                                (("activation_function", "gelu_pytorch_tanh"),), renamed=_GPT2_NORMS,
                                configure=_starcoder_config, grouped_qkv=True),
+    # GLM-4 (0414) rotates adjacent pairs, as the checkpoint does, so llama.cpp stores its q/k rows unchanged;
+    # GLM-4.5 rotates rotate-half pairs, also stored unchanged. Both rotate part of each head.
+    "glm4": _Architecture("glm4", "Glm4ForCausalLM", False, renamed=_GLM4_TENSORS, partial_rotary=True,
+                          configure=lambda meta, p, cfg: {"attention_bias": "blk.0.attn_q.bias" in meta.tensors}),
+    "glm4moe": _Architecture("glm4_moe", "Glm4MoeForCausalLM", False, renamed=_GLM4_MOE_TENSORS, partial_rotary=True,
+                             configure=_glm4_moe_config,
+                             moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
+                                          renormalise=False)),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),

@@ -134,7 +134,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         if family.with_experts is None:
             raise UnsupportedFeatureError(f"{where}: mixture-of-experts {arch} GGUF files are not supported "
                                           "(Ferrum imports llama (Mixtral), qwen2moe, qwen3moe, olmoe, "
-                                          "granitemoe and gpt-oss ones)")
+                                          "granitemoe, glm4moe and gpt-oss ones)")
         family = family.with_experts
     if meta.get(p + "expert_shared_feed_forward_length") and not (family.moe and family.moe.shared):
         raise UnsupportedFeatureError(f"{where}: {arch} with a shared expert (e.g. GraniteMoeShared) is not "

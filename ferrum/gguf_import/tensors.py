@@ -141,6 +141,9 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
         router = {"ffn_gate_inp.weight": f"{ROUTER.get(arch.model_type, 'gate')}.weight"}
         moe_tensors = {**MOE_BLOCK_TENSORS, **router, **(SHARED_EXPERT_TENSORS if arch.moe.shared else {})}
         block_tensors.update({name: f"{arch.moe.module}.{suffix}" for name, suffix in moe_tensors.items()})
+    # the next-token-prediction layers (GLM-4.5's) the converter appends after the decoder's: not run, not read
+    layers = cfg["num_hidden_layers"]
+    prediction_layers = range(layers, layers + cfg.get("num_nextn_predict_layers", 0))
     plan: list[PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
@@ -151,7 +154,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
         m = block.match(name)
         if m is not None:
             i, rest = int(m.group(1)), m.group(2)
-            if rest.split(".")[0] in IGNORED_BLOCK_TENSORS:
+            if rest.split(".")[0] in IGNORED_BLOCK_TENSORS or i in prediction_layers:
                 continue
             hf_name = f"model.layers.{i}.{block_tensors[rest]}" if rest in block_tensors else None
             if arch.permuted_qk and rest in ("attn_q.weight", "attn_k.weight"):
