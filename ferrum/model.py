@@ -266,9 +266,10 @@ class DecoderOnlyLLM:
         for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
             for prepared, host in prepare(config, name, tensor):
                 for part, array in fuser.add(prepared, host) if fuser else [(prepared, host)]:
-                    # biases, norms and sinks are used as they are, never laid out for products (a 2-D norm too)
-                    float32 = part.endswith(config.arch.keep_float32)
-                    as_is = part.endswith((".bias", ".sinks")) or is_norm(part) or float32
+                    # biases, norms and sinks are used as they are, never laid out for products (a 2-D norm too);
+                    # a float32 vector too (a router's correction bias); a packed matrix keeps its compute dtype
+                    float32 = part.endswith(config.arch.keep_float32) and isinstance(array, np.ndarray)
+                    as_is = part.endswith((".bias", ".sinks")) or is_norm(part) or float32 and array.ndim == 1
                     role = roles.get(part, "bias" if as_is else "linear")
                     weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs)
             if progress is not None:

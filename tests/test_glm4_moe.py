@@ -166,6 +166,22 @@ def test_correction_biases_stay_float32_in_bfloat16(checkpoints, backend):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes])
+def test_routers_compute_in_float32_in_bfloat16(checkpoints, backend):
+    """transformers keeps the router's weight in float32 and casts its input up (Glm4MoeTopkRouter): a bfloat16
+    model's router logits are the float32 product of its bfloat16 hidden states with the float32 weight."""
+    folder, hf = checkpoints["grouped"]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
+    mlp, ops = model.layers[1].mlp, model.ops
+    weight = hf.model.layers[1].mlp.gate.weight.detach().numpy()
+    x = np.random.default_rng(0).standard_normal((5, weight.shape[1])).astype(np.float32)
+    x_bf16 = ops.from_numpy(x, "bfloat16")
+    got = np.asarray(ops.to_numpy(mlp.router(ops.cast(x_bf16, mlp.router_dtype))), dtype=np.float64)
+    want = ops.to_numpy(x_bf16).astype(np.float64) @ weight.astype(np.float64).T
+    assert mlp.router_dtype == "float32"
+    assert scaled_error(got, want) < 1e-5  # a bfloat16 product errs by ~1e-2
+
+
 # ------------------------------------------------------------------ config
 
 

@@ -19,17 +19,22 @@ class MoeMLP:
     ``routing`` is None for softmax routing, else the layer's
     :class:`~ferrum.moe.routing.GroupedSigmoid`, handed to ``route`` (the
     backend's ``moe_route`` where it takes that argument, else the core's).
+    ``router_dtype`` "float32" casts the router's input up to its float32
+    weight (DeepSeek's and GLM's routers, as transformers runs them).
     """
 
-    __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route")
+    __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route",
+                 "router_dtype")
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
                  shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
-                 routing: GroupedSigmoid | None = None, route: Callable[..., Any] | None = None):
+                 routing: GroupedSigmoid | None = None, route: Callable[..., Any] | None = None,
+                 router_dtype: str | None = None):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize
         self.shared, self.shared_gate = shared, shared_gate
         self.routing, self.route = routing, route  # route None: ops.moe_route, looked up per call
+        self.router_dtype = router_dtype  # the dtype the router's input is cast to (its weight's), or None
 
     def projections(self) -> list[Any]:
         """The ordinary linears (router, shared expert); the experts are ``self.experts``."""
@@ -44,7 +49,7 @@ class MoeMLP:
             shared_out = down(ops.silu_mul(gate(x), up(x)))
             if self.shared_gate is not None:
                 shared_logit = self.shared_gate(x)
-        logits = self.router(x)
+        logits = self.router(x if self.router_dtype is None else ops.cast(x, self.router_dtype))
         if self.routing is None:
             ids, weights = ops.moe_route(logits, shared_logit, self.top_k, self.normalize, None)
         else:

@@ -63,5 +63,9 @@ class Moe:
             route = None if ops.accepts("moe_route", "routing") else ops.fallback["moe_route"]
         elif spec.routing != "softmax":
             raise UnsupportedFeatureError(f"layer {layer}: routing {spec.routing!r} is not one Ferrum runs")
-        return MoeMLP(ops, linear(f"{m}.{spec.router}"), experts, spec.top_k, spec.normalize, shared, shared_gate,
-                      routing, route)
+        router = linear(f"{m}.{spec.router}")
+        # a float32 router (placed so at load where it is not packed: a packed one runs in the compute dtype)
+        # takes its input in float32
+        router_dtype = "float32" if spec.router_float32 and router.apply is ops.linear else None
+        return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
+                      router_dtype)

@@ -135,6 +135,10 @@ class MoeSpec:
     n_group: int = 1
     topk_group: int = 1
     routed_scale: float = 1.0
+    #: The router's weight kept in float32 and its product computed in float32 (DeepSeek's and GLM's, which
+    #: transformers keeps so: ``_keep_in_fp32_modules_strict``), so a bfloat16 model picks the experts its float32
+    #: router picks; else the router runs in the compute dtype, as Mixtral's and Qwen's do.
+    router_float32: bool = False
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -166,7 +170,7 @@ def _sigmoid_grouped(r: KeyReader, module: str, names: tuple[str, str, str], cou
     spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
                    r("moe_intermediate_size") * r("n_shared_experts"), shared_module="shared_experts",
                    shared_gate=None, routing="sigmoid_grouped", n_group=groups, topk_group=kept,
-                   routed_scale=float(r("routed_scaling_factor")))
+                   routed_scale=float(r("routed_scaling_factor")), router_float32=True)
     return spec, [i >= first_sparse for i in range(layers)]
 
 
@@ -199,6 +203,8 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             replace(layer, mlp="moe") if moe else layer for layer, moe in zip(arch.layers, sparse)))
         if spec.routing == "sigmoid_grouped":  # the router's correction bias stays float32, as transformers keeps it
             arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.router}.{CORRECTION_BIAS}"))
+        if spec.router_float32:
+            arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.router}.weight"))
         if model_type == "qwen2_moe":  # q/k/v bias from qkv_bias; o_proj never has one
             arch = replace(arch, qkv_bias=r("qkv_bias"), o_bias=False)
         return arch
