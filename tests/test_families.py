@@ -19,7 +19,7 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, FerrumError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM, ForwardItem
 
-from support import build_transformers_model, cpu_like_plugin, reference_logits, runnable_backends
+from support import build_transformers_model, cpu_like_plugin, reference_logits, runnable_backends, write_tokenizer
 
 RUNNABLE = runnable_backends()
 SAME_BACKEND_TOL = 2e-5
@@ -33,6 +33,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "origi
 
 FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window", "smollm3", "granite", "olmo2",
             "olmo3", "ministral", "ministral3", "exaone4", "seed_oss", "ernie4_5", "glm4", "hunyuan",
+            "helium", "glm",
             "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "stablelm_qk_norm", "starcoder2",
             "cohere", "cohere_qk_norm",
             "cohere2", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode",
@@ -107,6 +108,11 @@ def transformers_config(family: str):
         return transformers.HunYuanDenseV1Config(
             **common, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
             rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})
+    if family == "helium":  # GPT-J's rope (adjacent dims paired) on Llama's blocks; q/k/v biased, o_proj never
+        return transformers.HeliumConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                         attention_bias=True, mlp_bias=True, rope_theta=500.0)
+    if family == "glm":  # GLM-4 9B: GLM-4-0414's attention (GPT-J's rope on half of each head) with Llama's norms
+        return transformers.GlmConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=24)
     if family == "phi":  # Phi-2: one LayerNorm, attention and an ungated GELU MLP side by side, biased LM head
         return transformers.PhiConfig(**common, num_attention_heads=4, partial_rotary_factor=0.5)
     if family == "phi_qk_norm_exact_gelu":  # Phi's per-head q/k LayerNorms, GQA, and the exact GELU
@@ -331,6 +337,7 @@ def _mlx_lm_config(config: dict) -> dict:
 @pytest.mark.parametrize("family, length", [("gemma3", 13), ("gemma2", WINDOW), ("phi3_window", WINDOW + 1),
                                             ("phi3_partial", 13), ("olmo2", 13), ("exaone4", 13),
                                             ("seed_oss", 13), ("ernie4_5", 13), ("glm4", 13), ("hunyuan", 13),
+                                            ("helium", 13), ("glm", 13),
                                             ("phi", 13), ("stablelm", 13), ("stablelm_parallel", 13),
                                             ("stablelm_qk_norm", 13),
                                             ("starcoder2", WINDOW), ("cohere", 13), ("cohere_qk_norm", 13),
@@ -354,6 +361,8 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
         config.update(sliding_window_pattern="LG", head_dim=24, rope_scaling=None)
     if family == "glm4":  # beside the rope settings, as GLM-4-0414 ships it
         config["partial_rotary_factor"] = 0.5
+    if family == "glm":  # mlx-lm's GLM rotates whole heads whatever partial_rotary_factor says: compared so
+        config["rope_parameters"]["partial_rotary_factor"] = 1.0
     if family == "gpt_neox":  # its rope as Pythia spells it (mlx-lm reads only this); mlx-lm's GELU is the tanh form
         config.update(rotary_emb_base=10000.0, rotary_pct=0.25, hidden_act="gelu_new")
     if family == "gpt2":  # as the first release: the bare decoder with its mask buffers, which mlx-lm reads
@@ -372,11 +381,11 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [None, 8])
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "helium", "glm"])
 def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
-    """mlx-lm's conversions of GPT-2 (the projections [out, in] under ``model.``, its Conv1D turned into Linear)
-    and GPT-NeoX (``model.h.*``, ``model.embed_out``), float or packed: read as such, on every backend, and as
-    mlx-lm runs them."""
+    """mlx-lm's conversions of GPT-2 (the projections [out, in] under ``model.``, its Conv1D turned into Linear),
+    GPT-NeoX (``model.h.*``, ``model.embed_out``), Helium and GLM-4 (gate and up in one matrix), float or packed:
+    read as such, on every backend, and as mlx-lm runs them."""
     mx = pytest.importorskip("mlx.core")
     convert = pytest.importorskip("mlx_lm.convert")
     mlx_utils = pytest.importorskip("mlx_lm.utils")
@@ -388,9 +397,12 @@ def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
     if family == "gpt2":  # the bare decoder, which mlx-lm reads
         config["n_ctx"] = config["n_positions"]
         _as_bare_gpt2(source / "model.safetensors", config["n_layer"], config["n_positions"])
-    else:  # its rope as Pythia spells it, which mlx-lm reads
+    elif family == "gpt_neox":  # its rope as Pythia spells it, which mlx-lm reads
         config.update(rotary_emb_base=10000.0, rotary_pct=0.25, hidden_act="gelu_new")
+    elif family == "glm":  # mlx-lm's GLM rotates whole heads (see test_mlx_backend_matches_mlx_lm)
+        config["rope_parameters"]["partial_rotary_factor"] = 1.0
     (source / "config.json").write_text(json.dumps(_mlx_lm_config(config)))
+    write_tokenizer(source)  # mlx-lm converts the tokenizer too, and cannot guess one for every family
     converted = tmp_path / "mlx"
     convert.convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
     loaded = mlx_utils.load_model(converted)
@@ -694,6 +706,9 @@ def _config(family: str, **overrides) -> dict:
         ("phi3_longrope_partial", {"rope_parameters": {**_longrope(6), "original_max_position_embeddings": None},
                                    "original_max_position_embeddings": 0}, ConfigError,
          "original_max_position_embeddings"),
+        ("helium", {"head_dim": 32}, ConfigError, "head_dim"),  # its o_proj takes hidden_size inputs
+        ("helium", {"hidden_act": "gelu"}, UnsupportedFeatureError, "hidden_act"),
+        ("glm", {"partial_rotary_factor": 1.5, "rope_parameters": None}, ConfigError, "partial_rotary_factor"),
     ],
 )
 def test_math_changing_keys_are_refused_by_name(family, overrides, error, key):

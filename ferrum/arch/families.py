@@ -460,6 +460,12 @@ def _glm4(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _glm(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GLM-4 (9B, 0520 and later ``-hf`` releases; transformers' Glm): GLM-4-0414's attention and MLP (q/k/v biased
+    by attention_bias, gate and up in one matrix, GPT-J's rope on half of each head) with Llama's two norms."""
+    return replace(_glm4(r, sizes), norms=LLAMA_NORMS)
+
+
 def _glm4_moe(r: KeyReader, sizes: Sizes) -> Architecture:
     """GLM-4.5 / 4.6 (transformers' Glm4Moe), DeepSeek-V3's MoE with GQA attention: Llama's two norms, q/k/v biased
     by attention_bias (o never), per-head q/k norms before rope with use_qk_norm, and rope on partial_rotary_factor
@@ -556,12 +562,28 @@ def _hunyuan_dense(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(arch, qk_norm_names=("query_layernorm", "key_layernorm"), qk_norm_after_rope=True)
 
 
+def _interleaved(arch: Architecture) -> Architecture:
+    """``arch`` with GPT-J's rope on every layer: adjacent dims paired."""
+    return replace(arch, layers=tuple(replace(layer, rope=replace(layer.rope, interleaved=True))
+                                      for layer in arch.layers))
+
+
 def _ernie4_5(r: KeyReader, sizes: Sizes) -> Architecture:
     """Llama's blocks, use_bias on every projection, and GPT-J's rope pairing adjacent dims (interleaved)."""
-    arch = _llama_like(False, None, _no_windows)(r, sizes)
     bias = r("use_bias")
-    layers = tuple(replace(layer, rope=replace(layer.rope, interleaved=True)) for layer in arch.layers)
-    return replace(arch, layers=layers, qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    return replace(_interleaved(_llama_like(False, None, _no_windows)(r, sizes)), qkv_bias=bias, o_bias=bias,
+                   mlp_bias=bias)
+
+
+def _helium(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Kyutai's Helium: Llama's blocks with GPT-J's rope (adjacent dims paired); attention_bias on q/k/v only
+    (its o_proj never has one), mlp_bias on the MLP. Its o_proj maps hidden_size to hidden_size, so the heads
+    must split hidden_size."""
+    if sizes.head_dim * sizes.num_heads != sizes.hidden_size:
+        r.fail("head_dim", f"is {sizes.head_dim}, but Helium's o_proj takes hidden_size ({sizes.hidden_size}) "
+                           f"inputs, {sizes.num_heads} heads of hidden_size / num_attention_heads; transformers "
+                           "cannot load such a checkpoint either")
+    return replace(_interleaved(_llama_like(False, None, _no_windows)(r, sizes)), o_bias=False)
 
 
 def _seed_oss(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -1182,6 +1204,20 @@ FAMILIES: dict[str, Family] = {
         )),
         _glm4,
         eps_default=1.5625e-07,
+    ),
+    "glm": Family(  # GLM-4 9B chat (-hf), GLM-Edge
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
+            Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("attention_bias", default=True, check=boolean),
+        )),
+        _glm,
+        eps_default=1.5625e-07,
+    ),
+    "helium": Family(  # Kyutai's Helium 1
+        _keys(_core(False, head_dim_default=128), _ROPE, _theta(100_000.0), _SILU, (
+            Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean))),
+        _helium,
+        eps_default=1e-8,
     ),
     "glm4_moe": Family(  # GLM-4.5, GLM-4.5-Air, GLM-4.6: DeepSeek-V3's grouped sigmoid routing
         _keys(_core(False), _ROPE, _SILU, (
