@@ -108,8 +108,10 @@ class _RopeTables:
 
     def for_batch(self, positions: Any, batch: AttentionBatch) -> Callable[[Any], Any]:
         """Rotation for a rope whose table depends on the batch (longrope), applied between the block halves."""
-        rope = self.ops.rope
-        rotations = [lambda x: rope(x, positions, self.short), lambda x: rope(x, positions, self.long)]
+        ops, rope, ratio = self.ops, self.ops.rope, self.rope.long_scaled
+        rotations = [lambda x: rope(x, positions, self.short),
+                     lambda x: rope(x, positions, self.long) if ratio == 1.0 else
+                     ops.mul_scalar(rope(x, positions, self.long), ratio)]
         return per_token(self.ops, (batch.positions >= self.rope.original_max).astype(np.int64), rotations)
 
 

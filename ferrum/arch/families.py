@@ -1055,6 +1055,36 @@ def _falcon(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _phimoe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Phi-3.5-MoE (transformers' Phimoe): Llama's blocks with biased LayerNorms, every attention projection biased
+    by attention_bias, sliding_window on every layer, a biased LM head by lm_head_bias, and experts on every layer
+    routed by sparsemixer (:func:`ferrum.moe.spec.with_moe`).
+
+    Its longrope multiplies cos and sin by ``short_mscale`` and, past ``original_max_position_embeddings``,
+    ``long_mscale`` (else longrope's attention factor). Ferrum switches table and factor per token, as for Phi-3
+    (:mod:`ferrum.arch.rope`), as Microsoft's release code does; transformers 5.24's Phimoe keeps the short table
+    at every length (its rotary forward recomputes the frequencies without the sequence length) while switching
+    the factor, so the two agree within the original context."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, ("default", "longrope"), theta_default=1_000_000.0)
+    r("hidden_act")
+    r("partial_rotary_factor")
+    if rope.kind == "longrope":
+        factors = {}
+        for name in ("short_mscale", "long_mscale"):
+            value = spec.get(name)
+            if value is not None and positive_number(value):
+                r.fail(key, f"field {name!r} must be a positive number, got {value!r}")
+            factors[name] = rope.attention_factor if value is None else float(value)
+        rope = replace(rope, attention_factor=factors["short_mscale"], long_attention_factor=factors["long_mscale"])
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(w, rope) for w in _every_layer_window(r, sizes)),
+        norms=LLAMA_NORMS, norm="layer", norm_bias=True, attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qkv_bias=bias, o_bias=bias, lm_head_bias=r("lm_head_bias"),
+    )
+
+
 def _olmo(r: KeyReader, sizes: Sizes) -> Architecture:
     """OLMo (1): Llama's blocks with LayerNorms that have no weight or bias, at a fixed epsilon of 1e-5; q, k and v
     clipped by clip_qkv (OLMo 1.7: 7B 0424, 0724)."""
@@ -1188,6 +1218,15 @@ FAMILIES: dict[str, Family] = {
     "granitemoe": Family(  # Granite 3 MoE: Granite's multipliers, experts on every layer, routed by "router.layer"
         _keys(_core(False), _ROPE, _SILU, _GRANITE, MOE_KEYS["granitemoe"]),
         with_moe("granitemoe", _granite),
+    ),
+    "phimoe": Family(  # Phi-3.5-MoE, Phi-mini-MoE
+        _keys(_core(False), _ROPE[:3], _ROPE[3:4], _SILU, _WINDOW, (
+            Key("original_max_position_embeddings", check=optional_positive_int),
+            Key("attention_bias", default=False, check=boolean),
+            Key("lm_head_bias", default=False, check=boolean),
+        ), MOE_KEYS["phimoe"]),
+        with_moe("phimoe", _phimoe),
+        eps_default=1e-5,
     ),
     "olmoe": Family(  # OLMoE: Llama's norms, q and k normed over their whole projections, experts on every layer
         _keys(_core(False), _ROPE, _SILU, (

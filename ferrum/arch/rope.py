@@ -23,7 +23,9 @@ table (two for longrope), plus changes to the q/k weights made at load:
   ``generate`` also recomputes its cache at the crossing; Ferrum does not).
   The attention factor multiplies cos and sin in transformers, i.e. the
   rotated dims of q and k; rope is linear, so Ferrum multiplies those rows of
-  the q and k projections by it at load (:mod:`ferrum.arch.tensors`).
+  the q and k projections by it at load (:mod:`ferrum.arch.tensors`). Where the
+  long table has a factor of its own (Phi-3.5-MoE's ``long_mscale`` beside
+  ``short_mscale``), the tokens it rotates are multiplied by the ratio once rotated.
 * partial rotary (``partial_rotary_factor``, Phi-4-mini): transformers rotates
   the first ``rotary_dim`` dims of each head, pairing ``i`` with ``i +
   rotary_dim / 2``. Ferrum permutes the q and k projection rows at load so those
@@ -54,6 +56,9 @@ class Rope:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0  # yarn / longrope: multiplies cos and sin
+    #: longrope: the factor of the long table where it differs (Phi-3.5-MoE's long_mscale; None: attention_factor);
+    #: whole heads only (it multiplies every dim of a rotated head)
+    long_attention_factor: float | None = None
     beta_fast: float = 32.0  # yarn: rotations over the pretraining context above which a dim keeps its frequency
     beta_slow: float = 1.0  # yarn: ... below which it is interpolated (divided by factor)
     truncate: bool = True  # yarn: round the ramp's ends to whole dims
@@ -68,7 +73,12 @@ class Rope:
     @property
     def switches(self) -> bool:
         """Whether the table depends on the sequence length (longrope with two different tables)."""
-        return self.kind == "longrope" and self.short_factor != self.long_factor
+        return self.kind == "longrope" and (self.short_factor != self.long_factor or self.long_scaled != 1.0)
+
+    @property
+    def long_scaled(self) -> float:
+        """What the long table multiplies cos and sin by beyond ``attention_factor`` (folded into q and k at load)."""
+        return 1.0 if self.long_attention_factor is None else self.long_attention_factor / self.attention_factor
 
     def inv_freq(self, long: bool = False) -> np.ndarray:
         """``[head_dim // 2]`` float32 frequencies in Ferrum's pairing (zeros for unrotated pairs)."""

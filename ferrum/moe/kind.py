@@ -8,7 +8,7 @@ from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
 from ferrum.moe.experts import PlacedExperts
 from ferrum.moe.loading import SWITCH
-from ferrum.moe.routing import CORRECTION_BIAS, GroupedSigmoid
+from ferrum.moe.routing import CORRECTION_BIAS, GroupedSigmoid, Sparsemixer
 
 
 class Moe:
@@ -61,6 +61,8 @@ class Moe:
                                      tensor(f"{m}.{spec.router}.{CORRECTION_BIAS}"))
             # a backend's own moe_route that does not take ``routing`` would route by softmax: the core's instead
             route = None if ops.accepts("moe_route", "routing") else ops.fallback["moe_route"]
+        elif spec.routing == "sparsemixer":  # no backend op takes it: the core's host reference routes it
+            routing, route = Sparsemixer(spec.jitter_eps), ops.fallback["moe_route"]
         elif spec.routing != "softmax":
             raise UnsupportedFeatureError(f"layer {layer}: routing {spec.routing!r} is not one Ferrum runs")
         router = linear(f"{m}.{spec.router}")

@@ -8,14 +8,16 @@ import numpy as np
 
 from ferrum.moe.activation import ClampedSwiGLU
 from ferrum.moe.experts import HostExperts, ReferenceStack
-from ferrum.moe.routing import GroupedSigmoid, route, route_grouped
+from ferrum.moe.routing import GroupedSigmoid, Sparsemixer, route, route_grouped, route_sparsemixer
 
 
 def moe_route(ops: Any, logits: Any, shared_logit: Any, top_k: int, normalize: bool,
-              routing: GroupedSigmoid | None = None) -> tuple[Any, Any]:
+              routing: GroupedSigmoid | Sparsemixer | None = None) -> tuple[Any, Any]:
     host = ops.to_numpy(logits)
     if routing is None:
         ids, weights = route(host, top_k, normalize)
+    elif isinstance(routing, Sparsemixer):
+        ids, weights = route_sparsemixer(host, routing.jitter_eps)
     else:
         ids, weights = route_grouped(host, ops.to_numpy(routing.bias), top_k, routing.n_group, routing.topk_group,
                                      normalize, routing.scale)

@@ -102,6 +102,40 @@ def route_grouped(logits: np.ndarray, bias: np.ndarray, top_k: int, n_group: int
     return ids.astype(np.int32), weights.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Sparsemixer:
+    """Phi-3.5-MoE's top-2 routing (``MoeSpec.routing`` "sparsemixer"): see :func:`route_sparsemixer`. Always
+    routed on the host (the core's ``moe_route``): no backend op takes it."""
+
+    jitter_eps: float  # router_jitter_noise
+
+
+def route_sparsemixer(logits: np.ndarray, jitter_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32 [T, 2], weights float32 [T, 2])`` as transformers' ``sparsemixer`` computes them in eval:
+
+    1. the first expert is the row's largest logit ``m``; every logit ``s`` with ``(m - s) / max(|s|, m) >
+       2 * jitter_eps`` is masked out, and its weight is its softmax probability over those left;
+    2. the second is the largest logit ``m2`` once the first is masked; again every logit with ``(m2 - s) /
+       max(|s|, m2) > 2 * jitter_eps`` is masked out, the first included, and its weight is its probability
+       over those left. The weights are not renormalized.
+    """
+    raw = np.asarray(logits, dtype=np.float32)
+    scores, rows = raw, np.arange(len(raw))
+    ids, weights = [], []
+    for _ in range(2):
+        top = scores.max(axis=-1, keepdims=True)
+        pick = np.argmax(scores, axis=-1)  # the first of tied maxima, as torch.max on the CPU
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 is NaN, which masks nothing, as in torch
+            far = (top - raw) / np.maximum(np.abs(raw), top) > 2 * jitter_eps
+        kept = np.where(far, -np.inf, scores)
+        probs = np.exp(kept - top)
+        weights.append(probs[rows, pick] / probs.sum(axis=-1))
+        ids.append(pick)
+        scores = scores.copy()
+        scores[rows, pick] = -np.inf
+    return np.stack(ids, axis=1).astype(np.int32), np.stack(weights, axis=1).astype(np.float32)
+
+
 def _topk_ids(values: np.ndarray, k: int) -> np.ndarray:
     """The column indices ``torch.topk(values, k)`` picks on the CPU, per row (in no particular order):
     a stable sort, and where a tie straddles the boundary, torch's selection replayed."""

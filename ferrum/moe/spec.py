@@ -23,6 +23,7 @@ LAYOUT = {
     "qwen3_vl_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.fused_gate_up)
     "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "phimoe": ("block_sparse_moe", ("w1", "w3", "w2")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -37,6 +38,12 @@ def _layer_list(value: object) -> str | None:
     return f"must list layer indices, got {value!r}"
 
 
+def _non_negative_number(value: object) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
+        return None
+    return f"must be a non-negative number, got {value!r}"
+
+
 def _non_negative_int(value: object) -> str | None:
     return "must be a non-negative integer, got None" if value is None else optional_non_negative_int(value)
 
@@ -48,7 +55,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "granitemoe": ("num_local_experts",), "gpt_oss": ("num_local_experts",),
                 "qwen3_vl_moe": ("num_local_experts", "num_experts"),
                 "glm4_moe": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
-                "deepseek_v3": ("n_routed_experts", "num_local_experts")}
+                "deepseek_v3": ("n_routed_experts", "num_local_experts"), "phimoe": ("num_local_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -90,14 +97,18 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "glm4_moe": _grouped_sigmoid_keys("glm4_moe", moe_size=1408, scale=1.0, n_group=1, topk_group=1, dense=1),
     "deepseek_v3": _grouped_sigmoid_keys("deepseek_v3", moe_size=2048, scale=2.5, n_group=8, topk_group=4,
                                          dense=3),
+    # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
+    "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
+                                      else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
+               Key("router_jitter_noise", default=0.01, check=_non_negative_number)),
 }
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
-                  "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256}
+                  "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
 _EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob"),
-                "gpt_oss": lambda r: True}
+                "gpt_oss": lambda r: True, "phimoe": lambda r: False}
 #: Per family, what its experts add to plain SwiGLU ones: gpt-oss biases its router and every expert
 #: projection, clamps its activation, and stores its experts in layouts of its own.
 _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
@@ -105,6 +116,7 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
                                                                     float(r("swiglu_limit"))), layout="gpt_oss"),
     # Qwen3-VL-MoE renormalizes its top-k weights whatever norm_topk_prob says, as transformers runs it
     "qwen3_vl_moe": lambda r: dict(layout="fused_gate_up", normalize=True),
+    "phimoe": lambda r: dict(routing="sparsemixer", jitter_eps=float(r("router_jitter_noise"))),
 }
 
 
@@ -128,13 +140,14 @@ class MoeSpec:
     #: routed experts' sum as it is (GLM-4.5's ``shared_experts``)
     shared_module: str = "shared_expert"
     shared_gate: str | None = "shared_expert_gate"
-    #: The routing rule: "softmax" (ferrum.moe.routing.route) or "sigmoid_grouped" (DeepSeek-V3's, GLM-4.5's:
+    #: The routing rule: "softmax" (ferrum.moe.routing.route), "sigmoid_grouped" (DeepSeek-V3's, GLM-4.5's:
     #: ferrum.moe.routing.route_grouped, with ``n_group``, ``topk_group``, ``routed_scale`` and each layer's
-    #: ``<router>.e_score_correction_bias``)
+    #: ``<router>.e_score_correction_bias``) or "sparsemixer" (Phi-3.5-MoE's: route_sparsemixer, ``jitter_eps``)
     routing: str = "softmax"
     n_group: int = 1
     topk_group: int = 1
     routed_scale: float = 1.0
+    jitter_eps: float = 0.0  # sparsemixer's router_jitter_noise
     #: The router's weight kept in float32 and its product computed in float32 (DeepSeek's and GLM's, which
     #: transformers keeps so: ``_keep_in_fp32_modules_strict``), so a bfloat16 model picks the experts its float32
     #: router picks; else the router runs in the compute dtype, as Mixtral's and Qwen's do.

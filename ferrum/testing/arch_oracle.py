@@ -22,6 +22,7 @@ from safetensors.numpy import load_file
 
 from ferrum.arch.tensors import bias_of, resolve_layout, stored_name
 from ferrum.config import ModelConfig
+from ferrum.moe.routing import route_sparsemixer
 from ferrum.quant.affine import QuantizedWeight, dequantize
 from ferrum.testing.oracle import f64, linear, moe_experts, rms_norm
 
@@ -32,8 +33,10 @@ def _rope(x: np.ndarray, positions: np.ndarray, rope, long_from: int | None) -> 
     r = rope.rotary_dim
     out = x.copy()
     for t, pos in enumerate(positions):
-        inv = f64(rope.inv_freq(long=long_from is not None and pos >= long_from))[: r // 2]
-        cos, sin = np.cos(pos * inv) * rope.attention_factor, np.sin(pos * inv) * rope.attention_factor
+        long = long_from is not None and pos >= long_from
+        inv = f64(rope.inv_freq(long=long))[: r // 2]
+        factor = rope.attention_factor * (rope.long_scaled if long else 1.0)
+        cos, sin = np.cos(pos * inv) * factor, np.sin(pos * inv) * factor
         rot = x[t, :, :r]
         first, second = (rot[:, 0::2], rot[:, 1::2]) if rope.interleaved else (rot[:, : r // 2], rot[:, r // 2:])
         turned = (first * cos - second * sin, second * cos + first * sin)
@@ -196,17 +199,21 @@ class ArchOracle:
         return linear(act * up, w(p + "mlp.down_proj.weight"), w(p + "mlp.down_proj.bias"))
 
     def _experts(self, x: np.ndarray, p: str) -> np.ndarray:
-        """A sparse MLP: softmax over the router's logits, the top-k (renormalised where the family says), then
-        :func:`ferrum.testing.oracle.moe_experts` over the experts as stored."""
+        """A sparse MLP: softmax over the router's logits, the top-k (renormalised where the family says), or
+        Phi-3.5-MoE's sparsemixer (:func:`ferrum.moe.routing.route_sparsemixer`, tested against transformers'),
+        then :func:`ferrum.testing.oracle.moe_experts` over the experts as stored."""
         moe, w = self.config.arch.moe, self.w
         m = f"{p}{moe.module}."
         logits = linear(x, w(f"{m}{moe.router}.weight"), w(f"{m}{moe.router}.bias"))
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
-        ids = np.argsort(-probs, axis=-1)[:, : moe.top_k]
-        weights = np.take_along_axis(probs, ids, axis=-1)
-        if moe.normalize:
-            weights /= weights.sum(axis=-1, keepdims=True)
+        if moe.routing == "sparsemixer":
+            ids, weights = route_sparsemixer(logits, moe.jitter_eps)
+        else:
+            probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            probs /= probs.sum(axis=-1, keepdims=True)
+            ids = np.argsort(-probs, axis=-1)[:, : moe.top_k]
+            weights = np.take_along_axis(probs, ids, axis=-1)
+            if moe.normalize:
+                weights /= weights.sum(axis=-1, keepdims=True)
         stacks, biases = zip(*(self._stack(m, which) for which in range(3)))
         return moe_experts(x, ids, weights, *stacks, None, None if biases[0] is None else biases, moe.activation)
 
