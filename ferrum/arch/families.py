@@ -1055,6 +1055,17 @@ def _falcon(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: GraniteMoeShared's shared MLP, a layer's ``shared_mlp`` beside its experts, under the MoE kind's names.
+GRANITEMOESHARED_NAMES = {"block_sparse_moe.shared_mlp.gate_up_proj": "shared_mlp.input_linear",
+                          "block_sparse_moe.shared_mlp.down_proj": "shared_mlp.output_linear"}
+
+
+def _granitemoeshared(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Granite 3 MoE's blocks with a shared MLP (``shared_mlp``: gate and up in ``input_linear``) whose output
+    joins the experts' before residual_multiplier scales their sum (:func:`ferrum.moe.spec.with_moe`)."""
+    return replace(_granite(r, sizes), stored_names=GRANITEMOESHARED_NAMES)
+
+
 def _phimoe(r: KeyReader, sizes: Sizes) -> Architecture:
     """Phi-3.5-MoE (transformers' Phimoe): Llama's blocks with biased LayerNorms, every attention projection biased
     by attention_bias, sliding_window on every layer, a biased LM head by lm_head_bias, and experts on every layer
@@ -1227,6 +1238,10 @@ FAMILIES: dict[str, Family] = {
         ), MOE_KEYS["phimoe"]),
         with_moe("phimoe", _phimoe),
         eps_default=1e-5,
+    ),
+    "granitemoeshared": Family(  # Granite 3 MoE with a shared expert (GraniteMoeShared)
+        _keys(_core(False), _ROPE, _SILU, _GRANITE, MOE_KEYS["granitemoeshared"]),
+        with_moe("granitemoeshared", _granitemoeshared),
     ),
     "olmoe": Family(  # OLMoE: Llama's norms, q and k normed over their whole projections, experts on every layer
         _keys(_core(False), _ROPE, _SILU, (

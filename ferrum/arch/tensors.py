@@ -185,7 +185,7 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
 
 
 #: The matrices (and biases) whose outputs a block adds to the residual stream.
-_RESIDUAL_WRITERS = (".self_attn.o_proj.", ".mlp.down_proj.", ".switch_mlp.down_proj.")
+_RESIDUAL_WRITERS = (".self_attn.o_proj.", ".mlp.down_proj.", ".switch_mlp.down_proj.", ".shared_mlp.down_proj.")
 
 
 def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:

@@ -30,14 +30,25 @@ class Moe:
             shapes[f"{m}.{spec.router}.{CORRECTION_BIAS}"] = (e,)
         if spec.shared_expert_size:
             s, shared = spec.shared_expert_size, f"{m}.{spec.shared_module}"
-            shapes.update({f"{shared}.gate_proj.weight": (s, h), f"{shared}.up_proj.weight": (s, h),
-                           f"{shared}.down_proj.weight": (h, s)})
+            if spec.shared_fused:
+                shapes[f"{shared}.gate_up_proj.weight"] = (2 * s, h)
+            else:
+                shapes.update({f"{shared}.gate_proj.weight": (s, h), f"{shared}.up_proj.weight": (s, h)})
+            shapes[f"{shared}.down_proj.weight"] = (h, s)
             if spec.shared_gate is not None:
                 shapes[f"{m}.{spec.shared_gate}.weight"] = (1, h)
         return shapes
 
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
-        return [(name, tensor)]
+        """A shared expert's fused ``gate_up_proj`` (GraniteMoeShared's ``input_linear``): gate rows, then up."""
+        from ferrum.arch.tensors import rows
+
+        spec = config.arch.moe
+        if not spec.shared_fused or not name.endswith((f".{spec.shared_module}.gate_up_proj.weight")):
+            return [(name, tensor)]
+        s = spec.shared_expert_size
+        return [(name.replace("gate_up_proj", "gate_proj"), rows(tensor, 0, s)),
+                (name.replace("gate_up_proj", "up_proj"), rows(tensor, s, 2 * s))]
 
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Any], config: Any,
               layer: int) -> MoeMLP:

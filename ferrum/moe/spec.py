@@ -24,12 +24,14 @@ LAYOUT = {
     "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "phimoe": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
-STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear")}
+STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
+           "granitemoeshared": ("input_linear", "input_linear", "output_linear")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
-ROUTER = {"granitemoe": "router.layer", "gpt_oss": "router"}
+ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router"}
 
 
 def _layer_list(value: object) -> str | None:
@@ -55,7 +57,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "granitemoe": ("num_local_experts",), "gpt_oss": ("num_local_experts",),
                 "qwen3_vl_moe": ("num_local_experts", "num_experts"),
                 "glm4_moe": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
-                "deepseek_v3": ("n_routed_experts", "num_local_experts"), "phimoe": ("num_local_experts",)}
+                "deepseek_v3": ("n_routed_experts", "num_local_experts"), "phimoe": ("num_local_experts",),
+                "granitemoeshared": ("num_local_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -90,6 +93,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "olmoe": (*_COUNT["olmoe"], Key("num_experts_per_tok", default=8, check=positive_int),
               Key("norm_topk_prob", default=False, check=boolean)),
     "granitemoe": (*_COUNT["granitemoe"], Key("num_experts_per_tok", default=2, check=positive_int)),
+    "granitemoeshared": (*_COUNT["granitemoeshared"], Key("num_experts_per_tok", default=2, check=positive_int),
+                         Key("shared_intermediate_size", default=0, check=optional_non_negative_int)),
     "gpt_oss": (*_COUNT["gpt_oss"], Key("num_experts_per_tok", default=4, check=positive_int),
                 Key("swiglu_alpha", default=1.702, check=positive_number),
                 Key("swiglu_limit", default=7.0, check=positive_number)),
@@ -103,12 +108,13 @@ KEYS: dict[str, tuple[Key, ...]] = {
                Key("router_jitter_noise", default=0.01, check=_non_negative_number)),
 }
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
-                  "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16}
+                  "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
+                  "granitemoeshared": 8}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
 _EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob"),
-                "gpt_oss": lambda r: True, "phimoe": lambda r: False}
+                "gpt_oss": lambda r: True, "phimoe": lambda r: False, "granitemoeshared": lambda r: True}
 #: Per family, what its experts add to plain SwiGLU ones: gpt-oss biases its router and every expert
 #: projection, clamps its activation, and stores its experts in layouts of its own.
 _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
@@ -117,6 +123,9 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
     # Qwen3-VL-MoE renormalizes its top-k weights whatever norm_topk_prob says, as transformers runs it
     "qwen3_vl_moe": lambda r: dict(layout="fused_gate_up", normalize=True),
     "phimoe": lambda r: dict(routing="sparsemixer", jitter_eps=float(r("router_jitter_noise"))),
+    # GraniteMoeShared's shared MLP (0 wide: none), ungated, gate and up in one matrix (Moe.split)
+    "granitemoeshared": lambda r: dict(shared_expert_size=r("shared_intermediate_size") or None,
+                                       shared_module="shared_mlp", shared_gate=None, shared_fused=True),
 }
 
 
@@ -152,6 +161,7 @@ class MoeSpec:
     #: transformers keeps so: ``_keep_in_fp32_modules_strict``), so a bfloat16 model picks the experts its float32
     #: router picks; else the router runs in the compute dtype, as Mixtral's and Qwen's do.
     router_float32: bool = False
+    shared_fused: bool = False  # the shared expert's gate and up stored as one ``gate_up_proj``, gate rows first
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -201,9 +211,9 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
         if model_type in _SIGMOID_GROUPED:
             spec, sparse = _sigmoid_grouped(r, module, names, count, top_k, layers)
         elif model_type in _EVERY_LAYER:
-            spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r), None,
-                           ROUTER.get(model_type, "gate"), STACKED.get(model_type),
-                           **_EXPERT_EXTRAS.get(model_type, lambda r: {})(r))
+            extras = {"shared_expert_size": None, **_EXPERT_EXTRAS.get(model_type, lambda r: {})(r)}
+            spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r),
+                           router=ROUTER.get(model_type, "gate"), stacked=STACKED.get(model_type), **extras)
             sparse = [True] * layers
         else:
             dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")
