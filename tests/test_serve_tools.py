@@ -572,3 +572,36 @@ def test_calls_marked_by_a_special_token_survive_decoding(tmp_path):
         assert kept.choices[0].text == MISTRAL_CALL + END
     finally:
         assert srv.stop(), srv.log.read_text()
+
+
+def test_a_forced_hermes_reply_may_end_after_a_newline(tmp_path):
+    """Models write a newline after their last </tool_call> before ending the turn: where several calls may follow,
+    the grammar lets them end there (it allowed only another call after that newline, and a required reply
+    repeated its call to max_tokens); a single call ends where it closes."""
+    fmt, template, one, two, markers = FORCED_ROWS[0]
+    for text in (one, two):
+        tok, matcher = _forced_matcher(tmp_path / str(len(text)), fmt, template, markers, True, many=True)
+        assert _takes(tok, matcher, text + "\n") and 1 not in matcher.forbidden().tolist()
+
+
+#: A function declared without parameters, as OpenAI allows: it takes none.
+PING = {"type": "function", "function": {"name": "ping"}}
+
+
+@pytest.mark.parametrize("fmt, template, text, two, markers", FORCED_ROWS, ids=FORCED_IDS)
+@pytest.mark.parametrize("parameters", ["absent", None, {}])
+def test_a_forced_call_to_a_function_without_parameters_takes_no_arguments(tmp_path, fmt, template, text, two,
+                                                                           markers, parameters):
+    """No ``parameters`` (or null, or {}) is a function of no arguments: its forced call's arguments are ``{}``
+    (any object was allowed, and a small model invented keys, nested without end)."""
+    tool = PING if parameters == "absent" else {"type": "function",
+                                                 "function": {"name": "ping", "parameters": parameters}}
+    written = _TIME if _TIME in text else _TIME.replace("arguments", "parameters")
+    empty, invented = (text.replace(written, written.replace("get_time", "ping").replace('{"tz": "UTC"}', args))
+                       for args in ("{}", '{"tz": "UTC"}'))
+    if "[ARGS]" in template:
+        empty, invented = "[TOOL_CALLS]ping[ARGS]{}", '[TOOL_CALLS]ping[ARGS]{"tz": "UTC"}'
+    tok, matcher = _forced_matcher(tmp_path / "empty", fmt, template, markers, True, many=False, tools=[tool])
+    assert _takes(tok, matcher, empty) and matcher.complete
+    tok, matcher = _forced_matcher(tmp_path / "invented", fmt, template, markers, True, many=False, tools=[tool])
+    assert not _takes(tok, matcher, invented)

@@ -179,6 +179,13 @@ def _llama3_json(text: str) -> ParsedReply:
 #: How a call's JSON is held: the separators of ``json.dumps`` and Jinja's ``tojson``, which wrote the calls
 #: in the model's training, and no free whitespace to spend tokens on.
 _CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+#: The arguments of a function declared without ``parameters`` (or with null or ``{}``): none, as OpenAI reads it.
+#: A bare ``{"type": "object"}`` would let a forced call invent any keys, nested without end.
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    return function.get("parameters") or _NO_PARAMETERS
 
 
 def _call_schema(tools: list[dict[str, Any]], args: str = "arguments") -> dict[str, Any]:
@@ -188,7 +195,7 @@ def _call_schema(tools: list[dict[str, Any]], args: str = "arguments") -> dict[s
     calls, defs = [], {}
     for i, function in enumerate(tool["function"] for tool in tools):
         name = f"tool{i}"
-        defs[name] = _rerooted(function.get("parameters") or {"type": "object"}, f"#/$defs/{name}")
+        defs[name] = _rerooted(_parameters(function), f"#/$defs/{name}")
         calls.append({"type": "object", "required": ["name", args], "additionalProperties": False,
                       "properties": {"name": {"const": function["name"]}, args: {"$ref": f"#/$defs/{name}"}}})
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
@@ -220,8 +227,11 @@ def _repeated(one: str, separator: str, many: bool) -> str:
 
 
 def _hermes_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Blocks a line apart, as the template writes them. Where several may follow, a newline may also end the
+    last: models trained on those blocks write one before ending their turn, and were it only the way into another
+    call, a required reply repeated its call until max_tokens. (A single block ends the reply where it closes.)"""
     block = f'block: {mark("<tool_call>")} "\\n" call "\\n" {mark("</tool_call>")}'
-    blocks = _repeated("block", r'"\n"', many)
+    blocks = _repeated("block", r'"\n"', many) + (' "\\n"?' if many else "")
     return f"start: {blocks}\n{block}\ncall: {_json(_call_schema(tools))}"
 
 
@@ -253,7 +263,7 @@ def _per_function(tools: list[dict[str, Any]], head: Callable[[str], str]) -> tu
     tool ``head(name)`` (a Lark body) then its parameters' JSON."""
     names = " | ".join(f"call{i}" for i in range(len(tools)))
     rules = "\n".join(f'call{i}: {head(t["function"]["name"])} '
-                      f'{_json(t["function"].get("parameters") or {"type": "object"})}' for i, t in enumerate(tools))
+                      f'{_json(_parameters(t["function"]))}' for i, t in enumerate(tools))
     return names, rules
 
 
