@@ -483,6 +483,10 @@ def test_tokenize_and_detokenize(server, llm):
     assert chat["tokens"] == llm.encode_prompt(messages)
     back = httpx.post(server.url + "/detokenize", json={"tokens": bare["tokens"]}).json()
     assert back == {"prompt": text}
+    # special tokens are kept, as vLLM's (Hugging Face's decode) keeps them: a chat's ids come back as its text
+    rendered = httpx.post(server.url + "/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
+    assert rendered == llm.tokenizer.decode(chat["tokens"], skip_special_tokens=False)
+    assert llm.tokenizer.encode(rendered, add_special_tokens=False) == chat["tokens"]
     for path, body, param in [("/detokenize", {"tokens": [10**6]}, "tokens"), ("/tokenize", {}, "prompt"),
                               ("/tokenize", {"prompt": "a", "messages": messages}, "prompt")]:
         response = httpx.post(server.url + path, json=body)

@@ -657,7 +657,8 @@ def tokenize_now(state: ServerState, body: TokenizeRequest) -> dict:
 
 
 def detokenize(state: ServerState, body: DetokenizeRequest) -> dict:
-    """vLLM's ``/detokenize``: token ids back to their text."""
+    """vLLM's ``/detokenize``: token ids back to their text, special tokens included (as vLLM's, Hugging Face's
+    ``decode``, keeps them), so the ids ``/tokenize`` gives for a chat come back as the text they encode."""
     state.check_model(body.model)
     tok = state.llm.tokenizer
     if tok is None:
@@ -665,5 +666,5 @@ def detokenize(state: ServerState, body: DetokenizeRequest) -> dict:
     bad = [t for t in body.tokens if not 0 <= t < tok.vocab_size]
     if bad:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
-    return {"prompt": tok.decode(body.tokens)}
+    return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
 
