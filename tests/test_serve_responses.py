@@ -4,6 +4,7 @@ to the same conversation (greedy, so token for token), reshaped into output item
 from __future__ import annotations
 
 import json
+import re
 
 import httpx2 as httpx
 import openai
@@ -202,10 +203,12 @@ def test_what_cannot_be_honoured_is_refused_by_name(server, extra, status, words
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"$ref": "#"}}}}, "text.format"),
 ])
 def test_errors_name_the_responses_parameters(server, extra, param):
-    """The request runs as a chat request; its errors still name the Responses API's fields."""
+    """The request runs as a chat request; its errors still name the Responses API's fields, in the message too."""
     reply = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "hi", **extra}, timeout=30)
     assert reply.status_code == 400, reply.text
-    assert reply.json()["error"]["param"] == param
+    error = reply.json()["error"]
+    assert error["param"] == param
+    assert not re.search(r"\bmax_tokens\b|\bmax_completion_tokens\b|\bmessages\b", error["message"]), error
 
 
 @pytest.fixture(scope="module")

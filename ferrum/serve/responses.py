@@ -14,6 +14,7 @@ with tools). Hosted tools, files and images are refused by name.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -44,6 +45,14 @@ def _responses_param(param: str | None) -> str | None:
         return None
     head = param.split(".", 1)[0]
     return _RESPONSES_PARAMS.get(head, param)
+
+
+def _in_responses_words(error: APIError) -> None:
+    """Make ``error``, of the chat request a Responses request runs as, name the Responses API's fields: its
+    ``param``, and the chat names its message uses (max_tokens...)."""
+    for chat_name, name in _RESPONSES_PARAMS.items():
+        error.message = re.sub(rf"\b{chat_name}\b", name, error.message)
+    error.param = _responses_param(error.param)
 
 
 class ResponsesStreamOptions(Body):
@@ -452,7 +461,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
     try:
         run = await start_chat(state, chat, endpoint="responses")
     except APIError as error:
-        error.param = _responses_param(error.param)
+        _in_responses_words(error)
         raise
     reply = _Reply(state, body, run, logprobs=chat.logprobs)
 
