@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.12"
+API_VERSION = "1.13"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -536,14 +536,18 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routi
 
     ``routing`` (API 1.12) is a feature, declared by the signature as for
     :func:`attention`: None for the softmax rule above, or a
-    :class:`ferrum.moe.routing.GroupedSigmoid` (GLM-4.5, DeepSeek-V3): sigmoid
-    scores, a per-expert correction bias (``routing.bias``, float32 ``[E]``
-    from ``from_numpy``) that only chooses, the best ``routing.topk_group`` of
-    ``routing.n_group`` expert groups, the chosen experts' scores (normalized
-    when ``normalize``) times ``routing.scale``, exactly as
-    :func:`ferrum.moe.routing.route_grouped` says, every step in float32
-    (``shared_logit`` is then None). An implementation without ``routing``
-    is never handed one: the model routes those layers by the fallback.
+    :class:`ferrum.moe.routing.GroupedRouting` (GLM-4.5, DeepSeek-V2 and V3):
+    ``routing.rule`` (API 1.13) scores the experts by sigmoid or softmax,
+    adds a per-expert correction bias that only chooses where it is
+    ``corrected`` (``routing.bias``, float32 ``[E]`` from ``from_numpy``;
+    else None), keeps the best ``routing.topk_group`` of ``routing.n_group``
+    expert groups by its ``group_score``, and weighs the chosen experts by
+    their scores (normalized when ``normalize``) times ``routing.scale``,
+    exactly as :func:`ferrum.moe.routing.route_grouped` says, every step in
+    float32 (``shared_logit`` is then None). An implementation without
+    ``routing`` is never handed one, nor is one of a plugin declaring API
+    1.12 handed a rule other than ``NOAUX_TC``: the model routes those
+    layers by the fallback.
     Fallback: the host references :func:`ferrum.moe.routing.route` and
     :func:`~ferrum.moe.routing.route_grouped` (one copy of the logits to the
     host per MoE layer).

@@ -509,23 +509,48 @@ def _mla_kv_heads(r: KeyReader, heads: int) -> int:
     return heads
 
 
+#: Latent attention's sizes (transformers' DeepseekV2Config and DeepseekV3Config defaults).
+_MLA = (
+    Key("q_lora_rank", default=1536, check=optional_size(1 << 17)),  # null: a plain q_proj
+    Key("kv_lora_rank", default=512, check=size(1 << 17)),
+    Key("qk_nope_head_dim", default=128, check=size(4096)),
+    Key("qk_rope_head_dim", default=64, check=size(4096)),
+    Key("v_head_dim", default=128, check=size(4096)),
+    Key("attention_bias", default=False, check=boolean),
+)
+
+
 def _yarn_mscale(factor: float, weight: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
 
 
 def _deepseek_v3(r: KeyReader, sizes: Sizes) -> Architecture:
-    """DeepSeek-V3 / R1, Moonlight, Kimi K2 (transformers' DeepseekV3): Llama's blocks with Multi-head Latent
-    Attention (:mod:`ferrum.arch.mla`): rope on the qk_rope_head_dim dims of each q/k head, DeepSeek's adjacent pairs
-    where rope_interleave, the softmax scale ``1/sqrt(qk_nope + qk_rope)`` times ``mscale(factor,
-    mscale_all_dim)**2`` under a rope scaling that sets mscale_all_dim; the sparse MLPs (grouped sigmoid routing, an
-    ungated shared expert, the first first_k_dense_replace layers dense) are :func:`ferrum.moe.spec.with_moe`'s."""
+    """DeepSeek-V3 / R1, Moonlight, Kimi K2 (transformers' DeepseekV3): :func:`_latent_attention`, DeepSeek's adjacent
+    rope pairs where rope_interleave (null: rotate-half); the sparse MLPs (grouped sigmoid routing, an ungated shared
+    expert, the first first_k_dense_replace layers dense) are :func:`ferrum.moe.spec.with_moe`'s."""
+    return _latent_attention(r, sizes, interleaved=bool(r("rope_interleave")))
+
+
+def _deepseek_v2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """DeepSeek-V2, V2-Lite, V2.5, DeepSeek-Coder-V2 (transformers' DeepseekV2): :func:`_latent_attention` with rope
+    always in adjacent pairs (transformers' complex form views dims 2j, 2j+1 as one complex number; the q and k it
+    rotates stay in that layout, which leaves their products as V3's interleaved rope does); the sparse MLPs (softmax
+    routing, an ungated shared expert, the first first_k_dense_replace layers dense) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    return _latent_attention(r, sizes, interleaved=True)
+
+
+def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool) -> Architecture:
+    """Llama's blocks with Multi-head Latent Attention (:mod:`ferrum.arch.mla`): rope on the qk_rope_head_dim dims of
+    each q/k head, the softmax scale ``1/sqrt(qk_nope + qk_rope)`` times ``mscale(factor, mscale_all_dim)**2`` under
+    a rope scaling that sets mscale_all_dim."""
     key, spec = _rope_spec(r)
     if spec.get("partial_rotary_factor") not in (None, 1, 1.0):
         r.fail(key, f"sets partial_rotary_factor {spec['partial_rotary_factor']!r}; latent attention rotates "
                     "qk_rope_head_dim dims of each head, which Ferrum does not combine with it", unsupported=True)
     rotary = r("qk_rope_head_dim")
     rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=rotary)
-    rope = replace(rope, interleaved=bool(r("rope_interleave")))  # null: transformers' rotate-half
+    rope = replace(rope, interleaved=interleaved)
     r("hidden_act")
     r("partial_rotary_factor")
     scale = 1.0 / math.sqrt(sizes.head_dim)
@@ -541,7 +566,7 @@ def _deepseek_v3(r: KeyReader, sizes: Sizes) -> Architecture:
         norms=LLAMA_NORMS,
         attn_scale=scale,
         mla=mla,
-        mtp_layers=r("num_nextn_predict_layers") or 0,
+        mtp_layers=r.get("num_nextn_predict_layers") or 0,
     )
 
 
@@ -1284,17 +1309,20 @@ FAMILIES: dict[str, Family] = {
         eps_default=1e-5,
     ),
     "deepseek_v3": Family(  # DeepSeek-V3 / R1, Moonlight, Kimi K2: latent attention, grouped sigmoid routing
-        _keys(_core(False), _ROPE, _SILU, (
-            Key("q_lora_rank", default=1536, check=optional_size(1 << 17)),  # null: a plain q_proj
-            Key("kv_lora_rank", default=512, check=size(1 << 17)),
-            Key("qk_nope_head_dim", default=128, check=size(4096)),
-            Key("qk_rope_head_dim", default=64, check=size(4096)),
-            Key("v_head_dim", default=128, check=size(4096)),
+        _keys(_core(False), _ROPE, _SILU, _MLA, (
             Key("rope_interleave", default=True, check=boolean),
-            Key("attention_bias", default=False, check=boolean),
             Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
         ), MOE_KEYS["deepseek_v3"]),
         with_moe("deepseek_v3", _deepseek_v3),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+    "deepseek_v2": Family(  # DeepSeek-V2, V2-Lite, V2.5, Coder-V2: latent attention, softmax routing
+        _keys(_core(False), _ROPE, _SILU, _MLA, (
+            Key("mlp_bias", default=False, unsupported=True, check=falsy(
+                "no DeepSeek-V2 release has MLP biases; load a checkpoint without them")),
+        ), MOE_KEYS["deepseek_v2"]),
+        with_moe("deepseek_v2", _deepseek_v2),
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
     ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ferrum.moe.experts import PlacedExperts
-from ferrum.moe.routing import GroupedSigmoid, Sparsemixer
+from ferrum.moe.routing import GroupedRouting, Sparsemixer
 
 
 class MoeMLP:
@@ -17,7 +17,7 @@ class MoeMLP:
     ``moe_experts`` (Qwen2-MoE), or, without a gate, added to the routed
     experts' sum in the compute dtype (GLM-4.5, as transformers adds it).
     ``routing`` is None for softmax routing, else the layer's
-    :class:`~ferrum.moe.routing.GroupedSigmoid` or ``Sparsemixer``, handed to ``route`` (the
+    :class:`~ferrum.moe.routing.GroupedRouting` or ``Sparsemixer``, handed to ``route`` (the
     backend's ``moe_route`` where it takes that argument, else the core's).
     ``router_dtype`` "float32" casts the router's input up to its float32
     weight (DeepSeek's and GLM's routers, as transformers runs them).
@@ -28,7 +28,7 @@ class MoeMLP:
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
                  shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
-                 routing: GroupedSigmoid | Sparsemixer | None = None, route: Callable[..., Any] | None = None,
+                 routing: GroupedRouting | Sparsemixer | None = None, route: Callable[..., Any] | None = None,
                  router_dtype: str | None = None):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize

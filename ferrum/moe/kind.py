@@ -8,12 +8,12 @@ from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
 from ferrum.moe.experts import PlacedExperts
 from ferrum.moe.loading import SWITCH
-from ferrum.moe.routing import CORRECTION_BIAS, GroupedSigmoid, Sparsemixer
+from ferrum.moe.routing import CORRECTION_BIAS, GROUPED_RULES, NOAUX_TC, GroupedRouting, GroupRule, Sparsemixer
 
 
 class Moe:
-    """Router ``M.gate`` (or ``MoeSpec.router``), with ``M.gate.e_score_correction_bias`` under grouped sigmoid
-    routing (GLM-4.5), the experts stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see
+    """Router ``M.gate`` (or ``MoeSpec.router``), with ``M.gate.e_score_correction_bias`` under a grouped rule
+    that has one (GLM-4.5, DeepSeek-V3), the experts stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see
     :mod:`ferrum.moe.loading`) with their biases where ``MoeSpec.biased``, and the shared expert: Qwen2-MoE's
     ``M.shared_expert.*`` with ``M.shared_expert_gate``, GLM-4.5's ungated ``M.shared_experts.*``."""
 
@@ -26,7 +26,8 @@ class Moe:
         if spec.biased:
             shapes[f"{m}.{spec.router}.bias"] = (e,)
             shapes.update({f"{m}.switch_mlp.{p}.bias": (e, size) for p, size in zip(SWITCH, (inter, inter, h))})
-        if spec.routing == "sigmoid_grouped":
+        rule = GROUPED_RULES.get(spec.routing)
+        if rule is not None and rule.corrected:
             shapes[f"{m}.{spec.router}.{CORRECTION_BIAS}"] = (e,)
         if spec.shared_expert_size:
             s, shared = spec.shared_expert_size, f"{m}.{spec.shared_module}"
@@ -67,11 +68,11 @@ class Moe:
             shared = tuple(linear(f"{m}.{spec.shared_module}.{p}") for p in SWITCH)
             shared_gate = None if spec.shared_gate is None else linear(f"{m}.{spec.shared_gate}")
         routing = route = None
-        if spec.routing == "sigmoid_grouped":
-            routing = GroupedSigmoid(spec.n_group, spec.topk_group, spec.routed_scale,
-                                     tensor(f"{m}.{spec.router}.{CORRECTION_BIAS}"))
-            # a backend's own moe_route that does not take ``routing`` would route by softmax: the core's instead
-            route = None if ops.accepts("moe_route", "routing") else ops.fallback["moe_route"]
+        rule = GROUPED_RULES.get(spec.routing)
+        if rule is not None:
+            bias = tensor(f"{m}.{spec.router}.{CORRECTION_BIAS}") if rule.corrected else None
+            routing = GroupedRouting(spec.n_group, spec.topk_group, spec.routed_scale, bias, rule)
+            route = None if routes_natively(ops, rule) else ops.fallback["moe_route"]
         elif spec.routing == "sparsemixer":  # no backend op takes it: the core's host reference routes it
             routing, route = Sparsemixer(spec.jitter_eps), ops.fallback["moe_route"]
         elif spec.routing != "softmax":
@@ -82,3 +83,11 @@ class Moe:
         router_dtype = "float32" if spec.router_float32 and router.apply is ops.linear else None
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
                       router_dtype)
+
+
+def routes_natively(ops: Any, rule: GroupRule) -> bool:
+    """Whether the backend's own ``moe_route`` runs ``rule``: it takes ``routing`` (else it would route by softmax),
+    and knows the rule (API 1.12 handed only :data:`NOAUX_TC`; 1.13 added ``GroupedRouting.rule``)."""
+    from ferrum.backends import declared_version  # imported here: ferrum.backends loads the plugins
+
+    return ops.accepts("moe_route", "routing") and (rule == NOAUX_TC or declared_version(ops.info) >= (1, 13))

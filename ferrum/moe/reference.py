@@ -8,19 +8,20 @@ import numpy as np
 
 from ferrum.moe.activation import ClampedSwiGLU
 from ferrum.moe.experts import HostExperts, ReferenceStack
-from ferrum.moe.routing import GroupedSigmoid, Sparsemixer, route, route_grouped, route_sparsemixer
+from ferrum.moe.routing import GroupedRouting, Sparsemixer, route, route_grouped, route_sparsemixer
 
 
 def moe_route(ops: Any, logits: Any, shared_logit: Any, top_k: int, normalize: bool,
-              routing: GroupedSigmoid | Sparsemixer | None = None) -> tuple[Any, Any]:
+              routing: GroupedRouting | Sparsemixer | None = None) -> tuple[Any, Any]:
     host = ops.to_numpy(logits)
     if routing is None:
         ids, weights = route(host, top_k, normalize)
     elif isinstance(routing, Sparsemixer):
         ids, weights = route_sparsemixer(host, routing.jitter_eps)
     else:
-        ids, weights = route_grouped(host, ops.to_numpy(routing.bias), top_k, routing.n_group, routing.topk_group,
-                                     normalize, routing.scale)
+        bias = None if routing.bias is None else ops.to_numpy(routing.bias)
+        ids, weights = route_grouped(host, bias, top_k, routing.n_group, routing.topk_group, normalize, routing.scale,
+                                     routing.rule)
     if shared_logit is not None:
         gate = ops.to_numpy(shared_logit).astype(np.float32).reshape(-1, 1)
         weights = np.concatenate([weights, 1.0 / (1.0 + np.exp(-gate))], axis=1)

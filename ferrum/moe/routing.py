@@ -20,11 +20,13 @@ Dtype. The weights stay float32 up to the weighted sum. transformers' Qwen
 routers round them to the compute dtype first: identical in float32, within
 one rounding of each weight in bfloat16.
 
-Grouped sigmoid routing (:class:`GroupedSigmoid`, ``MoeSpec.routing``
-``"sigmoid_grouped"``: GLM-4.5 / 4.6, DeepSeek-V3's "noaux_tc") is another
-rule, :func:`route_grouped`; a backend's ``moe_route`` runs it only if its
-signature takes the ``routing`` argument, else the model calls this host
-reference for it.
+Grouped routing (:class:`GroupedRouting`, :func:`route_grouped`) is another
+family of rules, told apart by a :class:`GroupRule`: DeepSeek-V3's "noaux_tc"
+(``MoeSpec.routing`` ``"sigmoid_grouped"``: GLM-4.5 / 4.6, DeepSeek-V3, Kimi K2)
+and DeepSeek-V2's "group_limited_greedy" (``"softmax_grouped"``). A backend's
+``moe_route`` runs it only if its signature takes the ``routing`` argument (and,
+for rules other than "noaux_tc", its plugin declares API 1.13), else the model
+calls this host reference for it.
 """
 
 from __future__ import annotations
@@ -56,46 +58,85 @@ def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, 
 CORRECTION_BIAS = "e_score_correction_bias"
 
 
+@dataclass(frozen=True)
+class GroupRule:
+    """What tells one grouped routing rule from another (see :func:`route_grouped`)."""
+
+    scoring: str  # "sigmoid" or "softmax" of the router logits, in float32
+    group_score: str  # "top2_sum": a group's two best choice values summed; "max": its best one
+    corrected: bool  # a per-expert correction bias (CORRECTION_BIAS) is added to the scores to choose
+    masked: float  # what the experts of dropped groups score when the top_k are chosen
+
+    @property
+    def min_group(self) -> int:
+        """The experts a group needs for its score."""
+        return 2 if self.group_score == "top2_sum" else 1
+
+
+#: DeepSeek-V3's "noaux_tc" (transformers' ``DeepseekV3TopkRouter``, ``Glm4MoeTopkRouter``).
+NOAUX_TC = GroupRule("sigmoid", "top2_sum", corrected=True, masked=float("-inf"))
+#: DeepSeek-V2's "group_limited_greedy" (transformers' ``DeepseekV2TopkRouter``): dropped groups' experts score 0,
+#: below every kept probability; "greedy" is the same rule with one group.
+GROUP_LIMITED_GREEDY = GroupRule("softmax", "max", corrected=False, masked=0.0)
+#: ``MoeSpec.routing`` -> its grouped rule.
+GROUPED_RULES = {"sigmoid_grouped": NOAUX_TC, "softmax_grouped": GROUP_LIMITED_GREEDY}
+
+
 @dataclass(frozen=True, eq=False)
-class GroupedSigmoid:
-    """One sparse layer's grouped sigmoid routing, as ``moe_route``'s ``routing`` argument receives it
-    (transformers' ``DeepseekV3TopkRouter``, which ``Glm4MoeTopkRouter`` is): see :func:`route_grouped`.
+class GroupedRouting:
+    """One sparse layer's grouped routing, as ``moe_route``'s ``routing`` argument receives it: see
+    :func:`route_grouped`.
 
     ``bias`` is the layer's ``e_score_correction_bias``, a float32 ``[E]`` backend array (``from_numpy``),
-    kept in float32 whatever the compute dtype, as transformers keeps it."""
+    kept in float32 whatever the compute dtype, as transformers keeps it; None where ``rule`` is not
+    ``corrected``."""
 
     n_group: int
     topk_group: int
     scale: float  # routed_scaling_factor
     bias: Any
+    rule: GroupRule = NOAUX_TC
 
 
-def route_grouped(logits: np.ndarray, bias: np.ndarray, top_k: int, n_group: int, topk_group: int,
-                  normalize: bool, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids int32 [T, k], weights float32 [T, k])`` by DeepSeek-V3's "noaux_tc" rule, every step in float32:
+#: API 1.12's name of :class:`GroupedRouting`, whose rule was always :data:`NOAUX_TC`.
+GroupedSigmoid = GroupedRouting
 
-    1. ``scores = sigmoid(logits)``; ``choice = scores + bias`` (the per-expert correction bias);
+
+def route_grouped(logits: np.ndarray, bias: np.ndarray | None, top_k: int, n_group: int, topk_group: int,
+                  normalize: bool, scale: float, rule: GroupRule = NOAUX_TC) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32 [T, k], weights float32 [T, k])`` by a grouped rule, every step in float32:
+
+    1. ``scores`` are the ``rule.scoring`` (sigmoid, or softmax over the experts) of the logits; ``choice`` is
+       ``scores + bias`` (the per-expert correction bias) where ``rule.corrected``, else ``scores``;
     2. the experts split into ``n_group`` consecutive groups of ``E / n_group``; a group's score is the sum of
-       its two largest ``choice`` values (so a group needs at least two experts);
+       its two largest ``choice`` values ("top2_sum", DeepSeek-V3) or its largest ("max", DeepSeek-V2);
     3. the ``topk_group`` best groups are kept (``torch.topk``, ties as on the CPU), the other groups'
-       experts masked to ``-inf``; with ``n_group == 1`` nothing is masked;
-    4. the ``top_k`` largest ``choice`` values among the kept experts pick the experts (``torch.topk``
-       again; ``top_k`` must not exceed the kept experts, which the config check ensures);
-    5. the weights are the chosen experts' *uncorrected* ``scores`` (the bias only chooses), divided by
+       experts set to ``rule.masked`` (-inf; 0 under softmax); with ``n_group == 1`` nothing is masked;
+    4. the ``top_k`` largest ``choice`` values pick the experts (``torch.topk`` again; ``top_k`` must not
+       exceed the kept experts, which the config check ensures);
+    5. the weights are the chosen experts' *uncorrected* ``scores`` (the bias only chooses; a dropped expert
+       chosen in a tie, which only a 0 of ``rule.masked`` allows, weighs 0), divided by
        ``their sum + 1e-20`` when ``normalize``, then multiplied by ``scale`` (routed_scaling_factor).
     """
-    scores = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float32)))
-    choice = scores + np.asarray(bias, dtype=np.float32).reshape(1, -1)
+    logits = np.asarray(logits, dtype=np.float32)
+    scores = _softmax_f32(logits) if rule.scoring == "softmax" else 1.0 / (1.0 + np.exp(-logits))
+    choice = scores + np.asarray(bias, dtype=np.float32).reshape(1, -1) if rule.corrected else scores
     tokens, experts = choice.shape
     if n_group > 1:
         grouped = choice.reshape(tokens, n_group, experts // n_group)
-        top2 = -np.sort(-grouped, axis=-1)[..., :2]
-        group_scores = top2[..., 0] + top2[..., 1]
+        if rule.group_score == "max":
+            group_scores = grouped.max(axis=-1)
+        else:
+            top2 = -np.sort(-grouped, axis=-1)[..., :2]
+            group_scores = top2[..., 0] + top2[..., 1]
         kept = np.zeros((tokens, n_group), dtype=bool)
         np.put_along_axis(kept, _topk_ids(group_scores, topk_group), True, axis=-1)
-        choice = np.where(np.repeat(kept, experts // n_group, axis=1), choice, np.float32(-np.inf))
+        kept = np.repeat(kept, experts // n_group, axis=1)
+        choice = np.where(kept, choice, np.float32(rule.masked))
     ids = _topk_ids(choice, top_k)
     weights = np.take_along_axis(scores, ids, axis=-1)
+    if n_group > 1:  # a dropped expert picked in a tie with its 0 (softmax underflow) weighs that 0
+        weights = np.where(np.take_along_axis(kept, ids, axis=-1), weights, np.float32(0.0))
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(1e-20))
     weights = weights * np.float32(scale)

@@ -6,11 +6,12 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, optional_non_negative_int, optional_positive_int, positive_int, positive_number,
+    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, positive_int,
+    positive_number,
 )
 from ferrum.arch.spec import Architecture
 from ferrum.moe.activation import ClampedSwiGLU
-from ferrum.moe.routing import CORRECTION_BIAS
+from ferrum.moe.routing import CORRECTION_BIAS, GROUPED_RULES
 
 #: model_type -> (checkpoint module of the sparse MLP, expert matrix names as (gate, up, down)).
 LAYOUT = {
@@ -25,6 +26,7 @@ LAYOUT = {
     "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "phimoe": ("block_sparse_moe", ("w1", "w3", "w2")),
     "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
+    "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -58,7 +60,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "qwen3_vl_moe": ("num_local_experts", "num_experts"),
                 "glm4_moe": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "deepseek_v3": ("n_routed_experts", "num_local_experts"), "phimoe": ("num_local_experts",),
-                "granitemoeshared": ("num_local_experts",)}
+                "granitemoeshared": ("num_local_experts",), "deepseek_v2": ("n_routed_experts", "num_experts")}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -82,6 +84,27 @@ def _grouped_sigmoid_keys(family: str, moe_size: int, scale: float, n_group: int
             Key("first_k_dense_replace", default=dense, check=_non_negative_int))
 
 
+#: DeepSeek's own code makes layer i sparse where i % moe_layer_freq == 0 too; transformers reads every layer from
+#: first_k_dense_replace on as sparse, and every release sets 1.
+_MOE_LAYER_FREQ = Key("moe_layer_freq", default=1, unsupported=True, check=one_of(1))
+#: DeepSeek-V2's routing keys, with transformers' DeepseekV2Config defaults (num_experts_per_tok has none).
+_DEEPSEEK_V2 = (
+    *_COUNT["deepseek_v2"], Key("num_experts_per_tok", check=positive_int),
+    Key("moe_intermediate_size", default=1407, check=positive_int),
+    Key("n_shared_experts", default=2, check=positive_int),
+    Key("routed_scaling_factor", default=1.0, check=positive_number),
+    Key("topk_method", default="greedy", unsupported=True, check=one_of("greedy", "group_limited_greedy")),
+    Key("n_group", check=optional_positive_int), Key("topk_group", check=optional_positive_int),
+    Key("first_k_dense_replace", default=0, check=_non_negative_int), _MOE_LAYER_FREQ,
+    # transformers' DeepseekV2 ignores these two; DeepSeek's code divides the top-k weights by their sum
+    # (instead of scaling them) under norm_topk_prob and runs softmax scoring only: no release sets either
+    Key("norm_topk_prob", default=False, unsupported=True, check=falsy(
+        "transformers ignores it and DeepSeek's code normalizes the top-k weights instead of scaling them; set it "
+        "to false to run the model as transformers does")),
+    Key("scoring_func", default="softmax", unsupported=True, check=one_of("softmax")),
+)
+
+
 #: Per family: the MoE keys (transformers' defaults) that change the math.
 KEYS: dict[str, tuple[Key, ...]] = {
     "mixtral": (*_COUNT["mixtral"], Key("num_experts_per_tok", default=2, check=positive_int)),
@@ -100,8 +123,9 @@ KEYS: dict[str, tuple[Key, ...]] = {
                 Key("swiglu_limit", default=7.0, check=positive_number)),
     # DeepSeek-V3's routing, with transformers' Glm4MoeConfig and DeepseekV3Config defaults
     "glm4_moe": _grouped_sigmoid_keys("glm4_moe", moe_size=1408, scale=1.0, n_group=1, topk_group=1, dense=1),
-    "deepseek_v3": _grouped_sigmoid_keys("deepseek_v3", moe_size=2048, scale=2.5, n_group=8, topk_group=4,
-                                         dense=3),
+    "deepseek_v3": (*_grouped_sigmoid_keys("deepseek_v3", moe_size=2048, scale=2.5, n_group=8, topk_group=4,
+                                           dense=3), _MOE_LAYER_FREQ),
+    "deepseek_v2": _DEEPSEEK_V2,
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -109,7 +133,7 @@ KEYS: dict[str, tuple[Key, ...]] = {
 }
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
-                  "granitemoeshared": 8}
+                  "granitemoeshared": 8, "deepseek_v2": 64}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
@@ -149,9 +173,10 @@ class MoeSpec:
     #: routed experts' sum as it is (GLM-4.5's ``shared_experts``)
     shared_module: str = "shared_expert"
     shared_gate: str | None = "shared_expert_gate"
-    #: The routing rule: "softmax" (ferrum.moe.routing.route), "sigmoid_grouped" (DeepSeek-V3's, GLM-4.5's:
-    #: ferrum.moe.routing.route_grouped, with ``n_group``, ``topk_group``, ``routed_scale`` and each layer's
-    #: ``<router>.e_score_correction_bias``) or "sparsemixer" (Phi-3.5-MoE's: route_sparsemixer, ``jitter_eps``)
+    #: The routing rule: "softmax" (ferrum.moe.routing.route), a grouped one (ferrum.moe.routing.GROUPED_RULES:
+    #: "sigmoid_grouped", DeepSeek-V3's and GLM-4.5's, with each layer's ``<router>.e_score_correction_bias``;
+    #: "softmax_grouped", DeepSeek-V2's), run by ferrum.moe.routing.route_grouped with ``n_group``,
+    #: ``topk_group`` and ``routed_scale``, or "sparsemixer" (Phi-3.5-MoE's: route_sparsemixer, ``jitter_eps``)
     routing: str = "softmax"
     n_group: int = 1
     topk_group: int = 1
@@ -169,19 +194,31 @@ class MoeSpec:
         return ("biases",) * self.biased + ("activation",) * (self.activation is not None)
 
 
-#: Families routed by DeepSeek-V3's grouped sigmoid rule, with an ungated shared expert of ``n_shared_experts``
+#: Families routed by a grouped rule (``MoeSpec.routing``), with an ungated shared expert of ``n_shared_experts``
 #: times the routed experts' width and dense MLPs on the first ``first_k_dense_replace`` layers.
-_SIGMOID_GROUPED = ("glm4_moe", "deepseek_v3")
+_GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped"}
 
 
-def _sigmoid_grouped(r: KeyReader, module: str, names: tuple[str, str, str], count: int, top_k: int,
-                     layers: int) -> tuple[MoeSpec, list[bool]]:
-    """DeepSeek-V3's and GLM-4.5's sparse MLPs (transformers' ``DeepseekV3MoE``, ``Glm4MoeMoE``); refuses groupings
-    their router cannot run."""
-    groups, kept = r("n_group"), r("topk_group")
+def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
+    """``(n_group, topk_group)``; DeepSeek-V2's "greedy" topk_method ignores both (one group)."""
+    if routing == "softmax_grouped" and r("topk_method") == "greedy":
+        return 1, 1
+    for name in ("n_group", "topk_group"):
+        if r(name) is None:
+            r.fail(name, f"must be set with topk_method {r('topk_method')!r}, got None")
+    return r("n_group"), r("topk_group")
+
+
+def _grouped(r: KeyReader, routing: str, module: str, names: tuple[str, str, str], count: int, top_k: int,
+             layers: int) -> tuple[MoeSpec, list[bool]]:
+    """DeepSeek-V2's, DeepSeek-V3's and GLM-4.5's sparse MLPs (transformers' ``DeepseekV2Moe``, ``DeepseekV3MoE``,
+    ``Glm4MoeMoE``); refuses groupings their router cannot run. DeepSeek-V2's rule with one group and no scaling
+    is the plain softmax rule, which backends run themselves."""
+    rule = GROUPED_RULES[routing]
+    groups, kept = _groups(r, routing)
     if count % groups:
         r.fail("n_group", f"({groups}) must divide the {count} routed experts (n_routed_experts) into equal groups")
-    if count // groups < 2:
+    if count // groups < rule.min_group:
         r.fail("n_group", f"({groups}) leaves {count // groups} expert per group; a group's score sums its two best "
                           "experts, so each group needs at least two")
     if kept > groups:
@@ -189,11 +226,13 @@ def _sigmoid_grouped(r: KeyReader, module: str, names: tuple[str, str, str], cou
     if top_k > kept * (count // groups):
         r.fail("num_experts_per_tok", f"({top_k}) exceeds the {kept * (count // groups)} experts of the {kept} "
                                       f"group(s) topk_group keeps")
-    first_sparse = r("first_k_dense_replace")
+    first_sparse, scale = r("first_k_dense_replace"), float(r("routed_scaling_factor"))
+    if not rule.corrected and groups == 1 and scale == 1.0:
+        routing = "softmax"
     spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
                    r("moe_intermediate_size") * r("n_shared_experts"), shared_module="shared_experts",
-                   shared_gate=None, routing="sigmoid_grouped", n_group=groups, topk_group=kept,
-                   routed_scale=float(r("routed_scaling_factor")), router_float32=True)
+                   shared_gate=None, routing=routing, n_group=groups, topk_group=kept, routed_scale=scale,
+                   router_float32=True)
     return spec, [i >= first_sparse for i in range(layers)]
 
 
@@ -208,8 +247,8 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts")
         module, names = LAYOUT[model_type]
         layers = sizes.num_layers
-        if model_type in _SIGMOID_GROUPED:
-            spec, sparse = _sigmoid_grouped(r, module, names, count, top_k, layers)
+        if model_type in _GROUPED:
+            spec, sparse = _grouped(r, _GROUPED[model_type], module, names, count, top_k, layers)
         elif model_type in _EVERY_LAYER:
             extras = {"shared_expert_size": None, **_EXPERT_EXTRAS.get(model_type, lambda r: {})(r)}
             spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r),
@@ -224,7 +263,7 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), normalize, shared, **extras)
         arch = replace(arch, moe=spec, layers=tuple(
             replace(layer, mlp="moe") if moe else layer for layer, moe in zip(arch.layers, sparse)))
-        if spec.routing == "sigmoid_grouped":  # the router's correction bias stays float32, as transformers keeps it
+        if spec.routing in GROUPED_RULES and GROUPED_RULES[spec.routing].corrected:  # float32, as transformers keeps it
             arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.router}.{CORRECTION_BIAS}"))
         if spec.router_float32:
             arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.router}.weight"))

@@ -548,20 +548,23 @@ def check_quantized_embedding(c: _Context, bits: int, group_size: int, tol: floa
     return _compare(c.get(placed.embedding(placed.weight, c.put_int(ids))), dequantize(weight)[ids], tol)
 
 
-def check_moe_route_grouped(c: _Context) -> float:
-    """Grouped sigmoid routing (API 1.12's ``routing``: GLM-4.5, DeepSeek-V3) of random logits with a correction
-    bias that changes the choice, 16 experts in 4 groups, 2 kept, 3 chosen, against the host rule; through the
-    plugin's ``moe_route`` where it takes ``routing``, else the core's fallback the model would use."""
-    from ferrum.moe.routing import GroupedSigmoid, route_grouped
+def check_moe_route_grouped(c: _Context, softmax: bool = False) -> float:
+    """Grouped routing (API 1.12's ``routing``) of random logits, 16 experts in 4 groups, 2 kept, 3 chosen,
+    against the host rule: DeepSeek-V3's (GLM-4.5's) sigmoid rule with a correction bias that changes the choice
+    and normalized weights, or (``softmax``) DeepSeek-V2's, unnormalized; through the plugin's ``moe_route`` where
+    the model would call it, else the core's fallback."""
+    from ferrum.moe.kind import routes_natively
+    from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC, GroupedRouting, route_grouped
 
     rng = np.random.default_rng(2)
     logits = c.rounded(rng.standard_normal((9, 16), dtype=np.float32) * 2)
-    bias = rng.standard_normal(16).astype(np.float32) * 0.3
-    routing = GroupedSigmoid(4, 2, 2.5, c.ops.from_numpy(bias, "float32"))
-    route = c.ops.moe_route if c.ops.accepts("moe_route", "routing") else c.ops.fallback["moe_route"]
-    ids, weights = route(c.put(logits), None, 3, True, routing)
+    rule, normalize, scale = (GROUP_LIMITED_GREEDY, False, 16.0) if softmax else (NOAUX_TC, True, 2.5)
+    bias = rng.standard_normal(16).astype(np.float32) * 0.3 if rule.corrected else None
+    routing = GroupedRouting(4, 2, scale, None if bias is None else c.ops.from_numpy(bias, "float32"), rule)
+    route = c.ops.moe_route if routes_natively(c.ops, rule) else c.ops.fallback["moe_route"]
+    ids, weights = route(c.put(logits), None, 3, normalize, routing)
     ids, weights = c.get(ids).astype(np.int64), c.get(weights)
-    ref_ids, ref_weights = route_grouped(logits, bias, 3, 4, 2, True, 2.5)
+    ref_ids, ref_weights = route_grouped(logits, bias, 3, 4, 2, normalize, scale, rule)
     order, ref_order = np.argsort(ids, axis=1), np.argsort(ref_ids, axis=1)
     if not np.array_equal(np.take_along_axis(ids, order, 1), np.take_along_axis(ref_ids, ref_order, 1)):
         raise AssertionError(f"chose experts {ids.tolist()}, expected {ref_ids.tolist()}")
@@ -698,7 +701,11 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
 
     gpt_oss_native = all(ops.accepts("moe_experts", arg) for arg in ("biases", "activation"))
     gpt_oss_experts = source("moe_experts") if gpt_oss_native else "core fallback"
-    grouped_route = source("moe_route") if ops.accepts("moe_route", "routing") else "core fallback"
+    from ferrum.moe.kind import routes_natively
+    from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC
+
+    grouped_route, softmax_route = (source("moe_route") if routes_natively(ops, rule) else "core fallback"
+                                    for rule in (NOAUX_TC, GROUP_LIMITED_GREEDY))
     checks: list[tuple[str, Callable[[], float | None], float | None]] = [
         ("backend_info", lambda: check_backend_info(c), None),
         ("from_numpy / to_numpy / cast", lambda: check_host_round_trip(c), 0.0),
@@ -713,6 +720,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         (f"moe_route ({source('moe_route')})", lambda: check_moe_route(c), 1e-5),
         (f"moe_route, unnormalized ({source('moe_route')})", lambda: check_moe_route(c, normalize=False), 1e-5),
         (f"moe_route, grouped sigmoid ({grouped_route})", lambda: check_moe_route_grouped(c), 1e-5),
+        (f"moe_route, grouped softmax ({softmax_route})", lambda: check_moe_route_grouped(c, softmax=True), 1e-5),
         (f"moe_experts, all tokens on one pair ({source('moe_experts')})",
          lambda: check_moe_experts(c, False, tol), tol),
         (f"moe_experts, spread evenly ({source('moe_experts')})", lambda: check_moe_experts(c, True, tol), tol),

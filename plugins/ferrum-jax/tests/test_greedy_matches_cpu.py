@@ -61,3 +61,21 @@ def test_deepseek_v3_greedy_tokens_equal_the_cpu_backends(tmp_path):
     folder = write_random_checkpoint(tmp_path / "dsv3", DEEPSEEK_V3, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert got == want
+
+
+#: DeepSeek-V2's layout: latent attention with a plain q_proj (V2-Lite's), rope in adjacent pairs, over softmax
+#: routing limited to the 2 of 4 groups holding the best experts, weights times routed_scaling_factor.
+DEEPSEEK_V2 = dict(
+    architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=64, intermediate_size=80,
+    moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=101,
+    q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+    num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared_experts=2,
+    first_k_dense_replace=1, routed_scaling_factor=16.0, max_position_embeddings=256, tie_word_embeddings=False,
+    rope_theta=10000.0, rms_norm_eps=1e-6,
+)
+
+
+def test_deepseek_v2_greedy_tokens_equal_the_cpu_backends(tmp_path):
+    folder = write_random_checkpoint(tmp_path / "dsv2", DEEPSEEK_V2, dtype="float32", std=0.2, seed=3)
+    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
+    assert got == want
