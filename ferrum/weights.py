@@ -21,7 +21,7 @@ from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
 from ferrum.quant import awq_gptq, float_modes, fp8
-from ferrum.quant.affine import QuantizedWeight
+from ferrum.quant.affine import QuantizedWeight, dequantize
 from ferrum.quant.config import AFFINE
 
 HostTensor = np.ndarray | QuantizedWeight
@@ -118,6 +118,9 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     heads = split_norm_parts(config, name) if name not in present else ()  # stacked already (a GGUF import's)
     if heads:
         return heads
+    split = _split_kv_b(config, name, present)
+    if split is not None:  # mlx-lm's embed_q and unembed_out, each dense or packed
+        return tuple(part for weight in split for part in _tensor_parts(checkpoint, present, config, weight))
     if config.arch.moe is not None and loading.is_expert_stack(name):
         return loading.expert_parts(present, config.arch.moe, name, loading.stack_mode(quant, config.arch.moe, name))
     if module != name and f"{module}.qweight" in present:
@@ -170,6 +173,11 @@ def _assemble(
 
     if config.arch.moe is not None and loading.is_expert_stack(name):  # a stack of experts, or their biases
         return loading.assemble_stack(name, parts, shape, config.arch.moe, config.quantization, where)
+    split = _split_kv_b(config, name, parts)
+    if split is not None:
+        halves = [_per_head(weight, parts, head_shape, config, where)
+                  for weight, head_shape in zip(split, config.arch.mla.split_shapes())]
+        return config.arch.mla.join_kv_b(*halves, where)
     module = name.removesuffix(".weight")
     if f"{module}.qweight" in parts:
         quant = config.quantization
@@ -216,6 +224,25 @@ def _assemble(
         return QuantizedWeight(array, scales, biases, *fmt)
     except Exception as exc:
         raise CheckpointError(f"{where}: {module}: {exc}") from exc
+
+
+def _split_kv_b(config: ModelConfig, name: str, present: Any) -> tuple[str, str] | None:
+    """mlx-lm's two weights that hold latent attention's ``kv_b_proj`` weight ``name`` (:mod:`ferrum.arch.mla`)."""
+    from ferrum.arch.mla import split_kv_b  # imported here: ferrum.arch reads this module
+
+    return None if config.arch.mla is None else split_kv_b(name, present)
+
+
+def _per_head(name: str, parts: dict[str, np.ndarray], shape: tuple[int, int, int], config: ModelConfig,
+              where: str) -> np.ndarray:
+    """One of mlx-lm's per-head ``MultiLinear`` weights, float32 ``shape`` ``[H, out, in]``: dense, or packed per head
+    along ``in``, read as the ``[H*out, in]`` matrix it packs and unpacked."""
+    module = name.removesuffix(".weight")
+    own = {part: array.reshape(-1, array.shape[-1]) if array.ndim == 3 else array
+           for part, array in parts.items() if part.rsplit(".", 1)[0] == module}
+    matrix = _assemble(name, own, (shape[0] * shape[1], shape[2]), config, where)
+    dense = dequantize(matrix) if isinstance(matrix, QuantizedWeight) else np.asarray(matrix, np.float32)
+    return dense.reshape(shape)
 
 
 #: Tensors older checkpoints saved from buffers that Ferrum recomputes: rotary inverse frequencies, and GPT-NeoX's

@@ -259,22 +259,75 @@ def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
     assert scaled_error(llm.model.forward_verify("mtp", TOKENS), reference_logits(model, TOKENS)) < 1e-4
 
 
-def test_mlx_lms_split_kv_b_proj_is_refused_by_name(checkpoints, tmp_path):
-    """mlx-lm's conversions store kv_b_proj as per-head embed_q and unembed_out: named as such, not as tensors
-    missing as if a shard were."""
-    import shutil
+# ------------------------------------------------------------------ mlx-lm's conversions
 
-    from safetensors.numpy import load_file, save_file
 
-    from ferrum.errors import UnsupportedFeatureError
+@pytest.fixture(scope="module")
+def mlx_lm_conversions(tmp_path_factory):
+    """A DeepSeek-V3 whose kv_b_proj halves mlx-lm packs at group size 32 (nope and kv_lora_rank 32 wide), and mlx-lm's
+    float and 4-bit conversions of it (kv_b_proj split into embed_q and unembed_out): (folder, model, {bits: out})."""
+    convert = pytest.importorskip("mlx_lm.convert")
+    from support import write_tokenizer
 
-    folder, _ = checkpoints["lora_q"]
-    copy = shutil.copytree(folder, tmp_path / "split")
-    tensors = load_file(copy / "model.safetensors")
-    for name in [n for n in tensors if n.endswith("self_attn.kv_b_proj.weight")]:
-        weight = tensors.pop(name)
-        tensors[name.replace("kv_b_proj", "embed_q")] = weight[:8]
-        tensors[name.replace("kv_b_proj", "unembed_out")] = weight[8:]
-    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(UnsupportedFeatureError, match="split into embed_q and unembed_out"):
-        ferrum.load(copy, backend="cpu")
+    source = tmp_path_factory.mktemp("mlx_source")
+    model = _randomized(dsv3_config(qk_nope_head_dim=32, kv_lora_rank=32, q_lora_rank=32, v_head_dim=16,
+                                    moe_intermediate_size=32, intermediate_size=96))
+    model.save_pretrained(source)
+    write_tokenizer(source, 120)
+    config = json.loads((source / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]  # the spelling mlx-lm reads
+    (source / "config.json").write_text(json.dumps(config))
+    converted = {}
+    for bits in (None, 4):
+        converted[bits] = tmp_path_factory.mktemp(f"mlx_{bits}") / "out"
+        convert.convert(str(source), str(converted[bits]), quantize=bits is not None, q_bits=bits or 4,
+                        q_group_size=32, dtype="float32")
+    return source, model, converted
+
+
+def _mlx_lm_run(folder, tokens: list[int], new: int) -> tuple[np.ndarray, list[int]]:
+    """mlx-lm's logits over ``tokens`` and its greedy continuation of ``new`` tokens."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    model = load_model(folder)[0]
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([tokens]), cache=cache)
+    full, greedy = np.array(logits.astype(mx.float32))[0], []
+    for _ in range(new):
+        greedy.append(int(mx.argmax(logits[0, -1])))
+        logits = model(mx.array([greedy[-1:]]), cache=cache)
+    return full, greedy
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(mlx_lm_conversions, backend, bits):
+    """mlx-lm's conversions, float or packed (embed_q and unembed_out 4-bit along their own last axes), joined back
+    into kv_b_proj: mlx-lm's logits and greedy tokens, and, float, those of the original checkpoint."""
+    from safetensors import safe_open
+
+    source, hf, converted = mlx_lm_conversions
+    folder = converted[bits]
+    with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
+        names = set(f.keys())
+    assert "model.layers.1.self_attn.embed_q.weight" in names and not any("kv_b_proj" in n for n in names)
+    assert ("model.layers.1.self_attn.embed_q.scales" in names) == (bits is not None)
+    assert ("model.layers.1.self_attn.unembed_out.scales" in names) == (bits is not None)
+    want, greedy = _mlx_lm_run(folder, TOKENS, 12)
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    assert_forward_and_decode_match(model, TOKENS, want)
+    (out,) = ferrum.load(folder, backend=backend, dtype="float32").run([TOKENS], max_tokens=12, temperature=0.0,
+                                                                      ignore_eos=True)
+    assert list(out.token_ids) == greedy
+    original = reference_logits(hf, TOKENS)
+    assert (scaled_error(want, original) < 1e-4) == (bits is None)  # 4 bits move the logits
+
+
+def test_ferrum_quantize_refuses_mlx_lms_split_by_name(mlx_lm_conversions, tmp_path):
+    """`ferrum quantize` reads kv_b_proj whole: mlx-lm's split is named, not reported as missing tensors."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    with pytest.raises(UnsupportedFeatureError, match="split into embed_q and unembed_out, as mlx-lm converts"):
+        quantize_checkpoint(mlx_lm_conversions[2][None], tmp_path / "q", bits=4, group_size=32)

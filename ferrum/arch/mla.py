@@ -30,17 +30,24 @@ How the pieces meet without any op beyond ``linear``, ``reshape``, ``add`` and `
 
 YaRN's attention factor multiplies cos and sin in transformers, i.e. the rope rows of q and of ``k_pe``: they are
 scaled at load. Its ``mscale_all_dim`` correction of the softmax scale is the family's ``attn_scale``.
+
+mlx-lm's DeepSeek-V3 (Kimi K2, Moonlight) conversions store each ``kv_b_proj`` split into two per-head
+``MultiLinear`` modules (its ``sanitize``): ``embed_q [H, kv_lora, nope]``, each head's key rows transposed, and
+``unembed_out [H, v, kv_lora]``, its value rows; quantized, each is packed along its own last axis (mlx-lm's
+``QuantizedMultiLinear``). They are joined back at load (:meth:`MlaSpec.join_kv_b`), in float: ``embed_q``'s groups
+run along ``nope``, across ``kv_b_proj``'s rows, so no packed ``kv_b_proj`` holds the same numbers. mlx-lm's
+DeepSeek-V2 keeps ``kv_b_proj`` whole.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ferrum.arch.rope import Rope
-from ferrum.errors import UnsupportedFeatureError
+from ferrum.errors import CheckpointError
 
 if TYPE_CHECKING:  # ferrum.weights reads the family table, which reads this module
     from ferrum.weights import Linear
@@ -51,6 +58,18 @@ LATENT_EPS = 1e-6
 
 #: The two halves of ``kv_a_proj_with_mqa`` once split at load: the latent's rows and the shared rope key's.
 LATENT, ROPE_KEY = "self_attn.kv_a_proj", "self_attn.kv_rope_proj"
+#: mlx-lm's split of ``kv_b_proj``: its per-head key rows (transposed) and value rows.
+SPLIT_KV_B = ("self_attn.embed_q", "self_attn.unembed_out")
+
+
+def split_kv_b(name: str, present: Any) -> tuple[str, str] | None:
+    """The weights of mlx-lm's two modules that hold ``kv_b_proj`` weight ``name``, where ``present`` (checkpoint
+    names) holds it split; else None."""
+    if not name.endswith(".self_attn.kv_b_proj.weight") or name in present:
+        return None
+    stem = name.removesuffix("self_attn.kv_b_proj.weight")
+    split = tuple(f"{stem}{module}.weight" for module in SPLIT_KV_B)
+    return split if all(weight in present for weight in split) else None
 
 
 @dataclass(frozen=True)
@@ -70,16 +89,18 @@ class MlaSpec:
         """The dims of a q (and cached k) head; the cache's value heads are zero-padded to it."""
         return self.nope + self.rope
 
-    @staticmethod
-    def check_stored(stored: Mapping[str, tuple[int, ...]], prefix: str) -> None:
-        """Refuse mlx-lm's conversions, which store each ``kv_b_proj`` split into per-head ``embed_q`` and
-        ``unembed_out`` (the rest would be named missing, as if a shard were)."""
-        split = f"{prefix}layers.0.self_attn.embed_q"
-        if f"{split}.weight" in stored and f"{prefix}layers.0.self_attn.kv_b_proj.weight" not in stored:
-            raise UnsupportedFeatureError(
-                f"this checkpoint stores each layer's kv_b_proj split into embed_q and unembed_out ({split}), as "
-                "mlx-lm converts DeepSeek-V3; Ferrum reads kv_b_proj, as Hugging Face stores it: load the float "
-                "checkpoint, or quantize it with `ferrum quantize` (mlx-lm loads that output too)")
+    def split_shapes(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """The shapes of mlx-lm's ``embed_q`` and ``unembed_out`` (:data:`SPLIT_KV_B`)."""
+        return (self.heads, self.kv_lora_rank, self.nope), (self.heads, self.v_head_dim, self.kv_lora_rank)
+
+    def join_kv_b(self, embed_q: np.ndarray, unembed_out: np.ndarray, where: str) -> np.ndarray:
+        """``kv_b_proj [H*(nope + v), kv_lora]`` from mlx-lm's float ``embed_q`` and ``unembed_out`` (the inverse of
+        its ``sanitize``)."""
+        for got, want, module in zip((embed_q, unembed_out), self.split_shapes(), SPLIT_KV_B):
+            if tuple(got.shape) != want:
+                raise CheckpointError(f"{where}: {module} is {tuple(got.shape)} but config.json implies {want} "
+                                      "(mlx-lm's split of kv_b_proj)")
+        return np.concatenate([embed_q.transpose(0, 2, 1), unembed_out], axis=1).reshape(-1, self.kv_lora_rank)
 
     def head_layout(self, rope: Rope) -> np.ndarray:
         """``[Dq]``: the checkpoint's dim (``< nope``: a nope dim; ``nope + i``: rope dim ``i``) at each position

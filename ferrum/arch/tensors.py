@@ -386,8 +386,6 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
             break
     if config.arch.transposed and _stored_untransposed(config, stored):
         config = replace(config, arch=replace(config.arch, transposed=False))
-    if config.arch.mla is not None:
-        config.arch.mla.check_stored(stored, config.arch.prefix)
     return config
 
 

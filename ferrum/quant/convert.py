@@ -238,6 +238,7 @@ def _quantizable(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
 def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int,
           config: Any) -> list[_Item]:
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
+    from ferrum.arch.mla import split_kv_b
     from ferrum.moe.loading import LAYOUTS, expert_parts, fused_half, is_expert_stack
     from ferrum.weights import split_norm_parts
 
@@ -249,6 +250,11 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         """The tensors ``name`` is read from: an MoE stack's experts, a norm stored a head a tensor, or itself."""
         if moe is not None and is_expert_stack(name):
             return expert_parts(present, moe, name)
+        if config.arch.mla is not None and split_kv_b(name, present):
+            raise UnsupportedFeatureError(
+                f"{checkpoint.folder} stores {name.removesuffix('kv_b_proj.weight')}kv_b_proj split into embed_q and "
+                "unembed_out, as mlx-lm converts DeepSeek-V3; `ferrum quantize` reads Hugging Face's kv_b_proj: run "
+                "this checkpoint as it is (Ferrum reads it), or quantize its Hugging Face original")
         heads = () if name in present else split_norm_parts(config, name)
         return heads or (name,)
 
