@@ -142,7 +142,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
         moe_tensors = {**MOE_BLOCK_TENSORS, **router, **(SHARED_EXPERT_TENSORS if arch.moe.shared else {})}
         block_tensors.update({name: f"{arch.moe.module}.{suffix}" for name, suffix in moe_tensors.items()})
     # the next-token-prediction layers (GLM-4.5's) the converter appends after the decoder's: not run, not read
-    layers = cfg["num_hidden_layers"]
+    layers = model_config.num_layers  # cfg spells it in the family's words (GPT-2's n_layer)
     prediction_layers = range(layers, layers + cfg.get("num_nextn_predict_layers", 0))
     plan: list[PlannedTensor] = []
     unknown: list[str] = []
