@@ -16,10 +16,12 @@ import ferrum
 from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
+from ferrum.hookspec import hookimpl
 from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.routing import route_grouped
 from support import (
-    assert_forward_and_decode_match, reference_logits, runnable_backends, scaled_error, with_prediction_layer,
+    assert_forward_and_decode_match, cpu_like_plugin, reference_logits, runnable_backends, scaled_error,
+    with_prediction_layer,
 )
 
 BACKENDS = runnable_backends()
@@ -110,15 +112,21 @@ def test_the_correction_bias_chooses_but_does_not_weigh():
     np.testing.assert_allclose(np.sort(weights[0]), np.sort(1 / (1 + np.exp(-logits[0, [0, 2]]))), rtol=1e-6)
 
 
-def test_a_moe_route_without_the_routing_argument_is_never_handed_it(checkpoints):
-    """The torch plugin's own moe_route knows softmax routing only: grouped layers route through the core's."""
-    if "cuda" not in BACKENDS:
-        pytest.skip("the torch backend is not installed")
-    ops = load_backend("cuda").ops
+@hookimpl
+def moe_route_knowing_softmax_only(logits, shared_logit, top_k, normalize):
+    raise AssertionError("a moe_route without the routing argument was handed a grouped layer")
+
+
+def test_a_moe_route_without_the_routing_argument_is_never_handed_it(checkpoints, registered):
+    """A plugin's own moe_route that knows softmax routing only: grouped layers route through the core's."""
+    registered("softmaxonly", cpu_like_plugin("softmaxonly", extra={"moe_route": moe_route_knowing_softmax_only}))
+    ops = load_backend("softmaxonly").ops
     assert "moe_route" in ops.native and not ops.accepts("moe_route", "routing")
-    model = DecoderOnlyLLM.from_pretrained(checkpoints["grouped"][0], backend="cuda", dtype="float32")
+    folder, hf = checkpoints["grouped"]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend="softmaxonly", dtype="float32")
     sparse = [layer.mlp for layer, spec in zip(model.layers, model.config.arch.layers) if spec.mlp == "moe"]
     assert sparse and all(mlp.route == model.ops.fallback["moe_route"] for mlp in sparse)
+    assert scaled_error(model.forward_verify("q", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
 
 
 # ------------------------------------------------------------------ whole models

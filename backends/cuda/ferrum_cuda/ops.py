@@ -1183,8 +1183,11 @@ def lora_apply(y, x, a, b, batch):
 
 
 @hookimpl
-def moe_route(logits, shared_logit, top_k, normalize):
-    # torch.topk itself, so ties break exactly as in transformers on the same device.
+def moe_route(logits, shared_logit, top_k, normalize, routing=None):
+    # torch.topk itself, so ties break exactly as in transformers on the same device. ``routing`` has a
+    # default: direct callers written before API 1.12 pass four arguments and mean softmax routing.
+    if routing is not None:
+        return _route_grouped(logits, top_k, normalize, routing)
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if normalize:
@@ -1192,6 +1195,24 @@ def moe_route(logits, shared_logit, top_k, normalize):
     if shared_logit is not None:
         weights = torch.cat([weights, torch.sigmoid(shared_logit.float())], dim=-1)
     return ids.to(torch.int32), weights
+
+
+def _route_grouped(logits, top_k, normalize, routing):
+    """DeepSeek-V3's grouped sigmoid routing (``ferrum.moe.routing.route_grouped``) as transformers'
+    ``DeepseekV3TopkRouter`` writes it, in float32 on the device: no host copy, so CUDA graphs capture it."""
+    scores = torch.sigmoid(logits.float())
+    choice = scores + routing.bias
+    if routing.n_group > 1:
+        tokens, experts = choice.shape
+        group_scores = choice.view(tokens, routing.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+        kept = torch.zeros_like(group_scores, dtype=torch.bool)
+        kept.scatter_(1, torch.topk(group_scores, routing.topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~kept.repeat_interleave(experts // routing.n_group, dim=1), float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids.to(torch.int32), weights * routing.scale
 
 
 class ExpertStack:
