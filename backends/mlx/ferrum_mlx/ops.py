@@ -819,17 +819,41 @@ def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, 
 
 
 # ------------------------------------------------------- mixture of experts
+def _top_ids(values, k):
+    """The columns of each row's ``k`` largest values. MLX has no ``torch.topk`` tie rule (ferrum.moe.routing):
+    ``argsort`` is stable (on the CPU at least), so boundary ties go to the lowest indices."""
+    return mx.argsort(-values, axis=-1)[:, :k]
+
+
 @hookimpl
-def moe_route(logits, shared_logit, top_k, normalize):
-    # Ties at the top-k boundary go to argsort's choice, not torch.topk's (ferrum.moe.routing).
+def moe_route(logits, shared_logit, top_k, normalize, routing=None):
+    if routing is not None:
+        return _route_grouped(logits, top_k, normalize, routing)
     probs = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
-    ids = mx.argsort(-probs, axis=-1)[:, :top_k]
+    ids = _top_ids(probs, top_k)
     weights = mx.take_along_axis(probs, ids, axis=-1)
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     if shared_logit is not None:
         weights = mx.concatenate([weights, mx.sigmoid(shared_logit.astype(mx.float32))], axis=-1)
     return ids.astype(mx.int32), weights
+
+
+def _route_grouped(logits, top_k, normalize, routing):
+    """DeepSeek-V3's grouped sigmoid routing (``ferrum.moe.routing.route_grouped``), in float32, lazily."""
+    scores = mx.sigmoid(logits.astype(mx.float32))
+    choice = scores + routing.bias
+    if routing.n_group > 1:
+        tokens, experts = choice.shape
+        group_scores = mx.topk(choice.reshape(tokens, routing.n_group, -1), 2, axis=-1).sum(axis=-1)
+        kept = mx.put_along_axis(mx.zeros(group_scores.shape, dtype=mx.bool_),
+                                 _top_ids(group_scores, routing.topk_group), mx.array(True), axis=-1)
+        choice = mx.where(mx.repeat(kept, experts // routing.n_group, axis=1), choice, -mx.inf)
+    ids = _top_ids(choice, top_k)
+    weights = mx.take_along_axis(scores, ids, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return ids.astype(mx.int32), weights * routing.scale
 
 
 @hookimpl
