@@ -1,7 +1,7 @@
 """The ops plugin object ``backend_load`` returns: every hook implementation of this package.
 
 Left to the core's reference compositions: ``embedding`` (a row gather either way) and the
-mixture-of-experts ops (``moe_route``, ``upload_experts``, ``moe_experts``).
+expert ops (``upload_experts``, ``moe_experts``); ``moe_route`` is the plugin's own.
 """
 
 from ferrum_jax.arrays import (  # noqa: F401  (pluggy finds the hook implementations by name)
@@ -12,5 +12,6 @@ from ferrum_jax.dense import (  # noqa: F401
     add_rms_norm, clip, gelu, gelu_tanh_mul, layer_norm, linear, mul, mul_scalar, rms_norm, rope, silu_mul, softcap,
 )
 from ferrum_jax.kv import kv_alloc, kv_gather, kv_write  # noqa: F401
+from ferrum_jax.moe import moe_route  # noqa: F401
 from ferrum_jax.quant import quantized_embedding, quantized_linear, quantized_upload  # noqa: F401
 from ferrum_jax.sampling import sample  # noqa: F401

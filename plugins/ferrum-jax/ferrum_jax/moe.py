@@ -1,0 +1,53 @@
+"""Expert routing on the device: ``moe_route``'s two rules, each one jitted function per token count.
+
+Boundary ties go to the lowest expert indices (``lax.top_k`` is stable), where ``torch.topk``, and so
+Ferrum's host reference, picks by its CPU selection; ties of float32 router scores are rare outside
+constructed inputs. The expert ops themselves stay the core's reference compositions.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ferrum import hookimpl
+
+F32 = jnp.float32
+
+
+@partial(jax.jit, static_argnames=("top_k", "normalize"))
+def _route_softmax(logits, shared_logit, top_k, normalize):
+    weights, ids = lax.top_k(jax.nn.softmax(logits.astype(F32), axis=-1), top_k)
+    if normalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    if shared_logit is not None:
+        weights = jnp.concatenate([weights, jax.nn.sigmoid(shared_logit.astype(F32))], axis=-1)
+    return ids.astype(jnp.int32), weights
+
+
+@partial(jax.jit, static_argnames=("top_k", "normalize", "n_group", "topk_group"))
+def _route_grouped(logits, bias, scale, top_k, normalize, n_group, topk_group):
+    """DeepSeek-V3's grouped sigmoid rule (Ferrum's ``route_grouped``), every step in float32."""
+    scores = jax.nn.sigmoid(logits.astype(F32))
+    choice = scores + bias
+    if n_group > 1:
+        tokens, experts = choice.shape
+        group_scores = lax.top_k(choice.reshape(tokens, n_group, -1), 2)[0].sum(axis=-1)
+        kept = jax.nn.one_hot(lax.top_k(group_scores, topk_group)[1], n_group, dtype=jnp.bool_).any(axis=1)
+        choice = jnp.where(jnp.repeat(kept, experts // n_group, axis=1), choice, -jnp.inf)
+    ids = lax.top_k(choice, top_k)[1]
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + F32(1e-20))
+    return ids.astype(jnp.int32), weights * scale
+
+
+@hookimpl
+def moe_route(logits, shared_logit, top_k, normalize, routing=None):
+    if routing is None:
+        return _route_softmax(logits, shared_logit, top_k=int(top_k), normalize=bool(normalize))
+    return _route_grouped(logits, routing.bias, F32(routing.scale), top_k=int(top_k), normalize=bool(normalize),
+                          n_group=int(routing.n_group), topk_group=int(routing.topk_group))
