@@ -111,6 +111,14 @@ def runnable_backends() -> list[str]:
     return [e.name for e in backends.available() if e.available and e.name in ("cpu", "mlx", "cuda")]
 
 
+def grouped_routing_backends() -> list[str]:
+    """The backends here whose own ``moe_route`` runs grouped sigmoid routing (GLM-4.5, DeepSeek-V3): the torch
+    and MLX built-ins, and the JAX plugin where it is installed."""
+    from ferrum import backends
+
+    return [e.name for e in backends.available() if e.available and e.name in ("cuda", "mlx", "jax")]
+
+
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "llama_mha_untied", "qwen2_mqa")
 
 

@@ -13,6 +13,8 @@ import transformers
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
 
 import ferrum
+import ferrum.moe.reference
+import ferrum.moe.routing
 from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
@@ -20,11 +22,12 @@ from ferrum.hookspec import hookimpl
 from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.routing import route_grouped
 from support import (
-    assert_forward_and_decode_match, cpu_like_plugin, reference_logits, runnable_backends, scaled_error,
-    with_prediction_layer,
+    assert_forward_and_decode_match, cpu_like_plugin, grouped_routing_backends, reference_logits, runnable_backends,
+    scaled_error, with_prediction_layer,
 )
 
 BACKENDS = runnable_backends()
+NATIVE = grouped_routing_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 
 
@@ -112,12 +115,36 @@ def test_the_correction_bias_chooses_but_does_not_weigh():
     np.testing.assert_allclose(np.sort(weights[0]), np.sort(1 / (1 + np.exp(-logits[0, [0, 2]]))), rtol=1e-6)
 
 
+@pytest.fixture
+def host_routing_forbidden(monkeypatch):
+    """The core's host reference for grouped layers (the fallback moe_route's) fails the test if called."""
+    def routed_on_the_host(*args):
+        raise AssertionError("a grouped layer was routed on the host")
+
+    for module in (ferrum.moe.reference, ferrum.moe.routing):
+        monkeypatch.setattr(module, "route_grouped", routed_on_the_host)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("backend", NATIVE)
+def test_backends_declaring_routing_route_grouped_layers_themselves(checkpoints, backend, variant,
+                                                                   host_routing_forbidden):
+    """No layer's logits go to the host for routing (the test below shows a fallback would be noticed), and the
+    model still matches transformers: two groups with one kept, and GLM-4.5-Air's single group."""
+    folder, hf = checkpoints[variant]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    assert model.ops.accepts("moe_route", "routing")
+    sparse = [layer.mlp for layer, spec in zip(model.layers, model.config.arch.layers) if spec.mlp == "moe"]
+    assert sparse and all(mlp.route is None for mlp in sparse)  # None: the backend's own moe_route
+    assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
+
+
 @hookimpl
 def moe_route_knowing_softmax_only(logits, shared_logit, top_k, normalize):
     raise AssertionError("a moe_route without the routing argument was handed a grouped layer")
 
 
-def test_a_moe_route_without_the_routing_argument_is_never_handed_it(checkpoints, registered):
+def test_a_moe_route_without_the_routing_argument_is_never_handed_it(checkpoints, registered, request):
     """A plugin's own moe_route that knows softmax routing only: grouped layers route through the core's."""
     registered("softmaxonly", cpu_like_plugin("softmaxonly", extra={"moe_route": moe_route_knowing_softmax_only}))
     ops = load_backend("softmaxonly").ops
@@ -127,6 +154,9 @@ def test_a_moe_route_without_the_routing_argument_is_never_handed_it(checkpoints
     sparse = [layer.mlp for layer, spec in zip(model.layers, model.config.arch.layers) if spec.mlp == "moe"]
     assert sparse and all(mlp.route == model.ops.fallback["moe_route"] for mlp in sparse)
     assert scaled_error(model.forward_verify("q", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+    request.getfixturevalue("host_routing_forbidden")  # the test above would notice a fallback
+    with pytest.raises(AssertionError, match="routed on the host"):
+        model.forward_verify("q", TOKENS)
 
 
 # ------------------------------------------------------------------ whole models

@@ -13,8 +13,9 @@ probabilities, k=2 picks experts 2 and 3). Rows without such a tie take a
 vectorized stable sort; rows with one replay the introselect exactly
 (:func:`_torch_cpu_topk`). The order *within* the chosen k does not matter:
 the experts' outputs are summed. The torch backend calls ``torch.topk`` itself
-(so on CUDA it breaks ties as transformers does there); MLX, which has no such
-rule, lets ``argsort`` decide boundary ties.
+(so on CUDA it breaks ties as transformers does there); MLX's stable ``argsort``
+and the JAX plugin's ``lax.top_k``, with no such rule to call, give boundary
+ties to the lowest indices, for both rules.
 
 Dtype. The weights stay float32 up to the weighted sum. transformers' Qwen
 routers round them to the compute dtype first: identical in float32, within
@@ -25,8 +26,8 @@ family of rules, told apart by a :class:`GroupRule`: DeepSeek-V3's "noaux_tc"
 (``MoeSpec.routing`` ``"sigmoid_grouped"``: GLM-4.5 / 4.6, DeepSeek-V3, Kimi K2)
 and DeepSeek-V2's "group_limited_greedy" (``"softmax_grouped"``). A backend's
 ``moe_route`` runs it only if its signature takes the ``routing`` argument (and,
-for rules other than "noaux_tc", its plugin declares API 1.13), else the model
-calls this host reference for it.
+for rules other than "noaux_tc", its plugin declares API 1.13; torch's, MLX's
+and the JAX plugin's do), else the model calls this host reference for it.
 """
 
 from __future__ import annotations
