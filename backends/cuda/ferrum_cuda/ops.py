@@ -1198,18 +1198,25 @@ def moe_route(logits, shared_logit, top_k, normalize, routing=None):
 
 
 def _route_grouped(logits, top_k, normalize, routing):
-    """DeepSeek-V3's grouped sigmoid routing (``ferrum.moe.routing.route_grouped``) as transformers'
-    ``DeepseekV3TopkRouter`` writes it, in float32 on the device: no host copy, so CUDA graphs capture it."""
-    scores = torch.sigmoid(logits.float())
-    choice = scores + routing.bias
+    """Grouped routing (``ferrum.moe.routing.route_grouped``, its ``routing.rule``: DeepSeek-V3's and V2's) as
+    transformers' ``DeepseekV3TopkRouter`` and ``DeepseekV2TopkRouter`` write it, in float32 on the device: no
+    host copy, so CUDA graphs capture it."""
+    rule = routing.rule
+    scores = torch.softmax(logits.float(), dim=-1) if rule.scoring == "softmax" else torch.sigmoid(logits.float())
+    choice = scores + routing.bias if rule.corrected else scores
     if routing.n_group > 1:
         tokens, experts = choice.shape
-        group_scores = choice.view(tokens, routing.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+        grouped = choice.view(tokens, routing.n_group, -1)
+        group_scores = (grouped.amax(dim=-1) if rule.group_score == "max" else
+                        grouped.topk(2, dim=-1).values.sum(dim=-1))
         kept = torch.zeros_like(group_scores, dtype=torch.bool)
         kept.scatter_(1, torch.topk(group_scores, routing.topk_group, dim=-1).indices, True)
-        choice = choice.masked_fill(~kept.repeat_interleave(experts // routing.n_group, dim=1), float("-inf"))
+        kept = kept.repeat_interleave(experts // routing.n_group, dim=1)
+        choice = choice.masked_fill(~kept, rule.masked)
     ids = torch.topk(choice, top_k, dim=-1).indices
     weights = scores.gather(1, ids)
+    if routing.n_group > 1:  # a dropped expert picked in a tie with its masked 0 weighs that 0
+        weights = weights.masked_fill(~kept.gather(1, ids), 0.0)
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return ids.to(torch.int32), weights * routing.scale

@@ -840,17 +840,22 @@ def moe_route(logits, shared_logit, top_k, normalize, routing=None):
 
 
 def _route_grouped(logits, top_k, normalize, routing):
-    """DeepSeek-V3's grouped sigmoid routing (``ferrum.moe.routing.route_grouped``), in float32, lazily."""
-    scores = mx.sigmoid(logits.astype(mx.float32))
-    choice = scores + routing.bias
+    """Grouped routing (``ferrum.moe.routing.route_grouped``, its ``routing.rule``), in float32, lazily."""
+    rule, logits = routing.rule, logits.astype(mx.float32)
+    scores = mx.softmax(logits, axis=-1, precise=True) if rule.scoring == "softmax" else mx.sigmoid(logits)
+    choice = scores + routing.bias if rule.corrected else scores
     if routing.n_group > 1:
         tokens, experts = choice.shape
-        group_scores = mx.topk(choice.reshape(tokens, routing.n_group, -1), 2, axis=-1).sum(axis=-1)
+        grouped = choice.reshape(tokens, routing.n_group, -1)
+        group_scores = grouped.max(axis=-1) if rule.group_score == "max" else mx.topk(grouped, 2, axis=-1).sum(axis=-1)
         kept = mx.put_along_axis(mx.zeros(group_scores.shape, dtype=mx.bool_),
                                  _top_ids(group_scores, routing.topk_group), mx.array(True), axis=-1)
-        choice = mx.where(mx.repeat(kept, experts // routing.n_group, axis=1), choice, -mx.inf)
+        kept = mx.repeat(kept, experts // routing.n_group, axis=1)
+        choice = mx.where(kept, choice, rule.masked)
     ids = _top_ids(choice, top_k)
     weights = mx.take_along_axis(scores, ids, axis=-1)
+    if routing.n_group > 1:  # a dropped expert picked in a tie with its masked 0 weighs that 0
+        weights = mx.where(mx.take_along_axis(kept, ids, axis=-1), weights, 0.0)
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
     return ids.astype(mx.int32), weights * routing.scale

@@ -28,18 +28,24 @@ def _route_softmax(logits, shared_logit, top_k, normalize):
     return ids.astype(jnp.int32), weights
 
 
-@partial(jax.jit, static_argnames=("top_k", "normalize", "n_group", "topk_group"))
-def _route_grouped(logits, bias, scale, top_k, normalize, n_group, topk_group):
-    """DeepSeek-V3's grouped sigmoid rule (Ferrum's ``route_grouped``), every step in float32."""
-    scores = jax.nn.sigmoid(logits.astype(F32))
-    choice = scores + bias
+@partial(jax.jit, static_argnames=("top_k", "normalize", "n_group", "topk_group", "rule"))
+def _route_grouped(logits, bias, scale, top_k, normalize, n_group, topk_group, rule):
+    """A grouped rule (Ferrum's ``route_grouped`` with its ``GroupRule``: DeepSeek-V3's, V2's), every step in
+    float32."""
+    logits = logits.astype(F32)
+    scores = jax.nn.softmax(logits, axis=-1) if rule.scoring == "softmax" else jax.nn.sigmoid(logits)
+    choice = scores + bias if rule.corrected else scores
     if n_group > 1:
         tokens, experts = choice.shape
-        group_scores = lax.top_k(choice.reshape(tokens, n_group, -1), 2)[0].sum(axis=-1)
+        grouped = choice.reshape(tokens, n_group, -1)
+        group_scores = grouped.max(axis=-1) if rule.group_score == "max" else lax.top_k(grouped, 2)[0].sum(axis=-1)
         kept = jax.nn.one_hot(lax.top_k(group_scores, topk_group)[1], n_group, dtype=jnp.bool_).any(axis=1)
-        choice = jnp.where(jnp.repeat(kept, experts // n_group, axis=1), choice, -jnp.inf)
+        kept = jnp.repeat(kept, experts // n_group, axis=1)
+        choice = jnp.where(kept, choice, F32(rule.masked))
     ids = lax.top_k(choice, top_k)[1]
     weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if n_group > 1:  # a dropped expert picked in a tie with its masked 0 weighs that 0
+        weights = jnp.where(jnp.take_along_axis(kept, ids, axis=-1), weights, F32(0))
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + F32(1e-20))
     return ids.astype(jnp.int32), weights * scale
@@ -50,4 +56,4 @@ def moe_route(logits, shared_logit, top_k, normalize, routing=None):
     if routing is None:
         return _route_softmax(logits, shared_logit, top_k=int(top_k), normalize=bool(normalize))
     return _route_grouped(logits, routing.bias, F32(routing.scale), top_k=int(top_k), normalize=bool(normalize),
-                          n_group=int(routing.n_group), topk_group=int(routing.topk_group))
+                          n_group=int(routing.n_group), topk_group=int(routing.topk_group), rule=routing.rule)
