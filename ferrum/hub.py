@@ -83,6 +83,17 @@ def _gguf_files(repo_id: str, local_only: bool) -> list[str]:
         raise _not_accessible(f"cannot list {repo_id}", exc) from exc
     except (errors.LocalEntryNotFoundError, FileNotFoundError, errors.HfHubHTTPError, OSError, ValueError):
         return []
+    except Exception as exc:
+        if _unreachable(exc):
+            return []
+        raise
+
+
+def _unreachable(exc: Exception) -> bool:
+    """Whether ``exc`` is the hub client's transport failing (no network, DNS, a timeout): huggingface_hub's
+    listing lets its HTTP client's own errors through (httpx's ``TransportError``, under whichever module
+    name the installed client has), where its downloads wrap them in LocalEntryNotFoundError."""
+    return any(cls.__name__ == "TransportError" and cls.__module__.startswith("httpx") for cls in type(exc).__mro__)
 
 
 def resolve_repo(repo_id: str, filename: str | None = None) -> Path:

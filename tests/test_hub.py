@@ -347,3 +347,22 @@ def test_a_snapshot_of_pytorch_pickles_is_named_as_such_not_as_incomplete(checkp
     fake_hub_cache(tmp_path / "hub", "acme/weightless", files)
     with pytest.raises(CheckpointError, match=r"without its weights \(no \*.safetensors"):
         ferrum.load("acme/weightless", backend="cpu")
+
+
+def test_an_unreachable_hub_listing_a_tagged_repo_is_named(tmp_path, monkeypatch):
+    """Resolving ``org/name:TAG`` lists the repo's files, where huggingface_hub lets its HTTP client's connection
+    error through (it wraps it for downloads): the answer is the same CheckpointError as offline, not that error."""
+    httpx = pytest.importorskip("httpx2")
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import ferrum
+
+    def unreachable(self, *args, **kwargs):
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    with pytest.raises(CheckpointError, match="no GGUF file of acme/model-GGUF found for 'Q4_K_M'.*could list"):
+        ferrum.load("acme/model-GGUF:Q4_K_M")
