@@ -1083,3 +1083,24 @@ def test_speculative_decoding_given_at_launch_serves_the_same_greedy_replies(mod
         if draft is not None:  # the same weights drafting: every draft is taken (lookup's depend on the text)
             metrics = llm.engine.metrics()
             assert metrics.spec_accepted_tokens == metrics.spec_drafted_tokens > 0
+
+
+@pytest.mark.parametrize("bad", [{"temperature": float("nan")}, {"top_p": -1}, {"top_k": 2.7}, {"top_k": 1e400},
+                                 {"min_p": 5}, {"repetition_penalty": 0}, {"temperature": "0.7"}])
+def test_a_generation_config_value_sampling_refuses_is_left_out_with_a_warning(model, tmp_path, bad):
+    """A broken default in generation_config.json is named at start and left out: requests that leave the field
+    unset run (each had failed, with a 400 naming a field the client never sent, or a 500 for top_k)."""
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    from ferrum.serve.app import ServeConfig, create_app
+
+    folder = shutil.copytree(model, tmp_path / "tiny")
+    (folder / "generation_config.json").write_text(json.dumps({**bad, "top_k": 1} if "top_k" not in bad else bad))
+    llm = ferrum.load(folder, backend="cpu", dtype="float32")
+    with pytest.warns(UserWarning, match=f"generation_config.json: {next(iter(bad))} .* is left out"):
+        app = create_app(llm, ServeConfig(model_names=("tiny",)))
+    with TestClient(app) as client:
+        reply = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 4})
+        assert reply.status_code == 200, reply.text

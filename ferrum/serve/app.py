@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from ferrum.api import LLM
 from ferrum.errors import ConfigError, FerrumError
+from ferrum.sampling import SamplingParams
 from ferrum.serve import handlers
 from ferrum.serve.errors import APIError, validation_error
 from ferrum.serve.generation import Generation
@@ -53,15 +55,28 @@ class ServeConfig:
 
 def generation_defaults(folder: Path) -> dict[str, float]:
     """The checkpoint's recommended sampling (``generation_config.json``), used where a request says nothing (as
-    vLLM takes them: temperature, top_p, top_k, min_p, repetition_penalty)."""
+    vLLM takes them: temperature, top_p, top_k, min_p, repetition_penalty). A value sampling refuses (NaN, a
+    top_p of -1, a top_k of 2.7) is left out with a warning naming the file: taken, it would fail every request
+    that leaves the field unset, naming a field the client never sent."""
+    path = folder / "generation_config.json"
     try:
-        raw = json.loads((folder / "generation_config.json").read_text())
+        raw = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
     if not isinstance(raw, dict):
         return {}
-    return {k: raw[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-            if isinstance(raw.get(k), (int, float)) and not isinstance(raw.get(k), bool)}
+    kept = {}
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        try:
+            SamplingParams(**{key: value})
+        except (FerrumError, TypeError, ValueError) as exc:
+            warnings.warn(f"{path}: {key} {value!r} is left out of the requests' defaults: {exc}", stacklevel=2)
+            continue
+        kept[key] = value
+    return kept
 
 
 def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
