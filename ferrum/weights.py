@@ -22,7 +22,7 @@ from ferrum.errors import CheckpointError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
 from ferrum.quant import awq_gptq, float_modes, fp8
 from ferrum.quant.affine import QuantizedWeight, dequantize
-from ferrum.quant.config import AFFINE
+from ferrum.quant.config import AFFINE, FLOAT_MODES
 
 HostTensor = np.ndarray | QuantizedWeight
 
@@ -144,8 +144,15 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
             f"{checkpoint.folder}: config.json keeps {module} in float (false) but the checkpoint holds "
             f"{module}.scales; the two disagree"
         )
-    if quant.mode_for(module) != AFFINE:  # a float mode: codes and scales only
+    mode = quant.mode_for(module)
+    if mode in FLOAT_MODES:  # codes and scales only
         return name, f"{module}.scales"
+    if mode != AFFINE:  # an AWQ, GPTQ or FP8 section over MLX's packed layout (a config copied from another release)
+        raise CheckpointError(
+            f"{checkpoint.folder}: {module}.scales is MLX's packed layout, but config.json's quantization section "
+            f"says {mode!r}; give the checkpoint the config.json it was written with (mlx-lm's 'quantization': "
+            "bits and group_size)"
+        )
     return name, f"{module}.scales", f"{module}.biases"
 
 

@@ -311,6 +311,21 @@ def test_per_head_norm_tensors_are_copied_as_mlx_lm_keeps_them(tmp_path):
 # ------------------------------------------------------------------ bad input
 
 
+@pytest.mark.parametrize("section", [{"quant_method": "gptq", "bits": 4, "group_size": 32},
+                                     {"quant_method": "fp8", "activation_scheme": "dynamic"}],
+                         ids=["gptq", "fp8"])
+def test_mlx_packed_weights_under_another_quantization_section_are_named(sources, tmp_path, section):
+    """MLX's weight/scales/biases with a GPTQ or FP8 section copied over config.json: the disagreement is named
+    (a bare KeyError had come out of the float-mode tables)."""
+    dst = quantize_checkpoint(sources["tied"], tmp_path / "q", bits=4, group_size=32)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization"] = config["quantization_config"] = section
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"MLX's packed layout, but config.json's quantization section says "
+                                              f"'{section['quant_method']}'"):
+        ferrum.load(dst, backend="cpu")
+
+
 def test_bad_input_is_refused_before_writing(sources, tmp_path, capsys):
     src = sources["tied"]
     dst = tmp_path / "out"
