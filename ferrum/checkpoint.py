@@ -90,6 +90,8 @@ class Checkpoint:
         ``rotary_emb.inv_freq``, is not a tensor; a tensor it leaves out still is), else in every
         ``*.safetensors`` file."""
         index, whole = self.folder / INDEX_FILE, self.folder / "model.safetensors"
+        if index.exists():
+            self._require_regular(index)
         weight_map = self._weight_map(index) if index.exists() else {}
         if whole.exists():
             files = [whole]
@@ -155,7 +157,7 @@ class Checkpoint:
     @staticmethod
     def _require_regular(path: Path) -> None:
         if not path.is_file():  # a FIFO or device would block or stream forever
-            raise CheckpointError(f"{path} is not a regular file; a checkpoint shard must be one")
+            raise CheckpointError(f"{path} is not a regular file; a checkpoint's weight files must be")
 
     def names(self) -> set[str]:
         return set(self._where)

@@ -85,6 +85,15 @@ def index_to_fifo(folder: Path) -> None:
     index_to("pipe.safetensors")(folder)
 
 
+def fifo(name: str) -> Callable[[Path], None]:
+    """A named pipe in place of the checkpoint's file ``name``: reading it would block for ever."""
+    def apply(folder: Path) -> None:
+        (folder / name).unlink(missing_ok=True)
+        os.mkfifo(folder / name)
+
+    return apply
+
+
 def retype_tensor(dtype) -> Callable[[Path], None]:
     def apply(folder: Path) -> None:
         from safetensors.numpy import load_file
@@ -173,6 +182,10 @@ LOAD_ROWS = [
     ("index-absolute-path", index_to("/etc/passwd"), CheckpointError, ["outside the checkpoint"]),
     ("index-missing-shard", index_to("nope.safetensors"), CheckpointError, ["nope.safetensors", "not in the folder"]),
     ("index-fifo", index_to_fifo, CheckpointError, ["pipe.safetensors", "not a regular file"]),
+    *((f"fifo-{name}", fifo(name), error, [name, "not a regular file"]) for name, error in (
+        ("model.safetensors.index.json", CheckpointError), ("tokenizer.json", ConfigError),
+        ("tokenizer_config.json", ConfigError), ("generation_config.json", ConfigError),
+        ("chat_template.jinja", ConfigError))),
     ("index-not-json", write("model.safetensors.index.json", b"{oops"), CheckpointError, ["index.json", "malformed"]),
     ("index-map-not-object", sharded(["a", "b"]), CheckpointError, ["weight_map"]),
     ("weights-int32", retype_tensor(np.int32), CheckpointError, ["up_proj", "int32", "float tensor is expected"]),
