@@ -88,6 +88,10 @@ class ModelConfig(Sizes):
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "ModelConfig":
         quantization = QuantConfig.from_config(raw, where)
+        for config in (raw, raw.get("text_config")):
+            if isinstance(config, dict) and not isinstance(config.get("model_type", ""), str):
+                raise ConfigError(f"{where}: model_type must be a string naming the architecture (e.g. \"llama\"), "
+                                  f"got {config['model_type']!r}")
         outer = raw
         if isinstance(raw.get("text_config"), dict) and "hidden_size" not in raw:
             raw = {"model_type": TEXT_WRAPPERS.get(outer.get("model_type")), **raw["text_config"]}

@@ -17,11 +17,13 @@ from ferrum.errors import ConfigError, InvalidRequestError
 Message = dict[str, Any]
 
 
-def _token_text(value: Any) -> str | None:
-    """tokenizer_config stores special tokens as strings or as AddedToken dicts."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+def _token_text(value: Any, name: str, path: Path) -> str | None:
+    """tokenizer_config stores special tokens as strings or as AddedToken dicts; anything else is refused."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise ConfigError(f"{path}: {name} must be the token's text (or an AddedToken with its 'content'), "
+                          f"got {value!r}")
+    return text
 
 
 #: Where transformers keeps a checkpoint's chat templates other than the default, one ``<name>.jinja`` each.
@@ -50,9 +52,10 @@ class Tokenizer:
             raise ConfigError(f"{path} is not a valid tokenizer.json ({exc}); re-download the checkpoint") from None
         config = _read_json(folder / "tokenizer_config.json")
         self.config: dict[str, Any] = config if config is not None else {}
-        self.bos_token = _token_text(self.config.get("bos_token"))
-        self.eos_token = _token_text(self.config.get("eos_token"))
-        specials = {name: _token_text(self.config.get(name)) for name in _OTHER_SPECIAL_TOKENS}
+        where = folder / "tokenizer_config.json"
+        self.bos_token = _token_text(self.config.get("bos_token"), "bos_token", where)
+        self.eos_token = _token_text(self.config.get("eos_token"), "eos_token", where)
+        specials = {name: _token_text(self.config.get(name), name, where) for name in _OTHER_SPECIAL_TOKENS}
         self._template_specials = {name: value for name, value in specials.items() if value is not None}
         named = self._named_templates(self.config.get("chat_template"), folder)
         # Several named templates and none "default": transformers refuses to pick one for a plain chat.
@@ -89,7 +92,7 @@ class Tokenizer:
         if not all(isinstance(name, str) and isinstance(text, str) for name, text in value.items()):
             raise ConfigError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of "
                               "named templates ({\"name\": ..., \"template\": ...})")
-        return value
+        return {name: text for name, text in value.items() if text.strip()}  # an empty one is none, as in transformers
 
     def _eos_ids(self, folder: Path) -> frozenset[int]:
         ids: set[int] = set()

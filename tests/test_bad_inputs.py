@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -128,12 +128,16 @@ def float8_tensor(folder: Path) -> None:
     (folder / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
-def chat_template(template: str) -> Callable[[Path], None]:
+def tokenizer_config(**changes: Any) -> Callable[[Path], None]:
     def apply(folder: Path) -> None:
         config = json.loads((folder / "tokenizer_config.json").read_text())
-        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
 
     return apply
+
+
+def chat_template(template: str) -> Callable[[Path], None]:
+    return tokenizer_config(chat_template=template)
 
 
 def stray_copy_of_a_tensor(folder: Path) -> None:
@@ -200,6 +204,12 @@ LOAD_ROWS = [
     ("generation-config-bad-eos", write("generation_config.json", b'{"eos_token_id": "x"}'), ConfigError,
      ["generation_config.json", "eos_token_id"]),
     ("chat-template-not-a-string", chat_template(42), ConfigError, ["chat_template"]),  # type: ignore[arg-type]
+    *((f"tokenizer-config-{name}-{value!r}", tokenizer_config(**{name: value}), ConfigError,
+       ["tokenizer_config.json", name, "must be the token's text"])
+      for name, value in (("eos_token", 5), ("eos_token", {"content": 5}), ("bos_token", ["<s>"]),
+                          ("pad_token", 1.5))),
+    *((f"config-model-type-{value!r}", edit_config(model_type=value), ConfigError, ["model_type must be a string"])
+      for value in (["llama"], {"name": "llama"}, 7)),
     ("config-eos-a-string", edit_config(eos_token_id="1"), ConfigError, ["config.json", "eos_token_id"]),
     ("weights-a-tensor-in-two-files", stray_copy_of_a_tensor, CheckpointError,
      ["model.layers.0.input_layernorm.weight", "a-model.safetensors", "shard-2.safetensors", "index"]),
@@ -295,6 +305,9 @@ CALL_ROWS = [
     ("template-type-error", chat_template("{{ messages + 1 }}"),
      lambda llm: llm.generate([{"role": "user", "content": "hi"}], max_tokens=2),
      InvalidRequestError, ["chat template"]),
+    *((f"template-empty-{template!r}", chat_template(template),  # none, as transformers reads an empty one
+       lambda llm: llm.generate([{"role": "user", "content": "hi"}], max_tokens=2),
+       ConfigError, ["has no chat template"]) for template in ("", " \n")),
 ]
 
 
