@@ -7,6 +7,7 @@ Every call goes through one :class:`ferrum.engine.Engine`, so many prompts
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Iterable
 from numbers import Integral
@@ -85,6 +86,11 @@ class LLM:
             max_seq_len=max_seq_len, progress=progress,
         )
         tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
+        rows = model.config.vocab_size
+        if tokenizer is not None and tokenizer.vocab_size > rows:
+            warnings.warn(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
+                          f"{rows} rows, so text holding a token from id {rows} on cannot run; the checkpoint's "
+                          "tokenizer and weights do not match", stacklevel=2)
         if speculative is not None:
             engine_config = replace(engine_config or EngineConfig(), speculative=speculative)
         drafter = None

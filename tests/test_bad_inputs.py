@@ -537,3 +537,16 @@ def test_nan_logits_fail_the_request_in_a_line_and_leave_the_others(ckpt, backen
                 broken.generate("hello", max_tokens=3, logprobs=logprobs)
     assert not broken.engine.has_unfinished() and broken.model.kv.num_used_blocks == 0
     assert good
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_named_at_load(ckpt):
+    """Text holding a token past the embedding fails at the request, blaming the prompt: the mismatch is said
+    when the checkpoint loads."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer
+
+    rows = ferrum.load(ckpt, backend="cpu").model.config.vocab_size
+    tok = HFTokenizer.from_file(str(ckpt / "tokenizer.json"))
+    tok.add_tokens([AddedToken(f"extra{i}", normalized=False) for i in range(rows + 5 - tok.get_vocab_size())])
+    tok.save(str(ckpt / "tokenizer.json"))
+    with pytest.warns(UserWarning, match=f"tokenizer has {rows + 5} tokens but the model's embedding has {rows} rows"):
+        ferrum.load(ckpt, backend="cpu")
