@@ -49,6 +49,8 @@ def resolve_model(path: str | Path, progress: ProgressFn | None = None) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidRequestError(f"a model is named by a folder, a .gguf file or a repo id (a str or a path), "
                                   f"not {type(path).__name__}")
+    if not str(path).strip():  # Path("") is the working directory, which was loaded when it held a checkpoint
+        raise InvalidRequestError("the model path is empty; name a checkpoint folder, a .gguf file or a repo id")
     named = path
     path = Path(path).expanduser()
     if isinstance(named, str) and not path.exists():

@@ -550,3 +550,10 @@ def test_a_tokenizer_larger_than_the_embedding_is_named_at_load(ckpt):
     tok.save(str(ckpt / "tokenizer.json"))
     with pytest.warns(UserWarning, match=f"tokenizer has {rows + 5} tokens but the model's embedding has {rows} rows"):
         ferrum.load(ckpt, backend="cpu")
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_model_path_is_refused_not_read_as_the_working_directory(pristine, path, monkeypatch):
+    monkeypatch.chdir(pristine)  # a checkpoint folder: Path("") would load it
+    with pytest.raises(InvalidRequestError, match="the model path is empty"):
+        ferrum.load(path, backend="cpu")
