@@ -509,15 +509,20 @@ def _mla_kv_heads(r: KeyReader, heads: int) -> int:
     return heads
 
 
-#: Latent attention's sizes (transformers' DeepseekV2Config and DeepseekV3Config defaults).
-_MLA = (
-    Key("q_lora_rank", default=1536, check=optional_size(1 << 17)),  # null: a plain q_proj
-    Key("kv_lora_rank", default=512, check=size(1 << 17)),
-    Key("qk_nope_head_dim", default=128, check=size(4096)),
-    Key("qk_rope_head_dim", default=64, check=size(4096)),
-    Key("v_head_dim", default=128, check=size(4096)),
-    Key("attention_bias", default=False, check=boolean),
-)
+def _mla_keys(q_lora: int, nope: int, v: int) -> tuple[Key, ...]:
+    """Latent attention's sizes, with a family's transformers defaults."""
+    return (
+        Key("q_lora_rank", default=q_lora, check=optional_size(1 << 17)),  # null: a plain q_proj
+        Key("kv_lora_rank", default=512, check=size(1 << 17)),
+        Key("qk_nope_head_dim", default=nope, check=size(4096)),
+        Key("qk_rope_head_dim", default=64, check=size(4096)),
+        Key("v_head_dim", default=v, check=size(4096)),
+        Key("attention_bias", default=False, check=boolean),
+    )
+
+
+#: transformers' DeepseekV2Config and DeepseekV3Config defaults.
+_MLA = _mla_keys(1536, 128, 128)
 
 
 def _yarn_mscale(factor: float, weight: float) -> float:
@@ -525,9 +530,10 @@ def _yarn_mscale(factor: float, weight: float) -> float:
 
 
 def _deepseek_v3(r: KeyReader, sizes: Sizes) -> Architecture:
-    """DeepSeek-V3 / R1, Moonlight, Kimi K2 (transformers' DeepseekV3): :func:`_latent_attention`, DeepSeek's adjacent
-    rope pairs where rope_interleave (null: rotate-half); the sparse MLPs (grouped sigmoid routing, an ungated shared
-    expert, the first first_k_dense_replace layers dense) are :func:`ferrum.moe.spec.with_moe`'s."""
+    """DeepSeek-V3 / R1, Moonlight, Kimi K2 (transformers' DeepseekV3), and GLM-4.7-Flash (Glm4MoeLite: the same
+    attention and routing under other defaults): :func:`_latent_attention`, DeepSeek's adjacent rope pairs where
+    rope_interleave (null: rotate-half); the sparse MLPs (grouped sigmoid routing, an ungated shared expert, dense
+    layers first) are :func:`ferrum.moe.spec.with_moe`'s."""
     return _latent_attention(r, sizes, interleaved=bool(r("rope_interleave")))
 
 
@@ -1323,6 +1329,17 @@ FAMILIES: dict[str, Family] = {
                 "no DeepSeek-V2 release has MLP biases; load a checkpoint without them")),
         ), MOE_KEYS["deepseek_v2"]),
         with_moe("deepseek_v2", _deepseek_v2),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+    "glm4_moe_lite": Family(  # GLM-4.7-Flash: DeepSeek-V3's latent attention over GLM-4.5's MoE
+        _keys(_core(False), _ROPE, _SILU, _mla_keys(768, 192, 256), (
+            Key("rope_interleave", default=True, check=boolean),
+            # transformers drops the release's layer 47 by name (_keys_to_ignore_on_load_unexpected)
+            Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
+        ), MOE_KEYS["glm4_moe_lite"]),
+        with_moe("glm4_moe_lite", _deepseek_v3),
+        eps_default=1e-5,
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
     ),

@@ -27,6 +27,7 @@ LAYOUT = {
     "phimoe": ("block_sparse_moe", ("w1", "w3", "w2")),
     "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
     "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "glm4_moe_lite": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -60,7 +61,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "qwen3_vl_moe": ("num_local_experts", "num_experts"),
                 "glm4_moe": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "deepseek_v3": ("n_routed_experts", "num_local_experts"), "phimoe": ("num_local_experts",),
-                "granitemoeshared": ("num_local_experts",), "deepseek_v2": ("n_routed_experts", "num_experts")}
+                "granitemoeshared": ("num_local_experts",), "deepseek_v2": ("n_routed_experts", "num_experts"),
+                "glm4_moe_lite": ("n_routed_experts", "num_local_experts")}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -72,16 +74,43 @@ _QWEN = (
 
 
 def _grouped_sigmoid_keys(family: str, moe_size: int, scale: float, n_group: int, topk_group: int,
-                          dense: int) -> tuple[Key, ...]:
-    """DeepSeek-V3's routing keys (GLM-4.5's too), with a family's transformers defaults."""
-    return (*_COUNT[family], Key("num_experts_per_tok", default=8, check=positive_int),
+                          dense: int | None, top_k: int = 8) -> tuple[Key, ...]:
+    """DeepSeek-V3's routing keys (GLM-4.5's too), with a family's transformers defaults; ``dense`` is
+    first_k_dense_replace's default, None where the family lists its layers' kinds instead (``mlp_layer_types``)."""
+    layers = (Key("first_k_dense_replace", default=dense, check=_non_negative_int),) if dense is not None else (
+        Key("mlp_layer_types", check=_mlp_layer_types),
+        Key("first_k_dense_replace", check=optional_non_negative_int))
+    return (*_COUNT[family], Key("num_experts_per_tok", default=top_k, check=positive_int),
             Key("moe_intermediate_size", default=moe_size, check=positive_int),
             Key("norm_topk_prob", default=True, check=boolean),
             Key("n_shared_experts", default=1, check=positive_int),
             Key("routed_scaling_factor", default=scale, check=positive_number),
             Key("n_group", default=n_group, check=positive_int),
-            Key("topk_group", default=topk_group, check=positive_int),
-            Key("first_k_dense_replace", default=dense, check=_non_negative_int))
+            Key("topk_group", default=topk_group, check=positive_int), *layers)
+
+
+def _mlp_layer_types(value: object) -> str | None:
+    if value is None or (isinstance(value, list) and all(kind in ("dense", "sparse") for kind in value)):
+        return None
+    return f"must list 'dense' or 'sparse' per layer, got {value!r}"
+
+
+def _sparse_layers(r: KeyReader, layers: int) -> list[bool]:
+    """Which layers are sparse: from first_k_dense_replace on, or as mlp_layer_types lists them (GLM-4.7-Flash's
+    transformers config, whose default is every layer but the first). transformers ignores first_k_dense_replace
+    there, mlx-lm and the model's own code read it: a config where the two disagree is refused."""
+    if "mlp_layer_types" not in r.keys:
+        return [i >= r("first_k_dense_replace") for i in range(layers)]
+    kinds = r("mlp_layer_types") or ["dense"] + ["sparse"] * (layers - 1)
+    if len(kinds) != layers:
+        r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
+    sparse = [kind == "sparse" for kind in kinds]
+    first = r("first_k_dense_replace")
+    if first is not None and sparse != [i >= first for i in range(layers)]:
+        r.fail("first_k_dense_replace", f"is {first}, but mlp_layer_types makes layers "
+                                        f"{[i for i, s in enumerate(sparse) if not s]} dense (transformers reads "
+                                        "mlp_layer_types, other runtimes first_k_dense_replace); make them agree")
+    return sparse
 
 
 #: DeepSeek's own code makes layer i sparse where i % moe_layer_freq == 0 too; transformers reads every layer from
@@ -126,6 +155,9 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "deepseek_v3": (*_grouped_sigmoid_keys("deepseek_v3", moe_size=2048, scale=2.5, n_group=8, topk_group=4,
                                            dense=3), _MOE_LAYER_FREQ),
     "deepseek_v2": _DEEPSEEK_V2,
+    # GLM-4.7-Flash: GLM-4.5's routing under Glm4MoeLiteConfig's defaults, its dense layers by mlp_layer_types
+    "glm4_moe_lite": _grouped_sigmoid_keys("glm4_moe_lite", moe_size=1536, scale=1.8, n_group=1, topk_group=1,
+                                           dense=None, top_k=4),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -133,7 +165,7 @@ KEYS: dict[str, tuple[Key, ...]] = {
 }
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
-                  "granitemoeshared": 8, "deepseek_v2": 64}
+                  "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
@@ -195,8 +227,9 @@ class MoeSpec:
 
 
 #: Families routed by a grouped rule (``MoeSpec.routing``), with an ungated shared expert of ``n_shared_experts``
-#: times the routed experts' width and dense MLPs on the first ``first_k_dense_replace`` layers.
-_GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped"}
+#: times the routed experts' width and dense MLPs where :func:`_sparse_layers` says.
+_GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped",
+            "glm4_moe_lite": "sigmoid_grouped"}
 
 
 def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
@@ -226,14 +259,14 @@ def _grouped(r: KeyReader, routing: str, module: str, names: tuple[str, str, str
     if top_k > kept * (count // groups):
         r.fail("num_experts_per_tok", f"({top_k}) exceeds the {kept * (count // groups)} experts of the {kept} "
                                       f"group(s) topk_group keeps")
-    first_sparse, scale = r("first_k_dense_replace"), float(r("routed_scaling_factor"))
+    scale = float(r("routed_scaling_factor"))
     if not rule.corrected and groups == 1 and scale == 1.0:
         routing = "softmax"
     spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
                    r("moe_intermediate_size") * r("n_shared_experts"), shared_module="shared_experts",
                    shared_gate=None, routing=routing, n_group=groups, topk_group=kept, routed_scale=scale,
                    router_float32=True)
-    return spec, [i >= first_sparse for i in range(layers)]
+    return spec, _sparse_layers(r, layers)
 
 
 def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]) -> Callable:

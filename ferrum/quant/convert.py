@@ -55,9 +55,10 @@ _FLOAT_CODES = ("F32", "F16", "BF16")
 #: lose.
 EIGHT_BIT = (8, 64)
 #: Modules mlx-lm's model classes hold as plain parameters, not linear layers, so its conversion leaves them in
-#: float (and its loader refuses them packed): GLM-4.5's and DeepSeek-V2's and V3's routers (their ``MoEGate``).
+#: float (and its loader refuses them packed): GLM-4.5's, GLM-4.7-Flash's and DeepSeek-V2's and V3's routers
+#: (their ``MoEGate``).
 _MLX_LM_FLOAT: dict[str, tuple[str, ...]] = {"glm4_moe": ("mlp.gate",), "deepseek_v3": ("mlp.gate",),
-                                           "deepseek_v2": ("mlp.gate",)}
+                                           "deepseek_v2": ("mlp.gate",), "glm4_moe_lite": ("mlp.gate",)}
 _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("mlp.gate",),
     "gpt_oss": ("router",),

@@ -79,3 +79,21 @@ def test_deepseek_v2_greedy_tokens_equal_the_cpu_backends(tmp_path):
     folder = write_random_checkpoint(tmp_path / "dsv2", DEEPSEEK_V2, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert got == want
+
+
+#: GLM-4.7-Flash's layout: DeepSeek-V3's latent attention over GLM-4.5's routing, a dense layer between sparse ones
+#: as mlp_layer_types lists them.
+GLM4_MOE_LITE = dict(
+    architectures=["Glm4MoeLiteForCausalLM"], model_type="glm4_moe_lite", hidden_size=64, intermediate_size=80,
+    moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=101,
+    q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+    num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, mlp_layer_types=["sparse", "dense", "sparse"],
+    routed_scaling_factor=1.8, norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
+    rope_theta=10000.0, rms_norm_eps=1e-5,
+)
+
+
+def test_glm4_moe_lite_greedy_tokens_equal_the_cpu_backends(tmp_path):
+    folder = write_random_checkpoint(tmp_path / "lite", GLM4_MOE_LITE, dtype="float32", std=0.2, seed=3)
+    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
+    assert got == want
