@@ -712,10 +712,11 @@ _GLOBAL_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.n
                       "lm_head.weight": "output.weight"}
 
 
-def _gguf_writer(path: Path, arch: str, config, extra_blocks: int = 0) -> Any:
+def _gguf_writer(path: Path, arch: str, config, extra_blocks: int = 0, kv_heads: int | None = None) -> Any:
     """A GGUF writer of ``arch`` with what every llama.cpp conversion writes of ``config`` (sizes, rope base,
     norm epsilon) and the sentencepiece vocabulary of :func:`_sentencepiece_vocab`; tensors are the caller's
-    (``extra_blocks``: blocks the converter appends after the decoder's, GLM-4.5's next-token prediction)."""
+    (``extra_blocks``: blocks the converter appends after the decoder's, GLM-4.5's next-token prediction;
+    ``kv_heads``: the key/value head count written where it is not the config's)."""
     tokens, token_types, scores = _sentencepiece_vocab()
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_hidden_layers + extra_blocks)
@@ -723,7 +724,7 @@ def _gguf_writer(path: Path, arch: str, config, extra_blocks: int = 0) -> Any:
     w.add_embedding_length(config.hidden_size)
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_head_count_kv(config.num_key_value_heads if kv_heads is None else kv_heads)
     w.add_rope_freq_base(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])
     if hasattr(config, "rms_norm_eps"):
         w.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -1698,3 +1699,209 @@ def test_a_glm4moe_gguf_with_another_gate_is_refused(tmp_path):
     field.parts[field.data[0]][0] = gguf.ExpertGatingFuncType.SOFTMAX
     with pytest.raises(UnsupportedFeatureError, match="expert_gating_func 1 is not supported"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+# ------------------------------------------------------------------ deepseek2: DeepSeek-V2 / V3, GLM-4.7-Flash
+
+#: What a tiny DeepSeek-style model is made of: every matrix's rows a whole number of Q8_0 blocks.
+_DEEPSEEK2_SIZES = dict(intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                        v_head_dim=24, n_routed_experts=8, num_experts_per_tok=3, first_k_dense_replace=1,
+                        tie_word_embeddings=False)
+#: DeepSeek-V3's YaRN as its releases set it, mscale equal to mscale_all_dim (here not 1, so both are checked).
+_DEEPSEEK2_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                   "mscale": 0.8, "mscale_all_dim": 0.8, "beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def _tiny_deepseek2(family: str) -> tuple[Any, Any]:
+    """DeepSeek-V2-Lite's layout (plain q_proj, softmax routing scaled by 2), DeepSeek-V3's (low-rank q, grouped
+    sigmoid routing with correction biases, YaRN) or GLM-4.7-Flash's (V3's, its dense layers by mlp_layer_types);
+    norms, biases and correction biases away from 1 and 0, so one dropped is visible."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if family == "v2":
+        hf, config = _tiny_model(transformers.DeepseekV2Config, **_DEEPSEEK2_SIZES, q_lora_rank=None,
+                                 n_shared_experts=2, routed_scaling_factor=2.0, topk_method="greedy")
+    elif family == "v3":
+        hf, config = _tiny_model(transformers.DeepseekV3Config, **_DEEPSEEK2_SIZES, q_lora_rank=32, n_group=2,
+                                 topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                 rope_parameters=_DEEPSEEK2_YARN)
+    else:
+        sizes = {k: v for k, v in _DEEPSEEK2_SIZES.items() if k != "first_k_dense_replace"}
+        hf, config = _tiny_model(transformers.Glm4MoeLiteConfig, **sizes, q_lora_rank=32, n_shared_experts=1,
+                                 routed_scaling_factor=1.8, norm_topk_prob=True)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1, 0.5)
+        for name, buffer in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.5)
+    return hf, config
+
+
+def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layers: int = 0,
+                    more_metadata: Callable[[Any], None] | None = None) -> None:
+    """``hf``'s weights as llama.cpp's converter writes a deepseek2 file, under gguf's own tensor names: experts
+    stacked, the correction bias as ``exp_probs_b.bias``, and ``kv_b_proj`` as the old converters wrote it
+    (``single``: whole, with the heads' sizes as key_length / value_length and every head a key/value head), as
+    the newer ones do (``split``: per-head ``attn_k_b``, transposed, and ``attn_v_b``; key_length / value_length
+    the compressed cache's, the heads' as *_mla, one key/value head) or both (``both``, as some did in between).
+    Matrices whose rows are whole blocks are stored as ``qtype``, the router in float32 (as the converter keeps
+    it); ``prediction_layers`` next-token-prediction blocks follow the decoder's."""
+    heads, nope, rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+    kv_lora, v_dim = config.kv_lora_rank, config.v_head_dim
+    w = _gguf_writer(path, "deepseek2", config, extra_blocks=prediction_layers,
+                     kv_heads=heads if layout == "single" else 1)
+    if layout == "single":
+        w.add_key_length(nope + rope)
+        w.add_value_length(v_dim)
+    else:
+        w.add_key_length(kv_lora + rope)
+        w.add_value_length(kv_lora)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(v_dim)
+    w.add_rope_dimension_count(rope)
+    w.add_kv_lora_rank(kv_lora)
+    if config.q_lora_rank is not None:
+        w.add_q_lora_rank(config.q_lora_rank)
+    mlp_kinds = getattr(config, "mlp_layer_types", None)
+    w.add_leading_dense_block_count(mlp_kinds.index("sparse") if mlp_kinds else config.first_k_dense_replace)
+    w.add_expert_feed_forward_length(config.moe_intermediate_size)
+    w.add_expert_count(config.n_routed_experts)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    w.add_expert_shared_count(config.n_shared_experts)
+    w.add_expert_weights_scale(config.routed_scaling_factor)
+    if config.norm_topk_prob and config.model_type != "deepseek_v2":
+        w.add_expert_weights_norm(True)
+    if config.model_type != "deepseek_v2":  # DeepSeek-V2's early files say nothing: softmax
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(config.n_group)
+        w.add_expert_group_used_count(config.topk_group)
+    scaling = config.rope_parameters
+    if scaling.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * scaling["mscale_all_dim"])
+        w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
+    if prediction_layers:
+        w.add_nextn_predict_layers(prediction_layers)
+    if more_metadata is not None:
+        more_metadata(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, config.num_hidden_layers + prediction_layers)
+    inter = config.moe_intermediate_size
+    tensors: dict[str, np.ndarray] = {}
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # as the converter renames it
+        if not name.endswith((".weight", ".bias")):  # transformers' stacked experts
+            name += ".weight"
+        if name.endswith("mlp.experts.gate_up_proj.weight"):
+            tensors[name.replace("gate_up_proj", "gate_proj")] = array[:, :inter]
+            tensors[name.replace("gate_up_proj", "up_proj")] = array[:, inter:]
+        elif name.endswith("self_attn.kv_b_proj.weight"):
+            per_head = array.reshape(heads, nope + v_dim, kv_lora)
+            if layout != "split":
+                tensors[name] = array
+            if layout != "single":
+                tensors[name.replace("kv_b_proj", "k_b_proj")] = per_head[:, :nope].transpose(0, 2, 1)
+                tensors[name.replace("kv_b_proj", "v_b_proj")] = per_head[:, nope:]
+        else:
+            tensors[name] = array
+    for name, array in tensors.items():
+        module, suffix = name.rsplit(".", 1)
+        target, array = f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(array)
+        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or target.endswith("ffn_gate_inp.weight"):
+            w.add_tensor(target, array)
+        else:
+            w.add_tensor(target, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    rng = np.random.default_rng(1)  # the prediction blocks: a decoder block and nextn's own tensors, never read
+    for block in range(config.num_hidden_layers, config.num_hidden_layers + prediction_layers):
+        for part, shape in (("attn_norm.weight", (config.hidden_size,)),
+                            ("nextn.eh_proj.weight", (config.hidden_size, 2 * config.hidden_size)),
+                            ("nextn.enorm.weight", (config.hidden_size,))):
+            w.add_tensor(f"blk.{block}.{part}", rng.standard_normal(shape).astype(np.float32))
+    _finish(w)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("family, layout", [("v2", "single"), ("v2", "split"), ("v3", "split"), ("v3", "both"),
+                                            ("v3", "single"), ("glm4_moe_lite", "split")])
+def test_deepseek2_gguf_matches_the_model_it_was_written_from(tmp_path, family, layout, qtype):
+    """llama.cpp's deepseek2 files of DeepSeek-V2 (softmax), DeepSeek-V3 (sigmoid, grouped, corrected, YaRN, a
+    next-token-prediction block left out) and GLM-4.7-Flash, kv_b_proj whole or split per head: float32 ones give
+    transformers' logits; Q8_0 ones (kept packed, the per-head halves joined in float) what the same file imported
+    in float32 gives, and transformers' within Q8_0's error."""
+    import torch
+
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    hf, config = _tiny_deepseek2(family)
+    prediction_layers = 1 if family == "v3" else 0
+    _deepseek2_gguf(tmp_path / "m.gguf", hf, config, layout, qtype, prediction_layers)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(out)
+    assert ours.model_type == ("deepseek_v2" if family == "v2" else "deepseek_v3")
+    assert (ours.num_layers, ours.num_heads, ours.num_kv_heads, ours.head_dim) == (3, 4, 4, 48)
+    mla, moe = ours.arch.mla, ours.arch.moe
+    assert (mla.q_lora_rank, mla.kv_lora_rank, mla.nope, mla.rope, mla.v_head_dim) == (
+        None if family == "v2" else 32, 32, 32, 16, 24)
+    assert [layer.mlp for layer in ours.arch.layers] == ["dense", "moe", "moe"]
+    assert (moe.num_experts, moe.top_k, moe.routed_scale) == (8, 3, pytest.approx(config.routed_scaling_factor))
+    assert moe.routing == ("softmax_grouped" if family == "v2" else "sigmoid_grouped")  # V2: scaled by 2
+    assert (moe.n_group, moe.topk_group) == ((2, 1) if family == "v3" else (1, 1))
+    assert ours.arch.layers[0].rope.interleaved
+    stored = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] if (
+        out / "model.safetensors.index.json").exists() else None
+    if stored is None:
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
+            stored = set(f.keys())
+    assert ("model.layers.1.self_attn.embed_q.weight" in stored) == (layout == "split")
+    assert ("model.layers.1.self_attn.kv_b_proj.weight" in stored) == (layout != "split")
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+        return
+    assert "model.layers.1.self_attn.q_b_proj.scales" in stored or family == "v2"
+    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    with torch.no_grad():  # Q8_0's rounding, about 1e-2 here
+        want = hf(torch.tensor([TINY_TOKENS])).logits[0].numpy()
+    assert float(np.abs(got - want).max()) <= 5e-2 * max(1.0, float(np.abs(want).max()))
+
+
+def _yarn_without_log_multiplier(w: Any) -> None:
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(4.0)
+    w.add_rope_scaling_orig_ctx_len(32)
+
+
+@pytest.mark.parametrize("more_metadata, words", [
+    (lambda w: (w.add_expert_group_count(4), w.add_expert_group_used_count(2)),
+     "softmax routing limited to 2 of 4 expert groups is not supported"),
+    (lambda w: w.add_expert_weights_norm(True), "expert_weights_norm with softmax routing is not supported"),
+    (lambda w: w.add_uint32("deepseek2.expert_gating_func", 3),  # llama.cpp's SOFTMAX_WEIGHT
+     "expert_gating_func 3 is not supported"),
+    (lambda w: w.add_float32("deepseek2.attention.temperature_scale", 0.1), "temperature tuning) is not supported"),
+    (_yarn_without_log_multiplier, "yarn rope scaling but no (or a zero) deepseek2.rope.scaling.yarn_log_multiplier"),
+])
+def test_a_deepseek2_gguf_llama_cpp_runs_otherwise_than_transformers_is_refused(tmp_path, more_metadata, words):
+    hf, config = _tiny_deepseek2("v2")
+    _deepseek2_gguf(tmp_path / "m.gguf", hf, config, "split", Q.F32, more_metadata=more_metadata)
+    with pytest.raises(UnsupportedFeatureError, match=re.escape(words)):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layers, vocab, gating", [(47, 154880, 2), (48, 154880, 2), (47, 151552, 1), (27, 102400, 1)])
+def test_a_deepseek2_gguf_silent_on_its_gate_is_gated_as_llama_cpp_guesses(layers, vocab, gating):
+    """No expert_gating_func: softmax (DeepSeek-V2's early files), but sigmoid for GLM-4.7-Flash's shape."""
+    from ferrum.gguf_import.architectures import _deepseek2_gating
+
+    meta = types.SimpleNamespace(get=lambda key, default=None: default, where="m.gguf")
+    assert _deepseek2_gating(meta, "deepseek2.", {"num_hidden_layers": layers, "vocab_size": vocab}) == gating

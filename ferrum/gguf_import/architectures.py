@@ -3,7 +3,7 @@ entries its metadata gives."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
@@ -50,6 +50,13 @@ class _Architecture:
     grouped_qkv: bool = False
     #: Renames that hold where the file's blocks have the named tensor (Falcon 40B's second norm).
     renamed_with: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    #: Multi-head Latent Attention (deepseek2): the file's key_length / value_length size the compressed cache
+    #: llama.cpp runs, not the heads; ``configure`` reads the latent sizes, rope over ``rope.dimension_count`` of
+    #: each q/k head (never a partial_rotary_factor).
+    latent: bool = False
+    #: The other (model_type, Hugging Face class) ``configure`` may make a file of this architecture, its tensors
+    #: named alike (deepseek2: DeepSeek-V2 as well as V3).
+    variants: tuple[tuple[str, str], ...] = ()
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -204,8 +211,61 @@ def _glm4_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
             "use_qk_norm": "blk.0.attn_q_norm.weight" in meta.tensors}
 
 
-#: llama.cpp's ``expert_gating_func`` value for the sigmoid gate (``LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID``).
-_SIGMOID_GATING = 2
+#: llama.cpp's ``expert_gating_func`` values for the softmax and sigmoid gates (``LLAMA_EXPERT_GATING_FUNC_TYPE_*``).
+_SOFTMAX_GATING, _SIGMOID_GATING = 1, 2
+
+
+def _deepseek2_gating(meta: Metadata, p: str, cfg: dict[str, Any]) -> int:
+    """The gate as llama.cpp reads it: the file's, else softmax (DeepSeek-V2's early files), except that a file of
+    GLM-4.7-Flash's shape (47 or 48 layers, 154880 tokens) routes with the sigmoid."""
+    gating = meta.get(p + "expert_gating_func")
+    if gating is None:
+        flash = cfg["num_hidden_layers"] in (47, 48) and cfg["vocab_size"] == 154880
+        return _SIGMOID_GATING if flash else _SOFTMAX_GATING
+    if gating not in (_SOFTMAX_GATING, _SIGMOID_GATING):
+        raise UnsupportedFeatureError(f"{meta.where}: {p}expert_gating_func {gating} is not supported; Ferrum imports "
+                                      f"deepseek2 files gated by softmax ({_SOFTMAX_GATING}) or sigmoid "
+                                      f"({_SIGMOID_GATING})")
+    return int(gating)
+
+
+def _deepseek2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's deepseek2 (DeepSeek-V2 / V2-Lite / V3 / R1, Kimi K2, Moonlight, GLM-4.7-Flash) as transformers'
+    family that runs it: DeepSeek-V2 where the gate is softmax, DeepSeek-V3 where it is sigmoid (GLM-4.7-Flash's
+    Glm4MoeLite is DeepSeek-V3's attention and routing under other defaults). The heads' sizes are the latent
+    ones (``attention.key_length_mla`` / ``value_length_mla``, or, in files older than llama.cpp's MLA cache,
+    key_length / value_length); every head has its own key and value; rope over rope.dimension_count dims in
+    adjacent pairs, as llama.cpp rotates them and the converter stores them."""
+    where, mtp = meta.where, int(meta.get(p + "nextn_predict_layers", 0))
+    rope = int(meta.need(p + "rope.dimension_count"))
+    head_dim = int(meta.get(p + "attention.key_length_mla") or meta.need(p + "attention.key_length"))
+    value_dim = int(meta.get(p + "attention.value_length_mla") or meta.need(p + "attention.value_length"))
+    if meta.get(p + "attention.temperature_scale"):
+        raise UnsupportedFeatureError(f"{where}: {p}attention.temperature_scale (Mistral Large 3's attention "
+                                      "temperature tuning) is not supported")
+    groups, kept = int(meta.get(p + "expert_group_count", 1)), int(meta.get(p + "expert_group_used_count", 1))
+    config = {"num_hidden_layers": cfg["num_hidden_layers"] - mtp, "num_key_value_heads": cfg["num_attention_heads"],
+              "head_dim": rope, "qk_rope_head_dim": rope, "qk_nope_head_dim": head_dim - rope,
+              "v_head_dim": value_dim, "kv_lora_rank": int(meta.need(p + "attention.kv_lora_rank")),
+              "q_lora_rank": int(meta.need(p + "attention.q_lora_rank")) if "blk.0.attn_q_a.weight" in meta.tensors
+              else None,
+              "n_shared_experts": int(meta.need(p + "expert_shared_count")),
+              "first_k_dense_replace": int(meta.get(p + "leading_dense_block_count", 0)),
+              "routed_scaling_factor": float32_value(meta.get(p + "expert_weights_scale", 1.0))}
+    if _deepseek2_gating(meta, p, {**cfg, **config}) == _SIGMOID_GATING:
+        return {**config, "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+                "rope_interleave": True, "num_nextn_predict_layers": mtp, "n_group": groups, "topk_group": kept}
+    if groups > 1 and kept < groups:  # transformers' and DeepSeek's V2 rank the groups by their best expert
+        raise UnsupportedFeatureError(f"{where}: softmax routing limited to {kept} of {groups} expert groups is not "
+                                      "supported: llama.cpp ranks the groups by their two best experts' sum, "
+                                      "DeepSeek-V2 by its best, and the file cannot say which it was made for")
+    if cfg.get("norm_topk_prob"):
+        raise UnsupportedFeatureError(f"{where}: {p}expert_weights_norm with softmax routing is not supported "
+                                      "(no DeepSeek-V2 release renormalizes its top-k weights)")
+    if mtp:
+        raise UnsupportedFeatureError(f"{where}: next-token-prediction layers in a softmax-routed (DeepSeek-V2) "
+                                      "deepseek2 file are not supported")
+    return {**config, "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "topk_method": "greedy"}
 #: GLM-4's four norms: GGUF's names for the two after attention and the MLP; and its fused gate/up.
 _GLM4_TENSORS = (("post_attention_norm.weight", "post_self_attn_layernorm.weight"),
                  ("post_ffw_norm.weight", "post_mlp_layernorm.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))
@@ -214,6 +274,17 @@ _GLM4_MOE_TENSORS = (("post_attention_norm.weight", "post_attention_layernorm.we
                      ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
                      *((f"ffn_{p}_shexp.weight", f"mlp.shared_experts.{p}_proj.weight")
                        for p in ("gate", "up", "down")))
+
+#: DeepSeek's latent attention (mlx-lm's names for the per-head ``attn_k_b`` / ``attn_v_b`` that newer converters
+#: split ``kv_b_proj`` into, read back into it at load: ``ferrum.arch.mla``), its router's correction bias and its
+#: ungated shared experts.
+_DEEPSEEK2_TENSORS = (
+    ("attn_q_a.weight", "self_attn.q_a_proj.weight"), ("attn_q_a_norm.weight", "self_attn.q_a_layernorm.weight"),
+    ("attn_q_b.weight", "self_attn.q_b_proj.weight"), ("attn_kv_a_mqa.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    ("attn_kv_a_norm.weight", "self_attn.kv_a_layernorm.weight"), ("attn_kv_b.weight", "self_attn.kv_b_proj.weight"),
+    ("attn_k_b.weight", "self_attn.embed_q.weight"), ("attn_v_b.weight", "self_attn.unembed_out.weight"),
+    *_GLM4_MOE_TENSORS[1:],
+)
 
 #: Phi-3's fused blocks, kept fused as the Hugging Face checkpoint has them: q/k/v in one ``attn_qkv``, gate and
 #: up in one ``ffn_up``.
@@ -310,6 +381,12 @@ ARCHITECTURES = {
                              configure=_glm4_moe_config,
                              moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
                                           renormalise=False)),
+    # llama.cpp rotates DeepSeek's adjacent pairs, as the checkpoint stores them; which family is the gate's choice
+    "deepseek2": _Architecture("deepseek_v3", "DeepseekV3ForCausalLM", False, (("attention_bias", False),),
+                               renamed=_DEEPSEEK2_TENSORS, configure=_deepseek2_config, latent=True,
+                               moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
+                                            renormalise=False),
+                               variants=(("deepseek_v2", "DeepseekV2ForCausalLM"),)),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
@@ -322,6 +399,7 @@ ARCHITECTURES = {
 def for_model_type(model_type: str) -> _Architecture:
     """The architecture whose config.json names ``model_type`` (Mixtral's included)."""
     every = [*ARCHITECTURES.values(), *(a.with_experts for a in ARCHITECTURES.values() if a.with_experts)]
+    every += [replace(a, model_type=kind, hf_class=hf_class) for a in every for kind, hf_class in a.variants]
     return next(a for a in every if a.model_type == model_type)
 
 

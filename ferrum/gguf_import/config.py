@@ -65,13 +65,16 @@ def _longrope_scaling(meta: Metadata, p: str, factors: dict[str, Any], rope_dims
     return scaling
 
 
-def _yarn_scaling(meta: Metadata, p: str, where: str) -> dict[str, Any]:
+def _yarn_scaling(meta: Metadata, p: str, where: str, latent: bool = False) -> dict[str, Any]:
     """YaRN's numbers (Qwen's long-context files) back into transformers' names; the two llama.cpp-only knobs are
-    refused unless neutral, since transformers' YaRN has no place for them."""
+    refused unless neutral, since transformers' YaRN has no place for them. Latent attention's (deepseek2) are
+    :func:`_latent_yarn`'s."""
     original = meta.get(p + "rope.scaling.original_context_length")
     if not original:
         raise CheckpointError(f"{where}: yarn rope scaling without {p}rope.scaling.original_context_length")
     scaling: dict[str, Any] = {"original_max_position_embeddings": int(original)}
+    if latent:
+        scaling.update(_latent_yarn(meta, p, where))
     for key, name in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
                       ("yarn_beta_slow", "beta_slow")):
         value = meta.get(f"{p}rope.scaling.{key}")
@@ -79,10 +82,30 @@ def _yarn_scaling(meta: Metadata, p: str, where: str) -> dict[str, Any]:
             scaling[name] = float32_value(value)
     for key, neutral in (("yarn_ext_factor", 1.0), ("yarn_log_multiplier", 0.0)):
         value = meta.get(f"{p}rope.scaling.{key}")
+        if latent and key == "yarn_log_multiplier":
+            continue
         if value is not None and value != neutral:
             raise UnsupportedFeatureError(f"{where}: {p}rope.scaling.{key} = {value} is not supported "
                                           f"(transformers' YaRN has no such setting; {neutral} is accepted)")
     return scaling
+
+
+def _latent_yarn(meta: Metadata, p: str, where: str) -> dict[str, Any]:
+    """DeepSeek's YaRN as llama.cpp runs a deepseek2 file: the converter stores ``0.1 * mscale_all_dim`` as
+    ``yarn_log_multiplier`` (divided back at load), and llama.cpp takes ``mscale`` to equal it: cos and sin
+    unscaled, the softmax scale times ``(0.1 * mscale_all_dim * ln(factor) + 1) ** 2``, which is transformers'
+    reading of ``mscale = mscale_all_dim``, as every DeepSeek and Kimi release sets them. A file without it (or
+    with its own attention factor) llama.cpp scales otherwise than transformers can."""
+    log_multiplier = meta.get(p + "rope.scaling.yarn_log_multiplier")
+    if not log_multiplier:
+        raise UnsupportedFeatureError(f"{where}: a deepseek2 file with yarn rope scaling but no (or a zero) "
+                                      f"{p}rope.scaling.yarn_log_multiplier is not supported: llama.cpp then scales "
+                                      "the attention as transformers' YaRN has no setting for")
+    if meta.get(p + "rope.scaling.yarn_attn_factor") is not None:
+        raise UnsupportedFeatureError(f"{where}: {p}rope.scaling.yarn_attn_factor in a deepseek2 file is not "
+                                      "supported (llama.cpp scales both the rope and the softmax by it)")
+    weight = float32_value(np.float32(log_multiplier) / np.float32(0.1))  # llama.cpp divides in float32
+    return {"mscale": weight, "mscale_all_dim": weight}
 
 
 def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
@@ -121,12 +144,12 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         raise ConfigError(f"{where}: hidden size {hidden} is not divisible by {heads} heads")
     else:
         head_dim = hidden // heads
-    value_dim = int(meta.get(p + "attention.value_length", head_dim))
-    if value_dim != head_dim:
-        raise UnsupportedFeatureError(f"{where}: key length {head_dim} != value length {value_dim} is not supported")
     family = ARCHITECTURES[arch]
+    value_dim = int(meta.get(p + "attention.value_length", head_dim))
+    if value_dim != head_dim and not family.latent:  # latent attention's are its cache's (its configure's reading)
+        raise UnsupportedFeatureError(f"{where}: key length {head_dim} != value length {value_dim} is not supported")
     rope_dims = int(meta.get(p + "rope.dimension_count", head_dim))
-    if rope_dims != head_dim and not family.partial_rotary:
+    if rope_dims != head_dim and not (family.partial_rotary or family.latent):
         raise UnsupportedFeatureError(
             f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported for {arch}"
         )
@@ -165,7 +188,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
             )
         rope_scaling = {"rope_type": kind, "factor": float32_value(factor)}
         if kind == "yarn":
-            rope_scaling.update(_yarn_scaling(meta, p, where))
+            rope_scaling.update(_yarn_scaling(meta, p, where, family.latent))
     factors = {key: tensors.get(name) for name, key in ROPE_FACTOR_TENSORS.items()}
     if any(t is not None for t in factors.values()):
         rope_scaling = _longrope_scaling(meta, p, factors, rope_dims, where)
@@ -210,7 +233,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
             config[experts.renormalise_key] = bool(meta.get(p + "expert_weights_norm", experts.renormalise))
         if experts.shared:
             config["shared_expert_intermediate_size"] = int(meta.need(p + "expert_shared_feed_forward_length"))
-    if rope_dims != head_dim:
+    if rope_dims != head_dim and not family.latent:
         config["partial_rotary_factor"] = rope_dims / head_dim
     if rope_scaling is not None and "original_max_position_embeddings" in rope_scaling:
         # where transformers reads it first (and Phi-3's config class would otherwise default it to 4096)
@@ -221,5 +244,5 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
             config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
-    names = FAMILIES[family.model_type].names  # the family's own spelling of the sizes (GPT-2's n_embd...)
+    names = FAMILIES[config["model_type"]].names  # the family's own spelling of the sizes (GPT-2's n_embd...)
     return {names.get(key, key): value for key, value in config.items()}

@@ -130,8 +130,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
     # written as the converter stored them, [out, in], whatever the family's own checkpoints do (GPT-2's Conv1D)
     model_arch = replace(model_config.arch, transposed=False)
     model_config = replace(model_config, arch=model_arch)
-    expected = weight_shapes(model_config)
     by_name = {t.name: t for t in reader.tensors}
+    expected = _with_split_kv_b(weight_shapes(model_config), model_config, by_name)
     heads, kv_heads = model_config.num_heads, model_config.num_kv_heads
     block_tensors = {**BLOCK_TENSORS, **dict(arch.renamed)}
     for tensor, renamed in arch.renamed_with:
@@ -155,6 +155,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
         if m is not None:
             i, rest = int(m.group(1)), m.group(2)
             if rest.split(".")[0] in IGNORED_BLOCK_TENSORS or i in prediction_layers:
+                continue
+            if rest in _KV_B_HALVES and f"blk.{i}.attn_kv_b.weight" in by_name:  # the same numbers, split
                 continue
             hf_name = f"model.layers.{i}.{block_tensors[rest]}" if rest in block_tensors else None
             if arch.permuted_qk and rest in ("attn_q.weight", "attn_k.weight"):
@@ -190,6 +192,30 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(f"{where}: GGUF file lacks {len(missing)} tensor(s) a {arch.hf_class} needs: {shown}")
     return plan
+
+
+#: The per-head halves of latent attention's ``attn_kv_b`` that llama.cpp's newer converters write beside it or in
+#: its place: ``attn_k_b [H, kv_lora, nope]`` (each head's key rows transposed) and ``attn_v_b [H, v, kv_lora]``.
+_KV_B_HALVES = ("attn_k_b.weight", "attn_v_b.weight")
+
+
+def _with_split_kv_b(expected: dict[str, tuple[int, ...]], config: ModelConfig,
+                     by_name: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``expected`` with each layer's ``kv_b_proj`` that the file holds only as its two halves replaced by them,
+    under mlx-lm's names (``ferrum.arch.mla.SPLIT_KV_B``), which the loader joins back into it."""
+    from ferrum.arch.mla import SPLIT_KV_B
+
+    mla = config.arch.mla
+    if mla is None:
+        return expected
+    out = dict(expected)
+    for i in range(config.num_layers):
+        if f"blk.{i}.attn_kv_b.weight" in by_name or not all(f"blk.{i}.{h}" in by_name for h in _KV_B_HALVES):
+            continue
+        stem = f"{config.arch.prefix}layers.{i}."
+        del out[f"{stem}self_attn.kv_b_proj.weight"]
+        out.update({f"{stem}{module}.weight": shape for module, shape in zip(SPLIT_KV_B, mla.split_shapes())})
+    return out
 
 
 def choose_forms(plan: list[PlannedTensor], dequantize_to: str | None, where: str) -> None:
