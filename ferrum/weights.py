@@ -129,7 +129,7 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
                                   "has no quantization_config with quant_method awq or gptq")
         kinds = ("qweight", "qzeros", "scales") + (("g_idx",) if f"{module}.g_idx" in present else ())
         return tuple(f"{module}.{kind}" for kind in kinds)
-    scale = fp8.scale_part(module, present) if quant is not None and quant.fp8 is not None and module != name else None
+    scale = fp8.scale_part(module, present) if _fp8(config) is not None and module != name else None
     if scale is not None:  # an FP8 weight and its scale
         return name, scale
     if module == name or f"{module}.scales" not in present:
@@ -154,6 +154,11 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
             "bits and group_size)"
         )
     return name, f"{module}.scales", f"{module}.biases"
+
+
+def _fp8(config: ModelConfig) -> Any:
+    """The checkpoint's FP8 scheme (:mod:`ferrum.quant.fp8`), or None."""
+    return None if config.quantization is None else config.quantization.fp8
 
 
 def split_norm_parts(config: ModelConfig, name: str) -> tuple[str, ...]:
@@ -191,9 +196,9 @@ def _assemble(
         return awq_gptq.repack(parts, module, quant.mode_for(module), shape, quant.bits, quant.group_size, where)
     array = parts[name]
     quant = config.quantization
-    scale = fp8.scale_part(module, parts) if quant is not None and quant.fp8 is not None else None
+    scale = fp8.scale_part(module, parts) if _fp8(config) is not None else None
     if scale is not None:
-        return fp8.decode(array, parts[scale], quant.fp8, shape, f"{where}: {module}")
+        return fp8.decode(array, parts[scale], _fp8(config), shape, f"{where}: {module}")
     if len(parts) == 1:
         if fp8.is_fp8(array):
             raise CheckpointError(fp8.unscaled(name, array, quant, where))
@@ -270,7 +275,7 @@ def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
     arch = config.arch
     wrapped = arch.prefix != "model."
     head = arch.lm_head.removesuffix(".weight")  # its packed scales and biases too
-    unused_fp8 = config.quantization is not None and config.quantization.fp8 is not None
+    unused_fp8 = _fp8(config) is not None
     mtp = tuple(f"{arch.prefix}layers.{config.num_layers + i}." for i in range(arch.mtp_layers))
     left = sorted(
         name for name in unread
