@@ -12,7 +12,7 @@ bench() { name=$1; shift; echo "== $name: ferrum bench $*"; .venv/bin/ferrum ben
 short=(--workload decode-1 --prompt-len 128 --gen-len 64)
 
 gguf=$(.venv/bin/python -c "from ferrum.default_model import default_gguf_path; print(default_gguf_path())")
-float_dir="${FERRUM_CACHE_DIR:-$HOME/.cache/ferrum}/bench/default-model-float32"
+float_dir="$(.venv/bin/python -c 'from ferrum.sources import cache_root; print(cache_root())')/bench/default-model-float32"
 [ -f "$float_dir/config.json" ] || .venv/bin/python -c "
 import sys; from ferrum.gguf_import import convert_gguf
 convert_gguf(sys.argv[1], sys.argv[2], dequantize_to='float32')" "$gguf" "$float_dir"

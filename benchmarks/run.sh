@@ -26,7 +26,7 @@ bench numpy-decode-1 --preset smollm2-135m --backend cpu --dtype float32 --workl
 # numpy vs llama.cpp on the same float32 weights: the default model dequantized into a float32 GGUF
 # (benchmarks/float32_gguf.py), where llama-cpp-python is installed.
 if .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
-  f32="${FERRUM_CACHE_DIR:-$HOME/.cache/ferrum}/bench/default-model-float32.gguf"
+  f32="$(.venv/bin/python -c 'from ferrum.sources import cache_root; print(cache_root())')/bench/default-model-float32.gguf"
   [ -f "$f32" ] || .venv/bin/python benchmarks/float32_gguf.py "$f32"
   bench numpy-float32-gguf-vs-llamacpp --model "$f32" --backend cpu --workload decode-1 --prompt-len 64 --gen-len 32 --repeat 5
 fi

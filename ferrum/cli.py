@@ -428,12 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     from ferrum.bench.presets import PRESETS
     from ferrum.bench.workloads import WORKLOADS
 
-    p = sub.add_parser("bench", help="time a workload on ferrum and on a peer (mlx-lm / transformers), same weights")
-    p.add_argument("--workload", default="decode-1", choices=sorted(WORKLOADS))
+    p = sub.add_parser("bench", help="time a workload on ferrum and on a peer (mlx-lm / transformers / llama.cpp), "
+                                     "same weights")
+    p.add_argument("--workload", default="decode-1", choices=sorted(WORKLOADS), help="what to time (default decode-1)")
     p.add_argument("--backend", help="backend name; default: best available")
     p.add_argument("--model", help="checkpoint folder, .gguf file or Hugging Face repo id "
                                    "(default: a random-weight --preset)")
-    p.add_argument("--preset", default="qwen2-0.5b", choices=sorted(PRESETS), help="shape of the random checkpoint")
+    p.add_argument("--preset", default="qwen2-0.5b", choices=sorted(PRESETS),
+                   help="shape of the random checkpoint (default qwen2-0.5b)")
     p.add_argument("--quantize", type=int, choices=(2, 3, 4, 5, 6, 8),
                    help="bench a quantized copy (mlx-community layout, cached) of the model at these bits")
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128), help="with --quantize")
@@ -472,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0-65535 (default 8000)")
     p.add_argument("--served-model-name", action="append",
-                   help="name clients use in 'model' (repeatable; default: the MODEL argument)")
+                   help="name clients use in 'model' (repeatable; default: the MODEL argument, or "
+                        "SmolLM2-135M-Instruct for the embedded model)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoding at once (default 64)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting beyond --max-num-seqs before new ones get 429 (default 256)")
