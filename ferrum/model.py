@@ -21,11 +21,10 @@ import numpy as np
 
 from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
-from ferrum.arch.mla import MlaOutput, MlaProjections
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS
 from ferrum.arch.tensors import (
-    Fuser, bias_of, is_norm, prepare, projection_group, resolve_layout, weight_shapes,
+    Fuser, bias_of, is_norm, prepare, resolve_layout, weight_shapes,
 )
 from ferrum.attention import AttentionBatch
 from ferrum.backends import Backend, backend_for_format, load_backend
@@ -199,9 +198,11 @@ class DecoderOnlyLLM:
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
                               None if head_bias is None else head_bias.weight)
         self.ropes = {id(r): _RopeTables(ops, r) for r in {id(spec.rope): spec.rope for spec in arch.layers}.values()}
-        #: Latent attention's 0/1 placement matrices (ferrum.arch.mla), one set per rope, shared by its layers.
-        self._mla = {} if arch.mla is None else {
-            key: arch.mla.place(ops, dtype, tables.rope) for key, tables in self.ropes.items()}
+        #: How the layers' attention projections are built, and what its layers share per rope (latent attention's
+        #: 0/1 placement matrices, ferrum.arch.mla).
+        self._attention = arch.attention
+        self._attention_placed = {key: self._attention.place(ops, dtype, tables.rope)
+                                  for key, tables in self.ropes.items()}
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
@@ -292,14 +293,7 @@ class DecoderOnlyLLM:
 
         norms = {slot: _norm_weights(w, p + name, arch.norm_params) for slot, name in arch.norms.items()}
         sinks = tensor("self_attn.sinks")
-        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        if arch.mla is None:
-            qkv = projection_group(self.ops, tensor, projection, "self_attn.qkv_proj", (q, kv, kv))
-            o = projection("self_attn.o_proj")
-        else:  # latent attention: its projections give the blocks ordinary q, k, v heads (ferrum.arch.mla)
-            placed = self._mla[id(spec.rope)]
-            qkv = MlaProjections(arch.mla, self.ops, projection, lambda norm: tensor(f"{norm}.weight"), placed)
-            o = MlaOutput(arch.mla, self.ops, projection("self_attn.o_proj"), placed)
+        qkv, o = self._attention.build(self.ops, config, tensor, projection, self._attention_placed[id(spec.rope)])
         return _Layer(
             pre_attn=norms.get("pre_attn"),
             post_attn=norms.get("post_attn"),

@@ -178,6 +178,22 @@ class MlaSpec:
                 for name, array in self.placements(rope).items()}
 
 
+class LatentAttention:
+    """The attention kind of an :class:`MlaSpec` (``Architecture.attention``): its placement matrices, once per rope
+    and shared by the rope's layers, and each layer's projections built around them."""
+
+    def __init__(self, spec: MlaSpec):
+        self.spec = spec
+
+    def place(self, ops: Any, dtype: str, rope: Rope) -> dict[str, Linear]:
+        return self.spec.place(ops, dtype, rope)
+
+    def build(self, ops: Any, config: Any, tensor: Callable[[str], Any], projection: Callable[[str], Linear],
+              placed: dict[str, Linear]) -> tuple[MlaProjections, MlaOutput]:
+        qkv = MlaProjections(self.spec, ops, projection, lambda norm: tensor(f"{norm}.weight"), placed)
+        return qkv, MlaOutput(self.spec, ops, projection("self_attn.o_proj"), placed)
+
+
 class MlaProjections:
     """One layer's ``x -> (q, k, v)``, each ``[T, H*Dq]`` (values zero-padded per head), as the model's blocks take
     a projection group's outputs; ``linears`` are every matrix it applies (profilers wrap them)."""

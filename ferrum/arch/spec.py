@@ -99,5 +99,14 @@ class Architecture:
     layouts: tuple[tuple[str, str, dict[str, str]], ...] = ()
 
     @property
+    def attention(self) -> Any:
+        """How the layers' attention projections are built: latent attention where ``mla`` is set
+        (:class:`ferrum.arch.mla.LatentAttention`), else q/k/v and o (:class:`ferrum.arch.tensors.DenseAttention`)."""
+        from ferrum.arch.mla import LatentAttention  # imported here: both modules read this one's records
+        from ferrum.arch.tensors import DENSE_ATTENTION
+
+        return DENSE_ATTENTION if self.mla is None else LatentAttention(self.mla)
+
+    @property
     def windows(self) -> tuple[int | None, ...]:
         return tuple(layer.window for layer in self.layers)

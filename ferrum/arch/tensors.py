@@ -280,6 +280,25 @@ def projection_group(ops: Any, tensor: Callable[[str], Any], linear: Callable[[s
     return Projections([linear(member) for member in FUSED[fused]], sizes)
 
 
+class DenseAttention:
+    """The attention kind of q/k/v projections (one fused matrix where the :class:`Fuser` fused them) and ``o_proj``;
+    latent attention is the other (:class:`ferrum.arch.mla.LatentAttention`). ``Architecture.attention`` picks."""
+
+    def place(self, ops: Any, dtype: str, rope: Any) -> None:
+        """Nothing is shared between this kind's layers."""
+        return None
+
+    def build(self, ops: Any, config: Any, tensor: Callable[[str], Any], projection: Callable[[str], Linear],
+              placed: None) -> tuple[Projections, Linear]:
+        """One layer's ``x -> (q, k, v)`` projections and its output projection."""
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        qkv = projection_group(ops, tensor, projection, "self_attn.qkv_proj", (q, kv, kv))
+        return qkv, projection("self_attn.o_proj")
+
+
+DENSE_ATTENTION = DenseAttention()
+
+
 class Fuser:
     """Holds the prepared members of each fused group of a layer (:data:`FUSED`) until all have
     arrived, then gives the group back as one matrix (and one bias, zeros for a member without).
