@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.13"
+API_VERSION = "1.14"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -109,6 +109,7 @@ OPTIONAL_OPS = (
     "gelu_tanh_mul",
     "layer_norm",
     "gelu",
+    "relu_squared",
     "mul_scalar",
     "softcap",
     "clip",
@@ -309,6 +310,13 @@ def gelu(x: Any, tanh: bool) -> Any:
     """(optional) GELU of an ungated MLP's hidden layer (Phi-2, StarCoder2): exact, ``0.5 * x * (1 +
     erf(x / sqrt(2)))``, or with ``tanh`` the approximation of :func:`gelu_tanh_mul`. Fallback: computed
     on the host in float32."""
+
+
+@hookspec(firstresult=True)
+def relu_squared(x: Any) -> Any:
+    """(optional) ``relu(x) ** 2``, the squared ReLU of an ungated MLP's hidden layer (Nemotron, Arcee), in
+    ``x``'s dtype (the square of ``x``'s value rounded once, as torch's ``relu(x).square()`` gives it). Fallback:
+    computed on the host in float32."""
 
 
 @hookspec(firstresult=True)

@@ -98,6 +98,10 @@ def gelu(ops: Any, x: Any, tanh: bool) -> Any:
     return _on_host(ops, x, _gelu_tanh if tanh else _gelu_exact)
 
 
+def relu_squared(ops: Any, x: Any) -> Any:
+    return _on_host(ops, x, lambda a: np.square(np.maximum(a, np.float32(0))))
+
+
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:
     rounded = np.asarray(ops.to_numpy(ops.from_numpy(np.array([factor], dtype=np.float32), _dtype_name(x))))[0]
     return _on_host(ops, x, lambda a: a * np.float32(rounded))

@@ -69,11 +69,21 @@ def test_a_layer_norm_dropping_its_bias_is_caught(registered):
 
 
 def test_the_core_fallbacks_of_layer_norm_and_gelu_conform(registered):
-    registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm", "clip", "mul")))
+    registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm", "clip", "mul", "relu_squared")))
     passed = [r.name for r in assert_conformance("nolayernorm").results if r.passed]
     assert {"layer_norm (core fallback)", "gelu (core fallback)", "clip (core fallback)", "mul (core fallback)",
-            "model phi: logits and decode steps", "model olmo: logits and decode steps",
+            "relu_squared (core fallback)", "model phi: logits and decode steps", "model olmo: logits and decode steps",
             "model cohere: logits and decode steps"} <= set(passed)
+
+
+@hookimpl
+def relu_squared_without_the_relu(x):
+    return np.square(x)
+
+
+def test_a_squared_relu_that_keeps_negatives_is_caught(registered):
+    registered("norelu", cpu_like_plugin("norelu", extra={"relu_squared": relu_squared_without_the_relu}))
+    assert set(check_backend("norelu").failed()) == {"relu_squared (native)"}
 
 
 @hookimpl

@@ -1,6 +1,6 @@
-"""Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, scaling,
-soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE, Phi-3 with
-longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7) against the float64
+"""Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, squared ReLU,
+scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE,
+Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7) against the float64
 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
 A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
@@ -114,6 +114,14 @@ def check_gelu(c: Any, tol: float) -> float:
     return max(_compare(c.get(c.ops.gelu(c.put(x), tanh)), arch_oracle.gelu(x, tanh), tol) for tanh in (True, False))
 
 
+def check_relu_squared(c: Any, tol: float) -> float:
+    """Values on both sides of zero, some exactly at it, and negatives far from it (squared if not cut)."""
+    x = c.random(6, 80) * 3
+    x[0, :4] = [0.0, -0.0, -8.0, 8.0]
+    x = c.rounded(x)
+    return _compare(c.get(c.ops.relu_squared(c.put(x))), np.square(np.maximum(x, 0.0)), tol)
+
+
 def check_mul_scalar(c: Any, tol: float) -> float:
     x = c.rounded(c.random(5, 64))
     factor = float(c.rounded(np.array([np.sqrt(3072.0)], dtype=np.float32))[0])  # as the dtype holds it
@@ -218,6 +226,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"gelu_tanh_mul ({source('gelu_tanh_mul')})", lambda: check_gelu_tanh_mul(c, tol), tol),
         (f"layer_norm ({source('layer_norm')})", lambda: check_layer_norm(c, tol), tol),
         (f"gelu ({source('gelu')})", lambda: check_gelu(c, tol), tol),
+        (f"relu_squared ({source('relu_squared')})", lambda: check_relu_squared(c, tol), tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),

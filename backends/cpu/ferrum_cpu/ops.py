@@ -133,6 +133,12 @@ def mul(a, b):
 
 
 @hookimpl
+def relu_squared(x):
+    out = np.maximum(x, 0)
+    return np.square(out, out=out)
+
+
+@hookimpl
 def clip(x, limit):
     return np.clip(x, -limit, limit).astype(x.dtype, copy=False)
 

@@ -523,6 +523,11 @@ def gelu(x, tanh):
 
 
 @hookimpl
+def relu_squared(x):
+    return torch.relu(x).square()
+
+
+@hookimpl
 def mul_scalar(x, factor):
     return x * torch.tensor(factor, dtype=x.dtype, device=x.device)
 

@@ -392,6 +392,11 @@ def gelu(x, tanh):
 
 
 @hookimpl
+def relu_squared(x):
+    return mx.square(nn.relu(x))
+
+
+@hookimpl
 def mul_scalar(x, factor):
     return x * mx.array(factor, dtype=x.dtype)
 

@@ -123,6 +123,16 @@ def gelu(x, tanh):
 
 
 @jax.jit
+def _relu_squared(x):
+    return jnp.square(jax.nn.relu(x))
+
+
+@hookimpl
+def relu_squared(x):
+    return _relu_squared(x)
+
+
+@jax.jit
 def _mul(a, b):
     return (a * b).astype(a.dtype)
 
