@@ -50,7 +50,7 @@ def test_a_wrong_rope_is_caught(registered):
         "model packed at 4 bits: logits and greedy tokens",
         *(f"model {family}: logits and decode steps"
           for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "phi", "starcoder2", "cohere",
-                         "olmo")),
+                         "olmo", "nemotron")),
     }
     with pytest.raises(AssertionError, match="FAIL  rope"):
         assert_conformance("badrope")
@@ -65,14 +65,16 @@ def test_a_layer_norm_dropping_its_bias_is_caught(registered):
     registered("nobias", cpu_like_plugin("nobias", extra={"layer_norm": layer_norm_dropping_the_bias}))
     report = check_backend("nobias")
     assert set(report.failed()) == {"layer_norm (native)", "model phi: logits and decode steps",
-                                    "model starcoder2: logits and decode steps"}
+                                    "model starcoder2: logits and decode steps",
+                                    "model nemotron: logits and decode steps"}
 
 
 def test_the_core_fallbacks_of_layer_norm_and_gelu_conform(registered):
     registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm", "clip", "mul", "relu_squared")))
     passed = [r.name for r in assert_conformance("nolayernorm").results if r.passed]
     assert {"layer_norm (core fallback)", "gelu (core fallback)", "clip (core fallback)", "mul (core fallback)",
-            "relu_squared (core fallback)", "model phi: logits and decode steps", "model olmo: logits and decode steps",
+            "relu_squared (core fallback)", "model phi: logits and decode steps",
+            "model nemotron: logits and decode steps", "model olmo: logits and decode steps",
             "model cohere: logits and decode steps"} <= set(passed)
 
 
@@ -83,7 +85,7 @@ def relu_squared_without_the_relu(x):
 
 def test_a_squared_relu_that_keeps_negatives_is_caught(registered):
     registered("norelu", cpu_like_plugin("norelu", extra={"relu_squared": relu_squared_without_the_relu}))
-    assert set(check_backend("norelu").failed()) == {"relu_squared (native)"}
+    assert set(check_backend("norelu").failed()) == {"relu_squared (native)", "model nemotron: logits and decode steps"}
 
 
 @hookimpl

@@ -1,5 +1,6 @@
-"""Gemma 1-3 (text), Phi-3 / Phi-4, SmolLM3, Granite, OLMo 2, the LayerNorm families (Phi-2, StableLM, StarCoder2)
-and more against transformers (the reference), mlx-lm and each other, plus the family key table's refusals.
+"""Gemma 1-3 (text), Phi-3 / Phi-4, SmolLM3, Granite, OLMo 2, the LayerNorm families (Phi-2, StableLM, StarCoder2),
+the squared-ReLU ones (Nemotron, Arcee) and more against transformers (the reference), mlx-lm and each other, plus
+the family key table's refusals.
 
 Tiny random checkpoints are built with transformers' own model classes (eager
 attention, so Gemma 2's soft-capping is applied by the reference). Bounds are
@@ -37,7 +38,8 @@ FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window",
             "phi", "phi_qk_norm_exact_gelu", "stablelm", "stablelm_parallel", "stablelm_qk_norm", "starcoder2",
             "cohere", "cohere_qk_norm",
             "cohere2", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode",
-            "gpt_bigcode_mha", "gptj", "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip")
+            "gpt_bigcode_mha", "gptj", "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip",
+            "nemotron", "nemotron_llama3_quarter", "arcee")
 
 
 def _longrope(half: int) -> dict:
@@ -177,6 +179,21 @@ def transformers_config(family: str):
                                        tie_word_embeddings=True)
     if family == "olmo_clip":  # OLMo 1.7's q, k and v clipped, tight enough to bite
         return transformers.OlmoConfig(**common, num_attention_heads=4, num_key_value_heads=2, clip_qkv=0.05)
+    nemotron = {k: v for k, v in common.items() if k != "rms_norm_eps"}
+    if family == "nemotron":  # LayerNorm1P (1 + w, biased), a squared-ReLU ungated MLP, rope on half of each head
+        return transformers.NemotronConfig(**nemotron, norm_eps=1e-5, num_attention_heads=4, num_key_value_heads=2,
+                                           attention_bias=True, mlp_bias=True)
+    if family == "nemotron_llama3_quarter":  # llama3 rope on a quarter of each head, head_dim != hidden / heads, tied
+        return transformers.NemotronConfig(
+            **nemotron, norm_eps=1e-3, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
+                             "partial_rotary_factor": 0.25})
+    if family == "arcee":  # Arcee AFM: Llama's blocks, a squared-ReLU ungated MLP, YaRN as AFM-4.5B ships it
+        return transformers.ArceeConfig(**common, num_attention_heads=4, num_key_value_heads=2,
+                                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                         "original_max_position_embeddings": 32})
     raise ValueError(family)
 
 
@@ -342,7 +359,7 @@ def _mlx_lm_config(config: dict) -> dict:
                                             ("stablelm_qk_norm", 13),
                                             ("starcoder2", WINDOW), ("cohere", 13), ("cohere_qk_norm", 13),
                                             ("cohere2", WINDOW), ("gpt_neox", 13), ("gpt2", 13), ("gpt_bigcode", 13),
-                                            ("gptj", 13)])
+                                            ("gptj", 13), ("nemotron", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -381,11 +398,12 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [None, 8])
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "helium", "glm"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "helium", "glm", "nemotron"])
 def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
     """mlx-lm's conversions of GPT-2 (the projections [out, in] under ``model.``, its Conv1D turned into Linear),
-    GPT-NeoX (``model.h.*``, ``model.embed_out``), Helium and GLM-4 (gate and up in one matrix), float or packed:
-    read as such, on every backend, and as mlx-lm runs them."""
+    GPT-NeoX (``model.h.*``, ``model.embed_out``), Helium and GLM-4 (gate and up in one matrix) and Nemotron (its
+    LayerNorm1P weights stored as ``w``, scaling by ``1 + w``), float or packed: read as such, on every backend, and
+    as mlx-lm runs them. (mlx-lm 0.32 has no Arcee.)"""
     mx = pytest.importorskip("mlx.core")
     convert = pytest.importorskip("mlx_lm.convert")
     mlx_utils = pytest.importorskip("mlx_lm.utils")
@@ -709,6 +727,15 @@ def _config(family: str, **overrides) -> dict:
         ("helium", {"head_dim": 32}, ConfigError, "head_dim"),  # its o_proj takes hidden_size inputs
         ("helium", {"hidden_act": "gelu"}, UnsupportedFeatureError, "hidden_act"),
         ("glm", {"partial_rotary_factor": 1.5, "rope_parameters": None}, ConfigError, "partial_rotary_factor"),
+        ("nemotron", {"hidden_act": "silu"}, UnsupportedFeatureError, "hidden_act"),  # an ungated SiLU
+        ("nemotron", {"partial_rotary_factor": 1.5, "rope_parameters": None}, ConfigError, "partial_rotary_factor"),
+        ("nemotron", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.125}},
+         ConfigError, "partial_rotary_factor"),  # 3 rotary dims of 24
+        ("nemotron", {"rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}},
+         UnsupportedFeatureError, "rope_parameters"),
+        ("arcee", {"hidden_act": "silu"}, UnsupportedFeatureError, "hidden_act"),
+        ("arcee", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+         UnsupportedFeatureError, "rope_parameters"),  # transformers' Llama rotates whole heads whatever it says
     ],
 )
 def test_math_changing_keys_are_refused_by_name(family, overrides, error, key):
@@ -769,12 +796,12 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
                      "ernie4_5", "glm4", "hunyuan_v1_dense", "phi", "stablelm", "starcoder2", "cohere", "cohere2",
-                     "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "falcon", "olmo")
+                     "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "falcon", "olmo", "nemotron", "arcee")
 #: The LayerNorm families, and the key each reads its norms' epsilon from.
 LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps",
                   "gpt2": "layer_norm_epsilon", "gpt_bigcode": "layer_norm_epsilon", "gptj": "layer_norm_epsilon",
-                  "falcon": "layer_norm_epsilon"}
+                  "falcon": "layer_norm_epsilon", "nemotron": "norm_eps"}
 #: The families that read the sizes under GPT-2's keys.
 GPT2_LIKE = ("gpt2", "gpt_bigcode", "gptj")
 #: GPT-2's keys for the sizes, by the usual key.
@@ -787,6 +814,7 @@ SIZE_KEYS = tuple(f for f in USUAL_KEYS if f != "falcon")
 #: Examples per family: about 0.1 s each on 2 cores (tiny models), all ten families in well under a minute.
 PROPERTY_EXAMPLES = 15
 _ACTS = ("silu", "silu", "silu", "gelu", "relu")  # weighted towards what runs, so most examples compare logits
+_UNGATED_ACTS = ("relu2", "relu2", "relu2", "gelu_pytorch_tanh", "silu")  # Nemotron's and Arcee's MLP
 
 
 def _rope_keys(draw, st, kinds: tuple[str, ...], half: int) -> dict:
@@ -888,6 +916,9 @@ def draw_config(draw, st, family: str) -> dict:
         raw["clip_qkv"] = draw(st.sampled_from([None, 0.05, 8.0]))
     if family == "ernie4_5":
         raw["use_bias"] = draw(st.booleans())
+    if family == "arcee":
+        raw.update(hidden_act=draw(st.sampled_from(_UNGATED_ACTS)), attention_bias=draw(st.booleans()),
+                   mlp_bias=draw(st.booleans()))
     if family == "hunyuan_v1_dense":  # Hunyuan's rope: "dynamic" with a fixed alpha, beside the usual kinds
         raw.update(attention_bias=draw(st.booleans()), head_dim=head_dim)  # transformers reads head_dim as is
         if draw(st.booleans()):
@@ -962,6 +993,12 @@ def _draw_layer_norm_family(draw, st, family: str, raw: dict, head_dim: int, win
                                                          "bias", "alibi")},
                    num_ln_in_parallel_attn=draw(st.sampled_from([None, 1, 2])))
         return raw
+    if family == "nemotron":  # Llama's rope scalings on partial_rotary_factor (0.5) of each head, biases
+        raw.update(_rope_keys(draw, st, ("default", "linear", "dynamic", "llama3", "yarn", "longrope"), head_dim // 2),
+                   hidden_act=draw(st.sampled_from(_UNGATED_ACTS)), attention_bias=draw(st.booleans()),
+                   mlp_bias=draw(st.booleans()))
+        factor = draw(st.sampled_from([None, 0.25, 0.5, 1.0]))
+        return raw if factor is None else {**raw, "partial_rotary_factor": factor}
     gated = family in ("stablelm", "cohere", "cohere2")
     acts = ("silu", "silu", "gelu") if gated else ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
     raw["hidden_act"] = draw(st.sampled_from(acts))
@@ -1102,6 +1139,7 @@ _INVALID = {
     "rotary_pct": ((0, -0.5, 1.5, "0.5"), ("gpt_neox",)),
     "logit_scale": ((0, -0.5, "0.0625"), ("cohere", "cohere2")),
     "norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), ("starcoder2",)),
+    "norm_eps": ((0, -1e-6, "1e-6", float("nan")), ("nemotron",)),
     "rope_theta": ((0, -10000.0, "1e4", True, float("-inf")), USUAL_KEYS),
     "factor": ((0, -2.0, "2", None), tuple(f for f in USUAL_KEYS if f not in ("gemma2", "gemma3_text", "phi3"))),
     "sliding_window": ((-1, 2.5, "8", True), ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
@@ -1112,7 +1150,7 @@ _INVALID = {
     "decoder_sparse_step": ((0, -1, 1.5), ("qwen2_moe", "qwen3_moe")),
     "query_pre_attn_scalar": ((0, -1.0, "8"), ("gemma2", "gemma3_text")),
     "rope_local_base_freq": ((0, -1.0, "1e4"), ("gemma3_text",)),
-    "partial_rotary_factor": ((0, -0.5, 1.5, "0.5"), ("phi3", "phi", "stablelm")),
+    "partial_rotary_factor": ((0, -0.5, 1.5, "0.5"), ("phi3", "phi", "stablelm", "nemotron")),
     "layer_types": ((["sliding_attention"] * 9, ["local"], "full_attention"), ("qwen2", "qwen3", "gemma2",
                                                                                "gemma3_text")),
 }
@@ -1159,7 +1197,7 @@ def test_random_invalid_values_are_refused_naming_the_key():
 # ------------------------------------------- random checkpoints and packed weights
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "nemotron"])
 def test_random_checkpoints_of_each_family_are_what_transformers_reads(family, tmp_path):
     """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
     import torch
@@ -1288,6 +1326,7 @@ def test_gpt2_is_refused_by_ferrum_quantize_by_name(checkpoints, tmp_path):
     ("falcon", "max_position_embeddings"), ("gpt2", "n_positions"), ("gpt_bigcode", "n_positions"),
     ("gptj", "n_positions"), ("llama", "max_position_embeddings"), ("llama", "vocab_size"),
     ("mistral", "vocab_size"), ("mistral", "max_position_embeddings"), ("gemma3_text", "sizes"),
+    ("nemotron", "rope"), ("nemotron", "vocab_size"), ("arcee", "max_position_embeddings"),
 ])
 def test_a_left_out_key_takes_the_transformers_default(model_type, left_out):
     """A hand-written config.json (or an old release's: Falcon's first had no context length) that leaves a key

@@ -896,6 +896,36 @@ def _starcoder2(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: The ungated MLP's activations by transformers' names: GELU's, and the squared ReLU of Nemotron and Arcee.
+_UNGATED_ACTIVATIONS = {**_GELU_ACTIVATIONS, "relu2": "relu2"}
+
+
+def _ungated_key(default: str) -> Key:
+    return Key("hidden_act", default=default, check=one_of(*_UNGATED_ACTIVATIONS), unsupported=True)
+
+
+def _nemotron(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Nemotron (Nemotron-3, Minitron, Nemotron-Mini): Llama's blocks with LayerNorm1P (biased LayerNorms scaling by
+    ``1 + w``), an ungated MLP (squared ReLU by default), rope on partial_rotary_factor (0.5) of each head,
+    attention_bias on every attention projection and mlp_bias on the MLP."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.5))
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mlp="plain") for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm="layer", norm_bias=True, norm_offset=1.0,
+        activation=_UNGATED_ACTIVATIONS[r("hidden_act")], attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qkv_bias=bias, o_bias=bias, mlp_bias=r("mlp_bias"),
+    )
+
+
+def _arcee(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Arcee AFM: Llama's blocks with Nemotron's ungated MLP (up_proj, down_proj; squared ReLU by default)."""
+    arch = _llama_like(False, None, _no_windows)(r, sizes)
+    return replace(arch, layers=tuple(replace(layer, mlp="plain") for layer in arch.layers),
+                   activation=_UNGATED_ACTIVATIONS[r("hidden_act")])
+
+
 def _cohere_blocks(r: KeyReader, sizes: Sizes, ropes: list[Rope], windows: list) -> Architecture:
     """Command R's blocks: one LayerNorm without a bias feeding attention and the MLP side by side, GPT-J's rope
     (adjacent dims paired), attention_bias on every attention projection, logits scaled by logit_scale; with
@@ -1455,4 +1485,19 @@ FAMILIES: dict[str, Family] = {
         _gelu_key("gelu_pytorch_tanh"),
         Key("use_bias", default=True, check=boolean),
     ), eps_key="norm_epsilon"),
+    "nemotron": _layer_norm_family(_nemotron, False, _core_defaults(vocab_size=256_000, max_position_embeddings=4096), (
+        _ungated_key("relu2"),
+        Key("partial_rotary_factor", check=optional_positive_number),
+        Key("attention_bias", default=False, check=boolean),
+        Key("mlp_bias", default=False, check=boolean),
+    ), eps_key="norm_eps"),
+    "arcee": Family(  # Arcee AFM-4.5B
+        _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=4096), _ROPE, (
+            _ungated_key("relu2"),
+            Key("attention_bias", default=False, check=boolean),
+            Key("mlp_bias", default=False, check=boolean),
+        )),
+        _arcee,
+        eps_default=1e-5,
+    ),
 }

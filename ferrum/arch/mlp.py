@@ -20,8 +20,12 @@ if TYPE_CHECKING:
     from ferrum.weights import Linear, Projections
 
 ACTIVATION_OPS = {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}
-#: The ungated MLP's activations: name -> ``gelu``'s ``tanh`` argument.
-PLAIN_ACTIVATIONS = {"gelu_tanh": True, "gelu": False}
+#: The ungated MLP's activations: name -> ``act(ops, x)``.
+PLAIN_ACTIVATIONS: dict[str, Callable[[Any, Any], Any]] = {
+    "gelu_tanh": lambda ops, x: ops.gelu(x, True),
+    "gelu": lambda ops, x: ops.gelu(x, False),
+    "relu2": lambda ops, x: ops.relu_squared(x),  # Nemotron, Arcee
+}
 
 
 class MlpKind(Protocol):
@@ -106,8 +110,8 @@ class UngatedMLP:
 
 
 class Plain:
-    """The ungated MLP (Phi-2's fc1 / fc2, StarCoder2's c_fc / c_proj), under Llama's names up_proj / down_proj
-    (``Architecture.stored_names`` maps them to the checkpoint's)."""
+    """The ungated MLP (Phi-2's fc1 / fc2, StarCoder2's c_fc / c_proj, Nemotron's up_proj / down_proj), under
+    Llama's names up_proj / down_proj (``Architecture.stored_names`` maps them to the checkpoint's)."""
 
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
         h, inter = config.hidden_size, config.intermediate_size
@@ -121,8 +125,8 @@ class Plain:
 
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
               config: Any, layer: int) -> UngatedMLP:
-        tanh = PLAIN_ACTIVATIONS[config.arch.activation]
-        return UngatedMLP(linear("mlp.up_proj"), linear("mlp.down_proj"), lambda x: ops.gelu(x, tanh))
+        act = PLAIN_ACTIVATIONS[config.arch.activation]
+        return UngatedMLP(linear("mlp.up_proj"), linear("mlp.down_proj"), lambda x: act(ops, x))
 
 
 #: Kinds by name; ``LayerSpec.mlp`` picks one.

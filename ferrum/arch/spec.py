@@ -30,7 +30,8 @@ class Architecture:
     #: Block norms, slot -> tensor name in the layer: ``pre_attn`` and ``pre_mlp`` (Llama); Gemma's sandwich
     #: adds ``post_attn`` (on the attention output) and ``post_mlp``; OLMo 2 has only those two.
     norms: dict[str, str]
-    #: RMSNorm scales by ``norm_offset + w`` (Gemma stores ``w`` around 0: offset 1).
+    #: Every norm scales by ``norm_offset + w`` (Gemma's RMSNorms and Nemotron's LayerNorm1P store ``w`` around 0:
+    #: offset 1), folded into the weights at load.
     norm_offset: float = 0.0
     #: Every norm's kind (:data:`ferrum.arch.norms.NORM_KINDS`): "rms" (RMSNorm) or "layer" (LayerNorm: Phi-2,
     #: StableLM, StarCoder2, GPT-2...), with a bias beside each weight where ``norm_bias``.
@@ -41,7 +42,7 @@ class Architecture:
     #: (Phi-2, StableLM 2 12B); the MLP reads ``pre_mlp``'s norm of the input where the block has one.
     parallel: bool = False
     #: The activation: of the gated MLP, "silu" | "gelu_tanh"; of the ungated one (``LayerSpec.mlp`` "plain"),
-    #: "gelu_tanh" | "gelu" (exact).
+    #: "gelu_tanh" | "gelu" (exact) | "relu2" (``relu(x) ** 2``: Nemotron, Arcee).
     activation: str = "silu"
     embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype; Granite's multiplier
     #: Granite: multiplies what each block's attention and MLP add to the residual stream, and the logits.

@@ -2,7 +2,7 @@
 
 It reads the checkpoint tensors as stored (under the checkpoint's own names,
 fused q/k/v (GPT-NeoX's grouped per head) and gate/up split here, Gemma's
-``1 + w`` norms, LayerNorms with their biases, rope on the first
+and Nemotron's ``1 + w`` norms, LayerNorms with their biases, rope on the first
 ``rotary_dim`` dims with transformers' pairing or GPT-J's, longrope's attention
 factor on cos and sin, Granite's multipliers applied where transformers applies
 them, experts one matrix per expert or stacked as mlx-lm stacks them), so it
@@ -78,6 +78,14 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
 
 
+def _relu_squared(x: np.ndarray) -> np.ndarray:
+    return np.square(np.maximum(x, 0.0))
+
+
+#: The ungated MLP's activations by ``Architecture.activation``.
+_PLAIN_ACTIVATIONS = {"gelu_tanh": _gelu_tanh, "gelu": _gelu, "relu2": _relu_squared}
+
+
 def layer_norm(x, weight, bias, eps: float) -> np.ndarray:
     x = f64(x)
     centered = x - x.mean(axis=-1, keepdims=True)
@@ -114,8 +122,10 @@ class ArchOracle:
 
     def _norm(self, x: np.ndarray, module: str) -> np.ndarray:
         cfg, arch = self.config, self.config.arch
-        if arch.norm == "layer":  # weights and bias where it has them (OLMo's have neither)
-            return layer_norm(x, self.w(f"{module}.weight"), self.w(f"{module}.bias"), cfg.rms_norm_eps)
+        if arch.norm == "layer":  # weights and bias where it has them (OLMo's have neither); Nemotron's 1 + w
+            weight = self.w(f"{module}.weight")
+            weight = None if weight is None else weight + arch.norm_offset
+            return layer_norm(x, weight, self.w(f"{module}.bias"), cfg.rms_norm_eps)
         return rms_norm(x, self.w(f"{module}.weight") + arch.norm_offset, cfg.rms_norm_eps)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
@@ -188,7 +198,7 @@ class ArchOracle:
             return self._experts(x, p)
         if kind == "plain":
             up = linear(x, w(p + "mlp.up_proj.weight"), w(p + "mlp.up_proj.bias"))
-            act = _gelu_tanh(up) if arch.activation == "gelu_tanh" else _gelu(up)
+            act = _PLAIN_ACTIVATIONS[arch.activation](up)
             return linear(act, w(p + "mlp.down_proj.weight"), w(p + "mlp.down_proj.bias"))
         if arch.fused_gate_up:
             gate, up = np.split(linear(x, w(p + "mlp.gate_up_proj.weight")), 2, axis=-1)

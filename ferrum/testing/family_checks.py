@@ -1,6 +1,6 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, squared ReLU,
 scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE,
-Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7) against the float64
+Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron) against the float64
 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
 A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
@@ -72,6 +72,12 @@ FAMILY_MODELS: dict[str, dict] = {
         architectures=["OlmoForCausalLM"], model_type="olmo", hidden_size=64, intermediate_size=80,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
         max_position_embeddings=256, clip_qkv=0.5, tie_word_embeddings=False,
+    ),
+    "nemotron": dict(  # LayerNorm1P (1 + w, biased), a squared-ReLU ungated MLP, partial rotary, every bias
+        architectures=["NemotronForCausalLM"], model_type="nemotron", hidden_size=64, intermediate_size=80,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=97,
+        max_position_embeddings=256, partial_rotary_factor=0.5, attention_bias=True, mlp_bias=True,
+        tie_word_embeddings=False,
     ),
 }
 
