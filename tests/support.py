@@ -163,6 +163,36 @@ def write_arch_checkpoint(folder: Path, arch: str, seed: int = 0, max_shard_size
     return model
 
 
+def randomized_reference(config):
+    """A float32 transformers model of ``config`` in eval mode, every parameter drawn from N(0, 0.2) (logits far
+    from uniform) and each router's correction bias (DeepSeek-V3's, GLM-4.5's) from N(0, 0.5), large enough to
+    change which experts the routers choose."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.5)
+    return model
+
+
+def saved_references(tmp_path_factory, variants: dict, make_config) -> dict:
+    """variant -> (folder, transformers model): :func:`randomized_reference` of ``make_config(**extra)`` for each
+    variant's ``extra`` settings, saved with ``save_pretrained``."""
+    out = {}
+    for variant, extra in variants.items():
+        folder = tmp_path_factory.mktemp(variant)
+        model = randomized_reference(make_config(**extra))
+        model.save_pretrained(folder)
+        out[variant] = folder, model
+    return out
+
+
 def reference_logits(model, tokens) -> np.ndarray:
     import torch
 

@@ -23,7 +23,9 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.kind import routes_natively
 from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC, GroupRule, route_grouped
-from support import assert_forward_and_decode_match, reference_logits, runnable_backends, scaled_error
+from support import (
+    assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references, scaled_error,
+)
 
 BACKENDS = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
@@ -53,25 +55,12 @@ VARIANTS = {
 }
 
 
-def _randomized(config) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """variant -> (folder, transformers model), random weights."""
-    out = {}
-    for variant, extra in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(variant)
-        model = _randomized(dsv2_config(**extra))
-        model.save_pretrained(folder)
-        out[variant] = folder, model
-    return out
+    return saved_references(tmp_path_factory, VARIANTS, dsv2_config)
 
 
 # ------------------------------------------------------------------ routing

@@ -20,7 +20,8 @@ from ferrum.config import ModelConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, reference_logits, runnable_backends, scaled_error, with_prediction_layer,
+    assert_forward_and_decode_match, randomized_reference, reference_logits, runnable_backends, saved_references,
+    scaled_error, with_prediction_layer,
 )
 
 BACKENDS = runnable_backends()
@@ -50,29 +51,13 @@ VARIANTS = {
 
 
 
-def _randomized(config) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """variant -> (folder, transformers model): random weights, random correction biases that change which experts
     the routers choose."""
-    out = {}
-    for variant, extra in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(variant)
-        model = _randomized(dsv3_config(**extra))
-        model.save_pretrained(folder)
-        out[variant] = folder, model
-    return out
+    return saved_references(tmp_path_factory, VARIANTS, dsv3_config)
 
 
 
@@ -270,7 +255,7 @@ def mlx_lm_conversions(tmp_path_factory):
     from support import write_tokenizer
 
     source = tmp_path_factory.mktemp("mlx_source")
-    model = _randomized(dsv3_config(qk_nope_head_dim=32, kv_lora_rank=32, q_lora_rank=32, v_head_dim=16,
+    model = randomized_reference(dsv3_config(qk_nope_head_dim=32, kv_lora_rank=32, q_lora_rank=32, v_head_dim=16,
                                     moe_intermediate_size=32, intermediate_size=96))
     model.save_pretrained(source)
     write_tokenizer(source, 120)

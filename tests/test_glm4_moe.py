@@ -23,7 +23,7 @@ from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.routing import route_grouped
 from support import (
     assert_forward_and_decode_match, cpu_like_plugin, grouped_routing_backends, reference_logits, runnable_backends,
-    scaled_error, with_prediction_layer,
+    saved_references, scaled_error, with_prediction_layer,
 )
 
 BACKENDS = runnable_backends()
@@ -58,20 +58,7 @@ def _zero_correction_biases(model) -> None:
 def checkpoints(tmp_path_factory):
     """variant -> (folder, transformers model): random weights, random correction biases large enough to change
     which experts the routers choose."""
-    out = {}
-    for variant, extra in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(variant)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(glm_config(**extra)).float().eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.2)
-            for name, buffer in model.named_buffers():
-                if name.endswith("e_score_correction_bias"):
-                    buffer.normal_(0, 0.5)
-        model.save_pretrained(folder)
-        out[variant] = folder, model
-    return out
+    return saved_references(tmp_path_factory, VARIANTS, glm_config)
 
 
 

@@ -18,7 +18,8 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, reference_logits, runnable_backends, scaled_error, with_prediction_layer,
+    assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references, scaled_error,
+    with_prediction_layer,
 )
 
 BACKENDS = runnable_backends()
@@ -47,29 +48,13 @@ VARIANTS = {
 DENSE = {"flash": [0], "layer_types": [1], "yarn": [0]}
 
 
-def _randomized(config) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """variant -> (folder, transformers model): random weights, random correction biases that change which experts
     the routers choose."""
-    out = {}
-    for variant, extra in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(variant)
-        model = _randomized(lite_config(**extra))
-        model.save_pretrained(folder)
-        out[variant] = folder, model
-    return out
+    return saved_references(tmp_path_factory, VARIANTS, lite_config)
 
 
 # ------------------------------------------------------------------ whole models
