@@ -24,7 +24,8 @@ from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.kind import routes_natively
 from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC, GroupRule, route_grouped
 from support import (
-    assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references, scaled_error,
+    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, reference_logits,
+    runnable_backends, saved_references, scaled_error,
 )
 
 BACKENDS = runnable_backends()
@@ -168,14 +169,8 @@ def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
 
 def test_random_checkpoints_are_what_transformers_reads(tmp_path):
     """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    from ferrum.random_checkpoint import write_random_checkpoint
-
     raw = {**_raw(), "architectures": ["DeepseekV2ForCausalLM"], "rope_parameters": YARN}
-    folder = write_random_checkpoint(tmp_path / "dsv2", raw, dtype="float32", std=0.2)
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", TOKENS)
-    assert scaled_error(got, reference_logits(hf.float().eval(), TOKENS)) <= 1e-4
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "dsv2", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config

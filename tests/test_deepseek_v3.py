@@ -20,8 +20,8 @@ from ferrum.config import ModelConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, randomized_reference, reference_logits, runnable_backends, saved_references,
-    scaled_error, with_prediction_layer,
+    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, randomized_reference,
+    reference_logits, runnable_backends, saved_references, scaled_error, with_prediction_layer,
 )
 
 BACKENDS = runnable_backends()
@@ -223,14 +223,8 @@ def test_moonlight_and_kimi_k2_configs_read_as_released():
 
 def test_random_checkpoints_are_what_transformers_reads(tmp_path):
     """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    from ferrum.random_checkpoint import write_random_checkpoint
-
     raw = {**_raw(), "architectures": ["DeepseekV3ForCausalLM"], "rope_parameters": YARN}
-    folder = write_random_checkpoint(tmp_path / "dsv3", raw, dtype="float32", std=0.2)
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", TOKENS)
-    assert scaled_error(got, reference_logits(hf.float().eval(), TOKENS)) <= 1e-4
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "dsv3", raw, TOKENS)
 
 
 def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
