@@ -380,6 +380,34 @@ _QWEN_WINDOW = (
 )
 
 
+def _dots1_windows(r: KeyReader, sizes: Sizes) -> list:
+    """transformers' dots1: layer_types, else the layers from max_window_layers on wherever sliding_window is set
+    (Qwen's rule without its use_sliding_window switch, which transformers does not read for dots1: a config whose
+    use_sliding_window is false where that rule slides is refused, as the two readings differ)."""
+    window, types = r("sliding_window"), _layer_types(r, sizes)
+    if types is None:
+        first = r("max_window_layers")
+        if window is not None and first is None:
+            r.fail("max_window_layers", "is null, but a sliding_window needs the index of the first sliding layer; "
+                                        "set it, or set sliding_window to null")
+        types = [SLIDING if window is not None and i >= first else FULL for i in range(sizes.num_layers)]
+    if window is None and SLIDING in types:  # transformers cannot build such a model either
+        r.fail("sliding_window", "must be set when layer_types lists sliding layers")
+    windows = [window if t == SLIDING else None for t in types]
+    if r("use_sliding_window") is False and any(windows):
+        r.fail("use_sliding_window", f"is false, but transformers' dots1 ignores it and slides layers "
+                                     f"{[i for i, w in enumerate(windows) if w]} (sliding_window, max_window_layers, "
+                                     "layer_types); set sliding_window to null to keep every layer full")
+    return windows
+
+
+_DOTS1_WINDOW = (
+    Key("sliding_window", default=4096, check=optional_positive_int), *_LAYER_TYPES,
+    Key("max_window_layers", default=62, check=optional_non_negative_int),
+    Key("use_sliding_window", check=boolean),  # not transformers' (see _dots1_windows)
+)
+
+
 def _smollm3_rotated(r: KeyReader, sizes: Sizes) -> list[bool]:
     """transformers' SmolLM3: ``no_rope_layers[i]`` is 1 where layer ``i`` applies rope (despite the name),
     else every ``no_rope_layer_interval``-th layer skips it."""
@@ -1372,6 +1400,11 @@ FAMILIES: dict[str, Family] = {
         eps_default=1e-5,
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
+    ),
+    "dots1": Family(  # rednote's dots.llm1: Qwen 3's attention over DeepSeek-V3's MoE
+        _keys(_core(False), _core_defaults(vocab_size=152064, max_position_embeddings=2048), _ROPE, _SILU,
+              _DOTS1_WINDOW, (Key("attention_bias", default=False, check=boolean),), MOE_KEYS["dots1"]),
+        with_moe("dots1", _llama_like(False, "head", _dots1_windows)),
     ),
     "hunyuan_v1_dense": Family(  # Tencent's Hunyuan 0.5B-7B
         _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", default=False, check=boolean),)),

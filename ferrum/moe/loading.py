@@ -5,7 +5,8 @@ The model names each stacked projection as mlx-lm does,
 ``model.layers.3.mlp``). A checkpoint holds it in one of two layouts:
 
 * **stacked** (mlx-lm's converted and quantized checkpoints, after its
-  ``sanitize``): that very tensor, 3-D, with ``.scales``/``.biases`` when packed;
+  ``sanitize``): that very tensor, 3-D, with ``.scales``/``.biases`` when packed
+  (under ``M.experts.*`` instead for dots1: ``MoeSpec.mlx_lm_stack``);
 * **per expert** (Hugging Face releases, and what transformers 5's
   ``save_pretrained`` writes): ``M.experts.{e}.{name}.weight`` for every expert,
   with the family's names (Mixtral ``w1``/``w3``/``w2``, Qwen
@@ -45,14 +46,21 @@ def is_expert_stack(name: str) -> bool:
     return ".switch_mlp." in name
 
 
+def mlx_lm_stack_name(spec: MoeSpec, name: str) -> str:
+    """Where mlx-lm's conversions store stacked projection ``name`` (``M.switch_mlp.*``, or the family's
+    ``MoeSpec.mlx_lm_stack``) in a family without layouts of its own."""
+    return name.replace(".switch_mlp.", f".{spec.mlx_lm_stack}.")
+
+
 def stack_mode(quant: QuantConfig | None, spec: MoeSpec, name: str) -> str:
     """The quantization mode config.json gives the checkpoint module of stacked projection ``name``."""
     if quant is None:
         return AFFINE
     module = name.removesuffix(".weight")
-    if spec.layout is not None:  # config.json names the module where the stack is stored: either name
-        stored = LAYOUTS[spec.layout].checkpoint_module(name)
-        module = stored if stored in quant.modes or stored in quant.overrides else module
+    # config.json names the module where the stack is stored: either name
+    stored = (LAYOUTS[spec.layout].checkpoint_module(name) if spec.layout is not None
+              else mlx_lm_stack_name(spec, module + ".weight").removesuffix(".weight"))
+    module = stored if stored in quant.modes or stored in quant.overrides else module
     return quant.mode_for(module)
 
 
@@ -64,14 +72,16 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE
     packed = _PACKED if mode == AFFINE else _PACKED[:2]
     if spec.layout is not None:
         return LAYOUTS[spec.layout].parts(present, name, packed)
-    if name in present:
-        if f"{path}.global_scale" in present and mode != AFFINE:
-            raise UnsupportedFeatureError(f"{path}.global_scale: nvfp4 experts with a tensor scale (global_scale) "
+    stored = mlx_lm_stack_name(spec, name)
+    if stored in present:
+        at = stored.removesuffix(".weight")
+        if f"{at}.global_scale" in present and mode != AFFINE:
+            raise UnsupportedFeatureError(f"{at}.global_scale: nvfp4 experts with a tensor scale (global_scale) "
                                           "are not supported; quantize the experts without one")
-        scale = fp8.scale_part(path, present)
+        scale = fp8.scale_part(at, present)
         if scale is not None:  # FP8 experts, stacked
-            return name, scale
-        return tuple(f"{path}.{k}" for k in packed) if f"{path}.scales" in present else (name,)
+            return stored, scale
+        return tuple(f"{at}.{k}" for k in packed) if f"{at}.scales" in present else (stored,)
     if spec.stacked is not None:
         module, proj = path.split(".switch_mlp.")
         return (f"{module}.{spec.stacked[SWITCH.index(proj)]}.weight",)

@@ -28,6 +28,7 @@ LAYOUT = {
     "granitemoeshared": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
     "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe_lite": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "dots1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -35,6 +36,8 @@ STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
            "granitemoeshared": ("input_linear", "input_linear", "output_linear")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router"}
+#: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
+MLX_LM_STACK = {"dots1": "experts"}
 
 
 def _layer_list(value: object) -> str | None:
@@ -62,7 +65,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "glm4_moe": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "deepseek_v3": ("n_routed_experts", "num_local_experts"), "phimoe": ("num_local_experts",),
                 "granitemoeshared": ("num_local_experts",), "deepseek_v2": ("n_routed_experts", "num_experts"),
-                "glm4_moe_lite": ("n_routed_experts", "num_local_experts")}
+                "glm4_moe_lite": ("n_routed_experts", "num_local_experts"),
+                "dots1": ("n_routed_experts", "num_local_experts")}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -74,16 +78,18 @@ _QWEN = (
 
 
 def _grouped_sigmoid_keys(family: str, moe_size: int, scale: float, n_group: int, topk_group: int,
-                          dense: int | None, top_k: int = 8) -> tuple[Key, ...]:
+                          dense: int | None, top_k: int | None = 8, normalize: bool = True,
+                          shared: int | None = 1) -> tuple[Key, ...]:
     """DeepSeek-V3's routing keys (GLM-4.5's too), with a family's transformers defaults; ``dense`` is
-    first_k_dense_replace's default, None where the family lists its layers' kinds instead (``mlp_layer_types``)."""
+    first_k_dense_replace's default, None where the family lists its layers' kinds instead (``mlp_layer_types``);
+    a ``top_k`` or ``shared`` of None: the config must say (dots1's have no default)."""
     layers = (Key("first_k_dense_replace", default=dense, check=_non_negative_int),) if dense is not None else (
         Key("mlp_layer_types", check=_mlp_layer_types),
         Key("first_k_dense_replace", check=optional_non_negative_int))
     return (*_COUNT[family], Key("num_experts_per_tok", default=top_k, check=positive_int),
             Key("moe_intermediate_size", default=moe_size, check=positive_int),
-            Key("norm_topk_prob", default=True, check=boolean),
-            Key("n_shared_experts", default=1, check=positive_int),
+            Key("norm_topk_prob", default=normalize, check=boolean),
+            Key("n_shared_experts", default=shared, check=positive_int),
             Key("routed_scaling_factor", default=scale, check=positive_number),
             Key("n_group", default=n_group, check=positive_int),
             Key("topk_group", default=topk_group, check=positive_int), *layers)
@@ -158,11 +164,15 @@ KEYS: dict[str, tuple[Key, ...]] = {
     # GLM-4.7-Flash: GLM-4.5's routing under Glm4MoeLiteConfig's defaults, its dense layers by mlp_layer_types
     "glm4_moe_lite": _grouped_sigmoid_keys("glm4_moe_lite", moe_size=1536, scale=1.8, n_group=1, topk_group=1,
                                            dense=None, top_k=4),
+    # dots.llm1: DeepSeek-V3's routing under Dots1Config's defaults, which leave the expert counts to the config
+    "dots1": _grouped_sigmoid_keys("dots1", moe_size=1408, scale=1.0, n_group=1, topk_group=1, dense=0, top_k=None,
+                                   normalize=False, shared=None),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
                Key("router_jitter_noise", default=0.01, check=_non_negative_number)),
 }
+#: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64}
@@ -219,6 +229,8 @@ class MoeSpec:
     #: router picks; else the router runs in the compute dtype, as Mixtral's and Qwen's do.
     router_float32: bool = False
     shared_fused: bool = False  # the shared expert's gate and up stored as one ``gate_up_proj``, gate rows first
+    #: The module mlx-lm's conversions stack the experts in (``M.<module>.gate_proj.weight``); dots1's ``experts``.
+    mlx_lm_stack: str = "switch_mlp"
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -229,7 +241,7 @@ class MoeSpec:
 #: Families routed by a grouped rule (``MoeSpec.routing``), with an ungated shared expert of ``n_shared_experts``
 #: times the routed experts' width and dense MLPs where :func:`_sparse_layers` says.
 _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped",
-            "glm4_moe_lite": "sigmoid_grouped"}
+            "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped"}
 
 
 def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
@@ -274,7 +286,10 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
 
     def build_moe(r: KeyReader, sizes: object) -> Architecture:
         arch = build(r, sizes)
-        count = next(filter(None, map(r, _COUNT_NAMES[model_type])), None) or _DEFAULT_COUNT[model_type]
+        count = next(filter(None, map(r, _COUNT_NAMES[model_type])), None) or _DEFAULT_COUNT.get(model_type)
+        if count is None:
+            r.fail(_COUNT_NAMES[model_type][0], "must be set: transformers has no default expert count for "
+                                                f"{model_type}")
         top_k = r("num_experts_per_tok")
         if top_k > count:
             r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts")
@@ -294,6 +309,7 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             extras = _EXPERT_EXTRAS.get(model_type, lambda r: {})(r)
             normalize = extras.pop("normalize") if "normalize" in extras else r("norm_topk_prob")
             spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), normalize, shared, **extras)
+        spec = replace(spec, mlx_lm_stack=MLX_LM_STACK.get(model_type, spec.mlx_lm_stack))
         arch = replace(arch, moe=spec, layers=tuple(
             replace(layer, mlp="moe") if moe else layer for layer, moe in zip(arch.layers, sparse)))
         if spec.routing in GROUPED_RULES and GROUPED_RULES[spec.routing].corrected:  # float32, as transformers keeps it

@@ -13,7 +13,7 @@ input size is not a multiple of the group size stay in float (``false`` in
 config.json); norms and biases are copied byte for byte.
 Mixture-of-experts layers are written stacked, as mlx-lm stores them
 (``switch_mlp.*`` ``[E, ...]``, see :mod:`ferrum.moe.loading`, or a family's own
-names: gpt-oss's ``experts.*``), from any checkpoint layout Ferrum reads.
+names: gpt-oss's and dots1's ``experts.*``), from any checkpoint layout Ferrum reads.
 
 Tensors are converted and written one at a time, straight into
 safetensors files whose headers are planned up front from the source
@@ -55,10 +55,11 @@ _FLOAT_CODES = ("F32", "F16", "BF16")
 #: lose.
 EIGHT_BIT = (8, 64)
 #: Modules mlx-lm's model classes hold as plain parameters, not linear layers, so its conversion leaves them in
-#: float (and its loader refuses them packed): GLM-4.5's, GLM-4.7-Flash's and DeepSeek-V2's and V3's routers
-#: (their ``MoEGate``).
+#: float (and its loader refuses them packed): GLM-4.5's, GLM-4.7-Flash's, DeepSeek-V2's and V3's and dots1's
+#: routers (their ``MoEGate``, ``Dots1TopkRouter``).
 _MLX_LM_FLOAT: dict[str, tuple[str, ...]] = {"glm4_moe": ("mlp.gate",), "deepseek_v3": ("mlp.gate",),
-                                           "deepseek_v2": ("mlp.gate",), "glm4_moe_lite": ("mlp.gate",)}
+                                           "deepseek_v2": ("mlp.gate",), "glm4_moe_lite": ("mlp.gate",),
+                                           "dots1": ("mlp.gate",)}
 _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("mlp.gate",),
     "gpt_oss": ("router",),
@@ -240,7 +241,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
           config: Any) -> list[_Item]:
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
     from ferrum.arch.mla import split_kv_b
-    from ferrum.moe.loading import LAYOUTS, expert_parts, fused_half, is_expert_stack
+    from ferrum.moe.loading import LAYOUTS, expert_parts, fused_half, is_expert_stack, mlx_lm_stack_name
     from ferrum.weights import split_norm_parts
 
     moe = config.arch.moe
@@ -297,7 +298,9 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         if stored not in shapes_stored:
             raise CheckpointError(f"tensor {parts[0]} has shape {stored} but config.json implies "
                                   f"{' or '.join(map(str, shapes_stored))}")
-        written = layout.mlx_lm_name(name) if own_layout else name  # where mlx-lm's layout keeps it
+        # where mlx-lm's layout keeps it
+        written = (layout.mlx_lm_name(name) if own_layout else
+                   mlx_lm_stack_name(moe, name) if moe is not None and is_expert_stack(name) else name)
         module = written.removesuffix(".weight")
         if _quantizable(name, shapes) and shape[-1] % group_size == 0 and not module.endswith(kept_float):
             fmt = EIGHT_BIT if module.endswith(eight_bit) and shape[-1] % EIGHT_BIT[1] == 0 else (bits, group_size)
