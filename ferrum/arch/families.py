@@ -1411,6 +1411,20 @@ FAMILIES: dict[str, Family] = {
         _hunyuan_dense,
         eps_default=1e-5,
     ),
+    "hunyuan_v1_moe": Family(  # Tencent's Hunyuan-A13B: the dense family's blocks, experts on every layer
+        _keys(_core(False), _core_defaults(vocab_size=290943, max_position_embeddings=2048), _ROPE, _SILU, (
+            Key("attention_bias", default=False, check=boolean),
+            # Tencent's own code (and mlx-lm) read these two; transformers always norms q and k, never shares keys
+            # and values between layers
+            Key("use_qk_norm", default=True, unsupported=True, check=lambda v: None if v in (None, True) else (
+                f"is {v!r}, but transformers norms q and k whatever it says")),
+            Key("use_cla", default=False, unsupported=True, check=falsy(
+                "cross-layer attention (keys and values shared between layers) is not supported, nor by "
+                "transformers")),
+        ), MOE_KEYS["hunyuan_v1_moe"]),
+        with_moe("hunyuan_v1_moe", _hunyuan_dense),
+        eps_default=1e-5,
+    ),
     "ernie4_5": Family(  # Baidu's ERNIE 4.5 (dense)
         _keys(_core(True, head_dim_default=128), _ROPE, _theta(500_000.0), _SILU,
               (Key("use_bias", default=False, check=boolean),)),

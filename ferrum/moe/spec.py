@@ -29,13 +29,15 @@ LAYOUT = {
     "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe_lite": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "dots1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "hunyuan_v1_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
 STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
            "granitemoeshared": ("input_linear", "input_linear", "output_linear")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
-ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router"}
+ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
+          "hunyuan_v1_moe": "gate.wg"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
 MLX_LM_STACK = {"dots1": "experts"}
 
@@ -66,7 +68,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "deepseek_v3": ("n_routed_experts", "num_local_experts"), "phimoe": ("num_local_experts",),
                 "granitemoeshared": ("num_local_experts",), "deepseek_v2": ("n_routed_experts", "num_experts"),
                 "glm4_moe_lite": ("n_routed_experts", "num_local_experts"),
-                "dots1": ("n_routed_experts", "num_local_experts")}
+                "dots1": ("n_routed_experts", "num_local_experts"),
+                "hunyuan_v1_moe": ("num_local_experts", "num_experts")}  # the former its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -140,6 +143,47 @@ _DEEPSEEK_V2 = (
 )
 
 
+def _per_layer_ints(value: object) -> str | None:
+    values = value if isinstance(value, list) and value else [value]
+    if value is None or not any(map(positive_int, values)):
+        return None
+    return f"must be a positive integer or a list of one per layer, got {value!r}"
+
+
+def _one_per_layer(r: KeyReader, name: str) -> int | None:
+    """The one value of a key Hunyuan's configs give as a number or as a list of one per layer; a list that
+    differs between layers is refused (one MoeSpec serves every sparse layer)."""
+    value = r(name)
+    if not isinstance(value, list):
+        return value
+    if len(value) != r("num_hidden_layers"):
+        r.fail(name, f"lists {len(value)} values, but the model has {r('num_hidden_layers')} layers")
+    if len(set(value)) > 1:
+        r.fail(name, f"is {value!r}, a different value per layer, which Ferrum does not support", unsupported=True)
+    return value[0]
+
+
+def _hunyuan_top_k(r: KeyReader) -> int:
+    """transformers maps num_experts_per_tok onto moe_topk (the alias wins where both are given)."""
+    return r("num_experts_per_tok") or _one_per_layer(r, "moe_topk")
+
+
+def _hunyuan_extras(r: KeyReader) -> dict:
+    """Hunyuan-A13B's sparse MLP as transformers runs it: a float32 router ``gate.wg`` whose softmax top-k weights
+    are renormalized, experts of intermediate_size, and one ungated ``shared_mlp`` of intermediate_size. Its
+    configs also carry the keys of Tencent's own code, which transformers ignores: refused where they ask for
+    another layout than that."""
+    inter = r("intermediate_size")
+    if _one_per_layer(r, "moe_intermediate_size") not in (None, inter):
+        r.fail("moe_intermediate_size", f"is {r('moe_intermediate_size')!r}, but transformers sizes Hunyuan's experts "
+                                        f"by intermediate_size ({inter}) and ignores it; make the two agree",
+               unsupported=True)
+    if _one_per_layer(r, "num_shared_expert") != 1:
+        r.fail("num_shared_expert", f"is {r('num_shared_expert')!r}, but transformers runs one shared MLP of "
+                                    "intermediate_size and ignores it", unsupported=True)
+    return dict(shared_expert_size=inter, shared_module="shared_mlp", shared_gate=None, router_float32=True)
+
+
 #: Per family: the MoE keys (transformers' defaults) that change the math.
 KEYS: dict[str, tuple[Key, ...]] = {
     "mixtral": (*_COUNT["mixtral"], Key("num_experts_per_tok", default=2, check=positive_int)),
@@ -167,6 +211,14 @@ KEYS: dict[str, tuple[Key, ...]] = {
     # dots.llm1: DeepSeek-V3's routing under Dots1Config's defaults, which leave the expert counts to the config
     "dots1": _grouped_sigmoid_keys("dots1", moe_size=1408, scale=1.0, n_group=1, topk_group=1, dense=0, top_k=None,
                                    normalize=False, shared=None),
+    # Hunyuan-A13B: moe_topk (num_experts_per_tok its alias); the others are its own code's, which transformers
+    # ignores (see _hunyuan_extras)
+    "hunyuan_v1_moe": (*_COUNT["hunyuan_v1_moe"], Key("num_experts_per_tok", check=optional_positive_int),
+                       Key("moe_topk", default=1, check=_per_layer_ints),
+                       Key("moe_intermediate_size", check=_per_layer_ints),
+                       Key("num_shared_expert", default=1, check=_per_layer_ints),
+                       Key("use_mixed_mlp_moe", default=True, unsupported=True, check=lambda v: None if v in (
+                           None, True) else f"is {v!r}, but transformers always adds the shared MLP (shared_mlp)")),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -175,12 +227,13 @@ KEYS: dict[str, tuple[Key, ...]] = {
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
-                  "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64}
+                  "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
 _EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob"),
-                "gpt_oss": lambda r: True, "phimoe": lambda r: False, "granitemoeshared": lambda r: True}
+                "gpt_oss": lambda r: True, "phimoe": lambda r: False, "granitemoeshared": lambda r: True,
+                "hunyuan_v1_moe": lambda r: True}
 #: Per family, what its experts add to plain SwiGLU ones: gpt-oss biases its router and every expert
 #: projection, clamps its activation, and stores its experts in layouts of its own.
 _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
@@ -192,7 +245,10 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
     # GraniteMoeShared's shared MLP (0 wide: none), ungated, gate and up in one matrix (Moe.split)
     "granitemoeshared": lambda r: dict(shared_expert_size=r("shared_intermediate_size") or None,
                                        shared_module="shared_mlp", shared_gate=None, shared_fused=True),
+    "hunyuan_v1_moe": _hunyuan_extras,
 }
+#: Per family, how many experts route each token, where num_experts_per_tok does not say.
+_TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k}
 
 
 @dataclass(frozen=True)
@@ -290,7 +346,7 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
         if count is None:
             r.fail(_COUNT_NAMES[model_type][0], "must be set: transformers has no default expert count for "
                                                 f"{model_type}")
-        top_k = r("num_experts_per_tok")
+        top_k = _TOP_K[model_type](r) if model_type in _TOP_K else r("num_experts_per_tok")
         if top_k > count:
             r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts")
         module, names = LAYOUT[model_type]
