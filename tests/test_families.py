@@ -795,8 +795,9 @@ def test_new_ops_fall_back_to_the_reference_on_a_plugin_without_them(checkpoints
 
 PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
-                     "ernie4_5", "glm4", "hunyuan_v1_dense", "phi", "stablelm", "starcoder2", "cohere", "cohere2",
-                     "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "falcon", "olmo", "nemotron", "arcee")
+                     "ernie4_5", "glm4", "hunyuan_v1_dense", "hunyuan_v1_moe", "dots1", "phi", "stablelm", "starcoder2",
+                     "cohere", "cohere2", "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "falcon", "olmo", "nemotron",
+                     "arcee")
 #: The LayerNorm families, and the key each reads its norms' epsilon from.
 LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps",
@@ -919,7 +920,7 @@ def draw_config(draw, st, family: str) -> dict:
     if family == "arcee":
         raw.update(hidden_act=draw(st.sampled_from(_UNGATED_ACTS)), attention_bias=draw(st.booleans()),
                    mlp_bias=draw(st.booleans()))
-    if family == "hunyuan_v1_dense":  # Hunyuan's rope: "dynamic" with a fixed alpha, beside the usual kinds
+    if family in ("hunyuan_v1_dense", "hunyuan_v1_moe"):  # Hunyuan's rope: "dynamic" with a fixed alpha too
         raw.update(attention_bias=draw(st.booleans()), head_dim=head_dim)  # transformers reads head_dim as is
         if draw(st.booleans()):
             raw.pop("rope_scaling", None)
@@ -961,6 +962,24 @@ def draw_config(draw, st, family: str) -> dict:
                    mlp_only_layers=draw(st.lists(st.integers(0, layers - 1), max_size=2, unique=True)))
     if family == "qwen2_moe":
         raw.update(shared_expert_intermediate_size=draw(st.integers(8, 24)), qkv_bias=draw(st.booleans()))
+    if family == "dots1":  # DeepSeek-V3's routing (groups, dense first layers), its window rule, layer_types
+        experts = draw(st.sampled_from([4, 6, 8]))
+        groups = draw(st.sampled_from([g for g in (1, 2, 3) if experts % g == 0 and experts // g >= 2]))
+        raw.update(n_routed_experts=experts, num_experts_per_tok=draw(st.integers(1, 4)),
+                   n_shared_experts=draw(st.integers(1, 2)), n_group=groups, topk_group=draw(st.integers(1, groups)),
+                   moe_intermediate_size=draw(st.integers(8, 24)), norm_topk_prob=draw(st.booleans()),
+                   routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
+                   first_k_dense_replace=draw(st.integers(0, layers)), attention_bias=draw(st.booleans()),
+                   sliding_window=draw(st.sampled_from([None, window])), max_window_layers=draw(st.integers(0, layers)))
+        if draw(st.booleans()):
+            raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
+                                               min_size=layers, max_size=layers))
+    if family == "hunyuan_v1_moe":  # top-k as a number or per layer, under either name; the experts' count too
+        experts = draw(st.integers(1, 6))
+        top_k = draw(st.integers(1, experts))
+        raw[draw(st.sampled_from(["num_experts", "num_local_experts"]))] = experts
+        raw.update({"moe_topk": draw(st.sampled_from([top_k, [top_k] * layers]))} if draw(st.booleans()) else
+                   {"num_experts_per_tok": top_k})
     return raw
 
 
