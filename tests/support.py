@@ -208,6 +208,44 @@ def assert_random_checkpoint_is_what_transformers_reads(folder: Path, raw: dict,
     assert scaled_error(got, reference_logits(hf.float().eval(), tokens)) <= 1e-4
 
 
+def assert_generates_greedily_as_transformers(folder: Path, hf, backend: str, tokens, max_tokens: int = 12) -> None:
+    """Through the engine, ``tokens`` batched with a shorter prompt and run again from the prefix cache give the
+    greedy tokens transformers' ``generate`` gives."""
+    import torch
+
+    import ferrum
+
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([list(tokens)]), max_new_tokens=max_tokens, do_sample=False)[0, len(tokens):]
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
+    first, _, again = llm.run([tokens, tokens[:5], tokens], max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    assert list(first.token_ids) == want.tolist() and list(again.token_ids) == want.tolist()
+
+
+def assert_router_computes_in_float32(mlp, ops, weight: np.ndarray) -> None:
+    """A bfloat16 model's router (``mlp``, a MoeMLP) takes its input cast to float32 and its float32 ``weight``:
+    its logits are the float32 product, where a bfloat16 one errs by ~1e-2."""
+    x = ops.from_numpy(np.random.default_rng(0).standard_normal((5, weight.shape[1])).astype(np.float32), "bfloat16")
+    got = np.asarray(ops.to_numpy(mlp.router(ops.cast(x, mlp.router_dtype))), dtype=np.float64)
+    assert mlp.router_dtype == "float32"
+    assert scaled_error(got, ops.to_numpy(x).astype(np.float64) @ weight.astype(np.float64).T) < 1e-5
+
+
+def assert_names_the_tensors_transformers_saves(folder: Path) -> None:
+    """``weight_shapes`` lists every tensor transformers saved in ``folder``, with its shape, and no other (experts
+    under the stacked names the loader assembles from transformers' per-expert ones)."""
+    from safetensors import safe_open
+
+    from ferrum.config import ModelConfig
+    from ferrum.model import weight_shapes
+
+    with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    shapes = weight_shapes(ModelConfig.from_file(folder))
+    assert {n: s for n, s in shapes.items() if ".switch_mlp." not in n} == {
+        n: s for n, s in saved.items() if ".experts." not in n}
+
+
 def reference_logits(model, tokens) -> np.ndarray:
     import torch
 

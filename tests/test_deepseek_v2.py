@@ -15,8 +15,6 @@ import torch
 import transformers
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 
-import ferrum
-from ferrum.arch.tensors import weight_shapes
 from ferrum.backends import BackendInfo
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
@@ -24,8 +22,9 @@ from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.kind import routes_natively
 from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC, GroupRule, route_grouped
 from support import (
-    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, reference_logits,
-    runnable_backends, saved_references, scaled_error,
+    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
+    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
+    reference_logits, runnable_backends, saved_references, scaled_error,
 )
 
 BACKENDS = runnable_backends()
@@ -146,25 +145,14 @@ def test_the_parity_is_sensitive_to_each_routing_setting(checkpoints):
 def test_generates_greedily_as_transformers(checkpoints, backend):
     """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
     folder, hf = checkpoints["limited"]
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=12, do_sample=False)[0, len(TOKENS):].tolist()
-    llm = ferrum.load(folder, backend=backend, dtype="float32")
-    first, _, again = llm.run([TOKENS, TOKENS[:5], TOKENS], max_tokens=12, temperature=0.0, ignore_eos=True)
-    assert list(first.token_ids) == want and list(again.token_ids) == want
+    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
 
 
 def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
     """weight_shapes lists every tensor transformers saves, with its shape, and no other (experts under the stacked
     names the loader assembles from transformers' per-expert ones)."""
-    from safetensors import safe_open
-
     for variant in VARIANTS:
-        folder, _ = checkpoints[variant]
-        with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
-            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        shapes = weight_shapes(ModelConfig.from_file(folder))
-        assert {n: s for n, s in shapes.items() if ".switch_mlp." not in n} == {
-            n: s for n, s in saved.items() if ".experts." not in n}, variant
+        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
 
 
 def test_random_checkpoints_are_what_transformers_reads(tmp_path):

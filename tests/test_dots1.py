@@ -14,13 +14,15 @@ import pytest
 import torch
 import transformers
 
-import ferrum
 from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
-from ferrum.model import DecoderOnlyLLM, weight_shapes
+from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, reference_logits, runnable_backends, scaled_error, write_tokenizer,
+    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
+    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
+    assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references, scaled_error,
+    write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -45,28 +47,11 @@ VARIANTS = {"grouped": {}, "release": dict(n_group=1, topk_group=1, norm_topk_pr
                                            num_experts_per_tok=3, n_shared_experts=1)}
 
 
-def _randomized(config, biases: bool = True) -> transformers.PreTrainedModel:
-    """Random weights, and random correction biases large enough to change which experts the routers choose."""
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5 if biases else 0.0)
-    return model
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    out = {}
-    for variant, extra in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(variant)
-        model = _randomized(dots_config(**extra))
-        model.save_pretrained(folder)
-        out[variant] = folder, model
-    return out
+    return saved_references(tmp_path_factory, VARIANTS, dots_config)
 
 
 # ------------------------------------------------------------------ whole models
@@ -103,11 +88,7 @@ def test_the_parity_checks_the_biases_and_the_window(checkpoints):
 def test_generates_greedily_as_transformers(checkpoints, backend):
     """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
     folder, hf = checkpoints["grouped"]
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=12, do_sample=False)[0, len(TOKENS):].tolist()
-    llm = ferrum.load(folder, backend=backend, dtype="float32")
-    first, _, again = llm.run([TOKENS, TOKENS[:5], TOKENS], max_tokens=12, temperature=0.0, ignore_eos=True)
-    assert list(first.token_ids) == want and list(again.token_ids) == want
+    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
 
 
 @pytest.mark.parametrize("backend", BFLOAT16)
@@ -121,36 +102,20 @@ def test_routers_and_biases_stay_float32_in_bfloat16(checkpoints, backend):
     assert not np.array_equal(bias, bias.astype("bfloat16").astype(np.float32))  # bfloat16 would round it
     np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), bias)
     weight = gate.weight.detach().numpy()
-    x = ops.from_numpy(np.random.default_rng(0).standard_normal((5, weight.shape[1])).astype(np.float32), "bfloat16")
-    got = np.asarray(ops.to_numpy(mlp.router(ops.cast(x, mlp.router_dtype))), dtype=np.float64)
-    assert mlp.router_dtype == "float32"
-    assert scaled_error(got, ops.to_numpy(x).astype(np.float64) @ weight.astype(np.float64).T) < 1e-5
+    assert_router_computes_in_float32(mlp, ops, weight)
 
 
 def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
     """weight_shapes lists every tensor transformers saves, with its shape, and no other (experts under the stacked
     names the loader assembles from transformers' per-expert ones)."""
-    from safetensors import safe_open
-
     for variant in VARIANTS:
-        folder, _ = checkpoints[variant]
-        with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
-            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        shapes = weight_shapes(ModelConfig.from_file(folder))
-        assert {n: s for n, s in shapes.items() if ".switch_mlp." not in n} == {
-            n: s for n, s in saved.items() if ".experts." not in n}, variant
+        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
 
 
 def test_random_checkpoints_are_what_transformers_reads(tmp_path):
     """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    from ferrum.random_checkpoint import write_random_checkpoint
-
     raw = {**dots_config().to_dict(), "architectures": ["Dots1ForCausalLM"]}
-    folder = write_random_checkpoint(tmp_path / "dots1", raw, dtype="float32", std=0.2)
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", TOKENS)
-    assert scaled_error(got, reference_logits(hf.float().eval(), TOKENS)) <= 1e-4
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "dots1", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config

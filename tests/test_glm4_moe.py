@@ -22,8 +22,9 @@ from ferrum.hookspec import hookimpl
 from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.routing import route_grouped
 from support import (
-    assert_forward_and_decode_match, cpu_like_plugin, grouped_routing_backends, reference_logits, runnable_backends,
-    saved_references, scaled_error, with_prediction_layer,
+    assert_forward_and_decode_match, assert_generates_greedily_as_transformers, assert_router_computes_in_float32,
+    cpu_like_plugin, grouped_routing_backends, reference_logits, runnable_backends, saved_references, scaled_error,
+    with_prediction_layer,
 )
 
 BACKENDS = runnable_backends()
@@ -173,11 +174,7 @@ def test_the_parity_checks_the_correction_biases(checkpoints):
 def test_generates_greedily_as_transformers(checkpoints, backend):
     """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
     folder, hf = checkpoints["grouped"]
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=12, do_sample=False)[0, len(TOKENS):].tolist()
-    llm = ferrum.load(folder, backend=backend, dtype="float32")
-    first, _, again = llm.run([TOKENS, TOKENS[:5], TOKENS], max_tokens=12, temperature=0.0, ignore_eos=True)
-    assert list(first.token_ids) == want and list(again.token_ids) == want
+    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes])
@@ -198,13 +195,7 @@ def test_routers_compute_in_float32_in_bfloat16(checkpoints, backend):
     folder, hf = checkpoints["grouped"]
     model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
     mlp, ops = model.layers[1].mlp, model.ops
-    weight = hf.model.layers[1].mlp.gate.weight.detach().numpy()
-    x = np.random.default_rng(0).standard_normal((5, weight.shape[1])).astype(np.float32)
-    x_bf16 = ops.from_numpy(x, "bfloat16")
-    got = np.asarray(ops.to_numpy(mlp.router(ops.cast(x_bf16, mlp.router_dtype))), dtype=np.float64)
-    want = ops.to_numpy(x_bf16).astype(np.float64) @ weight.astype(np.float64).T
-    assert mlp.router_dtype == "float32"
-    assert scaled_error(got, want) < 1e-5  # a bfloat16 product errs by ~1e-2
+    assert_router_computes_in_float32(mlp, ops, hf.model.layers[1].mlp.gate.weight.detach().numpy())
 
 
 # ------------------------------------------------------------------ config

@@ -18,7 +18,8 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, reference_logits,
+    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
+    assert_random_checkpoint_is_what_transformers_reads, assert_router_computes_in_float32, reference_logits,
     runnable_backends, saved_references, scaled_error, with_prediction_layer,
 )
 
@@ -93,11 +94,7 @@ def test_the_parity_is_sensitive_to_the_layer_kinds_and_correction_biases(checkp
 def test_generates_greedily_as_transformers(checkpoints, backend):
     """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
     folder, hf = checkpoints["flash"]
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=12, do_sample=False)[0, len(TOKENS):].tolist()
-    llm = ferrum.load(folder, backend=backend, dtype="float32")
-    first, _, again = llm.run([TOKENS, TOKENS[:5], TOKENS], max_tokens=12, temperature=0.0, ignore_eos=True)
-    assert list(first.token_ids) == want and list(again.token_ids) == want
+    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes])
@@ -110,10 +107,7 @@ def test_routers_stay_float32_in_bfloat16(checkpoints, backend):
     gate = hf.model.layers[1].mlp.gate
     np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), gate.e_score_correction_bias.numpy())
     weight = gate.weight.detach().numpy()
-    x_bf16 = ops.from_numpy(np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32), "bfloat16")
-    got = np.asarray(ops.to_numpy(mlp.router(ops.cast(x_bf16, mlp.router_dtype))), dtype=np.float64)
-    want = ops.to_numpy(x_bf16).astype(np.float64) @ weight.astype(np.float64).T
-    assert mlp.router_dtype == "float32" and scaled_error(got, want) < 1e-5  # a bfloat16 product errs by ~1e-2
+    assert_router_computes_in_float32(mlp, ops, weight)
 
 
 def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):

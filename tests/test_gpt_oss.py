@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import ferrum
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 
-from support import cpu_like_plugin, runnable_backends, write_tokenizer
+from support import (
+    assert_generates_greedily_as_transformers, cpu_like_plugin, runnable_backends, write_tokenizer,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -109,11 +110,7 @@ def test_the_model_depends_on_what_sets_it_apart(float_checkpoint, tmp_path):
 def test_generates_greedily_as_transformers(float_checkpoint, backend):
     """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
     folder, hf = float_checkpoint
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=16, do_sample=False)[0, len(TOKENS):].tolist()
-    llm = ferrum.load(folder, backend=backend, dtype="float32")
-    first, _, again = llm.run([TOKENS, TOKENS[:5], TOKENS], max_tokens=16, temperature=0.0, ignore_eos=True)
-    assert list(first.token_ids) == want and list(again.token_ids) == want
+    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS, max_tokens=16)
 
 
 # ------------------------------------------------------------------ MXFP4

@@ -12,12 +12,15 @@ import pytest
 import torch
 import transformers
 
-import ferrum
 from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.model import DecoderOnlyLLM, weight_shapes
-from support import assert_forward_and_decode_match, reference_logits, runnable_backends, scaled_error
+from ferrum.model import DecoderOnlyLLM
+from support import (
+    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
+    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
+    assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references,
+)
 
 BACKENDS = runnable_backends()
 BFLOAT16 = [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes]
@@ -44,17 +47,7 @@ VARIANTS = {"alpha": {}, "release": dict(moe_topk=[3, 3], attention_bias=False, 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    out = {}
-    for variant, extra in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(variant)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(hunyuan_config(**extra)).float().eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.2)
-        model.save_pretrained(folder)
-        out[variant] = folder, model
-    return out
+    return saved_references(tmp_path_factory, VARIANTS, hunyuan_config)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -73,11 +66,7 @@ def test_model_matches_transformers(checkpoints, backend, variant):
 def test_generates_greedily_as_transformers(checkpoints, backend):
     """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
     folder, hf = checkpoints["alpha"]
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([TOKENS]), max_new_tokens=12, do_sample=False)[0, len(TOKENS):].tolist()
-    llm = ferrum.load(folder, backend=backend, dtype="float32")
-    first, _, again = llm.run([TOKENS, TOKENS[:5], TOKENS], max_tokens=12, temperature=0.0, ignore_eos=True)
-    assert list(first.token_ids) == want and list(again.token_ids) == want
+    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
 
 
 @pytest.mark.parametrize("backend", BFLOAT16)
@@ -90,34 +79,18 @@ def test_routers_compute_in_float32_in_bfloat16(checkpoints, backend):
     model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
     mlp, ops = model.layers[0].mlp, model.ops
     weight = hf.model.layers[0].mlp.gate.wg.weight.detach().numpy()
-    x = ops.from_numpy(np.random.default_rng(0).standard_normal((5, weight.shape[1])).astype(np.float32), "bfloat16")
-    got = np.asarray(ops.to_numpy(mlp.router(ops.cast(x, mlp.router_dtype))), dtype=np.float64)
-    assert mlp.router_dtype == "float32"
-    assert scaled_error(got, ops.to_numpy(x).astype(np.float64) @ weight.astype(np.float64).T) < 1e-5
+    assert_router_computes_in_float32(mlp, ops, weight)
 
 
 def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    from safetensors import safe_open
-
     for variant in VARIANTS:
-        folder, _ = checkpoints[variant]
-        with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
-            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        shapes = weight_shapes(ModelConfig.from_file(folder))
-        assert {n: s for n, s in shapes.items() if ".switch_mlp." not in n} == {
-            n: s for n, s in saved.items() if ".experts." not in n}, variant
+        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
 
 
 def test_random_checkpoints_are_what_transformers_reads(tmp_path):
     """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    from ferrum.random_checkpoint import write_random_checkpoint
-
     raw = {**hunyuan_config().to_dict(), "architectures": ["HunYuanMoEV1ForCausalLM"]}
-    folder = write_random_checkpoint(tmp_path / "hunyuan", raw, dtype="float32", std=0.2)
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", TOKENS)
-    assert scaled_error(got, reference_logits(hf.float().eval(), TOKENS)) <= 1e-4
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "hunyuan", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config
