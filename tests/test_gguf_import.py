@@ -728,8 +728,9 @@ def _gguf_writer(path: Path, arch: str, config, extra_blocks: int = 0, kv_heads:
     w.add_rope_freq_base(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])
     if hasattr(config, "rms_norm_eps"):
         w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    else:  # a LayerNorm family
-        w.add_layer_norm_eps(getattr(config, "layer_norm_eps", None) or config.norm_epsilon)
+    else:  # a LayerNorm family (OLMo's fixes 1e-5, which its converter writes)
+        w.add_layer_norm_eps(next((getattr(config, key) for key in ("layer_norm_eps", "norm_epsilon", "norm_eps")
+                                   if getattr(config, key, None)), 1e-5))
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_types(token_types)
@@ -1204,6 +1205,91 @@ def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
             param.normal_(0, 0.2)
     _layer_norm_gguf(tmp_path / "m.gguf", hf, config, arch.removesuffix("-plus"))
     _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+
+
+def _converted_gguf(path: Path, hf, config, arch: str, qtype) -> None:
+    """``hf``'s weights under the names gguf's own tensor map gives ``arch``, changed as llama.cpp's converter
+    changes them: q/k rows permuted for Llama's adjacent-pair rope (``arcee``, ``olmo``), Nemotron's LayerNorm1P
+    weights stored as ``1 + w``; its metadata (head_dim, Nemotron's rotary dims, OLMo's clip, Hunyuan's NTK alpha
+    folded into the rope base); matrices stored as ``qtype``."""
+    w = _gguf_writer(path, arch, config)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if getattr(config, "head_dim", None):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    rope = config.rope_parameters
+    if arch == "nemotron":
+        w.add_rope_dimension_count(int(rope["partial_rotary_factor"] * config.hidden_size) // heads)
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    if arch == "olmo":
+        w.add_clamp_kqv(config.clip_qkv)
+    if rope.get("alpha"):  # Hunyuan's NTK alpha, as a fixed base
+        w.add_rope_freq_base(rope["rope_theta"] * rope["alpha"] ** (head_dim / (head_dim - 2)))
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        w.add_rope_scaling_factor(1)
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
+    permuted = {"self_attn.q_proj.weight": heads, "self_attn.k_proj.weight": kv_heads} if arch in (
+        "arcee", "olmo") else {}
+    for name, tensor in hf.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        array = tensor.float().numpy()
+        if name.split(".", 3)[-1] in permuted:
+            array = _permute(array, permuted[name.split(".", 3)[-1]])
+        if arch == "nemotron" and name.endswith("norm.weight"):
+            array = array + 1
+        module, suffix = name.rsplit(".", 1)
+        gguf_name = f"{names.get_name(module)}.{suffix}"
+        if qtype == Q.F32 or array.ndim != 2 or suffix != "weight":
+            w.add_tensor(gguf_name, array)
+        else:
+            w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("arch", ["nemotron", "arcee", "seed_oss", "hunyuan-dense", "olmo"])
+def test_dense_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qtype):
+    """Nemotron (LayerNorm1P's 1 + w taken off, squared ReLU, half the head rotated, biased attention and MLP),
+    Arcee (Llama's permuted q/k, squared ReLU), Seed-OSS (q/k/v biases, the MLP's norm as llama.cpp names it),
+    Hunyuan (q/k normed once rotated, NTK alpha folded into the base) and OLMo 1 (LayerNorms without parameters,
+    q/k/v clipped): float32 files give transformers' logits; Q8_0 ones what the same file imported in float32
+    gives."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+
+    common = dict(intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=False)
+    if arch == "nemotron":
+        hf, config = _tiny_model(transformers.NemotronConfig, **common, partial_rotary_factor=0.5,
+                                 attention_bias=True, mlp_bias=True)
+    elif arch == "arcee":
+        hf, config = _tiny_model(transformers.ArceeConfig, **common)
+    elif arch == "seed_oss":
+        hf, config = _tiny_model(transformers.SeedOssConfig, **common, head_dim=16, attention_bias=True)
+    elif arch == "hunyuan-dense":
+        hf, config = _tiny_model(transformers.HunYuanDenseV1Config, **common, head_dim=16, attention_bias=True,
+                                 rope_scaling={"rope_type": "dynamic", "alpha": 50.0, "factor": 1.0})
+    else:
+        hf, config = _tiny_model(transformers.OlmoConfig, **common, clip_qkv=0.1)  # tight enough to bite
+    with torch.no_grad():  # biases and norms away from 0 and 1, so one dropped (or its offset) is visible; q and
+        for name, param in hf.named_parameters():  # k large enough that the rope's angles move the logits
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+            elif name.endswith(("norm.weight", "layernorm.weight")):
+                param.normal_(1, 0.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.normal_(0, 0.3)
+    _converted_gguf(tmp_path / "m.gguf", hf, config, arch, qtype)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+        return
+    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
 def _gpt2_like_gguf(path: Path, hf, config, arch: str) -> None:

@@ -1,7 +1,8 @@
 """Importing a GGUF file (llama.cpp's format) as a Hugging Face-style checkpoint folder.
 
 Architectures: llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, smollm3, granite, granitemoe,
-olmo2, olmoe, exaone4, ernie4_5, gpt-oss, gemma, gemma2 and gemma3 (:data:`SUPPORTED_ARCHITECTURES`). The rooms:
+olmo, olmo2, olmoe, exaone4, ernie4_5, arcee, seed_oss, hunyuan-dense, nemotron, gpt-oss, gemma, gemma2, gemma3
+and more (:data:`SUPPORTED_ARCHITECTURES`). The rooms:
 ``files`` reads a file safely, ``architectures`` maps each architecture onto its Hugging Face family,
 ``config``, ``tensors`` and ``tokenizer`` write the three parts of the folder.
 
@@ -30,8 +31,8 @@ Three details of the GGUF layout matter:
   rope rotates adjacent pairs ``(2j, 2j+1)`` of each head (Qwen's it leaves alone); Hugging Face's Llama
   rotates the two halves ``(j, j + d/2)``. :func:`unpermute_qk` undoes it; it
   moves whole rows, so it applies to packed words, scales and biases alike.
-* for Gemma, the converter stores every norm weight as ``1 + w`` (Gemma's RMSNorm scales by ``1 + w``;
-  llama.cpp's by the stored value); the import subtracts the 1 again.
+* for Gemma and Nemotron, the converter stores every norm weight as ``1 + w`` (Gemma's RMSNorm and Nemotron's
+  LayerNorm1P scale by ``1 + w``; llama.cpp's norms by the stored value); the import subtracts the 1 again.
 
 The ``gguf`` package (llama.cpp's own reader) is needed: ``pip install 'ferrum[gguf]'``.
 """

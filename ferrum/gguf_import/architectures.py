@@ -151,8 +151,8 @@ def _gpt_neox_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
     return {"use_parallel_residual": bool(meta.get(p + "use_parallel_residual", True))}
 
 
-def _olmoe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """OLMoE's q, k and v clipping, where the file sets one (``attention.clamp_kqv``)."""
+def _clip_qkv_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """OLMo's and OLMoE's q, k and v clipping, where the file sets one (``attention.clamp_kqv``)."""
     clamp = meta.get(p + "attention.clamp_kqv")
     return {"clip_qkv": float32_value(clamp) if clamp else None}
 
@@ -266,6 +266,12 @@ def _deepseek2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, 
         raise UnsupportedFeatureError(f"{where}: next-token-prediction layers in a softmax-routed (DeepSeek-V2) "
                                       "deepseek2 file are not supported")
     return {**config, "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "topk_method": "greedy"}
+def _present(**keys: str) -> Callable[[Metadata, str, dict[str, Any]], dict[str, Any]]:
+    """A ``configure`` setting each config.json key to whether the first block holds its tensor: biases the
+    converter writes only where the checkpoint has them, and llama.cpp adds where the file holds them."""
+    return lambda meta, p, cfg: {key: f"blk.0.{tensor}" in meta.tensors for key, tensor in keys.items()}
+
+
 #: GLM-4's four norms: GGUF's names for the two after attention and the MLP; and its fused gate/up.
 _GLM4_TENSORS = (("post_attention_norm.weight", "post_self_attn_layernorm.weight"),
                  ("post_ffw_norm.weight", "post_mlp_layernorm.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))
@@ -336,8 +342,10 @@ ARCHITECTURES = {
                                 configure=_granite_config,
                                 moe=_Experts("block_sparse_moe", "num_local_experts", None, None)),
     # OLMoE: q and k normed over their whole projections; llama.cpp never renormalises its top-k weights
-    "olmoe": _Architecture("olmoe", "OlmoeForCausalLM", False, (("attention_bias", False),), configure=_olmoe_config,
+    "olmoe": _Architecture("olmoe", "OlmoeForCausalLM", False, (("attention_bias", False),), configure=_clip_qkv_config,
                            moe=_Experts("mlp", "num_experts", None, "norm_topk_prob", renormalise=False)),
+    # OLMo 1: LayerNorms without parameters (the file holds none), q/k permuted as for Llama, q/k/v clipped
+    "olmo": _Architecture("olmo", "OlmoForCausalLM", True, (("attention_bias", False),), configure=_clip_qkv_config),
     "olmo2": _Architecture("olmo2", "Olmo2ForCausalLM", False, (("attention_bias", False),), renamed=_OLMO2_NORMS,
                            configure=_olmo2_config),
     "gpt-oss": _Architecture("gpt_oss", "GptOssForCausalLM", False, (("attention_bias", True),),
@@ -347,6 +355,26 @@ ARCHITECTURES = {
     "exaone4": _Architecture("exaone4", "Exaone4ForCausalLM", False, renamed=_OLMO2_NORMS, configure=_exaone4_config),
     # ERNIE 4.5: llama.cpp rotates adjacent pairs, as the checkpoint does, so its q/k rows are stored unchanged
     "ernie4_5": _Architecture("ernie4_5", "Ernie4_5ForCausalLM", False, (("use_bias", False),)),
+    # Arcee AFM: Llama's layout (q/k permuted) with an ungated squared-ReLU MLP, the only one llama.cpp runs for it
+    "arcee": _Architecture("arcee", "ArceeForCausalLM", True, (("hidden_act", "relu2"), ("attention_bias", False),
+                                                                ("mlp_bias", False))),
+    # Seed-OSS: rotate-half rope stored as the checkpoint has it, q/k/v biases where the file holds them, the
+    # MLP's norm under llama.cpp's name for a norm after attention
+    "seed_oss": _Architecture("seed_oss", "SeedOssForCausalLM", False,
+                              (("attention_out_bias", False), ("mlp_bias", False)), renamed=_OLMO2_NORMS[:1],
+                              configure=_present(attention_bias="attn_q.bias")),
+    # Hunyuan (dense): rotate-half rope stored as the checkpoint has it, q/k RMS-normed per head once rotated; the
+    # converter folds the checkpoint's NTK alpha into rope.freq_base (rope scaling none), as transformers reads it
+    "hunyuan-dense": _Architecture("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM", False,
+                                   renamed=(("attn_q_norm.weight", "self_attn.query_layernorm.weight"),
+                                            ("attn_k_norm.weight", "self_attn.key_layernorm.weight")),
+                                   configure=_present(attention_bias="attn_q.bias")),
+    # Nemotron: the converter stores LayerNorm1P's weights as 1 + w (llama.cpp's LayerNorm scales by the stored
+    # value), taken off again; squared ReLU always (llama.cpp runs no other); rotate-half rope over
+    # rope.dimension_count of each head, rows as the checkpoint has them
+    "nemotron": _Architecture("nemotron", "NemotronForCausalLM", False, (("hidden_act", "relu2"),), norm_offset=1.0,
+                              partial_rotary=True,
+                              configure=_present(attention_bias="attn_q.bias", mlp_bias="ffn_up.bias")),
     # The LayerNorm families: biased norms and projections, under the checkpoint's own module names
     # (``ferrum.arch.tensors.stored_name``). llama.cpp rotates Phi-2's and StarCoder2's rotate-half pairs and Command
     # R's adjacent ones as the checkpoints store them; it runs StarCoder2 without the window its config.json sets.
