@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import time
@@ -709,7 +710,8 @@ def test_sentencepiece_gguf_tokenizer_matches_llama_cpp_live(sentencepiece_gguf)
 
 #: Hugging Face names outside the blocks -> llama.cpp's.
 _GLOBAL_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                      "lm_head.weight": "output.weight"}
+                      "lm_head.weight": "output.weight", "model.norm.bias": "output_norm.bias",
+                      "lm_head.bias": "output.bias"}
 
 
 def _gguf_writer(path: Path, arch: str, config, extra_blocks: int = 0, kv_heads: int | None = None) -> Any:
@@ -824,18 +826,44 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
     _assert_logits_match(hf, out)  # within the original context: the short factors
 
 
+def _phi3_metadata(w: Any, config) -> None:
+    """What llama.cpp's Phi-3 converter (Phi-3.5-MoE's too) writes beyond the common keys: the rotary dims, the
+    window (0 for none), the original context and, with longrope, the attention factor it computes itself."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    scaling = config.rope_parameters
+    w.add_rope_dimension_count(head_dim)
+    w.add_sliding_window(config.sliding_window or 0)
+    w.add_rope_scaling_orig_ctx_len(scaling.get("original_max_position_embeddings", config.max_position_embeddings))
+    if scaling.get("rope_type") == "longrope":
+        scale = config.max_position_embeddings / scaling["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(
+            scaling["original_max_position_embeddings"])))
+
+
+def _phi3_factors(w: Any, config) -> None:
+    """longrope's factors as the converter stores them: two float32 tensors."""
+    scaling = config.rope_parameters
+    if scaling.get("rope_type") == "longrope":
+        for key in ("long_factor", "short_factor"):
+            w.add_tensor(f"rope_factors_{key.split('_')[0]}.weight", np.array(scaling[key], dtype=np.float32))
+
+
 #: The GGUF architectures whose converter permutes q/k rows for llama.cpp's adjacent-pair rope, and whose
 #: experts are as wide as ``intermediate_size`` (no ``moe_intermediate_size``).
-_PERMUTED, _PLAIN_EXPERTS = ("llama", "granitemoe"), ("llama", "olmoe", "granitemoe")
+_PERMUTED = ("llama", "granitemoe", "granitemoeshared")
+_PLAIN_EXPERTS = ("llama", "olmoe", "granitemoe", "granitemoeshared", "phimoe")
 
 
 def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
               more_metadata: Callable[[Any], None] | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes a Qwen3-MoE (``qwen3moe``), a Qwen2-MoE (``qwen2moe``,
     with its shared expert), an OLMoE (``olmoe``), a GraniteMoE (``granitemoe``: its multipliers, q/k rows
-    permuted, the fused gate/up stack split) or a Mixtral (``llama``, q/k rows permuted): experts stacked per
-    projection (``ffn_{gate,up,down}_exps``, stored as ``expert_type``), the router as ``ffn_gate_inp``."""
-    w = _gguf_writer(path, arch, config)
+    permuted, the fused gate/up stack split; ``granitemoeshared``: written as ``granitemoe`` with its shared MLP's
+    gate and up split into ``ffn_{gate,up}_shexp``), a Phi-3.5-MoE (``phimoe``: Phi-3's metadata and longrope
+    tensors, biased LayerNorms and LM head) or a Mixtral (``llama``, q/k rows permuted): experts stacked per
+    projection (``ffn_{gate,up,down}_exps``, stored as ``expert_type``, as are the shared expert's), the router as
+    ``ffn_gate_inp``."""
+    w = _gguf_writer(path, "granitemoe" if arch == "granitemoeshared" else arch, config)
     if arch not in _PLAIN_EXPERTS:
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
     if arch == "qwen3moe":
@@ -845,7 +873,11 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
         w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if arch == "olmoe":
         w.add_clamp_kqv(config.clip_qkv)
-    if arch == "granitemoe":
+    if arch == "granitemoeshared":
+        w.add_expert_shared_feed_forward_length(config.shared_intermediate_size)
+    if arch == "phimoe":
+        _phi3_metadata(w, config)
+    if arch.startswith("granitemoe"):
         w.add_attention_scale(config.attention_multiplier)
         w.add_embedding_scale(config.embedding_multiplier)
         w.add_residual_scale(config.residual_multiplier)
@@ -858,7 +890,8 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
                  "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
                  "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
                  "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-                 "mlp.gate.weight": "ffn_gate_inp.weight",
+                 "mlp.gate.weight": "ffn_gate_inp.weight", "self_attn.o_proj.bias": "attn_output.bias",
+                 "input_layernorm.bias": "attn_norm.bias", "post_attention_layernorm.bias": "ffn_norm.bias",
                  **{f"self_attn.{p}_proj.bias": f"attn_{p}.bias" for p in "qkv"},
                  **{f"mlp.shared_expert.{p}_proj.weight": f"ffn_{p}_shexp.weight" for p in ("gate", "up", "down")}}
     inter = config.intermediate_size if arch in _PLAIN_EXPERTS else config.moe_intermediate_size
@@ -872,8 +905,9 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
         if layer is None:
             w.add_tensor(_GLOBAL_GGUF_NAMES[name], array)
             continue
-        block = layer.group(1)  # GraniteMoE's sparse MLP is "block_sparse_moe" with a "router"
+        block = layer.group(1)  # GraniteMoE's sparse MLP is "block_sparse_moe" with a "router", Phi-3.5-MoE's too
         rest = layer.group(2).replace("block_sparse_moe.router.", "mlp.gate.").replace("block_sparse_moe.", "mlp.")
+        rest = rest.replace("mlp.router.", "mlp.gate.")
         if rest == "mlp.shared_expert_gate.weight":  # llama.cpp stores this one-row matrix as a vector
             w.add_tensor(f"blk.{block}.ffn_gate_inp_shexp.weight", array.reshape(-1))
             continue
@@ -881,6 +915,11 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
             stacks = {"ffn_gate_exps": array[:, :inter], "ffn_up_exps": array[:, inter:]}
         elif rest == "mlp.experts.down_proj":
             stacks = {"ffn_down_exps": array}
+        elif rest == "shared_mlp.input_linear.weight":  # GraniteMoeShared's gate and up, split
+            shared = config.shared_intermediate_size
+            stacks = {"ffn_gate_shexp": array[:shared], "ffn_up_shexp": array[shared:]}
+        elif rest == "shared_mlp.output_linear.weight":
+            stacks = {"ffn_down_shexp": array}
         else:
             w.add_tensor(f"blk.{block}.{per_block[rest]}", array)
             continue
@@ -896,11 +935,13 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
                 rows = random_blocks((stack.size // stack.shape[-1], stack.shape[-1]), kind, np.random.default_rng(0))
                 data = rows.reshape(*stack.shape[:-1], -1)
             w.add_tensor(f"blk.{block}.{gguf_name}.weight", data, raw_dtype=kind)
+    if arch == "phimoe":
+        _phi3_factors(w, config)
     _finish(w)
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama", "olmoe", "granitemoe"],
-                         ids=["qwen3moe", "qwen2moe", "mixtral", "olmoe", "granitemoe"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama", "olmoe", "granitemoe", "granitemoeshared", "phimoe"],
+                         ids=["qwen3moe", "qwen2moe", "mixtral", "olmoe", "granitemoe", "granitemoeshared", "phimoe"])
 @pytest.mark.parametrize("expert_type", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
 def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, arch):
     """Stacked experts and the router into mlx-lm's switch_mlp layout, kept packed when quantized: float32
@@ -921,14 +962,19 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
                                  clip_qkv=0.1)  # tight enough to bite
     elif arch == "granitemoe":
         hf, config = _tiny_granitemoe()
+    elif arch == "granitemoeshared":
+        hf, config = _tiny_granitemoe(transformers.GraniteMoeSharedConfig, shared_intermediate_size=64)
+    elif arch == "phimoe":
+        hf, config = _tiny_phimoe()
     else:
         hf, config = _tiny_model(transformers.MixtralConfig, **common, intermediate_size=32, num_local_experts=4)
     _moe_gguf(tmp_path / "moe.gguf", hf, config, expert_type, arch)
     packed = convert_gguf(tmp_path / "moe.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(packed)
     assert ours.arch.moe.num_experts == 4 and ours.arch.moe.top_k == 2
-    assert ours.arch.moe.normalize == (arch not in ("qwen2moe", "olmoe"))  # llama.cpp's rule, as transformers has it
-    assert ours.arch.moe.shared_expert_size == (48 if arch == "qwen2moe" else None)
+    assert ours.arch.moe.normalize == (arch not in ("qwen2moe", "olmoe", "phimoe"))  # as transformers has it
+    assert ours.arch.moe.shared_expert_size == {"qwen2moe": 48, "granitemoeshared": 64}.get(arch)
+    assert ours.arch.moe.routing == ("sparsemixer" if arch == "phimoe" else "softmax")
     if expert_type == Q.F32:
         _assert_logits_match(hf, packed)
         return
@@ -958,22 +1004,53 @@ def test_experts_in_a_q4_k_m_mix_run_packed_on_every_backend(tmp_path):
         assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max())), backend
 
 
-def _tiny_granitemoe() -> tuple[Any, Any]:
+def _tiny_granitemoe(config_class: Any = None, **settings: Any) -> tuple[Any, Any]:
     transformers = pytest.importorskip("transformers")
-    return _tiny_model(transformers.GraniteMoeConfig, num_hidden_layers=2, num_experts_per_tok=2,
+    return _tiny_model(config_class or transformers.GraniteMoeConfig, num_hidden_layers=2, num_experts_per_tok=2,
                        tie_word_embeddings=False, intermediate_size=32, num_local_experts=4,
-                       embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=3.0)
+                       embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=3.0,
+                       **settings)
 
 
-def test_granitemoe_with_a_shared_expert_is_refused_before_writing(tmp_path):
-    """GraniteMoeShared's GGUF says so by its shared expert's width; Ferrum has no such family, so it must not
-    import the file as a plain GraniteMoE without that expert."""
-    hf, config = _tiny_granitemoe()
-    _moe_gguf(tmp_path / "shared.gguf", hf, config, Q.F32, "granitemoe",
-              more_metadata=lambda w: w.add_expert_shared_feed_forward_length(48))
-    with pytest.raises(UnsupportedFeatureError, match="shared expert"):
+def _tiny_phimoe() -> tuple[Any, Any]:
+    """Phi-3.5-MoE's shape: biased attention, LayerNorms and LM head, longrope whose mscales are the factor
+    llama.cpp's converter computes (the file's only record of them), biases and norms away from 0 and 1."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    original, positions = 32, 128
+    mscale = math.sqrt(1 + math.log(positions / original) / math.log(original))
+    scaling = {"rope_type": "longrope", "short_factor": [2.0 + i / 4 for i in range(8)],
+               "long_factor": [4.0 + i for i in range(8)], "original_max_position_embeddings": original,
+               "short_mscale": mscale, "long_mscale": mscale}
+    hf, config = _tiny_model(transformers.PhimoeConfig, num_hidden_layers=2, num_experts_per_tok=2,
+                             tie_word_embeddings=False, intermediate_size=32, num_local_experts=4,
+                             attention_bias=True, lm_head_bias=True, max_position_embeddings=positions,
+                             rope_scaling=scaling)
+    with torch.no_grad():  # q and k large enough that the rope's factors move the logits
+        for name, param in hf.named_parameters():
+            if name.endswith(("bias", "norm.weight")):
+                param.normal_(0, 0.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.normal_(0, 0.3)
+    return hf, config
+
+
+def test_a_granitemoeshared_gguf_with_gate_and_up_stored_apart_is_refused(tmp_path):
+    """The shared MLP's gate and up are joined into one packed tensor: stored in two formats, the file is refused
+    by name (through float it imports)."""
+    transformers = pytest.importorskip("transformers")
+    hf, config = _tiny_granitemoe(transformers.GraniteMoeSharedConfig, shared_intermediate_size=64)
+    _moe_gguf(tmp_path / "shared.gguf", hf, config, {"ffn_gate_shexp": Q.Q8_0, "ffn_up_shexp": Q.Q4_0},
+              "granitemoeshared")
+    with pytest.raises(UnsupportedFeatureError, match="ffn_gate_shexp.weight and blk.0.ffn_up_shexp.weight"):
         convert_gguf(tmp_path / "shared.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    floats = dense_weights(convert_gguf(tmp_path / "shared.gguf", tmp_path / "float", dequantize_to="float32"))
+    reader = gguf.GGUFReader(tmp_path / "shared.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    parts = [gguf.quants.dequantize(tensors[f"blk.0.ffn_{p}_shexp.weight"].data,
+                                    tensors[f"blk.0.ffn_{p}_shexp.weight"].tensor_type) for p in ("gate", "up")]
+    np.testing.assert_array_equal(floats["model.layers.0.shared_mlp.input_linear.weight"], np.concatenate(parts))
 
 
 #: Gemma's block tensors: Hugging Face name -> GGUF name (llama.cpp's converter).

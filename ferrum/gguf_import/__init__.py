@@ -1,8 +1,8 @@
 """Importing a GGUF file (llama.cpp's format) as a Hugging Face-style checkpoint folder.
 
-Architectures: llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, smollm3, granite, granitemoe,
-olmo, olmo2, olmoe, exaone4, ernie4_5, arcee, seed_oss, hunyuan-dense, nemotron, gpt-oss, gemma, gemma2, gemma3
-and more (:data:`SUPPORTED_ARCHITECTURES`). The rooms:
+Architectures: llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, phimoe, smollm3, granite, granitemoe
+(GraniteMoeShared too), olmo, olmo2, olmoe, exaone4, ernie4_5, arcee, seed_oss, hunyuan-dense, nemotron, gpt-oss,
+gemma, gemma2, gemma3 and more (:data:`SUPPORTED_ARCHITECTURES`). The rooms:
 ``files`` reads a file safely, ``architectures`` maps each architecture onto its Hugging Face family,
 ``config``, ``tensors`` and ``tokenizer`` write the three parts of the folder.
 

@@ -19,7 +19,10 @@ class _Experts:
     size_key: str | None  # each expert's intermediate size (None: intermediate_size)
     renormalise_key: str | None  # renormalising the top-k weights (None: the family always does)
     renormalise: bool = True  # what llama.cpp does when the file does not say (``expert_weights_norm``)
-    shared: bool = False  # Qwen2-MoE's sigmoid-gated shared expert beside the routed ones
+    #: config.json's key for the shared expert's width (``expert_shared_feed_forward_length``), where there is one
+    shared_key: str | None = None
+    #: the shared expert's GGUF tensors -> their suffixes in the sparse MLP module
+    shared_tensors: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ class _Architecture:
     #: The other (model_type, Hugging Face class) ``configure`` may make a file of this architecture, its tensors
     #: named alike (deepseek2: DeepSeek-V2 as well as V3).
     variants: tuple[tuple[str, str], ...] = ()
+    #: What a file of this architecture with a shared expert is (llama.cpp writes GraniteMoeShared as
+    #: ``granitemoe``, telling it by ``expert_shared_feed_forward_length``).
+    with_shared_expert: "_Architecture | None" = None
+    #: Block tensors the converter split that the family reads as one: GGUF parts -> the Hugging Face tensor
+    #: whose rows they are, in that order (GraniteMoeShared's shared gate and up, fused in ``input_linear``).
+    joined: tuple[tuple[tuple[str, ...], str], ...] = ()
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -272,6 +281,28 @@ def _present(**keys: str) -> Callable[[Metadata, str, dict[str, Any]], dict[str,
     return lambda meta, p, cfg: {key: f"blk.0.{tensor}" in meta.tensors for key, tensor in keys.items()}
 
 
+def _phimoe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3.5-MoE as transformers runs the checkpoint the file was converted from: LayerNorms, sparsemixer routing
+    (router_jitter_noise at its default, 0.01, which the file does not record and every release sets), Phi-3's
+    window, the biases the file holds, and longrope's factor tensors with the file's ``rope.scaling.attn_factor`` as
+    both ``short_mscale`` and ``long_mscale``.
+
+    llama.cpp runs this architecture through Phi-3's graph instead: RMS norms (adding the biases), softmax top-2
+    routing renormalised, and that attention factor, which its converter computes as Phi-3's
+    ``sqrt(1 + ln(s) / ln(original))`` rather than copying the checkpoint's mscales (Phi-3.5-MoE's config says
+    1.2432 where the file says 1.1902). Ferrum follows the checkpoint where the file records it, and the file's
+    factor where it does not."""
+    config = {**_phi3_config(meta, p, cfg), "attention_bias": "blk.0.attn_q.bias" in meta.tensors,
+              "lm_head_bias": "output.bias" in meta.tensors}
+    scaling = cfg.get("rope_scaling")
+    if scaling and scaling["rope_type"] == "longrope":
+        if "attention_factor" not in scaling:
+            raise CheckpointError(f"{meta.where}: longrope factors without {p}rope.scaling.attn_factor")
+        factor = scaling["attention_factor"]
+        config["rope_scaling"] = {**scaling, "short_mscale": factor, "long_mscale": factor}
+    return config
+
+
 #: GLM-4's four norms: GGUF's names for the two after attention and the MLP; and its fused gate/up.
 _GLM4_TENSORS = (("post_attention_norm.weight", "post_self_attn_layernorm.weight"),
                  ("post_ffw_norm.weight", "post_mlp_layernorm.weight"), ("ffn_up.weight", "mlp.gate_up_proj.weight"))
@@ -291,6 +322,15 @@ _DEEPSEEK2_TENSORS = (
     ("attn_k_b.weight", "self_attn.embed_q.weight"), ("attn_v_b.weight", "self_attn.unembed_out.weight"),
     *_GLM4_MOE_TENSORS[1:],
 )
+
+#: Qwen2-MoE's sigmoid-gated shared expert: GGUF name -> suffix in the sparse MLP module.
+_QWEN2_MOE_SHARED = (("ffn_gate_inp_shexp.weight", "shared_expert_gate.weight"),
+                     *((f"ffn_{p}_shexp.weight", f"shared_expert.{p}_proj.weight") for p in ("gate", "up", "down")))
+#: GraniteMoeShared's ungated shared MLP: its down projection; its gate and up, which the converter splits, are
+#: joined back into the one ``input_linear`` the family reads (``_Architecture.joined``).
+_GRANITE_SHARED = (("ffn_down_shexp.weight", "shared_mlp.down_proj.weight"),)
+_GRANITE_SHARED_JOINED = ((("ffn_gate_shexp.weight", "ffn_up_shexp.weight"),
+                           "block_sparse_moe.shared_mlp.gate_up_proj.weight"),)
 
 #: Phi-3's fused blocks, kept fused as the Hugging Face checkpoint has them: q/k/v in one ``attn_qkv``, gate and
 #: up in one ``ffn_up``.
@@ -327,7 +367,8 @@ ARCHITECTURES = {
     "qwen2moe": _Architecture("qwen2_moe", "Qwen2MoeForCausalLM", False,
                               (("use_sliding_window", False), ("decoder_sparse_step", 1), ("mlp_only_layers", [])),
                               moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
-                                           renormalise=False, shared=True)),
+                                           renormalise=False, shared_key="shared_expert_intermediate_size",
+                                           shared_tensors=_QWEN2_MOE_SHARED)),
     "qwen3moe": _Architecture("qwen3_moe", "Qwen3MoeForCausalLM", False,
                               (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
                                ("mlp_only_layers", [])),
@@ -337,10 +378,21 @@ ARCHITECTURES = {
                              (("attention_bias", False), ("mlp_bias", False), ("no_rope_layer_interval", 4))),
     "granite": _Architecture("granite", "GraniteForCausalLM", True, (("attention_bias", False), ("mlp_bias", False)),
                              configure=_granite_config),
-    # llama.cpp splits GraniteMoE's fused input_linear into gate and up stacks, and permutes q/k as for Llama
+    # llama.cpp splits GraniteMoE's fused input_linear into gate and up stacks, and permutes q/k as for Llama;
+    # GraniteMoeShared is the same architecture with a shared MLP (``ffn_*_shexp``)
     "granitemoe": _Architecture("granitemoe", "GraniteMoeForCausalLM", True, (("attention_bias", False),),
                                 configure=_granite_config,
-                                moe=_Experts("block_sparse_moe", "num_local_experts", None, None)),
+                                moe=_Experts("block_sparse_moe", "num_local_experts", None, None),
+                                with_shared_expert=_Architecture(
+                                    "granitemoeshared", "GraniteMoeSharedForCausalLM", True,
+                                    (("attention_bias", False),), configure=_granite_config,
+                                    moe=_Experts("block_sparse_moe", "num_local_experts", None, None,
+                                                 shared_key="shared_intermediate_size",
+                                                 shared_tensors=_GRANITE_SHARED),
+                                    joined=_GRANITE_SHARED_JOINED)),
+    # Phi-3.5-MoE: Phi-3's rotate-half rope and longrope, separate q/k/v, experts as Mixtral's (see _phimoe_config)
+    "phimoe": _Architecture("phimoe", "PhimoeForCausalLM", False, configure=_phimoe_config,
+                            moe=_Experts("block_sparse_moe", "num_local_experts", None, None)),
     # OLMoE: q and k normed over their whole projections; llama.cpp never renormalises its top-k weights
     "olmoe": _Architecture("olmoe", "OlmoeForCausalLM", False, (("attention_bias", False),), configure=_clip_qkv_config,
                            moe=_Experts("mlp", "num_experts", None, "norm_topk_prob", renormalise=False)),
@@ -425,8 +477,9 @@ ARCHITECTURES = {
 
 
 def for_model_type(model_type: str) -> _Architecture:
-    """The architecture whose config.json names ``model_type`` (Mixtral's included)."""
-    every = [*ARCHITECTURES.values(), *(a.with_experts for a in ARCHITECTURES.values() if a.with_experts)]
+    """The architecture whose config.json names ``model_type`` (Mixtral's and GraniteMoeShared's included)."""
+    every = [*ARCHITECTURES.values(), *(a.with_experts for a in ARCHITECTURES.values() if a.with_experts),
+             *(a.with_shared_expert for a in ARCHITECTURES.values() if a.with_shared_expert)]
     every += [replace(a, model_type=kind, hf_class=hf_class) for a in every for kind, hf_class in a.variants]
     return next(a for a in every if a.model_type == model_type)
 
@@ -437,13 +490,6 @@ MOE_BLOCK_TENSORS = {
     "ffn_gate_exps.weight": "switch_mlp.gate_proj.weight",
     "ffn_up_exps.weight": "switch_mlp.up_proj.weight",
     "ffn_down_exps.weight": "switch_mlp.down_proj.weight",
-}
-#: The shared expert, where the family has one.
-SHARED_EXPERT_TENSORS = {
-    "ffn_gate_inp_shexp.weight": "shared_expert_gate.weight",
-    "ffn_gate_shexp.weight": "shared_expert.gate_proj.weight",
-    "ffn_up_shexp.weight": "shared_expert.up_proj.weight",
-    "ffn_down_shexp.weight": "shared_expert.down_proj.weight",
 }
 #: longrope's per-pair factors, which llama.cpp stores as tensors: GGUF name -> rope_scaling key.
 ROPE_FACTOR_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}

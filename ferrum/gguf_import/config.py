@@ -157,11 +157,13 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         if family.with_experts is None:
             raise UnsupportedFeatureError(f"{where}: mixture-of-experts {arch} GGUF files are not supported "
                                           "(Ferrum imports llama (Mixtral), qwen2moe, qwen3moe, olmoe, "
-                                          "granitemoe, glm4moe and gpt-oss ones)")
+                                          "granitemoe, phimoe, glm4moe, deepseek2 and gpt-oss ones)")
         family = family.with_experts
-    if meta.get(p + "expert_shared_feed_forward_length") and not (family.moe and family.moe.shared):
-        raise UnsupportedFeatureError(f"{where}: {arch} with a shared expert (e.g. GraniteMoeShared) is not "
-                                      "supported; Ferrum imports qwen2moe's shared expert only")
+    if meta.get(p + "expert_shared_feed_forward_length") and not (family.moe and family.moe.shared_key):
+        if family.with_shared_expert is None:
+            raise UnsupportedFeatureError(f"{where}: {arch} with a shared expert is not supported; Ferrum imports "
+                                          "qwen2moe's and granitemoe's (GraniteMoeShared) shared experts")
+        family = family.with_shared_expert
 
     tensors = {t.name: t for t in reader.tensors}
     embed = tensors.get("token_embd.weight")
@@ -231,8 +233,8 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
             config[experts.size_key] = int(meta.need(p + "expert_feed_forward_length"))
         if experts.renormalise_key is not None:  # as llama.cpp does unless the file says
             config[experts.renormalise_key] = bool(meta.get(p + "expert_weights_norm", experts.renormalise))
-        if experts.shared:
-            config["shared_expert_intermediate_size"] = int(meta.need(p + "expert_shared_feed_forward_length"))
+        if experts.shared_key is not None:
+            config[experts.shared_key] = int(meta.need(p + "expert_shared_feed_forward_length"))
     if rope_dims != head_dim and not family.latent:
         config["partial_rotary_factor"] = rope_dims / head_dim
     if rope_scaling is not None and "original_max_position_embeddings" in rope_scaling:

@@ -18,7 +18,7 @@ from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.architectures import (
     BLOCK_TENSORS, GLOBAL_TENSORS, IGNORED_BLOCK_TENSORS, MOE_BLOCK_TENSORS, ROPE_FACTOR_TENSORS,
-    SHARED_EXPERT_TENSORS, SUPPORTED_ARCHITECTURES, for_model_type,
+    SUPPORTED_ARCHITECTURES, for_model_type,
 )
 from ferrum.moe.spec import ROUTER
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
@@ -37,9 +37,9 @@ _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "
 def check_finite(plan: list["PlannedTensor"], where: str) -> None:
     """Float tensors hold finite values (quantized ones: their scales, checked by ``describe``)."""
     for p in plan:
-        t = p.source
-        if t.data.dtype.kind == "f" and not np.isfinite(t.data).all():
-            raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
+        for t in p.sources:
+            if t.data.dtype.kind == "f" and not np.isfinite(t.data).all():
+                raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
 
 
 def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -65,10 +65,21 @@ class PlannedTensor:
     row_order: np.ndarray | None  # rows taken in this order (q/k un-permuted, q/k/v regrouped), or as stored
     offset: float = 0.0  # subtracted from the values (Gemma's norms)
     form: StoredForm | None = None  # how it is written, set by choose_forms
+    joined: tuple[Any, ...] = ()  # further tensors whose rows follow ``source``'s (``_Architecture.joined``)
 
     @property
     def module(self) -> str:
         return self.hf_name.removesuffix(".weight")
+
+    @property
+    def sources(self) -> tuple[Any, ...]:
+        """The GGUF tensors whose rows make this one, in order."""
+        return (self.source, *self.joined)
+
+    @property
+    def part_shape(self) -> tuple[int, ...]:
+        """Each source's shape: an equal share of the rows."""
+        return (self.shape[0] // len(self.sources), *self.shape[1:])
 
 
 def numpy_shape(tensor: Any) -> tuple[int, ...]:
@@ -139,11 +150,13 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
             block_tensors.update(renamed)
     if arch.moe is not None:
         router = {"ffn_gate_inp.weight": f"{ROUTER.get(arch.model_type, 'gate')}.weight"}
-        moe_tensors = {**MOE_BLOCK_TENSORS, **router, **(SHARED_EXPERT_TENSORS if arch.moe.shared else {})}
+        moe_tensors = {**MOE_BLOCK_TENSORS, **router, **dict(arch.moe.shared_tensors)}
         block_tensors.update({name: f"{arch.moe.module}.{suffix}" for name, suffix in moe_tensors.items()})
     # the next-token-prediction layers (GLM-4.5's) the converter appends after the decoder's: not run, not read
     layers = model_config.num_layers  # cfg spells it in the family's words (GPT-2's n_layer)
     prediction_layers = range(layers, layers + cfg.get("num_nextn_predict_layers", 0))
+    joins = {parts[0]: (parts, target) for parts, target in arch.joined}
+    later_parts = {part for parts, _ in arch.joined for part in parts[1:]}
     plan: list[PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
@@ -158,7 +171,17 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
                 continue
             if rest in _KV_B_HALVES and f"blk.{i}.attn_kv_b.weight" in by_name:  # the same numbers, split
                 continue
+            if rest in later_parts:  # planned with the first part of its join
+                continue
+            joined = joins.get(rest)
+            if joined is not None:
+                parts, target = joined
+                tensor = [by_name.get(f"blk.{i}.{part}") for part in parts]
+                if None in tensor:  # the whole joined tensor is then named missing
+                    continue
             hf_name = f"model.layers.{i}.{block_tensors[rest]}" if rest in block_tensors else None
+            if joined is not None:
+                hf_name = f"model.layers.{i}.{target}"
             if arch.permuted_qk and rest in ("attn_q.weight", "attn_k.weight"):
                 n = heads if rest == "attn_q.weight" else kv_heads
                 row_order = unpermute_qk(np.arange(n * model_config.head_dim), n)
@@ -170,15 +193,19 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
         if want is None:
             unknown.append(name)
             continue
+        tensor, joined = (tensor[0], tuple(tensor[1:])) if isinstance(tensor, list) else (tensor, ())
         shape = numpy_shape(tensor)
         if len(shape) == 1 and want == (1, *shape):  # a one-row matrix llama.cpp stores as a vector
             shape = want
+        if joined:  # equal shares of the rows, as the converter split them
+            shapes = [numpy_shape(t) for t in (tensor, *joined)]
+            shape = (sum(s[0] for s in shapes), *shape[1:]) if len(set(shapes)) == 1 else shapes
         if shape != want:
             raise CheckpointError(
                 f"{where}: tensor {name} ({hf_name}) has shape {shape} but the metadata implies {want}"
             )
         offset = arch.norm_offset if hf_name.endswith("norm.weight") else 0.0
-        plan.append(PlannedTensor(hf_name, tensor, shape, row_order, offset))
+        plan.append(PlannedTensor(hf_name, tensor, shape, row_order, offset, joined=joined))
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
         raise UnsupportedFeatureError(
@@ -221,16 +248,22 @@ def _with_split_kv_b(expected: dict[str, tuple[int, ...]], config: ModelConfig,
 def choose_forms(plan: list[PlannedTensor], dequantize_to: str | None, where: str) -> None:
     """Decide how every tensor is stored, checking types, block shapes and scales before anything is written."""
     if dequantize_to is not None:
-        _check_quant_types([p.source for p in plan], where)
+        _check_quant_types([t for p in plan for t in p.sources], where)
         for p in plan:
             p.form = StoredForm(p.shape, dequantize_to)
         return
     for p in plan:
-        t = p.source
         try:
-            p.form = replace(describe(t.data, t.tensor_type.name, _as_matrix(p.shape), t.name), shape=p.shape)
+            forms = [describe(t.data, t.tensor_type.name, _as_matrix(p.part_shape), t.name) for t in p.sources]
         except (CheckpointError, UnsupportedFeatureError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
+        if len({(f.bits, f.group_size, f.mode) for f in forms}) > 1:
+            raise UnsupportedFeatureError(
+                f"{where}: {' and '.join(t.name for t in p.sources)}, which Ferrum joins into {p.hf_name}, are "
+                f"stored as {' and '.join(t.tensor_type.name for t in p.sources)}; one packed tensor needs one "
+                "format. Import through float with convert_gguf(..., dequantize_to='float32')")
+        dtype = forms[0].dtype if len({f.dtype for f in forms}) == 1 else "float32"  # float16 and float32 scales
+        p.form = replace(forms[0], shape=p.shape, dtype=dtype)
 
 
 def _as_matrix(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -276,33 +309,39 @@ def _numpy_dtype(name: str) -> Any:
 
 
 def _stored_arrays(p: PlannedTensor, dequantize_to: str | None, where: str) -> list[np.ndarray]:
-    """The arrays ``p.form.parts()`` describes, q/k rows un-permuted."""
-    t = p.source
-    if dequantize_to is None:
-        value = repack(t.data, t.tensor_type.name, _as_matrix(p.shape), t.name)  # checked by choose_forms
-    else:
-        value = dequantized(t, where)
-    if isinstance(value, QuantizedWeight):
-        arrays = [a.reshape(*p.shape[:-1], -1) for a in (value.packed, value.scales, value.biases)]
-    elif isinstance(value, FloatCodes):
-        arrays = [a.reshape(*p.shape[:-1], -1) for a in (value.packed, value.scales)]
-    else:
-        value = value.reshape(p.shape)
-        if p.offset:  # in float32: exact for the norm weights near 1 the converter wrote
-            value = value.astype(np.float32) - np.float32(p.offset)
-        if not np.isfinite(value.astype(np.float32, copy=False)).all():
-            raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
-        with np.errstate(over="ignore"):  # an overflow is refused just below, by name
-            stored = value.astype(_numpy_dtype(p.form.dtype), copy=False)
-        if not np.isfinite(stored.astype(np.float32, copy=False)).all():
-            raise CheckpointError(
-                f"{where}: tensor {t.name} holds values up to {np.abs(value).max():.4g}, beyond {p.form.dtype}'s "
-                "range; import it as bfloat16 or float32"
-            )
-        arrays = [stored]
+    """The arrays ``p.form.parts()`` describes, joined tensors' rows one after the other, q/k rows un-permuted."""
+    pieces = [_source_arrays(p, t, dequantize_to, where) for t in p.sources]
+    arrays = pieces[0] if len(pieces) == 1 else [np.concatenate(rows) for rows in zip(*pieces)]
     if p.row_order is not None:
         arrays = [a[p.row_order] for a in arrays]  # whole rows move: exact when packed
     return arrays
+
+
+def _source_arrays(p: PlannedTensor, t: Any, dequantize_to: str | None, where: str) -> list[np.ndarray]:
+    """One source's share of ``p``'s arrays, in the dtypes ``p.form`` gives."""
+    shape = p.part_shape
+    if dequantize_to is None:
+        value = repack(t.data, t.tensor_type.name, _as_matrix(shape), t.name)  # checked by choose_forms
+    else:
+        value = dequantized(t, where)
+    if isinstance(value, (QuantizedWeight, FloatCodes)):
+        parts = (value.packed, value.scales, value.biases) if isinstance(value, QuantizedWeight) else (
+            value.packed, value.scales)
+        return [a.reshape(*shape[:-1], -1).astype(_numpy_dtype(dtype), copy=False)  # a joined part's scales
+                for a, (_, dtype, _) in zip(parts, p.form.parts())]
+    value = value.reshape(shape)
+    if p.offset:  # in float32: exact for the norm weights near 1 the converter wrote
+        value = value.astype(np.float32) - np.float32(p.offset)
+    if not np.isfinite(value.astype(np.float32, copy=False)).all():
+        raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
+    with np.errstate(over="ignore"):  # an overflow is refused just below, by name
+        stored = value.astype(_numpy_dtype(p.form.dtype), copy=False)
+    if not np.isfinite(stored.astype(np.float32, copy=False)).all():
+        raise CheckpointError(
+            f"{where}: tensor {t.name} holds values up to {np.abs(value).max():.4g}, beyond {p.form.dtype}'s "
+            "range; import it as bfloat16 or float32"
+        )
+    return [stored]
 
 
 def write_safetensors(
