@@ -304,6 +304,21 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(mlx_lm_conversions, backend,
     assert (scaled_error(want, original) < 1e-4) == (bits is None)  # 4 bits move the logits
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ferrum_quantize_keeps_kv_b_proj_float_so_mlx_lm_runs_what_ferrum_runs(mlx_lm_conversions, backend, tmp_path):
+    """mlx-lm splits a packed kv_b_proj per head and packs the halves again along other axes (rounding twice, or
+    failing where qk_nope_head_dim is no multiple of the group): `ferrum quantize` leaves it in float, and mlx-lm's
+    logits on the folder are Ferrum's."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    out = quantize_checkpoint(mlx_lm_conversions[0], tmp_path / "q", bits=4, group_size=32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["model.layers.0.self_attn.kv_b_proj"] is False
+    assert config["quantization"].get("model.layers.0.self_attn.q_b_proj") is None  # the others packed
+    got = DecoderOnlyLLM.from_pretrained(out, backend=backend, dtype="float32").forward_verify("x", TOKENS)
+    assert scaled_error(got, _mlx_lm_run(out, TOKENS, 0)[0]) < 1e-5
+
+
 def test_ferrum_quantize_refuses_mlx_lms_split_by_name(mlx_lm_conversions, tmp_path):
     """`ferrum quantize` reads kv_b_proj whole: mlx-lm's split is named, not reported as missing tensors."""
     from ferrum.quant.convert import quantize_checkpoint

@@ -60,6 +60,17 @@ EIGHT_BIT = (8, 64)
 _MLX_LM_FLOAT: dict[str, tuple[str, ...]] = {"glm4_moe": ("mlp.gate",), "deepseek_v3": ("mlp.gate",),
                                            "deepseek_v2": ("mlp.gate",), "glm4_moe_lite": ("mlp.gate",),
                                            "dots1": ("mlp.gate",)}
+#: Latent attention's ``kv_b_proj`` stays in float too: mlx-lm splits a packed one per head into ``embed_q`` and
+#: ``unembed_out`` and packs those again along other axes, rounding twice (or failing, where qk_nope_head_dim is no
+#: multiple of the group size); Ferrum joins mlx-lm's own split back into float at load, so it costs Ferrum nothing.
+_LATENT_FLOAT = ("self_attn.kv_b_proj",)
+
+
+def _kept_float(config: Any) -> tuple[str, ...]:
+    """Endings of the modules ``ferrum quantize`` leaves in float for ``config``."""
+    return _MLX_LM_FLOAT.get(config.model_type, ()) + (_LATENT_FLOAT if config.arch.mla is not None else ())
+
+
 _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("mlp.gate",),
     "gpt_oss": ("router",),
@@ -137,7 +148,7 @@ def quantize_checkpoint(
     shapes = weight_shapes(config)
     plan = _plan(checkpoint, shapes, bits, group_size, config)
     _check_destination(src, dst, force)
-    kept_float = _MLX_LM_FLOAT.get(config.model_type, ())
+    kept_float = _kept_float(config)
     unpacked = [item.source for item in plan if _quantizable(item.source, shapes) and not item.packed
                 and not item.source.removesuffix(".weight").endswith(kept_float)]
     if unpacked:  # mlx-lm keeps them in float too, without a word
@@ -269,7 +280,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
             "section; quantize its float original instead"
         )
     eight_bit = _MLX_LM_EIGHT_BIT.get(config.model_type, ())
-    kept_float = _MLX_LM_FLOAT.get(config.model_type, ())
+    kept_float = _kept_float(config)
     plan = []
     for name, shape in shapes.items():
         parts = sources[name]
