@@ -357,6 +357,14 @@ def test_expert_and_router_targets_are_refused_by_name(moe, tmp_path):
     (tmp_path / "m" / "adapter_config.json").write_text(json.dumps({"num_layers": 2}))
     with pytest.raises(AdapterError, match="switch_mlp.*mixture-of-experts"):
         model.adapters.load("m", tmp_path / "m")
+    for shared in ("shared_experts.up_proj", "shared_mlp.input_linear"):  # GLM-4.5's, DeepSeek's; GraniteMoeShared's
+        (tmp_path / shared).mkdir()
+        save_file({f"model.layers.1.mlp.{shared}.lora_a": np.zeros((64, 4), np.float32),
+                   f"model.layers.1.mlp.{shared}.lora_b": np.zeros((4, 40), np.float32)},
+                  tmp_path / shared / "adapters.safetensors")
+        (tmp_path / shared / "adapter_config.json").write_text(json.dumps({"num_layers": 2}))
+        with pytest.raises(AdapterError, match=f"{shared}.*mixture-of-experts"):
+            model.adapters.load("m", tmp_path / shared)
     assert len(model.adapters) == 0
 
 

@@ -44,7 +44,8 @@ PROJECTIONS = {
 _GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_out")
 _FUSED = ("query_key_value", "Wqkv")  # other models' fused attention projections
-_MOE = ("experts", "switch_mlp", "shared_expert", "block_sparse_moe")  # module names inside a sparse MLP
+#: Module names inside a sparse MLP (GLM-4.5's and DeepSeek's shared_experts, GraniteMoeShared's shared_mlp).
+_MOE = ("experts", "switch_mlp", "shared_expert", "shared_experts", "shared_mlp", "block_sparse_moe")
 _MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert, the shared expert or the router); "
                 "on MoE models only the attention projections q/k/v/o can be adapted")
 

@@ -145,7 +145,8 @@ class AdapterRegistry:
             raise InvalidRequestError("an adapter name must be a non-empty string")
         if self.model.config.arch.mla is not None:
             raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on Multi-head Latent Attention models "
-                               "are not supported yet (their attention has no q/k/v/o projections to adapt)")
+                               "are not supported yet (Ferrum does not adapt their latent projections); run the base "
+                               "model, or merge the adapter into its weights with PEFT's merge_and_unload")
         adapter = read_adapter(path, self.model.config)
         check_range(adapter, self.model.dtype)
         nbytes = adapter.nbytes(DTYPE_BYTES.get(self.model.dtype, 4))
