@@ -2061,10 +2061,13 @@ def test_a_deepseek2_gguf_llama_cpp_runs_otherwise_than_transformers_is_refused(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("layers, vocab, gating", [(47, 154880, 2), (48, 154880, 2), (47, 151552, 1), (27, 102400, 1)])
-def test_a_deepseek2_gguf_silent_on_its_gate_is_gated_as_llama_cpp_guesses(layers, vocab, gating):
-    """No expert_gating_func: softmax (DeepSeek-V2's early files), but sigmoid for GLM-4.7-Flash's shape."""
+@pytest.mark.parametrize("stored", [None, 0], ids=["absent", "none"])
+@pytest.mark.parametrize("blocks, vocab, gating", [(47, 154880, 2), (48, 154880, 2), (47, 151552, 1), (27, 102400, 1)])
+def test_a_deepseek2_gguf_silent_on_its_gate_is_gated_as_llama_cpp_guesses(blocks, vocab, gating, stored):
+    """No expert_gating_func, or 0 (none), as llama.cpp reads both: softmax (DeepSeek-V2's early files), but sigmoid
+    for GLM-4.7-Flash's shape, judged by the file's block count (its prediction layer included), as llama.cpp does."""
     from ferrum.gguf_import.architectures import _deepseek2_gating
 
-    meta = types.SimpleNamespace(get=lambda key, default=None: default, where="m.gguf")
-    assert _deepseek2_gating(meta, "deepseek2.", {"num_hidden_layers": layers, "vocab_size": vocab}) == gating
+    meta = types.SimpleNamespace(get=lambda key, default=None: stored if key.endswith("gating_func") else default,
+                                 need=lambda key: {"deepseek2.block_count": blocks}[key], where="m.gguf")
+    assert _deepseek2_gating(meta, "deepseek2.", {"num_hidden_layers": blocks - 1, "vocab_size": vocab}) == gating

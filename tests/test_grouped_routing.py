@@ -108,3 +108,14 @@ def test_native_grouped_routing_breaks_exact_ties_as_documented(backend, groups,
     want_ids, want_weights = _by_id(*route_grouped(logits, lowest_first, top_k, groups, kept, True, SCALE))
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rule", [NOAUX_TC, GROUP_LIMITED_GREEDY], ids=["noaux_tc", "group_limited_greedy"])
+@pytest.mark.parametrize("backend", NATIVE)
+def test_native_grouped_routing_of_no_tokens_gives_no_rows(backend, rule):
+    """An empty batch routes to ``[0, k]`` ids and weights, as the reference does (a reshape had to infer the group
+    width from zero tokens, and failed)."""
+    ops = load_backend(backend).ops
+    _, ids, weights = _route(ops, np.zeros((0, 16), np.float32), np.zeros(16, np.float32), 4, 2, 3, True, "float32",
+                             rule)
+    assert ids.shape == weights.shape == (0, 3)

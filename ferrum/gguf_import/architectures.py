@@ -225,11 +225,11 @@ _SOFTMAX_GATING, _SIGMOID_GATING = 1, 2
 
 
 def _deepseek2_gating(meta: Metadata, p: str, cfg: dict[str, Any]) -> int:
-    """The gate as llama.cpp reads it: the file's, else softmax (DeepSeek-V2's early files), except that a file of
-    GLM-4.7-Flash's shape (47 or 48 layers, 154880 tokens) routes with the sigmoid."""
+    """The gate as llama.cpp reads it: the file's, else (no key, or 0: none) softmax (DeepSeek-V2's early files),
+    except that a file of GLM-4.7-Flash's shape (47 or 48 blocks, 154880 tokens) routes with the sigmoid."""
     gating = meta.get(p + "expert_gating_func")
-    if gating is None:
-        flash = cfg["num_hidden_layers"] in (47, 48) and cfg["vocab_size"] == 154880
+    if not gating:
+        flash = int(meta.need(p + "block_count")) in (47, 48) and cfg["vocab_size"] == 154880
         return _SIGMOID_GATING if flash else _SOFTMAX_GATING
     if gating not in (_SOFTMAX_GATING, _SIGMOID_GATING):
         raise UnsupportedFeatureError(f"{meta.where}: {p}expert_gating_func {gating} is not supported; Ferrum imports "

@@ -8,7 +8,7 @@ from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
 from ferrum.moe.experts import PlacedExperts
 from ferrum.moe.loading import SWITCH
-from ferrum.moe.routing import CORRECTION_BIAS, GROUPED_RULES, NOAUX_TC, GroupedRouting, GroupRule, Sparsemixer
+from ferrum.moe.routing import CORRECTION_BIAS, GROUPED_RULES, GroupedRouting, GroupRule, Sparsemixer
 
 
 class Moe:
@@ -87,7 +87,8 @@ class Moe:
 
 def routes_natively(ops: Any, rule: GroupRule) -> bool:
     """Whether the backend's own ``moe_route`` runs ``rule``: it takes ``routing`` (else it would route by softmax),
-    and knows the rule (API 1.12 handed only :data:`NOAUX_TC`; 1.13 added ``GroupedRouting.rule``)."""
+    and its plugin declares an API version that hands this rule (``GroupRule.since``: 1.12 handed only
+    DeepSeek-V3's, 1.13 added ``GroupedRouting.rule``)."""
     from ferrum.backends import declared_version  # imported here: ferrum.backends loads the plugins
 
-    return ops.accepts("moe_route", "routing") and (rule == NOAUX_TC or declared_version(ops.info) >= (1, 13))
+    return ops.accepts("moe_route", "routing") and declared_version(ops.info) >= rule.since

@@ -33,7 +33,7 @@ and the JAX plugin's do), else the model calls this host reference for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -63,10 +63,18 @@ CORRECTION_BIAS = "e_score_correction_bias"
 class GroupRule:
     """What tells one grouped routing rule from another (see :func:`route_grouped`)."""
 
-    scoring: str  # "sigmoid" or "softmax" of the router logits, in float32
-    group_score: str  # "top2_sum": a group's two best choice values summed; "max": its best one
+    scoring: Literal["sigmoid", "softmax"]  # of the router logits, in float32
+    group_score: Literal["top2_sum", "max"]  # a group's two best choice values summed, or its best one
     corrected: bool  # a per-expert correction bias (CORRECTION_BIAS) is added to the scores to choose
-    masked: float  # what the experts of dropped groups score when the top_k are chosen
+    masked: float  # what the experts of dropped groups score when the top_k are chosen (one so chosen weighs 0)
+    #: The plugin API version that first hands this rule to a backend's ``moe_route``: a plugin declaring an
+    #: older one gets the layers of this rule routed by the core (ferrum.moe.kind.routes_natively).
+    since: tuple[int, int] = (1, 12)
+
+    def __post_init__(self) -> None:  # every implementation branches on these two: a misspelling would pass silently
+        if self.scoring not in ("sigmoid", "softmax") or self.group_score not in ("top2_sum", "max"):
+            raise ValueError(f"GroupRule: scoring {self.scoring!r} or group_score {self.group_score!r} is not one of "
+                             "sigmoid/softmax, top2_sum/max")
 
     @property
     def min_group(self) -> int:
@@ -78,7 +86,7 @@ class GroupRule:
 NOAUX_TC = GroupRule("sigmoid", "top2_sum", corrected=True, masked=float("-inf"))
 #: DeepSeek-V2's "group_limited_greedy" (transformers' ``DeepseekV2TopkRouter``): dropped groups' experts score 0,
 #: below every kept probability; "greedy" is the same rule with one group.
-GROUP_LIMITED_GREEDY = GroupRule("softmax", "max", corrected=False, masked=0.0)
+GROUP_LIMITED_GREEDY = GroupRule("softmax", "max", corrected=False, masked=0.0, since=(1, 13))
 #: ``MoeSpec.routing`` -> its grouped rule.
 GROUPED_RULES = {"sigmoid_grouped": NOAUX_TC, "softmax_grouped": GROUP_LIMITED_GREEDY}
 

@@ -1211,7 +1211,7 @@ def _route_grouped(logits, top_k, normalize, routing):
     choice = scores + routing.bias if rule.corrected else scores
     if routing.n_group > 1:
         tokens, experts = choice.shape
-        grouped = choice.view(tokens, routing.n_group, -1)
+        grouped = choice.view(tokens, routing.n_group, experts // routing.n_group)  # tokens may be 0
         group_scores = (grouped.amax(dim=-1) if rule.group_score == "max" else
                         grouped.topk(2, dim=-1).values.sum(dim=-1))
         kept = torch.zeros_like(group_scores, dtype=torch.bool)

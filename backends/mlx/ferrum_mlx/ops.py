@@ -851,7 +851,7 @@ def _route_grouped(logits, top_k, normalize, routing):
     choice = scores + routing.bias if rule.corrected else scores
     if routing.n_group > 1:
         tokens, experts = choice.shape
-        grouped = choice.reshape(tokens, routing.n_group, -1)
+        grouped = choice.reshape(tokens, routing.n_group, experts // routing.n_group)  # tokens may be 0
         group_scores = grouped.max(axis=-1) if rule.group_score == "max" else mx.topk(grouped, 2, axis=-1).sum(axis=-1)
         kept = mx.put_along_axis(mx.zeros(group_scores.shape, dtype=mx.bool_),
                                  _top_ids(group_scores, routing.topk_group), mx.array(True), axis=-1)

@@ -37,7 +37,7 @@ def _route_grouped(logits, bias, scale, top_k, normalize, n_group, topk_group, r
     choice = scores + bias if rule.corrected else scores
     if n_group > 1:
         tokens, experts = choice.shape
-        grouped = choice.reshape(tokens, n_group, -1)
+        grouped = choice.reshape(tokens, n_group, experts // n_group)  # tokens may be 0
         group_scores = grouped.max(axis=-1) if rule.group_score == "max" else lax.top_k(grouped, 2)[0].sum(axis=-1)
         kept = jax.nn.one_hot(lax.top_k(group_scores, topk_group)[1], n_group, dtype=jnp.bool_).any(axis=1)
         kept = jnp.repeat(kept, experts // n_group, axis=1)
