@@ -16,7 +16,7 @@ import ml_dtypes  # registers bfloat16 with numpy so safetensors can read it
 import numpy as np
 from safetensors import safe_open
 
-from ferrum.errors import CheckpointError, MissingTensorError
+from ferrum.errors import CheckpointError, FerrumError, MissingTensorError
 
 INDEX_FILE = "model.safetensors.index.json"
 #: Modules of a multimodal checkpoint that are not its text model, which is all Ferrum runs (Qwen2-VL's
@@ -68,6 +68,14 @@ def write_safetensors_header(
 
 #: The names of a model's weights saved as PyTorch pickles (transformers', Mistral's): not its training_args.bin.
 WEIGHT_PICKLES = ("pytorch_model*.bin", "consolidated*.pth", "model*.pt")
+
+
+
+def require_regular_file(path: Path, error: type[FerrumError]) -> None:
+    """Refuse with ``error`` a checkpoint file that is not a regular one: a FIFO or a device in the folder would block
+    the read for ever, or stream without end."""
+    if not path.is_file():
+        raise error(f"{path} is not a regular file; a checkpoint's files must be")
 
 
 class Checkpoint:
@@ -156,8 +164,7 @@ class Checkpoint:
 
     @staticmethod
     def _require_regular(path: Path) -> None:
-        if not path.is_file():  # a FIFO or device would block or stream forever
-            raise CheckpointError(f"{path} is not a regular file; a checkpoint's weight files must be")
+        require_regular_file(path, CheckpointError)
 
     def names(self) -> set[str]:
         return set(self._where)

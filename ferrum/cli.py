@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -88,8 +89,6 @@ def _op_sources(backend: backends.Backend) -> list[str]:
     """One line per hook: whether the plugin implements it or the core's reference composition runs, and the
     spec's arguments a native implementation does not take (the features, such as ``moe_route``'s ``routing``,
     that the core handles for it or refuses)."""
-    import inspect
-
     from ferrum import hookspec
 
     declared = backend.info.api_version if backend.info.api_version is not None else "undeclared"

@@ -14,6 +14,7 @@ from ferrum.arch import Architecture
 from ferrum.arch.families import FAMILIES
 from ferrum.arch.families import Sizes, read_sizes
 from ferrum.arch.keys import KeyReader
+from ferrum.checkpoint import require_regular_file
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.quant.config import SIDECARS, QuantConfig, sidecar_section
 
@@ -145,8 +146,7 @@ class ModelConfig(Sizes):
 
 def _json_object(path: Path) -> dict[str, Any]:
     """The JSON object a checkpoint file holds, or a :class:`ConfigError` naming the file and the problem."""
-    if not path.is_file():
-        raise ConfigError(f"{path} is not a regular file")
+    require_regular_file(path, ConfigError)
     try:
         raw = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:

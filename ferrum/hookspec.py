@@ -535,7 +535,10 @@ def lora_apply(y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
 def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routing: Any) -> Any:
     """(optional) Pick each token's experts: ``(ids, weights)`` as backend arrays.
 
-    ``logits [T, E]`` are the router's outputs in the compute dtype. Softmax in
+    ``logits [T, E]`` are the router's outputs in the compute dtype, or in
+    float32 whatever the compute dtype where the family's router is
+    (DeepSeek's, GLM's, dots1's, Hunyuan's: ``MoeSpec.router_float32``; its
+    ``linear`` then takes a float32 input and a float32 weight). Softmax in
     float32, the ``top_k`` largest probabilities (``ids`` int32 ``[T, top_k]``,
     ties broken as ``torch.topk`` does, see :mod:`ferrum.moe.routing`), divided
     by their sum when ``normalize``. ``weights`` are float32 ``[T, top_k]``, or
@@ -545,17 +548,22 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routi
     ``routing`` (API 1.12) is a feature, declared by the signature as for
     :func:`attention`: None for the softmax rule above, or a
     :class:`ferrum.moe.routing.GroupedRouting` (GLM-4.5, DeepSeek-V2 and V3):
-    ``routing.rule`` (API 1.13) scores the experts by sigmoid or softmax,
-    adds a per-expert correction bias that only chooses where it is
-    ``corrected`` (``routing.bias``, float32 ``[E]`` from ``from_numpy``;
-    else None), keeps the best ``routing.topk_group`` of ``routing.n_group``
-    expert groups by its ``group_score``, and weighs the chosen experts by
-    their scores (normalized when ``normalize``) times ``routing.scale``,
-    exactly as :func:`ferrum.moe.routing.route_grouped` says, every step in
-    float32 (``shared_logit`` is then None). An implementation without
-    ``routing`` is never handed one, nor is one of a plugin declaring API
-    1.12 handed a rule other than ``NOAUX_TC``: the model routes those
-    layers by the fallback.
+    ``routing.rule`` (API 1.13, a :class:`ferrum.moe.routing.GroupRule`)
+    scores the experts by ``scoring`` "sigmoid" or "softmax", adds a
+    per-expert correction bias that only chooses where it is ``corrected``
+    (``routing.bias``, float32 ``[E]`` from ``from_numpy``; else None), keeps
+    the best ``routing.topk_group`` of ``routing.n_group`` expert groups by
+    their ``group_score`` ("top2_sum": a group's two best scores summed;
+    "max": its best), sets the others' experts to ``masked`` (-inf, or 0
+    under softmax: an expert of a dropped group chosen in a tie then weighs
+    0), and weighs the chosen experts by their scores (normalized when
+    ``normalize``) times ``routing.scale``, exactly as
+    :func:`ferrum.moe.routing.route_grouped` says, every step in float32
+    (``shared_logit`` is then None). An implementation without ``routing``
+    is never handed one, nor is a rule handed to a plugin declaring an API
+    older than the rule's ``since`` (1.12 for ``NOAUX_TC``, 1.13 for
+    ``GROUP_LIMITED_GREEDY``): the model routes those layers by the
+    fallback.
     Fallback: the host references :func:`ferrum.moe.routing.route` and
     :func:`~ferrum.moe.routing.route_grouped` (one copy of the logits to the
     host per MoE layer).

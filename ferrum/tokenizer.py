@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from ferrum.checkpoint import require_regular_file
 from ferrum.config import eos_token_ids
 from ferrum.errors import ConfigError, InvalidRequestError
 
@@ -45,7 +46,7 @@ class Tokenizer:
                 f"no tokenizer.json in {folder}; Ferrum needs the checkpoint's fast tokenizer "
                 "to turn text into tokens (pass token ids to the executor to run without one)"
             )
-        _require_regular(path)
+        require_regular_file(path, ConfigError)
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises its own exception type
@@ -78,7 +79,7 @@ class Tokenizer:
         if (folder / "chat_template.jinja").exists():
             files.append(folder / "chat_template.jinja")
         for f in files:
-            _require_regular(f)
+            require_regular_file(f, ConfigError)
         if files:
             value = {("default" if f.name == "chat_template.jinja" else f.stem): f.read_text(errors="replace")
                      for f in files}
@@ -277,7 +278,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file, None when absent; anything else is a ConfigError naming the file."""
     if not path.exists():
         return None
-    _require_regular(path)
+    require_regular_file(path, ConfigError)
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -285,12 +286,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(value).__name__}")
     return value
-
-
-def _require_regular(path: Path) -> None:
-    """A FIFO or a device in a checkpoint folder would block the read, or stream without end."""
-    if not path.is_file():
-        raise ConfigError(f"{path} is not a regular file; a checkpoint's tokenizer files must be")
 
 
 @lru_cache(maxsize=1)

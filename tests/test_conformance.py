@@ -303,3 +303,26 @@ def test_a_probe_not_declaring_the_plugins_api_version_is_caught(registered, pro
     report = check_backend("probed")
     assert report.failed() == ["backend_info"]
     assert complaint in report.results[0].message
+
+
+def test_a_relu_squared_leaving_the_compute_dtype_is_caught():
+    """The hookspec promises the result in ``x``'s dtype: a bfloat16 input squared into float32 fails the check
+    (its values had all passed, being more precise)."""
+    if "cuda" not in runnable_backends():
+        pytest.skip("the torch backend cannot run here")
+    from types import SimpleNamespace
+
+    import torch
+
+    from ferrum.backends import load_backend
+    from ferrum.testing.conformance import _Context
+    from ferrum.testing.family_checks import check_relu_squared
+
+    ops = load_backend("cuda").ops
+    c = _Context(load_backend("cuda"), "bfloat16")
+    c.ops = SimpleNamespace(from_numpy=ops.from_numpy, to_numpy=ops.to_numpy,
+                            relu_squared=lambda x: torch.relu(x.float()).square())
+    with pytest.raises(AssertionError, match="not in the compute dtype bfloat16"):
+        check_relu_squared(c, 4e-2)
+    c.ops.relu_squared = ops.relu_squared
+    assert check_relu_squared(c, 4e-2) < 4e-2

@@ -17,10 +17,12 @@ class MoeMLP:
     ``moe_experts`` (Qwen2-MoE), or, without a gate, added to the routed
     experts' sum in the compute dtype (GLM-4.5, as transformers adds it).
     ``routing`` is None for softmax routing, else the layer's
-    :class:`~ferrum.moe.routing.GroupedRouting` or ``Sparsemixer``, handed to ``route`` (the
-    backend's ``moe_route`` where it takes that argument, else the core's).
+    :class:`~ferrum.moe.routing.GroupedRouting`, handed to ``route`` (the
+    backend's ``moe_route`` where it runs the rule, else the core's), or
+    its ``Sparsemixer``, always handed to the core's host reference.
     ``router_dtype`` "float32" casts the router's input up to its float32
-    weight (DeepSeek's and GLM's routers, as transformers runs them).
+    weight (DeepSeek's, GLM's, dots1's and Hunyuan's routers, as
+    transformers runs them).
     """
 
     __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route",

@@ -42,10 +42,10 @@ class Moe:
 
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         """A shared expert's fused ``gate_up_proj`` (GraniteMoeShared's ``input_linear``): gate rows, then up."""
-        from ferrum.arch.tensors import rows
+        from ferrum.arch.tensors import rows  # imported here: ferrum.arch.tensors reads the MLP kinds, this one too
 
         spec = config.arch.moe
-        if not spec.shared_fused or not name.endswith((f".{spec.shared_module}.gate_up_proj.weight")):
+        if not spec.shared_fused or not name.endswith(f".{spec.shared_module}.gate_up_proj.weight"):
             return [(name, tensor)]
         s = spec.shared_expert_size
         return [(name.replace("gate_up_proj", "gate_proj"), rows(tensor, 0, s)),

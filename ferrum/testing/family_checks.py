@@ -121,11 +121,14 @@ def check_gelu(c: Any, tol: float) -> float:
 
 
 def check_relu_squared(c: Any, tol: float) -> float:
-    """Values on both sides of zero, some exactly at it, and negatives far from it (squared if not cut)."""
+    """Values on both sides of zero, some exactly at it, and negatives far from it (squared if not cut); the result
+    in ``x``'s dtype, each value one the compute dtype holds (a float32 result of a bfloat16 input is not)."""
     x = c.random(6, 80) * 3
     x[0, :4] = [0.0, -0.0, -8.0, 8.0]
     x = c.rounded(x)
-    return _compare(c.get(c.ops.relu_squared(c.put(x))), np.square(np.maximum(x, 0.0)), tol)
+    got = c.get(c.ops.relu_squared(c.put(x)))
+    assert np.array_equal(got, c.rounded(got)), f"relu_squared's result is not in the compute dtype {c.dtype}"
+    return _compare(got, np.square(np.maximum(x, 0.0)), tol)
 
 
 def check_mul_scalar(c: Any, tol: float) -> float:
