@@ -16,7 +16,8 @@ import pytest
 from ferrum.serve.tools import FORMATS, ToolReplies, format_of, releasable
 from support import write_scripted_checkpoint, write_text_checkpoint
 
-HERMES, MISTRAL, GRANITE, LLAMA3, HARMONY = FORMATS
+HERMES, MISTRAL, GRANITE, LLAMA3, HARMONY, GLM, QWEN3_CODER = (next(f for f in FORMATS if f.name == name) for name in (
+    "hermes", "mistral", "granite", "llama3_json", "harmony", "glm45", "qwen3_coder"))
 
 # A Qwen 2.5-style template (its tool parts as Qwen writes them) over the test tokenizer's role tags.
 TOOL_TEMPLATE = (
@@ -121,6 +122,141 @@ def test_formats_are_read_from_the_template():
     assert format_of("{%- if tools %}available_tools{%- endif %}<|tool_call|>") is GRANITE
 
 
+# GLM-4.5's tool parts (zai-org/GLM-4.5 chat_template.jinja: the tools listed in <tools>, a call's name then an
+# <arg_key>/<arg_value> line per argument, a string bare and anything else as JSON) over the test tokenizer's tags.
+GLM_TEMPLATE = (
+    "{%- if tools %}<|system|>\n# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n"
+    "For each function call, output the function name and arguments within the following XML format:\n"
+    "<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>{arg-value-1}</arg_value>\n"
+    "...\n</tool_call></s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}<|assistant|>{{ m.content }}"
+    "{%- for tc in m.tool_calls or [] %}{%- if tc.function %}{%- set tc = tc.function %}{%- endif %}"
+    "{{ '\\n<tool_call>' + tc.name }}\n"
+    "{%- for k, v in tc.arguments.items() %}<arg_key>{{ k }}</arg_key>\n"
+    "<arg_value>{{ v | tojson if v is not string else v }}</arg_value>\n{% endfor %}</tool_call>{% endfor %}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+GLM_MARKERS = ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+
+
+def _glm(name: str, **arguments: str) -> str:
+    return f"<tool_call>{name}\n" + "".join(f"<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>\n"
+                                             for k, v in arguments.items()) + "</tool_call>"
+
+
+def test_glm_calls_type_their_values_as_vllm_does():
+    """GLM-4.5 writes each argument bare: JSON where it parses, else text; a parameter the tool declares a string
+    stays text even where it would parse ("42")."""
+    text = "Let me look.\n" + _glm("find", where='{"city": "Oslo"}', days="2", code="42", note="it is {not json}")
+    schemas = {"find": {"type": "object", "properties": {"code": {"type": "string"}, "days": {"type": "integer"}}}}
+    reply = GLM.parse(text, schemas)
+    assert reply.content == "Let me look."
+    assert [json.loads(c["function"]["arguments"]) for c in reply.calls] == [
+        {"where": {"city": "Oslo"}, "days": 2, "code": "42", "note": "it is {not json}"}]
+    assert json.loads(GLM.parse(text).calls[0]["function"]["arguments"])["code"] == 42  # no schema: JSON
+    two = GLM.parse(_glm("f") + "\n" + _glm("g", x="1") + " done")
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in two.calls] == [
+        ("f", {}), ("g", {"x": 1})] and two.content == "done"
+    compact = GLM.parse("<tool_call>g<arg_key>x</arg_key><arg_value>[1]</arg_value></tool_call>")  # GLM-4.7's form
+    assert [json.loads(c["function"]["arguments"]) for c in compact.calls] == [{"x": [1]}]
+    tools = [{"type": "function", "function": {"name": "find", "parameters": schemas["find"]}}]
+    sent, deltas, reason = _stream(ToolReplies(tools, GLM), [text[:9], text[9:20], text[20:40], text[40:]])
+    assert sent == "Let me look.\n" and reason == "tool_calls"
+    assert json.loads(deltas[0]["tool_calls"][0]["function"]["arguments"])["code"] == "42"  # typed by the request
+    for text in ("<tool_call>f\n<arg_key>x</arg_key>\n<arg_value>1", "<tool_call>\n<arg_key>x</arg_key></tool_call>",
+                 "<tool_call>f\nstray words</tool_call>"):  # cut inside a pair, no name, not pairs
+        assert GLM.parse(text).calls == [] and GLM.parse(text).content == text, text
+
+
+# Qwen3-Coder's tool parts (Qwen/Qwen3-Coder-30B-A3B-Instruct chat_template.jinja: the format shown to the model,
+# and a call's <function=...> with a <parameter=...> block per argument, objects and lists as JSON, anything else
+# as its string) over the test tokenizer's tags.
+QWEN3_CODER_TEMPLATE = (
+    "{%- if tools %}<|system|>\n# Tools\n\nYou have access to the following functions:\n\n<tools>"
+    "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\n"
+    "If you choose to call a function ONLY reply in the following format with NO suffix:\n\n<tool_call>\n"
+    "<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n</function>\n"
+    "</tool_call></s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}<|assistant|>{{ m.content }}"
+    "{%- for tool_call in m.tool_calls or [] %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n<function=' + tool_call.name + '>\\n' }}"
+    "{%- for args_name, args_value in tool_call.arguments|items %}{{- '<parameter=' + args_name + '>\\n' }}"
+    "{%- set args_value = args_value | tojson | safe if args_value is mapping or (args_value is sequence and "
+    "args_value is not string) else args_value | string %}{{- args_value }}{{- '\\n</parameter>\\n' }}"
+    "{%- endfor %}{{- '</function>\\n</tool_call>' }}{%- endfor %}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
+
+def _qwen(name: str, **arguments: str) -> str:
+    return f"<tool_call>\n<function={name}>\n" + "".join(f"<parameter={k}>\n{v}\n</parameter>\n"
+                                                          for k, v in arguments.items()) + "</function>\n</tool_call>"
+
+
+def test_qwen3_coder_calls_type_their_values_by_the_tools_schema():
+    """Qwen3-Coder writes each argument bare; vLLM reads it by the type the tool declares: integers, numbers
+    (whole ones as integers), booleans as Python writes them, objects as JSON, strings as they are, null as
+    None; a parameter the tool does not declare, or a value that does not convert, stays text."""
+    text = "On it.\n" + _qwen("find", days="2", ratio="2.0", exact="True", where='{"city": "Oslo"}', code="42",
+                              tag="null", extra="7", bad="two", note="line one\nline two")
+    schemas = {"find": {"type": "object", "properties": {
+        "days": {"type": "integer"}, "ratio": {"type": "number"}, "exact": {"type": "boolean"},
+        "where": {"type": "object"}, "code": {"type": "string"}, "tag": {"type": "string"},
+        "bad": {"type": "integer"}, "note": {"type": "string"}}}}
+    reply = QWEN3_CODER.parse(text, schemas)
+    assert reply.content == "On it."
+    assert [json.loads(c["function"]["arguments"]) for c in reply.calls] == [
+        {"days": 2, "ratio": 2, "exact": True, "where": {"city": "Oslo"}, "code": "42", "tag": None, "extra": "7",
+         "bad": "two", "note": "line one\nline two"}]
+    assert json.loads(QWEN3_CODER.parse(text).calls[0]["function"]["arguments"])["days"] == "2"  # no schema: text
+    two = QWEN3_CODER.parse(_qwen("f") + "\n" + _qwen("g", x="1") + "\n")
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in two.calls] == [
+        ("f", {}), ("g", {"x": "1"})] and two.content is None
+    tools = [{"type": "function", "function": {"name": "find", "parameters": schemas["find"]}}]
+    sent, deltas, reason = _stream(ToolReplies(tools, QWEN3_CODER), [text[:5], text[5:12], text[12:30], text[30:]])
+    assert sent == "On it.\n" and reason == "tool_calls"
+    assert json.loads(deltas[0]["tool_calls"][0]["function"]["arguments"])["days"] == 2  # typed by the request
+    for text in (_qwen("f", x="1")[:-len("</function>\n</tool_call>")], "<tool_call>\n<parameter=x>\n1\n</parameter>",
+                 "<tool_call>\n<function=f>\nstray</function>\n</tool_call>"):  # cut, no function, not parameters
+        assert QWEN3_CODER.parse(text).calls == [] and QWEN3_CODER.parse(text).content == text, text
+
+
+def test_templates_that_also_write_tool_call_are_not_taken_for_hermes():
+    """GLM's and Qwen3-Coder's templates also write <tool_call>; <arg_key> and <parameter= say which they are."""
+    assert format_of(GLM_TEMPLATE) is GLM
+    assert format_of(QWEN3_CODER_TEMPLATE) is QWEN3_CODER
+    assert format_of(TOOL_TEMPLATE) is HERMES
+
+
+def test_earlier_calls_render_as_the_format_reads_them(tmp_path):
+    """An assistant's earlier call, sent back with its arguments as JSON text, renders through each template
+    (arguments as an object) into text the format's parser reads as that call."""
+    from ferrum.serve.tools import template_tool_calls
+    from ferrum.tokenizer import Tokenizer
+
+    arguments = {"city": "Oslo", "days": 2, "where": {"lat": 59.9}, "ok": True}
+    types = {"city": "string", "days": "integer", "where": "object", "ok": "boolean"}
+    find = {"type": "function", "function": {"name": "find", "parameters": {
+        "type": "object", "properties": {key: {"type": kind} for key, kind in types.items()}}}}
+    sent = [{"id": "c1", "type": "function", "function": {"name": "find", "arguments": json.dumps(arguments)}}]
+    for fmt, template in [(HERMES, TOOL_TEMPLATE), (GLM, GLM_TEMPLATE), (QWEN3_CODER, QWEN3_CODER_TEMPLATE)]:
+        folder = write_text_checkpoint(tmp_path / fmt.name, seed=3)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        messages = [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "", "tool_calls": template_tool_calls(sent, "tool_calls")}]
+        prompt = Tokenizer(folder).apply_chat_template(messages, tools=[WEATHER], add_generation_prompt=False)
+        reply = prompt[prompt.rindex("<|assistant|>") + len("<|assistant|>"):]
+        calls = fmt.read(reply, [find]).calls
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+            ("find", arguments)], (fmt.name, reply)
+
+
 _TIME = '{"name": "get_time", "arguments": {"tz": "UTC"}}'
 _WEATHER = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
 FORCED_ROWS = [  # (format, template, one call as the template writes it, two calls, markers)
@@ -133,8 +269,12 @@ FORCED_ROWS = [  # (format, template, one call as the template writes it, two ca
     (GRANITE, "<|tool_call|>", f"<|tool_call|>[{_TIME}]", f"<|tool_call|>[{_TIME}, {_WEATHER}]", ("<|tool_call|>",)),
     (LLAMA3, "<|python_tag|>", _TIME.replace("arguments", "parameters"),
      _TIME.replace("arguments", "parameters") + "; " + _WEATHER.replace("arguments", "parameters"), ()),
+    (GLM, GLM_TEMPLATE, _glm("get_time", tz="UTC"),
+     _glm("get_time", tz="UTC") + "\n" + _glm("get_weather", city="Oslo"), GLM_MARKERS),
+    (QWEN3_CODER, QWEN3_CODER_TEMPLATE, _qwen("get_time", tz="UTC"),
+     _qwen("get_time", tz="UTC") + "\n" + _qwen("get_weather", city="Oslo"), ("<tool_call>", "</tool_call>")),
 ]
-FORCED_IDS = ["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json"]
+FORCED_IDS = ["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json", "glm45", "qwen3_coder"]
 
 
 def _forced_matcher(tmp_path, fmt, template, markers, special, many, tools=None):
@@ -168,7 +308,9 @@ def _takes(tok, matcher, text: str) -> bool:
 
 
 def _calls(fmt, text: str) -> list:
-    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in fmt.parse(text).calls]
+    """The calls ``fmt`` reads in ``text``, typed by the tools these tests offer (formats that write values bare)."""
+    tools = [CITY, CLOCK, NESTED, PING]
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in fmt.read(text, tools).calls]
 
 
 @pytest.mark.parametrize("fmt, template, one, two, markers", FORCED_ROWS, ids=FORCED_IDS)
@@ -239,6 +381,9 @@ def test_a_forced_call_follows_a_schema_with_definitions(tmp_path, fmt, template
     if "[ARGS]" in template:  # Mistral v11: the name, then the arguments alone
         call = '[TOOL_CALLS]find[ARGS]{"where": {"city": "Oslo"}, "days": 2}'
         bad = '[TOOL_CALLS]find[ARGS]{"where": {"town": "Oslo"}, "days": 2}'
+    if fmt in (GLM, QWEN3_CODER):  # the arguments one by one, each value as JSON (not strings)
+        write = _glm if fmt is GLM else _qwen
+        call, bad = (write("find", where=f'{{"{key}": "Oslo"}}', days="2") for key in ("city", "town"))
     tok, matcher = _forced_matcher(tmp_path / "good", fmt, template, markers, True, many=False, tools=[NESTED])
     assert _takes(tok, matcher, call) and matcher.complete
     assert _calls(fmt, call) == [("find", {"where": {"city": "Oslo"}, "days": 2})]
@@ -601,6 +746,9 @@ def test_a_forced_call_to_a_function_without_parameters_takes_no_arguments(tmp_p
                        for args in ("{}", '{"tz": "UTC"}'))
     if "[ARGS]" in template:
         empty, invented = "[TOOL_CALLS]ping[ARGS]{}", '[TOOL_CALLS]ping[ARGS]{"tz": "UTC"}'
+    if fmt in (GLM, QWEN3_CODER):
+        write = _glm if fmt is GLM else _qwen
+        empty, invented = write("ping"), write("ping", tz="UTC")
     tok, matcher = _forced_matcher(tmp_path / "empty", fmt, template, markers, True, many=False, tools=[tool])
     assert _takes(tok, matcher, empty) and matcher.complete
     tok, matcher = _forced_matcher(tmp_path / "invented", fmt, template, markers, True, many=False, tools=[tool])

@@ -11,7 +11,13 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
 * ``llama3_json`` (Llama 3.1-3.3, whose templates carry ``<|python_tag|>``): the whole reply is one JSON object
   ``{"name": ..., "parameters": {...}}``;
 * ``harmony`` (gpt-oss, templates with ``<|call|>``): a message to ``functions.NAME`` whose text is the
-  arguments (read by :mod:`ferrum.serve.harmony`, which hands the calls on in one canonical form).
+  arguments (read by :mod:`ferrum.serve.harmony`, which hands the calls on in one canonical form);
+* ``glm45`` (GLM-4.5 / 4.6 / 4.7, templates with ``<arg_key>``): ``<tool_call>NAME`` then per argument
+  ``<arg_key>K</arg_key><arg_value>V</arg_value>``, then ``</tool_call>``: a value is read as JSON where it parses
+  and the tool does not declare it a string, else kept as text (vLLM's ``glm45`` parser);
+* ``qwen3_coder`` (Qwen3-Coder, Qwen3.5; templates with ``<parameter=``): ``<tool_call>\\n<function=NAME>``, then
+  per argument ``<parameter=K>\\nV\\n</parameter>``, then ``</function>\\n</tool_call>``: values read by the type
+  the tool's schema gives them (vLLM's ``qwen3_coder`` parser).
 
 Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
@@ -24,6 +30,7 @@ more for "required" (unless ``parallel_tool_calls`` is false), one for a named f
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -175,6 +182,131 @@ def _llama3_json(text: str) -> ParsedReply:
     return ParsedReply("", calls) if calls else ParsedReply(text, [])
 
 
+#: The tools' parameter schemas, by function name: how the formats that write arguments bare read their values.
+Schemas = dict[str, dict[str, Any]]
+
+
+def _properties(schemas: Schemas, name: str) -> dict[str, Any]:
+    properties = (schemas.get(name) or {}).get("properties")
+    return properties if isinstance(properties, dict) else {}
+
+
+def _declared_string(schema: Any) -> bool:
+    """Whether a parameter's schema admits only strings (its type, or an enum or const of strings only): the
+    formats that write arguments bare write those as they are, anything else as JSON."""
+    if not isinstance(schema, dict):
+        return False
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(values, list) and values:
+        return all(isinstance(value, str) for value in values)
+    return schema.get("type") == "string"
+
+
+_GLM_CALL = re.compile(r"<tool_call>([^\n<]*)(.*?)(?:</tool_call>|$)", re.DOTALL)
+_GLM_ARG = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>\s*", re.DOTALL)
+
+
+def _glm_value(text: str, schema: Any) -> Any:
+    """An argument's text: JSON where it parses (numbers, objects, ``true``), else the text itself, which is also
+    what a parameter the tool declares a string keeps ("42" stays "42")."""
+    if _declared_string(schema):
+        return text
+    try:
+        return json.loads(text)
+    except _NOT_JSON:
+        return text
+
+
+def _glm(text: str, schemas: Schemas | None = None) -> ParsedReply:
+    """GLM-4.5's calls: each ``<tool_call>`` holds its function's name (up to a newline or the first argument) and
+    nothing but ``<arg_key>``/``<arg_value>`` pairs; a block with anything else, or cut inside a pair, is text."""
+    start = text.find("<tool_call>")
+    if start < 0:
+        return ParsedReply(text, [])
+    calls, rest, end = [], [], start
+    for match in _GLM_CALL.finditer(text, start):
+        rest.append(text[end:match.start()])
+        name, body, arguments, at = match.group(1).strip(), match.group(2), {}, 0
+        properties = _properties(schemas or {}, name)
+        while pair := _GLM_ARG.match(body, at):
+            key = pair.group(1).strip()
+            arguments[key] = _glm_value(pair.group(2).strip(), properties.get(key))
+            at = pair.end()
+        call = _call(name, arguments) if body[at:].strip() == "" else None
+        if call is None:
+            return ParsedReply(text, [])
+        calls.append(call)
+        end = match.end()
+    return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
+
+
+_QWEN_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+_QWEN_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
+_QWEN_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)</parameter>\s*", re.DOTALL)
+_PYTHON_LITERAL = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
+
+
+def _qwen3_coder_value(text: str, schema: Any) -> Any:
+    """An argument's text read by the type its parameter declares, as vLLM's ``qwen3_coder`` parser reads it:
+    ``null`` is None; text where the schema has no such parameter, or it does not convert. Where vLLM reads a
+    parameter without a ``type`` as text, this reads it as JSON unless it admits only strings (an enum's
+    values; a ``$ref`` object), as the forced grammar writes it."""
+    if text.lower() == "null":
+        return None
+    if not isinstance(schema, dict) or _declared_string(schema):
+        return text
+    kind = str(schema.get("type", "")).strip().lower()
+    if kind.startswith(("int", "uint", "long", "short", "unsigned")):
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if kind.startswith(("num", "float")):
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        return int(number) if number.is_integer() else number
+    if kind in ("boolean", "bool", "binary"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except _NOT_JSON:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except _PYTHON_LITERAL:
+        return text
+
+
+def _qwen3_coder(text: str, schemas: Schemas | None = None) -> ParsedReply:
+    """Qwen3-Coder's calls: each ``<tool_call>`` holds one ``<function=NAME>`` of ``<parameter=K>`` blocks, a
+    value's first and last newline the template's; a block with anything else, or cut before
+    ``</function>``, is text."""
+    start = text.find("<tool_call>")
+    if start < 0:
+        return ParsedReply(text, [])
+    calls, rest, end = [], [], start
+    for match in _QWEN_CALL.finditer(text, start):
+        rest.append(text[end:match.start()])
+        function = _QWEN_FUNCTION.fullmatch(match.group(1))
+        if function is None:
+            return ParsedReply(text, [])
+        name, body, arguments, at = function.group(1).strip(), function.group(2), {}, 0
+        properties = _properties(schemas or {}, name)
+        while parameter := _QWEN_PARAMETER.match(body, at):
+            value = parameter.group(2).removeprefix("\n").removesuffix("\n")
+            key = parameter.group(1).strip()
+            arguments[key] = _qwen3_coder_value(value, properties.get(key))
+            at = parameter.end()
+        call = _call(name, arguments) if body[at:].strip() == "" else None
+        if call is None:
+            return ParsedReply(text, [])
+        calls.append(call)
+        end = match.end()
+    return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
+
+
 # ------------------------------------------------------------- forced calls
 #: How a call's JSON is held: the separators of ``json.dumps`` and Jinja's ``tojson``, which wrote the calls
 #: in the model's training, and no free whitespace to spend tokens on.
@@ -316,6 +448,69 @@ def _harmony_call(tools: list[dict[str, Any]], mark: Callable[[str], str], templ
     return f"start: {names}\n{rules}"
 
 
+def _bare_string(schema: dict[str, Any], end: str) -> str:
+    """A Lark body of a string argument written bare (no quotes), then ``end``, as the XML-like formats write
+    them: one of its enum's values, else text up to the next tag (so without ``<``), at most its ``maxLength``
+    characters. ``end`` joins the text's regex: a separate lexeme would fight it over the text's last newline."""
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(values, list) and values:
+        return f'({" | ".join(json.dumps(value) for value in values)})' + (f" {json.dumps(end)}" if end else "")
+    most = schema.get("maxLength")
+    text = f"[^<]{{0,{most}}}" if isinstance(most, int) else "[^<]*"
+    return "/" + text + end.replace("\n", "\\n").replace("/", "\\/") + "/"
+
+
+def _bare_arguments(tools: list[dict[str, Any]], arg: Callable[[str, str], str], end: str = "") -> list[str]:
+    """Per tool, a Lark body of its arguments written one by one: ``arg(key, value)`` per declared property, in
+    the schema's order, the required ones always; a string's value bare, any other's as JSON under its schema
+    (which keeps its refs: the whole parameters ride along under ``$defs``), each value then ``end``."""
+    bodies = []
+    for function in (tool["function"] for tool in tools):
+        parameters = _parameters(function)
+        root = _rerooted(parameters, "#/$defs/parameters")
+        required = set(parameters.get("required") or ())
+        items = []
+        for key, schema in (root.get("properties") or {}).items():
+            value = (_bare_string(schema, end) if _declared_string(schema)
+                     else _json({**schema, "$defs": {"parameters": root}}) + (f" {json.dumps(end)}" if end else ""))
+            items.append(f"({arg(key, value)})" + ("" if key in required else "?"))
+        bodies.append(" ".join(items) or '""')
+    return bodies
+
+
+def _glm_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Blocks as GLM's template writes them, a newline apart: GLM-4.5's name and each ``<arg_key>`` and
+    ``<arg_value>`` on a line of their own, GLM-4.7's (``</arg_key><arg_value>`` in its template) all on one."""
+    line = "" if "</arg_key><arg_value>" in template else r'"\n"'
+
+    def arg(key: str, value: str) -> str:
+        return (f'{mark("<arg_key>")} {json.dumps(key)} {mark("</arg_key>")} {line} {mark("<arg_value>")} {value} '
+                f'{mark("</arg_value>")} {line}')
+
+    names = [json.dumps(tool["function"]["name"]) for tool in tools]
+    rules = [f"call{i}: {name} {line} {body}" for i, (name, body) in enumerate(zip(names, _bare_arguments(tools, arg)))]
+    calls = " | ".join(f"call{i}" for i in range(len(tools)))
+    blocks = _repeated("block", r'"\n"', many)
+    return "\n".join([f"start: {blocks}", f'block: {mark("<tool_call>")} ({calls}) {mark("</tool_call>")}', *rules])
+
+
+def _qwen3_coder_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Blocks as Qwen3-Coder's template writes them, a newline apart (and, where several may follow, maybe one
+    after the last, as with Hermes's): ``<function=NAME>``, then each argument's ``<parameter=K>`` block, its
+    value on lines of its own."""
+    def arg(key: str, value: str) -> str:
+        head = json.dumps(f"<parameter={key}>\n")
+        return f"{head} {value}"
+
+    bodies = _bare_arguments(tools, arg, end="\n</parameter>\n")
+    heads = [json.dumps(tool["function"]["name"] + ">\n") for tool in tools]
+    rules = [f"call{i}: {head} {body}" for i, (head, body) in enumerate(zip(heads, bodies))]
+    names = " | ".join(f"call{i}" for i in range(len(tools)))
+    blocks = _repeated("block", r'"\n"', many) + (r' "\n"?' if many else "")
+    block = f'block: {mark("<tool_call>")} "\\n<function=" ({names}) "</function>\\n" {mark("</tool_call>")}'
+    return "\n".join([f"start: {blocks}", block, *rules])
+
+
 def _llama3_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """Llama 3.1 separates several calls with ``; ``."""
     calls = _repeated("call", '"; "', many)
@@ -330,15 +525,26 @@ class ToolCallFormat:
     detect: str  # a template holding this text uses the format
     marker: str | None  # opens a call anywhere in the reply
     openers: tuple[str, ...]  # open a call at the start of the reply
-    parse: Callable[[str], ParsedReply]
+    parse: Callable[..., ParsedReply]  # (text), or (text, schemas) where ``typed``
     #: A Lark grammar (llguidance's dialect) of one call to one of ``tools`` written this way, or one or more, for a
     #: forced call: ``(tools, mark, template, many)``, ``mark`` spelling a marker as its special token or as text.
     forced: Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]
-    #: Where a call names its function, up to its arguments (``_calls_so_far``); group ``name``.
+    #: Where a call names its function, up to its arguments (``_calls_so_far``); group ``name``. Empty: the
+    #: arguments are not JSON, and a cut forced reply is text.
     heads: tuple[re.Pattern[str], ...] = (_JSON_HEAD,)
+    #: Whether ``parse`` also takes the tools' parameter schemas (:data:`Schemas`), to type arguments written bare.
+    typed: bool = False
+
+    def read(self, text: str, tools: list[dict[str, Any]] | None) -> ParsedReply:
+        """``text`` parsed as this format writes calls to ``tools``."""
+        if not self.typed:
+            return self.parse(text)
+        return self.parse(text, {t["function"]["name"]: _parameters(t["function"]) for t in tools or ()})
 
 
-FORMATS = (
+FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>
+    ToolCallFormat("glm45", "<arg_key>", "<tool_call>", (), _glm, _glm_call, (), typed=True),
+    ToolCallFormat("qwen3_coder", "<parameter=", "<tool_call>", (), _qwen3_coder, _qwen3_coder_call, (), typed=True),
     ToolCallFormat("hermes", "<tool_call>", "<tool_call>", (), _hermes, _hermes_call),
     ToolCallFormat("mistral", _TOOL_CALLS, _TOOL_CALLS, ("[{",), _mistral, _mistral_call, (_MISTRAL_HEAD, _JSON_HEAD)),
     ToolCallFormat("granite", "<|tool_call|>", "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>"),
@@ -385,7 +591,7 @@ class ToolReplies:
         reply calling a function the request did not offer is text."""
         if self.format is None:
             return ParsedReply(text, [])
-        reply = self.format.parse(text)
+        reply = self.format.read(text, self.tools)
         if not reply.calls and self.grammar is not None:  # a forced reply is calls: one that does not parse was cut
             reply = _calls_so_far(self.format.heads, text)
         offered = {tool["function"]["name"] for tool in self.tools or ()}
