@@ -16,8 +16,9 @@ import pytest
 from ferrum.serve.tools import FORMATS, ToolReplies, format_of, releasable
 from support import write_scripted_checkpoint, write_text_checkpoint
 
-HERMES, MISTRAL, GRANITE, LLAMA3, HARMONY, GLM, QWEN3_CODER = (next(f for f in FORMATS if f.name == name) for name in (
-    "hermes", "mistral", "granite", "llama3_json", "harmony", "glm45", "qwen3_coder"))
+HERMES, MISTRAL, GRANITE, LLAMA3, HARMONY, GLM, QWEN3_CODER, DEEPSEEK = (
+    next(f for f in FORMATS if f.name == name)
+    for name in ("hermes", "mistral", "granite", "llama3_json", "harmony", "glm45", "qwen3_coder", "deepseek_v3"))
 
 # A Qwen 2.5-style template (its tool parts as Qwen writes them) over the test tokenizer's role tags.
 TOOL_TEMPLATE = (
@@ -39,6 +40,34 @@ END = "<end>"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                            "parameters": {"type": "object",
                                                           "properties": {"city": {"type": "string"}}}}}
+
+
+# DeepSeek-V3's call format, as vLLM's examples/tool_chat_template_deepseekv3.jinja writes it (DeepSeek-V3-0324's
+# own template writes calls the same way but lists no tools and joins arguments as text), over the test tags.
+DS_CALLS, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL, DS_SEP, DS_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+DEEPSEEK_TEMPLATE = (
+    "{%- if tools %}<|system|>\n\n# Tools\n\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}"
+    "\n</tools>\n\nFor function call returns, you should first print <｜tool▁calls▁begin｜>For each function call, "
+    "you should return object like:\n<｜tool▁call▁begin｜>function<｜tool▁sep｜><function_name>\n```json\n"
+    "<function_arguments_in_json_format>\n```<｜tool▁call▁end｜>At the end of function call returns, you should "
+    "print <｜tool▁calls▁end｜></s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}<|assistant|>{{ m.content }}"
+    "{%- if m.tool_calls %}<｜tool▁calls▁begin｜>{%- for tool in m.tool_calls %}{%- if not loop.first %}\n{% endif %}"
+    "{{ '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + "
+    "'\\n' + tool['function']['arguments']|tojson + '\\n' + '```' + '<｜tool▁call▁end｜>' }}{%- endfor %}"
+    "<｜tool▁calls▁end｜>{%- endif %}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+DEEPSEEK_MARKERS = (DS_CALLS, DS_CALLS_END, DS_CALL, DS_SEP, DS_CALL_END)
+
+
+def _ds(*calls: tuple[str, str]) -> str:
+    """Calls as DeepSeek-V3 writes them: (name, arguments' JSON) each."""
+    return DS_CALLS + "\n".join(f"{DS_CALL}function{DS_SEP}{name}\n```json\n{arguments}\n```{DS_CALL_END}"
+                                for name, arguments in calls) + DS_CALLS_END
 
 
 # ----------------------------------------------------------------- parsing
@@ -84,6 +113,7 @@ def test_mistral_and_llama3_replies():
     (LLAMA3, '{"name": "f", "parameters": {"x": 1}}; {"name": "g", "parameters": {"y'),
     (HARMONY, '<|start|>assistant to=functions.f<|channel|>commentary json<|message|>{"x": 1}'
               '<|start|>assistant to=functions.g<|channel|>commentary json<|message|>{"y'),
+    (DEEPSEEK, _ds(("f", '{"x": 1}'))[:-len(DS_CALLS_END)] + f"\n{DS_CALL}function{DS_SEP}g\n```json\n{{\"y"),
 ])
 def test_a_cut_forced_reply_reads_as_its_calls_so_far(fmt, text):
     """Under a forced call's grammar a reply that does not parse was cut: its calls, the last as far as it got
@@ -116,6 +146,7 @@ def test_mistral_v11_calls_each_after_their_own_marker():
 
 def test_formats_are_read_from_the_template():
     assert format_of(TOOL_TEMPLATE) is HERMES
+    assert format_of(DEEPSEEK_TEMPLATE) is DEEPSEEK
     assert format_of("{% for m in messages %}{{ m.content }}{% endfor %}") is None  # no tools in it
     assert format_of("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]") is MISTRAL
     assert format_of("{% if tools %}{{ tools }}{% endif %}<|python_tag|>") is LLAMA3
@@ -226,6 +257,19 @@ def test_qwen3_coder_calls_type_their_values_by_the_tools_schema():
         assert QWEN3_CODER.parse(text).calls == [] and QWEN3_CODER.parse(text).content == text, text
 
 
+def test_deepseek_v3_calls():
+    reply = DEEPSEEK.parse("Checking." + _ds(("f", '{"x": [1, 2]}'), ("g", "{}")))
+    assert reply.content == "Checking." and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                             for c in reply.calls] == [("f", {"x": [1, 2]}), ("g", {})]
+    sent, deltas, reason = _stream(ToolReplies([{"type": "function", "function": {"name": "f"}}], DEEPSEEK),
+                                   ["Checking.<｜tool", "▁calls▁begin｜>" + _ds(("f", "{}"))[len(DS_CALLS):]])
+    assert sent == "Checking." and reason == "tool_calls" and deltas[0]["tool_calls"][0]["function"]["name"] == "f"
+    whole = _ds(("f", '{"x": 1}'))
+    for text in (whole[:-len(DS_CALL_END + DS_CALLS_END)], whole.replace('{"x": 1}', "[1]"),
+                 whole.replace('{"x": 1}', "{x}"), DS_CALLS + "f"):  # cut, not an object, not JSON, no call
+        assert DEEPSEEK.parse(text).calls == [] and DEEPSEEK.parse(text).content == text, text
+
+
 def test_templates_that_also_write_tool_call_are_not_taken_for_hermes():
     """GLM's and Qwen3-Coder's templates also write <tool_call>; <arg_key> and <parameter= say which they are."""
     assert format_of(GLM_TEMPLATE) is GLM
@@ -244,7 +288,8 @@ def test_earlier_calls_render_as_the_format_reads_them(tmp_path):
     find = {"type": "function", "function": {"name": "find", "parameters": {
         "type": "object", "properties": {key: {"type": kind} for key, kind in types.items()}}}}
     sent = [{"id": "c1", "type": "function", "function": {"name": "find", "arguments": json.dumps(arguments)}}]
-    for fmt, template in [(HERMES, TOOL_TEMPLATE), (GLM, GLM_TEMPLATE), (QWEN3_CODER, QWEN3_CODER_TEMPLATE)]:
+    for fmt, template in [(HERMES, TOOL_TEMPLATE), (GLM, GLM_TEMPLATE), (QWEN3_CODER, QWEN3_CODER_TEMPLATE),
+                          (DEEPSEEK, DEEPSEEK_TEMPLATE)]:
         folder = write_text_checkpoint(tmp_path / fmt.name, seed=3)
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
@@ -273,8 +318,10 @@ FORCED_ROWS = [  # (format, template, one call as the template writes it, two ca
      _glm("get_time", tz="UTC") + "\n" + _glm("get_weather", city="Oslo"), GLM_MARKERS),
     (QWEN3_CODER, QWEN3_CODER_TEMPLATE, _qwen("get_time", tz="UTC"),
      _qwen("get_time", tz="UTC") + "\n" + _qwen("get_weather", city="Oslo"), ("<tool_call>", "</tool_call>")),
+    (DEEPSEEK, DEEPSEEK_TEMPLATE, _ds(("get_time", '{"tz": "UTC"}')),
+     _ds(("get_time", '{"tz": "UTC"}'), ("get_weather", '{"city": "Oslo"}')), DEEPSEEK_MARKERS),
 ]
-FORCED_IDS = ["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json", "glm45", "qwen3_coder"]
+FORCED_IDS = ["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json", "glm45", "qwen3_coder", "deepseek_v3"]
 
 
 def _forced_matcher(tmp_path, fmt, template, markers, special, many, tools=None):
@@ -384,6 +431,8 @@ def test_a_forced_call_follows_a_schema_with_definitions(tmp_path, fmt, template
     if fmt in (GLM, QWEN3_CODER):  # the arguments one by one, each value as JSON (not strings)
         write = _glm if fmt is GLM else _qwen
         call, bad = (write("find", where=f'{{"{key}": "Oslo"}}', days="2") for key in ("city", "town"))
+    if fmt is DEEPSEEK:
+        call, bad = (_ds(("find", f'{{"where": {{"{key}": "Oslo"}}, "days": 2}}')) for key in ("city", "town"))
     tok, matcher = _forced_matcher(tmp_path / "good", fmt, template, markers, True, many=False, tools=[NESTED])
     assert _takes(tok, matcher, call) and matcher.complete
     assert _calls(fmt, call) == [("find", {"where": {"city": "Oslo"}, "days": 2})]
@@ -749,6 +798,8 @@ def test_a_forced_call_to_a_function_without_parameters_takes_no_arguments(tmp_p
     if fmt in (GLM, QWEN3_CODER):
         write = _glm if fmt is GLM else _qwen
         empty, invented = write("ping"), write("ping", tz="UTC")
+    if fmt is DEEPSEEK:
+        empty, invented = _ds(("ping", "{}")), _ds(("ping", '{"tz": "UTC"}'))
     tok, matcher = _forced_matcher(tmp_path / "empty", fmt, template, markers, True, many=False, tools=[tool])
     assert _takes(tok, matcher, empty) and matcher.complete
     tok, matcher = _forced_matcher(tmp_path / "invented", fmt, template, markers, True, many=False, tools=[tool])

@@ -17,7 +17,10 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
   and the tool does not declare it a string, else kept as text (vLLM's ``glm45`` parser);
 * ``qwen3_coder`` (Qwen3-Coder, Qwen3.5; templates with ``<parameter=``): ``<tool_call>\\n<function=NAME>``, then
   per argument ``<parameter=K>\\nV\\n</parameter>``, then ``</function>\\n</tool_call>``: values read by the type
-  the tool's schema gives them (vLLM's ``qwen3_coder`` parser).
+  the tool's schema gives them (vLLM's ``qwen3_coder`` parser);
+* ``deepseek_v3`` (DeepSeek-V3 and R1, templates with ``<｜tool▁calls▁begin｜>``): inside
+  ``<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>``, per call
+  ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>``.
 
 Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
@@ -307,6 +310,39 @@ def _qwen3_coder(text: str, schemas: Schemas | None = None) -> ParsedReply:
     return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
 
 
+_DS_CALLS, _DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+_DS_CALL, _DS_SEP, _DS_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+#: A call up to its arguments' JSON: its type (``function``), the name, a fenced block's opening.
+_DEEPSEEK_CALL = re.compile(r"\s*" + re.escape(_DS_CALL) + r"[^<\n]*" + re.escape(_DS_SEP) + r"([^\n]+)\n```json\n")
+_DEEPSEEK_CALL_TAIL = re.compile(r"\s*```\s*" + re.escape(_DS_CALL_END))
+_DEEPSEEK_CALLS_END = re.compile(r"\s*" + re.escape(_DS_CALLS_END))
+
+
+def _deepseek_v3(text: str) -> ParsedReply:
+    """DeepSeek-V3's and R1's calls: after ``<｜tool▁calls▁begin｜>``, each call's type, name and its arguments as
+    a fenced JSON block between ``<｜tool▁call▁begin｜>`` and ``<｜tool▁call▁end｜>``; a call that does not read
+    so (cut, or its arguments not a JSON object) leaves the whole reply text."""
+    start = text.find(_DS_CALLS)
+    if start < 0:
+        return ParsedReply(text, [])
+    decoder, calls, at = json.JSONDecoder(), [], start + len(_DS_CALLS)
+    while head := _DEEPSEEK_CALL.match(text, at):
+        try:
+            arguments, at = decoder.raw_decode(text, head.end())
+        except _NOT_JSON:
+            return ParsedReply(text, [])
+        tail = _DEEPSEEK_CALL_TAIL.match(text, at)
+        call = _call(head.group(1).strip(), arguments)
+        if tail is None or call is None:
+            return ParsedReply(text, [])
+        calls.append(call)
+        at = tail.end()
+    if not calls:
+        return ParsedReply(text, [])
+    end = _DEEPSEEK_CALLS_END.match(text, at)
+    return ParsedReply(text[:start], calls, text[end.end() if end else at:])
+
+
 # ------------------------------------------------------------- forced calls
 #: How a call's JSON is held: the separators of ``json.dumps`` and Jinja's ``tojson``, which wrote the calls
 #: in the model's training, and no free whitespace to spend tokens on.
@@ -427,6 +463,8 @@ _JSON_HEAD = re.compile(r'\{\s*"name"\s*:\s*(?P<name>"(?:[^"\\]|\\.)*")'
                         r'(?P<args>\s*,\s*"(?:arguments|parameters)"\s*:\s*)?')
 _MISTRAL_HEAD = re.compile(re.escape(_TOOL_CALLS) + r"\s*(?P<name>[A-Za-z_][\w.\-]*)\s*"
                            r"(?:\[CALL_ID\]\s*\w*\s*)?\[ARGS\]\s*")
+_DEEPSEEK_HEAD = re.compile(re.escape(_DS_CALL) + r"[^<\n]*" + re.escape(_DS_SEP) + r"(?P<name>[^\n]+)"
+                            r"(?P<args>\n```json\n)?")
 _HARMONY_HEAD = re.compile(re.escape(harmony.CALL_OPEN) + r"(?P<name>[^<\s]+)"
                            + re.escape(f"{harmony.CHANNEL}commentary json{harmony.MESSAGE}"))
 
@@ -511,6 +549,15 @@ def _qwen3_coder_call(tools: list[dict[str, Any]], mark: Callable[[str], str], t
     return "\n".join([f"start: {blocks}", block, *rules])
 
 
+def _deepseek_v3_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Calls as DeepSeek-V3's template writes them, a newline apart inside one ``<｜tool▁calls▁begin｜>`` and
+    ``<｜tool▁calls▁end｜>``."""
+    names, rules = _per_function(tools, lambda name: json.dumps(f"{name}\n```json\n"))
+    call = f'call: {mark(_DS_CALL)} "function" {mark(_DS_SEP)} ({names}) "\\n```" {mark(_DS_CALL_END)}'
+    calls = _repeated("call", r'"\n"', many)
+    return f"start: {mark(_DS_CALLS)} {calls} {mark(_DS_CALLS_END)}\n{call}\n{rules}"
+
+
 def _llama3_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """Llama 3.1 separates several calls with ``; ``."""
     calls = _repeated("call", '"; "', many)
@@ -551,6 +598,7 @@ FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Code
                    _granite_call),
     ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
     ToolCallFormat("harmony", "<|call|>", harmony.CALL_OPEN, (), _harmony, _harmony_call, (_HARMONY_HEAD,)),
+    ToolCallFormat("deepseek_v3", _DS_CALLS, _DS_CALLS, (), _deepseek_v3, _deepseek_v3_call, (_DEEPSEEK_HEAD,)),
 )
 
 
