@@ -804,3 +804,18 @@ def test_a_forced_call_to_a_function_without_parameters_takes_no_arguments(tmp_p
     assert _takes(tok, matcher, empty) and matcher.complete
     tok, matcher = _forced_matcher(tmp_path / "invented", fmt, template, markers, True, many=False, tools=[tool])
     assert not _takes(tok, matcher, invented)
+
+
+def test_a_forced_glm_call_follows_the_templates_layout(tmp_path):
+    """GLM-4.7's template writes a call on one line (``</arg_key><arg_value>``), GLM-4.5's a line per part: the
+    forced grammar follows the template it is given, and the parser reads both."""
+    compact = GLM_TEMPLATE.replace("</arg_key>\n<arg_value>", "</arg_key><arg_value>")
+    one_line = "<tool_call>get_time<arg_key>tz</arg_key><arg_value>UTC</arg_value></tool_call>"
+    for template, text, other in [(compact, one_line, _glm("get_time", tz="UTC")),
+                                  (GLM_TEMPLATE, _glm("get_time", tz="UTC"), one_line)]:
+        tok, matcher = _forced_matcher(tmp_path / str(len(template)), GLM, template, GLM_MARKERS, True, many=False)
+        assert _takes(tok, matcher, text) and matcher.complete
+        tok, matcher = _forced_matcher(tmp_path / f"other{len(template)}", GLM, template, GLM_MARKERS, True,
+                                       many=False)
+        assert not _takes(tok, matcher, other)
+        assert _calls(GLM, text) == [("get_time", {"tz": "UTC"})]
