@@ -220,27 +220,42 @@ def _glm_value(text: str, schema: Any) -> Any:
         return text
 
 
-def _glm(text: str, schemas: Schemas | None = None) -> ParsedReply:
-    """GLM-4.5's calls: each ``<tool_call>`` holds its function's name (up to a newline or the first argument) and
-    nothing but ``<arg_key>``/``<arg_value>`` pairs; a block with anything else, or cut inside a pair, is text."""
+def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Match[str]], Any]) -> ParsedReply:
+    """The calls of a reply whose ``<tool_call>`` blocks (``block`` matches one) name their function and write their
+    arguments bare: ``read(match)`` gives a block's call, or None where the block does not read as one (then the
+    whole reply is text). Text before the first block is the content; text between and after blocks stays too."""
     start = text.find("<tool_call>")
     if start < 0:
         return ParsedReply(text, [])
     calls, rest, end = [], [], start
-    for match in _GLM_CALL.finditer(text, start):
+    for match in block.finditer(text, start):
         rest.append(text[end:match.start()])
-        name, body, arguments, at = match.group(1).strip(), match.group(2), {}, 0
-        properties = _properties(schemas or {}, name)
-        while pair := _GLM_ARG.match(body, at):
-            key = pair.group(1).strip()
-            arguments[key] = _glm_value(pair.group(2).strip(), properties.get(key))
-            at = pair.end()
-        call = _call(name, arguments) if body[at:].strip() == "" else None
+        call = read(match)
         if call is None:
             return ParsedReply(text, [])
         calls.append(call)
         end = match.end()
     return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
+
+
+def _bare_call(name: str, body: str, argument: re.Pattern[str], read: Callable[[re.Match[str], Any], Any],
+                    schemas: Schemas | None) -> Any:
+    """The call to ``name`` whose ``body`` is nothing but ``argument`` blocks (group 1 the key), each value read
+    by ``read(match, its parameter's schema)``; None where anything else is in the body."""
+    properties, arguments, at = _properties(schemas or {}, name), {}, 0
+    while pair := argument.match(body, at):
+        key = pair.group(1).strip()
+        arguments[key] = read(pair, properties.get(key))
+        at = pair.end()
+    return _call(name, arguments) if body[at:].strip() == "" else None
+
+
+def _glm(text: str, schemas: Schemas | None = None) -> ParsedReply:
+    """GLM-4.5's calls: each ``<tool_call>`` holds its function's name (up to a newline or the first argument) and
+    nothing but ``<arg_key>``/``<arg_value>`` pairs; a block with anything else, or cut inside a pair, is text."""
+    return _tool_call_blocks(text, _GLM_CALL, lambda match: _bare_call(
+        match.group(1).strip(), match.group(2), _GLM_ARG,
+        lambda pair, schema: _glm_value(pair.group(2).strip(), schema), schemas))
 
 
 _QWEN_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
@@ -286,28 +301,14 @@ def _qwen3_coder(text: str, schemas: Schemas | None = None) -> ParsedReply:
     """Qwen3-Coder's calls: each ``<tool_call>`` holds one ``<function=NAME>`` of ``<parameter=K>`` blocks, a
     value's first and last newline the template's; a block with anything else, or cut before
     ``</function>``, is text."""
-    start = text.find("<tool_call>")
-    if start < 0:
-        return ParsedReply(text, [])
-    calls, rest, end = [], [], start
-    for match in _QWEN_CALL.finditer(text, start):
-        rest.append(text[end:match.start()])
+    def call(match: re.Match[str]) -> Any:
         function = _QWEN_FUNCTION.fullmatch(match.group(1))
-        if function is None:
-            return ParsedReply(text, [])
-        name, body, arguments, at = function.group(1).strip(), function.group(2), {}, 0
-        properties = _properties(schemas or {}, name)
-        while parameter := _QWEN_PARAMETER.match(body, at):
-            value = parameter.group(2).removeprefix("\n").removesuffix("\n")
-            key = parameter.group(1).strip()
-            arguments[key] = _qwen3_coder_value(value, properties.get(key))
-            at = parameter.end()
-        call = _call(name, arguments) if body[at:].strip() == "" else None
-        if call is None:
-            return ParsedReply(text, [])
-        calls.append(call)
-        end = match.end()
-    return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
+        return None if function is None else _bare_call(
+            function.group(1).strip(), function.group(2), _QWEN_PARAMETER,
+            lambda parameter, schema: _qwen3_coder_value(
+                parameter.group(2).removeprefix("\n").removesuffix("\n"), schema), schemas)
+
+    return _tool_call_blocks(text, _QWEN_CALL, call)
 
 
 _DS_CALLS, _DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
