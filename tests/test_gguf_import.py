@@ -1768,6 +1768,17 @@ def test_float16_import_refuses_values_beyond_its_range(tmp_path):
     convert_gguf(tmp_path / "t.gguf", tmp_path / "bf16", dequantize_to="bfloat16")
 
 
+def _add_prediction_blocks(w: Any, config, count: int) -> None:
+    """The ``count`` next-token-prediction blocks llama.cpp's converter appends after the decoder's: a decoder
+    block's tensors and nextn's own (random: the import must leave them unread)."""
+    rng = np.random.default_rng(1)
+    for block in range(config.num_hidden_layers, config.num_hidden_layers + count):
+        for part, shape in (("attn_norm.weight", (config.hidden_size,)),
+                            ("nextn.eh_proj.weight", (config.hidden_size, 2 * config.hidden_size)),
+                            ("nextn.enorm.weight", (config.hidden_size,))):
+            w.add_tensor(f"blk.{block}.{part}", rng.standard_normal(shape).astype(np.float32))
+
+
 def _glm_gguf(path: Path, hf, config, arch: str, prediction_layers: int = 0) -> None:
     """``hf``'s weights as llama.cpp's converter writes GLM-4 (``glm4``: its four norms, fused gate/up) and GLM-4.5
     (``glm4moe``: the sigmoid-gated experts stacked per projection, the router's correction bias as
@@ -1805,12 +1816,7 @@ def _glm_gguf(path: Path, hf, config, arch: str, prediction_layers: int = 0) -> 
         for hf_name, array in stacks.items():
             module, suffix = hf_name.rsplit(".", 1)
             w.add_tensor(f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(array))
-    rng = np.random.default_rng(1)  # the prediction blocks: a decoder block and nextn's own tensors, never read
-    for block in range(config.num_hidden_layers, config.num_hidden_layers + prediction_layers):
-        for part, shape in (("attn_norm.weight", (config.hidden_size,)),
-                            ("nextn.eh_proj.weight", (config.hidden_size, 2 * config.hidden_size)),
-                            ("nextn.enorm.weight", (config.hidden_size,))):
-            w.add_tensor(f"blk.{block}.{part}", rng.standard_normal(shape).astype(np.float32))
+    _add_prediction_blocks(w, config, prediction_layers)
     _finish(w)
 
 
@@ -1980,12 +1986,7 @@ def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layer
             w.add_tensor(target, array)
         else:
             w.add_tensor(target, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    rng = np.random.default_rng(1)  # the prediction blocks: a decoder block and nextn's own tensors, never read
-    for block in range(config.num_hidden_layers, config.num_hidden_layers + prediction_layers):
-        for part, shape in (("attn_norm.weight", (config.hidden_size,)),
-                            ("nextn.eh_proj.weight", (config.hidden_size, 2 * config.hidden_size)),
-                            ("nextn.enorm.weight", (config.hidden_size,))):
-            w.add_tensor(f"blk.{block}.{part}", rng.standard_normal(shape).astype(np.float32))
+    _add_prediction_blocks(w, config, prediction_layers)
     _finish(w)
 
 
