@@ -819,3 +819,35 @@ def test_a_forced_glm_call_follows_the_templates_layout(tmp_path):
                                        many=False)
         assert not _takes(tok, matcher, other)
         assert _calls(GLM, text) == [("get_time", {"tz": "UTC"})]
+
+
+@pytest.mark.parametrize("fmt, write, cut", [
+    (GLM, _glm, "\n<tool_call>g\n<arg_key>s</arg_key>\n<arg_va"),
+    (QWEN3_CODER, _qwen, "\n<tool_call>\n<function=g>\n<parameter=s>\nhal"),
+], ids=["glm45", "qwen3_coder"])
+def test_a_cut_forced_reply_written_bare_keeps_its_whole_calls(fmt, write, cut):
+    """Formats that write arguments bare have no calls-so-far reading of a cut argument: a forced reply cut inside
+    its third call gives the two whole calls before it (it had given none, the reply as text with its markup);
+    not forced, the cut reply stays text, as every format's does."""
+    numbers = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}}
+    tools = [{"type": "function", "function": {"name": name, "parameters": numbers}} for name in "fgh"]
+    text = write("f", x="1") + "\n" + write("h", y="2") + cut
+    replies = ToolReplies(tools, fmt)
+    assert replies.message(text, "length")[0]["content"] == text
+    replies.grammar = "forced"
+    message, reason = replies.message(text, "length")
+    assert message["content"] is None and reason == "length"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("f", {"x": 1}), ("h", {"y": 2})]
+    closed_but_wrong = write("f", x="1") + "<tool_call>g\nnot a pair</tool_call>"  # not cut: the reply is text
+    assert replies.message(closed_but_wrong, "stop")[0]["content"] == closed_but_wrong
+
+
+def test_deepseek_v3_calls_in_several_blocks_are_all_read():
+    """A reply that opens a second block of calls after the first (or text between): every call is read, as vLLM
+    finds them anywhere in the reply (the second block's markup had been streamed as content)."""
+    text = "Sure." + _ds(("f", '{"x": 1}')) + "\n" + _ds(("g", '{"y": 2}'), ("h", "{}")) + " done"
+    reply = DEEPSEEK.parse(text)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in reply.calls] == [
+        ("f", {"x": 1}), ("g", {"y": 2}), ("h", {})]
+    assert reply.before == "Sure." and reply.after == "\n done"

@@ -220,19 +220,24 @@ def _glm_value(text: str, schema: Any) -> Any:
         return text
 
 
-def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Match[str]], Any]) -> ParsedReply:
+def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Match[str]], Any],
+                      cut: bool) -> ParsedReply:
     """The calls of a reply whose ``<tool_call>`` blocks (``block`` matches one) name their function and write their
-    arguments bare: ``read(match)`` gives a block's call, or None where the block does not read as one (then the
-    whole reply is text). Text before the first block is the content; text between and after blocks stays too."""
+    arguments bare: ``read(match)`` gives a block's call, or None where the block does not read as one, which makes
+    the whole reply text. Read as ``cut`` (a forced reply stopped inside a call, by max_tokens or a stop), an
+    unclosed last block is left out and the calls before it stand, as a JSON format's calls so far do. Text before
+    the first block is the content; text between and after blocks stays too."""
     start = text.find("<tool_call>")
     if start < 0:
         return ParsedReply(text, [])
     calls, rest, end = [], [], start
     for match in block.finditer(text, start):
-        rest.append(text[end:match.start()])
         call = read(match)
         if call is None:
-            return ParsedReply(text, [])
+            unclosed = not match.group(0).endswith("</tool_call>")
+            return ParsedReply(text[:start], calls, "".join(rest)) if cut and unclosed and calls else (
+                ParsedReply(text, []))
+        rest.append(text[end:match.start()])
         calls.append(call)
         end = match.end()
     return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
@@ -250,12 +255,13 @@ def _bare_call(name: str, body: str, argument: re.Pattern[str], read: Callable[[
     return _call(name, arguments) if body[at:].strip() == "" else None
 
 
-def _glm(text: str, schemas: Schemas | None = None) -> ParsedReply:
+def _glm(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
     """GLM-4.5's calls: each ``<tool_call>`` holds its function's name (up to a newline or the first argument) and
-    nothing but ``<arg_key>``/``<arg_value>`` pairs; a block with anything else, or cut inside a pair, is text."""
+    nothing but ``<arg_key>``/``<arg_value>`` pairs; a block with anything else, or cut inside a pair, is text
+    (see :func:`_tool_call_blocks` on ``cut``)."""
     return _tool_call_blocks(text, _GLM_CALL, lambda match: _bare_call(
         match.group(1).strip(), match.group(2), _GLM_ARG,
-        lambda pair, schema: _glm_value(pair.group(2).strip(), schema), schemas))
+        lambda pair, schema: _glm_value(pair.group(2).strip(), schema), schemas), cut)
 
 
 _QWEN_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
@@ -297,10 +303,10 @@ def _qwen3_coder_value(text: str, schema: Any) -> Any:
         return text
 
 
-def _qwen3_coder(text: str, schemas: Schemas | None = None) -> ParsedReply:
+def _qwen3_coder(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
     """Qwen3-Coder's calls: each ``<tool_call>`` holds one ``<function=NAME>`` of ``<parameter=K>`` blocks, a
     value's first and last newline the template's; a block with anything else, or cut before
-    ``</function>``, is text."""
+    ``</function>``, is text (see :func:`_tool_call_blocks` on ``cut``)."""
     def call(match: re.Match[str]) -> Any:
         function = _QWEN_FUNCTION.fullmatch(match.group(1))
         return None if function is None else _bare_call(
@@ -308,7 +314,7 @@ def _qwen3_coder(text: str, schemas: Schemas | None = None) -> ParsedReply:
             lambda parameter, schema: _qwen3_coder_value(
                 parameter.group(2).removeprefix("\n").removesuffix("\n"), schema), schemas)
 
-    return _tool_call_blocks(text, _QWEN_CALL, call)
+    return _tool_call_blocks(text, _QWEN_CALL, call, cut)
 
 
 _DS_CALLS, _DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -321,27 +327,34 @@ _DEEPSEEK_CALLS_END = re.compile(r"\s*" + re.escape(_DS_CALLS_END))
 
 def _deepseek_v3(text: str) -> ParsedReply:
     """DeepSeek-V3's and R1's calls: after ``<｜tool▁calls▁begin｜>``, each call's type, name and its arguments as
-    a fenced JSON block between ``<｜tool▁call▁begin｜>`` and ``<｜tool▁call▁end｜>``; a call that does not read
-    so (cut, or its arguments not a JSON object) leaves the whole reply text."""
+    a fenced JSON block between ``<｜tool▁call▁begin｜>`` and ``<｜tool▁call▁end｜>``, in one such block of calls
+    or several (the text between them kept); a call that does not read so (cut, or its arguments not a JSON
+    object) leaves the whole reply text."""
     start = text.find(_DS_CALLS)
     if start < 0:
         return ParsedReply(text, [])
-    decoder, calls, at = json.JSONDecoder(), [], start + len(_DS_CALLS)
-    while head := _DEEPSEEK_CALL.match(text, at):
-        try:
-            arguments, at = decoder.raw_decode(text, head.end())
-        except _NOT_JSON:
+    decoder, calls, rest, at = json.JSONDecoder(), [], [], start
+    while at >= 0:  # at: where a block of calls begins
+        at += len(_DS_CALLS)
+        while head := _DEEPSEEK_CALL.match(text, at):
+            try:
+                arguments, after = decoder.raw_decode(text, head.end())
+                tail = _DEEPSEEK_CALL_TAIL.match(text, after)
+            except _NOT_JSON:
+                tail = None
+            call = None if tail is None else _call(head.group(1).strip(), arguments)
+            if call is None:
+                return ParsedReply(text, [])
+            calls.append(call)
+            at = tail.end()
+        if not calls:
             return ParsedReply(text, [])
-        tail = _DEEPSEEK_CALL_TAIL.match(text, at)
-        call = _call(head.group(1).strip(), arguments)
-        if tail is None or call is None:
-            return ParsedReply(text, [])
-        calls.append(call)
-        at = tail.end()
-    if not calls:
-        return ParsedReply(text, [])
-    end = _DEEPSEEK_CALLS_END.match(text, at)
-    return ParsedReply(text[:start], calls, text[end.end() if end else at:])
+        end = _DEEPSEEK_CALLS_END.match(text, at)
+        at = end.end() if end else at
+        following = text.find(_DS_CALLS, at)
+        rest.append(text[at:following] if following >= 0 else text[at:])
+        at = following
+    return ParsedReply(text[:start], calls, "".join(rest))
 
 
 # ------------------------------------------------------------- forced calls
@@ -578,7 +591,7 @@ class ToolCallFormat:
     #: forced call: ``(tools, mark, template, many)``, ``mark`` spelling a marker as its special token or as text.
     forced: Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]
     #: Where a call names its function, up to its arguments (``_calls_so_far``); group ``name``. Empty: the
-    #: arguments are not JSON, and a cut forced reply is text.
+    #: arguments are written bare, and ``parse`` reads a cut forced reply itself (its ``cut`` argument).
     heads: tuple[re.Pattern[str], ...] = (_JSON_HEAD,)
     #: Whether ``parse`` also takes the tools' parameter schemas (:data:`Schemas`), to type arguments written bare.
     typed: bool = False
@@ -587,7 +600,18 @@ class ToolCallFormat:
         """``text`` parsed as this format writes calls to ``tools``."""
         if not self.typed:
             return self.parse(text)
-        return self.parse(text, {t["function"]["name"]: _parameters(t["function"]) for t in tools or ()})
+        return self.parse(text, self._schemas(tools))
+
+    def read_cut(self, text: str, tools: list[dict[str, Any]] | None) -> ParsedReply:
+        """A forced reply that does not parse, read as cut short: its calls so far (where arguments are JSON, the
+        last as far as it got; where they are written bare, the whole calls before the cut one)."""
+        if self.heads:
+            return _calls_so_far(self.heads, text)
+        return self.parse(text, self._schemas(tools), cut=True)
+
+    @staticmethod
+    def _schemas(tools: list[dict[str, Any]] | None) -> Schemas:
+        return {t["function"]["name"]: _parameters(t["function"]) for t in tools or ()}
 
 
 FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>
@@ -642,7 +666,7 @@ class ToolReplies:
             return ParsedReply(text, [])
         reply = self.format.read(text, self.tools)
         if not reply.calls and self.grammar is not None:  # a forced reply is calls: one that does not parse was cut
-            reply = _calls_so_far(self.format.heads, text)
+            reply = self.format.read_cut(text, self.tools)
         offered = {tool["function"]["name"] for tool in self.tools or ()}
         if any(call["function"]["name"] not in offered for call in reply.calls):
             return ParsedReply(text, [])
