@@ -851,3 +851,14 @@ def test_deepseek_v3_calls_in_several_blocks_are_all_read():
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in reply.calls] == [
         ("f", {"x": 1}), ("g", {"y": 2}), ("h", {})]
     assert reply.before == "Sure." and reply.after == "\n done"
+
+
+@pytest.mark.parametrize("fmt, write", [(GLM, _glm), (QWEN3_CODER, _qwen)], ids=["glm45", "qwen3_coder"])
+def test_a_bare_value_json_cannot_hold_stays_its_text(fmt, write):
+    """NaN or 1e400 written for a number would serialize as NaN / Infinity, which JSON parsers refuse: the value
+    stays the text written, and the arguments are strict JSON."""
+    numbers = {"find": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"},
+                                                           "c": {"type": "number"}}}}
+    reply = fmt.parse(write("find", a="NaN", b="1e400", c="2.5"), numbers)
+    strict = json.loads(reply.calls[0]["function"]["arguments"], parse_constant=lambda c: pytest.fail(c))
+    assert strict == {"a": "NaN", "b": "1e400", "c": 2.5}

@@ -244,15 +244,29 @@ def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Matc
 
 
 def _bare_call(name: str, body: str, argument: re.Pattern[str], read: Callable[[re.Match[str], Any], Any],
-                    schemas: Schemas | None) -> Any:
+               schemas: Schemas | None) -> Any:
     """The call to ``name`` whose ``body`` is nothing but ``argument`` blocks (group 1 the key), each value read
-    by ``read(match, its parameter's schema)``; None where anything else is in the body."""
+    by ``read(match, its parameter's schema)``; None where anything else is in the body. A value JSON cannot
+    hold (NaN, Infinity: ``NaN`` or ``1e400`` written for a number) stays the text written, as a string's would:
+    the arguments must be JSON text clients can parse."""
     properties, arguments, at = _properties(schemas or {}, name), {}, 0
     while pair := argument.match(body, at):
         key = pair.group(1).strip()
-        arguments[key] = read(pair, properties.get(key))
+        value = read(pair, properties.get(key))
+        arguments[key] = value if _json_holds(value) else read(pair, _STRING)
         at = pair.end()
     return _call(name, arguments) if body[at:].strip() == "" else None
+
+
+_STRING = {"type": "string"}
+
+
+def _json_holds(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _glm(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
