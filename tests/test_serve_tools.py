@@ -862,3 +862,11 @@ def test_a_bare_value_json_cannot_hold_stays_its_text(fmt, write):
     reply = fmt.parse(write("find", a="NaN", b="1e400", c="2.5"), numbers)
     strict = json.loads(reply.calls[0]["function"]["arguments"], parse_constant=lambda c: pytest.fail(c))
     assert strict == {"a": "NaN", "b": "1e400", "c": 2.5}
+
+
+def test_a_glm_value_written_as_a_python_literal_is_read_as_one():
+    """GLM-4.5 sometimes writes a list or dict as Python writes it: vLLM's glm45 parser falls back to reading it as a
+    Python literal, for a parameter the tool declares; an undeclared one stays text."""
+    schemas = {"tag": {"type": "object", "properties": {"names": {"type": "array", "items": {"type": "string"}}}}}
+    reply = GLM.parse(_glm("tag", names="['x', 'y']", other="['x']"), schemas)
+    assert json.loads(reply.calls[0]["function"]["arguments"]) == {"names": ["x", "y"], "other": "['x']"}

@@ -209,14 +209,25 @@ _GLM_CALL = re.compile(r"<tool_call>([^\n<]*)(.*?)(?:</tool_call>|$)", re.DOTALL
 _GLM_ARG = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>\s*", re.DOTALL)
 
 
+#: What ``ast.literal_eval`` raises on text that is no Python literal (or one too large or deep to read).
+_PYTHON_LITERAL = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
+
+
 def _glm_value(text: str, schema: Any) -> Any:
-    """An argument's text: JSON where it parses (numbers, objects, ``true``), else the text itself, which is also
-    what a parameter the tool declares a string keeps ("42" stays "42")."""
+    """An argument's text: JSON where it parses (numbers, objects, ``true``), else a Python literal where the tool
+    declares the parameter and it parses as one (``['x', 'y']``, as vLLM's glm45 parser falls back), else the text
+    itself, which is also what a parameter the tool declares a string keeps ("42" stays "42")."""
     if _declared_string(schema):
         return text
     try:
         return json.loads(text)
     except _NOT_JSON:
+        pass
+    if not isinstance(schema, dict):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except _PYTHON_LITERAL:
         return text
 
 
@@ -281,7 +292,6 @@ def _glm(text: str, schemas: Schemas | None = None, cut: bool = False) -> Parsed
 _QWEN_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _QWEN_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
 _QWEN_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)</parameter>\s*", re.DOTALL)
-_PYTHON_LITERAL = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
 
 
 def _qwen3_coder_value(text: str, schema: Any) -> Any:
