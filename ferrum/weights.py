@@ -34,15 +34,17 @@ class Placed:
     linear: Callable[[Any, Any, Any], Any]  # (x, weight, bias) -> x @ W.T + bias
     embedding: Callable[[Any, Any], Any]  # (weight, ids) -> rows
     nbytes: int
+    dense_dtype: str | None = None  # the dtype a dense weight was placed in; None: packed
 
 
 class Linear:
     """One projection: ``apply(x, weight, bias)``."""
 
-    __slots__ = ("apply", "weight", "bias")
+    __slots__ = ("apply", "weight", "bias", "dense_dtype")
 
     def __init__(self, placed: Placed, bias: Any = None):
         self.apply, self.weight, self.bias = placed.linear, placed.weight, bias
+        self.dense_dtype = placed.dense_dtype  # the dtype of a dense weight (None: packed)
 
     def __call__(self, x: Any) -> Any:
         return self.apply(x, self.weight, self.bias)
@@ -87,8 +89,8 @@ def place(ops: Any, name: str, tensor: HostTensor, dtype: str, role: str = "line
     if not isinstance(tensor, QuantizedWeight):
         nbytes = tensor.size * DTYPE_BYTES.get(dtype, 4)
         if role == "bias":
-            return Placed(ops.from_numpy(np.ascontiguousarray(tensor), dtype), ops.linear, ops.embedding, nbytes)
-        return Placed(ops.upload_weight(name, tensor, dtype), ops.linear, ops.embedding, nbytes)
+            return Placed(ops.from_numpy(np.ascontiguousarray(tensor), dtype), ops.linear, ops.embedding, nbytes, dtype)
+        return Placed(ops.upload_weight(name, tensor, dtype), ops.linear, ops.embedding, nbytes, dtype)
     if runs_natively(ops, tensor.bits, tensor.group_size):
         weight = ops.quantized_upload(name, tensor, dtype, role)
         if weight is not None:

@@ -80,7 +80,7 @@ class Moe:
         router = linear(f"{m}.{spec.router}")
         # a float32 router (placed so at load where it is not packed: a packed one runs in the compute dtype)
         # takes its input in float32
-        router_dtype = "float32" if spec.router_float32 and router.apply is ops.linear else None
+        router_dtype = "float32" if spec.router_float32 and router.dense_dtype == "float32" else None
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
                       router_dtype)
 
