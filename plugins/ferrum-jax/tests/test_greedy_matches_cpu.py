@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import ferrum
 from ferrum.random_checkpoint import write_random_checkpoint
 
@@ -28,7 +30,7 @@ def test_greedy_tokens_equal_the_cpu_backends(tmp_path):
 
 
 #: GLM-4.5's layout (grouped sigmoid routing, random correction biases, an ungated shared expert, a dense first
-#: layer, rope on half of each head): the model routes it through the core's reference, whatever the plugin runs.
+#: layer, rope on half of each head), routed by the plugin's own moe_route.
 GLM4_MOE = dict(
     architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", hidden_size=64, intermediate_size=80,
     moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
@@ -37,11 +39,6 @@ GLM4_MOE = dict(
     max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
 )
 
-
-def test_glm4_moe_greedy_tokens_equal_the_cpu_backends(tmp_path):
-    folder = write_random_checkpoint(tmp_path / "glm", GLM4_MOE, dtype="float32", std=0.2, seed=3)
-    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
-    assert got == want
 
 
 #: DeepSeek-V3's layout: Multi-head Latent Attention (low-rank q, the KV latent expanded per head, interleaved rope on
@@ -57,11 +54,6 @@ DEEPSEEK_V3 = dict(
 )
 
 
-def test_deepseek_v3_greedy_tokens_equal_the_cpu_backends(tmp_path):
-    folder = write_random_checkpoint(tmp_path / "dsv3", DEEPSEEK_V3, dtype="float32", std=0.2, seed=3)
-    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
-    assert got == want
-
 
 #: DeepSeek-V2's layout: latent attention with a plain q_proj (V2-Lite's), rope in adjacent pairs, over softmax
 #: routing limited to the 2 of 4 groups holding the best experts, weights times routed_scaling_factor.
@@ -74,11 +66,6 @@ DEEPSEEK_V2 = dict(
     rope_theta=10000.0, rms_norm_eps=1e-6,
 )
 
-
-def test_deepseek_v2_greedy_tokens_equal_the_cpu_backends(tmp_path):
-    folder = write_random_checkpoint(tmp_path / "dsv2", DEEPSEEK_V2, dtype="float32", std=0.2, seed=3)
-    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
-    assert got == want
 
 
 #: GLM-4.7-Flash's layout: DeepSeek-V3's latent attention over GLM-4.5's routing, a dense layer between sparse ones
@@ -93,7 +80,8 @@ GLM4_MOE_LITE = dict(
 )
 
 
-def test_glm4_moe_lite_greedy_tokens_equal_the_cpu_backends(tmp_path):
-    folder = write_random_checkpoint(tmp_path / "lite", GLM4_MOE_LITE, dtype="float32", std=0.2, seed=3)
+@pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE], ids=lambda c: c["model_type"])
+def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
+    folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert got == want
