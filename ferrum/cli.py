@@ -455,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the figures to this file")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("quantize", help="write a float checkpoint as an mlx-community quantized one (mlx-lm loads it)")
-    p.add_argument("src", help="float Hugging Face checkpoint folder (safetensors) or repo id")
+    p = sub.add_parser("quantize",
+                       help="write a float (or FP8) checkpoint as an mlx-community quantized one (mlx-lm loads it)")
+    p.add_argument("src", help="float or FP8 Hugging Face checkpoint folder (safetensors) or repo id")
     p.add_argument("dst", help="output folder (must not exist or be empty, unless --force)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=64, help="weights per scale and bias: 32, 64 or 128 (default 64)")

@@ -290,8 +290,43 @@ def test_other_schemes_are_refused_by_name(section, error, words):
         QuantConfig.from_config({"quantization_config": section})
 
 
-def test_quantize_refuses_an_fp8_source_and_says_what_runs_it(llama, tmp_path):
-    write_fp8(tmp_path / "fp8", llama, FP8_BLOCK, "block", (128, 128))
-    with pytest.raises(UnsupportedFeatureError, match="is an FP8 checkpoint; `ferrum quantize` reads float ones"):
+def _bfloat16_original(src, dequantized, folder) -> None:
+    """The float checkpoint an FP8 release compresses, in bfloat16: its quantized layers' dequantized weights."""
+    shutil.copytree(src, folder)
+    tensors = {**load_file(str(src / "model.safetensors")),
+               **{n: w.astype(ml_dtypes.bfloat16) for n, w in dequantized.items()}}
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+
+
+@pytest.mark.parametrize("source, block", [("llama", (32, 48)), ("float_moe", (24, 24))])
+def test_quantize_packs_an_fp8_source_as_its_bfloat16_original(request, tmp_path, source, block):
+    """DeepSeek-V3's and Kimi K2's releases exist only in FP8: `ferrum quantize` decodes each weight, casts it
+    to the model's dtype and packs it, writing byte for byte what quantizing the bfloat16 original writes
+    (layers left in float, such as Llama's 80-wide down_proj at group size 32 or 64, in bfloat16 too)."""
+    src = request.getfixturevalue(source)
+    dequantized = write_fp8(tmp_path / "fp8", src, {**FP8_BLOCK, "weight_block_size": list(block)}, "block", block)
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    _bfloat16_original(src, dequantized, tmp_path / "bf16")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".* stay in float", UserWarning)  # float-kept matrices, both sides
+        ours = ferrum.quant.quantize_checkpoint(tmp_path / "fp8", tmp_path / "from_fp8", bits=4, group_size=32)
+        ref = ferrum.quant.quantize_checkpoint(tmp_path / "bf16", tmp_path / "from_bf16", bits=4, group_size=32)
+    got, want = load_file(str(ours / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    assert sorted(got) == sorted(want) and not any("scale_inv" in name for name in got)
+    assert any(w.dtype.name == "bfloat16" and w.ndim == 2 for n, w in got.items() if not n.endswith(".scales"))
+    for name in want:
+        assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
+    assert json.loads((ours / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+    assert np.isfinite(ferrum.load(ours, backend="cpu").model.forward_verify("s", TOKENS)).all()
+
+
+def test_quantize_refuses_an_fp8_weight_without_its_scale(llama, tmp_path):
+    module = "model.layers.0.self_attn.q_proj"
+    write_fp8(tmp_path / "fp8", llama, FP8_BLOCK, "block", (128, 128),
+              change=lambda t: t.pop(f"{module}.weight_scale_inv"))
+    with pytest.raises(CheckpointError, match=f"tensor {module}.weight is F8_E4M3; .* FP8 ones with their scales"):
         ferrum.quant.quantize_checkpoint(tmp_path / "fp8", tmp_path / "out")
     assert not (tmp_path / "out").exists()

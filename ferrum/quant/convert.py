@@ -1,4 +1,4 @@
-"""``ferrum quantize``: turn a float Hugging Face checkpoint into an mlx-community one.
+"""``ferrum quantize``: turn a float (or FP8) Hugging Face checkpoint into an mlx-community one.
 
 The output has the layout ``mlx_lm.convert(..., quantize=True)`` writes, so
 mlx-lm, Ferrum and anything else that reads mlx-community folders load it
@@ -11,6 +11,10 @@ dtype), at 8 bits where mlx-lm's model class asks for it (MoE routers,
 some of Granite's projections: :data:`_MLX_LM_EIGHT_BIT`); modules whose
 input size is not a multiple of the group size stay in float (``false`` in
 config.json); norms and biases are copied byte for byte.
+An FP8 source (DeepSeek-V3's and Kimi K2's only releases, Qwen3-*-FP8; see
+:mod:`ferrum.quant.fp8`) has each FP8 weight decoded and cast to the model's
+dtype (config.json's ``torch_dtype``) first, so it packs as its float original
+in that dtype would, and a matrix left in float is written in that dtype.
 Mixture-of-experts layers are written stacked, as mlx-lm stores them
 (``switch_mlp.*`` ``[E, ...]``, see :mod:`ferrum.moe.loading`, or a family's own
 names: gpt-oss's and dots1's ``experts.*``), from any checkpoint layout Ferrum reads.
@@ -32,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
-from ferrum.checkpoint import INDEX_FILE, Checkpoint, tensor_nbytes, write_safetensors_header
+from ferrum.checkpoint import FP8_DTYPES, INDEX_FILE, Checkpoint, tensor_nbytes, write_safetensors_header
 from ferrum.errors import CheckpointError, InvalidRequestError, UnsupportedFeatureError
 from ferrum.quant.affine import MLX_GROUP_SIZES, SUPPORTED_BITS, quantize
+from ferrum.quant import fp8
 from ferrum.quant.config import QuantConfig
 
 ProgressFn = Callable[[int, int, str], None]
@@ -48,8 +54,11 @@ COPIED_FILES = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
     "chat_template.*", "*.tiktoken", "tiktoken.model", "generation_config.json",
 )
-#: safetensors dtype codes of the float tensors a source may hold.
-_FLOAT_CODES = ("F32", "F16", "BF16")
+#: safetensors dtype codes of the float tensors a source may hold, and their numpy types.
+_FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+_FLOAT_CODES = tuple(_FLOAT_TYPES)
+#: config.json's ``torch_dtype`` -> the code an FP8 source's weights are decoded into.
+_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 #: Modules mlx-lm's model classes keep at 8 bits, group size 64 (their ``quant_predicate``), by the ending of
 #: their mlx-lm path and by model_type: MoE routers, and Granite's projections whose small values low bit widths
 #: lose.
@@ -102,6 +111,7 @@ class _Item:
     outputs: tuple[_Tensor, ...]
     parts: tuple[str, ...]  # the source tensors it is read from: itself, or those its experts are assembled from
     format: tuple[int, int] | None = None  # (bits, group_size) where packed
+    decoded: str | None = None  # an FP8 source's: the float code its weight is decoded into before anything else
 
 
 def quantize_checkpoint(
@@ -130,12 +140,7 @@ def quantize_checkpoint(
             f"{src} is not a folder; give the folder of a float Hugging Face checkpoint (config.json + *.safetensors)"
         )
     config = ModelConfig.from_file(src)
-    if config.quantization is not None and config.quantization.runs_as_float:
-        raise UnsupportedFeatureError(
-            f"{src} is an FP8 checkpoint; `ferrum quantize` reads float ones. Ferrum runs it as it is (its weights "
-            "dequantized at load: ferrum.load, ferrum generate), or quantize its float original"
-        )
-    if config.quantization is not None:
+    if config.quantization is not None and not config.quantization.runs_as_float:
         raise InvalidRequestError(
             f"{src} is already quantized ({config.quantization.bits}-bit, group size "
             f"{config.quantization.group_size}); quantize its float original instead"
@@ -169,7 +174,7 @@ def quantize_checkpoint(
     staging = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     try:
         staging.mkdir(parents=True)
-        _write_weights(checkpoint, plan, staging, progress, config.arch.moe)
+        _write_weights(checkpoint, plan, staging, progress, config)
         (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         for pattern in COPIED_FILES:
             for path in src.glob(pattern):
@@ -258,6 +263,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
     moe = config.arch.moe
     layout = None if moe is None or moe.layout is None else LAYOUTS[moe.layout]
     present = checkpoint.names()
+    scheme = None if config.quantization is None else config.quantization.fp8
 
     def source_parts(name: str) -> tuple[str, ...]:
         """The tensors ``name`` is read from: an MoE stack's experts, a norm stored a head a tensor, or itself."""
@@ -269,7 +275,8 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
                 "unembed_out, as mlx-lm converts DeepSeek-V3; `ferrum quantize` reads Hugging Face's kv_b_proj: run "
                 "this checkpoint as it is (Ferrum reads it), or quantize its Hugging Face original")
         heads = () if name in present else split_norm_parts(config, name)
-        return heads or (name,)
+        scale = fp8.scale_part(name.removesuffix(".weight"), present) if scheme is not None else None
+        return heads or ((name, scale) if scale is not None and name.endswith(".weight") else (name,))
 
     sources = {name: source_parts(name) for name in shapes}
     checkpoint.require([part for parts in sources.values() for part in parts])
@@ -281,6 +288,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         )
     eight_bit = _MLX_LM_EIGHT_BIT.get(config.model_type, ())
     kept_float = _kept_float(config)
+    decoded = None if scheme is None else _decoded_code(config, headers)
     plan = []
     for name, shape in shapes.items():
         parts = sources[name]
@@ -292,19 +300,23 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
                 plan.append(_Item(name, shape[1:], False, (_Tensor(part, code, shape[1:]),), (part,)))
             continue
         code, stored = headers[parts[0]]
+        weights = [part for part in parts if part.rsplit(".", 1)[-1] not in fp8.SCALE_NAMES]
         own_layout = layout is not None and is_expert_stack(name)
         if own_layout:  # as the family's layout stores it
             shapes_stored = layout.stored_shapes(name, parts[0], shape)
         else:
-            if len(parts) > 1:  # one expert's matrix of a stack
-                stored = (len(parts), *stored)
+            if len(weights) > 1:  # one expert's matrix of a stack
+                stored = (len(weights), *stored)
             if len(shape) == 3 and fused_half(moe, name, parts) is not None and len(stored) == 3:
                 stored = (stored[0], stored[1] // 2, stored[2])
             shapes_stored = (shape,)
-        if code not in _FLOAT_CODES:
+        scaled = len(weights) < len(parts)
+        if code in FP8_DTYPES and scaled:
+            code = decoded
+        elif code not in _FLOAT_CODES:
             raise CheckpointError(
                 f"{checkpoint.folder}: tensor {parts[0]} is {code}; `ferrum quantize` reads float32, float16 or "
-                "bfloat16 checkpoints"
+                "bfloat16 checkpoints, and FP8 ones with their scales"
             )
         if stored not in shapes_stored:
             raise CheckpointError(f"tensor {parts[0]} has shape {stored} but config.json implies "
@@ -321,23 +333,42 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
                 _Tensor(f"{module}.scales", code, (*rows, k // fmt[1])),
                 _Tensor(f"{module}.biases", code, (*rows, k // fmt[1])),
             )
-            plan.append(_Item(name, shape, True, outputs, parts, fmt))
+            plan.append(_Item(name, shape, True, outputs, parts, fmt, code if scaled else None))
         else:
-            plan.append(_Item(name, shape, False, (_Tensor(written, code, shape),), parts))
+            plan.append(_Item(name, shape, False, (_Tensor(written, code, shape),), parts, None,
+                              code if scaled else None))
     return plan
+
+
+def _decoded_code(config: Any, headers: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+    """What an FP8 source's weights are decoded into: the model's dtype (config.json's ``torch_dtype``), else
+    the one most of its float tensors are stored in."""
+    named = _DTYPE_CODES.get(str(config.torch_dtype))
+    if named is not None:
+        return named
+    codes = [code for code, _ in headers.values() if code in _FLOAT_CODES]
+    return max(set(codes), key=codes.count) if codes else "BF16"
 
 
 # ------------------------------------------------------------------ writing
 
 
-def _read(checkpoint: Checkpoint, item: _Item, moe: Any) -> np.ndarray:
-    """The source tensor of ``item``; experts assembled into their stack as the loader does."""
+def _read(checkpoint: Checkpoint, item: _Item, config: Any) -> np.ndarray:
+    """The source tensor of ``item``; experts assembled into their stack as the loader does; FP8 weights
+    decoded and cast to the model's dtype."""
     from ferrum.moe.loading import assemble_stack, is_expert_stack  # imported here, as in _plan
 
+    moe, where = config.arch.moe, str(checkpoint.folder)
     if moe is None or not is_expert_stack(item.source):
-        return checkpoint.read(item.parts[0])
-    parts = {part: checkpoint.read(part) for part in item.parts}
-    return assemble_stack(item.source, parts, item.shape, moe, None, str(checkpoint.folder))
+        array = checkpoint.read(item.parts[0])
+        if item.decoded is None:
+            return array
+        weight, scale = item.parts
+        array = fp8.decode(array, checkpoint.read(scale), config.quantization.fp8, item.shape, f"{where}: {weight}")
+    else:
+        parts = {part: checkpoint.read(part) for part in item.parts}
+        array = assemble_stack(item.source, parts, item.shape, moe, config.quantization, where)
+    return array if item.decoded is None else array.astype(_FLOAT_TYPES[item.decoded])
 
 
 def _pack(array: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -363,7 +394,7 @@ def _shards(plan: list[_Item]) -> list[list[_Item]]:
 
 
 def _write_weights(
-    checkpoint: Checkpoint, plan: list[_Item], folder: Path, progress: ProgressFn | None, moe: Any,
+    checkpoint: Checkpoint, plan: list[_Item], folder: Path, progress: ProgressFn | None, config: Any,
 ) -> None:
     """Write the shards (plus an index when there are several), converting one source tensor at a time."""
     shards = _shards(plan)
@@ -378,7 +409,7 @@ def _write_weights(
                 out, [(t.name, t.dtype, t.shape) for item in items for t in item.outputs], {"format": "mlx"}
             )
             for item in items:
-                array = _read(checkpoint, item, moe)
+                array = _read(checkpoint, item, config)
                 if item.packed:
                     arrays = _pack(array, *item.format)
                     del array
