@@ -1,0 +1,181 @@
+"""The formats that write each argument bare, typed by the tool's schema (``glm45``, ``qwen3_coder``): their
+parsers and forced-call grammars."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from typing import Any, Callable
+
+from ferrum.serve.tools.grammars import _bare_arguments, _repeated
+from ferrum.serve.tools.reading import _NOT_JSON, ParsedReply, Schemas, _call, _declared_string, _properties
+
+
+_GLM_CALL = re.compile(r"<tool_call>([^\n<]*)(.*?)(?:</tool_call>|$)", re.DOTALL)
+_GLM_ARG = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>\s*", re.DOTALL)
+
+
+#: What ``ast.literal_eval`` raises on text that is no Python literal (or one too large or deep to read).
+_PYTHON_LITERAL = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
+
+
+def _glm_value(text: str, schema: Any) -> Any:
+    """An argument's text: JSON where it parses (numbers, objects, ``true``), else a Python literal where the tool
+    declares the parameter and it parses as one (``['x', 'y']``, as vLLM's glm45 parser falls back), else the text
+    itself, which is also what a parameter the tool declares a string keeps ("42" stays "42")."""
+    if _declared_string(schema):
+        return text
+    try:
+        return json.loads(text)
+    except _NOT_JSON:
+        pass
+    if not isinstance(schema, dict):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except _PYTHON_LITERAL:
+        return text
+
+
+def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Match[str]], Any],
+                      cut: bool) -> ParsedReply:
+    """The calls of a reply whose ``<tool_call>`` blocks (``block`` matches one) name their function and write their
+    arguments bare: ``read(match)`` gives a block's call, or None where the block does not read as one, which makes
+    the whole reply text. Read as ``cut`` (a forced reply stopped inside a call, by max_tokens or a stop), an
+    unclosed last block is left out and the calls before it stand, as a JSON format's calls so far do. Text before
+    the first block is the content; text between and after blocks stays too."""
+    start = text.find("<tool_call>")
+    if start < 0:
+        return ParsedReply(text, [])
+    calls, rest, end = [], [], start
+    for match in block.finditer(text, start):
+        call = read(match)
+        if call is None:
+            unclosed = not match.group(0).endswith("</tool_call>")
+            return ParsedReply(text[:start], calls, "".join(rest)) if cut and unclosed and calls else (
+                ParsedReply(text, []))
+        rest.append(text[end:match.start()])
+        calls.append(call)
+        end = match.end()
+    return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
+
+
+def _bare_call(name: str, body: str, argument: re.Pattern[str], read: Callable[[re.Match[str], Any], Any],
+               schemas: Schemas | None) -> Any:
+    """The call to ``name`` whose ``body`` is nothing but ``argument`` blocks (group 1 the key), each value read
+    by ``read(match, its parameter's schema)``; None where anything else is in the body. A value JSON cannot
+    hold (NaN, Infinity: ``NaN`` or ``1e400`` written for a number) stays the text written, as a string's would:
+    the arguments must be JSON text clients can parse."""
+    properties, arguments, at = _properties(schemas or {}, name), {}, 0
+    while pair := argument.match(body, at):
+        key = pair.group(1).strip()
+        value = read(pair, properties.get(key))
+        arguments[key] = value if _json_holds(value) else read(pair, _STRING)
+        at = pair.end()
+    return _call(name, arguments) if body[at:].strip() == "" else None
+
+
+_STRING = {"type": "string"}
+
+
+def _json_holds(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _glm(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
+    """GLM-4.5's calls: each ``<tool_call>`` holds its function's name (up to a newline or the first argument) and
+    nothing but ``<arg_key>``/``<arg_value>`` pairs; a block with anything else, or cut inside a pair, is text
+    (see :func:`_tool_call_blocks` on ``cut``)."""
+    return _tool_call_blocks(text, _GLM_CALL, lambda match: _bare_call(
+        match.group(1).strip(), match.group(2), _GLM_ARG,
+        lambda pair, schema: _glm_value(pair.group(2).strip(), schema), schemas), cut)
+
+
+_QWEN_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+_QWEN_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
+_QWEN_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)</parameter>\s*", re.DOTALL)
+
+
+def _qwen3_coder_value(text: str, schema: Any) -> Any:
+    """An argument's text read by the type its parameter declares, as vLLM's ``qwen3_coder`` parser reads it:
+    ``null`` is None; text where the schema has no such parameter, or it does not convert. Where vLLM reads a
+    parameter without a ``type`` as text, this reads it as JSON unless it admits only strings (an enum's
+    values; a ``$ref`` object), as the forced grammar writes it."""
+    if text.lower() == "null":
+        return None
+    if not isinstance(schema, dict) or _declared_string(schema):
+        return text
+    kind = str(schema.get("type", "")).strip().lower()
+    if kind.startswith(("int", "uint", "long", "short", "unsigned")):
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if kind.startswith(("num", "float")):
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        return int(number) if number.is_integer() else number
+    if kind in ("boolean", "bool", "binary"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except _NOT_JSON:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except _PYTHON_LITERAL:
+        return text
+
+
+def _qwen3_coder(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
+    """Qwen3-Coder's calls: each ``<tool_call>`` holds one ``<function=NAME>`` of ``<parameter=K>`` blocks, a
+    value's first and last newline the template's; a block with anything else, or cut before
+    ``</function>``, is text (see :func:`_tool_call_blocks` on ``cut``)."""
+    def call(match: re.Match[str]) -> Any:
+        function = _QWEN_FUNCTION.fullmatch(match.group(1))
+        return None if function is None else _bare_call(
+            function.group(1).strip(), function.group(2), _QWEN_PARAMETER,
+            lambda parameter, schema: _qwen3_coder_value(
+                parameter.group(2).removeprefix("\n").removesuffix("\n"), schema), schemas)
+
+    return _tool_call_blocks(text, _QWEN_CALL, call, cut)
+
+
+def _glm_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Blocks as GLM's template writes them, a newline apart: GLM-4.5's name and each ``<arg_key>`` and
+    ``<arg_value>`` on a line of their own, GLM-4.7's (``</arg_key><arg_value>`` in its template) all on one."""
+    line = "" if "</arg_key><arg_value>" in template else r'"\n"'
+
+    def arg(key: str, value: str) -> str:
+        return (f'{mark("<arg_key>")} {json.dumps(key)} {mark("</arg_key>")} {line} {mark("<arg_value>")} {value} '
+                f'{mark("</arg_value>")} {line}')
+
+    names = [json.dumps(tool["function"]["name"]) for tool in tools]
+    rules = [f"call{i}: {name} {line} {body}" for i, (name, body) in enumerate(zip(names, _bare_arguments(tools, arg)))]
+    calls = " | ".join(f"call{i}" for i in range(len(tools)))
+    blocks = _repeated("block", r'"\n"', many)
+    return "\n".join([f"start: {blocks}", f'block: {mark("<tool_call>")} ({calls}) {mark("</tool_call>")}', *rules])
+
+
+def _qwen3_coder_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Blocks as Qwen3-Coder's template writes them, a newline apart (and, where several may follow, maybe one
+    after the last, as with Hermes's): ``<function=NAME>``, then each argument's ``<parameter=K>`` block, its
+    value on lines of its own."""
+    def arg(key: str, value: str) -> str:
+        head = json.dumps(f"<parameter={key}>\n")
+        return f"{head} {value}"
+
+    bodies = _bare_arguments(tools, arg, end="\n</parameter>\n")
+    heads = [json.dumps(tool["function"]["name"] + ">\n") for tool in tools]
+    rules = [f"call{i}: {head} {body}" for i, (head, body) in enumerate(zip(heads, bodies))]
+    names = " | ".join(f"call{i}" for i in range(len(tools)))
+    blocks = _repeated("block", r'"\n"', many) + (r' "\n"?' if many else "")
+    block = f'block: {mark("<tool_call>")} "\\n<function=" ({names}) "</function>\\n" {mark("</tool_call>")}'
+    return "\n".join([f"start: {blocks}", block, *rules])

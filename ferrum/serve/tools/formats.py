@@ -1,0 +1,127 @@
+"""The tool-call formats: how a model's chat template asks for calls, and how each format's are read back.
+
+A chat template that describes tools to the model also fixes how the model writes a call; the format is
+recognised from the template itself, as vLLM's ``--tool-call-parser`` choices are named after them:
+
+* ``hermes`` (Qwen 2.5 / 3, Hermes, and most templates with ``<tool_call>``): each call is
+  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
+* ``mistral`` (templates with ``[TOOL_CALLS]``): ``[TOOL_CALLS]`` then a JSON list of such objects, or, from
+  the v11 tokenizers on (Mistral Small 3.1+, Devstral, Magistral), ``[TOOL_CALLS]name[ARGS]{...}`` per call;
+* ``granite`` (IBM Granite 3, templates with ``<|tool_call|>``): the same list after ``<|tool_call|>``;
+* ``llama3_json`` (Llama 3.1-3.3, whose templates carry ``<|python_tag|>``): the whole reply is one JSON object
+  ``{"name": ..., "parameters": {...}}``;
+* ``harmony`` (gpt-oss, templates with ``<|call|>``): a message to ``functions.NAME`` whose text is the
+  arguments (read by :mod:`ferrum.serve.harmony`, which hands the calls on in one canonical form);
+* ``glm45`` (GLM-4.5 / 4.6 / 4.7, templates with ``<arg_key>``): ``<tool_call>NAME`` then per argument
+  ``<arg_key>K</arg_key><arg_value>V</arg_value>``, then ``</tool_call>``: a value is read as JSON where it parses
+  and the tool does not declare it a string, else kept as text (vLLM's ``glm45`` parser);
+* ``qwen3_coder`` (Qwen3-Coder, Qwen3.5; templates with ``<parameter=``): ``<tool_call>\\n<function=NAME>``, then
+  per argument ``<parameter=K>\\nV\\n</parameter>``, then ``</function>\\n</tool_call>``: values read by the type
+  the tool's schema gives them (vLLM's ``qwen3_coder`` parser);
+* ``deepseek_v3`` (DeepSeek-V3 and R1, templates with ``<｜tool▁calls▁begin｜>``): inside
+  ``<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>``, per call
+  ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>``.
+
+Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
+tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
+Text that does not parse as calls stays the reply's content: nothing is dropped. A stream holds back only
+what may turn out to be a call (from its opening marker on) and sends the calls when the choice ends.
+A forced call (``tool_choice`` required or named) is sampled under a grammar of calls in the format: one or
+more for "required" (unless ``parallel_tool_calls`` is false), one for a named function
+(``forced_call_grammar``, :mod:`ferrum.structured`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ferrum.serve import harmony
+from ferrum.serve.tools.bare import _glm, _glm_call, _qwen3_coder, _qwen3_coder_call
+from ferrum.serve.tools.deepseek import _DEEPSEEK_HEAD, _DS_CALLS, _deepseek_v3, _deepseek_v3_call
+from ferrum.serve.tools.harmony_calls import _HARMONY_HEAD, _harmony, _harmony_call
+from ferrum.serve.tools.json_formats import (_MISTRAL_HEAD, _TOOL_CALLS, _granite_call, _hermes, _hermes_call,
+                                             _json_list_after, _llama3_call, _llama3_json, _mistral, _mistral_call)
+from ferrum.serve.tools.reading import _JSON_HEAD, ParsedReply, Schemas, _calls_so_far, _parameters
+from ferrum.stop import cut_marker
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How one family of chat templates has the model write calls."""
+
+    name: str
+    detect: str  # a template holding this text uses the format
+    marker: str | None  # opens a call anywhere in the reply
+    openers: tuple[str, ...]  # open a call at the start of the reply
+    parse: Callable[..., ParsedReply]  # (text), or (text, schemas) where ``typed``
+    #: A Lark grammar (llguidance's dialect) of one call to one of ``tools`` written this way, or one or more, for a
+    #: forced call: ``(tools, mark, template, many)``, ``mark`` spelling a marker as its special token or as text.
+    forced: Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]
+    #: Where a call names its function, up to its arguments (``_calls_so_far``); group ``name``. Empty: the
+    #: arguments are written bare, and ``parse`` reads a cut forced reply itself (its ``cut`` argument).
+    heads: tuple[re.Pattern[str], ...] = (_JSON_HEAD,)
+    #: Whether ``parse`` also takes the tools' parameter schemas (:data:`Schemas`), to type arguments written bare.
+    typed: bool = False
+
+    def read(self, text: str, tools: list[dict[str, Any]] | None) -> ParsedReply:
+        """``text`` parsed as this format writes calls to ``tools``."""
+        if not self.typed:
+            return self.parse(text)
+        return self.parse(text, self._schemas(tools))
+
+    def read_cut(self, text: str, tools: list[dict[str, Any]] | None) -> ParsedReply:
+        """A forced reply that does not parse, read as cut short: its calls so far (where arguments are JSON, the
+        last as far as it got; where they are written bare, the whole calls before the cut one)."""
+        if self.heads:
+            return _calls_so_far(self.heads, text)
+        return self.parse(text, self._schemas(tools), cut=True)
+
+    @staticmethod
+    def _schemas(tools: list[dict[str, Any]] | None) -> Schemas:
+        return {t["function"]["name"]: _parameters(t["function"]) for t in tools or ()}
+
+
+FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>
+    ToolCallFormat("glm45", "<arg_key>", "<tool_call>", (), _glm, _glm_call, (), typed=True),
+    ToolCallFormat("qwen3_coder", "<parameter=", "<tool_call>", (), _qwen3_coder, _qwen3_coder_call, (), typed=True),
+    ToolCallFormat("hermes", "<tool_call>", "<tool_call>", (), _hermes, _hermes_call),
+    ToolCallFormat("mistral", _TOOL_CALLS, _TOOL_CALLS, ("[{",), _mistral, _mistral_call, (_MISTRAL_HEAD, _JSON_HEAD)),
+    ToolCallFormat("granite", "<|tool_call|>", "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>"),
+                   _granite_call),
+    ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
+    ToolCallFormat("harmony", "<|call|>", harmony.CALL_OPEN, (), _harmony, _harmony_call, (_HARMONY_HEAD,)),
+    ToolCallFormat("deepseek_v3", _DS_CALLS, _DS_CALLS, (), _deepseek_v3, _deepseek_v3_call, (_DEEPSEEK_HEAD,)),
+)
+
+
+def format_of(template: str | None) -> ToolCallFormat | None:
+    """The tool-call format a chat template asks for; None for templates that do not describe tools."""
+    if not template or "tools" not in template:
+        return None
+    return next((f for f in FORMATS if f.detect in template), None)
+
+
+def releasable(fmt: ToolCallFormat, text: str) -> int:
+    """How much of an unfinished reply a stream can send as content: up to where a call starts or may start."""
+    head = text.lstrip()
+    if any(head.startswith(opener) or opener.startswith(head) for opener in fmt.openers):
+        return 0
+    if fmt.marker is None:
+        return len(text)
+    start = text.find(fmt.marker)
+    return start if start >= 0 else len(text) - cut_marker(text, fmt.marker)
+
+
+def forced_call_grammar(fmt: ToolCallFormat, tools: list[dict[str, Any]], tokenizer: Any, template: str,
+                        many: bool = False) -> str:
+    """The grammar a forced call (``tool_choice`` required or named) is sampled under: one call to one of
+    ``tools`` as ``fmt`` writes it (or, ``many``, one or more), each marker its added token where the tokenizer
+    has one (special or not)."""
+    def mark(text: str) -> str:
+        token = tokenizer.added_token_id(text)
+        return json.dumps(text) if token is None else f"<[{token}]>"
+
+    return fmt.forced(tools, mark, template, many)

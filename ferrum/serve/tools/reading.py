@@ -1,0 +1,116 @@
+"""What every format's reading shares: a reply split into text and calls, a call as OpenAI's entry, the
+tools' schemas, and a forced reply cut short read as its calls so far."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+
+#: What reading text that is not (or too deeply nested) JSON raises.
+_NOT_JSON = (json.JSONDecodeError, RecursionError)
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    """A reply split into the text around the calls and the calls (OpenAI's ``tool_calls`` entries)."""
+
+    before: str  # the text before the first call (all of it when there is none)
+    calls: list[dict[str, Any]]
+    after: str = ""  # text between and after the calls
+
+    @property
+    def content(self) -> str | None:
+        """The message's content: the text as it is without calls; the text around them, or null, with calls."""
+        if not self.calls:
+            return self.before
+        return (self.before + self.after).strip() or None
+
+
+def _call(name: Any, arguments: Any) -> dict[str, Any] | None:
+    """One OpenAI tool call, or None where the model's object is not a call (no name, odd arguments)."""
+    if not isinstance(name, str) or not name:
+        return None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except _NOT_JSON:
+            return None
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        return None
+    return _entry(name, json.dumps(arguments, ensure_ascii=False))
+
+
+def _entry(name: str, arguments: str) -> dict[str, Any]:
+    """An OpenAI ``tool_calls`` entry with a fresh id; ``arguments`` as the JSON text clients read."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _object_call(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except _NOT_JSON:
+        return None
+    return _call(value.get("name"), value.get("arguments")) if isinstance(value, dict) else None
+
+
+#: The tools' parameter schemas, by function name: how the formats that write arguments bare read their values.
+Schemas = dict[str, dict[str, Any]]
+
+
+def _properties(schemas: Schemas, name: str) -> dict[str, Any]:
+    properties = (schemas.get(name) or {}).get("properties")
+    return properties if isinstance(properties, dict) else {}
+
+
+def _declared_string(schema: Any) -> bool:
+    """Whether a parameter's schema admits only strings (its type, or an enum or const of strings only): the
+    formats that write arguments bare write those as they are, anything else as JSON."""
+    if not isinstance(schema, dict):
+        return False
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(values, list) and values:
+        return all(isinstance(value, str) for value in values)
+    return schema.get("type") == "string"
+
+
+#: A bare ``{"type": "object"}`` would let a forced call invent any keys, nested without end.
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    return function.get("parameters") or _NO_PARAMETERS
+
+
+def _calls_so_far(heads: tuple[re.Pattern[str], ...], text: str) -> ParsedReply:
+    """A forced reply (one that opens with a call) cut short, by ``max_tokens`` or a stop: the calls it wrote, the
+    last with its arguments' text as far as it got, which OpenAI and vLLM hand back as it is (not JSON). ``heads``
+    match where a call names its function, up to its arguments (the first match is the call). A reply cut
+    before the first call's name is text."""
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while matches := [m for m in (head.search(text, at) for head in heads) if m is not None]:
+        match = min(matches, key=lambda m: m.start())
+        name = match.group("name")
+        name = json.loads(name) if name.startswith('"') else name  # JSON's spelling of it
+        if match.groupdict().get("args", "") is None:  # cut between the name and its arguments
+            arguments, at = "", len(text)
+        else:
+            try:
+                value, at = decoder.raw_decode(text, match.end())
+                arguments = json.dumps(value, ensure_ascii=False)
+            except _NOT_JSON:
+                arguments, at = text[match.end():], len(text)
+        calls.append(_entry(name, arguments))
+    return ParsedReply("", calls) if calls else ParsedReply(text, [])
+
+
+#: A call as JSON names its function first (the forced grammar's order), then its arguments (group ``args``: the
+#: key, where the reply got that far).
+_JSON_HEAD = re.compile(r'\{\s*"name"\s*:\s*(?P<name>"(?:[^"\\]|\\.)*")'
+                        r'(?P<args>\s*,\s*"(?:arguments|parameters)"\s*:\s*)?')

@@ -1,0 +1,49 @@
+"""A request's tool definitions and an assistant's earlier calls, checked and put as chat templates read them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ferrum.serve.errors import APIError
+from ferrum.serve.tools.reading import _NOT_JSON
+
+
+def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's tool definitions, each an OpenAI function (name, optional description and JSON schema)."""
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise APIError(400, 'each tool must be {"type": "function", "function": {"name": ..., ...}}',
+                           param=f"tools.{i}")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise APIError(400, "a tool's function needs a name", param=f"tools.{i}.function.name")
+        parameters = function.get("parameters")
+        parameters = {} if parameters is None else parameters  # null: a function of no arguments
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise APIError(400, "a tool's parameters must be a JSON schema of an object (its arguments are one)",
+                           param=f"tools.{i}.function.parameters")
+    return tools
+
+
+def template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier calls as chat templates read them: arguments as an object, not the JSON
+    text OpenAI clients send back (templates write ``arguments | tojson``)."""
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError(400, 'each tool call must be {"type": "function", "function": {"name": ..., '
+                           '"arguments": "<JSON>"}}', param=f"{where}.{j}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except _NOT_JSON:
+                raise APIError(400, "a tool call's arguments must be JSON text", param=f"{where}.{j}") from None
+        if not isinstance(arguments, dict):  # templates read them as an object (``arguments.items()``)
+            raise APIError(400, f"a tool call's arguments must be a JSON object, got {type(arguments).__name__}",
+                           param=f"{where}.{j}")
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
