@@ -16,9 +16,10 @@ import pytest
 from ferrum.serve.tools import FORMATS, ToolReplies, format_of, releasable
 from support import write_scripted_checkpoint, write_text_checkpoint
 
-HERMES, MISTRAL, GRANITE, LLAMA3, HARMONY, GLM, QWEN3_CODER, DEEPSEEK = (
+HERMES, MISTRAL, GRANITE, LLAMA3, HARMONY, GLM, QWEN3_CODER, DEEPSEEK, DEEPSEEK_V31, KIMI = (
     next(f for f in FORMATS if f.name == name)
-    for name in ("hermes", "mistral", "granite", "llama3_json", "harmony", "glm45", "qwen3_coder", "deepseek_v3"))
+    for name in ("hermes", "mistral", "granite", "llama3_json", "harmony", "glm45", "qwen3_coder", "deepseek_v3",
+                 "deepseek_v31", "kimi_k2"))
 
 # A Qwen 2.5-style template (its tool parts as Qwen writes them) over the test tokenizer's role tags.
 TOOL_TEMPLATE = (
@@ -70,6 +71,57 @@ def _ds(*calls: tuple[str, str]) -> str:
                                 for name, arguments in calls) + DS_CALLS_END
 
 
+# DeepSeek-V3.1's tool parts (deepseek-ai/DeepSeek-V3.1 tokenizer_config.json, as vLLM's
+# examples/tool_chat_template_deepseekv31.jinja writes them: the tools in the system prompt, the format shown
+# without a fence, and a call's name and arguments joined as text) over the test tokenizer's tags.
+DEEPSEEK_V31_TEMPLATE = (
+    "{%- if tools %}<|system|>## Tools\nYou have access to the following tools:\n{% for tool in tools %}"
+    "{{ tool | tojson }}\n{% endfor %}IMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>tool_call_name<｜tool▁sep｜>tool_call_arguments<｜tool▁call▁end｜>"
+    "<｜tool▁calls▁end｜>\n\nWhere:\n\n- `tool_call_name` must be an exact match to one of the available tools\n"
+    "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
+    "- For multiple tool calls, chain them directly without separators or spaces\n</s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>{{ m.content }}<｜tool▁calls▁begin｜>"
+    "{%- for tool in m.tool_calls %}{{ '<｜tool▁call▁begin｜>' + tool['function']['name'] + '<｜tool▁sep｜>' + "
+    "tool['function']['arguments'] + '<｜tool▁call▁end｜>' }}{%- endfor %}<｜tool▁calls▁end｜></s>"
+    "{%- elif m.role == 'tool' %}<|user|><｜tool▁output▁begin｜>{{ m.content }}<｜tool▁output▁end｜></s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
+
+def _ds31(*calls: tuple[str, str]) -> str:
+    """Calls as DeepSeek-V3.1 writes them: (name, arguments' JSON) each, one right after another."""
+    return DS_CALLS + "".join(f"{DS_CALL}{name}{DS_SEP}{arguments}{DS_CALL_END}" for name, arguments in calls) + (
+        DS_CALLS_END)
+
+
+# Kimi K2's tool parts (moonshotai/Kimi-K2-Instruct chat_template.jinja: the tools declared as JSON, a call's id
+# functions.NAME:IDX written back, its arguments as JSON) over the test tokenizer's tags.
+KIMI_CALLS, KIMI_CALLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+KIMI_CALL, KIMI_ARGS, KIMI_CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+KIMI_TEMPLATE = (
+    "{%- if tools %}<|system|>tool_declare\n{{ tools | tojson }}</s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>{{ m.content }}<|tool_calls_section_begin|>"
+    "{%- for tool_call in m.tool_calls %}{%- set formatted_id = tool_call['id'] %}"
+    "<|tool_call_begin|>{{ formatted_id }}<|tool_call_argument_begin|>{% if tool_call['function']['arguments'] is "
+    "string %}{{ tool_call['function']['arguments'] }}{% else %}{{ tool_call['function']['arguments'] | tojson }}"
+    "{% endif %}<|tool_call_end|>{%- endfor %}<|tool_calls_section_end|></s>"
+    "{%- elif m.role == 'tool' %}<|user|>## Return of {{ m.tool_call_id }}\n{{ m.content }}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+KIMI_MARKERS = (KIMI_CALLS, KIMI_CALLS_END, KIMI_CALL, KIMI_ARGS, KIMI_CALL_END)
+
+
+def _kimi(*calls: tuple[str, str], start: int = 0) -> str:
+    """Calls as Kimi K2 writes them: (name, arguments' JSON) each, numbered from ``start``."""
+    return KIMI_CALLS + "".join(f"{KIMI_CALL}functions.{name}:{start + i}{KIMI_ARGS}{arguments}{KIMI_CALL_END}"
+                                for i, (name, arguments) in enumerate(calls)) + KIMI_CALLS_END
+
+
 # ----------------------------------------------------------------- parsing
 def test_hermes_calls_and_the_text_around_them():
     reply = HERMES.parse("Let me check.\n" + CALL + "\n" + CALL.replace("Paris", "Oslo"))
@@ -114,6 +166,8 @@ def test_mistral_and_llama3_replies():
     (HARMONY, '<|start|>assistant to=functions.f<|channel|>commentary json<|message|>{"x": 1}'
               '<|start|>assistant to=functions.g<|channel|>commentary json<|message|>{"y'),
     (DEEPSEEK, _ds(("f", '{"x": 1}'))[:-len(DS_CALLS_END)] + f"\n{DS_CALL}function{DS_SEP}g\n```json\n{{\"y"),
+    (DEEPSEEK_V31, _ds31(("f", '{"x": 1}'))[:-len(DS_CALLS_END)] + f"{DS_CALL}g{DS_SEP}{{\"y"),
+    (KIMI, _kimi(("f", '{"x": 1}'))[:-len(KIMI_CALLS_END)] + f"{KIMI_CALL}functions.g:1{KIMI_ARGS}{{\"y"),
 ])
 def test_a_cut_forced_reply_reads_as_its_calls_so_far(fmt, text):
     """Under a forced call's grammar a reply that does not parse was cut: its calls, the last as far as it got
@@ -270,6 +324,40 @@ def test_deepseek_v3_calls():
         assert DEEPSEEK.parse(text).calls == [] and DEEPSEEK.parse(text).content == text, text
 
 
+@pytest.mark.parametrize("fmt, write", [(DEEPSEEK_V31, _ds31), (KIMI, _kimi)], ids=["deepseek_v31", "kimi_k2"])
+def test_deepseek_v31_and_kimi_k2_calls(fmt, write):
+    """DeepSeek-V3.1 writes a call's name and its arguments' JSON as they are (no type, no fence), one call right
+    after another; Kimi K2 names a call ``functions.NAME:IDX``, which stays its id (its template writes the id back
+    and the tool's reply names it). Read whole and streamed (held back from the section's marker on); what does not
+    read as calls stays text."""
+    reply = fmt.parse("Checking." + write(("f", '{"x": [1, 2]}'), ("g", "{}")) + " done")
+    assert reply.content == "Checking. done" and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                                  for c in reply.calls] == [("f", {"x": [1, 2]}), ("g", {})]
+    if fmt is KIMI:
+        assert [c["id"] for c in reply.calls] == ["functions.f:0", "functions.g:1"]
+        loose = f"{KIMI_CALLS}\n{KIMI_CALL} get_time:3 {KIMI_ARGS} {{}} {KIMI_CALL_END}\n{KIMI_CALLS_END}"
+        assert [(c["id"], c["function"]["name"]) for c in fmt.parse(loose).calls] == [("get_time:3", "get_time")]
+    marker, end = (DS_CALLS, DS_CALL_END + DS_CALLS_END) if fmt is DEEPSEEK_V31 else (KIMI_CALLS,
+                                                                                      KIMI_CALL_END + KIMI_CALLS_END)
+    whole = write(("f", "{}"))
+    sent, deltas, reason = _stream(ToolReplies([{"type": "function", "function": {"name": "f"}}], fmt),
+                                   ["Checking." + marker[:5], whole[5:-4], whole[-4:]])
+    assert sent == "Checking." and reason == "tool_calls" and deltas[0]["tool_calls"][0]["function"]["name"] == "f"
+    one = write(("f", '{"x": 1}'))
+    for text in (one[:-len(end)], one.replace('{"x": 1}', "[1]"), one.replace('{"x": 1}', "{x}"), marker + "f",
+                 write(("", '{"x": 1}'))):  # cut, not an object, not JSON, no call, no name
+        assert fmt.parse(text).calls == [] and fmt.parse(text).content == text, text
+
+
+def test_deepseek_v3_and_v31_templates_and_replies_are_told_apart():
+    """Both write <｜tool▁calls▁begin｜>: V3's template fences the arguments in ```json (and types the call), V3.1's
+    does not. Each format reads only its own calls."""
+    assert format_of(DEEPSEEK_TEMPLATE) is DEEPSEEK
+    assert format_of(DEEPSEEK_V31_TEMPLATE) is DEEPSEEK_V31
+    assert format_of(KIMI_TEMPLATE) is KIMI
+    assert DEEPSEEK.parse(_ds31(("f", "{}"))).calls == [] and DEEPSEEK_V31.parse(_ds(("f", "{}"))).calls == []
+
+
 def test_templates_that_also_write_tool_call_are_not_taken_for_hermes():
     """GLM's and Qwen3-Coder's templates also write <tool_call>; <arg_key> and <parameter= say which they are."""
     assert format_of(GLM_TEMPLATE) is GLM
@@ -287,9 +375,11 @@ def test_earlier_calls_render_as_the_format_reads_them(tmp_path):
     types = {"city": "string", "days": "integer", "where": "object", "ok": "boolean"}
     find = {"type": "function", "function": {"name": "find", "parameters": {
         "type": "object", "properties": {key: {"type": kind} for key, kind in types.items()}}}}
-    sent = [{"id": "c1", "type": "function", "function": {"name": "find", "arguments": json.dumps(arguments)}}]
     for fmt, template in [(HERMES, TOOL_TEMPLATE), (GLM, GLM_TEMPLATE), (QWEN3_CODER, QWEN3_CODER_TEMPLATE),
-                          (DEEPSEEK, DEEPSEEK_TEMPLATE)]:
+                          (DEEPSEEK, DEEPSEEK_TEMPLATE), (DEEPSEEK_V31, DEEPSEEK_V31_TEMPLATE), (KIMI, KIMI_TEMPLATE)]:
+        call_id = "functions.find:0" if fmt is KIMI else "c1"  # the id Kimi's calls get, which its template writes
+        sent = [{"id": call_id, "type": "function",
+                 "function": {"name": "find", "arguments": json.dumps(arguments)}}]
         folder = write_text_checkpoint(tmp_path / fmt.name, seed=3)
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
@@ -300,6 +390,7 @@ def test_earlier_calls_render_as_the_format_reads_them(tmp_path):
         calls = fmt.read(reply, [find]).calls
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
             ("find", arguments)], (fmt.name, reply)
+        assert fmt is not KIMI or calls[0]["id"] == call_id
 
 
 _TIME = '{"name": "get_time", "arguments": {"tz": "UTC"}}'
@@ -320,8 +411,15 @@ FORCED_ROWS = [  # (format, template, one call as the template writes it, two ca
      _qwen("get_time", tz="UTC") + "\n" + _qwen("get_weather", city="Oslo"), ("<tool_call>", "</tool_call>")),
     (DEEPSEEK, DEEPSEEK_TEMPLATE, _ds(("get_time", '{"tz": "UTC"}')),
      _ds(("get_time", '{"tz": "UTC"}'), ("get_weather", '{"city": "Oslo"}')), DEEPSEEK_MARKERS),
+    (DEEPSEEK_V31, DEEPSEEK_V31_TEMPLATE, _ds31(("get_time", '{"tz": "UTC"}')),
+     _ds31(("get_time", '{"tz": "UTC"}'), ("get_weather", '{"city": "Oslo"}')), DEEPSEEK_MARKERS),
+    (KIMI, KIMI_TEMPLATE, _kimi(("get_time", '{"tz": "UTC"}')),
+     _kimi(("get_time", '{"tz": "UTC"}'), ("get_weather", '{"city": "Oslo"}'), start=4), KIMI_MARKERS),
 ]
-FORCED_IDS = ["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json", "glm45", "qwen3_coder", "deepseek_v3"]
+FORCED_IDS = ["hermes", "mistral-list", "mistral-v11", "granite", "llama3_json", "glm45", "qwen3_coder", "deepseek_v3",
+              "deepseek_v31", "kimi_k2"]
+#: How the formats that name a function ahead of its arguments write calls: (name, arguments' JSON) each.
+WRITE_NAMED = {DEEPSEEK: _ds, DEEPSEEK_V31: _ds31, KIMI: _kimi}
 
 
 def _forced_matcher(tmp_path, fmt, template, markers, special, many, tools=None):
@@ -431,8 +529,9 @@ def test_a_forced_call_follows_a_schema_with_definitions(tmp_path, fmt, template
     if fmt in (GLM, QWEN3_CODER):  # the arguments one by one, each value as JSON (not strings)
         write = _glm if fmt is GLM else _qwen
         call, bad = (write("find", where=f'{{"{key}": "Oslo"}}', days="2") for key in ("city", "town"))
-    if fmt is DEEPSEEK:
-        call, bad = (_ds(("find", f'{{"where": {{"{key}": "Oslo"}}, "days": 2}}')) for key in ("city", "town"))
+    if fmt in WRITE_NAMED:
+        call, bad = (WRITE_NAMED[fmt](("find", f'{{"where": {{"{key}": "Oslo"}}, "days": 2}}'))
+                     for key in ("city", "town"))
     tok, matcher = _forced_matcher(tmp_path / "good", fmt, template, markers, True, many=False, tools=[NESTED])
     assert _takes(tok, matcher, call) and matcher.complete
     assert _calls(fmt, call) == [("find", {"where": {"city": "Oslo"}, "days": 2})]
@@ -768,6 +867,50 @@ def test_calls_marked_by_a_special_token_survive_decoding(tmp_path):
         assert srv.stop(), srv.log.read_text()
 
 
+@pytest.mark.parametrize("template, call", [
+    (DEEPSEEK_V31_TEMPLATE, _ds31(("get_weather", '{"city": "Oslo"}'))),
+    (KIMI_TEMPLATE, _kimi(("get_weather", '{"city": "Oslo"}'))),
+], ids=["deepseek_v31", "kimi_k2"])
+def test_deepseek_v31_and_kimi_k2_calls_over_the_api(tmp_path, template, call):
+    """Served: the reply (one special token spelling a whole call) comes back as that call, whole and streamed;
+    sent back as an earlier call it renders through the template (V3.1's joins the arguments to text); a named
+    ``tool_choice`` samples a call in the format, which the server reads back as one."""
+    pytest.importorskip("transformers")
+    from test_serve import Server
+
+    folder, call_id = write_scripted_checkpoint(tmp_path / "model", call + END, template, special=True,
+                                                context=2048)  # room for two tools and a call spelt byte by byte
+    srv = Server(folder)
+    try:
+        client = srv.client()
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "weather in Oslo?"}], tools=[WEATHER],
+                   logit_bias={str(call_id): 100}, stop=[END], max_tokens=2, temperature=0)
+        choice = client.chat.completions.create(**ask).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (made,) = choice.message.tool_calls
+        assert (made.function.name, json.loads(made.function.arguments)) == ("get_weather", {"city": "Oslo"})
+        assert made.id == "functions.get_weather:0" if template is KIMI_TEMPLATE else made.id.startswith("call_")
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert [c.function.name for d in deltas for c in d.tool_calls or ()] == ["get_weather"]
+        history = [{"role": "user", "content": "weather in Oslo?"},
+                   {"role": "assistant", "content": None, "tool_calls": [made.model_dump()]},
+                   {"role": "tool", "tool_call_id": made.id, "content": "sunny"}]
+        follow_up = client.chat.completions.create(model="tiny", tools=[WEATHER], messages=history, max_tokens=1)
+        first = client.chat.completions.create(model="tiny", tools=[WEATHER], messages=history[:1], max_tokens=1)
+        assert follow_up.usage.prompt_tokens > first.usage.prompt_tokens
+        forced = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "what now?"}], tools=[CITY, CLOCK],
+            tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=400, temperature=0)
+        assert forced.choices[0].finish_reason == "tool_calls", forced.choices[0]
+        (made,) = forced.choices[0].message.tool_calls
+        _check_call(made)
+        assert made.function.name == "get_time"
+    finally:
+        assert srv.stop(), srv.log.read_text()
+
+
 def test_a_forced_hermes_reply_may_end_after_a_newline(tmp_path):
     """Models write a newline after their last </tool_call> before ending the turn: where several calls may follow,
     the grammar lets them end there (it allowed only another call after that newline, and a required reply
@@ -798,8 +941,8 @@ def test_a_forced_call_to_a_function_without_parameters_takes_no_arguments(tmp_p
     if fmt in (GLM, QWEN3_CODER):
         write = _glm if fmt is GLM else _qwen
         empty, invented = write("ping"), write("ping", tz="UTC")
-    if fmt is DEEPSEEK:
-        empty, invented = _ds(("ping", "{}")), _ds(("ping", '{"tz": "UTC"}'))
+    if fmt in WRITE_NAMED:
+        empty, invented = WRITE_NAMED[fmt](("ping", "{}")), WRITE_NAMED[fmt](("ping", '{"tz": "UTC"}'))
     tok, matcher = _forced_matcher(tmp_path / "empty", fmt, template, markers, True, many=False, tools=[tool])
     assert _takes(tok, matcher, empty) and matcher.complete
     tok, matcher = _forced_matcher(tmp_path / "invented", fmt, template, markers, True, many=False, tools=[tool])

@@ -18,9 +18,16 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
 * ``qwen3_coder`` (Qwen3-Coder, Qwen3.5; templates with ``<parameter=``): ``<tool_call>\\n<function=NAME>``, then
   per argument ``<parameter=K>\\nV\\n</parameter>``, then ``</function>\\n</tool_call>``: values read by the type
   the tool's schema gives them (vLLM's ``qwen3_coder`` parser);
-* ``deepseek_v3`` (DeepSeek-V3 and R1, templates with ``<｜tool▁calls▁begin｜>``): inside
+* ``deepseek_v3`` (DeepSeek-V3 and R1, templates with ``<｜tool▁calls▁begin｜>`` and ```json): inside
   ``<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>``, per call
-  ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>``.
+  ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>``;
+* ``deepseek_v31`` (DeepSeek-V3.1 and V3.2-Exp, templates with ``<｜tool▁calls▁begin｜>`` but no ```json fence):
+  inside the same markers, per call ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>``, one right
+  after another;
+* ``kimi_k2`` (Kimi K2, templates with ``<|tool_calls_section_begin|>``): inside
+  ``<|tool_calls_section_begin|>...<|tool_calls_section_end|>``, per call
+  ``<|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{...}<|tool_call_end|>``; the
+  ``functions.NAME:IDX`` the model wrote is the call's id, which the template writes back.
 
 Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
@@ -40,8 +47,10 @@ from typing import Any, Callable
 
 from ferrum.serve import harmony
 from ferrum.serve.tools.bare import _glm, _glm_call, _qwen3_coder, _qwen3_coder_call
-from ferrum.serve.tools.deepseek import _DEEPSEEK_HEAD, _DS_CALLS, _deepseek_v3, _deepseek_v3_call
+from ferrum.serve.tools.deepseek import (_DEEPSEEK_HEAD, _DEEPSEEK_V31_CALL, _DS_CALLS, _deepseek_v3, _deepseek_v3_call,
+                                         _deepseek_v31, _deepseek_v31_call)
 from ferrum.serve.tools.harmony_calls import _HARMONY_HEAD, _harmony, _harmony_call
+from ferrum.serve.tools.kimi import _KIMI_CALL_HEAD, _KIMI_CALLS, _kimi_k2, _kimi_k2_call
 from ferrum.serve.tools.json_formats import (_MISTRAL_HEAD, _TOOL_CALLS, _granite_call, _hermes, _hermes_call,
                                              _json_list_after, _llama3_call, _llama3_json, _mistral, _mistral_call)
 from ferrum.serve.tools.reading import _JSON_HEAD, ParsedReply, Schemas, _calls_so_far, _parameters
@@ -53,7 +62,7 @@ class ToolCallFormat:
     """How one family of chat templates has the model write calls."""
 
     name: str
-    detect: str  # a template holding this text uses the format
+    detect: tuple[str, ...]  # a template holding all of these uses the format
     marker: str | None  # opens a call anywhere in the reply
     openers: tuple[str, ...]  # open a call at the start of the reply
     parse: Callable[..., ParsedReply]  # (text), or (text, schemas) where ``typed``
@@ -84,16 +93,23 @@ class ToolCallFormat:
         return {t["function"]["name"]: _parameters(t["function"]) for t in tools or ()}
 
 
-FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>
-    ToolCallFormat("glm45", "<arg_key>", "<tool_call>", (), _glm, _glm_call, (), typed=True),
-    ToolCallFormat("qwen3_coder", "<parameter=", "<tool_call>", (), _qwen3_coder, _qwen3_coder_call, (), typed=True),
-    ToolCallFormat("hermes", "<tool_call>", "<tool_call>", (), _hermes, _hermes_call),
-    ToolCallFormat("mistral", _TOOL_CALLS, _TOOL_CALLS, ("[{",), _mistral, _mistral_call, (_MISTRAL_HEAD, _JSON_HEAD)),
-    ToolCallFormat("granite", "<|tool_call|>", "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>"),
+FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>, and
+    # DeepSeek-V3's and V3.1's both <｜tool▁calls▁begin｜> (V3's fencing the arguments in ```json)
+    ToolCallFormat("glm45", ("<arg_key>",), "<tool_call>", (), _glm, _glm_call, (), typed=True),
+    ToolCallFormat("qwen3_coder", ("<parameter=",), "<tool_call>", (), _qwen3_coder, _qwen3_coder_call, (),
+                   typed=True),
+    ToolCallFormat("hermes", ("<tool_call>",), "<tool_call>", (), _hermes, _hermes_call),
+    ToolCallFormat("mistral", (_TOOL_CALLS,), _TOOL_CALLS, ("[{",), _mistral, _mistral_call,
+                   (_MISTRAL_HEAD, _JSON_HEAD)),
+    ToolCallFormat("granite", ("<|tool_call|>",), "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>"),
                    _granite_call),
-    ToolCallFormat("llama3_json", "<|python_tag|>", None, ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
-    ToolCallFormat("harmony", "<|call|>", harmony.CALL_OPEN, (), _harmony, _harmony_call, (_HARMONY_HEAD,)),
-    ToolCallFormat("deepseek_v3", _DS_CALLS, _DS_CALLS, (), _deepseek_v3, _deepseek_v3_call, (_DEEPSEEK_HEAD,)),
+    ToolCallFormat("llama3_json", ("<|python_tag|>",), None, ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
+    ToolCallFormat("harmony", ("<|call|>",), harmony.CALL_OPEN, (), _harmony, _harmony_call, (_HARMONY_HEAD,)),
+    ToolCallFormat("deepseek_v3", (_DS_CALLS, "```json"), _DS_CALLS, (), _deepseek_v3, _deepseek_v3_call,
+                   (_DEEPSEEK_HEAD,)),
+    ToolCallFormat("deepseek_v31", (_DS_CALLS,), _DS_CALLS, (), _deepseek_v31, _deepseek_v31_call,
+                   (_DEEPSEEK_V31_CALL,)),
+    ToolCallFormat("kimi_k2", (_KIMI_CALLS,), _KIMI_CALLS, (), _kimi_k2, _kimi_k2_call, (_KIMI_CALL_HEAD,)),
 )
 
 
@@ -101,7 +117,7 @@ def format_of(template: str | None) -> ToolCallFormat | None:
     """The tool-call format a chat template asks for; None for templates that do not describe tools."""
     if not template or "tools" not in template:
         return None
-    return next((f for f in FORMATS if f.detect in template), None)
+    return next((f for f in FORMATS if all(text in template for text in f.detect)), None)
 
 
 def releasable(fmt: ToolCallFormat, text: str) -> int:

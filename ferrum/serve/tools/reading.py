@@ -106,7 +106,8 @@ def _calls_so_far(heads: tuple[re.Pattern[str], ...], text: str) -> ParsedReply:
                 arguments = json.dumps(value, ensure_ascii=False)
             except _NOT_JSON:
                 arguments, at = text[match.end():], len(text)
-        calls.append(_entry(name, arguments))
+        entry = _entry(name, arguments)  # the id the model wrote, where the format has it write one (Kimi K2's)
+        calls.append({**entry, "id": match.group("id")} if "id" in match.groupdict() else entry)
     return ParsedReply("", calls) if calls else ParsedReply(text, [])
 
 

@@ -26,9 +26,22 @@ def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return tools
 
 
+class _Arguments(dict):
+    """A call's arguments as templates read them: an object (``arguments.items()``, ``arguments | tojson``) that,
+    joined to text with ``+`` (DeepSeek's templates write ``'<｜tool▁sep｜>' + tool['function']['arguments']``, the
+    JSON text clients send), is its JSON text, as ``tojson`` writes it."""
+
+    def __add__(self, other: Any) -> Any:
+        return json.dumps(self, ensure_ascii=False) + other if isinstance(other, str) else NotImplemented
+
+    def __radd__(self, other: Any) -> Any:
+        return other + json.dumps(self, ensure_ascii=False) if isinstance(other, str) else NotImplemented
+
+
 def template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     """An assistant message's earlier calls as chat templates read them: arguments as an object, not the JSON
-    text OpenAI clients send back (templates write ``arguments | tojson``)."""
+    text OpenAI clients send back (templates write ``arguments | tojson``), which templates that join it to text
+    still get (:class:`_Arguments`)."""
     out = []
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
@@ -45,5 +58,5 @@ def template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[st
             raise APIError(400, f"a tool call's arguments must be a JSON object, got {type(arguments).__name__}",
                            param=f"{where}.{j}")
         out.append({"id": call.get("id"), "type": "function",
-                    "function": {"name": function["name"], "arguments": arguments}})
+                    "function": {"name": function["name"], "arguments": _Arguments(arguments)}})
     return out
