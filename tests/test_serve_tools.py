@@ -311,6 +311,24 @@ def test_qwen3_coder_calls_type_their_values_by_the_tools_schema():
         assert QWEN3_CODER.parse(text).calls == [] and QWEN3_CODER.parse(text).content == text, text
 
 
+def test_qwen3_coder_calls_as_leniently_as_vllm_reads_them():
+    """vLLM's qwen3_coder parser reads ``<function=...>`` blocks a reply writes without ``<tool_call>`` around them
+    (held back from ``<function=`` when streamed), and a value whose ``</parameter>`` the model left out as ending
+    where the next parameter or ``</function>`` begins."""
+    schemas = {"f": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}}}
+    unwrapped = "Sure.\n" + _qwen("f", x="1").removeprefix("<tool_call>\n").removesuffix("\n</tool_call>")
+    reply = QWEN3_CODER.parse(unwrapped, schemas)
+    assert reply.content == "Sure." and [json.loads(c["function"]["arguments"]) for c in reply.calls] == [{"x": 1}]
+    unclosed = "<tool_call>\n<function=f>\n<parameter=x>\n1\n<parameter=y>\nhi\n</function>\n</tool_call>"
+    assert [json.loads(c["function"]["arguments"]) for c in QWEN3_CODER.parse(unclosed, schemas).calls] == [
+        {"x": 1, "y": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schemas["f"]}}]
+    sent, deltas, reason = _stream(ToolReplies(tools, QWEN3_CODER), [unwrapped[:8], unwrapped[8:12], unwrapped[12:]])
+    assert sent == "Sure.\n" and reason == "tool_calls" and deltas[0]["tool_calls"][0]["function"]["name"] == "f"
+    for text in (unwrapped[:-len("</function>")], "<function=f>\nstray</function>"):  # cut, not parameters
+        assert QWEN3_CODER.parse(text).calls == [] and QWEN3_CODER.parse(text).content == text, text
+
+
 def test_deepseek_v3_calls():
     reply = DEEPSEEK.parse("Checking." + _ds(("f", '{"x": [1, 2]}'), ("g", "{}")))
     assert reply.content == "Checking." and [(c["function"]["name"], json.loads(c["function"]["arguments"]))

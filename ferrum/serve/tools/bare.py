@@ -39,20 +39,20 @@ def _glm_value(text: str, schema: Any) -> Any:
 
 
 def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Match[str]], Any],
-                      cut: bool) -> ParsedReply:
-    """The calls of a reply whose ``<tool_call>`` blocks (``block`` matches one) name their function and write their
-    arguments bare: ``read(match)`` gives a block's call, or None where the block does not read as one, which makes
-    the whole reply text. Read as ``cut`` (a forced reply stopped inside a call, by max_tokens or a stop), an
+                      cut: bool, opening: str = "<tool_call>", closing: str = "</tool_call>") -> ParsedReply:
+    """The calls of a reply whose blocks (``block`` matches one, from ``opening`` to ``closing``, ``<tool_call>``'s
+    by default) name their function and write their arguments bare: ``read(match)`` gives a block's call, or None
+    where the block does not read as one, which makes the whole reply text. Read as ``cut`` (a forced reply stopped inside a call, by max_tokens or a stop), an
     unclosed last block is left out and the calls before it stand, as a JSON format's calls so far do. Text before
     the first block is the content; text between and after blocks stays too."""
-    start = text.find("<tool_call>")
+    start = text.find(opening)
     if start < 0:
         return ParsedReply(text, [])
     calls, rest, end = [], [], start
     for match in block.finditer(text, start):
         call = read(match)
         if call is None:
-            unclosed = not match.group(0).endswith("</tool_call>")
+            unclosed = not match.group(0).endswith(closing)
             return ParsedReply(text[:start], calls, "".join(rest)) if cut and unclosed and calls else (
                 ParsedReply(text, []))
         rest.append(text[end:match.start()])
@@ -98,7 +98,11 @@ def _glm(text: str, schemas: Schemas | None = None, cut: bool = False) -> Parsed
 
 _QWEN_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _QWEN_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
-_QWEN_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)</parameter>\s*", re.DOTALL)
+#: A parameter's value ends at its ``</parameter>``, or, where the model left that out, where the next parameter or
+#: the function's end begins (as vLLM's parser reads it).
+_QWEN_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)\s*", re.DOTALL)
+#: A ``<function=...>`` block a reply writes without the ``<tool_call>`` around it.
+_QWEN_BARE_FUNCTION = re.compile(r"<function=.*?(?:</function>|$)", re.DOTALL)
 
 
 def _qwen3_coder_value(text: str, schema: Any) -> Any:
@@ -137,15 +141,20 @@ def _qwen3_coder_value(text: str, schema: Any) -> Any:
 def _qwen3_coder(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
     """Qwen3-Coder's calls: each ``<tool_call>`` holds one ``<function=NAME>`` of ``<parameter=K>`` blocks, a
     value's first and last newline the template's; a block with anything else, or cut before
-    ``</function>``, is text (see :func:`_tool_call_blocks` on ``cut``)."""
-    def call(match: re.Match[str]) -> Any:
-        function = _QWEN_FUNCTION.fullmatch(match.group(1))
+    ``</function>``, is text (see :func:`_tool_call_blocks` on ``cut``). As vLLM's parser, a reply with no
+    ``<tool_call>`` has its ``<function=...>`` blocks read as calls, and a ``</parameter>`` left out ends where the
+    next parameter or ``</function>`` begins."""
+    def call(block: str) -> Any:
+        function = _QWEN_FUNCTION.fullmatch(block)
         return None if function is None else _bare_call(
             function.group(1).strip(), function.group(2), _QWEN_PARAMETER,
             lambda parameter, schema: _qwen3_coder_value(
                 parameter.group(2).removeprefix("\n").removesuffix("\n"), schema), schemas)
 
-    return _tool_call_blocks(text, _QWEN_CALL, call, cut)
+    if "<tool_call>" not in text:
+        return _tool_call_blocks(text, _QWEN_BARE_FUNCTION, lambda match: call(match.group(0)), cut, "<function=",
+                                 "</function>")
+    return _tool_call_blocks(text, _QWEN_CALL, lambda match: call(match.group(1)), cut)
 
 
 def _glm_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:

@@ -17,7 +17,8 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
   and the tool does not declare it a string, else kept as text (vLLM's ``glm45`` parser);
 * ``qwen3_coder`` (Qwen3-Coder, Qwen3.5; templates with ``<parameter=``): ``<tool_call>\\n<function=NAME>``, then
   per argument ``<parameter=K>\\nV\\n</parameter>``, then ``</function>\\n</tool_call>``: values read by the type
-  the tool's schema gives them (vLLM's ``qwen3_coder`` parser);
+  the tool's schema gives them, and ``<function=...>`` blocks without ``<tool_call>`` or a ``</parameter>`` left
+  out read as calls (vLLM's ``qwen3_coder`` parser);
 * ``deepseek_v3`` (DeepSeek-V3 and R1, templates with ``<｜tool▁calls▁begin｜>`` and ```json): inside
   ``<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>``, per call
   ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>``;
@@ -63,7 +64,7 @@ class ToolCallFormat:
 
     name: str
     detect: tuple[str, ...]  # a template holding all of these uses the format
-    marker: str | None  # opens a call anywhere in the reply
+    markers: tuple[str, ...]  # open a call anywhere in the reply
     openers: tuple[str, ...]  # open a call at the start of the reply
     parse: Callable[..., ParsedReply]  # (text), or (text, schemas) where ``typed``
     #: A Lark grammar (llguidance's dialect) of one call to one of ``tools`` written this way, or one or more, for a
@@ -95,21 +96,21 @@ class ToolCallFormat:
 
 FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>, and
     # DeepSeek-V3's and V3.1's both <｜tool▁calls▁begin｜> (V3's fencing the arguments in ```json)
-    ToolCallFormat("glm45", ("<arg_key>",), "<tool_call>", (), _glm, _glm_call, (), typed=True),
-    ToolCallFormat("qwen3_coder", ("<parameter=",), "<tool_call>", (), _qwen3_coder, _qwen3_coder_call, (),
-                   typed=True),
-    ToolCallFormat("hermes", ("<tool_call>",), "<tool_call>", (), _hermes, _hermes_call),
-    ToolCallFormat("mistral", (_TOOL_CALLS,), _TOOL_CALLS, ("[{",), _mistral, _mistral_call,
+    ToolCallFormat("glm45", ("<arg_key>",), ("<tool_call>",), (), _glm, _glm_call, (), typed=True),
+    ToolCallFormat("qwen3_coder", ("<parameter=",), ("<tool_call>", "<function="), (), _qwen3_coder,
+                   _qwen3_coder_call, (), typed=True),
+    ToolCallFormat("hermes", ("<tool_call>",), ("<tool_call>",), (), _hermes, _hermes_call),
+    ToolCallFormat("mistral", (_TOOL_CALLS,), (_TOOL_CALLS,), ("[{",), _mistral, _mistral_call,
                    (_MISTRAL_HEAD, _JSON_HEAD)),
-    ToolCallFormat("granite", ("<|tool_call|>",), "<|tool_call|>", ("[{",), _json_list_after("<|tool_call|>"),
+    ToolCallFormat("granite", ("<|tool_call|>",), ("<|tool_call|>",), ("[{",), _json_list_after("<|tool_call|>"),
                    _granite_call),
-    ToolCallFormat("llama3_json", ("<|python_tag|>",), None, ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
-    ToolCallFormat("harmony", ("<|call|>",), harmony.CALL_OPEN, (), _harmony, _harmony_call, (_HARMONY_HEAD,)),
-    ToolCallFormat("deepseek_v3", (_DS_CALLS, "```json"), _DS_CALLS, (), _deepseek_v3, _deepseek_v3_call,
+    ToolCallFormat("llama3_json", ("<|python_tag|>",), (), ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
+    ToolCallFormat("harmony", ("<|call|>",), (harmony.CALL_OPEN,), (), _harmony, _harmony_call, (_HARMONY_HEAD,)),
+    ToolCallFormat("deepseek_v3", (_DS_CALLS, "```json"), (_DS_CALLS,), (), _deepseek_v3, _deepseek_v3_call,
                    (_DEEPSEEK_HEAD,)),
-    ToolCallFormat("deepseek_v31", (_DS_CALLS,), _DS_CALLS, (), _deepseek_v31, _deepseek_v31_call,
+    ToolCallFormat("deepseek_v31", (_DS_CALLS,), (_DS_CALLS,), (), _deepseek_v31, _deepseek_v31_call,
                    (_DEEPSEEK_V31_CALL,)),
-    ToolCallFormat("kimi_k2", (_KIMI_CALLS,), _KIMI_CALLS, (), _kimi_k2, _kimi_k2_call, (_KIMI_CALL_HEAD,)),
+    ToolCallFormat("kimi_k2", (_KIMI_CALLS,), (_KIMI_CALLS,), (), _kimi_k2, _kimi_k2_call, (_KIMI_CALL_HEAD,)),
 )
 
 
@@ -125,10 +126,10 @@ def releasable(fmt: ToolCallFormat, text: str) -> int:
     head = text.lstrip()
     if any(head.startswith(opener) or opener.startswith(head) for opener in fmt.openers):
         return 0
-    if fmt.marker is None:
-        return len(text)
-    start = text.find(fmt.marker)
-    return start if start >= 0 else len(text) - cut_marker(text, fmt.marker)
+    starts = [start for start in (text.find(marker) for marker in fmt.markers) if start >= 0]
+    if starts:
+        return min(starts)
+    return len(text) - max((cut_marker(text, marker) for marker in fmt.markers), default=0)
 
 
 def forced_call_grammar(fmt: ToolCallFormat, tools: list[dict[str, Any]], tokenizer: Any, template: str,
