@@ -867,7 +867,8 @@ def test_calls_marked_by_a_special_token_survive_decoding(tmp_path):
     try:
         def ask(**extra):
             return srv.client().chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "weather in Oslo?"}], logit_bias={str(call_id): 100},
+                model="tiny", messages=[{"role": "user", "content": "weather in Oslo?"}],
+                logit_bias={str(call_id): 100},
                 stop=[END], max_tokens=2, temperature=0, **extra).choices[0]
 
         choice = ask(tools=[WEATHER])

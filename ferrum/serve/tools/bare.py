@@ -42,9 +42,10 @@ def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Matc
                       cut: bool, opening: str = "<tool_call>", closing: str = "</tool_call>") -> ParsedReply:
     """The calls of a reply whose blocks (``block`` matches one, from ``opening`` to ``closing``, ``<tool_call>``'s
     by default) name their function and write their arguments bare: ``read(match)`` gives a block's call, or None
-    where the block does not read as one, which makes the whole reply text. Read as ``cut`` (a forced reply stopped inside a call, by max_tokens or a stop), an
-    unclosed last block is left out and the calls before it stand, as a JSON format's calls so far do. Text before
-    the first block is the content; text between and after blocks stays too."""
+    where the block does not read as one, which makes the whole reply text. Read as ``cut`` (a forced reply stopped
+    inside a call, by max_tokens or a stop), an unclosed last block is left out and the calls before it stand, as a
+    JSON format's calls so far do. Text before the first block is the content; text between and after blocks
+    stays too."""
     start = text.find(opening)
     if start < 0:
         return ParsedReply(text, [])
