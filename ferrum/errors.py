@@ -22,13 +22,13 @@ class CheckpointError(FerrumError):
 class MissingTensorError(CheckpointError):
     """A tensor the architecture needs is not in the checkpoint."""
 
-    def __init__(self, names: list[str], where: str):
-        self.names = list(names)
+    def __init__(self, names: list[str], where: str, advice: str | None = None):
+        self.names, self.where = list(names), where
         shown = ", ".join(self.names[:8]) + (" ..." if len(self.names) > 8 else "")
         super().__init__(
-            f"checkpoint {where} lacks {len(self.names)} tensor(s) the model needs: {shown}. "
+            f"checkpoint {where} lacks {len(self.names)} tensor(s) the model needs: {shown}. " + (advice or
             "Check that the folder holds every shard listed in model.safetensors.index.json "
-            "and that config.json matches the weights."
+            "and that config.json matches the weights.")
         )
 
 

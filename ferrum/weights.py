@@ -18,11 +18,11 @@ import numpy as np
 
 from ferrum.checkpoint import NOT_TEXT, Checkpoint, is_float
 from ferrum.config import ModelConfig
-from ferrum.errors import CheckpointError
+from ferrum.errors import CheckpointError, MissingTensorError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
 from ferrum.quant import awq_gptq, float_modes, fp8
 from ferrum.quant.affine import QuantizedWeight, dequantize
-from ferrum.quant.config import AFFINE, FLOAT_MODES
+from ferrum.quant.config import AFFINE, FLOAT_MODES, stored_mode
 
 HostTensor = np.ndarray | QuantizedWeight
 
@@ -146,6 +146,8 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
             f"{checkpoint.folder}: config.json keeps {module} in float (false) but the checkpoint holds "
             f"{module}.scales; the two disagree"
         )
+    if quant.infers_formats and not quant.declares(module):  # as its tensors say: affine has biases
+        return (name, f"{module}.scales") + ((f"{module}.biases",) if f"{module}.biases" in present else ())
     mode = quant.mode_for(module)
     if mode in FLOAT_MODES:  # codes and scales only
         return name, f"{module}.scales"
@@ -212,7 +214,9 @@ def _assemble(
         if tuple(array.shape) != shape:
             raise CheckpointError(f"tensor {name} has shape {tuple(array.shape)} but config.json implies {shape}")
         return array
-    mode = config.quantization.mode_for(module)
+    declared = quant.declares(module) or not quant.infers_formats
+    mode = quant.mode_for(module) if declared else stored_mode(module, array, parts[f"{module}.scales"], shape[-1],
+                                                               f"{module}.biases" in parts, where)
     if mode != AFFINE:
         return float_modes.decode(array, parts[f"{module}.scales"], mode, shape, f"{where}: {module}")
     scales, biases = parts[f"{module}.scales"], parts[f"{module}.biases"]
@@ -228,12 +232,10 @@ def _assemble(
             f"[{n}, {k}] matrix in whole groups of whole bits"
         )
     fmt = (array.shape[1] * 32 // k, k // scales.shape[1])
-    declared = config.quantization.for_module(module)
-    if fmt != declared:
-        raise CheckpointError(
-            f"{where}: {module} is stored at {fmt[0]} bits, group size {fmt[1]}, but config.json says "
-            f"{declared[0]} bits, group size {declared[1]}"
-        )
+    said = quant.for_module(module)
+    if declared and fmt != said:
+        raise CheckpointError(f"{where}: {module} is stored at {fmt[0]} bits, group size {fmt[1]}, but config.json "
+                              f"says {said[0]} bits, group size {said[1]}")
     try:
         return QuantizedWeight(array, scales, biases, *fmt)
     except Exception as exc:
@@ -314,6 +316,13 @@ def _warn_untied_head(checkpoint: Checkpoint, config: ModelConfig, present: set[
                       "tie_word_embeddings to false to run the stored head, as transformers 5 does)", stacklevel=3)
 
 
+#: Why only the LM head is missing, most often: config.json unties it (``tie_word_embeddings`` false, or left out,
+#: which transformers reads as false where mlx-lm's models read it as true).
+_UNTIED_ADVICE = ("Only the LM head is missing, and config.json unties it from the embedding (tie_word_embeddings "
+                  "false, or left out, which transformers reads as false and mlx-lm as true): if the model shares "
+                  "the embedding's weights, set \"tie_word_embeddings\": true in config.json.")
+
+
 def read_weights(
     checkpoint: Checkpoint, config: ModelConfig, shapes: dict[str, tuple[int, ...]]
 ) -> Iterator[tuple[str, HostTensor]]:
@@ -324,7 +333,12 @@ def read_weights(
     for name, parts in parts_of.items():
         for part in parts:
             owners.setdefault(part, []).append(name)
-    checkpoint.require(list(owners))
+    try:
+        checkpoint.require(list(owners))
+    except MissingTensorError as exc:
+        if exc.where == str(checkpoint.folder) and set(exc.names) <= set(parts_of.get(config.arch.lm_head, ())):
+            raise MissingTensorError(exc.names, exc.where, _UNTIED_ADVICE) from None
+        raise
     where = str(checkpoint.folder)
     _warn_unread(where, config, present - owners.keys())
     _warn_untied_head(checkpoint, config, present)

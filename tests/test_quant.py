@@ -428,19 +428,80 @@ def _edit(folder, tmp_path, config_edit=None, drop=()):
     return out
 
 
-def test_bits_that_disagree_with_config_are_refused(mlx_lm_4bit, tmp_path):
+def test_a_top_level_format_the_tensors_do_not_follow_is_read_from_the_tensors(mlx_lm_4bit, tmp_path):
+    """mlx-lm reads the format of every module config.json does not name from its tensors ("the top-level default
+    can be wrong"), and so does Ferrum; a module's own entry that its tensors contradict is still refused."""
+    folder, tokens, ref = mlx_lm_4bit
+
     def say_8_bits(config):
         config["quantization"]["bits"] = config["quantization_config"]["bits"] = 8
 
-    folder = _edit(mlx_lm_4bit[0], tmp_path, say_8_bits)
-    with pytest.raises(CheckpointError, match="stored at 4 bits, group size 32, but config.json says 8 bits"):
+    llm = ferrum.load(_edit(folder, tmp_path / "top", say_8_bits), backend="cpu", dtype="float32")
+    assert scaled_error(llm.model.forward_verify("s", tokens), ref) <= 1e-4
+
+    def name_up_proj_8_bits(config):
+        for section in ("quantization", "quantization_config"):
+            config[section]["model.layers.1.mlp.up_proj"] = {"bits": 8, "group_size": 32}
+
+    folder = _edit(folder, tmp_path / "entry", name_up_proj_8_bits)
+    with pytest.raises(CheckpointError, match="up_proj is stored at 4 bits, group size 32, but config.json says 8"):
         ferrum.load(folder, backend="cpu")
 
 
 def test_missing_biases_are_named(mlx_lm_4bit, tmp_path):
     folder = _edit(mlx_lm_4bit[0], tmp_path, drop=("model.layers.1.mlp.up_proj.biases",))
-    with pytest.raises(MissingTensorError, match="model.layers.1.mlp.up_proj.biases"):
+    with pytest.raises(CheckpointError, match=r"up_proj is packed without model.layers.1.mlp.up_proj.biases, its "
+                       r"scales float32 \[.*is model.layers.1.mlp.up_proj.biases missing\?"):
         ferrum.load(folder, backend="cpu")
+
+
+def test_a_missing_lm_head_of_an_untied_config_names_tie_word_embeddings(mlx_lm_4bit, tmp_path):
+    """mlx-lm's models read a config without tie_word_embeddings as tied, transformers (and Ferrum) as untied: a
+    conversion that lost the key and has no head gets advice about the key, not about missing shards."""
+    def forget_the_tie(config):
+        config.pop("tie_word_embeddings", None)
+
+    head = ("lm_head.weight", "lm_head.scales", "lm_head.biases")
+    with pytest.raises(MissingTensorError, match=r"lm_head.weight. Only the LM head is missing.*set "
+                       r"\"tie_word_embeddings\": true in config.json"):
+        ferrum.load(_edit(mlx_lm_4bit[0], tmp_path / "head", forget_the_tie, drop=head), backend="cpu")
+    with pytest.raises(MissingTensorError, match="Check that the folder holds every shard"):  # more than the head
+        ferrum.load(_edit(mlx_lm_4bit[0], tmp_path / "more", forget_the_tie,
+                          drop=head + ("model.norm.weight",)), backend="cpu")
+
+
+def _drop_entries(config):
+    """A section left with its top level alone (the per-module entries of a mixed recipe dropped)."""
+    for section in ("quantization", "quantization_config"):
+        config[section] = {k: v for k, v in config[section].items() if k in ("bits", "group_size", "mode")}
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_mixed_precision_without_its_entries_and_entries_without_bits_run_as_mlx_lm_runs_them(backend, tmp_path):
+    """A mixed conversion (3- and 6-bit modules; nvfp4 experts beside affine ones) whose config.json names none of
+    them, and entries mlx-lm hands MLX as a predicate wrote them, {"bits": 8} or {"group_size": 32}, which MLX fills
+    with its defaults (group size 64, 4 bits): mlx-lm's logits."""
+    from mlx_lm import convert, load
+
+    dense, moe = write_text_checkpoint(tmp_path / "dense"), write_tiny_qwen3_moe(tmp_path / "moe")
+    cases = {
+        "mixed_3_6": (dense, dict(quant_predicate="mixed_3_6", q_group_size=32), _drop_entries),
+        "modes_per_stack": (moe, dict(quant_predicate=lambda path, module: {"mode": "nvfp4", "group_size": 16,
+                                                                            "bits": 4} if "gate_proj" in path else True,
+                                      q_group_size=32), _drop_entries),
+        "bits_alone": (dense, dict(quant_predicate=lambda path, module: {"bits": 8} if "q_proj" in path else True,
+                                   q_group_size=32), None),
+        "group_alone": (moe, dict(quant_predicate=lambda path, module: {"group_size": 32} if "switch_mlp" in path
+                                  else {"bits": 8, "group_size": 32}, q_bits=6, q_group_size=64), None),
+    }
+    for case, (source, settings, edit) in cases.items():
+        folder = tmp_path / case
+        convert(str(source), mlx_path=str(folder), quantize=True, **settings)
+        if edit is not None:
+            folder = _edit(folder, tmp_path / f"{case}_edited", edit)
+        ref = np.array(load(str(folder))[0](mx.array([FLOAT_MODE_TOKENS]))[0].astype(mx.float32))
+        got = ferrum.load(folder, backend=backend, dtype="float32").model.forward_verify("s", FLOAT_MODE_TOKENS)
+        assert scaled_error(got, ref) <= 1e-4, case
 
 
 def test_packed_tensors_without_quantization_section_are_refused(mlx_lm_4bit, tmp_path):

@@ -30,7 +30,7 @@ from ferrum.moe.experts import HostExperts, StackedQuantized
 from ferrum.moe.spec import MoeSpec
 from ferrum.quant import awq_gptq, float_modes, fp8
 from ferrum.quant.affine import FloatCodes
-from ferrum.quant.config import AFFINE, FLOAT_MODES, QuantConfig
+from ferrum.quant.config import AFFINE, FLOAT_MODES, QuantConfig, stored_mode
 
 SWITCH = ("gate_proj", "up_proj", "down_proj")
 #: ``MoeSpec.layout`` -> the module reading a family's own layouts: ``parts(present, name, packed_kinds)``
@@ -52,8 +52,9 @@ def mlx_lm_stack_name(spec: MoeSpec, name: str) -> str:
     return name.replace(".switch_mlp.", f".{spec.mlx_lm_stack}.")
 
 
-def stack_mode(quant: QuantConfig | None, spec: MoeSpec, name: str) -> str:
-    """The quantization mode config.json gives the checkpoint module of stacked projection ``name``."""
+def stack_mode(quant: QuantConfig | None, spec: MoeSpec, name: str) -> str | None:
+    """The quantization mode config.json gives the checkpoint module of stacked projection ``name``; None where
+    its tensors say (:meth:`QuantConfig.declares`)."""
     if quant is None:
         return AFFINE
     module = name.removesuffix(".weight")
@@ -61,14 +62,16 @@ def stack_mode(quant: QuantConfig | None, spec: MoeSpec, name: str) -> str:
     stored = (LAYOUTS[spec.layout].checkpoint_module(name) if spec.layout is not None
               else mlx_lm_stack_name(spec, module + ".weight").removesuffix(".weight"))
     module = stored if stored in quant.modes or stored in quant.overrides else module
-    return quant.mode_for(module)
+    return None if quant.infers_formats and not quant.declares(module) else quant.mode_for(module)
 
 
-def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE) -> tuple[str, ...]:
+def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str | None = AFFINE) -> tuple[str, ...]:
     """The checkpoint tensors that make up stacked projection ``name``, in the layout ``present`` holds, for
     its quantization ``mode`` (MLX's float modes have no biases; AWQ and GPTQ experts are per-expert
-    ``qweight``, ``qzeros``, ``scales`` and maybe ``g_idx``)."""
+    ``qweight``, ``qzeros``, ``scales`` and maybe ``g_idx``; None: biases where the checkpoint has them)."""
     path = name.removesuffix(".weight")
+    if mode is None:
+        mode = AFFINE if _stored_biases(present, spec, name) else "float"
     packed = _PACKED if mode == AFFINE else _PACKED[:2]
     if spec.layout is not None:
         return LAYOUTS[spec.layout].parts(present, name, packed)
@@ -93,6 +96,17 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str = AFFINE
     else:
         kinds = packed if f"{per_expert[0]}.scales" in present else _PACKED[:1]
     return tuple(f"{p}.{k}" for p in per_expert for k in kinds)
+
+
+def _stored_biases(present: set[str], spec: MoeSpec, name: str) -> bool:
+    """Whether packed stack ``name`` has biases beside it (stacked where the family's layout or mlx-lm stores it, or
+    each expert's)."""
+    if spec.layout is not None:
+        modules = (name.removesuffix(".weight"), LAYOUTS[spec.layout].checkpoint_module(name))
+    else:
+        modules = (mlx_lm_stack_name(spec, name).removesuffix(".weight"),
+                   per_expert_names(spec, name)[0].removesuffix(".weight"))
+    return any(f"{module}.biases" in present for module in modules)
 
 
 def per_expert_names(spec: MoeSpec, name: str) -> list[str]:
@@ -130,7 +144,8 @@ def assemble_stack(name: str, parts: dict[str, np.ndarray], shape: tuple[int, ..
 
 
 def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, int, int],
-                     quant: QuantConfig | None, where: str, half: int | None = None, mode: str = AFFINE) -> HostExperts:
+                     quant: QuantConfig | None, where: str, half: int | None = None,
+                     mode: str | None = AFFINE) -> HostExperts:
     """One stacked projection from its parts (see :func:`expert_parts`; ``half`` of a fused gate and up stack,
     see :func:`fused_half`), checked against ``shape``."""
     def stacked(kind: str) -> np.ndarray:
@@ -169,6 +184,10 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
                 f"float {shape} (a packed weight needs .scales and .biases beside it)"
             )
         return weight
+    declared = mode is not None
+    if not declared:  # config.json does not name the stack: its tensors say
+        mode = stored_mode(first, weight, stacked("scales"), shape[-1], any(n.endswith(".biases") for n in parts),
+                           where)
     if mode != AFFINE:
         return _float_mode_experts(weight, stacked("scales"), mode, shape, f"{where}: {first}")
     scales, biases = stacked("scales"), stacked("biases")
@@ -181,11 +200,11 @@ def assemble_experts(name: str, parts: dict[str, np.ndarray], shape: tuple[int, 
     if k % scales.shape[-1] or (weight.shape[-1] * 32) % k:
         raise CheckpointError(f"{where}: {first} {tuple(weight.shape)} does not describe [{n}, {k}] experts")
     fmt = (weight.shape[-1] * 32 // k, k // scales.shape[-1])
-    declared = None if quant is None else quant.for_module(first)
-    if fmt != declared:
+    said = None if quant is None else quant.for_module(first)
+    if declared and fmt != said:
         raise CheckpointError(
             f"{where}: {first} is stored at {fmt[0]} bits, group size {fmt[1]}, but config.json's quantization "
-            f"says {declared}; the checkpoint and its config disagree"
+            f"says {said}; the checkpoint and its config disagree"
         )
     try:
         return StackedQuantized(weight, scales, biases, *fmt)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ferrum.errors import ConfigError, InvalidRequestError, UnsupportedFeatureError
+from ferrum.errors import CheckpointError, ConfigError, InvalidRequestError, UnsupportedFeatureError
 from ferrum.quant.fp8 import FP8, Fp8Scheme, is_fp8_section, parse as parse_fp8
 from ferrum.quant.affine import SUPPORTED_GROUP_SIZES, check_format
 
@@ -26,6 +26,9 @@ Format = tuple[int, int]  # (bits, group_size)
 AFFINE = "affine"
 #: MLX's float quantization modes: their (bits, group size), fixed by the mode.
 FLOAT_MODES: dict[str, Format] = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+#: What MLX's quantized layers take where a module's own entry leaves bits or group_size out (mlx-lm hands the
+#: entry to ``to_quantized`` as it is: a quant_predicate's ``{"bits": 8}``).
+AFFINE_DEFAULTS: Format = (4, 64)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,19 @@ class QuantConfig:
         """Whether the quantized weights are decoded to float ones at load (FP8), so the model picks its backend
         and dtype and runs as a float checkpoint does."""
         return self.mode == FP8
+
+    def declares(self, module: str) -> bool:
+        """Whether config.json gives ``module`` an entry of its own. mlx-lm reads the format of a packed module
+        it does not name from the module's tensors (:func:`stored_mode`), the top level being only a default
+        ("the top-level default can be wrong": a mixed conversion whose entries were dropped), and so does
+        Ferrum, where the top level is MLX's."""
+        return module in self.overrides
+
+    @property
+    def infers_formats(self) -> bool:
+        """Whether modules config.json does not name take the format their tensors say (MLX's sections), not
+        the top level's (AWQ, GPTQ, FP8: one format throughout)."""
+        return self.mode == AFFINE or self.mode in FLOAT_MODES
 
     def for_module(self, module: str) -> Format | None:
         """The format config.json gives ``module`` (a path like ``model.layers.0.mlp.down_proj``)."""
@@ -88,7 +104,8 @@ class QuantConfig:
             if value is False:
                 overrides[key] = None
             elif isinstance(value, Mapping):
-                module_bits, module_group, module_mode = _format(value, where, f"quantization[{key!r}]")
+                module_bits, module_group, module_mode = _format(value, where, f"quantization[{key!r}]",
+                                                                 AFFINE_DEFAULTS)
                 overrides[key] = (module_bits, module_group)
                 if module_mode != mode:
                     modes[key] = module_mode
@@ -162,6 +179,25 @@ def sidecar_section(files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | 
     return None
 
 
+def stored_mode(module: str, codes: Any, scales: Any, k: int, biased: bool, where: str) -> str:
+    """The mode of a packed module config.json does not name, from its tensors as mlx-lm reads them: affine has
+    biases beside its codes and float scales; each float mode has uint8 scales, no biases, and its own (bits,
+    group size) (``codes`` ``[..., K * bits / 32]`` and ``scales`` ``[..., K / group_size]`` of a ``K``-wide
+    matrix)."""
+    if biased:
+        return AFFINE
+    groups = scales.shape[-1] if scales.ndim else 0
+    fmt = (codes.shape[-1] * 32 // k, k // groups) if groups and k % groups == 0 else None
+    mode = next((name for name, pair in FLOAT_MODES.items() if pair == fmt), None)
+    if scales.dtype.name != "uint8" or mode is None:
+        modes = ", ".join(f"{m} {b}-bit in groups of {g}" for m, (b, g) in FLOAT_MODES.items())
+        raise CheckpointError(
+            f"{where}: {module} is packed without {module}.biases, its scales {scales.dtype} {list(scales.shape)} "
+            f"for codes {list(codes.shape)}: neither affine (float scales and biases: is {module}.biases missing?) "
+            f"nor one of MLX's float modes (uint8 scales; {modes}), and config.json names no format for it")
+    return mode
+
+
 def _bits_and_group(section: Mapping[str, Any], where: str, what: str,
                     default: tuple[int | None, int | None] = (None, None)) -> Format:
     """A section's integer ``bits`` and ``group_size`` (``default`` where absent)."""
@@ -172,8 +208,9 @@ def _bits_and_group(section: Mapping[str, Any], where: str, what: str,
     return values
 
 
-def _format(section: Mapping[str, Any], where: str, what: str) -> tuple[int, int, str]:
-    """``(bits, group_size, mode)`` of one section, checked."""
+def _format(section: Mapping[str, Any], where: str, what: str,
+            default: tuple[int | None, int | None] = (None, None)) -> tuple[int, int, str]:
+    """``(bits, group_size, mode)`` of one section, checked (affine's ``default`` where it leaves them out)."""
     mode = section.get("mode", AFFINE)
     if not isinstance(mode, str):
         raise ConfigError(f"{where}: {what}'s mode must be a name such as 'affine' or 'mxfp4', got {mode!r}")
@@ -189,7 +226,7 @@ def _format(section: Mapping[str, Any], where: str, what: str) -> tuple[int, int
             raise ConfigError(f"{where}: {what}: mode {mode!r} is {fixed[0]} bits in groups of {fixed[1]}, "
                               f"not {got[0]} bits in groups of {got[1]}")
         return (*fixed, mode)
-    bits, group_size = _bits_and_group(section, where, what)
+    bits, group_size = _bits_and_group(section, where, what, default)
     try:
         check_format(bits, group_size, f"{where}: {what}")
     except InvalidRequestError as exc:
