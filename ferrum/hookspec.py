@@ -562,7 +562,8 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routi
     (``shared_logit`` is then None). An implementation without ``routing``
     is never handed one, nor is a rule handed to a plugin declaring an API
     older than the rule's ``since`` (1.12 for ``NOAUX_TC``, 1.13 for
-    ``GROUP_LIMITED_GREEDY``): the model routes those layers by the
+    ``GROUP_LIMITED_GREEDY`` and ``SOFTMAX_CORRECTED``, ERNIE 4.5's softmax
+    with a correction bias in one group): the model routes those layers by the
     fallback.
     Fallback: the host references :func:`ferrum.moe.routing.route` and
     :func:`~ferrum.moe.routing.route_grouped` (one copy of the logits to the

@@ -125,6 +125,9 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
         return tuple(part for weight in split for part in _tensor_parts(checkpoint, present, config, weight))
     if config.arch.moe is not None and loading.is_expert_stack(name):
         return loading.expert_parts(present, config.arch.moe, name, loading.stack_mode(quant, config.arch.moe, name))
+    alias = loading.correction_bias_alias(present, config.arch.moe, name) if config.arch.moe is not None else None
+    if alias is not None:
+        return (alias,)
     if module != name and f"{module}.qweight" in present:
         if quant is None or quant.mode_for(module) not in awq_gptq.METHODS:
             raise CheckpointError(f"{checkpoint.folder}: {module}.qweight marks an AWQ or GPTQ layer, but config.json "
@@ -198,7 +201,7 @@ def _assemble(
     if f"{module}.qweight" in parts:
         quant = config.quantization
         return awq_gptq.repack(parts, module, quant.mode_for(module), shape, quant.bits, quant.group_size, where)
-    array = parts[name]
+    array = parts[name] if name in parts else next(iter(parts.values()))  # one part under another name: an alias
     quant = config.quantization
     scale = fp8.scale_part(module, parts) if _fp8(config) is not None else None
     if scale is not None:

@@ -634,6 +634,12 @@ def _ernie4_5(r: KeyReader, sizes: Sizes) -> Architecture:
                    mlp_bias=bias)
 
 
+def _ernie4_5_moe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """The dense family's blocks; use_bias biases the LM head too (transformers' Ernie4_5_MoeForCausalLM), its
+    weight the embedding's where tied."""
+    return replace(_ernie4_5(r, sizes), lm_head_bias=r("use_bias"))
+
+
 def _helium(r: KeyReader, sizes: Sizes) -> Architecture:
     """Kyutai's Helium: Llama's blocks with GPT-J's rope (adjacent dims paired); attention_bias on q/k/v only
     (its o_proj never has one), mlp_bias on the MLP. Its o_proj maps hidden_size to hidden_size, so the heads
@@ -1431,6 +1437,14 @@ FAMILIES: dict[str, Family] = {
         _ernie4_5,
         eps_default=1e-5,
     ),
+    "ernie4_5_moe": Family(  # Baidu's ERNIE 4.5 MoE (21B-A3B, 300B-A47B): the dense family's blocks, experts
+        # from moe_layer_start_index on; head_dim, which Ernie4_5_MoeConfig does not declare, defaults to
+        # hidden_size / num_attention_heads
+        _keys(_core(True), _ROPE, _theta(500_000.0), _SILU, (Key("use_bias", default=False, check=boolean),),
+              MOE_KEYS["ernie4_5_moe"]),
+        with_moe("ernie4_5_moe", _ernie4_5_moe),
+        eps_default=1e-5,
+    ),
     "seed_oss": Family(  # ByteDance's Seed-OSS
         _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
             Key("attention_bias", default=True, check=boolean), Key("attention_out_bias", default=False, check=boolean),
@@ -1440,6 +1454,12 @@ FAMILIES: dict[str, Family] = {
     "exaone4": Family(  # EXAONE 4: OLMo 2's norms after attention and MLP, Qwen 3's q/k norms, NoPE full layers
         _keys(_core(False), _ROPE, _SILU, _EXAONE4),
         _llama_like(False, "head", _exaone4_windows, _exaone4_rotated, norms=POST_NORMS),
+        eps_default=1e-5,
+    ),
+    "exaone_moe": Family(  # K-EXAONE: EXAONE 4's attention (q/k norms, NoPE full layers) in Llama's pre-norm
+        # blocks, over DeepSeek-V3's MoE with dense first layers
+        _keys(_core(False), _ROPE, _SILU, _EXAONE4, MOE_KEYS["exaone_moe"]),
+        with_moe("exaone_moe", _llama_like(False, "head", _exaone4_windows, _exaone4_rotated)),
         eps_default=1e-5,
     ),
     "olmo": Family(  # OLMo 1 (1B, 7B)

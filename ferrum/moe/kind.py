@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
 from ferrum.moe.experts import PlacedExperts
 from ferrum.moe.loading import SWITCH
-from ferrum.moe.routing import CORRECTION_BIAS, GROUPED_RULES, GroupedRouting, GroupRule, Sparsemixer
+from ferrum.moe.routing import GROUPED_RULES, GroupedRouting, GroupRule, Sparsemixer
 
 
 class Moe:
-    """Router ``M.gate`` (or ``MoeSpec.router``), with ``M.gate.e_score_correction_bias`` under a grouped rule
-    that has one (GLM-4.5, DeepSeek-V3), the experts stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see
+    """Router ``M.gate`` (or ``MoeSpec.router``), with ``M.gate.e_score_correction_bias`` (or
+    ``MoeSpec.correction_bias``) under a grouped rule that has one (GLM-4.5, DeepSeek-V3, ERNIE 4.5), the experts stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see
     :mod:`ferrum.moe.loading`) with their biases where ``MoeSpec.biased``, and the shared expert: Qwen2-MoE's
     ``M.shared_expert.*`` with ``M.shared_expert_gate``, GLM-4.5's ungated ``M.shared_experts.*``."""
 
@@ -28,23 +30,29 @@ class Moe:
             shapes.update({f"{m}.switch_mlp.{p}.bias": (e, size) for p, size in zip(SWITCH, (inter, inter, h))})
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None and rule.corrected:
-            shapes[f"{m}.{spec.router}.{CORRECTION_BIAS}"] = (e,)
+            shapes[f"{m}.{spec.bias_name}"] = (1, e) if spec.correction_bias_rows else (e,)
         if spec.shared_expert_size:
             s, shared = spec.shared_expert_size, f"{m}.{spec.shared_module}"
             if spec.shared_fused:
                 shapes[f"{shared}.gate_up_proj.weight"] = (2 * s, h)
             else:
                 shapes.update({f"{shared}.gate_proj.weight": (s, h), f"{shared}.up_proj.weight": (s, h)})
+                if config.arch.mlp_bias:  # ERNIE 4.5's use_bias biases its shared experts as its dense MLPs
+                    shapes.update({f"{shared}.gate_proj.bias": (s,), f"{shared}.up_proj.bias": (s,),
+                                   f"{shared}.down_proj.bias": (h,)})
             shapes[f"{shared}.down_proj.weight"] = (h, s)
             if spec.shared_gate is not None:
                 shapes[f"{m}.{spec.shared_gate}.weight"] = (1, h)
         return shapes
 
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
-        """A shared expert's fused ``gate_up_proj`` (GraniteMoeShared's ``input_linear``): gate rows, then up."""
+        """A shared expert's fused ``gate_up_proj`` (GraniteMoeShared's ``input_linear``): gate rows, then up; a
+        correction bias stored ``[1, E]`` (ERNIE 4.5's) as ``[E]``."""
         from ferrum.arch.tensors import rows  # imported here: ferrum.arch.tensors reads the MLP kinds, this one too
 
         spec = config.arch.moe
+        if spec.correction_bias_rows and name.endswith(f".{spec.module}.{spec.bias_name}"):
+            return [(name, np.asarray(tensor).reshape(-1))]
         if not spec.shared_fused or not name.endswith(f".{spec.shared_module}.gate_up_proj.weight"):
             return [(name, tensor)]
         s = spec.shared_expert_size
@@ -70,7 +78,7 @@ class Moe:
         routing = route = None
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None:
-            bias = tensor(f"{m}.{spec.router}.{CORRECTION_BIAS}") if rule.corrected else None
+            bias = tensor(f"{m}.{spec.bias_name}") if rule.corrected else None
             routing = GroupedRouting(spec.n_group, spec.topk_group, spec.routed_scale, bias, rule)
             route = None if routes_natively(ops, rule) else ops.fallback["moe_route"]
         elif spec.routing == "sparsemixer":  # no backend op takes it: the core's host reference routes it

@@ -46,6 +46,16 @@ def is_expert_stack(name: str) -> bool:
     return ".switch_mlp." in name
 
 
+def correction_bias_alias(present: set[str], spec: MoeSpec, name: str) -> str | None:
+    """Where the checkpoint stores model tensor ``name``, a correction bias it does not hold under that name, as one
+    of ``MoeSpec.correction_bias_aliases`` (mlx-lm's conversions of EXAONE MoE); None for any other tensor."""
+    tail = f".{spec.module}.{spec.bias_name}"
+    if name in present or not name.endswith(tail):
+        return None
+    stem = name.removesuffix(spec.bias_name)
+    return next((stem + alias for alias in spec.correction_bias_aliases if stem + alias in present), None)
+
+
 def mlx_lm_stack_name(spec: MoeSpec, name: str) -> str:
     """Where mlx-lm's conversions store stacked projection ``name`` (``M.switch_mlp.*``, or the family's
     ``MoeSpec.mlx_lm_stack``) in a family without layouts of its own."""

@@ -87,8 +87,13 @@ NOAUX_TC = GroupRule("sigmoid", "top2_sum", corrected=True, masked=float("-inf")
 #: DeepSeek-V2's "group_limited_greedy" (transformers' ``DeepseekV2TopkRouter``): dropped groups' experts score 0,
 #: below every kept probability; "greedy" is the same rule with one group.
 GROUP_LIMITED_GREEDY = GroupRule("softmax", "max", corrected=False, masked=0.0, since=(1, 13))
+#: ERNIE 4.5's MoE router (transformers' ``Ernie4_5_MoeTopKRouter``): softmax probabilities, the correction bias
+#: (its ``moe_statics.e_score_correction_bias``) added to choose only, in one group; any backend that runs the rules
+#: of API 1.13 by their fields runs it.
+SOFTMAX_CORRECTED = GroupRule("softmax", "max", corrected=True, masked=float("-inf"), since=(1, 13))
 #: ``MoeSpec.routing`` -> its grouped rule.
-GROUPED_RULES = {"sigmoid_grouped": NOAUX_TC, "softmax_grouped": GROUP_LIMITED_GREEDY}
+GROUPED_RULES = {"sigmoid_grouped": NOAUX_TC, "softmax_grouped": GROUP_LIMITED_GREEDY,
+                 "softmax_corrected": SOFTMAX_CORRECTED}
 
 
 @dataclass(frozen=True, eq=False)

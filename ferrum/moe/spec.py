@@ -30,6 +30,8 @@ LAYOUT = {
     "glm4_moe_lite": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "dots1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "hunyuan_v1_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "ernie4_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "exaone_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -69,7 +71,9 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "granitemoeshared": ("num_local_experts",), "deepseek_v2": ("n_routed_experts", "num_experts"),
                 "glm4_moe_lite": ("n_routed_experts", "num_local_experts"),
                 "dots1": ("n_routed_experts", "num_local_experts"),
-                "hunyuan_v1_moe": ("num_local_experts", "num_experts")}  # the former its attribute_map's alias
+                "hunyuan_v1_moe": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
+                "ernie4_5_moe": ("num_experts", "moe_num_experts"),  # the former its attribute_map's alias
+                "exaone_moe": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -184,6 +188,64 @@ def _hunyuan_extras(r: KeyReader) -> dict:
     return dict(shared_expert_size=inter, shared_module="shared_mlp", shared_gate=None, router_float32=True)
 
 
+def _layer_index(value: object) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    return f"must be a layer index (an integer; -1: the last layer), got {value!r}"
+
+
+def _ernie_top_k(r: KeyReader) -> int:
+    """transformers maps num_experts_per_tok onto moe_k (the alias wins where both are given)."""
+    return r("num_experts_per_tok") or r("moe_k")
+
+
+def _ernie(r: KeyReader, module: str, names: tuple[str, str, str], count: int, top_k: int,
+           layers: int) -> tuple[MoeSpec, list[bool]]:
+    """ERNIE 4.5's sparse MLP as transformers runs it (``Ernie4_5_MoeSparseMoeBlock``): a float32 router ``gate``
+    whose softmax probabilities, plus ``gate.moe_statics.e_score_correction_bias`` (``[1, E]``, float32), choose
+    the top-k, weighed by their uncorrected probabilities divided by their sum (at least moe_norm_min, which the
+    sum of the k largest of E probabilities, at least k / E, always exceeds where moe_norm_min <= k / E); unbiased
+    experts of moe_intermediate_size, and an ungated ``shared_experts`` MLP of moe_num_shared_experts times that
+    (none where 0), biased by use_bias as the dense MLPs are. Layer i is sparse where moe_layer_start_index <= i <=
+    moe_layer_end_index (-1: the last layer) and (i + 1) % moe_layer_interval == 0."""
+    floor = r("moe_norm_min")
+    if floor > top_k / count:
+        r.fail("moe_norm_min", f"({floor}) exceeds {top_k / count:g} (moe_k / moe_num_experts), where it would clamp "
+                               "the routing weights' sum; Ferrum does not support that", unsupported=True)
+    size, shared = r("moe_intermediate_size"), r("moe_num_shared_experts")
+    spec = MoeSpec(module, names, count, top_k, size, True, size * shared or None, shared_module="shared_experts",
+                   shared_gate=None, routing="softmax_corrected", router_float32=True,
+                   correction_bias="moe_statics.e_score_correction_bias", correction_bias_rows=True)
+    start, end, step = r("moe_layer_start_index"), r("moe_layer_end_index"), r("moe_layer_interval")
+    end = layers - 1 if end == -1 else end
+    return spec, [start <= i <= end and (i + 1) % step == 0 for i in range(layers)]
+
+
+def _bools(value: object) -> str | None:
+    if value is None or (isinstance(value, list) and all(isinstance(v, bool) for v in value)):
+        return None
+    return f"must list true or false per layer, got {value!r}"
+
+
+def _exaone_moe_sparse(r: KeyReader, layers: int) -> list[bool]:
+    """transformers' EXAONE MoE: mlp_layer_types, else the layers from first_k_dense_replace on. LG's configs also
+    list ``is_moe_layer``, which transformers ignores (TensorRT-LLM and mlx-lm read it): refused where it
+    disagrees."""
+    kinds = r("mlp_layer_types")
+    if kinds is None:
+        sparse = [i >= r("first_k_dense_replace") for i in range(layers)]
+    elif len(kinds) != layers:
+        r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
+    else:
+        sparse = [kind == "sparse" for kind in kinds]
+    listed = r("is_moe_layer")
+    if listed is not None and listed != sparse:
+        r.fail("is_moe_layer", f"is {listed!r}, but transformers makes layers {[i for i, s in enumerate(sparse) if s]} "
+                               "sparse (by mlp_layer_types, else first_k_dense_replace) and ignores it; make them "
+                               "agree")
+    return sparse
+
+
 #: Per family: the MoE keys (transformers' defaults) that change the math.
 KEYS: dict[str, tuple[Key, ...]] = {
     "mixtral": (*_COUNT["mixtral"], Key("num_experts_per_tok", default=2, check=positive_int)),
@@ -219,6 +281,33 @@ KEYS: dict[str, tuple[Key, ...]] = {
                        Key("num_shared_expert", default=1, check=_per_layer_ints),
                        Key("use_mixed_mlp_moe", default=True, unsupported=True, check=lambda v: None if v in (
                            None, True) else f"is {v!r}, but transformers always adds the shared MLP (shared_mlp)")),
+    # ERNIE 4.5: moe_k (num_experts_per_tok its alias), layers from moe_layer_start_index to moe_layer_end_index
+    # every moe_layer_interval; mlx-lm reads moe_gate_act, which transformers ignores (softmax)
+    "ernie4_5_moe": (*_COUNT["ernie4_5_moe"], Key("num_experts_per_tok", check=optional_positive_int),
+                     Key("moe_k", default=6, check=positive_int),
+                     Key("moe_intermediate_size", default=1536, check=positive_int),
+                     Key("moe_num_shared_experts", default=2, check=_non_negative_int),
+                     Key("moe_layer_start_index", default=1, check=_layer_index),
+                     Key("moe_layer_end_index", default=-1, check=_layer_index),
+                     Key("moe_layer_interval", default=1, check=positive_int),
+                     Key("moe_norm_min", default=1e-12, check=_non_negative_number),
+                     Key("moe_gate_act", default="softmax", unsupported=True, check=lambda v: None if v in (
+                         None, "softmax") else f"is {v!r}, but transformers routes ERNIE 4.5 by softmax whatever it "
+                                               "says")),
+    # EXAONE MoE (K-EXAONE): DeepSeek-V3's routing under ExaoneMoeConfig's defaults, num_shared_experts shared
+    # experts, its dense layers by mlp_layer_types or first_k_dense_replace
+    "exaone_moe": (*_COUNT["exaone_moe"], Key("num_experts_per_tok", default=8, check=positive_int),
+                   Key("moe_intermediate_size", default=1024, check=positive_int),
+                   Key("norm_topk_prob", default=True, check=boolean),
+                   Key("num_shared_experts", default=1, check=positive_int),
+                   Key("routed_scaling_factor", default=2.5, check=positive_number),
+                   Key("n_group", default=1, check=positive_int), Key("topk_group", default=1, check=positive_int),
+                   Key("mlp_layer_types", check=_mlp_layer_types),
+                   Key("first_k_dense_replace", default=1, check=_non_negative_int),
+                   Key("is_moe_layer", check=_bools),
+                   # mlx-lm reads these two; transformers runs only DeepSeek-V3's sigmoid "noaux_tc"
+                   Key("scoring_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
+                   Key("topk_method", default="noaux_tc", unsupported=True, check=one_of("noaux_tc"))),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -227,7 +316,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
-                  "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1}
+                  "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
+                  "ernie4_5_moe": 64, "exaone_moe": 64}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
@@ -248,7 +338,7 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
     "hunyuan_v1_moe": _hunyuan_extras,
 }
 #: Per family, how many experts route each token, where num_experts_per_tok does not say.
-_TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k}
+_TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k, "ernie4_5_moe": _ernie_top_k}
 
 
 @dataclass(frozen=True)
@@ -287,6 +377,19 @@ class MoeSpec:
     shared_fused: bool = False  # the shared expert's gate and up stored as one ``gate_up_proj``, gate rows first
     #: The module mlx-lm's conversions stack the experts in (``M.<module>.gate_proj.weight``); dots1's ``experts``.
     mlx_lm_stack: str = "switch_mlp"
+    #: Where a corrected rule's per-expert correction bias sits in the sparse MLP module, where not under the
+    #: router (``<router>.e_score_correction_bias``): ERNIE 4.5's ``moe_statics.e_score_correction_bias``,
+    #: EXAONE MoE's ``e_score_correction_bias``; stored ``[1, E]`` where ``correction_bias_rows`` (ERNIE's)
+    correction_bias: str | None = None
+    correction_bias_rows: bool = False
+    #: Other names of the correction bias in the sparse MLP module, read where the checkpoint has no
+    #: ``correction_bias``: mlx-lm's conversions of EXAONE MoE move it under the router.
+    correction_bias_aliases: tuple[str, ...] = ()
+
+    @property
+    def bias_name(self) -> str:
+        """The correction bias's name in the sparse MLP module."""
+        return self.correction_bias or f"{self.router}.{CORRECTION_BIAS}"
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -297,7 +400,7 @@ class MoeSpec:
 #: Families routed by a grouped rule (``MoeSpec.routing``), with an ungated shared expert of ``n_shared_experts``
 #: times the routed experts' width and dense MLPs where :func:`_sparse_layers` says.
 _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped",
-            "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped"}
+            "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped"}
 
 
 def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
@@ -330,10 +433,15 @@ def _grouped(r: KeyReader, routing: str, module: str, names: tuple[str, str, str
     scale = float(r("routed_scaling_factor"))
     if not rule.corrected and groups == 1 and scale == 1.0:
         routing = "softmax"
+    exaone = "is_moe_layer" in r.keys
+    shared = r("num_shared_experts") if exaone else r("n_shared_experts")
     spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
-                   r("moe_intermediate_size") * r("n_shared_experts"), shared_module="shared_experts",
+                   r("moe_intermediate_size") * shared, shared_module="shared_experts",
                    shared_gate=None, routing=routing, n_group=groups, topk_group=kept, routed_scale=scale,
                    router_float32=True)
+    if exaone:  # its checkpoints keep the bias beside the router; mlx-lm's conversions move it under the router
+        spec = replace(spec, correction_bias=CORRECTION_BIAS, correction_bias_aliases=(f"gate.{CORRECTION_BIAS}",))
+        return spec, _exaone_moe_sparse(r, layers)
     return spec, _sparse_layers(r, layers)
 
 
@@ -353,6 +461,8 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
         layers = sizes.num_layers
         if model_type in _GROUPED:
             spec, sparse = _grouped(r, _GROUPED[model_type], module, names, count, top_k, layers)
+        elif model_type == "ernie4_5_moe":
+            spec, sparse = _ernie(r, module, names, count, top_k, layers)
         elif model_type in _EVERY_LAYER:
             extras = {"shared_expert_size": None, **_EXPERT_EXTRAS.get(model_type, lambda r: {})(r)}
             spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r),
@@ -369,7 +479,7 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
         arch = replace(arch, moe=spec, layers=tuple(
             replace(layer, mlp="moe") if moe else layer for layer, moe in zip(arch.layers, sparse)))
         if spec.routing in GROUPED_RULES and GROUPED_RULES[spec.routing].corrected:  # float32, as transformers keeps it
-            arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.router}.{CORRECTION_BIAS}"))
+            arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.bias_name}"))
         if spec.router_float32:
             arch = replace(arch, keep_float32=(*arch.keep_float32, f".{spec.router}.weight"))
         if model_type == "qwen2_moe":  # q/k/v bias from qkv_bias; o_proj never has one

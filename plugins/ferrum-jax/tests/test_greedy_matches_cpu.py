@@ -80,7 +80,31 @@ GLM4_MOE_LITE = dict(
 )
 
 
-@pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE], ids=lambda c: c["model_type"])
+#: ERNIE 4.5 MoE's layout: softmax routing whose correction bias (``moe_statics``, ``[1, E]``) only chooses, biased
+#: projections, LM head and shared experts, interleaved rope, sparse layers 1 and 3 of 0-3.
+ERNIE4_5_MOE = dict(
+    architectures=["Ernie4_5_MoeForCausalLM"], model_type="ernie4_5_moe", hidden_size=64, intermediate_size=80,
+    moe_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+    moe_num_experts=8, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=3,
+    moe_layer_interval=2, use_bias=True, max_position_embeddings=256, rope_theta=500000.0, tie_word_embeddings=False,
+    rms_norm_eps=1e-5,
+)
+
+
+#: K-EXAONE's layout: EXAONE 4's attention (q/k norms, sliding rotated layers, a full NoPE one) over grouped sigmoid
+#: routing whose correction bias sits beside the router, a dense first layer.
+EXAONE_MOE = dict(
+    architectures=["ExaoneMoeForCausalLM"], model_type="exaone_moe", hidden_size=64, intermediate_size=80,
+    moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+    vocab_size=101, num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, num_shared_experts=1,
+    first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, sliding_window=4,
+    sliding_window_pattern=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
+    rms_norm_eps=1e-5,
+)
+
+
+@pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE],
+                         ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
