@@ -82,6 +82,38 @@ class AttentionBatch:
         return AttentionBatch(self.positions[keep], self.slot_mapping[keep], cu, self.seq_lens[items],
                               self.block_tables[items], self.block_size, parent=self)
 
+    def chunked(self, chunk: int) -> "AttentionBatch":
+        """The same query rows attending only within their chunks of ``chunk`` positions (chunked local attention,
+        ``LayerSpec.chunk``): each item split at the chunk boundaries its queries cross, each piece an item whose
+        KV starts at its chunk's first position (its block table shifted by ``chunk / block_size`` blocks per
+        chunk), so any causal attention over it is the chunked one. ``chunk`` must be a multiple of
+        ``block_size``. The batch itself where no item reaches past its first chunk."""
+        if chunk % self.block_size:
+            raise ValueError(f"chunk {chunk} is not a multiple of the block size {self.block_size}")
+        if int(self.seq_lens.max(initial=0)) <= chunk:
+            return self
+        starts, q_ranges, kv_lens, tables = [], [], [], []
+        per_chunk = chunk // self.block_size
+        for item in range(self.num_items):
+            q0, q1 = self.query_range(item)
+            end = int(self.seq_lens[item])
+            first = end - (q1 - q0)  # position of the item's first query
+            for c in range(first // chunk, (end - 1) // chunk + 1):
+                lo, hi = max(first, c * chunk), min(end, (c + 1) * chunk)
+                q_ranges.append(hi - lo)
+                kv_lens.append(hi - c * chunk)
+                tables.append(self.block_tables[item, c * per_chunk:])
+                starts.append(c * chunk)
+        cu = np.zeros(len(q_ranges) + 1, dtype=np.int32)
+        np.cumsum(q_ranges, out=cu[1:])
+        width = max(1, max(len(t) for t in tables))
+        block_tables = np.zeros((len(tables), width), dtype=np.int32)
+        for row, table in enumerate(tables):
+            block_tables[row, :len(table)] = table
+        shift = np.repeat(np.asarray(starts, dtype=np.int32), q_ranges)
+        return AttentionBatch(self.positions - shift, self.slot_mapping, cu, np.asarray(kv_lens, dtype=np.int32),
+                              block_tables, self.block_size)
+
     def alone(self, alone_pairs: int | None = None) -> np.ndarray:
         """``[items]`` bool: the items that attend in a call of their own (a causal mask, no padding).
 

@@ -85,7 +85,7 @@ class _Layer:
     """One decoder block's weights; projections carry the op that applies them, ``mlp`` is its MLP slot."""
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
-                 "mlp", "window", "rope", "scale", "sinks")
+                 "mlp", "window", "rope", "scale", "sinks", "chunk", "query_scaling")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -125,11 +125,13 @@ def per_token(ops: Any, choice: np.ndarray, variants: Sequence[Callable[[Any], A
     return lambda x: ops.take_rows(ops.concat([variants[int(u)](x) for u in used]), rows)
 
 
-def query_scaler(ops: Any, scaling: tuple[float, int], positions: np.ndarray) -> Callable[[Any], Any] | None:
-    """Llama 4's attention scaling of a batch's queries (``Architecture.query_scaling``); None where every
-    factor is 1 (positions before ``original``)."""
-    beta, original = scaling
-    factors, choice = np.unique(1.0 + beta * np.log1p(np.floor(positions / original)), return_inverse=True)
+def query_scaler(ops: Any, scaling: tuple, positions: np.ndarray) -> Callable[[Any], Any] | None:
+    """Llama 4's attention scaling of a batch's queries (``Architecture.query_scaling`` ``(beta, original)``, or a
+    layer's ``(beta, original, shift)``: positions counted from ``-shift``); None where every factor is 1
+    (positions before ``original``)."""
+    beta, original, shift = (*scaling, 0)[:3]
+    factors, choice = np.unique(1.0 + beta * np.log1p(np.floor((positions + shift) / original)),
+                                return_inverse=True)
     if len(factors) == 1 and factors[0] == 1.0:
         return None
     scale = [lambda q, f=float(f): q if f == 1.0 else ops.mul_scalar(q, f) for f in factors]
@@ -189,6 +191,11 @@ class DecoderOnlyLLM:
             config.num_layers, num_kv_blocks, block_size, config.num_kv_heads, config.head_dim, dtype
         )
         arch = config.arch
+        chunks = {spec.chunk for spec in arch.layers} - {None}
+        if any(c % block_size for c in chunks):
+            raise UnsupportedFeatureError(
+                f"this model attends in chunks of {min(chunks)} positions (attention_chunk_size), which Ferrum runs "
+                f"with a KV block size that divides them; block_size {block_size} does not")
         embed = weights[f"{arch.prefix}embed_tokens.weight"]
         self.embed, self.embed_lookup = embed.weight, embed.embedding
         #: Learned absolute positions (GPT-2), or None.
@@ -293,6 +300,11 @@ class DecoderOnlyLLM:
 
         norms = {slot: _norm_weights(w, p + name, arch.norm_params) for slot, name in arch.norms.items()}
         sinks = tensor("self_attn.sinks")
+        q_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[0]}")
+        k_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}")
+        if arch.qk_norm is not None and not arch.qk_norm_params:  # a norm without a weight (Llama 4's L2 norm): 1s
+            ones = self.ops.from_numpy(np.ones(config.head_dim, dtype=np.float32), self.dtype)
+            q_norm = k_norm = (ones, None)
         qkv, o = self._attention.build(self.ops, config, tensor, projection, self._attention_placed[id(spec.rope)])
         return _Layer(
             pre_attn=norms.get("pre_attn"),
@@ -301,13 +313,15 @@ class DecoderOnlyLLM:
             post_mlp=norms.get("post_mlp"),
             qkv=qkv,
             o=o,
-            q_norm=_norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[0]}"),
-            k_norm=_norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}"),
+            q_norm=q_norm if spec.qk_norm else None,
+            k_norm=k_norm if spec.qk_norm else None,
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
             window=spec.window,
             rope=id(spec.rope),
             scale=arch.attn_scale if spec.attn_scale is None else spec.attn_scale,
             sinks=None if sinks is None else self.ops.cast(sinks, "float32"),  # the contract's float32 logits
+            chunk=spec.chunk,
+            query_scaling=spec.query_scaling or arch.query_scaling,
         )
 
     def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
@@ -522,7 +536,9 @@ class DecoderOnlyLLM:
         pool, arch = self.pool, cfg.arch
         softcap = arch.attn_softcap
         ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items() if tables.fixed is None}
-        scale_queries = None if arch.query_scaling is None else query_scaler(ops, arch.query_scaling, batch.positions)
+        scalers = {scaling: query_scaler(ops, scaling, batch.positions)
+                   for scaling in {layer.query_scaling for layer in self.layers} - {None}}
+        chunked: dict[int, AttentionBatch] = {}  # chunk size -> the batch its layers attend
         compiled = self.adapters.batch is None
         halves, final = (self._compiled, self._final_compiled) if compiled else (self._halves, self._final)
 
@@ -542,6 +558,7 @@ class DecoderOnlyLLM:
             rotate = ropes.get(layer.rope)
             if rotate is not None:
                 q, k = rotate(q), rotate(k)
+            scale_queries = scalers.get(layer.query_scaling)
             if scale_queries is not None:
                 q = scale_queries(q)
             ops.kv_write(pool, index, k, v, slots)
@@ -551,6 +568,17 @@ class DecoderOnlyLLM:
                 q, h, attended = ops.take_rows(q, keep), ops.take_rows(h, keep), batch.narrowed(last_rows)
                 attended.prepared = ops.prepare_attention_batch(attended)
                 self.adapters.keep_rows(last_rows)
+            if layer.chunk is not None:
+                if attended is batch:
+                    if layer.chunk not in chunked:
+                        chunked[layer.chunk] = batch.chunked(layer.chunk)
+                        if chunked[layer.chunk] is not batch:
+                            chunked[layer.chunk].prepared = ops.prepare_attention_batch(chunked[layer.chunk])
+                    attended = chunked[layer.chunk]
+                else:
+                    attended = attended.chunked(layer.chunk)
+                    if attended.prepared is None:
+                        attended.prepared = ops.prepare_attention_batch(attended)
             attn = ops.paged_attention(q, pool, index, attended, layer.scale, layer.window, softcap, layer.sinks)
             residual, h = leave(attn, h)
 

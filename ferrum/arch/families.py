@@ -360,6 +360,69 @@ def _ministral3(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(arch, query_scaling=(float(beta), int(original)))
 
 
+#: Llama 4's feed-forward modules under Llama's names (its sparse ones are ``feed_forward`` itself: MoeSpec.module).
+LLAMA4_NAMES = {f"mlp.{p}": f"feed_forward.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+CHUNKED = "chunked_attention"
+
+
+def _llama4_rotated(r: KeyReader, sizes: Sizes) -> list[bool]:
+    """transformers' Llama 4: ``no_rope_layers[i]`` is 1 where layer ``i`` applies rope (at least one entry per layer;
+    empty or null: every ``no_rope_layer_interval``-th layer skips it)."""
+    flags = r("no_rope_layers")
+    if not flags:
+        interval = r("no_rope_layer_interval")
+        return [(i + 1) % interval != 0 for i in range(sizes.num_layers)]
+    if not isinstance(flags, list) or len(flags) < sizes.num_layers or any(f not in (0, 1) for f in flags):
+        r.fail("no_rope_layers", f"must list at least {sizes.num_layers} entries of 1 (rope) or 0 (none), got {flags!r}")
+    return [bool(f) for f in flags[:sizes.num_layers]]
+
+
+def _llama4(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Llama 4's text decoder (Scout, Maverick; transformers' Llama4TextModel): Llama's blocks with rope applied to
+    q and k as complex numbers over adjacent dims (GPT-J's pairing), on the layers no_rope_layers marks (the others,
+    NoPE, every fourth by default, take none); on rope layers, with use_qk_norm, q and k L2-normed once rotated (an
+    RMSNorm without a weight) and, with an attention_chunk_size, attention within chunks of that many positions
+    (``layer_types``' "chunked_attention"); on NoPE layers, with attn_temperature_tuning, queries scaled by ``1 +
+    attn_scale * log(1 + floor((position + 1) / floor_scale))``. The dense MLPs (``feed_forward``) are
+    intermediate_size_mlp wide; the sparse ones are :func:`ferrum.moe.spec.with_moe`'s."""
+    key, spec = _rope_spec(r)
+    rope = replace(read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=500_000.0), interleaved=True)
+    r("hidden_act")
+    rotated = _llama4_rotated(r, sizes)
+    chunk = r("attention_chunk_size")
+    types = r("layer_types")
+    if types is None:
+        types = [CHUNKED if on and chunk is not None else FULL for on in rotated]
+    elif not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (CHUNKED, FULL) for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {CHUNKED!r} / {FULL!r}, got {types!r}")
+    if chunk is None and CHUNKED in types:
+        r.fail("attention_chunk_size", "must be set when layer_types lists chunked layers")
+    scaling = (float(r("attn_scale")), int(r("floor_scale")), 1) if r("attn_temperature_tuning") else None
+    qk_norm = bool(r("use_qk_norm"))
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope if on else Rope.unrotated(sizes.head_dim),
+                               chunk=chunk if kind == CHUNKED else None, qk_norm=on,
+                               query_scaling=None if on else scaling)
+                     for on, kind in zip(rotated, types)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="head" if qk_norm else None, qk_norm_after_rope=True, qk_norm_params=False,
+        qkv_bias=bias, o_bias=bias, stored_names=LLAMA4_NAMES,
+    )
+
+
+_LLAMA4 = (
+    Key("intermediate_size_mlp", default=16384, check=size(1 << 20)),
+    Key("no_rope_layers"), Key("no_rope_layer_interval", default=4, check=positive_int),
+    Key("attention_chunk_size", default=8192, check=optional_positive_int), *_LAYER_TYPES,
+    Key("use_qk_norm", default=True, check=boolean),
+    Key("attn_temperature_tuning", default=True, check=boolean),
+    Key("floor_scale", default=8192, check=positive_int),
+    Key("attn_scale", default=0.1, check=positive_number),
+    Key("attention_bias", default=False, check=boolean),
+)
+
+
 def _qwen_windows(r: KeyReader, sizes: Sizes) -> list:
     """transformers' Qwen2 / Qwen3: no window unless use_sliding_window; then layer_types, else the layers
     from max_window_layers on."""
@@ -1411,6 +1474,15 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False), _core_defaults(vocab_size=152064, max_position_embeddings=2048), _ROPE, _SILU,
               _DOTS1_WINDOW, (Key("attention_bias", default=False, check=boolean),), MOE_KEYS["dots1"]),
         with_moe("dots1", _llama_like(False, "head", _dots1_windows)),
+    ),
+    "llama4_text": Family(  # Llama 4 Scout / Maverick's text decoder (the text_config of a llama4 wrapper)
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=5120, intermediate_size=8192, num_hidden_layers=48, num_attention_heads=40,
+            num_key_value_heads=8, vocab_size=202048, max_position_embeddings=131072,
+        ), _ROPE, _SILU, _LLAMA4, MOE_KEYS["llama4_text"]),
+        with_moe("llama4_text", _llama4),
+        eps_default=1e-5,
+        names={"intermediate_size": "intermediate_size_mlp"},  # the dense layers'; the experts' is intermediate_size
     ),
     "hunyuan_v1_dense": Family(  # Tencent's Hunyuan 0.5B-7B
         _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", default=False, check=boolean),)),

@@ -16,6 +16,13 @@ class LayerSpec:
     rope: Rope
     mlp: str = "dense"  # a kind of ferrum.arch.mlp.MLP_KINDS (dense gated MLP, "plain" ungated; MoE plugs in here)
     attn_scale: float | None = None  # this layer's own scale of q.k; None: the architecture's
+    #: Chunked local attention (Llama 4's rope layers): the query at position ``p`` sees only the keys of its own
+    #: chunk of ``chunk`` positions, ``[chunk * (p // chunk), p]``; None: no chunks.
+    chunk: int | None = None
+    qk_norm: bool = True  # this layer norms q and k where the architecture has a q/k norm (Llama 4: rope layers)
+    #: Llama 4's attention temperature on this layer's queries, ``(beta, floor, shift)``: each query multiplied by
+    #: ``1 + beta * log(1 + floor((position + shift) / floor))``; None: the architecture's ``query_scaling``.
+    query_scaling: tuple[float, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class Architecture:
     qk_norm_after_rope: bool = False  # Hunyuan norms q and k once rotated
     #: "each_head" weights stored one tensor a head, ``<norm>.norms.<h>.weight`` (StableLM 2 12B), stacked at load.
     qk_norm_split: bool = False
+    #: The q/k norm has no weight (Llama 4's L2 norm: ``x / sqrt(mean(x ** 2) + eps)``, an RMSNorm without a scale).
+    qk_norm_params: bool = True
     #: OLMo's clip_qkv: q, k and v clipped to [-c, c] once projected (and OLMoE's q and k once normed).
     clip_qkv: float | None = None
     qkv_bias: bool = False

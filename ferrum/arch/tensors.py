@@ -85,17 +85,19 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
                           "self_attn.v_proj.bias": (kv,)})
     if arch.o_bias:
         attention["self_attn.o_proj.bias"] = (h,)
-    if arch.qk_norm:
+    qk_norms: dict[str, tuple[int, ...]] = {}
+    if arch.qk_norm and arch.qk_norm_params:
         q_norm, k_norm = arch.qk_norm_names
         sizes = {"projection": ((q,), (kv,)), "head": ((d,), (d,)),  # per q (k) column, or per head dimension
                  "each_head": ((config.num_heads, d), (config.num_kv_heads, d))}[arch.qk_norm]
         parts = ("weight",) if arch.qk_norm == "each_head" else norm_parts  # per-head norms have no bias
-        attention.update({f"self_attn.{norm}.{part}": size for norm, size in zip((q_norm, k_norm), sizes)
-                          for part in parts})
+        qk_norms.update({f"self_attn.{norm}.{part}": size for norm, size in zip((q_norm, k_norm), sizes)
+                         for part in parts})
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
+        norms = qk_norms if layer.qk_norm else {}
         shapes.update({f"{p}layers.{i}.{name}": shape[::-1] if arch.transposed and len(shape) == 2 else shape
-                       for name, shape in {**attention, **mlp}.items()})
+                       for name, shape in {**attention, **norms, **mlp}.items()})
     return {stored_name(arch, name): shape for name, shape in shapes.items()}
 
 

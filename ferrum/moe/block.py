@@ -22,21 +22,25 @@ class MoeMLP:
     its ``Sparsemixer``, always handed to the core's host reference.
     ``router_dtype`` "float32" casts the router's input up to its float32
     weight (DeepSeek's, GLM's, dots1's and Hunyuan's routers, as
-    transformers runs them).
+    transformers runs them). ``weigh_input`` (Llama 4, one expert a token): the
+    chosen expert reads ``x`` times its weight (in ``x``'s dtype), and its
+    output is taken whole (the route run once more normalized gives those
+    weights of 1, the top-1 weight over itself).
     """
 
     __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route",
-                 "router_dtype")
+                 "router_dtype", "weigh_input")
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
                  shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
                  routing: GroupedRouting | Sparsemixer | None = None, route: Callable[..., Any] | None = None,
-                 router_dtype: str | None = None):
+                 router_dtype: str | None = None, weigh_input: bool = False):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize
         self.shared, self.shared_gate = shared, shared_gate
         self.routing, self.route = routing, route  # route None: ops.moe_route, looked up per call
         self.router_dtype = router_dtype  # the dtype the router's input is cast to (its weight's), or None
+        self.weigh_input = weigh_input
 
     def projections(self) -> list[Any]:
         """The ordinary linears (router, shared expert); the experts are ``self.experts``."""
@@ -57,6 +61,9 @@ class MoeMLP:
         else:
             route = ops.moe_route if self.route is None else self.route
             ids, weights = route(logits, shared_logit, self.top_k, self.normalize, self.routing)
+            if self.weigh_input:  # top-1: the weight scales the input; normalized, the weight is 1
+                x = ops.mul(x, weights)  # [T, hidden] * [T, 1], in x's dtype
+                _, weights = route(logits, shared_logit, self.top_k, True, self.routing)
         if shared_out is not None and shared_logit is None:  # ungated: added once the routed experts are summed
             return ops.add(self.experts(x, ids, weights, None), shared_out)
         return self.experts(x, ids, weights, shared_out)

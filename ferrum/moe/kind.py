@@ -15,8 +15,9 @@ from ferrum.moe.routing import GROUPED_RULES, GroupedRouting, GroupRule, Sparsem
 
 class Moe:
     """Router ``M.gate`` (or ``MoeSpec.router``), with ``M.gate.e_score_correction_bias`` (or
-    ``MoeSpec.correction_bias``) under a grouped rule that has one (GLM-4.5, DeepSeek-V3, ERNIE 4.5), the experts stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see
-    :mod:`ferrum.moe.loading`) with their biases where ``MoeSpec.biased``, and the shared expert: Qwen2-MoE's
+    ``MoeSpec.correction_bias``) under a grouped rule that has one (GLM-4.5, DeepSeek-V3, ERNIE 4.5), the experts
+    stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see :mod:`ferrum.moe.loading`) with their
+    biases where ``MoeSpec.biased``, and the shared expert: Qwen2-MoE's
     ``M.shared_expert.*`` with ``M.shared_expert_gate``, GLM-4.5's ungated ``M.shared_experts.*``."""
 
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
@@ -90,7 +91,7 @@ class Moe:
         # takes its input in float32
         router_dtype = "float32" if spec.router_float32 and router.dense_dtype == "float32" else None
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
-                      router_dtype)
+                      router_dtype, spec.weigh_input)
 
 
 def routes_natively(ops: Any, rule: GroupRule) -> bool:

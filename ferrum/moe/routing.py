@@ -91,9 +91,12 @@ GROUP_LIMITED_GREEDY = GroupRule("softmax", "max", corrected=False, masked=0.0, 
 #: (its ``moe_statics.e_score_correction_bias``) added to choose only, in one group; any backend that runs the rules
 #: of API 1.13 by their fields runs it.
 SOFTMAX_CORRECTED = GroupRule("softmax", "max", corrected=True, masked=float("-inf"), since=(1, 13))
+#: Llama 4's router (transformers' ``Llama4Router``): the top-k logits, each expert weighed by its sigmoid, unnormalized
+#: (one group, nothing corrected: the grouped machinery's plainest sigmoid rule).
+SIGMOID_TOP_K = GroupRule("sigmoid", "max", corrected=False, masked=float("-inf"), since=(1, 13))
 #: ``MoeSpec.routing`` -> its grouped rule.
 GROUPED_RULES = {"sigmoid_grouped": NOAUX_TC, "softmax_grouped": GROUP_LIMITED_GREEDY,
-                 "softmax_corrected": SOFTMAX_CORRECTED}
+                 "softmax_corrected": SOFTMAX_CORRECTED, "sigmoid_top_k": SIGMOID_TOP_K}
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,6 +32,7 @@ LAYOUT = {
     "hunyuan_v1_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "ernie4_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "exaone_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "llama4_text": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (fused_gate_up)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -73,7 +74,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "dots1": ("n_routed_experts", "num_local_experts"),
                 "hunyuan_v1_moe": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "ernie4_5_moe": ("num_experts", "moe_num_experts"),  # the former its attribute_map's alias
-                "exaone_moe": ("num_experts",)}
+                "exaone_moe": ("num_experts",),
+                "llama4_text": ("num_local_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -308,6 +310,11 @@ KEYS: dict[str, tuple[Key, ...]] = {
                    # mlx-lm reads these two; transformers runs only DeepSeek-V3's sigmoid "noaux_tc"
                    Key("scoring_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
                    Key("topk_method", default="noaux_tc", unsupported=True, check=one_of("noaux_tc"))),
+    # Llama 4 (Scout, Maverick): one expert a token, on the layers moe_layers (else interleave_moe_layer_step) lists
+    "llama4_text": (*_COUNT["llama4_text"], Key("num_experts_per_tok", default=1, unsupported=True, check=lambda v: (
+        None if v == 1 else f"is {v!r}; Ferrum runs Llama 4's routing with one expert a token, as every release "
+                            "routes")),
+        Key("interleave_moe_layer_step", default=1, check=positive_int), Key("moe_layers", check=_layer_list)),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -317,7 +324,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
-                  "ernie4_5_moe": 64, "exaone_moe": 64}
+                  "ernie4_5_moe": 64, "exaone_moe": 64,
+                  "llama4_text": 16}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
@@ -390,6 +398,9 @@ class MoeSpec:
     def bias_name(self) -> str:
         """The correction bias's name in the sparse MLP module."""
         return self.correction_bias or f"{self.router}.{CORRECTION_BIAS}"
+    #: Each chosen expert reads its input times its routing weight and its output is summed unweighted (Llama 4),
+    #: where other families weigh the outputs.
+    weigh_input: bool = False
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -445,6 +456,25 @@ def _grouped(r: KeyReader, routing: str, module: str, names: tuple[str, str, str
     return spec, _sparse_layers(r, layers)
 
 
+def _llama4(r: KeyReader, sizes: object) -> tuple[MoeSpec, list[bool]]:
+    """Llama 4's sparse MLPs (transformers' ``Llama4TextMoe``): a router ``feed_forward.router`` whose top logit's
+    sigmoid scales the chosen expert's *input*, experts of intermediate_size stored fused (``experts.gate_up_proj``
+    ``[E, hidden, 2 * inter]``, ``experts.down_proj``: :mod:`ferrum.moe.fused_gate_up`), and an ungated
+    ``shared_expert`` of intermediate_size added to its output; on the layers moe_layers lists, else every
+    interleave_moe_layer_step-th one (the others dense, of intermediate_size_mlp)."""
+    layers, inter = sizes.num_layers, r("intermediate_size")
+    listed = r("moe_layers")
+    if listed is None:
+        step = r("interleave_moe_layer_step")
+        listed = list(range(step - 1, layers, step))
+    if any(i >= layers for i in listed):
+        r.fail("moe_layers", f"lists {listed!r}, past the model's {layers} layers")
+    spec = MoeSpec("feed_forward", LAYOUT["llama4_text"][1], r("num_local_experts") or _DEFAULT_COUNT["llama4_text"],
+                   1, inter, False, inter, router="router", layout="fused_gate_up", shared_gate=None,
+                   routing="sigmoid_top_k", weigh_input=True)
+    return spec, [i in listed for i in range(layers)]
+
+
 def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]) -> Callable:
     """A family builder: the dense decoder of ``build``, with ``mlp="moe"`` on its sparse layers."""
 
@@ -459,7 +489,9 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts")
         module, names = LAYOUT[model_type]
         layers = sizes.num_layers
-        if model_type in _GROUPED:
+        if model_type == "llama4_text":
+            spec, sparse = _llama4(r, sizes)
+        elif model_type in _GROUPED:
             spec, sparse = _grouped(r, _GROUPED[model_type], module, names, count, top_k, layers)
         elif model_type == "ernie4_5_moe":
             spec, sparse = _ernie(r, module, names, count, top_k, layers)

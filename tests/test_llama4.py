@@ -1,0 +1,168 @@
+"""Llama 4 (Scout, Maverick): transformers' ``llama4_text`` decoder and the text model of its ``llama4`` wrapper, on
+every runnable backend. Rope as complex pairs of adjacent dims on the rope layers; NoPE layers (every fourth) whose
+queries take the attention temperature; q and k L2-normed (no weight) on rope layers; chunked local attention on rope
+layers (chunks of a few positions here, so prompts cross them); MoE layers every ``interleave_moe_layer_step``, top-1
+sigmoid routing whose weight scales the expert's input, a shared expert, experts stored fused."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from ferrum.config import ModelConfig
+from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.model import DecoderOnlyLLM
+from support import (
+    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
+    assert_names_the_tensors_transformers_saves, reference_logits, runnable_backends, saved_references,
+    scaled_error,
+)
+
+BACKENDS = runnable_backends()
+#: Longer than several chunks of 8 and than floor_scale, so chunks and temperatures change inside the prompt.
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=30)]
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def llama4_config(**extra) -> transformers.Llama4TextConfig:
+    settings = dict(vocab_size=97, hidden_size=64, intermediate_size=48, intermediate_size_mlp=80, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                    attention_chunk_size=8, floor_scale=4, attn_scale=0.5, max_position_embeddings=256,
+                    rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5)
+    config = transformers.Llama4TextConfig(**{**settings, **extra})
+    config._attn_implementation = "eager"
+    return config
+
+
+#: Scout's layout (every layer sparse, q/k norms, llama3 rope); Maverick's (dense and sparse layers alternating, no
+#: q/k norm, plain rope), with biased attention; and chunks of 16, which the engine's blocks of 16 divide.
+VARIANTS = {
+    "scout": {},
+    "maverick": dict(interleave_moe_layer_step=2, use_qk_norm=False, attention_bias=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    "chunk16": dict(attention_chunk_size=16, floor_scale=8),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return saved_references(tmp_path_factory, VARIANTS, llama4_config)
+
+
+@pytest.mark.parametrize("variant", ["scout", "maverick"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_matches_transformers(checkpoints, backend, variant):
+    folder, hf = checkpoints[variant]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    arch = model.config.arch
+    assert [spec.mlp for spec in arch.layers] == (["moe"] * 4 if variant == "scout" else ["dense", "moe"] * 2)
+    assert [spec.chunk for spec in arch.layers] == [8, 8, 8, None]
+    assert [spec.query_scaling for spec in arch.layers] == [None, None, None, (0.5, 4, 1)]
+    assert [spec.rope.kind for spec in arch.layers][3] == "default" and arch.layers[0].rope.interleaved
+    assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunks_are_what_attention_sees(checkpoints, backend):
+    """Attending the chunked layers over the whole context instead gives other logits from the first position past
+    a chunk on: the test above checks chunks, not plain causal attention."""
+    import ferrum.attention
+
+    folder, hf = checkpoints["scout"]
+    want = reference_logits(hf, TOKENS)
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    chunked = ferrum.attention.AttentionBatch.chunked
+    try:
+        ferrum.attention.AttentionBatch.chunked = lambda self, chunk: self
+        got = model.forward_verify("whole", TOKENS)
+    finally:
+        ferrum.attention.AttentionBatch.chunked = chunked
+    assert scaled_error(got[:8], want[:8]) <= 1e-4 and scaled_error(got[8:], want[8:]) > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generates_greedily_as_transformers(checkpoints, backend):
+    """Through the engine (blocks of 16, chunks of 16): batched with another request, the second copy of the prompt
+    from the prefix cache, the replies running past the first chunk."""
+    folder, hf = checkpoints["chunk16"]
+    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS[:13])
+
+
+def test_chunks_a_block_size_does_not_divide_are_refused(checkpoints):
+    folder, _ = checkpoints["scout"]
+    with pytest.raises(UnsupportedFeatureError, match="chunks of 8 positions .* block_size 16 does not"):
+        DecoderOnlyLLM.from_pretrained(folder, backend="cpu", block_size=16, dtype="float32")
+
+
+def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
+    for variant in VARIANTS:
+        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
+
+
+def test_the_wrappers_text_model_runs(checkpoints, tmp_path):
+    """A ``llama4`` (Llama4ForConditionalGeneration) checkpoint: its text_config, its decoder under
+    ``language_model.model.`` and LM head under ``language_model.lm_head``, as the releases store them; the vision
+    tower's tensors are not read."""
+    folder, hf = checkpoints["scout"]
+    wrapper = transformers.Llama4Config(text_config=llama4_config().to_dict(),
+                                        vision_config={"num_hidden_layers": 1, "hidden_size": 32,
+                                                       "intermediate_size": 32, "num_attention_heads": 2})
+    raw = wrapper.to_dict()
+    config = ModelConfig.from_dict(raw)
+    assert config.model_type == "llama4_text" and config.arch.layers[0].chunk == 8
+    copy = tmp_path / "wrapped"
+    shutil.copytree(folder, copy)
+    (copy / "config.json").write_text(json.dumps(raw))
+    tensors = {f"language_model.{name}": array for name, array in load_file(copy / "model.safetensors").items()}
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    model = DecoderOnlyLLM.from_pretrained(copy, backend="cpu", block_size=4, dtype="float32")
+    assert scaled_error(model.forward_verify("x", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+
+
+# ------------------------------------------------------------------ config
+
+
+def _raw(**changes) -> dict:
+    return {**llama4_config().to_dict(), **changes}
+
+
+def test_transformers_defaults_are_read():
+    """Left out: every fourth layer NoPE (and full), the others chunked by 8192 with q/k norms, every layer sparse
+    with 16 experts, the temperature on NoPE layers."""
+    raw = {k: v for k, v in _raw().items() if k not in (
+        "no_rope_layers", "layer_types", "attention_chunk_size", "moe_layers", "num_local_experts", "floor_scale",
+        "attn_scale")}
+    arch = ModelConfig.from_dict(raw).arch
+    assert [(s.chunk, s.qk_norm, s.mlp) for s in arch.layers] == [(8192, True, "moe")] * 3 + [(None, False, "moe")]
+    assert arch.layers[3].query_scaling == (0.1, 8192, 1) and arch.moe.num_experts == 16
+    assert (arch.moe.routing, arch.moe.weigh_input, arch.moe.shared_expert_size, arch.moe.top_k) == (
+        "sigmoid_top_k", True, 48, 1)
+
+
+def test_layer_lists_are_read():
+    raw = {k: v for k, v in _raw().items() if k != "layer_types"}  # the one transformers derives
+    arch = ModelConfig.from_dict({**raw, "no_rope_layers": [1, 0, 1, 1, 1], "moe_layers": [0, 3],
+                                  "attention_chunk_size": None, "attn_temperature_tuning": False}).arch
+    assert [s.rope.kind == "default" for s in arch.layers] == [False, True, False, False]
+    assert [s.chunk for s in arch.layers] == [None] * 4 and arch.layers[1].query_scaling is None
+    assert [s.mlp for s in arch.layers] == ["moe", "dense", "dense", "moe"]
+
+
+@pytest.mark.parametrize("changes, error, words", [
+    ({"num_experts_per_tok": 2}, UnsupportedFeatureError, "one expert a token"),
+    ({"no_rope_layers": [1, 0]}, ConfigError, "'no_rope_layers' must list at least 4 entries"),
+    ({"layer_types": ["sliding_attention"] * 4}, ConfigError, "'layer_types' must list 4 entries"),
+    ({"attention_chunk_size": None, "layer_types": ["chunked_attention"] * 4}, ConfigError,
+     "'attention_chunk_size' must be set"),
+    ({"moe_layers": [7]}, ConfigError, "past the model's 4 layers"),
+])
+def test_bad_keys_are_refused_by_name(changes, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        ModelConfig.from_dict(_raw(**changes))
