@@ -166,3 +166,38 @@ def test_layer_lists_are_read():
 def test_bad_keys_are_refused_by_name(changes, error, words):
     with pytest.raises(error, match=re.escape(words)):
         ModelConfig.from_dict(_raw(**changes))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_batches_attend_within_chunks(backend):
+    """A mixed batch (a prompt across three chunks, a decode step past the first chunk, a chunk of five crossing a
+    boundary) attended through ``AttentionBatch.chunked``: each query sees only the keys of its own chunk."""
+    from ferrum.backends import load_backend
+    from support import attention_batch
+
+    ops = load_backend(backend).ops
+    bs, chunk, heads, kv_heads, d = 4, 8, 4, 2, 16
+    items = [([0, 1, 2, 3, 4], 19, 19), ([5, 6, 7], 11, 1), ([8, 9, 10, 11], 14, 5)]
+    batch = attention_batch(items, bs)
+    rng = np.random.default_rng(0)
+    k_pool, v_pool = (rng.standard_normal((12 * bs, kv_heads, d)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((batch.num_tokens, heads, d)).astype(np.float32)
+    pool = ops.kv_alloc(1, 12, bs, kv_heads, d, "float32")
+    every = np.arange(12 * bs, dtype=np.int32)
+    ops.kv_write(pool, 0, ops.from_numpy(k_pool, "float32"), ops.from_numpy(v_pool, "float32"),
+                 ops.from_numpy(every, None))
+    chunked = batch.chunked(chunk)
+    chunked.prepared = ops.prepare_attention_batch(chunked)
+    got = ops.to_numpy(ops.paged_attention(ops.from_numpy(q, "float32"), pool, 0, chunked, 0.25, None, None, None))
+    want = []
+    for item, (table, n, q_len) in enumerate(items):
+        for t, p in enumerate(range(n - q_len, n)):
+            keys = np.arange(chunk * (p // chunk), p + 1)
+            slots = np.asarray(table)[keys // bs] * bs + keys % bs
+            k, v = np.repeat(k_pool[slots], heads // kv_heads, 1), np.repeat(v_pool[slots], heads // kv_heads, 1)
+            scores = np.einsum("hd,khd->hk", q[batch.cu_seqlens_q[item] + t].astype(np.float64), k) * 0.25
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            want.append(np.einsum("hk,khd->hd", weights / weights.sum(-1, keepdims=True), v))
+    assert np.abs(np.asarray(got, np.float64) - np.stack(want)).max() < 1e-5
+    assert batch.chunked(32) is batch  # no item past its first chunk
+
