@@ -39,7 +39,7 @@ FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window",
             "cohere", "cohere_qk_norm",
             "cohere2", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode",
             "gpt_bigcode_mha", "gptj", "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip",
-            "nemotron", "nemotron_llama3_quarter", "arcee")
+            "nemotron", "nemotron_llama3_quarter", "arcee", "vaultgemma", "vaultgemma_full")
 
 
 def _longrope(half: int) -> dict:
@@ -194,6 +194,15 @@ def transformers_config(family: str):
         return transformers.ArceeConfig(**common, num_attention_heads=4, num_key_value_heads=2,
                                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                          "original_max_position_embeddings": 32})
+    if family == "vaultgemma":  # Gemma 2 without its post-attention / post-MLP norms; both soft-caps biting
+        return transformers.VaultGemmaConfig(
+            **common, num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=WINDOW,
+            attn_logit_softcapping=3.0, final_logit_softcapping=5.0, query_pre_attn_scalar=40)
+    if family == "vaultgemma_full":  # every layer full by layer_types, untied, MHA, no soft-caps
+        return transformers.VaultGemmaConfig(
+            **common, num_attention_heads=4, num_key_value_heads=4, head_dim=24, sliding_window=WINDOW,
+            layer_types=["full_attention"] * 3, tie_word_embeddings=False, query_pre_attn_scalar=24,
+            attn_logit_softcapping=None, final_logit_softcapping=None)
     raise ValueError(family)
 
 
@@ -797,7 +806,7 @@ PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
                      "ernie4_5", "glm4", "hunyuan_v1_dense", "hunyuan_v1_moe", "dots1", "phi", "stablelm", "starcoder2",
                      "cohere", "cohere2", "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "falcon", "olmo", "nemotron",
-                     "arcee")
+                     "arcee", "vaultgemma")
 #: The LayerNorm families, and the key each reads its norms' epsilon from.
 LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps",
@@ -857,7 +866,7 @@ def draw_config(draw, st, family: str) -> dict:
     if draw(st.booleans()):  # head_dim other than hidden / heads
         raw["head_dim"] = head_dim = draw(st.sampled_from([8, 12, 16]))
     window = draw(st.integers(1, 12))
-    if family in ("gemma2", "gemma3_text"):
+    if family in ("gemma2", "gemma3_text", "vaultgemma"):
         raw.update(head_dim=head_dim, sliding_window=window,
                    query_pre_attn_scalar=draw(st.sampled_from([head_dim, 100])),
                    hidden_activation=draw(st.sampled_from(["gelu_pytorch_tanh", "gelu_pytorch_tanh", "gelu"])),
@@ -865,7 +874,7 @@ def draw_config(draw, st, family: str) -> dict:
         if draw(st.booleans()):
             raw["layer_types"] = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
                                                min_size=layers, max_size=layers))
-        if family == "gemma2":
+        if family in ("gemma2", "vaultgemma"):
             raw.update(attn_logit_softcapping=draw(st.sampled_from([None, 2.0, 20.0])),
                        **_rope_keys(draw, st, ("default", "linear", "dynamic", "yarn"), head_dim // 2))
         else:
@@ -1160,18 +1169,19 @@ _INVALID = {
     "norm_epsilon": ((0, -1e-6, "1e-6", float("nan")), ("starcoder2",)),
     "norm_eps": ((0, -1e-6, "1e-6", float("nan")), ("nemotron",)),
     "rope_theta": ((0, -10000.0, "1e4", True, float("-inf")), USUAL_KEYS),
-    "factor": ((0, -2.0, "2", None), tuple(f for f in USUAL_KEYS if f not in ("gemma2", "gemma3_text", "phi3"))),
+    "factor": ((0, -2.0, "2", None), tuple(f for f in USUAL_KEYS if f not in ("gemma2", "gemma3_text", "phi3",
+                                                                              "vaultgemma"))),
     "sliding_window": ((-1, 2.5, "8", True), ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
-                                             "gemma2", "gemma3_text", "phi3", "starcoder2")),
+                                             "gemma2", "gemma3_text", "phi3", "starcoder2", "vaultgemma")),
     "tie_word_embeddings": (("yes", 1, 0.0), PROPERTY_FAMILIES),
     "num_experts_per_tok": ((0, -1, 99, "2"), ("mixtral", "qwen2_moe", "qwen3_moe")),
     "moe_intermediate_size": ((0, -8, "16"), ("qwen2_moe", "qwen3_moe")),
     "decoder_sparse_step": ((0, -1, 1.5), ("qwen2_moe", "qwen3_moe")),
-    "query_pre_attn_scalar": ((0, -1.0, "8"), ("gemma2", "gemma3_text")),
+    "query_pre_attn_scalar": ((0, -1.0, "8"), ("gemma2", "gemma3_text", "vaultgemma")),
     "rope_local_base_freq": ((0, -1.0, "1e4"), ("gemma3_text",)),
     "partial_rotary_factor": ((0, -0.5, 1.5, "0.5"), ("phi3", "phi", "stablelm", "nemotron")),
     "layer_types": ((["sliding_attention"] * 9, ["local"], "full_attention"), ("qwen2", "qwen3", "gemma2",
-                                                                               "gemma3_text")),
+                                                                               "gemma3_text", "vaultgemma")),
 }
 
 

@@ -769,8 +769,9 @@ def _gemma1(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
-def _gemma(r: KeyReader, sizes: Sizes, pattern_default: int, qk_norm: str | None, ropes: Callable) -> Architecture:
-    r("use_bidirectional_attention")
+def _gemma(r: KeyReader, sizes: Sizes, pattern_default: int, qk_norm: str | None, ropes: Callable,
+           norms: dict[str, str] = SANDWICH_NORMS) -> Architecture:
+    r.get("use_bidirectional_attention")  # VaultGemma has no such key: always causal
     r("hidden_activation")
     pattern = r.get("sliding_window_pattern") or pattern_default
     window, types = _layer_kinds(r, sizes, lambda i: SLIDING if (i + 1) % pattern else FULL)
@@ -779,7 +780,7 @@ def _gemma(r: KeyReader, sizes: Sizes, pattern_default: int, qk_norm: str | None
         layers=tuple(
             LayerSpec(window, sliding_rope) if t == SLIDING else LayerSpec(None, full_rope) for t in types
         ),
-        norms=SANDWICH_NORMS,
+        norms=norms,
         norm_offset=1.0,
         activation="gelu_tanh",
         embed_scale=math.sqrt(sizes.hidden_size),
@@ -866,6 +867,13 @@ _GEMMA = (
     Key("query_pre_attn_scalar", default=256, check=positive_number),
     *_CAUSAL_GEMMA, *_WINDOW, *_LAYER_TYPES,
 )
+#: Gemma 2's soft-caps, as its config class defaults them.
+_GEMMA2_SOFTCAPS = (
+    Key("attn_logit_softcapping", default=50.0, check=optional_positive_number),
+    Key("final_logit_softcapping", default=30.0, check=optional_positive_number),
+)
+#: VaultGemma: Gemma 2's blocks without the norms on attention's and the MLP's outputs.
+VAULTGEMMA_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "pre_feedforward_layernorm"}
 
 
 def _rotary_dim(r: KeyReader, sizes: Sizes, spec: dict, default: float, beside: str = "partial_rotary_factor") -> int:
@@ -1345,11 +1353,17 @@ FAMILIES: dict[str, Family] = {
         _gemma1,
     ),
     "gemma2": Family(
-        _keys(_core(True, 256), _ROPE[:3], _GEMMA, (
-            Key("attn_logit_softcapping", default=50.0, check=optional_positive_number),
-            Key("final_logit_softcapping", default=30.0, check=optional_positive_number),
-        )),
+        _keys(_core(True, 256), _ROPE[:3], _GEMMA, _GEMMA2_SOFTCAPS),
         lambda r, s: _gemma(r, s, 2, None, _gemma2_ropes),
+    ),
+    # Google's VaultGemma (differentially private Gemma 2): Gemma 2's config keys and blocks (1 + w RMSNorms, GeGLU,
+    # sqrt(hidden) embeddings, query_pre_attn_scalar, both soft-caps, every other layer sliding unless layer_types
+    # says otherwise) with a norm before attention and before the MLP only; always causal (its config has no
+    # use_bidirectional_attention, which transformers' VaultGemma never reads)
+    "vaultgemma": Family(
+        _keys(_core(True, 256), _core_defaults(vocab_size=256_000, max_position_embeddings=8192), _ROPE[:3],
+              tuple(k for k in _GEMMA if k.name != "use_bidirectional_attention"), _GEMMA2_SOFTCAPS),
+        lambda r, s: _gemma(r, s, 2, None, _gemma2_ropes, VAULTGEMMA_NORMS),
     ),
     "gemma3_text": Family(
         _keys(_core(True, 256), _core_defaults(
