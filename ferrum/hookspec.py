@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.14"
+API_VERSION = "1.15"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -110,6 +110,7 @@ OPTIONAL_OPS = (
     "layer_norm",
     "gelu",
     "relu_squared",
+    "xielu",
     "mul_scalar",
     "softcap",
     "clip",
@@ -317,6 +318,16 @@ def relu_squared(x: Any) -> Any:
     """(optional) ``relu(x) ** 2``, the squared ReLU of an ungated MLP's hidden layer (Nemotron, Arcee), in
     ``x``'s dtype (the square of ``x``'s value rounded once, as torch's ``relu(x).square()`` gives it). Fallback:
     computed on the host in float32."""
+
+
+@hookspec(firstresult=True)
+def xielu(x: Any, alpha_p: float, alpha_n: float, beta: float, eps: float) -> Any:
+    """(optional) xIELU, the activation of Apertus's ungated MLP, as transformers computes it:
+    ``where(x > 0, alpha_p * x * x + beta * x, (expm1(min(x, eps)) - x) * alpha_n + beta * x)``, each product, sum
+    and difference in ``x``'s dtype in that order, with the four coefficients first rounded to ``x``'s dtype.
+    ``alpha_p`` and ``alpha_n`` are the slopes the model uses, not its stored parameters: the caller has taken
+    them through softplus (and added ``beta`` to the negative one); ``eps`` is negative (-1e-6), so the negative
+    side never reaches ``expm1(0)``. Fallback: computed on the host in float32."""
 
 
 @hookspec(firstresult=True)

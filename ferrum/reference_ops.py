@@ -102,6 +102,11 @@ def relu_squared(ops: Any, x: Any) -> Any:
     return _on_host(ops, x, lambda a: np.square(np.maximum(a, np.float32(0))))
 
 
+def xielu(ops: Any, x: Any, alpha_p: float, alpha_n: float, beta: float, eps: float) -> Any:
+    ap, an, b, e = (np.float32(v) for v in (alpha_p, alpha_n, beta, eps))
+    return _on_host(ops, x, lambda a: np.where(a > 0, ap * a * a + b * a, (np.expm1(np.minimum(a, e)) - a) * an + b * a))
+
+
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:
     rounded = np.asarray(ops.to_numpy(ops.from_numpy(np.array([factor], dtype=np.float32), _dtype_name(x))))[0]
     return _on_host(ops, x, lambda a: a * np.float32(rounded))

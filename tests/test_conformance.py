@@ -70,10 +70,11 @@ def test_a_layer_norm_dropping_its_bias_is_caught(registered):
 
 
 def test_the_core_fallbacks_of_layer_norm_and_gelu_conform(registered):
-    registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm", "clip", "mul", "relu_squared")))
+    registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm", "clip", "mul", "relu_squared",
+                                                                    "xielu")))
     passed = [r.name for r in assert_conformance("nolayernorm").results if r.passed]
     assert {"layer_norm (core fallback)", "gelu (core fallback)", "clip (core fallback)", "mul (core fallback)",
-            "relu_squared (core fallback)", "model phi: logits and decode steps",
+            "relu_squared (core fallback)", "xielu (core fallback)", "model phi: logits and decode steps",
             "model nemotron: logits and decode steps", "model olmo: logits and decode steps",
             "model cohere: logits and decode steps"} <= set(passed)
 
@@ -86,6 +87,16 @@ def relu_squared_without_the_relu(x):
 def test_a_squared_relu_that_keeps_negatives_is_caught(registered):
     registered("norelu", cpu_like_plugin("norelu", extra={"relu_squared": relu_squared_without_the_relu}))
     assert set(check_backend("norelu").failed()) == {"relu_squared (native)", "model nemotron: logits and decode steps"}
+
+
+@hookimpl
+def xielu_without_beta_on_the_negative_side(x, alpha_p, alpha_n, beta, eps):
+    return np.where(x > 0, alpha_p * x * x + beta * x, (np.expm1(np.minimum(x, eps)) - x) * alpha_n).astype(x.dtype)
+
+
+def test_an_xielu_dropping_beta_on_the_negative_side_is_caught(registered):
+    registered("noxbeta", cpu_like_plugin("noxbeta", extra={"xielu": xielu_without_beta_on_the_negative_side}))
+    assert set(check_backend("noxbeta").failed()) == {"xielu (native)"}
 
 
 @hookimpl

@@ -1,5 +1,5 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, squared ReLU,
-scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE,
+xIELU, scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE,
 Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron) against the float64
 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
@@ -131,6 +131,29 @@ def check_relu_squared(c: Any, tol: float) -> float:
     return _compare(got, np.square(np.maximum(x, 0.0)), tol)
 
 
+#: xIELU's coefficients in the check: slopes as Apertus's layers learn them (softplus taken), its beta and eps.
+XIELU_CASE = (0.75, 0.875, 0.5, -1e-6)
+
+
+def xielu(x: np.ndarray, alpha_p: float, alpha_n: float, beta: float, eps: float) -> np.ndarray:
+    """transformers' xIELU in float64 from its slopes (``ferrum.hookspec.xielu``)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x > 0, alpha_p * x * x + beta * x, (np.expm1(np.minimum(x, eps)) - x) * alpha_n + beta * x)
+
+
+def check_xielu(c: Any, tol: float) -> float:
+    """Both sides of zero, zero itself (on the negative side: ``expm1(eps) * alpha_n``), values between eps and 0,
+    and negatives far from it (where ``expm1`` saturates at -1 and ``-x * alpha_n + beta * x`` remains); the
+    coefficients as the compute dtype holds them, the result in it."""
+    x = c.random(6, 80) * 3
+    x[0, :6] = [0.0, -0.0, -8.0, 8.0, -1e-7, -30.0]
+    x = c.rounded(x)
+    coeffs = c.rounded(np.array(XIELU_CASE, dtype=np.float32))
+    got = c.get(c.ops.xielu(c.put(x), *(float(v) for v in XIELU_CASE)))
+    assert np.array_equal(got, c.rounded(got)), f"xielu's result is not in the compute dtype {c.dtype}"
+    return _compare(got, xielu(x, *(float(v) for v in coeffs)), tol)
+
+
 def check_mul_scalar(c: Any, tol: float) -> float:
     x = c.rounded(c.random(5, 64))
     factor = float(c.rounded(np.array([np.sqrt(3072.0)], dtype=np.float32))[0])  # as the dtype holds it
@@ -236,6 +259,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"layer_norm ({source('layer_norm')})", lambda: check_layer_norm(c, tol), tol),
         (f"gelu ({source('gelu')})", lambda: check_gelu(c, tol), tol),
         (f"relu_squared ({source('relu_squared')})", lambda: check_relu_squared(c, tol), tol),
+        (f"xielu ({source('xielu')})", lambda: check_xielu(c, tol), tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),

@@ -139,6 +139,15 @@ def relu_squared(x):
 
 
 @hookimpl
+def xielu(x, alpha_p, alpha_n, beta, eps):
+    ap, an, b, e = (np.asarray(v, dtype=x.dtype) for v in (alpha_p, alpha_n, beta, eps))
+    linear = b * x
+    positive = ap * x * x + linear
+    negative = (np.expm1(np.minimum(x, e)) - x) * an + linear
+    return np.where(x > 0, positive, negative).astype(x.dtype, copy=False)
+
+
+@hookimpl
 def clip(x, limit):
     return np.clip(x, -limit, limit).astype(x.dtype, copy=False)
 

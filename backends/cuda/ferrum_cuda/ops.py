@@ -528,6 +528,13 @@ def relu_squared(x):
 
 
 @hookimpl
+def xielu(x, alpha_p, alpha_n, beta, eps):
+    # transformers' XIELUActivation._xielu_python, op for op, its parameters in x's dtype
+    ap, an, b, e = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (alpha_p, alpha_n, beta, eps))
+    return torch.where(x > 0, ap * x * x + b * x, (torch.expm1(torch.minimum(x, e)) - x) * an + b * x)
+
+
+@hookimpl
 def mul_scalar(x, factor):
     return x * torch.tensor(factor, dtype=x.dtype, device=x.device)
 

@@ -397,6 +397,12 @@ def relu_squared(x):
 
 
 @hookimpl
+def xielu(x, alpha_p, alpha_n, beta, eps):
+    ap, an, b, e = (mx.array(v, dtype=x.dtype) for v in (alpha_p, alpha_n, beta, eps))
+    return mx.where(x > 0, ap * x * x + b * x, (mx.expm1(mx.minimum(x, e)) - x) * an + b * x)
+
+
+@hookimpl
 def mul_scalar(x, factor):
     return x * mx.array(factor, dtype=x.dtype)
 

@@ -133,6 +133,17 @@ def relu_squared(x):
 
 
 @jax.jit
+def _xielu(x, alpha_p, alpha_n, beta, eps):
+    ap, an, b, e = (jnp.asarray(v, dtype=x.dtype) for v in (alpha_p, alpha_n, beta, eps))
+    return jnp.where(x > 0, ap * x * x + b * x, (jnp.expm1(jnp.minimum(x, e)) - x) * an + b * x)
+
+
+@hookimpl
+def xielu(x, alpha_p, alpha_n, beta, eps):
+    return _xielu(x, alpha_p, alpha_n, beta, eps)
+
+
+@jax.jit
 def _mul(a, b):
     return (a * b).astype(a.dtype)
 
