@@ -279,7 +279,8 @@ class DecoderOnlyLLM:
                     # biases, norms and sinks are used as they are, never laid out for products (a 2-D norm too);
                     # a float32 vector too (a router's correction bias); a packed matrix keeps its compute dtype
                     float32 = part.endswith(config.arch.keep_float32) and isinstance(array, np.ndarray)
-                    as_is = part.endswith((".bias", ".sinks")) or is_norm(part) or float32 and array.ndim == 1
+                    as_is = (part.endswith((".bias", ".sinks")) or is_norm(part) or float32 and array.ndim == 1
+                             or ".act_fn." in part)  # xIELU's learned values (Apertus)
                     role = roles.get(part, "bias" if as_is else "linear")
                     weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs)
             if progress is not None:

@@ -214,6 +214,8 @@ def _assemble(
                 f"{where}: tensor {name} is {array.dtype} but a float tensor is expected "
                 "(a packed weight needs its .scales and .biases and a 'quantization' section in config.json)"
             )
+        if tuple(array.shape) != shape and shape in ((), (1,)) and array.shape in ((), (1,)):
+            array = array.reshape(shape)  # one value, as a scalar or a [1] vector (mlx-lm squeezes Apertus's)
         if tuple(array.shape) != shape:
             raise CheckpointError(f"tensor {name} has shape {tuple(array.shape)} but config.json implies {shape}")
         return array

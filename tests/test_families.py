@@ -39,7 +39,7 @@ FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window",
             "cohere", "cohere_qk_norm",
             "cohere2", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode",
             "gpt_bigcode_mha", "gptj", "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip",
-            "nemotron", "nemotron_llama3_quarter", "arcee", "vaultgemma", "vaultgemma_full")
+            "nemotron", "nemotron_llama3_quarter", "arcee", "vaultgemma", "vaultgemma_full", "apertus", "apertus_biased")
 
 
 def _longrope(half: int) -> dict:
@@ -203,6 +203,14 @@ def transformers_config(family: str):
             **common, num_attention_heads=4, num_key_value_heads=4, head_dim=24, sliding_window=WINDOW,
             layer_types=["full_attention"] * 3, tie_word_embeddings=False, query_pre_attn_scalar=24,
             attn_logit_softcapping=None, final_logit_softcapping=None)
+    if family == "apertus":  # xIELU, q/k norms before llama3 rope (scaling past 8 positions), untied
+        return transformers.ApertusConfig(
+            **common, num_attention_heads=4, num_key_value_heads=2,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 12_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
+    if family == "apertus_biased":  # attention_bias on q/k/v/o, head_dim != hidden / heads, MQA, tied, default rope
+        return transformers.ApertusConfig(**common, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                          attention_bias=True, tie_word_embeddings=True)
     raise ValueError(family)
 
 
@@ -211,6 +219,14 @@ def build_family(folder, family: str):
     legacy ``hidden_act: "gelu"``, meaning the tanh approximation Gemma was trained with: transformers 5.24 reads
     it so, 5.17 ran exact GELU, so the reference is built with the tanh form named outright."""
     model = build_transformers_model(folder, transformers_config(family))
+    if family.startswith("apertus"):  # xIELU's beta and eps are buffers: each layer its own, so each is read
+        import torch
+
+        with torch.no_grad():
+            for i, layer in enumerate(model.model.layers):
+                layer.mlp.act_fn.beta.fill_(0.5 - 0.1 * i)
+                layer.mlp.act_fn.eps.fill_(-1e-6 * (i + 1))
+        model.save_pretrained(folder)
     if family == "gemma":
         path = folder / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "hidden_act": "gelu"}))
@@ -368,7 +384,7 @@ def _mlx_lm_config(config: dict) -> dict:
                                             ("stablelm_qk_norm", 13),
                                             ("starcoder2", WINDOW), ("cohere", 13), ("cohere_qk_norm", 13),
                                             ("cohere2", WINDOW), ("gpt_neox", 13), ("gpt2", 13), ("gpt_bigcode", 13),
-                                            ("gptj", 13), ("nemotron", 13)])
+                                            ("gptj", 13), ("nemotron", 13), ("apertus", 13)])
 def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
     """mlx-lm's Gemma 2 and Phi-3 have no sliding window, so their prompts stay within it; its longrope
     always uses the long factors, so Phi-3's partial rotary is compared without longrope. (Its Gemma 1 uses
@@ -396,6 +412,8 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
         _as_bare_gpt2(folder / "model.safetensors", config["n_layer"], config["n_positions"])
     if family == "gpt_bigcode":  # mlx-lm needs the MLP's width spelled out, and its GELU is the exact one
         config.update(n_inner=4 * config["n_embd"], activation_function="gelu")
+    if family == "apertus":  # keys mlx-lm's Apertus requires (Swiss AI's configs carry them; transformers ignores them)
+        config.update(mlp_bias=False, post_norm=False, qk_norm=True)
     if family == "hunyuan":  # as Hunyuan's checkpoints spell it
         config.update(head_dim=24, rope_theta=10000.0, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
     (folder / "config.json").write_text(json.dumps(_mlx_lm_config(config)))
@@ -407,7 +425,7 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [None, 8])
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "helium", "glm", "nemotron"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "helium", "glm", "nemotron", "apertus"])
 def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
     """mlx-lm's conversions of GPT-2 (the projections [out, in] under ``model.``, its Conv1D turned into Linear),
     GPT-NeoX (``model.h.*``, ``model.embed_out``), Helium and GLM-4 (gate and up in one matrix) and Nemotron (its
@@ -428,6 +446,8 @@ def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
         config.update(rotary_emb_base=10000.0, rotary_pct=0.25, hidden_act="gelu_new")
     elif family == "glm":  # mlx-lm's GLM rotates whole heads (see test_mlx_backend_matches_mlx_lm)
         config["rope_parameters"]["partial_rotary_factor"] = 1.0
+    elif family == "apertus":  # mlx-lm's required keys; its conversion stores xIELU's alpha_p / alpha_n as scalars
+        config.update(mlp_bias=False, post_norm=False, qk_norm=True)
     (source / "config.json").write_text(json.dumps(_mlx_lm_config(config)))
     write_tokenizer(source)  # mlx-lm converts the tokenizer too, and cannot guess one for every family
     converted = tmp_path / "mlx"
@@ -438,6 +458,14 @@ def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
     ref = np.array(reference_model(mx.array([tokens])).astype(mx.float32))[0]
     for backend in RUNNABLE:
         assert_parity(load(converted, backend, dtype="float32").forward_verify("m", tokens), ref)
+
+
+@pytest.mark.parametrize("family", ["apertus", "apertus_biased"])
+def test_apertus_names_the_tensors_transformers_saves(checkpoints, family):
+    """xIELU's parameters among them: alpha_p and alpha_n as [1], beta and eps as scalars."""
+    from support import assert_names_the_tensors_transformers_saves
+
+    assert_names_the_tensors_transformers_saves(checkpoints[family][0])
 
 
 # ---------------------------------------------------------- checkpoint layouts
@@ -743,6 +771,9 @@ def _config(family: str, **overrides) -> dict:
         ("nemotron", {"rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}},
          UnsupportedFeatureError, "rope_parameters"),
         ("arcee", {"hidden_act": "silu"}, UnsupportedFeatureError, "hidden_act"),
+        ("apertus", {"hidden_act": "silu"}, UnsupportedFeatureError, "hidden_act"),  # an ungated SiLU
+        ("apertus", {"rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}},
+         UnsupportedFeatureError, "rope_parameters"),
         ("arcee", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
          UnsupportedFeatureError, "rope_parameters"),  # transformers' Llama rotates whole heads whatever it says
     ],

@@ -1031,6 +1031,26 @@ def _arcee(r: KeyReader, sizes: Sizes) -> Architecture:
                    activation=_UNGATED_ACTIVATIONS[r("hidden_act")])
 
 
+#: Apertus's two norms, under its names.
+APERTUS_NORMS = {"pre_attn": "attention_layernorm", "pre_mlp": "feedforward_layernorm"}
+#: transformers' Apertus rope where a config gives none (rope_theta included: a top-level one is not read then).
+_APERTUS_ROPE = {"rope_type": "llama3", "rope_theta": 12_000_000.0, "factor": 8.0,
+                 "original_max_position_embeddings": 8192, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+def _apertus(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Swiss AI's Apertus: Llama's blocks under its own norm names, per-head q/k RMSNorms before rope (Qwen 3's),
+    attention_bias on every attention projection, and an ungated MLP (up_proj, down_proj; never biased, whatever
+    mlp_bias says, as transformers builds it) whose xIELU activation learns its slopes per layer."""
+    arch = _llama_like(False, "head", _no_windows, norms=APERTUS_NORMS)(r, sizes)
+    return replace(arch, layers=tuple(replace(layer, mlp="plain") for layer in arch.layers),
+                   activation=_APERTUS_ACTIVATIONS[r("hidden_act")], mlp_bias=False)
+
+
+#: Apertus's activations: xIELU, or another ungated one transformers' ApertusMLP takes by name.
+_APERTUS_ACTIVATIONS = {"xielu": "xielu", **_UNGATED_ACTIVATIONS}
+
+
 def _cohere_blocks(r: KeyReader, sizes: Sizes, ropes: list[Rope], windows: list) -> Architecture:
     """Command R's blocks: one LayerNorm without a bias feeding attention and the MLP side by side, GPT-J's rope
     (adjacent dims paired), attention_bias on every attention projection, logits scaled by logit_scale; with
@@ -1644,6 +1664,15 @@ FAMILIES: dict[str, Family] = {
         Key("attention_bias", default=False, check=boolean),
         Key("mlp_bias", default=False, check=boolean),
     ), eps_key="norm_eps"),
+    "apertus": Family(  # Swiss AI's Apertus 8B / 70B
+        _keys(_core(False), _core_defaults(vocab_size=131_072, max_position_embeddings=65_536), _ROPE, (
+            Key("rope_parameters", default=_APERTUS_ROPE),
+            Key("hidden_act", default="xielu", check=one_of(*_APERTUS_ACTIVATIONS), unsupported=True),
+            Key("attention_bias", default=False, check=boolean),
+        )),
+        _apertus,
+        eps_default=1e-5,
+    ),
     "arcee": Family(  # Arcee AFM-4.5B
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=4096), _ROPE, (
             _ungated_key("relu2"),

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+import numpy as np
+
 from ferrum.moe.kind import Moe
+from ferrum.reference_ops import _dtype_name
 
 if TYPE_CHECKING:
     from ferrum.weights import Linear, Projections
@@ -26,6 +29,36 @@ PLAIN_ACTIVATIONS: dict[str, Callable[[Any, Any], Any]] = {
     "gelu": lambda ops, x: ops.gelu(x, False),
     "relu2": lambda ops, x: ops.relu_squared(x),  # Nemotron, Arcee
 }
+
+
+#: Apertus's xIELU: its learned parameters, one value each, in every layer's ``mlp.act_fn`` (transformers stores
+#: alpha_p and alpha_n as ``[1]``, beta and eps as scalars; mlx-lm squeezes them all to scalars).
+XIELU_PARAMS = {"alpha_p": (1,), "alpha_n": (1,), "beta": (), "eps": ()}
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    """torch's softplus (threshold 20: the input itself above it), in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
+
+
+def xielu_slopes(ops: Any, tensor: Callable[[str], Any]) -> tuple[float, float, float, float]:
+    """``(alpha_p, alpha_n, beta, eps)`` for :func:`ferrum.hookspec.xielu` from a layer's stored parameters, as
+    transformers' XIELUActivation derives them in the model's dtype: ``softplus(alpha_p)`` and ``beta +
+    softplus(alpha_n)``, each softplus and the sum rounded to that dtype."""
+    placed = {name: tensor(f"mlp.act_fn.{name}") for name in XIELU_PARAMS}
+    dtype = _dtype_name(placed["beta"])
+
+    def value(x: Any) -> np.float32:
+        return np.asarray(ops.to_numpy(x), dtype=np.float32).reshape(-1)[0]
+
+    def rounded(x: np.ndarray) -> np.float32:
+        return value(ops.from_numpy(np.asarray(x, dtype=np.float32).reshape(1), dtype))
+
+    beta, eps = value(placed["beta"]), value(placed["eps"])
+    alpha_p = rounded(_softplus(value(placed["alpha_p"])))
+    alpha_n = rounded(beta + rounded(_softplus(value(placed["alpha_n"]))))
+    return float(alpha_p), float(alpha_n), float(beta), float(eps)
 
 
 class MlpKind(Protocol):
@@ -111,13 +144,16 @@ class UngatedMLP:
 
 class Plain:
     """The ungated MLP (Phi-2's fc1 / fc2, StarCoder2's c_fc / c_proj, Nemotron's up_proj / down_proj), under
-    Llama's names up_proj / down_proj (``Architecture.stored_names`` maps them to the checkpoint's)."""
+    Llama's names up_proj / down_proj (``Architecture.stored_names`` maps them to the checkpoint's); with xIELU
+    (Apertus), its parameters beside them (:data:`XIELU_PARAMS`)."""
 
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
         h, inter = config.hidden_size, config.intermediate_size
         shapes = {"mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
         if config.arch.mlp_bias:
             shapes.update({"mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)})
+        if config.arch.activation == "xielu":
+            shapes.update({f"mlp.act_fn.{name}": shape for name, shape in XIELU_PARAMS.items()})
         return shapes
 
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
@@ -125,6 +161,9 @@ class Plain:
 
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
               config: Any, layer: int) -> UngatedMLP:
+        if config.arch.activation == "xielu":  # Apertus: slopes learned per layer
+            slopes = xielu_slopes(ops, tensor)
+            return UngatedMLP(linear("mlp.up_proj"), linear("mlp.down_proj"), lambda x: ops.xielu(x, *slopes))
         act = PLAIN_ACTIVATIONS[config.arch.activation]
         return UngatedMLP(linear("mlp.up_proj"), linear("mlp.down_proj"), lambda x: act(ops, x))
 

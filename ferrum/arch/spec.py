@@ -49,7 +49,8 @@ class Architecture:
     #: (Phi-2, StableLM 2 12B); the MLP reads ``pre_mlp``'s norm of the input where the block has one.
     parallel: bool = False
     #: The activation: of the gated MLP, "silu" | "gelu_tanh"; of the ungated one (``LayerSpec.mlp`` "plain"),
-    #: "gelu_tanh" | "gelu" (exact) | "relu2" (``relu(x) ** 2``: Nemotron, Arcee).
+    #: "gelu_tanh" | "gelu" (exact) | "relu2" (``relu(x) ** 2``: Nemotron, Arcee) | "xielu" (Apertus: its slopes
+    #: learned per layer, ``mlp.act_fn.*``).
     activation: str = "silu"
     embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype; Granite's multiplier
     #: Granite: multiplies what each block's attention and MLP add to the residual stream, and the logits.

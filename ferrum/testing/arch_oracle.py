@@ -198,7 +198,7 @@ class ArchOracle:
             return self._experts(x, p)
         if kind == "plain":
             up = linear(x, w(p + "mlp.up_proj.weight"), w(p + "mlp.up_proj.bias"))
-            act = _PLAIN_ACTIVATIONS[arch.activation](up)
+            act = self._xielu(up, p) if arch.activation == "xielu" else _PLAIN_ACTIVATIONS[arch.activation](up)
             return linear(act, w(p + "mlp.down_proj.weight"), w(p + "mlp.down_proj.bias"))
         if arch.fused_gate_up:
             gate, up = np.split(linear(x, w(p + "mlp.gate_up_proj.weight")), 2, axis=-1)
@@ -207,6 +207,14 @@ class ArchOracle:
             up = linear(x, w(p + "mlp.up_proj.weight"), w(p + "mlp.up_proj.bias"))
         act = _gelu_tanh(gate) if arch.activation == "gelu_tanh" else gate / (1.0 + np.exp(-gate))
         return linear(act * up, w(p + "mlp.down_proj.weight"), w(p + "mlp.down_proj.bias"))
+
+    def _xielu(self, x: np.ndarray, p: str) -> np.ndarray:
+        """Apertus's xIELU from the layer's stored parameters, as transformers' XIELUActivation reads them."""
+        alpha_p, alpha_n, beta, eps = (float(self.w(f"{p}mlp.act_fn.{name}").reshape(-1)[0])
+                                       for name in ("alpha_p", "alpha_n", "beta", "eps"))
+        softplus = lambda v: v if v > 20 else math.log1p(math.exp(v))  # noqa: E731 (torch's threshold)
+        alpha_p, alpha_n = softplus(alpha_p), beta + softplus(alpha_n)
+        return np.where(x > 0, alpha_p * x * x + beta * x, (np.expm1(np.minimum(x, eps)) - x) * alpha_n + beta * x)
 
     def _experts(self, x: np.ndarray, p: str) -> np.ndarray:
         """A sparse MLP: softmax over the router's logits, the top-k (renormalised where the family says), or
