@@ -2072,3 +2072,103 @@ def test_a_deepseek2_gguf_silent_on_its_gate_is_gated_as_llama_cpp_guesses(block
     meta = types.SimpleNamespace(get=lambda key, default=None: stored if key.endswith("gating_func") else default,
                                  need=lambda key: {"deepseek2.block_count": blocks}[key], where="m.gguf")
     assert _deepseek2_gating(meta, "deepseek2.", {"num_hidden_layers": blocks - 1, "vocab_size": vocab}) == gating
+
+
+# ------------------------------------------------------------------ dots.llm1, Hunyuan-A13B: experts and shared MLPs
+
+def _shared_expert_gguf(path: Path, hf, config, arch: str, qtype) -> None:
+    """``hf``'s weights as llama.cpp's converter writes dots.llm1 (``dots1``: DeepSeek-V3's sigmoid routing keys,
+    the correction bias as ``exp_probs_b.bias``) and Hunyuan-A13B (``hunyuan-moe``: the shared MLP as wide as
+    intermediate_size): experts stacked per projection, under the names gguf's own tensor map gives them; q/k
+    rows as stored; matrices (expert stacks too) stored as ``qtype``."""
+    w = _gguf_writer(path, arch, config)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    if arch == "dots1":
+        w.add_expert_count(config.n_routed_experts)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        w.add_leading_dense_block_count(config.first_k_dense_replace)
+        w.add_expert_shared_count(config.n_shared_experts)
+        w.add_expert_weights_scale(config.routed_scaling_factor)
+        w.add_expert_weights_norm(config.norm_topk_prob)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    else:
+        w.add_expert_count(config.num_experts)
+        w.add_expert_feed_forward_length(config.intermediate_size)
+        w.add_expert_shared_feed_forward_length(config.intermediate_size)
+        w.add_expert_shared_count(1)
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
+    inter = config.moe_intermediate_size if arch == "dots1" else config.intermediate_size
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # as the converter renames it
+        if name.endswith("mlp.experts.gate_up_proj"):  # transformers' stacks, split as the converter splits them
+            stacks = {name.replace("gate_up_proj", "gate_proj.weight"): array[:, :inter],
+                      name.replace("gate_up_proj", "up_proj.weight"): array[:, inter:]}
+        else:
+            stacks = {name if name.endswith((".weight", ".bias")) else name + ".weight": array}
+        for hf_name, array in stacks.items():
+            module, suffix = hf_name.rsplit(".", 1)
+            gguf_name = f"{names.get_name(module)}.{suffix}"
+            array = np.ascontiguousarray(array)
+            if qtype == Q.F32 or array.ndim < 2 or "norm" in module or module.endswith(("gate", "gate.wg")):
+                w.add_tensor(gguf_name, array)  # norms, biases and routers stay float, as llama.cpp keeps them
+            else:
+                w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+def _tiny_shared_expert_model(arch: str) -> tuple[Any, Any]:
+    """A dots.llm1 (a dense first layer, grouped sigmoid routing renormalised and scaled, one shared expert) or a
+    Hunyuan-A13B (softmax routing, a shared MLP): norms, biases and correction biases away from 1 and 0, q and k
+    large enough for the rope's angles to move the logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    common = dict(intermediate_size=96, num_hidden_layers=3, head_dim=16, tie_word_embeddings=False)
+    if arch == "dots1":
+        hf, config = _tiny_model(transformers.Dots1Config, **common, moe_intermediate_size=32, n_routed_experts=8,
+                                 num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+                                 routed_scaling_factor=1.5, norm_topk_prob=True)
+    else:
+        hf, config = _tiny_model(transformers.HunYuanMoEV1Config, **common, num_experts=8, moe_topk=3,
+                                 attention_bias=False)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith(("bias", "norm.weight", "layernorm.weight")):
+                param.normal_(0.5, 0.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.normal_(0, 0.3)
+        for name, buffer in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.5)
+    return hf, config
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("arch", ["dots1", "hunyuan-moe"])
+def test_shared_expert_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qtype):
+    """dots.llm1 (Qwen 3's attention over DeepSeek-V3's sigmoid routing: correction bias, scale, a dense first
+    layer, shared experts) and Hunyuan-A13B (q/k normed once rotated, softmax routing, a shared MLP): float32
+    files give transformers' logits; Q8_0 ones (experts too) what the same file imported in float32 gives."""
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    hf, config = _tiny_shared_expert_model(arch)
+    _shared_expert_gguf(tmp_path / "m.gguf", hf, config, arch, qtype)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    moe = ModelConfig.from_file(out).arch.moe
+    assert (moe.num_experts, moe.top_k) == (8, 3)
+    if arch == "dots1":
+        assert (moe.routing, moe.routed_scale, moe.normalize, moe.shared_expert_size) == ("sigmoid_grouped", 1.5,
+                                                                                           True, 32)
+    else:
+        assert (moe.routing, moe.normalize, moe.shared_expert_size) == ("softmax", True, 96)
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+        return
+    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+

@@ -224,6 +224,45 @@ def _glm4_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
 _SOFTMAX_GATING, _SIGMOID_GATING = 1, 2
 
 
+def _dots1_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """dots.llm1 as llama.cpp reads it: DeepSeek-V3's sigmoid routing with its correction bias (the gate the model
+    was trained with; a file naming softmax is refused), its scale, groups (one unless the file says), dense first
+    layers and shared experts; Qwen 3's attention, without the window no release sets (llama.cpp runs none)."""
+    gating = meta.get(p + "expert_gating_func")
+    if gating and gating != _SIGMOID_GATING:
+        raise UnsupportedFeatureError(f"{meta.where}: {p}expert_gating_func {gating} is not supported; dots.llm1 "
+                                      f"routes with the sigmoid gate ({_SIGMOID_GATING})")
+    return {"n_shared_experts": int(meta.need(p + "expert_shared_count")),
+            "first_k_dense_replace": int(meta.need(p + "leading_dense_block_count")),
+            "routed_scaling_factor": float32_value(meta.need(p + "expert_weights_scale")),
+            "n_group": int(meta.get(p + "expert_group_count", 1)),
+            "topk_group": int(meta.get(p + "expert_group_used_count", 1)),
+            "sliding_window": None, "attention_bias": "blk.0.attn_q.bias" in meta.tensors}
+
+
+def _hunyuan_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Hunyuan-A13B as llama.cpp runs it and transformers reads its config: softmax top-k renormalised, unscaled,
+    one shared MLP; transformers sizes the experts and the shared MLP by intermediate_size, so a file whose
+    expert or shared widths differ from ``feed_forward_length`` (no release's) is refused. The converter folds
+    the NTK alpha into rope.freq_base, as for the dense family."""
+    where, inter = meta.where, cfg["intermediate_size"]
+    for key in ("expert_feed_forward_length", "expert_shared_feed_forward_length"):
+        width = meta.get(p + key)
+        if width is not None and int(width) != inter:
+            raise UnsupportedFeatureError(f"{where}: {p}{key} {width} differs from feed_forward_length {inter}; "
+                                          "transformers' Hunyuan-A13B sizes its experts and shared MLP alike")
+    shared = int(meta.get(p + "expert_shared_count", 1))
+    if shared != 1:
+        raise UnsupportedFeatureError(f"{where}: {p}expert_shared_count {shared} is not supported (Hunyuan-A13B "
+                                      "has one shared MLP)")
+    scale = meta.get(p + "expert_weights_scale")
+    if scale not in (None, 0, 1):
+        raise UnsupportedFeatureError(f"{where}: {p}expert_weights_scale {scale} is not supported (Hunyuan-A13B "
+                                      "does not scale its routed experts)")
+    return {"moe_topk": cfg["num_experts_per_tok"], "num_shared_expert": 1,
+            "attention_bias": "blk.0.attn_q.bias" in meta.tensors}
+
+
 def _deepseek2_gating(meta: Metadata, p: str, cfg: dict[str, Any]) -> int:
     """The gate as llama.cpp reads it: the file's, else (no key, or 0: none) softmax (DeepSeek-V2's early files),
     except that a file of GLM-4.7-Flash's shape (47 or 48 blocks, 154880 tokens) routes with the sigmoid."""
@@ -323,6 +362,11 @@ _DEEPSEEK2_TENSORS = (
     *_GLM4_MOE_TENSORS[1:],
 )
 
+#: Hunyuan's q/k norms (the dense family's and A13B's) and A13B's ungated shared MLP, in the sparse MLP module.
+_HUNYUAN_QK_NORMS = (("attn_q_norm.weight", "self_attn.query_layernorm.weight"),
+                     ("attn_k_norm.weight", "self_attn.key_layernorm.weight"))
+_HUNYUAN_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
+
 #: Qwen2-MoE's sigmoid-gated shared expert: GGUF name -> suffix in the sparse MLP module.
 _QWEN2_MOE_SHARED = (("ffn_gate_inp_shexp.weight", "shared_expert_gate.weight"),
                      *((f"ffn_{p}_shexp.weight", f"shared_expert.{p}_proj.weight") for p in ("gate", "up", "down")))
@@ -418,9 +462,7 @@ ARCHITECTURES = {
     # Hunyuan (dense): rotate-half rope stored as the checkpoint has it, q/k RMS-normed per head once rotated; the
     # converter folds the checkpoint's NTK alpha into rope.freq_base (rope scaling none), as transformers reads it
     "hunyuan-dense": _Architecture("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM", False,
-                                   renamed=(("attn_q_norm.weight", "self_attn.query_layernorm.weight"),
-                                            ("attn_k_norm.weight", "self_attn.key_layernorm.weight")),
-                                   configure=_present(attention_bias="attn_q.bias")),
+                                   renamed=_HUNYUAN_QK_NORMS, configure=_present(attention_bias="attn_q.bias")),
     # Nemotron: the converter stores LayerNorm1P's weights as 1 + w (llama.cpp's LayerNorm scales by the stored
     # value), taken off again; squared ReLU always (llama.cpp runs no other); rotate-half rope over
     # rope.dimension_count of each head, rows as the checkpoint has them
@@ -467,6 +509,16 @@ ARCHITECTURES = {
                                moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
                                             renormalise=False),
                                variants=(("deepseek_v2", "DeepseekV2ForCausalLM"),)),
+    # dots.llm1: Qwen 3's attention (rows as stored) over DeepSeek-V3's sigmoid routing, its correction bias and
+    # shared experts as GLM-4.5's are named
+    "dots1": _Architecture("dots1", "Dots1ForCausalLM", False, renamed=_GLM4_MOE_TENSORS[1:], configure=_dots1_config,
+                           moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
+                                        renormalise=False)),
+    # Hunyuan-A13B: the dense family's attention (q/k normed once rotated), experts and a shared MLP on every layer
+    "hunyuan-moe": _Architecture("hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM", False, renamed=_HUNYUAN_QK_NORMS,
+                                 configure=_hunyuan_moe_config,
+                                 moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None,
+                                              shared_tensors=_HUNYUAN_SHARED)),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),

@@ -159,7 +159,8 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
                                           "(Ferrum imports llama (Mixtral), qwen2moe, qwen3moe, olmoe, "
                                           "granitemoe, phimoe, glm4moe, deepseek2 and gpt-oss ones)")
         family = family.with_experts
-    if meta.get(p + "expert_shared_feed_forward_length") and not (family.moe and family.moe.shared_key):
+    shared_expert = family.moe and (family.moe.shared_key or family.moe.shared_tensors)  # Hunyuan's: no key
+    if meta.get(p + "expert_shared_feed_forward_length") and not shared_expert:
         if family.with_shared_expert is None:
             raise UnsupportedFeatureError(f"{where}: {arch} with a shared expert is not supported; Ferrum imports "
                                           "qwen2moe's and granitemoe's (GraniteMoeShared) shared experts")

@@ -20,7 +20,7 @@ from ferrum.gguf_import.architectures import (
     BLOCK_TENSORS, GLOBAL_TENSORS, IGNORED_BLOCK_TENSORS, MOE_BLOCK_TENSORS, ROPE_FACTOR_TENSORS,
     SUPPORTED_ARCHITECTURES, for_model_type,
 )
-from ferrum.moe.spec import ROUTER
+from ferrum.moe.spec import MLX_LM_STACK, ROUTER
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
 from ferrum.quant.config import AFFINE, QuantConfig
 from ferrum.quant.gguf import StoredForm, describe, repack
@@ -218,6 +218,10 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(f"{where}: GGUF file lacks {len(missing)} tensor(s) a {arch.hf_class} needs: {shown}")
+    stack = MLX_LM_STACK.get(arch.model_type)
+    if stack is not None:  # the experts under the module mlx-lm's conversions of the family stack them in (dots1's)
+        for p in plan:
+            p.hf_name = p.hf_name.replace(".switch_mlp.", f".{stack}.")
     return plan
 
 
