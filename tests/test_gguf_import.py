@@ -2172,3 +2172,95 @@ def test_shared_expert_gguf_matches_the_model_it_was_written_from(tmp_path, arch
     got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
+
+# ------------------------------------------------------------------ Qwen3-VL's text model
+
+def _tiny_qwen3_vl(moe: bool) -> tuple[Any, Any]:
+    """A random float32 Qwen3-VL (or Qwen3-VL-MoE) with a one-block vision tower and a deepstack layer, its text
+    model's rope interleaved over (time, height, width) sections, and its text config."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1) if moe else {}
+    text = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                 "mrope_interleaved": True}, pad_token_id=0, bos_token_id=1, eos_token_id=2, **experts)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config_class = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+    config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForImageTextToText.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # norms away from 1 and q, k large enough for the rope's angles to move the logits
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1, 0.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.normal_(0, 0.3)
+    return hf, config.text_config
+
+
+def _qwen3_vl_gguf(path: Path, hf, config, arch: str, qtype) -> None:
+    """``hf``'s text model as llama.cpp's converter writes Qwen3-VL (``qwen3vl``) and Qwen3-VL-MoE (``qwen3vlmoe``):
+    Qwen 3's (MoE's) keys, the mrope sections and the deepstack layer count; the vision tower left out (the
+    converter writes it to the mmproj file); experts split out of transformers' fused stacks; matrices as
+    ``qtype``."""
+    w = _gguf_writer(path, arch, config)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_dimension_sections([*config.rope_parameters["mrope_section"], 0])
+    w.add_num_deepstack_layers(1)
+    inter = getattr(config, "moe_intermediate_size", None)
+    if arch == "qwen3vlmoe":
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(inter)
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
+    for name, tensor in hf.state_dict().items():
+        if name.startswith("model.visual."):
+            continue
+        name, array = name.replace("model.language_model.", "model."), tensor.float().numpy()
+        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H] (or [E, H, 2I], the checkpoint's layout)
+            array = array if array.shape[1] == 2 * inter else array.swapaxes(1, 2)
+            stacks = {name.replace("gate_up_proj", "gate_proj.weight"): array[:, :inter],
+                      name.replace("gate_up_proj", "up_proj.weight"): array[:, inter:]}
+        elif name.endswith("mlp.experts.down_proj"):
+            stacks = {name + ".weight": array if array.shape[1] == config.hidden_size else array.swapaxes(1, 2)}
+        else:
+            stacks = {name: array}
+        for hf_name, array in stacks.items():
+            module, suffix = hf_name.rsplit(".", 1)
+            array = np.ascontiguousarray(array)
+            if qtype == Q.F32 or array.ndim < 2 or module.endswith("mlp.gate"):
+                w.add_tensor(f"{names.get_name(module)}.{suffix}", array)
+            else:
+                w.add_tensor(f"{names.get_name(module)}.{suffix}", gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("arch", ["qwen3vl", "qwen3vlmoe"])
+def test_qwen3_vl_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qtype):
+    """Qwen3-VL's text model (mrope sections and deepstack metadata, which text alone does not use) imports as
+    Qwen 3 / Qwen3-MoE (its top-k weights renormalised): float32 files give the logits transformers' Qwen3-VL gives
+    for text alone; Q8_0 ones what the same file imported in float32 gives."""
+    import torch
+
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    hf, config = _tiny_qwen3_vl(arch == "qwen3vlmoe")
+    _qwen3_vl_gguf(tmp_path / "m.gguf", hf, config, arch, qtype)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(out)
+    assert ours.model_type == ("qwen3_moe" if arch == "qwen3vlmoe" else "qwen3")
+    assert ours.arch.layers[0].rope.theta == 5e6 and ours.arch.layers[0].rope.rotary_dim == 16
+    if arch == "qwen3vlmoe":
+        assert ours.arch.moe.normalize and (ours.arch.moe.num_experts, ours.arch.moe.top_k) == (4, 2)
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+        return
+    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))

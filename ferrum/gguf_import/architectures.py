@@ -417,6 +417,18 @@ ARCHITECTURES = {
                               (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
                                ("mlp_only_layers", [])),
                               moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob")),
+    # Qwen3-VL's text model (the vision tower is another file, the mmproj): Qwen 3's blocks. Its rope over (time,
+    # height, width) sections (rope.dimension_sections) rotates a text token, whose three positions are one, as
+    # plain rope does; the deepstack features (n_deepstack_layers) llama.cpp adds to the first layers' outputs are
+    # the image's, zero for text. So a text-only run is Qwen 3's, as Ferrum reads Qwen3-VL's own text_config.
+    "qwen3vl": _Architecture("qwen3", "Qwen3ForCausalLM", False,
+                             (("attention_bias", False), ("use_sliding_window", False))),
+    # Qwen3-VL-MoE's: Qwen3-MoE's, its top-k weights always renormalised (llama.cpp and transformers alike, whatever
+    # expert_weights_norm or norm_topk_prob say)
+    "qwen3vlmoe": _Architecture("qwen3_moe", "Qwen3MoeForCausalLM", False,
+                                (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
+                                 ("mlp_only_layers", []), ("norm_topk_prob", True)),
+                                moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None)),
     # llama.cpp's SmolLM3: every fourth layer without rope, which the file does not say (nor does the config)
     "smollm3": _Architecture("smollm3", "SmolLM3ForCausalLM", True,
                              (("attention_bias", False), ("mlp_bias", False), ("no_rope_layer_interval", 4))),
