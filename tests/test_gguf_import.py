@@ -2264,3 +2264,78 @@ def test_qwen3_vl_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qty
     floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
     got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+# ------------------------------------------------------------------ mistral3: Ministral 3, Mistral Small 3.x
+
+#: Ministral 3's rope as its releases set it, over a tiny original context so that Llama 4's attention temperature
+#: (one step per original context) changes within TINY_TOKENS.
+_MINISTRAL3_YARN = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 4,
+                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                    "llama_4_scaling_beta": 0.5}
+
+
+def _mistral3_gguf(path: Path, hf, config, qtype) -> None:
+    """``hf``'s weights as llama.cpp's converter writes a Mistral3 text model (``mistral3``): Llama's layout, q/k
+    rows permuted; for Ministral 3 its YaRN, mscale_all_dim as ``yarn_log_multiplier`` and llama_4_scaling_beta as
+    ``attention.temperature_scale``; matrices as ``qtype``."""
+    w = _gguf_writer(path, "mistral3", config)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    rope = config.rope_parameters
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+        w.add_rope_scaling_yarn_log_mul(rope["mscale_all_dim"])
+        w.add_attn_temperature_scale(rope["llama_4_scaling_beta"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MISTRAL3, config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        module, suffix = name.rsplit(".", 1)
+        if module.split(".")[-1] in heads:  # llama.cpp's rope pairs adjacent rows
+            array = _permute(array, heads[module.split(".")[-1]])
+        gguf_name = f"{names.get_name(module)}.{suffix}"
+        if qtype == Q.F32 or array.ndim < 2:
+            w.add_tensor(gguf_name, array)
+        else:
+            w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("family", ["ministral3", "mistral"])
+def test_mistral3_gguf_matches_the_model_it_was_written_from(tmp_path, family, qtype):
+    """Ministral 3 (YaRN, Llama 4's attention temperature from attention.temperature_scale, q/k un-permuted) and
+    Mistral Small 3.x's text model (plain Mistral): float32 files give transformers' logits, past the original
+    context where the temperature steps; Q8_0 ones what the same file imported in float32 gives."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    common = dict(intermediate_size=96, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False)
+    if family == "ministral3":
+        hf, config = _tiny_model(transformers.Ministral3Config, **common, max_position_embeddings=16,
+                                 rope_parameters=dict(_MINISTRAL3_YARN), sliding_window=None)
+    else:
+        hf, config = _tiny_model(transformers.MistralConfig, **common, sliding_window=None)
+    with torch.no_grad():  # q and k large enough for the rope's angles (and the temperature) to move the logits
+        for name, param in hf.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.normal_(0, 0.3)
+    _mistral3_gguf(tmp_path / "m.gguf", hf, config, qtype)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(out)
+    assert ours.model_type == family
+    if family == "ministral3":
+        assert ours.arch.query_scaling == (0.5, 4) and ours.arch.layers[0].rope.kind == "yarn"
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+        return
+    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))

@@ -63,6 +63,9 @@ class _Architecture:
     #: What a file of this architecture with a shared expert is (llama.cpp writes GraniteMoeShared as
     #: ``granitemoe``, telling it by ``expert_shared_feed_forward_length``).
     with_shared_expert: "_Architecture | None" = None
+    #: The file's ``rope.scaling.yarn_log_multiplier`` is YaRN's mscale_all_dim, mscale taken equal to it (Ministral
+    #: 3's, both 1 in every release: llama.cpp's mistral3 leaves cos and sin unscaled), not refused.
+    yarn_mscale: bool = False
     #: Block tensors the converter split that the family reads as one: GGUF parts -> the Hugging Face tensor
     #: whose rows they are, in that order (GraniteMoeShared's shared gate and up, fused in ``input_linear``).
     joined: tuple[tuple[tuple[str, ...], str], ...] = ()
@@ -218,6 +221,22 @@ def _glm4_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
             "topk_group": int(meta.get(p + "expert_group_used_count", 1)),
             "attention_bias": "blk.0.attn_q.bias" in meta.tensors,
             "use_qk_norm": "blk.0.attn_q_norm.weight" in meta.tensors}
+
+
+def _mistral3_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's mistral3: Ministral 3 / Devstral 2 (transformers' ministral3) where the file sets Llama 4's
+    attention temperature (``attention.temperature_scale``, the rope's llama_4_scaling_beta, over the YaRN's
+    original context, as transformers reads it), Mistral Small 3.x's text model (mistral) where it sets none; no
+    window either way (llama.cpp runs none)."""
+    beta = meta.get(p + "attention.temperature_scale")
+    if not beta:
+        return {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": None}
+    scaling = cfg.get("rope_scaling")
+    if not scaling or scaling["rope_type"] != "yarn":
+        raise UnsupportedFeatureError(f"{meta.where}: {p}attention.temperature_scale without YaRN rope scaling is not "
+                                      "supported (Ministral 3's temperature counts in the YaRN's original context)")
+    rope = {**scaling, "rope_theta": cfg["rope_theta"], "llama_4_scaling_beta": float32_value(beta)}
+    return {"rope_parameters": rope, "rope_scaling": None, "sliding_window": None}
 
 
 #: llama.cpp's ``expert_gating_func`` values for the softmax and sigmoid gates (``LLAMA_EXPERT_GATING_FUNC_TYPE_*``).
@@ -429,6 +448,11 @@ ARCHITECTURES = {
                                 (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
                                  ("mlp_only_layers", []), ("norm_topk_prob", True)),
                                 moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None)),
+    # Mistral3's text model (Ministral 3, Devstral 2, Mistral Small 3.x from newer converters): Llama's layout, q/k
+    # permuted; which family is the temperature's say (see _mistral3_config)
+    "mistral3": _Architecture("ministral3", "Ministral3ForCausalLM", True, (("attention_bias", False),),
+                              configure=_mistral3_config, yarn_mscale=True,
+                              variants=(("mistral", "MistralForCausalLM"),)),
     # llama.cpp's SmolLM3: every fourth layer without rope, which the file does not say (nor does the config)
     "smollm3": _Architecture("smollm3", "SmolLM3ForCausalLM", True,
                              (("attention_bias", False), ("mlp_bias", False), ("no_rope_layer_interval", 4))),

@@ -65,10 +65,10 @@ def _longrope_scaling(meta: Metadata, p: str, factors: dict[str, Any], rope_dims
     return scaling
 
 
-def _yarn_scaling(meta: Metadata, p: str, where: str, latent: bool = False) -> dict[str, Any]:
+def _yarn_scaling(meta: Metadata, p: str, where: str, latent: bool = False, mscale: bool = False) -> dict[str, Any]:
     """YaRN's numbers (Qwen's long-context files) back into transformers' names; the two llama.cpp-only knobs are
     refused unless neutral, since transformers' YaRN has no place for them. Latent attention's (deepseek2) are
-    :func:`_latent_yarn`'s."""
+    :func:`_latent_yarn`'s; Ministral 3's log multiplier is its mscale_all_dim (``mscale``)."""
     original = meta.get(p + "rope.scaling.original_context_length")
     if not original:
         raise CheckpointError(f"{where}: yarn rope scaling without {p}rope.scaling.original_context_length")
@@ -82,7 +82,9 @@ def _yarn_scaling(meta: Metadata, p: str, where: str, latent: bool = False) -> d
             scaling[name] = float32_value(value)
     for key, neutral in (("yarn_ext_factor", 1.0), ("yarn_log_multiplier", 0.0)):
         value = meta.get(f"{p}rope.scaling.{key}")
-        if latent and key == "yarn_log_multiplier":
+        if key == "yarn_log_multiplier" and (latent or mscale):
+            if mscale and value:  # mscale_all_dim, mscale equal to it (_Architecture.yarn_mscale)
+                scaling["mscale"] = scaling["mscale_all_dim"] = float32_value(value)
             continue
         if value is not None and value != neutral:
             raise UnsupportedFeatureError(f"{where}: {p}rope.scaling.{key} = {value} is not supported "
@@ -191,7 +193,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
             )
         rope_scaling = {"rope_type": kind, "factor": float32_value(factor)}
         if kind == "yarn":
-            rope_scaling.update(_yarn_scaling(meta, p, where, family.latent))
+            rope_scaling.update(_yarn_scaling(meta, p, where, family.latent, family.yarn_mscale))
     factors = {key: tensors.get(name) for name, key in ROPE_FACTOR_TENSORS.items()}
     if any(t is not None for t in factors.values()):
         rope_scaling = _longrope_scaling(meta, p, factors, rope_dims, where)
