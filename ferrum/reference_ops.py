@@ -104,7 +104,8 @@ def relu_squared(ops: Any, x: Any) -> Any:
 
 def xielu(ops: Any, x: Any, alpha_p: float, alpha_n: float, beta: float, eps: float) -> Any:
     ap, an, b, e = (np.float32(v) for v in (alpha_p, alpha_n, beta, eps))
-    return _on_host(ops, x, lambda a: np.where(a > 0, ap * a * a + b * a, (np.expm1(np.minimum(a, e)) - a) * an + b * a))
+    return _on_host(ops, x, lambda a: np.where(a > 0, ap * a * a + b * a,
+                                               (np.expm1(np.minimum(a, e)) - a) * an + b * a))
 
 
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:

@@ -2245,8 +2245,6 @@ def test_qwen3_vl_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qty
     """Qwen3-VL's text model (mrope sections and deepstack metadata, which text alone does not use) imports as
     Qwen 3 / Qwen3-MoE (its top-k weights renormalised): float32 files give the logits transformers' Qwen3-VL gives
     for text alone; Q8_0 ones what the same file imported in float32 gives."""
-    import torch
-
     import ferrum
     from ferrum.config import ModelConfig
 

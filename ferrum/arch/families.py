@@ -373,7 +373,8 @@ def _llama4_rotated(r: KeyReader, sizes: Sizes) -> list[bool]:
         interval = r("no_rope_layer_interval")
         return [(i + 1) % interval != 0 for i in range(sizes.num_layers)]
     if not isinstance(flags, list) or len(flags) < sizes.num_layers or any(f not in (0, 1) for f in flags):
-        r.fail("no_rope_layers", f"must list at least {sizes.num_layers} entries of 1 (rope) or 0 (none), got {flags!r}")
+        r.fail("no_rope_layers",
+               f"must list at least {sizes.num_layers} entries of 1 (rope) or 0 (none), got {flags!r}")
     return [bool(f) for f in flags[:sizes.num_layers]]
 
 
