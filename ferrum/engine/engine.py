@@ -216,7 +216,9 @@ class Engine:
         return prepare_structured(self.tokenizer, self.model.config.vocab_size, self._eos_ids)
 
     def has_unfinished(self) -> bool:
-        """Requests queued, running, or a step issued whose tokens the host has not read."""
+        """Whether :meth:`step` has work: requests queued or running, a step issued whose tokens the host has not
+        read, or an output waiting to be returned (an abort applied while the engine was idle leaves its final
+        output for the next step, which is when a caller looping on this learns of it)."""
         return bool(self._inbox) or self.scheduler.has_unfinished() or self._in_flight is not None
 
     def _new_request(
