@@ -328,12 +328,33 @@ _UNTIED_ADVICE = ("Only the LM head is missing, and config.json unties it from t
                   "the embedding's weights, set \"tie_word_embeddings\": true in config.json.")
 
 
+def _dropped_correction_biases(checkpoint: Checkpoint, config: ModelConfig, parts_of: dict[str, tuple[str, ...]],
+                               present: set[str]) -> list[str]:
+    """The MoE correction biases a conversion left out where the family allows it (``MoeSpec.
+    correction_bias_droppable``: mlx-lm's ERNIE 4.5 routes without them), to be read as zeros; said once."""
+    moe = config.arch.moe
+    if moe is None or not moe.correction_bias_droppable:
+        return []
+    dropped = [name for name, parts in parts_of.items()
+               if name.endswith(f".{moe.bias_name}") and not present.intersection(parts)]
+    if dropped:
+        warnings.warn(
+            f"{checkpoint.folder}: {len(dropped)} MoE correction bias(es) (e.g. {dropped[0]}) are not in the "
+            f"checkpoint, as mlx-lm's {config.model_type} conversions leave them out; experts are chosen without "
+            "them, as mlx-lm chooses them, which can differ from the original model's choice (load its Hugging Face "
+            "release for that)", stacklevel=3)
+    return dropped
+
+
 def read_weights(
     checkpoint: Checkpoint, config: ModelConfig, shapes: dict[str, tuple[int, ...]]
 ) -> Iterator[tuple[str, HostTensor]]:
     """Yield every tensor of ``shapes`` (dense name -> shape), dense or packed, checked against config."""
     present = checkpoint.names()
     parts_of = {name: _tensor_parts(checkpoint, present, config, name) for name in shapes}
+    dropped = _dropped_correction_biases(checkpoint, config, parts_of, present)
+    for name in dropped:
+        del parts_of[name]
     owners: dict[str, list[str]] = {}  # a part may make up several tensors (GraniteMoE's gate and up experts)
     for name, parts in parts_of.items():
         for part in parts:
@@ -347,6 +368,8 @@ def read_weights(
     where = str(checkpoint.folder)
     _warn_unread(where, config, present - owners.keys())
     _warn_untied_head(checkpoint, config, present)
+    for name in dropped:
+        yield name, np.zeros(shapes[name], np.float32)
     pending: dict[str, dict[str, np.ndarray]] = {}
     for part, array in checkpoint.read_many(list(owners)):
         for name in owners[part]:

@@ -189,15 +189,21 @@ def _mlx_lm_logits(folder, tokens) -> np.ndarray:
 
 
 @needs_mlx
-def test_mlx_lm_conversions_cannot_be_run_as_transformers_runs_them(checkpoints, tmp_path):
-    """mlx-lm's sanitize drops the correction bias (mlx-lm routes ERNIE by the plain softmax): its conversions lack
-    a tensor the model reads, and the loader says which."""
+@pytest.mark.parametrize("quantize", [False, True])
+def test_mlx_lm_conversions_run_as_mlx_lm_runs_them_and_say_so(checkpoints, tmp_path, quantize):
+    """mlx-lm's sanitize drops the correction bias (mlx-lm routes ERNIE by the plain softmax): its conversions (every
+    mlx-community ERNIE 4.5 MoE) load with the biases read as zeros, a warning saying so, and give mlx-lm's logits
+    on every backend."""
     from mlx_lm.convert import convert
 
     source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    convert(str(source), str(tmp_path / "mlx"))
-    with pytest.raises(Exception, match=re.escape("moe_statics.e_score_correction_bias")):
-        DecoderOnlyLLM.from_pretrained(tmp_path / "mlx", backend="cpu", dtype="float32")
+    convert(str(source), str(tmp_path / "mlx"), quantize=quantize, q_group_size=32, dtype="float32")
+    want = _mlx_lm_logits(tmp_path / "mlx", TOKENS)
+    for backend in BACKENDS:
+        with pytest.warns(UserWarning, match=r"correction bias\(es\) \(e.g. model.layers.1.mlp.moe_statics."
+                          r"e_score_correction_bias\) are not in the checkpoint, as mlx-lm's ernie4_5_moe"):
+            model = DecoderOnlyLLM.from_pretrained(tmp_path / "mlx", backend=backend, dtype="float32")
+        assert scaled_error(model.forward_verify("m", TOKENS), want) <= 1e-4, backend
 
 
 @needs_mlx

@@ -217,7 +217,8 @@ def _ernie(r: KeyReader, module: str, names: tuple[str, str, str], count: int, t
     size, shared = r("moe_intermediate_size"), r("moe_num_shared_experts")
     spec = MoeSpec(module, names, count, top_k, size, True, size * shared or None, shared_module="shared_experts",
                    shared_gate=None, routing="softmax_corrected", router_float32=True,
-                   correction_bias="moe_statics.e_score_correction_bias", correction_bias_rows=True)
+                   correction_bias="moe_statics.e_score_correction_bias", correction_bias_rows=True,
+                   correction_bias_droppable=True)
     start, end, step = r("moe_layer_start_index"), r("moe_layer_end_index"), r("moe_layer_interval")
     end = layers - 1 if end == -1 else end
     return spec, [start <= i <= end and (i + 1) % step == 0 for i in range(layers)]
@@ -393,6 +394,9 @@ class MoeSpec:
     #: Other names of the correction bias in the sparse MLP module, read where the checkpoint has no
     #: ``correction_bias``: mlx-lm's conversions of EXAONE MoE move it under the router.
     correction_bias_aliases: tuple[str, ...] = ()
+    #: Conversions may leave the correction bias out, their runtime routing without it (mlx-lm's of ERNIE 4.5):
+    #: read as zeros where missing, with a warning, rather than refused.
+    correction_bias_droppable: bool = False
 
     @property
     def bias_name(self) -> str:
