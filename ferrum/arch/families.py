@@ -1296,6 +1296,26 @@ def _olmoe(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(with_moe("olmoe", _llama_like(False, "projection", _no_windows))(r, sizes), clip_qkv=r("clip_qkv"))
 
 
+def _minimax_m2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MiniMax-M2 (transformers' MiniMaxM2): Llama's norms, q and k normed over their whole projections (OLMo 2's),
+    rope on the first rotary_dim dims of each head (rotate-half pairs); experts on every layer, sigmoid scores chosen
+    with the sparse MLP's correction bias (:func:`ferrum.moe.spec.with_moe`). transformers reads the rotary dims
+    from partial_rotary_factor (in the rope settings, then beside them), else from rotary_dim, which is what
+    mlx-lm and MiniMax's code read: a config where the two disagree is refused."""
+    key, spec = _rope_spec(r)
+    rotary = r("rotary_dim")
+    dims = _rotary_dim(r, sizes, spec, 1.0 if rotary is None else rotary / sizes.head_dim)
+    if rotary is not None and rotary != dims:
+        r.fail("rotary_dim", f"is {rotary}, but partial_rotary_factor gives {dims} rotary dims of {sizes.head_dim} "
+                             "(transformers reads partial_rotary_factor, other runtimes rotary_dim); make them agree")
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=dims)
+    r("hidden_act")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="projection",
+    )
+
+
 def _gelu_key(default: str, name: str = "hidden_act") -> Key:
     return Key(name, default=default, check=one_of(*_GELU_ACTIVATIONS), unsupported=True)
 
@@ -1537,6 +1557,19 @@ FAMILIES: dict[str, Family] = {
         ), MOE_KEYS["hunyuan_v1_moe"]),
         with_moe("hunyuan_v1_moe", _hunyuan_dense),
         eps_default=1e-5,
+    ),
+    "minimax_m2": Family(  # MiniMax-M2 / M2.1: OLMo 2's q/k norms, partial rope, sigmoid routing on every layer
+        _keys(_core(False, head_dim_default=128), _ROPE, _theta(5_000_000.0), _SILU, (
+            Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("rotary_dim", check=optional_positive_int),
+            # MiniMax's own code (and mlx-lm) read it; transformers always norms q and k
+            Key("use_qk_norm", default=True, unsupported=True, check=lambda v: None if v in (None, True) else (
+                f"is {v!r}, but transformers norms q and k whatever it says")),
+            Key("qk_norm_type", default="per_layer", unsupported=True, check=lambda v: None if v in (
+                None, "per_layer") else f"is {v!r}, but transformers norms q and k over their whole projections "
+                                        "('per_layer')"),
+        ), MOE_KEYS["minimax_m2"]),
+        with_moe("minimax_m2", _minimax_m2),
     ),
     "ernie4_5": Family(  # Baidu's ERNIE 4.5 (dense)
         _keys(_core(True, head_dim_default=128), _ROPE, _theta(500_000.0), _SILU,

@@ -33,6 +33,7 @@ LAYOUT = {
     "ernie4_5_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "exaone_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "llama4_text": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (fused_gate_up)
+    "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -75,7 +76,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "hunyuan_v1_moe": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "ernie4_5_moe": ("num_experts", "moe_num_experts"),  # the former its attribute_map's alias
                 "exaone_moe": ("num_experts",),
-                "llama4_text": ("num_local_experts",)}
+                "llama4_text": ("num_local_experts",),
+                "minimax_m2": ("num_experts", "num_local_experts")}  # the former its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -316,6 +318,14 @@ KEYS: dict[str, tuple[Key, ...]] = {
         None if v == 1 else f"is {v!r}; Ferrum runs Llama 4's routing with one expert a token, as every release "
                             "routes")),
         Key("interleave_moe_layer_step", default=1, check=positive_int), Key("moe_layers", check=_layer_list)),
+    # MiniMax-M2: the keys of MiniMax's own code (and mlx-lm's) that transformers ignores, as transformers runs them
+    "minimax_m2": (*_COUNT["minimax_m2"], Key("num_experts_per_tok", default=8, check=positive_int),
+                   Key("scoring_func", default="sigmoid", unsupported=True, check=lambda v: None if v in (
+                       None, "sigmoid") else f"is {v!r}, but transformers' MiniMax-M2 routes by sigmoid scores"),
+                   Key("use_routing_bias", default=True, unsupported=True, check=lambda v: None if v in (
+                       None, True) else f"is {v!r}, but transformers always adds e_score_correction_bias to choose"),
+                   Key("shared_intermediate_size", default=0, unsupported=True, check=falsy(
+                       "transformers' MiniMax-M2 has no shared expert; set it to 0"))),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -326,13 +336,13 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
-                  "llama4_text": 16}
+                  "llama4_text": 16, "minimax_m2": 256}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
 #: ``norm_topk_prob`` says.
 _EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob"),
                 "gpt_oss": lambda r: True, "phimoe": lambda r: False, "granitemoeshared": lambda r: True,
-                "hunyuan_v1_moe": lambda r: True}
+                "hunyuan_v1_moe": lambda r: True, "minimax_m2": lambda r: True}
 #: Per family, what its experts add to plain SwiGLU ones: gpt-oss biases its router and every expert
 #: projection, clamps its activation, and stores its experts in layouts of its own.
 _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
@@ -345,6 +355,9 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
     "granitemoeshared": lambda r: dict(shared_expert_size=r("shared_intermediate_size") or None,
                                        shared_module="shared_mlp", shared_gate=None, shared_fused=True),
     "hunyuan_v1_moe": _hunyuan_extras,
+    # MiniMax-M2: DeepSeek-V3's sigmoid scores chosen with a correction bias, in one group, unscaled; the bias is the
+    # sparse MLP's own buffer (transformers' MiniMaxM2SparseMoeBlock), not the router's
+    "minimax_m2": lambda r: dict(routing="sigmoid_grouped", correction_bias=CORRECTION_BIAS),
 }
 #: Per family, how many experts route each token, where num_experts_per_tok does not say.
 _TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k, "ernie4_5_moe": _ernie_top_k}
@@ -388,7 +401,8 @@ class MoeSpec:
     mlx_lm_stack: str = "switch_mlp"
     #: Where a corrected rule's per-expert correction bias sits in the sparse MLP module, where not under the
     #: router (``<router>.e_score_correction_bias``): ERNIE 4.5's ``moe_statics.e_score_correction_bias``,
-    #: EXAONE MoE's ``e_score_correction_bias``; stored ``[1, E]`` where ``correction_bias_rows`` (ERNIE's)
+    #: EXAONE MoE's and MiniMax-M2's ``e_score_correction_bias``; stored ``[1, E]`` where ``correction_bias_rows``
+    #: (ERNIE's)
     correction_bias: str | None = None
     correction_bias_rows: bool = False
     #: Other names of the correction bias in the sparse MLP module, read where the checkpoint has no
@@ -397,14 +411,14 @@ class MoeSpec:
     #: Conversions may leave the correction bias out, their runtime routing without it (mlx-lm's of ERNIE 4.5):
     #: read as zeros where missing, with a warning, rather than refused.
     correction_bias_droppable: bool = False
+    #: Each chosen expert reads its input times its routing weight and its output is summed unweighted (Llama 4),
+    #: where other families weigh the outputs.
+    weigh_input: bool = False
 
     @property
     def bias_name(self) -> str:
         """The correction bias's name in the sparse MLP module."""
         return self.correction_bias or f"{self.router}.{CORRECTION_BIAS}"
-    #: Each chosen expert reads its input times its routing weight and its output is summed unweighted (Llama 4),
-    #: where other families weigh the outputs.
-    weigh_input: bool = False
 
     @property
     def needs(self) -> tuple[str, ...]:

@@ -103,7 +103,18 @@ EXAONE_MOE = dict(
 )
 
 
-@pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE],
+#: MiniMax-M2's layout: q and k normed over their whole projections, rope on rotary_dim of each head's dims, experts on
+#: every layer chosen by sigmoid scores plus the sparse MLP's own correction bias (one group, unscaled).
+MINIMAX_M2 = dict(
+    architectures=["MiniMaxM2ForCausalLM"], model_type="minimax_m2", hidden_size=64, intermediate_size=24,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rotary_dim=8, vocab_size=101,
+    num_local_experts=8, num_experts_per_tok=3, max_position_embeddings=256, rope_theta=10000.0,
+    tie_word_embeddings=False, rms_norm_eps=1e-6,
+)
+
+
+@pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
+                                    MINIMAX_M2],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
