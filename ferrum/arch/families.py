@@ -1616,6 +1616,11 @@ FAMILIES: dict[str, Family] = {
         _llama_like(False, "projection", _no_windows, norms=POST_NORMS),
         eps_default=1e-5,
     ),
+    "flex_olmo": Family(  # FlexOlmo: OLMo 2's blocks (norms after attention and the MLP) with OLMoE's experts
+        _keys(_core(False), _ROPE, _theta(500_000.0), _SILU, (Key("attention_bias", default=False, check=boolean),),
+              MOE_KEYS["flex_olmo"]),
+        with_moe("flex_olmo", _llama_like(False, "projection", _no_windows, norms=POST_NORMS)),
+    ),
     "gpt_oss": Family(
         _keys(_core(False, head_dim_default=64), _ROPE, _SILU, _LAYER_TYPES, (
             Key("sliding_window", default=128, check=optional_positive_int),

@@ -34,6 +34,7 @@ LAYOUT = {
     "exaone_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "llama4_text": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (fused_gate_up)
     "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "flex_olmo": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -77,7 +78,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "ernie4_5_moe": ("num_experts", "moe_num_experts"),  # the former its attribute_map's alias
                 "exaone_moe": ("num_experts",),
                 "llama4_text": ("num_local_experts",),
-                "minimax_m2": ("num_experts", "num_local_experts")}  # the former its attribute_map's alias
+                "minimax_m2": ("num_experts", "num_local_experts"),  # the former its attribute_map's alias
+                "flex_olmo": ("num_local_experts", "num_experts")}  # the former its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -261,6 +263,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "qwen3_vl_moe": (*_COUNT["qwen3_vl_moe"], Key("num_experts_per_tok", default=4, check=positive_int), *_QWEN),
     "olmoe": (*_COUNT["olmoe"], Key("num_experts_per_tok", default=8, check=positive_int),
               Key("norm_topk_prob", default=False, check=boolean)),
+    "flex_olmo": (*_COUNT["flex_olmo"], Key("num_experts_per_tok", default=5, check=positive_int),
+                  Key("norm_topk_prob", default=False, check=boolean)),
     "granitemoe": (*_COUNT["granitemoe"], Key("num_experts_per_tok", default=2, check=positive_int)),
     "granitemoeshared": (*_COUNT["granitemoeshared"], Key("num_experts_per_tok", default=2, check=positive_int),
                          Key("shared_intermediate_size", default=0, check=optional_non_negative_int)),
@@ -336,13 +340,14 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
-                  "llama4_text": 16, "minimax_m2": 256}
+                  "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
-#: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE where
-#: ``norm_topk_prob`` says.
+#: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
+#: where ``norm_topk_prob`` says.
 _EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob"),
                 "gpt_oss": lambda r: True, "phimoe": lambda r: False, "granitemoeshared": lambda r: True,
-                "hunyuan_v1_moe": lambda r: True, "minimax_m2": lambda r: True}
+                "hunyuan_v1_moe": lambda r: True, "minimax_m2": lambda r: True,
+                "flex_olmo": lambda r: r("norm_topk_prob")}
 #: Per family, what its experts add to plain SwiGLU ones: gpt-oss biases its router and every expert
 #: projection, clamps its activation, and stores its experts in layouts of its own.
 _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {

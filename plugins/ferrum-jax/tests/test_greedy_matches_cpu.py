@@ -113,8 +113,18 @@ MINIMAX_M2 = dict(
 )
 
 
+#: FlexOlmo's layout: OLMo 2's blocks (norms after attention and the MLP, q and k normed over their projections) with
+#: OLMoE's softmax-routed experts, renormalized.
+FLEX_OLMO = dict(
+    architectures=["FlexOlmoForCausalLM"], model_type="flex_olmo", hidden_size=64, intermediate_size=24,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101, num_experts=7,
+    num_experts_per_tok=3, norm_topk_prob=True, max_position_embeddings=256, rope_theta=10000.0,
+    tie_word_embeddings=False, rms_norm_eps=1e-6,
+)
+
+
 @pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
-                                    MINIMAX_M2],
+                                    MINIMAX_M2, FLEX_OLMO],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
