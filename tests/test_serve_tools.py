@@ -311,6 +311,22 @@ def test_qwen3_coder_calls_type_their_values_by_the_tools_schema():
         assert QWEN3_CODER.parse(text).calls == [] and QWEN3_CODER.parse(text).content == text, text
 
 
+@pytest.mark.parametrize("nullable", [{"anyOf": [{"type": "string", "maxLength": 9}, {"type": "null"}]},
+                                      {"type": ["string", "null"]}], ids=["anyOf", "type_list"])
+def test_a_string_or_null_parameter_keeps_its_text_in_the_bare_formats(tmp_path, nullable):
+    """pydantic's Optional[str] (an anyOf of a string and null) and a type list of both: the formats that write
+    arguments bare (GLM-4.5, Qwen3-Coder) write such a value as it is, so it reads back as that text ("12345" a
+    string, not a number), null as None; a forced call writes it bare too, which the parser reads back."""
+    args = {"zip": "12345", "flag": "true", "items": "[1, 2]", "gone": "null"}
+    schemas = {"f": {"type": "object", "properties": {key: nullable for key in args}}}
+    for fmt, text in ((QWEN3_CODER, _qwen("f", **args)), (GLM, _glm("f", **args))):
+        assert [json.loads(c["function"]["arguments"]) for c in fmt.parse(text, schemas).calls] == [
+            {**args, "gone": None}], fmt.name
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schemas["f"]}}]
+    tok, matcher = _forced_matcher(tmp_path, QWEN3_CODER, QWEN3_CODER_TEMPLATE, (), None, False, tools)
+    assert _takes(tok, matcher, _qwen("f", zip="12345"))  # bare, where JSON would have needed quotes
+
+
 def test_qwen3_coder_calls_as_leniently_as_vllm_reads_them():
     """vLLM's qwen3_coder parser reads ``<function=...>`` blocks a reply writes without ``<tool_call>`` around them
     (held back from ``<function=`` when streamed), and a value whose ``</parameter>`` the model left out as ending
@@ -928,6 +944,26 @@ def test_deepseek_v31_and_kimi_k2_calls_over_the_api(tmp_path, template, call):
         assert made.function.name == "get_time"
     finally:
         assert srv.stop(), srv.log.read_text()
+
+
+def test_a_tool_without_parameters_renders_through_templates_that_write_them(tmp_path):
+    """A function declared without ``parameters`` or ``description`` (OpenAI allows both) reaches the template with
+    those keys null, as vLLM hands tools over: vLLM's DeepSeek-V3.1 template writes ``tool.function.parameters |
+    tojson`` for every tool (a request with such a tool failed with a 400 on an undefined value)."""
+    from ferrum.serve.tools import check_tools
+    from ferrum.tokenizer import Tokenizer
+
+    template = ("{% for tool in tools %}{{ tool.function.name }}: {{ tool.function.description }} "
+                "{{ tool.function.parameters | tojson }}\n{% endfor %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    folder = write_text_checkpoint(tmp_path / "model", seed=3)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    tools = check_tools([PING, CITY])
+    assert tools[0] == {"type": "function", "function": {"name": "ping", "description": None, "parameters": None}}
+    assert tools[1] == {"type": "function", "function": {"description": None, **CITY["function"]}}
+    prompt = Tokenizer(folder).apply_chat_template([{"role": "user", "content": "hi"}], tools=tools)
+    assert prompt.startswith("ping: None null\nget_weather: ")
 
 
 def test_a_forced_hermes_reply_may_end_after_a_newline(tmp_path):

@@ -309,7 +309,7 @@ class TokenizeRequest(Body):
         if (self.prompt is None) == (self.messages is None):
             raise APIError(400, "send either prompt (text) or messages (chat)", param="prompt")
         if self.tools is not None:
-            check_tools(self.tools)
+            self.tools = check_tools(self.tools)
 
 
 class DetokenizeRequest(Body):

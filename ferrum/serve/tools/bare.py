@@ -9,7 +9,8 @@ import re
 from typing import Any, Callable
 
 from ferrum.serve.tools.grammars import _bare_arguments, _repeated
-from ferrum.serve.tools.reading import _NOT_JSON, ParsedReply, Schemas, _call, _declared_string, _properties
+from ferrum.serve.tools.reading import (_NOT_JSON, ParsedReply, Schemas, _admits_null, _call, _declared_string,
+                                        _properties)
 
 
 _GLM_CALL = re.compile(r"<tool_call>([^\n<]*)(.*?)(?:</tool_call>|$)", re.DOTALL)
@@ -23,9 +24,10 @@ _PYTHON_LITERAL = (ValueError, SyntaxError, TypeError, MemoryError, RecursionErr
 def _glm_value(text: str, schema: Any) -> Any:
     """An argument's text: JSON where it parses (numbers, objects, ``true``), else a Python literal where the tool
     declares the parameter and it parses as one (``['x', 'y']``, as vLLM's glm45 parser falls back), else the text
-    itself, which is also what a parameter the tool declares a string keeps ("42" stays "42")."""
+    itself, which is also what a parameter the tool declares a string keeps ("42" stays "42"; ``null`` is None
+    where it may be null, as a string-or-null parameter's is)."""
     if _declared_string(schema):
-        return text
+        return None if text == "null" and _admits_null(schema) else text
     try:
         return json.loads(text)
     except _NOT_JSON:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from ferrum.serve.tools.reading import _declared_string, _parameters
+from ferrum.serve.tools.reading import _parameters, _string_schema
 from ferrum.structured import DATA_KEYWORDS
 
 
@@ -85,7 +85,7 @@ def _bare_arguments(tools: list[dict[str, Any]], arg: Callable[[str, str], str],
         required = set(parameters.get("required") or ())
         items = []
         for key, schema in (root.get("properties") or {}).items():
-            value = (_bare_string(schema, end) if _declared_string(schema)
+            value = (_bare_string(_string_schema(schema), end) if _string_schema(schema) is not None
                      else _json({**schema, "$defs": {"parameters": root}}) + (f" {json.dumps(end)}" if end else ""))
             items.append(f"({arg(key, value)})" + ("" if key in required else "?"))
         bodies.append(" ".join(items) or '""')

@@ -69,15 +69,42 @@ def _properties(schemas: Schemas, name: str) -> dict[str, Any]:
     return properties if isinstance(properties, dict) else {}
 
 
-def _declared_string(schema: Any) -> bool:
-    """Whether a parameter's schema admits only strings (its type, or an enum or const of strings only): the
-    formats that write arguments bare write those as they are, anything else as JSON."""
+def _string_schema(schema: Any) -> dict[str, Any] | None:
+    """The schema of the strings a parameter admits where it admits no other values but null (its type, an enum or
+    const of strings, a type list or an anyOf / oneOf of a string and null: pydantic's ``Optional[str]``); else
+    None. The formats that write arguments bare write such values as they are, anything else as JSON."""
     if not isinstance(schema, dict):
-        return False
+        return None
     values = schema.get("enum", [schema["const"]] if "const" in schema else None)
     if isinstance(values, list) and values:
-        return all(isinstance(value, str) for value in values)
-    return schema.get("type") == "string"
+        return schema if all(isinstance(value, str) for value in values) else None
+    kind = schema.get("type")
+    if kind == "string" or (isinstance(kind, list) and "string" in kind and set(kind) <= {"string", "null"}):
+        return schema
+    branches = schema.get("anyOf", schema.get("oneOf"))
+    if not isinstance(branches, list):
+        return None
+    strings = [branch for branch in branches if _string_schema(branch) is not None]
+    others = [branch for branch in branches if branch not in strings and not _is_null(branch)]
+    return _string_schema(strings[0]) if len(strings) == 1 and not others else None
+
+
+def _is_null(schema: Any) -> bool:
+    return isinstance(schema, dict) and schema.get("type") == "null"
+
+
+def _declared_string(schema: Any) -> bool:
+    """Whether a parameter's schema admits only strings, or strings and null (:func:`_string_schema`)."""
+    return _string_schema(schema) is not None
+
+
+def _admits_null(schema: Any) -> bool:
+    """Whether a parameter's schema admits null (a type list with it, or an anyOf / oneOf branch of it)."""
+    if not isinstance(schema, dict):
+        return False
+    kind, branches = schema.get("type"), schema.get("anyOf", schema.get("oneOf"))
+    return (isinstance(kind, list) and "null" in kind) or (
+        isinstance(branches, list) and any(_is_null(branch) for branch in branches))
 
 
 #: A bare ``{"type": "object"}`` would let a forced call invent any keys, nested without end.

@@ -10,7 +10,10 @@ from ferrum.serve.tools.reading import _NOT_JSON
 
 
 def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The request's tool definitions, each an OpenAI function (name, optional description and JSON schema)."""
+    """The request's tool definitions, each an OpenAI function (name, optional description and JSON schema), as
+    chat templates read them: the optional keys there, null where left out, as vLLM hands them over (templates
+    write ``tool.function.parameters | tojson`` whether or not a function takes arguments)."""
+    out = []
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
@@ -23,7 +26,8 @@ def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             raise APIError(400, "a tool's parameters must be a JSON schema of an object (its arguments are one)",
                            param=f"tools.{i}.function.parameters")
-    return tools
+        out.append({**tool, "function": {"description": None, "parameters": None, **function}})
+    return out
 
 
 class _Arguments(dict):
