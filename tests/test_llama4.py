@@ -48,6 +48,8 @@ VARIANTS = {
     "maverick": dict(interleave_moe_layer_step=2, use_qk_norm=False, attention_bias=True,
                      rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
     "chunk16": dict(attention_chunk_size=16, floor_scale=8),
+    # Scout's releases' llama3 rope: high_freq_factor equal to low_freq_factor, every frequency kept or divided
+    "scout_step_rope": dict(rope_parameters={**LLAMA3_ROPE, "high_freq_factor": 1.0}),
 }
 
 
@@ -56,13 +58,13 @@ def checkpoints(tmp_path_factory):
     return saved_references(tmp_path_factory, VARIANTS, llama4_config)
 
 
-@pytest.mark.parametrize("variant", ["scout", "maverick"])
+@pytest.mark.parametrize("variant", ["scout", "maverick", "scout_step_rope"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_matches_transformers(checkpoints, backend, variant):
     folder, hf = checkpoints[variant]
     model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
     arch = model.config.arch
-    assert [spec.mlp for spec in arch.layers] == (["moe"] * 4 if variant == "scout" else ["dense", "moe"] * 2)
+    assert [spec.mlp for spec in arch.layers] == (["dense", "moe"] * 2 if variant == "maverick" else ["moe"] * 4)
     assert [spec.chunk for spec in arch.layers] == [8, 8, 8, None]
     assert [spec.query_scaling for spec in arch.layers] == [None, None, None, (0.5, 4, 1)]
     assert [spec.rope.kind for spec in arch.layers][3] == "default" and arch.layers[0].rope.interleaved

@@ -206,8 +206,8 @@ def read_rope(
         return Rope(**rope, factor=number("factor"))
     if kind == "llama3":
         low, high = number("low_freq_factor", 1.0), number("high_freq_factor", 4.0)
-        if high <= low:
-            r.fail(key, f"high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+        if high < low:  # equal: no blend, every frequency kept or divided (Llama 4 Scout's), as transformers runs it
+            r.fail(key, f"high_freq_factor ({high}) must not be below low_freq_factor ({low})")
         return Rope(**rope, factor=number("factor"), low_freq_factor=low, high_freq_factor=high,
                     original_max=_pretraining_context(r, sizes, spec, key))
     if kind == "yarn":

@@ -112,12 +112,14 @@ class Rope:
 
 
 def _llama3(inv_freq: np.ndarray, rope: Rope) -> np.ndarray:
-    """Leave high frequencies, divide low ones by factor, blend between."""
+    """Leave high frequencies, divide low ones by factor, blend between (nothing between where the two factors are
+    equal, Llama 4 Scout's: a wavelength of exactly the original context would be transformers' NaN)."""
     old_ctx, low, high, factor = float(rope.original_max), rope.low_freq_factor, rope.high_freq_factor, rope.factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
     return np.where(medium, blended, scaled)
 
