@@ -2337,3 +2337,142 @@ def test_mistral3_gguf_matches_the_model_it_was_written_from(tmp_path, family, q
     floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
     got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+# ------------------------------------------------------------------ Llama 4 (Scout, Maverick)
+
+#: Scout's llama3 rope, as its releases set it: high_freq_factor equal to low_freq_factor (the file's rope_freqs
+#: then holds only 1 and the factor).
+_SCOUT_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+
+
+def _llama3_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """The per-pair divisors llama.cpp's converter writes as ``rope_freqs`` for a llama3 rope."""
+    low, high, factor, old = (rope[k] for k in ("low_freq_factor", "high_freq_factor", "factor",
+                                                "original_max_position_embeddings"))
+    freqs = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * rope["rope_theta"] ** (i / head_dim)
+        if wavelen < old / high:
+            freqs.append(1.0)
+        elif wavelen > old / low:
+            freqs.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            freqs.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(freqs, dtype=np.float32)
+
+
+def _llama4_gguf(path: Path, hf, config, qtype, keys: dict[str, Any] | None = None) -> None:
+    """``hf``'s weights as llama.cpp's converter writes Llama 4 (``llama4``): feed_forward_length the dense layers'
+    intermediate_size_mlp, expert_feed_forward_length the experts', interleave_moe_layer_step; q/k rows as stored;
+    the fused expert stacks transposed and split into gate and up; a llama3 rope as ``rope_freqs``; matrices (expert
+    stacks too) as ``qtype``, the routers float; ``keys``: further metadata, by GGUFWriter method."""
+    w = _gguf_writer(path, "llama4", types.SimpleNamespace(**{**config.to_dict(),
+                                                              "intermediate_size": config.intermediate_size_mlp}))
+    for method, value in (keys or {}).items():
+        getattr(w, method)(value)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_dimension_count(config.head_dim)
+    w.add_expert_count(config.num_local_experts)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    w.add_expert_feed_forward_length(config.intermediate_size)
+    w.add_interleave_moe_layer_step(config.interleave_moe_layer_step)
+    if config.rope_parameters["rope_type"] == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_rope_freqs(config.rope_parameters, config.head_dim))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA4, config.num_hidden_layers)
+    inter = config.intermediate_size
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        if name.endswith("experts.gate_up_proj"):  # [E, hidden, 2 * inter]: inputs first, gate then up
+            array = array.swapaxes(1, 2)
+            stacks = {name.replace("gate_up_proj", "gate_proj.weight"): array[:, :inter],
+                      name.replace("gate_up_proj", "up_proj.weight"): array[:, inter:]}
+        elif name.endswith("experts.down_proj"):  # [E, inter, hidden]
+            stacks = {name + ".weight": array.swapaxes(1, 2)}
+        else:
+            stacks = {name: array}
+        for hf_name, array in stacks.items():
+            module, suffix = hf_name.rsplit(".", 1)
+            gguf_name = f"{names.get_name(module)}.{suffix}"
+            array = np.ascontiguousarray(array)
+            if qtype == Q.F32 or array.ndim < 2 or module.endswith("router"):
+                w.add_tensor(gguf_name, array)
+            else:
+                w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("variant", ["scout", "maverick"])
+def test_llama4_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qtype):
+    """Llama 4 as llama.cpp runs a ``llama4`` file: chunks of 8192, every fourth layer NoPE with the attention
+    temperature (floor 8192, scale 0.1), q/k rows as stored. Scout's layout (every layer sparse, q/k L2-normed, its
+    llama3 rope blending none, fitted from rope_freqs) and Maverick's (128 experts: no q/k norm; dense and sparse
+    layers alternating, the dense ones intermediate_size_mlp wide): float32 files give transformers' logits; Q8_0
+    ones (experts too) what the same file imported in float32 gives."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    common = dict(intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4, head_dim=16,
+                  tie_word_embeddings=False, rms_norm_eps=1e-5, attention_chunk_size=8192, floor_scale=8192,
+                  attn_scale=0.1)
+    if variant == "scout":
+        hf, config = _tiny_model(transformers.Llama4TextConfig, **common, num_local_experts=4,
+                                 rope_parameters=dict(_SCOUT_ROPE))
+    else:
+        hf, config = _tiny_model(transformers.Llama4TextConfig, **common, num_local_experts=128,
+                                 interleave_moe_layer_step=2, use_qk_norm=False,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    with torch.no_grad():  # norms away from 1, q and k large enough for the rope's angles to move the logits
+        for name, param in hf.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.normal_(1, 0.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.normal_(0, 0.3)
+    _llama4_gguf(tmp_path / "m.gguf", hf, config, qtype)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    saved = json.loads((out / "config.json").read_text())
+    ours = ModelConfig.from_file(out)
+    arch = ours.arch
+    assert ours.model_type == "llama4_text"
+    assert (saved["intermediate_size"], saved["intermediate_size_mlp"]) == (32, 96)
+    assert [spec.chunk for spec in arch.layers] == [8192, 8192, 8192, None]
+    assert [spec.query_scaling for spec in arch.layers] == [None, None, None, (0.1, 8192, 1)]
+    assert [spec.rope.rotary_dim for spec in arch.layers] == [16, 16, 16, 0] and arch.layers[0].rope.interleaved
+    assert arch.qk_norm == ("head" if variant == "scout" else None)
+    assert [spec.mlp for spec in arch.layers] == (["moe"] * 4 if variant == "scout" else ["dense", "moe"] * 2)
+    assert (arch.moe.num_experts, arch.moe.top_k, arch.moe.shared_expert_size) == (config.num_local_experts, 1, 32)
+    if variant == "scout":
+        rope = saved["rope_scaling"]
+        assert (rope["rope_type"], rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]) == (
+            "llama3", 16.0, 1.0, 1.0)
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+        return
+    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("keys, words", [
+    ({"add_sliding_window": 0}, "without chunked attention"),
+    ({"add_rope_freq_base_swa": 10000.0}, "freq_base_swa"),
+    ({"add_expert_weights_scale": 2.5}, "expert_weights_scale"),
+    ({"add_expert_shared_feed_forward_length": 64}, "shared expert 64 wide"),
+])
+def test_llama4_gguf_settings_llama_cpp_runs_otherwise_are_refused(tmp_path, keys, words):
+    """What a llama4 file may say that transformers' Llama 4 has no setting for is refused by name: no chunks (and
+    the last layer NoPE, llama.cpp's MobileLLM-R1), another rope base on chunked layers, a scaled routed expert, a
+    shared expert wider or narrower than the routed ones."""
+    transformers = pytest.importorskip("transformers")
+    hf, config = _tiny_model(transformers.Llama4TextConfig, intermediate_size=32, intermediate_size_mlp=96,
+                             num_hidden_layers=4, head_dim=16, num_local_experts=4)
+    _llama4_gguf(tmp_path / "m.gguf", hf, config, Q.F32, keys)
+    with pytest.raises(UnsupportedFeatureError, match=words):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

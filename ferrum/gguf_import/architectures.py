@@ -259,6 +259,51 @@ def _dots1_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
             "sliding_window": None, "attention_bias": "blk.0.attn_q.bias" in meta.tensors}
 
 
+#: What llama.cpp fixes for every llama4 file with chunked attention, whatever the file says: chunks of 8192
+#: positions, every fourth layer NoPE, and the attention temperature (floor 8192, scale 0.1), as Scout's and
+#: Maverick's configs set them.
+_LLAMA4_CHUNK, _LLAMA4_NOPE_STEP = 8192, 4
+_LLAMA4_TEMPERATURE = (("floor_scale", 8192), ("attn_scale", 0.1), ("attn_temperature_tuning", True))
+
+
+def _llama4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Llama 4 (Scout, Maverick) as llama.cpp runs a ``llama4`` file: chunked attention of 8192 positions on the
+    layers ``attention.sliding_window_pattern`` leaves chunked (three in four unless it says), every fourth layer
+    without rope (its queries take the attention temperature), q/k L2-normed on rope layers unless the file has 128
+    experts (Maverick, whose config sets use_qk_norm false), top-1 sigmoid routing weighing the expert's input, a
+    shared expert as wide as the routed ones, every ``interleave_moe_layer_step``-th layer sparse (the others'
+    MLPs feed_forward_length wide). A file whose ``attention.sliding_window`` is 0 (MobileLLM-R1's) llama.cpp runs
+    without chunks and with its last layer NoPE, which no transformers config says: refused."""
+    where = meta.where
+    if meta.get(p + "attention.sliding_window") == 0:
+        raise UnsupportedFeatureError(f"{where}: a llama4 file without chunked attention ({p}attention.sliding_window "
+                                      "= 0, MobileLLM-R1's) is not supported: llama.cpp then runs its last layer "
+                                      "without rope, as no transformers config says")
+    period = meta.get(p + "attention.sliding_window_pattern", _LLAMA4_NOPE_STEP)
+    if not isinstance(period, int) or period < 1:
+        raise UnsupportedFeatureError(f"{where}: {p}attention.sliding_window_pattern {period!r} is not supported; "
+                                      "Ferrum reads one period (a chunked layer in each but the last of it)")
+    base_swa = meta.get(p + "rope.freq_base_swa")
+    if base_swa is not None and float32_value(base_swa) != cfg["rope_theta"]:
+        raise UnsupportedFeatureError(f"{where}: {p}rope.freq_base_swa {base_swa} other than rope.freq_base is not "
+                                      "supported (transformers' Llama 4 rotates every rope layer alike)")
+    scale = meta.get(p + "expert_weights_scale")
+    if scale not in (None, 0, 1):
+        raise UnsupportedFeatureError(f"{where}: {p}expert_weights_scale {scale} is not supported (Llama 4 does not "
+                                      "scale its routed expert)")
+    experts = int(meta.need(p + "expert_feed_forward_length"))
+    shared = meta.get(p + "expert_shared_feed_forward_length")
+    if shared is not None and int(shared) != experts:
+        raise UnsupportedFeatureError(f"{where}: a shared expert {shared} wide beside experts {experts} wide is not "
+                                      "supported (llama.cpp and transformers make it as wide as the routed ones)")
+    layers = cfg["num_hidden_layers"]
+    return {"intermediate_size_mlp": cfg["intermediate_size"], "intermediate_size": experts,
+            "interleave_moe_layer_step": int(meta.need(p + "interleave_moe_layer_step")),
+            "no_rope_layer_interval": _LLAMA4_NOPE_STEP, "attention_chunk_size": _LLAMA4_CHUNK,
+            "layer_types": ["chunked_attention" if (i + 1) % period else "full_attention" for i in range(layers)],
+            "use_qk_norm": cfg["num_local_experts"] != 128, **dict(_LLAMA4_TEMPERATURE)}
+
+
 def _hunyuan_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Hunyuan-A13B as llama.cpp runs it and transformers reads its config: softmax top-k renormalised, unscaled,
     one shared MLP; transformers sizes the experts and the shared MLP by intermediate_size, so a file whose
@@ -386,6 +431,8 @@ _HUNYUAN_QK_NORMS = (("attn_q_norm.weight", "self_attn.query_layernorm.weight"),
                      ("attn_k_norm.weight", "self_attn.key_layernorm.weight"))
 _HUNYUAN_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
 
+#: Llama 4's shared expert, in the sparse MLP module.
+_LLAMA4_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_expert.{p}_proj.weight") for p in ("gate", "up", "down"))
 #: Qwen2-MoE's sigmoid-gated shared expert: GGUF name -> suffix in the sparse MLP module.
 _QWEN2_MOE_SHARED = (("ffn_gate_inp_shexp.weight", "shared_expert_gate.weight"),
                      *((f"ffn_{p}_shexp.weight", f"shared_expert.{p}_proj.weight") for p in ("gate", "up", "down")))
@@ -453,6 +500,12 @@ ARCHITECTURES = {
     "mistral3": _Architecture("ministral3", "Ministral3ForCausalLM", True, (("attention_bias", False),),
                               configure=_mistral3_config, yarn_mscale=True,
                               variants=(("mistral", "MistralForCausalLM"),)),
+    # Llama 4's text model (the vision tower is the mmproj file's): q/k rows as transformers has them (its rope
+    # pairs adjacent dims, as llama.cpp's does); experts split out of the fused stacks (see _llama4_config)
+    "llama4": _Architecture("llama4_text", "Llama4ForCausalLM", False, (("attention_bias", False),),
+                            configure=_llama4_config,
+                            moe=_Experts("feed_forward", "num_local_experts", None, None,
+                                         shared_tensors=_LLAMA4_SHARED)),
     # llama.cpp's SmolLM3: every fourth layer without rope, which the file does not say (nor does the config)
     "smollm3": _Architecture("smollm3", "SmolLM3ForCausalLM", True,
                              (("attention_bias", False), ("mlp_bias", False), ("no_rope_layer_interval", 4))),

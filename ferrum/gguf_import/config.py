@@ -19,8 +19,9 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> di
 
     llama.cpp stores ``1``, ``factor`` or a blend per frequency; Hugging Face
     stores the four numbers that generate them. Try the values every Llama 3.x
-    release uses (low 1, high 4, original context 8192) with the largest divisor
-    as ``factor``; ``None`` if they do not reproduce the file.
+    release uses (low 1, high 4, original context 8192), then Llama 4 Scout's (low
+    and high 1), with the largest divisor as ``factor``; ``None`` if neither
+    reproduces the file.
     """
     factors = np.asarray(factors, dtype=np.float64).reshape(-1)
     if factors.size != head_dim // 2 or not np.all(factors > 0):
@@ -28,13 +29,17 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> di
     if np.allclose(factors, 1.0):
         return {}
     factor = float32_value(factors.max())
-    low, high, old_ctx = 1.0, 4.0, 8192
+    old_ctx = 8192
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     wavelen = 2 * math.pi / inv_freq
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    blended = 1.0 / ((1 - smooth) / factor + smooth)
-    want = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blended))
-    if not np.allclose(factors, want, rtol=1e-4, atol=1e-6):
+    for low, high in ((1.0, 4.0), (1.0, 1.0)):  # Llama 3.x's; Llama 4 Scout's, which blends none
+        with np.errstate(divide="ignore", invalid="ignore"):
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            blended = 1.0 / ((1 - smooth) / factor + smooth)
+        want = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blended))
+        if np.allclose(factors, want, rtol=1e-4, atol=1e-6):
+            break
+    else:
         return None
     return {
         "rope_type": "llama3",
@@ -249,5 +254,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
             config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(token_id)
-    names = FAMILIES[config["model_type"]].names  # the family's own spelling of the sizes (GPT-2's n_embd...)
+    # the family's own spelling of the sizes (GPT-2's n_embd...), unless ``configure`` wrote it: Llama 4's dense
+    # width is its intermediate_size_mlp, its experts' the intermediate_size
+    names = {key: name for key, name in FAMILIES[config["model_type"]].names.items() if name not in config}
     return {names.get(key, key): value for key, value in config.items()}

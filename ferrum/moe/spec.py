@@ -42,7 +42,7 @@ STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
            "granitemoeshared": ("input_linear", "input_linear", "output_linear")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
-          "hunyuan_v1_moe": "gate.wg"}
+          "hunyuan_v1_moe": "gate.wg", "llama4_text": "router"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
 MLX_LM_STACK = {"dots1": "experts"}
 
