@@ -2476,3 +2476,80 @@ def test_llama4_gguf_settings_llama_cpp_runs_otherwise_are_refused(tmp_path, key
     with pytest.raises(UnsupportedFeatureError, match=words):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ ERNIE 4.5 MoE
+
+def _ernie4_5_moe_gguf(path: Path, hf, config, qtype) -> None:
+    """``hf``'s weights as llama.cpp's converter writes ERNIE 4.5 MoE (``ernie4_5-moe``): q/k rows as stored, the
+    first sparse layer as ``leading_dense_block_count``, the interval as ``interleave_moe_layer_step``, the shared
+    experts' width; the correction bias as ``exp_probs_b.bias``; experts stacked per projection; matrices (expert
+    stacks too) as ``qtype``, the routers float."""
+    w = _gguf_writer(path, "ernie4_5-moe", config)
+    w.add_expert_count(config.moe_num_experts)
+    w.add_expert_used_count(config.moe_k)
+    w.add_interleave_moe_layer_step(config.moe_layer_interval)
+    w.add_leading_dense_block_count(config.moe_layer_start_index)
+    w.add_expert_feed_forward_length(config.moe_intermediate_size)
+    w.add_expert_shared_count(config.moe_num_shared_experts)
+    if config.moe_num_shared_experts:
+        w.add_expert_shared_feed_forward_length(config.moe_intermediate_size * config.moe_num_shared_experts)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.ERNIE4_5_MOE, config.num_hidden_layers)
+    inter = config.moe_intermediate_size
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        name = name.replace("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction.bias")
+        if name.endswith("mlp.experts.gate_up_proj"):  # transformers 5's [E, 2 * inter, hidden], gate first
+            stacks = {name.replace("gate_up_proj", "gate_proj.weight"): array[:, :inter],
+                      name.replace("gate_up_proj", "up_proj.weight"): array[:, inter:]}
+        elif name.endswith("mlp.experts.down_proj"):
+            stacks = {name + ".weight": array}
+        else:
+            stacks = {name: array}
+        for hf_name, array in stacks.items():
+            module, suffix = hf_name.rsplit(".", 1)
+            gguf_name = f"{names.get_name(module)}.{suffix}"
+            array = np.ascontiguousarray(array)
+            if qtype == Q.F32 or array.ndim < 2 or module.endswith(("mlp.gate", "e_score_correction")):
+                w.add_tensor(gguf_name, array)
+            else:
+                w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("shared", [2, 0])
+def test_ernie4_5_moe_gguf_matches_the_model_it_was_written_from(tmp_path, shared, qtype):
+    """ERNIE 4.5 MoE (a dense first layer, then sparse layers every other one; a softmax router whose correction
+    bias only chooses; two shared experts, or none): float32 files give transformers' logits; Q8_0 ones (experts
+    too) what the same file imported in float32 gives."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    hf, config = _tiny_model(transformers.Ernie4_5_MoeConfig, intermediate_size=96, num_hidden_layers=4,
+                             tie_word_embeddings=False, moe_num_experts=8, moe_k=3, moe_intermediate_size=32,
+                             moe_num_shared_experts=shared, moe_layer_start_index=1, moe_layer_interval=1)
+    with torch.no_grad():  # norms away from 1, q and k large enough for the rope, a correction bias that reorders
+        for name, param in hf.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.normal_(1, 0.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.normal_(0, 0.3)
+        for name, buffer in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.5)
+    _ernie4_5_moe_gguf(tmp_path / "m.gguf", hf, config, qtype)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    arch = ModelConfig.from_file(out).arch
+    assert [spec.mlp for spec in arch.layers] == ["dense", "moe", "moe", "moe"]
+    moe = arch.moe
+    assert (moe.num_experts, moe.top_k, moe.routing, moe.normalize) == (8, 3, "softmax_corrected", True)
+    assert moe.shared_expert_size == (64 if shared else None)
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+        return
+    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))

@@ -259,6 +259,21 @@ def _dots1_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
             "sliding_window": None, "attention_bias": "blk.0.attn_q.bias" in meta.tensors}
 
 
+def _ernie4_5_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """ERNIE 4.5 MoE as llama.cpp reads it: sparse layers from ``leading_dense_block_count`` to the last, every
+    ``interleave_moe_layer_step``-th (no end index: the releases' is the last layer); shared experts where the file
+    gives their width (``expert_shared_feed_forward_length``, which the converter writes only with some), as
+    transformers reads it: moe_num_shared_experts experts' widths together."""
+    experts = int(meta.need(p + "expert_feed_forward_length"))
+    shared = int(meta.get(p + "expert_shared_feed_forward_length", 0))
+    if shared % experts:
+        raise UnsupportedFeatureError(f"{meta.where}: shared experts {shared} wide beside experts {experts} wide are "
+                                      "not supported (transformers makes them a whole number of experts wide)")
+    return {"moe_layer_interval": int(meta.need(p + "interleave_moe_layer_step")),
+            "moe_layer_start_index": int(meta.need(p + "leading_dense_block_count")), "moe_layer_end_index": -1,
+            "moe_num_shared_experts": shared // experts, "moe_k": cfg["num_experts_per_tok"]}
+
+
 #: What llama.cpp fixes for every llama4 file with chunked attention, whatever the file says: chunks of 8192
 #: positions, every fourth layer NoPE, and the attention temperature (floor 8192, scale 0.1), as Scout's and
 #: Maverick's configs set them.
@@ -431,6 +446,10 @@ _HUNYUAN_QK_NORMS = (("attn_q_norm.weight", "self_attn.query_layernorm.weight"),
                      ("attn_k_norm.weight", "self_attn.key_layernorm.weight"))
 _HUNYUAN_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
 
+#: ERNIE 4.5 MoE's router correction bias (``[1, E]`` in the checkpoint) and ungated shared experts, in the sparse
+#: MLP module.
+_ERNIE_MOE_TENSORS = (("exp_probs_b.bias", "moe_statics.e_score_correction_bias"),
+                      *((f"ffn_{p}_shexp.weight", f"shared_experts.{p}_proj.weight") for p in ("gate", "up", "down")))
 #: Llama 4's shared expert, in the sparse MLP module.
 _LLAMA4_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_expert.{p}_proj.weight") for p in ("gate", "up", "down"))
 #: Qwen2-MoE's sigmoid-gated shared expert: GGUF name -> suffix in the sparse MLP module.
@@ -500,6 +519,12 @@ ARCHITECTURES = {
     "mistral3": _Architecture("ministral3", "Ministral3ForCausalLM", True, (("attention_bias", False),),
                               configure=_mistral3_config, yarn_mscale=True,
                               variants=(("mistral", "MistralForCausalLM"),)),
+    # ERNIE 4.5 MoE: the dense model's blocks (adjacent-pair rope stored as is); a softmax router whose correction
+    # bias (exp_probs_b) only chooses, top-k weights renormalised, ungated shared experts (see _ernie4_5_moe_config)
+    "ernie4_5-moe": _Architecture("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", False, (("use_bias", False),),
+                                  configure=_ernie4_5_moe_config,
+                                  moe=_Experts("mlp", "moe_num_experts", "moe_intermediate_size", None,
+                                               shared_tensors=_ERNIE_MOE_TENSORS)),
     # Llama 4's text model (the vision tower is the mmproj file's): q/k rows as transformers has them (its rope
     # pairs adjacent dims, as llama.cpp's does); experts split out of the fused stacks (see _llama4_config)
     "llama4": _Architecture("llama4_text", "Llama4ForCausalLM", False, (("attention_bias", False),),
