@@ -2553,3 +2553,66 @@ def test_ernie4_5_moe_gguf_matches_the_model_it_was_written_from(tmp_path, share
     floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
     got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+# ------------------------------------------------------------------ ChatGLM (GLM-4-9B)
+
+def _chatglm_gguf(path: Path, hf, config, qtype, fused: bool) -> None:
+    """``hf``'s weights as llama.cpp's converter writes GLM-4-9B (``chatglm``): rope over half of each head
+    (``rope.dimension_count``), rows as stored; q/k/v fused in one biased ``attn_qkv`` as ChatGLM's own checkpoints
+    hold them (``fused``) or separate as transformers' Glm's; gate and up in one ``ffn_up``; matrices as ``qtype``."""
+    w = _gguf_writer(path, "chatglm", config)
+    w.add_rope_dimension_count(int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 0.5)))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.CHATGLM, config.num_hidden_layers)
+    state = {name: tensor.float().numpy() for name, tensor in hf.state_dict().items()}
+    if fused:  # ChatGLM's query_key_value: q, k and v rows one after the other
+        for i in range(config.num_hidden_layers):
+            for kind in ("weight", "bias"):
+                stem = f"model.layers.{i}.self_attn."
+                state[f"transformer.encoder.layers.{i}.self_attention.query_key_value.{kind}"] = np.concatenate(
+                    [state.pop(f"{stem}{p}_proj.{kind}") for p in "qkv"])
+    for name, array in state.items():
+        module, suffix = name.rsplit(".", 1)
+        gguf_name = f"{names.get_name(module.removeprefix('transformer.'))}.{suffix}"
+        array = np.ascontiguousarray(array)
+        if qtype == Q.F32 or array.ndim < 2:
+            w.add_tensor(gguf_name, array)
+        else:
+            w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "separate_qkv"])
+def test_chatglm_gguf_matches_the_model_it_was_written_from(tmp_path, fused, qtype):
+    """GLM-4-9B as transformers' Glm: a fused, biased attn_qkv split into q/k/v rows (whole rows, so a packed one
+    too), or separate ones; gate and up fused; rope on adjacent pairs of half of each head. float32 files give
+    transformers' logits; Q8_0 ones what the same file imported in float32 gives."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import ferrum
+    from ferrum.config import ModelConfig
+
+    hf, config = _tiny_model(transformers.GlmConfig, intermediate_size=96, num_hidden_layers=2, head_dim=16,
+                             tie_word_embeddings=False, attention_bias=True)
+    with torch.no_grad():  # norms away from 1, q and k large enough for the rope's angles to move the logits
+        for name, param in hf.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                param.normal_(1, 0.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.normal_(0, 0.3)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.5)
+    _chatglm_gguf(tmp_path / "m.gguf", hf, config, qtype, fused)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(out)
+    assert ours.model_type == "glm" and ours.arch.qkv_bias
+    assert ours.arch.layers[0].rope.rotary_dim == 8 and ours.arch.layers[0].rope.interleaved
+    if qtype == Q.Q8_0:
+        assert "model.layers.0.self_attn.k_proj" not in ours.quantization.overrides  # packed, as the rest
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+        return
+    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))

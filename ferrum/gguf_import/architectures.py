@@ -69,6 +69,9 @@ class _Architecture:
     #: Block tensors the converter split that the family reads as one: GGUF parts -> the Hugging Face tensor
     #: whose rows they are, in that order (GraniteMoeShared's shared gate and up, fused in ``input_linear``).
     joined: tuple[tuple[tuple[str, ...], str], ...] = ()
+    #: The reverse: block tensors the converter kept fused that the family reads as several, each its share of the
+    #: rows in order, sized by the config (ChatGLM's q/k/v): GGUF tensor -> the Hugging Face tensors.
+    split: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -482,6 +485,10 @@ _GPT2_NORMS = tuple((f"{gguf}.{part}", f"{hf}.{part}") for gguf, hf in (("attn_n
 #: OLMo 2's norms: one after each of attention and the MLP, none before.
 _OLMO2_NORMS = (_GEMMA_NORMS[0], _GEMMA_NORMS[2])
 
+#: ChatGLM's fused, biased q/k/v, read as the separate projections transformers' Glm has; gate and up fused.
+_CHATGLM_SPLIT = tuple((f"attn_qkv.{kind}", tuple(f"self_attn.{p}_proj.{kind}" for p in "qkv"))
+                       for kind in ("weight", "bias"))
+
 #: Which tensors each block holds (q/k/v biases, q/k norms, experts) follows from the config written, through
 #: the family's own table (``ferrum.arch.tensors.weight_shapes``).
 ARCHITECTURES = {
@@ -609,6 +616,12 @@ ARCHITECTURES = {
     "starcoder": _Architecture("gpt_bigcode", "GPTBigCodeForCausalLM", False,
                                (("activation_function", "gelu_pytorch_tanh"),), renamed=_GPT2_NORMS,
                                configure=_starcoder_config, grouped_qkv=True),
+    # GLM-4-9B (chat, 0520; ChatGLM's remote code or transformers' Glm): rope over adjacent pairs of half of each
+    # head, as the checkpoint has it (rows stored unchanged); q/k/v fused (ChatGLM's) or not (Glm's), biased
+    "chatglm": _Architecture("glm", "GlmForCausalLM", False, renamed=_GLM4_TENSORS[2:], partial_rotary=True,
+                             split=_CHATGLM_SPLIT,
+                             configure=lambda meta, p, cfg: {"attention_bias": any(
+                                 f"blk.0.attn_{t}.bias" in meta.tensors for t in ("qkv", "q"))}),
     # GLM-4 (0414) rotates adjacent pairs, as the checkpoint does, so llama.cpp stores its q/k rows unchanged;
     # GLM-4.5 rotates rotate-half pairs, also stored unchanged. Both rotate part of each head.
     "glm4": _Architecture("glm4", "Glm4ForCausalLM", False, renamed=_GLM4_TENSORS, partial_rotary=True,

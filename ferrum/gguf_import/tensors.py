@@ -66,6 +66,7 @@ class PlannedTensor:
     offset: float = 0.0  # subtracted from the values (Gemma's norms)
     form: StoredForm | None = None  # how it is written, set by choose_forms
     joined: tuple[Any, ...] = ()  # further tensors whose rows follow ``source``'s (``_Architecture.joined``)
+    rows: tuple[int, int] | None = None  # the share ``[start, stop)`` of ``source``'s rows it is (``.split``)
 
     @property
     def module(self) -> str:
@@ -78,7 +79,9 @@ class PlannedTensor:
 
     @property
     def part_shape(self) -> tuple[int, ...]:
-        """Each source's shape: an equal share of the rows."""
+        """Each source's shape: an equal share of the rows; a split one's whole."""
+        if self.rows is not None:
+            return (numpy_shape(self.source)[0], *self.shape[1:])
         return (self.shape[0] // len(self.sources), *self.shape[1:])
 
 
@@ -156,6 +159,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
     layers = model_config.num_layers  # cfg spells it in the family's words (GPT-2's n_layer)
     prediction_layers = range(layers, layers + cfg.get("num_nextn_predict_layers", 0))
     joins = {parts[0]: (parts, target) for parts, target in arch.joined}
+    splits = dict(arch.split)
     later_parts = {part for parts, _ in arch.joined for part in parts[1:]}
     plan: list[PlannedTensor] = []
     unknown: list[str] = []
@@ -172,6 +176,12 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
             if rest in _KV_B_HALVES and f"blk.{i}.attn_kv_b.weight" in by_name:  # the same numbers, split
                 continue
             if rest in later_parts:  # planned with the first part of its join
+                continue
+            if rest in splits:
+                planned = _split_rows(tensor, [stored_name(model_arch, _in_layout(model_arch, f"model.layers.{i}.{t}"))
+                                               for t in splits[rest]], expected, where)
+                plan += planned
+                unknown += [name] if not planned else []
                 continue
             joined = joins.get(rest)
             if joined is not None:
@@ -223,6 +233,22 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
         for p in plan:
             p.hf_name = p.hf_name.replace(".switch_mlp.", f".{stack}.")
     return plan
+
+
+def _split_rows(tensor: Any, names: list[str], expected: dict[str, tuple[int, ...]],
+                where: str) -> list[PlannedTensor]:
+    """``tensor`` as the consecutive shares of its rows the model reads as ``names`` (``_Architecture.split``); none
+    where the model reads none of them."""
+    shapes = [expected.get(name) for name in names]
+    if all(s is None for s in shapes):
+        return []
+    shape = numpy_shape(tensor)
+    if None in shapes or sum(s[0] for s in shapes) != shape[0] or any(s[1:] != shape[1:] for s in shapes):
+        raise CheckpointError(f"{where}: tensor {tensor.name} has shape {shape}, but the metadata implies "
+                              f"{' + '.join(str(s) for s in shapes)} for {', '.join(names)}")
+    bounds = np.cumsum([0, *(s[0] for s in shapes)])
+    return [PlannedTensor(name, tensor, s, None, rows=(int(start), int(stop)))
+            for name, s, start, stop in zip(names, shapes, bounds[:-1], bounds[1:])]
 
 
 #: The per-head halves of latent attention's ``attn_kv_b`` that llama.cpp's newer converters write beside it or in
@@ -316,6 +342,8 @@ def _stored_arrays(p: PlannedTensor, dequantize_to: str | None, where: str) -> l
     """The arrays ``p.form.parts()`` describes, joined tensors' rows one after the other, q/k rows un-permuted."""
     pieces = [_source_arrays(p, t, dequantize_to, where) for t in p.sources]
     arrays = pieces[0] if len(pieces) == 1 else [np.concatenate(rows) for rows in zip(*pieces)]
+    if p.rows is not None:  # whole rows again: exact when packed
+        arrays = [a[p.rows[0]:p.rows[1]] for a in arrays]
     if p.row_order is not None:
         arrays = [a[p.row_order] for a in arrays]  # whole rows move: exact when packed
     return arrays
