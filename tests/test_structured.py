@@ -319,3 +319,23 @@ def test_a_request_cancelled_while_its_grammar_compiles_is_aborted(checkpoint):
     assert not llm.engine.has_unfinished() and llm.model.kv.num_used_blocks == 0
     assert llm.engine.metrics().generated_tokens < 100  # aborted, not run to its 200 tokens
     engine.shutdown()
+
+
+def test_a_tokenizer_llguidance_cannot_take_is_refused_not_crashed_on(tmp_path):
+    """A token of thousands of characters overflows llguidance's token trie, which panics (pyo3's PanicException,
+    a BaseException that passed every handler and made the server answer 500): structured requests are refused
+    as unsupported for that tokenizer instead."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer
+
+    from ferrum.errors import UnsupportedFeatureError
+    from ferrum.tokenizer import Tokenizer
+    from support import write_tokenizer
+
+    pytest.importorskip("llguidance")
+    write_tokenizer(tmp_path)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf.add_tokens([AddedToken("x" * 4000, normalized=False)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UnsupportedFeatureError, match="structured outputs cannot use this model's tokenizer: Panic"):
+        matcher_for(SamplingParams(json_schema={"type": "object"}), Tokenizer(tmp_path), hf.get_vocab_size(),
+                    frozenset({1}))

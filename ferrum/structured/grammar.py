@@ -39,8 +39,12 @@ def _lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> An
             try:
                 by_width[vocab_size] = llg.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size,
                                                        eos_token=sorted(eos_ids))
-            except (ValueError, RuntimeError) as exc:
-                raise UnsupportedFeatureError(f"structured outputs cannot use this model's tokenizer: {exc}") from None
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # also llguidance's Rust panics, pyo3's PanicException (a BaseException):
+                # a token of thousands of characters overflows its token trie
+                raise UnsupportedFeatureError(f"structured outputs cannot use this model's tokenizer: "
+                                              f"{type(exc).__name__}: {exc}") from None
         return by_width[vocab_size]
 
 
