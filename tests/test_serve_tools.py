@@ -329,8 +329,9 @@ def test_a_string_or_null_parameter_keeps_its_text_in_the_bare_formats(tmp_path,
 
 def test_qwen3_coder_calls_as_leniently_as_vllm_reads_them():
     """vLLM's qwen3_coder parser reads ``<function=...>`` blocks a reply writes without ``<tool_call>`` around them
-    (held back from ``<function=`` when streamed), and a value whose ``</parameter>`` the model left out as ending
-    where the next parameter or ``</function>`` begins."""
+    (held back from ``<function=`` when streamed), a value whose ``</parameter>`` the model left out as ending
+    where the next parameter or ``</function>`` begins, several functions in one ``<tool_call>``, and a closed
+    ``<tool_call>`` whose ``</function>`` was left out."""
     schemas = {"f": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}}}
     unwrapped = "Sure.\n" + _qwen("f", x="1").removeprefix("<tool_call>\n").removesuffix("\n</tool_call>")
     reply = QWEN3_CODER.parse(unwrapped, schemas)
@@ -343,6 +344,14 @@ def test_qwen3_coder_calls_as_leniently_as_vllm_reads_them():
     assert sent == "Sure.\n" and reason == "tool_calls" and deltas[0]["tool_calls"][0]["function"]["name"] == "f"
     for text in (unwrapped[:-len("</function>")], "<function=f>\nstray</function>"):  # cut, not parameters
         assert QWEN3_CODER.parse(text).calls == [] and QWEN3_CODER.parse(text).content == text, text
+    two = ("<tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n<function=g>\n</function>\n"
+           "</tool_call>")
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in QWEN3_CODER.parse(two, schemas).calls] == [("f", {"x": 1}), ("g", {})]
+    unended = "<tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n</tool_call>"  # no </function>
+    assert [json.loads(c["function"]["arguments"]) for c in QWEN3_CODER.parse(unended, schemas).calls] == [{"x": 1}]
+    cut = unended.removesuffix("</tool_call>")  # a block cut before its end stays text
+    assert QWEN3_CODER.parse(cut).calls == [] and QWEN3_CODER.parse(cut).content == cut
 
 
 def test_deepseek_v3_calls():

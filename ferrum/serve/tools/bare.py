@@ -43,23 +43,23 @@ def _glm_value(text: str, schema: Any) -> Any:
 def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Match[str]], Any],
                       cut: bool, opening: str = "<tool_call>", closing: str = "</tool_call>") -> ParsedReply:
     """The calls of a reply whose blocks (``block`` matches one, from ``opening`` to ``closing``, ``<tool_call>``'s
-    by default) name their function and write their arguments bare: ``read(match)`` gives a block's call, or None
-    where the block does not read as one, which makes the whole reply text. Read as ``cut`` (a forced reply stopped
-    inside a call, by max_tokens or a stop), an unclosed last block is left out and the calls before it stand, as a
-    JSON format's calls so far do. Text before the first block is the content; text between and after blocks
-    stays too."""
+    by default) name their functions and write their arguments bare: ``read(match)`` gives a block's calls, or
+    None where the block does not read as calls, which makes the whole reply text. Read as ``cut`` (a forced reply
+    stopped inside a call, by max_tokens or a stop), an unclosed last block is left out and the calls before it
+    stand, as a JSON format's calls so far do. Text before the first block is the content; text between and after
+    blocks stays too."""
     start = text.find(opening)
     if start < 0:
         return ParsedReply(text, [])
     calls, rest, end = [], [], start
     for match in block.finditer(text, start):
-        call = read(match)
-        if call is None:
+        found = read(match)
+        if found is None:
             unclosed = not match.group(0).endswith(closing)
             return ParsedReply(text[:start], calls, "".join(rest)) if cut and unclosed and calls else (
                 ParsedReply(text, []))
         rest.append(text[end:match.start()])
-        calls.append(call)
+        calls.extend(found)
         end = match.end()
     return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
 
@@ -94,13 +94,17 @@ def _glm(text: str, schemas: Schemas | None = None, cut: bool = False) -> Parsed
     """GLM-4.5's calls: each ``<tool_call>`` holds its function's name (up to a newline or the first argument) and
     nothing but ``<arg_key>``/``<arg_value>`` pairs; a block with anything else, or cut inside a pair, is text
     (see :func:`_tool_call_blocks` on ``cut``)."""
-    return _tool_call_blocks(text, _GLM_CALL, lambda match: _bare_call(
-        match.group(1).strip(), match.group(2), _GLM_ARG,
-        lambda pair, schema: _glm_value(pair.group(2).strip(), schema), schemas), cut)
+    def calls(match: re.Match[str]) -> list[Any] | None:
+        call = _bare_call(match.group(1).strip(), match.group(2), _GLM_ARG,
+                          lambda pair, schema: _glm_value(pair.group(2).strip(), schema), schemas)
+        return None if call is None else [call]
+
+    return _tool_call_blocks(text, _GLM_CALL, calls, cut)
 
 
 _QWEN_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_QWEN_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*", re.DOTALL)
+#: A function in a block: its ``</function>`` may be left out where another function or the block's end follows.
+_QWEN_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)(?:</function>\s*|(?=<function=)|\Z)", re.DOTALL)
 #: A parameter's value ends at its ``</parameter>``, or, where the model left that out, where the next parameter or
 #: the function's end begins (as vLLM's parser reads it).
 _QWEN_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)\s*", re.DOTALL)
@@ -142,22 +146,29 @@ def _qwen3_coder_value(text: str, schema: Any) -> Any:
 
 
 def _qwen3_coder(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
-    """Qwen3-Coder's calls: each ``<tool_call>`` holds one ``<function=NAME>`` of ``<parameter=K>`` blocks, a
-    value's first and last newline the template's; a block with anything else, or cut before
-    ``</function>``, is text (see :func:`_tool_call_blocks` on ``cut``). As vLLM's parser, a reply with no
-    ``<tool_call>`` has its ``<function=...>`` blocks read as calls, and a ``</parameter>`` left out ends where the
-    next parameter or ``</function>`` begins."""
-    def call(block: str) -> Any:
-        function = _QWEN_FUNCTION.fullmatch(block)
-        return None if function is None else _bare_call(
-            function.group(1).strip(), function.group(2), _QWEN_PARAMETER,
-            lambda parameter, schema: _qwen3_coder_value(
-                parameter.group(2).removeprefix("\n").removesuffix("\n"), schema), schemas)
+    """Qwen3-Coder's calls: each ``<tool_call>`` holds a ``<function=NAME>`` of ``<parameter=K>`` blocks, a
+    value's first and last newline the template's; a block with anything else, or cut before its end, is text
+    (see :func:`_tool_call_blocks` on ``cut``). As vLLM's parser reads them: a reply with no ``<tool_call>`` has
+    its ``<function=...>`` blocks read as calls; a block may hold several functions, and a closed one need not
+    close its last ``</function>``; a ``</parameter>`` left out ends where the next parameter or ``</function>``
+    begins."""
+    def calls(block: str, closed: bool) -> list[Any] | None:
+        found, at = [], 0
+        while function := _QWEN_FUNCTION.match(block, at):
+            call = _bare_call(function.group(1).strip(), function.group(2), _QWEN_PARAMETER,
+                              lambda parameter, schema: _qwen3_coder_value(
+                                  parameter.group(2).removeprefix("\n").removesuffix("\n"), schema), schemas)
+            if call is None or not (closed or function.group(0).rstrip().endswith("</function>")):
+                return None
+            found.append(call)
+            at = function.end()
+        return found if found and not block[at:].strip() else None
 
     if "<tool_call>" not in text:
-        return _tool_call_blocks(text, _QWEN_BARE_FUNCTION, lambda match: call(match.group(0)), cut, "<function=",
-                                 "</function>")
-    return _tool_call_blocks(text, _QWEN_CALL, lambda match: call(match.group(1)), cut)
+        return _tool_call_blocks(text, _QWEN_BARE_FUNCTION, lambda match: calls(match.group(0), False), cut,
+                                 "<function=", "</function>")
+    return _tool_call_blocks(text, _QWEN_CALL, lambda match: calls(match.group(1), match.group(0).endswith(
+        "</tool_call>")), cut)
 
 
 def _glm_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
