@@ -548,23 +548,34 @@ def check_quantized_embedding(c: _Context, bits: int, group_size: int, tol: floa
     return _compare(c.get(placed.embedding(placed.weight, c.put_int(ids))), dequantize(weight)[ids], tol)
 
 
-def check_moe_route_grouped(c: _Context, softmax: bool = False) -> float:
-    """Grouped routing (API 1.12's ``routing``) of random logits, 16 experts in 4 groups, 2 kept, 3 chosen,
-    against the host rule: DeepSeek-V3's (GLM-4.5's) sigmoid rule with a correction bias that changes the choice
-    and normalized weights, or (``softmax``) DeepSeek-V2's, unnormalized; through the plugin's ``moe_route`` where
-    the model would call it, else the core's fallback."""
+def _grouped_cases() -> dict[str, tuple[Any, int, int, bool, float]]:
+    """Per grouped rule, as its families route with it: (rule, groups, groups kept, normalized, scale)."""
+    from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC, SIGMOID_TOP_K, SOFTMAX_CORRECTED
+
+    return {"grouped sigmoid": (NOAUX_TC, 4, 2, True, 2.5),  # DeepSeek-V3, GLM-4.5
+            "grouped softmax": (GROUP_LIMITED_GREEDY, 4, 2, False, 16.0),  # DeepSeek-V2
+            "corrected softmax": (SOFTMAX_CORRECTED, 1, 1, True, 1.0),  # ERNIE 4.5 MoE
+            "sigmoid top-k": (SIGMOID_TOP_K, 1, 1, False, 1.0)}  # Llama 4
+
+
+def check_moe_route_grouped(c: _Context, case: str = "grouped sigmoid") -> float:
+    """Grouped routing (API 1.12's ``routing``) of random logits, 16 experts, 3 chosen, against the host rule, for
+    each rule as its families use it (:func:`_grouped_cases`: DeepSeek-V3's sigmoid rule in 4 groups, 2 kept, with
+    a correction bias that changes the choice and normalized weights; DeepSeek-V2's softmax, unnormalized; ERNIE
+    4.5's corrected softmax; Llama 4's plain sigmoid); through the plugin's ``moe_route`` where the model would
+    call it, else the core's fallback."""
     from ferrum.moe.kind import routes_natively
-    from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC, GroupedRouting, route_grouped
+    from ferrum.moe.routing import GroupedRouting, route_grouped
 
     rng = np.random.default_rng(2)
     logits = c.rounded(rng.standard_normal((9, 16), dtype=np.float32) * 2)
-    rule, normalize, scale = (GROUP_LIMITED_GREEDY, False, 16.0) if softmax else (NOAUX_TC, True, 2.5)
+    rule, groups, kept, normalize, scale = _grouped_cases()[case]
     bias = rng.standard_normal(16).astype(np.float32) * 0.3 if rule.corrected else None
-    routing = GroupedRouting(4, 2, scale, None if bias is None else c.ops.from_numpy(bias, "float32"), rule)
+    routing = GroupedRouting(groups, kept, scale, None if bias is None else c.ops.from_numpy(bias, "float32"), rule)
     route = c.ops.moe_route if routes_natively(c.ops, rule) else c.ops.fallback["moe_route"]
     ids, weights = route(c.put(logits), None, 3, normalize, routing)
     ids, weights = c.get(ids).astype(np.int64), c.get(weights)
-    ref_ids, ref_weights = route_grouped(logits, bias, 3, 4, 2, normalize, scale, rule)
+    ref_ids, ref_weights = route_grouped(logits, bias, 3, groups, kept, normalize, scale, rule)
     order, ref_order = np.argsort(ids, axis=1), np.argsort(ref_ids, axis=1)
     if not np.array_equal(np.take_along_axis(ids, order, 1), np.take_along_axis(ref_ids, ref_order, 1)):
         raise AssertionError(f"chose experts {ids.tolist()}, expected {ref_ids.tolist()}")
@@ -702,10 +713,10 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
     gpt_oss_native = all(ops.accepts("moe_experts", arg) for arg in ("biases", "activation"))
     gpt_oss_experts = source("moe_experts") if gpt_oss_native else "core fallback"
     from ferrum.moe.kind import routes_natively
-    from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC
 
-    grouped_route, softmax_route = (source("moe_route") if routes_natively(ops, rule) else "core fallback"
-                                    for rule in (NOAUX_TC, GROUP_LIMITED_GREEDY))
+    grouped = [(f"moe_route, {case} ({source('moe_route') if routes_natively(ops, rule) else 'core fallback'})",
+                lambda case=case: check_moe_route_grouped(c, case), 1e-5)
+               for case, (rule, *_) in _grouped_cases().items()]
     checks: list[tuple[str, Callable[[], float | None], float | None]] = [
         ("backend_info", lambda: check_backend_info(c), None),
         ("from_numpy / to_numpy / cast", lambda: check_host_round_trip(c), 0.0),
@@ -719,8 +730,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         ("silu_mul", lambda: check_silu_mul(c, tol), tol),
         (f"moe_route ({source('moe_route')})", lambda: check_moe_route(c), 1e-5),
         (f"moe_route, unnormalized ({source('moe_route')})", lambda: check_moe_route(c, normalize=False), 1e-5),
-        (f"moe_route, grouped sigmoid ({grouped_route})", lambda: check_moe_route_grouped(c), 1e-5),
-        (f"moe_route, grouped softmax ({softmax_route})", lambda: check_moe_route_grouped(c, softmax=True), 1e-5),
+        *grouped,
         (f"moe_experts, all tokens on one pair ({source('moe_experts')})",
          lambda: check_moe_experts(c, False, tol), tol),
         (f"moe_experts, spread evenly ({source('moe_experts')})", lambda: check_moe_experts(c, True, tol), tol),
