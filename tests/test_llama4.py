@@ -21,7 +21,7 @@ from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, reference_logits, runnable_backends, saved_references,
-    scaled_error,
+    scaled_error, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -50,6 +50,8 @@ VARIANTS = {
     "chunk16": dict(attention_chunk_size=16, floor_scale=8),
     # Scout's releases' llama3 rope: high_freq_factor equal to low_freq_factor, every frequency kept or divided
     "scout_step_rope": dict(rope_parameters={**LLAMA3_ROPE, "high_freq_factor": 1.0}),
+    # what mlx-lm's Llama 4 runs: chunks and NoPE as the default layout has them, its q/k norms' eps of 1e-6
+    "mlx_lm": dict(attention_chunk_size=16, floor_scale=8, rms_norm_eps=1e-6),
 }
 
 
@@ -203,3 +205,80 @@ def test_chunked_batches_attend_within_chunks(backend):
     assert np.abs(np.asarray(got, np.float64) - np.stack(want)).max() < 1e-5
     assert batch.chunked(32) is batch  # no item past its first chunk
 
+
+
+# ------------------------------------------------------------------ mlx-lm
+
+needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
+
+
+def _as_mlx_lm_reads_it(folder, destination):
+    """The checkpoint as a ``llama4`` wrapper (mlx-lm's Llama 4 reads no other), its decoder under
+    ``language_model.``, with the transformers-4 rope keys mlx-lm reads and a tokenizer for its conversion."""
+    destination.mkdir()
+    text = json.loads((folder / "config.json").read_text())
+    rope = dict(text.pop("rope_parameters"))
+    text.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
+    raw = transformers.Llama4Config(vision_config={"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 32,
+                                                   "num_attention_heads": 2}).to_dict()
+    (destination / "config.json").write_text(json.dumps({**raw, "text_config": text}))
+    tensors = {f"language_model.{name}": array for name, array in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, destination / "model.safetensors", metadata={"format": "pt"})
+    write_tokenizer(destination)
+    return destination
+
+
+def _mlx_lm_logits(folder, tokens) -> np.ndarray:
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    loaded = load_model(folder)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
+
+
+@needs_mlx
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
+    """mlx-lm stacks Llama 4's experts under ``feed_forward.experts.{gate,up,down}_proj`` (its sanitize splits and
+    transposes the fused stacks), packs them and the router where quantized: its conversions, float or packed, run on
+    every backend as mlx-lm runs them, and as transformers runs the float one."""
+    from mlx_lm.convert import convert
+    from safetensors import safe_open
+
+    folder, hf = checkpoints["mlx_lm"]
+    source = _as_mlx_lm_reads_it(folder, tmp_path / "hf")
+    converted = tmp_path / "mlx"
+    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
+    with safe_open(str(converted / "model.safetensors"), framework="numpy") as f:
+        names = set(f.keys())
+    stack = "language_model.model.layers.1.feed_forward.experts.gate_proj"
+    assert f"{stack}.weight" in names and (f"{stack}.scales" in names) == (bits is not None)
+    assert not any("switch_mlp" in n or "gate_up_proj" in n for n in names)
+    want = _mlx_lm_logits(converted, TOKENS)
+    if bits is None:
+        assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    for backend in BACKENDS:
+        got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
+        assert scaled_error(got, want) <= 1e-4, backend
+
+
+@needs_mlx
+def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
+    """``ferrum quantize`` stores the experts where mlx-lm's conversion does (``feed_forward.experts.*``, not the
+    fused stacks), bit for bit from a float32 source, and mlx-lm runs the result."""
+    from mlx_lm.convert import convert
+
+    from ferrum.quant.convert import quantize_checkpoint
+
+    source = _as_mlx_lm_reads_it(checkpoints["mlx_lm"][0], tmp_path / "hf")
+    with pytest.warns(UserWarning, match="not a multiple of --group-size 32"):  # the experts' down_proj, 48 wide
+        ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
+    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
+    got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
+    assert got.keys() == expected.keys()
+    for name, array in expected.items():
+        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
+    want = _mlx_lm_logits(ours, TOKENS)
+    got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
+    assert scaled_error(got, want) <= 1e-4

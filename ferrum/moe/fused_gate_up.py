@@ -1,14 +1,16 @@
-"""Experts stored as two stacks, gate and up in one: Qwen3-VL-MoE's checkpoints.
+"""Experts stored as two stacks, gate and up in one: Qwen3-VL-MoE's and Llama 4's checkpoints.
 
-The model reads ``M.switch_mlp.{gate,up,down}_proj.weight`` (``M`` a layer's ``mlp``), as for every MoE
-family; a checkpoint holds it as one of:
+The model reads ``M.switch_mlp.{gate,up,down}_proj.weight`` (``M`` a layer's ``mlp``, Llama 4's
+``feed_forward``), as for every MoE family; a checkpoint holds it as one of:
 
-* **the release's** (Qwen's upload): ``M.experts.gate_up_proj [E, hidden, 2 * inter]``, inputs first,
-  gate then up along the outputs, and ``M.experts.down_proj [E, inter, hidden]``;
-* **transformers 5's** (what its ``save_pretrained`` writes): the same two tensors outputs first,
-  ``[E, 2 * inter, hidden]`` and ``[E, hidden, inter]``;
-* **mlx-lm's and mlx-vlm's** conversions: the model's own names, packed where quantized (read as every
-  family's stacks are).
+* **the release's** (Qwen's upload; Llama 4's, and what transformers saves of it):
+  ``M.experts.gate_up_proj [E, hidden, 2 * inter]``, inputs first, gate then up along the outputs, and
+  ``M.experts.down_proj [E, inter, hidden]``;
+* **transformers 5's** for Qwen3-VL-MoE (what its ``save_pretrained`` writes): the same two tensors outputs
+  first, ``[E, 2 * inter, hidden]`` and ``[E, hidden, inter]``;
+* **mlx-lm's and mlx-vlm's** conversions: ``[E, out, in]`` stacks under ``M.<stack>.<proj>.weight``, packed
+  where quantized (read as every family's stacks are); ``stack`` is the family's ``MoeSpec.mlx_lm_stack``:
+  the model's own ``switch_mlp`` for Qwen3-VL-MoE, ``experts`` for Llama 4 (mlx-lm's ``llama4.sanitize``).
 
 The two orientations are told apart by shape; a model whose hidden size equals the stack's other side
 (``2 * inter`` for gate and up, ``inter`` for down) cannot be, and is refused rather than guessed.
@@ -31,28 +33,30 @@ def _names(name: str) -> tuple[str, str, str]:
     return f"{module}.experts", proj, _FUSED[proj][0]
 
 
-def checkpoint_module(name: str) -> str:
-    """The module mlx-lm's layout stores model tensor ``name`` in: the model's own."""
-    return name.rsplit(".", 1)[0]
+def checkpoint_module(name: str, stack: str = "switch_mlp") -> str:
+    """The module mlx-lm's layout stores model tensor ``name`` in (``M.<stack>.<proj>``)."""
+    return mlx_lm_name(name, stack).rsplit(".", 1)[0]
 
 
-def mlx_lm_name(name: str) -> str:
-    """Where mlx-lm's (and mlx-vlm's) layout stores model tensor ``name``: under the model's own name."""
-    return name
+def mlx_lm_name(name: str, stack: str = "switch_mlp") -> str:
+    """Where mlx-lm's (and mlx-vlm's) layout stores model tensor ``name``: under ``M.<stack>``."""
+    return name.replace(".switch_mlp.", f".{stack}.")
 
 
-def parts(present: set[str], name: str, packed_kinds: tuple[str, ...]) -> tuple[str, ...]:
-    """The checkpoint tensors model tensor ``name`` is read from; ``packed_kinds`` those of a packed stack."""
-    module = checkpoint_module(name)
-    if name in present:
-        return tuple(f"{module}.{k}" for k in packed_kinds) if f"{module}.scales" in present else (name,)
+def parts(present: set[str], name: str, packed_kinds: tuple[str, ...], stack: str = "switch_mlp") -> tuple[str, ...]:
+    """The checkpoint tensors model tensor ``name`` is read from (the model's own name, mlx-lm's, or the fused
+    stack); ``packed_kinds`` those of a packed stack."""
+    for stored in dict.fromkeys((name, mlx_lm_name(name, stack))):
+        module = stored.rsplit(".", 1)[0]
+        if stored in present:
+            return tuple(f"{module}.{k}" for k in packed_kinds) if f"{module}.scales" in present else (stored,)
     experts, _, stored = _names(name)
     return (f"{experts}.{stored}",)
 
 
 def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """The shapes float checkpoint tensor ``part`` may have where model tensor ``name`` is ``shape``."""
-    if part == name:
+    if part.endswith(".weight"):  # a stack under the model's or mlx-lm's name
         return (shape,)
     _, proj, _ = _names(name)
     e, out, inp = shape

@@ -34,14 +34,14 @@ def _names(name: str) -> tuple[str, str, str, bool]:
     return f"{module}.experts", proj, _FUSED[proj][0], kind == "bias"
 
 
-def checkpoint_module(name: str) -> str:
+def checkpoint_module(name: str, stack: str = "experts") -> str:
     """The module mlx-lm's layout stores model tensor ``name`` in (where config.json's per-module
-    quantization entries name it)."""
+    quantization entries name it); always ``M.experts`` (``stack``, the layouts' common argument, unused)."""
     experts, proj, _, _ = _names(name)
     return f"{experts}.{proj}"
 
 
-def mlx_lm_name(name: str) -> str:
+def mlx_lm_name(name: str, stack: str = "experts") -> str:
     """Where mlx-lm's layout stores model tensor ``name`` (random checkpoints are written this way)."""
     return f"{checkpoint_module(name)}.{name.rsplit('.', 1)[1]}"
 
@@ -78,7 +78,7 @@ def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[i
     return ((shape[0], shape[1] * width) if bias else (shape[0], shape[2], shape[1] * width),)
 
 
-def parts(present: set[str], name: str, packed_kinds: tuple[str, ...]) -> tuple[str, ...]:
+def parts(present: set[str], name: str, packed_kinds: tuple[str, ...], stack: str = "experts") -> tuple[str, ...]:
     """The checkpoint tensors model tensor ``name`` is read from; ``packed_kinds`` those of a packed stack
     in its quantization mode. A stack stored as the model names it (a GGUF import) or as mlx-lm does;
     else the Hugging Face tensors, so a missing one is reported by the name transformers writes."""

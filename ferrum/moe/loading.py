@@ -6,7 +6,7 @@ The model names each stacked projection as mlx-lm does,
 
 * **stacked** (mlx-lm's converted and quantized checkpoints, after its
   ``sanitize``): that very tensor, 3-D, with ``.scales``/``.biases`` when packed
-  (under ``M.experts.*`` instead for dots1: ``MoeSpec.mlx_lm_stack``);
+  (under ``M.experts.*`` instead for dots1 and Llama 4: ``MoeSpec.mlx_lm_stack``);
 * **per expert** (Hugging Face releases, and what transformers 5's
   ``save_pretrained`` writes): ``M.experts.{e}.{name}.weight`` for every expert,
   with the family's names (Mixtral ``w1``/``w3``/``w2``, Qwen
@@ -69,7 +69,7 @@ def stack_mode(quant: QuantConfig | None, spec: MoeSpec, name: str) -> str | Non
         return AFFINE
     module = name.removesuffix(".weight")
     # config.json names the module where the stack is stored: either name
-    stored = (LAYOUTS[spec.layout].checkpoint_module(name) if spec.layout is not None
+    stored = (LAYOUTS[spec.layout].checkpoint_module(name, spec.mlx_lm_stack) if spec.layout is not None
               else mlx_lm_stack_name(spec, module + ".weight").removesuffix(".weight"))
     module = stored if stored in quant.modes or stored in quant.overrides else module
     return None if quant.infers_formats and not quant.declares(module) else quant.mode_for(module)
@@ -84,7 +84,7 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str | None =
         mode = AFFINE if _stored_biases(present, spec, name) else "float"
     packed = _PACKED if mode == AFFINE else _PACKED[:2]
     if spec.layout is not None:
-        return LAYOUTS[spec.layout].parts(present, name, packed)
+        return LAYOUTS[spec.layout].parts(present, name, packed, spec.mlx_lm_stack)
     stored = mlx_lm_stack_name(spec, name)
     if stored in present:
         at = stored.removesuffix(".weight")
@@ -112,7 +112,7 @@ def _stored_biases(present: set[str], spec: MoeSpec, name: str) -> bool:
     """Whether packed stack ``name`` has biases beside it (stacked where the family's layout or mlx-lm stores it, or
     each expert's)."""
     if spec.layout is not None:
-        modules = (name.removesuffix(".weight"), LAYOUTS[spec.layout].checkpoint_module(name))
+        modules = (name.removesuffix(".weight"), LAYOUTS[spec.layout].checkpoint_module(name, spec.mlx_lm_stack))
     else:
         modules = (mlx_lm_stack_name(spec, name).removesuffix(".weight"),
                    per_expert_names(spec, name)[0].removesuffix(".weight"))

@@ -44,7 +44,7 @@ STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
           "hunyuan_v1_moe": "gate.wg", "llama4_text": "router"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
-MLX_LM_STACK = {"dots1": "experts"}
+MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts"}
 
 
 def _layer_list(value: object) -> str | None:
@@ -402,7 +402,8 @@ class MoeSpec:
     #: router picks; else the router runs in the compute dtype, as Mixtral's and Qwen's do.
     router_float32: bool = False
     shared_fused: bool = False  # the shared expert's gate and up stored as one ``gate_up_proj``, gate rows first
-    #: The module mlx-lm's conversions stack the experts in (``M.<module>.gate_proj.weight``); dots1's ``experts``.
+    #: The module mlx-lm's conversions stack the experts in (``M.<module>.gate_proj.weight``); dots1's and Llama 4's
+    #: ``experts``.
     mlx_lm_stack: str = "switch_mlp"
     #: Where a corrected rule's per-expert correction bias sits in the sparse MLP module, where not under the
     #: router (``<router>.e_score_correction_bias``): ERNIE 4.5's ``moe_statics.e_score_correction_bias``,

@@ -323,7 +323,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
             raise CheckpointError(f"tensor {parts[0]} has shape {stored} but config.json implies "
                                   f"{' or '.join(map(str, shapes_stored))}")
         # where mlx-lm's layout keeps it
-        written = (layout.mlx_lm_name(name) if own_layout else
+        written = (layout.mlx_lm_name(name, moe.mlx_lm_stack) if own_layout else
                    mlx_lm_stack_name(moe, name) if moe is not None and is_expert_stack(name) else name)
         module = written.removesuffix(".weight")
         if _quantizable(name, shapes) and shape[-1] % group_size == 0 and not module.endswith(kept_float):
