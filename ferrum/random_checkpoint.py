@@ -5,8 +5,9 @@ tiny ones, so neither needs a download. The folder is an ordinary
 checkpoint (``config.json`` in the v4 style that transformers, mlx-lm and
 Ferrum all read, plus ``model.safetensors``), written atomically. Mixture-of-experts
 layers are written one matrix per expert, the Hugging Face layout all three read
-(see :mod:`ferrum.moe.loading`), except a family with layouts of its own (gpt-oss),
-written as mlx-lm stores it or, for transformers, as transformers does (neither reads the other's).
+(see :mod:`ferrum.moe.loading`), except a family with layouts of its own (gpt-oss, Qwen3-VL-MoE,
+Llama 4), written as mlx-lm stores it or, for transformers, as transformers does (neither reads the other's;
+mlx-lm reads Llama 4 only as the ``llama4`` wrapper, so a ``llama4_text`` config is for transformers' layout).
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ def write_random_checkpoint(
             progress(done, len(shapes), name)
     if own_layout:
         layout = LAYOUTS[moe.layout]
-        tensors.update(layout.hugging_face_tensors(own_layout) if expert_layout == "transformers" else
-                       {layout.mlx_lm_name(name): array for name, array in own_layout.items()})
+        if expert_layout == "transformers":
+            tensors.update(layout.hugging_face_tensors(own_layout, moe.fused_inputs_first))
+        else:
+            tensors.update({layout.mlx_lm_name(name, moe.mlx_lm_stack): array for name, array in own_layout.items()})
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)

@@ -195,13 +195,14 @@ def saved_references(tmp_path_factory, variants: dict, make_config) -> dict:
 
 def assert_random_checkpoint_is_what_transformers_reads(folder: Path, raw: dict, tokens) -> None:
     """``ferrum.random_checkpoint`` (benchmarks, the conformance kit) writes, for config ``raw``, the tensors
-    transformers expects, none missing and none unexpected, and Ferrum's logits on them are transformers'."""
+    transformers expects, none missing and none unexpected, and Ferrum's logits on them are transformers' (a family
+    with expert layouts of its own written in transformers', as benchmarks against transformers write it)."""
     import transformers
 
     from ferrum.model import DecoderOnlyLLM
     from ferrum.random_checkpoint import write_random_checkpoint
 
-    folder = write_random_checkpoint(folder, raw, dtype="float32", std=0.2)
+    folder = write_random_checkpoint(folder, raw, dtype="float32", std=0.2, expert_layout="transformers")
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", tokens)

@@ -20,8 +20,8 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, reference_logits, runnable_backends, saved_references,
-    scaled_error, write_tokenizer,
+    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads, reference_logits,
+    runnable_backends, saved_references, scaled_error, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -108,6 +108,15 @@ def test_chunks_a_block_size_does_not_divide_are_refused(checkpoints):
 def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
     for variant in VARIANTS:
         assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
+
+
+@pytest.mark.parametrize("variant", ["scout", "maverick"])
+def test_random_checkpoints_are_what_transformers_reads(tmp_path, variant):
+    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects: the fused
+    experts inputs first (``gate_up_proj [E, hidden, 2 * inter]``), as Llama 4's are stored."""
+    chunks = dict(attention_chunk_size=16, floor_scale=8)  # that Ferrum's default blocks of 16 divide
+    raw = {**llama4_config(**VARIANTS[variant], **chunks).to_dict(), "architectures": ["Llama4ForCausalLM"]}
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
 
 
 def test_the_wrappers_text_model_runs(checkpoints, tmp_path):

@@ -86,9 +86,10 @@ def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where
                           f"(inputs first) or {saved}")
 
 
-def hugging_face_tensors(stacks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Float stacks as the model names them (``M.switch_mlp.<proj>.weight``) stored as transformers 5 writes
-    them (outputs first, gate rows then up rows in one): the inverse of :func:`convert` on that form."""
+def hugging_face_tensors(stacks: dict[str, np.ndarray], inputs_first: bool = False) -> dict[str, np.ndarray]:
+    """Float stacks as the model names them (``M.switch_mlp.<proj>.weight``) stored as transformers writes them:
+    gate rows then up rows in one, outputs first (transformers 5's Qwen3-VL-MoE) or, ``inputs_first``, transposed
+    (Llama 4's ``[E, hidden, 2 * inter]``); the inverse of :func:`convert` on that form."""
     out = {}
     for name, array in stacks.items():
         experts, proj, stored = _names(name)
@@ -96,5 +97,5 @@ def hugging_face_tensors(stacks: dict[str, np.ndarray]) -> dict[str, np.ndarray]
             continue
         if proj == "gate_proj":
             array = np.concatenate([array, stacks[name.replace(".gate_proj.", ".up_proj.")]], axis=1)
-        out[f"{experts}.{stored}"] = np.ascontiguousarray(array)
+        out[f"{experts}.{stored}"] = np.ascontiguousarray(array.transpose(0, 2, 1) if inputs_first else array)
     return out

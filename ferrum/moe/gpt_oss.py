@@ -46,10 +46,10 @@ def mlx_lm_name(name: str, stack: str = "experts") -> str:
     return f"{checkpoint_module(name)}.{name.rsplit('.', 1)[1]}"
 
 
-def hugging_face_tensors(stacks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def hugging_face_tensors(stacks: dict[str, np.ndarray], inputs_first: bool = True) -> dict[str, np.ndarray]:
     """Float expert tensors as the model names them (``M.switch_mlp.<proj>.<weight|bias>``, each layer's
-    six present) stored as transformers stores them: the inverse of :func:`convert`, so that random
-    checkpoints can be read by transformers too."""
+    six present) stored as transformers stores them (always inputs first): the inverse of :func:`convert`, so
+    that random checkpoints can be read by transformers too."""
     out = {}
     for name in stacks:
         experts, proj, fused, bias = _names(name)

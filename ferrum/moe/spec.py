@@ -405,6 +405,9 @@ class MoeSpec:
     #: The module mlx-lm's conversions stack the experts in (``M.<module>.gate_proj.weight``); dots1's and Llama 4's
     #: ``experts``.
     mlx_lm_stack: str = "switch_mlp"
+    #: A ``layout`` "fused_gate_up" family whose Hugging Face checkpoints store the fused stacks inputs first (Llama 4's
+    #: ``[E, hidden, 2 * inter]``, as transformers saves them), not outputs first (transformers 5's Qwen3-VL-MoE).
+    fused_inputs_first: bool = False
     #: Where a corrected rule's per-expert correction bias sits in the sparse MLP module, where not under the
     #: router (``<router>.e_score_correction_bias``): ERNIE 4.5's ``moe_statics.e_score_correction_bias``,
     #: EXAONE MoE's and MiniMax-M2's ``e_score_correction_bias``; stored ``[1, E]`` where ``correction_bias_rows``
@@ -495,7 +498,7 @@ def _llama4(r: KeyReader, sizes: object) -> tuple[MoeSpec, list[bool]]:
         r.fail("moe_layers", f"lists {listed!r}, past the model's {layers} layers")
     spec = MoeSpec("feed_forward", LAYOUT["llama4_text"][1], r("num_local_experts") or _DEFAULT_COUNT["llama4_text"],
                    1, inter, False, inter, router="router", layout="fused_gate_up", shared_gate=None,
-                   routing="sigmoid_top_k", weigh_input=True)
+                   routing="sigmoid_top_k", weigh_input=True, fused_inputs_first=True)
     return spec, [i in listed for i in range(layers)]
 
 
