@@ -50,7 +50,7 @@ def test_a_wrong_rope_is_caught(registered):
         "model packed at 4 bits: logits and greedy tokens",
         *(f"model {family}: logits and decode steps"
           for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "phi", "starcoder2", "cohere",
-                         "olmo", "nemotron")),
+                         "olmo", "nemotron", "llama4_text")),
     }
     with pytest.raises(AssertionError, match="FAIL  rope"):
         assert_conformance("badrope")

@@ -139,6 +139,16 @@ def test_the_wrappers_text_model_runs(checkpoints, tmp_path):
     assert scaled_error(model.forward_verify("x", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
 
 
+@pytest.mark.parametrize("variant", ["scout", "maverick"])
+def test_the_conformance_kits_oracle_matches_transformers(checkpoints, variant):
+    """``ArchOracle`` (float64, from the tensors as stored: the fused experts inputs first) computes chunks, the NoPE
+    layers' temperature, the weightless q/k norms, input-weighted routing and the shared expert itself."""
+    from ferrum.testing.arch_oracle import ArchOracle
+
+    folder, hf = checkpoints[variant]
+    assert scaled_error(ArchOracle(folder).logits(TOKENS), reference_logits(hf, TOKENS)) <= 1e-5
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -267,6 +277,9 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
     want = _mlx_lm_logits(converted, TOKENS)
     if bits is None:
         assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    from ferrum.testing.arch_oracle import ArchOracle  # the kit's oracle reads mlx-lm's stacks (dequantized) too
+
+    assert scaled_error(ArchOracle(converted).logits(TOKENS), want) <= 1e-4
     for backend in BACKENDS:
         got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
         assert scaled_error(got, want) <= 1e-4, backend

@@ -5,7 +5,9 @@ fused q/k/v (GPT-NeoX's grouped per head) and gate/up split here, Gemma's
 and Nemotron's ``1 + w`` norms, LayerNorms with their biases, rope on the first
 ``rotary_dim`` dims with transformers' pairing or GPT-J's, longrope's attention
 factor on cos and sin, Granite's multipliers applied where transformers applies
-them, experts one matrix per expert or stacked as mlx-lm stacks them), so it
+them, experts one matrix per expert, stacked as mlx-lm stacks them or fused as
+Llama 4 stores them; Llama 4's chunked attention, NoPE layers' query temperature,
+weightless q/k norms, input-weighted sigmoid routing and shared expert), so it
 checks Ferrum's load-time rewrites as well as a backend's ops. Only the
 interpretation of config.json (:class:`ferrum.arch.Architecture`) is shared
 with Ferrum; the oracle is tested against transformers on every family.
@@ -47,8 +49,10 @@ def _rope(x: np.ndarray, positions: np.ndarray, rope, long_from: int | None) -> 
     return out
 
 
-def _attention(q, k, v, scale, window, softcap, sinks=None) -> np.ndarray:
-    """With ``sinks`` (gpt-oss), head ``h``'s scores get one more column, ``sinks[h]``, dropped after the softmax."""
+def _attention(q, k, v, scale, window, softcap, sinks=None, chunk=None) -> np.ndarray:
+    """With ``sinks`` (gpt-oss), head ``h``'s scores get one more column, ``sinks[h]``, dropped after the softmax;
+    with ``chunk`` (Llama 4's chunked layers), position ``i`` sees only the positions ``j`` with ``j // chunk ==
+    i // chunk``."""
     n, heads, _ = q.shape
     group = heads // k.shape[1]
     out = np.zeros_like(q)
@@ -58,6 +62,8 @@ def _attention(q, k, v, scale, window, softcap, sinks=None) -> np.ndarray:
             scores = softcap * np.tanh(scores / softcap)
         i, j = np.arange(n)[:, None], np.arange(n)[None, :]
         allowed = (j <= i) & ((j > i - window) if window is not None else True)
+        if chunk is not None:
+            allowed &= (j // chunk) == (i // chunk)
         scores = np.where(allowed, scores, -np.inf)
         if sinks is not None:
             scores = np.concatenate([scores, np.full((n, 1), f64(sinks)[h])], axis=1)
@@ -103,9 +109,13 @@ class ArchOracle:
         quant = self.config.quantization
         for scales in [name for name in tensors if name.endswith(".scales")]:  # packed: the values they stand for
             module = scales.removesuffix(".scales")
-            packed = QuantizedWeight(tensors[f"{module}.weight"], tensors.pop(scales), tensors.pop(f"{module}.biases"),
-                                     *quant.for_module(module))
-            tensors[f"{module}.weight"] = dequantize(packed)
+            parts = (tensors[f"{module}.weight"], tensors.pop(scales), tensors.pop(f"{module}.biases"))
+            if parts[0].ndim == 3:  # stacked experts (mlx-lm's), each its own matrix
+                tensors[f"{module}.weight"] = np.stack([dequantize(QuantizedWeight(*(a[e] for a in parts),
+                                                                                   *quant.for_module(module)))
+                                                        for e in range(len(parts[0]))])
+            else:
+                tensors[f"{module}.weight"] = dequantize(QuantizedWeight(*parts, *quant.for_module(module)))
         for head in sorted(n for n in tensors if re.search(r"\.norms\.0\.weight$", n)):  # a norm a head (StableLM)
             module = head.removesuffix(".norms.0.weight")
             count = sum(1 for n in tensors if n.startswith(f"{module}.norms."))
@@ -127,6 +137,13 @@ class ArchOracle:
             weight = None if weight is None else weight + arch.norm_offset
             return layer_norm(x, weight, self.w(f"{module}.bias"), cfg.rms_norm_eps)
         return rms_norm(x, self.w(f"{module}.weight") + arch.norm_offset, cfg.rms_norm_eps)
+
+    def _qk_norm(self, x: np.ndarray, module: str) -> np.ndarray:
+        """A q/k norm; Llama 4's has no weight (``x / sqrt(mean(x^2) + eps)``, transformers' Llama4TextL2Norm)."""
+        if self.config.arch.qk_norm_params:
+            return self._norm(x, module)
+        x = f64(x)
+        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + self.config.rms_norm_eps)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         cfg, w, arch = self.config, self.w, self.config.arch
@@ -154,23 +171,27 @@ class ArchOracle:
                 q, k, v = (linear(x, w(f"{p}self_attn.{m}_proj.weight"), w(f"{p}self_attn.{m}_proj.bias"))
                            for m in "qkv")
             q_norm, k_norm = (f"{p}self_attn.{name}" for name in arch.qk_norm_names)
-            if arch.qk_norm == "projection":
-                q, k = self._norm(q, q_norm), self._norm(k, k_norm)
+            qk_norm = arch.qk_norm if spec.qk_norm else None  # Llama 4 norms q and k on its rope layers only
+            if qk_norm == "projection":
+                q, k = self._qk_norm(q, q_norm), self._qk_norm(k, k_norm)
             if arch.clip_qkv is not None:
                 q, k, v = (np.clip(a, -arch.clip_qkv, arch.clip_qkv) for a in (q, k, v))
             q, k, v = (a.reshape(n, -1, d) for a in (q, k, v))
-            if arch.qk_norm in ("head", "each_head") and not arch.qk_norm_after_rope:  # [d] or [heads, d] weights
-                q, k = self._norm(q, q_norm), self._norm(k, k_norm)
+            if qk_norm in ("head", "each_head") and not arch.qk_norm_after_rope:  # [d] or [heads, d] weights
+                q, k = self._qk_norm(q, q_norm), self._qk_norm(k, k_norm)
             long_from = spec.rope.original_max if spec.rope.switches else None
             q, k = _rope(q, positions, spec.rope, long_from), _rope(k, positions, spec.rope, long_from)
-            if arch.qk_norm == "head" and arch.qk_norm_after_rope:
-                q, k = self._norm(q, q_norm), self._norm(k, k_norm)
-            if arch.query_scaling is not None:  # Llama 4's attention scaling
+            if qk_norm == "head" and arch.qk_norm_after_rope:
+                q, k = self._qk_norm(q, q_norm), self._qk_norm(k, k_norm)
+            if spec.query_scaling is not None:  # Llama 4's NoPE layers: positions counted from -shift
+                beta, floor, shift = spec.query_scaling
+                q = q * (1.0 + beta * np.log(1.0 + np.floor((positions + shift) / floor)))[:, None, None]
+            elif arch.query_scaling is not None:  # Ministral 3's attention scaling
                 beta, original = arch.query_scaling
                 q = q * (1.0 + beta * np.log(1.0 + np.floor(positions / original)))[:, None, None]
             scale = arch.attn_scale if spec.attn_scale is None else spec.attn_scale
             attn = _attention(q, k, v, scale, spec.window, arch.attn_softcap,
-                              w(p + "self_attn.sinks")).reshape(n, -1)
+                              w(p + "self_attn.sinks"), spec.chunk).reshape(n, -1)
             o = linear(attn, w(p + "self_attn.o_proj.weight"), w(p + "self_attn.o_proj.bias"))
             if "post_attn" in norm:
                 o = self._norm(o, norm["post_attn"])
@@ -217,12 +238,25 @@ class ArchOracle:
         return np.where(x > 0, alpha_p * x * x + beta * x, (np.expm1(np.minimum(x, eps)) - x) * alpha_n + beta * x)
 
     def _experts(self, x: np.ndarray, p: str) -> np.ndarray:
-        """A sparse MLP: softmax over the router's logits, the top-k (renormalised where the family says), or
-        Phi-3.5-MoE's sparsemixer (:func:`ferrum.moe.routing.route_sparsemixer`, tested against transformers'),
-        then :func:`ferrum.testing.oracle.moe_experts` over the experts as stored."""
+        """A sparse MLP: softmax over the router's logits, the top-k (renormalised where the family says),
+        Phi-3.5-MoE's sparsemixer (:func:`ferrum.moe.routing.route_sparsemixer`, tested against transformers'), or
+        Llama 4's top-k logits weighed by their sigmoids, each chosen expert reading its input times its weight
+        (``MoeSpec.weigh_input``); then :func:`ferrum.testing.oracle.moe_experts` over the experts as stored, plus
+        the shared expert (sigmoid-gated where the family gates it)."""
         moe, w = self.config.arch.moe, self.w
         m = f"{p}{moe.module}."
         logits = linear(x, w(f"{m}{moe.router}.weight"), w(f"{m}{moe.router}.bias"))
+        stacks, biases = zip(*(self._stack(m, which) for which in range(3)))
+        biases = None if biases[0] is None else biases
+        if moe.routing == "sigmoid_top_k":
+            ids = np.argsort(-logits, axis=-1, kind="stable")[:, : moe.top_k]
+            weights = 1.0 / (1.0 + np.exp(-np.take_along_axis(logits, ids, axis=-1)))
+            if moe.weigh_input:  # each expert reads x times its weight; its output is summed as it is
+                ones = np.ones((len(x), 1))
+                return self._shared(x, m) + sum(
+                    moe_experts(x * weights[:, j:j + 1], ids[:, j:j + 1], ones, *stacks, None, biases, moe.activation)
+                    for j in range(moe.top_k))
+            return self._shared(x, m) + moe_experts(x, ids, weights, *stacks, None, biases, moe.activation)
         if moe.routing == "sparsemixer":
             ids, weights = route_sparsemixer(logits, moe.jitter_eps)
         else:
@@ -232,16 +266,40 @@ class ArchOracle:
             weights = np.take_along_axis(probs, ids, axis=-1)
             if moe.normalize:
                 weights /= weights.sum(axis=-1, keepdims=True)
-        stacks, biases = zip(*(self._stack(m, which) for which in range(3)))
-        return moe_experts(x, ids, weights, *stacks, None, None if biases[0] is None else biases, moe.activation)
+        return self._shared(x, m) + moe_experts(x, ids, weights, *stacks, None, biases, moe.activation)
+
+    def _shared(self, x: np.ndarray, m: str) -> np.ndarray | float:
+        """The shared expert's SwiGLU MLP (``M.<shared_module>.*``; gate and up fused where so stored), times the
+        sigmoid of ``M.<shared_gate>`` where gated; 0 where the family has none."""
+        moe, w = self.config.arch.moe, self.w
+        if not moe.shared_expert_size:
+            return 0.0
+        s = f"{m}{moe.shared_module}."
+        if w(f"{s}gate_up_proj.weight") is not None:
+            gate, up = np.split(linear(x, w(f"{s}gate_up_proj.weight")), 2, axis=-1)
+        else:
+            gate, up = (linear(x, w(f"{s}{n}_proj.weight"), w(f"{s}{n}_proj.bias")) for n in ("gate", "up"))
+        out = linear(gate / (1.0 + np.exp(-gate)) * up, w(f"{s}down_proj.weight"), w(f"{s}down_proj.bias"))
+        if moe.shared_gate is not None:
+            out = out / (1.0 + np.exp(-linear(x, w(f"{m}{moe.shared_gate}.weight"))))
+        return out
 
     def _stack(self, m: str, which: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The gate (0), up (1) or down (2) projections of every expert ``[E, out, in]`` and their biases:
-        stacked as mlx-lm stores them (``M.experts.gate_proj`` with ``.bias``), or one matrix per expert."""
+        stacked as mlx-lm stores them (``M.experts.gate_proj`` with ``.bias``), fused as Llama 4 stores them
+        (``M.experts.gate_up_proj [E, hidden, 2 * inter]``, gate columns first, ``M.experts.down_proj [E, inter,
+        hidden]``), or one matrix per expert."""
         w, moe = self.w, self.config.arch.moe
         stacked = f"{m}experts.{('gate_proj', 'up_proj', 'down_proj')[which]}"
         if w(f"{stacked}.weight") is not None:
             return w(f"{stacked}.weight"), w(f"{stacked}.bias")
+        fused = w(f"{m}experts.{'down_proj' if which == 2 else 'gate_up_proj'}")
+        if fused is not None:  # inputs first (x @ W); Qwen3-VL-MoE's transformers-5 form (outputs first) not read
+            hidden, inter = self.config.hidden_size, moe.expert_size
+            if fused.shape[1:] != ((inter, hidden) if which == 2 else (hidden, 2 * inter)):
+                raise ValueError(f"{m}experts: the oracle reads fused experts inputs first, got {fused.shape}")
+            part = fused if which == 2 else fused[:, :, which * inter:(which + 1) * inter]
+            return part.transpose(0, 2, 1), None
         return np.stack([w(f"{m}experts.{e}.{moe.expert_names[which]}.weight") for e in range(moe.num_experts)]), None
 
 
