@@ -8,9 +8,9 @@ import json
 import re
 from typing import Any, Callable
 
-from ferrum.serve.tools.grammars import _bare_arguments, _repeated
-from ferrum.serve.tools.reading import (_NOT_JSON, ParsedReply, Schemas, _admits_null, _call, _declared_string,
-                                        _properties)
+from ferrum.serve.tools.grammars import bare_arguments, repeated
+from ferrum.serve.tools.reading import (NOT_JSON, ParsedReply, Schemas, admits_null, declared_string, make_call,
+                                        tool_properties)
 
 
 _GLM_CALL = re.compile(r"<tool_call>([^\n<]*)(.*?)(?:</tool_call>|$)", re.DOTALL)
@@ -26,11 +26,11 @@ def _glm_value(text: str, schema: Any) -> Any:
     declares the parameter and it parses as one (``['x', 'y']``, as vLLM's glm45 parser falls back), else the text
     itself, which is also what a parameter the tool declares a string keeps ("42" stays "42"; ``null`` is None
     where it may be null, as a string-or-null parameter's is)."""
-    if _declared_string(schema):
-        return None if text == "null" and _admits_null(schema) else text
+    if declared_string(schema):
+        return None if text == "null" and admits_null(schema) else text
     try:
         return json.loads(text)
-    except _NOT_JSON:
+    except NOT_JSON:
         pass
     if not isinstance(schema, dict):
         return text
@@ -70,13 +70,13 @@ def _bare_call(name: str, body: str, argument: re.Pattern[str], read: Callable[[
     by ``read(match, its parameter's schema)``; None where anything else is in the body. A value JSON cannot
     hold (NaN, Infinity: ``NaN`` or ``1e400`` written for a number) stays the text written, as a string's would:
     the arguments must be JSON text clients can parse."""
-    properties, arguments, at = _properties(schemas or {}, name), {}, 0
+    properties, arguments, at = tool_properties(schemas or {}, name), {}, 0
     while pair := argument.match(body, at):
         key = pair.group(1).strip()
         value = read(pair, properties.get(key))
         arguments[key] = value if _json_holds(value) else read(pair, _STRING)
         at = pair.end()
-    return _call(name, arguments) if body[at:].strip() == "" else None
+    return make_call(name, arguments) if body[at:].strip() == "" else None
 
 
 _STRING = {"type": "string"}
@@ -90,7 +90,7 @@ def _json_holds(value: Any) -> bool:
     return True
 
 
-def _glm(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
+def read_glm(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
     """GLM-4.5's calls: each ``<tool_call>`` holds its function's name (up to a newline or the first argument) and
     nothing but ``<arg_key>``/``<arg_value>`` pairs; a block with anything else, or cut inside a pair, is text
     (see :func:`_tool_call_blocks` on ``cut``)."""
@@ -119,7 +119,7 @@ def _qwen3_coder_value(text: str, schema: Any) -> Any:
     values; a ``$ref`` object), as the forced grammar writes it."""
     if text.lower() == "null":
         return None
-    if not isinstance(schema, dict) or _declared_string(schema):
+    if not isinstance(schema, dict) or declared_string(schema):
         return text
     kind = str(schema.get("type", "")).strip().lower()
     if kind.startswith(("int", "uint", "long", "short", "unsigned")):
@@ -137,7 +137,7 @@ def _qwen3_coder_value(text: str, schema: Any) -> Any:
         return text.lower() == "true"
     try:
         return json.loads(text)
-    except _NOT_JSON:
+    except NOT_JSON:
         pass
     try:
         return ast.literal_eval(text)
@@ -145,7 +145,7 @@ def _qwen3_coder_value(text: str, schema: Any) -> Any:
         return text
 
 
-def _qwen3_coder(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
+def read_qwen3_coder(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
     """Qwen3-Coder's calls: each ``<tool_call>`` holds a ``<function=NAME>`` of ``<parameter=K>`` blocks, a
     value's first and last newline the template's; a block with anything else, or cut before its end, is text
     (see :func:`_tool_call_blocks` on ``cut``). As vLLM's parser reads them: a reply with no ``<tool_call>`` has
@@ -171,7 +171,7 @@ def _qwen3_coder(text: str, schemas: Schemas | None = None, cut: bool = False) -
         "</tool_call>")), cut)
 
 
-def _glm_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+def glm_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """Blocks as GLM's template writes them, a newline apart: GLM-4.5's name and each ``<arg_key>`` and
     ``<arg_value>`` on a line of their own, GLM-4.7's (``</arg_key><arg_value>`` in its template) all on one."""
     line = "" if "</arg_key><arg_value>" in template else r'"\n"'
@@ -181,13 +181,13 @@ def _glm_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template:
                 f'{mark("</arg_value>")} {line}')
 
     names = [json.dumps(tool["function"]["name"]) for tool in tools]
-    rules = [f"call{i}: {name} {line} {body}" for i, (name, body) in enumerate(zip(names, _bare_arguments(tools, arg)))]
+    rules = [f"call{i}: {name} {line} {body}" for i, (name, body) in enumerate(zip(names, bare_arguments(tools, arg)))]
     calls = " | ".join(f"call{i}" for i in range(len(tools)))
-    blocks = _repeated("block", r'"\n"', many)
+    blocks = repeated("block", r'"\n"', many)
     return "\n".join([f"start: {blocks}", f'block: {mark("<tool_call>")} ({calls}) {mark("</tool_call>")}', *rules])
 
 
-def _qwen3_coder_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+def qwen3_coder_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """Blocks as Qwen3-Coder's template writes them, a newline apart (and, where several may follow, maybe one
     after the last, as with Hermes's): ``<function=NAME>``, then each argument's ``<parameter=K>`` block, its
     value on lines of its own."""
@@ -195,10 +195,10 @@ def _qwen3_coder_call(tools: list[dict[str, Any]], mark: Callable[[str], str], t
         head = json.dumps(f"<parameter={key}>\n")
         return f"{head} {value}"
 
-    bodies = _bare_arguments(tools, arg, end="\n</parameter>\n")
+    bodies = bare_arguments(tools, arg, end="\n</parameter>\n")
     heads = [json.dumps(tool["function"]["name"] + ">\n") for tool in tools]
     rules = [f"call{i}: {head} {body}" for i, (head, body) in enumerate(zip(heads, bodies))]
     names = " | ".join(f"call{i}" for i in range(len(tools)))
-    blocks = _repeated("block", r'"\n"', many) + (r' "\n"?' if many else "")
+    blocks = repeated("block", r'"\n"', many) + (r' "\n"?' if many else "")
     block = f'block: {mark("<tool_call>")} "\\n<function=" ({names}) "</function>\\n" {mark("</tool_call>")}'
     return "\n".join([f"start: {blocks}", block, *rules])

@@ -7,11 +7,11 @@ import json
 import re
 from typing import Any, Callable
 
-from ferrum.serve.tools.grammars import _per_function, _repeated
-from ferrum.serve.tools.reading import _NOT_JSON, ParsedReply, _call
+from ferrum.serve.tools.grammars import per_function_rules, repeated
+from ferrum.serve.tools.reading import NOT_JSON, ParsedReply, make_call
 
 
-_DS_CALLS, _DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALLS, _DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 _DS_CALL, _DS_SEP, _DS_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
 #: A call up to its arguments' JSON: its type (``function``), the name, a fenced block's opening.
 _DEEPSEEK_CALL = re.compile(r"\s*" + re.escape(_DS_CALL) + r"[^<\n]*" + re.escape(_DS_SEP)
@@ -20,13 +20,13 @@ _DEEPSEEK_CALL_TAIL = re.compile(r"\s*```\s*" + re.escape(_DS_CALL_END))
 _DEEPSEEK_CALLS_END = re.compile(r"\s*" + re.escape(_DS_CALLS_END))
 #: DeepSeek-V3.1's call up to its arguments: the name alone (no type, no fence), then the separator (also where a
 #: cut forced reply's call is read from: its name is whole where the separator follows it).
-_DEEPSEEK_V31_CALL = re.compile(r"\s*" + re.escape(_DS_CALL) + r"\s*(?P<name>[^<\s]+)\s*" + re.escape(_DS_SEP)
-                                + r"\s*")
+DEEPSEEK_V31_CALL = re.compile(r"\s*" + re.escape(_DS_CALL) + r"\s*(?P<name>[^<\s]+)\s*" + re.escape(_DS_SEP)
+                               + r"\s*")
 _DEEPSEEK_V31_CALL_TAIL = re.compile(r"\s*" + re.escape(_DS_CALL_END))
 
 
-def _sections(text: str, opening: str, closing: re.Pattern[str], head: re.Pattern[str], tail: re.Pattern[str],
-              make: Callable[[re.Match[str], Any], dict[str, Any] | None]) -> ParsedReply:
+def read_sections(text: str, opening: str, closing: re.Pattern[str], head: re.Pattern[str], tail: re.Pattern[str],
+                  make: Callable[[re.Match[str], Any], dict[str, Any] | None]) -> ParsedReply:
     """The calls of a reply that writes them in sections: after ``opening``, calls one after another, each ``head``
     (up to its arguments' JSON), the arguments, then ``tail``; the section ends at ``closing``. ``make(head,
     arguments)`` gives the call, or None. Every section is read (the text between them kept); a call that does not
@@ -41,7 +41,7 @@ def _sections(text: str, opening: str, closing: re.Pattern[str], head: re.Patter
             try:
                 arguments, after = decoder.raw_decode(text, match.end())
                 end = tail.match(text, after)
-            except _NOT_JSON:
+            except NOT_JSON:
                 end = None
             call = None if end is None else make(match, arguments)
             if call is None:
@@ -59,40 +59,40 @@ def _sections(text: str, opening: str, closing: re.Pattern[str], head: re.Patter
 
 
 def _named(match: re.Match[str], arguments: Any) -> dict[str, Any] | None:
-    return _call(match.group("name").strip(), arguments)
+    return make_call(match.group("name").strip(), arguments)
 
 
-def _deepseek_v3(text: str) -> ParsedReply:
+def read_deepseek_v3(text: str) -> ParsedReply:
     """DeepSeek-V3's and R1's calls: after ``<｜tool▁calls▁begin｜>``, each call's type, name and its arguments as
     a fenced JSON block between ``<｜tool▁call▁begin｜>`` and ``<｜tool▁call▁end｜>``, in one such block of calls
     or several (the text between them kept); a call that does not read so (cut, or its arguments not a JSON
     object) leaves the whole reply text."""
-    return _sections(text, _DS_CALLS, _DEEPSEEK_CALLS_END, _DEEPSEEK_CALL, _DEEPSEEK_CALL_TAIL, _named)
+    return read_sections(text, DS_CALLS, _DEEPSEEK_CALLS_END, _DEEPSEEK_CALL, _DEEPSEEK_CALL_TAIL, _named)
 
 
-def _deepseek_v31(text: str) -> ParsedReply:
+def read_deepseek_v31(text: str) -> ParsedReply:
     """DeepSeek-V3.1's (and V3.2-Exp's) calls: as V3's, each call only its name, ``<｜tool▁sep｜>`` and its
     arguments' JSON as they are (no type, no fence) between ``<｜tool▁call▁begin｜>`` and ``<｜tool▁call▁end｜>``."""
-    return _sections(text, _DS_CALLS, _DEEPSEEK_CALLS_END, _DEEPSEEK_V31_CALL, _DEEPSEEK_V31_CALL_TAIL, _named)
+    return read_sections(text, DS_CALLS, _DEEPSEEK_CALLS_END, DEEPSEEK_V31_CALL, _DEEPSEEK_V31_CALL_TAIL, _named)
 
 
-_DEEPSEEK_HEAD = re.compile(re.escape(_DS_CALL) + r"[^<\n]*" + re.escape(_DS_SEP) + r"(?P<name>[^\n]+)"
-                            r"(?P<args>\n```json\n)?")
+DEEPSEEK_HEAD = re.compile(re.escape(_DS_CALL) + r"[^<\n]*" + re.escape(_DS_SEP) + r"(?P<name>[^\n]+)"
+                           r"(?P<args>\n```json\n)?")
 
 
-def _deepseek_v3_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+def deepseek_v3_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """Calls as DeepSeek-V3's template writes them, a newline apart inside one ``<｜tool▁calls▁begin｜>`` and
     ``<｜tool▁calls▁end｜>``."""
-    names, rules = _per_function(tools, lambda name: json.dumps(f"{name}\n```json\n"))
+    names, rules = per_function_rules(tools, lambda name: json.dumps(f"{name}\n```json\n"))
     call = f'call: {mark(_DS_CALL)} "function" {mark(_DS_SEP)} ({names}) "\\n```" {mark(_DS_CALL_END)}'
-    calls = _repeated("call", r'"\n"', many)
-    return f"start: {mark(_DS_CALLS)} {calls} {mark(_DS_CALLS_END)}\n{call}\n{rules}"
+    calls = repeated("call", r'"\n"', many)
+    return f"start: {mark(DS_CALLS)} {calls} {mark(_DS_CALLS_END)}\n{call}\n{rules}"
 
 
-def _deepseek_v31_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+def deepseek_v31_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """Calls as DeepSeek-V3.1's template writes them, one right after another (no separator) inside one
     ``<｜tool▁calls▁begin｜>`` and ``<｜tool▁calls▁end｜>``."""
-    names, rules = _per_function(tools, lambda name: f"{json.dumps(name)} {mark(_DS_SEP)}")
+    names, rules = per_function_rules(tools, lambda name: f"{json.dumps(name)} {mark(_DS_SEP)}")
     call = f"call: {mark(_DS_CALL)} ({names}) {mark(_DS_CALL_END)}"
     calls = "call+" if many else "call"
-    return f"start: {mark(_DS_CALLS)} {calls} {mark(_DS_CALLS_END)}\n{call}\n{rules}"
+    return f"start: {mark(DS_CALLS)} {calls} {mark(_DS_CALLS_END)}\n{call}\n{rules}"

@@ -47,14 +47,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ferrum.serve import harmony
-from ferrum.serve.tools.bare import _glm, _glm_call, _qwen3_coder, _qwen3_coder_call
-from ferrum.serve.tools.deepseek import (_DEEPSEEK_HEAD, _DEEPSEEK_V31_CALL, _DS_CALLS, _deepseek_v3, _deepseek_v3_call,
-                                         _deepseek_v31, _deepseek_v31_call)
-from ferrum.serve.tools.harmony_calls import _HARMONY_HEAD, _harmony, _harmony_call
-from ferrum.serve.tools.kimi import _KIMI_CALL_HEAD, _KIMI_CALLS, _kimi_k2, _kimi_k2_call
-from ferrum.serve.tools.json_formats import (_MISTRAL_HEAD, _TOOL_CALLS, _granite_call, _hermes, _hermes_call,
-                                             _json_list_after, _llama3_call, _llama3_json, _mistral, _mistral_call)
-from ferrum.serve.tools.reading import _JSON_HEAD, ParsedReply, Schemas, _calls_so_far, _parameters
+from ferrum.serve.tools.bare import glm_grammar, qwen3_coder_grammar, read_glm, read_qwen3_coder
+from ferrum.serve.tools.deepseek import (DEEPSEEK_HEAD, DEEPSEEK_V31_CALL, DS_CALLS, deepseek_v3_grammar,
+                                         deepseek_v31_grammar, read_deepseek_v3, read_deepseek_v31)
+from ferrum.serve.tools.harmony_calls import HARMONY_HEAD, harmony_grammar, read_harmony
+from ferrum.serve.tools.kimi import KIMI_CALL_HEAD, KIMI_CALLS, kimi_k2_grammar, read_kimi_k2
+from ferrum.serve.tools.json_formats import (MISTRAL_CALLS, MISTRAL_HEAD, granite_grammar, hermes_grammar,
+                                             json_list_reader, llama3_grammar, mistral_grammar, read_hermes,
+                                             read_llama3_json, read_mistral)
+from ferrum.serve.tools.reading import JSON_HEAD, ParsedReply, Schemas, calls_so_far, parameters_of
 from ferrum.stop import cut_marker
 
 
@@ -70,9 +71,9 @@ class ToolCallFormat:
     #: A Lark grammar (llguidance's dialect) of one call to one of ``tools`` written this way, or one or more, for a
     #: forced call: ``(tools, mark, template, many)``, ``mark`` spelling a marker as its special token or as text.
     forced: Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]
-    #: Where a call names its function, up to its arguments (``_calls_so_far``); group ``name``. Empty: the
+    #: Where a call names its function, up to its arguments (``calls_so_far``); group ``name``. Empty: the
     #: arguments are written bare, and ``parse`` reads a cut forced reply itself (its ``cut`` argument).
-    heads: tuple[re.Pattern[str], ...] = (_JSON_HEAD,)
+    heads: tuple[re.Pattern[str], ...] = (JSON_HEAD,)
     #: Whether ``parse`` also takes the tools' parameter schemas (:data:`Schemas`), to type arguments written bare.
     typed: bool = False
 
@@ -86,31 +87,31 @@ class ToolCallFormat:
         """A forced reply that does not parse, read as cut short: its calls so far (where arguments are JSON, the
         last as far as it got; where they are written bare, the whole calls before the cut one)."""
         if self.heads:
-            return _calls_so_far(self.heads, text)
+            return calls_so_far(self.heads, text)
         return self.parse(text, self._schemas(tools), cut=True)
 
     @staticmethod
     def _schemas(tools: list[dict[str, Any]] | None) -> Schemas:
-        return {t["function"]["name"]: _parameters(t["function"]) for t in tools or ()}
+        return {t["function"]["name"]: parameters_of(t["function"]) for t in tools or ()}
 
 
 FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>, and
     # DeepSeek-V3's and V3.1's both <｜tool▁calls▁begin｜> (V3's fencing the arguments in ```json)
-    ToolCallFormat("glm45", ("<arg_key>",), ("<tool_call>",), (), _glm, _glm_call, (), typed=True),
-    ToolCallFormat("qwen3_coder", ("<parameter=",), ("<tool_call>", "<function="), (), _qwen3_coder,
-                   _qwen3_coder_call, (), typed=True),
-    ToolCallFormat("hermes", ("<tool_call>",), ("<tool_call>",), (), _hermes, _hermes_call),
-    ToolCallFormat("mistral", (_TOOL_CALLS,), (_TOOL_CALLS,), ("[{",), _mistral, _mistral_call,
-                   (_MISTRAL_HEAD, _JSON_HEAD)),
-    ToolCallFormat("granite", ("<|tool_call|>",), ("<|tool_call|>",), ("[{",), _json_list_after("<|tool_call|>"),
-                   _granite_call),
-    ToolCallFormat("llama3_json", ("<|python_tag|>",), (), ("{", "<|python_tag|>"), _llama3_json, _llama3_call),
-    ToolCallFormat("harmony", ("<|call|>",), (harmony.CALL_OPEN,), (), _harmony, _harmony_call, (_HARMONY_HEAD,)),
-    ToolCallFormat("deepseek_v3", (_DS_CALLS, "```json"), (_DS_CALLS,), (), _deepseek_v3, _deepseek_v3_call,
-                   (_DEEPSEEK_HEAD,)),
-    ToolCallFormat("deepseek_v31", (_DS_CALLS,), (_DS_CALLS,), (), _deepseek_v31, _deepseek_v31_call,
-                   (_DEEPSEEK_V31_CALL,)),
-    ToolCallFormat("kimi_k2", (_KIMI_CALLS,), (_KIMI_CALLS,), (), _kimi_k2, _kimi_k2_call, (_KIMI_CALL_HEAD,)),
+    ToolCallFormat("glm45", ("<arg_key>",), ("<tool_call>",), (), read_glm, glm_grammar, (), typed=True),
+    ToolCallFormat("qwen3_coder", ("<parameter=",), ("<tool_call>", "<function="), (), read_qwen3_coder,
+                   qwen3_coder_grammar, (), typed=True),
+    ToolCallFormat("hermes", ("<tool_call>",), ("<tool_call>",), (), read_hermes, hermes_grammar),
+    ToolCallFormat("mistral", (MISTRAL_CALLS,), (MISTRAL_CALLS,), ("[{",), read_mistral, mistral_grammar,
+                   (MISTRAL_HEAD, JSON_HEAD)),
+    ToolCallFormat("granite", ("<|tool_call|>",), ("<|tool_call|>",), ("[{",), json_list_reader("<|tool_call|>"),
+                   granite_grammar),
+    ToolCallFormat("llama3_json", ("<|python_tag|>",), (), ("{", "<|python_tag|>"), read_llama3_json, llama3_grammar),
+    ToolCallFormat("harmony", ("<|call|>",), (harmony.CALL_OPEN,), (), read_harmony, harmony_grammar, (HARMONY_HEAD,)),
+    ToolCallFormat("deepseek_v3", (DS_CALLS, "```json"), (DS_CALLS,), (), read_deepseek_v3, deepseek_v3_grammar,
+                   (DEEPSEEK_HEAD,)),
+    ToolCallFormat("deepseek_v31", (DS_CALLS,), (DS_CALLS,), (), read_deepseek_v31, deepseek_v31_grammar,
+                   (DEEPSEEK_V31_CALL,)),
+    ToolCallFormat("kimi_k2", (KIMI_CALLS,), (KIMI_CALLS,), (), read_kimi_k2, kimi_k2_grammar, (KIMI_CALL_HEAD,)),
 )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from ferrum.serve.tools.reading import _parameters, _string_schema
+from ferrum.serve.tools.reading import parameters_of, string_schema
 from ferrum.structured import DATA_KEYWORDS
 
 
@@ -15,14 +15,14 @@ from ferrum.structured import DATA_KEYWORDS
 _CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def _call_schema(tools: list[dict[str, Any]], args: str = "arguments") -> dict[str, Any]:
+def call_schema(tools: list[dict[str, Any]], args: str = "arguments") -> dict[str, Any]:
     """One call to one of ``tools``: ``{"name": <its name>, <args>: <its parameters>}``. Each tool's parameters
     move whole under ``#/$defs/tool<i>``, their refs (``#``, ``#/$defs/...``, ``#/properties/...``: relative to
     their own root) rewritten to point there, so they resolve inside the call's schema as they did alone."""
     calls, defs = [], {}
     for i, function in enumerate(tool["function"] for tool in tools):
         name = f"tool{i}"
-        defs[name] = _rerooted(_parameters(function), f"#/$defs/{name}")
+        defs[name] = _rerooted(parameters_of(function), f"#/$defs/{name}")
         calls.append({"type": "object", "required": ["name", args], "additionalProperties": False,
                       "properties": {"name": {"const": function["name"]}, args: {"$ref": f"#/$defs/{name}"}}})
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
@@ -44,21 +44,21 @@ def _rerooted(schema: Any, root: str) -> Any:
     return {key: value(key, item) for key, item in schema.items()}
 
 
-def _json(schema: dict[str, Any]) -> str:
+def json_rule(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": _CALL_JSON})
 
 
-def _repeated(one: str, separator: str, many: bool) -> str:
+def repeated(one: str, separator: str, many: bool) -> str:
     """A Lark body of one ``one``, or (``many``) one or more separated by ``separator`` (a Lark string)."""
     return f"{one} ({separator} {one})*" if many else one
 
 
-def _per_function(tools: list[dict[str, Any]], head: Callable[[str], str]) -> tuple[str, str]:
+def per_function_rules(tools: list[dict[str, Any]], head: Callable[[str], str]) -> tuple[str, str]:
     """Lark rules for calls that name their function ahead of its arguments: ``call0 | call1 | ...``, and per
     tool ``head(name)`` (a Lark body) then its parameters' JSON."""
     names = " | ".join(f"call{i}" for i in range(len(tools)))
     rules = "\n".join(f'call{i}: {head(t["function"]["name"])} '
-                      f'{_json(_parameters(t["function"]))}' for i, t in enumerate(tools))
+                      f'{json_rule(parameters_of(t["function"]))}' for i, t in enumerate(tools))
     return names, rules
 
 
@@ -74,19 +74,19 @@ def _bare_string(schema: dict[str, Any], end: str) -> str:
     return "/" + text + end.replace("\n", "\\n").replace("/", "\\/") + "/"
 
 
-def _bare_arguments(tools: list[dict[str, Any]], arg: Callable[[str, str], str], end: str = "") -> list[str]:
+def bare_arguments(tools: list[dict[str, Any]], arg: Callable[[str, str], str], end: str = "") -> list[str]:
     """Per tool, a Lark body of its arguments written one by one: ``arg(key, value)`` per declared property, in
     the schema's order, the required ones always; a string's value bare, any other's as JSON under its schema
     (which keeps its refs: the whole parameters ride along under ``$defs``), each value then ``end``."""
     bodies = []
     for function in (tool["function"] for tool in tools):
-        parameters = _parameters(function)
+        parameters = parameters_of(function)
         root = _rerooted(parameters, "#/$defs/parameters")
         required = set(parameters.get("required") or ())
         items = []
         for key, schema in (root.get("properties") or {}).items():
-            value = (_bare_string(_string_schema(schema), end) if _string_schema(schema) is not None
-                     else _json({**schema, "$defs": {"parameters": root}}) + (f" {json.dumps(end)}" if end else ""))
+            value = (_bare_string(string_schema(schema), end) if string_schema(schema) is not None
+                     else json_rule({**schema, "$defs": {"parameters": root}}) + (f" {json.dumps(end)}" if end else ""))
             items.append(f"({arg(key, value)})" + ("" if key in required else "?"))
         bodies.append(" ".join(items) or '""')
     return bodies

@@ -7,21 +7,21 @@ import json
 import re
 from typing import Any, Callable
 
-from ferrum.serve.tools.grammars import _call_schema, _json, _per_function, _repeated
-from ferrum.serve.tools.reading import _NOT_JSON, ParsedReply, _call, _object_call
+from ferrum.serve.tools.grammars import call_schema, json_rule, per_function_rules, repeated
+from ferrum.serve.tools.reading import NOT_JSON, ParsedReply, make_call, read_object_call
 
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
-def _hermes(text: str) -> ParsedReply:
+def read_hermes(text: str) -> ParsedReply:
     start = text.find("<tool_call>")
     if start < 0:
         return ParsedReply(text, [])
     calls, rest, end = [], [], start
     for match in _HERMES_CALL.finditer(text, start):
         rest.append(text[end:match.start()])
-        call = _object_call(match.group(1))
+        call = read_object_call(match.group(1))
         if call is None:
             return ParsedReply(text, [])
         calls.append(call)
@@ -29,7 +29,7 @@ def _hermes(text: str) -> ParsedReply:
     return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
 
 
-def _json_list_after(token: str) -> Callable[[str], ParsedReply]:
+def json_list_reader(token: str) -> Callable[[str], ParsedReply]:
     """Calls written as ``token`` then a JSON list of ``{"name", "arguments"}`` objects (Mistral, Granite). The
     token is a special one, which decoding may drop: a reply opening with such a list is a call too."""
 
@@ -40,10 +40,10 @@ def _json_list_after(token: str) -> Callable[[str], ParsedReply]:
             return ParsedReply(text, [])
         try:
             value, end = json.JSONDecoder().raw_decode(body)
-        except _NOT_JSON:
+        except NOT_JSON:
             return ParsedReply(text, [])
         items = value if isinstance(value, list) else [value]
-        calls = [_call(i.get("name"), i.get("arguments")) if isinstance(i, dict) else None for i in items]
+        calls = [make_call(i.get("name"), i.get("arguments")) if isinstance(i, dict) else None for i in items]
         if not calls or None in calls:
             return ParsedReply(text, [])
         return ParsedReply(text[:max(marker, 0)], calls, body[end:])
@@ -51,48 +51,48 @@ def _json_list_after(token: str) -> Callable[[str], ParsedReply]:
     return parse
 
 
-_TOOL_CALLS = "[TOOL_CALLS]"
-_mistral_list = _json_list_after(_TOOL_CALLS)
+MISTRAL_CALLS = "[TOOL_CALLS]"
+_mistral_list = json_list_reader(MISTRAL_CALLS)
 #: What follows ``[TOOL_CALLS]`` in a v11 call, up to its arguments: the name, maybe ``[CALL_ID]id``, ``[ARGS]``.
 _MISTRAL_CALL_HEAD = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*(?:\[CALL_ID\]\s*\w*\s*)?(?:\[ARGS\])?\s*")
 
 
-def _mistral(text: str) -> ParsedReply:
+def read_mistral(text: str) -> ParsedReply:
     """Mistral's calls: a JSON list after ``[TOOL_CALLS]`` (tokenizers before v11), else, from v11 on, each
     call opened by its own ``[TOOL_CALLS]``, then its name, ``[ARGS]`` and its arguments' JSON object."""
-    start = text.find(_TOOL_CALLS)
-    if start < 0 or text[start + len(_TOOL_CALLS):].lstrip().startswith("["):
+    start = text.find(MISTRAL_CALLS)
+    if start < 0 or text[start + len(MISTRAL_CALLS):].lstrip().startswith("["):
         return _mistral_list(text)
     decoder, calls, rest, at = json.JSONDecoder(), [], [], start
     while at >= 0:
-        head = _MISTRAL_CALL_HEAD.match(text, at + len(_TOOL_CALLS))
+        head = _MISTRAL_CALL_HEAD.match(text, at + len(MISTRAL_CALLS))
         if head is None:
             return ParsedReply(text, [])
         try:
             arguments, end = decoder.raw_decode(text, head.end())
-        except _NOT_JSON:
+        except NOT_JSON:
             return ParsedReply(text, [])
-        call = _call(head.group(1), arguments)
+        call = make_call(head.group(1), arguments)
         if call is None:
             return ParsedReply(text, [])
         calls.append(call)
-        at = text.find(_TOOL_CALLS, end)
+        at = text.find(MISTRAL_CALLS, end)
         rest.append(text[end:] if at < 0 else text[end:at])
     return ParsedReply(text[:start], calls, "".join(rest))
 
 
-def _llama3_json(text: str) -> ParsedReply:
+def read_llama3_json(text: str) -> ParsedReply:
     """The whole reply is calls: JSON objects, one after another (Llama 3.1 separates several with ``;``)."""
     body = text.strip().removeprefix("<|python_tag|>").strip()
     decoder, calls, at = json.JSONDecoder(), [], 0
     while at < len(body):
         try:
             value, at = decoder.raw_decode(body, at)
-        except _NOT_JSON:
+        except NOT_JSON:
             return ParsedReply(text, [])
         if not isinstance(value, dict):
             return ParsedReply(text, [])
-        call = _call(value.get("name"), value.get("parameters", value.get("arguments")))
+        call = make_call(value.get("name"), value.get("parameters", value.get("arguments")))
         if call is None:
             return ParsedReply(text, [])
         calls.append(call)
@@ -101,43 +101,43 @@ def _llama3_json(text: str) -> ParsedReply:
     return ParsedReply("", calls) if calls else ParsedReply(text, [])
 
 
-_MISTRAL_HEAD = re.compile(re.escape(_TOOL_CALLS) + r"\s*(?P<name>[A-Za-z_][\w.\-]*)\s*"
-                           r"(?:\[CALL_ID\]\s*\w*\s*)?\[ARGS\]\s*")
+MISTRAL_HEAD = re.compile(re.escape(MISTRAL_CALLS) + r"\s*(?P<name>[A-Za-z_][\w.\-]*)\s*"
+                          r"(?:\[CALL_ID\]\s*\w*\s*)?\[ARGS\]\s*")
 
 
-def _hermes_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+def hermes_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """Blocks a line apart, as the template writes them. Where several may follow, a newline may also end the
     last: models trained on those blocks write one before ending their turn, and were it only the way into another
     call, a required reply repeated its call until max_tokens. (A single block ends the reply where it closes.)"""
     block = f'block: {mark("<tool_call>")} "\\n" call "\\n" {mark("</tool_call>")}'
-    blocks = _repeated("block", r'"\n"', many) + (' "\\n"?' if many else "")
-    return f"start: {blocks}\n{block}\ncall: {_json(_call_schema(tools))}"
+    blocks = repeated("block", r'"\n"', many) + (' "\\n"?' if many else "")
+    return f"start: {blocks}\n{block}\ncall: {json_rule(call_schema(tools))}"
 
 
 def _list_call(marker: str) -> Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]:
     def grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
-        call = _call_schema(tools)
+        call = call_schema(tools)
         defs = call.pop("$defs", None)  # at the root, where the refs resolve
         calls = {"type": "array", "items": call, "minItems": 1, **({} if many else {"maxItems": 1}),
                  **({"$defs": defs} if defs else {})}
-        return f"start: {mark(marker)} calls\ncalls: {_json(calls)}"
+        return f"start: {mark(marker)} calls\ncalls: {json_rule(calls)}"
 
     return grammar
 
 
-_granite_call = _list_call("<|tool_call|>")
+granite_grammar = _list_call("<|tool_call|>")
 
 
-def _mistral_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+def mistral_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """The v11 form (``name[ARGS]{...}``, each call opened by ``[TOOL_CALLS]``) where the template writes it, else
     the list after ``[TOOL_CALLS]``."""
     if "[ARGS]" not in template:
-        return _list_call(_TOOL_CALLS)(tools, mark, template, many)
-    names, rules = _per_function(tools, lambda name: f'{json.dumps(name)} {mark("[ARGS]")}')
-    return f"start: {'opened+' if many else 'opened'}\nopened: {mark(_TOOL_CALLS)} ({names})\n{rules}"
+        return _list_call(MISTRAL_CALLS)(tools, mark, template, many)
+    names, rules = per_function_rules(tools, lambda name: f'{json.dumps(name)} {mark("[ARGS]")}')
+    return f"start: {'opened+' if many else 'opened'}\nopened: {mark(MISTRAL_CALLS)} ({names})\n{rules}"
 
 
-def _llama3_call(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+def llama3_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
     """Llama 3.1 separates several calls with ``; ``."""
-    calls = _repeated("call", '"; "', many)
-    return f"start: {calls}\ncall: {_json(_call_schema(tools, 'parameters'))}"
+    calls = repeated("call", '"; "', many)
+    return f"start: {calls}\ncall: {json_rule(call_schema(tools, 'parameters'))}"

@@ -11,7 +11,7 @@ from typing import Any
 
 
 #: What reading text that is not (or too deeply nested) JSON raises.
-_NOT_JSON = (json.JSONDecodeError, RecursionError)
+NOT_JSON = (json.JSONDecodeError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,14 @@ class ParsedReply:
         return (self.before + self.after).strip() or None
 
 
-def _call(name: Any, arguments: Any) -> dict[str, Any] | None:
+def make_call(name: Any, arguments: Any) -> dict[str, Any] | None:
     """One OpenAI tool call, or None where the model's object is not a call (no name, odd arguments)."""
     if not isinstance(name, str) or not name:
         return None
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except _NOT_JSON:
+        except NOT_JSON:
             return None
     if arguments is None:
         arguments = {}
@@ -52,24 +52,24 @@ def _entry(name: str, arguments: str) -> dict[str, Any]:
             "function": {"name": name, "arguments": arguments}}
 
 
-def _object_call(text: str) -> dict[str, Any] | None:
+def read_object_call(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
-    except _NOT_JSON:
+    except NOT_JSON:
         return None
-    return _call(value.get("name"), value.get("arguments")) if isinstance(value, dict) else None
+    return make_call(value.get("name"), value.get("arguments")) if isinstance(value, dict) else None
 
 
 #: The tools' parameter schemas, by function name: how the formats that write arguments bare read their values.
 Schemas = dict[str, dict[str, Any]]
 
 
-def _properties(schemas: Schemas, name: str) -> dict[str, Any]:
+def tool_properties(schemas: Schemas, name: str) -> dict[str, Any]:
     properties = (schemas.get(name) or {}).get("properties")
     return properties if isinstance(properties, dict) else {}
 
 
-def _string_schema(schema: Any) -> dict[str, Any] | None:
+def string_schema(schema: Any) -> dict[str, Any] | None:
     """The schema of the strings a parameter admits where it admits no other values but null (its type, an enum or
     const of strings, a type list or an anyOf / oneOf of a string and null: pydantic's ``Optional[str]``); else
     None. The formats that write arguments bare write such values as they are, anything else as JSON."""
@@ -84,21 +84,21 @@ def _string_schema(schema: Any) -> dict[str, Any] | None:
     branches = schema.get("anyOf", schema.get("oneOf"))
     if not isinstance(branches, list):
         return None
-    strings = [branch for branch in branches if _string_schema(branch) is not None]
+    strings = [branch for branch in branches if string_schema(branch) is not None]
     others = [branch for branch in branches if branch not in strings and not _is_null(branch)]
-    return _string_schema(strings[0]) if len(strings) == 1 and not others else None
+    return string_schema(strings[0]) if len(strings) == 1 and not others else None
 
 
 def _is_null(schema: Any) -> bool:
     return isinstance(schema, dict) and schema.get("type") == "null"
 
 
-def _declared_string(schema: Any) -> bool:
-    """Whether a parameter's schema admits only strings, or strings and null (:func:`_string_schema`)."""
-    return _string_schema(schema) is not None
+def declared_string(schema: Any) -> bool:
+    """Whether a parameter's schema admits only strings, or strings and null (:func:`string_schema`)."""
+    return string_schema(schema) is not None
 
 
-def _admits_null(schema: Any) -> bool:
+def admits_null(schema: Any) -> bool:
     """Whether a parameter's schema admits null (a type list with it, or an anyOf / oneOf branch of it)."""
     if not isinstance(schema, dict):
         return False
@@ -111,11 +111,11 @@ def _admits_null(schema: Any) -> bool:
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+def parameters_of(function: dict[str, Any]) -> dict[str, Any]:
     return function.get("parameters") or _NO_PARAMETERS
 
 
-def _calls_so_far(heads: tuple[re.Pattern[str], ...], text: str) -> ParsedReply:
+def calls_so_far(heads: tuple[re.Pattern[str], ...], text: str) -> ParsedReply:
     """A forced reply (one that opens with a call) cut short, by ``max_tokens`` or a stop: the calls it wrote, the
     last with its arguments' text as far as it got, which OpenAI and vLLM hand back as it is (not JSON). ``heads``
     match where a call names its function, up to its arguments (the first match is the call). A reply cut
@@ -131,7 +131,7 @@ def _calls_so_far(heads: tuple[re.Pattern[str], ...], text: str) -> ParsedReply:
             try:
                 value, at = decoder.raw_decode(text, match.end())
                 arguments = json.dumps(value, ensure_ascii=False)
-            except _NOT_JSON:
+            except NOT_JSON:
                 arguments, at = text[match.end():], len(text)
         entry = _entry(name, arguments)  # the id the model wrote, where the format has it write one (Kimi K2's)
         calls.append({**entry, "id": match.group("id")} if "id" in match.groupdict() else entry)
@@ -140,5 +140,5 @@ def _calls_so_far(heads: tuple[re.Pattern[str], ...], text: str) -> ParsedReply:
 
 #: A call as JSON names its function first (the forced grammar's order), then its arguments (group ``args``: the
 #: key, where the reply got that far).
-_JSON_HEAD = re.compile(r'\{\s*"name"\s*:\s*(?P<name>"(?:[^"\\]|\\.)*")'
-                        r'(?P<args>\s*,\s*"(?:arguments|parameters)"\s*:\s*)?')
+JSON_HEAD = re.compile(r'\{\s*"name"\s*:\s*(?P<name>"(?:[^"\\]|\\.)*")'
+                       r'(?P<args>\s*,\s*"(?:arguments|parameters)"\s*:\s*)?')

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ferrum.serve.errors import APIError
-from ferrum.serve.tools.reading import _NOT_JSON
+from ferrum.serve.tools.reading import NOT_JSON
 
 
 def check_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,7 +56,7 @@ def template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[st
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
-            except _NOT_JSON:
+            except NOT_JSON:
                 raise APIError(400, "a tool call's arguments must be JSON text", param=f"{where}.{j}") from None
         if not isinstance(arguments, dict):  # templates read them as an object (``arguments.items()``)
             raise APIError(400, f"a tool call's arguments must be a JSON object, got {type(arguments).__name__}",
