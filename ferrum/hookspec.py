@@ -283,6 +283,8 @@ def rope(x: Any, positions: Any, inv_freq: Any) -> Any:
     batch can mix sequences at different offsets); ``inv_freq [head_dim // 2]``
     (float32, already scaled for Llama-3 / linear rope scaling). For pair
     ``i``: ``angle = pos * inv_freq[i]``, rotating ``(x[i], x[i + d/2])``.
+    A frequency may be 0 (pairs left unrotated) or negative (nanochat turns
+    its pairs the other way): the same formula holds.
     """
 
 

@@ -138,11 +138,8 @@ def query_scaler(ops: Any, scaling: tuple, positions: np.ndarray) -> Callable[[A
     return per_token(ops, choice.reshape(-1), scale)
 
 
-def _norm_weights(weights: dict[str, Placed], module: str, params: bool = True) -> tuple[Any, Any] | None:
-    """A norm's ``(weight, bias)`` on the backend (bias None where it has none); None where there is no such norm.
-    A norm without ``params`` (OLMo 1's) is ``(None, None)``."""
-    if not params:
-        return None, None
+def _norm_weights(weights: dict[str, Placed], module: str) -> tuple[Any, Any] | None:
+    """A norm's ``(weight, bias)`` on the backend (bias None where it has none); None where there is no such norm."""
     weight, bias = weights.get(f"{module}.weight"), weights.get(f"{module}.bias")
     return None if weight is None else (weight.weight, None if bias is None else bias.weight)
 
@@ -200,7 +197,10 @@ class DecoderOnlyLLM:
         self.embed, self.embed_lookup = embed.weight, embed.embedding
         #: Learned absolute positions (GPT-2), or None.
         self.position_table = weights.get(f"{arch.prefix}embed_positions.weight")
-        self.final_norm = _norm_weights(weights, f"{arch.prefix}norm", arch.norm_params)
+        self._ones: Any = None  # the weight of ones of weightless RMSNorms (:meth:`_weightless`), placed once
+        self.final_norm = _norm_weights(weights, f"{arch.prefix}norm") if arch.norm_params else self._weightless()
+        #: nanochat's norm of the embeddings before the first block (weightless), or None.
+        self.embed_norm = self._weightless() if arch.embed_norm else None
         head_bias = weights.get(bias_of(arch.lm_head))
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
                               None if head_bias is None else head_bias.weight)
@@ -299,7 +299,8 @@ class DecoderOnlyLLM:
         def projection(module: str) -> Linear:
             return Linear(w[f"{p}{module}.weight"], tensor(f"{module}.bias"))
 
-        norms = {slot: _norm_weights(w, p + name, arch.norm_params) for slot, name in arch.norms.items()}
+        norms = {slot: _norm_weights(w, p + name) if arch.norm_params else self._weightless()
+                 for slot, name in arch.norms.items()}
         sinks = tensor("self_attn.sinks")
         q_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[0]}")
         k_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}")
@@ -324,6 +325,15 @@ class DecoderOnlyLLM:
             chunk=spec.chunk,
             query_scaling=spec.query_scaling or arch.query_scaling,
         )
+
+    def _weightless(self) -> tuple[Any, Any]:
+        """The weights of a block or final norm that has none: ``(None, None)`` for a LayerNorm (OLMo 1's), which
+        takes none; a weight of ones for an RMSNorm (nanochat's), as the backends' ``rms_norm`` needs one."""
+        if self.config.arch.norm != "rms":
+            return None, None
+        if self._ones is None:
+            self._ones = self.ops.from_numpy(np.ones(self.config.hidden_size, dtype=np.float32), self.dtype)
+        return self._ones, None
 
     def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
         """``enter(h[, residual], positions) -> (q, k, v, h)`` (the first block has no residual to add) and
@@ -552,6 +562,8 @@ class DecoderOnlyLLM:
             h = ops.add(h, self.position_table.embedding(self.position_table.weight, positions))
         if arch.embed_scale is not None:
             h = ops.mul_scalar(h, arch.embed_scale)
+        if self.embed_norm is not None:
+            h = NORM_KINDS[arch.norm](ops, cfg.rms_norm_eps)[0](h, self.embed_norm)
         residual = None  # output of the previous block, not yet added to h
         for index, layer in enumerate(self.layers):
             enter, leave = halves[index]

@@ -50,10 +50,22 @@ def test_a_wrong_rope_is_caught(registered):
         "model packed at 4 bits: logits and greedy tokens",
         *(f"model {family}: logits and decode steps"
           for family in ("gemma2", "gemma3_text", "gpt_oss", "qwen3_moe", "phi3", "phi", "starcoder2", "cohere",
-                         "olmo", "nemotron", "llama4_text")),
+                         "olmo", "nemotron", "llama4_text", "nanochat")),
     }
     with pytest.raises(AssertionError, match="FAIL  rope"):
         assert_conformance("badrope")
+
+
+@hookimpl
+def rope_dropping_the_frequencies_sign(x, positions, inv_freq):
+    """Rotates by |frequency|: the same as the usual rope wherever frequencies are positive."""
+    return cpu_ops.rope(x, positions, np.abs(inv_freq))
+
+
+def test_a_rope_dropping_the_frequencies_sign_is_caught_by_nanochat(registered):
+    """nanochat turns its pairs the other way, which Ferrum hands every backend as negated frequencies."""
+    registered("absrope", cpu_like_plugin("absrope", extra={"rope": rope_dropping_the_frequencies_sign}))
+    assert set(check_backend("absrope").failed()) == {"model nanochat: logits and decode steps"}
 
 
 @hookimpl
@@ -76,7 +88,7 @@ def test_the_core_fallbacks_of_layer_norm_and_gelu_conform(registered):
     assert {"layer_norm (core fallback)", "gelu (core fallback)", "clip (core fallback)", "mul (core fallback)",
             "relu_squared (core fallback)", "xielu (core fallback)", "model phi: logits and decode steps",
             "model nemotron: logits and decode steps", "model olmo: logits and decode steps",
-            "model cohere: logits and decode steps"} <= set(passed)
+            "model cohere: logits and decode steps", "model nanochat: logits and decode steps"} <= set(passed)
 
 
 @hookimpl
@@ -86,7 +98,8 @@ def relu_squared_without_the_relu(x):
 
 def test_a_squared_relu_that_keeps_negatives_is_caught(registered):
     registered("norelu", cpu_like_plugin("norelu", extra={"relu_squared": relu_squared_without_the_relu}))
-    assert set(check_backend("norelu").failed()) == {"relu_squared (native)", "model nemotron: logits and decode steps"}
+    assert set(check_backend("norelu").failed()) == {"relu_squared (native)", "model nemotron: logits and decode steps",
+                                                      "model nanochat: logits and decode steps"}
 
 
 @hookimpl

@@ -1,6 +1,6 @@
 """Gemma 1-3 (text), Phi-3 / Phi-4, SmolLM3, Granite, OLMo 2, the LayerNorm families (Phi-2, StableLM, StarCoder2),
-the squared-ReLU ones (Nemotron, Arcee) and more against transformers (the reference), mlx-lm and each other, plus
-the family key table's refusals.
+the squared-ReLU ones (Nemotron, Arcee, nanochat) and more against transformers (the reference), mlx-lm and each
+other, plus the family key table's refusals.
 
 Tiny random checkpoints are built with transformers' own model classes (eager
 attention, so Gemma 2's soft-capping is applied by the reference). Bounds are
@@ -39,7 +39,8 @@ FAMILIES = ("gemma3", "gemma2", "gemma", "phi3_longrope_partial", "phi3_window",
             "cohere", "cohere_qk_norm",
             "cohere2", "gpt_neox", "gpt_neox_serial", "gpt2", "gpt2_untied_exact_gelu", "gpt_bigcode",
             "gpt_bigcode_mha", "gptj", "falcon", "falcon_new_architecture", "falcon_serial", "olmo", "olmo_clip",
-            "nemotron", "nemotron_llama3_quarter", "arcee", "vaultgemma", "vaultgemma_full", "apertus", "apertus_biased")
+            "nemotron", "nemotron_llama3_quarter", "arcee", "vaultgemma", "vaultgemma_full", "apertus",
+            "apertus_biased", "nanochat", "nanochat_biased")
 
 
 def _longrope(half: int) -> dict:
@@ -211,6 +212,17 @@ def transformers_config(family: str):
     if family == "apertus_biased":  # attention_bias on q/k/v/o, head_dim != hidden / heads, MQA, tied, default rope
         return transformers.ApertusConfig(**common, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                                           attention_bias=True, tie_word_embeddings=True)
+    if family == "nanochat":  # weightless norms (the embeddings' too), rope the other way, q/k normed after it,
+        # relu^2 fc1 / fc2, logits soft-capped at 15 (its default), untied; transformers' default epsilon
+        return transformers.NanoChatConfig(**{k: v for k, v in common.items() if k != "rms_norm_eps"},
+                                           num_attention_heads=4, num_key_value_heads=2)
+    if family == "nanochat_biased":  # attention_bias on q/k/v/o, llama3 rope, head_dim != hidden / heads, MQA, tied,
+        # a cap that bites, the tanh GELU
+        return transformers.NanoChatConfig(
+            **common, num_attention_heads=4, num_key_value_heads=1, head_dim=32, attention_bias=True,
+            tie_word_embeddings=True, final_logit_softcapping=2.0, hidden_act="gelu_pytorch_tanh",
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
     raise ValueError(family)
 
 
@@ -460,9 +472,74 @@ def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
         assert_parity(load(converted, backend, dtype="float32").forward_verify("m", tokens), ref)
 
 
-@pytest.mark.parametrize("family", ["apertus", "apertus_biased"])
-def test_apertus_names_the_tensors_transformers_saves(checkpoints, family):
-    """xIELU's parameters among them: alpha_p and alpha_n as [1], beta and eps as scalars."""
+def _as_mlx_lm_nanochat(source, dest):
+    """transformers' nanochat checkpoint ``source`` as mlx-lm's nanochat reads it: nanochat's own names
+    (``transformer.wte``, ``transformer.h.N.attn.c_q``...) and the config keys mlx-lm's ModelArgs has (no epsilon,
+    which it fixes at 1e-5, nor soft-cap, which it fixes at 15), as the scripts that convert nanochat for MLX write
+    them."""
+    from safetensors.numpy import load_file, save_file
+
+    from ferrum.arch.families import NANOCHAT_MLX_LM_NAMES, NANOCHAT_NAMES
+
+    ours = {stored: name for name, stored in NANOCHAT_NAMES.items()}
+    renamed = {}
+    for name, array in load_file(str(source / "model.safetensors")).items():
+        if name.startswith("model."):
+            parts = name.removeprefix("model.").split(".")
+            if parts[0] == "layers":
+                module = ours.get(".".join(parts[2:-1]), ".".join(parts[2:-1]))
+                name = f"h.{parts[1]}.{NANOCHAT_MLX_LM_NAMES.get(module, module)}.{parts[-1]}"
+            else:
+                name = f"{NANOCHAT_MLX_LM_NAMES.get(parts[0], parts[0])}.{parts[-1]}"
+            name = "transformer." + name
+        renamed[name] = array
+    dest.mkdir()
+    save_file(renamed, str(dest / "model.safetensors"), metadata={"format": "mlx"})
+    config = json.loads((source / "config.json").read_text())
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings", "intermediate_size")
+    (dest / "config.json").write_text(json.dumps({**{k: config[k] for k in keys}, "rope_theta": 10000.0}))
+    write_tokenizer(dest)  # mlx-lm converts the tokenizer too
+    return dest
+
+
+@pytest.mark.skipif("mlx" not in RUNNABLE, reason="mlx-lm needs MLX")
+@pytest.mark.parametrize("bits", [None, 4])
+def test_nanochat_runs_as_mlx_lm_runs_its_model_and_conversions(checkpoints, bits, tmp_path):
+    """mlx-lm's nanochat keeps nanochat's own tensor names and norms with 1e-5 where transformers defaults to 1e-6:
+    such a checkpoint, and mlx-lm's float and 4-bit conversions of it, give mlx-lm's logits on every backend; the
+    same weights under transformers' names, its logits."""
+    mx = pytest.importorskip("mlx.core")
+    convert = pytest.importorskip("mlx_lm.convert")
+    mlx_utils = pytest.importorskip("mlx_lm.utils")
+    from ferrum.arch.tensors import resolve_layout
+    from ferrum.checkpoint import Checkpoint
+
+    source, hf = checkpoints["nanochat"]
+    mlx_lm = _as_mlx_lm_nanochat(source, tmp_path / "mlx_lm")
+    assert resolve_layout(ModelConfig.from_file(mlx_lm), Checkpoint(mlx_lm).shapes()).rms_norm_eps == 1e-5
+    assert resolve_layout(ModelConfig.from_file(source), Checkpoint(source).shapes()).rms_norm_eps == 1e-6
+    converted = tmp_path / "converted"
+    convert.convert(str(mlx_lm), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
+    if bits is not None:
+        stored = Checkpoint(converted).shapes()
+        assert {"transformer.wte.scales", "transformer.h.0.attn.c_q.scales", "transformer.h.0.mlp.c_fc.scales",
+                "lm_head.scales"} <= set(stored)
+    tokens = TOKENS[:9]
+    for folder in (mlx_lm, converted) if bits is None else (converted,):
+        loaded = mlx_utils.load_model(folder)
+        reference_model = loaded[0] if isinstance(loaded, tuple) else loaded
+        ref = np.array(reference_model(mx.array([tokens])).astype(mx.float32))[0]
+        if bits is None:
+            assert_parity(ref, reference_logits(hf, tokens))  # the same model as transformers' (eps aside)
+        for backend in RUNNABLE:
+            assert_parity(load(folder, backend, dtype="float32").forward_verify("m", tokens), ref)
+
+
+@pytest.mark.parametrize("family", ["apertus", "apertus_biased", "nanochat", "nanochat_biased"])
+def test_names_the_tensors_transformers_saves(checkpoints, family):
+    """Apertus's xIELU parameters among them: alpha_p and alpha_n as [1], beta and eps as scalars; nanochat's norms
+    not among them (they have no weight)."""
     from support import assert_names_the_tensors_transformers_saves
 
     assert_names_the_tensors_transformers_saves(checkpoints[family][0])
@@ -776,6 +853,15 @@ def _config(family: str, **overrides) -> dict:
          UnsupportedFeatureError, "rope_parameters"),
         ("arcee", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
          UnsupportedFeatureError, "rope_parameters"),  # transformers' Llama rotates whole heads whatever it says
+        ("nanochat", {"hidden_act": "silu"}, UnsupportedFeatureError, "hidden_act"),  # an ungated SiLU
+        ("nanochat", {"final_logit_softcapping": 0}, ConfigError, "final_logit_softcapping"),
+        ("nanochat", {"final_logit_softcapping": "15"}, ConfigError, "final_logit_softcapping"),
+        ("nanochat", {"attention_bias": "yes"}, ConfigError, "attention_bias"),
+        ("nanochat", {"rms_norm_eps": -1e-6}, ConfigError, "rms_norm_eps"),
+        ("nanochat", {"rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}},
+         UnsupportedFeatureError, "rope_parameters"),
+        ("nanochat", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+         UnsupportedFeatureError, "rope_parameters"),
     ],
 )
 def test_math_changing_keys_are_refused_by_name(family, overrides, error, key):
@@ -837,7 +923,7 @@ PROPERTY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe
                      "gemma2", "gemma3_text", "phi3", "smollm3", "granite", "olmo2", "ministral", "exaone4", "seed_oss",
                      "ernie4_5", "glm4", "hunyuan_v1_dense", "hunyuan_v1_moe", "dots1", "phi", "stablelm", "starcoder2",
                      "cohere", "cohere2", "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "falcon", "olmo", "nemotron",
-                     "arcee", "vaultgemma")
+                     "arcee", "vaultgemma", "nanochat")
 #: The LayerNorm families, and the key each reads its norms' epsilon from.
 LAYER_NORM_EPS = {"phi": "layer_norm_eps", "stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "gpt_neox": "layer_norm_eps",
@@ -960,6 +1046,9 @@ def draw_config(draw, st, family: str) -> dict:
     if family == "arcee":
         raw.update(hidden_act=draw(st.sampled_from(_UNGATED_ACTS)), attention_bias=draw(st.booleans()),
                    mlp_bias=draw(st.booleans()))
+    if family == "nanochat":
+        raw.update(hidden_act=draw(st.sampled_from(_UNGATED_ACTS)), attention_bias=draw(st.booleans()),
+                   final_logit_softcapping=draw(st.sampled_from([None, 3.0, 15.0])))
     if family in ("hunyuan_v1_dense", "hunyuan_v1_moe"):  # Hunyuan's rope: "dynamic" with a fixed alpha too
         raw.update(attention_bias=draw(st.booleans()), head_dim=head_dim)  # transformers reads head_dim as is
         if draw(st.booleans()):
@@ -1257,7 +1346,7 @@ def test_random_invalid_values_are_refused_naming_the_key():
 # ------------------------------------------- random checkpoints and packed weights
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "nemotron"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "nemotron", "nanochat"])
 def test_random_checkpoints_of_each_family_are_what_transformers_reads(family, tmp_path):
     """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
     import torch
@@ -1387,6 +1476,7 @@ def test_gpt2_is_refused_by_ferrum_quantize_by_name(checkpoints, tmp_path):
     ("gptj", "n_positions"), ("llama", "max_position_embeddings"), ("llama", "vocab_size"),
     ("mistral", "vocab_size"), ("mistral", "max_position_embeddings"), ("gemma3_text", "sizes"),
     ("nemotron", "rope"), ("nemotron", "vocab_size"), ("arcee", "max_position_embeddings"),
+    ("nanochat", "sizes"), ("nanochat", "rms_norm_eps"), ("nanochat", "rope"),
 ])
 def test_a_left_out_key_takes_the_transformers_default(model_type, left_out):
     """A hand-written config.json (or an old release's: Falcon's first had no context length) that leaves a key
@@ -1411,7 +1501,12 @@ def test_a_left_out_key_takes_the_transformers_default(model_type, left_out):
                 "intermediate_size": ours.intermediate_size, "num_hidden_layers": ours.num_layers,
                 "max_position_embeddings": ours.max_seq_len,
                 "sliding_window": max(layer.window or 0 for layer in ours.arch.layers)}
-        assert {k: read[k] for k in dropped} == {k: getattr(reference, k) for k in dropped}
+        want = {k: getattr(reference, k, None) for k in dropped}
+        if "head_dim" in want and want["head_dim"] is None:  # a class without one (nanochat's) splits hidden_size
+            want["head_dim"] = reference.hidden_size // reference.num_attention_heads
+        if "sliding_window" in want and want["sliding_window"] is None:  # ...or without windows
+            want["sliding_window"] = 0
+        assert {k: read[k] for k in dropped} == want
 
 
 def test_gemma_3s_released_multimodal_config_reads_as_transformers_reads_it():

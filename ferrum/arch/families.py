@@ -1032,6 +1032,40 @@ def _arcee(r: KeyReader, sizes: Sizes) -> Architecture:
                    activation=_UNGATED_ACTIVATIONS[r("hidden_act")])
 
 
+#: nanochat's modules under Llama's names: transformers' (fc1, fc2), and mlx-lm's (nanochat's own: the decoder under
+#: ``transformer.``, ``wte``, ``h.N.attn.c_q``..., ``mlp.c_fc`` / ``c_proj``).
+NANOCHAT_NAMES = {"mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"}
+NANOCHAT_MLX_LM_NAMES = {"embed_tokens": "wte", "layers": "h", "self_attn.q_proj": "attn.c_q",
+                         "self_attn.k_proj": "attn.c_k", "self_attn.v_proj": "attn.c_v",
+                         "self_attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+#: mlx-lm's nanochat norms with this epsilon, whatever config.json says (transformers' default is 1e-6); the configs
+#: of its conversions, written for its ModelArgs, give none. Ferrum takes it for checkpoints in mlx-lm's layout whose
+#: config gives no rms_norm_eps.
+NANOCHAT_MLX_LM_EPS = 1e-5
+
+
+def _nanochat(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Karpathy's nanochat (transformers' NanoChatForCausalLM): Llama's pre-norm blocks with RMSNorms that have no
+    weight, the embeddings normed too before the first block, rope turning the other way (rotate_half as
+    ``cat(x2, -x1)``: frequencies negated) and q and k RMS-normed (no weight either) once rotated, an ungated MLP
+    (fc1, fc2; squared ReLU by default), attention_bias on q/k/v and o, the logits soft-capped
+    (final_logit_softcapping, 15), an untied LM head. mlx-lm's conversions keep nanochat's own names, and norm
+    with 1e-5 (:data:`NANOCHAT_MLX_LM_EPS`) where a config gives no rms_norm_eps."""
+    key, spec = _rope_spec(r)
+    rope = replace(read_rope(r, sizes, spec, key, _LLAMA_ROPES), negated=True)
+    bias = r("attention_bias")
+    mlx_lm_eps = None if r.get("rms_norm_eps") is not None else NANOCHAT_MLX_LM_EPS
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mlp="plain") for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm_params=False, embed_norm=True,
+        activation=_UNGATED_ACTIVATIONS[r("hidden_act")], attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="head", qk_norm_after_rope=True, qk_norm_params=False,
+        qkv_bias=bias, o_bias=bias, final_softcap=r("final_logit_softcapping"),
+        stored_names=NANOCHAT_NAMES,
+        layouts=(("transformer.", "lm_head.weight", NANOCHAT_MLX_LM_NAMES, mlx_lm_eps),),
+    )
+
+
 #: Apertus's two norms, under its names.
 APERTUS_NORMS = {"pre_attn": "attention_layernorm", "pre_mlp": "feedforward_layernorm"}
 #: transformers' Apertus rope where a config gives none (rope_theta included: a top-level one is not read then).
@@ -1711,6 +1745,17 @@ FAMILIES: dict[str, Family] = {
         )),
         _apertus,
         eps_default=1e-5,
+    ),
+    "nanochat": Family(  # Karpathy's nanochat (transformers' port; mlx-lm's conversions under nanochat's own names)
+        _keys(_core(False), _core_defaults(  # NanoChatConfig's (mlx-lm's conversions give every size)
+            hidden_size=768, intermediate_size=8192, num_hidden_layers=12, num_attention_heads=6, vocab_size=50304,
+            max_position_embeddings=2048,
+        ), _ROPE, (
+            _ungated_key("relu2"),
+            Key("attention_bias", default=False, check=boolean),
+            Key("final_logit_softcapping", default=15.0, check=optional_positive_number),
+        )),
+        _nanochat,
     ),
     "arcee": Family(  # Arcee AFM-4.5B
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=4096), _ROPE, (

@@ -31,6 +31,9 @@ table (two for longrope), plus changes to the q/k weights made at load:
   rotary_dim / 2``. Ferrum permutes the q and k projection rows at load so those
   pairs become ``(i, i + head_dim / 2)`` and gives the untouched pairs frequency
   0 (an exact identity): scores are unchanged since q and k move together.
+* nanochat's rotation the other way round (``rotate_half`` as ``cat(x2, -x1)``):
+  ``cos`` is even and ``sin`` odd, so it is the usual rope with every frequency
+  negated (``Rope.negated``), which every backend's ``rope`` op runs as it is.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ class Rope:
     truncate: bool = True  # yarn: round the ramp's ends to whole dims
     #: The checkpoint pairs adjacent dims (GPT-J's rope: Ernie 4.5), not each dim with the one half a head on.
     interleaved: bool = False
+    #: The checkpoint turns its pairs the other way (nanochat: rotate_half as ``cat(x2, -x1)``, so ``sin`` changes
+    #: sign): every frequency negated, as mlx-lm runs it.
+    negated: bool = False
 
     @classmethod
     def unrotated(cls, head_dim: int) -> "Rope":
@@ -96,7 +102,7 @@ class Rope:
             shape = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
             base = 1.0 / (ext.astype(np.float32) * np.float32(self.theta) ** shape)
         out = np.zeros(self.head_dim // 2, dtype=np.float32)
-        out[: dim // 2] = base
+        out[: dim // 2] = -base if self.negated else base
         return out
 
     def rotary_permutation(self) -> np.ndarray | None:

@@ -44,7 +44,9 @@ class Architecture:
     #: StableLM, StarCoder2, GPT-2...), with a bias beside each weight where ``norm_bias``.
     norm: str = "rms"
     norm_bias: bool = False
-    norm_params: bool = True  # False: the block and final norms have no weight at all (OLMo 1's LayerNorm)
+    #: False: the block and final norms have no weight at all (OLMo 1's LayerNorm; nanochat's RMSNorm, run with a
+    #: weight of ones).
+    norm_params: bool = True
     #: Attention and the MLP both read the block's normed input and both outputs join the residual stream
     #: (Phi-2, StableLM 2 12B); the MLP reads ``pre_mlp``'s norm of the input where the block has one.
     parallel: bool = False
@@ -53,6 +55,8 @@ class Architecture:
     #: learned per layer, ``mlp.act_fn.*``).
     activation: str = "silu"
     embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype; Granite's multiplier
+    #: nanochat: the token embeddings normed (the final norm's kind, without a weight) before the first block.
+    embed_norm: bool = False
     #: Granite: multiplies what each block's attention and MLP add to the residual stream, and the logits.
     #: Folded into the o_proj / down_proj rows and the final norm at load (ferrum.arch.tensors).
     residual_scale: float = 1.0
@@ -106,8 +110,10 @@ class Architecture:
     #: "final_layernorm", ...}``). Ferrum uses Llama's names from loading on (:mod:`ferrum.arch.tensors`).
     stored_names: dict[str, str] = field(default_factory=dict)
     #: The family's other checkpoint layouts, tried before the common ones (``ferrum.arch.tensors.LAYOUTS``):
-    #: ``(prefix, LM head, names beyond stored_names)`` (mlx-lm's GPT-NeoX: ``model.h.*``, ``model.embed_out``).
-    layouts: tuple[tuple[str, str, dict[str, str]], ...] = ()
+    #: ``(prefix, LM head, names beyond stored_names)`` (mlx-lm's GPT-NeoX: ``model.h.*``, ``model.embed_out``),
+    #: and optionally a fourth entry, the norms' epsilon that checkpoints in that layout run with in place of the
+    #: config's (mlx-lm's nanochat fixes 1e-5 where transformers defaults to 1e-6; None: the config's).
+    layouts: tuple[tuple[Any, ...], ...] = ()
 
     @property
     def attention(self) -> Any:

@@ -395,15 +395,16 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
 
 def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     """``config`` with the decoder prefix and LM head name of the layout the checkpoint's tensors (``stored``: name
-    -> shape) use (the family's own ``layouts`` first, then the common ones), and for a family stored transposed
+    -> shape) use (the family's own ``layouts`` first, then the common ones; with the norms' epsilon of that layout
+    where it has one of its own), and for a family stored transposed
     (GPT-2's Conv1D), whether this checkpoint is: mlx-lm's conversions (under ``model.``) and Ferrum's GGUF
     imports save the projections ``[out, in]``."""
-    own = [replace(config.arch, prefix=prefix, lm_head=head, stored_names={**config.arch.stored_names, **names})
-           for prefix, head, names in config.arch.layouts]
-    for arch in [*own, *(replace(config.arch, prefix=prefix, lm_head=head) for prefix, head in LAYOUTS)]:
+    own = [(replace(config.arch, prefix=prefix, lm_head=head, stored_names={**config.arch.stored_names, **names}),
+            eps[0] if eps else None) for prefix, head, names, *eps in config.arch.layouts]
+    for arch, eps in [*own, *((replace(config.arch, prefix=prefix, lm_head=head), None) for prefix, head in LAYOUTS)]:
         embedding = stored_name(arch, f"{arch.prefix}embed_tokens.weight").removesuffix(".weight")
         if f"{embedding}.weight" in stored or f"{embedding}.scales" in stored:
-            config = replace(config, arch=arch)
+            config = replace(config, arch=arch, **({} if eps is None else {"rms_norm_eps": float(eps)}))
             break
     if config.arch.transposed and _stored_untransposed(config, stored):
         config = replace(config, arch=replace(config.arch, transposed=False))

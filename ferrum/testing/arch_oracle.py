@@ -130,20 +130,15 @@ class ArchOracle:
         in_layer = name.startswith(f"{arch.prefix}layers.")
         return tensor.T if arch.transposed and in_layer and tensor is not None and tensor.ndim == 2 else tensor
 
-    def _norm(self, x: np.ndarray, module: str) -> np.ndarray:
+    def _norm(self, x: np.ndarray, module: str, params: bool = True) -> np.ndarray:
+        """Norm ``module`` of ``x``; without ``params`` (OLMo 1's LayerNorms, nanochat's RMSNorms, Llama 4's L2 q/k
+        norm: ``x / sqrt(mean(x^2) + eps)``), no weight."""
         cfg, arch = self.config, self.config.arch
         if arch.norm == "layer":  # weights and bias where it has them (OLMo's have neither); Nemotron's 1 + w
-            weight = self.w(f"{module}.weight")
+            weight = self.w(f"{module}.weight") if params else None
             weight = None if weight is None else weight + arch.norm_offset
-            return layer_norm(x, weight, self.w(f"{module}.bias"), cfg.rms_norm_eps)
-        return rms_norm(x, self.w(f"{module}.weight") + arch.norm_offset, cfg.rms_norm_eps)
-
-    def _qk_norm(self, x: np.ndarray, module: str) -> np.ndarray:
-        """A q/k norm; Llama 4's has no weight (``x / sqrt(mean(x^2) + eps)``, transformers' Llama4TextL2Norm)."""
-        if self.config.arch.qk_norm_params:
-            return self._norm(x, module)
-        x = f64(x)
-        return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + self.config.rms_norm_eps)
+            return layer_norm(x, weight, self.w(f"{module}.bias") if params else None, cfg.rms_norm_eps)
+        return rms_norm(x, self.w(f"{module}.weight") + arch.norm_offset if params else 1.0, cfg.rms_norm_eps)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         cfg, w, arch = self.config, self.w, self.config.arch
@@ -156,10 +151,13 @@ class ArchOracle:
             h = h + w(p_model + "embed_positions.weight")[positions]
         if arch.embed_scale is not None:
             h = h * arch.embed_scale
+        blocks = arch.norm_params
+        if arch.embed_norm:  # nanochat: the embeddings normed (no weight) before the first block
+            h = self._norm(h, p_model + "norm", params=False)
         for i, spec in enumerate(arch.layers):
             p = f"{p_model}layers.{i}."
             norm = {slot: p + name for slot, name in arch.norms.items()}
-            x = self._norm(h, norm["pre_attn"]) if "pre_attn" in norm else h
+            x = self._norm(h, norm["pre_attn"], blocks) if "pre_attn" in norm else h
             if arch.fused_qkv:
                 qkv = linear(x, w(p + "self_attn.qkv_proj.weight"), w(p + "self_attn.qkv_proj.bias"))
                 if arch.qkv_grouped:  # per key/value head: its queries, its key, its value
@@ -172,17 +170,18 @@ class ArchOracle:
                            for m in "qkv")
             q_norm, k_norm = (f"{p}self_attn.{name}" for name in arch.qk_norm_names)
             qk_norm = arch.qk_norm if spec.qk_norm else None  # Llama 4 norms q and k on its rope layers only
+            qk_params = arch.qk_norm_params  # False: q/k norms without a weight (Llama 4's, nanochat's)
             if qk_norm == "projection":
-                q, k = self._qk_norm(q, q_norm), self._qk_norm(k, k_norm)
+                q, k = self._norm(q, q_norm, qk_params), self._norm(k, k_norm, qk_params)
             if arch.clip_qkv is not None:
                 q, k, v = (np.clip(a, -arch.clip_qkv, arch.clip_qkv) for a in (q, k, v))
             q, k, v = (a.reshape(n, -1, d) for a in (q, k, v))
             if qk_norm in ("head", "each_head") and not arch.qk_norm_after_rope:  # [d] or [heads, d] weights
-                q, k = self._qk_norm(q, q_norm), self._qk_norm(k, k_norm)
+                q, k = self._norm(q, q_norm, qk_params), self._norm(k, k_norm, qk_params)
             long_from = spec.rope.original_max if spec.rope.switches else None
             q, k = _rope(q, positions, spec.rope, long_from), _rope(k, positions, spec.rope, long_from)
             if qk_norm == "head" and arch.qk_norm_after_rope:
-                q, k = self._qk_norm(q, q_norm), self._qk_norm(k, k_norm)
+                q, k = self._norm(q, q_norm, qk_params), self._norm(k, k_norm, qk_params)
             if spec.query_scaling is not None:  # Llama 4's NoPE layers: positions counted from -shift
                 beta, floor, shift = spec.query_scaling
                 q = q * (1.0 + beta * np.log(1.0 + np.floor((positions + shift) / floor)))[:, None, None]
@@ -194,19 +193,20 @@ class ArchOracle:
                               w(p + "self_attn.sinks"), spec.chunk).reshape(n, -1)
             o = linear(attn, w(p + "self_attn.o_proj.weight"), w(p + "self_attn.o_proj.bias"))
             if "post_attn" in norm:
-                o = self._norm(o, norm["post_attn"])
+                o = self._norm(o, norm["post_attn"], blocks)
             if arch.parallel:  # the MLP reads the block's input, beside attention
-                x = self._norm(h, norm["pre_mlp"]) if "pre_mlp" in norm else x
+                x = self._norm(h, norm["pre_mlp"], blocks) if "pre_mlp" in norm else x
                 h = h + (o + self._mlp(x, p, spec.mlp)) * arch.residual_scale
                 continue
             h = h + o * arch.residual_scale
-            x = self._norm(h, norm["pre_mlp"]) if "pre_mlp" in norm else h
+            x = self._norm(h, norm["pre_mlp"], blocks) if "pre_mlp" in norm else h
             y = self._mlp(x, p, spec.mlp)
             if "post_mlp" in norm:
-                y = self._norm(y, norm["post_mlp"])
+                y = self._norm(y, norm["post_mlp"], blocks)
             h = h + y * arch.residual_scale
         head = self.stored.get(arch.lm_head)
-        logits = linear(self._norm(h, p_model + "norm"), w(p_model + "embed_tokens.weight") if head is None else head,
+        head = w(p_model + "embed_tokens.weight") if head is None else head
+        logits = linear(self._norm(h, p_model + "norm", blocks), head,
                         self.stored.get(bias_of(arch.lm_head))) * arch.logit_scale
         if arch.final_softcap is not None:
             logits = arch.final_softcap * np.tanh(logits / arch.final_softcap)

@@ -1,7 +1,7 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, squared ReLU,
 xIELU, scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss,
-Qwen3-MoE, Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron, Llama 4)
-against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
+Qwen3-MoE, Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron, Llama 4,
+nanochat) against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
 A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
 it is never handed such a model (Ferrum refuses it at load), so those checks
@@ -86,6 +86,12 @@ FAMILY_MODELS: dict[str, dict] = {
         intermediate_size_mlp=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
         vocab_size=97, num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=8, floor_scale=4,
         attn_scale=0.5, max_position_embeddings=256, rope_theta=500.0, tie_word_embeddings=False,
+    ),
+    "nanochat": dict(  # weightless RMSNorms (the embeddings' too), rope turning the other way (frequencies negated),
+        # q/k normed after it, a squared-ReLU ungated MLP, every attention bias, logits soft-capped (low, so it bites)
+        architectures=["NanoChatForCausalLM"], model_type="nanochat", hidden_size=64, intermediate_size=80,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+        max_position_embeddings=256, attention_bias=True, final_logit_softcapping=3.0, tie_word_embeddings=False,
     ),
 }
 
