@@ -396,7 +396,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     (``<stem>-00001-of-0000N.gguf`` ...); ``chat_template`` (a string, or named ones) is written as llama.cpp's
     converter writes it. ``controls`` are more control tokens at the vocabulary's end; ``pre`` None and a
     byte-level vocabulary's ``add_bos`` None leave their keys out, as older converters did; ``name`` is
-    ``general.name``; ``metadata`` more keys under the architecture's prefix (floats as float32, strings);
+    ``general.name``; ``metadata`` more keys under the architecture's prefix (floats as float32, ints as uint32,
+    strings);
     ``kv_heads_per_layer`` writes the KV head count as a list of one per layer; ``vocab`` is ``(tokens, types,
     scores, merges)`` instead of the tokenizer model's small vocabulary; ``special_ids`` the ``*_token_id`` keys
     written (default bos 1, eos 2); ``unembedded`` tokens listed past the embedding's rows (a damaged file).
@@ -467,7 +468,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     if name is not None:
         w.add_name(name)
     for key, value in (metadata or {}).items():
-        (w.add_float32 if isinstance(value, float) else w.add_string)(f"{arch}.{key}", value)
+        add = w.add_float32 if isinstance(value, float) else w.add_uint32 if isinstance(value, int) else w.add_string
+        add(f"{arch}.{key}", value)
     if arch == "qwen3":  # llama.cpp's converter writes Qwen3's head size (transformers' default is 128)
         w.add_key_length(hd)
         w.add_value_length(hd)
@@ -1582,6 +1584,14 @@ def test_unsupported_gguf_raises_before_writing(tmp_path, kwargs, message):
     with pytest.raises(UnsupportedFeatureError, match=message):
         convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_experts_of_an_architecture_without_them_are_refused_naming_those_that_have_them(tmp_path):
+    """The refusal lists the architectures whose mixture-of-experts files Ferrum imports, from its table."""
+    write_tiny_gguf(tmp_path / "x.gguf", arch="qwen2", metadata={"expert_count": 4})
+    with pytest.raises(UnsupportedFeatureError, match=r"mixture-of-experts qwen2 GGUF files are not supported "
+                       r"\(Ferrum imports llama, qwen2moe, .*dots1, hunyuan-moe ones\)"):
+        convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
 
 
 def test_an_integer_tensor_is_refused_through_float_too(tmp_path):

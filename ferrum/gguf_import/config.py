@@ -162,9 +162,9 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         )
     if meta.get(p + "expert_count", 0) and family.moe is None:
         if family.with_experts is None:
+            with_moe = [name for name, a in ARCHITECTURES.items() if a.moe is not None or a.with_experts is not None]
             raise UnsupportedFeatureError(f"{where}: mixture-of-experts {arch} GGUF files are not supported "
-                                          "(Ferrum imports llama (Mixtral), qwen2moe, qwen3moe, olmoe, "
-                                          "granitemoe, phimoe, glm4moe, deepseek2 and gpt-oss ones)")
+                                          f"(Ferrum imports {', '.join(with_moe)} ones)")
         family = family.with_experts
     shared_expert = family.moe and (family.moe.shared_key or family.moe.shared_tensors)  # Hunyuan's: no key
     if meta.get(p + "expert_shared_feed_forward_length") and not shared_expert:
