@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ class ModelConfig(Sizes):
         reader.validate_all()
         sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads,
                            family.head_dim)
-        arch = family.build(reader, sizes)
+        arch = replace(family.build(reader, sizes), unloaded=family.unloaded)
         eos_ids = eos_token_ids(raw.get("eos_token_id"), sizes.vocab_size, where)
         return cls(
             **asdict(sizes),

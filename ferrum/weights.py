@@ -10,6 +10,7 @@ the weight, so a forward pass never asks which kind it holds.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -280,7 +281,7 @@ def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
     LM head a tied model reads from its embedding, and the other modalities' towers of a multimodal
     checkpoint, wherever they sit (only the text model runs), an FP8 checkpoint's activation and KV-cache
     scales, which only FP8 kernels use (:mod:`ferrum.quant.fp8`), and multi-token prediction layers
-    (``Architecture.mtp_layers``)."""
+    (``Architecture.mtp_layers``, ``Architecture.unloaded``)."""
     arch = config.arch
     wrapped = arch.prefix != "model."
     head = arch.lm_head.removesuffix(".weight")  # its packed scales and biases too
@@ -290,6 +291,7 @@ def _warn_unread(where: str, config: ModelConfig, unread: set[str]) -> None:
         name for name in unread
         if not name.endswith(_BUFFERS)
         and not name.startswith(mtp)
+        and not (arch.unloaded and re.search(arch.unloaded, name))
         and not (config.tie_word_embeddings and name.rsplit(".", 1)[0] == head)
         and not (wrapped and not name.startswith(arch.prefix) and name != arch.lm_head)
         and not NOT_TEXT.search(name)

@@ -395,6 +395,32 @@ def paged_reference(q, k_pool, v_pool, cu, seq_lens, tables, block_size: int, sc
     return np.concatenate(out)
 
 
+def assert_stray_tensors_quiet_only_where_transformers_skips_them(folder: Path, dest: Path, skipped: list[str],
+                                                                   hf, tokens: list[int]) -> None:
+    """A copy of checkpoint ``folder`` holding tensors ``skipped`` (which the family's transformers class ignores on
+    load: a release's multi-token prediction heads) loads without a warning and runs as ``hf``; one holding any
+    other stray tensor is still reported unread."""
+    import warnings
+
+    import pytest
+    from safetensors.numpy import load_file, save_file
+
+    from ferrum.model import DecoderOnlyLLM
+
+    def with_extra(names: list[str], copy: Path) -> Path:
+        shutil.copytree(folder, copy)
+        tensors = {**load_file(copy / "model.safetensors"), **{n: np.ones(8, np.float32) for n in names}}
+        save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+        return copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = DecoderOnlyLLM.from_pretrained(with_extra(skipped, dest / "skipped"), backend="cpu", dtype="float32")
+    assert scaled_error(model.forward_verify("s", tokens), reference_logits(hf, tokens)) < 1e-4
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) in the checkpoint are not used .*: model.stray.weight"):
+        DecoderOnlyLLM.from_pretrained(with_extra(["model.stray.weight"], dest / "stray"), backend="cpu")
+
+
 def with_prediction_layer(folder: Path, dest: Path, nextn: int) -> Path:
     """A copy of checkpoint ``folder`` holding one multi-token prediction layer after the decoder's, as GLM-4.5's
     and DeepSeek-V3's releases store it, with config.json's ``num_nextn_predict_layers`` set to ``nextn``."""

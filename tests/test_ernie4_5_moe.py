@@ -220,3 +220,14 @@ def test_mlx_backend_matches_mlx_lm_without_the_bias(checkpoints, tmp_path):
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     got = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
     assert scaled_error(got, _mlx_lm_logits(folder, TOKENS)) <= 1e-4
+
+
+def test_the_releases_prediction_heads_are_left_out_quietly(checkpoints, tmp_path):
+    """ERNIE 4.5 MoE's releases store multi-token prediction heads (mtp_block.*, mtp_emb_norm.*, ...), which
+    transformers does not load: not run, not reported unread."""
+    from support import assert_stray_tensors_quiet_only_where_transformers_skips_them
+
+    folder, hf = checkpoints["release"]
+    skipped = ["model.mtp_block.0.mlp.up_proj.weight", "model.mtp_emb_norm.0.weight", "model.mtp_hidden_norm.0.weight",
+               "model.mtp_linear_proj.0.weight"]
+    assert_stray_tensors_quiet_only_where_transformers_skips_them(folder, tmp_path, skipped, hf, TOKENS)

@@ -205,3 +205,13 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
     for backend in BACKENDS:
         got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
         assert scaled_error(got, want) <= 1e-4, backend
+
+
+def test_the_releases_prediction_heads_are_left_out_quietly(checkpoints, tmp_path):
+    """K-EXAONE's releases store a multi-token prediction layer (mtp.*), which transformers does not load: not run,
+    not reported unread."""
+    from support import assert_stray_tensors_quiet_only_where_transformers_skips_them
+
+    folder, hf = checkpoints["release"]
+    skipped = ["mtp.layers.0.mlp.up_proj.weight", "mtp.norm.weight"]
+    assert_stray_tensors_quiet_only_where_transformers_skips_them(folder, tmp_path, skipped, hf, TOKENS)

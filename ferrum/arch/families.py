@@ -61,6 +61,7 @@ class Family:
     names: dict[str, str] = field(default_factory=dict)  # the sizes' keys where the family has its own (GPT-2)
     kv_heads: KvHeads | None = None  # where the family does not say num_key_value_heads (multi_query...)
     head_dim: HeadDim | None = None  # where head_dim is not the heads' size (DeepSeek-V3's is its rope dims)
+    unloaded: str | None = None  # Architecture.unloaded: what the family's releases hold that transformers skips
 
 
 def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
@@ -1618,6 +1619,7 @@ FAMILIES: dict[str, Family] = {
               MOE_KEYS["ernie4_5_moe"]),
         with_moe("ernie4_5_moe", _ernie4_5_moe),
         eps_default=1e-5,
+        unloaded="mtp",  # the releases' mtp_block.*, mtp_emb_norm.*, mtp_hidden_norm.*, mtp_linear_proj.*
     ),
     "seed_oss": Family(  # ByteDance's Seed-OSS
         _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
@@ -1635,6 +1637,7 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False), _ROPE, _SILU, _EXAONE4, MOE_KEYS["exaone_moe"]),
         with_moe("exaone_moe", _llama_like(False, "head", _exaone4_windows, _exaone4_rotated)),
         eps_default=1e-5,
+        unloaded="mtp.*",  # the releases' mtp.* layer
     ),
     "olmo": Family(  # OLMo 1 (1B, 7B)
         _keys(_core(False, eps_key=None), _ROPE, _SILU, (

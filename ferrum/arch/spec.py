@@ -95,6 +95,10 @@ class Architecture:
     #: Multi-token prediction layers stored after the decoder's (GLM-4.5's ``num_nextn_predict_layers``): draft
     #: heads Ferrum does not run, as transformers does not, so their tensors are not reported unread.
     mtp_layers: int = 0
+    #: transformers' ``_keys_to_ignore_on_load_unexpected`` for the family, a regular expression searched in each
+    #: tensor's name: what its releases store that transformers does not load (ERNIE 4.5 MoE's and K-EXAONE's
+    #: multi-token prediction heads), so not reported unread either.
+    unloaded: str | None = None
     #: Llama 4's attention scaling (Ministral 3), ``(beta, original)``: each query is multiplied by ``1 + beta *
     #: log(1 + floor(position / original))``, exactly 1 before ``original_max_position_embeddings``.
     query_scaling: tuple[float, int] | None = None
