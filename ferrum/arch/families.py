@@ -578,6 +578,14 @@ def _glm4_moe(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _solar_open(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Upstage's Solar Open (transformers' SolarOpen): Llama's blocks with q/k/v biased by attention_bias (o never)
+    and rope over whole heads (transformers' SolarOpen cannot run a partial_rotary_factor below 1, which mlx-lm's
+    glm4_moe would read: refused); the sparse MLPs (DeepSeek-V3's grouped sigmoid routing, an ungated shared expert)
+    on every layer are :func:`ferrum.moe.spec.with_moe`'s."""
+    return replace(_llama_like(False, None, _no_windows)(r, sizes), o_bias=False)
+
+
 def _mla_head_dim(r: KeyReader) -> int:
     """Latent attention's q/k heads: qk_nope_head_dim + qk_rope_head_dim dims (its head_dim key, which
     transformers sets to qk_rope_head_dim, sizes only the rope); values of v_head_dim are zero-padded to them."""
@@ -665,7 +673,7 @@ def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool) -> Architec
         norms=LLAMA_NORMS,
         attn_scale=scale,
         mla=mla,
-        mtp_layers=r.get("num_nextn_predict_layers") or 0,
+        mtp_layers=r("num_nextn_predict_layers") or 0,
     )
 
 
@@ -1529,6 +1537,22 @@ FAMILIES: dict[str, Family] = {
             Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
         ), MOE_KEYS["glm4_moe"]),
         with_moe("glm4_moe", _glm4_moe),
+        eps_default=1e-5,
+    ),
+    "solar_open": Family(  # Upstage's Solar Open 100B: GLM-4.5's attention without q/k norms, DeepSeek-V3's
+        # grouped sigmoid routing and a shared expert on every layer
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=4096, num_hidden_layers=48, num_attention_heads=64, num_key_value_heads=8,
+            vocab_size=196608, max_position_embeddings=131072,
+            # SolarOpenConfig has no intermediate_size (no layer is dense): any a config gives is unread
+            intermediate_size=1280,
+        ), _ROPE, _theta(1_000_000.0), _SILU, (
+            Key("attention_bias", default=False, check=boolean),
+            # mlx-lm (its glm4_moe) reads this one; transformers never norms q and k
+            Key("use_qk_norm", default=False, unsupported=True, check=falsy(
+                "transformers' Solar Open never norms q and k; set it to false")),
+        ), MOE_KEYS["solar_open"]),
+        with_moe("solar_open", _solar_open),
         eps_default=1e-5,
     ),
     "deepseek_v3": Family(  # DeepSeek-V3 / R1, Moonlight, Kimi K2: latent attention, grouped sigmoid routing

@@ -35,6 +35,7 @@ LAYOUT = {
     "llama4_text": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (fused_gate_up)
     "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2")),
     "flex_olmo": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -79,7 +80,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "exaone_moe": ("num_experts",),
                 "llama4_text": ("num_local_experts",),
                 "minimax_m2": ("num_experts", "num_local_experts"),  # the former its attribute_map's alias
-                "flex_olmo": ("num_local_experts", "num_experts")}  # the former its attribute_map's alias
+                "flex_olmo": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
+                "solar_open": ("num_local_experts", "n_routed_experts")}  # the former its attribute_map's alias (it wins)
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -303,6 +305,11 @@ KEYS: dict[str, tuple[Key, ...]] = {
                      Key("moe_gate_act", default="softmax", unsupported=True, check=lambda v: None if v in (
                          None, "softmax") else f"is {v!r}, but transformers routes ERNIE 4.5 by softmax whatever it "
                                                "says")),
+    # Solar Open: DeepSeek-V3's routing under SolarOpenConfig's defaults, every layer sparse; transformers ignores
+    # first_k_dense_replace, which mlx-lm (its glm4_moe) reads
+    "solar_open": (*_grouped_sigmoid_keys("solar_open", moe_size=1280, scale=1.0, n_group=1, topk_group=1, dense=0),
+                   Key("first_k_dense_replace", default=0, unsupported=True, check=falsy(
+                       "transformers' Solar Open makes every layer sparse and ignores it; set it to 0"))),
     # EXAONE MoE (K-EXAONE): DeepSeek-V3's routing under ExaoneMoeConfig's defaults, num_shared_experts shared
     # experts, its dense layers by mlp_layer_types or first_k_dense_replace
     "exaone_moe": (*_COUNT["exaone_moe"], Key("num_experts_per_tok", default=8, check=positive_int),
@@ -340,7 +347,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
-                  "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7}
+                  "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -438,7 +445,8 @@ class MoeSpec:
 #: Families routed by a grouped rule (``MoeSpec.routing``), with an ungated shared expert of ``n_shared_experts``
 #: times the routed experts' width and dense MLPs where :func:`_sparse_layers` says.
 _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped",
-            "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped"}
+            "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
+            "solar_open": "sigmoid_grouped"}
 
 
 def _groups(r: KeyReader, routing: str) -> tuple[int, int]:

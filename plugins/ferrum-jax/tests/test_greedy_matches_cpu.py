@@ -123,8 +123,19 @@ FLEX_OLMO = dict(
 )
 
 
+#: Solar Open's layout: Llama's attention with q/k/v biases, DeepSeek-V3's grouped sigmoid routing (two groups, one
+#: kept, scaled) and a shared expert on every layer.
+SOLAR_OPEN = dict(
+    architectures=["SolarOpenForCausalLM"], model_type="solar_open", hidden_size=64, moe_intermediate_size=24,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+    n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+    routed_scaling_factor=2.5, attention_bias=True, max_position_embeddings=256, rope_theta=10000.0,
+    tie_word_embeddings=False, rms_norm_eps=1e-5,
+)
+
+
 @pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
-                                    MINIMAX_M2, FLEX_OLMO],
+                                    MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
