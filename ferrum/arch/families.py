@@ -844,6 +844,33 @@ def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     return Rope(theta=float(local), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim), full
 
 
+#: transformers' MellumConfig rope settings where a config gives none.
+_MELLUM_ROPES = {FULL: {"rope_type": "default", "rope_theta": 500_000.0},
+                 SLIDING: {"rope_type": "default", "rope_theta": 10_000.0}}
+
+
+def _mellum(r: KeyReader, sizes: Sizes) -> Architecture:
+    """JetBrains' Mellum (transformers' Mellum): Qwen3-MoE's attention (per-head q/k norms before rope; q/k/v and o
+    biased by attention_bias) with full and sliding layers as layer_types lists them (every layer full by default),
+    each kind with its own rope (rope_parameters per kind, over whole heads); the sparse MLPs (softmax routing, on the
+    layers mlp_layer_types makes sparse) are :func:`ferrum.moe.spec.with_moe`'s."""
+    window, types = _layer_kinds(r, sizes, lambda _: FULL)
+    r("hidden_act")
+    r("partial_rotary_factor")
+    specs = _per_kind_rope_specs(r, "Mellum") or (dict(_MELLUM_ROPES[FULL]), dict(_MELLUM_ROPES[SLIDING]))
+    full, sliding = (read_rope(r, sizes, spec, "rope_parameters", _LLAMA_ROPES) for spec in specs)
+    theta = r("rope_theta")
+    if theta is not None and theta != full.theta:
+        r.fail("rope_theta", f"is {theta!r}, but transformers' Mellum reads each attention kind's rope_theta from "
+                             f"rope_parameters (the full layers' {full.theta!r}) and ignores it; make them agree",
+               unsupported=True)
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(window, sliding) if t == SLIDING else LayerSpec(None, full) for t in types),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head", qkv_bias=bias, o_bias=bias,
+    )
+
+
 def _olmo3(r: KeyReader, sizes: Sizes) -> Architecture:
     """OLMo 2's blocks, three sliding layers to one full (unless layer_types says otherwise), and a rope per
     attention kind: the full layers' scaled (rope_scaling, e.g. YaRN), the sliding layers' plain."""
@@ -1554,6 +1581,18 @@ FAMILIES: dict[str, Family] = {
         ), MOE_KEYS["solar_open"]),
         with_moe("solar_open", _solar_open),
         eps_default=1e-5,
+    ),
+    "mellum": Family(  # JetBrains' Mellum 2: Qwen3-MoE's attention, full and sliding layers each with its own rope,
+        # softmax-routed experts on the layers mlp_layer_types makes sparse
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=2304, intermediate_size=7168, num_hidden_layers=28, num_attention_heads=32,
+            num_key_value_heads=4, vocab_size=98304, max_position_embeddings=131072,
+        ), _ROPE, _SILU, _LAYER_TYPES, (
+            Key("sliding_window", default=1024, check=optional_positive_int),
+            Key("attention_bias", default=False, check=boolean),
+        ), MOE_KEYS["mellum"]),
+        with_moe("mellum", _mellum),
+        unloaded=r"^mtp\.",  # the releases' multi-token prediction layer
     ),
     "deepseek_v3": Family(  # DeepSeek-V3 / R1, Moonlight, Kimi K2: latent attention, grouped sigmoid routing
         _keys(_core(False), _ROPE, _SILU, _MLA, (

@@ -36,6 +36,7 @@ LAYOUT = {
     "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2")),
     "flex_olmo": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "mellum": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -81,7 +82,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "llama4_text": ("num_local_experts",),
                 "minimax_m2": ("num_experts", "num_local_experts"),  # the former its attribute_map's alias
                 "flex_olmo": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
-                "solar_open": ("num_local_experts", "n_routed_experts")}  # the former its attribute_map's alias (it wins)
+                "solar_open": ("num_local_experts", "n_routed_experts"),
+                "mellum": ("num_local_experts", "num_experts")}  # the former its attribute_map's alias (it wins)
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -310,6 +312,12 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "solar_open": (*_grouped_sigmoid_keys("solar_open", moe_size=1280, scale=1.0, n_group=1, topk_group=1, dense=0),
                    Key("first_k_dense_replace", default=0, unsupported=True, check=falsy(
                        "transformers' Solar Open makes every layer sparse and ignores it; set it to 0"))),
+    # Mellum: Qwen3-MoE's softmax routing (the router in the compute dtype), no shared expert, its dense layers by
+    # mlp_layer_types (Qwen's decoder_sparse_step and mlp_only_layers it does not read)
+    "mellum": (*_COUNT["mellum"], Key("num_experts_per_tok", default=8, check=positive_int),
+               Key("moe_intermediate_size", default=896, check=positive_int),
+               Key("norm_topk_prob", default=True, check=boolean),
+               Key("mlp_layer_types", check=_mlp_layer_types)),
     # EXAONE MoE (K-EXAONE): DeepSeek-V3's routing under ExaoneMoeConfig's defaults, num_shared_experts shared
     # experts, its dense layers by mlp_layer_types or first_k_dense_replace
     "exaone_moe": (*_COUNT["exaone_moe"], Key("num_experts_per_tok", default=8, check=positive_int),
@@ -347,7 +355,8 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
-                  "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128}
+                  "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
+                  "mellum": 64}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -371,6 +380,18 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
     # sparse MLP's own buffer (transformers' MiniMaxM2SparseMoeBlock), not the router's
     "minimax_m2": lambda r: dict(routing="sigmoid_grouped", correction_bias=CORRECTION_BIAS),
 }
+def _listed_kinds(r: KeyReader, layers: int) -> list[bool]:
+    """Which layers are sparse: as mlp_layer_types lists them, every layer where it does not (Mellum's)."""
+    kinds = r("mlp_layer_types")
+    if kinds is None:
+        return [True] * layers
+    if len(kinds) != layers:
+        r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
+    return [kind == "sparse" for kind in kinds]
+
+
+#: Per Qwen-like family, which layers are sparse, where Qwen's mlp_only_layers and decoder_sparse_step do not say.
+_LAYER_KINDS: dict[str, Callable[[KeyReader, int], list[bool]]] = {"mellum": _listed_kinds}
 #: Per family, how many experts route each token, where num_experts_per_tok does not say.
 _TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k, "ernie4_5_moe": _ernie_top_k}
 
@@ -536,8 +557,11 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
                            router=ROUTER.get(model_type, "gate"), stacked=STACKED.get(model_type), **extras)
             sparse = [True] * layers
         else:
-            dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")
-            sparse = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+            if model_type in _LAYER_KINDS:
+                sparse = _LAYER_KINDS[model_type](r, layers)
+            else:
+                dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")
+                sparse = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
             shared = r("shared_expert_intermediate_size") if model_type == "qwen2_moe" else None
             extras = _EXPERT_EXTRAS.get(model_type, lambda r: {})(r)
             normalize = extras.pop("normalize") if "normalize" in extras else r("norm_topk_prob")

@@ -134,8 +134,22 @@ SOLAR_OPEN = dict(
 )
 
 
+#: Mellum's layout: Qwen3-MoE's attention, sliding layers (a window of 4) under a full one, each kind with its own rope,
+#: a dense first layer, softmax-routed experts on the others.
+MELLUM = dict(
+    architectures=["MellumForCausalLM"], model_type="mellum", hidden_size=64, intermediate_size=48,
+    moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    vocab_size=101, num_experts=8, num_experts_per_tok=2, sliding_window=4,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse"],
+    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+    max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6,
+)
+
+
 @pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
-                                    MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN],
+                                    MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN, MELLUM],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
