@@ -1594,6 +1594,22 @@ FAMILIES: dict[str, Family] = {
         with_moe("mellum", _mellum),
         unloaded=r"^mtp\.",  # the releases' multi-token prediction layer
     ),
+    "hy_v3": Family(  # Tencent's Hy3: Qwen 3's attention (q/k norms before rope) over sigmoid routing with a correction
+        # bias and a shared MLP, its first layer dense
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=4096, intermediate_size=13312, num_hidden_layers=80, num_attention_heads=64,
+            num_key_value_heads=8, vocab_size=120832, max_position_embeddings=131072,
+        ), _ROPE, _theta(11_158_840.0), _SILU, (
+            Key("attention_bias", default=False, check=boolean),
+            # transformers biases the dense MLPs and the shared MLP by it (never the routed experts); Ferrum's shared
+            # experts take no biases
+            Key("mlp_bias", default=False, unsupported=True, check=falsy(
+                "biases the shared MLP (shared_mlp), which Ferrum does not support")),
+        ), MOE_KEYS["hy_v3"]),
+        with_moe("hy_v3", _llama_like(False, "head", _no_windows)),
+        eps_default=1e-5,
+        unloaded=r"model\.layers\.80.*",  # the release's multi-token prediction layer, which transformers skips
+    ),
     "deepseek_v3": Family(  # DeepSeek-V3 / R1, Moonlight, Kimi K2: latent attention, grouped sigmoid routing
         _keys(_core(False), _ROPE, _SILU, _MLA, (
             Key("rope_interleave", default=True, check=boolean),

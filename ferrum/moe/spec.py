@@ -37,6 +37,7 @@ LAYOUT = {
     "flex_olmo": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "mellum": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "hy_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -82,8 +83,9 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "llama4_text": ("num_local_experts",),
                 "minimax_m2": ("num_experts", "num_local_experts"),  # the former its attribute_map's alias
                 "flex_olmo": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
-                "solar_open": ("num_local_experts", "n_routed_experts"),
-                "mellum": ("num_local_experts", "num_experts")}  # the former its attribute_map's alias (it wins)
+                "solar_open": ("num_local_experts", "n_routed_experts"),  # the former its attribute_map's alias
+                "mellum": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
+                "hy_v3": ("num_local_experts", "num_experts")}  # the former its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -318,6 +320,15 @@ KEYS: dict[str, tuple[Key, ...]] = {
                Key("moe_intermediate_size", default=896, check=positive_int),
                Key("norm_topk_prob", default=True, check=boolean),
                Key("mlp_layer_types", check=_mlp_layer_types)),
+    # Hy3 (HYV3Config's defaults): sigmoid routing with a correction bias, always renormalized, scaled by
+    # router_scaling_factor; num_shared_experts shared experts; its dense layers by mlp_layer_types
+    "hy_v3": (*_COUNT["hy_v3"], Key("num_experts_per_tok", default=8, check=positive_int),
+              Key("moe_intermediate_size", default=1536, check=positive_int),
+              Key("num_shared_experts", default=1, check=_non_negative_int),
+              Key("router_scaling_factor", default=2.826, check=positive_number),
+              Key("mlp_layer_types", check=_mlp_layer_types),
+              # it only sets where a bfloat16 model sums the routed and shared outputs (in float32 or not)
+              Key("enable_moe_fp32_combine", default=True, check=boolean)),
     # EXAONE MoE (K-EXAONE): DeepSeek-V3's routing under ExaoneMoeConfig's defaults, num_shared_experts shared
     # experts, its dense layers by mlp_layer_types or first_k_dense_replace
     "exaone_moe": (*_COUNT["exaone_moe"], Key("num_experts_per_tok", default=8, check=positive_int),
@@ -356,7 +367,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64}
+                  "mellum": 64, "hy_v3": 192}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -512,6 +523,24 @@ def _grouped(r: KeyReader, routing: str, module: str, names: tuple[str, str, str
     return spec, _sparse_layers(r, layers)
 
 
+def _hy_v3(r: KeyReader, sizes: object, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Tencent's Hy3 sparse MLP as transformers saves and runs it (``HYV3MoE``): a float32 router ``router.gate``
+    whose sigmoid scores, plus the sparse MLP's own ``expert_bias`` (float32), choose the top-k, weighed by their
+    uncorrected scores renormalized and scaled by router_scaling_factor; unbiased experts of moe_intermediate_size
+    (fused in memory, per expert as saved), and an ungated ``shared_mlp`` of num_shared_experts times that (0:
+    intermediate_size, as transformers sizes it). Layers are sparse as mlp_layer_types lists them, else all but the
+    first."""
+    layers, size = sizes.num_layers, r("moe_intermediate_size")
+    kinds = r("mlp_layer_types") or ["dense"] * min(layers, 1) + ["sparse"] * (layers - 1)
+    if len(kinds) != layers:
+        r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
+    spec = MoeSpec("mlp", LAYOUT["hy_v3"][1], count, top_k, size, True,
+                   size * r("num_shared_experts") or sizes.intermediate_size, router="router.gate",
+                   shared_module="shared_mlp", shared_gate=None, routing="sigmoid_grouped",
+                   routed_scale=float(r("router_scaling_factor")), router_float32=True, correction_bias="expert_bias")
+    return spec, [kind == "sparse" for kind in kinds]
+
+
 def _llama4(r: KeyReader, sizes: object) -> tuple[MoeSpec, list[bool]]:
     """Llama 4's sparse MLPs (transformers' ``Llama4TextMoe``): a router ``feed_forward.router`` whose top logit's
     sigmoid scales the chosen expert's *input*, experts of intermediate_size stored fused (``experts.gate_up_proj``
@@ -549,6 +578,8 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
             spec, sparse = _llama4(r, sizes)
         elif model_type in _GROUPED:
             spec, sparse = _grouped(r, _GROUPED[model_type], module, names, count, top_k, layers)
+        elif model_type == "hy_v3":
+            spec, sparse = _hy_v3(r, sizes, count, top_k)
         elif model_type == "ernie4_5_moe":
             spec, sparse = _ernie(r, module, names, count, top_k, layers)
         elif model_type in _EVERY_LAYER:

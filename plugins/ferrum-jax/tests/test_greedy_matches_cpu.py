@@ -148,8 +148,18 @@ MELLUM = dict(
 )
 
 
+#: Hy3's layout: Qwen 3's attention, a dense first layer, sigmoid routing with the sparse MLP's own correction bias
+#: (expert_bias), renormalized and scaled, and a shared MLP.
+HY_V3 = dict(
+    architectures=["HYV3ForCausalLM"], model_type="hy_v3", hidden_size=64, intermediate_size=48,
+    moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    vocab_size=101, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, router_scaling_factor=2.5,
+    max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+)
+
+
 @pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
-                                    MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN, MELLUM],
+                                    MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN, MELLUM, HY_V3],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
