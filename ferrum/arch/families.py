@@ -345,9 +345,14 @@ _MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "ori
 
 
 def _ministral3(r: KeyReader, sizes: Sizes) -> Architecture:
-    """Mistral's blocks, YaRN, and Llama 4's attention scaling: queries multiplied by ``1 + beta * log(1 +
-    floor(position / original_max_position_embeddings))`` (``query_scaling``)."""
-    arch = _llama_like(False, None, _every_layer_window)(r, sizes)
+    """Mistral's blocks, YaRN, and Llama 4's attention scaling (:func:`_llama4_query_scaling`)."""
+    return _llama4_query_scaling(r, _llama_like(False, None, _every_layer_window)(r, sizes))
+
+
+def _llama4_query_scaling(r: KeyReader, arch: Architecture) -> Architecture:
+    """``arch`` with Llama 4's attention scaling as Ministral 3 and Mistral 4 read it from their rope settings'
+    llama_4_scaling_beta: queries multiplied by ``1 + beta * log(1 + floor(position /
+    original_max_position_embeddings))`` (``query_scaling``); none where the settings give no beta."""
     key, spec = _rope_spec(r)
     beta = spec.get("llama_4_scaling_beta")
     if not beta:
@@ -610,11 +615,11 @@ def _mla_kv_heads(r: KeyReader, heads: int) -> int:
     return heads
 
 
-def _mla_keys(q_lora: int, nope: int, v: int) -> tuple[Key, ...]:
+def _mla_keys(q_lora: int, nope: int, v: int, kv_lora: int = 512) -> tuple[Key, ...]:
     """Latent attention's sizes, with a family's transformers defaults."""
     return (
         Key("q_lora_rank", default=q_lora, check=optional_size(1 << 17)),  # null: a plain q_proj
-        Key("kv_lora_rank", default=512, check=size(1 << 17)),
+        Key("kv_lora_rank", default=kv_lora, check=size(1 << 17)),
         Key("qk_nope_head_dim", default=nope, check=size(4096)),
         Key("qk_rope_head_dim", default=64, check=size(4096)),
         Key("v_head_dim", default=v, check=size(4096)),
@@ -647,15 +652,23 @@ def _deepseek_v2(r: KeyReader, sizes: Sizes) -> Architecture:
     return _latent_attention(r, sizes, interleaved=True)
 
 
-def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool) -> Architecture:
+def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool, partial: bool = False) -> Architecture:
     """Llama's blocks with Multi-head Latent Attention (:mod:`ferrum.arch.mla`): rope on the qk_rope_head_dim dims of
     each q/k head, the softmax scale ``1/sqrt(qk_nope + qk_rope)`` times ``mscale(factor, mscale_all_dim)**2`` under
-    a rope scaling that sets mscale_all_dim."""
+    a rope scaling that sets mscale_all_dim. ``partial``: the rope settings' partial_rotary_factor sizes the rotary
+    dims as a fraction of the whole head (Mistral 4's config class sets it so), which must come to
+    qk_rope_head_dim."""
     key, spec = _rope_spec(r)
-    if spec.get("partial_rotary_factor") not in (None, 1, 1.0):
-        r.fail(key, f"sets partial_rotary_factor {spec['partial_rotary_factor']!r}; latent attention rotates "
-                    "qk_rope_head_dim dims of each head, which Ferrum does not combine with it", unsupported=True)
     rotary = r("qk_rope_head_dim")
+    factor = spec.get("partial_rotary_factor")
+    if partial and factor is not None:
+        if positive_number(factor) or int(sizes.head_dim * factor) != rotary:
+            r.fail(key, f"sets partial_rotary_factor {factor!r}; transformers then rotates int({sizes.head_dim} * "
+                        f"factor) dims of each head (qk_nope_head_dim + qk_rope_head_dim), which must be the "
+                        f"{rotary} of qk_rope_head_dim ({rotary / sizes.head_dim!r})")
+    elif factor not in (None, 1, 1.0):
+        r.fail(key, f"sets partial_rotary_factor {factor!r}; latent attention rotates "
+                    "qk_rope_head_dim dims of each head, which Ferrum does not combine with it", unsupported=True)
     rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=rotary)
     rope = replace(rope, interleaved=interleaved)
     r("hidden_act")
@@ -675,6 +688,22 @@ def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool) -> Architec
         mla=mla,
         mtp_layers=r("num_nextn_predict_layers") or 0,
     )
+
+
+#: transformers' Mistral 4 rope settings where a config gives none (its config class adds partial_rotary_factor, the
+#: qk_rope_head_dim share of a head, which :func:`_latent_attention` checks where given).
+_MISTRAL4_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0, "original_max_position_embeddings": 8192,
+                  "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                  "llama_4_scaling_beta": 0.1}
+
+
+def _mistral4(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Mistral Small 4 (transformers' Mistral4): DeepSeek-V3's latent attention (:func:`_latent_attention`, rope in
+    DeepSeek's adjacent pairs where rope_interleave, else rotate-half) with Llama 4's attention scaling of the whole
+    query once rotated, as Ministral 3 scales it (:func:`_llama4_query_scaling`); the sparse MLPs (softmax routing
+    grouped by each group's two best probabilities, an ungated shared expert, the first first_k_dense_replace layers
+    dense) are :func:`ferrum.moe.spec.with_moe`'s."""
+    return _llama4_query_scaling(r, _latent_attention(r, sizes, interleaved=bool(r("rope_interleave")), partial=True))
 
 
 def _hunyuan_dense(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -1636,6 +1665,15 @@ FAMILIES: dict[str, Family] = {
         ), MOE_KEYS["glm4_moe_lite"]),
         with_moe("glm4_moe_lite", _deepseek_v3),
         eps_default=1e-5,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+    "mistral4": Family(  # Mistral Small 4: latent attention, Llama 4's query scaling, grouped softmax routing
+        _keys(_core(False), _ROPE, _SILU, _mla_keys(1024, 64, 128, kv_lora=256), (
+            Key("rope_parameters", default=_MISTRAL4_ROPE),
+            Key("rope_interleave", default=True, check=boolean),
+        ), MOE_KEYS["mistral4"]),
+        with_moe("mistral4", _mistral4),
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
     ),

@@ -6,14 +6,16 @@ The model reads ``M.switch_mlp.{gate,up,down}_proj.weight`` (``M`` a layer's ``m
 * **the release's** (Qwen's upload; Llama 4's, and what transformers saves of it):
   ``M.experts.gate_up_proj [E, hidden, 2 * inter]``, inputs first, gate then up along the outputs, and
   ``M.experts.down_proj [E, inter, hidden]``;
-* **transformers 5's** for Qwen3-VL-MoE (what its ``save_pretrained`` writes): the same two tensors outputs
-  first, ``[E, 2 * inter, hidden]`` and ``[E, hidden, inter]``;
+* **transformers 5's** for Qwen3-VL-MoE (what its ``save_pretrained`` writes) and Mistral 4 (its only layout on
+  the Hub too): the same two tensors outputs first, ``[E, 2 * inter, hidden]`` and ``[E, hidden, inter]``;
 * **mlx-lm's and mlx-vlm's** conversions: ``[E, out, in]`` stacks under ``M.<stack>.<proj>.weight``, packed
   where quantized (read as every family's stacks are); ``stack`` is the family's ``MoeSpec.mlx_lm_stack``:
   the model's own ``switch_mlp`` for Qwen3-VL-MoE, ``experts`` for Llama 4 (mlx-lm's ``llama4.sanitize``).
 
 The two orientations are told apart by shape; a model whose hidden size equals the stack's other side
-(``2 * inter`` for gate and up, ``inter`` for down) cannot be, and is refused rather than guessed.
+(``2 * inter`` for gate and up, ``inter`` for down) cannot be, and is refused rather than guessed, except in a
+family whose stacks are only ever stored outputs first (:data:`OUTPUTS_FIRST`: Mistral Small 4's hidden size, 4096,
+is twice its experts' 2048).
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[i
     return (e, inp, out * width), (e, out * width, inp)
 
 
-def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
-    """A stored stack (one tensor in ``got``) as the model reads it, ``[E, out, in]`` float."""
+def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str,
+            outputs_first: bool = False) -> tuple:
+    """A stored stack (one tensor in ``got``) as the model reads it, ``[E, out, in]`` float; ``outputs_first``: the
+    family stores it only so (:data:`OUTPUTS_FIRST`)."""
     (stored, array), = got.items()
     _, proj, _ = _names(name)
     half = _FUSED[proj][1]
@@ -73,7 +77,12 @@ def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where
     if array.ndim != 3 or not is_float(array):
         raise CheckpointError(f"{where}: {stored} must be a float [E, ...] stack, got {array.dtype} "
                               f"{tuple(array.shape)}")
-    if release == saved:
+    if outputs_first:
+        if tuple(array.shape) != saved:
+            raise CheckpointError(f"{where}: {stored} has shape {tuple(array.shape)} where config.json implies "
+                                  f"{saved}")
+        release = None
+    elif release == saved:
         raise CheckpointError(f"{where}: {stored} {tuple(array.shape)} could be stored inputs first or outputs "
                               "first (the hidden size equals the other side); Ferrum cannot tell which")
     out = shape[1]
@@ -99,3 +108,29 @@ def hugging_face_tensors(stacks: dict[str, np.ndarray], inputs_first: bool = Fal
             array = np.concatenate([array, stacks[name.replace(".gate_proj.", ".up_proj.")]], axis=1)
         out[f"{experts}.{stored}"] = np.ascontiguousarray(array.transpose(0, 2, 1) if inputs_first else array)
     return out
+
+
+class _OutputsFirst:
+    """This module's layout for a family whose fused stacks are only ever stored outputs first (Mistral 4:
+    transformers 5's ``Mistral4Experts`` holds them so, mlx-lm's ``sanitize`` splits them so), told apart by name
+    alone, so that a hidden size of twice the experts' width is no ambiguity."""
+
+    checkpoint_module = staticmethod(checkpoint_module)
+    mlx_lm_name = staticmethod(mlx_lm_name)
+    parts = staticmethod(parts)
+
+    @staticmethod
+    def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return stored_shapes(name, part, shape)[-1:]
+
+    @staticmethod
+    def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
+        return convert(name, got, shape, where, outputs_first=True)
+
+    @staticmethod
+    def hugging_face_tensors(stacks: dict[str, np.ndarray], inputs_first: bool = False) -> dict[str, np.ndarray]:
+        return hugging_face_tensors(stacks)
+
+
+#: ``MoeSpec.layout`` "fused_outputs_first" (:data:`ferrum.moe.loading.LAYOUTS`).
+OUTPUTS_FIRST = _OutputsFirst()

@@ -36,7 +36,7 @@ SWITCH = ("gate_proj", "up_proj", "down_proj")
 #: ``MoeSpec.layout`` -> the module reading a family's own layouts: ``parts(present, name, packed_kinds)``
 #: names the checkpoint tensors of a model tensor, ``convert(name, got, shape, where)`` converts those that
 #: are not mlx-lm's stacks.
-LAYOUTS = {"gpt_oss": gpt_oss, "fused_gate_up": fused_gate_up}
+LAYOUTS = {"gpt_oss": gpt_oss, "fused_gate_up": fused_gate_up, "fused_outputs_first": fused_gate_up.OUTPUTS_FIRST}
 _PACKED = ("weight", "scales", "biases")
 _AWQ_GPTQ = ("qweight", "qzeros", "scales")
 

@@ -94,9 +94,13 @@ SOFTMAX_CORRECTED = GroupRule("softmax", "max", corrected=True, masked=float("-i
 #: Llama 4's router (transformers' ``Llama4Router``): the top-k logits, each expert weighed by its sigmoid, unnormalized
 #: (one group, nothing corrected: the grouped machinery's plainest sigmoid rule).
 SIGMOID_TOP_K = GroupRule("sigmoid", "max", corrected=False, masked=float("-inf"), since=(1, 13))
+#: Mistral 4's router (transformers' ``Mistral4TopkRouter``): softmax probabilities grouped as DeepSeek-V3 groups its
+#: sigmoid scores (a group's two best summed), dropped groups' experts scoring 0, nothing corrected.
+SOFTMAX_TOP2_GROUPED = GroupRule("softmax", "top2_sum", corrected=False, masked=0.0, since=(1, 13))
 #: ``MoeSpec.routing`` -> its grouped rule.
 GROUPED_RULES = {"sigmoid_grouped": NOAUX_TC, "softmax_grouped": GROUP_LIMITED_GREEDY,
-                 "softmax_corrected": SOFTMAX_CORRECTED, "sigmoid_top_k": SIGMOID_TOP_K}
+                 "softmax_corrected": SOFTMAX_CORRECTED, "sigmoid_top_k": SIGMOID_TOP_K,
+                 "softmax_top2_grouped": SOFTMAX_TOP2_GROUPED}
 
 
 @dataclass(frozen=True, eq=False)

@@ -38,6 +38,7 @@ LAYOUT = {
     "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "mellum": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "hy_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "mistral4": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.fused_gate_up)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -85,7 +86,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "flex_olmo": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "solar_open": ("num_local_experts", "n_routed_experts"),  # the former its attribute_map's alias
                 "mellum": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
-                "hy_v3": ("num_local_experts", "num_experts")}  # the former its attribute_map's alias
+                "hy_v3": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
+                "mistral4": ("n_routed_experts", "num_local_experts")}  # the latter its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -343,6 +345,10 @@ KEYS: dict[str, tuple[Key, ...]] = {
                    # mlx-lm reads these two; transformers runs only DeepSeek-V3's sigmoid "noaux_tc"
                    Key("scoring_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
                    Key("topk_method", default="noaux_tc", unsupported=True, check=one_of("noaux_tc"))),
+    # Mistral 4 (Mistral Small 4): DeepSeek-V3's grouping over softmax probabilities, uncorrected, under
+    # Mistral4Config's defaults
+    "mistral4": _grouped_sigmoid_keys("mistral4", moe_size=2048, scale=1.0, n_group=1, topk_group=1, dense=0,
+                                      top_k=4),
     # Llama 4 (Scout, Maverick): one expert a token, on the layers moe_layers (else interleave_moe_layer_step) lists
     "llama4_text": (*_COUNT["llama4_text"], Key("num_experts_per_tok", default=1, unsupported=True, check=lambda v: (
         None if v == 1 else f"is {v!r}; Ferrum runs Llama 4's routing with one expert a token, as every release "
@@ -367,7 +373,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64, "hy_v3": 192}
+                  "mellum": 64, "hy_v3": 192, "mistral4": 128}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -478,7 +484,8 @@ class MoeSpec:
 #: times the routed experts' width and dense MLPs where :func:`_sparse_layers` says.
 _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped",
             "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
-            "solar_open": "sigmoid_grouped"}
+            "solar_open": "sigmoid_grouped",
+            "mistral4": "softmax_top2_grouped"}
 
 
 def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
@@ -493,9 +500,10 @@ def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
 
 def _grouped(r: KeyReader, routing: str, module: str, names: tuple[str, str, str], count: int, top_k: int,
              layers: int) -> tuple[MoeSpec, list[bool]]:
-    """DeepSeek-V2's, DeepSeek-V3's and GLM-4.5's sparse MLPs (transformers' ``DeepseekV2Moe``, ``DeepseekV3MoE``,
-    ``Glm4MoeMoE``); refuses groupings their router cannot run. DeepSeek-V2's rule with one group and no scaling
-    is the plain softmax rule, which backends run themselves."""
+    """DeepSeek-V2's, DeepSeek-V3's, GLM-4.5's and Mistral 4's sparse MLPs (transformers' ``DeepseekV2Moe``,
+    ``DeepseekV3MoE``, ``Glm4MoeMoE``, ``Mistral4MoE``); refuses groupings their router cannot run. An uncorrected
+    rule (DeepSeek-V2's, Mistral 4's) with one group and no scaling is the plain softmax rule, which backends run
+    themselves."""
     rule = GROUPED_RULES[routing]
     groups, kept = _groups(r, routing)
     if count % groups:
@@ -517,6 +525,11 @@ def _grouped(r: KeyReader, routing: str, module: str, names: tuple[str, str, str
                    r("moe_intermediate_size") * shared, shared_module="shared_experts",
                    shared_gate=None, routing=routing, n_group=groups, topk_group=kept, routed_scale=scale,
                    router_float32=True)
+    if rule is GROUPED_RULES["softmax_top2_grouped"]:
+        # Mistral 4: its router in the compute dtype (transformers keeps nothing of it in float32), its experts fused
+        # as transformers 5 saves them, only ever outputs first, or stacked as mlx-lm converts them
+        # (ferrum.moe.fused_gate_up)
+        return replace(spec, router_float32=False, layout="fused_outputs_first"), _sparse_layers(r, layers)
     if exaone:  # its checkpoints keep the bias beside the router; mlx-lm's conversions move it under the router
         spec = replace(spec, correction_bias=CORRECTION_BIAS, correction_bias_aliases=(f"gate.{CORRECTION_BIAS}",))
         return spec, _exaone_moe_sparse(r, layers)

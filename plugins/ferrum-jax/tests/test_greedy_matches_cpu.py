@@ -158,8 +158,23 @@ HY_V3 = dict(
 )
 
 
+#: Mistral 4's layout: DeepSeek-V3's latent attention with Llama 4's query scaling (from position 4 here), softmax
+#: routing limited to the best of 2 groups by each group's two best probabilities, fused experts as transformers saves.
+MISTRAL4 = dict(
+    architectures=["Mistral4ForCausalLM"], model_type="mistral4", hidden_size=64, intermediate_size=80,
+    moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=101,
+    q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+    num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+    routed_scaling_factor=1.5, norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0, mscale_all_dim=1.0,
+                         original_max_position_embeddings=4, llama_4_scaling_beta=0.1),
+    rms_norm_eps=1e-6,
+)
+
+
 @pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
-                                    MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN, MELLUM, HY_V3],
+                                    MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN, MELLUM, HY_V3,
+                                    MISTRAL4],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
