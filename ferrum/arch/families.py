@@ -686,7 +686,7 @@ def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool, partial: bo
         norms=LLAMA_NORMS,
         attn_scale=scale,
         mla=mla,
-        mtp_layers=r("num_nextn_predict_layers") or 0,
+        mtp_layers=r.get("num_nextn_predict_layers") or 0,  # Mistral 4 has no such key
     )
 
 
