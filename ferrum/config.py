@@ -12,7 +12,7 @@ import numpy as np
 
 from ferrum.arch import Architecture
 from ferrum.arch.families import FAMILIES
-from ferrum.arch.families import Sizes, read_sizes
+from ferrum.arch.families import Sizes, lift_nested, read_sizes
 from ferrum.arch.keys import KeyReader
 from ferrum.checkpoint import require_regular_file
 from ferrum.errors import ConfigError, UnsupportedFeatureError
@@ -112,6 +112,7 @@ class ModelConfig(Sizes):
                 f"{where}: model_type {model_type!r} is not supported; "
                 f"Ferrum runs {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        raw = lift_nested(raw, family.nested, model_type, where)
         reader = KeyReader(raw, family.keys, model_type, where)
         reader.validate_all()
         sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads,

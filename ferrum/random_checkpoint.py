@@ -79,10 +79,9 @@ def write_random_checkpoint(
             progress(done, len(shapes), name)
     if own_layout:
         layout = LAYOUTS[moe.layout]
-        if expert_layout == "transformers":
-            tensors.update(layout.hugging_face_tensors(own_layout, moe.fused_inputs_first))
-        else:
-            tensors.update({layout.mlx_lm_name(name, moe.mlx_lm_stack): array for name, array in own_layout.items()})
+        transformers = expert_layout == "transformers"
+        tensors.update(layout.hugging_face_tensors(own_layout, moe.fused_inputs_first) if transformers else
+                       layout.mlx_lm_tensors(own_layout, moe.mlx_lm_stack))
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)

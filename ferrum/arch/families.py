@@ -17,6 +17,7 @@ from ferrum.arch.keys import (
 from ferrum.arch.mla import MlaSpec
 from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_factor
 from ferrum.arch.spec import Architecture, LayerSpec
+from ferrum.errors import ConfigError
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 
 LLAMA_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "post_attention_layernorm"}
@@ -62,6 +63,23 @@ class Family:
     kv_heads: KvHeads | None = None  # where the family does not say num_key_value_heads (multi_query...)
     head_dim: HeadDim | None = None  # where head_dim is not the heads' size (DeepSeek-V3's is its rope dims)
     unloaded: str | None = None  # Architecture.unloaded: what the family's releases hold that transformers skips
+    #: Sections of config.json whose keys the family reads as ``<section>.<key>`` (DBRX's attn_config and
+    #: ffn_config), lifted beside the top-level keys before they are read (:func:`lift_nested`)
+    nested: tuple[str, ...] = ()
+
+
+def lift_nested(raw: dict[str, Any], sections: tuple[str, ...], family: str, where: str) -> dict[str, Any]:
+    """``raw`` with each key of each of its ``sections`` also at ``<section>.<key>``, so that a family's key
+    table reads them (and its refusals name them) as any other; a section that is not an object is refused."""
+    lifted = dict(raw)
+    for section in sections:
+        values = raw.get(section)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {family} config key {section!r} must be an object, got {values!r}")
+        lifted.update({f"{section}.{key}": value for key, value in values.items()})
+    return lifted
 
 
 def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
@@ -1415,6 +1433,36 @@ def _minimax_m2(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: DBRX's modules under Llama's names (its experts: :mod:`ferrum.moe.dbrx`).
+DBRX_NAMES = {"layers": "blocks", "embed_tokens": "wte", "norm": "norm_f",
+              "input_layernorm": "norm_attn_norm.norm_1", "post_attention_layernorm": "norm_attn_norm.norm_2",
+              "self_attn.qkv_proj": "norm_attn_norm.attn.Wqkv", "self_attn.o_proj": "norm_attn_norm.attn.out_proj"}
+#: DBRX's config keys for the sizes (the experts' width in its ffn_config).
+DBRX_CONFIG_NAMES = {"hidden_size": "d_model", "intermediate_size": "ffn_config.ffn_hidden_size",
+                     "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                     "max_position_embeddings": "max_seq_len"}
+
+
+def _dbrx(r: KeyReader, sizes: Sizes) -> Architecture:
+    """DBRX (transformers' Dbrx): LayerNorms without bias (eps 1e-5), q/k/v in one matrix (all queries, then keys,
+    then values) clipped to [-clip_qkv, clip_qkv] once projected, plain rope; experts on every layer
+    (:func:`ferrum.moe.spec.with_moe`). The rope base is attn_config's rope_theta, which Databricks' code and mlx-lm
+    read; transformers 5 reads rope_parameters (rope_theta beside it) instead, 10000 where it says none, so a
+    config where the two disagree is refused; either alone is read."""
+    attn = r("attn_config.rope_theta")
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, ("default",), theta_default=10000.0 if attn is None else attn)
+    stated, where = (spec["rope_theta"], key) if "rope_theta" in spec else (r("rope_theta"), "rope_theta")
+    if attn is not None and stated is not None and float(stated) != float(attn):
+        r.fail("attn_config.rope_theta", f"is {attn!r}, but {where} says {stated!r} (transformers reads the latter, "
+                                         "mlx-lm and Databricks' code the former); make them agree")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm="layer", attn_scale=1.0 / math.sqrt(sizes.head_dim), fused_qkv=True,
+        clip_qkv=r("attn_config.clip_qkv"), prefix="transformer.", stored_names=DBRX_NAMES,
+    )
+
+
 def _gelu_key(default: str, name: str = "hidden_act") -> Key:
     return Key(name, default=default, check=one_of(*_GELU_ACTIVATIONS), unsupported=True)
 
@@ -1722,6 +1770,27 @@ FAMILIES: dict[str, Family] = {
                                         "('per_layer')"),
         ), MOE_KEYS["minimax_m2"]),
         with_moe("minimax_m2", _minimax_m2),
+    ),
+    "dbrx": Family(  # Databricks' DBRX: biasless LayerNorms, fused clipped q/k/v, experts under ffn on every layer
+        _keys((
+            Key("d_model", default=2048, check=size(1 << 17)),
+            Key("ffn_config.ffn_hidden_size", default=3584, check=size(1 << 20)),
+            Key("n_layers", default=24, check=size(1024)),
+            Key("n_heads", default=16, check=size(4096)),
+            Key("attn_config.kv_n_heads", default=1, check=size(4096)),
+            Key("vocab_size", default=32000, check=size(1 << 23)),
+            Key("max_seq_len", default=2048, check=size(1 << 28)),
+            Key("tie_word_embeddings", default=False, check=lambda v: None if v in (None, False) else (
+                f"is {v!r}, but DBRX's LM head is its own (transformers refuses tied embeddings)")),
+            Key("attn_config.clip_qkv", check=optional_positive_number),
+            Key("attn_config.rope_theta", check=optional_positive_number),
+        ), _ROPE[:3], MOE_KEYS["dbrx"]),
+        with_moe("dbrx", _dbrx),
+        eps_default=1e-5,
+        eps_key=None,
+        names=DBRX_CONFIG_NAMES,
+        kv_heads=lambda r, heads: r("attn_config.kv_n_heads"),
+        nested=("attn_config", "ffn_config"),
     ),
     "ernie4_5": Family(  # Baidu's ERNIE 4.5 (dense)
         _keys(_core(True, head_dim_default=128), _ROPE, _theta(500_000.0), _SILU,

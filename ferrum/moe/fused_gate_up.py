@@ -110,6 +110,11 @@ def hugging_face_tensors(stacks: dict[str, np.ndarray], inputs_first: bool = Fal
     return out
 
 
+def mlx_lm_tensors(stacks: dict[str, np.ndarray], stack: str = "switch_mlp") -> dict[str, np.ndarray]:
+    """Float tensors as the model names them stored where mlx-lm's layout stores them (:func:`mlx_lm_name`)."""
+    return {mlx_lm_name(name, stack): array for name, array in stacks.items()}
+
+
 class _OutputsFirst:
     """This module's layout for a family whose fused stacks are only ever stored outputs first (Mistral 4:
     transformers 5's ``Mistral4Experts`` holds them so, mlx-lm's ``sanitize`` splits them so), told apart by name
@@ -130,6 +135,10 @@ class _OutputsFirst:
     @staticmethod
     def hugging_face_tensors(stacks: dict[str, np.ndarray], inputs_first: bool = False) -> dict[str, np.ndarray]:
         return hugging_face_tensors(stacks)
+
+    @staticmethod
+    def mlx_lm_tensors(stacks: dict[str, np.ndarray], stack: str = "switch_mlp") -> dict[str, np.ndarray]:
+        return mlx_lm_tensors(stacks, stack)
 
 
 #: ``MoeSpec.layout`` "fused_outputs_first" (:data:`ferrum.moe.loading.LAYOUTS`).

@@ -126,3 +126,8 @@ def _checked(array: np.ndarray, shape: tuple[int, ...], part: str, where: str) -
         raise CheckpointError(f"{where}: {part} gives a {array.dtype} {tuple(array.shape)} tensor where config.json "
                               f"implies float {shape}")
     return np.ascontiguousarray(array)
+
+
+def mlx_lm_tensors(stacks: dict[str, np.ndarray], stack: str = "experts") -> dict[str, np.ndarray]:
+    """Float tensors as the model names them stored where mlx-lm's layout stores them (:func:`mlx_lm_name`)."""
+    return {mlx_lm_name(name, stack): array for name, array in stacks.items()}

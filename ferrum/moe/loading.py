@@ -25,7 +25,7 @@ import numpy as np
 
 from ferrum.checkpoint import is_float
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
-from ferrum.moe import fused_gate_up, gpt_oss
+from ferrum.moe import dbrx, fused_gate_up, gpt_oss
 from ferrum.moe.experts import HostExperts, StackedQuantized
 from ferrum.moe.spec import MoeSpec
 from ferrum.quant import awq_gptq, float_modes, fp8
@@ -34,9 +34,11 @@ from ferrum.quant.config import AFFINE, FLOAT_MODES, QuantConfig, stored_mode
 
 SWITCH = ("gate_proj", "up_proj", "down_proj")
 #: ``MoeSpec.layout`` -> the module reading a family's own layouts: ``parts(present, name, packed_kinds)``
-#: names the checkpoint tensors of a model tensor, ``convert(name, got, shape, where)`` converts those that
-#: are not mlx-lm's stacks.
-LAYOUTS = {"gpt_oss": gpt_oss, "fused_gate_up": fused_gate_up, "fused_outputs_first": fused_gate_up.OUTPUTS_FIRST}
+#: names the checkpoint tensors of a model tensor (None: none of the family's own, read per expert as every
+#: family's are: DBRX's mlx-lm conversions), ``convert(name, got, shape, where)`` converts those that are not
+#: mlx-lm's stacks.
+LAYOUTS = {"gpt_oss": gpt_oss, "fused_gate_up": fused_gate_up, "fused_outputs_first": fused_gate_up.OUTPUTS_FIRST,
+           "dbrx": dbrx}
 _PACKED = ("weight", "scales", "biases")
 _AWQ_GPTQ = ("qweight", "qzeros", "scales")
 
@@ -84,7 +86,9 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str | None =
         mode = AFFINE if _stored_biases(present, spec, name) else "float"
     packed = _PACKED if mode == AFFINE else _PACKED[:2]
     if spec.layout is not None:
-        return LAYOUTS[spec.layout].parts(present, name, packed, spec.mlx_lm_stack)
+        own = LAYOUTS[spec.layout].parts(present, name, packed, spec.mlx_lm_stack)
+        if own is not None:
+            return own
     stored = mlx_lm_stack_name(spec, name)
     if stored in present:
         at = stored.removesuffix(".weight")
@@ -110,12 +114,13 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str | None =
 
 def _stored_biases(present: set[str], spec: MoeSpec, name: str) -> bool:
     """Whether packed stack ``name`` has biases beside it (stacked where the family's layout or mlx-lm stores it, or
-    each expert's)."""
+    each expert's: mlx-lm's conversions of DBRX, a family with a layout of its own)."""
     if spec.layout is not None:
         modules = (name.removesuffix(".weight"), LAYOUTS[spec.layout].checkpoint_module(name, spec.mlx_lm_stack))
     else:
-        modules = (mlx_lm_stack_name(spec, name).removesuffix(".weight"),
-                   per_expert_names(spec, name)[0].removesuffix(".weight"))
+        modules = (mlx_lm_stack_name(spec, name).removesuffix(".weight"),)
+    if name.endswith(".weight"):
+        modules += (per_expert_names(spec, name)[0].removesuffix(".weight"),)
     return any(f"{module}.biases" in present for module in modules)
 
 

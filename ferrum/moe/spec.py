@@ -39,6 +39,7 @@ LAYOUT = {
     "mellum": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "hy_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "mistral4": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.fused_gate_up)
+    "dbrx": ("ffn", ("w1", "v1", "w2")),  # mlx-lm's per-expert names; its own layout too (ferrum.moe.dbrx)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -46,7 +47,7 @@ STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
            "granitemoeshared": ("input_linear", "input_linear", "output_linear")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
-          "hunyuan_v1_moe": "gate.wg", "llama4_text": "router"}
+          "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
 MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts"}
 
@@ -65,6 +66,17 @@ def _non_negative_number(value: object) -> str | None:
 
 def _non_negative_int(value: object) -> str | None:
     return "must be a non-negative integer, got None" if value is None else optional_non_negative_int(value)
+
+
+def _dbrx_norm(value: object) -> str | None:
+    return None if value is None or value == 1 else (
+        f"is {value!r}; Ferrum divides DBRX's routing weights by their sum (1) or leaves them as they are (null)")
+
+
+def _dbrx_activation(value: object) -> str | None:
+    if value is None or (isinstance(value, dict) and value.get("name", "silu") == "silu"):
+        return None
+    return f"is {value!r}; DBRX's experts run SwiGLU ({{'name': 'silu'}}, transformers' default)"
 
 
 #: The expert count's spellings transformers reads, first wins: Mixtral and Qwen3-MoE map ``num_experts`` onto
@@ -87,7 +99,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "solar_open": ("num_local_experts", "n_routed_experts"),  # the former its attribute_map's alias
                 "mellum": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
                 "hy_v3": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
-                "mistral4": ("n_routed_experts", "num_local_experts")}  # the latter its attribute_map's alias
+                "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
+                "dbrx": ("ffn_config.moe_num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -362,6 +375,11 @@ KEYS: dict[str, tuple[Key, ...]] = {
                        None, True) else f"is {v!r}, but transformers always adds e_score_correction_bias to choose"),
                    Key("shared_intermediate_size", default=0, unsupported=True, check=falsy(
                        "transformers' MiniMax-M2 has no shared expert; set it to 0"))),
+    # DBRX's ffn_config (lifted: ferrum.arch.families.lift_nested): transformers divides the top-k softmax weights by
+    # their moe_normalize_expert_weights-norm (1: their sum; null: left as they are); mlx-lm always by their sum
+    "dbrx": (*_COUNT["dbrx"], Key("ffn_config.moe_top_k", default=1, check=positive_int),
+             Key("ffn_config.moe_normalize_expert_weights", default=1.0, unsupported=True, check=_dbrx_norm),
+             Key("ffn_config.ffn_act_fn", default={"name": "silu"}, unsupported=True, check=_dbrx_activation)),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -373,14 +391,15 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64, "hy_v3": 192, "mistral4": 128}
+                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
 _EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob"),
                 "gpt_oss": lambda r: True, "phimoe": lambda r: False, "granitemoeshared": lambda r: True,
                 "hunyuan_v1_moe": lambda r: True, "minimax_m2": lambda r: True,
-                "flex_olmo": lambda r: r("norm_topk_prob")}
+                "flex_olmo": lambda r: r("norm_topk_prob"),
+                "dbrx": lambda r: r("ffn_config.moe_normalize_expert_weights") is not None}
 #: Per family, what its experts add to plain SwiGLU ones: gpt-oss biases its router and every expert
 #: projection, clamps its activation, and stores its experts in layouts of its own.
 _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
@@ -396,6 +415,7 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
     # MiniMax-M2: DeepSeek-V3's sigmoid scores chosen with a correction bias, in one group, unscaled; the bias is the
     # sparse MLP's own buffer (transformers' MiniMaxM2SparseMoeBlock), not the router's
     "minimax_m2": lambda r: dict(routing="sigmoid_grouped", correction_bias=CORRECTION_BIAS),
+    "dbrx": lambda r: dict(layout="dbrx"),  # transformers' ffn.experts.mlp.{w1,v1,w2} (ferrum.moe.dbrx)
 }
 def _listed_kinds(r: KeyReader, layers: int) -> list[bool]:
     """Which layers are sparse: as mlp_layer_types lists them, every layer where it does not (Mellum's)."""
@@ -410,7 +430,10 @@ def _listed_kinds(r: KeyReader, layers: int) -> list[bool]:
 #: Per Qwen-like family, which layers are sparse, where Qwen's mlp_only_layers and decoder_sparse_step do not say.
 _LAYER_KINDS: dict[str, Callable[[KeyReader, int], list[bool]]] = {"mellum": _listed_kinds}
 #: Per family, how many experts route each token, where num_experts_per_tok does not say.
-_TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k, "ernie4_5_moe": _ernie_top_k}
+_TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k, "ernie4_5_moe": _ernie_top_k,
+                                                 "dbrx": lambda r: r("ffn_config.moe_top_k")}
+#: Per family, the key a refusal of its expert count per token names, where not num_experts_per_tok.
+_TOP_K_NAME = {"dbrx": "ffn_config.moe_top_k"}
 
 
 @dataclass(frozen=True)
@@ -584,7 +607,7 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
                                                 f"{model_type}")
         top_k = _TOP_K[model_type](r) if model_type in _TOP_K else r("num_experts_per_tok")
         if top_k > count:
-            r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts")
+            r.fail(_TOP_K_NAME.get(model_type, "num_experts_per_tok"), f"({top_k}) exceeds the {count} experts")
         module, names = LAYOUT[model_type]
         layers = sizes.num_layers
         if model_type == "llama4_text":
