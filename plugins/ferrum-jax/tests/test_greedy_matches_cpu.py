@@ -172,9 +172,18 @@ MISTRAL4 = dict(
 )
 
 
+#: DBRX's layout: biasless LayerNorms, q/k/v in one matrix clipped once projected, softmax-routed experts under ffn
+#: (renormalized), its config's sizes nested in attn_config and ffn_config.
+DBRX = dict(
+    architectures=["DbrxForCausalLM"], model_type="dbrx", d_model=64, n_heads=4, n_layers=2, vocab_size=101,
+    max_seq_len=256, attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=10000.0),
+    ffn_config=dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=3), tie_word_embeddings=False,
+)
+
+
 @pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
                                     MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN, MELLUM, HY_V3,
-                                    MISTRAL4],
+                                    MISTRAL4, DBRX],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
