@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, positive_int,
@@ -596,6 +596,48 @@ def _llama4(r: KeyReader, sizes: object) -> tuple[MoeSpec, list[bool]]:
     return spec, [i in listed for i in range(layers)]
 
 
+def _grouped_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
+    return _grouped(r, _GROUPED[model_type], *LAYOUT[model_type], count, top_k, sizes.num_layers)
+
+
+def _ernie_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
+    return _ernie(r, *LAYOUT[model_type], count, top_k, sizes.num_layers)
+
+
+def _every_layer_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any
+                      ) -> tuple[MoeSpec, list[bool]]:
+    """Experts of intermediate_size on every layer (Mixtral's, OLMoE's...), with what :data:`_EXPERT_EXTRAS` adds."""
+    extras = {"shared_expert_size": None, **_EXPERT_EXTRAS.get(model_type, lambda r: {})(r)}
+    spec = MoeSpec(*LAYOUT[model_type], count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r),
+                   router=ROUTER.get(model_type, "gate"), stacked=STACKED.get(model_type), **extras)
+    return spec, [True] * sizes.num_layers
+
+
+def _qwen_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
+    """Qwen-MoE's sparse MLPs: experts of moe_intermediate_size on the layers decoder_sparse_step and mlp_only_layers
+    leave sparse (or as :data:`_LAYER_KINDS` says), Qwen2-MoE's gated shared expert."""
+    if model_type in _LAYER_KINDS:
+        sparse = _LAYER_KINDS[model_type](r, sizes.num_layers)
+    else:
+        dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")
+        sparse = [i not in dense and (i + 1) % step == 0 for i in range(sizes.num_layers)]
+    shared = r("shared_expert_intermediate_size") if model_type == "qwen2_moe" else None
+    extras = _EXPERT_EXTRAS.get(model_type, lambda r: {})(r)
+    normalize = extras.pop("normalize") if "normalize" in extras else r("norm_topk_prob")
+    return MoeSpec(*LAYOUT[model_type], count, top_k, r("moe_intermediate_size"), normalize, shared, **extras), sparse
+
+
+#: How a family reads its sparse MLPs, ``(reader, model_type, expert count, top-k, sizes) -> (spec, which layers are
+#: sparse)``; Qwen-MoE's reading (:func:`_qwen_mlps`) where a family is not listed.
+_SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec, list[bool]]]] = {
+    **{family: _every_layer_mlps for family in _EVERY_LAYER},
+    **{family: _grouped_mlps for family in _GROUPED},
+    "ernie4_5_moe": _ernie_mlps,
+    "hy_v3": lambda r, model_type, count, top_k, sizes: _hy_v3(r, sizes, count, top_k),
+    "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes),
+}
+
+
 def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]) -> Callable:
     """A family builder: the dense decoder of ``build``, with ``mlp="moe"`` on its sparse layers."""
 
@@ -608,31 +650,7 @@ def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]
         top_k = _TOP_K[model_type](r) if model_type in _TOP_K else r("num_experts_per_tok")
         if top_k > count:
             r.fail(_TOP_K_NAME.get(model_type, "num_experts_per_tok"), f"({top_k}) exceeds the {count} experts")
-        module, names = LAYOUT[model_type]
-        layers = sizes.num_layers
-        if model_type == "llama4_text":
-            spec, sparse = _llama4(r, sizes)
-        elif model_type in _GROUPED:
-            spec, sparse = _grouped(r, _GROUPED[model_type], module, names, count, top_k, layers)
-        elif model_type == "hy_v3":
-            spec, sparse = _hy_v3(r, sizes, count, top_k)
-        elif model_type == "ernie4_5_moe":
-            spec, sparse = _ernie(r, module, names, count, top_k, layers)
-        elif model_type in _EVERY_LAYER:
-            extras = {"shared_expert_size": None, **_EXPERT_EXTRAS.get(model_type, lambda r: {})(r)}
-            spec = MoeSpec(module, names, count, top_k, sizes.intermediate_size, _EVERY_LAYER[model_type](r),
-                           router=ROUTER.get(model_type, "gate"), stacked=STACKED.get(model_type), **extras)
-            sparse = [True] * layers
-        else:
-            if model_type in _LAYER_KINDS:
-                sparse = _LAYER_KINDS[model_type](r, layers)
-            else:
-                dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")
-                sparse = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
-            shared = r("shared_expert_intermediate_size") if model_type == "qwen2_moe" else None
-            extras = _EXPERT_EXTRAS.get(model_type, lambda r: {})(r)
-            normalize = extras.pop("normalize") if "normalize" in extras else r("norm_topk_prob")
-            spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), normalize, shared, **extras)
+        spec, sparse = _SPARSE_MLPS.get(model_type, _qwen_mlps)(r, model_type, count, top_k, sizes)
         spec = replace(spec, mlx_lm_stack=MLX_LM_STACK.get(model_type, spec.mlx_lm_stack))
         arch = replace(arch, moe=spec, layers=tuple(
             replace(layer, mlp="moe") if moe else layer for layer, moe in zip(arch.layers, sparse)))
