@@ -33,6 +33,11 @@ class AttentionBatch:
     prepared: Any = field(default=None, repr=False)
     #: The batch this one keeps some query rows of (:meth:`narrowed`), else None.
     parent: "AttentionBatch | None" = field(default=None, repr=False)
+    #: The batch this one is a view of, its items split at chunk boundaries (:meth:`chunked`), else None; then
+    #: ``view_items`` is each item's item there and ``key_starts`` the position there of the item's first key.
+    view_of: "AttentionBatch | None" = field(default=None, repr=False)
+    view_items: np.ndarray | None = field(default=None, repr=False)
+    key_starts: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_items(self) -> int:
@@ -87,12 +92,15 @@ class AttentionBatch:
         ``LayerSpec.chunk``): each item split at the chunk boundaries its queries cross, each piece an item whose
         KV starts at its chunk's first position (its block table shifted by ``chunk / block_size`` blocks per
         chunk), so any causal attention over it is the chunked one. ``chunk`` must be a multiple of
-        ``block_size``. The batch itself where no item reaches past its first chunk."""
+        ``block_size``. The batch itself where no item reaches past its first chunk.
+
+        The view names the batch it splits (``view_of``), so a backend's mirrors of the batch's sequences
+        (:mod:`ferrum.kv_mirror`) serve its items too: a piece's keys are a suffix of its sequence's."""
         if chunk % self.block_size:
             raise ValueError(f"chunk {chunk} is not a multiple of the block size {self.block_size}")
         if int(self.seq_lens.max(initial=0)) <= chunk:
             return self
-        starts, q_ranges, kv_lens, tables = [], [], [], []
+        starts, q_ranges, kv_lens, tables, items = [], [], [], [], []
         per_chunk = chunk // self.block_size
         for item in range(self.num_items):
             q0, q1 = self.query_range(item)
@@ -104,6 +112,7 @@ class AttentionBatch:
                 kv_lens.append(hi - c * chunk)
                 tables.append(self.block_tables[item, c * per_chunk:])
                 starts.append(c * chunk)
+                items.append(item)
         cu = np.zeros(len(q_ranges) + 1, dtype=np.int32)
         np.cumsum(q_ranges, out=cu[1:])
         width = max(1, max(len(t) for t in tables))
@@ -112,7 +121,8 @@ class AttentionBatch:
             block_tables[row, :len(table)] = table
         shift = np.repeat(np.asarray(starts, dtype=np.int32), q_ranges)
         return AttentionBatch(self.positions - shift, self.slot_mapping, cu, np.asarray(kv_lens, dtype=np.int32),
-                              block_tables, self.block_size)
+                              block_tables, self.block_size, view_of=self, view_items=np.asarray(items, np.int64),
+                              key_starts=np.asarray(starts, np.int64))
 
     def alone(self, alone_pairs: int | None = None) -> np.ndarray:
         """``[items]`` bool: the items that attend in a call of their own (a causal mask, no padding).

@@ -23,6 +23,14 @@ table prefix is compared). A mirror stays exact because
   is copied in full for the current batch and every mirror is dropped at the
   next one.
 
+A view of the batch whose items are split at chunk boundaries (``AttentionBatch.chunked``, the chunked
+local attention of Llama 4's rope layers) attends through the same mirrors: a piece that decodes one
+token is one of the batch's decoding items, and its keys, its chunk's, are a suffix of that
+sequence's, so its plan is the batch's with each item's first key (``MirrorPlan.starts``) moved to its
+chunk's start. Layers attending the batch and layers attending the view thus keep one set of mirrors
+across steps (each layer's row still holds the whole sequence), where keying the book on each object
+would drop every mirror twice a step.
+
 The cost is memory: the arena holds a second copy of the K/V of the sequences
 decoding now (padded to the longest), as mlx-lm's batched cache does. A book made
 with ``max_positions`` keeps the arena within that many positions (backends pass
@@ -79,6 +87,9 @@ class MirrorPlan:
     ``device`` is the backend's cache of device copies of these arrays. ``fresh``: every
     copy is a position this batch writes, the covered items' own new tokens, in ``src``
     order (a backend may then copy from the K/V it was just given, not from the pool).
+    ``starts``: each item's first key in its row where it does not see the row from position 0
+    (the items of a chunked view, which start at their chunk's), else None; backends ask
+    :meth:`first_keys` / :meth:`row_spans`, which also apply a sliding window.
     """
 
     items: np.ndarray
@@ -96,6 +107,23 @@ class MirrorPlan:
     _tables: np.ndarray
     _block_size: int
     device: dict[str, Any] = field(default_factory=dict)
+    starts: np.ndarray | None = None
+
+    def first_keys(self, window: int | None) -> np.ndarray:
+        """``[items]`` each item's first visible key in its row: 0, its chunk's start, or past its window."""
+        first = np.zeros_like(self.lengths) if self.starts is None else self.starts
+        return first if window is None else np.maximum(first, self.lengths - window)
+
+    def row_spans(self, window: int | None) -> tuple[int, np.ndarray, np.ndarray]:
+        """``(offset, first, end)``: the arena columns ``[offset, capacity)`` hold every key an item sees, and row
+        ``r`` sees keys ``[first[r], end[r])`` (``[num_rows]``, absolute columns); a row no item uses sees key
+        ``offset`` alone, so that its softmax has a key (its output is not used)."""
+        first = self.first_keys(window)
+        offset = int(first.min())
+        row_first = np.full(self.num_rows, offset, dtype=np.int64)
+        row_end = np.full(self.num_rows, offset + 1, dtype=np.int64)
+        row_first[self.rows], row_end[self.rows] = first, self.lengths
+        return offset, row_first, row_end
 
     @cached_property  # asked by every layer's attention
     def in_order(self) -> bool:
@@ -131,6 +159,7 @@ class MirrorBook:
         self._attended: set[int] = set()  # layers attended with the current batch
         self._writes_seen = [0] * num_layers
         self._reset_next = False
+        self._views: dict[int, tuple[Any, MirrorPlan | None]] = {}  # id -> (chunked view, its plan), this batch's
 
     # ------------------------------------------------------------ per batch
     def begin(self, batch: Any, layer: int, writes: int) -> tuple[MirrorPlan | None, str]:
@@ -142,14 +171,17 @@ class MirrorBook:
         since the last batch is this batch's own write; more were not described
         by any batch the book saw. A batch narrowed from another (the last layer's, see
         ``AttentionBatch.narrowed``) is that batch's; the model narrows only batches in which no
-        item decodes, so it has no plan.
+        item decodes, so it has no plan. A chunked view of a batch (``AttentionBatch.chunked``) is
+        that batch's too, with the plan of :meth:`_view_plan`.
         """
+        view = batch if getattr(batch, "view_of", None) is not None else None
+        batch = batch if view is None else view.view_of
         narrowed = getattr(batch, "parent", None) is not None
         batch = batch.parent if narrowed else batch
         if batch is not self._batch:
             if self._reset_next or (self._batch is not None and len(self._attended) < self.num_layers):
                 self._drop_all()
-            self._batch, self._attended = batch, set()
+            self._batch, self._attended, self._views = batch, set(), {}
             decoding = batch.decoding
             plan = self._next_step(batch, decoding)
             if plan is None:
@@ -158,12 +190,14 @@ class MirrorBook:
             self._plan = plan
         unseen = writes - self._writes_seen[layer] > 1
         self._writes_seen[layer] = writes
-        self._attended.add(layer)
-        if unseen:
-            self._reset_next = True
         if narrowed and self._plan is not None:
             raise ValueError("only a batch in which no item decodes may be narrowed: its decoding items have mirrors")
-        return self._plan, "full" if unseen else "step"
+        plan = self._plan if view is None or self._plan is None else self._view_plan(view, self._plan)
+        if plan is not None or self._plan is None:  # else this layer's rows miss the batch's copies
+            self._attended.add(layer)
+        if unseen:
+            self._reset_next = True
+        return plan, "full" if unseen else "step"
 
     @property
     def arena_positions(self) -> int:
@@ -172,6 +206,26 @@ class MirrorBook:
         return rows * capacity
 
     # -------------------------------------------------------------- helpers
+    def _view_plan(self, view: Any, plan: MirrorPlan) -> MirrorPlan | None:
+        """The plan of a chunked view of the plan's batch: the same rows and copies, each item seeing its row from
+        its chunk's start. None when the view's decoding items are not the batch's (a prompt's piece of one token
+        past a chunk boundary): the view then attends from the pool, and the layer's rows fall behind (the book
+        drops every mirror at the next batch, as for a layer not attended)."""
+        cached = self._views.get(id(view))
+        if cached is not None and cached[0] is view:
+            return cached[1]
+        items = np.searchsorted(view.view_items, plan.items)  # a decoding item is one piece, the first of its item
+        derived = None
+        if np.array_equal(items, view.decoding):
+            derived = MirrorPlan(
+                items, np.asarray(view.cu_seqlens_q, dtype=np.int64)[items], len(items) == view.num_items, plan.rows,
+                plan.lengths, plan.src, plan.dst_row, plan.dst_pos, num_rows=plan.num_rows, capacity=plan.capacity,
+                arena_shape=plan.arena_shape, fresh=plan.fresh, _tables=plan._tables, _block_size=plan._block_size,
+                starts=np.asarray(view.key_starts, dtype=np.int64)[items],
+            )
+        self._views[id(view)] = (view, derived)
+        return derived
+
     def _drop_all(self) -> None:
         self._mirrors.clear()
         self._by_block.clear()

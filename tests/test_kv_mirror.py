@@ -20,9 +20,10 @@ BS, BLOCKS, LAYERS, HEADS, KV_HEADS, D = 4, 24, 2, 6, 2, 8
 class Scenario:
     """A pool and its host copy; each step writes new K/V and compares every layer's attention."""
 
-    def __init__(self, backend: str, window: int | None, softcap: float | None = None, blocks: int = BLOCKS):
+    def __init__(self, backend: str, window: int | None, softcap: float | None = None, blocks: int = BLOCKS,
+                 chunk: int | None = None):
         self.ops = load_backend(backend).ops
-        self.window, self.softcap = window, softcap
+        self.window, self.softcap, self.chunk = window, softcap, chunk  # chunk: odd layers attend in chunks
         self.rng = np.random.default_rng(0)
         self.pool = self.ops.kv_alloc(LAYERS, blocks, BS, KV_HEADS, D, "float32")
         self.host = np.zeros((LAYERS, 2, blocks * BS, KV_HEADS, D), dtype=np.float32)
@@ -38,16 +39,19 @@ class Scenario:
         batch = attention_batch(items, BS)
         cu, seq_lens, slots = batch.cu_seqlens_q, batch.seq_lens, batch.slot_mapping
         batch.prepared = self.ops.prepare_attention_batch(batch)
+        chunked = batch if self.chunk is None else batch.chunked(self.chunk)  # as the model attends chunked layers
+        if chunked is not batch:
+            chunked.prepared = self.ops.prepare_attention_batch(chunked)
         q = self.rng.standard_normal((int(cu[-1]), HEADS, D)).astype(np.float32)
         for layer in range(layers):
             self.write(layer, slots)
+            attended = chunked if layer % 2 else batch
             got = self.ops.to_numpy(
-                self.ops.paged_attention(self.ops.from_numpy(q, "float32"), self.pool, layer, batch, D**-0.5,
+                self.ops.paged_attention(self.ops.from_numpy(q, "float32"), self.pool, layer, attended, D**-0.5,
                                          self.window, self.softcap)
             )
-            tables = [t for t, _, _ in items]
-            ref = paged_reference(q, self.host[layer, 0], self.host[layer, 1], cu, seq_lens, tables, BS, D**-0.5,
-                                  self.window, self.softcap)
+            ref = paged_reference(q, self.host[layer, 0], self.host[layer, 1], attended.cu_seqlens_q,
+                                  attended.seq_lens, attended.block_tables, BS, D**-0.5, self.window, self.softcap)
             np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
         book = getattr(self.pool, "mirrors", None)
         if book is not None and book.max_positions is not None:  # the arena's memory stays in its budget
@@ -143,6 +147,28 @@ def test_a_batch_over_the_arena_budget_attends_from_the_pool(backend):
         s.step([(a, 30 + step, 1), (b, 10 + step, 1), (c, 10 + step, 1)])
     for step in range(1, 4):  # C leaves; 2 x 36: mirrored again, in an arena rebuilt to fit
         s.step([(a, 35 + step, 1), (b, 15 + step, 1)])
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_layers_attending_a_chunked_view_keep_the_batchs_mirrors(backend, window):
+    """Llama 4's layout: one layer attends the batch, the next its chunked view (``AttentionBatch.chunked``), with
+    decode steps crossing chunk boundaries. Both keep the one set of mirrors from step to step (each step copies
+    one position a sequence), except after a prompt's piece of one token past a boundary (attended from the pool)."""
+    s = Scenario(backend, window, chunk=8, blocks=32)
+    a, b, c = [3, 7, 1, 9, 5, 16, 17], [2, 4, 6, 8, 10, 18, 19], [11, 12, 13, 14]
+    book = getattr(s.pool, "mirrors", None)
+    s.step([(a, 6, 6), (b, 11, 11)])  # a prompt within its first chunk, another across a boundary
+    for n in range(1, 14):  # decoding: A crosses the boundaries at 8 and 16, B the one at 16
+        s.step([(a, 6 + n, 1), (b, 11 + n, 1)])
+        if book is not None and n > 1:
+            assert len(book._plan.src) == 2 and book._plan.items.tolist() == [0, 1]  # one copy each: kept
+    s.step([(a, 20, 1), (c, 9, 9), (b, 25, 1)])  # C's prompt ends one token into its second chunk: a piece of one
+    s.step([(a, 21, 1), (c, 11, 2), (b, 26, 1)])
+    s.step([(a, 22, 1), (c, 12, 1), (b, 27, 1)])
+    s.step([(a, 23, 1), (c, 13, 1), (b, 28, 1)])
+    if book is not None:
+        assert len(book._plan.src) == 3  # kept again
 
 
 def _decode_batch(tables: list[list[int]], lengths: list[int]) -> AttentionBatch:

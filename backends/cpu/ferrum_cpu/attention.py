@@ -152,8 +152,8 @@ def _mirrored_decode(q: np.ndarray, pool: KVPool, layer: int, plan: MirrorPlan, 
     if plan.in_order and len(q) > 1:
         return _attend_rows_together(q, k_rows, v_rows, plan, scale, sliding_window, softcap, sinks)
     out = np.empty_like(q)
-    for i, (row, end) in enumerate(zip(plan.rows.tolist(), plan.lengths.tolist())):
-        start = 0 if sliding_window is None else max(0, end - sliding_window)
+    firsts = plan.first_keys(sliding_window).tolist()
+    for i, (row, start, end) in enumerate(zip(plan.rows.tolist(), firsts, plan.lengths.tolist())):
         keys, values = k_rows[row, :, :, start:end], v_rows[row, :, start:end]  # [kvh, d, L], [kvh, L, d]
         scores = q[i].reshape(kv_heads, -1, head_dim) @ keys  # [kvh, g, L]
         _scale_and_cap(scores, scale, softcap)
@@ -165,16 +165,20 @@ def _attend_rows_together(q: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray,
                           sliding_window: int | None, softcap: float | None,
                           sinks: np.ndarray | None) -> np.ndarray:
     """Items ``0..n-1`` in arena rows ``0..n-1``: one batched product per step of the softmax, over the
-    longest item's positions with the others' masked, instead of a dozen numpy calls per item."""
+    positions from the first any item sees to the longest item's end, with the others' masked, instead of a
+    dozen numpy calls per item."""
     n, heads, head_dim = q.shape
     kv_heads = k_rows.shape[1]
     longest = int(plan.lengths.max())
-    keys, values = k_rows[:n, :, :, :longest], v_rows[:n, :, :longest]  # views: [n, kvh, d, L], [n, kvh, L, d]
     hidden = plan.device.get(("hidden", sliding_window))
     if hidden is None:  # 0 where a key is visible, -inf where not: one add masks every item
-        kpos, lengths = np.arange(longest)[None, :], plan.lengths[:, None]
-        visible = (kpos < lengths) & (True if sliding_window is None else kpos >= lengths - sliding_window)
-        hidden = plan.device[("hidden", sliding_window)] = np.where(visible, 0.0, -np.inf).astype(q.dtype)[:, None, None]
+        offset, first, end = plan.row_spans(sliding_window)
+        kpos = np.arange(offset, longest)[None, :]
+        visible = (kpos >= first[:, None]) & (kpos < end[:, None])
+        hidden = np.where(visible, 0.0, -np.inf).astype(q.dtype)[:, None, None]
+        plan.device[("hidden", sliding_window)] = hidden = (offset, hidden)
+    offset, hidden = hidden
+    keys, values = k_rows[:n, :, :, offset:longest], v_rows[:n, :, offset:longest]  # [n, kvh, d, L], [n, kvh, L, d]
     scores = q.reshape(n, kv_heads, -1, head_dim) @ keys  # [n, kvh, g, L]
     _scale_and_cap(scores, scale, softcap)
     scores += hidden

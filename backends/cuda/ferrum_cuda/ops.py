@@ -1039,13 +1039,10 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
             packer.add(part)
         if "rows" not in dev:
             packer.add(plan.rows)
-            row_lens = np.ones(plan.num_rows, dtype=np.int64)  # rows no item uses: key 0, no NaN
-            row_lens[plan.rows] = plan.lengths
-            packer.add(row_lens)
         uploaded = packer.upload()
         dev[sync] = uploaded[:3]
         if "rows" not in dev:
-            dev["rows"], dev["row_lens"] = uploaded[3:]
+            dev["rows"] = uploaded[3]
             dev["masks"] = {}
     arena = pool.arena
     arena.fit(pool, *plan.arena_shape)
@@ -1058,27 +1055,26 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
     kvh = pool.num_kv_heads
     qg = q.view(n, kvh, heads // kvh, d)
     if n == 1:  # one row: a slice of it, no mask
-        row, end = int(plan.rows[0]), int(plan.lengths[0])
-        start = 0 if window is None else max(0, end - window)
+        row, start, end = int(plan.rows[0]), int(plan.first_keys(window)[0]), int(plan.lengths[0])
         k, v = k_rows[row : row + 1, :, start:end], v_rows[row : row + 1, :, start:end]
         return _sdpa(qg, k, v, scale, softcap=softcap, sinks=sinks).reshape(1, heads, d)
-    rows, length = dev["rows"], plan.capacity
+    rows = dev["rows"]
     fused = softcap is None and sinks is None  # SDPA itself, not the written-out path
     key = (window, fused)
-    mask = dev["masks"].get(key)
-    if mask is None:
-        kpos = torch.arange(length, device=DEVICE)[None, :]
-        lens = dev["row_lens"][:, None]
-        allowed = kpos < lens
-        if window is not None:
-            allowed &= kpos >= lens - window
-        allowed = allowed[:, None, None, :]  # [rows, 1, 1, L]
+    masks = dev["masks"].get(key)
+    if masks is None:  # over the columns [offset, capacity) (a chunked view's or a window's items see no others)
+        offset, first, end = plan.row_spans(window)
+        first, end = _upload(np.stack([first, end])[:, :, None], None, alias_ok=True)  # [rows, 1] each
+        kpos = torch.arange(offset, plan.capacity, device=DEVICE)[None, :]
+        allowed = ((kpos >= first) & (kpos < end))[:, None, None, :]
         # Additive where SDPA takes it: the CPU kernel runs ~1.5x faster than with a boolean mask
         # (torch 2.13, 8 rows x 576 keys); the written-out path masks its scores itself.
         if fused:
             allowed = torch.zeros(allowed.shape, dtype=q.dtype, device=DEVICE).masked_fill_(~allowed, float("-inf"))
-        mask = dev["masks"][key] = allowed
-    k, v = k_rows[: plan.num_rows, :, :length], v_rows[: plan.num_rows, :, :length]
+        masks = dev["masks"][key] = (offset, allowed)  # [rows, 1, 1, L]
+    offset, mask = masks
+    k = k_rows[: plan.num_rows, :, offset : plan.capacity]
+    v = v_rows[: plan.num_rows, :, offset : plan.capacity]
     if plan.in_order:
         return _sdpa(qg, k, v, scale, mask=mask, softcap=softcap, sinks=sinks).reshape(n, heads, d)
     q_rows = qg.new_zeros((plan.num_rows, kvh, heads // kvh, d)).index_copy_(0, rows, qg)

@@ -791,20 +791,20 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
     kvh = k_rows.shape[1]
     qg = q.reshape(n, kvh, heads // kvh, d) if sinks is None else q.reshape(n, heads, 1, d)
     if n == 1:  # one row: a slice of it, no mask
-        row, end = int(plan.rows[0]), int(plan.lengths[0])
-        start = 0 if window is None else max(0, end - window)
+        row, start, end = int(plan.rows[0]), int(plan.first_keys(window)[0]), int(plan.lengths[0])
         k, v = k_rows[row : row + 1, :, start:end], v_rows[row : row + 1, :, start:end]
         return _sdpa(qg, k, v, scale, None, softcap, sinks).reshape(1, heads, d)
     if "rows" not in dev:
-        row_lens = np.ones(plan.num_rows, dtype=np.int64)  # rows no item uses: key 0, no NaN
-        row_lens[plan.rows] = plan.lengths
-        dev["rows"], dev["row_lens"], dev["masks"] = mx.array(plan.rows.astype(np.int32)), row_lens, {}
-    mask = dev["masks"].get(window)
-    if mask is None:
-        kpos, lens = np.arange(plan.capacity)[None, :], dev["row_lens"][:, None]
-        allowed = (kpos < lens) & (True if window is None else kpos >= lens - window)
-        mask = dev["masks"][window] = mx.array(allowed[:, None, None, :])  # [rows, 1, 1, L]
-    k, v = k_rows[: plan.num_rows, :, : plan.capacity], v_rows[: plan.num_rows, :, : plan.capacity]
+        dev["rows"], dev["masks"] = mx.array(plan.rows.astype(np.int32)), {}
+    masks = dev["masks"].get(window)
+    if masks is None:  # over the columns [offset, capacity) (a chunked view's or a window's items see no others)
+        offset, first, end = plan.row_spans(window)
+        kpos = np.arange(offset, plan.capacity)[None, :]
+        allowed = (kpos >= first[:, None]) & (kpos < end[:, None])
+        masks = dev["masks"][window] = (offset, mx.array(allowed[:, None, None, :]))  # [rows, 1, 1, L]
+    offset, mask = masks
+    k = k_rows[: plan.num_rows, :, offset : plan.capacity]
+    v = v_rows[: plan.num_rows, :, offset : plan.capacity]
     if plan.in_order:
         return _sdpa(qg, k, v, scale, mask, softcap, sinks).reshape(n, heads, d)
     rows = dev["rows"]
