@@ -37,7 +37,7 @@ class Scenario:
     def step(self, items: list[tuple[list[int], int, int]], layers: int = LAYERS) -> None:
         """``items``: (block table, kv length after the step, query length); the first ``layers`` run."""
         batch = attention_batch(items, BS)
-        cu, seq_lens, slots = batch.cu_seqlens_q, batch.seq_lens, batch.slot_mapping
+        cu, slots = batch.cu_seqlens_q, batch.slot_mapping
         batch.prepared = self.ops.prepare_attention_batch(batch)
         chunked = batch if self.chunk is None else batch.chunked(self.chunk)  # as the model attends chunked layers
         if chunked is not batch:
