@@ -304,3 +304,25 @@ def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
     want = _mlx_lm_logits(ours, TOKENS)
     got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
     assert scaled_error(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_confident_router_picks_the_expert_transformers_picks(checkpoints, tmp_path, backend):
+    """Routers scaled so logits run far past 17, where float32 sigmoids round to the same 1.0: transformers chooses
+    by the logits (its topk), so must Ferrum (choosing by the sigmoids broke their tie by index: another expert)."""
+    import torch
+
+    folder, hf = checkpoints["scout"]
+    shutil.copytree(folder, tmp_path / "confident")
+    tensors = load_file(str(tmp_path / "confident" / "model.safetensors"))
+    routers = [name for name in tensors if name.endswith("feed_forward.router.weight")]
+    for name in routers:
+        tensors[name] = tensors[name] * 400.0
+    save_file(tensors, str(tmp_path / "confident" / "model.safetensors"), metadata={"format": "pt"})
+    confident = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "confident", dtype=torch.float32).eval()
+    with torch.no_grad():  # the test bites: several experts' logits past 17 for most tokens
+        h = confident.model.embed_tokens(torch.tensor([TOKENS]))[0]
+        saturated = (confident.model.layers[0].feed_forward.router(h)[1] > 17).sum(dim=-1)  # (scores, logits)
+    assert int((saturated >= 2).sum()) >= 5, saturated
+    model = DecoderOnlyLLM.from_pretrained(tmp_path / "confident", backend=backend, block_size=4, dtype="float32")
+    assert_forward_and_decode_match(model, TOKENS, reference_logits(confident, TOKENS))

@@ -61,9 +61,11 @@ class MoeMLP:
         else:
             route = ops.moe_route if self.route is None else self.route
             ids, weights = route(logits, shared_logit, self.top_k, self.normalize, self.routing)
-            if self.weigh_input:  # top-1: the weight scales the input; normalized, the weight is 1
+            if self.weigh_input:  # Llama 4, top-1: the chosen expert's sigmoid scales its input, its output weighs 1
                 x = ops.mul(x, weights)  # [T, hidden] * [T, 1], in x's dtype
-                _, weights = route(logits, shared_logit, self.top_k, True, self.routing)
+                # chosen on the logits, as transformers' topk chooses (a sigmoid rounds logits above ~17 to the same
+                # 1.0, whose tie a sigmoid rule would break by index), by softmax's top-1, normalized to exactly 1
+                ids, weights = ops.moe_route(logits, None, self.top_k, True, None)
         if shared_out is not None and shared_logit is None:  # ungated: added once the routed experts are summed
             return ops.add(self.experts(x, ids, weights, None), shared_out)
         return self.experts(x, ids, weights, shared_out)

@@ -92,7 +92,9 @@ GROUP_LIMITED_GREEDY = GroupRule("softmax", "max", corrected=False, masked=0.0, 
 #: of API 1.13 by their fields runs it.
 SOFTMAX_CORRECTED = GroupRule("softmax", "max", corrected=True, masked=float("-inf"), since=(1, 13))
 #: Llama 4's router (transformers' ``Llama4Router``): the top-k logits, each expert weighed by its sigmoid, unnormalized
-#: (one group, nothing corrected: the grouped machinery's plainest sigmoid rule).
+#: (one group, nothing corrected: the grouped machinery's plainest sigmoid rule). Its choice ties where sigmoids round
+#: to 1.0 (logits above ~17 in float32), so the model takes only the weight from it and chooses on the logits
+#: (:class:`ferrum.moe.block.MoeMLP`'s ``weigh_input``).
 SIGMOID_TOP_K = GroupRule("sigmoid", "max", corrected=False, masked=float("-inf"), since=(1, 13))
 #: Mistral 4's router (transformers' ``Mistral4TopkRouter``): softmax probabilities grouped as DeepSeek-V3 groups its
 #: sigmoid scores (a group's two best summed), dropped groups' experts scoring 0, nothing corrected.
