@@ -326,3 +326,19 @@ def test_a_confident_router_picks_the_expert_transformers_picks(checkpoints, tmp
     assert int((saturated >= 2).sum()) >= 5, saturated
     model = DecoderOnlyLLM.from_pretrained(tmp_path / "confident", backend=backend, block_size=4, dtype="float32")
     assert_forward_and_decode_match(model, TOKENS, reference_logits(confident, TOKENS))
+
+
+def test_mobilellm_r1s_dense_layout_runs_as_transformers_runs_it(tmp_path_factory):
+    """MobileLLM-R1 is a llama4_text without experts (num_local_experts 0, num_experts_per_tok 0,
+    interleave_moe_layer_step 0, moe_layers []): every layer dense, as transformers builds it; they were refused as
+    non-positive. A step of 0 without moe_layers is refused by name (transformers cannot build it)."""
+    dense = dict(num_local_experts=0, num_experts_per_tok=0, interleave_moe_layer_step=0, moe_layers=[],
+                 no_rope_layers=[1, 1, 1, 1], attn_temperature_tuning=False, tie_word_embeddings=True)
+    folder, hf = saved_references(tmp_path_factory, {"mobilellm": dense}, llama4_config)["mobilellm"]
+    for backend in BACKENDS:
+        model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+        assert [spec.mlp for spec in model.config.arch.layers] == ["dense"] * 4
+        assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
+    raw = json.loads((folder / "config.json").read_text())
+    with pytest.raises(ConfigError, match="'interleave_moe_layer_step' is 0, which makes no layer sparse only with"):
+        ModelConfig.from_dict({k: v for k, v in raw.items() if k != "moe_layers"})

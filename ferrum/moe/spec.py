@@ -362,11 +362,14 @@ KEYS: dict[str, tuple[Key, ...]] = {
     # Mistral4Config's defaults
     "mistral4": _grouped_sigmoid_keys("mistral4", moe_size=2048, scale=1.0, n_group=1, topk_group=1, dense=0,
                                       top_k=4),
-    # Llama 4 (Scout, Maverick): one expert a token, on the layers moe_layers (else interleave_moe_layer_step) lists
-    "llama4_text": (*_COUNT["llama4_text"], Key("num_experts_per_tok", default=1, unsupported=True, check=lambda v: (
-        None if v == 1 else f"is {v!r}; Ferrum runs Llama 4's routing with one expert a token, as every release "
-                            "routes")),
-        Key("interleave_moe_layer_step", default=1, check=positive_int), Key("moe_layers", check=_layer_list)),
+    # Llama 4 (Scout, Maverick): one expert a token, on the layers moe_layers (else interleave_moe_layer_step) lists;
+    # none on MobileLLM-R1's (0 experts, 0 a token, a step of 0 and moe_layers [])
+    "llama4_text": (Key("num_local_experts", check=optional_non_negative_int),
+                    Key("num_experts_per_tok", default=1, unsupported=True, check=lambda v: (
+                        None if v in (0, 1) else f"is {v!r}; Ferrum runs Llama 4's routing with one expert a token, as "
+                                                 "every release routes")),
+                    Key("interleave_moe_layer_step", default=1, check=_non_negative_int),
+                    Key("moe_layers", check=_layer_list)),
     # MiniMax-M2: the keys of MiniMax's own code (and mlx-lm's) that transformers ignores, as transformers runs them
     "minimax_m2": (*_COUNT["minimax_m2"], Key("num_experts_per_tok", default=8, check=positive_int),
                    Key("scoring_func", default="sigmoid", unsupported=True, check=lambda v: None if v in (
@@ -587,6 +590,9 @@ def _llama4(r: KeyReader, sizes: object) -> tuple[MoeSpec, list[bool]]:
     listed = r("moe_layers")
     if listed is None:
         step = r("interleave_moe_layer_step")
+        if step == 0:
+            r.fail("interleave_moe_layer_step", "is 0, which makes no layer sparse only with moe_layers [] beside it "
+                                                "(MobileLLM-R1's dense layout); list the sparse layers in moe_layers")
         listed = list(range(step - 1, layers, step))
     if any(i >= layers for i in listed):
         r.fail("moe_layers", f"lists {listed!r}, past the model's {layers} layers")
