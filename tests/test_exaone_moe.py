@@ -207,6 +207,20 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
         assert scaled_error(got, want) <= 1e-4, backend
 
 
+@needs_mlx
+def test_ferrum_quantize_writes_what_mlx_lm_runs(checkpoints, tmp_path):
+    """mlx-lm's EXAONE MoE holds its router as a plain parameter (``MoEGate``), so its conversions keep it in float
+    and its loader refuses it packed: `ferrum quantize` keeps it in float too, and mlx-lm runs the folder as Ferrum
+    does."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    source = _as_mlx_lm_reads_it(checkpoints["grouped"][0], tmp_path / "hf")
+    out = quantize_checkpoint(source, tmp_path / "q", bits=4, group_size=32)
+    assert json.loads((out / "config.json").read_text())["quantization"]["model.layers.1.mlp.gate"] is False
+    got = DecoderOnlyLLM.from_pretrained(out, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
+    assert scaled_error(got, _mlx_lm_logits(out, TOKENS)) <= 1e-4
+
+
 def test_the_releases_prediction_heads_are_left_out_quietly(checkpoints, tmp_path):
     """K-EXAONE's releases store a multi-token prediction layer (mtp.*), which transformers does not load: not run,
     not reported unread."""
