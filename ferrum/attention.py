@@ -24,7 +24,7 @@ class AttentionBatch:
     of it (device copies, say), so no layer converts metadata again.
     """
 
-    positions: np.ndarray  # [T] position of each query token in its sequence
+    positions: np.ndarray  # [T] position of each query token in its item (its sequence; a chunked view's chunk)
     slot_mapping: np.ndarray  # [T] KV slot each new token is written to
     cu_seqlens_q: np.ndarray  # [items + 1] prefix sums of query lengths
     seq_lens: np.ndarray  # [items] KV length of each item after this step

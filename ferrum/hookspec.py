@@ -441,7 +441,11 @@ def paged_attention(
     (prefix sums of each item's query length), ``seq_lens`` (each item's KV
     length after this step, new tokens already written), ``block_tables``
     ``[items, max_blocks]`` and ``block_size``. Same masking rule (and
-    ``softcap``, ``sinks``) as :func:`attention`, per item. Fallback: per item, ``kv_gather`` then
+    ``softcap``, ``sinks``) as :func:`attention`, per item. An item may be a
+    chunk of a sequence (Llama 4's chunked local attention, API 1.15:
+    :meth:`ferrum.attention.AttentionBatch.chunked`): its positions and block
+    table then start at the chunk's first position, and several items may
+    belong to one sequence. Fallback: per item, ``kv_gather`` then
     ``attention``; a plugin that implements this op natively is reported as
     running unified batches natively.
     """
@@ -560,7 +564,8 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routi
 
     ``routing`` (API 1.12) is a feature, declared by the signature as for
     :func:`attention`: None for the softmax rule above, or a
-    :class:`ferrum.moe.routing.GroupedRouting` (GLM-4.5, DeepSeek-V2 and V3):
+    :class:`ferrum.moe.routing.GroupedRouting` (GLM-4.5, DeepSeek-V2 and V3, and
+    the families after them: see its rules below):
     ``routing.rule`` (API 1.13, a :class:`ferrum.moe.routing.GroupRule`)
     scores the experts by ``scoring`` "sigmoid" or "softmax", adds a
     per-expert correction bias that only chooses where it is ``corrected``
@@ -574,10 +579,12 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routi
     :func:`ferrum.moe.routing.route_grouped` says, every step in float32
     (``shared_logit`` is then None). An implementation without ``routing``
     is never handed one, nor is a rule handed to a plugin declaring an API
-    older than the rule's ``since`` (1.12 for ``NOAUX_TC``, 1.13 for
-    ``GROUP_LIMITED_GREEDY`` and ``SOFTMAX_CORRECTED``, ERNIE 4.5's softmax
-    with a correction bias in one group): the model routes those layers by the
-    fallback.
+    older than the rule's ``since``: 1.12 for ``NOAUX_TC`` (DeepSeek-V3, GLM-4.5,
+    dots1, K-EXAONE, Solar Open, MiniMax-M2, Hy3), 1.13 for
+    ``GROUP_LIMITED_GREEDY`` (DeepSeek-V2), ``SOFTMAX_CORRECTED`` (ERNIE 4.5's
+    softmax with a correction bias in one group), ``SIGMOID_TOP_K`` (Llama 4's
+    plain sigmoid) and ``SOFTMAX_TOP2_GROUPED`` (Mistral 4's softmax grouped by
+    each group's two best); the model routes those layers by the fallback.
     Fallback: the host references :func:`ferrum.moe.routing.route` and
     :func:`~ferrum.moe.routing.route_grouped` (one copy of the logits to the
     host per MoE layer).
