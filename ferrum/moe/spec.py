@@ -524,12 +524,34 @@ def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
     return r("n_group"), r("topk_group")
 
 
-def _grouped(r: KeyReader, routing: str, module: str, names: tuple[str, str, str], count: int, top_k: int,
-             layers: int) -> tuple[MoeSpec, list[bool]]:
+@dataclass(frozen=True)
+class _GroupedFamily:
+    """How a grouped family's sparse MLPs differ from DeepSeek-V3's: the key counting its shared experts, what its
+    spec changes (``replace`` fields), and how its sparse layers are read."""
+
+    shared_key: str = "n_shared_experts"
+    changes: tuple[tuple[str, Any], ...] = ()
+    sparse_layers: Callable[[KeyReader, int], list[bool]] | None = None  # None: _sparse_layers
+
+
+_GROUPED_FAMILIES = {
+    # K-EXAONE: its checkpoints keep the bias beside the router, mlx-lm's conversions under it
+    "exaone_moe": _GroupedFamily("num_shared_experts", (
+        ("correction_bias", CORRECTION_BIAS), ("correction_bias_aliases", (f"gate.{CORRECTION_BIAS}",))),
+        _exaone_moe_sparse),
+    # Mistral 4: its router in the compute dtype (transformers keeps nothing of it in float32), its experts fused as
+    # transformers 5 saves them, only ever outputs first, or stacked as mlx-lm converts them (ferrum.moe.fused_gate_up)
+    "mistral4": _GroupedFamily(changes=(("router_float32", False), ("layout", "fused_outputs_first"))),
+}
+
+
+def _grouped(r: KeyReader, model_type: str, count: int, top_k: int, layers: int) -> tuple[MoeSpec, list[bool]]:
     """DeepSeek-V2's, DeepSeek-V3's, GLM-4.5's and Mistral 4's sparse MLPs (transformers' ``DeepseekV2Moe``,
     ``DeepseekV3MoE``, ``Glm4MoeMoE``, ``Mistral4MoE``); refuses groupings their router cannot run. An uncorrected
     rule (DeepSeek-V2's, Mistral 4's) with one group and no scaling is the plain softmax rule, which backends run
     themselves."""
+    routing, (module, names) = _GROUPED[model_type], LAYOUT[model_type]
+    family = _GROUPED_FAMILIES.get(model_type, _GroupedFamily())
     rule = GROUPED_RULES[routing]
     groups, kept = _groups(r, routing)
     if count % groups:
@@ -545,21 +567,11 @@ def _grouped(r: KeyReader, routing: str, module: str, names: tuple[str, str, str
     scale = float(r("routed_scaling_factor"))
     if not rule.corrected and groups == 1 and scale == 1.0:
         routing = "softmax"
-    exaone = "is_moe_layer" in r.keys
-    shared = r("num_shared_experts") if exaone else r("n_shared_experts")
     spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
-                   r("moe_intermediate_size") * shared, shared_module="shared_experts",
+                   r("moe_intermediate_size") * r(family.shared_key), shared_module="shared_experts",
                    shared_gate=None, routing=routing, n_group=groups, topk_group=kept, routed_scale=scale,
                    router_float32=True)
-    if rule is GROUPED_RULES["softmax_top2_grouped"]:
-        # Mistral 4: its router in the compute dtype (transformers keeps nothing of it in float32), its experts fused
-        # as transformers 5 saves them, only ever outputs first, or stacked as mlx-lm converts them
-        # (ferrum.moe.fused_gate_up)
-        return replace(spec, router_float32=False, layout="fused_outputs_first"), _sparse_layers(r, layers)
-    if exaone:  # its checkpoints keep the bias beside the router; mlx-lm's conversions move it under the router
-        spec = replace(spec, correction_bias=CORRECTION_BIAS, correction_bias_aliases=(f"gate.{CORRECTION_BIAS}",))
-        return spec, _exaone_moe_sparse(r, layers)
-    return spec, _sparse_layers(r, layers)
+    return replace(spec, **dict(family.changes)), (family.sparse_layers or _sparse_layers)(r, layers)
 
 
 def _hy_v3(r: KeyReader, sizes: object, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
@@ -603,7 +615,7 @@ def _llama4(r: KeyReader, sizes: object) -> tuple[MoeSpec, list[bool]]:
 
 
 def _grouped_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
-    return _grouped(r, _GROUPED[model_type], *LAYOUT[model_type], count, top_k, sizes.num_layers)
+    return _grouped(r, model_type, count, top_k, sizes.num_layers)
 
 
 def _ernie_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
