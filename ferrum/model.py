@@ -85,7 +85,7 @@ class _Layer:
     """One decoder block's weights; projections carry the op that applies them, ``mlp`` is its MLP slot."""
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
-                 "mlp", "window", "rope", "scale", "sinks", "chunk", "query_scaling")
+                 "mlp", "window", "rope", "scale", "sinks", "chunk", "query_scaling", "v_norm", "qk_eps", "scalar")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -279,7 +279,8 @@ class DecoderOnlyLLM:
                     # biases, norms and sinks are used as they are, never laid out for products (a 2-D norm too);
                     # a float32 vector too (a router's correction bias); a packed matrix keeps its compute dtype
                     float32 = part.endswith(config.arch.keep_float32) and isinstance(array, np.ndarray)
-                    as_is = (part.endswith((".bias", ".sinks")) or is_norm(part) or float32 and array.ndim == 1
+                    as_is = (part.endswith((".bias", ".sinks", ".layer_scalar")) or is_norm(part)
+                             or float32 and array.ndim == 1
                              or ".act_fn." in part)  # xIELU's learned values (Apertus)
                     role = roles.get(part, "bias" if as_is else "linear")
                     weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs)
@@ -308,7 +309,18 @@ class DecoderOnlyLLM:
             ones = self.ops.from_numpy(np.ones(config.head_dim, dtype=np.float32), self.dtype)
             q_norm = k_norm = (ones, None)
         qkv, o = self._attention.build(self.ops, config, tensor, projection, self._attention_placed[id(spec.rope)])
+        # a padded layer's q/k/v norms: the stored head's RMSNorm (see LayerSpec.stored_head_dim)
+        fit = (spec.stored_head_dim or config.head_dim) / config.head_dim
+        v_norm = scalar = None
+        if arch.v_norm:
+            v_norm = (self.ops.from_numpy(np.full(config.head_dim, np.sqrt(fit), dtype=np.float32), self.dtype), None)
+        if arch.layer_scalar:
+            value = np.asarray(self.ops.to_numpy(w[p + "layer_scalar"].weight), dtype=np.float32).reshape(-1)[0]
+            scalar = self.ops.from_numpy(np.full(config.hidden_size, value, dtype=np.float32), self.dtype)
         return _Layer(
+            v_norm=v_norm,
+            qk_eps=config.rms_norm_eps * fit,
+            scalar=scalar,
             pre_attn=norms.get("pre_attn"),
             post_attn=norms.get("post_attn"),
             pre_mlp=norms.get("pre_mlp"),
@@ -351,12 +363,14 @@ class DecoderOnlyLLM:
                  "each_head": "head"}
         norm_at = where.get(qk_norm)
         parallel, clip = cfg.arch.parallel, cfg.arch.clip_qkv
+        head_norm = norm if layer.qk_eps == cfg.rms_norm_eps else NORM_KINDS[cfg.arch.norm](ops, layer.qk_eps)[0]
+        scalar = layer.scalar
 
         def norm_qk(q: Any, k: Any) -> tuple[Any, Any]:
             if qk_norm == "each_head":  # [heads, head_dim] weights: normed without, then scaled head by head
                 return (ops.mul(norm(q, (None, None)), layer.q_norm[0]),
                         ops.mul(norm(k, (None, None)), layer.k_norm[0]))
-            return norm(q, layer.q_norm), norm(k, layer.k_norm)
+            return head_norm(q, layer.q_norm), head_norm(k, layer.k_norm)
 
         def add_then_norm(x: Any, h: Any, weights: Any) -> tuple[Any, Any]:
             """``(norm(x + h), x + h)``; without a norm there (OLMo 2's blocks) the sum is both."""
@@ -372,6 +386,8 @@ class DecoderOnlyLLM:
             if clip is not None:
                 q, k, v = ops.clip(q, clip), ops.clip(k, clip), ops.clip(v, clip)
             q, k, v = reshape(q, (-1, heads, hd)), reshape(k, (-1, kv_heads, hd)), reshape(v, (-1, kv_heads, hd))
+            if layer.v_norm is not None:
+                v = head_norm(v, layer.v_norm)
             if norm_at == "head":
                 q, k = norm_qk(q, k)
             if table is not None:
@@ -394,7 +410,10 @@ class DecoderOnlyLLM:
                 o = norm(o, layer.post_attn)
             x, h = add_then_norm(o, h, layer.pre_mlp)
             out = layer.mlp(x)
-            return (out if layer.post_mlp is None else norm(out, layer.post_mlp)), h
+            out = out if layer.post_mlp is None else norm(out, layer.post_mlp)
+            if scalar is not None:  # Gemma 4: the stream after the layer, times its layer_scalar
+                return ops.mul(out, scalar), ops.mul(h, scalar)
+            return out, h
 
         def leave_parallel(attn: Any, h: Any) -> tuple:
             return layer.o(reshape(attn, (-1, heads * hd))), h

@@ -918,6 +918,148 @@ def _mellum(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _gemma4_shapes(r: KeyReader) -> dict[str, tuple[int, int]]:
+    """Each attention kind's (head_dim, key/value heads) as transformers' Gemma4TextConfig resolves them: the full
+    layers' from global_head_dim and (with attention_k_eq_v) num_global_key_value_heads, as releases write them;
+    or, where the config has one (transformers 5.24 saves it in their place), from per_layer_config, one entry of
+    overrides per layer index."""
+    head_dim, heads = r("head_dim"), r("num_attention_heads")
+    kv = r("num_key_value_heads") or heads
+    types = _gemma4_types(r)
+    per_layer = r("per_layer_config")
+    if per_layer is None:
+        full_kv = r("num_global_key_value_heads") if r("attention_k_eq_v") else None
+        own = {FULL: {"head_dim": r("global_head_dim"), **({"num_key_value_heads": full_kv} if full_kv else {})}}
+        per_layer = {str(i): own[FULL] for i, t in enumerate(types) if t == FULL}
+    if not isinstance(per_layer, dict):
+        r.fail("per_layer_config", f"must map layer indices to overrides, got {per_layer!r}")
+    shapes: dict[str, set] = {}
+    for i, kind in enumerate(types):
+        over = per_layer.get(str(i), per_layer.get(i)) or {}
+        if not isinstance(over, dict) or set(over) - {"head_dim", "num_key_value_heads"}:
+            r.fail("per_layer_config", f"overrides layer {i} with {over!r}; Ferrum reads head_dim and "
+                                       "num_key_value_heads only", unsupported=True)
+        shape = (over.get("head_dim", head_dim), over.get("num_key_value_heads", kv))
+        if any(positive_int(v) for v in shape) or shape[0] % 2:
+            r.fail("per_layer_config", f"gives layer {i} heads of {shape[0]} dims and {shape[1]} key/value heads; "
+                                       "both must be positive integers, the dims even")
+        shapes.setdefault(kind, set()).add(shape)
+    if any(len(s) > 1 for s in shapes.values()):
+        r.fail("per_layer_config", f"gives layers of one attention kind different heads ({shapes!r}), which Ferrum "
+                                   "does not run", unsupported=True)
+    out = {kind: next(iter(s)) for kind, s in shapes.items()}
+    most = max(k for _, k in out.values())
+    for kind, (d, k) in out.items():
+        # the full layers' own count is the one that can disagree (else num_key_value_heads is)
+        name = "num_global_key_value_heads" if out.get(FULL, (0, kv))[1] != kv else "num_key_value_heads"
+        if heads % k or most % k:
+            r.fail(name, f"gives {kind} layers {k} key/value heads; num_attention_heads ({heads}) and every "
+                         f"layer's key/value heads ({most}) must be multiples of it")
+    if SLIDING in out and out[FULL][0] < out[SLIDING][0]:  # the last layer is always full
+        r.fail("global_head_dim", f"gives full layers heads of {out[FULL][0]} dims, below the sliding layers' "
+                                  f"{out[SLIDING][0]}; Ferrum pads the sliding layers' heads to the full layers', "
+                                  "not the other way", unsupported=True)
+    return out
+
+
+def _gemma4_head_dim(r: KeyReader) -> int:
+    """The model's heads: the widest layer's (the full layers' global_head_dim in every release); the others are
+    padded to it at load (``LayerSpec.stored_head_dim``)."""
+    return max(d for d, _ in _gemma4_shapes(r).values())
+
+
+def _gemma4_kv_heads(r: KeyReader, heads: int) -> int:
+    """The most key/value heads of any layer; fewer are repeated at load (``LayerSpec.stored_kv_heads``)."""
+    return max(k for _, k in _gemma4_shapes(r).values())
+
+
+def _gemma4_types(r: KeyReader) -> list[str]:
+    """layer_types, else five sliding layers to one full; the last layer is always full (transformers forces it)."""
+    layers = r("num_hidden_layers")
+    types = r("layer_types")
+    if types is None:
+        types = [SLIDING if (i + 1) % 6 else FULL for i in range(layers)]
+    elif not isinstance(types, list) or len(types) != layers or any(t not in (SLIDING, FULL) for t in types):
+        r.fail("layer_types", f"must list {layers} entries of {SLIDING!r} / {FULL!r}, got {types!r}")
+    return [*types[:-1], FULL]
+
+
+def _gemma4_ropes(r: KeyReader, sizes: Sizes, full_dim: int, sliding_dim: int) -> tuple[Rope, Rope]:
+    """rope_parameters per attention kind: the sliding layers' default rope over their own heads (placed at the
+    start of the padded ones, rotary_dim of them), the full layers' "proportional" rope."""
+    params = r("rope_parameters")
+    if params is None:
+        params = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+                  FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
+    if not isinstance(params, dict) or not isinstance(params.get(FULL), dict) or (
+            not isinstance(params.get(SLIDING), dict) and SLIDING in _gemma4_types(r)):
+        r.fail("rope_parameters", f"must hold one entry per attention kind ({FULL!r}, {SLIDING!r}), got {params!r}")
+    ropes = []
+    for kind, dim in ((SLIDING, sliding_dim), (FULL, full_dim)):
+        spec = params.get(kind) or {}
+        rope_type = spec.get("rope_type", "default")
+        if rope_type not in ("default", "proportional"):
+            r.fail("rope_parameters", f"has rope type {rope_type!r} for {kind}; Ferrum runs Gemma 4's 'default' "
+                                      "and 'proportional'", unsupported=True)
+        theta, factor = spec.get("rope_theta", 10_000.0), spec.get("factor", 1.0)
+        share = spec.get("partial_rotary_factor", 1.0)
+        for name, value in (("rope_theta", theta), ("partial_rotary_factor", share)):
+            if positive_number(value) or (name == "partial_rotary_factor" and value > 1):
+                r.fail("rope_parameters", f"field {name!r} of {kind} must be a positive number (at most 1 for "
+                                          f"partial_rotary_factor), got {value!r}")
+        if factor not in (1, 1.0) or (rope_type == "default" and share not in (1, 1.0)):
+            r.fail("rope_parameters", f"sets {kind}'s factor {factor!r} or partial_rotary_factor {share!r}, which "
+                                      "Ferrum does not run for Gemma 4", unsupported=True)
+        if rope_type == "proportional":  # transformers: int(share * head_dim // 2) pairs turn, spaced over the head
+            if dim != sizes.head_dim:
+                r.fail("rope_parameters", f"gives {kind} layers a proportional rope, which Ferrum runs on the widest "
+                                          "heads only", unsupported=True)
+            ropes.append(Rope(theta=float(theta), head_dim=sizes.head_dim, rotary_dim=2 * int(share * dim // 2),
+                              proportional=True))
+        else:  # the stored head's default rope: its first `dim` dims of the padded head
+            ropes.append(Rope(theta=float(theta), head_dim=sizes.head_dim, rotary_dim=dim))
+    return ropes[0], ropes[1]
+
+
+def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Gemma 4's text decoder (gemma4_text, and the text_config of the gemma4 wrapper): Gemma 3's sandwich norms,
+    q/k norms and GeGLU with plain ``w`` RMSNorms (no ``1 +``), a weightless norm on the values, q.k unscaled,
+    full layers with their own head_dim (global_head_dim), key/value heads (num_global_key_value_heads) and, with
+    attention_k_eq_v, values that are their keys, rope "proportional" on them, and each layer's layer_scalar on the
+    stream. Every layer runs in the one KV pool at the widest heads: narrower heads padded with zero dims, fewer
+    key/value heads repeated, at load (exact: see ``LayerSpec.stored_head_dim``)."""
+    for name, what in (("hidden_size_per_layer_input", "per-layer input embeddings (Gemma 4 E2B / E4B)"),
+                       ("num_kv_shared_layers", "layers reusing earlier layers' keys and values (Gemma 4 E2B / E4B)"),
+                       ("enable_moe_block", "the MoE block beside the MLP (Gemma 4 26B-A4B)")):
+        if r(name):
+            r.fail(name, f"is {r(name)!r}: {what}, which Ferrum does not run yet", unsupported=True)
+    r("hidden_activation")
+    types = _gemma4_types(r)
+    window = r("sliding_window")
+    shapes = _gemma4_shapes(r)
+    sliding_rope, full_rope = _gemma4_ropes(r, sizes, shapes[FULL][0], shapes.get(SLIDING, shapes[FULL])[0])
+    k_eq_v = bool(r("attention_k_eq_v"))
+
+    def layer(kind: str) -> LayerSpec:
+        dim, kv = shapes[kind]
+        return LayerSpec(window if kind == SLIDING else None, full_rope if kind == FULL else sliding_rope,
+                         stored_head_dim=None if dim == sizes.head_dim else dim,
+                         stored_kv_heads=None if kv == sizes.num_kv_heads else kv,
+                         values_are_keys=k_eq_v and kind == FULL)
+
+    return Architecture(
+        layers=tuple(layer(t) for t in types),
+        norms=SANDWICH_NORMS,
+        activation="gelu_tanh",
+        embed_scale=math.sqrt(sizes.hidden_size),
+        attn_scale=1.0,
+        final_softcap=r("final_logit_softcapping"),
+        qk_norm="head",
+        v_norm=True,
+        layer_scalar=True,
+    )
+
+
 def _olmo3(r: KeyReader, sizes: Sizes) -> Architecture:
     """OLMo 2's blocks, three sliding layers to one full (unless layer_types says otherwise), and a rope per
     attention kind: the full layers' scaled (rope_scaling, e.g. YaRN), the sliding layers' plain."""
@@ -1567,6 +1709,35 @@ FAMILIES: dict[str, Family] = {
             Key("sliding_window_pattern", default=6, check=optional_positive_int),
         )),
         lambda r, s: _gemma(r, s, 6, "head", _gemma3_ropes),
+    ),
+    # Google's Gemma 4 text decoders (31B; the E2B / E4B and 26B-A4B releases' per-layer embeddings, shared KV
+    # layers and MoE block are refused by name); "gemma4" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
+    "gemma4_text": Family(
+        _keys(_core(True, 256), _core_defaults(
+            hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
+            num_key_value_heads=4, vocab_size=262_144, max_position_embeddings=131_072,
+        ), (
+            Key("rope_parameters"),
+            Key("hidden_activation", default="gelu_pytorch_tanh", check=one_of("gelu_pytorch_tanh", "gelu_tanh"),
+                unsupported=True),
+            Key("attention_bias", default=False, check=falsy("Gemma 4 releases have no attention biases"),
+                unsupported=True),
+            Key("use_bidirectional_attention", default=None,
+                check=falsy("bidirectional Gemma 4 is not a causal LM; use a causal checkpoint"), unsupported=True),
+            Key("sliding_window", default=512, check=optional_positive_int),
+            Key("layer_types"),
+            Key("final_logit_softcapping", check=optional_positive_number),
+            Key("global_head_dim", default=512, check=size(4096)),
+            Key("per_layer_config"),  # transformers 5.24 saves it in place of the two keys around
+            Key("num_global_key_value_heads", check=optional_size(4096)),
+            Key("attention_k_eq_v", default=False, check=boolean),
+            Key("hidden_size_per_layer_input", default=256, check=optional_non_negative_int),
+            Key("num_kv_shared_layers", default=0, check=optional_non_negative_int),
+            Key("enable_moe_block", default=False, check=boolean),
+        )),
+        _gemma4,
+        kv_heads=_gemma4_kv_heads,
+        head_dim=_gemma4_head_dim,
     ),
     "mixtral": Family(
         _keys(_core(False), _ROPE, _theta(1_000_000.0), _SILU, _WINDOW, MOE_KEYS["mixtral"]),

@@ -70,6 +70,9 @@ class Rope:
     #: The checkpoint turns its pairs the other way (nanochat: rotate_half as ``cat(x2, -x1)``, so ``sin`` changes
     #: sign): every frequency negated, as mlx-lm runs it.
     negated: bool = False
+    #: Gemma 4's "proportional" rope: the first ``rotary_dim / 2`` pairs ``(i, i + head_dim / 2)`` turn at
+    #: ``theta ** (-2i / head_dim)`` (the whole head's spacing), the others not at all; no rows are moved.
+    proportional: bool = False
 
     @classmethod
     def unrotated(cls, head_dim: int) -> "Rope":
@@ -89,7 +92,8 @@ class Rope:
     def inv_freq(self, long: bool = False) -> np.ndarray:
         """``[head_dim // 2]`` float32 frequencies in Ferrum's pairing (zeros for unrotated pairs)."""
         dim = self.rotary_dim
-        base = 1.0 / (self.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        spacing = self.head_dim if self.proportional else dim
+        base = 1.0 / (self.theta ** (np.arange(0, dim, 2, dtype=np.float64) / spacing))
         if self.kind == "linear":
             base = base / self.factor
         elif self.kind == "llama3":
@@ -109,7 +113,7 @@ class Rope:
         """Row order within a head that maps the checkpoint's pairing of q/k dims (partial rotary, adjacent
         pairs) onto Ferrum's (dim ``j`` with ``j + head_dim / 2``, the unrotated pairs last), or None."""
         d, r = self.head_dim, self.rotary_dim
-        if r in (0, d) and not self.interleaved:
+        if (r in (0, d) or self.proportional) and not self.interleaved:
             return None
         first, second = (np.arange(0, r, 2), np.arange(1, r, 2)) if self.interleaved else \
             (np.arange(0, r // 2), np.arange(r // 2, r))

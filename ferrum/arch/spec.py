@@ -23,6 +23,17 @@ class LayerSpec:
     #: Llama 4's attention temperature on this layer's queries, ``(beta, floor, shift)``: each query multiplied by
     #: ``1 + beta * log(1 + floor((position + shift) / floor))``; None: the architecture's ``query_scaling``.
     query_scaling: tuple[float, int, int] | None = None
+    #: The checkpoint's head_dim for this layer where it is below the model's (Gemma 4's sliding layers: 256 beside
+    #: the full layers' 512): each q/k/v head is padded with zero dims at load, so the layer runs in the uniform KV
+    #: pool exactly (scores and outputs gain only zeros); its q/k/v norms then run with ``eps * stored / head_dim``
+    #: and weights times ``sqrt(stored / head_dim)``, which is the stored head's RMSNorm exactly. None: the model's.
+    stored_head_dim: int | None = None
+    #: The checkpoint's key/value heads for this layer where fewer than the model's (Gemma 4's full layers): each is
+    #: repeated at load, so every query reads its own key/value head as before. None: the model's.
+    stored_kv_heads: int | None = None
+    #: The layer stores no v_proj; its values are its key projection (Gemma 4's ``attention_k_eq_v``), taken before
+    #: the k norm and rope, with the value norm of their own.
+    values_are_keys: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,10 @@ class Architecture:
     qk_norm_split: bool = False
     #: The q/k norm has no weight (Llama 4's L2 norm: ``x / sqrt(mean(x ** 2) + eps)``, an RMSNorm without a scale).
     qk_norm_params: bool = True
+    #: Gemma 4: the values are RMS-normed too, per head and without a weight (``v_norm``).
+    v_norm: bool = False
+    #: Gemma 4: each layer's stored ``layer_scalar`` (one number) multiplies the residual stream after the layer.
+    layer_scalar: bool = False
     #: OLMo's clip_qkv: q, k and v clipped to [-c, c] once projected (and OLMoE's q and k once normed).
     clip_qkv: float | None = None
     qkv_bias: bool = False

@@ -23,6 +23,7 @@ often keep ``v_proj`` at more bits) stays unfused.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping
 
@@ -96,9 +97,65 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         norms = qk_norms if layer.qk_norm else {}
+        own = _stored_attention(config, layer, attention, norms)
+        if arch.layer_scalar:
+            own["layer_scalar"] = (1,)
         shapes.update({f"{p}layers.{i}.{name}": shape[::-1] if arch.transposed and len(shape) == 2 else shape
-                       for name, shape in {**attention, **norms, **mlp}.items()})
+                       for name, shape in {**own, **mlp}.items()})
     return {stored_name(arch, name): shape for name, shape in shapes.items()}
+
+
+def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, ...]],
+                      norms: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """A layer's attention tensors as stored: the model's, or (Gemma 4) its own head_dim, key/value heads, and no
+    v_proj where the values are the keys."""
+    own = {**attention, **norms}
+    if layer.stored_head_dim is None and layer.stored_kv_heads is None and not layer.values_are_keys:
+        return own
+    h, d = config.hidden_size, layer.stored_head_dim or config.head_dim
+    q, kv = config.num_heads * d, (layer.stored_kv_heads or config.num_kv_heads) * d
+    own.update({"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q)})
+    for name in norms:  # "head" norms: one weight of the head's dims
+        own[name] = (d,)
+    if layer.values_are_keys:
+        del own["self_attn.v_proj.weight"]
+    return own
+
+
+def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
+    """A Gemma 4 layer's stored attention tensor made the model's uniform heads (see ``LayerSpec.stored_head_dim``
+    and ``stored_kv_heads``): q/k/v heads padded with zero dims at their end (o_proj's columns likewise), q/k norm
+    weights padded and scaled, key/value heads repeated, and a v_proj made of k_proj where the values are the keys."""
+    d, hd = layer.stored_head_dim or config.head_dim, config.head_dim
+    kv = layer.stored_kv_heads or config.num_kv_heads
+    if not any(f".self_attn.{m}." in name for m in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")):
+        return [(name, tensor)]
+    if not isinstance(tensor, np.ndarray) and (d != hd or kv != config.num_kv_heads):
+        raise UnsupportedFeatureError(f"{name}: Ferrum pads or repeats this layer's heads at load, which it does for "
+                                      "float weights only; load an unquantized checkpoint")
+    if d == hd and kv == config.num_kv_heads:  # nothing to pad or repeat (a full layer's own heads)
+        if layer.values_are_keys and ".self_attn.k_proj." in name:
+            return [(name, tensor), (name.replace(".k_proj.", ".v_proj."), tensor)]
+        return [(name, tensor)]
+    t = np.asarray(tensor)
+    if ".self_attn.o_proj." in name:
+        out = np.zeros((t.shape[0], config.num_heads, hd), dtype=t.dtype)
+        out[:, :, :d] = t.reshape(t.shape[0], config.num_heads, d)
+        return [(name, out.reshape(t.shape[0], -1))]
+    if name.endswith("norm.weight"):
+        out = np.zeros(hd, dtype=np.float32)
+        out[:d] = t.astype(np.float32) * np.float32(math.sqrt(d / hd))
+        return [(name, out)]
+    heads = config.num_heads if ".self_attn.q_proj." in name else kv
+    out = np.zeros((heads, hd) + t.shape[1:], dtype=t.dtype)
+    out[:, :d] = t.reshape((heads, d) + t.shape[1:])
+    if heads == kv and kv != config.num_kv_heads:
+        out = np.repeat(out, config.num_kv_heads // kv, axis=0)
+    out = out.reshape((-1,) + t.shape[1:])
+    if layer.values_are_keys and ".self_attn.k_proj." in name:
+        return [(name, out), (name.replace(".k_proj.", ".v_proj."), out.copy())]
+    return [(name, out)]
 
 
 def bias_of(weight: str) -> str:
@@ -183,6 +240,10 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
     else:
         parts = MLP_KINDS[arch.layers[layer].mlp].split(config, name, tensor)
+    if layer is not None:
+        spec = arch.layers[layer]
+        if spec.stored_head_dim is not None or spec.stored_kv_heads is not None or spec.values_are_keys:
+            parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]
     return [(n, _transform(config, layer, n, t)) for n, t in parts]
 
 
@@ -345,7 +406,11 @@ def _member_parts(config: Any, name: str) -> list[str]:
     if layer is None:
         return [name]
     stem = f"{config.arch.prefix}layers.{layer}."
+    if "." not in name[len(stem):]:  # a layer's own number (Gemma 4's layer_scalar)
+        return [name]
     module, suffix = name[len(stem):].rsplit(".", 1)
+    if module == "self_attn.k_proj" and config.arch.layers[layer].values_are_keys:  # its v_proj made of k_proj
+        return [name, f"{stem}self_attn.v_proj.{suffix}"]
     return [f"{stem}{m}.{suffix}" for m in FUSED.get(module, (module,))]
 
 
