@@ -333,12 +333,15 @@ _UNTIED_ADVICE = ("Only the LM head is missing, and config.json unties it from t
 def _dropped_correction_biases(checkpoint: Checkpoint, config: ModelConfig, parts_of: dict[str, tuple[str, ...]],
                                present: set[str]) -> list[str]:
     """The MoE correction biases a conversion left out where the family allows it (``MoeSpec.
-    correction_bias_droppable``: mlx-lm's ERNIE 4.5 routes without them), to be read as zeros; said once."""
+    correction_bias_droppable``: mlx-lm's ERNIE 4.5 routes without them), to be read as zeros; said once. All of
+    them or none: a checkpoint missing only some (a lost shard) is reported missing as any other."""
     moe = config.arch.moe
     if moe is None or not moe.correction_bias_droppable:
         return []
-    dropped = [name for name, parts in parts_of.items()
-               if name.endswith(f".{moe.bias_name}") and not present.intersection(parts)]
+    biases = [name for name in parts_of if name.endswith(f".{moe.bias_name}")]
+    dropped = [name for name in biases if not present.intersection(parts_of[name])]
+    if dropped and len(dropped) < len(biases):
+        return []
     if dropped:
         warnings.warn(
             f"{checkpoint.folder}: {len(dropped)} MoE correction bias(es) (e.g. {dropped[0]}) are not in the "

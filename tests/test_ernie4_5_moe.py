@@ -206,6 +206,22 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them_and_say_so(checkpoints, tmp_
         assert scaled_error(model.forward_verify("m", TOKENS), want) <= 1e-4, backend
 
 
+def test_a_checkpoint_missing_only_some_correction_biases_is_refused(checkpoints, tmp_path):
+    """All the biases left out is mlx-lm's conversion; only some is a damaged checkpoint (a lost shard), refused
+    naming what is missing rather than run with those layers unbiased."""
+    from safetensors.numpy import load_file, save_file
+
+    from ferrum.errors import MissingTensorError
+
+    folder = shutil.copytree(checkpoints["release"][0], tmp_path / "damaged")
+    tensors = load_file(str(folder / "model.safetensors"))
+    lost = next(name for name in tensors if name.endswith("moe_statics.e_score_correction_bias"))
+    save_file({k: v for k, v in tensors.items() if k != lost}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(MissingTensorError, match=re.escape(lost)):
+        DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32")
+
+
 @needs_mlx
 def test_mlx_backend_matches_mlx_lm_without_the_bias(checkpoints, tmp_path):
     """With zero correction biases (where mlx-lm's plain softmax routing is transformers'), Ferrum's MLX backend
