@@ -142,7 +142,7 @@ def test_sparse_layers_follow_transformers_rule():
     ({"moe_k": 7}, ConfigError, "'num_experts_per_tok' (7) exceeds the 6 experts"),
     ({"moe_layer_start_index": [1, 2]}, ConfigError, "'moe_layer_start_index' must be a layer index"),
     ({"moe_gate_act": "sigmoid"}, UnsupportedFeatureError, "transformers routes ERNIE 4.5 by softmax"),
-    ({"moe_norm_min": 0.5}, UnsupportedFeatureError, "'moe_norm_min' (0.5) exceeds 0.333333"),
+    ({"moe_norm_min": 0.01}, UnsupportedFeatureError, "'moe_norm_min' (0.01) would clamp the chosen experts'"),
 ])
 def test_bad_keys_are_refused_by_name(changes, error, words):
     with pytest.raises(error, match=re.escape(words)):

@@ -226,19 +226,24 @@ def _ernie_top_k(r: KeyReader) -> int:
     return r("num_experts_per_tok") or r("moe_k")
 
 
+#: The largest moe_norm_min ERNIE 4.5 runs with: a floor below the probabilities' float32 resolution changes nothing.
+_NORM_FLOOR = 1e-6
+
+
 def _ernie(r: KeyReader, module: str, names: tuple[str, str, str], count: int, top_k: int,
            layers: int) -> tuple[MoeSpec, list[bool]]:
     """ERNIE 4.5's sparse MLP as transformers runs it (``Ernie4_5_MoeSparseMoeBlock``): a float32 router ``gate``
     whose softmax probabilities, plus ``gate.moe_statics.e_score_correction_bias`` (``[1, E]``, float32), choose
-    the top-k, weighed by their uncorrected probabilities divided by their sum (at least moe_norm_min, which the
-    sum of the k largest of E probabilities, at least k / E, always exceeds where moe_norm_min <= k / E); unbiased
+    the top-k, weighed by their uncorrected probabilities divided by their sum, clamped to at least moe_norm_min
+    (the experts the bias chose need not be the most probable, so their sum can be small: Ferrum runs the
+    releases' negligible floor, refusing a larger one, which would change the weights); unbiased
     experts of moe_intermediate_size, and an ungated ``shared_experts`` MLP of moe_num_shared_experts times that
     (none where 0), biased by use_bias as the dense MLPs are. Layer i is sparse where moe_layer_start_index <= i <=
     moe_layer_end_index (-1: the last layer) and (i + 1) % moe_layer_interval == 0."""
-    floor = r("moe_norm_min")
-    if floor > top_k / count:
-        r.fail("moe_norm_min", f"({floor}) exceeds {top_k / count:g} (moe_k / moe_num_experts), where it would clamp "
-                               "the routing weights' sum; Ferrum does not support that", unsupported=True)
+    if r("moe_norm_min") > _NORM_FLOOR:
+        r.fail("moe_norm_min", f"({r('moe_norm_min')}) would clamp the chosen experts' probabilities' sum where it is "
+                               f"small; Ferrum divides by the sum as it is (floors up to {_NORM_FLOOR:g}, as the "
+                               "releases' 1e-12)", unsupported=True)
     size, shared = r("moe_intermediate_size"), r("moe_num_shared_experts")
     spec = MoeSpec(module, names, count, top_k, size, True, size * shared or None, shared_module="shared_experts",
                    shared_gate=None, routing="softmax_corrected", router_float32=True,
