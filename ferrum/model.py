@@ -197,7 +197,7 @@ class DecoderOnlyLLM:
         self.embed, self.embed_lookup = embed.weight, embed.embedding
         #: Learned absolute positions (GPT-2), or None.
         self.position_table = weights.get(f"{arch.prefix}embed_positions.weight")
-        self._ones: Any = None  # the weight of ones of weightless RMSNorms (:meth:`_weightless`), placed once
+        self._ones: dict[int, Any] = {}  # size -> the weight of ones of weightless RMSNorms, placed once
         self.final_norm = _norm_weights(weights, f"{arch.prefix}norm") if arch.norm_params else self._weightless()
         #: nanochat's norm of the embeddings before the first block (weightless), or None.
         self.embed_norm = self._weightless() if arch.embed_norm else None
@@ -306,8 +306,7 @@ class DecoderOnlyLLM:
         q_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[0]}")
         k_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}")
         if arch.qk_norm is not None and not arch.qk_norm_params:  # a norm without a weight (Llama 4's L2 norm): 1s
-            ones = self.ops.from_numpy(np.ones(config.head_dim, dtype=np.float32), self.dtype)
-            q_norm = k_norm = (ones, None)
+            q_norm = k_norm = (self._ones_of(config.head_dim), None)
         qkv, o = self._attention.build(self.ops, config, tensor, projection, self._attention_placed[id(spec.rope)])
         # a padded layer's q/k/v norms: the stored head's RMSNorm (see LayerSpec.stored_head_dim)
         fit = (spec.stored_head_dim or config.head_dim) / config.head_dim
@@ -343,9 +342,13 @@ class DecoderOnlyLLM:
         takes none; a weight of ones for an RMSNorm (nanochat's), as the backends' ``rms_norm`` needs one."""
         if self.config.arch.norm != "rms":
             return None, None
-        if self._ones is None:
-            self._ones = self.ops.from_numpy(np.ones(self.config.hidden_size, dtype=np.float32), self.dtype)
-        return self._ones, None
+        return self._ones_of(self.config.hidden_size), None
+
+    def _ones_of(self, size: int) -> Any:
+        """A placed weight of ``size`` ones (the weight of an RMSNorm that has none), one per size."""
+        if size not in self._ones:
+            self._ones[size] = self.ops.from_numpy(np.ones(size, dtype=np.float32), self.dtype)
+        return self._ones[size]
 
     def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
         """``enter(h[, residual], positions) -> (q, k, v, h)`` (the first block has no residual to add) and

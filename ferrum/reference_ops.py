@@ -55,7 +55,7 @@ def paged_attention(
     return ops.concat(outputs)
 
 
-def _dtype_name(x: Any) -> str:
+def dtype_name(x: Any) -> str:
     """The Ferrum dtype name of a backend array whose ``dtype`` prints as one (numpy, torch, MLX do), else float32."""
     name = str(getattr(x, "dtype", "float32")).rsplit(".", 1)[-1]
     return name if name in ("float32", "float16", "bfloat16") else "float32"
@@ -63,7 +63,7 @@ def _dtype_name(x: Any) -> str:
 
 def _on_host(ops: Any, x: Any, fn: Any) -> Any:
     """``fn`` of ``x`` computed on the host in float32, returned in ``x``'s dtype."""
-    return ops.from_numpy(fn(np.asarray(ops.to_numpy(x), dtype=np.float32)), _dtype_name(x))
+    return ops.from_numpy(fn(np.asarray(ops.to_numpy(x), dtype=np.float32)), dtype_name(x))
 
 
 def _gelu_tanh(g: np.ndarray) -> np.ndarray:
@@ -109,7 +109,7 @@ def xielu(ops: Any, x: Any, alpha_p: float, alpha_n: float, beta: float, eps: fl
 
 
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:
-    rounded = np.asarray(ops.to_numpy(ops.from_numpy(np.array([factor], dtype=np.float32), _dtype_name(x))))[0]
+    rounded = np.asarray(ops.to_numpy(ops.from_numpy(np.array([factor], dtype=np.float32), dtype_name(x))))[0]
     return _on_host(ops, x, lambda a: a * np.float32(rounded))
 
 
@@ -142,7 +142,7 @@ def lora_apply(ops: Any, y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
 
 
 def split(ops: Any, x: Any, sizes: tuple[int, ...]) -> list[Any]:
-    host, dtype = ops.to_numpy(x), _dtype_name(x)
+    host, dtype = ops.to_numpy(x), dtype_name(x)
     return [ops.from_numpy(np.ascontiguousarray(part), dtype)
             for part in np.split(host, np.cumsum(sizes)[:-1], axis=-1)]
 

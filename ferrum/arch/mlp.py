@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 
 from ferrum.moe.kind import Moe
-from ferrum.reference_ops import _dtype_name
+from ferrum.reference_ops import dtype_name
 
 if TYPE_CHECKING:
     from ferrum.weights import Linear, Projections
@@ -47,7 +47,7 @@ def xielu_slopes(ops: Any, tensor: Callable[[str], Any]) -> tuple[float, float, 
     transformers' XIELUActivation derives them in the model's dtype: ``softplus(alpha_p)`` and ``beta +
     softplus(alpha_n)``, each softplus and the sum rounded to that dtype."""
     placed = {name: tensor(f"mlp.act_fn.{name}") for name in XIELU_PARAMS}
-    dtype = _dtype_name(placed["beta"])
+    dtype = dtype_name(placed["beta"])
 
     def value(x: Any) -> np.float32:
         return np.asarray(ops.to_numpy(x), dtype=np.float32).reshape(-1)[0]

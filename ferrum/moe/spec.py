@@ -597,7 +597,7 @@ def _hy_v3(r: KeyReader, sizes: object, count: int, top_k: int) -> tuple[MoeSpec
     return spec, [kind == "sparse" for kind in kinds]
 
 
-def _llama4(r: KeyReader, sizes: object) -> tuple[MoeSpec, list[bool]]:
+def _llama4(r: KeyReader, sizes: Any, count: int) -> tuple[MoeSpec, list[bool]]:
     """Llama 4's sparse MLPs (transformers' ``Llama4TextMoe``): a router ``feed_forward.router`` whose top logit's
     sigmoid scales the chosen expert's *input*, experts of intermediate_size stored fused (``experts.gate_up_proj``
     ``[E, hidden, 2 * inter]``, ``experts.down_proj``: :mod:`ferrum.moe.fused_gate_up`), and an ungated
@@ -613,9 +613,9 @@ def _llama4(r: KeyReader, sizes: object) -> tuple[MoeSpec, list[bool]]:
         listed = list(range(step - 1, layers, step))
     if any(i >= layers for i in listed):
         r.fail("moe_layers", f"lists {listed!r}, past the model's {layers} layers")
-    spec = MoeSpec("feed_forward", LAYOUT["llama4_text"][1], r("num_local_experts") or _DEFAULT_COUNT["llama4_text"],
-                   1, inter, False, inter, router="router", layout="fused_gate_up", shared_gate=None,
-                   routing="sigmoid_top_k", weigh_input=True, fused_inputs_first=True)
+    spec = MoeSpec("feed_forward", LAYOUT["llama4_text"][1], count, 1, inter, False, inter, router="router",
+                   layout="fused_gate_up", shared_gate=None, routing="sigmoid_top_k", weigh_input=True,
+                   fused_inputs_first=True)
     return spec, [i in listed for i in range(layers)]
 
 
@@ -657,7 +657,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     **{family: _grouped_mlps for family in _GROUPED},
     "ernie4_5_moe": _ernie_mlps,
     "hy_v3": lambda r, model_type, count, top_k, sizes: _hy_v3(r, sizes, count, top_k),
-    "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes),
+    "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
 }
 
 
