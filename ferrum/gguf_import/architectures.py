@@ -305,10 +305,7 @@ def _llama4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any
     if base_swa is not None and float32_value(base_swa) != cfg["rope_theta"]:
         raise UnsupportedFeatureError(f"{where}: {p}rope.freq_base_swa {base_swa} other than rope.freq_base is not "
                                       "supported (transformers' Llama 4 rotates every rope layer alike)")
-    scale = meta.get(p + "expert_weights_scale")
-    if scale not in (None, 0, 1):
-        raise UnsupportedFeatureError(f"{where}: {p}expert_weights_scale {scale} is not supported (Llama 4 does not "
-                                      "scale its routed expert)")
+    _refuse_expert_scale(meta, p, "Llama 4")
     experts = int(meta.need(p + "expert_feed_forward_length"))
     shared = meta.get(p + "expert_shared_feed_forward_length")
     if shared is not None and int(shared) != experts:
@@ -320,6 +317,14 @@ def _llama4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any
             "no_rope_layer_interval": _LLAMA4_NOPE_STEP, "attention_chunk_size": _LLAMA4_CHUNK,
             "layer_types": ["chunked_attention" if (i + 1) % period else "full_attention" for i in range(layers)],
             "use_qk_norm": cfg["num_local_experts"] != 128, **dict(_LLAMA4_TEMPERATURE)}
+
+
+def _refuse_expert_scale(meta: Metadata, p: str, family: str) -> None:
+    """A family that does not scale its routed experts refuses a file's expert_weights_scale other than 1 (0: unset)."""
+    scale = meta.get(p + "expert_weights_scale")
+    if scale not in (None, 0, 1):
+        raise UnsupportedFeatureError(f"{meta.where}: {p}expert_weights_scale {scale} is not supported ({family} "
+                                      "does not scale its routed experts)")
 
 
 def _hunyuan_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -337,10 +342,7 @@ def _hunyuan_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str
     if shared != 1:
         raise UnsupportedFeatureError(f"{where}: {p}expert_shared_count {shared} is not supported (Hunyuan-A13B "
                                       "has one shared MLP)")
-    scale = meta.get(p + "expert_weights_scale")
-    if scale not in (None, 0, 1):
-        raise UnsupportedFeatureError(f"{where}: {p}expert_weights_scale {scale} is not supported (Hunyuan-A13B "
-                                      "does not scale its routed experts)")
+    _refuse_expert_scale(meta, p, "Hunyuan-A13B")
     return {"moe_topk": cfg["num_experts_per_tok"], "num_shared_expert": 1,
             "attention_bias": "blk.0.attn_q.bias" in meta.tensors}
 
