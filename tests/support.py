@@ -247,6 +247,20 @@ def assert_names_the_tensors_transformers_saves(folder: Path) -> None:
         n: s for n, s in saved.items() if ".experts." not in n}
 
 
+def without_correction_biases(folder: Path):
+    """transformers' model of checkpoint ``folder`` in float32 with its MoE correction biases zeroed (buffers or
+    parameters named ``e_score_correction_bias``): a parity test's control that the biases matter."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    with torch.no_grad():
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith("e_score_correction_bias"):
+                tensor.zero_()
+    return model
+
+
 def reference_logits(model, tokens) -> np.ndarray:
     import torch
 

@@ -12,7 +12,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from ferrum.backends import load_backend
@@ -23,7 +22,7 @@ from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
     assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references, scaled_error,
-    write_tokenizer,
+    without_correction_biases, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -69,11 +68,7 @@ def test_the_parity_checks_the_biases_and_the_window(checkpoints):
     comparison above."""
     folder, hf = checkpoints["grouped"]
     want = reference_logits(hf, TOKENS)
-    unbiased = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
-    with torch.no_grad():
-        for name, buffer in unbiased.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.zero_()
+    unbiased = without_correction_biases(folder)
     assert scaled_error(reference_logits(unbiased, TOKENS), want) > 1e-2
     unwindowed = transformers.AutoModelForCausalLM.from_pretrained(
         folder, layer_types=["full_attention"] * 3).float().eval()

@@ -9,7 +9,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 import ferrum
@@ -20,7 +19,7 @@ from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_random_checkpoint_is_what_transformers_reads, assert_router_computes_in_float32, reference_logits,
-    runnable_backends, saved_references, scaled_error, with_prediction_layer,
+    runnable_backends, saved_references, scaled_error, with_prediction_layer, without_correction_biases,
 )
 
 BACKENDS = runnable_backends()
@@ -80,11 +79,7 @@ def test_the_parity_is_sensitive_to_the_layer_kinds_and_correction_biases(checkp
     other = transformers.AutoModelForCausalLM.from_pretrained(
         folder, mlp_layer_types=["dense", "dense", "sparse"]).float().eval()
     assert scaled_error(reference_logits(other, TOKENS), want) > 1e-3
-    unbiased = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
-    with torch.no_grad():
-        for name, buffer in unbiased.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.zero_()
+    unbiased = without_correction_biases(folder)
     assert scaled_error(reference_logits(unbiased, TOKENS), want) > 1e-3
     arch = ModelConfig.from_file(checkpoints["yarn"][0]).arch
     assert arch.attn_scale == pytest.approx(checkpoints["yarn"][1].model.layers[0].self_attn.scaling)

@@ -10,7 +10,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from ferrum.backends import load_backend
@@ -21,6 +20,7 @@ from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
     assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references, scaled_error,
+    without_correction_biases,
 )
 
 BACKENDS = runnable_backends()
@@ -64,11 +64,7 @@ def test_model_matches_transformers(checkpoints, backend, variant):
 def test_the_parity_checks_the_correction_bias(checkpoints):
     """Zeroing the correction biases moves transformers' logits: they matter in the comparison above."""
     folder, hf = checkpoints["release"]
-    unbiased = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
-    with torch.no_grad():
-        for name, buffer in unbiased.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.zero_()
+    unbiased = without_correction_biases(folder)
     assert scaled_error(reference_logits(unbiased, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
 
 

@@ -11,7 +11,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from ferrum.backends import load_backend
@@ -22,7 +21,7 @@ from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
     assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references, scaled_error,
-    write_tokenizer,
+    without_correction_biases, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -66,11 +65,7 @@ def test_model_matches_transformers(checkpoints, backend, variant):
 def test_the_parity_checks_the_correction_bias(checkpoints):
     """Zeroing the correction biases moves transformers' logits: they matter in the comparison above."""
     folder, hf = checkpoints["release"]
-    unbiased = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
-    with torch.no_grad():
-        for name, buffer in unbiased.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.zero_()
+    unbiased = without_correction_biases(folder)
     assert scaled_error(reference_logits(unbiased, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
 
 
