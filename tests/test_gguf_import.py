@@ -949,7 +949,6 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
     """Stacked experts and the router into mlx-lm's switch_mlp layout, kept packed when quantized: float32
     experts give transformers' logits; Q8_0 ones exactly what the same file imported in float32 gives."""
     transformers = pytest.importorskip("transformers")
-    import ferrum
     from ferrum.config import ModelConfig
 
     common = dict(num_hidden_layers=2, num_experts_per_tok=2, tie_word_embeddings=False)
@@ -981,9 +980,7 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
         _assert_logits_match(hf, packed)
         return
     assert (ours.quantization.bits, ours.quantization.group_size) == (8, 32)
-    floats = convert_gguf(tmp_path / "moe.gguf", tmp_path / "float", dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (packed, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_runs_as_its_float_import(tmp_path / "moe.gguf", packed, tmp_path / "float")
 
 
 def test_experts_in_a_q4_k_m_mix_run_packed_on_every_backend(tmp_path):
@@ -1338,7 +1335,6 @@ def test_dense_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qtype)
     gives."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import ferrum
 
     common = dict(intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=False)
     if arch == "nemotron":
@@ -1366,9 +1362,7 @@ def test_dense_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qtype)
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def _gpt2_like_gguf(path: Path, hf, config, arch: str) -> None:
@@ -1569,6 +1563,17 @@ def test_dequantize_to_float16(tmp_path):
     assert config["torch_dtype"] == "float16" and "quantization" not in config
     with pytest.raises(ConfigError, match="dequantize_to must be one of"):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out2", dequantize_to="int8")
+
+
+def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> np.ndarray:
+    """A quantized file's import (kept packed, ``packed``) gives the logits its float32 import (into ``floats``)
+    gives, within Q8_0's and the packed kernels' rounding; returns the packed import's logits."""
+    import ferrum
+
+    convert_gguf(gguf, floats, dequantize_to="float32")
+    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (packed, floats))
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    return got
 
 
 @pytest.mark.parametrize(
@@ -2010,7 +2015,6 @@ def test_deepseek2_gguf_matches_the_model_it_was_written_from(tmp_path, family, 
     in float32 gives, and transformers' within Q8_0's error."""
     import torch
 
-    import ferrum
     from ferrum.config import ModelConfig
 
     hf, config = _tiny_deepseek2(family)
@@ -2041,9 +2045,7 @@ def test_deepseek2_gguf_matches_the_model_it_was_written_from(tmp_path, family, 
         _assert_logits_match(hf, out)
         return
     assert "model.layers.1.self_attn.q_b_proj.scales" in stored or family == "v2"
-    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
     with torch.no_grad():  # Q8_0's rounding, about 1e-2 here
         want = hf(torch.tensor([TINY_TOKENS])).logits[0].numpy()
     assert float(np.abs(got - want).max()) <= 5e-2 * max(1.0, float(np.abs(want).max()))
@@ -2162,7 +2164,6 @@ def test_shared_expert_gguf_matches_the_model_it_was_written_from(tmp_path, arch
     """dots.llm1 (Qwen 3's attention over DeepSeek-V3's sigmoid routing: correction bias, scale, a dense first
     layer, shared experts) and Hunyuan-A13B (q/k normed once rotated, softmax routing, a shared MLP): float32
     files give transformers' logits; Q8_0 ones (experts too) what the same file imported in float32 gives."""
-    import ferrum
     from ferrum.config import ModelConfig
 
     hf, config = _tiny_shared_expert_model(arch)
@@ -2178,9 +2179,7 @@ def test_shared_expert_gguf_matches_the_model_it_was_written_from(tmp_path, arch
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 # ------------------------------------------------------------------ Qwen3-VL's text model
@@ -2255,7 +2254,6 @@ def test_qwen3_vl_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qty
     """Qwen3-VL's text model (mrope sections and deepstack metadata, which text alone does not use) imports as
     Qwen 3 / Qwen3-MoE (its top-k weights renormalised): float32 files give the logits transformers' Qwen3-VL gives
     for text alone; Q8_0 ones what the same file imported in float32 gives."""
-    import ferrum
     from ferrum.config import ModelConfig
 
     hf, config = _tiny_qwen3_vl(arch == "qwen3vlmoe")
@@ -2269,9 +2267,7 @@ def test_qwen3_vl_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qty
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 # ------------------------------------------------------------------ mistral3: Ministral 3, Mistral Small 3.x
@@ -2322,7 +2318,6 @@ def test_mistral3_gguf_matches_the_model_it_was_written_from(tmp_path, family, q
     context where the temperature steps; Q8_0 ones what the same file imported in float32 gives."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import ferrum
     from ferrum.config import ModelConfig
 
     common = dict(intermediate_size=96, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False)
@@ -2344,9 +2339,7 @@ def test_mistral3_gguf_matches_the_model_it_was_written_from(tmp_path, family, q
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 # ------------------------------------------------------------------ Llama 4 (Scout, Maverick)
@@ -2425,7 +2418,6 @@ def test_llama4_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qt
     ones (experts too) what the same file imported in float32 gives."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import ferrum
     from ferrum.config import ModelConfig
 
     common = dict(intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4, head_dim=16,
@@ -2464,9 +2456,7 @@ def test_llama4_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qt
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 @pytest.mark.parametrize("keys, words", [
@@ -2535,7 +2525,6 @@ def test_ernie4_5_moe_gguf_matches_the_model_it_was_written_from(tmp_path, share
     too) what the same file imported in float32 gives."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import ferrum
     from ferrum.config import ModelConfig
 
     hf, config = _tiny_model(transformers.Ernie4_5_MoeConfig, intermediate_size=96, num_hidden_layers=4,
@@ -2560,9 +2549,7 @@ def test_ernie4_5_moe_gguf_matches_the_model_it_was_written_from(tmp_path, share
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 # ------------------------------------------------------------------ ChatGLM (GLM-4-9B)
@@ -2600,7 +2587,6 @@ def test_chatglm_gguf_matches_the_model_it_was_written_from(tmp_path, fused, qty
     transformers' logits; Q8_0 ones what the same file imported in float32 gives."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import ferrum
     from ferrum.config import ModelConfig
 
     hf, config = _tiny_model(transformers.GlmConfig, intermediate_size=96, num_hidden_layers=2, head_dim=16,
@@ -2623,6 +2609,4 @@ def test_chatglm_gguf_matches_the_model_it_was_written_from(tmp_path, fused, qty
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    floats = convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (out, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
