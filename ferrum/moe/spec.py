@@ -135,16 +135,24 @@ def _mlp_layer_types(value: object) -> str | None:
     return f"must list 'dense' or 'sparse' per layer, got {value!r}"
 
 
+def _listed_sparse(r: KeyReader, layers: int, default: list[bool]) -> list[bool]:
+    """Which layers are sparse as mlp_layer_types lists them ("dense" or "sparse", one per layer); ``default``
+    where it lists none."""
+    kinds = r("mlp_layer_types")
+    if kinds is None:
+        return default
+    if len(kinds) != layers:
+        r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
+    return [kind == "sparse" for kind in kinds]
+
+
 def _sparse_layers(r: KeyReader, layers: int) -> list[bool]:
     """Which layers are sparse: from first_k_dense_replace on, or as mlp_layer_types lists them (GLM-4.7-Flash's
     transformers config, whose default is every layer but the first). transformers ignores first_k_dense_replace
     there, mlx-lm and the model's own code read it: a config where the two disagree is refused."""
     if "mlp_layer_types" not in r.keys:
         return [i >= r("first_k_dense_replace") for i in range(layers)]
-    kinds = r("mlp_layer_types") or ["dense"] + ["sparse"] * (layers - 1)
-    if len(kinds) != layers:
-        r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
-    sparse = [kind == "sparse" for kind in kinds]
+    sparse = _listed_sparse(r, layers, [i > 0 for i in range(layers)])
     first = r("first_k_dense_replace")
     if first is not None and sparse != [i >= first for i in range(layers)]:
         r.fail("first_k_dense_replace", f"is {first}, but mlp_layer_types makes layers "
@@ -264,13 +272,7 @@ def _exaone_moe_sparse(r: KeyReader, layers: int) -> list[bool]:
     """transformers' EXAONE MoE: mlp_layer_types, else the layers from first_k_dense_replace on. LG's configs also
     list ``is_moe_layer``, which transformers ignores (TensorRT-LLM and mlx-lm read it): refused where it
     disagrees."""
-    kinds = r("mlp_layer_types")
-    if kinds is None:
-        sparse = [i >= r("first_k_dense_replace") for i in range(layers)]
-    elif len(kinds) != layers:
-        r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
-    else:
-        sparse = [kind == "sparse" for kind in kinds]
+    sparse = _listed_sparse(r, layers, [i >= r("first_k_dense_replace") for i in range(layers)])
     listed = r("is_moe_layer")
     if listed is not None and listed != sparse:
         r.fail("is_moe_layer", f"is {listed!r}, but transformers makes layers {[i for i, s in enumerate(sparse) if s]} "
@@ -427,12 +429,7 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
 }
 def _listed_kinds(r: KeyReader, layers: int) -> list[bool]:
     """Which layers are sparse: as mlp_layer_types lists them, every layer where it does not (Mellum's)."""
-    kinds = r("mlp_layer_types")
-    if kinds is None:
-        return [True] * layers
-    if len(kinds) != layers:
-        r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
-    return [kind == "sparse" for kind in kinds]
+    return _listed_sparse(r, layers, [True] * layers)
 
 
 #: Per Qwen-like family, which layers are sparse, where Qwen's mlp_only_layers and decoder_sparse_step do not say.
@@ -587,14 +584,11 @@ def _hy_v3(r: KeyReader, sizes: object, count: int, top_k: int) -> tuple[MoeSpec
     intermediate_size, as transformers sizes it). Layers are sparse as mlp_layer_types lists them, else all but the
     first."""
     layers, size = sizes.num_layers, r("moe_intermediate_size")
-    kinds = r("mlp_layer_types") or ["dense"] * min(layers, 1) + ["sparse"] * (layers - 1)
-    if len(kinds) != layers:
-        r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
     spec = MoeSpec("mlp", LAYOUT["hy_v3"][1], count, top_k, size, True,
                    size * r("num_shared_experts") or sizes.intermediate_size, router="router.gate",
                    shared_module="shared_mlp", shared_gate=None, routing="sigmoid_grouped",
                    routed_scale=float(r("router_scaling_factor")), router_float32=True, correction_bias="expert_bias")
-    return spec, [kind == "sparse" for kind in kinds]
+    return spec, _listed_sparse(r, layers, [i > 0 for i in range(layers)])
 
 
 def _llama4(r: KeyReader, sizes: Any, count: int) -> tuple[MoeSpec, list[bool]]:
