@@ -261,6 +261,16 @@ def without_correction_biases(folder: Path):
     return model
 
 
+def mlx_lm_logits(folder: Path, tokens) -> np.ndarray:
+    """mlx-lm's own model's logits over ``tokens`` for checkpoint ``folder``, float32 ``[len(tokens), vocab]``."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    loaded = load_model(folder)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
+
+
 def reference_logits(model, tokens) -> np.ndarray:
     import torch
 

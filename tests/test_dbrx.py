@@ -19,8 +19,8 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, reference_logits, runnable_backends, saved_references, scaled_error,
-    write_tokenizer,
+    assert_names_the_tensors_transformers_saves, mlx_lm_logits, reference_logits, runnable_backends,
+    saved_references, scaled_error, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -193,22 +193,13 @@ def _with_tokenizer(folder, destination):
     return destination
 
 
-def _mlx_lm_logits(folder, tokens) -> np.ndarray:
-    import mlx.core as mx
-    from mlx_lm.utils import load_model
-
-    loaded = load_model(folder)
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
-
-
 @needs_mlx
 def test_mlx_backend_matches_mlx_lm(checkpoints, tmp_path):
     """mlx-lm reads transformers' experts through its sanitize; its softmax routing runs in float32, its weights
     always divided by their sum, as the release's config asks."""
     folder = _with_tokenizer(checkpoints["release"][0], tmp_path / "hf")
     got = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, _mlx_lm_logits(folder, TOKENS)) <= 1e-4
+    assert scaled_error(got, mlx_lm_logits(folder, TOKENS)) <= 1e-4
 
 
 @needs_mlx
@@ -226,7 +217,7 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
         names = set(f.keys())
     assert "transformer.blocks.1.ffn.experts.7.w2.weight" in names and not any(".experts.mlp." in n for n in names)
     assert ("transformer.blocks.1.ffn.experts.7.w2.scales" in names) == (bits is not None)
-    want = _mlx_lm_logits(converted, TOKENS)
+    want = mlx_lm_logits(converted, TOKENS)
     for backend in BACKENDS:
         got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
         assert scaled_error(got, want) <= 1e-4, backend
@@ -243,7 +234,7 @@ def test_ferrum_quantize_output_loads(checkpoints, tmp_path):
     source = _with_tokenizer(checkpoints["release"][0], tmp_path / "hf")
     ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
     convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
-    want = _mlx_lm_logits(tmp_path / "mlx", TOKENS)
+    want = mlx_lm_logits(tmp_path / "mlx", TOKENS)
     got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
     assert scaled_error(got, want) <= 1e-4
 

@@ -20,8 +20,8 @@ from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references, scaled_error,
-    without_correction_biases, write_tokenizer,
+    assert_router_computes_in_float32, mlx_lm_logits, reference_logits, runnable_backends, saved_references,
+    scaled_error, without_correction_biases, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -183,20 +183,11 @@ def _as_mlx_lm_reads_it(folder, destination):
     return destination
 
 
-def _mlx_lm_logits(folder, tokens) -> np.ndarray:
-    import mlx.core as mx
-    from mlx_lm.utils import load_model
-
-    loaded = load_model(folder)
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
-
-
 @needs_mlx
 def test_mlx_backend_matches_mlx_lm(checkpoints, tmp_path):
     folder = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
     got = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, _mlx_lm_logits(folder, TOKENS)) <= 1e-4
+    assert scaled_error(got, mlx_lm_logits(folder, TOKENS)) <= 1e-4
 
 
 @needs_mlx
@@ -214,7 +205,7 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
     with safe_open(str(converted / "model.safetensors"), framework="numpy") as f:
         names = set(f.keys())
     assert "model.layers.1.mlp.experts.gate_proj.weight" in names and not any("switch_mlp" in n for n in names)
-    want = _mlx_lm_logits(converted, TOKENS)
+    want = mlx_lm_logits(converted, TOKENS)
     for backend in BACKENDS:
         got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
         assert scaled_error(got, want) <= 1e-4, backend
@@ -236,6 +227,6 @@ def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
     assert got.keys() == expected.keys()
     for name, array in expected.items():
         assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
-    want = _mlx_lm_logits(ours, TOKENS)
+    want = mlx_lm_logits(ours, TOKENS)
     got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
     assert scaled_error(got, want) <= 1e-4

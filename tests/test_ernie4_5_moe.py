@@ -22,8 +22,8 @@ from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references, scaled_error,
-    without_correction_biases, write_tokenizer,
+    assert_router_computes_in_float32, mlx_lm_logits, reference_logits, runnable_backends, saved_references,
+    scaled_error, without_correction_biases, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -174,15 +174,6 @@ def _as_mlx_lm_reads_it(folder, destination):
     return destination
 
 
-def _mlx_lm_logits(folder, tokens) -> np.ndarray:
-    import mlx.core as mx
-    from mlx_lm.utils import load_model
-
-    loaded = load_model(folder)
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
-
-
 @needs_mlx
 @pytest.mark.parametrize("quantize", [False, True])
 def test_mlx_lm_conversions_run_as_mlx_lm_runs_them_and_say_so(checkpoints, tmp_path, quantize):
@@ -193,7 +184,7 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them_and_say_so(checkpoints, tmp_
 
     source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
     convert(str(source), str(tmp_path / "mlx"), quantize=quantize, q_group_size=32, dtype="float32")
-    want = _mlx_lm_logits(tmp_path / "mlx", TOKENS)
+    want = mlx_lm_logits(tmp_path / "mlx", TOKENS)
     for backend in BACKENDS:
         with pytest.warns(UserWarning, match=r"correction bias\(es\) \(e.g. model.layers.1.mlp.moe_statics."
                           r"e_score_correction_bias\) are not in the checkpoint, as mlx-lm's ernie4_5_moe"):
@@ -230,7 +221,7 @@ def test_mlx_backend_matches_mlx_lm_without_the_bias(checkpoints, tmp_path):
             tensors[name] = np.zeros_like(tensors[name])
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     got = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, _mlx_lm_logits(folder, TOKENS)) <= 1e-4
+    assert scaled_error(got, mlx_lm_logits(folder, TOKENS)) <= 1e-4
 
 
 def test_the_releases_prediction_heads_are_left_out_quietly(checkpoints, tmp_path):

@@ -21,8 +21,8 @@ from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references, scaled_error,
-    without_correction_biases, write_tokenizer,
+    assert_router_computes_in_float32, mlx_lm_logits, reference_logits, runnable_backends, saved_references,
+    scaled_error, without_correction_biases, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -164,21 +164,12 @@ def _as_mlx_lm_reads_it(folder, destination):
     return destination
 
 
-def _mlx_lm_logits(folder, tokens) -> np.ndarray:
-    import mlx.core as mx
-    from mlx_lm.utils import load_model
-
-    loaded = load_model(folder)
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
-
-
 @needs_mlx
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_mlx_backend_matches_mlx_lm(checkpoints, variant, tmp_path):
     folder = _as_mlx_lm_reads_it(checkpoints[variant][0], tmp_path / "hf")
     got = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, _mlx_lm_logits(folder, TOKENS)) <= 1e-4
+    assert scaled_error(got, mlx_lm_logits(folder, TOKENS)) <= 1e-4
 
 
 @needs_mlx
@@ -196,7 +187,7 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
         names = set(f.keys())
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
     assert "model.layers.1.mlp.e_score_correction_bias" not in names
-    want = _mlx_lm_logits(converted, TOKENS)
+    want = mlx_lm_logits(converted, TOKENS)
     for backend in BACKENDS:
         got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
         assert scaled_error(got, want) <= 1e-4, backend
@@ -213,7 +204,7 @@ def test_ferrum_quantize_writes_what_mlx_lm_runs(checkpoints, tmp_path):
     out = quantize_checkpoint(source, tmp_path / "q", bits=4, group_size=32)
     assert json.loads((out / "config.json").read_text())["quantization"]["model.layers.1.mlp.gate"] is False
     got = DecoderOnlyLLM.from_pretrained(out, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, _mlx_lm_logits(out, TOKENS)) <= 1e-4
+    assert scaled_error(got, mlx_lm_logits(out, TOKENS)) <= 1e-4
 
 
 def test_the_releases_prediction_heads_are_left_out_quietly(checkpoints, tmp_path):

@@ -20,8 +20,8 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads, reference_logits,
-    runnable_backends, saved_references, scaled_error, write_tokenizer,
+    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads, mlx_lm_logits,
+    reference_logits, runnable_backends, saved_references, scaled_error, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -247,15 +247,6 @@ def _as_mlx_lm_reads_it(folder, destination):
     return destination
 
 
-def _mlx_lm_logits(folder, tokens) -> np.ndarray:
-    import mlx.core as mx
-    from mlx_lm.utils import load_model
-
-    loaded = load_model(folder)
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
-
-
 @needs_mlx
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
@@ -274,7 +265,7 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
     stack = "language_model.model.layers.1.feed_forward.experts.gate_proj"
     assert f"{stack}.weight" in names and (f"{stack}.scales" in names) == (bits is not None)
     assert not any("switch_mlp" in n or "gate_up_proj" in n for n in names)
-    want = _mlx_lm_logits(converted, TOKENS)
+    want = mlx_lm_logits(converted, TOKENS)
     if bits is None:
         assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
     from ferrum.testing.arch_oracle import ArchOracle  # the kit's oracle reads mlx-lm's stacks (dequantized) too
@@ -301,7 +292,7 @@ def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
     assert got.keys() == expected.keys()
     for name, array in expected.items():
         assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
-    want = _mlx_lm_logits(ours, TOKENS)
+    want = mlx_lm_logits(ours, TOKENS)
     got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
     assert scaled_error(got, want) <= 1e-4
 
