@@ -119,6 +119,9 @@ class ModelConfig(Sizes):
         sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads,
                            family.head_dim)
         arch = replace(family.build(reader, sizes), unloaded=family.unloaded)
+        scaled = [c for c in (spec.rope.scaled_context for spec in arch.layers) if c is not None]
+        if scaled and max(scaled) > sizes.max_seq_len:  # a YaRN added to a config opens the context it scales to
+            sizes = replace(sizes, max_seq_len=max(scaled))
         eos_ids = eos_token_ids(raw.get("eos_token_id"), sizes.vocab_size, where)
         return cls(
             **asdict(sizes),

@@ -80,6 +80,15 @@ class Rope:
         return cls(theta=1.0, head_dim=head_dim, rotary_dim=0)
 
     @property
+    def scaled_context(self) -> int | None:
+        """YaRN's pretraining context times its factor: the context the scaling is made for. Qwen2.5's and Qwen3's
+        model cards have users add YaRN to a config whose max_position_embeddings stays the pretraining one;
+        the model then runs that many tokens (vLLM's max_model_len reads it so too). None for other kinds."""
+        if self.kind != "yarn" or self.original_max is None:
+            return None
+        return int(self.original_max * self.factor)
+
+    @property
     def switches(self) -> bool:
         """Whether the table depends on the sequence length (longrope with two different tables)."""
         return self.kind == "longrope" and (self.short_factor != self.long_factor or self.long_scaled != 1.0)
