@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
-from ferrum.errors import ConfigError, FerrumError, UnsupportedFeatureError
+from ferrum.errors import ConfigError, ContextLengthExceededError, FerrumError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM, ForwardItem
 
 from support import build_transformers_model, cpu_like_plugin, reference_logits, runnable_backends, write_tokenizer
@@ -1403,6 +1403,40 @@ def test_yarn_options_match_transformers(family, settings, top, tmp_path):
         assert_parity(load(tmp_path, backend).forward_verify("x", tokens), ref)
 
 
+@pytest.mark.parametrize("scaled_to, max_position_embeddings", [(64, 16), (64, 64), (32, 64)])
+def test_yarn_added_to_a_config_opens_the_context_it_scales_to(scaled_to, max_position_embeddings, tmp_path):
+    """Qwen2.5's and Qwen3's model cards have users add YaRN (factor 4 over the pretraining context) to a config
+    whose max_position_embeddings stays the pretraining one: the model runs original x factor tokens, as
+    transformers runs them (vLLM's context reads so too); Ferrum refused them past max_position_embeddings. A
+    context already longer than YaRN's stays."""
+    rope = {"type": "yarn", "factor": scaled_to / 16, "original_max_position_embeddings": 16}
+    raw = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+               rope_theta=500.0, rope_scaling=rope)
+    tokens = (TOKENS * 8)[:max(scaled_to, max_position_embeddings)]
+    ref = build_from_json(tmp_path, raw, 0, tokens)
+    model = load(tmp_path, "cpu")
+    assert model.config.max_seq_len == max(scaled_to, max_position_embeddings)
+    assert_parity(model.forward_verify("x", tokens), ref)
+    with pytest.raises(ContextLengthExceededError):
+        model.forward_verify("y", tokens + [1])
+
+
+def test_gemma3_null_local_rope_base_takes_the_sliding_layers_rope_parameters(tmp_path):
+    """transformers 5 reads the sliding layers' theta from rope_parameters and ignores a null rope_local_base_freq
+    beside it (configs saved across versions carry both); Ferrum refused the null."""
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 300.0}}
+    raw = dict(model_type="gemma3_text", vocab_size=VOCAB, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+               sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=16, rope_parameters=rope,
+               rope_local_base_freq=None)
+    ref = build_from_json(tmp_path, raw, 0, TOKENS)
+    model = load(tmp_path, "cpu")
+    assert [layer.rope.theta for layer in model.config.arch.layers] == [300.0, 1_000_000.0]
+    assert_parity(model.forward_verify("x", TOKENS), ref)
+
+
 @pytest.mark.parametrize("backend", RUNNABLE)
 @pytest.mark.parametrize("family, stored", [("phi", "mlp.fc1"), ("starcoder2", "mlp.c_fc")])
 def test_packed_layer_norm_families_match_the_oracle(backend, family, stored, tmp_path):
@@ -1476,7 +1510,8 @@ def test_gpt2_is_refused_by_ferrum_quantize_by_name(checkpoints, tmp_path):
     ("gptj", "n_positions"), ("llama", "max_position_embeddings"), ("llama", "vocab_size"),
     ("mistral", "vocab_size"), ("mistral", "max_position_embeddings"), ("gemma3_text", "sizes"),
     ("nemotron", "rope"), ("nemotron", "vocab_size"), ("arcee", "max_position_embeddings"),
-    ("nanochat", "sizes"), ("nanochat", "rms_norm_eps"), ("nanochat", "rope"),
+    ("nanochat", "sizes"), ("nanochat", "rms_norm_eps"), ("nanochat", "rope"), ("gemma2", "sliding_window"),
+    ("vaultgemma", "sliding_window"), ("starcoder2", "num_key_value_heads"),
 ])
 def test_a_left_out_key_takes_the_transformers_default(model_type, left_out):
     """A hand-written config.json (or an old release's: Falcon's first had no context length) that leaves a key

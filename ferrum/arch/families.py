@@ -304,6 +304,8 @@ def _window(r: KeyReader) -> int | None:
 
 
 _WINDOW = (Key("sliding_window", check=optional_positive_int),)
+#: Gemma 2 / 3's window where a config leaves it out, as their transformers config classes default it (after _GEMMA).
+_GEMMA_WINDOW = (Key("sliding_window", default=4096, check=optional_positive_int),)
 _LAYER_TYPES = (Key("layer_types"),)
 
 
@@ -888,7 +890,7 @@ def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     key, spec = _rope_spec(r)
     full = read_rope(r, sizes, spec, key, ("default", "linear"), theta_default=1_000_000.0)
     local = r("rope_local_base_freq")
-    return Rope(theta=float(local), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim), full
+    return Rope(theta=10_000.0 if local is None else float(local), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim), full
 
 
 #: transformers' MellumConfig rope settings where a config gives none.
@@ -1683,7 +1685,7 @@ FAMILIES: dict[str, Family] = {
         _gemma1,
     ),
     "gemma2": Family(
-        _keys(_core(True, 256), _ROPE[:3], _GEMMA, _GEMMA2_SOFTCAPS),
+        _keys(_core(True, 256), _ROPE[:3], _GEMMA, _GEMMA_WINDOW, _GEMMA2_SOFTCAPS),
         lambda r, s: _gemma(r, s, 2, None, _gemma2_ropes),
     ),
     # Google's VaultGemma (differentially private Gemma 2): Gemma 2's config keys and blocks (1 + w RMSNorms, GeGLU,
@@ -1692,20 +1694,20 @@ FAMILIES: dict[str, Family] = {
     # use_bidirectional_attention, which transformers' VaultGemma never reads)
     "vaultgemma": Family(
         _keys(_core(True, 256), _core_defaults(vocab_size=256_000, max_position_embeddings=8192), _ROPE[:3],
-              tuple(k for k in _GEMMA if k.name != "use_bidirectional_attention"), _GEMMA2_SOFTCAPS),
+              tuple(k for k in _GEMMA if k.name != "use_bidirectional_attention"), _GEMMA_WINDOW, _GEMMA2_SOFTCAPS),
         lambda r, s: _gemma(r, s, 2, None, _gemma2_ropes, VAULTGEMMA_NORMS),
     ),
     "gemma3_text": Family(
         _keys(_core(True, 256), _core_defaults(
             hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
             num_key_value_heads=4, vocab_size=262_208, max_position_embeddings=131_072,
-        ), _ROPE[:3], _GEMMA, (
-            Key("sliding_window", default=4096, check=optional_positive_int),
+        ), _ROPE[:3], _GEMMA, _GEMMA_WINDOW, (
             # transformers' Gemma 3 reads this key but never applies it; Gemma 3 releases leave it null
             Key("attn_logit_softcapping", check=falsy("transformers' Gemma 3 does not apply it either; set it to "
                                                       "null"), unsupported=True),
             Key("final_logit_softcapping", check=optional_positive_number),
-            Key("rope_local_base_freq", default=10_000.0, check=positive_number),
+            # null: the sliding layers' rope_parameters theta, else 10,000, as transformers 5 reads it
+            Key("rope_local_base_freq", default=10_000.0, check=optional_positive_number),
             Key("sliding_window_pattern", default=6, check=optional_positive_int),
         )),
         lambda r, s: _gemma(r, s, 6, "head", _gemma3_ropes),
@@ -2087,7 +2089,7 @@ FAMILIES: dict[str, Family] = {
         names=FALCON_CONFIG_NAMES,
         kv_heads=_falcon_kv_heads,
     ),
-    "starcoder2": _layer_norm_family(_starcoder2, True, _WINDOW, (
+    "starcoder2": _layer_norm_family(_starcoder2, True, _core_defaults(num_key_value_heads=2), _WINDOW, (
         _gelu_key("gelu_pytorch_tanh"),
         Key("use_bias", default=True, check=boolean),
     ), eps_key="norm_epsilon"),
