@@ -108,6 +108,9 @@ class ModelConfig(Sizes):
             raw = _text_positions({**raw, "model_type": TEXT_WRAPPERS[raw["model_type"]]})
         model_type = raw.get("model_type")
         family = FAMILIES.get(model_type)
+        if model_type is None:
+            raise ConfigError(f"{where}: no model_type names the architecture (e.g. \"llama\"); a Hugging Face "
+                              "config.json has one: check the file is the model's own")
         if family is None:
             raise UnsupportedFeatureError(
                 f"{where}: model_type {model_type!r} is not supported; "

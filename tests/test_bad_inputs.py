@@ -39,10 +39,12 @@ def ckpt(pristine, tmp_path) -> Path:
     return folder
 
 
-def edit_config(**changes) -> Callable[[Path], None]:
+def edit_config(*dropped: str, **changes) -> Callable[[Path], None]:
     def apply(folder: Path) -> None:
         config = json.loads((folder / "config.json").read_text())
         config.update(changes)
+        for key in dropped:
+            del config[key]
         (folder / "config.json").write_text(json.dumps(config))
 
     return apply
@@ -210,6 +212,7 @@ LOAD_ROWS = [
                           ("pad_token", 1.5))),
     *((f"config-model-type-{value!r}", edit_config(model_type=value), ConfigError, ["model_type must be a string"])
       for value in (["llama"], {"name": "llama"}, 7)),
+    ("config-model-type-missing", edit_config("model_type"), ConfigError, ["config.json", "no model_type"]),
     ("config-eos-a-string", edit_config(eos_token_id="1"), ConfigError, ["config.json", "eos_token_id"]),
     ("weights-a-tensor-in-two-files", stray_copy_of_a_tensor, CheckpointError,
      ["model.layers.0.input_layernorm.weight", "a-model.safetensors", "shard-2.safetensors", "index"]),
