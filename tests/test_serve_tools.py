@@ -248,7 +248,7 @@ def test_glm_calls_type_their_values_as_vllm_does():
     assert [json.loads(c["function"]["arguments"]) for c in compact.calls] == [{"x": [1]}]
     tools = [{"type": "function", "function": {"name": "find", "parameters": schemas["find"]}}]
     sent, deltas, reason = _stream(ToolReplies(tools, GLM), [text[:9], text[9:20], text[20:40], text[40:]])
-    assert sent == "Let me look.\n" and reason == "tool_calls"
+    assert sent == "Let me look." and reason == "tool_calls"
     assert json.loads(deltas[0]["tool_calls"][0]["function"]["arguments"])["code"] == "42"  # typed by the request
     for text in ("<tool_call>f\n<arg_key>x</arg_key>\n<arg_value>1", "<tool_call>\n<arg_key>x</arg_key></tool_call>",
                  "<tool_call>f\nstray words</tool_call>"):  # cut inside a pair, no name, not pairs
@@ -304,7 +304,7 @@ def test_qwen3_coder_calls_type_their_values_by_the_tools_schema():
         ("f", {}), ("g", {"x": "1"})] and two.content is None
     tools = [{"type": "function", "function": {"name": "find", "parameters": schemas["find"]}}]
     sent, deltas, reason = _stream(ToolReplies(tools, QWEN3_CODER), [text[:5], text[5:12], text[12:30], text[30:]])
-    assert sent == "On it.\n" and reason == "tool_calls"
+    assert sent == "On it." and reason == "tool_calls"
     assert json.loads(deltas[0]["tool_calls"][0]["function"]["arguments"])["days"] == 2  # typed by the request
     for text in (_qwen("f", x="1")[:-len("</function>\n</tool_call>")], "<tool_call>\n<parameter=x>\n1\n</parameter>",
                  "<tool_call>\n<function=f>\nstray</function>\n</tool_call>"):  # cut, no function, not parameters
@@ -341,7 +341,7 @@ def test_qwen3_coder_calls_as_leniently_as_vllm_reads_them():
         {"x": 1, "y": "hi"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": schemas["f"]}}]
     sent, deltas, reason = _stream(ToolReplies(tools, QWEN3_CODER), [unwrapped[:8], unwrapped[8:12], unwrapped[12:]])
-    assert sent == "Sure.\n" and reason == "tool_calls" and deltas[0]["tool_calls"][0]["function"]["name"] == "f"
+    assert sent == "Sure." and reason == "tool_calls" and deltas[0]["tool_calls"][0]["function"]["name"] == "f"
     for text in (unwrapped[:-len("</function>")], "<function=f>\nstray</function>"):  # cut, not parameters
         assert QWEN3_CODER.parse(text).calls == [] and QWEN3_CODER.parse(text).content == text, text
     two = ("<tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n<function=g>\n</function>\n"
@@ -613,7 +613,7 @@ def test_a_stream_sends_the_text_before_a_call_and_the_call_at_the_end():
     pieces = ["Let me ", "check.", "\n<tool", "_call>\n{\"name\": \"get_", 'weather", "arguments": {"city": ',
               '"Paris"}}', "\n</tool_call>"]
     sent, deltas, reason = _stream(ToolReplies([WEATHER], HERMES), pieces)
-    assert sent == "Let me check.\n" and reason == "tool_calls"
+    assert sent == "Let me check." and reason == "tool_calls"
     (delta,) = deltas
     assert delta["tool_calls"][0]["index"] == 0 and delta["tool_calls"][0]["function"]["name"] == "get_weather"
     # a marker that never became a call is content after all, when the choice ends

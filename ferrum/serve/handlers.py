@@ -434,6 +434,20 @@ class ChatRun:
         message, reason = self.replies.message(answer, _finish_reason(out))
         return thought, message, reason
 
+    def opening(self) -> dict[str, Any]:
+        """A streamed choice's first delta."""
+        return {"role": "assistant", "content": self.replies.no_content}
+
+    def advance(self, index: int, out: RequestOutput) -> tuple[str, str, tuple[list[dict[str, Any]], str] | None]:
+        """Streamed choice ``index``, its output now ``out``: the thinking and the content not sent yet, and once it
+        has finished, its last deltas (calls, text after them) and finish reason; all of it adds up to
+        :meth:`split`'s."""
+        text, thought = out.text or "", ""
+        if self.thinking is not None:
+            thought, text = self.thinking.delta(index, text, out.finished)
+        content = self.replies.delta(index, text, out.finished)
+        return thought, content, self.replies.ending(text, _finish_reason(out)) if out.finished else None
+
 
 async def start_chat(state: ServerState, body: ChatCompletionRequest, endpoint: str = "chat") -> ChatRun:
     """Check the request, build its prompt and submit its choices; any bad input raises before a response."""
@@ -499,24 +513,20 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> Re
             if index not in started:
                 started.add(index)
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
-                    {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    {"index": index, "delta": run.opening(), "logprobs": None, "finish_reason": None}]})
+            thought, content, ending = run.advance(index, out)
+            if thought:
+                yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
+                    {"index": index, "delta": {"reasoning_content": thought}, "logprobs": None,
                      "finish_reason": None}]})
-            text = out.text or ""
-            if thinking is not None:
-                thought, text = thinking.delta(index, text, out.finished)
-                if thought:
-                    yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
-                        {"index": index, "delta": {"reasoning_content": thought}, "logprobs": None,
-                         "finish_reason": None}]})
-            content = replies.delta(index, text, out.finished)
             if content or (body.logprobs and out.new_token_ids):
                 yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
-                    {"index": index, "delta": {"content": content},
+                    {"index": index, "delta": {"content": content or replies.no_content},
                      "logprobs": logprobs.chat(_new_picks(out), top) if body.logprobs else None,
                      "finish_reason": None}]})
-            if out.finished:
+            if ending is not None:
                 finals[index] = out
-                deltas, reason = replies.ending(text, _finish_reason(out))
+                deltas, reason = ending
                 for delta in deltas:
                     yield _sse({**envelope("chat.completion.chunk"), **usage_field, "choices": [
                         {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})

@@ -578,8 +578,8 @@ class _Events:
                     yield event
                 if out.finished:
                     status, thought, message = reply.ending(out)
-                    after = run.replies.parse(text).after if message.get("tool_calls") else ""
-                    for event in self._add("message", after) if after.strip() else ():
+                    after = run.replies.after_calls(text)
+                    for event in self._add("message", after) if after else ():
                         yield event  # the text after the calls, held back with them: the message's, as in chat
                     if self.open is not None:
                         for event in self._close(status):

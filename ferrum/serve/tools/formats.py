@@ -32,8 +32,10 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
 
 Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
-Text that does not parse as calls stays the reply's content: nothing is dropped. A stream holds back only
-what may turn out to be a call (from its opening marker on) and sends the calls when the choice ends.
+Text that does not parse as calls stays the reply's content: nothing is dropped but the whitespace that lays
+out the calls (``ParsedReply.around``); content is null where a reply is calls alone. A stream holds back only
+what may turn out to be a call (from its opening marker on, and the whitespace before it) and sends the calls
+when the choice ends, so the content it sends adds up to the whole message's.
 A forced call (``tool_choice`` required or named) is sampled under a grammar of calls in the format: one or
 more for "required" (unless ``parallel_tool_calls`` is false), one for a named function
 (``forced_call_grammar``, :mod:`ferrum.structured`).

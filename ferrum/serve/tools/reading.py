@@ -23,11 +23,26 @@ class ParsedReply:
     after: str = ""  # text between and after the calls
 
     @property
+    def around(self) -> tuple[str, str]:
+        """The content's text before the first call and after it. The whitespace that separates the text from the
+        calls is their layout, not content: dropped where it would end the content, or begin it after a call. The
+        reply's own whitespace before text that precedes the calls stays, as it does without calls: a stream sends
+        that text before any call shows, so the whole message must keep it too."""
+        if not self.calls:
+            return self.before, ""
+        if not self.before.strip():
+            return "", self.after.strip()
+        if not self.after.strip():
+            return self.before.rstrip(), ""
+        return self.before, self.after.rstrip()
+
+    @property
     def content(self) -> str | None:
-        """The message's content: the text as it is without calls; the text around them, or null, with calls."""
+        """The message's content: the text as it is without calls; with calls, the text around them
+        (:attr:`around`), or null where there is none."""
         if not self.calls:
             return self.before
-        return (self.before + self.after).strip() or None
+        return "".join(self.around) or None
 
 
 def make_call(name: Any, arguments: Any) -> dict[str, Any] | None:

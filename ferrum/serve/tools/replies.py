@@ -43,26 +43,38 @@ class ToolReplies:
             return message, reason
         return {**message, "tool_calls": reply.calls}, "tool_calls" if reason == "stop" else reason
 
+    @property
+    def no_content(self) -> str | None:
+        """What a stream's delta carries as content before it has any: "", or null where the reply may turn out to
+        be calls only (whose message's content is null, which a client adding up the deltas must end with too)."""
+        return "" if self.format is None else None
+
     def delta(self, index: int, text: str, finished: bool) -> str:
         """The content choice ``index`` can stream now, its reply being ``text`` so far: the new text, less what
-        may be the start of a call (held back until the choice ends)."""
+        may be the start of a call and the whitespace that may turn out to lead to one (held back until more text
+        or the choice's end decides it), so that the content streamed adds up to the message's."""
         sent = self.streamed.get(index, 0)
         if self.format is None:
             ready = len(text)
         elif finished:  # the calls go out apart (ending); the text before them is content
             reply = self.parse(text)
-            ready = len(reply.before) if reply.calls else len(text)
+            ready = len(reply.around[0]) if reply.calls else len(text)
         else:
-            ready = releasable(self.format, text)
+            ready = len(text[:releasable(self.format, text)].rstrip())
         self.streamed[index] = max(sent, ready)
         return text[sent:max(sent, ready)]
 
+    def after_calls(self, text: str) -> str:
+        """The content of a finished reply that follows its calls, which a stream sends after them."""
+        return self.parse(text).around[1]
+
     def ending(self, text: str, reason: str) -> tuple[list[dict[str, Any]], str]:
-        """A finished choice's last stream deltas (its calls, then any text after them) and its finish reason."""
+        """A finished choice's last stream deltas (its calls, then any text after them) and its finish reason. A
+        reply with neither text nor calls ends with an empty content, where its stream began with a null one."""
         reply = self.parse(text)
         if not reply.calls:
-            return [], reason
+            return ([{"content": ""}] if not text and self.no_content is None else []), reason
         deltas: list[dict[str, Any]] = [{"tool_calls": [{"index": j, **call}]} for j, call in enumerate(reply.calls)]
-        if reply.after.strip():
-            deltas.append({"content": reply.after})
+        if reply.around[1]:
+            deltas.append({"content": reply.around[1]})
         return deltas, "tool_calls" if reason == "stop" else reason
