@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.15"
+API_VERSION = "1.16"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -111,6 +111,9 @@ OPTIONAL_OPS = (
     "gelu",
     "relu_squared",
     "xielu",
+    "sigmoid_mul",
+    "causal_conv1d",
+    "gated_delta_rule",
     "mul_scalar",
     "softcap",
     "clip",
@@ -330,6 +333,38 @@ def xielu(x: Any, alpha_p: float, alpha_n: float, beta: float, eps: float) -> An
     ``alpha_p`` and ``alpha_n`` are the slopes the model uses, not its stored parameters: the caller has taken
     them through softplus (and added ``beta`` to the negative one); ``eps`` is negative (-1e-6), so the negative
     side never reaches ``expm1(0)``. Fallback: computed on the host in float32."""
+
+
+@hookspec(firstresult=True)
+def sigmoid_mul(gate: Any, x: Any) -> Any:
+    """(optional, API 1.16) ``x * sigmoid(gate)`` elementwise, in ``x``'s dtype (Qwen3-Next's gated attention:
+    each head's output times the sigmoid of its gate). Fallback: computed on the host in float32."""
+
+
+@hookspec(firstresult=True)
+def causal_conv1d(x: Any, weight: Any, state: Any, cu_seqlens: Any, silu: bool) -> Any:
+    """(optional, API 1.16) Depthwise causal convolution over a flattened varlen batch (Gated DeltaNet's and short
+    convolutions' mixing of the last ``K`` inputs): ``x [T, C]``, ``weight [C, K]``, ``state [B, C, K - 1]`` (each
+    segment's ``K - 1`` inputs before its first row, zeros for a new sequence), ``cu_seqlens`` a host int32 array
+    ``[B + 1]`` of segment bounds (``AttentionBatch.cu_seqlens_q``). Row ``t`` of segment ``b`` is
+    ``sum_j window[t + j] * weight[:, j]`` over the window of the state's inputs then the segment's, SiLU taken of
+    it where ``silu``. Returns ``(y [T, C] in x's dtype, new_state [B, C, K - 1])``: each window's last ``K - 1``
+    inputs, in ``state``'s dtype. The state is not modified. Fallback: :mod:`ferrum.recurrent.kernels` on the
+    host."""
+
+
+@hookspec(firstresult=True)
+def gated_delta_rule(q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
+                     cu_seqlens: Any) -> Any:
+    """(optional, API 1.16) Gated DeltaNet's recurrence (Qwen3-Next, Qwen3.5) over a flattened varlen batch, as
+    transformers' ``torch_recurrent_gated_delta_rule`` with ``use_qk_l2norm_in_kernel``: ``q, k [T, Hk, Dk]``,
+    ``v [T, Hv, Dv]`` (``Hv`` a multiple of ``Hk``; q/k head ``i`` serves value heads ``i * Hv / Hk`` on), the raw
+    gate inputs ``a, b [T, Hv]``, the float32 ``a_log, dt_bias [Hv]``, ``state [B, Hv, Dk, Dv]`` float32 and
+    ``cu_seqlens`` as for :func:`causal_conv1d`. In float32: q and k L2-normed over ``Dk`` (``x / sqrt(sum x^2 +
+    1e-6)``), q times ``Dk ** -0.5``; ``g = -exp(a_log) * softplus(a + dt_bias)``, ``beta = sigmoid(b)``; per
+    token ``S = S * exp(g)``, ``S += k (x) ((v - k S) * beta)``, ``out = q S``. Returns ``(out [T, Hv, Dv] in v's
+    dtype, new_state float32)``; the state is not modified. Fallback: :mod:`ferrum.recurrent.kernels` on the
+    host."""
 
 
 @hookspec(firstresult=True)

@@ -40,6 +40,8 @@ from ferrum.errors import (
 from ferrum.hookspec import DTYPE_BYTES
 from ferrum.limits import check_kv_pool, check_layer_count
 from ferrum.paged_kv import PagedKVManager
+from ferrum.recurrent.gated_delta import GatedDeltaLayer
+from ferrum.recurrent.state import RecurrentStates
 from ferrum.weights import Linear, Placed, place, read_weights
 
 __all__ = ["DecoderOnlyLLM", "DeviceToken", "ForwardItem", "ForwardOutput", "choose_dtype", "weight_shapes"]
@@ -85,7 +87,8 @@ class _Layer:
     """One decoder block's weights; projections carry the op that applies them, ``mlp`` is its MLP slot."""
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
-                 "mlp", "window", "rope", "scale", "sinks", "chunk", "query_scaling", "v_norm", "qk_eps", "scalar")
+                 "mlp", "window", "rope", "scale", "sinks", "chunk", "query_scaling", "v_norm", "qk_eps", "scalar",
+                 "mixer", "gate", "recurrent")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -211,6 +214,9 @@ class DecoderOnlyLLM:
         self._attention_placed = {key: self._attention.place(ops, dtype, tables.rope)
                                   for key, tables in self.ropes.items()}
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        #: The recurrent mixers' states per sequence (none where every layer attends).
+        self.states = RecurrentStates(ops, {i: arch.gated_delta.state_shapes(dtype) for i, spec in
+                                            enumerate(arch.layers) if spec.mixer == "gated_delta"})
         #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
         self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
@@ -281,7 +287,8 @@ class DecoderOnlyLLM:
                     float32 = part.endswith(config.arch.keep_float32) and isinstance(array, np.ndarray)
                     as_is = (part.endswith((".bias", ".sinks", ".layer_scalar")) or is_norm(part)
                              or float32 and array.ndim == 1
-                             or ".act_fn." in part)  # xIELU's learned values (Apertus)
+                             or ".act_fn." in part  # xIELU's learned values (Apertus)
+                             or part.endswith(".conv1d.weight"))  # a depthwise convolution's taps
                     role = roles.get(part, "bias" if as_is else "linear")
                     weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs)
             if progress is not None:
@@ -307,7 +314,14 @@ class DecoderOnlyLLM:
         k_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}")
         if arch.qk_norm is not None and not arch.qk_norm_params:  # a norm without a weight (Llama 4's L2 norm): 1s
             q_norm = k_norm = (self._ones_of(config.head_dim), None)
-        qkv, o = self._attention.build(self.ops, config, tensor, projection, self._attention_placed[id(spec.rope)])
+        recurrent = gate = None
+        if spec.mixer == "gated_delta":
+            recurrent = GatedDeltaLayer(arch.gated_delta, self.ops, tensor, projection, config.rms_norm_eps)
+            qkv = o = None
+        else:
+            qkv, o = self._attention.build(self.ops, config, tensor, projection,
+                                           self._attention_placed[id(spec.rope)])
+            gate = projection("self_attn.gate_proj") if arch.attn_output_gate else None
         # a padded layer's q/k/v norms: the stored head's RMSNorm (see LayerSpec.stored_head_dim)
         fit = (spec.stored_head_dim or config.head_dim) / config.head_dim
         v_norm = scalar = None
@@ -317,6 +331,9 @@ class DecoderOnlyLLM:
             value = np.asarray(self.ops.to_numpy(w[p + "layer_scalar"].weight), dtype=np.float32).reshape(-1)[0]
             scalar = self.ops.from_numpy(np.full(config.hidden_size, value, dtype=np.float32), self.dtype)
         return _Layer(
+            mixer=spec.mixer,
+            gate=gate,
+            recurrent=recurrent,
             v_norm=v_norm,
             qk_eps=config.rms_norm_eps * fit,
             scalar=scalar,
@@ -399,7 +416,21 @@ class DecoderOnlyLLM:
                 q, k = norm_qk(q, k)
             if parallel:  # the MLP reads the block's input beside attention: its output joins h now, attention's later
                 h = ops.add(h, layer.mlp(x if layer.pre_mlp is None else norm(h, layer.pre_mlp)))
+            if layer.gate is not None:  # gated attention's gate rides with q/k/v to the block's second half
+                return q, k, v, layer.gate(x), h
             return q, k, v, h
+
+        def attention_out(attn: Any, *gate: Any) -> Any:
+            flat = reshape(attn, (-1, heads * hd))
+            return layer.o(ops.sigmoid_mul(gate[0], flat) if gate else flat)
+
+        if layer.recurrent is not None:  # a recurrent mixer in place of attention: its projections and output
+            def project(x: Any, h: Any, positions: Any) -> tuple:
+                return (*layer.recurrent.project(x), h)
+
+            mixer_out = layer.recurrent.output
+        else:
+            mixer_out = attention_out
 
         def enter_first(h: Any, positions: Any) -> tuple:
             return project(h if layer.pre_attn is None else norm(h, layer.pre_attn), h, positions)
@@ -407,8 +438,8 @@ class DecoderOnlyLLM:
         def enter(h: Any, residual: Any, positions: Any) -> tuple:
             return project(*add_then_norm(residual, h, layer.pre_attn), positions)
 
-        def leave(attn: Any, h: Any) -> tuple:
-            o = layer.o(reshape(attn, (-1, heads * hd)))
+        def leave(mixed: Any, h: Any, *extra: Any) -> tuple:
+            o = mixer_out(mixed, *extra)
             if layer.post_attn is not None:
                 o = norm(o, layer.post_attn)
             x, h = add_then_norm(o, h, layer.pre_mlp)
@@ -437,7 +468,10 @@ class DecoderOnlyLLM:
 
     def projections(self) -> list[Linear]:
         """Every linear projection, LM head included (profilers wrap their bound ops)."""
-        attention = [p for layer in self.layers for p in (*layer.qkv.linears, *getattr(layer.o, "linears", [layer.o]))]
+        attention = [p for layer in self.layers if layer.recurrent is None
+                     for p in (*layer.qkv.linears, *getattr(layer.o, "linears", [layer.o]),
+                               *([layer.gate] if layer.gate is not None else []))]
+        attention += [p for layer in self.layers if layer.recurrent is not None for p in layer.recurrent.projections()]
         return attention + [p for layer in self.layers for p in layer.mlp.projections()] + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
@@ -498,6 +532,8 @@ class DecoderOnlyLLM:
         the KV bookkeeping is rolled back, so the batch changed nothing.
         """
         self._validate(items)
+        if self.states.layers:
+            self._check_states(items)
         salts = self.adapters.salts(items)
         reservation = self.kv.reserve(((item.seq_id, host_view(item.q_tokens)) for item in items), salts)
         try:
@@ -505,9 +541,22 @@ class DecoderOnlyLLM:
                 out = self._forward(items, all_logits)
         except BaseException:
             self.kv.rollback(reservation)
+            self.states.discard()
             raise
         self.kv.commit(reservation)
+        self.states.commit()
         return out
+
+    def _check_states(self, items: Sequence[ForwardItem]) -> None:
+        """Drop the states of sequences the KV manager no longer holds, and refuse to continue a sequence whose
+        cached positions have no state (KV adopted from the prefix cache): its recurrent layers would start over."""
+        self.states.prune(self.kv)
+        for item in items:
+            if item.pos_offset and item.seq_id not in self.states:
+                raise UnsupportedFeatureError(
+                    f"sequence {item.seq_id!r}: its first {item.pos_offset} positions were not computed by this "
+                    "model (reused from the prefix cache), so its recurrent layers have no state for them; turn "
+                    "prefix caching off (EngineConfig(enable_prefix_caching=False)) for this model")
 
     def _attention_batch(self, items: Sequence[ForwardItem]) -> AttentionBatch:
         """The pass's host metadata, computed for all items at once (a few numpy calls per pass,
@@ -543,8 +592,7 @@ class DecoderOnlyLLM:
                 taken += end - first
         return rows, np.fromiter((r for span in picks for r in span), dtype=np.int64, count=taken)
 
-    @staticmethod
-    def _last_layer_rows(batch: AttentionBatch, picks: np.ndarray) -> np.ndarray | None:
+    def _last_layer_rows(self, batch: AttentionBatch, picks: np.ndarray) -> np.ndarray | None:
         """The rows the last block computes past its KV write, when not all: only the logit rows.
 
         The other rows' attention and MLP in the last block feed nothing (their K/V is already
@@ -552,9 +600,10 @@ class DecoderOnlyLLM:
         of n (mlx-lm and llama.cpp skip the same work). A pass without logit rows keeps one
         row, so every layer is still attended. Not narrowed: batches in which some item decodes
         one token, whose attention runs over the backend's mirrors under a plan made for the
-        whole batch's items (``ferrum.kv_mirror``).
+        whole batch's items (``ferrum.kv_mirror``), and a last block that is not attention (a recurrent mixer
+        reads every row to carry its state on).
         """
-        if len(picks) == batch.num_tokens or len(batch.decoding):
+        if len(picks) == batch.num_tokens or len(batch.decoding) or self.layers[-1].mixer != "attention":
             return None
         return picks if len(picks) else np.array([batch.num_tokens - 1])
 
@@ -586,10 +635,10 @@ class DecoderOnlyLLM:
             h = ops.mul_scalar(h, arch.embed_scale)
         if self.embed_norm is not None:
             h = NORM_KINDS[arch.norm](ops, cfg.rms_norm_eps)[0](h, self.embed_norm)
-        residual = None  # output of the previous block, not yet added to h
-        for index, layer in enumerate(self.layers):
-            enter, leave = halves[index]
-            q, k, v, h = enter(h, positions) if residual is None else enter(h, residual, positions)
+        seq_ids = [it.seq_id for it in items]
+
+        def attend(index: int, layer: _Layer, inputs: tuple, h: Any) -> tuple[Any, tuple, Any]:
+            q, k, v, *gate = inputs
             rotate = ropes.get(layer.rope)
             if rotate is not None:
                 q, k = rotate(q), rotate(k)
@@ -601,6 +650,7 @@ class DecoderOnlyLLM:
             if index == last and last_rows is not None:
                 keep = ops.from_numpy(last_rows.astype(np.int32), None)
                 q, h, attended = ops.take_rows(q, keep), ops.take_rows(h, keep), batch.narrowed(last_rows)
+                gate = [ops.take_rows(g, keep) for g in gate]
                 attended.prepared = ops.prepare_attention_batch(attended)
                 self.adapters.keep_rows(last_rows)
             if layer.chunk is not None:
@@ -615,7 +665,21 @@ class DecoderOnlyLLM:
                     if attended.prepared is None:
                         attended.prepared = ops.prepare_attention_batch(attended)
             attn = ops.paged_attention(q, pool, index, attended, layer.scale, layer.window, softcap, layer.sinks)
-            residual, h = leave(attn, h)
+            return attn, tuple(gate), h
+
+        def gated_delta(index: int, layer: _Layer, inputs: tuple, h: Any) -> tuple[Any, tuple, Any]:
+            qkv, b, a, z = inputs
+            core, states = layer.recurrent.mix(qkv, b, a, self.states.gather(index, seq_ids), batch.cu_seqlens_q)
+            self.states.stage(index, seq_ids, states)
+            return core, (z,), h
+
+        mixers = {"attention": attend, "gated_delta": gated_delta}  # LayerSpec.mixer -> its step over the batch
+        residual = None  # output of the previous block, not yet added to h
+        for index, layer in enumerate(self.layers):
+            enter, leave = halves[index]
+            *inputs, h = enter(h, positions) if residual is None else enter(h, residual, positions)
+            mixed, extra, h = mixers[layer.mixer](index, layer, tuple(inputs), h)
+            residual, h = leave(mixed, h, *extra)
 
         if not len(picks):
             return ForwardOutput(None, rows)
@@ -673,6 +737,11 @@ class DecoderOnlyLLM:
         kept part of that block is recomputed into a private block, so the
         shared one is never written.
         """
+        if self.config.arch.recurrent and new_len != self.kv.length(cache_id):
+            raise UnsupportedFeatureError(
+                f"sequence {cache_id!r}: this model's recurrent layers keep no state per position, so its cache "
+                f"cannot be cut back from {self.kv.length(cache_id)} to {new_len} tokens (speculative decoding needs "
+                "that); release the sequence and prefill it again")
         recompute = self.kv.truncate(cache_id, new_len)
         if recompute:
             start = new_len - len(recompute)
@@ -681,6 +750,7 @@ class DecoderOnlyLLM:
 
     def release(self, cache_id: Hashable) -> None:
         self.kv.release(cache_id)
+        self.states.release(cache_id)
 
     def flush(self) -> None:
         """Finish what a pass stopped half way left for the backend to evaluate on this thread (``ops.flush``)."""
@@ -689,6 +759,7 @@ class DecoderOnlyLLM:
     def reset(self) -> None:
         """Drop every sequence; the KV pool is reused."""
         self.kv.reset()
+        self.states.reset()
 
     def kv_capacity(self) -> int:
         """Tokens the KV pool can hold in total."""

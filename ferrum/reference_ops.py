@@ -14,6 +14,7 @@ import numpy as np
 
 from ferrum.quant.reference import Dequantized, HostQuantized, upload
 from ferrum.moe import reference as moe_reference
+from ferrum.recurrent import kernels
 from ferrum.sampling import DeviceSample, sample_numpy
 
 
@@ -106,6 +107,28 @@ def xielu(ops: Any, x: Any, alpha_p: float, alpha_n: float, beta: float, eps: fl
     ap, an, b, e = (np.float32(v) for v in (alpha_p, alpha_n, beta, eps))
     return _on_host(ops, x, lambda a: np.where(a > 0, ap * a * a + b * a,
                                                (np.expm1(np.minimum(a, e)) - a) * an + b * a))
+
+
+def sigmoid_mul(ops: Any, gate: Any, x: Any) -> Any:
+    g = np.asarray(ops.to_numpy(gate), dtype=np.float32)
+    return _on_host(ops, x, lambda a: kernels.sigmoid_mul(g, a))
+
+
+def _host(ops: Any, x: Any) -> np.ndarray:
+    return np.asarray(ops.to_numpy(x), dtype=np.float32)
+
+
+def causal_conv1d(ops: Any, x: Any, weight: Any, state: Any, cu_seqlens: Any, silu: bool) -> tuple[Any, Any]:
+    y, new_state = kernels.causal_conv1d(_host(ops, x), _host(ops, weight), _host(ops, state),
+                                         np.asarray(cu_seqlens), silu)
+    return ops.from_numpy(y, dtype_name(x)), ops.from_numpy(new_state, dtype_name(state))
+
+
+def gated_delta_rule(ops: Any, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
+                     cu_seqlens: Any) -> tuple[Any, Any]:
+    out, new_state = kernels.gated_delta_rule(*(_host(ops, t) for t in (q, k, v, a, b, a_log, dt_bias, state)),
+                                              np.asarray(cu_seqlens))
+    return ops.from_numpy(out, dtype_name(v)), ops.from_numpy(new_state, "float32")
 
 
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:

@@ -34,6 +34,9 @@ class LayerSpec:
     #: The layer stores no v_proj; its values are its key projection (Gemma 4's ``attention_k_eq_v``), taken before
     #: the k norm and rope, with the value norm of their own.
     values_are_keys: bool = False
+    #: What mixes the layer's tokens: "attention" over the paged KV cache, or a recurrent mixer carrying a state per
+    #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention).
+    mixer: str = "attention"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,12 @@ class Architecture:
     #: Multi-head Latent Attention (DeepSeek-V3): a :class:`ferrum.arch.mla.MlaSpec` in place of q/k/v projections;
     #: the model's heads are then its q/k heads (``head_dim`` = qk_nope + qk_rope dims, as many key/value heads).
     mla: Any = None
+    #: The sizes and layout of the layers whose mixer is "gated_delta" (:class:`ferrum.recurrent.gated_delta.
+    #: GatedDeltaSpec`), else None.
+    gated_delta: Any = None
+    #: Qwen3-Next's gated attention: q_proj emits each head's query then its gate; the attention output is
+    #: multiplied by sigmoid(gate) before o_proj.
+    attn_output_gate: bool = False
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
     #: Endings of the tensors placed in float32 whatever the compute dtype (transformers' _keep_in_fp32_modules:
     #: GLM-4.5's router correction biases, which choose between experts whose scores differ in the fourth digit).
@@ -142,6 +151,11 @@ class Architecture:
         from ferrum.arch.tensors import DENSE_ATTENTION
 
         return DENSE_ATTENTION if self.mla is None else LatentAttention(self.mla)
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether some layer carries a recurrent state per sequence (no prefix reuse, no rollback)."""
+        return any(layer.mixer != "attention" for layer in self.layers)
 
     @property
     def windows(self) -> tuple[int | None, ...]:

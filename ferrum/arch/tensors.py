@@ -32,6 +32,7 @@ import numpy as np
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
+from ferrum.recurrent.gated_delta import MODULE as GATED_DELTA
 from ferrum.weights import Linear, Projections
 
 #: (decoder prefix, LM head) of the layouts a checkpoint may use: causal LMs, then Gemma 3's multimodal wrapper
@@ -77,6 +78,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
                           "self_attn.v_proj.weight": (kv, h)})
     if arch.mla is None:
         attention["self_attn.o_proj.weight"] = (h, q)
+    if arch.attn_output_gate:  # each head's query then its gate
+        attention["self_attn.q_proj.weight"] = (2 * q, h)
     if arch.sinks:
         attention["self_attn.sinks"] = (config.num_heads,)
     if arch.qkv_bias and arch.fused_qkv:
@@ -97,7 +100,11 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         norms = qk_norms if layer.qk_norm else {}
-        own = _stored_attention(config, layer, attention, norms)
+        if layer.mixer == "gated_delta":
+            own = {**{f"{norm}.{part}": (h,) for norm in arch.norms.values() for part in norm_parts},
+                   **arch.gated_delta.tensors(h)}
+        else:
+            own = _stored_attention(config, layer, attention, norms)
         if arch.layer_scalar:
             own["layer_scalar"] = (1,)
         shapes.update({f"{p}layers.{i}.{name}": shape[::-1] if arch.transposed and len(shape) == 2 else shape
@@ -238,6 +245,13 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
                  (name.replace("qkv_proj", "k_proj"), rows(tensor, q, q + kv)),
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
+    elif f".{GATED_DELTA}." in name:
+        parts = arch.gated_delta.split(name, tensor, _take_rows)
+    elif arch.attn_output_gate and ".self_attn.q_proj." in name:  # per head: its query, then its gate
+        heads, d = config.num_heads, config.head_dim
+        order = np.arange(2 * heads * d).reshape(heads, 2, d)
+        parts = [(name, _take_rows(tensor, order[:, 0].ravel())),
+                 (name.replace(".q_proj.", ".gate_proj."), _take_rows(tensor, order[:, 1].ravel()))]
     else:
         parts = MLP_KINDS[arch.layers[layer].mlp].split(config, name, tensor)
     if layer is not None:
@@ -253,7 +267,7 @@ _RESIDUAL_WRITERS = (".self_attn.o_proj.", ".mlp.down_proj.", ".switch_mlp.down_
 
 def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     arch = config.arch
-    if arch.norm_offset and name.endswith("norm.weight"):
+    if arch.norm_offset and name.endswith("norm.weight") and f".{GATED_DELTA}." not in name:  # a mixer's own: none
         tensor = np.asarray(tensor, dtype=np.float32) + np.float32(arch.norm_offset)
     if layer is None:
         if arch.logit_scale != 1.0 and name.startswith(f"{arch.prefix}norm."):  # the logits are linear in it
@@ -471,9 +485,21 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
         if f"{embedding}.weight" in stored or f"{embedding}.scales" in stored:
             config = replace(config, arch=arch, **({} if eps is None else {"rms_norm_eps": float(eps)}))
             break
+    if config.arch.gated_delta is not None:
+        config = _gated_delta_layout(config, stored)
     if config.arch.transposed and _stored_untransposed(config, stored):
         config = replace(config, arch=replace(config.arch, transposed=False))
     return config
+
+
+def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
+    """mlx-lm's conversions store the convolution ``[C, K, 1]`` and the zero-centred norms already shifted by 1."""
+    arch = config.arch
+    layer = next(i for i, spec in enumerate(arch.layers) if spec.mixer == "gated_delta")
+    shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{GATED_DELTA}.conv1d.weight"))
+    if shape is None or arch.gated_delta.conv_kernel == 1 or shape[-1] != 1:
+        return config
+    return replace(config, arch=replace(arch, norm_offset=0.0, gated_delta=replace(arch.gated_delta, conv_last=True)))
 
 
 def _stored_untransposed(config: Any, stored: Mapping[str, tuple[int, ...]]) -> bool:

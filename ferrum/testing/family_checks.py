@@ -1,7 +1,8 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, squared ReLU,
-xIELU, scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss,
-Qwen3-MoE, Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron, Llama 4,
-nanochat) against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
+xIELU, the recurrent mixers' ops (gated attention's sigmoid gate, the causal convolution, Gated DeltaNet's rule),
+scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE,
+Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron, Llama 4, nanochat)
+against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
 
 A backend whose attention takes no ``softcap`` (or no ``sinks``) is not failed:
 it is never handed such a model (Ferrum refuses it at load), so those checks
@@ -168,6 +169,82 @@ def check_xielu(c: Any, tol: float) -> float:
     return _compare(got, xielu(x, *(float(v) for v in coeffs)), tol)
 
 
+def check_sigmoid_mul(c: Any, tol: float) -> float:
+    gate, x = c.rounded(c.random(5, 48) * 4), c.rounded(c.random(5, 48))
+    return _compare(c.get(c.ops.sigmoid_mul(c.put(gate), c.put(x))), x / (1.0 + np.exp(-gate)), tol)
+
+
+#: A varlen batch of the recurrent checks: a prompt chunk, a decode token, and a longer chunk.
+_SEGMENTS = np.array([0, 4, 5, 11], dtype=np.int32)
+
+
+def conv1d_oracle(x: np.ndarray, weight: np.ndarray, state: np.ndarray, cu: np.ndarray,
+                  silu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``ferrum.hookspec.causal_conv1d`` in float64, channel by channel as ``numpy.convolve`` computes it."""
+    x, weight, state = (np.asarray(a, dtype=np.float64) for a in (x, weight, state))
+    taps = weight.shape[1]
+    y, new_state = np.zeros_like(x), np.zeros_like(state)
+    for b in range(len(cu) - 1):
+        seq = np.concatenate([state[b], x[cu[b]:cu[b + 1]].T], axis=1)  # [C, K - 1 + n]
+        for ch in range(x.shape[1]):
+            y[cu[b]:cu[b + 1], ch] = np.convolve(seq[ch], weight[ch, ::-1], mode="valid")
+        new_state[b] = seq[:, seq.shape[1] - (taps - 1):]
+    return (y / (1.0 + np.exp(-y)) if silu else y), new_state
+
+
+def gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, cu) -> tuple[np.ndarray, np.ndarray]:
+    """``ferrum.hookspec.gated_delta_rule`` in float64, head by head with matrix products."""
+    q, k, v, a, b, a_log, dt_bias, state = (np.asarray(t, dtype=np.float64)
+                                            for t in (q, k, v, a, b, a_log, dt_bias, state))
+    group = v.shape[1] // q.shape[1]
+    out, new_state = np.zeros_like(v), state.copy()
+    for s in range(len(cu) - 1):
+        for t in range(cu[s], cu[s + 1]):
+            for h in range(v.shape[1]):
+                qh, kh = q[t, h // group], k[t, h // group]
+                qh = qh / np.sqrt(qh @ qh + 1e-6) / np.sqrt(len(qh))
+                kh = kh / np.sqrt(kh @ kh + 1e-6)
+                g = -np.exp(a_log[h]) * np.log1p(np.exp(a[t, h] + dt_bias[h]))
+                beta = 1.0 / (1.0 + np.exp(-b[t, h]))
+                S = new_state[s, h] * np.exp(g)
+                S = S + np.outer(kh, (v[t, h] - kh @ S) * beta)
+                new_state[s, h] = S
+                out[t, h] = qh @ S
+    return out, new_state
+
+
+def check_causal_conv1d(c: Any, tol: float) -> float:
+    """Three segments (one a single token) each after a state of its own; with SiLU and without; the state given
+    is left as it was."""
+    taps, channels = 4, 40
+    x, weight = c.rounded(c.random(int(_SEGMENTS[-1]), channels)), c.rounded(c.random(channels, taps))
+    state = c.rounded(c.random(len(_SEGMENTS) - 1, channels, taps - 1))
+    errors = []
+    for silu in (True, False):
+        given = c.put(state.copy())
+        y, new_state = c.ops.causal_conv1d(c.put(x), c.put(weight), given, _SEGMENTS, silu)
+        assert np.array_equal(c.get(given), state), "causal_conv1d changed the state it was given"
+        want_y, want_state = conv1d_oracle(x, weight, state, _SEGMENTS, silu)
+        errors += [_compare(c.get(y), want_y, tol), _compare(c.get(new_state), want_state, tol)]
+    return max(errors)
+
+
+def check_gated_delta_rule(c: Any, tol: float) -> float:
+    """Three segments from states of their own, two value heads per q/k head, decays from slow to fast; the float32
+    state given is left as it was."""
+    k_heads, v_heads, dk, dv, n = 2, 4, 8, 12, int(_SEGMENTS[-1])
+    q, k = (c.rounded(c.random(n, k_heads, dk)) for _ in range(2))
+    v, a, b = c.rounded(c.random(n, v_heads, dv)), c.rounded(c.random(n, v_heads) * 2), c.rounded(c.random(n, v_heads))
+    a_log = np.log(np.array([0.05, 0.5, 2.0, 8.0], dtype=np.float32))
+    dt_bias = np.array([0.5, -1.0, 0.0, 1.0], dtype=np.float32)
+    state = c.random(len(_SEGMENTS) - 1, v_heads, dk, dv) * 0.5
+    f32 = [c.ops.from_numpy(t.copy(), "float32") for t in (a_log, dt_bias, state)]
+    out, new_state = c.ops.gated_delta_rule(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32, _SEGMENTS)
+    assert np.array_equal(c.get(f32[2]), state), "gated_delta_rule changed the state it was given"
+    want_out, want_state = gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, _SEGMENTS)
+    return max(_compare(c.get(out), want_out, tol), _compare(c.get(new_state), want_state, tol))
+
+
 def check_mul_scalar(c: Any, tol: float) -> float:
     x = c.rounded(c.random(5, 64))
     factor = float(c.rounded(np.array([np.sqrt(3072.0)], dtype=np.float32))[0])  # as the dtype holds it
@@ -275,6 +352,9 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"relu_squared ({source('relu_squared')})", lambda: check_relu_squared(c, tol), tol),
         (f"xielu ({source('xielu')})", lambda: check_xielu(c, tol), tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
+        (f"sigmoid_mul ({source('sigmoid_mul')})", lambda: check_sigmoid_mul(c, tol), tol),
+        (f"causal_conv1d ({source('causal_conv1d')})", lambda: check_causal_conv1d(c, tol), tol),
+        (f"gated_delta_rule ({source('gated_delta_rule')})", lambda: check_gated_delta_rule(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),
         (f"mul ({source('mul')})", lambda: check_mul(c, tol), tol),

@@ -14,6 +14,7 @@ import numpy as np
 
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
+from ferrum.recurrent import kernels as _recurrent
 from ferrum_cpu import attention as _attention
 from ferrum_cpu.matmul import matmul_t
 
@@ -145,6 +146,21 @@ def xielu(x, alpha_p, alpha_n, beta, eps):
     positive = ap * x * x + linear
     negative = (np.expm1(np.minimum(x, e)) - x) * an + linear
     return np.where(x > 0, positive, negative).astype(x.dtype, copy=False)
+
+
+@hookimpl
+def sigmoid_mul(gate, x):
+    return _recurrent.sigmoid_mul(gate, x)
+
+
+@hookimpl
+def causal_conv1d(x, weight, state, cu_seqlens, silu):
+    return _recurrent.causal_conv1d(x, weight, state, cu_seqlens, silu)
+
+
+@hookimpl
+def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens):
+    return _recurrent.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens)
 
 
 @hookimpl

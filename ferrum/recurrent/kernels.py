@@ -1,0 +1,66 @@
+"""The recurrent mixers' ops on host float32 arrays: what ``ferrum.reference_ops`` means by them, and the numpy
+backend's own (vectorised over channels and heads, one step per token).
+
+Each works on a flattened varlen batch: segment ``b`` is rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` and carries
+row ``b`` of the state in and out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def causal_conv1d(x: np.ndarray, weight: np.ndarray, state: np.ndarray, cu_seqlens: np.ndarray,
+                  silu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Depthwise causal convolution ``y[t, c] = sum_j window[t + j, c] * weight[c, j]`` over each segment's inputs
+    after its state's ``K - 1`` earlier ones (SiLU on the result where ``silu``); the new state is each window's
+    last ``K - 1`` inputs, ``[B, C, K - 1]``."""
+    x = np.asarray(x, dtype=np.float32)
+    w = np.asarray(weight, dtype=np.float32).T  # [K, C]
+    taps = w.shape[0]
+    y = np.empty_like(x)
+    new_state = np.empty_like(np.asarray(state, dtype=np.float32))
+    for b in range(len(cu_seqlens) - 1):
+        lo, hi = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
+        window = np.concatenate([np.asarray(state[b], dtype=np.float32).T, x[lo:hi]])  # [K - 1 + n, C]
+        out = y[lo:hi]
+        out[:] = window[:hi - lo] * w[0]
+        for j in range(1, taps):
+            out += window[j:j + hi - lo] * w[j]
+        new_state[b] = window[hi - lo:].T
+    if silu:
+        y = y / (1.0 + np.exp(-y))
+    return y, new_state
+
+
+def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, a: np.ndarray, b: np.ndarray,
+                     a_log: np.ndarray, dt_bias: np.ndarray, state: np.ndarray,
+                     cu_seqlens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gated DeltaNet's recurrence (``ferrum.hookspec.gated_delta_rule``): ``q, k [T, Hk, Dk]``, ``v [T, Hv, Dv]``,
+    ``a, b [T, Hv]``, ``state [B, Hv, Dk, Dv]``; returns ``(out [T, Hv, Dv], new_state)`` in float32."""
+    q, k, v = (np.asarray(t, dtype=np.float32) for t in (q, k, v))
+    heads = v.shape[1]
+    group = heads // q.shape[1]
+    q = q * (1.0 / np.sqrt((q * q).sum(-1, keepdims=True) + np.float32(1e-6))) / np.float32(np.sqrt(q.shape[-1]))
+    k = k * (1.0 / np.sqrt((k * k).sum(-1, keepdims=True) + np.float32(1e-6)))
+    if group > 1:  # each q/k head serves ``group`` consecutive value heads
+        q, k = np.repeat(q, group, axis=1), np.repeat(k, group, axis=1)
+    x = np.asarray(a, dtype=np.float32) + np.asarray(dt_bias, dtype=np.float32)
+    decay = np.exp(-np.exp(np.asarray(a_log, dtype=np.float32)) * np.logaddexp(np.float32(0), x))  # exp(g)
+    beta = 1.0 / (1.0 + np.exp(-np.asarray(b, dtype=np.float32)))
+    out = np.empty_like(v)
+    new_state = np.array(state, dtype=np.float32)
+    for s in range(len(cu_seqlens) - 1):
+        S = new_state[s]  # [Hv, Dk, Dv], updated in place
+        for t in range(int(cu_seqlens[s]), int(cu_seqlens[s + 1])):
+            S *= decay[t][:, None, None]
+            kt = k[t][:, :, None]
+            delta = (v[t] - (S * kt).sum(1)) * beta[t][:, None]
+            S += kt * delta[:, None, :]
+            out[t] = np.einsum("hk,hkv->hv", q[t], S)
+    return out, new_state
+
+
+def sigmoid_mul(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``x * sigmoid(gate)``."""
+    return np.asarray(x, dtype=np.float32) / (1.0 + np.exp(-np.asarray(gate, dtype=np.float32)))

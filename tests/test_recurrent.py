@@ -1,0 +1,122 @@
+"""The recurrent mixers' ops against their float64 oracles on every runnable backend (and the kit's checks failing
+on wrong ones), and the per-sequence state store: zeros for new sequences, nothing changed by a pass that failed,
+batches gathered in any order."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ferrum.backends import load_backend
+from ferrum.recurrent import kernels
+from ferrum.recurrent.state import RecurrentStates
+from ferrum.testing import family_checks
+from ferrum.testing.conformance import _Context, _Mismatch
+from support import runnable_backends
+
+CHECKS = (family_checks.check_sigmoid_mul, family_checks.check_causal_conv1d, family_checks.check_gated_delta_rule)
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_recurrent_ops_match_the_float64_oracle(backend, check):
+    assert check(_Context(load_backend(backend), "float32"), 1e-5) <= 1e-5
+
+
+def _with(**ops) -> _Context:
+    c = _Context(load_backend("cpu"), "float32")
+    base = c.ops
+    c.ops = SimpleNamespace(from_numpy=base.from_numpy, to_numpy=base.to_numpy, **ops)
+    return c
+
+
+def test_the_kit_catches_a_convolution_that_ignores_the_state():
+    def fresh(x, weight, state, cu, silu):
+        return kernels.causal_conv1d(x, weight, np.zeros_like(state), cu, silu)
+
+    with pytest.raises(_Mismatch):
+        family_checks.check_causal_conv1d(_with(causal_conv1d=fresh), 1e-5)
+
+
+def test_the_kit_catches_a_rule_without_its_decay_or_one_writing_the_state_in_place():
+    def undecayed(q, k, v, a, b, a_log, dt_bias, state, cu):
+        return kernels.gated_delta_rule(q, k, v, a, b, np.full_like(a_log, -30.0), dt_bias, state, cu)
+
+    def in_place(q, k, v, a, b, a_log, dt_bias, state, cu):
+        out, new = kernels.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu)
+        state[...] = new
+        return out, new
+
+    with pytest.raises(_Mismatch):
+        family_checks.check_gated_delta_rule(_with(gated_delta_rule=undecayed), 1e-5)
+    with pytest.raises(AssertionError, match="changed the state"):
+        family_checks.check_gated_delta_rule(_with(gated_delta_rule=in_place), 1e-5)
+
+
+def test_kernels_carry_a_segment_split_anywhere_as_one_segment():
+    """Prefill chunks: a sequence run in two segments (the state carried between) gives what one run gives."""
+    rng = np.random.default_rng(1)
+    n, cut = 9, 4
+    q, k = rng.standard_normal((2, n, 2, 8)).astype(np.float32)
+    v, (a, b) = rng.standard_normal((n, 4, 6)).astype(np.float32), rng.standard_normal((2, n, 4)).astype(np.float32)
+    a_log, dt_bias = np.log(np.array([0.1, 1.0, 3.0, 9.0], np.float32)), np.zeros(4, np.float32)
+    zero = np.zeros((1, 4, 8, 6), np.float32)
+    whole, whole_state = kernels.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, zero, np.array([0, n]))
+    first, mid = kernels.gated_delta_rule(q[:cut], k[:cut], v[:cut], a[:cut], b[:cut], a_log, dt_bias, zero,
+                                          np.array([0, cut]))
+    rest, end = kernels.gated_delta_rule(q[cut:], k[cut:], v[cut:], a[cut:], b[cut:], a_log, dt_bias, mid,
+                                         np.array([0, n - cut]))
+    np.testing.assert_allclose(np.concatenate([first, rest]), whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(end, whole_state, rtol=1e-5, atol=1e-6)
+    x, w = rng.standard_normal((n, 5)).astype(np.float32), rng.standard_normal((5, 3)).astype(np.float32)
+    y, conv_end = kernels.causal_conv1d(x, w, np.zeros((1, 5, 2), np.float32), np.array([0, n]), True)
+    y1, conv_mid = kernels.causal_conv1d(x[:cut], w, np.zeros((1, 5, 2), np.float32), np.array([0, cut]), True)
+    y2, conv_end2 = kernels.causal_conv1d(x[cut:], w, conv_mid, np.array([0, n - cut]), True)
+    np.testing.assert_allclose(np.concatenate([y1, y2]), y, rtol=1e-6)
+    np.testing.assert_array_equal(conv_end2, conv_end)
+
+
+@pytest.fixture
+def store():
+    ops = load_backend("cpu").ops
+    return RecurrentStates(ops, {1: (((2, 3), "float32"), ((2,), "float32"))})
+
+
+def _stage(store, seq_ids, values):
+    states = (np.stack([np.full((2, 3), v, np.float32) for v in values]),
+              np.stack([np.full(2, v, np.float32) for v in values]))
+    store.stage(1, seq_ids, states)
+    return states
+
+
+def test_states_start_at_zero_and_are_kept_only_when_committed(store):
+    conv, rec = store.gather(1, ["a", "b"])
+    assert conv.shape == (2, 2, 3) and rec.shape == (2, 2) and not conv.any() and not rec.any()
+    _stage(store, ["a", "b"], [1.0, 2.0])
+    store.discard()
+    assert not store.gather(1, ["a"])[0].any() and "a" not in store
+    _stage(store, ["a", "b"], [1.0, 2.0])
+    store.commit()
+    assert store.gather(1, ["b"])[0][0, 0, 0] == 2.0 and "a" in store
+
+
+def test_a_batch_gathers_its_states_in_its_own_order_and_reuses_an_unchanged_batch(store):
+    staged = _stage(store, ["a", "b"], [1.0, 2.0])
+    store.commit()
+    assert store.gather(1, ["a", "b"]) is staged  # the decode batch of the last pass: nothing to gather
+    conv, rec = store.gather(1, ["b", "new", "a"])
+    assert conv[:, 0, 0].tolist() == [2.0, 0.0, 1.0] and rec[:, 0].tolist() == [2.0, 0.0, 1.0]
+    _stage(store, ["c"], [5.0])
+    store.commit()
+    assert store.gather(1, ["c", "a"])[1][:, 0].tolist() == [5.0, 1.0]
+
+
+def test_released_and_pruned_sequences_start_from_zero_again(store):
+    _stage(store, ["a", "b", "c"], [1.0, 2.0, 3.0])
+    store.commit()
+    store.release("a")
+    store.prune({"b"})
+    assert "a" not in store and "c" not in store and "b" in store
+    assert store.gather(1, ["a", "b", "c"])[1][:, 0].tolist() == [0.0, 2.0, 0.0]
