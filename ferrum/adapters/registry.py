@@ -147,6 +147,11 @@ class AdapterRegistry:
             raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on Multi-head Latent Attention models "
                                "are not supported yet (Ferrum does not adapt their latent projections); run the base "
                                "model, or merge the adapter into its weights with PEFT's merge_and_unload")
+        if self.model.config.arch.recurrent:
+            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on hybrid linear-attention models are "
+                               "not supported yet (Ferrum adapts neither the Gated DeltaNet projections nor the gated "
+                               "attention's q_proj, whose rows hold each head's query and gate); run the base model, "
+                               "or merge the adapter into its weights with PEFT's merge_and_unload")
         adapter = read_adapter(path, self.model.config)
         check_range(adapter, self.model.dtype)
         nbytes = adapter.nbytes(DTYPE_BYTES.get(self.model.dtype, 4))

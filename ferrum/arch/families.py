@@ -19,6 +19,7 @@ from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_fac
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.errors import ConfigError
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
+from ferrum.recurrent.gated_delta import GatedDeltaSpec
 
 LLAMA_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "post_attention_layernorm"}
 SANDWICH_NORMS = {
@@ -1147,6 +1148,70 @@ def _qwen2_moe_windows(r: KeyReader, sizes: Sizes) -> list:
     return [window if t == SLIDING else None for t in types or [FULL] * sizes.num_layers]
 
 
+LINEAR = "linear_attention"
+#: A hybrid's layer types -> the mixer each runs (LayerSpec.mixer).
+_HYBRID_MIXERS = {LINEAR: "gated_delta", FULL: "attention"}
+
+
+def _hybrid_mixers(r: KeyReader, sizes: Sizes) -> list[str]:
+    """Each layer's mixer from layer_types, else every ``full_attention_interval``-th layer attends (transformers'
+    default of 4: three Gated DeltaNet layers, then full attention)."""
+    types = r("layer_types")
+    if types is None:
+        interval = r("full_attention_interval")
+        types = [FULL if (i + 1) % interval == 0 else LINEAR for i in range(sizes.num_layers)]
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in _HYBRID_MIXERS for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
+    return [_HYBRID_MIXERS[t] for t in types]
+
+
+def _gated_delta_spec(r: KeyReader, grouped: bool) -> GatedDeltaSpec:
+    k_heads, v_heads = r("linear_num_key_heads"), r("linear_num_value_heads")
+    if v_heads % k_heads:
+        r.fail("linear_num_value_heads", f"({v_heads}) must be a multiple of linear_num_key_heads ({k_heads})")
+    return GatedDeltaSpec(k_heads, v_heads, r("linear_key_head_dim"), r("linear_value_head_dim"),
+                          r("linear_conv_kernel_dim"), grouped=grouped)
+
+
+def _qwen3_hybrid(grouped: bool) -> Callable[[KeyReader, Sizes], Architecture]:
+    """Qwen3-Next (``grouped``: its in_proj_qkvz / in_proj_ba) and Qwen3.5: Gated DeltaNet layers between gated
+    full-attention layers (q/k norms before a partial rope), every block norm and the q/k norms zero-centred
+    (``1 + w``); the Gated DeltaNet's own gated norm is not."""
+
+    def build(r: KeyReader, sizes: Sizes) -> Architecture:
+        key, spec = _rope_spec(r)
+        rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.25))
+        r("hidden_act")
+        bias = r("attention_bias")
+        return Architecture(
+            layers=tuple(LayerSpec(None, rope, mixer=m) for m in _hybrid_mixers(r, sizes)),
+            norms=LLAMA_NORMS,
+            norm_offset=1.0,
+            attn_scale=1.0 / math.sqrt(sizes.head_dim),
+            qk_norm="head",
+            qkv_bias=bias,
+            o_bias=bias,
+            attn_output_gate=True,
+            gated_delta=_gated_delta_spec(r, grouped),
+            keep_float32=(".A_log", ".dt_bias"),
+        )
+
+    return build
+
+
+_QWEN3_HYBRID = (
+    Key("partial_rotary_factor", check=optional_positive_number),
+    Key("attention_bias", default=False, check=boolean),
+    Key("layer_types"),
+    Key("full_attention_interval", default=4, check=positive_int),
+    Key("linear_conv_kernel_dim", default=4, check=positive_int),
+    Key("linear_key_head_dim", default=128, check=positive_int),
+    Key("linear_value_head_dim", default=128, check=positive_int),
+    Key("linear_num_key_heads", default=16, check=positive_int),
+    Key("linear_num_value_heads", default=32, check=positive_int),
+)
+
+
 #: transformers' gpt-oss rope where config.json has none: YaRN, 32x over 4,096 positions, the ramp's ends unrounded.
 _GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                  "original_max_position_embeddings": 4096}
@@ -1753,6 +1818,11 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family(
         _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),), MOE_KEYS["qwen3_moe"]),
         with_moe("qwen3_moe", _llama_like(False, "head", _qwen3_moe_windows)),
+    ),
+    "qwen3_5_text": Family(  # Qwen3.5 (dense): Gated DeltaNet and gated attention layers (its wrapper: qwen3_5)
+        _keys(_core(False, head_dim_default=256), _ROPE, _SILU, _QWEN3_HYBRID),
+        _qwen3_hybrid(grouped=False),
+        unloaded=r"(^|\.)mtp\.",  # the releases' multi-token prediction layer
     ),
     "qwen3_vl_moe": Family(  # Qwen3-VL-MoE's text model (its wrapper's text_config): Qwen3-MoE, experts fused
         _keys(_core(True), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),),

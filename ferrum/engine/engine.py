@@ -31,8 +31,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import warnings
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -45,6 +46,7 @@ from ferrum.errors import (
     InvalidRequestError,
     KVCacheExhaustedError,
     RequestFailedError,
+    UnsupportedFeatureError,
 )
 from ferrum.device_tokens import DeviceToken
 from ferrum.executor import LlmExecutor
@@ -122,7 +124,7 @@ class Engine:
         self.executor = executor
         self.model = executor.model
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
+        self.config = self._fit_config(config or EngineConfig())
         self.scheduler = Scheduler(self.model.kv, self.config)
         self._speculator: Speculator | None = None
         if draft_model is not None:
@@ -197,6 +199,22 @@ class Engine:
                 self._requeue(self._drain_inbox())
             finally:
                 self._step_lock.release()
+
+    def _fit_config(self, config: EngineConfig) -> EngineConfig:
+        """``config`` for a model with recurrent layers (Qwen3-Next, Qwen3.5): its state at a prefix's end is not
+        kept, so prefix caching is turned off (said once), and it cannot roll back rejected drafts, so
+        speculative decoding is refused."""
+        if not self.model.config.arch.recurrent:
+            return config
+        if config.speculative is not None:
+            raise UnsupportedFeatureError(
+                f"speculative decoding cannot run {self.model.config.model_type!r}: its recurrent layers cannot be "
+                "rolled back past rejected draft tokens; turn speculative decoding off for this model")
+        if config.enable_prefix_caching:
+            warnings.warn(f"prefix caching is off for {self.model.config.model_type!r}: its recurrent layers keep "
+                          "no state at a cached prefix's end, so every prompt is computed in full", stacklevel=3)
+            config = replace(config, enable_prefix_caching=False)
+        return config
 
     def _requeue(self, outputs: list[RequestOutput]) -> None:
         """Outputs made outside a step's return (an abort applied at once, a step stopped half way), handed

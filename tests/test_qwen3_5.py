@@ -1,0 +1,239 @@
+"""Qwen3.5 (``qwen3_5_text``, its wrapper ``qwen3_5``): Gated DeltaNet layers carrying a state per sequence between
+gated full-attention layers, against transformers (and mlx-lm's conversion against mlx-lm) on every runnable
+backend; and what the engine does with a model whose cache cannot be shared or cut back."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import transformers
+from safetensors.numpy import load_file, save_file
+
+import ferrum
+from ferrum.engine import Engine, EngineConfig
+from ferrum.errors import AdapterError, UnsupportedFeatureError
+from ferrum.executor import LlmExecutor
+from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.recurrent.state import RecurrentStates
+from ferrum.sampling import SamplingParams
+from support import (
+    assert_forward_and_decode_match, build_transformers_model, mlx_lm_logits, reference_logits, run_staggered,
+    runnable_backends, scaled_error, write_tokenizer,
+)
+
+BACKENDS = runnable_backends()
+VOCAB = 300
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
+
+
+def text_config(**extra) -> transformers.Qwen3_5TextConfig:
+    """Two value heads per key head, head dims unlike the attention's, the last layer a Gated DeltaNet one."""
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=5, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+                    linear_value_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4,
+                    max_position_embeddings=512, tie_word_embeddings=False, full_attention_interval=2)
+    return transformers.Qwen3_5TextConfig(**{**settings, **extra})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3_5")
+    hf = build_transformers_model(folder, text_config())
+    write_tokenizer(folder, VOCAB)
+    return folder, hf
+
+
+def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
+    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
+
+
+def test_reads_layer_kinds_partial_rope_and_zero_centred_norms(checkpoint):
+    model = load(checkpoint[0])
+    arch = model.config.arch
+    assert [spec.mixer for spec in arch.layers] == ["gated_delta", "attention"] * 2 + ["gated_delta"]
+    assert arch.layers[1].rope.rotary_dim == 4 and arch.norm_offset == 1.0 and arch.attn_output_gate
+    assert sorted(model.states.layers) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_and_decode_steps_match_transformers(checkpoint, backend):
+    folder, hf = checkpoint
+    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+
+
+def test_a_state_commit_that_keeps_stale_states_is_caught(checkpoint, monkeypatch):
+    """The decode check above fails where the states are not carried from one pass to the next (a commit that
+    keeps each sequence's first states), and a commit that keeps none is refused by name."""
+    folder, hf = checkpoint
+
+    def first_only(self):
+        for seq_id, layers in self._pending.items():
+            self._rows.setdefault(seq_id, layers)
+        self._pending.clear()
+
+    monkeypatch.setattr(RecurrentStates, "commit", first_only)
+    with pytest.raises(AssertionError):
+        assert_forward_and_decode_match(load(folder), TOKENS, reference_logits(hf, TOKENS))
+    monkeypatch.setattr(RecurrentStates, "commit", RecurrentStates.discard)
+    with pytest.raises(UnsupportedFeatureError, match="recurrent layers have no state"):
+        assert_forward_and_decode_match(load(folder), TOKENS, reference_logits(hf, TOKENS))
+
+
+def test_a_failed_pass_leaves_every_state_as_it_was(checkpoint, monkeypatch):
+    """A batch that fails in its last recurrent layer, after the first ones made new states, changes nothing: both
+    sequences then decode as if it never ran."""
+    folder, hf = checkpoint
+    want = reference_logits(hf, TOKENS)
+    model = load(folder)
+    model.prefill("a", TOKENS[:6])
+    model.prefill("b", TOKENS[:4])
+    rule, calls = model.ops.gated_delta_rule, []
+
+    def fails_late(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return rule(*args)
+
+    monkeypatch.setattr(model.ops, "gated_delta_rule", fails_late)
+    with pytest.raises(RuntimeError, match="device lost"):
+        model.forward([ForwardItem("a", TOKENS[6:9], 6), ForwardItem("b", [TOKENS[4]], 4)])
+    monkeypatch.setattr(model.ops, "gated_delta_rule", rule)
+    assert scaled_error(model.decode("a", TOKENS[6], 6), want[6]) <= 1e-4
+    assert scaled_error(model.decode("b", TOKENS[4], 4), want[4]) <= 1e-4
+
+
+def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoint):
+    """Prefill chunks and decode steps of three sequences in one pass, in changing orders, each as run alone."""
+    folder, hf = checkpoint
+    model = load(folder)
+    prompts = {s: [int(t) for t in np.random.RandomState(i).randint(0, VOCAB, size=n)]
+               for i, (s, n) in enumerate((("x", 11), ("y", 7), ("z", 9)))}
+    want = {s: reference_logits(hf, p) for s, p in prompts.items()}
+    model.forward([ForwardItem("x", prompts["x"][:5], 0, False), ForwardItem("y", prompts["y"][:3], 0, False)])
+    out = model.unified_forward([ForwardItem("y", prompts["y"][3:6], 3), ForwardItem("z", prompts["z"][:8], 0),
+                                 ForwardItem("x", prompts["x"][5:9], 5)])
+    for s, pos in (("x", 8), ("y", 5), ("z", 7)):
+        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+    out = model.unified_forward([ForwardItem("z", [prompts["z"][8]], 8), ForwardItem("x", [prompts["x"][9]], 9),
+                                 ForwardItem("y", [prompts["y"][6]], 6)])
+    for s, pos in (("x", 9), ("y", 6), ("z", 8)):
+        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+
+
+def test_a_released_sequence_id_starts_from_a_fresh_state(checkpoint):
+    folder, hf = checkpoint
+    model = load(folder)
+    model.prefill("s", TOKENS[::-1])
+    model.release("s")
+    assert scaled_error(model.prefill("s", TOKENS), reference_logits(hf, TOKENS)[-1]) <= 1e-4
+    model.kv.release("s")  # as the engine's scheduler releases a finished or preempted request: KV only
+    assert scaled_error(model.prefill("s", TOKENS[:7]), reference_logits(hf, TOKENS[:7])[-1]) <= 1e-4
+
+
+def test_the_cache_cannot_be_cut_back(checkpoint):
+    model = load(checkpoint[0])
+    model.prefill("s", TOKENS)
+    model.truncate_kv("s", len(TOKENS))  # to its own length: nothing to undo
+    with pytest.raises(UnsupportedFeatureError, match="cannot be cut back"):
+        model.truncate_kv("s", 5)
+    assert model.kv.length("s") == len(TOKENS)
+
+
+def test_speculative_decoding_and_lora_are_refused_up_front(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    with pytest.raises(UnsupportedFeatureError, match="speculative decoding cannot run 'qwen3_5_text'"):
+        ferrum.load(folder, backend="cpu", speculative="lookup")
+    with pytest.raises(AdapterError, match="hybrid linear-attention"):
+        load(folder).adapters.load("x", tmp_path)
+
+
+def _engine(folder, backend="cpu", **config) -> Engine:
+    model = load(folder, backend, num_kv_blocks=64, block_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Engine(LlmExecutor(model), None, EngineConfig(**config))
+
+
+def test_prefix_caching_is_turned_off_once_with_a_warning(checkpoint):
+    model = load(checkpoint[0], num_kv_blocks=64, block_size=4)
+    with pytest.warns(UserWarning, match="prefix caching is off"):
+        engine = Engine(LlmExecutor(model), None, EngineConfig())
+    assert not engine.scheduler.config.enable_prefix_caching
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    outs = []
+    for _ in range(2):
+        engine.add_request(TOKENS * 2, params)
+        outs += [o.token_ids for o in engine.run_until_done() if o.finished]
+    assert outs[0] == outs[1] and engine.metrics().prefix_cache_hit_tokens == 0
+
+
+RNG = np.random.RandomState(3)
+WORKLOAD = [([int(t) for t in RNG.randint(0, VOCAB, size=int(RNG.randint(2, 30)))], int(RNG.randint(0, 6)),
+             SamplingParams(max_tokens=int(RNG.randint(3, 9)), ignore_eos=True)) for _ in range(10)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoint, backend):
+    """Alone, staggered among others with chunked prefills, and under preemption (a KV pool too small for all):
+    the same greedy tokens, which are transformers' for the first request."""
+    import torch
+
+    folder, hf = checkpoint
+    alone = _engine(folder, backend)
+    solo = []
+    for prompt, _, params in WORKLOAD:
+        alone.add_request(prompt, params)
+        solo += [o.token_ids for o in alone.run_until_done() if o.finished]
+    with torch.no_grad():
+        first = hf.generate(torch.tensor([WORKLOAD[0][0]]), max_new_tokens=WORKLOAD[0][2].max_tokens,
+                            do_sample=False)[0, len(WORKLOAD[0][0]):]
+    assert list(solo[0]) == first.tolist()
+    batched = run_staggered(_engine(folder, backend, max_num_batched_tokens=8, max_num_seqs=6), WORKLOAD)
+    assert [batched[i] for i in range(len(WORKLOAD))] == solo
+    tight = _engine(folder, backend, max_num_batched_tokens=16, max_num_seqs=8)
+    tight.model.kv.__init__(12, 4)  # 48 tokens of KV for 10 requests of up to 38
+    preempted = run_staggered(tight, WORKLOAD)
+    assert tight.metrics().preemptions > 0
+    assert [preempted[i] for i in range(len(WORKLOAD))] == solo
+
+
+def _wrapped(folder, destination):
+    """The checkpoint as transformers saves Qwen3.5's multimodal wrapper (no vision weights)."""
+    destination.mkdir()
+    text = {**json.loads((folder / "config.json").read_text()), "full_attention_interval": 2}  # mlx-lm's key
+    raw = transformers.Qwen3_5Config(text_config=text, vision_config=dict(depth=1, hidden_size=32, num_heads=2,
+                                                                          intermediate_size=32, out_hidden_size=64))
+    (destination / "config.json").write_text(json.dumps(raw.to_dict()))
+    tensors = {name.replace("model.", "model.language_model.", 1): array
+               for name, array in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, destination / "model.safetensors", metadata={"format": "pt"})
+    write_tokenizer(destination, VOCAB)
+    return destination
+
+
+def test_the_multimodal_wrapper_runs_its_text_model(checkpoint, tmp_path):
+    folder, hf = checkpoint
+    model = load(_wrapped(folder, tmp_path / "wrapped"))
+    assert model.config.model_type == "qwen3_5_text"
+    assert scaled_error(model.forward_verify("w", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
+def test_mlx_lm_conversions_load(checkpoint, tmp_path):
+    """mlx-lm's conversion stores the convolution [C, K, 1] and the zero-centred norms shifted by one: it runs on
+    every backend as mlx-lm runs it."""
+    from mlx_lm.convert import convert
+
+    folder, hf = checkpoint
+    converted = tmp_path / "mlx"
+    convert(str(_wrapped(folder, tmp_path / "hf")), str(converted))
+    stored = load_file(converted / "model.safetensors")
+    assert stored["language_model.model.layers.0.linear_attn.conv1d.weight"].shape[-1] == 1
+    want = mlx_lm_logits(converted, TOKENS)
+    assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    for backend in BACKENDS:
+        assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
