@@ -1824,6 +1824,17 @@ FAMILIES: dict[str, Family] = {
         _qwen3_hybrid(grouped=False),
         unloaded=r"(^|\.)mtp\.",  # the releases' multi-token prediction layer
     ),
+    "qwen3_next": Family(  # Qwen3-Next: Qwen3.5's layers (its Gated DeltaNet projections grouped per key head)
+        # over Qwen2-MoE's experts with a sigmoid-gated shared expert
+        _keys(_core(False, head_dim_default=256), _ROPE, _SILU, _QWEN3_HYBRID, MOE_KEYS["qwen3_next"]),
+        with_moe("qwen3_next", _qwen3_hybrid(grouped=True)),
+        unloaded=r"(^|\.)mtp\.",
+    ),
+    "qwen3_5_moe_text": Family(  # Qwen3.5-MoE (its wrapper: qwen3_5_moe)
+        _keys(_core(False, head_dim_default=256), _ROPE, _SILU, _QWEN3_HYBRID, MOE_KEYS["qwen3_5_moe_text"]),
+        with_moe("qwen3_5_moe_text", _qwen3_hybrid(grouped=False)),
+        unloaded=r"(^|\.)mtp\.",
+    ),
     "qwen3_vl_moe": Family(  # Qwen3-VL-MoE's text model (its wrapper's text_config): Qwen3-MoE, experts fused
         _keys(_core(True), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),),
               MOE_KEYS["qwen3_vl_moe"]),

@@ -18,6 +18,8 @@ LAYOUT = {
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_5_moe_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "granitemoe": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
     "gpt_oss": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.gpt_oss)
@@ -82,6 +84,7 @@ def _dbrx_activation(value: object) -> str | None:
 #: The expert count's spellings transformers reads, first wins: Mixtral and Qwen3-MoE map ``num_experts`` onto
 #: ``num_local_experts``; Qwen2-MoE reads ``num_experts`` only (a ``num_local_experts`` there leaves its 60).
 _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
+                "qwen3_next": ("num_experts",), "qwen3_5_moe_text": ("num_experts",),
                 "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts",),
                 "granitemoe": ("num_local_experts",), "gpt_oss": ("num_local_experts",),
                 "qwen3_vl_moe": ("num_local_experts", "num_experts"),
@@ -288,6 +291,14 @@ KEYS: dict[str, tuple[Key, ...]] = {
                   Key("shared_expert_intermediate_size", check=positive_int),
                   Key("qkv_bias", default=True, check=boolean)),
     "qwen3_moe": (*_COUNT["qwen3_moe"], Key("num_experts_per_tok", default=8, check=positive_int), *_QWEN),
+    # Qwen3-Next and Qwen3.5-MoE: Qwen2-MoE's sigmoid-gated shared expert (Qwen3.5-MoE: every layer sparse, its
+    # top-k weights always renormalized)
+    "qwen3_next": (*_COUNT["qwen3_next"], Key("num_experts_per_tok", default=10, check=positive_int), *_QWEN,
+                   Key("norm_topk_prob", default=True, check=boolean),
+                   Key("shared_expert_intermediate_size", default=512, check=positive_int)),
+    "qwen3_5_moe_text": (*_COUNT["qwen3_5_moe_text"], Key("num_experts_per_tok", default=8, check=positive_int),
+                         Key("moe_intermediate_size", default=512, check=positive_int),
+                         Key("shared_expert_intermediate_size", default=512, check=positive_int)),
     "qwen3_vl_moe": (*_COUNT["qwen3_vl_moe"], Key("num_experts_per_tok", default=4, check=positive_int), *_QWEN),
     "olmoe": (*_COUNT["olmoe"], Key("num_experts_per_tok", default=8, check=positive_int),
               Key("norm_topk_prob", default=False, check=boolean)),
@@ -397,6 +408,7 @@ KEYS: dict[str, tuple[Key, ...]] = {
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
+                  "qwen3_next": 512, "qwen3_5_moe_text": 256,
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
@@ -417,6 +429,7 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
                                                                     float(r("swiglu_limit"))), layout="gpt_oss"),
     # Qwen3-VL-MoE renormalizes its top-k weights whatever norm_topk_prob says, as transformers runs it
     "qwen3_vl_moe": lambda r: dict(layout="fused_gate_up", normalize=True),
+    "qwen3_5_moe_text": lambda r: dict(normalize=True),
     "phimoe": lambda r: dict(routing="sparsemixer", jitter_eps=float(r("router_jitter_noise"))),
     # GraniteMoeShared's shared MLP (0 wide: none), ungated, gate and up in one matrix (Moe.split)
     "granitemoeshared": lambda r: dict(shared_expert_size=r("shared_intermediate_size") or None,
@@ -433,7 +446,8 @@ def _listed_kinds(r: KeyReader, layers: int) -> list[bool]:
 
 
 #: Per Qwen-like family, which layers are sparse, where Qwen's mlp_only_layers and decoder_sparse_step do not say.
-_LAYER_KINDS: dict[str, Callable[[KeyReader, int], list[bool]]] = {"mellum": _listed_kinds}
+_LAYER_KINDS: dict[str, Callable[[KeyReader, int], list[bool]]] = {
+    "mellum": _listed_kinds, "qwen3_5_moe_text": lambda r, layers: [True] * layers}
 #: Per family, how many experts route each token, where num_experts_per_tok does not say.
 _TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k, "ernie4_5_moe": _ernie_top_k,
                                                  "dbrx": lambda r: r("ffn_config.moe_top_k")}
@@ -630,6 +644,10 @@ def _every_layer_mlps(r: KeyReader, model_type: str, count: int, top_k: int, siz
     return spec, [True] * sizes.num_layers
 
 
+#: Qwen-like families with Qwen2-MoE's shared expert, its output times the sigmoid of ``shared_expert_gate``.
+_SHARED_GATED = ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text")
+
+
 def _qwen_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
     """Qwen-MoE's sparse MLPs: experts of moe_intermediate_size on the layers decoder_sparse_step and mlp_only_layers
     leave sparse (or as :data:`_LAYER_KINDS` says), Qwen2-MoE's gated shared expert."""
@@ -638,7 +656,7 @@ def _qwen_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any
     else:
         dense, step = r("mlp_only_layers") or [], r("decoder_sparse_step")
         sparse = [i not in dense and (i + 1) % step == 0 for i in range(sizes.num_layers)]
-    shared = r("shared_expert_intermediate_size") if model_type == "qwen2_moe" else None
+    shared = r("shared_expert_intermediate_size") if model_type in _SHARED_GATED else None
     extras = _EXPERT_EXTRAS.get(model_type, lambda r: {})(r)
     normalize = extras.pop("normalize") if "normalize" in extras else r("norm_topk_prob")
     return MoeSpec(*LAYOUT[model_type], count, top_k, r("moe_intermediate_size"), normalize, shared, **extras), sparse
