@@ -69,7 +69,7 @@ def write_random_checkpoint(
             array += norm_center
         if moe is not None and moe.layout is not None and is_expert_stack(name):  # a family's own layout
             own_layout[name] = array.astype(_STORAGE[dtype])
-        elif len(shape) == 3:  # a stack of experts
+        elif len(shape) == 3 and is_expert_stack(name):  # a stack of experts (not a convolution's [C, 1, K])
             tensors.update(zip(per_expert_names(moe, name), array.astype(_STORAGE[dtype])))
         elif heads := split_norm_parts(model_config, name):  # a norm a head, each its own tensor (StableLM 2 12B)
             tensors.update(zip(heads, array.astype(_STORAGE[dtype])))

@@ -14,8 +14,8 @@ import transformers
 
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, build_transformers_model, mlx_lm_logits, reference_logits, runnable_backends,
-    scaled_error, write_tokenizer,
+    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, build_transformers_model,
+    mlx_lm_logits, reference_logits, runnable_backends, scaled_error, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -85,3 +85,13 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
     for backend in BACKENDS:
         got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
         assert scaled_error(got, want) <= 1e-4, backend
+
+
+@pytest.mark.parametrize("family", [*MODELS, "qwen3_5_text"])
+def test_random_checkpoints_are_what_transformers_reads(family, tmp_path):
+    """ferrum.random_checkpoint (benchmarks, the JAX plugin's tests) writes the hybrid families' tensors as stored."""
+    raw = {**MODELS.get(family, MODELS["qwen3_5_moe_text"])().to_dict(), "full_attention_interval": 2}
+    if family == "qwen3_5_text":
+        raw = {k: v for k, v in raw.items() if "expert" not in k and k != "moe_intermediate_size"}
+        raw.update(model_type=family, architectures=["Qwen3_5ForCausalLM"])
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / family, raw, TOKENS)

@@ -125,9 +125,17 @@ def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
     return {key: float32_value(meta.get(p + "attention.layer_norm_epsilon", 1e-5))}
 
 
+#: llama.cpp's names of the hybrid linear-attention models Ferrum runs from safetensors only.
+HYBRID_ARCHITECTURES = {"qwen3next": "Qwen3-Next", "qwen35": "Qwen3.5", "qwen35moe": "Qwen3.5-MoE"}
+
+
 def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
     where = meta.where
     arch = meta.get("general.architecture")
+    if arch in HYBRID_ARCHITECTURES:
+        raise UnsupportedFeatureError(
+            f"{where}: GGUF architecture {arch!r} ({HYBRID_ARCHITECTURES[arch]}, hybrid linear attention) is not "
+            "imported yet; load its Hugging Face safetensors checkpoint or an mlx-lm conversion, which Ferrum runs")
     if arch not in ARCHITECTURES:
         raise UnsupportedFeatureError(
             f"{where}: GGUF architecture {arch!r} is not supported; Ferrum converts "
