@@ -87,6 +87,37 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
         assert scaled_error(got, want) <= 1e-4, backend
 
 
+def _fused_experts(folder, destination, num_experts: int):
+    """``folder``'s checkpoint with each sparse layer's experts stored as transformers 5 holds them (and Qwen3.5-MoE's
+    release stores them): ``experts.gate_up_proj [E, 2 * inter, hidden]``, gate rows first, and ``experts.down_proj
+    [E, hidden, inter]``."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(folder, destination)
+    stored = load_file(destination / "model.safetensors")
+    fused = {name: array for name, array in stored.items() if ".experts." not in name}
+    for stem in sorted({name.split(".experts.")[0] for name in stored if ".experts." in name}):
+        def stack(proj: str) -> np.ndarray:
+            return np.stack([stored[f"{stem}.experts.{e}.{proj}.weight"] for e in range(num_experts)])
+
+        fused[f"{stem}.experts.gate_up_proj"] = np.concatenate([stack("gate_proj"), stack("up_proj")], axis=1)
+        fused[f"{stem}.experts.down_proj"] = stack("down_proj")
+    save_file(fused, str(destination / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_fused_expert_stacks_load_as_transformers_reads_them(checkpoints, tmp_path):
+    """Qwen3.5-MoE's release stores each layer's experts fused, outputs first, as transformers 5 holds them (mlx-lm's
+    sanitize splits them so): Ferrum asked for the per-expert tensors transformers' save_pretrained writes."""
+    folder, _ = checkpoints["qwen3_5_moe_text"]
+    _fused_experts(folder, tmp_path / "fused", COMMON["num_experts"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused").float().eval()
+    want = reference_logits(hf, TOKENS)
+    for backend in BACKENDS:
+        model = DecoderOnlyLLM.from_pretrained(tmp_path / "fused", backend=backend, dtype="float32")
+        assert model.config.arch.moe.layout == "fused_outputs_first"
+        assert scaled_error(model.forward_verify("f", TOKENS), want) <= 1e-4, backend
+
+
 @pytest.mark.parametrize("family", [*MODELS, "qwen3_5_text"])
 def test_random_checkpoints_are_what_transformers_reads(family, tmp_path):
     """ferrum.random_checkpoint (benchmarks, the JAX plugin's tests) writes the hybrid families' tensors as stored."""

@@ -487,6 +487,8 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
             break
     if config.arch.gated_delta is not None:
         config = _gated_delta_layout(config, stored)
+    if config.arch.moe is not None:
+        config = _fused_experts_layout(config, stored)
     if config.arch.transposed and _stored_untransposed(config, stored):
         config = replace(config, arch=replace(config.arch, transposed=False))
     return config
@@ -500,6 +502,20 @@ def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> A
     if shape is None or arch.gated_delta.conv_kernel == 1 or shape[-1] != 1:
         return config
     return replace(config, arch=replace(arch, norm_offset=0.0, gated_delta=replace(arch.gated_delta, conv_last=True)))
+
+
+def _fused_experts_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
+    """A family read per expert whose checkpoint holds transformers 5's fused stacks instead (``M.experts.
+    gate_up_proj [E, 2 * inter, hidden]`` and ``M.experts.down_proj``, outputs first: Qwen3.5-MoE's release, and
+    what transformers 5 writes where no conversion maps them back) is read in that layout."""
+    arch, moe = config.arch, config.arch.moe
+    if moe.layout is not None or moe.stacked is not None:
+        return config
+    layer = next(i for i, spec in enumerate(arch.layers) if spec.mlp == "moe")
+    fused = stored_name(arch, f"{arch.prefix}layers.{layer}.{moe.module}.experts.gate_up_proj")
+    if fused not in stored:
+        return config
+    return replace(config, arch=replace(arch, moe=replace(moe, layout="fused_outputs_first")))
 
 
 def _stored_untransposed(config: Any, stored: Mapping[str, tuple[int, ...]]) -> bool:
