@@ -619,7 +619,9 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routi
     ``GROUP_LIMITED_GREEDY`` (DeepSeek-V2), ``SOFTMAX_CORRECTED`` (ERNIE 4.5's
     softmax with a correction bias in one group), ``SIGMOID_TOP_K`` (Llama 4's
     plain sigmoid) and ``SOFTMAX_TOP2_GROUPED`` (Mistral 4's softmax grouped by
-    each group's two best); the model routes those layers by the fallback.
+    each group's two best), 1.16 for ``SOFTMAX_EXPERT_SCALED`` (Gemma 4's softmax
+    whose weights are then multiplied by ``routing.expert_scale[ids]``, float32
+    ``[E]``); the model routes those layers by the fallback.
     Fallback: the host references :func:`ferrum.moe.routing.route` and
     :func:`~ferrum.moe.routing.route_grouped` (one copy of the logits to the
     host per MoE layer).
@@ -660,7 +662,9 @@ def moe_experts(
     ``biases``, None or ``(gate, up, down)`` arrays ``[E, out]`` in the compute
     dtype (from ``from_numpy``), expert ``e``'s row added to each projection's
     output; ``activation``, None for ``silu(g) * u`` or a
-    :class:`ferrum.moe.activation.ClampedSwiGLU` in its place. A backend whose
+    :class:`ferrum.moe.activation.ClampedSwiGLU` in its place, or (API 1.16,
+    handed only to plugins declaring it) a :class:`~ferrum.moe.activation.GeluTanhGLU`,
+    ``gelu_tanh(g) * u`` as the ``gelu_tanh_mul`` op its ``op`` names. A backend whose
     ``moe_experts`` lacks one a model needs runs that model's experts through
     the fallback. Fallback: per used expert, ``take_rows`` + ``linear`` +
     ``silu_mul`` (the clamped activation on the host); the weighted sum on the host.

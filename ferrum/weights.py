@@ -76,17 +76,17 @@ class Projections:
 
 
 def place(ops: Any, name: str, tensor: HostTensor, dtype: str, role: str = "linear",
-          needs: tuple[str, ...] = ()) -> Placed:
+          needs: tuple[str, ...] = (), since: tuple[int, int] = (1, 0)) -> Placed:
     """Put one host tensor on the backend; ``role`` is "linear", "embedding", "tied" (both) or "bias"
     (added to outputs as it is: never laid out for products, which ``upload_weight`` may do to 2-D arrays).
 
     A stack of experts (3-D) is placed by :func:`ferrum.moe.experts.place_experts`, with the
-    ``moe_experts`` features its experts ``needs``.
+    ``moe_experts`` features its experts ``needs`` and the plugin API they need it to declare (``since``).
     """
     from ferrum.moe import experts  # imported here: it places each expert through this module
 
     if experts.is_stack(tensor):
-        return experts.place_experts(ops, name, tensor, dtype, needs)
+        return experts.place_experts(ops, name, tensor, dtype, needs, since)
     if not isinstance(tensor, QuantizedWeight):
         nbytes = tensor.size * DTYPE_BYTES.get(dtype, 4)
         if role == "bias":

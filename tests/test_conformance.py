@@ -170,9 +170,9 @@ def moe_route_taking_routing_without_a_default(logits, shared_logit, top_k, norm
     logits = np.asarray(logits)
     if routing is None:
         return _with_shared(*route(logits, top_k, normalize), shared_logit)
-    bias = None if routing.bias is None else np.asarray(routing.bias)
+    bias, scales = (None if a is None else np.asarray(a) for a in (routing.bias, routing.expert_scale))
     return route_grouped(logits, bias, top_k, routing.n_group, routing.topk_group, normalize, routing.scale,
-                         routing.rule)
+                         routing.rule, scales)
 
 
 def test_moe_route_written_to_the_hookspec_runs_and_one_always_normalizing_is_caught(registered):

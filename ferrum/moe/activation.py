@@ -17,9 +17,28 @@ class ClampedSwiGLU:
 
     alpha: float
     limit: float
+    since = (1, 7)  # the plugin API that first handed moe_experts an activation
+    op = None  # no backend op runs it: its host form where the backend's moe_experts does not take it
 
     def host(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """The activation on host arrays, in float32 (the reference every backend matches)."""
         g = np.minimum(np.asarray(gate, dtype=np.float32), np.float32(self.limit))
         u = np.clip(np.asarray(up, dtype=np.float32), -self.limit, self.limit)
         return (u + 1.0) * g / (1.0 + np.exp(-self.alpha * g))
+
+
+@dataclass(frozen=True)
+class GeluTanhGLU:
+    """Gemma 4's experts (transformers' ``Gemma4TextExperts``): ``gelu_tanh(gate) * up``, the GeGLU of its dense
+    MLP, where every other family's experts run SwiGLU. A backend runs it with its ``gelu_tanh_mul`` op; the
+    host form is the reference. Handed to ``moe_experts`` from API 1.16 (``since``): an older plugin that takes
+    ``activation`` knows only :class:`ClampedSwiGLU`, so its layers take the core's experts."""
+
+    since = (1, 16)
+    op = "gelu_tanh_mul"
+
+    def host(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """The activation on host arrays, in float32 (torch's tanh approximation of GELU)."""
+        g = np.asarray(gate, dtype=np.float32)
+        inner = np.float32(np.sqrt(2.0 / np.pi)) * (g + np.float32(0.044715) * g * g * g)
+        return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner)) * np.asarray(up, dtype=np.float32)

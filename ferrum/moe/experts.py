@@ -116,12 +116,17 @@ class ReferenceStack:
         return placed.linear(x, placed.weight, None)
 
 
-def place_experts(ops: Any, name: str, stack: HostExperts, dtype: str, needs: tuple[str, ...] = ()) -> Placed:
+def place_experts(ops: Any, name: str, stack: HostExperts, dtype: str, needs: tuple[str, ...] = (),
+                  since: tuple[int, int] = (1, 0)) -> Placed:
     """One stacked projection in the backend's own form when it runs MoE natively, takes this stack and
-    the feature arguments its experts ``needs`` (``MoeSpec.needs``), else the reference form;
-    ``Placed.linear`` then holds the ``moe_experts`` implementation for it."""
+    the feature arguments its experts ``needs`` (``MoeSpec.needs``), and declares the plugin API ``since``
+    (``MoeSpec.since``: what those arguments may hold), else the reference form; ``Placed.linear`` then holds
+    the ``moe_experts`` implementation for it."""
+    from ferrum.backends import declared_version  # imported here: ferrum.backends loads the plugins
+
     native = "moe_experts" in ops.native and "upload_experts" in ops.native
     native = native and all(ops.accepts("moe_experts", arg) for arg in needs)
+    native = native and declared_version(ops.info) >= since
     if native and isinstance(stack, StackedQuantized):
         native = runs_natively(ops, stack.bits, stack.group_size)
     if native:

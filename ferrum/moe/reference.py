@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ferrum.moe.activation import ClampedSwiGLU
+from ferrum.moe.activation import ClampedSwiGLU, GeluTanhGLU
 from ferrum.moe.experts import HostExperts, ReferenceStack
 from ferrum.moe.routing import GroupedRouting, Sparsemixer, route, route_grouped, route_sparsemixer
 
@@ -19,9 +19,9 @@ def moe_route(ops: Any, logits: Any, shared_logit: Any, top_k: int, normalize: b
     elif isinstance(routing, Sparsemixer):
         ids, weights = route_sparsemixer(host, routing.jitter_eps)
     else:
-        bias = None if routing.bias is None else ops.to_numpy(routing.bias)
+        bias, expert_scale = (None if a is None else ops.to_numpy(a) for a in (routing.bias, routing.expert_scale))
         ids, weights = route_grouped(host, bias, top_k, routing.n_group, routing.topk_group, normalize, routing.scale,
-                                     routing.rule)
+                                     routing.rule, expert_scale)
     if shared_logit is not None:
         gate = ops.to_numpy(shared_logit).astype(np.float32).reshape(-1, 1)
         weights = np.concatenate([weights, 1.0 / (1.0 + np.exp(-gate))], axis=1)
@@ -34,9 +34,9 @@ def upload_experts(ops: Any, name: str, weight: HostExperts, dtype: str) -> Refe
 
 def moe_experts(ops: Any, x: Any, expert_ids: Any, expert_weights: Any, gate: ReferenceStack,
                 up: ReferenceStack, down: ReferenceStack, shared: Any, biases: Any = None,
-                activation: ClampedSwiGLU | None = None) -> Any:
-    """Per used expert: gather its tokens, run its SwiGLU on the backend (with biases or the clamped
-    activation, the activation on the host); weigh and sum on the host."""
+                activation: ClampedSwiGLU | GeluTanhGLU | None = None) -> Any:
+    """Per used expert: gather its tokens, run its SwiGLU (or the backend op of its ``activation``) on the backend
+    (with biases or the clamped activation, the activation on the host); weigh and sum on the host."""
     host_biases = None if biases is None else [np.asarray(ops.to_numpy(b), dtype=np.float32) for b in biases]
     ids = np.asarray(ops.to_numpy(expert_ids), dtype=np.int64)
     weights = np.asarray(ops.to_numpy(expert_weights), dtype=np.float32)
@@ -50,8 +50,9 @@ def moe_experts(ops: Any, x: Any, expert_ids: Any, expert_weights: Any, gate: Re
         slots = order[bounds[e] : bounds[e + 1]]
         rows = slots // top_k
         xe = ops.take_rows(x, ops.from_numpy(rows.astype(np.int32), None))
-        if host_biases is None and activation is None:
-            ye = ops.to_numpy(down(e, ops.silu_mul(gate(e, xe), up(e, xe))))
+        if host_biases is None and (activation is None or activation.op is not None):
+            act = ops.silu_mul if activation is None else getattr(ops, activation.op)
+            ye = ops.to_numpy(down(e, act(gate(e, xe), up(e, xe))))
         else:
             hidden = _host_activation(ops, gate(e, xe), up(e, xe), host_biases, e, activation)
             ye = ops.to_numpy(down(e, ops.from_numpy(hidden, gate.dtype)))
@@ -66,7 +67,7 @@ def moe_experts(ops: Any, x: Any, expert_ids: Any, expert_weights: Any, gate: Re
 
 
 def _host_activation(ops: Any, gate: Any, up: Any, biases: list[np.ndarray] | None, e: int,
-                     activation: ClampedSwiGLU | None) -> np.ndarray:
+                     activation: ClampedSwiGLU | GeluTanhGLU | None) -> np.ndarray:
     """One expert's gate and up outputs, biased where the experts have biases, through its activation."""
     g, u = (np.asarray(ops.to_numpy(a), dtype=np.float32) for a in (gate, up))
     if biases is not None:

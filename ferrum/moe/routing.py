@@ -70,6 +70,8 @@ class GroupRule:
     #: The plugin API version that first hands this rule to a backend's ``moe_route``: a plugin declaring an
     #: older one gets the layers of this rule routed by the core (ferrum.moe.kind.routes_natively).
     since: tuple[int, int] = (1, 12)
+    #: The weights, last of all, times each chosen expert's own scale (``GroupedRouting.expert_scale``).
+    expert_scaled: bool = False
 
     def __post_init__(self) -> None:  # every implementation branches on these two: a misspelling would pass silently
         if self.scoring not in ("sigmoid", "softmax") or self.group_score not in ("top2_sum", "max"):
@@ -99,10 +101,14 @@ SIGMOID_TOP_K = GroupRule("sigmoid", "max", corrected=False, masked=float("-inf"
 #: Mistral 4's router (transformers' ``Mistral4TopkRouter``): softmax probabilities grouped as DeepSeek-V3 groups its
 #: sigmoid scores (a group's two best summed), dropped groups' experts scoring 0, nothing corrected.
 SOFTMAX_TOP2_GROUPED = GroupRule("softmax", "top2_sum", corrected=False, masked=0.0, since=(1, 13))
+#: Gemma 4's MoE router (transformers' ``Gemma4TextRouter``): softmax probabilities, the top-k renormalized, each
+#: then times its expert's learned ``per_expert_scale`` (one group, nothing corrected).
+SOFTMAX_EXPERT_SCALED = GroupRule("softmax", "max", corrected=False, masked=float("-inf"), since=(1, 16),
+                                  expert_scaled=True)
 #: ``MoeSpec.routing`` -> its grouped rule.
 GROUPED_RULES = {"sigmoid_grouped": NOAUX_TC, "softmax_grouped": GROUP_LIMITED_GREEDY,
                  "softmax_corrected": SOFTMAX_CORRECTED, "sigmoid_top_k": SIGMOID_TOP_K,
-                 "softmax_top2_grouped": SOFTMAX_TOP2_GROUPED}
+                 "softmax_top2_grouped": SOFTMAX_TOP2_GROUPED, "softmax_expert_scaled": SOFTMAX_EXPERT_SCALED}
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,13 +118,15 @@ class GroupedRouting:
 
     ``bias`` is the layer's ``e_score_correction_bias``, a float32 ``[E]`` backend array (``from_numpy``),
     kept in float32 whatever the compute dtype, as transformers keeps it; None where ``rule`` is not
-    ``corrected``."""
+    ``corrected``. ``expert_scale`` (API 1.16) is the layer's per-expert scale of the weights, a float32 ``[E]``
+    backend array, where ``rule`` is ``expert_scaled``; else None."""
 
     n_group: int
     topk_group: int
     scale: float  # routed_scaling_factor
     bias: Any
     rule: GroupRule = NOAUX_TC
+    expert_scale: Any = None
 
 
 #: API 1.12's name of :class:`GroupedRouting`, whose rule was always :data:`NOAUX_TC`.
@@ -126,7 +134,8 @@ GroupedSigmoid = GroupedRouting
 
 
 def route_grouped(logits: np.ndarray, bias: np.ndarray | None, top_k: int, n_group: int, topk_group: int,
-                  normalize: bool, scale: float, rule: GroupRule = NOAUX_TC) -> tuple[np.ndarray, np.ndarray]:
+                  normalize: bool, scale: float, rule: GroupRule = NOAUX_TC,
+                  expert_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int32 [T, k], weights float32 [T, k])`` by a grouped rule, every step in float32:
 
     1. ``scores`` are the ``rule.scoring`` (sigmoid, or softmax over the experts) of the logits; ``choice`` is
@@ -139,7 +148,8 @@ def route_grouped(logits: np.ndarray, bias: np.ndarray | None, top_k: int, n_gro
        exceed the kept experts, which the config check ensures);
     5. the weights are the chosen experts' *uncorrected* ``scores`` (the bias only chooses; a dropped expert
        chosen in a tie, which only a 0 of ``rule.masked`` allows, weighs 0), divided by
-       ``their sum + 1e-20`` when ``normalize``, then multiplied by ``scale`` (routed_scaling_factor).
+       ``their sum + 1e-20`` when ``normalize``, then multiplied by ``scale`` (routed_scaling_factor) and,
+       where ``rule.expert_scaled``, by each chosen expert's ``expert_scale``.
     """
     logits = np.asarray(logits, dtype=np.float32)
     scores = _softmax_f32(logits) if rule.scoring == "softmax" else 1.0 / (1.0 + np.exp(-logits))
@@ -163,6 +173,8 @@ def route_grouped(logits: np.ndarray, bias: np.ndarray | None, top_k: int, n_gro
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(1e-20))
     weights = weights * np.float32(scale)
+    if rule.expert_scaled:
+        weights = weights * np.asarray(expert_scale, dtype=np.float32).reshape(-1)[ids]
     return ids.astype(np.int32), weights.astype(np.float32)
 
 

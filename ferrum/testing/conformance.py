@@ -551,21 +551,23 @@ def check_quantized_embedding(c: _Context, bits: int, group_size: int, tol: floa
 def _grouped_cases() -> dict[str, tuple[Any, int, int, bool, float]]:
     """Per grouped rule, as its families route with it: (rule, groups, groups kept, normalized, scale)."""
     from ferrum.moe.routing import (
-        GROUP_LIMITED_GREEDY, NOAUX_TC, SIGMOID_TOP_K, SOFTMAX_CORRECTED, SOFTMAX_TOP2_GROUPED,
+        GROUP_LIMITED_GREEDY, NOAUX_TC, SIGMOID_TOP_K, SOFTMAX_CORRECTED, SOFTMAX_EXPERT_SCALED, SOFTMAX_TOP2_GROUPED,
     )
 
     return {"grouped sigmoid": (NOAUX_TC, 4, 2, True, 2.5),  # DeepSeek-V3, GLM-4.5
             "grouped softmax": (GROUP_LIMITED_GREEDY, 4, 2, False, 16.0),  # DeepSeek-V2
             "corrected softmax": (SOFTMAX_CORRECTED, 1, 1, True, 1.0),  # ERNIE 4.5 MoE
             "sigmoid top-k": (SIGMOID_TOP_K, 1, 1, False, 1.0),  # Llama 4
-            "grouped top-2 softmax": (SOFTMAX_TOP2_GROUPED, 4, 2, True, 1.5)}  # Mistral 4
+            "grouped top-2 softmax": (SOFTMAX_TOP2_GROUPED, 4, 2, True, 1.5),  # Mistral 4
+            "expert-scaled softmax": (SOFTMAX_EXPERT_SCALED, 1, 1, True, 1.0)}  # Gemma 4 26B-A4B
 
 
 def check_moe_route_grouped(c: _Context, case: str = "grouped sigmoid") -> float:
     """Grouped routing (API 1.12's ``routing``) of random logits, 16 experts, 3 chosen, against the host rule, for
     each rule as its families use it (:func:`_grouped_cases`: DeepSeek-V3's sigmoid rule in 4 groups, 2 kept, with
     a correction bias that changes the choice and normalized weights; DeepSeek-V2's softmax, unnormalized; ERNIE
-    4.5's corrected softmax; Llama 4's plain sigmoid; Mistral 4's softmax grouped by each group's two best); through
+    4.5's corrected softmax; Llama 4's plain sigmoid; Mistral 4's softmax grouped by each group's two best; Gemma 4's
+    softmax times per-expert scales between 0.25 and 2, which reorder nothing but weigh each expert apart); through
     the plugin's ``moe_route`` where the model would call it, else the core's fallback."""
     from ferrum.moe.kind import routes_natively
     from ferrum.moe.routing import GroupedRouting, route_grouped
@@ -574,11 +576,13 @@ def check_moe_route_grouped(c: _Context, case: str = "grouped sigmoid") -> float
     logits = c.rounded(rng.standard_normal((9, 16), dtype=np.float32) * 2)
     rule, groups, kept, normalize, scale = _grouped_cases()[case]
     bias = rng.standard_normal(16).astype(np.float32) * 0.3 if rule.corrected else None
-    routing = GroupedRouting(groups, kept, scale, None if bias is None else c.ops.from_numpy(bias, "float32"), rule)
+    expert_scale = rng.uniform(0.25, 2.0, 16).astype(np.float32) if rule.expert_scaled else None
+    placed = [None if a is None else c.ops.from_numpy(a, "float32") for a in (bias, expert_scale)]
+    routing = GroupedRouting(groups, kept, scale, placed[0], rule, placed[1])
     route = c.ops.moe_route if routes_natively(c.ops, rule) else c.ops.fallback["moe_route"]
     ids, weights = route(c.put(logits), None, 3, normalize, routing)
     ids, weights = c.get(ids).astype(np.int64), c.get(weights)
-    ref_ids, ref_weights = route_grouped(logits, bias, 3, groups, kept, normalize, scale, rule)
+    ref_ids, ref_weights = route_grouped(logits, bias, 3, groups, kept, normalize, scale, rule, expert_scale)
     order, ref_order = np.argsort(ids, axis=1), np.argsort(ref_ids, axis=1)
     if not np.array_equal(np.take_along_axis(ids, order, 1), np.take_along_axis(ref_ids, ref_order, 1)):
         raise AssertionError(f"chose experts {ids.tolist()}, expected {ref_ids.tolist()}")
@@ -604,12 +608,12 @@ def check_moe_route(c: _Context, normalize: bool = True) -> float:
     return _compare(np.concatenate([np.take_along_axis(weights[:, :2], order, 1), weights[:, 2:]], axis=1), ref, 1e-5)
 
 
-def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = None, gpt_oss: bool = False
-                      ) -> float:
+def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = None, gpt_oss: bool = False,
+                      gemma4: bool = False) -> float:
     """Five experts of an awkward size, top-2 plus a shared expert's output; 70 tokens (backends
     sort pairs by expert from 64) all on experts 3 and 1, or spread evenly over every expert.
-    ``gpt_oss``: with biases and the clamped SwiGLU, clamped at 0.5 so that it bites."""
-    from ferrum.moe.activation import ClampedSwiGLU
+    ``gpt_oss``: with biases and the clamped SwiGLU, clamped at 0.5 so that it bites; ``gemma4``: GeGLU experts."""
+    from ferrum.moe.activation import ClampedSwiGLU, GeluTanhGLU
     from ferrum.moe.experts import PlacedExperts, StackedQuantized, place_experts
 
     rng = np.random.default_rng(2)  # its own draws: the other checks' inputs stay as they were
@@ -629,7 +633,10 @@ def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = 
     if gpt_oss:
         needs, activation = ("biases", "activation"), ClampedSwiGLU(1.702, 0.5)
         biases = [c.rounded(rng.standard_normal((e, shape[1]), dtype=np.float32) * 0.3) for shape in shapes.values()]
-    placed = [place_experts(c.ops, name, host[name], c.dtype, needs) for name in shapes]
+    if gemma4:
+        needs, activation = ("activation",), GeluTanhGLU()
+    since = (1, 0) if activation is None else activation.since
+    placed = [place_experts(c.ops, name, host[name], c.dtype, needs, since) for name in shapes]
     device_biases = None if biases is None else tuple(c.put(b) for b in biases)
     experts = PlacedExperts(placed[0].linear, *(p.weight for p in placed), device_biases, activation)
     t = np.arange(tokens)
@@ -715,6 +722,11 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
 
     gpt_oss_native = all(ops.accepts("moe_experts", arg) for arg in ("biases", "activation"))
     gpt_oss_experts = source("moe_experts") if gpt_oss_native else "core fallback"
+    from ferrum.backends import declared_version
+    from ferrum.moe.activation import GeluTanhGLU
+
+    gemma4_native = ops.accepts("moe_experts", "activation") and declared_version(ops.info) >= GeluTanhGLU.since
+    gemma4_experts = source("moe_experts") if gemma4_native else "core fallback"
     from ferrum.moe.kind import routes_natively
 
     grouped = [(f"moe_route, {case} ({source('moe_route') if routes_natively(ops, rule) else 'core fallback'})",
@@ -741,6 +753,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
          lambda: check_moe_experts(c, True, tol, bits=4), tol),
         (f"moe_experts with biases, clamped SwiGLU ({gpt_oss_experts})",
          lambda: check_moe_experts(c, True, tol, gpt_oss=True), tol),
+        (f"moe_experts, GeGLU ({gemma4_experts})", lambda: check_moe_experts(c, True, tol, gemma4=True), tol),
         *((f"attention q{case[0]} kv{case[1]} h{case[2]} kvh{case[3]} d{case[4]}",
            lambda case=case: check_attention(c, tol, cases=(case,)), tol) for case in _ATTENTION_CASES),
         ("kv_write / kv_gather", lambda: check_kv_write_gather(c), 0.0),

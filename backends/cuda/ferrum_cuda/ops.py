@@ -1227,7 +1227,10 @@ def _route_grouped(logits, top_k, normalize, routing):
         weights = weights.masked_fill(~kept.gather(1, ids), 0.0)
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return ids.to(torch.int32), weights * routing.scale
+    weights = weights * routing.scale
+    if rule.expert_scaled:  # Gemma 4: each chosen expert's own scale (API 1.16)
+        weights = weights * routing.expert_scale[ids]
+    return ids.to(torch.int32), weights
 
 
 class ExpertStack:
@@ -1264,6 +1267,10 @@ def _clamped_swiglu(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.T
     g = gate.float().clamp(max=activation.limit)
     u = up.float().clamp(-activation.limit, activation.limit)
     return ((u + 1.0) * g * torch.sigmoid(activation.alpha * g)).to(gate.dtype)
+
+
+#: The experts' activations (``activation.op``, API 1.16) this backend runs with its own op: Gemma 4's GeGLU.
+_EXPERT_ACTIVATIONS = {"gelu_tanh_mul": _gelu_tanh_mul}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1305,7 +1312,8 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
     segment sizes cross to the host once per call.
     """
     gate_b, up_b, down_b = (None, None, None) if biases is None else biases
-    act = _silu_mul if activation is None else functools.partial(_clamped_swiglu, activation)
+    act = _EXPERT_ACTIVATIONS.get(activation.op) if activation is not None else _silu_mul
+    act = act or functools.partial(_clamped_swiglu, activation)
     tokens, top_k = expert_ids.shape
     flat = expert_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)

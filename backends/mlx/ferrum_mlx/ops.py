@@ -869,7 +869,10 @@ def _route_grouped(logits, top_k, normalize, routing):
         weights = mx.where(mx.take_along_axis(kept, ids, axis=-1), weights, 0.0)
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return ids.astype(mx.int32), weights * routing.scale
+    weights = weights * routing.scale
+    if rule.expert_scaled:  # Gemma 4: each chosen expert's own scale (API 1.16)
+        weights = weights * routing.expert_scale[ids]
+    return ids.astype(mx.int32), weights
 
 
 @hookimpl
@@ -959,7 +962,11 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
 
     gate_bias, up_bias, down_bias = biases or (None, None, None)
     g, u = project(gate, h, gate_bias), project(up, h, up_bias)
-    y = project(down, silu_mul(g, u) if activation is None else _clamped_swiglu(activation, g, u), down_bias)
+    if activation is None:
+        hidden = silu_mul(g, u)
+    else:  # Gemma 4's GeGLU by its op (API 1.16), else gpt-oss's clamped SwiGLU
+        hidden = gelu_tanh_mul(g, u) if activation.op == "gelu_tanh_mul" else _clamped_swiglu(activation, g, u)
+    y = project(down, hidden, down_bias)
     if do_sort:
         y = mx.unflatten(y[inverse], 0, (tokens, top_k))
     y = y.squeeze(-2).astype(mx.float32)  # [T, k, hidden]

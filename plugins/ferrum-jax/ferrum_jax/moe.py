@@ -1,4 +1,5 @@
-"""Expert routing on the device: ``moe_route``'s two rules, each one jitted function per token count.
+"""Expert routing on the device: ``moe_route``'s two rules (the grouped ones with their per-expert scales, API 1.16),
+each one jitted function per token count.
 
 Boundary ties go to the lowest expert indices (``lax.top_k`` is stable), where ``torch.topk``, and so
 Ferrum's host reference, picks by its CPU selection; ties of float32 router scores are rare outside
@@ -29,7 +30,7 @@ def _route_softmax(logits, shared_logit, top_k, normalize):
 
 
 @partial(jax.jit, static_argnames=("top_k", "normalize", "n_group", "topk_group", "rule"))
-def _route_grouped(logits, bias, scale, top_k, normalize, n_group, topk_group, rule):
+def _route_grouped(logits, bias, expert_scale, scale, top_k, normalize, n_group, topk_group, rule):
     """A grouped rule (Ferrum's ``route_grouped`` with its ``GroupRule``: DeepSeek-V3's, V2's), every step in
     float32."""
     logits = logits.astype(F32)
@@ -48,12 +49,16 @@ def _route_grouped(logits, bias, scale, top_k, normalize, n_group, topk_group, r
         weights = jnp.where(jnp.take_along_axis(kept, ids, axis=-1), weights, F32(0))
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + F32(1e-20))
-    return ids.astype(jnp.int32), weights * scale
+    weights = weights * scale
+    if rule.expert_scaled:  # Gemma 4: each chosen expert's own scale (API 1.16)
+        weights = weights * expert_scale[ids]
+    return ids.astype(jnp.int32), weights
 
 
 @hookimpl
 def moe_route(logits, shared_logit, top_k, normalize, routing=None):
     if routing is None:
         return _route_softmax(logits, shared_logit, top_k=int(top_k), normalize=bool(normalize))
-    return _route_grouped(logits, routing.bias, F32(routing.scale), top_k=int(top_k), normalize=bool(normalize),
-                          n_group=int(routing.n_group), topk_group=int(routing.topk_group), rule=routing.rule)
+    return _route_grouped(logits, routing.bias, routing.expert_scale, F32(routing.scale), top_k=int(top_k),
+                          normalize=bool(normalize), n_group=int(routing.n_group),
+                          topk_group=int(routing.topk_group), rule=routing.rule)
