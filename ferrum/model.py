@@ -278,7 +278,7 @@ class DecoderOnlyLLM:
                  f"{config.arch.prefix}embed_positions.weight": "embedding"}
         # Fused projections (one linear, then a split) only where the backend splits natively.
         fuser = Fuser(config, shapes) if "split" in backend.ops.native else None
-        needs = config.arch.moe.needs if config.arch.moe is not None else ()
+        needs, since = (config.arch.moe.needs, config.arch.moe.since) if config.arch.moe is not None else ((), (1, 0))
         for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
             for prepared, host in prepare(config, name, tensor):
                 for part, array in fuser.add(prepared, host) if fuser else [(prepared, host)]:
@@ -290,7 +290,8 @@ class DecoderOnlyLLM:
                              or ".act_fn." in part  # xIELU's learned values (Apertus)
                              or part.endswith(".conv1d.weight"))  # a depthwise convolution's taps
                     role = roles.get(part, "bias" if as_is else "linear")
-                    weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs)
+                    weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs,
+                                          since)
             if progress is not None:
                 progress(done, len(shapes), name)
         return cls(config, backend, weights, dtype, num_kv_blocks, block_size)

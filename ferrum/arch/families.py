@@ -18,7 +18,7 @@ from ferrum.arch.mla import MlaSpec
 from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_factor
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.errors import ConfigError
-from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
+from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 
 LLAMA_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "post_attention_layernorm"}
@@ -1032,8 +1032,7 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
     stream. Every layer runs in the one KV pool at the widest heads: narrower heads padded with zero dims, fewer
     key/value heads repeated, at load (exact: see ``LayerSpec.stored_head_dim``)."""
     for name, what in (("hidden_size_per_layer_input", "per-layer input embeddings (Gemma 4 E2B / E4B)"),
-                       ("num_kv_shared_layers", "layers reusing earlier layers' keys and values (Gemma 4 E2B / E4B)"),
-                       ("enable_moe_block", "the MoE block beside the MLP (Gemma 4 26B-A4B)")):
+                       ("num_kv_shared_layers", "layers reusing earlier layers' keys and values (Gemma 4 E2B / E4B)")):
         if r(name):
             r.fail(name, f"is {r(name)!r}: {what}, which Ferrum does not run yet", unsupported=True)
     r("hidden_activation")
@@ -1050,7 +1049,7 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
                          stored_kv_heads=None if kv == sizes.num_kv_heads else kv,
                          values_are_keys=k_eq_v and kind == FULL)
 
-    return Architecture(
+    arch = Architecture(
         layers=tuple(layer(t) for t in types),
         norms=SANDWICH_NORMS,
         activation="gelu_tanh",
@@ -1061,6 +1060,7 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
         v_norm=True,
         layer_scalar=True,
     )
+    return gemma4_moe(r, arch) if r("enable_moe_block") else arch  # 26B-A4B: experts beside every dense MLP
 
 
 def _olmo3(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -1777,8 +1777,9 @@ FAMILIES: dict[str, Family] = {
         )),
         lambda r, s: _gemma(r, s, 6, "head", _gemma3_ropes),
     ),
-    # Google's Gemma 4 text decoders (31B; the E2B / E4B and 26B-A4B releases' per-layer embeddings, shared KV
-    # layers and MoE block are refused by name); "gemma4" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
+    # Google's Gemma 4 text decoders (31B; 26B-A4B's MoE block: ferrum.moe.spec.gemma4_moe; the E2B / E4B releases'
+    # per-layer embeddings and shared KV layers are refused by name); "gemma4" wrappers' text_config too
+    # (ferrum.config.TEXT_WRAPPERS)
     "gemma4_text": Family(
         _keys(_core(True, 256), _core_defaults(
             hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
@@ -1801,7 +1802,7 @@ FAMILIES: dict[str, Family] = {
             Key("hidden_size_per_layer_input", default=256, check=optional_non_negative_int),
             Key("num_kv_shared_layers", default=0, check=optional_non_negative_int),
             Key("enable_moe_block", default=False, check=boolean),
-        )),
+        ), MOE_KEYS["gemma4_text"]),
         _gemma4,
         kv_heads=_gemma4_kv_heads,
         head_dim=_gemma4_head_dim,

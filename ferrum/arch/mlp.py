@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
+from ferrum.moe.beside import DenseBesideMoe
 from ferrum.moe.kind import Moe
 from ferrum.reference_ops import dtype_name
 
@@ -169,4 +170,5 @@ class Plain:
 
 
 #: Kinds by name; ``LayerSpec.mlp`` picks one.
-MLP_KINDS: dict[str, MlpKind] = {"dense": Dense(), "plain": Plain(), "moe": Moe()}
+MLP_KINDS: dict[str, MlpKind] = {"dense": Dense(), "plain": Plain(), "moe": Moe(),
+                                 "dense+moe": DenseBesideMoe(Dense(), Moe())}

@@ -313,8 +313,8 @@ def grouped_qkv_order(heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
 
 
 def is_norm(name: str) -> bool:
-    """Whether ``name`` is a norm's weight or bias."""
-    return name.rsplit(".", 2)[-2].endswith("norm")
+    """Whether ``name`` is a norm's weight or bias (a numbered norm too: Gemma 4's ``post_feedforward_layernorm_1``)."""
+    return name.rsplit(".", 2)[-2].rstrip("0123456789").removesuffix("_").endswith("norm")
 
 
 def _rotated_heads(config: Any, name: str) -> int | None:

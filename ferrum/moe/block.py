@@ -25,29 +25,34 @@ class MoeMLP:
     transformers runs them). ``weigh_input`` (Llama 4, one expert a token): the
     chosen expert reads ``x`` times its weight (in ``x``'s dtype), and its
     output is taken whole (the route run once more normalized gives those
-    weights of 1, the top-1 weight over itself).
+    weights of 1, the top-1 weight over itself). ``router_norm`` (Gemma 4):
+    the router reads its input through this norm.
     """
 
     __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route",
-                 "router_dtype", "weigh_input")
+                 "router_dtype", "weigh_input", "router_norm")
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
                  shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
                  routing: GroupedRouting | Sparsemixer | None = None, route: Callable[..., Any] | None = None,
-                 router_dtype: str | None = None, weigh_input: bool = False):
+                 router_dtype: str | None = None, weigh_input: bool = False,
+                 router_norm: Callable[[Any], Any] | None = None):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize
         self.shared, self.shared_gate = shared, shared_gate
         self.routing, self.route = routing, route  # route None: ops.moe_route, looked up per call
         self.router_dtype = router_dtype  # the dtype the router's input is cast to (its weight's), or None
         self.weigh_input = weigh_input
+        self.router_norm = router_norm
 
     def projections(self) -> list[Any]:
         """The ordinary linears (router, shared expert); the experts are ``self.experts``."""
         shared = list(self.shared or ()) + ([self.shared_gate] if self.shared_gate is not None else [])
         return [self.router, *shared]
 
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, router_x: Any = None) -> Any:
+        """The experts of ``x``, routed by ``router_x`` where given (Gemma 4's router reads the layer's stream, its
+        experts a norm of it), else by ``x``."""
         ops = self.ops
         shared_out = shared_logit = None
         if self.shared is not None:
@@ -55,7 +60,9 @@ class MoeMLP:
             shared_out = down(ops.silu_mul(gate(x), up(x)))
             if self.shared_gate is not None:
                 shared_logit = self.shared_gate(x)
-        logits = self.router(x if self.router_dtype is None else ops.cast(x, self.router_dtype))
+        r = x if router_x is None else router_x
+        r = r if self.router_norm is None else self.router_norm(r)
+        logits = self.router(r if self.router_dtype is None else ops.cast(r, self.router_dtype))
         if self.routing is None:
             ids, weights = ops.moe_route(logits, shared_logit, self.top_k, self.normalize, None)
         else:

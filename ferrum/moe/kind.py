@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 
+from ferrum.arch.norms import NORM_KINDS
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
 from ferrum.moe.experts import PlacedExperts
 from ferrum.moe.loading import SWITCH
 from ferrum.moe.routing import GROUPED_RULES, GroupedRouting, GroupRule, Sparsemixer
+from ferrum.moe.spec import ROUTER_NORM
 
 
 class Moe:
@@ -18,22 +21,27 @@ class Moe:
     ``MoeSpec.correction_bias``) under a grouped rule that has one (GLM-4.5, DeepSeek-V3, ERNIE 4.5), the experts
     stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see :mod:`ferrum.moe.loading`) with their
     biases where ``MoeSpec.biased``, and the shared expert: Qwen2-MoE's
-    ``M.shared_expert.*`` with ``M.shared_expert_gate``, GLM-4.5's ungated ``M.shared_experts.*``."""
+    ``M.shared_expert.*`` with ``M.shared_expert_gate``, GLM-4.5's ungated ``M.shared_experts.*``; Gemma 4's
+    router input scale and per-expert scales (``MoeSpec.router_norm``, ``MoeSpec.expert_scale``)."""
 
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
         spec, h = config.arch.moe, config.hidden_size
-        m, e, inter = spec.module, spec.num_experts, spec.expert_size
-        shapes = {f"{m}.{spec.router}.weight": (e, h)}
-        shapes.update({f"{m}.switch_mlp.{p}.weight": (e, inter, h) for p in SWITCH[:2]})
-        shapes[f"{m}.switch_mlp.down_proj.weight"] = (e, h, inter)
+        at, e, inter = spec.at, spec.num_experts, spec.expert_size
+        shapes = {at(f"{spec.router}.weight"): (e, h)}
+        shapes.update({at(f"switch_mlp.{p}.weight"): (e, inter, h) for p in SWITCH[:2]})
+        shapes[at("switch_mlp.down_proj.weight")] = (e, h, inter)
         if spec.biased:
-            shapes[f"{m}.{spec.router}.bias"] = (e,)
-            shapes.update({f"{m}.switch_mlp.{p}.bias": (e, size) for p, size in zip(SWITCH, (inter, inter, h))})
+            shapes[at(f"{spec.router}.bias")] = (e,)
+            shapes.update({at(f"switch_mlp.{p}.bias"): (e, size) for p, size in zip(SWITCH, (inter, inter, h))})
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None and rule.corrected:
-            shapes[f"{m}.{spec.bias_name}"] = (1, e) if spec.correction_bias_rows else (e,)
+            shapes[at(spec.bias_name)] = (1, e) if spec.correction_bias_rows else (e,)
+        if spec.router_norm is not None:
+            shapes[at(spec.router_norm)] = (h,)
+        if rule is not None and rule.expert_scaled:
+            shapes[at(spec.expert_scale)] = (e,)
         if spec.shared_expert_size:
-            s, shared = spec.shared_expert_size, f"{m}.{spec.shared_module}"
+            s, shared = spec.shared_expert_size, at(spec.shared_module)
             if spec.shared_fused:
                 shapes[f"{shared}.gate_up_proj.weight"] = (2 * s, h)
             else:
@@ -43,16 +51,20 @@ class Moe:
                                    f"{shared}.down_proj.bias": (h,)})
             shapes[f"{shared}.down_proj.weight"] = (h, s)
             if spec.shared_gate is not None:
-                shapes[f"{m}.{spec.shared_gate}.weight"] = (1, h)
+                shapes[at(f"{spec.shared_gate}.weight")] = (1, h)
         return shapes
 
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         """A shared expert's fused ``gate_up_proj`` (GraniteMoeShared's ``input_linear``): gate rows, then up; a
-        correction bias stored ``[1, E]`` (ERNIE 4.5's) as ``[E]``."""
+        correction bias stored ``[1, E]`` (ERNIE 4.5's) as ``[E]``; the router's input scale (Gemma 4's) times
+        hidden_size ** -0.5, as the weight of its norm (``ROUTER_NORM``)."""
         from ferrum.arch.tensors import rows  # imported here: ferrum.arch.tensors reads the MLP kinds, this one too
 
         spec = config.arch.moe
-        if spec.correction_bias_rows and name.endswith(f".{spec.module}.{spec.bias_name}"):
+        if spec.router_norm is not None and name.endswith(f".{spec.at(spec.router_norm)}"):
+            scaled = np.asarray(tensor, dtype=np.float32) * np.float32(config.hidden_size ** -0.5)
+            return [(name.removesuffix(spec.at(spec.router_norm)) + spec.at(ROUTER_NORM), scaled)]
+        if spec.correction_bias_rows and name.endswith(f".{spec.at(spec.bias_name)}"):
             return [(name, np.asarray(tensor).reshape(-1))]
         if not spec.shared_fused or not name.endswith(f".{spec.shared_module}.gate_up_proj.weight"):
             return [(name, tensor)]
@@ -63,35 +75,40 @@ class Moe:
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Any], config: Any,
               layer: int) -> MoeMLP:
         spec = config.arch.moe
-        m = spec.module
-        stacks = [linear(f"{m}.switch_mlp.{p}") for p in SWITCH]  # Linear(weight, bias=None); apply = moe_experts
+        at = spec.at
+        stacks = [linear(at(f"switch_mlp.{p}")) for p in SWITCH]  # Linear(weight, bias=None); apply = moe_experts
         if len({s.apply for s in stacks}) != 1:
             raise UnsupportedFeatureError(
                 f"layer {layer}: the backend took some of the expert projections natively and declined others "
                 "(their quantized formats differ); quantize all three alike or choose another backend"
             )
-        biases = tuple(tensor(f"{m}.switch_mlp.{p}.bias") for p in SWITCH) if spec.biased else None
+        biases = tuple(tensor(at(f"switch_mlp.{p}.bias")) for p in SWITCH) if spec.biased else None
         experts = PlacedExperts(stacks[0].apply, *(s.weight for s in stacks), biases, spec.activation)
         shared = shared_gate = None
         if spec.shared_expert_size:
-            shared = tuple(linear(f"{m}.{spec.shared_module}.{p}") for p in SWITCH)
-            shared_gate = None if spec.shared_gate is None else linear(f"{m}.{spec.shared_gate}")
+            shared = tuple(linear(at(f"{spec.shared_module}.{p}")) for p in SWITCH)
+            shared_gate = None if spec.shared_gate is None else linear(at(spec.shared_gate))
         routing = route = None
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None:
-            bias = tensor(f"{m}.{spec.bias_name}") if rule.corrected else None
-            routing = GroupedRouting(spec.n_group, spec.topk_group, spec.routed_scale, bias, rule)
+            bias = tensor(at(spec.bias_name)) if rule.corrected else None
+            scales = tensor(at(spec.expert_scale)) if rule.expert_scaled else None
+            routing = GroupedRouting(spec.n_group, spec.topk_group, spec.routed_scale, bias, rule, scales)
             route = None if routes_natively(ops, rule) else ops.fallback["moe_route"]
         elif spec.routing == "sparsemixer":  # no backend op takes it: the core's host reference routes it
             routing, route = Sparsemixer(spec.jitter_eps), ops.fallback["moe_route"]
         elif spec.routing != "softmax":
             raise UnsupportedFeatureError(f"layer {layer}: routing {spec.routing!r} is not one Ferrum runs")
-        router = linear(f"{m}.{spec.router}")
+        router = linear(at(spec.router))
+        router_norm = None
+        if spec.router_norm is not None:  # a weightless RMSNorm times the folded scale (Gemma 4)
+            norm = NORM_KINDS["rms"](ops, config.rms_norm_eps)[0]
+            router_norm = partial(norm, weights=(tensor(at(ROUTER_NORM)), None))
         # a float32 router (placed so at load where it is not packed: a packed one runs in the compute dtype)
         # takes its input in float32
         router_dtype = "float32" if spec.router_float32 and router.dense_dtype == "float32" else None
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
-                      router_dtype, spec.weigh_input)
+                      router_dtype, spec.weigh_input, router_norm)
 
 
 def routes_natively(ops: Any, rule: GroupRule) -> bool:

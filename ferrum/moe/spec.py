@@ -10,7 +10,7 @@ from ferrum.arch.keys import (
     positive_number,
 )
 from ferrum.arch.spec import Architecture
-from ferrum.moe.activation import ClampedSwiGLU
+from ferrum.moe.activation import ClampedSwiGLU, GeluTanhGLU
 from ferrum.moe.routing import CORRECTION_BIAS, GROUPED_RULES
 
 #: model_type -> (checkpoint module of the sparse MLP, expert matrix names as (gate, up, down)).
@@ -405,6 +405,10 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
                Key("router_jitter_noise", default=0.01, check=_non_negative_number)),
+    # Gemma 4 26B-A4B: its MoE block where enable_moe_block (ferrum.arch.families' Gemma 4 keys) says; transformers
+    # has no default for these three
+    "gemma4_text": (Key("num_experts", check=optional_positive_int), Key("top_k_experts", check=optional_positive_int),
+                    Key("moe_intermediate_size", check=optional_positive_int)),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
@@ -459,7 +463,7 @@ _TOP_K_NAME = {"dbrx": "ffn_config.moe_top_k"}
 class MoeSpec:
     """Sizes and routing rule of a model's sparse MLPs (which layers have one is ``LayerSpec.mlp``)."""
 
-    module: str  # checkpoint module of the sparse MLP in a layer: "block_sparse_moe" or "mlp"
+    module: str  # checkpoint module of the sparse MLP in a layer: "block_sparse_moe" or "mlp"; "": the layer (Gemma 4)
     expert_names: tuple[str, str, str]  # checkpoint names of (gate, up, down) inside each expert
     num_experts: int
     top_k: int
@@ -469,7 +473,7 @@ class MoeSpec:
     router: str = "gate"  # the router's module in the sparse MLP module
     stacked: tuple[str, str, str] | None = None  # the Hugging Face stacks of (gate, up, down) where not per expert
     biased: bool = False  # the router and every expert projection have biases (gpt-oss)
-    activation: ClampedSwiGLU | None = None  # the experts' activation where not SwiGLU
+    activation: ClampedSwiGLU | GeluTanhGLU | None = None  # the experts' activation where not SwiGLU
     layout: str | None = None  # a family's own checkpoint layouts (ferrum.moe.loading.LAYOUTS)
     #: The shared expert's module, and the module of its sigmoid gate (Qwen2-MoE's); None: ungated, added to the
     #: routed experts' sum as it is (GLM-4.5's ``shared_experts``)
@@ -510,6 +514,25 @@ class MoeSpec:
     #: Each chosen expert reads its input times its routing weight and its output is summed unweighted (Llama 4),
     #: where other families weigh the outputs.
     weigh_input: bool = False
+    #: The router reads its input RMS-normed without a weight, times this tensor of the sparse MLP module and
+    #: hidden_size ** -0.5 (Gemma 4's ``router.scale``, folded into one norm weight at load: ``ROUTER_NORM``).
+    router_norm: str | None = None
+    #: The per-expert scale of the chosen experts' weights, in the sparse MLP module, for a rule that is
+    #: ``expert_scaled`` (Gemma 4's ``router.per_expert_scale``).
+    expert_scale: str | None = None
+    #: The sparse MLP runs beside the layer's dense MLP, both reading the layer's stream (Gemma 4's MoE block): the
+    #: norms before and after the dense MLP, then before and after the experts, their two outputs summed
+    #: (:class:`ferrum.moe.beside.DenseBesideMoe`, the "dense+moe" kind; the router reads the stream itself).
+    beside_dense: tuple[str, str, str, str] | None = None
+
+    def at(self, name: str) -> str:
+        """``name`` of the sparse MLP module as a layer's tensor (the module may be the layer itself)."""
+        return f"{self.module}.{name}" if self.module else name
+
+    @property
+    def since(self) -> tuple[int, int]:
+        """The plugin API a backend's ``moe_experts`` must declare to take these experts' ``needs``."""
+        return (1, 0) if self.activation is None else self.activation.since
 
     @property
     def bias_name(self) -> str:
@@ -671,6 +694,36 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "hy_v3": lambda r, model_type, count, top_k, sizes: _hy_v3(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
 }
+
+
+#: The norm weight the router of a ``router_norm`` spec reads its input with, as placed (in the sparse MLP module).
+ROUTER_NORM = "router_norm.weight"
+
+
+def gemma4_moe(r: KeyReader, arch: Architecture) -> Architecture:
+    """``arch`` with Gemma 4 26B-A4B's MoE block on every layer, beside the dense MLP (transformers'
+    ``Gemma4TextDecoderLayer`` with enable_moe_block): the dense MLP between ``pre_feedforward_layernorm`` and
+    ``post_feedforward_layernorm_1``; the router ``router.proj`` reading the layer's stream RMS-normed times
+    ``router.scale`` and hidden_size ** -0.5, softmax top-k renormalized, times ``router.per_expert_scale``; GeGLU
+    experts of moe_intermediate_size reading ``pre_feedforward_layernorm_2`` of the stream, stored fused outputs
+    first (``experts.gate_up_proj``, ``experts.down_proj``; mlx-lm's ``experts.switch_glu.*``), then
+    ``post_feedforward_layernorm_2``; the sum through ``post_feedforward_layernorm`` (the block's ``post_mlp``)."""
+    sizes = {name: r(name) for name in ("num_experts", "top_k_experts", "moe_intermediate_size")}
+    for name, value in sizes.items():
+        if value is None:
+            r.fail(name, "must be set with enable_moe_block: transformers has no default for it")
+    if sizes["top_k_experts"] > sizes["num_experts"]:
+        r.fail("top_k_experts", f"({sizes['top_k_experts']}) exceeds the {sizes['num_experts']} experts (num_experts)")
+    spec = MoeSpec("", ("gate_proj", "up_proj", "down_proj"), sizes["num_experts"], sizes["top_k_experts"],
+                   sizes["moe_intermediate_size"], True, None, router="router.proj", activation=GeluTanhGLU(),
+                   layout="fused_outputs_first", shared_gate=None, routing="softmax_expert_scaled",
+                   mlx_lm_stack="experts.switch_glu", router_norm="router.scale",
+                   expert_scale="router.per_expert_scale",
+                   beside_dense=("pre_feedforward_layernorm", "post_feedforward_layernorm_1",
+                                 "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"))
+    return replace(arch, moe=spec, norms={slot: name for slot, name in arch.norms.items() if slot != "pre_mlp"},
+                   layers=tuple(replace(layer, mlp="dense+moe") for layer in arch.layers),
+                   keep_float32=(*arch.keep_float32, f".{spec.expert_scale}"))
 
 
 def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]) -> Callable:

@@ -88,6 +88,7 @@ _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "granitemoe": ("block_sparse_moe.router.layer", "self_attn.o_proj", "mlp.down_proj", "lm_head"),
     "minimax_m2": ("block_sparse_moe.gate",),
     "mellum": ("mlp.gate",),
+    "gemma4_text": ("router.proj",),
 }
 
 

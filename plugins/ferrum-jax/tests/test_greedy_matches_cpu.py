@@ -181,9 +181,21 @@ DBRX = dict(
 )
 
 
+#: Gemma 4 26B-A4B's layout: sliding layers padded to the full layers' wider heads, k_eq_v full layers, and on every
+#: layer the dense GeGLU MLP beside GeGLU experts routed by softmax times per-expert scales (the plugin's moe_route).
+GEMMA4_MOE = dict(
+    architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", hidden_size=64, intermediate_size=80,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+    num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+    sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention"], vocab_size=101,
+    enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24, final_logit_softcapping=30.0,
+    max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-6,
+)
+
+
 @pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
                                     MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN, MELLUM, HY_V3,
-                                    MISTRAL4, DBRX],
+                                    MISTRAL4, DBRX, GEMMA4_MOE],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
