@@ -21,8 +21,9 @@ import numpy as np
 
 from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
-from ferrum.arch.mlp import MLP_KINDS
+from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS
+from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE, PerLayerEmbedding, PerLayerMix
 from ferrum.arch.tensors import (
     Fuser, bias_of, is_norm, prepare, resolve_layout, weight_shapes,
 )
@@ -88,7 +89,7 @@ class _Layer:
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale", "sinks", "chunk", "query_scaling", "v_norm", "qk_eps", "scalar",
-                 "mixer", "gate", "recurrent")
+                 "mixer", "gate", "recurrent", "kv_layer", "per_layer")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -147,6 +148,13 @@ def _norm_weights(weights: dict[str, Placed], module: str) -> tuple[Any, Any] | 
     return None if weight is None else (weight.weight, None if bias is None else bias.weight)
 
 
+def kv_token_bytes(config: ModelConfig, dtype: str) -> int:
+    """Bytes of K/V one token takes in the pool: a pool layer per layer that computes keys and values (layers that
+    read another's, ``LayerSpec.kv_source``, and recurrent layers have none)."""
+    layers = config.arch.kv_pool_layers
+    return 2 * layers * config.num_kv_heads * config.head_dim * DTYPE_BYTES.get(dtype, 4)
+
+
 def choose_dtype(
     backend: Backend, requested: str | None, checkpoint_dtype: str | None, quantized: bool = False
 ) -> str:
@@ -187,10 +195,10 @@ class DecoderOnlyLLM:
         self._check_backend_supports(config)
         ops = self.ops
         self.kv = PagedKVManager(num_kv_blocks, block_size)
-        self.pool = ops.kv_alloc(
-            config.num_layers, num_kv_blocks, block_size, config.num_kv_heads, config.head_dim, dtype
-        )
         arch = config.arch
+        self.pool = ops.kv_alloc(
+            arch.kv_pool_layers, num_kv_blocks, block_size, config.num_kv_heads, config.head_dim, dtype
+        )
         chunks = {spec.chunk for spec in arch.layers} - {None}
         if any(c % block_size for c in chunks):
             raise UnsupportedFeatureError(
@@ -201,6 +209,8 @@ class DecoderOnlyLLM:
         #: Learned absolute positions (GPT-2), or None.
         self.position_table = weights.get(f"{arch.prefix}embed_positions.weight")
         self._ones: dict[int, Any] = {}  # size -> the weight of ones of weightless RMSNorms, placed once
+        #: Gemma 4 E2B / E4B's per-layer inputs (ferrum.arch.per_layer), or None.
+        self.per_layer = None if arch.per_layer_inputs is None else PerLayerEmbedding(ops, config, weights)
         self.final_norm = _norm_weights(weights, f"{arch.prefix}norm") if arch.norm_params else self._weightless()
         #: nanochat's norm of the embeddings before the first block (weightless), or None.
         self.embed_norm = self._weightless() if arch.embed_norm else None
@@ -213,6 +223,8 @@ class DecoderOnlyLLM:
         self._attention = arch.attention
         self._attention_placed = {key: self._attention.place(ops, dtype, tables.rope)
                                   for key, tables in self.ropes.items()}
+        #: Each layer's layer of the KV pool (``Architecture.kv_layers``).
+        self.kv_layers = arch.kv_layers
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: The recurrent mixers' states per sequence (none where every layer attends).
         self.states = RecurrentStates(ops, {i: arch.gated_delta.state_shapes(dtype) for i, spec in
@@ -231,7 +243,8 @@ class DecoderOnlyLLM:
         #: Of those, the tables a step looks a few rows up in: the input embedding where the LM head is a matrix
         #: of its own, learned positions.
         self.lookup_weight_bytes = (0 if config.tie_word_embeddings else embed.nbytes) + (
-            0 if self.position_table is None else self.position_table.nbytes)
+            0 if self.position_table is None else self.position_table.nbytes) + (
+            0 if self.per_layer is None else weights[arch.prefix + PER_LAYER_TABLE].nbytes)
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -268,14 +281,14 @@ class DecoderOnlyLLM:
         if num_kv_blocks is None:
             tokens = min(DEFAULT_KV_TOKENS, max(config.max_seq_len, 2048))
             num_kv_blocks = -(-tokens // block_size)
-        kv_token_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * DTYPE_BYTES.get(dtype, 4)
-        check_kv_pool(num_kv_blocks, block_size, kv_token_bytes, backend.info.device)
+        check_kv_pool(num_kv_blocks, block_size, kv_token_bytes(config, dtype), backend.info.device)
         config = resolve_layout(config, checkpoint.shapes())
         shapes = weight_shapes(config)
         weights: dict[str, Placed] = {}
         embedding = f"{config.arch.prefix}embed_tokens.weight"
         roles = {embedding: "tied" if config.tie_word_embeddings else "embedding",
-                 f"{config.arch.prefix}embed_positions.weight": "embedding"}
+                 f"{config.arch.prefix}embed_positions.weight": "embedding",
+                 f"{config.arch.prefix}{PER_LAYER_TABLE}": "embedding"}
         # Fused projections (one linear, then a split) only where the backend splits natively.
         fuser = Fuser(config, shapes) if "split" in backend.ops.native else None
         needs, since = (config.arch.moe.needs, config.arch.moe.since) if config.arch.moe is not None else ((), (1, 0))
@@ -319,10 +332,13 @@ class DecoderOnlyLLM:
         if spec.mixer == "gated_delta":
             recurrent = GatedDeltaLayer(arch.gated_delta, self.ops, tensor, projection, config.rms_norm_eps)
             qkv = o = None
-        else:
+        elif spec.kv_source is None:
             qkv, o = self._attention.build(self.ops, config, tensor, projection,
                                            self._attention_placed[id(spec.rope)])
-            gate = projection("self_attn.gate_proj") if arch.attn_output_gate else None
+        else:  # it reads another layer's keys and values: its queries alone
+            qkv, o = self._attention.build_queries(config, projection)
+        if spec.mixer == "attention" and arch.attn_output_gate:
+            gate = projection("self_attn.gate_proj")
         # a padded layer's q/k/v norms: the stored head's RMSNorm (see LayerSpec.stored_head_dim)
         fit = (spec.stored_head_dim or config.head_dim) / config.head_dim
         v_norm = scalar = None
@@ -353,6 +369,9 @@ class DecoderOnlyLLM:
             sinks=None if sinks is None else self.ops.cast(sinks, "float32"),  # the contract's float32 logits
             chunk=spec.chunk,
             query_scaling=spec.query_scaling or arch.query_scaling,
+            kv_layer=self.kv_layers[i],
+            per_layer=None if arch.per_layer_inputs is None else PerLayerMix(
+                self.ops, projection, tensor, getattr(self.ops, ACTIVATION_OPS[arch.activation]), config.rms_norm_eps),
         )
 
     def _weightless(self) -> tuple[Any, Any]:
@@ -369,10 +388,11 @@ class DecoderOnlyLLM:
         return self._ones[size]
 
     def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
-        """``enter(h[, residual], positions) -> (q, k, v, h)`` (the first block has no residual to add) and
-        ``leave(attn, h) -> (residual, h)``: pure functions of backend arrays, so a backend may compile them
-        (``compile_fn``). ``enter`` rotates q and k when the layer's rope has one table; a rope whose table
-        depends on the batch (longrope) rotates between the halves (:meth:`_RopeTables.for_batch`)."""
+        """``enter(h[, residual], positions) -> (q, k, v, h)`` (the first block has no residual to add; ``(q, h)``
+        in a layer that reads another's keys and values) and ``leave(attn, h[, inputs]) -> (residual, h)`` (with
+        the layer's per-layer inputs where the model has them): pure functions of backend arrays, so a backend may
+        compile them (``compile_fn``). ``enter`` rotates q and k when the layer's rope has one table; a rope whose
+        table depends on the batch (longrope) rotates between the halves (:meth:`_RopeTables.for_batch`)."""
         ops, cfg = self.ops, self.config
         reshape = ops.reshape
         norm, add_norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)
@@ -385,13 +405,13 @@ class DecoderOnlyLLM:
         norm_at = where.get(qk_norm)
         parallel, clip = cfg.arch.parallel, cfg.arch.clip_qkv
         head_norm = norm if layer.qk_eps == cfg.rms_norm_eps else NORM_KINDS[cfg.arch.norm](ops, layer.qk_eps)[0]
-        scalar = layer.scalar
+        scalar, mix = layer.scalar, layer.per_layer
 
-        def norm_qk(q: Any, k: Any) -> tuple[Any, Any]:
+        def norm_qk(*qk: Any) -> list[Any]:
+            """q and k normed (q alone in a layer without keys of its own)."""
             if qk_norm == "each_head":  # [heads, head_dim] weights: normed without, then scaled head by head
-                return (ops.mul(norm(q, (None, None)), layer.q_norm[0]),
-                        ops.mul(norm(k, (None, None)), layer.k_norm[0]))
-            return head_norm(q, layer.q_norm), head_norm(k, layer.k_norm)
+                return [ops.mul(norm(x, (None, None)), w[0]) for x, w in zip(qk, (layer.q_norm, layer.k_norm))]
+            return [head_norm(x, w) for x, w in zip(qk, (layer.q_norm, layer.k_norm))]
 
         def add_then_norm(x: Any, h: Any, weights: Any) -> tuple[Any, Any]:
             """``(norm(x + h), x + h)``; without a norm there (OLMo 2's blocks) the sum is both."""
@@ -401,25 +421,26 @@ class DecoderOnlyLLM:
             return add_norm(x, h, weights)
 
         def project(x: Any, h: Any, positions: Any) -> tuple:
-            q, k, v = layer.qkv(x)
+            q, *kv = layer.qkv(x)  # q alone in a layer that reads another's keys and values
+            qk, v = [q, *kv[:1]], kv[1:]
             if norm_at == "projection":
-                q, k = norm_qk(q, k)
+                qk = norm_qk(*qk)
             if clip is not None:
-                q, k, v = ops.clip(q, clip), ops.clip(k, clip), ops.clip(v, clip)
-            q, k, v = reshape(q, (-1, heads, hd)), reshape(k, (-1, kv_heads, hd)), reshape(v, (-1, kv_heads, hd))
+                qk, v = [ops.clip(t, clip) for t in qk], [ops.clip(t, clip) for t in v]
+            qk = [reshape(t, (-1, heads if i == 0 else kv_heads, hd)) for i, t in enumerate(qk)]
+            v = [reshape(t, (-1, kv_heads, hd)) for t in v]
             if layer.v_norm is not None:
-                v = head_norm(v, layer.v_norm)
+                v = [head_norm(t, layer.v_norm) for t in v]
             if norm_at == "head":
-                q, k = norm_qk(q, k)
+                qk = norm_qk(*qk)
             if table is not None:
-                q, k = ops.rope(q, positions, table), ops.rope(k, positions, table)
+                qk = [ops.rope(t, positions, table) for t in qk]
             if norm_at == "rotated":
-                q, k = norm_qk(q, k)
+                qk = norm_qk(*qk)
             if parallel:  # the MLP reads the block's input beside attention: its output joins h now, attention's later
                 h = ops.add(h, layer.mlp(x if layer.pre_mlp is None else norm(h, layer.pre_mlp)))
-            if layer.gate is not None:  # gated attention's gate rides with q/k/v to the block's second half
-                return q, k, v, layer.gate(x), h
-            return q, k, v, h
+            gate = [layer.gate(x)] if layer.gate is not None else []  # gated attention's gate, to the second half
+            return (*qk, *v, *gate, h)
 
         def attention_out(attn: Any, *gate: Any) -> Any:
             flat = reshape(attn, (-1, heads * hd))
@@ -439,13 +460,17 @@ class DecoderOnlyLLM:
         def enter(h: Any, residual: Any, positions: Any) -> tuple:
             return project(*add_then_norm(residual, h, layer.pre_attn), positions)
 
-        def leave(mixed: Any, h: Any, *extra: Any) -> tuple:
+        def leave(mixed: Any, h: Any, *rest: Any) -> tuple:
+            extra, inputs = (rest[:-1], rest[-1:]) if mix is not None else (rest, ())  # the mixer's; per-layer inputs
             o = mixer_out(mixed, *extra)
             if layer.post_attn is not None:
                 o = norm(o, layer.post_attn)
             x, h = add_then_norm(o, h, layer.pre_mlp)
             out = layer.mlp(x)
             out = out if layer.post_mlp is None else norm(out, layer.post_mlp)
+            if mix is not None:  # Gemma 4 E2B / E4B: the stream so far, then what the layer's per-layer inputs add
+                h = ops.add(out, h)
+                out = mix(h, *inputs)
             if scalar is not None:  # Gemma 4: the stream after the layer, times its layer_scalar
                 return ops.mul(out, scalar), ops.mul(h, scalar)
             return out, h
@@ -637,21 +662,26 @@ class DecoderOnlyLLM:
         if self.embed_norm is not None:
             h = NORM_KINDS[arch.norm](ops, cfg.rms_norm_eps)[0](h, self.embed_norm)
         seq_ids = [it.seq_id for it in items]
+        # each layer's per-layer inputs, as leave's last argument (none without)
+        inputs = [()] * len(self.layers) if self.per_layer is None else [(x,) for x in self.per_layer(ids, h)]
 
-        def attend(index: int, layer: _Layer, inputs: tuple, h: Any) -> tuple[Any, tuple, Any]:
-            q, k, v, *gate = inputs
+        def attend(index: int, layer: _Layer, projected: tuple, h: Any) -> tuple[Any, tuple, Any]:
+            q, *rest = projected  # q, then k and v where the layer computes its own, then the output gate if any
+            kv, gate = (rest[:2], rest[2:]) if arch.layers[index].kv_source is None else ([], rest)
             rotate = ropes.get(layer.rope)
             if rotate is not None:
-                q, k = rotate(q), rotate(k)
+                q, kv = rotate(q), kv and [rotate(kv[0]), kv[1]]
             scale_queries = scalers.get(layer.query_scaling)
             if scale_queries is not None:
                 q = scale_queries(q)
-            ops.kv_write(pool, index, k, v, slots)
+            if kv:  # a layer that reads another's keys and values writes none
+                ops.kv_write(pool, layer.kv_layer, *kv, slots)
             attended = batch
             if index == last and last_rows is not None:
                 keep = ops.from_numpy(last_rows.astype(np.int32), None)
                 q, h, attended = ops.take_rows(q, keep), ops.take_rows(h, keep), batch.narrowed(last_rows)
                 gate = [ops.take_rows(g, keep) for g in gate]
+                inputs[index] = tuple(ops.take_rows(x, keep) for x in inputs[index])
                 attended.prepared = ops.prepare_attention_batch(attended)
                 self.adapters.keep_rows(last_rows)
             if layer.chunk is not None:
@@ -665,11 +695,12 @@ class DecoderOnlyLLM:
                     attended = attended.chunked(layer.chunk)
                     if attended.prepared is None:
                         attended.prepared = ops.prepare_attention_batch(attended)
-            attn = ops.paged_attention(q, pool, index, attended, layer.scale, layer.window, softcap, layer.sinks)
+            attn = ops.paged_attention(q, pool, layer.kv_layer, attended, layer.scale, layer.window, softcap,
+                                       layer.sinks)
             return attn, tuple(gate), h
 
-        def gated_delta(index: int, layer: _Layer, inputs: tuple, h: Any) -> tuple[Any, tuple, Any]:
-            qkv, b, a, z = inputs
+        def gated_delta(index: int, layer: _Layer, projected: tuple, h: Any) -> tuple[Any, tuple, Any]:
+            qkv, b, a, z = projected
             core, states = layer.recurrent.mix(qkv, b, a, self.states.gather(index, seq_ids), batch.cu_seqlens_q)
             self.states.stage(index, seq_ids, states)
             return core, (z,), h
@@ -678,9 +709,9 @@ class DecoderOnlyLLM:
         residual = None  # output of the previous block, not yet added to h
         for index, layer in enumerate(self.layers):
             enter, leave = halves[index]
-            *inputs, h = enter(h, positions) if residual is None else enter(h, residual, positions)
-            mixed, extra, h = mixers[layer.mixer](index, layer, tuple(inputs), h)
-            residual, h = leave(mixed, h, *extra)
+            *projected, h = enter(h, positions) if residual is None else enter(h, residual, positions)
+            mixed, extra, h = mixers[layer.mixer](index, layer, tuple(projected), h)
+            residual, h = leave(mixed, h, *extra, *inputs[index])
 
         if not len(picks):
             return ForwardOutput(None, rows)
@@ -767,6 +798,4 @@ class DecoderOnlyLLM:
         return self.kv.num_blocks * self.kv.block_size
 
     def kv_bytes(self) -> int:
-        cfg = self.config
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES.get(self.dtype, 4)
-        return self.kv_capacity() * per_token
+        return self.kv_capacity() * kv_token_bytes(self.config, self.dtype)

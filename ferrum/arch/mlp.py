@@ -62,6 +62,11 @@ def xielu_slopes(ops: Any, tensor: Callable[[str], Any]) -> tuple[float, float, 
     return float(alpha_p), float(alpha_n), float(beta), float(eps)
 
 
+def width(config: Any, layer: int) -> int:
+    """Layer ``layer``'s gated MLP width: its own (``LayerSpec.intermediate_size``) or the model's."""
+    return config.arch.layers[layer].intermediate_size or config.intermediate_size
+
+
 class MlpKind(Protocol):
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]: ...
 
@@ -94,7 +99,7 @@ class Dense:
     """The gated MLP, stored as gate_proj / up_proj / down_proj or (Phi-3) fused gate_up_proj."""
 
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
-        arch, h, inter = config.arch, config.hidden_size, config.intermediate_size
+        arch, h, inter = config.arch, config.hidden_size, width(config, layer)
         if arch.fused_gate_up:
             shapes = {"mlp.gate_up_proj.weight": (2 * inter, h)}
         else:
@@ -123,7 +128,7 @@ class Dense:
         from ferrum.arch.tensors import projection_group
 
         act = getattr(ops, ACTIVATION_OPS[config.arch.activation])
-        inter = config.intermediate_size
+        inter = width(config, layer)
         gate_up = projection_group(ops, tensor, linear, "mlp.gate_up_proj", (inter, inter))
         return GatedMLP(gate_up, linear("mlp.down_proj"), act)
 

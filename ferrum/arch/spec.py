@@ -37,6 +37,13 @@ class LayerSpec:
     #: What mixes the layer's tokens: "attention" over the paged KV cache, or a recurrent mixer carrying a state per
     #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention).
     mixer: str = "attention"
+    #: The layer computes no keys or values: it attends those of layer ``kv_source`` (an earlier layer of its
+    #: attention kind, whose pool layer it reads: Gemma 4 E2B / E4B's num_kv_shared_layers) with its own queries. It
+    #: stores no k/v projections or norms, and the KV pool holds no layer of its own (``Architecture.kv_layers``).
+    kv_source: int | None = None
+    #: The gated MLP's width where it is not the model's intermediate_size (Gemma 4's use_double_wide_mlp: the
+    #: layers reading another's keys and values are twice as wide). None: the model's.
+    intermediate_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class Architecture:
     v_norm: bool = False
     #: Gemma 4: each layer's stored ``layer_scalar`` (one number) multiplies the residual stream after the layer.
     layer_scalar: bool = False
+    #: Gemma 4 E2B / E4B's per-layer inputs (:class:`ferrum.arch.per_layer.PerLayerInputs`), or None.
+    per_layer_inputs: Any = None
     #: OLMo's clip_qkv: q, k and v clipped to [-c, c] once projected (and OLMoE's q and k once normed).
     clip_qkv: float | None = None
     qkv_bias: bool = False
@@ -160,3 +169,19 @@ class Architecture:
     @property
     def windows(self) -> tuple[int | None, ...]:
         return tuple(layer.window for layer in self.layers)
+
+    @property
+    def kv_pool_layers(self) -> int:
+        """How many layers the KV pool holds."""
+        return len(set(self.kv_layers) - {None})
+
+    @property
+    def kv_layers(self) -> tuple[int | None, ...]:
+        """Each layer's layer of the KV pool: its own (numbered in order among the layers that have one), or its
+        ``kv_source``'s; None for a recurrent layer, which attends nothing. The pool holds as many layers as there
+        are distinct pool layers (:attr:`kv_pool_layers`)."""
+        own: dict[int, int] = {}
+        for i, layer in enumerate(self.layers):
+            if layer.kv_source is None and layer.mixer == "attention":
+                own[i] = len(own)
+        return tuple(own.get(i if layer.kv_source is None else layer.kv_source) for i, layer in enumerate(self.layers))

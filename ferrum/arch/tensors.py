@@ -67,6 +67,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         shapes[arch.lm_head] = (vocab, h)
     if arch.lm_head_bias:  # its own even where the head's weight is the embedding's
         shapes[bias_of(arch.lm_head)] = (vocab,)
+    if arch.per_layer_inputs is not None:
+        shapes.update({p + name: shape for name, shape in arch.per_layer_inputs.tensors(h, config.num_layers).items()})
     attention: dict[str, tuple[int, ...]] = {
         f"{norm}.{part}": (h,) for norm in arch.norms.values() for part in norm_parts}
     if arch.mla is not None:
@@ -107,6 +109,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             own = _stored_attention(config, layer, attention, norms)
         if arch.layer_scalar:
             own["layer_scalar"] = (1,)
+        if arch.per_layer_inputs is not None:
+            own.update(arch.per_layer_inputs.layer_tensors(h))
         shapes.update({f"{p}layers.{i}.{name}": shape[::-1] if arch.transposed and len(shape) == 2 else shape
                        for name, shape in {**own, **mlp}.items()})
     return {stored_name(arch, name): shape for name, shape in shapes.items()}
@@ -114,19 +118,22 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
 def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, ...]],
                       norms: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """A layer's attention tensors as stored: the model's, or (Gemma 4) its own head_dim, key/value heads, and no
-    v_proj where the values are the keys."""
+    """A layer's attention tensors as stored: the model's, or (Gemma 4) its own head_dim, key/value heads, no
+    v_proj where the values are the keys, and no key/value tensors where it reads another layer's."""
     own = {**attention, **norms}
-    if layer.stored_head_dim is None and layer.stored_kv_heads is None and not layer.values_are_keys:
-        return own
-    h, d = config.hidden_size, layer.stored_head_dim or config.head_dim
-    q, kv = config.num_heads * d, (layer.stored_kv_heads or config.num_kv_heads) * d
-    own.update({"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-                "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q)})
-    for name in norms:  # "head" norms: one weight of the head's dims
-        own[name] = (d,)
-    if layer.values_are_keys:
-        del own["self_attn.v_proj.weight"]
+    if layer.stored_head_dim is not None or layer.stored_kv_heads is not None or layer.values_are_keys:
+        h, d = config.hidden_size, layer.stored_head_dim or config.head_dim
+        q, kv = config.num_heads * d, (layer.stored_kv_heads or config.num_kv_heads) * d
+        own.update({"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                    "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q)})
+        for name in norms:  # "head" norms: one weight of the head's dims
+            own[name] = (d,)
+        if layer.values_are_keys:
+            del own["self_attn.v_proj.weight"]
+    if layer.kv_source is not None:
+        key_norm = f"self_attn.{config.arch.qk_norm_names[1]}."
+        own = {name: shape for name, shape in own.items()
+               if not name.startswith(("self_attn.k_proj.", "self_attn.v_proj.", key_norm))}
     return own
 
 
@@ -371,6 +378,12 @@ class DenseAttention:
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         qkv = projection_group(ops, tensor, projection, "self_attn.qkv_proj", (q, kv, kv))
         return qkv, projection("self_attn.o_proj")
+
+    def build_queries(self, config: Any, projection: Callable[[str], Linear]) -> tuple[Projections, Linear]:
+        """The projections of a layer that attends another's keys and values (``LayerSpec.kv_source``): ``x ->
+        [q]`` and its output projection."""
+        return Projections([projection("self_attn.q_proj")], (config.num_heads * config.head_dim,)), projection(
+            "self_attn.o_proj")
 
 
 DENSE_ATTENTION = DenseAttention()
