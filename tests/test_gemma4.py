@@ -2,8 +2,8 @@
 runnable backend. Sliding layers with heads of head_dim, full layers with heads of global_head_dim, fewer key/value
 heads (num_global_key_value_heads) whose values are their keys (attention_k_eq_v), rope "proportional" on them;
 q/k norms, a weightless value norm, q.k unscaled, each layer's layer_scalar. Ferrum runs every layer in one KV pool
-of the widest heads, the narrower padded with zero dims and the fewer repeated at load; the per-layer input
-embeddings and shared KV layers of the other releases are refused by name (26B-A4B's MoE block: test_gemma4_moe)."""
+of the widest heads, the narrower padded with zero dims and the fewer repeated at load (E2B / E4B's per-layer inputs
+and shared KV layers: test_gemma4_e.py; 26B-A4B's MoE block: test_gemma4_moe.py)."""
 
 from __future__ import annotations
 
@@ -132,8 +132,6 @@ def test_release_keys_read_as_per_layer_config(checkpoints):
 
 
 @pytest.mark.parametrize("key,value,error", [
-    ("hidden_size_per_layer_input", 8, UnsupportedFeatureError),  # E2B / E4B's per-layer embeddings
-    ("num_kv_shared_layers", 2, UnsupportedFeatureError),  # ... and shared KV layers
     ("attention_bias", True, UnsupportedFeatureError),
     ("use_bidirectional_attention", "all", UnsupportedFeatureError),
     ("global_head_dim", 8, UnsupportedFeatureError),
@@ -143,8 +141,6 @@ def test_release_keys_read_as_per_layer_config(checkpoints):
 ])
 def test_refuses_by_name(key, value, error):
     raw = {**gemma4_config().to_dict(), "model_type": "gemma4_text", key: value}
-    if key == "hidden_size_per_layer_input":
-        raw.pop(key)  # transformers' default is 256: a config without the key has per-layer embeddings
     if key in ("global_head_dim", "num_global_key_value_heads"):
         raw.pop("per_layer_config")  # as releases write them; per_layer_config, where given, overrides them
     with pytest.raises(error, match=repr(key)):

@@ -15,6 +15,7 @@ from ferrum.arch.keys import (
     optional_positive_number, optional_size, positive_int, positive_number, size,
 )
 from ferrum.arch.mla import MlaSpec
+from ferrum.arch.per_layer import PerLayerInputs
 from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_factor
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.errors import ConfigError
@@ -1024,33 +1025,60 @@ def _gemma4_ropes(r: KeyReader, sizes: Sizes, full_dim: int, sliding_dim: int) -
     return ropes[0], ropes[1]
 
 
+def _gemma4_kv_sources(r: KeyReader, types: list[str]) -> list[int | None]:
+    """Which layer's keys and values each layer attends (None: its own), as transformers' kv_sharing_modes: the last
+    num_kv_shared_layers layers (E2B / E4B) read those of the last layer before them of their attention kind."""
+    shared = r("num_kv_shared_layers") or 0
+    first = len(types) - shared
+    if shared and first <= 0:
+        r.fail("num_kv_shared_layers", f"is {shared}: no layer of the {len(types)} would compute keys and values "
+                                       "for the others to read; it must be below num_hidden_layers")
+    last_of = {kind: i for i, kind in enumerate(types[:first])}
+    for kind in set(types[first:]) - set(last_of):
+        r.fail("num_kv_shared_layers", f"is {shared}: the shared {kind} layers have no earlier {kind} layer to "
+                                       "read keys and values from (transformers refuses it too)")
+    return [None] * first + [last_of[kind] for kind in types[first:]]
+
+
+def _unread_shared_kv(sources: list[int | None]) -> str | None:
+    """The key/value tensors releases store for the layers that read another's, which transformers ignores
+    (Gemma4TextModel's _keys_to_ignore_on_load_unexpected), as ``Architecture.unloaded``; None without such layers."""
+    shared = "|".join(str(i) for i, source in enumerate(sources) if source is not None)
+    return rf"\.layers\.({shared})\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\." if shared else None
+
+
 def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
     """Gemma 4's text decoder (gemma4_text, and the text_config of the gemma4 wrapper): Gemma 3's sandwich norms,
     q/k norms and GeGLU with plain ``w`` RMSNorms (no ``1 +``), a weightless norm on the values, q.k unscaled,
     full layers with their own head_dim (global_head_dim), key/value heads (num_global_key_value_heads) and, with
     attention_k_eq_v, values that are their keys, rope "proportional" on them, and each layer's layer_scalar on the
     stream. Every layer runs in the one KV pool at the widest heads: narrower heads padded with zero dims, fewer
-    key/value heads repeated, at load (exact: see ``LayerSpec.stored_head_dim``)."""
-    for name, what in (("hidden_size_per_layer_input", "per-layer input embeddings (Gemma 4 E2B / E4B)"),
-                       ("num_kv_shared_layers", "layers reusing earlier layers' keys and values (Gemma 4 E2B / E4B)")):
-        if r(name):
-            r.fail(name, f"is {r(name)!r}: {what}, which Ferrum does not run yet", unsupported=True)
+    key/value heads repeated, at load (exact: see ``LayerSpec.stored_head_dim``). E2B / E4B add per-layer inputs
+    (hidden_size_per_layer_input, :mod:`ferrum.arch.per_layer`) and last layers that read an earlier layer's keys
+    and values (num_kv_shared_layers: ``LayerSpec.kv_source``), twice as wide with use_double_wide_mlp; 26B-A4B
+    runs experts beside every dense MLP (enable_moe_block: :func:`ferrum.moe.spec.gemma4_moe`)."""
     r("hidden_activation")
     types = _gemma4_types(r)
     window = r("sliding_window")
     shapes = _gemma4_shapes(r)
     sliding_rope, full_rope = _gemma4_ropes(r, sizes, shapes[FULL][0], shapes.get(SLIDING, shapes[FULL])[0])
     k_eq_v = bool(r("attention_k_eq_v"))
+    sources = _gemma4_kv_sources(r, types)
+    wide = 2 * sizes.intermediate_size if r("use_double_wide_mlp") else None
+    per_layer = r("hidden_size_per_layer_input")
 
-    def layer(kind: str) -> LayerSpec:
+    def layer(kind: str, source: int | None) -> LayerSpec:
         dim, kv = shapes[kind]
         return LayerSpec(window if kind == SLIDING else None, full_rope if kind == FULL else sliding_rope,
                          stored_head_dim=None if dim == sizes.head_dim else dim,
                          stored_kv_heads=None if kv == sizes.num_kv_heads else kv,
-                         values_are_keys=k_eq_v and kind == FULL)
+                         values_are_keys=k_eq_v and kind == FULL, kv_source=source,
+                         intermediate_size=None if source is None else wide)
 
     arch = Architecture(
-        layers=tuple(layer(t) for t in types),
+        layers=tuple(layer(t, source) for t, source in zip(types, sources)),
+        per_layer_inputs=PerLayerInputs(per_layer, r("vocab_size_per_layer_input")) if per_layer else None,
+        unloaded=_unread_shared_kv(sources),
         norms=SANDWICH_NORMS,
         activation="gelu_tanh",
         embed_scale=math.sqrt(sizes.hidden_size),
@@ -1777,9 +1805,8 @@ FAMILIES: dict[str, Family] = {
         )),
         lambda r, s: _gemma(r, s, 6, "head", _gemma3_ropes),
     ),
-    # Google's Gemma 4 text decoders (31B; 26B-A4B's MoE block: ferrum.moe.spec.gemma4_moe; the E2B / E4B releases'
-    # per-layer embeddings and shared KV layers are refused by name); "gemma4" wrappers' text_config too
-    # (ferrum.config.TEXT_WRAPPERS)
+    # Google's Gemma 4 text decoders (31B, E2B / E4B, and 26B-A4B's MoE block: ferrum.moe.spec.gemma4_moe);
+    # "gemma4" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
     "gemma4_text": Family(
         _keys(_core(True, 256), _core_defaults(
             hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
@@ -1800,7 +1827,9 @@ FAMILIES: dict[str, Family] = {
             Key("num_global_key_value_heads", check=optional_size(4096)),
             Key("attention_k_eq_v", default=False, check=boolean),
             Key("hidden_size_per_layer_input", default=256, check=optional_non_negative_int),
+            Key("vocab_size_per_layer_input", default=262_144, check=size(1 << 24)),
             Key("num_kv_shared_layers", default=0, check=optional_non_negative_int),
+            Key("use_double_wide_mlp", default=False, check=boolean),
             Key("enable_moe_block", default=False, check=boolean),
         ), MOE_KEYS["gemma4_text"]),
         _gemma4,
