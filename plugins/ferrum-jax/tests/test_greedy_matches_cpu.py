@@ -219,3 +219,22 @@ def test_hybrid_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert got == want
+
+
+#: Gemma 4 E2B's layout: per-layer inputs, the last three layers reading layers 2, 4 and 2's keys and values (two
+#: layers on one pool layer) with MLPs twice as wide, sliding layers' heads padded to the full layers' at load.
+GEMMA4_E = dict(
+    architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", hidden_size=64, intermediate_size=80,
+    num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+    vocab_size=101, hidden_size_per_layer_input=16, vocab_size_per_layer_input=101, num_kv_shared_layers=3,
+    use_double_wide_mlp=True, sliding_window=6, final_logit_softcapping=30.0,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2 + ["sliding_attention",
+                                                                                   "full_attention"],
+    max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-6,
+)
+
+
+def test_gemma4_e_greedy_tokens_equal_the_cpu_backends(tmp_path):
+    folder = write_random_checkpoint(tmp_path / "gemma4_e", GEMMA4_E, dtype="float32", std=0.2, seed=3)
+    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
+    assert got == want
