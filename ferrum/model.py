@@ -225,6 +225,11 @@ class DecoderOnlyLLM:
                                   for key, tables in self.ropes.items()}
         #: Each layer's layer of the KV pool (``Architecture.kv_layers``).
         self.kv_layers = arch.kv_layers
+        #: The last layer that writes K/V: past it, a pass computes only its logit rows (``_rows_past_last_write``).
+        self._last_write = max(i for i, spec in enumerate(arch.layers) if spec.kv_source is None
+                               and spec.mixer == "attention")
+        #: Whether every block from it on attends (a recurrent one needs every row to carry its state on).
+        self._narrows = all(spec.mixer == "attention" for spec in arch.layers[self._last_write:])
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: The recurrent mixers' states per sequence (none where every layer attends).
         self.states = RecurrentStates(ops, {i: arch.gated_delta.state_shapes(dtype) for i, spec in
@@ -618,18 +623,20 @@ class DecoderOnlyLLM:
                 taken += end - first
         return rows, np.fromiter((r for span in picks for r in span), dtype=np.int64, count=taken)
 
-    def _last_layer_rows(self, batch: AttentionBatch, picks: np.ndarray) -> np.ndarray | None:
-        """The rows the last block computes past its KV write, when not all: only the logit rows.
+    def _rows_past_last_write(self, batch: AttentionBatch, picks: np.ndarray) -> np.ndarray | None:
+        """The rows the blocks compute past the last KV write (the last block's, or that of the last block that
+        writes any: ``LayerSpec.kv_source``), when not all: only the logit rows.
 
-        The other rows' attention and MLP in the last block feed nothing (their K/V is already
-        written), so a prefill chunk of n tokens costs that block one query's attention instead
-        of n (mlx-lm and llama.cpp skip the same work). A pass without logit rows keeps one
+        The other rows' attention and MLP there feed nothing (their K/V is already written), so
+        a prefill chunk of n tokens costs those blocks one query's attention instead of n (mlx-lm
+        and llama.cpp skip the same work in the last block, transformers in Gemma 4's blocks that
+        read others' K/V). A pass without logit rows keeps one
         row, so every layer is still attended. Not narrowed: batches in which some item decodes
         one token, whose attention runs over the backend's mirrors under a plan made for the
-        whole batch's items (``ferrum.kv_mirror``), and a last block that is not attention (a recurrent mixer
-        reads every row to carry its state on).
+        whole batch's items (``ferrum.kv_mirror``), and models with a recurrent block past that write (a
+        recurrent mixer reads every row to carry its state on).
         """
-        if len(picks) == batch.num_tokens or len(batch.decoding) or self.layers[-1].mixer != "attention":
+        if len(picks) == batch.num_tokens or len(batch.decoding) or not self._narrows:
             return None
         return picks if len(picks) else np.array([batch.num_tokens - 1])
 
@@ -651,8 +658,8 @@ class DecoderOnlyLLM:
         halves, final = (self._compiled, self._final_compiled) if compiled else (self._halves, self._final)
 
         rows, picks = self._logit_rows(items, batch, all_logits)
-        last_rows = self._last_layer_rows(batch, picks)
-        last = len(self.layers) - 1
+        kept = self._rows_past_last_write(batch, picks)
+        narrowed = batch  # what the blocks attend: the batch, then past the last KV write only the kept rows
 
         h = self.embed_lookup(self.embed, ids)
         if self.position_table is not None:
@@ -666,6 +673,7 @@ class DecoderOnlyLLM:
         inputs = [()] * len(self.layers) if self.per_layer is None else [(x,) for x in self.per_layer(ids, h)]
 
         def attend(index: int, layer: _Layer, projected: tuple, h: Any) -> tuple[Any, tuple, Any]:
+            nonlocal narrowed, positions, ropes, scalers  # past the last KV write: the kept rows' (see below)
             q, *rest = projected  # q, then k and v where the layer computes its own, then the output gate if any
             kv, gate = (rest[:2], rest[2:]) if arch.layers[index].kv_source is None else ([], rest)
             rotate = ropes.get(layer.rope)
@@ -676,14 +684,19 @@ class DecoderOnlyLLM:
                 q = scale_queries(q)
             if kv:  # a layer that reads another's keys and values writes none
                 ops.kv_write(pool, layer.kv_layer, *kv, slots)
-            attended = batch
-            if index == last and last_rows is not None:
-                keep = ops.from_numpy(last_rows.astype(np.int32), None)
-                q, h, attended = ops.take_rows(q, keep), ops.take_rows(h, keep), batch.narrowed(last_rows)
+            if index == self._last_write and kept is not None:
+                keep = ops.from_numpy(kept.astype(np.int32), None)
+                q, h, narrowed = ops.take_rows(q, keep), ops.take_rows(h, keep), batch.narrowed(kept)
                 gate = [ops.take_rows(g, keep) for g in gate]
-                inputs[index] = tuple(ops.take_rows(x, keep) for x in inputs[index])
-                attended.prepared = ops.prepare_attention_batch(attended)
-                self.adapters.keep_rows(last_rows)
+                inputs[index:] = [tuple(ops.take_rows(x, keep) for x in xs) for xs in inputs[index:]]
+                narrowed.prepared = ops.prepare_attention_batch(narrowed)
+                self.adapters.keep_rows(kept)
+                if index < len(self.layers) - 1:  # the blocks after it rotate and scale the kept rows' queries
+                    positions = ops.from_numpy(narrowed.positions, None)
+                    ropes = {key: tables.for_batch(positions, narrowed) for key, tables in self.ropes.items()
+                             if tables.fixed is None}
+                    scalers = {scaling: query_scaler(ops, scaling, narrowed.positions) for scaling in scalers}
+            attended = narrowed
             if layer.chunk is not None:
                 if attended is batch:
                     if layer.chunk not in chunked:
@@ -715,7 +728,7 @@ class DecoderOnlyLLM:
 
         if not len(picks):
             return ForwardOutput(None, rows)
-        if last_rows is None and len(picks) != n_tok:
+        if kept is None and len(picks) != n_tok:
             keep = ops.from_numpy(picks.astype(np.int32), None)
             residual, h = ops.take_rows(residual, keep), ops.take_rows(h, keep)
         logits = self.lm_head(final(residual, h)[0])

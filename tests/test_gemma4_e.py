@@ -118,6 +118,19 @@ def test_shared_layers_have_no_pool_layers_of_their_own(checkpoints):
     assert model.lookup_weight_bytes == 97 * 8 * 16 * 4  # tied embeddings: the main table is the LM head
 
 
+def test_layers_past_the_last_kv_write_compute_only_logit_rows(checkpoints, monkeypatch):
+    """A prefill's layers from the last one that writes K/V on (layer 4 here) attend the last position's query
+    alone, as transformers' Gemma 4 slices its shared layers' inputs; its logits stay transformers'."""
+    folder, hf = checkpoints["e2b"]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", block_size=4, dtype="float32")
+    queries = []
+    attend = model.ops.paged_attention
+    monkeypatch.setattr(model.ops, "paged_attention", lambda q, *rest: queries.append(q.shape[0]) or attend(q, *rest))
+    got = model.prefill("p", TOKENS[:12])
+    assert queries == [12] * 4 + [1] * 4
+    assert scaled_error(got, reference_logits(hf, TOKENS[:12])[-1]) <= 1e-4
+
+
 def test_layouts_and_tensors(checkpoints):
     """weight_shapes lists what transformers saves: no k/v projections or k norm on the shared layers, their MLPs
     twice as wide, the per-layer tensors."""

@@ -185,7 +185,7 @@ def test_prompts_attended_alone_and_together_equal_each_sequence_alone(checkpoin
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])
 def test_last_block_computes_only_the_rows_with_logits(checkpoints, arch, backend, monkeypatch):
     """In a pass where no item decodes, the last block attends and runs its MLP for the logit rows only
-    (``DecoderOnlyLLM._last_layer_rows``): logits and the K/V every layer wrote still match transformers."""
+    (``DecoderOnlyLLM._rows_past_last_write``): logits and the K/V every layer wrote still match transformers."""
     folder, hf = checkpoints[arch]
     model = load(folder, backend)
     rows_attended = []  # query rows of each paged_attention call
