@@ -892,7 +892,8 @@ def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     key, spec = _rope_spec(r)
     full = read_rope(r, sizes, spec, key, ("default", "linear"), theta_default=1_000_000.0)
     local = r("rope_local_base_freq")
-    return Rope(theta=10_000.0 if local is None else float(local), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim), full
+    theta = 10_000.0 if local is None else float(local)
+    return Rope(theta=theta, head_dim=sizes.head_dim, rotary_dim=sizes.head_dim), full
 
 
 #: transformers' MellumConfig rope settings where a config gives none.
