@@ -58,6 +58,15 @@ def test_reads_layer_kinds_partial_rope_and_zero_centred_norms(checkpoint):
     assert sorted(model.states.layers) == [0, 2, 4]
 
 
+def test_the_kv_pool_holds_the_attention_layers_alone(checkpoint):
+    """Three of the five layers are recurrent and attend nothing: the KV pool has two layers, not five."""
+    model = load(checkpoint[0])
+    assert len(model.pool.k) == len(model.pool.v) == 2
+    assert model.config.arch.kv_layers == (None, 0, None, 1, None)
+    per_layer = 2 * model.config.num_kv_heads * model.config.head_dim * 4 * model.kv_capacity()
+    assert model.kv_bytes() == 2 * per_layer
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_and_decode_steps_match_transformers(checkpoint, backend):
     folder, hf = checkpoint
