@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.16"
+API_VERSION = "1.17"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -114,6 +114,7 @@ OPTIONAL_OPS = (
     "sigmoid_mul",
     "causal_conv1d",
     "gated_delta_rule",
+    "ssd_update",
     "mul_scalar",
     "softcap",
     "clip",
@@ -365,6 +366,18 @@ def gated_delta_rule(q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias
     token ``S = S * exp(g)``, ``S += k (x) ((v - k S) * beta)``, ``out = q S``. Returns ``(out [T, Hv, Dv] in v's
     dtype, new_state float32)``; the state is not modified. Fallback: :mod:`ferrum.recurrent.kernels` on the
     host."""
+
+
+@hookspec(firstresult=True)
+def ssd_update(x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias: Any, state: Any, cu_seqlens: Any,
+               dt_min: float, dt_max: float) -> Any:
+    """(optional, API 1.17) Mamba-2's selective state-space recurrence (Granite 4.0-H, Nemotron-H) over a flattened
+    varlen batch, as transformers' ``mamba2_chunk_scan`` computes it token by token: ``x [T, H, P]``, the raw step
+    ``dt [T, H]``, ``b, c [T, G, N]`` (``H`` a multiple of ``G``; group ``g`` serves heads ``g * H / G`` on), the
+    float32 ``a_log, d, dt_bias [H]``, ``state [B, H, P, N]`` float32 and ``cu_seqlens`` as for
+    :func:`causal_conv1d`. In float32: ``dt = clip(softplus(dt + dt_bias), dt_min, dt_max)``; per token ``S = S *
+    exp(-exp(a_log) * dt) + dt * x (x) b``, ``y = S c + d * x``. Returns ``(y [T, H, P] in x's dtype, new_state
+    float32)``; the state is not modified. Fallback: :mod:`ferrum.recurrent.kernels` on the host."""
 
 
 @hookspec(firstresult=True)

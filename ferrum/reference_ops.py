@@ -131,6 +131,13 @@ def gated_delta_rule(ops: Any, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: An
     return ops.from_numpy(out, dtype_name(v)), ops.from_numpy(new_state, "float32")
 
 
+def ssd_update(ops: Any, x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias: Any, state: Any,
+               cu_seqlens: Any, dt_min: float, dt_max: float) -> tuple[Any, Any]:
+    y, new_state = kernels.ssd_update(*(_host(ops, t) for t in (x, dt, a_log, b, c, d, dt_bias, state)),
+                                      np.asarray(cu_seqlens), dt_min, dt_max)
+    return ops.from_numpy(y, dtype_name(x)), ops.from_numpy(new_state, "float32")
+
+
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:
     rounded = np.asarray(ops.to_numpy(ops.from_numpy(np.array([factor], dtype=np.float32), dtype_name(x))))[0]
     return _on_host(ops, x, lambda a: a * np.float32(rounded))

@@ -16,7 +16,8 @@ from ferrum.testing import family_checks
 from ferrum.testing.conformance import _Context, _Mismatch
 from support import runnable_backends
 
-CHECKS = (family_checks.check_sigmoid_mul, family_checks.check_causal_conv1d, family_checks.check_gated_delta_rule)
+CHECKS = (family_checks.check_sigmoid_mul, family_checks.check_causal_conv1d, family_checks.check_gated_delta_rule,
+          family_checks.check_ssd_update)
 
 
 @pytest.mark.parametrize("backend", runnable_backends())
@@ -55,6 +56,25 @@ def test_the_kit_catches_a_rule_without_its_decay_or_one_writing_the_state_in_pl
         family_checks.check_gated_delta_rule(_with(gated_delta_rule=in_place), 1e-5)
 
 
+def test_the_kit_catches_a_scan_without_its_step_limit_skip_or_grouping():
+    """Each is a plausible port's slip: the dt limits left out (decode's path in transformers), the D skip dropped,
+    B / C groups served to heads round robin rather than in blocks."""
+    def unclipped(x, dt, a_log, b, c, d, dt_bias, state, cu, lo, hi):
+        return kernels.ssd_update(x, dt, a_log, b, c, d, dt_bias, state, cu, 0.0, np.inf)
+
+    def no_skip(x, dt, a_log, b, c, d, dt_bias, state, cu, lo, hi):
+        return kernels.ssd_update(x, dt, a_log, b, c, np.zeros_like(d), dt_bias, state, cu, lo, hi)
+
+    def round_robin(x, dt, a_log, b, c, d, dt_bias, state, cu, lo, hi):
+        heads = np.shape(x)[1]
+        b, c = (np.tile(t, (1, heads // np.shape(t)[1], 1)) for t in (b, c))
+        return kernels.ssd_update(x, dt, a_log, b, c, d, dt_bias, state, cu, lo, hi)
+
+    for wrong in (unclipped, no_skip, round_robin):
+        with pytest.raises(_Mismatch):
+            family_checks.check_ssd_update(_with(ssd_update=wrong), 1e-5)
+
+
 def test_kernels_carry_a_segment_split_anywhere_as_one_segment():
     """Prefill chunks: a sequence run in two segments (the state carried between) gives what one run gives."""
     rng = np.random.default_rng(1)
@@ -76,6 +96,20 @@ def test_kernels_carry_a_segment_split_anywhere_as_one_segment():
     y2, conv_end2 = kernels.causal_conv1d(x[cut:], w, conv_mid, np.array([0, n - cut]), True)
     np.testing.assert_allclose(np.concatenate([y1, y2]), y, rtol=1e-6)
     np.testing.assert_array_equal(conv_end2, conv_end)
+    x, dt, (b, c) = (rng.standard_normal((n, 4, 3)).astype(np.float32), rng.standard_normal((n, 4)).astype(np.float32),
+                     rng.standard_normal((2, n, 2, 5)).astype(np.float32))
+    ssd = (a_log, np.ones(4, np.float32), dt_bias)
+    zero = np.zeros((1, 4, 3, 5), np.float32)
+
+    def scan(lo, hi, state):
+        return kernels.ssd_update(x[lo:hi], dt[lo:hi], ssd[0], b[lo:hi], c[lo:hi], ssd[1], ssd[2], state,
+                                  np.array([0, hi - lo]), 0.0, np.inf)
+
+    whole, whole_state = scan(0, n, zero)
+    first, mid = scan(0, cut, zero)
+    rest, end = scan(cut, n, mid)
+    np.testing.assert_allclose(np.concatenate([first, rest]), whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(end, whole_state, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture

@@ -61,6 +61,29 @@ def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, a: np.ndarray,
     return out, new_state
 
 
+def ssd_update(x: np.ndarray, dt: np.ndarray, a_log: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray,
+               dt_bias: np.ndarray, state: np.ndarray, cu_seqlens: np.ndarray, dt_min: float,
+               dt_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mamba-2's selective state-space recurrence (``ferrum.hookspec.ssd_update``): ``x [T, H, P]``, ``dt [T, H]``,
+    ``b, c [T, G, N]``, ``state [B, H, P, N]``; returns ``(y [T, H, P], new_state)`` in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    heads, groups = x.shape[1], np.shape(b)[1]
+    b, c = (np.repeat(np.asarray(t, dtype=np.float32), heads // groups, axis=1) for t in (b, c))  # [T, H, N]
+    step = np.logaddexp(np.float32(0), np.asarray(dt, dtype=np.float32) + np.asarray(dt_bias, dtype=np.float32))
+    step = np.clip(step, np.float32(dt_min), np.float32(dt_max)).astype(np.float32)
+    decay = np.exp(step * -np.exp(np.asarray(a_log, dtype=np.float32)))  # [T, H]
+    skip = x * np.asarray(d, dtype=np.float32)[:, None]
+    y = np.empty_like(x)
+    new_state = np.array(state, dtype=np.float32)
+    for s in range(len(cu_seqlens) - 1):
+        S = new_state[s]  # [H, P, N], updated in place
+        for t in range(int(cu_seqlens[s]), int(cu_seqlens[s + 1])):
+            S *= decay[t][:, None, None]
+            S += (step[t][:, None] * x[t])[:, :, None] * b[t][:, None, :]
+            y[t] = np.einsum("hpn,hn->hp", S, c[t])
+    return y + skip, new_state
+
+
 def sigmoid_mul(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(gate)``."""
     return np.asarray(x, dtype=np.float32) / (1.0 + np.exp(-np.asarray(gate, dtype=np.float32)))

@@ -1,5 +1,6 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, squared ReLU,
-xIELU, the recurrent mixers' ops (gated attention's sigmoid gate, the causal convolution, Gated DeltaNet's rule),
+xIELU, the recurrent mixers' ops (gated attention's sigmoid gate, the causal convolution, Gated DeltaNet's rule,
+Mamba-2's state-space recurrence),
 scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE,
 Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron, Llama 4, nanochat)
 against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
@@ -245,6 +246,40 @@ def check_gated_delta_rule(c: Any, tol: float) -> float:
     return max(_compare(c.get(out), want_out, tol), _compare(c.get(new_state), want_state, tol))
 
 
+def ssd_oracle(x, dt, a_log, b, cm, d, dt_bias, state, cu, dt_min, dt_max) -> tuple[np.ndarray, np.ndarray]:
+    """``ferrum.hookspec.ssd_update`` in float64, head by head with outer and matrix products."""
+    x, dt, a_log, b, cm, d, dt_bias, state = (np.asarray(t, dtype=np.float64)
+                                              for t in (x, dt, a_log, b, cm, d, dt_bias, state))
+    group = x.shape[1] // b.shape[1]
+    y, new_state = np.zeros_like(x), state.copy()
+    for s in range(len(cu) - 1):
+        for t in range(cu[s], cu[s + 1]):
+            for h in range(x.shape[1]):
+                step = min(max(np.log1p(np.exp(dt[t, h] + dt_bias[h])), dt_min), dt_max)
+                S = new_state[s, h] * np.exp(-np.exp(a_log[h]) * step) + np.outer(step * x[t, h], b[t, h // group])
+                new_state[s, h] = S
+                y[t, h] = S @ cm[t, h // group] + d[h] * x[t, h]
+    return y, new_state
+
+
+def check_ssd_update(c: Any, tol: float) -> float:
+    """Three segments from states of their own, two heads per B/C group, decays from slow to fast, a step limit that
+    clips some steps at each end; the float32 state given is left as it was."""
+    heads, groups, p, n, tokens = 4, 2, 6, 8, int(_SEGMENTS[-1])
+    x, dt = c.rounded(c.random(tokens, heads, p)), c.rounded(c.random(tokens, heads) * 3)
+    b, cm = (c.rounded(c.random(tokens, groups, n)) for _ in range(2))
+    a_log = np.log(np.array([0.05, 0.5, 2.0, 8.0], dtype=np.float32))
+    d, dt_bias = np.array([1.0, 0.5, -0.25, 2.0], dtype=np.float32), np.array([0.5, -1.0, 0.0, 1.0], dtype=np.float32)
+    state = c.random(len(_SEGMENTS) - 1, heads, p, n) * 0.5
+    f32 = [c.ops.from_numpy(t.copy(), "float32") for t in (a_log, d, dt_bias, state)]
+    limits = (0.05, 2.5)
+    y, new_state = c.ops.ssd_update(c.put(x), c.put(dt), f32[0], c.put(b), c.put(cm), f32[1], f32[2], f32[3],
+                                    _SEGMENTS, *limits)
+    assert np.array_equal(c.get(f32[3]), state), "ssd_update changed the state it was given"
+    want_y, want_state = ssd_oracle(x, dt, a_log, b, cm, d, dt_bias, state, _SEGMENTS, *limits)
+    return max(_compare(c.get(y), want_y, tol), _compare(c.get(new_state), want_state, tol))
+
+
 def check_mul_scalar(c: Any, tol: float) -> float:
     x = c.rounded(c.random(5, 64))
     factor = float(c.rounded(np.array([np.sqrt(3072.0)], dtype=np.float32))[0])  # as the dtype holds it
@@ -355,6 +390,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"sigmoid_mul ({source('sigmoid_mul')})", lambda: check_sigmoid_mul(c, tol), tol),
         (f"causal_conv1d ({source('causal_conv1d')})", lambda: check_causal_conv1d(c, tol), tol),
         (f"gated_delta_rule ({source('gated_delta_rule')})", lambda: check_gated_delta_rule(c, tol), tol),
+        (f"ssd_update ({source('ssd_update')})", lambda: check_ssd_update(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),
         (f"mul ({source('mul')})", lambda: check_mul(c, tol), tol),

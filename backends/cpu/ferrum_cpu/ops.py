@@ -164,6 +164,11 @@ def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens):
 
 
 @hookimpl
+def ssd_update(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens, dt_min, dt_max):
+    return _recurrent.ssd_update(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens, dt_min, dt_max)
+
+
+@hookimpl
 def clip(x, limit):
     return np.clip(x, -limit, limit).astype(x.dtype, copy=False)
 
