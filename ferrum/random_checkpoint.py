@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from ferrum.config import ModelConfig
 from ferrum.errors import InvalidRequestError
-from ferrum.moe.loading import LAYOUTS, is_expert_stack, per_expert_names
+from ferrum.moe.loading import LAYOUTS, SWITCH, is_expert_stack, per_expert_names
 from ferrum.model import weight_shapes
 from ferrum.weights import split_norm_parts
 
@@ -69,6 +69,11 @@ def write_random_checkpoint(
             array += norm_center
         if moe is not None and moe.layout is not None and is_expert_stack(name):  # a family's own layout
             own_layout[name] = array.astype(_STORAGE[dtype])
+        elif len(shape) == 3 and is_expert_stack(name) and moe.stacked is not None:  # Granite's input/output_linear
+            module, proj = name.removesuffix(".weight").split(".switch_mlp.")
+            stacked = f"{module}.{moe.stacked[SWITCH.index(proj)]}.weight"  # gate's rows, then up's (listed first)
+            part = array.astype(_STORAGE[dtype])
+            tensors[stacked] = np.concatenate([tensors[stacked], part], axis=1) if stacked in tensors else part
         elif len(shape) == 3 and is_expert_stack(name):  # a stack of experts (not a convolution's [C, 1, K])
             tensors.update(zip(per_expert_names(moe, name), array.astype(_STORAGE[dtype])))
         elif heads := split_norm_parts(model_config, name):  # a norm a head, each its own tensor (StableLM 2 12B)
