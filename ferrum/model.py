@@ -41,7 +41,7 @@ from ferrum.errors import (
 from ferrum.hookspec import DTYPE_BYTES
 from ferrum.limits import check_kv_pool, check_layer_count
 from ferrum.paged_kv import PagedKVManager
-from ferrum.recurrent.gated_delta import GatedDeltaLayer
+from ferrum.recurrent import mixer_spec
 from ferrum.recurrent.state import RecurrentStates
 from ferrum.weights import Linear, Placed, place, read_weights
 
@@ -232,8 +232,8 @@ class DecoderOnlyLLM:
         self._narrows = all(spec.mixer == "attention" for spec in arch.layers[self._last_write:])
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: The recurrent mixers' states per sequence (none where every layer attends).
-        self.states = RecurrentStates(ops, {i: arch.gated_delta.state_shapes(dtype) for i, spec in
-                                            enumerate(arch.layers) if spec.mixer == "gated_delta"})
+        self.states = RecurrentStates(ops, {i: mixer_spec(arch, spec.mixer).state_shapes(dtype) for i, spec in
+                                            enumerate(arch.layers) if spec.mixer != "attention"})
         #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
         self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
@@ -334,8 +334,8 @@ class DecoderOnlyLLM:
         if arch.qk_norm is not None and not arch.qk_norm_params:  # a norm without a weight (Llama 4's L2 norm): 1s
             q_norm = k_norm = (self._ones_of(config.head_dim), None)
         recurrent = gate = None
-        if spec.mixer == "gated_delta":
-            recurrent = GatedDeltaLayer(arch.gated_delta, self.ops, tensor, projection, config.rms_norm_eps)
+        if spec.mixer != "attention":
+            recurrent = mixer_spec(arch, spec.mixer).layer(self.ops, tensor, projection, config.rms_norm_eps)
             qkv = o = None
         elif spec.kv_source is None:
             qkv, o = self._attention.build(self.ops, config, tensor, projection,
@@ -712,18 +712,18 @@ class DecoderOnlyLLM:
                                        layer.sinks)
             return attn, tuple(gate), h
 
-        def gated_delta(index: int, layer: _Layer, projected: tuple, h: Any) -> tuple[Any, tuple, Any]:
-            qkv, b, a, z = projected
-            core, states = layer.recurrent.mix(qkv, b, a, self.states.gather(index, seq_ids), batch.cu_seqlens_q)
+        def recurrent(index: int, layer: _Layer, projected: tuple, h: Any) -> tuple[Any, tuple, Any]:
+            core, extra, states = layer.recurrent.mix(projected, self.states.gather(index, seq_ids),
+                                                      batch.cu_seqlens_q)
             self.states.stage(index, seq_ids, states)
-            return core, (z,), h
+            return core, extra, h
 
-        mixers = {"attention": attend, "gated_delta": gated_delta}  # LayerSpec.mixer -> its step over the batch
+        mixers = {"attention": attend}  # LayerSpec.mixer -> its step over the batch (any other: a recurrent one)
         residual = None  # output of the previous block, not yet added to h
         for index, layer in enumerate(self.layers):
             enter, leave = halves[index]
             *projected, h = enter(h, positions) if residual is None else enter(h, residual, positions)
-            mixed, extra, h = mixers[layer.mixer](index, layer, tuple(projected), h)
+            mixed, extra, h = mixers.get(layer.mixer, recurrent)(index, layer, tuple(projected), h)
             residual, h = leave(mixed, h, *extra, *inputs[index])
 
         if not len(picks):

@@ -21,6 +21,7 @@ from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.errors import ConfigError
 from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
+from ferrum.recurrent.mamba2 import Mamba2Spec
 
 LLAMA_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "post_attention_layernorm"}
 SANDWICH_NORMS = {
@@ -783,8 +784,12 @@ def _seed_oss(r: KeyReader, sizes: Sizes) -> Architecture:
 def _granite(r: KeyReader, sizes: Sizes) -> Architecture:
     """Llama with four multipliers: on the embeddings, on what each block adds to the residual stream,
     as the attention scale (instead of 1/sqrt(head_dim)), and a divisor of the logits."""
+    return _granite_multipliers(r, _llama_like(False, None, _no_windows)(r, sizes))
+
+
+def _granite_multipliers(r: KeyReader, arch: Architecture) -> Architecture:
     return replace(
-        _llama_like(False, None, _no_windows)(r, sizes),
+        arch,
         embed_scale=None if r("embedding_multiplier") == 1 else float(r("embedding_multiplier")),
         residual_scale=float(r("residual_multiplier")),
         attn_scale=float(r("attention_multiplier")),
@@ -1238,6 +1243,79 @@ _QWEN3_HYBRID = (
     Key("linear_value_head_dim", default=128, check=positive_int),
     Key("linear_num_key_heads", default=16, check=positive_int),
     Key("linear_num_value_heads", default=32, check=positive_int),
+)
+
+
+#: Granite 4.0-H's layer types (transformers 4's names, then 5's) -> the mixer each runs (LayerSpec.mixer).
+_MAMBA_HYBRID_MIXERS = {"mamba": "mamba2", LINEAR: "mamba2", "attention": "attention", FULL: "attention"}
+
+
+#: transformers 5 saves a float JSON cannot hold as ``{"__float__": "Infinity"}``.
+_TAGGED_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _tagged_float(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return _TAGGED_FLOATS.get(value["__float__"], value)
+    return value
+
+
+def _time_step_limit(value: Any) -> str | None:
+    limits = [_tagged_float(v) for v in value] if isinstance(value, (list, tuple)) else value
+    if limits is None or (len(limits) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in limits) and 0 <= limits[0] <= limits[1]):
+        return None
+    return f"must be [min, max] with 0 <= min <= max (max may be Infinity), got {value!r}"
+
+
+def _mamba2_spec(r: KeyReader, sizes: Sizes, module: str) -> Mamba2Spec:
+    """Mamba-2's sizes; ``mamba_d_head`` "auto" is ``mamba_expand * hidden_size / mamba_n_heads``."""
+    heads, groups, head = r("mamba_n_heads"), r("mamba_n_groups"), r("mamba_d_head")
+    inner = r("mamba_expand") * sizes.hidden_size
+    head = inner // heads if head == "auto" else head
+    if not isinstance(head, int) or head <= 0 or head * heads != inner:
+        r.fail("mamba_d_head", f"({head!r}) times mamba_n_heads ({heads}) must be mamba_expand * hidden_size "
+                               f"({inner})")
+    if heads % groups:
+        r.fail("mamba_n_groups", f"({groups}) must divide mamba_n_heads ({heads})")
+    limit = [float(_tagged_float(v)) for v in r("time_step_limit") or (0.0, float("inf"))]
+    return Mamba2Spec(heads, head, groups, r("mamba_d_state"), r("mamba_d_conv"), (limit[0], limit[1]),
+                      conv_bias=r("mamba_conv_bias"), proj_bias=r("mamba_proj_bias"), module=module)
+
+
+def _granitemoehybrid(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Granite 4.0-H: Mamba-2 and attention layers (rope only where position_embedding_type is "rope", else none)
+    with Granite's multipliers (``residual_multiplier`` on the Mamba-2 output too); each layer's MLP the experts
+    with GraniteMoeShared's shared MLP, or that shared MLP alone where num_local_experts is 0 (H-Micro, 1B, 350M)."""
+    rope_on = r("position_embedding_type") == "rope"
+    arch = _granite_multipliers(r, _llama_like(False, None, _no_windows,
+                                               lambda r, sizes: [rope_on] * sizes.num_layers)(r, sizes))
+    types = r("layer_types") or r("layers_block_type") or ["mamba"] * sizes.num_layers
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(
+            t not in _MAMBA_HYBRID_MIXERS for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of 'mamba' / 'attention', got {types!r}")
+    layers = tuple(replace(spec, mixer=_MAMBA_HYBRID_MIXERS[t]) for spec, t in zip(arch.layers, types))
+    arch = replace(arch, layers=layers,
+                   mamba2=_mamba2_spec(r, sizes, "mamba"), keep_float32=(".A_log", ".dt_bias", ".D"))
+    if not r("num_local_experts"):
+        return replace(arch, fused_gate_up=True, stored_names=GRANITE_SHARED_MLP_NAMES)
+    experts = replace(sizes, intermediate_size=r("intermediate_size"))  # the sizes' is the shared MLP's (names=)
+    return with_moe("granitemoeshared", lambda r, sizes: replace(arch, stored_names=GRANITEMOESHARED_NAMES))(r, experts)
+
+
+#: A dense Granite 4.0-H layer's MLP: the shared MLP alone, gate and up in ``input_linear``.
+GRANITE_SHARED_MLP_NAMES = {"mlp.gate_up_proj": "shared_mlp.input_linear", "mlp.down_proj": "shared_mlp.output_linear"}
+
+_MAMBA2 = (
+    Key("mamba_n_heads", default=128, check=positive_int),
+    Key("mamba_n_groups", default=1, check=positive_int),
+    Key("mamba_d_state", default=256, check=positive_int),
+    Key("mamba_d_head", default="auto"),
+    Key("mamba_d_conv", default=4, check=positive_int),
+    Key("mamba_expand", default=2, check=positive_int),
+    Key("mamba_conv_bias", default=True, check=boolean),
+    Key("mamba_proj_bias", default=False, check=boolean),
+    Key("time_step_limit", default=[0.0, float("inf")], check=_time_step_limit),
 )
 
 
@@ -1887,6 +1965,16 @@ FAMILIES: dict[str, Family] = {
     "granitemoeshared": Family(  # Granite 3 MoE with a shared expert (GraniteMoeShared)
         _keys(_core(False), _ROPE, _SILU, _GRANITE, MOE_KEYS["granitemoeshared"]),
         with_moe("granitemoeshared", _granitemoeshared),
+    ),
+    "granitemoehybrid": Family(  # Granite 4.0-H: Mamba-2 + attention layers, Granite's multipliers, shared MLP
+        _keys(_core(False), _ROPE, _SILU, _GRANITE, MOE_KEYS["granitemoeshared"], _MAMBA2, (
+            Key("num_local_experts", default=8, check=optional_non_negative_int),
+            Key("shared_intermediate_size", default=1024, check=positive_int),
+            Key("position_embedding_type", check=one_of(None, "rope", "nope")),
+            Key("layer_types"), Key("layers_block_type"),
+        )),
+        _granitemoehybrid,
+        names={"intermediate_size": "shared_intermediate_size"},  # the dense MLP's; the experts' is intermediate_size
     ),
     "olmoe": Family(  # OLMoE: Llama's norms, q and k normed over their whole projections, experts on every layer
         _keys(_core(False), _ROPE, _SILU, (

@@ -35,7 +35,8 @@ class LayerSpec:
     #: the k norm and rope, with the value norm of their own.
     values_are_keys: bool = False
     #: What mixes the layer's tokens: "attention" over the paged KV cache, or a recurrent mixer carrying a state per
-    #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention).
+    #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention;
+    #: "mamba2", Granite 4.0-H's Mamba-2 layers).
     mixer: str = "attention"
     #: The layer computes no keys or values: it attends those of layer ``kv_source`` (an earlier layer of its
     #: attention kind, whose pool layer it reads: Gemma 4 E2B / E4B's num_kv_shared_layers) with its own queries. It
@@ -118,6 +119,8 @@ class Architecture:
     #: The sizes and layout of the layers whose mixer is "gated_delta" (:class:`ferrum.recurrent.gated_delta.
     #: GatedDeltaSpec`), else None.
     gated_delta: Any = None
+    #: ...whose mixer is "mamba2" (:class:`ferrum.recurrent.mamba2.Mamba2Spec`), else None.
+    mamba2: Any = None
     #: Qwen3-Next's gated attention: q_proj emits each head's query then its gate; the attention output is
     #: multiplied by sigmoid(gate) before o_proj.
     attn_output_gate: bool = False

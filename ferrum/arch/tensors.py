@@ -32,6 +32,7 @@ import numpy as np
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
+from ferrum.recurrent import mixer_spec
 from ferrum.recurrent.gated_delta import MODULE as GATED_DELTA
 from ferrum.weights import Linear, Projections
 
@@ -102,9 +103,9 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         norms = qk_norms if layer.qk_norm else {}
-        if layer.mixer == "gated_delta":
+        if layer.mixer != "attention":
             own = {**{f"{norm}.{part}": (h,) for norm in arch.norms.values() for part in norm_parts},
-                   **arch.gated_delta.tensors(h)}
+                   **mixer_spec(arch, layer.mixer).tensors(h)}
         else:
             own = _stored_attention(config, layer, attention, norms)
         if arch.layer_scalar:
@@ -252,8 +253,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
                  (name.replace("qkv_proj", "k_proj"), rows(tensor, q, q + kv)),
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
-    elif f".{GATED_DELTA}." in name:
-        parts = arch.gated_delta.split(name, tensor, _take_rows)
+    elif (mixer := mixer_spec(arch, arch.layers[layer].mixer)) is not None and f".{mixer.module}." in name:
+        parts = mixer.split(name, tensor, _take_rows)
     elif arch.attn_output_gate and ".self_attn.q_proj." in name:  # per head: its query, then its gate
         heads, d = config.num_heads, config.head_dim
         order = np.arange(2 * heads * d).reshape(heads, 2, d)
@@ -269,7 +270,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
 
 
 #: The matrices (and biases) whose outputs a block adds to the residual stream.
-_RESIDUAL_WRITERS = (".self_attn.o_proj.", ".mlp.down_proj.", ".switch_mlp.down_proj.", ".shared_mlp.down_proj.")
+_RESIDUAL_WRITERS = (".self_attn.o_proj.", ".mlp.down_proj.", ".switch_mlp.down_proj.", ".shared_mlp.down_proj.",
+                     ".mamba.out_proj.")
 
 
 def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
@@ -500,6 +502,8 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
             break
     if config.arch.gated_delta is not None:
         config = _gated_delta_layout(config, stored)
+    if config.arch.mamba2 is not None:
+        config = _mamba2_layout(config, stored)
     if config.arch.moe is not None:
         config = _fused_experts_layout(config, stored)
     if config.arch.transposed and _stored_untransposed(config, stored):
@@ -517,6 +521,16 @@ def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> A
     return replace(config, arch=replace(arch, norm_offset=0.0, gated_delta=replace(arch.gated_delta, conv_last=True)))
 
 
+def _mamba2_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
+    """mlx-lm's conversions store Mamba-2's convolution ``[C, K, 1]``."""
+    arch = config.arch
+    layer = next(i for i, spec in enumerate(arch.layers) if spec.mixer == "mamba2")
+    shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{arch.mamba2.module}.conv1d.weight"))
+    if shape is None or arch.mamba2.conv_kernel == 1 or shape[-1] != 1:
+        return config
+    return replace(config, arch=replace(arch, mamba2=replace(arch.mamba2, conv_last=True)))
+
+
 def _fused_experts_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     """A family read per expert whose checkpoint holds transformers 5's fused stacks instead (``M.experts.
     gate_up_proj [E, 2 * inter, hidden]`` and ``M.experts.down_proj``, outputs first: Qwen3.5-MoE's release, and
@@ -524,9 +538,9 @@ def _fused_experts_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) ->
     arch, moe = config.arch, config.arch.moe
     if moe.layout is not None or moe.stacked is not None:
         return config
-    layer = next(i for i, spec in enumerate(arch.layers) if spec.mlp == "moe")
+    layer = next((i for i, spec in enumerate(arch.layers) if spec.mlp == "moe"), None)
     fused = stored_name(arch, f"{arch.prefix}layers.{layer}.{moe.module}.experts.gate_up_proj")
-    if fused not in stored:
+    if layer is None or fused not in stored:
         return config
     return replace(config, arch=replace(arch, moe=replace(moe, layout="fused_outputs_first")))
 

@@ -1,1 +1,14 @@
-"""Per-sequence state of the mixers that are not attention (Gated DeltaNet...), and those mixers."""
+"""Per-sequence state of the mixers that are not attention (Gated DeltaNet, Mamba-2), and those mixers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: ``LayerSpec.mixer`` of each recurrent mixer -> the :class:`ferrum.arch.spec.Architecture` field holding its spec
+#: (sizes, stored tensors, load-time split, state shapes, and the layer it builds).
+MIXERS = {"gated_delta": "gated_delta", "mamba2": "mamba2"}
+
+
+def mixer_spec(arch: Any, mixer: str) -> Any:
+    """The spec of the recurrent mixer ``mixer`` in ``arch``; None for attention."""
+    return getattr(arch, MIXERS[mixer]) if mixer in MIXERS else None

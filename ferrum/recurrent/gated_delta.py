@@ -32,6 +32,8 @@ class GatedDeltaSpec:
     grouped: bool = False  # Qwen3-Next's in_proj_qkvz / in_proj_ba, grouped per key head
     conv_last: bool = False  # mlx-lm's conv1d weight [C, K, 1] (transformers': [C, 1, K])
 
+    module = MODULE
+
     @property
     def key_dim(self) -> int:
         return self.num_k_heads * self.head_k_dim
@@ -80,6 +82,9 @@ class GatedDeltaSpec:
         return (((self.conv_dim, self.conv_kernel - 1), dtype),
                 ((self.num_v_heads, self.head_k_dim, self.head_v_dim), "float32"))
 
+    def layer(self, ops: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any], eps: float) -> Any:
+        return GatedDeltaLayer(self, ops, tensor, projection, eps)
+
 
 class GatedDeltaLayer:
     """One layer's placed weights and its three steps: projections (compilable), the recurrent ops over the
@@ -102,16 +107,18 @@ class GatedDeltaLayer:
         qkv, z, b, a = (p(x) for p in self.inputs)
         return qkv, b, a, z
 
-    def mix(self, qkv: Any, b: Any, a: Any, states: tuple[Any, Any], cu_seqlens: np.ndarray) -> tuple[Any, tuple]:
-        """The recurrent part over a batch: ``(core [T, Hv, Dv], new states)``; the given states are not changed."""
+    def mix(self, inputs: tuple[Any, ...], states: tuple[Any, Any], cu_seqlens: np.ndarray) -> tuple[Any, tuple, tuple]:
+        """The recurrent part over a batch: ``(core [T, Hv, Dv], (z,), new states)``; the given states are not
+        changed."""
         ops, s = self.ops, self.spec
+        qkv, b, a, z = inputs
         mixed, conv_state = ops.causal_conv1d(qkv, self.conv, states[0], cu_seqlens, True)
         q, k, v = ops.split(mixed, (s.key_dim, s.key_dim, s.value_dim))
         q = ops.reshape(q, (-1, s.num_k_heads, s.head_k_dim))
         k = ops.reshape(k, (-1, s.num_k_heads, s.head_k_dim))
         v = ops.reshape(v, (-1, s.num_v_heads, s.head_v_dim))
         core, recurrent = ops.gated_delta_rule(q, k, v, a, b, self.a_log, self.dt_bias, states[1], cu_seqlens)
-        return core, (conv_state, recurrent)
+        return core, (z,), (conv_state, recurrent)
 
     def output(self, core: Any, z: Any) -> Any:
         """RMSNorm of each head's output (a weight of its own, no offset), times SiLU of its gate, projected."""

@@ -214,7 +214,18 @@ QWEN3_NEXT = dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next
                   num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40, **_HYBRID)
 
 
-@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT], ids=lambda c: c["model_type"])
+#: Granite 4.0-H's layout: Mamba-2 layers (the core's reference scan on the host) with two B/C groups and a biased
+#: convolution, a NoPE attention layer, Granite's multipliers, experts beside the shared MLP.
+GRANITE_H = dict(architectures=["GraniteMoeHybridForCausalLM"], model_type="granitemoehybrid", hidden_size=64,
+                 intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=101, max_position_embeddings=256, layer_types=["mamba", "attention", "mamba"],
+                 mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4,
+                 num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40, embedding_multiplier=3.0,
+                 residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.5, position_embedding_type="nope",
+                 tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H], ids=lambda c: c["model_type"])
 def test_hybrid_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")

@@ -1,0 +1,192 @@
+"""Granite 4.0-H (``granitemoehybrid``): Mamba-2 layers carrying a state per sequence between attention layers
+(NoPE or rope), Granite's multipliers, experts with a shared MLP or the shared MLP alone, against transformers (and
+mlx-lm's conversion against mlx-lm) on every runnable backend; and the engine's batching, chunked prefill and
+preemption over those states."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import transformers
+from safetensors.numpy import load_file
+
+import ferrum
+from ferrum.engine import Engine, EngineConfig
+from ferrum.errors import UnsupportedFeatureError
+from ferrum.executor import LlmExecutor
+from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.sampling import SamplingParams
+from support import (
+    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, build_transformers_model,
+    mlx_lm_logits, reference_logits, run_staggered, runnable_backends, scaled_error, write_tokenizer,
+)
+
+BACKENDS = runnable_backends()
+VOCAB = 300
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, layer_types=["mamba", "attention", "mamba", "mamba"], mamba_n_heads=8,
+              mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2, shared_intermediate_size=40,
+              embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.5,
+              max_position_embeddings=256, tie_word_embeddings=False)
+VARIANTS = {
+    # H-Micro / 1B / 350M: the shared MLP alone, no rope, two B/C groups of heads, no step limit
+    "dense": lambda: transformers.GraniteMoeHybridConfig(**COMMON, num_local_experts=0, mamba_n_groups=2,
+                                                         position_embedding_type="nope"),
+    # H-Tiny / H-Small: experts beside the shared MLP, rope, a step limit that clips both ends
+    "moe": lambda: transformers.GraniteMoeHybridConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                                       mamba_n_groups=1, position_embedding_type="rope",
+                                                       time_step_limit=(0.3, 1.2)),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for name, make in VARIANTS.items():
+        folder = tmp_path_factory.mktemp(f"granite_{name}")
+        out[name] = folder, build_transformers_model(folder, make())
+        write_tokenizer(folder, VOCAB)
+    return out
+
+
+def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
+    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
+
+
+def test_reads_layer_kinds_positions_multipliers_and_mlps(checkpoints):
+    dense, moe = (load(checkpoints[name][0]) for name in ("dense", "moe"))
+    arch = dense.config.arch
+    assert [spec.mixer for spec in arch.layers] == ["mamba2", "attention", "mamba2", "mamba2"]
+    assert sorted(dense.states.layers) == [0, 2, 3] and arch.mamba2.num_groups == 2
+    assert arch.layers[1].rope.rotary_dim == 0 and moe.config.arch.layers[1].rope.rotary_dim == 16
+    assert (arch.embed_scale, arch.residual_scale, arch.attn_scale, arch.logit_scale) == (3.0, 0.5, 0.2, 0.4)
+    assert [s.mlp for s in arch.layers] == ["dense"] * 4 and dense.config.intermediate_size == 40
+    assert [s.mlp for s in moe.config.arch.layers] == ["moe"] * 4
+    assert moe.config.arch.moe.expert_size == 48 and moe.config.arch.moe.shared_expert_size == 40
+    assert moe.config.arch.mamba2.dt_limit == (0.3, 1.2) and arch.mamba2.dt_limit == (0.0, float("inf"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
+    """Decode steps too: each carries the convolution window and the state-space matrices of the step before.
+    (transformers' own decode path leaves the step limit out; its full pass, the reference, applies it.)"""
+    folder, hf = checkpoints[variant]
+    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+
+
+def test_the_step_limit_and_the_convolution_bias_count(checkpoints):
+    """Each is honoured: a model that ignored the limit, or dropped the bias, would miss the 1e-4 the match holds
+    to."""
+    folder, hf = checkpoints["moe"]
+    want = reference_logits(hf, TOKENS)
+    for change in ({"spec": replace(model_spec := load(folder).config.arch.mamba2, dt_limit=(0.0, float("inf")))},
+                   {"conv_bias": None}):
+        model = load(folder)
+        for layer in model.layers:
+            if layer.recurrent is not None:
+                vars(layer.recurrent).update(change)
+        assert scaled_error(model.forward_verify("a", TOKENS), want) > 2e-4, change
+    assert model_spec.dt_limit == (0.3, 1.2)
+
+
+def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
+    """Prefill chunks and decode steps of three sequences in one pass, in changing orders, each as run alone."""
+    folder, hf = checkpoints["dense"]
+    model = load(folder)
+    prompts = {s: [int(t) for t in np.random.RandomState(i).randint(0, VOCAB, size=n)]
+               for i, (s, n) in enumerate((("x", 11), ("y", 7), ("z", 9)))}
+    want = {s: reference_logits(hf, p) for s, p in prompts.items()}
+    model.forward([ForwardItem("x", prompts["x"][:5], 0, False), ForwardItem("y", prompts["y"][:3], 0, False)])
+    out = model.unified_forward([ForwardItem("y", prompts["y"][3:6], 3), ForwardItem("z", prompts["z"][:8], 0),
+                                 ForwardItem("x", prompts["x"][5:9], 5)])
+    for s, pos in (("x", 8), ("y", 5), ("z", 7)):
+        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+    out = model.unified_forward([ForwardItem("z", [prompts["z"][8]], 8), ForwardItem("x", [prompts["x"][9]], 9),
+                                 ForwardItem("y", [prompts["y"][6]], 6)])
+    for s, pos in (("x", 9), ("y", 6), ("z", 8)):
+        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+
+
+def test_speculative_decoding_is_refused_and_the_cache_cannot_be_cut_back(checkpoints):
+    folder, _ = checkpoints["dense"]
+    with pytest.raises(UnsupportedFeatureError, match="speculative decoding cannot run 'granitemoehybrid'"):
+        ferrum.load(folder, backend="cpu", speculative="lookup")
+    model = load(folder)
+    model.prefill("s", TOKENS)
+    with pytest.raises(UnsupportedFeatureError, match="cannot be cut back"):
+        model.truncate_kv("s", 5)
+
+
+def _engine(folder, backend="cpu", **config) -> Engine:
+    model = load(folder, backend, num_kv_blocks=64, block_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Engine(LlmExecutor(model), None, EngineConfig(**config))
+
+
+RNG = np.random.RandomState(3)
+WORKLOAD = [([int(t) for t in RNG.randint(0, VOCAB, size=int(RNG.randint(2, 30)))], int(RNG.randint(0, 6)),
+             SamplingParams(max_tokens=int(RNG.randint(3, 9)), ignore_eos=True)) for _ in range(10)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
+    """Alone, staggered among others with chunked prefills, and under preemption (a KV pool too small for all):
+    the same greedy tokens, which are transformers' for the first request."""
+    import torch
+
+    folder, hf = checkpoints["dense"]
+    alone = _engine(folder, backend)
+    solo = []
+    for prompt, _, params in WORKLOAD:
+        alone.add_request(prompt, params)
+        solo += [o.token_ids for o in alone.run_until_done() if o.finished]
+    with torch.no_grad():
+        first = hf.generate(torch.tensor([WORKLOAD[0][0]]), max_new_tokens=WORKLOAD[0][2].max_tokens,
+                            do_sample=False)[0, len(WORKLOAD[0][0]):]
+    assert list(solo[0]) == first.tolist()
+    batched = run_staggered(_engine(folder, backend, max_num_batched_tokens=8, max_num_seqs=6), WORKLOAD)
+    assert [batched[i] for i in range(len(WORKLOAD))] == solo
+    tight = _engine(folder, backend, max_num_batched_tokens=16, max_num_seqs=8)
+    tight.model.kv.__init__(12, 4)  # 48 tokens of KV for 10 requests of up to 38
+    preempted = run_staggered(tight, WORKLOAD)
+    assert tight.metrics().preemptions > 0
+    assert [preempted[i] for i in range(len(WORKLOAD))] == solo
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
+def test_mlx_lm_conversion_loads(checkpoints, tmp_path):
+    """mlx-lm's conversion stacks the experts in switch_mlp and stores the convolution [C, K, 1]: it runs on every
+    backend as mlx-lm runs it (mlx-lm reads transformers 4's layer type names)."""
+    from mlx_lm.convert import convert
+
+    folder, hf = checkpoints["moe"]
+    source, converted = tmp_path / "hf", tmp_path / "mlx"
+    source.mkdir()
+    for item in folder.iterdir():
+        (source / item.name).write_bytes(item.read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    config["layer_types"] = [{"linear_attention": "mamba", "full_attention": "attention"}[t]
+                             for t in config["layer_types"]]
+    (source / "config.json").write_text(json.dumps(config))
+    convert(str(source), str(converted))
+    stored = load_file(converted / "model.safetensors")
+    assert stored["model.layers.0.mamba.conv1d.weight"].shape[-1] == 1
+    assert "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight" in stored
+    want = mlx_lm_logits(converted, TOKENS)
+    assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    for backend in BACKENDS:
+        assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_random_checkpoints_are_what_transformers_reads(variant, tmp_path):
+    """ferrum.random_checkpoint (benchmarks, the JAX plugin's tests) writes Granite 4.0-H's tensors as stored."""
+    raw = json.loads(VARIANTS[variant]().to_json_string())
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
