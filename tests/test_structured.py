@@ -339,3 +339,31 @@ def test_a_tokenizer_llguidance_cannot_take_is_refused_not_crashed_on(tmp_path):
     with pytest.raises(UnsupportedFeatureError, match="structured outputs cannot use this model's tokenizer: Panic"):
         matcher_for(SamplingParams(json_schema={"type": "object"}), Tokenizer(tmp_path), hf.get_vocab_size(),
                     frozenset({1}))
+
+
+def test_a_schema_whose_objects_do_not_say_additional_properties_holds_them_closed(checkpoint):
+    """xgrammar's strict mode (vLLM's default): an object schema that does not say ``additionalProperties`` takes
+    no keys beyond its ``properties`` (a reply ran on with invented keys); one that says so keeps what it says, and
+    the parts of an ``allOf`` (whose keys are spread over them) are left open."""
+    from ferrum.structured import closed_objects
+    from ferrum.tokenizer import Tokenizer
+
+    tok = Tokenizer(checkpoint)
+
+    def takes(text: str, schema: dict) -> bool:
+        matcher = matcher_for(SamplingParams(json_schema=schema), tok, 300, frozenset({1}))
+        for token in tok.encode(text, add_special_tokens=False):
+            if token in set(matcher.forbidden().tolist()):
+                return False
+            matcher.consume(token)
+        return True
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}}}
+    assert takes('{"a": {"b": 1}}', schema)
+    assert not takes('{"a": {"b": 1}, "c": 2}', schema) and not takes('{"a": {"b": 1, "c": 2}}', schema)
+    assert takes('{"a": {"b": 1, "c": 2}}', {**schema, "properties": {"a": {
+        **schema["properties"]["a"], "additionalProperties": True}}})
+    assert takes('{"x": 1}', True)  # json_object mode: any object
+    spread = {"allOf": [{"type": "object", "properties": {"x": {}}}, {"properties": {"y": {}}}],
+              "properties": {"properties": {"type": "string"}}, "$defs": {"D": {"type": "object"}}}
+    assert closed_objects(spread) == {**spread, "$defs": {"D": {"type": "object", "additionalProperties": False}}}

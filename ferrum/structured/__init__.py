@@ -7,6 +7,7 @@ behind llama.cpp's, vLLM's and SGLang's guidance backends), against the model's 
 ``tokenizer.json``.
 """
 
-from ferrum.structured.grammar import DATA_KEYWORDS, TokenMatcher, matcher_for, prepare
+from ferrum.structured.grammar import DATA_KEYWORDS, TokenMatcher, compiled_schema, matcher_for, prepare
+from ferrum.structured.strict import closed_objects
 
-__all__ = ["DATA_KEYWORDS", "TokenMatcher", "matcher_for", "prepare"]
+__all__ = ["DATA_KEYWORDS", "TokenMatcher", "closed_objects", "compiled_schema", "matcher_for", "prepare"]

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ferrum.errors import InvalidRequestError, UnsupportedFeatureError
+from ferrum.structured.strict import closed_objects
 from ferrum.structured.thinking import AfterThinking
 
 #: llguidance's view of each tokenizer (building one reads every token's bytes: ~0.5 s), per
@@ -66,12 +67,19 @@ def _grammar(json_schema: bool | Mapping[str, Any] | None, lark: str | None) -> 
     Lark grammar."""
     if lark is not None:
         return _llguidance().LLMatcher.grammar_from_lark(lark)
-    schema = {"type": "object"} if json_schema is True else _without_unknown_formats(dict(json_schema))
     try:
-        return _llguidance().LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        return _llguidance().LLMatcher.grammar_from_json_schema(json.dumps(compiled_schema(json_schema)))
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {exc}",
                                   param="json_schema") from None
+
+
+def compiled_schema(json_schema: bool | Mapping[str, Any]) -> dict[str, Any]:
+    """The schema a ``json_schema`` is compiled as: True any JSON object; a schema held strictly (its objects closed
+    where they do not say, :func:`~ferrum.structured.strict.closed_objects`), its unknown formats left out."""
+    if json_schema is True:
+        return {"type": "object"}
+    return _without_unknown_formats(closed_objects(dict(json_schema)))
 
 
 #: Keywords whose values are data, not schemas: a "format" key inside them is not an annotation.

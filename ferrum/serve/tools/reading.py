@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ferrum.structured import closed_objects
+
 
 #: What reading text that is not (or too deeply nested) JSON raises.
 NOT_JSON = (json.JSONDecodeError, RecursionError)
@@ -127,7 +129,9 @@ _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": Fa
 
 
 def parameters_of(function: dict[str, Any]) -> dict[str, Any]:
-    return function.get("parameters") or _NO_PARAMETERS
+    """A function's parameters as its calls are held: objects that do not say otherwise closed (as xgrammar's strict
+    mode, vLLM's default, holds them)."""
+    return closed_objects(function.get("parameters") or _NO_PARAMETERS)
 
 
 def calls_so_far(heads: tuple[re.Pattern[str], ...], text: str) -> ParsedReply:
