@@ -57,6 +57,10 @@ class InvalidRequestError(FerrumError, ValueError):
         self.param = param
 
 
+class ChatTemplateError(InvalidRequestError):
+    """A chat template refused the messages (its ``raise_exception``) or failed on them (a value it cannot read)."""
+
+
 class UnknownSequenceError(InvalidRequestError, KeyError):
     """A cache / sequence id that the model does not hold."""
 

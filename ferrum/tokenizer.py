@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ferrum.checkpoint import require_regular_file
 from ferrum.config import eos_token_ids
-from ferrum.errors import ConfigError, InvalidRequestError
+from ferrum.errors import ChatTemplateError, ConfigError, InvalidRequestError
 
 Message = dict[str, Any]
 
@@ -246,9 +246,9 @@ class Tokenizer:
                 tools=list(tools) if tools else None,
             )
         except TemplateError as exc:  # the template's raise_exception: it refuses these messages
-            raise InvalidRequestError(f"the chat template refused these messages: {exc}") from None
+            raise ChatTemplateError(f"the chat template refused these messages: {exc}") from None
         except Exception as exc:
-            raise InvalidRequestError(
+            raise ChatTemplateError(
                 f"the chat template failed on these messages ({type(exc).__name__}: {exc})"
             ) from None
 

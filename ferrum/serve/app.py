@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -128,8 +129,9 @@ def create_app(llm: LLM, config: ServeConfig) -> FastAPI:
 
     async def require_api_key(request: Request) -> None:
         if config.api_key is not None:
-            sent = request.headers.get("authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {config.api_key}".encode()):
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            # The scheme is case-insensitive (RFC 9110 11.1); the key is compared in constant time whatever it is.
+            if not hmac.compare_digest(key.strip().encode(), config.api_key.encode()) or scheme.lower() != "bearer":
                 raise APIError(
                     401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", code="invalid_api_key"
                 )
@@ -226,10 +228,45 @@ async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
     try:
         body = model.model_validate_json(raw)  # a typed field's NaN is refused here, by name
     except ValidationError as error:
-        raise validation_error(error.errors(include_url=False)) from None
+        errors = error.errors(include_url=False)
+        mended = _lone_surrogates_replaced(raw) if errors and errors[0]["type"] == "json_invalid" else None
+        if mended is None:
+            raise validation_error(errors) from None
+        try:
+            body = model.model_validate_json(mended)
+        except ValidationError as again:
+            raise validation_error(again.errors(include_url=False)) from None
     if b"NaN" in raw or b"Infinity" in raw:  # cheap: most bodies hold neither word
         _refuse_non_finite(raw)
     return body
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogates_replaced(raw: bytes) -> bytes | None:
+    """``raw`` with each unpaired UTF-16 surrogate escape (``"\\ud83d"``: valid JSON, which ``JSON.stringify`` and
+    ``json.dumps`` write for a string cut inside an emoji, but no character, so no tokenizer takes it) as U+FFFD,
+    wherever in the body it stands; None where there is none, or ``raw`` is not JSON anyway. Only a body pydantic's
+    parser refused comes here: the others pay nothing."""
+    if b"\\ud" not in raw.lower():
+        return None
+    try:
+        value = json.loads(raw)
+        mended = _mend(value)
+    except (ValueError, RecursionError):
+        return None
+    return None if mended == value else json.dumps(mended, ensure_ascii=False).encode()
+
+
+def _mend(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_mend(item) for item in value]
+    if isinstance(value, dict):
+        return {_mend(key): _mend(item) for key, item in value.items()}
+    return value
 
 
 def _refuse_non_finite(raw: bytes) -> None:

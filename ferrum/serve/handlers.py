@@ -22,7 +22,7 @@ import numpy as np
 
 from ferrum.api import LLM
 from ferrum.engine import AsyncEngine, FinishReason, RequestOutput
-from ferrum.errors import FerrumError
+from ferrum.errors import ChatTemplateError, FerrumError
 from ferrum.metadata import REQUIRE_FULL_LOGITS
 from ferrum.sampling import SampledToken, SamplingParams, log_softmax
 from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -34,7 +34,8 @@ from ferrum.serve.protocol import (
 )
 from ferrum.serve.harmony import HarmonyThinking
 from ferrum.serve.reasoning import Thinking, starts_inside, structured_tags, thinking_tokens
-from ferrum.serve.tools import ToolReplies, forced_call_grammar, format_of as tools_format_of
+from ferrum.serve.tools import (ToolReplies, call_or_answer_grammar, forced_call_grammar, format_of as tools_format_of,
+                                raw_arguments_in)
 
 #: JSON has no infinities; a token the logit bias banned gets this logprob (as vLLM sends).
 _MIN_LOGPROB = -9999.0
@@ -176,9 +177,20 @@ def _encode_now(state: ServerState, prompt: str | Sequence[Any], param: str, too
     try:
         return tuple(state.llm.encode_prompt(prompt, tools=tools, chat_template_kwargs=template_kwargs))
     except FerrumError as error:
-        raise APIError(400, str(error), param=param) from None
+        raise _encoding_error(error, prompt, param) from None
     except Exception as error:  # a chat template's raise_exception, or one that breaks on this input
         raise APIError(400, f"the chat template failed on these messages: {error}", param=param) from None
+
+
+def _encoding_error(error: FerrumError, prompt: Any, param: str) -> APIError:
+    """The 400 for a prompt that could not be encoded: where a chat template failed on messages holding a call
+    whose arguments are no JSON object, it names that call, the likely cause (templates that read arguments as an
+    object cannot render text)."""
+    where = raw_arguments_in(prompt) if isinstance(error, ChatTemplateError) else None
+    if where is None:
+        return APIError(400, str(error), param=param)
+    return APIError(400, f"{error}; {where}.function.arguments is not a JSON object, and this model's chat template "
+                    "reads a call's arguments as one: send them as JSON object text", param=where)
 
 
 # -------------------------------------------------------------- run and reply
@@ -398,13 +410,16 @@ def _tool_replies(state: ServerState, body: ChatCompletionRequest) -> ToolReplie
         raise APIError(400, "this model's chat template does not describe tools to it, so it cannot call them; "
                        "send the request without tools", param="tools")
     replies = ToolReplies(tools, fmt, single=body.parallel_tool_calls is False)
-    forced = body.forced_tools(tools)
+    forced, schema = body.forced_tools(tools), body.output_schema()
     if forced is not None:
-        if body.output_schema() is not None:
+        if schema is not None:
             raise APIError(400, "a forced tool call and response_format cannot both shape the reply",
                            param="response_format")
         many = body.tool_choice == "required" and body.parallel_tool_calls is not False
         replies.grammar = forced_call_grammar(fmt, forced, state.llm.tokenizer, template, many)
+    elif tools and schema is not None:  # calls, or the answer in the schema (the schema over all left no call)
+        replies.grammar = call_or_answer_grammar(fmt, tools, state.llm.tokenizer, template, schema,
+                                                 many=body.parallel_tool_calls is not False)
     return replies
 
 
@@ -655,14 +670,14 @@ def tokenize_now(state: ServerState, body: TokenizeRequest) -> dict:
     tok = state.llm.tokenizer
     if tok is None:
         raise APIError(400, "this model has no tokenizer, so text cannot be tokenized")
+    messages = None if body.messages is None else template_messages(body.messages)
     try:
-        if body.prompt is not None:
+        if messages is None:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
-            ids = tok.encode_chat(template_messages(body.messages), body.tools, body.add_generation_prompt,
-                                  body.chat_template_kwargs)
+            ids = tok.encode_chat(messages, body.tools, body.add_generation_prompt, body.chat_template_kwargs)
     except FerrumError as error:
-        raise APIError(400, str(error), param="messages" if body.messages is not None else "prompt") from None
+        raise _encoding_error(error, messages, "prompt" if messages is None else "messages") from None
     return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
 

@@ -44,8 +44,27 @@ class Body(BaseModel):
                 if value is not None or key not in fields or fields[key].is_required()}
 
 
-class StreamOptions(Body):
+class Obfuscation(Body):
+    """``stream_options`` of the Responses API, and the part of chat's it shares."""
+
+    include_obfuscation: StrictBool = True  # padding against length side channels: nothing to pad here
+
+
+class StreamOptions(Obfuscation):
     include_usage: StrictBool = False
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Prediction(Body):
+    """OpenAI's Predicted Outputs: text the reply will likely repeat, which only makes OpenAI's reply faster (never
+    different), so a request is served as it would be without it."""
+
+    type: Literal["content"]
+    content: StrictStr | list[TextPart]
 
 
 class _Common(Body):
@@ -78,12 +97,14 @@ class _Common(Body):
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
-    def refuse_unsupported(self, fields: dict[str, Any]) -> None:
-        """Raise a 400 naming the first field set to a value Ferrum cannot honour."""
+    def refuse_unsupported(self, fields: dict[str, Any], reasons: dict[str, str] | None = None) -> None:
+        """Raise a 400 naming the first field set to a value Ferrum cannot honour, with its reason where given."""
         for name, allowed in fields.items():
             value = getattr(self, name)
             if value is not None and value != allowed and not (isinstance(allowed, tuple) and value in allowed):
-                raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
+                why = (reasons or {}).get(name)
+                raise APIError(400, f"{name}={value!r} is not supported by this server" + (f": {why}" if why else ""),
+                               param=name)
 
     def output_schema(self) -> bool | dict[str, Any] | None:
         """The structure the output must have (``SamplingParams.json_schema``): none for plain text."""
@@ -175,7 +196,11 @@ class ChatCompletionRequest(_Common):
     response_format: dict[str, Any] | None = None
     modalities: list[StrictStr] | None = None
     audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    #: Validated, then ignored: it only changes how fast OpenAI answers (:class:`Prediction`).
+    prediction: Prediction | None = None
     #: vLLM's way with it: a variable of the chat template, for the templates that read one (gpt-oss's).
     reasoning_effort: StrictStr | None = None
     # Bookkeeping fields of OpenAI's platform; nothing to do here.
@@ -183,14 +208,18 @@ class ChatCompletionRequest(_Common):
     metadata: dict[str, StrictStr] | None = None
     service_tier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
+    #: How long OpenAI may keep the prompt's cached prefix: a cost and latency matter, never the answer's.
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     safety_identifier: StrictStr | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         self.refuse_unsupported({
             "functions": [], "function_call": ("none", "auto"), "modalities": ["text"], "audio": None,
-            "prediction": None,
-        })
+            "verbosity": "medium", "web_search_options": None, "moderation": None,
+        }, {"verbosity": "the model writes as it does (medium)",
+            "web_search_options": "this server has no web search; send the request without it",
+            "moderation": "this server runs no moderation model; send the request without it"})
         self.output_schema()  # a malformed response_format is a 400 before anything is queued
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")

@@ -6,9 +6,10 @@ as output items: the thinking as a ``reasoning`` item (with ``--reasoning-parser
 ``message``, each call as a ``function_call``. A stream sends the API's typed events (``response.created``,
 ``response.output_text.delta``, ..., ``response.completed``) with no ``[DONE]``. Stored responses (``store``,
 on by default, kept in memory, the latest :data:`STORED` of them within :data:`STORED_BYTES`) continue with
-``previous_response_id`` and can be read back, with their input items, or deleted by id. ``include`` of the
-text's logprobs fills the output text's ``logprobs`` with the chat reply's entries for the answer's tokens (not
-with tools). Hosted tools, files and images are refused by name.
+``previous_response_id`` and can be read back, with their input items, or deleted by id; their items can be
+named by ``item_reference`` input items. ``include`` of the text's logprobs fills the output text's ``logprobs``
+with the chat reply's entries for the answer's tokens (not with tools); the API's other ``include`` values have
+nothing to include here. Hosted tools, files and images are refused by name.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError
 from ferrum.engine import RequestOutput
 from ferrum.serve.errors import APIError
 from ferrum.serve.handlers import ChatRun, Logprobs, Response, ServerState, generated_tokens, start_chat
-from ferrum.serve.protocol import PART_SEPARATOR, Body, ChatCompletionRequest, Temperature
+from ferrum.serve.protocol import PART_SEPARATOR, Body, ChatCompletionRequest, Obfuscation, Temperature
 from ferrum.serve.reasoning import CLOSE, OPEN, structured_tags, thinking_tokens
 
 #: Responses kept for ``previous_response_id`` and ``GET /v1/responses/{id}``, the oldest dropped first: at most
@@ -55,10 +56,6 @@ def _in_responses_words(error: APIError) -> None:
     error.param = _responses_param(error.param)
 
 
-class ResponsesStreamOptions(Body):
-    include_obfuscation: StrictBool = True  # padding against length side channels: nothing to pad here
-
-
 class ResponsesRequest(Body):
     model: StrictStr | None = None
     input: StrictStr | list[dict[str, Any]]
@@ -82,10 +79,12 @@ class ResponsesRequest(Body):
     truncation: Literal["disabled"] | None = None
     background: Literal[False] | None = None
     max_tool_calls: Annotated[int, Field(ge=0)] | None = None  # of built-in tools, which this server has none of
-    stream_options: ResponsesStreamOptions | None = None
+    stream_options: Obfuscation | None = None
+    moderation: dict[str, Any] | None = None  # refused by name, as in chat
     # Bookkeeping fields of OpenAI's platform; nothing to do here.
     service_tier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None  # a cost and latency matter, as in chat
     safety_identifier: StrictStr | None = None
     # Ferrum extras (vLLM's names), as in chat.
     seed: StrictInt | None = None
@@ -105,6 +104,10 @@ class ResponseStore:
         self.size, self.max_bytes = size, max_bytes
         self._items: OrderedDict[str, bytes] = OrderedDict()
         self.bytes = 0  # the stored items' JSON, together
+        #: Each stored input and output item's id, to the response holding it (the latest, where several do: an
+        #: ``item_reference`` puts the item it names into the new response's input).
+        self._holders: dict[str, str] = {}
+        self._item_ids: dict[str, list[str]] = {}  # a response's items' ids, dropped with it
 
     def put(self, response: dict[str, Any], conversation: list[dict[str, Any]],
             inputs: Sequence[dict[str, Any]] = ()) -> None:
@@ -112,11 +115,13 @@ class ResponseStore:
         stored = json.dumps([response, conversation, list(inputs)], ensure_ascii=False).encode()
         if len(stored) > self.max_bytes:
             return
-        self.bytes -= len(self._items.pop(response["id"], b""))
+        self._drop(response["id"])
         self._items[response["id"]] = stored
         self.bytes += len(stored)
+        self._item_ids[response["id"]] = ids = [item["id"] for item in _items_of(response, inputs) if "id" in item]
+        self._holders.update(dict.fromkeys(ids, response["id"]))
         while len(self._items) > self.size or self.bytes > self.max_bytes:
-            self.bytes -= len(self._items.popitem(last=False)[1])
+            self._drop(next(iter(self._items)))
 
     def get(self, response_id: str, param: str = "response_id") -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The response and its conversation."""
@@ -126,6 +131,17 @@ class ResponseStore:
     def inputs(self, response_id: str) -> list[dict[str, Any]]:
         """The response's input items."""
         return self._entry(response_id, "response_id")[2]
+
+    def item(self, item_id: str, param: str) -> dict[str, Any]:
+        """The stored input or output item ``item_id`` (what an ``item_reference`` names); 404 for one no stored
+        response holds."""
+        holder = self._holders.get(item_id)
+        if holder is None:
+            raise APIError(404, f"no stored response holds an item with the id {item_id!r} (items of responses made "
+                           f"with store false are not kept; this server keeps the latest {self.size} responses, up "
+                           f"to {self.max_bytes // 2**20} MiB, in memory)", param=param, code="not_found")
+        response, _, inputs = self._entry(holder, param)
+        return next(item for item in _items_of(response, inputs) if item.get("id") == item_id)
 
     def _entry(self, response_id: str, param: str) -> list[Any]:
         return json.loads(self._stored(response_id, param))
@@ -140,8 +156,19 @@ class ResponseStore:
         return self._items[response_id]
 
     def delete(self, response_id: str) -> None:
-        self.bytes -= len(self._stored(response_id, "response_id"))
-        del self._items[response_id]
+        self._stored(response_id, "response_id")  # a 404 for one not stored
+        self._drop(response_id)
+
+    def _drop(self, response_id: str) -> None:
+        """Forget the response (if stored) and its items' ids (where no later response holds them)."""
+        self.bytes -= len(self._items.pop(response_id, b""))
+        for item_id in self._item_ids.pop(response_id, ()):
+            if self._holders.get(item_id) == response_id:
+                del self._holders[item_id]
+
+
+def _items_of(response: dict[str, Any], inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [*response.get("output", ()), *inputs]
 
 
 def input_item_list(items: list[dict[str, Any]], limit: int = 20, order: str = "desc",
@@ -203,6 +230,21 @@ def _text_of(content: Any, where: str) -> str:
     return PART_SEPARATOR.join(texts)
 
 
+def resolve_references(items: str | list[dict[str, Any]], store: ResponseStore) -> str | list[dict[str, Any]]:
+    """The input with each ``{"type": "item_reference", "id": ...}`` (the Vercel AI SDK sends its earlier turns'
+    items so) replaced by the stored item it names."""
+    if isinstance(items, str) or not any(item.get("type") == "item_reference" for item in items):
+        return items
+    resolved = []
+    for i, item in enumerate(items):
+        if item.get("type") == "item_reference":
+            if not (isinstance(item.get("id"), str) and item["id"]):
+                raise APIError(400, f"input.{i} (item_reference) needs an 'id' string", param=f"input.{i}.id")
+            item = store.item(item["id"], f"input.{i}.id")
+        resolved.append(item)
+    return resolved
+
+
 def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Input items as chat messages: messages, and the calls and results of earlier turns, an assistant turn
     with the thinking of the reasoning item before it (templates write it into a tool loop's turns)."""
@@ -250,7 +292,7 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             thought = None if texts is None else "".join(texts)
         else:
             raise APIError(400, f"input item type {kind!r} is not supported; send messages, reasoning, "
-                           "function_call and function_call_output items", param=f"{where}.type")
+                           "function_call, function_call_output and item_reference items", param=f"{where}.type")
     return messages
 
 
@@ -297,14 +339,23 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
 
 #: The one ``include`` value Ferrum fills: each output text's tokens with their logprobs.
 TEXT_LOGPROBS = "message.output_text.logprobs"
+#: The API's other ``include`` values, each with nothing to include here, so accepted as no-ops: a reasoning item
+#: carries its text in the clear (Codex CLI and the Agents SDK ask for the encrypted form with ``store`` false, to
+#: send it back: the clear text goes back as well), and the rest are parts of hosted tools' calls and of input
+#: images, which this server refuses.
+NOTHING_TO_INCLUDE = frozenset((
+    "reasoning.encrypted_content", "file_search_call.results", "web_search_call.results",
+    "web_search_call.action.sources", "code_interpreter_call.outputs", "computer_call_output.output.image_url",
+    "message.input_image.image_url",
+))
 
 
 def wants_logprobs(body: ResponsesRequest) -> bool:
     """Whether the reply's text comes with its tokens' logprobs (``include``), checking what goes with it."""
-    others = sorted(set(body.include or ()) - {TEXT_LOGPROBS})
-    if others:
-        raise APIError(400, f"include {others} is not supported by this server; it fills {TEXT_LOGPROBS!r} only",
-                       param="include")
+    unknown = sorted(set(body.include or ()) - {TEXT_LOGPROBS} - NOTHING_TO_INCLUDE)
+    if unknown:
+        raise APIError(400, f"include {unknown} is not one of the API's values ({TEXT_LOGPROBS!r}, "
+                       f"{', '.join(map(repr, sorted(NOTHING_TO_INCLUDE)))})", param="include")
     wanted = TEXT_LOGPROBS in (body.include or ())
     if body.top_logprobs and not wanted:
         raise APIError(400, f"top_logprobs needs include: [{TEXT_LOGPROBS!r}]", param="top_logprobs")
@@ -333,6 +384,7 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[Chat
         "stream": body.stream, "seed": body.seed, "top_k": body.top_k, "min_p": body.min_p,
         "repetition_penalty": body.repetition_penalty, "logit_bias": body.logit_bias,
         "reasoning_effort": effort, "logprobs": wants_logprobs(body), "top_logprobs": body.top_logprobs,
+        "moderation": body.moderation,
     }
     try:
         chat = ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -453,6 +505,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     previous = body.previous_response_id
     history = [] if previous is None else list(store.get(previous, "previous_response_id")[1])
+    body.input = resolve_references(body.input, store)  # also as the response's input items: what they stand for
     chat, conversation = to_chat(body, history)
     if chat.logprobs and state.reasoning_parser is not None and structured_tags(state.llm.tokenizer) is None:
         raise APIError(400, f"this model's {OPEN} and {CLOSE} are not single tokens, so its answer's tokens cannot be "

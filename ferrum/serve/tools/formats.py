@@ -57,7 +57,10 @@ from ferrum.serve.tools.kimi import KIMI_CALL_HEAD, KIMI_CALLS, kimi_k2_grammar,
 from ferrum.serve.tools.json_formats import (MISTRAL_CALLS, MISTRAL_HEAD, granite_grammar, hermes_grammar,
                                              json_list_reader, llama3_grammar, mistral_grammar, read_hermes,
                                              read_llama3_json, read_mistral)
+from ferrum.serve.errors import APIError
+from ferrum.serve.tools.grammars import call_or_answer
 from ferrum.serve.tools.reading import JSON_HEAD, ParsedReply, Schemas, calls_so_far, parameters_of
+from ferrum.structured import compiled_schema
 from ferrum.stop import cut_marker
 
 
@@ -78,6 +81,9 @@ class ToolCallFormat:
     heads: tuple[re.Pattern[str], ...] = (JSON_HEAD,)
     #: Whether ``parse`` also takes the tools' parameter schemas (:data:`Schemas`), to type arguments written bare.
     typed: bool = False
+    #: Whether a reply that calls nothing is its answer's bare text, which ``response_format`` can shape beside the
+    #: calls (:func:`call_or_answer_grammar`); gpt-oss's answer is a message of its own channel.
+    bare_answer: bool = True
 
     def read(self, text: str, tools: list[dict[str, Any]] | None) -> ParsedReply:
         """``text`` parsed as this format writes calls to ``tools``."""
@@ -108,7 +114,8 @@ FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Code
     ToolCallFormat("granite", ("<|tool_call|>",), ("<|tool_call|>",), ("[{",), json_list_reader("<|tool_call|>"),
                    granite_grammar),
     ToolCallFormat("llama3_json", ("<|python_tag|>",), (), ("{", "<|python_tag|>"), read_llama3_json, llama3_grammar),
-    ToolCallFormat("harmony", ("<|call|>",), (harmony.CALL_OPEN,), (), read_harmony, harmony_grammar, (HARMONY_HEAD,)),
+    ToolCallFormat("harmony", ("<|call|>",), (harmony.CALL_OPEN,), (), read_harmony, harmony_grammar, (HARMONY_HEAD,),
+                   bare_answer=False),
     ToolCallFormat("deepseek_v3", (DS_CALLS, "```json"), (DS_CALLS,), (), read_deepseek_v3, deepseek_v3_grammar,
                    (DEEPSEEK_HEAD,)),
     ToolCallFormat("deepseek_v31", (DS_CALLS,), (DS_CALLS,), (), read_deepseek_v31, deepseek_v31_grammar,
@@ -145,3 +152,16 @@ def forced_call_grammar(fmt: ToolCallFormat, tools: list[dict[str, Any]], tokeni
         return json.dumps(text) if token is None else f"<[{token}]>"
 
     return fmt.forced(tools, mark, template, many)
+
+
+def call_or_answer_grammar(fmt: ToolCallFormat, tools: list[dict[str, Any]], tokenizer: Any, template: str,
+                           schema: bool | dict[str, Any], many: bool) -> str:
+    """The grammar of a reply with ``tools`` the model may call (``tool_choice`` auto) and a ``response_format``
+    (``schema``): calls as :func:`forced_call_grammar` takes them, or an answer in the schema. OpenAI lets the model
+    call until it answers so (the OpenAI Agents SDK asks for an agent's output type this way); the schema alone
+    over the whole reply left no way to call."""
+    if not fmt.bare_answer:
+        raise APIError(400, f"response_format beside tools is not supported for this model's replies ({fmt.name}: "
+                       "its answer is a message of its own); send one of them, or tool_choice none",
+                       param="response_format")
+    return call_or_answer(forced_call_grammar(fmt, tools, tokenizer, template, many), compiled_schema(schema))

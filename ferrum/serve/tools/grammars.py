@@ -4,6 +4,7 @@ under the tools' schemas, arguments written bare, repetition."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable
 
 from ferrum.serve.tools.reading import parameters_of, string_schema
@@ -42,6 +43,13 @@ def _rerooted(schema: Any, root: str) -> Any:
         return item if key in DATA_KEYWORDS else _rerooted(item, root)
 
     return {key: value(key, item) for key, item in schema.items()}
+
+
+def call_or_answer(calls: str, answer: dict[str, Any]) -> str:
+    """A Lark grammar of a reply that is either what the forced-call grammar ``calls`` takes or a JSON ``answer``
+    under that schema (as compiled: :func:`~ferrum.structured.compiled_schema`)."""
+    calls = re.sub(r"^start:", "tool_reply:", calls, count=1, flags=re.MULTILINE)
+    return f"start: tool_reply | schema_answer\nschema_answer: %json {json.dumps(answer)}\n{calls}"
 
 
 def json_rule(schema: dict[str, Any]) -> str:

@@ -42,10 +42,24 @@ class _Arguments(dict):
         return other + json.dumps(self, ensure_ascii=False) if isinstance(other, str) else NotImplemented
 
 
+class RawArguments(str):
+    """A call's arguments that are no JSON object (a reply ``max_tokens`` cut, a small model's ``{'q': 'x'}``), as
+    the text they are: OpenAI takes any text back in the history. A template that joins them to text or writes them
+    ``| tojson`` renders them so; one that reads them as an object (``.items()``) cannot, and ``where`` names the
+    call for its error (:func:`raw_arguments_in`)."""
+
+    where: str
+
+    def __new__(cls, text: str, where: str) -> RawArguments:
+        raw = super().__new__(cls, text)
+        raw.where = where
+        return raw
+
+
 def template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     """An assistant message's earlier calls as chat templates read them: arguments as an object, not the JSON
     text OpenAI clients send back (templates write ``arguments | tojson``), which templates that join it to text
-    still get (:class:`_Arguments`)."""
+    still get (:class:`_Arguments`); arguments that are no JSON object as their text (:class:`RawArguments`)."""
     out = []
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
@@ -55,12 +69,22 @@ def template_tool_calls(calls: list[dict[str, Any]], where: str) -> list[dict[st
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                parsed = json.loads(arguments) if arguments.strip() else {}
             except NOT_JSON:
-                raise APIError(400, "a tool call's arguments must be JSON text", param=f"{where}.{j}") from None
-        if not isinstance(arguments, dict):  # templates read them as an object (``arguments.items()``)
-            raise APIError(400, f"a tool call's arguments must be a JSON object, got {type(arguments).__name__}",
-                           param=f"{where}.{j}")
-        out.append({"id": call.get("id"), "type": "function",
-                    "function": {"name": function["name"], "arguments": _Arguments(arguments)}})
+                parsed = None
+            arguments = parsed if isinstance(parsed, dict) else RawArguments(arguments, f"{where}.{j}")
+        if not isinstance(arguments, (dict, str)):
+            raise APIError(400, f"a tool call's arguments must be text (JSON, as the API has it) or an object, got "
+                           f"{type(arguments).__name__}", param=f"{where}.{j}")
+        out.append({"id": call.get("id"), "type": "function", "function": {
+            "name": function["name"], "arguments": arguments if isinstance(arguments, str) else _Arguments(arguments)}})
     return out
+
+
+def raw_arguments_in(messages: Any) -> str | None:
+    """Where the first call of templated messages whose arguments are :class:`RawArguments` is, if one is."""
+    for message in messages if isinstance(messages, list) else ():
+        for call in message.get("tool_calls") or () if isinstance(message, dict) else ():
+            if isinstance(call["function"]["arguments"], RawArguments):
+                return call["function"]["arguments"].where
+    return None
