@@ -3,7 +3,8 @@ runnable backend. Sliding layers with heads of head_dim, full layers with heads 
 heads (num_global_key_value_heads) whose values are their keys (attention_k_eq_v), rope "proportional" on them;
 q/k norms, a weightless value norm, q.k unscaled, each layer's layer_scalar. Ferrum runs every layer in one KV pool
 of the widest heads, the narrower padded with zero dims and the fewer repeated at load (E2B / E4B's per-layer inputs
-and shared KV layers: test_gemma4_e.py; 26B-A4B's MoE block: test_gemma4_moe.py)."""
+and shared KV layers: test_gemma4_e.py; 26B-A4B's MoE block: test_gemma4_moe.py; packed weights, padded as stored:
+test_gemma4_packed.py)."""
 
 from __future__ import annotations
 
@@ -145,23 +146,3 @@ def test_refuses_by_name(key, value, error):
         raw.pop("per_layer_config")  # as releases write them; per_layer_config, where given, overrides them
     with pytest.raises(error, match=repr(key)):
         ModelConfig.from_dict(raw)
-
-
-def test_packed_weights_of_padded_layers_are_refused(checkpoints):
-    """Padding a layer's heads is done on float weights; a packed matrix of such a layer is refused by name."""
-    from ferrum.arch.tensors import fit_heads
-    from ferrum.quant.affine import QuantizedWeight
-
-    folder, _ = checkpoints["k_eq_v"]
-    config = ModelConfig.from_file(folder)
-    packed = QuantizedWeight(np.zeros((64, 8), np.uint32), np.ones((64, 1), np.float32),
-                             np.zeros((64, 1), np.float32), 4, 64)
-    with pytest.raises(UnsupportedFeatureError, match="layers.0.self_attn.q_proj.weight"):
-        fit_heads(config, config.arch.layers[0], "model.layers.0.self_attn.q_proj.weight", packed)
-    name = "model.layers.2.self_attn.k_proj.weight"
-    with pytest.raises(UnsupportedFeatureError, match=name):  # its one key/value head repeated
-        fit_heads(config, config.arch.layers[2], name, packed)
-    # where a full layer's heads are the model's own, its packed k_proj is kept, and is its v_proj too
-    config = ModelConfig.from_file(checkpoints["one_size"][0])
-    assert [n for n, _ in fit_heads(config, config.arch.layers[2], name, packed)] == [
-        name, name.replace("k_proj", "v_proj")]

@@ -48,8 +48,8 @@ def e_config(**extra) -> transformers.Gemma4TextConfig:
     return config
 
 
-#: E2B's layout (sliding heads padded to the full layers' at load); every head one size (what packed weights need:
-#: Ferrum pads float weights only).
+#: E2B's layout (sliding heads padded to the full layers' at load); every head one size (nothing padded; packed
+#: conversions of E2B's layout: test_gemma4_packed.py).
 VARIANTS = {"e2b": {}, "one_size": dict(global_head_dim=16)}
 
 

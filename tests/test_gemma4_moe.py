@@ -53,8 +53,8 @@ def randomized(config) -> transformers.Gemma4ForCausalLM:
     return model
 
 
-#: The release's layout (padded sliding heads, k_eq_v full layers); every head one size, which mlx-lm's 4-bit
-#: conversion and `ferrum quantize` need (Ferrum pads heads of float weights only).
+#: The release's layout (padded sliding heads, k_eq_v full layers); every head one size (nothing padded; packed
+#: conversions of the release's layout: test_gemma4_packed.py).
 VARIANTS = {"release": {}, "one_size": dict(global_head_dim=16, num_global_key_value_heads=2)}
 
 
@@ -137,8 +137,8 @@ def test_bad_moe_keys_are_refused_by_name(key, value, words):
 @pytest.fixture(scope="module")
 def mlx_lm_conversions(tmp_path_factory):
     """mlx-lm's float and 4-bit conversions (group size 32; its router at 8 bits, group size 64, as mlx-lm's
-    quant_predicate keeps it) of a Gemma 4 MoE whose every head is one size (packed heads are not padded) and whose
-    experts' widths are multiples of the group size: (folder, transformers model, {bits: folder})."""
+    quant_predicate keeps it) of a Gemma 4 MoE whose every head is one size (nothing padded) and whose experts'
+    widths are multiples of the group size: (folder, transformers model, {bits: folder})."""
     convert = pytest.importorskip("mlx_lm.convert")
     source = tmp_path_factory.mktemp("mlx_source")
     model = randomized(moe_config(global_head_dim=16, num_global_key_value_heads=2, moe_intermediate_size=32,

@@ -141,36 +141,69 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
 def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
     """A Gemma 4 layer's stored attention tensor made the model's uniform heads (see ``LayerSpec.stored_head_dim``
     and ``stored_kv_heads``): q/k/v heads padded with zero dims at their end (o_proj's columns likewise), q/k norm
-    weights padded and scaled, key/value heads repeated, and a v_proj made of k_proj where the values are the keys."""
+    weights padded and scaled, key/value heads repeated, and a v_proj made of k_proj where the values are the keys.
+
+    A packed matrix is padded as it is stored, never dequantized: a zero output row is a row of zero codes, scales
+    and biases (its groups run along the inputs, so rows are independent), and o_proj's zero inputs are whole zero
+    groups (:func:`check_padded_groups`)."""
     d, hd = layer.stored_head_dim or config.head_dim, config.head_dim
     kv = layer.stored_kv_heads or config.num_kv_heads
     if not any(f".self_attn.{m}." in name for m in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")):
         return [(name, tensor)]
-    if not isinstance(tensor, np.ndarray) and (d != hd or kv != config.num_kv_heads):
-        raise UnsupportedFeatureError(f"{name}: Ferrum pads or repeats this layer's heads at load, which it does for "
-                                      "float weights only; load an unquantized checkpoint")
-    if d == hd and kv == config.num_kv_heads:  # nothing to pad or repeat (a full layer's own heads)
-        if layer.values_are_keys and ".self_attn.k_proj." in name:
-            return [(name, tensor), (name.replace(".k_proj.", ".v_proj."), tensor)]
-        return [(name, tensor)]
-    t = np.asarray(tensor)
-    if ".self_attn.o_proj." in name:
-        out = np.zeros((t.shape[0], config.num_heads, hd), dtype=t.dtype)
-        out[:, :, :d] = t.reshape(t.shape[0], config.num_heads, d)
-        return [(name, out.reshape(t.shape[0], -1))]
     if name.endswith("norm.weight"):
         out = np.zeros(hd, dtype=np.float32)
-        out[:d] = t.astype(np.float32) * np.float32(math.sqrt(d / hd))
+        out[:d] = np.asarray(tensor, dtype=np.float32) * np.float32(math.sqrt(d / hd))
         return [(name, out)]
-    heads = config.num_heads if ".self_attn.q_proj." in name else kv
-    out = np.zeros((heads, hd) + t.shape[1:], dtype=t.dtype)
-    out[:, :d] = t.reshape((heads, d) + t.shape[1:])
-    if heads == kv and kv != config.num_kv_heads:
-        out = np.repeat(out, config.num_kv_heads // kv, axis=0)
-    out = out.reshape((-1,) + t.shape[1:])
+    if ".self_attn.o_proj." in name:
+        if d == hd:
+            return [(name, tensor)]
+        if isinstance(tensor, QuantizedWeight):
+            check_padded_groups(config, name, tensor.bits, tensor.group_size)
+        return [(name, _each_array(tensor, lambda a: _padded_heads(a, 1, config.num_heads, d, hd)))]
+    heads, repeat = (config.num_heads, 1) if ".self_attn.q_proj." in name else (kv, config.num_kv_heads // kv)
+    if d != hd or repeat != 1:
+        tensor = _each_array(tensor, lambda a: _padded_heads(a, 0, heads, d, hd, repeat))
     if layer.values_are_keys and ".self_attn.k_proj." in name:
-        return [(name, out), (name.replace(".k_proj.", ".v_proj."), out.copy())]
-    return [(name, out)]
+        return [(name, tensor), (name.replace(".k_proj.", ".v_proj."), tensor)]
+    return [(name, tensor)]
+
+
+def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> None:
+    """Refuse model tensor ``name`` packed at ``bits`` / ``group_size`` where :func:`fit_heads` would pad its inputs
+    (a Gemma 4 o_proj of narrower heads) across groups: that needs new scales, i.e. requantizing."""
+    layer = _layer_of(name, config.arch.prefix)
+    if layer is None or ".self_attn.o_proj." not in name:
+        return
+    d, hd = config.arch.layers[layer].stored_head_dim or config.head_dim, config.head_dim
+    if d != hd and any(n % group_size or n * bits % 32 for n in (d, hd)):
+        raise UnsupportedFeatureError(
+            f"{name}: this layer's heads of {d} inputs are padded with zeros to {hd} at load, which a packed "
+            f"matrix allows in whole groups of whole 32-bit words only, and group size {group_size} at {bits} bits "
+            f"does not cut {d} and {hd} so; quantize with a group size dividing {math.gcd(d, hd)}, or load the "
+            "float checkpoint")
+
+
+def _padded_heads(a: np.ndarray, axis: int, heads: int, d: int, hd: int, repeat: int = 1) -> np.ndarray:
+    """``a``'s ``axis`` cut into ``heads`` equal blocks, each (a head's ``d`` dims, or its codes' words or groups in
+    proportion) padded with zeros to ``hd / d`` of its size, then each block repeated ``repeat`` times."""
+    blocks = a.reshape(a.shape[:axis] + (heads, -1) + a.shape[axis + 1:])
+    width = blocks.shape[axis + 1]
+    pad = [(0, 0)] * blocks.ndim
+    pad[axis + 1] = (0, width * hd // d - width)
+    out = np.repeat(np.pad(blocks, pad), repeat, axis=axis)
+    return out.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 1:])
+
+
+def _each_array(tensor: Any, change: Callable[[np.ndarray], np.ndarray]) -> Any:
+    """``change`` applied to a float matrix, or to each array of a packed one (codes, scales, biases and any
+    float-mode codes and scales, all laid out by output row and input group alike)."""
+    if not isinstance(tensor, QuantizedWeight):
+        return change(np.asarray(tensor))
+    codes = tensor.float_codes
+    if codes is not None:
+        codes = FloatCodes(change(codes.packed), change(codes.scales), codes.mode)
+    return QuantizedWeight(change(tensor.packed), change(tensor.scales), change(tensor.biases), tensor.bits,
+                           tensor.group_size, codes)
 
 
 def bias_of(weight: str) -> str:
