@@ -174,3 +174,13 @@ def test_a_group_size_that_cuts_heads_is_refused_at_load(release, tmp_path):
     with pytest.raises(UnsupportedFeatureError, match=r"model\.layers\.0\.self_attn\.o_proj\.weight: .* group size "
                                                       r"64 .* group size dividing 32"):
         DecoderOnlyLLM.from_pretrained(tmp_path / "mlx", backend="cpu", dtype="float32")
+
+
+def test_ferrum_quantize_refuses_a_group_size_that_cuts_heads(release, tmp_path):
+    """`ferrum quantize` does not write what Ferrum would refuse to load: it refuses before it writes anything."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    with pytest.raises(UnsupportedFeatureError, match=r"model\.layers\.0\.self_attn\.o_proj\.weight: .* group size "
+                                                      "64"):
+        quantize_checkpoint(release("31b"), tmp_path / "q", bits=4, group_size=64)
+    assert not (tmp_path / "q").exists()

@@ -170,7 +170,8 @@ def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str
 
 def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> None:
     """Refuse model tensor ``name`` packed at ``bits`` / ``group_size`` where :func:`fit_heads` would pad its inputs
-    (a Gemma 4 o_proj of narrower heads) across groups: that needs new scales, i.e. requantizing."""
+    (a Gemma 4 o_proj of narrower heads) across groups: that needs new scales, i.e. requantizing. ``ferrum quantize``
+    asks before it writes, so it never writes what Ferrum cannot load."""
     layer = _layer_of(name, config.arch.prefix)
     if layer is None or ".self_attn.o_proj." not in name:
         return

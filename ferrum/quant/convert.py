@@ -10,7 +10,10 @@ projection and the embedding (and an untied ``lm_head``) is packed with
 dtype), at 8 bits where mlx-lm's model class asks for it (MoE routers,
 some of Granite's projections: :data:`_MLX_LM_EIGHT_BIT`); modules whose
 input size is not a multiple of the group size stay in float (``false`` in
-config.json); norms and biases are copied byte for byte.
+config.json); norms and biases are copied byte for byte. A group size that
+would cut the narrower heads Ferrum pads at load (a Gemma 4 sliding layer's
+o_proj) is refused before anything is written
+(:func:`ferrum.arch.tensors.check_padded_groups`).
 An FP8 source (DeepSeek-V3's and Kimi K2's only releases, Qwen3-*-FP8; see
 :mod:`ferrum.quant.fp8`) has each FP8 weight decoded and cast to the model's
 dtype (config.json's ``torch_dtype``) first, so it packs as its float original
@@ -261,6 +264,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
           config: Any) -> list[_Item]:
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
     from ferrum.arch.mla import split_kv_b
+    from ferrum.arch.tensors import check_padded_groups, model_name
     from ferrum.moe.loading import LAYOUTS, expert_parts, fused_half, is_expert_stack, mlx_lm_stack_name
     from ferrum.weights import split_norm_parts
 
@@ -331,6 +335,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         module = written.removesuffix(".weight")
         if _quantizable(name, shapes) and shape[-1] % group_size == 0 and not module.endswith(kept_float):
             fmt = EIGHT_BIT if module.endswith(eight_bit) and shape[-1] % EIGHT_BIT[1] == 0 else (bits, group_size)
+            check_padded_groups(config, model_name(config.arch, name), *fmt)
             *rows, k = shape
             outputs = (
                 _Tensor(written, "U32", (*rows, k * fmt[0] // 32)),
