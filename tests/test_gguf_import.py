@@ -1580,8 +1580,7 @@ def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> 
     ("kwargs", "message"),
     [
         ({"arch": "bloom"}, "GGUF architecture 'bloom' is not supported"),
-        ({"arch": "qwen3next"}, r"'qwen3next' \(Qwen3-Next, hybrid linear attention\) is not imported yet"),
-        ({"arch": "qwen35"}, r"'qwen35' \(Qwen3.5, hybrid linear attention\) is not imported yet"),
+        ({"arch": "granitehybrid"}, r"'granitehybrid' \(Granite 4.0-H, Mamba-2 and attention\) is not imported yet"),
         ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
         ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
     ],

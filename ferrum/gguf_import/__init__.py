@@ -2,9 +2,10 @@
 
 Architectures: llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, phimoe, smollm3, granite, granitemoe
 (GraniteMoeShared too), olmo, olmo2, olmoe, exaone4, ernie4_5, arcee, seed_oss, hunyuan-dense, nemotron, gpt-oss,
-gemma, gemma2, gemma3 and more (:data:`SUPPORTED_ARCHITECTURES`). The rooms:
-``files`` reads a file safely, ``architectures`` maps each architecture onto its Hugging Face family,
-``config``, ``tensors`` and ``tokenizer`` write the three parts of the folder.
+gemma, gemma2, gemma3, the Gated DeltaNet hybrids qwen35, qwen35moe and qwen3next, and more
+(:data:`SUPPORTED_ARCHITECTURES`). The rooms: ``files`` reads a file safely, ``architectures`` maps each
+architecture onto its Hugging Face family (``gated_delta`` the hybrids' own tensors), ``config``, ``tensors`` and
+``tokenizer`` write the three parts of the folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
 model in another layout, so :func:`convert_gguf` rewrites it once:
@@ -103,7 +104,7 @@ def convert_gguf(
         raise CheckpointError(f"{where}: GGUF metadata has no tokenizer.ggml.tokens; cannot build a tokenizer")
     tokenizer, tokenizer_config = build_tokenizer(meta, tokens)
     tokenizer_config["model_max_length"] = ModelConfig.from_dict(config, where).max_seq_len
-    plan = plan_tensors(reader, config, where)
+    plan = plan_tensors(reader, config, where, meta.get("general.architecture"))
     choose_forms(plan, dequantize_to, where)
     check_finite(plan, where)
     config["torch_dtype"] = torch_dtype(plan)

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata, float32_value
+from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, qwen3_hybrid_config
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class _Architecture:
     #: The reverse: block tensors the converter kept fused that the family reads as several, each its share of the
     #: rows in order, sized by the config (ChatGLM's q/k/v): GGUF tensor -> the Hugging Face tensors.
     split: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: Block tensors the family reads its own way (Gated DeltaNet's): the GGUF name within a block and the config
+    #: -> the Hugging Face tensors made from it, or None where the name is not one of them.
+    own_tensors: Callable[[str, dict[str, Any]], tuple[Restored, ...] | None] | None = None
+    #: Norm weights (suffixes) the converter left unshifted where ``norm_offset`` shifts the others.
+    unshifted_norms: tuple[str, ...] = ()
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -648,6 +654,17 @@ ARCHITECTURES = {
                                  configure=_hunyuan_moe_config,
                                  moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None,
                                               shared_tensors=_HUNYUAN_SHARED)),
+    # Qwen3.5 and Qwen3-Next: Gated DeltaNet layers between gated full-attention ones, every norm but the Gated
+    # DeltaNet's stored as 1 + w (see ferrum.gguf_import.gated_delta); llama.cpp runs Qwen3-Next as Qwen3.5-MoE
+    "qwen35": _Architecture("qwen3_5_text", "Qwen3_5ForCausalLM", False, (("attention_bias", False),),
+                            norm_offset=1.0, partial_rotary=True, configure=qwen3_hybrid_config,
+                            own_tensors=OWN_TENSORS["qwen35"], unshifted_norms=UNSHIFTED_NORMS),
+    "qwen35moe": _Architecture("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", False, (("attention_bias", False),),
+                               norm_offset=1.0, partial_rotary=True, configure=qwen3_hybrid_config,
+                               moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None,
+                                            shared_key="shared_expert_intermediate_size",
+                                            shared_tensors=_QWEN2_MOE_SHARED),
+                               own_tensors=OWN_TENSORS["qwen35"], unshifted_norms=UNSHIFTED_NORMS),
     "gemma": _Architecture("gemma", "GemmaForCausalLM", False, (("hidden_act", "gelu_pytorch_tanh"),
                                                                  ("attention_bias", False)), norm_offset=1.0),
     "gemma2": _Architecture("gemma2", "Gemma2ForCausalLM", False, (*_GEMMA_ACTIVATION, ("attention_bias", False)),
@@ -657,9 +674,15 @@ ARCHITECTURES = {
 }
 
 
-def for_model_type(model_type: str) -> _Architecture:
-    """The architecture whose config.json names ``model_type`` (Mixtral's and GraniteMoeShared's included)."""
-    every = [*ARCHITECTURES.values(), *(a.with_experts for a in ARCHITECTURES.values() if a.with_experts),
+# Qwen3-Next's files: Qwen3.5-MoE's blocks, the Gated DeltaNet's projections grouped per key head
+ARCHITECTURES["qwen3next"] = replace(ARCHITECTURES["qwen35moe"], own_tensors=OWN_TENSORS["qwen3next"])
+
+
+def for_model_type(model_type: str, gguf_arch: str | None = None) -> _Architecture:
+    """The architecture whose config.json names ``model_type`` (Mixtral's and GraniteMoeShared's included), the
+    file's own (``gguf_arch``) first where several write the same family."""
+    first = [ARCHITECTURES[gguf_arch]] if gguf_arch in ARCHITECTURES else []
+    every = [*first, *ARCHITECTURES.values(), *(a.with_experts for a in ARCHITECTURES.values() if a.with_experts),
              *(a.with_shared_expert for a in ARCHITECTURES.values() if a.with_shared_expert)]
     every += [replace(a, model_type=kind, hf_class=hf_class) for a in every for kind, hf_class in a.variants]
     return next(a for a in every if a.model_type == model_type)

@@ -125,8 +125,8 @@ def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
     return {key: float32_value(meta.get(p + "attention.layer_norm_epsilon", 1e-5))}
 
 
-#: llama.cpp's names of the hybrid linear-attention models Ferrum runs from safetensors only.
-HYBRID_ARCHITECTURES = {"qwen3next": "Qwen3-Next", "qwen35": "Qwen3.5", "qwen35moe": "Qwen3.5-MoE"}
+#: llama.cpp's names of the hybrid models Ferrum runs from safetensors only.
+HYBRID_ARCHITECTURES = {"granitehybrid": "Granite 4.0-H, Mamba-2 and attention"}
 
 
 def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     arch = meta.get("general.architecture")
     if arch in HYBRID_ARCHITECTURES:
         raise UnsupportedFeatureError(
-            f"{where}: GGUF architecture {arch!r} ({HYBRID_ARCHITECTURES[arch]}, hybrid linear attention) is not "
+            f"{where}: GGUF architecture {arch!r} ({HYBRID_ARCHITECTURES[arch]}) is not "
             "imported yet; load its Hugging Face safetensors checkpoint or an mlx-lm conversion, which Ferrum runs")
     if arch not in ARCHITECTURES:
         raise UnsupportedFeatureError(

@@ -67,6 +67,8 @@ class PlannedTensor:
     form: StoredForm | None = None  # how it is written, set by choose_forms
     joined: tuple[Any, ...] = ()  # further tensors whose rows follow ``source``'s (``_Architecture.joined``)
     rows: tuple[int, int] | None = None  # the share ``[start, stop)`` of ``source``'s rows it is (``.split``)
+    columns: np.ndarray | None = None  # its equal column groups taken in this order (Qwen3.5's out_proj)
+    restore: Callable[[np.ndarray, str], np.ndarray] | None = None  # a float value's own undoing (A_log's)
 
     @property
     def module(self) -> str:
@@ -136,10 +138,11 @@ def _in_layout(arch: Any, name: str) -> str:
     return arch.prefix + name.removeprefix("model.")
 
 
-def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTensor]:
+def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | None = None) -> list[PlannedTensor]:
     """Map every GGUF tensor to its Hugging Face name and the shape the model reads it in: ``weight_shapes`` of
-    the config being written (rope_freqs and longrope's factors are read into the config instead)."""
-    arch = for_model_type(cfg["model_type"])
+    the config being written (rope_freqs and longrope's factors are read into the config instead); ``gguf_arch``
+    is the file's architecture, where several write one family."""
+    arch = for_model_type(cfg["model_type"], gguf_arch)
     model_config = ModelConfig.from_dict(cfg, where)
     # written as the converter stored them, [out, in], whatever the family's own checkpoints do (GPT-2's Conv1D)
     model_arch = replace(model_config.arch, transposed=False)
@@ -157,7 +160,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
         block_tensors.update({name: f"{arch.moe.module}.{suffix}" for name, suffix in moe_tensors.items()})
     # the next-token-prediction layers (GLM-4.5's) the converter appends after the decoder's: not run, not read
     layers = model_config.num_layers  # cfg spells it in the family's words (GPT-2's n_layer)
-    prediction_layers = range(layers, layers + cfg.get("num_nextn_predict_layers", 0))
+    predicted = cfg.get("num_nextn_predict_layers") or cfg.get("mtp_num_hidden_layers") or 0  # GLM's, Qwen3.5's
+    prediction_layers = range(layers, layers + predicted)
     joins = {parts[0]: (parts, target) for parts, target in arch.joined}
     splits = dict(arch.split)
     later_parts = {part for parts, _ in arch.joined for part in parts[1:]}
@@ -176,6 +180,11 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
             if rest in _KV_B_HALVES and f"blk.{i}.attn_kv_b.weight" in by_name:  # the same numbers, split
                 continue
             if rest in later_parts:  # planned with the first part of its join
+                continue
+            own = arch.own_tensors(rest, cfg) if arch.own_tensors is not None else None
+            if own is not None:
+                names = [stored_name(model_arch, _in_layout(model_arch, f"model.layers.{i}.{r.name}")) for r in own]
+                plan += _restored(tensor, own, names, expected, arch.norm_offset, arch.unshifted_norms, where)
                 continue
             if rest in splits:
                 planned = _split_rows(tensor, [stored_name(model_arch, _in_layout(model_arch, f"model.layers.{i}.{t}"))
@@ -214,7 +223,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
             raise CheckpointError(
                 f"{where}: tensor {name} ({hf_name}) has shape {shape} but the metadata implies {want}"
             )
-        offset = arch.norm_offset if hf_name.endswith("norm.weight") else 0.0
+        offset = _norm_offset(hf_name, arch.norm_offset, arch.unshifted_norms)
         plan.append(PlannedTensor(hf_name, tensor, shape, row_order, offset, joined=joined))
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
@@ -233,6 +242,30 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str) -> list[PlannedTe
         for p in plan:
             p.hf_name = p.hf_name.replace(".switch_mlp.", f".{stack}.")
     return plan
+
+
+def _norm_offset(hf_name: str, offset: float, unshifted: tuple[str, ...]) -> float:
+    """What the converter added to ``hf_name``: the family's norm offset on its norm weights, but those it left."""
+    return offset if hf_name.endswith("norm.weight") and not hf_name.endswith(unshifted) else 0.0
+
+
+def _restored(tensor: Any, own: tuple[Any, ...], names: list[str], expected: dict[str, tuple[int, ...]],
+              offset: float, unshifted: tuple[str, ...], where: str) -> list[PlannedTensor]:
+    """``tensor`` as the Hugging Face tensors ``names`` a family's ``own_tensors`` reading makes of it (``own``: each
+    one's rows, column groups and value restore), in the shapes the model reads (the convolution's ``[C, K]`` as
+    ``[C, 1, K]``)."""
+    shape = numpy_shape(tensor)
+    planned = []
+    for r, name in zip(own, names):
+        want = expected.get(name)
+        got = (shape[0] if r.rows is None else len(r.rows), *shape[1:])
+        if want is None or [n for n in got if n != 1] != [n for n in want if n != 1]:
+            raise CheckpointError(f"{where}: tensor {tensor.name} ({name}) has shape {got} but the metadata implies "
+                                  f"{want}")
+        rows = None if r.rows is None else (0, shape[0])  # all the source's rows, then those it takes, in order
+        planned.append(PlannedTensor(name, tensor, want, r.rows, _norm_offset(name, offset, unshifted), rows=rows,
+                                     columns=r.columns, restore=r.restore))
+    return planned
 
 
 def _split_rows(tensor: Any, names: list[str], expected: dict[str, tuple[int, ...]],
@@ -294,6 +327,20 @@ def choose_forms(plan: list[PlannedTensor], dequantize_to: str | None, where: st
                 "format. Import through float with convert_gguf(..., dequantize_to='float32')")
         dtype = forms[0].dtype if len({f.dtype for f in forms}) == 1 else "float32"  # float16 and float32 scales
         p.form = replace(forms[0], shape=p.shape, dtype=dtype)
+        _check_reorderable(p, where)
+
+
+def _check_reorderable(p: PlannedTensor, where: str) -> None:
+    """A restored value needs floats; column groups moved in packed form must each be whole blocks of it."""
+    names = " and ".join(t.name for t in p.sources)
+    if p.restore is not None and p.form.packed:
+        raise UnsupportedFeatureError(f"{where}: tensor {names} is stored as {p.sources[0].tensor_type.name}; "
+                                      "Ferrum reads it from float types only (llama.cpp writes it as F32)")
+    if p.columns is not None and any(shape[-1] % len(p.columns) for _, _, shape in p.form.parts()):
+        raise UnsupportedFeatureError(
+            f"{where}: tensor {names}'s {len(p.columns)} column groups (value heads) do not fall on whole "
+            f"{p.sources[0].tensor_type.name} blocks, so they cannot be put back in order packed; import through "
+            "float with convert_gguf(..., dequantize_to='float32')")
 
 
 def _as_matrix(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -346,6 +393,9 @@ def _stored_arrays(p: PlannedTensor, dequantize_to: str | None, where: str) -> l
         arrays = [a[p.rows[0]:p.rows[1]] for a in arrays]
     if p.row_order is not None:
         arrays = [a[p.row_order] for a in arrays]  # whole rows move: exact when packed
+    if p.columns is not None:  # whole column groups (whole blocks when packed: _check_reorderable) move
+        n = len(p.columns)
+        arrays = [a.reshape(*a.shape[:-1], n, -1)[..., p.columns, :].reshape(a.shape) for a in arrays]
     return arrays
 
 
@@ -364,6 +414,11 @@ def _source_arrays(p: PlannedTensor, t: Any, dequantize_to: str | None, where: s
     value = value.reshape(shape)
     if p.offset:  # in float32: exact for the norm weights near 1 the converter wrote
         value = value.astype(np.float32) - np.float32(p.offset)
+    if p.restore is not None:
+        try:
+            value = p.restore(value, t.name)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
     if not np.isfinite(value.astype(np.float32, copy=False)).all():
         raise CheckpointError(f"{where}: tensor {t.name} holds NaN or infinite values")
     with np.errstate(over="ignore"):  # an overflow is refused just below, by name
