@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata, float32_value
+from ferrum.gguf_import import gemma4
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, qwen3_hybrid_config
 
 
@@ -78,6 +79,9 @@ class _Architecture:
     own_tensors: Callable[[str, dict[str, Any]], tuple[Restored, ...] | None] | None = None
     #: Norm weights (suffixes) the converter left unshifted where ``norm_offset`` shifts the others.
     unshifted_norms: tuple[str, ...] = ()
+    #: The file lists KV heads and MLP widths per layer and keeps its rope in ``rope_freqs``, all of which
+    #: ``configure`` reads (Gemma 4's).
+    per_layer: bool = False
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -674,6 +678,10 @@ ARCHITECTURES = {
 }
 
 
+# Gemma 4 (31B, E2B / E4B, 26B-A4B, whose experts configure reads: see ferrum.gguf_import.gemma4)
+_GEMMA4 = _Architecture("gemma4_text", "Gemma4ForCausalLM", False, renamed=gemma4.TENSORS,
+                        configure=gemma4.gemma4_config, own_tensors=gemma4.own_tensors, per_layer=True)
+ARCHITECTURES["gemma4"] = replace(_GEMMA4, with_experts=_GEMMA4)
 # Qwen3-Next's files: Qwen3.5-MoE's blocks, the Gated DeltaNet's projections grouped per key head
 ARCHITECTURES["qwen3next"] = replace(ARCHITECTURES["qwen35moe"], own_tensors=OWN_TENSORS["qwen3next"])
 
@@ -707,6 +715,7 @@ GLOBAL_TENSORS = {
     "output_norm.bias": "model.norm.bias",
     "output.weight": "lm_head.weight",
     "output.bias": "lm_head.bias",
+    **gemma4.GLOBAL_TENSORS,
 }
 BLOCK_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",

@@ -129,6 +129,11 @@ def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
 HYBRID_ARCHITECTURES = {"granitehybrid": "Granite 4.0-H, Mamba-2 and attention"}
 
 
+def _first(value: int | list[int]) -> int:
+    """A size the file gives once, or per layer (the first layer's: ``configure`` reads the rest)."""
+    return int(value[0] if isinstance(value, list) else value)
+
+
 def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
     where = meta.where
     arch = meta.get("general.architecture")
@@ -146,12 +151,17 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     hidden = int(meta.need(p + "embedding_length"))
     heads = int(meta.need(p + "attention.head_count"))
     kv_heads = meta.get(p + "attention.head_count_kv", heads)
+    family = ARCHITECTURES[arch]
     if isinstance(kv_heads, list):  # one per layer
-        if len(set(kv_heads)) != 1:
+        if len(set(kv_heads)) != 1 and not family.per_layer:
             raise UnsupportedFeatureError(
                 f"{where}: per-layer KV head counts {sorted(set(kv_heads))} are not supported"
             )
         kv_heads = kv_heads[0]
+    widths = meta.get(p + "feed_forward_length")
+    if isinstance(widths, list) and len(set(widths)) != 1 and not family.per_layer:
+        raise UnsupportedFeatureError(f"{where}: per-layer MLP widths {sorted(set(widths))} are not supported "
+                                      f"for {arch}")
     kv_heads = int(kv_heads)
     if p + "attention.key_length" in meta:
         head_dim = int(meta.get(p + "attention.key_length"))
@@ -159,7 +169,6 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         raise ConfigError(f"{where}: hidden size {hidden} is not divisible by {heads} heads")
     else:
         head_dim = hidden // heads
-    family = ARCHITECTURES[arch]
     value_dim = int(meta.get(p + "attention.value_length", head_dim))
     if value_dim != head_dim and not family.latent:  # latent attention's are its cache's (its configure's reading)
         raise UnsupportedFeatureError(f"{where}: key length {head_dim} != value length {value_dim} is not supported")
@@ -211,7 +220,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     if any(t is not None for t in factors.values()):
         rope_scaling = _longrope_scaling(meta, p, factors, rope_dims, where)
     freqs = tensors.get("rope_freqs.weight")
-    if freqs is not None:
+    if freqs is not None and not family.per_layer:  # else configure's to read
         fitted = _llama3_rope_scaling(dequantized(freqs, where), head_dim, theta)
         if fitted is None:
             raise UnsupportedFeatureError(
@@ -227,7 +236,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         "architectures": [family.hf_class],
         "model_type": family.model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(meta.get(p + "feed_forward_length") or meta.need(p + "expert_feed_forward_length")),
+        "intermediate_size": _first(meta.get(p + "feed_forward_length") or meta.need(p + "expert_feed_forward_length")),
         "num_hidden_layers": int(meta.need(p + "block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,

@@ -157,6 +157,11 @@ class Metadata:
         self.where = where
         #: The model's tensor names, which tell what its blocks hold where no key says (biases, a second norm).
         self.tensors = frozenset(t.name for t in reader.tensors)
+        self._by_name = {t.name: t for t in reader.tensors}
+
+    def tensor(self, name: str) -> Any | None:
+        """The file's tensor ``name`` (the gguf reader's), for the few a config is read from; None if absent."""
+        return self._by_name.get(name)
 
     def __contains__(self, key: str) -> bool:
         return key in self._fields
@@ -188,12 +193,13 @@ class Metadata:
 _FIELD_KINDS = {
     **dict.fromkeys((
         "embedding_length", "attention.head_count", "attention.key_length",
-        "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size", "feed_forward_length",
+        "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size",
         "block_count", "context_length", "_token_id", "original_context_length", "attention.sliding_window",
         "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length", "split.count",
         "split.no", "split.tensors.count",
     ), "a non-negative integer"),
-    "attention.head_count_kv": "a non-negative integer, or a list of one per layer",
+    **dict.fromkeys(("attention.head_count_kv", "feed_forward_length"),
+                    "a non-negative integer, or a list of one per layer"),
     **dict.fromkeys((
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
         "attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "embedding_scale", "yarn_attn_factor",

@@ -81,9 +81,11 @@ class PlannedTensor:
 
     @property
     def part_shape(self) -> tuple[int, ...]:
-        """Each source's shape: an equal share of the rows; a split one's whole."""
+        """Each source's shape: an equal share of the rows; a split one's whole (a stack's as stored; a convolution's
+        ``[C, K]`` as the ``[C, 1, K]`` read)."""
         if self.rows is not None:
-            return (numpy_shape(self.source)[0], *self.shape[1:])
+            source = numpy_shape(self.source)
+            return source if len(source) == len(self.shape) else (source[0], *self.shape[1:])
         return (self.shape[0] // len(self.sources), *self.shape[1:])
 
 
@@ -209,6 +211,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
         if hf_name is not None:  # under the family's own prefix and module names
             hf_name = stored_name(model_arch, _in_layout(model_arch, hf_name))
         want = expected.get(hf_name)
+        if want is None and hf_name is not None and model_arch.unloaded and re.search(model_arch.unloaded, hf_name):
+            continue  # stored, but not read (Gemma 4's keys and values of the layers that read another's)
         if want is None:
             unknown.append(name)
             continue
@@ -258,7 +262,7 @@ def _restored(tensor: Any, own: tuple[Any, ...], names: list[str], expected: dic
     planned = []
     for r, name in zip(own, names):
         want = expected.get(name)
-        got = (shape[0] if r.rows is None else len(r.rows), *shape[1:])
+        got = shape if r.rows is None else _selected_shape(shape, len(r.rows))
         if want is None or [n for n in got if n != 1] != [n for n in want if n != 1]:
             raise CheckpointError(f"{where}: tensor {tensor.name} ({name}) has shape {got} but the metadata implies "
                                   f"{want}")
@@ -266,6 +270,13 @@ def _restored(tensor: Any, own: tuple[Any, ...], names: list[str], expected: dic
         planned.append(PlannedTensor(name, tensor, want, r.rows, _norm_offset(name, offset, unshifted), rows=rows,
                                      columns=r.columns, restore=r.restore))
     return planned
+
+
+def _selected_shape(shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
+    """The shape of ``rows`` of a tensor's rows: of a stack ``[E, N, K]``, its ``E * N`` rows, as many of each."""
+    if len(shape) < 3:
+        return (rows, *shape[1:])
+    return (*shape[:-2], rows // math.prod(shape[:-2]), shape[-1])
 
 
 def _split_rows(tensor: Any, names: list[str], expected: dict[str, tuple[int, ...]],
@@ -391,8 +402,9 @@ def _stored_arrays(p: PlannedTensor, dequantize_to: str | None, where: str) -> l
     arrays = pieces[0] if len(pieces) == 1 else [np.concatenate(rows) for rows in zip(*pieces)]
     if p.rows is not None:  # whole rows again: exact when packed
         arrays = [a[p.rows[0]:p.rows[1]] for a in arrays]
-    if p.row_order is not None:
-        arrays = [a[p.row_order] for a in arrays]  # whole rows move: exact when packed
+    if p.row_order is not None:  # whole rows move (a stack's, each expert's in turn): exact when packed
+        arrays = [a[p.row_order] if a.ndim < 3 else a.reshape(-1, a.shape[-1])[p.row_order].reshape(
+            *p.shape[:-1], -1) for a in arrays]
     if p.columns is not None:  # whole column groups (whole blocks when packed: _check_reorderable) move
         n = len(p.columns)
         arrays = [a.reshape(*a.shape[:-1], n, -1)[..., p.columns, :].reshape(a.shape) for a in arrays]

@@ -1,0 +1,175 @@
+"""GGUF imports of Gemma 4 (``gemma4``): tiny random transformers models of 31B's layout (full layers with wider
+heads, fewer key/value heads that are their values too), E2B / E4B's (per-layer inputs, shared-KV layers twice as
+wide) and 26B-A4B's (experts beside the dense MLP), written as llama.cpp's converter writes them (per-layer KV heads
+and widths, the proportional rope as rope_freqs, gate and up experts fused), imported, and run against transformers
+(float32 files) or the same file imported in float32 (Q8_0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from ferrum.errors import UnsupportedFeatureError  # noqa: E402
+from ferrum.gguf_import import convert_gguf  # noqa: E402
+from test_gguf_import import (  # noqa: E402
+    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
+)
+
+Q = gguf.GGMLQuantizationType
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+_COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+               sliding_window=6, final_logit_softcapping=30.0, max_position_embeddings=128, intermediate_size=96,
+               tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+#: 31B's layout, E2B's and 26B-A4B's, as tests/test_gemma4*.py build them.
+_VARIANTS = {
+    "31b": dict(num_hidden_layers=6, layer_types=[_SLIDING, _SLIDING, _FULL] * 2, num_global_key_value_heads=1,
+                attention_k_eq_v=True, hidden_size_per_layer_input=0, num_kv_shared_layers=0),
+    "e2b": dict(num_hidden_layers=8, layer_types=[_SLIDING, _SLIDING, _FULL] * 2 + [_SLIDING, _FULL],
+                attention_k_eq_v=False, hidden_size_per_layer_input=16, num_kv_shared_layers=3,
+                use_double_wide_mlp=True),
+    "26b": dict(num_hidden_layers=3, layer_types=[_SLIDING, _SLIDING, _FULL], num_global_key_value_heads=1,
+                attention_k_eq_v=True, hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=True,
+                num_experts=8, top_k_experts=2, moe_intermediate_size=32),
+}
+
+
+def _tiny(variant: str, **extra: Any) -> tuple[Any, Any]:
+    """A random float32 Gemma 4 of ``variant``'s layout over the test vocabulary: weights N(0, 0.2), norms spread
+    around 1, layer scalars and router scales set apart, so a misplaced tensor shows in the logits."""
+    vocab = len(_sentencepiece_vocab()[0])
+    settings = {**_COMMON, **_VARIANTS[variant], "vocab_size": vocab, "vocab_size_per_layer_input": vocab, **extra}
+    config = transformers.Gemma4TextConfig(**settings)
+    config.settings = settings  # as made (transformers folds the full layers' heads into per_layer_config)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            param.normal_(1, 0.3) if name.endswith("norm.weight") else param.normal_(0, 0.2)
+        for i, layer in enumerate(hf.model.layers):
+            layer.layer_scalar.fill_(0.6 + 0.2 * i)
+            if config.enable_moe_block:
+                layer.router.scale.uniform_(0.5, 2.0)
+                layer.router.per_expert_scale.uniform_(0.25, 2.0)
+    return hf, config
+
+
+def _gemma4_gguf(path: Path, hf, config, qtype) -> None:
+    """``hf`` as llama.cpp's converter writes a Gemma 4: norms as they are; per-layer KV heads where the full layers
+    have their own, per-layer MLP widths where the shared-KV layers are doubled; the proportional rope as
+    rope_freqs; the router's scales under ffn_gate_inp / ffn_down_exps; experts fused gate-then-up; the output tied;
+    matrices whose rows are whole blocks as ``qtype``, the rest (norms, vectors, routers) float."""
+    tokens, token_types, scores = _sentencepiece_vocab()
+    c = {"use_double_wide_mlp": False, **config.settings}  # transformers' per-layer attributes, as made
+    layers, swa = c["num_hidden_layers"], [t == _SLIDING for t in c["layer_types"]]
+    w = gguf.GGUFWriter(str(path), "gemma4")
+    w.add_block_count(layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    shared_from = layers - c["num_kv_shared_layers"]
+    inter = c["intermediate_size"]
+    w.add_feed_forward_length([inter if i < shared_from else 2 * inter for i in range(layers)]
+                              if c["use_double_wide_mlp"] else inter)
+    w.add_head_count(config.num_attention_heads)
+    full_kv = c.get("num_global_key_value_heads")
+    head_dim = c["global_head_dim"]
+    w.add_head_count_kv([c["num_key_value_heads"] if s else full_kv for s in swa] if full_kv else
+                        c["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_key_length_swa(c["head_dim"])
+    w.add_value_length_swa(c["head_dim"])
+    rope = config.rope_parameters
+    w.add_rope_freq_base(rope[_FULL]["rope_theta"])
+    w.add_rope_freq_base_swa(rope[_SLIDING]["rope_theta"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count_swa(c["head_dim"])
+    w.add_final_logit_softcapping(config.final_logit_softcapping)
+    w.add_sliding_window(config.sliding_window)
+    w.add_shared_kv_layers(c["num_kv_shared_layers"])
+    w.add_embedding_length_per_layer_input(c["hidden_size_per_layer_input"] or 0)
+    w.add_sliding_window_pattern(swa)
+    if config.enable_moe_block:
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.top_k_experts)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_space_prefix(False)
+    turning = int(head_dim * rope[_FULL]["partial_rotary_factor"] / 2)
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * turning + [1e30] * (head_dim // 2 - turning), dtype=np.float32))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, layers)
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        array = np.ascontiguousarray(tensor.float().numpy())
+        if name.endswith("router.scale"):
+            gguf_name = name.replace("model.layers.", "blk.").replace("router.scale", "ffn_gate_inp.scale")
+        elif name.endswith("router.per_expert_scale"):
+            gguf_name = name.replace("model.layers.", "blk.").replace("router.per_expert_scale", "ffn_down_exps.scale")
+        else:
+            full = name if name.endswith(".weight") else name + ".weight"  # layer_scalar, the expert stacks
+            module = full.removesuffix(".weight")
+            gguf_name = names.get_name(module) + ".weight"
+        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or "router" in name:
+            w.add_tensor(gguf_name, array)
+        else:
+            w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+def test_gemma4_gguf_matches_the_model_it_was_written_from(tmp_path, variant):
+    """Each layout imports to the config transformers' model was built from (head sizes and key/value heads per
+    attention kind, values that are keys, the proportional rope's share, per-layer inputs, shared-KV layers and
+    their doubled MLPs, experts), and gives its logits."""
+    from ferrum.config import ModelConfig
+
+    hf, config = _tiny(variant)
+    _gemma4_gguf(tmp_path / "m.gguf", hf, config, Q.F32)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(out)
+    layers = ours.arch.layers
+    assert ours.model_type == "gemma4_text" and ours.head_dim == 32
+    assert [s.window for s in layers] == [6 if t == _SLIDING else None for t in config.layer_types]
+    assert layers[-1].rope.proportional and layers[-1].rope.rotary_dim == 8
+    assert [s.values_are_keys for s in layers] == [t == _FULL and variant != "e2b" for t in config.layer_types]
+    if variant == "e2b":
+        assert [s.kv_source for s in layers] == [None] * 5 + [2, 4, 2]  # the last full / sliding layer before
+        assert ours.arch.per_layer_inputs is not None and layers[-1].intermediate_size == 192
+    if variant == "26b":
+        assert ours.arch.moe.num_experts == 8 and ours.arch.moe.top_k == 2
+    _assert_logits_match(hf, out)
+
+
+def test_a_q8_0_gemma4_gguf_runs_packed_as_its_float_import(tmp_path):
+    """31B's layout with every head one size (Ferrum pads float heads only): Q8_0 matrices stay packed and give
+    what the same file imported in float32 gives."""
+    hf, config = _tiny("31b", global_head_dim=16, num_global_key_value_heads=2)
+    _gemma4_gguf(tmp_path / "m.gguf", hf, config, Q.Q8_0)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert "quantization" in (out / "config.json").read_text()
+    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+
+
+def test_a_gemma4_rope_freqs_that_is_not_proportional_is_refused(tmp_path):
+    """rope_freqs holds 1 per turning pair then 1e30; any other factors are a rope transformers' Gemma 4 lacks."""
+    hf, config = _tiny("31b")
+    _gemma4_gguf(tmp_path / "m.gguf", hf, config, Q.F32)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf", "r+")
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    freqs.data[-1] = 4.0
+    reader.data.flush()
+    with pytest.raises(UnsupportedFeatureError, match="not Gemma 4's proportional rope"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
