@@ -118,6 +118,7 @@ class ModelConfig(Sizes):
                 f"Ferrum runs {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         raw = lift_nested(raw, family.nested, model_type, where)
+        raw = family.derive(raw) if family.derive is not None else raw
         reader = KeyReader(raw, family.keys, model_type, where)
         reader.validate_all()
         sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads,

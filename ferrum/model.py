@@ -41,7 +41,7 @@ from ferrum.errors import (
 from ferrum.hookspec import DTYPE_BYTES
 from ferrum.limits import check_kv_pool, check_layer_count
 from ferrum.paged_kv import PagedKVManager
-from ferrum.recurrent import mixer_spec
+from ferrum.recurrent import MIXERS, mixer_spec
 from ferrum.recurrent.state import RecurrentStates
 from ferrum.weights import Linear, Placed, place, read_weights
 
@@ -229,11 +229,11 @@ class DecoderOnlyLLM:
         self._last_write = max(i for i, spec in enumerate(arch.layers) if spec.kv_source is None
                                and spec.mixer == "attention")
         #: Whether every block from it on attends (a recurrent one needs every row to carry its state on).
-        self._narrows = all(spec.mixer == "attention" for spec in arch.layers[self._last_write:])
+        self._narrows = all(spec.mixer not in MIXERS for spec in arch.layers[self._last_write:])
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: The recurrent mixers' states per sequence (none where every layer attends).
         self.states = RecurrentStates(ops, {i: mixer_spec(arch, spec.mixer).state_shapes(dtype) for i, spec in
-                                            enumerate(arch.layers) if spec.mixer != "attention"})
+                                            enumerate(arch.layers) if spec.mixer in MIXERS})
         #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
         self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
@@ -334,8 +334,10 @@ class DecoderOnlyLLM:
         if arch.qk_norm is not None and not arch.qk_norm_params:  # a norm without a weight (Llama 4's L2 norm): 1s
             q_norm = k_norm = (self._ones_of(config.head_dim), None)
         recurrent = gate = None
-        if spec.mixer != "attention":
+        if spec.mixer in MIXERS:
             recurrent = mixer_spec(arch, spec.mixer).layer(self.ops, tensor, projection, config.rms_norm_eps)
+            qkv = o = None
+        elif spec.mixer == "none":  # an MLP-only block
             qkv = o = None
         elif spec.kv_source is None:
             qkv, o = self._attention.build(self.ops, config, tensor, projection,
@@ -451,13 +453,15 @@ class DecoderOnlyLLM:
             flat = reshape(attn, (-1, heads * hd))
             return layer.o(ops.sigmoid_mul(gate[0], flat) if gate else flat)
 
+        mixer_out = attention_out
         if layer.recurrent is not None:  # a recurrent mixer in place of attention: its projections and output
             def project(x: Any, h: Any, positions: Any) -> tuple:
                 return (*layer.recurrent.project(x), h)
 
             mixer_out = layer.recurrent.output
-        else:
-            mixer_out = attention_out
+        elif layer.mixer == "none":  # an MLP-only block: the normed input goes on to the MLP (leave_mlp)
+            def project(x: Any, h: Any, positions: Any) -> tuple:
+                return x, h
 
         def enter_first(h: Any, positions: Any) -> tuple:
             return project(h if layer.pre_attn is None else norm(h, layer.pre_attn), h, positions)
@@ -470,6 +474,8 @@ class DecoderOnlyLLM:
             o = mixer_out(mixed, *extra)
             if layer.post_attn is not None:
                 o = norm(o, layer.post_attn)
+            if layer.mlp is None:  # the block ends with its mixer
+                return o, h
             x, h = add_then_norm(o, h, layer.pre_mlp)
             out = layer.mlp(x)
             out = out if layer.post_mlp is None else norm(out, layer.post_mlp)
@@ -483,7 +489,11 @@ class DecoderOnlyLLM:
         def leave_parallel(attn: Any, h: Any) -> tuple:
             return layer.o(reshape(attn, (-1, heads * hd))), h
 
-        return enter_first if first else enter, leave_parallel if parallel else leave
+        def leave_mlp(x: Any, h: Any) -> tuple:
+            return layer.mlp(x), h
+
+        second = leave_parallel if parallel else leave_mlp if layer.mixer == "none" else leave
+        return enter_first if first else enter, second
 
     def _final_norm_fn(self) -> Callable[[Any, Any], tuple]:
         """``final_norm(residual, h) -> (normed,)`` after the last block: a pure function, compiled like the
@@ -499,11 +509,12 @@ class DecoderOnlyLLM:
 
     def projections(self) -> list[Linear]:
         """Every linear projection, LM head included (profilers wrap their bound ops)."""
-        attention = [p for layer in self.layers if layer.recurrent is None
+        attention = [p for layer in self.layers if layer.qkv is not None
                      for p in (*layer.qkv.linears, *getattr(layer.o, "linears", [layer.o]),
                                *([layer.gate] if layer.gate is not None else []))]
         attention += [p for layer in self.layers if layer.recurrent is not None for p in layer.recurrent.projections()]
-        return attention + [p for layer in self.layers for p in layer.mlp.projections()] + [self.lm_head]
+        mlps = [p for layer in self.layers if layer.mlp is not None for p in layer.mlp.projections()]
+        return attention + mlps + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
         op = "paged_attention" if "paged_attention" in self.ops.native else "attention"
@@ -718,7 +729,11 @@ class DecoderOnlyLLM:
             self.states.stage(index, seq_ids, states)
             return core, extra, h
 
-        mixers = {"attention": attend}  # LayerSpec.mixer -> its step over the batch (any other: a recurrent one)
+        def no_mixer(index: int, layer: _Layer, projected: tuple, h: Any) -> tuple[Any, tuple, Any]:
+            return projected[0], (), h  # the normed input, on to the MLP
+
+        #: LayerSpec.mixer -> its step over the batch (any other: a recurrent one)
+        mixers = {"attention": attend, "none": no_mixer}
         residual = None  # output of the previous block, not yet added to h
         for index, layer in enumerate(self.layers):
             enter, leave = halves[index]

@@ -18,7 +18,7 @@ from ferrum.arch.mla import MlaSpec
 from ferrum.arch.per_layer import PerLayerInputs
 from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_factor
 from ferrum.arch.spec import Architecture, LayerSpec
-from ferrum.errors import ConfigError
+from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 from ferrum.recurrent.mamba2 import Mamba2Spec
@@ -69,6 +69,9 @@ class Family:
     #: Sections of config.json whose keys the family reads as ``<section>.<key>`` (DBRX's attn_config and
     #: ffn_config), lifted beside the top-level keys before they are read (:func:`lift_nested`)
     nested: tuple[str, ...] = ()
+    #: Keys a config may leave out that the family computes from others, filled in before any is read
+    #: (Nemotron-H's layer count, its block list's length): ``raw -> raw``.
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 def lift_nested(raw: dict[str, Any], sections: tuple[str, ...], family: str, where: str) -> dict[str, Any]:
@@ -1319,6 +1322,81 @@ _MAMBA2 = (
 )
 
 
+#: Nemotron-H's block kinds, as ``hybrid_override_pattern`` writes them and as transformers 5's layers_block_type
+#: (and its legacy names) does -> (LayerSpec.mixer, LayerSpec.mlp): each block is one norm and one of these.
+_NEMOTRON_H_BLOCKS = {"M": ("mamba2", "none"), "*": ("attention", "none"), "-": ("none", "plain"), "E": ("none", "moe")}
+_NEMOTRON_H_NAMES = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-",
+                     "moe": "E"}
+#: Nemotron-H's modules: each block's one module is its ``mixer``, under one ``norm``; the final norm ``norm_f``.
+NEMOTRON_H_STORED = {"embed_tokens": "embeddings", "norm": "norm_f", "input_layernorm": "norm",
+                     **{f"self_attn.{p}": f"mixer.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                     "mlp.up_proj": "mixer.up_proj", "mlp.down_proj": "mixer.down_proj"}
+
+
+def _nemotron_h_pattern(raw: dict[str, Any]) -> str | None:
+    """The block kinds as one pattern string: layers_block_type (or its alias layer_types), else
+    hybrid_override_pattern, as transformers reads them; None where neither is a list of known kinds."""
+    listed = raw.get("layers_block_type") or raw.get("layer_types")
+    if isinstance(listed, list) and all(isinstance(t, str) and t in _NEMOTRON_H_NAMES for t in listed):
+        return "".join(_NEMOTRON_H_NAMES[t] for t in listed)
+    pattern = raw.get("hybrid_override_pattern")
+    if listed is None and isinstance(pattern, str) and set(pattern) <= set(_NEMOTRON_H_BLOCKS):
+        return pattern
+    return None
+
+
+def _block_list(value: Any) -> str | None:
+    if value is None or isinstance(value, list) and all(t in _NEMOTRON_H_NAMES for t in value):
+        return None
+    return f"must list the blocks as {', '.join(map(repr, _NEMOTRON_H_NAMES))}, got {value!r}"
+
+
+def _block_pattern(value: Any) -> str | None:
+    if value is None or isinstance(value, str) and set(value) <= set(_NEMOTRON_H_BLOCKS):
+        return None
+    return f"must list the blocks as 'M' / '*' / '-' / 'E' (mamba, attention, mlp, moe), got {value!r}"
+
+
+#: Read first, so that a list of unknown blocks is named before the layer count it leaves unknown.
+_NEMOTRON_H_PATTERN = (Key("layers_block_type", check=_block_list), Key("layer_types", check=_block_list),
+                       Key("hybrid_override_pattern", check=_block_pattern))
+
+
+def _nemotron_h_layer_count(raw: dict[str, Any]) -> dict[str, Any]:
+    """transformers counts Nemotron-H's layers by its block list (and saves no num_hidden_layers)."""
+    pattern = _nemotron_h_pattern(raw)
+    return raw if not pattern else {**raw, "num_hidden_layers": len(pattern)}
+
+
+def _nemotron_h(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Nemotron-H / Nemotron Nano 2: blocks of one RMSNorm and one module, a Mamba-2 mixer (its gated norm per group
+    of heads), attention without rope, or an ungated squared-ReLU MLP, as the block pattern lists them."""
+    pattern = _nemotron_h_pattern(r.raw)
+    if pattern is None or len(pattern) != sizes.num_layers:
+        r.fail("hybrid_override_pattern", "(or layers_block_type) must list the blocks as 'M' / '*' / '-' / 'E' "
+                                          "(mamba, attention, mlp, moe)")
+    if "E" in pattern:
+        raise UnsupportedFeatureError(
+            f"{r.where}: nemotron_h's mixture-of-experts blocks ('E', 'moe': Nemotron 3 Nano) are not supported yet "
+            "(their experts are ungated squared-ReLU MLPs, which Ferrum's experts do not run); Ferrum runs Nemotron-H "
+            "and Nemotron Nano 2, whose blocks are Mamba-2, attention and MLP ('M', '*', '-')")
+    limit = [float(_tagged_float(v)) for v in r("time_step_limit") or (0.0, float("inf"))]
+    mamba = Mamba2Spec(r("mamba_num_heads"), r("mamba_head_dim"), r("n_groups"), r("ssm_state_size"),
+                       r("conv_kernel"), (limit[0], limit[1]), conv_bias=r("use_conv_bias"), proj_bias=r("use_bias"),
+                       module="mixer")
+    if mamba.num_heads % mamba.num_groups:
+        r.fail("n_groups", f"({mamba.num_groups}) must divide mamba_num_heads ({mamba.num_heads})")
+    r("attention_bias"), r("mamba_hidden_act"), r("mlp_hidden_act")
+    rope = Rope.unrotated(sizes.head_dim)
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer=_NEMOTRON_H_BLOCKS[b][0], mlp=_NEMOTRON_H_BLOCKS[b][1])
+                     for b in pattern),
+        norms={"pre_attn": "input_layernorm"}, activation="relu2", attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        mlp_bias=bool(r("mlp_bias")), mamba2=mamba, keep_float32=(".A_log", ".dt_bias", ".D"),
+        stored_names=NEMOTRON_H_STORED, layouts=(("backbone.", "lm_head.weight", {}),),
+    )
+
+
 #: transformers' gpt-oss rope where config.json has none: YaRN, 32x over 4,096 positions, the ramp's ends unrounded.
 _GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                  "original_max_position_embeddings": 4096}
@@ -1975,6 +2053,26 @@ FAMILIES: dict[str, Family] = {
         )),
         _granitemoehybrid,
         names={"intermediate_size": "shared_intermediate_size"},  # the dense MLP's; the experts' is intermediate_size
+    ),
+    "nemotron_h": Family(  # Nemotron-H, Nemotron Nano 2: Mamba-2, NoPE attention and squared-ReLU MLP blocks
+        _keys(_NEMOTRON_H_PATTERN, _core(False, 128, eps_key="layer_norm_epsilon"), (
+            Key("mamba_num_heads", default=128, check=positive_int),
+            Key("mamba_head_dim", default=64, check=positive_int),
+            Key("n_groups", default=8, check=positive_int),
+            Key("ssm_state_size", default=128, check=positive_int),
+            Key("conv_kernel", default=4, check=positive_int),
+            Key("use_conv_bias", default=True, check=boolean),
+            Key("use_bias", default=False, check=boolean),  # Mamba-2's in_proj and out_proj (transformers')
+            Key("mlp_bias", default=False, check=boolean),
+            Key("time_step_limit", default=[0.0, float("inf")], check=_time_step_limit),
+            Key("attention_bias", default=False, check=falsy(
+                "transformers builds Nemotron-H's attention without biases (mlx-lm with them)"), unsupported=True),
+            Key("mamba_hidden_act", default="silu", check=one_of("silu"), unsupported=True),
+            Key("mlp_hidden_act", default="relu2", check=one_of("relu2"), unsupported=True),
+        )),
+        _nemotron_h,
+        eps_default=1e-5, eps_key="layer_norm_epsilon", derive=_nemotron_h_layer_count,
+        unloaded=r"^mtp\.",  # the multi-token prediction layers transformers skips
     ),
     "olmoe": Family(  # OLMoE: Llama's norms, q and k normed over their whole projections, experts on every layer
         _keys(_core(False), _ROPE, _SILU, (

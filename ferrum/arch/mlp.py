@@ -174,6 +174,20 @@ class Plain:
         return UngatedMLP(linear("mlp.up_proj"), linear("mlp.down_proj"), lambda x: act(ops, x))
 
 
+class NoMlp:
+    """No MLP: the block ends with its mixer (Nemotron-H's). It stores nothing and builds None."""
+
+    def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
+        return [(name, tensor)]
+
+    def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
+              config: Any, layer: int) -> None:
+        return None
+
+
 #: Kinds by name; ``LayerSpec.mlp`` picks one.
 MLP_KINDS: dict[str, MlpKind] = {"dense": Dense(), "plain": Plain(), "moe": Moe(),
-                                 "dense+moe": DenseBesideMoe(Dense(), Moe())}
+                                 "dense+moe": DenseBesideMoe(Dense(), Moe()), "none": NoMlp()}

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferrum.arch.rope import Rope
+from ferrum.recurrent import MIXERS
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,9 @@ class LayerSpec:
 
     window: int | None  # sliding window in tokens; None = full attention
     rope: Rope
-    mlp: str = "dense"  # a kind of ferrum.arch.mlp.MLP_KINDS (dense gated MLP, "plain" ungated; MoE plugs in here)
+    #: a kind of ferrum.arch.mlp.MLP_KINDS (dense gated MLP, "plain" ungated; MoE plugs in here), or "none": the
+    #: block ends with its mixer (Nemotron-H's Mamba-2 and attention blocks)
+    mlp: str = "dense"
     attn_scale: float | None = None  # this layer's own scale of q.k; None: the architecture's
     #: Chunked local attention (Llama 4's rope layers): the query at position ``p`` sees only the keys of its own
     #: chunk of ``chunk`` positions, ``[chunk * (p // chunk), p]``; None: no chunks.
@@ -36,7 +39,8 @@ class LayerSpec:
     values_are_keys: bool = False
     #: What mixes the layer's tokens: "attention" over the paged KV cache, or a recurrent mixer carrying a state per
     #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention;
-    #: "mamba2", Granite 4.0-H's Mamba-2 layers).
+    #: "mamba2", Granite 4.0-H's and Nemotron-H's Mamba-2 layers), or "none": the block is its MLP alone, after the
+    #: block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
     #: The layer computes no keys or values: it attends those of layer ``kv_source`` (an earlier layer of its
     #: attention kind, whose pool layer it reads: Gemma 4 E2B / E4B's num_kv_shared_layers) with its own queries. It
@@ -167,7 +171,7 @@ class Architecture:
     @property
     def recurrent(self) -> bool:
         """Whether some layer carries a recurrent state per sequence (no prefix reuse, no rollback)."""
-        return any(layer.mixer != "attention" for layer in self.layers)
+        return any(layer.mixer in MIXERS for layer in self.layers)
 
     @property
     def windows(self) -> tuple[int | None, ...]:

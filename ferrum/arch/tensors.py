@@ -103,9 +103,10 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         norms = qk_norms if layer.qk_norm else {}
-        if layer.mixer != "attention":
+        if layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
+            mixer = mixer_spec(arch, layer.mixer)
             own = {**{f"{norm}.{part}": (h,) for norm in arch.norms.values() for part in norm_parts},
-                   **mixer_spec(arch, layer.mixer).tensors(h)}
+                   **(mixer.tensors(h) if mixer is not None else {})}
         else:
             own = _stored_attention(config, layer, attention, norms)
         if arch.layer_scalar:

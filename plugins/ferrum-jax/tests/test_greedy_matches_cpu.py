@@ -225,7 +225,15 @@ GRANITE_H = dict(architectures=["GraniteMoeHybridForCausalLM"], model_type="gran
                  tie_word_embeddings=False)
 
 
-@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H], ids=lambda c: c["model_type"])
+#: Nemotron Nano 2's layout: blocks of one norm and one module, Mamba-2 (two B/C groups, heads narrower than the
+#: width's share), attention without rope, squared-ReLU MLPs alone, in the releases' pattern string.
+NEMOTRON_H = dict(architectures=["NemotronHForCausalLM"], model_type="nemotron_h", hidden_size=64,
+                  intermediate_size=48, num_hidden_layers=6, hybrid_override_pattern="M-*-M-", num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=256, mamba_num_heads=8,
+                  mamba_head_dim=12, n_groups=2, ssm_state_size=16, conv_kernel=4, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H, NEMOTRON_H], ids=lambda c: c["model_type"])
 def test_hybrid_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")

@@ -1,0 +1,206 @@
+"""Nemotron-H / Nemotron Nano 2 (``nemotron_h``): blocks of one norm and one module, a Mamba-2 mixer carrying a state
+per sequence, attention without rope, or a squared-ReLU MLP alone, as the block pattern lists them; against
+transformers (and mlx-lm's conversion against mlx-lm) on every runnable backend, and the engine's batching,
+chunked prefill and preemption over those states."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import transformers
+from safetensors.numpy import load_file
+
+from ferrum.config import ModelConfig
+from ferrum.engine import Engine, EngineConfig
+from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.executor import LlmExecutor
+from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.sampling import SamplingParams
+from support import (
+    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, build_transformers_model,
+    mlx_lm_logits, reference_logits, run_staggered, runnable_backends, scaled_error, write_tokenizer,
+)
+
+BACKENDS = runnable_backends()
+VOCAB = 300
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=24, mamba_num_heads=8, mamba_head_dim=12, ssm_state_size=16, conv_kernel=4,
+              max_position_embeddings=256, tie_word_embeddings=False)
+BLOCKS = ["linear_attention", "mlp", "full_attention", "mlp", "linear_attention", "linear_attention", "mlp"]
+VARIANTS = {
+    # Nemotron Nano 2's layout: Mamba-2 with B/C groups (the gated norm per group), heads narrower than the width's
+    # share (mamba_num_heads * mamba_head_dim is not 2 * hidden_size), wider attention heads, no step limit
+    "nano2": lambda: transformers.NemotronHConfig(**COMMON, layers_block_type=BLOCKS, n_groups=2),
+    # one group, an unbiased convolution, biased projections (transformers reads use_bias, mlx-lm mamba_proj_bias)
+    # and MLPs, and a step floor (transformers 5 floors the
+    # step at time_step_min, the releases' code at time_step_limit's: the two are set alike here)
+    "biased": lambda: transformers.NemotronHConfig(**COMMON, layers_block_type=BLOCKS, n_groups=1, use_conv_bias=False,
+                                                   use_bias=True, mamba_proj_bias=True, mlp_bias=True,
+                                                   time_step_limit=(0.6, float("inf")),
+                                                   time_step_min=0.6),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for name, make in VARIANTS.items():
+        folder = tmp_path_factory.mktemp(f"nemotron_h_{name}")
+        out[name] = folder, build_transformers_model(folder, make())
+        write_tokenizer(folder, VOCAB)
+    return out
+
+
+def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
+    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
+
+
+def test_reads_the_block_kinds_sizes_and_names(checkpoints):
+    """transformers saves the NVIDIA releases' names (``backbone.``, each block's ``mixer`` and ``norm``) and no
+    num_hidden_layers: the block list counts the layers."""
+    folder, _ = checkpoints["nano2"]
+    assert "num_hidden_layers" not in json.loads((folder / "config.json").read_text())
+    model = load(folder)
+    arch = model.config.arch
+    assert [(s.mixer, s.mlp) for s in arch.layers] == [
+        ("mamba2", "none"), ("none", "plain"), ("attention", "none"), ("none", "plain"), ("mamba2", "none"),
+        ("mamba2", "none"), ("none", "plain")]
+    assert arch.prefix == "backbone." and sorted(model.states.layers) == [0, 4, 5] and arch.kv_pool_layers == 1
+    assert (arch.mamba2.num_heads, arch.mamba2.head_dim, arch.mamba2.num_groups) == (8, 12, 2)
+    assert arch.layers[2].rope.rotary_dim == 0 and arch.attn_scale == pytest.approx(24 ** -0.5)
+    assert load(checkpoints["biased"][0]).config.arch.mamba2.dt_limit == (0.6, float("inf"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
+    """Decode steps too: each carries the convolution window and the state-space matrices of the step before."""
+    folder, hf = checkpoints[variant]
+    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+
+
+def test_the_step_floor_and_the_group_norm_count(checkpoints):
+    """Each is honoured: a model that dropped the floor, or normed all heads as one group, would miss the 1e-4 the
+    match holds to."""
+    from dataclasses import replace
+
+    for variant, change in (("biased", lambda spec: {"spec": replace(spec, dt_limit=(0.0, float("inf")))}),
+                            ("nano2", lambda spec: {"group_norm": None})):
+        folder, hf = checkpoints[variant]
+        model = load(folder)
+        for layer in model.layers:
+            if layer.recurrent is not None:
+                vars(layer.recurrent).update(change(layer.recurrent.spec))
+        assert scaled_error(model.forward_verify("a", TOKENS), reference_logits(hf, TOKENS)) > 2e-4, variant
+
+
+def test_the_releases_pattern_string_and_layer_count_read_alike(checkpoints, tmp_path):
+    """The NVIDIA releases' config.json gives ``hybrid_override_pattern`` and num_hidden_layers."""
+    folder, hf = checkpoints["nano2"]
+    shutil.copytree(folder, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["layers_block_type"]
+    config.update(hybrid_override_pattern="M-*-MM-", num_hidden_layers=7)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert scaled_error(load(tmp_path / "m").forward_verify("a", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"hybrid_override_pattern": "M-E*", "num_hidden_layers": 4}, r"mixture-of-experts blocks \('E', 'moe'"),
+    ({"layers_block_type": ["mamba", "conv"]}, "'layers_block_type' must list the blocks as 'linear_attention'"),
+    ({"mlp_hidden_act": "gelu"}, "mlp_hidden_act' is 'gelu'; Ferrum supports 'relu2'"),
+])
+def test_what_ferrum_does_not_run_is_refused_by_name(change, message):
+    raw = {**json.loads(VARIANTS["nano2"]().to_json_string()), **change}
+    if "hybrid_override_pattern" in change:
+        del raw["layers_block_type"]
+    with pytest.raises((UnsupportedFeatureError, ConfigError), match=message):
+        ModelConfig.from_dict(raw)
+
+
+def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
+    """Prefill chunks and decode steps of three sequences in one pass, in changing orders, each as run alone."""
+    folder, hf = checkpoints["nano2"]
+    model = load(folder)
+    prompts = {s: [int(t) for t in np.random.RandomState(i).randint(0, VOCAB, size=n)]
+               for i, (s, n) in enumerate((("x", 11), ("y", 7), ("z", 9)))}
+    want = {s: reference_logits(hf, p) for s, p in prompts.items()}
+    model.forward([ForwardItem("x", prompts["x"][:5], 0, False), ForwardItem("y", prompts["y"][:3], 0, False)])
+    out = model.unified_forward([ForwardItem("y", prompts["y"][3:6], 3), ForwardItem("z", prompts["z"][:8], 0),
+                                 ForwardItem("x", prompts["x"][5:9], 5)])
+    for s, pos in (("x", 8), ("y", 5), ("z", 7)):
+        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+    out = model.unified_forward([ForwardItem("z", [prompts["z"][8]], 8), ForwardItem("x", [prompts["x"][9]], 9),
+                                 ForwardItem("y", [prompts["y"][6]], 6)])
+    for s, pos in (("x", 9), ("y", 6), ("z", 8)):
+        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+
+
+def _engine(folder, backend="cpu", **config) -> Engine:
+    model = load(folder, backend, num_kv_blocks=64, block_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Engine(LlmExecutor(model), None, EngineConfig(**config))
+
+
+RNG = np.random.RandomState(3)
+WORKLOAD = [([int(t) for t in RNG.randint(0, VOCAB, size=int(RNG.randint(2, 30)))], int(RNG.randint(0, 6)),
+             SamplingParams(max_tokens=int(RNG.randint(3, 9)), ignore_eos=True)) for _ in range(10)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
+    """Alone, staggered among others with chunked prefills, and under preemption (a KV pool too small for all):
+    the same greedy tokens, which are transformers' for the first request."""
+    import torch
+
+    folder, hf = checkpoints["nano2"]
+    alone = _engine(folder, backend)
+    solo = []
+    for prompt, _, params in WORKLOAD:
+        alone.add_request(prompt, params)
+        solo += [o.token_ids for o in alone.run_until_done() if o.finished]
+    with torch.no_grad():
+        first = hf.generate(torch.tensor([WORKLOAD[0][0]]), max_new_tokens=WORKLOAD[0][2].max_tokens,
+                            do_sample=False)[0, len(WORKLOAD[0][0]):]
+    assert list(solo[0]) == first.tolist()
+    batched = run_staggered(_engine(folder, backend, max_num_batched_tokens=8, max_num_seqs=6), WORKLOAD)
+    assert [batched[i] for i in range(len(WORKLOAD))] == solo
+    tight = _engine(folder, backend, max_num_batched_tokens=16, max_num_seqs=8)
+    tight.model.kv.__init__(12, 4)  # 48 tokens of KV for 10 requests of up to 38
+    preempted = run_staggered(tight, WORKLOAD)
+    assert tight.metrics().preemptions > 0
+    assert [preempted[i] for i in range(len(WORKLOAD))] == solo
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
+@pytest.mark.parametrize("bits", [None, 8])
+def test_mlx_lm_conversion_loads(checkpoints, tmp_path, bits):
+    """mlx-lm's conversion keeps the releases' names and stores the convolution [C, K, 1]; float or packed, it runs
+    on every backend as mlx-lm runs it."""
+    from mlx_lm.convert import convert
+
+    folder, hf = checkpoints["biased"]
+    convert(str(folder), str(tmp_path / "mlx"), **({} if bits is None else dict(quantize=True, q_bits=bits)))
+    stored = load_file(tmp_path / "mlx" / "model.safetensors")
+    assert stored["backbone.layers.0.mixer.conv1d.weight"].shape[-1] == 1
+    want = mlx_lm_logits(tmp_path / "mlx", TOKENS)
+    if bits is None:
+        assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    else:
+        assert "backbone.layers.1.mixer.up_proj.scales" in stored
+    for backend in BACKENDS:
+        model = DecoderOnlyLLM.from_pretrained(tmp_path / "mlx", backend=backend, dtype="float32")
+        assert scaled_error(model.forward_verify("m", TOKENS), want) <= (1e-4 if bits is None else 2e-3), backend
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_random_checkpoints_are_what_transformers_reads(variant, tmp_path):
+    """ferrum.random_checkpoint (benchmarks, the JAX plugin's tests) writes Nemotron-H's tensors as stored."""
+    raw = json.loads(VARIANTS[variant]().to_json_string())
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
