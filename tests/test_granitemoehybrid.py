@@ -6,6 +6,7 @@ preemption over those states."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from dataclasses import replace
 
@@ -161,16 +162,24 @@ def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_token
 
 
 @pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
-def test_mlx_lm_conversion_loads(checkpoints, tmp_path):
-    """mlx-lm's conversion stacks the experts in switch_mlp and stores the convolution [C, K, 1]: it runs on every
-    backend as mlx-lm runs it (mlx-lm reads transformers 4's layer type names)."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mlx_lm_conversion_loads(checkpoints, tmp_path, variant):
+    """mlx-lm's conversion stacks the experts in switch_mlp, renames a dense model's shared MLP to mlp.gate_proj /
+    up_proj / down_proj and stores the convolution [C, K, 1]: it runs on every backend as mlx-lm runs it (mlx-lm
+    reads transformers 4's layer type names). The dense model is built as the dense releases are: mlx-lm sizes its
+    MLP by intermediate_size, which they set to shared_intermediate_size, and norms all heads as one group, as
+    their one group of B/C does."""
     from mlx_lm.convert import convert
 
-    folder, hf = checkpoints["moe"]
     source, converted = tmp_path / "hf", tmp_path / "mlx"
-    source.mkdir()
-    for item in folder.iterdir():
-        (source / item.name).write_bytes(item.read_bytes())
+    if variant == "dense":
+        config = VARIANTS["dense"]()
+        config.mamba_n_groups, config.intermediate_size = 1, config.shared_intermediate_size
+        hf = build_transformers_model(source, config)
+        write_tokenizer(source, VOCAB)
+    else:
+        folder, hf = checkpoints[variant]
+        shutil.copytree(folder, source)
     config = json.loads((source / "config.json").read_text())
     config["layer_types"] = [{"linear_attention": "mamba", "full_attention": "attention"}[t]
                              for t in config["layer_types"]]
@@ -178,7 +187,8 @@ def test_mlx_lm_conversion_loads(checkpoints, tmp_path):
     convert(str(source), str(converted))
     stored = load_file(converted / "model.safetensors")
     assert stored["model.layers.0.mamba.conv1d.weight"].shape[-1] == 1
-    assert "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight" in stored
+    assert {"moe": "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight",
+            "dense": "model.layers.0.mlp.gate_proj.weight"}[variant] in stored
     want = mlx_lm_logits(converted, TOKENS)
     assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
     for backend in BACKENDS:

@@ -539,6 +539,8 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
         config = _gated_delta_layout(config, stored)
     if config.arch.mamba2 is not None:
         config = _mamba2_layout(config, stored)
+    if config.arch.fused_gate_up:
+        config = _unfused_gate_up_layout(config, stored)
     if config.arch.moe is not None:
         config = _fused_experts_layout(config, stored)
     if config.arch.transposed and _stored_untransposed(config, stored):
@@ -564,6 +566,18 @@ def _mamba2_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     if shape is None or arch.mamba2.conv_kernel == 1 or shape[-1] != 1:
         return config
     return replace(config, arch=replace(arch, mamba2=replace(arch.mamba2, conv_last=True)))
+
+
+def _unfused_gate_up_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
+    """A family stored with gate and up fused whose checkpoint holds them apart under Llama's names (mlx-lm's
+    conversions of Granite 4.0-H's dense models: ``mlp.gate_proj`` / ``up_proj`` / ``down_proj`` where transformers
+    keeps ``shared_mlp.input_linear`` / ``output_linear``) is read in that layout."""
+    arch = config.arch
+    layer = next((i for i, spec in enumerate(arch.layers) if spec.mlp == "dense"), None)
+    if layer is None or f"{arch.prefix}layers.{layer}.mlp.gate_proj.weight" not in stored:
+        return config
+    names = {ours: theirs for ours, theirs in arch.stored_names.items() if not ours.startswith("mlp.")}
+    return replace(config, arch=replace(arch, fused_gate_up=False, stored_names=names))
 
 
 def _fused_experts_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
