@@ -1580,7 +1580,9 @@ def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> 
     ("kwargs", "message"),
     [
         ({"arch": "bloom"}, "GGUF architecture 'bloom' is not supported"),
-        ({"arch": "granitehybrid"}, r"'granitehybrid' \(Granite 4.0-H, Mamba-2 and attention\) is not imported yet"),
+        ({"arch": "granitehybrid"}, r"'granitehybrid' \(Granite 4.0-H, hybrid Mamba-2\) is not imported yet; load "
+                                    "its Hugging Face safetensors checkpoint or an mlx-lm conversion"),
+        ({"arch": "nemotron_h"}, r"'nemotron_h' \(Nemotron-H, hybrid Mamba-2\) is not imported yet"),
         ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
         ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
     ],

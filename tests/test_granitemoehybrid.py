@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 import ferrum
 from ferrum.engine import Engine, EngineConfig
-from ferrum.errors import UnsupportedFeatureError
+from ferrum.errors import AdapterError, UnsupportedFeatureError
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM, ForwardItem
 from ferrum.sampling import SamplingParams
@@ -114,10 +114,12 @@ def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
         assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
 
 
-def test_speculative_decoding_is_refused_and_the_cache_cannot_be_cut_back(checkpoints):
+def test_speculative_decoding_and_lora_are_refused_and_the_cache_cannot_be_cut_back(checkpoints, tmp_path):
     folder, _ = checkpoints["dense"]
     with pytest.raises(UnsupportedFeatureError, match="speculative decoding cannot run 'granitemoehybrid'"):
         ferrum.load(folder, backend="cpu", speculative="lookup")
+    with pytest.raises(AdapterError, match=r"\(Ferrum does not adapt the Mamba-2 layers' projections\); run"):
+        load(folder).adapters.load("x", tmp_path)
     model = load(folder)
     model.prefill("s", TOKENS)
     with pytest.raises(UnsupportedFeatureError, match="cannot be cut back"):

@@ -41,6 +41,7 @@ from ferrum.adapters.batching import LoraBatch, LoraLinear
 from ferrum.adapters.files import LoraAdapter, LoraWeights, check_range, projection_span, read_adapter
 from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
+from ferrum.recurrent import MIXERS, mixer_spec
 from ferrum.hookspec import DTYPE_BYTES
 
 #: Default bytes the slot stacks of resident adapters may take.
@@ -147,11 +148,15 @@ class AdapterRegistry:
             raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on Multi-head Latent Attention models "
                                "are not supported yet (Ferrum does not adapt their latent projections); run the base "
                                "model, or merge the adapter into its weights with PEFT's merge_and_unload")
-        if self.model.config.arch.recurrent:
-            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on hybrid linear-attention models are "
-                               "not supported yet (Ferrum adapts neither the Gated DeltaNet projections nor the gated "
-                               "attention's q_proj, whose rows hold each head's query and gate); run the base model, "
-                               "or merge the adapter into its weights with PEFT's merge_and_unload")
+        arch = self.model.config.arch
+        if arch.recurrent:
+            unadapted = [f"the {title} layers' projections" for title in
+                         sorted({mixer_spec(arch, spec.mixer).title for spec in arch.layers if spec.mixer in MIXERS})]
+            if arch.attn_output_gate:
+                unadapted.append("the gated attention's q_proj, whose rows hold each head's query and gate")
+            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on hybrid models with recurrent "
+                               f"layers are not supported yet (Ferrum does not adapt {' nor '.join(unadapted)}); run "
+                               "the base model, or merge the adapter into its weights with PEFT's merge_and_unload")
         adapter = read_adapter(path, self.model.config)
         check_range(adapter, self.model.dtype)
         nbytes = adapter.nbytes(DTYPE_BYTES.get(self.model.dtype, 4))

@@ -125,8 +125,8 @@ def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
     return {key: float32_value(meta.get(p + "attention.layer_norm_epsilon", 1e-5))}
 
 
-#: llama.cpp's names of the hybrid models Ferrum runs from safetensors only.
-HYBRID_ARCHITECTURES = {"granitehybrid": "Granite 4.0-H, Mamba-2 and attention"}
+#: llama.cpp's names of the hybrid models (recurrent layers beside attention) Ferrum runs from safetensors only.
+HYBRID_ARCHITECTURES = {"granitehybrid": "Granite 4.0-H, hybrid Mamba-2", "nemotron_h": "Nemotron-H, hybrid Mamba-2"}
 
 
 def _first(value: int | list[int]) -> int:

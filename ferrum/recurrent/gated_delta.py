@@ -33,6 +33,7 @@ class GatedDeltaSpec:
     conv_last: bool = False  # mlx-lm's conv1d weight [C, K, 1] (transformers': [C, 1, K])
 
     module = MODULE
+    title = "Gated DeltaNet"  # what error messages call the mixer
 
     @property
     def key_dim(self) -> int:

@@ -34,6 +34,8 @@ class Mamba2Spec:
     module: str = "mamba"  # the layer's module (Nemotron-H: "mixer")
     conv_last: bool = False  # mlx-lm's conv1d weight [C, K, 1] (transformers': [C, 1, K])
 
+    title = "Mamba-2"  # what error messages call the mixer
+
     @property
     def inner(self) -> int:
         return self.num_heads * self.head_dim
