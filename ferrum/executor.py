@@ -176,6 +176,9 @@ class LlmExecutor(ModelExecutor):
     def status(self) -> ExecutorStatus:
         model, kv, t = self.model, self.model.kv, self._timings
         per_block = model.kv_bytes() // kv.num_blocks
+        snapshots = model.snapshots
+        kept, kept_bytes, pending = (0, 0, 0) if snapshots is None else (
+            snapshots.count, snapshots.nbytes, snapshots.pending_bytes)
         return ExecutorStatus(
             state=self._state,
             backend=model.backend.name,
@@ -191,8 +194,11 @@ class LlmExecutor(ModelExecutor):
             kv_blocks_total=kv.num_blocks,
             kv_blocks_used=kv.num_used_blocks,
             kv_block_size=kv.block_size,
-            memory_in_use_bytes=model.weight_bytes + kv.num_used_blocks * per_block,
+            memory_in_use_bytes=model.weight_bytes + kv.num_used_blocks * per_block + kept_bytes + pending,
             lock_wait=LockWaitStats(self._lock_waits, self._lock_wait_ms, self._lock_wait_max_ms),
+            state_snapshots=kept,
+            state_snapshot_bytes=kept_bytes,
+            state_snapshot_pending_bytes=pending,
         )
 
     def warmup(self) -> None:

@@ -109,8 +109,13 @@ class ExecutorStatus:
     kv_blocks_total: int
     kv_blocks_used: int
     kv_block_size: int
-    memory_in_use_bytes: int  # weights + KV blocks in use
+    memory_in_use_bytes: int  # weights + KV blocks in use + recurrent states kept for the prefix cache
     lock_wait: LockWaitStats = field(default_factory=lambda: LockWaitStats(0, 0.0, 0.0))
+    #: Hybrid models: recurrent states the prefix cache keeps at block boundaries, and their bytes (within
+    #: ``EngineConfig.prefix_state_bytes``); plus those held for running sequences until they are released.
+    state_snapshots: int = 0
+    state_snapshot_bytes: int = 0
+    state_snapshot_pending_bytes: int = 0
 
 
 class ModelExecutor(abc.ABC):

@@ -42,6 +42,7 @@ from ferrum.hookspec import DTYPE_BYTES
 from ferrum.limits import check_kv_pool, check_layer_count
 from ferrum.paged_kv import PagedKVManager
 from ferrum.recurrent import MIXERS, mixer_spec
+from ferrum.recurrent.snapshots import StateSnapshots
 from ferrum.recurrent.state import RecurrentStates
 from ferrum.weights import Linear, Placed, place, read_weights
 
@@ -234,6 +235,8 @@ class DecoderOnlyLLM:
         #: The recurrent mixers' states per sequence (none where every layer attends).
         self.states = RecurrentStates(ops, {i: mixer_spec(arch, spec.mixer).state_shapes(dtype) for i, spec in
                                             enumerate(arch.layers) if spec.mixer in MIXERS})
+        #: Those states at cached prefixes' block boundaries, for the prefix cache (None where every layer attends).
+        self.snapshots = StateSnapshots(self.states, self.kv) if self.states.layers else None
         #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
         self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
@@ -587,18 +590,22 @@ class DecoderOnlyLLM:
             raise
         self.kv.commit(reservation)
         self.states.commit()
+        if self.snapshots is not None:
+            self.snapshots.after_pass(items)
         return out
 
     def _check_states(self, items: Sequence[ForwardItem]) -> None:
         """Drop the states of sequences the KV manager no longer holds, and refuse to continue a sequence whose
-        cached positions have no state (KV adopted from the prefix cache): its recurrent layers would start over."""
+        cached positions have no state (KV adopted from the prefix cache without one, which
+        :class:`~ferrum.recurrent.snapshots.StateSnapshots` prevents): its recurrent layers would start over."""
         self.states.prune(self.kv)
         for item in items:
             if item.pos_offset and item.seq_id not in self.states:
                 raise UnsupportedFeatureError(
                     f"sequence {item.seq_id!r}: its first {item.pos_offset} positions were not computed by this "
-                    "model (reused from the prefix cache), so its recurrent layers have no state for them; turn "
-                    "prefix caching off (EngineConfig(enable_prefix_caching=False)) for this model")
+                    "model (reused from the prefix cache), so its recurrent layers have no state for them; adopt "
+                    "only matches PagedKVManager.match_prefix gives, or turn prefix caching off "
+                    "(EngineConfig(enable_prefix_caching=False))")
 
     def _attention_batch(self, items: Sequence[ForwardItem]) -> AttentionBatch:
         """The pass's host metadata, computed for all items at once (a few numpy calls per pass,

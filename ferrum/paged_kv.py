@@ -15,6 +15,12 @@ keeps its contents on an LRU list and is revived when another sequence's
 prompt matches it (:meth:`PagedKVManager.match_prefix` then
 :meth:`PagedKVManager.adopt`). It is overwritten only when no never-used
 block is left.
+
+A model whose recurrent layers carry a state per sequence (Qwen3.5, Granite
+4.0-H) can use a match only where that state was kept too: a
+:class:`BlockStates` listener (:mod:`ferrum.recurrent.snapshots`) cuts
+matches to it, starts adopting sequences from it, and hears of released
+sequences and evicted keys.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Mapping, Sequence
+from typing import Hashable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -70,6 +76,20 @@ class PrefixMatch:
     num_tokens: int
 
 
+class BlockStates(Protocol):
+    """What keeps per-sequence state beside the blocks, keyed with their keys (see the module docstring)."""
+
+    def usable(self, match: PrefixMatch) -> PrefixMatch: ...
+
+    def adopted(self, seq_id: Hashable, match: PrefixMatch) -> None: ...
+
+    def released(self, seq_id: Hashable, seq: SequenceBlocks) -> None: ...
+
+    def evicted(self, key: bytes) -> None: ...
+
+    def reset(self) -> None: ...
+
+
 @dataclass
 class Reservation:
     """Blocks handed out for one batch, so they can be returned if it fails."""
@@ -81,6 +101,9 @@ class Reservation:
 
 class PagedKVManager:
     """Fixed-size, reference-counted blocks with a prefix cache and one table per sequence."""
+
+    #: Set by a model with recurrent layers (a class default, so re-initialising the manager keeps it).
+    listener: BlockStates | None = None
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks <= 0 or block_size <= 0:
@@ -97,6 +120,8 @@ class PagedKVManager:
         self._block_of: dict[bytes, int] = {}
         self._hash_of: dict[int, bytes] = {}
         self._seqs: dict[Hashable, SequenceBlocks] = {}
+        if self.listener is not None:
+            self.listener.reset()
 
     # ---- queries -------------------------------------------------------
     def __contains__(self, seq_id: Hashable) -> bool:
@@ -126,6 +151,16 @@ class PagedKVManager:
         table = self._get(seq_id).table()
         table.flags.writeable = False
         return table
+
+    def block_key(self, seq_id: Hashable, index: int) -> bytes | None:
+        """The key of ``seq_id``'s block ``index``; None while that block is not full or holds a token not known
+        yet (sampled on the device), or for an unknown sequence."""
+        seq = self._seqs.get(seq_id)
+        return seq.hashes[index] if seq is not None and index < len(seq.hashes) else None
+
+    def is_cached(self, key: bytes) -> bool:
+        """Whether some block holds the contents keyed ``key`` (until it is evicted)."""
+        return key in self._block_of
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]
@@ -157,6 +192,8 @@ class PagedKVManager:
         else:  # overwrite the least recently used cached block
             block, key = self._evictable.popitem(last=False)
             del self._block_of[key], self._hash_of[block]
+            if self.listener is not None:
+                self.listener.evicted(key)
         self._refs[block] = 1
         return block
 
@@ -172,13 +209,16 @@ class PagedKVManager:
         key = self._hash_of.pop(block, None)
         if key is not None:
             del self._block_of[key]
+            if self.listener is not None:
+                self.listener.evicted(key)
 
     # ---- prefix cache --------------------------------------------------------
     def match_prefix(self, tokens: Sequence[int], salt: bytes = b"") -> PrefixMatch:
         """The longest run of cached full blocks that starts ``tokens`` (computed under ``salt``).
 
         At least one token is always left uncached, so the caller still has
-        a position to compute logits for.
+        a position to compute logits for. With a :attr:`listener` the match
+        ends where it holds the state too.
         """
         blocks: list[int] = []
         hashes: list[bytes] = []
@@ -192,7 +232,8 @@ class PagedKVManager:
             blocks.append(block)
             hashes.append(key)
             parent = key
-        return PrefixMatch(tuple(blocks), tuple(hashes), len(blocks) * bs)
+        match = PrefixMatch(tuple(blocks), tuple(hashes), len(blocks) * bs)
+        return match if self.listener is None or not blocks else self.listener.usable(match)
 
     def adopt(self, seq_id: Hashable, tokens: Sequence[int], match: PrefixMatch, salt: bytes = b"") -> None:
         """Start ``seq_id`` on the cached blocks of ``match`` (shared, read-only)."""
@@ -201,6 +242,8 @@ class PagedKVManager:
         for block, key in zip(match.blocks, match.hashes):
             if self._hash_of.get(block) != key:
                 raise InvalidRequestError("stale prefix match: a matched block was reused; match again")
+        if self.listener is not None and match.blocks:
+            self.listener.adopted(seq_id, match)
         for block in match.blocks:
             if self._refs[block] == 0:
                 del self._evictable[block]
@@ -324,6 +367,8 @@ class PagedKVManager:
 
     def release(self, seq_id: Hashable) -> None:
         seq = self._get(seq_id)
+        if self.listener is not None:
+            self.listener.released(seq_id, seq)
         for block in reversed(seq.blocks):  # the prefix's first block is evicted last
             self._unref(block)
         del self._seqs[seq_id]

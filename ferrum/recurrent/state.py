@@ -75,6 +75,23 @@ class RecurrentStates:
         """Forget the staged states (the pass failed): every sequence keeps the state it had before it."""
         self._pending.clear()
 
+    def row(self, seq_id: Hashable) -> dict[int, tuple[Any, ...]]:
+        """``seq_id``'s committed states, layer by layer, each ``[1, ...]``: its row copied out where the arrays
+        hold other sequences' too (a snapshot of one sequence must not pin a whole batch's arrays)."""
+        out, index = {}, None
+        for layer, (arrays, row) in self._rows[seq_id].items():
+            if self._rows_of(arrays) == 1:
+                out[layer] = arrays
+                continue
+            if index is None or index[0] != row:
+                index = (row, self.ops.from_numpy(np.asarray([row], dtype=np.int32), None))
+            out[layer] = tuple(self.ops.take_rows(a, index[1]) for a in arrays)
+        return out
+
+    def seed(self, seq_id: Hashable, layers: dict[int, tuple[Any, ...]]) -> None:
+        """Start ``seq_id`` from ``layers`` (as :meth:`row` gives them) instead of zeros."""
+        self._rows[seq_id] = {layer: (arrays, 0) for layer, arrays in layers.items()}
+
     def prune(self, alive: Container[Hashable]) -> None:
         """Forget the sequences not in ``alive`` (the KV manager's: one it released, the engine's scheduler
         preempting or finishing it, has no state either, so its id starts from zeros when it comes back)."""

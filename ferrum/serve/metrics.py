@@ -49,6 +49,8 @@ class _EngineCollector(Collector):
                       m.prefix_cache_queried_tokens)
         yield counter("prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache.",
                       m.prefix_cache_hit_tokens)
+        yield gauge("prefix_state_bytes", "Hybrid models: bytes of recurrent states kept for the prefix cache.",
+                    m.executor.state_snapshot_bytes)
         yield counter("preemptions", "Requests preempted to free KV blocks.", m.preemptions)
         yield counter("prompt_tokens", "Prompt tokens of requests admitted by the engine.", m.prompt_tokens)
         yield counter("generation_tokens", "Tokens sampled by the engine (final stop tokens included).",
