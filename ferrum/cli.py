@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 
 from ferrum import backends
 from ferrum.errors import ContextLengthExceededError, FerrumError, InvalidRequestError
+from ferrum.recurrent.snapshots import DEFAULT_BUDGET
 
 
 _unended_progress_line = False  # a progress line on stderr waits for its end (an error must start a line)
@@ -374,6 +375,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             adapters=tuple(_name_and_path(spec) for spec in args.lora or ()),
             log_level=args.log_level, reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
             speculative=speculative, draft_model=args.draft_model,
+            prefix_state_bytes=args.prefix_state_cache_mb << 20,
         ),
         progress=_progress_printer("loading"),
     )
@@ -481,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting beyond --max-num-seqs before new ones get 429 (default 256)")
     p.add_argument("--max-seq-len", type=int, help="cap the context length (KV memory)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache size in blocks of 16 tokens")
+    p.add_argument("--prefix-state-cache-mb", type=_mebibytes, default=DEFAULT_BUDGET >> 20, metavar="MB",
+                   help="hybrid models (Qwen3.5, Qwen3-Next, Granite 4.0-H): memory for the recurrent states their "
+                        f"prefix cache keeps; 0 turns their prefix caching off (default {DEFAULT_BUDGET >> 20})")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
                                      "(or set FERRUM_API_KEY)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH",
@@ -544,6 +549,12 @@ def _add_chat_template_option(p: argparse.ArgumentParser) -> None:
 def _port(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) <= 65535):
         raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def _mebibytes(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"a whole number of MiB (0 or more), got {text!r}")
     return int(text)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -127,10 +126,7 @@ def test_speculative_decoding_and_lora_are_refused_and_the_cache_cannot_be_cut_b
 
 
 def _engine(folder, backend="cpu", **config) -> Engine:
-    model = load(folder, backend, num_kv_blocks=64, block_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Engine(LlmExecutor(model), None, EngineConfig(**config))
+    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
 
 
 RNG = np.random.RandomState(3)

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import transformers
 
+from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import InvalidRequestError
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM, ForwardItem
-from support import build_transformers_model, reference_logits, runnable_backends, scaled_error
+from ferrum.sampling import SamplingParams
+from support import build_transformers_model, reference_logits, run_staggered, runnable_backends, scaled_error
 
 BACKENDS = runnable_backends()
 VOCAB = 300
@@ -51,6 +53,10 @@ def checkpoints(tmp_path_factory):
 def load(folder, backend="cpu", blocks=128) -> DecoderOnlyLLM:
     return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", num_kv_blocks=blocks,
                                           block_size=BS)
+
+
+def engine(folder, backend="cpu", blocks=128, **config) -> Engine:
+    return Engine(LlmExecutor(load(folder, backend, blocks)), None, EngineConfig(**config))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,3 +116,74 @@ def test_a_match_whose_state_was_dropped_is_refused(checkpoints):
     with pytest.raises(InvalidRequestError, match="stale prefix match"):
         model.kv.adopt("b", A, match)
     assert "b" not in model.kv
+
+
+def chat_prompts(reply: list[int]) -> list[tuple[list[int], int]]:
+    """(prompt, prompt tokens the cache serves) after A ran: shares ending on a boundary, one token past it, none,
+    one whose blocks are cached without a state, the next turn of a chat (A and its reply), A's first 16 again."""
+    return [
+        (A[:12] + tokens(3, 8), 12),  # a kept chunk end (the boundary before the last)
+        (A[:13] + tokens(4, 7), 12),  # one token past it
+        (A[:17] + tokens(5, 5), 16),  # the last boundary before A's end
+        (tokens(6, 15), 0),  # nothing shared
+        (A[:10] + tokens(7, 10), 0),  # blocks 0-1 cached, no state at 4 or 8
+        (A + reply + tokens(8, 6), 20),  # the next turn: A's state at the last boundary it decoded past
+        (A[:16], 12),  # a prompt ending on a boundary leaves its last token to compute: the block before
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", CONFIGS)
+def test_chat_turns_served_from_kept_states_give_the_tokens_computed_from_scratch(checkpoints, family, backend):
+    folder, _ = checkpoints[family]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    cached, fresh = engine(folder, backend), engine(folder, backend, enable_prefix_caching=False)
+
+    def run(eng, prompt):
+        eng.add_request(prompt, params)
+        return next(o for o in eng.run_until_done() if o.finished)
+
+    first = run(cached, A)
+    assert first.token_ids == run(fresh, A).token_ids and first.metrics.num_cached_tokens == 0
+    for prompt, hit in chat_prompts(list(first.token_ids)):
+        got = run(cached, prompt)
+        assert got.token_ids == run(fresh, prompt).token_ids, (len(prompt), hit)
+        assert got.metrics.num_cached_tokens == hit, (len(prompt), hit)
+    assert fresh.metrics().prefix_cache_hit_tokens == 0
+
+
+def shared_prefix_workload(n: int = 8) -> list:
+    prefix = tokens(9, 14)
+    return [(prefix + tokens(10 + i, 3 + i % 5), i // 2, SamplingParams(max_tokens=4 + i % 3, ignore_eos=True))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_requests_sharing_a_prefix(checkpoints, backend):
+    """Requests arriving while others prefill and decode the same prefix, in small chunks: the later ones start
+    from the state the first kept, each with the tokens it gets from scratch."""
+    folder, _ = checkpoints["qwen3_5"]
+    workload = shared_prefix_workload()
+    cached = engine(folder, backend, max_num_batched_tokens=8, max_num_seqs=6)
+    got = run_staggered(cached, workload)
+    want = run_staggered(engine(folder, backend, enable_prefix_caching=False), workload)
+    assert got == want and cached.metrics().prefix_cache_hit_tokens >= 12 * (len(workload) - 2)
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_preemption_and_tight_budgets_keep_the_tokens(checkpoints, family):
+    """A KV pool too small for all (preemption, cached blocks overwritten with their states) and a budget of one
+    state (the least recently used dropped): the same tokens; no state outlives its block or the budget."""
+    folder, _ = checkpoints[family]
+    workload = shared_prefix_workload(10)
+    want = run_staggered(engine(folder, enable_prefix_caching=False), workload)
+    tight_pool = engine(folder, blocks=14, max_num_batched_tokens=16, max_num_seqs=8)
+    state = tight_pool.model.snapshots.state_bytes
+    one_state = engine(folder, prefix_state_bytes=state, max_num_batched_tokens=8, max_num_seqs=4)
+    for eng in (tight_pool, one_state):
+        assert run_staggered(eng, workload) == want
+        snapshots = eng.model.snapshots
+        assert all(eng.model.kv.is_cached(key) for key in snapshots._kept)
+        assert snapshots.nbytes <= eng.config.prefix_state_bytes
+        assert eng.metrics().prefix_cache_hit_tokens > 0
+    assert tight_pool.metrics().preemptions > 0 and one_state.model.snapshots.count == 1

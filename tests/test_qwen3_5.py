@@ -1,11 +1,11 @@
 """Qwen3.5 (``qwen3_5_text``, its wrapper ``qwen3_5``): Gated DeltaNet layers carrying a state per sequence between
 gated full-attention layers, against transformers (and mlx-lm's conversion against mlx-lm) on every runnable
-backend; and what the engine does with a model whose cache cannot be shared or cut back."""
+backend; and what the engine does with a model whose cache cannot be cut back (its prefix cache:
+tests/test_hybrid_prefix_cache.py)."""
 
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -162,23 +162,20 @@ def test_speculative_decoding_and_lora_are_refused_up_front(checkpoint, tmp_path
 
 
 def _engine(folder, backend="cpu", **config) -> Engine:
-    model = load(folder, backend, num_kv_blocks=64, block_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Engine(LlmExecutor(model), None, EngineConfig(**config))
+    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
 
 
-def test_prefix_caching_is_turned_off_once_with_a_warning(checkpoint):
-    model = load(checkpoint[0], num_kv_blocks=64, block_size=4)
-    with pytest.warns(UserWarning, match="prefix caching is off"):
-        engine = Engine(LlmExecutor(model), None, EngineConfig())
-    assert not engine.scheduler.config.enable_prefix_caching
+def test_prefix_caching_off_keeps_no_states_and_reuses_nothing(checkpoint):
+    """The option stays: with it off (or no memory for the states) a repeated prompt is computed in full. (With it on,
+    tests/test_hybrid_prefix_cache.py.)"""
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    outs = []
-    for _ in range(2):
-        engine.add_request(TOKENS * 2, params)
-        outs += [o.token_ids for o in engine.run_until_done() if o.finished]
-    assert outs[0] == outs[1] and engine.metrics().prefix_cache_hit_tokens == 0
+    for engine in (_engine(checkpoint[0], enable_prefix_caching=False), _engine(checkpoint[0], prefix_state_bytes=0)):
+        outs = []
+        for _ in range(2):
+            engine.add_request(TOKENS * 2, params)
+            outs += [o.token_ids for o in engine.run_until_done() if o.finished]
+        assert outs[0] == outs[1] and engine.metrics().prefix_cache_hit_tokens == 0
+        assert engine.model.snapshots.count == 0 and not engine.scheduler.stop_at_state_boundaries
 
 
 RNG = np.random.RandomState(3)

@@ -31,9 +31,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-import warnings
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -126,6 +125,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = self._fit_config(config or EngineConfig())
         self.scheduler = Scheduler(self.model.kv, self.config)
+        snapshots = self.model.snapshots
+        self.scheduler.stop_at_state_boundaries = snapshots is not None and snapshots.budget >= snapshots.state_bytes
         self._speculator: Speculator | None = None
         if draft_model is not None:
             require_draft_method(self.config.speculative)
@@ -201,19 +202,16 @@ class Engine:
                 self._step_lock.release()
 
     def _fit_config(self, config: EngineConfig) -> EngineConfig:
-        """``config`` for a model with recurrent layers (Qwen3-Next, Qwen3.5): its state at a prefix's end is not
-        kept, so prefix caching is turned off (said once), and it cannot roll back rejected drafts, so
-        speculative decoding is refused."""
+        """``config`` for a model with recurrent layers (Qwen3-Next, Qwen3.5, Granite 4.0-H): its prefix cache keeps
+        their states within ``prefix_state_bytes`` (none with prefix caching off), and it cannot roll them back past
+        rejected drafts (that needs a state per token), so speculative decoding is refused."""
         if not self.model.config.arch.recurrent:
             return config
         if config.speculative is not None:
             raise UnsupportedFeatureError(
                 f"speculative decoding cannot run {self.model.config.model_type!r}: its recurrent layers cannot be "
                 "rolled back past rejected draft tokens; turn speculative decoding off for this model")
-        if config.enable_prefix_caching:
-            warnings.warn(f"prefix caching is off for {self.model.config.model_type!r}: its recurrent layers keep "
-                          "no state at a cached prefix's end, so every prompt is computed in full", stacklevel=3)
-            config = replace(config, enable_prefix_caching=False)
+        self.model.snapshots.budget = config.prefix_state_bytes if config.enable_prefix_caching else 0
         return config
 
     def _requeue(self, outputs: list[RequestOutput]) -> None:

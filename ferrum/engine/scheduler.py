@@ -19,12 +19,13 @@ from typing import Callable, Hashable
 from ferrum.engine.request import Request, RequestStatus
 from ferrum.errors import InvalidRequestError
 from ferrum.paged_kv import PagedKVManager, PrefixMatch
+from ferrum.recurrent.snapshots import DEFAULT_BUDGET
 from ferrum.spec.config import SpeculativeConfig
 
 
 #: The type each EngineConfig setting must have (a float or a string there fails later, far from the cause).
 _SETTING_TYPES = {"max_num_batched_tokens": int, "max_num_seqs": int, "max_logprobs": int,
-                  "enable_prefix_caching": bool, "async_stepping": bool}
+                  "enable_prefix_caching": bool, "async_stepping": bool, "prefix_state_bytes": int}
 _MAY_BE_NONE = ("max_logprobs", "async_stepping")
 
 
@@ -44,6 +45,10 @@ class EngineConfig:
     #: Most top logprobs one request may ask for per token (vLLM's default); None: up to the vocabulary.
     #: Each costs the host a (token, logprob) pair per generated token, so a huge ask is refused.
     max_logprobs: int | None = 20
+    #: Hybrid models (Qwen3.5, Qwen3-Next, Granite 4.0-H): bytes the prefix cache may hold in recurrent states
+    #: kept at block boundaries (:mod:`ferrum.recurrent.snapshots`), least recently used dropped first; a
+    #: match is usable only up to such a state, so 0 turns their prefix caching off. Unused by other models.
+    prefix_state_bytes: int = DEFAULT_BUDGET
 
     def __post_init__(self) -> None:
         for name, kind in _SETTING_TYPES.items():
@@ -58,6 +63,8 @@ class EngineConfig:
                 f"speculative must be a SpeculativeConfig (ferrum.spec), got {self.speculative!r}")
         if self.max_logprobs is not None and self.max_logprobs < 0:
             raise InvalidRequestError(f"max_logprobs must be None or >= 0, got {self.max_logprobs!r}")
+        if self.prefix_state_bytes < 0:
+            raise InvalidRequestError(f"prefix_state_bytes must be >= 0, got {self.prefix_state_bytes}")
         if self.max_num_seqs < 1:
             raise InvalidRequestError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -112,6 +119,9 @@ class Scheduler:
         self.drafter: Callable[[list[Request]], dict[Hashable, list[int]]] | None = None
         #: Set by the engine with speculative decoding on: told of each preempted request (frees its draft KV).
         self.on_preempt: Callable[[Request], None] | None = None
+        #: Set by the engine for a model whose recurrent states the prefix cache keeps: prefill chunks end at the
+        #: last two block boundaries before a request's end, where those states are kept (ferrum.recurrent.snapshots).
+        self.stop_at_state_boundaries = False
 
     # ------------------------------------------------------------ queue
     def add(self, request: Request) -> None:
@@ -149,6 +159,16 @@ class Scheduler:
     def _fits(self, plan: _StepPlan, blocks: int) -> bool:
         return plan.claimed_blocks + blocks <= self.kv.num_free_blocks
 
+    def _aligned(self, request: Request, start: int, count: int) -> int:
+        """``count`` cut so the chunk ends at a boundary where the states are kept, if it would run past one."""
+        if self.stop_at_state_boundaries:
+            bs = self.kv.block_size
+            last = request.num_tokens // bs * bs
+            for boundary in (last - bs, last):
+                if start < boundary < start + count:
+                    return boundary - start
+        return count
+
     def _add_chunk(self, plan: _StepPlan, request: Request, count: int, blocks: int) -> None:
         start = request.num_computed_tokens
         stop = start + count
@@ -163,7 +183,8 @@ class Scheduler:
             if request.generation_done:  # its last tokens are on the device, to be read (asynchronous stepping)
                 index += 1
                 continue
-            count = min(request.num_tokens - request.num_computed_tokens, plan.budget)
+            count = self._aligned(request, request.num_computed_tokens,
+                                  min(request.num_tokens - request.num_computed_tokens, plan.budget))
             blocks = self.kv.blocks_needed(request.request_id, count)
             while not self._fits(plan, blocks):
                 victim = self.running[-1]
@@ -211,7 +232,7 @@ class Scheduler:
             tokens = request.all_token_ids()
             # positions served by the prefix cache would have no logits for a request that wants them all
             match = self._match(tokens, request.cache_salt) if request.full_logits is None else PrefixMatch((), (), 0)
-            count = min(len(tokens) - match.num_tokens, plan.budget)
+            count = self._aligned(request, match.num_tokens, min(len(tokens) - match.num_tokens, plan.budget))
             # adopting a cached block nobody holds takes it off the free list too
             revived = sum(1 for b in match.blocks if self.kv.ref_count(b) == 0)
             blocks = -(-(match.num_tokens + count) // self.kv.block_size) - len(match.blocks) + revived

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ferrum.engine import EngineConfig
 from ferrum.errors import ConfigError
 from ferrum.model import ProgressFn
+from ferrum.recurrent.snapshots import DEFAULT_BUDGET
 from ferrum.spec import SpeculativeConfig
 
 
@@ -42,6 +43,7 @@ class ServeOptions:
     chat_template: str | None = None  # Jinja text rendering chats instead of the model's
     speculative: SpeculativeConfig | None = None  # speculative decoding for every request
     draft_model: str | None = None  # with speculative method "draft": the drafting model's folder, file or repo id
+    prefix_state_bytes: int = DEFAULT_BUDGET  # hybrid models: recurrent states the prefix cache may keep
 
 
 def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
@@ -66,6 +68,7 @@ def load_for_serving(options: ServeOptions, progress: ProgressFn | None = None):
         speculative=options.speculative, draft_model=options.draft_model,
         engine_config=EngineConfig(
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=max(2048, options.max_num_seqs),
+            prefix_state_bytes=options.prefix_state_bytes,
         ),
     )
     if options.chat_template is not None:
