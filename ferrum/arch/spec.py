@@ -170,7 +170,8 @@ class Architecture:
 
     @property
     def recurrent(self) -> bool:
-        """Whether some layer carries a recurrent state per sequence (no prefix reuse, no rollback)."""
+        """Whether some layer carries a recurrent state per sequence (prefix reuse only where a state is kept,
+        ferrum.recurrent.snapshots; no rollback)."""
         return any(layer.mixer in MIXERS for layer in self.layers)
 
     @property
