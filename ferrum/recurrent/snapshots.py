@@ -33,7 +33,8 @@ Snapshot = dict[int, tuple[Any, ...]]  # layer -> its states, each [1, ...]
 class StateSnapshots:
     """The recurrent states of cached prefixes, by block key, within ``budget`` bytes; the KV manager's listener."""
 
-    def __init__(self, states: RecurrentStates, kv: PagedKVManager, budget: int = DEFAULT_BUDGET):
+    def __init__(self, states: RecurrentStates, kv: PagedKVManager, budget: int = 0):
+        """``budget`` 0 keeps nothing (the model alone reuses no prefix); the engine sets its configured one."""
         self.states, self.kv, self.budget = states, kv, budget
         #: Bytes of one sequence's states (every recurrent layer's arrays, one row).
         self.state_bytes = sum(math.prod(shape) * DTYPE_BYTES.get(dtype, 4)
