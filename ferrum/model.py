@@ -227,10 +227,12 @@ class DecoderOnlyLLM:
         #: Each layer's layer of the KV pool (``Architecture.kv_layers``).
         self.kv_layers = arch.kv_layers
         #: The last layer that writes K/V: past it, a pass computes only its logit rows (``_rows_past_last_write``).
-        self._last_write = max(i for i, spec in enumerate(arch.layers) if spec.kv_source is None
-                               and spec.mixer == "attention")
+        #: None where no layer attends (a Nemotron-H pattern of Mamba-2 and MLP blocks alone).
+        self._last_write = max((i for i, spec in enumerate(arch.layers) if spec.kv_source is None
+                                and spec.mixer == "attention"), default=None)
         #: Whether every block from it on attends (a recurrent one needs every row to carry its state on).
-        self._narrows = all(spec.mixer not in MIXERS for spec in arch.layers[self._last_write:])
+        self._narrows = self._last_write is not None and all(
+            spec.mixer not in MIXERS for spec in arch.layers[self._last_write:])
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: The recurrent mixers' states per sequence (none where every layer attends).
         self.states = RecurrentStates(ops, {i: mixer_spec(arch, spec.mixer).state_shapes(dtype) for i, spec in
@@ -398,11 +400,15 @@ class DecoderOnlyLLM:
         return self._ones[size]
 
     def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
-        """``enter(h[, residual], positions) -> (q, k, v, h)`` (the first block has no residual to add; ``(q, h)``
-        in a layer that reads another's keys and values) and ``leave(attn, h[, inputs]) -> (residual, h)`` (with
-        the layer's per-layer inputs where the model has them): pure functions of backend arrays, so a backend may
-        compile them (``compile_fn``). ``enter`` rotates q and k when the layer's rope has one table; a rope whose
-        table depends on the batch (longrope) rotates between the halves (:meth:`_RopeTables.for_batch`)."""
+        """``enter(h[, residual], positions) -> (*projected, h)`` (the first block has no residual to add) and
+        ``leave(mixed, h, *extra[, inputs]) -> (residual, h)``: pure functions of backend arrays, so a backend may
+        compile them (``compile_fn``). ``projected`` is what the layer's mixer steps over the batch: ``q, k, v`` for
+        attention (``q`` alone in a layer that reads another's keys and values), then its output gate (gated
+        attention); a recurrent mixer's projections (:mod:`ferrum.recurrent`); the normed input of an MLP-only
+        block. ``mixed`` is the mixer's output and ``extra`` what its output takes besides (the output gate, the
+        gated norm's ``z``); the layer's per-layer inputs (Gemma 4 E2B / E4B) come last. ``enter`` rotates q and k
+        when the layer's rope has one table; a rope whose table depends on the batch (longrope) rotates between
+        the halves (:meth:`_RopeTables.for_batch`)."""
         ops, cfg = self.ops, self.config
         reshape = ops.reshape
         norm, add_norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)
@@ -517,7 +523,9 @@ class DecoderOnlyLLM:
                                *([layer.gate] if layer.gate is not None else []))]
         attention += [p for layer in self.layers if layer.recurrent is not None for p in layer.recurrent.projections()]
         mlps = [p for layer in self.layers if layer.mlp is not None for p in layer.mlp.projections()]
-        return attention + mlps + [self.lm_head]
+        per_layer = [] if self.per_layer is None else [self.per_layer.projection] + [
+            p for layer in self.layers for p in (layer.per_layer.gate, layer.per_layer.projection)]
+        return attention + mlps + per_layer + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
         op = "paged_attention" if "paged_attention" in self.ops.native else "attention"

@@ -77,6 +77,21 @@ def test_reads_the_block_kinds_sizes_and_names(checkpoints):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pattern_without_attention_runs(backend, tmp_path):
+    """A block pattern of Mamba-2 and MLP blocks alone (no attention, so no KV pool layer and no layer to narrow
+    past) loads and matches transformers; it failed with a bare ValueError."""
+    hf = build_transformers_model(tmp_path, transformers.NemotronHConfig(
+        **COMMON, layers_block_type=["linear_attention", "mlp", "linear_attention", "mlp"], n_groups=1))
+    import torch
+
+    model = load(tmp_path, backend)
+    assert model.config.arch.kv_pool_layers == 0
+    with torch.no_grad():  # transformers' cache needs an attention layer to count its length: run without it
+        want = hf(torch.tensor([TOKENS]), use_cache=False).logits[0].numpy()
+    assert_forward_and_decode_match(model, TOKENS, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
     """Decode steps too: each carries the convolution window and the state-space matrices of the step before."""
