@@ -161,6 +161,18 @@ def test_speculative_decoding_and_lora_are_refused_up_front(checkpoint, tmp_path
         load(folder).adapters.load("x", tmp_path)
 
 
+def test_a_recurrent_draft_model_is_refused_up_front(checkpoint, tmp_path):
+    """A hybrid draft (Qwen3.5-0.8B for a larger target) would fail at its first rejected draft, which its state
+    cannot be rolled back past: refused when the engine is built, not mid-request."""
+    target = tmp_path / "target"
+    build_transformers_model(target, transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128))
+    write_tokenizer(target, VOCAB)
+    with pytest.raises(UnsupportedFeatureError, match="the draft model .'qwen3_5_text'. has recurrent layers"):
+        ferrum.load(target, backend="cpu", speculative="draft", draft_model=checkpoint[0])
+
+
 def _engine(folder, backend="cpu", **config) -> Engine:
     return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
 

@@ -130,6 +130,10 @@ class Engine:
         self._speculator: Speculator | None = None
         if draft_model is not None:
             require_draft_method(self.config.speculative)
+        if draft_model is not None and draft_model.config.arch.recurrent:
+            raise UnsupportedFeatureError(
+                f"the draft model ({draft_model.config.model_type!r}) has recurrent layers, which cannot be rolled "
+                "back past its rejected drafts; choose a draft model whose layers all attend (or n-gram speculation)")
         if draft_model is not None and draft_model is self.model:
             raise InvalidRequestError("the draft model is the target model itself, whose KV it would overwrite; load "
                                       "a second copy (ferrum.load's draft_model=PATH does)")
