@@ -169,6 +169,23 @@ def shared_prefix_workload(n: int = 8) -> list:
             for i in range(n)]
 
 
+def test_states_held_for_decoding_sequences_stay_within_the_budget(checkpoints):
+    """Each sequence decoding past a boundary holds a copy of its state until it is released; those copies count
+    against the budget with the kept ones (eight concurrent sequences, a budget of two states). They were held for
+    every running sequence whatever the budget (50 MB each for Qwen3.5-9B)."""
+    folder, _ = checkpoints["qwen3_5"]
+    probe = engine(folder, enable_prefix_caching=False)
+    budget = 2 * probe.model.snapshots.state_bytes
+    eng = engine(folder, prefix_state_bytes=budget, max_num_seqs=8)
+    for i in range(8):
+        eng.add_request(tokens(40 + i, 5), SamplingParams(max_tokens=3 * BS + 1, ignore_eos=True))
+    held = []
+    while eng.has_unfinished():
+        eng.step()
+        held.append(eng.model.snapshots.nbytes + eng.model.snapshots.pending_bytes)
+    assert max(held) == budget  # used up to the budget, never past it
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_concurrent_requests_sharing_a_prefix(checkpoints, backend):
     """Requests arriving while others prefill and decode the same prefix, in small chunks: the later ones start

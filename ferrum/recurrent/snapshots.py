@@ -10,7 +10,8 @@ scheduler ends chunks at the last two boundaries before a prompt's end, where a 
 the earlier ones, most often stops matching); and the last boundary a sequence crossed while decoding, kept when its
 blocks are released into the cache (its reply, if the next turn repeats it). States are immutable arrays, so a
 snapshot is a reference, a one-row copy where the array holds a whole batch. Snapshots die with their blocks' keys
-(eviction) and, past a byte budget of their own, least recently used first.
+(eviction) and, past a byte budget of their own (which the states held for running sequences count against too),
+least recently used first.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class StateSnapshots:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes held for running sequences' last decoded boundary, until they are released."""
+        """Bytes held for running sequences' last decoded boundary, until they are released (within the budget with
+        the kept ones: a sequence crossing a boundary holds none once the two would pass it)."""
         return len(self._latest) * self.state_bytes
 
     # ---- after a pass --------------------------------------------------------
@@ -67,13 +69,13 @@ class StateSnapshots:
             end = item.pos_offset + len(item.q_tokens)
             if end % bs:
                 continue
-            snapshot = self.states.row(item.seq_id)
             key = self.kv.block_key(item.seq_id, end // bs - 1)
             if (len(item.q_tokens) > 1 or not item.is_final_chunk) and key is not None:
-                self._keep(key, snapshot)
                 self._latest.pop(item.seq_id, None)
-            else:
-                self._latest[item.seq_id] = (end, snapshot)
+                self._keep(key, self.states.row(item.seq_id))
+            elif item.seq_id in self._latest or self.nbytes + self.pending_bytes + self.state_bytes <= self.budget:
+                # held for its release; within the budget, which counts these too (they are device memory)
+                self._latest[item.seq_id] = (end, self.states.row(item.seq_id))
 
     def _keep(self, key: bytes, snapshot: Snapshot) -> None:
         if not self.kv.is_cached(key):  # a key no block holds is never matched, nor evicted with it
@@ -82,7 +84,7 @@ class StateSnapshots:
             self._kept.move_to_end(key)
             return
         self._kept[key] = snapshot
-        while self.nbytes > self.budget:
+        while self._kept and self.nbytes + self.pending_bytes > self.budget:
             self._kept.popitem(last=False)
 
     # ---- the KV manager's listener ---------------------------------------------------
