@@ -186,6 +186,14 @@ def test_refuses_shared_layers_without_a_source(shared, error):
         ModelConfig.from_dict(raw)
 
 
+def test_refuses_a_per_layer_table_shorter_than_the_vocabulary():
+    """Every token id looks up a row of the per-layer table: one of fewer rows would be read past its end."""
+    raw = {**e_config().to_dict(), "model_type": "gemma4_text"}
+    raw["vocab_size_per_layer_input"] = raw["vocab_size"] - 1
+    with pytest.raises(ConfigError, match="vocab_size_per_layer_input.*at least vocab_size"):
+        ModelConfig.from_dict(raw)
+
+
 # ------------------------------------------------------------------ mlx-lm
 
 needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")

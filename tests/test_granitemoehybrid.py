@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import ferrum
 from ferrum.engine import Engine, EngineConfig
-from ferrum.errors import AdapterError, UnsupportedFeatureError
+from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM, ForwardItem
 from ferrum.sampling import SamplingParams
@@ -93,6 +93,16 @@ def test_the_step_limit_and_the_convolution_bias_count(checkpoints):
                 vars(layer.recurrent).update(change)
         assert scaled_error(model.forward_verify("a", TOKENS), want) > 2e-4, change
     assert model_spec.dt_limit == (0.3, 1.2)
+
+
+@pytest.mark.parametrize("limit", [5, "abc", [1], [2.0, 1.0], [-1, 2]])
+def test_a_malformed_step_limit_is_refused_by_name(limit):
+    """time_step_limit is [min, max]; a number was read with len() and escaped as a TypeError."""
+    from ferrum.config import ModelConfig
+
+    raw = {**VARIANTS["dense"]().to_dict(), "time_step_limit": limit}
+    with pytest.raises(ConfigError, match="time_step_limit"):
+        ModelConfig.from_dict(raw)
 
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):

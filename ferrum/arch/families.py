@@ -1086,7 +1086,7 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
 
     arch = Architecture(
         layers=tuple(layer(t, source) for t, source in zip(types, sources)),
-        per_layer_inputs=PerLayerInputs(per_layer, r("vocab_size_per_layer_input")) if per_layer else None,
+        per_layer_inputs=PerLayerInputs(per_layer, _per_layer_vocab(r, sizes)) if per_layer else None,
         unloaded=_unread_shared_kv(sources),
         norms=SANDWICH_NORMS,
         activation="gelu_tanh",
@@ -1098,6 +1098,15 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
         layer_scalar=True,
     )
     return gemma4_moe(r, arch) if r("enable_moe_block") else arch  # 26B-A4B: experts beside every dense MLP
+
+
+def _per_layer_vocab(r: KeyReader, sizes: Sizes) -> int:
+    """The rows of Gemma 4's per-layer input table: every token id looks one up, so it covers the vocabulary."""
+    rows = r("vocab_size_per_layer_input")
+    if rows < sizes.vocab_size:
+        r.fail("vocab_size_per_layer_input", f"is {rows}, fewer rows than the vocabulary's {sizes.vocab_size} ids, "
+                                             "each of which looks a row up; it must be at least vocab_size")
+    return rows
 
 
 def _olmo3(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -1264,7 +1273,9 @@ def _tagged_float(value: Any) -> Any:
 
 
 def _time_step_limit(value: Any) -> str | None:
-    limits = [_tagged_float(v) for v in value] if isinstance(value, (list, tuple)) else value
+    if value is not None and not isinstance(value, (list, tuple)):
+        return f"must be [min, max] with 0 <= min <= max (max may be Infinity), got {value!r}"
+    limits = None if value is None else [_tagged_float(v) for v in value]
     if limits is None or (len(limits) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                    for v in limits) and 0 <= limits[0] <= limits[1]):
         return None
