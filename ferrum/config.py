@@ -124,7 +124,8 @@ class ModelConfig(Sizes):
         sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads,
                            family.head_dim)
         arch = family.build(reader, sizes)
-        arch = replace(arch, unloaded=family.unloaded or arch.unloaded)  # the family's, else its builder's (Gemma 4's)
+        unloaded = "|".join(f"(?:{p})" for p in (family.unloaded, arch.unloaded) if p)  # the family's and builder's
+        arch = replace(arch, unloaded=unloaded or None)
         scaled = [c for c in (spec.rope.scaled_context for spec in arch.layers) if c is not None]
         if scaled and max(scaled) > sizes.max_seq_len:  # a YaRN added to a config opens the context it scales to
             sizes = replace(sizes, max_seq_len=max(scaled))

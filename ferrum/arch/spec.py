@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferrum.arch.rope import Rope
+from ferrum.errors import UnsupportedFeatureError
 from ferrum.recurrent import MIXERS
 
 
@@ -159,6 +160,14 @@ class Architecture:
     #: config's (mlx-lm's nanochat fixes 1e-5 where transformers defaults to 1e-6; None: the config's).
     layouts: tuple[tuple[Any, ...], ...] = ()
 
+    def __post_init__(self) -> None:
+        partial = [i for i, layer in enumerate(self.layers) if "none" in (layer.mixer, layer.mlp)]
+        joined = [what for what, on in (("per-layer inputs", self.per_layer_inputs is not None),
+                                        ("layer scalars", self.layer_scalar), ("parallel blocks", self.parallel)) if on]
+        if partial and joined:  # the blocks' second halves that skip the mixer or the MLP apply none of those
+            raise UnsupportedFeatureError(f"layer {partial[0]} lacks a mixer or an MLP, which Ferrum does not run with "
+                                          f"{' and '.join(joined)}")
+
     @property
     def attention(self) -> Any:
         """How the layers' attention projections are built: latent attention where ``mla`` is set
@@ -186,8 +195,8 @@ class Architecture:
     @property
     def kv_layers(self) -> tuple[int | None, ...]:
         """Each layer's layer of the KV pool: its own (numbered in order among the layers that have one), or its
-        ``kv_source``'s; None for a recurrent layer, which attends nothing. The pool holds as many layers as there
-        are distinct pool layers (:attr:`kv_pool_layers`)."""
+        ``kv_source``'s; None for a layer that attends nothing (a recurrent one, or an MLP-only block). The pool
+        holds as many layers as there are distinct pool layers (:attr:`kv_pool_layers`)."""
         own: dict[int, int] = {}
         for i, layer in enumerate(self.layers):
             if layer.kv_source is None and layer.mixer == "attention":

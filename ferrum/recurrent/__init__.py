@@ -10,5 +10,5 @@ MIXERS = {"gated_delta": "gated_delta", "mamba2": "mamba2"}
 
 
 def mixer_spec(arch: Any, mixer: str) -> Any:
-    """The spec of the recurrent mixer ``mixer`` in ``arch``; None for attention."""
+    """The spec of the recurrent mixer ``mixer`` in ``arch``; None for attention and for a block without a mixer."""
     return getattr(arch, MIXERS[mixer]) if mixer in MIXERS else None
