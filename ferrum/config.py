@@ -123,6 +123,8 @@ class ModelConfig(Sizes):
         reader.validate_all()
         sizes = read_sizes(reader, family.eps_default, family.eps_key, family.names, family.kv_heads,
                            family.head_dim)
+        if family.sizes is not None:
+            sizes = family.sizes(reader, sizes)
         arch = family.build(reader, sizes)
         unloaded = "|".join(f"(?:{p})" for p in (family.unloaded, arch.unloaded) if p)  # the family's and builder's
         arch = replace(arch, unloaded=unloaded or None)

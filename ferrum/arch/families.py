@@ -22,6 +22,7 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 from ferrum.recurrent.mamba2 import Mamba2Spec
+from ferrum.recurrent.short_conv import ShortConvSpec
 
 LLAMA_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "post_attention_layernorm"}
 SANDWICH_NORMS = {
@@ -72,6 +73,9 @@ class Family:
     #: Keys a config may leave out that the family computes from others, filled in before any is read
     #: (Nemotron-H's layer count, its block list's length): ``raw -> raw``.
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    #: Where the family derives sizes from others once read (LFM2's feed-forward width): ``(reader, sizes) ->
+    #: sizes``.
+    sizes: Callable[[KeyReader, "Sizes"], "Sizes"] | None = None
 
 
 def lift_nested(raw: dict[str, Any], sections: tuple[str, ...], family: str, where: str) -> dict[str, Any]:
@@ -1408,6 +1412,86 @@ def _nemotron_h(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: LFM2's layer types -> the mixer each runs (LayerSpec.mixer).
+_LFM2_MIXERS = {"conv": "short_conv", FULL: "attention"}
+LFM2_NORMS = {"pre_attn": "operator_norm", "pre_mlp": "ffn_norm"}
+#: LFM2's modules under Llama's names; its final norm is stored as ``embedding_norm``, its convolutions' taps as
+#: ``conv.conv`` (the recurrent mixers' ``conv1d``).
+LFM2_NAMES = {"self_attn.o_proj": "self_attn.out_proj", "mlp.gate_proj": "feed_forward.w1",
+              "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2", "norm": "embedding_norm",
+              "conv.conv1d": "conv.conv"}
+
+
+def _lfm2_mixers(r: KeyReader, sizes: Sizes) -> list[str]:
+    """Each layer's mixer from layer_types, else from full_attn_idxs, else every layer attends (transformers); where
+    a config gives both, mlx-lm reads full_attn_idxs, so the two must agree."""
+    n, types, attending = sizes.num_layers, r("layer_types"), r("full_attn_idxs")
+    from_indices = None
+    if attending is not None:
+        if not isinstance(attending, list) or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n
+                                                  for i in attending):
+            r.fail("full_attn_idxs", f"must list layer indices in [0, {n}), got {attending!r}")
+        from_indices = [FULL if i in attending else "conv" for i in range(n)]
+    if types is None:
+        types = from_indices or [FULL] * n
+    if not isinstance(types, list) or len(types) != n or any(t not in _LFM2_MIXERS for t in types):
+        r.fail("layer_types", f"must list {n} entries of 'conv' / {FULL!r}, got {types!r}")
+    if from_indices is not None and from_indices != types:
+        r.fail("full_attn_idxs", f"is {attending!r}, but layer_types attends at "
+                                 f"{[i for i, t in enumerate(types) if t == FULL]} (transformers reads layer_types, "
+                                 "mlx-lm full_attn_idxs); make them agree")
+    return [_LFM2_MIXERS[t] for t in types]
+
+
+def _lfm2_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    """LFM2's feed-forward width as its MLP sizes it: block_ff_dim (else intermediate_size); with
+    block_auto_adjust_ff_dim, two thirds of that, times block_ffn_dim_multiplier and rounded up to a multiple of
+    block_multiple_of (transformers rounds only where a multiplier is set, as here). tie_embedding, where set, is
+    tie_word_embeddings."""
+    width = r("block_ff_dim")
+    width = sizes.intermediate_size if width is None else width
+    if r("block_auto_adjust_ff_dim"):
+        width = int(2 * width / 3)
+        multiplier = r("block_ffn_dim_multiplier")
+        if multiplier is not None:
+            step = r("block_multiple_of")
+            width = step * ((int(multiplier * width) + step - 1) // step)
+    tie = r("tie_embedding")
+    tie = sizes.tie_word_embeddings if tie is None else tie
+    return replace(sizes, intermediate_size=width, tie_word_embeddings=tie)
+
+
+def _lfm2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Liquid AI's LFM2 / LFM2.5: gated short-convolution layers (:mod:`ferrum.recurrent.short_conv`) between
+    attention layers that RMS-norm each q/k head before rope, Llama's SwiGLU MLP (``feed_forward.w1 / w3 / w2``),
+    and a final norm named ``embedding_norm`` (it norms the last block's output, not the embeddings)."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer=m) for m in _lfm2_mixers(r, sizes)),
+        norms=LFM2_NORMS,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="head",
+        qk_norm_names=("q_layernorm", "k_layernorm"),
+        short_conv=ShortConvSpec(sizes.hidden_size, r("conv_L_cache")),
+        stored_names=LFM2_NAMES,
+    )
+
+
+_LFM2 = (
+    Key("layer_types"),
+    Key("full_attn_idxs"),
+    Key("conv_L_cache", default=3, check=size(64)),
+    Key("conv_bias", default=False, check=falsy("no LFM2 release biases its convolutions; set it to false"),
+        unsupported=True),
+    Key("block_ff_dim", check=optional_size(1 << 20)),
+    Key("block_auto_adjust_ff_dim", default=True, check=boolean),
+    Key("block_ffn_dim_multiplier", default=1.0, check=optional_positive_number),
+    Key("block_multiple_of", default=256, check=positive_int),
+    Key("tie_embedding", check=boolean),
+)
+
+
 #: transformers' gpt-oss rope where config.json has none: YaRN, 32x over 4,096 positions, the ramp's ends unrounded.
 _GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                  "original_max_position_embeddings": 4096}
@@ -2016,6 +2100,12 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family(
         _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),), MOE_KEYS["qwen3_moe"]),
         with_moe("qwen3_moe", _llama_like(False, "head", _qwen3_moe_windows)),
+    ),
+    "lfm2": Family(  # Liquid AI's LFM2 / LFM2.5: gated short convolutions and attention
+        _keys(_core(True, eps_key="norm_eps"), _core_defaults(intermediate_size=12288, num_key_value_heads=8,
+                                                              vocab_size=65536, max_position_embeddings=128_000),
+              _ROPE, _theta(1_000_000.0), _LFM2),
+        _lfm2, eps_default=1e-5, eps_key="norm_eps", sizes=_lfm2_sizes,
     ),
     "qwen3_5_text": Family(  # Qwen3.5 (dense): Gated DeltaNet and gated attention layers (its wrapper: qwen3_5)
         _keys(_core(False, head_dim_default=256), _ROPE, _SILU, _QWEN3_HYBRID),

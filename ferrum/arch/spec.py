@@ -40,8 +40,8 @@ class LayerSpec:
     values_are_keys: bool = False
     #: What mixes the layer's tokens: "attention" over the paged KV cache, or a recurrent mixer carrying a state per
     #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention;
-    #: "mamba2", Granite 4.0-H's and Nemotron-H's Mamba-2 layers), or "none": the block is its MLP alone, after the
-    #: block's one norm (Nemotron-H's MLP and MoE blocks).
+    #: "mamba2", Granite 4.0-H's and Nemotron-H's Mamba-2 layers; "short_conv", LFM2's gated short convolutions),
+    #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
     #: The layer computes no keys or values: it attends those of layer ``kv_source`` (an earlier layer of its
     #: attention kind, whose pool layer it reads: Gemma 4 E2B / E4B's num_kv_shared_layers) with its own queries. It
@@ -126,6 +126,9 @@ class Architecture:
     gated_delta: Any = None
     #: ...whose mixer is "mamba2" (:class:`ferrum.recurrent.mamba2.Mamba2Spec`), else None.
     mamba2: Any = None
+    #: The size and layout of the layers whose mixer is "short_conv" (:class:`ferrum.recurrent.short_conv.
+    #: ShortConvSpec`), else None.
+    short_conv: Any = None
     #: Qwen3-Next's gated attention: q_proj emits each head's query then its gate; the attention output is
     #: multiplied by sigmoid(gate) before o_proj.
     attn_output_gate: bool = False

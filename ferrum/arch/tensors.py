@@ -32,7 +32,7 @@ import numpy as np
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
-from ferrum.recurrent import mixer_spec
+from ferrum.recurrent import MIXERS, mixer_spec
 from ferrum.recurrent.gated_delta import MODULE as GATED_DELTA
 from ferrum.weights import Linear, Projections
 
@@ -537,8 +537,9 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
             break
     if config.arch.gated_delta is not None:
         config = _gated_delta_layout(config, stored)
-    if config.arch.mamba2 is not None:
-        config = _mamba2_layout(config, stored)
+    for mixer in ("mamba2", "short_conv"):
+        if mixer_spec(config.arch, mixer) is not None:
+            config = _taps_layout(config, mixer, stored)
     if config.arch.fused_gate_up:
         config = _unfused_gate_up_layout(config, stored)
     if config.arch.moe is not None:
@@ -558,14 +559,14 @@ def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> A
     return replace(config, arch=replace(arch, norm_offset=0.0, gated_delta=replace(arch.gated_delta, conv_last=True)))
 
 
-def _mamba2_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
-    """mlx-lm's conversions store Mamba-2's convolution ``[C, K, 1]``."""
-    arch = config.arch
-    layer = next(i for i, spec in enumerate(arch.layers) if spec.mixer == "mamba2")
-    shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{arch.mamba2.module}.conv1d.weight"))
-    if shape is None or arch.mamba2.conv_kernel == 1 or shape[-1] != 1:
+def _taps_layout(config: Any, mixer: str, stored: Mapping[str, tuple[int, ...]]) -> Any:
+    """mlx-lm's conversions store a recurrent mixer's convolution ``[C, K, 1]`` (Mamba-2's, LFM2's)."""
+    arch, spec = config.arch, mixer_spec(config.arch, mixer)
+    layer = next(i for i, layer in enumerate(arch.layers) if layer.mixer == mixer)
+    shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{spec.module}.conv1d.weight"))
+    if shape is None or spec.conv_kernel == 1 or shape[-1] != 1:
         return config
-    return replace(config, arch=replace(arch, mamba2=replace(arch.mamba2, conv_last=True)))
+    return replace(config, arch=replace(arch, **{MIXERS[mixer]: replace(spec, conv_last=True)}))
 
 
 def _unfused_gate_up_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
