@@ -1583,6 +1583,7 @@ def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> 
         ({"arch": "granitehybrid"}, r"'granitehybrid' \(Granite 4.0-H, hybrid Mamba-2\) is not imported yet; load "
                                     "its Hugging Face safetensors checkpoint or an mlx-lm conversion"),
         ({"arch": "nemotron_h"}, r"'nemotron_h' \(Nemotron-H, hybrid Mamba-2\) is not imported yet"),
+        ({"arch": "lfm2"}, r"'lfm2' \(LFM2, gated short convolutions\) is not imported yet"),
         ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
         ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
     ],

@@ -257,3 +257,17 @@ def test_gemma4_e_greedy_tokens_equal_the_cpu_backends(tmp_path):
     folder = write_random_checkpoint(tmp_path / "gemma4_e", GEMMA4_E, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert got == want
+
+
+#: LFM2's layout: gated short convolutions (the core's causal_conv1d on the host) carrying their last inputs per
+#: sequence between attention layers with q/k norms, tied embeddings.
+LFM2 = dict(architectures=["Lfm2ForCausalLM"], model_type="lfm2", hidden_size=64, intermediate_size=120,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+            max_position_embeddings=256, conv_L_cache=3, block_multiple_of=16,
+            layer_types=["conv", "full_attention", "conv"])
+
+
+def test_lfm2_greedy_tokens_equal_the_cpu_backends(tmp_path):
+    folder = write_random_checkpoint(tmp_path / "lfm2", LFM2, dtype="float32", std=0.2, seed=3)
+    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
+    assert got == want
