@@ -1446,11 +1446,11 @@ def _lfm2_mixers(r: KeyReader, sizes: Sizes) -> list[str]:
 def _lfm2_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
     """LFM2's feed-forward width as its MLP sizes it: block_ff_dim (else intermediate_size); with
     block_auto_adjust_ff_dim, two thirds of that, times block_ffn_dim_multiplier and rounded up to a multiple of
-    block_multiple_of (transformers rounds only where a multiplier is set, as here). tie_embedding, where set, is
-    tie_word_embeddings."""
-    width = r("block_ff_dim")
+    block_multiple_of (transformers rounds only where a multiplier is set, as here); LFM2-MoE, which declares none
+    of these keys, takes intermediate_size as it is. tie_embedding, where set, is tie_word_embeddings."""
+    width = r.get("block_ff_dim")
     width = sizes.intermediate_size if width is None else width
-    if r("block_auto_adjust_ff_dim"):
+    if r.get("block_auto_adjust_ff_dim"):
         width = int(2 * width / 3)
         multiplier = r("block_ffn_dim_multiplier")
         if multiplier is not None:
@@ -1478,17 +1478,31 @@ def _lfm2(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
-_LFM2 = (
+#: mlx-lm's conversions of LFM2-MoE: its dense MLPs' w1 / w3 / w2 renamed (the experts' too, then stacked).
+LFM2_MOE_MLX_LM_NAMES = {"mlp.gate_proj": "feed_forward.gate_proj", "mlp.up_proj": "feed_forward.up_proj",
+                         "mlp.down_proj": "feed_forward.down_proj"}
+
+
+def _lfm2_moe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """LFM2-MoE (LFM2-8B-A1B): LFM2's layers over sparse MLPs (:func:`ferrum.moe.spec.with_moe`), its dense MLPs of
+    intermediate_size as transformers sizes them (no LFM2 block_* rounding)."""
+    arch = with_moe("lfm2_moe", _lfm2)(r, sizes)
+    return replace(arch, layouts=(("model.", "lm_head.weight", LFM2_MOE_MLX_LM_NAMES),))
+
+
+_LFM2_LAYERS = (
     Key("layer_types"),
     Key("full_attn_idxs"),
     Key("conv_L_cache", default=3, check=size(64)),
     Key("conv_bias", default=False, check=falsy("no LFM2 release biases its convolutions; set it to false"),
         unsupported=True),
+    Key("tie_embedding", check=boolean),
+)
+_LFM2 = (
     Key("block_ff_dim", check=optional_size(1 << 20)),
     Key("block_auto_adjust_ff_dim", default=True, check=boolean),
     Key("block_ffn_dim_multiplier", default=1.0, check=optional_positive_number),
     Key("block_multiple_of", default=256, check=positive_int),
-    Key("tie_embedding", check=boolean),
 )
 
 
@@ -2104,8 +2118,14 @@ FAMILIES: dict[str, Family] = {
     "lfm2": Family(  # Liquid AI's LFM2 / LFM2.5: gated short convolutions and attention
         _keys(_core(True, eps_key="norm_eps"), _core_defaults(intermediate_size=12288, num_key_value_heads=8,
                                                               vocab_size=65536, max_position_embeddings=128_000),
-              _ROPE, _theta(1_000_000.0), _LFM2),
+              _ROPE, _theta(1_000_000.0), _LFM2_LAYERS, _LFM2),
         _lfm2, eps_default=1e-5, eps_key="norm_eps", sizes=_lfm2_sizes,
+    ),
+    "lfm2_moe": Family(  # LFM2-8B-A1B: LFM2's layers over sigmoid-routed experts
+        _keys(_core(True, eps_key="norm_eps"), _core_defaults(intermediate_size=7168, num_key_value_heads=8,
+                                                              vocab_size=65536, max_position_embeddings=128_000),
+              _ROPE, _theta(1_000_000.0), _LFM2_LAYERS, MOE_KEYS["lfm2_moe"]),
+        _lfm2_moe, eps_default=1e-5, eps_key="norm_eps", sizes=_lfm2_sizes,
     ),
     "qwen3_5_text": Family(  # Qwen3.5 (dense): Gated DeltaNet and gated attention layers (its wrapper: qwen3_5)
         _keys(_core(False, head_dim_default=256), _ROPE, _SILU, _QWEN3_HYBRID),

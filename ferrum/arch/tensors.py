@@ -529,7 +529,8 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     (GPT-2's Conv1D), whether this checkpoint is: mlx-lm's conversions (under ``model.``) and Ferrum's GGUF
     imports save the projections ``[out, in]``."""
     own = [(replace(config.arch, prefix=prefix, lm_head=head, stored_names={**config.arch.stored_names, **names}),
-            eps[0] if eps else None) for prefix, head, names, *eps in config.arch.layouts]
+            eps[0] if eps else None) for prefix, head, names, *eps in config.arch.layouts
+           if _holds_modules(stored, names.values())]
     for arch, eps in [*own, *((replace(config.arch, prefix=prefix, lm_head=head), None) for prefix, head in LAYOUTS)]:
         embedding = stored_name(arch, f"{arch.prefix}embed_tokens.weight").removesuffix(".weight")
         if f"{embedding}.weight" in stored or f"{embedding}.scales" in stored:
@@ -547,6 +548,13 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     if config.arch.transposed and _stored_untransposed(config, stored):
         config = replace(config, arch=replace(config.arch, transposed=False))
     return config
+
+
+def _holds_modules(stored: Mapping[str, tuple[int, ...]], modules: Any) -> bool:
+    """Whether the checkpoint holds a tensor in each of ``modules`` (a family's own layout may share the prefix and
+    embedding of its usual one and rename only some modules: mlx-lm's LFM2-MoE conversions, the dense MLPs)."""
+    dotted = [f".{name}" for name in stored]
+    return all(any(f".{module}." in name for name in dotted) for module in modules)
 
 
 def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:

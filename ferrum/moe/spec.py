@@ -42,6 +42,7 @@ LAYOUT = {
     "hy_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "mistral4": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.fused_gate_up)
     "dbrx": ("ffn", ("w1", "v1", "w2")),  # mlx-lm's per-expert names; its own layout too (ferrum.moe.dbrx)
+    "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -103,7 +104,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "mellum": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
                 "hy_v3": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
-                "dbrx": ("ffn_config.moe_num_experts",)}
+                "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -401,6 +402,13 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "dbrx": (*_COUNT["dbrx"], Key("ffn_config.moe_top_k", default=1, check=positive_int),
              Key("ffn_config.moe_normalize_expert_weights", default=1.0, unsupported=True, check=_dbrx_norm),
              Key("ffn_config.ffn_act_fn", default={"name": "silu"}, unsupported=True, check=_dbrx_activation)),
+    # LFM2-MoE (Lfm2MoeConfig's defaults): sigmoid scores chosen with expert_bias (use_expert_bias), dense first layers
+    "lfm2_moe": (*_COUNT["lfm2_moe"], Key("num_experts_per_tok", default=4, check=positive_int),
+                 Key("moe_intermediate_size", default=1792, check=positive_int),
+                 Key("norm_topk_prob", default=True, check=boolean),
+                 Key("use_expert_bias", default=True, check=boolean),
+                 Key("routed_scaling_factor", default=1.0, check=positive_number),
+                 Key("num_dense_layers", default=2, check=_non_negative_int)),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -417,7 +425,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4}
+                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -628,6 +636,20 @@ def _hy_v3(r: KeyReader, sizes: object, count: int, top_k: int) -> tuple[MoeSpec
     return spec, _listed_sparse(r, layers, [i > 0 for i in range(layers)])
 
 
+def _lfm2_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """LFM2-MoE's sparse MLP as transformers runs it (``Lfm2MoeSparseMoeBlock``): a router ``feed_forward.gate`` in
+    the compute dtype whose sigmoid scores, plus the block's own float32 ``expert_bias`` where use_expert_bias,
+    choose the top-k, weighed by their unbiased scores (renormalized where norm_topk_prob) times
+    routed_scaling_factor; SwiGLU experts of moe_intermediate_size (``experts.{e}.w1 / w3 / w2`` as saved), no shared
+    expert; the first num_dense_layers layers dense. transformers adds 1e-6 to the sum it divides by, the grouped
+    rule 1e-20: the weights differ by under 1e-6 / their sum."""
+    biased = r("use_expert_bias")
+    spec = MoeSpec("feed_forward", LAYOUT["lfm2_moe"][1], count, top_k, r("moe_intermediate_size"),
+                   r("norm_topk_prob"), None, routing="sigmoid_grouped" if biased else "sigmoid_top_k",
+                   routed_scale=float(r("routed_scaling_factor")), correction_bias="expert_bias" if biased else None)
+    return spec, [i >= r("num_dense_layers") for i in range(sizes.num_layers)]
+
+
 def _llama4(r: KeyReader, sizes: Any, count: int) -> tuple[MoeSpec, list[bool]]:
     """Llama 4's sparse MLPs (transformers' ``Llama4TextMoe``): a router ``feed_forward.router`` whose top logit's
     sigmoid scales the chosen expert's *input*, experts of intermediate_size stored fused (``experts.gate_up_proj``
@@ -692,6 +714,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     **{family: _grouped_mlps for family in _GROUPED},
     "ernie4_5_moe": _ernie_mlps,
     "hy_v3": lambda r, model_type, count, top_k, sizes: _hy_v3(r, sizes, count, top_k),
+    "lfm2_moe": lambda r, model_type, count, top_k, sizes: _lfm2_moe(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
 }
 
