@@ -1584,6 +1584,7 @@ def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> 
                                     "its Hugging Face safetensors checkpoint or an mlx-lm conversion"),
         ({"arch": "nemotron_h"}, r"'nemotron_h' \(Nemotron-H, hybrid Mamba-2\) is not imported yet"),
         ({"arch": "lfm2"}, r"'lfm2' \(LFM2, gated short convolutions\) is not imported yet"),
+        ({"arch": "lfm2moe"}, r"'lfm2moe' \(LFM2-MoE, gated short convolutions\) is not imported yet"),
         ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
         ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
     ],

@@ -271,3 +271,16 @@ def test_lfm2_greedy_tokens_equal_the_cpu_backends(tmp_path):
     folder = write_random_checkpoint(tmp_path / "lfm2", LFM2, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert got == want
+
+
+#: LFM2-MoE's layout: LFM2's layers over sigmoid routing with a per-expert bias (random here), a dense first layer.
+LFM2_MOE = dict(architectures=["Lfm2MoeForCausalLM"], model_type="lfm2_moe", hidden_size=64, intermediate_size=96,
+                moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=101, max_position_embeddings=256, num_experts=8, num_experts_per_tok=3, num_dense_layers=1,
+                routed_scaling_factor=1.5, layer_types=["conv", "full_attention", "conv"])
+
+
+def test_lfm2_moe_greedy_tokens_equal_the_cpu_backends(tmp_path):
+    folder = write_random_checkpoint(tmp_path / "lfm2_moe", LFM2_MOE, dtype="float32", std=0.2, seed=3)
+    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
+    assert got == want
