@@ -171,6 +171,18 @@ def test_speculative_decoding_and_lora_are_refused_up_front(checkpoint, tmp_path
         model.truncate_kv("s", 5)
 
 
+def test_the_vision_language_wrapper_runs_its_text_model(tmp_path):
+    """LFM2-VL (``lfm2_vl``) as transformers saves it: its text model under ``model.language_model``, the vision
+    tower and projector beside it, unread."""
+    config = transformers.Lfm2VlConfig(text_config=lfm2_config().to_dict(), projector_hidden_size=32,
+                                       vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2))
+    hf = build_transformers_model(tmp_path, config, model_class=transformers.Lfm2VlForConditionalGeneration)
+    model = load(tmp_path)
+    assert model.config.model_type == "lfm2" and model.config.intermediate_size == 80
+    assert scaled_error(model.forward_verify("v", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+
+
 def _engine(folder, backend="cpu", **config) -> Engine:
     return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
 
