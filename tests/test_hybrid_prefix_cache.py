@@ -1,7 +1,7 @@
-"""Prefix caching for hybrid models (Qwen3.5's Gated DeltaNet, Granite 4.0-H's Mamba-2): recurrent states kept at
-block boundaries (ferrum.recurrent.snapshots), matches cut back to them, and every token served from them equal to
-the ones computed from scratch (transformers' logits at the model, an engine without the cache above it), on every
-runnable backend."""
+"""Prefix caching for hybrid models (Qwen3.5's Gated DeltaNet, Granite 4.0-H's Mamba-2, LFM2's short convolutions):
+recurrent states kept at block boundaries (ferrum.recurrent.snapshots), matches cut back to them, and every token
+served from them equal to the ones computed from scratch (transformers' logits at the model, an engine without the
+cache above it), on every runnable backend."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ CONFIGS = {
         mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2, shared_intermediate_size=40,
         num_local_experts=0, mamba_n_groups=2, position_embedding_type="nope", max_position_embeddings=256,
         tie_word_embeddings=False),
+    "lfm2": lambda: transformers.Lfm2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=100, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, conv_L_cache=3, block_multiple_of=16,
+        layer_types=["conv", "full_attention", "conv", "conv"]),
 }
 
 
