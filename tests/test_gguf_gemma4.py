@@ -173,3 +173,79 @@ def test_a_gemma4_rope_freqs_that_is_not_proportional_is_refused(tmp_path):
     reader.data.flush()
     with pytest.raises(UnsupportedFeatureError, match="not Gemma 4's proportional rope"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+#: A Gemma 4-style vocabulary: its special tokens first (<pad> <eos> <bos> <unk> <mask>, the chat markers), the 256
+#: byte pieces, runs of newlines, then pieces each made by one merge of two before it (spaces spelled \u2581).
+_G4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|think|>", "<|channel>",
+                "<channel|>", "<|tool_call>", "<tool_call|>", '<|"|>']
+#: The chat markers llama.cpp's converter writes as user-defined (always shown); the other specials are control.
+_G4_VISIBLE = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", '<|"|>'}
+_G4_MERGES = [("\u2581", "\u2581"), ("h", "e"), ("l", "l"), ("\u2581", "he"), ("ll", "o"), ("\u2581he", "llo"),
+              ("he", "llo"), ("\u2581", "w"), ("o", "r"), ("\u2581w", "or"), ("l", "d"), ("\u2581wor", "ld"),
+              ("u", "s"), ("e", "r"), ("us", "er"), ("m", "o"), ("d", "e"), ("de", "l"), ("mo", "del"), ("\u2581", "t"),
+              ("\u2581t", "he"), ("\n", "\n"), ("\u2581\u2581", "\u2581")]
+
+
+def _gemma4_vocab() -> tuple[list[str], list[str]]:
+    """The tokens in id order and the merges, as ``"left right"``."""
+    pieces = ["\n", "\n\n\n", "\u2581", "h", "e", "l", "o", "w", "r", "d", "u", "s", "m", "t", "x"]
+    pieces += [left + right for left, right in _G4_MERGES if left + right not in pieces]
+    tokens = _G4_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    return tokens, [f"{left} {right}" for left, right in _G4_MERGES]
+
+
+def _gemma4_reference(tokens: list[str], merges: list[str]) -> Any:
+    """transformers' GemmaTokenizer over the vocabulary, its special tokens and newline runs added as Gemma's
+    tokenizer.json adds them."""
+    from tokenizers import AddedToken
+
+    hf = transformers.GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)},
+                                     merges=[tuple(m.split(" ")) for m in merges], add_bos_token=True)
+    hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in _G4_SPECIALS], special_tokens=True)
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in tokens if t and not t.strip("\n")])
+    return hf
+
+
+_G4_TEXTS = [
+    "hello world", "the  hello   world ", " hello", "hello\nworld\n\n\nthe\n\n\n\n\nend",
+    "<bos><|turn>user\nhello<turn|>\n<|turn>model\n<|channel>thought<channel|>hello world<turn|>\n",
+    '<|tool_call>call:hello{x:<|"|>world<|"|>}<tool_call|>', "h\u00e9llo \u65e5\u672c \U0001F642 tab\there\r\n",
+    "<unk> <mask><|think|>", "",
+]
+
+
+def test_a_gemma4_tokenizer_encodes_and_decodes_as_transformers_gemma_tokenizer(tmp_path):
+    """Gemma 4's 'gemma4' vocabulary (llama.cpp's SPM-style BPE): the file's merges over raw characters, spaces as
+    \u2581 and no space put first, bytes for characters no piece spells, special tokens and runs of newlines
+    matched whole, BOS added; the same ids as transformers' GemmaTokenizer, and the same text back."""
+    from ferrum.tokenizer import Tokenizer
+    from test_gguf_import import write_tiny_gguf
+
+    tokens, merges = _gemma4_vocab()
+    types = [3 if t not in _G4_VISIBLE else 4 for t in _G4_SPECIALS] + [6] * 256 + [1] * (len(tokens) - 269)
+    types[3] = 2  # <unk>
+    write_tiny_gguf(tmp_path / "t.gguf", tokenizer_model="gemma4", pre=None, types={}, add_bos=True,
+                    vocab=(tokens, types, [-1000.0] * len(tokens), merges),
+                    special_ids={"bos": 2, "eos": 1, "unknown": 3, "padding": 0})
+    ours = Tokenizer(convert_gguf(tmp_path / "t.gguf", tmp_path / "out"))
+    hf = _gemma4_reference(tokens, merges)
+    for text in _G4_TEXTS:
+        ids = hf(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False), text
+    assert ours.encode("hello world") == [2, tokens.index("hello"), tokens.index("\u2581world")]
+    assert [tokens[i] for i in ours.encode("\n\n\n\n\n", add_special_tokens=False)] == ["\n\n\n", "\n\n"]
+    assert [tokens[i] for i in ours.encode("\u00e9", add_special_tokens=False)] == ["<0xC3>", "<0xA9>"]
+    assert ours.decode(ours.encode("the  hello\tworld")) == "the  hello\tworld"
+
+
+def test_a_gemma4_tokenizer_without_merges_is_refused(tmp_path):
+    from ferrum.errors import CheckpointError
+    from test_gguf_import import write_tiny_gguf
+
+    tokens, _ = _gemma4_vocab()
+    write_tiny_gguf(tmp_path / "t.gguf", tokenizer_model="gemma4", pre=None, types={},
+                    vocab=(tokens, [1] * len(tokens), [0.0] * len(tokens), None))
+    with pytest.raises(CheckpointError, match="needs its merges"):
+        convert_gguf(tmp_path / "t.gguf", tmp_path / "out")

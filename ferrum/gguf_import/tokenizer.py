@@ -1,4 +1,5 @@
-"""``tokenizer.json`` rebuilt from ``tokenizer.ggml.*``: byte-level BPE or sentencepiece, as llama.cpp runs them."""
+"""``tokenizer.json`` rebuilt from ``tokenizer.ggml.*``: byte-level BPE, sentencepiece or Gemma 4's BPE, as llama.cpp
+runs them."""
 
 from __future__ import annotations
 
@@ -212,7 +213,46 @@ def _sentencepiece_model(meta: Metadata, tokens: list[str], types: list[int]) ->
     return tok, added
 
 
-_TOKENIZER_MODELS = {"gpt2": _byte_level_model, "llama": _sentencepiece_model}
+def _split_merge(merge: str, where: str) -> tuple[str, str]:
+    """A merge ``"left right"`` cut at its first space after the first character, as llama.cpp cuts it (a piece
+    that is itself a space stays whole)."""
+    cut = merge.find(" ", 1)
+    if cut < 0:
+        raise CheckpointError(f"{where}: malformed BPE merge {merge!r} in tokenizer.ggml.merges")
+    return merge[:cut], merge[cut + 1:]
+
+
+def _gemma4_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
+    """Gemma 4's ('gemma4'): BPE over raw characters with the file's merges, each space written ``\u2581`` (no
+    space put before the text), ``<0xNN>`` byte pieces for what no piece spells, as transformers' GemmaTokenizer
+    runs it. Runs of newlines that are tokens are matched whole, as llama.cpp matches them (its Gemma 4 fix) and
+    Gemma's tokenizer.json holds them: added tokens, which the converter writes as plain ones."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    where = meta.where
+    merges_raw = meta.get("tokenizer.ggml.merges")
+    if not merges_raw:
+        raise CheckpointError(f"{where}: a Gemma 4 ('gemma4') GGUF tokenizer needs its merges "
+                              "(tokenizer.ggml.merges); the file lists none")
+    vocab: dict[str, int] = {}
+    added: list[Any] = []
+    for index, (token, token_type) in enumerate(zip(tokens, types)):
+        if token_type in _MATCHED_WHOLE:
+            added.append(_added_token(meta, token, token_type))
+        elif token and not token.strip("\n"):
+            added.append(_added_token(meta, token, _TOKEN_USER_DEFINED))
+        vocab.setdefault(token, index)
+    merges = [_split_merge(m, where) for m in merges_raw]
+    merges = [(left, right) for left, right in merges if left in vocab and right in vocab and left + right in vocab]
+    unknown = _token_id(meta, tokens, "unknown", None)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True, byte_fallback=True,
+                               unk_token=None if unknown is None else tokens[unknown]))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tok, added
+
+
+_TOKENIZER_MODELS = {"gpt2": _byte_level_model, "llama": _sentencepiece_model, "gemma4": _gemma4_model}
 
 
 def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, Any]]:
@@ -224,7 +264,7 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
     if kind not in _TOKENIZER_MODELS:
         raise UnsupportedFeatureError(
             f"{where}: GGUF tokenizer model {kind!r} is not supported; Ferrum's GGUF import rebuilds "
-            "byte-level BPE ('gpt2') and sentencepiece BPE ('llama') tokenizers"
+            "byte-level BPE ('gpt2'), sentencepiece BPE ('llama') and Gemma 4's ('gemma4') tokenizers"
         )
     types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
     if len(types) != len(tokens):
@@ -242,8 +282,9 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
         return None if token_id is None else tokens[token_id]
 
     bos, eos = token_of("bos"), token_of("eos")
-    # llama.cpp adds BOS to a sentencepiece vocabulary, and to Llama 3's and its kin's, unless the file says otherwise
-    adds_bos = kind == "llama" or meta.get("tokenizer.ggml.pre") in _ADDS_BOS
+    # llama.cpp adds BOS to a sentencepiece vocabulary, Gemma 4's, and Llama 3's and its kin's, unless the file says
+    # otherwise
+    adds_bos = kind in ("llama", "gemma4") or meta.get("tokenizer.ggml.pre") in _ADDS_BOS
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", adds_bos))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if (add_bos and bos is None) or (add_eos and eos is None):
