@@ -6,6 +6,7 @@ and widths, the proportional rope as rope_freqs, gate and up experts fused), imp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
+    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab, gguf_blocks,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -110,6 +111,7 @@ def _gemma4_gguf(path: Path, hf, config, qtype) -> None:
     turning = int(head_dim * rope[_FULL]["partial_rotary_factor"] / 2)
     w.add_tensor("rope_freqs.weight", np.array([1.0] * turning + [1e30] * (head_dim // 2 - turning), dtype=np.float32))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, layers)
+    rng = np.random.default_rng(0)
     for name, tensor in hf.state_dict().items():
         if name == "lm_head.weight":
             continue
@@ -122,10 +124,11 @@ def _gemma4_gguf(path: Path, hf, config, qtype) -> None:
             full = name if name.endswith(".weight") else name + ".weight"  # layer_scalar, the expert stacks
             module = full.removesuffix(".weight")
             gguf_name = names.get_name(module) + ".weight"
-        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or "router" in name:
+        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] or "router" in name:
             w.add_tensor(gguf_name, array)
         else:
-            w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            blocks = gguf_blocks(array.reshape(-1, array.shape[-1]), qtype, rng)
+            w.add_tensor(gguf_name, blocks.reshape(*array.shape[:-1], -1), raw_dtype=qtype)
     _finish(w)
 
 
@@ -153,14 +156,35 @@ def test_gemma4_gguf_matches_the_model_it_was_written_from(tmp_path, variant):
     _assert_logits_match(hf, out)
 
 
-def test_a_q8_0_gemma4_gguf_runs_packed_as_its_float_import(tmp_path):
-    """31B's layout with every head one size (Ferrum pads float heads only): Q8_0 matrices stay packed and give
-    what the same file imported in float32 gives."""
-    hf, config = _tiny("31b", global_head_dim=16, num_global_key_value_heads=2)
-    _gemma4_gguf(tmp_path / "m.gguf", hf, config, Q.Q8_0)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+def test_a_quantized_gemma4_gguf_with_mixed_head_sizes_runs_packed_as_its_float_import(tmp_path, variant, qtype):
+    """The real layouts: full layers' heads twice the sliding ones' (31B, 26B-A4B, E2B / E4B: 512 and 256), kept
+    packed (q/k/v rows and o_proj's input groups padded at load) and giving what the float32 import gives; Q4_K's
+    256-value blocks take a model wide enough to hold them."""
+    sizes = dict(hidden_size=256, head_dim=64, global_head_dim=128) if qtype == Q.Q4_K else dict(
+        head_dim=32, global_head_dim=64)
+    hf, config = _tiny(variant, **sizes)
+    _gemma4_gguf(tmp_path / "m.gguf", hf, config, qtype)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert "quantization" in (out / "config.json").read_text()
+    packed = json.loads((out / "config.json").read_text())["quantization"]
+    assert (packed["bits"], packed["group_size"]) == ((8, 32) if qtype == Q.Q8_0 else (4, 32))
+    assert "model.layers.0.self_attn.o_proj" not in packed  # o_proj packed too
     _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+
+
+def test_a_quantized_gemma4_gguf_whose_heads_cut_its_blocks_is_refused_before_writing(tmp_path):
+    """Sliding heads of 16 inputs padded to 32 would cut Q8_0's 32-value blocks in o_proj: refused by name at import
+    (the folder was written, then refused at load with advice for ``ferrum quantize``); float32 imports it."""
+    hf, config = _tiny("31b")
+    _gemma4_gguf(tmp_path / "m.gguf", hf, config, Q.Q8_0)
+    with pytest.raises(UnsupportedFeatureError, match=r"blk\.0\.attn_output\.weight is stored as Q8_0.*"
+                                                      "dequantize_to='float32'"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    import ferrum
+
+    ferrum.load(convert_gguf(tmp_path / "m.gguf", tmp_path / "float", dequantize_to="float32"), backend="cpu")
 
 
 def test_a_gemma4_rope_freqs_that_is_not_proportional_is_refused(tmp_path):

@@ -51,8 +51,8 @@ from ferrum.gguf_import.architectures import SUPPORTED_ARCHITECTURES
 from ferrum.gguf_import.config import build_config
 from ferrum.gguf_import.files import Metadata, read_model
 from ferrum.gguf_import.tensors import (
-    DEQUANTIZE_DTYPES, ProgressFn, check_finite, choose_forms, plan_tensors, quantization_section, torch_dtype,
-    unpermute_qk, write_safetensors,
+    DEQUANTIZE_DTYPES, ProgressFn, check_finite, check_padded_heads, choose_forms, plan_tensors, quantization_section,
+    torch_dtype, unpermute_qk, write_safetensors,
 )
 from ferrum.gguf_import.tokenizer import build_tokenizer, stop_token_ids
 
@@ -106,6 +106,7 @@ def convert_gguf(
     tokenizer_config["model_max_length"] = ModelConfig.from_dict(config, where).max_seq_len
     plan = plan_tensors(reader, config, where, meta.get("general.architecture"))
     choose_forms(plan, dequantize_to, where)
+    check_padded_heads(plan, config, where)
     check_finite(plan, where)
     config["torch_dtype"] = torch_dtype(plan)
     quantization = quantization_section(plan)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ferrum.arch.tensors import bias_of, grouped_qkv_order, stored_name, weight_shapes
+from ferrum.arch.tensors import bias_of, check_padded_groups, grouped_qkv_order, stored_name, weight_shapes
 from ferrum.checkpoint import write_safetensors_header
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
@@ -339,6 +339,24 @@ def choose_forms(plan: list[PlannedTensor], dequantize_to: str | None, where: st
         dtype = forms[0].dtype if len({f.dtype for f in forms}) == 1 else "float32"  # float16 and float32 scales
         p.form = replace(forms[0], shape=p.shape, dtype=dtype)
         _check_reorderable(p, where)
+
+
+def check_padded_heads(plan: list[PlannedTensor], cfg: dict[str, Any], where: str) -> None:
+    """Refuse, before writing, a packed matrix whose inputs Ferrum pads per head at load (Gemma 4's o_proj of the
+    narrower sliding heads) where a head does not end on one of its blocks: the padding would cut a block."""
+    config = ModelConfig.from_dict(cfg, where)
+    for p in plan:
+        if not p.form.packed:
+            continue
+        try:
+            check_padded_groups(config, p.hf_name, p.form.bits, p.form.group_size)
+        except UnsupportedFeatureError:
+            layer = config.arch.layers[int(re.search(r"layers\.(\d+)\.", p.hf_name)[1])]
+            raise UnsupportedFeatureError(
+                f"{where}: tensor {p.sources[0].name} is stored as {p.sources[0].tensor_type.name}, whose blocks of "
+                f"{p.form.group_size} values do not end where this layer's heads of {layer.stored_head_dim} inputs "
+                f"do; Ferrum pads them to {config.head_dim} at load, which packed needs whole blocks. Import "
+                "through float with convert_gguf(..., dequantize_to='float32')") from None
 
 
 def _check_reorderable(p: PlannedTensor, where: str) -> None:
