@@ -65,9 +65,11 @@ def _retile(array: np.ndarray, config, width: int, axis: int = 0, back: bool = F
     return np.moveaxis(heads.reshape(moved.shape), 0, axis)
 
 
-def _converted_tensors(name: str, array: np.ndarray, config, arch: str, whole_qkvz: bool) -> dict[str, np.ndarray]:
+def _converted_tensors(name: str, array: np.ndarray, config, arch: str, whole_qkvz: bool,
+                       fused: bool = False) -> dict[str, np.ndarray]:
     """One transformers tensor as llama.cpp's converter changes it, under transformers' names (the converter's
-    renames included; ``whole_qkvz``: Qwen3-Next's in_proj_qkvz kept whole, as the first converter kept it)."""
+    renames included; ``whole_qkvz``: Qwen3-Next's in_proj_qkvz kept whole, as the first converter kept it;
+    ``fused``: the experts' gate and up stacks kept fused, as newer converters may write them)."""
     k, v = config.linear_num_key_heads, config.linear_num_value_heads
     dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
     keys = 2 * k * dk
@@ -94,6 +96,8 @@ def _converted_tensors(name: str, array: np.ndarray, config, arch: str, whole_qk
         stem = name.removesuffix("in_proj_qkvz.weight")
         return {stem + "in_proj_qkv.weight": np.concatenate([p.reshape(-1, array.shape[1]) for p in parts[:3]]),
                 stem + "in_proj_z.weight": parts[3].reshape(-1, array.shape[1])}
+    if name.endswith("mlp.experts.gate_up_proj") and fused:  # [E, 2I, H], each expert's gate then its up rows
+        return {name + ".weight": array}
     if name.endswith("mlp.experts.gate_up_proj"):  # transformers' stack [E, 2I, H], split as the converter does
         inter = config.moe_intermediate_size
         return {name.replace("gate_up_proj", "gate_proj.weight"): array[:, :inter],
@@ -106,7 +110,7 @@ def _converted_tensors(name: str, array: np.ndarray, config, arch: str, whole_qk
 
 
 def _gated_delta_gguf(path: Path, hf, config, arch: str, qtype, prediction_layers: int = 0,
-                      whole_qkvz: bool = False) -> None:
+                      whole_qkvz: bool = False, fused: bool = False) -> None:
     """``hf``'s weights and sizes as llama.cpp's converter writes ``arch``: the ssm keys, the partial rope's
     dimension count, expert keys; names from gguf's own tensor map; matrices as ``qtype``, the routers, norms,
     convolutions and vectors float, as llama.cpp keeps them."""
@@ -148,7 +152,8 @@ def _gated_delta_gguf(path: Path, hf, config, arch: str, qtype, prediction_layer
     kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(kind, config.num_hidden_layers + prediction_layers)
     for name, tensor in hf.state_dict().items():
-        for hf_name, array in _converted_tensors(name, tensor.float().numpy(), config, arch, whole_qkvz).items():
+        for hf_name, array in _converted_tensors(name, tensor.float().numpy(), config, arch, whole_qkvz,
+                                                 fused).items():
             module, suffix = hf_name.rsplit(".", 1) if hf_name.endswith((".weight", ".bias")) else (hf_name, None)
             gguf_name = names.get_name(module) + ("" if suffix is None else f".{suffix}")
             array = np.ascontiguousarray(array, dtype=np.float32)
@@ -199,6 +204,22 @@ def test_an_older_qwen3next_file_with_the_whole_in_proj_qkvz_imports(tmp_path):
     _gated_delta_gguf(tmp_path / "m.gguf", hf, config, "qwen3next", Q.F32, whole_qkvz=True)
     assert "blk.0.ssm_in.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("arch", ["qwen35moe", "qwen3next"])
+def test_experts_with_gate_and_up_fused_import(tmp_path, arch, qtype):
+    """Newer llama.cpp converters may keep the experts' gate and up stacks fused (``ffn_gate_up_exps``, each expert's
+    gate rows then its up rows); the import cuts them apart, packed rows moved whole."""
+    hf, config = _tiny(arch)
+    _gated_delta_gguf(tmp_path / "m.gguf", hf, config, arch, qtype, fused=True)
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert "blk.0.ffn_gate_up_exps.weight" in names and "blk.0.ffn_gate_exps.weight" not in names
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+    else:
+        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def test_value_heads_that_split_a_quant_block_are_refused_packed_and_import_through_float(tmp_path):

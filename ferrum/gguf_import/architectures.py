@@ -9,7 +9,7 @@ from typing import Any, Callable
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata, float32_value
 from ferrum.gguf_import import gemma4
-from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, qwen3_hybrid_config
+from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
 @dataclass(frozen=True)
@@ -680,7 +680,7 @@ ARCHITECTURES = {
 
 # Gemma 4 (31B, E2B / E4B, 26B-A4B, whose experts configure reads: see ferrum.gguf_import.gemma4)
 _GEMMA4 = _Architecture("gemma4_text", "Gemma4ForCausalLM", False, renamed=gemma4.TENSORS,
-                        configure=gemma4.gemma4_config, own_tensors=gemma4.own_tensors, per_layer=True)
+                        configure=gemma4.gemma4_config, own_tensors=fused_gate_up, per_layer=True)
 ARCHITECTURES["gemma4"] = replace(_GEMMA4, with_experts=_GEMMA4)
 # Qwen3-Next's files: Qwen3.5-MoE's blocks, the Gated DeltaNet's projections grouped per key head
 ARCHITECTURES["qwen3next"] = replace(ARCHITECTURES["qwen35moe"], own_tensors=OWN_TENSORS["qwen3next"])

@@ -12,7 +12,8 @@ llama.cpp's converter changes these layers' tensors, and the import undoes each 
 * Qwen3-Next's grouped ``in_proj_qkvz`` is stored as Qwen3.5's ``attn_qkv`` and ``attn_gate`` (older files keep it
   whole as ``ssm_in``), its ``in_proj_ba`` as ``ssm_ba``, still grouped per key head: both are cut into Qwen3.5's
   four projections. llama.cpp runs a Qwen3-Next file as Qwen3.5-MoE runs (every layer sparse, top-k weights
-  renormalised), so it is imported as one.
+  renormalised), so it is imported as one;
+* newer converters may fuse the experts' gate and up stacks into ``ffn_gate_up_exps``: cut apart again.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ class Restored:
     rows: np.ndarray | None = None
     columns: np.ndarray | None = None
     restore: Callable[[np.ndarray, str], np.ndarray] | None = None
+
+
+def fused_gate_up(rest: str, cfg: dict[str, Any], module: str = "") -> tuple[Restored, ...] | None:
+    """A fused expert stack ``ffn_gate_up_exps [E, 2I, H]`` (each expert's I gate rows, then its I up rows: Gemma 4's
+    always, Qwen3.5-MoE's and Qwen3-Next's where a newer converter fused them) as the gate stack and the up stack;
+    whole rows move, so packed blocks stay exact. ``module``: the sparse MLP's, where it is not the layer itself."""
+    if rest != "ffn_gate_up_exps.weight":
+        return None
+    rows = np.arange(cfg["num_experts"] * 2 * cfg["moe_intermediate_size"]).reshape(cfg["num_experts"], 2, -1)
+    return (Restored(f"{module}switch_mlp.gate_proj.weight", rows[:, 0].ravel()),
+            Restored(f"{module}switch_mlp.up_proj.weight", rows[:, 1].ravel()))
 
 
 def untile(heads_k: int, per_k: int, width: int) -> np.ndarray:
@@ -92,7 +104,7 @@ def _qwen35_tensors(rest: str, cfg: dict[str, Any]) -> tuple[Restored, ...] | No
         **_COMMON,
     }
     found = table.get(rest)
-    return None if found is None else (found,)
+    return fused_gate_up(rest, cfg, "mlp.") if found is None else (found,)
 
 
 def _qwen3next_tensors(rest: str, cfg: dict[str, Any]) -> tuple[Restored, ...] | None:
@@ -116,7 +128,7 @@ def _qwen3next_tensors(rest: str, cfg: dict[str, Any]) -> tuple[Restored, ...] |
              "ssm_a": Restored(f"{_M}.A_log", restore=_a_log),
              "ssm_dt.bias": Restored(f"{_M}.dt_bias"),
              "ssm_out.weight": Restored(f"{_M}.out_proj.weight"), **_COMMON}.get(rest)
-    return None if found is None else (found,)
+    return fused_gate_up(rest, cfg, "mlp.") if found is None else (found,)
 
 
 #: Tensors both layouts store alike: the gated norm (not zero-centred, so not shifted) and the norm after attention.

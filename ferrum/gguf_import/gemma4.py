@@ -6,7 +6,7 @@ heads and ``key_length_swa`` for the sliding ones', ``head_count_kv`` one per la
 their own count (31B's ``num_global_key_value_heads``), ``feed_forward_length`` one per layer where the shared-KV
 layers are twice as wide (``use_double_wide_mlp``), and the full layers' "proportional" rope as a ``rope_freqs``
 tensor: 1 for each pair that turns, 1e30 (no turn) for the rest. 26B-A4B's experts are stored with gate and up
-fused, ``ffn_gate_up_exps [E, 2I, H]``, cut here into the two stacks Ferrum reads.
+fused, ``ffn_gate_up_exps [E, 2I, H]``, cut into the two stacks Ferrum reads (``gated_delta.fused_gate_up``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata, float32_value
-from ferrum.gguf_import.gated_delta import Restored
 
 #: Gemma 4's block tensors under their transformers names (Gemma 3's four norms, the layer scalar, E2B / E4B's
 #: per-layer input, 26B-A4B's router and second norms).
@@ -45,15 +44,6 @@ GLOBAL_TENSORS = {
 }
 #: What llama.cpp's rope_freqs holds for a pair the proportional rope leaves unturned.
 _UNTURNED = 1e30
-
-
-def own_tensors(rest: str, cfg: dict[str, Any]) -> tuple[Restored, ...] | None:
-    """26B-A4B's fused expert stack ``[E, 2I, H]`` as the gate stack (each expert's first I rows) and the up stack."""
-    if rest != "ffn_gate_up_exps.weight":
-        return None
-    rows = np.arange(cfg["num_experts"] * 2 * cfg["moe_intermediate_size"]).reshape(cfg["num_experts"], 2, -1)
-    return (Restored("switch_mlp.gate_proj.weight", rows[:, 0].ravel()),
-            Restored("switch_mlp.up_proj.weight", rows[:, 1].ravel()))
 
 
 def _per_layer(meta: Metadata, key: str, layers: int) -> list[int]:
