@@ -1580,9 +1580,8 @@ def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> 
     ("kwargs", "message"),
     [
         ({"arch": "bloom"}, "GGUF architecture 'bloom' is not supported"),
-        ({"arch": "granitehybrid"}, r"'granitehybrid' \(Granite 4.0-H, hybrid Mamba-2\) is not imported yet; load "
-                                    "its Hugging Face safetensors checkpoint or an mlx-lm conversion"),
-        ({"arch": "nemotron_h"}, r"'nemotron_h' \(Nemotron-H, hybrid Mamba-2\) is not imported yet"),
+        ({"arch": "nemotron_h"}, r"'nemotron_h' \(Nemotron-H, hybrid Mamba-2\) is not imported yet; load "
+                                 "its Hugging Face safetensors checkpoint or an mlx-lm conversion"),
         ({"arch": "lfm2"}, r"'lfm2' \(LFM2, gated short convolutions\) is not imported yet"),
         ({"arch": "lfm2moe"}, r"'lfm2moe' \(LFM2-MoE, gated short convolutions\) is not imported yet"),
         ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
@@ -1600,7 +1599,7 @@ def test_experts_of_an_architecture_without_them_are_refused_naming_those_that_h
     """The refusal lists the architectures whose mixture-of-experts files Ferrum imports, from its table."""
     write_tiny_gguf(tmp_path / "x.gguf", arch="qwen2", metadata={"expert_count": 4})
     with pytest.raises(UnsupportedFeatureError, match=r"mixture-of-experts qwen2 GGUF files are not supported "
-                       r"\(Ferrum imports llama, qwen2moe, .*hunyuan-moe, qwen35moe, gemma4, qwen3next ones\)"):
+                       r"\(Ferrum imports llama, qwen2moe, .*hunyuan-moe, qwen35moe, gemma4, qwen3next, granitehybrid ones\)"):
         convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
 
 

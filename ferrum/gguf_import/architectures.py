@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value
-from ferrum.gguf_import import gemma4
+from ferrum.gguf_import import gemma4, granite_hybrid
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
@@ -25,6 +26,9 @@ class _Experts:
     shared_key: str | None = None
     #: the shared expert's GGUF tensors -> their suffixes in the sparse MLP module
     shared_tensors: tuple[tuple[str, str], ...] = ()
+    #: the router's module in the sparse MLP, where ``ferrum.moe.spec.ROUTER`` does not name it by model_type
+    #: (Granite 4.0-H's, routed as GraniteMoeShared's)
+    router: str | None = None
 
 
 @dataclass(frozen=True)
@@ -686,14 +690,28 @@ ARCHITECTURES["gemma4"] = replace(_GEMMA4, with_experts=_GEMMA4)
 ARCHITECTURES["qwen3next"] = replace(ARCHITECTURES["qwen35moe"], own_tensors=OWN_TENSORS["qwen3next"])
 
 
-def for_model_type(model_type: str, gguf_arch: str | None = None) -> _Architecture:
+# Granite 4.0-H: Mamba-2 layers among Granite's attention ones (see ferrum.gguf_import.granite_hybrid); the shared MLP
+# alone (its width the file's shared-expert width, its gate and up joined into input_linear), or experts beside it as
+# GraniteMoeShared's
+_GRANITE_HYBRID = _Architecture("granitemoehybrid", "GraniteMoeHybridForCausalLM", True, (("attention_bias", False),),
+                                configure=granite_hybrid.granite_hybrid_config, own_tensors=granite_hybrid.own_tensors,
+                                joined=((("ffn_gate.weight", "ffn_up.weight"), "mlp.gate_up_proj.weight"),))
+ARCHITECTURES["granitehybrid"] = replace(_GRANITE_HYBRID, with_shared_expert=_GRANITE_HYBRID, with_experts=replace(
+    _GRANITE_HYBRID, joined=_GRANITE_SHARED_JOINED,
+    moe=_Experts("block_sparse_moe", "num_local_experts", None, None, shared_key="shared_intermediate_size",
+                 shared_tensors=_GRANITE_SHARED, router=ROUTER["granitemoeshared"])))
+
+
+def for_model_type(model_type: str, gguf_arch: str | None = None, experts: bool | None = None) -> _Architecture:
     """The architecture whose config.json names ``model_type`` (Mixtral's and GraniteMoeShared's included), the
-    file's own (``gguf_arch``) first where several write the same family."""
+    file's own (``gguf_arch``) first where several write the same family, and the one with or without a sparse MLP as
+    ``experts`` says where both write it (Granite 4.0-H's)."""
     first = [ARCHITECTURES[gguf_arch]] if gguf_arch in ARCHITECTURES else []
     every = [*first, *ARCHITECTURES.values(), *(a.with_experts for a in ARCHITECTURES.values() if a.with_experts),
              *(a.with_shared_expert for a in ARCHITECTURES.values() if a.with_shared_expert)]
     every += [replace(a, model_type=kind, hf_class=hf_class) for a in every for kind, hf_class in a.variants]
-    return next(a for a in every if a.model_type == model_type)
+    named = [a for a in every if a.model_type == model_type]
+    return next((a for a in named if experts is None or (a.moe is not None) == experts), named[0])
 
 
 #: The MoE blocks: GGUF name -> Hugging Face suffix within the sparse MLP module (mlx-lm's stacked names); the

@@ -126,8 +126,8 @@ def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
 
 
 #: llama.cpp's names of the hybrid models (recurrent layers beside attention) Ferrum runs from safetensors only.
-HYBRID_ARCHITECTURES = {"granitehybrid": "Granite 4.0-H, hybrid Mamba-2", "nemotron_h": "Nemotron-H, hybrid Mamba-2",
-                        "lfm2": "LFM2, gated short convolutions", "lfm2moe": "LFM2-MoE, gated short convolutions"}
+HYBRID_ARCHITECTURES = {"nemotron_h": "Nemotron-H, hybrid Mamba-2", "lfm2": "LFM2, gated short convolutions",
+                        "lfm2moe": "LFM2-MoE, gated short convolutions"}
 
 
 def _first(value: int | list[int]) -> int:
@@ -153,7 +153,8 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     heads = int(meta.need(p + "attention.head_count"))
     kv_heads = meta.get(p + "attention.head_count_kv", heads)
     family = ARCHITECTURES[arch]
-    if isinstance(kv_heads, list):  # one per layer
+    if isinstance(kv_heads, list):  # one per layer, 0 for those without attention (Granite 4.0-H's Mamba-2 ones)
+        kv_heads = [k for k in kv_heads if k] or kv_heads
         if len(set(kv_heads)) != 1 and not family.per_layer:
             raise UnsupportedFeatureError(
                 f"{where}: per-layer KV head counts {sorted(set(kv_heads))} are not supported"

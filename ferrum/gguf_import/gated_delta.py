@@ -58,7 +58,7 @@ def untile(heads_k: int, per_k: int, width: int) -> np.ndarray:
     return np.arange(heads_k * per_k * width).reshape(per_k, heads_k, width).transpose(1, 0, 2).reshape(-1)
 
 
-def _a_log(ssm_a: np.ndarray, name: str) -> np.ndarray:
+def a_log(ssm_a: np.ndarray, name: str) -> np.ndarray:
     """``A_log`` from the stored ``-exp(A_log)``, which is negative wherever the file is sound."""
     if not (ssm_a < 0).all():
         raise CheckpointError(f"tensor {name} holds values >= 0; llama.cpp stores -exp(A_log) there, always negative")
@@ -98,7 +98,7 @@ def _qwen35_tensors(rest: str, cfg: dict[str, Any]) -> tuple[Restored, ...] | No
         "ssm_beta.weight": Restored(f"{_M}.in_proj_b.weight", heads(1)),
         "ssm_alpha.weight": Restored(f"{_M}.in_proj_a.weight", heads(1)),
         "ssm_conv1d.weight": Restored(f"{_M}.conv1d.weight", qkv),
-        "ssm_a": Restored(f"{_M}.A_log", heads(1), restore=_a_log),
+        "ssm_a": Restored(f"{_M}.A_log", heads(1), restore=a_log),
         "ssm_dt.bias": Restored(f"{_M}.dt_bias", heads(1)),
         "ssm_out.weight": Restored(f"{_M}.out_proj.weight", columns=heads(1)),
         **_COMMON,
@@ -125,7 +125,7 @@ def _qwen3next_tensors(rest: str, cfg: dict[str, Any]) -> tuple[Restored, ...] |
     found = {"attn_qkv.weight": Restored(f"{_M}.in_proj_qkv.weight"),
              "attn_gate.weight": Restored(f"{_M}.in_proj_z.weight"),
              "ssm_conv1d.weight": Restored(f"{_M}.conv1d.weight"),
-             "ssm_a": Restored(f"{_M}.A_log", restore=_a_log),
+             "ssm_a": Restored(f"{_M}.A_log", restore=a_log),
              "ssm_dt.bias": Restored(f"{_M}.dt_bias"),
              "ssm_out.weight": Restored(f"{_M}.out_proj.weight"), **_COMMON}.get(rest)
     return fused_gate_up(rest, cfg, "mlp.") if found is None else (found,)

@@ -144,8 +144,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
     """Map every GGUF tensor to its Hugging Face name and the shape the model reads it in: ``weight_shapes`` of
     the config being written (rope_freqs and longrope's factors are read into the config instead); ``gguf_arch``
     is the file's architecture, where several write one family."""
-    arch = for_model_type(cfg["model_type"], gguf_arch)
     model_config = ModelConfig.from_dict(cfg, where)
+    arch = for_model_type(cfg["model_type"], gguf_arch, experts=model_config.arch.moe is not None)
     # written as the converter stored them, [out, in], whatever the family's own checkpoints do (GPT-2's Conv1D)
     model_arch = replace(model_config.arch, transposed=False)
     model_config = replace(model_config, arch=model_arch)
@@ -157,7 +157,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
         if f"blk.0.{tensor}" in by_name:
             block_tensors.update(renamed)
     if arch.moe is not None:
-        router = {"ffn_gate_inp.weight": f"{ROUTER.get(arch.model_type, 'gate')}.weight"}
+        router = {"ffn_gate_inp.weight": f"{arch.moe.router or ROUTER.get(arch.model_type, 'gate')}.weight"}
         moe_tensors = {**MOE_BLOCK_TENSORS, **router, **dict(arch.moe.shared_tensors)}
         block_tensors.update({name: f"{arch.moe.module}.{suffix}" for name, suffix in moe_tensors.items()})
     # the next-token-prediction layers (GLM-4.5's) the converter appends after the decoder's: not run, not read
@@ -263,7 +263,8 @@ def _restored(tensor: Any, own: tuple[Any, ...], names: list[str], expected: dic
     for r, name in zip(own, names):
         want = expected.get(name)
         got = shape if r.rows is None else _selected_shape(shape, len(r.rows))
-        if want is None or [n for n in got if n != 1] != [n for n in want if n != 1]:
+        flat = want is not None and len(want) == 1 and math.prod(got) == want[0]  # a vector stored in rows
+        if want is None or ([n for n in got if n != 1] != [n for n in want if n != 1] and not flat):
             raise CheckpointError(f"{where}: tensor {tensor.name} ({name}) has shape {got} but the metadata implies "
                                   f"{want}")
         rows = None if r.rows is None else (0, shape[0])  # all the source's rows, then those it takes, in order
