@@ -14,7 +14,7 @@ from ferrum.recurrent import kernels
 from ferrum.recurrent.state import RecurrentStates
 from ferrum.testing import family_checks
 from ferrum.testing.conformance import _Context, _Mismatch
-from support import runnable_backends
+from support import grouped_routing_backends, runnable_backends
 
 CHECKS = (family_checks.check_sigmoid_mul, family_checks.check_causal_conv1d, family_checks.check_gated_delta_rule,
           family_checks.check_ssd_update)
@@ -24,6 +24,49 @@ CHECKS = (family_checks.check_sigmoid_mul, family_checks.check_causal_conv1d, fa
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_recurrent_ops_match_the_float64_oracle(backend, check):
     assert check(_Context(load_backend(backend), "float32"), 1e-5) <= 1e-5
+
+
+#: A varlen batch as the engine mixes them: a decode token, a prompt over two chunks of the batched rule
+#: (``ferrum.recurrent.batched.CHUNK``), a short prompt chunk, one a token over a chunk, one a chunk exactly.
+_VARLEN = np.cumsum([0, 1, 70, 5, 33, 32]).astype(np.int32)
+_DECODE = np.arange(5, dtype=np.int32)
+
+
+def _random_batch(cu: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Gated DeltaNet's inputs for ``cu``'s segments, GQA (two value heads per q/k head), each segment from a state
+    of its own; the long segment's keys nearly repeat (where an unstable chunked solve would lose the state)."""
+    rng = np.random.default_rng(int(cu[-1]))
+    n, k_heads, v_heads, dk, dv = int(cu[-1]), 2, 4, 16, 8
+    q, k = rng.standard_normal((2, n, k_heads, dk)).astype(np.float32)
+    if n > 71:
+        k[1:71] = k[1] + 0.01 * rng.standard_normal((70, k_heads, dk)).astype(np.float32)
+    v = rng.standard_normal((n, v_heads, dv)).astype(np.float32)
+    a, b = (rng.standard_normal((2, n, v_heads)) * 2).astype(np.float32)
+    a_log, dt_bias = np.log(np.array([0.01, 0.3, 2.0, 8.0], np.float32)), np.array([-4.0, -1, 0, 1], np.float32)
+    state = (rng.standard_normal((len(cu) - 1, v_heads, dk, dv)) * 0.5).astype(np.float32)
+    return q, k, v, a, b, a_log, dt_bias, state
+
+
+@pytest.mark.parametrize("backend", sorted(set(runnable_backends() + grouped_routing_backends()) - {"cpu"}))
+@pytest.mark.parametrize("cu", [_VARLEN, _DECODE], ids=["varlen", "decode"])
+def test_native_recurrent_ops_equal_the_numpy_backends(backend, cu):
+    """torch, MLX and JAX run the ops themselves (no host round trip) and give the numpy backend's results."""
+    ops = load_backend(backend).ops
+    assert {"causal_conv1d", "gated_delta_rule", "sigmoid_mul"} <= ops.native
+    inputs = _random_batch(cu)
+    given = [ops.from_numpy(t, "float32") for t in inputs]
+    out, state = ops.gated_delta_rule(*given, cu)
+    want_out, want_state = kernels.gated_delta_rule(*inputs, cu)
+    np.testing.assert_allclose(ops.to_numpy(out), want_out, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(ops.to_numpy(state), want_state, rtol=1e-4, atol=2e-5)
+    assert np.array_equal(ops.to_numpy(given[-1]), inputs[-1]), "the state given was changed"
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((int(cu[-1]), 24)).astype(np.float32), rng.standard_normal((24, 4)).astype(np.float32)
+    conv_state = rng.standard_normal((len(cu) - 1, 24, 3)).astype(np.float32)
+    y, new_conv = ops.causal_conv1d(*(ops.from_numpy(t, "float32") for t in (x, w, conv_state)), cu, True)
+    want_y, want_conv = kernels.causal_conv1d(x, w, conv_state, cu, True)
+    np.testing.assert_allclose(ops.to_numpy(y), want_y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ops.to_numpy(new_conv), want_conv)
 
 
 def _with(**ops) -> _Context:

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
+from ferrum.recurrent import batched
 from ferrum.sampling import DeviceSample, SampleResult
 from ferrum_cuda import graphs, guess_device, requested_device, quant
 
@@ -552,6 +553,28 @@ def mul(a, b):
 @hookimpl
 def clip(x, limit):
     return x.clamp(-limit, limit)
+
+
+# --------------------------------------------------------------------------
+# Recurrent mixers (ferrum.recurrent.batched in torch ops)
+# --------------------------------------------------------------------------
+
+_RECURRENT = batched.Framework(torch, _small, lambda x, dtype: x.to(dtype))
+
+
+@hookimpl
+def sigmoid_mul(gate, x):
+    return (x.float() * torch.sigmoid(gate.float())).to(x.dtype)
+
+
+@hookimpl
+def causal_conv1d(x, weight, state, cu_seqlens, silu):
+    return batched.causal_conv1d(_RECURRENT, x, weight, state, cu_seqlens, silu)
+
+
+@hookimpl
+def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens):
+    return batched.gated_delta_rule(_RECURRENT, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens)
 
 
 # --------------------------------------------------------------------------

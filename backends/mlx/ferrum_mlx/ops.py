@@ -20,6 +20,7 @@ from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
 from ferrum.quant.affine import pack, unpack
 from ferrum.quant.config import FLOAT_MODES
+from ferrum.recurrent import batched
 from ferrum.sampling import DeviceSample, SampleResult
 
 _METAL = mx.metal.is_available()
@@ -420,6 +421,26 @@ def mul(a, b):
 @hookimpl
 def clip(x, limit):
     return mx.clip(x, -limit, limit)
+
+
+# ------------------------------------------------------- recurrent mixers (ferrum.recurrent.batched: lazy mx ops)
+
+_RECURRENT = batched.Framework(mx, mx.array, lambda x, dtype: x.astype(dtype))
+
+
+@hookimpl
+def sigmoid_mul(gate, x):
+    return (x.astype(mx.float32) * mx.sigmoid(gate.astype(mx.float32))).astype(x.dtype)
+
+
+@hookimpl
+def causal_conv1d(x, weight, state, cu_seqlens, silu):
+    return batched.causal_conv1d(_RECURRENT, x, weight, state, cu_seqlens, silu)
+
+
+@hookimpl
+def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens):
+    return batched.gated_delta_rule(_RECURRENT, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens)
 
 
 # ------------------------------------------------------- quantized weights

@@ -11,7 +11,8 @@ from ferrum.backends import BackendProbe
 #: The Ferrum plugin API this package was written for: a literal, never ``ferrum.API_VERSION``, so a
 #: Ferrum with another major version refuses it instead of calling hooks whose meaning changed.
 #: 1.9: clip, mul; 1.11: top-p within the top-k; 1.12: moe_route's routing; 1.13: its rule; 1.14: relu_squared
-#: 1.15: xielu; 1.16: the grouped rules' expert_scale (its experts stay the core's, which run every activation)
+#: 1.15: xielu; 1.16: sigmoid_mul, causal_conv1d, gated_delta_rule, the grouped rules' expert_scale (its experts
+#: stay the core's, which run every activation)
 API_VERSION = "1.16"
 
 

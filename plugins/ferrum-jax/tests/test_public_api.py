@@ -7,7 +7,7 @@ from pathlib import Path
 
 import ferrum_jax
 
-PUBLIC = {"ferrum", "ferrum.backends", "ferrum.errors", "ferrum.sampling", "ferrum.quant"}
+PUBLIC = {"ferrum", "ferrum.backends", "ferrum.errors", "ferrum.sampling", "ferrum.quant", "ferrum.recurrent.batched"}
 
 
 def test_the_plugin_imports_only_ferrums_public_plugin_api():

@@ -1,0 +1,226 @@
+"""The recurrent ops written once for numpy-like array frameworks (MLX, torch, JAX): the backends' native
+``causal_conv1d`` and ``gated_delta_rule`` without a host round trip.
+
+The host reads only ``cu_seqlens`` (already a host array) and turns it into index arrays; everything else is
+array ops on the device, so MLX's graph stays lazy. Segments are padded to a ``[B, L]`` batch whose padding
+neither decays nor writes the state (``g = 0``, ``beta = 0``, ``k = 0``). The delta rule then runs one
+vectorised step per token for short segments (a decode step is one), or, from ``CHUNK`` tokens on, in
+chunks: within a chunk the WY form (the corrections ``u`` solve a unit lower-triangular system, by forward
+substitution, which stays stable where keys nearly repeat; a doubling inverse loses them), across chunks one
+state update each.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+#: Tokens per chunk of the chunked delta rule, and the segment length from which it is used.
+CHUNK = 32
+
+
+def python_scan(fn: Callable, carry: Any, xs: tuple) -> tuple[Any, Any]:
+    """``lax.scan``'s contract by a Python loop over the leading axis: ``(carry, [ys...])``."""
+    ys = []
+    for i in range(xs[0].shape[0]):
+        carry, y = fn(carry, tuple(x[i] for x in xs))
+        ys.append(y)
+    return carry, ys
+
+
+@dataclass(frozen=True)
+class Framework:
+    """What differs between the frameworks: ``xp`` (their numpy-like namespace: einsum, exp, cumsum, ...),
+    uploading a host array, casting, the loop over time (``scan`` returns the outputs stacked or as a list,
+    ``stack`` makes them one array either way), and ``jit(fn, static_argnames)`` where device parts compile."""
+
+    xp: Any
+    put: Callable[[np.ndarray], Any]
+    astype: Callable[[Any, Any], Any]
+    scan: Callable = python_scan
+    jit: Callable | None = None
+
+    def stack(self, ys: Any) -> Any:
+        return self.xp.stack(ys) if isinstance(ys, list) else ys
+
+
+@functools.cache
+def _device_part(fw: Framework, fn: Callable, static: str) -> Callable:
+    bound = functools.partial(fn, fw)
+    return bound if fw.jit is None else fw.jit(bound, static_argnames=static)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host plans
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Rows of ``concat(state rows, x)`` that each output's taps read, and each segment's new state."""
+
+    taps: np.ndarray  # [T, K]
+    state: np.ndarray  # [B, K - 1]
+
+
+def conv_plan(cu_seqlens: Any, taps: int) -> ConvPlan:
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    batch, keep = len(cu) - 1, taps - 1
+    lengths = np.diff(cu)
+    # window b: its state's rows (b * keep ...), then its inputs (offset by all the state rows)
+    windows = [np.concatenate([b * keep + np.arange(keep), batch * keep + np.arange(cu[b], cu[b + 1])])
+               for b in range(batch)]
+    rows = [w[np.arange(n)[:, None] + np.arange(taps)] for w, n in zip(windows, lengths)]
+    tap_rows = np.concatenate(rows) if rows else np.zeros((0, taps), np.int64)
+    state_rows = np.stack([w[len(w) - keep:] for w in windows]) if batch else np.zeros((0, keep), np.int64)
+    return ConvPlan(tap_rows.astype(np.int32), state_rows.astype(np.int32))
+
+
+@dataclass(frozen=True)
+class DeltaPlan:
+    """A varlen batch as ``[B, L]``: the token each slot reads (``gather``, 0 for padding), which slots are real
+    (``valid``) and the slot each token's output is in (``scatter``); all ``None`` when every segment is one
+    token (the rows already are the batch)."""
+
+    gather: np.ndarray | None  # [B, L]
+    valid: np.ndarray | None  # [B, L] float32
+    scatter: np.ndarray | None  # [T]
+    chunked: bool
+
+
+def delta_plan(cu_seqlens: Any, chunk: int = CHUNK) -> DeltaPlan:
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    lengths = np.diff(cu)
+    if len(lengths) and (lengths == 1).all():
+        return DeltaPlan(None, None, None, False)
+    longest = int(lengths.max(initial=0))
+    chunked = longest >= chunk
+    width = -(-longest // chunk) * chunk if chunked else max(longest, 1)
+    slot = np.arange(width)
+    valid = slot[None, :] < lengths[:, None]
+    gather = np.where(valid, cu[:-1, None] + slot[None, :], 0)
+    scatter = np.concatenate([b * width + np.arange(n) for b, n in enumerate(lengths)] + [np.zeros(0, np.int64)])
+    return DeltaPlan(gather.astype(np.int32), valid.astype(np.float32), scatter.astype(np.int32), chunked)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+def causal_conv1d(fw: Framework, x: Any, weight: Any, state: Any, cu_seqlens: Any, silu: bool) -> tuple[Any, Any]:
+    """``ferrum.hookspec.causal_conv1d``: every output row's ``K`` taps gathered at once, summed in float32."""
+    plan = conv_plan(cu_seqlens, weight.shape[1])
+    conv = _device_part(fw, convolve, "silu")
+    return conv(x, weight, state, fw.put(plan.taps), fw.put(plan.state), silu=silu)
+
+
+def convolve(fw: Framework, x: Any, weight: Any, state: Any, taps: Any, state_rows: Any,
+             silu: bool) -> tuple[Any, Any]:
+    """The device part of :func:`causal_conv1d` for a :class:`ConvPlan`'s uploaded arrays."""
+    xp, f32 = fw.xp, fw.xp.float32
+    rows = fw.astype(xp.swapaxes(state, 1, 2), f32).reshape(-1, x.shape[1])  # [B * (K - 1), C]
+    source = xp.concatenate([rows, fw.astype(x, f32)])
+    y = xp.einsum("tkc,ck->tc", source[taps], fw.astype(weight, f32))
+    if silu:
+        y = y / (1.0 + xp.exp(-y))
+    new_state = fw.astype(xp.swapaxes(source[state_rows], 1, 2), state.dtype)
+    return fw.astype(y, x.dtype), new_state
+
+
+def _l2_normed(xp: Any, x: Any) -> Any:
+    return x / xp.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+
+def _per_value_head(xp: Any, x: Any, heads: int) -> Any:
+    """``[..., Hk, D] -> [..., Hv, D]``: q/k head ``i`` serves value heads ``i * Hv / Hk`` on."""
+    *lead, hk, d = x.shape
+    if hk == heads:
+        return x
+    return xp.broadcast_to(x[..., None, :], (*lead, hk, heads // hk, d)).reshape(*lead, heads, d)
+
+
+def gated_delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
+                     cu_seqlens: Any, chunk: int = CHUNK) -> tuple[Any, Any]:
+    """``ferrum.hookspec.gated_delta_rule``; returns ``(out in v's dtype, new float32 state)``."""
+    plan = delta_plan(cu_seqlens, chunk)
+    gather, scatter, valid = (None if i is None else fw.put(i) for i in (plan.gather, plan.scatter, plan.valid))
+    rule = _device_part(fw, delta_rule, "chunk")
+    return rule(q, k, v, a, b, a_log, dt_bias, state, gather, scatter, valid, chunk=chunk if plan.chunked else 0)
+
+
+def delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
+               gather: Any, scatter: Any, valid: Any, chunk: int) -> tuple[Any, Any]:
+    """The device part of :func:`gated_delta_rule` for a :class:`DeltaPlan`'s uploaded arrays (pure: JAX jits
+    it with ``chunk`` static); ``chunk`` 0 steps token by token."""
+    xp, f32 = fw.xp, fw.xp.float32
+    heads, dk = v.shape[1], q.shape[2]
+    qf = _per_value_head(xp, _l2_normed(xp, fw.astype(q, f32)) * dk ** -0.5, heads)
+    kf = _per_value_head(xp, _l2_normed(xp, fw.astype(k, f32)), heads)
+    vf = fw.astype(v, f32)
+    x = fw.astype(a, f32) + fw.astype(dt_bias, f32)
+    g = -xp.exp(fw.astype(a_log, f32)) * xp.logaddexp(x, xp.zeros_like(x))  # log of the decay
+    beta = 1.0 / (1.0 + xp.exp(-fw.astype(b, f32)))
+    state = fw.astype(state, f32)
+    if gather is None:  # every segment one token: one step over the batch
+        out, new_state = _step(xp, state, (qf, kf, vf, g, beta))
+        return fw.astype(out, v.dtype), new_state
+    qf, kf, vf, g, beta = (t[gather] for t in (qf, kf, vf, g, beta))  # [B, L, ...]
+    kf, g, beta = kf * valid[..., None, None], g * valid[..., None], beta * valid[..., None]
+    if chunk:
+        out, new_state = _chunked(fw, state, qf, kf, vf, g, beta, chunk)
+    else:
+        new_state, outs = fw.scan(lambda s, xs: _step(xp, s, xs)[::-1], state,
+                                  tuple(xp.swapaxes(t, 0, 1) for t in (qf, kf, vf, g, beta)))
+        out = xp.swapaxes(fw.stack(outs), 0, 1)
+    out = out.reshape(-1, *out.shape[2:])[scatter]
+    return fw.astype(out, v.dtype), new_state
+
+
+def _step(xp: Any, state: Any, xs: tuple) -> tuple[Any, Any]:
+    """One token of every sequence: ``q, k [B, H, Dk]``, ``v [B, H, Dv]``, ``g, beta [B, H]``."""
+    q, k, v, g, beta = xs
+    state = state * xp.exp(g)[..., None, None]
+    delta = (v - xp.einsum("bhk,bhkv->bhv", k, state)) * beta[..., None]
+    state = state + k[..., None] * delta[..., None, :]
+    return xp.einsum("bhk,bhkv->bhv", q, state), state
+
+
+def _chunked(fw: Framework, state: Any, q: Any, k: Any, v: Any, g: Any, beta: Any, chunk: int) -> tuple[Any, Any]:
+    """The delta rule over ``[B, N * C]`` tokens, chunk by chunk: with ``G`` the running sum of ``g`` in a chunk
+    and ``D[i, j] = exp(G_i - G_j)`` (``j <= i``), the state after token ``i`` is ``exp(G_i) S + sum_j D[i, j]
+    k_j u_j``, where ``(I + A) u = beta (v - exp(G) k S)``, ``A[i, j] = beta_i D[i, j] k_i . k_j`` (``j < i``)."""
+    xp = fw.xp
+    batch, length, heads, dk = k.shape
+    n = length // chunk
+    q, k, v = (t.reshape(batch, n, chunk, heads, -1) for t in (q, k, v))
+    g, beta = (t.reshape(batch, n, chunk, heads) for t in (g, beta))
+    cum = xp.cumsum(g, axis=2)  # [B, N, C, H]
+    lower = np.tril(np.ones((chunk, chunk), np.float32))[:, :, None]
+    within, strict = fw.put(lower), fw.put(lower - np.eye(chunk, dtype=np.float32)[:, :, None])
+    decay = xp.exp((cum[:, :, :, None] - cum[:, :, None]) * within) * within  # D [B, N, C, C, H]
+    system = xp.einsum("bnihd,bnjhd->bnijh", k, k) * decay * beta[:, :, :, None] * strict  # A
+    # solve (I + A) [u0 | w] = beta [v | exp(G) k] by forward substitution, column by column
+    rhs = xp.concatenate([v, k * xp.exp(cum)[..., None]], axis=-1) * beta[..., None]
+    for j in range(chunk - 1):
+        rhs = rhs - system[:, :, :, j, :, None] * rhs[:, :, j:j + 1]
+    u0, w = rhs[..., :v.shape[-1]], rhs[..., v.shape[-1]:]  # u = u0 - w S
+    attend = xp.einsum("bnihd,bnjhd->bnijh", q, k) * decay
+    q_decayed = q * xp.exp(cum)[..., None]
+    last = cum[:, :, -1:]  # [B, N, 1, H]
+    k_to_end = k * xp.exp(last - cum)[..., None]
+
+    def one_chunk(s: Any, xs: tuple) -> tuple[Any, Any]:
+        u0_n, w_n, attend_n, q_n, k_n, last_n = xs
+        u = u0_n - xp.einsum("bchk,bhkv->bchv", w_n, s)
+        out = xp.einsum("bchk,bhkv->bchv", q_n, s) + xp.einsum("bijh,bjhv->bihv", attend_n, u)
+        s = s * xp.exp(last_n[:, 0])[..., None, None] + xp.einsum("bchk,bchv->bhkv", k_n, u)
+        return s, out
+
+    parts = (u0, w, attend, q_decayed, k_to_end, last)
+    state, outs = fw.scan(one_chunk, state, tuple(xp.swapaxes(t, 0, 1) for t in parts))
+    out = xp.swapaxes(fw.stack(outs), 0, 1)  # [B, N, C, H, Dv]
+    return out.reshape(batch, length, heads, -1), state

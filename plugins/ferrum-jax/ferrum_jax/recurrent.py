@@ -1,0 +1,37 @@
+"""The recurrent mixers' ops (API 1.16): :mod:`ferrum.recurrent.batched` in jnp, its device parts jitted (one
+compile per batch shape) and its loops over time ``lax.scan``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import ferrum.recurrent.batched as batched
+from ferrum import hookimpl
+
+from ferrum_jax.arrays import from_numpy
+
+F32 = jnp.float32
+_FRAMEWORK = batched.Framework(jnp, lambda array: from_numpy(array, None), lambda x, dtype: x.astype(dtype),
+                               scan=lax.scan, jit=jax.jit)
+
+
+@jax.jit
+def _sigmoid_mul(gate, x):
+    return (x.astype(F32) * jax.nn.sigmoid(gate.astype(F32))).astype(x.dtype)
+
+
+@hookimpl
+def sigmoid_mul(gate, x):
+    return _sigmoid_mul(gate, x)
+
+
+@hookimpl
+def causal_conv1d(x, weight, state, cu_seqlens, silu):
+    return batched.causal_conv1d(_FRAMEWORK, x, weight, state, cu_seqlens, bool(silu))
+
+
+@hookimpl
+def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens):
+    return batched.gated_delta_rule(_FRAMEWORK, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens)
