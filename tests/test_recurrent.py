@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ferrum.backends import load_backend
-from ferrum.recurrent import kernels
+from ferrum.recurrent import batched, kernels
 from ferrum.recurrent.state import RecurrentStates
 from ferrum.testing import family_checks
 from ferrum.testing.conformance import _Context, _Mismatch
@@ -26,9 +26,10 @@ def test_recurrent_ops_match_the_float64_oracle(backend, check):
     assert check(_Context(load_backend(backend), "float32"), 1e-5) <= 1e-5
 
 
-#: A varlen batch as the engine mixes them: a decode token, a prompt over two chunks of the batched rule
-#: (``ferrum.recurrent.batched.CHUNK``), a short prompt chunk, one a token over a chunk, one a chunk exactly.
-_VARLEN = np.cumsum([0, 1, 70, 5, 33, 32]).astype(np.int32)
+#: A varlen batch as the engine mixes them: a decode token, a prompt over several chunks of the batched rule (its
+#: keys nearly repeating), a short prompt chunk, one a token over two chunks, one two chunks exactly.
+_LONG = 4 * batched.CHUNK + 6
+_VARLEN = np.cumsum([0, 1, _LONG, 5, 2 * batched.CHUNK + 1, 2 * batched.CHUNK]).astype(np.int32)
 _DECODE = np.arange(5, dtype=np.int32)
 
 
@@ -38,8 +39,8 @@ def _random_batch(cu: np.ndarray) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(int(cu[-1]))
     n, k_heads, v_heads, dk, dv = int(cu[-1]), 2, 4, 16, 8
     q, k = rng.standard_normal((2, n, k_heads, dk)).astype(np.float32)
-    if n > 71:
-        k[1:71] = k[1] + 0.01 * rng.standard_normal((70, k_heads, dk)).astype(np.float32)
+    if n > _LONG:
+        k[1:1 + _LONG] = k[1] + 0.01 * rng.standard_normal((_LONG, k_heads, dk)).astype(np.float32)
     v = rng.standard_normal((n, v_heads, dv)).astype(np.float32)
     a, b = (rng.standard_normal((2, n, v_heads)) * 2).astype(np.float32)
     a_log, dt_bias = np.log(np.array([0.01, 0.3, 2.0, 8.0], np.float32)), np.array([-4.0, -1, 0, 1], np.float32)
