@@ -61,16 +61,19 @@ def _device_part(fw: Framework, fn: Callable, static: str) -> Callable:
 
 @dataclass(frozen=True)
 class ConvPlan:
-    """Rows of ``concat(state rows, x)`` that each output's taps read, and each segment's new state."""
+    """Rows of ``concat(state rows, x)`` that each output's taps read, and each segment's new state; ``None``
+    when every segment is one token (each window is its state then its row)."""
 
-    taps: np.ndarray  # [T, K]
-    state: np.ndarray  # [B, K - 1]
+    taps: np.ndarray | None  # [T, K]
+    state: np.ndarray | None  # [B, K - 1]
 
 
 def conv_plan(cu_seqlens: Any, taps: int) -> ConvPlan:
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     batch, keep = len(cu) - 1, taps - 1
     lengths = np.diff(cu)
+    if batch and (lengths == 1).all():
+        return ConvPlan(None, None)
     # window b: its state's rows (b * keep ...), then its inputs (offset by all the state rows)
     windows = [np.concatenate([b * keep + np.arange(keep), batch * keep + np.arange(cu[b], cu[b + 1])])
                for b in range(batch)]
@@ -116,19 +119,24 @@ def causal_conv1d(fw: Framework, x: Any, weight: Any, state: Any, cu_seqlens: An
     """``ferrum.hookspec.causal_conv1d``: every output row's ``K`` taps gathered at once, summed in float32."""
     plan = conv_plan(cu_seqlens, weight.shape[1])
     conv = _device_part(fw, convolve, "silu")
-    return conv(x, weight, state, fw.put(plan.taps), fw.put(plan.state), silu=silu)
+    return conv(x, weight, state, *(None if i is None else fw.put(i) for i in (plan.taps, plan.state)), silu=silu)
 
 
 def convolve(fw: Framework, x: Any, weight: Any, state: Any, taps: Any, state_rows: Any,
              silu: bool) -> tuple[Any, Any]:
     """The device part of :func:`causal_conv1d` for a :class:`ConvPlan`'s uploaded arrays."""
     xp, f32 = fw.xp, fw.xp.float32
-    rows = fw.astype(xp.swapaxes(state, 1, 2), f32).reshape(-1, x.shape[1])  # [B * (K - 1), C]
-    source = xp.concatenate([rows, fw.astype(x, f32)])
-    y = xp.einsum("tkc,ck->tc", source[taps], fw.astype(weight, f32))
+    if taps is None:  # one token each: window [B, C, K]
+        window = xp.concatenate([fw.astype(state, f32), fw.astype(x, f32)[..., None]], axis=-1)
+        y = (window * fw.astype(weight, f32)).sum(-1)
+        new_state = fw.astype(window[..., 1:], state.dtype)
+    else:
+        rows = fw.astype(xp.swapaxes(state, 1, 2), f32).reshape(-1, x.shape[1])  # [B * (K - 1), C]
+        source = xp.concatenate([rows, fw.astype(x, f32)])
+        y = (source[taps] * xp.swapaxes(fw.astype(weight, f32), 0, 1)).sum(1)  # [T, K, C] x [K, C]
+        new_state = fw.astype(xp.swapaxes(source[state_rows], 1, 2), state.dtype)
     if silu:
         y = y / (1.0 + xp.exp(-y))
-    new_state = fw.astype(xp.swapaxes(source[state_rows], 1, 2), state.dtype)
     return fw.astype(y, x.dtype), new_state
 
 

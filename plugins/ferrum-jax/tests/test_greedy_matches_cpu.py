@@ -207,8 +207,8 @@ _HYBRID = dict(hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_at
                head_dim=16, vocab_size=101, max_position_embeddings=256, linear_conv_kernel_dim=4,
                linear_key_head_dim=8, linear_value_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4,
                full_attention_interval=2, tie_word_embeddings=False)
-#: Hybrid linear-attention layouts: Gated DeltaNet layers carrying a state per sequence (the core's reference ops on
-#: the host), gated attention; Qwen3-Next's grouped projections over experts with a gated shared expert.
+#: Hybrid linear-attention layouts: Gated DeltaNet layers carrying a state per sequence (the plugin's own recurrent
+#: ops), gated attention; Qwen3-Next's grouped projections over experts with a gated shared expert.
 QWEN3_5 = dict(architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", **_HYBRID)
 QWEN3_NEXT = dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", num_experts=4,
                   num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40, **_HYBRID)
