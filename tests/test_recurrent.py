@@ -70,6 +70,24 @@ def test_native_recurrent_ops_equal_the_numpy_backends(backend, cu):
     np.testing.assert_array_equal(ops.to_numpy(new_conv), want_conv)
 
 
+@pytest.mark.parametrize("cu", [_VARLEN, _DECODE, np.array([0, 3, 3, 7], np.int32)], ids=["varlen", "decode", "empty"])
+def test_the_batched_formulation_padded_to_buckets_gives_the_kernels_results(cu):
+    """Padding tokens, sequences and chunks up to powers of two (as JAX does, to bound its compiles) changes nothing,
+    here on numpy arrays; a segment of no tokens keeps its state."""
+    numpy = batched.Framework(np, np.asarray, lambda x, dtype: x.astype(dtype),
+                              bucket=lambda n: 1 << (max(n, 1) - 1).bit_length())
+    inputs = _random_batch(cu)
+    for got, want in zip(batched.gated_delta_rule(numpy, *inputs, cu), kernels.gated_delta_rule(*inputs, cu)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    rng = np.random.default_rng(2)
+    shapes = ((cu[-1], 24), (24, 4), (len(cu) - 1, 24, 3))
+    x, w, state = (rng.standard_normal(shape).astype(np.float32) for shape in shapes)
+    conv = batched.causal_conv1d(numpy, x, w, state, cu, True)
+    for got, want in zip(conv, kernels.causal_conv1d(x, w, state, cu, True)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def _with(**ops) -> _Context:
     c = _Context(load_backend("cpu"), "float32")
     base = c.ops

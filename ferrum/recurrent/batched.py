@@ -37,13 +37,15 @@ def python_scan(fn: Callable, carry: Any, xs: tuple) -> tuple[Any, Any]:
 class Framework:
     """What differs between the frameworks: ``xp`` (their numpy-like namespace: einsum, exp, cumsum, ...),
     uploading a host array, casting, the loop over time (``scan`` returns the outputs stacked or as a list,
-    ``stack`` makes them one array either way), and ``jit(fn, static_argnames)`` where device parts compile."""
+    ``stack`` makes them one array either way), ``jit(fn, static_argnames)`` where device parts compile, and
+    ``bucket(n)``, the size ``n`` tokens or sequences are padded up to where each new shape costs a compile."""
 
     xp: Any
     put: Callable[[np.ndarray], Any]
     astype: Callable[[Any, Any], Any]
     scan: Callable = python_scan
     jit: Callable | None = None
+    bucket: Callable[[int], int] | None = None
 
     def stack(self, ys: Any) -> Any:
         return self.xp.stack(ys) if isinstance(ys, list) else ys
@@ -58,6 +60,28 @@ def _device_part(fw: Framework, fn: Callable, static: str) -> Callable:
 # ----------------------------------------------------------------------------------------------------------
 # Host plans
 # ----------------------------------------------------------------------------------------------------------
+
+
+def bucketed(fw: Framework, cu_seqlens: Any, rows: list, state: list) -> tuple[np.ndarray, list, list]:
+    """Where ``fw.bucket`` is set, the batch padded to bucketed sizes: zero token rows (a decode batch: more
+    one-token segments; else one more segment holding them) and zero state rows for segments of no tokens."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    if fw.bucket is None:
+        return cu, rows, state
+    tokens, lengths = int(cu[-1]), list(np.diff(cu))
+    if lengths and all(n == 1 for n in lengths):
+        lengths += [1] * (fw.bucket(tokens) - tokens)
+    else:
+        extra = fw.bucket(tokens) - tokens
+        lengths += [extra] * (extra > 0)
+        lengths += [0] * (fw.bucket(len(lengths)) - len(lengths))
+    xp, added = fw.xp, (sum(lengths) - tokens, len(lengths) - len(cu) + 1)
+
+    def pad(t: Any, n: int) -> Any:
+        return xp.concatenate([t, xp.zeros((n, *t.shape[1:]), dtype=t.dtype)]) if n else t
+
+    padded_cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return padded_cu, [pad(t, added[0]) for t in rows], [pad(t, added[1]) for t in state]
 
 
 @dataclass(frozen=True)
@@ -96,14 +120,14 @@ class DeltaPlan:
     chunked: bool
 
 
-def delta_plan(cu_seqlens: Any, chunk: int = CHUNK) -> DeltaPlan:
+def delta_plan(cu_seqlens: Any, chunk: int = CHUNK, bucket: Callable[[int], int] = int) -> DeltaPlan:
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     lengths = np.diff(cu)
     if len(lengths) and (lengths == 1).all():
         return DeltaPlan(None, None, None, False)
     longest = int(lengths.max(initial=0))
     chunked = longest >= chunk
-    width = -(-longest // chunk) * chunk if chunked else max(longest, 1)
+    width = bucket(-(-longest // chunk)) * chunk if chunked else bucket(max(longest, 1))
     slot = np.arange(width)
     valid = slot[None, :] < lengths[:, None]
     gather = np.where(valid, cu[:-1, None] + slot[None, :], 0)
@@ -118,9 +142,13 @@ def delta_plan(cu_seqlens: Any, chunk: int = CHUNK) -> DeltaPlan:
 
 def causal_conv1d(fw: Framework, x: Any, weight: Any, state: Any, cu_seqlens: Any, silu: bool) -> tuple[Any, Any]:
     """``ferrum.hookspec.causal_conv1d``: every output row's ``K`` taps gathered at once, summed in float32."""
-    plan = conv_plan(cu_seqlens, weight.shape[1])
+    tokens, batch = x.shape[0], state.shape[0]
+    cu, (x,), (state,) = bucketed(fw, cu_seqlens, [x], [state])
+    plan = conv_plan(cu, weight.shape[1])
     conv = _device_part(fw, convolve, "silu")
-    return conv(x, weight, state, *(None if i is None else fw.put(i) for i in (plan.taps, plan.state)), silu=silu)
+    y, new_state = conv(x, weight, state, *(None if i is None else fw.put(i) for i in (plan.taps, plan.state)),
+                        silu=silu)
+    return (y, new_state) if fw.bucket is None else (y[:tokens], new_state[:batch])
 
 
 def convolve(fw: Framework, x: Any, weight: Any, state: Any, taps: Any, state_rows: Any,
@@ -156,10 +184,14 @@ def _per_value_head(xp: Any, x: Any, heads: int) -> Any:
 def gated_delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
                      cu_seqlens: Any, chunk: int = CHUNK) -> tuple[Any, Any]:
     """``ferrum.hookspec.gated_delta_rule``; returns ``(out in v's dtype, new float32 state)``."""
-    plan = delta_plan(cu_seqlens, chunk)
+    tokens, batch = v.shape[0], state.shape[0]
+    cu, (q, k, v, a, b), (state,) = bucketed(fw, cu_seqlens, [q, k, v, a, b], [state])
+    plan = delta_plan(cu, chunk, fw.bucket or int)
     gather, scatter, valid = (None if i is None else fw.put(i) for i in (plan.gather, plan.scatter, plan.valid))
     rule = _device_part(fw, delta_rule, "chunk")
-    return rule(q, k, v, a, b, a_log, dt_bias, state, gather, scatter, valid, chunk=chunk if plan.chunked else 0)
+    out, new_state = rule(q, k, v, a, b, a_log, dt_bias, state, gather, scatter, valid,
+                          chunk=chunk if plan.chunked else 0)
+    return (out, new_state) if fw.bucket is None else (out[:tokens], new_state[:batch])
 
 
 def delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,

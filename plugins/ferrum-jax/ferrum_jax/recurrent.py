@@ -1,5 +1,6 @@
-"""The recurrent mixers' ops (API 1.16): :mod:`ferrum.recurrent.batched` in jnp, its device parts jitted (one
-compile per batch shape) and its loops over time ``lax.scan``."""
+"""The recurrent mixers' ops (API 1.16): :mod:`ferrum.recurrent.batched` in jnp, its device parts jitted and its
+loops over time ``lax.scan``. A prompt's rule compiles in about a second, so token, sequence and chunk counts are
+padded to powers of two (:mod:`ferrum_jax.buckets`): one compile per bucket, not per prompt length."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import ferrum.recurrent.batched as batched
 from ferrum import hookimpl
 
 from ferrum_jax.arrays import from_numpy
+from ferrum_jax.buckets import bucket
 
 F32 = jnp.float32
 _FRAMEWORK = batched.Framework(jnp, lambda array: from_numpy(array, None), lambda x, dtype: x.astype(dtype),
-                               scan=lax.scan, jit=jax.jit)
+                               scan=lax.scan, jit=jax.jit, bucket=bucket)
 
 
 @jax.jit
