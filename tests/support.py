@@ -181,16 +181,27 @@ def randomized_reference(config):
     return model
 
 
-def saved_references(tmp_path_factory, variants: dict, make_config) -> dict:
-    """variant -> (folder, transformers model): :func:`randomized_reference` of ``make_config(**extra)`` for each
-    variant's ``extra`` settings, saved with ``save_pretrained``."""
+def saved_references(tmp_path_factory, variants: dict, make_config, make_model=None) -> dict:
+    """variant -> (folder, transformers model): ``make_model`` (:func:`randomized_reference` unless given) of
+    ``make_config(**extra)`` for each variant's ``extra`` settings, saved with ``save_pretrained``."""
     out = {}
     for variant, extra in variants.items():
         folder = tmp_path_factory.mktemp(variant)
-        model = randomized_reference(make_config(**extra))
+        model = (make_model or randomized_reference)(make_config(**extra))
         model.save_pretrained(folder)
         out[variant] = folder, model
     return out
+
+
+def with_layer_scalars(model, step: float):
+    """``model`` (a Gemma 4) with each layer's layer_scalar, a buffer :func:`randomized_reference` leaves at 1, set
+    apart (``0.6 + step * layer``), so that each visibly matters."""
+    import torch
+
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.layer_scalar.fill_(0.6 + step * i)
+    return model
 
 
 def assert_random_checkpoint_is_what_transformers_reads(folder: Path, raw: dict, tokens) -> None:
@@ -321,6 +332,41 @@ def run_staggered(engine, workload) -> dict[int, tuple[int, ...]]:
                 results[ids[out.request_id]] = out.token_ids
         step += 1
     return results
+
+
+def staggered_greedy_workload(vocab: int, seed: int = 3, count: int = 10) -> list:
+    """``count`` requests for :func:`run_staggered`: 2-29 random tokens each, arriving at steps 0-5, each asking 3-8
+    greedy tokens."""
+    from ferrum.sampling import SamplingParams
+
+    rng = np.random.RandomState(seed)
+    return [([int(t) for t in rng.randint(0, vocab, size=int(rng.randint(2, 30)))], int(rng.randint(0, 6)),
+             SamplingParams(max_tokens=int(rng.randint(3, 9)), ignore_eos=True)) for _ in range(count)]
+
+
+def assert_engine_keeps_greedy_tokens(make_engine, hf, workload) -> None:
+    """Alone, staggered among others with chunked prefills, and under preemption (a KV pool too small for all):
+    each request of ``workload`` (:func:`staggered_greedy_workload`) gets the same greedy tokens, which are
+    transformers' (``hf``) for the first. ``make_engine(**config)`` builds an engine of the model under test with
+    that EngineConfig, its KV in blocks of 4 tokens."""
+    import torch
+
+    alone = make_engine()
+    solo = []
+    for prompt, _, params in workload:
+        alone.add_request(prompt, params)
+        solo += [o.token_ids for o in alone.run_until_done() if o.finished]
+    with torch.no_grad():
+        first = hf.generate(torch.tensor([workload[0][0]]), max_new_tokens=workload[0][2].max_tokens,
+                            do_sample=False)[0, len(workload[0][0]):]
+    assert list(solo[0]) == first.tolist()
+    batched = run_staggered(make_engine(max_num_batched_tokens=8, max_num_seqs=6), workload)
+    assert [batched[i] for i in range(len(workload))] == solo
+    tight = make_engine(max_num_batched_tokens=16, max_num_seqs=8)
+    tight.model.kv.__init__(12, 4)  # 48 tokens of KV for requests of up to 38
+    preempted = run_staggered(tight, workload)
+    assert tight.metrics().preemptions > 0
+    assert [preempted[i] for i in range(len(workload))] == solo
 
 
 def with_v4_rope_keys(folder, dest):

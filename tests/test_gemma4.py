@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from ferrum.config import ModelConfig
@@ -21,7 +20,7 @@ from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    randomized_reference, reference_logits, runnable_backends,
+    randomized_reference, reference_logits, runnable_backends, saved_references, with_layer_scalars,
 )
 
 BACKENDS = runnable_backends()
@@ -51,16 +50,8 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    out = {}
-    for variant, extra in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(variant)
-        model = randomized_reference(gemma4_config(**extra))
-        with torch.no_grad():  # a buffer, so randomized_reference leaves it at 1
-            for i, layer in enumerate(model.model.layers):
-                layer.layer_scalar.fill_(0.6 + 0.2 * i)
-        model.save_pretrained(folder)
-        out[variant] = folder, model
-    return out
+    return saved_references(tmp_path_factory, VARIANTS, gemma4_config,
+                            lambda config: with_layer_scalars(randomized_reference(config), 0.2))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

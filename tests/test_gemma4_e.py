@@ -24,8 +24,8 @@ from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import SamplingParams
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, mlx_lm_logits,
-    randomized_reference, reference_logits, run_staggered, runnable_backends, scaled_error, write_tokenizer,
+    assert_names_the_tensors_transformers_saves, mlx_lm_logits, randomized_reference, reference_logits, run_staggered,
+    runnable_backends, saved_references, scaled_error, with_layer_scalars, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -55,16 +55,8 @@ VARIANTS = {"e2b": {}, "one_size": dict(global_head_dim=16)}
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    out = {}
-    for variant, extra in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(variant)
-        model = randomized_reference(e_config(**extra))
-        with torch.no_grad():  # a buffer, so randomized_reference leaves it at 1
-            for i, layer in enumerate(model.model.layers):
-                layer.layer_scalar.fill_(0.6 + 0.1 * i)
-        model.save_pretrained(folder)
-        out[variant] = folder, model
-    return out
+    return saved_references(tmp_path_factory, VARIANTS, e_config,
+                            lambda config: with_layer_scalars(randomized_reference(config), 0.1))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -20,7 +20,8 @@ from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads, mlx_lm_logits,
-    randomized_reference, reference_logits, runnable_backends, scaled_error, write_tokenizer,
+    randomized_reference, reference_logits, runnable_backends, saved_references, scaled_error, with_layer_scalars,
+    write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -44,10 +45,9 @@ def moe_config(**extra) -> transformers.Gemma4TextConfig:
 def randomized(config) -> transformers.Gemma4ForCausalLM:
     """:func:`randomized_reference`, each layer's layer_scalar (a buffer) set apart, and the router's scales drawn
     around 1 (positive, as trained ones are), so that each visibly matters."""
-    model = randomized_reference(config)
+    model = with_layer_scalars(randomized_reference(config), 0.2)
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            layer.layer_scalar.fill_(0.6 + 0.2 * i)
+        for layer in model.model.layers:
             layer.router.scale.uniform_(0.5, 2.0)
             layer.router.per_expert_scale.uniform_(0.25, 2.0)
     return model
@@ -60,13 +60,7 @@ VARIANTS = {"release": {}, "one_size": dict(global_head_dim=16, num_global_key_v
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    out = {}
-    for variant, extra in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(variant)
-        model = randomized(moe_config(**extra))
-        model.save_pretrained(folder)
-        out[variant] = folder, model
-    return out
+    return saved_references(tmp_path_factory, VARIANTS, moe_config, randomized)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

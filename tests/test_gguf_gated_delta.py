@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
+    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -114,7 +114,6 @@ def _gated_delta_gguf(path: Path, hf, config, arch: str, qtype, prediction_layer
     """``hf``'s weights and sizes as llama.cpp's converter writes ``arch``: the ssm keys, the partial rope's
     dimension count, expert keys; names from gguf's own tensor map; matrices as ``qtype``, the routers, norms,
     convolutions and vectors float, as llama.cpp keeps them."""
-    tokens, token_types, scores = _sentencepiece_vocab()
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_hidden_layers + prediction_layers)
     w.add_context_length(config.max_position_embeddings)
@@ -143,12 +142,7 @@ def _gated_delta_gguf(path: Path, hf, config, arch: str, qtype, prediction_layer
         w.add_expert_used_count(config.num_experts_per_tok)
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
         w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_scores(scores)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    _add_sentencepiece_vocab(w)
     kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(kind, config.num_hidden_layers + prediction_layers)
     for name, tensor in hf.state_dict().items():

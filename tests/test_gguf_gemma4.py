@@ -20,7 +20,8 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab, gguf_blocks,
+    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
+    gguf_blocks,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -66,7 +67,6 @@ def _gemma4_gguf(path: Path, hf, config, qtype) -> None:
     have their own, per-layer MLP widths where the shared-KV layers are doubled; the proportional rope as
     rope_freqs; the router's scales under ffn_gate_inp / ffn_down_exps; experts fused gate-then-up; the output tied;
     matrices whose rows are whole blocks as ``qtype``, the rest (norms, vectors, routers) float."""
-    tokens, token_types, scores = _sentencepiece_vocab()
     c = {"use_double_wide_mlp": False, **config.settings}  # transformers' per-layer attributes, as made
     layers, swa = c["num_hidden_layers"], [t == _SLIDING for t in c["layer_types"]]
     w = gguf.GGUFWriter(str(path), "gemma4")
@@ -101,12 +101,7 @@ def _gemma4_gguf(path: Path, hf, config, qtype) -> None:
         w.add_expert_count(config.num_experts)
         w.add_expert_used_count(config.top_k_experts)
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_scores(scores)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    _add_sentencepiece_vocab(w)
     w.add_add_space_prefix(False)
     turning = int(head_dim * rope[_FULL]["partial_rotary_factor"] / 2)
     w.add_tensor("rope_freqs.weight", np.array([1.0] * turning + [1e30] * (head_dim // 2 - turning), dtype=np.float32))

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _permute, _sentencepiece_vocab,
+    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _permute,
+    _sentencepiece_vocab,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -94,7 +95,6 @@ def _gguf_name(name: str, names: Any) -> str:
 def _granite_hybrid_gguf(path: Path, hf, config, qtype) -> None:
     """``hf`` as llama.cpp's converter writes a Granite 4.0-H; matrices whose rows are whole blocks as ``qtype``,
     the routers, norms, convolutions and vectors float."""
-    tokens, token_types, scores = _sentencepiece_vocab()
     layers = config.num_hidden_layers
     w = gguf.GGUFWriter(str(path), "granitehybrid")
     w.add_block_count(layers)
@@ -120,12 +120,7 @@ def _granite_hybrid_gguf(path: Path, hf, config, qtype) -> None:
     w.add_ssm_inner_size(config.mamba_expand * config.hidden_size)
     w.add_ssm_time_step_rank(config.mamba_n_heads)
     w.add_rope_scaling_finetuned(rope)  # llama.cpp's switch for rope (False for every Granite 4.0-H release)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_scores(scores)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    _add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GRANITE_HYBRID, layers)
     for name, tensor in hf.state_dict().items():
         for hf_name, array in _converted(name, tensor.float().numpy(), config).items():

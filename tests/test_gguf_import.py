@@ -721,7 +721,6 @@ def _gguf_writer(path: Path, arch: str, config, extra_blocks: int = 0, kv_heads:
     norm epsilon) and the sentencepiece vocabulary of :func:`_sentencepiece_vocab`; tensors are the caller's
     (``extra_blocks``: blocks the converter appends after the decoder's, GLM-4.5's next-token prediction;
     ``kv_heads``: the key/value head count written where it is not the config's)."""
-    tokens, token_types, scores = _sentencepiece_vocab()
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_hidden_layers + extra_blocks)
     w.add_context_length(config.max_position_embeddings)
@@ -735,13 +734,19 @@ def _gguf_writer(path: Path, arch: str, config, extra_blocks: int = 0, kv_heads:
     else:  # a LayerNorm family (OLMo's fixes 1e-5, which its converter writes)
         w.add_layer_norm_eps(next((getattr(config, key) for key in ("layer_norm_eps", "norm_epsilon", "norm_eps")
                                    if getattr(config, key, None)), 1e-5))
+    _add_sentencepiece_vocab(w)
+    return w
+
+
+def _add_sentencepiece_vocab(w: Any) -> None:
+    """:func:`_sentencepiece_vocab` as llama.cpp's conversions write a sentencepiece vocabulary, BOS 1 and EOS 2."""
+    tokens, token_types, scores = _sentencepiece_vocab()
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_types(token_types)
     w.add_token_scores(scores)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    return w
 
 
 def _finish(w: Any) -> None:
@@ -1599,7 +1604,8 @@ def test_experts_of_an_architecture_without_them_are_refused_naming_those_that_h
     """The refusal lists the architectures whose mixture-of-experts files Ferrum imports, from its table."""
     write_tiny_gguf(tmp_path / "x.gguf", arch="qwen2", metadata={"expert_count": 4})
     with pytest.raises(UnsupportedFeatureError, match=r"mixture-of-experts qwen2 GGUF files are not supported "
-                       r"\(Ferrum imports llama, qwen2moe, .*hunyuan-moe, qwen35moe, gemma4, qwen3next, granitehybrid ones\)"):
+                       r"\(Ferrum imports llama, qwen2moe, .*hunyuan-moe, qwen35moe, gemma4, qwen3next, "
+                       r"granitehybrid ones\)"):
         convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
 
 

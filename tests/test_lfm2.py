@@ -17,10 +17,10 @@ from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM, ForwardItem
-from ferrum.sampling import SamplingParams
 from support import (
-    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, build_transformers_model,
-    mlx_lm_logits, reference_logits, run_staggered, runnable_backends, scaled_error, write_tokenizer,
+    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match,
+    assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, mlx_lm_logits, reference_logits,
+    runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -187,34 +187,11 @@ def _engine(folder, backend="cpu", **config) -> Engine:
     return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
 
 
-RNG = np.random.RandomState(3)
-WORKLOAD = [([int(t) for t in RNG.randint(0, VOCAB, size=int(RNG.randint(2, 30)))], int(RNG.randint(0, 6)),
-             SamplingParams(max_tokens=int(RNG.randint(3, 9)), ignore_eos=True)) for _ in range(10)]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoint, backend):
-    """Alone, staggered among others with chunked prefills, and under preemption (a KV pool too small for all):
-    the same greedy tokens, which are transformers' for the first request."""
-    import torch
-
     folder, hf = checkpoint
-    alone = _engine(folder, backend)
-    solo = []
-    for prompt, _, params in WORKLOAD:
-        alone.add_request(prompt, params)
-        solo += [o.token_ids for o in alone.run_until_done() if o.finished]
-    with torch.no_grad():
-        first = hf.generate(torch.tensor([WORKLOAD[0][0]]), max_new_tokens=WORKLOAD[0][2].max_tokens,
-                            do_sample=False)[0, len(WORKLOAD[0][0]):]
-    assert list(solo[0]) == first.tolist()
-    batched = run_staggered(_engine(folder, backend, max_num_batched_tokens=8, max_num_seqs=6), WORKLOAD)
-    assert [batched[i] for i in range(len(WORKLOAD))] == solo
-    tight = _engine(folder, backend, max_num_batched_tokens=16, max_num_seqs=8)
-    tight.model.kv.__init__(12, 4)  # 48 tokens of KV for 10 requests of up to 38
-    preempted = run_staggered(tight, WORKLOAD)
-    assert tight.metrics().preemptions > 0
-    assert [preempted[i] for i in range(len(WORKLOAD))] == solo
+    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+                                      staggered_greedy_workload(VOCAB))
 
 
 @pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
