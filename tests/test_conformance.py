@@ -97,9 +97,48 @@ def relu_squared_without_the_relu(x):
 
 
 def test_a_squared_relu_that_keeps_negatives_is_caught(registered):
+    """Through its dense MLPs and the core's ungated experts (Nemotron 3 Nano's), which run it too."""
     registered("norelu", cpu_like_plugin("norelu", extra={"relu_squared": relu_squared_without_the_relu}))
     assert set(check_backend("norelu").failed()) == {"relu_squared (native)", "model nemotron: logits and decode steps",
-                                                      "model nanochat: logits and decode steps"}
+                                                      "model nanochat: logits and decode steps",
+                                                      "moe_experts, ungated squared ReLU (core fallback)"}
+
+
+@hookimpl
+def upload_float_experts(name, weight, dtype):
+    return np.asarray(weight, dtype=np.float32) if isinstance(weight, np.ndarray) else None
+
+
+@hookimpl
+def moe_experts_with_unsquared_ungated_experts(x, expert_ids, expert_weights, gate, up, down, shared,
+                                               activation=None):
+    """Right for every gated activation (each record's host form), but ungated experts (``gate`` None, API 1.18) get
+    ``relu(u)``, the square left out."""
+    top_k = expert_ids.shape[1]
+    out = np.zeros(x.shape, dtype=np.float32)
+    for t, j in np.ndindex(expert_ids.shape):
+        e = int(expert_ids[t, j])
+        u = x[t] @ up[e].T
+        if gate is None:
+            h = np.maximum(u, 0.0)
+        else:
+            g = x[t] @ gate[e].T
+            h = g / (1.0 + np.exp(-g)) * u if activation is None else activation.host(g, u)
+        out[t] += expert_weights[t, j] * (h @ down[e].T)
+    if shared is not None:
+        out += expert_weights[:, top_k:] * shared
+    return out.astype(x.dtype)
+
+
+def test_native_ungated_experts_missing_the_square_are_caught(registered):
+    """A plugin declaring API 1.18 gets the ungated experts with ``gate`` None in its own moe_experts (its gated
+    experts, right, pass)."""
+    registered("unsquared", cpu_like_plugin("unsquared", extra={
+        "upload_experts": upload_float_experts, "moe_experts": moe_experts_with_unsquared_ungated_experts}))
+    report = check_backend("unsquared")
+    assert set(report.failed()) == {"moe_experts, ungated squared ReLU (native)"}
+    assert {"moe_experts, spread evenly (native)", "moe_experts, GeGLU (native)"} <= {
+        r.name for r in report.results if r.passed}
 
 
 @hookimpl

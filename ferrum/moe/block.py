@@ -26,17 +26,18 @@ class MoeMLP:
     chosen expert reads ``x`` times its weight (in ``x``'s dtype), and its
     output is taken whole (the route run once more normalized gives those
     weights of 1, the top-1 weight over itself). ``router_norm`` (Gemma 4):
-    the router reads its input through this norm.
+    the router reads its input through this norm. ``shared_act`` (Nemotron 3 Nano): the shared expert is
+    ungated, ``down(shared_act(up(x)))``, its ``gate`` None; else it runs SwiGLU.
     """
 
     __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route",
-                 "router_dtype", "weigh_input", "router_norm")
+                 "router_dtype", "weigh_input", "router_norm", "shared_act")
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
                  shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
                  routing: GroupedRouting | Sparsemixer | None = None, route: Callable[..., Any] | None = None,
                  router_dtype: str | None = None, weigh_input: bool = False,
-                 router_norm: Callable[[Any], Any] | None = None):
+                 router_norm: Callable[[Any], Any] | None = None, shared_act: Callable[[Any], Any] | None = None):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize
         self.shared, self.shared_gate = shared, shared_gate
@@ -44,11 +45,12 @@ class MoeMLP:
         self.router_dtype = router_dtype  # the dtype the router's input is cast to (its weight's), or None
         self.weigh_input = weigh_input
         self.router_norm = router_norm
+        self.shared_act = shared_act
 
     def projections(self) -> list[Any]:
         """The ordinary linears (router, shared expert); the experts are ``self.experts``."""
-        shared = list(self.shared or ()) + ([self.shared_gate] if self.shared_gate is not None else [])
-        return [self.router, *shared]
+        shared = [p for p in self.shared or () if p is not None]
+        return [self.router, *shared, *([self.shared_gate] if self.shared_gate is not None else [])]
 
     def __call__(self, x: Any, router_x: Any = None) -> Any:
         """The experts of ``x``, routed by ``router_x`` where given (Gemma 4's router reads the layer's stream, its
@@ -57,7 +59,7 @@ class MoeMLP:
         shared_out = shared_logit = None
         if self.shared is not None:
             gate, up, down = self.shared
-            shared_out = down(ops.silu_mul(gate(x), up(x)))
+            shared_out = down(ops.silu_mul(gate(x), up(x)) if self.shared_act is None else self.shared_act(up(x)))
             if self.shared_gate is not None:
                 shared_logit = self.shared_gate(x)
         r = x if router_x is None else router_x

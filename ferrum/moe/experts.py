@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ferrum.errors import CheckpointError
-from ferrum.moe.activation import ClampedSwiGLU
+from ferrum.moe.activation import ExpertActivation
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
 from ferrum.hookspec import DTYPE_BYTES
 from ferrum.weights import Placed, place, runs_natively
@@ -145,14 +145,14 @@ def _no_embedding(weight: Any, ids: Any) -> Any:
 
 
 class PlacedExperts:
-    """One layer's three stacked projections, their biases and activation where not plain SwiGLU, with
-    the ``moe_experts`` implementation that takes them (bound once, like ``weights.Linear``; profilers
-    wrap ``apply``)."""
+    """One layer's three stacked projections (``gate`` None for ungated experts), their biases and activation where
+    not plain SwiGLU, with the ``moe_experts`` implementation that takes them (bound once, like ``weights.Linear``;
+    profilers wrap ``apply``)."""
 
     __slots__ = ("apply", "gate", "up", "down", "biases", "activation")
 
     def __init__(self, apply: Callable[..., Any], gate: Any, up: Any, down: Any, biases: Any = None,
-                 activation: ClampedSwiGLU | None = None):
+                 activation: ExpertActivation | None = None):
         self.apply, self.gate, self.up, self.down = apply, gate, up, down
         self.biases, self.activation = biases, activation
 

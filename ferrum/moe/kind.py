@@ -19,8 +19,9 @@ from ferrum.moe.spec import ROUTER_NORM
 class Moe:
     """Router ``M.gate`` (or ``MoeSpec.router``), with ``M.gate.e_score_correction_bias`` (or
     ``MoeSpec.correction_bias``) under a grouped rule that has one (GLM-4.5, DeepSeek-V3, ERNIE 4.5), the experts
-    stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see :mod:`ferrum.moe.loading`) with their
-    biases where ``MoeSpec.biased``, and the shared expert: Qwen2-MoE's
+    stacked as ``M.switch_mlp.*`` (read from any checkpoint layout, see :mod:`ferrum.moe.loading`; no gate stack
+    where they are ungated, Nemotron 3 Nano's) with their biases where ``MoeSpec.biased``, and the shared expert
+    (ungated too where the experts are): Qwen2-MoE's
     ``M.shared_expert.*`` with ``M.shared_expert_gate``, GLM-4.5's ungated ``M.shared_experts.*``; Gemma 4's
     router input scale and per-expert scales (``MoeSpec.router_norm``, ``MoeSpec.expert_scale``)."""
 
@@ -28,7 +29,7 @@ class Moe:
         spec, h = config.arch.moe, config.hidden_size
         at, e, inter = spec.at, spec.num_experts, spec.expert_size
         shapes = {at(f"{spec.router}.weight"): (e, h)}
-        shapes.update({at(f"switch_mlp.{p}.weight"): (e, inter, h) for p in SWITCH[:2]})
+        shapes.update({at(f"switch_mlp.{p}.weight"): (e, inter, h) for p in _inputs(spec)})
         shapes[at("switch_mlp.down_proj.weight")] = (e, h, inter)
         if spec.biased:
             shapes[at(f"{spec.router}.bias")] = (e,)
@@ -45,10 +46,10 @@ class Moe:
             if spec.shared_fused:
                 shapes[f"{shared}.gate_up_proj.weight"] = (2 * s, h)
             else:
-                shapes.update({f"{shared}.gate_proj.weight": (s, h), f"{shared}.up_proj.weight": (s, h)})
+                shapes.update({f"{shared}.{p}.weight": (s, h) for p in _inputs(spec)})
                 if config.arch.mlp_bias:  # ERNIE 4.5's use_bias biases its shared experts as its dense MLPs
-                    shapes.update({f"{shared}.gate_proj.bias": (s,), f"{shared}.up_proj.bias": (s,),
-                                   f"{shared}.down_proj.bias": (h,)})
+                    shapes.update({f"{shared}.{p}.bias": (s,) for p in _inputs(spec)})
+                    shapes[f"{shared}.down_proj.bias"] = (h,)
             shapes[f"{shared}.down_proj.weight"] = (h, s)
             if spec.shared_gate is not None:
                 shapes[at(f"{spec.shared_gate}.weight")] = (1, h)
@@ -76,18 +77,22 @@ class Moe:
               layer: int) -> MoeMLP:
         spec = config.arch.moe
         at = spec.at
-        stacks = [linear(at(f"switch_mlp.{p}")) for p in SWITCH]  # Linear(weight, bias=None); apply = moe_experts
-        if len({s.apply for s in stacks}) != 1:
+        stored = (*_inputs(spec), "down_proj")  # no gate where the experts are ungated
+        stacks = [linear(at(f"switch_mlp.{p}")) if p in stored else None
+                  for p in SWITCH]  # Linear(weight, bias=None); apply = moe_experts
+        if len({s.apply for s in stacks if s is not None}) != 1:
             raise UnsupportedFeatureError(
                 f"layer {layer}: the backend took some of the expert projections natively and declined others "
                 "(their quantized formats differ); quantize all three alike or choose another backend"
             )
         biases = tuple(tensor(at(f"switch_mlp.{p}.bias")) for p in SWITCH) if spec.biased else None
-        experts = PlacedExperts(stacks[0].apply, *(s.weight for s in stacks), biases, spec.activation)
+        experts = PlacedExperts(stacks[2].apply, *(None if s is None else s.weight for s in stacks), biases,
+                                spec.activation)
         shared = shared_gate = None
         if spec.shared_expert_size:
-            shared = tuple(linear(at(f"{spec.shared_module}.{p}")) for p in SWITCH)
+            shared = tuple(linear(at(f"{spec.shared_module}.{p}")) if p in stored else None for p in SWITCH)
             shared_gate = None if spec.shared_gate is None else linear(at(spec.shared_gate))
+        shared_act = None if spec.gated else getattr(ops, spec.activation.op)  # an ungated expert's, shared too
         routing = route = None
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None:
@@ -108,7 +113,12 @@ class Moe:
         # takes its input in float32
         router_dtype = "float32" if spec.router_float32 and router.dense_dtype == "float32" else None
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
-                      router_dtype, spec.weigh_input, router_norm)
+                      router_dtype, spec.weigh_input, router_norm, shared_act)
+
+
+def _inputs(spec: Any) -> tuple[str, ...]:
+    """The projections reading a sparse MLP's input: gate and up, or up alone where the experts are ungated."""
+    return SWITCH[:2] if spec.gated else SWITCH[1:2]
 
 
 def routes_natively(ops: Any, rule: GroupRule) -> bool:

@@ -60,8 +60,10 @@ def correction_bias_alias(present: set[str], spec: MoeSpec, name: str) -> str | 
 
 def mlx_lm_stack_name(spec: MoeSpec, name: str) -> str:
     """Where mlx-lm's conversions store stacked projection ``name`` (``M.switch_mlp.*``, or the family's
-    ``MoeSpec.mlx_lm_stack``) in a family without layouts of its own."""
-    return name.replace(".switch_mlp.", f".{spec.mlx_lm_stack}.")
+    ``MoeSpec.mlx_lm_stack`` and ``MoeSpec.mlx_lm_names``) in a family without layouts of its own."""
+    module, rest = name.split(".switch_mlp.")
+    proj, dot, kind = rest.partition(".")
+    return f"{module}.{spec.mlx_lm_stack}.{spec.mlx_lm_names[SWITCH.index(proj)]}{dot}{kind}"
 
 
 def stack_mode(quant: QuantConfig | None, spec: MoeSpec, name: str) -> str | None:

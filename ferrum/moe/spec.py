@@ -10,8 +10,8 @@ from ferrum.arch.keys import (
     positive_number,
 )
 from ferrum.arch.spec import Architecture
-from ferrum.moe.activation import ClampedSwiGLU, GeluTanhGLU
-from ferrum.moe.routing import CORRECTION_BIAS, GROUPED_RULES
+from ferrum.moe.activation import ClampedSwiGLU, ExpertActivation, GeluTanhGLU, SquaredReLU
+from ferrum.moe.routing import CORRECTION_BIAS, GROUPED_RULES, GroupRule
 
 #: model_type -> (checkpoint module of the sparse MLP, expert matrix names as (gate, up, down)).
 LAYOUT = {
@@ -413,6 +413,18 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
                Key("router_jitter_noise", default=0.01, check=_non_negative_number)),
+    # Nemotron 3 Nano: its MoE blocks ('E') where the block list has them, under NemotronHConfig's defaults
+    # (n_shared_experts and moe_shared_expert_overlap it ignores: every MoE block has one shared expert)
+    "nemotron_h": (Key("n_routed_experts", default=8, check=positive_int),
+                   Key("num_experts_per_tok", default=2, check=positive_int),
+                   Key("moe_intermediate_size", default=7688, check=positive_int),
+                   Key("moe_shared_expert_intermediate_size", default=7688, check=positive_int),
+                   Key("norm_topk_prob", default=True, check=boolean),
+                   Key("routed_scaling_factor", default=1.0, check=positive_number),
+                   Key("n_group", default=1, check=positive_int), Key("topk_group", default=1, check=positive_int),
+                   Key("moe_latent_size", unsupported=True, check=falsy(
+                       "its experts read a latent projection of the stream (Nemotron 3 Super), which Ferrum does not "
+                       "run yet; Ferrum runs Nemotron 3 Nano's experts, which read the stream itself"))),
     # Gemma 4 26B-A4B: its MoE block where enable_moe_block (ferrum.arch.families' Gemma 4 keys) says; transformers
     # has no default for these three
     "gemma4_text": (Key("num_experts", check=optional_positive_int), Key("top_k_experts", check=optional_positive_int),
@@ -472,7 +484,7 @@ class MoeSpec:
     """Sizes and routing rule of a model's sparse MLPs (which layers have one is ``LayerSpec.mlp``)."""
 
     module: str  # checkpoint module of the sparse MLP in a layer: "block_sparse_moe" or "mlp"; "": the layer (Gemma 4)
-    expert_names: tuple[str, str, str]  # checkpoint names of (gate, up, down) inside each expert
+    expert_names: tuple[str | None, str, str]  # checkpoint names of (gate, up, down) inside each expert (gate: ungated)
     num_experts: int
     top_k: int
     expert_size: int  # intermediate size of each routed expert
@@ -481,7 +493,9 @@ class MoeSpec:
     router: str = "gate"  # the router's module in the sparse MLP module
     stacked: tuple[str, str, str] | None = None  # the Hugging Face stacks of (gate, up, down) where not per expert
     biased: bool = False  # the router and every expert projection have biases (gpt-oss)
-    activation: ClampedSwiGLU | GeluTanhGLU | None = None  # the experts' activation where not SwiGLU
+    #: The experts' activation where not SwiGLU; an ungated one (``gated`` False: Nemotron 3 Nano's) leaves the experts
+    #: without a gate projection, and the shared expert, where there is one, runs it too, ungated
+    activation: ExpertActivation | None = None
     layout: str | None = None  # a family's own checkpoint layouts (ferrum.moe.loading.LAYOUTS)
     #: The shared expert's module, and the module of its sigmoid gate (Qwen2-MoE's); None: ungated, added to the
     #: routed experts' sum as it is (GLM-4.5's ``shared_experts``)
@@ -504,6 +518,9 @@ class MoeSpec:
     #: The module mlx-lm's conversions stack the experts in (``M.<module>.gate_proj.weight``); dots1's and Llama 4's
     #: ``experts``.
     mlx_lm_stack: str = "switch_mlp"
+    #: The names of the (gate, up, down) stacks in that module: its SwitchGLU's, or (Nemotron-H) its SwitchMLP's
+    #: ``fc1`` (up) and ``fc2`` (down).
+    mlx_lm_names: tuple[str | None, str, str] = ("gate_proj", "up_proj", "down_proj")
     #: A ``layout`` "fused_gate_up" family whose Hugging Face checkpoints store the fused stacks inputs first (Llama 4's
     #: ``[E, hidden, 2 * inter]``, as transformers saves them), not outputs first (transformers 5's Qwen3-VL-MoE).
     fused_inputs_first: bool = False
@@ -536,6 +553,11 @@ class MoeSpec:
     def at(self, name: str) -> str:
         """``name`` of the sparse MLP module as a layer's tensor (the module may be the layer itself)."""
         return f"{self.module}.{name}" if self.module else name
+
+    @property
+    def gated(self) -> bool:
+        """Whether the experts (and the shared expert) have a gate projection."""
+        return self.activation is None or self.activation.gated
 
     @property
     def since(self) -> tuple[int, int]:
@@ -601,6 +623,19 @@ def _grouped(r: KeyReader, model_type: str, count: int, top_k: int, layers: int)
     family = _GROUPED_FAMILIES.get(model_type, _GroupedFamily())
     rule = GROUPED_RULES[routing]
     groups, kept = _groups(r, routing)
+    _check_groups(r, rule, count, top_k, groups, kept)
+    scale = float(r("routed_scaling_factor"))
+    if not rule.corrected and groups == 1 and scale == 1.0:
+        routing = "softmax"
+    spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
+                   r("moe_intermediate_size") * r(family.shared_key), shared_module="shared_experts",
+                   shared_gate=None, routing=routing, n_group=groups, topk_group=kept, routed_scale=scale,
+                   router_float32=True)
+    return replace(spec, **dict(family.changes)), (family.sparse_layers or _sparse_layers)(r, layers)
+
+
+def _check_groups(r: KeyReader, rule: GroupRule, count: int, top_k: int, groups: int, kept: int) -> None:
+    """Refuses a grouping the grouped ``rule`` cannot run over ``count`` experts, ``top_k`` of them chosen."""
     if count % groups:
         r.fail("n_group", f"({groups}) must divide the {count} routed experts (n_routed_experts) into equal groups")
     if count // groups < rule.min_group:
@@ -611,14 +646,6 @@ def _grouped(r: KeyReader, model_type: str, count: int, top_k: int, layers: int)
     if top_k > kept * (count // groups):
         r.fail("num_experts_per_tok", f"({top_k}) exceeds the {kept * (count // groups)} experts of the {kept} "
                                       f"group(s) topk_group keeps")
-    scale = float(r("routed_scaling_factor"))
-    if not rule.corrected and groups == 1 and scale == 1.0:
-        routing = "softmax"
-    spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
-                   r("moe_intermediate_size") * r(family.shared_key), shared_module="shared_experts",
-                   shared_gate=None, routing=routing, n_group=groups, topk_group=kept, routed_scale=scale,
-                   router_float32=True)
-    return replace(spec, **dict(family.changes)), (family.sparse_layers or _sparse_layers)(r, layers)
 
 
 def _hy_v3(r: KeyReader, sizes: object, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
@@ -747,6 +774,28 @@ def gemma4_moe(r: KeyReader, arch: Architecture) -> Architecture:
     return replace(arch, moe=spec, norms={slot: name for slot, name in arch.norms.items() if slot != "pre_mlp"},
                    layers=tuple(replace(layer, mlp="dense+moe") for layer in arch.layers),
                    keep_float32=(*arch.keep_float32, f".{spec.expert_scale}"))
+
+
+def nemotron_h_moe(r: KeyReader, arch: Architecture) -> Architecture:
+    """``arch`` (its MoE blocks' ``LayerSpec.mlp`` "moe") with Nemotron 3 Nano's sparse MLP (transformers'
+    ``NemotronHMoE``, the block's ``mixer``): a float32 router ``gate`` whose sigmoid scores plus
+    ``gate.e_score_correction_bias`` choose the top-k within the topk_group best of n_group groups (DeepSeek-V3's
+    rule), weighed by their uncorrected scores, renormalized where norm_topk_prob, times routed_scaling_factor;
+    ungated squared-ReLU experts of moe_intermediate_size (``experts.{e}.up_proj`` / ``down_proj``; mlx-lm's
+    ``switch_mlp.fc1`` / ``fc2``) and an ungated squared-ReLU ``shared_experts`` MLP of
+    moe_shared_expert_intermediate_size, biased where mlp_bias says, added to their sum."""
+    count, top_k = r("n_routed_experts"), r("num_experts_per_tok")
+    if top_k > count:
+        r.fail("num_experts_per_tok", f"({top_k}) exceeds the {count} experts (n_routed_experts)")
+    groups, kept = r("n_group"), r("topk_group")
+    _check_groups(r, GROUPED_RULES["sigmoid_grouped"], count, top_k, groups, kept)
+    r("moe_latent_size")
+    spec = MoeSpec("mixer", (None, "up_proj", "down_proj"), count, top_k, r("moe_intermediate_size"),
+                   r("norm_topk_prob"), r("moe_shared_expert_intermediate_size"), shared_module="shared_experts",
+                   shared_gate=None, activation=SquaredReLU(), routing="sigmoid_grouped", n_group=groups,
+                   topk_group=kept, routed_scale=float(r("routed_scaling_factor")), router_float32=True,
+                   mlx_lm_names=(None, "fc1", "fc2"))
+    return replace(arch, moe=spec, keep_float32=(*arch.keep_float32, f".{spec.bias_name}", f".{spec.router}.weight"))
 
 
 def with_moe(model_type: str, build: Callable[[KeyReader, object], Architecture]) -> Callable:

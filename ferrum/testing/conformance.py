@@ -609,11 +609,12 @@ def check_moe_route(c: _Context, normalize: bool = True) -> float:
 
 
 def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = None, gpt_oss: bool = False,
-                      gemma4: bool = False) -> float:
+                      gemma4: bool = False, ungated: bool = False) -> float:
     """Five experts of an awkward size, top-2 plus a shared expert's output; 70 tokens (backends
     sort pairs by expert from 64) all on experts 3 and 1, or spread evenly over every expert.
-    ``gpt_oss``: with biases and the clamped SwiGLU, clamped at 0.5 so that it bites; ``gemma4``: GeGLU experts."""
-    from ferrum.moe.activation import ClampedSwiGLU, GeluTanhGLU
+    ``gpt_oss``: with biases and the clamped SwiGLU, clamped at 0.5 so that it bites; ``gemma4``: GeGLU experts;
+    ``ungated``: Nemotron 3 Nano's squared-ReLU experts, without a gate stack."""
+    from ferrum.moe.activation import ClampedSwiGLU, GeluTanhGLU, SquaredReLU
     from ferrum.moe.experts import PlacedExperts, StackedQuantized, place_experts
 
     rng = np.random.default_rng(2)  # its own draws: the other checks' inputs stay as they were
@@ -635,10 +636,15 @@ def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = 
         biases = [c.rounded(rng.standard_normal((e, shape[1]), dtype=np.float32) * 0.3) for shape in shapes.values()]
     if gemma4:
         needs, activation = ("activation",), GeluTanhGLU()
+    if ungated:
+        needs, activation = ("activation",), SquaredReLU()
+        del host["gate"]  # drawn all the same, so that the other stacks' draws stay as they were
+        dense["gate"] = None
     since = (1, 0) if activation is None else activation.since
-    placed = [place_experts(c.ops, name, host[name], c.dtype, needs, since) for name in shapes]
+    placed = {name: place_experts(c.ops, name, host[name], c.dtype, needs, since) for name in host}
     device_biases = None if biases is None else tuple(c.put(b) for b in biases)
-    experts = PlacedExperts(placed[0].linear, *(p.weight for p in placed), device_biases, activation)
+    experts = PlacedExperts(placed["down"].linear, *(placed[n].weight if n in placed else None for n in shapes),
+                            device_biases, activation)
     t = np.arange(tokens)
     ids = np.stack([t % e, (t + 2) % e], axis=1) if spread else np.tile([3, 1], (tokens, 1))
     weights = rng.uniform(0.1, 1.0, (tokens, 3)).astype(np.float32)
@@ -723,10 +729,14 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
     gpt_oss_native = all(ops.accepts("moe_experts", arg) for arg in ("biases", "activation"))
     gpt_oss_experts = source("moe_experts") if gpt_oss_native else "core fallback"
     from ferrum.backends import declared_version
-    from ferrum.moe.activation import GeluTanhGLU
+    from ferrum.moe.activation import GeluTanhGLU, SquaredReLU
 
-    gemma4_native = ops.accepts("moe_experts", "activation") and declared_version(ops.info) >= GeluTanhGLU.since
-    gemma4_experts = source("moe_experts") if gemma4_native else "core fallback"
+    def experts_taking(activation: Any) -> str:
+        """Whose experts run ``activation``: the plugin's, where it takes one and declares its API, else the core's."""
+        native = ops.accepts("moe_experts", "activation") and declared_version(ops.info) >= activation.since
+        return source("moe_experts") if native else "core fallback"
+
+    gemma4_experts, ungated_experts = experts_taking(GeluTanhGLU), experts_taking(SquaredReLU)
     from ferrum.moe.kind import routes_natively
 
     grouped = [(f"moe_route, {case} ({source('moe_route') if routes_natively(ops, rule) else 'core fallback'})",
@@ -754,6 +764,8 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         (f"moe_experts with biases, clamped SwiGLU ({gpt_oss_experts})",
          lambda: check_moe_experts(c, True, tol, gpt_oss=True), tol),
         (f"moe_experts, GeGLU ({gemma4_experts})", lambda: check_moe_experts(c, True, tol, gemma4=True), tol),
+        (f"moe_experts, ungated squared ReLU ({ungated_experts})",
+         lambda: check_moe_experts(c, True, tol, ungated=True), tol),
         *((f"attention q{case[0]} kv{case[1]} h{case[2]} kvh{case[3]} d{case[4]}",
            lambda case=case: check_attention(c, tol, cases=(case,)), tol) for case in _ATTENTION_CASES),
         ("kv_write / kv_gather", lambda: check_kv_write_gather(c), 0.0),

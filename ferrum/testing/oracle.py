@@ -54,8 +54,8 @@ def linear(x, weight, bias=None) -> np.ndarray:
 def moe_experts(x, ids, weights, gate, up, down, shared=None, biases=None, activation=None) -> np.ndarray:
     """Token by token, chosen expert by chosen expert: ``sum_j w[t, j] * down_e(silu(gate_e x) * up_e x)``,
     plus ``w[t, k] * shared[t]`` when a shared expert's output is given. ``biases`` (gate, up, down ``[E, out]``)
-    and ``activation`` (a ``ClampedSwiGLU``, gpt-oss; a ``GeluTanhGLU``, Gemma 4) as :func:`ferrum.hookspec.moe_experts`
-    describes them."""
+    and ``activation`` (a ``ClampedSwiGLU``, gpt-oss; a ``GeluTanhGLU``, Gemma 4; an ungated ``SquaredReLU``, Nemotron
+    3 Nano, ``gate`` None) as :func:`ferrum.hookspec.moe_experts` describes them."""
     x, weights = f64(x), f64(weights)
     top_k = ids.shape[1]
     out = np.zeros_like(x)
@@ -63,8 +63,11 @@ def moe_experts(x, ids, weights, gate, up, down, shared=None, biases=None, activ
     for t in range(x.shape[0]):
         for j in range(top_k):
             e = int(ids[t, j])
-            g, u = linear(x[t : t + 1], gate[e], bias(0, e)), linear(x[t : t + 1], up[e], bias(1, e))
-            if activation is None:
+            u = linear(x[t : t + 1], up[e], bias(1, e))
+            g = None if gate is None else linear(x[t : t + 1], gate[e], bias(0, e))
+            if g is None:  # Nemotron 3 Nano's ungated squared-ReLU experts
+                h = np.maximum(u, 0.0) ** 2
+            elif activation is None:
                 h = silu_mul(g, u)
             elif activation.op == "gelu_tanh_mul":  # Gemma 4's GeGLU experts
                 h = 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3))) * u

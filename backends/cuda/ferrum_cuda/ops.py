@@ -1292,8 +1292,14 @@ def _clamped_swiglu(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.T
     return ((u + 1.0) * g * torch.sigmoid(activation.alpha * g)).to(gate.dtype)
 
 
-#: The experts' activations (``activation.op``, API 1.16) this backend runs with its own op: Gemma 4's GeGLU.
-_EXPERT_ACTIVATIONS = {"gelu_tanh_mul": _gelu_tanh_mul}
+#: The experts' activations (``activation.op``) this backend runs with its own op: Gemma 4's GeGLU (API 1.16), and
+#: Nemotron 3 Nano's ungated squared ReLU (API 1.18), which reads the up projection alone.
+_EXPERT_ACTIVATIONS = {"gelu_tanh_mul": _gelu_tanh_mul, "relu_squared": relu_squared}
+
+
+def _ungated(act, gate, up: torch.Tensor) -> torch.Tensor:
+    """An ungated expert's activation (``gate`` None): of the up projection alone."""
+    return act(up)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1327,7 +1333,7 @@ def _grouped(stack: ExpertStack, rows, ends, expert_of_row, biases):
 @hookimpl
 def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=None, activation=None):
     """Pairs (token, expert) sorted by expert; ``biases`` (gpt-oss) join each projection, ``activation``
-    replaces ``silu(g) * u``.
+    replaces ``silu(g) * u`` (an ungated one, ``gate`` None, reads ``u`` alone).
 
     Float stacks go through one grouped GEMM per projection, the runs' ends computed on the device: no
     sync, so a decode step's block stays inside its CUDA graph. Where any stack is packed (a checkpoint may
@@ -1337,24 +1343,28 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
     gate_b, up_b, down_b = (None, None, None) if biases is None else biases
     act = _EXPERT_ACTIVATIONS.get(activation.op) if activation is not None else _silu_mul
     act = act or functools.partial(_clamped_swiglu, activation)
+    if gate is None:  # ungated experts: the activation of the up projection alone
+        act = functools.partial(_ungated, act)
     tokens, top_k = expert_ids.shape
     flat = expert_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     rows = x.index_select(0, order // top_k)
     y = torch.empty((tokens * top_k, x.shape[1]), dtype=x.dtype, device=x.device)
-    if not (gate.quantized or up.quantized or down.quantized) and _grouped_gemm_runs(x.dtype) and all(
-            _aligned(stack.w, x.dtype) for stack in (gate, up, down)):
+    stacks = [stack for stack in (gate, up, down) if stack is not None]
+    if not any(stack.quantized for stack in stacks) and _grouped_gemm_runs(x.dtype) and all(
+            _aligned(stack.w, x.dtype) for stack in stacks):
         expert_of_row = flat.index_select(0, order)
-        experts = torch.arange(len(gate), device=x.device)
+        experts = torch.arange(len(up), device=x.device)
         ends = torch.searchsorted(expert_of_row, experts, right=True).to(torch.int32)
-        hidden = act(_grouped(gate, rows, ends, expert_of_row, gate_b), _grouped(up, rows, ends, expert_of_row, up_b))
+        gated = None if gate is None else _grouped(gate, rows, ends, expert_of_row, gate_b)
+        hidden = act(gated, _grouped(up, rows, ends, expert_of_row, up_b))
         y.index_copy_(0, order, _grouped(down, hidden, ends, expert_of_row, down_b))
     else:
         start = 0
-        for e, n in enumerate(torch.bincount(flat, minlength=len(gate)).tolist()):
+        for e, n in enumerate(torch.bincount(flat, minlength=len(up)).tolist()):
             if n:
                 seg = rows[start : start + n]
-                hidden = act(gate(e, seg, gate_b), up(e, seg, up_b))
+                hidden = act(None if gate is None else gate(e, seg, gate_b), up(e, seg, up_b))
                 y[order[start : start + n]] = down(e, hidden, down_b)
                 start += n
     out = (y.view(tokens, top_k, -1).float() * expert_weights[:, :top_k, None]).sum(dim=1)

@@ -999,10 +999,13 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
         return out if bias is None else out + mx.expand_dims(bias[indices], -2)
 
     gate_bias, up_bias, down_bias = biases or (None, None, None)
-    g, u = project(gate, h, gate_bias), project(up, h, up_bias)
-    if activation is None:
-        hidden = silu_mul(g, u)
+    u = project(up, h, up_bias)
+    if gate is None:  # ungated experts by their op (API 1.18): Nemotron 3 Nano's squared ReLU of up alone
+        hidden = {"relu_squared": relu_squared}[activation.op](u)
+    elif activation is None:
+        hidden = silu_mul(project(gate, h, gate_bias), u)
     else:  # Gemma 4's GeGLU by its op (API 1.16), else gpt-oss's clamped SwiGLU
+        g = project(gate, h, gate_bias)
         hidden = gelu_tanh_mul(g, u) if activation.op == "gelu_tanh_mul" else _clamped_swiglu(activation, g, u)
     y = project(down, hidden, down_bias)
     if do_sort:
