@@ -245,15 +245,17 @@ def assert_router_computes_in_float32(mlp, ops, weight: np.ndarray) -> None:
 
 def assert_names_the_tensors_transformers_saves(folder: Path) -> None:
     """``weight_shapes`` lists every tensor transformers saved in ``folder``, with its shape, and no other (experts
-    under the stacked names the loader assembles from transformers' per-expert ones)."""
+    under the stacked names the loader assembles from transformers' per-expert ones; in the layout the saved names
+    are in, e.g. Nemotron-H's ``backbone.``)."""
     from safetensors import safe_open
 
+    from ferrum.arch.tensors import resolve_layout
     from ferrum.config import ModelConfig
     from ferrum.model import weight_shapes
 
     with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
         saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    shapes = weight_shapes(ModelConfig.from_file(folder))
+    shapes = weight_shapes(resolve_layout(ModelConfig.from_file(folder), saved))
     assert {n: s for n, s in shapes.items() if ".switch_mlp." not in n} == {
         n: s for n, s in saved.items() if ".experts." not in n}
 

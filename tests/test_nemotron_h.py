@@ -126,7 +126,7 @@ def test_the_releases_pattern_string_and_layer_count_read_alike(checkpoints, tmp
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"hybrid_override_pattern": "M-E*", "num_hidden_layers": 4}, r"mixture-of-experts blocks \('E', 'moe'"),
+    ({"hybrid_override_pattern": "M-X*", "num_hidden_layers": 4}, r"'hybrid_override_pattern' must list the blocks"),
     ({"layers_block_type": ["mamba", "conv"]}, "'layers_block_type' must list the blocks as 'linear_attention'"),
     ({"mlp_hidden_act": "gelu"}, "mlp_hidden_act' is 'gelu'; Ferrum supports 'relu2'"),
 ])

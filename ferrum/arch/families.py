@@ -18,8 +18,8 @@ from ferrum.arch.mla import MlaSpec
 from ferrum.arch.per_layer import PerLayerInputs
 from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_factor
 from ferrum.arch.spec import Architecture, LayerSpec
-from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe, with_moe
+from ferrum.errors import ConfigError
+from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe, nemotron_h_moe, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 from ferrum.recurrent.mamba2 import Mamba2Spec
 from ferrum.recurrent.short_conv import ShortConvSpec
@@ -1384,17 +1384,13 @@ def _nemotron_h_layer_count(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _nemotron_h(r: KeyReader, sizes: Sizes) -> Architecture:
-    """Nemotron-H / Nemotron Nano 2: blocks of one RMSNorm and one module, a Mamba-2 mixer (its gated norm per group
-    of heads), attention without rope, or an ungated squared-ReLU MLP, as the block pattern lists them."""
+    """Nemotron-H / Nemotron Nano 2 / Nemotron 3 Nano: blocks of one RMSNorm and one module, a Mamba-2 mixer (its
+    gated norm per group of heads), attention without rope, an ungated squared-ReLU MLP, or a mixture of ungated
+    squared-ReLU experts (:func:`ferrum.moe.spec.nemotron_h_moe`), as the block pattern lists them."""
     pattern = _nemotron_h_pattern(r.raw)
     if pattern is None or len(pattern) != sizes.num_layers:
         r.fail("hybrid_override_pattern", "(or layers_block_type) must list the blocks as 'M' / '*' / '-' / 'E' "
                                           "(mamba, attention, mlp, moe)")
-    if "E" in pattern:
-        raise UnsupportedFeatureError(
-            f"{r.where}: nemotron_h's mixture-of-experts blocks ('E', 'moe': Nemotron 3 Nano) are not supported yet "
-            "(their experts are ungated squared-ReLU MLPs, which Ferrum's experts do not run); Ferrum runs Nemotron-H "
-            "and Nemotron Nano 2, whose blocks are Mamba-2, attention and MLP ('M', '*', '-')")
     limit = [float(_tagged_float(v)) for v in r("time_step_limit") or (0.0, float("inf"))]
     mamba = Mamba2Spec(r("mamba_num_heads"), r("mamba_head_dim"), r("n_groups"), r("ssm_state_size"),
                        r("conv_kernel"), (limit[0], limit[1]), conv_bias=r("use_conv_bias"), proj_bias=r("use_bias"),
@@ -1403,13 +1399,14 @@ def _nemotron_h(r: KeyReader, sizes: Sizes) -> Architecture:
         r.fail("n_groups", f"({mamba.num_groups}) must divide mamba_num_heads ({mamba.num_heads})")
     r("attention_bias"), r("mamba_hidden_act"), r("mlp_hidden_act")
     rope = Rope.unrotated(sizes.head_dim)
-    return Architecture(
+    arch = Architecture(
         layers=tuple(LayerSpec(None, rope, mixer=_NEMOTRON_H_BLOCKS[b][0], mlp=_NEMOTRON_H_BLOCKS[b][1])
                      for b in pattern),
         norms={"pre_attn": "input_layernorm"}, activation="relu2", attn_scale=1.0 / math.sqrt(sizes.head_dim),
         mlp_bias=bool(r("mlp_bias")), mamba2=mamba, keep_float32=(".A_log", ".dt_bias", ".D"),
         stored_names=NEMOTRON_H_STORED, layouts=(("backbone.", "lm_head.weight", {}),),
     )
+    return nemotron_h_moe(r, arch) if "E" in pattern else arch
 
 
 #: LFM2's layer types -> the mixer each runs (LayerSpec.mixer).
@@ -2175,7 +2172,7 @@ FAMILIES: dict[str, Family] = {
         _granitemoehybrid,
         names={"intermediate_size": "shared_intermediate_size"},  # the dense MLP's; the experts' is intermediate_size
     ),
-    "nemotron_h": Family(  # Nemotron-H, Nemotron Nano 2: Mamba-2, NoPE attention and squared-ReLU MLP blocks
+    "nemotron_h": Family(  # Nemotron-H, Nemotron Nano 2, 3 Nano: Mamba-2, NoPE attention, squared-ReLU MLP / MoE blocks
         _keys(_NEMOTRON_H_PATTERN, _core(False, 128, eps_key="layer_norm_epsilon"), (
             Key("mamba_num_heads", default=128, check=positive_int),
             Key("mamba_head_dim", default=64, check=positive_int),
@@ -2190,7 +2187,7 @@ FAMILIES: dict[str, Family] = {
                 "transformers builds Nemotron-H's attention without biases (mlx-lm with them)"), unsupported=True),
             Key("mamba_hidden_act", default="silu", check=one_of("silu"), unsupported=True),
             Key("mlp_hidden_act", default="relu2", check=one_of("relu2"), unsupported=True),
-        )),
+        ), MOE_KEYS["nemotron_h"]),
         _nemotron_h,
         eps_default=1e-5, eps_key="layer_norm_epsilon", derive=_nemotron_h_layer_count,
         unloaded=r"^mtp\.",  # the multi-token prediction layers transformers skips

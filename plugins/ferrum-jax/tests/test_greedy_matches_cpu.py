@@ -233,7 +233,16 @@ NEMOTRON_H = dict(architectures=["NemotronHForCausalLM"], model_type="nemotron_h
                   mamba_head_dim=12, n_groups=2, ssm_state_size=16, conv_kernel=4, tie_word_embeddings=False)
 
 
-@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H, NEMOTRON_H], ids=lambda c: c["model_type"])
+#: Nemotron 3 Nano's layout: Nemotron-H's blocks with MoE blocks ('E') of ungated squared-ReLU experts (the core's
+#: experts on the plugin's ops: it declares no API 1.18) routed in groups by corrected sigmoid scores, routed on the
+#: device, and a squared-ReLU shared expert.
+NEMOTRON_3 = dict(NEMOTRON_H, num_hidden_layers=7, hybrid_override_pattern="ME*E-ME", n_routed_experts=8,
+                  num_experts_per_tok=3, moe_intermediate_size=24, moe_shared_expert_intermediate_size=40, n_group=2,
+                  topk_group=1, routed_scaling_factor=2.5)
+
+
+@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H, NEMOTRON_H, NEMOTRON_3],
+                         ids=lambda c: c["model_type"] + ("_moe" if "n_routed_experts" in c else ""))
 def test_hybrid_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
