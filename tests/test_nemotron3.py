@@ -13,17 +13,20 @@ import pytest
 import transformers
 from safetensors.numpy import load_file
 
+from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.activation import SquaredReLU
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads, mlx_lm_logits,
-    reference_logits, runnable_backends, saved_references, scaled_error, without_correction_biases, write_tokenizer,
+    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
+    assert_router_computes_in_float32, mlx_lm_logits, reference_logits, runnable_backends, saved_references,
+    scaled_error, without_correction_biases, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
+BFLOAT16 = [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes]
 VOCAB = 300
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -106,6 +109,19 @@ class _Unsquared(SquaredReLU):
 
     def host(self, up: np.ndarray) -> np.ndarray:
         return np.maximum(np.asarray(up, dtype=np.float32), 0.0)
+
+
+@pytest.mark.parametrize("backend", BFLOAT16)
+def test_routers_and_biases_stay_float32_in_bfloat16(checkpoints, backend):
+    """transformers keeps the router weight and correction bias in float32 (_keep_in_fp32_modules_strict) and casts
+    the router's input up: so does Ferrum."""
+    folder, hf = checkpoints["grouped"]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
+    mlp, ops, gate = model.layers[1].mlp, model.ops, hf.model.layers[1].mixer.gate
+    bias = gate.e_score_correction_bias.numpy()
+    assert not np.array_equal(bias, bias.astype("bfloat16").astype(np.float32))  # bfloat16 would round it
+    np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), bias)
+    assert_router_computes_in_float32(mlp, ops, gate.weight.detach().numpy())
 
 
 def test_the_releases_pattern_string_reads_alike(checkpoints, tmp_path):
