@@ -428,3 +428,53 @@ def test_the_output_may_be_named_dot_and_dead_runs_leave_nothing(tmp_path, monke
     assert quantize_checkpoint(src, ".", bits=8, group_size=32) == out
     assert (out / "config.json").exists() and "lm_head.scales" in tensors(out)
     assert not dead.exists() and alive.exists()
+
+
+def _hybrid_configs() -> dict:
+    """The hybrid families' tiny configs from their own tests: Gated DeltaNet, Mamba-2 (with and without experts),
+    short convolutions."""
+    import test_granitemoehybrid
+    import test_lfm2
+    import test_nemotron_h
+    import test_qwen3_5
+
+    return {"qwen3_5_text": test_qwen3_5.text_config, "granitemoehybrid": test_granitemoehybrid.VARIANTS["dense"],
+            "granitemoehybrid_moe": test_granitemoehybrid.VARIANTS["moe"], "lfm2": test_lfm2.lfm2_config,
+            "nemotron_h": test_nemotron_h.VARIANTS["nano2"]}
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "granitemoehybrid", "granitemoehybrid_moe", "lfm2", "nemotron_h"])
+def test_hybrid_checkpoints_quantize_and_run(tmp_path, family):
+    """Their convolution taps ([C, 1, K], 3-D) were taken for a fused gate/up stack of experts, and ferrum quantize
+    failed on every hybrid but Qwen3-Next's and Qwen3.5-MoE's: now the projections are packed, the taps stay float,
+    and the packed model computes what its weights dequantized by MLX compute."""
+    mx = pytest.importorskip("mlx.core")
+    from safetensors.numpy import load_file
+
+    from ferrum.model import DecoderOnlyLLM
+    from support import build_transformers_model, scaled_error
+
+    config = _hybrid_configs()[family]()
+    build_transformers_model(tmp_path / "float", config)
+    packed = quantize_checkpoint(tmp_path / "float", tmp_path / "packed", bits=8, group_size=32)
+    stored = load_file(str(packed / "model.safetensors"))
+    assert any(n.endswith(("in_proj.scales", "in_proj_qkv.scales")) for n in stored)  # the mixer's input, packed
+    assert not any(("conv" in n.rsplit(".", 2)[-2]) and n.endswith(".scales") for n in stored)  # its taps, float
+    floats = {}
+    for name, array in stored.items():
+        module = name.removesuffix(".weight")
+        if name.endswith((".scales", ".biases")) and f"{name.rsplit('.', 1)[0]}.scales" in stored:
+            continue
+        floats[name] = array if f"{module}.scales" not in stored else np.array(mx.dequantize(
+            mx.array(array), mx.array(stored[f"{module}.scales"]), mx.array(stored[f"{module}.biases"]),
+            group_size=32, bits=8)).astype(np.float32)
+    (tmp_path / "dequantized").mkdir()
+    save_file(floats, str(tmp_path / "dequantized" / "model.safetensors"), metadata={"format": "pt"})
+    meta = json.loads((packed / "config.json").read_text())
+    meta.pop("quantization")
+    meta.pop("quantization_config", None)
+    (tmp_path / "dequantized" / "config.json").write_text(json.dumps(meta))
+    tokens = [int(t) for t in np.random.RandomState(0).randint(0, config.vocab_size, size=13)]
+    want = DecoderOnlyLLM.from_pretrained(tmp_path / "dequantized", backend="cpu").forward_verify("f", tokens)
+    got = DecoderOnlyLLM.from_pretrained(packed, backend="cpu").forward_verify("p", tokens)
+    assert scaled_error(got, want) <= 1e-5

@@ -315,7 +315,8 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         else:
             if len(weights) > 1:  # one expert's matrix of a stack
                 stored = (len(weights), *stored)
-            if len(shape) == 3 and fused_half(moe, name, parts) is not None and len(stored) == 3:
+            if (len(shape) == 3 and is_expert_stack(name) and fused_half(moe, name, parts) is not None
+                    and len(stored) == 3):
                 stored = (stored[0], stored[1] // 2, stored[2])
             shapes_stored = (shape,)
         scaled = len(weights) < len(parts)
