@@ -19,6 +19,7 @@ from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.sampling import SamplingParams
 from support import (
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match,
     assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, mlx_lm_logits, reference_logits,
@@ -103,6 +104,31 @@ def test_a_malformed_step_limit_is_refused_by_name(limit):
     raw = {**VARIANTS["dense"]().to_dict(), "time_step_limit": limit}
     with pytest.raises(ConfigError, match="time_step_limit"):
         ModelConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pass_on_another_thread_than_the_load(checkpoints, backend):
+    """The engine's thread (llm.astream, ferrum serve) runs passes on a model loaded on another: the convolution's
+    bias, reshaped lazily at load, was tied to the loading thread's MLX stream, and every such pass failed."""
+    import threading
+
+    folder, hf = checkpoints["moe"]
+    model = load(folder, backend)
+    got = {}
+    thread = threading.Thread(target=lambda: got.update(logits=model.forward_verify("t", TOKENS)))
+    thread.start()
+    thread.join()
+    assert scaled_error(got["logits"], reference_logits(hf, TOKENS)) <= 1e-4
+
+
+def test_finished_requests_leave_no_states(checkpoints):
+    """The scheduler releases a finished request's KV alone; its recurrent states stayed in the store, pinning
+    their batch's arrays, until a later pass pruned them."""
+    engine = _engine(checkpoints["dense"][0])
+    ids = [engine.add_request(TOKENS[: 5 + i], SamplingParams(max_tokens=3, ignore_eos=True)) for i in range(3)]
+    while engine.has_unfinished():
+        engine.step()
+    assert not engine.model.kv.sequences() and not any(request in engine.model.states for request in ids)
 
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):

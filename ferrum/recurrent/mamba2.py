@@ -61,9 +61,13 @@ class Mamba2Spec:
 
     def split(self, name: str, tensor: Any, take_rows: Callable[[Any, np.ndarray], Any]) -> list[tuple[str, Any]]:
         """One stored tensor -> the model's: ``in_proj`` cut into its three parts, the convolution's weight
-        ``[C, K]``."""
+        ``[C, K]``, its bias one row ``[1, C]`` (broadcast to a batch's rows by take_rows), shaped on the host: a
+        backend array reshaped at load is lazy on MLX, tied to the loading thread's stream, and an engine thread's
+        pass could not evaluate it."""
         if name.endswith(".conv1d.weight"):
             return [(name, np.ascontiguousarray(np.asarray(tensor).reshape(self.conv_dim, self.conv_kernel)))]
+        if name.endswith(".conv1d.bias"):
+            return [(name, np.asarray(tensor).reshape(1, self.conv_dim))]
         if ".in_proj." in name:
             bounds = np.cumsum([0, self.inner, self.conv_dim, self.num_heads])
             return [(name.replace(".in_proj.", f".{part}."), take_rows(tensor, np.arange(lo, hi)))
@@ -94,8 +98,6 @@ class Mamba2Layer:
         self.conv, self.conv_bias = tensor(f"{m}.conv1d.weight"), tensor(f"{m}.conv1d.bias")
         self.a_log, self.d, self.dt_bias = tensor(f"{m}.A_log"), tensor(f"{m}.D"), tensor(f"{m}.dt_bias")
         self.norm = tensor(f"{m}.norm.weight")
-        if self.conv_bias is not None:  # one row, broadcast to a batch's rows by take_rows
-            self.conv_bias = ops.reshape(self.conv_bias, (1, spec.conv_dim))
         #: The gated norm runs per group of heads; with several groups its weight multiplies after a norm of ones.
         self.group_norm = None if spec.num_groups == 1 else ops.from_numpy(
             np.ones(spec.inner // spec.num_groups, dtype=np.float32), dtype_name(self.norm))

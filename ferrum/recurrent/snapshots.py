@@ -105,7 +105,10 @@ class StateSnapshots:
         self.states.seed(seq_id, self._kept[key])
 
     def released(self, seq_id: Hashable, seq: SequenceBlocks) -> None:
-        """Keep the state at the last boundary ``seq_id`` decoded past, now its blocks go to the cache."""
+        """Keep the state at the last boundary ``seq_id`` decoded past, now its blocks go to the cache, and drop its
+        live states (the scheduler releases a finished or preempted sequence's KV alone; they would pin their
+        batch's arrays until a later pass pruned them)."""
+        self.states.release(seq_id)
         latest = self._latest.pop(seq_id, None)
         if latest is not None:
             end, snapshot = latest
