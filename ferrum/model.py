@@ -40,8 +40,8 @@ from ferrum.errors import (
 )
 from ferrum.hookspec import DTYPE_BYTES
 from ferrum.limits import check_kv_pool, check_layer_count
+from ferrum.mixers import MIXER_KINDS
 from ferrum.paged_kv import PagedKVManager
-from ferrum.recurrent import MIXERS, mixer_spec
 from ferrum.recurrent.snapshots import StateSnapshots
 from ferrum.recurrent.state import RecurrentStates
 from ferrum.weights import Linear, Placed, place, read_weights
@@ -143,6 +143,50 @@ def query_scaler(ops: Any, scaling: tuple, positions: np.ndarray) -> Callable[[A
     return per_token(ops, choice.reshape(-1), scale)
 
 
+class _Pass:
+    """One forward pass's state that its blocks' mixer steps read and change (:meth:`ferrum.mixers.MixerKind.step`):
+    the batch and its device positions and slots, the query rotations and scalers that depend on the batch, the
+    chunked views made of it, the sequences (whose recurrent states a step gathers) and the layers' per-layer inputs.
+    Past the last KV write (:meth:`narrow`) the positions, rotations, scalers, inputs and the batch attended
+    (``narrowed``) are the kept rows'."""
+
+    __slots__ = ("model", "ops", "pool", "softcap", "specs", "states", "last_write", "batch", "narrowed", "kept",
+                 "chunked", "slots", "seq_ids", "inputs", "positions", "ropes", "scalers")
+
+    def __init__(self, model: DecoderOnlyLLM, batch: AttentionBatch, kept: np.ndarray | None,
+                 seq_ids: list[Hashable]):
+        ops = model.ops
+        self.model, self.ops, self.pool, self.states = model, ops, model.pool, model.states
+        self.softcap, self.specs = model.config.arch.attn_softcap, model.config.arch.layers
+        self.last_write, self.kept, self.seq_ids = model._last_write, kept, seq_ids
+        self.batch = self.narrowed = batch  # what blocks attend: the batch, past the last KV write the kept rows'
+        self.chunked: dict[int, AttentionBatch] = {}  # chunk size -> the batch its layers attend
+        self.slots = ops.from_numpy(batch.slot_mapping, None)
+        self.inputs: list[tuple] = []
+        self._rebase(batch, {layer.query_scaling for layer in model.layers} - {None})
+
+    def _rebase(self, batch: AttentionBatch, scalings: Any) -> None:
+        """Positions, rotations and query scalers of ``batch``'s rows."""
+        ops = self.ops
+        self.positions = positions = ops.from_numpy(batch.positions, None)
+        self.ropes = {key: tables.for_batch(positions, batch) for key, tables in self.model.ropes.items()
+                      if tables.fixed is None}
+        self.scalers = {scaling: query_scaler(ops, scaling, batch.positions) for scaling in scalings}
+
+    def narrow(self, index: int) -> Any:
+        """At layer ``index``, the last that writes K/V: the pass goes on with the kept rows only (see
+        ``DecoderOnlyLLM._rows_past_last_write``); their indices on the backend, for the step to take its own rows."""
+        ops, kept, model = self.ops, self.kept, self.model
+        keep = ops.from_numpy(kept.astype(np.int32), None)
+        self.narrowed = narrowed = self.batch.narrowed(kept)
+        self.inputs[index:] = [tuple(ops.take_rows(x, keep) for x in xs) for xs in self.inputs[index:]]
+        narrowed.prepared = ops.prepare_attention_batch(narrowed)
+        model.adapters.keep_rows(kept)
+        if index < len(model.layers) - 1:  # the blocks after it rotate and scale the kept rows' queries
+            self._rebase(narrowed, self.scalers)
+        return keep
+
+
 def _norm_weights(weights: dict[str, Placed], module: str) -> tuple[Any, Any] | None:
     """A norm's ``(weight, bias)`` on the backend (bias None where it has none); None where there is no such norm."""
     weight, bias = weights.get(f"{module}.weight"), weights.get(f"{module}.bias")
@@ -221,26 +265,29 @@ class DecoderOnlyLLM:
         self.ropes = {id(r): _RopeTables(ops, r) for r in {id(spec.rope): spec.rope for spec in arch.layers}.values()}
         #: How the layers' attention projections are built, and what its layers share per rope (latent attention's
         #: 0/1 placement matrices, ferrum.arch.mla).
-        self._attention = arch.attention
-        self._attention_placed = {key: self._attention.place(ops, dtype, tables.rope)
-                                  for key, tables in self.ropes.items()}
+        self.attention = arch.attention
+        self.attention_placed = {key: self.attention.place(ops, dtype, tables.rope)
+                                 for key, tables in self.ropes.items()}
         #: Each layer's layer of the KV pool (``Architecture.kv_layers``).
         self.kv_layers = arch.kv_layers
+        # each layer's kind of mixer (LayerSpec.mixer -> ferrum.mixers.MIXER_KINDS)
+        kinds = [MIXER_KINDS[spec.mixer] for spec in arch.layers]
         #: The last layer that writes K/V: past it, a pass computes only its logit rows (``_rows_past_last_write``).
         #: None where no layer attends (a Nemotron-H pattern of Mamba-2 and MLP blocks alone).
-        self._last_write = max((i for i, spec in enumerate(arch.layers) if spec.kv_source is None
-                                and spec.mixer == "attention"), default=None)
-        #: Whether every block from it on attends (a recurrent one needs every row to carry its state on).
-        self._narrows = self._last_write is not None and all(
-            spec.mixer not in MIXERS for spec in arch.layers[self._last_write:])
+        self._last_write = max((i for i, (kind, spec) in enumerate(zip(kinds, arch.layers)) if kind.writes_kv(spec)),
+                               default=None)
+        #: Whether no block from it on carries a state (a recurrent mixer needs every row to carry its state on).
+        self._narrows = self._last_write is not None and not any(kind.stateful for kind in kinds[self._last_write:])
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: The recurrent mixers' states per sequence (none where every layer attends).
-        self.states = RecurrentStates(ops, {i: mixer_spec(arch, spec.mixer).state_shapes(dtype) for i, spec in
-                                            enumerate(arch.layers) if spec.mixer in MIXERS})
+        self.states = RecurrentStates(ops, {i: kind.state_shapes(arch, spec, dtype) for i, (kind, spec) in
+                                            enumerate(zip(kinds, arch.layers)) if kind.stateful})
         #: Those states at cached prefixes' block boundaries, for the prefix cache (None where every layer attends).
         self.snapshots = StateSnapshots(self.states, self.kv) if self.states.layers else None
-        #: Each block's work before and after its KV write and attention, plain and as the backend compiles it.
+        #: Each block's work before and after its mixer's step, plain and as the backend compiles it.
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
+        #: Each block's mixer step over a pass's batch, bound once (a pass looks no kind up per layer).
+        self._steps = [kind.step for kind in kinds]
         self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
         self._final = self._final_norm_fn()
         self._final_compiled = ops.compile_fn(self._final)
@@ -338,19 +385,7 @@ class DecoderOnlyLLM:
         k_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}")
         if arch.qk_norm is not None and not arch.qk_norm_params:  # a norm without a weight (Llama 4's L2 norm): 1s
             q_norm = k_norm = (self._ones_of(config.head_dim), None)
-        recurrent = gate = None
-        if spec.mixer in MIXERS:
-            recurrent = mixer_spec(arch, spec.mixer).layer(self.ops, tensor, projection, config.rms_norm_eps)
-            qkv = o = None
-        elif spec.mixer == "none":  # an MLP-only block
-            qkv = o = None
-        elif spec.kv_source is None:
-            qkv, o = self._attention.build(self.ops, config, tensor, projection,
-                                           self._attention_placed[id(spec.rope)])
-        else:  # it reads another layer's keys and values: its queries alone
-            qkv, o = self._attention.build_queries(config, projection)
-        if spec.mixer == "attention" and arch.attn_output_gate:
-            gate = projection("self_attn.gate_proj")
+        mixer = MIXER_KINDS[spec.mixer].build(self, spec, tensor, projection)
         # a padded layer's q/k/v norms: the stored head's RMSNorm (see LayerSpec.stored_head_dim)
         fit = (spec.stored_head_dim or config.head_dim) / config.head_dim
         v_norm = scalar = None
@@ -361,8 +396,8 @@ class DecoderOnlyLLM:
             scalar = self.ops.from_numpy(np.full(config.hidden_size, value, dtype=np.float32), self.dtype)
         return _Layer(
             mixer=spec.mixer,
-            gate=gate,
-            recurrent=recurrent,
+            gate=mixer.gate,
+            recurrent=mixer.recurrent,
             v_norm=v_norm,
             qk_eps=config.rms_norm_eps * fit,
             scalar=scalar,
@@ -370,8 +405,8 @@ class DecoderOnlyLLM:
             post_attn=norms.get("post_attn"),
             pre_mlp=norms.get("pre_mlp"),
             post_mlp=norms.get("post_mlp"),
-            qkv=qkv,
-            o=o,
+            qkv=mixer.qkv,
+            o=mixer.o,
             q_norm=q_norm if spec.qk_norm else None,
             k_norm=k_norm if spec.qk_norm else None,
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
@@ -402,32 +437,15 @@ class DecoderOnlyLLM:
     def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
         """``enter(h[, residual], positions) -> (*projected, h)`` (the first block has no residual to add) and
         ``leave(mixed, h, *extra[, inputs]) -> (residual, h)``: pure functions of backend arrays, so a backend may
-        compile them (``compile_fn``). ``projected`` is what the layer's mixer steps over the batch: ``q, k, v`` for
-        attention (``q`` alone in a layer that reads another's keys and values), then its output gate (gated
-        attention); a recurrent mixer's projections (:mod:`ferrum.recurrent`); the normed input of an MLP-only
-        block. ``mixed`` is the mixer's output and ``extra`` what its output takes besides (the output gate, the
-        gated norm's ``z``); the layer's per-layer inputs (Gemma 4 E2B / E4B) come last. ``enter`` rotates q and k
-        when the layer's rope has one table; a rope whose table depends on the batch (longrope) rotates between
-        the halves (:meth:`_RopeTables.for_batch`)."""
+        compile them (``compile_fn``). What ``enter`` projects from the normed input, how ``leave`` takes the mixer's
+        output ``mixed`` (and ``extra``, what its output takes besides) and which second half the block has are its
+        mixer kind's (:data:`ferrum.mixers.MIXER_KINDS`); the layer's per-layer inputs (Gemma 4 E2B / E4B) come
+        last."""
         ops, cfg = self.ops, self.config
-        reshape = ops.reshape
+        kind = MIXER_KINDS[layer.mixer]
         norm, add_norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)
-        heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        table = self.ropes[layer.rope].fixed
-        qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
-        # "projection" norms go on the projections, "head" norms on each head, before rope or (Hunyuan) after it
-        where = {"projection": "projection", "head": "rotated" if cfg.arch.qk_norm_after_rope else "head",
-                 "each_head": "head"}
-        norm_at = where.get(qk_norm)
-        parallel, clip = cfg.arch.parallel, cfg.arch.clip_qkv
-        head_norm = norm if layer.qk_eps == cfg.rms_norm_eps else NORM_KINDS[cfg.arch.norm](ops, layer.qk_eps)[0]
+        project, mixer_out = kind.project(self, layer), kind.output(self, layer)
         scalar, mix = layer.scalar, layer.per_layer
-
-        def norm_qk(*qk: Any) -> list[Any]:
-            """q and k normed (q alone in a layer without keys of its own)."""
-            if qk_norm == "each_head":  # [heads, head_dim] weights: normed without, then scaled head by head
-                return [ops.mul(norm(x, (None, None)), w[0]) for x, w in zip(qk, (layer.q_norm, layer.k_norm))]
-            return [head_norm(x, w) for x, w in zip(qk, (layer.q_norm, layer.k_norm))]
 
         def add_then_norm(x: Any, h: Any, weights: Any) -> tuple[Any, Any]:
             """``(norm(x + h), x + h)``; without a norm there (OLMo 2's blocks) the sum is both."""
@@ -436,49 +454,13 @@ class DecoderOnlyLLM:
                 return summed, summed
             return add_norm(x, h, weights)
 
-        def project(x: Any, h: Any, positions: Any) -> tuple:
-            q, *kv = layer.qkv(x)  # q alone in a layer that reads another's keys and values
-            qk, v = [q, *kv[:1]], kv[1:]
-            if norm_at == "projection":
-                qk = norm_qk(*qk)
-            if clip is not None:
-                qk, v = [ops.clip(t, clip) for t in qk], [ops.clip(t, clip) for t in v]
-            qk = [reshape(t, (-1, heads if i == 0 else kv_heads, hd)) for i, t in enumerate(qk)]
-            v = [reshape(t, (-1, kv_heads, hd)) for t in v]
-            if layer.v_norm is not None:
-                v = [head_norm(t, layer.v_norm) for t in v]
-            if norm_at == "head":
-                qk = norm_qk(*qk)
-            if table is not None:
-                qk = [ops.rope(t, positions, table) for t in qk]
-            if norm_at == "rotated":
-                qk = norm_qk(*qk)
-            if parallel:  # the MLP reads the block's input beside attention: its output joins h now, attention's later
-                h = ops.add(h, layer.mlp(x if layer.pre_mlp is None else norm(h, layer.pre_mlp)))
-            gate = [layer.gate(x)] if layer.gate is not None else []  # gated attention's gate, to the second half
-            return (*qk, *v, *gate, h)
-
-        def attention_out(attn: Any, *gate: Any) -> Any:
-            flat = reshape(attn, (-1, heads * hd))
-            return layer.o(ops.sigmoid_mul(gate[0], flat) if gate else flat)
-
-        mixer_out = attention_out
-        if layer.recurrent is not None:  # a recurrent mixer in place of attention: its projections and output
-            def project(x: Any, h: Any, positions: Any) -> tuple:
-                return (*layer.recurrent.project(x), h)
-
-            mixer_out = layer.recurrent.output
-        elif layer.mixer == "none":  # an MLP-only block: the normed input goes on to the MLP (leave_mlp)
-            def project(x: Any, h: Any, positions: Any) -> tuple:
-                return x, h
-
         def enter_first(h: Any, positions: Any) -> tuple:
             return project(h if layer.pre_attn is None else norm(h, layer.pre_attn), h, positions)
 
         def enter(h: Any, residual: Any, positions: Any) -> tuple:
             return project(*add_then_norm(residual, h, layer.pre_attn), positions)
 
-        def leave(mixed: Any, h: Any, *rest: Any) -> tuple:
+        def mixer_then_mlp(mixed: Any, h: Any, *rest: Any) -> tuple:
             extra, inputs = (rest[:-1], rest[-1:]) if mix is not None else (rest, ())  # the mixer's; per-layer inputs
             o = mixer_out(mixed, *extra)
             if layer.post_attn is not None:
@@ -495,14 +477,14 @@ class DecoderOnlyLLM:
                 return ops.mul(out, scalar), ops.mul(h, scalar)
             return out, h
 
-        def leave_parallel(attn: Any, h: Any) -> tuple:
-            return layer.o(reshape(attn, (-1, heads * hd))), h
+        def mixer_beside_mlp(mixed: Any, h: Any, *extra: Any) -> tuple:
+            return mixer_out(mixed, *extra), h  # the MLP's output joined h in the first half
 
-        def leave_mlp(x: Any, h: Any) -> tuple:
+        def mlp_alone(x: Any, h: Any) -> tuple:
             return layer.mlp(x), h
 
-        second = leave_parallel if parallel else leave_mlp if layer.mixer == "none" else leave
-        return enter_first if first else enter, second
+        ends = {"mixer_then_mlp": mixer_then_mlp, "mixer_beside_mlp": mixer_beside_mlp, "mlp_alone": mlp_alone}
+        return enter_first if first else enter, ends[kind.ends(cfg.arch)]
 
     def _final_norm_fn(self) -> Callable[[Any, Any], tuple]:
         """``final_norm(residual, h) -> (normed,)`` after the last block: a pure function, compiled like the
@@ -671,94 +653,36 @@ class DecoderOnlyLLM:
         batch = self._attention_batch(items)
         batch.prepared = ops.prepare_attention_batch(batch)
         ids = token_ids(ops, [it.q_tokens for it in items])
-        positions = ops.from_numpy(batch.positions, None)
-        slots = ops.from_numpy(batch.slot_mapping, None)
-        n_tok = batch.num_tokens
-        pool, arch = self.pool, cfg.arch
-        softcap = arch.attn_softcap
-        ropes = {key: tables.for_batch(positions, batch) for key, tables in self.ropes.items() if tables.fixed is None}
-        scalers = {scaling: query_scaler(ops, scaling, batch.positions)
-                   for scaling in {layer.query_scaling for layer in self.layers} - {None}}
-        chunked: dict[int, AttentionBatch] = {}  # chunk size -> the batch its layers attend
+        arch = cfg.arch
         compiled = self.adapters.batch is None
         halves, final = (self._compiled, self._final_compiled) if compiled else (self._halves, self._final)
 
         rows, picks = self._logit_rows(items, batch, all_logits)
         kept = self._rows_past_last_write(batch, picks)
-        narrowed = batch  # what the blocks attend: the batch, then past the last KV write only the kept rows
+        run = _Pass(self, batch, kept, [it.seq_id for it in items])
 
         h = self.embed_lookup(self.embed, ids)
         if self.position_table is not None:
-            h = ops.add(h, self.position_table.embedding(self.position_table.weight, positions))
+            h = ops.add(h, self.position_table.embedding(self.position_table.weight, run.positions))
         if arch.embed_scale is not None:
             h = ops.mul_scalar(h, arch.embed_scale)
         if self.embed_norm is not None:
             h = NORM_KINDS[arch.norm](ops, cfg.rms_norm_eps)[0](h, self.embed_norm)
-        seq_ids = [it.seq_id for it in items]
         # each layer's per-layer inputs, as leave's last argument (none without)
-        inputs = [()] * len(self.layers) if self.per_layer is None else [(x,) for x in self.per_layer(ids, h)]
+        run.inputs = inputs = (
+            [()] * len(self.layers) if self.per_layer is None else [(x,) for x in self.per_layer(ids, h)])
 
-        def attend(index: int, layer: _Layer, projected: tuple, h: Any) -> tuple[Any, tuple, Any]:
-            nonlocal narrowed, positions, ropes, scalers  # past the last KV write: the kept rows' (see below)
-            q, *rest = projected  # q, then k and v where the layer computes its own, then the output gate if any
-            kv, gate = (rest[:2], rest[2:]) if arch.layers[index].kv_source is None else ([], rest)
-            rotate = ropes.get(layer.rope)
-            if rotate is not None:
-                q, kv = rotate(q), kv and [rotate(kv[0]), kv[1]]
-            scale_queries = scalers.get(layer.query_scaling)
-            if scale_queries is not None:
-                q = scale_queries(q)
-            if kv:  # a layer that reads another's keys and values writes none
-                ops.kv_write(pool, layer.kv_layer, *kv, slots)
-            if index == self._last_write and kept is not None:
-                keep = ops.from_numpy(kept.astype(np.int32), None)
-                q, h, narrowed = ops.take_rows(q, keep), ops.take_rows(h, keep), batch.narrowed(kept)
-                gate = [ops.take_rows(g, keep) for g in gate]
-                inputs[index:] = [tuple(ops.take_rows(x, keep) for x in xs) for xs in inputs[index:]]
-                narrowed.prepared = ops.prepare_attention_batch(narrowed)
-                self.adapters.keep_rows(kept)
-                if index < len(self.layers) - 1:  # the blocks after it rotate and scale the kept rows' queries
-                    positions = ops.from_numpy(narrowed.positions, None)
-                    ropes = {key: tables.for_batch(positions, narrowed) for key, tables in self.ropes.items()
-                             if tables.fixed is None}
-                    scalers = {scaling: query_scaler(ops, scaling, narrowed.positions) for scaling in scalers}
-            attended = narrowed
-            if layer.chunk is not None:
-                if attended is batch:
-                    if layer.chunk not in chunked:
-                        chunked[layer.chunk] = batch.chunked(layer.chunk)
-                        if chunked[layer.chunk] is not batch:
-                            chunked[layer.chunk].prepared = ops.prepare_attention_batch(chunked[layer.chunk])
-                    attended = chunked[layer.chunk]
-                else:
-                    attended = attended.chunked(layer.chunk)
-                    if attended.prepared is None:
-                        attended.prepared = ops.prepare_attention_batch(attended)
-            attn = ops.paged_attention(q, pool, layer.kv_layer, attended, layer.scale, layer.window, softcap,
-                                       layer.sinks)
-            return attn, tuple(gate), h
-
-        def recurrent(index: int, layer: _Layer, projected: tuple, h: Any) -> tuple[Any, tuple, Any]:
-            core, extra, states = layer.recurrent.mix(projected, self.states.gather(index, seq_ids),
-                                                      batch.cu_seqlens_q)
-            self.states.stage(index, seq_ids, states)
-            return core, extra, h
-
-        def no_mixer(index: int, layer: _Layer, projected: tuple, h: Any) -> tuple[Any, tuple, Any]:
-            return projected[0], (), h  # the normed input, on to the MLP
-
-        #: LayerSpec.mixer -> its step over the batch (any other: a recurrent one)
-        mixers = {"attention": attend, "none": no_mixer}
+        steps = self._steps
         residual = None  # output of the previous block, not yet added to h
         for index, layer in enumerate(self.layers):
             enter, leave = halves[index]
-            *projected, h = enter(h, positions) if residual is None else enter(h, residual, positions)
-            mixed, extra, h = mixers.get(layer.mixer, recurrent)(index, layer, tuple(projected), h)
+            *projected, h = enter(h, run.positions) if residual is None else enter(h, residual, run.positions)
+            mixed, extra, h = steps[index](run, index, layer, tuple(projected), h)
             residual, h = leave(mixed, h, *extra, *inputs[index])
 
         if not len(picks):
             return ForwardOutput(None, rows)
-        if kept is None and len(picks) != n_tok:
+        if kept is None and len(picks) != batch.num_tokens:
             keep = ops.from_numpy(picks.astype(np.int32), None)
             residual, h = ops.take_rows(residual, keep), ops.take_rows(h, keep)
         logits = self.lm_head(final(residual, h)[0])

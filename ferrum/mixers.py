@@ -1,0 +1,252 @@
+"""The kinds of mixer a block runs (``LayerSpec.mixer``), in one table the model reads.
+
+A kind says how a layer of it is built from its weights (:meth:`MixerKind.build`), what its block's first half
+projects (:meth:`MixerKind.project`), how it steps over a pass's batch between the halves (:meth:`MixerKind.step`:
+attention's KV write and paged attention, a recurrent mixer's state gather and stage) and how its output is taken
+(:meth:`MixerKind.output`, :meth:`MixerKind.ends`), so ``DecoderOnlyLLM`` branches on no mixer's name. The halves
+stay pure functions of backend arrays (``ops.compile_fn``); a step runs on the host between them and reads and
+changes the pass's state (``ferrum.model``'s ``_Pass``). ``DecoderOnlyLLM`` binds each layer's step at load, so a
+pass looks nothing up per layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from ferrum.arch.norms import NORM_KINDS
+from ferrum.recurrent import MIXERS, mixer_spec
+from ferrum.recurrent.state import StateShapes
+
+if TYPE_CHECKING:
+    from ferrum.arch.spec import Architecture, LayerSpec
+    from ferrum.weights import Linear
+
+#: A step's result: the mixer's output, what its output takes besides (the output gate, the gated norm's ``z``),
+#: and the residual stream (narrowed past the last KV write).
+Mixed = tuple[Any, tuple, Any]
+
+
+class MixerWeights(NamedTuple):
+    """What a layer's mixer is built of (``_Layer``'s fields of the same names; None where its kind has none)."""
+
+    qkv: Any = None  # attention's ``x -> (q, k, v)`` (q alone where the layer reads another's keys and values)
+    o: Any = None  # attention's output projection
+    gate: Linear | None = None  # gated attention's output gate
+    recurrent: Any = None  # a recurrent mixer's layer (:mod:`ferrum.recurrent`)
+
+
+class MixerKind:
+    """One kind of mixer; the defaults are those of a kind that carries no state, writes no K/V and whose block
+    ends with its output, then its MLP."""
+
+    #: It carries a state per sequence (:class:`ferrum.recurrent.state.RecurrentStates` holds one), so it reads
+    #: every row of a batch to carry it on: a pass narrows to the logit rows past the last KV write only where no
+    #: block past it has such a mixer.
+    stateful = False
+
+    def writes_kv(self, spec: LayerSpec) -> bool:
+        """Whether the layer writes keys and values to the pool."""
+        return False
+
+    def state_shapes(self, arch: Architecture, spec: LayerSpec, dtype: str) -> StateShapes:
+        """The layer's state per sequence (stateful kinds only)."""
+        raise NotImplementedError
+
+    def ends(self, arch: Architecture) -> str:
+        """Which second half its block has (``DecoderOnlyLLM._block_halves`` builds each): "mixer_then_mlp", the
+        mixer's output, then the MLP on the stream; "mixer_beside_mlp", the output alone, the MLP having run beside
+        the mixer in the first half (parallel blocks); "mlp_alone", the MLP on the normed input (no mixer)."""
+        return "mixer_then_mlp"
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        """The layer's mixer from its placed weights (``tensor`` / ``projection`` read them by relative name)."""
+        raise NotImplementedError
+
+    def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
+        """``(x, h, positions) -> (*projected, h)`` from the normed input ``x``: what :meth:`step` takes."""
+        raise NotImplementedError
+
+    def output(self, model: Any, layer: Any) -> Callable[..., Any] | None:
+        """``(mixed, *extra) -> out``: the mixer's output as the block adds it; None where the block ends
+        ``mlp_alone``."""
+        return None
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        """The mixer over the pass's batch (``run``, the model's ``_Pass``), between the block's halves."""
+        raise NotImplementedError
+
+
+class Attention(MixerKind):
+    """Attention over the paged KV cache: q/k/v projected (rotated where the rope has one table), K/V written,
+    the queries attended, the heads projected out through ``o_proj`` (gated by the output gate where there is
+    one). A layer that reads another's keys and values (``LayerSpec.kv_source``) projects queries alone."""
+
+    def writes_kv(self, spec: LayerSpec) -> bool:
+        return spec.kv_source is None
+
+    def ends(self, arch: Architecture) -> str:
+        return "mixer_beside_mlp" if arch.parallel else "mixer_then_mlp"
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        config, attention = model.config, model.attention
+        if spec.kv_source is None:
+            qkv, o = attention.build(model.ops, config, tensor, projection, model.attention_placed[id(spec.rope)])
+        else:  # it reads another layer's keys and values: its queries alone
+            qkv, o = attention.build_queries(config, projection)
+        gate = projection("self_attn.gate_proj") if config.arch.attn_output_gate else None
+        return MixerWeights(qkv, o, gate)
+
+    def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
+        """``q, k, v`` (``q`` alone in a layer that reads another's), normed, clipped and rotated as the
+        architecture says, then the output gate; in a parallel block the MLP's output joins ``h`` here."""
+        ops, cfg = model.ops, model.config
+        reshape = ops.reshape
+        norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)[0]
+        heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        table = model.ropes[layer.rope].fixed
+        qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
+        # "projection" norms go on the projections, "head" norms on each head, before rope or (Hunyuan) after it
+        where = {"projection": "projection", "head": "rotated" if cfg.arch.qk_norm_after_rope else "head",
+                 "each_head": "head"}
+        norm_at = where.get(qk_norm)
+        parallel, clip = cfg.arch.parallel, cfg.arch.clip_qkv
+        head_norm = norm if layer.qk_eps == cfg.rms_norm_eps else NORM_KINDS[cfg.arch.norm](ops, layer.qk_eps)[0]
+
+        def norm_qk(*qk: Any) -> list[Any]:
+            """q and k normed (q alone in a layer without keys of its own)."""
+            if qk_norm == "each_head":  # [heads, head_dim] weights: normed without, then scaled head by head
+                return [ops.mul(norm(x, (None, None)), w[0]) for x, w in zip(qk, (layer.q_norm, layer.k_norm))]
+            return [head_norm(x, w) for x, w in zip(qk, (layer.q_norm, layer.k_norm))]
+
+        def project(x: Any, h: Any, positions: Any) -> tuple:
+            q, *kv = layer.qkv(x)  # q alone in a layer that reads another's keys and values
+            qk, v = [q, *kv[:1]], kv[1:]
+            if norm_at == "projection":
+                qk = norm_qk(*qk)
+            if clip is not None:
+                qk, v = [ops.clip(t, clip) for t in qk], [ops.clip(t, clip) for t in v]
+            qk = [reshape(t, (-1, heads if i == 0 else kv_heads, hd)) for i, t in enumerate(qk)]
+            v = [reshape(t, (-1, kv_heads, hd)) for t in v]
+            if layer.v_norm is not None:
+                v = [head_norm(t, layer.v_norm) for t in v]
+            if norm_at == "head":
+                qk = norm_qk(*qk)
+            if table is not None:
+                qk = [ops.rope(t, positions, table) for t in qk]
+            if norm_at == "rotated":
+                qk = norm_qk(*qk)
+            if parallel:  # the MLP reads the block's input beside attention: its output joins h now, attention's later
+                h = ops.add(h, layer.mlp(x if layer.pre_mlp is None else norm(h, layer.pre_mlp)))
+            gate = [layer.gate(x)] if layer.gate is not None else []  # gated attention's gate, to the second half
+            return (*qk, *v, *gate, h)
+
+        return project
+
+    def output(self, model: Any, layer: Any) -> Callable[..., Any]:
+        """The heads flattened, gated where the layer has an output gate, through ``o_proj`` (read at each call:
+        LoRA adapters swap it, :mod:`ferrum.adapters`)."""
+        ops, width = model.ops, model.config.num_heads * model.config.head_dim
+
+        def attention_out(attn: Any, *gate: Any) -> Any:
+            flat = ops.reshape(attn, (-1, width))
+            return layer.o(ops.sigmoid_mul(gate[0], flat) if gate else flat)
+
+        return attention_out
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        """Rotate and scale the queries where that depends on the batch, write K/V, narrow the pass to its kept
+        rows at the last KV write, attend (within chunks where the layer attends in chunks)."""
+        q, *rest = projected  # q, then k and v where the layer computes its own, then the output gate if any
+        kv, gate = (rest[:2], rest[2:]) if run.specs[index].kv_source is None else ([], rest)
+        rotate = run.ropes.get(layer.rope)
+        if rotate is not None:
+            q, kv = rotate(q), kv and [rotate(kv[0]), kv[1]]
+        scale_queries = run.scalers.get(layer.query_scaling)
+        if scale_queries is not None:
+            q = scale_queries(q)
+        ops = run.ops
+        if kv:  # a layer that reads another's keys and values writes none
+            ops.kv_write(run.pool, layer.kv_layer, *kv, run.slots)
+        if index == run.last_write and run.kept is not None:
+            keep = run.narrow(index)
+            q, h = ops.take_rows(q, keep), ops.take_rows(h, keep)
+            gate = [ops.take_rows(g, keep) for g in gate]
+        attended = run.narrowed if layer.chunk is None else self._chunked(run, layer.chunk)
+        attn = ops.paged_attention(q, run.pool, layer.kv_layer, attended, layer.scale, layer.window, run.softcap,
+                                   layer.sinks)
+        return attn, tuple(gate), h
+
+    @staticmethod
+    def _chunked(run: Any, chunk: int) -> Any:
+        """What a layer attending in chunks of ``chunk`` positions attends: the pass's batch split at chunk
+        boundaries, made once per pass and chunk size (the narrowed batch's, past the last KV write)."""
+        ops, attended = run.ops, run.narrowed
+        if attended is run.batch:
+            if chunk not in run.chunked:
+                run.chunked[chunk] = batch = attended.chunked(chunk)
+                if batch is not attended:
+                    batch.prepared = ops.prepare_attention_batch(batch)
+            return run.chunked[chunk]
+        attended = attended.chunked(chunk)
+        if attended.prepared is None:
+            attended.prepared = ops.prepare_attention_batch(attended)
+        return attended
+
+
+class Recurrent(MixerKind):
+    """A recurrent mixer of :data:`ferrum.recurrent.MIXERS` (Gated DeltaNet, Mamba-2, LFM2's short convolution):
+    its layer projects, mixes over the batch from the sequences' states and takes its output."""
+
+    stateful = True
+
+    def state_shapes(self, arch: Architecture, spec: LayerSpec, dtype: str) -> StateShapes:
+        return mixer_spec(arch, spec.mixer).state_shapes(dtype)
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        layer = mixer_spec(model.config.arch, spec.mixer).layer(model.ops, tensor, projection,
+                                                                 model.config.rms_norm_eps)
+        return MixerWeights(recurrent=layer)
+
+    def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
+        def project(x: Any, h: Any, positions: Any) -> tuple:
+            return (*layer.recurrent.project(x), h)
+
+        return project
+
+    def output(self, model: Any, layer: Any) -> Callable[..., Any]:
+        return layer.recurrent.output
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        """The mixer from the batch's sequences' states (gathered), its new states staged until the pass ends."""
+        states = run.states
+        core, extra, new = layer.recurrent.mix(projected, states.gather(index, run.seq_ids), run.batch.cu_seqlens_q)
+        states.stage(index, run.seq_ids, new)
+        return core, extra, h
+
+
+class NoMixer(MixerKind):
+    """No mixer: the block is its MLP alone on the normed input (Nemotron-H's MLP and MoE blocks)."""
+
+    def ends(self, arch: Architecture) -> str:
+        return "mlp_alone"
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        return MixerWeights()
+
+    def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
+        def project(x: Any, h: Any, positions: Any) -> tuple:
+            return x, h
+
+        return project
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        return projected[0], (), h  # the normed input, on to the MLP
+
+
+#: ``LayerSpec.mixer`` -> its kind.
+MIXER_KINDS: dict[str, MixerKind] = {"attention": Attention(), "none": NoMixer(),
+                                     **{name: Recurrent() for name in MIXERS}}
