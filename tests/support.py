@@ -336,6 +336,51 @@ def run_staggered(engine, workload) -> dict[int, tuple[int, ...]]:
     return results
 
 
+def assert_a_mixed_batch_gives_each_sequence_its_own_logits(model, hf, vocab: int, first_y: int = 3) -> None:
+    """Prefill chunks and decode steps of three sequences in one pass of ``model``, in changing orders, each as
+    transformers' ``hf`` computes it alone (``first_y``: the tokens of y's first chunk)."""
+    from ferrum.model import ForwardItem
+
+    prompts = {s: [int(t) for t in np.random.RandomState(i).randint(0, vocab, size=n)]
+               for i, (s, n) in enumerate((("x", 11), ("y", 7), ("z", 9)))}
+    want = {s: reference_logits(hf, p) for s, p in prompts.items()}
+    model.forward([ForwardItem("x", prompts["x"][:5], 0, False), ForwardItem("y", prompts["y"][:first_y], 0, False)])
+    out = model.unified_forward([ForwardItem("y", prompts["y"][first_y:6], first_y),
+                                 ForwardItem("z", prompts["z"][:8], 0), ForwardItem("x", prompts["x"][5:9], 5)])
+    for s, pos in (("x", 8), ("y", 5), ("z", 7)):
+        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+    out = model.unified_forward([ForwardItem("z", [prompts["z"][8]], 8), ForwardItem("x", [prompts["x"][9]], 9),
+                                 ForwardItem("y", [prompts["y"][6]], 6)])
+    for s, pos in (("x", 9), ("y", 6), ("z", 8)):
+        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+
+
+def assert_a_failed_pass_leaves_every_state_as_it_was(model, hf, tokens, op: str, monkeypatch) -> None:
+    """A batch of ``model`` (two sequences, prefilled) that fails in the third call of recurrent op ``op``, after
+    the first two made new states, changes nothing: both sequences then decode as transformers' ``hf`` says."""
+    import pytest
+
+    from ferrum.model import ForwardItem
+
+    want = reference_logits(hf, tokens)
+    model.prefill("a", tokens[:6])
+    model.prefill("b", tokens[:4])
+    real, calls = getattr(model.ops, op), []
+
+    def fails_late(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real(*args)
+
+    monkeypatch.setattr(model.ops, op, fails_late)
+    with pytest.raises(RuntimeError, match="device lost"):
+        model.forward([ForwardItem("a", tokens[6:9], 6), ForwardItem("b", [tokens[4]], 4)])
+    monkeypatch.setattr(model.ops, op, real)
+    assert scaled_error(model.decode("a", tokens[6], 6), want[6]) <= 1e-4
+    assert scaled_error(model.decode("b", tokens[4], 4), want[4]) <= 1e-4
+
+
 def staggered_greedy_workload(vocab: int, seed: int = 3, count: int = 10) -> list:
     """``count`` requests for :func:`run_staggered`: 2-29 random tokens each, arriving at steps 0-5, each asking 3-8
     greedy tokens."""

@@ -18,12 +18,12 @@ import ferrum
 from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.executor import LlmExecutor
-from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import SamplingParams
 from support import (
-    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match,
-    assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, mlx_lm_logits, reference_logits,
-    runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
+    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, build_transformers_model,
+    mlx_lm_logits, reference_logits, runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -132,21 +132,8 @@ def test_finished_requests_leave_no_states(checkpoints):
 
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
-    """Prefill chunks and decode steps of three sequences in one pass, in changing orders, each as run alone."""
     folder, hf = checkpoints["dense"]
-    model = load(folder)
-    prompts = {s: [int(t) for t in np.random.RandomState(i).randint(0, VOCAB, size=n)]
-               for i, (s, n) in enumerate((("x", 11), ("y", 7), ("z", 9)))}
-    want = {s: reference_logits(hf, p) for s, p in prompts.items()}
-    model.forward([ForwardItem("x", prompts["x"][:5], 0, False), ForwardItem("y", prompts["y"][:3], 0, False)])
-    out = model.unified_forward([ForwardItem("y", prompts["y"][3:6], 3), ForwardItem("z", prompts["z"][:8], 0),
-                                 ForwardItem("x", prompts["x"][5:9], 5)])
-    for s, pos in (("x", 8), ("y", 5), ("z", 7)):
-        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
-    out = model.unified_forward([ForwardItem("z", [prompts["z"][8]], 8), ForwardItem("x", [prompts["x"][9]], 9),
-                                 ForwardItem("y", [prompts["y"][6]], 6)])
-    for s, pos in (("x", 9), ("y", 6), ("z", 8)):
-        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
 
 
 def test_speculative_decoding_and_lora_are_refused_and_the_cache_cannot_be_cut_back(checkpoints, tmp_path):

@@ -16,8 +16,9 @@ from ferrum.config import ModelConfig
 from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.executor import LlmExecutor
-from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.model import DecoderOnlyLLM
 from support import (
+    assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match,
     assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, mlx_lm_logits, reference_logits,
     runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
@@ -84,44 +85,14 @@ def test_a_convolution_without_its_state_or_with_a_silu_is_caught(checkpoint, mo
 
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoint):
-    """Prefill chunks and decode steps of three sequences in one pass, in changing orders, each as run alone."""
     folder, hf = checkpoint
-    model = load(folder)
-    prompts = {s: [int(t) for t in np.random.RandomState(i).randint(0, VOCAB, size=n)]
-               for i, (s, n) in enumerate((("x", 11), ("y", 7), ("z", 9)))}
-    want = {s: reference_logits(hf, p) for s, p in prompts.items()}
-    model.forward([ForwardItem("x", prompts["x"][:5], 0, False), ForwardItem("y", prompts["y"][:1], 0, False)])
-    out = model.unified_forward([ForwardItem("y", prompts["y"][1:6], 1), ForwardItem("z", prompts["z"][:8], 0),
-                                 ForwardItem("x", prompts["x"][5:9], 5)])
-    for s, pos in (("x", 8), ("y", 5), ("z", 7)):
-        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
-    out = model.unified_forward([ForwardItem("z", [prompts["z"][8]], 8), ForwardItem("x", [prompts["x"][9]], 9),
-                                 ForwardItem("y", [prompts["y"][6]], 6)])
-    for s, pos in (("x", 9), ("y", 6), ("z", 8)):
-        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB, first_y=1)
 
 
 def test_a_failed_pass_leaves_every_state_as_it_was(checkpoint, monkeypatch):
     """A batch that fails in its third convolution, after the first two made new states, changes nothing."""
     folder, hf = checkpoint
-    want = reference_logits(hf, TOKENS)
-    model = load(folder)
-    model.prefill("a", TOKENS[:6])
-    model.prefill("b", TOKENS[:4])
-    conv, calls = model.ops.causal_conv1d, []
-
-    def fails_late(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("device lost")
-        return conv(*args)
-
-    monkeypatch.setattr(model.ops, "causal_conv1d", fails_late)
-    with pytest.raises(RuntimeError, match="device lost"):
-        model.forward([ForwardItem("a", TOKENS[6:9], 6), ForwardItem("b", [TOKENS[4]], 4)])
-    monkeypatch.setattr(model.ops, "causal_conv1d", conv)
-    assert scaled_error(model.decode("a", TOKENS[6], 6), want[6]) <= 1e-4
-    assert scaled_error(model.decode("b", TOKENS[4], 4), want[4]) <= 1e-4
+    assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "causal_conv1d", monkeypatch)
 
 
 def _as_released(folder, destination, **changes):

@@ -16,10 +16,11 @@ import ferrum
 from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import AdapterError, UnsupportedFeatureError
 from ferrum.executor import LlmExecutor
-from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.model import DecoderOnlyLLM
 from ferrum.recurrent.state import RecurrentStates
 from ferrum.sampling import SamplingParams
 from support import (
+    assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, build_transformers_model, mlx_lm_logits,
     reference_logits, runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
 )
@@ -95,42 +96,12 @@ def test_a_failed_pass_leaves_every_state_as_it_was(checkpoint, monkeypatch):
     """A batch that fails in its last recurrent layer, after the first ones made new states, changes nothing: both
     sequences then decode as if it never ran."""
     folder, hf = checkpoint
-    want = reference_logits(hf, TOKENS)
-    model = load(folder)
-    model.prefill("a", TOKENS[:6])
-    model.prefill("b", TOKENS[:4])
-    rule, calls = model.ops.gated_delta_rule, []
-
-    def fails_late(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("device lost")
-        return rule(*args)
-
-    monkeypatch.setattr(model.ops, "gated_delta_rule", fails_late)
-    with pytest.raises(RuntimeError, match="device lost"):
-        model.forward([ForwardItem("a", TOKENS[6:9], 6), ForwardItem("b", [TOKENS[4]], 4)])
-    monkeypatch.setattr(model.ops, "gated_delta_rule", rule)
-    assert scaled_error(model.decode("a", TOKENS[6], 6), want[6]) <= 1e-4
-    assert scaled_error(model.decode("b", TOKENS[4], 4), want[4]) <= 1e-4
+    assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "gated_delta_rule", monkeypatch)
 
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoint):
-    """Prefill chunks and decode steps of three sequences in one pass, in changing orders, each as run alone."""
     folder, hf = checkpoint
-    model = load(folder)
-    prompts = {s: [int(t) for t in np.random.RandomState(i).randint(0, VOCAB, size=n)]
-               for i, (s, n) in enumerate((("x", 11), ("y", 7), ("z", 9)))}
-    want = {s: reference_logits(hf, p) for s, p in prompts.items()}
-    model.forward([ForwardItem("x", prompts["x"][:5], 0, False), ForwardItem("y", prompts["y"][:3], 0, False)])
-    out = model.unified_forward([ForwardItem("y", prompts["y"][3:6], 3), ForwardItem("z", prompts["z"][:8], 0),
-                                 ForwardItem("x", prompts["x"][5:9], 5)])
-    for s, pos in (("x", 8), ("y", 5), ("z", 7)):
-        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
-    out = model.unified_forward([ForwardItem("z", [prompts["z"][8]], 8), ForwardItem("x", [prompts["x"][9]], 9),
-                                 ForwardItem("y", [prompts["y"][6]], 6)])
-    for s, pos in (("x", 9), ("y", 6), ("z", 8)):
-        assert scaled_error(out[s], want[s][pos]) <= 1e-4, s
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
 
 
 def test_a_released_sequence_id_starts_from_a_fresh_state(checkpoint):
