@@ -9,7 +9,7 @@ from typing import Any, Callable
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value
-from ferrum.gguf_import import gemma4, granite_hybrid
+from ferrum.gguf_import import gemma4, granite_hybrid, lfm2
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
@@ -86,6 +86,8 @@ class _Architecture:
     #: The file lists KV heads and MLP widths per layer and keeps its rope in ``rope_freqs``, all of which
     #: ``configure`` reads (Gemma 4's).
     per_layer: bool = False
+    #: Global tensors whose Hugging Face name differs from :data:`GLOBAL_TENSORS`' (LFM2's final norm).
+    renamed_globals: tuple[tuple[str, str], ...] = ()
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -700,6 +702,12 @@ ARCHITECTURES["granitehybrid"] = replace(_GRANITE_HYBRID, with_shared_expert=_GR
     _GRANITE_HYBRID, joined=_GRANITE_SHARED_JOINED,
     moe=_Experts("block_sparse_moe", "num_local_experts", None, None, shared_key="shared_intermediate_size",
                  shared_tensors=_GRANITE_SHARED, router=ROUTER["granitemoeshared"])))
+
+# LFM2: gated short convolutions between attention layers (see ferrum.gguf_import.lfm2); rows as the checkpoint has
+# them
+ARCHITECTURES["lfm2"] = _Architecture("lfm2", "Lfm2ForCausalLM", False, configure=lfm2.lfm2_config,
+                                      own_tensors=lfm2.own_tensors, renamed=lfm2.RENAMED,
+                                      renamed_globals=lfm2.GLOBAL_TENSORS)
 
 
 def for_model_type(model_type: str, gguf_arch: str | None = None, experts: bool | None = None) -> _Architecture:

@@ -126,8 +126,7 @@ def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
 
 
 #: llama.cpp's names of the hybrid models (recurrent layers beside attention) Ferrum runs from safetensors only.
-HYBRID_ARCHITECTURES = {"nemotron_h": "Nemotron-H, hybrid Mamba-2", "lfm2": "LFM2, gated short convolutions",
-                        "lfm2moe": "LFM2-MoE, gated short convolutions"}
+HYBRID_ARCHITECTURES = {"nemotron_h": "Nemotron-H, hybrid Mamba-2", "lfm2moe": "LFM2-MoE, gated short convolutions"}
 
 
 def _first(value: int | list[int]) -> int:

@@ -167,13 +167,14 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
     joins = {parts[0]: (parts, target) for parts, target in arch.joined}
     splits = dict(arch.split)
     later_parts = {part for parts, _ in arch.joined for part in parts[1:]}
+    global_tensors = {**GLOBAL_TENSORS, **dict(arch.renamed_globals)}
     plan: list[PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
     for name, tensor in by_name.items():
         if name == "rope_freqs.weight" or name in ROPE_FACTOR_TENSORS:  # read into the config
             continue
-        row_order, hf_name = None, GLOBAL_TENSORS.get(name)
+        row_order, hf_name = None, global_tensors.get(name)
         m = block.match(name)
         if m is not None:
             i, rest = int(m.group(1)), m.group(2)

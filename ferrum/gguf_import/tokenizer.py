@@ -77,7 +77,7 @@ _PRE_TOKENIZERS = {
                     _Split((r"\p{N}", _GPT2_REGEX))),
     # Falcon: runs of punctuation, GPT-2's regex, then numbers cut in threes
     "falcon": _Split((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_REGEX, "[0-9][0-9][0-9]")),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _LLAMA3),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "lfm2"), _LLAMA3),
     **dict.fromkeys(("smaug-bpe", "dbrx", "glm4", "chatglm-bpe"), _Split((_LLAMA3_REGEX,))),
     # Qwen2's (and StableLM 2's): Llama 3's with every digit on its own
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2"), _Split((_QWEN2_REGEX,))),

@@ -1,0 +1,114 @@
+"""GGUF imports of LFM2 (``lfm2``): a tiny random transformers Lfm2 written as llama.cpp's converter writes it (the
+convolution's taps squeezed, its projections under ``shortconv.*``, the final norm as ``token_embd_norm``, the MLP's
+width already sized, the convolution layers told by 0 key/value heads), imported, and run against transformers
+(float32 files) or the same file imported in float32 (Q8_0); and LFM2's pre-tokenizer (Llama 3's split, words the
+vocabulary holds whole kept whole, a BOS token added)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from ferrum.gguf_import import convert_gguf  # noqa: E402
+from test_gguf_import import (  # noqa: E402
+    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
+    write_tiny_gguf,
+)
+
+Q = gguf.GGMLQuantizationType
+LAYER_TYPES = ["conv", "full_attention", "conv", "conv"]
+
+
+def _tiny(tied: bool) -> tuple[Any, Any]:
+    """A random float32 LFM2 over the test vocabulary whose MLP width (100) LFM2 sizes to 80 (two thirds, rounded up
+    to a multiple of 16), as the converter then writes it; norms around 1."""
+    config = transformers.Lfm2Config(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=100,
+                                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=256, conv_L_cache=3, block_multiple_of=16,
+                                     layer_types=LAYER_TYPES, tie_word_embeddings=tied, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            param.normal_(1, 0.3) if "norm" in name else param.normal_(0, 0.2)
+    return hf, config
+
+
+def _lfm2_gguf(path: Path, hf, config, qtype) -> None:
+    """``hf`` as llama.cpp's LFM2Model writes it; matrices whose rows are whole blocks as ``qtype``, the norms and the
+    convolution's taps float."""
+    layers = config.num_hidden_layers
+    w = gguf.GGUFWriter(str(path), "lfm2")
+    w.add_block_count(layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(hf.model.layers[0].feed_forward.w1.out_features)  # _add_feed_forward_length's sizing
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv([config.num_key_value_heads if t == "full_attention" else 0 for t in config.layer_types])
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_vocab_size(config.vocab_size)
+    w.add_shortconv_l_cache(config.conv_L_cache)
+    w.add_layer_norm_rms_eps(config.norm_eps)
+    _add_sentencepiece_vocab(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LFM2, layers)
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        array = tensor.float().numpy()
+        if "conv.conv" in name:
+            array = array.squeeze(1)
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        module, suffix = name.rsplit(".", 1)
+        gguf_name = f"{names.get_name(module)}.{suffix}"
+        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or "shortconv.conv" in gguf_name:
+            w.add_tensor(gguf_name, array)
+        else:
+            w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_lfm2_gguf_matches_the_model_it_was_written_from(tmp_path, tied, qtype):
+    """An lfm2 file imports as transformers' Lfm2 (convolution layers where the file has no key/value heads, the
+    kernel, the MLP width as stored, the final norm, tied or not); float32 files give transformers' logits, Q8_0 ones
+    (packed) what the same file imported in float32 gives."""
+    from ferrum.config import ModelConfig
+
+    hf, config = _tiny(tied)
+    _lfm2_gguf(tmp_path / "m.gguf", hf, config, qtype)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    ours = ModelConfig.from_file(out)
+    assert ours.model_type == "lfm2"
+    assert [s.mixer for s in ours.arch.layers] == ["short_conv", "attention", "short_conv", "short_conv"]
+    assert ours.intermediate_size == 80 and ours.arch.short_conv.conv_kernel == 3
+    assert ours.tie_word_embeddings == tied
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+    else:
+        assert ours.quantization is not None
+        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+
+
+def test_lfm2s_pre_tokenizer_is_llama_3s_and_adds_bos(tmp_path):
+    """``tokenizer.ggml.pre = lfm2`` splits as Llama 3 (digits in threes), keeps a word the vocabulary holds whole
+    as one token, and adds the BOS token where the file does not say (llama.cpp's reading)."""
+    from tokenizers import Tokenizer
+
+    write_tiny_gguf(tmp_path / "t.gguf", pre="lfm2", types={}, add_bos=None)
+    out = convert_gguf(tmp_path / "t.gguf", tmp_path / "out")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    split = [word for word, _ in tok.pre_tokenizer.pre_tokenize_str("HelloWorld I'm DONE 12345 a/b")]
+    words = ["HelloWorld", " I", "'m", " DONE", " ", "123", "45", " a", "/b"]
+    assert split == [w.replace(" ", "\u0120") for w in words]
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["ignore_merges"] is True
+    assert tok.encode("hello").ids[0] == 1
