@@ -1585,9 +1585,8 @@ def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> 
     ("kwargs", "message"),
     [
         ({"arch": "bloom"}, "GGUF architecture 'bloom' is not supported"),
-        ({"arch": "nemotron_h"}, r"'nemotron_h' \(Nemotron-H, hybrid Mamba-2\) is not imported yet; load "
-                                 "its Hugging Face safetensors checkpoint or an mlx-lm conversion"),
-        ({"arch": "lfm2moe"}, r"'lfm2moe' \(LFM2-MoE, gated short convolutions\) is not imported yet"),
+        ({"arch": "lfm2moe"}, r"'lfm2moe' \(LFM2-MoE, gated short convolutions\) is not imported yet; load "
+                              "its Hugging Face safetensors checkpoint or an mlx-lm conversion"),
         ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
         ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
     ],

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value
-from ferrum.gguf_import import gemma4, granite_hybrid, lfm2
+from ferrum.gguf_import import gemma4, granite_hybrid, lfm2, nemotron_h
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
@@ -708,6 +708,12 @@ ARCHITECTURES["granitehybrid"] = replace(_GRANITE_HYBRID, with_shared_expert=_GR
 ARCHITECTURES["lfm2"] = _Architecture("lfm2", "Lfm2ForCausalLM", False, configure=lfm2.lfm2_config,
                                       own_tensors=lfm2.own_tensors, renamed=lfm2.RENAMED,
                                       renamed_globals=lfm2.GLOBAL_TENSORS)
+
+# Nemotron-H: Mamba-2, attention and squared-ReLU MLP blocks, written as Granite 4.0-H's (see
+# ferrum.gguf_import.nemotron_h); q/k permuted as Llama's
+ARCHITECTURES["nemotron_h"] = _Architecture("nemotron_h", "NemotronHForCausalLM", True, (("mlp_hidden_act", "relu2"),),
+                                            configure=nemotron_h.nemotron_h_config,
+                                            own_tensors=nemotron_h.own_tensors)
 
 
 def for_model_type(model_type: str, gguf_arch: str | None = None, experts: bool | None = None) -> _Architecture:

@@ -126,12 +126,13 @@ def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
 
 
 #: llama.cpp's names of the hybrid models (recurrent layers beside attention) Ferrum runs from safetensors only.
-HYBRID_ARCHITECTURES = {"nemotron_h": "Nemotron-H, hybrid Mamba-2", "lfm2moe": "LFM2-MoE, gated short convolutions"}
+HYBRID_ARCHITECTURES = {"lfm2moe": "LFM2-MoE, gated short convolutions"}
 
 
 def _first(value: int | list[int]) -> int:
-    """A size the file gives once, or per layer (the first layer's: ``configure`` reads the rest)."""
-    return int(value[0] if isinstance(value, list) else value)
+    """A size the file gives once, or per layer (the first layer's that has one, 0 where a layer has no MLP:
+    ``configure`` reads the rest)."""
+    return int(next((v for v in value if v), value[0]) if isinstance(value, list) else value)
 
 
 def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
@@ -159,8 +160,8 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
                 f"{where}: per-layer KV head counts {sorted(set(kv_heads))} are not supported"
             )
         kv_heads = kv_heads[0]
-    widths = meta.get(p + "feed_forward_length")
-    if isinstance(widths, list) and len(set(widths)) != 1 and not family.per_layer:
+    widths = meta.get(p + "feed_forward_length")  # per layer, 0 for those without an MLP (Nemotron-H's)
+    if isinstance(widths, list) and len(set(widths) - {0} or {0}) != 1 and not family.per_layer:
         raise UnsupportedFeatureError(f"{where}: per-layer MLP widths {sorted(set(widths))} are not supported "
                                       f"for {arch}")
     kv_heads = int(kv_heads)

@@ -14,7 +14,7 @@ llama.cpp's converter writes the Mamba-2 layers its own way, and the import undo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ferrum.errors import CheckpointError
 from ferrum.gguf_import.files import Metadata, float32_value
@@ -26,11 +26,17 @@ _MAMBA = {"ssm_in.weight": "in_proj.weight", "ssm_in.bias": "in_proj.bias", "ssm
           "ssm_out.weight": "out_proj.weight", "ssm_out.bias": "out_proj.bias"}
 
 
-def own_tensors(rest: str, cfg: dict[str, Any]) -> tuple[Restored, ...] | None:
-    """A Mamba-2 layer's tensor under its transformers name (``ssm_a`` as ``A_log``)."""
-    if rest == "ssm_a":
-        return (Restored("mamba.A_log", restore=a_log),)
-    return (Restored(f"mamba.{_MAMBA[rest]}"),) if rest in _MAMBA else None
+def mamba2_tensors(module: str) -> Callable[[str, dict[str, Any]], tuple[Restored, ...] | None]:
+    """A Mamba-2 layer's tensor under its transformers name in ``module`` (``ssm_a`` as ``A_log``): Granite 4.0-H's
+    ``mamba``, Nemotron-H's ``mixer``, which llama.cpp's converter writes alike."""
+    def own(rest: str, cfg: dict[str, Any]) -> tuple[Restored, ...] | None:
+        if rest == "ssm_a":
+            return (Restored(f"{module}.A_log", restore=a_log),)
+        return (Restored(f"{module}.{_MAMBA[rest]}"),) if rest in _MAMBA else None
+    return own
+
+
+own_tensors = mamba2_tensors("mamba")
 
 
 def granite_hybrid_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
