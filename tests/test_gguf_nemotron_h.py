@@ -25,11 +25,15 @@ Q = gguf.GGMLQuantizationType
 _COMMON = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, conv_kernel=4, max_position_embeddings=256,
                tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-#: Nemotron-H / Nano 2's blocks (two B/C groups, convolution biases) and a layout with biased projections.
+#: Nemotron-H / Nano 2's blocks (two B/C groups, convolution biases), a layout with biased projections, and
+#: Nemotron 3 Nano's (sigmoid-routed experts beside a shared MLP, scaled and renormalised; a prediction block after).
 _VARIANTS = {
     "nano2": dict(layers_block_type=["mamba", "mlp", "attention", "mlp", "mamba", "mamba"], n_groups=2),
     "biased": dict(layers_block_type=["mamba", "attention", "mlp", "mamba"], n_groups=1, use_conv_bias=False,
                    use_bias=True, mlp_bias=True),
+    "nano3": dict(layers_block_type=["mamba", "moe", "attention", "moe", "mamba"], n_groups=2, n_routed_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=64,
+                  routed_scaling_factor=2.5, norm_topk_prob=True),
 }
 
 
@@ -42,7 +46,7 @@ def _tiny(variant: str) -> tuple[Any, Any]:
         for name, param in hf.named_parameters():
             if name.endswith("norm.weight"):
                 param.normal_(1, 0.3)
-            elif name.endswith(("A_log", "dt_bias", ".D")):
+            elif name.endswith(("A_log", "dt_bias", ".D", "e_score_correction_bias")):
                 param.uniform_(-1.0, 1.0)
             else:
                 param.normal_(0, 0.2)
@@ -62,6 +66,10 @@ def _converted(name: str, a: np.ndarray, config) -> tuple[str, np.ndarray]:
         return name, a.squeeze(1)
     if name.endswith("mixer.norm.weight"):
         return name, a.reshape(config.n_groups, -1)
+    if ".mixer.experts." in name:  # the stacks, under the name NemotronHModel gives them
+        return name.replace("backbone.", "model.", 1).replace("mixer.experts.", "mlp.experts.") + ".weight", a
+    if name.endswith("e_score_correction_bias"):
+        return name.replace("_bias", ".bias"), a
     if name.endswith(("q_proj.weight", "k_proj.weight")):  # Llama's adjacent-pair layout (GraniteHybridModel's)
         return name, _permute(a, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
     return name, a
@@ -69,16 +77,28 @@ def _converted(name: str, a: np.ndarray, config) -> tuple[str, np.ndarray]:
 
 def _nemotron_h_gguf(path: Path, hf, config, qtype) -> None:
     """``hf`` as llama.cpp's NemotronHModel writes it; matrices whose rows are whole blocks as ``qtype``, the norms,
-    convolutions and vectors float."""
-    kinds = config.layers_block_type
+    convolutions, routers and vectors float."""
+    moe = "moe" in config.layers_block_type
+    kinds = config.layers_block_type + (["mtp"] if moe else [])  # the prediction block: attention and experts
     layers = len(kinds)
-    w = gguf.GGUFWriter(str(path), "nemotron_h")
+    w = gguf.GGUFWriter(str(path), "nemotron_h_moe" if moe else "nemotron_h")
     w.add_block_count(layers)
     w.add_context_length(2 ** 20)  # GraniteHybridModel's for a NoPE model
     w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length([config.intermediate_size if k == "mlp" else 0 for k in kinds])
+    ff = config.moe_intermediate_size if moe else config.intermediate_size
+    w.add_feed_forward_length([ff if k in ("mlp", "moe", "mtp") else 0 for k in kinds])
     w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv([config.num_key_value_heads if k == "full_attention" else 0 for k in kinds])
+    w.add_head_count_kv([config.num_key_value_heads if k in ("full_attention", "mtp") else 0 for k in kinds])
+    if moe:
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(config.moe_shared_expert_intermediate_size)
+        w.add_expert_count(config.n_routed_experts)
+        w.add_expert_shared_count(config.n_shared_experts)
+        w.add_expert_weights_norm(config.norm_topk_prob)
+        w.add_expert_weights_scale(config.routed_scaling_factor)
+        w.add_expert_group_count(config.n_group)
+        w.add_nextn_predict_layers(1)
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
     w.add_layer_norm_eps(config.layer_norm_epsilon)
@@ -89,13 +109,18 @@ def _nemotron_h_gguf(path: Path, hf, config, qtype) -> None:
     w.add_ssm_time_step_rank(config.mamba_num_heads)
     w.add_rope_scaling_finetuned(False)
     _add_sentencepiece_vocab(w)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.NEMOTRON_H, layers)
-    for name, tensor in hf.state_dict().items():
-        hf_name, array = _converted(name, tensor.float().numpy(), config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.NEMOTRON_H_MOE if moe else gguf.MODEL_ARCH.NEMOTRON_H, layers)
+    weights = {name: tensor.float().numpy() for name, tensor in hf.state_dict().items()}
+    if moe:  # a prediction block, which the import must leave out (random: read, it would change the logits)
+        rng = np.random.default_rng(1)
+        weights.update({f"model.layers.{layers - 1}.{n}": rng.normal(size=weights[f"model.layers.2.{n}"].shape)
+                        for n in ("norm.weight", "mixer.q_proj.weight", "mixer.k_proj.weight")})
+    for name, array in weights.items():
+        hf_name, array = _converted(name, array, config)
         array = np.ascontiguousarray(array, dtype=np.float32)
         module, suffix = hf_name.rsplit(".", 1) if hf_name.endswith((".weight", ".bias")) else (hf_name, None)
         gguf_name = names.get_name(module) + ("" if suffix is None else f".{suffix}")
-        kept_float = any(part in gguf_name for part in ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d"))
+        kept_float = any(part in gguf_name for part in ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d", "gate_inp"))
         if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or kept_float:
             w.add_tensor(gguf_name, array)
         else:
@@ -116,8 +141,13 @@ def test_nemotron_h_gguf_matches_the_model_it_was_written_from(tmp_path, variant
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(out)
     assert ours.model_type == "nemotron_h"
-    want = {"linear_attention": ("mamba2", "none"), "full_attention": ("attention", "none"), "mlp": ("none", "plain")}
+    want = {"linear_attention": ("mamba2", "none"), "full_attention": ("attention", "none"), "mlp": ("none", "plain"),
+            "moe": ("none", "moe")}
     assert [(s.mixer, s.mlp) for s in ours.arch.layers] == [want[k] for k in config.layers_block_type]
+    experts = ours.arch.moe
+    assert (experts is not None) == (variant == "nano3")
+    if experts is not None:
+        assert (experts.num_experts, experts.top_k, experts.routed_scale, experts.n_group) == (4, 2, 2.5, 1)
     mamba = ours.arch.mamba2
     assert (mamba.num_heads, mamba.head_dim, mamba.num_groups, mamba.state_size) == (8, 16, config.n_groups, 16)
     assert (mamba.conv_bias, mamba.proj_bias, ours.arch.mlp_bias) == (config.use_conv_bias, config.use_bias,

@@ -714,6 +714,10 @@ ARCHITECTURES["lfm2"] = _Architecture("lfm2", "Lfm2ForCausalLM", False, configur
 ARCHITECTURES["nemotron_h"] = _Architecture("nemotron_h", "NemotronHForCausalLM", True, (("mlp_hidden_act", "relu2"),),
                                             configure=nemotron_h.nemotron_h_config,
                                             own_tensors=nemotron_h.own_tensors)
+# Nemotron 3 Nano: 'E' blocks of sigmoid-routed squared-ReLU experts beside a shared MLP, llama.cpp's own architecture
+ARCHITECTURES["nemotron_h_moe"] = replace(ARCHITECTURES["nemotron_h"], renamed=nemotron_h.MOE_RENAMED, moe=_Experts(
+    "mixer", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
+    shared_key="moe_shared_expert_intermediate_size", shared_tensors=nemotron_h.SHARED_TENSORS))
 
 
 def for_model_type(model_type: str, gguf_arch: str | None = None, experts: bool | None = None) -> _Architecture:

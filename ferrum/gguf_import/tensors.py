@@ -20,7 +20,8 @@ from ferrum.gguf_import.architectures import (
     BLOCK_TENSORS, GLOBAL_TENSORS, IGNORED_BLOCK_TENSORS, MOE_BLOCK_TENSORS, ROPE_FACTOR_TENSORS,
     SUPPORTED_ARCHITECTURES, for_model_type,
 )
-from ferrum.moe.spec import MLX_LM_STACK, ROUTER
+from ferrum.moe.loading import is_expert_stack, mlx_lm_stack_name
+from ferrum.moe.spec import ROUTER
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
 from ferrum.quant.config import AFFINE, QuantConfig
 from ferrum.quant.gguf import StoredForm, describe, repack
@@ -242,10 +243,11 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(f"{where}: GGUF file lacks {len(missing)} tensor(s) a {arch.hf_class} needs: {shown}")
-    stack = MLX_LM_STACK.get(arch.model_type)
-    if stack is not None:  # the experts under the module mlx-lm's conversions of the family stack them in (dots1's)
-        for p in plan:
-            p.hf_name = p.hf_name.replace(".switch_mlp.", f".{stack}.")
+    spec = model_arch.moe
+    if spec is not None and spec.layout is None:  # the experts where mlx-lm's conversions of the family stack them
+        for p in plan:  # (dots1's module, Nemotron 3 Nano's fc1 / fc2), which the loader reads
+            if is_expert_stack(p.hf_name):
+                p.hf_name = mlx_lm_stack_name(spec, p.hf_name)
     return plan
 
 
