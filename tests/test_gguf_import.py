@@ -1585,8 +1585,6 @@ def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> 
     ("kwargs", "message"),
     [
         ({"arch": "bloom"}, "GGUF architecture 'bloom' is not supported"),
-        ({"arch": "lfm2moe"}, r"'lfm2moe' \(LFM2-MoE, gated short convolutions\) is not imported yet; load "
-                              "its Hugging Face safetensors checkpoint or an mlx-lm conversion"),
         ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
         ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
     ],
@@ -1603,7 +1601,7 @@ def test_experts_of_an_architecture_without_them_are_refused_naming_those_that_h
     write_tiny_gguf(tmp_path / "x.gguf", arch="qwen2", metadata={"expert_count": 4})
     with pytest.raises(UnsupportedFeatureError, match=r"mixture-of-experts qwen2 GGUF files are not supported "
                        r"\(Ferrum imports llama, qwen2moe, .*hunyuan-moe, qwen35moe, gemma4, qwen3next, "
-                       r"granitehybrid, nemotron_h_moe ones\)"):
+                       r"granitehybrid, lfm2moe, nemotron_h_moe ones\)"):
         convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
 
 

@@ -708,6 +708,10 @@ ARCHITECTURES["granitehybrid"] = replace(_GRANITE_HYBRID, with_shared_expert=_GR
 ARCHITECTURES["lfm2"] = _Architecture("lfm2", "Lfm2ForCausalLM", False, configure=lfm2.lfm2_config,
                                       own_tensors=lfm2.own_tensors, renamed=lfm2.RENAMED,
                                       renamed_globals=lfm2.GLOBAL_TENSORS)
+# LFM2-MoE: LFM2's layers over sigmoid-routed experts after dense first layers
+ARCHITECTURES["lfm2moe"] = replace(ARCHITECTURES["lfm2"], model_type="lfm2_moe", hf_class="Lfm2MoeForCausalLM",
+                                   configure=lfm2.lfm2_moe_config, renamed=lfm2.RENAMED + lfm2.MOE_RENAMED,
+                                   moe=_Experts("feed_forward", "num_experts", "moe_intermediate_size", None))
 
 # Nemotron-H: Mamba-2, attention and squared-ReLU MLP blocks, written as Granite 4.0-H's (see
 # ferrum.gguf_import.nemotron_h); q/k permuted as Llama's

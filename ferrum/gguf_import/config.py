@@ -125,10 +125,6 @@ def _norm_epsilon(meta: Metadata, p: str, model_type: str) -> dict[str, float]:
     return {key: float32_value(meta.get(p + "attention.layer_norm_epsilon", 1e-5))}
 
 
-#: llama.cpp's names of the hybrid models (recurrent layers beside attention) Ferrum runs from safetensors only.
-HYBRID_ARCHITECTURES = {"lfm2moe": "LFM2-MoE, gated short convolutions"}
-
-
 def _first(value: int | list[int]) -> int:
     """A size the file gives once, or per layer (the first layer's that has one, 0 where a layer has no MLP:
     ``configure`` reads the rest)."""
@@ -138,10 +134,6 @@ def _first(value: int | list[int]) -> int:
 def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[str, Any]:
     where = meta.where
     arch = meta.get("general.architecture")
-    if arch in HYBRID_ARCHITECTURES:
-        raise UnsupportedFeatureError(
-            f"{where}: GGUF architecture {arch!r} ({HYBRID_ARCHITECTURES[arch]}) is not "
-            "imported yet; load its Hugging Face safetensors checkpoint or an mlx-lm conversion, which Ferrum runs")
     if arch not in ARCHITECTURES:
         raise UnsupportedFeatureError(
             f"{where}: GGUF architecture {arch!r} is not supported; Ferrum converts "

@@ -1,4 +1,4 @@
-"""LFM2 files (``lfm2``) back into transformers' Lfm2 layout.
+"""LFM2 files (``lfm2``, ``lfm2moe``) back into transformers' Lfm2 / Lfm2Moe layouts.
 
 llama.cpp's converter changes little, and the import undoes it:
 
@@ -11,14 +11,16 @@ llama.cpp's converter changes little, and the import undoes it:
 * the norms are named as llama.cpp names Llama's (:data:`RENAMED`); the final norm, transformers'
   ``embedding_norm``, is stored as ``token_embd_norm`` (:data:`GLOBAL_TENSORS`).
 
-The q/k rows are stored as the checkpoint has them (llama.cpp rotates LFM2's rotate-half pairs).
+The q/k rows are stored as the checkpoint has them (llama.cpp rotates LFM2's rotate-half pairs). LFM2-MoE's experts
+are stacked under llama.cpp's MoE names, the router's correction bias (``expert_bias``) as ``exp_probs_b``
+(:data:`MOE_RENAMED`); its first ``leading_dense_block_count`` layers keep a dense MLP.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ferrum.errors import CheckpointError
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata, float32_value
 from ferrum.gguf_import.gated_delta import Restored
 
@@ -30,6 +32,10 @@ _SHORT_CONV = {f"shortconv.{part}.{kind}": f"conv.{ours}.{kind}"
 RENAMED = (("attn_norm.weight", "operator_norm.weight"), ("ffn_norm.weight", "ffn_norm.weight"),
            ("attn_q_norm.weight", "self_attn.q_layernorm.weight"),
            ("attn_k_norm.weight", "self_attn.k_layernorm.weight"))
+#: LFM2-MoE's router correction bias: GGUF -> transformers.
+MOE_RENAMED = (("exp_probs_b.bias", "feed_forward.expert_bias"),)
+#: llama.cpp's ``expert_gating_func`` for the sigmoid gate, the one LFM2-MoE's converter writes.
+_SIGMOID_GATING = 2
 #: The final norm, stored under llama.cpp's name for a norm of the embeddings.
 GLOBAL_TENSORS = (("token_embd_norm.weight", "model.norm.weight"),)
 
@@ -56,3 +62,17 @@ def lfm2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
         "conv_bias": f"blk.{first}.shortconv.in_proj.bias" in meta.tensors,
         "tie_embedding": cfg["tie_word_embeddings"],
     }
+
+
+def lfm2_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Lfm2MoeConfig's keys: LFM2's, the dense first layers, and the routing as llama.cpp runs it whatever the file's
+    other keys say: sigmoid scores chosen with the correction bias where the blocks hold one, the top-k weights always
+    renormalised and never scaled."""
+    gating = meta.get(p + "expert_gating_func", _SIGMOID_GATING)
+    if gating != _SIGMOID_GATING:
+        raise UnsupportedFeatureError(f"{meta.where}: {p}expert_gating_func {gating} is not supported; LFM2-MoE routes "
+                                      f"with the sigmoid gate ({_SIGMOID_GATING})")
+    dense = int(meta.get(p + "leading_dense_block_count", 0))
+    return {**lfm2_config(meta, p, cfg), "num_dense_layers": dense, "norm_topk_prob": True,
+            "routed_scaling_factor": 1.0,
+            "use_expert_bias": f"blk.{dense}.exp_probs_b.bias" in meta.tensors}
