@@ -445,6 +445,18 @@ def flaky(fn, rng: random.Random, calls: int = 40, faults: int = 5):
     return call
 
 
+def built_checkpoints(tmp_path_factory, makers: dict, vocab: int | None = None) -> dict:
+    """name -> (folder, transformers model): :func:`build_transformers_model` of each ``makers[name]()`` in a folder
+    of its own, with :func:`write_tokenizer`'s tokenizer of ``vocab`` ids where given."""
+    out = {}
+    for name, make in makers.items():
+        folder = tmp_path_factory.mktemp(name)
+        out[name] = folder, build_transformers_model(folder, make())
+        if vocab is not None:
+            write_tokenizer(folder, vocab)
+    return out
+
+
 def build_transformers_model(folder, config, seed: int = 0, model_class=None):
     """Save a random-weight transformers model of ``config`` (as ``model_class``, else the causal LM its config
     maps to); returns it (float32, eval, eager attention)."""

@@ -23,7 +23,8 @@ from ferrum.sampling import SamplingParams
 from support import (
     assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
     assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, build_transformers_model,
-    mlx_lm_logits, reference_logits, runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
+    built_checkpoints, mlx_lm_logits, reference_logits, runnable_backends, scaled_error, staggered_greedy_workload,
+    write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -47,12 +48,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    out = {}
-    for name, make in VARIANTS.items():
-        folder = tmp_path_factory.mktemp(f"granite_{name}")
-        out[name] = folder, build_transformers_model(folder, make())
-        write_tokenizer(folder, VOCAB)
-    return out
+    return built_checkpoints(tmp_path_factory, VARIANTS, VOCAB)
 
 
 def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:

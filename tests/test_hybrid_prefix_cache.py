@@ -15,7 +15,7 @@ from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM, ForwardItem
 from ferrum.recurrent.snapshots import DEFAULT_BUDGET
 from ferrum.sampling import SamplingParams
-from support import build_transformers_model, reference_logits, run_staggered, runnable_backends, scaled_error
+from support import built_checkpoints, reference_logits, run_staggered, runnable_backends, scaled_error
 
 BACKENDS = runnable_backends()
 VOCAB = 300
@@ -48,11 +48,7 @@ A = tokens(1, 18)
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    out = {}
-    for name, make in CONFIGS.items():
-        folder = tmp_path_factory.mktemp(name)
-        out[name] = folder, build_transformers_model(folder, make())
-    return out
+    return built_checkpoints(tmp_path_factory, CONFIGS)
 
 
 def load(folder, backend="cpu", blocks=128) -> DecoderOnlyLLM:

@@ -14,8 +14,8 @@ import transformers
 
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, build_transformers_model,
-    mlx_lm_logits, reference_logits, runnable_backends, scaled_error, write_tokenizer,
+    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, built_checkpoints,
+    mlx_lm_logits, reference_logits, runnable_backends, scaled_error,
 )
 
 BACKENDS = runnable_backends()
@@ -34,12 +34,7 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    out = {}
-    for family, make in MODELS.items():
-        folder = tmp_path_factory.mktemp(family)
-        out[family] = folder, build_transformers_model(folder, make())
-        write_tokenizer(folder, VOCAB)
-    return out
+    return built_checkpoints(tmp_path_factory, MODELS, VOCAB)
 
 
 def test_reads_sparse_layers_and_the_grouped_projections(checkpoints):
