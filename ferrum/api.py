@@ -151,12 +151,13 @@ class LLM:
                                       f"got {chat!r}")
         if isinstance(chat, Mapping):
             chat_template_kwargs, chat = {**(chat_template_kwargs or {}), **chat}, True
+        context = self.model.config.max_seq_len  # text that cannot fit is refused before it is encoded
         if isinstance(prompt, str):
             tok = self._require_tokenizer()
             if chat:
                 user = [{"role": "user", "content": prompt}]
-                return tok.encode_chat(user, template_kwargs=chat_template_kwargs), True
-            return tok.encode(prompt), False
+                return tok.encode_chat(user, template_kwargs=chat_template_kwargs, max_tokens=context), True
+            return tok.encode(prompt, max_tokens=context), False
         if isinstance(prompt, (bytes, bytearray, memoryview)):
             raise InvalidRequestError(f"{_PROMPT_FORMS}, not bytes: decode text to str first")
         if not isinstance(prompt, Iterable):
@@ -166,7 +167,7 @@ class LLM:
             if chat is False:
                 raise InvalidRequestError("chat messages were given but chat=False")
             tok = self._require_tokenizer()
-            return tok.encode_chat(prompt, tools=tools, template_kwargs=chat_template_kwargs), True
+            return tok.encode_chat(prompt, tools=tools, template_kwargs=chat_template_kwargs, max_tokens=context), True
         if all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
             if chat:
                 raise InvalidRequestError("chat applies the chat template to text or messages; token ids are run as "

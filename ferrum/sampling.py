@@ -60,6 +60,9 @@ def _integer(name: str, value: Any, minimum: int) -> None:
         _bad(f"{name} must be an integer >= {minimum}, got {value!r}", name)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(name: str, value: Any, ok: Callable[[float], bool] | None = None, rule: str = "") -> None:
     if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or not math.isfinite(value):
         _bad(f"{name} must be a finite number{' ' + rule if rule else ''}, got {value!r}", name)
@@ -113,7 +116,8 @@ class SamplingParams:
         if self.top_k == -1 and isinstance(self.top_k, (int, np.integer)) and not isinstance(self.top_k, bool):
             object.__setattr__(self, "top_k", 0)
         _integer("max_tokens", self.max_tokens, 1)
-        _number("temperature", self.temperature, lambda v: v >= 0, ">= 0")
+        _number("temperature", self.temperature, lambda v: 0 <= v <= _FLOAT32_MAX,  # the sampler's float32
+                ">= 0 and at most float32's largest, 3.4e38")
         _integer("top_k", self.top_k, 0)
         _number("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
         _number("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import codecs
 import json
 from datetime import datetime
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, wraps
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from ferrum.checkpoint import require_regular_file
 from ferrum.config import eos_token_ids
-from ferrum.errors import ChatTemplateError, ConfigError, InvalidRequestError
+from ferrum.errors import ChatTemplateError, ConfigError, ContextLengthExceededError, InvalidRequestError
 
 Message = dict[str, Any]
 
@@ -112,10 +112,17 @@ class Tokenizer:
         """The tokenizer as ``tokenizer.json`` text (for libraries that build their own view of it)."""
         return self._tok.to_str()
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
         """The text's token ids. Through ``encode_batch``, which releases the GIL while it works (``encode`` holds
         it: a server's other threads, the event loop streaming replies among them, stopped for 1.5 s while a
-        600,000-token text was encoded in a worker thread)."""
+        600,000-token text was encoded in a worker thread). With ``max_tokens`` (a context length), a text too long
+        to fit in that many tokens is refused before it is encoded: 50 MB of text took 134 s and 6 GB to encode
+        before the engine found it did not fit."""
+        if max_tokens is not None and len(text) > max_tokens * self.longest_token_chars:
+            raise ContextLengthExceededError(
+                f"the text has {len(text)} characters, more than {max_tokens} tokens can hold (this tokenizer's "
+                f"longest token has {self.longest_token_chars}), so it cannot fit in the context length of "
+                f"{max_tokens}; shorten it", param="prompt")
         try:
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         except TypeError:  # tokenizers says "TextInputSequence must be str" for text it cannot read as UTF-8
@@ -128,6 +135,12 @@ class Tokenizer:
                     "clean the text first"
                 ) from None
             raise
+
+    @cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters of text one token stands for (a byte-level vocabulary's entries spell one
+        character per byte, so they count at least the characters they stand for)."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     def char_starts(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Where each of :meth:`encode`'s tokens of ``text`` starts in it (an added special token at 0): a token
@@ -228,7 +241,7 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m or not ("content" in m or "tool_calls" in m):
                 raise InvalidRequestError(f"chat messages need 'role' and 'content', got {m!r}")
         messages = [_as_templates_read(m) for m in messages]
-        from jinja2.exceptions import TemplateError
+        from jinja2.exceptions import SecurityError, TemplateError
 
         extra = dict(template_kwargs or {})
         taken = sorted(set(extra) & _TEMPLATE_VARIABLES)
@@ -237,14 +250,16 @@ class Tokenizer:
                                       "leave it out of the template kwargs")
         template = _compile(source)
         try:
-            return template.render(
+            return _rendered(template.generate(
                 **{"documents": None, **self._template_specials, **extra},  # defined, as transformers defines it
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
                 tools=list(tools) if tools else None,
-            )
+            ))
+        except SecurityError as exc:  # a value past _TEMPLATE_VALUE_LIMIT: the template is broken or hostile
+            raise ChatTemplateError(f"the chat template was stopped: {exc}; fix the template") from None
         except TemplateError as exc:  # the template's raise_exception: it refuses these messages
             raise ChatTemplateError(f"the chat template refused these messages: {exc}") from None
         except Exception as exc:
@@ -253,10 +268,12 @@ class Tokenizer:
             ) from None
 
     def encode_chat(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None,
-                    add_generation_prompt: bool = True, template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
-        # The template writes BOS itself where the model wants one.
+                    add_generation_prompt: bool = True, template_kwargs: Mapping[str, Any] | None = None,
+                    max_tokens: int | None = None) -> list[int]:
+        """The chat's token ids (the template writes BOS itself where the model wants one); ``max_tokens`` as
+        :meth:`encode` takes it."""
         text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False, max_tokens=max_tokens)
 
 
 #: The names a message's thinking goes by: Qwen 3's templates read the first, gpt-oss's the second.
@@ -304,6 +321,53 @@ def _unicode_to_byte() -> dict[str, int]:
 
 _templates: dict[str, Any] = {}
 
+#: The longest text or sequence a chat template may build, and the largest integer it may pass a call: far above
+#: what any context holds, far below what exhausts memory (a template doubling a string 40 times grew to 22 GB
+#: before the kernel killed the process; ``'x' * 10**9`` too).
+_TEMPLATE_VALUE_LIMIT = 1 << 26
+
+
+def _sized_within_limit(value: Any, size: int | None = None) -> Any:
+    """``value``, refused when it is (or ``size`` says it would be) a text or sequence past the limit."""
+    from jinja2.exceptions import SecurityError
+
+    if size is None:
+        size = len(value) if isinstance(value, (str, list, tuple)) else 0
+    if size > _TEMPLATE_VALUE_LIMIT:
+        raise SecurityError(f"it built a value of {size} items, past the limit of {_TEMPLATE_VALUE_LIMIT}")
+    return value
+
+
+def _integers_within_limit(args: Iterable[Any]) -> None:
+    from jinja2.exceptions import SecurityError
+
+    for arg in args:
+        if isinstance(arg, int) and abs(arg) > _TEMPLATE_VALUE_LIMIT:
+            raise SecurityError(f"it passed {arg} to a call, past the limit of {_TEMPLATE_VALUE_LIMIT}")
+
+
+def _bounded_filter(fn: Any) -> Any:
+    """A Jinja filter refusing integer arguments past the limit (``center(10**9)`` builds a 1 GB string) and
+    results past it."""
+    @wraps(fn)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _integers_within_limit((*args[1:], *kwargs.values()))
+        return _sized_within_limit(fn(*args, **kwargs))
+    return bounded
+
+
+def _rendered(chunks: Iterable[str]) -> str:
+    """A template's output as it streams, refused once it passes the limit (a loop printing without end)."""
+    parts, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > _TEMPLATE_VALUE_LIMIT:
+            from jinja2.exceptions import SecurityError
+
+            raise SecurityError(f"its output grew past the limit of {_TEMPLATE_VALUE_LIMIT} characters")
+        parts.append(chunk)
+    return "".join(parts)
+
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
             sort_keys: bool = False) -> str:
@@ -315,6 +379,7 @@ def _compile(source: str) -> Any:
     """Compile like Hugging Face does: sandboxed Jinja with ``raise_exception``, ``strftime_now``, its ``tojson``,
     ``{% break %}`` / ``{% continue %}`` and ``{% generation %}`` blocks."""
     if source not in _templates:
+        from jinja2.compiler import CodeGenerator
         from jinja2.exceptions import TemplateError
         from jinja2.ext import Extension, loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -332,7 +397,38 @@ def _compile(source: str) -> Any:
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
+        class BoundedConcat(CodeGenerator):
+            """Compiles ``a ~ b`` to a concatenation whose result is checked against the limit."""
+
+            def visit_Concat(self, node: Any, frame: Any) -> None:
+                self.write("environment.sized_within_limit(")
+                super().visit_Concat(node, frame)
+                self.write(")")
+
+        class BoundedSandbox(ImmutableSandboxedEnvironment):
+            """Jinja's sandbox, whose ``range`` is bounded, with the values ``*``, ``+``, ``**``, ``~``, calls and
+            filters build and the integers calls and filters take bounded too: the ways a template builds a value
+            too large for memory in a few steps (doubling a string in a loop, ``'x' * 10**9``, ``center(10**9)``)
+            end in an error instead."""
+
+            code_generator_class = BoundedConcat
+            intercepted_binops = frozenset({"*", "+", "**"})
+            sized_within_limit = staticmethod(_sized_within_limit)
+
+            def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+                if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                    _sized_within_limit(None, right)  # 2 ** 10**9 is a 125 MB integer, long to compute
+                for times, seq in ((right, left), (left, right)):
+                    if operator == "*" and isinstance(times, int) and isinstance(seq, (str, list, tuple)):
+                        _sized_within_limit(None, len(seq) * times)
+                return _sized_within_limit(super().call_binop(context, operator, left, right))
+
+            def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+                _integers_within_limit((*args, *kwargs.values()))
+                return _sized_within_limit(super().call(__context, __obj, *args, **kwargs))
+
+        env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
+        env.filters = {name: _bounded_filter(fn) for name, fn in env.filters.items()}
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama 3.x templates date the prompt
         env.filters["tojson"] = _tojson

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ferrum
 from ferrum.errors import ConfigError, InvalidRequestError
@@ -263,6 +265,41 @@ def test_stop_strings_spanning_pieces():
     assert f.feed("more") == ""
     g = StopStringFilter(["STOP"])
     assert "".join([g.feed("ST"), g.feed("ay"), g.flush()]) == "STay"
+
+
+def shown_so_far(fed: str, stops: list[str]) -> str:
+    """What a stream may have shown of ``fed``, written from the definition: up to the first stop string, else
+    all but the longest ending that begins a stop string."""
+    hits = [i for s in stops if (i := fed.find(s)) >= 0]
+    if hits:
+        return fed[:min(hits)]
+    held = max((k for s in stops for k in range(1, len(s)) if fed.endswith(s[:k])), default=0)
+    return fed[:len(fed) - held]
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.text("abST", max_size=4), max_size=12),
+       stops=st.lists(st.text("abST", min_size=1, max_size=6), min_size=1, max_size=4),
+       indexed=st.booleans())
+def test_a_stream_holds_back_only_what_may_begin_a_stop_string(pieces, stops, indexed):
+    import ferrum.stop
+
+    limit = ferrum.stop.PREFIX_INDEX_LIMIT
+    ferrum.stop.PREFIX_INDEX_LIMIT = limit if indexed else 0  # unindexed: it holds the longest stop's length - 1
+    try:
+        f = StopStringFilter(stops)
+    finally:
+        ferrum.stop.PREFIX_INDEX_LIMIT = limit
+    shown, fed = "", ""
+    for piece in pieces:
+        shown += f.feed(piece)
+        fed += piece
+        expected = shown_so_far(fed, stops)
+        if indexed or f.stopped:
+            assert shown == expected
+        else:
+            assert expected.startswith(shown) and len(fed) - len(shown) <= max(map(len, stops)) - 1
+    assert shown + f.flush() == (shown_so_far(fed, stops) if f.stopped else fed)
 
 
 def test_each_output_holds_the_tokens_of_its_step_when_read_later(llm):

@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import ferrum
-from ferrum.errors import CheckpointError, ConfigError, FerrumError, InvalidRequestError
+from ferrum.errors import ChatTemplateError, CheckpointError, ConfigError, FerrumError, InvalidRequestError
 from support import runnable_backends, write_text_checkpoint
 
 WEIGHTS = "model.safetensors"
@@ -198,6 +198,7 @@ LOAD_ROWS = [
     ("weights-bool", retype_tensor(np.bool_), CheckpointError, ["up_proj", "BOOL"]),
     ("weights-float8", float8_tensor, CheckpointError, ["up_proj", "F8_E4M3"]),
     ("weights-nan", retype_tensor("nan"), CheckpointError, ["up_proj", "NaN"]),
+    ("rope-parameters-not-an-object", edit_config(rope_parameters=[1]), ConfigError, ["rope_parameters", "object"]),
     ("rope-scaling-disagrees-with-rope-parameters", edit_config(rope_scaling={"rope_type": "linear", "factor": 2.0}),
      ConfigError, ["rope_scaling", "rope_parameters", "disagree"]),
     ("tokenizer-garbage", write("tokenizer.json", b"{not a tokenizer"), ConfigError, ["tokenizer.json"]),
@@ -311,6 +312,21 @@ CALL_ROWS = [
     *((f"template-empty-{template!r}", chat_template(template),  # none, as transformers reads an empty one
        lambda llm: llm.generate([{"role": "user", "content": "hi"}], max_tokens=2),
        ConfigError, ["has no chat template"]) for template in ("", " \n")),
+    # templates building values too large for memory (each grew past 20 GB before the kernel killed the process)
+    *((f"template-builds-{name}", chat_template(template),
+       lambda llm: llm.generate([{"role": "user", "content": "hi"}], max_tokens=2),
+       ChatTemplateError, ["chat template", "past the limit"]) for name, template in [
+        ("a-product", "{{ 'x' * 10**9 }}"),
+        ("by-doubling", "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                        "{% endfor %}{{ ns.s|length }}"),
+        ("a-sum", "{% set ns = namespace(s=['x']) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+                  "{% endfor %}{{ ns.s|length }}"),
+        ("through-a-filter", "{{ 'x'|center(10**9) }}"),
+        ("through-a-method", "{{ 'x'.ljust(10**9) }}"),
+        ("in-a-macro", "{% macro grow(s, n) %}{{ grow(s ~ s, n - 1) if n else s|length }}{% endmacro %}"
+                       "{{ grow('x', 40) }}"),
+        ("as-output", "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"),
+    ]),
 ]
 
 
@@ -362,6 +378,7 @@ def test_a_pool_that_fits_in_ram_only_without_its_decode_mirrors_is_refused():
 SAMPLING_ROWS = [
     ("temperature-nan", dict(temperature=float("nan")), ["temperature"]),
     ("temperature-inf", dict(temperature=float("inf")), ["temperature"]),
+    ("temperature-past-float32", dict(temperature=1e39), ["temperature", "3.4e38"]),
     ("top-p-zero", dict(top_p=0.0), ["top_p"]),
     ("top-k-float", dict(top_k=2.5), ["top_k"]),
     ("max-tokens-bool", dict(max_tokens=True), ["max_tokens"]),
@@ -399,6 +416,8 @@ REQUEST_ROWS = [
     ("bias-out-of-vocab", [5], {"logit_bias": {10**6: 1.0}}, ["logit_bias", "vocabulary"]),
     ("stop-id-out-of-vocab", [5], {"stop_token_ids": [10**6]}, ["stop_token_ids", "vocabulary"]),
     ("prompt-over-context", [5] * 300, {}, ["context length"]),
+    # refused by its length before it is encoded (12 MB took 30 s and 1.4 GB to encode first)
+    ("text-far-over-context", "hello world " * 1_000_000, {}, ["12000000 characters", "context length of 256"]),
     ("messages-missing-content", [{"role": "user"}], {}, ["content"]),
     ("prompt-none", None, {}, ["a prompt is", "NoneType"]),
     ("prompt-a-number", 5, {}, ["a prompt is", "int"]),
@@ -453,6 +472,10 @@ CLI_ROWS = [
     ("serve-negative-queue", ["serve", "{ckpt}", "--max-queue", "-1"], ["max-queue"]),
     ("generate-max-tokens-not-a-number", ["generate", "hi", "--max-tokens", "abc"], ["--max-tokens", "abc"]),
     ("bench-unknown-workload", ["bench", "--workload", "nope"], ["nope"]),
+    ("bench-speculative-prompt-len", ["bench", "--speculative", "lookup", "--prompt-len", "4", "--model", "{ckpt}",
+                                      "--peer", "none"], ["--prompt-len", "--speculative"]),
+    ("bench-speculative-short-context", ["bench", "--speculative", "lookup", "--gen-len", "2", "--model", "{ckpt}",
+                                         "--peer", "none"], ["context length", "longer"]),
     ("no-command", [], ["command"]),
 ]
 

@@ -151,6 +151,12 @@ def test_bad_requests_are_refused_before_they_reach_a_batch(checkpoint):
             engine.add_request(prompt, params)
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request([1], SamplingParams(max_tokens=3), request_id=good)
+    for arguments, words in [(dict(params={"max_tokens": 3}), "must be a ferrum.SamplingParams, not dict"),
+                             (dict(request_id=["a"]), "request_id must be a string, not list"),
+                             (dict(request_id=5), "request_id must be a string, not int"),
+                             (dict(on_output=5), "on_output must be a function")]:
+        with pytest.raises(InvalidRequestError, match=words):
+            engine.add_request([5, 6], **arguments)
     finals = [o for o in engine.run_until_done() if o.finished]
     assert [o.request_id for o in finals] == [good] and len(finals[0].token_ids) <= 3
     for bad, words in [({"max_num_batched_tokens": 2.5}, "an integer, got 2.5"),

@@ -118,10 +118,18 @@ def test_constrained_requests_are_not_drafted(checkpoint, speculative):
         assert out.metrics.num_drafted_tokens == 0
 
 
+def nested_objects(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 @pytest.mark.parametrize("schema, words", [
     ({"type": "nope"}, ["json_schema", "nope"]),
     ({"$ref": "#/definitions/missing"}, ["json_schema", "missing"]),
     ({"$ref": "#"}, ["structure cannot be followed"]),  # compiles, but no output satisfies it
+    (nested_objects(1000), ["json_schema", "nests too deeply", "$defs"]),  # raised a raw RecursionError
 ])
 def test_a_schema_that_does_not_compile_is_refused_before_queueing(checkpoint, schema, words):
     llm = ferrum.load(checkpoint, backend="cpu", dtype="float32")

@@ -175,18 +175,24 @@ def _rope_spec(r: KeyReader) -> tuple[str, dict[str, Any]]:
     """(the key it came from, one dict of rope settings) from either spelling. A config saved by
     transformers 5 and then given a ``rope_scaling`` by hand (as model cards say to for long contexts)
     holds both; where they disagree, which one was meant is not Ferrum's guess."""
-    params = r("rope_parameters")
-    scaling = r("rope_scaling")
-    if scaling is not None and not isinstance(scaling, dict):
-        r.fail("rope_scaling", f"must be an object, got {scaling!r}")
+    params, scaling = _rope_object(r, "rope_parameters"), _rope_object(r, "rope_scaling")
     if scaling and "rope_parameters" not in r.raw:  # a family's default settings stand only for a config's silence
         return "rope_scaling", dict(scaling)
-    if isinstance(params, dict) and params:
+    if params:
         if scaling and _scalings_differ(params, scaling):
             r.fail("rope_scaling", f"is {scaling!r} but rope_parameters is {params!r}; the two disagree "
                                    "(transformers 5 reads rope_scaling); keep the one meant")
         return "rope_parameters", dict(params)
     return "rope_scaling", dict(scaling or {})
+
+
+def _rope_object(r: KeyReader, key: str) -> dict[str, Any] | None:
+    """``key`` (rope_parameters, rope_scaling): an object, or None where the config leaves it out or null; anything
+    else is refused, not read as no scaling."""
+    value = r(key)
+    if value is not None and not isinstance(value, dict):
+        r.fail(key, f"must be an object, got {value!r}")
+    return value
 
 
 def _scalings_differ(params: dict[str, Any], scaling: dict[str, Any]) -> bool:
@@ -876,16 +882,14 @@ def _per_kind_rope_specs(r: KeyReader, family: str) -> tuple[dict[str, Any], dic
     """transformers 5's ``rope_parameters`` with one entry per attention kind: ``(full, sliding)`` settings, None
     for a config without them. A ``rope_scaling`` beside them (added by hand for a longer context) must agree
     with the full layers' entry, which transformers merges it into; a flat ``rope_parameters`` is refused."""
-    params = r("rope_parameters")
-    if not isinstance(params, dict) or not params:
+    params = _rope_object(r, "rope_parameters")
+    if not params:
         return None
     if FULL not in params and SLIDING not in params:
         r.fail("rope_parameters", f"must hold one entry per attention kind ({FULL!r}, {SLIDING!r}) for {family}; "
                                   "transformers ignores a flat one", unsupported=True)
     full, sliding = (dict(params.get(kind) or {}) for kind in (FULL, SLIDING))
-    scaling = r("rope_scaling")
-    if scaling is not None and not isinstance(scaling, dict):
-        r.fail("rope_scaling", f"must be an object, got {scaling!r}")
+    scaling = _rope_object(r, "rope_scaling")
     if scaling and _scalings_differ(full, scaling):
         r.fail("rope_scaling", f"is {scaling!r} but rope_parameters' {FULL!r} entry is {full!r}; the two disagree "
                                "(transformers 5 merges rope_scaling into it); keep the one meant in rope_parameters")

@@ -27,6 +27,7 @@ import numpy as np
 
 from ferrum.bench.figures import Figures, stamp_tokens
 from ferrum.engine import Engine, EngineConfig, RequestOutput
+from ferrum.errors import InvalidRequestError
 from ferrum.sampling import SamplingParams
 from ferrum.sources import cache_root
 from ferrum.spec import SpeculativeConfig
@@ -154,6 +155,11 @@ def run_speculative(llm, method: str, draft_path: Path | None, gen_len: int, con
     for kind in ("repeat", "free"):
         for n in sorted({1, concurrency}):
             prompts = spec_prompts(kind, llm, n, model.config.vocab_size)
+            needed = max(map(len, prompts)) + gen_len
+            if needed > model.config.max_seq_len:
+                raise InvalidRequestError(
+                    f"the speculative bench's {kind} prompts and --gen-len {gen_len} need {needed} tokens of context "
+                    f"but this model's context length is {model.config.max_seq_len}; bench a model with a longer one")
             _timed(plain, [p[:8] for p in prompts[:1]], 2)  # warm-up
             before = spec.metrics()
             base, fast, peer_tok_s = [], [], []
@@ -189,6 +195,9 @@ def speculative_bench(options, workload, path: Path, progress, log: Callable[[st
     from ferrum.api import LLM
     from ferrum.model import DEFAULT_BLOCK_SIZE
 
+    if options.prompt_len is not None:
+        raise InvalidRequestError("--prompt-len does not apply to --speculative, which runs its own two prompt sets "
+                                  "(repeat a text, write an essay); leave it out")
     concurrency = options.concurrency or max(workload.concurrency, 8)
     blocks = concurrency * -(-(1024 + workload.gen_len) // DEFAULT_BLOCK_SIZE)  # prompts here are < 1024 tokens
     llm = LLM.load(path, backend=options.backend, dtype=options.dtype, num_kv_blocks=blocks, progress=progress)

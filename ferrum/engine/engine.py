@@ -181,7 +181,16 @@ class Engine:
         adapter on the model (``model.adapters``); it stays loaded until the
         request finishes.
         """
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a ferrum.SamplingParams, not {type(params).__name__} "
+                                      "(ferrum.LLM's calls also take a mapping of its options)", param="params")
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidRequestError(f"request_id must be a string, not {type(request_id).__name__}",
+                                      param="request_id")
+        if on_output is not None and not callable(on_output):
+            raise InvalidRequestError(f"on_output must be a function taking each RequestOutput, not "
+                                      f"{type(on_output).__name__}", param="on_output")
         with self._registry_lock:
             request = self._new_request(prompt_token_ids, params, request_id, metadata)
             lora = self.model.adapters.resolve(lora, request.metadata)

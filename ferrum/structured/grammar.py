@@ -72,6 +72,9 @@ def _grammar(json_schema: bool | Mapping[str, Any] | None, lark: str | None) -> 
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"json_schema is not a JSON schema Ferrum can compile: {exc}",
                                   param="json_schema") from None
+    except RecursionError:  # ~300 levels of nesting: a request body allows 200
+        raise InvalidRequestError("json_schema nests too deeply to compile; flatten it, or name the repeated "
+                                  "part in $defs and refer to it with $ref", param="json_schema") from None
 
 
 def compiled_schema(json_schema: bool | Mapping[str, Any]) -> dict[str, Any]:
