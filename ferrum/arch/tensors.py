@@ -307,6 +307,19 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
 #: The matrices (and biases) whose outputs a block adds to the residual stream.
 _RESIDUAL_WRITERS = (".self_attn.o_proj.", ".mlp.down_proj.", ".switch_mlp.down_proj.", ".shared_mlp.down_proj.",
                      ".mamba.out_proj.")
+#: The writers a norm after attention (``post_attn``) or after the MLP (``post_mlp``) follows: that norm would undo
+#: a scale folded into them, so the scale goes into the norm's weight (and bias) instead (HyperCLOVA X's Peri-LN).
+_NORMED_WRITERS = {"post_attn": (".self_attn.o_proj.",),
+                   "post_mlp": (".mlp.down_proj.", ".switch_mlp.down_proj.", ".shared_mlp.down_proj.")}
+
+
+def _writes_residual(arch: Any, name: str) -> bool:
+    """Whether ``name`` is the last tensor before the residual stream of an attention, MLP or mixer output."""
+    for slot, writers in _NORMED_WRITERS.items():
+        norm = arch.norms.get(slot)
+        if norm is not None and (f".{norm}." in name or any(w in name for w in writers)):
+            return f".{norm}." in name
+    return any(w in name for w in _RESIDUAL_WRITERS)
 
 
 def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
@@ -317,7 +330,7 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
         if arch.logit_scale != 1.0 and name.startswith(f"{arch.prefix}norm."):  # the logits are linear in it
             tensor = np.asarray(tensor, dtype=np.float32) * np.float32(arch.logit_scale)
         return tensor
-    if arch.residual_scale != 1.0 and any(w in name for w in _RESIDUAL_WRITERS):
+    if arch.residual_scale != 1.0 and _writes_residual(arch, name):
         tensor = _scaled(tensor, arch.residual_scale)
     rope = arch.layers[layer].rope
     if arch.mla is not None and ".self_attn." in name:  # latent attention lays out its own q and k heads
