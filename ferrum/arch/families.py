@@ -688,12 +688,13 @@ def _deepseek_v2(r: KeyReader, sizes: Sizes) -> Architecture:
     return _latent_attention(r, sizes, interleaved=True)
 
 
-def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool, partial: bool = False) -> Architecture:
+def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool, partial: bool = False,
+                      kinds: tuple[str, ...] = _LLAMA_ROPES) -> Architecture:
     """Llama's blocks with Multi-head Latent Attention (:mod:`ferrum.arch.mla`): rope on the qk_rope_head_dim dims of
     each q/k head, the softmax scale ``1/sqrt(qk_nope + qk_rope)`` times ``mscale(factor, mscale_all_dim)**2`` under
     a rope scaling that sets mscale_all_dim. ``partial``: the rope settings' partial_rotary_factor sizes the rotary
     dims as a fraction of the whole head (Mistral 4's config class sets it so), which must come to
-    qk_rope_head_dim."""
+    qk_rope_head_dim. ``kinds``: the rope scalings the family allows."""
     key, spec = _rope_spec(r)
     rotary = r("qk_rope_head_dim")
     factor = spec.get("partial_rotary_factor")
@@ -705,7 +706,7 @@ def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool, partial: bo
     elif factor not in (None, 1, 1.0):
         r.fail(key, f"sets partial_rotary_factor {factor!r}; latent attention rotates "
                     "qk_rope_head_dim dims of each head, which Ferrum does not combine with it", unsupported=True)
-    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=rotary)
+    rope = read_rope(r, sizes, spec, key, kinds, rotary_dim=rotary)
     rope = replace(rope, interleaved=interleaved)
     r("hidden_act")
     r("partial_rotary_factor")
@@ -1991,6 +1992,173 @@ _QWEN2_MOE_WINDOW = (
 )
 
 
+# ----------------------------------------------------- dense families of remote-code origin
+
+def _aliases(names: dict[str, str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A ``derive`` reading a release's own spelling of keys (its remote-code config's; transformers' config class maps
+    them the same way, its ``attribute_map``): ``names`` alias -> the key Ferrum reads, filled in where absent."""
+
+    def derive(raw: dict[str, Any]) -> dict[str, Any]:
+        return {**{ours: raw[alias] for alias, ours in names.items() if alias in raw and ours not in raw}, **raw}
+
+    return derive
+
+
+#: EXAONE 3 / 3.5's modules (its release's names, which transformers 5 keeps when it saves one) under Llama's.
+EXAONE_NAMES = {"layers": "h", "embed_tokens": "wte", "norm": "ln_f", "input_layernorm": "ln_1",
+                "post_attention_layernorm": "ln_2", "self_attn.q_proj": "attn.attention.q_proj",
+                "self_attn.k_proj": "attn.attention.k_proj", "self_attn.v_proj": "attn.attention.v_proj",
+                "self_attn.o_proj": "attn.attention.out_proj", "mlp.gate_proj": "mlp.c_fc_0",
+                "mlp.up_proj": "mlp.c_fc_1", "mlp.down_proj": "mlp.c_proj"}
+
+
+def _exaone(r: KeyReader, sizes: Sizes) -> Architecture:
+    """EXAONE 3 / 3.5 (transformers runs it as Llama after renaming): Llama's blocks under ``transformer.h``."""
+    return replace(_llama_like(False, None, _no_windows)(r, sizes), prefix="transformer.", stored_names=EXAONE_NAMES)
+
+
+def _internlm3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """InternLM3: Llama's blocks; its qkv_bias and bias (o_proj and the MLP) must agree, as transformers requires."""
+    if bool(r("attention_bias")) != bool(r("mlp_bias")):
+        r.fail("qkv_bias", f"(attention_bias: {r('attention_bias')!r}) differs from bias (mlp_bias: "
+                           f"{r('mlp_bias')!r}); transformers runs InternLM3 with one setting for both, and no "
+                           "release differs", unsupported=True)
+    return _llama_like(False, None, _no_windows)(r, sizes)
+
+
+#: InternLM2 / 2.5's modules (remote code: q/k/v packed in ``wqkv`` grouped by key/value head) under Llama's.
+INTERNLM2_NAMES = {"embed_tokens": "tok_embeddings", "input_layernorm": "attention_norm",
+                   "post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attention.wqkv",
+                   "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
+                   "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
+
+
+def _internlm2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """InternLM2 / 2.5 (remote code, mlx-lm's internlm2): Llama's blocks with q/k/v in one ``wqkv`` whose rows are
+    grouped by key/value head (its queries, then its key, then its value), ``bias`` on wqkv and wo, the LM head
+    ``output``."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES)
+    r("hidden_act")
+    bias = r("bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias,
+        fused_qkv=True, qkv_grouped=True, stored_names=INTERNLM2_NAMES,
+        layouts=(("model.", "output.weight", {}),),
+    )
+
+
+def _cwm_windows(r: KeyReader, sizes: Sizes) -> list:
+    """transformers' CWM: layer_types, else every fourth layer full from the first on, the others sliding."""
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
+    return [window if t == SLIDING else None for t in types]
+
+
+#: transformers' CWM rope settings where a config gives none (rope_theta included).
+_CWM_ROPE = {"rope_type": "llama3", "rope_theta": 1_000_000.0, "factor": 16.0, "high_freq_factor": 4.0,
+             "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+
+
+def _jais2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Jais 2: Llama's blocks with biased LayerNorms, attention_bias on every attention projection and an ungated
+    MLP (up_proj, down_proj; squared ReLU) biased by mlp_bias."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mlp="plain") for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm="layer", norm_bias=True, activation=_UNGATED_ACTIVATIONS[r("hidden_act")],
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias, mlp_bias=r("mlp_bias"),
+    )
+
+
+def _granite_swa(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Granite SWA: Granite's multipliers, sliding layers (every fourth full from the first on, unless layer_types
+    says otherwise), each layer's rope base from layer_rope_theta (0: no rope), and a learned sink per query head
+    (its output times ``sigmoid(logsumexp(scores) - sink)``: gpt-oss's sink, which joins the softmax)."""
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
+    arch = _granite(r, sizes)
+    thetas = r("layer_rope_theta")
+    if thetas is None:
+        thetas = [arch.layers[0].rope.theta] * sizes.num_layers
+    if not isinstance(thetas, list) or len(thetas) != sizes.num_layers or any(
+            t != 0 and positive_number(t) for t in thetas):
+        r.fail("layer_rope_theta", f"must list {sizes.num_layers} rope bases, positive or 0 (no rope), got {thetas!r}")
+    ropes = [replace(spec.rope, theta=float(t)) if t else Rope.unrotated(sizes.head_dim)
+             for spec, t in zip(arch.layers, thetas)]
+    return replace(arch, sinks=True, layers=tuple(
+        LayerSpec(window if t == SLIDING else None, rope) for t, rope in zip(types, ropes)))
+
+
+#: HyperCLOVA X's Peri-LN: a norm before and after each of attention and the MLP.
+HYPERCLOVAX_NORMS = {"pre_attn": "input_layernorm", "post_attn": "post_norm1",
+                     "pre_mlp": "post_attention_layernorm", "post_mlp": "post_norm2"}
+
+
+def _hyperclovax(r: KeyReader, sizes: Sizes) -> Architecture:
+    """HyperCLOVA X SEED: Granite's multipliers (the logits multiplied by logits_scaling, not divided; the attention
+    scale 1/sqrt(head_dim) unless attention_multiplier), with use_post_norm a norm after attention and after the MLP
+    (its output then scaled by residual_multiplier: ``ferrum.arch.tensors`` folds the scale into those norms)."""
+    arch = _llama_like(False, None, _no_windows)(r, sizes)
+    scale = r("attention_multiplier")
+    return replace(
+        arch,
+        norms=HYPERCLOVAX_NORMS if r("use_post_norm") else LLAMA_NORMS,
+        embed_scale=None if r("embedding_multiplier") == 1 else float(r("embedding_multiplier")),
+        residual_scale=float(r("residual_multiplier")),
+        attn_scale=arch.attn_scale if scale is None else float(scale),
+        logit_scale=float(r("logits_scaling")),
+    )
+
+
+def _minicpm_scalings(r: KeyReader, sizes: Sizes, arch: Architecture) -> Architecture:
+    """MiniCPM's muP scalings: embeddings times scale_emb, what each block adds times ``scale_depth /
+    sqrt(num_hidden_layers)`` (null: 1), the final hidden state divided by ``hidden_size / dim_model_base`` (null:
+    1) before the LM head."""
+    depth, base = r("scale_depth"), r("dim_model_base")
+    return replace(
+        arch,
+        embed_scale=None if r("scale_emb") == 1 else float(r("scale_emb")),
+        residual_scale=1.0 if depth is None else float(depth) / math.sqrt(sizes.num_layers),
+        logit_scale=1.0 if base is None else float(base) / sizes.hidden_size,
+    )
+
+
+def _minicpm(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MiniCPM (1B, 2B; remote code, mlx-lm's minicpm): Llama's blocks with :func:`_minicpm_scalings`. The LM head
+    reads the scaled-down state whether tied or not, as OpenBMB's code runs it (mlx-lm skips the scaling when tied)."""
+    return _minicpm_scalings(r, sizes, _llama_like(False, None, _no_windows)(r, sizes))
+
+
+#: The rope scalings MiniCPM3's releases ship (longrope) beside Llama's.
+_MINICPM3_ROPES = ("default", "linear", "dynamic", "longrope")
+
+
+def _minicpm3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MiniCPM3: DeepSeek-V2's latent attention with rotate-half rope (longrope as its releases ship it) and
+    :func:`_minicpm_scalings`."""
+    return _minicpm_scalings(r, sizes, _latent_attention(r, sizes, interleaved=False, kinds=_MINICPM3_ROPES))
+
+
+def _minicpm3_v_head_dim(raw: dict[str, Any]) -> dict[str, Any]:
+    """MiniCPM3Config's v_head_dim where a config leaves it out or null: ``hidden_size / num_attention_heads``."""
+    hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
+    if raw.get("v_head_dim") is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return {**raw, "v_head_dim": hidden // heads}
+    return raw
+
+
+#: OpenBMB's MiniCPM configs carry all three (its remote code has no defaults Ferrum could vouch for).
+_MINICPM = tuple(Key(name, check=positive_number) for name in ("scale_emb", "scale_depth", "dim_model_base"))
+#: MiniCPM3Config's: null depth and base scale nothing.
+_MINICPM3 = (
+    Key("scale_emb", default=12, check=positive_number),
+    Key("scale_depth", default=1.4, check=optional_positive_number),
+    Key("dim_model_base", default=256, check=optional_positive_number),
+)
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU,
@@ -2548,4 +2716,87 @@ FAMILIES: dict[str, Family] = {
         _arcee,
         eps_default=1e-5,
     ),
+    "exaone": Family(  # EXAONE 3 / 3.5: Llama's blocks under the release's names and config keys
+        _keys(_core(False), _ROPE, _theta(500_000.0), _SILU,
+              (Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean))),
+        _exaone,
+        eps_default=1e-5,
+        derive=_aliases({"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+                         "activation_function": "hidden_act"}),
+    ),
+    "internlm3": Family(  # InternLM3: Llama's blocks; the release's qkv_bias / bias are attention_bias / mlp_bias
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU,
+              (Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean))),
+        _internlm3,
+        eps_default=1e-5,
+        derive=_aliases({"qkv_bias": "attention_bias", "bias": "mlp_bias"}),
+    ),
+    "internlm2": Family(  # InternLM2 / 2.5 (remote code): packed, grouped wqkv
+        _keys(_core(False), _ROPE, _SILU, (Key("bias", default=True, check=boolean),)),
+        _internlm2,
+    ),
+    "iquestcoder": Family(  # IQuest-Coder-V1 (not its Loop variants): Llama's blocks
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
+            Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean),
+            Key("clip_qkv", check=falsy("transformers' IQuestCoder refuses it too; load a release without it"),
+                unsupported=True),
+            Key("use_sliding_window", default=False, check=falsy(
+                "transformers' IQuestCoder refuses it too; set it to false"), unsupported=True),
+        )),
+        _llama_like(False, None, _no_windows),
+        eps_default=1e-5,
+    ),
+    "cwm": Family(  # Meta's Code World Model: Llama's blocks, three sliding layers to one full
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _LAYER_TYPES, (
+            Key("rope_parameters", default=_CWM_ROPE),
+            Key("sliding_window", default=8192, check=optional_positive_int),
+            Key("mlp_bias", default=False, check=boolean),
+        )),
+        _llama_like(False, None, _cwm_windows),
+        eps_default=1e-5,
+    ),
+    "jais2": _layer_norm_family(_jais2, False, (  # Inception's Jais 2
+        _ungated_key("relu2"),
+        Key("attention_bias", default=True, check=boolean),
+        Key("mlp_bias", default=True, check=boolean),
+    )),
+    "hyperclovax": Family(  # NAVER's HyperCLOVA X SEED (Think 14B): Granite's multipliers, Peri-LN
+        _keys(_core(False), _ROPE, _SILU, (
+            Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean),
+            *(Key(name, default=1.0, check=positive_number)
+              for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling")),
+            Key("attention_multiplier", check=optional_positive_number),  # null: 1 / sqrt(head_dim)
+            Key("use_post_norm", default=True, check=boolean),
+        )),
+        _hyperclovax,
+    ),
+    "granite_swa": Family(  # IBM's Granite SWA: Granite's multipliers, sliding layers, per-layer rope, sinks
+        _keys(_core(True), _ROPE, _SILU, _GRANITE, _LAYER_TYPES, (
+            Key("sliding_window", default=128, check=optional_positive_int),
+            Key("layer_rope_theta"),
+        )),
+        _granite_swa,
+        eps_default=1e-5,
+    ),
+    "minicpm": Family(  # OpenBMB's MiniCPM 1B / 2B (remote code): Llama's blocks with muP scalings
+        _keys(_core(True), _ROPE, _SILU, _MINICPM),
+        _minicpm,
+    ),
+    "minicpm3": Family(  # OpenBMB's MiniCPM3: latent attention, muP scalings
+        _keys(_core(True), _ROPE, _SILU, _mla_keys(768, 64, 64, kv_lora=256), _MINICPM3,
+              (Key("qk_rope_head_dim", default=32, check=size(4096)),)),
+        _minicpm3,
+        eps_default=1e-5,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+        derive=_minicpm3_v_head_dim,
+    ),
+    "youtu": Family(  # Tencent's Youtu-LLM: DeepSeek-V3's latent attention over Llama's dense MLPs
+        _keys(_core(True), _ROPE, _SILU, _MLA, (Key("rope_interleave", default=True, check=boolean),)),
+        lambda r, sizes: _latent_attention(r, sizes, interleaved=bool(r("rope_interleave"))),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
 }
+#: Youtu-LLM's release (remote code; mlx-lm's conversions) names it youtu_llm; transformers, youtu.
+FAMILIES["youtu_llm"] = FAMILIES["youtu"]
