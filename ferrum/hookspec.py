@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.18"
+API_VERSION = "1.20"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -356,7 +356,7 @@ def causal_conv1d(x: Any, weight: Any, state: Any, cu_seqlens: Any, silu: bool) 
 
 @hookspec(firstresult=True)
 def gated_delta_rule(q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
-                     cu_seqlens: Any) -> Any:
+                     cu_seqlens: Any, beta_scale: float) -> Any:
     """(optional, API 1.16) Gated DeltaNet's recurrence (Qwen3-Next, Qwen3.5) over a flattened varlen batch, as
     transformers' ``torch_recurrent_gated_delta_rule`` with ``use_qk_l2norm_in_kernel``: ``q, k [T, Hk, Dk]``,
     ``v [T, Hv, Dv]`` (``Hv`` a multiple of ``Hk``; q/k head ``i`` serves value heads ``i * Hv / Hk`` on), the raw
@@ -365,7 +365,13 @@ def gated_delta_rule(q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias
     1e-6)``), q times ``Dk ** -0.5``; ``g = -exp(a_log) * softplus(a + dt_bias)``, ``beta = sigmoid(b)``; per
     token ``S = S * exp(g)``, ``S += k (x) ((v - k S) * beta)``, ``out = q S``. Returns ``(out [T, Hv, Dv] in v's
     dtype, new_state float32)``; the state is not modified. Fallback: :mod:`ferrum.recurrent.kernels` on the
-    host."""
+    host.
+
+    API 1.20, handed only to plugins declaring it (older ones' layers run the fallback): the gate may be per key
+    channel (Kimi Delta Attention: ``Hk == Hv``, ``a [T, Hv, Dk]``, ``dt_bias [Hv, Dk]``, ``g = -exp(a_log)[:,
+    None] * softplus(a + dt_bias)`` and ``S = S * exp(g)[:, :, None]``, each key row of the state decaying at its
+    own rate), and ``beta_scale``, a feature argument (1.0 where not given), multiplies ``beta``: OLMo Hybrid's
+    ``allow_neg_eigval`` runs ``beta = 2 * sigmoid(b)``."""
 
 
 @hookspec(firstresult=True)

@@ -52,7 +52,7 @@ class Framework:
 
 
 @functools.cache
-def _device_part(fw: Framework, fn: Callable, static: str) -> Callable:
+def _device_part(fw: Framework, fn: Callable, static: str | tuple[str, ...]) -> Callable:
     bound = functools.partial(fn, fw)
     return bound if fw.jit is None else fw.jit(bound, static_argnames=static)
 
@@ -182,36 +182,39 @@ def _per_value_head(xp: Any, x: Any, heads: int) -> Any:
 
 
 def gated_delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
-                     cu_seqlens: Any, chunk: int = CHUNK) -> tuple[Any, Any]:
-    """``ferrum.hookspec.gated_delta_rule``; returns ``(out in v's dtype, new float32 state)``."""
+                     cu_seqlens: Any, beta_scale: float = 1.0, chunk: int = CHUNK) -> tuple[Any, Any]:
+    """``ferrum.hookspec.gated_delta_rule`` (its per-key-channel gate too); returns ``(out in v's dtype, new
+    float32 state)``."""
     tokens, batch = v.shape[0], state.shape[0]
     cu, (q, k, v, a, b), (state,) = bucketed(fw, cu_seqlens, [q, k, v, a, b], [state])
     plan = delta_plan(cu, chunk, fw.bucket or int)
     gather, scatter, valid = (None if i is None else fw.put(i) for i in (plan.gather, plan.scatter, plan.valid))
-    rule = _device_part(fw, delta_rule, "chunk")
+    rule = _device_part(fw, delta_rule, ("chunk", "beta_scale"))
     out, new_state = rule(q, k, v, a, b, a_log, dt_bias, state, gather, scatter, valid,
-                          chunk=chunk if plan.chunked else 0)
+                          chunk=chunk if plan.chunked else 0, beta_scale=float(beta_scale))
     return (out, new_state) if fw.bucket is None else (out[:tokens], new_state[:batch])
 
 
 def delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
-               gather: Any, scatter: Any, valid: Any, chunk: int) -> tuple[Any, Any]:
+               gather: Any, scatter: Any, valid: Any, chunk: int, beta_scale: float = 1.0) -> tuple[Any, Any]:
     """The device part of :func:`gated_delta_rule` for a :class:`DeltaPlan`'s uploaded arrays (pure: JAX jits
-    it with ``chunk`` static); ``chunk`` 0 steps token by token."""
+    it with ``chunk`` and ``beta_scale`` static); ``chunk`` 0 steps token by token. The log-decay ``g`` carries a
+    key-channel axis, ``[..., H, 1]`` (one per head) or ``[..., H, Dk]`` (Kimi Delta Attention's, per channel)."""
     xp, f32 = fw.xp, fw.xp.float32
     heads, dk = v.shape[1], q.shape[2]
     qf = _per_value_head(xp, _l2_normed(xp, fw.astype(q, f32)) * dk ** -0.5, heads)
     kf = _per_value_head(xp, _l2_normed(xp, fw.astype(k, f32)), heads)
     vf = fw.astype(v, f32)
     x = fw.astype(a, f32) + fw.astype(dt_bias, f32)
-    g = -xp.exp(fw.astype(a_log, f32)) * xp.logaddexp(x, xp.zeros_like(x))  # log of the decay
-    beta = 1.0 / (1.0 + xp.exp(-fw.astype(b, f32)))
+    x = x if x.ndim == 3 else x[..., None]  # [T, H, Dk] per key channel, or [T, H, 1]
+    g = -xp.exp(fw.astype(a_log, f32))[:, None] * xp.logaddexp(x, xp.zeros_like(x))  # log of the decay
+    beta = beta_scale / (1.0 + xp.exp(-fw.astype(b, f32)))
     state = fw.astype(state, f32)
     if gather is None:  # every segment one token: one step over the batch
         out, new_state = _step(xp, state, (qf, kf, vf, g, beta))
         return fw.astype(out, v.dtype), new_state
     qf, kf, vf, g, beta = (t[gather] for t in (qf, kf, vf, g, beta))  # [B, L, ...]
-    kf, g, beta = kf * valid[..., None, None], g * valid[..., None], beta * valid[..., None]
+    kf, g, beta = kf * valid[..., None, None], g * valid[..., None, None], beta * valid[..., None]
     if chunk:
         out, new_state = _chunked(fw, state, qf, kf, vf, g, beta, chunk)
     else:
@@ -228,9 +231,9 @@ def _row_times(x: Any, state: Any) -> Any:
 
 
 def _step(xp: Any, state: Any, xs: tuple) -> tuple[Any, Any]:
-    """One token of every sequence: ``q, k [B, H, Dk]``, ``v [B, H, Dv]``, ``g, beta [B, H]``."""
+    """One token of every sequence: ``q, k [B, H, Dk]``, ``v [B, H, Dv]``, ``g [B, H, 1 or Dk]``, ``beta [B, H]``."""
     q, k, v, g, beta = xs
-    state = state * xp.exp(g)[..., None, None]
+    state = state * xp.exp(g)[..., None]
     delta = (v - _row_times(k, state)) * beta[..., None]
     state = state + k[..., None] * delta[..., None, :]
     return _row_times(q, state), state
@@ -240,34 +243,42 @@ def _chunked(fw: Framework, state: Any, q: Any, k: Any, v: Any, g: Any, beta: An
     """The delta rule over ``[B, N * C]`` tokens, chunk by chunk: with ``G`` the running sum of ``g`` in a chunk
     and ``D[i, j] = exp(G_i - G_j)`` (``j <= i``), the state after token ``i`` is ``exp(G_i) S + sum_j D[i, j]
     k_j u_j``, where ``(I + A) u = beta (v - exp(G) k S)``, ``A[i, j] = beta_i D[i, j] k_i . k_j`` (``j < i``).
-    Heads go before time, so every product is a batched matmul over ``[B, H, N]``."""
+    Heads go before time, so every product is a batched matmul over ``[B, H, N]``. A decay per key channel (Kimi
+    Delta Attention) makes ``D`` one per channel, inside the products: ``A[i, j] = beta_i sum_c D[i, j, c] k_ic
+    k_jc``, held as ``[B, H, N, C, C, Dk]`` (each exponent ``G_i - G_j <= 0``, so none overflows, as transformers'
+    chunked form holds it)."""
     xp = fw.xp
     batch, length, heads, _ = k.shape
     n = length // chunk
-    q, k, v = (xp.swapaxes(t, 1, 2).reshape(batch, heads, n, chunk, -1) for t in (q, k, v))
-    g, beta = (xp.swapaxes(t, 1, 2).reshape(batch, heads, n, chunk) for t in (g, beta))
-    cum = xp.cumsum(g, axis=-1)  # G [B, H, N, C]
+    q, k, v, g = (xp.swapaxes(t, 1, 2).reshape(batch, heads, n, chunk, -1) for t in (q, k, v, g))
+    beta = xp.swapaxes(beta, 1, 2).reshape(batch, heads, n, chunk)
+    cum = xp.cumsum(g, axis=-2)  # G [B, H, N, C, 1 or Dk]
     lower = np.tril(np.ones((chunk, chunk), np.float32))
     within, strict = fw.put(lower), fw.put(lower - np.eye(chunk, dtype=np.float32))
-    decay = xp.exp((cum[..., :, None] - cum[..., None, :]) * within) * within  # D [B, H, N, C, C]
+    mask = within[..., None]
+    decay = xp.exp((cum[..., :, None, :] - cum[..., None, :, :]) * mask) * mask  # D [B, H, N, C, C, 1 or Dk]
     k_t = xp.swapaxes(k, -1, -2)
-    system = (k @ k_t) * decay * beta[..., None] * strict  # A
+    if decay.shape[-1] == 1:  # one decay per head: D outside the products
+        keys, attend = (k @ k_t) * decay[..., 0], (q @ k_t) * decay[..., 0]
+    else:
+        keys = (k[..., :, None, :] * k[..., None, :, :] * decay).sum(-1)
+        attend = (q[..., :, None, :] * k[..., None, :, :] * decay).sum(-1)
+    system = keys * beta[..., None] * strict  # A
     # (I + A)^-1 by forward substitution on I, column by column ([C, C] rows: cheaper than on [C, Dk + Dv])
     inverse = fw.put(np.eye(chunk, dtype=np.float32))
     for j in range(chunk - 1):
         inverse = inverse - system[..., :, j:j + 1] * inverse[..., j:j + 1, :]
     u0 = inverse @ (v * beta[..., None])  # u = u0 - w S
-    w = inverse @ (k * (xp.exp(cum) * beta)[..., None])
-    attend = (q @ k_t) * decay
-    q_decayed = q * xp.exp(cum)[..., None]
-    last = cum[..., -1:]  # [B, H, N, 1]
-    k_to_end_t = xp.swapaxes(k * xp.exp(last - cum)[..., None], -1, -2)
+    w = inverse @ (k * xp.exp(cum) * beta[..., None])
+    q_decayed = q * xp.exp(cum)
+    last = cum[..., -1:, :]  # [B, H, N, 1, 1 or Dk]
+    k_to_end_t = xp.swapaxes(k * xp.exp(last - cum), -1, -2)
 
     def one_chunk(s: Any, xs: tuple) -> tuple[Any, Any]:
         u0_n, w_n, attend_n, q_n, k_n_t, last_n = xs
         u = u0_n - w_n @ s
         out = q_n @ s + attend_n @ u
-        return s * xp.exp(last_n)[..., None] + k_n_t @ u, out
+        return s * xp.exp(xp.swapaxes(last_n, -1, -2)) + k_n_t @ u, out
 
     parts = (u0, w, attend, q_decayed, k_to_end_t, last)
     state, outs = fw.scan(one_chunk, state, tuple(xp.moveaxis(t, 2, 0) for t in parts))

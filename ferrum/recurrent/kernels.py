@@ -34,10 +34,11 @@ def causal_conv1d(x: np.ndarray, weight: np.ndarray, state: np.ndarray, cu_seqle
 
 
 def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, a: np.ndarray, b: np.ndarray,
-                     a_log: np.ndarray, dt_bias: np.ndarray, state: np.ndarray,
-                     cu_seqlens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                     a_log: np.ndarray, dt_bias: np.ndarray, state: np.ndarray, cu_seqlens: np.ndarray,
+                     beta_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Gated DeltaNet's recurrence (``ferrum.hookspec.gated_delta_rule``): ``q, k [T, Hk, Dk]``, ``v [T, Hv, Dv]``,
-    ``a, b [T, Hv]``, ``state [B, Hv, Dk, Dv]``; returns ``(out [T, Hv, Dv], new_state)`` in float32."""
+    ``a, b [T, Hv]`` (or, Kimi Delta Attention, ``a [T, Hv, Dk]`` with ``dt_bias [Hv, Dk]``: a decay per key
+    channel), ``state [B, Hv, Dk, Dv]``; returns ``(out [T, Hv, Dv], new_state)`` in float32."""
     q, k, v = (np.asarray(t, dtype=np.float32) for t in (q, k, v))
     heads = v.shape[1]
     group = heads // q.shape[1]
@@ -46,14 +47,17 @@ def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, a: np.ndarray,
     if group > 1:  # each q/k head serves ``group`` consecutive value heads
         q, k = np.repeat(q, group, axis=1), np.repeat(k, group, axis=1)
     x = np.asarray(a, dtype=np.float32) + np.asarray(dt_bias, dtype=np.float32)
-    decay = np.exp(-np.exp(np.asarray(a_log, dtype=np.float32)) * np.logaddexp(np.float32(0), x))  # exp(g)
-    beta = 1.0 / (1.0 + np.exp(-np.asarray(b, dtype=np.float32)))
+    rate = np.exp(np.asarray(a_log, dtype=np.float32))
+    rate = rate[:, None] if x.ndim == 3 else rate  # a rate per head, over its key channels
+    decay = np.exp(-rate * np.logaddexp(np.float32(0), x))  # exp(g): [T, Hv], or [T, Hv, Dk] per key channel
+    decay = decay[..., None] if decay.ndim == 3 else decay[..., None, None]  # over the state's [Dk, Dv]
+    beta = np.float32(beta_scale) / (1.0 + np.exp(-np.asarray(b, dtype=np.float32)))
     out = np.empty_like(v)
     new_state = np.array(state, dtype=np.float32)
     for s in range(len(cu_seqlens) - 1):
         S = new_state[s]  # [Hv, Dk, Dv], updated in place
         for t in range(int(cu_seqlens[s]), int(cu_seqlens[s + 1])):
-            S *= decay[t][:, None, None]
+            S *= decay[t]
             kt = k[t][:, :, None]
             delta = (v[t] - (S * kt).sum(1)) * beta[t][:, None]
             S += kt * delta[:, None, :]

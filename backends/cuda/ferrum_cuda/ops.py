@@ -573,8 +573,8 @@ def causal_conv1d(x, weight, state, cu_seqlens, silu):
 
 
 @hookimpl
-def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens):
-    return batched.gated_delta_rule(_RECURRENT, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens)
+def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale=1.0):
+    return batched.gated_delta_rule(_RECURRENT, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale)
 
 
 # --------------------------------------------------------------------------
