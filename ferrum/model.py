@@ -356,9 +356,9 @@ class DecoderOnlyLLM:
                     # a float32 vector too (a router's correction bias); a packed matrix keeps its compute dtype
                     float32 = part.endswith(config.arch.keep_float32) and isinstance(array, np.ndarray)
                     as_is = (part.endswith((".bias", ".sinks", ".layer_scalar")) or is_norm(part)
-                             or float32 and array.ndim == 1
+                             or float32 and (array.ndim == 1 or not part.endswith(".weight"))  # Kimi's dt_bias
                              or ".act_fn." in part  # xIELU's learned values (Apertus)
-                             or part.endswith(".conv1d.weight"))  # a depthwise convolution's taps
+                             or part.endswith("conv1d.weight"))  # a depthwise convolution's taps (q_conv1d...)
                     role = roles.get(part, "bias" if as_is else "linear")
                     weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs,
                                           since)
@@ -379,7 +379,7 @@ class DecoderOnlyLLM:
             return Linear(w[f"{p}{module}.weight"], tensor(f"{module}.bias"))
 
         norms = {slot: _norm_weights(w, p + name) if arch.norm_params else self._weightless()
-                 for slot, name in arch.norms.items()}
+                 for slot, name in spec.block_norms(arch).items()}
         sinks = tensor("self_attn.sinks")
         q_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[0]}")
         k_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}")

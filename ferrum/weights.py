@@ -24,6 +24,7 @@ from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
 from ferrum.quant import awq_gptq, float_modes, fp8
 from ferrum.quant.affine import QuantizedWeight, dequantize
 from ferrum.quant.config import AFFINE, FLOAT_MODES, stored_mode
+from ferrum.recurrent.gated_delta import joined_taps
 
 HostTensor = np.ndarray | QuantizedWeight
 
@@ -124,6 +125,9 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     split = _split_kv_b(config, name, present)
     if split is not None:  # mlx-lm's embed_q and unembed_out, each dense or packed
         return tuple(part for weight in split for part in _tensor_parts(checkpoint, present, config, weight))
+    joined = joined_taps(name, present) if config.arch.gated_delta is not None else None
+    if joined is not None:  # OLMo Hybrid's q_conv1d, k_conv1d and v_conv1d
+        return joined
     if config.arch.moe is not None and loading.is_expert_stack(name):
         return loading.expert_parts(present, config.arch.moe, name, loading.stack_mode(quant, config.arch.moe, name))
     alias = loading.correction_bias_alias(present, config.arch.moe, name) if config.arch.moe is not None else None
@@ -193,6 +197,13 @@ def _assemble(
 
     if config.arch.moe is not None and loading.is_expert_stack(name):  # a stack of experts, or their biases
         return loading.assemble_stack(name, parts, shape, config.arch.moe, config.quantization, where)
+    joined = joined_taps(name, parts) if config.arch.gated_delta is not None else None
+    if joined is not None:
+        taps = np.concatenate([np.asarray(parts[part], dtype=np.float32) for part in joined])
+        if tuple(taps.shape) != shape:
+            raise CheckpointError(f"{where}: {', '.join(joined)} join into {tuple(taps.shape)}, but config.json "
+                                  f"implies {name} {shape}")
+        return taps
     split = _split_kv_b(config, name, parts)
     if split is not None:
         halves = [_per_head(weight, parts, head_shape, config, where)

@@ -21,6 +21,7 @@ from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.errors import ConfigError
 from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe, nemotron_h_moe, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
+from ferrum.recurrent.kimi_delta import KimiDeltaSpec
 from ferrum.recurrent.mamba2 import Mamba2Spec
 from ferrum.recurrent.short_conv import ShortConvSpec
 
@@ -1267,6 +1268,143 @@ _QWEN3_HYBRID = (
 )
 
 
+#: Kimi Linear's keys as its release (and transformers' attribute_map) spells them -> DeepSeek-V3's, which the MoE
+#: table reads.
+_KIMI_ALIASES = {"num_experts_per_token": "num_experts_per_tok", "moe_renormalize": "norm_topk_prob",
+                 "num_expert_group": "n_group", "num_shared_experts": "n_shared_experts",
+                 "model_max_length": "max_position_embeddings"}
+#: Kimi Linear's linear_attn_config (its release's, which transformers reads) -> transformers' own keys.
+_KIMI_LINEAR_CONFIG = {"head_dim": "linear_head_dim", "num_heads": "linear_num_heads",
+                       "short_conv_kernel_size": "linear_conv_kernel_dim"}
+
+
+def _kimi_linear_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Kimi Linear's config as transformers' KimiLinearConfig reads it: its release's spellings (model_max_length,
+    num_experts_per_token...) under DeepSeek-V3's names where those are absent, linear_attn_config's sizes, its
+    1-indexed kda_layers / full_attn_layers as layer_types, and first_k_dense_replace as mlp_layer_types, where
+    the config gives neither."""
+    out = dict(raw)
+    for kimi, ours in _KIMI_ALIASES.items():
+        if kimi in raw and ours not in raw:
+            out[ours] = raw[kimi]
+    section = raw.get("linear_attn_config")
+    section = section if isinstance(section, dict) else {}
+    for kimi, ours in _KIMI_LINEAR_CONFIG.items():
+        if kimi in section:
+            out[ours] = section[kimi]
+    layers = raw.get("num_hidden_layers")
+    if out.get("layer_types") is None and isinstance(layers, int) and layers > 0:
+        full, kda = section.get("full_attn_layers"), section.get("kda_layers")
+        if isinstance(full, list) and isinstance(kda, list):
+            kinds: list[Any] = [None] * layers
+            for kind, listed in ((FULL, full), (LINEAR, kda)):
+                for index in listed:
+                    if isinstance(index, int) and 1 <= index <= layers:
+                        kinds[index - 1] = kind
+            out["layer_types"] = kinds
+        else:  # transformers' default
+            out["layer_types"] = [FULL if i and i % 4 == 0 else LINEAR for i in range(layers)]
+    first = raw.get("first_k_dense_replace", 1)
+    if out.get("mlp_layer_types") is None and isinstance(layers, int) and isinstance(first, int):
+        out["mlp_layer_types"] = ["dense" if i < first else "sparse" for i in range(layers)]
+    return out
+
+
+#: transformers 5 saves a Kimi Linear's dense MLPs under the sparse ones' module (its conversion mapping renames
+#: ``block_sparse_moe`` to ``mlp`` on load and back on save); the release keeps them under ``mlp``.
+_KIMI_DENSE_UNDER_MOE = {f"mlp.{proj}": f"block_sparse_moe.{proj}" for proj in ("gate_proj", "up_proj", "down_proj")}
+
+
+def _kimi_linear(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Kimi Linear (transformers' KimiLinear): Kimi Delta Attention layers (:mod:`ferrum.recurrent.kimi_delta`)
+    between DeepSeek-V3's latent attention without any rope (transformers' KimiLinearAttention: the rope dims of q
+    and the shared key stay as projected), softmax scale ``1/sqrt(qk_nope + qk_rope)``; the sparse MLPs (grouped
+    sigmoid routing, an ungated shared expert, dense MLPs where mlp_layer_types says) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    types = r("layer_types")
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (LINEAR, FULL) for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r} (or linear_attn_config's "
+                              f"kda_layers and full_attn_layers every layer between them), got {types!r}")
+    r("hidden_act")
+    r("mla_use_nope")
+    rope = Rope.unrotated(sizes.head_dim)
+    mla = MlaSpec(heads=sizes.num_heads, q_lora_rank=r("q_lora_rank"), kv_lora_rank=r("kv_lora_rank"),
+                  nope=r("qk_nope_head_dim"), rope=r("qk_rope_head_dim"), v_head_dim=r("v_head_dim"),
+                  bias=r("attention_bias"))
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer="kimi_delta" if t == LINEAR else "attention") for t in types),
+        norms=LLAMA_NORMS,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        mla=mla,
+        kimi_delta=KimiDeltaSpec(r("linear_num_heads"), r("linear_head_dim"), r("linear_conv_kernel_dim")),
+        keep_float32=(".A_log", ".dt_bias"),
+        layouts=(("model.", "lm_head.weight", _KIMI_DENSE_UNDER_MOE),),
+    )
+
+
+_KIMI_LINEAR = (
+    Key("linear_head_dim", default=128, check=positive_int),
+    Key("linear_num_heads", default=32, check=positive_int),
+    Key("linear_conv_kernel_dim", default=4, check=positive_int),
+    Key("layer_types"),
+    # the release's remote code says so; transformers never rotates (a false asks for rope it does not run)
+    Key("mla_use_nope", default=True, unsupported=True, check=one_of(None, True)),
+    Key("moe_router_activation_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
+    Key("moe_layer_freq", default=1, unsupported=True, check=one_of(1)),
+)
+
+
+#: OLMo Hybrid's blocks: its attention layers OLMo 3's (norms after attention and MLP), its Gated DeltaNet layers
+#: Llama's (norms before).
+_OLMO_HYBRID_NORMS = {LINEAR: tuple(LLAMA_NORMS.items()), FULL: tuple(POST_NORMS.items())}
+#: Its release's (OLMo-core's) names of the norms, which transformers 5 saves back.
+_OLMO_HYBRID_STORED = {"input_layernorm": "attention_layer_norm", "post_attention_layernorm": "feedforward_layer_norm"}
+
+
+def _olmo_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
+    """AllenAI's OLMo Hybrid (transformers' OlmoHybrid): OLMo 3's full-attention layers (q/k normed over their whole
+    projections, norms after attention and the MLP, rope only where rope_parameters gives a rope_theta: the releases
+    give none) between Gated DeltaNet layers with one projection each and Llama's norms, whose ``beta`` is doubled
+    where linear_allow_neg_eigval and whose gated output norm has FLA's epsilon, 1e-5."""
+    types = r("layer_types")
+    if types is None:  # transformers' default: every fourth layer attends, the last at least
+        types = [FULL if i % 4 == 3 else LINEAR for i in range(sizes.num_layers)]
+        types[-1] = FULL if FULL not in types else types[-1]
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (LINEAR, FULL) for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
+    r("hidden_act")
+    key, spec = _rope_spec(r)
+    rope = (read_rope(r, sizes, spec, key, _LLAMA_ROPES) if spec.get("rope_theta") is not None
+            else Rope.unrotated(sizes.head_dim))
+    k_heads, v_heads = r("linear_num_key_heads") or sizes.num_heads, r("linear_num_value_heads") or sizes.num_heads
+    if v_heads % k_heads:
+        r.fail("linear_num_value_heads", f"({v_heads}) must be a multiple of linear_num_key_heads ({k_heads})")
+    k_dim = r("linear_key_head_dim") or int(0.75 * sizes.hidden_size / k_heads)
+    delta = GatedDeltaSpec(k_heads, v_heads, k_dim, r("linear_value_head_dim") or 2 * k_dim,
+                           r("linear_conv_kernel_dim"), separate=True,
+                           beta_scale=2.0 if r("linear_allow_neg_eigval") else 1.0, norm_eps=1e-5)
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer="gated_delta" if t == LINEAR else "attention",
+                               norms=_OLMO_HYBRID_NORMS[t]) for t in types),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="projection",
+        qkv_bias=bias, o_bias=bias, gated_delta=delta, keep_float32=(".A_log", ".dt_bias"),
+        layouts=(("model.", "lm_head.weight", _OLMO_HYBRID_STORED),),
+    )
+
+
+_OLMO_HYBRID = (
+    Key("attention_bias", default=False, check=boolean),
+    Key("layer_types"),
+    Key("linear_num_key_heads", check=optional_positive_int),
+    Key("linear_num_value_heads", check=optional_positive_int),
+    Key("linear_key_head_dim", check=optional_positive_int),
+    Key("linear_value_head_dim", check=optional_positive_int),
+    Key("linear_conv_kernel_dim", default=4, check=positive_int),
+    Key("linear_allow_neg_eigval", default=True, check=boolean),
+)
+
+
 #: Granite 4.0-H's layer types (transformers 4's names, then 5's) -> the mixer each runs (LayerSpec.mixer).
 _MAMBA_HYBRID_MIXERS = {"mamba": "mamba2", LINEAR: "mamba2", "attention": "attention", FULL: "attention"}
 
@@ -2311,6 +2449,25 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False, head_dim_default=256), _ROPE, _SILU, _QWEN3_HYBRID, MOE_KEYS["qwen3_5_moe_text"]),
         with_moe("qwen3_5_moe_text", _qwen3_hybrid(grouped=False)),
         unloaded=r"(^|\.)mtp\.",
+    ),
+    "kimi_linear": Family(  # Moonshot's Kimi Linear: Kimi Delta Attention and NoPE latent attention over DeepSeek-V3's
+        # grouped sigmoid routing
+        _keys(_core(False), _core_defaults(
+            hidden_size=2304, intermediate_size=9216, num_hidden_layers=27, num_attention_heads=32,
+            vocab_size=163840, max_position_embeddings=1048576,
+        ), _SILU, _mla_keys(None, 128, 128), _KIMI_LINEAR, MOE_KEYS["kimi_linear"]),
+        with_moe("kimi_linear", _kimi_linear),
+        eps_default=1e-5,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+        derive=_kimi_linear_keys,
+    ),
+    "olmo_hybrid": Family(  # AllenAI's OLMo Hybrid: OLMo 3's attention between Gated DeltaNet layers
+        _keys(_core(False), _core_defaults(
+            hidden_size=3840, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=30,
+            vocab_size=100352, max_position_embeddings=65536,
+        ), _ROPE[:3], _SILU, _OLMO_HYBRID),
+        _olmo_hybrid,
     ),
     "qwen3_vl_moe": Family(  # Qwen3-VL-MoE's text model (its wrapper's text_config): Qwen3-MoE, experts fused
         _keys(_core(True), _ROPE, _SILU, _QWEN_WINDOW, (Key("attention_bias", check=boolean),),

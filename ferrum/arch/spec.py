@@ -40,7 +40,8 @@ class LayerSpec:
     values_are_keys: bool = False
     #: What mixes the layer's tokens: "attention" over the paged KV cache, or a recurrent mixer carrying a state per
     #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention;
-    #: "mamba2", Granite 4.0-H's and Nemotron-H's Mamba-2 layers; "short_conv", LFM2's gated short convolutions),
+    #: "mamba2", Granite 4.0-H's and Nemotron-H's Mamba-2 layers; "short_conv", LFM2's gated short convolutions;
+    #: "kimi_delta", Kimi Linear's Kimi Delta Attention),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
     #: The layer computes no keys or values: it attends those of layer ``kv_source`` (an earlier layer of its
@@ -50,6 +51,13 @@ class LayerSpec:
     #: The gated MLP's width where it is not the model's intermediate_size (Gemma 4's use_double_wide_mlp: the
     #: layers reading another's keys and values are twice as wide). None: the model's.
     intermediate_size: int | None = None
+    #: The layer's block norms where they are not the architecture's (``Architecture.norms``, slot -> tensor name):
+    #: OLMo Hybrid's attention layers norm after attention and MLP, its Gated DeltaNet layers before. None: those.
+    norms: tuple[tuple[str, str], ...] | None = None
+
+    def block_norms(self, arch: Architecture) -> dict[str, str]:
+        """The layer's block norms, slot -> tensor name in the layer."""
+        return arch.norms if self.norms is None else dict(self.norms)
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,8 @@ class Architecture:
     #: The size and layout of the layers whose mixer is "short_conv" (:class:`ferrum.recurrent.short_conv.
     #: ShortConvSpec`), else None.
     short_conv: Any = None
+    #: ...whose mixer is "kimi_delta" (:class:`ferrum.recurrent.kimi_delta.KimiDeltaSpec`), else None.
+    kimi_delta: Any = None
     #: Qwen3-Next's gated attention: q_proj emits each head's query then its gate; the attention output is
     #: multiplied by sigmoid(gate) before o_proj.
     attn_output_gate: bool = False

@@ -70,8 +70,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         shapes[bias_of(arch.lm_head)] = (vocab,)
     if arch.per_layer_inputs is not None:
         shapes.update({p + name: shape for name, shape in arch.per_layer_inputs.tensors(h, config.num_layers).items()})
-    attention: dict[str, tuple[int, ...]] = {
-        f"{norm}.{part}": (h,) for norm in arch.norms.values() for part in norm_parts}
+    attention: dict[str, tuple[int, ...]] = {}
     if arch.mla is not None:
         attention.update(arch.mla.tensors(h))
     elif arch.fused_qkv:
@@ -103,12 +102,12 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     for i, layer in enumerate(arch.layers):
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         norms = qk_norms if layer.qk_norm else {}
+        block_norms = {f"{norm}.{part}": (h,) for norm in layer.block_norms(arch).values() for part in norm_parts}
         if layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
             mixer = mixer_spec(arch, layer.mixer)
-            own = {**{f"{norm}.{part}": (h,) for norm in arch.norms.values() for part in norm_parts},
-                   **(mixer.tensors(h) if mixer is not None else {})}
+            own = {**block_norms, **(mixer.tensors(h) if mixer is not None else {})}
         else:
-            own = _stored_attention(config, layer, attention, norms)
+            own = {**block_norms, **_stored_attention(config, layer, attention, norms)}
         if arch.layer_scalar:
             own["layer_scalar"] = (1,)
         if arch.per_layer_inputs is not None:
@@ -333,7 +332,8 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if arch.residual_scale != 1.0 and _writes_residual(arch, name):
         tensor = _scaled(tensor, arch.residual_scale)
     rope = arch.layers[layer].rope
-    if arch.mla is not None and ".self_attn." in name:  # latent attention lays out its own q and k heads
+    if arch.mla is not None and ".self_attn." in name and arch.layers[layer].mixer == "attention":
+        # latent attention lays out its own q and k heads (a recurrent layer's self_attn, Kimi Linear's, is not it)
         return arch.mla.transform(name, tensor, rope, _take_rows, _scale_rows)
     heads = _rotated_heads(config, name)
     if heads is None:

@@ -43,6 +43,7 @@ LAYOUT = {
     "mistral4": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (ferrum.moe.fused_gate_up)
     "dbrx": ("ffn", ("w1", "v1", "w2")),  # mlx-lm's per-expert names; its own layout too (ferrum.moe.dbrx)
     "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
+    "kimi_linear": ("block_sparse_moe", ("w1", "w3", "w2")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -104,7 +105,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "mellum": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
                 "hy_v3": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
-                "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",)}
+                "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",),
+                "kimi_linear": ("num_experts", "num_local_experts")}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -316,6 +318,10 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "deepseek_v3": (*_grouped_sigmoid_keys("deepseek_v3", moe_size=2048, scale=2.5, n_group=8, topk_group=4,
                                            dense=3), _MOE_LAYER_FREQ),
     "deepseek_v2": _DEEPSEEK_V2,
+    # Kimi Linear: DeepSeek-V3's routing under KimiLinearConfig's defaults (its release's spellings read as these,
+    # ferrum.arch.families._kimi_linear_keys), its dense layers by mlp_layer_types
+    "kimi_linear": _grouped_sigmoid_keys("kimi_linear", moe_size=1024, scale=2.446, n_group=1, topk_group=1,
+                                         dense=None),
     # GLM-4.7-Flash: GLM-4.5's routing under Glm4MoeLiteConfig's defaults, its dense layers by mlp_layer_types
     "glm4_moe_lite": _grouped_sigmoid_keys("glm4_moe_lite", moe_size=1536, scale=1.8, n_group=1, topk_group=1,
                                            dense=None, top_k=4),
@@ -437,7 +443,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32}
+                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -579,7 +585,7 @@ class MoeSpec:
 #: times the routed experts' width and dense MLPs where :func:`_sparse_layers` says.
 _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped",
             "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
-            "solar_open": "sigmoid_grouped",
+            "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped",
             "mistral4": "softmax_top2_grouped"}
 
 

@@ -1,9 +1,13 @@
-"""Gated DeltaNet (Qwen3-Next's and Qwen3.5's "linear_attention" layers): the tensors it stores, how they are
-laid out at load, and one layer's work around its two recurrent ops (``causal_conv1d``, ``gated_delta_rule``).
+"""Gated DeltaNet (Qwen3-Next's, Qwen3.5's and OLMo Hybrid's "linear_attention" layers): the tensors it stores, how
+they are laid out at load, and one layer's work around its two recurrent ops (``causal_conv1d``,
+``gated_delta_rule``).
 
-Two checkpoint layouts of the input projections: Qwen3.5's separate ``in_proj_qkv / in_proj_z / in_proj_b /
-in_proj_a``, and Qwen3-Next's ``in_proj_qkvz / in_proj_ba`` grouped per key head, split at load into the former.
-The depthwise convolution's weight is stored ``[C, 1, K]`` by transformers and ``[C, K, 1]`` by mlx-lm.
+Three checkpoint layouts of the input projections: Qwen3.5's ``in_proj_qkv / in_proj_z / in_proj_b / in_proj_a``,
+Qwen3-Next's ``in_proj_qkvz / in_proj_ba`` grouped per key head, split at load into the former, and OLMo Hybrid's
+one projection each (``q_proj``, ``k_proj``, ``v_proj``, ``g_proj`` for the output gate, ``b_proj``, ``a_proj``),
+whose convolution taps are split at load into q's, k's and v's (a depthwise convolution is one per channel), each
+then carrying a state of its own. The depthwise convolution's weight is stored ``[C, 1, K]`` by transformers and
+``[C, K, 1]`` by mlx-lm.
 """
 
 from __future__ import annotations
@@ -18,6 +22,37 @@ from ferrum.recurrent.state import StateShapes
 MODULE = "linear_attn"
 #: The input projections the model reads, in the order their outputs are used.
 INPUTS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+#: ...in OLMo Hybrid's layout (``GatedDeltaSpec.separate``), and the taps each of q, k and v is convolved with.
+SEPARATE_INPUTS = ("q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj")
+SEPARATE_TAPS = ("q_conv1d", "k_conv1d", "v_conv1d")
+
+
+def convolve_each(ops: Any, parts: tuple[Any, ...], taps: tuple[Any, ...], states: tuple[Any, ...],
+                  cu_seqlens: np.ndarray) -> tuple[list[Any], list[Any]]:
+    """Each of ``parts`` through its own SiLU-activated depthwise convolution from its own state: the outputs, the
+    new states."""
+    done = [ops.causal_conv1d(x, w, state, cu_seqlens, True) for x, w, state in zip(parts, taps, states)]
+    return [y for y, _ in done], [state for _, state in done]
+
+
+def joined_taps(name: str, present: Any) -> tuple[str, ...] | None:
+    """Where checkpoint names ``present`` hold Gated DeltaNet taps ``name`` (``linear_attn.conv1d.weight``) cut in
+    three, ``q_conv1d``, ``k_conv1d`` and ``v_conv1d`` (OLMo Hybrid's release, and transformers' save of it, which
+    cuts them in three equal parts whatever q's, k's and v's widths), their names, to be joined in that order."""
+    if not name.endswith(f".{MODULE}.conv1d.weight") or name in present:
+        return None
+    parts = tuple(name.replace(".conv1d.", f".{taps}.") for taps in SEPARATE_TAPS)
+    return parts if all(part in present for part in parts) else None
+
+
+def gated_delta_rule(ops: Any, extended: bool) -> Any:
+    """The ``gated_delta_rule`` to call: the plugin's own, or, where ``extended`` (API 1.20's per-key-channel gate or
+    ``beta_scale``) and the plugin does not declare 1.20 with ``beta_scale`` taken, the core's fallback."""
+    from ferrum.backends import declared_version  # imported here: ferrum.backends loads the plugins
+
+    if extended and not (declared_version(ops.info) >= (1, 20) and ops.accepts("gated_delta_rule", "beta_scale")):
+        return ops.fallback["gated_delta_rule"]
+    return ops.gated_delta_rule
 
 
 @dataclass(frozen=True)
@@ -31,6 +66,9 @@ class GatedDeltaSpec:
     conv_kernel: int
     grouped: bool = False  # Qwen3-Next's in_proj_qkvz / in_proj_ba, grouped per key head
     conv_last: bool = False  # mlx-lm's conv1d weight [C, K, 1] (transformers': [C, 1, K])
+    separate: bool = False  # OLMo Hybrid's projections (SEPARATE_INPUTS), its output norm o_norm, out o_proj
+    beta_scale: float = 1.0  # OLMo Hybrid's allow_neg_eigval: beta = 2 * sigmoid(b)
+    norm_eps: float | None = None  # the gated norm's epsilon where not rms_norm_eps (OLMo Hybrid's: FLA's 1e-5)
 
     module = MODULE
     title = "Gated DeltaNet"  # what error messages call the mixer
@@ -50,6 +88,13 @@ class GatedDeltaSpec:
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """A layer's tensors as stored, relative to the layer."""
         m, hv = MODULE, self.num_v_heads
+        if self.separate:
+            kd, vd = self.key_dim, self.value_dim
+            sizes = dict(zip(SEPARATE_INPUTS, (kd, kd, vd, vd, hv, hv)))
+            inputs = {f"{m}.{name}.weight": (rows, hidden) for name, rows in sizes.items()}
+            conv = (self.conv_dim, self.conv_kernel, 1) if self.conv_last else (self.conv_dim, 1, self.conv_kernel)
+            return {**inputs, f"{m}.conv1d.weight": conv, f"{m}.dt_bias": (hv,), f"{m}.A_log": (hv,),
+                    f"{m}.o_norm.weight": (self.head_v_dim,), f"{m}.o_proj.weight": (hidden, self.value_dim)}
         if self.grouped:
             inputs = {f"{m}.in_proj_qkvz.weight": (self.conv_dim + self.value_dim, hidden),
                       f"{m}.in_proj_ba.weight": (2 * hv, hidden)}
@@ -64,7 +109,12 @@ class GatedDeltaSpec:
     def split(self, name: str, tensor: Any, take_rows: Callable[[Any, np.ndarray], Any]) -> list[tuple[str, Any]]:
         """One stored tensor -> the model's: grouped projections ungrouped, the convolution's weight ``[C, K]``."""
         if name.endswith(".conv1d.weight"):
-            return [(name, np.ascontiguousarray(np.asarray(tensor).reshape(self.conv_dim, self.conv_kernel)))]
+            taps = np.ascontiguousarray(np.asarray(tensor).reshape(self.conv_dim, self.conv_kernel))
+            if not self.separate:
+                return [(name, taps)]
+            bounds = np.cumsum([0, self.key_dim, self.key_dim, self.value_dim])
+            return [(name.replace(".conv1d.", f".{part}."), np.ascontiguousarray(taps[lo:hi]))
+                    for part, lo, hi in zip(SEPARATE_TAPS, bounds[:-1], bounds[1:])]
         r, dk, dv = self.num_v_heads // self.num_k_heads, self.head_k_dim, self.head_v_dim
         if ".in_proj_qkvz." in name:  # per key head: q (dk), k (dk), v (r * dv), z (r * dv)
             rows = np.arange(self.conv_dim + self.value_dim).reshape(self.num_k_heads, 2 * dk + 2 * r * dv)
@@ -79,8 +129,10 @@ class GatedDeltaSpec:
         return [(name, tensor)]
 
     def state_shapes(self, dtype: str) -> StateShapes:
-        """The convolution's last inputs (in the compute dtype) and the recurrent matrix (float32)."""
-        return (((self.conv_dim, self.conv_kernel - 1), dtype),
+        """The convolution's last inputs (in the compute dtype; q's, k's and v's apart in the separate layout) and the
+        recurrent matrix (float32)."""
+        widths = (self.key_dim, self.key_dim, self.value_dim) if self.separate else (self.conv_dim,)
+        return (*(((width, self.conv_kernel - 1), dtype) for width in widths),
                 ((self.num_v_heads, self.head_k_dim, self.head_v_dim), "float32"))
 
     def layer(self, ops: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any], eps: float) -> Any:
@@ -93,33 +145,38 @@ class GatedDeltaLayer:
 
     def __init__(self, spec: GatedDeltaSpec, ops: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any],
                  eps: float):
-        self.spec, self.ops, self.eps = spec, ops, eps
-        self.inputs = [projection(f"{MODULE}.{name}") for name in INPUTS]
-        self.out = projection(f"{MODULE}.out_proj")
-        self.conv = tensor(f"{MODULE}.conv1d.weight")
+        self.spec, self.ops, self.eps = spec, ops, eps if spec.norm_eps is None else spec.norm_eps
+        separate = spec.separate
+        self.inputs = [projection(f"{MODULE}.{name}") for name in (SEPARATE_INPUTS if separate else INPUTS)]
+        self.out = projection(f"{MODULE}.{'o_proj' if separate else 'out_proj'}")
+        self.taps = tuple(tensor(f"{MODULE}.{name}.weight") for name in (SEPARATE_TAPS if separate else ("conv1d",)))
         self.a_log, self.dt_bias = tensor(f"{MODULE}.A_log"), tensor(f"{MODULE}.dt_bias")
-        self.norm = tensor(f"{MODULE}.norm.weight")
+        self.norm = tensor(f"{MODULE}.{'o_norm' if separate else 'norm'}.weight")
+        self.extended = spec.beta_scale != 1.0
 
     def projections(self) -> list[Any]:
         return [*self.inputs, self.out]
 
     def project(self, x: Any) -> tuple[Any, ...]:
-        """``x -> (qkv, b, a, z)``: the convolution's input, the gates' inputs, the output gate."""
-        qkv, z, b, a = (p(x) for p in self.inputs)
-        return qkv, b, a, z
+        """``x -> (qkv, b, a, z)``: the convolution's input (q, k and v apart in the separate layout), the gates'
+        inputs, the output gate."""
+        *qkv, z, b, a = (p(x) for p in self.inputs)
+        return *qkv, b, a, z
 
     def mix(self, inputs: tuple[Any, ...], states: tuple[Any, Any], cu_seqlens: np.ndarray) -> tuple[Any, tuple, tuple]:
         """The recurrent part over a batch: ``(core [T, Hv, Dv], (z,), new states)``; the given states are not
         changed."""
         ops, s = self.ops, self.spec
-        qkv, b, a, z = inputs
-        mixed, conv_state = ops.causal_conv1d(qkv, self.conv, states[0], cu_seqlens, True)
-        q, k, v = ops.split(mixed, (s.key_dim, s.key_dim, s.value_dim))
+        *qkv, b, a, z = inputs
+        mixed, conv_states = convolve_each(ops, tuple(qkv), self.taps, states[:-1], cu_seqlens)
+        q, k, v = mixed if s.separate else ops.split(mixed[0], (s.key_dim, s.key_dim, s.value_dim))
         q = ops.reshape(q, (-1, s.num_k_heads, s.head_k_dim))
         k = ops.reshape(k, (-1, s.num_k_heads, s.head_k_dim))
         v = ops.reshape(v, (-1, s.num_v_heads, s.head_v_dim))
-        core, recurrent = ops.gated_delta_rule(q, k, v, a, b, self.a_log, self.dt_bias, states[1], cu_seqlens)
-        return core, (z,), (conv_state, recurrent)
+        rule = gated_delta_rule(ops, self.extended)
+        args = (q, k, v, a, b, self.a_log, self.dt_bias, states[-1], cu_seqlens)
+        core, recurrent = rule(*args, s.beta_scale) if self.extended else rule(*args)
+        return core, (z,), (*conv_states, recurrent)
 
     def output(self, core: Any, z: Any) -> Any:
         """RMSNorm of each head's output (a weight of its own, no offset), times SiLU of its gate, projected."""

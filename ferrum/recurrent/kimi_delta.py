@@ -1,0 +1,112 @@
+"""Kimi Delta Attention (Kimi Linear's "linear_attention" layers, transformers' ``KimiLinearDeltaAttention``): the
+tensors it stores, their layout at load, and one layer's work around its recurrent ops.
+
+Gated DeltaNet with a decay per key channel rather than per head: ``H`` heads of ``D`` dims for queries, keys and
+values alike; ``q_proj``, ``k_proj``, ``v_proj`` each through a SiLU-activated short convolution of its own
+(``q_conv1d`` ...); the decay's input ``f_b_proj(f_a_proj(x))`` ``[H, D]`` with ``dt_bias [H * D]`` and ``A_log``
+(one per head, stored ``[1, 1, H, 1]``), ``beta = sigmoid(b_proj(x))``, run by API 1.20's ``gated_delta_rule``
+(:func:`ferrum.recurrent.gated_delta.gated_delta_rule`); each head's output RMS-normed (``o_norm``) times the sigmoid
+of ``g_b_proj(g_a_proj(x))``, then ``o_proj``. Its module is the layer's ``self_attn``, as the full-attention layers'
+is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ferrum.recurrent.gated_delta import SEPARATE_TAPS, convolve_each, gated_delta_rule
+from ferrum.recurrent.state import StateShapes
+
+MODULE = "self_attn"
+#: The input projections the model reads, in the order :meth:`KimiDeltaLayer.project` returns them.
+INPUTS = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class KimiDeltaSpec:
+    """The sizes of a model's Kimi Delta Attention layers (linear_attn_config's num_heads, head_dim,
+    short_conv_kernel_size)."""
+
+    heads: int
+    head_dim: int
+    conv_kernel: int
+
+    module = MODULE
+    title = "Kimi Delta Attention"  # what error messages call the mixer
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+    def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
+        """A layer's tensors as stored, relative to the layer."""
+        m, w, d, h = MODULE, self.width, self.head_dim, self.heads
+        return {**{f"{m}.{name}.weight": (w, hidden) for name in INPUTS},
+                **{f"{m}.{name}.weight": (w, 1, self.conv_kernel) for name in SEPARATE_TAPS},
+                f"{m}.f_a_proj.weight": (d, hidden), f"{m}.f_b_proj.weight": (w, d), f"{m}.b_proj.weight": (h, hidden),
+                f"{m}.g_a_proj.weight": (d, hidden), f"{m}.g_b_proj.weight": (w, d), f"{m}.A_log": (1, 1, h, 1),
+                f"{m}.dt_bias": (w,), f"{m}.o_norm.weight": (d,), f"{m}.o_proj.weight": (hidden, w)}
+
+    def split(self, name: str, tensor: Any, take_rows: Callable[[Any, np.ndarray], Any]) -> list[tuple[str, Any]]:
+        """The taps ``[C, K]``, ``A_log [H]`` and ``dt_bias [H, D]`` as the ops read them; the projections as stored."""
+        shapes = {".A_log": (self.heads,), ".dt_bias": (self.heads, self.head_dim)}
+        shapes.update({f".{taps}.weight": (self.width, self.conv_kernel) for taps in SEPARATE_TAPS})
+        shape = next((shape for end, shape in shapes.items() if name.endswith(end)), None)
+        if shape is None:
+            return [(name, tensor)]
+        return [(name, np.ascontiguousarray(np.asarray(tensor).reshape(shape)))]
+
+    def state_shapes(self, dtype: str) -> StateShapes:
+        """q's, k's and v's convolutions' last inputs (in the compute dtype), and the recurrent matrix (float32)."""
+        return (*(((self.width, self.conv_kernel - 1), dtype),) * 3,
+                ((self.heads, self.head_dim, self.head_dim), "float32"))
+
+    def layer(self, ops: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any],
+              eps: float) -> KimiDeltaLayer:
+        return KimiDeltaLayer(self, ops, tensor, projection, eps)
+
+
+class KimiDeltaLayer:
+    """One layer's placed weights and its three steps: projections (compilable), the convolutions and the delta rule
+    over the batch's states, the gated norm and output projection (compilable)."""
+
+    def __init__(self, spec: KimiDeltaSpec, ops: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any],
+                 eps: float):
+        from ferrum.arch.tensors import projection_group  # imported here: ferrum.arch reads the mixers' specs
+
+        self.spec, self.ops, self.eps = spec, ops, eps
+        # q, k and v read the same input: one matrix where the loader fused them (``self_attn.qkv_proj``)
+        self.qkv = projection_group(ops, tensor, projection, f"{MODULE}.qkv_proj", (spec.width,) * 3)
+        self.f_a, self.f_b = projection(f"{MODULE}.f_a_proj"), projection(f"{MODULE}.f_b_proj")
+        self.g_a, self.g_b = projection(f"{MODULE}.g_a_proj"), projection(f"{MODULE}.g_b_proj")
+        self.b, self.out = projection(f"{MODULE}.b_proj"), projection(f"{MODULE}.o_proj")
+        self.taps = tuple(tensor(f"{MODULE}.{name}.weight") for name in SEPARATE_TAPS)
+        self.a_log, self.dt_bias = tensor(f"{MODULE}.A_log"), tensor(f"{MODULE}.dt_bias")
+        self.norm = tensor(f"{MODULE}.o_norm.weight")
+
+    def projections(self) -> list[Any]:
+        return [*self.qkv.linears, self.f_a, self.f_b, self.g_a, self.g_b, self.b, self.out]
+
+    def project(self, x: Any) -> tuple[Any, ...]:
+        """``x -> (q, k, v, f, b, g)``: the convolutions' inputs, the decay's and beta's inputs, the output gate."""
+        return (*self.qkv(x), self.f_b(self.f_a(x)), self.b(x), self.g_b(self.g_a(x)))
+
+    def mix(self, inputs: tuple[Any, ...], states: tuple[Any, ...],
+            cu_seqlens: np.ndarray) -> tuple[Any, tuple[Any, ...], tuple[Any, ...]]:
+        """``(core [T, H, D], (g,), new states)`` over a batch; the given states are not changed."""
+        ops, heads, dim = self.ops, self.spec.heads, self.spec.head_dim
+        q, k, v, f, b, g = inputs
+        mixed, conv_states = convolve_each(ops, (q, k, v), self.taps, states[:3], cu_seqlens)
+        q, k, v, f = (ops.reshape(t, (-1, heads, dim)) for t in (*mixed, f))
+        core, recurrent = gated_delta_rule(ops, True)(q, k, v, f, b, self.a_log, self.dt_bias, states[3], cu_seqlens)
+        return core, (g,), (*conv_states, recurrent)
+
+    def output(self, core: Any, g: Any) -> Any:
+        """Each head's output RMS-normed (a weight of its own), times the sigmoid of its gate, projected."""
+        ops, dim = self.ops, self.spec.head_dim
+        normed = ops.rms_norm(ops.reshape(core, (-1, dim)), self.norm, self.eps)
+        gated = ops.sigmoid_mul(ops.reshape(g, (-1, dim)), normed)
+        return self.out(ops.reshape(gated, (-1, self.spec.width)))
