@@ -193,8 +193,10 @@ def conv1d_oracle(x: np.ndarray, weight: np.ndarray, state: np.ndarray, cu: np.n
     return (y / (1.0 + np.exp(-y)) if silu else y), new_state
 
 
-def gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, cu) -> tuple[np.ndarray, np.ndarray]:
-    """``ferrum.hookspec.gated_delta_rule`` in float64, head by head with matrix products."""
+def gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, cu, beta_scale: float = 1.0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``ferrum.hookspec.gated_delta_rule`` in float64, head by head with matrix products (API 1.20's gate per key
+    channel where ``a`` is ``[T, H, Dk]``, one decay per row of the head's state)."""
     q, k, v, a, b, a_log, dt_bias, state = (np.asarray(t, dtype=np.float64)
                                             for t in (q, k, v, a, b, a_log, dt_bias, state))
     group = v.shape[1] // q.shape[1]
@@ -205,9 +207,9 @@ def gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, cu) -> tuple[np.nda
                 qh, kh = q[t, h // group], k[t, h // group]
                 qh = qh / np.sqrt(qh @ qh + 1e-6) / np.sqrt(len(qh))
                 kh = kh / np.sqrt(kh @ kh + 1e-6)
-                g = -np.exp(a_log[h]) * np.log1p(np.exp(a[t, h] + dt_bias[h]))
-                beta = 1.0 / (1.0 + np.exp(-b[t, h]))
-                S = new_state[s, h] * np.exp(g)
+                g = -np.exp(a_log[h]) * np.log1p(np.exp(a[t, h] + dt_bias[h]))  # a number, or one per key channel
+                beta = beta_scale / (1.0 + np.exp(-b[t, h]))
+                S = new_state[s, h] * np.exp(g)[..., None]
                 S = S + np.outer(kh, (v[t, h] - kh @ S) * beta)
                 new_state[s, h] = S
                 out[t, h] = qh @ S
@@ -243,6 +245,30 @@ def check_gated_delta_rule(c: Any, tol: float) -> float:
     out, new_state = c.ops.gated_delta_rule(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32, _SEGMENTS)
     assert np.array_equal(c.get(f32[2]), state), "gated_delta_rule changed the state it was given"
     want_out, want_state = gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, _SEGMENTS)
+    return max(_compare(c.get(out), want_out, tol), _compare(c.get(new_state), want_state, tol))
+
+
+#: Segments of which one spans more than a chunk of the batched rule (ferrum.recurrent.batched.CHUNK).
+_LONG_SEGMENTS = np.array([0, 3, 4, 27], dtype=np.int32)
+
+
+def check_gated_delta_rule_per_channel(c: Any, tol: float) -> float:
+    """API 1.20: a decay per key channel (Kimi Delta Attention's; from slow to fast, one head's channels apart) and
+    ``beta_scale`` 2 (OLMo Hybrid's), one segment chunked, through the rule the model calls (the plugin's where it
+    declares 1.20, else the core's fallback); the float32 state given is left as it was."""
+    from ferrum.recurrent.gated_delta import gated_delta_rule
+
+    heads, dk, dv, n = 3, 8, 6, int(_LONG_SEGMENTS[-1])
+    q, k, v = (c.rounded(c.random(n, heads, d)) for d in (dk, dk, dv))
+    a, b = c.rounded(c.random(n, heads, dk) * 2), c.rounded(c.random(n, heads))
+    a_log = np.log(np.array([0.05, 0.5, 2.0], dtype=np.float32))
+    dt_bias = np.linspace(-1.5, 1.5, heads * dk, dtype=np.float32).reshape(heads, dk)
+    state = c.random(len(_LONG_SEGMENTS) - 1, heads, dk, dv) * 0.5
+    f32 = [c.ops.from_numpy(t.copy(), "float32") for t in (a_log, dt_bias, state)]
+    out, new_state = gated_delta_rule(c.ops, True)(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32,
+                                                   _LONG_SEGMENTS, 2.0)
+    assert np.array_equal(c.get(f32[2]), state), "gated_delta_rule changed the state it was given"
+    want_out, want_state = gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, _LONG_SEGMENTS, 2.0)
     return max(_compare(c.get(out), want_out, tol), _compare(c.get(new_state), want_state, tol))
 
 
@@ -376,6 +402,10 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
     def source(op: str) -> str:
         return "native" if op in ops.native else "core fallback"
 
+    from ferrum.recurrent.gated_delta import gated_delta_rule  # the rule the model calls for API 1.20's features
+
+    native_rule = "gated_delta_rule" in ops.native and gated_delta_rule(ops, True) is ops.gated_delta_rule
+    extended_rule = "native" if native_rule else "core fallback"
     paged = "paged_attention" if "paged_attention" in ops.native else "attention"
     softcap = ops.accepts(paged, "softcap") and ops.accepts("attention", "softcap")
     sinks = ops.accepts(paged, "sinks") and ops.accepts("attention", "sinks")
@@ -390,6 +420,8 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"sigmoid_mul ({source('sigmoid_mul')})", lambda: check_sigmoid_mul(c, tol), tol),
         (f"causal_conv1d ({source('causal_conv1d')})", lambda: check_causal_conv1d(c, tol), tol),
         (f"gated_delta_rule ({source('gated_delta_rule')})", lambda: check_gated_delta_rule(c, tol), tol),
+        (f"gated_delta_rule, per key channel and beta_scale ({extended_rule})",
+         lambda: check_gated_delta_rule_per_channel(c, tol), tol),
         (f"ssd_update ({source('ssd_update')})", lambda: check_ssd_update(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),
