@@ -1363,8 +1363,8 @@ _OLMO_HYBRID_STORED = {"input_layernorm": "attention_layer_norm", "post_attentio
 
 def _olmo_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
     """AllenAI's OLMo Hybrid (transformers' OlmoHybrid): OLMo 3's full-attention layers (q/k normed over their whole
-    projections, norms after attention and the MLP, rope only where rope_parameters gives a rope_theta: the releases
-    give none) between Gated DeltaNet layers with one projection each and Llama's norms, whose ``beta`` is doubled
+    projections, norms after attention and the MLP, no rope where rope_parameters' rope_theta is null, as in the
+    releases) between Gated DeltaNet layers with one projection each and Llama's norms, whose ``beta`` is doubled
     where linear_allow_neg_eigval and whose gated output norm has FLA's epsilon, 1e-5."""
     types = r("layer_types")
     if types is None:  # transformers' default: every fourth layer attends, the last at least
@@ -1374,8 +1374,10 @@ def _olmo_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
         r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
     r("hidden_act")
     key, spec = _rope_spec(r)
-    rope = (read_rope(r, sizes, spec, key, _LLAMA_ROPES) if spec.get("rope_theta") is not None
-            else Rope.unrotated(sizes.head_dim))
+    params = r("rope_parameters")  # transformers skips rope only where it says rope_theta null (its default: 10000)
+    nope = isinstance(params, dict) and "rope_theta" in params and params["rope_theta"] is None
+    rope = Rope.unrotated(sizes.head_dim) if nope else read_rope(r, sizes, spec, key, _LLAMA_ROPES,
+                                                                 theta_default=10000.0)
     k_heads, v_heads = r("linear_num_key_heads") or sizes.num_heads, r("linear_num_value_heads") or sizes.num_heads
     if v_heads % k_heads:
         r.fail("linear_num_value_heads", f"({v_heads}) must be a multiple of linear_num_key_heads ({k_heads})")

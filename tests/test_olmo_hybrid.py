@@ -1,0 +1,111 @@
+"""OLMo Hybrid (``olmo_hybrid``): OLMo 3's attention layers (norms after attention and MLP; rope, or none as released)
+between Gated DeltaNet layers (Llama's norms, one projection each, beta doubled), against transformers on every
+runnable backend; the engine's batching, chunking and preemption; the release's norm names."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from ferrum.engine import Engine, EngineConfig
+from ferrum.executor import LlmExecutor
+from ferrum.model import DecoderOnlyLLM
+from support import (
+    assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
+    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, built_checkpoints, reference_logits,
+    runnable_backends, scaled_error, staggered_greedy_workload,
+)
+
+BACKENDS = runnable_backends()
+VOCAB = 300
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=21)]
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+              linear_value_head_dim=12, max_position_embeddings=256, pad_token_id=None, eos_token_id=1,
+              layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"])
+MODELS = {
+    "rope": lambda: transformers.OlmoHybridConfig(**COMMON),
+    "nope": lambda: transformers.OlmoHybridConfig(**COMMON, linear_allow_neg_eigval=False,
+                                                  rope_parameters={"rope_type": "default", "rope_theta": None}),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return built_checkpoints(tmp_path_factory, MODELS, VOCAB)
+
+
+def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
+    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
+
+
+def test_reads_layer_kinds_norms_and_the_gated_delta_variant(checkpoints):
+    arch = load(checkpoints["rope"][0]).config.arch
+    assert [s.mixer for s in arch.layers] == ["gated_delta", "attention", "gated_delta", "gated_delta"]
+    assert arch.layers[1].block_norms(arch) == {"post_attn": "post_attention_layernorm",
+                                                "post_mlp": "post_feedforward_layernorm"}
+    assert arch.layers[0].block_norms(arch)["pre_attn"] == "input_layernorm"
+    assert arch.gated_delta.separate and arch.gated_delta.beta_scale == 2.0 and arch.layers[1].rope.rotary_dim == 16
+    nope = load(checkpoints["nope"][0]).config.arch
+    assert nope.layers[1].rope.rotary_dim == 0 and nope.gated_delta.beta_scale == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", MODELS)
+def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
+    folder, hf = checkpoints[variant]
+    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+
+
+def test_the_doubled_beta_matters(checkpoints):
+    """Run without its beta_scale, the rope variant misses transformers: the check above can fail."""
+    folder, hf = checkpoints["rope"]
+    model = load(folder)
+    for layer in model.layers:
+        if layer.recurrent is not None:
+            layer.recurrent.extended = False
+    assert scaled_error(model.forward_verify("b", TOKENS), reference_logits(hf, TOKENS)) > 1e-3
+
+
+def test_a_failed_pass_leaves_every_state_as_it_was(checkpoints, monkeypatch):
+    folder, hf = checkpoints["nope"]
+    assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "causal_conv1d", monkeypatch)
+
+
+def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
+    folder, hf = checkpoints["rope"]
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
+    folder, hf = checkpoints["rope"]
+
+    def engine(**settings) -> Engine:
+        return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None,
+                      EngineConfig(**settings))
+
+    assert_engine_keeps_greedy_tokens(engine, hf, staggered_greedy_workload(VOCAB))
+
+
+def test_transformers_names_of_the_norms_load_too(checkpoints, tmp_path):
+    """transformers 5 saves OLMo-core's norm names (attention_layer_norm, feedforward_layer_norm) and the taps cut in
+    three equal parts; a checkpoint under transformers' in-memory names (input_layernorm, post_attention_layernorm,
+    one conv1d) runs the same."""
+    folder, hf = checkpoints["rope"]
+    copy = shutil.copytree(folder, tmp_path / "renamed")
+    stored = load_file(copy / "model.safetensors")
+    assert {"model.layers.0.attention_layer_norm.weight", "model.layers.0.linear_attn.q_conv1d.weight"} <= set(stored)
+    renamed = {}
+    for name, array in stored.items():
+        name = name.replace("attention_layer_norm", "input_layernorm")
+        renamed[name.replace("feedforward_layer_norm", "post_attention_layernorm")] = array
+    for layer in (0, 2, 3):
+        stem = f"model.layers.{layer}.linear_attn."
+        renamed[f"{stem}conv1d.weight"] = np.concatenate([renamed.pop(f"{stem}{p}_conv1d.weight") for p in "qkv"])
+    save_file(renamed, copy / "model.safetensors", metadata={"format": "pt"})
+    assert scaled_error(load(copy).forward_verify("n", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
