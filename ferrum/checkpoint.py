@@ -20,8 +20,10 @@ from ferrum.errors import CheckpointError, FerrumError, MissingTensorError
 
 INDEX_FILE = "model.safetensors.index.json"
 #: Modules of a multimodal checkpoint that are not its text model, which is all Ferrum runs (Qwen2-VL's
-#: ``visual.*`` beside its ``model.*``, Gemma 3's ``vision_tower``, projectors, audio towers).
-NOT_TEXT = re.compile(r"(?:^|\.)(?:vision\w*|visual|audio\w*|\w*multi_modal_projector|mm_projector|image\w*)\.")
+#: ``visual.*`` beside its ``model.*``, Gemma 3's ``vision_tower``, projectors, audio towers, Gemma 3n's
+#: ``embed_vision`` / ``embed_audio``).
+NOT_TEXT = re.compile(
+    r"(?:^|\.)(?:vision\w*|visual|audio\w*|\w*multi_modal_projector|mm_projector|image\w*|embed_(?:vision|audio))\.")
 
 #: safetensors dtype codes and their element sizes.
 SAFETENSORS_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F8_E4M3": 1,

@@ -158,8 +158,10 @@ class Attention(MixerKind):
     def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
         """Rotate and scale the queries where that depends on the batch, write K/V, narrow the pass to its kept
         rows at the last KV write, attend (within chunks where the layer attends in chunks)."""
-        q, *rest = projected  # q, then k and v where the layer computes its own, then the output gate if any
-        kv, gate = (rest[:2], rest[2:]) if run.specs[index].kv_source is None else ([], rest)
+        # q, then k and v where the layer computes its own, then what the second half takes besides: the output gate
+        # if any, Gemma 3n's other predictions and Laurel's output (ferrum.arch.altup)
+        q, *rest = projected
+        kv, extra = (rest[:2], rest[2:]) if run.specs[index].kv_source is None else ([], rest)
         rotate = run.ropes.get(layer.rope)
         if rotate is not None:
             q, kv = rotate(q), kv and [rotate(kv[0]), kv[1]]
@@ -172,11 +174,11 @@ class Attention(MixerKind):
         if index == run.last_write and run.kept is not None:
             keep = run.narrow(index)
             q, h = ops.take_rows(q, keep), ops.take_rows(h, keep)
-            gate = [ops.take_rows(g, keep) for g in gate]
+            extra = [ops.take_rows(x, keep) for x in extra]
         attended = run.narrowed if layer.chunk is None else self._chunked(run, layer.chunk)
         attn = ops.paged_attention(q, run.pool, layer.kv_layer, attended, layer.scale, layer.window, run.softcap,
                                    layer.sinks)
-        return attn, tuple(gate), h
+        return attn, tuple(extra), h
 
     @staticmethod
     def _chunked(run: Any, chunk: int) -> Any:

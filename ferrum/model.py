@@ -21,6 +21,7 @@ import numpy as np
 
 from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
+from ferrum.arch.altup import OUTPUT_SCALE, AltUpLayer, AltUpStream, block_halves as altup_halves
 from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE, PerLayerEmbedding, PerLayerMix
@@ -90,7 +91,7 @@ class _Layer:
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale", "sinks", "chunk", "query_scaling", "v_norm", "qk_eps", "scalar",
-                 "mixer", "gate", "recurrent", "kv_layer", "per_layer")
+                 "mixer", "gate", "recurrent", "kv_layer", "per_layer", "altup")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -256,6 +257,10 @@ class DecoderOnlyLLM:
         self._ones: dict[int, Any] = {}  # size -> the weight of ones of weightless RMSNorms, placed once
         #: Gemma 4 E2B / E4B's per-layer inputs (ferrum.arch.per_layer), or None.
         self.per_layer = None if arch.per_layer_inputs is None else PerLayerEmbedding(ops, config, weights)
+        #: Gemma 3n's ends of its stream of copies (ferrum.arch.altup), or None.
+        self.altup = None if arch.altup is None else AltUpStream(
+            ops, arch.altup, config.hidden_size, dtype, lambda name: weights[arch.prefix + name].weight,
+            lambda module: Linear(weights[f"{arch.prefix}{module}.weight"]))
         self.final_norm = _norm_weights(weights, f"{arch.prefix}norm") if arch.norm_params else self._weightless()
         #: nanochat's norm of the embeddings before the first block (weightless), or None.
         self.embed_norm = self._weightless() if arch.embed_norm else None
@@ -355,7 +360,7 @@ class DecoderOnlyLLM:
                     # biases, norms and sinks are used as they are, never laid out for products (a 2-D norm too);
                     # a float32 vector too (a router's correction bias); a packed matrix keeps its compute dtype
                     float32 = part.endswith(config.arch.keep_float32) and isinstance(array, np.ndarray)
-                    as_is = (part.endswith((".bias", ".sinks", ".layer_scalar")) or is_norm(part)
+                    as_is = (part.endswith((".bias", ".sinks", ".layer_scalar", OUTPUT_SCALE)) or is_norm(part)
                              or float32 and (array.ndim == 1 or not part.endswith(".weight"))  # Kimi's dt_bias
                              or ".act_fn." in part  # xIELU's learned values (Apertus)
                              or part.endswith("conv1d.weight"))  # a depthwise convolution's taps (q_conv1d...)
@@ -419,6 +424,8 @@ class DecoderOnlyLLM:
             kv_layer=self.kv_layers[i],
             per_layer=None if arch.per_layer_inputs is None else PerLayerMix(
                 self.ops, projection, tensor, getattr(self.ops, ACTIVATION_OPS[arch.activation]), config.rms_norm_eps),
+            altup=None if arch.altup is None else AltUpLayer(
+                self.ops, arch.altup, config.hidden_size, config.rms_norm_eps, self.dtype, tensor, projection),
         )
 
     def _weightless(self) -> tuple[Any, Any]:
@@ -435,16 +442,19 @@ class DecoderOnlyLLM:
         return self._ones[size]
 
     def _block_halves(self, layer: _Layer, first: bool) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
-        """``enter(h[, residual], positions) -> (*projected, h)`` (the first block has no residual to add) and
-        ``leave(mixed, h, *extra[, inputs]) -> (residual, h)``: pure functions of backend arrays, so a backend may
-        compile them (``compile_fn``). What ``enter`` projects from the normed input, how ``leave`` takes the mixer's
-        output ``mixed`` (and ``extra``, what its output takes besides) and which second half the block has are its
-        mixer kind's (:data:`ferrum.mixers.MIXER_KINDS`); the layer's per-layer inputs (Gemma 4 E2B / E4B) come
-        last."""
+        """``enter(*stream, positions) -> (*projected, h)`` and ``leave(mixed, h, *extra[, inputs]) -> stream``:
+        pure functions of backend arrays, so a backend may compile them (``compile_fn``). The stream between blocks
+        is ``(residual, h)``, the first block's ``(h,)`` (no residual to add yet), or Gemma 3n's copies
+        (:func:`ferrum.arch.altup.block_halves`). What ``enter`` projects from the normed input, how ``leave`` takes
+        the mixer's output ``mixed`` (and ``extra``, what its output takes besides) and which second half the block
+        has are its mixer kind's (:data:`ferrum.mixers.MIXER_KINDS`); the layer's per-layer inputs (Gemma 4 and 3n
+        E2B / E4B) come last."""
         ops, cfg = self.ops, self.config
         kind = MIXER_KINDS[layer.mixer]
         norm, add_norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)
         project, mixer_out = kind.project(self, layer), kind.output(self, layer)
+        if layer.altup is not None:
+            return altup_halves(self, layer, project, mixer_out, norm)
         scalar, mix = layer.scalar, layer.per_layer
 
         def add_then_norm(x: Any, h: Any, weights: Any) -> tuple[Any, Any]:
@@ -457,7 +467,7 @@ class DecoderOnlyLLM:
         def enter_first(h: Any, positions: Any) -> tuple:
             return project(h if layer.pre_attn is None else norm(h, layer.pre_attn), h, positions)
 
-        def enter(h: Any, residual: Any, positions: Any) -> tuple:
+        def enter(residual: Any, h: Any, positions: Any) -> tuple:
             return project(*add_then_norm(residual, h, layer.pre_attn), positions)
 
         def mixer_then_mlp(mixed: Any, h: Any, *rest: Any) -> tuple:
@@ -487,14 +497,20 @@ class DecoderOnlyLLM:
         return enter_first if first else enter, ends[kind.ends(cfg.arch)]
 
     def _final_norm_fn(self) -> Callable[[Any, Any], tuple]:
-        """``final_norm(residual, h) -> (normed,)`` after the last block: a pure function, compiled like the
+        """``final_norm(*stream) -> (normed,)`` after the last block: a pure function, compiled like the
         halves. The LM head stays outside, so logits, which outlive the pass, are never a buffer that a
         compiled call reuses (``compile_fn``)."""
-        ops = self.ops
+        ops, altup = self.ops, self.altup
         norm, _ = NORM_KINDS[self.config.arch.norm](ops, self.config.rms_norm_eps)
 
         def final_norm(residual: Any, h: Any) -> tuple:
             return (norm(ops.add(residual, h), self.final_norm),)
+
+        def final_altup(*stream: Any) -> tuple:  # Gemma 3n: the copies made one
+            return (norm(altup.narrow(stream), self.final_norm),)
+
+        if altup is not None:
+            return final_altup
 
         return final_norm
 
@@ -507,7 +523,9 @@ class DecoderOnlyLLM:
         mlps = [p for layer in self.layers if layer.mlp is not None for p in layer.mlp.projections()]
         per_layer = [] if self.per_layer is None else [self.per_layer.projection] + [
             p for layer in self.layers for p in (layer.per_layer.gate, layer.per_layer.projection)]
-        return attention + mlps + per_layer + [self.lm_head]
+        altup = [] if self.altup is None else self.altup.projections() + [
+            p for layer in self.layers for p in layer.altup.projections()]
+        return attention + mlps + per_layer + altup + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
         op = "paged_attention" if "paged_attention" in self.ops.native else "attention"
@@ -673,19 +691,20 @@ class DecoderOnlyLLM:
             [()] * len(self.layers) if self.per_layer is None else [(x,) for x in self.per_layer(ids, h)])
 
         steps = self._steps
-        residual = None  # output of the previous block, not yet added to h
+        # between blocks: (residual, h), the previous block's output not yet added to h; Gemma 3n's copies
+        stream = (h,) if self.altup is None else self.altup.widen(h)
         for index, layer in enumerate(self.layers):
             enter, leave = halves[index]
-            *projected, h = enter(h, run.positions) if residual is None else enter(h, residual, run.positions)
+            *projected, h = enter(*stream, run.positions)
             mixed, extra, h = steps[index](run, index, layer, tuple(projected), h)
-            residual, h = leave(mixed, h, *extra, *inputs[index])
+            stream = leave(mixed, h, *extra, *inputs[index])
 
         if not len(picks):
             return ForwardOutput(None, rows)
         if kept is None and len(picks) != batch.num_tokens:
             keep = ops.from_numpy(picks.astype(np.int32), None)
-            residual, h = ops.take_rows(residual, keep), ops.take_rows(h, keep)
-        logits = self.lm_head(final(residual, h)[0])
+            stream = tuple(ops.take_rows(x, keep) for x in stream)
+        logits = self.lm_head(final(*stream)[0])
         if arch.final_softcap is not None:
             logits = ops.softcap(logits, arch.final_softcap)
         return ForwardOutput(logits, rows)

@@ -14,6 +14,7 @@ from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int,
     optional_positive_number, optional_size, positive_int, positive_number, size,
 )
+from ferrum.arch.altup import AltUpSpec
 from ferrum.arch.mla import MlaSpec
 from ferrum.arch.per_layer import PerLayerInputs
 from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_factor
@@ -1108,6 +1109,63 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
         layer_scalar=True,
     )
     return gemma4_moe(r, arch) if r("enable_moe_block") else arch  # 26B-A4B: experts beside every dense MLP
+
+
+def _gemma3n_widths(r: KeyReader, sizes: Sizes) -> Sizes:
+    """Gemma 3n's intermediate_size, one for all layers or (as releases write it) one per layer: the model's is the
+    widest, each layer's its own (``LayerSpec.intermediate_size``, set by :func:`_gemma3n`)."""
+    widths = _gemma3n_list(r, "intermediate_size", sizes.num_layers, lambda w: not positive_int(w) and w <= 1 << 20)
+    return replace(sizes, intermediate_size=max(widths))
+
+
+def _gemma3n_list(r: KeyReader, key: str, layers: int, fits: Callable[[Any], bool]) -> list:
+    """A per-layer key of Gemma 3n: a list of one fitting value per layer, or one value for all."""
+    value = r(key)
+    values = value if isinstance(value, list) else [value] * layers
+    if len(values) != layers or not all(fits(v) for v in values):
+        r.fail(key, f"must give one value for all {layers} layers or a list of one per layer, got {value!r}")
+    return values
+
+
+def _gemma3n(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Gemma 3n's text decoder (gemma3n_text, and the text_config of the gemma3n wrapper): Gemma 4 E2B / E4B's
+    attention (plain ``w`` RMSNorms, q/k norms, a weightless v norm, q.k unscaled, the last num_kv_shared_layers
+    reading an earlier layer's keys and values) and per-layer inputs, on Gemma 3's ropes (rope_theta on full layers,
+    rope_local_base_freq on sliding ones; four sliding layers to one full unless layer_types says otherwise), with
+    AltUp's stream of copies and Laurel's residual (:mod:`ferrum.arch.altup`), a width per layer and the first
+    layers' MLP gates cut to their largest values (activation_sparsity_pattern, :mod:`ferrum.arch.rowwise`)."""
+    r("hidden_activation")
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if (i + 1) % 5 == 0 else SLIDING)
+    sliding_rope, full_rope = _gemma3_ropes(r, sizes)
+    sources = _gemma4_kv_sources(r, types)
+    layers = sizes.num_layers
+    widths = _gemma3n_list(r, "intermediate_size", layers, lambda w: True)
+    pattern = r("activation_sparsity_pattern")
+    if pattern is None:  # transformers' default: the first 10 layers of a model of more
+        pattern = [0.95 if i < 10 and layers > 10 else 0.0 for i in range(layers)]
+    if not isinstance(pattern, list) or len(pattern) != layers or not all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1 for p in pattern):
+        r.fail("activation_sparsity_pattern", f"must list {layers} sparsities in [0, 1), one per layer, got "
+                                              f"{pattern!r}")
+    copies, active = r("altup_num_inputs"), r("altup_active_idx")
+    if active >= copies:
+        r.fail("altup_active_idx", f"is {active}, but there are only {copies} AltUp copies (altup_num_inputs)")
+    return Architecture(
+        layers=tuple(LayerSpec(window if t == SLIDING else None, full_rope if t == FULL else sliding_rope,
+                               kv_source=source, gate_sparsity=float(sparsity),
+                               intermediate_size=None if width == sizes.intermediate_size else width)
+                     for t, source, width, sparsity in zip(types, sources, widths, pattern)),
+        per_layer_inputs=PerLayerInputs(r("hidden_size_per_layer_input"), r("vocab_size_per_layer_input")),
+        altup=AltUpSpec(copies, active, bool(r("altup_correct_scale")), r("altup_coef_clip"), r("laurel_rank")),
+        unloaded=_unread_shared_kv(sources),
+        norms=SANDWICH_NORMS,
+        activation="gelu_tanh",
+        embed_scale=math.sqrt(sizes.hidden_size),
+        attn_scale=1.0,
+        final_softcap=r("final_logit_softcapping"),
+        qk_norm="head",
+        v_norm=True,
+    )
 
 
 def _per_layer_vocab(r: KeyReader, sizes: Sizes) -> int:
@@ -2410,6 +2468,35 @@ FAMILIES: dict[str, Family] = {
         _gemma4,
         kv_heads=_gemma4_kv_heads,
         head_dim=_gemma4_head_dim,
+    ),
+    # Google's Gemma 3n (E2B / E4B); "gemma3n" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
+    "gemma3n_text": Family(
+        _keys(_core(True, 256), _core_defaults(
+            hidden_size=2048, num_hidden_layers=35, num_attention_heads=8, num_key_value_heads=2,
+            vocab_size=262_400, max_position_embeddings=32_768,
+        ), _ROPE, (
+            # one width for all layers, or one per layer (as releases write it): checked by _gemma3n_widths
+            Key("intermediate_size", default=16_384),
+            Key("rope_local_base_freq", default=10_000.0, check=optional_positive_number),
+            Key("hidden_activation", default="gelu_pytorch_tanh", check=one_of("gelu_pytorch_tanh", "gelu_tanh"),
+                unsupported=True),
+            Key("attention_bias", default=False, check=falsy("Gemma 3n releases have no attention biases"),
+                unsupported=True),
+            Key("sliding_window", default=512, check=optional_positive_int),
+            Key("layer_types"),
+            Key("final_logit_softcapping", default=30.0, check=optional_positive_number),
+            Key("hidden_size_per_layer_input", default=256, check=size(1 << 16)),
+            Key("vocab_size_per_layer_input", default=262_144, check=size(1 << 24)),
+            Key("num_kv_shared_layers", default=15, check=optional_non_negative_int),
+            Key("activation_sparsity_pattern"),
+            Key("altup_num_inputs", default=4, check=size(64)),
+            Key("altup_active_idx", default=0, check=optional_non_negative_int),
+            Key("altup_coef_clip", default=120.0, check=optional_positive_number),
+            Key("altup_correct_scale", default=True, check=boolean),
+            Key("laurel_rank", default=64, check=size(1 << 16)),
+        )),
+        _gemma3n,
+        sizes=_gemma3n_widths,
     ),
     "mixtral": Family(
         _keys(_core(False), _ROPE, _theta(1_000_000.0), _SILU, _WINDOW, MOE_KEYS["mixtral"]),

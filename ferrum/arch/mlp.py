@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
+from ferrum.arch.rowwise import gaussian_top_k
 from ferrum.moe.beside import DenseBesideMoe
 from ferrum.moe.kind import Moe
 from ferrum.reference_ops import dtype_name
@@ -129,6 +130,10 @@ class Dense:
 
         act = getattr(ops, ACTIVATION_OPS[config.arch.activation])
         inter = width(config, layer)
+        sparsity = config.arch.layers[layer].gate_sparsity
+        if sparsity:  # Gemma 3n: the gate cut to its largest values first, in the dtype its norms are placed in
+            dtype = dtype_name(tensor(f"{config.arch.norms['pre_mlp']}.weight"))
+            act = gaussian_top_k(ops, act, inter, sparsity, dtype)
         gate_up = projection_group(ops, tensor, linear, "mlp.gate_up_proj", (inter, inter))
         return GatedMLP(gate_up, linear("mlp.down_proj"), act)
 

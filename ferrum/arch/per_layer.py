@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from ferrum.weights import Placed
 
@@ -41,6 +43,15 @@ class PerLayerInputs:
         """The model's tensors (names under the decoder's prefix) and their shapes."""
         return {TABLE: (self.vocab, layers * self.size), MODEL_PROJECTION: (layers * self.size, hidden),
                 MODEL_NORM: (self.size,)}
+
+    def cover(self, table: Any, vocab: int, take_rows: Any) -> Any:
+        """The table with a copy of row 0 for each id past its rows (Gemma 3n's vision and audio tokens), which
+        transformers' Gemma3nTextModel looks row 0 up for; ``take_rows(table, order)`` reads rows of a dense or
+        packed table."""
+        rows = self.vocab
+        if rows >= vocab:
+            return table
+        return take_rows(table, np.concatenate([np.arange(rows), np.zeros(vocab - rows, dtype=np.int64)]))
 
     def layer_tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """Each layer's tensors (names under the layer) and their shapes."""

@@ -51,6 +51,10 @@ class LayerSpec:
     #: The gated MLP's width where it is not the model's intermediate_size (Gemma 4's use_double_wide_mlp: the
     #: layers reading another's keys and values are twice as wide). None: the model's.
     intermediate_size: int | None = None
+    #: Gemma 3n's activation_sparsity_pattern entry: the MLP's gate keeps only what exceeds its row's mean plus
+    #: ``icdf(gate_sparsity)`` standard deviations (a gaussian top-k, :mod:`ferrum.arch.rowwise`) before the
+    #: activation; 0: the whole gate.
+    gate_sparsity: float = 0.0
     #: The layer's block norms where they are not the architecture's (``Architecture.norms``, slot -> tensor name):
     #: OLMo Hybrid's attention layers norm after attention and MLP, its Gated DeltaNet layers before. None: those.
     norms: tuple[tuple[str, str], ...] | None = None
@@ -116,6 +120,9 @@ class Architecture:
     layer_scalar: bool = False
     #: Gemma 4 E2B / E4B's per-layer inputs (:class:`ferrum.arch.per_layer.PerLayerInputs`), or None.
     per_layer_inputs: Any = None
+    #: Gemma 3n's residual stream of several copies that each block predicts and corrects, with its Laurel residual
+    #: (:class:`ferrum.arch.altup.AltUpSpec`), or None: one stream.
+    altup: Any = None
     #: OLMo's clip_qkv: q, k and v clipped to [-c, c] once projected (and OLMoE's q and k once normed).
     clip_qkv: float | None = None
     qkv_bias: bool = False

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ferrum.arch.mlp import MLP_KINDS
+from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
 from ferrum.recurrent import MIXERS, mixer_spec
@@ -70,6 +71,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         shapes[bias_of(arch.lm_head)] = (vocab,)
     if arch.per_layer_inputs is not None:
         shapes.update({p + name: shape for name, shape in arch.per_layer_inputs.tensors(h, config.num_layers).items()})
+    if arch.altup is not None:
+        shapes.update({p + name: shape for name, shape in arch.altup.tensors(h).items()})
     attention: dict[str, tuple[int, ...]] = {}
     if arch.mla is not None:
         attention.update(arch.mla.tensors(h))
@@ -112,6 +115,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             own["layer_scalar"] = (1,)
         if arch.per_layer_inputs is not None:
             own.update(arch.per_layer_inputs.layer_tensors(h))
+        if arch.altup is not None:
+            own.update(arch.altup.layer_tensors(h))
         shapes.update({f"{p}layers.{i}.{name}": shape[::-1] if arch.transposed and len(shape) == 2 else shape
                        for name, shape in {**own, **mlp}.items()})
     return {stored_name(arch, name): shape for name, shape in shapes.items()}
@@ -326,9 +331,13 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if arch.norm_offset and name.endswith("norm.weight") and f".{GATED_DELTA}." not in name:  # a mixer's own: none
         tensor = np.asarray(tensor, dtype=np.float32) + np.float32(arch.norm_offset)
     if layer is None:
+        if arch.per_layer_inputs is not None and name == arch.prefix + PER_LAYER_TABLE:
+            return arch.per_layer_inputs.cover(tensor, config.vocab_size, _take_rows)
         if arch.logit_scale != 1.0 and name.startswith(f"{arch.prefix}norm."):  # the logits are linear in it
             tensor = np.asarray(tensor, dtype=np.float32) * np.float32(arch.logit_scale)
         return tensor
+    if arch.altup is not None:
+        tensor = arch.altup.prepare(name, tensor, config.hidden_size)
     if arch.residual_scale != 1.0 and _writes_residual(arch, name):
         tensor = _scaled(tensor, arch.residual_scale)
     rope = arch.layers[layer].rope
