@@ -1,4 +1,4 @@
-"""Gemma 4 E2B / E4B's per-layer inputs: a second token embedding that gives every layer a small input of its own.
+"""Gemma 4 and Gemma 3n E2B / E4B's per-layer inputs: a second token embedding giving every layer an input of its own.
 
 They are computed once per pass, before the first block, from the token ids and the scaled token embeddings
 ``h``, as transformers' Gemma4TextModel computes them (``size`` is hidden_size_per_layer_input)::
