@@ -1818,6 +1818,33 @@ def _arcee(r: KeyReader, sizes: Sizes) -> Architecture:
                    activation=_UNGATED_ACTIVATIONS[r("hidden_act")])
 
 
+#: AFMoE's norm before and after each of attention and the MLP, under its names.
+AFMOE_NORMS = {"pre_attn": "input_layernorm", "post_attn": "post_attention_layernorm",
+               "pre_mlp": "pre_mlp_layernorm", "post_mlp": "post_mlp_layernorm"}
+
+
+def _afmoe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Arcee's Trinity Nano / Mini / Large (transformers' Afmoe): a norm before and after each of attention and the
+    MLP, per-head q/k norms before rope, the attention output times the sigmoid of its own projection
+    (``self_attn.gate_proj``), rope on the sliding layers only (every global_attn_every_n_layers-th layer full and
+    NoPE, unless layer_types says otherwise), the embeddings times sqrt(hidden_size) where mup_enabled; the sparse
+    MLPs (sigmoid routing with a per-expert bias, shared experts, dense first layers) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    every = r("global_attn_every_n_layers")
+    window, types = _layer_kinds(r, sizes, lambda i: SLIDING if (i + 1) % every else FULL)
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
+    r("hidden_act")
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(window, rope) if kind == SLIDING else LayerSpec(None, Rope.unrotated(sizes.head_dim))
+                     for kind in types),
+        norms=AFMOE_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head", qkv_bias=bias, o_bias=bias,
+        attn_output_gate=True, attn_gate_stored=True,
+        embed_scale=math.sqrt(sizes.hidden_size) if r("mup_enabled") else None,
+    )
+
+
 #: nanochat's modules under Llama's names: transformers' (fc1, fc2), and mlx-lm's (nanochat's own: the decoder under
 #: ``transformer.``, ``wte``, ``h.N.attn.c_q``..., ``mlp.c_fc`` / ``c_proj``).
 NANOCHAT_NAMES = {"mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"}
@@ -2952,6 +2979,19 @@ FAMILIES: dict[str, Family] = {
             Key("final_logit_softcapping", default=15.0, check=optional_positive_number),
         )),
         _nanochat,
+    ),
+    "afmoe": Family(  # Arcee Trinity Nano / Mini / Large: gated attention, NoPE full layers, sigmoid-routed experts
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=2048, intermediate_size=6144, num_hidden_layers=32, num_attention_heads=16,
+            vocab_size=200192, max_position_embeddings=16384,
+        ), _ROPE, _SILU, _LAYER_TYPES, (
+            Key("sliding_window", default=1024, check=optional_positive_int),
+            Key("global_attn_every_n_layers", default=4, check=positive_int),
+            Key("mup_enabled", default=False, check=boolean),
+            Key("attention_bias", default=False, check=boolean),
+        ), MOE_KEYS["afmoe"]),
+        with_moe("afmoe", _afmoe),
+        eps_default=1e-5,
     ),
     "arcee": Family(  # Arcee AFM-4.5B
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=4096), _ROPE, (

@@ -149,6 +149,9 @@ class Architecture:
     #: Qwen3-Next's gated attention: q_proj emits each head's query then its gate; the attention output is
     #: multiplied by sigmoid(gate) before o_proj.
     attn_output_gate: bool = False
+    #: ...whose gate the checkpoint stores as a projection of its own, ``self_attn.gate_proj`` (AFMoE's), not in
+    #: q_proj's rows.
+    attn_gate_stored: bool = False
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
     #: Endings of the tensors placed in float32 whatever the compute dtype (transformers' _keep_in_fp32_modules:
     #: GLM-4.5's router correction biases, which choose between experts whose scores differ in the fourth digit).

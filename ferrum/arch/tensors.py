@@ -83,7 +83,9 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
                           "self_attn.v_proj.weight": (kv, h)})
     if arch.mla is None:
         attention["self_attn.o_proj.weight"] = (h, q)
-    if arch.attn_output_gate:  # each head's query then its gate
+    if arch.attn_output_gate and arch.attn_gate_stored:
+        attention["self_attn.gate_proj.weight"] = (q, h)
+    elif arch.attn_output_gate:  # each head's query then its gate
         attention["self_attn.q_proj.weight"] = (2 * q, h)
     if arch.sinks:
         attention["self_attn.sinks"] = (config.num_heads,)
@@ -294,7 +296,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
     elif (mixer := mixer_spec(arch, arch.layers[layer].mixer)) is not None and f".{mixer.module}." in name:
         parts = mixer.split(name, tensor, _take_rows)
-    elif arch.attn_output_gate and ".self_attn.q_proj." in name:  # per head: its query, then its gate
+    elif arch.attn_output_gate and not arch.attn_gate_stored and ".self_attn.q_proj." in name:
+        # per head: its query, then its gate
         heads, d = config.num_heads, config.head_dim
         order = np.arange(2 * heads * d).reshape(heads, 2, d)
         parts = [(name, _take_rows(tensor, order[:, 0].ravel())),

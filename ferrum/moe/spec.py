@@ -44,6 +44,7 @@ LAYOUT = {
     "dbrx": ("ffn", ("w1", "v1", "w2")),  # mlx-lm's per-expert names; its own layout too (ferrum.moe.dbrx)
     "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
     "kimi_linear": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "afmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -53,7 +54,7 @@ STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
           "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
-MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts"}
+MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts", "afmoe": "experts"}
 
 
 def _layer_list(value: object) -> str | None:
@@ -106,7 +107,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "hy_v3": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",),
-                "kimi_linear": ("num_experts", "num_local_experts")}
+                "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -415,6 +416,21 @@ KEYS: dict[str, tuple[Key, ...]] = {
                  Key("use_expert_bias", default=True, check=boolean),
                  Key("routed_scaling_factor", default=1.0, check=positive_number),
                  Key("num_dense_layers", default=2, check=_non_negative_int)),
+    # Arcee Trinity (AfmoeConfig's defaults): sigmoid scores chosen with expert_bias, always renormalized, scaled by
+    # route_scale, shared experts, dense first layers; its releases also carry the keys of Arcee's own code (and
+    # mlx-lm's), which transformers ignores: refused where they ask for another rule
+    "afmoe": (*_COUNT["afmoe"], Key("num_experts_per_tok", default=6, check=positive_int),
+              Key("moe_intermediate_size", default=1408, check=positive_int),
+              Key("num_shared_experts", default=2, check=_non_negative_int),
+              Key("route_scale", default=1.0, check=positive_number),
+              Key("num_dense_layers", default=1, check=_non_negative_int),
+              Key("score_func", default="sigmoid", unsupported=True, check=lambda v: None if v in (
+                  None, "sigmoid") else f"is {v!r}, but transformers' AFMoE routes by sigmoid scores whatever it says"),
+              Key("route_norm", default=True, unsupported=True, check=lambda v: None if v in (None, True) else (
+                  f"is {v!r}, but transformers' AFMoE always renormalizes the chosen experts' weights")),
+              *(Key(name, default=1, unsupported=True, check=lambda v, name=name: None if v in (None, 1) else (
+                  f"is {v!r}; transformers' AFMoE routes over all experts in one group (it ignores {name}), as every "
+                  "Trinity release sets it: set it to 1")) for name in ("n_group", "topk_group"))),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -443,7 +459,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256}
+                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256, "afmoe": 64}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -683,6 +699,19 @@ def _lfm2_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec
     return spec, [i >= r("num_dense_layers") for i in range(sizes.num_layers)]
 
 
+def _afmoe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Arcee Trinity's sparse MLP as transformers runs it (``AfmoeSparseMoeBlock``): a router ``router.gate`` in the
+    compute dtype whose sigmoid scores, plus the block's own float32 ``expert_bias``, choose the top-k, weighed by
+    their unbiased scores always renormalized, times route_scale; SwiGLU experts of moe_intermediate_size and an
+    ungated ``shared_experts`` MLP of num_shared_experts times that (none where 0); the first num_dense_layers
+    layers dense."""
+    size = r("moe_intermediate_size")
+    spec = MoeSpec("mlp", LAYOUT["afmoe"][1], count, top_k, size, True, size * r("num_shared_experts") or None,
+                   router="router.gate", shared_module="shared_experts", shared_gate=None, routing="sigmoid_grouped",
+                   routed_scale=float(r("route_scale")), correction_bias="expert_bias")
+    return spec, [i >= r("num_dense_layers") for i in range(sizes.num_layers)]
+
+
 def _llama4(r: KeyReader, sizes: Any, count: int) -> tuple[MoeSpec, list[bool]]:
     """Llama 4's sparse MLPs (transformers' ``Llama4TextMoe``): a router ``feed_forward.router`` whose top logit's
     sigmoid scales the chosen expert's *input*, experts of intermediate_size stored fused (``experts.gate_up_proj``
@@ -748,6 +777,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "ernie4_5_moe": _ernie_mlps,
     "hy_v3": lambda r, model_type, count, top_k, sizes: _hy_v3(r, sizes, count, top_k),
     "lfm2_moe": lambda r, model_type, count, top_k, sizes: _lfm2_moe(r, sizes, count, top_k),
+    "afmoe": lambda r, model_type, count, top_k, sizes: _afmoe(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
 }
 

@@ -92,6 +92,7 @@ _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "minimax_m2": ("block_sparse_moe.gate",),
     "mellum": ("mlp.gate",),
     "gemma4_text": ("router.proj",),
+    "afmoe": ("mlp.router.gate",),
 }
 
 
