@@ -608,8 +608,13 @@ def _glm4_moe(r: KeyReader, sizes: Sizes) -> Architecture:
     (0.5) of each head with Llama's rotate-half pairs (not GLM-4's adjacent ones); the sparse MLPs (grouped
     sigmoid routing, an ungated shared expert, the first first_k_dense_replace layers dense) are
     :func:`ferrum.moe.spec.with_moe`'s."""
+    return _glm4_moe_blocks(r, sizes, 0.5)
+
+
+def _glm4_moe_blocks(r: KeyReader, sizes: Sizes, rotated: float) -> Architecture:
+    """GLM-4.5's blocks, rope on ``rotated`` of each head where partial_rotary_factor does not say."""
     key, spec = _rope_spec(r)
-    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.5))
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, rotated))
     r("hidden_act")
     return Architecture(
         layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
@@ -619,6 +624,64 @@ def _glm4_moe(r: KeyReader, sizes: Sizes) -> Architecture:
         qkv_bias=r("attention_bias"),
         mtp_layers=r("num_nextn_predict_layers") or 0,
     )
+
+
+#: Sarvam-30B's modules under Llama's names, as its release (and transformers' save_pretrained) stores them: q, k
+#: and v in one matrix, rows in that order.
+SARVAM_NAMES = {"embed_tokens": "word_embeddings", "self_attn.qkv_proj": "attention.query_key_value",
+                "self_attn.o_proj": "attention.dense", "self_attn.q_norm": "attention.query_layernorm",
+                "self_attn.k_norm": "attention.key_layernorm"}
+#: The names Sarvam's release config gives keys (transformers' attribute_map) -> the names Ferrum reads them by.
+SARVAM_ALIASES = {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts",
+                  "use_qkv_bias": "attention_bias", "num_mtp_layers": "num_nextn_predict_layers"}
+
+
+def _aliased(aliases: dict[str, str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A ``Family.derive`` giving each key of ``aliases`` its alias's value where the config has only the alias
+    (transformers' attribute_map); where it has both, :func:`_agreeing_aliases` checks them."""
+    def derive(raw: dict[str, Any]) -> dict[str, Any]:
+        return {**raw, **{name: raw[alias] for alias, name in aliases.items() if alias in raw and name not in raw}}
+
+    return derive
+
+
+def _agreeing_aliases(r: KeyReader, aliases: dict[str, str]) -> None:
+    """Refuses a config that gives a key and its alias different values: which one transformers keeps depends on
+    their order."""
+    for alias, name in aliases.items():
+        if alias in r.raw and r.raw[alias] != r.raw.get(name, r.raw[alias]):
+            r.fail(alias, f"is {r.raw[alias]!r}, but {name!r}, which it is another name of, is {r.raw[name]!r}; keep "
+                          "one of the two")
+
+
+#: Sarvam-105B's release config names (transformers' SarvamMLA attribute_map) -> the names Ferrum reads them by.
+SARVAM_MLA_ALIASES = {key: name for key, name in SARVAM_ALIASES.items() if key != "use_qkv_bias"}
+
+
+def _sarvam_mla_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Sarvam-105B's release config as transformers' SarvamMLAConfig reads it: the aliases, and its rope scaling type
+    "deepseek_yarn", which is YaRN (its head_dim and q_head_dim, which the remote code wrote for vLLM, go unread: the
+    heads' sizes are latent attention's)."""
+    raw = _aliased(SARVAM_MLA_ALIASES)(raw)
+    scaling = raw.get("rope_scaling")
+    if isinstance(scaling, dict) and "deepseek_yarn" in (scaling.get("type"), scaling.get("rope_type")):
+        raw = {**raw, "rope_scaling": {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "yarn"}}
+    return raw
+
+
+def _sarvam_mla(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Sarvam-105B (transformers' SarvamMLA, run as DeepSeek-V3 under other defaults): :func:`_deepseek_v3`."""
+    _agreeing_aliases(r, SARVAM_MLA_ALIASES)
+    return _deepseek_v3(r, sizes)
+
+
+def _sarvam_moe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Sarvam-30B (transformers' SarvamMoE, run as GLM-4.5): GLM-4.5's blocks with q/k norms by default and rope over
+    whole heads unless partial_rotary_factor says, stored under Sarvam's names (:data:`SARVAM_NAMES`, q/k/v fused);
+    the sparse MLPs (grouped sigmoid routing chosen with ``gate.expert_bias``, an ungated shared expert, dense first
+    layers) are :func:`ferrum.moe.spec.with_moe`'s."""
+    _agreeing_aliases(r, SARVAM_ALIASES)
+    return replace(_glm4_moe_blocks(r, sizes, 1.0), fused_qkv=True, stored_names=SARVAM_NAMES)
 
 
 def _solar_open(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -2677,6 +2740,19 @@ FAMILIES: dict[str, Family] = {
         with_moe("glm4_moe", _glm4_moe),
         eps_default=1e-5,
     ),
+    "sarvam_moe": Family(  # Sarvam-30B: GLM-4.5's blocks under Sarvam's names, whole-head rope
+        _keys(_core(False, head_dim_default=64), _core_defaults(
+            hidden_size=4096, intermediate_size=8192, num_hidden_layers=19, num_attention_heads=64,
+            num_key_value_heads=4, vocab_size=262144, max_position_embeddings=131072,
+        ), _ROPE, _theta(8_000_000.0), _SILU, (
+            Key("partial_rotary_factor", default=1.0, check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("attention_bias", default=False, check=boolean),
+            Key("use_qk_norm", default=True, check=boolean),
+            Key("num_nextn_predict_layers", default=0, check=optional_non_negative_int),
+        ), MOE_KEYS["sarvam_moe"]),
+        with_moe("sarvam_moe", _sarvam_moe),
+        derive=_aliased(SARVAM_ALIASES),
+    ),
     "solar_open": Family(  # Upstage's Solar Open 100B: GLM-4.5's attention without q/k norms, DeepSeek-V3's
         # grouped sigmoid routing and a shared expert on every layer
         _keys(_core(False, head_dim_default=128), _core_defaults(
@@ -2729,6 +2805,19 @@ FAMILIES: dict[str, Family] = {
         with_moe("deepseek_v3", _deepseek_v3),
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
+    ),
+    "sarvam_mla": Family(  # Sarvam-105B: DeepSeek-V3's latent attention and routing under SarvamMLAConfig's defaults
+        _keys(_core(False), _core_defaults(
+            hidden_size=4096, intermediate_size=16384, num_hidden_layers=32, num_attention_heads=64,
+            vocab_size=262144, max_position_embeddings=4096,
+        ), _ROPE, _SILU, _mla_keys(None, 128, 128), (
+            Key("rope_interleave", default=True, check=boolean),
+            Key("num_nextn_predict_layers", default=0, check=optional_non_negative_int),
+        ), MOE_KEYS["sarvam_mla"]),
+        with_moe("sarvam_mla", _sarvam_mla),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+        derive=_sarvam_mla_config,
     ),
     "deepseek_v2": Family(  # DeepSeek-V2, V2-Lite, V2.5, Coder-V2: latent attention, softmax routing
         _keys(_core(False), _ROPE, _SILU, _MLA, (

@@ -45,6 +45,8 @@ LAYOUT = {
     "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
     "kimi_linear": ("block_sparse_moe", ("w1", "w3", "w2")),
     "afmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "sarvam_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "sarvam_mla": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -107,7 +109,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "hy_v3": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",),
-                "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",)}
+                "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",), "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -384,6 +386,12 @@ KEYS: dict[str, tuple[Key, ...]] = {
                    # mlx-lm reads these two; transformers runs only DeepSeek-V3's sigmoid "noaux_tc"
                    Key("scoring_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
                    Key("topk_method", default="noaux_tc", unsupported=True, check=one_of("noaux_tc"))),
+    # Sarvam-30B: DeepSeek-V3's routing under SarvamMoEConfig's defaults (GLM-4.5's, but for these)
+    "sarvam_moe": _grouped_sigmoid_keys("sarvam_moe", moe_size=1024, scale=2.5, n_group=1, topk_group=1, dense=1,
+                                        top_k=6),
+    # Sarvam-105B: DeepSeek-V3's routing under SarvamMLAConfig's defaults
+    "sarvam_mla": (*_grouped_sigmoid_keys("sarvam_mla", moe_size=2048, scale=2.5, n_group=1, topk_group=1, dense=1),
+                   _MOE_LAYER_FREQ),
     # Mistral 4 (Mistral Small 4): DeepSeek-V3's grouping over softmax probabilities, uncorrected, under
     # Mistral4Config's defaults
     "mistral4": _grouped_sigmoid_keys("mistral4", moe_size=2048, scale=1.0, n_group=1, topk_group=1, dense=0,
@@ -459,7 +467,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256, "afmoe": 64}
+                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256, "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -602,6 +610,8 @@ class MoeSpec:
 _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped",
             "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
             "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped",
+            "sarvam_moe": "sigmoid_grouped",
+            "sarvam_mla": "sigmoid_grouped",
             "mistral4": "softmax_top2_grouped"}
 
 
@@ -626,6 +636,8 @@ class _GroupedFamily:
 
 
 _GROUPED_FAMILIES = {
+    # Sarvam-30B: its release (and transformers' save_pretrained) names the router's correction bias expert_bias
+    "sarvam_moe": _GroupedFamily(changes=(("correction_bias", "gate.expert_bias"),)),
     # K-EXAONE: its checkpoints keep the bias beside the router, mlx-lm's conversions under it
     "exaone_moe": _GroupedFamily("num_shared_experts", (
         ("correction_bias", CORRECTION_BIAS), ("correction_bias_aliases", (f"gate.{CORRECTION_BIAS}",))),
