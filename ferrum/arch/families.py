@@ -1881,6 +1881,88 @@ def _arcee(r: KeyReader, sizes: Sizes) -> Architecture:
                    activation=_UNGATED_ACTIVATIONS[r("hidden_act")])
 
 
+#: transformers' MiMo-V2-Flash rope settings where a config gives none: the release's bases, a third of each head.
+_MIMO_ROPES = {FULL: {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.334},
+               SLIDING: {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.334}}
+#: MiMo-V2-Flash's release stores its sinks under their own name.
+MIMO_NAMES = {"self_attn.sinks": "self_attn.attention_sink_bias"}
+
+
+def _mimo_types(r: KeyReader, sizes: Sizes) -> tuple[int, list[str]]:
+    """The window and each layer's kind as transformers reads them: layer_types, else the first layer and every sixth
+    full; the release's sliding_window_size (the tokens before the query) is a window of one more. Its
+    hybrid_layer_pattern (1: sliding), which transformers ignores and mlx-lm reads, must agree."""
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if i == 0 or not (i + 1) % 6 else SLIDING)
+    before = r("sliding_window_size")
+    window = window if before is None else before + 1
+    pattern = r("hybrid_layer_pattern")
+    if pattern is not None and [SLIDING if kind == 1 else FULL for kind in pattern] != types:
+        r.fail("hybrid_layer_pattern", f"is {pattern!r}, but transformers makes layers "
+                                       f"{[i for i, t in enumerate(types) if t == SLIDING]} sliding (by layer_types, "
+                                       "else the first and every sixth layer full) and ignores it; make them agree")
+    return window, types
+
+
+def _agrees(r: KeyReader, name: str, want: Any, how: str) -> None:
+    """Refuses release key ``name`` (one transformers ignores) where it asks for another value than ``want``, which
+    transformers runs (``how`` says whence)."""
+    value = r(name)
+    if value is not None and value != want:
+        r.fail(name, f"is {value!r}, but transformers runs {want!r} ({how}) and ignores it; make them agree",
+               unsupported=True)
+
+
+def _mimo_kv_heads(r: KeyReader, heads: int) -> int:
+    """The sliding layers' key/value heads, twice num_key_value_heads (the full layers')."""
+    kv = 2 * (r("num_key_value_heads") or heads)
+    if heads % kv:
+        r.fail("num_key_value_heads", f"is {kv // 2}; the sliding layers' twice that ({kv}) must divide the "
+                                      f"{heads} attention heads (num_attention_heads)")
+    return kv
+
+
+def _mimo_v2_flash(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Xiaomi's MiMo-V2-Flash (transformers' MiMoV2Flash): Llama's norms; attention with q/k heads of head_dim and
+    values of v_head_dim (padded at load: ``Architecture.value_head_dim``) times attention_value_scale, rope on
+    partial_rotary_factor of each head with a base per attention kind; the sliding layers with twice the key/value
+    heads and sinks, the full layers' heads repeated at load (``LayerSpec.stored_kv_heads``) and without sinks; the
+    sparse MLPs (grouped sigmoid routing, no shared expert, dense layers as mlp_layer_types lists them) are
+    :func:`ferrum.moe.spec.with_moe`'s. The release config's own keys (swa_*, hybrid_layer_pattern, rope_theta...),
+    which transformers ignores, are refused where they ask for another model."""
+    window, types = _mimo_types(r, sizes)
+    kv = sizes.num_kv_heads // 2
+    specs = _per_kind_rope_specs(r, "MiMo-V2-Flash") or (dict(_MIMO_ROPES[FULL]), dict(_MIMO_ROPES[SLIDING]))
+    full, sliding = (read_rope(r, sizes, spec, "rope_parameters", ("default",), rotary_dim=_rotary_dim(
+        r, sizes, {"partial_rotary_factor": spec.get("partial_rotary_factor", 0.334)}, 0.334)) for spec in specs)
+    v_dim = r("v_head_dim")
+    if v_dim > sizes.head_dim:
+        r.fail("v_head_dim", f"({v_dim}) exceeds head_dim ({sizes.head_dim}); Ferrum pads values to the keys' heads",
+               unsupported=True)
+    factor = r("partial_rotary_factor")
+    if factor is not None and any(int(sizes.head_dim * factor) != rope.rotary_dim for rope in (full, sliding)):
+        r.fail("partial_rotary_factor", f"is {factor!r}, but transformers rotates {full.rotary_dim} / "
+                                        f"{sliding.rotary_dim} dims of each head (full / sliding) by rope_parameters "
+                                        "and ignores it; make them agree", unsupported=True)
+    for name, want, how in (("rope_theta", full.theta, "the full layers' rope_parameters"),
+                            ("swa_rope_theta", sliding.theta, "the sliding layers' rope_parameters"),
+                            ("swa_num_attention_heads", sizes.num_heads, "num_attention_heads"),
+                            ("swa_num_key_value_heads", sizes.num_kv_heads, "twice num_key_value_heads"),
+                            ("swa_head_dim", sizes.head_dim, "head_dim"), ("swa_v_head_dim", v_dim, "v_head_dim"),
+                            ("add_swa_attention_sink_bias", True, "sinks on the sliding layers"),
+                            ("add_full_attention_sink_bias", False, "none on the full layers"),
+                            ("layernorm_epsilon", sizes.rms_norm_eps, "rms_norm_eps")):
+        _agrees(r, name, want, how)
+    r("hidden_act")
+    scale = r("attention_value_scale")
+    return Architecture(
+        layers=tuple(LayerSpec(window, sliding) if kind == SLIDING else LayerSpec(None, full, stored_kv_heads=kv,
+                                                                                 sinks=False) for kind in types),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), sinks=True,
+        value_head_dim=None if v_dim == sizes.head_dim else v_dim, value_scale=1.0 if scale is None else float(scale),
+        qkv_bias=r("attention_bias"), stored_names=MIMO_NAMES,
+    )
+
+
 #: AFMoE's norm before and after each of attention and the MLP, under its names.
 AFMOE_NORMS = {"pre_attn": "input_layernorm", "post_attn": "post_attention_layernorm",
                "pre_mlp": "pre_mlp_layernorm", "post_mlp": "post_mlp_layernorm"}
@@ -3068,6 +3150,29 @@ FAMILIES: dict[str, Family] = {
             Key("final_logit_softcapping", default=15.0, check=optional_positive_number),
         )),
         _nanochat,
+    ),
+    "mimo_v2_flash": Family(  # Xiaomi MiMo-V2-Flash: sliding layers with sinks and twice the kv heads, NoPE-free
+        _keys(_core(False, head_dim_default=192), _core_defaults(
+            hidden_size=4096, intermediate_size=16384, num_hidden_layers=48, num_attention_heads=64,
+            num_key_value_heads=4, vocab_size=152576, max_position_embeddings=131072,
+        ), _ROPE, _SILU, _LAYER_TYPES, (
+            Key("sliding_window", default=129, check=optional_positive_int),
+            Key("sliding_window_size", check=optional_positive_int),
+            Key("v_head_dim", default=128, check=size(4096)),
+            Key("attention_value_scale", default=0.707, check=optional_positive_number),
+            Key("attention_bias", default=False, check=boolean),
+            Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("hybrid_layer_pattern", check=lambda v: None if v is None or (isinstance(v, list) and set(v) <= {
+                0, 1}) else f"must list 0 (full) or 1 (sliding) per layer, got {v!r}"),
+            *(Key(name, check=optional_positive_number) for name in ("swa_rope_theta", "layernorm_epsilon")),
+            *(Key(name, check=optional_positive_int) for name in (
+                "swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "swa_v_head_dim")),
+            *(Key(name, check=boolean) for name in ("add_swa_attention_sink_bias", "add_full_attention_sink_bias")),
+        ), MOE_KEYS["mimo_v2_flash"]),
+        with_moe("mimo_v2_flash", _mimo_v2_flash),
+        eps_default=1e-5,
+        kv_heads=_mimo_kv_heads,
+        unloaded=r"^model\.mtp\.",  # the release's multi-token prediction layers
     ),
     "afmoe": Family(  # Arcee Trinity Nano / Mini / Large: gated attention, NoPE full layers, sigmoid-routed experts
         _keys(_core(False, head_dim_default=128), _core_defaults(

@@ -55,6 +55,9 @@ class LayerSpec:
     #: ``icdf(gate_sparsity)`` standard deviations (a gaussian top-k, :mod:`ferrum.arch.rowwise`) before the
     #: activation; 0: the whole gate.
     gate_sparsity: float = 0.0
+    #: The layer has the architecture's attention sinks (``Architecture.sinks``); MiMo-V2-Flash's full layers
+    #: have none.
+    sinks: bool = True
     #: The layer's block norms where they are not the architecture's (``Architecture.norms``, slot -> tensor name):
     #: OLMo Hybrid's attention layers norm after attention and MLP, its Gated DeltaNet layers before. None: those.
     norms: tuple[tuple[str, str], ...] | None = None
@@ -103,6 +106,12 @@ class Architecture:
     attn_scale: float = 1.0  # multiplies q.k (1/sqrt(head_dim), or query_pre_attn_scalar ** -0.5)
     attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
     sinks: bool = False  # gpt-oss: a learned logit per query head joins every softmax (``self_attn.sinks``)
+    #: The values' (and o_proj's inputs') dims per head where fewer than head_dim (MiMo-V2-Flash's 128 beside q/k heads
+    #: of 192): each v head and o_proj's columns per head are padded with zeros to head_dim at load, which leaves the
+    #: attention's output exactly as it was (the padded dims are 0 and read by zero columns). None: head_dim.
+    value_head_dim: int | None = None
+    #: The values times this number (MiMo-V2-Flash's attention_value_scale), folded into v_proj's rows at load.
+    value_scale: float = 1.0
     final_softcap: float | None = None  # Gemma 2: the same on the logits
     #: The norm of q and k before rope: "head", one scale per head dim (Qwen3, Gemma 3), "each_head", a scale per
     #: head and dim (Command R+: ``[heads, head_dim]``), or "projection", one over all of q's heads and one over

@@ -83,6 +83,10 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
                           "self_attn.v_proj.weight": (kv, h)})
     if arch.mla is None:
         attention["self_attn.o_proj.weight"] = (h, q)
+    if arch.value_head_dim is not None:
+        vd = arch.value_head_dim
+        attention.update({"self_attn.v_proj.weight": (config.num_kv_heads * vd, h),
+                          "self_attn.o_proj.weight": (h, config.num_heads * vd)})
     if arch.attn_output_gate and arch.attn_gate_stored:
         attention["self_attn.gate_proj.weight"] = (q, h)
     elif arch.attn_output_gate:  # each head's query then its gate
@@ -129,11 +133,14 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
     """A layer's attention tensors as stored: the model's, or (Gemma 4) its own head_dim, key/value heads, no
     v_proj where the values are the keys, and no key/value tensors where it reads another layer's."""
     own = {**attention, **norms}
+    if not layer.sinks:
+        own.pop("self_attn.sinks", None)
     if layer.stored_head_dim is not None or layer.stored_kv_heads is not None or layer.values_are_keys:
         h, d = config.hidden_size, layer.stored_head_dim or config.head_dim
-        q, kv = config.num_heads * d, (layer.stored_kv_heads or config.num_kv_heads) * d
-        own.update({"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-                    "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q)})
+        vd, kv_heads = config.arch.value_head_dim or d, layer.stored_kv_heads or config.num_kv_heads
+        own.update({"self_attn.q_proj.weight": (config.num_heads * d, h), "self_attn.k_proj.weight": (kv_heads * d, h),
+                    "self_attn.v_proj.weight": (kv_heads * vd, h),
+                    "self_attn.o_proj.weight": (h, config.num_heads * vd)})
         for name in norms:  # "head" norms: one weight of the head's dims
             own[name] = (d,)
         if layer.values_are_keys:
@@ -147,7 +154,8 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
 
 def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
     """A Gemma 4 layer's stored attention tensor made the model's uniform heads (see ``LayerSpec.stored_head_dim``
-    and ``stored_kv_heads``): q/k/v heads padded with zero dims at their end (o_proj's columns likewise), q/k norm
+    and ``stored_kv_heads``; MiMo-V2-Flash's narrower values, ``Architecture.value_head_dim``, and fewer key/value
+    heads on its full layers): q/k/v heads padded with zero dims at their end (o_proj's columns likewise), q/k norm
     weights padded and scaled, key/value heads repeated, and a v_proj made of k_proj where the values are the keys.
 
     A packed matrix is padded as it is stored, never dequantized: a zero output row is a row of zero codes, scales
@@ -157,6 +165,8 @@ def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str
     kv = layer.stored_kv_heads or config.num_kv_heads
     if not any(f".self_attn.{m}." in name for m in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")):
         return [(name, tensor)]
+    if any(f".self_attn.{m}." in name for m in ("v_proj", "o_proj")):  # the values' heads (Architecture.value_head_dim)
+        d = config.arch.value_head_dim or d
     if name.endswith("norm.weight"):
         out = np.zeros(hd, dtype=np.float32)
         out[:d] = np.asarray(tensor, dtype=np.float32) * np.float32(math.sqrt(d / hd))
@@ -182,7 +192,8 @@ def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> N
     layer = _layer_of(name, config.arch.prefix)
     if layer is None or ".self_attn.o_proj." not in name:
         return
-    d, hd = config.arch.layers[layer].stored_head_dim or config.head_dim, config.head_dim
+    d = config.arch.value_head_dim or config.arch.layers[layer].stored_head_dim or config.head_dim
+    hd = config.head_dim
     if d != hd and any(n % group_size or n * bits % 32 for n in (d, hd)):
         raise UnsupportedFeatureError(
             f"{name}: this layer's heads of {d} inputs are padded with zeros to {hd} at load, which a packed "
@@ -244,6 +255,8 @@ def _renamed(arch: Any, name: str, table: dict[str, str]) -> str:
     if "layers" in (container, table.get(container)) and inner.split(".", 1)[0].isdigit() and "." in inner:
         index, rest = inner.split(".", 1)
         stem += f"{table.get(container, container)}.{index}."
+    if rest in table:  # a parameter renamed on its own (MiMo-V2-Flash's self_attn.attention_sink_bias)
+        return stem + table[rest]
     module, suffix = rest.rsplit(".", 1) if "." in rest else (rest, None)
     module = table.get(module, module)
     return stem + module + ("" if suffix is None else f".{suffix}")
@@ -306,7 +319,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = MLP_KINDS[arch.layers[layer].mlp].split(config, name, tensor)
     if layer is not None:
         spec = arch.layers[layer]
-        if spec.stored_head_dim is not None or spec.stored_kv_heads is not None or spec.values_are_keys:
+        if (spec.stored_head_dim is not None or spec.stored_kv_heads is not None or spec.values_are_keys
+                or arch.value_head_dim is not None):
             parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]
     return [(n, _transform(config, layer, n, t)) for n, t in parts]
 
@@ -343,6 +357,8 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
         tensor = arch.altup.prepare(name, tensor, config.hidden_size)
     if arch.residual_scale != 1.0 and _writes_residual(arch, name):
         tensor = _scaled(tensor, arch.residual_scale)
+    if arch.value_scale != 1.0 and ".self_attn.v_proj." in name:  # the values are linear in v_proj's rows
+        tensor = _scaled(tensor, arch.value_scale)
     rope = arch.layers[layer].rope
     if arch.mla is not None and ".self_attn." in name and arch.layers[layer].mixer == "attention":
         # latent attention lays out its own q and k heads (a recurrent layer's self_attn, Kimi Linear's, is not it)

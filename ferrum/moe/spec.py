@@ -6,8 +6,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, positive_int,
-    positive_number,
+    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int,
+    optional_positive_number, positive_int, positive_number,
 )
 from ferrum.arch.spec import Architecture
 from ferrum.moe.activation import ClampedSwiGLU, ExpertActivation, GeluTanhGLU, SquaredReLU
@@ -47,6 +47,7 @@ LAYOUT = {
     "afmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "sarvam_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "sarvam_mla": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "mimo_v2_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -109,7 +110,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "hy_v3": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",),
-                "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",), "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",)}
+                "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",), "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",), "mimo_v2_flash": ("n_routed_experts", "num_local_experts")}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -439,6 +440,20 @@ KEYS: dict[str, tuple[Key, ...]] = {
               *(Key(name, default=1, unsupported=True, check=lambda v, name=name: None if v in (None, 1) else (
                   f"is {v!r}; transformers' AFMoE routes over all experts in one group (it ignores {name}), as every "
                   "Trinity release sets it: set it to 1")) for name in ("n_group", "topk_group"))),
+    # MiMo-V2-Flash (MiMoV2FlashConfig's defaults): DeepSeek-V3's routing without a shared expert; its release also
+    # carries the keys of Xiaomi's own code (and mlx-lm's), which transformers ignores: refused where they ask for more
+    "mimo_v2_flash": (*_COUNT["mimo_v2_flash"], Key("num_experts_per_tok", default=8, check=positive_int),
+                      Key("moe_intermediate_size", default=2048, check=positive_int),
+                      Key("norm_topk_prob", default=True, check=boolean),
+                      Key("routed_scaling_factor", default=1.0, check=optional_positive_number),
+                      Key("n_group", default=1, check=positive_int), Key("topk_group", default=1, check=positive_int),
+                      Key("mlp_layer_types", check=_mlp_layer_types),
+                      Key("moe_layer_freq", check=lambda v: None if v is None or (isinstance(v, list) and set(v) <= {
+                          0, 1}) else f"must list 0 (dense) or 1 (sparse) per layer, got {v!r}"),
+                      Key("n_shared_experts", unsupported=True, check=falsy(
+                          "transformers' MiMo-V2-Flash has no shared expert; set it to null")),
+                      Key("scoring_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
+                      Key("topk_method", default="noaux_tc", unsupported=True, check=one_of("noaux_tc"))),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -467,7 +482,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256, "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128}
+                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256, "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -724,6 +739,26 @@ def _afmoe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, l
     return spec, [i >= r("num_dense_layers") for i in range(sizes.num_layers)]
 
 
+def _mimo_v2_flash(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """MiMo-V2-Flash's sparse MLP as transformers runs it (``MiMoV2FlashMoE``): DeepSeek-V3's float32 router and
+    grouped sigmoid routing with ``gate.e_score_correction_bias``, scaled by routed_scaling_factor (null: 1), experts
+    of moe_intermediate_size, no shared expert; sparse layers as mlp_layer_types lists them (else all but the first).
+    Its release's moe_layer_freq (1: sparse), which transformers ignores and mlx-lm reads, must agree."""
+    groups, kept = r("n_group"), r("topk_group")
+    _check_groups(r, GROUPED_RULES["sigmoid_grouped"], count, top_k, groups, kept)
+    scale = r("routed_scaling_factor")
+    spec = MoeSpec("mlp", LAYOUT["mimo_v2_flash"][1], count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
+                   None, shared_gate=None, routing="sigmoid_grouped", n_group=groups, topk_group=kept,
+                   routed_scale=1.0 if scale is None else float(scale), router_float32=True)
+    layers = sizes.num_layers
+    sparse = _listed_sparse(r, layers, [i > 0 for i in range(layers)])
+    freq = r("moe_layer_freq")
+    if isinstance(freq, list) and [kind == 1 for kind in freq] != sparse:
+        r.fail("moe_layer_freq", f"is {freq!r}, but transformers makes layers {[i for i, s in enumerate(sparse) if s]} "
+                                 "sparse (by mlp_layer_types, else all but the first) and ignores it; make them agree")
+    return spec, sparse
+
+
 def _llama4(r: KeyReader, sizes: Any, count: int) -> tuple[MoeSpec, list[bool]]:
     """Llama 4's sparse MLPs (transformers' ``Llama4TextMoe``): a router ``feed_forward.router`` whose top logit's
     sigmoid scales the chosen expert's *input*, experts of intermediate_size stored fused (``experts.gate_up_proj``
@@ -790,6 +825,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "hy_v3": lambda r, model_type, count, top_k, sizes: _hy_v3(r, sizes, count, top_k),
     "lfm2_moe": lambda r, model_type, count, top_k, sizes: _lfm2_moe(r, sizes, count, top_k),
     "afmoe": lambda r, model_type, count, top_k, sizes: _afmoe(r, sizes, count, top_k),
+    "mimo_v2_flash": lambda r, model_type, count, top_k, sizes: _mimo_v2_flash(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
 }
 

@@ -68,11 +68,13 @@ _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 EIGHT_BIT = (8, 64)
 #: Modules mlx-lm's model classes hold as plain parameters, not linear layers, so its conversion leaves them in
 #: float (and its loader refuses them packed): GLM-4.5's (Solar Open's, which mlx-lm runs as GLM-4.5), GLM-4.7-Flash's,
-#: DeepSeek-V2's and V3's, dots1's, K-EXAONE's and Nemotron 3 Nano's routers (their ``MoEGate``, ``Dots1TopkRouter``).
+#: DeepSeek-V2's and V3's, dots1's, K-EXAONE's, Nemotron 3 Nano's and MiMo-V2-Flash's routers (their ``MoEGate``,
+#: ``Dots1TopkRouter``).
 _MLX_LM_FLOAT: dict[str, tuple[str, ...]] = {"glm4_moe": ("mlp.gate",), "deepseek_v3": ("mlp.gate",),
                                            "deepseek_v2": ("mlp.gate",), "glm4_moe_lite": ("mlp.gate",),
                                            "dots1": ("mlp.gate",), "solar_open": ("mlp.gate",),
-                                           "exaone_moe": ("mlp.gate",), "nemotron_h": ("mixer.gate",)}
+                                           "exaone_moe": ("mlp.gate",), "nemotron_h": ("mixer.gate",),
+                                           "mimo_v2_flash": ("mlp.gate",)}
 #: Latent attention's ``kv_b_proj`` stays in float too: mlx-lm splits a packed one per head into ``embed_q`` and
 #: ``unembed_out`` and packs those again along other axes, rounding twice (or failing, where qk_nope_head_dim is no
 #: multiple of the group size); Ferrum joins mlx-lm's own split back into float at load, so it costs Ferrum nothing.

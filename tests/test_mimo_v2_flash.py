@@ -1,0 +1,242 @@
+"""Xiaomi MiMo-V2-Flash (``mimo_v2_flash``): sliding layers with sinks and twice the full layers' key/value heads,
+values narrower than the q/k heads and scaled, partial rope with a base per attention kind, and DeepSeek-V3's grouped
+sigmoid routing without a shared expert; against transformers' MiMoV2FlashForCausalLM on every runnable backend, and
+mlx-lm's mimo_v2_flash (which reads the release's own config keys) and its conversions."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from ferrum.config import ModelConfig
+from ferrum.engine import Engine, EngineConfig
+from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.executor import LlmExecutor
+from ferrum.model import DecoderOnlyLLM
+from support import (
+    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_names_the_tensors_transformers_saves,
+    build_transformers_model, mlx_lm_logits, reference_logits, runnable_backends, scaled_error,
+    staggered_greedy_workload, without_correction_biases, write_tokenizer,
+)
+
+BACKENDS = runnable_backends()
+VOCAB = 97
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
+TYPES = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+
+
+def mimo_config(**extra) -> transformers.MiMoV2FlashConfig:
+    """Four heads of 24 (8 rotated), values of 16; one key/value head on the full layers, two on the sliding ones (a
+    window of 5, shorter than the test's 13 tokens); eight experts, three a token in one of two groups, scaled by
+    1.5; the first layer dense."""
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
+                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=24, v_head_dim=16,
+                    n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+                    sliding_window=5, layer_types=TYPES, max_position_embeddings=256)
+    return transformers.MiMoV2FlashConfig(**{**settings, **extra})
+
+
+def release_keys(config: transformers.MiMoV2FlashConfig) -> dict:
+    """The keys of Xiaomi's own code (and mlx-lm's) that MiMo-V2-Flash's config.json carries beside transformers',
+    valued as transformers runs ``config``."""
+    kv = config.num_key_value_heads
+    return dict(hybrid_layer_pattern=[int(t == "sliding_attention") for t in config.layer_types],
+                moe_layer_freq=[int(t == "sparse") for t in config.mlp_layer_types],
+                add_swa_attention_sink_bias=True, add_full_attention_sink_bias=False,
+                sliding_window_size=config.sliding_window - 1, layernorm_epsilon=config.rms_norm_eps,
+                rope_theta=config.rope_parameters["full_attention"]["rope_theta"],
+                swa_rope_theta=config.rope_parameters["sliding_attention"]["rope_theta"],
+                swa_num_attention_heads=config.num_attention_heads, swa_num_key_value_heads=2 * kv,
+                swa_head_dim=config.head_dim, swa_v_head_dim=config.v_head_dim, partial_rotary_factor=0.334,
+                n_shared_experts=None, topk_method="noaux_tc", scoring_func="sigmoid")
+
+
+def _build(folder, config, release: bool = False):
+    """A random checkpoint whose correction biases (zeros at init) are random too; ``release``: its config.json with
+    the release's own keys too."""
+    hf = build_transformers_model(folder, config)
+    with torch.no_grad():
+        for name, buffer in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.5)
+    hf.save_pretrained(folder)
+    if release:
+        raw = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**raw, **release_keys(config)}))
+    return folder, hf
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {"release": _build(tmp_path_factory.mktemp("mimo"), mimo_config(), release=True),
+            # for mlx-lm's conversions: heads and values its group size divides, unscaled values, a window longer
+            # than the test (mlx-lm attends sliding_window_size tokens, transformers one more) and one expert group,
+            # as the release routes (mlx-lm scores the experts of dropped groups 0, not -inf, which a negative
+            # correction bias can pick)
+            "wide": _build(tmp_path_factory.mktemp("wide"), mimo_config(
+                head_dim=96, v_head_dim=64, attention_value_scale=None, sliding_window=64, n_group=1, topk_group=1),
+                release=True)}
+
+
+def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
+    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
+
+
+def test_reads_the_layers(checkpoints):
+    config = load(checkpoints["release"][0]).config
+    arch = config.arch
+    assert config.num_kv_heads == 2 and arch.value_head_dim == 16 and arch.value_scale == 0.707 and arch.sinks
+    assert [(spec.window, spec.stored_kv_heads, spec.sinks, spec.rope.theta, spec.rope.rotary_dim, spec.mlp)
+            for spec in arch.layers] == [(None, 1, False, 5e6, 8, "dense"), (5, None, True, 1e4, 8, "moe"),
+                                         (5, None, True, 1e4, 8, "moe"), (None, 1, False, 5e6, 8, "moe")]
+    moe = arch.moe
+    assert (moe.routing, moe.n_group, moe.routed_scale, moe.shared_expert_size, moe.router_float32) == (
+        "sigmoid_grouped", 2, 1.5, None, True)
+
+
+@pytest.mark.parametrize("variant", ["release", "wide"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_and_decode_steps_match_transformers(checkpoints, backend, variant):
+    folder, hf = checkpoints[variant]
+    assert_forward_and_decode_match(load(folder, backend, block_size=4), TOKENS, reference_logits(hf, TOKENS))
+
+
+@pytest.mark.parametrize("part", ["e_score_correction_bias", "sinks", "attention_value_scale"])
+def test_the_parity_checks_the_bias_the_sinks_and_the_value_scale(checkpoints, part):
+    """transformers' logits move where the correction biases or the sinks are zeroed, or the values left unscaled:
+    each matters in the comparison above."""
+    folder, hf = checkpoints["release"]
+    changed = without_correction_biases(folder) if part == "e_score_correction_bias" else (
+        transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval())
+    with torch.no_grad():
+        for layer in changed.model.layers:
+            if part == "sinks" and layer.self_attn.sinks is not None:
+                layer.self_attn.sinks.zero_()
+            if part == "attention_value_scale":
+                layer.self_attn.v_scale = 1.0
+    assert scaled_error(reference_logits(changed, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
+
+
+def _engine(folder, backend, **config) -> Engine:
+    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_tokens(checkpoints, backend):
+    folder, hf = checkpoints["release"]
+    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+                                      staggered_greedy_workload(VOCAB))
+
+
+def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
+    """The sinks under the release's ``attention_sink_bias``, on the sliding layers only; the full layers' narrower
+    keys and values."""
+    for folder, _ in checkpoints.values():
+        assert_names_the_tensors_transformers_saves(folder)
+
+
+# ------------------------------------------------------------------ config
+
+
+def _raw(**changes) -> dict:
+    config = mimo_config()
+    return {**config.to_dict(), **release_keys(config), **changes}
+
+
+def test_config_defaults_are_transformers():
+    """Without layer_types the first layer and every sixth are full; the release's sliding_window_size is a window of
+    one more; routed_scaling_factor null is 1; the other defaults are MiMoV2FlashConfig's."""
+    raw = {k: v for k, v in mimo_config().to_dict().items() if k not in (
+        "layer_types", "mlp_layer_types", "rope_parameters", "head_dim", "v_head_dim", "attention_value_scale",
+        "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "sliding_window", "num_key_value_heads")}
+    raw.update(num_hidden_layers=7, num_attention_heads=16, routed_scaling_factor=None, sliding_window_size=3)
+    config, want = ModelConfig.from_dict(raw), transformers.MiMoV2FlashConfig(**raw)
+    assert [spec.window for spec in config.arch.layers] == [
+        want.sliding_window if kind == "sliding_attention" else None for kind in want.layer_types]
+    assert [spec.mlp for spec in config.arch.layers] == ["dense" if k == "dense" else "moe"
+                                                         for k in want.mlp_layer_types]
+    assert (config.head_dim, config.arch.value_head_dim, config.arch.value_scale, config.num_kv_heads) == (
+        want.head_dim, want.v_head_dim, want.attention_value_scale, 2 * want.num_key_value_heads)
+    moe = config.arch.moe
+    assert (moe.num_experts, moe.top_k, moe.routed_scale) == (
+        want.n_routed_experts, want.num_experts_per_tok, want.routed_scaling_factor)
+    full = config.arch.layers[0].rope
+    assert (full.theta, full.rotary_dim) == (5e6, int(want.head_dim * 0.334))
+
+
+@pytest.mark.parametrize("changes, error, words", [
+    ({"hybrid_layer_pattern": [1, 1, 1, 0]}, ConfigError, "'hybrid_layer_pattern' is [1, 1, 1, 0], but transformers "
+                                                          "makes layers [1, 2] sliding"),
+    ({"moe_layer_freq": [1, 1, 1, 1]}, ConfigError, "'moe_layer_freq' is [1, 1, 1, 1], but transformers makes "
+                                                    "layers [1, 2, 3] sparse"),
+    ({"swa_num_key_value_heads": 1}, UnsupportedFeatureError,
+     "'swa_num_key_value_heads' is 1, but transformers runs 2"),
+    ({"add_full_attention_sink_bias": True}, UnsupportedFeatureError, "'add_full_attention_sink_bias' is True"),
+    ({"swa_rope_theta": 20000.0}, UnsupportedFeatureError,
+     "'swa_rope_theta' is 20000.0, but transformers runs 10000.0"),
+    ({"partial_rotary_factor": 0.5}, UnsupportedFeatureError, "rotates 8 / 8 dims of each head"),
+    ({"n_shared_experts": 1}, UnsupportedFeatureError, "has no shared expert"),
+    ({"v_head_dim": 32}, UnsupportedFeatureError, "'v_head_dim' (32) exceeds head_dim (24)"),
+    ({"num_key_value_heads": 4}, ConfigError, "'num_key_value_heads' is 4; the sliding layers' twice that (8) must "
+                                              "divide the 4 attention heads"),
+])
+def test_bad_keys_are_refused_by_name(changes, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        ModelConfig.from_dict(_raw(**changes))
+
+
+# ------------------------------------------------------------------ mlx-lm
+
+needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
+
+
+@needs_mlx
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [None, 4])
+def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
+    """mlx-lm reads the release's keys, stacks the experts in ``switch_mlp``, keeps the router and the sinks in float:
+    its conversions, float (which mlx-lm runs as transformers does) or packed (the full layers' keys and values repeated
+    and every value head padded in whole groups), run on every backend as mlx-lm runs them."""
+    from mlx_lm.convert import convert
+    from safetensors.numpy import load_file
+
+    folder, hf = checkpoints["wide"]
+    source, converted = tmp_path / "hf", tmp_path / "mlx"
+    shutil.copytree(folder, source)
+    write_tokenizer(source, VOCAB)
+    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
+    stored = load_file(converted / "model.safetensors")
+    assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in stored
+    assert "model.layers.1.self_attn.attention_sink_bias" in stored and "model.layers.1.mlp.gate.scales" not in stored
+    assert ("model.layers.0.self_attn.v_proj.scales" in stored) == (bits is not None)
+    want = mlx_lm_logits(converted, TOKENS)
+    if bits is None:
+        assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    for backend in BACKENDS:
+        assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
+
+
+@needs_mlx
+@pytest.mark.slow
+def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
+    """``ferrum quantize`` leaves the router in float as mlx-lm's conversion does, bit for bit from a float32 source."""
+    from mlx_lm.convert import convert
+    from safetensors.numpy import load_file
+
+    from ferrum.quant.convert import quantize_checkpoint
+
+    source = tmp_path / "hf"
+    shutil.copytree(checkpoints["wide"][0], source)
+    write_tokenizer(source, VOCAB)
+    ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
+    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
+    got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
+    assert got.keys() == expected.keys()
+    for name, array in expected.items():
+        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
