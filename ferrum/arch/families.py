@@ -2079,6 +2079,49 @@ def _cohere2(r: KeyReader, sizes: Sizes) -> Architecture:
                           [window if t == SLIDING else None for t in types])
 
 
+def _cohere2_moe_kinds(r: KeyReader, sizes: Sizes) -> tuple[list[str], list[bool]]:
+    """Each layer's attention kind and whether its MLP is dense, as Cohere2MoeConfig resolves them: layer_types, else
+    the first first_k_dense_replace layers in a pattern of their own (prefix_dense_sliding_window_pattern; 1: all
+    full) and the others every sliding_window_pattern-th full; mlp_layer_types, else those first layers dense."""
+    first, prefix, pattern = r("first_k_dense_replace"), r("prefix_dense_sliding_window_pattern"), r(
+        "sliding_window_pattern")
+    default = [SLIDING if (i + 1) % prefix else FULL for i in range(min(first, sizes.num_layers))] + [
+        SLIDING if (i + 1) % pattern else FULL for i in range(sizes.num_layers - first)]
+    types = _layer_types(r, sizes) or default
+    dense = [i < first for i in range(sizes.num_layers)]
+    kinds = r("mlp_layer_types")
+    if kinds is not None:
+        if len(kinds) != sizes.num_layers:
+            r.fail("mlp_layer_types", f"lists {len(kinds)} layers, but the model has {sizes.num_layers}")
+        dense = [kind == "dense" for kind in kinds]
+    return types, dense
+
+
+def _cohere2_moe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Cohere's Command A MoE (transformers' Cohere2Moe): Command R7B's parallel blocks (sliding layers with rope, full
+    ones NoPE, but the dense layers rotated where prefix_dense_sliding_window_pattern is 1), RMSNorms where
+    rms_norm_eps is set (else Cohere's biasless LayerNorms), dense layers of prefix_dense_intermediate_size; the sparse
+    MLPs are :func:`ferrum.moe.spec.with_moe`'s."""
+    types, dense = _cohere2_moe_kinds(r, sizes)
+    window = r("sliding_window")
+    if window is None and SLIDING in types:
+        r.fail("sliding_window", "must be set when layers use sliding attention")
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES)
+    forced = r("prefix_dense_sliding_window_pattern") == 1
+    ropes = [rope if t == SLIDING or (d and forced) else Rope.unrotated(sizes.head_dim) for t, d in zip(types, dense)]
+    arch = _cohere_blocks(r, sizes, ropes, [window if t == SLIDING else None for t in types])
+    width = r("prefix_dense_intermediate_size")
+    return replace(arch, norm="layer" if r("rms_norm_eps") is None else "rms", layers=tuple(
+        replace(layer, intermediate_size=width if d else None) for layer, d in zip(arch.layers, dense)))
+
+
+def _cohere2_moe_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    """The norms' epsilon: rms_norm_eps where set (the norms are then RMSNorms), else layer_norm_eps."""
+    eps = r("rms_norm_eps")
+    return sizes if eps is None else replace(sizes, rms_norm_eps=float(eps))
+
+
 _COHERE = (
     Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),
     Key("attention_bias", default=False, check=boolean),
@@ -3082,6 +3125,25 @@ FAMILIES: dict[str, Family] = {
         Key("sliding_window", default=4096, check=optional_positive_int),
         Key("sliding_window_pattern", default=4, check=positive_int),
     )),
+    "cohere2_moe": Family(  # Command A MoE: Command R7B's parallel blocks over softmax- or sigmoid-routed experts
+        _keys(_core(True, head_dim_default=128, eps_key="layer_norm_eps"), _core_defaults(
+            hidden_size=8192, intermediate_size=22528, num_hidden_layers=40, num_attention_heads=64,
+            vocab_size=256000, max_position_embeddings=8192,
+        ), _ROPE[:3], _COHERE[:3], _LAYER_TYPES, (
+            # transformers' Cohere2Moe norms neither q nor k, whatever it says (Command R+'s key)
+            Key("use_qk_norm", default=False, unsupported=True, check=falsy(
+                "transformers' Cohere2Moe has no q/k norms; set it to false")),
+            Key("rms_norm_eps", check=optional_positive_number),
+            Key("sliding_window", default=4096, check=optional_positive_int),
+            Key("sliding_window_pattern", default=4, check=positive_int),
+            Key("prefix_dense_sliding_window_pattern", default=1, check=positive_int),
+            Key("prefix_dense_intermediate_size", check=optional_positive_int),
+        ), MOE_KEYS["cohere2_moe"]),
+        with_moe("cohere2_moe", _cohere2_moe),
+        eps_default=1e-5,
+        eps_key="layer_norm_eps",
+        sizes=_cohere2_moe_sizes,
+    ),
     "gpt_neox": _layer_norm_family(_gpt_neox, False, (  # Pythia, RedPajama-INCITE, Dolly 2, GPT-NeoX-20B
         _gelu_key("gelu"),
         Key("rotary_emb_base", check=optional_positive_number),

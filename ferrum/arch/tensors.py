@@ -356,9 +356,9 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if arch.altup is not None:
         tensor = arch.altup.prepare(name, tensor, config.hidden_size)
     if arch.residual_scale != 1.0 and _writes_residual(arch, name):
-        tensor = _scaled(tensor, arch.residual_scale)
+        tensor = scaled(tensor, arch.residual_scale)
     if arch.value_scale != 1.0 and ".self_attn.v_proj." in name:  # the values are linear in v_proj's rows
-        tensor = _scaled(tensor, arch.value_scale)
+        tensor = scaled(tensor, arch.value_scale)
     rope = arch.layers[layer].rope
     if arch.mla is not None and ".self_attn." in name and arch.layers[layer].mixer == "attention":
         # latent attention lays out its own q and k heads (a recurrent layer's self_attn, Kimi Linear's, is not it)
@@ -414,7 +414,7 @@ def _rotated_heads(config: Any, name: str) -> int | None:
     return None
 
 
-def _scaled(tensor: Any, factor: float) -> Any:
+def scaled(tensor: Any, factor: float) -> Any:
     """Every entry times ``factor``: a matrix, a stack of experts, or either packed (its scales and biases)."""
     if hasattr(tensor, "scales"):  # QuantizedWeight, StackedQuantized: w = scales * q + biases, kept in float32
         scales, biases = (part.astype(np.float32) * np.float32(factor) for part in (tensor.scales, tensor.biases))

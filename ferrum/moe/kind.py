@@ -58,10 +58,13 @@ class Moe:
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         """A shared expert's fused ``gate_up_proj`` (GraniteMoeShared's ``input_linear``): gate rows, then up; a
         correction bias stored ``[1, E]`` (ERNIE 4.5's) as ``[E]``; the router's input scale (Gemma 4's) times
-        hidden_size ** -0.5, as the weight of its norm (``ROUTER_NORM``)."""
-        from ferrum.arch.tensors import rows  # imported here: ferrum.arch.tensors reads the MLP kinds, this one too
+        hidden_size ** -0.5, as the weight of its norm (``ROUTER_NORM``); the shared expert's down_proj times
+        ``MoeSpec.shared_scale``."""
+        from ferrum.arch.tensors import rows, scaled  # imported here: ferrum.arch.tensors reads the MLP kinds
 
         spec = config.arch.moe
+        if spec.shared_scale != 1.0 and f".{spec.at(spec.shared_module)}.down_proj." in name:
+            return [(name, scaled(tensor, spec.shared_scale))]
         if spec.router_norm is not None and name.endswith(f".{spec.at(spec.router_norm)}"):
             scaled = np.asarray(tensor, dtype=np.float32) * np.float32(config.hidden_size ** -0.5)
             return [(name.removesuffix(spec.at(spec.router_norm)) + spec.at(ROUTER_NORM), scaled)]

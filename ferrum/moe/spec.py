@@ -48,6 +48,7 @@ LAYOUT = {
     "sarvam_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "sarvam_mla": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "mimo_v2_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "cohere2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -110,7 +111,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "hy_v3": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",),
-                "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",), "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",), "mimo_v2_flash": ("n_routed_experts", "num_local_experts")}
+                "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",), "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",), "mimo_v2_flash": ("n_routed_experts", "num_local_experts"), "cohere2_moe": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -454,6 +455,14 @@ KEYS: dict[str, tuple[Key, ...]] = {
                           "transformers' MiMo-V2-Flash has no shared expert; set it to null")),
                       Key("scoring_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
                       Key("topk_method", default="noaux_tc", unsupported=True, check=one_of("noaux_tc"))),
+    # Command A MoE (Cohere2MoeConfig's defaults): experts of intermediate_size, shared experts averaged or summed in
+    "cohere2_moe": (*_COUNT["cohere2_moe"], Key("num_experts_per_tok", default=2, check=positive_int),
+                    Key("num_shared_experts", default=0, check=_non_negative_int),
+                    Key("shared_expert_combination_strategy", default="average", check=one_of("average", "sum")),
+                    Key("expert_selection_fn", default="softmax", check=one_of("softmax", "sigmoid")),
+                    Key("norm_topk_prob", default=True, check=boolean),
+                    Key("mlp_layer_types", check=_mlp_layer_types),
+                    Key("first_k_dense_replace", default=0, check=_non_negative_int)),
     # transformers' sparsemixer always picks two experts, whatever num_experts_per_tok says
     "phimoe": (*_COUNT["phimoe"], Key("num_experts_per_tok", default=2, unsupported=True, check=lambda v: None if v == 2
                                       else f"is {v!r}; Phi-3.5-MoE's sparsemixer routing always picks 2 experts"),
@@ -482,7 +491,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256, "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256}
+                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256, "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -594,6 +603,9 @@ class MoeSpec:
     #: norms before and after the dense MLP, then before and after the experts, their two outputs summed
     #: (:class:`ferrum.moe.beside.DenseBesideMoe`, the "dense+moe" kind; the router reads the stream itself).
     beside_dense: tuple[str, str, str, str] | None = None
+    #: The shared expert's output times this, folded into its down_proj at load (Command A MoE's "average" of the
+    #: routed and shared outputs: each halved).
+    shared_scale: float = 1.0
 
     def at(self, name: str) -> str:
         """``name`` of the sparse MLP module as a layer's tensor (the module may be the layer itself)."""
@@ -759,6 +771,25 @@ def _mimo_v2_flash(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[Mo
     return spec, sparse
 
 
+def _cohere2_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Command A MoE's sparse MLP as transformers runs it (``Cohere2MoeSparseMoeBlock``): a router ``gate`` in the
+    compute dtype choosing the top-k logits, weighed by their softmax (the renormalized top-k probabilities) or, by
+    expert_selection_fn, their sigmoids (renormalized where norm_topk_prob); experts of intermediate_size and an
+    ungated ``shared_experts`` MLP of num_shared_experts times that (none where 0), the two outputs summed or, by
+    shared_expert_combination_strategy "average", halved (both halves folded in: the routed weights scaled, the
+    shared expert's down_proj halved at load); sparse layers as mlp_layer_types lists them, else from
+    first_k_dense_replace on."""
+    shared = sizes.intermediate_size * r("num_shared_experts") or None
+    half = 0.5 if shared and r("shared_expert_combination_strategy") == "average" else 1.0
+    sigmoid = r("expert_selection_fn") == "sigmoid"
+    routing = "sigmoid_top_k" if sigmoid else "softmax_grouped" if half != 1.0 else "softmax"
+    spec = MoeSpec("mlp", LAYOUT["cohere2_moe"][1], count, top_k, sizes.intermediate_size,
+                   r("norm_topk_prob") if sigmoid else True, shared, shared_module="shared_experts", shared_gate=None,
+                   routing=routing, routed_scale=half, shared_scale=half)
+    layers, first = sizes.num_layers, r("first_k_dense_replace")
+    return spec, _listed_sparse(r, layers, [i >= first for i in range(layers)])
+
+
 def _llama4(r: KeyReader, sizes: Any, count: int) -> tuple[MoeSpec, list[bool]]:
     """Llama 4's sparse MLPs (transformers' ``Llama4TextMoe``): a router ``feed_forward.router`` whose top logit's
     sigmoid scales the chosen expert's *input*, experts of intermediate_size stored fused (``experts.gate_up_proj``
@@ -826,6 +857,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "lfm2_moe": lambda r, model_type, count, top_k, sizes: _lfm2_moe(r, sizes, count, top_k),
     "afmoe": lambda r, model_type, count, top_k, sizes: _afmoe(r, sizes, count, top_k),
     "mimo_v2_flash": lambda r, model_type, count, top_k, sizes: _mimo_v2_flash(r, sizes, count, top_k),
+    "cohere2_moe": lambda r, model_type, count, top_k, sizes: _cohere2_moe(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
 }
 
