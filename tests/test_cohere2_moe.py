@@ -16,7 +16,8 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, build_transformers_model, reference_logits, runnable_backends,
+    assert_names_the_tensors_transformers_saves,
+    assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, reference_logits, runnable_backends,
     scaled_error,
 )
 
@@ -101,6 +102,11 @@ def test_generates_greedily_as_transformers(checkpoints):
 def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
     for folder, _ in checkpoints.values():
         assert_names_the_tensors_transformers_saves(folder)
+
+
+def test_random_checkpoints_are_what_transformers_reads(tmp_path):
+    raw = cohere2_moe_config(num_shared_experts=1).to_dict()
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "cohere2_moe", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config

@@ -21,6 +21,7 @@ from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_names_the_tensors_transformers_saves,
+    assert_random_checkpoint_is_what_transformers_reads,
     build_transformers_model, mlx_lm_logits, reference_logits, runnable_backends, scaled_error,
     staggered_greedy_workload, without_correction_biases, write_tokenizer,
 )
@@ -139,6 +140,11 @@ def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
     keys and values."""
     for folder, _ in checkpoints.values():
         assert_names_the_tensors_transformers_saves(folder)
+
+
+def test_random_checkpoints_are_what_transformers_reads(tmp_path):
+    """ferrum.random_checkpoint writes sinks on the sliding layers only and the full layers' fewer key/value heads."""
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "mimo", mimo_config().to_dict(), TOKENS)
 
 
 # ------------------------------------------------------------------ config

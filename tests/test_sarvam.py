@@ -18,7 +18,8 @@ from ferrum.errors import ConfigError
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, build_transformers_model, reference_logits, runnable_backends,
+    assert_names_the_tensors_transformers_saves,
+    assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, reference_logits, runnable_backends,
     scaled_error, without_correction_biases,
 )
 
@@ -126,6 +127,12 @@ def test_generates_greedily_as_transformers(checkpoints, variant):
 @pytest.mark.parametrize("variant", ["sarvam_moe", "sarvam_mla"])
 def test_ferrum_names_the_tensors_transformers_saves(checkpoints, variant):
     assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
+
+
+@pytest.mark.parametrize("family", list(MAKERS))
+def test_random_checkpoints_are_what_transformers_reads(tmp_path, family):
+    """Sarvam-30B's in its release's names, q/k/v fused."""
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / family, MAKERS[family]().to_dict(), TOKENS)
 
 
 # ------------------------------------------------------------------ config
