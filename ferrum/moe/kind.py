@@ -66,8 +66,8 @@ class Moe:
         if spec.shared_scale != 1.0 and f".{spec.at(spec.shared_module)}.down_proj." in name:
             return [(name, scaled(tensor, spec.shared_scale))]
         if spec.router_norm is not None and name.endswith(f".{spec.at(spec.router_norm)}"):
-            scaled = np.asarray(tensor, dtype=np.float32) * np.float32(config.hidden_size ** -0.5)
-            return [(name.removesuffix(spec.at(spec.router_norm)) + spec.at(ROUTER_NORM), scaled)]
+            weight = np.asarray(tensor, dtype=np.float32) * np.float32(config.hidden_size ** -0.5)
+            return [(name.removesuffix(spec.at(spec.router_norm)) + spec.at(ROUTER_NORM), weight)]
         if spec.correction_bias_rows and name.endswith(f".{spec.at(spec.bias_name)}"):
             return [(name, np.asarray(tensor).reshape(-1))]
         if not spec.shared_fused or not name.endswith(f".{spec.shared_module}.gate_up_proj.weight"):

@@ -111,7 +111,10 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "hy_v3": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",),
-                "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",), "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",), "mimo_v2_flash": ("n_routed_experts", "num_local_experts"), "cohere2_moe": ("num_experts",)}
+                "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",),
+                # their releases' num_experts is read as n_routed_experts (ferrum.arch.families.SARVAM_ALIASES)
+                "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",),
+                "mimo_v2_flash": ("n_routed_experts", "num_local_experts"), "cohere2_moe": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -491,7 +494,8 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
-                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256, "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8}
+                  "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
+                  "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -636,8 +640,7 @@ class MoeSpec:
 #: times the routed experts' width and dense MLPs where :func:`_sparse_layers` says.
 _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped",
             "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
-            "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped",
-            "sarvam_moe": "sigmoid_grouped",
+            "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped", "sarvam_moe": "sigmoid_grouped",
             "sarvam_mla": "sigmoid_grouped",
             "mistral4": "softmax_top2_grouped"}
 
