@@ -115,6 +115,7 @@ OPTIONAL_OPS = (
     "causal_conv1d",
     "gated_delta_rule",
     "ssd_update",
+    "selective_scan",
     "mul_scalar",
     "softcap",
     "clip",
@@ -384,6 +385,19 @@ def ssd_update(x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias: Any
     :func:`causal_conv1d`. In float32: ``dt = clip(softplus(dt + dt_bias), dt_min, dt_max)``; per token ``S = S *
     exp(-exp(a_log) * dt) + dt * x (x) b``, ``y = S c + d * x``. Returns ``(y [T, H, P] in x's dtype, new_state
     float32)``; the state is not modified. Fallback: :mod:`ferrum.recurrent.kernels` on the host."""
+
+
+@hookspec(firstresult=True)
+def selective_scan(x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias: Any, state: Any,
+                   cu_seqlens: Any) -> Any:
+    """(optional, API 1.19) Mamba-1's selective scan (Mamba, Falcon Mamba, Jamba) over a flattened varlen batch, as
+    transformers' ``mamba_selective_scan`` computes it token by token: ``x [T, D]`` (the convolution's output), the
+    raw step ``dt [T, D]`` (``dt_proj``'s product, its bias not yet added), ``b, c [T, N]`` (shared by every
+    channel), the float32 ``a_log [D, N]``, ``d, dt_bias [D]``, ``state [B, D, N]`` float32 and ``cu_seqlens`` as
+    for :func:`causal_conv1d`. In float32: ``dt = softplus(dt + dt_bias)``; per token and channel ``S = S *
+    exp(-exp(a_log) * dt) + dt * x * b``, ``y = S c + d * x``. Returns ``(y [T, D] in x's dtype, new_state
+    float32)``; the state is not modified. The output gate (``silu(z)``) is the caller's. Fallback:
+    :mod:`ferrum.recurrent.kernels` on the host."""
 
 
 @hookspec(firstresult=True)

@@ -138,6 +138,13 @@ def ssd_update(ops: Any, x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt
     return ops.from_numpy(y, dtype_name(x)), ops.from_numpy(new_state, "float32")
 
 
+def selective_scan(ops: Any, x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias: Any, state: Any,
+                   cu_seqlens: Any) -> tuple[Any, Any]:
+    y, new_state = kernels.selective_scan(*(_host(ops, t) for t in (x, dt, a_log, b, c, d, dt_bias, state)),
+                                          np.asarray(cu_seqlens))
+    return ops.from_numpy(y, dtype_name(x)), ops.from_numpy(new_state, "float32")
+
+
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:
     rounded = np.asarray(ops.to_numpy(ops.from_numpy(np.array([factor], dtype=np.float32), dtype_name(x))))[0]
     return _on_host(ops, x, lambda a: a * np.float32(rounded))

@@ -17,7 +17,7 @@ from ferrum.testing.conformance import _Context, _Mismatch
 from support import grouped_routing_backends, runnable_backends
 
 CHECKS = (family_checks.check_sigmoid_mul, family_checks.check_causal_conv1d, family_checks.check_gated_delta_rule,
-          family_checks.check_ssd_update)
+          family_checks.check_ssd_update, family_checks.check_selective_scan)
 
 
 @pytest.mark.parametrize("backend", runnable_backends())
@@ -70,6 +70,32 @@ def test_native_recurrent_ops_equal_the_numpy_backends(backend, cu):
     np.testing.assert_array_equal(ops.to_numpy(new_conv), want_conv)
 
 
+def _scan_inputs(cu: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Mamba-1's selective scan inputs for ``cu``'s segments, each from a state of its own."""
+    rng = np.random.default_rng(int(cu[-1]) + 1)
+    n, channels, size = int(cu[-1]), 12, 8
+    x, dt = rng.standard_normal((2, n, channels)).astype(np.float32)
+    b, c = rng.standard_normal((2, n, size)).astype(np.float32)
+    a_log = rng.standard_normal((channels, size)).astype(np.float32)
+    d, dt_bias = rng.standard_normal((2, channels)).astype(np.float32)
+    state = rng.standard_normal((len(cu) - 1, channels, size)).astype(np.float32)
+    return x, dt, a_log, b, c, d, dt_bias, state
+
+
+@pytest.mark.parametrize("backend", sorted(set(runnable_backends() + grouped_routing_backends()) - {"cpu"}))
+@pytest.mark.parametrize("cu", [_VARLEN, _DECODE], ids=["varlen", "decode"])
+def test_native_selective_scans_equal_the_numpy_backends(backend, cu):
+    ops = load_backend(backend).ops
+    assert "selective_scan" in ops.native
+    inputs = _scan_inputs(cu)
+    given = [ops.from_numpy(t, "float32") for t in inputs]
+    y, state = ops.selective_scan(*given, cu)
+    want_y, want_state = kernels.selective_scan(*inputs, cu)
+    np.testing.assert_allclose(ops.to_numpy(y), want_y, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(ops.to_numpy(state), want_state, rtol=1e-4, atol=2e-5)
+    assert np.array_equal(ops.to_numpy(given[-1]), inputs[-1]), "the state given was changed"
+
+
 @pytest.mark.parametrize("cu", [_VARLEN, _DECODE, np.array([0, 3, 3, 7], np.int32)], ids=["varlen", "decode", "empty"])
 def test_the_batched_formulation_padded_to_buckets_gives_the_kernels_results(cu):
     """Padding tokens, sequences and chunks up to powers of two (as JAX does, to bound its compiles) changes nothing,
@@ -78,6 +104,10 @@ def test_the_batched_formulation_padded_to_buckets_gives_the_kernels_results(cu)
                               bucket=lambda n: 1 << (max(n, 1) - 1).bit_length())
     inputs = _random_batch(cu)
     for got, want in zip(batched.gated_delta_rule(numpy, *inputs, cu), kernels.gated_delta_rule(*inputs, cu)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    inputs = _scan_inputs(cu)
+    for got, want in zip(batched.selective_scan(numpy, *inputs, cu), kernels.selective_scan(*inputs, cu)):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
     rng = np.random.default_rng(2)
@@ -135,6 +165,23 @@ def test_the_kit_catches_a_scan_without_its_step_limit_skip_or_grouping():
     for wrong in (unclipped, no_skip, round_robin):
         with pytest.raises(_Mismatch):
             family_checks.check_ssd_update(_with(ssd_update=wrong), 1e-5)
+
+
+def test_the_kit_catches_a_selective_scan_without_its_step_bias_or_skip_or_with_b_and_c_swapped():
+    """Plausible slips of a port: dt_proj's bias left out (transformers adds it inside the scan), the D skip
+    dropped, B and C read the wrong way round."""
+    def unbiased(x, dt, a_log, b, c, d, dt_bias, state, cu):
+        return kernels.selective_scan(x, dt, a_log, b, c, d, np.zeros_like(dt_bias), state, cu)
+
+    def no_skip(x, dt, a_log, b, c, d, dt_bias, state, cu):
+        return kernels.selective_scan(x, dt, a_log, b, c, np.zeros_like(d), dt_bias, state, cu)
+
+    def swapped(x, dt, a_log, b, c, d, dt_bias, state, cu):
+        return kernels.selective_scan(x, dt, a_log, c, b, d, dt_bias, state, cu)
+
+    for wrong in (unbiased, no_skip, swapped):
+        with pytest.raises(_Mismatch):
+            family_checks.check_selective_scan(_with(selective_scan=wrong), 1e-5)
 
 
 def test_kernels_carry_a_segment_split_anywhere_as_one_segment():

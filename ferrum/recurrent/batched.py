@@ -1,9 +1,10 @@
 """The recurrent ops written once for numpy-like array frameworks (MLX, torch, JAX): the backends' native
-``causal_conv1d`` and ``gated_delta_rule`` without a host round trip.
+``causal_conv1d``, ``gated_delta_rule`` and ``selective_scan`` without a host round trip.
 
 The host reads only ``cu_seqlens`` (already a host array) and turns it into index arrays; everything else is
 array ops on the device, so MLX's graph stays lazy. Segments are padded to a ``[B, L]`` batch whose padding
-neither decays nor writes the state (``g = 0``, ``beta = 0``, ``k = 0``). The delta rule then runs one
+neither decays nor writes the state (``g = 0``, ``beta = 0``, ``k = 0``; the selective scan's step 0). The
+selective scan runs one vectorised step per token. The delta rule runs one
 vectorised step per token for short segments (a decode step is one), or, from ``CHUNK`` tokens on, in
 chunks: within a chunk the WY form (the corrections ``u`` solve a unit lower-triangular system, inverted by
 forward substitution, which stays stable where keys nearly repeat; a doubling inverse loses them), across chunks one
@@ -126,7 +127,7 @@ def delta_plan(cu_seqlens: Any, chunk: int = CHUNK, bucket: Callable[[int], int]
     if len(lengths) and (lengths == 1).all():
         return DeltaPlan(None, None, None, False)
     longest = int(lengths.max(initial=0))
-    chunked = longest >= chunk
+    chunked = bool(chunk) and longest >= chunk  # chunk 0: never
     width = bucket(-(-longest // chunk)) * chunk if chunked else bucket(max(longest, 1))
     slot = np.arange(width)
     valid = slot[None, :] < lengths[:, None]
@@ -284,3 +285,44 @@ def _chunked(fw: Framework, state: Any, q: Any, k: Any, v: Any, g: Any, beta: An
     state, outs = fw.scan(one_chunk, state, tuple(xp.moveaxis(t, 2, 0) for t in parts))
     out = xp.moveaxis(fw.stack(outs), 0, 2).reshape(batch, heads, length, -1)  # [B, H, L, Dv]
     return xp.swapaxes(out, 1, 2), state
+
+
+def selective_scan(fw: Framework, x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias: Any, state: Any,
+                   cu_seqlens: Any) -> tuple[Any, Any]:
+    """``ferrum.hookspec.selective_scan``; returns ``(y in x's dtype, new float32 state)``."""
+    tokens, batch = x.shape[0], state.shape[0]
+    cu, (x, dt, b, c), (state,) = bucketed(fw, cu_seqlens, [x, dt, b, c], [state])
+    plan = delta_plan(cu, 0, fw.bucket or int)
+    gather, scatter, valid = (None if i is None else fw.put(i) for i in (plan.gather, plan.scatter, plan.valid))
+    y, new_state = _device_part(fw, scan_selective, ())(x, dt, a_log, b, c, d, dt_bias, state, gather, scatter, valid)
+    return (y, new_state) if fw.bucket is None else (y[:tokens], new_state[:batch])
+
+
+def scan_selective(fw: Framework, x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias: Any, state: Any,
+                   gather: Any, scatter: Any, valid: Any) -> tuple[Any, Any]:
+    """The device part of :func:`selective_scan` for a :class:`DeltaPlan`'s uploaded arrays (pure: JAX jits it):
+    one step per token over ``[B, D, N]``, a padding slot's step 0 (no decay, no write)."""
+    xp, f32 = fw.xp, fw.xp.float32
+    xf = fw.astype(x, f32)
+    raw = fw.astype(dt, f32) + fw.astype(dt_bias, f32)
+    step = xp.logaddexp(raw, xp.zeros_like(raw))  # softplus
+    a = -xp.exp(fw.astype(a_log, f32))
+    bf, cf, state = fw.astype(b, f32), fw.astype(c, f32), fw.astype(state, f32)
+    if gather is None:  # every segment one token: one step over the batch
+        y, new_state = _selective_step(xp, a, state, (xf, step, bf, cf))
+    else:
+        xs = [t[gather] for t in (xf, step, bf, cf)]  # [B, L, ...]
+        xs[1] = xs[1] * valid[..., None]
+        new_state, ys = fw.scan(lambda s, inputs: _selective_step(xp, a, s, inputs)[::-1], state,
+                                tuple(xp.swapaxes(t, 0, 1) for t in xs))
+        y = xp.swapaxes(fw.stack(ys), 0, 1)
+        y = y.reshape(-1, y.shape[-1])[scatter]
+    y = y + xf * fw.astype(d, f32)
+    return fw.astype(y, x.dtype), new_state
+
+
+def _selective_step(xp: Any, a: Any, state: Any, inputs: tuple) -> tuple[Any, Any]:
+    """One token of every sequence: ``x, step [B, D]``, ``b, c [B, N]``, ``state [B, D, N]``."""
+    x, step, b, c = inputs
+    state = state * xp.exp(step[..., None] * a) + (step * x)[..., None] * b[:, None, :]
+    return (state @ c[..., None])[..., 0], state

@@ -88,6 +88,25 @@ def ssd_update(x: np.ndarray, dt: np.ndarray, a_log: np.ndarray, b: np.ndarray, 
     return y + skip, new_state
 
 
+def selective_scan(x: np.ndarray, dt: np.ndarray, a_log: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray,
+                   dt_bias: np.ndarray, state: np.ndarray, cu_seqlens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mamba-1's selective scan (``ferrum.hookspec.selective_scan``): ``x, dt [T, D]``, ``b, c [T, N]``,
+    ``a_log [D, N]``, ``state [B, D, N]``; returns ``(y [T, D], new_state)`` in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    step = np.logaddexp(np.float32(0), np.asarray(dt, dtype=np.float32) + np.asarray(dt_bias, dtype=np.float32))
+    a = -np.exp(np.asarray(a_log, dtype=np.float32))  # [D, N]
+    b, c = (np.asarray(t, dtype=np.float32) for t in (b, c))
+    y = np.empty_like(x)
+    new_state = np.array(state, dtype=np.float32)
+    for s in range(len(cu_seqlens) - 1):
+        S = new_state[s]  # [D, N], updated in place
+        for t in range(int(cu_seqlens[s]), int(cu_seqlens[s + 1])):
+            S *= np.exp(step[t][:, None] * a)
+            S += (step[t] * x[t])[:, None] * b[t]
+            y[t] = S @ c[t]
+    return y + x * np.asarray(d, dtype=np.float32), new_state
+
+
 def sigmoid_mul(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(gate)``."""
     return np.asarray(x, dtype=np.float32) / (1.0 + np.exp(-np.asarray(gate, dtype=np.float32)))

@@ -1,6 +1,6 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, squared ReLU,
 xIELU, the recurrent mixers' ops (gated attention's sigmoid gate, the causal convolution, Gated DeltaNet's rule,
-Mamba-2's state-space recurrence),
+Mamba-2's state-space recurrence, Mamba-1's selective scan),
 scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE,
 Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron, Llama 4, nanochat)
 against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
@@ -306,6 +306,39 @@ def check_ssd_update(c: Any, tol: float) -> float:
     return max(_compare(c.get(y), want_y, tol), _compare(c.get(new_state), want_state, tol))
 
 
+def selective_oracle(x, dt, a_log, b, cm, d, dt_bias, state, cu) -> tuple[np.ndarray, np.ndarray]:
+    """``ferrum.hookspec.selective_scan`` in float64, channel by channel."""
+    x, dt, a_log, b, cm, d, dt_bias, state = (np.asarray(t, dtype=np.float64)
+                                              for t in (x, dt, a_log, b, cm, d, dt_bias, state))
+    y, new_state = np.zeros_like(x), state.copy()
+    for s in range(len(cu) - 1):
+        for t in range(cu[s], cu[s + 1]):
+            for ch in range(x.shape[1]):
+                step = np.log1p(np.exp(dt[t, ch] + dt_bias[ch]))
+                S = new_state[s, ch] * np.exp(-np.exp(a_log[ch]) * step) + step * x[t, ch] * b[t]
+                new_state[s, ch] = S
+                y[t, ch] = S @ cm[t] + d[ch] * x[t, ch]
+    return y, new_state
+
+
+def check_selective_scan(c: Any, tol: float) -> float:
+    """Three segments from states of their own, a decay per channel and state dimension from slow to fast, steps
+    from small to large; the float32 state given is left as it was."""
+    channels, n, tokens = 6, 5, int(_SEGMENTS[-1])
+    x, dt = c.rounded(c.random(tokens, channels)), c.rounded(c.random(tokens, channels) * 3)
+    b, cm = (c.rounded(c.random(tokens, n)) for _ in range(2))
+    a_log = np.log(np.geomspace(0.05, 8.0, channels * n).reshape(channels, n)[:, ::-1].copy()).astype(np.float32)
+    d = np.linspace(-1.0, 2.0, channels).astype(np.float32)
+    dt_bias = np.linspace(-2.0, 1.0, channels).astype(np.float32)
+    state = c.random(len(_SEGMENTS) - 1, channels, n) * 0.5
+    f32 = [c.ops.from_numpy(t.copy(), "float32") for t in (a_log, d, dt_bias, state)]
+    y, new_state = c.ops.selective_scan(c.put(x), c.put(dt), f32[0], c.put(b), c.put(cm), f32[1], f32[2], f32[3],
+                                        _SEGMENTS)
+    assert np.array_equal(c.get(f32[3]), state), "selective_scan changed the state it was given"
+    want_y, want_state = selective_oracle(x, dt, a_log, b, cm, d, dt_bias, state, _SEGMENTS)
+    return max(_compare(c.get(y), want_y, tol), _compare(c.get(new_state), want_state, tol))
+
+
 def check_mul_scalar(c: Any, tol: float) -> float:
     x = c.rounded(c.random(5, 64))
     factor = float(c.rounded(np.array([np.sqrt(3072.0)], dtype=np.float32))[0])  # as the dtype holds it
@@ -423,6 +456,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"gated_delta_rule, per key channel and beta_scale ({extended_rule})",
          lambda: check_gated_delta_rule_per_channel(c, tol), tol),
         (f"ssd_update ({source('ssd_update')})", lambda: check_ssd_update(c, tol), tol),
+        (f"selective_scan ({source('selective_scan')})", lambda: check_selective_scan(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),
         (f"mul ({source('mul')})", lambda: check_mul(c, tol), tol),

@@ -169,6 +169,11 @@ def ssd_update(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens, dt_min, dt_max
 
 
 @hookimpl
+def selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens):
+    return _recurrent.selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens)
+
+
+@hookimpl
 def clip(x, limit):
     return np.clip(x, -limit, limit).astype(x.dtype, copy=False)
 

@@ -460,6 +460,11 @@ def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scal
     return batched.gated_delta_rule(_RECURRENT, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale)
 
 
+@hookimpl
+def selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens):
+    return batched.selective_scan(_RECURRENT, x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens)
+
+
 # ------------------------------------------------------- quantized weights
 def _float_codes(codes) -> tuple[mx.array, mx.array, int, int]:
     """A float mode's codes and uint8 scales as MLX's ``mode=`` kernels take them, with the mode's bits and group."""

@@ -234,7 +234,7 @@ NEMOTRON_H = dict(architectures=["NemotronHForCausalLM"], model_type="nemotron_h
 
 
 #: Nemotron 3 Nano's layout: Nemotron-H's blocks with MoE blocks ('E') of ungated squared-ReLU experts (the core's
-#: experts on the plugin's ops: it declares no API 1.18) routed in groups by corrected sigmoid scores, routed on the
+#: experts on the plugin's ops: it has no moe_experts) routed in groups by corrected sigmoid scores, routed on the
 #: device, and a squared-ReLU shared expert.
 NEMOTRON_3 = dict(NEMOTRON_H, num_hidden_layers=7, hybrid_override_pattern="ME*E-ME", n_routed_experts=8,
                   num_experts_per_tok=3, moe_intermediate_size=24, moe_shared_expert_intermediate_size=40, n_group=2,
