@@ -198,7 +198,7 @@ class Attention(MixerKind):
 
 
 class Recurrent(MixerKind):
-    """A recurrent mixer of :data:`ferrum.recurrent.MIXERS` (Gated DeltaNet, Mamba-2, LFM2's short convolution):
+    """A recurrent mixer of :data:`ferrum.recurrent.MIXERS` (Gated DeltaNet, Mamba-1 and -2, LFM2's short convolution):
     its layer projects, mixes over the batch from the sequences' states and takes its output."""
 
     stateful = True

@@ -23,6 +23,7 @@ from ferrum.errors import ConfigError
 from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe, nemotron_h_moe, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 from ferrum.recurrent.kimi_delta import KimiDeltaSpec
+from ferrum.recurrent.mamba import MambaSpec
 from ferrum.recurrent.mamba2 import Mamba2Spec
 from ferrum.recurrent.short_conv import ShortConvSpec
 
@@ -1675,6 +1676,114 @@ def _nemotron_h(r: KeyReader, sizes: Sizes) -> Architecture:
     return nemotron_h_moe(r, arch) if "E" in pattern else arch
 
 
+#: Mamba's and Falcon Mamba's modules: each block's ``mixer`` under one ``norm``; the embeddings and final norm
+#: ``backbone.embeddings`` / ``backbone.norm_f``.
+MAMBA_STORED = {"embed_tokens": "embeddings", "norm": "norm_f", "input_layernorm": "norm"}
+
+
+def _mamba_inner(r: KeyReader, hidden: int) -> int:
+    """The scan's channels: intermediate_size where the config gives it (the releases and mlx-lm read it), else
+    ``expand * hidden_size`` (transformers computes it so)."""
+    inner = r("intermediate_size")
+    return r("expand") * hidden if inner is None else inner
+
+
+def _dt_rank(r: KeyReader, key: str, hidden: int) -> int:
+    """The step's rank: ``ceil(hidden_size / 16)`` where "auto"."""
+    rank = r(key)
+    if rank == "auto":
+        return math.ceil(hidden / 16)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        r.fail(key, f'must be a positive integer or "auto", got {rank!r}')
+    return rank
+
+
+def _mamba(inner_norms: str | None) -> Callable[[KeyReader, Sizes], Architecture]:
+    """Mamba / Falcon Mamba (``inner_norms`` "weightless": the step, B and C RMS-normed without weights): blocks of
+    one RMSNorm and a Mamba-1 mixer (:mod:`ferrum.recurrent.mamba`), no attention, no MLP."""
+
+    def build(r: KeyReader, sizes: Sizes) -> Architecture:
+        h = sizes.hidden_size
+        spec = MambaSpec(_mamba_inner(r, h), r("state_size"), r("conv_kernel"), _dt_rank(r, "time_step_rank", h),
+                         conv_bias=r("use_conv_bias"), proj_bias=r("use_bias"), inner_norms=inner_norms,
+                         norm_eps=float(r.get("mixer_rms_eps") or 1e-6))
+        return Architecture(
+            layers=tuple(LayerSpec(None, Rope.unrotated(sizes.head_dim), mixer="mamba", mlp="none")
+                         for _ in range(sizes.num_layers)),
+            norms={"pre_attn": "input_layernorm"}, mamba=spec, keep_float32=(".A_log", ".dt_bias", ".D"),
+            stored_names=MAMBA_STORED, layouts=(("backbone.", "lm_head.weight", {}),),
+        )
+
+    return build
+
+
+_MAMBA = (
+    Key("hidden_size", check=size(1 << 17)),
+    Key("num_hidden_layers", check=size(1024)),
+    Key("vocab_size", check=size(1 << 23)),
+    Key("layer_norm_epsilon", check=optional_positive_number),
+    Key("tie_word_embeddings", default=True, check=boolean),
+    # no attention: one nominal head, no positions to bound the context (Ferrum's cap)
+    Key("num_attention_heads", default=1, check=one_of(1)),
+    Key("max_position_embeddings", default=1 << 20, check=size(1 << 28)),
+    Key("intermediate_size", check=optional_size(1 << 20)),
+    Key("expand", default=2, check=positive_int),
+    Key("state_size", default=16, check=positive_int),
+    Key("conv_kernel", default=4, check=positive_int),
+    Key("time_step_rank", default="auto"),
+    Key("use_conv_bias", default=True, check=boolean),
+    Key("use_bias", default=False, check=boolean),
+    Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),
+    Key("rms_norm", default=True, check=one_of(True), unsupported=True),  # mamba_ssm's LayerNorm variant
+)
+
+
+def _jamba_layers(r: KeyReader, sizes: Sizes) -> list[str]:
+    """Each layer's mixer: attention where ``i % attn_layer_period == attn_layer_offset``, else Mamba-1."""
+    period, offset = r("attn_layer_period"), r("attn_layer_offset")
+    if offset >= period:
+        r.fail("attn_layer_offset", f"({offset}) must be below attn_layer_period ({period})")
+    return ["attention" if i % period == offset else "mamba" for i in range(sizes.num_layers)]
+
+
+#: Jamba's modules: the MLP is the layer's ``feed_forward``, the final norm ``final_layernorm``.
+JAMBA_STORED = {"norm": "final_layernorm", "mlp.gate_proj": "feed_forward.gate_proj",
+                "mlp.up_proj": "feed_forward.up_proj", "mlp.down_proj": "feed_forward.down_proj"}
+
+
+def _jamba(r: KeyReader, sizes: Sizes) -> Architecture:
+    """AI21's Jamba: Mamba-1 layers (the step, B and C RMS-normed with weights) and attention layers without rope
+    (attn_layer_period / offset), each followed by a SwiGLU MLP or, every expert_layer_period-th from
+    expert_layer_offset, Mixtral-style softmax experts whose top-k weights are not renormalized (:mod:`ferrum.moe`);
+    num_experts 1 makes every layer dense."""
+    h = sizes.hidden_size
+    spec = MambaSpec(r("mamba_expand") * h, r("mamba_d_state"), r("mamba_d_conv"),
+                     _dt_rank(r, "mamba_dt_rank", h), conv_bias=r("mamba_conv_bias"), proj_bias=r("mamba_proj_bias"),
+                     inner_norms="weighted", norm_eps=sizes.rms_norm_eps, module="mamba")
+    rope = Rope.unrotated(sizes.head_dim)
+    arch = Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer=mixer) for mixer in _jamba_layers(r, sizes)),
+        norms={"pre_attn": "input_layernorm", "pre_mlp": "pre_ff_layernorm"},
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), mamba=spec, keep_float32=(".A_log", ".dt_bias", ".D"),
+        stored_names=JAMBA_STORED,
+    )
+    return arch if r("num_experts") == 1 else with_moe("jamba", lambda r, sizes: arch)(r, sizes)
+
+
+_JAMBA = (
+    Key("mamba_d_state", default=16, check=positive_int),
+    Key("mamba_d_conv", default=4, check=positive_int),
+    Key("mamba_expand", default=2, check=positive_int),
+    Key("mamba_dt_rank", default="auto"),
+    Key("mamba_conv_bias", default=True, check=boolean),
+    Key("mamba_proj_bias", default=False, check=boolean),
+    Key("attn_layer_period", default=8, check=positive_int),
+    Key("attn_layer_offset", default=4, check=optional_non_negative_int),
+    # Jamba-v0.1's remote code could leave out the step / B / C norms; transformers (and every release) has them
+    Key("mamba_inner_layernorms", default=True, check=one_of(True), unsupported=True),
+)
+
+
 #: LFM2's layer types -> the mixer each runs (LayerSpec.mixer).
 _LFM2_MIXERS = {"conv": "short_conv", FULL: "attention"}
 LFM2_NORMS = {"pre_attn": "operator_norm", "pre_mlp": "ffn_norm"}
@@ -2824,6 +2933,18 @@ FAMILIES: dict[str, Family] = {
         _nemotron_h,
         eps_default=1e-5, eps_key="layer_norm_epsilon", derive=_nemotron_h_layer_count,
         unloaded=r"^mtp\.",  # the multi-token prediction layers transformers skips
+    ),
+    "mamba": Family(  # state-spaces' Mamba (mamba-*-hf): Mamba-1 blocks alone
+        _keys(_MAMBA), _mamba(None), eps_default=1e-5, eps_key="layer_norm_epsilon",
+    ),
+    "falcon_mamba": Family(  # Falcon Mamba 7B: Mamba with the step, B and C RMS-normed without weights
+        _keys(_MAMBA, (Key("mixer_rms_eps", default=1e-6, check=positive_number),)), _mamba("weightless"),
+        eps_default=1e-5, eps_key="layer_norm_epsilon",
+    ),
+    "jamba": Family(  # AI21's Jamba: Mamba-1 and rope-less attention layers, dense and expert MLPs
+        _keys(_core(False), _core_defaults(num_key_value_heads=8, max_position_embeddings=262144), _SILU, _JAMBA,
+              MOE_KEYS["jamba"]),
+        _jamba,
     ),
     "olmoe": Family(  # OLMoE: Llama's norms, q and k normed over their whole projections, experts on every layer
         _keys(_core(False), _ROPE, _SILU, (

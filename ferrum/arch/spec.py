@@ -40,8 +40,9 @@ class LayerSpec:
     values_are_keys: bool = False
     #: What mixes the layer's tokens: "attention" over the paged KV cache, or a recurrent mixer carrying a state per
     #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention;
-    #: "mamba2", Granite 4.0-H's and Nemotron-H's Mamba-2 layers; "short_conv", LFM2's gated short convolutions;
-    #: "kimi_delta", Kimi Linear's Kimi Delta Attention),
+    #: "mamba", Mamba's, Falcon Mamba's and Jamba's Mamba-1 layers; "mamba2", Granite 4.0-H's and Nemotron-H's
+    #: Mamba-2 layers; "short_conv", LFM2's gated short convolutions; "kimi_delta", Kimi Linear's Kimi Delta
+    #: Attention),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
     #: The layer computes no keys or values: it attends those of layer ``kv_source`` (an earlier layer of its
@@ -148,6 +149,8 @@ class Architecture:
     #: The sizes and layout of the layers whose mixer is "gated_delta" (:class:`ferrum.recurrent.gated_delta.
     #: GatedDeltaSpec`), else None.
     gated_delta: Any = None
+    #: ...whose mixer is "mamba" (:class:`ferrum.recurrent.mamba.MambaSpec`), else None.
+    mamba: Any = None
     #: ...whose mixer is "mamba2" (:class:`ferrum.recurrent.mamba2.Mamba2Spec`), else None.
     mamba2: Any = None
     #: The size and layout of the layers whose mixer is "short_conv" (:class:`ferrum.recurrent.short_conv.

@@ -579,7 +579,7 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
             break
     if config.arch.gated_delta is not None:
         config = _gated_delta_layout(config, stored)
-    for mixer in ("mamba2", "short_conv"):
+    for mixer in ("mamba", "mamba2", "short_conv"):
         if mixer_spec(config.arch, mixer) is not None:
             config = _taps_layout(config, mixer, stored)
     if config.arch.fused_gate_up:
@@ -609,7 +609,7 @@ def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> A
 
 
 def _taps_layout(config: Any, mixer: str, stored: Mapping[str, tuple[int, ...]]) -> Any:
-    """mlx-lm's conversions store a recurrent mixer's convolution ``[C, K, 1]`` (Mamba-2's, LFM2's)."""
+    """mlx-lm's conversions store a recurrent mixer's convolution ``[C, K, 1]`` (Mamba-1's, Mamba-2's, LFM2's)."""
     arch, spec = config.arch, mixer_spec(config.arch, mixer)
     layer = next(i for i, layer in enumerate(arch.layers) if layer.mixer == mixer)
     shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{spec.module}.conv1d.weight"))

@@ -49,6 +49,7 @@ LAYOUT = {
     "sarvam_mla": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "mimo_v2_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "cohere2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "jamba": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -56,7 +57,7 @@ STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
            "granitemoeshared": ("input_linear", "input_linear", "output_linear")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
-          "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer"}
+          "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer", "jamba": "router"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
 MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts", "afmoe": "experts"}
 
@@ -114,7 +115,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",),
                 # their releases' num_experts is read as n_routed_experts (ferrum.arch.families.SARVAM_ALIASES)
                 "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",),
-                "mimo_v2_flash": ("n_routed_experts", "num_local_experts"), "cohere2_moe": ("num_experts",)}
+                "mimo_v2_flash": ("n_routed_experts", "num_local_experts"), "cohere2_moe": ("num_experts",),
+                "jamba": ("num_experts", "num_local_experts")}  # the latter its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -486,6 +488,10 @@ KEYS: dict[str, tuple[Key, ...]] = {
     # has no default for these three
     "gemma4_text": (Key("num_experts", check=optional_positive_int), Key("top_k_experts", check=optional_positive_int),
                     Key("moe_intermediate_size", check=optional_positive_int)),
+    # Jamba: experts of intermediate_size on every expert_layer_period-th layer from expert_layer_offset
+    "jamba": (*_COUNT["jamba"], Key("num_experts_per_tok", default=2, check=positive_int),
+              Key("expert_layer_period", default=2, check=positive_int),
+              Key("expert_layer_offset", default=1, check=_non_negative_int)),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
@@ -495,7 +501,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
-                  "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8}
+                  "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8, "jamba": 16}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -793,6 +799,17 @@ def _cohere2_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeS
     return spec, _listed_sparse(r, layers, [i >= first for i in range(layers)])
 
 
+def _jamba(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Jamba's sparse MLP as transformers runs it (``JambaSparseMoeBlock``): a router ``feed_forward.router`` whose
+    softmax's top-k probabilities weigh the experts as they are (not renormalized: mlx-lm 0.32 renormalizes them),
+    SwiGLU experts of intermediate_size, on the layers ``i % expert_layer_period == expert_layer_offset``."""
+    period, offset = r("expert_layer_period"), r("expert_layer_offset")
+    if offset >= period:
+        r.fail("expert_layer_offset", f"({offset}) must be below expert_layer_period ({period})")
+    spec = MoeSpec(*LAYOUT["jamba"], count, top_k, sizes.intermediate_size, False, None, router=ROUTER["jamba"])
+    return spec, [i % period == offset for i in range(sizes.num_layers)]
+
+
 def _llama4(r: KeyReader, sizes: Any, count: int) -> tuple[MoeSpec, list[bool]]:
     """Llama 4's sparse MLPs (transformers' ``Llama4TextMoe``): a router ``feed_forward.router`` whose top logit's
     sigmoid scales the chosen expert's *input*, experts of intermediate_size stored fused (``experts.gate_up_proj``
@@ -861,6 +878,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "afmoe": lambda r, model_type, count, top_k, sizes: _afmoe(r, sizes, count, top_k),
     "mimo_v2_flash": lambda r, model_type, count, top_k, sizes: _mimo_v2_flash(r, sizes, count, top_k),
     "cohere2_moe": lambda r, model_type, count, top_k, sizes: _cohere2_moe(r, sizes, count, top_k),
+    "jamba": lambda r, model_type, count, top_k, sizes: _jamba(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
 }
 

@@ -19,6 +19,16 @@ from ferrum.recurrent.state import StateShapes
 INPUTS = ("in_proj_z", "in_proj_xbc", "in_proj_dt")
 
 
+def convolve_silu(ops: Any, x: Any, taps: Any, bias: Any, state: Any, cu_seqlens: np.ndarray) -> tuple[Any, Any]:
+    """SiLU of the depthwise causal convolution plus its bias (None: unbiased) over a batch: ``(y, new state)``."""
+    if bias is None:
+        return ops.causal_conv1d(x, taps, state, cu_seqlens, True)
+    mixed, new_state = ops.causal_conv1d(x, taps, state, cu_seqlens, False)
+    rows = ops.from_numpy(np.zeros(int(cu_seqlens[-1]), dtype=np.int32), None)
+    mixed = ops.add(mixed, ops.take_rows(bias, rows))
+    return ops.sigmoid_mul(mixed, mixed), new_state  # x * sigmoid(x)
+
+
 @dataclass(frozen=True)
 class Mamba2Spec:
     """The sizes of a model's Mamba-2 layers and the layout their tensors are stored in."""
@@ -114,13 +124,7 @@ class Mamba2Layer:
         """The recurrent part over a batch: ``(y [T, H, P], (z,), new states)``; the given states are not changed."""
         ops, s = self.ops, self.spec
         xbc, dt, z = inputs
-        if self.conv_bias is None:
-            mixed, conv_state = ops.causal_conv1d(xbc, self.conv, states[0], cu_seqlens, True)
-        else:  # SiLU of the convolution plus its bias: x * sigmoid(x)
-            mixed, conv_state = ops.causal_conv1d(xbc, self.conv, states[0], cu_seqlens, False)
-            rows = ops.from_numpy(np.zeros(int(cu_seqlens[-1]), dtype=np.int32), None)
-            mixed = ops.add(mixed, ops.take_rows(self.conv_bias, rows))
-            mixed = ops.sigmoid_mul(mixed, mixed)
+        mixed, conv_state = convolve_silu(ops, xbc, self.conv, self.conv_bias, states[0], cu_seqlens)
         x, b, c = ops.split(mixed, (s.inner, s.num_groups * s.state_size, s.num_groups * s.state_size))
         x = ops.reshape(x, (-1, s.num_heads, s.head_dim))
         b = ops.reshape(b, (-1, s.num_groups, s.state_size))
