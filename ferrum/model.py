@@ -363,7 +363,8 @@ class DecoderOnlyLLM:
                     as_is = (part.endswith((".bias", ".sinks", ".layer_scalar", OUTPUT_SCALE)) or is_norm(part)
                              or float32 and (array.ndim == 1 or not part.endswith(".weight"))  # Kimi's dt_bias
                              or ".act_fn." in part  # xIELU's learned values (Apertus)
-                             or part.endswith("conv1d.weight"))  # a depthwise convolution's taps (q_conv1d...)
+                             or part.endswith(("conv1d.weight",  # a depthwise convolution's taps (q_conv1d...)
+                                               ".A_log")))  # Mamba-1's [D, N] decays
                     role = roles.get(part, "bias" if as_is else "linear")
                     weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs,
                                           since)

@@ -1711,7 +1711,7 @@ def _mamba(inner_norms: str | None) -> Callable[[KeyReader, Sizes], Architecture
             layers=tuple(LayerSpec(None, Rope.unrotated(sizes.head_dim), mixer="mamba", mlp="none")
                          for _ in range(sizes.num_layers)),
             norms={"pre_attn": "input_layernorm"}, mamba=spec, keep_float32=(".A_log", ".dt_bias", ".D"),
-            stored_names=MAMBA_STORED, layouts=(("backbone.", "lm_head.weight", {}),),
+            stored_names=MAMBA_STORED, prefix="backbone.",
         )
 
     return build

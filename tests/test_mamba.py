@@ -1,0 +1,157 @@
+"""Mamba (``mamba``) and Falcon Mamba (``falcon_mamba``): blocks of one RMSNorm and one Mamba-1 mixer carrying a
+convolution window and per-channel state-space matrices per sequence (``selective_scan``, API 1.19); against
+transformers (and mlx-lm's conversions against mlx-lm) on every runnable backend, and the engine's batching, chunked
+prefill, preemption and prefix caching over those states."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import transformers
+from safetensors.numpy import load_file
+
+from ferrum.config import ModelConfig
+from ferrum.engine import Engine, EngineConfig
+from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.executor import LlmExecutor
+from ferrum.model import DecoderOnlyLLM
+from support import (
+    assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
+    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
+    assert_random_checkpoint_is_what_transformers_reads, built_checkpoints, mlx_lm_logits, reference_logits,
+    runnable_backends, scaled_error, staggered_greedy_workload,
+)
+
+BACKENDS = runnable_backends()
+VOCAB = 300
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, state_size=8, conv_kernel=4)
+VARIANTS = {
+    # mamba-*-hf's layout: tied embeddings, a biased convolution, unbiased projections, a step of rank 6
+    "mamba": lambda: transformers.MambaConfig(**COMMON, time_step_rank=6),
+    # Falcon Mamba 7B's: the step, B and C RMS-normed without weights (a large eps here, so that it shows), an
+    # untied head; with biased projections and an unbiased convolution, the rank "auto" (hidden / 16)
+    "falcon": lambda: transformers.FalconMambaConfig(**COMMON, expand=3, mixer_rms_eps=0.3, use_bias=True,
+                                                     use_conv_bias=False, tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return built_checkpoints(tmp_path_factory, VARIANTS, VOCAB)
+
+
+def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
+    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
+
+
+def test_reads_the_blocks_sizes_and_names(checkpoints):
+    """transformers saves the releases' names (``backbone.embeddings``, each block's ``norm`` and ``mixer``,
+    ``norm_f``); no layer attends, so the KV pool holds none."""
+    model = load(checkpoints["mamba"][0])
+    arch = model.config.arch
+    assert [(s.mixer, s.mlp) for s in arch.layers] == [("mamba", "none")] * 3 and arch.kv_pool_layers == 0
+    assert arch.prefix == "backbone." and model.config.tie_word_embeddings
+    assert (arch.mamba.inner, arch.mamba.state_size, arch.mamba.dt_rank, arch.mamba.inner_norms) == (128, 8, 6, None)
+    falcon = load(checkpoints["falcon"][0]).config.arch.mamba
+    assert (falcon.inner, falcon.dt_rank, falcon.inner_norms, falcon.norm_eps) == (192, 4, "weightless", 0.3)
+    assert (falcon.conv_bias, falcon.proj_bias) == (False, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
+    """Decode steps too: each carries the convolution window and the state-space matrices of the step before."""
+    folder, hf = checkpoints[variant]
+    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+
+
+def test_falcon_mambas_norms_count(checkpoints):
+    """Run without its step / B / C norms, Falcon Mamba misses transformers' logits by far more than the match
+    holds to."""
+    folder, hf = checkpoints["falcon"]
+    model = load(folder)
+    for layer in model.layers:
+        layer.recurrent.norms = None
+    assert scaled_error(model.forward_verify("a", TOKENS), reference_logits(hf, TOKENS)) > 1e-2
+
+
+def test_the_releases_config_reads_as_transformers_does(checkpoints, tmp_path):
+    """mamba-*-hf's config.json gives intermediate_size beside expand, and mamba_ssm's keys (rms_norm, n_layer...)
+    transformers ignores."""
+    folder, hf = checkpoints["mamba"]
+    raw = {**json.loads((folder / "config.json").read_text()), "rms_norm": True, "fused_add_norm": True,
+           "n_layer": 3}
+    assert ModelConfig.from_dict(raw).arch.mamba.inner == 128
+
+
+@pytest.mark.parametrize(("change", "message", "error"), [
+    ({"hidden_act": "gelu"}, "'hidden_act' is 'gelu'", UnsupportedFeatureError),
+    ({"rms_norm": False}, "'rms_norm' is False", UnsupportedFeatureError),
+    ({"time_step_rank": "big"}, "'time_step_rank' must be a positive integer or \"auto\"", ConfigError),
+])
+def test_what_ferrum_does_not_run_is_refused_by_name(change, message, error):
+    raw = {**json.loads(VARIANTS["mamba"]().to_json_string()), **change}
+    with pytest.raises(error, match=message):
+        ModelConfig.from_dict(raw)
+
+
+def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
+    folder, hf = checkpoints["falcon"]
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
+
+
+def test_a_failed_pass_leaves_every_state_as_it_was(checkpoints, monkeypatch):
+    folder, hf = checkpoints["mamba"]
+    assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "selective_scan", monkeypatch)
+
+
+def _engine(folder, backend="cpu", **config) -> Engine:
+    model = load(folder, backend, num_kv_blocks=64, block_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Engine(LlmExecutor(model), None, EngineConfig(**config))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
+    folder, hf = checkpoints["falcon"]
+    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+                                      staggered_greedy_workload(VOCAB))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_cached_requests_generate_transformers_greedy_tokens(checkpoints, backend):
+    folder, hf = checkpoints["mamba"]
+    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
+@pytest.mark.parametrize(("variant", "bits"), [("mamba", None), ("falcon", None), ("mamba", 4)])
+def test_mlx_lm_conversion_loads(checkpoints, tmp_path, variant, bits):
+    """mlx-lm's conversion keeps the releases' names and stores the convolution [C, K, 1]; float or packed, it runs
+    on every backend as mlx-lm runs it (Falcon Mamba as mlx-lm's mamba with use_bcdt_rms)."""
+    from mlx_lm.convert import convert
+
+    folder, hf = checkpoints[variant]
+    convert(str(folder), str(tmp_path / "mlx"), **({} if bits is None else dict(quantize=True, q_bits=bits)))
+    stored = load_file(tmp_path / "mlx" / "model.safetensors")
+    assert stored["backbone.layers.0.mixer.conv1d.weight"].shape[-1] == 1
+    want = mlx_lm_logits(tmp_path / "mlx", TOKENS)
+    if bits is None:
+        assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    else:
+        assert "backbone.layers.1.mixer.in_proj.scales" in stored
+    for backend in BACKENDS:
+        model = DecoderOnlyLLM.from_pretrained(tmp_path / "mlx", backend=backend, dtype="float32")
+        assert scaled_error(model.forward_verify("m", TOKENS), want) <= (1e-4 if bits is None else 2e-3), backend
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_random_checkpoints_are_what_transformers_reads(variant, tmp_path):
+    """ferrum.random_checkpoint (benchmarks, the JAX plugin's tests) writes Mamba's tensors as stored."""
+    raw = json.loads(VARIANTS[variant]().to_json_string())
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
