@@ -123,10 +123,28 @@ def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_token
                                       staggered_greedy_workload(VOCAB))
 
 
+def assert_next_turn_from_the_prefix_cache_is_transformers(folder, hf, backend: str) -> None:
+    """A second turn (the first's prompt and reply, then more) is served partly from the prefix cache (the states
+    kept at a block boundary) and gives transformers' greedy tokens; so does a batch of it beside a shorter prompt."""
+    import torch
+
+    import ferrum
+
+    llm = ferrum.load(folder, backend=backend, dtype="float32")
+    first = llm.run([TOKENS], max_tokens=4, temperature=0.0, ignore_eos=True)[0]
+    turn = [*TOKENS, *first.token_ids, 5, 6, 7]
+    second = llm.run([turn], max_tokens=6, temperature=0.0, ignore_eos=True)[0]
+    assert llm.engine.metrics().prefix_cache_hit_tokens > 0
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([turn]), max_new_tokens=6, do_sample=False)[0, len(turn):].tolist()
+    assert list(second.token_ids) == want
+    assert_generates_greedily_as_transformers(folder, hf, backend, turn, max_tokens=6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_cached_requests_generate_transformers_greedy_tokens(checkpoints, backend):
     folder, hf = checkpoints["mamba"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
+    assert_next_turn_from_the_prefix_cache_is_transformers(folder, hf, backend)
 
 
 @pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")

@@ -293,3 +293,22 @@ def test_lfm2_moe_greedy_tokens_equal_the_cpu_backends(tmp_path):
     folder = write_random_checkpoint(tmp_path / "lfm2_moe", LFM2_MOE, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert got == want
+
+
+#: Mamba-1 layouts (the plugin's own selective_scan, API 1.19): Mamba's blocks alone, Falcon Mamba's step / B / C
+#: norms, Jamba's Mamba-1 and rope-less attention layers over dense and unrenormalized expert MLPs.
+MAMBA = dict(architectures=["MambaForCausalLM"], model_type="mamba", hidden_size=64, num_hidden_layers=3,
+             vocab_size=101, state_size=8, conv_kernel=4, time_step_rank=6)
+FALCON_MAMBA = dict(MAMBA, architectures=["FalconMambaForCausalLM"], model_type="falcon_mamba", use_bias=True,
+                    use_conv_bias=False, tie_word_embeddings=False)
+JAMBA = dict(architectures=["JambaForCausalLM"], model_type="jamba", hidden_size=64, intermediate_size=48,
+             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+             max_position_embeddings=256, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2,
+             expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("config", [MAMBA, FALCON_MAMBA, JAMBA], ids=lambda c: c["model_type"])
+def test_mamba1_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
+    folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
+    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
+    assert got == want
