@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from ferrum.arch.norms import NORM_KINDS
+from ferrum.errors import UnsupportedFeatureError
 from ferrum.recurrent import MIXERS, mixer_spec
 from ferrum.recurrent.state import StateShapes
 
@@ -249,6 +250,80 @@ class NoMixer(MixerKind):
         return projected[0], (), h  # the normed input, on to the MLP
 
 
+class Beside(MixerKind):
+    """Attention and a recurrent mixer beside it on the same normed input, their outputs summed (Falcon-H1's
+    layers: ``LayerSpec.beside``): both project in the first half, attention's arrays first; both step, attention
+    writing K/V and the recurrent mixer carrying its state; the second half adds the two outputs. The layer has a
+    KV pool layer and a recurrent state, so a pass never narrows its rows past it (``stateful``)."""
+
+    stateful = True
+
+    def __init__(self, attention: Attention, recurrent: Recurrent):
+        self.attention, self.recurrent = attention, recurrent
+
+    def writes_kv(self, spec: LayerSpec) -> bool:
+        return self.attention.writes_kv(spec)
+
+    def state_shapes(self, arch: Architecture, spec: LayerSpec, dtype: str) -> StateShapes:
+        return mixer_spec(arch, spec.beside).state_shapes(dtype)
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        layer = mixer_spec(model.config.arch, spec.beside).layer(model.ops, tensor, projection,
+                                                                 model.config.rms_norm_eps)
+        return self.attention.build(model, spec, tensor, projection)._replace(recurrent=layer)
+
+    @staticmethod
+    def _counts(layer: Any) -> tuple[int, int]:
+        """How many arrays attention's projection gives (q, k, v, the output gate) and how many its output takes
+        besides the heads (the gate): where the recurrent mixer's begin (a layer beside attention computes its own
+        keys and values)."""
+        gated = int(layer.gate is not None)
+        return 3 + gated, gated
+
+    def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
+        attention, recurrent = self.attention.project(model, layer), self.recurrent.project(model, layer)
+
+        def project(x: Any, h: Any, positions: Any) -> tuple:
+            *attended, h = attention(x, h, positions)
+            *mixed, h = recurrent(x, h, positions)
+            return (*attended, *mixed, h)
+
+        return project
+
+    def output(self, model: Any, layer: Any) -> Callable[..., Any]:
+        attention, recurrent, ops = self.attention.output(model, layer), self.recurrent.output(model, layer), model.ops
+        gated = self._counts(layer)[1]
+
+        def summed(attn: Any, *extra: Any) -> Any:
+            """Attention's heads and gate, then the recurrent mixer's output and what it takes besides."""
+            return ops.add(attention(attn, *extra[:gated]), recurrent(*extra[gated:]))
+
+        return summed
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        arrays = self._counts(layer)[0]
+        attn, gate, h = self.attention.step(run, index, layer, projected[:arrays], h)
+        core, extra, h = self.recurrent.step(run, index, layer, projected[arrays:], h)
+        return attn, (*gate, core, *extra), h
+
+
 #: ``LayerSpec.mixer`` -> its kind.
 MIXER_KINDS: dict[str, MixerKind] = {"attention": Attention(), "none": NoMixer(),
                                      **{name: Recurrent() for name in MIXERS}}
+
+
+def mixer_kind(spec: LayerSpec) -> MixerKind:
+    """The kind of a layer's mixers: ``MIXER_KINDS[spec.mixer]``, or, with a recurrent mixer ``beside`` attention,
+    the two composed (:class:`Beside`)."""
+    if spec.beside is None:
+        return MIXER_KINDS[spec.mixer]
+    if spec.mixer != "attention" or spec.beside not in MIXERS or spec.kv_source is not None:
+        raise UnsupportedFeatureError(
+            f"a layer runs {spec.beside!r} beside {spec.mixer!r} (kv_source {spec.kv_source}); Ferrum runs only a "
+            "recurrent mixer beside attention that computes its own keys and values")
+    return _BESIDE
+
+
+
+_BESIDE = Beside(MIXER_KINDS["attention"], Recurrent())

@@ -41,7 +41,7 @@ from ferrum.errors import (
 )
 from ferrum.hookspec import DTYPE_BYTES
 from ferrum.limits import check_kv_pool, check_layer_count
-from ferrum.mixers import MIXER_KINDS
+from ferrum.mixers import mixer_kind
 from ferrum.paged_kv import PagedKVManager
 from ferrum.recurrent.snapshots import StateSnapshots
 from ferrum.recurrent.state import RecurrentStates
@@ -275,8 +275,8 @@ class DecoderOnlyLLM:
                                  for key, tables in self.ropes.items()}
         #: Each layer's layer of the KV pool (``Architecture.kv_layers``).
         self.kv_layers = arch.kv_layers
-        # each layer's kind of mixer (LayerSpec.mixer -> ferrum.mixers.MIXER_KINDS)
-        kinds = [MIXER_KINDS[spec.mixer] for spec in arch.layers]
+        # each layer's kind of mixer (LayerSpec.mixer -> ferrum.mixers.MIXER_KINDS, or two side by side)
+        kinds = [mixer_kind(spec) for spec in arch.layers]
         #: The last layer that writes K/V: past it, a pass computes only its logit rows (``_rows_past_last_write``).
         #: None where no layer attends (a Nemotron-H pattern of Mamba-2 and MLP blocks alone).
         self._last_write = max((i for i, (kind, spec) in enumerate(zip(kinds, arch.layers)) if kind.writes_kv(spec)),
@@ -391,7 +391,8 @@ class DecoderOnlyLLM:
         k_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}")
         if arch.qk_norm is not None and not arch.qk_norm_params:  # a norm without a weight (Llama 4's L2 norm): 1s
             q_norm = k_norm = (self._ones_of(config.head_dim), None)
-        mixer = MIXER_KINDS[spec.mixer].build(self, spec, tensor, projection)
+        kind = mixer_kind(spec)
+        mixer = kind.build(self, spec, tensor, projection)
         # a padded layer's q/k/v norms: the stored head's RMSNorm (see LayerSpec.stored_head_dim)
         fit = (spec.stored_head_dim or config.head_dim) / config.head_dim
         v_norm = scalar = None
@@ -401,7 +402,7 @@ class DecoderOnlyLLM:
             value = np.asarray(self.ops.to_numpy(w[p + "layer_scalar"].weight), dtype=np.float32).reshape(-1)[0]
             scalar = self.ops.from_numpy(np.full(config.hidden_size, value, dtype=np.float32), self.dtype)
         return _Layer(
-            mixer=spec.mixer,
+            mixer=kind,
             gate=mixer.gate,
             recurrent=mixer.recurrent,
             v_norm=v_norm,
@@ -451,7 +452,7 @@ class DecoderOnlyLLM:
         has are its mixer kind's (:data:`ferrum.mixers.MIXER_KINDS`); the layer's per-layer inputs (Gemma 4 and 3n
         E2B / E4B) come last."""
         ops, cfg = self.ops, self.config
-        kind = MIXER_KINDS[layer.mixer]
+        kind = layer.mixer
         norm, add_norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)
         project, mixer_out = kind.project(self, layer), kind.output(self, layer)
         if layer.altup is not None:

@@ -150,8 +150,8 @@ class AdapterRegistry:
                                "model, or merge the adapter into its weights with PEFT's merge_and_unload")
         arch = self.model.config.arch
         if arch.recurrent:
-            unadapted = [f"the {title} layers' projections" for title in
-                         sorted({mixer_spec(arch, spec.mixer).title for spec in arch.layers if spec.mixer in MIXERS})]
+            titles = {mixer_spec(arch, m).title for spec in arch.layers for m in spec.mixers if m in MIXERS}
+            unadapted = [f"the {title} layers' projections" for title in sorted(titles)]
             if arch.attn_output_gate:
                 unadapted.append("the gated attention's q_proj, whose rows hold each head's query and gate")
             raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on hybrid models with recurrent "

@@ -1784,6 +1784,127 @@ _JAMBA = (
 )
 
 
+#: Bamba's and Falcon-H1's modules under Llama's names: the MLP is ``feed_forward``, the final norm
+#: ``final_layernorm``; the block norms are ``input_layernorm`` and ``pre_ff_layernorm``.
+FEED_FORWARD_NAMES = {"mlp.gate_proj": "feed_forward.gate_proj", "mlp.up_proj": "feed_forward.up_proj",
+                      "mlp.down_proj": "feed_forward.down_proj", "norm": "final_layernorm"}
+FEED_FORWARD_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "pre_ff_layernorm"}
+
+
+def _attention_layers(r: KeyReader, sizes: Sizes, rope: Rope, mixers: list[str], norms: dict[str, str]) -> Architecture:
+    """Llama's attention (biased where attention_bias), gated MLP and norms, each layer's mixer from ``mixers``."""
+    r("hidden_act")
+    bias = bool(r("attention_bias"))
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer=mixer) for mixer in mixers), norms=norms,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias, mlp_bias=bool(r("mlp_bias")),
+        keep_float32=(".A_log", ".dt_bias", ".D"), stored_names=FEED_FORWARD_NAMES)
+
+
+def _bamba(r: KeyReader, sizes: Sizes) -> Architecture:
+    """IBM's Bamba: Granite 4.0-H's Mamba-2 layers (``mamba``) with attention at attn_layer_indices, without
+    multipliers or experts; rope turns the first half of each head's dims, whatever the config says, as
+    transformers (which fixes partial_rotary_factor at 0.5) runs it."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=sizes.head_dim // 2)
+    attending = r("attn_layer_indices") or []
+    if not isinstance(attending, list) or any(not isinstance(i, int) or isinstance(i, bool)
+                                              or not 0 <= i < sizes.num_layers for i in attending):
+        r.fail("attn_layer_indices", f"must list layer indices below num_hidden_layers ({sizes.num_layers}), "
+                                     f"got {attending!r}")
+    mixers = ["attention" if i in attending else "mamba2" for i in range(sizes.num_layers)]
+    arch = _attention_layers(r, sizes, rope, mixers, FEED_FORWARD_NORMS)
+    return replace(arch, mamba2=_mamba2_spec(r, sizes, "mamba"))
+
+
+def _multiplier_list(count: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is None or isinstance(value, list) and len(value) == count and not any(
+                positive_number(v) for v in value):
+            return None
+        return f"must list {count} positive numbers, got {value!r}"
+
+    return check
+
+
+def _falcon_h1_mamba(r: KeyReader, sizes: Sizes) -> Mamba2Spec:
+    """Falcon-H1's Mamba-2: mamba_d_ssm wide (else mamba_expand * hidden_size), its gated norm optional
+    (mamba_rms_norm) and possibly before the gate (mamba_norm_before_gate), out_proj biased by projectors_bias."""
+    heads, groups, head = r("mamba_n_heads"), r("mamba_n_groups"), r("mamba_d_head")
+    inner = r("mamba_d_ssm") or r("mamba_expand") * sizes.hidden_size
+    head = inner // heads if head == "auto" else head
+    if not isinstance(head, int) or head <= 0 or head * heads != inner:
+        r.fail("mamba_d_head", f"({head!r}) times mamba_n_heads ({heads}) must be mamba_d_ssm ({inner})")
+    if heads % groups:
+        r.fail("mamba_n_groups", f"({groups}) must divide mamba_n_heads ({heads})")
+    r("mamba_chunk_size")  # the scan's chunk length in training kernels: the same numbers whatever it is
+    limit = [float(_tagged_float(v)) for v in r("time_step_limit") or (0.0, float("inf"))]
+    gate = "no_norm" if not r("mamba_rms_norm") else "after_norm" if r("mamba_norm_before_gate") else "before_norm"
+    return Mamba2Spec(heads, head, groups, r("mamba_d_state"), r("mamba_d_conv"), (limit[0], limit[1]),
+                      conv_bias=r("mamba_conv_bias"), proj_bias=r("mamba_proj_bias"), gate=gate,
+                      out_bias=r("projectors_bias"))
+
+
+def _falcon_h1(r: KeyReader, sizes: Sizes) -> Architecture:
+    """TII's Falcon-H1: every layer attention and Mamba-2 side by side on the normed input (``LayerSpec.beside``),
+    their outputs summed, then the gated MLP. Its muP multipliers are constants folded into the weights at load
+    (``Architecture.scales``: exact, every one multiplies a projection's input or output): attention_in on q/k/v's
+    input, key_multiplier on k, attention_out on o_proj, ssm_in on in_proj's input and ssm_multipliers on its
+    five parts (z, x, B, C, dt), ssm_out on out_proj, mlp_multipliers on gate_proj and down_proj; the embedding
+    and LM head multipliers scale the embeddings and the logits. mlx-lm's conversions hold them folded already."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
+    r("partial_rotary_factor")
+    mamba = _falcon_h1_mamba(r, sizes)
+    arch = _attention_layers(r, sizes, rope, ["attention"] * sizes.num_layers, FEED_FORWARD_NORMS)
+    ssm = [float(v) for v in r("ssm_multipliers") or [1.0] * 5]
+    gate, down = (float(v) for v in r("mlp_multipliers") or [1.0, 1.0])
+    attn_in, ssm_in = float(r("attention_in_multiplier")), float(r("ssm_in_multiplier"))
+    groups = mamba.num_groups * mamba.state_size
+    scales = {"self_attn.q_proj": (1.0, attn_in), "self_attn.k_proj": (float(r("key_multiplier")), attn_in),
+              "self_attn.v_proj": (1.0, attn_in), "self_attn.o_proj": (float(r("attention_out_multiplier")), 1.0),
+              "mamba.in_proj_z": (ssm[0], ssm_in),
+              "mamba.in_proj_xbc": (tuple([ssm[1]] * mamba.inner + [ssm[2]] * groups + [ssm[3]] * groups), ssm_in),
+              "mamba.in_proj_dt": (ssm[4], ssm_in), "mamba.out_proj": (float(r("ssm_out_multiplier")), 1.0),
+              "mlp.gate_proj": (gate, 1.0), "mlp.down_proj": (down, 1.0)}
+    embedding, head = float(r("embedding_multiplier")), float(r("lm_head_multiplier"))
+    # mlx-lm folds the embedding multiplier into the (tied) embeddings, so its tied head divides it back out
+    converted = {"scales": {}, "embed_scale": None, "logit_scale": head / embedding if sizes.tie_word_embeddings
+                 else 1.0}
+    return replace(arch, layers=tuple(replace(layer, beside="mamba2") for layer in arch.layers), mamba2=mamba,
+                   scales=scales, embed_scale=None if embedding == 1 else embedding, logit_scale=head,
+                   converted=converted)
+
+
+#: Mamba-2 checkpoints' modules (transformers' Mamba2ForCausalLM), as Nemotron-H's: each block one ``norm`` and
+#: one ``mixer``, the embeddings ``embeddings`` (``embedding`` in the first releases), the final norm ``norm_f``.
+MAMBA2_STORED = {"embed_tokens": "embeddings", "norm": "norm_f", "input_layernorm": "norm"}
+
+
+def _mamba2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Pure Mamba-2 (state-spaces' mamba2-*, Mamba-Codestral): every block an RMSNorm and a Mamba-2 mixer, no
+    attention and no MLP. The residual stream stays in the compute dtype (residual_in_fp32 changes precision,
+    not the math)."""
+    heads, head, groups = r("num_heads"), r("head_dim"), r("n_groups")
+    if heads * head != r("expand") * sizes.hidden_size:
+        r.fail("num_heads", f"({heads}) times head_dim ({head}) must be expand * hidden_size "
+                            f"({r('expand') * sizes.hidden_size})")
+    if heads % groups:
+        r.fail("n_groups", f"({groups}) must divide num_heads ({heads})")
+    r("hidden_act"), r("residual_in_fp32")
+    limit = [float(_tagged_float(v)) for v in r("time_step_limit") or (0.0, float("inf"))]
+    state = r("state_size") if r("ssm_state_size") is None else r("ssm_state_size")
+    mamba = Mamba2Spec(heads, head, groups, state, r("conv_kernel"), (limit[0], limit[1]),
+                       conv_bias=r("use_conv_bias"), proj_bias=r("use_bias"), module="mixer")
+    rope = Rope.unrotated(sizes.head_dim)
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer="mamba2", mlp="none") for _ in range(sizes.num_layers)),
+        norms={"pre_attn": "input_layernorm"}, mamba2=mamba, keep_float32=(".A_log", ".dt_bias", ".D"),
+        stored_names=MAMBA2_STORED, prefix="backbone.",
+        layouts=(("backbone.", "lm_head.weight", {"embed_tokens": "embedding"}),),
+    )
+
+
 #: LFM2's layer types -> the mixer each runs (LayerSpec.mixer).
 _LFM2_MIXERS = {"conv": "short_conv", FULL: "attention"}
 LFM2_NORMS = {"pre_attn": "operator_norm", "pre_mlp": "ffn_norm"}
@@ -2945,6 +3066,55 @@ FAMILIES: dict[str, Family] = {
         _keys(_core(False), _core_defaults(num_key_value_heads=8, max_position_embeddings=262144), _SILU, _JAMBA,
               MOE_KEYS["jamba"]),
         _jamba,
+    ),
+    "bamba": Family(  # IBM's Bamba: Mamba-2 layers, attention at attn_layer_indices (half-rotary), gated MLP
+        _keys(_core(False), _ROPE, (Key("partial_rotary_factor"),), _SILU, _MAMBA2, (
+            Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean), Key("attn_layer_indices"),
+        )),
+        _bamba,
+        eps_default=1e-5,
+    ),
+    "falcon_h1": Family(  # TII's Falcon-H1 / H1R: attention and Mamba-2 side by side in every layer, muP multipliers
+        _keys(_core(False), _ROPE, _SILU, _MAMBA2, (
+            Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean),
+            Key("mamba_d_ssm", default=1024, check=optional_positive_int),
+            Key("mamba_chunk_size", check=optional_positive_int),
+            Key("mamba_rms_norm", default=False, check=boolean),
+            Key("mamba_norm_before_gate", default=True, check=boolean),
+            Key("projectors_bias", default=False, check=boolean),
+            *(Key(name, default=1.0, check=positive_number) for name in (
+                "embedding_multiplier", "lm_head_multiplier", "attention_in_multiplier", "attention_out_multiplier",
+                "key_multiplier", "ssm_in_multiplier", "ssm_out_multiplier")),
+            Key("mlp_multipliers", check=_multiplier_list(2)),
+            Key("ssm_multipliers", check=_multiplier_list(5)),
+        )),
+        _falcon_h1,
+        eps_default=1e-5,
+    ),
+    "mamba2": Family(  # pure Mamba-2 (state-spaces' mamba2-*, Mamba-Codestral): Mamba-2 blocks alone
+        _keys((
+            Key("hidden_size", check=size(1 << 17)),
+            Key("intermediate_size", check=optional_size(1 << 20)),  # mlx-lm's expand * hidden_size; no MLP reads it
+            Key("num_hidden_layers", check=size(1024)),
+            Key("num_heads", default=128, check=size(4096)),
+            Key("head_dim", default=64, check=size(4096)),
+            Key("vocab_size", default=32768, check=size(1 << 23)),
+            # no positions: the state carries any length; the context defaults to 1M tokens (max_seq_len narrows it)
+            Key("max_position_embeddings", default=1 << 20, check=size(1 << 28)),
+            Key("layer_norm_epsilon", check=optional_positive_number),
+            Key("tie_word_embeddings", default=False, check=boolean),
+            Key("state_size", default=128, check=positive_int),
+            Key("ssm_state_size", check=optional_positive_int),  # mlx-lm's spelling
+            Key("expand", default=2, check=positive_int),
+            Key("n_groups", default=8, check=positive_int),
+            Key("conv_kernel", default=4, check=positive_int),
+            Key("use_bias", default=False, check=boolean),
+            Key("use_conv_bias", default=True, check=boolean),
+            Key("time_step_limit", default=[0.0, float("inf")], check=_time_step_limit),
+            Key("residual_in_fp32", default=True, check=boolean),
+        ), _SILU),
+        _mamba2,
+        eps_default=1e-5, eps_key="layer_norm_epsilon", names={"num_attention_heads": "num_heads"},
     ),
     "olmoe": Family(  # OLMoE: Llama's norms, q and k normed over their whole projections, experts on every layer
         _keys(_core(False), _ROPE, _SILU, (

@@ -45,6 +45,10 @@ class LayerSpec:
     #: Attention),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
+    #: A recurrent mixer (:data:`ferrum.recurrent.MIXERS`) run beside ``mixer`` on the same normed input, its output
+    #: added to the mixer's before the block goes on (Falcon-H1: Mamba-2 beside attention in every layer); None:
+    #: the mixer alone. The layer then has both a KV pool layer and a recurrent state.
+    beside: str | None = None
     #: The layer computes no keys or values: it attends those of layer ``kv_source`` (an earlier layer of its
     #: attention kind, whose pool layer it reads: Gemma 4 E2B / E4B's num_kv_shared_layers) with its own queries. It
     #: stores no k/v projections or norms, and the KV pool holds no layer of its own (``Architecture.kv_layers``).
@@ -66,6 +70,11 @@ class LayerSpec:
     def block_norms(self, arch: Architecture) -> dict[str, str]:
         """The layer's block norms, slot -> tensor name in the layer."""
         return arch.norms if self.norms is None else dict(self.norms)
+
+    @property
+    def mixers(self) -> tuple[str, ...]:
+        """The layer's mixers: ``mixer``, then the one ``beside`` it where there is one."""
+        return (self.mixer,) if self.beside is None else (self.mixer, self.beside)
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,15 @@ class Architecture:
     #: Folded into the o_proj / down_proj rows and the final norm at load (ferrum.arch.tensors).
     residual_scale: float = 1.0
     logit_scale: float = 1.0
+    #: Constant multipliers folded into a layer's projections at load (Falcon-H1's muP multipliers): module, relative
+    #: to the layer and after any split (``mamba.in_proj_xbc``) -> ``(rows, inputs)``: ``rows`` (a number, or one per
+    #: output row) multiplies the weight's rows and the bias, as a multiplier of the projection's output does;
+    #: ``inputs`` multiplies the weight alone, as one of its input does. Exact: the products are linear in both.
+    scales: dict[str, tuple[Any, float]] = field(default_factory=dict)
+    #: Fields that differ where the checkpoint is mlx-lm's conversion (its recurrent convolutions stored
+    #: ``[C, K, 1]``), which folded constant multipliers into the weights itself (Falcon-H1): set by
+    #: :func:`ferrum.arch.tensors.resolve_layout`.
+    converted: dict[str, Any] = field(default_factory=dict)
     attn_scale: float = 1.0  # multiplies q.k (1/sqrt(head_dim), or query_pre_attn_scalar ** -0.5)
     attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
     sinks: bool = False  # gpt-oss: a learned logit per query head joins every softmax (``self_attn.sinks``)
@@ -216,7 +234,7 @@ class Architecture:
     def recurrent(self) -> bool:
         """Whether some layer carries a recurrent state per sequence (prefix reuse only where a state is kept,
         ferrum.recurrent.snapshots; no rollback)."""
-        return any(layer.mixer in MIXERS for layer in self.layers)
+        return any(mixer in MIXERS for layer in self.layers for mixer in layer.mixers)
 
     @property
     def windows(self) -> tuple[int | None, ...]:

@@ -115,8 +115,10 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         if layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
             mixer = mixer_spec(arch, layer.mixer)
             own = {**block_norms, **(mixer.tensors(h) if mixer is not None else {})}
-        else:
+        else:  # attention's, and those of a recurrent mixer beside it
             own = {**block_norms, **_stored_attention(config, layer, attention, norms)}
+            if layer.beside is not None:
+                own.update(mixer_spec(arch, layer.beside).tensors(h))
         if arch.layer_scalar:
             own["layer_scalar"] = (1,)
         if arch.per_layer_inputs is not None:
@@ -307,7 +309,7 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
                  (name.replace("qkv_proj", "k_proj"), rows(tensor, q, q + kv)),
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
-    elif (mixer := mixer_spec(arch, arch.layers[layer].mixer)) is not None and f".{mixer.module}." in name:
+    elif (mixer := _mixer_of(arch, arch.layers[layer], name)) is not None:
         parts = mixer.split(name, tensor, _take_rows)
     elif arch.attn_output_gate and not arch.attn_gate_stored and ".self_attn.q_proj." in name:
         # per head: its query, then its gate
@@ -323,6 +325,15 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
                 or arch.value_head_dim is not None):
             parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]
     return [(n, _transform(config, layer, n, t)) for n, t in parts]
+
+
+def _mixer_of(arch: Any, spec: Any, name: str) -> Any:
+    """The spec of the layer's recurrent mixer whose module holds tensor ``name``, or None."""
+    for mixer in spec.mixers:
+        found = mixer_spec(arch, mixer)
+        if found is not None and f".{found.module}." in name:
+            return found
+    return None
 
 
 #: The matrices (and biases) whose outputs a block adds to the residual stream.
@@ -359,6 +370,8 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
         tensor = scaled(tensor, arch.residual_scale)
     if arch.value_scale != 1.0 and ".self_attn.v_proj." in name:  # the values are linear in v_proj's rows
         tensor = scaled(tensor, arch.value_scale)
+    if arch.scales:
+        tensor = _multiplied(arch, name, tensor)
     rope = arch.layers[layer].rope
     if arch.mla is not None and ".self_attn." in name and arch.layers[layer].mixer == "attention":
         # latent attention lays out its own q and k heads (a recurrent layer's self_attn, Kimi Linear's, is not it)
@@ -369,6 +382,17 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if np.ndim(tensor) == 2 and is_norm(name):  # a weight per head: rotated as the rows of q (k) are
         return _transformed_rows(config, rope, heads, name, np.asarray(tensor).reshape(-1)).reshape(np.shape(tensor))
     return _transformed_rows(config, rope, heads, name, tensor)
+
+
+def _multiplied(arch: Any, name: str, tensor: Any) -> Any:
+    """A projection's weight or bias with the constant multipliers :attr:`Architecture.scales` gives its module."""
+    module, part = name.rsplit(".", 1)
+    found = next((factors for stem, factors in arch.scales.items() if module.endswith(f".{stem}")), None)
+    if found is None:
+        return tensor
+    rows, inputs = found
+    factor = np.broadcast_to(np.asarray(rows, dtype=np.float32), (np.shape(tensor)[0],))
+    return _scale_rows(tensor, factor * np.float32(inputs if part == "weight" else 1.0))
 
 
 def _transformed_rows(config: Any, rope: Any, heads: int, name: str, tensor: Any) -> Any:
@@ -609,13 +633,15 @@ def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> A
 
 
 def _taps_layout(config: Any, mixer: str, stored: Mapping[str, tuple[int, ...]]) -> Any:
-    """mlx-lm's conversions store a recurrent mixer's convolution ``[C, K, 1]`` (Mamba-1's, Mamba-2's, LFM2's)."""
+    """mlx-lm's conversions store a recurrent mixer's convolution ``[C, K, 1]`` (Mamba-1's, Mamba-2's, LFM2's), and run
+    with the architecture's ``converted`` fields (the multipliers they folded in)."""
     arch, spec = config.arch, mixer_spec(config.arch, mixer)
-    layer = next(i for i, layer in enumerate(arch.layers) if layer.mixer == mixer)
+    layer = next(i for i, layer in enumerate(arch.layers) if mixer in layer.mixers)
     shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{spec.module}.conv1d.weight"))
     if shape is None or spec.conv_kernel == 1 or shape[-1] != 1:
         return config
-    return replace(config, arch=replace(arch, **{MIXERS[mixer]: replace(spec, conv_last=True)}))
+    return replace(config, arch=replace(arch, **{MIXERS[mixer]: replace(spec, conv_last=True)}, **arch.converted,
+                                        converted={}))
 
 
 def _unfused_gate_up_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:

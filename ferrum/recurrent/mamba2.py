@@ -17,6 +17,8 @@ from ferrum.recurrent.state import StateShapes
 
 #: The projections ``in_proj`` is split into, in its row order.
 INPUTS = ("in_proj_z", "in_proj_xbc", "in_proj_dt")
+#: The orders of the output gate and the gated norm (``Mamba2Spec.gate``).
+GATES = ("before_norm", "after_norm", "no_norm")
 
 
 def convolve_silu(ops: Any, x: Any, taps: Any, bias: Any, state: Any, cu_seqlens: np.ndarray) -> tuple[Any, Any]:
@@ -43,6 +45,11 @@ class Mamba2Spec:
     proj_bias: bool = False
     module: str = "mamba"  # the layer's module (Nemotron-H: "mixer")
     conv_last: bool = False  # mlx-lm's conv1d weight [C, K, 1] (transformers': [C, 1, K])
+    #: How the output gate ``z`` and the gated norm meet (:data:`GATES`): "before_norm", RMSNorm of ``y * silu(z)``
+    #: (Bamba, Granite 4.0-H, Nemotron-H, Mamba-2); "after_norm", ``RMSNorm(y) * silu(z)`` (Falcon-H1's
+    #: mamba_norm_before_gate); "no_norm", ``y * silu(z)`` and no norm weight (Falcon-H1 without mamba_rms_norm).
+    gate: str = "before_norm"
+    out_bias: bool | None = None  # out_proj's bias where not in_proj's (Falcon-H1's projectors_bias); None: proj_bias
 
     title = "Mamba-2"  # what error messages call the mixer
 
@@ -60,13 +67,15 @@ class Mamba2Spec:
         conv = (self.conv_dim, self.conv_kernel, 1) if self.conv_last else (self.conv_dim, 1, self.conv_kernel)
         out = {f"{m}.in_proj.weight": (self.inner + self.conv_dim + self.num_heads, hidden),
                f"{m}.conv1d.weight": conv, f"{m}.dt_bias": (self.num_heads,), f"{m}.A_log": (self.num_heads,),
-               f"{m}.D": (self.num_heads,), f"{m}.norm.weight": (self.inner,),
-               f"{m}.out_proj.weight": (hidden, self.inner)}
+               f"{m}.D": (self.num_heads,), f"{m}.out_proj.weight": (hidden, self.inner)}
+        if self.gate != "no_norm":
+            out[f"{m}.norm.weight"] = (self.inner,)
         if self.conv_bias:
             out[f"{m}.conv1d.bias"] = (self.conv_dim,)
         if self.proj_bias:
-            out.update({f"{m}.in_proj.bias": (self.inner + self.conv_dim + self.num_heads,),
-                        f"{m}.out_proj.bias": (hidden,)})
+            out[f"{m}.in_proj.bias"] = (self.inner + self.conv_dim + self.num_heads,)
+        if self.proj_bias if self.out_bias is None else self.out_bias:
+            out[f"{m}.out_proj.bias"] = (hidden,)
         return out
 
     def split(self, name: str, tensor: Any, take_rows: Callable[[Any, np.ndarray], Any]) -> list[tuple[str, Any]]:
@@ -109,7 +118,7 @@ class Mamba2Layer:
         self.a_log, self.d, self.dt_bias = tensor(f"{m}.A_log"), tensor(f"{m}.D"), tensor(f"{m}.dt_bias")
         self.norm = tensor(f"{m}.norm.weight")
         #: The gated norm runs per group of heads; with several groups its weight multiplies after a norm of ones.
-        self.group_norm = None if spec.num_groups == 1 else ops.from_numpy(
+        self.group_norm = None if spec.num_groups == 1 or self.norm is None else ops.from_numpy(
             np.ones(spec.inner // spec.num_groups, dtype=np.float32), dtype_name(self.norm))
 
     def projections(self) -> list[Any]:
@@ -133,10 +142,20 @@ class Mamba2Layer:
         return y, (z,), (conv_state, ssm)
 
     def output(self, y: Any, z: Any) -> Any:
-        """RMSNorm of ``y * silu(z)`` per group of heads (BambaRMSNormGated: the gate before the norm), projected."""
+        """``y`` gated by ``silu(z)`` and normed per group of heads in the spec's order (BambaRMSNormGated: the gate
+        before the norm; Falcon-H1's may norm first, or not at all), projected."""
         ops, s = self.ops, self.spec
-        gated = ops.silu_mul(z, ops.reshape(y, (-1, s.inner)))
+        y = ops.reshape(y, (-1, s.inner))
+        if s.gate == "no_norm":
+            return self.out(ops.silu_mul(z, y))
+        if s.gate == "before_norm":
+            return self.out(self._norm(ops.silu_mul(z, y)))
+        return self.out(ops.silu_mul(z, self._norm(y)))
+
+    def _norm(self, x: Any) -> Any:
+        """RMSNorm per group of heads."""
+        ops, s = self.ops, self.spec
         if self.group_norm is None:
-            return self.out(ops.rms_norm(gated, self.norm, self.eps))
-        normed = ops.rms_norm(ops.reshape(gated, (-1, s.inner // s.num_groups)), self.group_norm, self.eps)
-        return self.out(ops.mul(ops.reshape(normed, (-1, s.inner)), self.norm))
+            return ops.rms_norm(x, self.norm, self.eps)
+        normed = ops.rms_norm(ops.reshape(x, (-1, s.inner // s.num_groups)), self.group_norm, self.eps)
+        return ops.mul(ops.reshape(normed, (-1, s.inner)), self.norm)
