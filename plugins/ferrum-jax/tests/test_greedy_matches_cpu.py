@@ -241,7 +241,25 @@ NEMOTRON_3 = dict(NEMOTRON_H, num_hidden_layers=7, hybrid_override_pattern="ME*E
                   topk_group=1, routed_scaling_factor=2.5)
 
 
-@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H, NEMOTRON_H, NEMOTRON_3],
+#: Falcon-H1's layout: attention and Mamba-2 side by side in every layer (K/V and a state per layer), two B/C
+#: groups and the gated norm, muP multipliers folded at load. Bamba's: Mamba-2 and half-rotary attention layers.
+#: Pure Mamba-2: no attention and no KV at all.
+FALCON_H1 = dict(architectures=["FalconH1ForCausalLM"], model_type="falcon_h1", hidden_size=64, intermediate_size=48,
+                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                 max_position_embeddings=256, mamba_d_ssm=96, mamba_n_heads=6, mamba_n_groups=2, mamba_d_state=8,
+                 mamba_d_conv=4, mamba_rms_norm=True, mamba_norm_before_gate=False, embedding_multiplier=2.0,
+                 lm_head_multiplier=0.5, key_multiplier=0.4, ssm_in_multiplier=1.25, ssm_out_multiplier=0.3,
+                 mlp_multipliers=[0.8, 0.6], ssm_multipliers=[0.35, 0.25, 0.4, 0.5, 0.3], tie_word_embeddings=False)
+BAMBA = dict(architectures=["BambaForCausalLM"], model_type="bamba", hidden_size=64, intermediate_size=48,
+             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+             max_position_embeddings=256, attn_layer_indices=[1], mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16,
+             mamba_d_conv=4, tie_word_embeddings=False)
+MAMBA2 = dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2", hidden_size=64, num_hidden_layers=3,
+              num_heads=8, head_dim=16, n_groups=2, state_size=16, conv_kernel=4, vocab_size=101,
+              tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H, NEMOTRON_H, NEMOTRON_3, FALCON_H1, BAMBA, MAMBA2],
                          ids=lambda c: c["model_type"] + ("_moe" if "n_routed_experts" in c else ""))
 def test_hybrid_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
