@@ -88,6 +88,9 @@ class _Architecture:
     per_layer: bool = False
     #: Global tensors whose Hugging Face name differs from :data:`GLOBAL_TENSORS`' (LFM2's final norm).
     renamed_globals: tuple[tuple[str, str], ...] = ()
+    #: False: the blocks have neither attention nor an MLP, the file's head count and MLP width are 0 (pure
+    #: Mamba-2's); ``configure`` gives the heads.
+    attention: bool = True
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -718,6 +721,9 @@ ARCHITECTURES["lfm2moe"] = replace(ARCHITECTURES["lfm2"], model_type="lfm2_moe",
 ARCHITECTURES["nemotron_h"] = _Architecture("nemotron_h", "NemotronHForCausalLM", True, (("mlp_hidden_act", "relu2"),),
                                             configure=nemotron_h.nemotron_h_config,
                                             own_tensors=nemotron_h.own_tensors)
+# Pure Mamba-2: Nemotron-H's Mamba-2 blocks alone, written as Granite 4.0-H's (see ferrum.gguf_import.nemotron_h)
+ARCHITECTURES["mamba2"] = _Architecture("mamba2", "Mamba2ForCausalLM", False, configure=nemotron_h.mamba2_config,
+                                        own_tensors=nemotron_h.own_tensors, attention=False)
 # Nemotron 3 Nano: 'E' blocks of sigmoid-routed squared-ReLU experts beside a shared MLP, llama.cpp's own architecture
 ARCHITECTURES["nemotron_h_moe"] = replace(ARCHITECTURES["nemotron_h"], renamed=nemotron_h.MOE_RENAMED, moe=_Experts(
     "mixer", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",

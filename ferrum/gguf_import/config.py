@@ -159,6 +159,8 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     kv_heads = int(kv_heads)
     if p + "attention.key_length" in meta:
         head_dim = int(meta.get(p + "attention.key_length"))
+    elif heads == 0 and not family.attention:  # its configure sizes the heads and the width (pure Mamba-2's)
+        head_dim = 0
     elif heads <= 0 or hidden % heads:
         raise ConfigError(f"{where}: hidden size {hidden} is not divisible by {heads} heads")
     else:
@@ -230,7 +232,8 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         "architectures": [family.hf_class],
         "model_type": family.model_type,
         "hidden_size": hidden,
-        "intermediate_size": _first(meta.get(p + "feed_forward_length") or meta.need(p + "expert_feed_forward_length")),
+        "intermediate_size": _first(meta.get(p + "feed_forward_length") or (
+            0 if not family.attention else meta.need(p + "expert_feed_forward_length"))),
         "num_hidden_layers": int(meta.need(p + "block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,

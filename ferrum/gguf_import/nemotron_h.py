@@ -64,6 +64,21 @@ def nemotron_h_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, 
     }
 
 
+def mamba2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Mamba2Config's keys from llama.cpp's (its Mamba2Model writes no attention heads and no MLP): the Mamba-2
+    sizes from the ssm keys (the heads as the family's num_heads), the biases the first block holds."""
+    heads, inner = int(meta.need(p + "ssm.time_step_rank")), int(meta.need(p + "ssm.inner_size"))
+    hidden = cfg["hidden_size"]
+    if inner % heads or inner % hidden:
+        raise CheckpointError(f"{meta.where}: ssm.inner_size {inner} must be whole heads ({heads}) and a multiple "
+                              f"of the width {hidden}")
+    return {"num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": inner // heads,
+            "expand": inner // hidden, "intermediate_size": inner, "n_groups": int(meta.need(p + "ssm.group_count")),
+            "state_size": int(meta.need(p + "ssm.state_size")), "conv_kernel": int(meta.need(p + "ssm.conv_kernel")),
+            "use_conv_bias": "blk.0.ssm_conv1d.bias" in meta.tensors, "use_bias": "blk.0.ssm_in.bias" in meta.tensors,
+            "layer_norm_epsilon": float32_value(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5))}
+
+
 def _moe_config(meta: Metadata, p: str) -> dict[str, Any]:
     """Nemotron 3 Nano's routing as the converter writes it: the scale, the groups (the converter writes no count of
     those kept: every group, as with the one group of every release) and the latent size where the file has one
