@@ -1867,6 +1867,8 @@ def _falcon_h1(r: KeyReader, sizes: Sizes) -> Architecture:
               "mamba.in_proj_xbc": (tuple([ssm[1]] * mamba.inner + [ssm[2]] * groups + [ssm[3]] * groups), ssm_in),
               "mamba.in_proj_dt": (ssm[4], ssm_in), "mamba.out_proj": (float(r("ssm_out_multiplier")), 1.0),
               "mlp.gate_proj": (gate, 1.0), "mlp.down_proj": (down, 1.0)}
+    scales = {module: (rows, inputs) for module, (rows, inputs) in scales.items()  # a 1 leaves the weight as is
+              if inputs != 1.0 or any(factor != 1.0 for factor in (rows if isinstance(rows, tuple) else (rows,)))}
     embedding, head = float(r("embedding_multiplier")), float(r("lm_head_multiplier"))
     # mlx-lm folds the embedding multiplier into the (tied) embeddings, so its tied head divides it back out
     converted = {"scales": {}, "embed_scale": None, "logit_scale": head / embedding if sizes.tie_word_embeddings

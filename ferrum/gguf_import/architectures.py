@@ -9,7 +9,7 @@ from typing import Any, Callable
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value
-from ferrum.gguf_import import gemma4, granite_hybrid, lfm2, nemotron_h
+from ferrum.gguf_import import falcon_h1, gemma4, granite_hybrid, lfm2, nemotron_h
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
@@ -721,6 +721,11 @@ ARCHITECTURES["lfm2moe"] = replace(ARCHITECTURES["lfm2"], model_type="lfm2_moe",
 ARCHITECTURES["nemotron_h"] = _Architecture("nemotron_h", "NemotronHForCausalLM", True, (("mlp_hidden_act", "relu2"),),
                                             configure=nemotron_h.nemotron_h_config,
                                             own_tensors=nemotron_h.own_tensors)
+# Falcon-H1: attention and Mamba-2 side by side in every layer, the multipliers folded by the converter (see
+# ferrum.gguf_import.falcon_h1); q/k as the checkpoint has them
+ARCHITECTURES["falcon-h1"] = _Architecture("falcon_h1", "FalconH1ForCausalLM", False,
+                                           configure=falcon_h1.falcon_h1_config, own_tensors=falcon_h1.own_tensors,
+                                           renamed=falcon_h1.RENAMED)
 # Pure Mamba-2: Nemotron-H's Mamba-2 blocks alone, written as Granite 4.0-H's (see ferrum.gguf_import.nemotron_h)
 ARCHITECTURES["mamba2"] = _Architecture("mamba2", "Mamba2ForCausalLM", False, configure=nemotron_h.mamba2_config,
                                         own_tensors=nemotron_h.own_tensors, attention=False)
