@@ -24,7 +24,7 @@ from ferrum.testing.family_checks import check_gated_delta_rule_per_channel
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, build_transformers_model, reference_logits,
-    runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
+    mlx_lm_logits, runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -164,3 +164,53 @@ def test_the_releases_config_and_layout_load(checkpoint, tmp_path):
     (released / "config.json").write_text(json.dumps({**raw, "mla_use_nope": False}))
     with pytest.raises(UnsupportedFeatureError, match="mla_use_nope"):
         load(released)
+
+
+# ------------------------------------------------------------------ mlx-lm's conversions
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_conversions(tmp_path_factory):
+    """A Kimi Linear whose kv_b_proj halves mlx-lm packs at group size 32 (qk_nope_head_dim and kv_lora_rank 32 wide)
+    in its release's layout, which mlx-lm reads, and mlx-lm's float and 4-bit conversions: (model, {bits: folder})."""
+    convert = pytest.importorskip("mlx_lm.convert")
+    folder = tmp_path_factory.mktemp("kimi_mlx_source")
+    hf = build_transformers_model(folder / "hf", config(kv_lora_rank=32, qk_nope_head_dim=32))
+    with torch.no_grad():
+        for name, buffer in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.5)
+    hf.save_pretrained(folder / "hf")
+    write_tokenizer(folder / "hf", VOCAB)
+    source = _as_released(folder / "hf", folder / "released")
+    converted = {}
+    for bits in (None, 4):
+        converted[bits] = folder / f"mlx_{bits}"
+        convert.convert(str(source), str(converted[bits]), quantize=bits is not None, q_bits=bits or 4,
+                        q_group_size=32, dtype="float32")
+    return hf, converted
+
+
+@pytest.mark.slow  # mlx-lm converts and quantizes: ~5 s
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(mlx_lm_conversions, backend, bits):
+    """mlx-lm moves the sparse MLP to ``mlp`` (experts stacked in switch_mlp, the correction bias beside the router),
+    each KDA convolution to ``q_conv.conv`` ... with its taps ``[C, K, 1]``, and splits kv_b_proj into embed_q and
+    unembed_out (packed at 4 bits, the router at 8): its conversions run as mlx-lm runs them, and, float, as
+    transformers runs the original. (mlx-lm's latent norm takes rms_norm_eps, 1e-5 here, where Ferrum keeps the
+    release's 1e-6: the logits agree all the same.)"""
+    from safetensors import safe_open
+
+    hf, converted = mlx_lm_conversions
+    with safe_open(str(converted[bits] / "model.safetensors"), framework="numpy") as f:
+        names = set(f.keys())
+        taps = f.get_slice("model.layers.0.self_attn.q_conv.conv.weight").get_shape()
+    assert {"model.layers.1.mlp.switch_mlp.gate_proj.weight", "model.layers.1.mlp.e_score_correction_bias",
+            "model.layers.1.self_attn.embed_q.weight"} <= names and taps == [24, 4, 1]
+    assert not any("kv_b_proj" in n or "block_sparse_moe" in n for n in names)
+    assert ("model.layers.1.self_attn.unembed_out.scales" in names) == (bits is not None)
+    want = mlx_lm_logits(converted[bits], TOKENS)
+    assert (scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4) == (bits is None)  # 4 bits move the logits
+    assert_forward_and_decode_match(load(converted[bits], backend), TOKENS, want)

@@ -17,7 +17,7 @@ from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, built_checkpoints, reference_logits,
-    runnable_backends, scaled_error, staggered_greedy_workload,
+    mlx_lm_logits, runnable_backends, scaled_error, staggered_greedy_workload,
 )
 
 BACKENDS = runnable_backends()
@@ -109,3 +109,43 @@ def test_transformers_names_of_the_norms_load_too(checkpoints, tmp_path):
         renamed[f"{stem}conv1d.weight"] = np.concatenate([renamed.pop(f"{stem}{p}_conv1d.weight") for p in "qkv"])
     save_file(renamed, copy / "model.safetensors", metadata={"format": "pt"})
     assert scaled_error(load(copy).forward_verify("n", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+
+
+def _as_mlx_lm_reads_it(folder, destination, key_dim: int, value_dim: int):
+    """The checkpoint under the names mlx-lm's olmo_hybrid loads: transformers' in-memory norm names, and q's, k's and
+    v's taps cut at their widths (transformers saves three equal parts)."""
+    shutil.copytree(folder, destination)
+    stored = load_file(destination / "model.safetensors")
+    renamed = {name.replace("attention_layer_norm", "input_layernorm")
+               .replace("feedforward_layer_norm", "post_attention_layernorm"): array for name, array in stored.items()}
+    bounds = {"q": (0, key_dim), "k": (key_dim, 2 * key_dim), "v": (2 * key_dim, 2 * key_dim + value_dim)}
+    for stem in sorted({name.split("q_conv1d")[0] for name in renamed if "q_conv1d" in name}):
+        taps = np.concatenate([renamed.pop(f"{stem}{p}_conv1d.weight") for p in "qkv"])
+        renamed.update({f"{stem}{p}_conv1d.weight": taps[lo:hi] for p, (lo, hi) in bounds.items()})
+    save_file(renamed, destination / "model.safetensors", metadata={"format": "pt"})
+    return destination
+
+
+@pytest.mark.slow  # mlx-lm converts and quantizes each: ~2 s apiece
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("variant", MODELS)
+def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(checkpoints, variant, bits, tmp_path):
+    """mlx-lm's conversions keep transformers' in-memory norm names and q's, k's and v's taps apart, each stored
+    ``[C, K, 1]`` (packed projections at 4 bits): they run on every backend as mlx-lm runs them, and, float, as
+    transformers runs the original."""
+    from mlx_lm.convert import convert
+    from safetensors import safe_open
+
+    folder, hf = checkpoints[variant]
+    source = _as_mlx_lm_reads_it(folder, tmp_path / "hf", key_dim=2 * 8, value_dim=4 * 12)
+    converted = tmp_path / "mlx"
+    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32,
+            dtype="float32")
+    with safe_open(str(converted / "model.safetensors"), framework="numpy") as f:
+        assert f.get_slice("model.layers.0.linear_attn.v_conv1d.weight").get_shape() == [48, 4, 1]
+        assert ("model.layers.0.linear_attn.q_proj.scales" in set(f.keys())) == (bits is not None)
+    want = mlx_lm_logits(converted, TOKENS)
+    assert (scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4) == (bits is None)  # 4 bits move the logits
+    for backend in BACKENDS:
+        assert_forward_and_decode_match(load(converted, backend), TOKENS, want)

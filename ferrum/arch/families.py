@@ -1435,6 +1435,18 @@ def _kimi_linear_keys(raw: dict[str, Any]) -> dict[str, Any]:
 #: transformers 5 saves a Kimi Linear's dense MLPs under the sparse ones' module (its conversion mapping renames
 #: ``block_sparse_moe`` to ``mlp`` on load and back on save); the release keeps them under ``mlp``.
 _KIMI_DENSE_UNDER_MOE = {f"mlp.{proj}": f"block_sparse_moe.{proj}" for proj in ("gate_proj", "up_proj", "down_proj")}
+_KIMI_PROJS = ("gate_proj", "up_proj", "down_proj")
+#: mlx-lm's conversions (``kimi_linear.sanitize``): the sparse MLP under ``mlp`` (its experts stacked in switch_mlp, the
+#: correction bias beside the router: MoeSpec.correction_bias_aliases), each KDA convolution in a module of its own
+#: (taps ``[C, K, 1]``: KimiDeltaSpec.conv_last), kv_b_proj split into embed_q / unembed_out (joined back at load as
+#: DeepSeek-V3's). Its latent norm takes rms_norm_eps where the release's remote code and transformers take 1e-6
+#: (ferrum.arch.mla.LATENT_EPS, kept: the release's), a difference below float32 noise for a latent of any scale.
+_KIMI_MLX_LM_NAMES = {
+    "block_sparse_moe": "mlp", "block_sparse_moe.gate": "mlp.gate",
+    **{f"block_sparse_moe.{stack}.{proj}": f"mlp.{stack}.{proj}"
+       for stack in ("switch_mlp", "shared_experts") for proj in _KIMI_PROJS},
+    **{f"self_attn.{p}_conv1d": f"self_attn.{p}_conv.conv" for p in "qkv"},
+}
 
 
 def _kimi_linear(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -1460,7 +1472,7 @@ def _kimi_linear(r: KeyReader, sizes: Sizes) -> Architecture:
         mla=mla,
         kimi_delta=KimiDeltaSpec(r("linear_num_heads"), r("linear_head_dim"), r("linear_conv_kernel_dim")),
         keep_float32=(".A_log", ".dt_bias"),
-        layouts=(("model.", "lm_head.weight", _KIMI_DENSE_UNDER_MOE),),
+        layouts=(("model.", "lm_head.weight", _KIMI_DENSE_UNDER_MOE), ("model.", "lm_head.weight", _KIMI_MLX_LM_NAMES)),
     )
 
 

@@ -34,7 +34,7 @@ from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
 from ferrum.recurrent import MIXERS, mixer_spec
-from ferrum.recurrent.gated_delta import MODULE as GATED_DELTA
+from ferrum.recurrent.gated_delta import MODULE as GATED_DELTA, SEPARATE_TAPS
 from ferrum.weights import Linear, Projections
 
 #: (decoder prefix, LM head) of the layouts a checkpoint may use: causal LMs, then Gemma 3's multimodal wrapper
@@ -603,7 +603,7 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
             break
     if config.arch.gated_delta is not None:
         config = _gated_delta_layout(config, stored)
-    for mixer in ("mamba", "mamba2", "short_conv"):
+    for mixer in ("mamba", "mamba2", "short_conv", "kimi_delta"):
         if mixer_spec(config.arch, mixer) is not None:
             config = _taps_layout(config, mixer, stored)
     if config.arch.fused_gate_up:
@@ -623,21 +623,23 @@ def _holds_modules(stored: Mapping[str, tuple[int, ...]], modules: Any) -> bool:
 
 
 def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
-    """mlx-lm's conversions store the convolution ``[C, K, 1]`` and the zero-centred norms already shifted by 1."""
+    """mlx-lm's conversions store the convolution ``[C, K, 1]`` (OLMo Hybrid's q's, k's and v's each) and the
+    zero-centred norms already shifted by 1."""
     arch = config.arch
     layer = next(i for i, spec in enumerate(arch.layers) if spec.mixer == "gated_delta")
-    shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{GATED_DELTA}.conv1d.weight"))
+    taps = stored_name(arch, f"{arch.prefix}layers.{layer}.{GATED_DELTA}.conv1d.weight")
+    shape = stored.get(taps) or stored.get(taps.replace(".conv1d.", f".{SEPARATE_TAPS[0]}."))
     if shape is None or arch.gated_delta.conv_kernel == 1 or shape[-1] != 1:
         return config
     return replace(config, arch=replace(arch, norm_offset=0.0, gated_delta=replace(arch.gated_delta, conv_last=True)))
 
 
 def _taps_layout(config: Any, mixer: str, stored: Mapping[str, tuple[int, ...]]) -> Any:
-    """mlx-lm's conversions store a recurrent mixer's convolution ``[C, K, 1]`` (Mamba-1's, Mamba-2's, LFM2's), and run
-    with the architecture's ``converted`` fields (the multipliers they folded in)."""
+    """mlx-lm's conversions store a recurrent mixer's convolution ``[C, K, 1]`` (Mamba-1's, Mamba-2's, LFM2's, Kimi
+    Delta Attention's), and run with the architecture's ``converted`` fields (the multipliers they folded in)."""
     arch, spec = config.arch, mixer_spec(config.arch, mixer)
     layer = next(i for i, layer in enumerate(arch.layers) if mixer in layer.mixers)
-    shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{spec.module}.conv1d.weight"))
+    shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{spec.module}.{spec.taps}.weight"))
     if shape is None or spec.conv_kernel == 1 or shape[-1] != 1:
         return config
     return replace(config, arch=replace(arch, **{MIXERS[mixer]: replace(spec, conv_last=True)}, **arch.converted,

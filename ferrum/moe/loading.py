@@ -50,8 +50,9 @@ def is_expert_stack(name: str) -> bool:
 
 def correction_bias_alias(present: set[str], spec: MoeSpec, name: str) -> str | None:
     """Where the checkpoint stores model tensor ``name``, a correction bias it does not hold under that name, as one
-    of ``MoeSpec.correction_bias_aliases`` (mlx-lm's conversions of EXAONE MoE); None for any other tensor."""
-    tail = f".{spec.module}.{spec.bias_name}"
+    of ``MoeSpec.correction_bias_aliases`` (mlx-lm's conversions of EXAONE MoE, Kimi Linear); None for any other
+    tensor. The sparse MLP module is not matched: a layout may store it under another name (Kimi Linear's)."""
+    tail = f".{spec.bias_name}"
     if name in present or not name.endswith(tail):
         return None
     stem = name.removesuffix(spec.bias_name)

@@ -682,6 +682,8 @@ _GROUPED_FAMILIES = {
     # Mistral 4: its router in the compute dtype (transformers keeps nothing of it in float32), its experts fused as
     # transformers 5 saves them, only ever outputs first, or stacked as mlx-lm converts them (ferrum.moe.fused_gate_up)
     "mistral4": _GroupedFamily(changes=(("router_float32", False), ("layout", "fused_outputs_first"))),
+    # Kimi Linear: mlx-lm's conversions keep the correction bias beside the router, its release under it
+    "kimi_linear": _GroupedFamily(changes=(("correction_bias_aliases", (CORRECTION_BIAS,)),)),
 }
 
 

@@ -33,9 +33,11 @@ class KimiDeltaSpec:
     heads: int
     head_dim: int
     conv_kernel: int
+    conv_last: bool = False  # mlx-lm's taps [C, K, 1] (transformers': [C, 1, K])
 
     module = MODULE
     title = "Kimi Delta Attention"  # what error messages call the mixer
+    taps = SEPARATE_TAPS[0]  # the module whose stored shape tells the taps' layout
 
     @property
     def width(self) -> int:
@@ -44,8 +46,9 @@ class KimiDeltaSpec:
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """A layer's tensors as stored, relative to the layer."""
         m, w, d, h = MODULE, self.width, self.head_dim, self.heads
+        taps = (w, self.conv_kernel, 1) if self.conv_last else (w, 1, self.conv_kernel)
         return {**{f"{m}.{name}.weight": (w, hidden) for name in INPUTS},
-                **{f"{m}.{name}.weight": (w, 1, self.conv_kernel) for name in SEPARATE_TAPS},
+                **{f"{m}.{name}.weight": taps for name in SEPARATE_TAPS},
                 f"{m}.f_a_proj.weight": (d, hidden), f"{m}.f_b_proj.weight": (w, d), f"{m}.b_proj.weight": (h, hidden),
                 f"{m}.g_a_proj.weight": (d, hidden), f"{m}.g_b_proj.weight": (w, d), f"{m}.A_log": (1, 1, h, 1),
                 f"{m}.dt_bias": (w,), f"{m}.o_norm.weight": (d,), f"{m}.o_proj.weight": (hidden, w)}

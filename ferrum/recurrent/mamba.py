@@ -39,6 +39,7 @@ class MambaSpec:
     conv_last: bool = False  # mlx-lm's conv1d weight [C, K, 1] (transformers': [C, 1, K])
 
     title = "Mamba"  # what error messages call the mixer
+    taps = "conv1d"  # the convolution's module in the layer's (the one whose stored shape tells the layout)
 
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """A layer's tensors as stored, relative to the layer."""

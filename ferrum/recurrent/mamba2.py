@@ -52,6 +52,7 @@ class Mamba2Spec:
     out_bias: bool | None = None  # out_proj's bias where not in_proj's (Falcon-H1's projectors_bias); None: proj_bias
 
     title = "Mamba-2"  # what error messages call the mixer
+    taps = "conv1d"  # the convolution's module in the layer's (the one whose stored shape tells the layout)
 
     @property
     def inner(self) -> int:

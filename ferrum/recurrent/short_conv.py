@@ -31,6 +31,7 @@ class ShortConvSpec:
 
     module = MODULE
     title = "short convolution"  # what error messages call the mixer
+    taps = "conv1d"  # the taps' module in the layer's (the one whose stored shape tells the layout)
 
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """A layer's tensors as stored, relative to the layer."""
