@@ -258,8 +258,28 @@ MAMBA2 = dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2", hidden_s
               num_heads=8, head_dim=16, n_groups=2, state_size=16, conv_kernel=4, vocab_size=101,
               tie_word_embeddings=False)
 
+#: Kimi Linear's layout as released: Kimi Delta Attention layers (API 1.20's per-key-channel gate on the plugin's
+#: gated_delta_rule, three convolutions per layer) around NoPE latent attention, DeepSeek-V3's grouped routing (random
+#: correction biases) with a shared expert, a dense first layer.
+KIMI_LINEAR = dict(architectures=["KimiLinearForCausalLM"], model_type="kimi_linear", hidden_size=64,
+                   intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=101, max_position_embeddings=256, kv_lora_rank=16,
+                   q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, num_experts=8,
+                   num_experts_per_token=2, num_expert_group=2, topk_group=1, num_shared_experts=1,
+                   first_k_dense_replace=1, routed_scaling_factor=2.5, mla_use_nope=True, tie_word_embeddings=False,
+                   linear_attn_config={"head_dim": 8, "num_heads": 3, "short_conv_kernel_size": 4, "kda_layers": [1, 3],
+                                       "full_attn_layers": [2]})
+#: OLMo Hybrid's layout: Gated DeltaNet layers with one projection each and beta doubled (API 1.20's beta_scale), OLMo
+#: 3's attention layer (norms after attention and MLP, q/k normed whole), rope.
+OLMO_HYBRID = dict(architectures=["OlmoHybridForCausalLM"], model_type="olmo_hybrid", hidden_size=64,
+                   intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=101, max_position_embeddings=256, linear_num_key_heads=2, linear_num_value_heads=4,
+                   linear_key_head_dim=8, linear_value_head_dim=12, tie_word_embeddings=False,
+                   layer_types=["linear_attention", "full_attention", "linear_attention"])
 
-@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H, NEMOTRON_H, NEMOTRON_3, FALCON_H1, BAMBA, MAMBA2],
+
+@pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H, NEMOTRON_H, NEMOTRON_3, FALCON_H1, BAMBA, MAMBA2,
+                                    KIMI_LINEAR, OLMO_HYBRID],
                          ids=lambda c: c["model_type"] + ("_moe" if "n_routed_experts" in c else ""))
 def test_hybrid_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
