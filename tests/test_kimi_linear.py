@@ -117,6 +117,22 @@ def test_a_plugin_declaring_an_older_api_is_never_handed_the_per_channel_gate(ch
     assert gated_delta_rule(model.ops, False) is model.ops.gated_delta_rule
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])  # the shared mx / torch formulation
+def test_a_long_prompt_runs_its_chunks_a_few_at_a_time(checkpoint, backend, monkeypatch):
+    """With room for one chunk's per-channel decays at a time (ferrum.recurrent.batched.DECAY_BUDGET), a 45-token
+    prompt's three chunks run one after another, the state carried between: transformers' logits all the same."""
+    from ferrum.recurrent import batched
+
+    folder, hf = checkpoint
+    tokens = [int(t) for t in np.random.RandomState(1).randint(0, VOCAB, size=45)]
+    real, groups = batched._chunks, []
+    monkeypatch.setattr(batched, "DECAY_BUDGET", 1)
+    monkeypatch.setattr(batched, "_chunks", lambda *args: groups.append(args[2].shape[1]) or real(*args))
+    got = load(folder, backend).forward_verify("long", tokens)
+    assert groups[:3] == [batched.CHUNK] * 3
+    assert scaled_error(got, reference_logits(hf, tokens)) <= 1e-4
+
+
 def test_a_failed_pass_leaves_every_state_as_it_was(checkpoint, monkeypatch):
     folder, hf = checkpoint
     assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "gated_delta_rule", monkeypatch)
