@@ -110,6 +110,7 @@ OPTIONAL_OPS = (
     "layer_norm",
     "gelu",
     "relu_squared",
+    "relu",
     "xielu",
     "sigmoid_mul",
     "causal_conv1d",
@@ -325,6 +326,12 @@ def relu_squared(x: Any) -> Any:
     """(optional) ``relu(x) ** 2``, the squared ReLU of an ungated MLP's hidden layer (Nemotron, Arcee), in
     ``x``'s dtype (the square of ``x``'s value rounded once, as torch's ``relu(x).square()`` gives it). Fallback:
     computed on the host in float32."""
+
+
+@hookspec(firstresult=True)
+def relu(x: Any) -> Any:
+    """(optional, API 1.21) ``max(x, 0)``, the ReLU of an ungated MLP's hidden layer (OPT), in ``x``'s dtype.
+    Fallback: computed on the host in float32."""
 
 
 @hookspec(firstresult=True)

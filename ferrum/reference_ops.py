@@ -103,6 +103,10 @@ def relu_squared(ops: Any, x: Any) -> Any:
     return _on_host(ops, x, lambda a: np.square(np.maximum(a, np.float32(0))))
 
 
+def relu(ops: Any, x: Any) -> Any:
+    return _on_host(ops, x, lambda a: np.maximum(a, np.float32(0)))
+
+
 def xielu(ops: Any, x: Any, alpha_p: float, alpha_n: float, beta: float, eps: float) -> Any:
     ap, an, b, e = (np.float32(v) for v in (alpha_p, alpha_n, beta, eps))
     return _on_host(ops, x, lambda a: np.where(a > 0, ap * a * a + b * a,

@@ -147,6 +147,16 @@ def check_relu_squared(c: Any, tol: float) -> float:
     return _compare(got, np.square(np.maximum(x, 0.0)), tol)
 
 
+def check_relu(c: Any, tol: float) -> float:
+    """Values on both sides of zero, some exactly at it; the result in ``x``'s dtype."""
+    x = c.random(6, 80) * 3
+    x[0, :4] = [0.0, -0.0, -8.0, 8.0]
+    x = c.rounded(x)
+    got = c.get(c.ops.relu(c.put(x)))
+    assert np.array_equal(got, c.rounded(got)), f"relu's result is not in the compute dtype {c.dtype}"
+    return _compare(got, np.maximum(x, 0.0), tol)
+
+
 #: xIELU's coefficients in the check: slopes as Apertus's layers learn them (softplus taken), its beta and eps.
 XIELU_CASE = (0.75, 0.875, 0.5, -1e-6)
 
@@ -448,6 +458,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"layer_norm ({source('layer_norm')})", lambda: check_layer_norm(c, tol), tol),
         (f"gelu ({source('gelu')})", lambda: check_gelu(c, tol), tol),
         (f"relu_squared ({source('relu_squared')})", lambda: check_relu_squared(c, tol), tol),
+        (f"relu ({source('relu')})", lambda: check_relu(c, tol), tol),
         (f"xielu ({source('xielu')})", lambda: check_xielu(c, tol), tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"sigmoid_mul ({source('sigmoid_mul')})", lambda: check_sigmoid_mul(c, tol), tol),

@@ -529,6 +529,11 @@ def relu_squared(x):
 
 
 @hookimpl
+def relu(x):
+    return torch.relu(x)
+
+
+@hookimpl
 def xielu(x, alpha_p, alpha_n, beta, eps):
     # transformers' XIELUActivation._xielu_python, op for op, its parameters in x's dtype
     ap, an, b, e = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (alpha_p, alpha_n, beta, eps))

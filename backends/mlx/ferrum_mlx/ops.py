@@ -399,6 +399,11 @@ def relu_squared(x):
 
 
 @hookimpl
+def relu(x):
+    return nn.relu(x)
+
+
+@hookimpl
 def xielu(x, alpha_p, alpha_n, beta, eps):
     ap, an, b, e = (mx.array(v, dtype=x.dtype) for v in (alpha_p, alpha_n, beta, eps))
     return mx.where(x > 0, ap * x * x + b * x, (mx.expm1(mx.minimum(x, e)) - x) * an + b * x)

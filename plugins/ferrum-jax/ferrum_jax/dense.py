@@ -132,6 +132,16 @@ def relu_squared(x):
     return _relu_squared(x)
 
 
+@hookimpl
+def relu(x):
+    return _relu(x)
+
+
+@jax.jit
+def _relu(x):
+    return jax.nn.relu(x)
+
+
 @jax.jit
 def _xielu(x, alpha_p, alpha_n, beta, eps):
     ap, an, b, e = (jnp.asarray(v, dtype=x.dtype) for v in (alpha_p, alpha_n, beta, eps))
