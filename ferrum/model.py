@@ -24,6 +24,7 @@ from ferrum.arch import Rope
 from ferrum.arch.altup import OUTPUT_SCALE, AltUpLayer, AltUpStream, block_halves as altup_halves
 from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS
+from ferrum.arch.positions import sinusoidal_table
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE, PerLayerEmbedding, PerLayerMix
 from ferrum.arch.tensors import (
     Fuser, bias_of, is_norm, prepare, resolve_layout, weight_shapes,
@@ -370,6 +371,10 @@ class DecoderOnlyLLM:
                                           since)
             if progress is not None:
                 progress(done, len(shapes), name)
+        if config.arch.sinusoidal_positions:  # computed, not stored (XGLM)
+            table = sinusoidal_table(config.max_seq_len, config.hidden_size, config.arch.position_offset)
+            weights[f"{config.arch.prefix}embed_positions.weight"] = place(
+                backend.ops, "embed_positions", table, dtype, "embedding")
         return cls(config, backend, weights, dtype, num_kv_blocks, block_size)
 
     def _layer(self, w: dict[str, Placed], i: int) -> _Layer:
@@ -682,10 +687,10 @@ class DecoderOnlyLLM:
         run = _Pass(self, batch, kept, [it.seq_id for it in items])
 
         h = self.embed_lookup(self.embed, ids)
-        if self.position_table is not None:
-            h = ops.add(h, self.position_table.embedding(self.position_table.weight, run.positions))
         if arch.embed_scale is not None:
             h = ops.mul_scalar(h, arch.embed_scale)
+        if self.position_table is not None:
+            h = ops.add(h, self.position_table.embedding(self.position_table.weight, run.positions))
         if self.embed_norm is not None:
             h = NORM_KINDS[arch.norm](ops, cfg.rms_norm_eps)[0](h, self.embed_norm)
         # each layer's per-layer inputs, as leave's last argument (none without)

@@ -2521,6 +2521,136 @@ def _falcon(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: GPT-Neo's modules, and its config's keys for the sizes, under Llama's names.
+GPT_NEO_NAMES = {"layers": "h", "embed_tokens": "wte", "embed_positions": "wpe", "norm": "ln_f",
+                 "self_attn.q_proj": "attn.attention.q_proj", "self_attn.k_proj": "attn.attention.k_proj",
+                 "self_attn.v_proj": "attn.attention.v_proj", "self_attn.o_proj": "attn.attention.out_proj",
+                 "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+GPT_NEO_CONFIG_NAMES = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
+
+
+def _gpt_neo_kinds(r: KeyReader, sizes: Sizes) -> list[str]:
+    """Each layer's attention kind from attention_types, ``[[kinds, repeat], ...]`` (GPT-Neo's expansion)."""
+    types = r("attention_types")
+    try:
+        kinds = [kind for group, repeat in types for _ in range(repeat) for kind in group]
+    except (TypeError, ValueError):
+        r.fail("attention_types", f"must be a list of [[kind, ...], repeat] pairs, got {types!r}")
+    unknown = sorted(set(map(str, kinds)) - {"global", "local"})
+    if unknown:
+        r.fail("attention_types", f"names {unknown}; GPT-Neo's layers are 'global' or 'local'", unsupported=True)
+    if len(kinds) != sizes.num_layers:
+        r.fail("attention_types", f"gives {len(kinds)} layers, but num_layers is {sizes.num_layers}")
+    return kinds
+
+
+def _gpt_neo(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GPT-Neo (125M-2.7B): GPT-2's blocks with learned positions, unbiased q/k/v and a biased out_proj, its
+    layers global or local (a window of window_size tokens, the query's own included) by attention_types, and
+    scores never scaled by 1/sqrt(head_dim)."""
+    window = r("window_size")
+    return Architecture(
+        layers=tuple(LayerSpec(window if kind == "local" else None, Rope.unrotated(sizes.head_dim), mlp="plain")
+                     for kind in _gpt_neo_kinds(r, sizes)),
+        norms={"pre_attn": "ln_1", "pre_mlp": "ln_2"}, norm="layer", norm_bias=True,
+        activation=_GELU_ACTIVATIONS[r("activation_function")], attn_scale=1.0, o_bias=True, mlp_bias=True,
+        position_embedding=True, prefix="transformer.", stored_names=GPT_NEO_NAMES,
+    )
+
+
+#: fairseq's decoder layers (OPT, BioGPT, XGLM) under Llama's names; their final norm is the family's.
+FAIRSEQ_NAMES = {"self_attn.o_proj": "self_attn.out_proj", "mlp.up_proj": "fc1", "mlp.down_proj": "fc2"}
+FAIRSEQ_NORMS = {"pre_attn": "self_attn_layer_norm", "pre_mlp": "final_layer_norm"}
+#: OPT names its layers' pre-MLP norm as its decoder's final norm (``final_layer_norm``): the slot is named "norm"
+#: as the final one is, so that one stored name stands for one name of Llama's.
+OPT_NAMES = {**FAIRSEQ_NAMES, "norm": "final_layer_norm"}
+OPT_CONFIG_NAMES = {"intermediate_size": "ffn_dim"}
+_OPT_ACTIVATIONS = {"relu": "relu", **_GELU_ACTIVATIONS}
+
+
+def _opt(r: KeyReader, sizes: Sizes) -> Architecture:
+    """OPT (125M-66B, Galactica): fairseq's pre-norm blocks, learned positions two rows in, an ungated ReLU MLP (fc1,
+    fc2), every projection biased by enable_bias, LayerNorms with or without parameters
+    (layer_norm_elementwise_affine). Releases saved as OPTModel store the decoder under ``decoder.``. OPT-350m's
+    post-norm blocks and embedding projections are refused (do_layer_norm_before, word_embed_proj_dim)."""
+    projected = r("word_embed_proj_dim")
+    if projected not in (None, sizes.hidden_size):
+        r.fail("word_embed_proj_dim", f"is {projected}, not hidden_size ({sizes.hidden_size}): OPT-350m's "
+                                      "project_in / project_out are not supported; use another OPT size", True)
+    affine, bias = r("layer_norm_elementwise_affine"), r("enable_bias")
+    r("do_layer_norm_before")
+    r("_remove_final_layer_norm")
+    return Architecture(
+        layers=tuple(LayerSpec(None, Rope.unrotated(sizes.head_dim), mlp="plain") for _ in range(sizes.num_layers)),
+        norms={"pre_attn": "self_attn_layer_norm", "pre_mlp": "norm"}, norm="layer", norm_bias=affine,
+        norm_params=affine, activation=_OPT_ACTIVATIONS[r("activation_function")],
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias, mlp_bias=bias,
+        position_embedding=True, position_offset=2, prefix="model.decoder.", stored_names=OPT_NAMES,
+        layouts=(("decoder.", "lm_head.weight", {}),),
+    )
+
+
+def _fairseq_blocks(r: KeyReader, sizes: Sizes, activation: str) -> Architecture:
+    """BioGPT's and XGLM's blocks: fairseq's pre-norm layers, every projection biased, an ungated GELU MLP, the final
+    norm ``layer_norm``, learned positions two rows in, the token embeddings scaled by sqrt(hidden_size) with
+    scale_embedding (before the positions join them)."""
+    return Architecture(
+        layers=tuple(LayerSpec(None, Rope.unrotated(sizes.head_dim), mlp="plain") for _ in range(sizes.num_layers)),
+        norms=FAIRSEQ_NORMS, norm="layer", norm_bias=True, activation=_GELU_ACTIVATIONS[r(activation)],
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=True, o_bias=True, mlp_bias=True,
+        embed_scale=math.sqrt(sizes.hidden_size) if r("scale_embedding") else None, position_embedding=True,
+        position_offset=2, stored_names={**FAIRSEQ_NAMES, "norm": "layer_norm"},
+    )
+
+
+def _biogpt(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Microsoft's BioGPT: fairseq's blocks under ``biogpt.``, its LM head ``output_projection``."""
+    return replace(_fairseq_blocks(r, sizes, "hidden_act"), prefix="biogpt.", lm_head="output_projection.weight")
+
+
+XGLM_CONFIG_NAMES = {"hidden_size": "d_model", "intermediate_size": "ffn_dim", "num_hidden_layers": "num_layers",
+                     "num_attention_heads": "attention_heads"}
+
+
+def _xglm(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Meta's XGLM: fairseq's blocks, the positions fairseq's sinusoids (computed, not stored) two rows in."""
+    return replace(_fairseq_blocks(r, sizes, "activation_function"), sinusoidal_positions=True)
+
+
+#: Persimmon's (and Fuyu's language model's) modules under Llama's names.
+PERSIMMON_NAMES = {"self_attn.qkv_proj": "self_attn.query_key_value", "self_attn.o_proj": "self_attn.dense",
+                   "mlp.up_proj": "mlp.dense_h_to_4h", "mlp.down_proj": "mlp.dense_4h_to_h", "norm": "final_layernorm"}
+
+
+def _persimmon(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Adept's Persimmon: Llama's pre-norm blocks with biased LayerNorms, q/k/v in one matrix grouped by head
+    (GPT-NeoX's), q and k LayerNormed per head (qk_layernorm) before rope on partial_rotary_factor (0.5) of each
+    head, an ungated squared-ReLU MLP, every projection biased."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.5))
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mlp="plain") for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm="layer", norm_bias=True, activation=_UNGATED_ACTIVATIONS[r("hidden_act")],
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head" if r("qk_layernorm") else None,
+        qk_norm_names=("q_layernorm", "k_layernorm"), qkv_bias=True, o_bias=True, mlp_bias=True, fused_qkv=True,
+        qkv_grouped=True, stored_names=PERSIMMON_NAMES,
+    )
+
+
+#: CodeGen's modules under Llama's names (GPT-J's, q/k/v in one matrix).
+CODEGEN_NAMES = {**GPTJ_NAMES, "self_attn.qkv_proj": "attn.qkv_proj"}
+#: The model-parallel shards CodeGen's q/k/v matrix is laid out in (transformers' mp_num).
+CODEGEN_SHARDS = 4
+
+
+def _codegen(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Salesforce's CodeGen (mono, multi, nl): GPT-J's blocks with q/k/v in one matrix in four model-parallel shards,
+    each its share of the queries, then of the values, then of the keys, and an unbiased out_proj."""
+    if sizes.hidden_size % CODEGEN_SHARDS:
+        r.fail("n_embd", f"is {sizes.hidden_size}; CodeGen's q/k/v matrix splits it into {CODEGEN_SHARDS} shards")
+    return replace(_gptj(r, sizes), fused_qkv=True, qkv_shards=CODEGEN_SHARDS, stored_names=CODEGEN_NAMES)
+
+
 #: GraniteMoeShared's shared MLP, a layer's ``shared_mlp`` beside its experts, under the MoE kind's names.
 GRANITEMOESHARED_NAMES = {"block_sparse_moe.shared_mlp.gate_up_proj": "shared_mlp.input_linear",
                           "block_sparse_moe.shared_mlp.down_proj": "shared_mlp.output_linear"}
@@ -3488,6 +3618,61 @@ FAMILIES: dict[str, Family] = {
         names=FALCON_CONFIG_NAMES,
         kv_heads=_falcon_kv_heads,
     ),
+    "gpt_neo": Family(  # EleutherAI's GPT-Neo 125M-2.7B
+        _keys(_renamed_core(GPT_NEO_CONFIG_NAMES, True, 2048), (
+            Key("attention_types", default=[[["global", "local"], 12]]),
+            Key("window_size", default=256, check=positive_int),
+            _gelu_key("gelu_new", "activation_function"),
+        )),
+        _gpt_neo,
+        eps_default=1e-5,
+        eps_key="layer_norm_epsilon",
+        names=GPT_NEO_CONFIG_NAMES,
+    ),
+    "opt": Family(  # Meta's OPT, Galactica
+        _keys(_renamed_core(OPT_CONFIG_NAMES, True, 2048), (
+            Key("activation_function", default="relu", check=one_of(*_OPT_ACTIVATIONS), unsupported=True),
+            Key("enable_bias", default=True, check=boolean),
+            Key("layer_norm_elementwise_affine", default=True, check=boolean),
+            Key("word_embed_proj_dim", check=optional_positive_int),
+            Key("do_layer_norm_before", default=True, unsupported=True, check=lambda v: None if v in (None, True) else (
+                f"is {v!r}: OPT-350m's post-norm blocks are not supported; use another OPT size")),
+            Key("_remove_final_layer_norm", default=False, unsupported=True, check=falsy(
+                "an OPT without its final norm is not supported; use a checkpoint converted with it")),
+        )),
+        _opt,
+        eps_default=1e-5,
+        eps_key=None,  # nn.LayerNorm's
+        names=OPT_CONFIG_NAMES,
+    ),
+    "biogpt": Family(  # Microsoft's BioGPT, BioGPT-Large
+        _keys(_core(True, eps_key="layer_norm_eps"), (
+            _gelu_key("gelu"),
+            Key("scale_embedding", default=True, check=boolean),
+        )),
+        _biogpt,
+        eps_default=1e-12,
+        eps_key="layer_norm_eps",
+    ),
+    "xglm": Family(  # Meta's XGLM 564M-7.5B
+        _keys(_renamed_core(XGLM_CONFIG_NAMES, True, 2048), (
+            _gelu_key("gelu", "activation_function"),
+            Key("scale_embedding", default=True, check=boolean),
+        )),
+        _xglm,
+        eps_default=1e-5,
+        eps_key=None,  # nn.LayerNorm's
+        names=XGLM_CONFIG_NAMES,
+    ),
+    "persimmon": _layer_norm_family(_persimmon, False, (  # Adept's Persimmon 8B (Fuyu's language model)
+        _ungated_key("relu2"),
+        Key("partial_rotary_factor", check=optional_positive_number),
+        Key("qk_layernorm", default=True, check=boolean),
+    )),
+    "codegen": _gpt2_family(_codegen, False, 2048, (  # Salesforce's CodeGen 350M-16B
+        _gelu_key("gelu_new", "activation_function"),
+        Key("rotary_dim", default=64, check=optional_positive_int),
+    )),
     "starcoder2": _layer_norm_family(_starcoder2, True, _core_defaults(num_key_value_heads=2), _WINDOW, (
         _gelu_key("gelu_pytorch_tanh"),
         Key("use_bias", default=True, check=boolean),

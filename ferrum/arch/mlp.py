@@ -29,6 +29,7 @@ ACTIVATION_OPS = {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}
 PLAIN_ACTIVATIONS: dict[str, Callable[[Any, Any], Any]] = {
     "gelu_tanh": lambda ops, x: ops.gelu(x, True),
     "gelu": lambda ops, x: ops.gelu(x, False),
+    "relu": lambda ops, x: ops.relu(x),  # OPT
     "relu2": lambda ops, x: ops.relu_squared(x),  # Nemotron, Arcee
 }
 

@@ -103,8 +103,8 @@ class Architecture:
     #: (Phi-2, StableLM 2 12B); the MLP reads ``pre_mlp``'s norm of the input where the block has one.
     parallel: bool = False
     #: The activation: of the gated MLP, "silu" | "gelu_tanh"; of the ungated one (``LayerSpec.mlp`` "plain"),
-    #: "gelu_tanh" | "gelu" (exact) | "relu2" (``relu(x) ** 2``: Nemotron, Arcee) | "xielu" (Apertus: its slopes
-    #: learned per layer, ``mlp.act_fn.*``).
+    #: "gelu_tanh" | "gelu" (exact) | "relu" (OPT) | "relu2" (``relu(x) ** 2``: Nemotron, Arcee) | "xielu" (Apertus:
+    #: its slopes learned per layer, ``mlp.act_fn.*``).
     activation: str = "silu"
     embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype; Granite's multiplier
     #: nanochat: the token embeddings normed (the final norm's kind, without a weight) before the first block.
@@ -160,6 +160,9 @@ class Architecture:
     #: ...with its rows grouped by key/value head: that head's queries, then its key, then its value (GPT-NeoX's
     #: per-head q, k, v; Falcon's groups).
     qkv_grouped: bool = False
+    #: ...with its rows in this many model-parallel shards, each its share of the queries, then of the values, then
+    #: of the keys (CodeGen's mp_num, 4); 0: not so.
+    qkv_shards: int = 0
     fused_gate_up: bool = False  # checkpoint holds mlp.gate_up_proj (Phi-3)
     #: Multi-head Latent Attention (DeepSeek-V3): a :class:`ferrum.arch.mla.MlaSpec` in place of q/k/v projections;
     #: the model's heads are then its q/k heads (``head_dim`` = qk_nope + qk_rope dims, as many key/value heads).
@@ -196,8 +199,14 @@ class Architecture:
     #: Llama 4's attention scaling (Ministral 3), ``(beta, original)``: each query is multiplied by ``1 + beta *
     #: log(1 + floor(position / original))``, exactly 1 before ``original_max_position_embeddings``.
     query_scaling: tuple[float, int] | None = None
-    #: Learned absolute positions (GPT-2): ``embed_positions`` rows added to the token embeddings.
+    #: Learned absolute positions (GPT-2): ``embed_positions`` rows added to the token embeddings (after
+    #: ``embed_scale`` scales them: XGLM, BioGPT).
     position_embedding: bool = False
+    #: Rows of the position table before position 0's (OPT, BioGPT, XGLM: 2, fairseq's padding offset); the stored
+    #: table is that much longer, and its first rows are dropped at load.
+    position_offset: int = 0
+    #: The position table is fairseq's sinusoids (XGLM), computed at load (:mod:`ferrum.arch.positions`), not stored.
+    sinusoidal_positions: bool = False
     #: The layers' projections are stored ``[in, out]`` (GPT-2's Conv1D), transposed at load.
     transposed: bool = False
     prefix: str = "model."  # where the decoder's tensors live ("language_model.model." in Gemma 3 multimodal)

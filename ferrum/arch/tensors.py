@@ -63,8 +63,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     p = arch.prefix
     norm_parts = ("weight", "bias") if arch.norm_bias else ("weight",) if arch.norm_params else ()
     shapes = {f"{p}embed_tokens.weight": (vocab, h), **{f"{p}norm.{part}": (h,) for part in norm_parts}}
-    if arch.position_embedding:
-        shapes[f"{p}embed_positions.weight"] = (config.max_seq_len, h)
+    if arch.position_embedding and not arch.sinusoidal_positions:
+        shapes[f"{p}embed_positions.weight"] = (config.max_seq_len + arch.position_offset, h)
     if not config.tie_word_embeddings:
         shapes[arch.lm_head] = (vocab, h)
     if arch.lm_head_bias:  # its own even where the head's weight is the embedding's
@@ -299,6 +299,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
     if arch.transposed and layer is not None and np.ndim(tensor) == 2:
         tensor = _transposed(name, tensor)
     if layer is None:
+        if arch.position_offset and name == f"{arch.prefix}embed_positions.weight":  # the rows before position 0
+            tensor = tensor[arch.position_offset:]
         parts = [(name, tensor)]
     elif arch.mla is not None and ".self_attn.kv_a_proj_with_mqa." in name:
         parts = arch.mla.split(name, tensor, rows)
@@ -306,6 +308,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         if arch.qkv_grouped:  # [kv head][its queries, key, value][dim] -> [queries; keys; values]
             tensor = _take_rows(tensor, grouped_qkv_order(config.num_heads, config.num_kv_heads, config.head_dim))
+        elif arch.qkv_shards:  # [shard][its queries, values, keys] -> [queries; keys; values]
+            tensor = _take_rows(tensor, sharded_qkv_order(arch.qkv_shards, q))
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
                  (name.replace("qkv_proj", "k_proj"), rows(tensor, q, q + kv)),
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
@@ -419,6 +423,13 @@ def grouped_qkv_order(heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
     blocks = np.arange(kv_heads * (group + 2) * head_dim).reshape(kv_heads, group + 2, head_dim)
     return np.concatenate([blocks[:, :group].reshape(-1), blocks[:, group].reshape(-1),
                            blocks[:, group + 1].reshape(-1)])
+
+
+def sharded_qkv_order(shards: int, width: int) -> np.ndarray:
+    """Row order taking q/k/v rows in ``shards`` model-parallel shards (each its ``width / shards`` query rows, then
+    as many value rows, then key rows: CodeGen's) to all queries, then all keys, then all values."""
+    blocks = np.arange(3 * width).reshape(shards, 3, width // shards)
+    return np.concatenate([blocks[:, part].reshape(-1) for part in (0, 2, 1)])
 
 
 def is_norm(name: str) -> bool:

@@ -84,12 +84,21 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
 
 
+def _sinusoids(positions: np.ndarray, dim: int) -> np.ndarray:
+    """fairseq's sinusoidal positions in float64: sines of ``dim // 2`` frequencies, then their cosines."""
+    half = dim // 2
+    angles = positions[:, None] * np.exp(-np.log(10000.0) * np.arange(half) / (half - 1))[None, :]
+    out = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    return np.pad(out, ((0, 0), (0, dim % 2)))
+
+
 def _relu_squared(x: np.ndarray) -> np.ndarray:
     return np.square(np.maximum(x, 0.0))
 
 
 #: The ungated MLP's activations by ``Architecture.activation``.
-_PLAIN_ACTIVATIONS = {"gelu_tanh": _gelu_tanh, "gelu": _gelu, "relu2": _relu_squared}
+_PLAIN_ACTIVATIONS = {"gelu_tanh": _gelu_tanh, "gelu": _gelu, "relu": lambda x: np.maximum(x, 0.0),
+                      "relu2": _relu_squared}
 
 
 def layer_norm(x, weight, bias, eps: float) -> np.ndarray:
@@ -147,10 +156,12 @@ class ArchOracle:
         positions = np.arange(n)
         p_model = arch.prefix
         h = w(p_model + "embed_tokens.weight")[tokens]
-        if arch.position_embedding:  # learned absolute positions (GPT-2)
-            h = h + w(p_model + "embed_positions.weight")[positions]
-        if arch.embed_scale is not None:
+        if arch.embed_scale is not None:  # the tokens' embeddings only (XGLM, BioGPT add positions after)
             h = h * arch.embed_scale
+        if arch.sinusoidal_positions:  # fairseq's sinusoids (XGLM), from position_offset on
+            h = h + _sinusoids(positions + arch.position_offset, cfg.hidden_size)
+        elif arch.position_embedding:  # learned absolute positions (GPT-2), position_offset rows in (OPT, BioGPT)
+            h = h + w(p_model + "embed_positions.weight")[positions + arch.position_offset]
         blocks = arch.norm_params
         if arch.embed_norm:  # nanochat: the embeddings normed (no weight) before the first block
             h = self._norm(h, p_model + "norm", params=False)
@@ -164,6 +175,9 @@ class ArchOracle:
                     groups = qkv.reshape(n, cfg.num_kv_heads, -1, d)
                     qkv = np.concatenate([groups[:, :, :-2].reshape(n, -1), groups[:, :, -2].reshape(n, -1),
                                           groups[:, :, -1].reshape(n, -1)], axis=1)
+                elif arch.qkv_shards:  # per shard: its queries, its values, its keys (CodeGen)
+                    shards = qkv.reshape(n, arch.qkv_shards, 3, -1)
+                    qkv = np.concatenate([shards[:, :, i].reshape(n, -1) for i in (0, 2, 1)], axis=1)
                 q, k, v = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
             else:
                 q, k, v = (linear(x, w(f"{p}self_attn.{m}_proj.weight"), w(f"{p}self_attn.{m}_proj.bias"))
