@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.20"
+API_VERSION = "1.21"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -473,7 +473,8 @@ def kv_gather(pool: Any, layer: int, block_ids: Any, length: int) -> Any:
 
 @hookspec(firstresult=True)
 def attention(
-    q: Any, k: Any, v: Any, scale: float, sliding_window: int | None, softcap: float | None, sinks: Any
+    q: Any, k: Any, v: Any, scale: float, sliding_window: int | None, softcap: float | None, sinks: Any,
+    alibi_slopes: Any,
 ) -> Any:
     """Causal attention of one sequence, GQA-aware.
 
@@ -487,9 +488,14 @@ def attention(
     ``from_numpy``, head ``h``'s softmax gets one more logit, ``sinks[h]``
     (unscaled, never masked), that has no value: ``p_j = exp(s_j) /
     (exp(sinks[h]) + sum_j' exp(s_j'))``, so a query may attend to less than
-    a whole unit. Softmax in float32. Returns ``[q_len, heads, head_dim]``.
+    a whole unit. With ``alibi_slopes`` (API 1.21: BLOOM, MPT), a
+    float32 ``[heads]`` array from ``from_numpy``, head ``h``'s score of key
+    ``j`` for the query at position ``p = kv_len - q_len + i`` gains
+    ``alibi_slopes[h] * (j - p)`` (after the scale and any cap, before
+    masking): a penalty growing with the distance. Softmax in float32.
+    Returns ``[q_len, heads, head_dim]``.
 
-    ``sliding_window``, ``softcap`` and ``sinks`` are features: an
+    ``sliding_window``, ``softcap``, ``sinks`` and ``alibi_slopes`` are features: an
     implementation that leaves one out of its signature (or gives it a
     default, so older callers may omit it) declares whether it offers it, and
     Ferrum refuses a model that needs a feature the backend lacks, at load.
@@ -507,7 +513,7 @@ def prepare_attention_batch(batch: Any) -> Any:
 @hookspec(firstresult=True)
 def paged_attention(
     q: Any, pool: Any, layer: int, batch: Any, scale: float, sliding_window: int | None, softcap: float | None,
-    sinks: Any,
+    sinks: Any, alibi_slopes: Any,
 ) -> Any:
     """(optional) Variable-length causal attention of many sequences at once.
 
@@ -516,7 +522,8 @@ def paged_attention(
     (prefix sums of each item's query length), ``seq_lens`` (each item's KV
     length after this step, new tokens already written), ``block_tables``
     ``[items, max_blocks]`` and ``block_size``. Same masking rule (and
-    ``softcap``, ``sinks``) as :func:`attention`, per item. An item may be a
+    ``softcap``, ``sinks``, ``alibi_slopes``: positions counted from the
+    item's first key) as :func:`attention`, per item. An item may be a
     chunk of a sequence (Llama 4's chunked local attention, API 1.15:
     :meth:`ferrum.attention.AttentionBatch.chunked`): its positions and block
     table then start at the chunk's first position, and several items may

@@ -178,7 +178,7 @@ class Attention(MixerKind):
             extra = [ops.take_rows(x, keep) for x in extra]
         attended = run.narrowed if layer.chunk is None else self._chunked(run, layer.chunk)
         attn = ops.paged_attention(q, run.pool, layer.kv_layer, attended, layer.scale, layer.window, run.softcap,
-                                   layer.sinks)
+                                   layer.sinks, layer.alibi)
         return attn, tuple(extra), h
 
     @staticmethod

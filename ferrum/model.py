@@ -21,6 +21,7 @@ import numpy as np
 
 from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
+from ferrum.arch.alibi import ALIBI_SINCE
 from ferrum.arch.altup import OUTPUT_SCALE, AltUpLayer, AltUpStream, block_halves as altup_halves
 from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS
@@ -30,7 +31,7 @@ from ferrum.arch.tensors import (
     Fuser, bias_of, is_norm, prepare, resolve_layout, weight_shapes,
 )
 from ferrum.attention import AttentionBatch
-from ferrum.backends import Backend, backend_for_format, load_backend
+from ferrum.backends import Backend, backend_for_format, declared_version, load_backend
 from ferrum.checkpoint import Checkpoint
 from ferrum.config import ModelConfig
 from ferrum.device_tokens import DeviceToken, ends_on_device, host_view, token_ids
@@ -91,8 +92,8 @@ class _Layer:
     """One decoder block's weights; projections carry the op that applies them, ``mlp`` is its MLP slot."""
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
-                 "mlp", "window", "rope", "scale", "sinks", "chunk", "query_scaling", "v_norm", "qk_eps", "scalar",
-                 "mixer", "gate", "recurrent", "kv_layer", "per_layer", "altup")
+                 "mlp", "window", "rope", "scale", "sinks", "alibi", "chunk", "query_scaling", "v_norm", "qk_eps",
+                 "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "altup")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -263,8 +264,11 @@ class DecoderOnlyLLM:
             ops, arch.altup, config.hidden_size, dtype, lambda name: weights[arch.prefix + name].weight,
             lambda module: Linear(weights[f"{arch.prefix}{module}.weight"]))
         self.final_norm = _norm_weights(weights, f"{arch.prefix}norm") if arch.norm_params else self._weightless()
-        #: nanochat's norm of the embeddings before the first block (weightless), or None.
-        self.embed_norm = self._weightless() if arch.embed_norm else None
+        #: The norm of the embeddings before the first block (BLOOM's; nanochat's, weightless), or None.
+        self.embed_norm = None
+        if arch.embed_norm:
+            self.embed_norm = _norm_weights(weights, f"{arch.prefix}embed_norm") if arch.norm_params else (
+                self._weightless())
         head_bias = weights.get(bias_of(arch.lm_head))
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
                               None if head_bias is None else head_bias.weight)
@@ -284,6 +288,9 @@ class DecoderOnlyLLM:
                                default=None)
         #: Whether no block from it on carries a state (a recurrent mixer needs every row to carry its state on).
         self._narrows = self._last_write is not None and not any(kind.stateful for kind in kinds[self._last_write:])
+        #: ALiBi's slopes, float32 [heads] on the backend, or None.
+        self._alibi = None if arch.alibi_slopes is None else ops.from_numpy(
+            np.asarray(arch.alibi_slopes, dtype=np.float32), "float32")
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         #: The recurrent mixers' states per sequence (none where every layer attends).
         self.states = RecurrentStates(ops, {i: kind.state_shapes(arch, spec, dtype) for i, (kind, spec) in
@@ -426,6 +433,7 @@ class DecoderOnlyLLM:
             rope=id(spec.rope),
             scale=arch.attn_scale if spec.attn_scale is None else spec.attn_scale,
             sinks=None if sinks is None else self.ops.cast(sinks, "float32"),  # the contract's float32 logits
+            alibi=self._alibi,
             chunk=spec.chunk,
             query_scaling=spec.query_scaling or arch.query_scaling,
             kv_layer=self.kv_layers[i],
@@ -537,15 +545,22 @@ class DecoderOnlyLLM:
     def _check_backend_supports(self, config: ModelConfig) -> None:
         op = "paged_attention" if "paged_attention" in self.ops.native else "attention"
         needs = {"sliding_window": any(w is not None for w in config.arch.windows),
-                 "softcap": config.arch.attn_softcap is not None, "sinks": config.arch.sinks}
+                 "softcap": config.arch.attn_softcap is not None, "sinks": config.arch.sinks,
+                 "alibi_slopes": config.arch.alibi_slopes is not None}
         what = {"sliding_window": "sliding-window attention", "softcap": "attention logit soft-capping",
-                "sinks": "attention sinks"}
+                "sinks": "attention sinks", "alibi_slopes": "ALiBi position biases"}
         for arg, needed in needs.items():
             if needed and not self.ops.accepts(op, arg):
                 raise UnsupportedFeatureError(
                     f"this model uses {what[arg]} but backend {self.backend.name!r}'s "
                     f"{op} takes no {arg}; choose another backend"
                 )
+        declared = declared_version(self.ops.info)
+        if needs["alibi_slopes"] and declared < ALIBI_SINCE:  # an older plugin's argument of that name meant another
+            raise UnsupportedFeatureError(
+                f"this model uses ALiBi position biases (plugin API {'.'.join(map(str, ALIBI_SINCE))}), but backend "
+                f"{self.backend.name!r} declares API {'.'.join(map(str, declared))}; update the plugin or choose "
+                "another backend")
 
     # ------------------------------------------------------------ validation
     def _validate(self, items: Sequence[ForwardItem]) -> None:

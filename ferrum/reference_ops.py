@@ -41,18 +41,19 @@ def prepare_attention_batch(ops: Any, batch: Any) -> Any:
 
 def paged_attention(
     ops: Any, q: Any, pool: Any, layer: int, batch: Any, scale: float, sliding_window: int | None,
-    softcap: float | None = None, sinks: Any = None,
+    softcap: float | None = None, sinks: Any = None, alibi_slopes: Any = None,
 ) -> Any:
     """Item by item: gather the item's KV from its blocks, then dense attention."""
     if batch.num_items == 1:
         k, v = ops.kv_gather(pool, layer, batch.block_ids(0), int(batch.seq_lens[0]))
-        return ops.attention(q, k, v, scale, sliding_window, softcap, sinks)
+        return ops.attention(q, k, v, scale, sliding_window, softcap, sinks, alibi_slopes)
     outputs = []
     for item in range(batch.num_items):
         start, end = batch.query_range(item)
         k, v = ops.kv_gather(pool, layer, batch.block_ids(item), int(batch.seq_lens[item]))
         rows = ops.from_numpy(np.arange(start, end, dtype=np.int32), None)
-        outputs.append(ops.attention(ops.take_rows(q, rows), k, v, scale, sliding_window, softcap, sinks))
+        outputs.append(ops.attention(ops.take_rows(q, rows), k, v, scale, sliding_window, softcap, sinks,
+                                     alibi_slopes))
     return ops.concat(outputs)
 
 

@@ -21,8 +21,8 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers, assert_names_the_tensors_transformers_saves,
-    built_checkpoints, reference_logits, runnable_backends, scaled_error,
+    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
+    assert_names_the_tensors_transformers_saves, built_checkpoints, reference_logits, runnable_backends, scaled_error,
 )
 
 VOCAB = 300  # write_tokenizer's tokens all have rows

@@ -106,7 +106,7 @@ def test_backends_verbose_lists_native_and_fallback_per_op(registered, capsys):
         rows[op] = source
     assert list(rows) == list(hookspec.REQUIRED_OPS + hookspec.OPTIONAL_OPS)
     assert rows["add_rms_norm"] == "native" and rows["linear"] == "native"
-    assert rows["attention"] == "native, without softcap, sinks"
+    assert rows["attention"] == "native, without softcap, sinks, alibi_slopes"
     assert rows["paged_attention"] == "core fallback" and rows["sample"] == "core fallback"
     assert main(["backends"]) == 0
     assert "core fallback" not in capsys.readouterr().out

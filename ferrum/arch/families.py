@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from ferrum.arch.alibi import alibi_slopes
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int,
     optional_positive_number, optional_size, positive_int, positive_number, size,
@@ -2651,6 +2652,57 @@ def _codegen(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(_gptj(r, sizes), fused_qkv=True, qkv_shards=CODEGEN_SHARDS, stored_names=CODEGEN_NAMES)
 
 
+#: BLOOM's modules, and its config's keys for the sizes, under Llama's names.
+BLOOM_NAMES = {"layers": "h", "embed_tokens": "word_embeddings", "embed_norm": "word_embeddings_layernorm",
+               "norm": "ln_f", "self_attn.qkv_proj": "self_attention.query_key_value",
+               "self_attn.o_proj": "self_attention.dense", "mlp.up_proj": "mlp.dense_h_to_4h",
+               "mlp.down_proj": "mlp.dense_4h_to_h"}
+BLOOM_CONFIG_NAMES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
+
+
+def _bloom_hidden(raw: dict[str, Any]) -> dict[str, Any]:
+    """BLOOM's first configs say ``n_embed`` where transformers now writes hidden_size."""
+    return raw if "hidden_size" in raw or "n_embed" not in raw else {**raw, "hidden_size": raw["n_embed"]}
+
+
+def _bloom(r: KeyReader, sizes: Sizes) -> Architecture:
+    """BigScience's BLOOM / BLOOMZ: ALiBi positions, the embeddings LayerNormed before the first
+    block, q/k/v in one matrix grouped by head, every projection biased, an ungated tanh-GELU MLP, tied."""
+    r("apply_residual_connection_post_layernorm")
+    return Architecture(
+        layers=tuple(LayerSpec(None, Rope.unrotated(sizes.head_dim), mlp="plain") for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm="layer", norm_bias=True, embed_norm=True, activation="gelu_tanh",
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), alibi_slopes=alibi_slopes(sizes.num_heads), qkv_bias=True,
+        o_bias=True, mlp_bias=True, fused_qkv=True, qkv_grouped=True, prefix="transformer.", stored_names=BLOOM_NAMES,
+    )
+
+
+#: MPT's modules, and its config's keys for the sizes, under Llama's names.
+MPT_NAMES = {"layers": "blocks", "embed_tokens": "wte", "norm": "norm_f", "input_layernorm": "norm_1",
+             "post_attention_layernorm": "norm_2", "self_attn.qkv_proj": "attn.Wqkv",
+             "self_attn.o_proj": "attn.out_proj", "mlp.up_proj": "ffn.up_proj", "mlp.down_proj": "ffn.down_proj"}
+MPT_CONFIG_NAMES = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                    "max_position_embeddings": "max_seq_len"}
+
+
+def _mpt(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MosaicML's MPT (7B, 30B and their chat / instruct / storywriter tunes), as transformers' Mpt runs it: ALiBi
+    positions (alibi_bias_max 8), q/k/v in one matrix (queries, keys, values) clipped by clip_qkv, scores
+    scaled by softmax_scale, LayerNorms and projections without biases, an ungated exact-GELU MLP four times as wide,
+    tied."""
+    for name in ("attn_config.alibi", "attn_config.alibi_bias_max", "attn_config.attn_type", "attn_config.qk_ln",
+                 "attn_config.prefix_lm", "expansion_ratio", "no_bias", "logit_scale"):
+        r(name)
+    scale = r("attn_config.softmax_scale")
+    return Architecture(
+        layers=tuple(LayerSpec(None, Rope.unrotated(sizes.head_dim), mlp="plain") for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm="layer", activation="gelu",
+        attn_scale=1.0 / math.sqrt(sizes.head_dim) if scale is None else float(scale),
+        alibi_slopes=alibi_slopes(sizes.num_heads), clip_qkv=r("attn_config.clip_qkv"),
+        fused_qkv=True, prefix="transformer.", stored_names=MPT_NAMES,
+    )
+
+
 #: GraniteMoeShared's shared MLP, a layer's ``shared_mlp`` beside its experts, under the MoE kind's names.
 GRANITEMOESHARED_NAMES = {"block_sparse_moe.shared_mlp.gate_up_proj": "shared_mlp.input_linear",
                           "block_sparse_moe.shared_mlp.down_proj": "shared_mlp.output_linear"}
@@ -3608,8 +3660,10 @@ FAMILIES: dict[str, Family] = {
             Key("parallel_attn", default=True, check=boolean),
             Key("num_ln_in_parallel_attn", check=optional_positive_int),
             Key("bias", default=False, check=boolean),
+            # Falcon-RW's biases are rounded to bfloat16 per position, and transformers' eager and SDPA paths add
+            # them differently (once or twice): no one reference to hold Ferrum's ALiBi to
             Key("alibi", default=False, unsupported=True, check=falsy(
-                "ALiBi positions (Falcon-RW) are not supported; use a Falcon with rope")),
+                "Falcon-RW's ALiBi positions are not supported (BLOOM's and MPT's are); use a Falcon with rope")),
             _gelu_key("gelu", "activation"),
         ), _ROPE[:3]),
         _falcon,
@@ -3673,6 +3727,43 @@ FAMILIES: dict[str, Family] = {
         _gelu_key("gelu_new", "activation_function"),
         Key("rotary_dim", default=64, check=optional_positive_int),
     )),
+    "bloom": Family(  # BigScience's BLOOM, BLOOMZ (560M-176B)
+        _keys(_renamed_core(BLOOM_CONFIG_NAMES, True, 2048), (
+            Key("apply_residual_connection_post_layernorm", default=False, unsupported=True, check=falsy(
+                "a BLOOM whose residual stream carries the normed input is not supported")),
+        )),
+        _bloom,
+        eps_default=1e-5,
+        eps_key="layer_norm_epsilon",
+        names=BLOOM_CONFIG_NAMES,
+        derive=_bloom_hidden,
+    ),
+    "mpt": Family(  # MosaicML's MPT-7B / 30B
+        _keys(_renamed_core(MPT_CONFIG_NAMES, True, 2048), (
+            Key("attn_config.alibi", default=True, unsupported=True, check=lambda v: None if v in (None, True) else (
+                f"is {v!r}: an MPT without ALiBi (learned positions) is not supported, nor by transformers")),
+            # MosaicML's code reads it, transformers always runs 8 (as every release says)
+            Key("attn_config.alibi_bias_max", default=8, unsupported=True, check=one_of(None, 8, 8.0)),
+            Key("attn_config.clip_qkv", check=optional_positive_number),
+            Key("attn_config.softmax_scale", check=optional_positive_number),
+            Key("attn_config.attn_type", default="multihead_attention", unsupported=True,
+                check=one_of(None, "multihead_attention")),
+            Key("attn_config.qk_ln", default=False, unsupported=True, check=falsy(
+                "MPT's q/k LayerNorms are not supported, nor by transformers")),
+            Key("attn_config.prefix_lm", default=False, unsupported=True, check=falsy(
+                "MPT's prefix-LM attention (bidirectional over the prompt) is not supported")),
+            Key("expansion_ratio", default=4, unsupported=True, check=one_of(4, 4.0)),
+            Key("no_bias", default=True, unsupported=True, check=lambda v: None if v in (None, True) else (
+                f"is {v!r}: an MPT with biases is not supported, nor by transformers (it builds none)")),
+            Key("logit_scale", unsupported=True, check=lambda v: None if v is None else (
+                f"is {v!r}: scaled MPT logits are not supported, nor by transformers")),
+        )),
+        _mpt,
+        eps_default=1e-5,
+        eps_key="layer_norm_epsilon",
+        names=MPT_CONFIG_NAMES,
+        nested=("attn_config",),
+    ),
     "starcoder2": _layer_norm_family(_starcoder2, True, _core_defaults(num_key_value_heads=2), _WINDOW, (
         _gelu_key("gelu_pytorch_tanh"),
         Key("use_bias", default=True, check=boolean),

@@ -107,7 +107,8 @@ class Architecture:
     #: its slopes learned per layer, ``mlp.act_fn.*``).
     activation: str = "silu"
     embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype; Granite's multiplier
-    #: nanochat: the token embeddings normed (the final norm's kind, without a weight) before the first block.
+    #: The token embeddings normed (the blocks' kind of norm) before the first block: nanochat's without a weight,
+    #: BLOOM's with its own ``embed_norm`` weights (``word_embeddings_layernorm``) where ``norm_params``.
     embed_norm: bool = False
     #: Granite: multiplies what each block's attention and MLP add to the residual stream, and the logits.
     #: Folded into the o_proj / down_proj rows and the final norm at load (ferrum.arch.tensors).
@@ -131,6 +132,9 @@ class Architecture:
     value_head_dim: int | None = None
     #: The values times this number (MiMo-V2-Flash's attention_value_scale), folded into v_proj's rows at load.
     value_scale: float = 1.0
+    #: ALiBi (BLOOM, MPT, Falcon-RW): head ``h``'s scores gain ``slopes[h] * (key position - query position)``
+    #: (:mod:`ferrum.arch.alibi`); None: positions come from rope or a table.
+    alibi_slopes: tuple[float, ...] | None = None
     final_softcap: float | None = None  # Gemma 2: the same on the logits
     #: The norm of q and k before rope: "head", one scale per head dim (Qwen3, Gemma 3), "each_head", a scale per
     #: head and dim (Command R+: ``[heads, head_dim]``), or "projection", one over all of q's heads and one over

@@ -63,6 +63,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     p = arch.prefix
     norm_parts = ("weight", "bias") if arch.norm_bias else ("weight",) if arch.norm_params else ()
     shapes = {f"{p}embed_tokens.weight": (vocab, h), **{f"{p}norm.{part}": (h,) for part in norm_parts}}
+    if arch.embed_norm:  # BLOOM's own weights (nanochat's has none)
+        shapes.update({f"{p}embed_norm.{part}": (h,) for part in norm_parts})
     if arch.position_embedding and not arch.sinusoidal_positions:
         shapes[f"{p}embed_positions.weight"] = (config.max_seq_len + arch.position_offset, h)
     if not config.tie_word_embeddings:

@@ -49,10 +49,11 @@ def _rope(x: np.ndarray, positions: np.ndarray, rope, long_from: int | None) -> 
     return out
 
 
-def _attention(q, k, v, scale, window, softcap, sinks=None, chunk=None) -> np.ndarray:
+def _attention(q, k, v, scale, window, softcap, sinks=None, chunk=None, alibi=None) -> np.ndarray:
     """With ``sinks`` (gpt-oss), head ``h``'s scores get one more column, ``sinks[h]``, dropped after the softmax;
     with ``chunk`` (Llama 4's chunked layers), position ``i`` sees only the positions ``j`` with ``j // chunk ==
-    i // chunk``."""
+    i // chunk``; with ``alibi`` (BLOOM, MPT), head ``h``'s score of key ``j`` for query ``i`` gains ``alibi[h] *
+    (j - i)``."""
     n, heads, _ = q.shape
     group = heads // k.shape[1]
     out = np.zeros_like(q)
@@ -61,6 +62,8 @@ def _attention(q, k, v, scale, window, softcap, sinks=None, chunk=None) -> np.nd
         if softcap is not None:
             scores = softcap * np.tanh(scores / softcap)
         i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        if alibi is not None:
+            scores = scores + f64(alibi)[h] * (j - i)
         allowed = (j <= i) & ((j > i - window) if window is not None else True)
         if chunk is not None:
             allowed &= (j // chunk) == (i // chunk)
@@ -163,8 +166,8 @@ class ArchOracle:
         elif arch.position_embedding:  # learned absolute positions (GPT-2), position_offset rows in (OPT, BioGPT)
             h = h + w(p_model + "embed_positions.weight")[positions + arch.position_offset]
         blocks = arch.norm_params
-        if arch.embed_norm:  # nanochat: the embeddings normed (no weight) before the first block
-            h = self._norm(h, p_model + "norm", params=False)
+        if arch.embed_norm:  # the embeddings normed before the first block: nanochat's without a weight, BLOOM's with
+            h = self._norm(h, p_model + "embed_norm", params=blocks)
         for i, spec in enumerate(arch.layers):
             p = f"{p_model}layers.{i}."
             norm = {slot: p + name for slot, name in arch.norms.items()}
@@ -204,7 +207,7 @@ class ArchOracle:
                 q = q * (1.0 + beta * np.log(1.0 + np.floor(positions / original)))[:, None, None]
             scale = arch.attn_scale if spec.attn_scale is None else spec.attn_scale
             attn = _attention(q, k, v, scale, spec.window, arch.attn_softcap,
-                              w(p + "self_attn.sinks"), spec.chunk).reshape(n, -1)
+                              w(p + "self_attn.sinks"), spec.chunk, arch.alibi_slopes).reshape(n, -1)
             o = linear(attn, w(p + "self_attn.o_proj.weight"), w(p + "self_attn.o_proj.bias"))
             if "post_attn" in norm:
                 o = self._norm(o, norm["post_attn"], blocks)
@@ -317,12 +320,13 @@ class ArchOracle:
         return np.stack([w(f"{m}experts.{e}.{moe.expert_names[which]}.weight") for e in range(moe.num_experts)]), None
 
 
-def attention(q, k, v, scale: float, window: int | None, softcap: float | None, sinks=None) -> np.ndarray:
+def attention(q, k, v, scale: float, window: int | None, softcap: float | None, sinks=None,
+              alibi=None) -> np.ndarray:
     """One sequence's attention, queries at the last ``q_len`` positions, scores soft-capped before masking."""
     q, k, v = f64(q), f64(k), f64(v)
     q_len, kv_len = q.shape[0], k.shape[0]
     padded = np.zeros((kv_len - q_len, *q.shape[1:]))
-    return _attention(np.concatenate([padded, q]), k, v, scale, window, softcap, sinks)[kv_len - q_len:]
+    return _attention(np.concatenate([padded, q]), k, v, scale, window, softcap, sinks, alibi=alibi)[kv_len - q_len:]
 
 
 def gelu_tanh_mul(gate, up) -> np.ndarray:

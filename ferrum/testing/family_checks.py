@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ferrum.arch.alibi import ALIBI_SINCE, alibi_slopes
+from ferrum.backends import declared_version
 from ferrum.random_checkpoint import write_random_checkpoint
 from ferrum.testing import arch_oracle
 
@@ -94,6 +96,10 @@ FAMILY_MODELS: dict[str, dict] = {
         architectures=["NanoChatForCausalLM"], model_type="nanochat", hidden_size=64, intermediate_size=80,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
         max_position_embeddings=256, attention_bias=True, final_logit_softcapping=3.0, tie_word_embeddings=False,
+    ),
+    "bloom": dict(  # ALiBi (six heads: past the power of two), the embeddings LayerNormed, q/k/v grouped by head
+        architectures=["BloomForCausalLM"], model_type="bloom", hidden_size=96, n_layer=2, n_head=6, vocab_size=97,
+        tie_word_embeddings=True,
     ),
 }
 
@@ -380,20 +386,31 @@ def check_softcap(c: Any, tol: float) -> float:
 _SINKS = np.array([-1.5, 0.0, 2.5, 1.0, -0.5, 4.0], dtype=np.float32)
 
 
-def check_attention_features(c: Any, tol: float, softcap: float | None, sinks: np.ndarray | None) -> float:
-    """Dense attention with scores capped at ``softcap`` or per-head ``sinks``, a window or none."""
+#: ALiBi's slopes for those 6 heads: the farthest keys lose up to 4 of their score.
+_ALIBI = np.array(alibi_slopes(6), dtype=np.float32)
+
+
+def _on_device(c: Any, array: np.ndarray | None) -> Any:
+    return None if array is None else c.ops.from_numpy(array, "float32")
+
+
+def check_attention_features(c: Any, tol: float, softcap: float | None, sinks: np.ndarray | None,
+                             alibi: np.ndarray | None = None) -> float:
+    """Dense attention with scores capped at ``softcap``, per-head ``sinks`` or ALiBi's ``alibi`` slopes, a window or
+    none."""
     errors = []
-    device_sinks = None if sinks is None else c.ops.from_numpy(sinks, "float32")
+    features = (softcap, _on_device(c, sinks)) + ((_on_device(c, alibi),) if alibi is not None else ())
     for q_len, kv_len, window in ((5, 9, None), (1, 7, None), (4, 4, 3)):
         q, k, v = _attention_case(c, q_len, kv_len)
-        got = c.get(c.ops.attention(c.put(q), c.put(k), c.put(v), 24**-0.5, window, softcap, device_sinks))
-        errors.append(_compare(got, arch_oracle.attention(q, k, v, 24**-0.5, window, softcap, sinks), tol))
+        got = c.get(c.ops.attention(c.put(q), c.put(k), c.put(v), 24**-0.5, window, *features))
+        errors.append(_compare(got, arch_oracle.attention(q, k, v, 24**-0.5, window, softcap, sinks, alibi), tol))
     return max(errors)
 
 
-def check_paged_attention_features(c: Any, tol: float, softcap: float | None, sinks: np.ndarray | None) -> float:
+def check_paged_attention_features(c: Any, tol: float, softcap: float | None, sinks: np.ndarray | None,
+                                   alibi: np.ndarray | None = None) -> float:
     """A prefill chunk and a decode token of two sequences in shuffled blocks, one layer, scores capped at
-    ``softcap`` or with per-head ``sinks``."""
+    ``softcap``, with per-head ``sinks`` or with ALiBi's ``alibi`` slopes."""
     from ferrum.attention import AttentionBatch
 
     block, kv_heads, d = 4, 2, 24
@@ -410,11 +427,11 @@ def check_paged_attention_features(c: Any, tol: float, softcap: float | None, si
                            cu, np.array(seq_lens, dtype=np.int32), np.array(tables, dtype=np.int32), block)
     batch.prepared = c.ops.prepare_attention_batch(batch)
     q = c.rounded(c.random(4, 6, d) * 4)
-    device_sinks = None if sinks is None else c.ops.from_numpy(sinks, "float32")
-    got = c.get(c.ops.paged_attention(c.put(q), pool, 0, batch, d**-0.5, None, softcap, device_sinks))
+    features = (softcap, _on_device(c, sinks)) + ((_on_device(c, alibi),) if alibi is not None else ())
+    got = c.get(c.ops.paged_attention(c.put(q), pool, 0, batch, d**-0.5, None, *features))
     ref = np.concatenate([
         arch_oracle.attention(q[cu[i]:cu[i + 1]], k_all[item_slots[i]], v_all[item_slots[i]], d**-0.5, None,
-                              softcap, sinks)
+                              softcap, sinks, alibi)
         for i in range(2)
     ])
     return _compare(got, ref, tol)
@@ -472,7 +489,10 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),
         (f"mul ({source('mul')})", lambda: check_mul(c, tol), tol),
     ]
-    for offered, what, features in ((softcap, "soft-capped scores", (2.0, None)), (sinks, "sinks", (None, _SINKS))):
+    alibi = ops.accepts(paged, "alibi_slopes") and ops.accepts("attention", "alibi_slopes") and (
+        declared_version(ops.info) >= ALIBI_SINCE)
+    for offered, what, features in ((softcap, "soft-capped scores", (2.0, None)), (sinks, "sinks", (None, _SINKS)),
+                                    (alibi, "ALiBi", (None, None, _ALIBI))):
         if offered:
             checks.append((f"attention, {what}", lambda f=features: check_attention_features(c, tol, *f), tol))
             checks.append((f"paged_attention, {what} ({source('paged_attention')})",
@@ -480,7 +500,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
     for family, config in FAMILY_MODELS.items():
         needs_softcap = config.get("attn_logit_softcapping") is not None
         if (needs_softcap and not softcap) or (config.get("sliding_window") and not sliding) or (
-                family == "gpt_oss" and not sinks):
+                family == "gpt_oss" and not sinks) or (family == "bloom" and not alibi):
             continue
         checks.append((f"model {family}: logits and decode steps",
                        lambda family=family: check_family_model(c, family, model_tol), model_tol))

@@ -109,8 +109,19 @@ def _grouped_sinks(sinks: np.ndarray | None, kv_heads: int) -> np.ndarray | None
     return None if sinks is None else np.asarray(sinks, dtype=np.float32).reshape(kv_heads, -1, 1)
 
 
+def _grouped_slopes(alibi: np.ndarray | None, kv_heads: int) -> np.ndarray | None:
+    """ALiBi's per-head slopes ``[heads]`` as ``[kv_heads, group, 1]``."""
+    return None if alibi is None else np.asarray(alibi, dtype=np.float32).reshape(kv_heads, -1, 1)
+
+
+def _distances(key_pos: np.ndarray, query_pos: np.ndarray) -> np.ndarray:
+    """``key - query`` positions in float32, keys along the last axis: what ALiBi's slopes multiply."""
+    return (key_pos - query_pos).astype(np.float32)
+
+
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, sliding_window: int | None,
-                     softcap: float | None = None, sinks: np.ndarray | None = None) -> np.ndarray:
+                     softcap: float | None = None, sinks: np.ndarray | None = None,
+                     alibi: np.ndarray | None = None) -> np.ndarray:
     """One sequence's attention (the ``attention`` op's contract), computed per kv head group."""
     q_len, heads, head_dim = q.shape
     kv_len, kv_heads, _ = k.shape
@@ -121,6 +132,9 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, 
     _scale_and_cap(scores, scale, softcap)
     query_pos = np.arange(kv_len - q_len, kv_len)[:, None]
     key_pos = np.arange(kv_len)[None, :]
+    slopes = _grouped_slopes(alibi, kv_heads)
+    if slopes is not None:
+        scores += slopes[..., None] * _distances(key_pos, query_pos)
     hidden = key_pos > query_pos
     if sliding_window is not None:
         hidden |= key_pos <= query_pos - sliding_window
@@ -132,7 +146,8 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, 
 
 
 def _mirrored_decode(q: np.ndarray, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale: float,
-                     sliding_window: int | None, softcap: float | None, sinks: np.ndarray | None) -> np.ndarray:
+                     sliding_window: int | None, softcap: float | None, sinks: np.ndarray | None,
+                     alibi: np.ndarray | None) -> np.ndarray:
     """Every item decodes one token: bring its arena row up to date (the positions written
     since the last step, or the whole row when ``sync`` is ``"full"``), then attend over the
     row in place."""
@@ -148,22 +163,24 @@ def _mirrored_decode(q: np.ndarray, pool: KVPool, layer: int, plan: MirrorPlan, 
         v_rows[dst_row, :, dst_pos] = pool.v_flat[layer][src]
     _, heads, head_dim = q.shape
     kv_heads = arena.kv_heads
-    sinks = _grouped_sinks(sinks, kv_heads)
+    sinks, slopes = _grouped_sinks(sinks, kv_heads), _grouped_slopes(alibi, kv_heads)
     if plan.in_order and len(q) > 1:
-        return _attend_rows_together(q, k_rows, v_rows, plan, scale, sliding_window, softcap, sinks)
+        return _attend_rows_together(q, k_rows, v_rows, plan, scale, sliding_window, softcap, sinks, slopes)
     out = np.empty_like(q)
     firsts = plan.first_keys(sliding_window).tolist()
     for i, (row, start, end) in enumerate(zip(plan.rows.tolist(), firsts, plan.lengths.tolist())):
         keys, values = k_rows[row, :, :, start:end], v_rows[row, :, start:end]  # [kvh, d, L], [kvh, L, d]
         scores = q[i].reshape(kv_heads, -1, head_dim) @ keys  # [kvh, g, L]
         _scale_and_cap(scores, scale, softcap)
+        if slopes is not None:
+            scores += slopes * _distances(np.arange(start, end), np.int64(end - 1))
         out[i] = _weigh(scores, values, sinks).reshape(heads, head_dim)  # [kvh, g, d]
     return out
 
 
 def _attend_rows_together(q: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray, plan: MirrorPlan, scale: float,
                           sliding_window: int | None, softcap: float | None,
-                          sinks: np.ndarray | None) -> np.ndarray:
+                          sinks: np.ndarray | None, slopes: np.ndarray | None) -> np.ndarray:
     """Items ``0..n-1`` in arena rows ``0..n-1``: one batched product per step of the softmax, over the
     positions from the first any item sees to the longest item's end, with the others' masked, instead of a
     dozen numpy calls per item."""
@@ -182,16 +199,19 @@ def _attend_rows_together(q: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray,
     scores = q.reshape(n, kv_heads, -1, head_dim) @ keys  # [n, kvh, g, L]
     _scale_and_cap(scores, scale, softcap)
     scores += hidden
+    if slopes is not None:  # each row's query sits at its last key
+        _, _, end = plan.row_spans(sliding_window)
+        scores += slopes * _distances(np.arange(offset, longest)[None, :], end[:, None] - 1)[:, None, None]
     return _weigh(scores, values, sinks).reshape(n, heads, head_dim)  # [n, kvh, g, d]
 
 
 def paged_attention(q: np.ndarray, pool: KVPool, layer: int, batch: AttentionBatch, scale: float,
                     sliding_window: int | None, softcap: float | None = None,
-                    sinks: np.ndarray | None = None) -> np.ndarray:
+                    sinks: np.ndarray | None = None, alibi: np.ndarray | None = None) -> np.ndarray:
     """Items decoding one token attend over the mirrors; items with a longer query (prefill chunks,
     verification) gather their K/V from their blocks."""
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
-    features = (sliding_window, softcap, sinks)
+    features = (sliding_window, softcap, sinks, alibi)
     if plan is not None and plan.whole:
         return _mirrored_decode(q, pool, layer, plan, sync, scale, *features)
     out = np.empty_like(q)

@@ -244,10 +244,10 @@ def kv_gather(pool, layer, block_ids, length):
 
 
 @hookimpl
-def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None):
-    return _attention.causal_attention(q, k, v, scale, sliding_window, softcap, sinks)
+def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
+    return _attention.causal_attention(q, k, v, scale, sliding_window, softcap, sinks, alibi_slopes)
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None):
-    return _attention.paged_attention(q, pool, layer, batch, scale, sliding_window, softcap, sinks)
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
+    return _attention.paged_attention(q, pool, layer, batch, scale, sliding_window, softcap, sinks, alibi_slopes)

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -69,6 +70,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ferrum import reference_ops
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
@@ -783,8 +785,33 @@ def _attend_one(q, k, v, scale, window, mask_cache=None, softcap=None, sinks=Non
     return out[0].transpose(0, 1)  # [q_len, H, d]
 
 
+def _with_alibi(q, k, v, scale, window, slopes):
+    """One sequence's attention with ALiBi's biases, ``slopes[h] * (key - query position)``, written out in float32
+    (no fused kernel adds a bias per head): ``q [q_len, H, d]``, ``k, v [kv_len, KVH, d]``, the queries
+    ``_WRITTEN_QUERIES`` at a time."""
+    q_len, heads, d = q.shape
+    kv_len, kv_heads = k.shape[0], k.shape[1]
+    group = heads // kv_heads
+    keys, values = k.permute(1, 2, 0)[:, None], v.transpose(0, 1)[:, None]  # [KVH, 1, d, L], [KVH, 1, L, d]
+    key_pos, slopes = torch.arange(kv_len, device=DEVICE), slopes.float().view(kv_heads, group, 1, 1)
+    parts = []
+    for start in range(0, q_len, _WRITTEN_QUERIES):
+        rows = q[start : start + _WRITTEN_QUERIES]
+        query_pos = torch.arange(len(rows), device=DEVICE)[:, None] + (kv_len - q_len + start)
+        scores = torch.matmul(rows.view(-1, kv_heads, group, d).permute(1, 2, 0, 3), keys).float().mul_(scale)
+        scores += slopes * (key_pos - query_pos).float()  # [KVH, group, rows, L]
+        allowed = key_pos <= query_pos
+        if window is not None:
+            allowed &= key_pos > query_pos - window
+        probs = scores.masked_fill_(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+        parts.append(torch.matmul(probs, values).permute(2, 0, 1, 3).reshape(-1, heads, d))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @hookimpl
-def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None):
+def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
+    if alibi_slopes is not None:  # BLOOM's, MPT's: neither caps nor sinks
+        return _with_alibi(q, k, v, scale, sliding_window, alibi_slopes)
     return _attend_one(q, k, v, scale, sliding_window, softcap=softcap, sinks=sinks)
 
 
@@ -1116,7 +1143,10 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None):
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
+    if alibi_slopes is not None:  # item by item over the gathered keys (the core's composition of these ops)
+        return reference_ops.paged_attention(sys.modules[__name__], q, pool, layer, batch, scale, sliding_window,
+                                             softcap, sinks, alibi_slopes)
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
     features = (softcap, sinks)
     if plan is not None and plan.whole:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 import threading
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ferrum import reference_ops
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
@@ -706,8 +708,33 @@ def _written_out(q, k, v, scale, mask, softcap, sinks):
     return (probs.reshape(b, kv_heads, group * lq, lk) @ v).reshape(b, heads, lq, d)
 
 
+def _with_alibi(q, k, v, scale, window, slopes):
+    """One sequence's attention with ALiBi's biases, ``slopes[h] * (key - query position)``, written out in float32
+    (the fused kernel takes no bias per head): ``q [q_len, H, d]``, ``k, v [kv_len, KVH, d]``, the queries
+    ``_CAUSAL_CHUNK`` at a time."""
+    q_len, heads, d = q.shape
+    kv_len, kv_heads = k.shape[0], k.shape[1]
+    group = heads // kv_heads
+    keys, values = k.transpose(1, 2, 0)[:, None], v.transpose(1, 0, 2)[:, None]  # [KVH, 1, d, L], [KVH, 1, L, d]
+    key_pos, slopes = mx.arange(kv_len), slopes.astype(mx.float32).reshape(kv_heads, group, 1, 1)
+    parts = []
+    for start in range(0, q_len, _CAUSAL_CHUNK):
+        rows = q[start : start + _CAUSAL_CHUNK]
+        query_pos = mx.arange(rows.shape[0])[:, None] + (kv_len - q_len + start)
+        scores = (rows.reshape(-1, kv_heads, group, d).transpose(1, 2, 0, 3) @ keys).astype(mx.float32) * scale
+        scores = scores + slopes * (key_pos - query_pos).astype(mx.float32)  # [KVH, group, rows, L]
+        allowed = key_pos <= query_pos
+        if window is not None:
+            allowed = allowed & (key_pos > query_pos - window)
+        probs = mx.softmax(mx.where(allowed, scores, -mx.inf), axis=-1, precise=True).astype(v.dtype)
+        parts.append((probs @ values).transpose(2, 0, 1, 3).reshape(-1, heads, d))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
 @hookimpl
-def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None):
+def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
+    if alibi_slopes is not None:  # BLOOM's, MPT's: neither caps nor sinks
+        return _with_alibi(q, k, v, scale, sliding_window, alibi_slopes)
     q_len, kv_len = q.shape[0], k.shape[0]
     qh, kh, vh = (a.transpose(1, 0, 2)[None] for a in (q, k, v))
     if sliding_window is None:
@@ -863,7 +890,10 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None):
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
+    if alibi_slopes is not None:  # item by item over the gathered keys (the core's composition of these ops)
+        return reference_ops.paged_attention(sys.modules[__name__], q, pool, layer, batch, scale, sliding_window,
+                                             softcap, sinks, alibi_slopes)
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
     features = (sliding_window, softcap, sinks)
     if plan is not None and plan.whole:

@@ -13,8 +13,9 @@ from ferrum.backends import BackendProbe
 #: 1.9: clip, mul; 1.11: top-p within the top-k; 1.12: moe_route's routing; 1.13: its rule; 1.14: relu_squared
 #: 1.15: xielu; 1.16: sigmoid_mul, causal_conv1d, gated_delta_rule, the grouped rules' expert_scale (its experts
 #: stay the core's, which run every activation); 1.19: selective_scan (1.17's ssd_update and 1.18's ungated experts
-#: it leaves to the core); 1.20: gated_delta_rule's per-key-channel gate and beta_scale
-API_VERSION = "1.20"
+#: it leaves to the core); 1.20: gated_delta_rule's per-key-channel gate and beta_scale; 1.21: relu, attention's
+#: alibi_slopes
+API_VERSION = "1.21"
 
 
 @hookimpl

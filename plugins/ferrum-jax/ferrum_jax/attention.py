@@ -26,11 +26,11 @@ F32 = jnp.float32
 _MASKED = -1e30
 
 
-def _attend(q, k, v, q_pos, kv_len, scale, window, softcap, sinks):
+def _attend(q, k, v, q_pos, kv_len, scale, window, softcap, sinks, alibi=None):
     """``q [n, Q, H, D]``, ``k, v [n, L, KVH, D]``, ``q_pos [n, Q]`` (position of each query, -1 for
     padding), ``kv_len [n]``; query at position p sees keys ``j <= p``, ``j < kv_len`` (and ``j > p - window``).
     ``sinks [H]`` or None: each head's value-less extra logit (gpt-oss), a column that joins the softmax
-    and leaves."""
+    and leaves. ``alibi [H]`` or None: head ``h``'s score of key ``j`` gains ``alibi[h] * (j - p)`` (BLOOM, MPT)."""
     n, q_len, heads, d = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(n, q_len, kv_heads, heads // kv_heads, d).astype(F32)
@@ -39,6 +39,8 @@ def _attend(q, k, v, q_pos, kv_len, scale, window, softcap, sinks):
         scores = softcap * jnp.tanh(scores / softcap)
     key = jnp.arange(k.shape[1])[None, None, :]
     pos = q_pos[:, :, None]
+    if alibi is not None:
+        scores = scores + alibi.astype(F32).reshape(kv_heads, -1, 1, 1) * (key - pos).astype(F32)[:, None, None]
     allowed = (key <= pos) & (key < kv_len[:, None, None])
     if window is not None:
         allowed &= key > pos - window
@@ -52,15 +54,15 @@ def _attend(q, k, v, q_pos, kv_len, scale, window, softcap, sinks):
 
 
 @partial(jax.jit, static_argnames=("window", "softcap"))
-def _dense(q, k, v, scale, sinks, window, softcap):
+def _dense(q, k, v, scale, sinks, alibi, window, softcap):
     q_len, kv_len = q.shape[0], k.shape[0]
     q_pos = jnp.arange(kv_len - q_len, kv_len)[None]
-    return _attend(q[None], k[None], v[None], q_pos, jnp.array([kv_len]), scale, window, softcap, sinks)[0]
+    return _attend(q[None], k[None], v[None], q_pos, jnp.array([kv_len]), scale, window, softcap, sinks, alibi)[0]
 
 
 @hookimpl
-def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None):
-    return _dense(q, k, v, scale, sinks, window=sliding_window, softcap=softcap)
+def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
+    return _dense(q, k, v, scale, sinks, alibi_slopes, window=sliding_window, softcap=softcap)
 
 
 @dataclass(frozen=True)
@@ -135,20 +137,20 @@ def prepare_attention_batch(batch) -> PreparedBatch:
 
 
 @partial(jax.jit, static_argnames=("window", "softcap"))
-def _paged(q, k_pool, v_pool, q_rows, q_pos, kv_slots, kv_len, out_rows, scale, sinks, window, softcap):
+def _paged(q, k_pool, v_pool, q_rows, q_pos, kv_slots, kv_len, out_rows, scale, sinks, alibi, window, softcap):
     items_b, q_b = q_rows.shape
     k, v = k_pool[kv_slots], v_pool[kv_slots]  # [items_b, L_b, KVH, D]
-    out = _attend(q[q_rows], k, v, q_pos, kv_len, scale, window, softcap, sinks)  # [items_b, q_b, H, D]
+    out = _attend(q[q_rows], k, v, q_pos, kv_len, scale, window, softcap, sinks, alibi)  # [items_b, q_b, H, D]
     return out.reshape(items_b * q_b, *out.shape[2:])[out_rows]
 
 
 @hookimpl
-def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None):
+def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
     prep: PreparedBatch = batch.prepared
     if prep.tokens_b != prep.tokens:
         q = jnp.pad(q, ((0, prep.tokens_b - prep.tokens), (0, 0), (0, 0)))
     outs = [_paged(q, pool.k[layer], pool.v[layer], call.q_rows, call.q_pos, call.kv_slots, call.kv_len,
-                   call.out_rows, scale, sinks, window=sliding_window, softcap=softcap)[: call.tokens]
+                   call.out_rows, scale, sinks, alibi_slopes, window=sliding_window, softcap=softcap)[: call.tokens]
             for call in prep.calls]
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
     return out if prep.order is None else out[prep.order]

@@ -350,3 +350,20 @@ def test_mamba1_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
     got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
     assert got == want
+
+
+#: ALiBi's layouts (plugin API 1.21): BLOOM's (six heads, the embeddings normed, q/k/v grouped by head) and MPT's
+#: (q/k/v clipped), their positions only in the biases attention adds, here in the plugin's own kernel.
+ALIBI = {
+    "bloom": dict(architectures=["BloomForCausalLM"], model_type="bloom", hidden_size=96, n_layer=2, n_head=6,
+                  vocab_size=101, tie_word_embeddings=True),
+    "mpt": dict(architectures=["MptForCausalLM"], model_type="mpt", d_model=64, n_heads=4, n_layers=2,
+                vocab_size=101, max_seq_len=256, attn_config={"clip_qkv": 0.8}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ALIBI))
+def test_alibi_greedy_tokens_equal_the_cpu_backends(tmp_path, family):
+    folder = write_random_checkpoint(tmp_path / family, ALIBI[family], dtype="float32", std=0.2, seed=3)
+    got, want = _greedy(folder, "jax"), _greedy(folder, "cpu")
+    assert got == want
