@@ -330,6 +330,7 @@ class DecoderOnlyLLM:
     ) -> "DecoderOnlyLLM":
         """Load a Hugging Face safetensors checkpoint folder onto a backend."""
         config = ModelConfig.from_file(path)
+        trained = config.max_seq_len  # the rows of a learned position table, whatever context is asked for
         if max_seq_len is not None:
             if not isinstance(max_seq_len, Integral) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
                 raise InvalidRequestError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
@@ -353,7 +354,7 @@ class DecoderOnlyLLM:
             num_kv_blocks = -(-tokens // block_size)
         check_kv_pool(num_kv_blocks, block_size, kv_token_bytes(config, dtype), backend.info.device)
         config = resolve_layout(config, checkpoint.shapes())
-        shapes = weight_shapes(config)
+        shapes = weight_shapes(replace(config, max_seq_len=trained))
         weights: dict[str, Placed] = {}
         embedding = f"{config.arch.prefix}embed_tokens.weight"
         roles = {embedding: "tied" if config.tie_word_embeddings else "embedding",

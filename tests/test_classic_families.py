@@ -143,6 +143,15 @@ def test_an_opt_release_saved_as_its_decoder_loads(checkpoints, tmp_path):
     assert scaled_error(_load(copy).forward_verify("x", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["opt", "gpt_neo", "xglm"])
+def test_a_shorter_context_than_the_position_table_loads(checkpoints, family):
+    """The table keeps the rows it was stored with (GPT-2's did not load so either)."""
+    folder, hf = checkpoints[family]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32", max_seq_len=16)
+    assert model.config.max_seq_len == 16
+    assert scaled_error(model.forward_verify("x", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+
+
 def _with(folder, tmp_path, **changes):
     copy = shutil.copytree(folder, tmp_path / "changed")
     config = json.loads((copy / "config.json").read_text())
