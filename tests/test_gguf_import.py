@@ -1584,7 +1584,7 @@ def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"arch": "bloom"}, "GGUF architecture 'bloom' is not supported"),
+        ({"arch": "rwkv6"}, "GGUF architecture 'rwkv6' is not supported"),
         ({"tokenizer_model": "bert"}, "tokenizer model 'bert' is not supported"),
         ({"pre": "mystery"}, "pre-tokenizer 'mystery' is not supported"),
     ],
@@ -2616,3 +2616,51 @@ def test_chatglm_gguf_matches_the_model_it_was_written_from(tmp_path, fused, qty
         _assert_logits_match(hf, out)
         return
     _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+
+
+def _alibi_gguf(path: Path, hf, config, arch: str) -> None:
+    """``hf``'s weights as llama.cpp's converter writes BLOOM (q/k/v regrouped: every q, then k, then v; the
+    embeddings' LayerNorm as token_embd_norm) and MPT (q/k/v as stored, its clamp and ALiBi's bias max)."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    sizes = types.SimpleNamespace(
+        num_hidden_layers=config.num_hidden_layers, hidden_size=h, intermediate_size=4 * h, num_attention_heads=heads,
+        num_key_value_heads=heads, rope_parameters={"rope_theta": 10000.0}, layer_norm_eps=config.layer_norm_epsilon,
+        max_position_embeddings=getattr(config, "max_seq_len", 2048))
+    w = _gguf_writer(path, arch, sizes)
+    if arch == "mpt":
+        w.add_max_alibi_bias(8.0)
+        w.add_clamp_kqv(config.attn_config.clip_qkv)
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
+    for name, tensor in hf.state_dict().items():
+        array = tensor.float().numpy()
+        if name == "lm_head.weight":  # tied
+            continue
+        if ".query_key_value." in name:
+            per_head = array.reshape(heads, 3, h // heads, *array.shape[1:])
+            array = np.concatenate([per_head[:, i].reshape(-1, *array.shape[1:]) for i in range(3)])
+        module, suffix = name.rsplit(".", 1)
+        # two of BLOOM's that this gguf-py's map leaves out: llama.cpp's token_embd_norm and ffn_norm
+        gguf_name = names.get_name(module) or re.sub(r"transformer\.(?:h\.(\d+)\.post_attention_layernorm|"
+                                                     r"word_embeddings_layernorm)$",
+                                                     lambda m: f"blk.{m[1]}.ffn_norm" if m[1] else "token_embd_norm",
+                                                     module)
+        w.add_tensor(f"{gguf_name}.{suffix}", array)
+    _finish(w)
+
+
+@pytest.mark.parametrize("arch", ["bloom", "mpt"])
+def test_alibi_gguf_match_the_model_they_were_written_from(tmp_path, arch):
+    """BLOOM (its q/k/v regrouped back by head, the embeddings' LayerNorm) and MPT (q/k/v clamped; no biases)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if arch == "bloom":
+        hf, config = _tiny_model(transformers.BloomConfig, n_layer=2, n_head=4)
+    else:
+        hf, config = _tiny_model(transformers.MptConfig, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+                                 attn_config={"clip_qkv": 0.5})
+    with torch.no_grad():  # biases and norms away from their initial 0 and 1, so one dropped is visible
+        for param in hf.parameters():
+            param.normal_(0, 0.2)
+    _alibi_gguf(tmp_path / "m.gguf", hf, config, arch)
+    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))

@@ -213,6 +213,13 @@ def _falcon_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any
             "bias": "blk.0.attn_qkv.bias" in meta.tensors}
 
 
+def _mpt_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """MPT: ALiBi's bias max and q/k/v's clamp (none where the file says 0 or nothing), in its attn_config."""
+    clamp, bias_max = meta.get(p + "attention.clamp_kqv"), meta.get(p + "attention.max_alibi_bias", 8.0)
+    return {"attn_config": {"alibi": True, "alibi_bias_max": float32_value(bias_max),
+                            "clip_qkv": float32_value(clamp) if clamp else None}}
+
+
 def _starcoder_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """StarCoder (GPT-BigCode): one key/value head, as llama.cpp's converter always writes it."""
     return {"multi_query": cfg["num_key_value_heads"] == 1}
@@ -634,6 +641,11 @@ ARCHITECTURES = {
                                 ("attn_norm.weight", "ln_mlp.weight"), ("attn_norm.bias", "ln_mlp.bias"))),)),
     "gpt2": _Architecture("gpt2", "GPT2LMHeadModel", False, (("activation_function", "gelu_new"),),
                           renamed=_GPT2_NORMS),
+    # ALiBi: BLOOM's embeddings LayerNormed (token_embd_norm), its q/k/v regrouped by the converter (every q, then
+    # k, then v); MPT's q/k/v as stored, clamped by the file's clamp_kqv
+    "bloom": _Architecture("bloom", "BloomForCausalLM", False, grouped_qkv=True, renamed_globals=tuple(
+        (f"token_embd_norm.{part}", f"model.embed_norm.{part}") for part in ("weight", "bias"))),
+    "mpt": _Architecture("mpt", "MptForCausalLM", False, configure=_mpt_config),
     "starcoder": _Architecture("gpt_bigcode", "GPTBigCodeForCausalLM", False,
                                (("activation_function", "gelu_pytorch_tanh"),), renamed=_GPT2_NORMS,
                                configure=_starcoder_config, grouped_qkv=True),
