@@ -2,12 +2,12 @@
 
 Gemma 3n rescales rows to another row's root mean square (AltUp's copies) and cuts its MLP gates at their row's
 mean plus a multiple of its standard deviation (activation sparsity). The table has no reduction, square root,
-division or max, so they are composed, exactly in real arithmetic, from ``linear``, ``rms_norm`` and ``mul``:
+division, so they are composed, exactly in real arithmetic, from ``linear``, ``rms_norm`` and ``mul`` (the cut
+itself is the ``relu`` op):
 
 * a row's mean is a ``linear`` with one output of weights ``1 / width``; a ``[T, 1]`` column is spread over a row
   by a ``linear`` with weights of 1 (the ops broadcast only over leading axes);
-* ``unit(x) = rms_norm(x, 1, TINY)`` is ``x / rms(x)``, so ``rms(x) = mean(unit(x) * x)``;
-* ``relu(x) = (x + x * sign(x)) / 2`` with ``sign(x)`` the RMSNorm of each element alone.
+* ``unit(x) = rms_norm(x, 1, TINY)`` is ``x / rms(x)``, so ``rms(x) = mean(unit(x) * x)``.
 
 ``TINY`` keeps a row of zeros (a backend's padding rows) at zero where a plain division would make NaN; it is far
 below any real row's mean square, so transformers' clamp of that at 1e-5 (mlx-lm has none) never differs from it
@@ -26,14 +26,13 @@ TINY = 1e-30
 class RowOps:
     """The compositions over rows of ``width`` columns, their constant weights placed once in ``dtype``."""
 
-    __slots__ = ("ops", "width", "ones", "one", "_mean", "_spread")
+    __slots__ = ("ops", "width", "ones", "_mean", "_spread")
 
     def __init__(self, ops: Any, width: int, dtype: str):
         from ferrum.weights import Linear, place  # imported here: ferrum.weights reads the family table
 
         self.ops, self.width = ops, width
         self.ones = ops.from_numpy(np.ones(width, dtype=np.float32), dtype)
-        self.one = ops.from_numpy(np.ones(1, dtype=np.float32), dtype)
         self._mean = Linear(place(ops, "rowwise.mean", np.full((1, width), 1.0 / width, dtype=np.float32), dtype))
         self._spread = Linear(place(ops, "rowwise.spread", np.ones((width, 1), dtype=np.float32), dtype))
 
@@ -53,12 +52,6 @@ class RowOps:
         """Each row's root mean square, ``[T, 1]``."""
         return self.mean(self.ops.mul(self.unit(x), x))
 
-    def relu(self, x: Any) -> Any:
-        """``max(x, 0)`` elementwise."""
-        ops = self.ops
-        sign = ops.reshape(ops.rms_norm(ops.reshape(x, (-1, 1)), self.one, TINY), (-1, self.width))
-        return ops.mul_scalar(ops.add(x, ops.mul(x, sign)), 0.5)
-
 
 def gaussian_top_k(ops: Any, act: Any, width: int, sparsity: float, dtype: str) -> Any:
     """``act(gate, up)`` (the gated activation op) with its gate first cut as Gemma 3n's activation sparsity cuts
@@ -71,6 +64,6 @@ def gaussian_top_k(ops: Any, act: Any, width: int, sparsity: float, dtype: str) 
     def sparse(gate: Any, up: Any) -> Any:
         centred = ops.add(gate, rows.spread(rows.mean(gate), -1.0))
         std = rows.rms(centred)
-        return act(rows.relu(ops.add(centred, rows.spread(std, -k))), up)
+        return act(ops.relu(ops.add(centred, rows.spread(std, -k))), up)
 
     return sparse
