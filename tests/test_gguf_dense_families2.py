@@ -1,0 +1,110 @@
+"""GGUF imports of the remote-code dense families (``exaone``, ``internlm2``, ``minicpm``, ``minicpm3``): tiny random
+models written as llama.cpp's converter writes them (EXAONE 3.5's llama3 rope as rope_freqs, InternLM2's wqkv cut
+into permuted q/k and v, MiniCPM's scalings in the metadata and its q/k permuted, MiniCPM3's latent attention with
+none of its scalings written), imported, and run against transformers (float32 files) or the same file imported in
+float32 (Q8_0)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from ferrum.config import ModelConfig  # noqa: E402
+from ferrum.gguf_import import convert_gguf  # noqa: E402
+from test_gguf_import import (  # noqa: E402
+    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer, _tiny_model,
+)
+
+Q = gguf.GGMLQuantizationType
+_COMMON = dict(intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=False)
+
+
+def _for_model(model_type: str) -> Callable[..., Any]:
+    return lambda **settings: transformers.AutoConfig.for_model(model_type, **settings)
+
+
+def _spread(hf) -> None:
+    """Norms around 1 and q/k large enough that the rope's angles (and a wrong row order) move the logits."""
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1, 0.3)
+            else:
+                param.normal_(0, 0.3)
+
+
+def _write(path: Path, arch: str, config, tensors: dict[str, np.ndarray], qtype, metadata: Callable[[Any], None],
+           **writer: Any) -> None:
+    """``tensors`` (GGUF names) in a file of ``arch``: what every conversion writes of ``config`` and ``metadata``'s
+    keys; matrices as ``qtype``, vectors float."""
+    w = _gguf_writer(path, arch, config, **writer)
+    metadata(w)
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32:
+            w.add_tensor(name, array)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _finish(w)
+
+
+def _mapped(hf, config, arch: str, change: Callable[[str, np.ndarray], np.ndarray] = lambda n, a: a
+            ) -> dict[str, np.ndarray]:
+    """``hf``'s tensors under the names gguf's map gives ``arch``, each through ``change``; a tied head left out."""
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
+    out = {}
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = change(name, tensor.float().numpy())
+    return out
+
+
+def _check(tmp_path: Path, hf, qtype) -> ModelConfig:
+    """The file at ``tmp_path / m.gguf`` imported: transformers' logits (float32), or its float import's (Q8_0)."""
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+    else:
+        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    return ModelConfig.from_file(out)
+
+
+def _llama3_divisors(head_dim: int, theta: float, rope: dict[str, Any]) -> np.ndarray:
+    """llama3 rope scaling as llama.cpp's converter writes it: one divisor per rotary pair (``rope_freqs``)."""
+    factor, low, high, old = (rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings"))
+    divisors = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * math.pi / freq
+        smooth = (old / wavelen - low) / (high - low)
+        divisors.append(1.0 if wavelen < old / high else factor if wavelen > old / low else
+                        1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_exaone_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
+    """EXAONE 3.5 (transformers runs it as Llama) with its llama3 rope, which the converter writes as rope_freqs:
+    imported under the release's names with the rope scaling back; rows as stored (llama.cpp's rotate-half rope)."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    hf, config = _tiny_model(_for_model("exaone"), **_COMMON, rope_parameters=rope, rms_norm_eps=1e-5)
+    _spread(hf)
+    tensors = _mapped(hf, config, "exaone")
+    tensors["rope_freqs.weight"] = _llama3_divisors(16, rope["rope_theta"], rope)
+    assert len(set(np.round(tensors["rope_freqs.weight"], 5))) >= 3  # all three regimes
+
+    _write(tmp_path / "m.gguf", "exaone", config, tensors, qtype, lambda w: w.add_rope_dimension_count(16))
+    ours = _check(tmp_path, hf, qtype)
+    assert ours.model_type == "exaone" and ours.arch.prefix == "transformer."
+    assert ours.rope_scaling["rope_type"] == "llama3" and ours.rope_scaling["factor"] == 8.0
