@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer, _tiny_model,
+    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer, _permute, _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -108,3 +108,31 @@ def test_exaone_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     ours = _check(tmp_path, hf, qtype)
     assert ours.model_type == "exaone" and ours.arch.prefix == "transformer."
     assert ours.rope_scaling["rope_type"] == "llama3" and ours.rope_scaling["factor"] == 8.0
+
+
+def _internlm2_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, kv_heads: int) -> dict[str, np.ndarray]:
+    """InternLM2's wqkv (each key/value head's queries, then its key, then its value) made from Llama's q/k/v, then cut
+    and permuted as llama.cpp's InternLM2Model does: GGUF suffix -> rows."""
+    per, d, h = heads // kv_heads, q.shape[0] // heads, q.shape[1]
+    wqkv = np.concatenate([q.reshape(kv_heads, per, d, h), k.reshape(kv_heads, 1, d, h), v.reshape(kv_heads, 1, d, h)],
+                          axis=1)
+    return {"attn_q.weight": _permute(wqkv[:, :per].reshape(-1, h), heads),
+            "attn_k.weight": _permute(wqkv[:, -2].reshape(-1, h), kv_heads),
+            "attn_v.weight": wqkv[:, -1].reshape(-1, h)}
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_internlm2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
+    """InternLM2 (no biases, as every release: Llama's model) written from its grouped wqkv as the converter cuts it:
+    imported as InternLM2's own layout (q/k un-permuted, the rows regrouped into wqkv), giving Llama's logits."""
+    hf, config = _tiny_model(transformers.LlamaConfig, **_COMMON, rms_norm_eps=1e-5)
+    _spread(hf)
+    tensors = _mapped(hf, config, "internlm2")
+    for i in range(config.num_hidden_layers):
+        q, k, v = (tensors.pop(f"blk.{i}.attn_{p}.weight") for p in "qkv")
+        tensors.update({f"blk.{i}.{name}": a for name, a in _internlm2_qkv(q, k, v, 4, 2).items()})
+
+    _write(tmp_path / "m.gguf", "internlm2", config, tensors, qtype, lambda w: None)
+    ours = _check(tmp_path, hf, qtype)
+    assert ours.model_type == "internlm2" and ours.arch.fused_qkv and ours.arch.qkv_grouped
+    assert not ours.arch.qkv_bias and not ours.arch.o_bias

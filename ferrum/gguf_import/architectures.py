@@ -54,8 +54,8 @@ class _Architecture:
     partial_rotary: bool = False
     #: What a file of this architecture with experts is (llama.cpp writes Mixtral as ``llama``).
     with_experts: "_Architecture | None" = None
-    #: llama.cpp's converter put the fused q/k/v's rows in q, k, v order; the family reads them grouped by
-    #: key/value head, as the checkpoint had them (GPT-NeoX, Falcon).
+    #: llama.cpp's converter put the fused q/k/v's rows in q, k, v order (or wrote q, k and v apart, joined back:
+    #: InternLM2's); the family reads them grouped by key/value head, as the checkpoint had them (GPT-NeoX, Falcon).
     grouped_qkv: bool = False
     #: Renames that hold where the file's blocks have the named tensor (Falcon 40B's second norm).
     renamed_with: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
@@ -603,6 +603,12 @@ ARCHITECTURES = {
     # EXAONE 3 / 3.5: Llama's blocks under the release's names (ferrum.arch.families' EXAONE_NAMES); llama.cpp
     # rotates rotate-half pairs, rows as the checkpoint has them; 3.5's llama3 rope comes back from rope_freqs
     "exaone": _Architecture("exaone", "ExaoneForCausalLM", False, (("attention_bias", False), ("mlp_bias", False))),
+    # InternLM2 / 2.5: Llama's blocks, q/k/v packed in one wqkv grouped by key/value head, which the converter cut
+    # into q, k and v (q/k permuted as Llama's): joined back and regrouped. Its dynamic rope (2.5's) llama.cpp does
+    # not run, nor does the converter write it; no release has biases, which llama.cpp reads none of
+    "internlm2": _Architecture("internlm2", "InternLM2ForCausalLM", True, (("bias", False),), grouped_qkv=True,
+                               joined=((("attn_q.weight", "attn_k.weight", "attn_v.weight"),
+                                        "self_attn.qkv_proj.weight"),)),
     # Arcee AFM: Llama's layout (q/k permuted) with an ungated squared-ReLU MLP, the only one llama.cpp runs for it
     "arcee": _Architecture("arcee", "ArceeForCausalLM", True, (("hidden_act", "relu2"), ("attention_bias", False),
                                                                 ("mlp_bias", False))),

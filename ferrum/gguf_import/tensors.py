@@ -80,14 +80,13 @@ class PlannedTensor:
         """The GGUF tensors whose rows make this one, in order."""
         return (self.source, *self.joined)
 
-    @property
-    def part_shape(self) -> tuple[int, ...]:
-        """Each source's shape: an equal share of the rows; a split one's whole (a stack's as stored; a convolution's
-        ``[C, K]`` as the ``[C, 1, K]`` read)."""
+    def part_shape(self, source: Any) -> tuple[int, ...]:
+        """``source``'s shape: its rows of a joined tensor (InternLM2's q, k and v, unequal); a split one's whole (a
+        stack's as stored; a convolution's ``[C, K]`` as the ``[C, 1, K]`` read); else the tensor's."""
         if self.rows is not None:
-            source = numpy_shape(self.source)
-            return source if len(source) == len(self.shape) else (source[0], *self.shape[1:])
-        return (self.shape[0] // len(self.sources), *self.shape[1:])
+            shape = numpy_shape(source)
+            return shape if len(shape) == len(self.shape) else (shape[0], *self.shape[1:])
+        return (numpy_shape(source)[0], *self.shape[1:]) if self.joined else self.shape
 
 
 def numpy_shape(tensor: Any) -> tuple[int, ...]:
@@ -148,7 +147,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
     model_config = ModelConfig.from_dict(cfg, where)
     arch = for_model_type(cfg["model_type"], gguf_arch, experts=model_config.arch.moe is not None)
     # written as the converter stored them, [out, in], whatever the family's own checkpoints do (GPT-2's Conv1D)
-    model_arch = replace(model_config.arch, transposed=False)
+    model_arch = replace(model_config.arch, transposed=False, lm_head=_lm_head(model_config.arch))
     model_config = replace(model_config, arch=model_arch)
     by_name = {t.name: t for t in reader.tensors}
     expected = _with_split_kv_b(weight_shapes(model_config), model_config, by_name)
@@ -205,7 +204,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             hf_name = f"model.layers.{i}.{block_tensors[rest]}" if rest in block_tensors else None
             if joined is not None:
                 hf_name = f"model.layers.{i}.{target}"
-            if arch.permuted_qk and rest in ("attn_q.weight", "attn_k.weight"):
+                row_order = _joined_row_order(arch, joined[0], model_config)
+            elif arch.permuted_qk and rest in ("attn_q.weight", "attn_k.weight"):
                 n = heads if rest == "attn_q.weight" else kv_heads
                 row_order = unpermute_qk(np.arange(n * model_config.head_dim), n)
             elif arch.grouped_qkv and rest.startswith("attn_qkv."):  # the checkpoint's rows, grouped by kv head
@@ -222,9 +222,9 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
         shape = numpy_shape(tensor)
         if len(shape) == 1 and want == (1, *shape):  # a one-row matrix llama.cpp stores as a vector
             shape = want
-        if joined:  # equal shares of the rows, as the converter split them
+        if joined:  # the rows the converter split, one part after another
             shapes = [numpy_shape(t) for t in (tensor, *joined)]
-            shape = (sum(s[0] for s in shapes), *shape[1:]) if len(set(shapes)) == 1 else shapes
+            shape = (sum(s[0] for s in shapes), *shape[1:]) if len({s[1:] for s in shapes}) == 1 else shapes
         if shape != want:
             raise CheckpointError(
                 f"{where}: tensor {name} ({hf_name}) has shape {shape} but the metadata implies {want}"
@@ -249,6 +249,31 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             if is_expert_stack(p.hf_name):
                 p.hf_name = mlx_lm_stack_name(spec, p.hf_name)
     return plan
+
+
+def _lm_head(arch: Any) -> str:
+    """The LM head's name as the family's checkpoints store it: where a layout of its own under its usual prefix
+    renames nothing else, that layout's (InternLM2's ``output``), which the loader tries first."""
+    return next((head for prefix, head, names, *_ in arch.layouts if prefix == arch.prefix and not names), arch.lm_head)
+
+
+def _joined_row_order(arch: Any, parts: tuple[str, ...], config: ModelConfig) -> np.ndarray | None:
+    """The joined rows' order where the parts are q, k and v (InternLM2's, which the converter cut out of its wqkv):
+    each of q and k un-permuted where the converter permuted them, then grouped by key/value head where the family
+    reads them so (``_Architecture.grouped_qkv``); None for other parts (in order)."""
+    if parts != _QKV_PARTS:
+        return None
+    heads, kv_heads, d = config.num_heads, config.num_kv_heads, config.head_dim
+    order = np.arange((heads + 2 * kv_heads) * d)
+    if arch.permuted_qk:
+        order = np.concatenate([unpermute_qk(order[:heads * d], heads),
+                                unpermute_qk(order[heads * d:(heads + kv_heads) * d], kv_heads),
+                                order[(heads + kv_heads) * d:]])
+    return order[np.argsort(grouped_qkv_order(heads, kv_heads, d))] if arch.grouped_qkv else order
+
+
+#: q, k and v as separate GGUF tensors, joined into one (``_joined_row_order``).
+_QKV_PARTS = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
 
 
 def _norm_offset(hf_name: str, offset: float, unshifted: tuple[str, ...]) -> float:
@@ -332,7 +357,7 @@ def choose_forms(plan: list[PlannedTensor], dequantize_to: str | None, where: st
         return
     for p in plan:
         try:
-            forms = [describe(t.data, t.tensor_type.name, _as_matrix(p.part_shape), t.name) for t in p.sources]
+            forms = [describe(t.data, t.tensor_type.name, _as_matrix(p.part_shape(t)), t.name) for t in p.sources]
         except (CheckpointError, UnsupportedFeatureError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
         if len({(f.bits, f.group_size, f.mode) for f in forms}) > 1:
@@ -435,7 +460,7 @@ def _stored_arrays(p: PlannedTensor, dequantize_to: str | None, where: str) -> l
 
 def _source_arrays(p: PlannedTensor, t: Any, dequantize_to: str | None, where: str) -> list[np.ndarray]:
     """One source's share of ``p``'s arrays, in the dtypes ``p.form`` gives."""
-    shape = p.part_shape
+    shape = p.part_shape(t)
     if dequantize_to is None:
         value = repack(t.data, t.tensor_type.name, _as_matrix(shape), t.name)  # checked by choose_forms
     else:
