@@ -136,3 +136,40 @@ def test_internlm2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     ours = _check(tmp_path, hf, qtype)
     assert ours.model_type == "internlm2" and ours.arch.fused_qkv and ours.arch.qkv_grouped
     assert not ours.arch.qkv_bias and not ours.arch.o_bias
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_minicpm_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, tied):
+    """MiniCPM (scale_emb 12, scale_depth 1.4, dim_model_base 16) written as MiniCPMModel writes it (the three scalings
+    as embedding, residual and logit scales; q/k permuted): imported with its scalings back, giving the logits of
+    transformers' Granite with the same multipliers (MiniCPM's model: the logits divided, tied or not)."""
+    layers, hidden, head_dim = 2, 64, 16
+    hf, config = _tiny_model(transformers.GraniteConfig, **{**_COMMON, "tie_word_embeddings": tied}, rms_norm_eps=1e-5,
+                             embedding_multiplier=12.0, residual_multiplier=1.4 / math.sqrt(layers),
+                             logits_scaling=hidden / 16, attention_multiplier=head_dim ** -0.5)
+    _spread(hf)
+    heads = {"q_proj.weight": 4, "k_proj.weight": 2}
+    tensors = _mapped(hf, config, "minicpm", lambda name, a: _permute(a, heads[name[-13:]]) if name.endswith(
+        tuple(heads)) else a)
+
+    def metadata(w: Any) -> None:
+        w.add_embedding_scale(12.0)
+        w.add_residual_scale(1.4 / math.sqrt(layers))
+        w.add_logit_scale(hidden / 16)
+        w.add_rope_dimension_count(head_dim)
+
+    _write(tmp_path / "m.gguf", "minicpm", config, tensors, qtype, metadata)
+    ours = _check(tmp_path, hf, qtype)
+    assert ours.model_type == "minicpm" and ours.tie_word_embeddings == tied
+    assert (ours.arch.embed_scale, ours.arch.logit_scale) == (12.0, 0.25)
+
+
+def test_a_minicpm_gguf_without_its_scalings_is_refused(tmp_path):
+    """Older converters wrote none of the three; llama.cpp's defaults for them are no release's config."""
+    from ferrum.errors import UnsupportedFeatureError
+
+    hf, config = _tiny_model(transformers.LlamaConfig, **_COMMON)
+    _write(tmp_path / "m.gguf", "minicpm", config, _mapped(hf, config, "minicpm"), Q.F32, lambda w: None)
+    with pytest.raises(UnsupportedFeatureError, match="minicpm.embedding_scale.*convert the release again"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")

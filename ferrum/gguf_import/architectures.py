@@ -3,6 +3,7 @@ entries its metadata gives."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -165,6 +166,19 @@ def _exaone4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
                               "layers sliding (true) or not")
     return {"sliding_window": int(window),
             "layer_types": ["sliding_attention" if f else "full_attention" for f in flags]}
+
+
+def _minicpm_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """MiniCPM's scalings back from the three the converter writes (scale_emb; scale_depth / sqrt(layers); hidden /
+    dim_model_base, which llama.cpp divides the logits by). Older files without them llama.cpp runs on fixed
+    defaults no release's config states: refused by name."""
+    missing = [key for key in ("embedding_scale", "residual_scale", "logit_scale") if p + key not in meta]
+    if missing:
+        raise UnsupportedFeatureError(f"{meta.where}: a minicpm file without {', '.join(p + k for k in missing)} is "
+                                      "not supported (older converters wrote none; convert the release again)")
+    residual, logit = (float32_value(meta.get(p + key)) for key in ("residual_scale", "logit_scale"))
+    return {"scale_emb": float32_value(meta.get(p + "embedding_scale")),
+            "scale_depth": residual * math.sqrt(cfg["num_hidden_layers"]), "dim_model_base": cfg["hidden_size"] / logit}
 
 
 def _command_r_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -606,6 +620,8 @@ ARCHITECTURES = {
     # InternLM2 / 2.5: Llama's blocks, q/k/v packed in one wqkv grouped by key/value head, which the converter cut
     # into q, k and v (q/k permuted as Llama's): joined back and regrouped. Its dynamic rope (2.5's) llama.cpp does
     # not run, nor does the converter write it; no release has biases, which llama.cpp reads none of
+    # MiniCPM 1B / 2B: Llama's layout (q/k permuted), its scalings in the metadata (see _minicpm_config)
+    "minicpm": _Architecture("minicpm", "MiniCPMForCausalLM", True, configure=_minicpm_config),
     "internlm2": _Architecture("internlm2", "InternLM2ForCausalLM", True, (("bias", False),), grouped_qkv=True,
                                joined=((("attn_q.weight", "attn_k.weight", "attn_v.weight"),
                                         "self_attn.qkv_proj.weight"),)),
