@@ -173,3 +173,32 @@ def test_a_minicpm_gguf_without_its_scalings_is_refused(tmp_path):
     _write(tmp_path / "m.gguf", "minicpm", config, _mapped(hf, config, "minicpm"), Q.F32, lambda w: None)
     with pytest.raises(UnsupportedFeatureError, match="minicpm.embedding_scale.*convert the release again"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_minicpm3_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
+    """MiniCPM3 written as MiniCPM3Model writes it (latent sizes, key_length and the rope's width but no value_length,
+    no scalings, longrope's factors as tensors and no original context): imported with llama.cpp's fixed scalings
+    (the release's), values hidden / heads wide and the training context as longrope's original, giving
+    transformers' logits."""
+    short = [8.0, 16.0, 32.0, 64.0]  # far from 1, so that reading them matters
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": [4.0] * 4,
+            "original_max_position_embeddings": 128}
+    hf, config = _tiny_model(_for_model("minicpm3"), **{**_COMMON, "tie_word_embeddings": True}, num_key_value_heads=4,
+                             q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                             rope_parameters=rope, rms_norm_eps=1e-5)
+    assert (config.scale_emb, config.scale_depth, config.dim_model_base, config.v_head_dim) == (12, 1.4, 256, 16)
+    _spread(hf)
+    tensors = _mapped(hf, config, "minicpm3")
+    tensors.update({"rope_factors_short.weight": np.array(short), "rope_factors_long.weight": np.full(4, 4.0)})
+
+    def metadata(w: Any) -> None:
+        w.add_q_lora_rank(24)
+        w.add_kv_lora_rank(16)
+        w.add_key_length(24)
+        w.add_rope_dimension_count(8)
+
+    _write(tmp_path / "m.gguf", "minicpm3", config, tensors, qtype, metadata)
+    ours = _check(tmp_path, hf, qtype)
+    assert ours.model_type == "minicpm3" and ours.rope_scaling["rope_type"] == "longrope"
+    assert ours.arch.mla is not None and ours.arch.logit_scale == 4.0

@@ -181,6 +181,22 @@ def _minicpm_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
             "scale_depth": residual * math.sqrt(cfg["num_hidden_layers"]), "dim_model_base": cfg["hidden_size"] / logit}
 
 
+#: MiniCPM3's scalings, which llama.cpp fixes (the 4B release's) and the converter does not write.
+_MINICPM3_SCALINGS = {"scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256}
+
+
+def _minicpm3_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """MiniCPM3 as llama.cpp runs it: latent attention of the file's ranks, q/k heads key_length wide with rope over
+    rope.dimension_count of them (rotate-half, rows as stored), values hidden / heads wide unless the file says
+    (value_length, which the converter does not write), every head its own key and value; the fixed scalings."""
+    rope, heads = int(meta.need(p + "rope.dimension_count")), cfg["num_attention_heads"]
+    value = meta.get(p + "attention.value_length") or cfg["hidden_size"] // heads
+    q_lora = int(meta.need(p + "attention.q_lora_rank")) if "blk.0.attn_q_a.weight" in meta.tensors else None
+    return {"head_dim": rope, "qk_rope_head_dim": rope, "qk_nope_head_dim": cfg["head_dim"] - rope,
+            "v_head_dim": int(value), "kv_lora_rank": int(meta.need(p + "attention.kv_lora_rank")),
+            "q_lora_rank": q_lora, "num_key_value_heads": heads, "attention_bias": False, **_MINICPM3_SCALINGS}
+
+
 def _command_r_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Command R's logit scale, which llama.cpp requires in the file; Command R+'s q/k norms where it has them."""
     return {"logit_scale": float32_value(meta.need(p + "logit_scale")),
@@ -622,6 +638,9 @@ ARCHITECTURES = {
     # not run, nor does the converter write it; no release has biases, which llama.cpp reads none of
     # MiniCPM 1B / 2B: Llama's layout (q/k permuted), its scalings in the metadata (see _minicpm_config)
     "minicpm": _Architecture("minicpm", "MiniCPMForCausalLM", True, configure=_minicpm_config),
+    # MiniCPM3: DeepSeek-V2's latent attention, rotate-half (see _minicpm3_config)
+    "minicpm3": _Architecture("minicpm3", "MiniCPM3ForCausalLM", False, renamed=_DEEPSEEK2_TENSORS[:6], latent=True,
+                              configure=_minicpm3_config),
     "internlm2": _Architecture("internlm2", "InternLM2ForCausalLM", True, (("bias", False),), grouped_qkv=True,
                                joined=((("attn_q.weight", "attn_k.weight", "attn_v.weight"),
                                         "self_attn.qkv_proj.weight"),)),

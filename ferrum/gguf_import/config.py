@@ -51,7 +51,7 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> di
 
 
 def _longrope_scaling(meta: Metadata, p: str, factors: dict[str, Any], rope_dims: int, where: str) -> dict[str, Any]:
-    """Phi-3.5 / Phi-4-mini's longrope, which llama.cpp keeps as two factor tensors and two numbers."""
+    """Phi-3.5 / Phi-4-mini's and MiniCPM3's longrope, which llama.cpp keeps as two factor tensors and two numbers."""
     if any(t is None for t in factors.values()):
         raise CheckpointError(f"{where}: the file holds one of rope_factors_short / rope_factors_long, not both")
     scaling: dict[str, Any] = {"rope_type": "longrope"}
@@ -60,9 +60,8 @@ def _longrope_scaling(meta: Metadata, p: str, factors: dict[str, Any], rope_dims
         if len(values) != rope_dims // 2:
             raise CheckpointError(f"{where}: {key} holds {len(values)} factors for {rope_dims // 2} rotary pairs")
         scaling[key] = [float32_value(v) for v in values]
-    original = meta.get(p + "rope.scaling.original_context_length")
-    if not original:
-        raise CheckpointError(f"{where}: longrope factors without {p}rope.scaling.original_context_length")
+    # as llama.cpp reads a file without it (MiniCPM3's converter writes none): the training context
+    original = meta.get(p + "rope.scaling.original_context_length") or meta.need(p + "context_length")
     scaling["original_max_position_embeddings"] = int(original)
     attention = meta.get(p + "rope.scaling.attn_factor")
     if attention is not None:
