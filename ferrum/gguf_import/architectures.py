@@ -383,6 +383,32 @@ def _refuse_expert_scale(meta: Metadata, p: str, family: str) -> None:
                                       "does not scale its routed experts)")
 
 
+def _afmoe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Arcee Trinity as llama.cpp runs an afmoe file: three sliding layers of the file's window to one full one, the
+    full ones without rope (its fixed step of 4), the embeddings times sqrt(hidden) (muP, always), sigmoid routing
+    with the correction bias, the chosen weights renormalised and scaled by expert_weights_scale, shared experts,
+    dense first layers. A file without a window, renormalisation or with another gate llama.cpp runs otherwise than
+    transformers' AFMoE can: refused by name."""
+    where, gating = meta.where, meta.get(p + "expert_gating_func", _SIGMOID_GATING)
+    if gating != _SIGMOID_GATING:
+        raise UnsupportedFeatureError(f"{where}: {p}expert_gating_func {gating} is not supported; AFMoE routes with "
+                                      f"the sigmoid gate ({_SIGMOID_GATING})")
+    if not meta.get(p + "expert_weights_norm"):
+        raise UnsupportedFeatureError(f"{where}: an afmoe file without {p}expert_weights_norm true is not supported "
+                                      "(llama.cpp then leaves the chosen weights unnormalised; transformers' AFMoE "
+                                      "always renormalises them)")
+    window = meta.get(p + "attention.sliding_window")
+    if not window:
+        raise UnsupportedFeatureError(f"{where}: an afmoe file without {p}attention.sliding_window is not supported "
+                                      "(llama.cpp then attends in full on every layer, yet without rope on every "
+                                      "fourth)")
+    return {"sliding_window": int(window), "global_attn_every_n_layers": 4, "layer_types": None, "mup_enabled": True,
+            "num_shared_experts": int(meta.get(p + "expert_shared_count", 0)),
+            "num_dense_layers": int(meta.get(p + "leading_dense_block_count", 0)),
+            "route_scale": float32_value(meta.get(p + "expert_weights_scale") or 1.0),
+            "attention_bias": False}
+
+
 def _hunyuan_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Hunyuan-A13B as llama.cpp runs it and transformers reads its config: softmax top-k renormalised, unscaled,
     one shared MLP; transformers sizes the experts and the shared MLP by intermediate_size, so a file whose
@@ -511,6 +537,12 @@ _HUNYUAN_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_mlp.{p}_proj.weight")
 #: MLP module.
 _ERNIE_MOE_TENSORS = (("exp_probs_b.bias", "moe_statics.e_score_correction_bias"),
                       *((f"ffn_{p}_shexp.weight", f"shared_experts.{p}_proj.weight") for p in ("gate", "up", "down")))
+#: AFMoE's norms after attention and around the MLP, its output gate, router correction bias and shared experts.
+_AFMOE_TENSORS = (("post_attention_norm.weight", "post_attention_layernorm.weight"),
+                  ("ffn_norm.weight", "pre_mlp_layernorm.weight"),
+                  ("post_ffw_norm.weight", "post_mlp_layernorm.weight"),
+                  ("attn_gate.weight", "self_attn.gate_proj.weight"), ("exp_probs_b.bias", "mlp.expert_bias"),
+                  *((f"ffn_{p}_shexp.weight", f"mlp.shared_experts.{p}_proj.weight") for p in ("gate", "up", "down")))
 #: Llama 4's shared expert, in the sparse MLP module.
 _LLAMA4_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_expert.{p}_proj.weight") for p in ("gate", "up", "down"))
 #: Qwen2-MoE's sigmoid-gated shared expert: GGUF name -> suffix in the sparse MLP module.
@@ -636,6 +668,10 @@ ARCHITECTURES = {
     # InternLM2 / 2.5: Llama's blocks, q/k/v packed in one wqkv grouped by key/value head, which the converter cut
     # into q, k and v (q/k permuted as Llama's): joined back and regrouped. Its dynamic rope (2.5's) llama.cpp does
     # not run, nor does the converter write it; no release has biases, which llama.cpp reads none of
+    # Arcee Trinity: gated attention with q/k norms, rows as stored (llama.cpp's rotate-half rope), sandwich norms,
+    # sigmoid-routed experts (see _afmoe_config)
+    "afmoe": _Architecture("afmoe", "AfmoeForCausalLM", False, renamed=_AFMOE_TENSORS, configure=_afmoe_config,
+                           moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None, router="router.gate")),
     # MiniCPM 1B / 2B: Llama's layout (q/k permuted), its scalings in the metadata (see _minicpm_config)
     "minicpm": _Architecture("minicpm", "MiniCPMForCausalLM", True, configure=_minicpm_config),
     # MiniCPM3: DeepSeek-V2's latent attention, rotate-half (see _minicpm3_config)
