@@ -5,9 +5,9 @@ from __future__ import annotations
 import codecs
 import json
 from datetime import datetime
-from functools import cached_property, lru_cache, wraps
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -243,6 +243,8 @@ class Tokenizer:
         messages = [_as_templates_read(m) for m in messages]
         from jinja2.exceptions import SecurityError, TemplateError
 
+        from ferrum.template_sandbox import rendered
+
         extra = dict(template_kwargs or {})
         taken = sorted(set(extra) & _TEMPLATE_VARIABLES)
         if taken:
@@ -250,7 +252,7 @@ class Tokenizer:
                                       "leave it out of the template kwargs")
         template = _compile(source)
         try:
-            return _rendered(template.generate(
+            return rendered(template.generate(
                 **{"documents": None, **self._template_specials, **extra},  # defined, as transformers defines it
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
@@ -258,7 +260,7 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
                 tools=list(tools) if tools else None,
             ))
-        except SecurityError as exc:  # a value past _TEMPLATE_VALUE_LIMIT: the template is broken or hostile
+        except SecurityError as exc:  # a value past ferrum.template_sandbox.LIMIT: the template is broken or hostile
             raise ChatTemplateError(f"the chat template was stopped: {exc}; fix the template") from None
         except TemplateError as exc:  # the template's raise_exception: it refuses these messages
             raise ChatTemplateError(f"the chat template refused these messages: {exc}") from None
@@ -321,54 +323,6 @@ def _unicode_to_byte() -> dict[str, int]:
 
 _templates: dict[str, Any] = {}
 
-#: The longest text or sequence a chat template may build, and the largest integer it may pass a call: far above
-#: what any context holds, far below what exhausts memory (a template doubling a string 40 times grew to 22 GB
-#: before the kernel killed the process; ``'x' * 10**9`` too).
-_TEMPLATE_VALUE_LIMIT = 1 << 26
-
-
-def _sized_within_limit(value: Any, size: int | None = None) -> Any:
-    """``value``, refused when it is (or ``size`` says it would be) a text or sequence past the limit."""
-    from jinja2.exceptions import SecurityError
-
-    if size is None:
-        size = len(value) if isinstance(value, (str, list, tuple)) else 0
-    if size > _TEMPLATE_VALUE_LIMIT:
-        raise SecurityError(f"it built a value of {size} items, past the limit of {_TEMPLATE_VALUE_LIMIT}")
-    return value
-
-
-def _integers_within_limit(args: Iterable[Any]) -> None:
-    from jinja2.exceptions import SecurityError
-
-    for arg in args:
-        if isinstance(arg, int) and abs(arg) > _TEMPLATE_VALUE_LIMIT:
-            raise SecurityError(f"it passed {arg} to a call, past the limit of {_TEMPLATE_VALUE_LIMIT}")
-
-
-def _bounded_filter(fn: Any) -> Any:
-    """A Jinja filter refusing integer arguments past the limit (``center(10**9)`` builds a 1 GB string) and
-    results past it."""
-    @wraps(fn)
-    def bounded(*args: Any, **kwargs: Any) -> Any:
-        _integers_within_limit((*args[1:], *kwargs.values()))
-        return _sized_within_limit(fn(*args, **kwargs))
-    return bounded
-
-
-def _rendered(chunks: Iterable[str]) -> str:
-    """A template's output as it streams, refused once it passes the limit (a loop printing without end)."""
-    parts, size = [], 0
-    for chunk in chunks:
-        size += len(chunk)
-        if size > _TEMPLATE_VALUE_LIMIT:
-            from jinja2.exceptions import SecurityError
-
-            raise SecurityError(f"its output grew past the limit of {_TEMPLATE_VALUE_LIMIT} characters")
-        parts.append(chunk)
-    return "".join(parts)
-
-
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
             sort_keys: bool = False) -> str:
     """Hugging Face's ``tojson``: JSON without Jinja's HTML escaping, with json.dumps' options."""
@@ -376,13 +330,14 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 
 
 def _compile(source: str) -> Any:
-    """Compile like Hugging Face does: sandboxed Jinja with ``raise_exception``, ``strftime_now``, its ``tojson``,
-    ``{% break %}`` / ``{% continue %}`` and ``{% generation %}`` blocks."""
+    """Compile like Hugging Face does: sandboxed Jinja (:mod:`ferrum.template_sandbox`: what a template builds is
+    bounded too) with ``raise_exception``, ``strftime_now``, its ``tojson``, ``{% break %}`` / ``{% continue %}`` and
+    ``{% generation %}`` blocks."""
     if source not in _templates:
-        from jinja2.compiler import CodeGenerator
         from jinja2.exceptions import TemplateError
         from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        from ferrum.template_sandbox import BoundedSandbox, bounded_filter
 
         class Generation(Extension):
             """``{% generation %}...{% endgeneration %}`` marks the assistant's text for training masks; it renders
@@ -397,41 +352,10 @@ def _compile(source: str) -> Any:
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
 
-        class BoundedConcat(CodeGenerator):
-            """Compiles ``a ~ b`` to a concatenation whose result is checked against the limit."""
-
-            def visit_Concat(self, node: Any, frame: Any) -> None:
-                self.write("environment.sized_within_limit(")
-                super().visit_Concat(node, frame)
-                self.write(")")
-
-        class BoundedSandbox(ImmutableSandboxedEnvironment):
-            """Jinja's sandbox, whose ``range`` is bounded, with the values ``*``, ``+``, ``**``, ``~``, calls and
-            filters build and the integers calls and filters take bounded too: the ways a template builds a value
-            too large for memory in a few steps (doubling a string in a loop, ``'x' * 10**9``, ``center(10**9)``)
-            end in an error instead."""
-
-            code_generator_class = BoundedConcat
-            intercepted_binops = frozenset({"*", "+", "**"})
-            sized_within_limit = staticmethod(_sized_within_limit)
-
-            def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-                if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
-                    _sized_within_limit(None, right)  # 2 ** 10**9 is a 125 MB integer, long to compute
-                for times, seq in ((right, left), (left, right)):
-                    if operator == "*" and isinstance(times, int) and isinstance(seq, (str, list, tuple)):
-                        _sized_within_limit(None, len(seq) * times)
-                return _sized_within_limit(super().call_binop(context, operator, left, right))
-
-            def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-                _integers_within_limit((*args, *kwargs.values()))
-                return _sized_within_limit(super().call(__context, __obj, *args, **kwargs))
-
         env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
-        env.filters = {name: _bounded_filter(fn) for name, fn in env.filters.items()}
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama 3.x templates date the prompt
-        env.filters["tojson"] = _tojson
+        env.filters["tojson"] = bounded_filter("tojson", _tojson)
         try:
             _templates[source] = env.from_string(source)
         except TemplateError as exc:

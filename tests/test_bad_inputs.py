@@ -326,8 +326,25 @@ CALL_ROWS = [
         ("in-a-macro", "{% macro grow(s, n) %}{{ grow(s ~ s, n - 1) if n else s|length }}{% endmacro %}"
                        "{{ grow('x', 40) }}"),
         ("as-output", "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"),
+        ("an-integer-power", "{% set x = (2 ** 60000000) ** 60000000 %}{{ x > 0 }}"),
+        ("an-integer-product", "{% set ns = namespace(x=2 ** 500000) %}{% for i in range(40) %}"
+                               "{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x > 0 }}"),
+        ("by-joining", "{% set s = 'x' * 60000000 %}{{ ([s] * 1000) | join }}"),
+        ("by-joining-with-a-separator", "{{ ('x' * 60000000).join(['a'] * 1000) }}"),
+        ("a-format-width", "{{ '%1000000000d' % 1 }}"),
+        ("a-format-width-argument", "{{ '%*d' % (1000000000, 1) }}"),
+        ("a-json-indent", "{{ [messages, messages] | tojson(indent=1000000000) }}"),
     ]),
 ]
+
+
+def test_templates_may_use_large_numbers_and_long_texts_within_the_limit(ckpt):
+    """The sandbox's limit bounds sizes, not numbers a template formats or compares (a Unix time, a big count)."""
+    chat_template("{{ '%d' | format(1700000000) }} {{ 10 ** 30 }} {{ '%5d' % 7 }} {{ ('ab' * 1000) | length }} "
+                  "{{ 'x'.center(20) }}{{ messages[0]['content'] }}")(ckpt)
+    llm = ferrum.load(ckpt, backend="cpu")
+    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == f"1700000000 {10 ** 30}     7 2000 {'x'.center(20)}hi"
 
 
 @pytest.mark.parametrize("corrupt, call, error, words", [r[1:] for r in CALL_ROWS], ids=[r[0] for r in CALL_ROWS])
