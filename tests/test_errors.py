@@ -57,8 +57,8 @@ def test_config_problems_are_named(checkpoint, tmp_path):
     edit_config(folder, hidden_size=96, num_key_value_heads=3)
     with pytest.raises(ConfigError, match="multiple of"):
         DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
-    edit_config(folder, num_key_value_heads=2, model_type="mamba")
-    with pytest.raises(UnsupportedFeatureError, match="mamba"):
+    edit_config(folder, num_key_value_heads=2, model_type="rwkv")
+    with pytest.raises(UnsupportedFeatureError, match="rwkv"):
         DecoderOnlyLLM.from_pretrained(folder, backend="cpu")
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid UTF-8 JSON"):
