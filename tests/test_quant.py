@@ -291,7 +291,7 @@ def test_float_codes_follow_row_moves_and_not_scaling():
     np.testing.assert_array_equal(fused.float_codes.packed, np.concatenate([packed, packed[:32]]))
     np.testing.assert_array_equal(tensors.rows(fused, 64, 96).float_codes.scales, scales[:32])
     assert tensors.stack_rows([weight, quantize(np.array(w), 5, 32)]).float_codes is None  # not all have codes
-    assert tensors._scaled(weight, 2.0).float_codes is None
+    assert tensors.scaled(weight, 2.0).float_codes is None
     assert tensors._scale_rows(weight, np.full(64, 2.0)).float_codes is None
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ferrum.api import LLM
 from ferrum.engine import AsyncEngine, FinishReason, RequestOutput
-from ferrum.errors import ChatTemplateError, FerrumError
+from ferrum.errors import ChatTemplateError, ContextLengthExceededError, FerrumError
 from ferrum.metadata import REQUIRE_FULL_LOGITS
 from ferrum.sampling import SampledToken, SamplingParams, log_softmax
 from ferrum.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -187,6 +187,8 @@ def _encoding_error(error: FerrumError, prompt: Any, param: str) -> APIError:
     whose arguments are no JSON object, it names that call, the likely cause (templates that read arguments as an
     object cannot render text)."""
     where = raw_arguments_in(prompt) if isinstance(error, ChatTemplateError) else None
+    if isinstance(error, ContextLengthExceededError):  # a text too long is refused before it is encoded
+        return APIError(400, str(error), param=param, code="context_length_exceeded")
     if where is None:
         return APIError(400, str(error), param=param)
     return APIError(400, f"{error}; {where}.function.arguments is not a JSON object, and this model's chat template "
