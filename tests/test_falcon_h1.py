@@ -154,7 +154,8 @@ MLX_LM = dict(COMMON, key_multiplier=1.0, attention_in_multiplier=1.0, mamba_n_g
 def test_mlx_lm_conversions_match_mlx_lm(tmp_path, tied):
     """mlx-lm's conversion folds the multipliers into the weights (the embeddings' too, divided back out of a tied
     head) and stores the convolution [C, K, 1]: read so, it runs on every backend as mlx-lm runs it, in float and
-    quantized to 4 bits."""
+    quantized to 4 bits. Under MLX_LM's settings, where mlx-lm's own model runs transformers' math, so that its
+    logits are the reference for the 4-bit conversion too (the test below covers the multipliers it leaves out)."""
     from mlx_lm.convert import convert
 
     source = tmp_path / "hf"
@@ -172,6 +173,22 @@ def test_mlx_lm_conversions_match_mlx_lm(tmp_path, tied):
         for backend in BACKENDS:
             assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, (backend,
                                                                                                    quantize)
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+def test_mlx_lm_conversions_run_as_transformers_runs_the_model(checkpoints, tmp_path):
+    """mlx-lm's conversion leaves key_multiplier and v_proj's attention_in_multiplier out of the weights and every
+    multiplier out of the biases: Ferrum applies them, and the conversion of a model with all of them away from 1,
+    biased projections and two B/C groups gives transformers' logits on every backend."""
+    from mlx_lm.convert import convert
+
+    folder, hf = checkpoints["gated"]
+    with_v4_rope_keys(folder, tmp_path / "v4")
+    convert(str(tmp_path / "v4"), str(tmp_path / "mlx"), dtype="float32")
+    assert load_file(tmp_path / "mlx" / "model.safetensors")["model.layers.0.mamba.conv1d.weight"].shape[-1] == 1
+    want = reference_logits(hf, TOKENS)
+    for backend in BACKENDS:
+        assert scaled_error(load(tmp_path / "mlx", backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
 
 
 @pytest.mark.parametrize("variant", ["gated", "plain"])

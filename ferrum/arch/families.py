@@ -1858,13 +1858,21 @@ def _falcon_h1_mamba(r: KeyReader, sizes: Sizes) -> Mamba2Spec:
                       out_bias=r("projectors_bias"))
 
 
+def _other_than_one(scales: dict[str, tuple[Any, float]]) -> dict[str, tuple[Any, float]]:
+    """``Architecture.scales`` entries that change something (a 1 leaves the weight as is)."""
+    return {module: (rows, inputs) for module, (rows, inputs) in scales.items()
+            if inputs != 1.0 or any(factor != 1.0 for factor in (rows if isinstance(rows, tuple) else (rows,)))}
+
+
 def _falcon_h1(r: KeyReader, sizes: Sizes) -> Architecture:
     """TII's Falcon-H1: every layer attention and Mamba-2 side by side on the normed input (``LayerSpec.beside``),
     their outputs summed, then the gated MLP. Its muP multipliers are constants folded into the weights at load
     (``Architecture.scales``: exact, every one multiplies a projection's input or output): attention_in on q/k/v's
     input, key_multiplier on k, attention_out on o_proj, ssm_in on in_proj's input and ssm_multipliers on its
     five parts (z, x, B, C, dt), ssm_out on out_proj, mlp_multipliers on gate_proj and down_proj; the embedding
-    and LM head multipliers scale the embeddings and the logits. mlx-lm's conversions hold them folded already."""
+    and LM head multipliers scale the embeddings and the logits. mlx-lm's conversions fold some into the weights
+    (``Architecture.converted``): every weight's but k_proj's key_multiplier and v_proj's attention_in (its
+    ``key_proj`` rule names no module it has; v_proj it skips), and no bias's, so those are applied at load."""
     key, spec = _rope_spec(r)
     rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
     r("partial_rotary_factor")
@@ -1880,12 +1888,16 @@ def _falcon_h1(r: KeyReader, sizes: Sizes) -> Architecture:
               "mamba.in_proj_xbc": (tuple([ssm[1]] * mamba.inner + [ssm[2]] * groups + [ssm[3]] * groups), ssm_in),
               "mamba.in_proj_dt": (ssm[4], ssm_in), "mamba.out_proj": (float(r("ssm_out_multiplier")), 1.0),
               "mlp.gate_proj": (gate, 1.0), "mlp.down_proj": (down, 1.0)}
-    scales = {module: (rows, inputs) for module, (rows, inputs) in scales.items()  # a 1 leaves the weight as is
-              if inputs != 1.0 or any(factor != 1.0 for factor in (rows if isinstance(rows, tuple) else (rows,)))}
+    scales = _other_than_one(scales)
+    # mlx-lm's sanitize scales the weights alone: k_proj's and v_proj's input by attention_in (k's key_multiplier
+    # left out), the other outputs by their multipliers; so the biases lack every output multiplier
+    lacked = {"self_attn.k_proj": (float(r("key_multiplier")), 1.0), "self_attn.v_proj": (1.0, attn_in),
+              **{f"{module}.bias": (rows, 1.0) for module, (rows, _) in scales.items()
+                 if module not in ("self_attn.k_proj", "self_attn.v_proj")}}
     embedding, head = float(r("embedding_multiplier")), float(r("lm_head_multiplier"))
     # mlx-lm folds the embedding multiplier into the (tied) embeddings, so its tied head divides it back out
-    converted = {"scales": {}, "embed_scale": None, "logit_scale": head / embedding if sizes.tie_word_embeddings
-                 else 1.0}
+    converted = {"scales": _other_than_one(lacked), "embed_scale": None,
+                 "logit_scale": head / embedding if sizes.tie_word_embeddings else 1.0}
     return replace(arch, layers=tuple(replace(layer, beside="mamba2") for layer in arch.layers), mamba2=mamba,
                    scales=scales, embed_scale=None if embedding == 1 else embedding, logit_scale=head,
                    converted=converted)

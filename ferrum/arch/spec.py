@@ -117,7 +117,8 @@ class Architecture:
     #: Constant multipliers folded into a layer's projections at load (Falcon-H1's muP multipliers): module, relative
     #: to the layer and after any split (``mamba.in_proj_xbc``) -> ``(rows, inputs)``: ``rows`` (a number, or one per
     #: output row) multiplies the weight's rows and the bias, as a multiplier of the projection's output does;
-    #: ``inputs`` multiplies the weight alone, as one of its input does. Exact: the products are linear in both.
+    #: ``inputs`` multiplies the weight alone, as one of its input does; a tensor's own name (``self_attn.o_proj.bias``)
+    #: scales that tensor alone by ``rows``. Exact: the products are linear in both.
     scales: dict[str, tuple[Any, float]] = field(default_factory=dict)
     #: Fields that differ where the checkpoint is mlx-lm's conversion (its recurrent convolutions stored
     #: ``[C, K, 1]``), which folded constant multipliers into the weights itself (Falcon-H1): set by

@@ -393,7 +393,8 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
 def _multiplied(arch: Any, name: str, tensor: Any) -> Any:
     """A projection's weight or bias with the constant multipliers :attr:`Architecture.scales` gives its module."""
     module, part = name.rsplit(".", 1)
-    found = next((factors for stem, factors in arch.scales.items() if module.endswith(f".{stem}")), None)
+    found = next((factors for stem, factors in arch.scales.items()
+                  if module.endswith(f".{stem}") or name.endswith(f".{stem}")), None)
     if found is None:
         return tensor
     rows, inputs = found
