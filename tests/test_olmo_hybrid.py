@@ -4,6 +4,7 @@ runnable backend; the engine's batching, chunking and preemption; the release's 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -52,6 +53,22 @@ def test_reads_layer_kinds_norms_and_the_gated_delta_variant(checkpoints):
     assert arch.gated_delta.separate and arch.gated_delta.beta_scale == 2.0 and arch.layers[1].rope.rotary_dim == 16
     nope = load(checkpoints["nope"][0]).config.arch
     assert nope.layers[1].rope.rotary_dim == 0 and nope.gated_delta.beta_scale == 1.0
+
+
+@pytest.mark.parametrize("spelling", [{"rope_theta": None},
+                                      {"rope_theta": None, "rope_parameters": {"rope_type": "default"}}])
+def test_a_null_top_level_rope_theta_means_no_rope(checkpoints, tmp_path, spelling):
+    """transformers 4's spelling, ``"rope_theta": null`` beside no rope object (or one without a theta): transformers
+    5 reads it as no rope, and so does Ferrum."""
+    folder, hf = checkpoints["nope"]
+    shutil.copytree(folder, tmp_path / "v4")
+    raw = json.loads((tmp_path / "v4" / "config.json").read_text())
+    raw.pop("rope_parameters")
+    (tmp_path / "v4" / "config.json").write_text(json.dumps({**raw, **spelling}))
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "v4").rope_parameters["rope_theta"] is None
+    model = load(tmp_path / "v4")
+    assert model.config.arch.layers[1].rope.rotary_dim == 0
+    assert scaled_error(model.forward_verify("v4", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

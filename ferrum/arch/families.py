@@ -1498,9 +1498,9 @@ _OLMO_HYBRID_STORED = {"input_layernorm": "attention_layer_norm", "post_attentio
 
 def _olmo_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
     """AllenAI's OLMo Hybrid (transformers' OlmoHybrid): OLMo 3's full-attention layers (q/k normed over their whole
-    projections, norms after attention and the MLP, no rope where rope_parameters' rope_theta is null, as in the
-    releases) between Gated DeltaNet layers with one projection each and Llama's norms, whose ``beta`` is doubled
-    where linear_allow_neg_eigval and whose gated output norm has FLA's epsilon, 1e-5."""
+    projections, norms after attention and the MLP, no rope where rope_theta is null, as in the releases) between
+    Gated DeltaNet layers with one projection each and Llama's norms, whose ``beta`` is doubled where
+    linear_allow_neg_eigval and whose gated output norm has FLA's epsilon, 1e-5."""
     types = r("layer_types")
     if types is None:  # transformers' default: every fourth layer attends, the last at least
         types = [FULL if i % 4 == 3 else LINEAR for i in range(sizes.num_layers)]
@@ -1509,8 +1509,10 @@ def _olmo_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
         r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
     r("hidden_act")
     key, spec = _rope_spec(r)
-    params = r("rope_parameters")  # transformers skips rope only where it says rope_theta null (its default: 10000)
-    nope = isinstance(params, dict) and "rope_theta" in params and params["rope_theta"] is None
+    # transformers skips rope only where rope_theta is null: the rope object's, else the top-level key's (the
+    # older spelling), else its default 10000
+    theta = spec["rope_theta"] if "rope_theta" in spec else r.raw.get("rope_theta", 10000.0)
+    nope = theta is None
     rope = Rope.unrotated(sizes.head_dim) if nope else read_rope(r, sizes, spec, key, _LLAMA_ROPES,
                                                                  theta_default=10000.0)
     k_heads, v_heads = r("linear_num_key_heads") or sizes.num_heads, r("linear_num_value_heads") or sizes.num_heads
