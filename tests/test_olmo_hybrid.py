@@ -166,3 +166,22 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(checkpoints, variant, bits, 
     assert (scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4) == (bits is None)  # 4 bits move the logits
     for backend in BACKENDS:
         assert_forward_and_decode_match(load(converted, backend), TOKENS, want)
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+def test_ferrum_quantize_copies_the_taps_as_stored(checkpoints, tmp_path):
+    """`ferrum quantize` copies q's, k's and v's taps apart as they are stored: transformers' save (three equal parts)
+    quantizes and runs as the layout mlx-lm reads (parts at their widths, in-memory norm names) does, whose output
+    mlx-lm runs as Ferrum does."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    folder, _ = checkpoints["rope"]
+    saved = quantize_checkpoint(folder, tmp_path / "saved", bits=4, group_size=32)
+    source = _as_mlx_lm_reads_it(folder, tmp_path / "hf", key_dim=2 * 8, value_dim=4 * 12)
+    readable = quantize_checkpoint(source, tmp_path / "readable", bits=4, group_size=32)
+    taps = "model.layers.0.linear_attn.k_conv1d.weight"
+    for src, out in ((folder, saved), (source, readable)):
+        assert np.array_equal(load_file(out / "model.safetensors")[taps], load_file(src / "model.safetensors")[taps])
+    want = mlx_lm_logits(readable, TOKENS)
+    assert scaled_error(load(readable).forward_verify("r", TOKENS), want) <= 1e-4
+    assert scaled_error(load(saved).forward_verify("s", TOKENS), want) <= 1e-4

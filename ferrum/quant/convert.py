@@ -269,6 +269,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
     from ferrum.arch.mla import split_kv_b
     from ferrum.arch.tensors import check_padded_groups, model_name
     from ferrum.moe.loading import LAYOUTS, expert_parts, fused_half, is_expert_stack, mlx_lm_stack_name
+    from ferrum.recurrent.gated_delta import joined_taps
     from ferrum.weights import split_norm_parts
 
     moe = config.arch.moe
@@ -285,9 +286,13 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
                 f"{checkpoint.folder} stores {name.removesuffix('kv_b_proj.weight')}kv_b_proj split into embed_q and "
                 "unembed_out, as mlx-lm converts DeepSeek-V3; `ferrum quantize` reads Hugging Face's kv_b_proj: run "
                 "this checkpoint as it is (Ferrum reads it), or quantize its Hugging Face original")
-        heads = () if name in present else split_norm_parts(config, name)
+        heads = () if name in present else split_norm_parts(config, name) or taps(name, present) or ()
         scale = fp8.scale_part(name.removesuffix(".weight"), present) if scheme is not None else None
         return heads or ((name, scale) if scale is not None and name.endswith(".weight") else (name,))
+
+    def taps(name: str, present: set[str]) -> tuple[str, ...] | None:
+        """OLMo Hybrid's q's, k's and v's taps, stored apart where the model joins them."""
+        return joined_taps(name, present) if config.arch.gated_delta is not None else None
 
     sources = {name: source_parts(name) for name in shapes}
     checkpoint.require([part for parts in sources.values() for part in parts])
@@ -309,6 +314,14 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
                 if stored != shape[1:]:
                     raise CheckpointError(f"tensor {part} has shape {stored} but config.json implies {shape[1:]}")
                 plan.append(_Item(name, shape[1:], False, (_Tensor(part, code, shape[1:]),), (part,)))
+            continue
+        if parts == taps(name, present):  # copied apart as they are (mlx-lm keeps them apart too)
+            stored = [headers[part][1] for part in parts]
+            if any(s[1:] != shape[1:] for s in stored) or sum(s[0] for s in stored) != shape[0]:
+                raise CheckpointError(f"{checkpoint.folder}: {', '.join(parts)} ({', '.join(map(str, stored))}) "
+                                      f"do not join into {name} {shape}, which config.json implies")
+            plan.extend(_Item(name, s, False, (_Tensor(part, headers[part][0], s),), (part,))
+                        for part, s in zip(parts, stored))
             continue
         code, stored = headers[parts[0]]
         weights = [part for part in parts if part.rsplit(".", 1)[-1] not in fp8.SCALE_NAMES]
