@@ -230,3 +230,24 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(mlx_lm_conversions, backend,
     want = mlx_lm_logits(converted[bits], TOKENS)
     assert (scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4) == (bits is None)  # 4 bits move the logits
     assert_forward_and_decode_match(load(converted[bits], backend), TOKENS, want)
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+def test_ferrum_quantize_writes_what_mlx_lm_loads(checkpoint, tmp_path):
+    """mlx-lm's sanitize moves only the float weights of the sparse MLP to ``mlp``: `ferrum quantize` writes the MLPs
+    there (the router at 8 bits, as mlx-lm's quant_predicate keeps it), so mlx-lm runs the folder as Ferrum does;
+    transformers' save (its dense MLP under block_sparse_moe) comes out under the same names."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    folder, _ = checkpoint
+    out = quantize_checkpoint(_as_released(folder, tmp_path / "released"), tmp_path / "q", bits=4, group_size=32)
+    saved = quantize_checkpoint(folder, tmp_path / "saved", bits=4, group_size=32)
+    names = set(load_file(out / "model.safetensors"))
+    assert {"model.layers.0.mlp.gate_proj.scales", "model.layers.1.mlp.switch_mlp.up_proj.scales",
+            "model.layers.1.mlp.gate.scales", "model.layers.1.mlp.e_score_correction_bias"} <= names
+    assert not any("block_sparse_moe" in n for n in names) and names == set(load_file(saved / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text())["quantization"]["model.layers.1.mlp.gate"]["bits"] == 8
+    want = mlx_lm_logits(out, TOKENS)
+    for backend in BACKENDS:
+        assert scaled_error(load(out, backend).forward_verify("q", TOKENS), want) <= 1e-4, backend
+    assert scaled_error(load(saved).forward_verify("s", TOKENS), want) <= 1e-4

@@ -1442,12 +1442,12 @@ _KIMI_PROJS = ("gate_proj", "up_proj", "down_proj")
 #: (taps ``[C, K, 1]``: KimiDeltaSpec.conv_last), kv_b_proj split into embed_q / unembed_out (joined back at load as
 #: DeepSeek-V3's). Its latent norm takes rms_norm_eps where the release's remote code and transformers take 1e-6
 #: (ferrum.arch.mla.LATENT_EPS, kept: the release's), a difference below float32 noise for a latent of any scale.
-_KIMI_MLX_LM_NAMES = {
+_KIMI_MLX_LM_MLP = {
     "block_sparse_moe": "mlp", "block_sparse_moe.gate": "mlp.gate",
     **{f"block_sparse_moe.{stack}.{proj}": f"mlp.{stack}.{proj}"
        for stack in ("switch_mlp", "shared_experts") for proj in _KIMI_PROJS},
-    **{f"self_attn.{p}_conv1d": f"self_attn.{p}_conv.conv" for p in "qkv"},
 }
+_KIMI_MLX_LM_NAMES = {**_KIMI_MLX_LM_MLP, **{f"self_attn.{p}_conv1d": f"self_attn.{p}_conv.conv" for p in "qkv"}}
 
 
 def _kimi_linear(r: KeyReader, sizes: Sizes) -> Architecture:
@@ -1473,7 +1473,10 @@ def _kimi_linear(r: KeyReader, sizes: Sizes) -> Architecture:
         mla=mla,
         kimi_delta=KimiDeltaSpec(r("linear_num_heads"), r("linear_head_dim"), r("linear_conv_kernel_dim")),
         keep_float32=(".A_log", ".dt_bias"),
-        layouts=(("model.", "lm_head.weight", _KIMI_DENSE_UNDER_MOE), ("model.", "lm_head.weight", _KIMI_MLX_LM_NAMES)),
+        # ferrum quantize's output: mlx-lm's MLP names, the taps as transformers stores them (mlx-lm's sanitize
+        # moves those)
+        layouts=tuple(("model.", "lm_head.weight", names)
+                      for names in (_KIMI_DENSE_UNDER_MOE, _KIMI_MLX_LM_NAMES, _KIMI_MLX_LM_MLP)),
     )
 
 

@@ -95,7 +95,25 @@ _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "mellum": ("mlp.gate",),
     "gemma4_text": ("router.proj",),
     "afmoe": ("mlp.router.gate",),
+    "kimi_linear": ("mlp.gate",),
 }
+#: Modules mlx-lm's model classes hold under other names than the checkpoint's, where its ``sanitize`` moves float
+#: weights alone (packed ones left behind are refused), by model_type: the beginning of a path in a layer -> mlx-lm's
+#: (the first that fits). Kimi Linear's MLPs, dense and sparse, under ``mlp``, the correction bias beside the router.
+_MLX_LM_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "kimi_linear": (("block_sparse_moe.gate.e_score_correction_bias", "mlp.e_score_correction_bias"),
+                    ("block_sparse_moe.", "mlp.")),
+}
+
+
+def _mlx_lm_module(config: Any, name: str) -> str:
+    """Where mlx-lm's model class holds tensor ``name`` (:data:`_MLX_LM_MODULES`)."""
+    stem, dot, rest = name.partition(".layers.")
+    index, _, path = rest.partition(".")
+    for theirs, mlx_lm in _MLX_LM_MODULES.get(config.model_type, ()) if dot else ():
+        if path.startswith(theirs):
+            return f"{stem}.layers.{index}.{mlx_lm}{path[len(theirs):]}"
+    return name
 
 
 @dataclass(frozen=True)
@@ -347,8 +365,8 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
             raise CheckpointError(f"tensor {parts[0]} has shape {stored} but config.json implies "
                                   f"{' or '.join(map(str, shapes_stored))}")
         # where mlx-lm's layout keeps it
-        written = (layout.mlx_lm_name(name, moe.mlx_lm_stack) if own_layout else
-                   mlx_lm_stack_name(moe, name) if moe is not None and is_expert_stack(name) else name)
+        written = _mlx_lm_module(config, layout.mlx_lm_name(name, moe.mlx_lm_stack) if own_layout else
+                                 mlx_lm_stack_name(moe, name) if moe is not None and is_expert_stack(name) else name)
         module = written.removesuffix(".weight")
         if _quantizable(name, shapes) and shape[-1] % group_size == 0 and not module.endswith(kept_float):
             fmt = EIGHT_BIT if module.endswith(eight_bit) and shape[-1] % EIGHT_BIT[1] == 0 else (bits, group_size)
