@@ -246,3 +246,17 @@ def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
     assert got.keys() == expected.keys()
     for name, array in expected.items():
         assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
+
+
+@pytest.mark.parametrize("variant, group_size, advice", [
+    ("release", 32, "no group size of 32, 64, 128 does at 4 bits: load the float checkpoint"),
+    ("wide", 64, "quantize with group size 32, or load the float checkpoint")])
+def test_ferrum_quantize_names_the_group_sizes_that_cut_the_padded_values(checkpoints, tmp_path, variant, group_size,
+                                                                          advice):
+    """Values narrower than the heads are padded at load in whole groups only: a refused group size is answered with
+    the ones `ferrum quantize` accepts that would do, or with none."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    with pytest.raises(UnsupportedFeatureError, match=re.escape(advice)):
+        quantize_checkpoint(checkpoints[variant][0], tmp_path / "q", bits=4, group_size=group_size)
+    assert not (tmp_path / "q").exists()

@@ -32,7 +32,7 @@ import numpy as np
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE
 from ferrum.errors import UnsupportedFeatureError
-from ferrum.quant.affine import FloatCodes, QuantizedWeight
+from ferrum.quant.affine import MLX_GROUP_SIZES, FloatCodes, QuantizedWeight
 from ferrum.recurrent import MIXERS, mixer_spec
 from ferrum.recurrent.gated_delta import MODULE as GATED_DELTA, SEPARATE_TAPS
 from ferrum.weights import Linear, Projections
@@ -198,12 +198,18 @@ def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> N
         return
     d = config.arch.value_head_dim or config.arch.layers[layer].stored_head_dim or config.head_dim
     hd = config.head_dim
-    if d != hd and any(n % group_size or n * bits % 32 for n in (d, hd)):
+    def cuts(size: int) -> bool:
+        return all(n % size == 0 and n * bits % 32 == 0 for n in (d, hd))
+
+    if d != hd and not cuts(group_size):
+        fitting = [str(size) for size in MLX_GROUP_SIZES if cuts(size)]
+        advice = (f"quantize with group size {' or '.join(fitting)}, or load the float checkpoint" if fitting else
+                  f"no group size of {', '.join(map(str, MLX_GROUP_SIZES))} does at {bits} bits: load the float "
+                  "checkpoint")
         raise UnsupportedFeatureError(
             f"{name}: this layer's heads of {d} inputs are padded with zeros to {hd} at load, which a packed "
             f"matrix allows in whole groups of whole 32-bit words only, and group size {group_size} at {bits} bits "
-            f"does not cut {d} and {hd} so; quantize with a group size dividing {math.gcd(d, hd)}, or load the "
-            "float checkpoint")
+            f"does not cut {d} and {hd} so; {advice}")
 
 
 def _padded_heads(a: np.ndarray, axis: int, heads: int, d: int, hd: int, repeat: int = 1) -> np.ndarray:
