@@ -185,3 +185,26 @@ def test_ferrum_quantize_copies_the_taps_as_stored(checkpoints, tmp_path):
     want = mlx_lm_logits(readable, TOKENS)
     assert scaled_error(load(readable).forward_verify("r", TOKENS), want) <= 1e-4
     assert scaled_error(load(saved).forward_verify("s", TOKENS), want) <= 1e-4
+
+
+def test_a_residual_scale_folds_into_each_layers_own_norms(checkpoints):
+    """Where the layers' block norms differ, a residual scale goes where each layer's own say: into the norm after
+    an attention layer's o_proj and MLP (that norm would undo it folded into them), into down_proj of a Llama-normed
+    layer (OLMo Hybrid has no such scale: set here)."""
+    import dataclasses
+
+    from ferrum.arch.tensors import prepare
+    from ferrum.config import ModelConfig
+
+    config = ModelConfig.from_file(checkpoints["rope"][0])
+    config = dataclasses.replace(config, arch=dataclasses.replace(config.arch, residual_scale=2.0))
+    w = np.random.RandomState(0).rand(64, 64).astype(np.float32)
+
+    def factor(name):
+        return float(prepare(config, name, w)[0][1][0, 0] / w[0, 0])
+
+    assert factor("model.layers.1.self_attn.o_proj.weight") == factor("model.layers.1.mlp.down_proj.weight") == 1.0
+    assert factor("model.layers.1.post_attention_layernorm.weight") == 2.0
+    assert factor("model.layers.1.post_feedforward_layernorm.weight") == 2.0
+    assert factor("model.layers.0.mlp.down_proj.weight") == 2.0
+    assert factor("model.layers.0.post_attention_layernorm.weight") == 1.0  # its norm before the MLP

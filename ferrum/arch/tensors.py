@@ -357,10 +357,11 @@ _NORMED_WRITERS = {"post_attn": (".self_attn.o_proj.",),
                    "post_mlp": (".mlp.down_proj.", ".switch_mlp.down_proj.", ".shared_mlp.down_proj.")}
 
 
-def _writes_residual(arch: Any, name: str) -> bool:
-    """Whether ``name`` is the last tensor before the residual stream of an attention, MLP or mixer output."""
+def _writes_residual(norms: dict[str, str], name: str) -> bool:
+    """Whether ``name`` is the last tensor before the residual stream of an attention, MLP or mixer output, in a
+    layer of block ``norms``."""
     for slot, writers in _NORMED_WRITERS.items():
-        norm = arch.norms.get(slot)
+        norm = norms.get(slot)
         if norm is not None and (f".{norm}." in name or any(w in name for w in writers)):
             return f".{norm}." in name
     return any(w in name for w in _RESIDUAL_WRITERS)
@@ -378,7 +379,7 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
         return tensor
     if arch.altup is not None:
         tensor = arch.altup.prepare(name, tensor, config.hidden_size)
-    if arch.residual_scale != 1.0 and _writes_residual(arch, name):
+    if arch.residual_scale != 1.0 and _writes_residual(arch.layers[layer].block_norms(arch), name):
         tensor = scaled(tensor, arch.residual_scale)
     if arch.value_scale != 1.0 and ".self_attn.v_proj." in name:  # the values are linear in v_proj's rows
         tensor = scaled(tensor, arch.value_scale)
