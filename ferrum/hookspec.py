@@ -375,7 +375,8 @@ def gated_delta_rule(q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias
     dtype, new_state float32)``; the state is not modified. Fallback: :mod:`ferrum.recurrent.kernels` on the
     host.
 
-    API 1.20, handed only to plugins declaring it (older ones' layers run the fallback): the gate may be per key
+    API 1.20, handed only to plugins that declare 1.20 and whose implementation takes ``beta_scale`` (other plugins'
+    layers that need it run the fallback, chosen once when a layer is built): the gate may be per key
     channel (Kimi Delta Attention: ``Hk == Hv``, ``a [T, Hv, Dk]``, ``dt_bias [Hv, Dk]``, ``g = -exp(a_log)[:,
     None] * softplus(a + dt_bias)`` and ``S = S * exp(g)[:, :, None]``, each key row of the state decaying at its
     own rate), and ``beta_scale``, a feature argument (1.0 where not given), multiplies ``beta``: OLMo Hybrid's

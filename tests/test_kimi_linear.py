@@ -107,14 +107,27 @@ def test_the_conformance_check_fails_on_a_rule_that_ignores_beta_scale(monkeypat
 
 
 def test_a_plugin_declaring_an_older_api_is_never_handed_the_per_channel_gate(checkpoint, monkeypatch):
-    from ferrum.recurrent.gated_delta import gated_delta_rule
+    """Its layers run the core's fallback, chosen when they are built, and give transformers' logits."""
+    import ferrum.backends
+    from ferrum.recurrent.gated_delta import runs_natively
 
-    import dataclasses
+    folder, hf = checkpoint
+    monkeypatch.setattr(ferrum.backends, "declared_version", lambda info: (1, 18))
+    model = load(folder)
+    assert not runs_natively(model.ops, True) and runs_natively(model.ops, False)
+    fallback, calls = model.ops.fallback["gated_delta_rule"], []
+    monkeypatch.setitem(model.ops.fallback, "gated_delta_rule", lambda *args: calls.append(1) or fallback(*args))
+    monkeypatch.setattr(model.ops, "gated_delta_rule", None)  # never called
+    assert scaled_error(model.forward_verify("o", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4 and calls
 
+
+def test_the_rule_is_chosen_once_when_the_layers_are_built(checkpoint, monkeypatch):
     model = load(checkpoint[0])
-    monkeypatch.setattr(model.ops, "info", dataclasses.replace(model.ops.info, api_version="1.18"))
-    assert gated_delta_rule(model.ops, True) is model.ops.fallback["gated_delta_rule"]
-    assert gated_delta_rule(model.ops, False) is model.ops.gated_delta_rule
+    asked = []
+    accepts = model.ops.accepts
+    monkeypatch.setattr(model.ops, "accepts", lambda *args: asked.append(args) or accepts(*args))
+    model.forward_verify("c", TOKENS)
+    assert ("gated_delta_rule", "beta_scale") not in asked
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])  # the shared mx / torch formulation

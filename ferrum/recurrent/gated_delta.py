@@ -45,14 +45,19 @@ def joined_taps(name: str, present: Any) -> tuple[str, ...] | None:
     return parts if all(part in present for part in parts) else None
 
 
-def gated_delta_rule(ops: Any, extended: bool) -> Any:
-    """The ``gated_delta_rule`` to call: the plugin's own, or, where ``extended`` (API 1.20's per-key-channel gate or
-    ``beta_scale``) and the plugin does not declare 1.20 with ``beta_scale`` taken, the core's fallback."""
+def runs_natively(ops: Any, extended: bool) -> bool:
+    """Whether a layer runs the plugin's own ``gated_delta_rule``: always where it needs nothing of API 1.20, and
+    where it is ``extended`` (a per-key-channel gate or ``beta_scale``) only if the plugin declares 1.20 and its
+    implementation takes ``beta_scale``; else the core's fallback. Asked once, when the layer is built."""
     from ferrum.backends import declared_version  # imported here: ferrum.backends loads the plugins
 
-    if extended and not (declared_version(ops.info) >= (1, 20) and ops.accepts("gated_delta_rule", "beta_scale")):
-        return ops.fallback["gated_delta_rule"]
-    return ops.gated_delta_rule
+    return not extended or (declared_version(ops.info) >= (1, 20) and ops.accepts("gated_delta_rule", "beta_scale"))
+
+
+def gated_delta_rule(ops: Any, native: bool) -> Any:
+    """The ``gated_delta_rule`` to call: the plugin's own where ``native`` (:func:`runs_natively`), else the core's
+    fallback (looked up at each call, so that the op ``ops`` holds then is the one run)."""
+    return ops.gated_delta_rule if native else ops.fallback["gated_delta_rule"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ class GatedDeltaLayer:
         self.a_log, self.dt_bias = tensor(f"{MODULE}.A_log"), tensor(f"{MODULE}.dt_bias")
         self.norm = tensor(f"{MODULE}.{'o_norm' if separate else 'norm'}.weight")
         self.extended = spec.beta_scale != 1.0
+        self.native = runs_natively(ops, self.extended)
 
     def projections(self) -> list[Any]:
         return [*self.inputs, self.out]
@@ -173,7 +179,7 @@ class GatedDeltaLayer:
         q = ops.reshape(q, (-1, s.num_k_heads, s.head_k_dim))
         k = ops.reshape(k, (-1, s.num_k_heads, s.head_k_dim))
         v = ops.reshape(v, (-1, s.num_v_heads, s.head_v_dim))
-        rule = gated_delta_rule(ops, self.extended)
+        rule = gated_delta_rule(ops, self.native)
         args = (q, k, v, a, b, self.a_log, self.dt_bias, states[-1], cu_seqlens)
         core, recurrent = rule(*args, s.beta_scale) if self.extended else rule(*args)
         return core, (z,), (*conv_states, recurrent)

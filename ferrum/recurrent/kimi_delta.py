@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ferrum.recurrent.gated_delta import SEPARATE_TAPS, convolve_each, gated_delta_rule
+from ferrum.recurrent.gated_delta import SEPARATE_TAPS, convolve_each, gated_delta_rule, runs_natively
 from ferrum.recurrent.state import StateShapes
 
 MODULE = "self_attn"
@@ -89,6 +89,7 @@ class KimiDeltaLayer:
         self.taps = tuple(tensor(f"{MODULE}.{name}.weight") for name in SEPARATE_TAPS)
         self.a_log, self.dt_bias = tensor(f"{MODULE}.A_log"), tensor(f"{MODULE}.dt_bias")
         self.norm = tensor(f"{MODULE}.o_norm.weight")
+        self.native = runs_natively(ops, True)  # its gate is per key channel
 
     def projections(self) -> list[Any]:
         return [*self.qkv.linears, self.f_a, self.f_b, self.g_a, self.g_b, self.b, self.out]
@@ -104,7 +105,8 @@ class KimiDeltaLayer:
         q, k, v, f, b, g = inputs
         mixed, conv_states = convolve_each(ops, (q, k, v), self.taps, states[:3], cu_seqlens)
         q, k, v, f = (ops.reshape(t, (-1, heads, dim)) for t in (*mixed, f))
-        core, recurrent = gated_delta_rule(ops, True)(q, k, v, f, b, self.a_log, self.dt_bias, states[3], cu_seqlens)
+        core, recurrent = gated_delta_rule(ops, self.native)(q, k, v, f, b, self.a_log, self.dt_bias, states[3],
+                                                            cu_seqlens)
         return core, (g,), (*conv_states, recurrent)
 
     def output(self, core: Any, g: Any) -> Any:

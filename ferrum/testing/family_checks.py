@@ -272,7 +272,7 @@ def check_gated_delta_rule_per_channel(c: Any, tol: float) -> float:
     """API 1.20: a decay per key channel (Kimi Delta Attention's; from slow to fast, one head's channels apart) and
     ``beta_scale`` 2 (OLMo Hybrid's), one segment chunked, through the rule the model calls (the plugin's where it
     declares 1.20, else the core's fallback); the float32 state given is left as it was."""
-    from ferrum.recurrent.gated_delta import gated_delta_rule
+    from ferrum.recurrent.gated_delta import gated_delta_rule, runs_natively
 
     heads, dk, dv, n = 3, 8, 6, int(_LONG_SEGMENTS[-1])
     q, k, v = (c.rounded(c.random(n, heads, d)) for d in (dk, dk, dv))
@@ -281,8 +281,8 @@ def check_gated_delta_rule_per_channel(c: Any, tol: float) -> float:
     dt_bias = np.linspace(-1.5, 1.5, heads * dk, dtype=np.float32).reshape(heads, dk)
     state = c.random(len(_LONG_SEGMENTS) - 1, heads, dk, dv) * 0.5
     f32 = [c.ops.from_numpy(t.copy(), "float32") for t in (a_log, dt_bias, state)]
-    out, new_state = gated_delta_rule(c.ops, True)(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32,
-                                                   _LONG_SEGMENTS, 2.0)
+    rule = gated_delta_rule(c.ops, runs_natively(c.ops, True))
+    out, new_state = rule(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32, _LONG_SEGMENTS, 2.0)
     assert np.array_equal(c.get(f32[2]), state), "gated_delta_rule changed the state it was given"
     want_out, want_state = gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, _LONG_SEGMENTS, 2.0)
     return max(_compare(c.get(out), want_out, tol), _compare(c.get(new_state), want_state, tol))
@@ -462,9 +462,9 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
     def source(op: str) -> str:
         return "native" if op in ops.native else "core fallback"
 
-    from ferrum.recurrent.gated_delta import gated_delta_rule  # the rule the model calls for API 1.20's features
+    from ferrum.recurrent.gated_delta import runs_natively  # the rule the model calls for API 1.20's features
 
-    native_rule = "gated_delta_rule" in ops.native and gated_delta_rule(ops, True) is ops.gated_delta_rule
+    native_rule = "gated_delta_rule" in ops.native and runs_natively(ops, True)
     extended_rule = "native" if native_rule else "core fallback"
     paged = "paged_attention" if "paged_attention" in ops.native else "attention"
     softcap = ops.accepts(paged, "softcap") and ops.accepts("attention", "softcap")
