@@ -195,3 +195,13 @@ def test_mlx_lm_conversions_run_as_transformers_runs_the_model(checkpoints, tmp_
 def test_random_checkpoints_are_what_transformers_reads(variant, tmp_path):
     raw = json.loads(VARIANTS[variant]().to_json_string())
     assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
+
+
+def test_a_mixer_beside_attention_in_parallel_blocks_is_refused_when_built():
+    """A parallel block's attention runs the MLP in its first half, which the Beside kind's blocks do not."""
+    import dataclasses
+
+    arch = ModelConfig.from_dict(VARIANTS["plain"]().to_dict()).arch
+    with pytest.raises(UnsupportedFeatureError, match="layer 0 runs mamba2 beside attention, which Ferrum does not run "
+                                                      "in parallel blocks"):
+        dataclasses.replace(arch, parallel=True)

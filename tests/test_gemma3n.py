@@ -5,6 +5,7 @@ every runnable backend; each distinctive piece is shown to matter by the logits 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -272,3 +273,21 @@ def test_release_defaults_and_per_layer_lists():
 def test_refuses_configs_it_cannot_run(extra, error):
     with pytest.raises(ConfigError, match=error):
         ModelConfig.from_dict(_raw(**extra))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda arch, layers: dict(layers=(dataclasses.replace(layers[0], mixer="mamba2"), *layers[1:])),
+     "layer 0 runs mamba2, which Ferrum does not run with AltUp"),
+    (lambda arch, layers: dict(layers=(dataclasses.replace(layers[0], beside="mamba2"), *layers[1:])),
+     "layer 0 runs attention beside mamba2, which Ferrum does not run with AltUp"),
+    (lambda arch, layers: dict(layers=(dataclasses.replace(layers[0], mlp="none"), *layers[1:])),
+     "layer 0 lacks a mixer or an MLP, which Ferrum does not run with per-layer inputs and AltUp"),
+    (lambda arch, layers: dict(parallel=True), "AltUp .* in parallel blocks is not supported")])
+def test_altup_beside_anything_but_attention_then_the_mlp_is_refused_when_built(change, words):
+    """AltUp's blocks run plain attention, then the MLP: an architecture that asks for more is refused by name when
+    it is built, not run wrong."""
+    from ferrum.errors import UnsupportedFeatureError
+
+    arch = ModelConfig.from_dict(_raw()).arch
+    with pytest.raises(UnsupportedFeatureError, match=words):
+        dataclasses.replace(arch, **change(arch, arch.layers))

@@ -260,3 +260,16 @@ def test_ferrum_quantize_names_the_group_sizes_that_cut_the_padded_values(checkp
     with pytest.raises(UnsupportedFeatureError, match=re.escape(advice)):
         quantize_checkpoint(checkpoints[variant][0], tmp_path / "q", bits=4, group_size=group_size)
     assert not (tmp_path / "q").exists()
+
+
+def test_narrower_values_with_latent_attention_are_refused_when_built():
+    """The values' padding is plain attention's (v_proj / o_proj shapes latent attention has not)."""
+    import dataclasses
+
+    from ferrum.arch.mla import MlaSpec
+    from ferrum.config import ModelConfig
+
+    arch = ModelConfig.from_dict(mimo_config().to_dict()).arch
+    mla = MlaSpec(heads=4, q_lora_rank=None, kv_lora_rank=16, nope=16, rope=8, v_head_dim=16, bias=False)
+    with pytest.raises(UnsupportedFeatureError, match=r"value_head_dim\) with latent attention"):
+        dataclasses.replace(arch, mla=mla)

@@ -230,10 +230,26 @@ class Architecture:
     def __post_init__(self) -> None:
         partial = [i for i, layer in enumerate(self.layers) if "none" in (layer.mixer, layer.mlp)]
         joined = [what for what, on in (("per-layer inputs", self.per_layer_inputs is not None),
-                                        ("layer scalars", self.layer_scalar), ("parallel blocks", self.parallel)) if on]
+                                        ("layer scalars", self.layer_scalar), ("parallel blocks", self.parallel),
+                                        ("AltUp", self.altup is not None)) if on]
         if partial and joined:  # the blocks' second halves that skip the mixer or the MLP apply none of those
             raise UnsupportedFeatureError(f"layer {partial[0]} lacks a mixer or an MLP, which Ferrum does not run with "
                                           f"{' and '.join(joined)}")
+        # AltUp's blocks (ferrum.arch.altup.block_halves) run plain attention, then the MLP; a parallel block's
+        # attention runs the MLP in its first half, which neither AltUp's blocks nor a mixer beside attention do
+        other = next((i for i, layer in enumerate(self.layers) if layer.mixers != ("attention",)), None)
+        if self.altup is not None and other is not None:
+            raise UnsupportedFeatureError(f"layer {other} runs {' beside '.join(self.layers[other].mixers)}, which "
+                                          "Ferrum does not run with AltUp (Gemma 3n's stream of copies attends alone)")
+        if self.altup is not None and self.parallel:
+            raise UnsupportedFeatureError("AltUp (Gemma 3n's stream of copies) in parallel blocks is not supported")
+        beside = next((i for i, layer in enumerate(self.layers) if layer.beside is not None), None)
+        if self.parallel and beside is not None:
+            raise UnsupportedFeatureError(f"layer {beside} runs {self.layers[beside].beside} beside attention, which "
+                                          "Ferrum does not run in parallel blocks")
+        if self.value_head_dim is not None and self.mla is not None:  # latent attention sizes its values itself
+            raise UnsupportedFeatureError("values narrower than the heads (value_head_dim) with latent attention "
+                                          "(its v_head_dim sizes them): Ferrum pads plain attention's values only")
 
     @property
     def attention(self) -> Any:
