@@ -19,6 +19,7 @@ from ferrum.serve.handlers import ChatRun
 from ferrum.serve.reasoning import Thinking
 from ferrum.serve.tools import FORMATS, ToolReplies
 from support import write_scripted_checkpoint
+from test_serve_tool_formats import _minimax, _py, _seed
 from test_serve_tools import TOOL_TEMPLATE, WEATHER, _ds, _ds31, _glm, _kimi, _qwen
 
 FORMAT = {f.name: f for f in FORMATS}
@@ -48,6 +49,9 @@ WRITE = {
     "deepseek_v3": lambda calls: _ds(*[("get_weather", _json(i)) for i in calls]),
     "deepseek_v31": lambda calls: _ds31(*[("get_weather", _json(i)) for i in calls]),
     "kimi_k2": lambda calls: _kimi(*[("get_weather", _json(i)) for i in calls], start=min(calls)),
+    "minimax_m2": lambda calls: _minimax([("get_weather", _args(i)) for i in calls]),
+    "seed_oss": lambda calls: _seed([("get_weather", _args(i)) for i in calls]),
+    "pythonic": lambda calls: _py([("get_weather", _args(i)) for i in calls]),
 }
 
 #: Replies as text and groups of calls (how many in each).
@@ -169,6 +173,9 @@ def test_the_layouts_are_read_as_calls_with_the_text_around_them(fmt):
     assert reply("text only") == ("No call needed.\n", 0)
     if fmt == "llama3_json":
         assert reply("calls amid whitespace") == (None, 2)
+        return
+    if fmt == "pythonic":  # one list is the whole reply: two lists, or text beside one, are text
+        assert reply("calls amid whitespace")[1] == reply("text before")[1] == 0
         return
     assert reply("text before") == ("Let me check.", 2) and reply("text after") == ("Done.", 2)
     assert reply("whitespace opening the text") == ("\n Sure.", 1)

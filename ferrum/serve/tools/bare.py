@@ -1,5 +1,5 @@
-"""The formats that write each argument bare, typed by the tool's schema (``glm45``, ``qwen3_coder``): their
-parsers and forced-call grammars."""
+"""The formats that write each argument bare, typed by the tool's schema (``glm45``, ``qwen3_coder``, ``seed_oss``):
+their parsers and forced-call grammars, and the reading of tagged blocks the other XML-like formats share."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ _GLM_ARG = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_valu
 
 
 #: What ``ast.literal_eval`` raises on text that is no Python literal (or one too large or deep to read).
-_PYTHON_LITERAL = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
+PYTHON_LITERAL = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)
 
 
 def _glm_value(text: str, schema: Any) -> Any:
@@ -36,11 +36,11 @@ def _glm_value(text: str, schema: Any) -> Any:
         return text
     try:
         return ast.literal_eval(text)
-    except _PYTHON_LITERAL:
+    except PYTHON_LITERAL:
         return text
 
 
-def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Match[str]], Any],
+def tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Match[str]], Any],
                       cut: bool, opening: str = "<tool_call>", closing: str = "</tool_call>") -> ParsedReply:
     """The calls of a reply whose blocks (``block`` matches one, from ``opening`` to ``closing``, ``<tool_call>``'s
     by default) name their functions and write their arguments bare: ``read(match)`` gives a block's calls, or
@@ -64,7 +64,7 @@ def _tool_call_blocks(text: str, block: re.Pattern[str], read: Callable[[re.Matc
     return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
 
 
-def _bare_call(name: str, body: str, argument: re.Pattern[str], read: Callable[[re.Match[str], Any], Any],
+def bare_call(name: str, body: str, argument: re.Pattern[str], read: Callable[[re.Match[str], Any], Any],
                schemas: Schemas | None) -> Any:
     """The call to ``name`` whose ``body`` is nothing but ``argument`` blocks (group 1 the key), each value read
     by ``read(match, its parameter's schema)``; None where anything else is in the body. A value JSON cannot
@@ -93,13 +93,13 @@ def _json_holds(value: Any) -> bool:
 def read_glm(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
     """GLM-4.5's calls: each ``<tool_call>`` holds its function's name (up to a newline or the first argument) and
     nothing but ``<arg_key>``/``<arg_value>`` pairs; a block with anything else, or cut inside a pair, is text
-    (see :func:`_tool_call_blocks` on ``cut``)."""
+    (see :func:`tool_call_blocks` on ``cut``)."""
     def calls(match: re.Match[str]) -> list[Any] | None:
-        call = _bare_call(match.group(1).strip(), match.group(2), _GLM_ARG,
+        call = bare_call(match.group(1).strip(), match.group(2), _GLM_ARG,
                           lambda pair, schema: _glm_value(pair.group(2).strip(), schema), schemas)
         return None if call is None else [call]
 
-    return _tool_call_blocks(text, _GLM_CALL, calls, cut)
+    return tool_call_blocks(text, _GLM_CALL, calls, cut)
 
 
 _QWEN_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
@@ -141,34 +141,45 @@ def _qwen3_coder_value(text: str, schema: Any) -> Any:
         pass
     try:
         return ast.literal_eval(text)
-    except _PYTHON_LITERAL:
+    except PYTHON_LITERAL:
         return text
 
 
-def read_qwen3_coder(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
-    """Qwen3-Coder's calls: each ``<tool_call>`` holds a ``<function=NAME>`` of ``<parameter=K>`` blocks, a
-    value's first and last newline the template's; a block with anything else, or cut before its end, is text
-    (see :func:`_tool_call_blocks` on ``cut``). As vLLM's parser reads them: a reply with no ``<tool_call>`` has
-    its ``<function=...>`` blocks read as calls; a block may hold several functions, and a closed one need not
-    close its last ``</function>``; a ``</parameter>`` left out ends where the next parameter or ``</function>``
-    begins."""
-    def calls(block: str, closed: bool) -> list[Any] | None:
-        found, at = [], 0
-        while function := _QWEN_FUNCTION.match(block, at):
-            call = _bare_call(function.group(1).strip(), function.group(2), _QWEN_PARAMETER,
-                              lambda parameter, schema: _qwen3_coder_value(
-                                  parameter.group(2).removeprefix("\n").removesuffix("\n"), schema), schemas)
-            if call is None or not (closed or function.group(0).rstrip().endswith("</function>")):
-                return None
-            found.append(call)
-            at = function.end()
-        return found if found and not block[at:].strip() else None
+def _function_blocks(opening: str, closing: str) -> Callable[..., ParsedReply]:
+    """The reader of calls written as Qwen3-Coder's are, each block between ``opening`` and ``closing``."""
+    block = re.compile(re.escape(opening) + r"(.*?)(?:" + re.escape(closing) + r"|$)", re.DOTALL)
 
-    if "<tool_call>" not in text:
-        return _tool_call_blocks(text, _QWEN_BARE_FUNCTION, lambda match: calls(match.group(0), False), cut,
-                                 "<function=", "</function>")
-    return _tool_call_blocks(text, _QWEN_CALL, lambda match: calls(match.group(1), match.group(0).endswith(
-        "</tool_call>")), cut)
+    def parse(text: str, schemas: Schemas | None = None, cut: bool = False) -> ParsedReply:
+        def calls(body: str, closed: bool) -> list[Any] | None:
+            found, at = [], 0
+            while function := _QWEN_FUNCTION.match(body, at):
+                call = bare_call(function.group(1).strip(), function.group(2), _QWEN_PARAMETER,
+                                 lambda parameter, schema: _qwen3_coder_value(
+                                     parameter.group(2).removeprefix("\n").removesuffix("\n"), schema), schemas)
+                if call is None or not (closed or function.group(0).rstrip().endswith("</function>")):
+                    return None
+                found.append(call)
+                at = function.end()
+            return found if found and not body[at:].strip() else None
+
+        if opening not in text:
+            return tool_call_blocks(text, _QWEN_BARE_FUNCTION, lambda match: calls(match.group(0), False), cut,
+                                    "<function=", "</function>")
+        return tool_call_blocks(text, block, lambda match: calls(match.group(1), match.group(0).endswith(closing)),
+                                cut, opening, closing)
+
+    return parse
+
+
+#: Qwen3-Coder's calls: each ``<tool_call>`` holds a ``<function=NAME>`` of ``<parameter=K>`` blocks, a value's
+#: first and last newline the template's; a block with anything else, or cut before its end, is text (see
+#: :func:`tool_call_blocks` on ``cut``). As vLLM's parser reads them: a reply with no ``<tool_call>`` has its
+#: ``<function=...>`` blocks read as calls; a block may hold several functions, and a closed one need not close its
+#: last ``</function>``; a ``</parameter>`` left out ends where the next parameter or ``</function>`` begins.
+read_qwen3_coder = _function_blocks("<tool_call>", "</tool_call>")
+#: Seed-OSS's calls: Qwen3-Coder's inside ``<seed:tool_call>`` (vLLM's ``seed_oss`` parser is its ``qwen3_coder``
+#: one with these tags); its template writes a value that is no string as Python writes it, which reads as one.
+read_seed_oss = _function_blocks("<seed:tool_call>", "</seed:tool_call>")
 
 
 def glm_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
@@ -187,18 +198,27 @@ def glm_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], templat
     return "\n".join([f"start: {blocks}", f'block: {mark("<tool_call>")} ({calls}) {mark("</tool_call>")}', *rules])
 
 
-def qwen3_coder_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
-    """Blocks as Qwen3-Coder's template writes them, a newline apart (and, where several may follow, maybe one
-    after the last, as with Hermes's): ``<function=NAME>``, then each argument's ``<parameter=K>`` block, its
-    value on lines of its own."""
-    def arg(key: str, value: str) -> str:
-        head = json.dumps(f"<parameter={key}>\n")
-        return f"{head} {value}"
+def _function_grammar(opening: str, closing: str, lines: bool) -> Callable[..., str]:
+    """Blocks between ``opening`` and ``closing`` a newline apart (and, where several may follow, maybe one after the
+    last, as with Hermes's): ``<function=NAME>``, then each argument's ``<parameter=K>`` block, its value on lines
+    of its own where ``lines``, then ``</function>``."""
+    def grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+        def arg(key: str, value: str) -> str:
+            head = json.dumps(f"<parameter={key}>" + ("\n" if lines else ""))
+            return f"{head} {value}"
 
-    bodies = bare_arguments(tools, arg, end="\n</parameter>\n")
-    heads = [json.dumps(tool["function"]["name"] + ">\n") for tool in tools]
-    rules = [f"call{i}: {head} {body}" for i, (head, body) in enumerate(zip(heads, bodies))]
-    names = " | ".join(f"call{i}" for i in range(len(tools)))
-    blocks = repeated("block", r'"\n"', many) + (r' "\n"?' if many else "")
-    block = f'block: {mark("<tool_call>")} "\\n<function=" ({names}) "</function>\\n" {mark("</tool_call>")}'
-    return "\n".join([f"start: {blocks}", block, *rules])
+        bodies = bare_arguments(tools, arg, end=("\n" if lines else "") + "</parameter>\n")
+        heads = [json.dumps(tool["function"]["name"] + ">\n") for tool in tools]
+        rules = [f"call{i}: {head} {body}" for i, (head, body) in enumerate(zip(heads, bodies))]
+        names = " | ".join(f"call{i}" for i in range(len(tools)))
+        blocks = repeated("block", r'"\n"', many) + (r' "\n"?' if many else "")
+        block = f'block: {mark(opening)} "\\n<function=" ({names}) "</function>\\n" {mark(closing)}'
+        return "\n".join([f"start: {blocks}", block, *rules])
+
+    return grammar
+
+
+#: Blocks as Qwen3-Coder's template writes them, each value on lines of its own.
+qwen3_coder_grammar = _function_grammar("<tool_call>", "</tool_call>", lines=True)
+#: Blocks as Seed-OSS's template writes them, each value right inside its ``<parameter=K>`` tags.
+seed_oss_grammar = _function_grammar("<seed:tool_call>", "</seed:tool_call>", lines=False)

@@ -28,7 +28,15 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
 * ``kimi_k2`` (Kimi K2, templates with ``<|tool_calls_section_begin|>``): inside
   ``<|tool_calls_section_begin|>...<|tool_calls_section_end|>``, per call
   ``<|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{...}<|tool_call_end|>``; the
-  ``functions.NAME:IDX`` the model wrote is the call's id, which the template writes back.
+  ``functions.NAME:IDX`` the model wrote is the call's id, which the template writes back;
+* ``minimax_m2`` (MiniMax-M2, templates with ``<minimax:tool_call>``): inside ``<minimax:tool_call>...
+  </minimax:tool_call>``, per call ``<invoke name="NAME">`` then per argument ``<parameter name="K">V</parameter>``,
+  then ``</invoke>``: values read by the types the tool's schema gives them (vLLM's ``minimax_m2`` parser);
+* ``seed_oss`` (Seed-OSS, templates with ``<seed:tool_call>``): Qwen3-Coder's ``<function=NAME>`` blocks inside
+  ``<seed:tool_call>...</seed:tool_call>``, each value right inside its ``<parameter=K>`` tags;
+* ``pythonic`` (Llama 3.2's and Llama 4's pythonic templates, which show the model
+  ``[func_name1(param1=value1, ...), ...]``): the whole reply is a Python list of calls with keyword arguments,
+  ``[get_weather(city="Paris"), ...]`` (vLLM's ``pythonic`` / ``llama4_pythonic`` parsers).
 
 Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
@@ -49,7 +57,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ferrum.serve import harmony
-from ferrum.serve.tools.bare import glm_grammar, qwen3_coder_grammar, read_glm, read_qwen3_coder
+from ferrum.serve.tools.bare import (glm_grammar, qwen3_coder_grammar, read_glm, read_qwen3_coder, read_seed_oss,
+                                     seed_oss_grammar)
 from ferrum.serve.tools.deepseek import (DEEPSEEK_HEAD, DEEPSEEK_V31_CALL, DS_CALLS, deepseek_v3_grammar,
                                          deepseek_v31_grammar, read_deepseek_v3, read_deepseek_v31)
 from ferrum.serve.tools.harmony_calls import HARMONY_HEAD, harmony_grammar, read_harmony
@@ -57,6 +66,8 @@ from ferrum.serve.tools.kimi import KIMI_CALL_HEAD, KIMI_CALLS, kimi_k2_grammar,
 from ferrum.serve.tools.json_formats import (MISTRAL_CALLS, MISTRAL_HEAD, granite_grammar, hermes_grammar,
                                              json_list_reader, llama3_grammar, mistral_grammar, read_hermes,
                                              read_llama3_json, read_mistral)
+from ferrum.serve.tools.minimax import MINIMAX_CALLS, minimax_m2_grammar, read_minimax_m2
+from ferrum.serve.tools.pythonic import pythonic_grammar, read_pythonic
 from ferrum.serve.errors import APIError
 from ferrum.serve.tools.grammars import call_or_answer
 from ferrum.serve.tools.reading import JSON_HEAD, ParsedReply, Schemas, calls_so_far, parameters_of
@@ -103,8 +114,13 @@ class ToolCallFormat:
         return {t["function"]["name"]: parameters_of(t["function"]) for t in tools or ()}
 
 
-FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>, and
-    # DeepSeek-V3's and V3.1's both <｜tool▁calls▁begin｜> (V3's fencing the arguments in ```json)
+FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>, Seed-OSS's
+    # <parameter= as Qwen3-Coder's does, and DeepSeek-V3's and V3.1's both <｜tool▁calls▁begin｜> (V3's fencing the
+    # arguments in ```json)
+    ToolCallFormat("minimax_m2", (MINIMAX_CALLS,), (MINIMAX_CALLS,), (), read_minimax_m2, minimax_m2_grammar, (),
+                   typed=True),
+    ToolCallFormat("seed_oss", ("<seed:tool_call>",), ("<seed:tool_call>", "<function="), (), read_seed_oss,
+                   seed_oss_grammar, (), typed=True),
     ToolCallFormat("glm45", ("<arg_key>",), ("<tool_call>",), (), read_glm, glm_grammar, (), typed=True),
     ToolCallFormat("qwen3_coder", ("<parameter=",), ("<tool_call>", "<function="), (), read_qwen3_coder,
                    qwen3_coder_grammar, (), typed=True),
@@ -113,6 +129,8 @@ FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Code
                    (MISTRAL_HEAD, JSON_HEAD)),
     ToolCallFormat("granite", ("<|tool_call|>",), ("<|tool_call|>",), ("[{",), json_list_reader("<|tool_call|>"),
                    granite_grammar),
+    ToolCallFormat("pythonic", ("[func_name1(",), (), ("[", "<|python_start|>"), read_pythonic, pythonic_grammar, (),
+                   typed=True),
     ToolCallFormat("llama3_json", ("<|python_tag|>",), (), ("{", "<|python_tag|>"), read_llama3_json, llama3_grammar),
     ToolCallFormat("harmony", ("<|call|>",), (harmony.CALL_OPEN,), (), read_harmony, harmony_grammar, (HARMONY_HEAD,),
                    bare_answer=False),

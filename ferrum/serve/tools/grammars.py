@@ -82,10 +82,12 @@ def _bare_string(schema: dict[str, Any], end: str) -> str:
     return "/" + text + end.replace("\n", "\\n").replace("/", "\\/") + "/"
 
 
-def bare_arguments(tools: list[dict[str, Any]], arg: Callable[[str, str], str], end: str = "") -> list[str]:
+def bare_arguments(tools: list[dict[str, Any]], arg: Callable[[str, str], str], end: str = "",
+                   quoted: bool = False, separator: str = "") -> list[str]:
     """Per tool, a Lark body of its arguments written one by one: ``arg(key, value)`` per declared property, in
-    the schema's order, the required ones always; a string's value bare, any other's as JSON under its schema
-    (which keeps its refs: the whole parameters ride along under ``$defs``), each value then ``end``."""
+    the schema's order, the required ones always; a string's value bare (or, ``quoted``, as JSON), any other's as
+    JSON under its schema (which keeps its refs: the whole parameters ride along under ``$defs``), each value then
+    ``end``; ``separator`` (a Lark string) between two arguments written."""
     bodies = []
     for function in (tool["function"] for tool in tools):
         parameters = parameters_of(function)
@@ -93,8 +95,23 @@ def bare_arguments(tools: list[dict[str, Any]], arg: Callable[[str, str], str], 
         required = set(parameters.get("required") or ())
         items = []
         for key, schema in (root.get("properties") or {}).items():
-            value = (_bare_string(string_schema(schema), end) if string_schema(schema) is not None
+            value = (_bare_string(string_schema(schema), end) if string_schema(schema) is not None and not quoted
                      else json_rule({**schema, "$defs": {"parameters": root}}) + (f" {json.dumps(end)}" if end else ""))
-            items.append(f"({arg(key, value)})" + ("" if key in required else "?"))
-        bodies.append(" ".join(items) or '""')
+            items.append((f"({arg(key, value)})", key in required))
+        bodies.append(_separated(items, separator) or '""')
     return bodies
+
+
+def _separated(items: list[tuple[str, bool]], separator: str) -> str:
+    """A Lark body of ``items`` (each a body and whether it is required) in order, the optional ones maybe left out,
+    ``separator`` between two written (none before the first): built from the end, as what may follow where none
+    was written yet (``first``) and where one was (``rest``)."""
+    first = rest = ""
+    for item, required in reversed(items):
+        written = f"{item} {rest}".strip()
+        if not separator:
+            first = rest = written if required else f"{item}? {rest}".strip()
+            continue
+        first = written if required else f"({written} | {first})" if first else f"({written})?"
+        rest = (f"{separator} {item}" if required else f"({separator} {item})?") + (f" {rest}" if rest else "")
+    return first
