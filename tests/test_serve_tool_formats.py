@@ -17,8 +17,8 @@ from test_serve_tools import (CLOCK, DEEPSEEK_TEMPLATE, DEEPSEEK_V31_TEMPLATE, G
                               NESTED, PING, QWEN3_CODER_TEMPLATE, TOOL_TEMPLATE, WEATHER, _calls, _forced_matcher,
                               _stream, _takes, check_calls_over_the_api)
 
-MINIMAX, SEED, PYTHONIC = (next(f for f in FORMATS if f.name == name)
-                           for name in ("minimax_m2", "seed_oss", "pythonic"))
+MINIMAX, SEED, PYTHONIC, INTERNLM = (next(f for f in FORMATS if f.name == name)
+                                     for name in ("minimax_m2", "seed_oss", "pythonic", "internlm"))
 
 # MiniMax-M2's tool parts (MiniMaxAI/MiniMax-M2 chat_template.jinja: each tool's function as JSON in <tool>, the
 # format shown, and a call's <invoke> with a <parameter> per argument, a string bare and anything else as JSON)
@@ -88,6 +88,22 @@ PYTHONIC_TEMPLATE = (
     "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
 )
 
+# vLLM's examples/tool_chat_template_internlm2_tool.jinja (InternLM's own releases leave tools to lagent's
+# meta-template, which this follows: the functions listed under a <|plugin|> system turn, each call written back
+# after <|action_start|><|plugin|>) over the test tokenizer's tags.
+INTERNLM_TEMPLATE = (
+    "{%- if tools %}<|system|>name=<|plugin|>\n[{%- for tool in tools %}{{- tool.function | tojson }}"
+    "{%- if not loop.last %}{{- ', ' }}{%- else %}{{- ']' }}{%- endif %}{%- endfor %}</s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.tool_calls is defined and m.tool_calls is not none %}<|assistant|>{{ m.content or '' }}"
+    "{%- for tool_call in m.tool_calls %}{%- set function = tool_call.function %}"
+    "{{- '<|action_start|><|plugin|>\\n' }}{{- '{\"name\": \"' + function.name + '\", ' }}"
+    "{{- '\"arguments\": ' + function.arguments | string + '}' }}{{- '<|action_end|>' }}{%- endfor %}</s>"
+    "{%- elif m.role == 'tool' %}<|user|>environment name=<|plugin|>\n{{ m.content | string }}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
 Calls = list[tuple[str, dict[str, Any]]]
 
 
@@ -116,6 +132,12 @@ def _py(calls: Calls) -> str:
                            for name, arguments in calls) + "]"
 
 
+def _internlm(calls: Calls) -> str:
+    """Calls as InternLM writes them, one right after another."""
+    return "".join(f"<|action_start|><|plugin|>\n{json.dumps({'name': name, 'parameters': arguments})}<|action_end|>"
+                   for name, arguments in calls)
+
+
 MINIMAX_MARKERS = ("<minimax:tool_call>", "</minimax:tool_call>")
 SEED_MARKERS = ("<seed:tool_call>", "</seed:tool_call>")
 #: (format, template, how it writes calls, its special tokens)
@@ -123,8 +145,9 @@ ROWS: list[tuple[Any, str, Callable[[Calls], str], tuple[str, ...]]] = [
     (MINIMAX, MINIMAX_TEMPLATE, _minimax, MINIMAX_MARKERS),
     (SEED, SEED_OSS_TEMPLATE, _seed, SEED_MARKERS),
     (PYTHONIC, PYTHONIC_TEMPLATE, _py, ()),
+    (INTERNLM, INTERNLM_TEMPLATE, _internlm, ("<|action_start|>", "<|plugin|>", "<|action_end|>")),
 ]
-IDS = ["minimax_m2", "seed_oss", "pythonic"]
+IDS = ["minimax_m2", "seed_oss", "pythonic", "internlm"]
 
 
 def _read(fmt, text: str, tools: list | None = None) -> list[tuple[str, Any]]:
@@ -140,7 +163,7 @@ def _tool(name: str, properties: dict[str, Any]) -> dict[str, Any]:
 def test_the_new_templates_are_told_apart_from_the_others():
     """Each release's template gives its own format; Seed-OSS's also holds ``<parameter=`` (Qwen3-Coder's sign) and
     is still Seed-OSS; the templates that had a format keep it."""
-    assert [format_of(t) for _, t, _, _ in ROWS] == [MINIMAX, SEED, PYTHONIC]
+    assert [format_of(t) for _, t, _, _ in ROWS] == [MINIMAX, SEED, PYTHONIC, INTERNLM]
     assert [format_of(t).name for t in (TOOL_TEMPLATE, GLM_TEMPLATE, QWEN3_CODER_TEMPLATE, DEEPSEEK_TEMPLATE,
                                         DEEPSEEK_V31_TEMPLATE, KIMI_TEMPLATE)] == [
         "hermes", "glm45", "qwen3_coder", "deepseek_v3", "deepseek_v31", "kimi_k2"]
@@ -218,7 +241,20 @@ def test_a_stream_holds_back_the_calls_and_sends_them_at_the_end(fmt, template, 
     assert _stream(ToolReplies([WEATHER, CLOCK], fmt), list(almost)) == (almost, [], "stop")
 
 
-@pytest.mark.parametrize("fmt, template, write, markers", ROWS, ids=IDS)
+def test_internlm_calls_and_the_text_around_them():
+    """Each call its own action, its arguments under "parameters" (or "arguments", which the template writes back);
+    text before, between and after kept; an action that is no call leaves the reply text."""
+    text = "Checking.\n" + _internlm([("f", {"x": [1, 2]})]) + " and " + _internlm([("g", {})]).replace(
+        "parameters", "arguments") + " done"
+    reply = INTERNLM.read(text, None)
+    assert _read(INTERNLM, text) == [("f", {"x": [1, 2]}), ("g", {})] and reply.content == "Checking.\n and  done"
+    one = _internlm([("f", {"x": 1})])
+    for bad in (one[:-len("<|action_end|>") - 2], one.replace('"x": 1', "x"), one.replace('"f"', '""'),
+                one.replace("{", "[", 1)):  # cut, not JSON, no name, not an object
+        assert INTERNLM.read(bad, None).calls == [] and INTERNLM.read(bad, None).content == bad, bad
+
+
+@pytest.mark.parametrize("fmt, template, write, markers", ROWS[:3], ids=IDS[:3])  # InternLM's: see below
 def test_earlier_calls_render_through_the_template_as_the_format_reads_them(tmp_path, fmt, template, write,
                                                                            markers):
     """An earlier call sent back renders through the release's template into text its format reads as that call
@@ -241,6 +277,8 @@ def test_earlier_calls_render_through_the_template_as_the_format_reads_them(tmp_
     prompt = Tokenizer(folder).apply_chat_template(messages, tools=[find], add_generation_prompt=False)
     reply = prompt[prompt.rindex("<|assistant|>") + len("<|assistant|>"):].removesuffix("</s>")
     assert _read(fmt, reply, [find]) == [("find", arguments)], reply
+    # vLLM's InternLM template writes ``arguments | string``: an object's Python text, as vLLM hands it the
+    # arguments, which is no JSON (its parser, and this one, read JSON); that template is left as it renders.
 
 
 # ----------------------------------------------------------------- forced calls
@@ -290,7 +328,8 @@ def test_a_forced_call_follows_the_schema_its_arguments_and_their_definitions(tm
 
 @pytest.mark.parametrize("fmt, template, write, markers", ROWS, ids=IDS)
 def test_a_cut_forced_reply_keeps_its_whole_calls(fmt, template, write, markers):
-    """A forced reply cut inside its third call gives the two whole calls before it; not forced, it is text."""
+    """A forced reply cut inside its third call gives the two whole calls before it (and, where arguments are JSON,
+    the third as far as it got, as the JSON formats' calls so far are); not forced, it is text."""
     numbers = {"x": {"type": "integer"}, "y": {"type": "integer"}}
     tools = [_tool(name, numbers) for name in "fgh"]
     whole = write([("f", {"x": 1}), ("h", {"y": 2}), ("g", {"x": 12345})])
@@ -300,8 +339,9 @@ def test_a_cut_forced_reply_keeps_its_whole_calls(fmt, template, write, markers)
     replies.grammar = "forced"
     message, reason = replies.message(text, "length")
     assert message["content"] is None and reason == "length"
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
-        ("f", {"x": 1}), ("h", {"y": 2})]
+    got = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
+    assert [(name, json.loads(arguments)) for name, arguments in got[:2]] == [("f", {"x": 1}), ("h", {"y": 2})]
+    assert got[2:] == ([("g", '{"x": 12')] if fmt.heads else [])
 
 
 # ----------------------------------------------------------------- served

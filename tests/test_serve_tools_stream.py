@@ -19,7 +19,7 @@ from ferrum.serve.handlers import ChatRun
 from ferrum.serve.reasoning import Thinking
 from ferrum.serve.tools import FORMATS, ToolReplies
 from support import write_scripted_checkpoint
-from test_serve_tool_formats import _minimax, _py, _seed
+from test_serve_tool_formats import _internlm, _minimax, _py, _seed
 from test_serve_tools import TOOL_TEMPLATE, WEATHER, _ds, _ds31, _glm, _kimi, _qwen
 
 FORMAT = {f.name: f for f in FORMATS}
@@ -52,6 +52,7 @@ WRITE = {
     "minimax_m2": lambda calls: _minimax([("get_weather", _args(i)) for i in calls]),
     "seed_oss": lambda calls: _seed([("get_weather", _args(i)) for i in calls]),
     "pythonic": lambda calls: _py([("get_weather", _args(i)) for i in calls]),
+    "internlm": lambda calls: _internlm([("get_weather", _args(i)) for i in calls]),
 }
 
 #: Replies as text and groups of calls (how many in each).

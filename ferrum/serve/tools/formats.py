@@ -36,7 +36,9 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
   ``<seed:tool_call>...</seed:tool_call>``, each value right inside its ``<parameter=K>`` tags;
 * ``pythonic`` (Llama 3.2's and Llama 4's pythonic templates, which show the model
   ``[func_name1(param1=value1, ...), ...]``): the whole reply is a Python list of calls with keyword arguments,
-  ``[get_weather(city="Paris"), ...]`` (vLLM's ``pythonic`` / ``llama4_pythonic`` parsers).
+  ``[get_weather(city="Paris"), ...]`` (vLLM's ``pythonic`` / ``llama4_pythonic`` parsers);
+* ``internlm`` (InternLM 2 / 2.5 / 3, templates with ``<|action_start|><|plugin|>``): per call
+  ``<|action_start|><|plugin|>\n{"name": ..., "parameters": {...}}<|action_end|>`` (or ``"arguments"``).
 
 Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
@@ -63,9 +65,10 @@ from ferrum.serve.tools.deepseek import (DEEPSEEK_HEAD, DEEPSEEK_V31_CALL, DS_CA
                                          deepseek_v31_grammar, read_deepseek_v3, read_deepseek_v31)
 from ferrum.serve.tools.harmony_calls import HARMONY_HEAD, harmony_grammar, read_harmony
 from ferrum.serve.tools.kimi import KIMI_CALL_HEAD, KIMI_CALLS, kimi_k2_grammar, read_kimi_k2
-from ferrum.serve.tools.json_formats import (MISTRAL_CALLS, MISTRAL_HEAD, granite_grammar, hermes_grammar,
-                                             json_list_reader, llama3_grammar, mistral_grammar, read_hermes,
-                                             read_llama3_json, read_mistral)
+from ferrum.serve.tools.json_formats import (INTERNLM_CALL, MISTRAL_CALLS, MISTRAL_HEAD, granite_grammar,
+                                             hermes_grammar, internlm_grammar, json_list_reader, llama3_grammar,
+                                             mistral_grammar, read_hermes, read_internlm, read_llama3_json,
+                                             read_mistral)
 from ferrum.serve.tools.minimax import MINIMAX_CALLS, minimax_m2_grammar, read_minimax_m2
 from ferrum.serve.tools.pythonic import pythonic_grammar, read_pythonic
 from ferrum.serve.errors import APIError
@@ -138,6 +141,7 @@ FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Code
                    (DEEPSEEK_HEAD,)),
     ToolCallFormat("deepseek_v31", (DS_CALLS,), (DS_CALLS,), (), read_deepseek_v31, deepseek_v31_grammar,
                    (DEEPSEEK_V31_CALL,)),
+    ToolCallFormat("internlm", (INTERNLM_CALL,), (INTERNLM_CALL,), (), read_internlm, internlm_grammar),
     ToolCallFormat("kimi_k2", (KIMI_CALLS,), (KIMI_CALLS,), (), read_kimi_k2, kimi_k2_grammar, (KIMI_CALL_HEAD,)),
 )
 

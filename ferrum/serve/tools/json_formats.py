@@ -1,5 +1,5 @@
 """The formats whose calls are JSON objects naming their function (``hermes``, ``mistral``, ``granite``,
-``llama3_json``): their parsers and forced-call grammars."""
+``llama3_json``, ``internlm``): their parsers and forced-call grammars."""
 
 from __future__ import annotations
 
@@ -11,22 +11,34 @@ from ferrum.serve.tools.grammars import call_schema, json_rule, per_function_rul
 from ferrum.serve.tools.reading import NOT_JSON, ParsedReply, make_call, read_object_call
 
 
-_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+def _tagged_calls(opening: str, closing: str, *keys: str) -> Callable[[str], ParsedReply]:
+    """Calls written each between ``opening`` and ``closing`` as a JSON object naming its function, its arguments
+    under the first of ``keys`` it has; the text around the blocks kept, a block that does not read so (or is not
+    closed but at the end) leaves the whole reply text."""
+    block = re.compile(re.escape(opening) + r"\s*(.*?)\s*(?:" + re.escape(closing) + "|$)", re.DOTALL)
 
-
-def read_hermes(text: str) -> ParsedReply:
-    start = text.find("<tool_call>")
-    if start < 0:
-        return ParsedReply(text, [])
-    calls, rest, end = [], [], start
-    for match in _HERMES_CALL.finditer(text, start):
-        rest.append(text[end:match.start()])
-        call = read_object_call(match.group(1))
-        if call is None:
+    def parse(text: str) -> ParsedReply:
+        start = text.find(opening)
+        if start < 0:
             return ParsedReply(text, [])
-        calls.append(call)
-        end = match.end()
-    return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
+        calls, rest, end = [], [], start
+        for match in block.finditer(text, start):
+            rest.append(text[end:match.start()])
+            call = read_object_call(match.group(1), keys)
+            if call is None:
+                return ParsedReply(text, [])
+            calls.append(call)
+            end = match.end()
+        return ParsedReply(text[:start], calls, "".join(rest) + text[end:])
+
+    return parse
+
+
+read_hermes = _tagged_calls("<tool_call>", "</tool_call>", "arguments")
+INTERNLM_CALL, _INTERNLM_END = "<|action_start|><|plugin|>", "<|action_end|>"
+#: InternLM 2 / 2.5 / 3's calls, each ``<|action_start|><|plugin|>\n{"name": ..., "parameters": ...}<|action_end|>``
+#: (vLLM's ``internlm`` parser also takes ``arguments``, which its template writes back).
+read_internlm = _tagged_calls(INTERNLM_CALL, _INTERNLM_END, "parameters", "arguments")
 
 
 def json_list_reader(token: str) -> Callable[[str], ParsedReply]:
@@ -112,6 +124,13 @@ def hermes_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], temp
     block = f'block: {mark("<tool_call>")} "\\n" call "\\n" {mark("</tool_call>")}'
     blocks = repeated("block", r'"\n"', many) + (' "\\n"?' if many else "")
     return f"start: {blocks}\n{block}\ncall: {json_rule(call_schema(tools))}"
+
+
+def internlm_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Calls one right after another, each naming its arguments "parameters" as InternLM writes them (lagent's
+    format, which vLLM's parser reads first)."""
+    block = f'block: {mark("<|action_start|>")} {mark("<|plugin|>")} "\\n" call {mark(_INTERNLM_END)}'
+    return f"start: {'block+' if many else 'block'}\n{block}\ncall: {json_rule(call_schema(tools, 'parameters'))}"
 
 
 def _list_call(marker: str) -> Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]:

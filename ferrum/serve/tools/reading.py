@@ -69,12 +69,15 @@ def _entry(name: str, arguments: str) -> dict[str, Any]:
             "function": {"name": name, "arguments": arguments}}
 
 
-def read_object_call(text: str) -> dict[str, Any] | None:
+def read_object_call(text: str, keys: tuple[str, ...] = ("arguments",)) -> dict[str, Any] | None:
+    """A call written as a JSON object naming its function, its arguments under the first of ``keys`` it has."""
     try:
         value = json.loads(text)
     except NOT_JSON:
         return None
-    return make_call(value.get("name"), value.get("arguments")) if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    return make_call(value.get("name"), next((value[key] for key in keys if key in value), None))
 
 
 #: The tools' parameter schemas, by function name: how the formats that write arguments bare read their values.
