@@ -18,3 +18,17 @@ def registered():
     yield register
     for name in names:
         backends.unregister_plugin(name)
+
+
+@pytest.fixture(scope="session")
+def built_once():
+    """``built_once(build, tmp_path_factory)``: ``build(tmp_path_factory)``'s checkpoints, built the first time only,
+    so that a family's own module and tests/test_moe_families.py share them in a session."""
+    built: dict = {}
+
+    def get(build, tmp_path_factory):
+        if build not in built:
+            built[build] = build(tmp_path_factory)
+        return built[build]
+
+    return get

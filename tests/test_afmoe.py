@@ -59,9 +59,13 @@ VARIANTS = {"trinity": {}, "plain": dict(mup_enabled=False, num_shared_experts=2
                                          num_experts_per_tok=2)}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return {name: _build(tmp_path_factory.mktemp(name), **extra) for name, extra in VARIANTS.items()}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:

@@ -45,13 +45,17 @@ VARIANTS = {"average": dict(num_shared_experts=1),
                               expert_selection_fn="sigmoid", norm_topk_prob=False)}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     out = {}
     for name, extra in VARIANTS.items():
         folder = tmp_path_factory.mktemp(name)
         out[name] = folder, build_transformers_model(folder, cohere2_moe_config(**extra))
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 def load(folder, backend="cpu") -> DecoderOnlyLLM:

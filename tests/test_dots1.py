@@ -48,9 +48,13 @@ VARIANTS = {"grouped": {}, "release": dict(n_group=1, topk_group=1, norm_topk_pr
 
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, dots_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 # ------------------------------------------------------------------ whole models

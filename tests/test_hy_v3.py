@@ -42,9 +42,13 @@ VARIANTS = {"release": {}, "biased": dict(attention_bias=True, mlp_layer_types=[
                                           num_experts_per_tok=3, router_scaling_factor=1.5, tie_word_embeddings=True)}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, hy_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -45,9 +45,13 @@ VARIANTS = {"release": {}, "dense": dict(mlp_layer_types=["dense", "sparse", "sp
                                              "rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}})}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, mellum_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

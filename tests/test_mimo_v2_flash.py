@@ -73,8 +73,7 @@ def _build(folder, config, release: bool = False):
     return folder, hf
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return {"release": _build(tmp_path_factory.mktemp("mimo"), mimo_config(), release=True),
             # for mlx-lm's conversions: heads and values its group size divides, unscaled values, a window longer
             # than the test (mlx-lm attends sliding_window_size tokens, transformers one more) and one expert group,
@@ -83,6 +82,11 @@ def checkpoints(tmp_path_factory):
             "wide": _build(tmp_path_factory.mktemp("wide"), mimo_config(
                 head_dim=96, v_head_dim=64, attention_value_scale=None, sliding_window=64, n_group=1, topk_group=1),
                 release=True)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:

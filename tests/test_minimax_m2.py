@@ -45,9 +45,13 @@ VARIANTS = {"release": RELEASE_KEYS, "factor": dict(rotary_dim=None, partial_rot
                                                     tie_word_embeddings=True)}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, minimax_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -65,8 +65,7 @@ VARIANTS = {
 DENSE = {"small4": 1, "plain_q": 0}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     """variant -> (folder, transformers model), saved with save_pretrained."""
     out = {}
     for variant, extra in VARIANTS.items():
@@ -75,6 +74,11 @@ def checkpoints(tmp_path_factory):
         model.save_pretrained(folder)
         out[variant] = folder, model
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 def _reload(folder, **changes):

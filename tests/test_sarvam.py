@@ -66,11 +66,15 @@ def _build(folder, config, legacy: dict | None = None):
     return folder, hf
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     out = {name: _build(tmp_path_factory.mktemp(name), make()) for name, make in MAKERS.items()}
     out["sarvam_mla_legacy"] = _build(tmp_path_factory.mktemp("legacy"), sarvam_mla_config(), LEGACY_MLA)
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 def load(folder, backend="cpu") -> DecoderOnlyLLM:

@@ -43,9 +43,13 @@ VARIANTS = {"release": {}, "grouped": dict(n_group=2, topk_group=1, routed_scali
                                            n_shared_experts=2, num_experts_per_tok=3)}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, solar_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
