@@ -204,17 +204,18 @@ def with_layer_scalars(model, step: float):
     return model
 
 
-def assert_random_checkpoint_is_what_transformers_reads(folder: Path, raw: dict, tokens) -> None:
+def assert_random_checkpoint_is_what_transformers_reads(folder: Path, raw: dict, tokens, model_class=None) -> None:
     """``ferrum.random_checkpoint`` (benchmarks, the conformance kit) writes, for config ``raw``, the tensors
     transformers expects, none missing and none unexpected, and Ferrum's logits on them are transformers' (a family
-    with expert layouts of its own written in transformers', as benchmarks against transformers write it)."""
+    with expert layouts of its own written in transformers', as benchmarks against transformers write it).
+    ``model_class``: transformers' class for a family its auto classes map to no causal LM."""
     import transformers
 
     from ferrum.model import DecoderOnlyLLM
     from ferrum.random_checkpoint import write_random_checkpoint
 
     folder = write_random_checkpoint(folder, raw, dtype="float32", std=0.2, expert_layout="transformers")
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    hf, info = (model_class or transformers.AutoModelForCausalLM).from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", tokens)
     assert scaled_error(got, reference_logits(hf.float().eval(), tokens)) <= 1e-4
