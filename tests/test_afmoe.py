@@ -1,13 +1,13 @@
 """Arcee Trinity (``afmoe``): a norm before and after attention and the MLP, per-head q/k norms, the attention output
 gated by the sigmoid of its own projection, rope on the sliding layers only (full layers NoPE), muP's scaled
 embeddings, and experts chosen by sigmoid scores plus a per-expert bias, renormalized and scaled, beside shared
-experts; against transformers' AfmoeForCausalLM on every runnable backend, and mlx-lm's afmoe and its conversions."""
+experts; against transformers' AfmoeForCausalLM on every runnable backend, and mlx-lm's afmoe and its conversions.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -15,14 +15,10 @@ import torch
 import transformers
 
 from ferrum.config import ModelConfig
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_names_the_tensors_transformers_saves,
-    assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, mlx_lm_logits, reference_logits,
-    runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
+    assert_forward_and_decode_match, build_transformers_model, reference_logits, runnable_backends, scaled_error,
 )
 
 BACKENDS = runnable_backends()
@@ -107,27 +103,6 @@ def test_the_parity_checks_the_bias_the_scale_and_the_output_gate(checkpoints, p
     assert scaled_error(reference_logits(changed, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
 
 
-def _engine(folder, backend, **config) -> Engine:
-    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_tokens(checkpoints, backend):
-    folder, hf = checkpoints["trinity"]
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
-                                      staggered_greedy_workload(VOCAB))
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    """Including the attention's ``gate_proj`` and the sparse MLP's ``expert_bias``, beside the router."""
-    for folder, _ in checkpoints.values():
-        assert_names_the_tensors_transformers_saves(folder)
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "afmoe", afmoe_config().to_dict(), TOKENS)
-
-
 # ------------------------------------------------------------------ config
 
 
@@ -163,61 +138,3 @@ def test_config_defaults_are_transformers():
 def test_bad_keys_are_refused_by_name(changes, error, words):
     with pytest.raises(error, match=re.escape(words)):
         ModelConfig.from_dict(_raw(**changes))
-
-
-# ------------------------------------------------------------------ mlx-lm
-
-needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
-
-
-def _as_mlx_lm_reads_it(folder, destination):
-    """The checkpoint with the transformers-4 rope key mlx-lm reads, and a tokenizer for its conversion."""
-    shutil.copytree(folder, destination)
-    config = json.loads((destination / "config.json").read_text())
-    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
-    (destination / "config.json").write_text(json.dumps(config))
-    write_tokenizer(destination, VOCAB)
-    return destination
-
-
-@needs_mlx
-@pytest.mark.slow
-@pytest.mark.parametrize("bits", [None, 4])
-def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
-    """mlx-lm stacks the experts under ``mlp.experts``, keeps the expert bias in float32 and packs the router at 8
-    bits: its conversions, float (which mlx-lm runs as transformers does) or packed, run on every backend as mlx-lm
-    runs them."""
-    from mlx_lm.convert import convert
-    from safetensors.numpy import load_file
-
-    folder, hf = checkpoints["trinity"]
-    source, converted = _as_mlx_lm_reads_it(folder, tmp_path / "hf"), tmp_path / "mlx"
-    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
-    stored = load_file(converted / "model.safetensors")
-    assert "model.layers.1.mlp.experts.gate_proj.weight" in stored
-    assert stored["model.layers.1.mlp.expert_bias"].dtype == np.float32
-    assert ("model.layers.1.mlp.router.gate.scales" in stored) == (bits is not None)
-    want = mlx_lm_logits(converted, TOKENS)
-    if bits is None:
-        assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
-    for backend in BACKENDS:
-        assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
-
-
-@needs_mlx
-@pytest.mark.slow
-def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
-    """``ferrum quantize`` packs the router at 8 bits and keeps the expert bias in float32 as mlx-lm's conversion
-    does, bit for bit from a float32 source."""
-    from mlx_lm.convert import convert
-    from safetensors.numpy import load_file
-
-    from ferrum.quant.convert import quantize_checkpoint
-
-    source = _as_mlx_lm_reads_it(checkpoints["trinity"][0], tmp_path / "hf")
-    ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
-    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
-    got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
-    assert got.keys() == expected.keys()
-    for name, array in expected.items():
-        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name

@@ -1,7 +1,8 @@
 """Command A MoE (``cohere2_moe``): Command R7B's parallel blocks (sliding layers with rope, full ones without, the
 dense first layers rotated), LayerNorms or RMSNorms, and experts routed by their top-k logits' softmax or sigmoids
 beside shared experts summed or averaged in; against transformers' Cohere2MoeForCausalLM on every runnable backend.
-mlx-lm has no such family."""
+mlx-lm has no such family.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves,
-    assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, reference_logits, runnable_backends,
-    scaled_error,
+    assert_forward_and_decode_match, build_transformers_model, reference_logits, runnable_backends, scaled_error,
 )
 
 BACKENDS = runnable_backends()
@@ -96,21 +94,6 @@ def test_the_parity_checks_the_average_and_the_dense_layers_rope(checkpoints, ch
     else:
         changed.model.layers[0].self_attn.force_rope = False
     assert scaled_error(reference_logits(changed, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
-
-
-def test_generates_greedily_as_transformers(checkpoints):
-    folder, hf = checkpoints["average"]
-    assert_generates_greedily_as_transformers(folder, hf, "cpu", TOKENS)
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    for folder, _ in checkpoints.values():
-        assert_names_the_tensors_transformers_saves(folder)
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    raw = cohere2_moe_config(num_shared_experts=1).to_dict()
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "cohere2_moe", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config

@@ -1,7 +1,8 @@
 """DeepSeek-V3 (``deepseek_v3``): Multi-head Latent Attention (low-rank q, a compressed KV latent expanded per head,
 rope on a slice of each head in DeepSeek's interleaved pairs, value heads narrower than q/k heads, YaRN's mscale on
 the softmax scale) over DeepSeek-V3's grouped sigmoid MoE; against transformers' own model on every runnable
-backend."""
+backend.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from ferrum.config import ModelConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, randomized_reference,
-    reference_logits, runnable_backends, saved_references, scaled_error, with_prediction_layer,
+    assert_forward_and_decode_match, randomized_reference, reference_logits, runnable_backends, saved_references,
+    scaled_error, with_prediction_layer,
 )
 
 BACKENDS = runnable_backends()
@@ -50,15 +51,11 @@ VARIANTS = {
 }
 
 
-
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """variant -> (folder, transformers model): random weights, random correction biases that change which experts
     the routers choose."""
     return saved_references(tmp_path_factory, VARIANTS, dsv3_config)
-
 
 
 # ------------------------------------------------------------------ whole models
@@ -219,12 +216,6 @@ def test_moonlight_and_kimi_k2_configs_read_as_released():
                                                    "original_max_position_embeddings": 4096, "type": "yarn"}})
     assert (kimi.num_heads, kimi.head_dim, kimi.arch.moe.num_experts) == (64, 192, 384)
     assert kimi.arch.attn_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(32) + 1) ** 2)
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**_raw(), "architectures": ["DeepseekV3ForCausalLM"], "rope_parameters": YARN}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "dsv3", raw, TOKENS)
 
 
 def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):

@@ -1,31 +1,23 @@
 """rednote's dots.llm1 (``dots1``): Qwen 3's attention (per-head q/k norms before rope, its window rule without
 use_sliding_window) over DeepSeek-V3's MoE (grouped sigmoid routing with correction biases, float32 routers, ungated
 shared experts, dense first layers); against transformers' Dots1ForCausalLM on every runnable backend, and mlx-lm's
-Dots1 and its conversions."""
+Dots1 and its conversions.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 
 import numpy as np
 import pytest
 import transformers
 
-from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
 from ferrum.model import DecoderOnlyLLM
-from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    assert_router_computes_in_float32, mlx_lm_logits, reference_logits, runnable_backends, saved_references,
-    scaled_error, without_correction_biases, write_tokenizer,
-)
+from support import assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references, scaled_error
 
 BACKENDS = runnable_backends()
-BFLOAT16 = [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes]
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 WINDOW = 4  # shorter than TOKENS
 
@@ -44,8 +36,6 @@ def dots_config(**extra) -> transformers.Dots1Config:
 VARIANTS = {"grouped": {}, "release": dict(n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
                                            attention_bias=False, sliding_window=None, head_dim=16,
                                            num_experts_per_tok=3, n_shared_experts=1)}
-
-
 
 
 def build_checkpoints(tmp_path_factory) -> dict:
@@ -71,50 +61,13 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
 
 
-def test_the_parity_checks_the_biases_and_the_window(checkpoints):
-    """Zeroing the correction biases, or dropping the last layer's window, moves transformers' logits: both
-    matter in the comparison above."""
+def test_the_parity_checks_the_window(checkpoints):
+    """Dropping the last layer's window moves transformers' logits: it matters in the comparison above (the
+    correction biases' control is tests/test_moe_families.py's)."""
     folder, hf = checkpoints["grouped"]
-    want = reference_logits(hf, TOKENS)
-    unbiased = without_correction_biases(folder)
-    assert scaled_error(reference_logits(unbiased, TOKENS), want) > 1e-2
     unwindowed = transformers.AutoModelForCausalLM.from_pretrained(
         folder, layer_types=["full_attention"] * 3).float().eval()
-    assert scaled_error(reference_logits(unwindowed, TOKENS), want) > 1e-2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["grouped"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-@pytest.mark.parametrize("backend", BFLOAT16)
-def test_routers_and_biases_stay_float32_in_bfloat16(checkpoints, backend):
-    """transformers keeps Dots1's router weight and correction bias in float32 (_keep_in_fp32_modules_strict) and
-    casts the router's input up: so does Ferrum."""
-    folder, hf = checkpoints["grouped"]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
-    mlp, ops, gate = model.layers[1].mlp, model.ops, hf.model.layers[1].mlp.gate
-    bias = gate.e_score_correction_bias.numpy()
-    assert not np.array_equal(bias, bias.astype("bfloat16").astype(np.float32))  # bfloat16 would round it
-    np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), bias)
-    weight = gate.weight.detach().numpy()
-    assert_router_computes_in_float32(mlp, ops, weight)
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    """weight_shapes lists every tensor transformers saves, with its shape, and no other (experts under the stacked
-    names the loader assembles from transformers' per-expert ones)."""
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**dots_config().to_dict(), "architectures": ["Dots1ForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "dots1", raw, TOKENS)
+    assert scaled_error(reference_logits(unwindowed, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
 
 
 # ------------------------------------------------------------------ config
@@ -169,68 +122,3 @@ def test_transformers_defaults_are_read():
     assert moe.shared_expert_size == 2 * 1408 and moe.routing == "sigmoid_grouped" and moe.router_float32
     assert [layer.mlp for layer in arch.layers] == ["moe"] * 3 and [layer.window for layer in arch.layers] == [None] * 3
     assert arch.layers[0].rope.theta == 10000.0 and arch.qk_norm == "head" and not arch.qk_norm_after_rope
-
-
-# ------------------------------------------------------------------ mlx-lm
-
-needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
-
-
-def _as_mlx_lm_reads_it(folder, destination):
-    """The release checkpoint (mlx-lm's Dots1 has no window and no attention biases) with the transformers-4 rope
-    keys mlx-lm reads, and a tokenizer for its conversion."""
-    shutil.copytree(folder, destination)
-    config = json.loads((destination / "config.json").read_text())
-    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
-    (destination / "config.json").write_text(json.dumps(config))
-    write_tokenizer(destination)
-    return destination
-
-
-@needs_mlx
-def test_mlx_backend_matches_mlx_lm(checkpoints, tmp_path):
-    folder = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, mlx_lm_logits(folder, TOKENS)) <= 1e-4
-
-
-@needs_mlx
-@pytest.mark.parametrize("bits", [None, 4, 8])
-def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
-    """mlx-lm stacks dots1's experts under ``mlp.experts.*`` (not ``switch_mlp``) and keeps the router in float:
-    its conversions, float or packed, run on every backend as mlx-lm runs them."""
-    from mlx_lm.convert import convert
-
-    source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    converted = tmp_path / "mlx"
-    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
-    from safetensors import safe_open
-
-    with safe_open(str(converted / "model.safetensors"), framework="numpy") as f:
-        names = set(f.keys())
-    assert "model.layers.1.mlp.experts.gate_proj.weight" in names and not any("switch_mlp" in n for n in names)
-    want = mlx_lm_logits(converted, TOKENS)
-    for backend in BACKENDS:
-        got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
-        assert scaled_error(got, want) <= 1e-4, backend
-
-
-@needs_mlx
-def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
-    """``ferrum quantize`` stores the experts and the float router where mlx-lm's conversion does, bit for bit
-    from a float32 source, and mlx-lm runs the result."""
-    from mlx_lm.convert import convert
-    from safetensors.numpy import load_file
-
-    from ferrum.quant.convert import quantize_checkpoint
-
-    source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
-    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
-    got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
-    assert got.keys() == expected.keys()
-    for name, array in expected.items():
-        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
-    want = mlx_lm_logits(ours, TOKENS)
-    got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, want) <= 1e-4

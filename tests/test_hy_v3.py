@@ -2,7 +2,8 @@
 attention_bias), a dense first layer (mlp_layer_types), and sparse MLPs whose float32 router ``router.gate`` chooses
 by sigmoid scores plus the sparse MLP's own ``expert_bias``, weighs by the uncorrected scores renormalized and scaled
 by router_scaling_factor, with an ungated ``shared_mlp``; against transformers' HYV3ForCausalLM on every runnable
-backend. (mlx-lm 0.32 has no hy_v3.)"""
+backend. (mlx-lm 0.32 has no hy_v3.)
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -12,19 +13,12 @@ import numpy as np
 import pytest
 import transformers
 
-from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references, scaled_error,
-    without_correction_biases,
-)
+from support import assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references
 
 BACKENDS = runnable_backends()
-BFLOAT16 = [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes]
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 
 
@@ -63,45 +57,6 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     assert (moe.routing, moe.n_group, moe.normalize, moe.routed_scale, moe.shared_expert_size, moe.router_float32) == (
         "sigmoid_grouped", 1, True, 1.5 if biased else 2.826, 64 if biased else 32, True)
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
-
-
-def test_the_parity_checks_the_correction_bias(checkpoints):
-    """Zeroing the correction biases moves transformers' logits: they matter in the comparison above."""
-    folder, hf = checkpoints["release"]
-    unbiased = without_correction_biases(folder)
-    assert scaled_error(reference_logits(unbiased, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["release"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-@pytest.mark.parametrize("backend", BFLOAT16)
-def test_router_and_correction_bias_stay_float32_in_bfloat16(checkpoints, backend):
-    """transformers keeps the router and the correction bias in float32 (``_keep_in_fp32_modules_strict``) and
-    computes the router's product in float32: so does Ferrum."""
-    folder, hf = checkpoints["release"]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
-    mlp, ops = model.layers[1].mlp, model.ops
-    moe = hf.model.layers[1].mlp
-    np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), moe.e_score_correction_bias.numpy())
-    assert_router_computes_in_float32(mlp, ops, moe.gate.weight.detach().numpy())
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    """transformers saves Hy3's own names (``mlp.router.gate``, ``mlp.expert_bias``, ``mlp.shared_mlp``, experts
-    one by one), which its loader renames and fuses: Ferrum reads them as saved."""
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**hy_config().to_dict(), "architectures": ["HYV3ForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "hy_v3", raw, TOKENS)
 
 
 def test_the_releases_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):

@@ -1,13 +1,12 @@
 """JetBrains' Mellum (``mellum``): Qwen3-MoE's attention (per-head q/k norms before rope), full and sliding layers as
 layer_types lists them, each kind with its own rope (rope_parameters per kind), and softmax-routed experts on the
 layers mlp_layer_types makes sparse (dense MLPs of intermediate_size on the others); against transformers'
-MellumForCausalLM on every runnable backend, and mlx-lm's mellum and its conversions."""
+MellumForCausalLM on every runnable backend, and mlx-lm's mellum and its conversions.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -16,11 +15,7 @@ import transformers
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads, mlx_lm_logits,
-    reference_logits, runnable_backends, saved_references, scaled_error, write_tokenizer,
-)
+from support import assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references
 
 BACKENDS = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
@@ -67,26 +62,6 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     assert (moe.routing, moe.normalize, moe.shared_expert_size, moe.router_float32, moe.expert_size) == (
         "softmax", not dense, None, False, 32)
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache (past
-    the sliding window)."""
-    folder, hf = checkpoints["dense"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**mellum_config(mlp_layer_types=["dense", "sparse", "sparse"]).to_dict(),
-           "architectures": ["MellumForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "mellum", raw, TOKENS)
 
 
 def test_the_releases_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
@@ -142,68 +117,3 @@ def test_config_is_read_as_transformers_reads_it():
 def test_bad_keys_are_refused_by_name(changes, error, words):
     with pytest.raises(error, match=re.escape(words)):
         ModelConfig.from_dict(_raw(**changes))
-
-
-# ------------------------------------------------------------------ mlx-lm
-
-needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
-
-
-def _as_mlx_lm_reads_it(folder, destination):
-    """The checkpoint with the num_experts mlx-lm's mellum requires (transformers saves num_local_experts) and a
-    tokenizer for its conversion."""
-    shutil.copytree(folder, destination)
-    config = json.loads((destination / "config.json").read_text())
-    config["num_experts"] = config["num_local_experts"]
-    (destination / "config.json").write_text(json.dumps(config))
-    write_tokenizer(destination)
-    return destination
-
-
-@needs_mlx
-def test_mlx_backend_matches_mlx_lm(checkpoints, tmp_path):
-    """On the release's layout: mlx-lm's mellum makes every layer sparse and has no attention biases."""
-    folder = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, mlx_lm_logits(folder, TOKENS)) <= 1e-4
-
-
-@needs_mlx
-@pytest.mark.parametrize("bits", [None, 4, 8])
-def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
-    """mlx-lm stacks the experts under ``mlp.switch_mlp`` and packs the router at 8 bits: its conversions, float or
-    packed, run on every backend as mlx-lm runs them."""
-    from mlx_lm.convert import convert
-    from safetensors import safe_open
-
-    source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    converted = tmp_path / "mlx"
-    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
-    with safe_open(str(converted / "model.safetensors"), framework="numpy") as f:
-        names = set(f.keys())
-    assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in names
-    want = mlx_lm_logits(converted, TOKENS)
-    for backend in BACKENDS:
-        got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
-        assert scaled_error(got, want) <= 1e-4, backend
-
-
-@needs_mlx
-def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
-    """``ferrum quantize`` packs the router at 8 bits as mlx-lm's conversion does, bit for bit from a float32 source,
-    and mlx-lm runs the result."""
-    from mlx_lm.convert import convert
-    from safetensors.numpy import load_file
-
-    from ferrum.quant.convert import quantize_checkpoint
-
-    source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
-    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
-    got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
-    assert got.keys() == expected.keys()
-    for name, array in expected.items():
-        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
-    want = mlx_lm_logits(ours, TOKENS)
-    got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, want) <= 1e-4

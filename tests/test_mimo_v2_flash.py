@@ -1,13 +1,13 @@
 """Xiaomi MiMo-V2-Flash (``mimo_v2_flash``): sliding layers with sinks and twice the full layers' key/value heads,
 values narrower than the q/k heads and scaled, partial rope with a base per attention kind, and DeepSeek-V3's grouped
 sigmoid routing without a shared expert; against transformers' MiMoV2FlashForCausalLM on every runnable backend, and
-mlx-lm's mimo_v2_flash (which reads the release's own config keys) and its conversions."""
+mlx-lm's mimo_v2_flash (which reads the release's own config keys) and its conversions.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -15,15 +15,10 @@ import torch
 import transformers
 
 from ferrum.config import ModelConfig
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_names_the_tensors_transformers_saves,
-    assert_random_checkpoint_is_what_transformers_reads,
-    build_transformers_model, mlx_lm_logits, reference_logits, runnable_backends, scaled_error,
-    staggered_greedy_workload, without_correction_biases, write_tokenizer,
+    assert_forward_and_decode_match, build_transformers_model, reference_logits, runnable_backends, scaled_error,
 )
 
 BACKENDS = runnable_backends()
@@ -112,13 +107,12 @@ def test_logits_and_decode_steps_match_transformers(checkpoints, backend, varian
     assert_forward_and_decode_match(load(folder, backend, block_size=4), TOKENS, reference_logits(hf, TOKENS))
 
 
-@pytest.mark.parametrize("part", ["e_score_correction_bias", "sinks", "attention_value_scale"])
-def test_the_parity_checks_the_bias_the_sinks_and_the_value_scale(checkpoints, part):
-    """transformers' logits move where the correction biases or the sinks are zeroed, or the values left unscaled:
-    each matters in the comparison above."""
+@pytest.mark.parametrize("part", ["sinks", "attention_value_scale"])
+def test_the_parity_checks_the_sinks_and_the_value_scale(checkpoints, part):
+    """transformers' logits move where the sinks are zeroed or the values left unscaled: each matters in the
+    comparison above (the correction biases' control is tests/test_moe_families.py's)."""
     folder, hf = checkpoints["release"]
-    changed = without_correction_biases(folder) if part == "e_score_correction_bias" else (
-        transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval())
+    changed = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
     with torch.no_grad():
         for layer in changed.model.layers:
             if part == "sinks" and layer.self_attn.sinks is not None:
@@ -126,29 +120,6 @@ def test_the_parity_checks_the_bias_the_sinks_and_the_value_scale(checkpoints, p
             if part == "attention_value_scale":
                 layer.self_attn.v_scale = 1.0
     assert scaled_error(reference_logits(changed, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
-
-
-def _engine(folder, backend, **config) -> Engine:
-    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_tokens(checkpoints, backend):
-    folder, hf = checkpoints["release"]
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
-                                      staggered_greedy_workload(VOCAB))
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    """The sinks under the release's ``attention_sink_bias``, on the sliding layers only; the full layers' narrower
-    keys and values."""
-    for folder, _ in checkpoints.values():
-        assert_names_the_tensors_transformers_saves(folder)
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint writes sinks on the sliding layers only and the full layers' fewer key/value heads."""
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "mimo", mimo_config().to_dict(), TOKENS)
 
 
 # ------------------------------------------------------------------ config
@@ -199,57 +170,6 @@ def test_config_defaults_are_transformers():
 def test_bad_keys_are_refused_by_name(changes, error, words):
     with pytest.raises(error, match=re.escape(words)):
         ModelConfig.from_dict(_raw(**changes))
-
-
-# ------------------------------------------------------------------ mlx-lm
-
-needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
-
-
-@needs_mlx
-@pytest.mark.slow
-@pytest.mark.parametrize("bits", [None, 4])
-def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
-    """mlx-lm reads the release's keys, stacks the experts in ``switch_mlp``, keeps the router and the sinks in float:
-    its conversions, float (which mlx-lm runs as transformers does) or packed (the full layers' keys and values repeated
-    and every value head padded in whole groups), run on every backend as mlx-lm runs them."""
-    from mlx_lm.convert import convert
-    from safetensors.numpy import load_file
-
-    folder, hf = checkpoints["wide"]
-    source, converted = tmp_path / "hf", tmp_path / "mlx"
-    shutil.copytree(folder, source)
-    write_tokenizer(source, VOCAB)
-    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
-    stored = load_file(converted / "model.safetensors")
-    assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in stored
-    assert "model.layers.1.self_attn.attention_sink_bias" in stored and "model.layers.1.mlp.gate.scales" not in stored
-    assert ("model.layers.0.self_attn.v_proj.scales" in stored) == (bits is not None)
-    want = mlx_lm_logits(converted, TOKENS)
-    if bits is None:
-        assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
-    for backend in BACKENDS:
-        assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
-
-
-@needs_mlx
-@pytest.mark.slow
-def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
-    """``ferrum quantize`` leaves the router in float as mlx-lm's conversion does, bit for bit from a float32 source."""
-    from mlx_lm.convert import convert
-    from safetensors.numpy import load_file
-
-    from ferrum.quant.convert import quantize_checkpoint
-
-    source = tmp_path / "hf"
-    shutil.copytree(checkpoints["wide"][0], source)
-    write_tokenizer(source, VOCAB)
-    ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
-    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
-    got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
-    assert got.keys() == expected.keys()
-    for name, array in expected.items():
-        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
 
 
 @pytest.mark.parametrize("variant, group_size, advice", [

@@ -1,30 +1,23 @@
 """MiniMax-M2 (``minimax_m2``): Llama's blocks with q and k normed over their whole projections (OLMo 2's), rope on
 the first rotary_dim dims of each head, and experts on every layer (``block_sparse_moe``, Mixtral's w1/w3/w2) chosen
 by sigmoid scores plus the sparse MLP's own ``e_score_correction_bias``, their weights renormalized; against
-transformers' MiniMaxM2ForCausalLM on every runnable backend, and mlx-lm's MiniMax and its conversions."""
+transformers' MiniMaxM2ForCausalLM on every runnable backend, and mlx-lm's MiniMax and its conversions.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 
 import numpy as np
 import pytest
 import transformers
 
-from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads, mlx_lm_logits,
-    reference_logits, runnable_backends, saved_references, scaled_error, without_correction_biases, write_tokenizer,
-)
+from support import assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references
 
 BACKENDS = runnable_backends()
-BFLOAT16 = [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes]
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 #: The keys of MiniMax's own code that MiniMax-M2's config.json carries, valued as transformers runs them.
 RELEASE_KEYS = dict(scoring_func="sigmoid", use_routing_bias=True, shared_intermediate_size=0, use_qk_norm=True,
@@ -65,45 +58,6 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     assert (moe.routing, moe.n_group, moe.normalize, moe.routed_scale, moe.router_float32, moe.shared_expert_size) == (
         "sigmoid_grouped", 1, True, 1.0, False, None)
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
-
-
-def test_the_parity_checks_the_correction_bias(checkpoints):
-    """Zeroing the correction biases moves transformers' logits: they matter in the comparison above."""
-    folder, hf = checkpoints["release"]
-    unbiased = without_correction_biases(folder)
-    assert scaled_error(reference_logits(unbiased, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["release"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-@pytest.mark.parametrize("backend", BFLOAT16)
-def test_correction_biases_stay_float32_in_bfloat16(checkpoints, backend):
-    """The correction bias (stored float32 in MiniMax-M2's release, kept so by mlx-lm) stays float32; the router runs
-    in the compute dtype, as transformers' MiniMaxM2TopKRouter runs it."""
-    folder, hf = checkpoints["release"]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
-    mlp, ops = model.layers[1].mlp, model.ops
-    bias = hf.model.layers[1].mlp.e_score_correction_bias.numpy()
-    assert not np.array_equal(bias, bias.astype("bfloat16").astype(np.float32))  # bfloat16 would round it
-    np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), bias)
-    assert mlp.router_dtype is None
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    """Including ``block_sparse_moe.e_score_correction_bias``, beside the router rather than in it."""
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**minimax_config().to_dict(), "architectures": ["MiniMaxM2ForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "minimax", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config
@@ -148,67 +102,3 @@ def test_config_is_read_as_transformers_reads_it():
 def test_bad_keys_are_refused_by_name(changes, error, words):
     with pytest.raises(error, match=re.escape(words)):
         ModelConfig.from_dict(_raw(**changes))
-
-
-# ------------------------------------------------------------------ mlx-lm
-
-needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
-
-
-def _as_mlx_lm_reads_it(folder, destination):
-    """The release checkpoint with the transformers-4 rope keys mlx-lm reads, and a tokenizer for its conversion."""
-    shutil.copytree(folder, destination)
-    config = json.loads((destination / "config.json").read_text())
-    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
-    (destination / "config.json").write_text(json.dumps(config))
-    write_tokenizer(destination)
-    return destination
-
-
-@needs_mlx
-def test_mlx_backend_matches_mlx_lm(checkpoints, tmp_path):
-    folder = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, mlx_lm_logits(folder, TOKENS)) <= 1e-4
-
-
-@needs_mlx
-@pytest.mark.parametrize("bits", [None, 4, 8])
-def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
-    """mlx-lm stacks the experts under ``block_sparse_moe.switch_mlp``, keeps the correction bias in float32 and
-    packs the router at 8 bits: its conversions, float or packed, run on every backend as mlx-lm runs them."""
-    from mlx_lm.convert import convert
-    from safetensors import safe_open
-
-    source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    converted = tmp_path / "mlx"
-    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
-    with safe_open(str(converted / "model.safetensors"), framework="numpy") as f:
-        names = set(f.keys())
-    assert "model.layers.1.block_sparse_moe.switch_mlp.gate_proj.weight" in names
-    assert "model.layers.1.block_sparse_moe.e_score_correction_bias" in names
-    want = mlx_lm_logits(converted, TOKENS)
-    for backend in BACKENDS:
-        got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
-        assert scaled_error(got, want) <= 1e-4, backend
-
-
-@needs_mlx
-def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
-    """``ferrum quantize`` packs the router at 8 bits and keeps the correction bias where mlx-lm's conversion does,
-    bit for bit from a float32 source, and mlx-lm runs the result."""
-    from mlx_lm.convert import convert
-    from safetensors.numpy import load_file
-
-    from ferrum.quant.convert import quantize_checkpoint
-
-    source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
-    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
-    got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
-    assert got.keys() == expected.keys()
-    for name, array in expected.items():
-        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
-    want = mlx_lm_logits(ours, TOKENS)
-    got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, want) <= 1e-4

@@ -1,7 +1,8 @@
 """Mistral Small 4 (``mistral4``): DeepSeek-V3's Multi-head Latent Attention with Llama 4's attention scaling of the
 queries (Ministral 3's), over softmax routing grouped as DeepSeek-V3 groups (a group's two best probabilities summed,
 nothing corrected), an ungated shared expert, experts stored fused as transformers 5 saves them; against
-transformers' own model on every runnable backend, alone and inside its Mistral3 wrapper, and mlx-lm's conversions."""
+transformers' own model on every runnable backend, alone and inside its Mistral3 wrapper, and mlx-lm's conversions.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -19,10 +20,7 @@ from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, reference_logits, runnable_backends, scaled_error, write_tokenizer,
-)
+from support import assert_forward_and_decode_match, reference_logits, runnable_backends, scaled_error, write_tokenizer
 
 BACKENDS = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
@@ -116,13 +114,6 @@ def test_the_parity_is_sensitive_to_each_setting(checkpoints):
     assert arch.attn_scale == pytest.approx(24 ** -0.5 * (0.1 * math.log(4.0) + 1) ** 2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["small4"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes])
 def test_the_router_runs_in_the_compute_dtype(checkpoints, backend):
     """transformers keeps nothing of Mistral 4's router in float32 (its _keep_in_fp32_modules_strict is empty): nor
@@ -134,30 +125,16 @@ def test_the_router_runs_in_the_compute_dtype(checkpoints, backend):
     assert model.layers[1].mlp.router_dtype is None
 
 
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    """weight_shapes (loading, ferrum quantize, the random checkpoint writer) lists every tensor transformers saves
-    with its shape (the experts as the stacks Ferrum assembles from transformers' fused ones)."""
+def test_transformers_saves_the_experts_fused(checkpoints):
+    """Which tests/test_moe_families.py's check that Ferrum names every saved tensor then covers: the experts as the
+    stacks Ferrum assembles from transformers' fused ones."""
     from safetensors import safe_open
 
     for variant in VARIANTS:
         folder, _ = checkpoints[variant]
-        assert_names_the_tensors_transformers_saves(folder)
         with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
             names = set(f.keys())
         assert "model.layers.1.mlp.experts.gate_up_proj" in names  # fused, outputs first: [E, 2 * inter, hidden]
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects, in its
-    fused expert layout, and Ferrum's logits on them are transformers'."""
-    from ferrum.random_checkpoint import write_random_checkpoint
-
-    raw = {**m4_config().to_dict(), "architectures": ["Mistral4ForCausalLM"]}
-    folder = write_random_checkpoint(tmp_path / "m4", raw, dtype="float32", std=0.2, expert_layout="transformers")
-    hf, info = transformers.Mistral4ForCausalLM.from_pretrained(folder, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", TOKENS)
-    assert scaled_error(got, reference_logits(hf.float().eval(), TOKENS)) <= 1e-4
 
 
 # ------------------------------------------------------------------ the Mistral3 wrapper

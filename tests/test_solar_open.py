@@ -1,31 +1,23 @@
 """Upstage's Solar Open (``solar_open``): Llama's attention with q/k/v biased by attention_bias (o never), rope over
 whole heads, DeepSeek-V3's grouped sigmoid routing with a float32 router and correction
 bias, and an ungated shared expert, on every layer; against transformers' SolarOpenForCausalLM on every runnable
-backend, and mlx-lm's solar_open (its glm4_moe) and its conversions."""
+backend, and mlx-lm's solar_open (its glm4_moe) and its conversions.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 
 import numpy as np
 import pytest
 import transformers
 
-from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    assert_router_computes_in_float32, mlx_lm_logits, reference_logits, runnable_backends, saved_references,
-    scaled_error, without_correction_biases, write_tokenizer,
-)
+from support import assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references
 
 BACKENDS = runnable_backends()
-BFLOAT16 = [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes]
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 
 
@@ -64,43 +56,6 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     assert (moe.routing, moe.n_group, moe.routed_scale, moe.shared_expert_size, moe.router_float32) == (
         "sigmoid_grouped", 2 if grouped else 1, 2.5 if grouped else 1.0, 64 if grouped else 32, True)
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
-
-
-def test_the_parity_checks_the_correction_bias(checkpoints):
-    """Zeroing the correction biases moves transformers' logits: they matter in the comparison above."""
-    folder, hf = checkpoints["release"]
-    unbiased = without_correction_biases(folder)
-    assert scaled_error(reference_logits(unbiased, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["grouped"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-@pytest.mark.parametrize("backend", BFLOAT16)
-def test_router_and_correction_bias_stay_float32_in_bfloat16(checkpoints, backend):
-    """transformers keeps the router and the correction bias in float32 (``_keep_in_fp32_modules_strict``) and
-    computes the router's product in float32: so does Ferrum."""
-    folder, hf = checkpoints["release"]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
-    mlp, ops = model.layers[1].mlp, model.ops
-    gate = hf.model.layers[1].mlp.gate
-    np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), gate.e_score_correction_bias.numpy())
-    assert_router_computes_in_float32(mlp, ops, gate.weight.detach().numpy())
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**solar_config(n_group=2, topk_group=1).to_dict(), "architectures": ["SolarOpenForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "solar", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config
@@ -142,74 +97,3 @@ def test_config_is_read_as_transformers_reads_it():
 def test_bad_keys_are_refused_by_name(changes, error, words):
     with pytest.raises(error, match=re.escape(words)):
         ModelConfig.from_dict(_raw(**changes))
-
-
-# ------------------------------------------------------------------ mlx-lm
-
-needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
-
-
-def _as_mlx_lm_reads_it(folder, destination):
-    """The checkpoint with the keys mlx-lm's solar_open requires (the transformers-4 rope_theta and
-    partial_rotary_factor, first_k_dense_replace, intermediate_size) and a tokenizer for its conversion."""
-    shutil.copytree(folder, destination)
-    config = json.loads((destination / "config.json").read_text())
-    rope = config.pop("rope_parameters")
-    config.update(rope_theta=rope["rope_theta"], partial_rotary_factor=rope.get("partial_rotary_factor", 1.0),
-                  first_k_dense_replace=0, intermediate_size=48)
-    (destination / "config.json").write_text(json.dumps(config))
-    write_tokenizer(destination)
-    return destination
-
-
-@needs_mlx
-def test_mlx_backend_matches_mlx_lm(checkpoints, tmp_path):
-    """On the release's layout, one group: mlx-lm's glm4_moe zeroes the groups it drops where transformers sets them
-    to -inf, so with several groups and negative corrected scores its choice differs from transformers' (which
-    Ferrum follows; see test_model_matches_transformers)."""
-    folder = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="mlx", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, mlx_lm_logits(folder, TOKENS)) <= 1e-4
-
-
-@needs_mlx
-@pytest.mark.parametrize("bits", [None, 4, 8])
-def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
-    """mlx-lm stacks the experts under ``mlp.switch_mlp`` and leaves the router (a plain parameter of its MoEGate)
-    and the correction bias in float: its conversions, float or packed, run on every backend as mlx-lm runs them."""
-    from mlx_lm.convert import convert
-    from safetensors import safe_open
-
-    source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    converted = tmp_path / "mlx"
-    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
-    with safe_open(str(converted / "model.safetensors"), framework="numpy") as f:
-        names = set(f.keys())
-    assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in names
-    assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias"} <= names
-    assert "model.layers.1.mlp.gate.scales" not in names
-    want = mlx_lm_logits(converted, TOKENS)
-    for backend in BACKENDS:
-        got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
-        assert scaled_error(got, want) <= 1e-4, backend
-
-
-@needs_mlx
-def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
-    """``ferrum quantize`` leaves the router and its correction bias in float where mlx-lm's conversion does, bit for
-    bit from a float32 source, and mlx-lm runs the result."""
-    from mlx_lm.convert import convert
-    from safetensors.numpy import load_file
-
-    from ferrum.quant.convert import quantize_checkpoint
-
-    source = _as_mlx_lm_reads_it(checkpoints["release"][0], tmp_path / "hf")
-    ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
-    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
-    got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
-    assert got.keys() == expected.keys()
-    for name, array in expected.items():
-        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
-    want = mlx_lm_logits(ours, TOKENS)
-    got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, want) <= 1e-4
