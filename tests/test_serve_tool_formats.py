@@ -1,6 +1,7 @@
-"""Tool-call formats of the families whose templates write neither JSON objects nor Hermes / GLM / Qwen3-Coder /
-DeepSeek / Kimi calls: MiniMax-M2's ``<invoke>`` blocks, Seed-OSS's ``<seed:tool_call>`` and the pythonic list of
-Llama 3.2's and Llama 4's pythonic templates. Each is recognised from the release's template (its tool-describing
+"""Tool-call formats beyond Hermes / Mistral / Granite / Llama 3 / GLM / Qwen3-Coder / DeepSeek / Kimi: MiniMax-M2's
+``<invoke>`` blocks, Seed-OSS's ``<seed:tool_call>``, the pythonic list of Llama 3.2's and Llama 4's pythonic
+templates, InternLM's actions, Hunyuan-A13B's and Jamba's ``<tool_calls>`` list, Phi-4-mini's ``functools`` list and
+OLMo 3's ``<function_calls>`` lines. Each is recognised from the release's template (its tool-describing
 part over the test tokenizer's role tags), read whole and streamed, and sampled under its forced-call grammar.
 """
 
@@ -17,8 +18,9 @@ from test_serve_tools import (CLOCK, DEEPSEEK_TEMPLATE, DEEPSEEK_V31_TEMPLATE, G
                               NESTED, PING, QWEN3_CODER_TEMPLATE, TOOL_TEMPLATE, WEATHER, _calls, _forced_matcher,
                               _stream, _takes, check_calls_over_the_api)
 
-MINIMAX, SEED, PYTHONIC, INTERNLM = (next(f for f in FORMATS if f.name == name)
-                                     for name in ("minimax_m2", "seed_oss", "pythonic", "internlm"))
+MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI, OLMO3 = (
+    next(f for f in FORMATS if f.name == name)
+    for name in ("minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3"))
 
 # MiniMax-M2's tool parts (MiniMaxAI/MiniMax-M2 chat_template.jinja: each tool's function as JSON in <tool>, the
 # format shown, and a call's <invoke> with a <parameter> per argument, a string bare and anything else as JSON)
@@ -104,6 +106,85 @@ INTERNLM_TEMPLATE = (
     "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
 )
 
+# vLLM's examples/tool_chat_template_hunyuan_a13b.jinja (its tool parts: the format asked for in the first turn,
+# plain answers opening with 助手：, and a call's list written back between <tool_calls> tags, arguments as JSON)
+# over the test tokenizer's tags.
+HUNYUAN_TEMPLATE = (
+    "{%- if tools %}<|system|>你是一位函数组合专家。[...]\n"
+    "如果没有一个函数可以使用，请直接使用自然语言回复用户，以助手：开头。\n"
+    "[...]如果你决定调用任何函数，你必须将其格式化为<tool_calls>[{\"name\": \"func_name1\", \"arguments\": "
+    "{\"argument1\": \"value1\", \"argument2\": \"value2\"}},...]</tool_calls>。你不应该在回复中包含任何其他文本。"
+    "以下是你可以调用的函数列表，格式为JSON。\n\n{{ tools | tojson }}\n</s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>{{ m.content or '' }}"
+    "{%- set ns = namespace(tool_calls='[') %}{%- for tool_call in m.tool_calls %}"
+    "{%- set function = tool_call['function'] %}"
+    "{%- set ns.tool_calls = ns.tool_calls + '{\"name\": \"' + function['name'] + '\", ' %}"
+    "{%- set arguments = function['arguments'] %}{%- if arguments is not string %}"
+    "{%- set arguments = arguments | tojson %}{%- endif %}"
+    "{%- set ns.tool_calls = ns.tool_calls + '\"arguments\": ' + arguments + '}' %}"
+    "{%- if not loop.last %}{%- set ns.tool_calls = ns.tool_calls + ', ' %}{%- endif %}{%- endfor %}"
+    "{{- '<tool_calls>' + ns.tool_calls + ']' + '</tool_calls>' }}</s>"
+    "{%- elif m.role == 'tool' %}<|user|><tool_response>{{ m.content }}</tool_response></s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
+# Jamba's calls as vLLM's jamba parser reads them (a JSON list between the <tool_calls> and </tool_calls> special
+# tokens); the release's own template is not among the sources read here, so its tool parts are written after that
+# parser: the tools as JSON, a call's list written back between the tags.
+JAMBA_TEMPLATE = (
+    "{%- if tools %}<|system|><tool_definitions>{{ tools | map(attribute='function') | list | tojson }}"
+    "</tool_definitions></s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>{{ m.content or '' }}<tool_calls>"
+    "{{- m.tool_calls | map(attribute='function') | list | tojson }}</tool_calls></s>"
+    "{%- elif m.role == 'tool' %}<|user|>{{ m.content }}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
+# vLLM's examples/tool_chat_template_phi4_mini.jinja (its tool parts: the rules shown to the model, each tool as
+# JSON, an earlier call written back as {"name": ..., "arguments": ...} without the functools marker) over the test
+# tokenizer's tags.
+PHI4_MINI_TEMPLATE = (
+    "{%- if tools %}<|system|>You are a helpful assistant.\nIn addition to plain text responses, you can choose to "
+    "call one or more of the provided functions.\n[...]\nIf you decide to call functions:\n  * prefix function "
+    "calls with functools marker (no closing marker required)\n  * all function calls should be generated in a "
+    "single JSON list formatted as functools[{\"name\": [function name], \"arguments\": [function arguments as "
+    "JSON]}, ...]\n[...]\n{%- for t in tools %}{{- t | tojson(indent=4) }}{{- '\\n\\n' }}{%- endfor %}</s>"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>"
+    "{%- for call in m.tool_calls %}{\"name\": \"{{ call.function.name }}\", \"arguments\": "
+    "{{ call.function.arguments }}}{%- if not loop.last %},{% endif %}{%- endfor %}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
+# vLLM's examples/tool_chat_template_olmo3.jinja (its tool parts: the format shown to the model, the functions as
+# JSON, and calls written back a line each in <function_calls>, strings between single quotes, null / true / false
+# as JSON's, anything else as JSON) over the test tokenizer's tags. OLMo 3's release asks for the same block.
+OLMO3_TEMPLATE = (
+    "{%- if tools %}<|system|>You are a helpful function-calling AI assistant.\n\nYou have access to the "
+    "following functions. To call functions, respond with a pythonic function call wrapped in "
+    "<function_calls></function_calls> XML tags.\n[...]\n<function_calls>\nfunction1(param1='value1')\n"
+    "function2(param2='value2')\n</function_calls>\n\nHere are the available functions:\n<functions>\n"
+    "{%- for tool in tools %}{{- tool.function | tojson }}{%- if not loop.last %}{{- '\\n' }}{%- endif %}"
+    "{%- endfor %}\n</functions></s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|><function_calls>\n"
+    "{%- for tool_call in m.tool_calls %}{%- set tool_call = tool_call.function %}{{- tool_call.name + '(' }}"
+    "{%- set args = tool_call.arguments %}{%- for key, value in args.items() %}{{- key + '=' }}"
+    "{%- if value is string %}{{- \"'\" + value + \"'\" }}{%- elif value is none %}{{- 'null' }}"
+    "{%- elif value is sameas true %}{{- 'true' }}{%- elif value is sameas false %}{{- 'false' }}"
+    "{%- else %}{{- value | tojson }}{%- endif %}{%- if not loop.last %}{{- ', ' }}{%- endif %}{%- endfor %}"
+    "{{- ')' }}{%- if not loop.last %}{{- '\\n' }}{%- endif %}{%- endfor %}\n</function_calls></s>"
+    "{%- elif m.role == 'tool' %}<|user|>{{ m.content }}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
 Calls = list[tuple[str, dict[str, Any]]]
 
 
@@ -138,7 +219,24 @@ def _internlm(calls: Calls) -> str:
                    for name, arguments in calls)
 
 
+def _tool_calls_list(calls: Calls) -> str:
+    """Calls as Hunyuan-A13B and Jamba write them: one JSON list between <tool_calls> tags."""
+    return f"<tool_calls>{json.dumps([{'name': name, 'arguments': arguments} for name, arguments in calls])}" \
+           "</tool_calls>"
+
+
+def _phi4(calls: Calls) -> str:
+    """Calls as Phi-4-mini writes them: functools then one JSON list."""
+    return "functools" + json.dumps([{"name": name, "arguments": arguments} for name, arguments in calls])
+
+
+def _olmo3(calls: Calls) -> str:
+    """Calls as OLMo 3 writes them, a line each in one block, each value as JSON (as the forced grammar writes it)."""
+    return "<function_calls>\n" + "\n".join(_py([call])[1:-1] for call in calls) + "\n</function_calls>"
+
+
 MINIMAX_MARKERS = ("<minimax:tool_call>", "</minimax:tool_call>")
+TOOL_CALLS_MARKERS = ("<tool_calls>", "</tool_calls>")
 SEED_MARKERS = ("<seed:tool_call>", "</seed:tool_call>")
 #: (format, template, how it writes calls, its special tokens)
 ROWS: list[tuple[Any, str, Callable[[Calls], str], tuple[str, ...]]] = [
@@ -146,8 +244,12 @@ ROWS: list[tuple[Any, str, Callable[[Calls], str], tuple[str, ...]]] = [
     (SEED, SEED_OSS_TEMPLATE, _seed, SEED_MARKERS),
     (PYTHONIC, PYTHONIC_TEMPLATE, _py, ()),
     (INTERNLM, INTERNLM_TEMPLATE, _internlm, ("<|action_start|>", "<|plugin|>", "<|action_end|>")),
+    (HUNYUAN, HUNYUAN_TEMPLATE, _tool_calls_list, ()),
+    (JAMBA, JAMBA_TEMPLATE, _tool_calls_list, TOOL_CALLS_MARKERS),
+    (PHI4_MINI, PHI4_MINI_TEMPLATE, _phi4, ()),
+    (OLMO3, OLMO3_TEMPLATE, _olmo3, ("<function_calls>", "</function_calls>")),
 ]
-IDS = ["minimax_m2", "seed_oss", "pythonic", "internlm"]
+IDS = ["minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3"]
 
 
 def _read(fmt, text: str, tools: list | None = None) -> list[tuple[str, Any]]:
@@ -163,7 +265,8 @@ def _tool(name: str, properties: dict[str, Any]) -> dict[str, Any]:
 def test_the_new_templates_are_told_apart_from_the_others():
     """Each release's template gives its own format; Seed-OSS's also holds ``<parameter=`` (Qwen3-Coder's sign) and
     is still Seed-OSS; the templates that had a format keep it."""
-    assert [format_of(t) for _, t, _, _ in ROWS] == [MINIMAX, SEED, PYTHONIC, INTERNLM]
+    assert [format_of(t) for _, t, _, _ in ROWS] == [MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI,
+                                                     OLMO3]
     assert [format_of(t).name for t in (TOOL_TEMPLATE, GLM_TEMPLATE, QWEN3_CODER_TEMPLATE, DEEPSEEK_TEMPLATE,
                                         DEEPSEEK_V31_TEMPLATE, KIMI_TEMPLATE)] == [
         "hermes", "glm45", "qwen3_coder", "deepseek_v3", "deepseek_v31", "kimi_k2"]
@@ -254,15 +357,60 @@ def test_internlm_calls_and_the_text_around_them():
         assert INTERNLM.read(bad, None).calls == [] and INTERNLM.read(bad, None).content == bad, bad
 
 
-@pytest.mark.parametrize("fmt, template, write, markers", ROWS[:3], ids=IDS[:3])  # InternLM's: see below
+RENDERED = [row for row in ROWS if row[0] not in (INTERNLM, PHI4_MINI)]  # theirs: see below
+
+
+def test_hunyuan_and_jamba_calls_are_one_list_between_tool_calls_tags():
+    """Several calls in the list, the text before and after it kept, the closing tag left out at the end (a reply
+    that stopped there); a list that is not all calls, or no JSON, leaves the reply text."""
+    for fmt in (HUNYUAN, JAMBA):
+        text = "Sure.\n" + _tool_calls_list([("f", {"x": [1, {"y": None}]}), ("g", {})]) + "\nDone."
+        reply = fmt.read(text, None)
+        assert _read(fmt, text) == [("f", {"x": [1, {"y": None}]}), ("g", {})] and reply.content == "Sure.\n\nDone."
+        one = _tool_calls_list([("f", {"x": 1})])
+        assert _read(fmt, one.removesuffix("</tool_calls>")) == [("f", {"x": 1})]
+        for bad in (one[:-len("}]</tool_calls>")], one.replace('"f"', '""'), one.replace("[{", "[1, {"),
+                    one.replace('"x": 1', "x")):  # cut, no name, not all calls, not JSON
+            assert fmt.read(bad, None).calls == [] and fmt.read(bad, None).content == bad, bad
+
+
+def test_phi4_mini_calls_follow_functools():
+    """The list after ``functools``, its arguments under "arguments" or "parameters"; the text before kept; the word
+    elsewhere, a bare list (functools is no special token to drop) or a list that is not all calls are text."""
+    text = 'Let me look.\nfunctools[{"name": "f", "arguments": {"x": 1}}, {"name": "g", "parameters": {"y": "z"}}]'
+    assert _read(PHI4_MINI, text) == [("f", {"x": 1}), ("g", {"y": "z"})]
+    assert PHI4_MINI.read(text, None).content == "Let me look."
+    for bad in ("Use functools.partial here.", '[{"name": "f", "arguments": {}}]', 'functools[{"name": "f"}, 1]',
+                'functools[{"name": "f", "arguments": {"x": 1}'):
+        assert PHI4_MINI.read(bad, None).calls == [] and PHI4_MINI.read(bad, None).content == bad, bad
+
+
+def test_olmo3_calls_are_python_calls_a_line_in_function_calls():
+    """A call a line (single-quoted strings as OLMo 3's template writes them, JSON's null / true, nested values), the
+    text before and after the block kept; a block with a line that is no such call (or one cut short) is text."""
+    text = ("On it.\n<function_calls>\nget_weather(city='Paris', days=2, ok=true)\n"
+            "find(where={'lat': 59.9}, tags=['a', null])\n</function_calls>\nthen")
+    reply = OLMO3.read(text, None)
+    assert _read(OLMO3, text) == [("get_weather", {"city": "Paris", "days": 2, "ok": True}),
+                                  ("find", {"where": {"lat": 59.9}, "tags": ["a", None]})]
+    assert reply.content == "On it.\n\nthen"
+    one = _olmo3([("f", {"x": 1})])
+    for bad in (one.replace("f(x=1)", "f(x=1"), one.replace("f(x=1)", "f(1)"), one.replace("f(x=1)", "x = 1"),
+                one.replace("f(x=1)", "f(x=1)\nsome text"), "<function_calls>\n</function_calls>",
+                "get_weather(city='Paris')"):  # cut, positional, no call, text, no calls, no block
+        assert OLMO3.read(bad, None).calls == [] and OLMO3.read(bad, None).content == bad, bad
+
+
+@pytest.mark.parametrize("fmt, template, write, markers", RENDERED, ids=[row[0].name for row in RENDERED])
 def test_earlier_calls_render_through_the_template_as_the_format_reads_them(tmp_path, fmt, template, write,
                                                                            markers):
     """An earlier call sent back renders through the release's template into text its format reads as that call
-    (Llama 4's pythonic template writes every value as a string between quotes, so strings round-trip there)."""
+    (Llama 4's pythonic template writes every value as a string between quotes, so strings round-trip there;
+    OLMo 3's writes a string between single quotes as it is, so one with a quote in it renders as no Python)."""
     from ferrum.serve.tools import template_tool_calls
     from ferrum.tokenizer import Tokenizer
 
-    arguments = {"city": "Oslo", "note": "it's 5 > 4"}
+    arguments = {"city": "Oslo", "note": "5 > 4" if fmt is OLMO3 else "it's 5 > 4"}
     types = {"city": "string", "note": "string"}
     if fmt is not PYTHONIC:
         arguments, types = {**arguments, "days": 2, "where": {"lat": 59.9}, "ok": True}, {
@@ -278,7 +426,8 @@ def test_earlier_calls_render_through_the_template_as_the_format_reads_them(tmp_
     reply = prompt[prompt.rindex("<|assistant|>") + len("<|assistant|>"):].removesuffix("</s>")
     assert _read(fmt, reply, [find]) == [("find", arguments)], reply
     # vLLM's InternLM template writes ``arguments | string``: an object's Python text, as vLLM hands it the
-    # arguments, which is no JSON (its parser, and this one, read JSON); that template is left as it renders.
+    # arguments, which is no JSON (its parser, and this one, read JSON); that template is left as it renders. vLLM's
+    # Phi-4-mini template writes an earlier call without its functools marker, which no parser reads as a call.
 
 
 # ----------------------------------------------------------------- forced calls

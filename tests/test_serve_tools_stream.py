@@ -19,7 +19,7 @@ from ferrum.serve.handlers import ChatRun
 from ferrum.serve.reasoning import Thinking
 from ferrum.serve.tools import FORMATS, ToolReplies
 from support import write_scripted_checkpoint
-from test_serve_tool_formats import _internlm, _minimax, _py, _seed
+from test_serve_tool_formats import _internlm, _minimax, _olmo3, _phi4, _py, _seed, _tool_calls_list
 from test_serve_tools import TOOL_TEMPLATE, WEATHER, _ds, _ds31, _glm, _kimi, _qwen
 
 FORMAT = {f.name: f for f in FORMATS}
@@ -53,6 +53,10 @@ WRITE = {
     "seed_oss": lambda calls: _seed([("get_weather", _args(i)) for i in calls]),
     "pythonic": lambda calls: _py([("get_weather", _args(i)) for i in calls]),
     "internlm": lambda calls: _internlm([("get_weather", _args(i)) for i in calls]),
+    "hunyuan_a13b": lambda calls: _tool_calls_list([("get_weather", _args(i)) for i in calls]),
+    "jamba": lambda calls: _tool_calls_list([("get_weather", _args(i)) for i in calls]),
+    "phi4_mini": lambda calls: _phi4([("get_weather", _args(i)) for i in calls]),
+    "olmo3": lambda calls: _olmo3([("get_weather", _args(i)) for i in calls]),
 }
 
 #: Replies as text and groups of calls (how many in each).
@@ -165,7 +169,8 @@ def test_a_streamed_reply_adds_up_to_the_whole_message(fmt, layout, reasoning, s
 @pytest.mark.parametrize("fmt", list(WRITE))
 def test_the_layouts_are_read_as_calls_with_the_text_around_them(fmt):
     """What the consistency test runs on: each format's calls are read, and the whitespace around them is not
-    content (a llama3_json reply is calls alone, and the Mistral list's and Granite's formats hold one list)."""
+    content (a llama3_json reply is calls alone; the Mistral list's, Granite's, Hunyuan's, Jamba's and Phi-4-mini's
+    formats hold one list, OLMo 3's one block)."""
     def reply(layout: str) -> tuple[str | None, int]:
         message, _ = ToolReplies(TOOLS, FORMAT[fmt]).message(_reply(fmt, LAYOUTS[layout]), "stop")
         return message["content"], len(message.get("tool_calls", ()))
@@ -180,7 +185,8 @@ def test_the_layouts_are_read_as_calls_with_the_text_around_them(fmt):
         return
     assert reply("text before") == ("Let me check.", 2) and reply("text after") == ("Done.", 2)
     assert reply("whitespace opening the text") == ("\n Sure.", 1)
-    if fmt != "granite":  # the second list is text after the first
+    if fmt not in ("granite", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3"):  # the second list (OLMo 3's block)
+        # is text after the first
         assert reply("calls amid whitespace") == (None, 2)
         assert reply("text before, between and after") == ("Sure, two calls:\n\n\nand then\n\nDone.", 2)
 

@@ -38,7 +38,13 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
   ``[func_name1(param1=value1, ...), ...]``): the whole reply is a Python list of calls with keyword arguments,
   ``[get_weather(city="Paris"), ...]`` (vLLM's ``pythonic`` / ``llama4_pythonic`` parsers);
 * ``internlm`` (InternLM 2 / 2.5 / 3, templates with ``<|action_start|><|plugin|>``): per call
-  ``<|action_start|><|plugin|>\n{"name": ..., "parameters": {...}}<|action_end|>`` (or ``"arguments"``).
+  ``<|action_start|><|plugin|>\n{"name": ..., "parameters": {...}}<|action_end|>`` (or ``"arguments"``);
+* ``hunyuan_a13b`` (Hunyuan-A13B, templates with ``<tool_calls>`` that ask for replies opening with ``助手：``)
+  and ``jamba`` (Jamba 1.5 / 1.6 / 1.7, the other templates with ``<tool_calls>``): one JSON list of
+  ``{"name": ..., "arguments": {...}}`` objects in ``<tool_calls>...</tool_calls>``;
+* ``phi4_mini`` (Phi-4-mini with vLLM's template, which holds ``functools[``): ``functools`` then such a list;
+* ``olmo3`` (OLMo 3, templates with ``<function_calls>``): inside ``<function_calls>...</function_calls>``, one
+  Python call a line, ``get_weather(city='Paris')`` (vLLM's ``olmo3`` parser).
 
 Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
@@ -65,12 +71,13 @@ from ferrum.serve.tools.deepseek import (DEEPSEEK_HEAD, DEEPSEEK_V31_CALL, DS_CA
                                          deepseek_v31_grammar, read_deepseek_v3, read_deepseek_v31)
 from ferrum.serve.tools.harmony_calls import HARMONY_HEAD, harmony_grammar, read_harmony
 from ferrum.serve.tools.kimi import KIMI_CALL_HEAD, KIMI_CALLS, kimi_k2_grammar, read_kimi_k2
-from ferrum.serve.tools.json_formats import (INTERNLM_CALL, MISTRAL_CALLS, MISTRAL_HEAD, granite_grammar,
-                                             hermes_grammar, internlm_grammar, json_list_reader, llama3_grammar,
-                                             mistral_grammar, read_hermes, read_internlm, read_llama3_json,
-                                             read_mistral)
+from ferrum.serve.tools.json_formats import (INTERNLM_CALL, MISTRAL_CALLS, MISTRAL_HEAD, PHI4_CALLS, TOOL_CALLS,
+                                             granite_grammar, hermes_grammar, internlm_grammar, json_list_reader,
+                                             llama3_grammar, mistral_grammar, phi4_mini_grammar, read_hermes,
+                                             read_internlm, read_llama3_json, read_mistral, read_phi4_mini,
+                                             read_tool_calls_list, tool_calls_list_grammar)
 from ferrum.serve.tools.minimax import MINIMAX_CALLS, minimax_m2_grammar, read_minimax_m2
-from ferrum.serve.tools.pythonic import pythonic_grammar, read_pythonic
+from ferrum.serve.tools.pythonic import OLMO3_CALLS, olmo3_grammar, pythonic_grammar, read_olmo3, read_pythonic
 from ferrum.serve.errors import APIError
 from ferrum.serve.tools.grammars import call_or_answer
 from ferrum.serve.tools.reading import JSON_HEAD, ParsedReply, Schemas, calls_so_far, parameters_of
@@ -118,8 +125,8 @@ class ToolCallFormat:
 
 
 FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>, Seed-OSS's
-    # <parameter= as Qwen3-Coder's does, and DeepSeek-V3's and V3.1's both <｜tool▁calls▁begin｜> (V3's fencing the
-    # arguments in ```json)
+    # <parameter= as Qwen3-Coder's does, DeepSeek-V3's and V3.1's both <｜tool▁calls▁begin｜> (V3's fencing the
+    # arguments in ```json), and Hunyuan-A13B's and Jamba's both <tool_calls> (Hunyuan's asking for 助手： replies)
     ToolCallFormat("minimax_m2", (MINIMAX_CALLS,), (MINIMAX_CALLS,), (), read_minimax_m2, minimax_m2_grammar, (),
                    typed=True),
     ToolCallFormat("seed_oss", ("<seed:tool_call>",), ("<seed:tool_call>", "<function="), (), read_seed_oss,
@@ -132,6 +139,11 @@ FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Code
                    (MISTRAL_HEAD, JSON_HEAD)),
     ToolCallFormat("granite", ("<|tool_call|>",), ("<|tool_call|>",), ("[{",), json_list_reader("<|tool_call|>"),
                    granite_grammar),
+    ToolCallFormat("hunyuan_a13b", (TOOL_CALLS, "助手："), (TOOL_CALLS,), ("[{",), read_tool_calls_list,
+                   tool_calls_list_grammar),
+    ToolCallFormat("jamba", (TOOL_CALLS,), (TOOL_CALLS,), ("[{",), read_tool_calls_list, tool_calls_list_grammar),
+    ToolCallFormat("phi4_mini", (PHI4_CALLS + "[",), (PHI4_CALLS + "[",), (), read_phi4_mini, phi4_mini_grammar),
+    ToolCallFormat("olmo3", (OLMO3_CALLS,), (OLMO3_CALLS,), (), read_olmo3, olmo3_grammar, (), typed=True),
     ToolCallFormat("pythonic", ("[func_name1(",), (), ("[", "<|python_start|>"), read_pythonic, pythonic_grammar, (),
                    typed=True),
     ToolCallFormat("llama3_json", ("<|python_tag|>",), (), ("{", "<|python_tag|>"), read_llama3_json, llama3_grammar),

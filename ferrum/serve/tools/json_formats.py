@@ -1,5 +1,6 @@
 """The formats whose calls are JSON objects naming their function (``hermes``, ``mistral``, ``granite``,
-``llama3_json``, ``internlm``): their parsers and forced-call grammars."""
+``llama3_json``, ``internlm``, ``hunyuan_a13b`` / ``jamba``, ``phi4_mini``): their parsers and forced-call
+grammars."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 from typing import Any, Callable
 
 from ferrum.serve.tools.grammars import call_schema, json_rule, per_function_rules, repeated
-from ferrum.serve.tools.reading import NOT_JSON, ParsedReply, make_call, read_object_call
+from ferrum.serve.tools.reading import NOT_JSON, ParsedReply, make_call, object_call, read_object_call
 
 
 def _tagged_calls(opening: str, closing: str, *keys: str) -> Callable[[str], ParsedReply]:
@@ -41,24 +42,30 @@ INTERNLM_CALL, _INTERNLM_END = "<|action_start|><|plugin|>", "<|action_end|>"
 read_internlm = _tagged_calls(INTERNLM_CALL, _INTERNLM_END, "parameters", "arguments")
 
 
-def json_list_reader(token: str) -> Callable[[str], ParsedReply]:
-    """Calls written as ``token`` then a JSON list of ``{"name", "arguments"}`` objects (Mistral, Granite). The
-    token is a special one, which decoding may drop: a reply opening with such a list is a call too."""
+def json_list_reader(token: str, closing: str = "", keys: tuple[str, ...] = ("arguments",),
+                     bare: bool = True) -> Callable[[str], ParsedReply]:
+    """Calls written as ``token`` then a JSON list of objects naming their function, their arguments under the
+    first of ``keys`` each has (Mistral, Granite, Phi-4-mini), then ``closing`` where the format closes the list
+    (Hunyuan's and Jamba's ``</tool_calls>``; left out at the end, as a reply cut there, it is still the calls).
+    Where ``token`` is a special one, which decoding may drop (``bare``), a reply opening with such a list is
+    calls too."""
 
     def parse(text: str) -> ParsedReply:
         marker = text.find(token)
         body = (text[marker + len(token):] if marker >= 0 else text).lstrip()
-        if marker < 0 and not body.startswith("[{"):
+        if marker < 0 and not (bare and body.startswith("[{")):
             return ParsedReply(text, [])
         try:
             value, end = json.JSONDecoder().raw_decode(body)
         except NOT_JSON:
             return ParsedReply(text, [])
-        items = value if isinstance(value, list) else [value]
-        calls = [make_call(i.get("name"), i.get("arguments")) if isinstance(i, dict) else None for i in items]
+        calls = [object_call(item, keys) for item in (value if isinstance(value, list) else [value])]
         if not calls or None in calls:
             return ParsedReply(text, [])
-        return ParsedReply(text[:max(marker, 0)], calls, body[end:])
+        after = body[end:]
+        if closing and after.lstrip().startswith(closing):
+            after = after.lstrip()[len(closing):]
+        return ParsedReply(text[:max(marker, 0)], calls, after)
 
     return parse
 
@@ -133,18 +140,30 @@ def internlm_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], te
     return f"start: {'block+' if many else 'block'}\n{block}\ncall: {json_rule(call_schema(tools, 'parameters'))}"
 
 
-def _list_call(marker: str) -> Callable[[list[dict[str, Any]], Callable[[str], str], str, bool], str]:
+def _list_call(marker: str, closing: str = "") -> Callable[[list[dict[str, Any]], Callable[[str], str], str, bool],
+                                                            str]:
+    """One JSON list of calls after ``marker`` (and before ``closing``, where the format closes it)."""
     def grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
         call = call_schema(tools)
         defs = call.pop("$defs", None)  # at the root, where the refs resolve
         calls = {"type": "array", "items": call, "minItems": 1, **({} if many else {"maxItems": 1}),
                  **({"$defs": defs} if defs else {})}
-        return f"start: {mark(marker)} calls\ncalls: {json_rule(calls)}"
+        return f"start: {mark(marker)} calls{f' {mark(closing)}' if closing else ''}\ncalls: {json_rule(calls)}"
 
     return grammar
 
 
 granite_grammar = _list_call("<|tool_call|>")
+TOOL_CALLS, _TOOL_CALLS_END = "<tool_calls>", "</tool_calls>"
+#: Hunyuan-A13B's and Jamba's calls: ``<tool_calls>[{"name": ..., "arguments": {...}}, ...]</tool_calls>`` (vLLM's
+#: ``hunyuan_a13b`` and ``jamba`` parsers; Jamba's tags are special tokens).
+read_tool_calls_list = json_list_reader(TOOL_CALLS, _TOOL_CALLS_END)
+tool_calls_list_grammar = _list_call(TOOL_CALLS, _TOOL_CALLS_END)
+PHI4_CALLS = "functools"
+#: Phi-4-mini's calls (vLLM's ``phi4_mini_json`` parser and template): ``functools[{"name": ..., "arguments": ...}]``,
+#: no closing marker; ``functools`` is plain text, so a bare list is no call; ``parameters`` read too, as vLLM does.
+read_phi4_mini = json_list_reader(PHI4_CALLS, keys=("arguments", "parameters"), bare=False)
+phi4_mini_grammar = _list_call(PHI4_CALLS)
 
 
 def mistral_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:

@@ -1,5 +1,6 @@
-"""Calls written as a Python list of calls (``pythonic``: Llama 3.2's and Llama 4's pythonic templates,
-``[get_weather(city="Paris"), ...]``): their parser and forced-call grammar."""
+"""Calls written as Python calls: a list of them (``pythonic``: Llama 3.2's and Llama 4's pythonic templates,
+``[get_weather(city="Paris"), ...]``), or one a line inside ``<function_calls>`` (``olmo3``): their parsers and
+forced-call grammars."""
 
 from __future__ import annotations
 
@@ -61,12 +62,50 @@ def read_pythonic(text: str, schemas: Any = None, cut: bool = False) -> ParsedRe
     return ParsedReply(text, []) if calls is None else ParsedReply("", calls)
 
 
-def pythonic_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
-    """A list of calls as the pythonic templates show them, ``[name(key=value, ...), ...]``, each value as JSON
-    (which :func:`read_pythonic` reads, ``true`` and ``null`` too)."""
+def _lines_of_calls(lines: list[str]) -> list[dict[str, Any]] | None:
+    return _list_of_calls("[" + ", ".join(lines) + "]") if lines else None
+
+
+OLMO3_CALLS, _OLMO3_END = "<function_calls>", "</function_calls>"
+
+
+def read_olmo3(text: str, schemas: Any = None, cut: bool = False) -> ParsedReply:
+    """OLMo 3's calls: inside ``<function_calls>...</function_calls>``, one Python call a line (``f(a='x')``; JSON's
+    ``true`` / ``null`` too), as vLLM's ``olmo3`` parser reads them; the text around the block kept. A block that is
+    not all such calls (or not closed, but at the end) leaves the reply text. Read as ``cut`` (a forced reply
+    stopped inside the block), the whole lines before the cut are the calls. (``schemas``: values typed as
+    written.)"""
+    start = text.find(OLMO3_CALLS)
+    if start < 0:
+        return ParsedReply(text, [])
+    inside = text[start + len(OLMO3_CALLS):]
+    end = inside.find(_OLMO3_END)
+    after = "" if end < 0 else inside[end + len(_OLMO3_END):]
+    lines = [line.strip() for line in (inside if end < 0 else inside[:end]).splitlines() if line.strip()]
+    calls = _lines_of_calls(lines)
+    while cut and calls is None and lines:  # the last line cut short
+        lines.pop()
+        calls = _lines_of_calls(lines)
+    return ParsedReply(text, []) if calls is None else ParsedReply(text[:start], calls, after)
+
+
+def _call_rules(tools: list[dict[str, Any]]) -> list[str]:
+    """Lark rules ``call: call0 | call1 ...`` and per tool ``name(key=value, ...)``, each value as JSON (which the
+    readers take, ``true`` and ``null`` too), optional arguments separated as written."""
     bodies = bare_arguments(tools, lambda key, value: f"{json.dumps(f'{key}=')} {value}", quoted=True,
                             separator='", "')
     rules = [f'call{i}: {json.dumps(tool["function"]["name"] + "(")} {body} ")"'
              for i, (tool, body) in enumerate(zip(tools, bodies))]
-    names = " | ".join(f"call{i}" for i in range(len(tools)))
-    return "\n".join([f'start: "[" {repeated("call", json.dumps(", "), many)} "]"', f"call: {names}", *rules])
+    return [f"call: {' | '.join(f'call{i}' for i in range(len(tools)))}", *rules]
+
+
+def pythonic_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """A list of calls as the pythonic templates show them, ``[name(key=value, ...), ...]``."""
+    return "\n".join([f'start: "[" {repeated("call", json.dumps(", "), many)} "]"', *_call_rules(tools)])
+
+
+def olmo3_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Calls a line each between ``<function_calls>`` and ``</function_calls>``, laid out as OLMo 3's template
+    writes them."""
+    calls = repeated("call", r'"\n"', many)
+    return "\n".join([f'start: {mark(OLMO3_CALLS)} "\\n" {calls} "\\n" {mark(_OLMO3_END)}', *_call_rules(tools)])

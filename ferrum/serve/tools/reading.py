@@ -75,6 +75,11 @@ def read_object_call(text: str, keys: tuple[str, ...] = ("arguments",)) -> dict[
         value = json.loads(text)
     except NOT_JSON:
         return None
+    return object_call(value, keys)
+
+
+def object_call(value: Any, keys: tuple[str, ...] = ("arguments",)) -> dict[str, Any] | None:
+    """A call read from a JSON value: an object naming its function, its arguments under the first of ``keys``."""
     if not isinstance(value, dict):
         return None
     return make_call(value.get("name"), next((value[key] for key in keys if key in value), None))
