@@ -90,6 +90,27 @@ def test_the_slopes_are_transformers():
         assert np.allclose(alibi_slopes(heads), mpt.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("window", [None, 5], ids=["causal", "window"])
+def test_the_shared_formulation_in_numpy_chunks_as_the_numpy_backend_attends(window):
+    """``ferrum.arch.alibi.attend`` (torch's and MLX's ALiBi), here over numpy, against the numpy backend's own
+    attention: queries four at a time (chunks starting past the first key), two query heads per key head."""
+    import ferrum_cpu.ops as cpu_ops
+
+    from ferrum.arch.alibi import attend
+    from ferrum.recurrent.batched import Framework
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    numpy = Framework(np, np.asarray, lambda x, dtype: x.astype(dtype), softmax=softmax)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((10, 6, 8), (13, 3, 8), (13, 3, 8)))
+    slopes = np.asarray(alibi_slopes(6), np.float32)
+    want = cpu_ops.attention(q, k, v, 0.3, window, alibi_slopes=slopes)
+    np.testing.assert_allclose(attend(numpy, q, k, v, 0.3, window, slopes, 4), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_transformers_in_one_pass_and_stepwise(checkpoints, family, backend):

@@ -42,8 +42,9 @@ def python_scan(fn: Callable, carry: Any, xs: tuple) -> tuple[Any, Any]:
 class Framework:
     """What differs between the frameworks: ``xp`` (their numpy-like namespace: einsum, exp, cumsum, ...),
     uploading a host array, casting, the loop over time (``scan`` returns the outputs stacked or as a list,
-    ``stack`` makes them one array either way), ``jit(fn, static_argnames)`` where device parts compile, and
-    ``bucket(n)``, the size ``n`` tokens or sequences are padded up to where each new shape costs a compile."""
+    ``stack`` makes them one array either way), ``jit(fn, static_argnames)`` where device parts compile,
+    ``bucket(n)``, the size ``n`` tokens or sequences are padded up to where each new shape costs a compile, and
+    ``softmax(x)`` over the last axis (:func:`ferrum.arch.alibi.attend` needs it; the recurrent ops do not)."""
 
     xp: Any
     put: Callable[[np.ndarray], Any]
@@ -51,6 +52,7 @@ class Framework:
     scan: Callable = python_scan
     jit: Callable | None = None
     bucket: Callable[[int], int] | None = None
+    softmax: Callable[[Any], Any] | None = None
 
     def stack(self, ys: Any) -> Any:
         return self.xp.stack(ys) if isinstance(ys, list) else ys
