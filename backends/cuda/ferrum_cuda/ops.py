@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from ferrum import reference_ops
+from ferrum.arch import alibi
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
@@ -566,7 +567,8 @@ def clip(x, limit):
 # Recurrent mixers (ferrum.recurrent.batched in torch ops)
 # --------------------------------------------------------------------------
 
-_RECURRENT = batched.Framework(torch, _small, lambda x, dtype: x.to(dtype))
+#: torch as ``ferrum.recurrent.batched`` and ``ferrum.arch.alibi`` write their ops (over numpy-like frameworks)
+_FRAMEWORK = batched.Framework(torch, _small, lambda x, dtype: x.to(dtype), softmax=lambda x: x.softmax(-1))
 
 
 @hookimpl
@@ -576,17 +578,17 @@ def sigmoid_mul(gate, x):
 
 @hookimpl
 def causal_conv1d(x, weight, state, cu_seqlens, silu):
-    return batched.causal_conv1d(_RECURRENT, x, weight, state, cu_seqlens, silu)
+    return batched.causal_conv1d(_FRAMEWORK, x, weight, state, cu_seqlens, silu)
 
 
 @hookimpl
 def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale=1.0):
-    return batched.gated_delta_rule(_RECURRENT, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale)
+    return batched.gated_delta_rule(_FRAMEWORK, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale)
 
 
 @hookimpl
 def selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens):
-    return batched.selective_scan(_RECURRENT, x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens)
+    return batched.selective_scan(_FRAMEWORK, x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens)
 
 
 # --------------------------------------------------------------------------
@@ -785,33 +787,10 @@ def _attend_one(q, k, v, scale, window, mask_cache=None, softcap=None, sinks=Non
     return out[0].transpose(0, 1)  # [q_len, H, d]
 
 
-def _with_alibi(q, k, v, scale, window, slopes):
-    """One sequence's attention with ALiBi's biases, ``slopes[h] * (key - query position)``, written out in float32
-    (no fused kernel adds a bias per head): ``q [q_len, H, d]``, ``k, v [kv_len, KVH, d]``, the queries
-    ``_WRITTEN_QUERIES`` at a time."""
-    q_len, heads, d = q.shape
-    kv_len, kv_heads = k.shape[0], k.shape[1]
-    group = heads // kv_heads
-    keys, values = k.permute(1, 2, 0)[:, None], v.transpose(0, 1)[:, None]  # [KVH, 1, d, L], [KVH, 1, L, d]
-    key_pos, slopes = torch.arange(kv_len, device=DEVICE), slopes.float().view(kv_heads, group, 1, 1)
-    parts = []
-    for start in range(0, q_len, _WRITTEN_QUERIES):
-        rows = q[start : start + _WRITTEN_QUERIES]
-        query_pos = torch.arange(len(rows), device=DEVICE)[:, None] + (kv_len - q_len + start)
-        scores = torch.matmul(rows.view(-1, kv_heads, group, d).permute(1, 2, 0, 3), keys).float().mul_(scale)
-        scores += slopes * (key_pos - query_pos).float()  # [KVH, group, rows, L]
-        allowed = key_pos <= query_pos
-        if window is not None:
-            allowed &= key_pos > query_pos - window
-        probs = scores.masked_fill_(~allowed, float("-inf")).softmax(-1).to(v.dtype)
-        parts.append(torch.matmul(probs, values).permute(2, 0, 1, 3).reshape(-1, heads, d))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 @hookimpl
 def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
     if alibi_slopes is not None:  # BLOOM's, MPT's: neither caps nor sinks
-        return _with_alibi(q, k, v, scale, sliding_window, alibi_slopes)
+        return alibi.attend(_FRAMEWORK, q, k, v, scale, sliding_window, alibi_slopes, _WRITTEN_QUERIES)
     return _attend_one(q, k, v, scale, sliding_window, softcap=softcap, sinks=sinks)
 
 

@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ferrum import reference_ops
+from ferrum.arch import alibi
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
@@ -449,7 +450,9 @@ def _compiled_for_decode(fn, static_argnames):
     return call
 
 
-_RECURRENT = batched.Framework(mx, mx.array, lambda x, dtype: x.astype(dtype), jit=_compiled_for_decode)
+#: MLX as ``ferrum.recurrent.batched`` and ``ferrum.arch.alibi`` write their ops (over numpy-like frameworks)
+_FRAMEWORK = batched.Framework(mx, mx.array, lambda x, dtype: x.astype(dtype), jit=_compiled_for_decode,
+                               softmax=lambda x: mx.softmax(x, axis=-1, precise=True))
 
 
 @hookimpl
@@ -459,17 +462,17 @@ def sigmoid_mul(gate, x):
 
 @hookimpl
 def causal_conv1d(x, weight, state, cu_seqlens, silu):
-    return batched.causal_conv1d(_RECURRENT, x, weight, state, cu_seqlens, silu)
+    return batched.causal_conv1d(_FRAMEWORK, x, weight, state, cu_seqlens, silu)
 
 
 @hookimpl
 def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale=1.0):
-    return batched.gated_delta_rule(_RECURRENT, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale)
+    return batched.gated_delta_rule(_FRAMEWORK, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale)
 
 
 @hookimpl
 def selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens):
-    return batched.selective_scan(_RECURRENT, x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens)
+    return batched.selective_scan(_FRAMEWORK, x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens)
 
 
 # ------------------------------------------------------- quantized weights
@@ -708,33 +711,10 @@ def _written_out(q, k, v, scale, mask, softcap, sinks):
     return (probs.reshape(b, kv_heads, group * lq, lk) @ v).reshape(b, heads, lq, d)
 
 
-def _with_alibi(q, k, v, scale, window, slopes):
-    """One sequence's attention with ALiBi's biases, ``slopes[h] * (key - query position)``, written out in float32
-    (the fused kernel takes no bias per head): ``q [q_len, H, d]``, ``k, v [kv_len, KVH, d]``, the queries
-    ``_CAUSAL_CHUNK`` at a time."""
-    q_len, heads, d = q.shape
-    kv_len, kv_heads = k.shape[0], k.shape[1]
-    group = heads // kv_heads
-    keys, values = k.transpose(1, 2, 0)[:, None], v.transpose(1, 0, 2)[:, None]  # [KVH, 1, d, L], [KVH, 1, L, d]
-    key_pos, slopes = mx.arange(kv_len), slopes.astype(mx.float32).reshape(kv_heads, group, 1, 1)
-    parts = []
-    for start in range(0, q_len, _CAUSAL_CHUNK):
-        rows = q[start : start + _CAUSAL_CHUNK]
-        query_pos = mx.arange(rows.shape[0])[:, None] + (kv_len - q_len + start)
-        scores = (rows.reshape(-1, kv_heads, group, d).transpose(1, 2, 0, 3) @ keys).astype(mx.float32) * scale
-        scores = scores + slopes * (key_pos - query_pos).astype(mx.float32)  # [KVH, group, rows, L]
-        allowed = key_pos <= query_pos
-        if window is not None:
-            allowed = allowed & (key_pos > query_pos - window)
-        probs = mx.softmax(mx.where(allowed, scores, -mx.inf), axis=-1, precise=True).astype(v.dtype)
-        parts.append((probs @ values).transpose(2, 0, 1, 3).reshape(-1, heads, d))
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
-
-
 @hookimpl
 def attention(q, k, v, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
     if alibi_slopes is not None:  # BLOOM's, MPT's: neither caps nor sinks
-        return _with_alibi(q, k, v, scale, sliding_window, alibi_slopes)
+        return alibi.attend(_FRAMEWORK, q, k, v, scale, sliding_window, alibi_slopes, _CAUSAL_CHUNK)
     q_len, kv_len = q.shape[0], k.shape[0]
     qh, kh, vh = (a.transpose(1, 0, 2)[None] for a in (q, k, v))
     if sliding_window is None:
