@@ -10,7 +10,7 @@ from typing import Any, Callable
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value
-from ferrum.gguf_import import falcon_h1, gemma4, granite_hybrid, lfm2, nemotron_h
+from ferrum.gguf_import import falcon_h1, gemma4, granite_hybrid, lfm2, mamba, nemotron_h
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
@@ -21,7 +21,7 @@ class _Experts:
     module: str  # the sparse MLP's module in a layer
     count_key: str  # the expert count
     size_key: str | None  # each expert's intermediate size (None: intermediate_size)
-    renormalise_key: str | None  # renormalising the top-k weights (None: the family always does)
+    renormalise_key: str | None  # renormalising the top-k weights (None: the family's fixed rule, no key)
     renormalise: bool = True  # what llama.cpp does when the file does not say (``expert_weights_norm``)
     #: config.json's key for the shared expert's width (``expert_shared_feed_forward_length``), where there is one
     shared_key: str | None = None
@@ -821,6 +821,15 @@ ARCHITECTURES["falcon-h1"] = _Architecture("falcon_h1", "FalconH1ForCausalLM", F
 # Pure Mamba-2: Nemotron-H's Mamba-2 blocks alone, written as Granite 4.0-H's (see ferrum.gguf_import.nemotron_h)
 ARCHITECTURES["mamba2"] = _Architecture("mamba2", "Mamba2ForCausalLM", False, configure=nemotron_h.mamba2_config,
                                         own_tensors=nemotron_h.own_tensors, attention=False)
+# Mamba-1 blocks alone (Mamba; Falcon Mamba where ssm.dt_b_c_rms) and Jamba's Mamba-1 and rope-less attention layers,
+# its experts placed where a block has a router, their top-k weights never renormalised (llama.cpp's and
+# transformers'), ffn_norm as Falcon-H1's pre_ff_layernorm (see ferrum.gguf_import.mamba)
+ARCHITECTURES["mamba"] = _Architecture("mamba", "MambaForCausalLM", False, configure=mamba.mamba_config,
+                                       own_tensors=mamba.mamba_tensors("mixer"), attention=False,
+                                       variants=(("falcon_mamba", "FalconMambaForCausalLM"),))
+ARCHITECTURES["jamba"] = _Architecture("jamba", "JambaForCausalLM", False, configure=mamba.jamba_config,
+                                       own_tensors=mamba.mamba_tensors("mamba"), renamed=falcon_h1.RENAMED,
+                                       moe=_Experts("feed_forward", "num_experts", None, None))
 # Nemotron 3 Nano: 'E' blocks of sigmoid-routed squared-ReLU experts beside a shared MLP, llama.cpp's own architecture
 ARCHITECTURES["nemotron_h_moe"] = replace(ARCHITECTURES["nemotron_h"], renamed=nemotron_h.MOE_RENAMED, moe=_Experts(
     "mixer", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
