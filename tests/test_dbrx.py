@@ -2,7 +2,8 @@
 attn_config's rope_theta, and experts on every layer (``ffn``: a softmax router ``router.layer``, top-k weights
 divided by their sum where moe_normalize_expert_weights is 1), stored as transformers saves them
 (``experts.mlp.{w1,v1,w2}``, 2-D) or as mlx-lm converts them (one Linear per expert); against transformers'
-DbrxForCausalLM on every runnable backend, and mlx-lm's DBRX and its conversions."""
+DbrxForCausalLM on every runnable backend, and mlx-lm's DBRX and its conversions.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, mlx_lm_logits, reference_logits, runnable_backends,
-    saved_references, scaled_error, write_tokenizer,
+    assert_forward_and_decode_match, mlx_lm_logits, reference_logits, runnable_backends, saved_references, scaled_error,
+    write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -45,9 +45,13 @@ VARIANTS = {"release": {}, "unnormalized": dict(attn={"kv_n_heads": 1, "clip_qkv
                                                 ffn={"moe_top_k": 2, "moe_normalize_expert_weights": None})}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, dbrx_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -73,31 +77,6 @@ def test_the_parity_checks_the_clipping(checkpoints, tmp_path):
     (tmp_path / "unclipped" / "config.json").write_text(json.dumps(config))
     unclipped = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "unclipped").float().eval()
     assert scaled_error(reference_logits(unclipped, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["release"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint, written as transformers stores DBRX's experts (``expert_layout="transformers"``, as
-    for gpt-oss), is what transformers reads, none missing and none unexpected."""
-    from ferrum.random_checkpoint import write_random_checkpoint
-
-    raw = {**dbrx_config().to_dict(), "architectures": ["DbrxForCausalLM"]}
-    folder = write_random_checkpoint(tmp_path / "dbrx", raw, dtype="float32", std=0.2, expert_layout="transformers")
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    got = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32").forward_verify("x", TOKENS)
-    assert scaled_error(got, reference_logits(hf.float().eval(), TOKENS)) <= 1e-4
 
 
 def test_random_checkpoints_default_to_mlx_lm_s_experts(tmp_path):

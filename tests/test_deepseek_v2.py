@@ -1,7 +1,8 @@
 """DeepSeek-V2 (``deepseek_v2``: V2, V2-Lite, V2.5, Coder-V2): DeepSeek-V3's Multi-head Latent Attention with rope in
 transformers' complex (adjacent-pair) form, over softmax routing, "greedy" or "group_limited_greedy" (a group scored
 by its best expert), scaled by routed_scaling_factor; against transformers' own model and router on every runnable
-backend."""
+backend.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -22,9 +23,7 @@ from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.kind import routes_natively
 from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC, GroupRule, route_grouped
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    reference_logits, runnable_backends, saved_references, scaled_error,
+    assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references, scaled_error,
 )
 
 BACKENDS = runnable_backends()
@@ -55,12 +54,14 @@ VARIANTS = {
 }
 
 
+def build_checkpoints(tmp_path_factory) -> dict:
+    """variant -> (folder, transformers model), random weights."""
+    return saved_references(tmp_path_factory, VARIANTS, dsv2_config)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """variant -> (folder, transformers model), random weights."""
-    return saved_references(tmp_path_factory, VARIANTS, dsv2_config)
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 # ------------------------------------------------------------------ routing
@@ -139,26 +140,6 @@ def test_the_parity_is_sensitive_to_each_routing_setting(checkpoints):
     routings = {v: ModelConfig.from_file(checkpoints[v][0]).arch.moe for v in VARIANTS}
     assert [(m.routing, m.n_group, m.topk_group, m.routed_scale, m.normalize) for m in routings.values()] == [
         ("softmax_grouped", 4, 2, 16.0, False), ("softmax", 1, 1, 1.0, False), ("softmax_grouped", 1, 1, 2.5, False)]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["limited"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    """weight_shapes lists every tensor transformers saves, with its shape, and no other (experts under the stacked
-    names the loader assembles from transformers' per-expert ones)."""
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**_raw(), "architectures": ["DeepseekV2ForCausalLM"], "rope_parameters": YARN}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "dsv2", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config

@@ -3,7 +3,8 @@ every projection and on the LM head) with experts from moe_layer_start_index to 
 moe_layer_interval: a float32 router ``gate`` whose softmax probabilities plus ``gate.moe_statics.
 e_score_correction_bias`` (float32, ``[1, E]``) choose the top-k, weighed by the uncorrected probabilities
 renormalized, unbiased experts and an ungated ``shared_experts`` MLP; against transformers'
-Ernie4_5_MoeForCausalLM on every runnable backend, and mlx-lm's ernie4_5_moe (which drops the correction bias)."""
+Ernie4_5_MoeForCausalLM on every runnable backend, and mlx-lm's ernie4_5_moe (which drops the correction bias).
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -15,19 +16,15 @@ import numpy as np
 import pytest
 import transformers
 
-from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    assert_router_computes_in_float32, mlx_lm_logits, reference_logits, runnable_backends, saved_references,
-    scaled_error, without_correction_biases, write_tokenizer,
+    assert_forward_and_decode_match, mlx_lm_logits, reference_logits, runnable_backends, saved_references, scaled_error,
+    write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
-BFLOAT16 = [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes]
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 
 
@@ -46,9 +43,13 @@ VARIANTS = {"biased": {}, "release": dict(use_bias=False, tie_word_embeddings=Tr
 SPARSE = {"biased": ["dense", "moe", "moe", "moe"], "release": ["dense", "moe", "dense", "moe"]}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, ernie_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -61,44 +62,6 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     assert (moe.top_k, moe.expert_size, moe.shared_expert_size, moe.routing) == (
         3 if variant == "release" else 2, 32, 32 if variant == "release" else 64, "softmax_corrected")
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
-
-
-def test_the_parity_checks_the_correction_bias(checkpoints):
-    """Zeroing the correction biases moves transformers' logits: the bias matters in the comparison above."""
-    folder, hf = checkpoints["biased"]
-    unbiased = without_correction_biases(folder)
-    assert scaled_error(reference_logits(unbiased, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["biased"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-@pytest.mark.parametrize("backend", BFLOAT16)
-def test_routers_and_biases_stay_float32_in_bfloat16(checkpoints, backend):
-    """transformers keeps ERNIE's router weight and correction bias in float32 (_keep_in_fp32_modules_strict) and
-    routes in float32: so does Ferrum."""
-    folder, hf = checkpoints["biased"]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
-    mlp, ops, gate = model.layers[1].mlp, model.ops, hf.model.layers[1].mlp.gate
-    bias = gate.moe_statics.e_score_correction_bias.detach().numpy().reshape(-1)
-    assert not np.array_equal(bias, bias.astype("bfloat16").astype(np.float32))  # bfloat16 would round it
-    np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), bias)
-    assert_router_computes_in_float32(mlp, ops, gate.weight.detach().numpy())
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**ernie_config().to_dict(), "architectures": ["Ernie4_5_MoeForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "ernie", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config

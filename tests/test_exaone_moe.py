@@ -2,7 +2,8 @@
 NoPE) in Llama's pre-norm blocks, over DeepSeek-V3's MoE: a float32 router ``gate`` with grouped sigmoid routing and
 a float32 correction bias stored beside it (``mlp.e_score_correction_bias``), ungated shared experts, dense first
 layers; against transformers' ExaoneMoeForCausalLM on every runnable backend, and mlx-lm's exaone_moe and its
-conversions (which move the bias under the router)."""
+conversions (which move the bias under the router).
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -14,19 +15,15 @@ import numpy as np
 import pytest
 import transformers
 
-from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    assert_router_computes_in_float32, mlx_lm_logits, reference_logits, runnable_backends, saved_references,
-    scaled_error, without_correction_biases, write_tokenizer,
+    assert_forward_and_decode_match, mlx_lm_logits, reference_logits, runnable_backends, saved_references, scaled_error,
+    write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
-BFLOAT16 = [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes]
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 WINDOW = 4  # shorter than TOKENS
 
@@ -46,9 +43,13 @@ VARIANTS = {"grouped": {}, "release": dict(n_group=1, topk_group=1, num_shared_e
                                            num_experts_per_tok=3, tie_word_embeddings=True)}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, exaone_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -63,45 +64,13 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
 
 
-def test_the_parity_checks_the_biases_and_the_window(checkpoints):
-    """Zeroing the correction biases, or making every layer full, moves transformers' logits: both matter in the
-    comparison above."""
+def test_the_parity_checks_the_window(checkpoints):
+    """Making every layer full moves transformers' logits: the window matters in the comparison above (the
+    correction biases' control is tests/test_moe_families.py's)."""
     folder, hf = checkpoints["grouped"]
-    want = reference_logits(hf, TOKENS)
-    unbiased = without_correction_biases(folder)
-    assert scaled_error(reference_logits(unbiased, TOKENS), want) > 1e-2
     unwindowed = transformers.AutoModelForCausalLM.from_pretrained(
         folder, layer_types=["full_attention"] * 3).float().eval()
-    assert scaled_error(reference_logits(unwindowed, TOKENS), want) > 1e-2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["grouped"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-@pytest.mark.parametrize("backend", BFLOAT16)
-def test_routers_and_biases_stay_float32_in_bfloat16(checkpoints, backend):
-    folder, hf = checkpoints["grouped"]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
-    mlp, ops, gate = model.layers[1].mlp, model.ops, hf.model.layers[1].mlp.gate
-    bias = gate.e_score_correction_bias.numpy()
-    assert not np.array_equal(bias, bias.astype("bfloat16").astype(np.float32))  # bfloat16 would round it
-    np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), bias)
-    assert_router_computes_in_float32(mlp, ops, gate.weight.detach().numpy())
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**exaone_config().to_dict(), "architectures": ["ExaoneMoeForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "exaone", raw, TOKENS)
+    assert scaled_error(reference_logits(unwindowed, TOKENS), reference_logits(hf, TOKENS)) > 1e-2
 
 
 # ------------------------------------------------------------------ config

@@ -1,7 +1,8 @@
 """FlexOlmo (``flex_olmo``): OLMo 2's blocks (q and k normed over their whole projections, each of attention's and
 the MLP's outputs normed before it joins the residual stream) with OLMoE's experts on every layer (softmax top-k,
 renormalized where norm_topk_prob says); against transformers' FlexOlmoForCausalLM on every runnable backend.
-(mlx-lm 0.32 has no flex_olmo.)"""
+(mlx-lm 0.32 has no flex_olmo.)
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -11,11 +12,7 @@ import transformers
 
 from ferrum.config import ModelConfig
 from ferrum.model import DecoderOnlyLLM
-from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    reference_logits, runnable_backends, saved_references,
-)
+from support import assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references
 
 BACKENDS = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
@@ -37,9 +34,13 @@ VARIANTS = {"renormalized": {}, "release": dict(num_key_value_heads=4, norm_topk
                                                                  "original_max_position_embeddings": 64})}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, flex_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -53,24 +54,6 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     assert (moe.num_experts, moe.top_k, moe.expert_size, moe.normalize, moe.routing) == (
         7, 3 if variant == "renormalized" else 2, 48, variant == "renormalized", "softmax")
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["renormalized"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**flex_config().to_dict(), "architectures": ["FlexOlmoForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "flex_olmo", raw, TOKENS)
 
 
 def test_config_is_read_as_transformers_reads_it():

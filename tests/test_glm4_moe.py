@@ -1,5 +1,6 @@
 """GLM-4.5 / 4.6 (``glm4_moe``): DeepSeek-V3's grouped sigmoid routing, an ungated shared expert, dense first
-layers, partial rope; against transformers' own router and model on every runnable backend."""
+layers, partial rope; against transformers' own router and model on every runnable backend.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ from ferrum.hookspec import hookimpl
 from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.routing import route_grouped
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers, assert_router_computes_in_float32,
-    cpu_like_plugin, grouped_routing_backends, reference_logits, runnable_backends, saved_references, scaled_error,
-    with_prediction_layer,
+    assert_forward_and_decode_match, cpu_like_plugin, grouped_routing_backends, reference_logits, runnable_backends,
+    saved_references, scaled_error, with_prediction_layer,
 )
 
 BACKENDS = runnable_backends()
@@ -46,21 +46,15 @@ VARIANTS = {"grouped": {}, "qk_norm": dict(n_group=1, topk_group=1, use_qk_norm=
                                            norm_topk_prob=False, n_shared_experts=2, num_experts_per_tok=3,
                                            first_k_dense_replace=2, routed_scaling_factor=1.0)}
 
-
-
-def _zero_correction_biases(model) -> None:
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.zero_()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     """variant -> (folder, transformers model): random weights, random correction biases large enough to change
     which experts the routers choose."""
     return saved_references(tmp_path_factory, VARIANTS, glm_config)
 
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 # ------------------------------------------------------------------ routing
@@ -159,43 +153,6 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     dense = VARIANTS[variant].get("first_k_dense_replace", 1)
     assert [spec.mlp for spec in model.config.arch.layers] == ["dense"] * dense + ["moe"] * (3 - dense)
     assert_forward_and_decode_match(model, TOKENS, want)
-
-
-def test_the_parity_checks_the_correction_biases(checkpoints):
-    """Zeroing the checkpoint's correction biases moves transformers' logits: they choose experts here."""
-    folder, hf = checkpoints["grouped"]
-    want = reference_logits(hf, TOKENS)
-    unbiased = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
-    _zero_correction_biases(unbiased)
-    assert scaled_error(reference_logits(unbiased, TOKENS), want) > 1e-2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["grouped"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes])
-def test_correction_biases_stay_float32_in_bfloat16(checkpoints, backend):
-    """transformers keeps e_score_correction_bias in float32 (_keep_in_fp32_modules_strict); so does Ferrum."""
-    folder, hf = checkpoints["grouped"]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
-    want = hf.model.layers[1].mlp.gate.e_score_correction_bias.numpy()
-    got = model.ops.to_numpy(model.layers[1].mlp.routing.bias)
-    assert not np.array_equal(want.astype(np.float32), want.astype("bfloat16").astype(np.float32))  # bf16 would round
-    np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes])
-def test_routers_compute_in_float32_in_bfloat16(checkpoints, backend):
-    """transformers keeps the router's weight in float32 and casts its input up (Glm4MoeTopkRouter): a bfloat16
-    model's router logits are the float32 product of its bfloat16 hidden states with the float32 weight."""
-    folder, hf = checkpoints["grouped"]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
-    mlp, ops = model.layers[1].mlp, model.ops
-    assert_router_computes_in_float32(mlp, ops, hf.model.layers[1].mlp.gate.weight.detach().numpy())
 
 
 # ------------------------------------------------------------------ config

@@ -1,5 +1,6 @@
 """GLM-4.7-Flash (``glm4_moe_lite``): DeepSeek-V3's latent attention over GLM-4.5's grouped sigmoid MoE, its dense
-and sparse layers listed by ``mlp_layer_types``; against transformers' own model on every runnable backend."""
+and sparse layers listed by ``mlp_layer_types``; against transformers' own model on every runnable backend.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -12,14 +13,12 @@ import pytest
 import transformers
 
 import ferrum
-from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_random_checkpoint_is_what_transformers_reads, assert_router_computes_in_float32, reference_logits,
-    runnable_backends, saved_references, scaled_error, with_prediction_layer, without_correction_biases,
+    assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references, scaled_error,
+    with_prediction_layer, without_correction_biases,
 )
 
 BACKENDS = runnable_backends()
@@ -48,13 +47,15 @@ VARIANTS = {
 DENSE = {"flash": [0], "layer_types": [1], "yarn": [0]}
 
 
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     """variant -> (folder, transformers model): random weights, random correction biases that change which experts
     the routers choose."""
     return saved_references(tmp_path_factory, VARIANTS, lite_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 # ------------------------------------------------------------------ whole models
@@ -85,26 +86,6 @@ def test_the_parity_is_sensitive_to_the_layer_kinds_and_correction_biases(checkp
     assert arch.attn_scale == pytest.approx(checkpoints["yarn"][1].model.layers[0].self_attn.scaling)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["flash"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if "bfloat16" in load_backend(b).info.dtypes])
-def test_routers_stay_float32_in_bfloat16(checkpoints, backend):
-    """transformers keeps the router's weight and correction bias in float32 (_keep_in_fp32_modules_strict) and
-    casts the router's input up; so does Ferrum."""
-    folder, hf = checkpoints["flash"]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
-    mlp, ops = model.layers[1].mlp, model.ops
-    gate = hf.model.layers[1].mlp.gate
-    np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), gate.e_score_correction_bias.numpy())
-    weight = gate.weight.detach().numpy()
-    assert_router_computes_in_float32(mlp, ops, weight)
-
-
 def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
     """GLM-4.7-Flash stores its multi-token prediction layer after the decoder's (transformers drops it by name)."""
     import warnings
@@ -114,13 +95,6 @@ def test_the_prediction_layer_is_left_out_quietly(checkpoints, tmp_path):
         warnings.simplefilter("error")
         llm = ferrum.load(with_prediction_layer(folder, tmp_path / "mtp", 1), backend="cpu")
     assert scaled_error(llm.model.forward_verify("mtp", TOKENS), reference_logits(model, TOKENS)) < 1e-4
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**lite_config(mlp_layer_types=["sparse", "dense", "sparse"]).to_dict(),
-           "architectures": ["Glm4MoeLiteForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "lite", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config

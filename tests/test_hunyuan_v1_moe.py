@@ -1,7 +1,8 @@
 """Tencent's Hunyuan-A13B (``hunyuan_v1_moe``): the dense Hunyuan's blocks (q/k normed once rotated, rope "dynamic"
 with a fixed alpha) with experts on every layer: a float32 router ``gate.wg``, softmax top-k weights renormalized,
 and an ungated ``shared_mlp``; against transformers' HunYuanMoEV1ForCausalLM on every runnable backend. (mlx-lm
-0.32 has no hunyuan_v1_moe; its ``hunyuan`` does not renormalize the weights.)"""
+0.32 has no hunyuan_v1_moe; its ``hunyuan`` does not renormalize the weights.)
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
-    assert_router_computes_in_float32, reference_logits, runnable_backends, saved_references,
+    assert_forward_and_decode_match, assert_router_computes_in_float32, reference_logits, runnable_backends,
+    saved_references,
 )
 
 BACKENDS = runnable_backends()
@@ -45,9 +45,13 @@ VARIANTS = {"alpha": {}, "release": dict(moe_topk=[3, 3], attention_bias=False, 
                                          **RELEASE_KEYS)}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, hunyuan_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -62,13 +66,6 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine: batched with another request, the second copy of the prompt from the prefix cache."""
-    folder, hf = checkpoints["alpha"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS)
-
-
 @pytest.mark.parametrize("backend", BFLOAT16)
 def test_routers_compute_in_float32_in_bfloat16(checkpoints, backend):
     """transformers builds Hunyuan's router (``gate.wg``) in float32, keeps it so in a bfloat16 model and casts the
@@ -80,17 +77,6 @@ def test_routers_compute_in_float32_in_bfloat16(checkpoints, backend):
     mlp, ops = model.layers[0].mlp, model.ops
     weight = hf.model.layers[0].mlp.gate.wg.weight.detach().numpy()
     assert_router_computes_in_float32(mlp, ops, weight)
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects."""
-    raw = {**hunyuan_config().to_dict(), "architectures": ["HunYuanMoEV1ForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "hunyuan", raw, TOKENS)
 
 
 # ------------------------------------------------------------------ config

@@ -1,6 +1,7 @@
 """LFM2-MoE (``lfm2_moe``, LFM2-8B-A1B): LFM2's short-convolution and attention layers over sigmoid-routed experts
 chosen with a per-expert bias, against transformers (and mlx-lm's conversions against mlx-lm) on every runnable
-backend."""
+backend.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import transformers
 
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, mlx_lm_logits, reference_logits,
-    runnable_backends, scaled_error, write_tokenizer,
+    assert_forward_and_decode_match, build_transformers_model, mlx_lm_logits, reference_logits, runnable_backends,
+    scaled_error, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -46,10 +46,14 @@ def _build(folder, **extra):
     return folder, hf
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return {"biased": _build(tmp_path_factory.mktemp("lfm2_moe")),
             "unbiased": _build(tmp_path_factory.mktemp("lfm2_moe_unbiased"), use_expert_bias=False)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 def load(folder, backend="cpu") -> DecoderOnlyLLM:
@@ -84,11 +88,6 @@ def test_the_expert_bias_changes_the_choice(checkpoints, tmp_path):
     assert scaled_error(got, reference_logits(unbiased, TOKENS)) > 1e-2
 
 
-def test_generates_greedily_as_transformers_through_the_engine(checkpoints):
-    folder, hf = checkpoints["biased"]
-    assert_generates_greedily_as_transformers(folder, hf, "cpu", TOKENS)
-
-
 @pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mlx_lm_conversions_load(checkpoints, tmp_path, bits):
@@ -115,6 +114,3 @@ def test_mlx_lm_conversions_load(checkpoints, tmp_path, bits):
     for backend in BACKENDS:
         assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
 
-
-def test_random_checkpoints_are_what_transformers_reads(tmp_path):
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "lfm2_moe", moe_config().to_dict(), TOKENS)

@@ -19,9 +19,18 @@ import transformers
 
 import test_afmoe
 import test_cohere2_moe
+import test_dbrx
+import test_deepseek_v2
 import test_deepseek_v3
 import test_dots1
+import test_ernie4_5_moe
+import test_exaone_moe
+import test_flex_olmo
+import test_glm4_moe
+import test_glm4_moe_lite
+import test_hunyuan_v1_moe
 import test_hy_v3
+import test_lfm2_moe
 import test_mellum
 import test_mimo_v2_flash
 import test_minimax_m2
@@ -49,6 +58,7 @@ class Router:
     (``model.layers[1].mlp``)."""
 
     variant: str
+    #: read flattened (ERNIE's is ``[1, E]``)
     bias: str
     #: None: transformers' router runs in the compute dtype, and so does Ferrum's.
     weight: str | None
@@ -187,6 +197,45 @@ FAMILIES = {
     "cohere2_moe": Family(
         test_cohere2_moe, greedy=("average",), greedy_backends=("cpu",), names=("average", "sum", "patterned"),
         random={"cohere2_moe": lambda: test_cohere2_moe.cohere2_moe_config(num_shared_experts=1).to_dict()}),
+    "ernie4_5_moe": Family(
+        test_ernie4_5_moe, bias_control=("biased",), greedy=("biased",), names=("biased", "release"),
+        # both kept in float32 (_keep_in_fp32_modules_strict), routing in float32
+        router=Router("biased", "gate.moe_statics.e_score_correction_bias", "gate.weight"),
+        random={"ernie4_5_moe": lambda: {**test_ernie4_5_moe.ernie_config().to_dict(),
+                                         "architectures": ["Ernie4_5_MoeForCausalLM"]}}),
+    "exaone_moe": Family(
+        test_exaone_moe, bias_control=("grouped",), greedy=("grouped",), names=("grouped", "release"),
+        router=Router("grouped", "gate.e_score_correction_bias", "gate.weight"),
+        random={"exaone_moe": lambda: {**test_exaone_moe.exaone_config().to_dict(),
+                                       "architectures": ["ExaoneMoeForCausalLM"]}}),
+    "hunyuan_v1_moe": Family(
+        test_hunyuan_v1_moe, greedy=("alpha",), names=("alpha", "release"),
+        random={"hunyuan_v1_moe": lambda: {**test_hunyuan_v1_moe.hunyuan_config().to_dict(),
+                                           "architectures": ["HunYuanMoEV1ForCausalLM"]}}),
+    "dbrx": Family(
+        test_dbrx, greedy=("release",), names=("release", "unnormalized"),
+        # written as transformers stores DBRX's experts (as for gpt-oss)
+        random={"dbrx": lambda: {**test_dbrx.dbrx_config().to_dict(), "architectures": ["DbrxForCausalLM"]}}),
+    "flex_olmo": Family(
+        test_flex_olmo, greedy=("renormalized",), names=("renormalized", "release"),
+        random={"flex_olmo": lambda: {**test_flex_olmo.flex_config().to_dict(),
+                                      "architectures": ["FlexOlmoForCausalLM"]}}),
+    "glm4_moe": Family(
+        test_glm4_moe, bias_control=("grouped",), greedy=("grouped",),
+        router=Router("grouped", "gate.e_score_correction_bias", "gate.weight")),
+    "glm4_moe_lite": Family(
+        test_glm4_moe_lite, greedy=("flash",), router=Router("flash", "gate.e_score_correction_bias", "gate.weight"),
+        random={"glm4_moe_lite": lambda: {
+            **test_glm4_moe_lite.lite_config(mlp_layer_types=["sparse", "dense", "sparse"]).to_dict(),
+            "architectures": ["Glm4MoeLiteForCausalLM"]}}),
+    "deepseek_v2": Family(
+        test_deepseek_v2, greedy=("limited",), names=("limited", "lite", "greedy_scaled"),
+        random={"deepseek_v2": lambda: {**test_deepseek_v2.dsv2_config().to_dict(),
+                                        "architectures": ["DeepseekV2ForCausalLM"],
+                                        "rope_parameters": test_deepseek_v2.YARN}}),
+    "lfm2_moe": Family(
+        test_lfm2_moe, greedy=("biased",), greedy_backends=("cpu",),
+        random={"lfm2_moe": lambda: test_lfm2_moe.moe_config().to_dict()}),
 }
 
 
@@ -246,7 +295,7 @@ def test_router_and_correction_bias_keep_transformers_dtypes_in_bfloat16(checkpo
     folder, hf = checkpoints(family)[router.variant]
     model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="bfloat16")
     mlp, ops, theirs = model.layers[1].mlp, model.ops, hf.model.layers[1].mlp
-    bias = attrgetter(router.bias)(theirs).numpy()
+    bias = attrgetter(router.bias)(theirs).detach().numpy().reshape(-1)
     assert not np.array_equal(bias, bias.astype("bfloat16").astype(np.float32))  # bfloat16 would round it
     np.testing.assert_array_equal(ops.to_numpy(mlp.routing.bias), bias)
     if router.weight is None:
