@@ -2,7 +2,8 @@
 every runnable backend. Rope as complex pairs of adjacent dims on the rope layers; NoPE layers (every fourth) whose
 queries take the attention temperature; q and k L2-normed (no weight) on rope layers; chunked local attention on rope
 layers (chunks of a few positions here, so prompts cross them); MoE layers every ``interleave_moe_layer_step``, top-1
-sigmoid routing whose weight scales the expert's input, a shared expert, experts stored fused."""
+sigmoid routing whose weight scales the expert's input, a shared expert, experts stored fused.
+The checks every MoE family makes alike are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads, mlx_lm_logits,
-    reference_logits, runnable_backends, saved_references, scaled_error, write_tokenizer,
+    assert_forward_and_decode_match, mlx_lm_logits, reference_logits, runnable_backends, saved_references, scaled_error,
+    write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -55,9 +55,13 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, llama4_config)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, built_once):
+    return built_once(build_checkpoints, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", ["scout", "maverick", "scout_step_rope"])
@@ -91,32 +95,10 @@ def test_chunks_are_what_attention_sees(checkpoints, backend):
     assert scaled_error(got[:8], want[:8]) <= 1e-4 and scaled_error(got[8:], want[8:]) > 1e-2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_generates_greedily_as_transformers(checkpoints, backend):
-    """Through the engine (blocks of 16, chunks of 16): batched with another request, the second copy of the prompt
-    from the prefix cache, the replies running past the first chunk."""
-    folder, hf = checkpoints["chunk16"]
-    assert_generates_greedily_as_transformers(folder, hf, backend, TOKENS[:13])
-
-
 def test_chunks_a_block_size_does_not_divide_are_refused(checkpoints):
     folder, _ = checkpoints["scout"]
     with pytest.raises(UnsupportedFeatureError, match="chunks of 8 positions .* block_size 16 does not"):
         DecoderOnlyLLM.from_pretrained(folder, backend="cpu", block_size=16, dtype="float32")
-
-
-def test_ferrum_names_the_tensors_transformers_saves(checkpoints):
-    for variant in VARIANTS:
-        assert_names_the_tensors_transformers_saves(checkpoints[variant][0])
-
-
-@pytest.mark.parametrize("variant", ["scout", "maverick"])
-def test_random_checkpoints_are_what_transformers_reads(tmp_path, variant):
-    """ferrum.random_checkpoint (benchmarks, the conformance kit) writes the tensors transformers expects: the fused
-    experts inputs first (``gate_up_proj [E, hidden, 2 * inter]``), as Llama 4's are stored."""
-    chunks = dict(attention_chunk_size=16, floor_scale=8)  # that Ferrum's default blocks of 16 divide
-    raw = {**llama4_config(**VARIANTS[variant], **chunks).to_dict(), "architectures": ["Llama4ForCausalLM"]}
-    assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
 
 
 def test_the_wrappers_text_model_runs(checkpoints, tmp_path):
@@ -225,13 +207,12 @@ def test_chunked_batches_attend_within_chunks(backend):
     assert batch.chunked(32) is batch  # no item past its first chunk
 
 
-
 # ------------------------------------------------------------------ mlx-lm
 
 needs_mlx = pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
 
 
-def _as_mlx_lm_reads_it(folder, destination):
+def as_mlx_lm_reads_it(folder, destination):
     """The checkpoint as a ``llama4`` wrapper (mlx-lm's Llama 4 reads no other), its decoder under
     ``language_model.``, with the transformers-4 rope keys mlx-lm reads and a tokenizer for its conversion."""
     destination.mkdir()
@@ -257,7 +238,7 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
     from safetensors import safe_open
 
     folder, hf = checkpoints["mlx_lm"]
-    source = _as_mlx_lm_reads_it(folder, tmp_path / "hf")
+    source = as_mlx_lm_reads_it(folder, tmp_path / "hf")
     converted = tmp_path / "mlx"
     convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
     with safe_open(str(converted / "model.safetensors"), framework="numpy") as f:
@@ -274,27 +255,6 @@ def test_mlx_lm_conversions_load(checkpoints, bits, tmp_path):
     for backend in BACKENDS:
         got = DecoderOnlyLLM.from_pretrained(converted, backend=backend, dtype="float32").forward_verify("m", TOKENS)
         assert scaled_error(got, want) <= 1e-4, backend
-
-
-@needs_mlx
-def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, tmp_path):
-    """``ferrum quantize`` stores the experts where mlx-lm's conversion does (``feed_forward.experts.*``, not the
-    fused stacks), bit for bit from a float32 source, and mlx-lm runs the result."""
-    from mlx_lm.convert import convert
-
-    from ferrum.quant.convert import quantize_checkpoint
-
-    source = _as_mlx_lm_reads_it(checkpoints["mlx_lm"][0], tmp_path / "hf")
-    with pytest.warns(UserWarning, match="not a multiple of --group-size 32"):  # the experts' down_proj, 48 wide
-        ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
-    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
-    got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
-    assert got.keys() == expected.keys()
-    for name, array in expected.items():
-        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
-    want = mlx_lm_logits(ours, TOKENS)
-    got = DecoderOnlyLLM.from_pretrained(ours, backend="cpu", dtype="float32").forward_verify("m", TOKENS)
-    assert scaled_error(got, want) <= 1e-4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
