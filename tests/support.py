@@ -392,6 +392,24 @@ def staggered_greedy_workload(vocab: int, seed: int = 3, count: int = 10) -> lis
              SamplingParams(max_tokens=int(rng.randint(3, 9)), ignore_eos=True)) for _ in range(count)]
 
 
+def float32_model(folder, backend: str = "cpu", **kwargs):
+    """The checkpoint at ``folder`` loaded in float32 on ``backend``, as the family tests compare it with
+    transformers."""
+    from ferrum.model import DecoderOnlyLLM
+
+    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
+
+
+def small_pool_engine(folder, backend: str = "cpu", **config):
+    """An engine (no tokenizer) of :func:`float32_model` with a pool of 64 blocks of 4 tokens and ``config`` as its
+    EngineConfig: the ``make_engine`` of :func:`assert_engine_keeps_greedy_tokens` for a checkpoint."""
+    from ferrum.engine import Engine, EngineConfig
+    from ferrum.executor import LlmExecutor
+
+    return Engine(LlmExecutor(float32_model(folder, backend, num_kv_blocks=64, block_size=4)), None,
+                  EngineConfig(**config))
+
+
 def assert_engine_keeps_greedy_tokens(make_engine, hf, workload) -> None:
     """Alone, staggered among others with chunked prefills, and under preemption (a KV pool too small for all):
     each request of ``workload`` (:func:`staggered_greedy_workload`) gets the same greedy tokens, which are

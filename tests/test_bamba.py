@@ -12,11 +12,9 @@ import pytest
 import transformers
 
 from ferrum.config import ModelConfig
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import ConfigError
-from ferrum.executor import LlmExecutor
-from ferrum.model import DecoderOnlyLLM
 from support import (
+    float32_model, small_pool_engine,
     assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_random_checkpoint_is_what_transformers_reads, built_checkpoints, reference_logits, runnable_backends,
@@ -43,12 +41,8 @@ def checkpoints(tmp_path_factory):
     return built_checkpoints(tmp_path_factory, VARIANTS, VOCAB)
 
 
-def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
-    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
-
-
 def test_reads_the_layer_kinds_and_the_half_rotary_heads(checkpoints):
-    model = load(checkpoints["grouped"][0])
+    model = float32_model(checkpoints["grouped"][0])
     arch = model.config.arch
     assert [s.mixer for s in arch.layers] == ["mamba2", "attention", "mamba2", "attention"]
     assert sorted(model.states.layers) == [0, 2] and arch.kv_pool_layers == 2
@@ -59,7 +53,7 @@ def test_reads_the_layer_kinds_and_the_half_rotary_heads(checkpoints):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
 def test_rope_turns_half_of_each_head(checkpoints, monkeypatch):
@@ -69,7 +63,7 @@ def test_rope_turns_half_of_each_head(checkpoints, monkeypatch):
     rope = replace(config.arch.layers[1].rope, rotary_dim=16)
     whole = replace(config, arch=replace(config.arch, layers=tuple(replace(s, rope=rope) for s in config.arch.layers)))
     monkeypatch.setattr(ModelConfig, "from_file", classmethod(lambda cls, path: whole))
-    assert scaled_error(load(folder).forward_verify("a", TOKENS), reference_logits(hf, TOKENS)) > 1e-3
+    assert scaled_error(float32_model(folder).forward_verify("a", TOKENS), reference_logits(hf, TOKENS)) > 1e-3
 
 
 @pytest.mark.parametrize("indices", [[4], "1", [True], [-1]])
@@ -81,17 +75,13 @@ def test_malformed_attention_indices_are_refused_by_name(indices):
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
     folder, hf = checkpoints["grouped"]
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
-
-
-def _engine(folder, backend="cpu", **config) -> Engine:
-    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), hf, VOCAB)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
     folder, hf = checkpoints["released"]
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), hf,
                                       staggered_greedy_workload(VOCAB))
 
 

@@ -15,11 +15,9 @@ from safetensors.numpy import load_file
 
 import ferrum
 from ferrum.config import ModelConfig
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
-from ferrum.executor import LlmExecutor
-from ferrum.model import DecoderOnlyLLM
 from support import (
+    float32_model, small_pool_engine,
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, built_checkpoints, mlx_lm_logits,
@@ -57,26 +55,22 @@ def checkpoints(tmp_path_factory):
     return built_checkpoints(tmp_path_factory, VARIANTS, VOCAB)
 
 
-def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
-    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
-
-
 def test_every_layer_attends_and_carries_a_state(checkpoints):
-    model = load(checkpoints["gated"][0])
+    model = float32_model(checkpoints["gated"][0])
     arch = model.config.arch
     assert [(s.mixer, s.beside) for s in arch.layers] == [("attention", "mamba2")] * 3
     assert sorted(model.states.layers) == [0, 1, 2] and arch.kv_pool_layers == 3 and arch.recurrent
     assert (arch.mamba2.inner, arch.mamba2.head_dim, arch.mamba2.gate) == (96, 16, "before_norm")
     assert (arch.embed_scale, arch.logit_scale) == (2.0, 0.5)
-    assert load(checkpoints["plain"][0]).config.arch.mamba2.gate == "no_norm"
-    assert load(checkpoints["norm_first"][0]).config.arch.mamba2.gate == "after_norm"
+    assert float32_model(checkpoints["plain"][0]).config.arch.mamba2.gate == "no_norm"
+    assert float32_model(checkpoints["norm_first"][0]).config.arch.mamba2.gate == "after_norm"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
 def _with_config(folder, destination, **changes):
@@ -96,20 +90,20 @@ def test_each_multiplier_and_the_norm_order_count(checkpoints, tmp_path, key):
               "ssm_multipliers": [[0.35, 0.25, 0.4, 0.5, 0.3][:i] + [1.0] + [0.35, 0.25, 0.4, 0.5, 0.3][i + 1:]
                                   for i in range(5)]}.get(key, [1.0])
     for n, value in enumerate(values):
-        changed = load(_with_config(folder, tmp_path / str(n), **{key: value}))
+        changed = float32_model(_with_config(folder, tmp_path / str(n), **{key: value}))
         assert scaled_error(changed.forward_verify("a", TOKENS), want) > 1e-3, value
 
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
     folder, hf = checkpoints["gated"]
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), hf, VOCAB)
 
 
 def test_a_failed_pass_leaves_every_state_as_it_was(checkpoints, monkeypatch):
     """A batch that fails in its third scan, after K/V was written and two layers made new states, changes
     nothing."""
     folder, hf = checkpoints["plain"]
-    assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "ssd_update", monkeypatch)
+    assert_a_failed_pass_leaves_every_state_as_it_was(float32_model(folder), hf, TOKENS, "ssd_update", monkeypatch)
 
 
 def test_speculative_decoding_and_lora_are_refused(checkpoints, tmp_path):
@@ -117,7 +111,7 @@ def test_speculative_decoding_and_lora_are_refused(checkpoints, tmp_path):
     with pytest.raises(UnsupportedFeatureError, match="speculative decoding cannot run 'falcon_h1'"):
         ferrum.load(folder, backend="cpu", speculative="lookup")
     with pytest.raises(AdapterError, match=r"Mamba-2 layers' projections"):
-        load(folder).adapters.load("x", tmp_path)
+        float32_model(folder).adapters.load("x", tmp_path)
 
 
 @pytest.mark.parametrize("value", [[1.0], [1, 2, 3, 4, "a"], 3.0])
@@ -127,14 +121,10 @@ def test_malformed_multiplier_lists_are_refused_by_name(value):
         ModelConfig.from_dict(raw)
 
 
-def _engine(folder, backend="cpu", **config) -> Engine:
-    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
     folder, hf = checkpoints["gated"]
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), hf,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -171,7 +161,7 @@ def test_mlx_lm_conversions_match_mlx_lm(tmp_path, tied):
         if not quantize:
             assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
         for backend in BACKENDS:
-            assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, (backend,
+            assert scaled_error(float32_model(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, (backend,
                                                                                                    quantize)
 
 
@@ -188,7 +178,7 @@ def test_mlx_lm_conversions_run_as_transformers_runs_the_model(checkpoints, tmp_
     assert load_file(tmp_path / "mlx" / "model.safetensors")["model.layers.0.mamba.conv1d.weight"].shape[-1] == 1
     want = reference_logits(hf, TOKENS)
     for backend in BACKENDS:
-        assert scaled_error(load(tmp_path / "mlx", backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
+        assert scaled_error(float32_model(tmp_path / "mlx", backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
 
 
 @pytest.mark.parametrize("variant", ["gated", "plain"])

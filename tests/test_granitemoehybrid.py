@@ -15,12 +15,10 @@ import transformers
 from safetensors.numpy import load_file
 
 import ferrum
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
-from ferrum.executor import LlmExecutor
-from ferrum.model import DecoderOnlyLLM
 from ferrum.sampling import SamplingParams
 from support import (
+    float32_model, small_pool_engine,
     assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
     assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, build_transformers_model,
     built_checkpoints, mlx_lm_logits, reference_logits, runnable_backends, scaled_error, staggered_greedy_workload,
@@ -51,12 +49,8 @@ def checkpoints(tmp_path_factory):
     return built_checkpoints(tmp_path_factory, VARIANTS, VOCAB)
 
 
-def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
-    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
-
-
 def test_reads_layer_kinds_positions_multipliers_and_mlps(checkpoints):
-    dense, moe = (load(checkpoints[name][0]) for name in ("dense", "moe"))
+    dense, moe = (float32_model(checkpoints[name][0]) for name in ("dense", "moe"))
     arch = dense.config.arch
     assert [spec.mixer for spec in arch.layers] == ["mamba2", "attention", "mamba2", "mamba2"]
     assert sorted(dense.states.layers) == [0, 2, 3] and arch.mamba2.num_groups == 2
@@ -74,7 +68,7 @@ def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backen
     """Decode steps too: each carries the convolution window and the state-space matrices of the step before.
     (transformers' own decode path leaves the step limit out; its full pass, the reference, applies it.)"""
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
 def test_the_step_limit_and_the_convolution_bias_count(checkpoints):
@@ -82,9 +76,10 @@ def test_the_step_limit_and_the_convolution_bias_count(checkpoints):
     to."""
     folder, hf = checkpoints["moe"]
     want = reference_logits(hf, TOKENS)
-    for change in ({"spec": replace(model_spec := load(folder).config.arch.mamba2, dt_limit=(0.0, float("inf")))},
+    model_spec = float32_model(folder).config.arch.mamba2
+    for change in ({"spec": replace(model_spec, dt_limit=(0.0, float("inf")))},
                    {"conv_bias": None}):
-        model = load(folder)
+        model = float32_model(folder)
         for layer in model.layers:
             if layer.recurrent is not None:
                 vars(layer.recurrent).update(change)
@@ -109,7 +104,7 @@ def test_a_pass_on_another_thread_than_the_load(checkpoints, backend):
     import threading
 
     folder, hf = checkpoints["moe"]
-    model = load(folder, backend)
+    model = float32_model(folder, backend)
     got = {}
     thread = threading.Thread(target=lambda: got.update(logits=model.forward_verify("t", TOKENS)))
     thread.start()
@@ -120,7 +115,7 @@ def test_a_pass_on_another_thread_than_the_load(checkpoints, backend):
 def test_finished_requests_leave_no_states(checkpoints):
     """The scheduler releases a finished request's KV alone; its recurrent states stayed in the store, pinning
     their batch's arrays, until a later pass pruned them."""
-    engine = _engine(checkpoints["dense"][0])
+    engine = small_pool_engine(checkpoints["dense"][0])
     ids = [engine.add_request(TOKENS[: 5 + i], SamplingParams(max_tokens=3, ignore_eos=True)) for i in range(3)]
     while engine.has_unfinished():
         engine.step()
@@ -129,7 +124,7 @@ def test_finished_requests_leave_no_states(checkpoints):
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
     folder, hf = checkpoints["dense"]
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), hf, VOCAB)
 
 
 def test_speculative_decoding_and_lora_are_refused_and_the_cache_cannot_be_cut_back(checkpoints, tmp_path):
@@ -137,21 +132,17 @@ def test_speculative_decoding_and_lora_are_refused_and_the_cache_cannot_be_cut_b
     with pytest.raises(UnsupportedFeatureError, match="speculative decoding cannot run 'granitemoehybrid'"):
         ferrum.load(folder, backend="cpu", speculative="lookup")
     with pytest.raises(AdapterError, match=r"\(Ferrum does not adapt the Mamba-2 layers' projections\); run"):
-        load(folder).adapters.load("x", tmp_path)
-    model = load(folder)
+        float32_model(folder).adapters.load("x", tmp_path)
+    model = float32_model(folder)
     model.prefill("s", TOKENS)
     with pytest.raises(UnsupportedFeatureError, match="cannot be cut back"):
         model.truncate_kv("s", 5)
 
 
-def _engine(folder, backend="cpu", **config) -> Engine:
-    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
     folder, hf = checkpoints["dense"]
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), hf,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -186,7 +177,7 @@ def test_mlx_lm_conversion_loads(checkpoints, tmp_path, variant):
     want = mlx_lm_logits(converted, TOKENS)
     assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
     for backend in BACKENDS:
-        assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
+        assert scaled_error(float32_model(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -6,7 +6,6 @@ preemption and prefix caching over the Mamba states."""
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -15,11 +14,10 @@ import transformers
 from safetensors.numpy import load_file
 
 from ferrum.config import ModelConfig
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM
 from support import (
+    float32_model, small_pool_engine,
     assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
     assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, built_checkpoints,
     mlx_lm_logits, reference_logits, runnable_backends, scaled_error, staggered_greedy_workload,
@@ -48,12 +46,8 @@ def checkpoints(tmp_path_factory):
     return built_checkpoints(tmp_path_factory, VARIANTS, VOCAB)
 
 
-def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
-    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
-
-
 def test_reads_the_layer_kinds_sizes_and_names(checkpoints):
-    model = load(checkpoints["moe"][0])
+    model = float32_model(checkpoints["moe"][0])
     arch = model.config.arch
     assert [(s.mixer, s.mlp) for s in arch.layers] == [
         ("mamba", "dense"), ("attention", "moe"), ("mamba", "dense"), ("mamba", "moe"), ("attention", "dense")]
@@ -62,7 +56,7 @@ def test_reads_the_layer_kinds_sizes_and_names(checkpoints):
     assert (arch.mamba.inner, arch.mamba.dt_rank, arch.mamba.inner_norms, arch.mamba.module) == (
         128, 4, "weighted", "mamba")
     assert (arch.moe.num_experts, arch.moe.top_k, arch.moe.normalize) == (4, 2, False)
-    dense = load(checkpoints["dense"][0]).config.arch
+    dense = float32_model(checkpoints["dense"][0]).config.arch
     assert dense.moe is None and {s.mlp for s in dense.layers} == {"dense"}
     assert (dense.mamba.inner, dense.mamba.dt_rank, dense.mamba.conv_bias, dense.mamba.proj_bias) == (
         192, 6, False, True)
@@ -72,7 +66,7 @@ def test_reads_the_layer_kinds_sizes_and_names(checkpoints):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
 def test_the_unrenormalized_routing_and_the_inner_norms_weights_count(checkpoints):
@@ -80,12 +74,12 @@ def test_the_unrenormalized_routing_and_the_inner_norms_weights_count(checkpoint
     without their weights, miss transformers' logits by far more than the match holds to."""
     folder, hf = checkpoints["moe"]
     want = reference_logits(hf, TOKENS)
-    renormalized = load(folder)
+    renormalized = float32_model(folder)
     moe = [layer.mlp for layer in renormalized.layers if hasattr(layer.mlp, "normalize")]
     assert len(moe) == 2
     for mlp in moe:
         mlp.normalize = True
-    unweighted = load(folder)
+    unweighted = float32_model(folder)
     for layer in unweighted.layers:
         if layer.recurrent is not None:
             layer.recurrent.spec = replace(layer.recurrent.spec, inner_norms="weightless")
@@ -118,20 +112,13 @@ def test_inconsistent_configs_are_refused_by_name(change, message):
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
     folder, hf = checkpoints["moe"]
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
-
-
-def _engine(folder, backend="cpu", **config) -> Engine:
-    model = load(folder, backend, num_kv_blocks=64, block_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Engine(LlmExecutor(model), None, EngineConfig(**config))
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), hf, VOCAB)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
     folder, hf = checkpoints["moe"]
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), hf,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -174,7 +161,7 @@ def test_mlx_lm_conversion_of_experts_runs_as_transformers_runs_them(checkpoints
                                                                                    "model.safetensors")
     want = reference_logits(hf, TOKENS)
     assert scaled_error(mlx_lm_logits(tmp_path / "mlx", TOKENS), want) > 1e-3
-    assert scaled_error(load(tmp_path / "mlx").forward_verify("m", TOKENS), want) <= 1e-4
+    assert scaled_error(float32_model(tmp_path / "mlx").forward_verify("m", TOKENS), want) <= 1e-4
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

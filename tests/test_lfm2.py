@@ -13,11 +13,9 @@ import transformers
 
 import ferrum
 from ferrum.config import ModelConfig
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
-from ferrum.executor import LlmExecutor
-from ferrum.model import DecoderOnlyLLM
 from support import (
+    float32_model, small_pool_engine,
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match,
     assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, mlx_lm_logits, reference_logits,
@@ -47,13 +45,9 @@ def checkpoint(tmp_path_factory):
     return folder, hf
 
 
-def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
-    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
-
-
 def test_reads_layer_kinds_the_feed_forward_width_and_tied_embeddings(checkpoint):
     folder, hf = checkpoint
-    model = load(folder)
+    model = float32_model(folder)
     config, arch = model.config, model.config.arch
     assert [spec.mixer for spec in arch.layers] == ["short_conv", "attention", "short_conv", "short_conv",
                                                     "attention", "short_conv"]
@@ -65,7 +59,7 @@ def test_reads_layer_kinds_the_feed_forward_width_and_tied_embeddings(checkpoint
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_and_decode_steps_match_transformers(checkpoint, backend):
     folder, hf = checkpoint
-    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
 def test_a_convolution_without_its_state_or_with_a_silu_is_caught(checkpoint, monkeypatch):
@@ -73,12 +67,12 @@ def test_a_convolution_without_its_state_or_with_a_silu_is_caught(checkpoint, mo
     on its output."""
     folder, hf = checkpoint
     want = reference_logits(hf, TOKENS)
-    model = load(folder)
+    model = float32_model(folder)
     conv = model.ops.causal_conv1d
     monkeypatch.setattr(model.ops, "causal_conv1d", lambda x, w, state, cu, silu: conv(x, w, state * 0, cu, silu))
     with pytest.raises(AssertionError):
         assert_forward_and_decode_match(model, TOKENS, want)
-    model = load(folder)
+    model = float32_model(folder)
     monkeypatch.setattr(model.ops, "causal_conv1d", lambda x, w, state, cu, silu: conv(x, w, state, cu, True))
     with pytest.raises(AssertionError):
         assert_forward_and_decode_match(model, TOKENS, want)
@@ -86,13 +80,13 @@ def test_a_convolution_without_its_state_or_with_a_silu_is_caught(checkpoint, mo
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoint):
     folder, hf = checkpoint
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB, first_y=1)
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), hf, VOCAB, first_y=1)
 
 
 def test_a_failed_pass_leaves_every_state_as_it_was(checkpoint, monkeypatch):
     """A batch that fails in its third convolution, after the first two made new states, changes nothing."""
     folder, hf = checkpoint
-    assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "causal_conv1d", monkeypatch)
+    assert_a_failed_pass_leaves_every_state_as_it_was(float32_model(folder), hf, TOKENS, "causal_conv1d", monkeypatch)
 
 
 def _as_released(folder, destination, **changes):
@@ -113,7 +107,7 @@ def test_a_released_config_reads_as_transformers_reads_it(checkpoint, tmp_path):
     config written so (and on the widths where the multiplier is 1.5 and the rounding is to 48)."""
     folder, hf = checkpoint
     released = _as_released(folder, tmp_path / "released")
-    got = load(released).forward_verify("r", TOKENS)
+    got = float32_model(released).forward_verify("r", TOKENS)
     want = reference_logits(transformers.AutoModelForCausalLM.from_pretrained(released).eval(), TOKENS)
     assert scaled_error(got, want) <= 1e-4 and scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
     raw = json.loads((released / "config.json").read_text())
@@ -135,8 +129,8 @@ def test_speculative_decoding_and_lora_are_refused_up_front(checkpoint, tmp_path
     with pytest.raises(UnsupportedFeatureError, match="speculative decoding cannot run 'lfm2'"):
         ferrum.load(folder, backend="cpu", speculative="lookup")
     with pytest.raises(AdapterError, match="does not adapt the short convolution layers' projections\\)"):
-        load(folder).adapters.load("x", tmp_path)
-    model = load(folder)
+        float32_model(folder).adapters.load("x", tmp_path)
+    model = float32_model(folder)
     model.prefill("s", TOKENS)
     with pytest.raises(UnsupportedFeatureError, match="cannot be cut back"):
         model.truncate_kv("s", 5)
@@ -149,19 +143,15 @@ def test_the_vision_language_wrapper_runs_its_text_model(tmp_path):
                                        vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                                           num_attention_heads=2))
     hf = build_transformers_model(tmp_path, config, model_class=transformers.Lfm2VlForConditionalGeneration)
-    model = load(tmp_path)
+    model = float32_model(tmp_path)
     assert model.config.model_type == "lfm2" and model.config.intermediate_size == 80
     assert scaled_error(model.forward_verify("v", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
-
-
-def _engine(folder, backend="cpu", **config) -> Engine:
-    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoint, backend):
     folder, hf = checkpoint
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), hf,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -184,7 +174,7 @@ def test_mlx_lm_conversions_load(checkpoint, tmp_path, bits):
     if bits is None:
         assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
     for backend in BACKENDS:
-        assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
+        assert scaled_error(float32_model(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
 
 
 def test_random_checkpoints_are_what_transformers_reads(tmp_path):

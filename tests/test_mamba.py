@@ -6,7 +6,6 @@ prefill, preemption and prefix caching over those states."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -14,11 +13,10 @@ import transformers
 from safetensors.numpy import load_file
 
 from ferrum.config import ModelConfig
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM
 from support import (
+    float32_model, small_pool_engine,
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_random_checkpoint_is_what_transformers_reads, built_checkpoints, mlx_lm_logits, reference_logits,
@@ -44,19 +42,15 @@ def checkpoints(tmp_path_factory):
     return built_checkpoints(tmp_path_factory, VARIANTS, VOCAB)
 
 
-def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
-    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
-
-
 def test_reads_the_blocks_sizes_and_names(checkpoints):
     """transformers saves the releases' names (``backbone.embeddings``, each block's ``norm`` and ``mixer``,
     ``norm_f``); no layer attends, so the KV pool holds none."""
-    model = load(checkpoints["mamba"][0])
+    model = float32_model(checkpoints["mamba"][0])
     arch = model.config.arch
     assert [(s.mixer, s.mlp) for s in arch.layers] == [("mamba", "none")] * 3 and arch.kv_pool_layers == 0
     assert arch.prefix == "backbone." and model.config.tie_word_embeddings
     assert (arch.mamba.inner, arch.mamba.state_size, arch.mamba.dt_rank, arch.mamba.inner_norms) == (128, 8, 6, None)
-    falcon = load(checkpoints["falcon"][0]).config.arch.mamba
+    falcon = float32_model(checkpoints["falcon"][0]).config.arch.mamba
     assert (falcon.inner, falcon.dt_rank, falcon.inner_norms, falcon.norm_eps) == (192, 4, "weightless", 0.3)
     assert (falcon.conv_bias, falcon.proj_bias) == (False, True)
 
@@ -66,14 +60,14 @@ def test_reads_the_blocks_sizes_and_names(checkpoints):
 def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
     """Decode steps too: each carries the convolution window and the state-space matrices of the step before."""
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
 def test_falcon_mambas_norms_count(checkpoints):
     """Run without its step / B / C norms, Falcon Mamba misses transformers' logits by far more than the match
     holds to."""
     folder, hf = checkpoints["falcon"]
-    model = load(folder)
+    model = float32_model(folder)
     for layer in model.layers:
         layer.recurrent.norms = None
     assert scaled_error(model.forward_verify("a", TOKENS), reference_logits(hf, TOKENS)) > 1e-2
@@ -101,25 +95,18 @@ def test_what_ferrum_does_not_run_is_refused_by_name(change, message, error):
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
     folder, hf = checkpoints["falcon"]
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), hf, VOCAB)
 
 
 def test_a_failed_pass_leaves_every_state_as_it_was(checkpoints, monkeypatch):
     folder, hf = checkpoints["mamba"]
-    assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "selective_scan", monkeypatch)
-
-
-def _engine(folder, backend="cpu", **config) -> Engine:
-    model = load(folder, backend, num_kv_blocks=64, block_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Engine(LlmExecutor(model), None, EngineConfig(**config))
+    assert_a_failed_pass_leaves_every_state_as_it_was(float32_model(folder), hf, TOKENS, "selective_scan", monkeypatch)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
     folder, hf = checkpoints["falcon"]
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), hf,
                                       staggered_greedy_workload(VOCAB))
 
 

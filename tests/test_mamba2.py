@@ -13,11 +13,9 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from ferrum.config import ModelConfig
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import ConfigError
-from ferrum.executor import LlmExecutor
-from ferrum.model import DecoderOnlyLLM
 from support import (
+    float32_model, small_pool_engine,
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_random_checkpoint_is_what_transformers_reads, build_transformers_model, built_checkpoints, mlx_lm_logits,
@@ -43,12 +41,8 @@ def checkpoints(tmp_path_factory):
     return built_checkpoints(tmp_path_factory, VARIANTS, VOCAB)
 
 
-def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
-    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
-
-
 def test_every_block_is_a_mamba2_mixer_without_kv(checkpoints):
-    model = load(checkpoints["grouped"][0])
+    model = float32_model(checkpoints["grouped"][0])
     arch = model.config.arch
     assert [(s.mixer, s.mlp) for s in arch.layers] == [("mamba2", "none")] * 3
     assert sorted(model.states.layers) == [0, 1, 2] and arch.kv_pool_layers == 0 and arch.prefix == "backbone."
@@ -59,7 +53,7 @@ def test_every_block_is_a_mamba2_mixer_without_kv(checkpoints):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
 def test_the_first_releases_embedding_name_loads(checkpoints, tmp_path):
@@ -69,7 +63,8 @@ def test_the_first_releases_embedding_name_loads(checkpoints, tmp_path):
     tensors = load_file(tmp_path / "old" / "model.safetensors")
     tensors["backbone.embedding.weight"] = tensors.pop("backbone.embeddings.weight")
     save_file(tensors, str(tmp_path / "old" / "model.safetensors"), metadata={"format": "pt"})
-    assert scaled_error(load(tmp_path / "old").forward_verify("a", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+    got = float32_model(tmp_path / "old").forward_verify("a", TOKENS)
+    assert scaled_error(got, reference_logits(hf, TOKENS)) <= 1e-4
 
 
 @pytest.mark.parametrize("change", [{"num_heads": 6}, {"n_groups": 3}, {"time_step_limit": [2.0, 1.0]}])
@@ -81,22 +76,18 @@ def test_inconsistent_sizes_are_refused_by_name(change):
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
     folder, hf = checkpoints["grouped"]
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), hf, VOCAB)
 
 
 def test_a_failed_pass_leaves_every_state_as_it_was(checkpoints, monkeypatch):
     folder, hf = checkpoints["tied"]
-    assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "ssd_update", monkeypatch)
-
-
-def _engine(folder, backend="cpu", **config) -> Engine:
-    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
+    assert_a_failed_pass_leaves_every_state_as_it_was(float32_model(folder), hf, TOKENS, "ssd_update", monkeypatch)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
     folder, hf = checkpoints["grouped"]
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), hf,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -125,7 +116,7 @@ def test_mlx_lm_conversion_matches_mlx_lm(tmp_path):
         if not quantize:
             assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
         for backend in BACKENDS:
-            assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, (backend,
+            assert scaled_error(float32_model(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, (backend,
                                                                                                    quantize)
 
 

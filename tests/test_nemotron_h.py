@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -15,11 +14,10 @@ import transformers
 from safetensors.numpy import load_file
 
 from ferrum.config import ModelConfig
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.executor import LlmExecutor
 from ferrum.model import DecoderOnlyLLM
 from support import (
+    float32_model, small_pool_engine,
     assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
     assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, build_transformers_model,
     built_checkpoints, mlx_lm_logits, reference_logits, runnable_backends, scaled_error, staggered_greedy_workload,
@@ -51,16 +49,12 @@ def checkpoints(tmp_path_factory):
     return built_checkpoints(tmp_path_factory, VARIANTS, VOCAB)
 
 
-def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
-    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
-
-
 def test_reads_the_block_kinds_sizes_and_names(checkpoints):
     """transformers saves the NVIDIA releases' names (``backbone.``, each block's ``mixer`` and ``norm``) and no
     num_hidden_layers: the block list counts the layers."""
     folder, _ = checkpoints["nano2"]
     assert "num_hidden_layers" not in json.loads((folder / "config.json").read_text())
-    model = load(folder)
+    model = float32_model(folder)
     arch = model.config.arch
     assert [(s.mixer, s.mlp) for s in arch.layers] == [
         ("mamba2", "none"), ("none", "plain"), ("attention", "none"), ("none", "plain"), ("mamba2", "none"),
@@ -68,7 +62,7 @@ def test_reads_the_block_kinds_sizes_and_names(checkpoints):
     assert arch.prefix == "backbone." and sorted(model.states.layers) == [0, 4, 5] and arch.kv_pool_layers == 1
     assert (arch.mamba2.num_heads, arch.mamba2.head_dim, arch.mamba2.num_groups) == (8, 12, 2)
     assert arch.layers[2].rope.rotary_dim == 0 and arch.attn_scale == pytest.approx(24 ** -0.5)
-    assert load(checkpoints["biased"][0]).config.arch.mamba2.dt_limit == (0.6, float("inf"))
+    assert float32_model(checkpoints["biased"][0]).config.arch.mamba2.dt_limit == (0.6, float("inf"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -79,7 +73,7 @@ def test_a_pattern_without_attention_runs(backend, tmp_path):
         **COMMON, layers_block_type=["linear_attention", "mlp", "linear_attention", "mlp"], n_groups=1))
     import torch
 
-    model = load(tmp_path, backend)
+    model = float32_model(tmp_path, backend)
     assert model.config.arch.kv_pool_layers == 0
     with torch.no_grad():  # transformers' cache needs an attention layer to count its length: run without it
         want = hf(torch.tensor([TOKENS]), use_cache=False).logits[0].numpy()
@@ -91,7 +85,7 @@ def test_a_pattern_without_attention_runs(backend, tmp_path):
 def test_logits_and_decode_steps_match_transformers(checkpoints, variant, backend):
     """Decode steps too: each carries the convolution window and the state-space matrices of the step before."""
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
 def test_the_step_floor_and_the_group_norm_count(checkpoints):
@@ -102,7 +96,7 @@ def test_the_step_floor_and_the_group_norm_count(checkpoints):
     for variant, change in (("biased", lambda spec: {"spec": replace(spec, dt_limit=(0.0, float("inf")))}),
                             ("nano2", lambda spec: {"group_norm": None})):
         folder, hf = checkpoints[variant]
-        model = load(folder)
+        model = float32_model(folder)
         for layer in model.layers:
             if layer.recurrent is not None:
                 vars(layer.recurrent).update(change(layer.recurrent.spec))
@@ -117,7 +111,7 @@ def test_the_releases_pattern_string_and_layer_count_read_alike(checkpoints, tmp
     del config["layers_block_type"]
     config.update(hybrid_override_pattern="M-*-MM-", num_hidden_layers=7)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    assert scaled_error(load(tmp_path / "m").forward_verify("a", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+    assert scaled_error(float32_model(tmp_path / "m").forward_verify("a", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -135,20 +129,13 @@ def test_what_ferrum_does_not_run_is_refused_by_name(change, message):
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoints):
     folder, hf = checkpoints["nano2"]
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
-
-
-def _engine(folder, backend="cpu", **config) -> Engine:
-    model = load(folder, backend, num_kv_blocks=64, block_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Engine(LlmExecutor(model), None, EngineConfig(**config))
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), hf, VOCAB)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoints, backend):
     folder, hf = checkpoints["nano2"]
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), hf,
                                       staggered_greedy_workload(VOCAB))
 
 

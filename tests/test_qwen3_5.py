@@ -13,13 +13,11 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import ferrum
-from ferrum.engine import Engine, EngineConfig
 from ferrum.errors import AdapterError, UnsupportedFeatureError
-from ferrum.executor import LlmExecutor
-from ferrum.model import DecoderOnlyLLM
 from ferrum.recurrent.state import RecurrentStates
 from ferrum.sampling import SamplingParams
 from support import (
+    float32_model, small_pool_engine,
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, build_transformers_model, mlx_lm_logits,
     reference_logits, runnable_backends, scaled_error, staggered_greedy_workload, write_tokenizer,
@@ -47,12 +45,8 @@ def checkpoint(tmp_path_factory):
     return folder, hf
 
 
-def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
-    return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
-
-
 def test_reads_layer_kinds_partial_rope_and_zero_centred_norms(checkpoint):
-    model = load(checkpoint[0])
+    model = float32_model(checkpoint[0])
     arch = model.config.arch
     assert [spec.mixer for spec in arch.layers] == ["gated_delta", "attention"] * 2 + ["gated_delta"]
     assert arch.layers[1].rope.rotary_dim == 4 and arch.norm_offset == 1.0 and arch.attn_output_gate
@@ -61,7 +55,7 @@ def test_reads_layer_kinds_partial_rope_and_zero_centred_norms(checkpoint):
 
 def test_the_kv_pool_holds_the_attention_layers_alone(checkpoint):
     """Three of the five layers are recurrent and attend nothing: the KV pool has two layers, not five."""
-    model = load(checkpoint[0])
+    model = float32_model(checkpoint[0])
     assert len(model.pool.k) == len(model.pool.v) == 2
     assert model.config.arch.kv_layers == (None, 0, None, 1, None)
     per_layer = 2 * model.config.num_kv_heads * model.config.head_dim * 4 * model.kv_capacity()
@@ -71,7 +65,7 @@ def test_the_kv_pool_holds_the_attention_layers_alone(checkpoint):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_and_decode_steps_match_transformers(checkpoint, backend):
     folder, hf = checkpoint
-    assert_forward_and_decode_match(load(folder, backend), TOKENS, reference_logits(hf, TOKENS))
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
 def test_a_state_commit_that_keeps_stale_states_is_caught(checkpoint, monkeypatch):
@@ -86,27 +80,28 @@ def test_a_state_commit_that_keeps_stale_states_is_caught(checkpoint, monkeypatc
 
     monkeypatch.setattr(RecurrentStates, "commit", first_only)
     with pytest.raises(AssertionError):
-        assert_forward_and_decode_match(load(folder), TOKENS, reference_logits(hf, TOKENS))
+        assert_forward_and_decode_match(float32_model(folder), TOKENS, reference_logits(hf, TOKENS))
     monkeypatch.setattr(RecurrentStates, "commit", RecurrentStates.discard)
     with pytest.raises(UnsupportedFeatureError, match="recurrent layers have no state"):
-        assert_forward_and_decode_match(load(folder), TOKENS, reference_logits(hf, TOKENS))
+        assert_forward_and_decode_match(float32_model(folder), TOKENS, reference_logits(hf, TOKENS))
 
 
 def test_a_failed_pass_leaves_every_state_as_it_was(checkpoint, monkeypatch):
     """A batch that fails in its last recurrent layer, after the first ones made new states, changes nothing: both
     sequences then decode as if it never ran."""
     folder, hf = checkpoint
-    assert_a_failed_pass_leaves_every_state_as_it_was(load(folder), hf, TOKENS, "gated_delta_rule", monkeypatch)
+    assert_a_failed_pass_leaves_every_state_as_it_was(float32_model(folder), hf, TOKENS, "gated_delta_rule",
+                                                      monkeypatch)
 
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(checkpoint):
     folder, hf = checkpoint
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(load(folder), hf, VOCAB)
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), hf, VOCAB)
 
 
 def test_a_released_sequence_id_starts_from_a_fresh_state(checkpoint):
     folder, hf = checkpoint
-    model = load(folder)
+    model = float32_model(folder)
     model.prefill("s", TOKENS[::-1])
     model.release("s")
     assert scaled_error(model.prefill("s", TOKENS), reference_logits(hf, TOKENS)[-1]) <= 1e-4
@@ -115,7 +110,7 @@ def test_a_released_sequence_id_starts_from_a_fresh_state(checkpoint):
 
 
 def test_the_cache_cannot_be_cut_back(checkpoint):
-    model = load(checkpoint[0])
+    model = float32_model(checkpoint[0])
     model.prefill("s", TOKENS)
     model.truncate_kv("s", len(TOKENS))  # to its own length: nothing to undo
     with pytest.raises(UnsupportedFeatureError, match="cannot be cut back"):
@@ -129,7 +124,7 @@ def test_speculative_decoding_and_lora_are_refused_up_front(checkpoint, tmp_path
         ferrum.load(folder, backend="cpu", speculative="lookup")
     with pytest.raises(AdapterError, match=r"recurrent layers are not supported yet \(Ferrum does not adapt the "
                        r"Gated DeltaNet layers' projections nor the gated attention's q_proj"):
-        load(folder).adapters.load("x", tmp_path)
+        float32_model(folder).adapters.load("x", tmp_path)
 
 
 def test_a_recurrent_draft_model_is_refused_up_front(checkpoint, tmp_path):
@@ -144,15 +139,12 @@ def test_a_recurrent_draft_model_is_refused_up_front(checkpoint, tmp_path):
         ferrum.load(target, backend="cpu", speculative="draft", draft_model=checkpoint[0])
 
 
-def _engine(folder, backend="cpu", **config) -> Engine:
-    return Engine(LlmExecutor(load(folder, backend, num_kv_blocks=64, block_size=4)), None, EngineConfig(**config))
-
-
 def test_prefix_caching_off_keeps_no_states_and_reuses_nothing(checkpoint):
     """The option stays: with it off (or no memory for the states) a repeated prompt is computed in full. (With it on,
     tests/test_hybrid_prefix_cache.py.)"""
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    for engine in (_engine(checkpoint[0], enable_prefix_caching=False), _engine(checkpoint[0], prefix_state_bytes=0)):
+    for engine in (small_pool_engine(checkpoint[0], enable_prefix_caching=False),
+                   small_pool_engine(checkpoint[0], prefix_state_bytes=0)):
         outs = []
         for _ in range(2):
             engine.add_request(TOKENS * 2, params)
@@ -164,7 +156,7 @@ def test_prefix_caching_off_keeps_no_states_and_reuses_nothing(checkpoint):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(checkpoint, backend):
     folder, hf = checkpoint
-    assert_engine_keeps_greedy_tokens(lambda **config: _engine(folder, backend, **config), hf,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), hf,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -184,7 +176,7 @@ def _wrapped(folder, destination):
 
 def test_the_multimodal_wrapper_runs_its_text_model(checkpoint, tmp_path):
     folder, hf = checkpoint
-    model = load(_wrapped(folder, tmp_path / "wrapped"))
+    model = float32_model(_wrapped(folder, tmp_path / "wrapped"))
     assert model.config.model_type == "qwen3_5_text"
     assert scaled_error(model.forward_verify("w", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
 
@@ -203,4 +195,4 @@ def test_mlx_lm_conversions_load(checkpoint, tmp_path):
     want = mlx_lm_logits(converted, TOKENS)
     assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
     for backend in BACKENDS:
-        assert scaled_error(load(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
+        assert scaled_error(float32_model(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend
