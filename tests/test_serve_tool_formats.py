@@ -18,9 +18,10 @@ from test_serve_tools import (CLOCK, DEEPSEEK_TEMPLATE, DEEPSEEK_V31_TEMPLATE, G
                               NESTED, PING, QWEN3_CODER_TEMPLATE, TOOL_TEMPLATE, WEATHER, _calls, _forced_matcher,
                               _stream, _takes, check_calls_over_the_api)
 
-MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI, OLMO3 = (
+MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI, OLMO3, GEMMA4 = (
     next(f for f in FORMATS if f.name == name)
-    for name in ("minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3"))
+    for name in ("minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3",
+                 "gemma4"))
 
 # MiniMax-M2's tool parts (MiniMaxAI/MiniMax-M2 chat_template.jinja: each tool's function as JSON in <tool>, the
 # format shown, and a call's <invoke> with a <parameter> per argument, a string bare and anything else as JSON)
@@ -185,6 +186,40 @@ OLMO3_TEMPLATE = (
     "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
 )
 
+# Gemma 4's tool parts (google/gemma-4 chat_template.jinja: its format_argument macro, strings between the <|"|> quote
+# token, objects' keys sorted and bare in calls; each tool declared as <|tool>declaration:NAME{...}<tool|>, whose
+# parameters the release writes with its format_parameters macro, types upper-cased, here with format_argument; a
+# call written back as <|tool_call>call:NAME{key:value,...}<tool_call|>, a result as <|tool_response>) over the test
+# tokenizer's tags.
+GEMMA4_TEMPLATE = (
+    "{%- macro format_argument(argument, escape_keys=True) -%}"
+    "{%- if argument is string -%}{{- '<|\"|>' + argument + '<|\"|>' -}}"
+    "{%- elif argument is boolean -%}{{- 'true' if argument else 'false' -}}"
+    "{%- elif argument is mapping -%}{{- '{' -}}{%- set ns = namespace(found_first=false) -%}"
+    "{%- for key, value in argument | dictsort -%}{%- if ns.found_first %},{% endif -%}"
+    "{%- set ns.found_first = true -%}"
+    "{%- if escape_keys -%}{{- '<|\"|>' + key + '<|\"|>' -}}{%- else -%}{{- key -}}{%- endif -%}"
+    ":{{- format_argument(value, escape_keys=escape_keys) -}}{%- endfor -%}{{- '}' -}}"
+    "{%- elif argument is sequence -%}{{- '[' -}}{%- for item in argument -%}"
+    "{{- format_argument(item, escape_keys=escape_keys) -}}{%- if not loop.last %},{% endif -%}{%- endfor -%}"
+    "{{- ']' -}}{%- else -%}{{- argument -}}{%- endif -%}{%- endmacro -%}"
+    "{%- if tools %}<|system|>{%- for tool in tools %}{{- '<|tool>declaration:' + tool.function.name + '{' -}}"
+    "{{- 'description:<|\"|>' + (tool.function.description or '') + '<|\"|>' -}}"
+    "{{- ',parameters:' + format_argument(tool.function.parameters or {}, escape_keys=False) -}}"
+    "{{- '}<tool|>' -}}{%- endfor %}</s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>{{ m.content or '' }}"
+    "{%- for tool_call in m.tool_calls %}{%- set function = tool_call.function %}"
+    "{{- '<|tool_call>call:' + function.name + '{' -}}{%- set ns = namespace(found_first=false) -%}"
+    "{%- for key, value in function.arguments | dictsort -%}{%- if ns.found_first %},{% endif -%}"
+    "{%- set ns.found_first = true -%}{{- key -}}:{{- format_argument(value, escape_keys=False) -}}{%- endfor -%}"
+    "{{- '}<tool_call|>' -}}{%- endfor %}</s>"
+    "{%- elif m.role == 'tool' %}<|user|><|tool_response>response:{{ m.name or 'tool' }}"
+    "{value:<|\"|>{{ m.content }}<|\"|>}<tool_response|></s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
 Calls = list[tuple[str, dict[str, Any]]]
 
 
@@ -235,6 +270,22 @@ def _olmo3(calls: Calls) -> str:
     return "<function_calls>\n" + "\n".join(_py([call])[1:-1] for call in calls) + "\n</function_calls>"
 
 
+def _gemma_value(value: Any) -> str:
+    """A value as Gemma 4's template writes it (its format_argument macro, keys bare)."""
+    if isinstance(value, str):
+        return f'<|"|>{value}<|"|>'
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_gemma_value(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_gemma_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _gemma4(calls: Calls) -> str:
+    """Calls as Gemma 4 writes them, a block each, one right after another."""
+    return "".join(f"<|tool_call>call:{name}{_gemma_value(arguments)}<tool_call|>" for name, arguments in calls)
+
+
 MINIMAX_MARKERS = ("<minimax:tool_call>", "</minimax:tool_call>")
 TOOL_CALLS_MARKERS = ("<tool_calls>", "</tool_calls>")
 SEED_MARKERS = ("<seed:tool_call>", "</seed:tool_call>")
@@ -248,8 +299,9 @@ ROWS: list[tuple[Any, str, Callable[[Calls], str], tuple[str, ...]]] = [
     (JAMBA, JAMBA_TEMPLATE, _tool_calls_list, TOOL_CALLS_MARKERS),
     (PHI4_MINI, PHI4_MINI_TEMPLATE, _phi4, ()),
     (OLMO3, OLMO3_TEMPLATE, _olmo3, ("<function_calls>", "</function_calls>")),
+    (GEMMA4, GEMMA4_TEMPLATE, _gemma4, ("<|tool_call>", "<tool_call|>", '<|"|>')),
 ]
-IDS = ["minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3"]
+IDS = ["minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3", "gemma4"]
 
 
 def _read(fmt, text: str, tools: list | None = None) -> list[tuple[str, Any]]:
@@ -266,7 +318,7 @@ def test_the_new_templates_are_told_apart_from_the_others():
     """Each release's template gives its own format; Seed-OSS's also holds ``<parameter=`` (Qwen3-Coder's sign) and
     is still Seed-OSS; the templates that had a format keep it."""
     assert [format_of(t) for _, t, _, _ in ROWS] == [MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI,
-                                                     OLMO3]
+                                                     OLMO3, GEMMA4]
     assert [format_of(t).name for t in (TOOL_TEMPLATE, GLM_TEMPLATE, QWEN3_CODER_TEMPLATE, DEEPSEEK_TEMPLATE,
                                         DEEPSEEK_V31_TEMPLATE, KIMI_TEMPLATE)] == [
         "hermes", "glm45", "qwen3_coder", "deepseek_v3", "deepseek_v31", "kimi_k2"]
@@ -328,6 +380,28 @@ def test_pythonic_calls_are_the_whole_reply_as_a_list_of_calls():
     for bad in ("Let me check: " + text, "[get_weather('Paris')]", "[get_weather(city=x)]", "[os.system(c='ls')]",
                 "[1, 2]", "[]", "[f(**k)]", "[f(x={1, 2})]", "[get_weather(city=", "[f(x=1e999)]"):
         assert PYTHONIC.read(bad, None).calls == [] and PYTHONIC.read(bad, None).content == bad, bad
+
+
+def test_gemma4_calls_are_typed_as_written_and_the_text_around_them_kept():
+    """Numbers, booleans, null, nested objects and lists, strings between <|"|> (commas and braces in them kept, a
+    number in quotes a string), a key between quotes; several blocks, the text before, between and after kept; a
+    block that does not read as one call (or is not closed) leaves the reply text."""
+    text = ('On it.\n<|tool_call>call:find{days:2,ratio:-2.5,big:1e3,ok:true,no:false,none:null,code:<|"|>42<|"|>,'
+            'where:{city:<|"|>Oslo, {north}<|"|>,tags:[1,<|"|>a<|"|>,{b:None}]},<|"|>q k<|"|>:[]}<tool_call|>'
+            "<|tool_call>call:get_time{}<tool_call|>\nthen <|tool_call>call:f{ x : 1 }<tool_call|> done")
+    reply = GEMMA4.read(text, None)
+    assert _read(GEMMA4, text) == [
+        ("find", {"days": 2, "ratio": -2.5, "big": 1000.0, "ok": True, "no": False, "none": None, "code": "42",
+                  "where": {"city": "Oslo, {north}", "tags": [1, "a", {"b": None}]}, "q k": []}),
+        ("get_time", {}), ("f", {"x": 1})]
+    assert reply.content == "On it.\n\nthen  done"
+    assert json.loads(reply.calls[0]["function"]["arguments"])["days"] == 2  # an int, not 2.0
+    one = _gemma4([("f", {"x": 1, "s": "y"})])
+    for bad in (one[:-len("<tool_call|>")], one.replace("call:", ""), one.replace("x:1", "x:1,,"),
+                one.replace("x:1", "x"), one.replace('y<|"|>', "y"), one.replace("}<tool", "} more<tool"),
+                one.replace("{", "{[", 1), one.replace("call:f", "call:")):
+        # unclosed, no call:, empty item, no value, string left open, text after, a list left open, no name
+        assert GEMMA4.read(bad, None).calls == [] and GEMMA4.read(bad, None).content == bad, bad
 
 
 @pytest.mark.parametrize("fmt, template, write, markers", ROWS, ids=IDS)

@@ -98,11 +98,11 @@ def bare_arguments(tools: list[dict[str, Any]], arg: Callable[[str, str], str], 
             value = (_bare_string(string_schema(schema), end) if string_schema(schema) is not None and not quoted
                      else json_rule({**schema, "$defs": {"parameters": root}}) + (f" {json.dumps(end)}" if end else ""))
             items.append((f"({arg(key, value)})", key in required))
-        bodies.append(_separated(items, separator) or '""')
+        bodies.append(separated(items, separator) or '""')
     return bodies
 
 
-def _separated(items: list[tuple[str, bool]], separator: str) -> str:
+def separated(items: list[tuple[str, bool]], separator: str) -> str:
     """A Lark body of ``items`` (each a body and whether it is required) in order, the optional ones maybe left out,
     ``separator`` between two written (none before the first): built from the end, as what may follow where none
     was written yet (``first``) and where one was (``rest``)."""
