@@ -285,6 +285,26 @@ def mlx_lm_logits(folder: Path, tokens) -> np.ndarray:
     return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
 
 
+def mlx_lm_converted(folder: Path, dest: Path, tokens, bits: int | None = None) -> tuple[dict, np.ndarray]:
+    """mlx-lm's conversion of checkpoint ``folder`` (packed at ``bits`` where given) written to ``dest``: its stored
+    tensors and mlx-lm's own logits over ``tokens``."""
+    from mlx_lm.convert import convert
+    from safetensors.numpy import load_file
+
+    convert(str(folder), str(dest), **({} if bits is None else dict(quantize=True, q_bits=bits)))
+    return load_file(dest / "model.safetensors"), mlx_lm_logits(dest, tokens)
+
+
+def assert_every_backend_runs_it_as_mlx_lm(folder: Path, tokens, want: np.ndarray, packed: bool) -> None:
+    """Each runnable backend's float32 logits of mlx-lm's conversion ``folder`` are mlx-lm's, ``want`` (within 1e-4,
+    or 2e-3 where ``packed``)."""
+    from ferrum.model import DecoderOnlyLLM
+
+    for backend in runnable_backends():
+        model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32")
+        assert scaled_error(model.forward_verify("m", tokens), want) <= (2e-3 if packed else 1e-4), backend
+
+
 def reference_logits(model, tokens) -> np.ndarray:
     import torch
 

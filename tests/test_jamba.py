@@ -15,8 +15,8 @@ from safetensors.numpy import load_file
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.model import DecoderOnlyLLM
 from support import (
+    assert_every_backend_runs_it_as_mlx_lm, mlx_lm_converted,
     float32_model, small_pool_engine,
     assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
     assert_forward_and_decode_match, assert_random_checkpoint_is_what_transformers_reads, built_checkpoints,
@@ -133,20 +133,14 @@ def test_prefix_cached_requests_generate_transformers_greedy_tokens(checkpoints,
 def test_mlx_lm_conversion_of_a_dense_jamba_runs_as_mlx_lm_runs_it(checkpoints, tmp_path, bits):
     """mlx-lm's conversion keeps transformers' names and stores the convolution [C, K, 1]; float or packed, it runs
     on every backend as mlx-lm runs it."""
-    from mlx_lm.convert import convert
-
     folder, hf = checkpoints["dense"]
-    convert(str(folder), str(tmp_path / "mlx"), **({} if bits is None else dict(quantize=True, q_bits=bits)))
-    stored = load_file(tmp_path / "mlx" / "model.safetensors")
+    stored, want = mlx_lm_converted(folder, tmp_path / "mlx", TOKENS, bits)
     assert stored["model.layers.0.mamba.conv1d.weight"].shape[-1] == 1
-    want = mlx_lm_logits(tmp_path / "mlx", TOKENS)
     if bits is None:
         assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
     else:
         assert "model.layers.0.mamba.in_proj.scales" in stored
-    for backend in BACKENDS:
-        model = DecoderOnlyLLM.from_pretrained(tmp_path / "mlx", backend=backend, dtype="float32")
-        assert scaled_error(model.forward_verify("m", TOKENS), want) <= (1e-4 if bits is None else 2e-3), backend
+    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
 
 
 @pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")

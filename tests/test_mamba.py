@@ -10,16 +10,15 @@ import json
 import numpy as np
 import pytest
 import transformers
-from safetensors.numpy import load_file
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.model import DecoderOnlyLLM
 from support import (
+    assert_every_backend_runs_it_as_mlx_lm, mlx_lm_converted,
     float32_model, small_pool_engine,
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
-    assert_random_checkpoint_is_what_transformers_reads, built_checkpoints, mlx_lm_logits, reference_logits,
+    assert_random_checkpoint_is_what_transformers_reads, built_checkpoints, reference_logits,
     runnable_backends, scaled_error, staggered_greedy_workload,
 )
 
@@ -139,20 +138,14 @@ def test_prefix_cached_requests_generate_transformers_greedy_tokens(checkpoints,
 def test_mlx_lm_conversion_loads(checkpoints, tmp_path, variant, bits):
     """mlx-lm's conversion keeps the releases' names and stores the convolution [C, K, 1]; float or packed, it runs
     on every backend as mlx-lm runs it (Falcon Mamba as mlx-lm's mamba with use_bcdt_rms)."""
-    from mlx_lm.convert import convert
-
     folder, hf = checkpoints[variant]
-    convert(str(folder), str(tmp_path / "mlx"), **({} if bits is None else dict(quantize=True, q_bits=bits)))
-    stored = load_file(tmp_path / "mlx" / "model.safetensors")
+    stored, want = mlx_lm_converted(folder, tmp_path / "mlx", TOKENS, bits)
     assert stored["backbone.layers.0.mixer.conv1d.weight"].shape[-1] == 1
-    want = mlx_lm_logits(tmp_path / "mlx", TOKENS)
     if bits is None:
         assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
     else:
         assert "backbone.layers.1.mixer.in_proj.scales" in stored
-    for backend in BACKENDS:
-        model = DecoderOnlyLLM.from_pretrained(tmp_path / "mlx", backend=backend, dtype="float32")
-        assert scaled_error(model.forward_verify("m", TOKENS), want) <= (1e-4 if bits is None else 2e-3), backend
+    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -19,6 +19,7 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.activation import SquaredReLU
 from support import (
+    assert_every_backend_runs_it_as_mlx_lm, mlx_lm_converted,
     assert_forward_and_decode_match, assert_generates_greedily_as_transformers,
     assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
     assert_router_computes_in_float32, mlx_lm_logits, reference_logits, runnable_backends, saved_references,
@@ -148,21 +149,15 @@ def test_mlx_lm_conversion_loads(checkpoints, tmp_path, bits):
     """mlx-lm stacks the experts as its SwitchMLP's ``switch_mlp.fc1`` (up) and ``fc2`` (down); float, they run as
     transformers runs them, packed at 4 bits as mlx-lm runs them, on every backend. (One group: mlx-lm masks dropped
     groups with 0 where transformers masks with -inf, which differ once corrected scores go below 0.)"""
-    from mlx_lm.convert import convert
-
     folder, hf = checkpoints["biased"]
-    convert(str(folder), str(tmp_path / "mlx"), **({} if bits is None else dict(quantize=True, q_bits=bits)))
-    stored = load_file(tmp_path / "mlx" / "model.safetensors")
+    stored, want = mlx_lm_converted(folder, tmp_path / "mlx", TOKENS, bits)
     assert stored["backbone.layers.1.mixer.switch_mlp.fc1.weight"].shape[0] == 8
-    want = mlx_lm_logits(tmp_path / "mlx", TOKENS)
     if bits is None:
         assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
     else:
         assert {f"backbone.layers.1.mixer.switch_mlp.{p}.scales" for p in ("fc1", "fc2")} <= set(stored)
         assert scaled_error(want, reference_logits(hf, TOKENS)) > 1e-3  # the packing changes the numbers
-    for backend in BACKENDS:
-        model = DecoderOnlyLLM.from_pretrained(tmp_path / "mlx", backend=backend, dtype="float32")
-        assert scaled_error(model.forward_verify("m", TOKENS), want) <= (1e-4 if bits is None else 2e-3), backend
+    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
 
 
 @pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")
