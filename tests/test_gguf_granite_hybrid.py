@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
+    _mamba2_as_converted,
     _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _permute,
     _sentencepiece_vocab,
 )
@@ -54,16 +55,9 @@ def _tiny(variant: str) -> tuple[Any, Any]:
 def _converted(name: str, a: np.ndarray, config) -> dict[str, np.ndarray]:
     """One transformers tensor as llama.cpp's converter writes it, under transformers' module names."""
     experts = bool(config.num_local_experts)
-    if name.endswith(".A_log"):
-        return {name: -np.exp(a).reshape(-1, 1)}
-    if name.endswith(".D"):
-        return {name: a.reshape(-1, 1)}
-    if name.endswith(".dt_bias"):
-        return {name.replace(".dt_bias", ".dt_proj.bias"): a}
-    if ".conv1d.weight" in name:
-        return {name: a.squeeze(1)}
-    if name.endswith("mamba.norm.weight"):
-        return {name: a.reshape(config.mamba_n_groups, -1)}
+    ssm = _mamba2_as_converted(name, a, config.mamba_n_groups, "mamba.norm.weight")
+    if ssm is not None:
+        return dict([ssm])
     if name.endswith(("q_proj.weight", "k_proj.weight")):  # Llama's adjacent-pair rope layout
         heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
         return {name: _permute(a, heads)}

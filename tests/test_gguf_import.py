@@ -368,6 +368,23 @@ def _alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
+def _mamba2_as_converted(name: str, a: np.ndarray, groups: int, norm: str, dt_bias: str = ".dt_proj.bias"):
+    """A Mamba-2 mixer's tensor as llama.cpp's converters write it, or None for another: A_log as ``-exp(A_log)``
+    ``[H, 1]``, D ``[H, 1]``, dt_bias as ``dt_bias`` (the step projection's bias), the convolution squeezed, the gated
+    norm (the tensor ending ``norm``) as ``[groups, width / groups]``."""
+    if name.endswith(".A_log"):
+        return name, -np.exp(a).reshape(-1, 1)
+    if name.endswith(".D"):
+        return name, a.reshape(-1, 1)
+    if name.endswith(".dt_bias"):
+        return name.replace(".dt_bias", dt_bias), a
+    if ".conv1d.weight" in name:
+        return name, a.squeeze(1)
+    if name.endswith(norm):
+        return name, a.reshape(groups, -1)
+    return None
+
+
 def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's converter permutation (convert_hf_to_gguf.py LlamaModel.permute)."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

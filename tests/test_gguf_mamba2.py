@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
+    _mamba2_as_converted,
     _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
 )
 
@@ -45,17 +46,7 @@ def _tiny(variant: str):
 
 def _converted(name: str, a: np.ndarray, config) -> tuple[str, np.ndarray]:
     """One transformers tensor as llama.cpp's converter writes it, under the name its tensor map reads."""
-    if name.endswith(".A_log"):
-        return name, -np.exp(a).reshape(-1, 1)
-    if name.endswith(".D"):
-        return name, a.reshape(-1, 1)
-    if name.endswith(".dt_bias"):
-        return name.replace(".dt_bias", ".dt_proj.bias"), a
-    if ".conv1d.weight" in name:
-        return name, a.squeeze(1)
-    if name.endswith("mixer.norm.weight"):
-        return name, a.reshape(config.n_groups, -1)
-    return name, a
+    return _mamba2_as_converted(name, a, config.n_groups, "mixer.norm.weight") or (name, a)
 
 
 def _mamba2_gguf(path: Path, hf, config, qtype) -> None:

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
+    _mamba2_as_converted,
     _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _permute,
     _sentencepiece_vocab,
 )
@@ -56,16 +57,9 @@ def _tiny(variant: str) -> tuple[Any, Any]:
 def _converted(name: str, a: np.ndarray, config) -> tuple[str, np.ndarray]:
     """One transformers tensor as llama.cpp's converter writes it, under the name its tensor map reads."""
     name = name.replace("model.", "backbone.", 1)
-    if name.endswith(".A_log"):
-        return name, -np.exp(a).reshape(-1, 1)
-    if name.endswith(".D"):
-        return name, a.reshape(-1, 1)
-    if name.endswith(".dt_bias"):
-        return name.replace(".dt_bias", ".dt.bias"), a
-    if ".conv1d.weight" in name:
-        return name, a.squeeze(1)
-    if name.endswith("mixer.norm.weight"):
-        return name, a.reshape(config.n_groups, -1)
+    ssm = _mamba2_as_converted(name, a, config.n_groups, "mixer.norm.weight", dt_bias=".dt.bias")
+    if ssm is not None:
+        return ssm
     if ".mixer.experts." in name:  # the stacks, under the name NemotronHModel gives them
         return name.replace("backbone.", "model.", 1).replace("mixer.experts.", "mlp.experts.") + ".weight", a
     if name.endswith("e_score_correction_bias"):
