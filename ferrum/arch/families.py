@@ -1110,6 +1110,13 @@ def _gemma4_ropes(r: KeyReader, sizes: Sizes, full_dim: int, sliding_dim: int) -
     return ropes[0], ropes[1]
 
 
+def _gemma4_and_3n_blocks(r: KeyReader, sizes: Sizes) -> dict[str, Any]:
+    """What Gemma 4's and Gemma 3n's blocks share: sandwich norms, GeLU-tanh, embeddings scaled by sqrt(hidden),
+    unscaled scores over q/k/v head norms, soft-capped logits."""
+    return dict(norms=SANDWICH_NORMS, activation="gelu_tanh", embed_scale=math.sqrt(sizes.hidden_size), attn_scale=1.0,
+                final_softcap=r("final_logit_softcapping"), qk_norm="head", v_norm=True)
+
+
 def _gemma4_kv_sources(r: KeyReader, types: list[str]) -> list[int | None]:
     """Which layer's keys and values each layer attends (None: its own), as transformers' kv_sharing_modes: the last
     num_kv_shared_layers layers (E2B / E4B) read those of the last layer before them of their attention kind."""
@@ -1164,14 +1171,8 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
         layers=tuple(layer(t, source) for t, source in zip(types, sources)),
         per_layer_inputs=PerLayerInputs(per_layer, _per_layer_vocab(r, sizes)) if per_layer else None,
         unloaded=_unread_shared_kv(sources),
-        norms=SANDWICH_NORMS,
-        activation="gelu_tanh",
-        embed_scale=math.sqrt(sizes.hidden_size),
-        attn_scale=1.0,
-        final_softcap=r("final_logit_softcapping"),
-        qk_norm="head",
-        v_norm=True,
         layer_scalar=True,
+        **_gemma4_and_3n_blocks(r, sizes),
     )
     return gemma4_moe(r, arch) if r("enable_moe_block") else arch  # 26B-A4B: experts beside every dense MLP
 
@@ -1223,13 +1224,7 @@ def _gemma3n(r: KeyReader, sizes: Sizes) -> Architecture:
         per_layer_inputs=PerLayerInputs(r("hidden_size_per_layer_input"), r("vocab_size_per_layer_input")),
         altup=AltUpSpec(copies, active, bool(r("altup_correct_scale")), r("altup_coef_clip"), r("laurel_rank")),
         unloaded=_unread_shared_kv(sources),
-        norms=SANDWICH_NORMS,
-        activation="gelu_tanh",
-        embed_scale=math.sqrt(sizes.hidden_size),
-        attn_scale=1.0,
-        final_softcap=r("final_logit_softcapping"),
-        qk_norm="head",
-        v_norm=True,
+        **_gemma4_and_3n_blocks(r, sizes),
     )
 
 
