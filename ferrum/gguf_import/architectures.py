@@ -10,7 +10,7 @@ from typing import Any, Callable
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value
-from ferrum.gguf_import import falcon_h1, gemma4, granite_hybrid, lfm2, mamba, nemotron_h
+from ferrum.gguf_import import falcon_h1, gemma3n, gemma4, granite_hybrid, lfm2, mamba, nemotron_h
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
@@ -79,13 +79,16 @@ class _Architecture:
     #: The reverse: block tensors the converter kept fused that the family reads as several, each its share of the
     #: rows in order, sized by the config (ChatGLM's q/k/v): GGUF tensor -> the Hugging Face tensors.
     split: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: Global tensors the converter stacked that the family reads apart, each its share of the stack's rows in order
+    #: (Gemma 3n's AltUp projections): GGUF name -> the Hugging Face tensors.
+    split_globals: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: Block tensors the family reads its own way (Gated DeltaNet's): the GGUF name within a block and the config
     #: -> the Hugging Face tensors made from it, or None where the name is not one of them.
     own_tensors: Callable[[str, dict[str, Any]], tuple[Restored, ...] | None] | None = None
     #: Norm weights (suffixes) the converter left unshifted where ``norm_offset`` shifts the others.
     unshifted_norms: tuple[str, ...] = ()
     #: The file lists KV heads and MLP widths per layer and keeps its rope in ``rope_freqs``, all of which
-    #: ``configure`` reads (Gemma 4's).
+    #: ``configure`` reads (Gemma 4's; Gemma 3n's widths).
     per_layer: bool = False
     #: Global tensors whose Hugging Face name differs from :data:`GLOBAL_TENSORS`' (LFM2's final norm).
     renamed_globals: tuple[tuple[str, str], ...] = ()
@@ -783,6 +786,12 @@ ARCHITECTURES = {
 _GEMMA4 = _Architecture("gemma4_text", "Gemma4ForCausalLM", False, renamed=gemma4.TENSORS,
                         configure=gemma4.gemma4_config, own_tensors=fused_gate_up, per_layer=True)
 ARCHITECTURES["gemma4"] = replace(_GEMMA4, with_experts=_GEMMA4)
+# Gemma 3n (E2B / E4B): Gemma 4 E2B's attention and per-layer inputs with AltUp and Laurel, as llama.cpp runs it (see
+# ferrum.gguf_import.gemma3n); a width per layer
+ARCHITECTURES["gemma3n"] = _Architecture("gemma3n_text", "Gemma3nForCausalLM", False,
+                                         (("hidden_activation", "gelu_pytorch_tanh"), ("attention_bias", False)),
+                                         renamed=gemma3n.TENSORS, configure=gemma3n.gemma3n_config, per_layer=True,
+                                         split_globals=gemma3n.SPLIT_GLOBALS)
 # Qwen3-Next's files: Qwen3.5-MoE's blocks, the Gated DeltaNet's projections grouped per key head
 ARCHITECTURES["qwen3next"] = replace(ARCHITECTURES["qwen35moe"], own_tensors=OWN_TENSORS["qwen3next"])
 

@@ -82,9 +82,12 @@ class PlannedTensor:
 
     def part_shape(self, source: Any) -> tuple[int, ...]:
         """``source``'s shape: its rows of a joined tensor (InternLM2's q, k and v, unequal); a split one's whole (a
-        stack's as stored; a convolution's ``[C, K]`` as the ``[C, 1, K]`` read); else the tensor's."""
+        stack's as stored, or as its rows where it is cut into matrices: Gemma 3n's AltUp projections; a
+        convolution's ``[C, K]`` as the ``[C, 1, K]`` read); else the tensor's."""
         if self.rows is not None:
             shape = numpy_shape(source)
+            if len(shape) > len(self.shape):  # a stack cut into matrices: its rows, one after another
+                return _as_matrix(shape)
             return shape if len(shape) == len(self.shape) else (shape[0], *self.shape[1:])
         return (numpy_shape(source)[0], *self.shape[1:]) if self.joined else self.shape
 
@@ -166,6 +169,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
     prediction_layers = range(layers, layers + predicted)
     joins = {parts[0]: (parts, target) for parts, target in arch.joined}
     splits = dict(arch.split)
+    global_splits = dict(arch.split_globals)
     later_parts = {part for parts, _ in arch.joined for part in parts[1:]}
     global_tensors = {**GLOBAL_TENSORS, **dict(arch.renamed_globals)}
     plan: list[PlannedTensor] = []
@@ -175,6 +179,12 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
         if name == "rope_freqs.weight" or name in ROPE_FACTOR_TENSORS:  # read into the config
             continue
         row_order, hf_name = None, global_tensors.get(name)
+        if name in global_splits:
+            planned = _split_rows(tensor, [stored_name(model_arch, _in_layout(model_arch, t))
+                                           for t in global_splits[name]], expected, where)
+            plan += planned
+            unknown += [name] if not planned else []
+            continue
         m = block.match(name)
         if m is not None:
             i, rest = int(m.group(1)), m.group(2)
@@ -310,12 +320,14 @@ def _selected_shape(shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
 
 def _split_rows(tensor: Any, names: list[str], expected: dict[str, tuple[int, ...]],
                 where: str) -> list[PlannedTensor]:
-    """``tensor`` as the consecutive shares of its rows the model reads as ``names`` (``_Architecture.split``); none
-    where the model reads none of them."""
+    """``tensor`` as the consecutive shares of its rows the model reads as ``names`` (``_Architecture.split`` and
+    ``split_globals``; a stack's rows, one matrix after another); none where the model reads none of them."""
     shapes = [expected.get(name) for name in names]
     if all(s is None for s in shapes):
         return []
     shape = numpy_shape(tensor)
+    if None not in shapes and len(shape) > max(len(s) for s in shapes):  # a stack read as its rows
+        shape = _as_matrix(shape)
     if None in shapes or sum(s[0] for s in shapes) != shape[0] or any(s[1:] != shape[1:] for s in shapes):
         raise CheckpointError(f"{where}: tensor {tensor.name} has shape {shape}, but the metadata implies "
                               f"{' + '.join(str(s) for s in shapes)} for {', '.join(names)}")
