@@ -707,6 +707,10 @@ ARCHITECTURES = {
     "phi2": _Architecture("phi", "PhiForCausalLM", False, (("hidden_act", "gelu_new"),), partial_rotary=True),
     "starcoder2": _Architecture("starcoder2", "Starcoder2ForCausalLM", False,
                                 (("hidden_act", "gelu_pytorch_tanh"), ("use_bias", True), ("sliding_window", None))),
+    # Jais 2: biased LayerNorms and projections, an ungated squared-ReLU MLP (the only one llama.cpp runs for it),
+    # rotate-half rope rotated as the checkpoint stores it
+    "jais2": _Architecture("jais2", "Jais2ForCausalLM", False, (("hidden_act", "relu2"),),
+                           configure=_present(attention_bias="attn_q.bias", mlp_bias="ffn_up.bias")),
     "command-r": _Architecture("cohere", "CohereForCausalLM", False, (("attention_bias", False),),
                                configure=_command_r_config),
     "cohere2": _Architecture("cohere2", "Cohere2ForCausalLM", False, (("attention_bias", False),),
