@@ -86,7 +86,7 @@ class PlannedTensor:
         convolution's ``[C, K]`` as the ``[C, 1, K]`` read); else the tensor's."""
         if self.rows is not None:
             shape = numpy_shape(source)
-            if len(shape) > len(self.shape):  # a stack cut into matrices: its rows, one after another
+            if len(shape) > len(self.shape) > 1:  # a stack cut into matrices: its rows, one after another
                 return _as_matrix(shape)
             return shape if len(shape) == len(self.shape) else (shape[0], *self.shape[1:])
         return (numpy_shape(source)[0], *self.shape[1:]) if self.joined else self.shape
