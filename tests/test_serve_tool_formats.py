@@ -18,10 +18,10 @@ from test_serve_tools import (CLOCK, DEEPSEEK_TEMPLATE, DEEPSEEK_V31_TEMPLATE, G
                               NESTED, PING, QWEN3_CODER_TEMPLATE, TOOL_TEMPLATE, WEATHER, _calls, _forced_matcher,
                               _stream, _takes, check_calls_over_the_api)
 
-MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI, OLMO3, GEMMA4 = (
+MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI, OLMO3, GEMMA4, FUNCTIONGEMMA = (
     next(f for f in FORMATS if f.name == name)
     for name in ("minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3",
-                 "gemma4"))
+                 "gemma4", "functiongemma"))
 
 # MiniMax-M2's tool parts (MiniMaxAI/MiniMax-M2 chat_template.jinja: each tool's function as JSON in <tool>, the
 # format shown, and a call's <invoke> with a <parameter> per argument, a string bare and anything else as JSON)
@@ -220,6 +220,31 @@ GEMMA4_TEMPLATE = (
     "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
 )
 
+#: Gemma 4's tokens as FunctionGemma (Gemma 3's vocabulary) spells them: the one-to-one map Google's own gemma
+#: library converts between the two with.
+AS_FUNCTIONGEMMA = {'<|"|>': "<escape>", "<|tool>": "<start_function_declaration>",
+                    "<tool|>": "<end_function_declaration>", "<|tool_call>": "<start_function_call>",
+                    "<tool_call|>": "<end_function_call>", "<|tool_response>": "<start_function_response>",
+                    "<tool_response|>": "<end_function_response>"}
+
+
+def _as_functiongemma(text: str) -> str:
+    for gemma4, functiongemma in AS_FUNCTIONGEMMA.items():
+        text = text.replace(gemma4, functiongemma)
+    return text
+
+
+# FunctionGemma's tool parts (google/functiongemma-270m-it: each tool as <start_function_declaration>declaration:NAME
+# {description:<escape>...<escape>,parameters:{...}}<end_function_declaration>, strings between <escape>, a call
+# written back as <start_function_call>call:NAME{key:value,...}<end_function_call>, then <start_function_response>
+# where the tool's answer goes) over the test tokenizer's tags. Reconstructed: Gemma 4's above under FunctionGemma's
+# tokens (its template is the one Gemma 4's grew from), the calls then followed by <start_function_response>; the
+# release's own file was not among the sources read here, so its key order (dictsort) is Gemma 4's.
+FUNCTIONGEMMA_TEMPLATE = _as_functiongemma(GEMMA4_TEMPLATE).replace(
+    "'}<end_function_call>' -}}{%- endfor %}</s>",
+    "'}<end_function_call>' -}}{%- endfor %}<start_function_response></s>")
+assert FUNCTIONGEMMA_TEMPLATE.count("<start_function_response>") == 2  # the answer's, and the one after calls
+
 Calls = list[tuple[str, dict[str, Any]]]
 
 
@@ -286,6 +311,11 @@ def _gemma4(calls: Calls) -> str:
     return "".join(f"<|tool_call>call:{name}{_gemma_value(arguments)}<tool_call|>" for name, arguments in calls)
 
 
+def _functiongemma(calls: Calls) -> str:
+    """Calls as FunctionGemma writes them: Gemma 4's under its tokens (strings' text holding none of them)."""
+    return _as_functiongemma(_gemma4(calls))
+
+
 MINIMAX_MARKERS = ("<minimax:tool_call>", "</minimax:tool_call>")
 TOOL_CALLS_MARKERS = ("<tool_calls>", "</tool_calls>")
 SEED_MARKERS = ("<seed:tool_call>", "</seed:tool_call>")
@@ -300,8 +330,11 @@ ROWS: list[tuple[Any, str, Callable[[Calls], str], tuple[str, ...]]] = [
     (PHI4_MINI, PHI4_MINI_TEMPLATE, _phi4, ()),
     (OLMO3, OLMO3_TEMPLATE, _olmo3, ("<function_calls>", "</function_calls>")),
     (GEMMA4, GEMMA4_TEMPLATE, _gemma4, ("<|tool_call>", "<tool_call|>", '<|"|>')),
+    (FUNCTIONGEMMA, FUNCTIONGEMMA_TEMPLATE, _functiongemma,
+     ("<start_function_call>", "<end_function_call>", "<escape>")),
 ]
-IDS = ["minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3", "gemma4"]
+IDS = ["minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3", "gemma4",
+       "functiongemma"]
 
 
 def _read(fmt, text: str, tools: list | None = None) -> list[tuple[str, Any]]:
@@ -318,7 +351,7 @@ def test_the_new_templates_are_told_apart_from_the_others():
     """Each release's template gives its own format; Seed-OSS's also holds ``<parameter=`` (Qwen3-Coder's sign) and
     is still Seed-OSS; the templates that had a format keep it."""
     assert [format_of(t) for _, t, _, _ in ROWS] == [MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI,
-                                                     OLMO3, GEMMA4]
+                                                     OLMO3, GEMMA4, FUNCTIONGEMMA]
     assert [format_of(t).name for t in (TOOL_TEMPLATE, GLM_TEMPLATE, QWEN3_CODER_TEMPLATE, DEEPSEEK_TEMPLATE,
                                         DEEPSEEK_V31_TEMPLATE, KIMI_TEMPLATE)] == [
         "hermes", "glm45", "qwen3_coder", "deepseek_v3", "deepseek_v31", "kimi_k2"]
@@ -402,6 +435,30 @@ def test_gemma4_calls_are_typed_as_written_and_the_text_around_them_kept():
                 one.replace("{", "{[", 1), one.replace("call:f", "call:")):
         # unclosed, no call:, empty item, no value, string left open, text after, a list left open, no name
         assert GEMMA4.read(bad, None).calls == [] and GEMMA4.read(bad, None).content == bad, bad
+
+
+def test_functiongemma_calls_read_as_gemma4s_under_its_own_tokens():
+    """Values typed as written, strings between <escape> (commas and braces in them kept); several blocks and the
+    text around them kept; <start_function_response> after the calls ends the reply (what the model goes on to write
+    there is the tool's turn). Gemma 4's quote token is no quote here, and a block that does not read as one call
+    leaves the reply text."""
+    text = ("On it.\n<start_function_call>call:find{days:2,ratio:-2.5,ok:true,none:null,code:<escape>42<escape>,"
+            "where:{city:<escape>Oslo, {north}<escape>,tags:[1,<escape>a<escape>]}}<end_function_call>"
+            "<start_function_call>call:get_time{}<end_function_call>\nthen")
+    assert _read(FUNCTIONGEMMA, text) == [
+        ("find", {"days": 2, "ratio": -2.5, "ok": True, "none": None, "code": "42",
+                  "where": {"city": "Oslo, {north}", "tags": [1, "a"]}}), ("get_time", {})]
+    assert FUNCTIONGEMMA.read(text, None).content == "On it.\n\nthen"
+    ended = text + "<start_function_response>response:find{value:<escape>sunny<escape>}<end_function_response>"
+    assert _read(FUNCTIONGEMMA, ended) == _read(FUNCTIONGEMMA, text)
+    assert FUNCTIONGEMMA.read(ended, None).content == "On it.\n\nthen"
+    one = _functiongemma([("f", {"x": 1, "s": "y"})])
+    for bad in (one[:-len("<end_function_call>")], one.replace("call:", ""), one.replace("<escape>y", '<|"|>y'),
+                one.replace("y<escape>", "y"), one.replace("}<end", "} more<end"), _gemma4([("f", {"x": 1})]),
+                "Done.<start_function_response>"):
+        # unclosed, no call:, Gemma 4's quote, string left open, text after, Gemma 4's block, no calls
+        assert FUNCTIONGEMMA.read(bad, None).calls == [] and FUNCTIONGEMMA.read(bad, None).content == bad, bad
+    assert GEMMA4.read(one, None).calls == []  # nor is FunctionGemma's block Gemma 4's
 
 
 @pytest.mark.parametrize("fmt, template, write, markers", ROWS, ids=IDS)

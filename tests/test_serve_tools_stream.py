@@ -19,7 +19,8 @@ from ferrum.serve.handlers import ChatRun
 from ferrum.serve.reasoning import Thinking
 from ferrum.serve.tools import FORMATS, ToolReplies
 from support import write_scripted_checkpoint
-from test_serve_tool_formats import _gemma4, _internlm, _minimax, _olmo3, _phi4, _py, _seed, _tool_calls_list
+from test_serve_tool_formats import (_functiongemma, _gemma4, _internlm, _minimax, _olmo3, _phi4, _py, _seed,
+                                     _tool_calls_list)
 from test_serve_tools import TOOL_TEMPLATE, WEATHER, _ds, _ds31, _glm, _kimi, _qwen
 
 FORMAT = {f.name: f for f in FORMATS}
@@ -58,6 +59,7 @@ WRITE = {
     "phi4_mini": lambda calls: _phi4([("get_weather", _args(i)) for i in calls]),
     "olmo3": lambda calls: _olmo3([("get_weather", _args(i)) for i in calls]),
     "gemma4": lambda calls: _gemma4([("get_weather", _args(i)) for i in calls]),
+    "functiongemma": lambda calls: _functiongemma([("get_weather", _args(i)) for i in calls]),
 }
 
 #: Replies as text and groups of calls (how many in each).

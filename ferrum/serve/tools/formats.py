@@ -47,7 +47,10 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
   Python call a line, ``get_weather(city='Paris')`` (vLLM's ``olmo3`` parser);
 * ``gemma4`` (Gemma 4, templates with ``<|tool_call>`` and the ``<|"|>`` quote token): per call
   ``<|tool_call>call:NAME{key:value,...}<tool_call|>``, keys bare, strings between ``<|"|>``, numbers, booleans,
-  nested objects and lists as written (vLLM's ``gemma4`` parser).
+  nested objects and lists as written (vLLM's ``gemma4`` parser);
+* ``functiongemma`` (FunctionGemma, templates with ``<start_function_call>``): Gemma 4's syntax under Gemma 3's
+  tokens, ``<start_function_call>call:NAME{key:value,...}<end_function_call>`` with strings between ``<escape>``,
+  the calls ended by ``<start_function_response>`` (vLLM's and llama.cpp's ``functiongemma``).
 
 Markers such as ``[TOOL_CALLS]`` are special tokens, which decoding leaves out by default, so a request with
 tools decodes its reply with special tokens kept (unless it sets ``skip_special_tokens``).
@@ -72,7 +75,7 @@ from ferrum.serve.tools.bare import (glm_grammar, qwen3_coder_grammar, read_glm,
                                      seed_oss_grammar)
 from ferrum.serve.tools.deepseek import (DEEPSEEK_HEAD, DEEPSEEK_V31_CALL, DS_CALLS, deepseek_v3_grammar,
                                          deepseek_v31_grammar, read_deepseek_v3, read_deepseek_v31)
-from ferrum.serve.tools.gemma4 import GEMMA4_CALL, QUOTE, gemma4_grammar, read_gemma4
+from ferrum.serve.tools.gemma4 import FUNCTIONGEMMA, GEMMA4
 from ferrum.serve.tools.harmony_calls import HARMONY_HEAD, harmony_grammar, read_harmony
 from ferrum.serve.tools.kimi import KIMI_CALL_HEAD, KIMI_CALLS, kimi_k2_grammar, read_kimi_k2
 from ferrum.serve.tools.json_formats import (INTERNLM_CALL, MISTRAL_CALLS, MISTRAL_HEAD, PHI4_CALLS, TOOL_CALLS,
@@ -131,8 +134,11 @@ class ToolCallFormat:
 FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Coder's also write <tool_call>, Seed-OSS's
     # <parameter= as Qwen3-Coder's does, DeepSeek-V3's and V3.1's both <｜tool▁calls▁begin｜> (V3's fencing the
     # arguments in ```json), and Hunyuan-A13B's and Jamba's both <tool_calls> (Hunyuan's asking for 助手： replies)
-    # Gemma 4's <|tool_call> and <tool_call|> hold no Hermes <tool_call>; it goes first all the same
-    ToolCallFormat("gemma4", (GEMMA4_CALL, QUOTE), (GEMMA4_CALL,), (), read_gemma4, gemma4_grammar, ()),
+    # Gemma 4's <|tool_call> and <tool_call|> and FunctionGemma's <start_function_call> hold no Hermes
+    # <tool_call>; they go first all the same
+    ToolCallFormat("gemma4", (GEMMA4.opening, GEMMA4.quote), (GEMMA4.opening,), (), GEMMA4.read, GEMMA4.grammar, ()),
+    ToolCallFormat("functiongemma", (FUNCTIONGEMMA.opening,), (FUNCTIONGEMMA.opening,), (), FUNCTIONGEMMA.read,
+                   FUNCTIONGEMMA.grammar, ()),
     ToolCallFormat("minimax_m2", (MINIMAX_CALLS,), (MINIMAX_CALLS,), (), read_minimax_m2, minimax_m2_grammar, (),
                    typed=True),
     ToolCallFormat("seed_oss", ("<seed:tool_call>",), ("<seed:tool_call>", "<function="), (), read_seed_oss,

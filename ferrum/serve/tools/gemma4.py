@@ -1,19 +1,20 @@
 """Gemma 4's calls (``gemma4``): ``<|tool_call>call:NAME{key:value,...}<tool_call|>``, the arguments in the
 template's own object syntax (bare keys, strings between ``<|"|>`` quote tokens, numbers, booleans, nested objects
-and lists as written), as vLLM's ``gemma4`` parser reads them; their parser and forced-call grammar."""
+and lists as written), as vLLM's ``gemma4`` parser reads them; and FunctionGemma's (``functiongemma``), the same
+syntax under Gemma 3's tokens, ``<start_function_call>call:NAME{key:<escape>text<escape>,...}<end_function_call>``
+(Gemma 4's tokens are those renamed). Their parser and forced-call grammar, one per set of tokens."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ferrum.serve.tools.bare import tool_call_blocks
 from ferrum.serve.tools.grammars import separated
 from ferrum.serve.tools.reading import ParsedReply, make_call, parameters_of
 
-GEMMA4_CALL, _CALL_END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
-_BLOCK = re.compile(re.escape(GEMMA4_CALL) + r"(.*?)(?:" + re.escape(_CALL_END) + r"|$)", re.DOTALL)
 _HEAD = re.compile(r"call:([\w.\-]+)\{")
 _KEY = re.compile(r"\s*([^\s:,{}\[\]<]+)\s*:")
 #: A value written bare: a number, a boolean or null; other bare words are strings, as vLLM's parser keeps them.
@@ -33,18 +34,18 @@ def _skip(text: str, at: int) -> int:
     return at
 
 
-def _value(text: str, at: int) -> tuple[Any, int]:
-    """The value starting at ``at`` (after whitespace) and where it ends."""
+def _value(text: str, at: int, quote: str) -> tuple[Any, int]:
+    """The value starting at ``at`` (after whitespace) and where it ends, strings between ``quote`` tokens."""
     at = _skip(text, at)
-    if text.startswith(QUOTE, at):
-        end = text.find(QUOTE, at + len(QUOTE))
+    if text.startswith(quote, at):
+        end = text.find(quote, at + len(quote))
         if end < 0:
             raise _Malformed("unterminated string")
-        return text[at + len(QUOTE):end], end + len(QUOTE)
+        return text[at + len(quote):end], end + len(quote)
     if text.startswith("{", at):
-        return _items(text, at + 1, "}", keyed=True)
+        return _items(text, at + 1, "}", quote, keyed=True)
     if text.startswith("[", at):
-        return _items(text, at + 1, "]", keyed=False)
+        return _items(text, at + 1, "]", quote, keyed=False)
     bare = _BARE.match(text, at)
     if bare is None:
         raise _Malformed(f"no value at {at}")
@@ -57,10 +58,10 @@ def _value(text: str, at: int) -> tuple[Any, int]:
     return word, bare.end()
 
 
-def _key(text: str, at: int) -> tuple[str, int]:
+def _key(text: str, at: int, quote: str) -> tuple[str, int]:
     at = _skip(text, at)
-    if text.startswith(QUOTE, at):  # a key between quote tokens, which vLLM's parser also takes
-        key, at = _value(text, at)
+    if text.startswith(quote, at):  # a key between quote tokens, which vLLM's parser also takes
+        key, at = _value(text, at, quote)
         at = _skip(text, at)
         if not text.startswith(":", at):
             raise _Malformed(f"no ':' after key {key!r}")
@@ -71,7 +72,7 @@ def _key(text: str, at: int) -> tuple[str, int]:
     return match.group(1), match.end()
 
 
-def _items(text: str, at: int, close: str, keyed: bool) -> tuple[Any, int]:
+def _items(text: str, at: int, close: str, quote: str, keyed: bool) -> tuple[Any, int]:
     """An object's pairs (``keyed``) or a list's values, from after its opening bracket to after ``close``."""
     found: Any = {} if keyed else []
     at = _skip(text, at)
@@ -79,10 +80,10 @@ def _items(text: str, at: int, close: str, keyed: bool) -> tuple[Any, int]:
         return found, at + 1
     while True:
         if keyed:
-            key, at = _key(text, at)
-            found[key], at = _value(text, at)
+            key, at = _key(text, at, quote)
+            found[key], at = _value(text, at, quote)
         else:
-            value, at = _value(text, at)
+            value, at = _value(text, at, quote)
             found.append(value)
         at = _skip(text, at)
         if text.startswith(close, at):
@@ -92,39 +93,25 @@ def _items(text: str, at: int, close: str, keyed: bool) -> tuple[Any, int]:
         at += 1
 
 
-def _call(body: str) -> dict[str, Any] | None:
+def _call(body: str, quote: str) -> dict[str, Any] | None:
     """``call:NAME{...}`` and nothing else, as one call; None where it does not read so."""
     head = _HEAD.match(body.strip())
     if head is None:
         return None
     try:
-        arguments, end = _items(body.strip(), head.end(), "}", keyed=True)
+        arguments, end = _items(body.strip(), head.end(), "}", quote, keyed=True)
         json.dumps(arguments, allow_nan=False)
     except (_Malformed, ValueError, RecursionError):
         return None
     return make_call(head.group(1), arguments) if not body.strip()[end:].strip() else None
 
 
-def read_gemma4(text: str, schemas: Any = None, cut: bool = False) -> ParsedReply:
-    """Gemma 4's calls, a ``<|tool_call>...<tool_call|>`` block each (one right after another); the text around
-    them kept. A block that does not read as one call (no ``call:``, a bracket or string left open, anything after
-    its arguments), or is not closed, leaves the reply text; read as ``cut`` (a forced reply stopped inside a
-    block), the whole blocks before it are the calls. (``schemas``: the values are typed as written.)"""
-    def calls(match: re.Match[str]) -> list[Any] | None:
-        if not match.group(0).endswith(_CALL_END):
-            return None
-        call = _call(match.group(1))
-        return None if call is None else [call]
-
-    return tool_call_blocks(text, _BLOCK, calls, cut, GEMMA4_CALL, _CALL_END)
-
-
 class _Rules:
-    """Lark rules of values as Gemma 4's template writes them, from JSON schemas: objects' keys in sorted order
+    """Lark rules of values as Gemma's templates write them, from JSON schemas: objects' keys in sorted order
     (its ``dictsort``), strings between quote tokens (``mark``), a local ``$ref`` a rule of its own."""
 
-    def __init__(self, mark: Callable[[str], str], root: dict[str, Any], prefix: str) -> None:
-        self.mark, self.root, self.prefix, self.rules, self.named = mark, root, prefix, [], {}
+    def __init__(self, mark: Callable[[str], str], quote: str, root: dict[str, Any], prefix: str) -> None:
+        self.mark, self.quote, self.root, self.prefix, self.rules, self.named = mark, quote, root, prefix, [], {}
 
     def value(self, schema: Any) -> str:
         if not isinstance(schema, dict) or schema is True:
@@ -144,7 +131,7 @@ class _Rules:
         return self._typed(kind, schema)
 
     def _typed(self, kind: Any, schema: dict[str, Any]) -> str:
-        quote = self.mark(QUOTE)
+        quote = self.mark(self.quote)
         if kind == "string":
             most = schema.get("maxLength")
             return f"{quote} /[^<]{{0,{most}}}/ {quote}" if isinstance(most, int) else f"{quote} /[^<]*/ {quote}"
@@ -164,7 +151,7 @@ class _Rules:
     def literal(self, value: Any) -> str:
         """A constant as the template writes it."""
         if isinstance(value, str):
-            return f"{self.mark(QUOTE)} {json.dumps(value)} {self.mark(QUOTE)}"
+            return f"{self.mark(self.quote)} {json.dumps(value)} {self.mark(self.quote)}"
         if isinstance(value, dict):
             pairs = [f"{json.dumps(key + ':')} {self.literal(v)}" for key, v in sorted(value.items())]
             return '"{" ' + ' "," '.join(pairs) + ' "}"' if pairs else '"{" "}"'
@@ -183,23 +170,62 @@ class _Rules:
         return self.named[ref]
 
 
-def _any_value(mark: Callable[[str], str]) -> list[str]:
+def _any_value(mark: Callable[[str], str], quote_token: str) -> list[str]:
     """Rules of any value in the template's syntax, for what a schema leaves open, and of its numbers."""
-    quote = mark(QUOTE)
+    quote = mark(quote_token)
     return [f'any_value: {quote} /[^<]*/ {quote} | NUMBER | "true" | "false" | "null" | any_object | any_list',
             'any_object: "{" (any_pair ("," any_pair)*)? "}"', 'any_pair: /[A-Za-z_][A-Za-z0-9_]*/ ":" any_value',
             'any_list: "[" (any_value ("," any_value)*)? "]"', "INT: /-?(0|[1-9][0-9]*)/",
             r"NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?/"]
 
 
-def gemma4_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
-    """Calls as Gemma 4's template writes them: a ``<|tool_call>call:NAME{...}<tool_call|>`` block each, one right
-    after another, the arguments under each tool's schema in the template's syntax."""
-    rules = []
-    for i, function in enumerate(tool["function"] for tool in tools):
-        parameters = parameters_of(function)
-        values = _Rules(mark, parameters, f"tool{i}")
-        rules += [f'call{i}: {json.dumps("call:" + function["name"])} {values.value(parameters)}', *values.rules]
-    names = " | ".join(f"call{i}" for i in range(len(tools)))
-    block = f"block: {mark(GEMMA4_CALL)} ({names}) {mark(_CALL_END)}"
-    return "\n".join([f"start: {'block+' if many else 'block'}", block, *rules, *_any_value(mark)])
+@dataclass(frozen=True)
+class GemmaCalls:
+    """Calls in Gemma's object syntax under one set of tokens: each ``opening + "call:NAME{...}" + closing``,
+    strings between ``quote`` tokens; ``ending`` (where the template writes one after the calls, for the tool's
+    answer that follows) ends the reply."""
+
+    opening: str
+    closing: str
+    quote: str
+    ending: str = ""
+
+    def read(self, text: str, schemas: Any = None, cut: bool = False) -> ParsedReply:
+        """The calls, a block each (one right after another); the text around them kept. A block that does not
+        read as one call (no ``call:``, a bracket or string left open, anything after its arguments), or is not
+        closed, leaves the reply text; read as ``cut`` (a forced reply stopped inside a block), the whole blocks
+        before it are the calls. After the calls, ``ending`` and what follows it are the tool's turn, not the
+        reply's. (``schemas``: the values are typed as written.)"""
+        block = re.compile(re.escape(self.opening) + r"(.*?)(?:" + re.escape(self.closing) + r"|$)", re.DOTALL)
+
+        def calls(match: re.Match[str]) -> list[Any] | None:
+            if not match.group(0).endswith(self.closing):
+                return None
+            call = _call(match.group(1), self.quote)
+            return None if call is None else [call]
+
+        start = text.find(self.opening)
+        end = text.find(self.ending, start) if self.ending and start >= 0 else -1
+        if end >= 0:
+            reply = tool_call_blocks(text[:end], block, calls, cut, self.opening, self.closing)
+            if reply.calls:
+                return reply
+        return tool_call_blocks(text, block, calls, cut, self.opening, self.closing)
+
+    def grammar(self, tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+        """Calls as the template writes them: a ``call:NAME{...}`` block each, one right after another, the
+        arguments under each tool's schema in the template's syntax."""
+        rules = []
+        for i, function in enumerate(tool["function"] for tool in tools):
+            parameters = parameters_of(function)
+            values = _Rules(mark, self.quote, parameters, f"tool{i}")
+            rules += [f'call{i}: {json.dumps("call:" + function["name"])} {values.value(parameters)}', *values.rules]
+        names = " | ".join(f"call{i}" for i in range(len(tools)))
+        block = f"block: {mark(self.opening)} ({names}) {mark(self.closing)}"
+        return "\n".join([f"start: {'block+' if many else 'block'}", block, *rules, *_any_value(mark, self.quote)])
+
+
+GEMMA4 = GemmaCalls("<|tool_call>", "<tool_call|>", '<|"|>')
+#: FunctionGemma's template writes ``<start_function_response>`` after a turn's calls, where the tool's answer
+#: goes: the model ends its calls with it (Google's guide names it a stop sequence).
+FUNCTIONGEMMA = GemmaCalls("<start_function_call>", "<end_function_call>", "<escape>", "<start_function_response>")
