@@ -1,7 +1,8 @@
 """Tool-call formats beyond Hermes / Mistral / Granite / Llama 3 / GLM / Qwen3-Coder / DeepSeek / Kimi: MiniMax-M2's
 ``<invoke>`` blocks, Seed-OSS's ``<seed:tool_call>``, the pythonic list of Llama 3.2's and Llama 4's pythonic
-templates, InternLM's actions, Hunyuan-A13B's and Jamba's ``<tool_calls>`` list, Phi-4-mini's ``functools`` list and
-OLMo 3's ``<function_calls>`` lines. Each is recognised from the release's template (its tool-describing
+templates, InternLM's actions, Hunyuan-A13B's and Jamba's ``<tool_calls>`` list, Phi-4-mini's ``functools`` list,
+OLMo 3's ``<function_calls>`` lines, Gemma 4's and FunctionGemma's ``call:NAME{...}`` blocks and the JSON calls of
+Llama 4's official template. Each is recognised from the release's template (its tool-describing
 part over the test tokenizer's role tags), read whole and streamed, and sampled under its forced-call grammar.
 """
 
@@ -18,10 +19,10 @@ from test_serve_tools import (CLOCK, DEEPSEEK_TEMPLATE, DEEPSEEK_V31_TEMPLATE, G
                               NESTED, PING, QWEN3_CODER_TEMPLATE, TOOL_TEMPLATE, WEATHER, _calls, _forced_matcher,
                               _stream, _takes, check_calls_over_the_api)
 
-MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI, OLMO3, GEMMA4, FUNCTIONGEMMA = (
+MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI, OLMO3, GEMMA4, FUNCTIONGEMMA, LLAMA4 = (
     next(f for f in FORMATS if f.name == name)
     for name in ("minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3",
-                 "gemma4", "functiongemma"))
+                 "gemma4", "functiongemma", "llama4_json"))
 
 # MiniMax-M2's tool parts (MiniMaxAI/MiniMax-M2 chat_template.jinja: each tool's function as JSON in <tool>, the
 # format shown, and a call's <invoke> with a <parameter> per argument, a string bare and anything else as JSON)
@@ -220,6 +221,25 @@ GEMMA4_TEMPLATE = (
     "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
 )
 
+# meta-llama/Llama-4-Scout-17B-16E-Instruct's chat_template.json (its tool parts: the format asked for and each tool
+# as indented JSON, which the release writes into the first user turn, here a turn of their own; an earlier call
+# written back as <|python_start|>, the message's text, <|python_end|>, then {"name": ..., "parameters": ...} per
+# call with nothing between them; a result as an ipython turn) over the test tokenizer's tags.
+LLAMA4_TEMPLATE = (
+    "{%- if tools %}<|user|>Given the following functions, please respond with a JSON for a function call with its "
+    "proper arguments that best answers the given prompt.\n\nRespond in the format {\"name\": function name, "
+    "\"parameters\": dictionary of argument name and its value}.Do not use variables.\n\n"
+    "{%- for t in tools %}{{- t | tojson(indent=4) }}{{- '\\n\\n' }}{%- endfor %}</s>{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|assistant|>{{- '<|python_start|>' }}{{- m.content or '' }}"
+    "{{- '<|python_end|>' }}{%- for tool_call in m.tool_calls %}"
+    "{{- '{\"name\": \"' + tool_call.function.name + '\", ' }}{{- '\"parameters\": ' }}"
+    "{{- tool_call.function.arguments | tojson }}{{- '}' }}{%- endfor %}</s>"
+    "{%- elif m.role == 'tool' %}<|ipython|>{{ m.content }}</s>"
+    "{%- else %}<|{{ m.role }}|>{{ m.content }}</s>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
 #: Gemma 4's tokens as FunctionGemma (Gemma 3's vocabulary) spells them: the one-to-one map Google's own gemma
 #: library converts between the two with.
 AS_FUNCTIONGEMMA = {'<|"|>': "<escape>", "<|tool>": "<start_function_declaration>",
@@ -311,6 +331,11 @@ def _gemma4(calls: Calls) -> str:
     return "".join(f"<|tool_call>call:{name}{_gemma_value(arguments)}<tool_call|>" for name, arguments in calls)
 
 
+def _llama4(calls: Calls) -> str:
+    """Calls as Llama 4's template writes them: JSON objects right after one another."""
+    return "".join(json.dumps({"name": name, "parameters": arguments}) for name, arguments in calls)
+
+
 def _functiongemma(calls: Calls) -> str:
     """Calls as FunctionGemma writes them: Gemma 4's under its tokens (strings' text holding none of them)."""
     return _as_functiongemma(_gemma4(calls))
@@ -332,9 +357,10 @@ ROWS: list[tuple[Any, str, Callable[[Calls], str], tuple[str, ...]]] = [
     (GEMMA4, GEMMA4_TEMPLATE, _gemma4, ("<|tool_call>", "<tool_call|>", '<|"|>')),
     (FUNCTIONGEMMA, FUNCTIONGEMMA_TEMPLATE, _functiongemma,
      ("<start_function_call>", "<end_function_call>", "<escape>")),
+    (LLAMA4, LLAMA4_TEMPLATE, _llama4, ("<|python_start|>", "<|python_end|>")),
 ]
 IDS = ["minimax_m2", "seed_oss", "pythonic", "internlm", "hunyuan_a13b", "jamba", "phi4_mini", "olmo3", "gemma4",
-       "functiongemma"]
+       "functiongemma", "llama4_json"]
 
 
 def _read(fmt, text: str, tools: list | None = None) -> list[tuple[str, Any]]:
@@ -351,7 +377,7 @@ def test_the_new_templates_are_told_apart_from_the_others():
     """Each release's template gives its own format; Seed-OSS's also holds ``<parameter=`` (Qwen3-Coder's sign) and
     is still Seed-OSS; the templates that had a format keep it."""
     assert [format_of(t) for _, t, _, _ in ROWS] == [MINIMAX, SEED, PYTHONIC, INTERNLM, HUNYUAN, JAMBA, PHI4_MINI,
-                                                     OLMO3, GEMMA4, FUNCTIONGEMMA]
+                                                     OLMO3, GEMMA4, FUNCTIONGEMMA, LLAMA4]
     assert [format_of(t).name for t in (TOOL_TEMPLATE, GLM_TEMPLATE, QWEN3_CODER_TEMPLATE, DEEPSEEK_TEMPLATE,
                                         DEEPSEEK_V31_TEMPLATE, KIMI_TEMPLATE)] == [
         "hermes", "glm45", "qwen3_coder", "deepseek_v3", "deepseek_v31", "kimi_k2"]
@@ -461,11 +487,28 @@ def test_functiongemma_calls_read_as_gemma4s_under_its_own_tokens():
     assert GEMMA4.read(one, None).calls == []  # nor is FunctionGemma's block Gemma 4's
 
 
+def test_llama4_json_calls_are_the_whole_reply_maybe_between_python_tags():
+    """JSON objects right after one another (or ``;`` apart, as Llama 3.1's), "arguments" read too; between
+    <|python_start|> and <|python_end|>, or after the empty such block Llama 4's template writes a call back with;
+    anything else (text before the calls, text in that block, an object that is no call, one cut short) is text."""
+    text = '{"name": "f", "parameters": {"x": [1, {"y": null}]}}{"name": "g", "arguments": {"s": "a; b"}}'
+    calls = [("f", {"x": [1, {"y": None}]}), ("g", {"s": "a; b"})]
+    assert _read(LLAMA4, text) == calls and LLAMA4.read(text, None).content is None
+    for form in (text.replace("}}{", "}}; {"), f"<|python_start|>{text}<|python_end|>",
+                 f"<|python_start|><|python_end|>{text}", f" \n<|python_start|>{text}"):
+        assert _read(LLAMA4, form) == calls, form
+    one = _llama4([("f", {"x": 1})])
+    for bad in ("Sure: " + one, f"<|python_start|>Sure<|python_end|>{one}", '{"x": 1}', one[:-1], "{x}",
+                '{"name": "f", "parameters": [1]}'):
+        assert LLAMA4.read(bad, None).calls == [] and LLAMA4.read(bad, None).content == bad, bad
+
+
 @pytest.mark.parametrize("fmt, template, write, markers", ROWS, ids=IDS)
 def test_a_stream_holds_back_the_calls_and_sends_them_at_the_end(fmt, template, write, markers):
-    """Fed a character at a time, the content sent is the text before the calls (none for a pythonic reply, which
-    is calls alone) and the calls come whole at the end; text that only began like a call is sent at the end."""
-    before = "" if fmt is PYTHONIC else "Checking."
+    """Fed a character at a time, the content sent is the text before the calls (none for a pythonic or Llama 4
+    reply, which is calls alone) and the calls come whole at the end; text that only began like a call is sent at
+    the end."""
+    before = "" if fmt in (PYTHONIC, LLAMA4) else "Checking."
     text = before + write([("get_weather", {"city": "Oslo"}), ("get_time", {"tz": "UTC"})])
     sent, deltas, reason = _stream(ToolReplies([WEATHER, CLOCK], fmt), list(text))
     assert sent == before and reason == "tool_calls"

@@ -19,8 +19,8 @@ from ferrum.serve.handlers import ChatRun
 from ferrum.serve.reasoning import Thinking
 from ferrum.serve.tools import FORMATS, ToolReplies
 from support import write_scripted_checkpoint
-from test_serve_tool_formats import (_functiongemma, _gemma4, _internlm, _minimax, _olmo3, _phi4, _py, _seed,
-                                     _tool_calls_list)
+from test_serve_tool_formats import (_functiongemma, _gemma4, _internlm, _llama4, _minimax, _olmo3, _phi4, _py,
+                                     _seed, _tool_calls_list)
 from test_serve_tools import TOOL_TEMPLATE, WEATHER, _ds, _ds31, _glm, _kimi, _qwen
 
 FORMAT = {f.name: f for f in FORMATS}
@@ -60,6 +60,7 @@ WRITE = {
     "olmo3": lambda calls: _olmo3([("get_weather", _args(i)) for i in calls]),
     "gemma4": lambda calls: _gemma4([("get_weather", _args(i)) for i in calls]),
     "functiongemma": lambda calls: _functiongemma([("get_weather", _args(i)) for i in calls]),
+    "llama4_json": lambda calls: _llama4([("get_weather", _args(i)) for i in calls]),
 }
 
 #: Replies as text and groups of calls (how many in each).
@@ -172,15 +173,15 @@ def test_a_streamed_reply_adds_up_to_the_whole_message(fmt, layout, reasoning, s
 @pytest.mark.parametrize("fmt", list(WRITE))
 def test_the_layouts_are_read_as_calls_with_the_text_around_them(fmt):
     """What the consistency test runs on: each format's calls are read, and the whitespace around them is not
-    content (a llama3_json reply is calls alone; the Mistral list's, Granite's, Hunyuan's, Jamba's and Phi-4-mini's
-    formats hold one list, OLMo 3's one block)."""
+    content (a llama3_json or llama4_json reply is calls alone; the Mistral list's, Granite's, Hunyuan's, Jamba's and
+    Phi-4-mini's formats hold one list, OLMo 3's one block)."""
     def reply(layout: str) -> tuple[str | None, int]:
         message, _ = ToolReplies(TOOLS, FORMAT[fmt]).message(_reply(fmt, LAYOUTS[layout]), "stop")
         return message["content"], len(message.get("tool_calls", ()))
 
     assert reply("calls only") == (None, 2) and reply("nothing") == ("", 0)
     assert reply("text only") == ("No call needed.\n", 0)
-    if fmt == "llama3_json":
+    if fmt in ("llama3_json", "llama4_json"):
         assert reply("calls amid whitespace") == (None, 2)
         return
     if fmt == "pythonic":  # one list is the whole reply: two lists, or text beside one, are text

@@ -10,6 +10,9 @@ recognised from the template itself, as vLLM's ``--tool-call-parser`` choices ar
 * ``granite`` (IBM Granite 3, templates with ``<|tool_call|>``): the same list after ``<|tool_call|>``;
 * ``llama3_json`` (Llama 3.1-3.3, whose templates carry ``<|python_tag|>``): the whole reply is one JSON object
   ``{"name": ..., "parameters": {...}}``;
+* ``llama4_json`` (Llama 4's official template, with ``<|python_start|>`` and ``"parameters"``): the whole reply is
+  such objects, one right after another, maybe between ``<|python_start|>`` and ``<|python_end|>``, or after an empty
+  such block as the template writes a call back;
 * ``harmony`` (gpt-oss, templates with ``<|call|>``): a message to ``functions.NAME`` whose text is the
   arguments (read by :mod:`ferrum.serve.harmony`, which hands the calls on in one canonical form);
 * ``glm45`` (GLM-4.5 / 4.6 / 4.7, templates with ``<arg_key>``): ``<tool_call>NAME`` then per argument
@@ -78,11 +81,12 @@ from ferrum.serve.tools.deepseek import (DEEPSEEK_HEAD, DEEPSEEK_V31_CALL, DS_CA
 from ferrum.serve.tools.gemma4 import FUNCTIONGEMMA, GEMMA4
 from ferrum.serve.tools.harmony_calls import HARMONY_HEAD, harmony_grammar, read_harmony
 from ferrum.serve.tools.kimi import KIMI_CALL_HEAD, KIMI_CALLS, kimi_k2_grammar, read_kimi_k2
-from ferrum.serve.tools.json_formats import (INTERNLM_CALL, MISTRAL_CALLS, MISTRAL_HEAD, PHI4_CALLS, TOOL_CALLS,
-                                             granite_grammar, hermes_grammar, internlm_grammar, json_list_reader,
-                                             llama3_grammar, mistral_grammar, phi4_mini_grammar, read_hermes,
-                                             read_internlm, read_llama3_json, read_mistral, read_phi4_mini,
-                                             read_tool_calls_list, tool_calls_list_grammar)
+from ferrum.serve.tools.json_formats import (INTERNLM_CALL, LLAMA4_CALLS, MISTRAL_CALLS, MISTRAL_HEAD, PHI4_CALLS,
+                                             TOOL_CALLS, granite_grammar, hermes_grammar, internlm_grammar,
+                                             json_list_reader, llama3_grammar, llama4_grammar, mistral_grammar,
+                                             phi4_mini_grammar, read_hermes, read_internlm, read_llama3_json,
+                                             read_llama4_json, read_mistral, read_phi4_mini, read_tool_calls_list,
+                                             tool_calls_list_grammar)
 from ferrum.serve.tools.minimax import MINIMAX_CALLS, minimax_m2_grammar, read_minimax_m2
 from ferrum.serve.tools.pythonic import OLMO3_CALLS, olmo3_grammar, pythonic_grammar, read_olmo3, read_pythonic
 from ferrum.serve.errors import APIError
@@ -158,6 +162,8 @@ FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Code
     ToolCallFormat("olmo3", (OLMO3_CALLS,), (OLMO3_CALLS,), (), read_olmo3, olmo3_grammar, (), typed=True),
     ToolCallFormat("pythonic", ("[func_name1(",), (), ("[", "<|python_start|>"), read_pythonic, pythonic_grammar, (),
                    typed=True),
+    ToolCallFormat("llama4_json", (LLAMA4_CALLS, '"parameters"'), (), ("{", LLAMA4_CALLS), read_llama4_json,
+                   llama4_grammar),
     ToolCallFormat("llama3_json", ("<|python_tag|>",), (), ("{", "<|python_tag|>"), read_llama3_json, llama3_grammar),
     ToolCallFormat("harmony", ("<|call|>",), (harmony.CALL_OPEN,), (), read_harmony, harmony_grammar, (HARMONY_HEAD,),
                    bare_answer=False),

@@ -1,6 +1,6 @@
 """The formats whose calls are JSON objects naming their function (``hermes``, ``mistral``, ``granite``,
-``llama3_json``, ``internlm``, ``hunyuan_a13b`` / ``jamba``, ``phi4_mini``): their parsers and forced-call
-grammars."""
+``llama3_json``, ``llama4_json``, ``internlm``, ``hunyuan_a13b`` / ``jamba``, ``phi4_mini``): their parsers and
+forced-call grammars."""
 
 from __future__ import annotations
 
@@ -100,24 +100,42 @@ def read_mistral(text: str) -> ParsedReply:
     return ParsedReply(text[:start], calls, "".join(rest))
 
 
-def read_llama3_json(text: str) -> ParsedReply:
-    """The whole reply is calls: JSON objects, one after another (Llama 3.1 separates several with ``;``)."""
-    body = text.strip().removeprefix("<|python_tag|>").strip()
-    decoder, calls, at = json.JSONDecoder(), [], 0
-    while at < len(body):
-        try:
-            value, at = decoder.raw_decode(body, at)
-        except NOT_JSON:
-            return ParsedReply(text, [])
-        if not isinstance(value, dict):
-            return ParsedReply(text, [])
-        call = make_call(value.get("name"), value.get("parameters", value.get("arguments")))
-        if call is None:
-            return ParsedReply(text, [])
-        calls.append(call)
-        while at < len(body) and body[at] in " \t\r\n;":
-            at += 1
-    return ParsedReply("", calls) if calls else ParsedReply(text, [])
+def json_objects_reader(opening: str, closing: str = "") -> Callable[[str], ParsedReply]:
+    """The whole reply is calls: JSON objects naming their function, their arguments under "parameters" (or
+    "arguments"), one after another (Llama 3.1 separates several with ``;``, Llama 4's template writes them right
+    after one another), maybe after ``opening`` (Llama 3.1's ``<|python_tag|>``, Llama 4's ``<|python_start|>``);
+    ``closing`` (Llama 4's ``<|python_end|>``) may close them, or an empty block before them, as Llama 4's template
+    writes a call back."""
+    def parse(text: str) -> ParsedReply:
+        body = text.strip().removeprefix(opening).strip()
+        decoder, calls, at = json.JSONDecoder(), [], 0
+        while at < len(body):
+            if closing and body.startswith(closing, at):
+                at += len(closing)
+            else:
+                try:
+                    value, at = decoder.raw_decode(body, at)
+                except NOT_JSON:
+                    return ParsedReply(text, [])
+                if not isinstance(value, dict):
+                    return ParsedReply(text, [])
+                call = make_call(value.get("name"), value.get("parameters", value.get("arguments")))
+                if call is None:
+                    return ParsedReply(text, [])
+                calls.append(call)
+            while at < len(body) and body[at] in " \t\r\n;":
+                at += 1
+        return ParsedReply("", calls) if calls else ParsedReply(text, [])
+
+    return parse
+
+
+read_llama3_json = json_objects_reader("<|python_tag|>")
+LLAMA4_CALLS, _LLAMA4_END = "<|python_start|>", "<|python_end|>"
+#: Llama 4's calls under its official JSON template (meta-llama/Llama-4-Scout-17B-16E-Instruct), which asks for
+#: ``{"name": function name, "parameters": ...}`` and writes a call back as ``<|python_start|><|python_end|>`` (the
+#: message's text between them) then the calls (vLLM reads them with its ``llama3_json`` / ``llama4_json`` parser).
+read_llama4_json = json_objects_reader(LLAMA4_CALLS, _LLAMA4_END)
 
 
 MISTRAL_HEAD = re.compile(re.escape(MISTRAL_CALLS) + r"\s*(?P<name>[A-Za-z_][\w.\-]*)\s*"
@@ -179,3 +197,8 @@ def llama3_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], temp
     """Llama 3.1 separates several calls with ``; ``."""
     calls = repeated("call", '"; "', many)
     return f"start: {calls}\ncall: {json_rule(call_schema(tools, 'parameters'))}"
+
+
+def llama4_grammar(tools: list[dict[str, Any]], mark: Callable[[str], str], template: str, many: bool) -> str:
+    """Llama 4's template writes calls right after one another, no separator, no tags around them."""
+    return f"start: {'call+' if many else 'call'}\ncall: {json_rule(call_schema(tools, 'parameters'))}"
