@@ -412,6 +412,23 @@ def _afmoe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
             "attention_bias": False}
 
 
+def _minimax_m2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """MiniMax-M2 as llama.cpp runs a minimax-m2 file: sigmoid scores chosen with the correction bias, the top-k
+    weights always renormalised, unscaled (the converter writes the gate from scoring_func and no scale); the experts
+    as wide as intermediate_size, which transformers sizes them by. Another gate or a scale is refused by name."""
+    gating = meta.get(p + "expert_gating_func", _SIGMOID_GATING)
+    if gating != _SIGMOID_GATING:
+        raise UnsupportedFeatureError(f"{meta.where}: {p}expert_gating_func {gating} is not supported; MiniMax-M2 "
+                                      f"routes with the sigmoid gate ({_SIGMOID_GATING})")
+    _refuse_expert_scale(meta, p, "MiniMax-M2")
+    experts = int(meta.need(p + "expert_feed_forward_length"))
+    if experts != cfg["intermediate_size"]:
+        raise UnsupportedFeatureError(f"{meta.where}: {p}expert_feed_forward_length {experts} differs from "
+                                      f"feed_forward_length {cfg['intermediate_size']}; transformers' MiniMax-M2 "
+                                      "sizes its experts by intermediate_size")
+    return {}
+
+
 def _hunyuan_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Hunyuan-A13B as llama.cpp runs it and transformers reads its config: softmax top-k renormalised, unscaled,
     one shared MLP; transformers sizes the experts and the shared MLP by intermediate_size, so a file whose
@@ -675,6 +692,13 @@ ARCHITECTURES = {
     # sigmoid-routed experts (see _afmoe_config)
     "afmoe": _Architecture("afmoe", "AfmoeForCausalLM", False, renamed=_AFMOE_TENSORS, configure=_afmoe_config,
                            moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None, router="router.gate")),
+    # MiniMax-M2 / M2.1: q and k normed over their whole projections, rotate-half rope over rope.dimension_count of
+    # each head (rows as stored), sigmoid-routed experts (w1 / w3 / w2 stacked as gate / up / down) with the correction
+    # bias on every layer (see _minimax_m2_config)
+    "minimax-m2": _Architecture("minimax_m2", "MiniMaxM2ForCausalLM", False, partial_rotary=True,
+                                renamed=(("exp_probs_b.bias", "block_sparse_moe.e_score_correction_bias"),),
+                                configure=_minimax_m2_config,
+                                moe=_Experts("block_sparse_moe", "num_local_experts", None, None)),
     # MiniCPM 1B / 2B: Llama's layout (q/k permuted), its scalings in the metadata (see _minicpm_config)
     "minicpm": _Architecture("minicpm", "MiniCPMForCausalLM", True, configure=_minicpm_config),
     # MiniCPM3: DeepSeek-V2's latent attention, rotate-half (see _minicpm3_config)
