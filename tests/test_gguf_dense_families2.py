@@ -56,14 +56,15 @@ def _write(path: Path, arch: str, config, tensors: dict[str, np.ndarray], qtype,
     _finish(w)
 
 
-def _mapped(hf, config, arch: str, change: Callable[[str, np.ndarray], np.ndarray] = lambda n, a: a
-            ) -> dict[str, np.ndarray]:
-    """``hf``'s tensors under the names gguf's map gives ``arch``, each through ``change``; a tied head left out."""
+def _mapped(hf, config, arch: str, change: Callable[[str, np.ndarray], np.ndarray] = lambda n, a: a,
+            skip: str | None = None) -> dict[str, np.ndarray]:
+    """``hf``'s tensors under the names gguf's map gives ``arch``, each through ``change``; a tied head left out, and
+    those whose names hold ``skip`` (what the converter writes elsewhere)."""
     kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
     out = {}
     for name, tensor in hf.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        if (name == "lm_head.weight" and config.tie_word_embeddings) or (skip and skip in name):
             continue
         out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = change(name, tensor.float().numpy())
     return out

@@ -5,8 +5,8 @@ Architectures: llama (Mixtral too), qwen2, qwen2moe, qwen3, qwen3moe, phi3, phim
 gemma, gemma2, gemma3, gemma4, gemma3n, the Gated DeltaNet hybrids qwen35, qwen35moe and qwen3next, Granite 4.0-H
 (granitehybrid), LFM2 (lfm2, lfm2moe), Nemotron-H (nemotron_h, nemotron_h_moe), and more
 (:data:`SUPPORTED_ARCHITECTURES`). The rooms: ``files`` reads a file safely, ``architectures`` maps each
-architecture onto its Hugging Face family (``gated_delta``, ``gemma4``, ``gemma3n``, ``granite_hybrid``, ``lfm2`` and
-``nemotron_h`` what theirs store their own way),
+architecture onto its Hugging Face family (``gated_delta``, ``gemma4``, ``gemma3n``, ``granite_hybrid``, ``lfm2``,
+``nemotron_h`` and ``apertus`` what theirs store their own way),
 ``config``, ``tensors`` and ``tokenizer`` write the three parts of the folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same

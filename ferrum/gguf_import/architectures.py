@@ -10,7 +10,7 @@ from typing import Any, Callable
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value
-from ferrum.gguf_import import falcon_h1, gemma3n, gemma4, granite_hybrid, lfm2, mamba, nemotron_h
+from ferrum.gguf_import import apertus, falcon_h1, gemma3n, gemma4, granite_hybrid, lfm2, mamba, nemotron_h
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
@@ -95,6 +95,9 @@ class _Architecture:
     #: False: the blocks have neither attention nor an MLP, the file's head count and MLP width are 0 (pure
     #: Mamba-2's); ``configure`` gives the heads.
     attention: bool = True
+    #: Tensors the converter moved into the metadata (Apertus's xIELU parameters): the file's metadata, the
+    #: ``arch.`` prefix and the config -> Llama-style Hugging Face names and their float32 values.
+    metadata_tensors: Callable[[Metadata, str, dict[str, Any]], dict[str, Any]] | None = None
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -731,6 +734,12 @@ ARCHITECTURES = {
     "phi2": _Architecture("phi", "PhiForCausalLM", False, (("hidden_act", "gelu_new"),), partial_rotary=True),
     "starcoder2": _Architecture("starcoder2", "Starcoder2ForCausalLM", False,
                                 (("hidden_act", "gelu_pytorch_tanh"), ("use_bias", True), ("sliding_window", None))),
+    # Apertus: Llama's blocks under its own norm names, Qwen 3's per-head q/k norms, rotate-half rope rotated as the
+    # checkpoint stores it (its llama3 scaling from rope_freqs), an ungated xIELU MLP whose per-layer parameters the
+    # converter keeps in the metadata (see ferrum.gguf_import.apertus)
+    "apertus": _Architecture("apertus", "ApertusForCausalLM", False,
+                             (("hidden_act", "xielu"), ("attention_bias", False)), renamed=apertus.NORMS,
+                             configure=apertus.apertus_config, metadata_tensors=apertus.xielu_tensors),
     # Jais 2: biased LayerNorms and projections, an ungated squared-ReLU MLP (the only one llama.cpp runs for it),
     # rotate-half rope rotated as the checkpoint stores it
     "jais2": _Architecture("jais2", "Jais2ForCausalLM", False, (("hidden_act", "relu2"),),

@@ -20,6 +20,7 @@ from ferrum.gguf_import.architectures import (
     BLOCK_TENSORS, GLOBAL_TENSORS, IGNORED_BLOCK_TENSORS, MOE_BLOCK_TENSORS, ROPE_FACTOR_TENSORS,
     SUPPORTED_ARCHITECTURES, for_model_type,
 )
+from ferrum.gguf_import.files import Metadata
 from ferrum.moe.loading import is_expert_stack, mlx_lm_stack_name
 from ferrum.moe.spec import ROUTER
 from ferrum.quant.affine import FloatCodes, QuantizedWeight
@@ -90,6 +91,25 @@ class PlannedTensor:
                 return _as_matrix(shape)
             return shape if len(shape) == len(self.shape) else (shape[0], *self.shape[1:])
         return (numpy_shape(source)[0], *self.shape[1:]) if self.joined else self.shape
+
+
+@dataclass(frozen=True)
+class MetadataTensor:
+    """Values the converter moved into the metadata that the family reads as a tensor (Apertus's xIELU parameters),
+    with what the import reads of a gguf reader's tensor: a name, float32 data and GGUF's dimension order."""
+
+    name: str
+    data: np.ndarray
+
+    @property
+    def tensor_type(self) -> Any:
+        from gguf.constants import GGMLQuantizationType
+
+        return GGMLQuantizationType.F32
+
+    @property
+    def shape(self) -> list[int]:
+        return list(reversed(self.data.shape))
 
 
 def numpy_shape(tensor: Any) -> tuple[int, ...]:
@@ -248,6 +268,13 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             f"Ferrum's GGUF import handles dense {', '.join(SUPPORTED_ARCHITECTURES)} files as llama.cpp's "
             "converter writes them"
         )
+    if arch.metadata_tensors is not None:
+        for name, value in arch.metadata_tensors(Metadata(reader, where), f"{gguf_arch}.", cfg).items():
+            hf_name = stored_name(model_arch, _in_layout(model_arch, name))
+            if expected.get(hf_name) != value.shape:
+                raise CheckpointError(f"{where}: {hf_name} from the metadata has shape {value.shape} but the "
+                                      f"metadata implies {expected.get(hf_name)}")
+            plan.append(PlannedTensor(hf_name, MetadataTensor(name, value), value.shape, None))
     have = {p.hf_name for p in plan}
     missing = [n for n in expected if n not in have]
     if missing:
