@@ -432,6 +432,21 @@ def _minimax_m2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str,
     return {}
 
 
+def _dbrx_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """DBRX's config under its own nested keys (flat, dotted: ``attn_config.kv_n_heads``...), as llama.cpp runs a dbrx
+    file: q/k/v clipped by the clamp it requires (none where 0), softmax top-k weights always renormalised
+    (moe_normalize_expert_weights 1, the releases'), LayerNorms at 1e-5, which the family fixes (a file saying
+    otherwise is refused)."""
+    eps = float32_value(meta.get(p + "attention.layer_norm_epsilon", 1e-5))
+    if eps != 1e-5:
+        raise UnsupportedFeatureError(f"{meta.where}: {p}attention.layer_norm_epsilon {eps} is not supported (DBRX's "
+                                      "LayerNorms are fixed at 1e-5)")
+    _refuse_expert_scale(meta, p, "DBRX")
+    return {"attn_config.kv_n_heads": cfg["num_key_value_heads"], "attn_config.rope_theta": cfg["rope_theta"],
+            "attn_config.clip_qkv": float32_value(meta.need(p + "attention.clamp_kqv")) or None,  # 0: none
+            "ffn_config.moe_top_k": cfg["num_experts_per_tok"], "ffn_config.moe_normalize_expert_weights": 1.0}
+
+
 def _hunyuan_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Hunyuan-A13B as llama.cpp runs it and transformers reads its config: softmax top-k renormalised, unscaled,
     one shared MLP; transformers sizes the experts and the shared MLP by intermediate_size, so a file whose
@@ -695,6 +710,12 @@ ARCHITECTURES = {
     # sigmoid-routed experts (see _afmoe_config)
     "afmoe": _Architecture("afmoe", "AfmoeForCausalLM", False, renamed=_AFMOE_TENSORS, configure=_afmoe_config,
                            moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None, router="router.gate")),
+    # DBRX: biasless LayerNorms, q/k/v fused as all queries, then keys, then values, rotate-half rope rows as stored,
+    # the norm before the experts as attn_output_norm, softmax-routed experts (w1 / v1 / w2 as gate / up / down) on
+    # every layer (see _dbrx_config)
+    "dbrx": _Architecture("dbrx", "DbrxForCausalLM", False, renamed=(("attn_output_norm.weight",
+                                                                      "post_attention_layernorm.weight"),),
+                          configure=_dbrx_config, moe=_Experts("ffn", "ffn_config.moe_num_experts", None, None)),
     # MiniMax-M2 / M2.1: q and k normed over their whole projections, rotate-half rope over rope.dimension_count of
     # each head (rows as stored), sigmoid-routed experts (w1 / w3 / w2 stacked as gate / up / down) with the correction
     # bias on every layer (see _minimax_m2_config)
