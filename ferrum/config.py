@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from ferrum.arch import Architecture
-from ferrum.arch.families import FAMILIES
-from ferrum.arch.families import Sizes, lift_nested, read_sizes
+from ferrum.arch.families import FAMILIES, Sizes, lift_nested, read_sizes
 from ferrum.arch.keys import KeyReader
 from ferrum.checkpoint import require_regular_file
 from ferrum.errors import ConfigError, UnsupportedFeatureError

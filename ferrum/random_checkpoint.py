@@ -1,4 +1,4 @@
-"""Random-weight Hugging Face checkpoints of any family in :data:`ferrum.arch.FAMILIES`.
+"""Random-weight Hugging Face checkpoints of any family in :data:`ferrum.arch.families.FAMILIES`.
 
 Benchmarks use them at realistic sizes and the plugin conformance kit at
 tiny ones, so neither needs a download. The folder is an ordinary

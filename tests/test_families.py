@@ -479,7 +479,7 @@ def _as_mlx_lm_nanochat(source, dest):
     them."""
     from safetensors.numpy import load_file, save_file
 
-    from ferrum.arch.families import NANOCHAT_MLX_LM_NAMES, NANOCHAT_NAMES
+    from ferrum.arch.families.layer_norm import NANOCHAT_MLX_LM_NAMES, NANOCHAT_NAMES
 
     ours = {stored: name for name, stored in NANOCHAT_NAMES.items()}
     renamed = {}

@@ -126,9 +126,9 @@ def _without_sparsity(monkeypatch):
 
 def _without_sharing(monkeypatch, folder, tmp_path):
     """The shared layers computing keys and values of their own from release-style k/v tensors."""
-    import ferrum.arch.families as families
+    import ferrum.arch.families.gemma as gemma
 
-    monkeypatch.setattr(families, "_gemma4_kv_sources", lambda r, types: [None] * len(types))
+    monkeypatch.setattr(gemma, "_gemma4_kv_sources", lambda r, types: [None] * len(types))
     return _with_release_kv(folder, tmp_path / "release")
 
 

@@ -70,7 +70,7 @@ def test_the_jitter_eps_decides_which_logits_share_the_softmax():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_matches_transformers(checkpoints, backend, variant):
     """Forward and token-by-token decode; the longrope model within its original context, where transformers
-    and Microsoft's code agree (see ferrum.arch.families._phimoe)."""
+    and Microsoft's code agree (see ferrum.arch.families.moe._phimoe)."""
     folder, hf = checkpoints[variant]
     tokens = TOKENS if variant == "window" else TOKENS[:ORIGINAL]
     model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")

@@ -113,7 +113,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",),
                 "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",),
-                # their releases' num_experts is read as n_routed_experts (ferrum.arch.families.SARVAM_ALIASES)
+                # their releases' num_experts is read as n_routed_experts (ferrum.arch.families.latent.SARVAM_ALIASES)
                 "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",),
                 "mimo_v2_flash": ("n_routed_experts", "num_local_experts"), "cohere2_moe": ("num_experts",),
                 "jamba": ("num_experts", "num_local_experts")}  # the latter its attribute_map's alias
@@ -329,7 +329,7 @@ KEYS: dict[str, tuple[Key, ...]] = {
                                            dense=3), _MOE_LAYER_FREQ),
     "deepseek_v2": _DEEPSEEK_V2,
     # Kimi Linear: DeepSeek-V3's routing under KimiLinearConfig's defaults (its release's spellings read as these,
-    # ferrum.arch.families._kimi_linear_keys), its dense layers by mlp_layer_types
+    # ferrum.arch.families.hybrid._kimi_linear_keys), its dense layers by mlp_layer_types
     "kimi_linear": _grouped_sigmoid_keys("kimi_linear", moe_size=1024, scale=2.446, n_group=1, topk_group=1,
                                          dense=None),
     # GLM-4.7-Flash: GLM-4.5's routing under Glm4MoeLiteConfig's defaults, its dense layers by mlp_layer_types
@@ -484,8 +484,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
                    Key("moe_latent_size", unsupported=True, check=falsy(
                        "its experts read a latent projection of the stream (Nemotron 3 Super), which Ferrum does not "
                        "run yet; Ferrum runs Nemotron 3 Nano's experts, which read the stream itself"))),
-    # Gemma 4 26B-A4B: its MoE block where enable_moe_block (ferrum.arch.families' Gemma 4 keys) says; transformers
-    # has no default for these three
+    # Gemma 4 26B-A4B: its MoE block where enable_moe_block (ferrum.arch.families.gemma's Gemma 4 keys) says;
+    # transformers has no default for these three
     "gemma4_text": (Key("num_experts", check=optional_positive_int), Key("top_k_experts", check=optional_positive_int),
                     Key("moe_intermediate_size", check=optional_positive_int)),
     # Jamba: experts of intermediate_size on every expert_layer_period-th layer from expert_layer_offset

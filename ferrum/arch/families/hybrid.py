@@ -1,0 +1,386 @@
+"""Linear-attention hybrids: Gated DeltaNet (Qwen3.5, Qwen3-Next, OLMo Hybrid), Kimi Linear, LFM2."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Callable
+
+from ferrum.arch.families._shared import (
+    FULL, Family, LINEAR, LLAMA_NORMS, POST_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core, _core_defaults, _keys,
+    _rope_spec, _rotary_dim, _theta, read_rope,
+)
+from ferrum.arch.families.latent import _mla_head_dim, _mla_keys, _mla_kv_heads
+from ferrum.arch.keys import (
+    Key, KeyReader, boolean, falsy, one_of, optional_positive_int, optional_positive_number, optional_size,
+    positive_int, size,
+)
+from ferrum.arch.mla import MlaSpec
+from ferrum.arch.rope import Rope
+from ferrum.arch.spec import Architecture, LayerSpec
+from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
+from ferrum.recurrent.gated_delta import GatedDeltaSpec
+from ferrum.recurrent.kimi_delta import KimiDeltaSpec
+from ferrum.recurrent.short_conv import ShortConvSpec
+#: A hybrid's layer types -> the mixer each runs (LayerSpec.mixer).
+_HYBRID_MIXERS = {LINEAR: "gated_delta", FULL: "attention"}
+
+
+def _hybrid_mixers(r: KeyReader, sizes: Sizes) -> list[str]:
+    """Each layer's mixer from layer_types, else every ``full_attention_interval``-th layer attends (transformers'
+    default of 4: three Gated DeltaNet layers, then full attention)."""
+    types = r("layer_types")
+    if types is None:
+        interval = r("full_attention_interval")
+        types = [FULL if (i + 1) % interval == 0 else LINEAR for i in range(sizes.num_layers)]
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in _HYBRID_MIXERS for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
+    return [_HYBRID_MIXERS[t] for t in types]
+
+
+def _gated_delta_spec(r: KeyReader, grouped: bool) -> GatedDeltaSpec:
+    k_heads, v_heads = r("linear_num_key_heads"), r("linear_num_value_heads")
+    if v_heads % k_heads:
+        r.fail("linear_num_value_heads", f"({v_heads}) must be a multiple of linear_num_key_heads ({k_heads})")
+    return GatedDeltaSpec(k_heads, v_heads, r("linear_key_head_dim"), r("linear_value_head_dim"),
+                          r("linear_conv_kernel_dim"), grouped=grouped)
+
+
+def _qwen3_hybrid(grouped: bool) -> Callable[[KeyReader, Sizes], Architecture]:
+    """Qwen3-Next (``grouped``: its in_proj_qkvz / in_proj_ba) and Qwen3.5: Gated DeltaNet layers between gated
+    full-attention layers (q/k norms before a partial rope), every block norm and the q/k norms zero-centred
+    (``1 + w``); the Gated DeltaNet's own gated norm is not."""
+
+    def build(r: KeyReader, sizes: Sizes) -> Architecture:
+        key, spec = _rope_spec(r)
+        rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.25))
+        r("hidden_act")
+        bias = r("attention_bias")
+        return Architecture(
+            layers=tuple(LayerSpec(None, rope, mixer=m) for m in _hybrid_mixers(r, sizes)),
+            norms=LLAMA_NORMS,
+            norm_offset=1.0,
+            attn_scale=1.0 / math.sqrt(sizes.head_dim),
+            qk_norm="head",
+            qkv_bias=bias,
+            o_bias=bias,
+            attn_output_gate=True,
+            gated_delta=_gated_delta_spec(r, grouped),
+            keep_float32=(".A_log", ".dt_bias"),
+        )
+
+    return build
+
+
+_QWEN3_HYBRID = (
+    Key("partial_rotary_factor", check=optional_positive_number),
+    Key("attention_bias", default=False, check=boolean),
+    Key("layer_types"),
+    Key("full_attention_interval", default=4, check=positive_int),
+    Key("linear_conv_kernel_dim", default=4, check=positive_int),
+    Key("linear_key_head_dim", default=128, check=positive_int),
+    Key("linear_value_head_dim", default=128, check=positive_int),
+    Key("linear_num_key_heads", default=16, check=positive_int),
+    Key("linear_num_value_heads", default=32, check=positive_int),
+)
+
+
+#: Kimi Linear's keys as its release (and transformers' attribute_map) spells them -> DeepSeek-V3's, which the MoE
+#: table reads.
+_KIMI_ALIASES = {"num_experts_per_token": "num_experts_per_tok", "moe_renormalize": "norm_topk_prob",
+                 "num_expert_group": "n_group", "num_shared_experts": "n_shared_experts",
+                 "model_max_length": "max_position_embeddings"}
+#: Kimi Linear's linear_attn_config (its release's, which transformers reads) -> transformers' own keys.
+_KIMI_LINEAR_CONFIG = {"head_dim": "linear_head_dim", "num_heads": "linear_num_heads",
+                       "short_conv_kernel_size": "linear_conv_kernel_dim"}
+
+
+def _kimi_linear_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Kimi Linear's config as transformers' KimiLinearConfig reads it: its release's spellings (model_max_length,
+    num_experts_per_token...) under DeepSeek-V3's names where those are absent, linear_attn_config's sizes, its
+    1-indexed kda_layers / full_attn_layers as layer_types, and first_k_dense_replace as mlp_layer_types, where
+    the config gives neither."""
+    out = dict(raw)
+    for kimi, ours in _KIMI_ALIASES.items():
+        if kimi in raw and ours not in raw:
+            out[ours] = raw[kimi]
+    section = raw.get("linear_attn_config")
+    section = section if isinstance(section, dict) else {}
+    for kimi, ours in _KIMI_LINEAR_CONFIG.items():
+        if kimi in section:
+            out[ours] = section[kimi]
+    layers = raw.get("num_hidden_layers")
+    if out.get("layer_types") is None and isinstance(layers, int) and layers > 0:
+        full, kda = section.get("full_attn_layers"), section.get("kda_layers")
+        if isinstance(full, list) and isinstance(kda, list):
+            kinds: list[Any] = [None] * layers
+            for kind, listed in ((FULL, full), (LINEAR, kda)):
+                for index in listed:
+                    if isinstance(index, int) and 1 <= index <= layers:
+                        kinds[index - 1] = kind
+            out["layer_types"] = kinds
+        else:  # transformers' default
+            out["layer_types"] = [FULL if i and i % 4 == 0 else LINEAR for i in range(layers)]
+    first = raw.get("first_k_dense_replace", 1)
+    if out.get("mlp_layer_types") is None and isinstance(layers, int) and isinstance(first, int):
+        out["mlp_layer_types"] = ["dense" if i < first else "sparse" for i in range(layers)]
+    return out
+
+
+#: transformers 5 saves a Kimi Linear's dense MLPs under the sparse ones' module (its conversion mapping renames
+#: ``block_sparse_moe`` to ``mlp`` on load and back on save); the release keeps them under ``mlp``.
+_KIMI_DENSE_UNDER_MOE = {f"mlp.{proj}": f"block_sparse_moe.{proj}" for proj in ("gate_proj", "up_proj", "down_proj")}
+_KIMI_PROJS = ("gate_proj", "up_proj", "down_proj")
+#: mlx-lm's conversions (``kimi_linear.sanitize``): the sparse MLP under ``mlp`` (its experts stacked in switch_mlp, the
+#: correction bias beside the router: MoeSpec.correction_bias_aliases), each KDA convolution in a module of its own
+#: (taps ``[C, K, 1]``: KimiDeltaSpec.conv_last), kv_b_proj split into embed_q / unembed_out (joined back at load as
+#: DeepSeek-V3's). Its latent norm takes rms_norm_eps where the release's remote code and transformers take 1e-6
+#: (ferrum.arch.mla.LATENT_EPS, kept: the release's), a difference below float32 noise for a latent of any scale.
+_KIMI_MLX_LM_MLP = {
+    "block_sparse_moe": "mlp", "block_sparse_moe.gate": "mlp.gate",
+    **{f"block_sparse_moe.{stack}.{proj}": f"mlp.{stack}.{proj}"
+       for stack in ("switch_mlp", "shared_experts") for proj in _KIMI_PROJS},
+}
+_KIMI_MLX_LM_NAMES = {**_KIMI_MLX_LM_MLP, **{f"self_attn.{p}_conv1d": f"self_attn.{p}_conv.conv" for p in "qkv"}}
+
+
+def _kimi_linear(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Kimi Linear (transformers' KimiLinear): Kimi Delta Attention layers (:mod:`ferrum.recurrent.kimi_delta`)
+    between DeepSeek-V3's latent attention without any rope (transformers' KimiLinearAttention: the rope dims of q
+    and the shared key stay as projected), softmax scale ``1/sqrt(qk_nope + qk_rope)``; the sparse MLPs (grouped
+    sigmoid routing, an ungated shared expert, dense MLPs where mlp_layer_types says) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    types = r("layer_types")
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (LINEAR, FULL) for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r} (or linear_attn_config's "
+                              f"kda_layers and full_attn_layers every layer between them), got {types!r}")
+    r("hidden_act")
+    r("mla_use_nope")
+    rope = Rope.unrotated(sizes.head_dim)
+    mla = MlaSpec(heads=sizes.num_heads, q_lora_rank=r("q_lora_rank"), kv_lora_rank=r("kv_lora_rank"),
+                  nope=r("qk_nope_head_dim"), rope=r("qk_rope_head_dim"), v_head_dim=r("v_head_dim"),
+                  bias=r("attention_bias"))
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer="kimi_delta" if t == LINEAR else "attention") for t in types),
+        norms=LLAMA_NORMS,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        mla=mla,
+        kimi_delta=KimiDeltaSpec(r("linear_num_heads"), r("linear_head_dim"), r("linear_conv_kernel_dim")),
+        keep_float32=(".A_log", ".dt_bias"),
+        # ferrum quantize's output: mlx-lm's MLP names, the taps as transformers stores them (mlx-lm's sanitize
+        # moves those)
+        layouts=tuple(("model.", "lm_head.weight", names)
+                      for names in (_KIMI_DENSE_UNDER_MOE, _KIMI_MLX_LM_NAMES, _KIMI_MLX_LM_MLP)),
+    )
+
+
+_KIMI_LINEAR = (
+    Key("linear_head_dim", default=128, check=positive_int),
+    Key("linear_num_heads", default=32, check=positive_int),
+    Key("linear_conv_kernel_dim", default=4, check=positive_int),
+    Key("layer_types"),
+    # the release's remote code says so; transformers never rotates (a false asks for rope it does not run)
+    Key("mla_use_nope", default=True, unsupported=True, check=one_of(None, True)),
+    Key("moe_router_activation_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
+    Key("moe_layer_freq", default=1, unsupported=True, check=one_of(1)),
+)
+
+
+#: OLMo Hybrid's blocks: its attention layers OLMo 3's (norms after attention and MLP), its Gated DeltaNet layers
+#: Llama's (norms before).
+_OLMO_HYBRID_NORMS = {LINEAR: tuple(LLAMA_NORMS.items()), FULL: tuple(POST_NORMS.items())}
+#: Its release's (OLMo-core's) names of the norms, which transformers 5 saves back.
+_OLMO_HYBRID_STORED = {"input_layernorm": "attention_layer_norm", "post_attention_layernorm": "feedforward_layer_norm"}
+
+
+def _olmo_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
+    """AllenAI's OLMo Hybrid (transformers' OlmoHybrid): OLMo 3's full-attention layers (q/k normed over their whole
+    projections, norms after attention and the MLP, no rope where rope_theta is null, as in the releases) between
+    Gated DeltaNet layers with one projection each and Llama's norms, whose ``beta`` is doubled where
+    linear_allow_neg_eigval and whose gated output norm has FLA's epsilon, 1e-5."""
+    types = r("layer_types")
+    if types is None:  # transformers' default: every fourth layer attends, the last at least
+        types = [FULL if i % 4 == 3 else LINEAR for i in range(sizes.num_layers)]
+        types[-1] = FULL if FULL not in types else types[-1]
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (LINEAR, FULL) for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
+    r("hidden_act")
+    key, spec = _rope_spec(r)
+    # transformers skips rope only where rope_theta is null: the rope object's, else the top-level key's (the
+    # older spelling), else its default 10000
+    theta = spec["rope_theta"] if "rope_theta" in spec else r.raw.get("rope_theta", 10000.0)
+    nope = theta is None
+    rope = Rope.unrotated(sizes.head_dim) if nope else read_rope(r, sizes, spec, key, _LLAMA_ROPES,
+                                                                 theta_default=10000.0)
+    k_heads, v_heads = r("linear_num_key_heads") or sizes.num_heads, r("linear_num_value_heads") or sizes.num_heads
+    if v_heads % k_heads:
+        r.fail("linear_num_value_heads", f"({v_heads}) must be a multiple of linear_num_key_heads ({k_heads})")
+    k_dim = r("linear_key_head_dim") or int(0.75 * sizes.hidden_size / k_heads)
+    delta = GatedDeltaSpec(k_heads, v_heads, k_dim, r("linear_value_head_dim") or 2 * k_dim,
+                           r("linear_conv_kernel_dim"), separate=True,
+                           beta_scale=2.0 if r("linear_allow_neg_eigval") else 1.0, norm_eps=1e-5)
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer="gated_delta" if t == LINEAR else "attention",
+                               norms=_OLMO_HYBRID_NORMS[t]) for t in types),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="projection",
+        qkv_bias=bias, o_bias=bias, gated_delta=delta, keep_float32=(".A_log", ".dt_bias"),
+        layouts=(("model.", "lm_head.weight", _OLMO_HYBRID_STORED),),
+    )
+
+
+_OLMO_HYBRID = (
+    Key("attention_bias", default=False, check=boolean),
+    Key("layer_types"),
+    Key("linear_num_key_heads", check=optional_positive_int),
+    Key("linear_num_value_heads", check=optional_positive_int),
+    Key("linear_key_head_dim", check=optional_positive_int),
+    Key("linear_value_head_dim", check=optional_positive_int),
+    Key("linear_conv_kernel_dim", default=4, check=positive_int),
+    Key("linear_allow_neg_eigval", default=True, check=boolean),
+)
+
+
+#: LFM2's layer types -> the mixer each runs (LayerSpec.mixer).
+_LFM2_MIXERS = {"conv": "short_conv", FULL: "attention"}
+LFM2_NORMS = {"pre_attn": "operator_norm", "pre_mlp": "ffn_norm"}
+#: LFM2's modules under Llama's names; its final norm is stored as ``embedding_norm``, its convolutions' taps as
+#: ``conv.conv`` (the recurrent mixers' ``conv1d``).
+LFM2_NAMES = {"self_attn.o_proj": "self_attn.out_proj", "mlp.gate_proj": "feed_forward.w1",
+              "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2", "norm": "embedding_norm",
+              "conv.conv1d": "conv.conv"}
+
+
+def _lfm2_mixers(r: KeyReader, sizes: Sizes) -> list[str]:
+    """Each layer's mixer from layer_types, else from full_attn_idxs, else every layer attends (transformers); where
+    a config gives both, mlx-lm reads full_attn_idxs, so the two must agree."""
+    n, types, attending = sizes.num_layers, r("layer_types"), r("full_attn_idxs")
+    from_indices = None
+    if attending is not None:
+        if not isinstance(attending, list) or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n
+                                                  for i in attending):
+            r.fail("full_attn_idxs", f"must list layer indices in [0, {n}), got {attending!r}")
+        from_indices = [FULL if i in attending else "conv" for i in range(n)]
+    if types is None:
+        types = from_indices or [FULL] * n
+    if not isinstance(types, list) or len(types) != n or any(t not in _LFM2_MIXERS for t in types):
+        r.fail("layer_types", f"must list {n} entries of 'conv' / {FULL!r}, got {types!r}")
+    if from_indices is not None and from_indices != types:
+        r.fail("full_attn_idxs", f"is {attending!r}, but layer_types attends at "
+                                 f"{[i for i, t in enumerate(types) if t == FULL]} (transformers reads layer_types, "
+                                 "mlx-lm full_attn_idxs); make them agree")
+    return [_LFM2_MIXERS[t] for t in types]
+
+
+def _lfm2_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    """LFM2's feed-forward width as its MLP sizes it: block_ff_dim (else intermediate_size); with
+    block_auto_adjust_ff_dim, two thirds of that, times block_ffn_dim_multiplier and rounded up to a multiple of
+    block_multiple_of (transformers rounds only where a multiplier is set, as here); LFM2-MoE, which declares none
+    of these keys, takes intermediate_size as it is. tie_embedding, where set, is tie_word_embeddings."""
+    width = r.get("block_ff_dim")
+    width = sizes.intermediate_size if width is None else width
+    if r.get("block_auto_adjust_ff_dim"):
+        width = int(2 * width / 3)
+        multiplier = r("block_ffn_dim_multiplier")
+        if multiplier is not None:
+            step = r("block_multiple_of")
+            width = step * ((int(multiplier * width) + step - 1) // step)
+    tie = r("tie_embedding")
+    tie = sizes.tie_word_embeddings if tie is None else tie
+    return replace(sizes, intermediate_size=width, tie_word_embeddings=tie)
+
+
+def _lfm2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Liquid AI's LFM2 / LFM2.5: gated short-convolution layers (:mod:`ferrum.recurrent.short_conv`) between
+    attention layers that RMS-norm each q/k head before rope, Llama's SwiGLU MLP (``feed_forward.w1 / w3 / w2``),
+    and a final norm named ``embedding_norm`` (it norms the last block's output, not the embeddings)."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer=m) for m in _lfm2_mixers(r, sizes)),
+        norms=LFM2_NORMS,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="head",
+        qk_norm_names=("q_layernorm", "k_layernorm"),
+        short_conv=ShortConvSpec(sizes.hidden_size, r("conv_L_cache")),
+        stored_names=LFM2_NAMES,
+    )
+
+
+#: mlx-lm's conversions of LFM2-MoE: its dense MLPs' w1 / w3 / w2 renamed (the experts' too, then stacked).
+LFM2_MOE_MLX_LM_NAMES = {"mlp.gate_proj": "feed_forward.gate_proj", "mlp.up_proj": "feed_forward.up_proj",
+                         "mlp.down_proj": "feed_forward.down_proj"}
+
+
+def _lfm2_moe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """LFM2-MoE (LFM2-8B-A1B): LFM2's layers over sparse MLPs (:func:`ferrum.moe.spec.with_moe`), its dense MLPs of
+    intermediate_size as transformers sizes them (no LFM2 block_* rounding)."""
+    arch = with_moe("lfm2_moe", _lfm2)(r, sizes)
+    return replace(arch, layouts=(("model.", "lm_head.weight", LFM2_MOE_MLX_LM_NAMES),))
+
+
+_LFM2_LAYERS = (
+    Key("layer_types"),
+    Key("full_attn_idxs"),
+    Key("conv_L_cache", default=3, check=size(64)),
+    Key("conv_bias", default=False, check=falsy("no LFM2 release biases its convolutions; set it to false"),
+        unsupported=True),
+    Key("tie_embedding", check=boolean),
+)
+_LFM2 = (
+    Key("block_ff_dim", check=optional_size(1 << 20)),
+    Key("block_auto_adjust_ff_dim", default=True, check=boolean),
+    Key("block_ffn_dim_multiplier", default=1.0, check=optional_positive_number),
+    Key("block_multiple_of", default=256, check=positive_int),
+)
+
+
+TABLE: dict[str, Family] = {
+    "lfm2": Family(  # Liquid AI's LFM2 / LFM2.5: gated short convolutions and attention
+        _keys(_core(True, eps_key="norm_eps"), _core_defaults(intermediate_size=12288, num_key_value_heads=8,
+                                                              vocab_size=65536, max_position_embeddings=128_000),
+              _ROPE, _theta(1_000_000.0), _LFM2_LAYERS, _LFM2),
+        _lfm2, eps_default=1e-5, eps_key="norm_eps", sizes=_lfm2_sizes,
+    ),
+    "lfm2_moe": Family(  # LFM2-8B-A1B: LFM2's layers over sigmoid-routed experts
+        _keys(_core(True, eps_key="norm_eps"), _core_defaults(intermediate_size=7168, num_key_value_heads=8,
+                                                              vocab_size=65536, max_position_embeddings=128_000),
+              _ROPE, _theta(1_000_000.0), _LFM2_LAYERS, MOE_KEYS["lfm2_moe"]),
+        _lfm2_moe, eps_default=1e-5, eps_key="norm_eps", sizes=_lfm2_sizes,
+    ),
+    "qwen3_5_text": Family(  # Qwen3.5 (dense): Gated DeltaNet and gated attention layers (its wrapper: qwen3_5)
+        _keys(_core(False, head_dim_default=256), _ROPE, _SILU, _QWEN3_HYBRID),
+        _qwen3_hybrid(grouped=False),
+        unloaded=r"(^|\.)mtp\.",  # the releases' multi-token prediction layer
+    ),
+    "qwen3_next": Family(  # Qwen3-Next: Qwen3.5's layers (its Gated DeltaNet projections grouped per key head)
+        # over Qwen2-MoE's experts with a sigmoid-gated shared expert
+        _keys(_core(False, head_dim_default=256), _ROPE, _SILU, _QWEN3_HYBRID, MOE_KEYS["qwen3_next"]),
+        with_moe("qwen3_next", _qwen3_hybrid(grouped=True)),
+        unloaded=r"(^|\.)mtp\.",
+    ),
+    "qwen3_5_moe_text": Family(  # Qwen3.5-MoE (its wrapper: qwen3_5_moe)
+        _keys(_core(False, head_dim_default=256), _ROPE, _SILU, _QWEN3_HYBRID, MOE_KEYS["qwen3_5_moe_text"]),
+        with_moe("qwen3_5_moe_text", _qwen3_hybrid(grouped=False)),
+        unloaded=r"(^|\.)mtp\.",
+    ),
+    "kimi_linear": Family(  # Moonshot's Kimi Linear: Kimi Delta Attention and NoPE latent attention over DeepSeek-V3's
+        # grouped sigmoid routing
+        _keys(_core(False), _core_defaults(
+            hidden_size=2304, intermediate_size=9216, num_hidden_layers=27, num_attention_heads=32,
+            vocab_size=163840, max_position_embeddings=1048576,
+        ), _SILU, _mla_keys(None, 128, 128), _KIMI_LINEAR, MOE_KEYS["kimi_linear"]),
+        with_moe("kimi_linear", _kimi_linear),
+        eps_default=1e-5,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+        derive=_kimi_linear_keys,
+    ),
+    "olmo_hybrid": Family(  # AllenAI's OLMo Hybrid: OLMo 3's attention between Gated DeltaNet layers
+        _keys(_core(False), _core_defaults(
+            hidden_size=3840, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=30,
+            vocab_size=100352, max_position_embeddings=65536,
+        ), _ROPE[:3], _SILU, _OLMO_HYBRID),
+        _olmo_hybrid,
+    ),
+}

@@ -1,0 +1,256 @@
+"""Latent (multi-head latent) attention families: DeepSeek V2 / V3, Mistral 4, MiniCPM3, Sarvam MLA, ..."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from ferrum.arch.families._shared import (
+    Family, LLAMA_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _agreeing_aliases, _aliased, _core, _core_defaults,
+    _keys, _rope_spec, read_rope,
+)
+from ferrum.arch.families.llama_like import _llama4_query_scaling, _minicpm_scalings
+from ferrum.arch.keys import (
+    Key, KeyReader, boolean, falsy, optional_non_negative_int, optional_positive_number, optional_size,
+    positive_number, size,
+)
+from ferrum.arch.mla import MlaSpec
+from ferrum.arch.spec import Architecture, LayerSpec
+from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
+#: The names Sarvam's release config gives keys (transformers' attribute_map) -> the names Ferrum reads them by.
+SARVAM_ALIASES = {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts",
+                  "use_qkv_bias": "attention_bias", "num_mtp_layers": "num_nextn_predict_layers"}
+
+
+#: Sarvam-105B's release config names (transformers' SarvamMLA attribute_map) -> the names Ferrum reads them by.
+SARVAM_MLA_ALIASES = {key: name for key, name in SARVAM_ALIASES.items() if key != "use_qkv_bias"}
+
+
+def _sarvam_mla_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Sarvam-105B's release config as transformers' SarvamMLAConfig reads it: the aliases, and its rope scaling type
+    "deepseek_yarn", which is YaRN (its head_dim and q_head_dim, which the remote code wrote for vLLM, go unread: the
+    heads' sizes are latent attention's)."""
+    raw = _aliased(SARVAM_MLA_ALIASES)(raw)
+    scaling = raw.get("rope_scaling")
+    if isinstance(scaling, dict) and "deepseek_yarn" in (scaling.get("type"), scaling.get("rope_type")):
+        raw = {**raw, "rope_scaling": {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "yarn"}}
+    return raw
+
+
+def _sarvam_mla(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Sarvam-105B (transformers' SarvamMLA, run as DeepSeek-V3 under other defaults): :func:`_deepseek_v3`."""
+    _agreeing_aliases(r, SARVAM_MLA_ALIASES)
+    return _deepseek_v3(r, sizes)
+
+
+def _mla_head_dim(r: KeyReader) -> int:
+    """Latent attention's q/k heads: qk_nope_head_dim + qk_rope_head_dim dims (its head_dim key, which
+    transformers sets to qk_rope_head_dim, sizes only the rope); values of v_head_dim are zero-padded to them."""
+    nope, rope, v = r("qk_nope_head_dim"), r("qk_rope_head_dim"), r("v_head_dim")
+    if rope % 2:
+        r.fail("qk_rope_head_dim", f"is {rope}; Ferrum needs an even number (rope rotates pairs)")
+    if nope % 2:
+        r.fail("qk_nope_head_dim", f"is {nope}; Ferrum needs an even number (each head's dims pair up)")
+    if v > nope + rope:
+        r.fail("v_head_dim", f"({v}) exceeds the {nope + rope} dims of a query/key head (qk_nope_head_dim + "
+                             "qk_rope_head_dim); Ferrum caches values padded to a key head's size", unsupported=True)
+    return nope + rope
+
+
+def _mla_kv_heads(r: KeyReader, heads: int) -> int:
+    """Every attention head has its own key and value, expanded from the shared latent."""
+    kv_heads = r("num_key_value_heads")
+    if kv_heads is not None and kv_heads != heads:
+        r.fail("num_key_value_heads", f"is {kv_heads}, but latent attention expands its keys and values to all "
+                                      f"{heads} attention heads (num_attention_heads); transformers runs only equal "
+                                      "counts")
+    return heads
+
+
+def _mla_keys(q_lora: int, nope: int, v: int, kv_lora: int = 512) -> tuple[Key, ...]:
+    """Latent attention's sizes, with a family's transformers defaults."""
+    return (
+        Key("q_lora_rank", default=q_lora, check=optional_size(1 << 17)),  # null: a plain q_proj
+        Key("kv_lora_rank", default=kv_lora, check=size(1 << 17)),
+        Key("qk_nope_head_dim", default=nope, check=size(4096)),
+        Key("qk_rope_head_dim", default=64, check=size(4096)),
+        Key("v_head_dim", default=v, check=size(4096)),
+        Key("attention_bias", default=False, check=boolean),
+    )
+
+
+#: transformers' DeepseekV2Config and DeepseekV3Config defaults.
+_MLA = _mla_keys(1536, 128, 128)
+
+
+def _yarn_mscale(factor: float, weight: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+
+def _deepseek_v3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """DeepSeek-V3 / R1, Moonlight, Kimi K2 (transformers' DeepseekV3), and GLM-4.7-Flash (Glm4MoeLite: the same
+    attention and routing under other defaults): :func:`_latent_attention`, DeepSeek's adjacent rope pairs where
+    rope_interleave (null: rotate-half); the sparse MLPs (grouped sigmoid routing, an ungated shared expert, dense
+    layers first) are :func:`ferrum.moe.spec.with_moe`'s."""
+    return _latent_attention(r, sizes, interleaved=bool(r("rope_interleave")))
+
+
+def _deepseek_v2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """DeepSeek-V2, V2-Lite, V2.5, DeepSeek-Coder-V2 (transformers' DeepseekV2): :func:`_latent_attention` with rope
+    always in adjacent pairs (transformers' complex form views dims 2j, 2j+1 as one complex number; the q and k it
+    rotates stay in that layout, which leaves their products as V3's interleaved rope does); the sparse MLPs (softmax
+    routing, an ungated shared expert, the first first_k_dense_replace layers dense) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    return _latent_attention(r, sizes, interleaved=True)
+
+
+def _latent_attention(r: KeyReader, sizes: Sizes, interleaved: bool, partial: bool = False,
+                      kinds: tuple[str, ...] = _LLAMA_ROPES) -> Architecture:
+    """Llama's blocks with Multi-head Latent Attention (:mod:`ferrum.arch.mla`): rope on the qk_rope_head_dim dims of
+    each q/k head, the softmax scale ``1/sqrt(qk_nope + qk_rope)`` times ``mscale(factor, mscale_all_dim)**2`` under
+    a rope scaling that sets mscale_all_dim. ``partial``: the rope settings' partial_rotary_factor sizes the rotary
+    dims as a fraction of the whole head (Mistral 4's config class sets it so), which must come to
+    qk_rope_head_dim. ``kinds``: the rope scalings the family allows."""
+    key, spec = _rope_spec(r)
+    rotary = r("qk_rope_head_dim")
+    factor = spec.get("partial_rotary_factor")
+    if partial and factor is not None:
+        if positive_number(factor) or int(sizes.head_dim * factor) != rotary:
+            r.fail(key, f"sets partial_rotary_factor {factor!r}; transformers then rotates int({sizes.head_dim} * "
+                        f"factor) dims of each head (qk_nope_head_dim + qk_rope_head_dim), which must be the "
+                        f"{rotary} of qk_rope_head_dim ({rotary / sizes.head_dim!r})")
+    elif factor not in (None, 1, 1.0):
+        r.fail(key, f"sets partial_rotary_factor {factor!r}; latent attention rotates "
+                    "qk_rope_head_dim dims of each head, which Ferrum does not combine with it", unsupported=True)
+    rope = read_rope(r, sizes, spec, key, kinds, rotary_dim=rotary)
+    rope = replace(rope, interleaved=interleaved)
+    r("hidden_act")
+    r("partial_rotary_factor")
+    scale = 1.0 / math.sqrt(sizes.head_dim)
+    weight = spec.get("mscale_all_dim")
+    if rope.kind != "default" and weight:  # transformers' yarn_apply_mscale
+        if positive_number(weight):
+            r.fail(key, f"field 'mscale_all_dim' must be a positive number, got {weight!r}")
+        scale *= _yarn_mscale(rope.factor, float(weight)) ** 2
+    mla = MlaSpec(heads=sizes.num_heads, q_lora_rank=r("q_lora_rank"), kv_lora_rank=r("kv_lora_rank"),
+                  nope=r("qk_nope_head_dim"), rope=rotary, v_head_dim=r("v_head_dim"), bias=r("attention_bias"))
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS,
+        attn_scale=scale,
+        mla=mla,
+        mtp_layers=r.get("num_nextn_predict_layers") or 0,  # Mistral 4 has no such key
+    )
+
+
+#: transformers' Mistral 4 rope settings where a config gives none (its config class adds partial_rotary_factor, the
+#: qk_rope_head_dim share of a head, which :func:`_latent_attention` checks where given).
+_MISTRAL4_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0, "original_max_position_embeddings": 8192,
+                  "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                  "llama_4_scaling_beta": 0.1}
+
+
+def _mistral4(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Mistral Small 4 (transformers' Mistral4): DeepSeek-V3's latent attention (:func:`_latent_attention`, rope in
+    DeepSeek's adjacent pairs where rope_interleave, else rotate-half) with Llama 4's attention scaling of the whole
+    query once rotated, as Ministral 3 scales it (:func:`_llama4_query_scaling`); the sparse MLPs (softmax routing
+    grouped by each group's two best probabilities, an ungated shared expert, the first first_k_dense_replace layers
+    dense) are :func:`ferrum.moe.spec.with_moe`'s."""
+    return _llama4_query_scaling(r, _latent_attention(r, sizes, interleaved=bool(r("rope_interleave")), partial=True))
+
+
+#: The rope scalings MiniCPM3's releases ship (longrope) beside Llama's.
+_MINICPM3_ROPES = ("default", "linear", "dynamic", "longrope")
+
+
+def _minicpm3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MiniCPM3: DeepSeek-V2's latent attention with rotate-half rope (longrope as its releases ship it) and
+    :func:`_minicpm_scalings`."""
+    return _minicpm_scalings(r, sizes, _latent_attention(r, sizes, interleaved=False, kinds=_MINICPM3_ROPES))
+
+
+def _minicpm3_v_head_dim(raw: dict[str, Any]) -> dict[str, Any]:
+    """MiniCPM3Config's v_head_dim where a config leaves it out or null: ``hidden_size / num_attention_heads``."""
+    hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
+    if raw.get("v_head_dim") is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return {**raw, "v_head_dim": hidden // heads}
+    return raw
+#: MiniCPM3Config's: null depth and base scale nothing.
+_MINICPM3 = (
+    Key("scale_emb", default=12, check=positive_number),
+    Key("scale_depth", default=1.4, check=optional_positive_number),
+    Key("dim_model_base", default=256, check=optional_positive_number),
+)
+
+
+TABLE: dict[str, Family] = {
+    "deepseek_v3": Family(  # DeepSeek-V3 / R1, Moonlight, Kimi K2: latent attention, grouped sigmoid routing
+        _keys(_core(False), _ROPE, _SILU, _MLA, (
+            Key("rope_interleave", default=True, check=boolean),
+            Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
+        ), MOE_KEYS["deepseek_v3"]),
+        with_moe("deepseek_v3", _deepseek_v3),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+    "sarvam_mla": Family(  # Sarvam-105B: DeepSeek-V3's latent attention and routing under SarvamMLAConfig's defaults
+        _keys(_core(False), _core_defaults(
+            hidden_size=4096, intermediate_size=16384, num_hidden_layers=32, num_attention_heads=64,
+            vocab_size=262144, max_position_embeddings=4096,
+        ), _ROPE, _SILU, _mla_keys(None, 128, 128), (
+            Key("rope_interleave", default=True, check=boolean),
+            Key("num_nextn_predict_layers", default=0, check=optional_non_negative_int),
+        ), MOE_KEYS["sarvam_mla"]),
+        with_moe("sarvam_mla", _sarvam_mla),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+        derive=_sarvam_mla_config,
+    ),
+    "deepseek_v2": Family(  # DeepSeek-V2, V2-Lite, V2.5, Coder-V2: latent attention, softmax routing
+        _keys(_core(False), _ROPE, _SILU, _MLA, (
+            Key("mlp_bias", default=False, unsupported=True, check=falsy(
+                "no DeepSeek-V2 release has MLP biases; load a checkpoint without them")),
+        ), MOE_KEYS["deepseek_v2"]),
+        with_moe("deepseek_v2", _deepseek_v2),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+    "glm4_moe_lite": Family(  # GLM-4.7-Flash: DeepSeek-V3's latent attention over GLM-4.5's MoE
+        _keys(_core(False), _ROPE, _SILU, _mla_keys(768, 192, 256), (
+            Key("rope_interleave", default=True, check=boolean),
+            # transformers drops the release's layer 47 by name (_keys_to_ignore_on_load_unexpected)
+            Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
+        ), MOE_KEYS["glm4_moe_lite"]),
+        with_moe("glm4_moe_lite", _deepseek_v3),
+        eps_default=1e-5,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+    "mistral4": Family(  # Mistral Small 4: latent attention, Llama 4's query scaling, grouped softmax routing
+        _keys(_core(False), _ROPE, _SILU, _mla_keys(1024, 64, 128, kv_lora=256), (
+            Key("rope_parameters", default=_MISTRAL4_ROPE),
+            Key("rope_interleave", default=True, check=boolean),
+        ), MOE_KEYS["mistral4"]),
+        with_moe("mistral4", _mistral4),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+    "minicpm3": Family(  # OpenBMB's MiniCPM3: latent attention, muP scalings
+        _keys(_core(True), _ROPE, _SILU, _mla_keys(768, 64, 64, kv_lora=256), _MINICPM3,
+              (Key("qk_rope_head_dim", default=32, check=size(4096)),)),
+        _minicpm3,
+        eps_default=1e-5,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+        derive=_minicpm3_v_head_dim,
+    ),
+    "youtu": Family(  # Tencent's Youtu-LLM: DeepSeek-V3's latent attention over Llama's dense MLPs
+        _keys(_core(True), _ROPE, _SILU, _MLA, (Key("rope_interleave", default=True, check=boolean),)),
+        lambda r, sizes: _latent_attention(r, sizes, interleaved=bool(r("rope_interleave"))),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+}
+#: Youtu-LLM's release (remote code; mlx-lm's conversions) names it youtu_llm; transformers, youtu.
+TABLE["youtu_llm"] = TABLE["youtu"]

@@ -1,0 +1,623 @@
+"""Dense rotary families shaped like Llama (Mistral, Qwen, Granite, GLM, ERNIE, OLMo, Phi-3, ...)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Callable
+
+from ferrum.arch.families._shared import (
+    FULL, Family, LLAMA_NORMS, POST_NORMS, SLIDING, Sizes, _LAYER_NORM_ROPES, _LAYER_TYPES, _LLAMA_ROPES, _ROPE,
+    _SILU, _WINDOW, _core, _core_defaults, _keys, _layer_kinds, _layer_types, _per_kind_rope_specs, _rope_spec,
+    _rotary_dim, _theta, read_rope,
+)
+from ferrum.arch.keys import (
+    Key, KeyReader, boolean, falsy, optional_non_negative_int, optional_positive_int, optional_positive_number,
+    positive_int, positive_number,
+)
+from ferrum.arch.rope import Rope
+from ferrum.arch.spec import Architecture, LayerSpec
+
+
+def _llama_like(qkv_bias_default: bool, qk_norm: str | None, windows: Callable[[KeyReader, Sizes], list],
+                rotated: Callable[[KeyReader, Sizes], list[bool]] | None = None, norms: dict[str, str] = LLAMA_NORMS):
+    """``rotated``: which layers apply rope (SmolLM3's NoPE layers do not); every layer when None."""
+
+    def build(r: KeyReader, sizes: Sizes) -> Architecture:
+        key, spec = _rope_spec(r)
+        rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
+        r("hidden_act")
+        r("partial_rotary_factor")
+        attention_bias = r.get("attention_bias")
+        attention_bias = qkv_bias_default if attention_bias is None else attention_bias
+        ropes = [rope if on else Rope.unrotated(sizes.head_dim)
+                 for on in (rotated(r, sizes) if rotated else [True] * sizes.num_layers)]
+        return Architecture(
+            layers=tuple(LayerSpec(w, layer_rope) for w, layer_rope in zip(windows(r, sizes), ropes)),
+            norms=norms,
+            attn_scale=1.0 / math.sqrt(sizes.head_dim),
+            qk_norm=qk_norm,
+            qkv_bias=attention_bias,
+            # Llama's attention_bias also covers o_proj; Qwen2 biases q/k/v only.
+            o_bias=attention_bias and not qkv_bias_default,
+            mlp_bias=bool(r.get("mlp_bias")),
+        )
+
+    return build
+
+
+def _no_windows(r: KeyReader, sizes: Sizes) -> list:
+    return [None] * sizes.num_layers
+
+
+def _every_layer_window(r: KeyReader, sizes: Sizes) -> list:
+    return [r("sliding_window")] * sizes.num_layers
+
+
+def _ministral_windows(r: KeyReader, sizes: Sizes) -> list:
+    """transformers' Ministral: layer_types, else every layer sliding when sliding_window is set."""
+    every = SLIDING if r("sliding_window") else FULL
+    window, types = _layer_kinds(r, sizes, lambda _: every)
+    return [window if t == SLIDING else None for t in types]
+
+
+#: transformers' Ministral 3 rope settings where a config gives none (rope_theta included: a top-level one is
+#: not read then).
+_MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16384,
+                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                    "llama_4_scaling_beta": 0.1}
+
+
+def _ministral3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Mistral's blocks, YaRN, and Llama 4's attention scaling (:func:`_llama4_query_scaling`)."""
+    return _llama4_query_scaling(r, _llama_like(False, None, _every_layer_window)(r, sizes))
+
+
+def _llama4_query_scaling(r: KeyReader, arch: Architecture) -> Architecture:
+    """``arch`` with Llama 4's attention scaling as Ministral 3 and Mistral 4 read it from their rope settings'
+    llama_4_scaling_beta: queries multiplied by ``1 + beta * log(1 + floor(position /
+    original_max_position_embeddings))`` (``query_scaling``); none where the settings give no beta."""
+    key, spec = _rope_spec(r)
+    beta = spec.get("llama_4_scaling_beta")
+    if not beta:
+        return arch
+    if positive_number(beta):
+        r.fail(key, f"field 'llama_4_scaling_beta' must be a positive number, got {beta!r}")
+    original = spec.get("original_max_position_embeddings")  # transformers reads it from the rope settings
+    if positive_int(original):
+        r.fail(key, "field 'original_max_position_embeddings' must be a positive integer with llama_4_scaling_beta, "
+                    f"got {original!r}")
+    return replace(arch, query_scaling=(float(beta), int(original)))
+
+
+def _qwen_windows(r: KeyReader, sizes: Sizes) -> list:
+    """transformers' Qwen2 / Qwen3: no window unless use_sliding_window; then layer_types, else the layers
+    from max_window_layers on."""
+    window = r("sliding_window") if r("use_sliding_window") else None
+    types = _layer_types(r, sizes)
+    if types is None:
+        first = r("max_window_layers")
+        if window is not None and first is None:
+            r.fail("max_window_layers", "is null, but use_sliding_window needs the index of the first sliding layer")
+        types = [SLIDING if window is not None and i >= first else FULL for i in range(sizes.num_layers)]
+    return [window if t == SLIDING else None for t in types]
+
+
+_QWEN_WINDOW = (
+    Key("sliding_window", default=4096, check=optional_positive_int), *_LAYER_TYPES,
+    Key("use_sliding_window", default=False, check=boolean),
+    Key("max_window_layers", default=28, check=optional_non_negative_int),  # 0: every layer slides
+)
+
+
+def _smollm3_rotated(r: KeyReader, sizes: Sizes) -> list[bool]:
+    """transformers' SmolLM3: ``no_rope_layers[i]`` is 1 where layer ``i`` applies rope (despite the name),
+    else every ``no_rope_layer_interval``-th layer skips it."""
+    flags = r("no_rope_layers")
+    if flags is None:
+        interval = r("no_rope_layer_interval")
+        return [(i + 1) % interval != 0 for i in range(sizes.num_layers)]
+    if not isinstance(flags, list) or len(flags) != sizes.num_layers or any(f not in (0, 1) for f in flags):
+        r.fail("no_rope_layers", f"must list {sizes.num_layers} entries of 1 (rope) or 0 (none), got {flags!r}")
+    return [bool(f) for f in flags]
+
+
+def _smollm3_windows(r: KeyReader, sizes: Sizes) -> list:
+    """transformers' SmolLM3: the layers layer_types marks sliding (by default, the NoPE layers when
+    use_sliding_window) attend through sliding_window; an explicit layer_types applies whatever
+    use_sliding_window says."""
+    window, types = r("sliding_window"), _layer_types(r, sizes)
+    if types is None:
+        slides = r("use_sliding_window") and window is not None
+        types = [SLIDING if slides and not on else FULL for on in _smollm3_rotated(r, sizes)]
+    if window is None and SLIDING in types:
+        r.fail("sliding_window", "must be set when layer_types has sliding layers")
+    return [window if t == SLIDING else None for t in types]
+
+
+def _exaone4_kinds(r: KeyReader, sizes: Sizes) -> list[str]:
+    """transformers' EXAONE 4: layer_types, else ``sliding_window_pattern``: a number ``n`` (every ``n``-th
+    layer full, the rest sliding) or a string of ``L`` (sliding) and ``G`` (full) repeated over the layers.
+    Without a sliding_window every layer is full."""
+    window, types = r("sliding_window"), _layer_types(r, sizes)
+    if window is None:
+        return [FULL] * sizes.num_layers
+    if types is not None:
+        return types
+    pattern = r("sliding_window_pattern")
+    if isinstance(pattern, str) and pattern and set(pattern) <= {"L", "G"}:
+        return [SLIDING if pattern[i % len(pattern)] == "L" else FULL for i in range(sizes.num_layers)]
+    if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+        return [SLIDING if (i + 1) % pattern else FULL for i in range(sizes.num_layers)]
+    r.fail("sliding_window_pattern", f"must be a positive integer or a string of 'L' and 'G', got {pattern!r}")
+
+
+def _exaone4_windows(r: KeyReader, sizes: Sizes) -> list:
+    window = r("sliding_window")
+    return [window if kind == SLIDING else None for kind in _exaone4_kinds(r, sizes)]
+
+
+def _exaone4_rotated(r: KeyReader, sizes: Sizes) -> list[bool]:
+    """With a sliding window, the full layers take no rope (NoPE); without one, every layer takes it."""
+    return [kind == SLIDING or r("sliding_window") is None for kind in _exaone4_kinds(r, sizes)]
+
+
+_EXAONE4 = (
+    Key("sliding_window", default=4096, check=optional_positive_int), *_LAYER_TYPES,
+    Key("sliding_window_pattern", default=4),
+)
+
+
+#: GLM-4's four norms: Gemma's sandwich under its own names.
+GLM4_NORMS = {
+    "pre_attn": "input_layernorm", "post_attn": "post_self_attn_layernorm",
+    "pre_mlp": "post_attention_layernorm", "post_mlp": "post_mlp_layernorm",
+}
+
+
+def _glm4(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GLM-4 (0414): a norm before and after each of attention and the MLP, q/k/v biases by attention_bias,
+    gate and up in one matrix, and GPT-J's rope (adjacent dims paired) on partial_rotary_factor of each head."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=_rotary_dim(r, sizes, spec, 0.5))
+    r("hidden_act")
+    return Architecture(
+        layers=tuple(LayerSpec(None, replace(rope, interleaved=True)) for _ in range(sizes.num_layers)),
+        norms=GLM4_NORMS,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qkv_bias=r("attention_bias"),
+        fused_gate_up=True,
+    )
+
+
+def _glm(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GLM-4 (9B, 0520 and later ``-hf`` releases; transformers' Glm): GLM-4-0414's attention and MLP (q/k/v biased
+    by attention_bias, gate and up in one matrix, GPT-J's rope on half of each head) with Llama's two norms."""
+    return replace(_glm4(r, sizes), norms=LLAMA_NORMS)
+
+
+def _hunyuan_dense(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Hunyuan (dense): Llama's blocks with per-head q/k norms (``query_layernorm``, ``key_layernorm``) applied
+    once q and k are rotated. Its checkpoints' rope scaling is "dynamic" with an ``alpha``, which transformers
+    reads as a fixed base, ``rope_theta * alpha ** (head_dim / (head_dim - 2))``."""
+    arch = _llama_like(False, "head", _no_windows)(r, sizes)
+    key, spec = _rope_spec(r)
+    alpha = spec.get("alpha")
+    if alpha is not None:
+        if positive_number(alpha) or (spec.get("rope_type", spec.get("type")) or "default") != "dynamic":
+            r.fail(key, f"field 'alpha' must be a positive number, with rope type 'dynamic'; got {alpha!r}")
+        d = sizes.head_dim
+        arch = replace(arch, layers=tuple(replace(layer, rope=replace(
+            layer.rope, theta=layer.rope.theta * float(alpha) ** (d / (d - 2)), kind="default", factor=1.0))
+            for layer in arch.layers))
+    return replace(arch, qk_norm_names=("query_layernorm", "key_layernorm"), qk_norm_after_rope=True)
+
+
+def _interleaved(arch: Architecture) -> Architecture:
+    """``arch`` with GPT-J's rope on every layer: adjacent dims paired."""
+    return replace(arch, layers=tuple(replace(layer, rope=replace(layer.rope, interleaved=True))
+                                      for layer in arch.layers))
+
+
+def _ernie4_5(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Llama's blocks, use_bias on every projection, and GPT-J's rope pairing adjacent dims (interleaved)."""
+    bias = r("use_bias")
+    return replace(_interleaved(_llama_like(False, None, _no_windows)(r, sizes)), qkv_bias=bias, o_bias=bias,
+                   mlp_bias=bias)
+
+
+def _helium(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Kyutai's Helium: Llama's blocks with GPT-J's rope (adjacent dims paired); attention_bias on q/k/v only
+    (its o_proj never has one), mlp_bias on the MLP. Its o_proj maps hidden_size to hidden_size, so the heads
+    must split hidden_size."""
+    if sizes.head_dim * sizes.num_heads != sizes.hidden_size:
+        r.fail("head_dim", f"is {sizes.head_dim}, but Helium's o_proj takes hidden_size ({sizes.hidden_size}) "
+                           f"inputs, {sizes.num_heads} heads of hidden_size / num_attention_heads; transformers "
+                           "cannot load such a checkpoint either")
+    return replace(_interleaved(_llama_like(False, None, _no_windows)(r, sizes)), o_bias=False)
+
+
+def _seed_oss(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Llama's blocks with attention_bias on q/k/v only (Qwen 2's) and attention_out_bias on o_proj."""
+    return replace(_llama_like(True, None, _no_windows)(r, sizes), o_bias=r("attention_out_bias"))
+
+
+def _granite(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Llama with four multipliers: on the embeddings, on what each block adds to the residual stream,
+    as the attention scale (instead of 1/sqrt(head_dim)), and a divisor of the logits."""
+    return _granite_multipliers(r, _llama_like(False, None, _no_windows)(r, sizes))
+
+
+def _granite_multipliers(r: KeyReader, arch: Architecture) -> Architecture:
+    return replace(
+        arch,
+        embed_scale=None if r("embedding_multiplier") == 1 else float(r("embedding_multiplier")),
+        residual_scale=float(r("residual_multiplier")),
+        attn_scale=float(r("attention_multiplier")),
+        logit_scale=1.0 / float(r("logits_scaling")),
+    )
+
+
+_GRANITE = (
+    Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean),
+    *(Key(name, default=1.0, check=positive_number)
+      for name in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")),
+)
+
+
+_SMOLLM3 = (
+    Key("sliding_window", check=optional_positive_int), *_LAYER_TYPES,
+    Key("use_sliding_window", default=False, check=boolean),
+    Key("no_rope_layers"),
+    Key("no_rope_layer_interval", default=4, check=optional_positive_int),
+    Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean),
+)
+
+
+def _olmo3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """OLMo 2's blocks, three sliding layers to one full (unless layer_types says otherwise), and a rope per
+    attention kind: the full layers' scaled (rope_scaling, e.g. YaRN), the sliding layers' plain."""
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if (i + 1) % 4 == 0 else SLIDING)
+    r("hidden_act")
+    specs = _per_kind_rope_specs(r, "OLMo 3")
+    if specs is not None:
+        full, sliding = (read_rope(r, sizes, spec, "rope_parameters", _LLAMA_ROPES, theta_default=500_000.0)
+                         for spec in specs)
+    else:  # transformers 4's spelling: rope_scaling scales the full layers only
+        key, spec = _rope_spec(r)
+        full = read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=500_000.0)
+        sliding = read_rope(r, sizes, {}, key, ("default",), theta_default=500_000.0)
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(window, sliding) if t == SLIDING else LayerSpec(None, full) for t in types),
+        norms=POST_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="projection",
+        qkv_bias=bias, o_bias=bias,
+    )
+
+
+def _phi3(r: KeyReader, sizes: Sizes) -> Architecture:
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, ("default", "longrope"), rotary_dim=_rotary_dim(r, sizes, spec, 1.0))
+    r("hidden_act")
+    scale = 1.0 / math.sqrt(sizes.head_dim)
+    return Architecture(
+        layers=tuple(LayerSpec(w, rope) for w in _every_layer_window(r, sizes)),
+        norms=LLAMA_NORMS,
+        attn_scale=scale,
+        fused_qkv=True,
+        fused_gate_up=True,
+    )
+
+
+def _olmo(r: KeyReader, sizes: Sizes) -> Architecture:
+    """OLMo (1): Llama's blocks with LayerNorms that have no weight or bias, at a fixed epsilon of 1e-5; q, k and v
+    clipped by clip_qkv (OLMo 1.7: 7B 0424, 0724)."""
+    return replace(_llama_like(False, None, _no_windows)(r, sizes), norm="layer", norm_params=False,
+                   clip_qkv=r("clip_qkv"))
+
+
+# ----------------------------------------------------- dense families of remote-code origin
+
+def _aliases(names: dict[str, str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A ``derive`` reading a release's own spelling of keys (its remote-code config's; transformers' config class maps
+    them the same way, its ``attribute_map``): ``names`` alias -> the key Ferrum reads, filled in where absent."""
+
+    def derive(raw: dict[str, Any]) -> dict[str, Any]:
+        return {**{ours: raw[alias] for alias, ours in names.items() if alias in raw and ours not in raw}, **raw}
+
+    return derive
+
+
+#: EXAONE 3 / 3.5's modules (its release's names, which transformers 5 keeps when it saves one) under Llama's.
+EXAONE_NAMES = {"layers": "h", "embed_tokens": "wte", "norm": "ln_f", "input_layernorm": "ln_1",
+                "post_attention_layernorm": "ln_2", "self_attn.q_proj": "attn.attention.q_proj",
+                "self_attn.k_proj": "attn.attention.k_proj", "self_attn.v_proj": "attn.attention.v_proj",
+                "self_attn.o_proj": "attn.attention.out_proj", "mlp.gate_proj": "mlp.c_fc_0",
+                "mlp.up_proj": "mlp.c_fc_1", "mlp.down_proj": "mlp.c_proj"}
+
+
+def _exaone(r: KeyReader, sizes: Sizes) -> Architecture:
+    """EXAONE 3 / 3.5 (transformers runs it as Llama after renaming): Llama's blocks under ``transformer.h``."""
+    return replace(_llama_like(False, None, _no_windows)(r, sizes), prefix="transformer.", stored_names=EXAONE_NAMES)
+
+
+def _internlm3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """InternLM3: Llama's blocks; its qkv_bias and bias (o_proj and the MLP) must agree, as transformers requires."""
+    if bool(r("attention_bias")) != bool(r("mlp_bias")):
+        r.fail("qkv_bias", f"(attention_bias: {r('attention_bias')!r}) differs from bias (mlp_bias: "
+                           f"{r('mlp_bias')!r}); transformers runs InternLM3 with one setting for both, and no "
+                           "release differs", unsupported=True)
+    return _llama_like(False, None, _no_windows)(r, sizes)
+
+
+#: InternLM2 / 2.5's modules (remote code: q/k/v packed in ``wqkv`` grouped by key/value head) under Llama's.
+INTERNLM2_NAMES = {"embed_tokens": "tok_embeddings", "input_layernorm": "attention_norm",
+                   "post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attention.wqkv",
+                   "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
+                   "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
+
+
+def _internlm2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """InternLM2 / 2.5 (remote code, mlx-lm's internlm2): Llama's blocks with q/k/v in one ``wqkv`` whose rows are
+    grouped by key/value head (its queries, then its key, then its value), ``bias`` on wqkv and wo, the LM head
+    ``output``."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LAYER_NORM_ROPES)
+    r("hidden_act")
+    bias = r("bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=bias, o_bias=bias,
+        fused_qkv=True, qkv_grouped=True, stored_names=INTERNLM2_NAMES,
+        layouts=(("model.", "output.weight", {}),),
+    )
+
+
+def _cwm_windows(r: KeyReader, sizes: Sizes) -> list:
+    """transformers' CWM: layer_types, else every fourth layer full from the first on, the others sliding."""
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
+    return [window if t == SLIDING else None for t in types]
+
+
+#: transformers' CWM rope settings where a config gives none (rope_theta included).
+_CWM_ROPE = {"rope_type": "llama3", "rope_theta": 1_000_000.0, "factor": 16.0, "high_freq_factor": 4.0,
+             "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+
+
+def _granite_swa(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Granite SWA: Granite's multipliers, sliding layers (every fourth full from the first on, unless layer_types
+    says otherwise), each layer's rope base from layer_rope_theta (0: no rope), and a learned sink per query head
+    (its output times ``sigmoid(logsumexp(scores) - sink)``: gpt-oss's sink, which joins the softmax)."""
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
+    arch = _granite(r, sizes)
+    thetas = r("layer_rope_theta")
+    if thetas is None:
+        thetas = [arch.layers[0].rope.theta] * sizes.num_layers
+    if not isinstance(thetas, list) or len(thetas) != sizes.num_layers or any(
+            t != 0 and positive_number(t) for t in thetas):
+        r.fail("layer_rope_theta", f"must list {sizes.num_layers} rope bases, positive or 0 (no rope), got {thetas!r}")
+    ropes = [replace(spec.rope, theta=float(t)) if t else Rope.unrotated(sizes.head_dim)
+             for spec, t in zip(arch.layers, thetas)]
+    return replace(arch, sinks=True, layers=tuple(
+        LayerSpec(window if t == SLIDING else None, rope) for t, rope in zip(types, ropes)))
+
+
+#: HyperCLOVA X's Peri-LN: a norm before and after each of attention and the MLP.
+HYPERCLOVAX_NORMS = {"pre_attn": "input_layernorm", "post_attn": "post_norm1",
+                     "pre_mlp": "post_attention_layernorm", "post_mlp": "post_norm2"}
+
+
+def _hyperclovax(r: KeyReader, sizes: Sizes) -> Architecture:
+    """HyperCLOVA X SEED: Granite's multipliers (the logits multiplied by logits_scaling, not divided; the attention
+    scale 1/sqrt(head_dim) unless attention_multiplier), with use_post_norm a norm after attention and after the MLP
+    (its output then scaled by residual_multiplier: ``ferrum.arch.tensors`` folds the scale into those norms)."""
+    arch = _llama_like(False, None, _no_windows)(r, sizes)
+    scale = r("attention_multiplier")
+    return replace(
+        arch,
+        norms=HYPERCLOVAX_NORMS if r("use_post_norm") else LLAMA_NORMS,
+        embed_scale=None if r("embedding_multiplier") == 1 else float(r("embedding_multiplier")),
+        residual_scale=float(r("residual_multiplier")),
+        attn_scale=arch.attn_scale if scale is None else float(scale),
+        logit_scale=float(r("logits_scaling")),
+    )
+
+
+def _minicpm_scalings(r: KeyReader, sizes: Sizes, arch: Architecture) -> Architecture:
+    """MiniCPM's muP scalings: embeddings times scale_emb, what each block adds times ``scale_depth /
+    sqrt(num_hidden_layers)`` (null: 1), the final hidden state divided by ``hidden_size / dim_model_base`` (null:
+    1) before the LM head."""
+    depth, base = r("scale_depth"), r("dim_model_base")
+    return replace(
+        arch,
+        embed_scale=None if r("scale_emb") == 1 else float(r("scale_emb")),
+        residual_scale=1.0 if depth is None else float(depth) / math.sqrt(sizes.num_layers),
+        logit_scale=1.0 if base is None else float(base) / sizes.hidden_size,
+    )
+
+
+def _minicpm(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MiniCPM (1B, 2B; remote code, mlx-lm's minicpm): Llama's blocks with :func:`_minicpm_scalings`. The LM head
+    reads the scaled-down state whether tied or not, as OpenBMB's code runs it (mlx-lm skips the scaling when tied)."""
+    return _minicpm_scalings(r, sizes, _llama_like(False, None, _no_windows)(r, sizes))
+
+
+#: OpenBMB's MiniCPM configs carry all three (its remote code has no defaults Ferrum could vouch for).
+_MINICPM = tuple(Key(name, check=positive_number) for name in ("scale_emb", "scale_depth", "dim_model_base"))
+
+
+TABLE: dict[str, Family] = {
+    "llama": Family(
+        _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU,
+              (Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean))),
+        _llama_like(False, None, _no_windows),
+    ),
+    "mistral": Family(
+        _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=131072), _ROPE, _SILU,
+              (Key("sliding_window", default=4096, check=optional_positive_int),)),
+        _llama_like(False, None, _every_layer_window),
+    ),
+    "olmo3": Family(
+        _keys(_core(False), _ROPE[:3], _SILU, _LAYER_TYPES, (
+            Key("sliding_window", default=4096, check=optional_positive_int),
+            Key("attention_bias", default=False, check=boolean),
+        )),
+        _olmo3,
+        eps_default=1e-5,
+    ),
+    "ministral": Family(  # Ministral 8B (2410)
+        _keys(_core(False), _ROPE, _SILU, _LAYER_TYPES,
+              (Key("sliding_window", default=4096, check=optional_positive_int),)),
+        _llama_like(False, None, _ministral_windows),
+    ),
+    "ministral3": Family(  # Ministral 3 (3B / 8B / 14B), Devstral 2: the text model of a Mistral3 wrapper
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _WINDOW,
+              (Key("rope_parameters", default=_MINISTRAL3_ROPE),)),
+        _ministral3,
+        eps_default=1e-5,
+    ),
+    "qwen2": Family(  # transformers' Qwen2 always biases q/k/v and never o; it ignores attention_bias
+        _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW),
+        _llama_like(True, None, _qwen_windows),
+    ),
+    "qwen3": Family(
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _QWEN_WINDOW,
+              (Key("attention_bias", check=boolean),)),
+        _llama_like(False, "head", _qwen_windows),
+    ),
+    "granite": Family(
+        _keys(_core(False), _ROPE, _SILU, _GRANITE),
+        _granite,
+    ),
+    "smollm3": Family(
+        _keys(_core(True), _ROPE, _theta(2_000_000.0), _SILU, _SMOLLM3),
+        _llama_like(False, None, _smollm3_windows, _smollm3_rotated),
+    ),
+    "glm4": Family(  # GLM-4-0414
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
+            Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("attention_bias", default=True, check=boolean),
+        )),
+        _glm4,
+        eps_default=1.5625e-07,
+    ),
+    "glm": Family(  # GLM-4 9B chat (-hf), GLM-Edge
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
+            Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("attention_bias", default=True, check=boolean),
+        )),
+        _glm,
+        eps_default=1.5625e-07,
+    ),
+    "helium": Family(  # Kyutai's Helium 1
+        _keys(_core(False, head_dim_default=128), _ROPE, _theta(100_000.0), _SILU, (
+            Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean))),
+        _helium,
+        eps_default=1e-8,
+    ),
+    "hunyuan_v1_dense": Family(  # Tencent's Hunyuan 0.5B-7B
+        _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", default=False, check=boolean),)),
+        _hunyuan_dense,
+        eps_default=1e-5,
+    ),
+    "ernie4_5": Family(  # Baidu's ERNIE 4.5 (dense)
+        _keys(_core(True, head_dim_default=128), _ROPE, _theta(500_000.0), _SILU,
+              (Key("use_bias", default=False, check=boolean),)),
+        _ernie4_5,
+        eps_default=1e-5,
+    ),
+    "seed_oss": Family(  # ByteDance's Seed-OSS
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
+            Key("attention_bias", default=True, check=boolean), Key("attention_out_bias", default=False, check=boolean),
+            Key("mlp_bias", default=False, check=boolean))),
+        _seed_oss,
+    ),
+    "exaone4": Family(  # EXAONE 4: OLMo 2's norms after attention and MLP, Qwen 3's q/k norms, NoPE full layers
+        _keys(_core(False), _ROPE, _SILU, _EXAONE4),
+        _llama_like(False, "head", _exaone4_windows, _exaone4_rotated, norms=POST_NORMS),
+        eps_default=1e-5,
+    ),
+    "olmo": Family(  # OLMo 1 (1B, 7B)
+        _keys(_core(False, eps_key=None), _ROPE, _SILU, (
+            Key("attention_bias", check=boolean),
+            Key("clip_qkv", check=optional_positive_number),
+        )),
+        _olmo,
+        eps_default=1e-5,
+        eps_key=None,
+    ),
+    "olmo2": Family(  # transformers' OLMo 2: attention_bias covers q/k/v and o, like Llama's
+        _keys(_core(False), _ROPE, _SILU, (Key("attention_bias", check=boolean),)),
+        _llama_like(False, "projection", _no_windows, norms=POST_NORMS),
+        eps_default=1e-5,
+    ),
+    "phi3": Family(
+        _keys(_core(False), _ROPE[:3], _SILU, _WINDOW, (
+            Key("partial_rotary_factor", check=optional_positive_number),
+            Key("original_max_position_embeddings", default=4096, check=optional_positive_int),
+        )),
+        _phi3,
+        eps_default=1e-5,
+    ),
+    "exaone": Family(  # EXAONE 3 / 3.5: Llama's blocks under the release's names and config keys
+        _keys(_core(False), _ROPE, _theta(500_000.0), _SILU,
+              (Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean))),
+        _exaone,
+        eps_default=1e-5,
+        derive=_aliases({"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+                         "activation_function": "hidden_act"}),
+    ),
+    "internlm3": Family(  # InternLM3: Llama's blocks; the release's qkv_bias / bias are attention_bias / mlp_bias
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU,
+              (Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean))),
+        _internlm3,
+        eps_default=1e-5,
+        derive=_aliases({"qkv_bias": "attention_bias", "bias": "mlp_bias"}),
+    ),
+    "internlm2": Family(  # InternLM2 / 2.5 (remote code): packed, grouped wqkv
+        _keys(_core(False), _ROPE, _SILU, (Key("bias", default=True, check=boolean),)),
+        _internlm2,
+    ),
+    "iquestcoder": Family(  # IQuest-Coder-V1 (not its Loop variants): Llama's blocks
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, (
+            Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean),
+            Key("clip_qkv", check=falsy("transformers' IQuestCoder refuses it too; load a release without it"),
+                unsupported=True),
+            Key("use_sliding_window", default=False, check=falsy(
+                "transformers' IQuestCoder refuses it too; set it to false"), unsupported=True),
+        )),
+        _llama_like(False, None, _no_windows),
+        eps_default=1e-5,
+    ),
+    "cwm": Family(  # Meta's Code World Model: Llama's blocks, three sliding layers to one full
+        _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _LAYER_TYPES, (
+            Key("rope_parameters", default=_CWM_ROPE),
+            Key("sliding_window", default=8192, check=optional_positive_int),
+            Key("mlp_bias", default=False, check=boolean),
+        )),
+        _llama_like(False, None, _cwm_windows),
+        eps_default=1e-5,
+    ),
+    "hyperclovax": Family(  # NAVER's HyperCLOVA X SEED (Think 14B): Granite's multipliers, Peri-LN
+        _keys(_core(False), _ROPE, _SILU, (
+            Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean),
+            *(Key(name, default=1.0, check=positive_number)
+              for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling")),
+            Key("attention_multiplier", check=optional_positive_number),  # null: 1 / sqrt(head_dim)
+            Key("use_post_norm", default=True, check=boolean),
+        )),
+        _hyperclovax,
+    ),
+    "granite_swa": Family(  # IBM's Granite SWA: Granite's multipliers, sliding layers, per-layer rope, sinks
+        _keys(_core(True), _ROPE, _SILU, _GRANITE, _LAYER_TYPES, (
+            Key("sliding_window", default=128, check=optional_positive_int),
+            Key("layer_rope_theta"),
+        )),
+        _granite_swa,
+        eps_default=1e-5,
+    ),
+    "minicpm": Family(  # OpenBMB's MiniCPM 1B / 2B (remote code): Llama's blocks with muP scalings
+        _keys(_core(True), _ROPE, _SILU, _MINICPM),
+        _minicpm,
+    ),
+}
