@@ -18,7 +18,7 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.quant.config import SIDECARS, QuantConfig, sidecar_section
 
 #: model_type values Ferrum runs (the keys of the family table).
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 #: Multimodal wrappers whose ``text_config`` holds a supported decoder -> that decoder's model_type.
 TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral",  # Mistral Small 3.1+, Magistral, Devstral 2507
                  "exaone4_5": "exaone4", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",

@@ -67,6 +67,29 @@ def test_config_problems_are_named(checkpoint, tmp_path):
         DecoderOnlyLLM.from_pretrained(tmp_path / "nowhere", backend="cpu")
 
 
+def test_an_unsupported_model_type_lists_the_supported_ones_sorted():
+    """The list does not follow how the family table is split into modules by kind."""
+    from ferrum.arch.families import FAMILIES
+    from ferrum.config import ModelConfig
+
+    with pytest.raises(UnsupportedFeatureError, match="rwkv") as caught:
+        ModelConfig.from_dict({"model_type": "rwkv"})
+    listed = str(caught.value).split("Ferrum runs ", 1)[1].split(", ")
+    assert listed == sorted(FAMILIES)
+
+
+def test_a_model_type_in_two_kinds_tables_is_refused():
+    from types import SimpleNamespace
+
+    from ferrum.arch.families import FAMILIES, _merged
+
+    one = SimpleNamespace(__name__="one", TABLE={"llama": FAMILIES["llama"]})
+    other = SimpleNamespace(__name__="other", TABLE={"mistral": FAMILIES["mistral"], "llama": FAMILIES["mistral"]})
+    assert _merged(one) == {"llama": FAMILIES["llama"]}
+    with pytest.raises(FerrumError, match="'llama' is in both one and other"):
+        _merged(one, other)
+
+
 def test_missing_and_misshapen_tensors_are_named(checkpoint, tmp_path):
     folder = copy(checkpoint, tmp_path)
     tensors = load_file(folder / "model.safetensors")
