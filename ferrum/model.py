@@ -225,7 +225,7 @@ def choose_dtype(
 
 
 class DecoderOnlyLLM:
-    """A decoder of any family in :data:`ferrum.arch.FAMILIES` over a paged KV cache."""
+    """A decoder of any family in :data:`ferrum.arch.families.FAMILIES` over a paged KV cache."""
 
     def __init__(
         self,

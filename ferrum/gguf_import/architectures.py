@@ -700,8 +700,8 @@ ARCHITECTURES = {
     "exaone4": _Architecture("exaone4", "Exaone4ForCausalLM", False, renamed=_OLMO2_NORMS, configure=_exaone4_config),
     # ERNIE 4.5: llama.cpp rotates adjacent pairs, as the checkpoint does, so its q/k rows are stored unchanged
     "ernie4_5": _Architecture("ernie4_5", "Ernie4_5ForCausalLM", False, (("use_bias", False),)),
-    # EXAONE 3 / 3.5: Llama's blocks under the release's names (ferrum.arch.families' EXAONE_NAMES); llama.cpp
-    # rotates rotate-half pairs, rows as the checkpoint has them; 3.5's llama3 rope comes back from rope_freqs
+    # EXAONE 3 / 3.5: Llama's blocks under the release's names (ferrum.arch.families.llama_like's EXAONE_NAMES);
+    # llama.cpp rotates rotate-half pairs, rows as the checkpoint has them; 3.5's llama3 rope comes back from rope_freqs
     "exaone": _Architecture("exaone", "ExaoneForCausalLM", False, (("attention_bias", False), ("mlp_bias", False))),
     # InternLM2 / 2.5: Llama's blocks, q/k/v packed in one wqkv grouped by key/value head, which the converter cut
     # into q, k and v (q/k permuted as Llama's): joined back and regrouped. Its dynamic rope (2.5's) llama.cpp does
