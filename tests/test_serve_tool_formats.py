@@ -671,3 +671,33 @@ def test_a_cut_forced_reply_keeps_its_whole_calls(fmt, template, write, markers)
 @pytest.mark.parametrize("fmt, template, write, markers", ROWS, ids=IDS)
 def test_the_new_formats_over_the_api(tmp_path, fmt, template, write, markers):
     check_calls_over_the_api(tmp_path, template, write([("get_weather", {"city": "Oslo"})]))
+
+
+def test_functiongemma_stops_where_the_tools_turn_begins(tmp_path):
+    """FunctionGemma writes ``<start_function_response>`` after its calls, where the tool's answer would begin
+    (Google's guide names it a stop sequence): the server stops there, so a reply of calls ends as calls with
+    finish reason ``tool_calls``, whole and streamed, rather than running on to ``max_tokens``. The scripted token
+    spells a call and the ending; the logit bias would have the model write it again and again."""
+    pytest.importorskip("transformers")
+    from support import write_scripted_checkpoint
+    from test_serve import Server
+
+    reply = _functiongemma([("get_weather", {"city": "Oslo"})]) + "<start_function_response>"
+    folder, token = write_scripted_checkpoint(tmp_path / "model", reply, FUNCTIONGEMMA_TEMPLATE, special=True,
+                                              context=2048)
+    srv = Server(folder)
+    try:
+        client = srv.client()
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "weather in Oslo?"}], tools=[WEATHER],
+                   logit_bias={str(token): 100}, max_tokens=4, temperature=0)
+        whole = client.chat.completions.create(**ask)
+        (choice,) = whole.choices
+        assert choice.finish_reason == "tool_calls" and whole.usage.completion_tokens == 1, whole
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("get_weather", {"city": "Oslo"})]
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        without_tools = client.chat.completions.create(**{**ask, "tools": None})  # the ending is no stop then
+        assert without_tools.choices[0].finish_reason == "length"
+    finally:
+        assert srv.stop(), srv.log.read_text()

@@ -478,7 +478,7 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest, endpoint: 
                            body.template_variables())
     max_tokens = _max_tokens(state, len(prompt), body.max_new_tokens(), "messages")
     want_logprobs = max(body.top_logprobs or 0, 1) if body.logprobs else 0
-    stops = body.stop_strings()
+    stops = body.stop_strings() + replies.stops
     thinking = _thinking(state, prompt)
     keeps_special = thinking is not None and thinking.keeps_special_tokens
     specs = [

@@ -116,6 +116,10 @@ class ToolCallFormat:
     #: Whether a reply that calls nothing is its answer's bare text, which ``response_format`` can shape beside the
     #: calls (:func:`call_or_answer_grammar`); gpt-oss's answer is a message of its own channel.
     bare_answer: bool = True
+    #: What the model writes after its calls where the tool's turn begins (FunctionGemma's
+    #: ``<start_function_response>``, a stop sequence in Google's guide): generation stops there, so a reply of
+    #: calls ends as calls rather than running on through an imagined answer to ``max_tokens``.
+    ends: tuple[str, ...] = ()
 
     def read(self, text: str, tools: list[dict[str, Any]] | None) -> ParsedReply:
         """``text`` parsed as this format writes calls to ``tools``."""
@@ -142,7 +146,7 @@ FORMATS = (  # the first whose ``detect`` a template holds: GLM's and Qwen3-Code
     # <tool_call>; they go first all the same
     ToolCallFormat("gemma4", (GEMMA4.opening, GEMMA4.quote), (GEMMA4.opening,), (), GEMMA4.read, GEMMA4.grammar, ()),
     ToolCallFormat("functiongemma", (FUNCTIONGEMMA.opening,), (FUNCTIONGEMMA.opening,), (), FUNCTIONGEMMA.read,
-                   FUNCTIONGEMMA.grammar, ()),
+                   FUNCTIONGEMMA.grammar, (), ends=(FUNCTIONGEMMA.ending,)),
     ToolCallFormat("minimax_m2", (MINIMAX_CALLS,), (MINIMAX_CALLS,), (), read_minimax_m2, minimax_m2_grammar, (),
                    typed=True),
     ToolCallFormat("seed_oss", ("<seed:tool_call>",), ("<seed:tool_call>", "<function="), (), read_seed_oss,

@@ -18,6 +18,11 @@ class ToolReplies:
         self.streamed: dict[int, int] = {}  # per choice, the characters of its text sent as content
 
     @property
+    def stops(self) -> list[str]:
+        """Where replies stop beside the request's own stop strings: where the format's tool turn begins."""
+        return list(self.format.ends) if self.format is not None else []
+
+    @property
     def keeps_special_tokens(self) -> bool:
         """Whether replies decode with special tokens kept: calls may be marked by one."""
         return self.format is not None
