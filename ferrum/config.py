@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,6 +17,8 @@ from ferrum.arch.keys import KeyReader
 from ferrum.checkpoint import require_regular_file
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.quant.config import SIDECARS, QuantConfig, sidecar_section
+
+_log = logging.getLogger(__name__)
 
 #: model_type values Ferrum runs (the keys of the family table).
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
@@ -130,6 +133,11 @@ class ModelConfig(Sizes):
         scaled = [c for c in (spec.rope.scaled_context for spec in arch.layers) if c is not None]
         if scaled and max(scaled) > sizes.max_seq_len:  # a YaRN added to a config opens the context it scales to
             sizes = replace(sizes, max_seq_len=max(scaled))
+        if arch.context_limit is not None and arch.context_limit[0] < sizes.max_seq_len:
+            tokens, why = arch.context_limit
+            _log.warning("%s: %s runs a context of %d tokens, not %d: %s", where, model_type, tokens,
+                         sizes.max_seq_len, why)
+            sizes = replace(sizes, max_seq_len=tokens)
         eos_ids = eos_token_ids(raw.get("eos_token_id"), sizes.vocab_size, where)
         return cls(
             **asdict(sizes),

@@ -190,6 +190,13 @@ class Architecture:
     #: ...whose gate the checkpoint stores as a projection of its own, ``self_attn.gate_proj`` (AFMoE's), not in
     #: q_proj's rows.
     attn_gate_stored: bool = False
+    #: DeepSeek Sparse Attention's indexers (:class:`ferrum.arch.dsa.IndexerSpec`: DeepSeek-V3.2's, GLM-5's), whose
+    #: tensors are checked for shape and dropped at load; None without.
+    indexer: Any = None
+    #: ``(tokens, why)``: the longest context the model runs as its release does (DSA's index_topk, up to which its
+    #: sparse attention is dense attention exactly); ``max_seq_len`` is lowered to it at load, saying ``why``, so
+    #: the context checks refuse anything longer. None: the config's context.
+    context_limit: tuple[int, str] | None = None
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
     #: Endings of the tensors placed in float32 whatever the compute dtype (transformers' _keep_in_fp32_modules:
     #: GLM-4.5's router correction biases, which choose between experts whose scores differ in the fourth digit).

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from ferrum.arch.dsa import INDEXER
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE
 from ferrum.errors import UnsupportedFeatureError
@@ -121,6 +122,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             own = {**block_norms, **_stored_attention(config, layer, attention, norms)}
             if layer.beside is not None:
                 own.update(mixer_spec(arch, layer.beside).tensors(h))
+        if arch.indexer is not None and arch.indexer.layers[i]:
+            own.update(arch.indexer.tensors(h, arch.mla.q_lora_rank))
         if arch.layer_scalar:
             own["layer_scalar"] = (1,)
         if arch.per_layer_inputs is not None:
@@ -306,6 +309,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
     layer = _layer_of(name, arch.prefix)
     if arch.transposed and layer is not None and np.ndim(tensor) == 2:
         tensor = _transposed(name, tensor)
+    if arch.indexer is not None and f".{INDEXER}" in name:  # checked for shape, never run (ferrum.arch.dsa)
+        return []
     if layer is None:
         if arch.position_offset and name == f"{arch.prefix}embed_positions.weight":  # the rows before position 0
             tensor = tensor[arch.position_offset:]

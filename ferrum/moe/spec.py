@@ -50,6 +50,8 @@ LAYOUT = {
     "mimo_v2_flash": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "cohere2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "jamba": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v32": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "glm_moe_dsa": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -116,7 +118,10 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 # their releases' num_experts is read as n_routed_experts (ferrum.arch.families.latent.SARVAM_ALIASES)
                 "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",),
                 "mimo_v2_flash": ("n_routed_experts", "num_local_experts"), "cohere2_moe": ("num_experts",),
-                "jamba": ("num_experts", "num_local_experts")}  # the latter its attribute_map's alias
+                "jamba": ("num_experts", "num_local_experts"),  # the latter its attribute_map's alias
+                # DeepSeek-V3.2's and GLM-5's configs re-route a num_experts to n_routed_experts
+                "deepseek_v32": ("num_experts", "n_routed_experts", "num_local_experts"),
+                "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts")}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -171,6 +176,20 @@ def _sparse_layers(r: KeyReader, layers: int) -> list[bool]:
     sparse = _listed_sparse(r, layers, [i > 0 for i in range(layers)])
     first = r("first_k_dense_replace")
     if first is not None and sparse != [i >= first for i in range(layers)]:
+        r.fail("first_k_dense_replace", f"is {first}, but mlp_layer_types makes layers "
+                                        f"{[i for i, s in enumerate(sparse) if not s]} dense (transformers reads "
+                                        "mlp_layer_types, other runtimes first_k_dense_replace); make them agree")
+    return sparse
+
+
+def _first_dense_or_listed(r: KeyReader, layers: int) -> list[bool]:
+    """Which layers are sparse as mlp_layer_types lists them, else those from first_k_dense_replace on (every
+    moe_layer_freq-th, where the family reads it: A.X-K1), as DeepSeek-V3.2's, GLM-5's and A.X-K1's transformers
+    configs derive it; a config giving both must make them agree (other runtimes read first_k_dense_replace)."""
+    first, freq = r("first_k_dense_replace"), r.get("moe_layer_freq") or 1
+    derived = [i >= first and i % freq == 0 for i in range(layers)]
+    sparse = _listed_sparse(r, layers, derived)
+    if sparse != derived and "first_k_dense_replace" in r.raw:
         r.fail("first_k_dense_replace", f"is {first}, but mlp_layer_types makes layers "
                                         f"{[i for i, s in enumerate(sparse) if not s]} dense (transformers reads "
                                         "mlp_layer_types, other runtimes first_k_dense_replace); make them agree")
@@ -403,6 +422,14 @@ KEYS: dict[str, tuple[Key, ...]] = {
     # Mistral4Config's defaults
     "mistral4": _grouped_sigmoid_keys("mistral4", moe_size=2048, scale=1.0, n_group=1, topk_group=1, dense=0,
                                       top_k=4),
+    # DeepSeek-V3.2 and GLM-5: DeepSeek-V3's routing under their config classes' defaults, their dense layers by
+    # mlp_layer_types, else first_k_dense_replace
+    "deepseek_v32": (*_grouped_sigmoid_keys("deepseek_v32", moe_size=2048, scale=2.5, n_group=8, topk_group=4,
+                                            dense=None),
+                     Key("first_k_dense_replace", default=3, check=_non_negative_int), _MOE_LAYER_FREQ),
+    "glm_moe_dsa": (*_grouped_sigmoid_keys("glm_moe_dsa", moe_size=2048, scale=2.5, n_group=1, topk_group=1,
+                                           dense=None),
+                    Key("first_k_dense_replace", default=3, check=_non_negative_int), _MOE_LAYER_FREQ),
     # Llama 4 (Scout, Maverick): one expert a token, on the layers moe_layers (else interleave_moe_layer_step) lists;
     # none on MobileLLM-R1's (0 experts, 0 a token, a step of 0 and moe_layers [])
     "llama4_text": (Key("num_local_experts", check=optional_non_negative_int),
@@ -502,7 +529,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
-                  "jamba": 16}
+                  "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -648,7 +675,7 @@ class MoeSpec:
 _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "deepseek_v2": "softmax_grouped",
             "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
             "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped", "sarvam_moe": "sigmoid_grouped",
-            "sarvam_mla": "sigmoid_grouped",
+            "sarvam_mla": "sigmoid_grouped", "deepseek_v32": "sigmoid_grouped", "glm_moe_dsa": "sigmoid_grouped",
             "mistral4": "softmax_top2_grouped"}
 
 
@@ -684,6 +711,8 @@ _GROUPED_FAMILIES = {
     "mistral4": _GroupedFamily(changes=(("router_float32", False), ("layout", "fused_outputs_first"))),
     # Kimi Linear: mlx-lm's conversions keep the correction bias beside the router, its release under it
     "kimi_linear": _GroupedFamily(changes=(("correction_bias_aliases", (CORRECTION_BIAS,)),)),
+    "deepseek_v32": _GroupedFamily(sparse_layers=_first_dense_or_listed),
+    "glm_moe_dsa": _GroupedFamily(sparse_layers=_first_dense_or_listed),
 }
 
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from ferrum.arch import dsa
 from ferrum.arch.families._shared import (
     Family, LLAMA_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _agreeing_aliases, _aliased, _core, _core_defaults,
     _keys, _rope_spec, read_rope,
@@ -254,3 +255,56 @@ TABLE: dict[str, Family] = {
 }
 #: Youtu-LLM's release (remote code; mlx-lm's conversions) names it youtu_llm; transformers, youtu.
 TABLE["youtu_llm"] = TABLE["youtu"]
+
+
+# ---------------------------------------------------------------- DeepSeek-V3.2, GLM-5 (DSA)
+
+#: transformers' DeepSeek-V3.2 and GLM-5 always read queries through their latent (q_lora_rank).
+_Q_LATENT = (Key("q_lora_rank", default=1536, check=size(1 << 17)),)
+#: ... and DeepSeek-V3.2's and GLM-5's always rotate in DeepSeek's adjacent pairs, whatever rope_interleave says.
+_ALWAYS_INTERLEAVED = (Key("rope_interleave", default=True, unsupported=True, check=lambda v: None if v in (
+    None, True) else f"is {v!r}, but transformers' DeepSeek-V3.2 and GLM-5 always rotate adjacent pairs; set it to "
+                     "true"),)
+
+
+def _dsa(r: KeyReader, sizes: Sizes, indexer: dsa.IndexerSpec) -> Architecture:
+    """DeepSeek-V3's latent attention with DSA's indexers, run as the dense attention it is up to index_topk tokens
+    (:mod:`ferrum.arch.dsa`: the indexers checked for shape and dropped, the context capped at index_topk)."""
+    return replace(_latent_attention(r, sizes, interleaved=True), indexer=indexer,
+                   context_limit=(indexer.topk, indexer.why))
+
+
+def _deepseek_v32(r: KeyReader, sizes: Sizes) -> Architecture:
+    """DeepSeek-V3.2 (transformers' DeepseekV32): :func:`_dsa` with an indexer on every layer; the sparse MLPs
+    (DeepSeek-V3's grouped sigmoid routing, an ungated shared expert, dense first layers) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    return _dsa(r, sizes, dsa.read(r, sizes.num_layers))
+
+
+def _glm_moe_dsa(r: KeyReader, sizes: Sizes) -> Architecture:
+    """GLM-5 (transformers' GlmMoeDsa): :func:`_deepseek_v32` under GLM-5's defaults, its "shared" layers reusing the
+    previous layer's selection without an indexer of their own (:func:`ferrum.arch.dsa.glm_kinds`)."""
+    return _dsa(r, sizes, dsa.read(r, sizes.num_layers, dsa.glm_kinds(r, sizes.num_layers)))
+
+
+TABLE.update({
+    "deepseek_v32": Family(  # DeepSeek-V3.2: DeepSeek-V3 with DSA, run densely up to index_topk tokens
+        _keys(_core(False), _ROPE, _SILU, _MLA, _Q_LATENT, _ALWAYS_INTERLEAVED, dsa.keys(64), (
+            Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
+        ), MOE_KEYS["deepseek_v32"]),
+        with_moe("deepseek_v32", _deepseek_v32),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+    "glm_moe_dsa": Family(  # GLM-5: DeepSeek-V3.2 under GLM-5's defaults, some layers sharing an indexer's selection
+        _keys(_core(False), _ROPE, _SILU, _mla_keys(2048, 192, 256), _Q_LATENT, _ALWAYS_INTERLEAVED, dsa.keys(32),
+              dsa.GLM_KEYS, (
+            Key("q_lora_rank", default=2048, check=size(1 << 17)),
+            Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
+        ), MOE_KEYS["glm_moe_dsa"]),
+        with_moe("glm_moe_dsa", _glm_moe_dsa),
+        eps_default=1e-5,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
+})
