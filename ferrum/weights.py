@@ -343,9 +343,10 @@ _UNTIED_ADVICE = ("Only the LM head is missing, and config.json unties it from t
 
 def _dropped_correction_biases(checkpoint: Checkpoint, config: ModelConfig, parts_of: dict[str, tuple[str, ...]],
                                present: set[str]) -> list[str]:
-    """The MoE correction biases a conversion left out where the family allows it (``MoeSpec.
-    correction_bias_droppable``: mlx-lm's ERNIE 4.5 routes without them), to be read as zeros; said once. All of
-    them or none: a checkpoint missing only some (a lost shard) is reported missing as any other."""
+    """The MoE correction biases a checkpoint left out where the family allows it (``MoeSpec.
+    correction_bias_droppable``: mlx-lm's ERNIE 4.5 routes without them, transformers' A.X-K1 with zeros), to be
+    read as zeros; said once. All of them or none: a checkpoint missing only some (a lost shard) is reported missing
+    as any other."""
     moe = config.arch.moe
     if moe is None or not moe.correction_bias_droppable:
         return []
@@ -356,9 +357,10 @@ def _dropped_correction_biases(checkpoint: Checkpoint, config: ModelConfig, part
     if dropped:
         warnings.warn(
             f"{checkpoint.folder}: {len(dropped)} MoE correction bias(es) (e.g. {dropped[0]}) are not in the "
-            f"checkpoint, as mlx-lm's {config.model_type} conversions leave them out; experts are chosen without "
-            "them, as mlx-lm chooses them, which can differ from the original model's choice (load its Hugging Face "
-            "release for that)", stacklevel=3)
+            f"checkpoint, as some {config.model_type} checkpoints leave them out (mlx-lm's ERNIE 4.5 conversions); "
+            "experts are chosen without them (zeros), as transformers and mlx-lm then choose them, which can differ "
+            "from the original model's choice where it had them (load its Hugging Face release for that)",
+            stacklevel=3)
     return dropped
 
 

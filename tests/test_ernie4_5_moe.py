@@ -150,7 +150,8 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them_and_say_so(checkpoints, tmp_
     want = mlx_lm_logits(tmp_path / "mlx", TOKENS)
     for backend in BACKENDS:
         with pytest.warns(UserWarning, match=r"correction bias\(es\) \(e.g. model.layers.1.mlp.moe_statics."
-                          r"e_score_correction_bias\) are not in the checkpoint, as mlx-lm's ernie4_5_moe"):
+                          r"e_score_correction_bias\) are not in the checkpoint, as some ernie4_5_moe checkpoints "
+                          r"leave them out \(mlx-lm's ERNIE 4.5 conversions\)"):
             model = DecoderOnlyLLM.from_pretrained(tmp_path / "mlx", backend=backend, dtype="float32")
         assert scaled_error(model.forward_verify("m", TOKENS), want) <= 1e-4, backend
 

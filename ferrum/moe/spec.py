@@ -52,6 +52,7 @@ LAYOUT = {
     "jamba": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v32": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "glm_moe_dsa": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "axk1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -121,7 +122,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "jamba": ("num_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 # DeepSeek-V3.2's and GLM-5's configs re-route a num_experts to n_routed_experts
                 "deepseek_v32": ("num_experts", "n_routed_experts", "num_local_experts"),
-                "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts")}
+                "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts"),
+                "axk1": ("n_routed_experts", "num_local_experts")}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -422,14 +424,17 @@ KEYS: dict[str, tuple[Key, ...]] = {
     # Mistral4Config's defaults
     "mistral4": _grouped_sigmoid_keys("mistral4", moe_size=2048, scale=1.0, n_group=1, topk_group=1, dense=0,
                                       top_k=4),
-    # DeepSeek-V3.2 and GLM-5: DeepSeek-V3's routing under their config classes' defaults, their dense layers by
-    # mlp_layer_types, else first_k_dense_replace
+    # DeepSeek-V3.2, GLM-5 and A.X-K1: DeepSeek-V3's routing under their config classes' defaults, their dense layers
+    # by mlp_layer_types, else first_k_dense_replace (and A.X-K1's moe_layer_freq, which transformers reads for it)
     "deepseek_v32": (*_grouped_sigmoid_keys("deepseek_v32", moe_size=2048, scale=2.5, n_group=8, topk_group=4,
                                             dense=None),
                      Key("first_k_dense_replace", default=3, check=_non_negative_int), _MOE_LAYER_FREQ),
     "glm_moe_dsa": (*_grouped_sigmoid_keys("glm_moe_dsa", moe_size=2048, scale=2.5, n_group=1, topk_group=1,
                                            dense=None),
                     Key("first_k_dense_replace", default=3, check=_non_negative_int), _MOE_LAYER_FREQ),
+    "axk1": (*_grouped_sigmoid_keys("axk1", moe_size=2048, scale=2.5, n_group=8, topk_group=4, dense=None),
+             Key("first_k_dense_replace", default=1, check=_non_negative_int),
+             Key("moe_layer_freq", default=1, check=positive_int)),
     # Llama 4 (Scout, Maverick): one expert a token, on the layers moe_layers (else interleave_moe_layer_step) lists;
     # none on MobileLLM-R1's (0 experts, 0 a token, a step of 0 and moe_layers [])
     "llama4_text": (Key("num_local_experts", check=optional_non_negative_int),
@@ -529,7 +534,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
-                  "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256}
+                  "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -625,7 +630,8 @@ class MoeSpec:
     #: Other names of the correction bias in the sparse MLP module, read where the checkpoint has no
     #: ``correction_bias``: mlx-lm's conversions of EXAONE MoE move it under the router.
     correction_bias_aliases: tuple[str, ...] = ()
-    #: Conversions may leave the correction bias out, their runtime routing without it (mlx-lm's of ERNIE 4.5):
+    #: Checkpoints may leave the correction bias out, their runtime routing without it (mlx-lm's of ERNIE 4.5; A.X-K1's,
+    #: which transformers routes with zeros):
     #: read as zeros where missing, with a warning, rather than refused.
     correction_bias_droppable: bool = False
     #: Each chosen expert reads its input times its routing weight and its output is summed unweighted (Llama 4),
@@ -676,7 +682,7 @@ _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "de
             "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
             "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped", "sarvam_moe": "sigmoid_grouped",
             "sarvam_mla": "sigmoid_grouped", "deepseek_v32": "sigmoid_grouped", "glm_moe_dsa": "sigmoid_grouped",
-            "mistral4": "softmax_top2_grouped"}
+            "axk1": "sigmoid_grouped", "mistral4": "softmax_top2_grouped"}
 
 
 def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
@@ -713,6 +719,8 @@ _GROUPED_FAMILIES = {
     "kimi_linear": _GroupedFamily(changes=(("correction_bias_aliases", (CORRECTION_BIAS,)),)),
     "deepseek_v32": _GroupedFamily(sparse_layers=_first_dense_or_listed),
     "glm_moe_dsa": _GroupedFamily(sparse_layers=_first_dense_or_listed),
+    # A.X-K1: transformers routes it with zeros where a checkpoint has no correction biases
+    "axk1": _GroupedFamily(changes=(("correction_bias_droppable", True),), sparse_layers=_first_dense_or_listed),
 }
 
 

@@ -257,9 +257,9 @@ TABLE: dict[str, Family] = {
 TABLE["youtu_llm"] = TABLE["youtu"]
 
 
-# ---------------------------------------------------------------- DeepSeek-V3.2, GLM-5 (DSA)
+# ---------------------------------------------------------------- DeepSeek-V3.2, GLM-5 (DSA), A.X-K1
 
-#: transformers' DeepSeek-V3.2 and GLM-5 always read queries through their latent (q_lora_rank).
+#: transformers' DeepSeek-V3.2, GLM-5 and A.X-K1 always read queries through their latent (q_lora_rank).
 _Q_LATENT = (Key("q_lora_rank", default=1536, check=size(1 << 17)),)
 #: ... and DeepSeek-V3.2's and GLM-5's always rotate in DeepSeek's adjacent pairs, whatever rope_interleave says.
 _ALWAYS_INTERLEAVED = (Key("rope_interleave", default=True, unsupported=True, check=lambda v: None if v in (
@@ -287,6 +287,22 @@ def _glm_moe_dsa(r: KeyReader, sizes: Sizes) -> Architecture:
     return _dsa(r, sizes, dsa.read(r, sizes.num_layers, dsa.glm_kinds(r, sizes.num_layers)))
 
 
+#: A.X-K1's sparse layers: transformers' DeepseekV3 blocks with the sparse MLP's output normed by this.
+AXK1_NORMS = (*LLAMA_NORMS.items(), ("post_mlp", "post_mlp_layernorm"))
+
+
+def _axk1(r: KeyReader, sizes: Sizes) -> Architecture:
+    """SK Telecom's A.X-K1 (transformers' AXK1): DeepSeek-V3 (:func:`_deepseek_v3`, its queries always through their
+    latent; :func:`ferrum.moe.spec.with_moe`'s sparse MLPs) with each sparse MLP's output, routed and shared experts
+    summed, RMS-normed by the layer's ``post_mlp_layernorm`` before it joins the residual stream. The releases store
+    that norm on the dense layers too, where nothing runs it (transformers skips it): left unread quietly."""
+    arch = with_moe("axk1", _deepseek_v3)(r, sizes)
+    dense = [str(i) for i, layer in enumerate(arch.layers) if layer.mlp != "moe"]
+    return replace(arch, layers=tuple(replace(layer, norms=AXK1_NORMS) if layer.mlp == "moe" else layer
+                                      for layer in arch.layers),
+                   unloaded=rf"\.layers\.(?:{'|'.join(dense)})\.post_mlp_layernorm\." if dense else None)
+
+
 TABLE.update({
     "deepseek_v32": Family(  # DeepSeek-V3.2: DeepSeek-V3 with DSA, run densely up to index_topk tokens
         _keys(_core(False), _ROPE, _SILU, _MLA, _Q_LATENT, _ALWAYS_INTERLEAVED, dsa.keys(64), (
@@ -307,4 +323,15 @@ TABLE.update({
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
     ),
+    "axk1": Family(  # SK Telecom's A.X-K1: DeepSeek-V3 with its sparse MLPs' output normed
+        _keys(_core(False), _ROPE, _SILU, _MLA, _Q_LATENT, (
+            Key("rope_interleave", default=True, check=boolean),
+            Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
+        ), MOE_KEYS["axk1"]),
+        _axk1,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+    ),
 })
+#: A.X-K1's release (remote code) names it AXK1; transformers, axk1.
+TABLE["AXK1"] = TABLE["axk1"]
