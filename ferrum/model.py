@@ -335,8 +335,11 @@ class DecoderOnlyLLM:
             if not isinstance(max_seq_len, Integral) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
                 raise InvalidRequestError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
             if max_seq_len > config.max_seq_len:
+                limit = config.arch.context_limit
+                why = limit[1] if limit is not None and limit[0] == config.max_seq_len else (
+                    "positions it was not trained for")
                 warnings.warn(f"max_seq_len {max_seq_len} is past {path}'s context of {config.max_seq_len} tokens "
-                              "(positions it was not trained for); the context stays at that", stacklevel=2)
+                              f"({why}); the context stays at that", stacklevel=2)
             config = replace(config, max_seq_len=min(max_seq_len, config.max_seq_len))
         quant = config.quantization
         if quant is not None and quant.runs_as_float:  # FP8: decoded to float at load, loaded as a float model
