@@ -154,3 +154,51 @@ class AttentionBatch:
             return calls, None
         emitted = np.concatenate([np.flatnonzero(np.isin(self.token_items, items)) for items in calls])
         return calls, np.argsort(emitted)
+
+    @cached_property
+    def padded_calls(self) -> "PaddedCalls":
+        """:meth:`attention_calls` with each call's items padded to one ``[items, max_q]`` / ``[items, max_kv]``
+        batch, for an attention written out over whole arrays; built once per pass."""
+        calls, order = self.attention_calls()
+        return PaddedCalls([PaddedCall.of(self, items) for items in calls], order)
+
+
+@dataclass
+class PaddedCall:
+    """Items attended in one padded call: every array host int64, ``[items, max_q]`` or ``[items, max_kv]``.
+
+    ``query_pos``: each query slot's position among its item's keys, key ``j`` at ``j`` (padding: 0, so that it
+    sees one key and its softmax stays finite); ``q_rows``: its token row (padding: the item's first), or None
+    when the slots are the batch's rows in order (a batch of decode steps); ``kv_slots``: each key's pool slot
+    (padding: 0, past every query of its item, so a causal mask hides it); ``out_rows``: the valid slots,
+    row-major, or None when none is padding.
+    """
+
+    query_pos: np.ndarray
+    q_rows: np.ndarray | None
+    kv_slots: np.ndarray
+    out_rows: np.ndarray | None
+
+    @classmethod
+    def of(cls, batch: AttentionBatch, items: np.ndarray) -> "PaddedCall":
+        q_len = batch.query_lengths[items].astype(np.int64)
+        kv_len = batch.seq_lens[items].astype(np.int64)
+        i, j, bs = np.arange(int(q_len.max())), np.arange(int(kv_len.max())), batch.block_size
+        valid = i[None, :] < q_len[:, None]
+        starts = batch.cu_seqlens_q[:-1][items].astype(np.int64)[:, None]
+        q_rows = np.where(valid, starts + i, starts)
+        in_order = q_rows.size == batch.num_tokens and (q_rows.reshape(-1) == np.arange(q_rows.size)).all()
+        tables = batch.block_tables[items].astype(np.int64)
+        slots = tables[:, np.minimum(j // bs, tables.shape[1] - 1)] * bs + j % bs
+        return cls(np.where(valid, (kv_len - q_len)[:, None] + i, 0), None if in_order else q_rows,
+                   np.where(j[None, :] < kv_len[:, None], slots, 0), None if valid.all() else np.flatnonzero(valid))
+
+
+@dataclass
+class PaddedCalls:
+    """:attr:`AttentionBatch.padded_calls`: the calls, the permutation taking their concatenated output rows to token
+    order (None when they are in order), and ``device``, a backend's cache of its copies of them."""
+
+    calls: list[PaddedCall]
+    order: np.ndarray | None
+    device: dict = field(default_factory=dict, repr=False)

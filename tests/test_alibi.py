@@ -90,6 +90,16 @@ def test_the_slopes_are_transformers():
         assert np.allclose(alibi_slopes(heads), mpt.numpy(), rtol=1e-6)
 
 
+def _numpy_framework():
+    from ferrum.recurrent.batched import Framework
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    return Framework(np, np.asarray, lambda x, dtype: x.astype(dtype), softmax=softmax)
+
+
 @pytest.mark.parametrize("window", [None, 5], ids=["causal", "window"])
 def test_the_shared_formulation_in_numpy_chunks_as_the_numpy_backend_attends(window):
     """``ferrum.arch.alibi.attend`` (torch's and MLX's ALiBi), here over numpy, against the numpy backend's own
@@ -97,18 +107,63 @@ def test_the_shared_formulation_in_numpy_chunks_as_the_numpy_backend_attends(win
     import ferrum_cpu.ops as cpu_ops
 
     from ferrum.arch.alibi import attend
-    from ferrum.recurrent.batched import Framework
 
-    def softmax(x):
-        e = np.exp(x - x.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
-
-    numpy = Framework(np, np.asarray, lambda x, dtype: x.astype(dtype), softmax=softmax)
+    numpy = _numpy_framework()
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((10, 6, 8), (13, 3, 8), (13, 3, 8)))
     slopes = np.asarray(alibi_slopes(6), np.float32)
     want = cpu_ops.attention(q, k, v, 0.3, window, alibi_slopes=slopes)
     np.testing.assert_allclose(attend(numpy, q, k, v, 0.3, window, slopes, 4), want, rtol=1e-5, atol=1e-6)
+
+
+#: (query tokens, keys) of each item of the mixed batch below: decode steps over 9, 3 and 14 keys and prefill chunks,
+#: one from position 0 and one after 9 cached positions, interleaved, so that each padded call pads its queries or
+#: its keys and the calls' rows are put back in token order.
+MIXED = [(1, 9), (4, 4), (1, 3), (2, 11), (1, 14)]
+
+
+@pytest.mark.parametrize("window", [None, 5], ids=["causal", "window"])
+@pytest.mark.parametrize("backend", ["numpy"] + [b for b in BACKENDS if b in ("mlx", "cuda")])
+def test_a_mixed_batch_attends_in_padded_calls_as_item_by_item(backend, window):
+    """``ferrum.arch.alibi.paged_attend`` (torch's and MLX's ``paged_attention`` with ALiBi) over items of mixed
+    query and key lengths in shuffled blocks, against the float64 oracle one item at a time and, on the backends,
+    against the core's item-by-item composition of their own ops. A key, mask or query position misaligned by
+    the padding sees other keys and misses by far more than the bound."""
+    from ferrum import reference_ops
+    from ferrum.arch.alibi import paged_attend
+    from ferrum.attention import AttentionBatch
+    from ferrum.testing.arch_oracle import attention
+
+    block, kv_heads, heads, d, scale = 4, 3, 6, 8, 0.3
+    rng = np.random.default_rng(1)
+    q_lens, kv_lens = (np.array(x) for x in zip(*MIXED))
+    blocks = -(-kv_lens // block)
+    tables = np.zeros((len(MIXED), blocks.max()), dtype=np.int32)
+    for item, ids in enumerate(np.split(rng.permutation(blocks.sum()), np.cumsum(blocks)[:-1])):
+        tables[item, : len(ids)] = ids
+    k_pool, v_pool = (rng.standard_normal((blocks.sum() * block, kv_heads, d)).astype(np.float32) for _ in range(2))
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    positions = np.concatenate([np.arange(n - m, n) for m, n in MIXED]).astype(np.int32)
+    slots = [tables[i, p // block] * block + p % block for i, (m, n) in enumerate(MIXED) for p in [np.arange(n)]]
+    batch = AttentionBatch(positions, np.concatenate([s[n - m:] for s, (m, n) in zip(slots, MIXED)]), cu,
+                           kv_lens.astype(np.int32), tables, block)
+    q = rng.standard_normal((cu[-1], heads, d)).astype(np.float32)
+    slopes = np.asarray(alibi_slopes(heads), np.float32)
+    want = np.concatenate([attention(q[cu[i]:cu[i + 1]], k_pool[s], v_pool[s], scale, window, None, None, slopes)
+                           for i, s in enumerate(slots)])
+    if backend == "numpy":
+        got = paged_attend(_numpy_framework(), q, k_pool, v_pool, batch, scale, window, slopes, 2)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        return
+    ops = __import__({"mlx": "ferrum_mlx", "cuda": "ferrum_cuda"}[backend] + ".ops", fromlist=["ops"])
+    pool = ops.kv_alloc(1, int(blocks.sum()), block, kv_heads, d, "float32")
+    put = lambda a: ops.from_numpy(a, "float32")  # noqa: E731
+    ops.kv_write(pool, 0, put(k_pool), put(v_pool), ops.from_numpy(np.arange(len(k_pool), dtype=np.int32), None))
+    batch.prepared = ops.prepare_attention_batch(batch)
+    got = np.asarray(ops.to_numpy(ops.paged_attention(put(q), pool, 0, batch, scale, window, None, None, put(slopes))))
+    item_by_item = reference_ops.paged_attention(ops, put(q), pool, 0, batch, scale, window, None, None, put(slopes))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, np.asarray(ops.to_numpy(item_by_item)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

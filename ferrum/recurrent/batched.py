@@ -44,7 +44,9 @@ class Framework:
     uploading a host array, casting, the loop over time (``scan`` returns the outputs stacked or as a list,
     ``stack`` makes them one array either way), ``jit(fn, static_argnames)`` where device parts compile,
     ``bucket(n)``, the size ``n`` tokens or sequences are padded up to where each new shape costs a compile, and
-    ``softmax(x)`` over the last axis (:func:`ferrum.arch.alibi.attend` needs it; the recurrent ops do not)."""
+    ``softmax(x)`` over the last axis (:mod:`ferrum.arch.alibi` needs it; the recurrent ops do not), and ``take(a,
+    index)``, ``a[index]`` along the first axis, where the framework has a faster way (torch's ``index_select``
+    gathers a paged pool's keys ~4x faster on the CPU than its indexing)."""
 
     xp: Any
     put: Callable[[np.ndarray], Any]
@@ -53,9 +55,14 @@ class Framework:
     jit: Callable | None = None
     bucket: Callable[[int], int] | None = None
     softmax: Callable[[Any], Any] | None = None
+    take: Callable[[Any, Any], Any] | None = None
 
     def stack(self, ys: Any) -> Any:
         return self.xp.stack(ys) if isinstance(ys, list) else ys
+
+    def rows(self, a: Any, index: Any) -> Any:
+        """``a[index]``: the rows of ``a`` that the integer array ``index`` (any shape) names."""
+        return a[index] if self.take is None else self.take(a, index)
 
 
 @functools.cache

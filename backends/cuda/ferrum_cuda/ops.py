@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import warnings
 from typing import Any
 
@@ -70,7 +69,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ferrum import reference_ops
 from ferrum.arch import alibi
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
@@ -568,7 +566,8 @@ def clip(x, limit):
 # --------------------------------------------------------------------------
 
 #: torch as ``ferrum.recurrent.batched`` and ``ferrum.arch.alibi`` write their ops (over numpy-like frameworks)
-_FRAMEWORK = batched.Framework(torch, _small, lambda x, dtype: x.to(dtype), softmax=lambda x: x.softmax(-1))
+_FRAMEWORK = batched.Framework(torch, _small, lambda x, dtype: x.to(dtype), softmax=lambda x: x.softmax(-1),
+                               take=lambda a, i: a.index_select(0, i.reshape(-1)).reshape(*i.shape, *a.shape[1:]))
 
 
 @hookimpl
@@ -1123,9 +1122,9 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
 
 @hookimpl
 def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
-    if alibi_slopes is not None:  # item by item over the gathered keys (the core's composition of these ops)
-        return reference_ops.paged_attention(sys.modules[__name__], q, pool, layer, batch, scale, sliding_window,
-                                             softcap, sinks, alibi_slopes)
+    if alibi_slopes is not None:  # BLOOM's, MPT's: each call's keys gathered from the pool, its biases written out
+        return alibi.paged_attend(_FRAMEWORK, q, pool.k_flat[layer], pool.v_flat[layer],
+                                  batch, scale, sliding_window, alibi_slopes, _WRITTEN_QUERIES)
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
     features = (softcap, sinks)
     if plan is not None and plan.whole:

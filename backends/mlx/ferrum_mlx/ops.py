@@ -10,14 +10,12 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import sys
 import threading
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ferrum import reference_ops
 from ferrum.arch import alibi
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
@@ -871,9 +869,9 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
 
 @hookimpl
 def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
-    if alibi_slopes is not None:  # item by item over the gathered keys (the core's composition of these ops)
-        return reference_ops.paged_attention(sys.modules[__name__], q, pool, layer, batch, scale, sliding_window,
-                                             softcap, sinks, alibi_slopes)
+    if alibi_slopes is not None:  # BLOOM's, MPT's: each call's keys gathered from the pool, its biases written out
+        return alibi.paged_attend(_FRAMEWORK, q, pool.k[layer], pool.v[layer],
+                                  batch, scale, sliding_window, alibi_slopes, _CAUSAL_CHUNK)
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
     features = (sliding_window, softcap, sinks)
     if plan is not None and plan.whole:
