@@ -116,15 +116,17 @@ def test_the_shared_formulation_in_numpy_chunks_as_the_numpy_backend_attends(win
     np.testing.assert_allclose(attend(numpy, q, k, v, 0.3, window, slopes, 4), want, rtol=1e-5, atol=1e-6)
 
 
-#: (query tokens, keys) of each item of the mixed batch below: decode steps over 9, 3 and 14 keys and prefill chunks,
+#: (query tokens, keys) of each item of the batches below: decode steps over 9, 3 and 14 keys and prefill chunks,
 #: one from position 0 and one after 9 cached positions, interleaved, so that each padded call pads its queries or
-#: its keys and the calls' rows are put back in token order.
-MIXED = [(1, 9), (4, 4), (1, 3), (2, 11), (1, 14)]
+#: its keys and the calls' rows are put back in token order; and the decode steps alone (on the backends, attended
+#: over their KV mirrors).
+MIXED = {"mixed": [(1, 9), (4, 4), (1, 3), (2, 11), (1, 14)], "decoding": [(1, 9), (1, 3), (1, 14)]}
 
 
+@pytest.mark.parametrize("kind", MIXED)
 @pytest.mark.parametrize("window", [None, 5], ids=["causal", "window"])
 @pytest.mark.parametrize("backend", ["numpy"] + [b for b in BACKENDS if b in ("mlx", "cuda")])
-def test_a_mixed_batch_attends_in_padded_calls_as_item_by_item(backend, window):
+def test_batches_of_mixed_lengths_attend_as_item_by_item(backend, window, kind):
     """``ferrum.arch.alibi.paged_attend`` (torch's and MLX's ``paged_attention`` with ALiBi) over items of mixed
     query and key lengths in shuffled blocks, against the float64 oracle one item at a time and, on the backends,
     against the core's item-by-item composition of their own ops. A key, mask or query position misaligned by
@@ -134,18 +136,19 @@ def test_a_mixed_batch_attends_in_padded_calls_as_item_by_item(backend, window):
     from ferrum.attention import AttentionBatch
     from ferrum.testing.arch_oracle import attention
 
+    items = MIXED[kind]
     block, kv_heads, heads, d, scale = 4, 3, 6, 8, 0.3
     rng = np.random.default_rng(1)
-    q_lens, kv_lens = (np.array(x) for x in zip(*MIXED))
+    q_lens, kv_lens = (np.array(x) for x in zip(*items))
     blocks = -(-kv_lens // block)
-    tables = np.zeros((len(MIXED), blocks.max()), dtype=np.int32)
+    tables = np.zeros((len(items), blocks.max()), dtype=np.int32)
     for item, ids in enumerate(np.split(rng.permutation(blocks.sum()), np.cumsum(blocks)[:-1])):
         tables[item, : len(ids)] = ids
     k_pool, v_pool = (rng.standard_normal((blocks.sum() * block, kv_heads, d)).astype(np.float32) for _ in range(2))
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    positions = np.concatenate([np.arange(n - m, n) for m, n in MIXED]).astype(np.int32)
-    slots = [tables[i, p // block] * block + p % block for i, (m, n) in enumerate(MIXED) for p in [np.arange(n)]]
-    batch = AttentionBatch(positions, np.concatenate([s[n - m:] for s, (m, n) in zip(slots, MIXED)]), cu,
+    positions = np.concatenate([np.arange(n - m, n) for m, n in items]).astype(np.int32)
+    slots = [tables[i, p // block] * block + p % block for i, (m, n) in enumerate(items) for p in [np.arange(n)]]
+    batch = AttentionBatch(positions, np.concatenate([s[n - m:] for s, (m, n) in zip(slots, items)]), cu,
                            kv_lens.astype(np.int32), tables, block)
     q = rng.standard_normal((cu[-1], heads, d)).astype(np.float32)
     slopes = np.asarray(alibi_slopes(heads), np.float32)
@@ -156,7 +159,7 @@ def test_a_mixed_batch_attends_in_padded_calls_as_item_by_item(backend, window):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         return
     ops = __import__({"mlx": "ferrum_mlx", "cuda": "ferrum_cuda"}[backend] + ".ops", fromlist=["ops"])
-    pool = ops.kv_alloc(1, int(blocks.sum()), block, kv_heads, d, "float32")
+    pool = ops.kv_alloc(1, 64, block, kv_heads, d, "float32")  # room for the mirrors
     put = lambda a: ops.from_numpy(a, "float32")  # noqa: E731
     ops.kv_write(pool, 0, put(k_pool), put(v_pool), ops.from_numpy(np.arange(len(k_pool), dtype=np.int32), None))
     batch.prepared = ops.prepare_attention_batch(batch)

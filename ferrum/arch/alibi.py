@@ -15,6 +15,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from ferrum.attention import AttentionBatch
+    from ferrum.kv_mirror import MirrorPlan
     from ferrum.recurrent.batched import Framework
 
 #: The plugin API from which ``attention`` and ``paged_attention`` take ``alibi_slopes``.
@@ -74,11 +75,16 @@ def attend_padded(fw: Framework, q: Any, k: Any, v: Any, query_pos: Any, scale: 
 
 
 def paged_attend(fw: Framework, q: Any, k_pool: Any, v_pool: Any, batch: AttentionBatch, scale: float,
-                 window: int | None, slopes: Any, chunk: int) -> Any:
-    """``paged_attention`` with ALiBi over a pool stored flat (``k_pool, v_pool [slots, KVH, d]``): each call of
-    :attr:`ferrum.attention.AttentionBatch.padded_calls` (a batch of decode steps is one) attends in one
-    :func:`attend_padded`, rather than item by item, over its items' keys gathered head-major (``[items, KVH, Lk,
-    d]``, the layout its products read without a copy) by the rows ``slot * KVH + head`` of the pool."""
+                 window: int | None, slopes: Any, chunk: int, plan: MirrorPlan | None = None,
+                 rows: tuple[Any, Any] | None = None) -> Any:
+    """``paged_attention`` with ALiBi over a pool stored flat (``k_pool, v_pool [slots, KVH, d]``). A batch of
+    decode steps with a mirror plan (:mod:`ferrum.kv_mirror`) attends over the arena ``rows`` (K, V ``[rows, KVH,
+    capacity, d]``, brought up to date by the backend) in place; otherwise each call of
+    :attr:`ferrum.attention.AttentionBatch.padded_calls` attends in one :func:`attend_padded` over its items' keys
+    gathered head-major (``[items, KVH, Lk, d]``, the layout its products read without a copy) by the rows ``slot *
+    KVH + head`` of the pool."""
+    if rows is not None and plan.whole and plan.starts is None:
+        return _mirrored(fw, q, *rows, plan, scale, window, slopes)
     padded, kv_heads, d = batch.padded_calls, k_pool.shape[1], k_pool.shape[2]
     dev = padded.device.get((fw, kv_heads))
     if dev is None:  # uploaded once per pass, for every layer
@@ -98,3 +104,18 @@ def paged_attend(fw: Framework, q: Any, k_pool: Any, v_pool: Any, batch: Attenti
         parts.append(out if out_rows is None else fw.rows(out, out_rows))
     out = parts[0] if len(parts) == 1 else fw.xp.concatenate(parts)
     return out if order is None else fw.rows(out, order)
+
+
+def _mirrored(fw: Framework, q: Any, k_rows: Any, v_rows: Any, plan: MirrorPlan, scale: float, window: int | None,
+              slopes: Any) -> Any:
+    """Decode steps over their arena rows, column ``j`` position ``j``: the rows in use as they are where item ``i``
+    is in row ``i`` (``plan.in_order``), else the items' rows taken out."""
+    dev = plan.device.get("alibi")
+    if dev is None:
+        dev = plan.device["alibi"] = (fw.put((plan.lengths - 1).astype(np.int32)[:, None]),
+                                      None if plan.in_order else fw.put(plan.rows.astype(np.int32)))
+    query_pos, items = dev
+    n = q.shape[0]
+    k, v = (a[:n] if items is None else fw.rows(a, items) for a in (k_rows, v_rows))
+    k, v = k[:, :, : plan.capacity], v[:, :, : plan.capacity]
+    return attend_padded(fw, q[:, None], k, v, query_pos, scale, window, slopes, 1)[:, 0]

@@ -1066,9 +1066,8 @@ def _varlen_attention(q, pool: KVPool, layer: int, group: _Varlen, scale, window
                          sinks)
 
 
-def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None,
-                     sinks=None):
-    """Decode items attended over their arena rows: only the positions written since
+def _arena_rows(pool: KVPool, layer: int, plan: MirrorPlan, sync: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's arena K and V ``[rows, KVH, capacity, d]``, brought up to date: only the positions written since
     the last step are copied from the pool (``ferrum.kv_mirror``)."""
     dev = plan.device
     if sync not in dev:
@@ -1089,6 +1088,14 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
     if src.numel():
         k_rows[dst_row, :, dst_pos] = pool.k_flat[layer].index_select(0, src)
         v_rows[dst_row, :, dst_pos] = pool.v_flat[layer].index_select(0, src)
+    return k_rows, v_rows
+
+
+def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None,
+                     sinks=None):
+    """Decode items attended over their arena rows (:func:`_arena_rows`)."""
+    dev = plan.device
+    k_rows, v_rows = _arena_rows(pool, layer, plan, sync)
     n, heads, d = q.shape
     kvh = pool.num_kv_heads
     qg = q.view(n, kvh, heads // kvh, d)
@@ -1122,10 +1129,11 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
 
 @hookimpl
 def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
-    if alibi_slopes is not None:  # BLOOM's, MPT's: each call's keys gathered from the pool, its biases written out
-        return alibi.paged_attend(_FRAMEWORK, q, pool.k_flat[layer], pool.v_flat[layer],
-                                  batch, scale, sliding_window, alibi_slopes, _WRITTEN_QUERIES)
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
+    if alibi_slopes is not None:  # BLOOM's, MPT's: their biases written out, over the mirrors or gathered keys
+        rows = None if plan is None else _arena_rows(pool, layer, plan, sync)
+        return alibi.paged_attend(_FRAMEWORK, q, pool.k_flat[layer], pool.v_flat[layer], batch, scale,
+                                  sliding_window, alibi_slopes, _WRITTEN_QUERIES, plan, rows)
     features = (softcap, sinks)
     if plan is not None and plan.whole:
         return _mirrored_decode(q, pool, layer, plan, sync, scale, sliding_window, *features)

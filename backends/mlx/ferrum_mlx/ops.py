@@ -828,18 +828,24 @@ def _arena_copies(pool: KVPool, layer: int, plan: MirrorPlan, sync: str) -> tupl
     return (*where, pool.k[layer][src], pool.v[layer][src])
 
 
-def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None,
-                     sinks=None):
-    """Decode items attended over their arena rows: only the positions written since
-    the last step are copied in (``_arena_copies``, ``ferrum.kv_mirror``). A KV head's query heads
-    are the rows of one product, except with ``sinks``, which are per head: one query row per head."""
-    dev = plan.device
+def _arena_rows(pool: KVPool, layer: int, plan: MirrorPlan, sync: str) -> tuple[mx.array, mx.array]:
+    """The layer's arena K and V ``[rows, KVH, capacity, d]``, brought up to date: only the positions written since
+    the last step are copied in (``_arena_copies``, ``ferrum.kv_mirror``)."""
     pool.fit_arena(*plan.arena_shape)
     k_rows, v_rows = pool.arena_k[layer], pool.arena_v[layer]
     if plan.src.size or sync != "step":
         rows, heads_at, positions, k_new, v_new = _arena_copies(pool, layer, plan, sync)
         k_rows[rows, heads_at, positions] = k_new
         v_rows[rows, heads_at, positions] = v_new
+    return k_rows, v_rows
+
+
+def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, scale, window, softcap=None,
+                     sinks=None):
+    """Decode items attended over their arena rows (:func:`_arena_rows`). A KV head's query heads
+    are the rows of one product, except with ``sinks``, which are per head: one query row per head."""
+    dev = plan.device
+    k_rows, v_rows = _arena_rows(pool, layer, plan, sync)
     n, heads, d = q.shape
     kvh = k_rows.shape[1]
     qg = q.reshape(n, kvh, heads // kvh, d) if sinks is None else q.reshape(n, heads, 1, d)
@@ -869,10 +875,11 @@ def _mirrored_decode(q, pool: KVPool, layer: int, plan: MirrorPlan, sync: str, s
 
 @hookimpl
 def paged_attention(q, pool, layer, batch, scale, sliding_window, softcap=None, sinks=None, alibi_slopes=None):
-    if alibi_slopes is not None:  # BLOOM's, MPT's: each call's keys gathered from the pool, its biases written out
-        return alibi.paged_attend(_FRAMEWORK, q, pool.k[layer], pool.v[layer],
-                                  batch, scale, sliding_window, alibi_slopes, _CAUSAL_CHUNK)
     plan, sync = pool.mirrors.begin(batch, layer, pool.writes[layer])
+    if alibi_slopes is not None:  # BLOOM's, MPT's: their biases written out, over the mirrors or gathered keys
+        rows = None if plan is None else _arena_rows(pool, layer, plan, sync)
+        return alibi.paged_attend(_FRAMEWORK, q, pool.k[layer], pool.v[layer], batch, scale, sliding_window,
+                                  alibi_slopes, _CAUSAL_CHUNK, plan, rows)
     features = (sliding_window, softcap, sinks)
     if plan is not None and plan.whole:
         return _mirrored_decode(q, pool, layer, plan, sync, scale, *features)
