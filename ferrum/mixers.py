@@ -146,13 +146,15 @@ class Attention(MixerKind):
         return project
 
     def output(self, model: Any, layer: Any) -> Callable[..., Any]:
-        """The heads flattened, gated where the layer has an output gate, through ``o_proj`` (read at each call:
-        LoRA adapters swap it, :mod:`ferrum.adapters`)."""
-        ops, width = model.ops, model.config.num_heads * model.config.head_dim
+        """The heads flattened, gated where the layer has an output gate, normed where it has a sub-norm (BitNet),
+        through ``o_proj`` (read at each call: LoRA adapters swap it, :mod:`ferrum.adapters`)."""
+        ops, cfg = model.ops, model.config
+        width, norm = cfg.num_heads * cfg.head_dim, NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)[0]
 
         def attention_out(attn: Any, *gate: Any) -> Any:
             flat = ops.reshape(attn, (-1, width))
-            return layer.o(ops.sigmoid_mul(gate[0], flat) if gate else flat)
+            flat = ops.sigmoid_mul(gate[0], flat) if gate else flat
+            return layer.o(flat if layer.sub_norm is None else norm(flat, layer.sub_norm))
 
         return attention_out
 

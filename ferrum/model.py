@@ -24,7 +24,7 @@ from ferrum.arch import Rope
 from ferrum.arch.alibi import ALIBI_SINCE
 from ferrum.arch.altup import OUTPUT_SCALE, AltUpLayer, AltUpStream, block_halves as altup_halves
 from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
-from ferrum.arch.norms import NORM_KINDS
+from ferrum.arch.norms import NORM_KINDS, SUB_NORMS
 from ferrum.arch.positions import sinusoidal_table
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE, PerLayerEmbedding, PerLayerMix
 from ferrum.arch.tensors import (
@@ -45,6 +45,7 @@ from ferrum.hookspec import DTYPE_BYTES
 from ferrum.limits import check_kv_pool, check_layer_count
 from ferrum.mixers import mixer_kind
 from ferrum.paged_kv import PagedKVManager
+from ferrum.quant import bitnet
 from ferrum.recurrent.snapshots import StateSnapshots
 from ferrum.recurrent.state import RecurrentStates
 from ferrum.weights import Linear, Placed, place, read_weights
@@ -93,7 +94,7 @@ class _Layer:
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale", "sinks", "alibi", "chunk", "query_scaling", "v_norm", "qk_eps",
-                 "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "altup")
+                 "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "altup", "sub_norm")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -365,6 +366,7 @@ class DecoderOnlyLLM:
                  f"{config.arch.prefix}{PER_LAYER_TABLE}": "embedding"}
         # Fused projections (one linear, then a split) only where the backend splits natively.
         fuser = Fuser(config, shapes) if "split" in backend.ops.native else None
+        bitnet_scheme = None if config.quantization is None else config.quantization.bitnet
         needs, since = (config.arch.moe.needs, config.arch.moe.since) if config.arch.moe is not None else ((), (1, 0))
         for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
             for prepared, host in prepare(config, name, tensor):
@@ -380,6 +382,9 @@ class DecoderOnlyLLM:
                     role = roles.get(part, "bias" if as_is else "linear")
                     weights[part] = place(backend.ops, part, array, "float32" if float32 else dtype, role, needs,
                                           since)
+                    if bitnet_scheme is not None and role == "linear" and bitnet.quantizes_input(
+                            bitnet_scheme, part, f"{config.arch.prefix}layers."):
+                        weights[part] = bitnet.quantized_inputs(backend.ops, weights[part])
             if progress is not None:
                 progress(done, len(shapes), name)
         if config.arch.sinusoidal_positions:  # computed, not stored (XGLM)
@@ -430,6 +435,7 @@ class DecoderOnlyLLM:
             post_mlp=norms.get("post_mlp"),
             qkv=mixer.qkv,
             o=mixer.o,
+            sub_norm=_norm_weights(w, p + SUB_NORMS["attn"]) if arch.sub_norms else None,
             q_norm=q_norm if spec.qk_norm else None,
             k_norm=k_norm if spec.qk_norm else None,
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),

@@ -172,6 +172,16 @@ def mul(ops: Any, a: Any, b: Any) -> Any:
     return _on_host(ops, a, lambda x: x * other)
 
 
+def quantized_rows(a: np.ndarray, levels: int) -> np.ndarray:
+    """:func:`ferrum.hookspec.quantize_activations` in numpy, float32 in and out."""
+    scale = np.float32(levels) / np.maximum(np.abs(a).max(axis=-1, keepdims=True), np.float32(1e-5))
+    return np.clip(np.round(a * scale), -levels - 1, levels) / scale
+
+
+def quantize_activations(ops: Any, x: Any, levels: int) -> Any:
+    return _on_host(ops, x, lambda a: quantized_rows(a, levels))
+
+
 def lora_apply(ops: Any, y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
     """Segment by segment on the host: ``y[rows] += (x[rows] @ a[slot].T) @ b[slot]``."""
     xh = np.asarray(ops.to_numpy(x), dtype=np.float32)

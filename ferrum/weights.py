@@ -21,7 +21,7 @@ from ferrum.checkpoint import NOT_TEXT, Checkpoint, is_float
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, MissingTensorError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
-from ferrum.quant import awq_gptq, float_modes, fp8
+from ferrum.quant import awq_gptq, bitnet, float_modes, fp8
 from ferrum.quant.affine import QuantizedWeight, dequantize
 from ferrum.quant.config import AFFINE, FLOAT_MODES, stored_mode
 from ferrum.recurrent.gated_delta import joined_taps
@@ -142,6 +142,8 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     scale = fp8.scale_part(module, present) if _fp8(config) is not None and module != name else None
     if scale is not None:  # an FP8 weight and its scale
         return name, scale
+    if _bitnet(config) is not None and f"{module}.{bitnet.SCALE}" in present:  # a packed ternary weight and its scale
+        return name, f"{module}.{bitnet.SCALE}"
     if module == name or f"{module}.scales" not in present:
         return (name,)
     if quant is None:
@@ -171,6 +173,11 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
 def _fp8(config: ModelConfig) -> Any:
     """The checkpoint's FP8 scheme (:mod:`ferrum.quant.fp8`), or None."""
     return None if config.quantization is None else config.quantization.fp8
+
+
+def _bitnet(config: ModelConfig) -> Any:
+    """The checkpoint's BitNet scheme (:mod:`ferrum.quant.bitnet`), or None."""
+    return None if config.quantization is None else config.quantization.bitnet
 
 
 def split_norm_parts(config: ModelConfig, name: str) -> tuple[str, ...]:
@@ -218,6 +225,9 @@ def _assemble(
     scale = fp8.scale_part(module, parts) if _fp8(config) is not None else None
     if scale is not None:
         return fp8.decode(array, parts[scale], _fp8(config), shape, f"{where}: {module}")
+    scheme = _bitnet(config)
+    if scheme is not None and len(shape) == 2 and bitnet.quantizes_input(scheme, name, f"{config.arch.prefix}layers."):
+        return bitnet.decode(array, parts.get(f"{module}.{bitnet.SCALE}"), scheme, shape, f"{where}: {module}")
     if len(parts) == 1:
         if fp8.is_fp8(array):
             raise CheckpointError(fp8.unscaled(name, array, quant, where))

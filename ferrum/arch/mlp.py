@@ -12,10 +12,12 @@ fused them) where ``mlp(x)`` maps
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
+from ferrum.arch.norms import NORM_KINDS, SUB_NORMS
 from ferrum.arch.rowwise import gaussian_top_k
 from ferrum.moe.beside import DenseBesideMoe
 from ferrum.moe.kind import Moe
@@ -64,6 +66,15 @@ def xielu_slopes(ops: Any, tensor: Callable[[str], Any]) -> tuple[float, float, 
     return float(alpha_p), float(alpha_n), float(beta), float(eps)
 
 
+def gated_activation(ops: Any, name: str) -> Callable[[Any, Any], Any]:
+    """``act(gate, up)`` of the gated MLP: the backend's fused op where there is one, else ``act(gate) * up``
+    (BitNet's squared ReLU)."""
+    if name in ACTIVATION_OPS:
+        return getattr(ops, ACTIVATION_OPS[name])
+    act = PLAIN_ACTIVATIONS[name]
+    return lambda gate, up: ops.mul(act(ops, gate), up)
+
+
 def width(config: Any, layer: int) -> int:
     """Layer ``layer``'s gated MLP width: its own (``LayerSpec.intermediate_size``) or the model's."""
     return config.arch.layers[layer].intermediate_size or config.intermediate_size
@@ -79,19 +90,22 @@ class MlpKind(Protocol):
 
 
 class GatedMLP:
-    """``down(act(gate(x)) * up(x))``; the activation op comes from the architecture.
+    """``down(act(gate(x)) * up(x))``; the activation op comes from the architecture, and BitNet's sub-norm
+    (``norm``, None elsewhere) comes between it and ``down``.
 
     ``gate_up`` gives gate's and up's outputs, from one fused matrix or two (:class:`~ferrum.weights.Projections`).
     """
 
-    __slots__ = ("gate_up", "down", "act")
+    __slots__ = ("gate_up", "down", "act", "norm")
 
-    def __init__(self, gate_up: Projections, down: Linear, act: Callable[[Any, Any], Any]):
-        self.gate_up, self.down, self.act = gate_up, down, act
+    def __init__(self, gate_up: Projections, down: Linear, act: Callable[[Any, Any], Any],
+                 norm: Callable[[Any], Any] | None = None):
+        self.gate_up, self.down, self.act, self.norm = gate_up, down, act, norm
 
     def __call__(self, x: Any) -> Any:
         gate, up = self.gate_up(x)
-        return self.down(self.act(gate, up))
+        hidden = self.act(gate, up)
+        return self.down(hidden if self.norm is None else self.norm(hidden))
 
     def projections(self) -> list[Linear]:
         return [*self.gate_up.linears, self.down]
@@ -107,6 +121,8 @@ class Dense:
         else:
             shapes = {"mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h)}
         shapes["mlp.down_proj.weight"] = (h, inter)
+        if arch.sub_norms:
+            shapes[f"{SUB_NORMS['mlp']}.weight"] = (inter,)
         if arch.mlp_bias:
             if arch.fused_gate_up:
                 shapes["mlp.gate_up_proj.bias"] = (2 * inter,)
@@ -129,14 +145,18 @@ class Dense:
               config: Any, layer: int) -> GatedMLP:
         from ferrum.arch.tensors import projection_group
 
-        act = getattr(ops, ACTIVATION_OPS[config.arch.activation])
+        act = gated_activation(ops, config.arch.activation)
         inter = width(config, layer)
         sparsity = config.arch.layers[layer].gate_sparsity
         if sparsity:  # Gemma 3n: the gate cut to its largest values first, in the dtype its norms are placed in
             dtype = dtype_name(tensor(f"{config.arch.norms['pre_mlp']}.weight"))
             act = gaussian_top_k(ops, act, inter, sparsity, dtype)
         gate_up = projection_group(ops, tensor, linear, "mlp.gate_up_proj", (inter, inter))
-        return GatedMLP(gate_up, linear("mlp.down_proj"), act)
+        norm = None
+        if config.arch.sub_norms:
+            norm = partial(NORM_KINDS[config.arch.norm](ops, config.rms_norm_eps)[0],
+                           weights=(tensor(f"{SUB_NORMS['mlp']}.weight"), None))
+        return GatedMLP(gate_up, linear("mlp.down_proj"), act, norm)
 
 
 class UngatedMLP:

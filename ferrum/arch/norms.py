@@ -29,5 +29,8 @@ def layer(ops: Any, eps: float) -> NormFns:
     return norm, add_norm
 
 
+#: BitNet's sub-norms (``Architecture.sub_norms``) in a layer: on attention's output, on the MLP's hidden layer.
+SUB_NORMS = {"attn": "self_attn.attn_sub_norm", "mlp": "mlp.ffn_sub_norm"}
+
 #: Kinds by name: ``kind(ops, eps) -> (norm(x, weights), add_norm(x, h, weights) -> (norm(x + h), x + h))``.
 NORM_KINDS: dict[str, Callable[[Any, float], NormFns]] = {"rms": rms, "layer": layer}

@@ -147,6 +147,9 @@ class Architecture:
     qk_norm_split: bool = False
     #: The q/k norm has no weight (Llama 4's L2 norm: ``x / sqrt(mean(x ** 2) + eps)``, an RMSNorm without a scale).
     qk_norm_params: bool = True
+    #: BitNet's sub-norms, the blocks' kind of norm with their own weights: on attention's flattened heads before
+    #: o_proj (``self_attn.attn_sub_norm``) and on the gated MLP's hidden layer before down_proj (``mlp.ffn_sub_norm``).
+    sub_norms: bool = False
     #: Gemma 4: the values are RMS-normed too, per head and without a weight (``v_norm``).
     v_norm: bool = False
     #: Gemma 4: each layer's stored ``layer_scalar`` (one number) multiplies the residual stream after the layer.

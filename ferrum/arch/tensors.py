@@ -31,6 +31,7 @@ import numpy as np
 
 from ferrum.arch.dsa import INDEXER
 from ferrum.arch.mlp import MLP_KINDS
+from ferrum.arch.norms import SUB_NORMS
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant.affine import MLX_GROUP_SIZES, FloatCodes, QuantizedWeight
@@ -103,6 +104,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
                           "self_attn.v_proj.bias": (kv,)})
     if arch.o_bias:
         attention["self_attn.o_proj.bias"] = (h,)
+    if arch.sub_norms:
+        attention.update({f"{SUB_NORMS['attn']}.{part}": (q,) for part in norm_parts})
     qk_norms: dict[str, tuple[int, ...]] = {}
     if arch.qk_norm and arch.qk_norm_params:
         q_norm, k_norm = arch.qk_norm_names

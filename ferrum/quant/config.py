@@ -9,8 +9,9 @@ backend runs (:mod:`ferrum.quant.float_modes`), and so are Hugging Face's
 ``quant_method`` "awq" and "gptq" sections (:mod:`ferrum.quant.awq_gptq`) and gpt-oss's "mxfp4". FP8
 checkpoints (``quant_method`` "fp8": Qwen3-*-FP8, DeepSeek's and Mistral's FP8 releases; compressed-tensors'
 "float-quantized": RedHatAI's ``*-FP8-dynamic``) are decoded to float at load (:mod:`ferrum.quant.fp8`;
-mode "fp8", :attr:`QuantConfig.fp8` saying how their scales are laid out). Other schemes (bitsandbytes,
-compressed-tensors' integer formats, ModelOpt...) are refused by name.
+mode "fp8", :attr:`QuantConfig.fp8` saying how their scales are laid out), and so are BitNet's ternary ones
+(``quant_method`` "bitnet", :mod:`ferrum.quant.bitnet`, whose layers also quantize their inputs). Other schemes
+(bitsandbytes, compressed-tensors' integer formats, ModelOpt...) are refused by name.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ferrum.errors import CheckpointError, ConfigError, InvalidRequestError, UnsupportedFeatureError
+from ferrum.quant.bitnet import BITNET, BitnetScheme, parse as parse_bitnet
 from ferrum.quant.fp8 import FP8, Fp8Scheme, is_fp8_section, parse as parse_fp8
 from ferrum.quant.affine import SUPPORTED_GROUP_SIZES, check_format
 
@@ -42,12 +44,13 @@ class QuantConfig:
     mode: str = AFFINE
     modes: Mapping[str, str] = field(default_factory=dict)
     fp8: Fp8Scheme | None = None  # an FP8 checkpoint's scale layout (mode "fp8")
+    bitnet: BitnetScheme | None = None  # a BitNet checkpoint's weights and unconverted modules (mode "bitnet")
 
     @property
     def runs_as_float(self) -> bool:
-        """Whether the quantized weights are decoded to float ones at load (FP8), so the model picks its backend
-        and dtype and runs as a float checkpoint does."""
-        return self.mode == FP8
+        """Whether the quantized weights are decoded to float ones at load (FP8, BitNet), so the model picks its
+        backend and dtype and runs as a float checkpoint does."""
+        return self.mode in (FP8, BITNET)
 
     def declares(self, module: str) -> bool:
         """Whether config.json gives ``module`` an entry of its own. mlx-lm reads the format of a packed module
@@ -119,17 +122,20 @@ class QuantConfig:
     @classmethod
     def _foreign(cls, section: Mapping[str, Any], method: Any, where: str) -> "QuantConfig":
         """An AutoAWQ (GEMM) or GPTQ section (:mod:`ferrum.quant.awq_gptq`), an FP8 one (:mod:`ferrum.quant.fp8`),
+        a BitNet one (:mod:`ferrum.quant.bitnet`),
         or gpt-oss's MXFP4 one (its experts in ``*_blocks`` / ``*_scales``, MLX's mxfp4 codes:
         :mod:`ferrum.moe.gpt_oss`); other methods refused by name."""
         if method == "mxfp4":
             return cls(*FLOAT_MODES["mxfp4"], {}, "mxfp4")
         if is_fp8_section(section):
             return cls(8, 0, {}, FP8, fp8=parse_fp8(section, where))
+        if method == BITNET:
+            return cls(2, 0, {}, BITNET, bitnet=parse_bitnet(section, where))
         if method not in ("awq", "gptq"):
             raise UnsupportedFeatureError(
                 f"{where}: quant_method {method!r} checkpoints are not supported; Ferrum runs MLX's quantization "
-                "(mlx-community checkpoints, `ferrum quantize`), GGUF files, AWQ, GPTQ and FP8: convert the float "
-                "model with `ferrum quantize SRC DST --bits 4`"
+                "(mlx-community checkpoints, `ferrum quantize`), GGUF files, AWQ, GPTQ, FP8 and BitNet: convert the "
+                "float model with `ferrum quantize SRC DST --bits 4`"
             )
         bits, group_size = _bits_and_group(section, where, "quantization_config", default=(4, 128))
         if method == "awq":

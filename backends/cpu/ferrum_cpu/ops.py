@@ -15,6 +15,7 @@ import numpy as np
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.recurrent import kernels as _recurrent
+from ferrum.reference_ops import quantized_rows
 from ferrum_cpu import attention as _attention
 from ferrum_cpu.matmul import matmul_t
 
@@ -142,6 +143,11 @@ def relu_squared(x):
 @hookimpl
 def relu(x):
     return np.maximum(x, np.zeros((), x.dtype))
+
+
+@hookimpl
+def quantize_activations(x, levels):
+    return quantized_rows(np.asarray(x, dtype=np.float32), levels).astype(x.dtype, copy=False)
 
 
 @hookimpl

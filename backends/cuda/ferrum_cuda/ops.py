@@ -535,6 +535,13 @@ def relu(x):
 
 
 @hookimpl
+def quantize_activations(x, levels):
+    rows = x.float()
+    scale = levels / rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return ((rows * scale).round().clamp(-levels - 1, levels) / scale).to(x.dtype)
+
+
+@hookimpl
 def xielu(x, alpha_p, alpha_n, beta, eps):
     # transformers' XIELUActivation._xielu_python, op for op, its parameters in x's dtype
     ap, an, b, e = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (alpha_p, alpha_n, beta, eps))

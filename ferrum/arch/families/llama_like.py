@@ -12,7 +12,7 @@ from ferrum.arch.families._shared import (
     _rotary_dim, _theta, read_rope,
 )
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, optional_non_negative_int, optional_positive_int, optional_positive_number,
+    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, optional_positive_number,
     positive_int, positive_number,
 )
 from ferrum.arch.rope import Rope
@@ -446,6 +446,13 @@ def _minicpm(r: KeyReader, sizes: Sizes) -> Architecture:
 _MINICPM = tuple(Key(name, check=positive_number) for name in ("scale_emb", "scale_depth", "dim_model_base"))
 
 
+def _bitnet(r: KeyReader, sizes: Sizes) -> Architecture:
+    """BitNet b1.58: Llama's blocks with RMSNorms on attention's output and the MLP's hidden layer (sub-norms) and
+    a gated squared-ReLU MLP; its ternary weights and per-token int8 inputs are the quantization section's
+    (:mod:`ferrum.quant.bitnet`)."""
+    return replace(_llama_like(False, None, _no_windows)(r, sizes), sub_norms=True, activation="relu2")
+
+
 TABLE: dict[str, Family] = {
     "llama": Family(
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU,
@@ -619,5 +626,14 @@ TABLE: dict[str, Family] = {
     "minicpm": Family(  # OpenBMB's MiniCPM 1B / 2B (remote code): Llama's blocks with muP scalings
         _keys(_core(True), _ROPE, _SILU, _MINICPM),
         _minicpm,
+    ),
+    "bitnet": Family(  # microsoft/bitnet-b1.58-2B-4T (packed ternary) and -bf16 (master weights)
+        _keys(_core(False), _core_defaults(vocab_size=128256, max_position_embeddings=2048, num_key_value_heads=5),
+              _ROPE, _theta(500_000.0), (
+                  Key("hidden_act", default="relu2", check=one_of("relu2"), unsupported=True),
+                  Key("attention_bias", default=False, check=boolean),
+              )),
+        _bitnet,
+        eps_default=1e-5,
     ),
 }

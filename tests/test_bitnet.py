@@ -1,0 +1,162 @@
+"""BitNet b1.58 (``bitnet``): Llama's blocks with sub-norms and a gated squared-ReLU MLP, as a float checkpoint,
+as the ``-bf16`` release stores it (master weights, ``quantization_mode`` "online") and as the main release does
+(packed ternary weights and their scales, "offline"); each compared with transformers loading the same folder,
+which quantizes every converted layer's input per token (the core's ``quantize_activations``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from ferrum.errors import UnsupportedFeatureError
+from ferrum.quant import QuantConfig, bitnet
+from ferrum.reference_ops import quantized_rows
+
+from support import (assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, build_transformers_model,
+                     float32_model, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+integration = pytest.importorskip("transformers.integrations.bitnet")
+
+VOCAB = 97
+TOKENS = [0, 5, 9, 33, 77, 90, 21, 7, 64, 12]
+CONVERTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _original(fn):
+    """transformers' function itself, not the torch.compile wrapper it is decorated with (no compiler here)."""
+    return getattr(fn, "_torchdynamo_orig_callable", fn)
+
+
+def _config(**extra):
+    return transformers.BitNetConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=80, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     eos_token_id=None, bos_token_id=None, **extra)
+
+
+def _with_section(folder, dest, mode: str, **extra):
+    shutil.copytree(folder, dest)
+    raw = json.loads((dest / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                  "quantization_mode": mode, **extra}
+    (dest / "config.json").write_text(json.dumps(raw))
+    return dest
+
+
+def _packed(folder, dest):
+    """``folder``'s converted layers made ternary, packed with transformers' ``pack_weights``, each with a scale."""
+    _with_section(folder, dest, "offline")
+    tensors = load_file(dest / "model.safetensors")
+    rng = np.random.RandomState(1)
+    for name in [n for n in tensors if n.endswith(".weight") and n.rsplit(".", 2)[-2] in CONVERTED]:
+        ternary = torch.tensor(rng.randint(-1, 2, size=tensors[name].shape), dtype=torch.int8)
+        tensors[name] = integration.pack_weights(ternary).numpy()
+        tensors[name.replace(".weight", ".weight_scale")] = np.array([rng.uniform(0.05, 0.2)], np.float32)
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def _reference(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def _logits(model, tokens=TOKENS) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (folder, transformers model reading it): the float model, tied and not, and its two releases."""
+    torch._dynamo.config.disable = True  # transformers compiles its BitNet helpers; run them eagerly
+    root = tmp_path_factory.mktemp("bitnet")
+    out = {}
+    for name, tie in (("float", False), ("tied", True)):
+        out[name] = root / name, build_transformers_model(root / name, _config(tie_word_embeddings=tie))
+    out["online"] = _with_section(root / "tied", root / "online", "online"), None
+    out["offline"] = _packed(root / "float", root / "offline"), None
+    return {name: (folder, model or _reference(folder)) for name, (folder, model) in out.items()}
+
+
+@pytest.mark.parametrize("name", ["float", "tied"])
+def test_float_blocks_match_transformers(checkpoints, name):
+    folder, hf = checkpoints[name]
+    assert_forward_and_decode_match(float32_model(folder), TOKENS, _logits(hf))
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("name", ["online", "offline"])
+def test_releases_match_transformers(checkpoints, name, backend):
+    folder, hf = checkpoints[name]
+    assert isinstance(hf.model.layers[0].mlp.down_proj, integration.AutoBitLinear)
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, _logits(hf), tolerance=1e-3)
+
+
+def test_inputs_unquantized_miss_transformers(checkpoints, monkeypatch):
+    """Control: the same weights with each layer reading its input as it is."""
+    folder, hf = checkpoints["offline"]
+    monkeypatch.setattr(bitnet, "quantized_inputs", lambda ops, placed: placed)
+    assert scaled_error(float32_model(folder).forward_verify("all", TOKENS), _logits(hf)) > 1e-2
+
+
+def test_engine_keeps_greedy_tokens(checkpoints):
+    folder, hf = checkpoints["offline"]
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), hf,
+                                      staggered_greedy_workload(VOCAB))
+
+
+def test_unpack_is_transformers():
+    packed = np.random.RandomState(0).randint(0, 256, size=(12, 7)).astype(np.uint8)
+    want = _original(integration.unpack_weights)(torch.tensor(packed), dtype=torch.float32).numpy()
+    assert np.array_equal(bitnet.unpack(packed), want)
+
+
+def test_ternarize_is_transformers():
+    w = np.random.RandomState(0).normal(0, 0.3, size=(16, 24)).astype(np.float32)
+    want = _original(integration.WeightQuant.forward)(None, torch.tensor(w)).numpy()
+    assert np.array_equal(bitnet.ternarize(w), want)
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+def test_quantize_activations_is_transformers(backend):
+    """Rows of random values, one holding exact halves of its grid (rounded to even), and one of zeros."""
+    from ferrum.backends import load_backend
+
+    rng = np.random.RandomState(0)
+    x = rng.normal(0, 2, size=(5, 33)).astype(np.float32)
+    x[1] = np.arange(33, dtype=np.float32) - 16.5
+    x[1, 0] = 127  # the grid's step is 1: every other value ends in .5
+    x[2] = 0
+    want = _original(integration.ActQuant.forward)(None, torch.tensor(x)).numpy()
+    assert np.array_equal(quantized_rows(x, 127), want)
+    ops = load_backend(backend).ops
+    for fn in (ops.quantize_activations, ops.fallback["quantize_activations"]):
+        got = np.asarray(ops.to_numpy(fn(ops.from_numpy(x, "float32"), 127)), dtype=np.float32)
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("section, words", [
+    ({"linear_class": "bitlinear"}, "'bitlinear'"),
+    ({"linear_class": "autobitlinear", "use_rms_norm": True}, "use_rms_norm"),
+    ({"linear_class": "autobitlinear", "quantization_mode": "later"}, "'later'"),
+    ({"linear_class": "autobitlinear", "modules_to_not_convert": ["model.layers.0.mlp"]}, "add 'lm_head'"),
+])
+def test_unsupported_sections_refused_by_name(section, words):
+    with pytest.raises(UnsupportedFeatureError, match=words):
+        QuantConfig.from_config({"quantization_config": {"quant_method": "bitnet", **section}})
+
+
+def test_skipped_modules_stay_float():
+    scheme = QuantConfig.from_config({"quantization_config": {
+        "quant_method": "bitnet", "linear_class": "autobitlinear",
+        "modules_to_not_convert": ["lm_head", "model.layers.1"]}}).bitnet
+    assert bitnet.quantizes_input(scheme, "model.layers.0.mlp.down_proj.weight", "model.layers.")
+    assert bitnet.quantizes_input(scheme, "model.layers.10.mlp.down_proj.weight", "model.layers.")
+    assert not bitnet.quantizes_input(scheme, "model.layers.1.mlp.down_proj.weight", "model.layers.")
+    assert not bitnet.quantizes_input(scheme, "lm_head.weight", "model.layers.")
