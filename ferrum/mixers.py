@@ -146,7 +146,8 @@ class Attention(MixerKind):
         return project
 
     def output(self, model: Any, layer: Any) -> Callable[..., Any]:
-        """The heads flattened, gated where the layer has an output gate, normed where it has a sub-norm (BitNet),
+        """The heads flattened, gated where the layer has an output gate, combined where they are differential
+        (DiffLlama, :mod:`ferrum.arch.differential`), normed where it has a sub-norm (BitNet),
         through ``o_proj`` (read at each call: LoRA adapters swap it, :mod:`ferrum.adapters`)."""
         ops, cfg = model.ops, model.config
         width, norm = cfg.num_heads * cfg.head_dim, NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)[0]
@@ -154,6 +155,7 @@ class Attention(MixerKind):
         def attention_out(attn: Any, *gate: Any) -> Any:
             flat = ops.reshape(attn, (-1, width))
             flat = ops.sigmoid_mul(gate[0], flat) if gate else flat
+            flat = flat if layer.differential is None else layer.differential(flat)
             return layer.o(flat if layer.sub_norm is None else norm(flat, layer.sub_norm))
 
         return attention_out

@@ -150,6 +150,9 @@ class Architecture:
     #: BitNet's sub-norms, the blocks' kind of norm with their own weights: on attention's flattened heads before
     #: o_proj (``self_attn.attn_sub_norm``) and on the gated MLP's hidden layer before down_proj (``mlp.ffn_sub_norm``).
     sub_norms: bool = False
+    #: DiffLlama's differential attention (:mod:`ferrum.arch.differential`): heads of twice the stored dims
+    #: (``LayerSpec.stored_head_dim``), each value head paired with another, outputs combined before o_proj.
+    differential: bool = False
     #: Gemma 4: the values are RMS-normed too, per head and without a weight (``v_norm``).
     v_norm: bool = False
     #: Gemma 4: each layer's stored ``layer_scalar`` (one number) multiplies the residual stream after the layer.

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from ferrum.arch.differential import LAMBDAS, paired_values
 from ferrum.arch.dsa import INDEXER
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.norms import SUB_NORMS
@@ -104,6 +105,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
                           "self_attn.v_proj.bias": (kv,)})
     if arch.o_bias:
         attention["self_attn.o_proj.bias"] = (h,)
+    if arch.differential:
+        attention.update({f"self_attn.{name}": (d // 2,) for name in LAMBDAS})
     if arch.sub_norms:
         attention.update({f"{SUB_NORMS['attn']}.{part}": (q,) for part in norm_parts})
     qk_norms: dict[str, tuple[int, ...]] = {}
@@ -151,6 +154,9 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
         own.update({"self_attn.q_proj.weight": (config.num_heads * d, h), "self_attn.k_proj.weight": (kv_heads * d, h),
                     "self_attn.v_proj.weight": (kv_heads * vd, h),
                     "self_attn.o_proj.weight": (h, config.num_heads * vd)})
+        for proj, rows in (("q_proj", config.num_heads * d), ("k_proj", kv_heads * d), ("v_proj", kv_heads * vd)):
+            if f"self_attn.{proj}.bias" in own:  # DiffLlama's attention_bias
+                own[f"self_attn.{proj}.bias"] = (rows,)
         for name in norms:  # "head" norms: one weight of the head's dims
             own[name] = (d,)
         if layer.values_are_keys:
@@ -175,6 +181,10 @@ def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str
     kv = layer.stored_kv_heads or config.num_kv_heads
     if not any(f".self_attn.{m}." in name for m in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")):
         return [(name, tensor)]
+    if config.arch.differential and ".self_attn.o_proj." in name:  # it reads the heads combined (stored width)
+        return [(name, tensor)]
+    if config.arch.differential and ".self_attn.v_proj." in name:
+        return [(name, _each_array(tensor, lambda a: paired_values(a, config.num_kv_heads)))]
     if any(f".self_attn.{m}." in name for m in ("v_proj", "o_proj")):  # the values' heads (Architecture.value_head_dim)
         d = config.arch.value_head_dim or d
     if name.endswith("norm.weight"):

@@ -453,6 +453,30 @@ def _bitnet(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(_llama_like(False, None, _no_windows)(r, sizes), sub_norms=True, activation="relu2")
 
 
+def _diffllama_head_dim(r: KeyReader) -> int:
+    """Twice the stored heads' dims: the differential heads Ferrum attends (:mod:`ferrum.arch.differential`)."""
+    stored = r.get("head_dim") or r("hidden_size") // r("num_attention_heads")
+    return 2 * stored
+
+
+def _diffllama(r: KeyReader, sizes: Sizes) -> Architecture:
+    """DiffLlama: Llama's blocks with differential attention, run as attention over heads twice as wide whose first
+    half rope turns; the stored heads are padded and the values paired at load (:mod:`ferrum.arch.differential`)."""
+    stored = sizes.head_dim // 2
+    if sizes.num_kv_heads % 2:
+        r.fail("num_key_value_heads", f"is {sizes.num_kv_heads}; differential attention splits the values between "
+                                      "two halves of the key/value heads, so it must be even")
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=stored)
+    r("hidden_act")
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, stored_head_dim=stored) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(stored), qkv_bias=bias, o_bias=bias,
+        mlp_bias=False, differential=True,
+    )
+
+
 TABLE: dict[str, Family] = {
     "llama": Family(
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU,
@@ -635,5 +659,15 @@ TABLE: dict[str, Family] = {
               )),
         _bitnet,
         eps_default=1e-5,
+    ),
+    "diffllama": Family(  # DiffLlama (the differential transformer on Llama's blocks)
+        _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU, (
+            Key("attention_bias", default=False, check=boolean),
+            Key("attention_dropout", default=0.0, check=one_of(0, 0.0), unsupported=True),
+            Key("lambda_std_dev"),  # the initialisation's spread only
+        )),
+        _diffllama,
+        eps_default=1e-5,
+        head_dim=_diffllama_head_dim,
     ),
 }
