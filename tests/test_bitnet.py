@@ -136,9 +136,22 @@ def test_quantize_activations_is_transformers(backend):
     want = _original(integration.ActQuant.forward)(None, torch.tensor(x)).numpy()
     assert np.array_equal(quantized_rows(x, 127), want)
     ops = load_backend(backend).ops
+    assert "quantize_activations" in ops.native
     for fn in (ops.quantize_activations, ops.fallback["quantize_activations"]):
         got = np.asarray(ops.to_numpy(fn(ops.from_numpy(x, "float32"), 127)), dtype=np.float32)
         assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable_backends() if b != "cpu"])
+def test_quantize_activations_in_bfloat16_is_transformers(backend):
+    """bfloat16 in and out, computed in float32 between, as transformers' ActQuant does."""
+    from ferrum.backends import load_backend
+
+    x = torch.tensor(np.random.RandomState(1).normal(0, 3, size=(6, 40)), dtype=torch.bfloat16)
+    want = _original(integration.ActQuant.forward)(None, x).float().numpy()
+    ops = load_backend(backend).ops
+    got = ops.quantize_activations(ops.from_numpy(x.float().numpy(), "bfloat16"), 127)
+    assert np.array_equal(np.asarray(ops.to_numpy(ops.cast(got, "float32")), dtype=np.float32), want)
 
 
 @pytest.mark.parametrize("section, words", [
@@ -160,3 +173,28 @@ def test_skipped_modules_stay_float():
     assert bitnet.quantizes_input(scheme, "model.layers.10.mlp.down_proj.weight", "model.layers.")
     assert not bitnet.quantizes_input(scheme, "model.layers.1.mlp.down_proj.weight", "model.layers.")
     assert not bitnet.quantizes_input(scheme, "lm_head.weight", "model.layers.")
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_release_config_reads_as_transformers_does(mode):
+    """microsoft/bitnet-b1.58-2B-4T's config.json (and -bf16's, "online"), remote-code keys and all."""
+    import warnings
+
+    from ferrum.config import ModelConfig
+
+    raw = {"architectures": ["BitNetForCausalLM"], "auto_map": {
+        "AutoConfig": "configuration_bitnet.BitNetConfig", "AutoModelForCausalLM": "modeling_bitnet.BitNetForCausalLM"},
+        "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "relu2", "hidden_size": 2560,
+        "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 4096, "model_type": "bitnet",
+        "rms_norm_eps": 1e-05, "num_attention_heads": 20, "num_hidden_layers": 30, "num_key_value_heads": 5,
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256, "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                                      "quantization_mode": mode}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = ModelConfig.from_dict(raw)
+    hf = transformers.BitNetConfig(**{k: v for k, v in raw.items() if k not in ("auto_map", "quantization_config")})
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (20, 5, 128)
+    assert config.tie_word_embeddings and config.rms_norm_eps == hf.rms_norm_eps
+    assert config.arch.layers[0].rope.theta == hf.rope_parameters["rope_theta"]
+    assert config.arch.sub_norms and config.quantization.bitnet.online == (mode == "online")
