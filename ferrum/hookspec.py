@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.24"
+API_VERSION = "1.22"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -436,7 +436,7 @@ def mul(a: Any, b: Any) -> Any:
 
 @hookspec(firstresult=True)
 def quantize_activations(x: Any, levels: int) -> Any:
-    """(optional, API 1.24) Each row of ``x [T, D]`` rounded to the integer grid of its largest magnitude and
+    """(optional, API 1.22) Each row of ``x [T, D]`` rounded to the integer grid of its largest magnitude and
     back, as BitNet's linear layers read their inputs (transformers' ``ActQuant``, ``levels`` 127): in float32,
     ``s = levels / max(max |x_row|, 1e-5)``, ``clip(round(x * s), -levels - 1, levels) / s`` (round half to even),
     returned in ``x``'s dtype. Fallback: computed on the host in float32."""
