@@ -47,7 +47,7 @@ _SPM_DEFAULT_IDS = {"bos": 1, "eos": 2, "unknown": 0}
 class _Split:
     """How one group of ``tokenizer.ggml.pre`` values splits text before byte-level BPE: llama.cpp's
     ``regex_exprs``, each splitting the pieces the one before it left, written as the model's own tokenizer.json
-    has them."""
+    has them where llama.cpp quotes that (its own rewrites are for its regex engine), else as llama.cpp has them."""
 
     regexes: tuple[str, ...]
     #: A word the vocabulary holds whole is one token, whatever the merges say (llama.cpp's ``ignore_merges``).
@@ -64,26 +64,87 @@ _QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 _CASED_WORDS = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+{suffix}"
                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*{suffix}")
 _CASED_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GPT4O_REGEX = _CASED_WORDS.replace("{suffix}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?") + r"|\p{N}{1,3}" + _CASED_REST
+#: BLOOM's: a word is everything up to whitespace or sentence punctuation, a space before it included.
+_BLOOM_REGEX = r" ?[^(\s|.,!?…。，、।۔،)]+"
+#: Han, kana and hangul runs on their own (DeepSeek's).
+_DEEPSEEK_CJK = "[一-龥ࠀ-一가-퟿]+"
+_DEEPSEEK3_CJK = "[一-龥぀-ゟ゠-ヿ]+"
 _GPT2 = _Split((_GPT2_REGEX,))
+_QWEN2 = _Split((_QWEN2_REGEX,))
+_BLOOM = _Split((_BLOOM_REGEX,))
 #: llama.cpp's split for a byte-level vocabulary whose file names no pre-tokenizer (converted before May 2024).
 _DEFAULT = _Split((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"))
 _LLAMA3 = _Split((_LLAMA3_REGEX,), ignore_merges=True)
-#: ``tokenizer.ggml.pre`` -> how its text is split, for the values llama.cpp knows and Ferrum's families use.
+#: ``tokenizer.ggml.pre`` -> how its text is split, for the values llama.cpp knows (src/llama-vocab.cpp) and
+#: Ferrum's architectures use; a name is grouped with those llama.cpp gives the same regexes.
 _PRE_TOKENIZERS = {
     "default": _DEFAULT,
-    **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"), _GPT2),
+    # GPT-2's; A.X 4.0, GigaChat, Mellum, Trillion and Granite-Docling convert with it too
+    **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "a.x-4.0", "gigachat", "mellum",
+                     "trillion", "granite-docling"), _GPT2),
     # SmolLM, StarCoder and relatives: every digit on its own, then GPT-2's regex
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
                     _Split((r"\p{N}", _GPT2_REGEX))),
     # Falcon: runs of punctuation, GPT-2's regex, then numbers cut in threes
     "falcon": _Split((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_REGEX, "[0-9][0-9][0-9]")),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "lfm2"), _LLAMA3),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+                    _LLAMA3),
     **dict.fromkeys(("smaug-bpe", "dbrx", "glm4", "chatglm-bpe"), _Split((_LLAMA3_REGEX,))),
-    # Qwen2's (and StableLM 2's): Llama 3's with every digit on its own
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2"), _Split((_QWEN2_REGEX,))),
+    # Jais 2: Llama 3's, whitespace runs cut into powers of two
+    "jais-2": _Split((_LLAMA3_REGEX.replace(
+        r"\s+(?!\S)|\s+", "|".join(rf"\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4, "1,2")) + r"|\s{1}"),
+    )),
+    # Qwen2's (and StableLM 2's, Hunyuan-A13B's, Solar Open's): Llama 3's with every digit on its own
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan", "solar-open"), _QWEN2),
+    # Qwen3.5's: Qwen2's with combining marks kept in their word
+    "qwen35": _Split((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                      r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",)),
+    # Seed-Coder's: Qwen2's, a punctuation run not taking the newlines after it
+    "seed-coder": _Split((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}"
+                          r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",)),
     "tekken": _Split((_CASED_WORDS.replace("{suffix}", "") + r"|\p{N}" + _CASED_REST,), ignore_merges=True),
-    **dict.fromkeys(("gpt-4o", "llama4"), _Split((
-        _CASED_WORDS.replace("{suffix}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?") + r"|\p{N}{1,3}" + _CASED_REST,))),
+    # o200k's (GPT-4o, gpt-oss, Llama 4, MiniMax-M2)
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _Split((_GPT4O_REGEX,))),
+    # Tiny Aya: numbers cut in threes from the right, then o200k's
+    "tiny_aya": _Split((r"\d{1,3}(?=(?:\d{3})*\b)", _GPT4O_REGEX)),
+    # Youtu-LLM: CJK runs and CJK punctuation first, then Tekken's words with o200k's contractions, single digits
+    "youtu": _Split((
+        "[가-힣ㄱ-ㆎ]+|[！…“”‘’—：；，、-〿︰-﹏]+|[ㄅ-ㄯ]+|[一-龥぀-ゟ゠-ヿ]+",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+        r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+        r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}" + _CASED_REST,
+    ), ignore_merges=True),
+    # BLOOM (and Poro, GPT-3 Finnish): words up to whitespace or punctuation; Viking's then every digit alone
+    **dict.fromkeys(("bloom", "poro-chat", "gpt3-finnish"), _BLOOM),
+    "viking": _Split((_BLOOM_REGEX, r"\p{N}")),
+    # DeepSeek LLM (7B / 67B): newlines, cased Latin / Greek / Cyrillic... words, ASCII and full-width
+    # punctuation, trailing whitespace, CJK runs, numbers
+    "deepseek-llm": _Split((
+        "[\r\n]",
+        # six letters written escaped: Unicode normalization would turn them into others
+        "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+        r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+        r"\s+$",
+        _DEEPSEEK_CJK,
+        r"\p{N}+",
+    )),
+    # DeepSeek Coder: newlines, letter runs, punctuation runs, CJK runs, every digit alone
+    "deepseek-coder": _Split(("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK, r"\p{N}")),
+    # DeepSeek-V3 / R1 (and Hunyuan's dense models): numbers in threes, Han and kana runs, then punctuation
+    # taking the ASCII word after it
+    **dict.fromkeys(("deepseek-v3", "hunyuan-dense"), _Split((
+        r"\p{N}{1,3}",
+        _DEEPSEEK3_CJK,
+        "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+        "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+    ))),
+}
+#: Names whose split llama.cpp does in code of its own (unicode.cpp), not by regex: refused by name.
+_CUSTOM_SPLITS = {
+    "kimi-k2": "Kimi K2's split (words that leave Han characters out; files converted without merges)",
+    "afmoe": "Arcee Trinity's split (its digit grouping)",
 }
 
 
@@ -121,6 +182,12 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
                       "split by llama.cpp's default rule, which may not be the model's own: re-convert the file "
                       "for the tokens it was trained on", stacklevel=2)
         pre = "default"
+    if pre in _CUSTOM_SPLITS:
+        raise UnsupportedFeatureError(
+            f"{where}: GGUF pre-tokenizer {pre!r} is {_CUSTOM_SPLITS[pre]}, which llama.cpp runs as code of its own "
+            "rather than a regex; load the model from its Hugging Face checkpoint (its tokenizer.json) instead "
+            "of the GGUF file"
+        )
     split = _PRE_TOKENIZERS.get(pre)
     if split is None:
         raise UnsupportedFeatureError(
