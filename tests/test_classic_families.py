@@ -173,3 +173,21 @@ def _with(folder, tmp_path, **changes):
 def test_refuses_what_it_does_not_run_by_name(checkpoints, tmp_path, family, changes, error, match):
     with pytest.raises(error, match=match):
         ModelConfig.from_file(_with(checkpoints[family][0], tmp_path, **changes))
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("family", ["opt", "biogpt"])
+def test_quantized_learned_positions_two_rows_in_load(checkpoints, family, backend, tmp_path):
+    """``ferrum quantize`` packs OPT's and BioGPT's position tables as it packs the embedding (mlx-lm packs GPT-2's
+    and GPT-BigCode's so); loading cut the two rows before position 0 off with a slice a packed table does not take
+    (a TypeError on every backend). Against the oracle computing with the dequantized values."""
+    from safetensors import safe_open
+
+    from ferrum.quant.convert import quantize_checkpoint
+    from ferrum.testing.arch_oracle import ArchOracle
+
+    packed = quantize_checkpoint(checkpoints[family][0], tmp_path / "packed", bits=8, group_size=32)
+    with safe_open(str(packed / "model.safetensors"), "np") as handle:
+        assert any(name.endswith("embed_positions.scales") for name in handle.keys())
+    got = _load(packed, backend).forward_verify("x", TOKENS)
+    assert scaled_error(got, ArchOracle(packed).logits(TOKENS)) <= 1e-4

@@ -326,7 +326,7 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         return []
     if layer is None:
         if arch.position_offset and name == f"{arch.prefix}embed_positions.weight":  # the rows before position 0
-            tensor = tensor[arch.position_offset:]
+            tensor = rows(tensor, arch.position_offset, tensor.shape[0])  # packed (ferrum quantize's) too
         parts = [(name, tensor)]
     elif arch.mla is not None and ".self_attn.kv_a_proj_with_mqa." in name:
         parts = arch.mla.split(name, tensor, rows)
