@@ -195,3 +195,50 @@ def test_a_mixer_beside_attention_in_parallel_blocks_is_refused_when_built():
     with pytest.raises(UnsupportedFeatureError, match="layer 0 runs mamba2 beside attention, which Ferrum does not run "
                                                       "in parallel blocks"):
         dataclasses.replace(arch, parallel=True)
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+@pytest.mark.parametrize("tied", [True, False])
+def test_ferrum_quantize_writes_mlx_lms_conversion(tmp_path, tied):
+    """``ferrum quantize`` wrote the taps as transformers stores them, [C, 1, K], and the multipliers unfolded: mlx-lm's
+    sanitize took that for an unconverted checkpoint and multiplied the packed words by the multipliers (mlx-lm failed
+    to run it). Now it writes mlx-lm's own 4-bit conversion, tensor for tensor, which mlx-lm and every backend run
+    alike (under MLX_LM's settings, as in test_mlx_lm_conversions_match_mlx_lm)."""
+    from mlx_lm.convert import convert
+
+    from ferrum.quant.convert import quantize_checkpoint
+
+    source = tmp_path / "hf"
+    build_transformers_model(source, transformers.FalconH1Config(**MLX_LM, mamba_rms_norm=tied,
+                                                                 tie_word_embeddings=tied))
+    write_tokenizer(source, VOCAB)
+    convert(str(with_v4_rope_keys(source, tmp_path / "v4")), str(tmp_path / "mlx"), quantize=True, q_bits=4,
+            q_group_size=32)
+    ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
+    stored, theirs = load_file(ours / "model.safetensors"), load_file(tmp_path / "mlx" / "model.safetensors")
+    assert sorted(stored) == sorted(theirs)
+    for name, array in theirs.items():
+        np.testing.assert_array_equal(stored[name], array, err_msg=name)
+    want = mlx_lm_logits(with_v4_rope_keys(ours, tmp_path / "ferrum_v4"), TOKENS)
+    for backend in BACKENDS:
+        assert scaled_error(float32_model(ours, backend).forward_verify("q", TOKENS), want) <= 1e-4, backend
+
+
+@pytest.mark.parametrize("variant", ["gated", "plain"])
+def test_ferrum_quantize_folds_each_multiplier_as_ferrum_reads_it_back(checkpoints, tmp_path, variant):
+    """Every multiplier away from 1, biases, two B/C groups: at a group size that divides no matrix nothing is packed,
+    so the folded conversion (taps [C, K, 1]) must give transformers' logits on every backend as they are."""
+    import warnings
+
+    from ferrum.quant.convert import quantize_checkpoint
+
+    folder, hf = checkpoints[variant]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = quantize_checkpoint(folder, tmp_path / "ferrum", bits=4, group_size=128)
+    stored = load_file(ours / "model.safetensors")
+    assert stored["model.layers.0.mamba.conv1d.weight"].shape == (96 + 2 * 8 * (2 if variant == "gated" else 1), 4, 1)
+    assert not any(name.endswith(".scales") for name in stored)
+    want = reference_logits(hf, TOKENS)
+    for backend in BACKENDS:
+        assert scaled_error(float32_model(ours, backend).forward_verify("q", TOKENS), want) <= 1e-4, backend

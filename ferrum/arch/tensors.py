@@ -427,6 +427,38 @@ def _multiplied(arch: Any, name: str, tensor: Any) -> Any:
     return _scale_rows(tensor, factor * np.float32(inputs if part == "weight" else 1.0))
 
 
+def folded_by_mlx_lm(config: Any, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """What mlx-lm's conversion of a family that folds constants into the weights (``Architecture.converted``:
+    Falcon-H1's muP multipliers) multiplies each row of checkpoint matrix ``name`` (``shape``) by, so that Ferrum
+    reads that conversion as the same model: the row's multiplier under the family's fields over its multiplier
+    under the converted ones (scales a load split applies per part joined back). None: as stored."""
+    arch, converted = config.arch, config.arch.converted
+    name = model_name(arch, name)
+    if not converted or not name.endswith(".weight") or len(shape) != 2:
+        return None
+    rows = shape[0]
+    if name == f"{arch.prefix}embed_tokens.weight":
+        factor = (arch.embed_scale or 1.0) / (converted.get("embed_scale", arch.embed_scale) or 1.0)
+    elif name == arch.lm_head:
+        factor = arch.logit_scale / converted.get("logit_scale", arch.logit_scale)
+    else:
+        return _row_multipliers(arch, name, rows) / _row_multipliers(
+            replace(arch, scales=converted.get("scales", arch.scales)), name, rows)
+    return None if factor == 1.0 else np.full(rows, factor, dtype=np.float32)
+
+
+def _row_multipliers(arch: Any, name: str, rows: int) -> np.ndarray:
+    """The multipliers :attr:`Architecture.scales` gives each row of layer weight ``name`` (Llama's naming)."""
+    layer = _layer_of(name, arch.prefix)
+    mixer = None if layer is None else _mixer_of(arch, arch.layers[layer], name)
+    index = np.arange(rows)
+    parts = [(name, index)] if mixer is None else mixer.split(name, index, _take_rows)
+    out = np.ones(rows, dtype=np.float32)
+    for part, where in parts:
+        out[where] = _multiplied(arch, part, np.ones(len(where), dtype=np.float32))
+    return out
+
+
 def _transformed_rows(config: Any, rope: Any, heads: int, name: str, tensor: Any) -> Any:
     """A q/k projection's rows (or its norm's entries), ``heads`` of ``head_dim`` each: longrope's factor, and the
     rotary pairs made rotate-half (``Rope.rotary_permutation``)."""

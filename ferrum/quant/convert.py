@@ -21,6 +21,9 @@ in that dtype would, and a matrix left in float is written in that dtype.
 Mixture-of-experts layers are written stacked, as mlx-lm stores them
 (``switch_mlp.*`` ``[E, ...]``, see :mod:`ferrum.moe.loading`, or a family's own
 names: gpt-oss's and dots1's ``experts.*``), from any checkpoint layout Ferrum reads.
+A family whose mlx-lm conversion folds constants into the weights (Falcon-H1's muP multipliers) is written folded as
+that conversion is, its convolution taps ``[C, K, 1]``: mlx-lm's ``sanitize`` tells a conversion by the taps and would
+fold them again into packed words (:func:`_mlx_lm_taps`).
 
 Tensors are converted and written one at a time, straight into
 safetensors files whose headers are planned up front from the source
@@ -106,6 +109,20 @@ _MLX_LM_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+def _mlx_lm_taps(config: Any) -> tuple[str, ...]:
+    """Endings of the convolution taps written ``[C, K, 1]``, as mlx-lm's conversion stores them, for a family whose
+    conversion folds constants into the weights (``Architecture.converted``, which Ferrum's loader, like mlx-lm's
+    ``sanitize``, tells by those taps). Other families' taps are written as transformers stores them ``[C, 1, K]``:
+    their ``sanitize`` transposes float taps alone."""
+    from ferrum.recurrent import mixer_spec  # imported here, as in quantize_checkpoint
+
+    arch = config.arch
+    if not arch.converted:
+        return ()
+    specs = [mixer_spec(arch, mixer) for mixer in {m for layer in arch.layers for m in layer.mixers}]
+    return tuple(f".{spec.module}.{spec.taps}.weight" for spec in specs if spec is not None)
+
+
 def _mlx_lm_module(config: Any, name: str) -> str:
     """Where mlx-lm's model class holds tensor ``name`` (:data:`_MLX_LM_MODULES`)."""
     stem, dot, rest = name.partition(".layers.")
@@ -140,6 +157,8 @@ class _Item:
     parts: tuple[str, ...]  # the source tensors it is read from: itself, or those its experts are assembled from
     format: tuple[int, int] | None = None  # (bits, group_size) where packed
     decoded: str | None = None  # an FP8 source's: the float code its weight is decoded into before anything else
+    folded: np.ndarray | None = None  # each row times this, as mlx-lm's conversion folds constants in (Falcon-H1)
+    taps_last: bool = False  # convolution taps [C, 1, K] written [C, K, 1], as that conversion stores them
 
 
 def quantize_checkpoint(
@@ -285,7 +304,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
           config: Any) -> list[_Item]:
     """Every output tensor, with dtype and shape, checked against config.json before any work."""
     from ferrum.arch.mla import split_kv_b
-    from ferrum.arch.tensors import check_padded_groups, model_name
+    from ferrum.arch.tensors import check_padded_groups, folded_by_mlx_lm, model_name
     from ferrum.moe.loading import LAYOUTS, expert_parts, fused_half, is_expert_stack, mlx_lm_stack_name
     from ferrum.recurrent.gated_delta import joined_taps
     from ferrum.weights import split_norm_parts
@@ -322,6 +341,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         )
     eight_bit = _MLX_LM_EIGHT_BIT.get(config.model_type, ())
     kept_float = _kept_float(config)
+    taps_last = _mlx_lm_taps(config)
     decoded = None if scheme is None else _decoded_code(config, headers)
     plan = []
     for name, shape in shapes.items():
@@ -368,6 +388,7 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         written = _mlx_lm_module(config, layout.mlx_lm_name(name, moe.mlx_lm_stack) if own_layout else
                                  mlx_lm_stack_name(moe, name) if moe is not None and is_expert_stack(name) else name)
         module = written.removesuffix(".weight")
+        folded = folded_by_mlx_lm(config, name, shape)
         if _quantizable(name, shapes) and shape[-1] % group_size == 0 and not module.endswith(kept_float):
             fmt = EIGHT_BIT if module.endswith(eight_bit) and shape[-1] % EIGHT_BIT[1] == 0 else (bits, group_size)
             check_padded_groups(config, model_name(config.arch, name), *fmt)
@@ -377,10 +398,11 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
                 _Tensor(f"{module}.scales", code, (*rows, k // fmt[1])),
                 _Tensor(f"{module}.biases", code, (*rows, k // fmt[1])),
             )
-            plan.append(_Item(name, shape, True, outputs, parts, fmt, code if scaled else None))
+            plan.append(_Item(name, shape, True, outputs, parts, fmt, code if scaled else None, folded))
         else:
-            plan.append(_Item(name, shape, False, (_Tensor(written, code, shape),), parts, None,
-                              code if scaled else None))
+            last = name.endswith(taps_last) and len(shape) == 3 and shape[1] == 1
+            plan.append(_Item(name, shape, False, (_Tensor(written, code, (shape[0], shape[2], 1) if last else shape),),
+                              parts, None, code if scaled else None, folded, last))
     return plan
 
 
@@ -399,20 +421,24 @@ def _decoded_code(config: Any, headers: dict[str, tuple[str, tuple[int, ...]]]) 
 
 def _read(checkpoint: Checkpoint, item: _Item, config: Any) -> np.ndarray:
     """The source tensor of ``item``; experts assembled into their stack as the loader does; FP8 weights
-    decoded and cast to the model's dtype."""
+    decoded and cast to the model's dtype; laid out as mlx-lm's conversion lays it out (:func:`_mlx_lm_taps`)."""
     from ferrum.moe.loading import assemble_stack, is_expert_stack  # imported here, as in _plan
 
     moe, where = config.arch.moe, str(checkpoint.folder)
     if moe is None or not is_expert_stack(item.source):
         array = checkpoint.read(item.parts[0])
-        if item.decoded is None:
-            return array
-        weight, scale = item.parts
-        array = fp8.decode(array, checkpoint.read(scale), config.quantization.fp8, item.shape, f"{where}: {weight}")
+        if item.decoded is not None:
+            weight, scale = item.parts
+            array = fp8.decode(array, checkpoint.read(scale), config.quantization.fp8, item.shape,
+                               f"{where}: {weight}")
     else:
         parts = {part: checkpoint.read(part) for part in item.parts}
         array = assemble_stack(item.source, parts, item.shape, moe, config.quantization, where)
-    return array if item.decoded is None else array.astype(_FLOAT_TYPES[item.decoded])
+    if item.decoded is not None:
+        array = array.astype(_FLOAT_TYPES[item.decoded])
+    if item.folded is not None:
+        array = (array.astype(np.float32) * item.folded[:, None]).astype(array.dtype)
+    return array.transpose(0, 2, 1) if item.taps_last else array
 
 
 def _pack(array: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
