@@ -291,3 +291,32 @@ def test_altup_beside_anything_but_attention_then_the_mlp_is_refused_when_built(
     arch = ModelConfig.from_dict(_raw()).arch
     with pytest.raises(UnsupportedFeatureError, match=words):
         dataclasses.replace(arch, **change(arch, arch.layers))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_on_attention_and_each_layers_mlp_width_matches_peft(checkpoint, backend, tmp_path):
+    """A PEFT adapter of q/k/v/o and the MLPs of 80 and 96 wide layers: each layer's down_proj was checked against
+    the model's widest (Ferrum refused the adapter as trained for another model)."""
+    import copy
+
+    import peft
+    import torch
+
+    from ferrum.model import ForwardItem
+
+    folder, hf = checkpoint
+    torch.manual_seed(1)
+    adapted = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.3)
+    adapted.save_pretrained(tmp_path / "lora")
+    want = reference_logits(adapted, TOKENS)
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    model.adapters.load("a", tmp_path / "lora")
+    got = model.ops.to_numpy(model.forward([ForwardItem("y", TOKENS, 0, adapter="a")], all_logits=True).logits)
+    assert scaled_error(got, want) <= 1e-4
+    assert scaled_error(reference_logits(hf, TOKENS), want) > 1e-2  # the adapter moves the logits

@@ -31,6 +31,7 @@ from typing import Any
 import ml_dtypes  # also registers bfloat16 with numpy, so safetensors can read it
 import numpy as np
 
+from ferrum.arch.mlp import width
 from ferrum.arch.tensors import llama_names, prepare
 from ferrum.checkpoint import NOT_TEXT, is_float
 from ferrum.errors import AdapterError
@@ -438,7 +439,7 @@ def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] 
     has no such projection (an MoE layer's MLP, a member of a projection its checkpoint stores fused...)."""
     arch = config.arch
     kind = arch.layers[layer].mlp
-    inter = config.intermediate_size
+    inter = width(config, layer)  # the layer's own where the model's vary (Gemma 3n, Gemma 4's double-wide layers)
     if PROJECTIONS[proj] == "mlp" and kind == "plain":  # an ungated MLP: up and down, each its own matrix
         return {"up_proj": ("up_proj", 0, inter), "down_proj": ("down_proj", 0, config.hidden_size)}.get(proj)
     if PROJECTIONS[proj] == "mlp" and kind != "dense":
@@ -460,7 +461,7 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
     span = projection_span(config, layer, proj)
     if span is None:
         return None
-    n_in = {"o_proj": config.num_heads * config.head_dim, "down_proj": config.intermediate_size}
+    n_in = {"o_proj": config.num_heads * config.head_dim, "down_proj": width(config, layer)}
     return n_in.get(proj, config.hidden_size), span[2] - span[1]
 
 
