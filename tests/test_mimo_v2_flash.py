@@ -197,3 +197,45 @@ def test_narrower_values_with_latent_attention_are_refused_when_built():
     mla = MlaSpec(heads=4, q_lora_rank=None, kv_lora_rank=16, nope=16, rope=8, v_head_dim=16, bias=False)
     with pytest.raises(UnsupportedFeatureError, match=r"value_head_dim\) with latent attention"):
         dataclasses.replace(arch, mla=mla)
+
+
+def _peft_adapter(hf, folder, targets: list[str]):
+    """A PEFT adapter of ``targets`` with B factors away from 0; returns PEFT's model."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    adapted = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                      init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.2)
+    adapted.save_pretrained(folder)
+    return adapted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_on_padded_and_repeated_key_value_heads_matches_peft(checkpoints, backend, tmp_path):
+    """k/v adapters trained on the stored heads (values 16 wide, one key/value head on the full layers): checked
+    against the loaded shapes (padded to 24, repeated), they were refused as trained for another model; their B rows
+    are now fitted as the load fits the weights (and the values scaled)."""
+    from ferrum.model import ForwardItem
+
+    folder, hf = checkpoints["release"]
+    adapted = _peft_adapter(hf, tmp_path / "lora", ["q_proj", "k_proj", "v_proj"])
+    want = reference_logits(adapted, TOKENS)
+    model = load(folder, backend)
+    model.adapters.load("a", tmp_path / "lora")
+    got = model.ops.to_numpy(model.forward([ForwardItem("y", TOKENS, 0, adapter="a")], all_logits=True).logits)
+    assert scaled_error(got, want) <= 1e-4
+    assert scaled_error(reference_logits(hf, TOKENS), want) > 1e-2  # the adapter moves the logits
+
+
+def test_lora_on_o_proj_of_padded_values_is_refused_by_name(checkpoints, tmp_path):
+    from ferrum.errors import AdapterError
+
+    folder, hf = checkpoints["release"]
+    _peft_adapter(hf, tmp_path / "lora", ["o_proj"])
+    with pytest.raises(AdapterError, match="o_proj whose value heads Ferrum pads at load"):
+        load(folder).adapters.load("a", tmp_path / "lora")

@@ -457,12 +457,26 @@ def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] 
 
 
 def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | None:
-    """``(in, out)`` of a projection of the base model, or None where the layer has no such matrix."""
+    """``(in, out)`` of a projection of the base model as its checkpoint stores it, and so as an adapter trained on
+    it does: q/k/v before the load fits their heads (:func:`ferrum.arch.tensors.fit_heads`: Gemma 4's narrower
+    heads, MiMo-V2-Flash's narrower values and fewer key/value heads on its full layers), which the B factor's rows
+    are then fitted like (:func:`_as_loaded`); or None where the layer has no such matrix."""
     span = projection_span(config, layer, proj)
     if span is None:
         return None
+    spec = config.arch.layers[layer]
+    d = spec.stored_head_dim or config.head_dim
+    kv = (spec.stored_kv_heads or config.num_kv_heads) * d
+    stored = {"q_proj": config.num_heads * d, "k_proj": kv, "v_proj": kv // d * (config.arch.value_head_dim or d)}
     n_in = {"o_proj": config.num_heads * config.head_dim, "down_proj": width(config, layer)}
-    return n_in.get(proj, config.hidden_size), span[2] - span[1]
+    return n_in.get(proj, config.hidden_size), stored.get(proj, span[2] - span[1])
+
+
+def _padded_inputs(config: Any, layer: int, proj: str) -> bool:
+    """Whether the load pads ``proj``'s inputs (o_proj's, after heads narrower than head_dim), which the adapter's
+    factors are not fitted for."""
+    d = config.arch.value_head_dim or config.arch.layers[layer].stored_head_dim or config.head_dim
+    return proj == "o_proj" and d != config.head_dim
 
 
 def _absent(config: Any, layer: int, proj: str) -> str:
@@ -492,6 +506,9 @@ def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: n
     shape = projection_shape(config, layer, proj)
     if shape is None:
         raise AdapterError(f"{where}: layer {layer} {proj}: {_absent(config, layer, proj)}")
+    if _padded_inputs(config, layer, proj):
+        raise AdapterError(f"{where}: layer {layer} o_proj: LoRA on an o_proj whose value heads Ferrum pads at load "
+                           "(MiMo-V2-Flash's, Gemma 4's narrower heads) is not supported; adapt q/k/v and the MLP")
     got = (a.shape[0], b.shape[1])
     if got != shape:
         raise AdapterError(
