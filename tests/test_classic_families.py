@@ -191,3 +191,19 @@ def test_quantized_learned_positions_two_rows_in_load(checkpoints, family, backe
         assert any(name.endswith("embed_positions.scales") for name in handle.keys())
     got = _load(packed, backend).forward_verify("x", TOKENS)
     assert scaled_error(got, ArchOracle(packed).logits(TOKENS)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "codegen"])
+def test_lora_on_the_h_n_layout_is_refused_by_its_layout(checkpoints, family, tmp_path):
+    """PEFT names their modules transformer.h.N.attn...: refused as this layout, not as a factor of no projection."""
+    import copy
+
+    import peft
+
+    from ferrum.errors import AdapterError
+
+    folder, hf = checkpoints[family]
+    peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules="all-linear")).save_pretrained(
+        tmp_path / "lora")
+    with pytest.raises(AdapterError, match=r"this family's layout \(layers under h\.N / blocks\.N\)"):
+        _load(folder).adapters.load("a", tmp_path / "lora")

@@ -153,3 +153,13 @@ def test_random_checkpoints_are_what_transformers_reads(variant, tmp_path):
     """ferrum.random_checkpoint (benchmarks, the JAX plugin's tests) writes Mamba's tensors as stored."""
     raw = json.loads(VARIANTS[variant]().to_json_string())
     assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
+
+
+def test_lora_is_refused_as_on_a_model_without_attention(checkpoints, tmp_path):
+    """Not as on a hybrid model (which Mamba is not)."""
+    from ferrum.errors import AdapterError
+    from ferrum.model import DecoderOnlyLLM
+
+    folder = next(iter(checkpoints.values()))[0]
+    with pytest.raises(AdapterError, match=r"recurrent models \(no attention layers\).*Mamba layers' projections"):
+        DecoderOnlyLLM.from_pretrained(folder, backend="cpu").adapters.load("x", tmp_path)

@@ -292,6 +292,9 @@ def _peft_refusal(name: str) -> str:
         return f"{name} adapts a fused projection of another architecture; it is not supported"
     if any(f".{m}." in name for m in _MOE):
         return f"{name} {_MOE_REFUSAL}"
+    if re.search(r"(?:^|\.)(?:h|blocks)\.\d+\.", name):  # GPT-Neo's, GPT-J's, CodeGen's, MPT's h.N.attn
+        return (f"{name} adapts a module of this family's layout (layers under h.N / blocks.N), whose projections "
+                "Ferrum does not adapt: LoRA runs on models whose layers are ...layers.N.self_attn|mlp.<proj>")
     return (f"tensor {name} is not a LoRA factor of a q/k/v/o/gate/up/down projection "
             "(expected ...layers.N.self_attn|mlp.<proj>.lora_A|lora_B.weight)")
 

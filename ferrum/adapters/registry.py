@@ -154,8 +154,10 @@ class AdapterRegistry:
             unadapted = [f"the {title} layers' projections" for title in sorted(titles)]
             if arch.attn_output_gate:
                 unadapted.append("the gated attention's q_proj, whose rows hold each head's query and gate")
-            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on hybrid models with recurrent "
-                               f"layers are not supported yet (Ferrum does not adapt {' nor '.join(unadapted)}); run "
+            attends = any("attention" in spec.mixers for spec in arch.layers)
+            kind = "hybrid models with recurrent layers" if attends else "recurrent models (no attention layers)"
+            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on {kind} "
+                               f"are not supported yet (Ferrum does not adapt {' nor '.join(unadapted)}); run "
                                "the base model, or merge the adapter into its weights with PEFT's merge_and_unload")
         adapter = read_adapter(path, self.model.config)
         check_range(adapter, self.model.dtype)
