@@ -10,7 +10,7 @@ from typing import Any, Callable
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value
-from ferrum.gguf_import import apertus, falcon_h1, gemma3n, gemma4, granite_hybrid, lfm2, mamba, nemotron_h
+from ferrum.gguf_import import apertus, falcon_h1, gemma3n, gemma4, granite_hybrid, lfm2, mamba, mimo2, nemotron_h
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
@@ -88,8 +88,10 @@ class _Architecture:
     #: Norm weights (suffixes) the converter left unshifted where ``norm_offset`` shifts the others.
     unshifted_norms: tuple[str, ...] = ()
     #: The file lists KV heads and MLP widths per layer and keeps its rope in ``rope_freqs``, all of which
-    #: ``configure`` reads (Gemma 4's; Gemma 3n's widths).
+    #: ``configure`` reads (Gemma 4's; Gemma 3n's widths; MiMo-V2's KV heads).
     per_layer: bool = False
+    #: The file's ``value_length`` sizes the value heads apart from the keys, which ``configure`` reads (MiMo-V2's).
+    value_heads: bool = False
     #: Global tensors whose Hugging Face name differs from :data:`GLOBAL_TENSORS`' (LFM2's final norm).
     renamed_globals: tuple[tuple[str, str], ...] = ()
     #: False: the blocks have neither attention nor an MLP, the file's head count and MLP width are 0 (pure
@@ -850,6 +852,13 @@ ARCHITECTURES["gemma3n"] = _Architecture("gemma3n_text", "Gemma3nForCausalLM", F
                                          (("hidden_activation", "gelu_pytorch_tanh"), ("attention_bias", False)),
                                          renamed=gemma3n.TENSORS, configure=gemma3n.gemma3n_config, per_layer=True,
                                          split_globals=gemma3n.SPLIT_GLOBALS)
+# MiMo-V2-Flash: sliding layers (twice the key/value heads, sinks, their own rope base) among full ones, values
+# narrower than the keys, rotate-half rope over rope.dimension_count (rows as stored), sigmoid-routed experts always
+# renormalised, dense where a block has no router (see ferrum.gguf_import.mimo2)
+ARCHITECTURES["mimo2"] = _Architecture("mimo_v2_flash", "MiMoV2FlashForCausalLM", False, (("norm_topk_prob", True),),
+                                       renamed=mimo2.TENSORS, configure=mimo2.mimo2_config, partial_rotary=True,
+                                       per_layer=True, value_heads=True,
+                                       moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", None))
 # Qwen3-Next's files: Qwen3.5-MoE's blocks, the Gated DeltaNet's projections grouped per key head
 ARCHITECTURES["qwen3next"] = replace(ARCHITECTURES["qwen35moe"], own_tensors=OWN_TENSORS["qwen3next"])
 

@@ -165,7 +165,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     else:
         head_dim = hidden // heads
     value_dim = int(meta.get(p + "attention.value_length", head_dim))
-    if value_dim != head_dim and not family.latent:  # latent attention's are its cache's (its configure's reading)
+    if value_dim != head_dim and not (family.latent or family.value_heads):  # latent attention's: its cache's
         raise UnsupportedFeatureError(f"{where}: key length {head_dim} != value length {value_dim} is not supported")
     rope_dims = int(meta.get(p + "rope.dimension_count", head_dim))
     if rope_dims != head_dim and not (family.partial_rotary or family.latent):
