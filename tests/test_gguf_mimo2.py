@@ -50,12 +50,14 @@ def _tiny(**settings):
     return hf, config
 
 
-def _mimo2_gguf(path: Path, hf, config, qtype, **overrides) -> None:
-    """``hf`` as MimoV2Model writes it; matrices as ``qtype``. ``overrides``: metadata written otherwise (None:
-    not)."""
-    sliding = [kind == "sliding_attention" for kind in config.layer_types]
+def _mimo2_gguf(path: Path, hf, config, qtype, mtp: int = 0, **overrides) -> None:
+    """``hf`` as MimoV2Model writes it; matrices as ``qtype``; ``mtp`` next-token-prediction blocks appended (sliding,
+    the last layer's tensors). ``overrides``: metadata written otherwise (None: not)."""
+    sliding = [kind == "sliding_attention" for kind in config.layer_types] + [True] * mtp
     kv = config.num_key_value_heads
-    w = _gguf_writer(path, "mimo2", config, kv_heads=[2 * kv if s else kv for s in sliding])
+    w = _gguf_writer(path, "mimo2", config, extra_blocks=mtp, kv_heads=[2 * kv if s else kv for s in sliding])
+    if mtp:
+        w.add_nextn_predict_layers(mtp)
     meta = {"key_length": 64, "value_length": 32, "rope_dimension_count": 32, "expert_count": 4,
             "expert_used_count": 2, "expert_feed_forward_length": 32, "sliding_window": config.sliding_window,
             "sliding_window_pattern": sliding, "rope_freq_base_swa": 500.0,
@@ -78,6 +80,9 @@ def _mimo2_gguf(path: Path, hf, config, qtype, **overrides) -> None:
             tensors[f"blk.{m.group(1)}.{_OWN[rest]}"] = a
         else:
             tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = a
+    last = f"blk.{config.num_hidden_layers - 1}."
+    tensors.update({name.replace(last, f"blk.{config.num_hidden_layers + i}."): a for name, a in list(tensors.items())
+                    if name.startswith(last) for i in range(mtp)})
     for name, array in tensors.items():
         array = np.ascontiguousarray(array, dtype=np.float32)
         if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32:
@@ -87,11 +92,12 @@ def _mimo2_gguf(path: Path, hf, config, qtype, **overrides) -> None:
     _finish(w)
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
-def test_mimo2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
-    """Imported as transformers' MiMo-V2-Flash: float32 gives transformers' logits, Q8_0 its float import's."""
+@pytest.mark.parametrize(("qtype", "mtp"), [(Q.F32, 0), (Q.F32, 1), (Q.Q8_0, 0)], ids=["F32", "F32-mtp", "Q8_0"])
+def test_mimo2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, mtp):
+    """Imported as transformers' MiMo-V2-Flash (the converter's next-token-prediction blocks not read): float32 gives
+    transformers' logits, Q8_0 its float import's."""
     hf, config = _tiny()
-    _mimo2_gguf(tmp_path / "m.gguf", hf, config, qtype)
+    _mimo2_gguf(tmp_path / "m.gguf", hf, config, qtype, mtp)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(out)
     assert ours.model_type == "mimo_v2_flash" and ours.arch.value_scale == pytest.approx(0.6)
