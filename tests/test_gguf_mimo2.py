@@ -135,3 +135,12 @@ def test_a_mimo2_gguf_llama_cpp_runs_otherwise_is_refused(tmp_path, overrides, m
     _mimo2_gguf(tmp_path / "m.gguf", hf, config, Q.F32, **overrides)
     with pytest.raises((UnsupportedFeatureError, CheckpointError), match=message):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def test_a_q8_0_o_proj_whose_blocks_cut_the_value_heads_is_refused_by_their_width(tmp_path):
+    """Values 48 wide, padded to the keys' 64 at load: Q8_0's 32-value blocks of o_proj's inputs do not end where
+    a value head does, so the file is refused, naming the heads' width (48, not the keys')."""
+    hf, config = _tiny(v_head_dim=48)
+    _mimo2_gguf(tmp_path / "m.gguf", hf, config, Q.Q8_0, value_length=48)
+    with pytest.raises(UnsupportedFeatureError, match="heads of 48 inputs do; Ferrum pads them to 64"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")

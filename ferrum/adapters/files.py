@@ -32,7 +32,7 @@ import ml_dtypes  # also registers bfloat16 with numpy, so safetensors can read 
 import numpy as np
 
 from ferrum.arch.mlp import width
-from ferrum.arch.tensors import llama_names, prepare
+from ferrum.arch.tensors import llama_names, prepare, value_width
 from ferrum.checkpoint import NOT_TEXT, is_float
 from ferrum.errors import AdapterError
 
@@ -478,8 +478,7 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
 def _padded_inputs(config: Any, layer: int, proj: str) -> bool:
     """Whether the load pads ``proj``'s inputs (o_proj's, after heads narrower than head_dim), which the adapter's
     factors are not fitted for."""
-    d = config.arch.value_head_dim or config.arch.layers[layer].stored_head_dim or config.head_dim
-    return proj == "o_proj" and d != config.head_dim
+    return proj == "o_proj" and value_width(config, layer) != config.head_dim
 
 
 def _absent(config: Any, layer: int, proj: str) -> str:

@@ -205,6 +205,12 @@ def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str
     return [(name, tensor)]
 
 
+def value_width(config: Any, layer: int) -> int:
+    """The width of ``layer``'s value heads as stored: what its o_proj reads per head before the load pads it to
+    head_dim (MiMo-V2-Flash's narrower values, Gemma 4's narrower sliding heads)."""
+    return config.arch.value_head_dim or config.arch.layers[layer].stored_head_dim or config.head_dim
+
+
 def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> None:
     """Refuse model tensor ``name`` packed at ``bits`` / ``group_size`` where :func:`fit_heads` would pad its inputs
     (a Gemma 4 o_proj of narrower heads) across groups: that needs new scales, i.e. requantizing. ``ferrum quantize``
@@ -212,8 +218,7 @@ def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> N
     layer = _layer_of(name, config.arch.prefix)
     if layer is None or ".self_attn.o_proj." not in name:
         return
-    d = config.arch.value_head_dim or config.arch.layers[layer].stored_head_dim or config.head_dim
-    hd = config.head_dim
+    d, hd = value_width(config, layer), config.head_dim
     def cuts(size: int) -> bool:
         return all(n % size == 0 and n * bits % 32 == 0 for n in (d, hd))
 

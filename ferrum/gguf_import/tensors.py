@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ferrum.arch.tensors import bias_of, check_padded_groups, grouped_qkv_order, stored_name, weight_shapes
+from ferrum.arch.tensors import (bias_of, check_padded_groups, grouped_qkv_order, stored_name, value_width,
+                                 weight_shapes)
 from ferrum.checkpoint import write_safetensors_header
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
@@ -419,11 +420,11 @@ def check_padded_heads(plan: list[PlannedTensor], cfg: dict[str, Any], where: st
         try:
             check_padded_groups(config, p.hf_name, p.form.bits, p.form.group_size)
         except UnsupportedFeatureError:
-            layer = config.arch.layers[int(re.search(r"layers\.(\d+)\.", p.hf_name)[1])]
+            layer = int(re.search(r"layers\.(\d+)\.", p.hf_name)[1])
             raise UnsupportedFeatureError(
                 f"{where}: tensor {p.sources[0].name} is stored as {p.sources[0].tensor_type.name}, whose blocks of "
-                f"{p.form.group_size} values do not end where this layer's heads of {layer.stored_head_dim} inputs "
-                f"do; Ferrum pads them to {config.head_dim} at load, which packed needs whole blocks. Import "
+                f"{p.form.group_size} values do not end where this layer's heads of {value_width(config, layer)} "
+                f"inputs do; Ferrum pads them to {config.head_dim} at load, which packed needs whole blocks. Import "
                 "through float with convert_gguf(..., dequantize_to='float32')") from None
 
 
