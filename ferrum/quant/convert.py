@@ -294,10 +294,13 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
 
 def _quantizable(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
     """The matrices mlx-lm quantizes: every Linear, stacked experts and the embedding (2-D and 3-D ``.weight``),
-    not a norm's weight per head (Command R+'s ``[heads, head_dim]``)."""
+    not a norm's weight per head (Command R+'s ``[heads, head_dim]``) nor a convolution's taps (``[C, 1, K]``, no
+    Linear's either)."""
     from ferrum.arch.tensors import is_norm  # imported here, as in quantize_checkpoint
 
-    return name.endswith(".weight") and len(shapes[name]) in (2, 3) and not is_norm(name)
+    shape = shapes[name]
+    taps = len(shape) == 3 and shape[1] == 1
+    return name.endswith(".weight") and len(shape) in (2, 3) and not taps and not is_norm(name)
 
 
 def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int,
