@@ -96,7 +96,7 @@ class _Layer:
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale", "sinks", "alibi", "chunk", "query_scaling", "v_norm", "qk_eps",
                  "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "altup", "sub_norm",
-                 "differential")
+                 "differential", "shortcut")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -304,6 +304,8 @@ class DecoderOnlyLLM:
         self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
         #: Each block's mixer step over a pass's batch, bound once (a pass looks no kind up per layer).
         self._steps = [kind.step for kind in kinds]
+        #: Which layers hand a shortcut output to the next (``LayerSpec.shortcut`` "give").
+        self._gives = [spec.shortcut == "give" for spec in arch.layers]
         self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
         self._final = self._final_norm_fn()
         self._final_compiled = ops.compile_fn(self._final)
@@ -354,7 +356,7 @@ class DecoderOnlyLLM:
             )
         dtype = choose_dtype(backend, dtype, config.torch_dtype, quantized=quant is not None)
         checkpoint = Checkpoint(path)
-        check_layer_count(config.num_layers, checkpoint.names(), str(path))
+        check_layer_count(config.arch.stored_layers, checkpoint.names(), str(path))
         if num_kv_blocks is None:
             tokens = min(DEFAULT_KV_TOKENS, max(config.max_seq_len, 2048))
             num_kv_blocks = -(-tokens // block_size)
@@ -443,6 +445,7 @@ class DecoderOnlyLLM:
             k_norm=k_norm if spec.qk_norm else None,
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
             window=spec.window,
+            shortcut=spec.shortcut,
             rope=id(spec.rope),
             scale=arch.attn_scale if spec.attn_scale is None else spec.attn_scale,
             sinks=None if sinks is None else self.ops.cast(sinks, "float32"),  # the contract's float32 logits
@@ -506,6 +509,8 @@ class DecoderOnlyLLM:
             return project(*add_then_norm(residual, h, layer.pre_attn), positions)
 
         def mixer_then_mlp(mixed: Any, h: Any, *rest: Any) -> tuple:
+            # the previous layer's shortcut output comes last (LayerSpec.shortcut "take")
+            rest, taken = (rest[:-1], rest[-1]) if layer.shortcut == "take" else (rest, None)
             extra, inputs = (rest[:-1], rest[-1:]) if mix is not None else (rest, ())  # the mixer's; per-layer inputs
             o = mixer_out(mixed, *extra)
             if layer.post_attn is not None:
@@ -513,8 +518,12 @@ class DecoderOnlyLLM:
             if layer.mlp is None:  # the block ends with its mixer
                 return o, h
             x, h = add_then_norm(o, h, layer.pre_mlp)
-            out = layer.mlp(x)
+            out, given = layer.mlp(x) if layer.shortcut == "give" else (layer.mlp(x), None)
             out = out if layer.post_mlp is None else norm(out, layer.post_mlp)
+            if taken is not None:
+                out = ops.add(out, taken)
+            if given is not None:  # handed on to the next layer by the pass (DecoderOnlyLLM._forward)
+                return out, h, given
             if mix is not None:  # Gemma 4 E2B / E4B: the stream so far, then what the layer's per-layer inputs add
                 h = ops.add(out, h)
                 out = mix(h, *inputs)
@@ -732,7 +741,7 @@ class DecoderOnlyLLM:
         run.inputs = inputs = (
             [()] * len(self.layers) if self.per_layer is None else [(x,) for x in self.per_layer(ids, h)])
 
-        steps = self._steps
+        steps, gives = self._steps, self._gives
         # between blocks: (residual, h), the previous block's output not yet added to h; Gemma 3n's copies
         stream = (h,) if self.altup is None else self.altup.widen(h)
         for index, layer in enumerate(self.layers):
@@ -740,6 +749,9 @@ class DecoderOnlyLLM:
             *projected, h = enter(*stream, run.positions)
             mixed, extra, h = steps[index](run, index, layer, tuple(projected), h)
             stream = leave(mixed, h, *extra, *inputs[index])
+            if gives[index]:  # LongCat-Flash's shortcut output, the next layer's leave's last argument
+                *stream, given = stream
+                inputs[index + 1] = (*inputs[index + 1], given)
 
         if not len(picks):
             return ForwardOutput(None, rows)

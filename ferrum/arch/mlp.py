@@ -19,7 +19,7 @@ import numpy as np
 
 from ferrum.arch.norms import NORM_KINDS, SUB_NORMS
 from ferrum.arch.rowwise import gaussian_top_k
-from ferrum.moe.beside import DenseBesideMoe
+from ferrum.moe.beside import DenseAndShortcut, DenseBesideMoe
 from ferrum.moe.kind import Moe
 from ferrum.reference_ops import dtype_name
 
@@ -216,4 +216,5 @@ class NoMlp:
 
 #: Kinds by name; ``LayerSpec.mlp`` picks one.
 MLP_KINDS: dict[str, MlpKind] = {"dense": Dense(), "plain": Plain(), "moe": Moe(),
-                                 "dense+moe": DenseBesideMoe(Dense(), Moe()), "none": NoMlp()}
+                                 "dense+moe": DenseBesideMoe(Dense(), Moe()),
+                                 "dense+shortcut": DenseAndShortcut(Dense(), Moe()), "none": NoMlp()}

@@ -66,6 +66,9 @@ class LayerSpec:
     #: The layer's block norms where they are not the architecture's (``Architecture.norms``, slot -> tensor name):
     #: OLMo Hybrid's attention layers norm after attention and MLP, its Gated DeltaNet layers before. None: those.
     norms: tuple[tuple[str, str], ...] | None = None
+    #: LongCat-Flash's shortcut-connected MoE: "give", the layer's MLP slot also computes an output of the same normed
+    #: input (its sparse MLP) that the next layer's MLP output is summed with ("take"); None: neither.
+    shortcut: str | None = None
 
     def block_norms(self, arch: Architecture) -> dict[str, str]:
         """The layer's block norms, slot -> tensor name in the layer."""
@@ -239,6 +242,9 @@ class Architecture:
     #: and optionally a fourth entry, the norms' epsilon that checkpoints in that layout run with in place of the
     #: config's (mlx-lm's nanochat fixes 1e-5 where transformers defaults to 1e-6; None: the config's).
     layouts: tuple[tuple[Any, ...], ...] = ()
+    #: Checkpoint layers that each hold several of Ferrum's (LongCat-Flash's two sub-blocks):
+    #: :class:`ferrum.arch.sublayers.SubLayers`, or None: one each.
+    sublayers: Any = None
 
     def __post_init__(self) -> None:
         partial = [i for i, layer in enumerate(self.layers) if "none" in (layer.mixer, layer.mlp)]
@@ -248,6 +254,14 @@ class Architecture:
         if partial and joined:  # the blocks' second halves that skip the mixer or the MLP apply none of those
             raise UnsupportedFeatureError(f"layer {partial[0]} lacks a mixer or an MLP, which Ferrum does not run with "
                                           f"{' and '.join(joined)}")
+        kinds = [layer.shortcut for layer in self.layers]
+        paired = all((a == "give") == (b == "take") for a, b in zip([None, *kinds], [*kinds, None]))
+        if not paired or not set(kinds) <= {None, "give", "take"}:
+            raise UnsupportedFeatureError("a layer's shortcut output (LayerSpec.shortcut) must go to the next layer: "
+                                          "each 'give' followed by a 'take', each 'take' after a 'give'")
+        if any(kinds) and joined:  # the blocks that hand one on apply none of those
+            raise UnsupportedFeatureError(f"shortcut outputs between layers with {' and '.join(joined)} are not "
+                                          "supported")
         # AltUp's blocks (ferrum.arch.altup.block_halves) run plain attention, then the MLP; a parallel block's
         # attention runs the MLP in its first half, which neither AltUp's blocks nor a mixer beside attention do
         other = next((i for i, layer in enumerate(self.layers) if layer.mixers != ("attention",)), None)
@@ -263,6 +277,11 @@ class Architecture:
         if self.value_head_dim is not None and self.mla is not None:  # latent attention sizes its values itself
             raise UnsupportedFeatureError("values narrower than the heads (value_head_dim) with latent attention "
                                           "(its v_head_dim sizes them): Ferrum pads plain attention's values only")
+
+    @property
+    def stored_layers(self) -> int:
+        """How many layers the checkpoint stores (fewer than Ferrum runs where each holds several sub-blocks)."""
+        return len(self.layers) // (1 if self.sublayers is None else self.sublayers.count)
 
     @property
     def attention(self) -> Any:

@@ -262,8 +262,10 @@ def bias_of(weight: str) -> str:
 
 
 def stored_name(arch: Any, name: str) -> str:
-    """The checkpoint's name of tensor ``name`` (Llama's naming; :attr:`Architecture.stored_names`)."""
-    return _renamed(arch, name, arch.stored_names)
+    """The checkpoint's name of tensor ``name`` (Llama's naming; :attr:`Architecture.stored_names`, then
+    :attr:`Architecture.sublayers`)."""
+    name = _renamed(arch, name, arch.stored_names)
+    return name if arch.sublayers is None else arch.sublayers.stored(arch.prefix, name)
 
 
 def llama_names(arch: Any) -> dict[str, str]:
@@ -273,6 +275,8 @@ def llama_names(arch: Any) -> dict[str, str]:
 
 def model_name(arch: Any, name: str) -> str:
     """Llama's name of checkpoint tensor ``name``: the inverse of :func:`stored_name`."""
+    if arch.sublayers is not None:
+        name = arch.sublayers.model(arch.prefix, name)
     return _renamed(arch, name, llama_names(arch))
 
 

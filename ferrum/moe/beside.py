@@ -52,3 +52,43 @@ class DenseBesideMoe:
         norms = [(tensor(f"{name}.weight"), tensor(f"{name}.bias")) for name in config.arch.moe.beside_dense]
         return MlpBesideMoe(ops, norm, self.dense.build(ops, tensor, linear, config, layer),
                             self.moe.build(ops, tensor, linear, config, layer), norms)
+
+
+class MlpAndShortcut:
+    """``x -> (dense(x), moe(x))``, kept apart: the sparse output joins the stream a layer later."""
+
+    __slots__ = ("dense", "moe")
+
+    def __init__(self, dense: Any, moe: Any):
+        self.dense, self.moe = dense, moe
+
+    @property
+    def experts(self) -> Any:
+        """The sparse MLP's experts (profilers wrap their ``apply``)."""
+        return self.moe.experts
+
+    def projections(self) -> list[Any]:
+        return [*self.dense.projections(), *self.moe.projections()]
+
+    def __call__(self, x: Any) -> tuple[Any, Any]:
+        return self.dense(x), self.moe(x)
+
+
+class DenseAndShortcut:
+    """The ``"dense+shortcut"`` MLP slot kind: LongCat-Flash's first sub-block, whose dense MLP (``dense``, the "dense"
+    kind) and sparse MLP (``moe``, the "moe" kind) read the same normed input; the sparse output is the layer's
+    shortcut (``LayerSpec.shortcut`` "give"), summed with the next sub-block's MLP output."""
+
+    def __init__(self, dense: Any, moe: Any):
+        self.dense, self.moe = dense, moe
+
+    def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
+        return {**self.dense.tensors(config, layer), **self.moe.tensors(config, layer)}
+
+    def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
+        return [part for n, t in self.moe.split(config, name, tensor) for part in self.dense.split(config, n, t)]
+
+    def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Any], config: Any,
+              layer: int) -> MlpAndShortcut:
+        return MlpAndShortcut(self.dense.build(ops, tensor, linear, config, layer),
+                              self.moe.build(ops, tensor, linear, config, layer))

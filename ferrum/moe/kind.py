@@ -14,6 +14,7 @@ from ferrum.moe.experts import PlacedExperts
 from ferrum.moe.loading import SWITCH
 from ferrum.moe.routing import GROUPED_RULES, GroupedRouting, GroupRule, Sparsemixer
 from ferrum.moe.spec import ROUTER_NORM
+from ferrum.moe.zero import ZeroExperts
 
 
 class Moe:
@@ -28,7 +29,7 @@ class Moe:
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
         spec, h = config.arch.moe, config.hidden_size
         at, e, inter = spec.at, spec.num_experts, spec.expert_size
-        shapes = {at(f"{spec.router}.weight"): (e, h)}
+        shapes = {at(f"{spec.router}.weight"): (spec.scored, h)}
         shapes.update({at(f"switch_mlp.{p}.weight"): (e, inter, h) for p in _inputs(spec)})
         shapes[at("switch_mlp.down_proj.weight")] = (e, h, inter)
         if spec.biased:
@@ -36,7 +37,7 @@ class Moe:
             shapes.update({at(f"switch_mlp.{p}.bias"): (e, size) for p, size in zip(SWITCH, (inter, inter, h))})
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None and rule.corrected:
-            shapes[at(spec.bias_name)] = (1, e) if spec.correction_bias_rows else (e,)
+            shapes[at(spec.bias_name)] = (1, spec.scored) if spec.correction_bias_rows else (spec.scored,)
         if spec.router_norm is not None:
             shapes[at(spec.router_norm)] = (h,)
         if rule is not None and rule.expert_scaled:
@@ -107,6 +108,12 @@ class Moe:
             routing, route = Sparsemixer(spec.jitter_eps), ops.fallback["moe_route"]
         elif spec.routing != "softmax":
             raise UnsupportedFeatureError(f"layer {layer}: routing {spec.routing!r} is not one Ferrum runs")
+        zero = None
+        if spec.zero_experts:  # routed on the host whatever the rule (ferrum.moe.zero)
+            if routing is None or shared is not None:
+                raise UnsupportedFeatureError(f"layer {layer}: zero-computation experts run with a grouped routing "
+                                              "rule and no shared expert only")
+            zero = ZeroExperts(spec.num_experts)
         router = linear(at(spec.router))
         router_norm = None
         if spec.router_norm is not None:  # a weightless RMSNorm times the folded scale (Gemma 4)
@@ -116,7 +123,7 @@ class Moe:
         # takes its input in float32
         router_dtype = "float32" if spec.router_float32 and router.dense_dtype == "float32" else None
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
-                      router_dtype, spec.weigh_input, router_norm, shared_act)
+                      router_dtype, spec.weigh_input, router_norm, shared_act, zero)
 
 
 def _inputs(spec: Any) -> tuple[str, ...]:

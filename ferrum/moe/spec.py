@@ -650,6 +650,14 @@ class MoeSpec:
     #: The shared expert's output times this, folded into its down_proj at load (Command A MoE's "average" of the
     #: routed and shared outputs: each halved).
     shared_scale: float = 1.0
+    #: Identity experts after the ``num_experts`` routed ones (LongCat-Flash's zero-computation experts,
+    #: :mod:`ferrum.moe.zero`): the router and its correction bias score ``num_experts + zero_experts``.
+    zero_experts: int = 0
+
+    @property
+    def scored(self) -> int:
+        """How many experts the router scores: the routed ones and the zero experts."""
+        return self.num_experts + self.zero_experts
 
     def at(self, name: str) -> str:
         """``name`` of the sparse MLP module as a layer's tensor (the module may be the layer itself)."""

@@ -9,16 +9,17 @@ from typing import Any
 from ferrum.arch import dsa
 from ferrum.arch.families._shared import (
     Family, LLAMA_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _agreeing_aliases, _aliased, _core, _core_defaults,
-    _keys, _rope_spec, read_rope,
+    _keys, _rope_spec, _theta, read_rope,
 )
 from ferrum.arch.families.llama_like import _llama4_query_scaling, _minicpm_scalings
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, optional_non_negative_int, optional_positive_number, optional_size,
-    positive_number, size,
+    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_number, optional_size,
+    positive_int, positive_number, size,
 )
 from ferrum.arch.mla import MlaSpec
 from ferrum.arch.spec import Architecture, LayerSpec
-from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
+from ferrum.arch.sublayers import SubLayers
+from ferrum.moe.spec import KEYS as MOE_KEYS, MoeSpec, with_moe
 #: The names Sarvam's release config gives keys (transformers' attribute_map) -> the names Ferrum reads them by.
 SARVAM_ALIASES = {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts",
                   "use_qkv_bias": "attention_bias", "num_mtp_layers": "num_nextn_predict_layers"}
@@ -335,3 +336,104 @@ TABLE.update({
 })
 #: A.X-K1's release (remote code) names it AXK1; transformers, axk1.
 TABLE["AXK1"] = TABLE["axk1"]
+
+
+# ---------------------------------------------------------------- LongCat-Flash
+
+#: transformers' LongcatFlashConfig attribute_map: the names a config may give keys -> the names Ferrum reads.
+LONGCAT_ALIASES = {"num_local_experts": "n_routed_experts", "num_experts_per_tok": "moe_topk",
+                   "moe_intermediate_size": "expert_ffn_hidden_size", "intermediate_size": "ffn_hidden_size"}
+#: A LongCat-Flash layer's modules kept once per sub-block (Ferrum's, the checkpoint's); its MoE is the first's.
+LONGCAT_SUBLAYERS = SubLayers(2, (("self_attn", "self_attn"), ("input_layernorm", "input_layernorm"),
+                                  ("post_attention_layernorm", "post_attention_layernorm"),
+                                  *((f"mlp.{p}", f"mlps.{p}") for p in ("gate_proj", "up_proj", "down_proj"))))
+
+
+def _longcat_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """LongCat-Flash's config as Ferrum's sizes read it: the aliases, ffn_hidden_size as intermediate_size, and
+    num_hidden_layers, which transformers derives as twice num_layers (two sub-blocks a layer), where the config
+    leaves them out."""
+    raw = _aliased(LONGCAT_ALIASES)(raw)
+    layers = raw.get("num_layers", 28)
+    derived = {"intermediate_size": raw.get("ffn_hidden_size", 12288),
+               "num_hidden_layers": 2 * layers if isinstance(layers, int) else None}
+    return {**{key: value for key, value in derived.items() if value is not None}, **raw}
+
+
+def _mla_scale_on(name: str) -> Any:
+    return lambda v: None if v in (None, True) else (
+        f"is {v!r}, but transformers' LongCat-Flash always scales its latent by sqrt(hidden_size / rank) ({name}); "
+        "Ferrum runs it as transformers does")
+
+
+def _longcat_flash(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Meituan's LongCat-Flash (transformers' LongcatFlash): each stored layer is two sub-blocks, run as two of
+    Ferrum's layers (:data:`LONGCAT_SUBLAYERS`), each DeepSeek-V3's latent attention (queries always through their
+    latent, rope always in adjacent pairs, its own KV cache) then a dense MLP of ffn_hidden_size; the query scaled by
+    ``sqrt(hidden_size / q_lora_rank)`` and the normed key/value latent by ``sqrt(hidden_size / kv_lora_rank)``
+    (folded into ``q_b_proj`` and ``kv_a_layernorm`` at load). The first sub-block's normed MLP input also feeds the
+    layer's shortcut MoE, whose output joins the stream after the second sub-block (``LayerSpec.shortcut``): a
+    float32 router ``mlp.router.classifier`` over n_routed_experts + zero_expert_num experts, softmax scores plus
+    ``mlp.router.e_score_correction_bias`` choosing the moe_topk, weighed by their scores times
+    routed_scaling_factor, unnormalized; SwiGLU experts of expert_ffn_hidden_size and identity zero experts
+    (:mod:`ferrum.moe.zero`). The multi-token prediction module (``model.mtp``) is not run, as transformers does
+    not; nor are the zero experts' gate/up rows transformers saves."""
+    _agreeing_aliases(r, LONGCAT_ALIASES)
+    layers = r("num_layers")
+    if r("num_hidden_layers") != 2 * layers:
+        r.fail("num_hidden_layers", f"is {r('num_hidden_layers')}, but transformers derives it as twice num_layers "
+                                    f"({layers}): two sub-blocks a layer; leave it out")
+    rotary = r("qk_rope_head_dim")
+    if r("head_dim") != rotary:
+        r.fail("head_dim", f"is {r('head_dim')}, but transformers sizes LongCat-Flash's rope by head_dim and "
+                           f"rotates the qk_rope_head_dim ({rotary}) dims with it: make them equal")
+    count, zero, top_k = r("n_routed_experts"), r("zero_expert_num") or 0, r("moe_topk")
+    if top_k > count + zero:
+        r.fail("moe_topk", f"({top_k}) exceeds the {count} routed and {zero} zero experts")
+    arch = _latent_attention(r, sizes, interleaved=True)
+    spec = MoeSpec("mlp", ("gate_proj", "up_proj", "down_proj"), count, top_k, r("expert_ffn_hidden_size"), False,
+                   None, router="router.classifier", shared_gate=None, routing="softmax_corrected",
+                   routed_scale=float(r("routed_scaling_factor")), router_float32=True,
+                   correction_bias="router.e_score_correction_bias", zero_experts=zero)
+    hidden, mla = sizes.hidden_size, arch.mla
+    unloaded = rf"^{arch.prefix}mtp\."
+    if zero:
+        unloaded += rf"|\.mlp\.experts\.(?:{'|'.join(map(str, range(count, count + zero)))})\."
+    return replace(
+        arch, moe=spec, sublayers=LONGCAT_SUBLAYERS, unloaded=unloaded, mtp_layers=0,
+        layers=tuple(replace(layer, mlp="dense+shortcut", shortcut="give") if i % 2 == 0 else
+                     replace(layer, shortcut="take") for i, layer in enumerate(arch.layers)),
+        scales={"self_attn.q_b_proj": ((hidden / mla.q_lora_rank) ** 0.5, 1.0),
+                "self_attn.kv_a_layernorm.weight": ((hidden / mla.kv_lora_rank) ** 0.5, 1.0)},
+        keep_float32=(f".{spec.bias_name}", f".{spec.router}.weight"))
+
+
+TABLE["longcat_flash"] = Family(  # Meituan's LongCat-Flash: two latent-attention sub-blocks a layer, shortcut MoE
+    _keys(_core(False, head_dim_default=64), _ROPE, _theta(10000000.0), _SILU,
+          _mla_keys(1536, 128, 128), (
+              Key("q_lora_rank", default=1536, check=size(1 << 17)),
+              Key("num_layers", default=28, check=size(512)),
+              Key("ffn_hidden_size", default=12288, check=size(1 << 20)),
+              Key("n_routed_experts", default=512, check=positive_int),
+              Key("zero_expert_num", default=256, check=optional_non_negative_int),
+              Key("moe_topk", default=12, check=positive_int),
+              Key("expert_ffn_hidden_size", default=2048, check=positive_int),
+              Key("routed_scaling_factor", default=6.0, check=positive_number),
+              Key("zero_expert_type", default="identity", unsupported=True, check=one_of(None, "identity")),
+              Key("attention_method", default="MLA", unsupported=True, check=lambda v: None if v is None or (
+                  isinstance(v, str) and v.upper() == "MLA") else f"is {v!r}; Ferrum runs LongCat-Flash's latent "
+                                                                  "attention (MLA) only"),
+              Key("mla_scale_q_lora", default=True, unsupported=True, check=_mla_scale_on("q_lora_rank")),
+              Key("mla_scale_kv_lora", default=True, unsupported=True, check=_mla_scale_on("kv_lora_rank")),
+              Key("router_bias", default=False, unsupported=True, check=falsy(
+                  "no LongCat-Flash release biases its router; load a checkpoint without one")),
+              Key("norm_topk_prob", default=False, unsupported=True, check=falsy(
+                  "transformers' LongCat-Flash ignores it and weighs the chosen experts by their scores as they are; "
+                  "set it to false to run the model as transformers does")),
+          )),
+    _longcat_flash,
+    eps_default=1e-5,
+    kv_heads=_mla_kv_heads,
+    head_dim=_mla_head_dim,
+    derive=_longcat_config,
+)

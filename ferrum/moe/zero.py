@@ -1,0 +1,36 @@
+"""Zero-computation experts (LongCat-Flash's ``zero_expert_num``, ``zero_expert_type`` "identity"): experts after the
+routed ones that the router scores and chooses like any other, each returning its input times its weight.
+
+They are run as what they add: the chosen routed experts as usual, a chosen zero expert's slot given expert 0 with
+weight 0 (its product, times 0, adds nothing), and the zero experts' weights summed into one more column that weighs
+the input itself, as ``moe_experts`` weighs a shared expert's output (``shared`` = the input). The choice is made on
+the host (:func:`ferrum.moe.routing.route_grouped`, then the split): no backend op takes it yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ferrum.moe.routing import GroupedRouting, route_grouped
+
+
+@dataclass(frozen=True)
+class ZeroExperts:
+    """The layer's experts from ``routed`` on are identity experts."""
+
+    routed: int
+
+    def route(self, ops: Any, logits: Any, top_k: int, normalize: bool, routing: GroupedRouting) -> tuple[Any, Any]:
+        """``(ids [T, k], weights [T, k + 1])`` on the backend: the routed experts' ids and weights (a zero expert's
+        slot: expert 0, weight 0), then each token's zero experts' weights summed."""
+        bias = None if routing.bias is None else ops.to_numpy(routing.bias)
+        ids, weights = route_grouped(ops.to_numpy(logits), bias, top_k, routing.n_group, routing.topk_group,
+                                     normalize, routing.scale, routing.rule)
+        zero = ids >= self.routed
+        identity = np.where(zero, weights, np.float32(0)).sum(axis=-1, keepdims=True, dtype=np.float32)
+        weights = np.concatenate([np.where(zero, np.float32(0), weights), identity], axis=1)
+        return ops.from_numpy(np.where(zero, 0, ids).astype(np.int32), None), ops.from_numpy(
+            weights.astype(np.float32), None)

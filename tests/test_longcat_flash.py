@@ -1,0 +1,165 @@
+"""LongCat-Flash (``longcat_flash``): layers of two latent-attention sub-blocks, each with its own KV cache, and a
+shortcut MoE read from the first sub-block's MLP input and added after the second, whose router may choose identity
+("zero-computation") experts; against transformers' own model on every runnable backend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from ferrum.config import ModelConfig
+from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.model import DecoderOnlyLLM
+from support import (
+    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_names_the_tensors_transformers_saves,
+    randomized_reference, reference_logits, runnable_backends, saved_references, scaled_error, small_pool_engine,
+    staggered_greedy_workload,
+)
+
+BACKENDS = runnable_backends()
+VOCAB = 97
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def longcat_config(**extra) -> transformers.LongcatFlashConfig:
+    settings = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=80,
+                    q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8,
+                    v_head_dim=12, n_routed_experts=4, zero_expert_num=3, moe_topk=3, expert_ffn_hidden_size=24,
+                    routed_scaling_factor=2.0, max_position_embeddings=128, rms_norm_eps=1e-5)
+    return transformers.LongcatFlashConfig(**{**settings, **extra})
+
+
+#: Zero experts beside the routed ones; none of them (every choice a routed expert, routed natively) under YaRN.
+VARIANTS = {"zero_experts": {}, "yarn": dict(zero_expert_num=0, moe_topk=2, rope_parameters=YARN)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """variant -> (folder, transformers model): random weights and correction biases."""
+    return saved_references(tmp_path_factory, VARIANTS, longcat_config)
+
+
+def zero_expert_choices(hf, tokens) -> int:
+    """How many of transformers' routing choices over ``tokens`` went to zero experts."""
+    chosen = []
+    hooks = [layer.mlp.router.register_forward_hook(lambda m, i, out: chosen.append(out[2]))
+             for layer in hf.model.layers]
+    reference_logits(hf, tokens)
+    for hook in hooks:
+        hook.remove()
+    return int(sum((ids >= hf.config.n_routed_experts).sum() for ids in chosen))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_matches_transformers(checkpoints, backend, variant):
+    """A full forward and token-by-token decode, against transformers' logits; four layers of Ferrum's, two pool
+    layers a stored layer."""
+    folder, hf = checkpoints[variant]
+    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    assert [(spec.mlp, spec.shortcut) for spec in model.config.arch.layers] == [
+        ("dense+shortcut", "give"), ("dense", "take")] * 2
+    assert model.config.arch.kv_pool_layers == 4
+    assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
+
+
+def test_the_routers_choose_zero_experts(checkpoints):
+    """The parity above covers identity experts: transformers' routers choose some here, and weighing them by 0
+    instead moves its logits."""
+    folder, hf = checkpoints["zero_experts"]
+    assert zero_expert_choices(hf, TOKENS) > 0
+    other = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    for layer in other.model.layers:
+        layer.mlp.experts.identity_expert.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    assert scaled_error(reference_logits(other, TOKENS), reference_logits(hf, TOKENS)) > 1e-3
+
+
+def test_the_parity_is_sensitive_to_each_setting(checkpoints, monkeypatch):
+    """Controls: the latent scalings left out, or the shortcut MoE dropped, each misses transformers' logits."""
+    folder, hf = checkpoints["zero_experts"]
+    want = reference_logits(hf, TOKENS)
+    read = ModelConfig.from_file
+    arch = read(folder).arch
+    unscaled = replace(arch, scales={})
+    unshortcut = replace(arch, layers=tuple(replace(spec, mlp="dense", shortcut=None) for spec in arch.layers))
+    for changed in (unscaled, unshortcut):
+        monkeypatch.setattr(ModelConfig, "from_file", classmethod(lambda cls, path: replace(read(path), arch=changed)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the dropped MoE's tensors, unread
+            model = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32")
+        assert scaled_error(model.forward_verify("s", TOKENS), want) > 1e-3
+
+
+def test_engine_keeps_greedy_tokens(checkpoints):
+    """Alone, staggered with chunked prefills, and under preemption: transformers' greedy tokens."""
+    folder, hf = checkpoints["zero_experts"]
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), hf,
+                                      staggered_greedy_workload(VOCAB, count=6))
+
+
+def test_names_every_tensor_transformers_saves_and_reads_them_quietly(checkpoints):
+    """weight_shapes lists what transformers saves (sub-blocks numbered, the MoE under the first); the zero experts'
+    gate/up rows transformers saves too, and a multi-token prediction module, are left unread without a warning."""
+    from safetensors.numpy import load_file, save_file
+
+    folder, _ = checkpoints["zero_experts"]
+    assert_names_the_tensors_transformers_saves(folder)
+    tensors = load_file(folder / "model.safetensors")
+    assert "model.layers.0.mlp.experts.4.gate_proj.weight" in tensors
+    copy = folder.parent / "with_mtp"
+    shutil.copytree(folder, copy, dirs_exist_ok=True)
+    save_file({**tensors, "model.mtp.layers.0.eh_proj.weight": np.zeros((64, 128), np.float32)},
+              copy / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DecoderOnlyLLM.from_pretrained(copy, backend="cpu", dtype="float32")
+
+
+def test_release_config_keys_read_as_transformers_reads_them(checkpoints, tmp_path):
+    """The release's spellings (no num_hidden_layers, rope_theta at the top level, the keys of Meituan's code that
+    transformers' runs as it does) load the same model; variants transformers does not run are refused by name."""
+    folder, _ = checkpoints["zero_experts"]
+    raw = json.loads((folder / "config.json").read_text())
+    release = {**{k: v for k, v in raw.items() if k not in ("rope_parameters", "qk_head_dim", "head_dim")},
+               "rope_theta": raw["rope_parameters"]["rope_theta"], "zero_expert_type": "identity",
+               "attention_method": "MLA", "mla_scale_q_lora": True, "mla_scale_kv_lora": True,
+               "router_bias": False, "norm_topk_prob": False}
+    assert ModelConfig.from_dict({**release, "qk_rope_head_dim": 64, "qk_nope_head_dim": 64}).num_layers == 4
+    for changes, error, key in (
+            ({"norm_topk_prob": True}, UnsupportedFeatureError, "norm_topk_prob"),
+            ({"zero_expert_type": "const"}, UnsupportedFeatureError, "zero_expert_type"),
+            ({"mla_scale_q_lora": False}, UnsupportedFeatureError, "mla_scale_q_lora"),
+            ({"attention_method": "LSA"}, UnsupportedFeatureError, "attention_method"),
+            ({"router_bias": True}, UnsupportedFeatureError, "router_bias"),
+            ({"num_hidden_layers": 2}, ConfigError, "num_hidden_layers"),
+            ({"head_dim": 16}, ConfigError, "head_dim")):
+        with pytest.raises(error, match=key):
+            ModelConfig.from_dict({**release, **changes})
+
+
+def test_model_from_release_spelling_matches(checkpoints, tmp_path):
+    """The checkpoint under its release-style config.json gives transformers' logits."""
+    folder, hf = checkpoints["zero_experts"]
+    copy = tmp_path / "release"
+    shutil.copytree(folder, copy)
+    raw = json.loads((copy / "config.json").read_text())
+    raw = {**{k: v for k, v in raw.items() if k not in ("rope_parameters", "qk_head_dim")},
+           "rope_theta": raw["rope_parameters"]["rope_theta"], "zero_expert_type": "identity"}
+    (copy / "config.json").write_text(json.dumps(raw))
+    model = DecoderOnlyLLM.from_pretrained(copy, backend="cpu", dtype="float32")
+    assert scaled_error(model.forward_verify("r", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+
+
+def test_random_reference_is_what_this_module_saves():
+    """randomized_reference draws LongCat-Flash's correction biases too (they are buffers named so)."""
+    model = randomized_reference(longcat_config())
+    assert all(layer.mlp.router.e_score_correction_bias.abs().sum() > 0 for layer in model.model.layers)
