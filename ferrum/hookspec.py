@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.22"
+API_VERSION = "1.23"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -678,7 +678,9 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routi
     plain sigmoid) and ``SOFTMAX_TOP2_GROUPED`` (Mistral 4's softmax grouped by
     each group's two best), 1.16 for ``SOFTMAX_EXPERT_SCALED`` (Gemma 4's softmax
     whose weights are then multiplied by ``routing.expert_scale[ids]``, float32
-    ``[E]``); the model routes those layers by the fallback.
+    ``[E]``), 1.23 for ``SIGMOID_LOGITS_CORRECTED`` (Kolibri-1's: its ``choice``
+    "logits" chooses on the raw logits plus the bias, not on the scores); the
+    model routes those layers by the fallback.
     Fallback: the host references :func:`ferrum.moe.routing.route` and
     :func:`~ferrum.moe.routing.route_grouped` (one copy of the logits to the
     host per MoE layer).

@@ -1,7 +1,8 @@
-"""Grouped routing (DeepSeek-V3's sigmoid rule: GLM-4.5, DeepSeek-V3; DeepSeek-V2's softmax rule) in each backend's
-own ``moe_route``, against the host reference ``route_grouped`` (itself checked against transformers' routers in
-test_glm4_moe.py and test_deepseek_v2.py): random logits, choices decided by gaps far below bfloat16's resolution,
-one expert group, DeepSeek-V3's sizes, and exact ties."""
+"""Grouped routing (DeepSeek-V3's sigmoid rule: GLM-4.5, DeepSeek-V3; DeepSeek-V2's softmax rule; Kolibri-1's sigmoid
+weights chosen by the logits) in each backend's own ``moe_route``, against the host reference ``route_grouped``
+(itself checked against transformers' routers in test_glm4_moe.py, test_deepseek_v2.py and test_kolibri1.py): random
+logits, choices decided by gaps far below bfloat16's resolution, one expert group, DeepSeek-V3's sizes, and exact
+ties."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from ferrum.backends import load_backend
-from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC, GroupedRouting, route_grouped
+from ferrum.moe.kind import routes_natively
+from ferrum.moe.routing import GROUP_LIMITED_GREEDY, NOAUX_TC, SIGMOID_LOGITS_CORRECTED, GroupedRouting, route_grouped
 from support import grouped_routing_backends
 
 NATIVE = grouped_routing_backends()
@@ -64,11 +66,14 @@ def _route(ops, logits, bias, groups, kept, top_k, normalize, dtype, rule=NOAUX_
     return ops.to_numpy(x), *_by_id(ops.to_numpy(ids).astype(np.int64), ops.to_numpy(weights))
 
 
-@pytest.mark.parametrize("rule", [NOAUX_TC, GROUP_LIMITED_GREEDY], ids=["noaux_tc", "group_limited_greedy"])
+@pytest.mark.parametrize("rule", [NOAUX_TC, GROUP_LIMITED_GREEDY, SIGMOID_LOGITS_CORRECTED],
+                         ids=["noaux_tc", "group_limited_greedy", "sigmoid_logits_corrected"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", NATIVE)
 def test_native_grouped_routing_matches_the_reference(backend, case, rule):
     ops = load_backend(backend).ops
+    if not routes_natively(ops, rule):
+        pytest.skip(f"the plugin declares an API older than the rule's {rule.since}: the core routes it")
     logits, bias, groups, kept, top_k, in_bfloat16 = CASES[case]
     if not rule.corrected and "bias" in case:
         pytest.skip("the case's experts differ by their correction bias alone, which this rule has not")

@@ -72,11 +72,16 @@ class GroupRule:
     since: tuple[int, int] = (1, 12)
     #: The weights, last of all, times each chosen expert's own scale (``GroupedRouting.expert_scale``).
     expert_scaled: bool = False
+    #: What chooses (API 1.23): the ``scores`` (plus the correction bias where ``corrected``), or the raw router
+    #: ``logits`` (plus the bias: Kolibri-1's router adds it to the logits, not to their sigmoids); the weights
+    #: are the scores either way.
+    choice: Literal["scores", "logits"] = "scores"
 
-    def __post_init__(self) -> None:  # every implementation branches on these two: a misspelling would pass silently
-        if self.scoring not in ("sigmoid", "softmax") or self.group_score not in ("top2_sum", "max"):
-            raise ValueError(f"GroupRule: scoring {self.scoring!r} or group_score {self.group_score!r} is not one of "
-                             "sigmoid/softmax, top2_sum/max")
+    def __post_init__(self) -> None:  # every implementation branches on these: a misspelling would pass silently
+        if (self.scoring not in ("sigmoid", "softmax") or self.group_score not in ("top2_sum", "max")
+                or self.choice not in ("scores", "logits")):
+            raise ValueError(f"GroupRule: scoring {self.scoring!r}, group_score {self.group_score!r} or choice "
+                             f"{self.choice!r} is not one of sigmoid/softmax, top2_sum/max, scores/logits")
 
     @property
     def min_group(self) -> int:
@@ -105,10 +110,15 @@ SOFTMAX_TOP2_GROUPED = GroupRule("softmax", "top2_sum", corrected=False, masked=
 #: then times its expert's learned ``per_expert_scale`` (one group, nothing corrected).
 SOFTMAX_EXPERT_SCALED = GroupRule("softmax", "max", corrected=False, masked=float("-inf"), since=(1, 16),
                                   expert_scaled=True)
+#: Kolibri-1's router (transformers' ``Kolibri1TopKRouter``): the top-k of the logits plus the correction bias choose,
+#: each chosen expert weighed by its logit's sigmoid (one group; renormalized where norm_topk_prob, never scaled).
+SIGMOID_LOGITS_CORRECTED = GroupRule("sigmoid", "max", corrected=True, masked=float("-inf"), since=(1, 23),
+                                     choice="logits")
 #: ``MoeSpec.routing`` -> its grouped rule.
 GROUPED_RULES = {"sigmoid_grouped": NOAUX_TC, "softmax_grouped": GROUP_LIMITED_GREEDY,
                  "softmax_corrected": SOFTMAX_CORRECTED, "sigmoid_top_k": SIGMOID_TOP_K,
-                 "softmax_top2_grouped": SOFTMAX_TOP2_GROUPED, "softmax_expert_scaled": SOFTMAX_EXPERT_SCALED}
+                 "softmax_top2_grouped": SOFTMAX_TOP2_GROUPED, "softmax_expert_scaled": SOFTMAX_EXPERT_SCALED,
+                 "sigmoid_logits_corrected": SIGMOID_LOGITS_CORRECTED}
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,7 +149,8 @@ def route_grouped(logits: np.ndarray, bias: np.ndarray | None, top_k: int, n_gro
     """``(ids int32 [T, k], weights float32 [T, k])`` by a grouped rule, every step in float32:
 
     1. ``scores`` are the ``rule.scoring`` (sigmoid, or softmax over the experts) of the logits; ``choice`` is
-       ``scores + bias`` (the per-expert correction bias) where ``rule.corrected``, else ``scores``;
+       ``scores`` (the logits themselves where ``rule.choice`` is "logits"), plus ``bias`` (the per-expert
+       correction bias) where ``rule.corrected``;
     2. the experts split into ``n_group`` consecutive groups of ``E / n_group``; a group's score is the sum of
        its two largest ``choice`` values ("top2_sum", DeepSeek-V3) or its largest ("max", DeepSeek-V2);
     3. the ``topk_group`` best groups are kept (``torch.topk``, ties as on the CPU), the other groups'
@@ -153,7 +164,8 @@ def route_grouped(logits: np.ndarray, bias: np.ndarray | None, top_k: int, n_gro
     """
     logits = np.asarray(logits, dtype=np.float32)
     scores = _softmax_f32(logits) if rule.scoring == "softmax" else 1.0 / (1.0 + np.exp(-logits))
-    choice = scores + np.asarray(bias, dtype=np.float32).reshape(1, -1) if rule.corrected else scores
+    basis = logits if rule.choice == "logits" else scores
+    choice = basis + np.asarray(bias, dtype=np.float32).reshape(1, -1) if rule.corrected else basis
     tokens, experts = choice.shape
     if n_group > 1:
         grouped = choice.reshape(tokens, n_group, experts // n_group)

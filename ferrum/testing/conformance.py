@@ -551,7 +551,8 @@ def check_quantized_embedding(c: _Context, bits: int, group_size: int, tol: floa
 def _grouped_cases() -> dict[str, tuple[Any, int, int, bool, float]]:
     """Per grouped rule, as its families route with it: (rule, groups, groups kept, normalized, scale)."""
     from ferrum.moe.routing import (
-        GROUP_LIMITED_GREEDY, NOAUX_TC, SIGMOID_TOP_K, SOFTMAX_CORRECTED, SOFTMAX_EXPERT_SCALED, SOFTMAX_TOP2_GROUPED,
+        GROUP_LIMITED_GREEDY, NOAUX_TC, SIGMOID_LOGITS_CORRECTED, SIGMOID_TOP_K, SOFTMAX_CORRECTED,
+        SOFTMAX_EXPERT_SCALED, SOFTMAX_TOP2_GROUPED,
     )
 
     return {"grouped sigmoid": (NOAUX_TC, 4, 2, True, 2.5),  # DeepSeek-V3, GLM-4.5
@@ -559,7 +560,8 @@ def _grouped_cases() -> dict[str, tuple[Any, int, int, bool, float]]:
             "corrected softmax": (SOFTMAX_CORRECTED, 1, 1, True, 1.0),  # ERNIE 4.5 MoE
             "sigmoid top-k": (SIGMOID_TOP_K, 1, 1, False, 1.0),  # Llama 4
             "grouped top-2 softmax": (SOFTMAX_TOP2_GROUPED, 4, 2, True, 1.5),  # Mistral 4
-            "expert-scaled softmax": (SOFTMAX_EXPERT_SCALED, 1, 1, True, 1.0)}  # Gemma 4 26B-A4B
+            "expert-scaled softmax": (SOFTMAX_EXPERT_SCALED, 1, 1, True, 1.0),  # Gemma 4 26B-A4B
+            "logit-corrected sigmoid": (SIGMOID_LOGITS_CORRECTED, 1, 1, False, 1.0)}  # Kolibri-1
 
 
 def check_moe_route_grouped(c: _Context, case: str = "grouped sigmoid") -> float:
@@ -567,7 +569,8 @@ def check_moe_route_grouped(c: _Context, case: str = "grouped sigmoid") -> float
     each rule as its families use it (:func:`_grouped_cases`: DeepSeek-V3's sigmoid rule in 4 groups, 2 kept, with
     a correction bias that changes the choice and normalized weights; DeepSeek-V2's softmax, unnormalized; ERNIE
     4.5's corrected softmax; Llama 4's plain sigmoid; Mistral 4's softmax grouped by each group's two best; Gemma 4's
-    softmax times per-expert scales between 0.25 and 2, which reorder nothing but weigh each expert apart); through
+    softmax times per-expert scales between 0.25 and 2, which reorder nothing but weigh each expert apart; Kolibri-1's
+    sigmoid weights chosen by the logits plus the bias); through
     the plugin's ``moe_route`` where the model would call it, else the core's fallback."""
     from ferrum.moe.kind import routes_natively
     from ferrum.moe.routing import GroupedRouting, route_grouped

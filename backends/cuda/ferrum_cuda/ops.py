@@ -1267,7 +1267,8 @@ def _route_grouped(logits, top_k, normalize, routing):
     host copy, so CUDA graphs capture it."""
     rule = routing.rule
     scores = torch.softmax(logits.float(), dim=-1) if rule.scoring == "softmax" else torch.sigmoid(logits.float())
-    choice = scores + routing.bias if rule.corrected else scores
+    basis = logits.float() if rule.choice == "logits" else scores  # Kolibri-1 chooses on the logits (API 1.23)
+    choice = basis + routing.bias if rule.corrected else basis
     if routing.n_group > 1:
         tokens, experts = choice.shape
         grouped = choice.view(tokens, routing.n_group, experts // routing.n_group)  # tokens may be 0

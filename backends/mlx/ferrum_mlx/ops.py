@@ -924,7 +924,8 @@ def _route_grouped(logits, top_k, normalize, routing):
     """Grouped routing (``ferrum.moe.routing.route_grouped``, its ``routing.rule``), in float32, lazily."""
     rule, logits = routing.rule, logits.astype(mx.float32)
     scores = mx.softmax(logits, axis=-1, precise=True) if rule.scoring == "softmax" else mx.sigmoid(logits)
-    choice = scores + routing.bias if rule.corrected else scores
+    basis = logits if rule.choice == "logits" else scores  # Kolibri-1 chooses on the logits (API 1.23)
+    choice = basis + routing.bias if rule.corrected else basis
     if routing.n_group > 1:
         tokens, experts = choice.shape
         grouped = choice.reshape(tokens, routing.n_group, experts // routing.n_group)  # tokens may be 0
