@@ -32,6 +32,7 @@ import test_glm4_moe
 import test_glm4_moe_lite
 import test_hunyuan_v1_moe
 import test_hy_v3
+import test_kolibri1
 import test_lfm2_moe
 import test_llama4
 import test_mellum
@@ -218,6 +219,14 @@ FAMILIES = {
         router=Router("grouped", "gate.e_score_correction_bias", "gate.weight"),
         random={"exaone_moe": lambda: {**test_exaone_moe.exaone_config().to_dict(),
                                        "architectures": ["ExaoneMoeForCausalLM"]}}),
+    "kolibri1": Family(
+        # the window shorter than the prompt and the replies, the second copy of the prompt from the prefix cache
+        test_kolibri1, bias_control=("release",), greedy=("release",), engine="release",
+        names=("release", "normalized"),  # the post-norms and the correction bias under the release's names
+        # the correction bias float32 (_keep_in_fp32_modules_strict); the router computes in float32
+        router=Router("release", "gate.e_score_correction_bias", "gate.weight"),
+        random={"kolibri1": lambda: {**test_kolibri1.kolibri_config().to_dict(),
+                                     "architectures": ["Kolibri1ForCausalLM"]}}),
     "hunyuan_v1_moe": Family(
         test_hunyuan_v1_moe, greedy=("alpha",), names=("alpha", "release"),
         random={"hunyuan_v1_moe": lambda: {**test_hunyuan_v1_moe.hunyuan_config().to_dict(),

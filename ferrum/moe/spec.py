@@ -53,6 +53,7 @@ LAYOUT = {
     "deepseek_v32": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "glm_moe_dsa": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "axk1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "kolibri1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -123,7 +124,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 # DeepSeek-V3.2's and GLM-5's configs re-route a num_experts to n_routed_experts
                 "deepseek_v32": ("num_experts", "n_routed_experts", "num_local_experts"),
                 "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts"),
-                "axk1": ("n_routed_experts", "num_local_experts")}
+                "axk1": ("n_routed_experts", "num_local_experts"),
+                "kolibri1": ("num_local_experts", "num_experts")}  # the latter its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -435,6 +437,12 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "axk1": (*_grouped_sigmoid_keys("axk1", moe_size=2048, scale=2.5, n_group=8, topk_group=4, dense=None),
              Key("first_k_dense_replace", default=1, check=_non_negative_int),
              Key("moe_layer_freq", default=1, check=positive_int)),
+    # Kolibri-1 (Kolibri1Config's defaults): sigmoid weights chosen by the logits plus a correction bias, a shared
+    # expert of its own width, every layer sparse
+    "kolibri1": (*_COUNT["kolibri1"], Key("num_experts_per_tok", default=6, check=positive_int),
+                 Key("moe_intermediate_size", default=512, check=positive_int),
+                 Key("shared_expert_intermediate_size", default=512, check=positive_int),
+                 Key("norm_topk_prob", default=False, check=boolean)),
     # Llama 4 (Scout, Maverick): one expert a token, on the layers moe_layers (else interleave_moe_layer_step) lists;
     # none on MobileLLM-R1's (0 experts, 0 a token, a step of 0 and moe_layers [])
     "llama4_text": (Key("num_local_experts", check=optional_non_negative_int),
@@ -534,7 +542,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
-                  "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192}
+                  "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -880,6 +888,17 @@ def _llama4(r: KeyReader, sizes: Any, count: int) -> tuple[MoeSpec, list[bool]]:
     return spec, [i in listed for i in range(layers)]
 
 
+def _kolibri1(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Kolibri-1's sparse MLP as transformers runs it (``Kolibri1SparseMoeBlock``): a router ``gate`` computing in
+    float32 whose logits plus the layer's float32 correction bias choose the top-k, each weighed by its logit's
+    sigmoid, renormalized where norm_topk_prob (``SIGMOID_LOGITS_CORRECTED``); experts of moe_intermediate_size and
+    a SwiGLU ``shared_experts`` MLP of shared_expert_intermediate_size added to their sum; every layer sparse."""
+    spec = MoeSpec("mlp", LAYOUT["kolibri1"][1], count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
+                   r("shared_expert_intermediate_size"), shared_module="shared_experts", shared_gate=None,
+                   routing="sigmoid_logits_corrected", router_float32=True)
+    return spec, [True] * sizes.num_layers
+
+
 def _grouped_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
     return _grouped(r, model_type, count, top_k, sizes.num_layers)
 
@@ -928,6 +947,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "cohere2_moe": lambda r, model_type, count, top_k, sizes: _cohere2_moe(r, sizes, count, top_k),
     "jamba": lambda r, model_type, count, top_k, sizes: _jamba(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
+    "kolibri1": lambda r, model_type, count, top_k, sizes: _kolibri1(r, sizes, count, top_k),
 }
 
 

@@ -26,6 +26,24 @@ from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 
 
+#: Kolibri-1's four norms: GLM-4's, its post-norms under the release's names.
+KOLIBRI1_NORMS = {"pre_attn": "input_layernorm", "post_attn": "post_attn_norm", "pre_mlp": "post_attention_layernorm",
+                  "post_mlp": "post_ffn_norm"}
+#: Kolibri-1's correction bias, which its checkpoints store beside the layer's modules, not in the router.
+KOLIBRI1_NAMES = {"mlp.gate.e_score_correction_bias": "moe.router.expert_bias"}
+
+
+def _kolibri1(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Aleph Alpha's Kolibri-1 (transformers' Kolibri1): EXAONE 4's attention (per-head q/k norms before rope; with a
+    sliding window the full layers take no rope) in GLM-4's four-norm blocks; its layers sliding or full by
+    layer_types, else every fifth full. The sparse MLPs on every layer are :func:`ferrum.moe.spec.with_moe`'s."""
+    window, kinds = _layer_kinds(r, sizes, lambda i: FULL if (i + 1) % 5 == 0 else SLIDING)
+    arch = _llama_like(False, "head", lambda r, sizes: [window if kind == SLIDING else None for kind in kinds],
+                       lambda r, sizes: [kind == SLIDING or window is None for kind in kinds],
+                       norms=KOLIBRI1_NORMS)(r, sizes)
+    return replace(arch, stored_names=KOLIBRI1_NAMES)
+
+
 #: Llama 4's feed-forward modules under Llama's names (its sparse ones are ``feed_forward`` itself: MoeSpec.module).
 LLAMA4_NAMES = {f"mlp.{p}": f"feed_forward.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
 CHUNKED = "chunked_attention"
@@ -676,6 +694,19 @@ TABLE: dict[str, Family] = {
         with_moe("exaone_moe", _llama_like(False, "head", _exaone4_windows, _exaone4_rotated)),
         eps_default=1e-5,
         unloaded="mtp.*",  # the releases' mtp.* layer
+    ),
+    "kolibri1": Family(  # Aleph Alpha's Kolibri-1: EXAONE 4's attention in GLM-4's four-norm blocks over sigmoid
+        # experts chosen by logits plus a correction bias, and a shared expert, on every layer
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=2560, num_hidden_layers=50, num_attention_heads=48, num_key_value_heads=4, vocab_size=128000,
+            max_position_embeddings=262144,
+            intermediate_size=512,  # Kolibri1Config has none (no layer is dense): any a config gives is unread
+        ), _ROPE, _SILU, _LAYER_TYPES, (
+            Key("sliding_window", default=513, check=optional_positive_int),
+            Key("attention_bias", default=False, unsupported=True, check=falsy(
+                "transformers' Kolibri1 has no attention biases; set it to false")),
+        ), MOE_KEYS["kolibri1"]),
+        with_moe("kolibri1", _kolibri1),
     ),
     "flex_olmo": Family(  # FlexOlmo: OLMo 2's blocks (norms after attention and the MLP) with OLMoE's experts
         _keys(_core(False), _ROPE, _theta(500_000.0), _SILU, (Key("attention_bias", default=False, check=boolean),),
