@@ -312,9 +312,44 @@ class Beside(MixerKind):
         return attn, (*gate, core, *extra), h
 
 
+class SharedBlockThenRecurrent(Recurrent):
+    """Zamba 2's hybrid layers (:mod:`ferrum.arch.shared_block`): the use's shared block attends (writing its own KV
+    pool layer) on the normed ``[x, token embeddings]``, its MLP and ``linear`` follow, and what they give joins the
+    Mamba-2 mixer's input, which then steps as any recurrent mixer; the block ends with that mixer's output. The
+    embeddings are the pass's (``_Pass.embedded``), so all of it runs between the halves: the first half only hands
+    the residual stream on (the layer has no block norm before it)."""
+
+    def __init__(self, attention: Attention):
+        self.attention = attention
+
+    def writes_kv(self, spec: LayerSpec) -> bool:
+        return True
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        block = mixer_spec(model.config.arch, spec.mixer).layer(model.ops, tensor, projection,
+                                                                model.config.rms_norm_eps, spec.shared_use)
+        return MixerWeights(qkv=block.qkv, o=block.o, recurrent=block)
+
+    def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
+        def project(x: Any, h: Any, positions: Any) -> tuple:
+            return (h,)
+
+        return project
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        block, attention = layer.recurrent, self.attention
+        wide = block.attention_input(h, run.embedded, run.batch.num_tokens)
+        *qkv, _ = attention.project(run.model, layer)(wide, h, run.positions)
+        attn, _, h = attention.step(run, index, layer, tuple(qkv), h)
+        joined = block.mamba_input(h, block.after_attention(attention.output(run.model, layer)(attn)))
+        return super().step(run, index, layer, block.project(joined), h)
+
+
 #: ``LayerSpec.mixer`` -> its kind.
 MIXER_KINDS: dict[str, MixerKind] = {"attention": Attention(), "none": NoMixer(),
                                      **{name: Recurrent() for name in MIXERS}}
+MIXER_KINDS["shared_mamba2"] = SharedBlockThenRecurrent(MIXER_KINDS["attention"])
 
 
 def mixer_kind(spec: LayerSpec) -> MixerKind:

@@ -157,7 +157,7 @@ class _Pass:
     (``narrowed``) are the kept rows'."""
 
     __slots__ = ("model", "ops", "pool", "softcap", "specs", "states", "last_write", "batch", "narrowed", "kept",
-                 "chunked", "slots", "seq_ids", "inputs", "positions", "ropes", "scalers")
+                 "chunked", "slots", "seq_ids", "inputs", "positions", "ropes", "scalers", "embedded")
 
     def __init__(self, model: DecoderOnlyLLM, batch: AttentionBatch, kept: np.ndarray | None,
                  seq_ids: list[Hashable]):
@@ -169,6 +169,7 @@ class _Pass:
         self.chunked: dict[int, AttentionBatch] = {}  # chunk size -> the batch its layers attend
         self.slots = ops.from_numpy(batch.slot_mapping, None)
         self.inputs: list[tuple] = []
+        self.embedded: Any = None  # the token embeddings the first block reads (Zamba 2's shared blocks read them too)
         self._rebase(batch, {layer.query_scaling for layer in model.layers} - {None})
 
     def _rebase(self, batch: AttentionBatch, scalings: Any) -> None:
@@ -312,7 +313,7 @@ class DecoderOnlyLLM:
         #: LoRA adapters resident beside the base weights (see :mod:`ferrum.adapters`).
         self.adapters = AdapterRegistry(self)
         #: Bytes the weights occupy on the backend (packed ones at their packed or repacked size).
-        self.weight_bytes = sum(p.nbytes for p in weights.values())
+        self.weight_bytes = sum(p.nbytes for p in {id(p): p for p in weights.values()}.values())  # aliases once
         #: Of those, the mixture-of-experts stacks' (a decode step reads only the experts its tokens chose).
         self.expert_weight_bytes = sum(p.nbytes for name, p in weights.items() if ".switch_mlp." in name)
         #: Of those, the tables a step looks a few rows up in: the input embedding where the LM head is a matrix
@@ -391,6 +392,10 @@ class DecoderOnlyLLM:
                         weights[part] = bitnet.quantized_inputs(backend.ops, weights[part])
             if progress is not None:
                 progress(done, len(shapes), name)
+        for alias, source in config.arch.aliases:  # a layer reading another's tensors (Zamba 2's shared blocks)
+            stem, into = config.arch.prefix + source, config.arch.prefix + alias
+            weights.update({into + name[len(stem):]: placed for name, placed in list(weights.items())
+                            if name.startswith(stem)})
         if config.arch.sinusoidal_positions:  # computed, not stored (XGLM)
             table = sinusoidal_table(config.max_seq_len, config.hidden_size, config.arch.position_offset)
             weights[f"{config.arch.prefix}embed_positions.weight"] = place(
@@ -737,6 +742,7 @@ class DecoderOnlyLLM:
             h = ops.add(h, self.position_table.embedding(self.position_table.weight, run.positions))
         if self.embed_norm is not None:
             h = NORM_KINDS[arch.norm](ops, cfg.rms_norm_eps)[0](h, self.embed_norm)
+        run.embedded = h
         # each layer's per-layer inputs, as leave's last argument (none without)
         run.inputs = inputs = (
             [()] * len(self.layers) if self.per_layer is None else [(x,) for x in self.per_layer(ids, h)])

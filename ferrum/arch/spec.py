@@ -9,6 +9,9 @@ from ferrum.arch.rope import Rope
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.recurrent import MIXERS
 
+#: The mixers that attend over the KV pool: attention, and Zamba 2's shared block before its Mamba-2.
+ATTENDING = ("attention", "shared_mamba2")
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -42,7 +45,7 @@ class LayerSpec:
     #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention;
     #: "mamba", Mamba's, Falcon Mamba's and Jamba's Mamba-1 layers; "mamba2", Granite 4.0-H's and Nemotron-H's
     #: Mamba-2 layers; "short_conv", LFM2's gated short convolutions; "kimi_delta", Kimi Linear's Kimi Delta
-    #: Attention),
+    #: Attention; "shared_mamba2", Zamba 2's hybrid layers: a shared attention + MLP block, then Mamba-2),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
     #: A recurrent mixer (:data:`ferrum.recurrent.MIXERS`) run beside ``mixer`` on the same normed input, its output
@@ -69,6 +72,10 @@ class LayerSpec:
     #: LongCat-Flash's shortcut-connected MoE: "give", the layer's MLP slot also computes an output of the same normed
     #: input (its sparse MLP) that the next layer's MLP output is summed with ("take"); None: neither.
     shortcut: str | None = None
+    #: Zamba 2's hybrid layers (mixer "shared_mamba2"): which use of the architecture's shared blocks
+    #: (``Architecture.shared_block``, :mod:`ferrum.arch.shared_block`) the layer runs before its Mamba-2, counted
+    #: over the hybrid layers; it picks the block and that use's adapters. None elsewhere.
+    shared_use: int | None = None
 
     def block_norms(self, arch: Architecture) -> dict[str, str]:
         """The layer's block norms, slot -> tensor name in the layer."""
@@ -193,6 +200,12 @@ class Architecture:
     short_conv: Any = None
     #: ...whose mixer is "kimi_delta" (:class:`ferrum.recurrent.kimi_delta.KimiDeltaSpec`), else None.
     kimi_delta: Any = None
+    #: Zamba 2's shared transformer blocks and its hybrid layers' Mamba-2 (:class:`ferrum.arch.shared_block.
+    #: SharedBlockSpec`; mixer "shared_mamba2"), else None.
+    shared_block: Any = None
+    #: ``(alias, source)`` module prefixes under ``prefix`` (``layers.7.shared_transformer.``): the tensors a layer
+    #: reads from another layer's, placed once and read by both (Zamba 2's later uses of a shared block).
+    aliases: tuple[tuple[str, str], ...] = ()
     #: Qwen3-Next's gated attention: q_proj emits each head's query then its gate; the attention output is
     #: multiplied by sigmoid(gate) before o_proj.
     attn_output_gate: bool = False
@@ -314,6 +327,6 @@ class Architecture:
         holds as many layers as there are distinct pool layers (:attr:`kv_pool_layers`)."""
         own: dict[int, int] = {}
         for i, layer in enumerate(self.layers):
-            if layer.kv_source is None and layer.mixer == "attention":
+            if layer.kv_source is None and layer.mixer in ATTENDING:
                 own[i] = len(own)
         return tuple(own.get(i if layer.kv_source is None else layer.kv_source) for i, layer in enumerate(self.layers))

@@ -124,6 +124,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         if layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
             mixer = mixer_spec(arch, layer.mixer)
             own = {**block_norms, **(mixer.tensors(h) if mixer is not None else {})}
+            if layer.shared_use is not None:  # the shared block where this is its first use (Zamba 2)
+                own.update(arch.shared_block.stored_at(layer.shared_use))
         else:  # attention's, and those of a recurrent mixer beside it
             own = {**block_norms, **_stored_attention(config, layer, attention, norms)}
             if layer.beside is not None:
@@ -348,6 +350,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
                  (name.replace("qkv_proj", "k_proj"), rows(tensor, q, q + kv)),
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
+    elif arch.shared_block is not None and ".shared_transformer." in name:
+        parts = arch.shared_block.split(name, tensor, _take_rows)
     elif (mixer := _mixer_of(arch, arch.layers[layer], name)) is not None:
         parts = mixer.split(name, tensor, _take_rows)
     elif arch.attn_output_gate and not arch.attn_gate_stored and ".self_attn.q_proj." in name:

@@ -16,6 +16,7 @@ from ferrum.arch.keys import (
     optional_positive_number, optional_size, positive_int, positive_number, size,
 )
 from ferrum.arch.rope import Rope
+from ferrum.arch.shared_block import MAMBA, SharedBlockSpec
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, nemotron_h_moe, with_moe
 from ferrum.recurrent.mamba import MambaSpec
@@ -412,6 +413,69 @@ def _mamba2(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: Zamba 2's layer kinds, as transformers 5 remaps them and as the releases write them: a Mamba-2 layer, or a hybrid
+#: one (a shared block before its Mamba-2).
+_ZAMBA2_LAYERS = {"mamba": "mamba2", LINEAR: "mamba2", "hybrid": "shared_mamba2"}
+#: Zamba 2's modules: the final norm ``final_layernorm``.
+ZAMBA2_STORED = {"norm": "final_layernorm"}
+
+
+def _zamba2_layers(r: KeyReader, sizes: Sizes) -> list[str]:
+    """Each layer's mixer from layers_block_type; transformers' default pattern (Zamba2-2.7B's) where it is absent."""
+    types = r("layers_block_type")
+    if types is None:
+        types = ["mamba"] + (["mamba"] * 5 + ["hybrid"]) * 7 + ["mamba"] * 4 + ["hybrid"] + ["mamba"] * 3 + [
+            "hybrid"] + ["mamba"] * 2
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in _ZAMBA2_LAYERS for t in types):
+        r.fail("layers_block_type", f"must list {sizes.num_layers} entries of 'mamba' (or 'linear_attention') / "
+                                    f"'hybrid', got {types!r}")
+    return [_ZAMBA2_LAYERS[t] for t in types]
+
+
+def _zamba2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Zyphra's Zamba 2: Mamba-2 layers, and hybrid ones that run one of num_mem_blocks shared attention + gated GELU
+    MLP blocks (ABAB...) on ``[x, embeddings]`` before their Mamba-2, with per-use adapters and a per-use linear
+    (:mod:`ferrum.arch.shared_block`); attention without rope unless use_mem_rope, its scores scaled by
+    ``(head_dim / 2) ** -0.5`` as transformers does. Mamba-2's steps are clamped below at time_step_min, as
+    transformers' prompt pass clamps them."""
+    h = sizes.hidden_size
+    heads, groups = r("n_mamba_heads"), r("mamba_ngroups")
+    inner = r("mamba_expand") * h
+    if inner % heads:
+        r.fail("n_mamba_heads", f"({heads}) must divide mamba_expand * hidden_size ({inner})")
+    if heads % groups:
+        r.fail("mamba_ngroups", f"({groups}) must divide n_mamba_heads ({heads})")
+    r("hidden_act"), r("add_bias_linear"), r("chunk_size"), r("use_mem_eff_path")
+    if r("use_shared_attention_adapter") and sizes.num_kv_heads != sizes.num_heads:
+        r.fail("num_key_value_heads", f"({sizes.num_kv_heads}) must equal num_attention_heads ({sizes.num_heads}) "
+                                      "where use_shared_attention_adapter is set: the k and v adapters give every head "
+                                      "(transformers cannot run it either)")
+    mixers = _zamba2_layers(r, sizes)
+    uses = tuple(i for i, m in enumerate(mixers) if m == "shared_mamba2")
+    mamba = Mamba2Spec(heads, inner // heads, groups, r("mamba_d_state"), r("mamba_d_conv"),
+                       (float(r("time_step_min")), float("inf")), conv_bias=r("use_conv_bias"), module="mamba")
+    shared = SharedBlockSpec(h, sizes.num_heads, sizes.num_kv_heads, sizes.head_dim, sizes.intermediate_size, uses,
+                             r("num_mem_blocks"), r("adapter_rank"), bool(r("use_shared_attention_adapter")),
+                             replace(mamba, module=MAMBA), tied=sizes.tie_word_embeddings)
+    if r("use_mem_rope"):
+        key, spec = _rope_spec(r)
+        rope = read_rope(r, sizes, spec, key, ("default",))
+    else:
+        rope = Rope.unrotated(sizes.head_dim)
+    layers = tuple(LayerSpec(None, rope, mixer=m, mlp="none", norms=() if m == "shared_mamba2" else None,
+                             shared_use=uses.index(i) if m == "shared_mamba2" else None)
+                   for i, m in enumerate(mixers))
+    return Architecture(
+        layers=layers, norms={"pre_attn": "input_layernorm"}, attn_scale=(sizes.head_dim / 2) ** -0.5,
+        mamba2=mamba, shared_block=shared, aliases=shared.aliases, unloaded=shared.unloaded,
+        keep_float32=(".A_log", ".dt_bias", ".D"), stored_names=ZAMBA2_STORED)
+
+
+def _zamba2_context(raw: dict[str, Any]) -> dict[str, Any]:
+    """use_long_context: transformers sets max_position_embeddings to 16384 (and changes nothing else)."""
+    return {**raw, "max_position_embeddings": 16384} if raw.get("use_long_context") else raw
+
+
 TABLE: dict[str, Family] = {
     "granitemoehybrid": Family(  # Granite 4.0-H: Mamba-2 + attention layers, Granite's multipliers, shared MLP
         _keys(_core(False), _ROPE, _SILU, _GRANITE, MOE_KEYS["granitemoeshared"], _MAMBA2, (
@@ -478,6 +542,34 @@ TABLE: dict[str, Family] = {
         )),
         _falcon_h1,
         eps_default=1e-5,
+    ),
+    "zamba2": Family(  # Zyphra's Zamba 2: Mamba-2 layers, shared attention + MLP blocks before some of them
+        _keys(_core(True), _core_defaults(max_position_embeddings=4096), (
+            Key("intermediate_size", check=optional_size(1 << 20)),  # None: 4 * hidden_size
+            Key("head_dim"),  # transformers' alias of attention_head_dim, which it computes: 2 * hidden / heads
+            Key("layers_block_type"),
+            Key("mamba_d_state", default=64, check=positive_int),
+            Key("mamba_d_conv", default=4, check=positive_int),
+            Key("mamba_expand", default=2, check=positive_int),
+            Key("mamba_ngroups", default=1, check=positive_int),
+            Key("n_mamba_heads", default=8, check=positive_int),
+            Key("use_conv_bias", default=True, check=boolean),
+            Key("time_step_min", default=0.001, check=positive_number),
+            Key("chunk_size", default=256),  # the training kernels' chunks: the same numbers whatever it is
+            Key("use_mem_eff_path", default=False),  # a fused training path: the same numbers
+            Key("num_mem_blocks", default=1, check=positive_int),
+            Key("use_shared_attention_adapter", default=False, check=boolean),
+            Key("adapter_rank", default=128, check=positive_int),
+            Key("use_mem_rope", default=False, check=boolean),
+            Key("use_long_context", default=False, check=boolean),
+            Key("rope_theta", check=optional_positive_number), Key("rope_scaling"), Key("rope_parameters"),
+            Key("hidden_act", default="gelu", check=one_of("gelu"), unsupported=True),
+            Key("add_bias_linear", default=False, check=falsy(
+                "Ferrum runs Zamba 2's projections unbiased, as its releases are; load such a checkpoint elsewhere"),
+                unsupported=True),
+        )),
+        _zamba2,
+        eps_default=1e-5, derive=_zamba2_context, head_dim=lambda r: 2 * r("hidden_size") // r("num_attention_heads"),
     ),
     "mamba2": Family(  # pure Mamba-2 (state-spaces' mamba2-*, Mamba-Codestral): Mamba-2 blocks alone
         _keys((
