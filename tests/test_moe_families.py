@@ -28,6 +28,7 @@ import test_dots1
 import test_ernie4_5_moe
 import test_exaone_moe
 import test_flex_olmo
+import test_flint
 import test_glm4_moe
 import test_glm4_moe_lite
 import test_hunyuan_v1_moe
@@ -268,6 +269,11 @@ FAMILIES = {
     "lfm2_moe": Family(
         test_lfm2_moe, greedy=("biased",), greedy_backends=("cpu",),
         random={"lfm2_moe": lambda: test_lfm2_moe.moe_config().to_dict()}),
+    "flint": Family(
+        # the prompt's second copy from the prefix cache past the sliding window
+        test_flint, greedy=("release",), engine="release",
+        names=("release", "plain"),  # the sinks under softmax_offset, the experts one by one
+        random={"flint": lambda: test_flint.flint_config().to_dict()}),
 }
 
 

@@ -54,6 +54,7 @@ LAYOUT = {
     "glm_moe_dsa": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "axk1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "kolibri1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "flint": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -124,7 +125,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 # DeepSeek-V3.2's and GLM-5's configs re-route a num_experts to n_routed_experts
                 "deepseek_v32": ("num_experts", "n_routed_experts", "num_local_experts"),
                 "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts"),
-                "axk1": ("n_routed_experts", "num_local_experts"),
+                "axk1": ("n_routed_experts", "num_local_experts"), "flint": ("num_experts",),
                 "kolibri1": ("num_local_experts", "num_experts")}  # the latter its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
@@ -532,6 +533,14 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "jamba": (*_COUNT["jamba"], Key("num_experts_per_tok", default=2, check=positive_int),
               Key("expert_layer_period", default=2, check=positive_int),
               Key("expert_layer_offset", default=1, check=_non_negative_int)),
+    # Flint (FlintConfig's defaults): Qwen's sparse layers (its first two dense), sigmoid routing, an ungated shared
+    # expert
+    "flint": (*_COUNT["flint"], Key("num_experts_per_tok", default=6, check=positive_int),
+              Key("moe_intermediate_size", default=512, check=positive_int),
+              Key("norm_topk_prob", default=True, check=boolean),
+              Key("decoder_sparse_step", default=1, check=positive_int),
+              Key("mlp_only_layers", default=[0, 1], check=_layer_list),
+              Key("shared_expert_intermediate_size", default=1024, check=positive_int)),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
@@ -542,7 +551,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
-                  "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384}
+                  "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -836,6 +845,20 @@ def _mimo_v2_flash(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[Mo
     return spec, sparse
 
 
+def _flint(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Flint's sparse MLP as transformers runs it (``FlintSparseMoeBlock``): a float32 router ``gate`` whose top-k
+    sigmoid scores (no bias) weigh the experts, renormalized where norm_topk_prob; SwiGLU experts of
+    moe_intermediate_size and an ungated ``shared_expert`` of shared_expert_intermediate_size added in full. Layers
+    are sparse as Qwen-MoE's decoder_sparse_step and mlp_only_layers say (null: the first two dense, as transformers
+    reads it)."""
+    dense, step = r("mlp_only_layers"), r("decoder_sparse_step")
+    dense = [0, 1] if dense is None else dense
+    spec = MoeSpec(*LAYOUT["flint"], count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
+                   r("shared_expert_intermediate_size"), shared_gate=None, routing="sigmoid_top_k",
+                   router_float32=True)
+    return spec, [i not in dense and (i + 1) % step == 0 for i in range(sizes.num_layers)]
+
+
 def _cohere2_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
     """Command A MoE's sparse MLP as transformers runs it (``Cohere2MoeSparseMoeBlock``): a router ``gate`` in the
     compute dtype choosing the top-k logits, weighed by their softmax (the renormalized top-k probabilities) or, by
@@ -946,6 +969,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "mimo_v2_flash": lambda r, model_type, count, top_k, sizes: _mimo_v2_flash(r, sizes, count, top_k),
     "cohere2_moe": lambda r, model_type, count, top_k, sizes: _cohere2_moe(r, sizes, count, top_k),
     "jamba": lambda r, model_type, count, top_k, sizes: _jamba(r, sizes, count, top_k),
+    "flint": lambda r, model_type, count, top_k, sizes: _flint(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
     "kolibri1": lambda r, model_type, count, top_k, sizes: _kolibri1(r, sizes, count, top_k),
 }

@@ -500,6 +500,28 @@ def _dbrx(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _flint_kinds(r: KeyReader, sizes: Sizes) -> tuple[int | None, list[str]]:
+    """transformers' Flint: layer_types, else full layers at the first two, every fourth from the second and the
+    last; the others sliding."""
+    last = sizes.num_layers - 1
+    return _layer_kinds(r, sizes, lambda i: FULL if i < 2 or i % 4 == 1 or i == last else SLIDING)
+
+
+#: Flint's checkpoints store its sinks as softmax_offset.
+FLINT_NAMES = {"self_attn.sinks": "self_attn.softmax_offset"}
+
+
+def _flint(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Recursive's Flint (transformers' Flint): Qwen3-MoE's blocks (per-head q/k norms before rope) with a learned
+    sink per query head (gpt-oss's, stored as ``softmax_offset``, kept in float32 as transformers keeps it), rope on
+    the sliding layers only (the full layers NoPE); the sparse MLPs (sigmoid routing, an ungated shared expert) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    window, types = _flint_kinds(r, sizes)
+    arch = _llama_like(False, "head", lambda r, sizes: [window if t == SLIDING else None for t in types],
+                       rotated=lambda r, sizes: [t == SLIDING for t in types])(r, sizes)
+    return replace(arch, sinks=True, keep_float32=(*arch.keep_float32, ".self_attn.sinks"), stored_names=FLINT_NAMES)
+
+
 _QWEN2_MOE_WINDOW = (
     Key("sliding_window", default=4096, check=lambda v: None if v == 0 else optional_positive_int(v)),
     *_QWEN_WINDOW[1:],
@@ -775,5 +797,15 @@ TABLE: dict[str, Family] = {
         ), MOE_KEYS["afmoe"]),
         with_moe("afmoe", _afmoe),
         eps_default=1e-5,
+    ),
+    "flint": Family(  # Recursive's Flint: Qwen3-MoE's attention with sinks, NoPE full layers, sigmoid routing
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=2048, intermediate_size=6144, num_hidden_layers=49, num_attention_heads=32,
+            num_key_value_heads=4, vocab_size=150144, max_position_embeddings=262144,
+        ), _ROPE, _SILU, _LAYER_TYPES, (
+            Key("sliding_window", default=513, check=optional_positive_int),
+            Key("attention_bias", default=False, check=boolean),
+        ), MOE_KEYS["flint"]),
+        with_moe("flint", _flint),
     ),
 }
