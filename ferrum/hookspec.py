@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.23"
+API_VERSION = "1.24"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -113,6 +113,7 @@ OPTIONAL_OPS = (
     "relu",
     "xielu",
     "sigmoid_mul",
+    "softplus_mul",
     "causal_conv1d",
     "gated_delta_rule",
     "ssd_update",
@@ -349,6 +350,13 @@ def xielu(x: Any, alpha_p: float, alpha_n: float, beta: float, eps: float) -> An
 def sigmoid_mul(gate: Any, x: Any) -> Any:
     """(optional, API 1.16) ``x * sigmoid(gate)`` elementwise, in ``x``'s dtype (Qwen3-Next's gated attention:
     each head's output times the sigmoid of its gate). Fallback: computed on the host in float32."""
+
+
+@hookspec(firstresult=True)
+def softplus_mul(gate: Any, x: Any) -> Any:
+    """(optional, API 1.24) ``x * softplus(gate)`` elementwise, the softplus in float32, the product in ``x``'s dtype
+    (Laguna's gated attention: each head's output times the softplus of its gate). Fallback: computed on the host in
+    float32."""
 
 
 @hookspec(firstresult=True)

@@ -119,6 +119,11 @@ def sigmoid_mul(ops: Any, gate: Any, x: Any) -> Any:
     return _on_host(ops, x, lambda a: kernels.sigmoid_mul(g, a))
 
 
+def softplus_mul(ops: Any, gate: Any, x: Any) -> Any:
+    g = np.asarray(ops.to_numpy(gate), dtype=np.float32)
+    return _on_host(ops, x, lambda a: kernels.softplus_mul(g, a))
+
+
 def _host(ops: Any, x: Any) -> np.ndarray:
     return np.asarray(ops.to_numpy(x), dtype=np.float32)
 

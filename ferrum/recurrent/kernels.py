@@ -107,6 +107,11 @@ def selective_scan(x: np.ndarray, dt: np.ndarray, a_log: np.ndarray, b: np.ndarr
     return y + x * np.asarray(d, dtype=np.float32), new_state
 
 
+def softplus_mul(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``x * softplus(gate)``, ``softplus(g) = log(1 + exp(g))``."""
+    return np.asarray(x, dtype=np.float32) * np.logaddexp(np.float32(0), np.asarray(gate, dtype=np.float32))
+
+
 def sigmoid_mul(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(gate)``."""
     return np.asarray(x, dtype=np.float32) / (1.0 + np.exp(-np.asarray(gate, dtype=np.float32)))

@@ -191,6 +191,15 @@ def check_sigmoid_mul(c: Any, tol: float) -> float:
     return _compare(c.get(c.ops.sigmoid_mul(c.put(gate), c.put(x))), x / (1.0 + np.exp(-gate)), tol)
 
 
+def check_softplus_mul(c: Any, tol: float) -> float:
+    """Gates far below and above zero too, where softplus is 0 and the gate itself."""
+    gate, x = c.rounded(c.random(5, 48) * 4), c.rounded(c.random(5, 48))
+    gate[0, :4] = [-30.0, 30.0, 0.0, -0.0]
+    got = c.get(c.ops.softplus_mul(c.put(gate), c.put(x)))
+    assert np.array_equal(got, c.rounded(got)), f"softplus_mul's result is not in the compute dtype {c.dtype}"
+    return _compare(got, x * np.logaddexp(0.0, gate), tol)
+
+
 #: A varlen batch of the recurrent checks: a prompt chunk, a decode token, and a longer chunk.
 _SEGMENTS = np.array([0, 4, 5, 11], dtype=np.int32)
 
@@ -479,6 +488,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"xielu ({source('xielu')})", lambda: check_xielu(c, tol), tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"sigmoid_mul ({source('sigmoid_mul')})", lambda: check_sigmoid_mul(c, tol), tol),
+        (f"softplus_mul ({source('softplus_mul')})", lambda: check_softplus_mul(c, tol), tol),
         (f"causal_conv1d ({source('causal_conv1d')})", lambda: check_causal_conv1d(c, tol), tol),
         (f"gated_delta_rule ({source('gated_delta_rule')})", lambda: check_gated_delta_rule(c, tol), tol),
         (f"gated_delta_rule, per key channel and beta_scale ({extended_rule})",

@@ -165,6 +165,11 @@ def sigmoid_mul(gate, x):
 
 
 @hookimpl
+def softplus_mul(gate, x):
+    return _recurrent.softplus_mul(gate, x).astype(x.dtype)
+
+
+@hookimpl
 def causal_conv1d(x, weight, state, cu_seqlens, silu):
     return _recurrent.causal_conv1d(x, weight, state, cu_seqlens, silu)
 

@@ -583,6 +583,11 @@ def sigmoid_mul(gate, x):
 
 
 @hookimpl
+def softplus_mul(gate, x):
+    return (x.float() * torch.nn.functional.softplus(gate.float())).to(x.dtype)
+
+
+@hookimpl
 def causal_conv1d(x, weight, state, cu_seqlens, silu):
     return batched.causal_conv1d(_FRAMEWORK, x, weight, state, cu_seqlens, silu)
 

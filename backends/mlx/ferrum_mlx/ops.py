@@ -466,6 +466,11 @@ def sigmoid_mul(gate, x):
 
 
 @hookimpl
+def softplus_mul(gate, x):
+    return (x.astype(mx.float32) * nn.softplus(gate.astype(mx.float32))).astype(x.dtype)
+
+
+@hookimpl
 def causal_conv1d(x, weight, state, cu_seqlens, silu):
     return batched.causal_conv1d(_FRAMEWORK, x, weight, state, cu_seqlens, silu)
 

@@ -30,6 +30,16 @@ def sigmoid_mul(gate, x):
     return _sigmoid_mul(gate, x)
 
 
+@jax.jit
+def _softplus_mul(gate, x):
+    return (x.astype(F32) * jax.nn.softplus(gate.astype(F32))).astype(x.dtype)
+
+
+@hookimpl
+def softplus_mul(gate, x):
+    return _softplus_mul(gate, x)
+
+
 @hookimpl
 def causal_conv1d(x, weight, state, cu_seqlens, silu):
     return batched.causal_conv1d(_FRAMEWORK, x, weight, state, cu_seqlens, bool(silu))
