@@ -151,10 +151,11 @@ class Attention(MixerKind):
         through ``o_proj`` (read at each call: LoRA adapters swap it, :mod:`ferrum.adapters`)."""
         ops, cfg = model.ops, model.config
         width, norm = cfg.num_heads * cfg.head_dim, NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)[0]
+        gated = ops.softplus_mul if cfg.arch.attn_gate == "softplus" else ops.sigmoid_mul
 
         def attention_out(attn: Any, *gate: Any) -> Any:
             flat = ops.reshape(attn, (-1, width))
-            flat = ops.sigmoid_mul(gate[0], flat) if gate else flat
+            flat = gated(gate[0], flat) if gate else flat
             flat = flat if layer.differential is None else layer.differential(flat)
             return layer.o(flat if layer.sub_norm is None else norm(flat, layer.sub_norm))
 

@@ -34,6 +34,7 @@ import test_glm4_moe_lite
 import test_hunyuan_v1_moe
 import test_hy_v3
 import test_kolibri1
+import test_laguna
 import test_lfm2_moe
 import test_llama4
 import test_mellum
@@ -274,6 +275,13 @@ FAMILIES = {
         test_flint, greedy=("release",), engine="release",
         names=("release", "plain"),  # the sinks under softmax_offset, the experts one by one
         random={"flint": lambda: test_flint.flint_config().to_dict()}),
+    "laguna": Family(
+        test_laguna, bias_control=("release",), greedy=("release",), engine="release",
+        # g_proj one row per head, fewer query heads on some layers, the correction bias under experts
+        names=("release", "element"),
+        # the correction bias in float32, the router in the compute dtype, as transformers' LagunaTopKRouter runs it
+        router=Router("release", "gate.e_score_correction_bias", None),
+        random={"laguna": lambda: test_laguna.laguna_config().to_dict()}),
 }
 
 

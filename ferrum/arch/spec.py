@@ -38,6 +38,11 @@ class LayerSpec:
     #: The checkpoint's key/value heads for this layer where fewer than the model's (Gemma 4's full layers): each is
     #: repeated at load, so every query reads its own key/value head as before. None: the model's.
     stored_kv_heads: int | None = None
+    #: The checkpoint's query heads for this layer where fewer than the model's (Laguna's
+    #: num_attention_heads_per_layer): each key/value head's queries are padded with zero heads at load (q_proj's
+    #: rows, the output gate's, o_proj's columns), which attend but add nothing through o_proj's zero columns, so the
+    #: layer runs with the model's heads exactly. None: the model's.
+    stored_heads: int | None = None
     #: The layer stores no v_proj; its values are its key projection (Gemma 4's ``attention_k_eq_v``), taken before
     #: the k norm and rope, with the value norm of their own.
     values_are_keys: bool = False
@@ -212,6 +217,10 @@ class Architecture:
     #: ...whose gate the checkpoint stores as a projection of its own, ``self_attn.gate_proj`` (AFMoE's), not in
     #: q_proj's rows.
     attn_gate_stored: bool = False
+    #: ...the gate's activation: "sigmoid" (Qwen3-Next's, AFMoE's) or "softplus" (Laguna's).
+    attn_gate: str = "sigmoid"
+    #: ...stored one row per head (Laguna's per-head ``g_proj``), its rows repeated over each head's dims at load.
+    attn_gate_per_head: bool = False
     #: DeepSeek Sparse Attention's indexers (:class:`ferrum.arch.dsa.IndexerSpec`: DeepSeek-V3.2's, GLM-5's), whose
     #: tensors are checked for shape and dropped at load; None without.
     indexer: Any = None

@@ -93,7 +93,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         attention.update({"self_attn.v_proj.weight": (config.num_kv_heads * vd, h),
                           "self_attn.o_proj.weight": (h, config.num_heads * vd)})
     if arch.attn_output_gate and arch.attn_gate_stored:
-        attention["self_attn.gate_proj.weight"] = (q, h)
+        attention["self_attn.gate_proj.weight"] = (config.num_heads if arch.attn_gate_per_head else q, h)
     elif arch.attn_output_gate:  # each head's query then its gate
         attention["self_attn.q_proj.weight"] = (2 * q, h)
     if arch.sinks:
@@ -163,11 +163,37 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
             own[name] = (d,)
         if layer.values_are_keys:
             del own["self_attn.v_proj.weight"]
+    if layer.stored_heads is not None:  # fewer query heads: every tensor sized by them
+        own.update({name: tuple(n * layer.stored_heads // config.num_heads if i == axis else n
+                                for i, n in enumerate(own[name]))
+                    for name, axis in _QUERY_HEAD_AXES.items() if name in own})
     if layer.kv_source is not None:
         key_norm = f"self_attn.{config.arch.qk_norm_names[1]}."
         own = {name: shape for name, shape in own.items()
                if not name.startswith(("self_attn.k_proj.", "self_attn.v_proj.", key_norm))}
     return own
+
+
+#: The attention tensors sized by the query heads, and the axis that is (LayerSpec.stored_heads).
+_QUERY_HEAD_AXES = {"self_attn.q_proj.weight": 0, "self_attn.q_proj.bias": 0, "self_attn.gate_proj.weight": 0,
+                    "self_attn.o_proj.weight": 1, "self_attn.sinks": 0}
+
+
+def fit_query_heads(config: Any, layer: Any, name: str, tensor: Any) -> Any:
+    """A layer's stored tensor sized by its fewer query heads (``LayerSpec.stored_heads``) made the model's: each key
+    /value head's queries padded with zero heads after its own (q_proj's rows and bias, the output gate's rows, o_proj's
+    columns, the sinks). A packed o_proj is padded in whole groups where its heads fill them, else refused."""
+    axis = next((a for n, a in _QUERY_HEAD_AXES.items() if name.endswith(f".{n}")), None)
+    if axis is None:
+        return tensor
+    kv, ours = config.num_kv_heads, config.num_heads
+    if isinstance(tensor, QuantizedWeight) and axis == 1 and (layer.stored_heads // kv * config.head_dim
+                                                             ) % tensor.group_size:
+        raise UnsupportedFeatureError(
+            f"{name}: this layer's {layer.stored_heads} query heads are padded to {ours} at load, which a packed "
+            f"matrix allows only where each key/value head's queries fill whole groups of {tensor.group_size} "
+            "inputs; quantize with a group size that divides them, or load the float checkpoint")
+    return _each_array(tensor, lambda a: _padded_heads(a, axis, kv, layer.stored_heads, ours))
 
 
 def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
@@ -364,6 +390,11 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = MLP_KINDS[arch.layers[layer].mlp].split(config, name, tensor)
     if layer is not None:
         spec = arch.layers[layer]
+        if arch.attn_gate_per_head:  # one row per head -> one per head dim
+            parts = [(n, _each_array(t, lambda a: np.repeat(a, config.head_dim, axis=0)) if ".self_attn.gate_proj."
+                      in n else t) for n, t in parts]
+        if spec.stored_heads is not None:
+            parts = [(n, fit_query_heads(config, spec, n, t)) for n, t in parts]
         if (spec.stored_head_dim is not None or spec.stored_kv_heads is not None or spec.values_are_keys
                 or arch.value_head_dim is not None):
             parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]

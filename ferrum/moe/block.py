@@ -26,20 +26,22 @@ class MoeMLP:
     chosen expert reads ``x`` times its weight (in ``x``'s dtype), and its
     output is taken whole (the route run once more normalized gives those
     weights of 1, the top-1 weight over itself). ``router_norm`` (Gemma 4):
-    the router reads its input through this norm. ``shared_act`` (Nemotron 3 Nano): the shared expert is
+    the router reads its input through this norm. ``router_softcap`` (Laguna): the logits soft-capped in float32
+    before routing. ``shared_act`` (Nemotron 3 Nano): the shared expert is
     ungated, ``down(shared_act(up(x)))``, its ``gate`` None; else it runs SwiGLU. ``zero`` (LongCat-Flash): the
     router may choose identity experts, :class:`ferrum.moe.zero.ZeroExperts`, which weigh ``x`` itself.
     """
 
     __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route",
-                 "router_dtype", "weigh_input", "router_norm", "shared_act", "zero")
+                 "router_dtype", "weigh_input", "router_norm", "shared_act", "zero",
+                 "router_softcap")
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
                  shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
                  routing: GroupedRouting | Sparsemixer | None = None, route: Callable[..., Any] | None = None,
                  router_dtype: str | None = None, weigh_input: bool = False,
                  router_norm: Callable[[Any], Any] | None = None, shared_act: Callable[[Any], Any] | None = None,
-                 zero: Any = None):
+                 zero: Any = None, router_softcap: float | None = None):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize
         self.shared, self.shared_gate = shared, shared_gate
@@ -49,6 +51,7 @@ class MoeMLP:
         self.router_norm = router_norm
         self.shared_act = shared_act
         self.zero = zero
+        self.router_softcap = router_softcap
 
     def projections(self) -> list[Any]:
         """The ordinary linears (router, shared expert); the experts are ``self.experts``."""
@@ -68,6 +71,8 @@ class MoeMLP:
         r = x if router_x is None else router_x
         r = r if self.router_norm is None else self.router_norm(r)
         logits = self.router(r if self.router_dtype is None else ops.cast(r, self.router_dtype))
+        if self.router_softcap is not None:
+            logits = ops.softcap(ops.cast(logits, "float32"), self.router_softcap)
         if self.zero is not None:  # the zero experts' summed weight on x, as a shared expert's on its output
             ids, weights = self.zero.route(ops, logits, self.top_k, self.normalize, self.routing)
             return self.experts(x, ids, weights, x)

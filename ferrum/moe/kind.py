@@ -123,7 +123,7 @@ class Moe:
         # takes its input in float32
         router_dtype = "float32" if spec.router_float32 and router.dense_dtype == "float32" else None
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
-                      router_dtype, spec.weigh_input, router_norm, shared_act, zero)
+                      router_dtype, spec.weigh_input, router_norm, shared_act, zero, spec.router_softcap)
 
 
 def _inputs(spec: Any) -> tuple[str, ...]:

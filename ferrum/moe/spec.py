@@ -55,6 +55,7 @@ LAYOUT = {
     "axk1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "kolibri1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "flint": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "laguna": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -126,7 +127,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "deepseek_v32": ("num_experts", "n_routed_experts", "num_local_experts"),
                 "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts"),
                 "axk1": ("n_routed_experts", "num_local_experts"), "flint": ("num_experts",),
-                "kolibri1": ("num_local_experts", "num_experts")}  # the latter its attribute_map's alias
+                "kolibri1": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
+                "laguna": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -541,6 +543,20 @@ KEYS: dict[str, tuple[Key, ...]] = {
               Key("decoder_sparse_step", default=1, check=positive_int),
               Key("mlp_only_layers", default=[0, 1], check=_layer_list),
               Key("shared_expert_intermediate_size", default=1024, check=positive_int)),
+    # Laguna (LagunaConfig's defaults): sigmoid scores chosen with a correction bias, always renormalized, scaled,
+    # beside an ungated shared expert, the first layer dense; mlx-lm's moe_router_score_func, which transformers
+    # ignores, refused where it asks for another rule
+    "laguna": (*_COUNT["laguna"], Key("num_experts_per_tok", default=8, check=positive_int),
+               Key("moe_intermediate_size", default=512, check=positive_int),
+               Key("shared_expert_intermediate_size", default=512, check=positive_int),
+               Key("moe_routed_scaling_factor", default=1.0, check=positive_number),
+               Key("moe_router_logit_softcapping", default=0.0, check=_non_negative_number),
+               Key("mlp_layer_types", check=_mlp_layer_types),
+               Key("moe_apply_router_weight_on_input", default=False, unsupported=True, check=falsy(
+                   "transformers' Laguna refuses it too; set it to false")),
+               Key("moe_router_score_func", default="sigmoid", unsupported=True, check=lambda v: None if v in (
+                   None, "sigmoid") else f"is {v!r}, but transformers' Laguna routes by sigmoid scores whatever it "
+                                         "says")),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
@@ -551,7 +567,8 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
-                  "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256}
+                  "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
+                  "laguna": 256}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -670,6 +687,9 @@ class MoeSpec:
     #: Identity experts after the ``num_experts`` routed ones (LongCat-Flash's zero-computation experts,
     #: :mod:`ferrum.moe.zero`): the router and its correction bias score ``num_experts + zero_experts``.
     zero_experts: int = 0
+    #: The router's logits soft-capped in float32 before routing, ``cap * tanh(logits / cap)`` (Laguna's
+    #: moe_router_logit_softcapping); None: as they are.
+    router_softcap: float | None = None
 
     @property
     def scored(self) -> int:
@@ -859,6 +879,22 @@ def _flint(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, l
     return spec, [i not in dense and (i + 1) % step == 0 for i in range(sizes.num_layers)]
 
 
+def _laguna(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Laguna's sparse MLP as transformers saves and runs it (``LagunaSparseMoeBlock``): a router ``gate`` in the
+    compute dtype whose logits, soft-capped by moe_router_logit_softcapping (0: not) in float32, give sigmoid scores
+    that, plus ``experts.e_score_correction_bias`` (float32), choose the top-k, weighed by their uncorrected scores
+    renormalized, times moe_routed_scaling_factor; SwiGLU experts of moe_intermediate_size and an ungated
+    ``shared_expert`` of shared_expert_intermediate_size added after. Sparse layers as mlp_layer_types lists them,
+    else all but the first."""
+    cap = float(r("moe_router_logit_softcapping"))
+    spec = MoeSpec(*LAYOUT["laguna"], count, top_k, r("moe_intermediate_size"), True,
+                   r("shared_expert_intermediate_size"), shared_gate=None, routing="sigmoid_grouped",
+                   routed_scale=float(r("moe_routed_scaling_factor")),
+                   correction_bias=f"experts.{CORRECTION_BIAS}", router_softcap=cap or None)
+    layers = sizes.num_layers
+    return spec, _listed_sparse(r, layers, [i > 0 for i in range(layers)])
+
+
 def _cohere2_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
     """Command A MoE's sparse MLP as transformers runs it (``Cohere2MoeSparseMoeBlock``): a router ``gate`` in the
     compute dtype choosing the top-k logits, weighed by their softmax (the renormalized top-k probabilities) or, by
@@ -970,6 +1006,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "cohere2_moe": lambda r, model_type, count, top_k, sizes: _cohere2_moe(r, sizes, count, top_k),
     "jamba": lambda r, model_type, count, top_k, sizes: _jamba(r, sizes, count, top_k),
     "flint": lambda r, model_type, count, top_k, sizes: _flint(r, sizes, count, top_k),
+    "laguna": lambda r, model_type, count, top_k, sizes: _laguna(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
     "kolibri1": lambda r, model_type, count, top_k, sizes: _kolibri1(r, sizes, count, top_k),
 }

@@ -18,7 +18,7 @@ from ferrum.arch.families.llama_like import (
     _hunyuan_dense, _llama_like, _no_windows,
 )
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, optional_non_negative_int, optional_positive_int, optional_positive_number,
+    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, optional_positive_number,
     positive_int, positive_number, size,
 )
 from ferrum.arch.rope import Rope
@@ -522,6 +522,66 @@ def _flint(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(arch, sinks=True, keep_float32=(*arch.keep_float32, ".self_attn.sinks"), stored_names=FLINT_NAMES)
 
 
+#: transformers' LagunaConfig rope settings where a config gives none: half of each full layer's head rotated.
+_LAGUNA_ROPES = {FULL: {"rope_type": "default", "rope_theta": 500_000.0, "partial_rotary_factor": 0.5},
+                 SLIDING: {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 1.0}}
+#: Laguna's output gate under its own name.
+LAGUNA_NAMES = {"self_attn.gate_proj": "self_attn.g_proj"}
+
+
+def _laguna_heads(raw: dict[str, Any]) -> dict[str, Any]:
+    """The model's query heads: the most of any layer (num_attention_heads_per_layer), fewer padded at load."""
+    listed = raw.get("num_attention_heads_per_layer")
+    if isinstance(listed, list) and listed and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                   for n in listed):
+        return {**raw, "num_attention_heads": max(listed)}
+    return raw
+
+
+def _laguna_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
+    """(full, sliding) ropes from rope_parameters per attention kind, each rotating its own partial_rotary_factor of
+    the head (1 where its entry gives none, as transformers reads it; mlx-lm falls back to a top-level one: refused
+    where that would differ)."""
+    specs = _per_kind_rope_specs(r, "Laguna") or (dict(_LAGUNA_ROPES[FULL]), dict(_LAGUNA_ROPES[SLIDING]))
+    top = r("partial_rotary_factor")
+    if top not in (None, 1, 1.0) and any("partial_rotary_factor" not in spec for spec in specs):
+        r.fail("partial_rotary_factor", f"is {top!r}, but transformers rotates whole heads where a kind's "
+                                        "rope_parameters give no partial_rotary_factor and ignores it; give each kind "
+                                        "its own", unsupported=True)
+    return tuple(read_rope(r, sizes, spec, "rope_parameters", _LLAMA_ROPES, rotary_dim=_rotary_dim(
+        r, sizes, {"partial_rotary_factor": spec.get("partial_rotary_factor", 1.0)}, 1.0)) for spec in specs)
+
+
+def _laguna(r: KeyReader, sizes: Sizes) -> Architecture:
+    """poolside's Laguna (transformers' Laguna): Llama's blocks, per-head q/k norms before rope, each attention kind's
+    own rope (rope_parameters per kind, the full layers' over part of each head), every layer full unless layer_types
+    says otherwise; each head's output times the softplus of its own gate (``g_proj``: one per head, or per head dim
+    by gating "per-element"); a layer's query heads as num_attention_heads_per_layer lists them (fewer than the most
+    padded at load: ``LayerSpec.stored_heads``); the sparse MLPs (sigmoid routing with a correction bias, an ungated
+    shared expert, a dense first layer) are :func:`ferrum.moe.spec.with_moe`'s."""
+    window, types = _layer_kinds(r, sizes, lambda _: FULL)
+    full, sliding = _laguna_ropes(r, sizes)
+    r("hidden_act")
+    heads = r("num_attention_heads_per_layer") or [sizes.num_heads] * sizes.num_layers
+    if len(heads) != sizes.num_layers or any(n % sizes.num_kv_heads for n in heads):
+        r.fail("num_attention_heads_per_layer", f"must list {sizes.num_layers} head counts, each a multiple of the "
+                                                f"{sizes.num_kv_heads} key/value heads, got {heads!r}")
+    bias = r("attention_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(window if kind == SLIDING else None, sliding if kind == SLIDING else full,
+                               stored_heads=None if n == sizes.num_heads else n) for kind, n in zip(types, heads)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head", qkv_bias=bias, o_bias=bias,
+        attn_output_gate=True, attn_gate_stored=True, attn_gate="softplus",
+        attn_gate_per_head=r("gating") in (True, "per-head"), stored_names=LAGUNA_NAMES,
+    )
+
+
+def _head_counts(value: Any) -> str | None:
+    if value is None or (isinstance(value, list) and all(not positive_int(n) for n in value)):
+        return None
+    return f"must list a positive head count per layer, got {value!r}"
+
+
 _QWEN2_MOE_WINDOW = (
     Key("sliding_window", default=4096, check=lambda v: None if v == 0 else optional_positive_int(v)),
     *_QWEN_WINDOW[1:],
@@ -807,5 +867,20 @@ TABLE: dict[str, Family] = {
             Key("attention_bias", default=False, check=boolean),
         ), MOE_KEYS["flint"]),
         with_moe("flint", _flint),
+    ),
+    "laguna": Family(  # poolside's Laguna: softplus-gated attention, per-layer heads, sigmoid-routed experts
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=2048, intermediate_size=8192, num_hidden_layers=40, num_attention_heads=48,
+            num_key_value_heads=8, vocab_size=100352, max_position_embeddings=131072,
+        ), _ROPE, _SILU, _LAYER_TYPES, (
+            Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("sliding_window", default=512, check=optional_positive_int),
+            Key("attention_bias", default=False, check=boolean),
+            Key("num_attention_heads_per_layer", check=_head_counts),
+            # transformers gates per element where gating is false; mlx-lm does not gate then
+            Key("gating", default=True, unsupported=True, check=one_of(True, "per-head", "per-element")),
+        ), MOE_KEYS["laguna"]),
+        with_moe("laguna", _laguna),
+        derive=_laguna_heads,
     ),
 }
