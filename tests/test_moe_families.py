@@ -31,6 +31,7 @@ import test_flex_olmo
 import test_flint
 import test_glm4_moe
 import test_glm4_moe_lite
+import test_granitemoe_swa
 import test_hunyuan_v1_moe
 import test_hy_v3
 import test_kolibri1
@@ -282,6 +283,11 @@ FAMILIES = {
         # the correction bias in float32, the router in the compute dtype, as transformers' LagunaTopKRouter runs it
         router=Router("release", "gate.e_score_correction_bias", None),
         random={"laguna": lambda: test_laguna.laguna_config().to_dict()}),
+    "granitemoe_swa": Family(
+        test_granitemoe_swa, greedy=("shared",), engine="shared",
+        # the experts fused under block_sparse_moe.experts, the router under block_sparse_moe.router, the shared MLP's
+        # input_linear / output_linear
+        names=("shared", "unshared"), random={"granitemoe_swa": lambda: test_granitemoe_swa.swa_config().to_dict()}),
 }
 
 

@@ -56,6 +56,7 @@ LAYOUT = {
     "kolibri1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "flint": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "laguna": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "granitemoe_swa": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # fused (ferrum.moe.fused_gate_up)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -63,7 +64,8 @@ STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
            "granitemoeshared": ("input_linear", "input_linear", "output_linear")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
-          "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer", "jamba": "router"}
+          "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer", "jamba": "router",
+          "granitemoe_swa": "router"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
 MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts", "afmoe": "experts"}
 
@@ -128,7 +130,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts"),
                 "axk1": ("n_routed_experts", "num_local_experts"), "flint": ("num_experts",),
                 "kolibri1": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
-                "laguna": ("num_experts",)}
+                "laguna": ("num_experts",), "granitemoe_swa": ("num_local_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -346,6 +348,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "granitemoe": (*_COUNT["granitemoe"], Key("num_experts_per_tok", default=2, check=positive_int)),
     "granitemoeshared": (*_COUNT["granitemoeshared"], Key("num_experts_per_tok", default=2, check=positive_int),
                          Key("shared_intermediate_size", default=0, check=optional_non_negative_int)),
+    "granitemoe_swa": (*_COUNT["granitemoe_swa"], Key("num_experts_per_tok", default=2, check=positive_int),
+                       Key("shared_intermediate_size", default=0, check=optional_non_negative_int)),
     "gpt_oss": (*_COUNT["gpt_oss"], Key("num_experts_per_tok", default=4, check=positive_int),
                 Key("swiglu_alpha", default=1.702, check=positive_number),
                 Key("swiglu_limit", default=7.0, check=positive_number)),
@@ -568,12 +572,13 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
-                  "laguna": 256}
+                  "laguna": 256, "granitemoe_swa": 8}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
 _EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob"),
                 "gpt_oss": lambda r: True, "phimoe": lambda r: False, "granitemoeshared": lambda r: True,
+                "granitemoe_swa": lambda r: True,
                 "hunyuan_v1_moe": lambda r: True, "minimax_m2": lambda r: True,
                 "flex_olmo": lambda r: r("norm_topk_prob"),
                 "dbrx": lambda r: r("ffn_config.moe_normalize_expert_weights") is not None}
@@ -589,6 +594,11 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
     # GraniteMoeShared's shared MLP (0 wide: none), ungated, gate and up in one matrix (Moe.split)
     "granitemoeshared": lambda r: dict(shared_expert_size=r("shared_intermediate_size") or None,
                                        shared_module="shared_mlp", shared_gate=None, shared_fused=True),
+    # GraniteMoeSWA: that shared MLP, its experts fused as transformers 5 saves them (no conversion to Granite's
+    # input_linear / output_linear), outputs first
+    "granitemoe_swa": lambda r: dict(shared_expert_size=r("shared_intermediate_size") or None,
+                                     shared_module="shared_mlp", shared_gate=None, shared_fused=True,
+                                     layout="fused_outputs_first"),
     "hunyuan_v1_moe": _hunyuan_extras,
     # MiniMax-M2: DeepSeek-V3's sigmoid scores chosen with a correction bias, in one group, unscaled; the bias is the
     # sparse MLP's own buffer (transformers' MiniMaxM2SparseMoeBlock), not the router's

@@ -15,7 +15,7 @@ from ferrum.arch.families.latent import SARVAM_ALIASES
 from ferrum.arch.families.layer_norm import _COHERE, _cohere_blocks
 from ferrum.arch.families.llama_like import (
     _EXAONE4, _GRANITE, _QWEN_WINDOW, _ernie4_5, _every_layer_window, _exaone4_rotated, _exaone4_windows, _granite,
-    _hunyuan_dense, _llama_like, _no_windows,
+    _granite_swa, _hunyuan_dense, _llama_like, _no_windows,
 )
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, optional_positive_number,
@@ -582,6 +582,13 @@ def _head_counts(value: Any) -> str | None:
     return f"must list a positive head count per layer, got {value!r}"
 
 
+def _granitemoe_swa(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Granite SWA's attention (sliding layers, a rope base per layer, sinks) in Granite 3 MoE's blocks with a shared
+    MLP (GraniteMoeShared's names); the experts (transformers 5's fused stacks under ``block_sparse_moe.experts``,
+    routed by ``block_sparse_moe.router``) are :func:`ferrum.moe.spec.with_moe`'s."""
+    return replace(_granite_swa(r, sizes), stored_names=GRANITEMOESHARED_NAMES)
+
+
 _QWEN2_MOE_WINDOW = (
     Key("sliding_window", default=4096, check=lambda v: None if v == 0 else optional_positive_int(v)),
     *_QWEN_WINDOW[1:],
@@ -882,5 +889,12 @@ TABLE: dict[str, Family] = {
         ), MOE_KEYS["laguna"]),
         with_moe("laguna", _laguna),
         derive=_laguna_heads,
+    ),
+    "granitemoe_swa": Family(  # IBM's Granite Swash: Granite SWA's attention over Granite 3 MoE's experts
+        _keys(_core(False), _ROPE, _SILU, _GRANITE, _LAYER_TYPES, (
+            Key("sliding_window", default=128, check=optional_positive_int),
+            Key("layer_rope_theta"),
+        ), MOE_KEYS["granitemoe_swa"]),
+        with_moe("granitemoe_swa", _granitemoe_swa),
     ),
 }
