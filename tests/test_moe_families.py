@@ -36,6 +36,7 @@ import test_hunyuan_v1_moe
 import test_hy_v3
 import test_kolibri1
 import test_laguna
+import test_lara_mini
 import test_lfm2_moe
 import test_llama4
 import test_mellum
@@ -288,6 +289,10 @@ FAMILIES = {
         # the experts fused under block_sparse_moe.experts, the router under block_sparse_moe.router, the shared MLP's
         # input_linear / output_linear
         names=("shared", "unshared"), random={"granitemoe_swa": lambda: test_granitemoe_swa.swa_config().to_dict()}),
+    "lara_mini": Family(
+        # Gated DeltaNet's one in_proj and out_norm, the experts fused
+        test_lara_mini, greedy=("release",), names=("release", "plain"),
+        random={"lara_mini": lambda: test_lara_mini.lara_config().to_dict()}),
 }
 
 

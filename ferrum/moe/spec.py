@@ -57,6 +57,7 @@ LAYOUT = {
     "flint": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "laguna": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "granitemoe_swa": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # fused (ferrum.moe.fused_gate_up)
+    "lara_mini": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # fused (ferrum.moe.fused_gate_up)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -130,7 +131,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts"),
                 "axk1": ("n_routed_experts", "num_local_experts"), "flint": ("num_experts",),
                 "kolibri1": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
-                "laguna": ("num_experts",), "granitemoe_swa": ("num_local_experts",)}
+                "laguna": ("num_experts",), "granitemoe_swa": ("num_local_experts",), "lara_mini": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -350,6 +351,12 @@ KEYS: dict[str, tuple[Key, ...]] = {
                          Key("shared_intermediate_size", default=0, check=optional_non_negative_int)),
     "granitemoe_swa": (*_COUNT["granitemoe_swa"], Key("num_experts_per_tok", default=2, check=positive_int),
                        Key("shared_intermediate_size", default=0, check=optional_non_negative_int)),
+    # Lara Mini (LaraMiniConfig's defaults): Flint's sparse block (an ungated shared expert) on every layer, routed by
+    # a float32 softmax
+    "lara_mini": (*_COUNT["lara_mini"], Key("num_experts_per_tok", default=4, check=positive_int),
+                  Key("moe_intermediate_size", default=512, check=positive_int),
+                  Key("shared_expert_intermediate_size", default=512, check=positive_int),
+                  Key("norm_topk_prob", default=True, check=boolean)),
     "gpt_oss": (*_COUNT["gpt_oss"], Key("num_experts_per_tok", default=4, check=positive_int),
                 Key("swiglu_alpha", default=1.702, check=positive_number),
                 Key("swiglu_limit", default=7.0, check=positive_number)),
@@ -572,7 +579,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
-                  "laguna": 256, "granitemoe_swa": 8}
+                  "laguna": 256, "granitemoe_swa": 8, "lara_mini": 128}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -905,6 +912,17 @@ def _laguna(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, 
     return spec, _listed_sparse(r, layers, [i > 0 for i in range(layers)])
 
 
+def _lara_mini(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Lara Mini's sparse MLP as transformers saves and runs it (``LaraMiniSparseMoeBlock``): a float32 router ``gate``
+    whose softmax's top-k weigh the experts, renormalized where norm_topk_prob; SwiGLU experts of
+    moe_intermediate_size stored fused outputs first (``experts.gate_up_proj``, ``experts.down_proj``), an ungated
+    ``shared_expert`` of shared_expert_intermediate_size added in full; every layer sparse."""
+    spec = MoeSpec(*LAYOUT["lara_mini"], count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
+                   r("shared_expert_intermediate_size"), shared_gate=None, router_float32=True,
+                   layout="fused_outputs_first")
+    return spec, [True] * sizes.num_layers
+
+
 def _cohere2_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
     """Command A MoE's sparse MLP as transformers runs it (``Cohere2MoeSparseMoeBlock``): a router ``gate`` in the
     compute dtype choosing the top-k logits, weighed by their softmax (the renormalized top-k probabilities) or, by
@@ -1017,6 +1035,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "jamba": lambda r, model_type, count, top_k, sizes: _jamba(r, sizes, count, top_k),
     "flint": lambda r, model_type, count, top_k, sizes: _flint(r, sizes, count, top_k),
     "laguna": lambda r, model_type, count, top_k, sizes: _laguna(r, sizes, count, top_k),
+    "lara_mini": lambda r, model_type, count, top_k, sizes: _lara_mini(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
     "kolibri1": lambda r, model_type, count, top_k, sizes: _kolibri1(r, sizes, count, top_k),
 }

@@ -2,8 +2,9 @@
 they are laid out at load, and one layer's work around its two recurrent ops (``causal_conv1d``,
 ``gated_delta_rule``).
 
-Three checkpoint layouts of the input projections: Qwen3.5's ``in_proj_qkv / in_proj_z / in_proj_b / in_proj_a``,
-Qwen3-Next's ``in_proj_qkvz / in_proj_ba`` grouped per key head, split at load into the former, and OLMo Hybrid's
+Four checkpoint layouts of the input projections: Qwen3.5's ``in_proj_qkv / in_proj_z / in_proj_b / in_proj_a``,
+Qwen3-Next's ``in_proj_qkvz / in_proj_ba`` grouped per key head and Lara Mini's one ``in_proj`` (their rows one after
+another), split at load into the former, and OLMo Hybrid's
 one projection each (``q_proj``, ``k_proj``, ``v_proj``, ``g_proj`` for the output gate, ``b_proj``, ``a_proj``),
 whose convolution taps are split at load into q's, k's and v's (a depthwise convolution is one per channel), each
 then carrying a state of its own. The depthwise convolution's weight is stored ``[C, 1, K]`` by transformers and
@@ -70,6 +71,7 @@ class GatedDeltaSpec:
     head_v_dim: int
     conv_kernel: int
     grouped: bool = False  # Qwen3-Next's in_proj_qkvz / in_proj_ba, grouped per key head
+    fused: bool = False  # Lara Mini's one in_proj, rows [qkv | z | b | a]
     conv_last: bool = False  # mlx-lm's conv1d weight [C, K, 1] (transformers': [C, 1, K])
     separate: bool = False  # OLMo Hybrid's projections (SEPARATE_INPUTS), its output norm o_norm, out o_proj
     beta_scale: float = 1.0  # OLMo Hybrid's allow_neg_eigval: beta = 2 * sigmoid(b)
@@ -103,6 +105,8 @@ class GatedDeltaSpec:
         if self.grouped:
             inputs = {f"{m}.in_proj_qkvz.weight": (self.conv_dim + self.value_dim, hidden),
                       f"{m}.in_proj_ba.weight": (2 * hv, hidden)}
+        elif self.fused:
+            inputs = {f"{m}.in_proj.weight": (self.conv_dim + self.value_dim + 2 * hv, hidden)}
         else:
             inputs = {f"{m}.in_proj_qkv.weight": (self.conv_dim, hidden),
                       f"{m}.in_proj_z.weight": (self.value_dim, hidden),
@@ -127,6 +131,10 @@ class GatedDeltaSpec:
                                                     rows[:, 2 * dk:2 * dk + r * dv].ravel()]),
                      "in_proj_z": rows[:, 2 * dk + r * dv:].ravel()}
             return [(name.replace("in_proj_qkvz", part), take_rows(tensor, order)) for part, order in parts.items()]
+        if f".{MODULE}.in_proj." in name:  # qkv, z, b, a one after another
+            bounds = np.cumsum([0, self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads])
+            return [(name.replace(".in_proj.", f".{part}."), take_rows(tensor, np.arange(lo, hi)))
+                    for part, lo, hi in zip(INPUTS, bounds[:-1], bounds[1:])]
         if ".in_proj_ba." in name:  # per key head: b (r), a (r)
             rows = np.arange(2 * self.num_v_heads).reshape(self.num_k_heads, 2 * r)
             return [(name.replace("in_proj_ba", "in_proj_b"), take_rows(tensor, rows[:, :r].ravel())),

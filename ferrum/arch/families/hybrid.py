@@ -7,8 +7,8 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from ferrum.arch.families._shared import (
-    FULL, Family, LINEAR, LLAMA_NORMS, POST_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core, _core_defaults, _keys,
-    _rope_spec, _rotary_dim, _theta, read_rope,
+    FULL, Family, LINEAR, LLAMA_NORMS, POST_NORMS, SLIDING, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core, _core_defaults,
+    _keys, _rope_spec, _rotary_dim, _theta, read_rope,
 )
 from ferrum.arch.families.latent import _mla_head_dim, _mla_keys, _mla_kv_heads
 from ferrum.arch.keys import (
@@ -335,6 +335,40 @@ _LFM2 = (
 )
 
 
+#: Lara Mini's released layer pattern, repeated (LaraMiniConfig's default).
+_LARA_PATTERN = (LINEAR, SLIDING, LINEAR, FULL, SLIDING)
+#: Lara Mini's checkpoints name the Gated DeltaNet's gated norm out_norm.
+LARA_MINI_NAMES = {"linear_attn.norm": "linear_attn.out_norm"}
+
+
+def _lara_mini(r: KeyReader, sizes: Sizes) -> Architecture:
+    """translated's Lara Mini (transformers' LaraMini): Qwen3.5's Gated DeltaNet layers (their input projections one
+    ``in_proj``, their gated norm ``out_norm``) between Qwen 3's attention layers (per-head q/k norms, no output gate),
+    rope and a window on the sliding ones, none on the full ones; plain RMSNorms (``w``, not Qwen3-Next's ``1 + w``);
+    the sparse MLPs (a float32 softmax router, an ungated shared expert, on every layer) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    types = r("layer_types")
+    if types is None:
+        types = [_LARA_PATTERN[i % len(_LARA_PATTERN)] for i in range(sizes.num_layers)]
+    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in _LARA_PATTERN for t in types):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {SLIDING!r} / {FULL!r}, got "
+                              f"{types!r}")
+    window = r("sliding_window")
+    if window is None and SLIDING in types:
+        r.fail("sliding_window", "must be set when layers use sliding attention")
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES)
+    r("hidden_act")
+    bias = r("attention_bias")
+    kinds = {LINEAR: LayerSpec(None, Rope.unrotated(sizes.head_dim), mixer="gated_delta"),
+             SLIDING: LayerSpec(window, rope), FULL: LayerSpec(None, Rope.unrotated(sizes.head_dim))}
+    return Architecture(
+        layers=tuple(kinds[t] for t in types), norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="head", qkv_bias=bias, o_bias=bias, gated_delta=replace(_gated_delta_spec(r, False), fused=True),
+        keep_float32=(".A_log", ".dt_bias"), stored_names=LARA_MINI_NAMES,
+    )
+
+
 TABLE: dict[str, Family] = {
     "lfm2": Family(  # Liquid AI's LFM2 / LFM2.5: gated short convolutions and attention
         _keys(_core(True, eps_key="norm_eps"), _core_defaults(intermediate_size=12288, num_key_value_heads=8,
@@ -375,6 +409,19 @@ TABLE: dict[str, Family] = {
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
         derive=_kimi_linear_keys,
+    ),
+    "lara_mini": Family(  # translated's Lara Mini: Gated DeltaNet, sliding and NoPE full attention over Flint's MoE
+        _keys(_core(True, head_dim_default=128), _core_defaults(
+            hidden_size=1024, num_hidden_layers=34, num_attention_heads=16, num_key_value_heads=4,
+            vocab_size=151936, max_position_embeddings=131072,
+        ), _ROPE, _SILU, _QWEN3_HYBRID, (
+            # transformers' LaraMini has none (no dense MLP): a config's is not read
+            Key("intermediate_size", check=optional_size(1 << 20)),
+            Key("sliding_window", default=512, check=optional_positive_int),
+            Key("linear_num_key_heads", default=8, check=positive_int),
+            Key("linear_num_value_heads", default=16, check=positive_int),
+        ), MOE_KEYS["lara_mini"]),
+        with_moe("lara_mini", _lara_mini),
     ),
     "olmo_hybrid": Family(  # AllenAI's OLMo Hybrid: OLMo 3's attention between Gated DeltaNet layers
         _keys(_core(False), _core_defaults(
