@@ -8,12 +8,12 @@ from typing import Any, Callable
 
 from ferrum.arch.families._shared import (
     FULL, Family, LINEAR, LLAMA_NORMS, POST_NORMS, SLIDING, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core, _core_defaults,
-    _keys, _rope_spec, _rotary_dim, _theta, read_rope,
+    _keys, _per_kind_rope_specs, _rope_spec, _rotary_dim, _theta, read_rope,
 )
 from ferrum.arch.families.latent import _mla_head_dim, _mla_keys, _mla_kv_heads
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_positive_int, optional_positive_number, optional_size,
-    positive_int, size,
+    positive_int, positive_number, size,
 )
 from ferrum.arch.mla import MlaSpec
 from ferrum.arch.rope import Rope
@@ -369,6 +369,69 @@ def _lara_mini(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: LFM3's modules under Llama's names: LFM2's but for the attention's (Qwen 3's o_proj, q_norm, k_norm).
+LFM3_NAMES = {name: stored for name, stored in LFM2_NAMES.items() if name != "self_attn.o_proj"}
+#: LFM3's sandwich norms (use_sandwich_norm): LFM2's, and one on each of the mixer's and the MLP's outputs.
+LFM3_SANDWICH_NORMS = {**LFM2_NORMS, "post_attn": "post_operator_norm", "post_mlp": "post_ffn_norm"}
+#: transformers' Lfm3Config rope settings where a config gives none.
+_LFM3_ROPES = {FULL: {"rope_type": "proportional", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.5},
+               SLIDING: {"rope_type": "default", "rope_theta": 10_000.0}}
+
+
+def _lfm3_eps(raw: dict[str, Any]) -> dict[str, Any]:
+    """Lfm3Config's rms_norm_eps is an alias of norm_eps (its attribute_map), which wins where both are given."""
+    return raw if raw.get("rms_norm_eps") is None else {**raw, "norm_eps": raw["rms_norm_eps"]}
+
+
+def _lfm3_kinds(r: KeyReader, sizes: Sizes) -> list[str]:
+    """layer_types, else transformers' rule: full attention at every fourth layer from the third, sliding at every
+    fourth from the fifth, short convolutions between."""
+    kinds = r("layer_types")
+    if kinds is None:
+        kinds = [FULL if i % 4 == 2 else SLIDING if i % 4 == 0 and i > 0 else "conv" for i in range(sizes.num_layers)]
+    if not isinstance(kinds, list) or len(kinds) != sizes.num_layers or any(k not in ("conv", FULL, SLIDING)
+                                                                              for k in kinds):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of 'conv' / {FULL!r} / {SLIDING!r}, got {kinds!r}")
+    if SLIDING in kinds and r("sliding_window") is None:
+        r.fail("sliding_window", "must be set when layers use sliding attention")
+    return kinds
+
+
+def _lfm3_rope(r: KeyReader, sizes: Sizes, spec: dict[str, Any]) -> Rope:
+    """One attention kind's rope, over whole heads (OLMo's rotate-half): "default", or Gemma 4's "proportional"
+    (the first partial_rotary_factor of each half's pairs turning at frequencies spaced over the whole head)."""
+    if spec.get("rope_type", "default") != "proportional":
+        return read_rope(r, sizes, spec, "rope_parameters", ("default",))
+    theta, share = spec.get("rope_theta", 10_000.0), spec.get("partial_rotary_factor", 1.0)
+    if positive_number(theta) or positive_number(share) or share > 1 or spec.get("factor", 1.0) not in (1, 1.0):
+        r.fail("rope_parameters", f"has a proportional rope {spec!r}; Ferrum runs a positive rope_theta, a "
+                                  "partial_rotary_factor in (0, 1] and no factor", unsupported=True)
+    return Rope(theta=float(theta), head_dim=sizes.head_dim, rotary_dim=2 * int(share * sizes.head_dim // 2),
+                proportional=True)
+
+
+def _lfm3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Liquid AI's LFM3 (transformers' Lfm3): LFM2's gated short convolutions between Qwen 3's attention layers (q/k
+    norms), full or sliding, each kind with its own rope (the full layers' Gemma 4's proportional one by default), each
+    head's output times the sigmoid of its own gate (``self_attn.gate_proj``, one row per head) where
+    use_attention_gate; with use_sandwich_norm, a norm on each mixer's and MLP's output too; LFM2-MoE's dense MLPs
+    (``feed_forward.w1 / w3 / w2``) of intermediate_size."""
+    kinds = _lfm3_kinds(r, sizes)
+    specs = _per_kind_rope_specs(r, "LFM3") or (dict(_LFM3_ROPES[FULL]), dict(_LFM3_ROPES[SLIDING]))
+    full, sliding = (_lfm3_rope(r, sizes, spec) for spec in specs)
+    window, gated, bias = r("sliding_window"), r("use_attention_gate"), r("attention_bias")
+    layers = {"conv": LayerSpec(None, Rope.unrotated(sizes.head_dim), mixer="short_conv"),
+              FULL: LayerSpec(None, full), SLIDING: LayerSpec(window, sliding)}
+    return Architecture(
+        layers=tuple(layers[kind] for kind in kinds),
+        norms=LFM3_SANDWICH_NORMS if r("use_sandwich_norm") else LFM2_NORMS,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head", qkv_bias=bias, o_bias=bias,
+        attn_output_gate=gated, attn_gate_stored=gated, attn_gate_per_head=gated,
+        short_conv=ShortConvSpec(sizes.hidden_size, r("conv_L_cache")) if "conv" in kinds else None,
+        stored_names=LFM3_NAMES,
+    )
+
+
 TABLE: dict[str, Family] = {
     "lfm2": Family(  # Liquid AI's LFM2 / LFM2.5: gated short convolutions and attention
         _keys(_core(True, eps_key="norm_eps"), _core_defaults(intermediate_size=12288, num_key_value_heads=8,
@@ -422,6 +485,22 @@ TABLE: dict[str, Family] = {
             Key("linear_num_value_heads", default=16, check=positive_int),
         ), MOE_KEYS["lara_mini"]),
         with_moe("lara_mini", _lara_mini),
+    ),
+    "lfm3": Family(  # Liquid AI's LFM3: LFM2's short convolutions, gated full and sliding attention, sandwich norms
+        _keys(_core(True, eps_key="norm_eps"), _core_defaults(
+            vocab_size=128_000, hidden_size=2048, intermediate_size=7680, num_hidden_layers=24, num_attention_heads=16,
+            num_key_value_heads=4, head_dim=128, max_position_embeddings=128_000,
+        ), _ROPE, _SILU, (
+            Key("layer_types"),
+            Key("conv_L_cache", default=7, check=size(64)),
+            Key("conv_bias", default=False, check=falsy("no LFM3 release biases its convolutions; set it to false"),
+                unsupported=True),
+            Key("sliding_window", default=256, check=optional_positive_int),
+            Key("use_sandwich_norm", default=True, check=boolean),
+            Key("use_attention_gate", default=True, check=boolean),
+            Key("attention_bias", default=False, check=boolean),
+        )),
+        _lfm3, eps_default=1e-5, eps_key="norm_eps", derive=_lfm3_eps,
     ),
     "olmo_hybrid": Family(  # AllenAI's OLMo Hybrid: OLMo 3's attention between Gated DeltaNet layers
         _keys(_core(False), _core_defaults(
