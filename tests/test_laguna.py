@@ -133,6 +133,15 @@ def test_config_defaults_are_transformers():
         want.moe_routed_scaling_factor) == (256, 8, 512, 512, 1.0)
 
 
+def test_a_window_of_0_is_none_where_no_layer_slides():
+    """Laguna-M.1's release: sliding_window 0, every layer full (transformers builds it so)."""
+    raw = _raw(sliding_window=0, layer_types=["full_attention"] * 4)
+    transformers.LagunaConfig(**raw)
+    assert [s.window for s in ModelConfig.from_dict(raw).arch.layers] == [None] * 4
+    with pytest.raises(ConfigError, match=re.escape("'sliding_window' is 0, but layer_types lists sliding layers")):
+        ModelConfig.from_dict(_raw(sliding_window=0))
+
+
 @pytest.mark.parametrize("changes, error, words", [
     ({"num_attention_heads_per_layer": [4, 3, 4, 2]}, ConfigError, "each a multiple of the 2 key/value heads"),
     ({"num_attention_heads_per_layer": [4, 2]}, ConfigError, "must list 4 head counts"),

@@ -560,6 +560,8 @@ def _laguna(r: KeyReader, sizes: Sizes) -> Architecture:
     padded at load: ``LayerSpec.stored_heads``); the sparse MLPs (sigmoid routing with a correction bias, an ungated
     shared expert, a dense first layer) are :func:`ferrum.moe.spec.with_moe`'s."""
     window, types = _layer_kinds(r, sizes, lambda _: FULL)
+    if not window and SLIDING in types:  # 0: no window (Laguna-M.1's, every layer full)
+        r.fail("sliding_window", f"is {window}, but layer_types lists sliding layers")
     full, sliding = _laguna_ropes(r, sizes)
     r("hidden_act")
     heads = r("num_attention_heads_per_layer") or [sizes.num_heads] * sizes.num_layers
@@ -881,7 +883,8 @@ TABLE: dict[str, Family] = {
             num_key_value_heads=8, vocab_size=100352, max_position_embeddings=131072,
         ), _ROPE, _SILU, _LAYER_TYPES, (
             Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
-            Key("sliding_window", default=512, check=optional_positive_int),
+            # 0 where no layer slides (Laguna-M.1's release)
+            Key("sliding_window", default=512, check=lambda v: None if v == 0 else optional_positive_int(v)),
             Key("attention_bias", default=False, check=boolean),
             Key("num_attention_heads_per_layer", check=_head_counts),
             # transformers gates per element where gating is false; mlx-lm does not gate then
