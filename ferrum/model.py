@@ -96,7 +96,7 @@ class _Layer:
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale", "sinks", "alibi", "chunk", "query_scaling", "v_norm", "qk_eps",
                  "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "altup", "sub_norm",
-                 "differential", "shortcut")
+                 "differential", "shortcut", "residual", "residual_scales")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -396,6 +396,8 @@ class DecoderOnlyLLM:
             stem, into = config.arch.prefix + source, config.arch.prefix + alias
             weights.update({into + name[len(stem):]: placed for name, placed in list(weights.items())
                             if name.startswith(stem)})
+        for name, values in config.arch.computed.items():  # computed, not stored (MiniMax's decay rates)
+            weights[name] = place(backend.ops, name, np.asarray(values, dtype=np.float32), "float32", "bias")
         if config.arch.sinusoidal_positions:  # computed, not stored (XGLM)
             table = sinusoidal_table(config.max_seq_len, config.hidden_size, config.arch.position_offset)
             weights[f"{config.arch.prefix}embed_positions.weight"] = place(
@@ -451,6 +453,8 @@ class DecoderOnlyLLM:
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
             window=spec.window,
             shortcut=spec.shortcut,
+            residual=spec.residual,
+            residual_scales=spec.residual_scales or (1.0, 1.0, 1.0, 1.0),
             rope=id(spec.rope),
             scale=arch.attn_scale if spec.attn_scale is None else spec.attn_scale,
             sinks=None if sinks is None else self.ops.cast(sinks, "float32"),  # the contract's float32 logits
@@ -499,6 +503,12 @@ class DecoderOnlyLLM:
         if layer.altup is not None:
             return altup_halves(self, layer, project, mixer_out, norm)
         scalar, mix = layer.scalar, layer.per_layer
+        # MiniMax's blocks: each half's output times beta joins alpha times its residual, the norm's input or output
+        alpha, beta, mlp_alpha, mlp_beta = layer.residual_scales
+        normed = layer.residual == "normed"
+
+        def scaled(x: Any, factor: float) -> Any:
+            return x if factor == 1.0 else ops.mul_scalar(x, factor)
 
         def add_then_norm(x: Any, h: Any, weights: Any) -> tuple[Any, Any]:
             """``(norm(x + h), x + h)``; without a norm there (OLMo 2's blocks) the sum is both."""
@@ -508,10 +518,12 @@ class DecoderOnlyLLM:
             return add_norm(x, h, weights)
 
         def enter_first(h: Any, positions: Any) -> tuple:
-            return project(h if layer.pre_attn is None else norm(h, layer.pre_attn), h, positions)
+            x = h if layer.pre_attn is None else norm(h, layer.pre_attn)
+            return project(x, scaled(x if normed else h, alpha), positions)
 
         def enter(residual: Any, h: Any, positions: Any) -> tuple:
-            return project(*add_then_norm(residual, h, layer.pre_attn), positions)
+            x, h = add_then_norm(residual, h, layer.pre_attn)
+            return project(x, scaled(x if normed else h, alpha), positions)
 
         def mixer_then_mlp(mixed: Any, h: Any, *rest: Any) -> tuple:
             # the previous layer's shortcut output comes last (LayerSpec.shortcut "take")
@@ -522,9 +534,11 @@ class DecoderOnlyLLM:
                 o = norm(o, layer.post_attn)
             if layer.mlp is None:  # the block ends with its mixer
                 return o, h
-            x, h = add_then_norm(o, h, layer.pre_mlp)
+            x, h = add_then_norm(scaled(o, beta), h, layer.pre_mlp)
+            h = scaled(x if normed else h, mlp_alpha)
             out, given = layer.mlp(x) if layer.shortcut == "give" else (layer.mlp(x), None)
             out = out if layer.post_mlp is None else norm(out, layer.post_mlp)
+            out = scaled(out, mlp_beta)
             if taken is not None:
                 out = ops.add(out, taken)
             if given is not None:  # handed on to the next layer by the pass (DecoderOnlyLLM._forward)

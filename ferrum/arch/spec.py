@@ -50,7 +50,8 @@ class LayerSpec:
     #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention;
     #: "mamba", Mamba's, Falcon Mamba's and Jamba's Mamba-1 layers; "mamba2", Granite 4.0-H's and Nemotron-H's
     #: Mamba-2 layers; "short_conv", LFM2's gated short convolutions; "kimi_delta", Kimi Linear's Kimi Delta
-    #: Attention; "shared_mamba2", Zamba 2's hybrid layers: a shared attention + MLP block, then Mamba-2),
+    #: Attention; "shared_mamba2", Zamba 2's hybrid layers: a shared attention + MLP block, then Mamba-2;
+    #: "lightning", MiniMax's lightning attention),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
     #: A recurrent mixer (:data:`ferrum.recurrent.MIXERS`) run beside ``mixer`` on the same normed input, its output
@@ -81,6 +82,13 @@ class LayerSpec:
     #: (``Architecture.shared_block``, :mod:`ferrum.arch.shared_block`) the layer runs before its Mamba-2, counted
     #: over the hybrid layers; it picks the block and that use's adapters. None elsewhere.
     shared_use: int | None = None
+    #: What each half of the block adds its output to: "input", the stream its norm read (pre-norm blocks), or
+    #: "normed", that norm's output (MiniMax's postnorm: ``alpha * norm(x) + beta * out``, the stream then
+    #: holding no un-normed copy of the block's input).
+    residual: str = "input"
+    #: ``(mixer alpha, mixer beta, MLP alpha, MLP beta)``: each half's stream is ``alpha * residual + beta * out``
+    #: (MiniMax's per-layer-kind factors); None: all 1.
+    residual_scales: tuple[float, float, float, float] | None = None
 
     def block_norms(self, arch: Architecture) -> dict[str, str]:
         """The layer's block norms, slot -> tensor name in the layer."""
@@ -211,6 +219,11 @@ class Architecture:
     #: ``(alias, source)`` module prefixes under ``prefix`` (``layers.7.shared_transformer.``): the tensors a layer
     #: reads from another layer's, placed once and read by both (Zamba 2's later uses of a shared block).
     aliases: tuple[tuple[str, str], ...] = ()
+    #: ...whose mixer is "lightning" (:class:`ferrum.recurrent.lightning.LightningSpec`), else None.
+    lightning: Any = None
+    #: Tensors the model reads that no checkpoint stores, computed from config.json and placed in float32 at load:
+    #: full name -> values (a vector). MiniMax's lightning decay rates, which depend on each layer's depth.
+    computed: dict[str, tuple[float, ...]] = field(default_factory=dict)
     #: Qwen3-Next's gated attention: q_proj emits each head's query then its gate; the attention output is
     #: multiplied by sigmoid(gate) before o_proj.
     attn_output_gate: bool = False
@@ -296,6 +309,17 @@ class Architecture:
         if self.parallel and beside is not None:
             raise UnsupportedFeatureError(f"layer {beside} runs {self.layers[beside].beside} beside attention, which "
                                           "Ferrum does not run in parallel blocks")
+        for i, layer in enumerate(self.layers):
+            if layer.residual == "input" and layer.residual_scales is None:
+                continue
+            if layer.residual not in ("input", "normed"):
+                raise UnsupportedFeatureError(f"layer {i}'s residual is {layer.residual!r}; Ferrum adds a block's "
+                                              "outputs to its 'input' or to its 'normed' input")
+            if (partial or joined or any(kinds) or self.altup is not None
+                    or set(layer.block_norms(self)) != {"pre_attn", "pre_mlp"}):
+                raise UnsupportedFeatureError(f"layer {i} scales its residual or adds to its normed input (MiniMax's "
+                                              "blocks), which Ferrum runs only in sequential blocks with a mixer and "
+                                              "an MLP, each normed before and not after")
         if self.value_head_dim is not None and self.mla is not None:  # latent attention sizes its values itself
             raise UnsupportedFeatureError("values narrower than the heads (value_head_dim) with latent attention "
                                           "(its v_head_dim sizes them): Ferrum pads plain attention's values only")

@@ -367,6 +367,10 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = [(name, tensor)]
     elif arch.mla is not None and ".self_attn.kv_a_proj_with_mqa." in name:
         parts = arch.mla.split(name, tensor, rows)
+    elif arch.shared_block is not None and ".shared_transformer." in name:
+        parts = arch.shared_block.split(name, tensor, _take_rows)
+    elif (mixer := _mixer_of(arch, arch.layers[layer], name)) is not None:  # its qkv_proj its own (lightning's)
+        parts = mixer.split(name, tensor, _take_rows)
     elif ".self_attn.qkv_proj." in name:
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         if arch.qkv_grouped:  # [kv head][its queries, key, value][dim] -> [queries; keys; values]
@@ -376,10 +380,6 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
                  (name.replace("qkv_proj", "k_proj"), rows(tensor, q, q + kv)),
                  (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
-    elif arch.shared_block is not None and ".shared_transformer." in name:
-        parts = arch.shared_block.split(name, tensor, _take_rows)
-    elif (mixer := _mixer_of(arch, arch.layers[layer], name)) is not None:
-        parts = mixer.split(name, tensor, _take_rows)
     elif arch.attn_output_gate and not arch.attn_gate_stored and ".self_attn.q_proj." in name:
         # per head: its query, then its gate
         heads, d = config.num_heads, config.head_dim
