@@ -36,6 +36,7 @@ LAYOUT = {
     "exaone_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "llama4_text": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (fused_gate_up)
     "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "minimax": ("block_sparse_moe", ("w1", "w3", "w2")),
     "flex_olmo": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "mellum": ("mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -100,7 +101,8 @@ def _dbrx_activation(value: object) -> str | None:
 
 #: The expert count's spellings transformers reads, first wins: Mixtral and Qwen3-MoE map ``num_experts`` onto
 #: ``num_local_experts``; Qwen2-MoE reads ``num_experts`` only (a ``num_local_experts`` there leaves its 60).
-_COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts",),
+_COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("num_local_experts", "num_experts"),
+                "qwen2_moe": ("num_experts",),
                 "qwen3_next": ("num_experts",), "qwen3_5_moe_text": ("num_experts",),
                 "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts",),
                 "granitemoe": ("num_local_experts",), "gpt_oss": ("num_local_experts",),
@@ -329,6 +331,7 @@ def _exaone_moe_sparse(r: KeyReader, layers: int) -> list[bool]:
 #: Per family: the MoE keys (transformers' defaults) that change the math.
 KEYS: dict[str, tuple[Key, ...]] = {
     "mixtral": (*_COUNT["mixtral"], Key("num_experts_per_tok", default=2, check=positive_int)),
+    "minimax": (*_COUNT["minimax"], Key("num_experts_per_tok", default=2, check=positive_int)),
     "qwen2_moe": (*_COUNT["qwen2_moe"], Key("num_experts_per_tok", default=4, check=positive_int), *_QWEN,
                   Key("shared_expert_intermediate_size", check=positive_int),
                   Key("qkv_bias", default=True, check=boolean)),
@@ -570,8 +573,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
                                          "says")),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
-_DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8, "gpt_oss": 128,
-                  "qwen3_next": 512, "qwen3_5_moe_text": 256,
+_DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8,
+                  "gpt_oss": 128, "qwen3_next": 512, "qwen3_5_moe_text": 256,
                   "qwen3_vl_moe": 60, "glm4_moe": 128, "deepseek_v3": 256, "phimoe": 16,
                   "granitemoeshared": 8, "deepseek_v2": 64, "glm4_moe_lite": 64, "hunyuan_v1_moe": 1,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
@@ -583,7 +586,8 @@ _DEFAULT_COUNT = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, 
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
-_EVERY_LAYER = {"mixtral": lambda r: True, "granitemoe": lambda r: True, "olmoe": lambda r: r("norm_topk_prob"),
+_EVERY_LAYER = {"mixtral": lambda r: True, "minimax": lambda r: True, "granitemoe": lambda r: True,
+                "olmoe": lambda r: r("norm_topk_prob"),
                 "gpt_oss": lambda r: True, "phimoe": lambda r: False, "granitemoeshared": lambda r: True,
                 "granitemoe_swa": lambda r: True,
                 "hunyuan_v1_moe": lambda r: True, "minimax_m2": lambda r: True,

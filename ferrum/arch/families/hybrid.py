@@ -1,4 +1,4 @@
-"""Linear-attention hybrids: Gated DeltaNet (Qwen3.5, Qwen3-Next, OLMo Hybrid), Kimi Linear, LFM2."""
+"""Linear-attention hybrids: Gated DeltaNet (Qwen3.5, Qwen3-Next, OLMo Hybrid), Kimi Linear, LFM2, MiniMax."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import math
 from dataclasses import replace
 from typing import Any, Callable
 
+import numpy as np
+
 from ferrum.arch.families._shared import (
-    FULL, Family, LINEAR, LLAMA_NORMS, POST_NORMS, SLIDING, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core, _core_defaults,
-    _keys, _per_kind_rope_specs, _rope_spec, _rotary_dim, _theta, read_rope,
+    FULL, Family, LINEAR, LLAMA_NORMS, POST_NORMS, SLIDING, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _WINDOW,
+    _agreeing_aliases, _aliased, _core, _core_defaults, _keys, _per_kind_rope_specs, _rope_spec, _rotary_dim,
+    _theta, read_rope,
 )
 from ferrum.arch.families.latent import _mla_head_dim, _mla_keys, _mla_kv_heads
 from ferrum.arch.keys import (
@@ -21,6 +24,7 @@ from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 from ferrum.recurrent.kimi_delta import KimiDeltaSpec
+from ferrum.recurrent.lightning import A_LOG, BUFFERS, LightningSpec, slope_rates
 from ferrum.recurrent.short_conv import ShortConvSpec
 #: A hybrid's layer types -> the mixer each runs (LayerSpec.mixer).
 _HYBRID_MIXERS = {LINEAR: "gated_delta", FULL: "attention"}
@@ -430,6 +434,87 @@ def _lfm3(r: KeyReader, sizes: Sizes) -> Architecture:
         short_conv=ShortConvSpec(sizes.hidden_size, r("conv_L_cache")) if "conv" in kinds else None,
         stored_names=LFM3_NAMES,
     )
+#: MiniMax's layer kinds as its releases list them (attn_type_list): 0 lightning attention, 1 softmax attention.
+_MINIMAX_LISTED = {0: LINEAR, 1: FULL}
+_MINIMAX_MIXERS = {LINEAR: "lightning", FULL: "attention"}
+#: The residual factors under the names of MiniMax's own code (its releases' config.json) -> transformers'.
+MINIMAX_ALIASES = {f"layernorm_{kind}_attention_{which}": f"{short}_attn_{which}_factor"
+                   for kind, short in (("full", "full"), ("linear", "linear")) for which in ("alpha", "beta")}
+MINIMAX_ALIASES.update({f"layernorm_mlp_{which}": f"mlp_{which}_factor" for which in ("alpha", "beta")})
+
+
+def _minimax_types(r: KeyReader, sizes: Sizes) -> list[str]:
+    """Each layer's kind from layer_types, else from the releases' attn_type_list, else transformers' default (the
+    even layers attend); a config giving both must agree."""
+    n, types, listed = sizes.num_layers, r("layer_types"), r("attn_type_list")
+    from_list = None
+    if listed is not None:
+        if not isinstance(listed, list) or len(listed) != n or any(
+                isinstance(t, bool) or t not in _MINIMAX_LISTED for t in listed):
+            r.fail("attn_type_list", f"must list {n} entries of 0 (lightning) / 1 (softmax attention), got {listed!r}")
+        from_list = [_MINIMAX_LISTED[t] for t in listed]
+    if types is None:
+        types = from_list or [FULL if (i + 1) % 2 else LINEAR for i in range(n)]
+    if not isinstance(types, list) or len(types) != n or any(t not in _MINIMAX_MIXERS for t in types):
+        r.fail("layer_types", f"must list {n} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
+    if from_list is not None and from_list != types:
+        r.fail("attn_type_list", f"is {listed!r}, but layer_types is {types!r}; make them agree")
+    return types
+
+
+def _minimax(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MiniMax-Text-01 / MiniMax-M1 (transformers' MiniMax): lightning attention layers
+    (:mod:`ferrum.recurrent.lightning`, their decay rates computed per layer) between Mixtral's attention layers
+    (sliding where sliding_window says), post-norm blocks (each half adds ``beta`` times its output to ``alpha``
+    times its normed input, the factors per layer kind) over Mixtral's experts (:func:`ferrum.moe.spec.with_moe`).
+    transformers rotates whole heads: a rotary_dim below head_dim (MiniMax's own code rotates that many dims) is
+    refused."""
+    _agreeing_aliases(r, MINIMAX_ALIASES)
+    types = _minimax_types(r, sizes)
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=1_000_000.0)
+    rotary = r("rotary_dim")
+    if rotary is not None and rotary != sizes.head_dim:
+        r.fail("rotary_dim", f"is {rotary} of {sizes.head_dim} head dims; transformers' MiniMax rotates whole heads "
+                             "and MiniMax's own code the first rotary_dim dims: Ferrum runs transformers' reading, "
+                             "set rotary_dim to head_dim (or remove it) to run that", unsupported=True)
+    r("hidden_act")
+    r("postnorm")
+    mlp = (r("mlp_alpha_factor"), r("mlp_beta_factor"))
+    scales = {kind: (r(f"{short}_attn_alpha_factor"), r(f"{short}_attn_beta_factor"), *mlp)
+              for kind, short in ((LINEAR, "linear"), (FULL, "full"))}
+    window, layers = r("sliding_window"), sizes.num_layers
+    lightning = LightningSpec(sizes.num_heads, sizes.head_dim)
+    return Architecture(
+        layers=tuple(LayerSpec(window if t == FULL else None, rope, mixer=_MINIMAX_MIXERS[t], residual="normed",
+                               residual_scales=tuple(float(f) for f in scales[t])) for t in types),
+        norms=LLAMA_NORMS,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        lightning=lightning,
+        computed={f"model.layers.{i}.{A_LOG}": tuple(np.log(slope_rates(sizes.num_heads, i, layers)).tolist())
+                  for i, t in enumerate(types) if t == LINEAR},
+        unloaded=BUFFERS,
+    )
+
+
+def _finite(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"must be a number, got {value!r}"
+    return None
+
+
+_MINIMAX = (
+    Key("layer_types"),
+    Key("attn_type_list"),
+    Key("rotary_dim", check=optional_positive_int),
+    # transformers' blocks always add to the normed input (MiniMax's code does where postnorm)
+    Key("postnorm", default=True, unsupported=True, check=one_of(None, True)),
+    # MiniMax's code adds a shared expert where this is set; no release has one, nor transformers
+    Key("shared_intermediate_size", default=0, unsupported=True, check=one_of(None, 0)),
+    *(Key(f"{short}_attn_{which}_factor", default=1, check=_finite) for short in ("linear", "full")
+      for which in ("alpha", "beta")),
+    *(Key(f"mlp_{which}_factor", default=1, check=_finite) for which in ("alpha", "beta")),
+)
 
 
 TABLE: dict[str, Family] = {
@@ -501,6 +586,13 @@ TABLE: dict[str, Family] = {
             Key("attention_bias", default=False, check=boolean),
         )),
         _lfm3, eps_default=1e-5, eps_key="norm_eps", derive=_lfm3_eps,
+    ),
+    "minimax": Family(  # MiniMax-Text-01 / MiniMax-M1: lightning attention and softmax attention in post-norm blocks
+        # over Mixtral's experts
+        _keys(_core(False), _ROPE, _theta(1_000_000.0), _SILU, _WINDOW, _MINIMAX, MOE_KEYS["minimax"]),
+        with_moe("minimax", _minimax),
+        eps_default=1e-5,
+        derive=_aliased(MINIMAX_ALIASES),
     ),
     "olmo_hybrid": Family(  # AllenAI's OLMo Hybrid: OLMo 3's attention between Gated DeltaNet layers
         _keys(_core(False), _core_defaults(
