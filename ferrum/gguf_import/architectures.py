@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
-from ferrum.gguf_import.files import Metadata, float32_value
+from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks
 from ferrum.gguf_import import apertus, falcon_h1, gemma3n, gemma4, granite_hybrid, lfm2, mamba, mimo2, nemotron_h
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -279,7 +279,7 @@ def _glm4_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
     if gating != _SIGMOID_GATING:
         raise UnsupportedFeatureError(f"{meta.where}: {p}expert_gating_func {gating} is not supported; GLM-4.5 routes "
                                       f"with the sigmoid gate ({_SIGMOID_GATING})")
-    mtp = int(meta.get(p + "nextn_predict_layers", 0))
+    mtp = prediction_blocks(meta, p, cfg["num_hidden_layers"])
     return {"num_hidden_layers": cfg["num_hidden_layers"] - mtp, "num_nextn_predict_layers": mtp,
             "n_shared_experts": int(meta.need(p + "expert_shared_count")),
             "first_k_dense_replace": int(meta.get(p + "leading_dense_block_count", 0)),
@@ -490,7 +490,7 @@ def _deepseek2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, 
     ones (``attention.key_length_mla`` / ``value_length_mla``, or, in files older than llama.cpp's MLA cache,
     key_length / value_length); every head has its own key and value; rope over rope.dimension_count dims in
     adjacent pairs, as llama.cpp rotates them and the converter stores them."""
-    where, mtp = meta.where, int(meta.get(p + "nextn_predict_layers", 0))
+    where, mtp = meta.where, prediction_blocks(meta, p, cfg["num_hidden_layers"])
     rope = int(meta.need(p + "rope.dimension_count"))
     head_dim = int(meta.get(p + "attention.key_length_mla") or meta.need(p + "attention.key_length"))
     value_dim = int(meta.get(p + "attention.value_length_mla") or meta.need(p + "attention.value_length"))

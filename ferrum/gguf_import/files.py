@@ -189,6 +189,16 @@ class Metadata:
         return self.get(key)
 
 
+def prediction_blocks(meta: Metadata, p: str, blocks: int) -> int:
+    """How many of the file's ``blocks`` are the trailing next-token-prediction ones (``nextn_predict_layers``),
+    which are not decoder layers; a file that leaves no decoder layer is refused."""
+    mtp = meta.get(p + "nextn_predict_layers", 0)
+    if mtp >= blocks:
+        raise CheckpointError(f"{meta.where}: {p}nextn_predict_layers {mtp} leaves none of its {blocks} blocks a "
+                              "decoder layer; the file is corrupt or was written by a broken converter")
+    return mtp
+
+
 #: The type every metadata field Ferrum reads must have, by the end of its key.
 _FIELD_KINDS = {
     **dict.fromkeys((
@@ -196,7 +206,8 @@ _FIELD_KINDS = {
         "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size",
         "block_count", "context_length", "_token_id", "original_context_length", "attention.sliding_window",
         "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length", "split.count",
-        "split.no", "split.tensors.count",
+        "split.no", "split.tensors.count", "nextn_predict_layers", "altup.num_inputs", "altup.active_idx",
+        "attention.shared_kv_layers",
     ), "a non-negative integer"),
     **dict.fromkeys(("attention.head_count_kv", "feed_forward_length"),
                     "a non-negative integer, or a list of one per layer"),
@@ -204,8 +215,11 @@ _FIELD_KINDS = {
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
         "attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "embedding_scale", "yarn_attn_factor",
         "yarn_beta_fast", "yarn_beta_slow", "yarn_ext_factor", "yarn_log_multiplier",
-        "residual_scale", "logit_scale", "attention.clamp_kqv", "rope.scale_linear",
+        "residual_scale", "logit_scale", "attention.clamp_kqv", "rope.scale_linear", "rope.freq_base_swa",
+        "attention.value_scale", "expert_weights_scale",
     ), "a finite number"),
+    # llama.cpp reads either a period (every n-th layer full, 0: none) or a flag per layer
+    "attention.sliding_window_pattern": "a non-negative integer, or a list of one flag per layer",
     **dict.fromkeys((
         "general.architecture", "rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
         "tokenizer.chat_template", "general.name",
@@ -213,6 +227,7 @@ _FIELD_KINDS = {
     **dict.fromkeys(("tokenizer.ggml.tokens", "tokenizer.ggml.merges"), "a list of strings"),
     "tokenizer.ggml.token_type": "a list of integers",
     "tokenizer.ggml.scores": "a list of finite numbers",
+    "activation_sparsity_scale": "a list of numbers",
     **dict.fromkeys(("add_bos_token", "add_eos_token", "add_space_prefix", "expert_weights_norm"), "a boolean"),
 }
 
@@ -229,6 +244,9 @@ def _is_kind(value: Any, kind: str) -> bool:
         return integer(value) and value >= 0
     if kind == "a non-negative integer, or a list of one per layer":
         return all(integer(v) and v >= 0 for v in (value if isinstance(value, list) else [value])) and value != []
+    if kind == "a non-negative integer, or a list of one flag per layer":
+        flags = value if isinstance(value, list) else None
+        return integer(value) and value >= 0 or bool(flags) and all(v in (0, 1) for v in flags)
     if kind == "a finite number":
         return (integer(value) or isinstance(value, float)) and math.isfinite(value)
     if kind == "a string":
@@ -237,6 +255,8 @@ def _is_kind(value: Any, kind: str) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "a list of integers":
         return isinstance(value, list) and all(integer(v) for v in value)
+    if kind == "a list of numbers":
+        return isinstance(value, list) and all(integer(v) or isinstance(v, float) for v in value)
     if kind == "a list of finite numbers":
         return isinstance(value, list) and all((integer(v) or isinstance(v, float)) and math.isfinite(v) for v in value)
     return isinstance(value, bool)

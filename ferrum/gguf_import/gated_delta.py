@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
-from ferrum.gguf_import.files import Metadata
+from ferrum.gguf_import.files import Metadata, prediction_blocks
 
 #: The Gated DeltaNet's module in a layer.
 _M = "linear_attn"
@@ -146,7 +146,7 @@ def qwen3_hybrid_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str
     file lists them, else every layer but each ``full_attention_interval``-th), and the trailing next-token-prediction
     layers, which are not decoder layers."""
     where = meta.where
-    mtp = int(meta.get(p + "nextn_predict_layers", 0))
+    mtp = prediction_blocks(meta, p, cfg["num_hidden_layers"])
     layers = cfg["num_hidden_layers"] - mtp
     heads_v, inner = int(meta.need(p + "ssm.time_step_rank")), int(meta.need(p + "ssm.inner_size"))
     heads_k = int(meta.need(p + "ssm.group_count"))

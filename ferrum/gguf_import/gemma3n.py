@@ -64,18 +64,25 @@ def _sparsity(meta: Metadata, p: str, layers: int) -> list[float]:
     return pattern
 
 
+def _sliding_flags(stated: int | list[Any], layers: int) -> list[bool]:
+    """A flag per layer, or llama.cpp's period (set_swa_pattern: the last layer of every ``stated`` full; 0: none)."""
+    if isinstance(stated, list):
+        return [bool(f) for f in stated]
+    return [stated == 0 or i % stated < stated - 1 for i in range(layers)]
+
+
 def gemma3n_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Gemma3nTextConfig's keys as llama.cpp runs the file (see the module docstring)."""
     layers = cfg["num_hidden_layers"]
-    copies = int(meta.get(p + "altup.num_inputs", _COPIES))
+    copies = meta.get(p + "altup.num_inputs", _COPIES)
     if copies != _COPIES:
         _refuse(meta, p + "altup.num_inputs", copies, f"{_COPIES} AltUp copies (the converter writes no other)")
     types = ["full_attention" if (i + 1) % _PERIOD == 0 else "sliding_attention" for i in range(layers)]
-    flags = meta.get(p + "attention.sliding_window_pattern")
-    if flags is not None and [bool(f) for f in flags] != [t == "sliding_attention" for t in types]:
-        _refuse(meta, p + "attention.sliding_window_pattern", flags,
+    stated = meta.get(p + "attention.sliding_window_pattern")
+    if stated is not None and _sliding_flags(stated, layers) != [t == "sliding_attention" for t in types]:
+        _refuse(meta, p + "attention.sliding_window_pattern", stated,
                 f"one full-attention layer in every {_PERIOD}, the rest sliding")
-    shared = int(meta.get(p + "attention.shared_kv_layers", 0))
+    shared = meta.get(p + "attention.shared_kv_layers", 0)
     if shared != max(0, layers - _KV_FROM):
         _refuse(meta, p + "attention.shared_kv_layers", shared,
                 f"keys and values computed by the first {_KV_FROM} layers, read by the later ones")
@@ -93,7 +100,7 @@ def gemma3n_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any
         "sliding_window": int(meta.need(p + "attention.sliding_window")),
         "num_kv_shared_layers": shared, "rope_local_base_freq": _SLIDING_BASE, "final_logit_softcapping": _SOFTCAP,
         "activation_sparsity_pattern": _sparsity(meta, p, layers),
-        "altup_num_inputs": copies, "altup_active_idx": int(meta.get(p + "altup.active_idx", 0)),
+        "altup_num_inputs": copies, "altup_active_idx": meta.get(p + "altup.active_idx", 0),
         "altup_correct_scale": True,
         "hidden_size_per_layer_input": int(meta.need(p + "embedding_length_per_layer_input")),
         # GGUF lists rows last: Laurel's rank, the per-layer table's vocabulary (padded to the full one)

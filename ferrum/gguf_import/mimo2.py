@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
-from ferrum.gguf_import.files import Metadata, float32_value
+from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 #: Block tensors under transformers' MiMoV2Flash names (the sparse MLP's correction bias, each sliding layer's sinks).
@@ -22,7 +22,7 @@ def mimo2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """config.json's MiMoV2Flash entries from a mimo2 file; a file llama.cpp runs otherwise than transformers can (no
     window, sliding layers without twice the full layers' key/value heads, scaled experts, rope scaling) is refused
     by name."""
-    where, mtp = meta.where, int(meta.get(p + "nextn_predict_layers", 0))
+    where, mtp = meta.where, prediction_blocks(meta, p, cfg["num_hidden_layers"])
     layers = cfg["num_hidden_layers"] - mtp
     window, flags = meta.get(p + "attention.sliding_window"), meta.get(p + "attention.sliding_window_pattern")
     if not window or not isinstance(flags, list) or len(flags) < layers or any(f not in (0, 1) for f in flags):

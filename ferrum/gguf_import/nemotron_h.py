@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ferrum.errors import CheckpointError
-from ferrum.gguf_import.files import Metadata, float32_value
+from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks
 from ferrum.gguf_import.granite_hybrid import mamba2_tensors
 
 own_tensors = mamba2_tensors("mixer")
@@ -39,7 +39,7 @@ def nemotron_h_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, 
     """NemotronHConfig's keys from llama.cpp's: each block's kind, the Mamba-2 sizes from the ssm keys, and the
     biases the blocks hold."""
     where, blocks = meta.where, cfg["num_hidden_layers"]
-    layers = blocks - int(meta.get(p + "nextn_predict_layers", 0))  # the prediction block comes last
+    layers = blocks - prediction_blocks(meta, p, blocks)  # the prediction block comes last
     kv = _per_layer(meta, p + "attention.head_count_kv", blocks)[:layers]
     ff = _per_layer(meta, p + "feed_forward_length", blocks)[:layers]
     experts = bool(meta.get(p + "expert_count"))
