@@ -141,9 +141,24 @@ def test_release_config_keys_read_as_transformers_reads_them(checkpoints, tmp_pa
             ({"attention_method": "LSA"}, UnsupportedFeatureError, "attention_method"),
             ({"router_bias": True}, UnsupportedFeatureError, "router_bias"),
             ({"num_hidden_layers": 2}, ConfigError, "num_hidden_layers"),
+            ({"num_layers": -1}, ConfigError, "'num_layers' must be a positive integer, got -1"),
+            ({"num_layers": 2.0}, ConfigError, "'num_layers' must be a positive integer, got 2.0"),
             ({"head_dim": 16}, ConfigError, "head_dim")):
         with pytest.raises(error, match=key):
             ModelConfig.from_dict({**release, **changes})
+
+
+@pytest.mark.parametrize("stacked", [4, 6])
+def test_a_config_with_num_hidden_layers_alone_reads_as_transformers_sets_it(checkpoints, stacked):
+    """transformers' num_hidden_layers setter makes num_layers half of it: a config that gives only
+    num_hidden_layers runs that many sub-blocks, as transformers' does; an odd count (transformers would drop
+    one sub-block) is refused by name."""
+    raw = json.loads((checkpoints["zero_experts"][0] / "config.json").read_text())
+    raw = {k: v for k, v in raw.items() if k != "num_layers"}
+    assert ModelConfig.from_dict({**raw, "num_hidden_layers": stacked}).num_layers == \
+        transformers.LongcatFlashConfig(**{**raw, "num_hidden_layers": stacked}).num_hidden_layers == stacked
+    with pytest.raises(ConfigError, match="'num_hidden_layers' is 5, odd"):
+        ModelConfig.from_dict({**raw, "num_hidden_layers": 5})
 
 
 def test_model_from_release_spelling_matches(checkpoints, tmp_path):

@@ -351,13 +351,18 @@ LONGCAT_SUBLAYERS = SubLayers(2, (("self_attn", "self_attn"), ("input_layernorm"
 
 def _longcat_config(raw: dict[str, Any]) -> dict[str, Any]:
     """LongCat-Flash's config as Ferrum's sizes read it: the aliases, ffn_hidden_size as intermediate_size, and
-    num_hidden_layers, which transformers derives as twice num_layers (two sub-blocks a layer), where the config
-    leaves them out."""
+    the layer counts as transformers' num_hidden_layers property and setter give them where the config leaves one
+    out: twice num_layers (two sub-blocks a layer), or num_layers as half num_hidden_layers. A count that is no
+    positive integer derives nothing: its own key's check names it."""
     raw = _aliased(LONGCAT_ALIASES)(raw)
-    layers = raw.get("num_layers", 28)
-    derived = {"intermediate_size": raw.get("ffn_hidden_size", 12288),
-               "num_hidden_layers": 2 * layers if isinstance(layers, int) else None}
-    return {**{key: value for key, value in derived.items() if value is not None}, **raw}
+    derived: dict[str, Any] = {"intermediate_size": raw.get("ffn_hidden_size", 12288)}
+    if "num_layers" in raw or "num_hidden_layers" not in raw:
+        layers = raw.get("num_layers", 28)
+        if positive_int(layers) is None:
+            derived["num_hidden_layers"] = 2 * layers
+    elif positive_int(raw["num_hidden_layers"]) is None:
+        derived["num_layers"] = raw["num_hidden_layers"] // 2
+    return {**derived, **raw}
 
 
 def _mla_scale_on(name: str) -> Any:
@@ -379,9 +384,12 @@ def _longcat_flash(r: KeyReader, sizes: Sizes) -> Architecture:
     (:mod:`ferrum.moe.zero`). The multi-token prediction module (``model.mtp``) is not run, as transformers does
     not; nor are the zero experts' gate/up rows transformers saves."""
     _agreeing_aliases(r, LONGCAT_ALIASES)
-    layers = r("num_layers")
-    if r("num_hidden_layers") != 2 * layers:
-        r.fail("num_hidden_layers", f"is {r('num_hidden_layers')}, but transformers derives it as twice num_layers "
+    layers, stacked = r("num_layers"), r("num_hidden_layers")
+    if stacked % 2:
+        r.fail("num_hidden_layers", f"is {stacked}, odd, but each LongCat-Flash layer is two sub-blocks "
+                                    f"(transformers would run {stacked - 1}); give num_layers instead")
+    if stacked != 2 * layers:
+        r.fail("num_hidden_layers", f"is {stacked}, but transformers derives it as twice num_layers "
                                     f"({layers}): two sub-blocks a layer; leave it out")
     rotary = r("qk_rope_head_dim")
     if r("head_dim") != rotary:
@@ -409,10 +417,10 @@ def _longcat_flash(r: KeyReader, sizes: Sizes) -> Architecture:
 
 
 TABLE["longcat_flash"] = Family(  # Meituan's LongCat-Flash: two latent-attention sub-blocks a layer, shortcut MoE
-    _keys(_core(False, head_dim_default=64), _ROPE, _theta(10000000.0), _SILU,
-          _mla_keys(1536, 128, 128), (
+    # num_layers checked before num_hidden_layers, which is derived from it
+    _keys((Key("num_layers", default=28, check=size(512)),), _core(False, head_dim_default=64), _ROPE,
+          _theta(10000000.0), _SILU, _mla_keys(1536, 128, 128), (
               Key("q_lora_rank", default=1536, check=size(1 << 17)),
-              Key("num_layers", default=28, check=size(512)),
               Key("ffn_hidden_size", default=12288, check=size(1 << 20)),
               Key("n_routed_experts", default=512, check=positive_int),
               Key("zero_expert_num", default=256, check=optional_non_negative_int),
