@@ -339,6 +339,29 @@ def test_attention_adapter_on_a_moe_base_matches_peft(moe, backend):
     assert_parity(logits_alone(model, "none", TOKENS, None), reference_logits(hf, TOKENS))
 
 
+@pytest.fixture(scope="module")
+def diffllama(tmp_path_factory):
+    """A DiffLlama base (differential heads, twice the stored width at run time), with PEFT adapters on q/k/v and
+    on o_proj, which reads the heads combined at their stored width."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("diffllama")
+    hf = build_transformers_model(root / "base", transformers.DiffLlamaConfig(**COMMON))
+    merged = {"qkv": make_peft(hf, root / "qkv", 7, target_modules=["q_proj", "k_proj", "v_proj"]),
+              "o": make_peft(hf, root / "o", 8, target_modules=["o_proj"])}
+    return root, hf, merged
+
+
+@pytest.mark.parametrize("backend", RUNNABLE)
+def test_attention_adapters_on_differential_heads_match_peft(diffllama, backend):
+    root, hf, merged = diffllama
+    model = DecoderOnlyLLM.from_pretrained(root / "base", backend=backend, block_size=4, dtype="float32")
+    for name, ref in ((name, reference_logits(merged[name], TOKENS)) for name in merged):
+        model.adapters.load(name, root / name)
+        assert np.abs(ref - reference_logits(hf, TOKENS)).max() > 0.1
+        assert_parity(logits_alone(model, name, TOKENS, name), ref)
+
+
 def test_expert_and_router_targets_are_refused_by_name(moe, tmp_path):
     root, hf, _ = moe
     make_peft(hf, tmp_path / "router", 4, target_modules=["q_proj", "gate"])  # the router of the MoE layer

@@ -78,3 +78,18 @@ def test_odd_key_value_heads_refused(tmp_path):
     raw = _config(heads=3, kv=3).to_dict()
     with pytest.raises((ConfigError, UnsupportedFeatureError), match="num_key_value_heads"):
         ModelConfig.from_dict(raw)
+
+
+def test_quantized_o_proj_reads_the_combined_heads_unpadded(checkpoints, tmp_path):
+    """o_proj reads the differential heads combined, at their stored width (24 here), which the load never pads to
+    the run-time head_dim (48): ``ferrum quantize`` packs it at a group size that does not cut 24, and the packed
+    model stays near transformers' logits (8-bit rounding)."""
+    from safetensors import safe_open
+
+    from ferrum.quant.convert import quantize_checkpoint
+
+    folder, hf = checkpoints["gqa"]
+    packed = quantize_checkpoint(folder, tmp_path / "q8", bits=8, group_size=32)
+    with safe_open(str(packed / "model.safetensors"), "np") as handle:
+        assert "model.layers.0.self_attn.o_proj.scales" in handle.keys()
+    assert scaled_error(float32_model(packed).forward_verify("q", TOKENS), _logits(hf)) <= 2e-2

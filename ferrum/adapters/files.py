@@ -32,7 +32,7 @@ import ml_dtypes  # also registers bfloat16 with numpy, so safetensors can read 
 import numpy as np
 
 from ferrum.arch.mlp import width
-from ferrum.arch.tensors import llama_names, prepare, value_width
+from ferrum.arch.tensors import llama_names, pads_o_proj, prepare, value_width
 from ferrum.checkpoint import NOT_TEXT, is_float
 from ferrum.errors import AdapterError
 
@@ -471,14 +471,14 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
     d = spec.stored_head_dim or config.head_dim
     kv = (spec.stored_kv_heads or config.num_kv_heads) * d
     stored = {"q_proj": config.num_heads * d, "k_proj": kv, "v_proj": kv // d * (config.arch.value_head_dim or d)}
-    n_in = {"o_proj": config.num_heads * config.head_dim, "down_proj": width(config, layer)}
+    n_in = {"o_proj": config.num_heads * value_width(config, layer), "down_proj": width(config, layer)}
     return n_in.get(proj, config.hidden_size), stored.get(proj, span[2] - span[1])
 
 
 def _padded_inputs(config: Any, layer: int, proj: str) -> bool:
     """Whether the load pads ``proj``'s inputs (o_proj's, after heads narrower than head_dim), which the adapter's
     factors are not fitted for."""
-    return proj == "o_proj" and value_width(config, layer) != config.head_dim
+    return proj == "o_proj" and pads_o_proj(config, layer)
 
 
 def _absent(config: Any, layer: int, proj: str) -> str:

@@ -239,6 +239,12 @@ def value_width(config: Any, layer: int) -> int:
     return config.arch.value_head_dim or config.arch.layers[layer].stored_head_dim or config.head_dim
 
 
+def pads_o_proj(config: Any, layer: int) -> bool:
+    """Whether the load pads ``layer``'s o_proj inputs to head_dim: its value heads are narrower
+    (:func:`value_width`), except DiffLlama's, whose o_proj reads the heads combined, at their stored width."""
+    return not config.arch.differential and value_width(config, layer) != config.head_dim
+
+
 def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> None:
     """Refuse model tensor ``name`` packed at ``bits`` / ``group_size`` where :func:`fit_heads` would pad its inputs
     (a Gemma 4 o_proj of narrower heads) across groups: that needs new scales, i.e. requantizing. ``ferrum quantize``
@@ -250,7 +256,7 @@ def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> N
     def cuts(size: int) -> bool:
         return all(n % size == 0 and n * bits % 32 == 0 for n in (d, hd))
 
-    if d != hd and not cuts(group_size):
+    if pads_o_proj(config, layer) and not cuts(group_size):
         fitting = [str(size) for size in MLX_GROUP_SIZES if cuts(size)]
         advice = (f"quantize with group size {' or '.join(fitting)}, or load the float checkpoint" if fitting else
                   f"no group size of {', '.join(map(str, MLX_GROUP_SIZES))} does at {bits} bits: load the float "
