@@ -22,7 +22,7 @@ import numpy as np
 from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
 from ferrum.arch.alibi import ALIBI_SINCE
-from ferrum.arch.differential import combine, lambda_init, layer_lambda
+from ferrum.arch.differential import combine_for
 from ferrum.arch.altup import OUTPUT_SCALE, AltUpLayer, AltUpStream, block_halves as altup_halves
 from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS, SUB_NORMS
@@ -447,7 +447,7 @@ class DecoderOnlyLLM:
             qkv=mixer.qkv,
             o=mixer.o,
             sub_norm=_norm_weights(w, p + SUB_NORMS["attn"]) if arch.sub_norms else None,
-            differential=self._differential(tensor, i) if arch.differential else None,
+            differential=combine_for(self.ops, tensor, config, i, self.dtype) if arch.differential else None,
             q_norm=q_norm if spec.qk_norm else None,
             k_norm=k_norm if spec.qk_norm else None,
             mlp=MLP_KINDS[spec.mlp].build(self.ops, tensor, projection, config, i),
@@ -467,13 +467,6 @@ class DecoderOnlyLLM:
             altup=None if arch.altup is None else AltUpLayer(
                 self.ops, arch.altup, config.hidden_size, config.rms_norm_eps, self.dtype, tensor, projection),
         )
-
-    def _differential(self, tensor: Callable[[str], Any], i: int) -> Callable[[Any], Any]:
-        """Layer ``i``'s combination of its differential heads (:mod:`ferrum.arch.differential`)."""
-        config = self.config
-        scale = np.full(config.head_dim, 1 - lambda_init(i), dtype=np.float32)
-        return combine(self.ops, config.rms_norm_eps, config.num_heads, config.head_dim,
-                       layer_lambda(self.ops, tensor, i), self.ops.from_numpy(scale, self.dtype))
 
     def _weightless(self) -> tuple[Any, Any]:
         """The weights of a block or final norm that has none: ``(None, None)`` for a LayerNorm (OLMo 1's), which

@@ -58,7 +58,7 @@ def test_engine_keeps_greedy_tokens(checkpoints):
 def test_controls_miss_transformers(checkpoints, control, monkeypatch):
     folder, hf = checkpoints["gqa"]
     if control == "no_lambda":
-        monkeypatch.setattr("ferrum.model.layer_lambda", lambda ops, tensor, i: 0.0)
+        monkeypatch.setattr("ferrum.arch.differential.layer_lambda", lambda ops, tensor, i: 0.0)
     else:  # each value head padded as a plain head would be
         monkeypatch.setattr("ferrum.arch.tensors.paired_values",
                             lambda v, kv: np.concatenate([np.asarray(v).reshape(kv, -1, *np.shape(v)[1:])] * 2, 1)

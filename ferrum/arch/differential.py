@@ -53,3 +53,11 @@ def combine(ops: Any, eps: float, heads: int, head_dim: int, lam: float, weight:
         return ops.reshape(normed, (-1, half))
 
     return joined
+
+
+def combine_for(ops: Any, tensor: Callable[[str], Any], config: Any, layer: int, dtype: str) -> Callable[[Any], Any]:
+    """Layer ``layer``'s :func:`combine`: its lambda from its placed ``lambda_*`` vectors, its heads normed and
+    scaled by ``1 - lambda_init`` (a weight of ``dtype``)."""
+    scale = np.full(config.head_dim, 1 - lambda_init(layer), dtype=np.float32)
+    return combine(ops, config.rms_norm_eps, config.num_heads, config.head_dim, layer_lambda(ops, tensor, layer),
+                   ops.from_numpy(scale, dtype))
