@@ -159,6 +159,17 @@ def test_glm_indexer_kinds_read_as_transformers_derives_them(kinds):
     assert arch.indexer.layers == tuple(kind == "full" for kind in hf.indexer_types)
 
 
+@pytest.mark.parametrize("key", ["index_topk_freq", "index_skip_topk_offset"])
+def test_a_null_key_the_glm_indexer_kinds_derive_from_is_refused_by_name(key):
+    """transformers derives GLM-5's indexer kinds from both keys where no list is given, and fails on a null one;
+    Ferrum refuses it by name (it read a null offset as 0)."""
+    with pytest.raises(TypeError):
+        dsa_config("glm_moe_dsa", **{key: None})
+    raw = {k: v for k, v in dsa_config("glm_moe_dsa").to_dict().items() if k != "indexer_types"}
+    with pytest.raises(ConfigError, match=f"'{key}' is null"):
+        ModelConfig.from_dict({**raw, key: None})
+
+
 def _raw(kind: str = "deepseek_v32", **changes) -> dict:
     return {**dsa_config(kind).to_dict(), **changes}
 

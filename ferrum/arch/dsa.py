@@ -74,8 +74,13 @@ def glm_kinds(r: KeyReader, layers: int) -> list[str]:
         pattern, name = r("index_topk_pattern"), "index_topk_pattern"
         kinds = [{"F": FULL, "S": SHARED}.get(c, c) for c in pattern] if isinstance(pattern, str) else pattern
     if kinds is None:
-        freq, offset = max(r("index_topk_freq") or 1, 1), r("index_skip_topk_offset") or 0
-        return [FULL if max(i - offset + 1, 0) % freq == 0 else SHARED for i in range(layers)]
+        freq, offset = r("index_topk_freq"), r("index_skip_topk_offset")
+        for key, value in (("index_topk_freq", freq), ("index_skip_topk_offset", offset)):
+            if value is None:  # transformers reads it as a number here (and fails on null)
+                r.fail(key, "is null, but with no indexer_types or index_topk_pattern the indexer kinds are derived "
+                            "from it; give a number or leave it out (transformers' defaults: index_topk_freq 1, "
+                            "index_skip_topk_offset 2)")
+        return [FULL if max(i - offset + 1, 0) % max(freq, 1) == 0 else SHARED for i in range(layers)]
     if not isinstance(kinds, list) or any(kind not in (FULL, SHARED) for kind in kinds):
         r.fail(name, f"must list 'full' or 'shared' per layer (a pattern: 'F' or 'S'), got {kinds!r}")
     if len(kinds) != layers:
