@@ -25,10 +25,10 @@ Q = gguf.GGMLQuantizationType
 _EXPERTS, _FFN, _TOP_K, _CLIP = 4, 32, 2, 0.5  # a clamp that cuts many q/k/v values
 
 
-def _tiny():
+def _tiny(clip: float | None = _CLIP):
     config = transformers.DbrxConfig(
         vocab_size=len(_sentencepiece_vocab()[0]), d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
-        attn_config=dict(kv_n_heads=2, clip_qkv=_CLIP, rope_theta=10000.0),
+        attn_config=dict(kv_n_heads=2, clip_qkv=clip, rope_theta=10000.0),
         ffn_config=dict(ffn_hidden_size=_FFN, moe_num_experts=_EXPERTS, moe_top_k=_TOP_K),
         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def _tiny():
     return hf, config
 
 
-def _dbrx_gguf(path: Path, hf, config, qtype, eps: float = 1e-5) -> None:
+def _dbrx_gguf(path: Path, hf, config, qtype, eps: float = 1e-5, clamp: float = _CLIP) -> None:
     """``hf`` as DbrxModel writes it; matrices as ``qtype``."""
     w = gguf.GGUFWriter(str(path), "dbrx")
     w.add_block_count(config.n_layers)
@@ -49,7 +49,7 @@ def _dbrx_gguf(path: Path, hf, config, qtype, eps: float = 1e-5) -> None:
     w.add_head_count(config.n_heads)
     w.add_head_count_kv(2)
     w.add_rope_freq_base(10000.0)
-    w.add_clamp_kqv(_CLIP)
+    w.add_clamp_kqv(clamp)
     w.add_expert_count(_EXPERTS)
     w.add_expert_used_count(_TOP_K)
     w.add_layer_norm_eps(eps)
@@ -105,6 +105,15 @@ def test_dbrx_gguf_read_without_its_clamp_misses_transformers(tmp_path, monkeypa
         architectures.ARCHITECTURES["dbrx"], configure=lambda m, p, c: {**read(m, p, c), "attn_config.clip_qkv": None}))
     with pytest.raises(AssertionError):
         _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+
+
+def test_a_dbrx_gguf_whose_clamp_is_not_positive_runs_unclamped(tmp_path):
+    """llama.cpp clips q/k/v only by a positive attention.clamp_kqv: a file saying -3 imports as transformers' Dbrx
+    clipping nothing (the import wrote -3, which the load then refused). transformers' Dbrx clamps always (None
+    fails in torch.clamp): a clamp no value reaches stands for none."""
+    hf, config = _tiny(clip=1e6)
+    _dbrx_gguf(tmp_path / "m.gguf", hf, config, Q.F32, clamp=-3.0)
+    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_a_dbrx_gguf_with_another_epsilon_is_refused(tmp_path):

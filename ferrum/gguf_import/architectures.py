@@ -223,10 +223,14 @@ def _gpt_neox_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
     return {"use_parallel_residual": bool(meta.get(p + "use_parallel_residual", True))}
 
 
+def _clamp(value: float | None) -> float | None:
+    """``attention.clamp_kqv`` as llama.cpp applies it (build_qkv): q/k/v clipped only by a positive one."""
+    return float32_value(value) if value is not None and value > 0 else None
+
+
 def _clip_qkv_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """OLMo's and OLMoE's q, k and v clipping, where the file sets one (``attention.clamp_kqv``)."""
-    clamp = meta.get(p + "attention.clamp_kqv")
-    return {"clip_qkv": float32_value(clamp) if clamp else None}
+    return {"clip_qkv": _clamp(meta.get(p + "attention.clamp_kqv"))}
 
 
 #: StableLM 2 12B's per-head q/k norms, which the converter stacks into one ``[heads, head_dim]`` tensor each.
@@ -252,10 +256,11 @@ def _falcon_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any
 
 
 def _mpt_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """MPT: ALiBi's bias max and q/k/v's clamp (none where the file says 0 or nothing), in its attn_config."""
-    clamp, bias_max = meta.get(p + "attention.clamp_kqv"), meta.get(p + "attention.max_alibi_bias", 8.0)
+    """MPT: ALiBi's bias max and q/k/v's clamp (none where the file says 0 or less, or nothing), in its
+    attn_config."""
+    bias_max = meta.get(p + "attention.max_alibi_bias", 8.0)
     return {"attn_config": {"alibi": True, "alibi_bias_max": float32_value(bias_max),
-                            "clip_qkv": float32_value(clamp) if clamp else None}}
+                            "clip_qkv": _clamp(meta.get(p + "attention.clamp_kqv"))}}
 
 
 def _starcoder_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -436,7 +441,7 @@ def _minimax_m2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str,
 
 def _dbrx_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """DBRX's config under its own nested keys (flat, dotted: ``attn_config.kv_n_heads``...), as llama.cpp runs a dbrx
-    file: q/k/v clipped by the clamp it requires (none where 0), softmax top-k weights always renormalised
+    file: q/k/v clipped by the clamp it requires (none where 0 or less), softmax top-k weights always renormalised
     (moe_normalize_expert_weights 1, the releases'), LayerNorms at 1e-5, which the family fixes (a file saying
     otherwise is refused)."""
     eps = float32_value(meta.get(p + "attention.layer_norm_epsilon", 1e-5))
@@ -445,7 +450,7 @@ def _dbrx_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
                                       "LayerNorms are fixed at 1e-5)")
     _refuse_expert_scale(meta, p, "DBRX")
     return {"attn_config.kv_n_heads": cfg["num_key_value_heads"], "attn_config.rope_theta": cfg["rope_theta"],
-            "attn_config.clip_qkv": float32_value(meta.need(p + "attention.clamp_kqv")) or None,  # 0: none
+            "attn_config.clip_qkv": _clamp(meta.need(p + "attention.clamp_kqv")),
             "ffn_config.moe_top_k": cfg["num_experts_per_tok"], "ffn_config.moe_normalize_expert_weights": 1.0}
 
 
