@@ -83,10 +83,11 @@ def test_a_layer_norm_dropping_its_bias_is_caught(registered):
 
 def test_the_core_fallbacks_of_layer_norm_and_gelu_conform(registered):
     registered("nolayernorm", cpu_like_plugin("nolayernorm", omit=("layer_norm", "clip", "mul", "relu_squared",
-                                                                    "xielu")))
+                                                                    "xielu", "quantize_activations")))
     passed = [r.name for r in assert_conformance("nolayernorm").results if r.passed]
     assert {"layer_norm (core fallback)", "gelu (core fallback)", "clip (core fallback)", "mul (core fallback)",
-            "relu_squared (core fallback)", "xielu (core fallback)", "model phi: logits and decode steps",
+            "relu_squared (core fallback)", "xielu (core fallback)", "quantize_activations (core fallback)",
+            "model phi: logits and decode steps",
             "model nemotron: logits and decode steps", "model olmo: logits and decode steps",
             "model cohere: logits and decode steps", "model nanochat: logits and decode steps"} <= set(passed)
 
@@ -149,6 +150,56 @@ def xielu_without_beta_on_the_negative_side(x, alpha_p, alpha_n, beta, eps):
 def test_an_xielu_dropping_beta_on_the_negative_side_is_caught(registered):
     registered("noxbeta", cpu_like_plugin("noxbeta", extra={"xielu": xielu_without_beta_on_the_negative_side}))
     assert set(check_backend("noxbeta").failed()) == {"xielu (native)"}
+
+
+def _rows_quantized(x, levels, round_half, floor):
+    scale = np.float32(levels) / np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(floor))
+    return (np.clip(round_half(x * scale), -levels - 1, levels) / scale).astype(x.dtype)
+
+
+@hookimpl
+def quantize_activations_rounding_half_away(x, levels):
+    """np.round's ties to even replaced by ties away from zero, as C's round() and a naive kernel do."""
+    return _rows_quantized(x, levels, lambda v: np.sign(v) * np.floor(np.abs(v) + 0.5), 1e-5)
+
+
+@hookimpl
+def quantize_activations_without_the_floor(x, levels):
+    """The largest magnitude not floored at 1e-5: a row of zeros is 0 / 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _rows_quantized(x, levels, np.round, 0.0)
+
+
+@pytest.mark.parametrize("op", [quantize_activations_rounding_half_away, quantize_activations_without_the_floor])
+def test_a_quantize_activations_off_the_grid_is_caught(registered, op):
+    registered("badquant", cpu_like_plugin("badquant", extra={"quantize_activations": op}))
+    report = check_backend("badquant")
+    assert set(report.failed()) == {"quantize_activations (native)"}
+    assert "off the oracle's integer grid" in next(r.message for r in report.results if not r.passed)
+
+
+def test_quantize_activations_computed_in_bfloat16_is_caught():
+    """The hookspec computes in float32 whatever ``x``'s dtype: a bfloat16 product ``x * s`` lands its codes off by
+    one or more (within the bfloat16 tolerance of the values, so only the codes' check sees it)."""
+    if "cuda" not in runnable_backends():
+        pytest.skip("the torch backend cannot run here")
+    from types import SimpleNamespace
+
+    from ferrum.backends import load_backend
+    from ferrum.testing.conformance import _Context
+    from ferrum.testing.family_checks import check_quantize_activations
+
+    def in_bfloat16(x, levels):
+        scale = levels / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+        return ((x * scale).round().clamp(-levels - 1, levels) / scale).to(x.dtype)
+
+    ops = load_backend("cuda").ops
+    c = _Context(load_backend("cuda"), "bfloat16")
+    c.ops = SimpleNamespace(from_numpy=ops.from_numpy, to_numpy=ops.to_numpy, quantize_activations=in_bfloat16)
+    with pytest.raises(AssertionError, match="off the oracle's integer grid"):
+        check_quantize_activations(c, 4e-2)
+    c.ops.quantize_activations = ops.quantize_activations
+    assert check_quantize_activations(c, 4e-2) < 4e-2
 
 
 @hookimpl

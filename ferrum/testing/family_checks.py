@@ -1,6 +1,6 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, squared ReLU,
-xIELU, the recurrent mixers' ops (gated attention's sigmoid gate, the causal convolution, Gated DeltaNet's rule,
-Mamba-2's state-space recurrence, Mamba-1's selective scan),
+xIELU, BitNet's per-token activation quantization, the recurrent mixers' ops (gated attention's sigmoid gate,
+the causal convolution, Gated DeltaNet's rule, Mamba-2's state-space recurrence, Mamba-1's selective scan),
 scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE,
 Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron, Llama 4, nanochat)
 against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
@@ -184,6 +184,39 @@ def check_xielu(c: Any, tol: float) -> float:
     got = c.get(c.ops.xielu(c.put(x), *(float(v) for v in XIELU_CASE)))
     assert np.array_equal(got, c.rounded(got)), f"xielu's result is not in the compute dtype {c.dtype}"
     return _compare(got, xielu(x, *(float(v) for v in coeffs)), tol)
+
+
+def quantized_codes(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ferrum.hookspec.quantize_activations``'s integer codes of each row of ``x`` and the row's scale, in float32
+    as the hookspec fixes them (a float64 product can round the other way at a tie float32 lands on)."""
+    x = np.asarray(x, dtype=np.float32)
+    largest = np.maximum(np.max(np.abs(x), axis=-1, keepdims=True), np.float32(1e-5))
+    scale = np.float32(levels) / largest
+    return np.clip(np.rint(x * scale), -levels - 1, levels), scale
+
+
+def check_quantize_activations(c: Any, tol: float) -> float:
+    """BitNet's per-token int8 rows: random rows of several sizes, a row of exact halves of its grid (rounded to
+    even), a row of zeros and one below the 1e-5 floor of the largest magnitude. The result is in the compute
+    dtype, and each of its values, times the row's scale, is the oracle's integer code (exactly, in any dtype: a
+    code one off, or codes computed in bfloat16, fail); values within the dtype's tolerance."""
+    rng = np.random.default_rng(12)  # its own draws: the other checks' inputs stay as they were
+    x = rng.standard_normal((7, 40)).astype(np.float32) * np.float32([[3], [0.1], [40], [1], [1], [1], [1]])
+    x[3] = np.arange(40) - 19.5  # with 127 the largest: the grid's step is 1, every other value ends in .5
+    x[3, 0] = 127
+    x[4] = 0.0
+    x[5] *= np.float32(2e-6)  # largest magnitude under the floor: the scale is 127 / 1e-5
+    x = c.rounded(x)
+    got = c.get(c.ops.quantize_activations(c.put(x), 127))
+    assert np.array_equal(got, c.rounded(got), equal_nan=True), (
+        f"quantize_activations' result is not in the compute dtype {c.dtype}")
+    codes, scale = quantized_codes(x, 127)
+    wrong = np.argwhere(np.rint(got * scale) != codes)
+    if wrong.size:
+        row, col = (int(i) for i in wrong[0])
+        raise AssertionError(f"{len(wrong)} values off the oracle's integer grid, first at [{row}, {col}]: code "
+                             f"{got[row, col] * scale[row, 0]:g}, expected {codes[row, col]:g}")
+    return _compare(got, codes / scale.astype(np.float64), tol)
 
 
 def check_sigmoid_mul(c: Any, tol: float) -> float:
@@ -486,6 +519,8 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"relu_squared ({source('relu_squared')})", lambda: check_relu_squared(c, tol), tol),
         (f"relu ({source('relu')})", lambda: check_relu(c, tol), tol),
         (f"xielu ({source('xielu')})", lambda: check_xielu(c, tol), tol),
+        (f"quantize_activations ({source('quantize_activations')})", lambda: check_quantize_activations(c, tol),
+         tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"sigmoid_mul ({source('sigmoid_mul')})", lambda: check_sigmoid_mul(c, tol), tol),
         (f"softplus_mul ({source('softplus_mul')})", lambda: check_softplus_mul(c, tol), tol),
