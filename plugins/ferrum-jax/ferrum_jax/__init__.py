@@ -14,9 +14,9 @@ from ferrum.backends import BackendProbe
 #: 1.15: xielu; 1.16: sigmoid_mul, causal_conv1d, gated_delta_rule, the grouped rules' expert_scale (its experts
 #: stay the core's, which run every activation); 1.19: selective_scan (1.17's ssd_update and 1.18's ungated experts
 #: it leaves to the core); 1.20: gated_delta_rule's per-key-channel gate and beta_scale; 1.21: relu, attention's
-#: alibi_slopes; 1.24's optional softplus_mul too (an optional op is called whatever the version declared; 1.22's
-#: quantize_activations and 1.23's routing chosen by logits it leaves to the core, so it declares 1.21)
-API_VERSION = "1.21"
+#: alibi_slopes; 1.22: quantize_activations; 1.24's optional softplus_mul too (an optional op is called whatever
+#: the version declared; 1.23's routing chosen by logits it leaves to the core, so it declares 1.22)
+API_VERSION = "1.22"
 
 
 @hookimpl

@@ -153,6 +153,21 @@ def xielu(x, alpha_p, alpha_n, beta, eps):
     return _xielu(x, alpha_p, alpha_n, beta, eps)
 
 
+@functools.partial(jax.jit, static_argnames="levels")
+def _quantize_activations(x, levels):
+    rows = x.astype(F32)  # the grid in float32 whatever x's dtype; jnp.round rounds half to even, as torch does
+    scale = levels / jnp.maximum(jnp.abs(rows).max(axis=-1, keepdims=True), 1e-5)
+    # XLA turns a division by a broadcast row into a product with its reciprocal, an ulp off the quotient that
+    # transformers (torch) computes: the barrier keeps the division.
+    scale = lax.optimization_barrier(jnp.broadcast_to(scale, rows.shape))
+    return (jnp.clip(jnp.round(rows * scale), -levels - 1, levels) / scale).astype(x.dtype)
+
+
+@hookimpl
+def quantize_activations(x, levels):
+    return _quantize_activations(x, levels=int(levels))
+
+
 @jax.jit
 def _mul(a, b):
     return (a * b).astype(a.dtype)

@@ -9,8 +9,8 @@ from ferrum_jax.arrays import (  # noqa: F401  (pluggy finds the hook implementa
 )
 from ferrum_jax.attention import attention, paged_attention, prepare_attention_batch  # noqa: F401
 from ferrum_jax.dense import (  # noqa: F401
-    add_rms_norm, clip, gelu, gelu_tanh_mul, layer_norm, linear, mul, mul_scalar, relu, relu_squared, rms_norm, rope,
-    silu_mul, softcap, xielu,
+    add_rms_norm, clip, gelu, gelu_tanh_mul, layer_norm, linear, mul, mul_scalar, quantize_activations, relu,
+    relu_squared, rms_norm, rope, silu_mul, softcap, xielu,
 )
 from ferrum_jax.kv import kv_alloc, kv_gather, kv_write  # noqa: F401
 from ferrum_jax.moe import moe_route  # noqa: F401
