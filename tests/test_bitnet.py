@@ -168,6 +168,22 @@ def test_quantize_activations_in_bfloat16_is_transformers(backend):
     assert np.array_equal(np.asarray(ops.to_numpy(ops.cast(got, "float32")), dtype=np.float32), want)
 
 
+@pytest.mark.parametrize("name", ["online", "offline"])
+def test_quantize_refuses_a_bitnet_checkpoint_by_name(checkpoints, tmp_path, capsys, name):
+    """An mlx-community copy would drop the ternary weights' activation quantization (online: it packed the master
+    weights as they are, a model 0.99 off transformers'; offline: it said only that uint8 is not a float)."""
+    from ferrum.cli import main
+    from ferrum.errors import InvalidRequestError
+    from ferrum.quant.convert import quantize_checkpoint
+
+    folder, _ = checkpoints[name]
+    with pytest.raises(InvalidRequestError, match=f"BitNet b1.58 checkpoint .*{name}.*already ternary"):
+        quantize_checkpoint(folder, tmp_path / "q", bits=4, group_size=32)
+    assert main(["quantize", str(folder), str(tmp_path / "q"), "--group-size", "32"]) == 2
+    assert "per token to int8" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("section, words", [
     ({"linear_class": "bitlinear"}, "'bitlinear'"),
     ({"linear_class": "autobitlinear", "use_rms_norm": True}, "use_rms_norm"),

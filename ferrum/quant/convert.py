@@ -29,7 +29,9 @@ Tensors are converted and written one at a time, straight into
 safetensors files whose headers are planned up front from the source
 headers, so memory is one tensor's working set, not the model's.
 Everything is written into a hidden sibling folder that is renamed into place
-at the end: an interrupted run leaves ``DST`` untouched.
+at the end: an interrupted run leaves ``DST`` untouched. A BitNet checkpoint
+(:mod:`ferrum.quant.bitnet`) is refused: the format has no word for its
+ternary weights or its layers' per-token activation quantization.
 """
 
 from __future__ import annotations
@@ -187,6 +189,13 @@ def quantize_checkpoint(
             f"{src} is not a folder; give the folder of a float Hugging Face checkpoint (config.json + *.safetensors)"
         )
     config = ModelConfig.from_file(src)
+    if config.quantization is not None and config.quantization.bitnet is not None:
+        mode = "online" if config.quantization.bitnet.online else "offline"
+        raise InvalidRequestError(
+            f"{src} is a BitNet b1.58 checkpoint (quant_method 'bitnet', {mode}): its weights are already ternary and "
+            "each linear layer quantizes its input per token to int8, as transformers runs it; an mlx-community copy "
+            "would run plain affine layers with neither, another model: run the checkpoint as it is"
+        )
     if config.quantization is not None and not config.quantization.runs_as_float:
         raise InvalidRequestError(
             f"{src} is already quantized ({config.quantization.bits}-bit, group size "
