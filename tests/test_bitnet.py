@@ -184,6 +184,50 @@ def test_quantize_refuses_a_bitnet_checkpoint_by_name(checkpoints, tmp_path, cap
     assert not (tmp_path / "q").exists()
 
 
+@pytest.fixture(scope="module")
+def adapters(checkpoints, tmp_path_factory):
+    """name -> (adapter folder, peft's logits, peft's logits with every LoRA reading its input quantized): a random
+    LoRA on every linear layer but the head, which peft wraps around transformers' ``AutoBitLinear``. peft adds
+    ``B A x`` of the layer's input as it comes, beside the layer's own quantized product."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    out = {}
+    for name in ("online", "offline"):
+        _, hf = checkpoints[name]
+        torch.manual_seed(1)
+        wrapped = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)).eval()
+        assert isinstance(wrapped.base_model.model.model.layers[0].mlp.down_proj.base_layer, integration.AutoBitLinear)
+        folder = tmp_path_factory.mktemp(f"lora-{name}")
+        wrapped.save_pretrained(folder)
+        ref = _logits(wrapped)
+        quantize = _original(integration.ActQuant.forward)
+        hooks = [module.lora_A["default"].register_forward_pre_hook(lambda _, args: (quantize(None, args[0]),))
+                 for module in wrapped.modules() if hasattr(module, "lora_A")]
+        control = _logits(wrapped)
+        for hook in hooks:
+            hook.remove()
+        out[name] = folder, ref, control
+    return out
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("name", ["online", "offline"])
+def test_lora_matches_peft(checkpoints, adapters, name, backend):
+    """Ferrum's adapters add ``B A x`` of the projection's input as the model has it, before the layer quantizes
+    it: peft's sum. Controls: the adapter moves the logits, and LoRA reading the quantized input misses them."""
+    from ferrum.model import ForwardItem
+
+    folder, hf = checkpoints[name]
+    lora, ref, control = adapters[name]
+    assert scaled_error(ref, _logits(hf)) > 0.1 and scaled_error(control, ref) > 1e-2
+    model = float32_model(folder, backend, block_size=4)
+    model.adapters.load("a", lora)
+    got = model.forward([ForwardItem("s", TOKENS, 0, adapter="a")], all_logits=True).logits
+    assert scaled_error(np.asarray(model.ops.to_numpy(got), dtype=np.float32), ref) < 1e-4
+
+
 @pytest.mark.parametrize("section, words", [
     ({"linear_class": "bitlinear"}, "'bitlinear'"),
     ({"linear_class": "autobitlinear", "use_rms_norm": True}, "use_rms_norm"),
