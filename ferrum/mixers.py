@@ -347,10 +347,56 @@ class SharedBlockThenRecurrent(Recurrent):
         return super().step(run, index, layer, block.project(joined), h)
 
 
+class MixtureOfAttention(MixerKind):
+    """JetMoE's mixture of attention heads (:mod:`ferrum.arch.moa`): the first half projects the router's logits,
+    every expert's queries (rotated with the keys), keys and values; the step routes on the host, picks each token's
+    query heads, runs attention's step (KV write, narrowing, paged attention) and places each slot's gated output in
+    its expert's block; the second half is the experts' output projections as one biased linear. Its rope has one
+    table (the family refuses longrope), so the queries rotate in the first half."""
+
+    def __init__(self, attention: Attention):
+        self.attention = attention
+
+    def writes_kv(self, spec: LayerSpec) -> bool:
+        return True
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        layer = model.config.arch.moa.layer(model.ops, projection, model.dtype)
+        return MixerWeights(qkv=layer, o=layer.o)
+
+    def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
+        ops, spec = model.ops, model.config.arch.moa
+        table = model.ropes[layer.rope].fixed
+
+        def project(x: Any, h: Any, positions: Any) -> tuple:
+            logits, queries, k, v = layer.qkv(x)
+            queries = ops.reshape(queries, (-1, spec.num_experts * spec.kv_heads, spec.head_dim))
+            k, v = (ops.reshape(t, (-1, spec.kv_heads, spec.head_dim)) for t in (k, v))
+            if table is not None:
+                queries, k = ops.rope(queries, positions, table), ops.rope(k, positions, table)
+            return logits, queries, k, v, h
+
+        return project
+
+    def output(self, model: Any, layer: Any) -> Callable[..., Any]:
+        return lambda placed: layer.o(placed)
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        logits, queries, k, v = projected
+        experts = layer.qkv
+        ids, weights = experts.route(logits)
+        attn, _, h = self.attention.step(run, index, layer, (experts.heads(queries, ids), k, v), h)
+        if index == run.last_write and run.kept is not None:  # the pass went on with its kept rows
+            ids, weights = ids[run.kept], weights[run.kept]
+        return experts.placed(attn, ids, weights), (), h
+
+
 #: ``LayerSpec.mixer`` -> its kind.
 MIXER_KINDS: dict[str, MixerKind] = {"attention": Attention(), "none": NoMixer(),
                                      **{name: Recurrent() for name in MIXERS}}
 MIXER_KINDS["shared_mamba2"] = SharedBlockThenRecurrent(MIXER_KINDS["attention"])
+MIXER_KINDS["moa"] = MixtureOfAttention(MIXER_KINDS["attention"])
 
 
 def mixer_kind(spec: LayerSpec) -> MixerKind:

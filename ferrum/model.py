@@ -556,8 +556,9 @@ class DecoderOnlyLLM:
         """``final_norm(*stream) -> (normed,)`` after the last block: a pure function, compiled like the
         halves. The LM head stays outside, so logits, which outlive the pass, are never a buffer that a
         compiled call reuses (``compile_fn``)."""
-        ops, altup = self.ops, self.altup
-        norm, _ = NORM_KINDS[self.config.arch.norm](ops, self.config.rms_norm_eps)
+        ops, altup, arch = self.ops, self.altup, self.config.arch
+        norm, _ = NORM_KINDS[arch.norm](ops, self.config.rms_norm_eps if arch.final_norm_eps is None else
+                                        arch.final_norm_eps)
 
         def final_norm(residual: Any, h: Any) -> tuple:
             return (norm(ops.add(residual, h), self.final_norm),)

@@ -149,6 +149,10 @@ class AdapterRegistry:
                                "are not supported yet (Ferrum does not adapt their latent projections); run the base "
                                "model, or merge the adapter into its weights with PEFT's merge_and_unload")
         arch = self.model.config.arch
+        if arch.moa is not None:
+            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on a mixture of attention heads are not "
+                               "supported yet (Ferrum does not adapt its attention experts); run the base model, or "
+                               "merge the adapter into its weights with PEFT's merge_and_unload")
         if arch.recurrent:
             titles = {mixer_spec(arch, m).title for spec in arch.layers for m in spec.mixers if m in MIXERS}
             unadapted = [f"the {title} layers' projections" for title in sorted(titles)]

@@ -26,7 +26,7 @@ TINY = 1e-30
 class RowOps:
     """The compositions over rows of ``width`` columns, their constant weights placed once in ``dtype``."""
 
-    __slots__ = ("ops", "width", "ones", "_mean", "_spread")
+    __slots__ = ("ops", "width", "ones", "_mean", "_spread", "_one")
 
     def __init__(self, ops: Any, width: int, dtype: str):
         from ferrum.weights import Linear, place  # imported here: ferrum.weights reads the family table
@@ -35,6 +35,8 @@ class RowOps:
         self.ones = ops.from_numpy(np.ones(width, dtype=np.float32), dtype)
         self._mean = Linear(place(ops, "rowwise.mean", np.full((1, width), 1.0 / width, dtype=np.float32), dtype))
         self._spread = Linear(place(ops, "rowwise.spread", np.ones((width, 1), dtype=np.float32), dtype))
+        self._one = Linear(place(ops, "rowwise.one", np.zeros((1, width), dtype=np.float32), dtype),
+                           ops.from_numpy(np.ones(1, dtype=np.float32), dtype))
 
     def mean(self, x: Any) -> Any:
         """Each row's mean, ``[T, 1]``."""
@@ -43,6 +45,11 @@ class RowOps:
     def spread(self, column: Any, factor: float = 1.0) -> Any:
         """``[T, 1]`` times ``factor`` (rounded to its dtype, as ``mul_scalar`` rounds) on every column."""
         return self._spread(column if factor == 1.0 else self.ops.mul_scalar(column, factor))
+
+    def constant(self, x: Any, row: Any) -> Any:
+        """``row [width]`` on each of ``x``'s rows (a bias added after a sum: JetMoE's MoE): ``x`` times zeros plus
+        one is a column of ones, spread over the row and times ``row``."""
+        return self.ops.mul(self._spread(self._one(x)), row)
 
     def unit(self, x: Any) -> Any:
         """Each row divided by its root mean square."""

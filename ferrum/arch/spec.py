@@ -9,8 +9,9 @@ from ferrum.arch.rope import Rope
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.recurrent import MIXERS
 
-#: The mixers that attend over the KV pool: attention, and Zamba 2's shared block before its Mamba-2.
-ATTENDING = ("attention", "shared_mamba2")
+#: The mixers that attend over the KV pool: attention, Zamba 2's shared block before its Mamba-2, and JetMoE's
+#: mixture of attention heads.
+ATTENDING = ("attention", "shared_mamba2", "moa")
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,8 @@ class Architecture:
     #: Zamba 2's shared transformer blocks and its hybrid layers' Mamba-2 (:class:`ferrum.arch.shared_block.
     #: SharedBlockSpec`; mixer "shared_mamba2"), else None.
     shared_block: Any = None
+    #: JetMoE's mixture of attention heads (:class:`ferrum.arch.moa.MoaSpec`; mixer "moa"), else None.
+    moa: Any = None
     #: ``(alias, source)`` module prefixes under ``prefix`` (``layers.7.shared_transformer.``): the tensors a layer
     #: reads from another layer's, placed once and read by both (Zamba 2's later uses of a shared block).
     aliases: tuple[tuple[str, str], ...] = ()
@@ -241,6 +244,9 @@ class Architecture:
     #: sparse attention is dense attention exactly); ``max_seq_len`` is lowered to it at load, saying ``why``, so
     #: the context checks refuse anything longer. None: the config's context.
     context_limit: tuple[int, str] | None = None
+    #: The final norm's epsilon where it is not the blocks' (``rms_norm_eps``): JetMoE's blocks fix 1e-6 while its
+    #: final norm reads rms_norm_eps. None: the blocks'.
+    final_norm_eps: float | None = None
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
     #: Endings of the tensors placed in float32 whatever the compute dtype (transformers' _keep_in_fp32_modules:
     #: GLM-4.5's router correction biases, which choose between experts whose scores differ in the fourth digit).

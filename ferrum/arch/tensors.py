@@ -32,6 +32,7 @@ import numpy as np
 from ferrum.arch.differential import LAMBDAS, paired_values
 from ferrum.arch.dsa import INDEXER
 from ferrum.arch.mlp import MLP_KINDS
+from ferrum.arch.moa import MODULE as MOA_MODULE
 from ferrum.arch.norms import SUB_NORMS
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE
 from ferrum.errors import UnsupportedFeatureError
@@ -121,7 +122,9 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         norms = qk_norms if layer.qk_norm else {}
         block_norms = {f"{norm}.{part}": (h,) for norm in layer.block_norms(arch).values() for part in norm_parts}
-        if layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
+        if layer.mixer == "moa":  # JetMoE's attention experts
+            own = {**block_norms, **arch.moa.tensors(h)}
+        elif layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
             mixer = mixer_spec(arch, layer.mixer)
             own = {**block_norms, **(mixer.tensors(h) if mixer is not None else {})}
             if layer.shared_use is not None:  # the shared block where this is its first use (Zamba 2)
@@ -373,6 +376,8 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         parts = [(name, tensor)]
     elif arch.mla is not None and ".self_attn.kv_a_proj_with_mqa." in name:
         parts = arch.mla.split(name, tensor, rows)
+    elif arch.moa is not None and f".{MOA_MODULE}." in name:
+        parts = arch.moa.split(name, tensor)
     elif arch.shared_block is not None and ".shared_transformer." in name:
         parts = arch.shared_block.split(name, tensor, _take_rows)
     elif (mixer := _mixer_of(arch, arch.layers[layer], name)) is not None:  # its qkv_proj its own (lightning's)

@@ -30,18 +30,20 @@ class MoeMLP:
     before routing. ``shared_act`` (Nemotron 3 Nano): the shared expert is
     ungated, ``down(shared_act(up(x)))``, its ``gate`` None; else it runs SwiGLU. ``zero`` (LongCat-Flash): the
     router may choose identity experts, :class:`ferrum.moe.zero.ZeroExperts`, which weigh ``x`` itself.
+    ``output_bias`` (JetMoE): ``x -> [T, hidden]``, a bias on every row, added once the experts are summed.
     """
 
     __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route",
                  "router_dtype", "weigh_input", "router_norm", "shared_act", "zero",
-                 "router_softcap")
+                 "router_softcap", "output_bias")
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
                  shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
                  routing: GroupedRouting | Sparsemixer | None = None, route: Callable[..., Any] | None = None,
                  router_dtype: str | None = None, weigh_input: bool = False,
                  router_norm: Callable[[Any], Any] | None = None, shared_act: Callable[[Any], Any] | None = None,
-                 zero: Any = None, router_softcap: float | None = None):
+                 zero: Any = None, router_softcap: float | None = None,
+                 output_bias: Callable[[Any], Any] | None = None):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize
         self.shared, self.shared_gate = shared, shared_gate
@@ -52,6 +54,7 @@ class MoeMLP:
         self.shared_act = shared_act
         self.zero = zero
         self.router_softcap = router_softcap
+        self.output_bias = output_bias
 
     def projections(self) -> list[Any]:
         """The ordinary linears (router, shared expert); the experts are ``self.experts``."""
@@ -60,7 +63,11 @@ class MoeMLP:
 
     def __call__(self, x: Any, router_x: Any = None) -> Any:
         """The experts of ``x``, routed by ``router_x`` where given (Gemma 4's router reads the layer's stream, its
-        experts a norm of it), else by ``x``."""
+        experts a norm of it), else by ``x``; plus the output bias where there is one."""
+        out = self._experts(x, router_x)
+        return out if self.output_bias is None else self.ops.add(out, self.output_bias(x))
+
+    def _experts(self, x: Any, router_x: Any) -> Any:
         ops = self.ops
         shared_out = shared_logit = None
         if self.shared is not None:

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ferrum.arch.norms import NORM_KINDS
+from ferrum.arch.rowwise import RowOps
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
 from ferrum.moe.experts import PlacedExperts
@@ -15,6 +16,7 @@ from ferrum.moe.loading import SWITCH
 from ferrum.moe.routing import GROUPED_RULES, GroupedRouting, GroupRule, Sparsemixer
 from ferrum.moe.spec import ROUTER_NORM
 from ferrum.moe.zero import ZeroExperts
+from ferrum.reference_ops import dtype_name
 
 
 class Moe:
@@ -40,6 +42,8 @@ class Moe:
             shapes[at(spec.bias_name)] = (1, spec.scored) if spec.correction_bias_rows else (spec.scored,)
         if spec.router_norm is not None:
             shapes[at(spec.router_norm)] = (h,)
+        if spec.output_bias is not None:
+            shapes[at(spec.output_bias)] = (h,)
         if rule is not None and rule.expert_scaled:
             shapes[at(spec.expert_scale)] = (e,)
         if spec.shared_expert_size:
@@ -122,8 +126,13 @@ class Moe:
         # a float32 router (placed so at load where it is not packed: a packed one runs in the compute dtype)
         # takes its input in float32
         router_dtype = "float32" if spec.router_float32 and router.dense_dtype == "float32" else None
+        output_bias = None
+        if spec.output_bias is not None:  # spread over the rows by RowOps (the ops add arrays of one shape only)
+            bias = tensor(at(spec.output_bias))
+            output_bias = partial(RowOps(ops, config.hidden_size, dtype_name(bias)).constant, row=bias)
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
-                      router_dtype, spec.weigh_input, router_norm, shared_act, zero, spec.router_softcap)
+                      router_dtype, spec.weigh_input, router_norm, shared_act, zero, spec.router_softcap,
+                      output_bias)
 
 
 def _inputs(spec: Any) -> tuple[str, ...]:

@@ -59,15 +59,17 @@ LAYOUT = {
     "laguna": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "granitemoe_swa": ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),  # fused (ferrum.moe.fused_gate_up)
     "lara_mini": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # fused (ferrum.moe.fused_gate_up)
+    "jetmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
 STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
-           "granitemoeshared": ("input_linear", "input_linear", "output_linear")}
+           "granitemoeshared": ("input_linear", "input_linear", "output_linear"),
+           "jetmoe": ("input_linear", "input_linear", "output_linear")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
           "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer", "jamba": "router",
-          "granitemoe_swa": "router"}
+          "granitemoe_swa": "router", "jetmoe": "router.layer"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
 MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts", "afmoe": "experts"}
 
@@ -133,7 +135,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts"),
                 "axk1": ("n_routed_experts", "num_local_experts"), "flint": ("num_experts",),
                 "kolibri1": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
-                "laguna": ("num_experts",), "granitemoe_swa": ("num_local_experts",), "lara_mini": ("num_experts",)}
+                "laguna": ("num_experts",), "granitemoe_swa": ("num_local_experts",), "lara_mini": ("num_experts",),
+                "jetmoe": ("num_local_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -350,6 +353,7 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "flex_olmo": (*_COUNT["flex_olmo"], Key("num_experts_per_tok", default=5, check=positive_int),
                   Key("norm_topk_prob", default=False, check=boolean)),
     "granitemoe": (*_COUNT["granitemoe"], Key("num_experts_per_tok", default=2, check=positive_int)),
+    "jetmoe": (*_COUNT["jetmoe"], Key("num_experts_per_tok", default=2, check=positive_int)),
     "granitemoeshared": (*_COUNT["granitemoeshared"], Key("num_experts_per_tok", default=2, check=positive_int),
                          Key("shared_intermediate_size", default=0, check=optional_non_negative_int)),
     "granitemoe_swa": (*_COUNT["granitemoe_swa"], Key("num_experts_per_tok", default=2, check=positive_int),
@@ -582,7 +586,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
-                  "laguna": 256, "granitemoe_swa": 8, "lara_mini": 128}
+                  "laguna": 256, "granitemoe_swa": 8, "lara_mini": 128, "jetmoe": 8}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -592,7 +596,8 @@ _EVERY_LAYER = {"mixtral": lambda r: True, "minimax": lambda r: True, "granitemo
                 "granitemoe_swa": lambda r: True,
                 "hunyuan_v1_moe": lambda r: True, "minimax_m2": lambda r: True,
                 "flex_olmo": lambda r: r("norm_topk_prob"),
-                "dbrx": lambda r: r("ffn_config.moe_normalize_expert_weights") is not None}
+                "dbrx": lambda r: r("ffn_config.moe_normalize_expert_weights") is not None,
+                "jetmoe": lambda r: True}
 #: Per family, what its experts add to plain SwiGLU ones: gpt-oss biases its router and every expert
 #: projection, clamps its activation, and stores its experts in layouts of its own.
 _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
@@ -615,6 +620,7 @@ _EXPERT_EXTRAS: dict[str, Callable[[KeyReader], dict]] = {
     # sparse MLP's own buffer (transformers' MiniMaxM2SparseMoeBlock), not the router's
     "minimax_m2": lambda r: dict(routing="sigmoid_grouped", correction_bias=CORRECTION_BIAS),
     "dbrx": lambda r: dict(layout="dbrx"),  # transformers' ffn.experts.mlp.{w1,v1,w2} (ferrum.moe.dbrx)
+    "jetmoe": lambda r: dict(output_bias="bias"),  # JetMoeMoE's bias, added once the experts are summed
 }
 def _listed_kinds(r: KeyReader, layers: int) -> list[bool]:
     """Which layers are sparse: as mlp_layer_types lists them, every layer where it does not (Mellum's)."""
@@ -711,6 +717,9 @@ class MoeSpec:
     #: The router's logits soft-capped in float32 before routing, ``cap * tanh(logits / cap)`` (Laguna's
     #: moe_router_logit_softcapping); None: as they are.
     router_softcap: float | None = None
+    #: A bias in the sparse MLP module (JetMoE's ``mlp.bias``, ``[hidden]``) added to the output once the experts
+    #: are summed; None: none.
+    output_bias: str | None = None
 
     @property
     def scored(self) -> int:

@@ -21,6 +21,7 @@ from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, optional_positive_number,
     positive_int, positive_number, size,
 )
+from ferrum.arch.moa import MoaSpec
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
@@ -591,6 +592,45 @@ def _granitemoe_swa(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(_granite_swa(r, sizes), stored_names=GRANITEMOESHARED_NAMES)
 
 
+def _jetmoe_heads(raw: dict[str, Any]) -> dict[str, Any]:
+    """transformers' JetMoeConfig: num_attention_heads is num_key_value_heads * num_experts_per_tok, whatever the
+    config says (a bad value of either is refused by its own key)."""
+    kv, top_k = raw.get("num_key_value_heads", 16), raw.get("num_experts_per_tok", 2)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (kv, top_k)):
+        return raw
+    return {**raw, "num_attention_heads": kv * top_k}
+
+
+def _jetmoe_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    """The blocks' norms: transformers' JetMoeDecoderLayer builds them with eps 1e-6 whatever rms_norm_eps says
+    (only the final norm reads it: ``Architecture.final_norm_eps``)."""
+    return replace(sizes, rms_norm_eps=1e-6)
+
+
+def _jetmoe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """JetMoE (transformers' JetMoe): Llama's pre-norm blocks whose attention is a mixture of attention heads
+    (:mod:`ferrum.arch.moa`: num_experts_per_tok of num_local_experts query/output projection experts around
+    num_key_value_heads shared key/value heads of kv_channels dims) and whose MLPs are GraniteMoE's stacked SwiGLU
+    experts with an output bias (:func:`ferrum.moe.spec.with_moe`); the final norm alone reads rms_norm_eps."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, ("default", "linear", "llama3"))
+    r("activation_function")
+    experts = r("num_local_experts") or 8
+    moa = MoaSpec(experts, r("num_experts_per_tok"), sizes.num_kv_heads, sizes.head_dim)
+    eps = r("rms_norm_eps")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer="moa") for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), moa=moa,
+        final_norm_eps=1e-6 if eps is None else float(eps),
+    )
+
+
+def _remote_code_key(name: str, ours: str) -> Key:
+    """A key of JetMoE's first remote-code config, which transformers' JetMoe does not read: refused by name."""
+    return Key(name, unsupported=True, check=lambda v: None if v is None else (
+        f"is JetMoE's remote-code spelling, which transformers' JetMoe ignores; write it as {ours}"))
+
+
 _QWEN2_MOE_WINDOW = (
     Key("sliding_window", default=4096, check=lambda v: None if v == 0 else optional_positive_int(v)),
     *_QWEN_WINDOW[1:],
@@ -853,6 +893,22 @@ TABLE: dict[str, Family] = {
         eps_default=1e-5,
         kv_heads=_mimo_kv_heads,
         unloaded=r"^model\.mtp\.",  # the release's multi-token prediction layers
+    ),
+    "jetmoe": Family(  # JetMoE-8B: mixture of attention heads and biased stacked experts on every layer
+        _keys(_core(True), _core_defaults(
+            hidden_size=2048, intermediate_size=5632, num_hidden_layers=12, num_key_value_heads=16, vocab_size=32000,
+            max_position_embeddings=4096, tie_word_embeddings=True,
+        ), _ROPE, (
+            Key("kv_channels", default=128, check=size(4096)),
+            Key("activation_function", default="silu", check=one_of("silu"), unsupported=True),
+            *(_remote_code_key(name, ours) for name, ours in (
+                ("moe_num_experts", "num_local_experts"), ("moe_top_k", "num_experts_per_tok"),
+                ("ffn_hidden_size", "intermediate_size"), ("num_layers", "num_hidden_layers"))),
+        ), MOE_KEYS["jetmoe"]),
+        with_moe("jetmoe", _jetmoe),
+        derive=_jetmoe_heads,
+        head_dim=lambda r: r("kv_channels"),
+        sizes=_jetmoe_sizes,
     ),
     "afmoe": Family(  # Arcee Trinity Nano / Mini / Large: gated attention, NoPE full layers, sigmoid-routed experts
         _keys(_core(False, head_dim_default=128), _core_defaults(
