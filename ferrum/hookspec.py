@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.24"
+API_VERSION = "1.25"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -118,6 +118,7 @@ OPTIONAL_OPS = (
     "gated_delta_rule",
     "ssd_update",
     "selective_scan",
+    "rg_lru",
     "mul_scalar",
     "softcap",
     "clip",
@@ -416,6 +417,20 @@ def selective_scan(x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias:
     float32)``; the state is not modified. The output gate (``silu(z)``) is the caller's. Fallback:
     :mod:`ferrum.recurrent.kernels` on the host."""
 
+
+
+@hookspec(firstresult=True)
+def rg_lru(x: Any, gate_x: Any, gate_a: Any, a_param: Any, state: Any, cu_seqlens: Any, starts: Any) -> Any:
+    """(optional, API 1.25) Griffin's Real-Gated Linear Recurrent Unit (RecurrentGemma) over a flattened varlen
+    batch, as transformers' ``RecurrentGemmaRglru`` computes it: ``x [T, W]`` (the convolution's output), the raw
+    gate logits ``gate_x, gate_a [T, W]`` (the input and recurrence gates before their sigmoid), the float32
+    ``a_param [W]``, ``state [B, W]`` float32, ``cu_seqlens`` as for :func:`causal_conv1d` and ``starts``, a host
+    bool array ``[B]``: segment ``b`` begins its sequence (its first row is position 0). In float32: ``log_a =
+    -8 * sigmoid(gate_a) * softplus(a_param)``, ``a = exp(log_a)``; per token ``h = a * h + sqrt(1 - exp(2 *
+    log_a)) * sigmoid(gate_x) * x``, except a starting segment's first row, ``h = sigmoid(gate_x) * x`` (the past
+    reset, the input not normalized); ``y = h``. Returns ``(y [T, W] in x's dtype, new_state float32)``; the state
+    is not modified. Only plugins declaring 1.25 are handed it. Fallback: :mod:`ferrum.recurrent.kernels` on the
+    host."""
 
 @hookspec(firstresult=True)
 def mul_scalar(x: Any, factor: float) -> Any:

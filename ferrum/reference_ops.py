@@ -155,6 +155,13 @@ def selective_scan(ops: Any, x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any
     return ops.from_numpy(y, dtype_name(x)), ops.from_numpy(new_state, "float32")
 
 
+def rg_lru(ops: Any, x: Any, gate_x: Any, gate_a: Any, a_param: Any, state: Any, cu_seqlens: Any,
+           starts: Any) -> tuple[Any, Any]:
+    y, new_state = kernels.rg_lru(*(_host(ops, t) for t in (x, gate_x, gate_a, a_param, state)),
+                                  np.asarray(cu_seqlens), np.asarray(starts, dtype=bool))
+    return ops.from_numpy(y, dtype_name(x)), ops.from_numpy(new_state, "float32")
+
+
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:
     rounded = np.asarray(ops.to_numpy(ops.from_numpy(np.array([factor], dtype=np.float32), dtype_name(x))))[0]
     return _on_host(ops, x, lambda a: a * np.float32(rounded))

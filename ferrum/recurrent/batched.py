@@ -1,10 +1,10 @@
 """The recurrent ops written once for numpy-like array frameworks (MLX, torch, JAX): the backends' native
-``causal_conv1d``, ``gated_delta_rule`` and ``selective_scan`` without a host round trip.
+``causal_conv1d``, ``gated_delta_rule``, ``selective_scan`` and ``rg_lru`` without a host round trip.
 
 The host reads only ``cu_seqlens`` (already a host array) and turns it into index arrays; everything else is
 array ops on the device, so MLX's graph stays lazy. Segments are padded to a ``[B, L]`` batch whose padding
-neither decays nor writes the state (``g = 0``, ``beta = 0``, ``k = 0``; the selective scan's step 0). The
-selective scan runs one vectorised step per token. The delta rule runs one
+neither decays nor writes the state (``g = 0``, ``beta = 0``, ``k = 0``; the selective scan's step 0; the RG-LRU's
+decay 1 and input 0). The selective scan and the RG-LRU run one vectorised step per token. The delta rule runs one
 vectorised step per token for short segments (a decode step is one), or, from ``CHUNK`` tokens on, in
 chunks: within a chunk the WY form (the corrections ``u`` solve a unit lower-triangular system, inverted by
 forward substitution, which stays stable where keys nearly repeat; a doubling inverse loses them), across chunks one
@@ -351,3 +351,49 @@ def _selective_step(xp: Any, a: Any, state: Any, inputs: tuple) -> tuple[Any, An
     x, step, b, c = inputs
     state = state * xp.exp(step[..., None] * a) + (step * x)[..., None] * b[:, None, :]
     return (state @ c[..., None])[..., 0], state
+
+
+def rg_lru(fw: Framework, x: Any, gate_x: Any, gate_a: Any, a_param: Any, state: Any, cu_seqlens: Any,
+           starts: Any) -> tuple[Any, Any]:
+    """``ferrum.hookspec.rg_lru``; returns ``(y in x's dtype, new float32 state)``. The segment starts become a
+    per-token reset on the host (1 at a starting segment's first row)."""
+    tokens, batch = x.shape[0], state.shape[0]
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    reset = np.zeros(tokens, np.float32)
+    first = cu[:-1][(np.asarray(starts, dtype=bool)) & (np.diff(cu) > 0)]
+    reset[first] = 1.0
+    cu, (x, gate_x, gate_a, reset), (state,) = bucketed(fw, cu, [x, gate_x, gate_a, fw.put(reset)], [state])
+    plan = delta_plan(cu, 0, fw.bucket or int)
+    gather, scatter, valid = (None if i is None else fw.put(i) for i in (plan.gather, plan.scatter, plan.valid))
+    y, new_state = _device_part(fw, scan_rg_lru, ())(x, gate_x, gate_a, a_param, state, reset, gather, scatter,
+                                                      valid)
+    return (y, new_state) if fw.bucket is None else (y[:tokens], new_state[:batch])
+
+
+def scan_rg_lru(fw: Framework, x: Any, gate_x: Any, gate_a: Any, a_param: Any, state: Any, reset: Any, gather: Any,
+                scatter: Any, valid: Any) -> tuple[Any, Any]:
+    """The device part of :func:`rg_lru` for a :class:`DeltaPlan`'s uploaded arrays (pure): per token ``h = a h +
+    b``, where a reset row has ``a = 0`` and its input unnormalized, a padding slot ``a = 1`` and ``b = 0``."""
+    xp, f32 = fw.xp, fw.xp.float32
+    xf, gx, ga = (fw.astype(t, f32) for t in (x, gate_x, gate_a))
+    ap = fw.astype(a_param, f32)
+    log_a = -8.0 / (1.0 + xp.exp(-ga)) * xp.logaddexp(ap, xp.zeros_like(ap))
+    keep = 1.0 - reset[:, None]
+    decay = xp.exp(log_a) * keep
+    scale = keep * xp.sqrt(1.0 - xp.exp(2.0 * log_a)) + reset[:, None]
+    inputs = scale * xf / (1.0 + xp.exp(-gx))
+    state = fw.astype(state, f32)
+    if gather is None:  # every segment one token: one step over the batch
+        new_state = decay * state + inputs
+        return fw.astype(new_state, x.dtype), new_state
+    mask = valid[..., None]
+    decay, inputs = decay[gather] * mask + (1.0 - mask), inputs[gather] * mask  # [B, L, W]
+
+    def step(h: Any, xs: tuple) -> tuple[Any, Any]:
+        h = xs[0] * h + xs[1]
+        return h, h
+
+    new_state, ys = fw.scan(step, state, (xp.swapaxes(decay, 0, 1), xp.swapaxes(inputs, 0, 1)))
+    y = xp.swapaxes(fw.stack(ys), 0, 1)
+    y = y.reshape(-1, y.shape[-1])[scatter]
+    return fw.astype(y, x.dtype), new_state

@@ -112,6 +112,28 @@ def softplus_mul(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32) * np.logaddexp(np.float32(0), np.asarray(gate, dtype=np.float32))
 
 
+def rg_lru(x: np.ndarray, gate_x: np.ndarray, gate_a: np.ndarray, a_param: np.ndarray, state: np.ndarray,
+           cu_seqlens: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Griffin's RG-LRU (``ferrum.hookspec.rg_lru``): ``x, gate_x, gate_a [T, W]``, ``a_param [W]``, ``state
+    [B, W]``, ``starts [B]``; returns ``(y [T, W], new_state)`` in float32."""
+    x, gate_x, gate_a = (np.asarray(t, dtype=np.float32) for t in (x, gate_x, gate_a))
+    log_a = np.float32(-8.0) / (1.0 + np.exp(-gate_a)) * np.logaddexp(np.float32(0), np.asarray(a_param, np.float32))
+    a = np.exp(log_a)
+    scaled = np.sqrt(1.0 - np.exp(2.0 * log_a)) * x / (1.0 + np.exp(-gate_x))  # sqrt(1 - a^2) * sigmoid(gx) * x
+    y = np.empty_like(x)
+    new_state = np.array(state, dtype=np.float32)
+    for s in range(len(cu_seqlens) - 1):
+        lo, hi = int(cu_seqlens[s]), int(cu_seqlens[s + 1])
+        h = new_state[s]  # [W], updated in place
+        for t in range(lo, hi):
+            if t == lo and starts[s]:  # the sequence's first token: no past, the input unnormalized
+                h[:] = x[t] / (1.0 + np.exp(-gate_x[t]))
+            else:
+                h[:] = a[t] * h + scaled[t]
+            y[t] = h
+    return y, new_state
+
+
 def sigmoid_mul(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(gate)``."""
     return np.asarray(x, dtype=np.float32) / (1.0 + np.exp(-np.asarray(gate, dtype=np.float32)))

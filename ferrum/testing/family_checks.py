@@ -1,6 +1,7 @@
 """Conformance checks for what the model families beyond Llama need: GeGLU, LayerNorm, GELU, squared ReLU,
 xIELU, BitNet's per-token activation quantization, the recurrent mixers' ops (gated attention's sigmoid gate,
-the causal convolution, Gated DeltaNet's rule, Mamba-2's state-space recurrence, Mamba-1's selective scan),
+the causal convolution, Gated DeltaNet's rule, Mamba-2's state-space recurrence, Mamba-1's selective scan, Griffin's
+RG-LRU),
 scaling, soft-capping, clipping, sinks, and one whole tiny model per family (Gemma 2, Gemma 3, gpt-oss, Qwen3-MoE,
 Phi-3 with longrope and partial rotary, Phi-2, StarCoder2, Command R+, OLMo 1.7, Nemotron, Llama 4, nanochat)
 against the float64 :class:`ferrum.testing.arch_oracle.ArchOracle`.
@@ -397,6 +398,40 @@ def check_selective_scan(c: Any, tol: float) -> float:
     return max(_compare(c.get(y), want_y, tol), _compare(c.get(new_state), want_state, tol))
 
 
+def rg_lru_oracle(x, gx, ga, a_param, state, cu, starts) -> tuple[np.ndarray, np.ndarray]:
+    """``ferrum.hookspec.rg_lru`` in float64, token by token."""
+    x, gx, ga, a_param, state = (np.asarray(t, dtype=np.float64) for t in (x, gx, ga, a_param, state))
+    y, new_state = np.zeros_like(x), state.copy()
+    for s in range(len(cu) - 1):
+        for t in range(cu[s], cu[s + 1]):
+            log_a = -8.0 / (1.0 + np.exp(-ga[t])) * np.log1p(np.exp(a_param))
+            gated = x[t] / (1.0 + np.exp(-gx[t]))
+            first = t == cu[s] and starts[s]
+            new_state[s] = gated if first else np.exp(log_a) * new_state[s] + np.sqrt(1 - np.exp(2 * log_a)) * gated
+            y[t] = new_state[s]
+    return y, new_state
+
+
+def check_rg_lru(c: Any, tol: float) -> float:
+    """Three segments, the first and last starting their sequences (reset: the past dropped, the input not
+    normalized), the middle one carrying its state; recurrence gates from nearly shut (a near 1, the input scaled
+    near 0) to open; the float32 state given is left as it was."""
+    from ferrum.recurrent.rg_lru import runs_natively
+
+    width, tokens = 8, int(_SEGMENTS[-1])
+    x, gx = c.rounded(c.random(tokens, width)), c.rounded(c.random(tokens, width) * 2)
+    ga = c.rounded(np.linspace(-9.0, 4.0, tokens * width).reshape(tokens, width).astype(np.float32))
+    a_param = np.linspace(-3.0, 2.0, width).astype(np.float32)
+    state = c.random(len(_SEGMENTS) - 1, width)
+    starts = np.array([True, False, True])
+    f32 = [c.ops.from_numpy(t.copy(), "float32") for t in (a_param, state)]
+    lru = c.ops.rg_lru if runs_natively(c.ops) else c.ops.fallback["rg_lru"]
+    y, new_state = lru(c.put(x), c.put(gx), c.put(ga), f32[0], f32[1], _SEGMENTS, starts)
+    assert np.array_equal(c.get(f32[1]), state), "rg_lru changed the state it was given"
+    want_y, want_state = rg_lru_oracle(x, gx, ga, a_param, state, _SEGMENTS, starts)
+    return max(_compare(c.get(y), want_y, tol), _compare(c.get(new_state), want_state, tol))
+
+
 def check_mul_scalar(c: Any, tol: float) -> float:
     x = c.rounded(c.random(5, 64))
     factor = float(c.rounded(np.array([np.sqrt(3072.0)], dtype=np.float32))[0])  # as the dtype holds it
@@ -505,6 +540,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         return "native" if op in ops.native else "core fallback"
 
     from ferrum.recurrent.gated_delta import runs_natively  # the rule the model calls for API 1.20's features
+    from ferrum.recurrent.rg_lru import runs_natively as rg_lru_native  # the RG-LRU it calls (API 1.24)
 
     native_rule = "gated_delta_rule" in ops.native and runs_natively(ops, True)
     extended_rule = "native" if native_rule else "core fallback"
@@ -530,6 +566,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
          lambda: check_gated_delta_rule_per_channel(c, tol), tol),
         (f"ssd_update ({source('ssd_update')})", lambda: check_ssd_update(c, tol), tol),
         (f"selective_scan ({source('selective_scan')})", lambda: check_selective_scan(c, tol), tol),
+        (f"rg_lru ({'native' if rg_lru_native(ops) else 'core fallback'})", lambda: check_rg_lru(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),
         (f"mul ({source('mul')})", lambda: check_mul(c, tol), tol),

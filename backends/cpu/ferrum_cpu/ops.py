@@ -190,6 +190,11 @@ def selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens):
 
 
 @hookimpl
+def rg_lru(x, gate_x, gate_a, a_param, state, cu_seqlens, starts):
+    return _recurrent.rg_lru(x, gate_x, gate_a, a_param, state, cu_seqlens, starts)
+
+
+@hookimpl
 def clip(x, limit):
     return np.clip(x, -limit, limit).astype(x.dtype, copy=False)
 

@@ -602,6 +602,11 @@ def selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens):
     return batched.selective_scan(_FRAMEWORK, x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens)
 
 
+@hookimpl
+def rg_lru(x, gate_x, gate_a, a_param, state, cu_seqlens, starts):
+    return batched.rg_lru(_FRAMEWORK, x, gate_x, gate_a, a_param, state, cu_seqlens, starts)
+
+
 # --------------------------------------------------------------------------
 # Paged KV pool
 # --------------------------------------------------------------------------

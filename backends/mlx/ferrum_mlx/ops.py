@@ -485,6 +485,11 @@ def selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens):
     return batched.selective_scan(_FRAMEWORK, x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens)
 
 
+@hookimpl
+def rg_lru(x, gate_x, gate_a, a_param, state, cu_seqlens, starts):
+    return batched.rg_lru(_FRAMEWORK, x, gate_x, gate_a, a_param, state, cu_seqlens, starts)
+
+
 # ------------------------------------------------------- quantized weights
 def _float_codes(codes) -> tuple[mx.array, mx.array, int, int]:
     """A float mode's codes and uint8 scales as MLX's ``mode=`` kernels take them, with the mode's bits and group."""
