@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
+import numpy as np
+
 from ferrum.arch.norms import NORM_KINDS
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.recurrent import MIXERS, mixer_spec
@@ -235,6 +237,22 @@ class Recurrent(MixerKind):
         return core, extra, h
 
 
+class Resetting(Recurrent):
+    """A recurrent mixer that also reads which of the batch's segments begin their sequences (RecurrentGemma's
+    RG-LRU, which resets there as transformers does at position 0): a segment resumed mid-sequence (a later prefill
+    chunk, a prefix-cache hit, a decode step) carries its state instead."""
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        batch, states = run.batch, run.states
+        cu = batch.cu_seqlens_q
+        starts = np.zeros(len(cu) - 1, dtype=bool)
+        filled = np.diff(cu) > 0
+        starts[filled] = np.asarray(batch.positions)[cu[:-1][filled]] == 0
+        core, extra, new = layer.recurrent.mix(projected, states.gather(index, run.seq_ids), cu, starts)
+        states.stage(index, run.seq_ids, new)
+        return core, extra, h
+
+
 class NoMixer(MixerKind):
     """No mixer: the block is its MLP alone on the normed input (Nemotron-H's MLP and MoE blocks)."""
 
@@ -397,6 +415,7 @@ MIXER_KINDS: dict[str, MixerKind] = {"attention": Attention(), "none": NoMixer()
                                      **{name: Recurrent() for name in MIXERS}}
 MIXER_KINDS["shared_mamba2"] = SharedBlockThenRecurrent(MIXER_KINDS["attention"])
 MIXER_KINDS["moa"] = MixtureOfAttention(MIXER_KINDS["attention"])
+MIXER_KINDS["rg_lru"] = Resetting()
 
 
 def mixer_kind(spec: LayerSpec) -> MixerKind:

@@ -52,7 +52,7 @@ class LayerSpec:
     #: "mamba", Mamba's, Falcon Mamba's and Jamba's Mamba-1 layers; "mamba2", Granite 4.0-H's and Nemotron-H's
     #: Mamba-2 layers; "short_conv", LFM2's gated short convolutions; "kimi_delta", Kimi Linear's Kimi Delta
     #: Attention; "shared_mamba2", Zamba 2's hybrid layers: a shared attention + MLP block, then Mamba-2;
-    #: "lightning", MiniMax's lightning attention),
+    #: "lightning", MiniMax's lightning attention; "rg_lru", RecurrentGemma's recurrent blocks),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
     #: A recurrent mixer (:data:`ferrum.recurrent.MIXERS`) run beside ``mixer`` on the same normed input, its output
@@ -214,6 +214,9 @@ class Architecture:
     short_conv: Any = None
     #: ...whose mixer is "kimi_delta" (:class:`ferrum.recurrent.kimi_delta.KimiDeltaSpec`), else None.
     kimi_delta: Any = None
+    #: ...whose mixer is "rg_lru" (:class:`ferrum.recurrent.rg_lru.RgLruSpec`: RecurrentGemma's recurrent blocks),
+    #: else None.
+    rg_lru: Any = None
     #: Zamba 2's shared transformer blocks and its hybrid layers' Mamba-2 (:class:`ferrum.arch.shared_block.
     #: SharedBlockSpec`; mixer "shared_mamba2"), else None.
     shared_block: Any = None

@@ -25,10 +25,16 @@ def convolve_silu(ops: Any, x: Any, taps: Any, bias: Any, state: Any, cu_seqlens
     """SiLU of the depthwise causal convolution plus its bias (None: unbiased) over a batch: ``(y, new state)``."""
     if bias is None:
         return ops.causal_conv1d(x, taps, state, cu_seqlens, True)
+    mixed, new_state = convolve_biased(ops, x, taps, bias, state, cu_seqlens)
+    return ops.sigmoid_mul(mixed, mixed), new_state  # x * sigmoid(x)
+
+
+def convolve_biased(ops: Any, x: Any, taps: Any, bias: Any, state: Any, cu_seqlens: np.ndarray) -> tuple[Any, Any]:
+    """The depthwise causal convolution plus its bias (``[1, C]``, broadcast to the batch's rows): ``(y, new
+    state)``."""
     mixed, new_state = ops.causal_conv1d(x, taps, state, cu_seqlens, False)
     rows = ops.from_numpy(np.zeros(int(cu_seqlens[-1]), dtype=np.int32), None)
-    mixed = ops.add(mixed, ops.take_rows(bias, rows))
-    return ops.sigmoid_mul(mixed, mixed), new_state  # x * sigmoid(x)
+    return ops.add(mixed, ops.take_rows(bias, rows)), new_state
 
 
 @dataclass(frozen=True)

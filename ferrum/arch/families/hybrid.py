@@ -1,4 +1,5 @@
-"""Linear-attention hybrids: Gated DeltaNet (Qwen3.5, Qwen3-Next, OLMo Hybrid), Kimi Linear, LFM2, MiniMax."""
+"""Linear-attention hybrids: Gated DeltaNet (Qwen3.5, Qwen3-Next, OLMo Hybrid), Kimi Linear, LFM2, MiniMax,
+RecurrentGemma."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 from ferrum.recurrent.kimi_delta import KimiDeltaSpec
 from ferrum.recurrent.lightning import A_LOG, BUFFERS, LightningSpec, slope_rates
+from ferrum.recurrent.rg_lru import RgLruSpec
 from ferrum.recurrent.short_conv import ShortConvSpec
 #: A hybrid's layer types -> the mixer each runs (LayerSpec.mixer).
 _HYBRID_MIXERS = {LINEAR: "gated_delta", FULL: "attention"}
@@ -517,7 +519,77 @@ _MINIMAX = (
 )
 
 
+#: RecurrentGemma's block kinds -> the mixer each runs.
+_GRIFFIN_MIXERS = {"recurrent": "rg_lru", "attention": "attention"}
+#: RecurrentGemma's modules: each block's mixer is its ``temporal_block``, its MLP ``mlp_block``; the final norm
+#: ``final_norm``.
+GRIFFIN_STORED = {"norm": "final_norm",
+                  **{f"self_attn.{p}": f"temporal_block.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                  **{f"mlp.{p}": f"mlp_block.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+
+
+def _bfloat16(value: float) -> float:
+    """``value`` rounded to bfloat16 (to nearest, ties to even)."""
+    bits = np.array([value], dtype=np.float32).view(np.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return float(bits.view(np.float32)[0])
+
+
+def _block_types(value: Any) -> str | None:
+    if value is None or isinstance(value, list) and value and all(t in _GRIFFIN_MIXERS for t in value):
+        return None
+    return f"must list block kinds 'recurrent' / 'attention', got {value!r}"
+
+
+def _recurrent_gemma(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Google's RecurrentGemma (Griffin): residual blocks of RG-LRU recurrent blocks (:mod:`ferrum.recurrent.rg_lru`)
+    and local multi-query attention over attention_window_size tokens, as block_types cycles them, each before a
+    biased GeLU-tanh MLP half intermediate_size wide; Gemma's (1 + w) norms, embeddings scaled by sqrt(hidden) rounded
+    to bfloat16 (transformers' normalizer buffer), o_proj always biased, the first partial_rotary_factor (0.5) of each
+    head rotated, the logits soft-capped at logits_soft_cap."""
+    width = r("lru_width") or sizes.hidden_size
+    if width % sizes.num_heads:
+        r.fail("lru_width", f"({width}) must be a multiple of num_attention_heads ({sizes.num_heads}): the RG-LRU's "
+                            "gates are one block per head")
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, ("default",), rotary_dim=_rotary_dim(r, sizes, spec, 0.5))
+    kinds = r("block_types") or ["recurrent", "recurrent", "attention"]
+    window = r("attention_window_size")
+    r("hidden_activation"), r("embeddings_scale_by_sqrt_dim")
+    return Architecture(
+        layers=tuple(LayerSpec(window, rope) if kinds[i % len(kinds)] == "attention" else
+                     LayerSpec(None, rope, mixer="rg_lru") for i in range(sizes.num_layers)),
+        norms={"pre_attn": "temporal_pre_norm", "pre_mlp": "channel_pre_norm"}, norm_offset=1.0,
+        activation="gelu_tanh", embed_scale=_bfloat16(math.sqrt(sizes.hidden_size)),
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), final_softcap=float(r("logits_soft_cap")),
+        qkv_bias=bool(r("attention_bias")), o_bias=True, mlp_bias=True,
+        rg_lru=RgLruSpec(width, sizes.num_heads, r("conv1d_width")), keep_float32=(".recurrent_param",),
+        stored_names=GRIFFIN_STORED,
+    )
+
+
 TABLE: dict[str, Family] = {
+    "recurrent_gemma": Family(  # Google's RecurrentGemma (Griffin): RG-LRU blocks and local MQA, two to one
+        _keys(_core(True), _core_defaults(max_position_embeddings=8192), (
+            Key("rope_theta", check=optional_positive_number), Key("rope_scaling"), Key("rope_parameters"),
+            Key("partial_rotary_factor", check=optional_positive_number),
+            Key("lru_width", check=optional_size(1 << 17)),
+            Key("attention_window_size", default=2048, check=positive_int),
+            Key("conv1d_width", default=4, check=positive_int),
+            Key("logits_soft_cap", default=30.0, check=positive_number),
+            Key("block_types", check=_block_types),
+            Key("attention_bias", default=False, check=boolean),
+            Key("hidden_activation", default="gelu_pytorch_tanh", check=one_of("gelu_pytorch_tanh"),
+                unsupported=True),
+            # the releases' flag; transformers always scales them
+            Key("embeddings_scale_by_sqrt_dim", default=True, check=one_of(True), unsupported=True),
+        )),
+        _recurrent_gemma,
+        # transformers sizes the heads hidden_size / num_attention_heads whatever head_dim says, and the MLP half
+        # intermediate_size wide
+        head_dim=lambda r: r("hidden_size") // r("num_attention_heads"),
+        sizes=lambda r, sizes: replace(sizes, intermediate_size=sizes.intermediate_size // 2),
+    ),
     "lfm2": Family(  # Liquid AI's LFM2 / LFM2.5: gated short convolutions and attention
         _keys(_core(True, eps_key="norm_eps"), _core_defaults(intermediate_size=12288, num_key_value_heads=8,
                                                               vocab_size=65536, max_position_embeddings=128_000),
