@@ -142,8 +142,9 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     scale = fp8.scale_part(module, present) if _fp8(config) is not None and module != name else None
     if scale is not None:  # an FP8 weight and its scale
         return name, scale
-    if _bitnet(config) is not None and f"{module}.{bitnet.SCALE}" in present:  # a packed ternary weight and its scale
-        return name, f"{module}.{bitnet.SCALE}"
+    scale = _bitnet_scale(config, name, present)
+    if scale is not None:  # a packed ternary weight, or its layer's bias, and the layer's scale
+        return name, scale
     if module == name or f"{module}.scales" not in present:
         return (name,)
     if quant is None:
@@ -178,6 +179,15 @@ def _fp8(config: ModelConfig) -> Any:
 def _bitnet(config: ModelConfig) -> Any:
     """The checkpoint's BitNet scheme (:mod:`ferrum.quant.bitnet`), or None."""
     return None if config.quantization is None else config.quantization.bitnet
+
+
+def _bitnet_scale(config: ModelConfig, name: str, present: Any) -> str | None:
+    """The stored scale of weight or bias ``name`` of a layer the checkpoint's BitNet scheme converts, where
+    ``present`` holds it; else None (a layer left in float reads its tensors as they are)."""
+    scheme, scale = _bitnet(config), bitnet.scale_name(name)
+    converted = scheme is not None and name.endswith((".weight", ".bias")) and bitnet.quantizes_input(
+        scheme, f"{name.rsplit('.', 1)[0]}.weight", f"{config.arch.prefix}layers.")
+    return scale if converted and scale in present else None
 
 
 def split_norm_parts(config: ModelConfig, name: str) -> tuple[str, ...]:
@@ -227,7 +237,10 @@ def _assemble(
         return fp8.decode(array, parts[scale], _fp8(config), shape, f"{where}: {module}")
     scheme = _bitnet(config)
     if scheme is not None and len(shape) == 2 and bitnet.quantizes_input(scheme, name, f"{config.arch.prefix}layers."):
-        return bitnet.decode(array, parts.get(f"{module}.{bitnet.SCALE}"), scheme, shape, f"{where}: {module}")
+        return bitnet.decode(array, parts.get(bitnet.scale_name(name)), scheme, shape, f"{where}: {module}")
+    scale = _bitnet_scale(config, name, parts) if name.endswith(".bias") else None
+    if scale is not None:
+        return bitnet.scaled_bias(array, parts[scale], shape, f"{where}: {name.removesuffix('.bias')}")
     if len(parts) == 1:
         if fp8.is_fp8(array):
             raise CheckpointError(fp8.unscaled(name, array, quant, where))

@@ -90,14 +90,18 @@ def _ops(backend: str):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """name -> (folder, transformers model reading it): the float model, tied and not, and its two releases."""
+    """name -> (folder, transformers model reading it): the float model, tied and not, and its two releases; and
+    both releases of a model with q/k/v/o biases (``*_bias``)."""
     torch._dynamo.config.disable = True  # transformers compiles its BitNet helpers; run them eagerly
     root = tmp_path_factory.mktemp("bitnet")
     out = {}
     for name, tie in (("float", False), ("tied", True)):
         out[name] = root / name, build_transformers_model(root / name, _config(tie_word_embeddings=tie))
+    build_transformers_model(root / "biased", _config(attention_bias=True))
     out["online"] = _with_section(root / "tied", root / "online", "online"), None
     out["offline"] = _packed(root / "float", root / "offline"), None
+    out["online_bias"] = _with_section(root / "biased", root / "online_bias", "online"), None
+    out["offline_bias"] = _packed(root / "biased", root / "offline_bias"), None
     return {name: (folder, model or _reference(folder)) for name, (folder, model) in out.items()}
 
 
@@ -109,10 +113,13 @@ def test_float_blocks_match_transformers(checkpoints, name):
 
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "jax" else b
                                      for b in _op_backends()])
-@pytest.mark.parametrize("name", ["online", "offline"])
+@pytest.mark.parametrize("name", ["online", "offline", "online_bias", "offline_bias"])
 def test_releases_match_transformers(checkpoints, name, backend):
+    """Biased layers too: offline, transformers scales ``x W + b`` as a whole by ``weight_scale``; online (no
+    scale), the bias is added as it is."""
     folder, hf = checkpoints[name]
     assert isinstance(hf.model.layers[0].mlp.down_proj, integration.AutoBitLinear)
+    assert name.endswith("_bias") == (hf.model.layers[0].self_attn.o_proj.bias is not None)
     assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, _logits(hf), tolerance=1e-3)
 
 
@@ -247,6 +254,24 @@ def test_skipped_modules_stay_float():
     assert bitnet.quantizes_input(scheme, "model.layers.10.mlp.down_proj.weight", "model.layers.")
     assert not bitnet.quantizes_input(scheme, "model.layers.1.mlp.down_proj.weight", "model.layers.")
     assert not bitnet.quantizes_input(scheme, "lm_head.weight", "model.layers.")
+
+
+def test_skipped_layer_of_a_packed_checkpoint_reads_float(checkpoints, tmp_path):
+    """A layer modules_to_not_convert names stays a float linear, as transformers' is, though a weight_scale sits
+    beside it (unread, and said so; before, the layer was read as MLX's packed layout and failed on a KeyError)."""
+    skipped = "model.layers.1.mlp.down_proj"
+    folder = _packed(checkpoints["float"][0], tmp_path / "skip")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"]["modules_to_not_convert"] = ["lm_head", skipped]
+    (folder / "config.json").write_text(json.dumps(raw))
+    tensors = load_file(folder / "model.safetensors")
+    tensors[f"{skipped}.weight"] = load_file(checkpoints["float"][0] / "model.safetensors")[f"{skipped}.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    hf = _reference(folder)
+    assert type(hf.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    with pytest.warns(UserWarning, match=f"not loaded: {skipped}.weight_scale"):
+        model = float32_model(folder)
+    assert_forward_and_decode_match(model, TOKENS, _logits(hf), tolerance=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["offline", "online"])

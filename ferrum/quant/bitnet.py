@@ -94,6 +94,25 @@ def ternarize(weight: np.ndarray) -> np.ndarray:
     return np.clip(np.round(w * scale), -1, 1) / scale
 
 
+def scale_name(name: str) -> str:
+    """Where the scale of a converted layer's ``weight`` or ``bias`` is stored (an offline checkpoint's)."""
+    return f"{name.rsplit('.', 1)[0]}.{SCALE}"
+
+
+def _scale_value(scale: np.ndarray, where: str) -> np.float32:
+    if np.asarray(scale).size != 1:
+        raise CheckpointError(f"{where}: {SCALE} must be one number, got shape {list(np.asarray(scale).shape)}")
+    return np.asarray(scale, dtype=np.float32).reshape(())
+
+
+def scaled_bias(bias: np.ndarray, scale: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """An offline converted layer's bias in float32, times its scale: transformers scales ``x W + b`` as a whole
+    (online layers have no scale and add theirs as it is)."""
+    if tuple(bias.shape) != tuple(shape):
+        raise CheckpointError(f"{where}: bias {list(bias.shape)}, but config.json implies {list(shape)}")
+    return np.asarray(bias, dtype=np.float32) * _scale_value(scale, where)
+
+
 def decode(weight: np.ndarray, scale: np.ndarray | None, scheme: BitnetScheme, shape: tuple[int, ...],
            where: str) -> np.ndarray:
     """The float32 weight one converted layer runs with: an online master weight ternarized, or an offline packed
@@ -110,10 +129,7 @@ def decode(weight: np.ndarray, scale: np.ndarray | None, scheme: BitnetScheme, s
     if (weight.shape[0] * PER_BYTE, *weight.shape[1:]) != tuple(shape):
         raise CheckpointError(f"{where}: packed BitNet weight {list(weight.shape)} does not hold a {list(shape)} "
                               f"matrix (four rows a byte)")
-    if np.asarray(scale).size != 1:
-        raise CheckpointError(f"{where}: {SCALE} must be one number, got shape {list(np.asarray(scale).shape)}")
-    value = np.asarray(scale, dtype=np.float32).reshape(())
-    return unpack(weight).astype(np.float32) * value
+    return unpack(weight).astype(np.float32) * _scale_value(scale, where)
 
 
 def quantized_inputs(ops: Any, placed: Any) -> Any:
