@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ferrum.errors import UnsupportedFeatureError
+from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.quant import QuantConfig, bitnet
 from ferrum.reference_ops import quantized_rows
 
@@ -246,6 +246,22 @@ def test_unsupported_sections_refused_by_name(section, words):
         QuantConfig.from_config({"quantization_config": {"quant_method": "bitnet", **section}})
 
 
+@pytest.mark.parametrize("skip, words", [
+    (5, "a list of module names or patterns"),
+    ("lm_head", "a list of module names or patterns"),  # a bare string: before, split into its letters
+    ({"lm_head": True}, "a list of module names or patterns"),
+    (["lm_head", None], "entry None is not a string"),
+    (["lm_head", 3], "entry 3 is not a string"),
+    (["lm_head", "model.layers.(0"], "'model.layers.\\(0' is not a regular expression"),  # before: re.error at load
+])
+def test_modules_to_not_convert_checked_when_parsed(skip, words):
+    """Each entry a string transformers can match as a regex, checked when config.json is read; before, a TypeError
+    or re.error, and an invalid pattern after a matching one passed parsing."""
+    with pytest.raises(ConfigError, match=f"modules_to_not_convert.*{words}.*write"):
+        QuantConfig.from_config({"quantization_config": {
+            "quant_method": "bitnet", "linear_class": "autobitlinear", "modules_to_not_convert": skip}})
+
+
 def test_skipped_modules_stay_float():
     scheme = QuantConfig.from_config({"quantization_config": {
         "quant_method": "bitnet", "linear_class": "autobitlinear",
@@ -272,6 +288,21 @@ def test_skipped_layer_of_a_packed_checkpoint_reads_float(checkpoints, tmp_path)
     with pytest.warns(UserWarning, match=f"not loaded: {skipped}.weight_scale"):
         model = float32_model(folder)
     assert_forward_and_decode_match(model, TOKENS, _logits(hf), tolerance=1e-3)
+
+
+@pytest.mark.parametrize("patterns", [["lm_head", "model.layers.1"], ["lm_head", r"model\.layers\.(0|1)\.mlp"],
+                                      ["lm_head", "layers.*"], ["lm_head", "mlp.gate"], ["lm_head", "j"],
+                                      ["lm_head", "down_proj"], ["lm_head", ".*self_attn"]])
+def test_skip_patterns_match_as_transformers_does(patterns):
+    """Prefix to a module boundary, regex, or suffix: transformers' should_convert_module over the same names."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    scheme = QuantConfig.from_config({"quantization_config": {
+        "quant_method": "bitnet", "linear_class": "autobitlinear", "modules_to_not_convert": patterns}}).bitnet
+    modules = [f"model.layers.{i}.{m}" for i in (0, 1, 11) for m in
+               ("mlp.gate_proj", "mlp.down_proj", "self_attn.q_proj", "self_attn.o_proj")]
+    got = [bitnet.quantizes_input(scheme, f"{m}.weight", "model.layers.") for m in modules]
+    assert got == [should_convert_module(m, patterns) for m in modules]
 
 
 @pytest.mark.parametrize("mode", ["offline", "online"])

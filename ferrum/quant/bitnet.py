@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
 
 #: The mode :class:`ferrum.quant.QuantConfig` records for a BitNet checkpoint.
 BITNET = "bitnet"
@@ -58,18 +58,45 @@ def parse(section: Mapping[str, Any], where: str) -> BitnetScheme:
     if section.get("use_rms_norm", False):
         raise UnsupportedFeatureError(f"{where}: BitNet use_rms_norm (an RMSNorm inside every linear layer) is not "
                                       "supported; no released checkpoint uses it")
-    skip = section.get("modules_to_not_convert")
-    skip = ("lm_head",) if skip is None else tuple(skip)
+    skip = _skip_patterns(section.get("modules_to_not_convert"), where)
     if not any(_matches("lm_head", pattern) for pattern in skip):
         raise UnsupportedFeatureError(f"{where}: BitNet modules_to_not_convert {list(skip)} leaves the LM head "
                                       "quantized; Ferrum runs it in float (transformers' default): add 'lm_head'")
     return BitnetScheme(mode == "online", skip)
 
 
+def _skip_patterns(skip: Any, where: str) -> tuple[str, ...]:
+    """``modules_to_not_convert`` checked: absent or null is the LM head alone (transformers' default for a causal
+    LM), else a list of strings, each compiled as transformers matches it."""
+    if skip is None:
+        return ("lm_head",)
+    advice = 'write a list of module names or patterns, e.g. ["lm_head", "model.layers.0.mlp"]'
+    if not isinstance(skip, list):
+        raise ConfigError(f"{where}: quantization_config.modules_to_not_convert must be a list of module names or "
+                          f"patterns, got {skip!r}; {advice}")
+    for pattern in skip:
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{where}: quantization_config.modules_to_not_convert entry {pattern!r} is not a "
+                              f"string; {advice}")
+        try:
+            _boundary_regex(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{where}: quantization_config.modules_to_not_convert entry {pattern!r} is not a "
+                              f"regular expression ({exc}); write it as transformers matches it: a module name, or "
+                              "a Python regex from the name's start, e.g. \"model\\.layers\\.(0|1)\"") from None
+    return tuple(skip)
+
+
+def _boundary_regex(pattern: str) -> re.Pattern[str]:
+    """transformers' regex of one pattern (quantizers_utils ``should_convert_module``): from the start of a module
+    name up to a module boundary; ``re`` keeps it compiled."""
+    return re.compile(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))")
+
+
 def _matches(module: str, pattern: str) -> bool:
     """transformers' ``should_convert_module`` test of one pattern: a prefix or regex up to a module boundary,
     or a suffix."""
-    return bool(re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", module)) or module.endswith(pattern)
+    return bool(_boundary_regex(pattern).match(module)) or module.endswith(pattern)
 
 
 def quantizes_input(scheme: BitnetScheme, name: str, layers_prefix: str) -> bool:
