@@ -156,3 +156,59 @@ def test_a_window_of_0_is_none_where_no_layer_slides():
 def test_bad_keys_are_refused_by_name(changes, error, words):
     with pytest.raises(error, match=re.escape(words)):
         ModelConfig.from_dict(_raw(**changes))
+
+
+# ------------------------------------------------------------------ LoRA
+
+
+@pytest.fixture(scope="module")
+def lora_base(tmp_path_factory):
+    """A Laguna of per-element gates (its g_proj as wide as the dense MLPs' gate_proj: 4 heads of 16, 64) in which
+    every layer has all four heads, saved with transformers."""
+    root = tmp_path_factory.mktemp("laguna_lora")
+    hf = randomized_reference(laguna_config(gating="per-element", num_attention_heads_per_layer=None,
+                                            intermediate_size=64, mlp_layer_types=["dense"] * 4))
+    hf.save_pretrained(root / "base")
+    return root, hf
+
+
+def _peft_adapter(hf, folder, targets, seed: int = 1):
+    """A PEFT LoRA of ``hf`` on ``targets`` (random B factors) saved in ``folder``; returns PEFT's merged model."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(hf), config)
+    model.save_pretrained(folder)
+    return model.merge_and_unload().eval()
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "g_proj"], r".*\.g_proj"])
+def test_lora_on_the_attention_gate_is_refused_by_name(lora_base, tmp_path, targets):
+    """``self_attn.g_proj`` is the attention gate (Ferrum's ``self_attn.gate_proj``), which Ferrum does not adapt:
+    refused, not applied to the MLP's gate_proj of the same shape (named as a target, or matched by a regex)."""
+    from ferrum.errors import AdapterError
+
+    root, hf = lora_base
+    _peft_adapter(hf, tmp_path / "gate", targets)
+    model = float32_model(root / "base")
+    with pytest.raises(AdapterError, match="attention gate .*g_proj is not supported"):
+        model.adapters.load("gate", tmp_path / "gate")
+
+
+def test_lora_on_q_k_v_o_and_the_mlp_matches_peft(lora_base, tmp_path):
+    root, hf = lora_base
+    merged = _peft_adapter(hf, tmp_path / "a", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+    want = reference_logits(merged, TOKENS)
+    assert scaled_error(reference_logits(hf, TOKENS), want) > 0.05  # the adapter matters
+    model = float32_model(root / "base")
+    model.adapters.load("a", tmp_path / "a")
+    assert scaled_error(_adapted(model, "a"), want) < 1e-4
+
+
+def _adapted(model, adapter: str) -> np.ndarray:
+    from ferrum.model import ForwardItem
+
+    out = model.forward([ForwardItem("s", TOKENS, 0, adapter=adapter)], all_logits=True)
+    return model.ops.to_numpy(out.logits)

@@ -47,6 +47,11 @@ _EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_out")
 _FUSED = ("query_key_value", "Wqkv")  # other models' fused attention projections
 #: Module names inside a sparse MLP (GLM-4.5's and DeepSeek's shared_experts, GraniteMoeShared's shared_mlp).
 _MOE = ("experts", "switch_mlp", "shared_expert", "shared_experts", "shared_mlp", "block_sparse_moe")
+#: Llama's names of projections whose leaf is an adaptable one's but that Ferrum does not adapt: why, by the model's
+#: config and the name the adapter gives.
+_UNADAPTED = {"self_attn.gate_proj": lambda config, name: (
+    f"LoRA on {config.model_type}'s attention gate {name} is not supported (Ferrum adapts q/k/v/o and the MLP; "
+    "this gate is no MLP projection); drop it from the adapter's targets")}
 _MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert, the shared expert or the router); "
                 "on MoE models only the attention projections q/k/v/o can be adapted")
 
@@ -192,7 +197,7 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
             continue
         if m["proj"] in _MOE:
             raise AdapterError(f"{where}: {name} {_MOE_REFUSAL}")
-        key = (int(m["layer"]), _llama_name(config, m["part"], m["proj"]), m["module"])
+        key = (int(m["layer"]), _llama_name(where, config, m["part"], m["proj"]), m["module"])
         pairs.setdefault(key, {})[m["which"]] = array
     if skipped:
         warnings.warn(f"{where}: {len(skipped)} factors adapt a vision or audio part of a multimodal model (e.g. "
@@ -299,16 +304,31 @@ def _peft_refusal(name: str) -> str:
             "(expected ...layers.N.self_attn|mlp.<proj>.lora_A|lora_B.weight)")
 
 
-def _llama_name(config: Any, part: str, proj: str) -> str:
+def _llama_name(where: str, config: Any, part: str, proj: str) -> str:
     """Llama's name of projection ``proj`` of ``part`` as the checkpoint, and so an adapter trained on it, names
-    it (Phi-2's ``self_attn.dense`` is ``o_proj``)."""
-    return llama_names(config.arch).get(f"{part}.{proj}", f"{part}.{proj}").split(".", 1)[1]
+    it (Phi-2's ``self_attn.dense`` is ``o_proj``); refused where that name is a projection Ferrum does not adapt
+    (Laguna's ``self_attn.g_proj`` is its attention gate, not the MLP's ``gate_proj``)."""
+    ours = llama_names(config.arch).get(f"{part}.{proj}", f"{part}.{proj}")
+    if ours in _UNADAPTED:
+        raise AdapterError(f"{where}: {_UNADAPTED[ours](config, f'{part}.{proj}')}")
+    return ours.rsplit(".", 1)[-1]
 
 
-def _stored_leaves(config: Any) -> dict[str, str]:
-    """The checkpoint's projection names -> Llama's (``dense`` -> ``o_proj``), as target lists give them."""
-    return {theirs.rsplit(".", 1)[-1]: llama.rsplit(".", 1)[-1]
-            for theirs, llama in llama_names(config.arch).items() if "." in theirs}
+def _named(config: Any, target: str) -> set[str]:
+    """Llama's names (``part.leaf``) of the checkpoint's modules a ``target_modules`` / ``keys`` entry names (whole,
+    or by its last dotted parts, as PEFT matches them); ``{target}`` where it names none the checkpoint renames."""
+    named = {ours for theirs, ours in llama_names(config.arch).items() if "." in theirs and (
+        f".{target}".endswith(f".{theirs}") or f".{theirs}".endswith(f".{target}"))}
+    return named or {target}
+
+
+def _target_refusal(config: Any, target: str) -> str | None:
+    """Why the entry ``target`` names no projection Ferrum adapts (None where it names one)."""
+    named = _named(config, target)
+    if any(name.rsplit(".", 1)[-1] in PROJECTIONS for name in named - set(_UNADAPTED)):
+        return None
+    unadapted = sorted(named & set(_UNADAPTED))
+    return _UNADAPTED[unadapted[0]](config, target) if unadapted else ""
 
 
 def _check_targets(where: str, settings: dict, config: Any) -> None:
@@ -338,11 +358,13 @@ def _check_targets(where: str, settings: dict, config: Any) -> None:
     if not isinstance(targets, list):
         raise AdapterError(f"{where}: target_modules must be a list of module names or a regex string, "
                            f"got {targets!r}")
-    leaves = _stored_leaves(config)
     for target in targets:
         leaf = str(target).rsplit(".", 1)[-1]
-        if leaves.get(leaf, leaf) in PROJECTIONS:
+        refusal = _target_refusal(config, str(target))
+        if refusal is None:
             continue
+        if refusal:
+            raise AdapterError(f"{where}: target_modules names {target!r}: {refusal}")
         if leaf in _EMBEDDINGS:
             raise AdapterError(
                 f"{where}: target_modules names {target!r}; embedding and LM-head targets are not supported"
@@ -374,13 +396,11 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
     scale = params.get("scale", 20.0)  # mlx-lm's default
     if not isinstance(scale, (int, float)):
         raise AdapterError(f"{where}: lora_parameters.scale must be a number")
-    leaves = _stored_leaves(config)
     for key in params.get("keys") or ():
-        leaf = str(key).rsplit(".", 1)[-1]
-        if leaves.get(leaf, leaf) not in PROJECTIONS:
-            raise AdapterError(
-                f"{where}: lora_parameters.keys names {key!r}; only {', '.join(PROJECTIONS)} are supported"
-            )
+        refusal = _target_refusal(config, str(key))
+        if refusal is not None:
+            raise AdapterError(f"{where}: lora_parameters.keys names {key!r}; " + (
+                refusal or f"only {', '.join(PROJECTIONS)} are supported"))
     num_layers = settings.get("num_layers", 16)  # mlx-lm adapts model.layers[-max(num_layers, 0):]: 0 is all
     first = max(config.num_layers - num_layers, 0) if _is_int(num_layers) and num_layers > 0 else 0
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
@@ -401,7 +421,7 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
             raise AdapterError(
                 f"{where}: {name} adapts layer {layer} but num_layers={num_layers} covers only the last ones"
             )
-        pairs.setdefault((layer, _llama_name(config, m["part"], m["proj"])), {})[m["which"]] = array
+        pairs.setdefault((layer, _llama_name(where, config, m["part"], m["proj"])), {})[m["which"]] = array
     weights = {}
     for (layer, proj), ab in sorted(pairs.items()):
         if set(ab) != {"a", "b"}:
