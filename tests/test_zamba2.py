@@ -122,3 +122,10 @@ def test_prefix_caching_gives_transformers_greedy_tokens(checkpoints):
 def test_random_checkpoints_are_what_transformers_reads(variant, tmp_path):
     raw = json.loads(VARIANTS[variant]().to_json_string())
     assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
+
+
+def test_every_mamba_layers_gated_norm_runs_at_transformers_fixed_epsilon(tmp_path):
+    """transformers' Zamba2RMSNormGated runs at 1e-5 in every Mamba-2 layer, plain or hybrid, whatever rms_norm_eps
+    (which the other norms read): 1e-2 here, far enough from it to move the logits."""
+    raw = {**json.loads(VARIANTS["two_blocks"]().to_json_string()), "rms_norm_eps": 1e-2}
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / "eps", raw, TOKENS)

@@ -131,7 +131,7 @@ class SharedBlockLayer:
     def __init__(self, spec: SharedBlockSpec, ops: Any, tensor: Callable[[str], Any],
                  projection: Callable[[str], Any], eps: float, use: int):
         self.spec, self.ops, self.eps = spec, ops, eps
-        self.mamba = spec.mamba.layer(ops, tensor, projection, 1e-5)  # Zamba2RMSNormGated's fixed epsilon
+        self.mamba = spec.mamba.layer(ops, tensor, projection, eps)
         self.input_norm, self.ff_norm = tensor(f"{BLOCK}.input_layernorm.weight"), tensor(
             f"{BLOCK}.pre_ff_layernorm.weight")
         self.mamba_norm = tensor(f"{MAMBA_NORM}.weight")

@@ -56,6 +56,8 @@ class Mamba2Spec:
     #: mamba_norm_before_gate); "no_norm", ``y * silu(z)`` and no norm weight (Falcon-H1 without mamba_rms_norm).
     gate: str = "before_norm"
     out_bias: bool | None = None  # out_proj's bias where not in_proj's (Falcon-H1's projectors_bias); None: proj_bias
+    #: The gated norm's epsilon where the model fixes its own (Zamba2's 1e-5, whatever rms_norm_eps); None: the model's.
+    norm_eps: float | None = None
 
     title = "Mamba-2"  # what error messages call the mixer
     taps = "conv1d"  # the convolution's module in the layer's (the one whose stored shape tells the layout)
@@ -106,7 +108,7 @@ class Mamba2Spec:
                 ((self.num_heads, self.head_dim, self.state_size), "float32"))
 
     def layer(self, ops: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any], eps: float) -> Any:
-        return Mamba2Layer(self, ops, tensor, projection, eps)
+        return Mamba2Layer(self, ops, tensor, projection, eps if self.norm_eps is None else self.norm_eps)
 
 
 class Mamba2Layer:

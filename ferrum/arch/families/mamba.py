@@ -453,7 +453,8 @@ def _zamba2(r: KeyReader, sizes: Sizes) -> Architecture:
     mixers = _zamba2_layers(r, sizes)
     uses = tuple(i for i, m in enumerate(mixers) if m == "shared_mamba2")
     mamba = Mamba2Spec(heads, inner // heads, groups, r("mamba_d_state"), r("mamba_d_conv"),
-                       (float(r("time_step_min")), float("inf")), conv_bias=r("use_conv_bias"), module="mamba")
+                       (float(r("time_step_min")), float("inf")), conv_bias=r("use_conv_bias"), module="mamba",
+                       norm_eps=1e-5)  # Zamba2RMSNormGated's, in every layer whatever rms_norm_eps
     shared = SharedBlockSpec(h, sizes.num_heads, sizes.num_kv_heads, sizes.head_dim, sizes.intermediate_size, uses,
                              r("num_mem_blocks"), r("adapter_rank"), bool(r("use_shared_attention_adapter")),
                              replace(mamba, module=MAMBA), tied=sizes.tie_word_embeddings)
