@@ -149,3 +149,19 @@ def test_lora_adapters_are_refused_by_name(checkpoints, tmp_path):
     """The attention experts are not adapted: loading an adapter says so before reading it."""
     with pytest.raises(AdapterError, match="mixture of attention heads"):
         float32_model(checkpoints["tied"][0]).adapters.load("a", tmp_path)
+
+
+def test_ferrum_quantize_keeps_the_attention_experts_float_and_its_output_runs(checkpoints, tmp_path):
+    """The load splits kv_proj and reorders the attention experts' stacks on the host, from float only: `ferrum
+    quantize` leaves them in float (false in config.json) and packs the rest, a folder Ferrum runs near transformers'
+    float logits."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    folder, hf = checkpoints["tied"]
+    out = quantize_checkpoint(folder, tmp_path / "q", bits=8, group_size=32)
+    quantization = json.loads((out / "config.json").read_text())["quantization"]
+    for module in ("kv_proj", "experts.input_linear", "experts.output_linear"):
+        assert quantization[f"model.layers.0.self_attention.{module}"] is False
+    assert "model.layers.0.self_attention.experts.router.layer" not in quantization  # packed at 8 bits, group 32
+    got = float32_model(out).forward_verify("q", TOKENS)
+    assert scaled_error(got, reference_logits(hf, TOKENS)) < 2e-2

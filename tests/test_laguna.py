@@ -212,3 +212,24 @@ def _adapted(model, adapter: str) -> np.ndarray:
 
     out = model.forward([ForwardItem("s", TOKENS, 0, adapter=adapter)], all_logits=True)
     return model.ops.to_numpy(out.logits)
+
+
+# ------------------------------------------------------------ ferrum quantize
+
+
+def test_ferrum_quantize_refuses_a_group_size_that_cuts_the_padded_query_heads(tmp_path):
+    """A layer of fewer query heads has its packed o_proj padded at load in whole groups of each key/value head's
+    queries (here one head of 32 inputs): `ferrum quantize` refuses group size 64 before writing anything, naming the
+    size that does; at 32 it writes a folder Ferrum runs near transformers' float logits."""
+    from ferrum.errors import UnsupportedFeatureError as Unsupported
+    from ferrum.quant.convert import quantize_checkpoint
+
+    hf = randomized_reference(laguna_config(head_dim=32))
+    hf.save_pretrained(tmp_path / "base")
+    with pytest.raises(Unsupported, match=r"model\.layers\.1\.self_attn\.o_proj\.weight: this layer's 2 query heads "
+                                          r".* group size 64 .* quantize with group size 32,"):
+        quantize_checkpoint(tmp_path / "base", tmp_path / "q64", bits=8, group_size=64)
+    assert not (tmp_path / "q64").exists()
+    out = quantize_checkpoint(tmp_path / "base", tmp_path / "q32", bits=8, group_size=32)
+    got = float32_model(out).forward_verify("q", TOKENS)
+    assert scaled_error(got, reference_logits(hf, TOKENS)) < 2e-2

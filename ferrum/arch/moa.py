@@ -29,6 +29,8 @@ KV, QUERIES, OUTPUTS, BIAS, ROUTER = (f"{MODULE}.kv_proj", f"{MODULE}.experts.in
                                       f"{MODULE}.experts.output_linear", f"{MODULE}.experts.bias",
                                       f"{MODULE}.experts.router.layer")
 K, V, Q_ALL, O_ALL = f"{MODULE}.k_proj", f"{MODULE}.v_proj", f"{MODULE}.q_experts", f"{MODULE}.o_experts"
+#: The tensors the load splits or reorders on the host, from float only: what ``ferrum quantize`` keeps in float.
+HOST_SPLIT = (KV, QUERIES, OUTPUTS)
 
 
 @dataclass(frozen=True)

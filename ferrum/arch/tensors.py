@@ -189,14 +189,10 @@ def fit_query_heads(config: Any, layer: Any, name: str, tensor: Any) -> Any:
     axis = next((a for n, a in _QUERY_HEAD_AXES.items() if name.endswith(f".{n}")), None)
     if axis is None:
         return tensor
-    kv, ours = config.num_kv_heads, config.num_heads
-    if isinstance(tensor, QuantizedWeight) and axis == 1 and (layer.stored_heads // kv * config.head_dim
-                                                             ) % tensor.group_size:
-        raise UnsupportedFeatureError(
-            f"{name}: this layer's {layer.stored_heads} query heads are padded to {ours} at load, which a packed "
-            f"matrix allows only where each key/value head's queries fill whole groups of {tensor.group_size} "
-            "inputs; quantize with a group size that divides them, or load the float checkpoint")
-    return _each_array(tensor, lambda a: _padded_heads(a, axis, kv, layer.stored_heads, ours))
+    if isinstance(tensor, QuantizedWeight):
+        check_padded_groups(config, name, tensor.bits, tensor.group_size)
+    return _each_array(tensor, lambda a: _padded_heads(a, axis, config.num_kv_heads, layer.stored_heads,
+                                                       config.num_heads))
 
 
 def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
@@ -249,25 +245,39 @@ def pads_o_proj(config: Any, layer: int) -> bool:
 
 
 def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> None:
-    """Refuse model tensor ``name`` packed at ``bits`` / ``group_size`` where :func:`fit_heads` would pad its inputs
-    (a Gemma 4 o_proj of narrower heads) across groups: that needs new scales, i.e. requantizing. ``ferrum quantize``
-    asks before it writes, so it never writes what Ferrum cannot load."""
+    """Refuse model tensor ``name`` packed at ``bits`` / ``group_size`` where the load would pad its inputs across
+    groups (a Gemma 4 o_proj of narrower heads, :func:`fit_heads`; a Laguna o_proj of fewer query heads,
+    :func:`fit_query_heads`): that needs new scales, i.e. requantizing. ``ferrum quantize`` asks before it writes, so
+    it never writes what Ferrum cannot load."""
     layer = _layer_of(name, config.arch.prefix)
     if layer is None or ".self_attn.o_proj." not in name:
         return
+    stored_heads = config.arch.layers[layer].stored_heads
+    if stored_heads is not None:  # each key/value head's queries, then zero heads: whole groups of them
+        per_kv = stored_heads // config.num_kv_heads * config.head_dim
+        if per_kv % group_size:
+            raise UnsupportedFeatureError(
+                f"{name}: this layer's {stored_heads} query heads are padded to {config.num_heads} at load, which a "
+                f"packed matrix allows only where each key/value head's queries ({per_kv} inputs) fill whole groups; "
+                f"group size {group_size} does not divide them; {_group_advice(bits, lambda n: per_kv % n == 0)}")
     d, hd = value_width(config, layer), config.head_dim
+
     def cuts(size: int) -> bool:
         return all(n % size == 0 and n * bits % 32 == 0 for n in (d, hd))
 
     if pads_o_proj(config, layer) and not cuts(group_size):
-        fitting = [str(size) for size in MLX_GROUP_SIZES if cuts(size)]
-        advice = (f"quantize with group size {' or '.join(fitting)}, or load the float checkpoint" if fitting else
-                  f"no group size of {', '.join(map(str, MLX_GROUP_SIZES))} does at {bits} bits: load the float "
-                  "checkpoint")
         raise UnsupportedFeatureError(
             f"{name}: this layer's heads of {d} inputs are padded with zeros to {hd} at load, which a packed "
             f"matrix allows in whole groups of whole 32-bit words only, and group size {group_size} at {bits} bits "
-            f"does not cut {d} and {hd} so; {advice}")
+            f"does not cut {d} and {hd} so; {_group_advice(bits, cuts)}")
+
+
+def _group_advice(bits: int, cuts: Callable[[int], bool]) -> str:
+    """What to do where a group size does not cut a padded matrix: the group sizes that do, else the float load."""
+    fitting = [str(size) for size in MLX_GROUP_SIZES if cuts(size)]
+    if fitting:
+        return f"quantize with group size {' or '.join(fitting)}, or load the float checkpoint"
+    return f"no group size of {', '.join(map(str, MLX_GROUP_SIZES))} does at {bits} bits: load the float checkpoint"
 
 
 def _padded_heads(a: np.ndarray, axis: int, heads: int, d: int, hd: int, repeat: int = 1) -> np.ndarray:

@@ -10,9 +10,10 @@ projection and the embedding (and an untied ``lm_head``) is packed with
 dtype), at 8 bits where mlx-lm's model class asks for it (MoE routers,
 some of Granite's projections: :data:`_MLX_LM_EIGHT_BIT`); modules whose
 input size is not a multiple of the group size stay in float (``false`` in
-config.json); norms and biases are copied byte for byte. A group size that
+config.json); JetMoE's attention experts and kv_proj, which the load splits on the host, stay in float
+(:data:`ferrum.arch.moa.HOST_SPLIT`); norms and biases are copied byte for byte. A group size that
 would cut the narrower heads Ferrum pads at load (a Gemma 4 sliding layer's
-o_proj) is refused before anything is written
+o_proj) or a layer's fewer query heads (Laguna's) is refused before anything is written
 (:func:`ferrum.arch.tensors.check_padded_groups`).
 An FP8 source (DeepSeek-V3's and Kimi K2's only releases, Qwen3-*-FP8; see
 :mod:`ferrum.quant.fp8`) has each FP8 weight decoded and cast to the model's
@@ -88,7 +89,10 @@ _LATENT_FLOAT = ("self_attn.kv_b_proj",)
 
 def _kept_float(config: Any) -> tuple[str, ...]:
     """Endings of the modules ``ferrum quantize`` leaves in float for ``config``."""
-    return _MLX_LM_FLOAT.get(config.model_type, ()) + (_LATENT_FLOAT if config.arch.mla is not None else ())
+    from ferrum.arch.moa import HOST_SPLIT  # imported here, as the architecture modules in _plan
+
+    return (_MLX_LM_FLOAT.get(config.model_type, ()) + (_LATENT_FLOAT if config.arch.mla is not None else ())
+            + (HOST_SPLIT if config.arch.moa is not None else ()))
 
 
 _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
