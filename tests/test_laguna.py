@@ -207,6 +207,19 @@ def test_lora_on_q_k_v_o_and_the_mlp_matches_peft(lora_base, tmp_path):
     assert scaled_error(_adapted(model, "a"), want) < 1e-4
 
 
+def test_lora_on_layers_of_fewer_query_heads_matches_peft(tmp_path):
+    """The release layout (4, 2, 4, 2 query heads over 2 key/value heads): the load pads the 2-head layers' q_proj
+    rows and o_proj columns with zero heads, and the adapter's q B and o A factors likewise."""
+    hf = randomized_reference(laguna_config())
+    hf.save_pretrained(tmp_path / "base")
+    merged = _peft_adapter(hf, tmp_path / "a", ["q_proj", "k_proj", "v_proj", "o_proj"], seed=2)
+    want = reference_logits(merged, TOKENS)
+    assert scaled_error(reference_logits(hf, TOKENS), want) > 0.05
+    model = float32_model(tmp_path / "base")
+    assert model.adapters.load("a", tmp_path / "a").projections == 4 * 4
+    assert scaled_error(_adapted(model, "a"), want) < 1e-4
+
+
 def _adapted(model, adapter: str) -> np.ndarray:
     from ferrum.model import ForwardItem
 

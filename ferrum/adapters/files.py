@@ -32,7 +32,7 @@ import ml_dtypes  # also registers bfloat16 with numpy, so safetensors can read 
 import numpy as np
 
 from ferrum.arch.mlp import width
-from ferrum.arch.tensors import llama_names, pads_o_proj, prepare, value_width
+from ferrum.arch.tensors import fit_query_heads, llama_names, pads_o_proj, prepare, value_width
 from ferrum.checkpoint import NOT_TEXT, is_float
 from ferrum.errors import AdapterError
 
@@ -482,16 +482,17 @@ def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] 
 def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | None:
     """``(in, out)`` of a projection of the base model as its checkpoint stores it, and so as an adapter trained on
     it does: q/k/v before the load fits their heads (:func:`ferrum.arch.tensors.fit_heads`: Gemma 4's narrower
-    heads, MiMo-V2-Flash's narrower values and fewer key/value heads on its full layers), which the B factor's rows
-    are then fitted like (:func:`_as_loaded`); or None where the layer has no such matrix."""
+    heads, MiMo-V2-Flash's narrower values and fewer key/value heads on its full layers; Laguna's fewer query heads,
+    q and o), which the B factor's rows are then fitted like (:func:`_as_loaded`), o_proj's A rows likewise
+    (:func:`_inputs_as_loaded`); or None where the layer has no such matrix."""
     span = projection_span(config, layer, proj)
     if span is None:
         return None
     spec = config.arch.layers[layer]
-    d = spec.stored_head_dim or config.head_dim
+    d, heads = spec.stored_head_dim or config.head_dim, spec.stored_heads or config.num_heads
     kv = (spec.stored_kv_heads or config.num_kv_heads) * d
-    stored = {"q_proj": config.num_heads * d, "k_proj": kv, "v_proj": kv // d * (config.arch.value_head_dim or d)}
-    n_in = {"o_proj": config.num_heads * value_width(config, layer), "down_proj": width(config, layer)}
+    stored = {"q_proj": heads * d, "k_proj": kv, "v_proj": kv // d * (config.arch.value_head_dim or d)}
+    n_in = {"o_proj": heads * value_width(config, layer), "down_proj": width(config, layer)}
     return n_in.get(proj, config.hidden_size), stored.get(proj, span[2] - span[1])
 
 
@@ -546,7 +547,17 @@ def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: n
     if not finite:
         raise AdapterError(f"{where}: layer {layer} {proj} holds non-finite values (NaN or inf), or its scale "
                            f"({scale:g}) times its B factor overflows float32")
-    return LoraWeights(a32, _as_loaded(config, layer, proj, b32), scale)
+    return LoraWeights(_inputs_as_loaded(config, layer, proj, a32), _as_loaded(config, layer, proj, b32), scale)
+
+
+def _inputs_as_loaded(config: Any, layer: int, proj: str, a: np.ndarray) -> np.ndarray:
+    """``a [in, r]``'s input rows padded as the load pads the projection's weight columns: o_proj's, with zero heads
+    after each key/value head's queries in a layer of fewer query heads (Laguna's, ``LayerSpec.stored_heads``)."""
+    spec = config.arch.layers[layer]
+    if proj != "o_proj" or spec.stored_heads is None:
+        return a
+    name = f"{config.arch.prefix}layers.{layer}.self_attn.o_proj.weight"
+    return np.ascontiguousarray(fit_query_heads(config, spec, name, a.T).T, dtype=np.float32)
 
 
 def _as_loaded(config: Any, layer: int, proj: str, b: np.ndarray) -> np.ndarray:
@@ -554,7 +565,7 @@ def _as_loaded(config: Any, layer: int, proj: str, b: np.ndarray) -> np.ndarray:
     rows (:func:`ferrum.arch.tensors.prepare`: q/k rows in rope's pairing, times longrope's or YaRN's
     attention factor), so that the adapter adds to the outputs the base model computes."""
     name = f"{config.arch.prefix}layers.{layer}.{PROJECTIONS[proj]}.{proj}.weight"
-    rows = np.concatenate([part for _, part in prepare(config, name, b.T)])
+    rows = np.concatenate([part for _, part in prepare(config, name, b.T, inputs=False)])
     return np.ascontiguousarray(rows.T, dtype=np.float32)
 
 

@@ -182,12 +182,13 @@ _QUERY_HEAD_AXES = {"self_attn.q_proj.weight": 0, "self_attn.q_proj.bias": 0, "s
                     "self_attn.o_proj.weight": 1, "self_attn.sinks": 0}
 
 
-def fit_query_heads(config: Any, layer: Any, name: str, tensor: Any) -> Any:
+def fit_query_heads(config: Any, layer: Any, name: str, tensor: Any, inputs: bool = True) -> Any:
     """A layer's stored tensor sized by its fewer query heads (``LayerSpec.stored_heads``) made the model's: each key
     /value head's queries padded with zero heads after its own (q_proj's rows and bias, the output gate's rows, o_proj's
-    columns, the sinks). A packed o_proj is padded in whole groups where its heads fill them, else refused."""
+    columns unless not ``inputs``, the sinks). A packed o_proj is padded in whole groups where its heads fill them,
+    else refused."""
     axis = next((a for n, a in _QUERY_HEAD_AXES.items() if name.endswith(f".{n}")), None)
-    if axis is None:
+    if axis is None or axis == 1 and not inputs:
         return tensor
     if isinstance(tensor, QuantizedWeight):
         check_padded_groups(config, name, tensor.bits, tensor.group_size)
@@ -371,8 +372,10 @@ def _layer_of(name: str, prefix: str) -> int | None:
     return int(name[len(prefix) + len("layers."):].split(".", 1)[0])
 
 
-def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
-    """One checkpoint tensor -> the tensors the model reads (renamed, transposed, split, offset, permuted)."""
+def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tuple[str, Any]]:
+    """One checkpoint tensor -> the tensors the model reads (renamed, transposed, split, offset, permuted). Not
+    ``inputs``: its columns are not the matrix's inputs (a LoRA B factor's, its rank), which fewer query heads leave
+    unpadded."""
     arch = config.arch
     name = model_name(arch, name)
     layer = _layer_of(name, arch.prefix)
@@ -415,7 +418,7 @@ def prepare(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
             parts = [(n, _each_array(t, lambda a: np.repeat(a, config.head_dim, axis=0)) if ".self_attn.gate_proj."
                       in n else t) for n, t in parts]
         if spec.stored_heads is not None:
-            parts = [(n, fit_query_heads(config, spec, n, t)) for n, t in parts]
+            parts = [(n, fit_query_heads(config, spec, n, t, inputs)) for n, t in parts]
         if (spec.stored_head_dim is not None or spec.stored_kv_heads is not None or spec.values_are_keys
                 or arch.value_head_dim is not None):
             parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]
