@@ -7,13 +7,15 @@ Ferrum all read, plus ``model.safetensors``), written atomically. Mixture-of-exp
 layers are written one matrix per expert, the Hugging Face layout all three read
 (see :mod:`ferrum.moe.loading`), except a family with layouts of its own (gpt-oss, Qwen3-VL-MoE,
 Llama 4), written as mlx-lm stores it or, for transformers, as transformers does (neither reads the other's;
-mlx-lm reads Llama 4 only as the ``llama4`` wrapper, so a ``llama4_text`` config is for transformers' layout).
+mlx-lm reads Llama 4 only as the ``llama4`` wrapper, so a ``llama4_text`` config is for transformers' layout); for
+transformers, LongCat-Flash's zero experts' gate and up rows too, which its expert stack holds and mlx-lm refuses.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +26,8 @@ from safetensors.numpy import save_file
 from ferrum.config import ModelConfig
 from ferrum.errors import InvalidRequestError
 from ferrum.moe.loading import LAYOUTS, SWITCH, is_expert_stack, per_expert_names
+from ferrum.moe.spec import MoeSpec
+from ferrum.moe.zero import SAVED_BY_TRANSFORMERS
 from ferrum.model import weight_shapes
 from ferrum.weights import split_norm_parts
 
@@ -35,7 +39,16 @@ EXPERT_LAYOUTS = ("mlx-lm", "transformers")
 def has_own_expert_layout(config: dict) -> bool:
     """Whether ``write_random_checkpoint``'s ``expert_layout`` changes what it writes for ``config``."""
     moe = ModelConfig.from_dict({"rms_norm_eps": 1e-6, **config}).arch.moe
-    return moe is not None and moe.layout is not None
+    return moe is not None and (moe.layout is not None or moe.zero_experts > 0)
+
+
+def _zero_experts_rows(moe: MoeSpec, name: str, shape: tuple[int, ...], dtype: str) -> dict[str, np.ndarray]:
+    """The zero experts' rows transformers saves beside the routed experts' (LongCat-Flash's gate and up, never run):
+    zeros, so that its model reads every tensor it holds."""
+    if not moe.zero_experts or name.removesuffix(".weight").rsplit(".", 1)[1] not in SAVED_BY_TRANSFORMERS:
+        return {}
+    names = per_expert_names(replace(moe, num_experts=moe.scored), name)[moe.num_experts:]
+    return {n: np.zeros(shape[1:], dtype=_STORAGE[dtype]) for n in names}
 
 
 def write_random_checkpoint(
@@ -76,6 +89,8 @@ def write_random_checkpoint(
             tensors[stacked] = np.concatenate([tensors[stacked], part], axis=1) if stacked in tensors else part
         elif len(shape) == 3 and is_expert_stack(name):  # a stack of experts (not a convolution's [C, 1, K])
             tensors.update(zip(per_expert_names(moe, name), array.astype(_STORAGE[dtype])))
+            if expert_layout == "transformers":
+                tensors.update(_zero_experts_rows(moe, name, shape, dtype))
         elif heads := split_norm_parts(model_config, name):  # a norm a head, each its own tensor (StableLM 2 12B)
             tensors.update(zip(heads, array.astype(_STORAGE[dtype])))
         else:

@@ -19,8 +19,8 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_names_the_tensors_transformers_saves,
-    randomized_reference, reference_logits, runnable_backends, saved_references, scaled_error, small_pool_engine,
-    staggered_greedy_workload,
+    assert_random_checkpoint_is_what_transformers_reads, randomized_reference, reference_logits, runnable_backends,
+    saved_references, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 BACKENDS = runnable_backends()
@@ -178,3 +178,14 @@ def test_random_reference_is_what_this_module_saves():
     """randomized_reference draws LongCat-Flash's correction biases too (they are buffers named so)."""
     model = randomized_reference(longcat_config())
     assert all(layer.mlp.router.e_score_correction_bias.abs().sum() > 0 for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_random_checkpoints_are_what_transformers_reads(variant, tmp_path):
+    """For transformers, the zero experts' gate and up rows its expert stack holds are written too (and not for
+    mlx-lm, whose loader would refuse them)."""
+    from ferrum.random_checkpoint import has_own_expert_layout
+
+    raw = json.loads(longcat_config(**VARIANTS[variant]).to_json_string())
+    assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
+    assert has_own_expert_layout(raw) == (variant == "zero_experts")

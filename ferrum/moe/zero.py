@@ -17,6 +17,11 @@ import numpy as np
 from ferrum.moe.routing import GroupedRouting, route_grouped
 
 
+#: The projections whose stack transformers' LongcatFlashExperts sizes for the zero experts too (``gate_up_proj``, rows
+#: never run), and so saves for each (``experts.{routed + i}.gate_proj / up_proj``); mlx-lm's loader reads none.
+SAVED_BY_TRANSFORMERS = ("gate_proj", "up_proj")
+
+
 @dataclass(frozen=True)
 class ZeroExperts:
     """The layer's experts from ``routed`` on are identity experts."""
