@@ -5,6 +5,7 @@ shortcut MoE read from the first sub-block's MLP input and added after the secon
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from dataclasses import replace
@@ -189,3 +190,24 @@ def test_random_checkpoints_are_what_transformers_reads(variant, tmp_path):
     raw = json.loads(longcat_config(**VARIANTS[variant]).to_json_string())
     assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
     assert has_own_expert_layout(raw) == (variant == "zero_experts")
+
+
+@pytest.mark.parametrize("value, words", [(10**9, "'zero_expert_num' is 1000000000, beyond any real model"),
+                                          (-1, "'zero_expert_num' must be a non-negative integer, got -1"),
+                                          (True, "'zero_expert_num' must be a non-negative integer, got True")])
+def test_an_absurd_zero_expert_count_is_refused_by_name(value, words):
+    raw = json.loads(longcat_config().to_json_string())
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        ModelConfig.from_dict({**raw, "zero_expert_num": value})
+
+
+@pytest.mark.parametrize("routed, zero", [(4, 3), (4, 60_000), (95, 10), (512, 256)])
+def test_the_zero_experts_rows_left_unread_are_theirs_alone(routed, zero):
+    """The tensors transformers saves for the zero experts (experts routed ... routed + zero - 1) are left unread,
+    matched in a pattern of a few alternatives however many they are; the routed experts' and any past them are not."""
+    raw = json.loads(longcat_config(n_routed_experts=routed, zero_expert_num=zero).to_json_string())
+    unloaded = re.compile(ModelConfig.from_dict(raw).arch.unloaded)
+    assert len(unloaded.pattern) < 300
+    left = [e for e in [*range(0, 1200), *range(59_990, 60_020)]
+            if unloaded.search(f"model.layers.0.mlp.experts.{e}.gate_proj.weight")]
+    assert left == [e for e in [*range(0, 1200), *range(59_990, 60_020)] if routed <= e < routed + zero]

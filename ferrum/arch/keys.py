@@ -58,6 +58,18 @@ def optional_size(limit: int) -> Check:
     return lambda value: None if value is None else check(value)
 
 
+def optional_count(limit: int) -> Check:
+    """None, 0 or a :func:`size` up to ``limit``: a count that may be none (LongCat-Flash's zero experts)."""
+    check = size(limit)
+
+    def count(value: Any) -> str | None:
+        if value is None or type(value) is int and value >= 0:  # not a bool
+            return check(value) if value else None
+        return f"must be a non-negative integer, got {value!r}"
+
+    return count
+
+
 def optional_positive_int(value: Any) -> str | None:
     return None if value is None else positive_int(value)
 

@@ -22,6 +22,24 @@ from ferrum.moe.routing import GroupedRouting, route_grouped
 SAVED_BY_TRANSFORMERS = ("gate_proj", "up_proj")
 
 
+def saved_rows(routed: int, zero: int) -> str:
+    """A regex matching the zero experts' indices (``routed`` to ``routed + zero - 1``) followed by a dot, as the
+    tensors transformers saves for them are named (``experts.{i}.gate_proj``): a few alternatives per digit, however
+    many they are."""
+    return rf"(?!(?:{_at_least(routed + zero)})\.)(?:{_at_least(routed)})\."
+
+
+def _at_least(n: int) -> str:
+    """A regex matching the decimal integers from ``n`` on (no leading zeros)."""
+    digits = str(n)
+    options = [rf"[1-9]\d{{{len(digits)},}}"]  # more digits
+    for i, d in enumerate(digits[:-1] if n else ""):  # as many: a larger digit after the same start
+        if d != "9":
+            options.append(rf"{digits[:i]}[{int(d) + 1}-9]\d{{{len(digits) - i - 1}}}")
+    last = int(digits[-1])
+    return "|".join([*options, f"{digits[:-1]}[{last}-9]"])
+
+
 @dataclass(frozen=True)
 class ZeroExperts:
     """The layer's experts from ``routed`` on are identity experts."""

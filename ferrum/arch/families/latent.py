@@ -13,13 +13,14 @@ from ferrum.arch.families._shared import (
 )
 from ferrum.arch.families.llama_like import _llama4_query_scaling, _minicpm_scalings
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_number, optional_size,
-    positive_int, positive_number, size,
+    Key, KeyReader, boolean, falsy, one_of, optional_count, optional_non_negative_int, optional_positive_number,
+    optional_size, positive_int, positive_number, size,
 )
 from ferrum.arch.mla import MlaSpec
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.arch.sublayers import SubLayers
 from ferrum.moe.spec import KEYS as MOE_KEYS, MoeSpec, with_moe
+from ferrum.moe.zero import saved_rows
 #: The names Sarvam's release config gives keys (transformers' attribute_map) -> the names Ferrum reads them by.
 SARVAM_ALIASES = {"num_experts": "n_routed_experts", "num_shared_experts": "n_shared_experts",
                   "use_qkv_bias": "attention_bias", "num_mtp_layers": "num_nextn_predict_layers"}
@@ -406,7 +407,7 @@ def _longcat_flash(r: KeyReader, sizes: Sizes) -> Architecture:
     hidden, mla = sizes.hidden_size, arch.mla
     unloaded = rf"^{arch.prefix}mtp\."
     if zero:
-        unloaded += rf"|\.mlp\.experts\.(?:{'|'.join(map(str, range(count, count + zero)))})\."
+        unloaded += rf"|\.mlp\.experts\.{saved_rows(count, zero)}"
     return replace(
         arch, moe=spec, sublayers=LONGCAT_SUBLAYERS, unloaded=unloaded, mtp_layers=0,
         layers=tuple(replace(layer, mlp="dense+shortcut", shortcut="give") if i % 2 == 0 else
@@ -423,7 +424,7 @@ TABLE["longcat_flash"] = Family(  # Meituan's LongCat-Flash: two latent-attentio
               Key("q_lora_rank", default=1536, check=size(1 << 17)),
               Key("ffn_hidden_size", default=12288, check=size(1 << 20)),
               Key("n_routed_experts", default=512, check=positive_int),
-              Key("zero_expert_num", default=256, check=optional_non_negative_int),
+              Key("zero_expert_num", default=256, check=optional_count(1 << 16)),
               Key("moe_topk", default=12, check=positive_int),
               Key("expert_ffn_hidden_size", default=2048, check=positive_int),
               Key("routed_scaling_factor", default=6.0, check=positive_number),
