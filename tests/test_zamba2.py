@@ -129,3 +129,13 @@ def test_every_mamba_layers_gated_norm_runs_at_transformers_fixed_epsilon(tmp_pa
     (which the other norms read): 1e-2 here, far enough from it to move the logits."""
     raw = {**json.loads(VARIANTS["two_blocks"]().to_json_string()), "rms_norm_eps": 1e-2}
     assert_random_checkpoint_is_what_transformers_reads(tmp_path / "eps", raw, TOKENS)
+
+
+def test_lora_adapters_are_refused_naming_the_shared_attention(checkpoints, tmp_path):
+    """The hybrid layers attend (the shared blocks): a hybrid model, not one without attention layers."""
+    from ferrum.errors import AdapterError
+
+    folder, _ = checkpoints["one_block"]
+    with pytest.raises(AdapterError, match=r"zamba2: LoRA adapters on hybrid models with recurrent layers .* the "
+                                           r"Mamba-2 layers' projections nor the shared attention blocks'"):
+        float32_model(folder).adapters.load("x", tmp_path)

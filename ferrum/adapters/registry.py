@@ -41,6 +41,7 @@ from ferrum.adapters.batching import LoraBatch, LoraLinear
 from ferrum.adapters.files import LoraAdapter, LoraWeights, check_range, projection_span, read_adapter
 from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
+from ferrum.mixers import MIXER_KINDS
 from ferrum.recurrent import MIXERS, mixer_spec
 from ferrum.hookspec import DTYPE_BYTES
 
@@ -158,7 +159,9 @@ class AdapterRegistry:
             unadapted = [f"the {title} layers' projections" for title in sorted(titles)]
             if arch.attn_output_gate:
                 unadapted.append("the gated attention's q_proj, whose rows hold each head's query and gate")
-            attends = any("attention" in spec.mixers for spec in arch.layers)
+            if arch.shared_block is not None:
+                unadapted.append("the shared attention blocks' projections and adapters")
+            attends = any(MIXER_KINDS[spec.mixer].writes_kv(spec) for spec in arch.layers)
             kind = "hybrid models with recurrent layers" if attends else "recurrent models (no attention layers)"
             raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on {kind} "
                                f"are not supported yet (Ferrum does not adapt {' nor '.join(unadapted)}); run "
