@@ -4,10 +4,8 @@ first layers in the metadata), imported, and run against transformers (float32) 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
@@ -18,7 +16,8 @@ from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer, _tiny_model,
+    _add_metadata, _add_tensors, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer,
+    _moe_mapped, _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -51,28 +50,9 @@ def _afmoe_gguf(path: Path, hf, config, qtype, **overrides) -> None:
             "expert_used_count": 2, "expert_shared_count": 1, "expert_feed_forward_length": 32,
             "leading_dense_block_count": 1, "expert_weights_norm": True, "expert_weights_scale": 2.5,
             "sliding_window": 4, **overrides}
-    for key, value in meta.items():
-        if value is not None:
-            getattr(w, f"add_{key}")(value)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.AFMOE, config.num_hidden_layers)
-    tensors = {}
-    for name, tensor in hf.state_dict().items():
-        a = tensor.float().numpy()
-        m = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
-        rest = m and m.group(2)
-        if rest == "mlp.experts.gate_up_proj":  # each expert's gate rows, then its up rows
-            tensors[f"blk.{m.group(1)}.ffn_gate_exps.weight"] = a[:, :32]
-            tensors[f"blk.{m.group(1)}.ffn_up_exps.weight"] = a[:, 32:]
-        elif rest in _OWN:
-            tensors[f"blk.{m.group(1)}.{_OWN[rest]}"] = a
-        else:
-            tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = a
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32:
-            w.add_tensor(name, array)
-        else:
-            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _add_metadata(w, meta)
+    tensors = _moe_mapped(hf, config, gguf.MODEL_ARCH.AFMOE, _OWN)
+    _add_tensors(w, tensors, qtype)
     _finish(w)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
@@ -18,7 +17,8 @@ from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
+    _add_sentencepiece_vocab, _add_tensors, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
+    _sentencepiece_vocab,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -55,18 +55,15 @@ def _dbrx_gguf(path: Path, hf, config, qtype, eps: float = 1e-5, clamp: float = 
     w.add_layer_norm_eps(eps)
     _add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DBRX, config.n_layers)
+    tensors = {}
     for name, tensor in hf.state_dict().items():
         a = tensor.float().numpy()
         if ".experts.mlp." in name:  # each expert's rows, one after another; w2 turned to [expert, d_model, ffn]
             a = a.reshape(_EXPERTS, _FFN, config.d_model)
             a = a.transpose(0, 2, 1) if name.endswith("w2") else a
             name += ".weight"
-        gguf_name = names.get_name(name, try_suffixes=(".weight",))
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        if qtype == Q.F32 or a.ndim < 2 or a.shape[-1] % 32:
-            w.add_tensor(gguf_name, a)
-        else:
-            w.add_tensor(gguf_name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        tensors[names.get_name(name, try_suffixes=(".weight",))] = a
+    _add_tensors(w, tensors, qtype)
     _finish(w)
 
 

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer, _permute, _tiny_model,
+    _add_tensors, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer, _permute, _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -47,12 +47,7 @@ def _write(path: Path, arch: str, config, tensors: dict[str, np.ndarray], qtype,
     keys; matrices as ``qtype``, vectors float."""
     w = _gguf_writer(path, arch, config, **writer)
     metadata(w)
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32:
-            w.add_tensor(name, array)
-        else:
-            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _add_tensors(w, tensors, qtype)
     _finish(w)
 
 

@@ -773,6 +773,43 @@ def _finish(w: Any) -> None:
     w.close()
 
 
+def _add_metadata(w: Any, meta: dict[str, Any]) -> None:
+    """Each of ``meta``'s keys through the writer's ``add_<key>``; a None value is not written (a file without it)."""
+    for key, value in meta.items():
+        if value is not None:
+            getattr(w, f"add_{key}")(value)
+
+
+def _add_tensors(w: Any, tensors: dict[str, np.ndarray], qtype) -> None:
+    """``tensors`` (GGUF names) added to ``w``: matrices whose rows gguf blocks as ``qtype``, the rest float32."""
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32:
+            w.add_tensor(name, array)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+
+def _moe_mapped(hf: Any, config, kind: Any, own: dict[str, str]) -> dict[str, np.ndarray]:
+    """``hf``'s tensors under llama.cpp's names for the ``kind`` (a ``gguf.MODEL_ARCH``) of a stacked-experts MoE:
+    ``own`` maps a layer's transformers names to llama.cpp's, each expert's gate_up rows split into gate then up,
+    the rest by gguf's tensor map."""
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
+    tensors = {}
+    for name, tensor in hf.state_dict().items():
+        a = tensor.float().numpy()
+        m = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
+        rest = m and m.group(2)
+        if rest == "mlp.experts.gate_up_proj":  # [expert, gate rows then up rows, hidden]
+            tensors[f"blk.{m.group(1)}.ffn_gate_exps.weight"], tensors[f"blk.{m.group(1)}.ffn_up_exps.weight"] = (
+                np.split(a, 2, axis=1))
+        elif rest in own:
+            tensors[f"blk.{m.group(1)}.{own[rest]}"] = a
+        else:
+            tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = a
+    return tensors
+
+
 #: Token ids a tiny model's logits are compared on (past a 4- or 6-token window).
 TINY_TOKENS = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]
 

@@ -6,10 +6,8 @@ transformers (float32) or its float import (Q8_0)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
@@ -20,7 +18,8 @@ from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer, _tiny_model,
+    _add_metadata, _add_tensors, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer,
+    _moe_mapped, _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -62,33 +61,15 @@ def _mimo2_gguf(path: Path, hf, config, qtype, mtp: int = 0, **overrides) -> Non
             "expert_used_count": 2, "expert_feed_forward_length": 32, "sliding_window": config.sliding_window,
             "sliding_window_pattern": sliding, "rope_freq_base_swa": 500.0,
             "value_scale": config.attention_value_scale, **overrides}
-    for key, value in meta.items():
-        if key == "value_scale" and value is not None:  # llama-arch.cpp's key, which gguf 0.19 has no writer for
-            w.add_float32("mimo2.attention.value_scale", value)
-        elif value is not None:
-            getattr(w, f"add_{key}")(value)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MIMO2, config.num_hidden_layers)
-    tensors = {}
-    for name, tensor in hf.state_dict().items():
-        a = tensor.float().numpy()
-        m = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
-        rest = m and m.group(2)
-        if rest == "mlp.experts.gate_up_proj":  # each expert's gate rows, then its up rows
-            tensors[f"blk.{m.group(1)}.ffn_gate_exps.weight"] = a[:, :32]
-            tensors[f"blk.{m.group(1)}.ffn_up_exps.weight"] = a[:, 32:]
-        elif rest in _OWN:
-            tensors[f"blk.{m.group(1)}.{_OWN[rest]}"] = a
-        else:
-            tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = a
+    value_scale = meta.pop("value_scale")
+    if value_scale is not None:  # llama-arch.cpp's key, which gguf 0.19 has no writer for
+        w.add_float32("mimo2.attention.value_scale", value_scale)
+    _add_metadata(w, meta)
+    tensors = _moe_mapped(hf, config, gguf.MODEL_ARCH.MIMO2, _OWN)
     last = f"blk.{config.num_hidden_layers - 1}."
     tensors.update({name.replace(last, f"blk.{config.num_hidden_layers + i}."): a for name, a in list(tensors.items())
                     if name.startswith(last) for i in range(mtp)})
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32:
-            w.add_tensor(name, array)
-        else:
-            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    _add_tensors(w, tensors, qtype)
     _finish(w)
 
 
