@@ -32,3 +32,10 @@ def built_once():
         return built[build]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def checkpoints(request, tmp_path_factory, built_once):
+    """The test module's ``build_checkpoints(tmp_path_factory)`` (variant -> (folder, transformers model)), built
+    once a session through :func:`built_once`; a module that builds otherwise defines its own ``checkpoints``."""
+    return built_once(request.module.build_checkpoints, tmp_path_factory)

@@ -18,7 +18,6 @@ from safetensors.numpy import load_file, save_file
 
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, ConfigError, ContextLengthExceededError, UnsupportedFeatureError
-from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, float32_model, reference_logits, runnable_backends, saved_references,
     scaled_error, small_pool_engine,
@@ -51,17 +50,12 @@ def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, dsa_config)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, built_once):
-    return built_once(build_checkpoints, tmp_path_factory)
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_matches_transformers_within_index_topk(checkpoints, backend, variant):
     """A full forward and token-by-token decode of index_topk tokens, against transformers' logits."""
     folder, hf = checkpoints[variant]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    model = float32_model(folder, backend, block_size=4)
     assert model.config.max_seq_len == TOPK
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
 

@@ -47,11 +47,6 @@ def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, flint_config)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, built_once):
-    return built_once(build_checkpoints, tmp_path_factory)
-
-
 def test_reads_the_layers_and_the_routing(checkpoints):
     arch = float32_model(checkpoints["release"][0]).config.arch
     assert [(spec.window, spec.rope.rotary_dim, spec.mlp) for spec in arch.layers] == [

@@ -18,10 +18,9 @@ from transformers.models.kolibri1.modeling_kolibri1 import Kolibri1TopKRouter
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.model import DecoderOnlyLLM
 from ferrum.moe.routing import NOAUX_TC, SIGMOID_LOGITS_CORRECTED, route_grouped
 from support import (
-    assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references, scaled_error,
+    assert_forward_and_decode_match, float32_model, reference_logits, runnable_backends, saved_references, scaled_error,
 )
 
 BACKENDS = runnable_backends()
@@ -49,16 +48,11 @@ def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, kolibri_config)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, built_once):
-    return built_once(build_checkpoints, tmp_path_factory)
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_matches_transformers(checkpoints, backend, variant):
     folder, hf = checkpoints[variant]
-    model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
+    model = float32_model(folder, backend, block_size=4)
     layers = model.config.arch.layers
     assert {spec.mlp for spec in layers} == {"moe"}
     assert [spec.window for spec in layers] == (

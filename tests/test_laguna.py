@@ -62,11 +62,6 @@ def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, laguna_config, _with_biases)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, built_once):
-    return built_once(build_checkpoints, tmp_path_factory)
-
-
 def test_reads_the_layers_the_gate_and_the_routing(checkpoints):
     config = float32_model(checkpoints["release"][0]).config
     arch, moe = config.arch, config.arch.moe

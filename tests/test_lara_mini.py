@@ -48,11 +48,6 @@ def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, lara_config)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, built_once):
-    return built_once(build_checkpoints, tmp_path_factory)
-
-
 def test_reads_the_layers_and_the_experts(checkpoints):
     arch = float32_model(checkpoints["release"][0]).config.arch
     assert [(s.mixer, s.window, s.rope.rotary_dim, s.mlp) for s in arch.layers] == [

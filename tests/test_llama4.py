@@ -59,11 +59,6 @@ def build_checkpoints(tmp_path_factory) -> dict:
     return saved_references(tmp_path_factory, VARIANTS, llama4_config)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, built_once):
-    return built_once(build_checkpoints, tmp_path_factory)
-
-
 @pytest.mark.parametrize("variant", ["scout", "maverick", "scout_step_rope"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_matches_transformers(checkpoints, backend, variant):

@@ -79,11 +79,6 @@ def build_checkpoints(tmp_path_factory) -> dict:
                 release=True)}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, built_once):
-    return built_once(build_checkpoints, tmp_path_factory)
-
-
 def load(folder, backend="cpu", **kwargs) -> DecoderOnlyLLM:
     return DecoderOnlyLLM.from_pretrained(folder, backend=backend, dtype="float32", **kwargs)
 

@@ -74,11 +74,6 @@ def build_checkpoints(tmp_path_factory) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, built_once):
-    return built_once(build_checkpoints, tmp_path_factory)
-
-
 def _reload(folder, **changes):
     return transformers.Mistral4ForCausalLM.from_pretrained(folder, **changes).float().eval()
 
