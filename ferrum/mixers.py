@@ -331,18 +331,23 @@ class Beside(MixerKind):
         return attn, (*gate, core, *extra), h
 
 
-class SharedBlockThenRecurrent(Recurrent):
-    """Zamba 2's hybrid layers (:mod:`ferrum.arch.shared_block`): the use's shared block attends (writing its own KV
-    pool layer) on the normed ``[x, token embeddings]``, its MLP and ``linear`` follow, and what they give joins the
-    Mamba-2 mixer's input, which then steps as any recurrent mixer; the block ends with that mixer's output. The
-    embeddings are the pass's (``_Pass.embedded``), so all of it runs between the halves: the first half only hands
-    the residual stream on (the layer has no block norm before it)."""
+class AroundAttention(MixerKind):
+    """A kind whose step runs attention's (:class:`Attention`) inside its own, so every layer of it writes its KV
+    pool layer."""
 
     def __init__(self, attention: Attention):
         self.attention = attention
 
     def writes_kv(self, spec: LayerSpec) -> bool:
         return True
+
+
+class SharedBlockThenRecurrent(AroundAttention, Recurrent):
+    """Zamba 2's hybrid layers (:mod:`ferrum.arch.shared_block`): the use's shared block attends (writing its own KV
+    pool layer) on the normed ``[x, token embeddings]``, its MLP and ``linear`` follow, and what they give joins the
+    Mamba-2 mixer's input, which then steps as any recurrent mixer; the block ends with that mixer's output. The
+    embeddings are the pass's (``_Pass.embedded``), so all of it runs between the halves: the first half only hands
+    the residual stream on (the layer has no block norm before it)."""
 
     def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
               projection: Callable[[str], Linear]) -> MixerWeights:
@@ -365,18 +370,12 @@ class SharedBlockThenRecurrent(Recurrent):
         return super().step(run, index, layer, block.project(joined), h)
 
 
-class MixtureOfAttention(MixerKind):
+class MixtureOfAttention(AroundAttention):
     """JetMoE's mixture of attention heads (:mod:`ferrum.arch.moa`): the first half projects the router's logits,
     every expert's queries (rotated with the keys), keys and values; the step routes on the host, picks each token's
     query heads, runs attention's step (KV write, narrowing, paged attention) and places each slot's gated output in
     its expert's block; the second half is the experts' output projections as one biased linear. Its rope has one
     table (the family refuses longrope), so the queries rotate in the first half."""
-
-    def __init__(self, attention: Attention):
-        self.attention = attention
-
-    def writes_kv(self, spec: LayerSpec) -> bool:
-        return True
 
     def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
               projection: Callable[[str], Linear]) -> MixerWeights:
