@@ -620,3 +620,15 @@ def assert_forward_and_decode_match(model, tokens: list[int], want: np.ndarray, 
 def scaled_error(got: np.ndarray, want: np.ndarray) -> float:
     """The largest difference, scaled by the largest reference value (at least 1)."""
     return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
+
+
+def assert_matches_transformers(folder: Path, hf, backend: str, tokens: list[int]) -> None:
+    """The checkpoint at ``folder``, float32 on ``backend`` in 4-token blocks, gives ``hf``'s logits over ``tokens``
+    in one pass and decoding them (:func:`assert_forward_and_decode_match`)."""
+    assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), tokens, reference_logits(hf, tokens))
+
+
+def assert_logits_move(changed, hf, tokens: list[int], least: float = 1e-2) -> None:
+    """``changed`` (``hf`` with one part altered) gives logits over ``tokens`` more than ``least`` (scaled) from
+    ``hf``'s: the part counts in the parity check."""
+    assert scaled_error(reference_logits(changed, tokens), reference_logits(hf, tokens)) > least

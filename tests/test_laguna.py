@@ -16,7 +16,7 @@ import transformers
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from support import (
-    assert_forward_and_decode_match, float32_model, randomized_reference, reference_logits, runnable_backends,
+    assert_matches_transformers, float32_model, randomized_reference, reference_logits, runnable_backends,
     saved_references, scaled_error,
 )
 
@@ -80,7 +80,7 @@ def test_reads_the_layers_the_gate_and_the_routing(checkpoints):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_and_decode_steps_match_transformers(checkpoints, backend, variant):
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, reference_logits(hf, TOKENS))
+    assert_matches_transformers(folder, hf, backend, TOKENS)
 
 
 @pytest.mark.parametrize("variant, part", [("release", "g_proj"), ("release", "sigmoid"), ("element", "softcap")])

@@ -16,8 +16,8 @@ import transformers
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
 from support import (
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_forward_and_decode_match, float32_model,
-    reference_logits, runnable_backends, saved_references, scaled_error,
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_logits_move, assert_matches_transformers,
+    float32_model, runnable_backends, saved_references,
 )
 
 BACKENDS = runnable_backends()
@@ -63,7 +63,7 @@ def test_reads_the_layers_and_the_experts(checkpoints):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_and_decode_steps_match_transformers(checkpoints, backend, variant):
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, reference_logits(hf, TOKENS))
+    assert_matches_transformers(folder, hf, backend, TOKENS)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,7 +91,7 @@ def test_the_parity_checks_the_shared_expert_and_the_nope_layers(checkpoints, pa
 
         changed.model.layers[3].forward = rotated
     # one layer of five rotated moves the logits less than a whole part does; still ten times the comparison's 1e-4
-    assert scaled_error(reference_logits(changed, TOKENS), reference_logits(hf, TOKENS)) > 1e-3
+    assert_logits_move(changed, hf, TOKENS, 1e-3)
 
 
 # ------------------------------------------------------------------ config

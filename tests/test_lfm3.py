@@ -15,10 +15,10 @@ import transformers
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from support import (
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
-    assert_forward_and_decode_match, assert_names_the_tensors_transformers_saves,
-    assert_random_checkpoint_is_what_transformers_reads, float32_model, randomized_reference, reference_logits,
-    runnable_backends, saved_references, scaled_error, small_pool_engine, staggered_greedy_workload,
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens, assert_logits_move,
+    assert_matches_transformers, assert_names_the_tensors_transformers_saves,
+    assert_random_checkpoint_is_what_transformers_reads, float32_model, randomized_reference, runnable_backends,
+    saved_references, small_pool_engine, staggered_greedy_workload,
 )
 
 BACKENDS = runnable_backends()
@@ -63,7 +63,7 @@ def test_reads_the_layers_the_gate_and_the_norms(checkpoints):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_and_decode_steps_match_transformers(checkpoints, backend, variant):
     folder, hf = checkpoints[variant]
-    assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, reference_logits(hf, TOKENS))
+    assert_matches_transformers(folder, hf, backend, TOKENS)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,7 +97,7 @@ def test_the_parity_checks_the_gate_the_sandwich_and_the_proportional_rope(check
         rotary.full_attention_inv_freq[:turning] = spaced
     # one full layer of six changed moves the logits less than the other parts do; still ten times the tolerance
     least = 1e-3 if part == "proportional" else 1e-2
-    assert scaled_error(reference_logits(changed, TOKENS), reference_logits(hf, TOKENS)) > least
+    assert_logits_move(changed, hf, TOKENS, least)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
