@@ -608,6 +608,18 @@ def with_prediction_layer(folder: Path, dest: Path, nextn: int) -> Path:
     return copy
 
 
+def with_edited_tensors(folder: Path, dest: Path, edit) -> Path:
+    """A copy of checkpoint ``folder`` at ``dest`` whose tensors (name -> array) ``edit`` changed in place, as a
+    release stores what a random checkpoint does not (or lacks what it has)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    tensors = load_file(dest / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
 def assert_forward_and_decode_match(model, tokens: list[int], want: np.ndarray, tolerance: float = 1e-4) -> None:
     """``model``'s logits over ``tokens`` (one forward pass, then a prefill of five and token-by-token decode)
     within ``tolerance`` of ``want``, scaled by the largest reference logit."""

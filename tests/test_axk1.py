@@ -4,20 +4,19 @@ before it joins the residual stream; against transformers' own model on every ru
 from __future__ import annotations
 
 import re
-import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, reference_logits, runnable_backends, saved_references, scaled_error,
+    with_edited_tensors,
 )
 
 BACKENDS = runnable_backends()
@@ -64,26 +63,18 @@ def test_the_parity_is_sensitive_to_the_post_moe_norm(checkpoints):
     assert scaled_error(moved, want) > 1e-3
 
 
-def _edited(folder, dest, edit):
-    shutil.copytree(folder, dest)
-    tensors = load_file(dest / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
-    return dest
-
-
 def test_release_layouts_load_as_transformers_loads_them(checkpoints, tmp_path):
     """The releases store the norm on the dense layers too (transformers skips it): quiet; and they may route without
     correction biases, which transformers then reads as zeros: said, and run so."""
     folder, hf = checkpoints["release"]
-    stored = _edited(folder, tmp_path / "stored", lambda t: t.update({
+    stored = with_edited_tensors(folder, tmp_path / "stored", lambda t: t.update({
         "model.layers.0.post_mlp_layernorm.weight": np.ones(64, np.float32)}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = DecoderOnlyLLM.from_pretrained(stored, backend="cpu", dtype="float32")
     assert scaled_error(model.forward_verify("s", TOKENS), reference_logits(hf, TOKENS)) < 1e-4
-    unbiased = _edited(folder, tmp_path / "unbiased", lambda t: [t.pop(name) for name in list(t)
-                                                                   if name.endswith("e_score_correction_bias")])
+    unbiased = with_edited_tensors(folder, tmp_path / "unbiased", lambda t: [
+        t.pop(name) for name in list(t) if name.endswith("e_score_correction_bias")])
     with pytest.warns(UserWarning, match="correction bias"):
         model = DecoderOnlyLLM.from_pretrained(unbiased, backend="cpu", dtype="float32")
     reference = transformers.AutoModelForCausalLM.from_pretrained(unbiased).float().eval()

@@ -7,20 +7,19 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, ConfigError, ContextLengthExceededError, UnsupportedFeatureError
 from support import (
-    assert_forward_and_decode_match, float32_model, reference_logits, runnable_backends, saved_references,
-    scaled_error, small_pool_engine,
+    assert_forward_and_decode_match, float32_model, reference_logits, runnable_backends, saved_references, scaled_error,
+    small_pool_engine, with_edited_tensors,
 )
 
 BACKENDS = runnable_backends()
@@ -113,31 +112,24 @@ def test_the_indexers_are_checked_and_dropped_quietly(checkpoints, tmp_path):
     folder, hf = checkpoints["glm_moe_dsa"]
     shapes = {name: s for name, s in _shapes(folder).items() if ".indexer." in name}
     assert {name.split(".")[2] for name in shapes} == {"0", "2"} and len(shapes) == 10
-    unused = _edited(folder, tmp_path / "unused", lambda t: t.update({  # weights no indexer could run with
+    unused = with_edited_tensors(folder, tmp_path / "unused", lambda t: t.update({  # weights no indexer could run with
         name: np.full(shape, 1e4, np.float32) for name, shape in shapes.items()}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = float32_model(unused)
     assert scaled_error(model.forward_verify("unused", TOKENS), reference_logits(hf, TOKENS)) < 1e-4
-    bad = _edited(folder, tmp_path / "bad", lambda t: t.update({
+    bad = with_edited_tensors(folder, tmp_path / "bad", lambda t: t.update({
         "model.layers.2.self_attn.indexer.wk.weight": np.zeros((8, 64), np.float32)}))
     with pytest.raises(CheckpointError, match=re.escape("model.layers.2.self_attn.indexer.wk.weight")):
         float32_model(bad)
-    missing = _edited(folder, tmp_path / "missing", lambda t: t.pop("model.layers.0.self_attn.indexer.wq_b.weight"))
+    missing = with_edited_tensors(folder, tmp_path / "missing",
+                                  lambda t: t.pop("model.layers.0.self_attn.indexer.wq_b.weight"))
     with pytest.raises(CheckpointError, match="indexer.wq_b"):
         float32_model(missing)
 
 
 def _shapes(folder) -> dict:
     return {name: tensor.shape for name, tensor in load_file(folder / "model.safetensors").items()}
-
-
-def _edited(folder, dest, edit):
-    shutil.copytree(folder, dest)
-    tensors = load_file(dest / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
-    return dest
 
 
 # ------------------------------------------------------------------ config
