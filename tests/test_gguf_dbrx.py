@@ -13,12 +13,10 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _add_tensors, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+    _add_sentencepiece_vocab, _add_tensors, _assert_logits_match, _finish, _imported, _sentencepiece_vocab,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -72,14 +70,9 @@ def test_dbrx_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     """Imported as transformers' Dbrx: float32 gives transformers' logits, Q8_0 its float import's."""
     hf, config = _tiny()
     _dbrx_gguf(tmp_path / "m.gguf", hf, config, qtype)
-    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    ours = ModelConfig.from_file(out)
+    ours = _imported(tmp_path, hf, qtype)
     assert ours.model_type == "dbrx" and ours.arch.clip_qkv == _CLIP and ours.num_kv_heads == 2
     assert ours.arch.moe.routing == "softmax" and ours.arch.moe.normalize and ours.arch.moe.top_k == _TOP_K
-    if qtype == Q.F32:
-        _assert_logits_match(hf, out)
-    else:
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def test_dbrx_gguf_read_with_llamas_rows_misses_transformers(tmp_path, monkeypatch):

@@ -17,10 +17,9 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _add_tensors, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _gguf_writer, _permute, _tiny_model,
+    _add_tensors, _finish, _gguf_writer, _imported, _permute, _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -65,16 +64,6 @@ def _mapped(hf, config, arch: str, change: Callable[[str, np.ndarray], np.ndarra
     return out
 
 
-def _check(tmp_path: Path, hf, qtype) -> ModelConfig:
-    """The file at ``tmp_path / m.gguf`` imported: transformers' logits (float32), or its float import's (Q8_0)."""
-    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    if qtype == Q.F32:
-        _assert_logits_match(hf, out)
-    else:
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-    return ModelConfig.from_file(out)
-
-
 def _llama3_divisors(head_dim: int, theta: float, rope: dict[str, Any]) -> np.ndarray:
     """llama3 rope scaling as llama.cpp's converter writes it: one divisor per rotary pair (``rope_freqs``)."""
     factor, low, high, old = (rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
@@ -101,7 +90,7 @@ def test_exaone_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     assert len(set(np.round(tensors["rope_freqs.weight"], 5))) >= 3  # all three regimes
 
     _write(tmp_path / "m.gguf", "exaone", config, tensors, qtype, lambda w: w.add_rope_dimension_count(16))
-    ours = _check(tmp_path, hf, qtype)
+    ours = _imported(tmp_path, hf, qtype)
     assert ours.model_type == "exaone" and ours.arch.prefix == "transformer."
     assert ours.rope_scaling["rope_type"] == "llama3" and ours.rope_scaling["factor"] == 8.0
 
@@ -129,7 +118,7 @@ def test_internlm2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
         tensors.update({f"blk.{i}.{name}": a for name, a in _internlm2_qkv(q, k, v, 4, 2).items()})
 
     _write(tmp_path / "m.gguf", "internlm2", config, tensors, qtype, lambda w: None)
-    ours = _check(tmp_path, hf, qtype)
+    ours = _imported(tmp_path, hf, qtype)
     assert ours.model_type == "internlm2" and ours.arch.fused_qkv and ours.arch.qkv_grouped
     assert not ours.arch.qkv_bias and not ours.arch.o_bias
 
@@ -156,7 +145,7 @@ def test_minicpm_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, tie
         w.add_rope_dimension_count(head_dim)
 
     _write(tmp_path / "m.gguf", "minicpm", config, tensors, qtype, metadata)
-    ours = _check(tmp_path, hf, qtype)
+    ours = _imported(tmp_path, hf, qtype)
     assert ours.model_type == "minicpm" and ours.tie_word_embeddings == tied
     assert (ours.arch.embed_scale, ours.arch.logit_scale) == (12.0, 0.25)
 
@@ -195,6 +184,6 @@ def test_minicpm3_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
         w.add_rope_dimension_count(8)
 
     _write(tmp_path / "m.gguf", "minicpm3", config, tensors, qtype, metadata)
-    ours = _check(tmp_path, hf, qtype)
+    ours = _imported(tmp_path, hf, qtype)
     assert ours.model_type == "minicpm3" and ours.rope_scaling["rope_type"] == "longrope"
     assert ours.arch.mla is not None and ours.arch.logit_scale == 4.0

@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from test_gguf_dense_families2 import _COMMON, _check, _llama3_divisors, _mapped, _spread, _write  # noqa: E402
-from test_gguf_import import _assert_logits_match, _tiny_model  # noqa: E402
+from test_gguf_dense_families2 import _COMMON, _llama3_divisors, _mapped, _spread, _write  # noqa: E402
+from test_gguf_import import _assert_logits_match, _imported, _tiny_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -34,7 +34,7 @@ def _jais2(tmp_path, qtype):
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
 def test_jais2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     hf = _jais2(tmp_path, qtype)
-    ours = _check(tmp_path, hf, qtype)
+    ours = _imported(tmp_path, hf, qtype)
     assert ours.model_type == "jais2" and ours.arch.layers[0].rope is not None
 
 
@@ -94,7 +94,7 @@ def _apertus(tmp_path, qtype, shared: bool = False, rope: str = "llama3"):
 ], ids=["F32", "F32-one-xielu-factor-4", "F32-unscaled", "Q8_0"])
 def test_apertus_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, shared, rope):
     hf = _apertus(tmp_path, qtype, shared, rope)
-    ours = _check(tmp_path, hf, qtype)
+    ours = _imported(tmp_path, hf, qtype)
     assert ours.model_type == "apertus" and ours.arch.activation == "xielu"
     assert ours.arch.layers[0].rope.kind == _APERTUS_ROPES[rope]["rope_type"]
 

@@ -1635,6 +1635,19 @@ def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> 
     return got
 
 
+def _imported(tmp_path: Path, hf: Any, qtype) -> Any:
+    """The file at ``tmp_path / m.gguf`` imported, its ModelConfig returned: transformers' logits (float32), or its
+    float import's (a quantized file)."""
+    from ferrum.config import ModelConfig
+
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    if qtype == Q.F32:
+        _assert_logits_match(hf, out)
+    else:
+        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    return ModelConfig.from_file(out)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
