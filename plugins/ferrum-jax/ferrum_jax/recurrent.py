@@ -5,6 +5,8 @@ prompt length."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -20,24 +22,20 @@ _FRAMEWORK = batched.Framework(jnp, lambda array: from_numpy(array, None), lambd
                                scan=lax.scan, jit=jax.jit, bucket=bucket)
 
 
-@jax.jit
-def _sigmoid_mul(gate, x):
-    return (x.astype(F32) * jax.nn.sigmoid(gate.astype(F32))).astype(x.dtype)
+@partial(jax.jit, static_argnums=2)
+def _gated(gate, x, activation):
+    """``x`` times ``activation(gate)``, computed in float32, in ``x``'s dtype (one compile per activation)."""
+    return (x.astype(F32) * activation(gate.astype(F32))).astype(x.dtype)
 
 
 @hookimpl
 def sigmoid_mul(gate, x):
-    return _sigmoid_mul(gate, x)
-
-
-@jax.jit
-def _softplus_mul(gate, x):
-    return (x.astype(F32) * jax.nn.softplus(gate.astype(F32))).astype(x.dtype)
+    return _gated(gate, x, jax.nn.sigmoid)
 
 
 @hookimpl
 def softplus_mul(gate, x):
-    return _softplus_mul(gate, x)
+    return _gated(gate, x, jax.nn.softplus)
 
 
 @hookimpl
