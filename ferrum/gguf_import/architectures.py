@@ -10,7 +10,9 @@ from typing import Any, Callable
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks
-from ferrum.gguf_import import apertus, falcon_h1, gemma3n, gemma4, granite_hybrid, lfm2, mamba, mimo2, nemotron_h
+from ferrum.gguf_import import (
+    apertus, falcon_h1, gemma3n, gemma4, granite_hybrid, laguna, lfm2, mamba, mimo2, nemotron_h,
+)
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
 
@@ -864,6 +866,13 @@ ARCHITECTURES["mimo2"] = _Architecture("mimo_v2_flash", "MiMoV2FlashForCausalLM"
                                        renamed=mimo2.TENSORS, configure=mimo2.mimo2_config, partial_rotary=True,
                                        per_layer=True, value_heads=True,
                                        moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", None))
+# Laguna: a query head count per layer, a softplus gate per head or per element, q/k norms, a rope per attention kind
+# over rotate-half pairs (rows as stored), sigmoid-routed experts renormalised and scaled beside an ungated shared one,
+# dense first layers (see ferrum.gguf_import.laguna)
+ARCHITECTURES["laguna"] = _Architecture("laguna", "LagunaForCausalLM", False, renamed=laguna.TENSORS,
+                                        configure=laguna.laguna_config, partial_rotary=True, per_layer=True,
+                                        moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None,
+                                                     shared_key="shared_expert_intermediate_size"))
 # Qwen3-Next's files: Qwen3.5-MoE's blocks, the Gated DeltaNet's projections grouped per key head
 ARCHITECTURES["qwen3next"] = replace(ARCHITECTURES["qwen35moe"], own_tensors=OWN_TENSORS["qwen3next"])
 

@@ -141,9 +141,15 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         )
     p = f"{arch}."
     hidden = int(meta.need(p + "embedding_length"))
-    heads = int(meta.need(p + "attention.head_count"))
-    kv_heads = meta.get(p + "attention.head_count_kv", heads)
     family = ARCHITECTURES[arch]
+    heads = meta.need(p + "attention.head_count")
+    if isinstance(heads, list):  # one per layer (Laguna's): the most, fewer padded at load, configure lists them
+        if not family.per_layer:
+            raise UnsupportedFeatureError(f"{where}: per-layer query head counts {sorted(set(heads))} are not "
+                                          f"supported for {arch}")
+        heads = max(heads)
+    heads = int(heads)
+    kv_heads = meta.get(p + "attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # one per layer, 0 for those without attention (Granite 4.0-H's Mamba-2 ones)
         kv_heads = [k for k in kv_heads if k] or kv_heads
         if len(set(kv_heads)) != 1 and not family.per_layer:

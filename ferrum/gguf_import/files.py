@@ -202,14 +202,14 @@ def prediction_blocks(meta: Metadata, p: str, blocks: int) -> int:
 #: The type every metadata field Ferrum reads must have, by the end of its key.
 _FIELD_KINDS = {
     **dict.fromkeys((
-        "embedding_length", "attention.head_count", "attention.key_length",
+        "embedding_length", "attention.key_length",
         "attention.value_length", "rope.dimension_count", "expert_count", "vocab_size",
         "block_count", "context_length", "_token_id", "original_context_length", "attention.sliding_window",
         "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length", "split.count",
         "split.no", "split.tensors.count", "nextn_predict_layers", "altup.num_inputs", "altup.active_idx",
         "attention.shared_kv_layers",
     ), "a non-negative integer"),
-    **dict.fromkeys(("attention.head_count_kv", "feed_forward_length"),
+    **dict.fromkeys(("attention.head_count", "attention.head_count_kv", "feed_forward_length"),
                     "a non-negative integer, or a list of one per layer"),
     **dict.fromkeys((
         "rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon", "rope.scaling.attn_factor",
