@@ -16,9 +16,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _mamba2_as_converted,
-    TINY_TOKENS, _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+    TINY_TOKENS, _add_sentencepiece_vocab, _add_tensor, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
+    _mamba2_as_converted, _sentencepiece_vocab,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -108,15 +107,10 @@ def _falcon_h1_gguf(path: Path, hf, config, qtype) -> None:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         hf_name, array = _converted(name, tensor.float().numpy(), config)
-        array = np.ascontiguousarray(array, dtype=np.float32)
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if not gguf_name.endswith((".weight", ".bias")) and hf_name.endswith(".weight"):
             gguf_name += ".weight"  # gguf-py maps pre_ff_layernorm by its full name; llama.cpp reads ffn_norm.weight
-        kept_float = any(part in gguf_name for part in ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d"))
-        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or kept_float:
-            w.add_tensor(gguf_name, array)
-        else:
-            w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        _add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d"))
     _finish(w)
 
 

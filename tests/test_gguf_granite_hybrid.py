@@ -18,9 +18,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _mamba2_as_converted,
-    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _permute,
-    _sentencepiece_vocab,
+    _add_sentencepiece_vocab, _add_tensor, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
+    _mamba2_as_converted, _permute, _sentencepiece_vocab,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -118,14 +117,8 @@ def _granite_hybrid_gguf(path: Path, hf, config, qtype) -> None:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GRANITE_HYBRID, layers)
     for name, tensor in hf.state_dict().items():
         for hf_name, array in _converted(name, tensor.float().numpy(), config).items():
-            array = np.ascontiguousarray(array, dtype=np.float32)
-            gguf_name = _gguf_name(hf_name, names)
-            kept_float = any(part in gguf_name for part in ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d", "gate_inp"))
-            if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or kept_float:
-                w.add_tensor(gguf_name, array)
-            else:
-                flat = gguf.quants.quantize(array.reshape(-1, array.shape[-1]), qtype)
-                w.add_tensor(gguf_name, flat.reshape(*array.shape[:-1], -1), raw_dtype=qtype)
+            _add_tensor(w, _gguf_name(hf_name, names), array, qtype,
+                        ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d", "gate_inp"))
     _finish(w)
 
 

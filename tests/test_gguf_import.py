@@ -780,14 +780,21 @@ def _add_metadata(w: Any, meta: dict[str, Any]) -> None:
             getattr(w, f"add_{key}")(value)
 
 
+def _add_tensor(w: Any, name: str, array: np.ndarray, qtype, kept_float: tuple[str, ...] = ()) -> None:
+    """``array`` added to ``w`` as GGUF tensor ``name``: a matrix (or stack) whose rows gguf blocks as ``qtype``,
+    anything else, or a name holding one of ``kept_float`` (what llama.cpp's converter keeps float), float32."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or any(part in name for part in kept_float):
+        w.add_tensor(name, array)
+    else:
+        flat = gguf.quants.quantize(array.reshape(-1, array.shape[-1]), qtype)
+        w.add_tensor(name, flat.reshape(*array.shape[:-1], -1), raw_dtype=qtype)
+
+
 def _add_tensors(w: Any, tensors: dict[str, np.ndarray], qtype) -> None:
-    """``tensors`` (GGUF names) added to ``w``: matrices whose rows gguf blocks as ``qtype``, the rest float32."""
+    """``tensors`` (GGUF names) added to ``w`` by :func:`_add_tensor`."""
     for name, array in tensors.items():
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32:
-            w.add_tensor(name, array)
-        else:
-            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        _add_tensor(w, name, array, qtype)
 
 
 def _moe_mapped(hf: Any, config, kind: Any, own: dict[str, str]) -> dict[str, np.ndarray]:

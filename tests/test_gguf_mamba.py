@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
+    _add_sentencepiece_vocab, _add_tensor, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
+    _sentencepiece_vocab,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -127,14 +128,9 @@ def _mamba_gguf(path: Path, hf, config, qtype, drop: str | None = None) -> None:
         del w.kv_data[0][drop]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     for name, array in _converted(hf, config):
-        array = np.ascontiguousarray(array, dtype=np.float32)
         module, suffix = name.rsplit(".", 1) if name.endswith((".weight", ".bias")) else (name, None)
         gguf_name = names.get_name(module) + ("" if suffix is None else f".{suffix}")
-        kept_float = any(part in gguf_name for part in ("ssm_conv1d", "_norm", "ssm_a", "ssm_d", "gate_inp"))
-        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or kept_float:
-            w.add_tensor(gguf_name, array)
-        else:
-            w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        _add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "_norm", "ssm_a", "ssm_d", "gate_inp"))
     _finish(w)
 
 

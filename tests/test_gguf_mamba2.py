@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _mamba2_as_converted,
-    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
+    _add_sentencepiece_vocab, _add_tensor, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
+    _mamba2_as_converted, _sentencepiece_vocab,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -71,14 +71,9 @@ def _mamba2_gguf(path: Path, hf, config, qtype) -> None:
         del weights["lm_head.weight"]
     for name, array in weights.items():
         hf_name, array = _converted(name, array, config)
-        array = np.ascontiguousarray(array, dtype=np.float32)
         module, suffix = hf_name.rsplit(".", 1) if hf_name.endswith((".weight", ".bias")) else (hf_name, None)
         gguf_name = names.get_name(module) + ("" if suffix is None else f".{suffix}")
-        kept_float = any(part in gguf_name for part in ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d"))
-        if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or kept_float:
-            w.add_tensor(gguf_name, array)
-        else:
-            w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        _add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d"))
     _finish(w)
 
 
