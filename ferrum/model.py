@@ -228,6 +228,15 @@ def choose_dtype(
     return info.default_dtype
 
 
+def times_unrounded(ops: Any, x: Any, factor: float, dtype: str) -> Any:
+    """``x * factor`` with the product in float32, rounded once to ``dtype``, as transformers multiplies a tensor by
+    a Python float (``mul_scalar`` rounds the factor to ``x``'s dtype first: MiniMax's alpha 3.5566 is 3.5625 in
+    bfloat16, a bias on every block)."""
+    if dtype == "float32":
+        return ops.mul_scalar(x, factor)
+    return ops.cast(ops.mul_scalar(ops.cast(x, "float32"), factor), dtype)
+
+
 class DecoderOnlyLLM:
     """A decoder of any family in :data:`ferrum.arch.families.FAMILIES` over a paged KV cache."""
 
@@ -501,7 +510,7 @@ class DecoderOnlyLLM:
         normed = layer.residual == "normed"
 
         def scaled(x: Any, factor: float) -> Any:
-            return x if factor == 1.0 else ops.mul_scalar(x, factor)
+            return x if factor == 1.0 else times_unrounded(ops, x, factor, self.dtype)
 
         def add_then_norm(x: Any, h: Any, weights: Any) -> tuple[Any, Any]:
             """``(norm(x + h), x + h)``; without a norm there (OLMo 2's blocks) the sum is both."""

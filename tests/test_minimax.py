@@ -15,7 +15,7 @@ import transformers
 
 from ferrum.arch import families
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.model import ForwardItem
+from ferrum.model import ForwardItem, times_unrounded
 from ferrum.recurrent.lightning import slope_rates
 from ferrum.recurrent.snapshots import DEFAULT_BUDGET
 from support import (
@@ -87,6 +87,21 @@ def test_the_factors_matter(checkpoint, tmp_path):
     for kind in ("linear_attn", "full_attn", "mlp"):
         plain = edited(folder, tmp_path / kind, **{f"{kind}_alpha_factor": 1, f"{kind}_beta_factor": 1})
         assert scaled_error(float32_model(plain).forward_verify("p", TOKENS), want) > 1e-3, kind
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])  # numpy computes in float32 only
+def test_a_bfloat16_residual_is_scaled_by_the_unrounded_factor(backend):
+    """transformers multiplies a bfloat16 stream by the release's alpha as a Python float (the product rounded
+    once); rounding alpha to bfloat16 first (3.5566 -> 3.5625) would bias every block by 0.17%."""
+    import torch
+
+    from ferrum.backends import load_backend
+
+    alpha = 3.5565588200778455  # MiniMax-Text-01's layernorm_*_alpha
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ops = load_backend(backend).ops
+    got = ops.to_numpy(times_unrounded(ops, ops.from_numpy(x.float().numpy(), "bfloat16"), alpha, "bfloat16"))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), (x * alpha).float().numpy())
 
 
 def test_the_residual_is_the_normed_input(checkpoint, monkeypatch):
