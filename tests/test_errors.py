@@ -90,6 +90,23 @@ def test_a_model_type_in_two_kinds_tables_is_refused():
         _merged(one, other)
 
 
+@pytest.mark.parametrize("model_type, key", [
+    ("minimax", "layer_types"), ("minimax", "attn_type_list"), ("recurrent_gemma", "block_types"),
+    ("zamba2", "layers_block_type"), ("qwen3_next", "layer_types"), ("lfm2", "layer_types"),
+    ("granitemoehybrid", "layer_types"), ("gemma3_text", "layer_types"), ("lara_mini", "layer_types")])
+@pytest.mark.parametrize("entry", [["linear_attention"], {"kind": "attention"}, True], ids=["list", "object", "bool"])
+def test_a_layer_kind_list_of_lists_or_objects_is_refused_by_name(model_type, key, entry):
+    """A list entry cannot be looked up in a table of kinds (unhashable): the check must refuse it, naming the key."""
+    import transformers
+
+    from ferrum.config import ModelConfig
+
+    raw = transformers.AutoConfig.for_model(model_type).to_dict()
+    ModelConfig.from_dict(raw)
+    with pytest.raises(ConfigError, match=repr(key)):
+        ModelConfig.from_dict({**raw, key: [entry] * raw["num_hidden_layers"]})
+
+
 def test_missing_and_misshapen_tensors_are_named(checkpoint, tmp_path):
     folder = copy(checkpoint, tmp_path)
     tensors = load_file(folder / "model.safetensors")

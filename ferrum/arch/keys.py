@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 
@@ -101,6 +101,14 @@ def one_of(*allowed: Any) -> Check:
         return f"is {value!r}; Ferrum supports {', '.join(repr(a) for a in allowed)}"
 
     return check
+
+
+def lists_of(value: Any, count: int, allowed: Collection[Any]) -> bool:
+    """Whether ``value`` is a list of ``count`` entries, each one of ``allowed`` (a layer's kind): an entry that is a
+    list or an object fails this instead of raising (``allowed`` may be a table, which cannot hash one), a bool is
+    never one of them (``True in {1: ...}`` would hold)."""
+    return isinstance(value, list) and len(value) == count and all(
+        isinstance(entry, (str, int)) and not isinstance(entry, bool) and entry in allowed for entry in value)
 
 
 def falsy(what_to_do: str) -> Check:

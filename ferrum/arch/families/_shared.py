@@ -6,8 +6,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, one_of, optional_positive_int, optional_positive_number, optional_size, positive_int,
-    positive_number, size,
+    Key, KeyReader, boolean, lists_of, one_of, optional_positive_int, optional_positive_number, optional_size,
+    positive_int, positive_number, size,
 )
 from ferrum.arch.rope import Rope, longrope_attention_factor, yarn_attention_factor
 from ferrum.arch.spec import Architecture
@@ -290,7 +290,7 @@ def _layer_types(r: KeyReader, sizes: Sizes) -> list[str] | None:
     types = r("layer_types")
     if types is None:
         return None
-    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (SLIDING, FULL) for t in types):
+    if not lists_of(types, sizes.num_layers, (SLIDING, FULL)):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of {SLIDING!r} / {FULL!r}, got {types!r}")
     return types
 

@@ -12,7 +12,7 @@ from ferrum.arch.families._shared import (
     _core_defaults, _keys, _layer_kinds, _per_kind_rope_specs, _rope_spec, read_rope,
 )
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int,
+    Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
     optional_positive_number, optional_size, positive_int, positive_number, size,
 )
 from ferrum.arch.per_layer import PerLayerInputs
@@ -152,7 +152,7 @@ def _gemma4_types(r: KeyReader) -> list[str]:
     types = r("layer_types")
     if types is None:
         types = [SLIDING if (i + 1) % 6 else FULL for i in range(layers)]
-    elif not isinstance(types, list) or len(types) != layers or any(t not in (SLIDING, FULL) for t in types):
+    elif not lists_of(types, layers, (SLIDING, FULL)):
         r.fail("layer_types", f"must list {layers} entries of {SLIDING!r} / {FULL!r}, got {types!r}")
     return [*types[:-1], FULL]
 

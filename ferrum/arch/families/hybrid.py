@@ -16,7 +16,7 @@ from ferrum.arch.families._shared import (
 )
 from ferrum.arch.families.latent import _mla_head_dim, _mla_keys, _mla_kv_heads
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, one_of, optional_positive_int, optional_positive_number, optional_size,
+    Key, KeyReader, boolean, falsy, lists_of, one_of, optional_positive_int, optional_positive_number, optional_size,
     positive_int, positive_number, size,
 )
 from ferrum.arch.mla import MlaSpec
@@ -39,7 +39,7 @@ def _hybrid_mixers(r: KeyReader, sizes: Sizes) -> list[str]:
     if types is None:
         interval = r("full_attention_interval")
         types = [FULL if (i + 1) % interval == 0 else LINEAR for i in range(sizes.num_layers)]
-    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in _HYBRID_MIXERS for t in types):
+    if not lists_of(types, sizes.num_layers, _HYBRID_MIXERS):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
     return [_HYBRID_MIXERS[t] for t in types]
 
@@ -157,7 +157,7 @@ def _kimi_linear(r: KeyReader, sizes: Sizes) -> Architecture:
     sigmoid routing, an ungated shared expert, dense MLPs where mlp_layer_types says) are
     :func:`ferrum.moe.spec.with_moe`'s."""
     types = r("layer_types")
-    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (LINEAR, FULL) for t in types):
+    if not lists_of(types, sizes.num_layers, (LINEAR, FULL)):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r} (or linear_attn_config's "
                               f"kda_layers and full_attn_layers every layer between them), got {types!r}")
     r("hidden_act")
@@ -208,7 +208,7 @@ def _olmo_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
     if types is None:  # transformers' default: every fourth layer attends, the last at least
         types = [FULL if i % 4 == 3 else LINEAR for i in range(sizes.num_layers)]
         types[-1] = FULL if FULL not in types else types[-1]
-    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (LINEAR, FULL) for t in types):
+    if not lists_of(types, sizes.num_layers, (LINEAR, FULL)):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
     r("hidden_act")
     key, spec = _rope_spec(r)
@@ -269,7 +269,7 @@ def _lfm2_mixers(r: KeyReader, sizes: Sizes) -> list[str]:
         from_indices = [FULL if i in attending else "conv" for i in range(n)]
     if types is None:
         types = from_indices or [FULL] * n
-    if not isinstance(types, list) or len(types) != n or any(t not in _LFM2_MIXERS for t in types):
+    if not lists_of(types, n, _LFM2_MIXERS):
         r.fail("layer_types", f"must list {n} entries of 'conv' / {FULL!r}, got {types!r}")
     if from_indices is not None and from_indices != types:
         r.fail("full_attn_idxs", f"is {attending!r}, but layer_types attends at "
@@ -356,7 +356,7 @@ def _lara_mini(r: KeyReader, sizes: Sizes) -> Architecture:
     types = r("layer_types")
     if types is None:
         types = [_LARA_PATTERN[i % len(_LARA_PATTERN)] for i in range(sizes.num_layers)]
-    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in _LARA_PATTERN for t in types):
+    if not lists_of(types, sizes.num_layers, _LARA_PATTERN):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of {LINEAR!r} / {SLIDING!r} / {FULL!r}, got "
                               f"{types!r}")
     window = r("sliding_window")
@@ -451,13 +451,12 @@ def _minimax_types(r: KeyReader, sizes: Sizes) -> list[str]:
     n, types, listed = sizes.num_layers, r("layer_types"), r("attn_type_list")
     from_list = None
     if listed is not None:
-        if not isinstance(listed, list) or len(listed) != n or any(
-                isinstance(t, bool) or t not in _MINIMAX_LISTED for t in listed):
+        if not lists_of(listed, n, _MINIMAX_LISTED):
             r.fail("attn_type_list", f"must list {n} entries of 0 (lightning) / 1 (softmax attention), got {listed!r}")
         from_list = [_MINIMAX_LISTED[t] for t in listed]
     if types is None:
         types = from_list or [FULL if (i + 1) % 2 else LINEAR for i in range(n)]
-    if not isinstance(types, list) or len(types) != n or any(t not in _MINIMAX_MIXERS for t in types):
+    if not lists_of(types, n, _MINIMAX_MIXERS):
         r.fail("layer_types", f"must list {n} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
     if from_list is not None and from_list != types:
         r.fail("attn_type_list", f"is {listed!r}, but layer_types is {types!r}; make them agree")
@@ -536,7 +535,7 @@ def _bfloat16(value: float) -> float:
 
 
 def _block_types(value: Any) -> str | None:
-    if value is None or isinstance(value, list) and value and all(t in _GRIFFIN_MIXERS for t in value):
+    if value is None or isinstance(value, list) and value and lists_of(value, len(value), _GRIFFIN_MIXERS):
         return None
     return f"must list block kinds 'recurrent' / 'attention', got {value!r}"
 

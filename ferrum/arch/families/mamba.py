@@ -12,7 +12,7 @@ from ferrum.arch.families._shared import (
 from ferrum.arch.families.llama_like import _GRANITE, _granite_multipliers, _llama_like, _no_windows
 from ferrum.arch.families.moe import GRANITEMOESHARED_NAMES
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int,
+    Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
     optional_positive_number, optional_size, positive_int, positive_number, size,
 )
 from ferrum.arch.rope import Rope
@@ -70,8 +70,7 @@ def _granitemoehybrid(r: KeyReader, sizes: Sizes) -> Architecture:
     arch = _granite_multipliers(r, _llama_like(False, None, _no_windows,
                                                lambda r, sizes: [rope_on] * sizes.num_layers)(r, sizes))
     types = r("layer_types") or r("layers_block_type") or ["mamba"] * sizes.num_layers
-    if not isinstance(types, list) or len(types) != sizes.num_layers or any(
-            t not in _MAMBA_HYBRID_MIXERS for t in types):
+    if not lists_of(types, sizes.num_layers, _MAMBA_HYBRID_MIXERS):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of 'mamba' / 'attention', got {types!r}")
     layers = tuple(replace(spec, mixer=_MAMBA_HYBRID_MIXERS[t]) for spec, t in zip(arch.layers, types))
     arch = replace(arch, layers=layers,
@@ -426,7 +425,7 @@ def _zamba2_layers(r: KeyReader, sizes: Sizes) -> list[str]:
     if types is None:
         types = ["mamba"] + (["mamba"] * 5 + ["hybrid"]) * 7 + ["mamba"] * 4 + ["hybrid"] + ["mamba"] * 3 + [
             "hybrid"] + ["mamba"] * 2
-    if not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in _ZAMBA2_LAYERS for t in types):
+    if not lists_of(types, sizes.num_layers, _ZAMBA2_LAYERS):
         r.fail("layers_block_type", f"must list {sizes.num_layers} entries of 'mamba' (or 'linear_attention') / "
                                     f"'hybrid', got {types!r}")
     return [_ZAMBA2_LAYERS[t] for t in types]

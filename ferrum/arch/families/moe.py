@@ -18,8 +18,8 @@ from ferrum.arch.families.llama_like import (
     _granite_swa, _hunyuan_dense, _llama_like, _no_windows,
 )
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, optional_positive_number,
-    positive_int, positive_number, size,
+    Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
+    optional_positive_number, positive_int, positive_number, size,
 )
 from ferrum.arch.moa import MoaSpec
 from ferrum.arch.rope import Rope
@@ -79,7 +79,7 @@ def _llama4(r: KeyReader, sizes: Sizes) -> Architecture:
     types = r("layer_types")
     if types is None:
         types = [CHUNKED if on and chunk is not None else FULL for on in rotated]
-    elif not isinstance(types, list) or len(types) != sizes.num_layers or any(t not in (CHUNKED, FULL) for t in types):
+    elif not lists_of(types, sizes.num_layers, (CHUNKED, FULL)):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of {CHUNKED!r} / {FULL!r}, got {types!r}")
     if chunk is None and CHUNKED in types:
         r.fail("attention_chunk_size", "must be set when layer_types lists chunked layers")
