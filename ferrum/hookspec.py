@@ -418,7 +418,6 @@ def selective_scan(x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias:
     :mod:`ferrum.recurrent.kernels` on the host."""
 
 
-
 @hookspec(firstresult=True)
 def rg_lru(x: Any, gate_x: Any, gate_a: Any, a_param: Any, state: Any, cu_seqlens: Any, starts: Any) -> Any:
     """(optional, API 1.25) Griffin's Real-Gated Linear Recurrent Unit (RecurrentGemma) over a flattened varlen

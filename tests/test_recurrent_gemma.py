@@ -1,4 +1,4 @@
-"""RecurrentGemma (``recurrent_gemma``, Griffin): RG-LRU recurrent blocks (``rg_lru``, API 1.24) and local MQA
+"""RecurrentGemma (``recurrent_gemma``, Griffin): RG-LRU recurrent blocks (``rg_lru``, API 1.25) and local MQA
 attention, two to one; against transformers on every runnable backend, controls that drop the RG-LRU's reset or its
 input normalization, and the engine's batching, chunked prefill, preemption and prefix caching over the blocks'
 states."""

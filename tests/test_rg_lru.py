@@ -73,9 +73,10 @@ _VARLEN = np.array([0, 1, 9, 9, 14], np.int32)
 _DECODE = np.arange(5, dtype=np.int32)
 
 
-@pytest.mark.parametrize("cu", [_VARLEN, _DECODE], ids=["varlen", "decode"])
+@pytest.mark.parametrize("cu", [_VARLEN, _DECODE, np.array([0, 0, 0])], ids=["varlen", "decode", "no tokens"])
 def test_the_batched_formulation_gives_the_kernels_results(cu):
-    """Padded to buckets (as JAX would run it) or not, with an empty segment and segments starting or not."""
+    """Padded to buckets (as JAX would run it) or not, with an empty segment and segments starting or not, and a
+    batch of empty segments (the states back unchanged)."""
     rng = np.random.default_rng(int(cu[-1]))
     n, width = int(cu[-1]), 6
     x, gx, ga = (rng.standard_normal((3, n, width)) * 3).astype(np.float32)

@@ -358,6 +358,8 @@ def rg_lru(fw: Framework, x: Any, gate_x: Any, gate_a: Any, a_param: Any, state:
     """``ferrum.hookspec.rg_lru``; returns ``(y in x's dtype, new float32 state)``. The segment starts become a
     per-token reset on the host (1 at a starting segment's first row)."""
     tokens, batch = x.shape[0], state.shape[0]
+    if tokens == 0:  # nothing to scan (the gathers below would index empty arrays)
+        return x, fw.astype(state, fw.xp.float32)
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     reset = np.zeros(tokens, np.float32)
     first = cu[:-1][(np.asarray(starts, dtype=bool)) & (np.diff(cu) > 0)]

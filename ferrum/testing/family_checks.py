@@ -540,7 +540,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         return "native" if op in ops.native else "core fallback"
 
     from ferrum.recurrent.gated_delta import runs_natively  # the rule the model calls for API 1.20's features
-    from ferrum.recurrent.rg_lru import runs_natively as rg_lru_native  # the RG-LRU it calls (API 1.24)
+    from ferrum.recurrent.rg_lru import runs_natively as rg_lru_native  # the RG-LRU it calls (API 1.25)
 
     native_rule = "gated_delta_rule" in ops.native and runs_natively(ops, True)
     extended_rule = "native" if native_rule else "core fallback"
