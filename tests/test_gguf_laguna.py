@@ -6,6 +6,7 @@ transformers (float32) or its float import (Q8_0)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from ferrum.errors import UnsupportedFeatureError  # noqa: E402
+from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
     _add_metadata, _add_tensors, _assert_logits_match, _finish, _gguf_writer, _imported, _moe_mapped, _tiny_model,
@@ -121,4 +122,18 @@ def test_a_laguna_gguf_llama_cpp_runs_otherwise_is_refused(tmp_path, overrides, 
     hf, config = _tiny(**_XS)
     _laguna_gguf(tmp_path / "m.gguf", hf, config, Q.F32, **overrides)
     with pytest.raises(UnsupportedFeatureError, match=message):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"head_count": [4, 2, 2, 2, 2, 2]}, "head_count lists 6 layers' query heads, but the file has 4 blocks"),
+    ({"expert_weights_scale": 0.0}, "expert_weights_scale is 0.0; it must be positive"),
+    ({"expert_weights_scale": -2.5}, "expert_weights_scale is -2.5; it must be positive"),
+])
+def test_a_malformed_laguna_gguf_is_refused_by_name(tmp_path, overrides, message):
+    """A head count per layer for more layers than blocks (it was cut short) and a scale that is not positive (0 was
+    read as 1) are the file's faults."""
+    hf, config = _tiny(**_XS)
+    _laguna_gguf(tmp_path / "m.gguf", hf, config, Q.F32, **overrides)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
-from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks
+from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_scale
 from ferrum.gguf_import import (
     apertus, falcon_h1, gemma3n, gemma4, granite_hybrid, laguna, lfm2, mamba, mimo2, nemotron_h,
 )
@@ -420,7 +420,7 @@ def _afmoe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
     return {"sliding_window": int(window), "global_attn_every_n_layers": 4, "layer_types": None, "mup_enabled": True,
             "num_shared_experts": int(meta.get(p + "expert_shared_count", 0)),
             "num_dense_layers": int(meta.get(p + "leading_dense_block_count", 0)),
-            "route_scale": float32_value(meta.get(p + "expert_weights_scale") or 1.0),
+            "route_scale": routed_scale(meta, p),
             "attention_bias": False}
 
 

@@ -298,3 +298,15 @@ def _field_value(field: Any, key: str, where: str) -> Any:
 def float32_value(value: float) -> float:
     """A float32 metadata value as the short decimal it was written from (1e-05, not 9.99e-06)."""
     return float(str(np.float32(value)))
+
+
+def routed_scale(meta: Metadata, p: str) -> float:
+    """A file's expert_weights_scale for a family that scales its routed experts: 1 where absent; a zero or negative
+    one is refused by name (it would silence or flip every routed expert; no converter writes one)."""
+    scale = meta.get(p + "expert_weights_scale")
+    if scale is None:
+        return 1.0
+    if not float(scale) > 0:
+        raise CheckpointError(f"{meta.where}: {p}expert_weights_scale is {scale}; it must be positive (the factor on "
+                              "the routed experts' weights): re-convert the model with llama.cpp's converter")
+    return float32_value(scale)

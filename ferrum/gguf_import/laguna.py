@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ferrum.errors import UnsupportedFeatureError
-from ferrum.gguf_import.files import Metadata, float32_value
+from ferrum.errors import CheckpointError, UnsupportedFeatureError
+from ferrum.gguf_import.files import Metadata, float32_value, routed_scale
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 _SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID, its default for laguna
@@ -68,7 +68,10 @@ def laguna_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
     if any(f"blk.{i}.attn_{t}.bias" in meta.tensors for i in range(layers) for t in ("q", "k", "v", "output")):
         raise _refuse(meta, "attention biases in a laguna file", "llama.cpp's laguna reads none of them")
     heads = meta.need(p + "attention.head_count")
-    heads = [int(n) for n in heads[:layers]] if isinstance(heads, list) else [int(heads)] * layers
+    if isinstance(heads, list) and len(heads) != layers:
+        raise CheckpointError(f"{meta.where}: {p}attention.head_count lists {len(heads)} layers' query heads, but the "
+                              f"file has {layers} blocks; it must list one per block")
+    heads = [int(n) for n in heads] if isinstance(heads, list) else [int(heads)] * layers
     window, kinds = _layer_kinds(meta, p, layers)
     full = {"rope_type": "default", "rope_theta": cfg["rope_theta"],
             "partial_rotary_factor": cfg.get("partial_rotary_factor", 1.0), **(cfg["rope_scaling"] or {})}
@@ -82,7 +85,7 @@ def laguna_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
         "mlp_layer_types": ["dense" if i < dense else "sparse" for i in range(layers)],
         "rope_parameters": {FULL: full, SLIDING: sliding}, "rope_scaling": None, "partial_rotary_factor": 1.0,
         "gating": _gating(meta, heads, head_dim),
-        "moe_routed_scaling_factor": float32_value(meta.get(p + "expert_weights_scale") or 1.0),
+        "moe_routed_scaling_factor": routed_scale(meta, p),
         "moe_router_logit_softcapping": 0.0,  # llama.cpp's laguna caps nothing
         "attention_bias": False,
     }
