@@ -14,22 +14,28 @@ import numpy as np
 @dataclass(frozen=True)
 class ClampedSwiGLU:
     """gpt-oss's expert activation (transformers' ``GptOssExperts._apply_gate``):
-    ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``.
+    ``(clip(up, -limit, limit) + up_offset) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``, ``up_offset``
+    1; Hy4's (``HYV4Experts._apply_gate``) is SwiGLU under the same clamps, alpha 1 and ``up_offset`` 0.
 
-    The ``+ 1`` and the clamps are part of what the weights were trained with: dropping either
+    The offset and the clamps are part of what the weights were trained with: dropping either
     changes every expert's output."""
 
     alpha: float
     limit: float
+    up_offset: float = 1.0
     gated = True
-    since = (1, 7)  # the plugin API that first handed moe_experts an activation
     op = None  # no backend op runs it: its host form where the backend's moe_experts does not take it
+
+    @property
+    def since(self) -> tuple[int, int]:
+        """The plugin API that first handed moe_experts this activation: gpt-oss's from 1.7, another offset 1.26."""
+        return (1, 7) if self.up_offset == 1.0 else (1, 26)
 
     def host(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """The activation on host arrays, in float32 (the reference every backend matches)."""
         g = np.minimum(np.asarray(gate, dtype=np.float32), np.float32(self.limit))
         u = np.clip(np.asarray(up, dtype=np.float32), -self.limit, self.limit)
-        return (u + 1.0) * g / (1.0 + np.exp(-self.alpha * g))
+        return (u + np.float32(self.up_offset)) * g / (1.0 + np.exp(-self.alpha * g))
 
 
 @dataclass(frozen=True)

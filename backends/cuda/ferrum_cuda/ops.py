@@ -1330,10 +1330,10 @@ def upload_experts(name, weight, dtype):
 
 
 def _clamped_swiglu(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gpt-oss's :class:`ferrum.moe.activation.ClampedSwiGLU`, in float32 as its host reference."""
+    """gpt-oss's and Hy4's :class:`ferrum.moe.activation.ClampedSwiGLU`, in float32 as its host reference."""
     g = gate.float().clamp(max=activation.limit)
     u = up.float().clamp(-activation.limit, activation.limit)
-    return ((u + 1.0) * g * torch.sigmoid(activation.alpha * g)).to(gate.dtype)
+    return ((u + activation.up_offset) * g * torch.sigmoid(activation.alpha * g)).to(gate.dtype)
 
 
 #: The experts' activations (``activation.op``) this backend runs with its own op: Gemma 4's GeGLU (API 1.16), and

@@ -1020,10 +1020,10 @@ _SORT_PAIRS = 64
 
 
 def _clamped_swiglu(activation, gate, up):
-    """gpt-oss's expert activation (``ferrum.moe.activation.ClampedSwiGLU``), in float32."""
+    """gpt-oss's and Hy4's expert activation (``ferrum.moe.activation.ClampedSwiGLU``), in float32."""
     g = mx.minimum(gate.astype(mx.float32), activation.limit)
     u = mx.clip(up.astype(mx.float32), -activation.limit, activation.limit)
-    return ((u + 1.0) * g * mx.sigmoid(activation.alpha * g)).astype(gate.dtype)
+    return ((u + activation.up_offset) * g * mx.sigmoid(activation.alpha * g)).astype(gate.dtype)
 
 
 @hookimpl
