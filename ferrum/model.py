@@ -23,7 +23,7 @@ from ferrum.adapters import AdapterRegistry
 from ferrum.arch import Rope
 from ferrum.arch.alibi import ALIBI_SINCE
 from ferrum.arch.differential import combine_for
-from ferrum.arch.altup import OUTPUT_SCALE, AltUpLayer, AltUpStream, block_halves as altup_halves
+from ferrum.arch.altup import OUTPUT_SCALE
 from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS, SUB_NORMS
 from ferrum.arch.positions import sinusoidal_table
@@ -95,7 +95,7 @@ class _Layer:
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale", "sinks", "alibi", "chunk", "query_scaling", "v_norm", "qk_eps",
-                 "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "altup", "sub_norm",
+                 "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "wide", "sub_norm",
                  "differential", "shortcut", "residual", "residual_scales")
 
     def __init__(self, **fields: Any):
@@ -194,6 +194,12 @@ class _Pass:
         return keep
 
 
+def _tensor(weights: dict[str, Placed], name: str) -> Any:
+    """A placed tensor on the backend, or None where there is none."""
+    placed = weights.get(name)
+    return None if placed is None else placed.weight
+
+
 def _norm_weights(weights: dict[str, Placed], module: str) -> tuple[Any, Any] | None:
     """A norm's ``(weight, bias)`` on the backend (bias None where it has none); None where there is no such norm."""
     weight, bias = weights.get(f"{module}.weight"), weights.get(f"{module}.bias")
@@ -272,10 +278,12 @@ class DecoderOnlyLLM:
         self._ones: dict[int, Any] = {}  # size -> the weight of ones of weightless RMSNorms, placed once
         #: Gemma 4 E2B / E4B's per-layer inputs (ferrum.arch.per_layer), or None.
         self.per_layer = None if arch.per_layer_inputs is None else PerLayerEmbedding(ops, config, weights)
-        #: Gemma 3n's ends of its stream of copies (ferrum.arch.altup), or None.
-        self.altup = None if arch.altup is None else AltUpStream(
-            ops, arch.altup, config.hidden_size, dtype, lambda name: weights[arch.prefix + name].weight,
-            lambda module: Linear(weights[f"{arch.prefix}{module}.weight"]))
+        #: The ends of a residual stream wider than one array (``Architecture.wide``: Gemma 3n's copies,
+        #: ferrum.arch.altup; hyper-connections' streams, ferrum.arch.hyper), or None.
+        self.wide = None if arch.wide is None else arch.wide.stream(
+            self, lambda name: weights[arch.prefix + name].weight,
+            lambda module: Linear(weights[f"{arch.prefix}{module}.weight"],
+                                  _tensor(weights, f"{arch.prefix}{module}.bias")))
         self.final_norm = _norm_weights(weights, f"{arch.prefix}norm") if arch.norm_params else self._weightless()
         #: The norm of the embeddings before the first block (BLOOM's; nanochat's, weightless), or None.
         self.embed_norm = None
@@ -473,8 +481,7 @@ class DecoderOnlyLLM:
             kv_layer=self.kv_layers[i],
             per_layer=None if arch.per_layer_inputs is None else PerLayerMix(
                 self.ops, projection, tensor, getattr(self.ops, ACTIVATION_OPS[arch.activation]), config.rms_norm_eps),
-            altup=None if arch.altup is None else AltUpLayer(
-                self.ops, arch.altup, config.hidden_size, config.rms_norm_eps, self.dtype, tensor, projection),
+            wide=None if arch.wide is None else arch.wide.layer(self, tensor, projection),
         )
 
     def _weightless(self) -> tuple[Any, Any]:
@@ -494,7 +501,8 @@ class DecoderOnlyLLM:
         """``enter(*stream, positions) -> (*projected, h)`` and ``leave(mixed, h, *extra[, inputs]) -> stream``:
         pure functions of backend arrays, so a backend may compile them (``compile_fn``). The stream between blocks
         is ``(residual, h)``, the first block's ``(h,)`` (no residual to add yet), or Gemma 3n's copies
-        (:func:`ferrum.arch.altup.block_halves`). What ``enter`` projects from the normed input, how ``leave`` takes
+        (:func:`ferrum.arch.altup.block_halves`), or hyper-connections' streams (:mod:`ferrum.arch.hyper`): the
+        wide stream's own halves. What ``enter`` projects from the normed input, how ``leave`` takes
         the mixer's output ``mixed`` (and ``extra``, what its output takes besides) and which second half the block
         has are its mixer kind's (:data:`ferrum.mixers.MIXER_KINDS`); the layer's per-layer inputs (Gemma 4 and 3n
         E2B / E4B) come last."""
@@ -502,8 +510,8 @@ class DecoderOnlyLLM:
         kind = layer.mixer
         norm, add_norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)
         project, mixer_out = kind.project(self, layer), kind.output(self, layer)
-        if layer.altup is not None:
-            return altup_halves(self, layer, project, mixer_out, norm)
+        if layer.wide is not None:
+            return layer.wide.halves(self, layer, project, mixer_out, norm)
         scalar, mix = layer.scalar, layer.per_layer
         # MiniMax's blocks: each half's output times beta joins alpha times its residual, the norm's input or output
         alpha, beta, mlp_alpha, mlp_beta = layer.residual_scales
@@ -565,18 +573,18 @@ class DecoderOnlyLLM:
         """``final_norm(*stream) -> (normed,)`` after the last block: a pure function, compiled like the
         halves. The LM head stays outside, so logits, which outlive the pass, are never a buffer that a
         compiled call reuses (``compile_fn``)."""
-        ops, altup, arch = self.ops, self.altup, self.config.arch
+        ops, wide, arch = self.ops, self.wide, self.config.arch
         norm, _ = NORM_KINDS[arch.norm](ops, self.config.rms_norm_eps if arch.final_norm_eps is None else
                                         arch.final_norm_eps)
 
         def final_norm(residual: Any, h: Any) -> tuple:
             return (norm(ops.add(residual, h), self.final_norm),)
 
-        def final_altup(*stream: Any) -> tuple:  # Gemma 3n: the copies made one
-            return (norm(altup.narrow(stream), self.final_norm),)
+        def final_wide(*stream: Any) -> tuple:  # Gemma 3n's copies, hyper-connections' streams, made one
+            return (norm(wide.narrow(stream), self.final_norm),)
 
-        if altup is not None:
-            return final_altup
+        if wide is not None:
+            return final_wide
 
         return final_norm
 
@@ -589,9 +597,9 @@ class DecoderOnlyLLM:
         mlps = [p for layer in self.layers if layer.mlp is not None for p in layer.mlp.projections()]
         per_layer = [] if self.per_layer is None else [self.per_layer.projection] + [
             p for layer in self.layers for p in (layer.per_layer.gate, layer.per_layer.projection)]
-        altup = [] if self.altup is None else self.altup.projections() + [
-            p for layer in self.layers for p in layer.altup.projections()]
-        return attention + mlps + per_layer + altup + [self.lm_head]
+        wide = [] if self.wide is None else self.wide.projections() + [
+            p for layer in self.layers for p in layer.wide.projections()]
+        return attention + mlps + per_layer + wide + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
         op = "paged_attention" if "paged_attention" in self.ops.native else "attention"
@@ -766,7 +774,7 @@ class DecoderOnlyLLM:
 
         steps, gives = self._steps, self._gives
         # between blocks: (residual, h), the previous block's output not yet added to h; Gemma 3n's copies
-        stream = (h,) if self.altup is None else self.altup.widen(h)
+        stream = (h,) if self.wide is None else self.wide.widen(h)
         for index, layer in enumerate(self.layers):
             enter, leave = halves[index]
             *projected, h = enter(*stream, run.positions)

@@ -48,6 +48,7 @@ class AltUpSpec:
     correct_scale: bool
     coef_clip: float | None
     laurel_rank: int
+    name = "AltUp (Gemma 3n's stream of copies)"
 
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """The model's tensors (names under the decoder's prefix) and their shapes."""
@@ -74,6 +75,19 @@ class AltUpSpec:
             coefs = np.clip(coefs, -self.coef_clip, self.coef_clip)
         return np.repeat(coefs, hidden, axis=0)
 
+    def holds(self, name: str) -> bool:
+        """Whether a tensor is split at load (none of AltUp's: :meth:`prepare` lays them out)."""
+        return False
+
+    def stream(self, model: Any, weights: Callable[[str], Any], projection: Callable[[str], Any]) -> AltUpStream:
+        """The model's ends of the stream (``weights`` / ``projection``: by name under the decoder's prefix)."""
+        return AltUpStream(model.ops, self, model.config.hidden_size, model.dtype, weights, projection)
+
+    def layer(self, model: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any]) -> AltUpLayer:
+        """One block's AltUp and Laurel (``tensor`` / ``projection``: the layer's placed weights)."""
+        return AltUpLayer(model.ops, self, model.config.hidden_size, model.config.rms_norm_eps, model.dtype, tensor,
+                          projection)
+
 
 class AltUpLayer:
     """One block's AltUp and Laurel weights: :meth:`predict`, :meth:`laurel` and :meth:`correct`."""
@@ -92,6 +106,11 @@ class AltUpLayer:
 
     def projections(self) -> list[Any]:
         return [self.router, self.prediction, self.correction, self.left, self.right]
+
+    def halves(self, model: Any, layer: Any, project: Callable, attention_out: Callable,
+               norm: Callable) -> tuple[Callable[..., tuple], Callable[..., tuple]]:
+        """The block's halves: :func:`block_halves`."""
+        return block_halves(model, layer, project, attention_out, norm)
 
     def _modalities(self, x: Any) -> Any:
         ops = self.ops
@@ -159,7 +178,7 @@ def block_halves(model: Any, layer: Any, project: Callable, attention_out: Calla
     """A Gemma 3n block's halves (``DecoderOnlyLLM._block_halves``): ``enter(*stream, positions)`` projects the
     active prediction's queries (keys, values) and hands on the other predictions and Laurel's output beside it;
     ``leave(attn, active, *others, laurel, inputs)`` is the rest of the block, the corrected stream."""
-    ops, altup, mix = model.ops, layer.altup, layer.per_layer
+    ops, altup, mix = model.ops, layer.wide, layer.per_layer
     active = altup.spec.active
 
     def enter(*args: Any) -> tuple:

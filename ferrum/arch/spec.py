@@ -186,6 +186,9 @@ class Architecture:
     #: Gemma 3n's residual stream of several copies that each block predicts and corrects, with its Laurel residual
     #: (:class:`ferrum.arch.altup.AltUpSpec`), or None: one stream.
     altup: Any = None
+    #: Hy4's hyper-connections: the residual stream as several streams each block reads a mix of and writes its
+    #: output into (:class:`ferrum.arch.hyper.HyperSpec`), or None.
+    hyper: Any = None
     #: OLMo's clip_qkv: q, k and v clipped to [-c, c] once projected (and OLMoE's q and k once normed).
     clip_qkv: float | None = None
     qkv_bias: bool = False
@@ -294,7 +297,7 @@ class Architecture:
         partial = [i for i, layer in enumerate(self.layers) if "none" in (layer.mixer, layer.mlp)]
         joined = [what for what, on in (("per-layer inputs", self.per_layer_inputs is not None),
                                         ("layer scalars", self.layer_scalar), ("parallel blocks", self.parallel),
-                                        ("AltUp", self.altup is not None)) if on]
+                                        (self.wide.name if self.wide else "", self.wide is not None)) if on]
         if partial and joined:  # the blocks' second halves that skip the mixer or the MLP apply none of those
             raise UnsupportedFeatureError(f"layer {partial[0]} lacks a mixer or an MLP, which Ferrum does not run with "
                                           f"{' and '.join(joined)}")
@@ -306,14 +309,20 @@ class Architecture:
         if any(kinds) and joined:  # the blocks that hand one on apply none of those
             raise UnsupportedFeatureError(f"shortcut outputs between layers with {' and '.join(joined)} are not "
                                           "supported")
-        # AltUp's blocks (ferrum.arch.altup.block_halves) run plain attention, then the MLP; a parallel block's
-        # attention runs the MLP in its first half, which neither AltUp's blocks nor a mixer beside attention do
+        # a wide stream's blocks (AltUp's, hyper-connections') run plain attention, then the MLP; a parallel block's
+        # attention runs the MLP in its first half, which neither those blocks nor a mixer beside attention do
         other = next((i for i, layer in enumerate(self.layers) if layer.mixers != ("attention",)), None)
-        if self.altup is not None and other is not None:
+        if self.altup is not None and self.hyper is not None:
+            raise UnsupportedFeatureError("AltUp with hyper-connections is not supported: one wide stream at a time")
+        if self.wide is not None and other is not None:
             raise UnsupportedFeatureError(f"layer {other} runs {' beside '.join(self.layers[other].mixers)}, which "
-                                          "Ferrum does not run with AltUp (Gemma 3n's stream of copies attends alone)")
-        if self.altup is not None and self.parallel:
-            raise UnsupportedFeatureError("AltUp (Gemma 3n's stream of copies) in parallel blocks is not supported")
+                                          f"Ferrum does not run with {self.wide.name} (their blocks attend alone)")
+        if self.wide is not None and self.parallel:
+            raise UnsupportedFeatureError(f"{self.wide.name} in parallel blocks is not supported")
+        if self.hyper is not None and (self.per_layer_inputs is not None or self.layer_scalar or any(
+                set(layer.block_norms(self)) != {"pre_attn", "pre_mlp"} for layer in self.layers)):
+            raise UnsupportedFeatureError(f"{self.hyper.name} run with a norm before attention and before the MLP "
+                                          "and nothing else (no norms after them, per-layer inputs or layer scalars)")
         beside = next((i for i, layer in enumerate(self.layers) if layer.beside is not None), None)
         if self.parallel and beside is not None:
             raise UnsupportedFeatureError(f"layer {beside} runs {self.layers[beside].beside} beside attention, which "
@@ -324,7 +333,7 @@ class Architecture:
             if layer.residual not in ("input", "normed"):
                 raise UnsupportedFeatureError(f"layer {i}'s residual is {layer.residual!r}; Ferrum adds a block's "
                                               "outputs to its 'input' or to its 'normed' input")
-            if (partial or joined or any(kinds) or self.altup is not None
+            if (partial or joined or any(kinds) or self.wide is not None
                     or set(layer.block_norms(self)) != {"pre_attn", "pre_mlp"}):
                 raise UnsupportedFeatureError(f"layer {i} scales its residual or adds to its normed input (MiniMax's "
                                               "blocks), which Ferrum runs only in sequential blocks with a mixer and "
@@ -332,6 +341,12 @@ class Architecture:
         if self.value_head_dim is not None and self.mla is not None:  # latent attention sizes its values itself
             raise UnsupportedFeatureError("values narrower than the heads (value_head_dim) with latent attention "
                                           "(its v_head_dim sizes them): Ferrum pads plain attention's values only")
+
+    @property
+    def wide(self) -> Any:
+        """The residual stream's form where it is wider than one array (AltUp's copies, hyper-connections'
+        streams): its spec, which builds the model's ends and each block's halves; None: one stream."""
+        return self.altup if self.altup is not None else self.hyper
 
     @property
     def stored_layers(self) -> int:

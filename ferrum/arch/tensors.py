@@ -77,8 +77,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         shapes[bias_of(arch.lm_head)] = (vocab,)
     if arch.per_layer_inputs is not None:
         shapes.update({p + name: shape for name, shape in arch.per_layer_inputs.tensors(h, config.num_layers).items()})
-    if arch.altup is not None:
-        shapes.update({p + name: shape for name, shape in arch.altup.tensors(h).items()})
+    if arch.wide is not None:
+        shapes.update({p + name: shape for name, shape in arch.wide.tensors(h).items()})
     attention: dict[str, tuple[int, ...]] = {}
     if arch.mla is not None:
         attention.update(arch.mla.tensors(h))
@@ -139,8 +139,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             own["layer_scalar"] = (1,)
         if arch.per_layer_inputs is not None:
             own.update(arch.per_layer_inputs.layer_tensors(h))
-        if arch.altup is not None:
-            own.update(arch.altup.layer_tensors(h))
+        if arch.wide is not None:
+            own.update(arch.wide.layer_tensors(h))
         shapes.update({f"{p}layers.{i}.{name}": shape[::-1] if arch.transposed and len(shape) == 2 else shape
                        for name, shape in {**own, **mlp}.items()})
     return {stored_name(arch, name): shape for name, shape in shapes.items()}
@@ -383,7 +383,9 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         tensor = _transposed(name, tensor)
     if arch.indexer is not None and f".{INDEXER}" in name:  # checked for shape, never run (ferrum.arch.dsa)
         return []
-    if layer is None:
+    if arch.wide is not None and arch.wide.holds(name):
+        parts = arch.wide.split(name, tensor, config.hidden_size)
+    elif layer is None:
         if arch.position_offset and name == f"{arch.prefix}embed_positions.weight":  # the rows before position 0
             tensor = rows(tensor, arch.position_offset, tensor.shape[0])  # packed (ferrum quantize's) too
         parts = [(name, tensor)]

@@ -16,9 +16,11 @@ from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_count, optional_non_negative_int, optional_positive_number,
     optional_size, positive_int, positive_number, size,
 )
+from ferrum.arch.hyper import HyperSpec
 from ferrum.arch.mla import MlaSpec
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.arch.sublayers import SubLayers
+from ferrum.moe.activation import ClampedSwiGLU
 from ferrum.moe.spec import KEYS as MOE_KEYS, MoeSpec, with_moe
 from ferrum.moe.zero import saved_rows
 #: The names Sarvam's release config gives keys (transformers' attribute_map) -> the names Ferrum reads them by.
@@ -445,4 +447,96 @@ TABLE["longcat_flash"] = Family(  # Meituan's LongCat-Flash: two latent-attentio
     kv_heads=_mla_kv_heads,
     head_dim=_mla_head_dim,
     derive=_longcat_config,
+)
+
+
+# ---------------------------------------------------------------- Hy4 (hyper-connections)
+
+#: Hy4's release names (transformers' conversion mapping for hy_v4, which its save_pretrained writes back): Ferrum's
+#: name -> the checkpoint's.
+HY_V4_NAMES = {**{f"{ours}.{p}": f"hc_pre.{theirs}.hc_{p}" for ours, theirs in (("attn_hc", "hc_attn_layer"),
+                                                                                 ("ffn_hc", "hc_mlp_layer"))
+                  for p in ("fn", "base", "scale")},
+               **{f"hc_head.hc_{p}": f"hc_pre.hc_head.hc_head_{p}" for p in ("fn", "base", "scale")},
+               "self_attn.sinks": "self_attn.learnable_sink_param", "self_attn.gate_proj": "self_attn.linear_gate"}
+#: transformers' save_pretrained renames every ``gate_proj`` to ``linear_gate``, the MLPs' too (its mapping's reverse).
+HY_V4_SAVED = {"mlp.gate_proj": "mlp.linear_gate", "mlp.shared_experts.gate_proj": "mlp.shared_experts.linear_gate"}
+
+
+def _hy_kinds(r: KeyReader, layers: int) -> list[str]:
+    """Hy4's indexer kinds: indexer_types, else HYV4Config's: layer 0 and every fourth from layer 1 "full"."""
+    kinds = r("indexer_types")
+    if kinds is None:
+        return [dsa.FULL if i == 0 or (i - 1) % 4 == 0 else dsa.SHARED for i in range(layers)]
+    if not isinstance(kinds, list) or any(kind not in (dsa.FULL, dsa.SHARED) for kind in kinds):
+        r.fail("indexer_types", f"must list 'full' or 'shared' per layer, got {kinds!r}")
+    if len(kinds) != layers:
+        r.fail("indexer_types", f"lists {len(kinds)} layers, but the model has {layers} (num_hidden_layers)")
+    if kinds and kinds[0] == dsa.SHARED:
+        r.fail("indexer_types", "makes the first layer 'shared', but a shared layer reuses the previous full layer's "
+                                "selection")
+    return kinds
+
+
+def _hy_v4_attention(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Hy4's decoder without its experts: latent attention with rotate-half rope (:func:`_latent_attention`), its
+    queries always through their latent, DSA's indexers run as the dense attention they equal up to index_topk keys
+    (:func:`_dsa`'s cap), gpt-oss's sinks, each head's output times the sigmoid of its own ``gate_proj``, and the
+    residual stream as hc_mult streams (:mod:`ferrum.arch.hyper`)."""
+    v, head = r("v_head_dim"), sizes.head_dim
+    if v != head:
+        r.fail("v_head_dim", f"({v}) differs from a query/key head's {head} dims (qk_nope_head_dim + "
+                             "qk_rope_head_dim); Ferrum gates each head's output (gate_proj) only where they are "
+                             "equal, as in Hy4's releases", unsupported=True)
+    kinds = r("layer_types")
+    if kinds is not None and (not isinstance(kinds, list) or set(kinds) - {"indexed_attention"}):
+        r.fail("layer_types", f"must list 'indexed_attention' per layer (HYV4's only kind), got {kinds!r}")
+    indexer = dsa.read(r, sizes.num_layers, _hy_kinds(r, sizes.num_layers))
+    for key in ("hc_magnitude", "hc_eps", "learnable_sink_init"):  # the last initialises the sinks only
+        r(key)
+    hyper = HyperSpec(r("hc_mult"), sizes.rms_norm_eps, float(r("hc_eps")), float(r("hc_magnitude")))
+    return replace(_latent_attention(r, sizes, interleaved=False), indexer=indexer, context_limit=(
+        indexer.topk, indexer.why), sinks=True, attn_output_gate=True, attn_gate_stored=True, hyper=hyper,
+        stored_names=HY_V4_NAMES, layouts=(("model.", "lm_head.weight", HY_V4_SAVED),),
+        unloaded=r"^model\.mtp_layers\.", mtp_layers=0)
+
+
+def _hy_v4(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Tencent's Hy4 (transformers' HYV4): :func:`_hy_v4_attention` over GLM-4.7-Flash's sparse MLPs (sigmoid
+    routing with a correction bias, one group, renormalized, scaled, an ungated shared expert, the layers
+    mlp_layer_types makes dense, first by default), the routed experts' SwiGLU clamped at swiglu_limit (the gate's
+    top, the up projection's both ends; none where it is not positive). The MTP layers are not run, as
+    transformers does not."""
+    arch = with_moe("hy_v4", _hy_v4_attention)(r, sizes)
+    limit = r("swiglu_limit")
+    if limit > 0:
+        arch = replace(arch, moe=replace(arch.moe, activation=ClampedSwiGLU(1.0, float(limit), up_offset=0.0)))
+    return arch
+
+
+def _number(value: Any) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return None
+    return f"must be a number, got {value!r}"
+
+
+def _non_negative(value: Any) -> str | None:
+    return _number(value) or (None if value >= 0 else f"must not be negative, got {value!r}")
+
+
+TABLE["hy_v4"] = Family(  # Tencent's Hy4: DSA latent attention, sinks, gated heads, hyper-connections, clamped experts
+    _keys(_core(False), _core_defaults(
+        hidden_size=2816, intermediate_size=6912, num_hidden_layers=34, num_attention_heads=32, vocab_size=120832,
+        max_position_embeddings=262144), _ROPE, _SILU, _mla_keys(1536, 192, 256), _Q_LATENT, dsa.keys(16), (
+        Key("indexer_types"), Key("layer_types"),
+        Key("hc_mult", default=4, check=size(64)),
+        Key("hc_magnitude", default=2.0, check=_number),
+        Key("hc_eps", default=1e-6, check=_non_negative),
+        Key("learnable_sink_init", default=0.0, check=_number),
+        Key("swiglu_limit", default=10.0, check=_number),
+    ), MOE_KEYS["hy_v4"]),
+    _hy_v4,
+    eps_default=1e-5,
+    kv_heads=lambda r, heads: (r("num_key_value_heads"), heads)[1],  # HYV4Config makes it the heads, whatever given
+    head_dim=_mla_head_dim,
 )
