@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.26"
+API_VERSION = "1.27"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -374,7 +374,7 @@ def causal_conv1d(x: Any, weight: Any, state: Any, cu_seqlens: Any, silu: bool) 
 
 @hookspec(firstresult=True)
 def gated_delta_rule(q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
-                     cu_seqlens: Any, beta_scale: float) -> Any:
+                     cu_seqlens: Any, beta_scale: float, lower_bound: float | None) -> Any:
     """(optional, API 1.16) Gated DeltaNet's recurrence (Qwen3-Next, Qwen3.5) over a flattened varlen batch, as
     transformers' ``torch_recurrent_gated_delta_rule`` with ``use_qk_l2norm_in_kernel``: ``q, k [T, Hk, Dk]``,
     ``v [T, Hv, Dv]`` (``Hv`` a multiple of ``Hk``; q/k head ``i`` serves value heads ``i * Hv / Hk`` on), the raw
@@ -390,7 +390,12 @@ def gated_delta_rule(q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias
     channel (Kimi Delta Attention: ``Hk == Hv``, ``a [T, Hv, Dk]``, ``dt_bias [Hv, Dk]``, ``g = -exp(a_log)[:,
     None] * softplus(a + dt_bias)`` and ``S = S * exp(g)[:, :, None]``, each key row of the state decaying at its
     own rate), and ``beta_scale``, a feature argument (1.0 where not given), multiplies ``beta``: OLMo Hybrid's
-    ``allow_neg_eigval`` runs ``beta = 2 * sigmoid(b)``."""
+    ``allow_neg_eigval`` runs ``beta = 2 * sigmoid(b)``.
+
+    API 1.27, handed only to plugins that declare 1.27 and whose implementation takes it: ``lower_bound``, a feature
+    argument (None where not given), a negative number that bounds the log-decay from below instead of the
+    softplus (Ling 3's ``kda_safe_gate``): ``g = lower_bound * sigmoid(exp(a_log) * (a + dt_bias))``, per head or
+    per key channel alike."""
 
 
 @hookspec(firstresult=True)

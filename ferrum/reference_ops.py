@@ -135,9 +135,9 @@ def causal_conv1d(ops: Any, x: Any, weight: Any, state: Any, cu_seqlens: Any, si
 
 
 def gated_delta_rule(ops: Any, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
-                     cu_seqlens: Any, beta_scale: float = 1.0) -> tuple[Any, Any]:
+                     cu_seqlens: Any, beta_scale: float = 1.0, lower_bound: float | None = None) -> tuple[Any, Any]:
     out, new_state = kernels.gated_delta_rule(*(_host(ops, t) for t in (q, k, v, a, b, a_log, dt_bias, state)),
-                                              np.asarray(cu_seqlens), beta_scale)
+                                              np.asarray(cu_seqlens), beta_scale, lower_bound)
     return ops.from_numpy(out, dtype_name(v)), ops.from_numpy(new_state, "float32")
 
 

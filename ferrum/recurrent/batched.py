@@ -196,24 +196,28 @@ def _per_value_head(xp: Any, x: Any, heads: int) -> Any:
 
 
 def gated_delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
-                     cu_seqlens: Any, beta_scale: float = 1.0, chunk: int = CHUNK) -> tuple[Any, Any]:
-    """``ferrum.hookspec.gated_delta_rule`` (its per-key-channel gate too); returns ``(out in v's dtype, new
-    float32 state)``."""
+                     cu_seqlens: Any, beta_scale: float = 1.0, lower_bound: float | None = None,
+                     chunk: int = CHUNK) -> tuple[Any, Any]:
+    """``ferrum.hookspec.gated_delta_rule`` (its per-key-channel gate and bounded log-decay too); returns ``(out in
+    v's dtype, new float32 state)``."""
     tokens, batch = v.shape[0], state.shape[0]
     cu, (q, k, v, a, b), (state,) = bucketed(fw, cu_seqlens, [q, k, v, a, b], [state])
     plan = delta_plan(cu, chunk, fw.bucket or int)
     gather, scatter, valid = (None if i is None else fw.put(i) for i in (plan.gather, plan.scatter, plan.valid))
-    rule = _device_part(fw, delta_rule, ("chunk", "beta_scale"))
+    rule = _device_part(fw, delta_rule, ("chunk", "beta_scale", "lower_bound"))
     out, new_state = rule(q, k, v, a, b, a_log, dt_bias, state, gather, scatter, valid,
-                          chunk=chunk if plan.chunked else 0, beta_scale=float(beta_scale))
+                          chunk=chunk if plan.chunked else 0, beta_scale=float(beta_scale),
+                          lower_bound=None if lower_bound is None else float(lower_bound))
     return (out, new_state) if fw.bucket is None else (out[:tokens], new_state[:batch])
 
 
 def delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any, dt_bias: Any, state: Any,
-               gather: Any, scatter: Any, valid: Any, chunk: int, beta_scale: float = 1.0) -> tuple[Any, Any]:
+               gather: Any, scatter: Any, valid: Any, chunk: int, beta_scale: float = 1.0,
+               lower_bound: float | None = None) -> tuple[Any, Any]:
     """The device part of :func:`gated_delta_rule` for a :class:`DeltaPlan`'s uploaded arrays (pure: JAX jits
-    it with ``chunk`` and ``beta_scale`` static); ``chunk`` 0 steps token by token. The log-decay ``g`` carries a
-    key-channel axis, ``[..., H, 1]`` (one per head) or ``[..., H, Dk]`` (Kimi Delta Attention's, per channel)."""
+    it with ``chunk``, ``beta_scale`` and ``lower_bound`` static); ``chunk`` 0 steps token by token. The log-decay
+    ``g`` carries a key-channel axis, ``[..., H, 1]`` (one per head) or ``[..., H, Dk]`` (Kimi Delta Attention's, per
+    channel)."""
     xp, f32 = fw.xp, fw.xp.float32
     heads, dk = v.shape[1], q.shape[2]
     qf = _per_value_head(xp, _l2_normed(xp, fw.astype(q, f32)) * dk ** -0.5, heads)
@@ -221,7 +225,11 @@ def delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any
     vf = fw.astype(v, f32)
     x = fw.astype(a, f32) + fw.astype(dt_bias, f32)
     x = x if x.ndim == 3 else x[..., None]  # [T, H, Dk] per key channel, or [T, H, 1]
-    g = -xp.exp(fw.astype(a_log, f32))[:, None] * xp.logaddexp(x, xp.zeros_like(x))  # log of the decay
+    rate = xp.exp(fw.astype(a_log, f32))[:, None]
+    if lower_bound is None:
+        g = -rate * xp.logaddexp(x, xp.zeros_like(x))  # log of the decay
+    else:  # Ling 3's safe gate: bounded below by lower_bound
+        g = lower_bound / (1.0 + xp.exp(-rate * x))
     beta = beta_scale / (1.0 + xp.exp(-fw.astype(b, f32)))
     state = fw.astype(state, f32)
     if gather is None:  # every segment one token: one step over the batch

@@ -46,13 +46,15 @@ def joined_taps(name: str, present: Any) -> tuple[str, ...] | None:
     return parts if all(part in present for part in parts) else None
 
 
-def runs_natively(ops: Any, extended: bool) -> bool:
+def runs_natively(ops: Any, extended: bool, bounded: bool = False) -> bool:
     """Whether a layer runs the plugin's own ``gated_delta_rule``: always where it needs nothing of API 1.20, and
     where it is ``extended`` (a per-key-channel gate or ``beta_scale``) only if the plugin declares 1.20 and its
-    implementation takes ``beta_scale``; else the core's fallback. Asked once, when the layer is built."""
+    implementation takes ``beta_scale``, where ``bounded`` (API 1.27's ``lower_bound``) only if it declares 1.27
+    and takes that; else the core's fallback. Asked once, when the layer is built."""
     from ferrum.backends import declared_version  # imported here: ferrum.backends loads the plugins
 
-    return not extended or (declared_version(ops.info) >= (1, 20) and ops.accepts("gated_delta_rule", "beta_scale"))
+    needs = [((1, 20), "beta_scale")] * (extended or bounded) + [((1, 27), "lower_bound")] * bounded
+    return all(declared_version(ops.info) >= since and ops.accepts("gated_delta_rule", arg) for since, arg in needs)
 
 
 def gated_delta_rule(ops: Any, native: bool) -> Any:

@@ -35,10 +35,11 @@ def causal_conv1d(x: np.ndarray, weight: np.ndarray, state: np.ndarray, cu_seqle
 
 def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, a: np.ndarray, b: np.ndarray,
                      a_log: np.ndarray, dt_bias: np.ndarray, state: np.ndarray, cu_seqlens: np.ndarray,
-                     beta_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                     beta_scale: float = 1.0, lower_bound: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Gated DeltaNet's recurrence (``ferrum.hookspec.gated_delta_rule``): ``q, k [T, Hk, Dk]``, ``v [T, Hv, Dv]``,
     ``a, b [T, Hv]`` (or, Kimi Delta Attention, ``a [T, Hv, Dk]`` with ``dt_bias [Hv, Dk]``: a decay per key
-    channel), ``state [B, Hv, Dk, Dv]``; returns ``(out [T, Hv, Dv], new_state)`` in float32."""
+    channel), ``state [B, Hv, Dk, Dv]``; the log-decay bounded by ``lower_bound`` where set (Ling 3's safe gate);
+    returns ``(out [T, Hv, Dv], new_state)`` in float32."""
     q, k, v = (np.asarray(t, dtype=np.float32) for t in (q, k, v))
     heads = v.shape[1]
     group = heads // q.shape[1]
@@ -49,7 +50,11 @@ def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, a: np.ndarray,
     x = np.asarray(a, dtype=np.float32) + np.asarray(dt_bias, dtype=np.float32)
     rate = np.exp(np.asarray(a_log, dtype=np.float32))
     rate = rate[:, None] if x.ndim == 3 else rate  # a rate per head, over its key channels
-    decay = np.exp(-rate * np.logaddexp(np.float32(0), x))  # exp(g): [T, Hv], or [T, Hv, Dk] per key channel
+    if lower_bound is None:
+        decay = np.exp(-rate * np.logaddexp(np.float32(0), x))  # exp(g): [T, Hv], or [T, Hv, Dk] per key channel
+    else:
+        with np.errstate(over="ignore"):  # exp(-rate * x) past float32's range: a sigmoid of 0, as it should be
+            decay = np.exp(np.float32(lower_bound) / (1.0 + np.exp(-rate * x)))
     decay = decay[..., None] if decay.ndim == 3 else decay[..., None, None]  # over the state's [Dk, Dv]
     beta = np.float32(beta_scale) / (1.0 + np.exp(-np.asarray(b, dtype=np.float32)))
     out = np.empty_like(v)

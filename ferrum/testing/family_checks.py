@@ -252,10 +252,10 @@ def conv1d_oracle(x: np.ndarray, weight: np.ndarray, state: np.ndarray, cu: np.n
     return (y / (1.0 + np.exp(-y)) if silu else y), new_state
 
 
-def gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, cu, beta_scale: float = 1.0
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, cu, beta_scale: float = 1.0,
+                       lower_bound: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``ferrum.hookspec.gated_delta_rule`` in float64, head by head with matrix products (API 1.20's gate per key
-    channel where ``a`` is ``[T, H, Dk]``, one decay per row of the head's state)."""
+    channel where ``a`` is ``[T, H, Dk]``, one decay per row of the head's state; API 1.27's bounded log-decay)."""
     q, k, v, a, b, a_log, dt_bias, state = (np.asarray(t, dtype=np.float64)
                                             for t in (q, k, v, a, b, a_log, dt_bias, state))
     group = v.shape[1] // q.shape[1]
@@ -266,7 +266,9 @@ def gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, cu, beta_scale: flo
                 qh, kh = q[t, h // group], k[t, h // group]
                 qh = qh / np.sqrt(qh @ qh + 1e-6) / np.sqrt(len(qh))
                 kh = kh / np.sqrt(kh @ kh + 1e-6)
-                g = -np.exp(a_log[h]) * np.log1p(np.exp(a[t, h] + dt_bias[h]))  # a number, or one per key channel
+                x = a[t, h] + dt_bias[h]  # a number, or one per key channel
+                g = (-np.exp(a_log[h]) * np.log1p(np.exp(x)) if lower_bound is None else
+                     lower_bound / (1.0 + np.exp(-np.exp(a_log[h]) * x)))
                 beta = beta_scale / (1.0 + np.exp(-b[t, h]))
                 S = new_state[s, h] * np.exp(g)[..., None]
                 S = S + np.outer(kh, (v[t, h] - kh @ S) * beta)
@@ -328,6 +330,26 @@ def check_gated_delta_rule_per_channel(c: Any, tol: float) -> float:
     out, new_state = rule(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32, _LONG_SEGMENTS, 2.0)
     assert np.array_equal(c.get(f32[2]), state), "gated_delta_rule changed the state it was given"
     want_out, want_state = gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, _LONG_SEGMENTS, 2.0)
+    return max(_compare(c.get(out), want_out, tol), _compare(c.get(new_state), want_state, tol))
+
+
+def check_gated_delta_rule_bounded(c: Any, tol: float) -> float:
+    """API 1.27: the log-decay ``lower_bound * sigmoid(exp(a_log) * (a + dt_bias))`` (Ling 3's), per key channel, one
+    segment chunked, through the rule the model calls (the plugin's where it declares 1.27, else the core's
+    fallback); the float32 state given is left as it was."""
+    from ferrum.recurrent.gated_delta import gated_delta_rule, runs_natively
+
+    heads, dk, dv, n = 3, 8, 6, int(_LONG_SEGMENTS[-1])
+    q, k, v = (c.rounded(c.random(n, heads, d)) for d in (dk, dk, dv))
+    a, b = c.rounded(c.random(n, heads, dk) * 2), c.rounded(c.random(n, heads))
+    a_log = np.log(np.array([1.0, 4.0, 16.0], dtype=np.float32))
+    dt_bias = np.linspace(-1.5, 1.5, heads * dk, dtype=np.float32).reshape(heads, dk)
+    state = c.random(len(_LONG_SEGMENTS) - 1, heads, dk, dv) * 0.5
+    f32 = [c.ops.from_numpy(t.copy(), "float32") for t in (a_log, dt_bias, state)]
+    rule = gated_delta_rule(c.ops, runs_natively(c.ops, True, True))
+    out, new_state = rule(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32, _LONG_SEGMENTS, 1.0, -5.0)
+    assert np.array_equal(c.get(f32[2]), state), "gated_delta_rule changed the state it was given"
+    want_out, want_state = gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, _LONG_SEGMENTS, 1.0, -5.0)
     return max(_compare(c.get(out), want_out, tol), _compare(c.get(new_state), want_state, tol))
 
 
@@ -544,6 +566,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
 
     native_rule = "gated_delta_rule" in ops.native and runs_natively(ops, True)
     extended_rule = "native" if native_rule else "core fallback"
+    bounded_rule = "native" if "gated_delta_rule" in ops.native and runs_natively(ops, True, True) else "core fallback"
     paged = "paged_attention" if "paged_attention" in ops.native else "attention"
     softcap = ops.accepts(paged, "softcap") and ops.accepts("attention", "softcap")
     sinks = ops.accepts(paged, "sinks") and ops.accepts("attention", "sinks")
@@ -564,6 +587,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"gated_delta_rule ({source('gated_delta_rule')})", lambda: check_gated_delta_rule(c, tol), tol),
         (f"gated_delta_rule, per key channel and beta_scale ({extended_rule})",
          lambda: check_gated_delta_rule_per_channel(c, tol), tol),
+        (f"gated_delta_rule, bounded log-decay ({bounded_rule})", lambda: check_gated_delta_rule_bounded(c, tol), tol),
         (f"ssd_update ({source('ssd_update')})", lambda: check_ssd_update(c, tol), tol),
         (f"selective_scan ({source('selective_scan')})", lambda: check_selective_scan(c, tol), tol),
         (f"rg_lru ({'native' if rg_lru_native(ops) else 'core fallback'})", lambda: check_rg_lru(c, tol), tol),

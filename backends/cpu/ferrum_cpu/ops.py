@@ -175,8 +175,8 @@ def causal_conv1d(x, weight, state, cu_seqlens, silu):
 
 
 @hookimpl
-def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale=1.0):
-    return _recurrent.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale)
+def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale=1.0, lower_bound=None):
+    return _recurrent.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale, lower_bound)
 
 
 @hookimpl
