@@ -416,7 +416,7 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         parts = MLP_KINDS[arch.layers[layer].mlp].split(config, name, tensor)
     if layer is not None:
         spec = arch.layers[layer]
-        if arch.attn_gate_per_head:  # one row per head -> one per head dim
+        if arch.attn_gate_per_head and "attention" in spec.mixers:  # one row per head -> one per head dim
             parts = [(n, _each_array(t, lambda a: np.repeat(a, config.head_dim, axis=0)) if ".self_attn.gate_proj."
                       in n else t) for n, t in parts]
         if spec.stored_heads is not None:

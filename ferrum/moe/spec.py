@@ -61,6 +61,7 @@ LAYOUT = {
     "lara_mini": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # fused (ferrum.moe.fused_gate_up)
     "jetmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
     "hy_v4": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # fused (ferrum.moe.fused_gate_up)
+    "bailing_hybrid": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -138,7 +139,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "kolibri1": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
                 "laguna": ("num_experts",), "granitemoe_swa": ("num_local_experts",), "lara_mini": ("num_experts",),
                 "jetmoe": ("num_local_experts",),
-                "hy_v4": ("n_routed_experts", "num_local_experts")}  # the latter its attribute_map's alias
+                "hy_v4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
+                "bailing_hybrid": ("num_experts", "num_local_experts")}  # the latter its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -459,6 +461,11 @@ KEYS: dict[str, tuple[Key, ...]] = {
                     Key("first_k_dense_replace", default=3, check=_non_negative_int), _MOE_LAYER_FREQ),
     # Hy4: GLM-4.7-Flash's routing under HYV4Config's defaults, its dense layers by mlp_layer_types
     "hy_v4": _grouped_sigmoid_keys("hy_v4", moe_size=768, scale=2.827, n_group=1, topk_group=1, dense=None),
+    # Ling 3 (BailingHybridConfig's defaults): DeepSeek-V3's routing, its dense layers by mlp_layer_types, else
+    # first_k_dense_replace; its release's spellings read as these (ferrum.arch.families.hybrid._bailing_hybrid_keys)
+    "bailing_hybrid": (*_grouped_sigmoid_keys("bailing_hybrid", moe_size=768, scale=2.5, n_group=8, topk_group=4,
+                                              dense=None),
+                       Key("first_k_dense_replace", default=2, check=_non_negative_int)),
     "axk1": (*_grouped_sigmoid_keys("axk1", moe_size=2048, scale=2.5, n_group=8, topk_group=4, dense=None),
              Key("first_k_dense_replace", default=1, check=_non_negative_int),
              Key("moe_layer_freq", default=1, check=positive_int)),
@@ -591,7 +598,8 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
                   "laguna": 256, "granitemoe_swa": 8, "lara_mini": 128, "jetmoe": 8,
-                  "hy_v4": 256}
+                  "hy_v4": 256,
+                  "bailing_hybrid": 512}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -762,7 +770,8 @@ _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "de
             "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
             "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped", "sarvam_moe": "sigmoid_grouped",
             "sarvam_mla": "sigmoid_grouped", "deepseek_v32": "sigmoid_grouped", "glm_moe_dsa": "sigmoid_grouped",
-            "axk1": "sigmoid_grouped", "mistral4": "softmax_top2_grouped", "hy_v4": "sigmoid_grouped"}
+            "axk1": "sigmoid_grouped", "mistral4": "softmax_top2_grouped", "hy_v4": "sigmoid_grouped",
+            "bailing_hybrid": "sigmoid_grouped"}
 
 
 def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
@@ -803,6 +812,9 @@ _GROUPED_FAMILIES = {
     "glm_moe_dsa": _GroupedFamily(sparse_layers=_first_dense_or_listed),
     # A.X-K1: transformers routes it with zeros where a checkpoint has no correction biases
     "axk1": _GroupedFamily(changes=(("correction_bias_droppable", True),), sparse_layers=_first_dense_or_listed),
+    # Ling 3: its release (and transformers' save_pretrained) names the router's correction bias expert_bias
+    "bailing_hybrid": _GroupedFamily(changes=(("correction_bias", "gate.expert_bias"),),
+                                     sparse_layers=_first_dense_or_listed),
 }
 
 

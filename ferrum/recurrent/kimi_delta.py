@@ -8,6 +8,11 @@ values alike; ``q_proj``, ``k_proj``, ``v_proj`` each through a SiLU-activated s
 (:func:`ferrum.recurrent.gated_delta.gated_delta_rule`); each head's output RMS-normed (``o_norm``) times the sigmoid
 of ``g_b_proj(g_a_proj(x))``, then ``o_proj``. Its module is the layer's ``self_attn``, as the full-attention layers'
 is.
+
+Ling 3 (``bailing_hybrid``, transformers' ``BailingHybridDeltaAttention``) runs the same layer with one projection
+where Kimi has two (``f_proj`` for the decay's input, the output gate's), ``A_log`` stored ``[H]``, and, where
+``kda_safe_gate``, its log-decay bounded below instead of softplus'd (API 1.30's ``lower_bound``):
+:class:`KimiDeltaSpec`'s ``forget``, ``gate``, ``out`` and ``lower_bound`` say so.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ class KimiDeltaSpec:
     head_dim: int
     conv_kernel: int
     conv_last: bool = False  # mlx-lm's taps [C, K, 1] (transformers': [C, 1, K])
+    #: The projections the decay's input and the output gate go through, in order: Kimi's low-rank pairs, or Ling 3's
+    #: one each (its output gate under the name its full-attention layers' per-head gate is read by).
+    forget: tuple[str, ...] = ("f_a_proj", "f_b_proj")
+    gate: tuple[str, ...] = ("g_a_proj", "g_b_proj")
+    out: str = "o_proj"  # the output projection's name
+    #: Ling 3's kda_safe_gate: the log-decay ``lower_bound * sigmoid(exp(A_log) * (f + dt_bias))``; None: Kimi's
+    #: ``-exp(A_log) * softplus(f + dt_bias)``.
+    lower_bound: float | None = None
 
     module = MODULE
     title = "Kimi Delta Attention"  # what error messages call the mixer
@@ -47,14 +60,20 @@ class KimiDeltaSpec:
         """A layer's tensors as stored, relative to the layer."""
         m, w, d, h = MODULE, self.width, self.head_dim, self.heads
         taps = (w, self.conv_kernel, 1) if self.conv_last else (w, 1, self.conv_kernel)
+        low_rank = {2: ((d, hidden), (w, d)), 1: ((w, hidden),)}
         return {**{f"{m}.{name}.weight": (w, hidden) for name in INPUTS},
                 **{f"{m}.{name}.weight": taps for name in SEPARATE_TAPS},
-                f"{m}.f_a_proj.weight": (d, hidden), f"{m}.f_b_proj.weight": (w, d), f"{m}.b_proj.weight": (h, hidden),
-                f"{m}.g_a_proj.weight": (d, hidden), f"{m}.g_b_proj.weight": (w, d), f"{m}.A_log": (1, 1, h, 1),
-                f"{m}.dt_bias": (w,), f"{m}.o_norm.weight": (d,), f"{m}.o_proj.weight": (hidden, w)}
+                **{f"{m}.{name}.weight": shape for names in (self.forget, self.gate)
+                   for name, shape in zip(names, low_rank[len(names)])},
+                f"{m}.b_proj.weight": (h, hidden), f"{m}.A_log": (1, 1, h, 1) if len(self.forget) == 2 else (h,),
+                f"{m}.dt_bias": (w,), f"{m}.o_norm.weight": (d,), f"{m}.{self.out}.weight": (hidden, w)}
 
     def split(self, name: str, tensor: Any, take_rows: Callable[[Any, np.ndarray], Any]) -> list[tuple[str, Any]]:
-        """The taps ``[C, K]``, ``A_log [H]`` and ``dt_bias [H, D]`` as the ops read them; the projections as stored."""
+        """The taps ``[C, K]``, ``A_log [H]`` and ``dt_bias [H, D]`` as the ops read them; the projections as stored
+        (an output projection named as the full-attention layers' is, ``o_proj``, where this layer's is ``out``:
+        transformers' save of Ling 3 writes both ``attention.dense``)."""
+        if self.out != "o_proj" and f".{MODULE}.o_proj." in name:
+            return [(name.replace(f".{MODULE}.o_proj.", f".{MODULE}.{self.out}."), tensor)]
         shapes = {".A_log": (self.heads,), ".dt_bias": (self.heads, self.head_dim)}
         shapes.update({f".{taps}.weight": (self.width, self.conv_kernel) for taps in SEPARATE_TAPS})
         shape = next((shape for end, shape in shapes.items() if name.endswith(end)), None)
@@ -83,20 +102,22 @@ class KimiDeltaLayer:
         self.spec, self.ops, self.eps = spec, ops, eps
         # q, k and v read the same input: one matrix where the loader fused them (``self_attn.qkv_proj``)
         self.qkv = projection_group(ops, tensor, projection, f"{MODULE}.qkv_proj", (spec.width,) * 3)
-        self.f_a, self.f_b = projection(f"{MODULE}.f_a_proj"), projection(f"{MODULE}.f_b_proj")
-        self.g_a, self.g_b = projection(f"{MODULE}.g_a_proj"), projection(f"{MODULE}.g_b_proj")
-        self.b, self.out = projection(f"{MODULE}.b_proj"), projection(f"{MODULE}.o_proj")
+        self.forget = [projection(f"{MODULE}.{name}") for name in spec.forget]
+        self.gate = [projection(f"{MODULE}.{name}") for name in spec.gate]
+        self.b, self.out = projection(f"{MODULE}.b_proj"), projection(f"{MODULE}.{spec.out}")
         self.taps = tuple(tensor(f"{MODULE}.{name}.weight") for name in SEPARATE_TAPS)
         self.a_log, self.dt_bias = tensor(f"{MODULE}.A_log"), tensor(f"{MODULE}.dt_bias")
         self.norm = tensor(f"{MODULE}.o_norm.weight")
-        self.native = runs_natively(ops, True)  # its gate is per key channel
+        # its gate is per key channel; the bound (API 1.30) is asked for only where the model has one
+        self.native = runs_natively(ops, True, spec.lower_bound is not None)
+        self.bound = () if spec.lower_bound is None else (1.0, spec.lower_bound)  # beta_scale, lower_bound
 
     def projections(self) -> list[Any]:
-        return [*self.qkv.linears, self.f_a, self.f_b, self.g_a, self.g_b, self.b, self.out]
+        return [*self.qkv.linears, *self.forget, *self.gate, self.b, self.out]
 
     def project(self, x: Any) -> tuple[Any, ...]:
         """``x -> (q, k, v, f, b, g)``: the convolutions' inputs, the decay's and beta's inputs, the output gate."""
-        return (*self.qkv(x), self.f_b(self.f_a(x)), self.b(x), self.g_b(self.g_a(x)))
+        return (*self.qkv(x), _through(self.forget, x), self.b(x), _through(self.gate, x))
 
     def mix(self, inputs: tuple[Any, ...], states: tuple[Any, ...],
             cu_seqlens: np.ndarray) -> tuple[Any, tuple[Any, ...], tuple[Any, ...]]:
@@ -106,7 +127,7 @@ class KimiDeltaLayer:
         mixed, conv_states = convolve_each(ops, (q, k, v), self.taps, states[:3], cu_seqlens)
         q, k, v, f = (ops.reshape(t, (-1, heads, dim)) for t in (*mixed, f))
         core, recurrent = gated_delta_rule(ops, self.native)(q, k, v, f, b, self.a_log, self.dt_bias, states[3],
-                                                            cu_seqlens)
+                                                            cu_seqlens, *self.bound)
         return core, (g,), (*conv_states, recurrent)
 
     def output(self, core: Any, g: Any) -> Any:
@@ -115,3 +136,10 @@ class KimiDeltaLayer:
         normed = ops.rms_norm(ops.reshape(core, (-1, dim)), self.norm, self.eps)
         gated = ops.sigmoid_mul(ops.reshape(g, (-1, dim)), normed)
         return self.out(ops.reshape(gated, (-1, self.spec.width)))
+
+
+def _through(projections: list[Any], x: Any) -> Any:
+    """``x`` through each of ``projections`` in turn."""
+    for projection in projections:
+        x = projection(x)
+    return x

@@ -14,10 +14,10 @@ from ferrum.arch.families._shared import (
     _agreeing_aliases, _aliased, _core, _core_defaults, _keys, _per_kind_rope_specs, _rope_spec, _rotary_dim,
     _theta, read_rope,
 )
-from ferrum.arch.families.latent import _mla_head_dim, _mla_keys, _mla_kv_heads
+from ferrum.arch.families.latent import _latent_attention, _mla_head_dim, _mla_keys, _mla_kv_heads
 from ferrum.arch.keys import (
-    Key, KeyReader, boolean, falsy, lists_of, one_of, optional_positive_int, optional_positive_number, optional_size,
-    positive_int, positive_number, size,
+    Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
+    optional_positive_number, optional_size, positive_int, positive_number, size,
 )
 from ferrum.arch.mla import MlaSpec
 from ferrum.arch.rope import Rope
@@ -189,6 +189,118 @@ _KIMI_LINEAR = (
     Key("mla_use_nope", default=True, unsupported=True, check=one_of(None, True)),
     Key("moe_router_activation_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
     Key("moe_layer_freq", default=1, unsupported=True, check=one_of(1)),
+)
+
+
+#: Ling 3's keys as transformers' attribute_map (and its save_pretrained) spells them -> DeepSeek-V3's.
+_BAILING_ALIASES = {**_KIMI_ALIASES, "num_mtp_layers": "num_nextn_predict_layers"}
+#: The architectures that ship as model_type "bailing_hybrid": Ling 3's (transformers', its release's remote code).
+_BAILING_ARCHITECTURES = ("BailingHybridForCausalLM", "BailingMoeV3ForCausalLM")
+#: Ling 3's modules under its release's names (transformers' save_pretrained writes them back): ``attention`` for
+#: both layer kinds, the latent attention's output ``dense`` and its per-head gate ``g_proj``, which the linear
+#: layers' output gate is read by too (KimiDeltaSpec.gate); transformers saves the linear layers' output as
+#: ``dense`` as well (KimiDeltaSpec.split renames it back: the reverse of this table reads ``dense`` as o_proj).
+BAILING_NAMES = {
+    "embed_tokens": "word_embeddings",
+    **{f"self_attn.{m}": f"attention.{m}" for m in (
+        "q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
+        "k_proj", "v_proj", "q_conv1d", "k_conv1d", "v_conv1d", "f_proj", "b_proj", "o_norm", "A_log", "dt_bias")},
+    "self_attn.out_proj": "attention.dense",
+    "self_attn.o_proj": "attention.dense",
+    "self_attn.gate_proj": "attention.g_proj",
+}
+#: Its release's linear layers' output projection, ``o_proj`` (transformers loads it so).
+_BAILING_RELEASED = {"self_attn.out_proj": "attention.o_proj"}
+
+
+def _bailing_hybrid_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Ling 3's config as transformers' BailingHybridConfig reads it: the attribute_map's spellings
+    (num_experts_per_token, model_max_length...) under DeepSeek-V3's names where those are absent, the linear
+    layers' heads of head_dim (its release's key; transformers sets head_dim to qk_rope_head_dim and saves
+    linear_head_dim beside it), num_attention_heads of them, their convolution short_conv_kernel_size wide, and
+    layer_types from layer_group_size (each group's last layer full attention) where the config gives none and the
+    groups fill the layers (where they do not, transformers and Ling's own code disagree: :func:`_bailing_hybrid`)."""
+    out = dict(raw)
+    for theirs, ours in _BAILING_ALIASES.items():
+        if theirs in raw and ours not in raw:
+            out[ours] = raw[theirs]
+    for ours, theirs, default in (("linear_head_dim", "head_dim", 128),
+                                  ("linear_num_heads", "num_attention_heads", 32),
+                                  ("linear_conv_kernel_dim", "short_conv_kernel_size", 4)):
+        if out.get(ours) is None:
+            out[ours] = raw.get(theirs) if raw.get(theirs) is not None else default
+    layers, group = raw.get("num_hidden_layers", 42), raw.get("layer_group_size", 6)
+    if out.get("layer_types") is None and isinstance(layers, int) and isinstance(group, int) and group > 0 and (
+            layers % group == 0):
+        out["layer_types"] = [FULL if (i + 1) % group == 0 else LINEAR for i in range(layers)]
+    return out
+
+
+def _bailing_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
+    """inclusionAI's Ling 3 (transformers' BailingHybrid): Kimi Delta Attention layers (:mod:`ferrum.recurrent.
+    kimi_delta`, one projection for the decay's input and one for the output gate, the log-decay bounded below where
+    kda_safe_gate) between DeepSeek-V3's latent attention with rope in adjacent pairs, each head's output times the
+    sigmoid of its own gate (``g_proj``); the sparse MLPs (grouped sigmoid routing, an ungated shared expert, dense
+    first layers) are :func:`ferrum.moe.spec.with_moe`'s. Ling 2.5 / 2.6, also released as "bailing_hybrid", run
+    lightning attention instead and are refused."""
+    named = r.raw.get("architectures") or []
+    other = [a for a in named if a not in _BAILING_ARCHITECTURES] if isinstance(named, list) else [named]
+    if other:
+        r.fail("architectures", f"names {other!r}; Ferrum runs Ling 3's bailing_hybrid "
+                                f"({', '.join(_BAILING_ARCHITECTURES)}), not Ling 2.5 / 2.6's lightning attention "
+                                "(BailingMoeV2_5ForCausalLM)", unsupported=True)
+    types, n, group = r("layer_types"), sizes.num_layers, r("layer_group_size")
+    if types is None and n % group:
+        r.fail("layer_group_size", f"({group}) does not divide the {n} layers: transformers runs the last "
+                                   f"{n % group} as linear attention, Ling's own code (and mlx-lm) as full attention; "
+                                   "list layer_types in config.json to say which", unsupported=True)
+    if not isinstance(types, list) or len(types) != n or any(t not in (LINEAR, FULL) for t in types):
+        r.fail("layer_types", f"must list {n} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
+    shared, routed = r("moe_shared_expert_intermediate_size"), r("moe_intermediate_size")
+    if shared not in (None, routed):
+        r.fail("moe_shared_expert_intermediate_size", f"is {shared}, but transformers sizes the shared experts "
+                                                      f"moe_intermediate_size ({routed}) wide", unsupported=True)
+    for limits in ("expert_swiglu_limit_list", "share_expert_swiglu_limit_list"):
+        if any(limit not in (None, 0) for limit in r(limits) or []):
+            r.fail(limits, "clamps the experts' SwiGLU, which transformers does not run and Ferrum does not "
+                           "support; Ling's release was trained with it, so the model would run unclamped",
+                   unsupported=True)
+    r("no_kda_lora"), r("rope_interleave")
+    arch = _latent_attention(r, sizes, interleaved=True)
+    rope, unrotated = arch.layers[0].rope, Rope.unrotated(sizes.head_dim)  # the linear layers' q/k as stored
+    delta = KimiDeltaSpec(r("linear_num_heads"), r("linear_head_dim"), r("linear_conv_kernel_dim"), forget=("f_proj",),
+                          gate=("gate_proj",), out="out_proj",
+                          lower_bound=float(r("kda_lower_bound")) if r("kda_safe_gate") else None)
+    return replace(
+        arch, layers=tuple(LayerSpec(None, unrotated, mixer="kimi_delta") if t == LINEAR else LayerSpec(None, rope)
+                           for t in types),
+        kimi_delta=delta, attn_output_gate=True, attn_gate_stored=True, attn_gate_per_head=True,
+        keep_float32=(".A_log", ".dt_bias"), stored_names=BAILING_NAMES,
+        layouts=(("model.", "lm_head.weight", _BAILING_RELEASED),),
+    )
+
+
+def _negative(value: Any) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and -math.inf < value < 0:
+        return None
+    return f"must be a negative number, got {value!r}"
+
+
+_BAILING_HYBRID = (
+    Key("linear_head_dim", default=128, check=positive_int),
+    Key("linear_num_heads", default=32, check=positive_int),
+    Key("linear_conv_kernel_dim", default=4, check=positive_int),
+    Key("layer_types"),
+    Key("layer_group_size", default=6, check=positive_int),
+    Key("kda_safe_gate", default=True, check=boolean),
+    Key("kda_lower_bound", default=-5.0, check=_negative),
+    Key("num_nextn_predict_layers", default=1, check=optional_non_negative_int),
+    Key("moe_shared_expert_intermediate_size", check=optional_positive_int),
+    Key("expert_swiglu_limit_list"),
+    Key("share_expert_swiglu_limit_list"),
+    # Ling's release code says so; transformers always turns adjacent pairs and reads one f_proj / g_proj
+    Key("rope_interleave", default=True, unsupported=True, check=one_of(None, True)),
+    Key("no_kda_lora", default=True, unsupported=True, check=one_of(None, True)),
 )
 
 
@@ -628,6 +740,18 @@ TABLE: dict[str, Family] = {
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
         derive=_kimi_linear_keys,
+    ),
+    "bailing_hybrid": Family(  # inclusionAI's Ling 3: Kimi Delta Attention with a bounded decay and gated latent
+        # attention over DeepSeek-V3's grouped sigmoid routing
+        _keys(_core(False), _core_defaults(
+            hidden_size=2560, intermediate_size=6144, num_hidden_layers=42, num_attention_heads=32, vocab_size=157184,
+            max_position_embeddings=262144,
+        ), _ROPE, _theta(6_000_000.0), _SILU, _mla_keys(None, 128, 128), _BAILING_HYBRID,
+            MOE_KEYS["bailing_hybrid"]),
+        with_moe("bailing_hybrid", _bailing_hybrid),
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+        derive=_bailing_hybrid_keys,
     ),
     "lara_mini": Family(  # translated's Lara Mini: Gated DeltaNet, sliding and NoPE full attention over Flint's MoE
         _keys(_core(True, head_dim_default=128), _core_defaults(
