@@ -1,4 +1,4 @@
-"""Ling 3 (``bailing_hybrid``): Kimi Delta Attention layers whose log-decay is bounded below (API 1.30's
+"""Ling 3 (``bailing_hybrid``): Kimi Delta Attention layers whose log-decay is bounded below (API 1.27's
 ``lower_bound``) between latent attention gated per head, over DeepSeek-V3's routing, against transformers on every
 runnable backend (and mlx-lm's bailing_moe_v3); the engine's batching, chunking and preemption; its release's config
 spellings and layout; the variants refused by name."""

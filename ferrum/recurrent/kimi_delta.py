@@ -11,7 +11,7 @@ is.
 
 Ling 3 (``bailing_hybrid``, transformers' ``BailingHybridDeltaAttention``) runs the same layer with one projection
 where Kimi has two (``f_proj`` for the decay's input, the output gate's), ``A_log`` stored ``[H]``, and, where
-``kda_safe_gate``, its log-decay bounded below instead of softplus'd (API 1.30's ``lower_bound``):
+``kda_safe_gate``, its log-decay bounded below instead of softplus'd (API 1.27's ``lower_bound``):
 :class:`KimiDeltaSpec`'s ``forget``, ``gate``, ``out`` and ``lower_bound`` say so.
 """
 
@@ -108,7 +108,7 @@ class KimiDeltaLayer:
         self.taps = tuple(tensor(f"{MODULE}.{name}.weight") for name in SEPARATE_TAPS)
         self.a_log, self.dt_bias = tensor(f"{MODULE}.A_log"), tensor(f"{MODULE}.dt_bias")
         self.norm = tensor(f"{MODULE}.o_norm.weight")
-        # its gate is per key channel; the bound (API 1.30) is asked for only where the model has one
+        # its gate is per key channel; the bound (API 1.27) is asked for only where the model has one
         self.native = runs_natively(ops, True, spec.lower_bound is not None)
         self.bound = () if spec.lower_bound is None else (1.0, spec.lower_bound)  # beta_scale, lower_bound
 
