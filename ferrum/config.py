@@ -24,6 +24,7 @@ _log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 #: Multimodal wrappers whose ``text_config`` holds a supported decoder -> that decoder's model_type.
 TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral",  # Mistral Small 3.1+, Magistral, Devstral 2507
+                 "cohere_compass": "cohere_compass_text",  # North-Micro-Vision
                  "exaone4_5": "exaone4", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
                  "qwen3_vl_moe": "qwen3_vl_moe", "llama4": "llama4_text",
                  "gemma4": "gemma4_text", "gemma3n": "gemma3n_text",  # Llama 4 Scout / Maverick

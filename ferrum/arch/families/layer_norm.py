@@ -163,17 +163,19 @@ def _apertus(r: KeyReader, sizes: Sizes) -> Architecture:
 _APERTUS_ACTIVATIONS = {"xielu": "xielu", **_UNGATED_ACTIVATIONS}
 
 
-def _cohere_blocks(r: KeyReader, sizes: Sizes, ropes: list[Rope], windows: list) -> Architecture:
+def _cohere_blocks(r: KeyReader, sizes: Sizes, ropes: list[Rope], windows: list,
+                   interleaved: bool = True) -> Architecture:
     """Command R's blocks: one LayerNorm without a bias feeding attention and the MLP side by side, GPT-J's rope
-    (adjacent dims paired), attention_bias on every attention projection, logits scaled by logit_scale; with
-    use_qk_norm (Command R+) q and k LayerNormed head by head, with a weight per head."""
+    (adjacent dims paired; not ``interleaved``: each dim with the one half a head on), attention_bias on every
+    attention projection, logits scaled by logit_scale (null: unscaled); with use_qk_norm (Command R+) q and k
+    LayerNormed head by head, with a weight per head."""
     r("hidden_act")
-    bias = r("attention_bias")
+    bias, scale = r("attention_bias"), r("logit_scale")
     return Architecture(
-        layers=tuple(LayerSpec(w, replace(rope, interleaved=True)) for w, rope in zip(windows, ropes)),
+        layers=tuple(LayerSpec(w, replace(rope, interleaved=interleaved)) for w, rope in zip(windows, ropes)),
         norms={"pre_attn": "input_layernorm"}, norm="layer", parallel=True, attn_scale=1.0 / math.sqrt(sizes.head_dim),
-        logit_scale=float(r("logit_scale")), qkv_bias=bias, o_bias=bias,
-        qk_norm="each_head" if r("use_qk_norm") else None,
+        logit_scale=1.0 if scale is None else float(scale), qkv_bias=bias, o_bias=bias,
+        qk_norm="each_head" if r.get("use_qk_norm") else None,
     )
 
 
@@ -184,12 +186,17 @@ def _cohere(r: KeyReader, sizes: Sizes) -> Architecture:
     return _cohere_blocks(r, sizes, [rope] * sizes.num_layers, [None] * sizes.num_layers)
 
 
+def _split_heads(r: KeyReader, sizes: Sizes, family: str) -> None:
+    """Refuses a head_dim other than hidden_size's share of each head: Cohere 2's config class sets it so."""
+    if sizes.head_dim * sizes.num_heads != sizes.hidden_size:
+        r.fail("head_dim", f"is {sizes.head_dim}, but {family} splits hidden_size ({sizes.hidden_size}) among its "
+                           f"{sizes.num_heads} heads; leave head_dim out")
+
+
 def _cohere2(r: KeyReader, sizes: Sizes) -> Architecture:
     """Command R7B, Command A: Command R's blocks, three sliding layers with rope to one full layer without (NoPE),
     unless layer_types says otherwise. Its heads split hidden_size: transformers ignores a head_dim."""
-    if sizes.head_dim * sizes.num_heads != sizes.hidden_size:
-        r.fail("head_dim", f"is {sizes.head_dim}, but Cohere 2 splits hidden_size ({sizes.hidden_size}) among its "
-                           f"{sizes.num_heads} heads; leave head_dim out")
+    _split_heads(r, sizes, "Cohere 2")
     pattern = r("sliding_window_pattern")
     window, types = _layer_kinds(r, sizes, lambda i: SLIDING if (i + 1) % pattern else FULL)
     key, spec = _rope_spec(r)
@@ -198,9 +205,35 @@ def _cohere2(r: KeyReader, sizes: Sizes) -> Architecture:
                           [window if t == SLIDING else None for t in types])
 
 
-_COHERE = (
+def _cohere_compass(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Cohere Compass's text decoder (North-Micro-Vision's): Command R7B's parallel blocks, every layer full unless
+    layer_types says otherwise, rope turning halves (Qwen 3's rotate_half), not adjacent pairs, with settings per
+    attention kind in rope_parameters, where null leaves that kind unrotated (NoPE); logit_scale null: unscaled.
+    A kind's mrope_section rotates text alone as its plain rope (the same position on every axis)."""
+    _split_heads(r, sizes, "Cohere Compass")
+    window, types = _layer_kinds(r, sizes, lambda i: FULL)
+    params = r("rope_parameters")
+    ropes = {}
+    for kind in dict.fromkeys(types):
+        if not isinstance(params, dict) or kind not in params:
+            r.fail("rope_parameters", f"must hold an entry for each attention kind its layers use ({kind!r}: rope "
+                                      f"settings, or null for none), got {params!r}")
+        spec = params[kind]
+        if spec is not None and not isinstance(spec, dict):
+            r.fail("rope_parameters", f"entry {kind!r} must be an object or null, got {spec!r}")
+        ropes[kind] = Rope.unrotated(sizes.head_dim) if spec is None else read_rope(
+            r, sizes, spec, "rope_parameters", ("default", "linear"))
+    return _cohere_blocks(r, sizes, [ropes[t] for t in types], [window if t == SLIDING else None for t in types],
+                          interleaved=False)
+
+
+#: The keys of Command R's attention and MLP.
+_COHERE_BLOCK = (
     Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),
     Key("attention_bias", default=False, check=boolean),
+)
+_COHERE = (
+    *_COHERE_BLOCK,
     Key("logit_scale", default=0.0625, check=positive_number),
     Key("use_qk_norm", default=False, check=boolean),
 )
@@ -267,6 +300,11 @@ TABLE: dict[str, Family] = {
     "cohere2": _layer_norm_family(_cohere2, True, _COHERE, _LAYER_TYPES, (  # Command R7B, Command A
         Key("sliding_window", default=4096, check=optional_positive_int),
         Key("sliding_window_pattern", default=4, check=positive_int),
+    )),
+    # Cohere's North-Micro-Vision (the "cohere_compass" wrapper's text_config: ferrum.config.TEXT_WRAPPERS)
+    "cohere_compass_text": _layer_norm_family(_cohere_compass, True, _COHERE_BLOCK, _LAYER_TYPES, (
+        Key("logit_scale", check=optional_positive_number),
+        Key("sliding_window", default=4096, check=optional_positive_int),
     )),
     "persimmon": _layer_norm_family(_persimmon, False, (  # Adept's Persimmon 8B (Fuyu's language model)
         _ungated_key("relu2"),
