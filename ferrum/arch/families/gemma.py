@@ -232,7 +232,8 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
     key/value heads repeated, at load (exact: see ``LayerSpec.stored_head_dim``). E2B / E4B add per-layer inputs
     (hidden_size_per_layer_input, :mod:`ferrum.arch.per_layer`) and last layers that read an earlier layer's keys
     and values (num_kv_shared_layers: ``LayerSpec.kv_source``), twice as wide with use_double_wide_mlp; 26B-A4B
-    runs experts beside every dense MLP (enable_moe_block: :func:`ferrum.moe.spec.gemma4_moe`)."""
+    runs experts beside every dense MLP (enable_moe_block: :func:`ferrum.moe.spec.gemma4_moe`). Gemma 4 unified
+    (gemma4_unified_text) declares neither key: its blocks have neither."""
     r("hidden_activation")
     types = _gemma4_types(r)
     window = r("sliding_window")
@@ -241,7 +242,7 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
     k_eq_v = bool(r("attention_k_eq_v"))
     sources = _gemma4_kv_sources(r, types)
     wide = 2 * sizes.intermediate_size if r("use_double_wide_mlp") else None
-    per_layer = r("hidden_size_per_layer_input")
+    per_layer = r.get("hidden_size_per_layer_input")
 
     def layer(kind: str, source: int | None) -> LayerSpec:
         dim, kv = shapes[kind]
@@ -258,7 +259,7 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
         layer_scalar=True,
         **_gemma4_and_3n_blocks(r, sizes),
     )
-    return gemma4_moe(r, arch) if r("enable_moe_block") else arch  # 26B-A4B: experts beside every dense MLP
+    return gemma4_moe(r, arch) if r.get("enable_moe_block") else arch  # 26B-A4B: experts beside every dense MLP
 
 
 def _gemma3n_widths(r: KeyReader, sizes: Sizes) -> Sizes:
@@ -338,6 +339,36 @@ _GEMMA2_SOFTCAPS = (
     Key("attn_logit_softcapping", default=50.0, check=optional_positive_number),
     Key("final_logit_softcapping", default=30.0, check=optional_positive_number),
 )
+
+
+def _causal_over_text(value: Any) -> str | None:
+    """Gemma 4 unified's use_bidirectional_attention: "vision" has image tokens attend each other both ways and text
+    causally, which is causal over text alone; "all" is not a causal LM."""
+    if value in (None, "vision"):
+        return None
+    return (f"is {value!r}, which has every token attend every other (not a causal LM); Ferrum runs null and "
+            "'vision' (text attends causally); use a causal checkpoint")
+
+
+#: Gemma4TextConfig's sizes, for configs that leave them out (after ``_core``).
+_GEMMA4_SIZES = _core_defaults(hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
+                               num_key_value_heads=4, vocab_size=262_144, max_position_embeddings=131_072)
+#: The keys of Gemma 4's attention and dense blocks, as Gemma4TextConfig defaults them.
+_GEMMA4 = (
+    Key("rope_parameters"),
+    Key("hidden_activation", default="gelu_pytorch_tanh", check=one_of("gelu_pytorch_tanh", "gelu_tanh"),
+        unsupported=True),
+    Key("attention_bias", default=False, check=falsy("Gemma 4 releases have no attention biases"), unsupported=True),
+    Key("sliding_window", default=512, check=optional_positive_int),
+    Key("layer_types"),
+    Key("final_logit_softcapping", check=optional_positive_number),
+    Key("global_head_dim", default=512, check=size(4096)),
+    Key("per_layer_config"),  # transformers 5.24 saves it in place of the two keys around
+    Key("num_global_key_value_heads", check=optional_size(4096)),
+    Key("attention_k_eq_v", default=False, check=boolean),
+    Key("num_kv_shared_layers", default=0, check=optional_non_negative_int),
+    Key("use_double_wide_mlp", default=False, check=boolean),
+)
 #: VaultGemma: Gemma 2's blocks without the norms on attention's and the MLP's outputs.
 VAULTGEMMA_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "pre_feedforward_layernorm"}
 
@@ -380,30 +411,25 @@ TABLE: dict[str, Family] = {
     # Google's Gemma 4 text decoders (31B, E2B / E4B, and 26B-A4B's MoE block: ferrum.moe.spec.gemma4_moe);
     # "gemma4" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
     "gemma4_text": Family(
-        _keys(_core(True, 256), _core_defaults(
-            hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
-            num_key_value_heads=4, vocab_size=262_144, max_position_embeddings=131_072,
-        ), (
-            Key("rope_parameters"),
-            Key("hidden_activation", default="gelu_pytorch_tanh", check=one_of("gelu_pytorch_tanh", "gelu_tanh"),
-                unsupported=True),
-            Key("attention_bias", default=False, check=falsy("Gemma 4 releases have no attention biases"),
-                unsupported=True),
+        _keys(_core(True, 256), _GEMMA4_SIZES, _GEMMA4, (
             Key("use_bidirectional_attention", default=None,
                 check=falsy("bidirectional Gemma 4 is not a causal LM; use a causal checkpoint"), unsupported=True),
-            Key("sliding_window", default=512, check=optional_positive_int),
-            Key("layer_types"),
-            Key("final_logit_softcapping", check=optional_positive_number),
-            Key("global_head_dim", default=512, check=size(4096)),
-            Key("per_layer_config"),  # transformers 5.24 saves it in place of the two keys around
-            Key("num_global_key_value_heads", check=optional_size(4096)),
-            Key("attention_k_eq_v", default=False, check=boolean),
             Key("hidden_size_per_layer_input", default=256, check=optional_non_negative_int),
             Key("vocab_size_per_layer_input", default=262_144, check=size(1 << 24)),
-            Key("num_kv_shared_layers", default=0, check=optional_non_negative_int),
-            Key("use_double_wide_mlp", default=False, check=boolean),
             Key("enable_moe_block", default=False, check=boolean),
         ), MOE_KEYS["gemma4_text"]),
+        _gemma4,
+        kv_heads=_gemma4_kv_heads,
+        head_dim=_gemma4_head_dim,
+    ),
+    # Google's Gemma 4 unified (encoder-free multimodal: patches and audio frames projected straight into the
+    # decoder): Gemma 4's text decoder without per-layer inputs or experts, its keys unread as transformers leaves
+    # them; "gemma4_unified" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
+    "gemma4_unified_text": Family(
+        _keys(_core(True, 256), _GEMMA4_SIZES, _core_defaults(max_position_embeddings=262_144), _GEMMA4, (
+            Key("sliding_window", default=1024, check=optional_positive_int),
+            Key("use_bidirectional_attention", default="vision", check=_causal_over_text, unsupported=True),
+        )),
         _gemma4,
         kv_heads=_gemma4_kv_heads,
         head_dim=_gemma4_head_dim,
