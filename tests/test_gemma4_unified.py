@@ -138,6 +138,35 @@ def test_config_defaults_are_transformers():
     assert as_gemma4.arch.layers[0].window != config.arch.layers[0].window
 
 
+def test_reads_the_12b_release_config():
+    """Gemma 4 12B's config.json (its text_config abridged to the keys that size or shape the model): the keys
+    transformers leaves unread for this family (per-layer inputs, experts) are left unread here too."""
+    types = (["sliding_attention"] * 5 + ["full_attention"]) * 8
+    text = {"model_type": "gemma4_unified_text", "attention_bias": False, "attention_k_eq_v": True,
+            "enable_moe_block": False, "final_logit_softcapping": 30.0, "global_head_dim": 512, "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3840, "hidden_size_per_layer_input": 0,
+            "intermediate_size": 15360, "layer_types": types, "max_position_embeddings": 262144,
+            "moe_intermediate_size": None, "num_attention_heads": 16, "num_experts": None,
+            "num_global_key_value_heads": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
+            "num_kv_shared_layers": 0, "rms_norm_eps": 1e-6, "sliding_window": 1024, "tie_word_embeddings": True,
+            "rope_parameters": {
+                "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1e6, "rope_type": "proportional"},
+                "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}},
+            "top_k_experts": None, "use_bidirectional_attention": "vision", "use_double_wide_mlp": False,
+            "vocab_size": 262144, "vocab_size_per_layer_input": 262144, "eos_token_id": 1, "bos_token_id": 2}
+    config = ModelConfig.from_dict({
+        "model_type": "gemma4_unified", "architectures": ["Gemma4UnifiedForConditionalGeneration"],
+        "text_config": text, "tie_word_embeddings": True, "vision_config": {"model_type": "gemma4_unified_vision"},
+        "audio_config": {"model_type": "gemma4_unified_audio"}})
+    arch = config.arch
+    assert (config.model_type, config.head_dim, config.num_kv_heads, config.max_seq_len) == (
+        "gemma4_unified_text", 512, 8, 262144)
+    assert (arch.per_layer_inputs, arch.moe, arch.final_softcap) == (None, None, 30.0)
+    full, sliding = arch.layers[5], arch.layers[0]
+    assert (full.window, full.stored_kv_heads, full.values_are_keys, full.rope.rotary_dim) == (None, 1, True, 128)
+    assert (sliding.window, sliding.stored_head_dim, sliding.stored_kv_heads) == (1024, 256, None)
+
+
 @pytest.mark.parametrize("key, value, error", [
     ("use_bidirectional_attention", "all", UnsupportedFeatureError),
     ("attention_bias", True, UnsupportedFeatureError),
