@@ -123,6 +123,14 @@ def test_release_keys_read_as_per_layer_config(checkpoints):
     assert ModelConfig.from_dict({**release, "attention_k_eq_v": False}).arch.layers[2].stored_kv_heads is None
 
 
+def test_vision_bidirectional_attention_is_causal_over_text(checkpoints):
+    """The larger releases' text_config says "vision" (image tokens attend each other both ways); transformers runs
+    text causally then, so it is the same model as null, not a refusal."""
+    folder, _ = checkpoints["k_eq_v"]
+    saved = json.loads((folder / "config.json").read_text())
+    assert ModelConfig.from_dict({**saved, "use_bidirectional_attention": "vision"}) == ModelConfig.from_dict(saved)
+
+
 @pytest.mark.parametrize("key,value,error", [
     ("attention_bias", True, UnsupportedFeatureError),
     ("use_bidirectional_attention", "all", UnsupportedFeatureError),

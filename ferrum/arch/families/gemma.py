@@ -342,7 +342,7 @@ _GEMMA2_SOFTCAPS = (
 
 
 def _causal_over_text(value: Any) -> str | None:
-    """Gemma 4 unified's use_bidirectional_attention: "vision" has image tokens attend each other both ways and text
+    """Gemma 4's use_bidirectional_attention: "vision" has image tokens attend each other both ways and text
     causally, which is causal over text alone; "all" is not a causal LM."""
     if value in (None, "vision"):
         return None
@@ -412,8 +412,8 @@ TABLE: dict[str, Family] = {
     # "gemma4" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
     "gemma4_text": Family(
         _keys(_core(True, 256), _GEMMA4_SIZES, _GEMMA4, (
-            Key("use_bidirectional_attention", default=None,
-                check=falsy("bidirectional Gemma 4 is not a causal LM; use a causal checkpoint"), unsupported=True),
+            # the larger releases' "vision" (image tokens both ways) is causal over text, as transformers runs it
+            Key("use_bidirectional_attention", default=None, check=_causal_over_text, unsupported=True),
             Key("hidden_size_per_layer_input", default=256, check=optional_non_negative_int),
             Key("vocab_size_per_layer_input", default=262_144, check=size(1 << 24)),
             Key("enable_moe_block", default=False, check=boolean),
