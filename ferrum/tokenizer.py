@@ -380,6 +380,7 @@ class IncrementalDetokenizer:
         held, self._echo = self._unfinished_character()
         self._prefix = 0  # window start
         self._read = len(self._ids) - held  # tokens already turned into emitted text
+        self.earlier = 0  # of the last push's text, the characters earlier tokens hold (see push)
 
     def _unfinished_character(self) -> tuple[int, str]:
         """How many of the prompt's last tokens hold a character it stops part way through, and the text those
@@ -399,14 +400,23 @@ class IncrementalDetokenizer:
         return held, covered[: len(covered) - len(pending)].decode("utf-8", "replace")
 
     def push(self, token: int) -> str:
-        """Add one token; return the text it completes (maybe empty)."""
+        """Add one token; return the text it completes (maybe empty). :attr:`earlier` says how much of it the tokens
+        held before it hold: bytes of a character this token did not complete, each shown as U+FFFD."""
         self._ids.append(token)
+        self.earlier = 0
         prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
         full_text = self._tok.decode(self._ids[self._prefix :], self._skip)
         if (full_text.endswith("\ufffd") and self._ends_inside_a_character()) or len(full_text) <= len(prefix_text):
             return ""
+        if self._read < len(self._ids) - 1:  # tokens held for a character: did this one complete it?
+            held_text = self._tok.decode(self._ids[self._prefix : -1], self._skip)
+            if full_text.startswith(held_text):  # no: their U+FFFD come first, as they were
+                self.earlier = len(held_text) - len(prefix_text)
         self._prefix, self._read = self._read, len(self._ids)
-        return self._without_echo(full_text[len(prefix_text) :])
+        text = full_text[len(prefix_text) :]
+        shown = self._without_echo(text)
+        self.earlier = max(0, self.earlier - (len(text) - len(shown)))
+        return shown
 
     def _without_echo(self, text: str) -> str:
         text, self._echo = text.removeprefix(self._echo), ""

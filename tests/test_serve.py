@@ -282,6 +282,22 @@ def test_text_offsets_index_the_text_where_tokens_split_characters(server):
     assert whole.logprobs.text_offset[-1] <= len(whole.text)
 
 
+def test_a_token_after_bytes_it_does_not_complete_starts_after_their_replacement_characters(llm):
+    """A lone lead byte followed by a token that does not continue it decodes as U+FFFD and that token's text, both
+    emitted with the second token: its offset is past the U+FFFD (it was credited the U+FFFD's)."""
+    from ferrum.serve.handlers import TextOffsets
+
+    tok = llm.tokenizer
+    single = {tok.token_bytes(i): i for i in range(llm.model.config.vocab_size) if len(tok.token_bytes(i)) == 1}
+    lead, ascii_ = next(i for b, i in single.items() if 0xC2 <= b[0] <= 0xF4), single[b"&"]
+    ids = [ascii_, lead, ascii_, lead, lead, ascii_, ascii_]
+    text, offsets = tok.decode(ids), TextOffsets(tok, 0).of(ids)
+    assert text.count("\ufffd") == 3 and offsets == sorted(offsets)
+    for token, offset in zip(ids, offsets):
+        if token == ascii_:
+            assert text[offset] == "&", (text, offsets)
+
+
 def _log_softmax(llm, tokens) -> np.ndarray:
     """Row ``i``: float64 log-probabilities of the token after ``tokens[i]``, from one forward pass."""
     logits = llm.model.forward_verify("logsm-check", list(tokens)).astype(np.float64)

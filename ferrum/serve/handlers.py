@@ -363,8 +363,13 @@ class TextOffsets:
     def of(self, tokens: Iterable[int]) -> list[int]:
         offsets = []
         for token in tokens:
-            offsets.append(self.at)
-            self.at += len(self._detokenizer.push(token) if self._detokenizer is not None else str(token))
+            if self._detokenizer is None:
+                offsets.append(self.at)
+                self.at += len(str(token))
+                continue
+            text = self._detokenizer.push(token)
+            offsets.append(self.at + self._detokenizer.earlier)  # after the U+FFFD of bytes it did not complete
+            self.at += len(text)
         return offsets
 
 
