@@ -55,19 +55,21 @@ def _within_logit_range(value: float) -> bool:
     return -1e4 <= value <= 1e4
 
 
-def _integer(name: str, value: Any, minimum: int) -> None:
+def _integer(name: str, value: Any, minimum: int, param: str | None = None) -> None:
+    """``value`` an integer of at least ``minimum``; ``param`` names the field it came from (default ``name``)."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        _bad(f"{name} must be an integer >= {minimum}, got {value!r}", name)
+        _bad(f"{name} must be an integer >= {minimum}, got {value!r}", param or name)
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _number(name: str, value: Any, ok: Callable[[float], bool] | None = None, rule: str = "") -> None:
+def _number(name: str, value: Any, ok: Callable[[float], bool] | None = None, rule: str = "",
+            param: str | None = None) -> None:
     if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or not math.isfinite(value):
-        _bad(f"{name} must be a finite number{' ' + rule if rule else ''}, got {value!r}", name)
+        _bad(f"{name} must be a finite number{' ' + rule if rule else ''}, got {value!r}", param or name)
     if ok is not None and not ok(float(value)):
-        _bad(f"{name} must be {rule}, got {value!r}", name)
+        _bad(f"{name} must be {rule}, got {value!r}", param or name)
 
 
 @dataclass(frozen=True)
@@ -136,15 +138,15 @@ class SamplingParams:
             _bad(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
         bias = {}
         for token, value in self.logit_bias.items():
-            _integer("a logit_bias token id", token, 0)
-            _number(f"logit_bias[{token}]", value, _within_logit_range, _LOGIT_RANGE)
+            _integer("a logit_bias token id", token, 0, "logit_bias")
+            _number(f"logit_bias[{token}]", value, _within_logit_range, _LOGIT_RANGE, "logit_bias")
             bias[int(token)] = float(value)
         stop_ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, (int, np.integer)) else self.stop_token_ids
         if isinstance(stop_ids, (str, bytes, Mapping)) or not isinstance(stop_ids, Iterable):
             _bad(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         stop_ids = tuple(stop_ids)
         for token in stop_ids:
-            _integer("a stop token id", token, 0)
+            _integer("a stop token id", token, 0, "stop_token_ids")
         stops = (self.stop,) if isinstance(self.stop, str) else self.stop
         if isinstance(stops, Mapping) or not isinstance(stops, Iterable):
             _bad(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")

@@ -224,6 +224,15 @@ def test_invalid_parameters_are_refused(bad):
         SamplingParams(**bad)
 
 
+@pytest.mark.parametrize("field, bad", [("stop_token_ids", [5, -3]), ("logit_bias", {-1: 1.0}),
+                                        ("logit_bias", {5: float("nan")})])
+def test_a_bad_entry_of_a_collection_names_its_field(field, bad):
+    """The error's param is the request field (a client's 400 points at it), not the entry's description."""
+    with pytest.raises(InvalidRequestError) as caught:
+        SamplingParams(**{field: bad})
+    assert caught.value.param == field
+
+
 def test_collections_given_as_iterators_are_kept():
     """A generator of stop strings was used up by the check and stored empty: generation never stopped."""
     params = SamplingParams(stop=(s for s in ["\n", "."]), stop_token_ids=iter([5, np.int64(6)]))
