@@ -249,7 +249,7 @@ class Tokenizer:
         taken = sorted(set(extra) & _TEMPLATE_VARIABLES)
         if taken:
             raise InvalidRequestError(f"chat template variable {taken[0]!r} is set from the request itself; "
-                                      "leave it out of the template kwargs")
+                                      "leave it out of the template kwargs", param="chat_template_kwargs")
         template = _compile(source)
         try:
             return rendered(template.generate(

@@ -497,6 +497,8 @@ def test_tokenize_and_detokenize(server, llm):
     messages = [{"role": "user", "content": text}]
     chat = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
     assert chat["tokens"] == llm.encode_prompt(messages)
+    # false is the messages' default (vLLM's); true would add the tokenizer's BOS to the template's, which is refused
+    assert httpx.post(server.url + "/tokenize", json={"messages": messages, "add_special_tokens": False}).json() == chat
     back = httpx.post(server.url + "/detokenize", json={"tokens": bare["tokens"]}).json()
     assert back == {"prompt": text}
     # special tokens are kept, as vLLM's (Hugging Face's decode) keeps them: a chat's ids come back as its text
@@ -504,7 +506,8 @@ def test_tokenize_and_detokenize(server, llm):
     assert rendered == llm.tokenizer.decode(chat["tokens"], skip_special_tokens=False)
     assert llm.tokenizer.encode(rendered, add_special_tokens=False) == chat["tokens"]
     for path, body, param in [("/detokenize", {"tokens": [10**6]}, "tokens"), ("/tokenize", {}, "prompt"),
-                              ("/tokenize", {"prompt": "a", "messages": messages}, "prompt")]:
+                              ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+                              ("/tokenize", {"messages": messages, "add_special_tokens": True}, "add_special_tokens")]:
         response = httpx.post(server.url + path, json=body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 

@@ -106,8 +106,9 @@ def test_thinking_comes_back_as_reasoning_content(reasoning_model):
         # chat_template_kwargs reach the template: no <think> opened, so the reply is all answer
         message = _ask(srv, reply_id, extra_body={"chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
         assert message.content == REPLY and message.model_extra["reasoning_content"] is None
-        with pytest.raises(openai.BadRequestError, match="'messages' is set from the request itself"):
+        with pytest.raises(openai.BadRequestError, match="'messages' is set from the request itself") as caught:
             _ask(srv, reply_id, extra_body={"chat_template_kwargs": {"messages": []}})
+        assert caught.value.param == "chat_template_kwargs"  # the field at fault, not the messages
     finally:
         assert srv.stop(), srv.log.read_text()
 

@@ -187,6 +187,8 @@ def _encoding_error(error: FerrumError, prompt: Any, param: str) -> APIError:
     whose arguments are no JSON object, it names that call, the likely cause (templates that read arguments as an
     object cannot render text)."""
     where = raw_arguments_in(prompt) if isinstance(error, ChatTemplateError) else None
+    if getattr(error, "param", None) not in (None, "prompt"):  # another field of the request (template kwargs)
+        param = error.param
     if isinstance(error, ContextLengthExceededError):  # a text too long is refused before it is encoded
         return APIError(400, str(error), param=param, code="context_length_exceeded")
     if where is None:
@@ -680,7 +682,7 @@ def tokenize_now(state: ServerState, body: TokenizeRequest) -> dict:
     messages = None if body.messages is None else template_messages(body.messages)
     try:
         if messages is None:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
         else:
             ids = tok.encode_chat(messages, body.tools, body.add_generation_prompt, body.chat_template_kwargs)
     except FerrumError as error:

@@ -331,12 +331,17 @@ class TokenizeRequest(Body):
     messages: list[ChatMessage] | None = None
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    add_special_tokens: StrictBool = True  # a text prompt's BOS; a chat template writes its own
+    #: A text prompt's BOS (default true); a chat template writes its own (default false, as vLLM's).
+    add_special_tokens: StrictBool | None = None
     add_generation_prompt: StrictBool = True
 
     def check_supported(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise APIError(400, "send either prompt (text) or messages (chat)", param="prompt")
+        if self.messages is not None and self.add_special_tokens:
+            raise APIError(400, "add_special_tokens true with messages would add the tokenizer's special tokens to "
+                           "the chat template's own, which Ferrum does not do; leave it out or false",
+                           param="add_special_tokens")
         if self.tools is not None:
             self.tools = check_tools(self.tools)
 
