@@ -14,6 +14,7 @@ layers reuse the previous layer's selection and store no indexer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ferrum.arch.keys import Key, KeyReader, optional_non_negative_int, positive_int
 
@@ -32,9 +33,9 @@ class IndexerSpec:
     topk: int  # index_topk: the keys each query attends, and so the context Ferrum runs exactly
     layers: tuple[bool, ...]  # per layer: it stores an indexer ("full"), or reuses the previous one's ("shared")
 
-    def tensors(self, hidden: int, q_lora_rank: int) -> dict[str, tuple[int, ...]]:
+    def tensors(self, hidden: int, arch: Any) -> dict[str, tuple[int, ...]]:
         """One indexed layer's indexer tensors as the checkpoint stores them (names relative to the layer)."""
-        return {f"{INDEXER}wq_b.weight": (self.heads * self.head_dim, q_lora_rank),
+        return {f"{INDEXER}wq_b.weight": (self.heads * self.head_dim, arch.mla.q_lora_rank),
                 f"{INDEXER}wk.weight": (self.head_dim, hidden),
                 f"{INDEXER}k_norm.weight": (self.head_dim,), f"{INDEXER}k_norm.bias": (self.head_dim,),
                 f"{INDEXER}weights_proj.weight": (self.heads, hidden)}

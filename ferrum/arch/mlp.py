@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
-from ferrum.arch.norms import NORM_KINDS, SUB_NORMS
+from ferrum.arch.norms import NORM_KINDS, SUB_NORMS, norms_dtype
 from ferrum.arch.rowwise import gaussian_top_k
 from ferrum.moe.beside import DenseAndShortcut, DenseBesideMoe
 from ferrum.moe.kind import Moe
@@ -132,12 +132,12 @@ class Dense:
         return shapes
 
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
-        """Phi-3's ``gate_up_proj`` holds the gate rows, then the up rows."""
-        from ferrum.arch.tensors import rows
+        """Phi-3's ``gate_up_proj`` holds the gate rows, then the up rows (each the layer's width)."""
+        from ferrum.arch.tensors import _layer_of, rows
 
         if ".gate_up_proj." not in name:
             return [(name, tensor)]
-        inter = config.intermediate_size
+        inter = width(config, _layer_of(name, config.arch.prefix))
         return [(name.replace("gate_up_proj", "gate_proj"), rows(tensor, 0, inter)),
                 (name.replace("gate_up_proj", "up_proj"), rows(tensor, inter, 2 * inter))]
 
@@ -145,12 +145,13 @@ class Dense:
               config: Any, layer: int) -> GatedMLP:
         from ferrum.arch.tensors import projection_group
 
-        act = gated_activation(ops, config.arch.activation)
-        inter = width(config, layer)
-        sparsity = config.arch.layers[layer].gate_sparsity
+        arch, inter = config.arch, width(config, layer)
+        act = gated_activation(ops, arch.activation)
+        if arch.clamped_swiglu is not None:  # MiniMax-M3's, in the dtype its norms are placed in
+            act = arch.clamped_swiglu.composed(ops, inter, norms_dtype(config, tensor, layer))
+        sparsity = arch.layers[layer].gate_sparsity
         if sparsity:  # Gemma 3n: the gate cut to its largest values first, in the dtype its norms are placed in
-            dtype = dtype_name(tensor(f"{config.arch.norms['pre_mlp']}.weight"))
-            act = gaussian_top_k(ops, act, inter, sparsity, dtype)
+            act = gaussian_top_k(ops, act, inter, sparsity, norms_dtype(config, tensor, layer))
         gate_up = projection_group(ops, tensor, linear, "mlp.gate_up_proj", (inter, inter))
         norm = None
         if config.arch.sub_norms:

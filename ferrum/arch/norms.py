@@ -34,3 +34,10 @@ SUB_NORMS = {"attn": "self_attn.attn_sub_norm", "mlp": "mlp.ffn_sub_norm"}
 
 #: Kinds by name: ``kind(ops, eps) -> (norm(x, weights), add_norm(x, h, weights) -> (norm(x + h), x + h))``.
 NORM_KINDS: dict[str, Callable[[Any, float], NormFns]] = {"rms": rms, "layer": layer}
+
+
+def norms_dtype(config: Any, tensor: Callable[[str], Any], layer: int) -> str:
+    """The dtype layer ``layer``'s norms are placed in (the compute dtype), for constants composed beside them."""
+    from ferrum.reference_ops import dtype_name  # imported here: a light module stays light to import
+
+    return dtype_name(tensor(f"{config.arch.layers[layer].block_norms(config.arch)['pre_mlp']}.weight"))

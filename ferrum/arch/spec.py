@@ -130,6 +130,9 @@ class Architecture:
     #: "gelu_tanh" | "gelu" (exact) | "relu" (OPT) | "relu2" (``relu(x) ** 2``: Nemotron, Arcee) | "xielu" (Apertus:
     #: its slopes learned per layer, ``mlp.act_fn.*``).
     activation: str = "silu"
+    #: gpt-oss's clamped SwiGLU (:class:`ferrum.moe.activation.ClampedSwiGLU`), which the gated MLPs run in place of
+    #: ``activation``'s op, composed from the ops (MiniMax-M3's dense MLPs); None: ``activation``.
+    clamped_swiglu: Any = None
     embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype; Granite's multiplier
     #: The token embeddings normed (the blocks' kind of norm) before the first block: nanochat's without a weight,
     #: BLOOM's with its own ``embed_norm`` weights (``word_embeddings_layernorm``) where ``norm_params``.

@@ -134,7 +134,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             if layer.beside is not None:
                 own.update(mixer_spec(arch, layer.beside).tensors(h))
         if arch.indexer is not None and arch.indexer.layers[i]:
-            own.update(arch.indexer.tensors(h, arch.mla.q_lora_rank))
+            own.update(arch.indexer.tensors(h, arch))
         if arch.layer_scalar:
             own["layer_scalar"] = (1,)
         if arch.per_layer_inputs is not None:
@@ -750,17 +750,20 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     if config.arch.fused_gate_up:
         config = _unfused_gate_up_layout(config, stored)
     if config.arch.moe is not None:
-        config = _fused_experts_layout(config, stored)
+        config = _unfused_shared_layout(_fused_experts_layout(config, stored), stored)
     if config.arch.transposed and _stored_untransposed(config, stored):
         config = replace(config, arch=replace(config.arch, transposed=False))
     return config
 
 
 def _holds_modules(stored: Mapping[str, tuple[int, ...]], modules: Any) -> bool:
-    """Whether the checkpoint holds a tensor in each of ``modules`` (a family's own layout may share the prefix and
-    embedding of its usual one and rename only some modules: mlx-lm's LFM2-MoE conversions, the dense MLPs)."""
-    dotted = [f".{name}" for name in stored]
-    return all(any(f".{module}." in name for name in dotted) for module in modules)
+    """Whether the checkpoint holds a tensor in (or named) each of ``modules`` (a family's own layout may share the
+    prefix and embedding of its usual one and rename only some modules: mlx-lm's LFM2-MoE conversions, the dense
+    MLPs); a stack of experts (``M.switch_mlp.*``) is held where ``M``'s experts are, stacked, fused or per expert."""
+    dotted = [f".{name}." for name in stored]
+    wanted = {module.split(".switch_mlp.")[0] + ".experts" if ".switch_mlp." in module and not any(
+        f".{module}." in name for name in dotted) else module for module in modules}
+    return all(any(f".{module}." in name for name in dotted) for module in wanted)
 
 
 def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
@@ -795,8 +798,25 @@ def _unfused_gate_up_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) 
     layer = next((i for i, spec in enumerate(arch.layers) if spec.mlp == "dense"), None)
     if layer is None or f"{arch.prefix}layers.{layer}.mlp.gate_proj.weight" not in stored:
         return config
-    names = {ours: theirs for ours, theirs in arch.stored_names.items() if not ours.startswith("mlp.")}
+    names = {ours: theirs for ours, theirs in arch.stored_names.items() if ours not in _DENSE_MLP}
     return replace(config, arch=replace(arch, fused_gate_up=False, stored_names=names))
+
+
+#: The dense MLP's modules under Llama's names (fused or not).
+_DENSE_MLP = ("mlp.gate_up_proj", *FUSED["mlp.gate_up_proj"], "mlp.down_proj")
+
+
+def _unfused_shared_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
+    """A family whose shared expert is stored with gate and up fused (transformers' MiniMax-M3 text model) whose
+    checkpoint holds them apart (its release, and transformers' save of the multimodal wrapper) is read so."""
+    arch, moe = config.arch, config.arch.moe
+    layer = next((i for i, spec in enumerate(arch.layers) if spec.mlp == "moe"), None)
+    if layer is None or not moe.shared_fused:
+        return config
+    gate = stored_name(arch, f"{arch.prefix}layers.{layer}.{moe.at(moe.shared_module)}.gate_proj.weight")
+    if gate not in stored and gate.removesuffix(".weight") + ".scales" not in stored:
+        return config
+    return replace(config, arch=replace(arch, moe=replace(moe, shared_fused=False)))
 
 
 def _fused_experts_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:

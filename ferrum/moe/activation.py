@@ -7,6 +7,7 @@ gate projection (``moe_experts`` then gets ``gate`` None)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,6 +38,24 @@ class ClampedSwiGLU:
         u = np.clip(np.asarray(up, dtype=np.float32), -self.limit, self.limit)
         return (u + np.float32(self.up_offset)) * g / (1.0 + np.exp(-self.alpha * g))
 
+    def composed(self, ops: Any, width: int, dtype: str) -> Callable[[Any, Any], Any]:
+        """``act(gate, up)`` on ``[T, width]`` arrays of ``dtype``, composed from the ops table (no op runs it whole;
+        MiniMax-M3's dense MLPs and shared experts run it outside ``moe_experts``): ``min(gate, limit)`` as ``gate -
+        relu(gate - limit)``, the limit a constant row (:class:`ferrum.arch.rowwise.RowOps`), ``(u + 1) * s`` as
+        ``u * s + s``."""
+        from ferrum.arch.rowwise import RowOps  # imported here: ferrum.arch reads these records
+
+        rows = RowOps(ops, width, dtype)
+        below = ops.from_numpy(np.full(width, -self.limit, dtype=np.float32), dtype)
+
+        def act(gate: Any, up: Any) -> Any:
+            over = ops.relu(ops.add(gate, rows.constant(gate, below)))
+            g = ops.add(gate, ops.mul_scalar(over, -1.0))
+            swish = ops.sigmoid_mul(ops.mul_scalar(g, self.alpha), g)
+            return ops.add(ops.mul(ops.clip(up, self.limit), swish), swish)
+
+        return act
+
 
 @dataclass(frozen=True)
 class GeluTanhGLU:
@@ -48,6 +67,10 @@ class GeluTanhGLU:
     gated = True
     since = (1, 16)
     op = "gelu_tanh_mul"
+
+    def composed(self, ops: Any, width: int, dtype: str) -> Callable[[Any, Any], Any]:
+        """``act(gate, up)`` on the backend: its op."""
+        return ops.gelu_tanh_mul
 
     def host(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """The activation on host arrays, in float32 (torch's tanh approximation of GELU)."""

@@ -27,9 +27,10 @@ class MoeMLP:
     output is taken whole (the route run once more normalized gives those
     weights of 1, the top-1 weight over itself). ``router_norm`` (Gemma 4):
     the router reads its input through this norm. ``router_softcap`` (Laguna): the logits soft-capped in float32
-    before routing. ``shared_act`` (Nemotron 3 Nano): the shared expert is
-    ungated, ``down(shared_act(up(x)))``, its ``gate`` None; else it runs SwiGLU. ``zero`` (LongCat-Flash): the
-    router may choose identity experts, :class:`ferrum.moe.zero.ZeroExperts`, which weigh ``x`` itself.
+    before routing. ``shared_act``: the shared expert's activation where not SwiGLU, the
+    experts' (Nemotron 3 Nano's ungated ``down(shared_act(up(x)))``, its ``gate`` None; MiniMax-M3's clamped
+    SwiGLU). ``zero`` (LongCat-Flash): the router may choose identity experts,
+    :class:`ferrum.moe.zero.ZeroExperts`, which weigh ``x`` itself.
     ``output_bias`` (JetMoE): ``x -> [T, hidden]``, a bias on every row, added once the experts are summed.
     """
 
@@ -72,7 +73,8 @@ class MoeMLP:
         shared_out = shared_logit = None
         if self.shared is not None:
             gate, up, down = self.shared
-            shared_out = down(ops.silu_mul(gate(x), up(x)) if self.shared_act is None else self.shared_act(up(x)))
+            act = ops.silu_mul if self.shared_act is None else self.shared_act
+            shared_out = down(act(up(x)) if gate is None else act(gate(x), up(x)))
             if self.shared_gate is not None:
                 shared_logit = self.shared_gate(x)
         r = x if router_x is None else router_x

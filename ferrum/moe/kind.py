@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ferrum.arch.norms import NORM_KINDS
+from ferrum.arch.norms import NORM_KINDS, norms_dtype
 from ferrum.arch.rowwise import RowOps
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
@@ -100,7 +100,10 @@ class Moe:
         if spec.shared_expert_size:
             shared = tuple(linear(at(f"{spec.shared_module}.{p}")) if p in stored else None for p in SWITCH)
             shared_gate = None if spec.shared_gate is None else linear(at(spec.shared_gate))
-        shared_act = None if spec.gated else getattr(ops, spec.activation.op)  # an ungated expert's, shared too
+        shared_act = None  # SwiGLU; else the experts' activation, the shared expert's too
+        if shared is not None and spec.activation is not None:
+            shared_act = (spec.activation.composed(ops, spec.shared_expert_size, norms_dtype(config, tensor, layer))
+                          if spec.gated else getattr(ops, spec.activation.op))
         routing = route = None
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None:
