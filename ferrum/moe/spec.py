@@ -37,6 +37,9 @@ LAYOUT = {
     "llama4_text": ("feed_forward", ("gate_proj", "up_proj", "down_proj")),  # its own layouts (fused_gate_up)
     "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2")),
     "minimax": ("block_sparse_moe", ("w1", "w3", "w2")),
+    # transformers' text model: fused under mlp; the release's block_sparse_moe.experts.{e}.w1 / w3 / w2 are renamed
+    # to these (the family's own layout) and read per expert
+    "minimax_m3_vl_text": ("mlp", ("w1", "w3", "w2")),
     "flex_olmo": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "solar_open": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "mellum": ("mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -121,6 +124,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "exaone_moe": ("num_experts",),
                 "llama4_text": ("num_local_experts",),
                 "minimax_m2": ("num_experts", "num_local_experts"),  # the former its attribute_map's alias
+                "minimax_m3_vl_text": ("num_experts", "num_local_experts"),  # the former its attribute_map's alias
                 "flex_olmo": ("num_local_experts", "num_experts"),  # the former its attribute_map's alias
                 "solar_open": ("num_local_experts", "n_routed_experts"),  # the former its attribute_map's alias
                 "mellum": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
@@ -575,6 +579,17 @@ KEYS: dict[str, tuple[Key, ...]] = {
     # Laguna (LagunaConfig's defaults): sigmoid scores chosen with a correction bias, always renormalized, scaled,
     # beside an ungated shared expert, the first layer dense; mlx-lm's moe_router_score_func, which transformers
     # ignores, refused where it asks for another rule
+    # MiniMax-M3 (MiniMaxM3VLTextConfig's defaults): sigmoid routing with a correction bias, renormalized, scaled,
+    # beside one shared expert; the release's keys transformers ignores refused where they ask for another rule
+    "minimax_m3_vl_text": (*_COUNT["minimax_m3_vl_text"], Key("num_experts_per_tok", default=4, check=positive_int),
+                           Key("shared_intermediate_size", default=3072, check=positive_int),
+                           Key("routed_scaling_factor", default=2.0, check=positive_number),
+                           Key("swiglu_alpha", default=1.702, check=positive_number),
+                           Key("swiglu_limit", default=7.0, check=positive_number),
+                           Key("mlp_layer_types", check=_mlp_layer_types),
+                           Key("n_shared_experts", default=1, unsupported=True, check=one_of(None, 1)),
+                           Key("scoring_func", default="sigmoid", unsupported=True, check=one_of(None, "sigmoid")),
+                           Key("use_routing_bias", default=True, unsupported=True, check=one_of(None, True))),
     "laguna": (*_COUNT["laguna"], Key("num_experts_per_tok", default=8, check=positive_int),
                Key("moe_intermediate_size", default=512, check=positive_int),
                Key("shared_expert_intermediate_size", default=512, check=positive_int),
@@ -597,9 +612,8 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
-                  "laguna": 256, "granitemoe_swa": 8, "lara_mini": 128, "jetmoe": 8,
-                  "hy_v4": 256,
-                  "bailing_hybrid": 512}
+                  "laguna": 256, "minimax_m3_vl_text": 128, "granitemoe_swa": 8, "lara_mini": 128, "jetmoe": 8,
+                  "hy_v4": 256, "bailing_hybrid": 512}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -944,6 +958,20 @@ def _laguna(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, 
     return spec, _listed_sparse(r, layers, [i > 0 for i in range(layers)])
 
 
+def _minimax_m3(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """MiniMax-M3's sparse MLP as transformers runs it (``MiniMaxM3VLSparseMoeBlock``): a router ``gate`` in the
+    compute dtype whose sigmoid scores, plus ``gate.e_score_correction_bias`` (float32), choose the top-k, weighed
+    by their uncorrected scores renormalized, times routed_scaling_factor; experts of intermediate_size and an
+    ungated ``shared_experts`` MLP of shared_intermediate_size added after, all running gpt-oss's clamped SwiGLU
+    (swiglu_alpha, swiglu_limit; gate and up not interleaved), stored fused as transformers saves its text model.
+    Sparse layers as mlp_layer_types lists them (the release's moe_layer_freq is read as it), else all."""
+    spec = MoeSpec(*LAYOUT["minimax_m3_vl_text"], count, top_k, sizes.intermediate_size, True,
+                   r("shared_intermediate_size"), shared_module="shared_experts", shared_gate=None, shared_fused=True,
+                   activation=ClampedSwiGLU(float(r("swiglu_alpha")), float(r("swiglu_limit"))),
+                   routing="sigmoid_grouped", routed_scale=float(r("routed_scaling_factor")))
+    return spec, _listed_sparse(r, sizes.num_layers, [True] * sizes.num_layers)
+
+
 def _lara_mini(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
     """Lara Mini's sparse MLP as transformers saves and runs it (``LaraMiniSparseMoeBlock``): a float32 router ``gate``
     whose softmax's top-k weigh the experts, renormalized where norm_topk_prob; SwiGLU experts of
@@ -1068,6 +1096,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "flint": lambda r, model_type, count, top_k, sizes: _flint(r, sizes, count, top_k),
     "laguna": lambda r, model_type, count, top_k, sizes: _laguna(r, sizes, count, top_k),
     "lara_mini": lambda r, model_type, count, top_k, sizes: _lara_mini(r, sizes, count, top_k),
+    "minimax_m3_vl_text": lambda r, model_type, count, top_k, sizes: _minimax_m3(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
     "kolibri1": lambda r, model_type, count, top_k, sizes: _kolibri1(r, sizes, count, top_k),
 }

@@ -21,9 +21,11 @@ from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
     optional_positive_number, positive_int, positive_number, size,
 )
+from ferrum.arch import msa
 from ferrum.arch.moa import MoaSpec
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
+from ferrum.moe.activation import ClampedSwiGLU
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 
 
@@ -471,6 +473,67 @@ def _minimax_m2(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: The release's (and transformers' save of the multimodal wrapper's) modules under transformers' text model's names:
+#: the sparse MLP under block_sparse_moe, its correction bias beside the router, the experts and the shared expert
+#: unfused (``ferrum.arch.tensors`` reads them so where stored so), the indexers' modules in self_attn.
+MINIMAX_M3_MOE_NAMES = {"mlp.gate": "block_sparse_moe.gate",
+                        "mlp.gate.e_score_correction_bias": "block_sparse_moe.e_score_correction_bias",
+                        **{f"mlp.{stack}.{p}": f"block_sparse_moe.{stack}.{p}"
+                           for stack in ("switch_mlp", "shared_experts")
+                           for p in ("gate_proj", "up_proj", "down_proj")}}
+MINIMAX_M3_INDEXER_NAMES = {f"{msa.INDEXER}{p}": f"self_attn.index_{p}"
+                            for p in ("q_proj", "k_proj", "q_norm", "k_norm")}
+
+
+def _minimax_m3_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The release's spellings read as transformers' MiniMaxM3VLTextConfig reads them: sparse_attention_config's
+    sizes over the flat index_* keys, its sparse_attention_freq as layer_types and moe_layer_freq as
+    mlp_layer_types where those are not given."""
+    sparse = raw.get("sparse_attention_config") or {}
+    raw = {**raw, **{flat: sparse[nested] for flat, nested in msa.RELEASE_NAMES.items() if nested in sparse}}
+    if raw.get("layer_types") is None and isinstance(sparse.get("sparse_attention_freq"), list):
+        raw["layer_types"] = [msa.SPARSE if f else FULL for f in sparse["sparse_attention_freq"]]
+    if raw.get("mlp_layer_types") is None and isinstance(raw.get("moe_layer_freq"), list):
+        raw["mlp_layer_types"] = ["sparse" if f else "dense" for f in raw["moe_layer_freq"]]
+    return raw
+
+
+def _minimax_m3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MiniMax-M3's text model (transformers' MiniMaxM3VLTextModel): Llama's blocks with Gemma's norms (``1 + w``)
+    everywhere, q and k normed per head before rope on the first rotary dims of each head (rotate-half pairs),
+    dense MLPs of dense_intermediate_size where mlp_layer_types says, all MLPs running gpt-oss's clamped SwiGLU; the
+    sparse MLPs are :func:`ferrum.moe.spec.with_moe`'s. Its "minimax_m3_sparse" layers' block indexers run as dense
+    attention up to their cap (:mod:`ferrum.arch.msa`). transformers reads the rotary dims from
+    partial_rotary_factor alone; the release and other runtimes (mlx-lm, vLLM) read rotary_dim: a config where the
+    two disagree is refused."""
+    key, spec = _rope_spec(r)
+    rotary = r("rotary_dim")
+    dims = _rotary_dim(r, sizes, spec, 1.0)
+    if rotary != dims:
+        r.fail("rotary_dim", f"is {rotary}, but partial_rotary_factor gives {dims} rotary dims of {sizes.head_dim} "
+                             "(transformers reads partial_rotary_factor, MiniMax's code and mlx-lm rotary_dim); make "
+                             f"them agree: partial_rotary_factor {rotary / sizes.head_dim:g} in rope_parameters")
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=5_000_000.0, rotary_dim=dims)
+    r("hidden_act")
+    types = r("layer_types") or [FULL] * sizes.num_layers
+    if not isinstance(types, list) or len(types) != sizes.num_layers or set(types) - {FULL, msa.SPARSE}:
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {FULL!r} / {msa.SPARSE!r}, got {types!r}")
+    dense = r("dense_intermediate_size")
+    indexed = [t == msa.SPARSE for t in types]
+    indexer = msa.read(r, indexed) if any(indexed) else None
+    arch = Architecture(
+        layers=tuple(LayerSpec(None, rope, intermediate_size=dense) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm_offset=1.0, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head",
+        fused_gate_up=True, clamped_swiglu=ClampedSwiGLU(float(r("swiglu_alpha")), float(r("swiglu_limit"))),
+        indexer=indexer, context_limit=None if indexer is None else (indexer.topk, indexer.why),
+        unloaded=r"(^|\.)mtp\.",
+    )
+    arch = with_moe("minimax_m3_vl_text", lambda r, sizes: arch)(r, sizes)
+    names = {**(MINIMAX_M3_MOE_NAMES if any(layer.mlp == "moe" for layer in arch.layers) else {}),
+             **(MINIMAX_M3_INDEXER_NAMES if indexer is not None else {})}
+    return replace(arch, layouts=(("language_model.model.", "language_model.lm_head.weight", names),))
+
+
 #: DBRX's modules under Llama's names (its experts: :mod:`ferrum.moe.dbrx`).
 DBRX_NAMES = {"layers": "blocks", "embed_tokens": "wte", "norm": "norm_f",
               "input_layernorm": "norm_attn_norm.norm_1", "post_attention_layernorm": "norm_attn_norm.norm_2",
@@ -788,6 +851,23 @@ TABLE: dict[str, Family] = {
                                         "('per_layer')"),
         ), MOE_KEYS["minimax_m2"]),
         with_moe("minimax_m2", _minimax_m2),
+    ),
+    "minimax_m3_vl_text": Family(  # MiniMax-M3: Gemma norms, partial rope, clamped SwiGLU, sigmoid routing, indexers
+        _keys(_core(False, head_dim_default=128), _core_defaults(vocab_size=200064, max_position_embeddings=524288),
+              _ROPE, _theta(5_000_000.0), (
+                  Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
+                  Key("rotary_dim", default=64, check=optional_positive_int),
+                  Key("hidden_act"),  # the release's "swigluoai": transformers runs the clamped SwiGLU whatever it says
+                  Key("dense_intermediate_size", default=12288, check=positive_int),
+                  Key("layer_types"), *msa.KEYS,
+                  # the release's keys of MiniMax's code, which transformers ignores: refused where they ask for
+                  # another model than it runs
+                  Key("use_qk_norm", default=True, unsupported=True, check=one_of(None, True)),
+                  Key("use_gemma_norm", default=True, unsupported=True, check=one_of(None, True)),
+                  Key("qk_norm_type", default="per_head", unsupported=True, check=one_of(None, "per_head")),
+              ), MOE_KEYS["minimax_m3_vl_text"]),
+        _minimax_m3,
+        derive=_minimax_m3_config,
     ),
     "dbrx": Family(  # Databricks' DBRX: biasless LayerNorms, fused clipped q/k/v, experts under ffn on every layer
         _keys((
