@@ -125,7 +125,8 @@ class Attention(MixerKind):
 
         def project(x: Any, h: Any, positions: Any) -> tuple:
             q, *kv = layer.qkv(x)  # q alone in a layer that reads another's keys and values
-            qk, v = [q, *kv[:1]], kv[1:]
+            # the output gate where the projections make it themselves (A.X-K2's latent queries, ferrum.arch.mla)
+            qk, v, made = [q, *kv[:1]], kv[1:2], kv[2:]
             if norm_at == "projection":
                 qk = norm_qk(*qk)
             if clip is not None:
@@ -142,7 +143,7 @@ class Attention(MixerKind):
                 qk = norm_qk(*qk)
             if parallel:  # the MLP reads the block's input beside attention: its output joins h now, attention's later
                 h = ops.add(h, layer.mlp(x if layer.pre_mlp is None else norm(h, layer.pre_mlp)))
-            gate = [layer.gate(x)] if layer.gate is not None else []  # gated attention's gate, to the second half
+            gate = made or ([layer.gate(x)] if layer.gate is not None else [])  # the output gate, to the second half
             return (*qk, *v, *gate, h)
 
         return project

@@ -25,7 +25,7 @@ from ferrum.arch.alibi import ALIBI_SINCE
 from ferrum.arch.differential import combine_for
 from ferrum.arch.altup import OUTPUT_SCALE
 from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
-from ferrum.arch.norms import NORM_KINDS, SUB_NORMS
+from ferrum.arch.norms import NORM_KINDS, SUB_NORMS, NormGate, gate_modules
 from ferrum.arch.positions import sinusoidal_table
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE, PerLayerEmbedding, PerLayerMix
 from ferrum.arch.tensors import (
@@ -435,6 +435,9 @@ class DecoderOnlyLLM:
 
         norms = {slot: _norm_weights(w, p + name) if arch.norm_params else self._weightless()
                  for slot, name in spec.block_norms(arch).items()}
+        for slot in spec.gated_norms:  # A.X-K2's: the norm's gate rides with its weights
+            gate = NormGate(self.ops, *map(projection, gate_modules(spec.block_norms(arch)[slot])))
+            norms[slot] = (*norms[slot], gate)
         sinks = tensor("self_attn.sinks")
         q_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[0]}")
         k_norm = _norm_weights(w, f"{p}self_attn.{arch.qk_norm_names[1]}")
@@ -595,11 +598,13 @@ class DecoderOnlyLLM:
                                *([layer.gate] if layer.gate is not None else []))]
         attention += [p for layer in self.layers if layer.recurrent is not None for p in layer.recurrent.projections()]
         mlps = [p for layer in self.layers if layer.mlp is not None for p in layer.mlp.projections()]
+        gates = [p for layer in self.layers for norm in (layer.pre_attn, layer.post_attn, layer.pre_mlp, layer.post_mlp)
+                 if norm is not None and len(norm) > 2 for p in norm[2].linears]
         per_layer = [] if self.per_layer is None else [self.per_layer.projection] + [
             p for layer in self.layers for p in (layer.per_layer.gate, layer.per_layer.projection)]
         wide = [] if self.wide is None else self.wide.projections() + [
             p for layer in self.layers for p in layer.wide.projections()]
-        return attention + mlps + per_layer + wide + [self.lm_head]
+        return attention + mlps + gates + per_layer + wide + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
         op = "paged_attention" if "paged_attention" in self.ops.native else "attention"

@@ -20,6 +20,7 @@ import pytest
 import transformers
 
 import test_afmoe
+import test_axk2
 import test_cohere2_moe
 import test_dbrx
 import test_deepseek_v2
@@ -136,6 +137,12 @@ FAMILIES = {
         test_mistral4, greedy=("small4",), names=("small4", "plain_q"), model_class=transformers.Mistral4ForCausalLM,
         # the experts in transformers' fused layout
         random={"mistral4": lambda: {**test_mistral4.m4_config().to_dict(), "architectures": ["Mistral4ForCausalLM"]}}),
+    "axk2": Family(
+        test_axk2, bias_control=("light",), greedy=("light",), engine="light", names=("light", "yarn"),
+        # the router and correction bias in float32, as transformers' AXK2TopkRouter runs them
+        router=Router("light", "gate.e_score_correction_bias", "gate.weight"),
+        # the gated norms' W_down / W_up, q_b_proj with its gate rows, the experts one by one (the release's names)
+        random={"axk2": lambda: {**test_axk2.axk2_config().to_dict(), "architectures": ["AXK2ForCausalLM"]}}),
     "deepseek_v3": Family(test_deepseek_v3, random={"deepseek_v3": lambda: {
         **test_deepseek_v3.dsv3_config().to_dict(), "architectures": ["DeepseekV3ForCausalLM"],
         "rope_parameters": test_deepseek_v3.YARN}}),

@@ -31,6 +31,14 @@ How the pieces meet without any op beyond ``linear``, ``reshape``, ``add`` and `
 YaRN's attention factor multiplies cos and sin in transformers, i.e. the rope rows of q and of ``k_pe``: they are
 scaled at load. Its ``mscale_all_dim`` correction of the softmax scale is the family's ``attn_scale``.
 
+A.X-K2 (``MlaSpec.output_gate``) reads its queries from the latent *and* its norm, and gates the attention output:
+its ``q_b_proj [H*(Dq + v), 2*q_lora_rank]`` takes ``[q_a_layernorm(c), c]`` (``c = q_a_proj(x)``) and gives per
+head its query, then a gate of ``v`` dims; the heads' values are multiplied by ``sigmoid(gate)`` before ``o_proj``.
+No op joins two inputs along their last axis, so the matrix is cut at load into the columns each input reads and
+the rows of queries and of gates (:meth:`MlaSpec.split`): four projections summed in pairs. The gate's rows are
+placed at the value dims of Ferrum's head (zero rows beside them, whose ``sigmoid(0)`` multiplies the zero padding),
+so the model's output gate (``ops.sigmoid_mul`` over the flattened heads) takes it as it takes any other.
+
 mlx-lm's DeepSeek-V3 (Kimi K2, Moonlight) conversions store each ``kv_b_proj`` split into two per-head
 ``MultiLinear`` modules (its ``sanitize``): ``embed_q [H, kv_lora, nope]``, each head's key rows transposed, and
 ``unembed_out [H, v, kv_lora]``, its value rows; quantized, each is packed along its own last axis (mlx-lm's
@@ -58,6 +66,10 @@ LATENT_EPS = 1e-6
 
 #: The two halves of ``kv_a_proj_with_mqa`` once split at load: the latent's rows and the shared rope key's.
 LATENT, ROPE_KEY = "self_attn.kv_a_proj", "self_attn.kv_rope_proj"
+#: A.X-K2's ``q_b_proj`` once cut at load (:meth:`MlaSpec.split`): the queries from the normed query latent and
+#: from the latent itself, the output gate from each.
+GATED_QUERY = {"query": ("self_attn.q_b_proj", "self_attn.q_skip_proj"),
+               "gate": ("self_attn.gate_b_proj", "self_attn.gate_skip_proj")}
 #: mlx-lm's split of ``kv_b_proj``: its per-head key rows (transposed) and value rows.
 SPLIT_KV_B = ("self_attn.embed_q", "self_attn.unembed_out")
 
@@ -83,6 +95,9 @@ class MlaSpec:
     rope: int  # qk_rope_head_dim
     v_head_dim: int
     bias: bool = False  # attention_bias: q_a_proj, kv_a_proj_with_mqa and o_proj have biases
+    #: A.X-K2: q_b_proj reads the query latent beside its norm and emits each head's output gate after its query
+    #: (see the module docstring).
+    output_gate: bool = False
 
     @property
     def qk_head_dim(self) -> int:
@@ -118,9 +133,10 @@ class MlaSpec:
         if self.q_lora_rank is None:
             out["self_attn.q_proj.weight"] = (h * d, hidden)
         else:
+            rows, inputs = (h * (d + self.v_head_dim), 2) if self.output_gate else (h * d, 1)
             out.update({"self_attn.q_a_proj.weight": (self.q_lora_rank, hidden),
                         "self_attn.q_a_layernorm.weight": (self.q_lora_rank,),
-                        "self_attn.q_b_proj.weight": (h * d, self.q_lora_rank)})
+                        "self_attn.q_b_proj.weight": (rows, inputs * self.q_lora_rank)})
             if self.bias:
                 out["self_attn.q_a_proj.bias"] = (self.q_lora_rank,)
         out.update({"self_attn.kv_a_proj_with_mqa.weight": (self.kv_lora_rank + self.rope, hidden),
@@ -132,11 +148,34 @@ class MlaSpec:
                         "self_attn.o_proj.bias": (hidden,)})
         return out
 
+    def splits(self, name: str) -> bool:
+        """Whether :meth:`split` cuts checkpoint tensor ``name``."""
+        return ".self_attn.kv_a_proj_with_mqa." in name or (self.output_gate and ".self_attn.q_b_proj." in name)
+
     def split(self, name: str, tensor: Any, rows: Callable[[Any, int, int], Any]) -> list[tuple[str, Any]]:
-        """``kv_a_proj_with_mqa`` (weight or bias) cut into the latent's rows and the rope key's."""
+        """``kv_a_proj_with_mqa`` (weight or bias) cut into the latent's rows and the rope key's; A.X-K2's
+        ``q_b_proj`` into :data:`GATED_QUERY`'s four (float only: its columns are cut)."""
+        if ".self_attn.q_b_proj." in name:
+            return self._split_gated_query(name, tensor)
         latent = self.kv_lora_rank
         return [(name.replace("self_attn.kv_a_proj_with_mqa", LATENT), rows(tensor, 0, latent)),
                 (name.replace("self_attn.kv_a_proj_with_mqa", ROPE_KEY), rows(tensor, latent, latent + self.rope))]
+
+    def _split_gated_query(self, name: str, tensor: Any) -> list[tuple[str, Any]]:
+        """``[H*(Dq + v), 2r]`` -> per input (the normed latent's columns, then the latent's) the queries ``[H*Dq,
+        r]`` and the gates ``[H*Dq, r]``, each head's ``v`` gate rows at its value dims (the first ``v`` of Ferrum's
+        head, :meth:`placements`), zero rows after them."""
+        if not isinstance(tensor, np.ndarray):
+            raise CheckpointError(f"{name}: a packed q_b_proj of A.X-K2 is not supported (its columns are cut at "
+                                  "load: the normed query latent's and the latent's); load the float checkpoint")
+        h, d, v, r = self.heads, self.qk_head_dim, self.v_head_dim, self.q_lora_rank
+        per_head = tensor.reshape(h, d + v, 2 * r)
+        gates = np.zeros((h, d, 2 * r), dtype=tensor.dtype)
+        gates[:, :v] = per_head[:, d:]
+        stem = name.removesuffix("self_attn.q_b_proj.weight")
+        return [(f"{stem}{module}.weight", np.ascontiguousarray(part[:, :, half * r:(half + 1) * r].reshape(h * d, r)))
+                for kind, part in (("query", per_head[:, :d]), ("gate", gates))
+                for half, module in enumerate(GATED_QUERY[kind])]
 
     def transform(self, name: str, tensor: Any, rope: Rope, take_rows: Callable[[Any, np.ndarray], Any],
                   scale_rows: Callable[[Any, np.ndarray], Any]) -> Any:
@@ -145,7 +184,7 @@ class MlaSpec:
         factor = rope.attention_factor
         if f".{ROPE_KEY}." in name:
             return tensor if factor == 1.0 else scale_rows(tensor, np.full(self.rope, factor))
-        if not any(f".self_attn.{q}." in name for q in ("q_proj", "q_b_proj")):
+        if not any(f".self_attn.{q}." in name for q in ("q_proj", "q_b_proj", "q_skip_proj")):
             return tensor
         layout, d = self.head_layout(rope), self.qk_head_dim
         if factor != 1.0:
@@ -196,10 +235,11 @@ class LatentAttention:
 
 class MlaProjections:
     """One layer's ``x -> (q, k, v)``, each ``[T, H*Dq]`` (values zero-padded per head), as the model's blocks take
-    a projection group's outputs; ``linears`` are every matrix it applies (profilers wrap them)."""
+    a projection group's outputs (A.X-K2's output gate after them, :data:`GATED_QUERY`); ``linears`` are every
+    matrix it applies (profilers wrap them)."""
 
-    __slots__ = ("spec", "ops", "q_a", "q_a_norm", "q", "latent", "latent_norm", "rope_key", "kv_b", "placed",
-                 "linears")
+    __slots__ = ("spec", "ops", "q_a", "q_a_norm", "q", "q_skip", "gate", "gate_skip", "latent", "latent_norm",
+                 "rope_key", "kv_b", "placed", "linears")
 
     def __init__(self, spec: MlaSpec, ops: Any, projection: Callable[[str], Linear], norm: Callable[[str], Any],
                  placed: dict[str, Linear]):
@@ -208,21 +248,35 @@ class MlaProjections:
         self.q_a = projection("self_attn.q_a_proj") if lora else None
         self.q_a_norm = norm("self_attn.q_a_layernorm") if lora else None
         self.q = projection("self_attn.q_b_proj" if lora else "self_attn.q_proj")
+        gated = spec.output_gate
+        self.q_skip, self.gate, self.gate_skip = (projection(GATED_QUERY["query"][1]), *map(
+            projection, GATED_QUERY["gate"])) if gated else (None, None, None)
         self.latent, self.rope_key = projection(LATENT), projection(ROPE_KEY)
         self.latent_norm = norm("self_attn.kv_a_layernorm")
         self.kv_b = projection("self_attn.kv_b_proj")
-        own = [p for p in (self.q_a, self.q, self.latent, self.rope_key, self.kv_b) if p is not None]
+        own = [p for p in (self.q_a, self.q, self.q_skip, self.gate, self.gate_skip, self.latent, self.rope_key,
+                           self.kv_b) if p is not None]
         self.linears = own + [placed[name] for name in ("k_nope", "k_rope", "value")]
 
-    def __call__(self, x: Any) -> tuple[Any, Any, Any]:
+    def __call__(self, x: Any) -> tuple[Any, ...]:
+        """``(q, k, v)``, and A.X-K2's output gate after them."""
         ops, spec, placed = self.ops, self.spec, self.placed
         width = spec.heads * spec.qk_head_dim
-        q = self.q(x if self.q_a is None else ops.rms_norm(self.q_a(x), self.q_a_norm, LATENT_EPS))
+        gate: tuple[Any, ...] = ()
+        if self.q_a is None:
+            q = self.q(x)
+        else:
+            c = self.q_a(x)
+            normed = ops.rms_norm(c, self.q_a_norm, LATENT_EPS)
+            q = self.q(normed)
+            if self.q_skip is not None:
+                q = ops.add(q, self.q_skip(c))
+                gate = (ops.add(self.gate(normed), self.gate_skip(c)),)
         latent = ops.rms_norm(self.latent(x), self.latent_norm, LATENT_EPS)
         per_head = ops.reshape(self.kv_b(latent), (-1, spec.nope + spec.v_head_dim))  # [T*H, nope + v]
         k = ops.add(ops.reshape(placed["k_nope"](per_head), (-1, width)), placed["k_rope"](self.rope_key(x)))
         v = ops.reshape(placed["value"](per_head), (-1, width))
-        return q, k, v
+        return (q, k, v, *gate)
 
 
 class MlaOutput:

@@ -1,7 +1,7 @@
 """The norm kinds of a block: each gives the forward pass its ``norm`` and ``add_norm`` functions.
 
 ``Architecture.norm`` picks one. A norm's weights reach them as a ``(weight, bias)``
-pair (bias None where the checkpoint has none).
+pair (bias None where the checkpoint has none), and a gated norm's as ``(weight, bias, gate)`` (:class:`NormGate`).
 """
 
 from __future__ import annotations
@@ -9,6 +9,32 @@ from __future__ import annotations
 from typing import Any, Callable
 
 NormFns = tuple[Callable[[Any, tuple], Any], Callable[[Any, Any, tuple], tuple]]
+
+#: A gated norm's low-rank gate, beside the norm's own ``<module>.norm`` (A.X-K2's, ``LayerSpec.gated_norms``).
+NORM_GATE = ("W_down", "W_up")
+
+
+def gate_modules(norm: str) -> tuple[str, str]:
+    """The projections of the gate beside gated norm ``norm`` (``<module>.norm``): ``<module>.W_down`` [rank,
+    hidden] and ``<module>.W_up`` [hidden, rank]."""
+    module = norm.removesuffix(".norm")
+    down, up = (f"{module}.{name}" for name in NORM_GATE)
+    return down, up
+
+
+class NormGate:
+    """A.X-K2's gated RMSNorm after its norm (transformers' ``AXK2GatedRMSNorm``, Megatron's ``GatedNormWrapper``):
+    ``y * sigmoid(W_up(silu(W_down(y))))`` of the normed ``y``, the sigmoid in float32 as transformers takes it;
+    ``silu(a)`` is ``sigmoid_mul(a, a)``. It rides in a norm's weights as their third item (:func:`_gated`)."""
+
+    __slots__ = ("ops", "down", "up", "linears")
+
+    def __init__(self, ops: Any, down: Any, up: Any):
+        self.ops, self.down, self.up, self.linears = ops, down, up, [down, up]
+
+    def __call__(self, y: Any) -> Any:
+        ops, a = self.ops, self.down(y)
+        return ops.sigmoid_mul(self.up(ops.sigmoid_mul(a, a)), y)
 
 
 def rms(ops: Any, eps: float) -> NormFns:
@@ -32,8 +58,26 @@ def layer(ops: Any, eps: float) -> NormFns:
 #: BitNet's sub-norms (``Architecture.sub_norms``) in a layer: on attention's output, on the MLP's hidden layer.
 SUB_NORMS = {"attn": "self_attn.attn_sub_norm", "mlp": "mlp.ffn_sub_norm"}
 
+def _gated(kind: Callable[[Any, float], NormFns]) -> Callable[[Any, float], NormFns]:
+    """``kind`` whose norms run the :class:`NormGate` their weights carry third, where they carry one."""
+    def fns(ops: Any, eps: float) -> NormFns:
+        norm, add_norm = kind(ops, eps)
+
+        def gated_norm(x: Any, weights: tuple) -> Any:
+            y = norm(x, weights)
+            return y if len(weights) < 3 else weights[2](y)
+
+        def gated_add_norm(x: Any, h: Any, weights: tuple) -> tuple:
+            y, summed = add_norm(x, h, weights)
+            return (y if len(weights) < 3 else weights[2](y)), summed
+
+        return gated_norm, gated_add_norm
+
+    return fns
+
+
 #: Kinds by name: ``kind(ops, eps) -> (norm(x, weights), add_norm(x, h, weights) -> (norm(x + h), x + h))``.
-NORM_KINDS: dict[str, Callable[[Any, float], NormFns]] = {"rms": rms, "layer": layer}
+NORM_KINDS: dict[str, Callable[[Any, float], NormFns]] = {"rms": _gated(rms), "layer": _gated(layer)}
 
 
 def norms_dtype(config: Any, tensor: Callable[[str], Any], layer: int) -> str:

@@ -76,6 +76,9 @@ class LayerSpec:
     #: The layer's block norms where they are not the architecture's (``Architecture.norms``, slot -> tensor name):
     #: OLMo Hybrid's attention layers norm after attention and MLP, its Gated DeltaNet layers before. None: those.
     norms: tuple[tuple[str, str], ...] | None = None
+    #: The block-norm slots (``pre_attn``...) whose norm is gated (A.X-K2's gated RMSNorm: the norm at
+    #: ``<module>.norm``, then a low-rank sigmoid gate of its output beside it, :class:`ferrum.arch.norms.NormGate`).
+    gated_norms: tuple[str, ...] = ()
     #: LongCat-Flash's shortcut-connected MoE: "give", the layer's MLP slot also computes an output of the same normed
     #: input (its sparse MLP) that the next layer's MLP output is summed with ("take"); None: neither.
     shortcut: str | None = None
@@ -253,6 +256,8 @@ class Architecture:
     #: sparse attention is dense attention exactly); ``max_seq_len`` is lowered to it at load, saying ``why``, so
     #: the context checks refuse anything longer. None: the config's context.
     context_limit: tuple[int, str] | None = None
+    #: The rank of the gated norms' gates (``LayerSpec.gated_norms``; A.X-K2's gated_norm_rank); 0 without.
+    norm_gate_rank: int = 0
     #: The final norm's epsilon where it is not the blocks' (``rms_norm_eps``): JetMoE's blocks fix 1e-6 while its
     #: final norm reads rms_norm_eps. None: the blocks'.
     final_norm_eps: float | None = None

@@ -33,7 +33,7 @@ from ferrum.arch.differential import LAMBDAS, paired_values
 from ferrum.arch.dsa import INDEXER
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.moa import MODULE as MOA_MODULE
-from ferrum.arch.norms import SUB_NORMS
+from ferrum.arch.norms import SUB_NORMS, gate_modules
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant.affine import MLX_GROUP_SIZES, FloatCodes, QuantizedWeight
@@ -122,6 +122,9 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         norms = qk_norms if layer.qk_norm else {}
         block_norms = {f"{norm}.{part}": (h,) for norm in layer.block_norms(arch).values() for part in norm_parts}
+        for slot in layer.gated_norms:
+            down, up = gate_modules(layer.block_norms(arch)[slot])
+            block_norms.update({f"{down}.weight": (arch.norm_gate_rank, h), f"{up}.weight": (h, arch.norm_gate_rank)})
         if layer.mixer == "moa":  # JetMoE's attention experts
             own = {**block_norms, **arch.moa.tensors(h)}
         elif layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
@@ -389,7 +392,7 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         if arch.position_offset and name == f"{arch.prefix}embed_positions.weight":  # the rows before position 0
             tensor = rows(tensor, arch.position_offset, tensor.shape[0])  # packed (ferrum quantize's) too
         parts = [(name, tensor)]
-    elif arch.mla is not None and ".self_attn.kv_a_proj_with_mqa." in name:
+    elif arch.mla is not None and arch.mla.splits(name):
         parts = arch.mla.split(name, tensor, rows)
     elif arch.moa is not None and f".{MOA_MODULE}." in name:
         parts = arch.moa.split(name, tensor)

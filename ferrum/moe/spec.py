@@ -57,6 +57,7 @@ LAYOUT = {
     "deepseek_v32": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "glm_moe_dsa": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "axk1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "axk2": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "kolibri1": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "flint": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "laguna": ("mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -140,6 +141,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "deepseek_v32": ("num_experts", "n_routed_experts", "num_local_experts"),
                 "glm_moe_dsa": ("num_experts", "n_routed_experts", "num_local_experts"),
                 "axk1": ("n_routed_experts", "num_local_experts"), "flint": ("num_experts",),
+                "axk2": ("n_routed_experts", "num_local_experts"),
                 "kolibri1": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
                 "laguna": ("num_experts",), "granitemoe_swa": ("num_local_experts",), "lara_mini": ("num_experts",),
                 "jetmoe": ("num_local_experts",),
@@ -473,6 +475,13 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "axk1": (*_grouped_sigmoid_keys("axk1", moe_size=2048, scale=2.5, n_group=8, topk_group=4, dense=None),
              Key("first_k_dense_replace", default=1, check=_non_negative_int),
              Key("moe_layer_freq", default=1, check=positive_int)),
+    # A.X-K2: DeepSeek-V3's routing under AXK2Config's defaults, ungrouped (n_group and topk_group null, read as one
+    # group: ferrum.arch.families.latent._axk2_config), its dense layers as A.X-K1's
+    "axk2": (*_grouped_sigmoid_keys("axk2", moe_size=512, scale=2.5, n_group=1, topk_group=1, dense=None),
+             Key("n_group", default=1, check=optional_positive_int),
+             Key("topk_group", default=1, check=optional_positive_int),
+             Key("first_k_dense_replace", default=1, check=_non_negative_int),
+             Key("moe_layer_freq", default=1, check=positive_int)),
     # Kolibri-1 (Kolibri1Config's defaults): sigmoid weights chosen by the logits plus a correction bias, a shared
     # expert of its own width, every layer sparse
     "kolibri1": (*_COUNT["kolibri1"], Key("num_experts_per_tok", default=6, check=positive_int),
@@ -612,8 +621,8 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
-                  "laguna": 256, "minimax_m3_vl_text": 128, "granitemoe_swa": 8, "lara_mini": 128, "jetmoe": 8,
-                  "hy_v4": 256, "bailing_hybrid": 512}
+                  "laguna": 256, "minimax_m3_vl_text": 128, "axk2": 128, "granitemoe_swa": 8, "lara_mini": 128,
+                  "jetmoe": 8, "hy_v4": 256, "bailing_hybrid": 512}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -784,8 +793,8 @@ _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "de
             "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
             "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped", "sarvam_moe": "sigmoid_grouped",
             "sarvam_mla": "sigmoid_grouped", "deepseek_v32": "sigmoid_grouped", "glm_moe_dsa": "sigmoid_grouped",
-            "axk1": "sigmoid_grouped", "mistral4": "softmax_top2_grouped", "hy_v4": "sigmoid_grouped",
-            "bailing_hybrid": "sigmoid_grouped"}
+            "axk1": "sigmoid_grouped", "axk2": "sigmoid_grouped", "mistral4": "softmax_top2_grouped",
+            "hy_v4": "sigmoid_grouped", "bailing_hybrid": "sigmoid_grouped"}
 
 
 def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
@@ -829,6 +838,7 @@ _GROUPED_FAMILIES = {
     # Ling 3: its release (and transformers' save_pretrained) names the router's correction bias expert_bias
     "bailing_hybrid": _GroupedFamily(changes=(("correction_bias", "gate.expert_bias"),),
                                      sparse_layers=_first_dense_or_listed),
+    "axk2": _GroupedFamily(sparse_layers=_first_dense_or_listed),
 }
 
 

@@ -85,13 +85,18 @@ _MLX_LM_FLOAT: dict[str, tuple[str, ...]] = {"glm4_moe": ("mlp.gate",), "deepsee
 #: ``unembed_out`` and packs those again along other axes, rounding twice (or failing, where qk_nope_head_dim is no
 #: multiple of the group size); Ferrum joins mlx-lm's own split back into float at load, so it costs Ferrum nothing.
 _LATENT_FLOAT = ("self_attn.kv_b_proj",)
+#: ...and A.X-K2's q_b_proj, whose columns the load cuts between the normed query latent and the latent itself
+#: (ferrum.arch.mla), from float only.
+_GATED_QUERY_FLOAT = ("self_attn.q_b_proj",)
 
 
 def _kept_float(config: Any) -> tuple[str, ...]:
     """Endings of the modules ``ferrum quantize`` leaves in float for ``config``."""
     from ferrum.arch.moa import HOST_SPLIT  # imported here, as the architecture modules in _plan
 
-    return (_MLX_LM_FLOAT.get(config.model_type, ()) + (_LATENT_FLOAT if config.arch.mla is not None else ())
+    mla = config.arch.mla
+    return (_MLX_LM_FLOAT.get(config.model_type, ()) + (_LATENT_FLOAT if mla is not None else ())
+            + (_GATED_QUERY_FLOAT if mla is not None and mla.output_gate else ())
             + (HOST_SPLIT if config.arch.moa is not None else ()))
 
 

@@ -265,10 +265,11 @@ TABLE["youtu_llm"] = TABLE["youtu"]
 
 #: transformers' DeepSeek-V3.2, GLM-5 and A.X-K1 always read queries through their latent (q_lora_rank).
 _Q_LATENT = (Key("q_lora_rank", default=1536, check=size(1 << 17)),)
-#: ... and DeepSeek-V3.2's and GLM-5's always rotate in DeepSeek's adjacent pairs, whatever rope_interleave says.
+#: ... and DeepSeek-V3.2's, GLM-5's and A.X-K2's always rotate in DeepSeek's adjacent pairs, whatever rope_interleave
+#: says.
 _ALWAYS_INTERLEAVED = (Key("rope_interleave", default=True, unsupported=True, check=lambda v: None if v in (
-    None, True) else f"is {v!r}, but transformers' DeepSeek-V3.2 and GLM-5 always rotate adjacent pairs; set it to "
-                     "true"),)
+    None, True) else f"is {v!r}, but transformers' DeepSeek-V3.2, GLM-5 and A.X-K2 always rotate adjacent pairs; set "
+                     "it to true"),)
 
 
 def _dsa(r: KeyReader, sizes: Sizes, indexer: dsa.IndexerSpec) -> Architecture:
@@ -307,6 +308,48 @@ def _axk1(r: KeyReader, sizes: Sizes) -> Architecture:
                    unloaded=rf"\.layers\.(?:{'|'.join(dense)})\.post_mlp_layernorm\." if dense else None)
 
 
+#: A.X-K2's block norms: gated RMSNorms (``<module>.norm`` and its gate, ferrum.arch.norms.NormGate) before attention
+#: on every layer and before the MLP on the sparse ones; the dense layers' post_attention_layernorm is a plain one.
+AXK2_NORMS = {"pre_attn": "input_layernorm.norm", "pre_mlp": "post_attention_layernorm"}
+AXK2_SPARSE_NORMS = (("pre_attn", "input_layernorm.norm"), ("pre_mlp", "post_attention_layernorm.norm"))
+
+
+def _axk2_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A.X-K2's routing groups as transformers' AXK2TopkRouter runs them: n_group and topk_group both null (absent:
+    AXK2Config's default, A.X-K2-Light's) route over every expert, which is one group of them."""
+    if raw.get("n_group") is None and raw.get("topk_group") is None:
+        return {**raw, "n_group": 1, "topk_group": 1}
+    return raw
+
+
+def _axk2_attention(r: KeyReader, sizes: Sizes) -> Architecture:
+    """A.X-K2's attention (:func:`_dsa`): DeepSeek-V3.2's, its queries and their output gate from the query latent and
+    its norm (``MlaSpec.output_gate``); the gated norms' rank."""
+    for key, other in (("n_group", "topk_group"), ("topk_group", "n_group")):
+        if r.raw.get(key) is None and r.raw.get(other) is not None:
+            r.fail(key, f"is null but {other} is {r.raw[other]!r}; transformers' A.X-K2 takes both (grouped routing) "
+                        "or neither (ungrouped)")
+    if r("n_group") > 1:
+        r.fail("n_group", f"is {r('n_group')}: A.X-K2 masks the dropped groups' experts with 0 (not -inf), so one "
+                          "may be chosen and weighed by its score, which Ferrum's grouped routing does not run; only "
+                          "its ungrouped routing (n_group and topk_group null, A.X-K2-Light's) is supported",
+               unsupported=True)
+    arch = _dsa(r, sizes, dsa.read(r, sizes.num_layers))
+    return replace(arch, mla=replace(arch.mla, output_gate=True), norm_gate_rank=r("gated_norm_rank"))
+
+
+def _axk2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """SK Telecom's A.X-K2 (transformers' AXK2): DeepSeek-V3.2 (DSA run densely up to index_topk tokens,
+    :func:`_dsa`) without q_b_proj's plain query: ``q_b_proj`` reads the query latent beside its norm and gives each
+    head's query and a sigmoid gate of its values (:mod:`ferrum.arch.mla`); gated RMSNorms before attention and
+    before the sparse MLPs (:data:`AXK2_NORMS`); ungrouped sigmoid routing with a correction bias, renormalized and
+    scaled, beside a shared expert, the dense layers A.X-K1's (:func:`ferrum.moe.spec.with_moe`)."""
+    arch = with_moe("axk2", _axk2_attention)(r, sizes)
+    return replace(arch, norms=AXK2_NORMS, layers=tuple(
+        replace(layer, norms=AXK2_SPARSE_NORMS, gated_norms=("pre_attn", "pre_mlp")) if layer.mlp == "moe" else
+        replace(layer, gated_norms=("pre_attn",)) for layer in arch.layers))
+
+
 TABLE.update({
     "deepseek_v32": Family(  # DeepSeek-V3.2: DeepSeek-V3 with DSA, run densely up to index_topk tokens
         _keys(_core(False), _ROPE, _SILU, _MLA, _Q_LATENT, _ALWAYS_INTERLEAVED, dsa.keys(64), (
@@ -335,6 +378,20 @@ TABLE.update({
         _axk1,
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
+    ),
+    "axk2": Family(  # SK Telecom's A.X-K2: DeepSeek-V3.2 with gated queries and norms, ungrouped routing
+        _keys(_core(False), _core_defaults(
+            hidden_size=2048, intermediate_size=5120, num_hidden_layers=48, num_attention_heads=32,
+            vocab_size=163840, max_position_embeddings=131072,
+        ), _ROPE, _SILU, _mla_keys(384, 64, 64, kv_lora=128), (
+            Key("q_lora_rank", default=384, check=size(1 << 17)),
+            Key("qk_rope_head_dim", default=32, check=size(4096)),
+            Key("gated_norm_rank", default=16, check=positive_int),
+        ), _ALWAYS_INTERLEAVED, dsa.keys(16), MOE_KEYS["axk2"]),
+        _axk2,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+        derive=_axk2_config,
     ),
 })
 #: A.X-K1's release (remote code) names it AXK1; transformers, axk1.
