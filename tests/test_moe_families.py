@@ -20,6 +20,7 @@ import pytest
 import transformers
 
 import test_afmoe
+import test_aria
 import test_axk2
 import test_cohere2_moe
 import test_dbrx
@@ -296,6 +297,10 @@ FAMILIES = {
         # the experts fused under block_sparse_moe.experts, the router under block_sparse_moe.router, the shared MLP's
         # input_linear / output_linear
         names=("shared", "unshared"), random={"granitemoe_swa": lambda: test_granitemoe_swa.swa_config().to_dict()}),
+    "aria_text": Family(
+        # the experts fused inputs first under experts.fc1 / fc2, the router under mlp.router, shared_experts
+        test_aria, greedy=("release",), engine="release", names=("release", "biased"),
+        random={"aria_text": lambda: {**test_aria.aria_config().to_dict(), "architectures": ["AriaTextForCausalLM"]}}),
     "lara_mini": Family(
         # Gated DeltaNet's one in_proj and out_norm, the experts fused
         test_lara_mini, greedy=("release",), names=("release", "plain"),

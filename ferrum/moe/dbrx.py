@@ -64,6 +64,12 @@ def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[i
     return ((out, inp),)  # one expert's Linear (mlx-lm's)
 
 
+def converts(part: str) -> bool:
+    """Whether checkpoint tensor ``part`` is one of transformers' tensors (read by :func:`convert`), not a stack
+    under the model's or mlx-lm's name (``.weight``, packed ``.scales`` and ``.biases``)."""
+    return not part.endswith((".weight", ".scales", ".biases"))
+
+
 def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
     """transformers' tensor (one in ``got``) as the model reads it, ``[E, out, in]`` float."""
     (stored, array), = got.items()

@@ -15,7 +15,9 @@ The model reads ``M.switch_mlp.{gate,up,down}_proj.weight`` (``M`` a layer's ``m
 The two orientations are told apart by shape; a model whose hidden size equals the stack's other side
 (``2 * inter`` for gate and up, ``inter`` for down) cannot be, and is refused rather than guessed, except in a
 family whose stacks are only ever stored outputs first (:data:`OUTPUTS_FIRST`: Mistral Small 4's hidden size, 4096,
-is twice its experts' 2048).
+is twice its experts' 2048); and, under names of their own, in a family whose stacks are only ever stored inputs
+first (:data:`ARIA`: Aria's ``M.experts.fc1.weight`` and ``fc2.weight``, as its release and transformers 5's
+``save_pretrained`` write them).
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ import numpy as np
 from ferrum.checkpoint import is_float
 from ferrum.errors import CheckpointError
 
-_FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+#: The fused stacks' names in ``M.experts``: (gate and up, down).
+_STACKS = ("gate_up_proj", "down_proj")
+#: The model's projection -> (which of the stacks, its half of gate and up: 0 gate, 1 up, None the whole).
+_FUSED = {"gate_proj": (0, 0), "up_proj": (0, 1), "down_proj": (1, None)}
 
 
-def _names(name: str) -> tuple[str, str, str]:
+def _names(name: str, stacks: tuple[str, str] = _STACKS) -> tuple[str, str, str]:
     """``M.switch_mlp.<proj>.weight`` -> (``M.experts``, proj, the stored tensor it comes from)."""
     module, rest = name.split(".switch_mlp.")
     proj = rest.split(".")[0]
-    return f"{module}.experts", proj, _FUSED[proj][0]
+    return f"{module}.experts", proj, stacks[_FUSED[proj][0]]
 
 
 def checkpoint_module(name: str, stack: str = "switch_mlp") -> str:
@@ -45,20 +50,29 @@ def mlx_lm_name(name: str, stack: str = "switch_mlp") -> str:
     return name.replace(".switch_mlp.", f".{stack}.")
 
 
-def parts(present: set[str], name: str, packed_kinds: tuple[str, ...], stack: str = "switch_mlp") -> tuple[str, ...]:
+def parts(present: set[str], name: str, packed_kinds: tuple[str, ...], stack: str = "switch_mlp",
+          stacks: tuple[str, str] = _STACKS) -> tuple[str, ...]:
     """The checkpoint tensors model tensor ``name`` is read from (the model's own name, mlx-lm's, or the fused
-    stack); ``packed_kinds`` those of a packed stack."""
+    stack, named as ``stacks`` says); ``packed_kinds`` those of a packed stack."""
     for stored in dict.fromkeys((name, mlx_lm_name(name, stack))):
         module = stored.rsplit(".", 1)[0]
         if stored in present:
             return tuple(f"{module}.{k}" for k in packed_kinds) if f"{module}.scales" in present else (stored,)
-    experts, _, stored = _names(name)
+    experts, _, stored = _names(name, stacks)
     return (f"{experts}.{stored}",)
 
 
-def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """The shapes float checkpoint tensor ``part`` may have where model tensor ``name`` is ``shape``."""
-    if part.endswith(".weight"):  # a stack under the model's or mlx-lm's name
+def converts(part: str, stacks: tuple[str, str] = _STACKS) -> bool:
+    """Whether checkpoint tensor ``part`` is a fused stack (read by :func:`convert`), not one of a projection's own
+    stacks (the model's, mlx-lm's)."""
+    return part.rsplit(".experts.", 1)[-1] in stacks
+
+
+def stored_shapes(name: str, part: str, shape: tuple[int, ...],
+                  stacks: tuple[str, str] = _STACKS) -> tuple[tuple[int, ...], ...]:
+    """The shapes float checkpoint tensor ``part`` may have where model tensor ``name`` is ``shape``: (inputs first,
+    outputs first) for a fused stack."""
+    if not converts(part, stacks):  # a stack under the model's or mlx-lm's name
         return (shape,)
     _, proj, _ = _names(name)
     e, out, inp = shape
@@ -67,21 +81,22 @@ def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[i
 
 
 def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str,
-            outputs_first: bool = False) -> tuple:
-    """A stored stack (one tensor in ``got``) as the model reads it, ``[E, out, in]`` float; ``outputs_first``: the
-    family stores it only so (:data:`OUTPUTS_FIRST`)."""
+            stored_as: str | None = None, stacks: tuple[str, str] = _STACKS) -> tuple:
+    """A stored stack (one tensor in ``got``) as the model reads it, ``[E, out, in]`` float; ``stored_as``: the
+    family stores it only "inputs_first" (:data:`ARIA`) or "outputs_first" (:data:`OUTPUTS_FIRST`)."""
     (stored, array), = got.items()
     _, proj, _ = _names(name)
     half = _FUSED[proj][1]
-    release, saved = stored_shapes(name, stored, shape)
+    release, saved = stored_shapes(name, stored, shape, stacks)
     if array.ndim != 3 or not is_float(array):
         raise CheckpointError(f"{where}: {stored} must be a float [E, ...] stack, got {array.dtype} "
                               f"{tuple(array.shape)}")
-    if outputs_first:
-        if tuple(array.shape) != saved:
+    if stored_as is not None:
+        only = release if stored_as == "inputs_first" else saved
+        if tuple(array.shape) != only:
             raise CheckpointError(f"{where}: {stored} has shape {tuple(array.shape)} where config.json implies "
-                                  f"{saved}")
-        release = None
+                                  f"{only} ({stored_as.replace('_', ' ')})")
+        release, saved = (only, None) if stored_as == "inputs_first" else (None, only)
     elif release == saved:
         raise CheckpointError(f"{where}: {stored} {tuple(array.shape)} could be stored inputs first or outputs "
                               "first (the hidden size equals the other side); Ferrum cannot tell which")
@@ -95,13 +110,15 @@ def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where
                           f"(inputs first) or {saved}")
 
 
-def hugging_face_tensors(stacks: dict[str, np.ndarray], inputs_first: bool = False) -> dict[str, np.ndarray]:
-    """Float stacks as the model names them (``M.switch_mlp.<proj>.weight``) stored as transformers writes them:
-    gate rows then up rows in one, outputs first (transformers 5's Qwen3-VL-MoE) or, ``inputs_first``, transposed
-    (Llama 4's ``[E, hidden, 2 * inter]``); the inverse of :func:`convert` on that form."""
+def hugging_face_tensors(stacks: dict[str, np.ndarray], inputs_first: bool = False,
+                         names: tuple[str, str] = _STACKS) -> dict[str, np.ndarray]:
+    """Float stacks as the model names them (``M.switch_mlp.<proj>.weight``) stored as transformers writes them
+    (under ``names``): gate rows then up rows in one, outputs first (transformers 5's Qwen3-VL-MoE) or,
+    ``inputs_first``, transposed (Llama 4's ``[E, hidden, 2 * inter]``); the inverse of :func:`convert` on that
+    form."""
     out = {}
     for name, array in stacks.items():
-        experts, proj, stored = _names(name)
+        experts, proj, stored = _names(name, names)
         if proj == "up_proj":  # written with its gate
             continue
         if proj == "gate_proj":
@@ -115,31 +132,43 @@ def mlx_lm_tensors(stacks: dict[str, np.ndarray], stack: str = "switch_mlp") -> 
     return {mlx_lm_name(name, stack): array for name, array in stacks.items()}
 
 
-class _OutputsFirst:
-    """This module's layout for a family whose fused stacks are only ever stored outputs first (Mistral 4:
-    transformers 5's ``Mistral4Experts`` holds them so, mlx-lm's ``sanitize`` splits them so), told apart by name
-    alone, so that a hidden size of twice the experts' width is no ambiguity."""
+class _StoredOneWay:
+    """This module's layout for a family whose fused stacks are only ever stored one way, ``stored_as``
+    ("inputs_first" or "outputs_first"), told apart by name alone, so that a hidden size equal to a stack's other
+    side is no ambiguity, under the family's ``stacks`` names in ``M.experts`` (gate and up, down)."""
 
     checkpoint_module = staticmethod(checkpoint_module)
     mlx_lm_name = staticmethod(mlx_lm_name)
-    parts = staticmethod(parts)
 
-    @staticmethod
-    def stored_shapes(name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-        return stored_shapes(name, part, shape)[-1:]
+    def __init__(self, stored_as: str, stacks: tuple[str, str] = _STACKS):
+        self.stored_as, self.stacks = stored_as, stacks
 
-    @staticmethod
-    def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
-        return convert(name, got, shape, where, outputs_first=True)
+    def parts(self, present: set[str], name: str, packed_kinds: tuple[str, ...], stack: str = "switch_mlp"
+              ) -> tuple[str, ...]:
+        return parts(present, name, packed_kinds, stack, self.stacks)
 
-    @staticmethod
-    def hugging_face_tensors(stacks: dict[str, np.ndarray], inputs_first: bool = False) -> dict[str, np.ndarray]:
-        return hugging_face_tensors(stacks)
+    def converts(self, part: str) -> bool:
+        return converts(part, self.stacks)
+
+    def stored_shapes(self, name: str, part: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        shapes = stored_shapes(name, part, shape, self.stacks)
+        return shapes if len(shapes) == 1 else shapes[self.stored_as == "outputs_first"],
+
+    def convert(self, name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
+        return convert(name, got, shape, where, self.stored_as, self.stacks)
+
+    def hugging_face_tensors(self, stacks: dict[str, np.ndarray], inputs_first: bool = False
+                             ) -> dict[str, np.ndarray]:
+        return hugging_face_tensors(stacks, self.stored_as == "inputs_first", self.stacks)
 
     @staticmethod
     def mlx_lm_tensors(stacks: dict[str, np.ndarray], stack: str = "switch_mlp") -> dict[str, np.ndarray]:
         return mlx_lm_tensors(stacks, stack)
 
 
-#: ``MoeSpec.layout`` "fused_outputs_first" (:data:`ferrum.moe.loading.LAYOUTS`).
-OUTPUTS_FIRST = _OutputsFirst()
+#: ``MoeSpec.layout`` "fused_outputs_first" (:data:`ferrum.moe.loading.LAYOUTS`): Mistral 4's (transformers 5's
+#: ``Mistral4Experts`` holds them so, mlx-lm's ``sanitize`` splits them so).
+OUTPUTS_FIRST = _StoredOneWay("outputs_first")
+#: ``MoeSpec.layout`` "aria": Aria's ``experts.fc1.weight [E, hidden, 2 * inter]`` and ``experts.fc2.weight
+#: [E, inter, hidden]`` (transformers' ``AriaExperts``, ``is_transposed``: only ever inputs first).
+ARIA = _StoredOneWay("inputs_first", ("fc1.weight", "fc2.weight"))

@@ -95,6 +95,12 @@ def parts(present: set[str], name: str, packed_kinds: tuple[str, ...], stack: st
     return (f"{experts}.{fused}",)
 
 
+def converts(part: str) -> bool:
+    """Whether checkpoint tensor ``part`` is one of transformers' tensors (read by :func:`convert`), not a stack
+    under the model's or mlx-lm's name (``.weight``, packed ``.scales`` and ``.biases``)."""
+    return not part.endswith((".weight", ".scales", ".biases"))
+
+
 def convert(name: str, got: dict[str, np.ndarray], shape: tuple[int, ...], where: str) -> tuple:
     """Biases, and Hugging Face stacks (``got`` holds one tensor, or blocks and scales), as the model reads
     them: a float ``[E, out]`` bias or ``[E, out, in]`` stack, or ``(codes uint32 [E, out, in / 8], scales)``

@@ -35,10 +35,10 @@ from ferrum.quant.config import AFFINE, FLOAT_MODES, QuantConfig, stored_mode
 SWITCH = ("gate_proj", "up_proj", "down_proj")
 #: ``MoeSpec.layout`` -> the module reading a family's own layouts: ``parts(present, name, packed_kinds)``
 #: names the checkpoint tensors of a model tensor (None: none of the family's own, read per expert as every
-#: family's are: DBRX's mlx-lm conversions), ``convert(name, got, shape, where)`` converts those that are not
-#: mlx-lm's stacks.
+#: family's are: DBRX's mlx-lm conversions), ``converts(part)`` says which of them are the family's own and
+#: ``convert(name, got, shape, where)`` converts those.
 LAYOUTS = {"gpt_oss": gpt_oss, "fused_gate_up": fused_gate_up, "fused_outputs_first": fused_gate_up.OUTPUTS_FIRST,
-           "dbrx": dbrx}
+           "aria": fused_gate_up.ARIA, "dbrx": dbrx}
 _PACKED = ("weight", "scales", "biases")
 _AWQ_GPTQ = ("qweight", "qzeros", "scales")
 
@@ -154,7 +154,7 @@ def assemble_stack(name: str, parts: dict[str, np.ndarray], shape: tuple[int, ..
     """Model tensor ``name`` (a stacked projection, or its ``[E, out]`` biases) from its checkpoint ``parts``
     (see :func:`expert_parts`)."""
     first = next(iter(parts))
-    if spec.layout is not None and (len(shape) == 2 or not first.endswith((".weight", ".scales", ".biases"))):
+    if spec.layout is not None and (len(shape) == 2 or LAYOUTS[spec.layout].converts(first)):
         got = LAYOUTS[spec.layout].convert(name, parts, shape, where)
         return got[0] if len(got) == 1 else _float_mode_experts(*got, "mxfp4", shape, f"{where}: {first}")
     return assemble_experts(name, parts, shape, quant, where, fused_half(spec, name, tuple(parts)),

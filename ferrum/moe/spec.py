@@ -66,6 +66,7 @@ LAYOUT = {
     "jetmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # stacked only (STACKED)
     "hy_v4": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # fused (ferrum.moe.fused_gate_up)
     "bailing_hybrid": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "aria_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layout (ferrum.moe.fused_gate_up.ARIA)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -144,7 +145,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "axk2": ("n_routed_experts", "num_local_experts"),
                 "kolibri1": ("num_local_experts", "num_experts"),  # the latter its attribute_map's alias
                 "laguna": ("num_experts",), "granitemoe_swa": ("num_local_experts",), "lara_mini": ("num_experts",),
-                "jetmoe": ("num_local_experts",),
+                "jetmoe": ("num_local_experts",), "aria_text": ("moe_num_experts",),
                 "hy_v4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "bailing_hybrid": ("num_experts", "num_local_experts")}  # the latter its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
@@ -610,6 +611,11 @@ KEYS: dict[str, tuple[Key, ...]] = {
                Key("moe_router_score_func", default="sigmoid", unsupported=True, check=lambda v: None if v in (
                    None, "sigmoid") else f"is {v!r}, but transformers' Laguna routes by sigmoid scores whatever it "
                                          "says")),
+    # Aria (AriaTextConfig's defaults): moe_topk of moe_num_experts experts, moe_num_shared_experts shared ones, all of
+    # intermediate_size; the remote code's moe_intermediate_size, which transformers ignores, must agree
+    "aria_text": (*_COUNT["aria_text"], Key("moe_topk", default=2, check=positive_int),
+                  Key("moe_num_shared_experts", default=2, check=_non_negative_int),
+                  Key("moe_intermediate_size", check=optional_positive_int)),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8,
@@ -622,7 +628,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
                   "laguna": 256, "minimax_m3_vl_text": 128, "axk2": 128, "granitemoe_swa": 8, "lara_mini": 128,
-                  "jetmoe": 8, "hy_v4": 256, "bailing_hybrid": 512}
+                  "jetmoe": 8, "hy_v4": 256, "bailing_hybrid": 512, "aria_text": 8}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -668,9 +674,10 @@ _LAYER_KINDS: dict[str, Callable[[KeyReader, int], list[bool]]] = {
     "mellum": _listed_kinds, "qwen3_5_moe_text": lambda r, layers: [True] * layers}
 #: Per family, how many experts route each token, where num_experts_per_tok does not say.
 _TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k, "ernie4_5_moe": _ernie_top_k,
-                                                 "dbrx": lambda r: r("ffn_config.moe_top_k")}
+                                                 "dbrx": lambda r: r("ffn_config.moe_top_k"),
+                                                 "aria_text": lambda r: r("moe_topk")}
 #: Per family, the key a refusal of its expert count per token names, where not num_experts_per_tok.
-_TOP_K_NAME = {"dbrx": "ffn_config.moe_top_k"}
+_TOP_K_NAME = {"dbrx": "ffn_config.moe_top_k", "aria_text": "moe_topk"}
 
 
 @dataclass(frozen=True)
@@ -1056,6 +1063,21 @@ def _kolibri1(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec
     return spec, [True] * sizes.num_layers
 
 
+def _aria(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Aria's sparse MLP as transformers saves and runs it (``AriaTextMoELayer``): a router ``router`` in the compute
+    dtype whose top-k logits' softmax (the renormalized top-k probabilities) weighs SwiGLU experts of
+    intermediate_size stored fused inputs first (``experts.fc1.weight``, ``experts.fc2.weight``:
+    :data:`ferrum.moe.fused_gate_up.ARIA`), and an ungated ``shared_experts`` MLP of moe_num_shared_experts times
+    that (none where 0), biased by mlp_bias, added to their sum; every layer sparse."""
+    inter, moe_size = sizes.intermediate_size, r("moe_intermediate_size")
+    if moe_size not in (None, inter):
+        r.fail("moe_intermediate_size", f"is {moe_size}, but transformers sizes Aria's experts by intermediate_size "
+                                        f"({inter}) and ignores it; make the two agree", unsupported=True)
+    spec = MoeSpec(*LAYOUT["aria_text"], count, top_k, inter, True, inter * r("moe_num_shared_experts") or None,
+                   router="router", shared_module="shared_experts", shared_gate=None, layout="aria")
+    return spec, [True] * sizes.num_layers
+
+
 def _grouped_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
     return _grouped(r, model_type, count, top_k, sizes.num_layers)
 
@@ -1109,6 +1131,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "minimax_m3_vl_text": lambda r, model_type, count, top_k, sizes: _minimax_m3(r, sizes, count, top_k),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
     "kolibri1": lambda r, model_type, count, top_k, sizes: _kolibri1(r, sizes, count, top_k),
+    "aria_text": lambda r, model_type, count, top_k, sizes: _aria(r, sizes, count, top_k),
 }
 
 

@@ -919,6 +919,17 @@ TABLE: dict[str, Family] = {
         ), MOE_KEYS["kolibri1"]),
         with_moe("kolibri1", _kolibri1),
     ),
+    "aria_text": Family(  # Rhymes' Aria (its aria wrapper's text model): Llama's blocks over softmax-routed experts
+        # and shared experts on every layer
+        _keys(_core(False), _core_defaults(
+            vocab_size=32000, hidden_size=4096, intermediate_size=4096, num_hidden_layers=32, num_attention_heads=32,
+            max_position_embeddings=2048,
+        ), _ROPE, _SILU, (
+            Key("attention_bias", default=False, check=boolean),
+            Key("mlp_bias", default=False, check=boolean),  # the shared experts' (the routed ones have none)
+        ), MOE_KEYS["aria_text"]),
+        with_moe("aria_text", _llama_like(False, None, _no_windows)),
+    ),
     "flex_olmo": Family(  # FlexOlmo: OLMo 2's blocks (norms after attention and the MLP) with OLMoE's experts
         _keys(_core(False), _ROPE, _theta(500_000.0), _SILU, (Key("attention_bias", default=False, check=boolean),),
               MOE_KEYS["flex_olmo"]),
