@@ -72,7 +72,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     if arch.position_embedding and not arch.sinusoidal_positions:
         shapes[f"{p}embed_positions.weight"] = (config.max_seq_len + arch.position_offset, h)
     if not config.tie_word_embeddings:
-        shapes[arch.lm_head] = (vocab, h)
+        shapes[arch.lm_head] = (arch.head_rows or vocab, h)
     if arch.lm_head_bias:  # its own even where the head's weight is the embedding's
         shapes[bias_of(arch.lm_head)] = (vocab,)
     if arch.per_layer_inputs is not None:
@@ -391,7 +391,7 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
     elif layer is None:
         if arch.position_offset and name == f"{arch.prefix}embed_positions.weight":  # the rows before position 0
             tensor = rows(tensor, arch.position_offset, tensor.shape[0])  # packed (ferrum quantize's) too
-        parts = [(name, tensor)]
+        parts = _padded_head(config, name, tensor) if name == arch.lm_head and arch.head_rows else [(name, tensor)]
     elif arch.mla is not None and arch.mla.splits(name):
         parts = arch.mla.split(name, tensor, rows)
     elif arch.moa is not None and f".{MOA_MODULE}." in name:
@@ -428,6 +428,20 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
                 or arch.value_head_dim is not None):
             parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]
     return [(n, _transform(config, layer, n, t)) for n, t in parts]
+
+
+def _padded_head(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
+    """A pruned LM head (``Architecture.head_rows``) padded to the vocabulary with zero rows, and its bias: 0 on the
+    stored rows, -inf on the others (their logits), so every pass's logits keep the vocabulary's width."""
+    if isinstance(tensor, QuantizedWeight):
+        raise UnsupportedFeatureError(f"{name}: a packed LM head pruned to {config.arch.head_rows} rows "
+                                      f"(output_vocab_size) is not supported; keep the LM head in float")
+    stored = config.arch.head_rows
+    head = np.zeros((config.vocab_size, tensor.shape[1]), dtype=tensor.dtype)
+    head[:stored] = tensor
+    bias = np.full(config.vocab_size, -np.inf, dtype=np.float32)
+    bias[:stored] = 0.0
+    return [(name, head), (bias_of(name), bias)]
 
 
 def _mixer_of(arch: Any, spec: Any, name: str) -> Any:

@@ -159,6 +159,22 @@ def _apertus(r: KeyReader, sizes: Sizes) -> Architecture:
                    activation=_APERTUS_ACTIVATIONS[r("hidden_act")], mlp_bias=False)
 
 
+def _apertus1p5(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Apertus 1.5's text model (``apertus1p5_text``, its ``apertus1p5`` wrapper's): Apertus's blocks over a vocabulary
+    extended with image and audio tokens, its untied LM head pruned to the first output_vocab_size of them
+    (``Architecture.head_rows``: those tokens are read, never predicted)."""
+    arch, rows = _apertus(r, sizes), r("output_vocab_size")
+    if rows is None or rows == sizes.vocab_size:
+        return arch
+    if rows > sizes.vocab_size:
+        r.fail("output_vocab_size", f"({rows}) exceeds vocab_size ({sizes.vocab_size}); the LM head keeps at most "
+                                    "the vocabulary's rows")
+    if sizes.tie_word_embeddings:
+        r.fail("output_vocab_size", f"({rows}) prunes an LM head tied to the {sizes.vocab_size}-row embedding; untie "
+                                    "it (tie_word_embeddings false), as Apertus 1.5's releases do", unsupported=True)
+    return replace(arch, head_rows=rows)
+
+
 #: Apertus's activations: xIELU, or another ungated one transformers' ApertusMLP takes by name.
 _APERTUS_ACTIVATIONS = {"xielu": "xielu", **_UNGATED_ACTIVATIONS}
 
@@ -328,6 +344,16 @@ TABLE: dict[str, Family] = {
             Key("attention_bias", default=False, check=boolean),
         )),
         _apertus,
+        eps_default=1e-5,
+    ),
+    "apertus1p5_text": Family(  # Swiss AI's Apertus 1.5 (its apertus1p5 wrapper's text model): Apertus's blocks
+        _keys(_core(False), _core_defaults(vocab_size=266_752, max_position_embeddings=65_536), _ROPE, (
+            Key("rope_parameters", default=_APERTUS_ROPE),
+            Key("hidden_act", default="xielu", check=one_of(*_APERTUS_ACTIVATIONS), unsupported=True),
+            Key("attention_bias", default=False, check=boolean),
+            Key("output_vocab_size", check=optional_positive_int),
+        )),
+        _apertus1p5,
         eps_default=1e-5,
     ),
     "nanochat": Family(  # Karpathy's nanochat (transformers' port; mlx-lm's conversions under nanochat's own names)
