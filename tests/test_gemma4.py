@@ -123,6 +123,19 @@ def test_release_keys_read_as_per_layer_config(checkpoints):
     assert ModelConfig.from_dict({**release, "attention_k_eq_v": False}).arch.layers[2].stored_kv_heads is None
 
 
+def test_a_saved_per_layer_config_with_zero_padded_keys_reads_as_transformers_reads_it(tmp_path):
+    """transformers saves per_layer_config's layer indices zero-padded past 9 layers ("05"): every full layer still
+    reads its wider heads (they fell back to the sliding layers', refused as one kind of two sizes)."""
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    gemma4_config(num_hidden_layers=12, layer_types=types * 2).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert "05" in raw["per_layer_config"]
+    config = ModelConfig.from_dict(raw)
+    assert config.head_dim == 32 and {layer.stored_head_dim for layer in config.arch.layers[:5]} == {16}
+    with pytest.raises(ConfigError, match="per_layer_config"):
+        ModelConfig.from_dict({**raw, "per_layer_config": {**raw["per_layer_config"], "5": {"head_dim": 32}}})
+
+
 def test_vision_bidirectional_attention_is_causal_over_text(checkpoints):
     """The larger releases' text_config says "vision" (image tokens attend each other both ways); transformers runs
     text causally then, so it is the same model as null, not a refusal."""

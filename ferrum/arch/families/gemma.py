@@ -91,6 +91,18 @@ def _gemma3_ropes(r: KeyReader, sizes: Sizes) -> tuple[Rope, Rope]:
     return Rope(theta=theta, head_dim=sizes.head_dim, rotary_dim=sizes.head_dim), full
 
 
+def _by_layer_index(r: KeyReader, per_layer: dict) -> dict[int, Any]:
+    """per_layer_config's entries by layer index: transformers saves the keys zero-padded ("05" of 30 layers)."""
+    by_index: dict[int, Any] = {}
+    for key, over in per_layer.items():
+        if isinstance(key, bool) or not (isinstance(key, int) or isinstance(key, str) and key.isdigit()):
+            r.fail("per_layer_config", f"has the key {key!r}; its keys are layer indices")
+        if int(key) in by_index:
+            r.fail("per_layer_config", f"gives layer {int(key)} twice (key {key!r})")
+        by_index[int(key)] = over
+    return by_index
+
+
 def _gemma4_shapes(r: KeyReader) -> dict[str, tuple[int, int]]:
     """Each attention kind's (head_dim, key/value heads) as transformers' Gemma4TextConfig resolves them: the full
     layers' from global_head_dim and (with attention_k_eq_v) num_global_key_value_heads, as releases write them;
@@ -106,9 +118,10 @@ def _gemma4_shapes(r: KeyReader) -> dict[str, tuple[int, int]]:
         per_layer = {str(i): own[FULL] for i, t in enumerate(types) if t == FULL}
     if not isinstance(per_layer, dict):
         r.fail("per_layer_config", f"must map layer indices to overrides, got {per_layer!r}")
+    by_index = _by_layer_index(r, per_layer)
     shapes: dict[str, set] = {}
     for i, kind in enumerate(types):
-        over = per_layer.get(str(i), per_layer.get(i)) or {}
+        over = by_index.get(i) or {}
         if not isinstance(over, dict) or set(over) - {"head_dim", "num_key_value_heads"}:
             r.fail("per_layer_config", f"overrides layer {i} with {over!r}; Ferrum reads head_dim and "
                                        "num_key_value_heads only", unsupported=True)
