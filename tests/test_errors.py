@@ -107,6 +107,18 @@ def test_a_layer_kind_list_of_lists_or_objects_is_refused_by_name(model_type, ke
         ModelConfig.from_dict({**raw, key: [entry] * raw["num_hidden_layers"]})
 
 
+@pytest.mark.parametrize("value", [[], 0, {}])
+def test_a_falsy_layer_kind_list_is_refused_not_read_as_absent(value):
+    """Granite 4.0-H's layer_types given but empty is no list of its layers (it read as absent: all Mamba)."""
+    import transformers
+
+    from ferrum.config import ModelConfig
+
+    raw = transformers.AutoConfig.for_model("granitemoehybrid").to_dict()
+    with pytest.raises(ConfigError, match="'layer_types'"):
+        ModelConfig.from_dict({**raw, "layer_types": value, "layers_block_type": None})
+
+
 def test_missing_and_misshapen_tensors_are_named(checkpoint, tmp_path):
     folder = copy(checkpoint, tmp_path)
     tensors = load_file(folder / "model.safetensors")

@@ -168,6 +168,9 @@ def test_reads_the_release_spellings(checkpoints, tmp_path):
     (lambda t: t.update(use_gemma_norm=False), "use_gemma_norm"),
     (lambda t: t.update(n_shared_experts=2), "n_shared_experts"),
     (lambda t: t.update(layer_types=["full_attention", "sliding_attention", "full_attention"]), "layer_types"),
+    # falsy but given: not the default of full layers (they read as no layer_types: no indexers, no cap)
+    (lambda t: t.update(layer_types=[]), "layer_types"), (lambda t: t.update(layer_types=0), "layer_types"),
+    (lambda t: t.update(layer_types=[["full_attention"]] * 3), "layer_types"),
 ])
 def test_refuses_what_transformers_runs_otherwise(checkpoints, tmp_path, edit, key):
     with pytest.raises((ConfigError, UnsupportedFeatureError), match=key):

@@ -69,7 +69,7 @@ def _granitemoehybrid(r: KeyReader, sizes: Sizes) -> Architecture:
     rope_on = r("position_embedding_type") == "rope"
     arch = _granite_multipliers(r, _llama_like(False, None, _no_windows,
                                                lambda r, sizes: [rope_on] * sizes.num_layers)(r, sizes))
-    types = r("layer_types") or r("layers_block_type") or ["mamba"] * sizes.num_layers
+    types = next((t for t in (r("layer_types"), r("layers_block_type")) if t is not None), ["mamba"] * sizes.num_layers)
     if not lists_of(types, sizes.num_layers, _MAMBA_HYBRID_MIXERS):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of 'mamba' / 'attention', got {types!r}")
     layers = tuple(replace(spec, mixer=_MAMBA_HYBRID_MIXERS[t]) for spec, t in zip(arch.layers, types))

@@ -515,8 +515,10 @@ def _minimax_m3(r: KeyReader, sizes: Sizes) -> Architecture:
                              f"them agree: partial_rotary_factor {rotary / sizes.head_dim:g} in rope_parameters")
     rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=5_000_000.0, rotary_dim=dims)
     r("hidden_act")
-    types = r("layer_types") or [FULL] * sizes.num_layers
-    if not isinstance(types, list) or len(types) != sizes.num_layers or set(types) - {FULL, msa.SPARSE}:
+    types = r("layer_types")
+    if types is None:
+        types = [FULL] * sizes.num_layers
+    if not lists_of(types, sizes.num_layers, (FULL, msa.SPARSE)):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of {FULL!r} / {msa.SPARSE!r}, got {types!r}")
     dense = r("dense_intermediate_size")
     indexed = [t == msa.SPARSE for t in types]
