@@ -8,11 +8,13 @@ clipped to ``[1, 1]``), ``a_log = log(rate)`` and no skip (``d = 0``); the state
 transformers' ``K^T V``, and transformers' blocks compute the same sums in another order. Around it: SiLU on
 ``qkv_proj`` (stored per head: its q, k, v), an RMSNorm over all heads' outputs (epsilon 1e-6, its module's default),
 times the sigmoid of ``output_gate`` of the block's normed input, then ``out_proj``. The rates are no tensor of the
-release: they are computed from the layer's depth (:func:`slope_rates`) into ``Architecture.computed``.
+release: they are computed from the layer's depth (:func:`slope_rates` as transformers, :func:`release_slope_rates` as
+the releases' own code) into ``Architecture.computed``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,6 +37,25 @@ def slope_rates(heads: int, layer: int, layers: int) -> np.ndarray:
     base = 1 / (2 ** (8 / heads))
     factor = 1 - layer / (layers - 1 + 1e-5) + 1e-5
     return (base ** (np.arange(heads, dtype=np.float64) + 1) * factor).astype(np.float32)
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """ALiBi's slopes as MiniMax's own code builds them (its ``_build_slope_tensor``): ``2 ** (-8 (h + 1) / heads)``
+    for a power of two; else those of the power of two below, then every other one of twice that."""
+    if math.log2(heads).is_integer():
+        start = 2 ** (-(2 ** -(math.log2(heads) - 3)))
+        return [start * start ** h for h in range(heads)]
+    below = 2 ** math.floor(math.log2(heads))
+    return alibi_slopes(below) + alibi_slopes(2 * below)[0::2][:heads - below]
+
+
+def release_slope_rates(heads: int, layer: int, layers: int) -> np.ndarray:
+    """Layer ``layer``'s decay rate per head as the releases' own code (``modeling_minimax_text_01.py``, MiniMax-M1's
+    the same) computes it: :func:`alibi_slopes` in float32 times ``1 - layer / (layers - 1) + 1e-5``. transformers'
+    :func:`slope_rates` differs by the 1e-5 it adds to the divisor and, for head counts not a power of two, by its
+    evenly spaced slopes. One layer (which the release code divides by zero for) takes vLLM's ``1 + 1e-5``."""
+    factor = 1 - layer / (layers - 1) + 1e-5 if layers > 1 else 1 + 1e-5
+    return np.array(alibi_slopes(heads), dtype=np.float32) * np.float32(factor)
 
 
 @dataclass(frozen=True)

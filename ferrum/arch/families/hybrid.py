@@ -25,7 +25,7 @@ from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 from ferrum.recurrent.kimi_delta import KimiDeltaSpec
-from ferrum.recurrent.lightning import A_LOG, BUFFERS, LightningSpec, slope_rates
+from ferrum.recurrent.lightning import A_LOG, BUFFERS, LightningSpec, release_slope_rates, slope_rates
 from ferrum.recurrent.rg_lru import RgLruSpec
 from ferrum.recurrent.short_conv import ShortConvSpec
 #: A hybrid's layer types -> the mixer each runs (LayerSpec.mixer).
@@ -550,7 +550,7 @@ def _lfm3(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 #: MiniMax's layer kinds as its releases list them (attn_type_list): 0 lightning attention, 1 softmax attention.
 _MINIMAX_LISTED = {0: LINEAR, 1: FULL}
-_MINIMAX_MIXERS = {LINEAR: "lightning", FULL: "attention"}
+_MINIMAX_KINDS = (LINEAR, FULL)
 #: The residual factors under the names of MiniMax's own code (its releases' config.json) -> transformers'.
 MINIMAX_ALIASES = {f"layernorm_{kind}_attention_{which}": f"{short}_attn_{which}_factor"
                    for kind, short in (("full", "full"), ("linear", "linear")) for which in ("alpha", "beta")}
@@ -568,29 +568,19 @@ def _minimax_types(r: KeyReader, sizes: Sizes) -> list[str]:
         from_list = [_MINIMAX_LISTED[t] for t in listed]
     if types is None:
         types = from_list or [FULL if (i + 1) % 2 else LINEAR for i in range(n)]
-    if not lists_of(types, n, _MINIMAX_MIXERS):
+    if not lists_of(types, n, _MINIMAX_KINDS):
         r.fail("layer_types", f"must list {n} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
     if from_list is not None and from_list != types:
         r.fail("attn_type_list", f"is {listed!r}, but layer_types is {types!r}; make them agree")
     return types
 
 
-def _minimax(r: KeyReader, sizes: Sizes) -> Architecture:
-    """MiniMax-Text-01 / MiniMax-M1 (transformers' MiniMax): lightning attention layers
-    (:mod:`ferrum.recurrent.lightning`, their decay rates computed per layer) between Mixtral's attention layers
-    (sliding where sliding_window says), post-norm blocks (each half adds ``beta`` times its output to ``alpha``
-    times its normed input, the factors per layer kind) over Mixtral's experts (:func:`ferrum.moe.spec.with_moe`).
-    transformers rotates whole heads: a rotary_dim below head_dim (MiniMax's own code rotates that many dims) is
-    refused."""
+def _minimax_blocks(r: KeyReader, sizes: Sizes, rope: Rope,
+                    rates: Callable[[int, int, int], np.ndarray]) -> Architecture:
+    """MiniMax's layers around ``rope`` (the softmax layers') and ``rates`` (the lightning layers' decay per head:
+    ``(heads, layer, layers) -> rates``)."""
     _agreeing_aliases(r, MINIMAX_ALIASES)
     types = _minimax_types(r, sizes)
-    key, spec = _rope_spec(r)
-    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=1_000_000.0)
-    rotary = r("rotary_dim")
-    if rotary is not None and rotary != sizes.head_dim:
-        r.fail("rotary_dim", f"is {rotary} of {sizes.head_dim} head dims; transformers' MiniMax rotates whole heads "
-                             "and MiniMax's own code the first rotary_dim dims: Ferrum runs transformers' reading, "
-                             "set rotary_dim to head_dim (or remove it) to run that", unsupported=True)
     r("hidden_act")
     r("postnorm")
     mlp = (r("mlp_alpha_factor"), r("mlp_beta_factor"))
@@ -598,16 +588,50 @@ def _minimax(r: KeyReader, sizes: Sizes) -> Architecture:
               for kind, short in ((LINEAR, "linear"), (FULL, "full"))}
     window, layers = r("sliding_window"), sizes.num_layers
     lightning = LightningSpec(sizes.num_heads, sizes.head_dim)
+    # the lightning layers' q and k (all heads) are left as stored: no rope rows to move
+    kinds = {FULL: LayerSpec(window, rope), LINEAR: LayerSpec(None, Rope.unrotated(sizes.head_dim), mixer="lightning")}
     return Architecture(
-        layers=tuple(LayerSpec(window if t == FULL else None, rope, mixer=_MINIMAX_MIXERS[t], residual="normed",
-                               residual_scales=tuple(float(f) for f in scales[t])) for t in types),
+        layers=tuple(replace(kinds[t], residual="normed", residual_scales=tuple(float(f) for f in scales[t]))
+                     for t in types),
         norms=LLAMA_NORMS,
         attn_scale=1.0 / math.sqrt(sizes.head_dim),
         lightning=lightning,
-        computed={f"model.layers.{i}.{A_LOG}": tuple(np.log(slope_rates(sizes.num_heads, i, layers)).tolist())
+        computed={f"model.layers.{i}.{A_LOG}": tuple(np.log(rates(sizes.num_heads, i, layers)).tolist())
                   for i, t in enumerate(types) if t == LINEAR},
         unloaded=BUFFERS,
     )
+
+
+def _minimax(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MiniMax-Text-01 / MiniMax-M1 as transformers ports them (``minimax``): lightning attention layers
+    (:mod:`ferrum.recurrent.lightning`, their decay rates computed per layer) between Mixtral's attention layers
+    (sliding where sliding_window says), post-norm blocks (each half adds ``beta`` times its output to ``alpha``
+    times its normed input, the factors per layer kind) over Mixtral's experts (:func:`ferrum.moe.spec.with_moe`).
+    transformers rotates whole heads: a rotary_dim below head_dim (the releases' own code rotates that many dims;
+    their model types run it) is refused."""
+    key, spec = _rope_spec(r)
+    rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=1_000_000.0)
+    rotary = r("rotary_dim")
+    if rotary is not None and rotary != sizes.head_dim:
+        r.fail("rotary_dim", f"is {rotary} of {sizes.head_dim} head dims; transformers' MiniMax rotates whole heads "
+                             "and MiniMax's own code the first rotary_dim dims: Ferrum runs transformers' reading "
+                             "for model_type 'minimax' (set rotary_dim to head_dim, or remove it, to run that) and "
+                             "the release code's for 'minimax_text_01' / 'minimax_m1'", unsupported=True)
+    return _minimax_blocks(r, sizes, rope, slope_rates)
+
+
+def _minimax_release(r: KeyReader, sizes: Sizes) -> Architecture:
+    """MiniMax-Text-01 / MiniMax-M1 as their releases' own code runs them (model_type ``minimax_text_01`` /
+    ``minimax_m1``, ``modeling_minimax_text_01.py``): :func:`_minimax`'s blocks, with the first rotary_dim dims of
+    each head rotated (rotate_half over them, frequencies spaced over rotary_dim, the rest passed through; all of
+    the head where rotary_dim is left out) and the decay rates of :func:`release_slope_rates`. That code reads no
+    rope scaling."""
+    key, spec = _rope_spec(r)
+    rotary = r("rotary_dim") or sizes.head_dim
+    if rotary % 2 or rotary > sizes.head_dim:
+        r.fail("rotary_dim", f"is {rotary}; it must be even and at most head_dim ({sizes.head_dim})")
+    rope = read_rope(r, sizes, spec, key, ("default",), theta_default=1_000_000.0, rotary_dim=rotary)
+    return _minimax_blocks(r, sizes, rope, release_slope_rates)
 
 
 def _finite(value: Any) -> str | None:
@@ -616,18 +640,38 @@ def _finite(value: Any) -> str | None:
     return None
 
 
-_MINIMAX = (
-    Key("layer_types"),
-    Key("attn_type_list"),
-    Key("rotary_dim", check=optional_positive_int),
-    # transformers' blocks always add to the normed input (MiniMax's code does where postnorm)
-    Key("postnorm", default=True, unsupported=True, check=one_of(None, True)),
-    # MiniMax's code adds a shared expert where this is set; no release has one, nor transformers
-    Key("shared_intermediate_size", default=0, unsupported=True, check=one_of(None, 0)),
-    *(Key(f"{short}_attn_{which}_factor", default=1, check=_finite) for short in ("linear", "full")
-      for which in ("alpha", "beta")),
-    *(Key(f"mlp_{which}_factor", default=1, check=_finite) for which in ("alpha", "beta")),
-)
+def _no_shared_expert(value: Any) -> str | None:
+    """shared_intermediate_size: none, 0, or 0 per layer (a list, as MiniMax-VL-01's text config writes it)."""
+    if value in (None, 0) or isinstance(value, list) and all(v == 0 and not isinstance(v, bool) for v in value):
+        return None
+    return (f"is {value!r}: MiniMax's code adds a shared expert where it is set, which no release has, nor "
+            "transformers, nor Ferrum; set it to 0")
+
+
+def _minimax_keys(release: bool) -> tuple[Key, ...]:
+    """MiniMax's own keys, as transformers (``release`` false) or the releases' code reads them. transformers'
+    blocks always add to the normed input; the releases' code does where postnorm, a missing or null one false."""
+    return (
+        Key("layer_types"),
+        Key("attn_type_list"),
+        Key("rotary_dim", check=optional_positive_int),
+        Key("postnorm", default=not release, unsupported=True, check=_post_norm((True,) if release else (None, True))),
+        Key("shared_intermediate_size", default=0, unsupported=True, check=_no_shared_expert),
+        Key("shared_moe_mode"),  # read by MiniMax's code only beside a shared expert
+        *(Key(f"{short}_attn_{which}_factor", default=1, check=_finite) for short in ("linear", "full")
+          for which in ("alpha", "beta")),
+        *(Key(f"mlp_{which}_factor", default=1, check=_finite) for which in ("alpha", "beta")),
+    )
+
+
+def _post_norm(accepted: tuple[Any, ...]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if any(value is a for a in accepted):
+            return None
+        return (f"is {value!r}: MiniMax's code then adds each block's output to its un-normed input, which no "
+                "release does (they set postnorm true) nor transformers; Ferrum runs post-norm blocks only")
+
+    return check
 
 
 #: RecurrentGemma's block kinds -> the mixer each runs.
@@ -784,11 +828,18 @@ TABLE: dict[str, Family] = {
     ),
     "minimax": Family(  # MiniMax-Text-01 / MiniMax-M1: lightning attention and softmax attention in post-norm blocks
         # over Mixtral's experts
-        _keys(_core(False), _ROPE, _theta(1_000_000.0), _SILU, _WINDOW, _MINIMAX, MOE_KEYS["minimax"]),
+        _keys(_core(False), _ROPE, _theta(1_000_000.0), _SILU, _WINDOW, _minimax_keys(False), MOE_KEYS["minimax"]),
         with_moe("minimax", _minimax),
         eps_default=1e-5,
         derive=_aliased(MINIMAX_ALIASES),
     ),
+    **{model_type: Family(  # the releases' own spellings (attn_type_list, layernorm_*_alpha / _beta, postnorm,
+        # rotary_dim) read as their code reads them: rope on the first rotary_dim dims of each head
+        _keys(_core(False), _ROPE, _theta(1_000_000.0), _SILU, _WINDOW, _minimax_keys(True), MOE_KEYS["minimax"]),
+        with_moe("minimax", _minimax_release),
+        eps_default=1e-5,
+        derive=_aliased(MINIMAX_ALIASES),
+    ) for model_type in ("minimax_text_01", "minimax_m1")},
     "olmo_hybrid": Family(  # AllenAI's OLMo Hybrid: OLMo 3's attention between Gated DeltaNet layers
         _keys(_core(False), _core_defaults(
             hidden_size=3840, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=30,
