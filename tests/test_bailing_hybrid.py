@@ -14,6 +14,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from ferrum.config import ModelConfig
 from ferrum.errors import UnsupportedFeatureError
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
@@ -151,6 +152,14 @@ def _as_released(folder, destination):
     tensors["model.layers.4.enorm.weight"] = np.ones(64, np.float32)  # the MTP layer, not run
     save_file(tensors, destination / "model.safetensors", metadata={"format": "pt"})
     return destination
+
+
+def test_the_linear_layers_heads_and_convolution_are_transformers_copies(checkpoint):
+    """transformers sets linear_num_heads and linear_conv_kernel_dim from num_attention_heads and
+    short_conv_kernel_size whatever the config's own copies say (they were read first)."""
+    raw = json.loads((checkpoint[0] / "config.json").read_text())
+    want = ModelConfig.from_dict(raw)
+    assert ModelConfig.from_dict({**raw, "linear_num_heads": 8, "linear_conv_kernel_dim": 2}) == want
 
 
 def test_the_releases_config_and_layout_load(checkpoint, tmp_path):

@@ -217,18 +217,19 @@ def _bailing_hybrid_keys(raw: dict[str, Any]) -> dict[str, Any]:
     """Ling 3's config as transformers' BailingHybridConfig reads it: the attribute_map's spellings
     (num_experts_per_token, model_max_length...) under DeepSeek-V3's names where those are absent, the linear
     layers' heads of head_dim (its release's key; transformers sets head_dim to qk_rope_head_dim and saves
-    linear_head_dim beside it), num_attention_heads of them, their convolution short_conv_kernel_size wide, and
+    linear_head_dim beside it), num_attention_heads of them, their convolution short_conv_kernel_size wide (whatever
+    the linear_* copies say, as transformers sets them), and
     layer_types from layer_group_size (each group's last layer full attention) where the config gives none and the
     groups fill the layers (where they do not, transformers and Ling's own code disagree: :func:`_bailing_hybrid`)."""
     out = dict(raw)
     for theirs, ours in _BAILING_ALIASES.items():
         if theirs in raw and ours not in raw:
             out[ours] = raw[theirs]
-    for ours, theirs, default in (("linear_head_dim", "head_dim", 128),
-                                  ("linear_num_heads", "num_attention_heads", 32),
+    if out.get("linear_head_dim") is None:  # transformers saves it beside head_dim, which it then overwrites
+        out["linear_head_dim"] = raw.get("head_dim") if raw.get("head_dim") is not None else 128
+    for ours, theirs, default in (("linear_num_heads", "num_attention_heads", 32),
                                   ("linear_conv_kernel_dim", "short_conv_kernel_size", 4)):
-        if out.get(ours) is None:
-            out[ours] = raw.get(theirs) if raw.get(theirs) is not None else default
+        out[ours] = raw.get(theirs) if raw.get(theirs) is not None else default  # always theirs, as transformers
     layers, group = raw.get("num_hidden_layers", 42), raw.get("layer_group_size", 6)
     if out.get("layer_types") is None and isinstance(layers, int) and isinstance(group, int) and group > 0 and (
             layers % group == 0):
