@@ -127,12 +127,11 @@ def test_a_laguna_gguf_llama_cpp_runs_otherwise_is_refused(tmp_path, overrides, 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"head_count": [4, 2, 2, 2, 2, 2]}, "head_count lists 6 layers' query heads, but the file has 4 blocks"),
-    ({"expert_weights_scale": 0.0}, "expert_weights_scale is 0.0; it must be positive"),
     ({"expert_weights_scale": -2.5}, "expert_weights_scale is -2.5; it must be positive"),
 ])
 def test_a_malformed_laguna_gguf_is_refused_by_name(tmp_path, overrides, message):
-    """A head count per layer for more layers than blocks (it was cut short) and a scale that is not positive (0 was
-    read as 1) are the file's faults."""
+    """A head count per layer for more layers than blocks (it was cut short) and a negative scale (0 is llama.cpp's
+    unset, read as 1) are the file's faults."""
     hf, config = _tiny(**_XS)
     _laguna_gguf(tmp_path / "m.gguf", hf, config, Q.F32, **overrides)
     with pytest.raises(CheckpointError, match=re.escape(message)):

@@ -301,12 +301,12 @@ def float32_value(value: float) -> float:
 
 
 def routed_scale(meta: Metadata, p: str) -> float:
-    """A file's expert_weights_scale for a family that scales its routed experts: 1 where absent; a zero or negative
-    one is refused by name (it would silence or flip every routed expert; no converter writes one)."""
+    """A file's expert_weights_scale for a family that scales its routed experts: 1 where absent or 0 (llama.cpp's
+    unset: it then leaves the weights unscaled); a negative or non-finite one is refused by name."""
     scale = meta.get(p + "expert_weights_scale")
-    if scale is None:
+    if scale is None or scale == 0:
         return 1.0
-    if not float(scale) > 0:
+    if not 0 < float(scale) < float("inf"):
         raise CheckpointError(f"{meta.where}: {p}expert_weights_scale is {scale}; it must be positive (the factor on "
                               "the routed experts' weights): re-convert the model with llama.cpp's converter")
     return float32_value(scale)
