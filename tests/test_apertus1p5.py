@@ -109,6 +109,58 @@ def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_to
                                       staggered_greedy_workload(VOCAB))
 
 
+def test_ferrum_quantize_packs_the_pruned_head_and_its_output_runs(checkpoints, tmp_path):
+    """`ferrum quantize` packs the pruned head as stored (HEAD rows); the load pads it with zero codes, scales and
+    biases: logits over its rows near transformers' float ones, the others -inf, on every backend."""
+    from safetensors import safe_open
+
+    from ferrum.quant.convert import quantize_checkpoint
+
+    folder, hf = checkpoints["text"]
+    out = quantize_checkpoint(folder, tmp_path / "q", bits=8, group_size=32)
+    with safe_open(out / "model.safetensors", "np") as stored:
+        assert stored.get_slice("lm_head.scales").get_shape() == [HEAD, 64 // 32]
+    want = reference_logits(hf, TOKENS)
+    for backend in BACKENDS:
+        logits = float32_model(out, backend).forward_verify("q", TOKENS)
+        assert logits.shape[-1] == VOCAB and np.all(logits[..., HEAD:] == -np.inf), backend
+        assert scaled_error(logits[..., :HEAD], want) < 2e-2, backend
+
+
+def test_mlx_lm_packed_pruned_head_runs_as_mlx_lm_runs_it(checkpoints, tmp_path):
+    """A packed pruned head as mlx-lm writes it (its Apertus with Apertus 1.5's head of HEAD rows, quantized and saved
+    by mlx-lm's own utilities, under the release's config): every backend's logits over its rows are mlx-lm's."""
+    import json
+
+    mx = pytest.importorskip("mlx.core")
+    nn = pytest.importorskip("mlx.nn")
+    mlx_utils = pytest.importorskip("mlx_lm.utils")
+    apertus = pytest.importorskip("mlx_lm.models.apertus")
+
+    class PrunedHead(apertus.Model):  # mlx-lm's Apertus, its head pruned as Apertus 1.5's releases prune it
+        def __init__(self, args):
+            super().__init__(args)
+            self.lm_head = nn.Linear(args.hidden_size, HEAD, bias=False)
+
+    folder, _ = checkpoints["text"]
+    release = json.loads((folder / "config.json").read_text())
+    rope = release["rope_parameters"]
+    keys = dict(rope_theta=rope["rope_theta"], rope_scaling={**rope, "type": rope["rope_type"]}, mlp_bias=False,
+                post_norm=False, qk_norm=True)  # mlx-lm's Apertus reads them so (transformers 4's spelling)
+    model, config = mlx_utils.load_model(folder, model_config=keys,
+                                         get_model_classes=lambda config: (PrunedHead, apertus.ModelArgs))
+    model, config = mlx_utils.quantize_model(model, config, group_size=32, bits=4)
+    out = tmp_path / "mlx"
+    mlx_utils.save_model(out, model)
+    (out / "config.json").write_text(json.dumps({**release, "quantization": config["quantization"]}))
+    assert mx.load(str(out / "model.safetensors"))["lm_head.scales"].shape == (HEAD, 64 // 32)
+    want = np.array(model(mx.array([TOKENS])).astype(mx.float32))[0]
+    for backend in BACKENDS:
+        logits = float32_model(out, backend).forward_verify("m", TOKENS)
+        assert np.all(logits[..., HEAD:] == -np.inf), backend
+        assert scaled_error(logits[..., :HEAD], want) <= 2e-3, backend
+
+
 def test_the_parity_checks_xielu(checkpoints):
     """xIELU's per-layer beta moves transformers' logits: Apertus's activation is run, not a stand-in."""
     import copy

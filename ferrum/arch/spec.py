@@ -290,8 +290,8 @@ class Architecture:
     lm_head_bias: bool = False  # Phi-2's LM head adds a bias
     #: The rows an untied LM head stores where it is pruned to the vocabulary's first ones (Apertus 1.5's
     #: output_vocab_size: its image and audio tokens are read, never predicted); padded at load to the vocabulary
-    #: with zero rows and a head bias of -inf on them, so the logits keep the vocabulary's width and those tokens are
-    #: never drawn. None: every row stored.
+    #: with zero rows (a packed head's: zero codes, scales and biases) and a head bias of -inf on them, so the logits
+    #: keep the vocabulary's width and those tokens are never drawn. None: every row stored.
     head_rows: int | None = None
     #: Modules the checkpoint stores under other names than Llama's, relative to the prefix or to a layer:
     #: Llama's name -> the checkpoint's (Phi-2: ``{"self_attn.o_proj": "self_attn.dense", "norm":

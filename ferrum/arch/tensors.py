@@ -432,14 +432,12 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
 
 def _padded_head(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
     """A pruned LM head (``Architecture.head_rows``) padded to the vocabulary with zero rows, and its bias: 0 on the
-    stored rows, -inf on the others (their logits), so every pass's logits keep the vocabulary's width."""
-    if isinstance(tensor, QuantizedWeight):
-        raise UnsupportedFeatureError(f"{name}: a packed LM head pruned to {config.arch.head_rows} rows "
-                                      f"(output_vocab_size) is not supported; keep the LM head in float")
-    stored = config.arch.head_rows
-    head = np.zeros((config.vocab_size, tensor.shape[1]), dtype=tensor.dtype)
-    head[:stored] = tensor
-    bias = np.full(config.vocab_size, -np.inf, dtype=np.float32)
+    stored rows, -inf on the others (their logits), so every pass's logits keep the vocabulary's width. A packed head
+    is padded as it is stored, exactly: a zero row is a row of zero codes, scales and biases (its groups run along
+    the inputs, so rows are independent), as :func:`fit_heads` pads packed output rows."""
+    stored, vocab = config.arch.head_rows, config.vocab_size
+    head = _each_array(tensor, lambda a: np.pad(a, [(0, vocab - stored)] + [(0, 0)] * (a.ndim - 1)))
+    bias = np.full(vocab, -np.inf, dtype=np.float32)
     bias[:stored] = 0.0
     return [(name, head), (bias_of(name), bias)]
 
