@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.27"
+API_VERSION = "1.28"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -693,7 +693,8 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routi
     their ``group_score`` ("top2_sum": a group's two best scores summed;
     "max": its best), sets the others' experts to ``masked`` (-inf, or 0
     under softmax: an expert of a dropped group chosen in a tie then weighs
-    0), and weighs the chosen experts by their scores (normalized when
+    0, or its score where ``dropped_weighed``, API 1.28), and weighs the
+    chosen experts by their scores (normalized when
     ``normalize``) times ``routing.scale``, exactly as
     :func:`ferrum.moe.routing.route_grouped` says, every step in float32
     (``shared_logit`` is then None). An implementation without ``routing``
@@ -706,8 +707,11 @@ def moe_route(logits: Any, shared_logit: Any, top_k: int, normalize: bool, routi
     each group's two best), 1.16 for ``SOFTMAX_EXPERT_SCALED`` (Gemma 4's softmax
     whose weights are then multiplied by ``routing.expert_scale[ids]``, float32
     ``[E]``), 1.23 for ``SIGMOID_LOGITS_CORRECTED`` (Kolibri-1's: its ``choice``
-    "logits" chooses on the raw logits plus the bias, not on the scores); the
-    model routes those layers by the fallback.
+    "logits" chooses on the raw logits plus the bias, not on the scores), 1.28
+    for ``NOAUX_TC_ZERO_MASKED`` (A.X-K2's noaux_tc masking dropped groups with
+    0, which beats negative corrected scores: such a dropped expert is chosen
+    and, ``dropped_weighed``, weighs its score); the model routes those layers
+    by the fallback.
     Fallback: the host references :func:`ferrum.moe.routing.route` and
     :func:`~ferrum.moe.routing.route_grouped` (one copy of the logits to the
     host per MoE layer).

@@ -76,6 +76,11 @@ class GroupRule:
     #: ``logits`` (plus the bias: Kolibri-1's router adds it to the logits, not to their sigmoids); the weights
     #: are the scores either way.
     choice: Literal["scores", "logits"] = "scores"
+    #: What a chosen expert of a dropped group weighs (API 1.28): False, 0 (DeepSeek-V2's router takes the weights
+    #: from the masked choice); True, its score, as any chosen expert (A.X-K2's router gathers them from the unmasked
+    #: scores). It matters only where ``masked`` is a number kept choices can fall below: A.X-K2's 0 under sigmoid
+    #: scores plus a negative correction bias (softmax scores reach it only by underflow).
+    dropped_weighed: bool = False
 
     def __post_init__(self) -> None:  # every implementation branches on these: a misspelling would pass silently
         if (self.scoring not in ("sigmoid", "softmax") or self.group_score not in ("top2_sum", "max")
@@ -114,11 +119,17 @@ SOFTMAX_EXPERT_SCALED = GroupRule("softmax", "max", corrected=False, masked=floa
 #: each chosen expert weighed by its logit's sigmoid (one group; renormalized where norm_topk_prob, never scaled).
 SIGMOID_LOGITS_CORRECTED = GroupRule("sigmoid", "max", corrected=True, masked=float("-inf"), since=(1, 23),
                                      choice="logits")
+#: A.X-K2's router (transformers' ``AXK2TopkRouter``): DeepSeek-V3's noaux_tc but for the dropped groups' experts,
+#: masked with 0 rather than -inf, so that where the kept experts' corrected scores are negative the top-k choose
+#: dropped experts, each weighed by its score.
+NOAUX_TC_ZERO_MASKED = GroupRule("sigmoid", "top2_sum", corrected=True, masked=0.0, since=(1, 28),
+                                 dropped_weighed=True)
 #: ``MoeSpec.routing`` -> its grouped rule.
 GROUPED_RULES = {"sigmoid_grouped": NOAUX_TC, "softmax_grouped": GROUP_LIMITED_GREEDY,
                  "softmax_corrected": SOFTMAX_CORRECTED, "sigmoid_top_k": SIGMOID_TOP_K,
                  "softmax_top2_grouped": SOFTMAX_TOP2_GROUPED, "softmax_expert_scaled": SOFTMAX_EXPERT_SCALED,
-                 "sigmoid_logits_corrected": SIGMOID_LOGITS_CORRECTED}
+                 "sigmoid_logits_corrected": SIGMOID_LOGITS_CORRECTED,
+                 "sigmoid_grouped_zero_masked": NOAUX_TC_ZERO_MASKED}
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,11 +165,12 @@ def route_grouped(logits: np.ndarray, bias: np.ndarray | None, top_k: int, n_gro
     2. the experts split into ``n_group`` consecutive groups of ``E / n_group``; a group's score is the sum of
        its two largest ``choice`` values ("top2_sum", DeepSeek-V3) or its largest ("max", DeepSeek-V2);
     3. the ``topk_group`` best groups are kept (``torch.topk``, ties as on the CPU), the other groups'
-       experts set to ``rule.masked`` (-inf; 0 under softmax); with ``n_group == 1`` nothing is masked;
+       experts set to ``rule.masked`` (-inf; 0 under softmax, and A.X-K2's); with ``n_group == 1`` nothing is
+       masked;
     4. the ``top_k`` largest ``choice`` values pick the experts (``torch.topk`` again; ``top_k`` must not
        exceed the kept experts, which the config check ensures);
     5. the weights are the chosen experts' *uncorrected* ``scores`` (the bias only chooses; a dropped expert
-       chosen in a tie, which only a 0 of ``rule.masked`` allows, weighs 0), divided by
+       chosen, which only a 0 of ``rule.masked`` allows, weighs 0 unless ``rule.dropped_weighed``), divided by
        ``their sum + 1e-20`` when ``normalize``, then multiplied by ``scale`` (routed_scaling_factor) and,
        where ``rule.expert_scaled``, by each chosen expert's ``expert_scale``.
     """
@@ -180,7 +192,7 @@ def route_grouped(logits: np.ndarray, bias: np.ndarray | None, top_k: int, n_gro
         choice = np.where(kept, choice, np.float32(rule.masked))
     ids = _topk_ids(choice, top_k)
     weights = np.take_along_axis(scores, ids, axis=-1)
-    if n_group > 1:  # a dropped expert picked in a tie with its 0 (softmax underflow) weighs that 0
+    if n_group > 1 and not rule.dropped_weighed:  # a dropped expert picked with its masked 0 weighs that 0
         weights = np.where(np.take_along_axis(kept, ids, axis=-1), weights, np.float32(0.0))
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(1e-20))

@@ -548,20 +548,22 @@ def check_quantized_embedding(c: _Context, bits: int, group_size: int, tol: floa
     return _compare(c.get(placed.embedding(placed.weight, c.put_int(ids))), dequantize(weight)[ids], tol)
 
 
-def _grouped_cases() -> dict[str, tuple[Any, int, int, bool, float]]:
-    """Per grouped rule, as its families route with it: (rule, groups, groups kept, normalized, scale)."""
+def _grouped_cases() -> dict[str, tuple[Any, int, int, bool, float, float]]:
+    """Per grouped rule, as its families route with it: (rule, groups, groups kept, normalized, scale, and a shift of
+    the correction bias of every expert but the first)."""
     from ferrum.moe.routing import (
-        GROUP_LIMITED_GREEDY, NOAUX_TC, SIGMOID_LOGITS_CORRECTED, SIGMOID_TOP_K, SOFTMAX_CORRECTED,
-        SOFTMAX_EXPERT_SCALED, SOFTMAX_TOP2_GROUPED,
+        GROUP_LIMITED_GREEDY, NOAUX_TC, NOAUX_TC_ZERO_MASKED, SIGMOID_LOGITS_CORRECTED, SIGMOID_TOP_K,
+        SOFTMAX_CORRECTED, SOFTMAX_EXPERT_SCALED, SOFTMAX_TOP2_GROUPED,
     )
 
-    return {"grouped sigmoid": (NOAUX_TC, 4, 2, True, 2.5),  # DeepSeek-V3, GLM-4.5
-            "grouped softmax": (GROUP_LIMITED_GREEDY, 4, 2, False, 16.0),  # DeepSeek-V2
-            "corrected softmax": (SOFTMAX_CORRECTED, 1, 1, True, 1.0),  # ERNIE 4.5 MoE
-            "sigmoid top-k": (SIGMOID_TOP_K, 1, 1, False, 1.0),  # Llama 4
-            "grouped top-2 softmax": (SOFTMAX_TOP2_GROUPED, 4, 2, True, 1.5),  # Mistral 4
-            "expert-scaled softmax": (SOFTMAX_EXPERT_SCALED, 1, 1, True, 1.0),  # Gemma 4 26B-A4B
-            "logit-corrected sigmoid": (SIGMOID_LOGITS_CORRECTED, 1, 1, False, 1.0)}  # Kolibri-1
+    return {"grouped sigmoid": (NOAUX_TC, 4, 2, True, 2.5, 0.0),  # DeepSeek-V3, GLM-4.5
+            "grouped softmax": (GROUP_LIMITED_GREEDY, 4, 2, False, 16.0, 0.0),  # DeepSeek-V2
+            "corrected softmax": (SOFTMAX_CORRECTED, 1, 1, True, 1.0, 0.0),  # ERNIE 4.5 MoE
+            "sigmoid top-k": (SIGMOID_TOP_K, 1, 1, False, 1.0, 0.0),  # Llama 4
+            "grouped top-2 softmax": (SOFTMAX_TOP2_GROUPED, 4, 2, True, 1.5, 0.0),  # Mistral 4
+            "expert-scaled softmax": (SOFTMAX_EXPERT_SCALED, 1, 1, True, 1.0, 0.0),  # Gemma 4 26B-A4B
+            "logit-corrected sigmoid": (SIGMOID_LOGITS_CORRECTED, 1, 1, False, 1.0, 0.0),  # Kolibri-1
+            "zero-masked grouped sigmoid": (NOAUX_TC_ZERO_MASKED, 8, 7, True, 2.5, -2.0)}  # A.X-K2
 
 
 def check_moe_route_grouped(c: _Context, case: str = "grouped sigmoid") -> float:
@@ -570,15 +572,19 @@ def check_moe_route_grouped(c: _Context, case: str = "grouped sigmoid") -> float
     a correction bias that changes the choice and normalized weights; DeepSeek-V2's softmax, unnormalized; ERNIE
     4.5's corrected softmax; Llama 4's plain sigmoid; Mistral 4's softmax grouped by each group's two best; Gemma 4's
     softmax times per-expert scales between 0.25 and 2, which reorder nothing but weigh each expert apart; Kolibri-1's
-    sigmoid weights chosen by the logits plus the bias); through
+    sigmoid weights chosen by the logits plus the bias; A.X-K2's DeepSeek-V3 rule masking the dropped group by 0 in 8
+    groups, 7 kept, every expert but the first corrected 2 below it, so that each row chooses the dropped group's two
+    experts beside the first, never tied); through
     the plugin's ``moe_route`` where the model would call it, else the core's fallback."""
     from ferrum.moe.kind import routes_natively
     from ferrum.moe.routing import GroupedRouting, route_grouped
 
     rng = np.random.default_rng(2)
     logits = c.rounded(rng.standard_normal((9, 16), dtype=np.float32) * 2)
-    rule, groups, kept, normalize, scale = _grouped_cases()[case]
+    rule, groups, kept, normalize, scale, shift = _grouped_cases()[case]
     bias = rng.standard_normal(16).astype(np.float32) * 0.3 if rule.corrected else None
+    if shift:
+        bias[1:] += np.float32(shift)
     expert_scale = rng.uniform(0.25, 2.0, 16).astype(np.float32) if rule.expert_scaled else None
     placed = [None if a is None else c.ops.from_numpy(a, "float32") for a in (bias, expert_scale)]
     routing = GroupedRouting(groups, kept, scale, placed[0], rule, placed[1])

@@ -1291,7 +1291,7 @@ def _route_grouped(logits, top_k, normalize, routing):
         choice = choice.masked_fill(~kept, rule.masked)
     ids = torch.topk(choice, top_k, dim=-1).indices
     weights = scores.gather(1, ids)
-    if routing.n_group > 1:  # a dropped expert picked in a tie with its masked 0 weighs that 0
+    if routing.n_group > 1 and not rule.dropped_weighed:  # a dropped expert picked by its masked 0 weighs 0 (1.28)
         weights = weights.masked_fill(~kept.gather(1, ids), 0.0)
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

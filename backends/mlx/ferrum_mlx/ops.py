@@ -947,7 +947,7 @@ def _route_grouped(logits, top_k, normalize, routing):
         choice = mx.where(kept, choice, rule.masked)
     ids = _top_ids(choice, top_k)
     weights = mx.take_along_axis(scores, ids, axis=-1)
-    if routing.n_group > 1:  # a dropped expert picked in a tie with its masked 0 weighs that 0
+    if routing.n_group > 1 and not rule.dropped_weighed:  # a dropped expert picked by its masked 0 weighs 0 (1.28)
         weights = mx.where(mx.take_along_axis(kept, ids, axis=-1), weights, 0.0)
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
