@@ -1,7 +1,8 @@
 """SK Telecom's A.X-K2 (``axk2``): DeepSeek-V3.2's latent attention with DSA run densely up to ``index_topk`` keys
 (ferrum.arch.dsa), its queries and a sigmoid gate of each head's values from the query latent beside its norm
-(ferrum.arch.mla), gated RMSNorms (ferrum.arch.norms.NormGate) and ungrouped sigmoid routing; against transformers'
-own model on every runnable backend. The MoE checks every family shares are tests/test_moe_families.py's."""
+(ferrum.arch.mla), gated RMSNorms (ferrum.arch.norms.NormGate) and sigmoid routing, ungrouped or grouped with the
+dropped groups masked by 0 (ferrum.moe.routing.NOAUX_TC_ZERO_MASKED); against transformers' own model and router on
+every runnable backend. The MoE checks every family shares are tests/test_moe_families.py's."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import transformers
 
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, ConfigError, ContextLengthExceededError, UnsupportedFeatureError
+from ferrum.moe.routing import GROUPED_RULES, NOAUX_TC, NOAUX_TC_ZERO_MASKED, route_grouped
 from ferrum.sampling import SamplingParams
 from support import (
     assert_forward_and_decode_match, float32_model, randomized_reference, reference_logits, runnable_backends,
@@ -39,15 +41,32 @@ def axk2_config(**extra) -> transformers.AXK2Config:
 
 
 #: A.X-K2-Light's layout (ungrouped, the first layer dense), index_topk above every context the tests run; a dense
-#: layer between sparse ones, biased projections, YaRN; the light layout capped at 8 keys.
+#: layer between sparse ones, biased projections, YaRN; the light layout capped at 8 keys; four groups of two
+#: experts, three kept, four experts chosen (:func:`grouped_reference`'s corrections).
 VARIANTS = {"light": {},
             "yarn": dict(mlp_layer_types=["sparse", "dense", "sparse"], attention_bias=True, rope_parameters=YARN),
-            "capped": dict(index_topk=TOPK)}
-DENSE = {"light": [0], "yarn": [1], "capped": [0]}
+            "capped": dict(index_topk=TOPK),
+            "grouped": dict(n_group=4, topk_group=3, num_experts_per_tok=4)}
+DENSE = {"light": [0], "yarn": [1], "capped": [0], "grouped": [0]}
+
+
+def grouped_reference(config) -> transformers.PreTrainedModel:
+    """:func:`randomized_reference`; grouped, each router's correction bias 0 on the first group's experts and -2 on
+    the others': their corrected scores all fall below the 0 masking the dropped group, whose two experts are chosen
+    beside the first group's two, each token (one group dropped, so never tied at the top-k boundary, where MLX's
+    choice would differ from torch's)."""
+    model = randomized_reference(config)
+    if (config.n_group or 1) > 1:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if hasattr(layer.mlp, "gate"):  # a sparse layer
+                    bias = layer.mlp.gate.e_score_correction_bias
+                    bias.fill_(-2.0)[: len(bias) // config.n_group] = 0.0
+    return model
 
 
 def build_checkpoints(tmp_path_factory) -> dict:
-    return saved_references(tmp_path_factory, VARIANTS, axk2_config)
+    return saved_references(tmp_path_factory, VARIANTS, axk2_config, grouped_reference)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -130,6 +149,51 @@ def test_the_gated_norms_and_query_halves_are_checked(checkpoints, tmp_path):
         float32_model(gateless)
 
 
+def test_the_grouped_parity_checks_the_zero_masking(checkpoints, monkeypatch):
+    """The control of the grouped variant: run by DeepSeek-V3's rule (dropped groups masked with -inf), Ferrum's
+    logits leave transformers'."""
+    folder, hf = checkpoints["grouped"]
+    assert float32_model(folder).config.arch.moe.routing == "sigmoid_grouped_zero_masked"
+    monkeypatch.setitem(GROUPED_RULES, "sigmoid_grouped_zero_masked", NOAUX_TC)
+    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), reference_logits(hf, TOKENS)) > 1e-2
+
+
+def _by_id(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's experts in id order, and their weights (the order within the chosen k does not matter)."""
+    order = np.argsort(ids, axis=1)
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(weights, order, 1)
+
+
+@pytest.mark.parametrize("groups, kept, top_k", [(4, 2, 3), (8, 3, 5), (4, 1, 4), (2, 1, 2)])
+def test_grouped_routing_is_transformers_router(groups, kept, top_k):
+    """transformers' AXK2TopkRouter over 16 experts on random logits (an identity router weight passes them through)
+    and negative corrections: where fewer than top_k kept experts' corrected scores are above the 0 masking the
+    dropped groups, dropped experts are chosen, tied at that 0 (broken as torch.topk on the CPU breaks them), and
+    weighed by their scores. Ferrum's rule chooses and weighs as it does; DeepSeek-V3's (-inf) does not (the
+    control)."""
+    hf = axk2_config(hidden_size=16, n_routed_experts=16, n_group=groups, topk_group=kept, num_experts_per_tok=top_k)
+    router = transformers.models.axk2.modeling_axk2.AXK2TopkRouter(hf)
+    rng = np.random.default_rng(groups * 10 + kept)
+    logits = (rng.standard_normal((256, 16)) * 2).astype(np.float32)
+    bias = rng.uniform(-1.5, -0.3, 16).astype(np.float32)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(16))
+        router.e_score_correction_bias.copy_(torch.from_numpy(bias))
+        _, weights, ids = router(torch.from_numpy(logits))
+    want_ids, want_weights = _by_id(ids.numpy(), weights.numpy())
+    args = (logits, bias, top_k, groups, kept, hf.norm_topk_prob, hf.routed_scaling_factor)
+    got_ids, got_weights = _by_id(*route_grouped(*args, NOAUX_TC_ZERO_MASKED))
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_weights, want_weights, rtol=1e-6)
+    corrected = (1 / (1 + np.exp(-logits)) + bias).reshape(256, groups, -1)
+    kept_groups = np.zeros((256, groups), dtype=bool)
+    np.put_along_axis(kept_groups, np.argsort(-np.sort(corrected, axis=-1)[..., -2:].sum(-1), axis=1)[:, :kept], True,
+                      axis=1)
+    dropped = (~np.take_along_axis(kept_groups, want_ids // (16 // groups), axis=1)).sum(1)  # chosen, per row
+    assert dropped.any() and (want_weights > 0).all()  # chosen by their 0, each tied with the others, and weighed
+    assert not np.array_equal(_by_id(*route_grouped(*args, NOAUX_TC))[0], want_ids)
+
+
 def test_ferrum_quantize_keeps_q_b_proj_float_and_its_output_runs(tmp_path):
     """The load cuts q_b_proj's columns, from float only: `ferrum quantize` leaves it in float (false in config.json)
     and packs the rest, the gates' W_down too, a folder Ferrum runs near transformers' float logits."""
@@ -172,7 +236,7 @@ def test_release_config_reads_as_transformers_reads_it():
 
 
 @pytest.mark.parametrize("changes, error, words", [
-    ({"n_group": 2, "topk_group": 1}, UnsupportedFeatureError, "masks the dropped groups' experts with 0"),
+    ({"n_group": 3, "topk_group": 1}, ConfigError, "'n_group' (3) must divide the 8 routed experts"),
     ({"n_group": None, "topk_group": 2}, ConfigError, "'n_group' is null but topk_group is 2"),
     ({"rope_interleave": False}, UnsupportedFeatureError, "always rotate adjacent pairs"),
     ({"q_lora_rank": None}, ConfigError, "'q_lora_rank' must be a positive integer"),
@@ -183,13 +247,10 @@ def test_bad_keys_are_refused_by_name(changes, error, words):
         ModelConfig.from_dict({**axk2_config().to_dict(), **changes})
 
 
-def test_grouped_routing_is_what_transformers_runs_otherwise():
-    """The refusal's reason, shown: with a negative correction bias transformers' A.X-K2 router chooses an expert of
-    a dropped group (its 0 beats the kept experts' negative scores) and weighs it by its score."""
-    hf = axk2_config(n_group=2, topk_group=1)
-    router = transformers.models.axk2.modeling_axk2.AXK2TopkRouter(hf)
-    with torch.no_grad():
-        router.weight.zero_()
-        router.e_score_correction_bias.copy_(torch.tensor([-2.0] * 4 + [-2.0, -2.0, -2.0, 5.0]))
-        _, weights, ids = router(torch.zeros(1, 64))
-    assert set(ids[0].tolist()) & {0, 1, 2, 3} and (weights > 0).all()
+def test_grouped_config_routes_by_the_zero_masked_rule():
+    """Grouped, A.X-K2 routes by its own rule, which plugins learn at API 1.28; ungrouped (A.X-K2-Light) by
+    DeepSeek-V3's, which it equals there and every plugin runs."""
+    grouped = ModelConfig.from_dict({**axk2_config(n_group=4, topk_group=2).to_dict()}).arch.moe
+    assert (grouped.routing, grouped.n_group, grouped.topk_group) == ("sigmoid_grouped_zero_masked", 4, 2)
+    ungrouped = ModelConfig.from_dict(axk2_config().to_dict()).arch.moe
+    assert NOAUX_TC_ZERO_MASKED.since == (1, 28) and ungrouped.routing == "sigmoid_grouped"

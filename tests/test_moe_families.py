@@ -139,7 +139,7 @@ FAMILIES = {
         # the experts in transformers' fused layout
         random={"mistral4": lambda: {**test_mistral4.m4_config().to_dict(), "architectures": ["Mistral4ForCausalLM"]}}),
     "axk2": Family(
-        test_axk2, bias_control=("light",), greedy=("light",), engine="light", names=("light", "yarn"),
+        test_axk2, bias_control=("light",), greedy=("light", "grouped"), engine="light", names=("light", "yarn"),
         # the router and correction bias in float32, as transformers' AXK2TopkRouter runs them
         router=Router("light", "gate.e_score_correction_bias", "gate.weight"),
         # the gated norms' W_down / W_up, q_b_proj with its gate rows, the experts one by one (the release's names)

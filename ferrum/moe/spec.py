@@ -477,7 +477,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
              Key("first_k_dense_replace", default=1, check=_non_negative_int),
              Key("moe_layer_freq", default=1, check=positive_int)),
     # A.X-K2: DeepSeek-V3's routing under AXK2Config's defaults, ungrouped (n_group and topk_group null, read as one
-    # group: ferrum.arch.families.latent._axk2_config), its dense layers as A.X-K1's
+    # group: ferrum.arch.families.latent._axk2_config) or grouped, the dropped groups masked with 0 (its rule,
+    # NOAUX_TC_ZERO_MASKED), its dense layers as A.X-K1's
     "axk2": (*_grouped_sigmoid_keys("axk2", moe_size=512, scale=2.5, n_group=1, topk_group=1, dense=None),
              Key("n_group", default=1, check=optional_positive_int),
              Key("topk_group", default=1, check=optional_positive_int),
@@ -800,8 +801,11 @@ _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "de
             "glm4_moe_lite": "sigmoid_grouped", "dots1": "sigmoid_grouped", "exaone_moe": "sigmoid_grouped",
             "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped", "sarvam_moe": "sigmoid_grouped",
             "sarvam_mla": "sigmoid_grouped", "deepseek_v32": "sigmoid_grouped", "glm_moe_dsa": "sigmoid_grouped",
-            "axk1": "sigmoid_grouped", "axk2": "sigmoid_grouped", "mistral4": "softmax_top2_grouped",
+            "axk1": "sigmoid_grouped", "axk2": "sigmoid_grouped_zero_masked", "mistral4": "softmax_top2_grouped",
             "hy_v4": "sigmoid_grouped", "bailing_hybrid": "sigmoid_grouped"}
+#: Grouped rules that differ from another only in the dropped groups' experts, which one group has none of: with one
+#: group they route as that one, which older plugins run too.
+_ONE_GROUP = {"sigmoid_grouped_zero_masked": "sigmoid_grouped"}
 
 
 def _groups(r: KeyReader, routing: str) -> tuple[int, int]:
@@ -862,6 +866,8 @@ def _grouped(r: KeyReader, model_type: str, count: int, top_k: int, layers: int)
     scale = float(r("routed_scaling_factor"))
     if not rule.corrected and groups == 1 and scale == 1.0:
         routing = "softmax"
+    if groups == 1:
+        routing = _ONE_GROUP.get(routing, routing)
     spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
                    r("moe_intermediate_size") * r(family.shared_key), shared_module="shared_experts",
                    shared_gate=None, routing=routing, n_group=groups, topk_group=kept, routed_scale=scale,

@@ -329,11 +329,6 @@ def _axk2_attention(r: KeyReader, sizes: Sizes) -> Architecture:
         if r.raw.get(key) is None and r.raw.get(other) is not None:
             r.fail(key, f"is null but {other} is {r.raw[other]!r}; transformers' A.X-K2 takes both (grouped routing) "
                         "or neither (ungrouped)")
-    if r("n_group") > 1:
-        r.fail("n_group", f"is {r('n_group')}: A.X-K2 masks the dropped groups' experts with 0 (not -inf), so one "
-                          "may be chosen and weighed by its score, which Ferrum's grouped routing does not run; only "
-                          "its ungrouped routing (n_group and topk_group null, A.X-K2-Light's) is supported",
-               unsupported=True)
     arch = _dsa(r, sizes, dsa.read(r, sizes.num_layers))
     return replace(arch, mla=replace(arch.mla, output_gate=True), norm_gate_rank=r("gated_norm_rank"))
 
@@ -342,8 +337,9 @@ def _axk2(r: KeyReader, sizes: Sizes) -> Architecture:
     """SK Telecom's A.X-K2 (transformers' AXK2): DeepSeek-V3.2 (DSA run densely up to index_topk tokens,
     :func:`_dsa`) without q_b_proj's plain query: ``q_b_proj`` reads the query latent beside its norm and gives each
     head's query and a sigmoid gate of its values (:mod:`ferrum.arch.mla`); gated RMSNorms before attention and
-    before the sparse MLPs (:data:`AXK2_NORMS`); ungrouped sigmoid routing with a correction bias, renormalized and
-    scaled, beside a shared expert, the dense layers A.X-K1's (:func:`ferrum.moe.spec.with_moe`)."""
+    before the sparse MLPs (:data:`AXK2_NORMS`); sigmoid routing with a correction bias, ungrouped or grouped with
+    the dropped groups masked by 0 (:data:`ferrum.moe.routing.NOAUX_TC_ZERO_MASKED`), renormalized and scaled, beside
+    a shared expert, the dense layers A.X-K1's (:func:`ferrum.moe.spec.with_moe`)."""
     arch = with_moe("axk2", _axk2_attention)(r, sizes)
     return replace(arch, norms=AXK2_NORMS, layers=tuple(
         replace(layer, norms=AXK2_SPARSE_NORMS, gated_norms=("pre_attn", "pre_mlp")) if layer.mlp == "moe" else
@@ -379,7 +375,7 @@ TABLE.update({
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
     ),
-    "axk2": Family(  # SK Telecom's A.X-K2: DeepSeek-V3.2 with gated queries and norms, ungrouped routing
+    "axk2": Family(  # SK Telecom's A.X-K2: DeepSeek-V3.2 with gated queries and norms, groups masked with 0
         _keys(_core(False), _core_defaults(
             hidden_size=2048, intermediate_size=5120, num_hidden_layers=48, num_attention_heads=32,
             vocab_size=163840, max_position_embeddings=131072,
