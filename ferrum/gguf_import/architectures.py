@@ -102,6 +102,9 @@ class _Architecture:
     #: Tensors the converter moved into the metadata (Apertus's xIELU parameters): the file's metadata, the
     #: ``arch.`` prefix and the config -> Llama-style Hugging Face names and their float32 values.
     metadata_tensors: Callable[[Metadata, str, dict[str, Any]], dict[str, Any]] | None = None
+    #: The file may leave ``feed_forward_length`` out, the MLP then the family's default width (GPT-J's: n_inner
+    #: unset, 4 x hidden).
+    optional_mlp_width: bool = False
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -246,6 +249,25 @@ def _stablelm_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
     return {"use_qkv_bias": "blk.0.attn_q.bias" in meta.tensors,
             "use_parallel_residual": "blk.0.ffn_norm.weight" not in meta.tensors,
             "qk_layernorm": "blk.0.attn_q_norm.weight" in meta.tensors}  # StableLM 2 12B's, stacked [heads, dim]
+
+
+def _gptj_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """GPT-J as transformers runs it, its file as the GGUF spec's gptj keys and gguf's tensor map write it (llama.cpp
+    has no GPT-J graph nor converter): rope in adjacent pairs, as the checkpoint stores q/k (rows as stored), over
+    rope.dimension_count of each head (the whole head where absent) at base 10000, every head its own key and value.
+    Another base, rope scaling or fewer key/value heads, which transformers' GPT-J has no setting for, are refused."""
+    where = meta.where
+    if cfg["rope_theta"] != 10000.0:
+        raise UnsupportedFeatureError(f"{where}: {p}rope.freq_base {cfg['rope_theta']} is not supported (GPT-J "
+                                      "rotates at base 10000, which transformers' GPT-J fixes)")
+    if cfg["rope_scaling"] is not None:
+        raise UnsupportedFeatureError(f"{where}: {cfg['rope_scaling']['rope_type']} rope scaling in a gptj file is not "
+                                      "supported (transformers' GPT-J has none)")
+    if cfg["num_key_value_heads"] != cfg["num_attention_heads"]:
+        raise UnsupportedFeatureError(f"{where}: {cfg['num_key_value_heads']} key/value heads for "
+                                      f"{cfg['num_attention_heads']} query heads are not supported (GPT-J gives every "
+                                      "head its own key and value)")
+    return {"rotary_dim": round(cfg.get("partial_rotary_factor", 1.0) * cfg["head_dim"])}
 
 
 def _falcon_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -791,6 +813,11 @@ ARCHITECTURES = {
                                 ("attn_norm.weight", "ln_mlp.weight"), ("attn_norm.bias", "ln_mlp.bias"))),)),
     "gpt2": _Architecture("gpt2", "GPT2LMHeadModel", False, (("activation_function", "gelu_new"),),
                           renamed=_GPT2_NORMS),
+    # GPT-J: one biased LayerNorm (ln_1) feeding attention and the MLP side by side, unbiased q/k/v/o, a biased LM
+    # head (see _gptj_config)
+    "gptj": _Architecture("gptj", "GPTJForCausalLM", False, (("activation_function", "gelu_new"),),
+                          renamed=_GPT2_NORMS[:2], partial_rotary=True, configure=_gptj_config,
+                          optional_mlp_width=True),
     # ALiBi: BLOOM's embeddings LayerNormed (token_embd_norm), its q/k/v regrouped by the converter (every q, then
     # k, then v); MPT's q/k/v as stored, clamped by the file's clamp_kqv
     "bloom": _Architecture("bloom", "BloomForCausalLM", False, grouped_qkv=True, renamed_globals=tuple(

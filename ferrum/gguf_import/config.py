@@ -237,8 +237,9 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         "architectures": [family.hf_class],
         "model_type": family.model_type,
         "hidden_size": hidden,
-        "intermediate_size": _first(meta.get(p + "feed_forward_length") or (
-            0 if not family.attention else meta.need(p + "expert_feed_forward_length"))),
+        "intermediate_size": None if family.optional_mlp_width and p + "feed_forward_length" not in meta else _first(
+            meta.get(p + "feed_forward_length") or (
+                0 if not family.attention else meta.need(p + "expert_feed_forward_length"))),
         "num_hidden_layers": int(meta.need(p + "block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
