@@ -223,6 +223,24 @@ def _cohere2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
             "sliding_window_pattern": 4}
 
 
+def _qwen2vl_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2-VL / Qwen2.5-VL's text model as llama.cpp runs it on text: its mrope rotates each (time, height, width)
+    section of rope.dimension_sections (required) by the token's one position, the fourth by 0; so where the fourth is
+    empty, the rope is Qwen 2's plain one. A fourth section with dims (left unrotated for text, which no transformers
+    Qwen2-VL does) or no section at all (llama.cpp divides by their sum) is refused."""
+    key = p + "rope.dimension_sections"
+    sections = meta.need(key)
+    if len(sections) > 4 or any(s < 0 for s in sections):  # a list of integers (files._FIELD_KINDS)
+        raise CheckpointError(f"{meta.where}: {key} must list at most four non-negative section sizes, got "
+                              f"{sections!r}")
+    time, height, width, extra = [*sections, 0, 0, 0, 0][:4]
+    if extra or not time + height + width:
+        raise UnsupportedFeatureError(f"{meta.where}: {key} {sections} is not supported: Ferrum runs a qwen2vl file's "
+                                      "text as plain rope, which llama.cpp's mrope is where the time, height and width "
+                                      "sections hold dims and the fourth (unrotated for text) none")
+    return {}
+
+
 def _gpt_neox_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """GPT-NeoX's parallel blocks, where the file says (llama.cpp's default: parallel)."""
     return {"use_parallel_residual": bool(meta.get(p + "use_parallel_residual", True))}
@@ -668,6 +686,10 @@ ARCHITECTURES = {
                               (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1),
                                ("mlp_only_layers", [])),
                               moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob")),
+    # Qwen2-VL's and Qwen2.5-VL's text model (the vision tower is the mmproj file's): Qwen 2's blocks, rows as stored,
+    # its mrope over text plain rope (see _qwen2vl_config)
+    "qwen2vl": _Architecture("qwen2", "Qwen2ForCausalLM", False, (("use_sliding_window", False),),
+                             configure=_qwen2vl_config),
     # Qwen3-VL's text model (the vision tower is another file, the mmproj): Qwen 3's blocks. Its rope over (time,
     # height, width) sections (rope.dimension_sections) rotates a text token, whose three positions are one, as
     # plain rope does; the deepstack features (n_deepstack_layers) llama.cpp adds to the first layers' outputs are

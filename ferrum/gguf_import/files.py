@@ -225,7 +225,7 @@ _FIELD_KINDS = {
         "tokenizer.chat_template", "general.name",
     ), "a string"),
     **dict.fromkeys(("tokenizer.ggml.tokens", "tokenizer.ggml.merges"), "a list of strings"),
-    "tokenizer.ggml.token_type": "a list of integers",
+    **dict.fromkeys(("tokenizer.ggml.token_type", "rope.dimension_sections"), "a list of integers"),
     "tokenizer.ggml.scores": "a list of finite numbers",
     "activation_sparsity_scale": "a list of numbers",
     **dict.fromkeys(("add_bos_token", "add_eos_token", "add_space_prefix", "expert_weights_norm"), "a boolean"),
