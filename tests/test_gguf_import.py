@@ -2005,8 +2005,9 @@ def _tiny_deepseek2(family: str) -> tuple[Any, Any]:
 
 
 def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layers: int = 0,
-                    more_metadata: Callable[[Any], None] | None = None) -> None:
-    """``hf``'s weights as llama.cpp's converter writes a deepseek2 file, under gguf's own tensor names: experts
+                    more_metadata: Callable[[Any], None] | None = None, arch: str = "deepseek2") -> None:
+    """``hf``'s weights as llama.cpp's converter writes a deepseek2 file (or ``arch``'s, its DeepseekV2Model's
+    subclass: glm-dsa), under gguf's own tensor names: experts
     stacked, the correction bias as ``exp_probs_b.bias``, and ``kv_b_proj`` as the old converters wrote it
     (``single``: whole, with the heads' sizes as key_length / value_length and every head a key/value head), as
     the newer ones do (``split``: per-head ``attn_k_b``, transposed, and ``attn_v_b``; key_length / value_length
@@ -2015,7 +2016,7 @@ def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layer
     it); ``prediction_layers`` next-token-prediction blocks follow the decoder's."""
     heads, nope, rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
     kv_lora, v_dim = config.kv_lora_rank, config.v_head_dim
-    w = _gguf_writer(path, "deepseek2", config, extra_blocks=prediction_layers,
+    w = _gguf_writer(path, arch, config, extra_blocks=prediction_layers,
                      kv_heads=heads if layout == "single" else 1)
     if layout == "single":
         w.add_key_length(nope + rope)
@@ -2054,7 +2055,8 @@ def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layer
         w.add_nextn_predict_layers(prediction_layers)
     if more_metadata is not None:
         more_metadata(w)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, config.num_hidden_layers + prediction_layers)
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(kind, config.num_hidden_layers + prediction_layers)
     inter = config.moe_intermediate_size
     tensors: dict[str, np.ndarray] = {}
     for name, tensor in hf.state_dict().items():

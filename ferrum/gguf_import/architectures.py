@@ -11,7 +11,7 @@ from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_scale
 from ferrum.gguf_import import (
-    apertus, falcon_h1, gemma3n, gemma4, granite_hybrid, laguna, lfm2, mamba, mimo2, nemotron_h,
+    apertus, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, laguna, lfm2, mamba, mimo2, nemotron_h,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -530,29 +530,38 @@ def _deepseek2_gating(meta: Metadata, p: str, cfg: dict[str, Any]) -> int:
     return int(gating)
 
 
-def _deepseek2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """llama.cpp's deepseek2 (DeepSeek-V2 / V2-Lite / V3 / R1, Kimi K2, Moonlight, GLM-4.7-Flash) as transformers'
-    family that runs it: DeepSeek-V2 where the gate is softmax, DeepSeek-V3 where it is sigmoid (GLM-4.7-Flash's
-    Glm4MoeLite is DeepSeek-V3's attention and routing under other defaults). The heads' sizes are the latent
-    ones (``attention.key_length_mla`` / ``value_length_mla``, or, in files older than llama.cpp's MLA cache,
-    key_length / value_length); every head has its own key and value; rope over rope.dimension_count dims in
-    adjacent pairs, as llama.cpp rotates them and the converter stores them."""
-    where, mtp = meta.where, prediction_blocks(meta, p, cfg["num_hidden_layers"])
+def _latent_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek's latent attention and shared experts as llama.cpp reads a deepseek2 or glm-dsa file: the heads'
+    sizes are the latent ones (``attention.key_length_mla`` / ``value_length_mla``, or, in files older than
+    llama.cpp's MLA cache, key_length / value_length); every head has its own key and value; rope over
+    rope.dimension_count dims in adjacent pairs, as llama.cpp rotates them and the converter stores them; the
+    trailing next-token-prediction blocks are not decoder layers."""
+    mtp = prediction_blocks(meta, p, cfg["num_hidden_layers"])
     rope = int(meta.need(p + "rope.dimension_count"))
     head_dim = int(meta.get(p + "attention.key_length_mla") or meta.need(p + "attention.key_length"))
     value_dim = int(meta.get(p + "attention.value_length_mla") or meta.need(p + "attention.value_length"))
+    return {"num_hidden_layers": cfg["num_hidden_layers"] - mtp, "num_key_value_heads": cfg["num_attention_heads"],
+            "head_dim": rope, "qk_rope_head_dim": rope, "qk_nope_head_dim": head_dim - rope,
+            "v_head_dim": value_dim, "kv_lora_rank": int(meta.need(p + "attention.kv_lora_rank")),
+            "q_lora_rank": int(meta.need(p + "attention.q_lora_rank")) if "blk.0.attn_q_a.weight" in meta.tensors
+            else None,
+            "n_shared_experts": int(meta.need(p + "expert_shared_count")),
+            "first_k_dense_replace": int(meta.get(p + "leading_dense_block_count", 0))}
+
+
+def _deepseek2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's deepseek2 (DeepSeek-V2 / V2-Lite / V3 / R1, Kimi K2, Moonlight, GLM-4.7-Flash) as transformers'
+    family that runs it: DeepSeek-V2 where the gate is softmax, DeepSeek-V3 where it is sigmoid (GLM-4.7-Flash's
+    Glm4MoeLite is DeepSeek-V3's attention and routing under other defaults); the attention
+    :func:`_latent_config`'s."""
+    where = meta.where
     if meta.get(p + "attention.temperature_scale"):
         raise UnsupportedFeatureError(f"{where}: {p}attention.temperature_scale (Mistral Large 3's attention "
                                       "temperature tuning) is not supported")
     groups, kept = int(meta.get(p + "expert_group_count", 1)), int(meta.get(p + "expert_group_used_count", 1))
-    config = {"num_hidden_layers": cfg["num_hidden_layers"] - mtp, "num_key_value_heads": cfg["num_attention_heads"],
-              "head_dim": rope, "qk_rope_head_dim": rope, "qk_nope_head_dim": head_dim - rope,
-              "v_head_dim": value_dim, "kv_lora_rank": int(meta.need(p + "attention.kv_lora_rank")),
-              "q_lora_rank": int(meta.need(p + "attention.q_lora_rank")) if "blk.0.attn_q_a.weight" in meta.tensors
-              else None,
-              "n_shared_experts": int(meta.need(p + "expert_shared_count")),
-              "first_k_dense_replace": int(meta.get(p + "leading_dense_block_count", 0)),
+    config = {**_latent_config(meta, p, cfg),
               "routed_scaling_factor": float32_value(meta.get(p + "expert_weights_scale", 1.0))}
+    mtp = cfg["num_hidden_layers"] - config["num_hidden_layers"]
     if _deepseek2_gating(meta, p, {**cfg, **config}) == _SIGMOID_GATING:
         return {**config, "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
                 "rope_interleave": True, "num_nextn_predict_layers": mtp, "n_group": groups, "topk_group": kept}
@@ -567,6 +576,24 @@ def _deepseek2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, 
         raise UnsupportedFeatureError(f"{where}: next-token-prediction layers in a softmax-routed (DeepSeek-V2) "
                                       "deepseek2 file are not supported")
     return {**config, "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "topk_method": "greedy"}
+def _glm_dsa_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """GLM-5 (glm-dsa) as llama.cpp runs it: DeepSeek-V3.2's latent attention (:func:`_latent_config`), its queries
+    always through their latent, with DSA's indexers (see ferrum.gguf_import.glm_dsa), which Ferrum runs as the
+    dense attention they are up to index_topk keys; sigmoid routing with the correction bias (llama.cpp's gate where
+    the file names none; another is refused), its groups, scale and renormalisation as the file says."""
+    gating = meta.get(p + "expert_gating_func")
+    if gating and gating != _SIGMOID_GATING:
+        raise UnsupportedFeatureError(f"{meta.where}: {p}expert_gating_func {gating} is not supported; GLM-5 routes "
+                                      f"with the sigmoid gate ({_SIGMOID_GATING})")
+    config = _latent_config(meta, p, cfg)
+    layers = config["num_hidden_layers"]
+    return {**config, "q_lora_rank": int(meta.need(p + "attention.q_lora_rank")),
+            "num_nextn_predict_layers": cfg["num_hidden_layers"] - layers,
+            "routed_scaling_factor": routed_scale(meta, p), "n_group": int(meta.get(p + "expert_group_count", 1)),
+            "topk_group": int(meta.get(p + "expert_group_used_count", 1)),
+            **glm_dsa.indexer_config(meta, p, layers, cfg["max_position_embeddings"])}
+
+
 def _present(**keys: str) -> Callable[[Metadata, str, dict[str, Any]], dict[str, Any]]:
     """A ``configure`` setting each config.json key to whether the first block holds its tensor: biases the
     converter writes only where the checkpoint has them, and llama.cpp adds where the file holds them."""
@@ -868,6 +895,12 @@ ARCHITECTURES = {
                                moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
                                             renormalise=False),
                                variants=(("deepseek_v2", "DeepseekV2ForCausalLM"),)),
+    # GLM-5: DeepSeek-V3.2's attention and routing, rows as stored, the indexers checked and dropped (see
+    # _glm_dsa_config)
+    "glm-dsa": _Architecture("glm_moe_dsa", "GlmMoeDsaForCausalLM", False, (("attention_bias", False),),
+                             renamed=_DEEPSEEK2_TENSORS + glm_dsa.TENSORS, configure=_glm_dsa_config, latent=True,
+                             moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
+                                          renormalise=False)),
     # dots.llm1: Qwen 3's attention (rows as stored) over DeepSeek-V3's sigmoid routing, its correction bias and
     # shared experts as GLM-4.5's are named
     "dots1": _Architecture("dots1", "Dots1ForCausalLM", False, renamed=_GLM4_MOE_TENSORS[1:], configure=_dots1_config,
