@@ -414,6 +414,7 @@ class DecoderOnlyLLM:
             weights.update({into + name[len(stem):]: placed for name, placed in list(weights.items())
                             if name.startswith(stem)})
         for name, values in config.arch.computed.items():  # computed, not stored (MiniMax's decay rates)
+            name = config.arch.prefix + name  # under the wrapper's prefix too (MiniMax-VL-01's language_model.)
             weights[name] = place(backend.ops, name, np.asarray(values, dtype=np.float32), "float32", "bias")
         if config.arch.sinusoidal_positions:  # computed, not stored (XGLM)
             table = sinusoidal_table(config.max_seq_len, config.hidden_size, config.arch.position_offset)

@@ -71,7 +71,7 @@ def test_reads_layer_kinds_factors_rates_and_experts(checkpoint):
     for i in (0, 2, 3):  # transformers' buffer, computed from the depth alone here
         want = hf.model.layers[i].self_attn.slope_rate.reshape(-1).numpy()
         np.testing.assert_allclose(slope_rates(4, i, 4), want, rtol=1e-6)
-        np.testing.assert_allclose(np.exp(arch.computed[f"model.layers.{i}.self_attn.a_log"]), want, rtol=1e-6)
+        np.testing.assert_allclose(np.exp(arch.computed[f"layers.{i}.self_attn.a_log"]), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

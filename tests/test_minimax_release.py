@@ -155,7 +155,7 @@ def test_reads_the_release_config(checkpoint):
     assert arch.layers[0].residual_scales == (2.2, 0.8, 1.3, 0.7)
     assert arch.layers[1].residual_scales == (1.7, 0.6, 1.3, 0.7)
     for i in (0, 2, 3):
-        np.testing.assert_allclose(np.exp(arch.computed[f"model.layers.{i}.self_attn.a_log"]),
+        np.testing.assert_allclose(np.exp(arch.computed[f"layers.{i}.self_attn.a_log"]),
                                    release_slopes(HEADS, i, 4).reshape(-1).numpy(), rtol=1e-6)
 
 
@@ -171,6 +171,24 @@ def test_minimax_m1_reads_the_same(checkpoint, tmp_path):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
     (tmp_path / "config.json").write_text(json.dumps(release_config("minimax_m1")))
     got = float32_model(tmp_path).forward_verify("m", TOKENS)
+    assert scaled_error(got, reference_logits(hf, TOKENS)) <= 1e-4
+
+
+def test_minimax_vl_01_runs_its_text_model(checkpoint, tmp_path):
+    """MiniMax-VL-01 (LLaVA-NeXT's wrapper): MiniMax-Text-01 under text_config and language_model.*, beside a
+    vision tower and projector that text never reads."""
+    folder, hf = checkpoint
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    tensors = {f"language_model.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
+    tensors["vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((8, 3, 2, 2), np.float32)
+    tensors["multi_modal_projector.linear_1.weight"] = np.zeros((64, 8), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "minimax_vl_01", "architectures": ["MiniMaxVL01ForConditionalGeneration"],
+        "text_config": release_config("minimax_text_01"), "vision_config": {"model_type": "clip_vision_model"},
+        "image_token_index": VOCAB - 1, "tie_word_embeddings": False}))
+    got = float32_model(tmp_path).forward_verify("vl", TOKENS)
     assert scaled_error(got, reference_logits(hf, TOKENS)) <= 1e-4
 
 

@@ -237,7 +237,8 @@ class Architecture:
     #: ...whose mixer is "lightning" (:class:`ferrum.recurrent.lightning.LightningSpec`), else None.
     lightning: Any = None
     #: Tensors the model reads that no checkpoint stores, computed from config.json and placed in float32 at load:
-    #: full name -> values (a vector). MiniMax's lightning decay rates, which depend on each layer's depth.
+    #: name under :attr:`prefix` -> values (a vector). MiniMax's lightning decay rates, which depend on each layer's
+    #: depth.
     computed: dict[str, tuple[float, ...]] = field(default_factory=dict)
     #: Qwen3-Next's gated attention: q_proj emits each head's query then its gate; the attention output is
     #: multiplied by sigmoid(gate) before o_proj.

@@ -597,7 +597,7 @@ def _minimax_blocks(r: KeyReader, sizes: Sizes, rope: Rope,
         norms=LLAMA_NORMS,
         attn_scale=1.0 / math.sqrt(sizes.head_dim),
         lightning=lightning,
-        computed={f"model.layers.{i}.{A_LOG}": tuple(np.log(rates(sizes.num_heads, i, layers)).tolist())
+        computed={f"layers.{i}.{A_LOG}": tuple(np.log(rates(sizes.num_heads, i, layers)).tolist())
                   for i, t in enumerate(types) if t == LINEAR},
         unloaded=BUFFERS,
     )
