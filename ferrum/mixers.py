@@ -95,7 +95,8 @@ class Attention(MixerKind):
               projection: Callable[[str], Linear]) -> MixerWeights:
         config, attention = model.config, model.attention
         if spec.kv_source is None:
-            qkv, o = attention.build(model.ops, config, tensor, projection, model.attention_placed[id(spec.rope)])
+            qkv, o = attention.build(model.ops, config, tensor, projection, model.attention_placed[
+                id(spec.rope), id(spec.mla)])
         else:  # it reads another layer's keys and values: its queries alone
             qkv, o = attention.build_queries(config, projection)
         gate = projection("self_attn.gate_proj") if config.arch.attn_output_gate else None

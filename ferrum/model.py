@@ -294,11 +294,12 @@ class DecoderOnlyLLM:
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
                               None if head_bias is None else head_bias.weight)
         self.ropes = {id(r): _RopeTables(ops, r) for r in {id(spec.rope): spec.rope for spec in arch.layers}.values()}
-        #: How the layers' attention projections are built, and what its layers share per rope (latent attention's
-        #: 0/1 placement matrices, ferrum.arch.mla).
+        #: How the layers' attention projections are built, and what its layers share per rope and latent sizes
+        #: (latent attention's 0/1 placement matrices, ferrum.arch.mla).
         self.attention = arch.attention
-        self.attention_placed = {key: self.attention.place(ops, dtype, tables.rope)
-                                 for key, tables in self.ropes.items()}
+        shared = {(id(spec.rope), id(spec.mla)): spec for spec in arch.layers}
+        self.attention_placed = {key: self.attention.place(ops, dtype, spec.rope, spec.mla)
+                                 for key, spec in shared.items()}
         #: Each layer's layer of the KV pool (``Architecture.kv_layers``).
         self.kv_layers = arch.kv_layers
         # each layer's kind of mixer (LayerSpec.mixer -> ferrum.mixers.MIXER_KINDS, or two side by side)

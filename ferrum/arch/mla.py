@@ -39,6 +39,15 @@ the rows of queries and of gates (:meth:`MlaSpec.split`): four projections summe
 placed at the value dims of Ferrum's head (zero rows beside them, whose ``sigmoid(0)`` multiplies the zero padding),
 so the model's output gate (``ops.sigmoid_mul`` over the flattened heads) takes it as it takes any other.
 
+Dots 3 (``dots3_note_text``) sizes its latent attention per layer kind (``LayerSpec.mla``: its sliding layers have
+fewer, wider heads than its indexed ones). The KV pool holds every layer alike, so each layer's heads are padded to
+the pool's at load: a head's ``nope + rope`` dims to ``MlaSpec.dim`` with zero dims after them (q's zero rows; the
+placements leave those dims of k and v zero), and the heads to ``MlaSpec.pool_heads`` with zero heads (q_b_proj's,
+kv_b_proj's and the output gate's zero rows, o_proj's zero columns). Zero dims add nothing to a score; a zero head
+attends uniformly to zero values and o_proj reads nothing of it, so the layer is exact. Its latents are also scaled
+(``q_scale``, ``kv_scale``: folded into q_b_proj and kv_a_layernorm) and its shared rope key RMS-normed
+(``rope_norm``) before rope.
+
 mlx-lm's DeepSeek-V3 (Kimi K2, Moonlight) conversions store each ``kv_b_proj`` split into two per-head
 ``MultiLinear`` modules (its ``sanitize``): ``embed_q [H, kv_lora, nope]``, each head's key rows transposed, and
 ``unembed_out [H, v, kv_lora]``, its value rows; quantized, each is packed along its own last axis (mlx-lm's
@@ -70,6 +79,8 @@ LATENT, ROPE_KEY = "self_attn.kv_a_proj", "self_attn.kv_rope_proj"
 #: from the latent itself, the output gate from each.
 GATED_QUERY = {"query": ("self_attn.q_b_proj", "self_attn.q_skip_proj"),
                "gate": ("self_attn.gate_b_proj", "self_attn.gate_skip_proj")}
+#: Dots 3's RMSNorm of the shared rope key (``MlaSpec.rope_norm``).
+ROPE_NORM = "self_attn.k_rope_only_layernorm"
 #: mlx-lm's split of ``kv_b_proj``: its per-head key rows (transposed) and value rows.
 SPLIT_KV_B = ("self_attn.embed_q", "self_attn.unembed_out")
 
@@ -86,7 +97,7 @@ def split_kv_b(name: str, present: Any) -> tuple[str, str] | None:
 
 @dataclass(frozen=True)
 class MlaSpec:
-    """The sizes of one model's latent attention (every layer's is alike)."""
+    """The sizes of one model's latent attention (of its layers', where one's differ: ``LayerSpec.mla``)."""
 
     heads: int
     q_lora_rank: int | None  # None: a plain q_proj
@@ -98,11 +109,27 @@ class MlaSpec:
     #: A.X-K2: q_b_proj reads the query latent beside its norm and emits each head's output gate after its query
     #: (see the module docstring).
     output_gate: bool = False
+    eps: float = LATENT_EPS  # the latent norms' (and the rope key norm's) epsilon
+    rope_norm: bool = False  # Dots 3: the shared rope key is RMS-normed (ROPE_NORM) before rope
+    q_scale: float = 1.0  # Dots 3: the normed query latent's multiplier, folded into q_b_proj
+    kv_scale: float = 1.0  # ...and the normed key/value latent's, folded into kv_a_layernorm
+    dim: int | None = None  # Ferrum's head dims where the KV pool's are wider than nope + rope: zero dims after
+    pool_heads: int | None = None  # the KV pool's heads where more than ``heads``: zero heads after
 
     @property
     def qk_head_dim(self) -> int:
-        """The dims of a q (and cached k) head; the cache's value heads are zero-padded to it."""
+        """The dims of the checkpoint's q (and k) head."""
         return self.nope + self.rope
+
+    @property
+    def head_dim(self) -> int:
+        """The dims of Ferrum's q (and cached k) head; the cache's value heads are zero-padded to it."""
+        return self.dim or self.qk_head_dim
+
+    @property
+    def width_heads(self) -> int:
+        """Ferrum's heads: the checkpoint's, then zero heads up to the KV pool's."""
+        return self.pool_heads or self.heads
 
     def split_shapes(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """The shapes of mlx-lm's ``embed_q`` and ``unembed_out`` (:data:`SPLIT_KV_B`)."""
@@ -118,11 +145,24 @@ class MlaSpec:
         return np.concatenate([embed_q.transpose(0, 2, 1), unembed_out], axis=1).reshape(-1, self.kv_lora_rank)
 
     def head_layout(self, rope: Rope) -> np.ndarray:
-        """``[Dq]``: the checkpoint's dim (``< nope``: a nope dim; ``nope + i``: rope dim ``i``) at each position
-        of Ferrum's head, rope dims first and then in the pairing ``rope.rotary_permutation`` makes."""
-        rope_first = np.concatenate([np.arange(self.nope, self.qk_head_dim), np.arange(self.nope)])
+        """``[head_dim]``: the checkpoint's dim (``< nope``: a nope dim; ``nope + i``: rope dim ``i``; -1: a zero
+        padding dim) at each position of Ferrum's head, rope dims first and then in the pairing
+        ``rope.rotary_permutation`` makes."""
+        rope_first = np.concatenate([np.arange(self.nope, self.qk_head_dim), np.arange(self.nope),
+                                     np.full(self.head_dim - self.qk_head_dim, -1)])
         order = rope.rotary_permutation()
         return rope_first if order is None else rope_first[order]
+
+    def query_rows(self, rope: Rope) -> np.ndarray:
+        """``[width_heads * head_dim]``: the checkpoint's q row at each of Ferrum's (-1: a zero row)."""
+        layout = self.head_layout(rope)
+        own = np.where(layout >= 0, np.arange(self.heads)[:, None] * self.qk_head_dim + layout, -1)
+        return np.concatenate([own.reshape(-1), np.full((self.width_heads - self.heads) * self.head_dim, -1)])
+
+    def padded_rows(self, per_head: int) -> np.ndarray:
+        """Row order padding a matrix of ``per_head`` rows a head with zero heads (-1) up to ``width_heads``."""
+        return np.concatenate([np.arange(self.heads * per_head), np.full((self.width_heads - self.heads) * per_head,
+                                                                         -1)])
 
     # ------------------------------------------------------------- checkpoint
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
@@ -143,6 +183,8 @@ class MlaSpec:
                     "self_attn.kv_a_layernorm.weight": (self.kv_lora_rank,),
                     "self_attn.kv_b_proj.weight": (h * (self.nope + self.v_head_dim), self.kv_lora_rank),
                     "self_attn.o_proj.weight": (hidden, h * self.v_head_dim)})
+        if self.rope_norm:
+            out[f"{ROPE_NORM}.weight"] = (self.rope,)
         if self.bias:
             out.update({"self_attn.kv_a_proj_with_mqa.bias": (self.kv_lora_rank + self.rope,),
                         "self_attn.o_proj.bias": (hidden,)})
@@ -179,34 +221,51 @@ class MlaSpec:
 
     def transform(self, name: str, tensor: Any, rope: Rope, take_rows: Callable[[Any, np.ndarray], Any],
                   scale_rows: Callable[[Any, np.ndarray], Any]) -> Any:
-        """The q projection's rows laid out per :meth:`head_layout` (rope rows times the rope's attention factor),
-        the rope key's rows times that factor; any other tensor as it is."""
+        """The q projection's rows laid out per :meth:`query_rows` (rope rows times the rope's attention factor,
+        all times ``q_scale``), the rope key's rows (its norm's weight, where normed) times that factor,
+        kv_a_layernorm's weight times ``kv_scale``, kv_b_proj's and the output gate's rows and o_proj's columns
+        padded to ``width_heads``; any other tensor as it is. ``take_rows`` gives a zero row for -1."""
         factor = rope.attention_factor
-        if f".{ROPE_KEY}." in name:
+        if f".{ROPE_NORM if self.rope_norm else ROPE_KEY}." in name:
             return tensor if factor == 1.0 else scale_rows(tensor, np.full(self.rope, factor))
+        if ".self_attn.kv_a_layernorm." in name and self.kv_scale != 1.0:
+            return scale_rows(tensor, np.full(self.kv_lora_rank, self.kv_scale))
+        padding = self.width_heads != self.heads
+        if padding and ".self_attn.kv_b_proj." in name:
+            return take_rows(tensor, self.padded_rows(self.nope + self.v_head_dim))
+        if padding and ".self_attn.gate_proj." in name:  # already one row per head dim (ferrum.arch.tensors)
+            return take_rows(tensor, self.padded_rows(self.head_dim))
+        if padding and ".self_attn.o_proj.weight" in name:
+            if not isinstance(tensor, np.ndarray):
+                raise CheckpointError(f"{name}: a packed o_proj of a layer whose {self.heads} latent-attention heads "
+                                      f"are padded to {self.width_heads} at load is not supported (its columns are "
+                                      "padded); load the float checkpoint")
+            return np.pad(tensor, ((0, 0), (0, (self.width_heads - self.heads) * self.v_head_dim)))
         if not any(f".self_attn.{q}." in name for q in ("q_proj", "q_b_proj", "q_skip_proj")):
             return tensor
-        layout, d = self.head_layout(rope), self.qk_head_dim
-        if factor != 1.0:
-            tensor = scale_rows(tensor, np.tile(np.where(np.arange(d) >= self.nope, factor, 1.0), self.heads))
-        return take_rows(tensor, (np.arange(self.heads)[:, None] * d + layout[None, :]).reshape(-1))
+        d = self.qk_head_dim
+        scale = np.tile(np.where(np.arange(d) >= self.nope, factor, 1.0), self.heads) * self.q_scale
+        if np.any(scale != 1.0):
+            tensor = scale_rows(tensor, scale)
+        return take_rows(tensor, self.query_rows(rope))
 
     # ------------------------------------------------------------------ model
     def placements(self, rope: Rope) -> dict[str, np.ndarray]:
         """The 0/1 matrices (``[out, in]``, as ``linear`` takes them) that assemble keys and values and pick the
         attention output's value dims (see the module docstring)."""
-        d, nope, v, r, h = self.qk_head_dim, self.nope, self.v_head_dim, self.rope, self.heads
+        d, nope, v, r, h = self.head_dim, self.nope, self.v_head_dim, self.rope, self.heads
         layout = self.head_layout(rope)
         k_nope = np.zeros((d, nope + v), np.float32)
         k_rope = np.zeros((d, r), np.float32)
         for j, dim in enumerate(layout):
-            if dim < nope:
+            if 0 <= dim < nope:
                 k_nope[j, dim] = 1.0
-            else:
+            elif dim >= nope:
                 k_rope[j, dim - nope] = 1.0
         value = np.zeros((d, nope + v), np.float32)
         value[np.arange(v), nope + np.arange(v)] = 1.0
-        return {"k_nope": k_nope, "k_rope": np.tile(k_rope, (h, 1)), "value": value,
+        rope_keys = np.concatenate([np.tile(k_rope, (h, 1)), np.zeros(((self.width_heads - h) * d, r), np.float32)])
+        return {"k_nope": k_nope, "k_rope": rope_keys, "value": value,
                 "pick_value": np.ascontiguousarray(value[:, nope:].T)}
 
     def place(self, ops: Any, dtype: str, rope: Rope) -> dict[str, Linear]:
@@ -219,18 +278,22 @@ class MlaSpec:
 
 class LatentAttention:
     """The attention kind of an :class:`MlaSpec` (``Architecture.attention``): its placement matrices, once per rope
-    and shared by the rope's layers, and each layer's projections built around them."""
+    and layer sizes (``LayerSpec.mla``, else the architecture's) and shared by their layers, and each layer's
+    projections built around them."""
 
     def __init__(self, spec: MlaSpec):
         self.spec = spec
 
-    def place(self, ops: Any, dtype: str, rope: Rope) -> dict[str, Linear]:
-        return self.spec.place(ops, dtype, rope)
+    def place(self, ops: Any, dtype: str, rope: Rope, own: MlaSpec | None = None) -> tuple[MlaSpec,
+                                                                                          dict[str, Linear]]:
+        spec = own or self.spec
+        return spec, spec.place(ops, dtype, rope)
 
     def build(self, ops: Any, config: Any, tensor: Callable[[str], Any], projection: Callable[[str], Linear],
-              placed: dict[str, Linear]) -> tuple[MlaProjections, MlaOutput]:
-        qkv = MlaProjections(self.spec, ops, projection, lambda norm: tensor(f"{norm}.weight"), placed)
-        return qkv, MlaOutput(self.spec, ops, projection("self_attn.o_proj"), placed)
+              placed: tuple[MlaSpec, dict[str, Linear]]) -> tuple[MlaProjections, MlaOutput]:
+        spec, matrices = placed
+        qkv = MlaProjections(spec, ops, projection, lambda norm: tensor(f"{norm}.weight"), matrices)
+        return qkv, MlaOutput(spec, ops, projection("self_attn.o_proj"), matrices)
 
 
 class MlaProjections:
@@ -239,7 +302,7 @@ class MlaProjections:
     matrix it applies (profilers wrap them)."""
 
     __slots__ = ("spec", "ops", "q_a", "q_a_norm", "q", "q_skip", "gate", "gate_skip", "latent", "latent_norm",
-                 "rope_key", "kv_b", "placed", "linears")
+                 "rope_key", "rope_norm", "kv_b", "placed", "linears")
 
     def __init__(self, spec: MlaSpec, ops: Any, projection: Callable[[str], Linear], norm: Callable[[str], Any],
                  placed: dict[str, Linear]):
@@ -253,6 +316,7 @@ class MlaProjections:
             projection, GATED_QUERY["gate"])) if gated else (None, None, None)
         self.latent, self.rope_key = projection(LATENT), projection(ROPE_KEY)
         self.latent_norm = norm("self_attn.kv_a_layernorm")
+        self.rope_norm = norm(ROPE_NORM) if spec.rope_norm else None
         self.kv_b = projection("self_attn.kv_b_proj")
         own = [p for p in (self.q_a, self.q, self.q_skip, self.gate, self.gate_skip, self.latent, self.rope_key,
                            self.kv_b) if p is not None]
@@ -261,20 +325,23 @@ class MlaProjections:
     def __call__(self, x: Any) -> tuple[Any, ...]:
         """``(q, k, v)``, and A.X-K2's output gate after them."""
         ops, spec, placed = self.ops, self.spec, self.placed
-        width = spec.heads * spec.qk_head_dim
+        width = spec.width_heads * spec.head_dim
         gate: tuple[Any, ...] = ()
         if self.q_a is None:
             q = self.q(x)
         else:
             c = self.q_a(x)
-            normed = ops.rms_norm(c, self.q_a_norm, LATENT_EPS)
+            normed = ops.rms_norm(c, self.q_a_norm, spec.eps)
             q = self.q(normed)
             if self.q_skip is not None:
                 q = ops.add(q, self.q_skip(c))
                 gate = (ops.add(self.gate(normed), self.gate_skip(c)),)
-        latent = ops.rms_norm(self.latent(x), self.latent_norm, LATENT_EPS)
+        latent = ops.rms_norm(self.latent(x), self.latent_norm, spec.eps)
         per_head = ops.reshape(self.kv_b(latent), (-1, spec.nope + spec.v_head_dim))  # [T*H, nope + v]
-        k = ops.add(ops.reshape(placed["k_nope"](per_head), (-1, width)), placed["k_rope"](self.rope_key(x)))
+        rope_key = self.rope_key(x)
+        if self.rope_norm is not None:
+            rope_key = ops.rms_norm(rope_key, self.rope_norm, spec.eps)
+        k = ops.add(ops.reshape(placed["k_nope"](per_head), (-1, width)), placed["k_rope"](rope_key))
         v = ops.reshape(placed["value"](per_head), (-1, width))
         return (q, k, v, *gate)
 
@@ -286,12 +353,12 @@ class MlaOutput:
 
     def __init__(self, spec: MlaSpec, ops: Any, o: Linear, placed: dict[str, Linear]):
         self.spec, self.ops, self.o = spec, ops, o
-        self.pick = None if spec.v_head_dim == spec.qk_head_dim else placed["pick_value"]
+        self.pick = None if spec.v_head_dim == spec.head_dim else placed["pick_value"]
         self.linears = [o] if self.pick is None else [self.pick, o]
 
     def __call__(self, attn: Any) -> Any:
         if self.pick is None:
             return self.o(attn)
         ops, spec = self.ops, self.spec
-        values = self.pick(ops.reshape(attn, (-1, spec.qk_head_dim)))  # [T*H, v]
-        return self.o(ops.reshape(values, (-1, spec.heads * spec.v_head_dim)))
+        values = self.pick(ops.reshape(attn, (-1, spec.head_dim)))  # [T*H, v]
+        return self.o(ops.reshape(values, (-1, spec.width_heads * spec.v_head_dim)))

@@ -44,6 +44,9 @@ class LayerSpec:
     #: rows, the output gate's, o_proj's columns), which attend but add nothing through o_proj's zero columns, so the
     #: layer runs with the model's heads exactly. None: the model's.
     stored_heads: int | None = None
+    #: The layer's latent attention sizes where they are not the architecture's (``Architecture.mla``): Dots 3's
+    #: sliding layers, whose heads are padded to the KV pool's at load (:mod:`ferrum.arch.mla`). None: those.
+    mla: Any = None
     #: The layer stores no v_proj; its values are its key projection (Gemma 4's ``attention_k_eq_v``), taken before
     #: the k norm and rope, with the value norm of their own.
     values_are_keys: bool = False
@@ -355,6 +358,10 @@ class Architecture:
         if self.value_head_dim is not None and self.mla is not None:  # latent attention sizes its values itself
             raise UnsupportedFeatureError("values narrower than the heads (value_head_dim) with latent attention "
                                           "(its v_head_dim sizes them): Ferrum pads plain attention's values only")
+
+    def latent(self, layer: int) -> Any:
+        """Layer ``layer``'s latent attention sizes (:class:`ferrum.arch.mla.MlaSpec`), or None without."""
+        return self.layers[layer].mla or self.mla
 
     @property
     def wide(self) -> Any:

@@ -169,6 +169,10 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
             own[name] = (d,)
         if layer.values_are_keys:
             del own["self_attn.v_proj.weight"]
+    if layer.mla is not None:  # its own latent sizes (Dots 3's sliding layers)
+        own.update(layer.mla.tensors(config.hidden_size))
+        if "self_attn.gate_proj.weight" in own:  # one row per head (attn_gate_per_head)
+            own["self_attn.gate_proj.weight"] = (layer.mla.heads, config.hidden_size)
     if layer.stored_heads is not None:  # fewer query heads: every tensor sized by them
         own.update({name: tuple(n * layer.stored_heads // config.num_heads if i == axis else n
                                 for i, n in enumerate(own[name]))
@@ -364,9 +368,18 @@ def rows(tensor: Any, start: int, stop: int) -> Any:
 
 
 def _take_rows(tensor: Any, order: np.ndarray) -> Any:
-    if isinstance(tensor, QuantizedWeight):
-        return tensor.take_rows(order)
-    return tensor[order]
+    """Rows ``order`` of a dense or packed matrix (or a vector), a zero row where it says -1 (a padded head's)."""
+    if np.all(order >= 0):
+        return tensor.take_rows(order) if isinstance(tensor, QuantizedWeight) else tensor[order]
+    zero = order < 0
+    taken = _take_rows(tensor, np.where(zero, 0, order))
+
+    def zeroed(a: np.ndarray) -> np.ndarray:
+        a = np.array(a)
+        a[zero] = 0  # a packed row of zero codes, scales and biases is a zero row
+        return a
+
+    return _each_array(taken, zeroed)
 
 
 def _layer_of(name: str, prefix: str) -> int | None:
@@ -392,8 +405,8 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         if arch.position_offset and name == f"{arch.prefix}embed_positions.weight":  # the rows before position 0
             tensor = rows(tensor, arch.position_offset, tensor.shape[0])  # packed (ferrum quantize's) too
         parts = _padded_head(config, name, tensor) if name == arch.lm_head and arch.head_rows else [(name, tensor)]
-    elif arch.mla is not None and arch.mla.splits(name):
-        parts = arch.mla.split(name, tensor, rows)
+    elif arch.mla is not None and arch.latent(layer).splits(name):
+        parts = arch.latent(layer).split(name, tensor, rows)
     elif arch.moa is not None and f".{MOA_MODULE}." in name:
         parts = arch.moa.split(name, tensor)
     elif arch.shared_block is not None and ".shared_transformer." in name:
@@ -491,7 +504,7 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     rope = arch.layers[layer].rope
     if arch.mla is not None and ".self_attn." in name and arch.layers[layer].mixer == "attention":
         # latent attention lays out its own q and k heads (a recurrent layer's self_attn, Kimi Linear's, is not it)
-        return arch.mla.transform(name, tensor, rope, _take_rows, _scale_rows)
+        return arch.latent(layer).transform(name, tensor, rope, _take_rows, _scale_rows)
     heads = _rotated_heads(config, name)
     if heads is None:
         return tensor
@@ -626,7 +639,7 @@ class DenseAttention:
     """The attention kind of q/k/v projections (one fused matrix where the :class:`Fuser` fused them) and ``o_proj``;
     latent attention is the other (:class:`ferrum.arch.mla.LatentAttention`). ``Architecture.attention`` picks."""
 
-    def place(self, ops: Any, dtype: str, rope: Any) -> None:
+    def place(self, ops: Any, dtype: str, rope: Any, own: Any = None) -> None:
         """Nothing is shared between this kind's layers."""
         return None
 
