@@ -27,6 +27,7 @@ import test_dbrx
 import test_deepseek_v2
 import test_deepseek_v3
 import test_dots1
+import test_dots3_note
 import test_ernie4_5_moe
 import test_exaone_moe
 import test_flex_olmo
@@ -301,6 +302,14 @@ FAMILIES = {
         # the experts fused inputs first under experts.fc1 / fc2, the router under mlp.router, shared_experts
         test_aria, greedy=("release",), engine="release", names=("release", "biased"),
         random={"aria_text": lambda: {**test_aria.aria_config().to_dict(), "architectures": ["AriaTextForCausalLM"]}}),
+    "dots3_note_text": Family(
+        # greedy and engine tokens are test_dots3_note's (against transformers' forward: its generate departs from it)
+        test_dots3_note, bias_control=("note",), names=("note", "capped"),
+        router=Router("note", "gate.e_score_correction_bias", "gate.weight"),
+        # the sliding layers' own latent sizes, the rope key's norm, g_proj, the indexers, the experts one by one
+        random={"dots3_note_text": lambda: {
+            **transformers.Dots3NoteTextConfig(**test_dots3_note.text_config()).to_dict(),
+            "architectures": ["Dots3NoteForCausalLM"]}}),
     "lara_mini": Family(
         # Gated DeltaNet's one in_proj and out_norm, the experts fused
         test_lara_mini, greedy=("release",), names=("release", "plain"),

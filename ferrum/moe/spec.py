@@ -67,6 +67,7 @@ LAYOUT = {
     "hy_v4": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # fused (ferrum.moe.fused_gate_up)
     "bailing_hybrid": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "aria_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layout (ferrum.moe.fused_gate_up.ARIA)
+    "dots3_note_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -147,7 +148,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "laguna": ("num_experts",), "granitemoe_swa": ("num_local_experts",), "lara_mini": ("num_experts",),
                 "jetmoe": ("num_local_experts",), "aria_text": ("moe_num_experts",),
                 "hy_v4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
-                "bailing_hybrid": ("num_experts", "num_local_experts")}  # the latter its attribute_map's alias
+                "bailing_hybrid": ("num_experts", "num_local_experts"),  # the latter its attribute_map's alias
+                "dots3_note_text": ("n_routed_experts", "num_local_experts")}  # the latter its attribute_map's alias
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -617,6 +619,12 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "aria_text": (*_COUNT["aria_text"], Key("moe_topk", default=2, check=positive_int),
                   Key("moe_num_shared_experts", default=2, check=_non_negative_int),
                   Key("moe_intermediate_size", check=optional_positive_int)),
+    # Dots 3: DeepSeek-V3's routing under Dots3NoteTextConfig's defaults, its dense layers by mlp_layer_types (derived
+    # from the release's first_k_dense_replace and moe_layer_freq: ferrum.arch.families.latent._dots3_config), shared
+    # experts of shared_experts_intermediate_size
+    "dots3_note_text": (*_grouped_sigmoid_keys("dots3_note_text", moe_size=1536, scale=1.0, n_group=1, topk_group=1,
+                                               dense=None),
+                        Key("shared_experts_intermediate_size", default=1536, check=positive_int)),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8,
@@ -629,7 +637,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
                   "laguna": 256, "minimax_m3_vl_text": 128, "axk2": 128, "granitemoe_swa": 8, "lara_mini": 128,
-                  "jetmoe": 8, "hy_v4": 256, "bailing_hybrid": 512, "aria_text": 8}
+                  "jetmoe": 8, "hy_v4": 256, "bailing_hybrid": 512, "aria_text": 8, "dots3_note_text": 256}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -802,7 +810,7 @@ _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "de
             "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped", "sarvam_moe": "sigmoid_grouped",
             "sarvam_mla": "sigmoid_grouped", "deepseek_v32": "sigmoid_grouped", "glm_moe_dsa": "sigmoid_grouped",
             "axk1": "sigmoid_grouped", "axk2": "sigmoid_grouped_zero_masked", "mistral4": "softmax_top2_grouped",
-            "hy_v4": "sigmoid_grouped", "bailing_hybrid": "sigmoid_grouped"}
+            "hy_v4": "sigmoid_grouped", "bailing_hybrid": "sigmoid_grouped", "dots3_note_text": "sigmoid_grouped"}
 #: Grouped rules that differ from another only in the dropped groups' experts, which one group has none of: with one
 #: group they route as that one, which older plugins run too.
 _ONE_GROUP = {"sigmoid_grouped_zero_masked": "sigmoid_grouped"}
@@ -826,6 +834,7 @@ class _GroupedFamily:
     shared_key: str = "n_shared_experts"
     changes: tuple[tuple[str, Any], ...] = ()
     sparse_layers: Callable[[KeyReader, int], list[bool]] | None = None  # None: _sparse_layers
+    shared_size_key: str = "moe_intermediate_size"  # the key sizing each shared expert
 
 
 _GROUPED_FAMILIES = {
@@ -850,6 +859,8 @@ _GROUPED_FAMILIES = {
     "bailing_hybrid": _GroupedFamily(changes=(("correction_bias", "gate.expert_bias"),),
                                      sparse_layers=_first_dense_or_listed),
     "axk2": _GroupedFamily(sparse_layers=_first_dense_or_listed),
+    # Dots 3: shared experts of their own width
+    "dots3_note_text": _GroupedFamily(shared_size_key="shared_experts_intermediate_size"),
 }
 
 
@@ -869,7 +880,7 @@ def _grouped(r: KeyReader, model_type: str, count: int, top_k: int, layers: int)
     if groups == 1:
         routing = _ONE_GROUP.get(routing, routing)
     spec = MoeSpec(module, names, count, top_k, r("moe_intermediate_size"), r("norm_topk_prob"),
-                   r("moe_intermediate_size") * r(family.shared_key), shared_module="shared_experts",
+                   r(family.shared_size_key) * r(family.shared_key), shared_module="shared_experts",
                    shared_gate=None, routing=routing, n_group=groups, topk_group=kept, routed_scale=scale,
                    router_float32=True)
     return replace(spec, **dict(family.changes)), (family.sparse_layers or _sparse_layers)(r, layers)

@@ -88,6 +88,9 @@ _LATENT_FLOAT = ("self_attn.kv_b_proj",)
 #: ...and A.X-K2's q_b_proj, whose columns the load cuts between the normed query latent and the latent itself
 #: (ferrum.arch.mla), from float only.
 _GATED_QUERY_FLOAT = ("self_attn.q_b_proj",)
+#: ...and o_proj where some layer's latent-attention heads are padded to the KV pool's (Dots 3's sliding layers): the
+#: load pads its columns, from float only.
+_PADDED_OUTPUT_FLOAT = ("self_attn.o_proj",)
 
 
 def _kept_float(config: Any) -> tuple[str, ...]:
@@ -97,6 +100,9 @@ def _kept_float(config: Any) -> tuple[str, ...]:
     mla = config.arch.mla
     return (_MLX_LM_FLOAT.get(config.model_type, ()) + (_LATENT_FLOAT if mla is not None else ())
             + (_GATED_QUERY_FLOAT if mla is not None and mla.output_gate else ())
+            + (_PADDED_OUTPUT_FLOAT if mla is not None and any(
+                config.arch.latent(i).width_heads != config.arch.latent(i).heads for i in range(config.num_layers))
+               else ())
             + (HOST_SPLIT if config.arch.moa is not None else ()))
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from ferrum.arch import dsa
 from ferrum.arch.families._shared import (
-    Family, LLAMA_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _agreeing_aliases, _aliased, _core, _core_defaults,
-    _keys, _rope_spec, _theta, read_rope,
+    FULL, Family, LLAMA_NORMS, SLIDING, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _agreeing_aliases, _aliased, _core,
+    _core_defaults, _keys, _rope_spec, _theta, read_rope,
 )
 from ferrum.arch.families.llama_like import _llama4_query_scaling, _minicpm_scalings
 from ferrum.arch.keys import (
@@ -592,4 +592,184 @@ TABLE["hy_v4"] = Family(  # Tencent's Hy4: DSA latent attention, sinks, gated he
     eps_default=1e-5,
     kv_heads=lambda r, heads: (r("num_key_value_heads"), heads)[1],  # HYV4Config makes it the heads, whatever given
     head_dim=_mla_head_dim,
+)
+
+
+# ---------------------------------------------------------------- Dots 3 (per-layer latent sizes)
+
+INDEXED = "indexed_attention"
+#: The sliding layers' latent sizes as the release spells them (``swa_<key>``), with Dots3NoteTextConfig's defaults.
+_DOTS3_SWA = {"num_attention_heads": 64, "num_key_value_heads": 64, "q_lora_rank": 1024, "kv_lora_rank": 1024,
+              "head_dim": 256, "qk_nope_head_dim": 192, "v_head_dim": 128}
+#: What a layer's per_layer_config entry may set: its latent attention's sizes.
+_DOTS3_LAYER_KEYS = (*_DOTS3_SWA, "qk_rope_head_dim")
+
+
+def _dots3_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Dots3NoteTextConfig's reading of the release's spellings: mlp_layer_types from first_k_dense_replace and
+    moe_layer_freq; layer_types from use_dsa and use_sliding_window (layers 0, 1 and every fourth from 1 indexed, the
+    others sliding; "full_attention" read as indexed unless use_dsa is false); the sliding layers' per_layer_config
+    from the swa_* keys; sliding_window from sliding_window_size; rope_parameters per layer kind from rope_theta and
+    swa_rope_theta; shared_experts_intermediate_size from moe_shared_expert_intermediate_size. Values of the wrong
+    type derive nothing: their keys' checks name them."""
+    raw = dict(raw)
+    layers = raw.get("num_hidden_layers", 46)
+    if positive_int(layers) is not None:
+        return raw
+    first, freq = raw.get("first_k_dense_replace", 1), raw.get("moe_layer_freq", 1)
+    listed = isinstance(freq, list) and len(freq) == layers
+    if raw.get("mlp_layer_types") is None and _non_negative(first) is None and (listed or positive_int(freq) is None):
+        raw["mlp_layer_types"] = ["sparse" if i >= first and (bool(freq[i]) if listed else i % freq == 0) else "dense"
+                                  for i in range(layers)]
+    if raw.get("mlp_layer_types") is not None:  # transformers reads it, whatever first_k_dense_replace says
+        raw.pop("first_k_dense_replace", None)
+        raw.pop("moe_layer_freq", None)
+    use_dsa = raw.pop("use_dsa", None if "per_layer_config" in raw else True)
+    if raw.get("layer_types") is None:
+        full = "full_attention" if use_dsa is False else INDEXED
+        sliding = raw.pop("use_sliding_window", True)
+        raw["layer_types"] = [full if not sliding or i < 2 or i % 4 == 1 else SLIDING for i in range(layers)]
+    kinds = raw["layer_types"]
+    if use_dsa is not None and isinstance(kinds, list):
+        old, new = (FULL, INDEXED) if use_dsa else (INDEXED, FULL)
+        kinds = raw["layer_types"] = [new if kind == old else kind for kind in kinds]
+    swa = {key: raw.pop(f"swa_{key}", value) for key, value in _DOTS3_SWA.items()}
+    rope = raw.pop("swa_qk_rope_head_dim", None)
+    if rope is None and all(positive_int(swa[key]) is None for key in ("head_dim", "qk_nope_head_dim")):
+        rope = swa["head_dim"] - swa["qk_nope_head_dim"]
+    if "per_layer_config" not in raw and isinstance(kinds, list):
+        raw["per_layer_config"] = {str(i): {**swa, "qk_rope_head_dim": rope}
+                                   for i, kind in enumerate(kinds) if kind == SLIDING}
+    if raw.get("sliding_window") is None:
+        raw["sliding_window"] = raw.pop("sliding_window_size", 512)
+    if "moe_shared_expert_intermediate_size" in raw:
+        raw["shared_experts_intermediate_size"] = raw.pop("moe_shared_expert_intermediate_size")
+    swa_theta, theta = raw.pop("swa_rope_theta", 50_000.0), raw.get("rope_theta", 80_000_000.0)
+    params = raw.get("rope_parameters") or raw.get("rope_scaling")
+    if params is None and isinstance(kinds, list):
+        params = {kind: {"rope_type": "default", "rope_theta": swa_theta if kind == SLIDING else theta}
+                  for kind in set(kinds) if isinstance(kind, str)}
+    elif isinstance(params, dict) and isinstance(kinds, list) and not set(params) <= {INDEXED, SLIDING, FULL}:
+        params = {kind: {"rope_theta": theta, **params} for kind in set(kinds) if isinstance(kind, str)}
+    raw["rope_parameters"] = params
+    return raw
+
+
+def _dots3_types(r: KeyReader, layers: int) -> list[str]:
+    kinds = r("layer_types")
+    if not isinstance(kinds, list) or len(kinds) != layers or set(kinds) - {INDEXED, SLIDING, FULL}:
+        r.fail("layer_types", f"must list {layers} layer kinds ({INDEXED!r}, {SLIDING!r} or {FULL!r}), got {kinds!r}")
+    return kinds
+
+
+def _dots3_latent(r: KeyReader, layers: int) -> list[dict[str, Any]]:
+    """Each layer's latent attention sizes: the model's, with its per_layer_config entry's over them."""
+    given = r("per_layer_config") or {}
+    if not isinstance(given, dict):
+        r.fail("per_layer_config", f"must map layer indices to their sizes, got {given!r}")
+    own: dict[int, dict[str, Any]] = {}
+    for index, sizes in given.items():
+        if not str(index).isdigit() or int(index) >= layers or not isinstance(sizes, dict):
+            r.fail("per_layer_config", f"maps {index!r} to {sizes!r}; it must map layer indices below {layers} to "
+                                       "their sizes")
+        for key, value in sizes.items():
+            if key not in _DOTS3_LAYER_KEYS:
+                r.fail("per_layer_config", f"sets {key!r} for layer {index}; Ferrum runs Dots 3's layers with their "
+                                           f"own latent attention sizes ({', '.join(_DOTS3_LAYER_KEYS)}) only",
+                       unsupported=True)
+            if positive_int(value) is not None:
+                r.fail("per_layer_config", f"sets {key!r} to {value!r} for layer {index}; it must be a positive "
+                                           "integer")
+        own[int(index)] = sizes
+    model = {key: r(key) for key in _DOTS3_LAYER_KEYS}
+    return [{**model, **own.get(i, {})} for i in range(layers)]
+
+
+def _dots3_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    """The KV pool's heads: the most any layer has, each of the most dims (nope + rope) any has; every layer's are
+    padded to them at load (:mod:`ferrum.arch.mla`)."""
+    latent = _dots3_latent(r, sizes.num_layers)
+    heads = max(own["num_attention_heads"] for own in latent)
+    dims = max(own["qk_nope_head_dim"] + own["qk_rope_head_dim"] for own in latent)
+    return replace(sizes, num_heads=heads, num_kv_heads=heads, head_dim=dims)
+
+
+def _dots3_mla(r: KeyReader, sizes: Sizes, own: dict[str, Any], where: str) -> MlaSpec:
+    """One layer kind's latent attention, padded to the KV pool's heads (:func:`_dots3_sizes`)."""
+    heads, nope, rope, v = (own[key] for key in ("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim",
+                                                 "v_head_dim"))
+    if own["num_key_value_heads"] != heads:
+        r.fail("per_layer_config", f"gives the {where} layers {own['num_key_value_heads']} key/value heads for "
+                                   f"{heads} query heads; latent attention expands them to every query head "
+                                   "(transformers refuses unequal counts)")
+    if nope % 2 or rope % 2:
+        r.fail("per_layer_config", f"gives the {where} layers qk_nope_head_dim {nope} and qk_rope_head_dim {rope}; "
+                                   "Ferrum needs even numbers (each head's dims pair up)")
+    if v > sizes.head_dim:
+        r.fail("per_layer_config", f"gives the {where} layers v_head_dim {v}, above the KV pool's {sizes.head_dim} "
+                                   "dims a head; Ferrum caches values padded to a key head's size", unsupported=True)
+    hidden, q_lora, kv_lora = sizes.hidden_size, own["q_lora_rank"], own["kv_lora_rank"]
+    return MlaSpec(heads=heads, q_lora_rank=q_lora, kv_lora_rank=kv_lora, nope=nope, rope=rope, v_head_dim=v,
+                   bias=r("attention_bias"), eps=sizes.rms_norm_eps, rope_norm=True, q_scale=math.sqrt(hidden / q_lora),
+                   kv_scale=math.sqrt(hidden / kv_lora), dim=None if nope + rope == sizes.head_dim else sizes.head_dim,
+                   pool_heads=None if heads == sizes.num_heads else sizes.num_heads)
+
+
+def _dots3_attention(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Dots 3's decoder without its experts: DeepSeek-V3.2's latent attention (queries always through their latent,
+    rope always in adjacent pairs), sized per layer kind (per_layer_config: the sliding layers' fewer, wider heads,
+    padded to the KV pool's at load, ``LayerSpec.mla``), each kind's rope (rope_parameters per kind, over its
+    qk_rope_head_dim dims), the normed latents scaled by ``sqrt(hidden_size / rank)`` and the shared rope key
+    RMS-normed, all at rms_norm_eps; each head's output times the sigmoid of its own gate (``g_proj``); sliding
+    layers over sliding_window tokens; the indexed layers' DSA run as the dense attention it is up to index_topk
+    tokens (:func:`_dsa`'s cap)."""
+    kinds, latent = _dots3_types(r, sizes.num_layers), _dots3_latent(r, sizes.num_layers)
+    specs: dict[str, MlaSpec] = {}
+    for kind, own in zip(kinds, latent):
+        first = latent[kinds.index(kind)]
+        if own != first:
+            r.fail("per_layer_config", f"sizes two {kind} layers differently ({first} and {own}); transformers reads "
+                                       "one rope per layer kind from its first layer's sizes, so Ferrum runs one "
+                                       "size per kind", unsupported=True)
+        specs.setdefault(kind, _dots3_mla(r, sizes, own, kind))
+    params = r("rope_parameters")
+    if not isinstance(params, dict) or set(kinds) - set(params):
+        r.fail("rope_parameters", f"must hold an entry per layer kind ({', '.join(sorted(set(kinds)))}), got "
+                                  f"{params!r}")
+    ropes = {kind: replace(read_rope(r, sizes, dict(params[kind]), "rope_parameters", ("default",),
+                                     rotary_dim=spec.rope), interleaved=True) for kind, spec in specs.items()}
+    window = r("sliding_window")
+    if positive_int(window) is not None and SLIDING in kinds:
+        r.fail("sliding_window", f"must be a positive number of tokens for the sliding layers, got {window!r}")
+    base = specs.get(INDEXED) or specs[kinds[0]]
+    indexer = dsa.read(r, sizes.num_layers, [dsa.FULL if kind == INDEXED else "none" for kind in kinds])
+    indexed = INDEXED in kinds
+    return Architecture(
+        layers=tuple(LayerSpec(window if kind == SLIDING else None, ropes[kind],
+                               attn_scale=1.0 / math.sqrt(specs[kind].qk_head_dim),
+                               mla=None if specs[kind] == base else specs[kind]) for kind in kinds),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(base.qk_head_dim), mla=base,
+        indexer=indexer if indexed else None, context_limit=(indexer.topk, indexer.why) if indexed else None,
+        attn_output_gate=True, attn_gate_stored=True, attn_gate_per_head=True,
+        stored_names={"self_attn.gate_proj": "self_attn.g_proj"})
+
+
+TABLE["dots3_note_text"] = Family(  # Dots 3 (Note): DSA and sliding latent attention of per-kind sizes, gated heads
+    _keys(_core(False), _core_defaults(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=46, num_attention_heads=128,
+        num_key_value_heads=128, vocab_size=152064, max_position_embeddings=524288,
+    ), _ROPE, _SILU, _mla_keys(1024, 128, 128, kv_lora=512), (
+        Key("q_lora_rank", default=1024, check=size(1 << 17)),
+        Key("head_dim", default=256, check=size(4096)),  # sizes only the rope's share, which qk_rope_head_dim says
+        Key("layer_types"), Key("per_layer_config"),
+        Key("sliding_window", default=512),
+    ), _ALWAYS_INTERLEAVED, dsa.keys(64), MOE_KEYS["dots3_note_text"]),
+    with_moe("dots3_note_text", _dots3_attention),
+    eps_default=1e-5,
+    kv_heads=_mla_kv_heads,
+    head_dim=_mla_head_dim,
+    sizes=_dots3_sizes,
+    derive=_dots3_config,
+    # transformers' _keys_to_ignore_on_load_unexpected: the release's multi-token prediction layer
+    unloaded=r"^model\.(?:language_model\.)?(?:layers\.46\.|mtp\.)",
 )
