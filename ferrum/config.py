@@ -102,6 +102,9 @@ class ModelConfig(Sizes):
             if isinstance(config, dict) and not isinstance(config.get("model_type", ""), str):
                 raise ConfigError(f"{where}: model_type must be a string naming the architecture (e.g. \"llama\"), "
                                   f"got {config['model_type']!r}")
+        if raw.get("text_config") is not None and not isinstance(raw["text_config"], dict):
+            raise ConfigError(f"{where}: config key 'text_config' must be an object (the decoder's config), got "
+                              f"{raw['text_config']!r}")
         outer = raw
         if isinstance(raw.get("text_config"), dict) and "hidden_size" not in raw:
             raw = {"model_type": TEXT_WRAPPERS.get(outer.get("model_type")), **raw["text_config"]}

@@ -74,6 +74,13 @@ def test_logits_and_decode_steps_match_transformers(checkpoint, backend):
     assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, reference_logits(hf, TOKENS))
 
 
+def test_a_model_of_full_attention_layers_alone_runs(tmp_path):
+    """Every layer full attention (transformers builds it): no linear layer's convolution to look the layout up by
+    (the lookup raised StopIteration)."""
+    folder, hf = _build(tmp_path, config(num_hidden_layers=2, layer_group_size=1, layer_types=["full_attention"] * 2))
+    assert scaled_error(float32_model(folder).forward_verify("f", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+
+
 def test_the_unbounded_gate_runs_as_kimis(tmp_path):
     """kda_safe_gate false: ``-exp(A_log) * softplus(f + dt_bias)``, the gated delta rule without its bound."""
     folder, hf = _build(tmp_path / "unsafe", config(kda_safe_gate=False))

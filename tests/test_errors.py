@@ -107,6 +107,15 @@ def test_a_layer_kind_list_of_lists_or_objects_is_refused_by_name(model_type, ke
         ModelConfig.from_dict({**raw, key: [entry] * raw["num_hidden_layers"]})
 
 
+@pytest.mark.parametrize("text_config", ["gemma3_text", ["hidden_size", 64], 7, True])
+def test_a_wrappers_text_config_that_is_no_object_is_refused_by_name(text_config):
+    """It read as the wrapper's config written flat: the decoder's defaults (a 2304-wide Gemma 3), silently."""
+    from ferrum.config import ModelConfig
+
+    with pytest.raises(ConfigError, match="'text_config' must be an object"):
+        ModelConfig.from_dict({"model_type": "gemma3", "text_config": text_config})
+
+
 @pytest.mark.parametrize("value", [[], 0, {}])
 def test_a_falsy_layer_kind_list_is_refused_not_read_as_absent(value):
     """Granite 4.0-H's layer_types given but empty is no list of its layers (it read as absent: all Mamba)."""

@@ -171,6 +171,7 @@ def test_reads_the_release_spellings(checkpoints, tmp_path):
     # falsy but given: not the default of full layers (they read as no layer_types: no indexers, no cap)
     (lambda t: t.update(layer_types=[]), "layer_types"), (lambda t: t.update(layer_types=0), "layer_types"),
     (lambda t: t.update(layer_types=[["full_attention"]] * 3), "layer_types"),
+    (lambda t: t.update(rotary_dim=None), "rotary_dim"),  # transformers refuses null too (it was a TypeError)
 ])
 def test_refuses_what_transformers_runs_otherwise(checkpoints, tmp_path, edit, key):
     with pytest.raises((ConfigError, UnsupportedFeatureError), match=key):

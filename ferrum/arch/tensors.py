@@ -810,7 +810,9 @@ def _taps_layout(config: Any, mixer: str, stored: Mapping[str, tuple[int, ...]])
     """mlx-lm's conversions store a recurrent mixer's convolution ``[C, K, 1]`` (Mamba-1's, Mamba-2's, LFM2's, Kimi
     Delta Attention's), and run with the architecture's ``converted`` fields (the multipliers they folded in)."""
     arch, spec = config.arch, mixer_spec(config.arch, mixer)
-    layer = next(i for i, layer in enumerate(arch.layers) if mixer in layer.mixers)
+    layer = next((i for i, layer in enumerate(arch.layers) if mixer in layer.mixers), None)
+    if layer is None:  # the mixer is configured but no layer runs it (Ling 3 with every layer full attention)
+        return config
     shape = stored.get(stored_name(arch, f"{arch.prefix}layers.{layer}.{spec.module}.{spec.taps}.weight"))
     if shape is None or spec.conv_kernel == 1 or shape[-1] != 1:
         return config

@@ -858,7 +858,7 @@ TABLE: dict[str, Family] = {
         _keys(_core(False, head_dim_default=128), _core_defaults(vocab_size=200064, max_position_embeddings=524288),
               _ROPE, _theta(5_000_000.0), (
                   Key("partial_rotary_factor", check=optional_positive_number),  # in place of _ROPE's refusal
-                  Key("rotary_dim", default=64, check=optional_positive_int),
+                  Key("rotary_dim", default=64, check=positive_int),  # null: transformers refuses it too
                   Key("hidden_act"),  # the release's "swigluoai": transformers runs the clamped SwiGLU whatever it says
                   Key("dense_intermediate_size", default=12288, check=positive_int),
                   Key("layer_types"), *msa.KEYS,
