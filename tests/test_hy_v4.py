@@ -123,3 +123,4 @@ def test_defaults_are_transformers_defaults():
     assert (moe.num_experts, moe.top_k, moe.expert_size, moe.routed_scale, moe.activation.limit) == (
         hf.n_routed_experts, hf.num_experts_per_tok, hf.moe_intermediate_size, hf.routed_scaling_factor,
         hf.swiglu_limit)
+    assert moe.shared_activation is None  # HYV4MLP: plain SwiGLU, the experts' clamp not shared

@@ -84,6 +84,7 @@ def test_reads_the_layers_the_activation_and_the_routing(checkpoints):
         1.0, "head", 0.5, (False, True, True))
     assert (moe.routing, moe.normalize, moe.routed_scale, moe.shared_expert_size, moe.activation.alpha) == (
         "sigmoid_grouped", True, 2.0, 24, 1.702)
+    assert moe.shared_activation == moe.activation  # its shared expert is a MiniMaxM3VLDenseMLP
     assert config.max_seq_len == BLOCK * TOPK  # the indexers' dense range, below max_position_embeddings
 
 

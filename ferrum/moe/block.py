@@ -27,9 +27,9 @@ class MoeMLP:
     output is taken whole (the route run once more normalized gives those
     weights of 1, the top-1 weight over itself). ``router_norm`` (Gemma 4):
     the router reads its input through this norm. ``router_softcap`` (Laguna): the logits soft-capped in float32
-    before routing. ``shared_act``: the shared expert's activation where not SwiGLU, the
-    experts' (Nemotron 3 Nano's ungated ``down(shared_act(up(x)))``, its ``gate`` None; MiniMax-M3's clamped
-    SwiGLU). ``zero`` (LongCat-Flash): the router may choose identity experts,
+    before routing. ``shared_act``: the shared expert's activation where not SwiGLU
+    (``MoeSpec.shared_activation``: Nemotron 3 Nano's ungated ``down(shared_act(up(x)))``, its ``gate`` None;
+    MiniMax-M3's clamped SwiGLU). ``zero`` (LongCat-Flash): the router may choose identity experts,
     :class:`ferrum.moe.zero.ZeroExperts`, which weigh ``x`` itself.
     ``output_bias`` (JetMoE): ``x -> [T, hidden]``, a bias on every row, added once the experts are summed.
     """

@@ -32,7 +32,7 @@ class Moe:
         spec, h = config.arch.moe, config.hidden_size
         at, e, inter = spec.at, spec.num_experts, spec.expert_size
         shapes = {at(f"{spec.router}.weight"): (spec.scored, h)}
-        shapes.update({at(f"switch_mlp.{p}.weight"): (e, inter, h) for p in _inputs(spec)})
+        shapes.update({at(f"switch_mlp.{p}.weight"): (e, inter, h) for p in _inputs(spec.gated)})
         shapes[at("switch_mlp.down_proj.weight")] = (e, h, inter)
         if spec.biased:
             shapes[at(f"{spec.router}.bias")] = (e,)
@@ -51,9 +51,10 @@ class Moe:
             if spec.shared_fused:
                 shapes[f"{shared}.gate_up_proj.weight"] = (2 * s, h)
             else:
-                shapes.update({f"{shared}.{p}.weight": (s, h) for p in _inputs(spec)})
+                inputs = _inputs(spec.shared_gated)
+                shapes.update({f"{shared}.{p}.weight": (s, h) for p in inputs})
                 if config.arch.mlp_bias:  # ERNIE 4.5's use_bias biases its shared experts as its dense MLPs
-                    shapes.update({f"{shared}.{p}.bias": (s,) for p in _inputs(spec)})
+                    shapes.update({f"{shared}.{p}.bias": (s,) for p in inputs})
                     shapes[f"{shared}.down_proj.bias"] = (h,)
             shapes[f"{shared}.down_proj.weight"] = (h, s)
             if spec.shared_gate is not None:
@@ -85,7 +86,7 @@ class Moe:
               layer: int) -> MoeMLP:
         spec = config.arch.moe
         at = spec.at
-        stored = (*_inputs(spec), "down_proj")  # no gate where the experts are ungated
+        stored = (*_inputs(spec.gated), "down_proj")  # no gate where the experts are ungated
         stacks = [linear(at(f"switch_mlp.{p}")) if p in stored else None
                   for p in SWITCH]  # Linear(weight, bias=None); apply = moe_experts
         if len({s.apply for s in stacks if s is not None}) != 1:
@@ -97,13 +98,15 @@ class Moe:
         experts = PlacedExperts(stacks[2].apply, *(None if s is None else s.weight for s in stacks), biases,
                                 spec.activation)
         shared = shared_gate = None
+        shared_act = None  # SwiGLU, unless MoeSpec.shared_activation names another
         if spec.shared_expert_size:
-            shared = tuple(linear(at(f"{spec.shared_module}.{p}")) if p in stored else None for p in SWITCH)
+            inputs = (*_inputs(spec.shared_gated), "down_proj")
+            shared = tuple(linear(at(f"{spec.shared_module}.{p}")) if p in inputs else None for p in SWITCH)
             shared_gate = None if spec.shared_gate is None else linear(at(spec.shared_gate))
-        shared_act = None  # SwiGLU; else the experts' activation, the shared expert's too
-        if shared is not None and spec.activation is not None:
-            shared_act = (spec.activation.composed(ops, spec.shared_expert_size, norms_dtype(config, tensor, layer))
-                          if spec.gated else getattr(ops, spec.activation.op))
+            act = spec.shared_activation
+            if act is not None:
+                shared_act = (act.composed(ops, spec.shared_expert_size, norms_dtype(config, tensor, layer))
+                              if act.gated else getattr(ops, act.op))
         routing = route = None
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None:
@@ -138,9 +141,9 @@ class Moe:
                       output_bias)
 
 
-def _inputs(spec: Any) -> tuple[str, ...]:
-    """The projections reading a sparse MLP's input: gate and up, or up alone where the experts are ungated."""
-    return SWITCH[:2] if spec.gated else SWITCH[1:2]
+def _inputs(gated: bool) -> tuple[str, ...]:
+    """The projections reading an expert's input: gate and up, or up alone where it is ungated."""
+    return SWITCH[:2] if gated else SWITCH[1:2]
 
 
 def routes_natively(ops: Any, rule: GroupRule) -> bool:

@@ -704,8 +704,12 @@ class MoeSpec:
     stacked: tuple[str, str, str] | None = None  # the Hugging Face stacks of (gate, up, down) where not per expert
     biased: bool = False  # the router and every expert projection have biases (gpt-oss)
     #: The experts' activation where not SwiGLU; an ungated one (``gated`` False: Nemotron 3 Nano's) leaves the experts
-    #: without a gate projection, and the shared expert, where there is one, runs it too, ungated
+    #: without a gate projection
     activation: ExpertActivation | None = None
+    #: The shared expert's activation where not SwiGLU, never inferred from the experts' (Hy4 clamps its experts'
+    #: SwiGLU, not its shared expert's): MiniMax-M3's clamped SwiGLU, Nemotron 3 Nano's ungated squared ReLU (its
+    #: shared expert then without a gate projection)
+    shared_activation: ExpertActivation | None = None
     layout: str | None = None  # a family's own checkpoint layouts (ferrum.moe.loading.LAYOUTS)
     #: The shared expert's module, and the module of its sigmoid gate (Qwen2-MoE's); None: ungated, added to the
     #: routed experts' sum as it is (GLM-4.5's ``shared_experts``)
@@ -784,8 +788,13 @@ class MoeSpec:
 
     @property
     def gated(self) -> bool:
-        """Whether the experts (and the shared expert) have a gate projection."""
+        """Whether the experts have a gate projection."""
         return self.activation is None or self.activation.gated
+
+    @property
+    def shared_gated(self) -> bool:
+        """Whether the shared expert has a gate projection."""
+        return self.shared_activation is None or self.shared_activation.gated
 
     @property
     def since(self) -> tuple[int, int]:
@@ -999,10 +1008,11 @@ def _minimax_m3(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSp
     ungated ``shared_experts`` MLP of shared_intermediate_size added after, all running gpt-oss's clamped SwiGLU
     (swiglu_alpha, swiglu_limit; gate and up not interleaved), stored fused as transformers saves its text model.
     Sparse layers as mlp_layer_types lists them (the release's moe_layer_freq is read as it), else all."""
+    clamped = ClampedSwiGLU(float(r("swiglu_alpha")), float(r("swiglu_limit")))
     spec = MoeSpec(*LAYOUT["minimax_m3_vl_text"], count, top_k, sizes.intermediate_size, True,
                    r("shared_intermediate_size"), shared_module="shared_experts", shared_gate=None, shared_fused=True,
-                   activation=ClampedSwiGLU(float(r("swiglu_alpha")), float(r("swiglu_limit"))),
-                   routing="sigmoid_grouped", routed_scale=float(r("routed_scaling_factor")))
+                   activation=clamped, shared_activation=clamped, routing="sigmoid_grouped",
+                   routed_scale=float(r("routed_scaling_factor")))
     return spec, _listed_sparse(r, sizes.num_layers, [True] * sizes.num_layers)
 
 
@@ -1198,7 +1208,8 @@ def nemotron_h_moe(r: KeyReader, arch: Architecture) -> Architecture:
     r("moe_latent_size")
     spec = MoeSpec("mixer", (None, "up_proj", "down_proj"), count, top_k, r("moe_intermediate_size"),
                    r("norm_topk_prob"), r("moe_shared_expert_intermediate_size"), shared_module="shared_experts",
-                   shared_gate=None, activation=SquaredReLU(), routing="sigmoid_grouped", n_group=groups,
+                   shared_gate=None, activation=SquaredReLU(), shared_activation=SquaredReLU(),
+                   routing="sigmoid_grouped", n_group=groups,
                    topk_group=kept, routed_scale=float(r("routed_scaling_factor")), router_float32=True,
                    mlx_lm_names=(None, "fc1", "fc2"))
     return replace(arch, moe=spec, keep_float32=(*arch.keep_float32, f".{spec.bias_name}", f".{spec.router}.weight"))
