@@ -80,7 +80,7 @@ def test_reads_the_layers_the_activation_and_the_routing(checkpoints):
     arch, moe = config.arch, config.arch.moe
     assert [(s.rope.rotary_dim, s.mlp, s.intermediate_size) for s in arch.layers] == [
         (8, "dense", 48), (8, "moe", 48), (8, "moe", 48)]
-    assert (arch.norm_offset, arch.qk_norm, arch.clamped_swiglu.limit, arch.indexer.layers) == (
+    assert (arch.norm_offset, arch.qk_norm, arch.activation.limit, arch.indexer.layers) == (
         1.0, "head", 0.5, (False, True, True))
     assert (moe.routing, moe.normalize, moe.routed_scale, moe.shared_expert_size, moe.activation.alpha) == (
         "sigmoid_grouped", True, 2.0, 24, 1.702)

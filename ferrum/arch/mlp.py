@@ -146,9 +146,8 @@ class Dense:
         from ferrum.arch.tensors import projection_group
 
         arch, inter = config.arch, width(config, layer)
-        act = gated_activation(ops, arch.activation)
-        if arch.clamped_swiglu is not None:  # MiniMax-M3's, in the dtype its norms are placed in
-            act = arch.clamped_swiglu.composed(ops, inter, norms_dtype(config, tensor, layer))
+        act = (gated_activation(ops, arch.activation) if isinstance(arch.activation, str)
+               else arch.activation.composed(ops))  # a record: MiniMax-M3's clamped SwiGLU
         sparsity = arch.layers[layer].gate_sparsity
         if sparsity:  # Gemma 3n: the gate cut to its largest values first, in the dtype its norms are placed in
             act = gaussian_top_k(ops, act, inter, sparsity, norms_dtype(config, tensor, layer))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferrum.arch.rope import Rope
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.recurrent import MIXERS
+
+if TYPE_CHECKING:
+    from ferrum.moe.activation import ClampedSwiGLU
 
 #: The mixers that attend over the KV pool: attention, Zamba 2's shared block before its Mamba-2, and JetMoE's
 #: mixture of attention heads.
@@ -134,11 +137,9 @@ class Architecture:
     parallel: bool = False
     #: The activation: of the gated MLP, "silu" | "gelu_tanh"; of the ungated one (``LayerSpec.mlp`` "plain"),
     #: "gelu_tanh" | "gelu" (exact) | "relu" (OPT) | "relu2" (``relu(x) ** 2``: Nemotron, Arcee) | "xielu" (Apertus:
-    #: its slopes learned per layer, ``mlp.act_fn.*``).
-    activation: str = "silu"
-    #: gpt-oss's clamped SwiGLU (:class:`ferrum.moe.activation.ClampedSwiGLU`), which the gated MLPs run in place of
-    #: ``activation``'s op, composed from the ops (MiniMax-M3's dense MLPs); None: ``activation``.
-    clamped_swiglu: Any = None
+    #: its slopes learned per layer, ``mlp.act_fn.*``); or a record the gated MLP composes (``composed(ops)``):
+    #: MiniMax-M3's :class:`ferrum.moe.activation.ClampedSwiGLU`, its experts' record.
+    activation: str | ClampedSwiGLU = "silu"
     embed_scale: float | None = None  # Gemma: sqrt(hidden), applied in the compute dtype; Granite's multiplier
     #: The token embeddings normed (the blocks' kind of norm) before the first block: nanochat's without a weight,
     #: BLOOM's with its own ``embed_norm`` weights (``word_embeddings_layernorm``) where ``norm_params``.

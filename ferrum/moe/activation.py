@@ -38,21 +38,24 @@ class ClampedSwiGLU:
         u = np.clip(np.asarray(up, dtype=np.float32), -self.limit, self.limit)
         return (u + np.float32(self.up_offset)) * g / (1.0 + np.exp(-self.alpha * g))
 
-    def composed(self, ops: Any, width: int, dtype: str) -> Callable[[Any, Any], Any]:
-        """``act(gate, up)`` on ``[T, width]`` arrays of ``dtype``, composed from the ops table (no op runs it whole;
-        MiniMax-M3's dense MLPs and shared experts run it outside ``moe_experts``): ``min(gate, limit)`` as ``gate -
-        relu(gate - limit)``, the limit a constant row (:class:`ferrum.arch.rowwise.RowOps`), ``(u + 1) * s`` as
-        ``u * s + s``."""
-        from ferrum.arch.rowwise import RowOps  # imported here: ferrum.arch reads these records
-
-        rows = RowOps(ops, width, dtype)
-        below = ops.from_numpy(np.full(width, -self.limit, dtype=np.float32), dtype)
+    def composed(self, ops: Any) -> Callable[[Any, Any], Any]:
+        """``act(gate, up)`` on the backend's arrays, composed from the ops (MiniMax-M3's dense MLPs and shared
+        experts, which ``moe_experts`` does not run): in float32, rounded once to the gate's dtype, as the backends'
+        ``moe_experts`` and :meth:`host` evaluate it. No op adds a scalar, so ``min(g, limit)`` is ``c - relu(c -
+        g)`` with ``c = clip(g, limit)``, and ``(u + up_offset) * s`` is ``u * s + up_offset * s``: exact in float32
+        for bfloat16 / float16 inputs (infinite gates too), a float32 rounding off at most for float32 ones."""
+        from ferrum.reference_ops import dtype_name  # imported here: ferrum.reference_ops imports this module
 
         def act(gate: Any, up: Any) -> Any:
-            over = ops.relu(ops.add(gate, rows.constant(gate, below)))
-            g = ops.add(gate, ops.mul_scalar(over, -1.0))
+            dtype = dtype_name(gate)
+            g, u = ops.cast(gate, "float32"), ops.cast(up, "float32")
+            clipped = ops.clip(g, self.limit)
+            g = ops.add(clipped, ops.mul_scalar(ops.relu(ops.add(clipped, ops.mul_scalar(g, -1.0))), -1.0))
             swish = ops.sigmoid_mul(ops.mul_scalar(g, self.alpha), g)
-            return ops.add(ops.mul(ops.clip(up, self.limit), swish), swish)
+            out = ops.mul(ops.clip(u, self.limit), swish)
+            if self.up_offset:
+                out = ops.add(out, ops.mul_scalar(swish, self.up_offset))
+            return ops.cast(out, dtype)
 
         return act
 
@@ -68,7 +71,7 @@ class GeluTanhGLU:
     since = (1, 16)
     op = "gelu_tanh_mul"
 
-    def composed(self, ops: Any, width: int, dtype: str) -> Callable[[Any, Any], Any]:
+    def composed(self, ops: Any) -> Callable[[Any, Any], Any]:
         """``act(gate, up)`` on the backend: its op."""
         return ops.gelu_tanh_mul
 
@@ -89,6 +92,10 @@ class SquaredReLU:
     gated = False
     since = (1, 18)
     op = "relu_squared"
+
+    def composed(self, ops: Any) -> Callable[[Any], Any]:
+        """``act(up)`` on the backend: its op."""
+        return ops.relu_squared
 
     def host(self, up: np.ndarray) -> np.ndarray:
         """The activation on host arrays, in float32."""

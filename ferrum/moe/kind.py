@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ferrum.arch.norms import NORM_KINDS, norms_dtype
+from ferrum.arch.norms import NORM_KINDS
 from ferrum.arch.rowwise import RowOps
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
@@ -103,10 +103,8 @@ class Moe:
             inputs = (*_inputs(spec.shared_gated), "down_proj")
             shared = tuple(linear(at(f"{spec.shared_module}.{p}")) if p in inputs else None for p in SWITCH)
             shared_gate = None if spec.shared_gate is None else linear(at(spec.shared_gate))
-            act = spec.shared_activation
-            if act is not None:
-                shared_act = (act.composed(ops, spec.shared_expert_size, norms_dtype(config, tensor, layer))
-                              if act.gated else getattr(ops, act.op))
+            if spec.shared_activation is not None:
+                shared_act = spec.shared_activation.composed(ops)
         routing = route = None
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None:

@@ -526,7 +526,7 @@ def _minimax_m3(r: KeyReader, sizes: Sizes) -> Architecture:
     arch = Architecture(
         layers=tuple(LayerSpec(None, rope, intermediate_size=dense) for _ in range(sizes.num_layers)),
         norms=LLAMA_NORMS, norm_offset=1.0, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head",
-        fused_gate_up=True, clamped_swiglu=ClampedSwiGLU(float(r("swiglu_alpha")), float(r("swiglu_limit"))),
+        fused_gate_up=True, activation=ClampedSwiGLU(float(r("swiglu_alpha")), float(r("swiglu_limit"))),
         indexer=indexer, context_limit=None if indexer is None else (indexer.topk, indexer.why),
         unloaded=r"(^|\.)mtp\.",
     )
