@@ -11,8 +11,15 @@ import pytest
 import torch
 import transformers
 
+from transformers.models.hy_v4.modeling_hy_v4 import HYV4HyperConnection
+
+from ferrum.arch.hyper import HyperSpec, HyperStream, _Mix
+from ferrum.backends import load_backend
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.model import DecoderOnlyLLM
+from ferrum.reference_ops import dtype_name
+from ferrum.weights import Linear, place
 from support import (
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_logits_move, float32_model,
     reference_logits, runnable_backends, saved_references, scaled_error, small_pool_engine,
@@ -20,6 +27,7 @@ from support import (
 )
 
 BACKENDS = runnable_backends()
+BFLOAT16 = [b for b in BACKENDS if "bfloat16" in load_backend(b).ops.info.dtypes]
 TOPK, VOCAB = 48, 97
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=20)]
 LONG = [int(t) for t in np.random.RandomState(1).randint(0, VOCAB, size=TOPK + 8)]
@@ -124,3 +132,64 @@ def test_defaults_are_transformers_defaults():
         hf.n_routed_experts, hf.num_experts_per_tok, hf.moe_intermediate_size, hf.routed_scaling_factor,
         hf.swiglu_limit)
     assert moe.shared_activation is None  # HYV4MLP: plain SwiGLU, the experts' clamp not shared
+
+
+def _connection_and_truth(tokens: int, copies: int, hidden: int):
+    """transformers' connection (trained-like: base near -log(N - 1), small scales), bfloat16 streams ``[T, N, H]``
+    and a sub-layer's output ``[T, H]``, and its read and write in float64."""
+    torch.manual_seed(0)
+    config = transformers.HYV4Config(hidden_size=hidden, hc_mult=copies, rms_norm_eps=1e-5)
+    hc = HYV4HyperConnection(config).float().eval()
+    with torch.no_grad():
+        hc.fn.normal_(0, 0.006)
+        hc.base.copy_(torch.tensor([-1.1] * copies + [0.3] * copies) + 0.1 * torch.randn(2 * copies))
+        hc.scale.copy_(torch.tensor([0.37, 0.11]))
+    streams = (torch.randn(tokens, copies, hidden) * 3).to(torch.bfloat16)
+    y = torch.randn(tokens, hidden).to(torch.bfloat16)
+    fn, base, scale = (p.detach().double() for p in (hc.fn, hc.base, hc.scale))
+    flat = streams.double().reshape(tokens, -1)
+    mixes = (flat @ fn.T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + 1e-5)
+    pre = torch.sigmoid(mixes[:, :copies] * scale[0] + base[:copies]) + config.hc_eps
+    post = config.hc_magnitude * torch.sigmoid(mixes[:, copies:] * scale[1] + base[copies:]) + config.hc_eps
+    truth = (pre[..., None] * streams.double()).sum(1), post[..., None] * y.double()[:, None] + streams.double()
+    return config, hc, streams, y, truth
+
+
+@pytest.mark.parametrize("backend", BFLOAT16)
+def test_a_connection_mixes_and_writes_in_float32(backend):
+    """One connection's read and write on bfloat16 streams, its tensors placed as the model places them: no further
+    from a float64 truth than transformers' HYV4HyperConnection, which keeps fn, base and scale in float32, mixes
+    and writes in float32 and rounds each once (rounded after each op, the read erred twice as much)."""
+    tokens, copies, hidden = 64, 4, 256
+    config, hc, streams, y, (read_truth, write_truth) = _connection_and_truth(tokens, copies, hidden)
+    with torch.no_grad():
+        post, read_hf = hc(streams[None])
+        write_hf = (post.unsqueeze(-1) * y.float()[None, :, None] + streams[None].float()).to(torch.bfloat16)
+    ops, spec = load_backend(backend).ops, HyperSpec(copies, 1e-5, config.hc_eps, config.hc_magnitude)
+    stored = {f"layers.0.attn_hc.{n}": getattr(hc, n).detach().numpy() for n in ("fn", "base", "scale")}
+    stored.update({n: np.zeros(shape, np.float32) for n, shape in spec.tensors(hidden).items()})
+    placed = {k: place(ops, k, v, "float32" if k.endswith(spec.float32) else "bfloat16",
+                       role="bias" if k.endswith("bias") else "linear")
+              for name, t in stored.items() for k, v in spec.split(name, t, hidden)}
+
+    def projection(module):
+        bias = placed.get(f"{module}.bias")
+        return Linear(placed[f"{module}.weight"], None if bias is None else bias.weight)
+
+    mix = _Mix(HyperStream(ops, spec, hidden, "bfloat16", projection), lambda m: projection(f"layers.0.{m}"), "attn_hc")
+    s = ops.from_numpy(streams.float().numpy().transpose(0, 2, 1).reshape(tokens, -1).copy(), "bfloat16")
+    read, post = mix.read(s)
+    written = mix.write(s, post, ops.from_numpy(y.float().numpy(), "bfloat16"))
+    read = np.asarray(ops.to_numpy(read), np.float64)
+    written = np.asarray(ops.to_numpy(written), np.float64).reshape(tokens, hidden, copies).transpose(0, 2, 1)
+    for ours, theirs, truth in ((read, read_hf[0], read_truth), (written, write_hf[0], write_truth)):
+        ours_err, their_err = np.abs(ours - truth.numpy()), np.abs(theirs.double().numpy() - truth.numpy())
+        assert ours_err.max() <= their_err.max() and ours_err.mean() <= 1.001 * their_err.mean()
+
+
+@pytest.mark.parametrize("backend", BFLOAT16)
+def test_a_bfloat16_model_keeps_the_connections_in_float32(checkpoints, backend):
+    model = DecoderOnlyLLM.from_pretrained(checkpoints["hy_v4"][0], backend=backend, dtype="bfloat16")
+    mixes = [model.wide.head.pre, model.wide.head.pre_tile]
+    mixes += [p for layer in model.layers for p in layer.wide.projections()]
+    assert {dtype_name(p.weight) for p in mixes} == {"float32"}

@@ -15,7 +15,9 @@ the ``H * N`` columns by a ``[H*N, N]`` matrix of the scale on its 0/1 pattern, 
 (``l * scale + base`` exactly as transformers computes it); ``[T, H*N]`` seen as ``[T*H, N]`` sums its streams
 through a ``[1, N]`` row of ones, and ``y [T, H]`` seen as ``[T*H, 1]`` is copied to every stream by an ``[N, 1]``
 column of ones. Products with 0 and 1 and sums with 0 are exact, so in float32 this is transformers' arithmetic up
-to the order of its sums.
+to the order of its sums. As transformers does (``_keep_in_fp32_modules_strict``, autocast off), a model of another
+dtype keeps these matrices in float32 (:attr:`HyperSpec.float32`) and mixes and writes in float32: the streams cast
+once per read and per write, the read's mix and the written streams rounded once to the compute dtype.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ class HyperSpec:
         n = self.copies
         return {f"{c}.{p}": shape for c in CONNECTIONS
                 for p, shape in (("fn", (2 * n, n * hidden)), ("base", (2 * n,)), ("scale", (2,)))}
+
+    @property
+    def float32(self) -> tuple[str, ...]:
+        """The endings of the tensors :meth:`split` gives, placed in float32 (``Architecture.keep_float32``)."""
+        return tuple(f".{kind}{part}" for kind in ("pre_", "post_", f"{HEAD}.")
+                     for part in ("mix.weight", "tile.weight", "tile.bias"))
 
     def holds(self, name: str) -> bool:
         """Whether checkpoint tensor ``name`` (Ferrum's naming) is one of the connections'."""
@@ -102,19 +110,23 @@ class _Mix:
         return [p for p in (self.pre, self.pre_tile, self.post, self.post_tile) if p is not None]
 
     def read(self, s: Any) -> tuple[Any, Any]:
-        """``(sum_j pre_j X_j [T, H], post logits [T, H*N] or None)`` of the streams ``s``."""
+        """``(sum_j pre_j X_j [T, H]`` in the compute dtype, ``post`` logits ``[T, H*N]`` in float32 or None) of the
+        streams ``s``."""
         ops, stream = self.stream.ops, self.stream
+        s = ops.cast(s, "float32")
         u = ops.rms_norm(s, stream.ones, stream.spec.eps)
         weighted = ops.add(ops.sigmoid_mul(self.pre_tile(self.pre(u)), s), ops.mul_scalar(s, stream.spec.hc_eps))
         x = ops.reshape(stream.sum(ops.reshape(weighted, (-1, stream.spec.copies))), (-1, stream.hidden))
-        return x, None if self.post is None else self.post_tile(self.post(u))
+        return ops.cast(x, stream.dtype), None if self.post is None else self.post_tile(self.post(u))
 
     def write(self, s: Any, post: Any, y: Any) -> Any:
-        """The streams ``s`` with ``y [T, H]`` added to each, times its ``post`` (logits spread, from :meth:`read`)."""
+        """The streams ``s`` with ``y [T, H]`` added to each, times its ``post`` (logits spread, from :meth:`read`),
+        in float32, rounded once."""
         ops, stream = self.stream.ops, self.stream
-        copied = stream.copy(y)
+        copied = stream.copy(ops.cast(y, "float32"))
         gated = ops.mul_scalar(ops.sigmoid_mul(post, copied), stream.spec.magnitude)
-        return ops.add(s, ops.add(gated, ops.mul_scalar(copied, stream.spec.hc_eps)))
+        written = ops.add(ops.cast(s, "float32"), ops.add(gated, ops.mul_scalar(copied, stream.spec.hc_eps)))
+        return ops.cast(written, stream.dtype)
 
 
 class HyperStream:
@@ -123,21 +135,21 @@ class HyperStream:
     def __init__(self, ops: Any, spec: HyperSpec, hidden: int, dtype: str, projection: Callable[[str], Any]):
         from ferrum.weights import Linear, place  # imported here: ferrum.weights reads the family table
 
-        self.ops, self.spec, self.hidden = ops, spec, hidden
-        n = spec.copies
-        self.ones = ops.from_numpy(np.ones(hidden * n, dtype=np.float32), dtype)
-        self.sum = Linear(place(ops, "hyper.sum", np.ones((1, n), dtype=np.float32), dtype))
-        self._copy = Linear(place(ops, "hyper.copy", np.ones((n, 1), dtype=np.float32), dtype))
+        self.ops, self.spec, self.hidden, self.dtype = ops, spec, hidden, dtype
+        n = spec.copies  # the constants below act on float32 streams (see the module docstring)
+        self.ones = ops.from_numpy(np.ones(hidden * n, dtype=np.float32), "float32")
+        self.sum = Linear(place(ops, "hyper.sum", np.ones((1, n), dtype=np.float32), "float32"))
+        self._copy = Linear(place(ops, "hyper.copy", np.ones((n, 1), dtype=np.float32), "float32"))
         self.head = _Mix(self, projection, HEAD, post=False)
 
     def copy(self, y: Any) -> Any:
-        """``y [T, H]`` in every stream: ``[T, H*N]``."""
+        """``y [T, H]`` (float32) in every stream: ``[T, H*N]``."""
         ops = self.ops
         return ops.reshape(self._copy(ops.reshape(y, (-1, 1))), (-1, self.hidden * self.spec.copies))
 
     def widen(self, h: Any) -> tuple:
-        """The first block's streams: the embeddings in each."""
-        return (self.copy(h),)
+        """The first block's streams: the embeddings in each (copies are exact, so rounding back is too)."""
+        return (self.ops.cast(self.copy(self.ops.cast(h, "float32")), self.dtype),)
 
     def narrow(self, stream: tuple) -> Any:
         """The head's mix of the streams after the last block, before the final norm."""

@@ -548,9 +548,11 @@ def _hy_v4_attention(r: KeyReader, sizes: Sizes) -> Architecture:
     for key in ("hc_magnitude", "hc_eps", "learnable_sink_init"):  # the last initialises the sinks only
         r(key)
     hyper = HyperSpec(r("hc_mult"), sizes.rms_norm_eps, float(r("hc_eps")), float(r("hc_magnitude")))
-    return replace(_latent_attention(r, sizes, interleaved=False), indexer=indexer, context_limit=(
+    arch = _latent_attention(r, sizes, interleaved=False)
+    return replace(arch, indexer=indexer, context_limit=(
         indexer.topk, indexer.why), sinks=True, attn_output_gate=True, attn_gate_stored=True, hyper=hyper,
         stored_names=HY_V4_NAMES, layouts=(("model.", "lm_head.weight", HY_V4_SAVED),),
+        keep_float32=(*arch.keep_float32, *hyper.float32),
         unloaded=r"^model\.mtp_layers\.", mtp_layers=0)
 
 
