@@ -22,7 +22,7 @@ from ferrum.reference_ops import dtype_name
 from ferrum.weights import Linear, place
 from support import (
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_logits_move, float32_model,
-    reference_logits, runnable_backends, saved_references, scaled_error, small_pool_engine,
+    randomized_reference, reference_logits, runnable_backends, saved_references, scaled_error, small_pool_engine,
     staggered_greedy_workload, with_edited_tensors,
 )
 
@@ -105,6 +105,17 @@ def test_the_release_names_its_mlps_gate_proj(checkpoints, tmp_path):
 
     release = with_edited_tensors(folder, tmp_path / "release", rename)
     assert_forward_and_decode_match(float32_model(release, block_size=4), TOKENS, reference_logits(hf, TOKENS))
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_a_save_whose_mlps_are_all_one_kind_loads(tmp_path, kind):
+    """transformers' save renames the dense MLPs' gate_proj and the shared experts' alike (linear_gate): a model with
+    only one of them holds only that rename."""
+    hf = randomized_reference(hy_config(mlp_layer_types=[kind] * 3))
+    hf.save_pretrained(tmp_path)
+    model = float32_model(tmp_path, block_size=4)
+    assert [layer.mlp for layer in model.config.arch.layers] == ["moe" if kind == "sparse" else "dense"] * 3
+    assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
 
 
 @pytest.mark.parametrize("changes, words", [

@@ -512,8 +512,13 @@ HY_V4_NAMES = {**{f"{ours}.{p}": f"hc_pre.{theirs}.hc_{p}" for ours, theirs in (
                   for p in ("fn", "base", "scale")},
                **{f"hc_head.hc_{p}": f"hc_pre.hc_head.hc_head_{p}" for p in ("fn", "base", "scale")},
                "self_attn.sinks": "self_attn.learnable_sink_param", "self_attn.gate_proj": "self_attn.linear_gate"}
-#: transformers' save_pretrained renames every ``gate_proj`` to ``linear_gate``, the MLPs' too (its mapping's reverse).
-HY_V4_SAVED = {"mlp.gate_proj": "mlp.linear_gate", "mlp.shared_experts.gate_proj": "mlp.shared_experts.linear_gate"}
+#: transformers' save_pretrained renames every ``gate_proj`` to ``linear_gate``, the MLPs' too (its mapping's reverse):
+#: the dense MLPs' and the shared experts' ``gate_proj``, each a layout of its own as well, for a model whose MLPs are
+#: all dense or all sparse (a layout is chosen where the checkpoint holds every module it renames).
+_HY_V4_DENSE = {"mlp.gate_proj": "mlp.linear_gate"}
+_HY_V4_SHARED = {"mlp.shared_experts.gate_proj": "mlp.shared_experts.linear_gate"}
+HY_V4_SAVED = tuple(("model.", "lm_head.weight", names)
+                    for names in ({**_HY_V4_DENSE, **_HY_V4_SHARED}, _HY_V4_DENSE, _HY_V4_SHARED))
 
 
 def _hy_kinds(r: KeyReader, layers: int) -> list[str]:
@@ -551,7 +556,7 @@ def _hy_v4_attention(r: KeyReader, sizes: Sizes) -> Architecture:
     arch = _latent_attention(r, sizes, interleaved=False)
     return replace(arch, indexer=indexer, context_limit=(
         indexer.topk, indexer.why), sinks=True, attn_output_gate=True, attn_gate_stored=True, hyper=hyper,
-        stored_names=HY_V4_NAMES, layouts=(("model.", "lm_head.weight", HY_V4_SAVED),),
+        stored_names=HY_V4_NAMES, layouts=HY_V4_SAVED,
         keep_float32=(*arch.keep_float32, *hyper.float32),
         unloaded=r"^model\.mtp_layers\.", mtp_layers=0)
 
