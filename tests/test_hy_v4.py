@@ -122,11 +122,21 @@ def test_a_save_whose_mlps_are_all_one_kind_loads(tmp_path, kind):
     (dict(v_head_dim=12), "'v_head_dim' (12) differs from a query/key head's 16 dims"),
     (dict(indexer_types=["shared", "full", "full"]), "'indexer_types' makes the first layer 'shared'"),
     (dict(layer_types=["sliding_attention"] * 3), "'layer_types' must list 'indexed_attention'"),
+    (dict(swiglu_limit=0.0), "'swiglu_limit' is 0.0: HYV4Config's docstring reads a limit <= 0 as no clamp"),
+    (dict(swiglu_limit=-1), "'swiglu_limit' is -1: HYV4Config's docstring"),
 ])
 def test_unsupported_variants_are_refused_by_name(tmp_path, changes, words):
     raw = {**hy_config().to_dict(), **changes}
     with pytest.raises((ConfigError, UnsupportedFeatureError), match=re.escape(words)):
         ModelConfig.from_dict(raw)
+
+
+def test_transformers_clamps_at_a_limit_of_zero():
+    """Why a limit <= 0 is refused rather than read as no clamp: transformers' experts clamp with it regardless."""
+    from transformers.models.hy_v4.modeling_hy_v4 import HYV4Experts
+
+    experts = HYV4Experts(hy_config(swiglu_limit=0.0))
+    assert experts._apply_gate(torch.randn(4, 2 * 24) * 3).abs().max() == 0
 
 
 def test_defaults_are_transformers_defaults():

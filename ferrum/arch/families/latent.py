@@ -565,13 +565,14 @@ def _hy_v4(r: KeyReader, sizes: Sizes) -> Architecture:
     """Tencent's Hy4 (transformers' HYV4): :func:`_hy_v4_attention` over GLM-4.7-Flash's sparse MLPs (sigmoid
     routing with a correction bias, one group, renormalized, scaled, an ungated shared expert, the layers
     mlp_layer_types makes dense, first by default), the routed experts' SwiGLU clamped at swiglu_limit (the gate's
-    top, the up projection's both ends; none where it is not positive). The MTP layers are not run, as
-    transformers does not."""
+    top, the up projection's both ends). The MTP layers are not run, as transformers does not."""
     arch = with_moe("hy_v4", _hy_v4_attention)(r, sizes)
     limit = r("swiglu_limit")
-    if limit > 0:
-        arch = replace(arch, moe=replace(arch.moe, activation=ClampedSwiGLU(1.0, float(limit), up_offset=0.0)))
-    return arch
+    if limit <= 0:
+        r.fail("swiglu_limit", f"is {limit!r}: HYV4Config's docstring reads a limit <= 0 as no clamp, but its experts "
+                               "clamp with it all the same (0 zeroes every expert's output), so which model it means "
+                               "is unclear; set a positive limit (the release's is 10)", unsupported=True)
+    return replace(arch, moe=replace(arch.moe, activation=ClampedSwiGLU(1.0, float(limit), up_offset=0.0)))
 
 
 def _number(value: Any) -> str | None:
