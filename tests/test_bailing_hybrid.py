@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from ferrum.config import ModelConfig
-from ferrum.errors import UnsupportedFeatureError
+from ferrum.errors import ConfigError, UnsupportedFeatureError
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_logits_move, build_transformers_model,
@@ -79,6 +80,21 @@ def test_a_model_of_full_attention_layers_alone_runs(tmp_path):
     (the lookup raised StopIteration)."""
     folder, hf = _build(tmp_path, config(num_hidden_layers=2, layer_group_size=1, layer_types=["full_attention"] * 2))
     assert scaled_error(float32_model(folder).forward_verify("f", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+
+
+def test_the_shared_dense_name_reads_back_whatever_the_names_order(checkpoint, monkeypatch):
+    """transformers saves both layer kinds' output projections as ``attention.dense``: it reads back as the latent
+    attention's o_proj (which the linear layers rename out_proj) by Architecture.read_names, not by which of the two
+    BAILING_NAMES lists last; a table sharing a stored name without saying how it reads back is refused."""
+    from ferrum.arch.families import hybrid
+
+    folder, hf = checkpoint
+    monkeypatch.setattr(hybrid, "BAILING_NAMES", dict(reversed(hybrid.BAILING_NAMES.items())))
+    model = float32_model(folder)
+    assert list(model.config.arch.stored_names)[-1] != "self_attn.o_proj"  # the order that used to read it out_proj
+    assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
+    with pytest.raises(ConfigError, match=r"\['attention.dense'\] .* Architecture.read_names"):
+        replace(model.config.arch, read_names={})
 
 
 def test_the_unbounded_gate_runs_as_kimis(tmp_path):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ferrum.arch.rope import Rope
-from ferrum.errors import UnsupportedFeatureError
+from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.recurrent import MIXERS
 
 if TYPE_CHECKING:
@@ -302,6 +302,10 @@ class Architecture:
     #: Llama's name -> the checkpoint's (Phi-2: ``{"self_attn.o_proj": "self_attn.dense", "norm":
     #: "final_layernorm", ...}``). Ferrum uses Llama's names from loading on (:mod:`ferrum.arch.tensors`).
     stored_names: dict[str, str] = field(default_factory=dict)
+    #: A stored name two of Ferrum's share in ``stored_names`` -> the one it reads back as
+    #: (:func:`ferrum.arch.tensors.llama_names`), so no order of the table decides it: Ling 3's ``attention.dense``,
+    #: its latent attention's ``o_proj`` and its linear layers' ``out_proj`` (which KimiDeltaSpec.split renames back).
+    read_names: dict[str, str] = field(default_factory=dict)
     #: The family's other checkpoint layouts, tried before the common ones (``ferrum.arch.tensors.LAYOUTS``):
     #: ``(prefix, LM head, names beyond stored_names)`` (mlx-lm's GPT-NeoX: ``model.h.*``, ``model.embed_out``),
     #: and optionally a fourth entry, the norms' epsilon that checkpoints in that layout run with in place of the
@@ -312,6 +316,13 @@ class Architecture:
     sublayers: Any = None
 
     def __post_init__(self) -> None:
+        shared = {stored for stored in self.stored_names.values()
+                  if list(self.stored_names.values()).count(stored) > 1} - set(self.read_names)
+        misread = {stored for stored, ours in self.read_names.items() if self.stored_names.get(ours) != stored}
+        if shared or misread:
+            raise ConfigError(f"stored names {sorted(shared | misread)} are each several of Ferrum's (stored_names) "
+                              "or read back as a name not stored so: Architecture.read_names must say which one "
+                              "each reads back as")
         partial = [i for i, layer in enumerate(self.layers) if "none" in (layer.mixer, layer.mlp)]
         joined = [what for what, on in (("per-layer inputs", self.per_layer_inputs is not None),
                                         ("layer scalars", self.layer_scalar), ("parallel blocks", self.parallel),

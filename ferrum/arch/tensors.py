@@ -324,8 +324,9 @@ def stored_name(arch: Any, name: str) -> str:
 
 
 def llama_names(arch: Any) -> dict[str, str]:
-    """The checkpoint's module names -> Llama's: :attr:`Architecture.stored_names` the other way round."""
-    return {stored: ours for ours, stored in arch.stored_names.items()}
+    """The checkpoint's module names -> Llama's: :attr:`Architecture.stored_names` the other way round, a stored
+    name several of ours share read back as :attr:`Architecture.read_names` says (never by the table's order)."""
+    return {**{stored: ours for ours, stored in arch.stored_names.items()}, **arch.read_names}
 
 
 def model_name(arch: Any, name: str) -> str:

@@ -199,7 +199,8 @@ _BAILING_ARCHITECTURES = ("BailingHybridForCausalLM", "BailingMoeV3ForCausalLM")
 #: Ling 3's modules under its release's names (transformers' save_pretrained writes them back): ``attention`` for
 #: both layer kinds, the latent attention's output ``dense`` and its per-head gate ``g_proj``, which the linear
 #: layers' output gate is read by too (KimiDeltaSpec.gate); transformers saves the linear layers' output as
-#: ``dense`` as well (KimiDeltaSpec.split renames it back: the reverse of this table reads ``dense`` as o_proj).
+#: ``dense`` as well: ``dense`` reads back as o_proj (``_BAILING_READ``), which KimiDeltaSpec.split renames out_proj
+#: in the linear layers.
 BAILING_NAMES = {
     "embed_tokens": "word_embeddings",
     **{f"self_attn.{m}": f"attention.{m}" for m in (
@@ -209,6 +210,7 @@ BAILING_NAMES = {
     "self_attn.o_proj": "attention.dense",
     "self_attn.gate_proj": "attention.g_proj",
 }
+_BAILING_READ = {"attention.dense": "self_attn.o_proj"}
 #: Its release's linear layers' output projection, ``o_proj`` (transformers loads it so).
 _BAILING_RELEASED = {"self_attn.out_proj": "attention.o_proj"}
 
@@ -276,7 +278,7 @@ def _bailing_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
         arch, layers=tuple(LayerSpec(None, unrotated, mixer="kimi_delta") if t == LINEAR else LayerSpec(None, rope)
                            for t in types),
         kimi_delta=delta, attn_output_gate=True, attn_gate_stored=True, attn_gate_per_head=True,
-        keep_float32=(".A_log", ".dt_bias"), stored_names=BAILING_NAMES,
+        keep_float32=(".A_log", ".dt_bias"), stored_names=BAILING_NAMES, read_names=_BAILING_READ,
         layouts=(("model.", "lm_head.weight", _BAILING_RELEASED),),
     )
 
