@@ -2005,9 +2005,11 @@ def _tiny_deepseek2(family: str) -> tuple[Any, Any]:
 
 
 def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layers: int = 0,
-                    more_metadata: Callable[[Any], None] | None = None, arch: str = "deepseek2") -> None:
+                    more_metadata: Callable[[Any], None] | None = None, arch: str = "deepseek2",
+                    names_of: str | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes a deepseek2 file (or ``arch``'s, its DeepseekV2Model's
-    subclass: glm-dsa), under gguf's own tensor names: experts
+    subclass: glm-dsa, deepseek32), under gguf's own tensor names (``names_of``'s where gguf does not know ``arch``,
+    and that architecture names them alike): experts
     stacked, the correction bias as ``exp_probs_b.bias``, and ``kv_b_proj`` as the old converters wrote it
     (``single``: whole, with the heads' sizes as key_length / value_length and every head a key/value head), as
     the newer ones do (``split``: per-head ``attn_k_b``, transposed, and ``attn_v_b``; key_length / value_length
@@ -2055,7 +2057,7 @@ def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layer
         w.add_nextn_predict_layers(prediction_layers)
     if more_metadata is not None:
         more_metadata(w)
-    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == (names_of or arch))
     names = gguf.get_tensor_name_map(kind, config.num_hidden_layers + prediction_layers)
     inter = config.moe_intermediate_size
     tensors: dict[str, np.ndarray] = {}

@@ -576,22 +576,39 @@ def _deepseek2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, 
         raise UnsupportedFeatureError(f"{where}: next-token-prediction layers in a softmax-routed (DeepSeek-V2) "
                                       "deepseek2 file are not supported")
     return {**config, "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "topk_method": "greedy"}
-def _glm_dsa_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """GLM-5 (glm-dsa) as llama.cpp runs it: DeepSeek-V3.2's latent attention (:func:`_latent_config`), its queries
-    always through their latent, with DSA's indexers (see ferrum.gguf_import.glm_dsa), which Ferrum runs as the
-    dense attention they are up to index_topk keys; sigmoid routing with the correction bias (llama.cpp's gate where
-    the file names none; another is refused), its groups, scale and renormalisation as the file says."""
-    gating = meta.get(p + "expert_gating_func")
+
+
+def _dsa_config(meta: Metadata, p: str, cfg: dict[str, Any], model: str, gating_needed: bool) -> dict[str, Any]:
+    """DeepSeek-V3.2's latent attention and routing as llama.cpp runs a deepseek32 or glm-dsa file (``model`` names
+    the release): :func:`_latent_config`'s attention, its queries always through their latent; sigmoid routing with
+    the correction bias, its groups, scale and renormalisation as the file says. The gate must be the sigmoid:
+    another is refused by name, and a file naming none taken as the sigmoid unless llama.cpp requires the key
+    (``gating_needed``: deepseek32's)."""
+    key = p + "expert_gating_func"
+    gating = meta.need(key) if gating_needed else meta.get(key)
     if gating and gating != _SIGMOID_GATING:
-        raise UnsupportedFeatureError(f"{meta.where}: {p}expert_gating_func {gating} is not supported; GLM-5 routes "
-                                      f"with the sigmoid gate ({_SIGMOID_GATING})")
+        raise UnsupportedFeatureError(f"{meta.where}: {key} {gating} is not supported; {model} routes with the "
+                                      f"sigmoid gate ({_SIGMOID_GATING})")
     config = _latent_config(meta, p, cfg)
-    layers = config["num_hidden_layers"]
     return {**config, "q_lora_rank": int(meta.need(p + "attention.q_lora_rank")),
-            "num_nextn_predict_layers": cfg["num_hidden_layers"] - layers,
+            "num_nextn_predict_layers": cfg["num_hidden_layers"] - config["num_hidden_layers"],
             "routed_scaling_factor": routed_scale(meta, p), "n_group": int(meta.get(p + "expert_group_count", 1)),
-            "topk_group": int(meta.get(p + "expert_group_used_count", 1)),
-            **glm_dsa.indexer_config(meta, p, layers, cfg["max_position_embeddings"])}
+            "topk_group": int(meta.get(p + "expert_group_used_count", 1))}
+
+
+def _deepseek32_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3.2 (deepseek32) as llama.cpp runs it: :func:`_dsa_config`'s, the gate required, with a DSA indexer
+    on every layer (see ferrum.gguf_import.glm_dsa), which Ferrum runs as the dense attention it is up to index_topk
+    keys."""
+    return {**_dsa_config(meta, p, cfg, "DeepSeek-V3.2", gating_needed=True), **glm_dsa.indexer_sizes(meta, p)}
+
+
+def _glm_dsa_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """GLM-5 (glm-dsa) as llama.cpp runs it: :func:`_dsa_config`'s (llama.cpp's gate where the file names none), with
+    DSA's indexers on the layers the file names or llama.cpp guesses (see ferrum.gguf_import.glm_dsa), which Ferrum
+    runs as the dense attention they are up to index_topk keys."""
+    config = _dsa_config(meta, p, cfg, "GLM-5", gating_needed=False)
+    return {**config, **glm_dsa.indexer_config(meta, p, config["num_hidden_layers"], cfg["max_position_embeddings"])}
 
 
 def _present(**keys: str) -> Callable[[Metadata, str, dict[str, Any]], dict[str, Any]]:
@@ -895,8 +912,13 @@ ARCHITECTURES = {
                                moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
                                             renormalise=False),
                                variants=(("deepseek_v2", "DeepseekV2ForCausalLM"),)),
-    # GLM-5: DeepSeek-V3.2's attention and routing, rows as stored, the indexers checked and dropped (see
-    # _glm_dsa_config)
+    # DeepSeek-V3.2: DeepSeek-V3's attention and routing, rows as stored, an indexer on every layer checked and
+    # dropped (see _deepseek32_config)
+    "deepseek32": _Architecture("deepseek_v32", "DeepseekV32ForCausalLM", False, (("attention_bias", False),),
+                                renamed=_DEEPSEEK2_TENSORS + glm_dsa.TENSORS, configure=_deepseek32_config,
+                                latent=True, moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size",
+                                                          "norm_topk_prob", renormalise=False)),
+    # GLM-5: the same, its indexers on the layers the file names or llama.cpp guesses (see _glm_dsa_config)
     "glm-dsa": _Architecture("glm_moe_dsa", "GlmMoeDsaForCausalLM", False, (("attention_bias", False),),
                              renamed=_DEEPSEEK2_TENSORS + glm_dsa.TENSORS, configure=_glm_dsa_config, latent=True,
                              moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",

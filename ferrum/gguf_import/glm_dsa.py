@@ -1,4 +1,5 @@
-"""GLM-5's DSA indexers (``glm-dsa``) as llama.cpp reads such a file, in transformers' GlmMoeDsa terms.
+"""The DSA indexers of GLM-5 (``glm-dsa``) and DeepSeek-V3.2 (``deepseek32``) as llama.cpp reads such files, in
+transformers' GlmMoeDsa / DeepseekV32 terms.
 
 Ferrum checks the indexers' tensors for shape and drops them, running the model as the dense attention it is up to
 ``index_topk`` keys (:mod:`ferrum.arch.dsa`); so the file's indexer sizes and which layers hold one are what the import
@@ -28,8 +29,16 @@ def _glm_5_2_flags(layers: int) -> list[bool]:
     return [i < 2 or (i < _GLM_5_2_LAYERS and (i - 2) % 4 == 0) for i in range(layers)]
 
 
+def indexer_sizes(meta: Metadata, p: str) -> dict[str, Any]:
+    """config.json's indexer sizes: its heads, their width and how many keys it selects, which llama.cpp requires."""
+    return {"index_n_heads": int(meta.need(p + "attention.indexer.head_count")),
+            "index_head_dim": int(meta.need(p + "attention.indexer.key_length")),
+            "index_topk": int(meta.need(p + "attention.indexer.top_k"))}
+
+
 def indexer_config(meta: Metadata, p: str, layers: int, context: int) -> dict[str, Any]:
-    """config.json's indexer entries for a file of ``layers`` decoder layers and a training ``context``."""
+    """GLM-5's indexer entries for a file of ``layers`` decoder layers and a training ``context``: the sizes and which
+    layers hold an indexer."""
     key = p + "attention.indexer.types"
     flags = meta.get(key)
     if flags is None:
@@ -37,7 +46,4 @@ def indexer_config(meta: Metadata, p: str, layers: int, context: int) -> dict[st
     elif not isinstance(flags, list) or len(flags) != layers or any(f not in (0, 1) for f in flags):
         raise CheckpointError(f"{meta.where}: {key} must flag each of the {layers} decoder layers as holding an "
                               f"indexer (true) or sharing the previous one's selection (false), got {flags!r:.80}")
-    return {"index_n_heads": int(meta.need(p + "attention.indexer.head_count")),
-            "index_head_dim": int(meta.need(p + "attention.indexer.key_length")),
-            "index_topk": int(meta.need(p + "attention.indexer.top_k")),
-            "indexer_types": [FULL if flag else SHARED for flag in flags]}
+    return {**indexer_sizes(meta, p), "indexer_types": [FULL if flag else SHARED for flag in flags]}
