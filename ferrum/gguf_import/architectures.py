@@ -181,6 +181,41 @@ def _exaone4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
             "layer_types": ["sliding_attention" if f else "full_attention" for f in flags]}
 
 
+def _exaone_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """K-EXAONE (exaone-moe) as llama.cpp runs it: EXAONE 4's attention in Llama's pre-norm blocks, rope on the sliding
+    layers alone, which are three in every four or as the file's sliding_window_pattern period says (llama.cpp
+    requires the window and leaves a per-layer list unread: one naming other layers is refused); sigmoid routing (the
+    gate, which llama.cpp requires, must be the sigmoid) with the correction bias, groups, scale and renormalisation as
+    the file says, beside a shared MLP as wide as the file's shared width (expert_feed_forward_length where absent),
+    whole experts' widths; dense first layers; the next-token-prediction blocks left out."""
+    key = p + "expert_gating_func"
+    if meta.need(key) != _SIGMOID_GATING:
+        raise UnsupportedFeatureError(f"{meta.where}: {key} {meta.get(key)} is not supported; K-EXAONE routes with the "
+                                      f"sigmoid gate ({_SIGMOID_GATING})")
+    layers = cfg["num_hidden_layers"] - prediction_blocks(meta, p, cfg["num_hidden_layers"])
+    flags, period = meta.get(p + "attention.sliding_window_pattern"), 4
+    if isinstance(flags, int) and not isinstance(flags, bool):
+        flags, period = None, flags
+    sliding = [period == 0 or i % period < period - 1 for i in range(layers)]
+    if flags is not None and [bool(f) for f in flags] != sliding:
+        raise UnsupportedFeatureError(f"{meta.where}: {p}attention.sliding_window_pattern {flags!r:.80} is not "
+                                      f"supported: llama.cpp's exaone-moe leaves a per-layer list unread and runs "
+                                      f"three sliding layers in every four ({sliding!r:.80}); convert the model again")
+    experts = int(meta.need(p + "expert_feed_forward_length"))
+    shared = int(meta.get(p + "expert_shared_feed_forward_length") or experts)
+    if shared % experts:
+        raise UnsupportedFeatureError(f"{meta.where}: a shared MLP {shared} wide is not supported: transformers' "
+                                      f"K-EXAONE makes it a whole number of experts' widths ({experts})")
+    dense = int(meta.get(p + "leading_dense_block_count", 0))
+    return {"num_hidden_layers": layers, "num_nextn_predict_layers": cfg["num_hidden_layers"] - layers,
+            "sliding_window": int(meta.need(p + "attention.sliding_window")), "sliding_window_pattern": period,
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "mlp_layer_types": ["dense" if i < dense else "sparse" for i in range(layers)],
+            "num_shared_experts": shared // experts, "routed_scaling_factor": routed_scale(meta, p),
+            "n_group": int(meta.get(p + "expert_group_count", 1)),
+            "topk_group": int(meta.get(p + "expert_group_used_count", 1))}
+
+
 def _minicpm_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """MiniCPM's scalings back from the three the converter writes (scale_emb; scale_depth / sqrt(layers); hidden /
     dim_model_base, which llama.cpp divides the logits by). Older files without them llama.cpp runs on fixed
@@ -659,6 +694,10 @@ _DEEPSEEK2_TENSORS = (
     *_GLM4_MOE_TENSORS[1:],
 )
 
+#: K-EXAONE's router correction bias, beside the router as LG's checkpoints keep it, and its shared MLP, in the sparse
+#: MLP module.
+_EXAONE_MOE_BIAS = (("exp_probs_b.bias", "mlp.e_score_correction_bias"),)
+_EXAONE_MOE_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_experts.{p}_proj.weight") for p in ("gate", "up", "down"))
 #: Hunyuan's q/k norms (the dense family's and A13B's) and A13B's ungated shared MLP, in the sparse MLP module.
 _HUNYUAN_QK_NORMS = (("attn_q_norm.weight", "self_attn.query_layernorm.weight"),
                      ("attn_k_norm.weight", "self_attn.key_layernorm.weight"))
@@ -800,6 +839,12 @@ ARCHITECTURES = {
     # EXAONE 3 / 3.5: Llama's blocks under the release's names (ferrum.arch.families.llama_like's EXAONE_NAMES);
     # llama.cpp rotates rotate-half pairs, rows as the checkpoint has them; 3.5's llama3 rope comes back from rope_freqs
     "exaone": _Architecture("exaone", "ExaoneForCausalLM", False, (("attention_bias", False), ("mlp_bias", False))),
+    # K-EXAONE: EXAONE 4's attention (rows as stored, q/k norms, NoPE full layers) in Llama's pre-norm blocks over
+    # sigmoid-routed experts with a shared MLP (see _exaone_moe_config)
+    "exaone-moe": _Architecture("exaone_moe", "ExaoneMoeForCausalLM", False, renamed=_EXAONE_MOE_BIAS,
+                                configure=_exaone_moe_config,
+                                moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
+                                             renormalise=False, shared_tensors=_EXAONE_MOE_SHARED)),
     # InternLM2 / 2.5: Llama's blocks, q/k/v packed in one wqkv grouped by key/value head, which the converter cut
     # into q, k and v (q/k permuted as Llama's): joined back and regrouped. Its dynamic rope (2.5's) llama.cpp does
     # not run, nor does the converter write it; no release has biases, which llama.cpp reads none of
