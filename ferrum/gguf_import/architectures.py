@@ -188,10 +188,7 @@ def _exaone_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str,
     gate, which llama.cpp requires, must be the sigmoid) with the correction bias, groups, scale and renormalisation as
     the file says, beside a shared MLP as wide as the file's shared width (expert_feed_forward_length where absent),
     whole experts' widths; dense first layers; the next-token-prediction blocks left out."""
-    key = p + "expert_gating_func"
-    if meta.need(key) != _SIGMOID_GATING:
-        raise UnsupportedFeatureError(f"{meta.where}: {key} {meta.get(key)} is not supported; K-EXAONE routes with the "
-                                      f"sigmoid gate ({_SIGMOID_GATING})")
+    _sigmoid_gate(meta, p, "K-EXAONE", needed=True)
     layers = cfg["num_hidden_layers"] - prediction_blocks(meta, p, cfg["num_hidden_layers"])
     flags, period = meta.get(p + "attention.sliding_window_pattern"), 4
     if isinstance(flags, int) and not isinstance(flags, bool):
@@ -565,6 +562,16 @@ def _deepseek2_gating(meta: Metadata, p: str, cfg: dict[str, Any]) -> int:
     return int(gating)
 
 
+def _sigmoid_gate(meta: Metadata, p: str, model: str, needed: bool) -> None:
+    """Refuses a file whose gate is not the sigmoid ``model`` routes with (transformers' has no other); one naming
+    none is taken as the sigmoid unless llama.cpp requires the key (``needed``)."""
+    key = p + "expert_gating_func"
+    gating = meta.need(key) if needed else meta.get(key)
+    if (gating or needed) and gating != _SIGMOID_GATING:
+        raise UnsupportedFeatureError(f"{meta.where}: {key} {gating} is not supported; {model} routes with the "
+                                      f"sigmoid gate ({_SIGMOID_GATING})")
+
+
 def _latent_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """DeepSeek's latent attention and shared experts as llama.cpp reads a deepseek2 or glm-dsa file: the heads'
     sizes are the latent ones (``attention.key_length_mla`` / ``value_length_mla``, or, in files older than
@@ -619,11 +626,7 @@ def _dsa_config(meta: Metadata, p: str, cfg: dict[str, Any], model: str, gating_
     the correction bias, its groups, scale and renormalisation as the file says. The gate must be the sigmoid:
     another is refused by name, and a file naming none taken as the sigmoid unless llama.cpp requires the key
     (``gating_needed``: deepseek32's)."""
-    key = p + "expert_gating_func"
-    gating = meta.need(key) if gating_needed else meta.get(key)
-    if gating and gating != _SIGMOID_GATING:
-        raise UnsupportedFeatureError(f"{meta.where}: {key} {gating} is not supported; {model} routes with the "
-                                      f"sigmoid gate ({_SIGMOID_GATING})")
+    _sigmoid_gate(meta, p, model, gating_needed)
     config = _latent_config(meta, p, cfg)
     return {**config, "q_lora_rank": int(meta.need(p + "attention.q_lora_rank")),
             "num_nextn_predict_layers": cfg["num_hidden_layers"] - config["num_hidden_layers"],
