@@ -11,7 +11,7 @@ from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_scale
 from ferrum.gguf_import import (
-    apertus, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, laguna, lfm2, mamba, mimo2, nemotron_h,
+    apertus, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba, mimo2, nemotron_h,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -649,6 +649,14 @@ def _glm_dsa_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
     return {**config, **glm_dsa.indexer_config(meta, p, config["num_hidden_layers"], cfg["max_position_embeddings"])}
 
 
+def _kimi_linear_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Kimi Linear (kimi-linear) as llama.cpp runs it: DeepSeek's latent attention (:func:`_latent_config`) without
+    rope between Kimi Delta Attention layers (see ferrum.gguf_import.kimi_linear), the gate, which llama.cpp requires,
+    the sigmoid."""
+    _sigmoid_gate(meta, p, "Kimi Linear", needed=True)
+    return {**_latent_config(meta, p, cfg), **kimi_linear.kimi_linear_config(meta, p, cfg)}
+
+
 def _present(**keys: str) -> Callable[[Metadata, str, dict[str, Any]], dict[str, Any]]:
     """A ``configure`` setting each config.json key to whether the first block holds its tensor: biases the
     converter writes only where the checkpoint has them, and llama.cpp adds where the file holds them."""
@@ -966,6 +974,13 @@ ARCHITECTURES = {
                                 renamed=_DEEPSEEK2_TENSORS + glm_dsa.TENSORS, configure=_deepseek32_config,
                                 latent=True, moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size",
                                                           "norm_topk_prob", renormalise=False)),
+    # Kimi Linear: KDA layers between DeepSeek's latent attention without rope, over grouped sigmoid routing (see
+    # _kimi_linear_config)
+    "kimi-linear": _Architecture("kimi_linear", "KimiLinearForCausalLM", False, (("attention_bias", False),),
+                                 renamed=_DEEPSEEK2_TENSORS[3:8] + kimi_linear.TENSORS, configure=_kimi_linear_config,
+                                 latent=True, own_tensors=kimi_linear.own_tensors,
+                                 moe=_Experts("block_sparse_moe", "num_experts", "moe_intermediate_size", None,
+                                              shared_tensors=kimi_linear.SHARED_TENSORS)),
     # GLM-5: the same, its indexers on the layers the file names or llama.cpp guesses (see _glm_dsa_config)
     "glm-dsa": _Architecture("glm_moe_dsa", "GlmMoeDsaForCausalLM", False, (("attention_bias", False),),
                              renamed=_DEEPSEEK2_TENSORS + glm_dsa.TENSORS, configure=_glm_dsa_config, latent=True,
