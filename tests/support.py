@@ -163,15 +163,17 @@ def write_arch_checkpoint(folder: Path, arch: str, seed: int = 0, max_shard_size
     return model
 
 
-def randomized_reference(config):
-    """A float32 transformers model of ``config`` in eval mode, every parameter drawn from N(0, 0.2) (logits far
-    from uniform) and each router's correction bias (DeepSeek-V3's, GLM-4.5's) from N(0, 0.5), large enough to
-    change which experts the routers choose."""
+def randomized_reference(config, model_class=None):
+    """A float32 transformers model of ``config`` in eval mode (``model_class``'s where given: a multimodal wrapper
+    no auto class maps to a causal LM), every parameter drawn from N(0, 0.2) (logits far from uniform) and each
+    router's correction bias (DeepSeek-V3's, GLM-4.5's) from N(0, 0.5), large enough to change which experts the
+    routers choose."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    made = transformers.AutoModelForCausalLM.from_config(config) if model_class is None else model_class(config)
+    model = made.float().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)

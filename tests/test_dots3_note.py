@@ -55,19 +55,6 @@ def _wrapper_config() -> transformers.Dots3NoteConfig:
     return transformers.Dots3NoteConfig(text_config=text, vision_config=vision, audio_config=audio)
 
 
-def _randomized_wrapper() -> transformers.Dots3NoteForConditionalGeneration:
-    """:func:`randomized_reference`'s draws for the multimodal wrapper (no auto class maps it to a causal LM)."""
-    torch.manual_seed(0)
-    model = transformers.Dots3NoteForConditionalGeneration(_wrapper_config()).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5)
-    return model
-
-
 def build_checkpoints(tmp_path_factory) -> dict:
     """"note": the text model as transformers saves it; "capped": index_topk 8; "wrapper": the multimodal model,
     which transformers saves in the release's layout (model.layers.*, vision_encoder.*, audio_encoder.*)."""
@@ -75,7 +62,8 @@ def build_checkpoints(tmp_path_factory) -> dict:
     for name, make in (("note", lambda: randomized_reference(transformers.Dots3NoteTextConfig(**text_config()))),
                        ("capped", lambda: randomized_reference(transformers.Dots3NoteTextConfig(**text_config(
                            index_topk=TOPK)))),
-                       ("wrapper", _randomized_wrapper)):
+                       ("wrapper", lambda: randomized_reference(_wrapper_config(),
+                                                                transformers.Dots3NoteForConditionalGeneration))):
         folder = tmp_path_factory.mktemp(name)
         model = make()
         model.save_pretrained(folder)

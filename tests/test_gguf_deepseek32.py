@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _DEEPSEEK2_SIZES, _DEEPSEEK2_YARN, _assert_logits_match, _deepseek2_gguf, _imported, _tiny_model,
+    _DEEPSEEK2_SIZES, _DEEPSEEK2_YARN, _assert_logits_match, _deepseek2_gguf, _imported, _moved_norms_and_biases,
+    _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -33,14 +34,7 @@ def _tiny_deepseek32():
     hf, config = _tiny_model(transformers.DeepseekV32Config, **_DEEPSEEK2_SIZES, q_lora_rank=32, n_group=2,
                              topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                              rope_parameters=_DEEPSEEK2_YARN, index_topk=TOPK, index_head_dim=32, index_n_heads=2)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.normal_(1, 0.5)
-        for name, buffer in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5)
-    return hf, config
+    return _moved_norms_and_biases(hf), config
 
 
 def _deepseek32_gguf(tmp_path, hf, config, qtype, more=lambda w: None) -> None:

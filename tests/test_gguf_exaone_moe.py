@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_tensors, _assert_logits_match, _finish, _gguf_writer, _imported, _moe_mapped, _tiny_model,
+    _add_metadata, _add_tensors, _assert_logits_match, _finish, _gguf_writer, _imported, _moe_mapped,
+    _moved_norms_and_biases, _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -35,14 +36,7 @@ _OWN = {"mlp.gate.e_score_correction_bias": "exp_probs_b.bias", "mlp.experts.dow
 
 def _tiny():
     hf, config = _tiny_model(transformers.ExaoneMoeConfig, **_SETTINGS)
-    with torch.no_grad():  # norms around 1; correction biases spread so that they choose other experts
-        for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.normal_(1, 0.3)
-        for name, buffer in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5)
-    return hf, config
+    return _moved_norms_and_biases(hf, 0.3), config
 
 
 def _exaone_moe_gguf(path: Path, hf, config, qtype, **overrides) -> None:

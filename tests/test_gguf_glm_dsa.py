@@ -20,7 +20,8 @@ from ferrum.errors import CheckpointError, ContextLengthExceededError, Unsupport
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
 from ferrum.gguf_import.glm_dsa import indexer_config  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _DEEPSEEK2_SIZES, TINY_TOKENS, _assert_logits_match, _deepseek2_gguf, _imported, _tiny_model,
+    _DEEPSEEK2_SIZES, TINY_TOKENS, _assert_logits_match, _deepseek2_gguf, _imported, _moved_norms_and_biases,
+    _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -34,14 +35,7 @@ def _tiny_glm_dsa(kinds: list[str] | None):
     hf, config = _tiny_model(transformers.GlmMoeDsaConfig, **_DEEPSEEK2_SIZES, q_lora_rank=32, n_shared_experts=1,
                              n_group=1, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True, index_topk=TOPK,
                              index_head_dim=32, index_n_heads=2, indexer_types=kinds)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.normal_(1, 0.5)
-        for name, buffer in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5)
-    return hf, config
+    return _moved_norms_and_biases(hf), config
 
 
 def _glm_dsa_gguf(tmp_path, hf, config, qtype, types_written: bool, more=lambda w: None) -> None:

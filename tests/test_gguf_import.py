@@ -1981,7 +1981,7 @@ def _tiny_deepseek2(family: str) -> tuple[Any, Any]:
     """DeepSeek-V2-Lite's layout (plain q_proj, softmax routing scaled by 2), DeepSeek-V3's (low-rank q, grouped
     sigmoid routing with correction biases, YaRN) or GLM-4.7-Flash's (V3's, its dense layers by mlp_layer_types);
     norms, biases and correction biases away from 1 and 0, so one dropped is visible."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     if family == "v2":
         hf, config = _tiny_model(transformers.DeepseekV2Config, **_DEEPSEEK2_SIZES, q_lora_rank=None,
@@ -1994,14 +1994,22 @@ def _tiny_deepseek2(family: str) -> tuple[Any, Any]:
         sizes = {k: v for k, v in _DEEPSEEK2_SIZES.items() if k != "first_k_dense_replace"}
         hf, config = _tiny_model(transformers.Glm4MoeLiteConfig, **sizes, q_lora_rank=32, n_shared_experts=1,
                                  routed_scaling_factor=1.8, norm_topk_prob=True)
+    return _moved_norms_and_biases(hf), config
+
+
+def _moved_norms_and_biases(hf, spread: float = 0.5):
+    """``hf`` with its norms' weights drawn around 1 (``spread`` wide) and its routers' correction biases from
+    N(0, 0.5), large enough to change which experts they choose: a file that drops either imports visibly wrong."""
+    import torch
+
     with torch.no_grad():
         for name, param in hf.named_parameters():
             if name.endswith("norm.weight"):
-                param.normal_(1, 0.5)
+                param.normal_(1, spread)
         for name, buffer in hf.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0, 0.5)
-    return hf, config
+    return hf
 
 
 def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layers: int = 0,

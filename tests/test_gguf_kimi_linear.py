@@ -24,7 +24,8 @@ from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf, kimi_linear  # noqa: E402
 from ferrum.gguf_import.gated_delta import Restored  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_tensor, _assert_logits_match, _finish, _gguf_writer, _imported, _tiny_model,
+    _add_metadata, _add_tensor, _assert_logits_match, _finish, _gguf_writer, _imported, _moved_norms_and_biases,
+    _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -41,14 +42,7 @@ GATING = "kimi-linear.expert_gating_func"
 
 def _tiny():
     hf, config = _tiny_model(transformers.KimiLinearConfig, **_SETTINGS)
-    with torch.no_grad():  # norms around 1; correction biases that change which experts are chosen
-        for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.normal_(1, 0.3)
-        for name, buffer in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5)
-    return hf, config
+    return _moved_norms_and_biases(hf, 0.3), config
 
 
 def _as_converted(folder: Path, config, whole_kv_b: bool) -> dict[str, np.ndarray]:

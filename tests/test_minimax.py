@@ -149,8 +149,12 @@ def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_token
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_sequence_started_from_a_kept_state_computes_transformers_logits(checkpoint, backend):
-    """Prefix caching: the lightning states kept at a block boundary start a sequence that shares the prefix."""
-    folder, hf = checkpoint
+    assert_a_kept_state_starts_a_sequence(*checkpoint, backend)
+
+
+def assert_a_kept_state_starts_a_sequence(folder, hf, backend: str) -> None:
+    """Prefix caching: the lightning states kept at a block boundary start a sequence that shares the prefix, whose
+    logits are ``hf``'s."""
     model = float32_model(folder, backend, num_kv_blocks=128, block_size=4)
     model.snapshots.budget = DEFAULT_BUDGET
     model.prefill("a", TOKENS[:16])

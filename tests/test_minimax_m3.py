@@ -49,26 +49,14 @@ def _wrapper(**extra) -> transformers.MiniMaxM3VLConfig:
                                           projector_hidden_size=64)
 
 
-def _randomized_wrapper(config) -> transformers.MiniMaxM3SparseForConditionalGeneration:
-    """:func:`randomized_reference`'s draws for the multimodal wrapper (no auto class maps it to a causal LM)."""
-    torch.manual_seed(0)
-    model = transformers.MiniMaxM3SparseForConditionalGeneration(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.5)
-    return model
-
-
 def build_checkpoints(tmp_path_factory) -> dict:
     """"text": transformers' text model as it saves it (fused experts, shared expert and dense MLP, under mlp);
     "wrapper": the multimodal model, which it saves in the release's layout (language_model.model.*, experts per
     expert under block_sparse_moe, the indexers' index_* modules)."""
     out = {}
     for name, model in (("text", randomized_reference(transformers.MiniMaxM3VLTextConfig(**text_config()))),
-                        ("wrapper", _randomized_wrapper(_wrapper()))):
+                        ("wrapper", randomized_reference(_wrapper(),
+                                                         transformers.MiniMaxM3SparseForConditionalGeneration))):
         folder = tmp_path_factory.mktemp(name)
         model.save_pretrained(folder)
         out[name] = folder, model

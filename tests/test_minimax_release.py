@@ -28,12 +28,11 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from ferrum.model import ForwardItem
-from ferrum.recurrent.snapshots import DEFAULT_BUDGET
 from support import (
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, build_transformers_model, float32_model,
     reference_logits, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload, write_tokenizer,
 )
+from test_minimax import assert_a_kept_state_starts_a_sequence
 
 BACKENDS = runnable_backends()
 VOCAB, HEADS, HEAD_DIM, ROTARY, THETA = 300, 6, 16, 8, 10_000.0
@@ -227,17 +226,7 @@ def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_token
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_sequence_started_from_a_kept_state_computes_the_release_codes_logits(checkpoint, backend):
-    """Prefix caching: the lightning states kept at a block boundary start a sequence that shares the prefix."""
-    folder, hf = checkpoint
-    model = float32_model(folder, backend, num_kv_blocks=128, block_size=4)
-    model.snapshots.budget = DEFAULT_BUDGET
-    model.prefill("a", TOKENS[:16])
-    prompt = TOKENS[:16] + [5, 9, 200, 17, 3]
-    match = model.kv.match_prefix(prompt)
-    assert match.num_tokens == 16 and model.snapshots.count == 1
-    model.kv.adopt("b", prompt, match)
-    out = model.forward([ForwardItem("b", prompt[16:], 16)], all_logits=True)
-    assert scaled_error(model.ops.to_numpy(out.logits), reference_logits(hf, prompt)[16:]) <= 1e-4
+    assert_a_kept_state_starts_a_sequence(*checkpoint, backend)
 
 
 @pytest.mark.parametrize("change, error, named", [
