@@ -107,7 +107,8 @@ def test_an_exaone_moe_gguf_with_a_sliding_period_runs_it(tmp_path):
     ({"sliding_window": None}, CheckpointError, "lacks 'exaone-moe.attention.sliding_window'"),
     ({"sliding_window_pattern": [True, False, True, False]}, UnsupportedFeatureError,
      "leaves a per-layer list unread and runs three sliding layers in every four"),
-    ({"expert_shared_feed_forward_length": 48}, UnsupportedFeatureError, "a shared MLP 48 wide is not supported"),
+    ({"expert_shared_feed_forward_length": 48}, UnsupportedFeatureError,
+     "a shared MLP 48 wide beside experts 32 wide is not supported"),
 ], ids=["softmax", "no-gate", "no-window", "other-layers-listed", "shared-width"])
 def test_an_exaone_moe_gguf_llama_cpp_runs_otherwise_or_not_at_all_is_refused(tmp_path, overrides, error, message):
     hf, config = _tiny()

@@ -77,12 +77,14 @@ def _as_converted(folder: Path, config, whole_kv_b: bool) -> dict[str, np.ndarra
     return tensors
 
 
-def _kimi_gguf(tmp_path: Path, hf, config, qtype, whole_kv_b: bool = False, extra=(), **overrides) -> None:
+def _kimi_gguf(tmp_path: Path, hf, config, qtype, whole_kv_b: bool = False, extra=(), kv_heads=None,
+               **overrides) -> None:
     """``hf`` as KimiLinearModel writes it; matrices as ``qtype``, the router float32 as the converter keeps it.
-    ``extra``: tensors added; ``overrides``: metadata written otherwise (None: not)."""
+    ``extra``: tensors added; ``kv_heads``: head_count_kv written otherwise; ``overrides``: other metadata written
+    otherwise (None: not)."""
     hf.save_pretrained(tmp_path / "hf")
     rope, kv_lora = config.qk_rope_head_dim, config.kv_lora_rank
-    kv_heads = [1 if kind == "full_attention" else 0 for kind in TYPES]
+    kv_heads = [1 if kind == "full_attention" else 0 for kind in TYPES] if kv_heads is None else kv_heads
     sizes = types.SimpleNamespace(  # the converter writes the rope base, which kimi-linear leaves unread
         **{key: getattr(config, key) for key in ("num_hidden_layers", "max_position_embeddings", "hidden_size",
                                                  "intermediate_size", "num_attention_heads", "rms_norm_eps")},
@@ -132,10 +134,12 @@ def test_a_kimi_linear_gguf_with_a_log_read_as_stored_misses_transformers(tmp_pa
      "expert_gating_func 1 is not supported; Kimi Linear routes with the sigmoid gate"),
     (dict(expert_gating_func=None), CheckpointError, f"lacks '{GATING}'"),
     (dict(whole_kv_b=True), UnsupportedFeatureError, "a whole blk.1.attn_kv_b is not supported"),
+    # every layer KDA by its head count, yet blk.1 holds latent attention's halves (a KeyError before)
+    (dict(kv_heads=0), CheckpointError, "blk.1.attn_output.weight .* has shape"),
     (dict(extra={"blk.1.attn_q_a.weight": np.zeros((32, 64))}), UnsupportedFeatureError,
      r"a compressed query \(blk.1.attn_q_a\) is not supported"),
     (dict(expert_shared_count=0), UnsupportedFeatureError, "expert_shared_count 0 is not supported"),
-], ids=["softmax", "no-gate", "whole-kv_b", "compressed-query", "no-shared-expert"])
+], ids=["softmax", "no-gate", "whole-kv_b", "all-kda", "compressed-query", "no-shared-expert"])
 def test_a_kimi_linear_gguf_llama_cpp_runs_otherwise_or_not_at_all_is_refused(tmp_path, changes, error, message):
     hf, config = _tiny()
     _kimi_gguf(tmp_path, hf, config, Q.F32, **changes)

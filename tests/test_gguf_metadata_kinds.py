@@ -13,16 +13,22 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
-from ferrum.gguf_import import gemma3n, mimo2  # noqa: E402
+from ferrum.gguf_import import architectures, gemma3n, kimi_linear, mimo2  # noqa: E402
 from ferrum.gguf_import.files import Metadata  # noqa: E402
 
 _GEMMA3N = {"feed_forward_length": 96, "attention.sliding_window": 6, "embedding_length_per_layer_input": 32,
             "attention.shared_kv_layers": 2}
 _MIMO2 = {"attention.sliding_window": 8, "attention.sliding_window_pattern": [True, True, False, True],
           "attention.head_count_kv": [8, 8, 4, 8], "attention.value_length": 12}
+_KIMI_LINEAR = {"attention.head_count_kv": [0, 1, 0, 0], "expert_shared_count": 1, "kda.head_dim": 8,
+                "ssm.conv_kernel": 4}
+_EXAONE_MOE = {"expert_gating_func": 2, "expert_feed_forward_length": 32, "attention.sliding_window": 8}
 #: The readers under test: the architecture, its config function, the block-derived config it is called with.
 _READERS = {"gemma3n": (gemma3n.gemma3n_config, {"num_hidden_layers": 22}, _GEMMA3N),
-            "mimo2": (mimo2.mimo2_config, {"num_hidden_layers": 4, "rope_theta": 1e4}, _MIMO2)}
+            "mimo2": (mimo2.mimo2_config, {"num_hidden_layers": 4, "rope_theta": 1e4}, _MIMO2),
+            "kimi-linear": (kimi_linear.kimi_linear_config, {"num_hidden_layers": 4, "num_attention_heads": 4},
+                            _KIMI_LINEAR),
+            "exaone-moe": (architectures._exaone_moe_config, {"num_hidden_layers": 4}, _EXAONE_MOE)}
 
 
 def _metadata(path: Path, arch: str, fields: dict[str, Any]) -> Metadata:
@@ -63,6 +69,11 @@ def _config(tmp_path: Path, arch: str, **fields: Any) -> dict[str, Any]:
     ("mimo2", "rope.freq_base_swa", [1.0], "must be a finite number"),
     ("mimo2", "attention.value_scale", "x", "must be a finite number"),
     ("mimo2", "expert_weights_scale", "x", "must be a finite number"),
+    # read with int(): a string was a ValueError, "8" or 8.7 silently an integer
+    ("kimi-linear", "ssm.conv_kernel", "x", "must be a non-negative integer"),
+    ("kimi-linear", "kda.head_dim", 8.7, "must be a non-negative integer"),
+    ("kimi-linear", "expert_shared_count", "1", "must be a non-negative integer"),
+    ("exaone-moe", "expert_feed_forward_length", 0, "expert_feed_forward_length is 0"),  # a ZeroDivisionError
 ])
 def test_metadata_of_the_wrong_type_is_refused_by_name(tmp_path, arch, key, value, message):
     with pytest.raises(CheckpointError) as refused:

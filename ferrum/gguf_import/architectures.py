@@ -181,6 +181,19 @@ def _exaone4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, An
             "layer_types": ["sliding_attention" if f else "full_attention" for f in flags]}
 
 
+def _shared_experts(meta: Metadata, p: str, absent_is_one: bool) -> int:
+    """How many experts' widths the shared MLP spans, from the widths the file gives (transformers sizes it so,
+    K-EXAONE's and ERNIE 4.5's): where the file gives none, one expert's (``absent_is_one``) or none."""
+    experts = int(meta.need(p + "expert_feed_forward_length"))
+    if experts == 0:
+        raise CheckpointError(f"{meta.where}: {p}expert_feed_forward_length is 0; the experts must have a width")
+    shared = int(meta.get(p + "expert_shared_feed_forward_length") or (experts if absent_is_one else 0))
+    if shared % experts:
+        raise UnsupportedFeatureError(f"{meta.where}: a shared MLP {shared} wide beside experts {experts} wide is not "
+                                      "supported: transformers makes it a whole number of experts' widths")
+    return shared // experts
+
+
 def _exaone_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """K-EXAONE (exaone-moe) as llama.cpp runs it: EXAONE 4's attention in Llama's pre-norm blocks, rope on the sliding
     layers alone, which are three in every four or as the file's sliding_window_pattern period says (llama.cpp
@@ -198,17 +211,13 @@ def _exaone_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str,
         raise UnsupportedFeatureError(f"{meta.where}: {p}attention.sliding_window_pattern {flags!r:.80} is not "
                                       f"supported: llama.cpp's exaone-moe leaves a per-layer list unread and runs "
                                       f"three sliding layers in every four ({sliding!r:.80}); convert the model again")
-    experts = int(meta.need(p + "expert_feed_forward_length"))
-    shared = int(meta.get(p + "expert_shared_feed_forward_length") or experts)
-    if shared % experts:
-        raise UnsupportedFeatureError(f"{meta.where}: a shared MLP {shared} wide is not supported: transformers' "
-                                      f"K-EXAONE makes it a whole number of experts' widths ({experts})")
+    shared = _shared_experts(meta, p, absent_is_one=True)
     dense = int(meta.get(p + "leading_dense_block_count", 0))
     return {"num_hidden_layers": layers, "num_nextn_predict_layers": cfg["num_hidden_layers"] - layers,
             "sliding_window": int(meta.need(p + "attention.sliding_window")), "sliding_window_pattern": period,
             "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
             "mlp_layer_types": ["dense" if i < dense else "sparse" for i in range(layers)],
-            "num_shared_experts": shared // experts, "routed_scaling_factor": routed_scale(meta, p),
+            "num_shared_experts": shared, "routed_scaling_factor": routed_scale(meta, p),
             "n_group": int(meta.get(p + "expert_group_count", 1)),
             "topk_group": int(meta.get(p + "expert_group_used_count", 1))}
 
@@ -410,14 +419,10 @@ def _ernie4_5_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[st
     ``interleave_moe_layer_step``-th (no end index: the releases' is the last layer); shared experts where the file
     gives their width (``expert_shared_feed_forward_length``, which the converter writes only with some), as
     transformers reads it: moe_num_shared_experts experts' widths together."""
-    experts = int(meta.need(p + "expert_feed_forward_length"))
-    shared = int(meta.get(p + "expert_shared_feed_forward_length", 0))
-    if shared % experts:
-        raise UnsupportedFeatureError(f"{meta.where}: shared experts {shared} wide beside experts {experts} wide are "
-                                      "not supported (transformers makes them a whole number of experts wide)")
     return {"moe_layer_interval": int(meta.need(p + "interleave_moe_layer_step")),
             "moe_layer_start_index": int(meta.need(p + "leading_dense_block_count")), "moe_layer_end_index": -1,
-            "moe_num_shared_experts": shared // experts, "moe_k": cfg["num_experts_per_tok"]}
+            "moe_num_shared_experts": _shared_experts(meta, p, absent_is_one=False),
+            "moe_k": cfg["num_experts_per_tok"]}
 
 
 #: What llama.cpp fixes for every llama4 file with chunked attention, whatever the file says: chunks of 8192

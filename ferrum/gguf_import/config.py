@@ -237,7 +237,8 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         "architectures": [family.hf_class],
         "model_type": family.model_type,
         "hidden_size": hidden,
-        "intermediate_size": None if family.optional_mlp_width and p + "feed_forward_length" not in meta else _first(
+        # an optional width absent or 0 (llama.cpp's unset) is the family's default, which the tensors' shapes check
+        "intermediate_size": None if family.optional_mlp_width and not meta.get(p + "feed_forward_length") else _first(
             meta.get(p + "feed_forward_length") or (
                 0 if not family.attention else meta.need(p + "expert_feed_forward_length"))),
         "num_hidden_layers": int(meta.need(p + "block_count")),

@@ -375,16 +375,18 @@ def _with_split_kv_b(expected: dict[str, tuple[int, ...]], config: ModelConfig,
     under mlx-lm's names (``ferrum.arch.mla.SPLIT_KV_B``), which the loader joins back into it."""
     from ferrum.arch.mla import SPLIT_KV_B
 
-    mla = config.arch.mla
-    if mla is None:
+    if config.arch.mla is None:
         return expected
     out = dict(expected)
     for i in range(config.num_layers):
         if f"blk.{i}.attn_kv_b.weight" in by_name or not all(f"blk.{i}.{h}" in by_name for h in _KV_B_HALVES):
             continue
         stem = f"{config.arch.prefix}layers.{i}."
+        if f"{stem}self_attn.kv_b_proj.weight" not in out:  # no latent attention there (Kimi Linear's KDA layers):
+            continue  # the halves have no place, which the plan refuses by name
         del out[f"{stem}self_attn.kv_b_proj.weight"]
-        out.update({f"{stem}{module}.weight": shape for module, shape in zip(SPLIT_KV_B, mla.split_shapes())})
+        halves = zip(SPLIT_KV_B, config.arch.latent(i).split_shapes())
+        out.update({f"{stem}{module}.weight": shape for module, shape in halves})
     return out
 
 
