@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
-from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_scale
+from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_groups, routed_scale
 from ferrum.gguf_import import (
     apertus, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba, mimo2, nemotron_h,
 )
@@ -218,8 +218,7 @@ def _exaone_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str,
             "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
             "mlp_layer_types": ["dense" if i < dense else "sparse" for i in range(layers)],
             "num_shared_experts": shared, "routed_scaling_factor": routed_scale(meta, p),
-            "n_group": int(meta.get(p + "expert_group_count", 1)),
-            "topk_group": int(meta.get(p + "expert_group_used_count", 1))}
+            **routed_groups(meta, p)}
 
 
 def _minicpm_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -372,8 +371,7 @@ def _glm4_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
             "n_shared_experts": int(meta.need(p + "expert_shared_count")),
             "first_k_dense_replace": int(meta.get(p + "leading_dense_block_count", 0)),
             "routed_scaling_factor": float32_value(meta.get(p + "expert_weights_scale", 1.0)),
-            "n_group": int(meta.get(p + "expert_group_count", 1)),
-            "topk_group": int(meta.get(p + "expert_group_used_count", 1)),
+            **routed_groups(meta, p),
             "attention_bias": "blk.0.attn_q.bias" in meta.tensors,
             "use_qk_norm": "blk.0.attn_q_norm.weight" in meta.tensors}
 
@@ -409,8 +407,7 @@ def _dots1_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
     return {"n_shared_experts": int(meta.need(p + "expert_shared_count")),
             "first_k_dense_replace": int(meta.need(p + "leading_dense_block_count")),
             "routed_scaling_factor": float32_value(meta.need(p + "expert_weights_scale")),
-            "n_group": int(meta.get(p + "expert_group_count", 1)),
-            "topk_group": int(meta.get(p + "expert_group_used_count", 1)),
+            **routed_groups(meta, p),
             "sliding_window": None, "attention_bias": "blk.0.attn_q.bias" in meta.tensors}
 
 
@@ -635,8 +632,7 @@ def _dsa_config(meta: Metadata, p: str, cfg: dict[str, Any], model: str, gating_
     config = _latent_config(meta, p, cfg)
     return {**config, "q_lora_rank": int(meta.need(p + "attention.q_lora_rank")),
             "num_nextn_predict_layers": cfg["num_hidden_layers"] - config["num_hidden_layers"],
-            "routed_scaling_factor": routed_scale(meta, p), "n_group": int(meta.get(p + "expert_group_count", 1)),
-            "topk_group": int(meta.get(p + "expert_group_used_count", 1))}
+            "routed_scaling_factor": routed_scale(meta, p), **routed_groups(meta, p)}
 
 
 def _deepseek32_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -713,7 +709,8 @@ _DEEPSEEK2_TENSORS = (
 #: K-EXAONE's router correction bias, beside the router as LG's checkpoints keep it, and its shared MLP, in the sparse
 #: MLP module.
 _EXAONE_MOE_BIAS = (("exp_probs_b.bias", "mlp.e_score_correction_bias"),)
-_EXAONE_MOE_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_experts.{p}_proj.weight") for p in ("gate", "up", "down"))
+#: Shared experts under ``mlp.shared_experts`` (DeepSeek-V3's names): K-EXAONE's, ERNIE 4.5's, Kimi Linear's.
+SHARED_EXPERTS = tuple((f"ffn_{p}_shexp.weight", f"shared_experts.{p}_proj.weight") for p in ("gate", "up", "down"))
 #: Hunyuan's q/k norms (the dense family's and A13B's) and A13B's ungated shared MLP, in the sparse MLP module.
 _HUNYUAN_QK_NORMS = (("attn_q_norm.weight", "self_attn.query_layernorm.weight"),
                      ("attn_k_norm.weight", "self_attn.key_layernorm.weight"))
@@ -721,8 +718,7 @@ _HUNYUAN_SHARED = tuple((f"ffn_{p}_shexp.weight", f"shared_mlp.{p}_proj.weight")
 
 #: ERNIE 4.5 MoE's router correction bias (``[1, E]`` in the checkpoint) and ungated shared experts, in the sparse
 #: MLP module.
-_ERNIE_MOE_TENSORS = (("exp_probs_b.bias", "moe_statics.e_score_correction_bias"),
-                      *((f"ffn_{p}_shexp.weight", f"shared_experts.{p}_proj.weight") for p in ("gate", "up", "down")))
+_ERNIE_MOE_TENSORS = (("exp_probs_b.bias", "moe_statics.e_score_correction_bias"), *SHARED_EXPERTS)
 #: AFMoE's norms after attention and around the MLP, its output gate, router correction bias and shared experts.
 _AFMOE_TENSORS = (("post_attention_norm.weight", "post_attention_layernorm.weight"),
                   ("ffn_norm.weight", "pre_mlp_layernorm.weight"),
@@ -860,7 +856,7 @@ ARCHITECTURES = {
     "exaone-moe": _Architecture("exaone_moe", "ExaoneMoeForCausalLM", False, renamed=_EXAONE_MOE_BIAS,
                                 configure=_exaone_moe_config,
                                 moe=_Experts("mlp", "num_experts", "moe_intermediate_size", "norm_topk_prob",
-                                             renormalise=False, shared_tensors=_EXAONE_MOE_SHARED)),
+                                             renormalise=False, shared_tensors=SHARED_EXPERTS)),
     # InternLM2 / 2.5: Llama's blocks, q/k/v packed in one wqkv grouped by key/value head, which the converter cut
     # into q, k and v (q/k permuted as Llama's): joined back and regrouped. Its dynamic rope (2.5's) llama.cpp does
     # not run, nor does the converter write it; no release has biases, which llama.cpp reads none of
@@ -985,7 +981,7 @@ ARCHITECTURES = {
                                  renamed=_DEEPSEEK2_TENSORS[3:8] + kimi_linear.TENSORS, configure=_kimi_linear_config,
                                  latent=True, own_tensors=kimi_linear.own_tensors,
                                  moe=_Experts("block_sparse_moe", "num_experts", "moe_intermediate_size", None,
-                                              shared_tensors=kimi_linear.SHARED_TENSORS)),
+                                              shared_tensors=SHARED_EXPERTS)),
     # GLM-5: the same, its indexers on the layers the file names or llama.cpp guesses (see _glm_dsa_config)
     "glm-dsa": _Architecture("glm_moe_dsa", "GlmMoeDsaForCausalLM", False, (("attention_bias", False),),
                              renamed=_DEEPSEEK2_TENSORS + glm_dsa.TENSORS, configure=_glm_dsa_config, latent=True,

@@ -303,6 +303,13 @@ def float32_value(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+def routed_groups(meta: Metadata, p: str) -> dict[str, int]:
+    """config.json's expert groups and the groups each token keeps, as the file gives them (one where absent: no
+    groups, as llama.cpp reads a file without them)."""
+    return {"n_group": int(meta.get(p + "expert_group_count", 1)),
+            "topk_group": int(meta.get(p + "expert_group_used_count", 1))}
+
+
 def routed_scale(meta: Metadata, p: str) -> float:
     """A file's expert_weights_scale for a family that scales its routed experts: 1 where absent or 0 (llama.cpp's
     unset: it then leaves the weights unscaled); a negative or non-finite one is refused by name."""

@@ -17,15 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
-from ferrum.gguf_import.files import Metadata, routed_scale
+from ferrum.gguf_import.files import Metadata, routed_groups, routed_scale
 from ferrum.gguf_import.gated_delta import Restored, a_log
 
 #: The KDA layers' projections, gate and norm, the router's correction bias: GGUF name within a block -> transformers'.
 TENSORS = (*((f"ssm_{gguf}.weight", f"self_attn.{hf}.weight") for gguf, hf in (
     ("f_a", "f_a_proj"), ("f_b", "f_b_proj"), ("beta", "b_proj"), ("g_a", "g_a_proj"), ("g_b", "g_b_proj"),
     ("norm", "o_norm"))), ("exp_probs_b.bias", "block_sparse_moe.gate.e_score_correction_bias"))
-#: The shared MLP, in the sparse MLP module.
-SHARED_TENSORS = tuple((f"ffn_{p}_shexp.weight", f"shared_experts.{p}_proj.weight") for p in ("gate", "up", "down"))
 #: What the converter changed: ``A_log``, ``dt_bias`` and the convolutions' taps.
 _OWN = {"ssm_a": Restored("self_attn.A_log", restore=a_log), "ssm_dt.bias": Restored("self_attn.dt_bias"),
         **{f"ssm_conv1d_{x}.weight": Restored(f"self_attn.{x}_conv1d.weight") for x in "qkv"}}
@@ -60,5 +58,4 @@ def kimi_linear_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str,
     return {"layer_types": ["full_attention" if k else "linear_attention" for k in kv],
             "linear_num_heads": cfg["num_attention_heads"], "linear_head_dim": int(meta.need(p + "kda.head_dim")),
             "linear_conv_kernel_dim": int(meta.need(p + "ssm.conv_kernel")), "norm_topk_prob": True,
-            "routed_scaling_factor": routed_scale(meta, p), "n_group": int(meta.get(p + "expert_group_count", 1)),
-            "topk_group": int(meta.get(p + "expert_group_used_count", 1))}
+            "routed_scaling_factor": routed_scale(meta, p), **routed_groups(meta, p)}
