@@ -18,7 +18,7 @@ import transformers
 import ferrum
 from ferrum.arch.tensors import weight_shapes
 from ferrum.config import ModelConfig
-from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
+from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_forward_and_decode_match, randomized_reference, reference_logits, runnable_backends, saved_references,
@@ -117,12 +117,6 @@ def test_the_cache_holds_value_heads_padded_with_zeros(checkpoints):
     k, v = model.ops.to_numpy(k), model.ops.to_numpy(v)
     assert k.shape == v.shape == (len(TOKENS), 4, 24)
     assert not v[..., 12:].any() and v[..., :12].any()
-
-
-def test_lora_adapters_are_refused(checkpoints, tmp_path):
-    model = DecoderOnlyLLM.from_pretrained(checkpoints["lora_q"][0], backend="cpu", dtype="float32")
-    with pytest.raises(AdapterError, match="Multi-head Latent Attention"):
-        model.adapters.load("a", tmp_path)
 
 
 def test_ferrum_names_the_tensors_transformers_saves(checkpoints):

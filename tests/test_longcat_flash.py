@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from ferrum.config import ModelConfig
-from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_names_the_tensors_transformers_saves,
@@ -71,6 +71,14 @@ def test_model_matches_transformers(checkpoints, backend, variant):
         ("dense+shortcut", "give"), ("dense", "take")] * 2
     assert model.config.arch.kv_pool_layers == 4
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
+
+
+def test_lora_adapters_are_refused_by_name(checkpoints, tmp_path):
+    """Its latent attention's projections are numbered per sub-block (self_attn.1.q_a_proj), which LoRA does not
+    adapt: refused before the folder is read."""
+    model = DecoderOnlyLLM.from_pretrained(checkpoints["yarn"][0], backend="cpu", dtype="float32")
+    with pytest.raises(AdapterError, match="each hold several attention blocks"):
+        model.adapters.load("a", tmp_path)
 
 
 def test_the_routers_choose_zero_experts(checkpoints):

@@ -40,9 +40,13 @@ from ferrum.errors import AdapterError
 PROJECTIONS = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "qkv_proj": "self_attn",
     "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "gate_up_proj": "mlp", "down_proj": "mlp",
+    # latent attention's (ferrum.arch.mla: MlaSpec.adaptable)
+    "q_a_proj": "self_attn", "q_b_proj": "self_attn", "kv_a_proj_with_mqa": "self_attn", "kv_b_proj": "self_attn",
 }
 #: Projections of one input, by the fused projection a checkpoint may store them as (Phi-3).
 _GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+#: Projections only latent attention has.
+_LATENT_ONLY = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 _EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_out")
 _FUSED = ("query_key_value", "Wqkv")  # other models' fused attention projections
 #: Module names inside a sparse MLP (GLM-4.5's and DeepSeek's shared_experts, GraniteMoeShared's shared_mlp).
@@ -53,7 +57,7 @@ _UNADAPTED = {"self_attn.gate_proj": lambda config, name: (
     f"LoRA on {config.model_type}'s attention gate {name} is not supported (Ferrum adapts q/k/v/o and the MLP; "
     "this gate is no MLP projection); drop it from the adapter's targets")}
 _MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert, the shared expert or the router); "
-                "on MoE models only the attention projections q/k/v/o can be adapted")
+                "on MoE models only the attention projections and the dense layers' MLPs can be adapted")
 
 #: PEFT settings that change what an adapted projection computes, beyond ``scale * (x @ a) @ b``.
 _PEFT_VARIANTS = {
@@ -461,6 +465,10 @@ def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] 
     projections that read the same input (a fused one covers its members'), or None where the base model
     has no such projection (an MoE layer's MLP, a member of a projection its checkpoint stores fused...)."""
     arch = config.arch
+    mla = _latent(config, layer)
+    if PROJECTIONS[proj] == "self_attn" and (mla is not None or proj in _LATENT_ONLY):
+        sizes = None if mla is None else mla.adaptable(config.hidden_size).get(proj)
+        return None if sizes is None else (proj, 0, sizes[2])
     kind = arch.layers[layer].mlp
     inter = width(config, layer)  # the layer's own where the model's vary (Gemma 3n, Gemma 4's double-wide layers)
     if PROJECTIONS[proj] == "mlp" and kind == "plain":  # an ungated MLP: up and down, each its own matrix
@@ -488,6 +496,9 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
     span = projection_span(config, layer, proj)
     if span is None:
         return None
+    mla = _latent(config, layer)
+    if mla is not None and PROJECTIONS[proj] == "self_attn":
+        return mla.adaptable(config.hidden_size)[proj][:2]
     spec = config.arch.layers[layer]
     d, heads = spec.stored_head_dim or config.head_dim, spec.stored_heads or config.num_heads
     kv = (spec.stored_kv_heads or config.num_kv_heads) * d
@@ -496,14 +507,28 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
     return n_in.get(proj, config.hidden_size), stored.get(proj, span[2] - span[1])
 
 
+def _latent(config: Any, layer: int) -> Any:
+    """Layer ``layer``'s latent attention (:class:`ferrum.arch.mla.MlaSpec`), None where it attends otherwise."""
+    arch = config.arch
+    return arch.latent(layer) if arch.mla is not None and arch.layers[layer].mixer == "attention" else None
+
+
 def _padded_inputs(config: Any, layer: int, proj: str) -> bool:
-    """Whether the load pads ``proj``'s inputs (o_proj's, after heads narrower than head_dim), which the adapter's
-    factors are not fitted for."""
-    return proj == "o_proj" and pads_o_proj(config, layer)
+    """Whether the load pads ``proj``'s inputs (o_proj's, after heads narrower than head_dim, or latent attention's
+    heads padded to the KV pool's), which the adapter's factors are not fitted for."""
+    mla = _latent(config, layer)
+    return proj == "o_proj" and (pads_o_proj(config, layer) if mla is None else mla.width_heads != mla.heads)
 
 
 def _absent(config: Any, layer: int, proj: str) -> str:
     """Why the base model has no ``proj`` in ``layer``."""
+    mla = _latent(config, layer)
+    if PROJECTIONS[proj] == "self_attn" and mla is not None:
+        gated = " (A.X-K2's q_b_proj, whose columns are cut at load, is not)" if mla.output_gate else ""
+        return (f"the layer's latent attention has no {proj} that Ferrum adapts: LoRA runs on its "
+                f"{', '.join(mla.adaptable(config.hidden_size))}{gated}")
+    if proj in _LATENT_ONLY:
+        return f"{proj} is a projection of Multi-head Latent Attention, which the base model's attention is not"
     kind = config.arch.layers[layer].mlp
     if PROJECTIONS[proj] == "mlp" and kind == "plain":
         return f"that layer's MLP is ungated: it has an up and a down projection, no {proj}"
@@ -531,7 +556,8 @@ def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: n
         raise AdapterError(f"{where}: layer {layer} {proj}: {_absent(config, layer, proj)}")
     if _padded_inputs(config, layer, proj):
         raise AdapterError(f"{where}: layer {layer} o_proj: LoRA on an o_proj whose value heads Ferrum pads at load "
-                           "(MiMo-V2-Flash's, Gemma 4's narrower heads) is not supported; adapt q/k/v and the MLP")
+                           "(MiMo-V2-Flash's, Gemma 4's narrower heads, Dots 3's latent heads padded to the KV pool's) "
+                           "is not supported; adapt the attention's other projections and the MLP")
     got = (a.shape[0], b.shape[1])
     if got != shape:
         raise AdapterError(

@@ -39,6 +39,7 @@ import numpy as np
 
 from ferrum.adapters.batching import LoraBatch, LoraLinear
 from ferrum.adapters.files import LoraAdapter, LoraWeights, check_range, projection_span, read_adapter
+from ferrum.arch.mla import MlaProjections
 from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
 from ferrum.mixers import MIXER_KINDS
@@ -145,11 +146,12 @@ class AdapterRegistry:
         """Read the adapter at ``path`` and make it resident as ``name``."""
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("an adapter name must be a non-empty string")
-        if self.model.config.arch.mla is not None:
-            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on Multi-head Latent Attention models "
-                               "are not supported yet (Ferrum does not adapt their latent projections); run the base "
-                               "model, or merge the adapter into its weights with PEFT's merge_and_unload")
         arch = self.model.config.arch
+        if arch.sublayers is not None:
+            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on a model whose checkpoint layers each "
+                               "hold several attention blocks are not supported yet (Ferrum does not adapt their "
+                               "numbered projections); run the base model, or merge the adapter into its weights "
+                               "with PEFT's merge_and_unload")
         if arch.moa is not None:
             raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on a mixture of attention heads are not "
                                "supported yet (Ferrum does not adapt its attention experts); run the base model, or "
@@ -338,14 +340,18 @@ class AdapterRegistry:
             return wrapped
 
         for index, layer in enumerate(self.model.layers):
-            groups = [("qkv_proj", layer.qkv)]
+            groups = [] if isinstance(layer.qkv, MlaProjections) else [("qkv_proj", layer.qkv)]
             kind = config.arch.layers[index].mlp
             if kind == "dense":
                 groups.append(("gate_up_proj", layer.mlp.gate_up))
             for group, projections in groups:
                 for i, (linear, (start, stop)) in enumerate(zip(projections.linears, projections.spans)):
                     projections.linears[i] = wrap(index, group, start, stop, linear)
-            layer.o = wrap(index, "o_proj", 0, config.hidden_size, layer.o)
+            if isinstance(layer.qkv, MlaProjections):  # latent attention: its own projections (MlaSpec.adaptable)
+                layer.qkv.adapt(lambda group, start, stop, linear, i=index: wrap(i, group, start, stop, linear))
+                layer.o.adapt(lambda linear, i=index: wrap(i, "o_proj", 0, config.hidden_size, linear))
+            else:
+                layer.o = wrap(index, "o_proj", 0, config.hidden_size, layer.o)
             if kind == "plain":
                 layer.mlp.up = wrap(index, "up_proj", 0, config.intermediate_size, layer.mlp.up)
             if kind in ("dense", "plain"):

@@ -164,6 +164,27 @@ class MlaSpec:
         return np.concatenate([np.arange(self.heads * per_head), np.full((self.width_heads - self.heads) * per_head,
                                                                          -1)])
 
+    def adaptable(self, hidden: int) -> dict[str, tuple[int, int, int]]:
+        """The checkpoint's projections of one layer that LoRA adapts, each ``(in, out)`` as stored (as a PEFT
+        adapter's factors are) and the outputs the load makes of its rows (q's laid out and padded to
+        ``width_heads``, ``kv_b_proj``'s padded, ``kv_a_proj_with_mqa``'s split in two): the B factor's rows are
+        transformed as the weight's, so the adapter adds to the outputs the model computes. A.X-K2's ``q_b_proj``,
+        whose columns are cut, is not among them."""
+        h, wide, d = self.heads, self.width_heads, self.qk_head_dim
+        queries = (h * d, wide * self.head_dim)
+        out: dict[str, tuple[int, int, int]] = {}
+        if self.q_lora_rank is None:
+            out["q_proj"] = (hidden, *queries)
+        else:
+            out["q_a_proj"] = (hidden, self.q_lora_rank, self.q_lora_rank)
+            if not self.output_gate:
+                out["q_b_proj"] = (self.q_lora_rank, *queries)
+        per_head = self.nope + self.v_head_dim
+        out.update({"kv_a_proj_with_mqa": (hidden, self.kv_lora_rank + self.rope, self.kv_lora_rank + self.rope),
+                    "kv_b_proj": (self.kv_lora_rank, h * per_head, wide * per_head),
+                    "o_proj": (h * self.v_head_dim, hidden, hidden)})
+        return out
+
     # ------------------------------------------------------------- checkpoint
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """One layer's attention tensors as the checkpoint stores them (names relative to the layer; the block's
@@ -318,9 +339,26 @@ class MlaProjections:
         self.latent_norm = norm("self_attn.kv_a_layernorm")
         self.rope_norm = norm(ROPE_NORM) if spec.rope_norm else None
         self.kv_b = projection("self_attn.kv_b_proj")
+        self._list()
+
+    def _list(self) -> None:
         own = [p for p in (self.q_a, self.q, self.q_skip, self.gate, self.gate_skip, self.latent, self.rope_key,
                            self.kv_b) if p is not None]
-        self.linears = own + [placed[name] for name in ("k_nope", "k_rope", "value")]
+        self.linears = own + [self.placed[name] for name in ("k_nope", "k_rope", "value")]
+
+    def adapt(self, wrap: Callable[[str, int, int, Linear], Linear]) -> None:
+        """Each matrix LoRA adapts (:meth:`MlaSpec.adaptable`) replaced by ``wrap(projection, start, stop, matrix)``:
+        the checkpoint's projection it runs and the columns of that projection's outputs it makes."""
+        spec, latent = self.spec, self.spec.kv_lora_rank
+        if self.q_a is not None:
+            self.q_a = wrap("q_a_proj", 0, spec.q_lora_rank, self.q_a)
+        if self.q_skip is None:
+            queries = spec.width_heads * spec.head_dim
+            self.q = wrap("q_proj" if self.q_a is None else "q_b_proj", 0, queries, self.q)
+        self.latent = wrap("kv_a_proj_with_mqa", 0, latent, self.latent)
+        self.rope_key = wrap("kv_a_proj_with_mqa", latent, latent + spec.rope, self.rope_key)
+        self.kv_b = wrap("kv_b_proj", 0, spec.width_heads * (spec.nope + spec.v_head_dim), self.kv_b)
+        self._list()
 
     def __call__(self, x: Any) -> tuple[Any, ...]:
         """``(q, k, v)``, and A.X-K2's output gate after them."""
@@ -355,6 +393,11 @@ class MlaOutput:
         self.spec, self.ops, self.o = spec, ops, o
         self.pick = None if spec.v_head_dim == spec.head_dim else placed["pick_value"]
         self.linears = [o] if self.pick is None else [self.pick, o]
+
+    def adapt(self, wrap: Callable[[Linear], Linear]) -> None:
+        """``o_proj`` replaced by ``wrap(o_proj)`` (LoRA's)."""
+        self.o = wrap(self.o)
+        self.linears[-1] = self.o
 
     def __call__(self, attn: Any) -> Any:
         if self.pick is None:

@@ -1,0 +1,149 @@
+"""LoRA adapters on Multi-head Latent Attention models (DeepSeek-V3, GLM-4.7-Flash, Mistral Small 4), against PEFT.
+
+PEFT adapts the checkpoint's own latent projections (q_proj, or q_a_proj and q_b_proj; kv_a_proj_with_mqa, kv_b_proj,
+o_proj) and the dense layers' MLP; Ferrum runs them with its own layout (q's rows per head rope-first, the latent split
+from the rope key, heads expanded after kv_b_proj), so each B factor's rows must be moved as the weight's were. A
+request with the adapter must give the logits of PEFT's merged model, in one pass and decoding; mixed with requests
+without it in one pass, each its own. PEFT 0.21 (as transformers 5 fuses these families' experts) takes any
+gate_proj / up_proj / down_proj target for the experts: the references here are built with the model type hidden
+from that conversion, so PEFT wraps the dense MLPs' own linears.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from ferrum.errors import AdapterError
+from ferrum.model import DecoderOnlyLLM, ForwardItem
+from support import randomized_reference, reference_logits, runnable_backends, scaled_error
+from test_deepseek_v3 import YARN, dsv3_config
+from test_glm4_moe_lite import lite_config
+from test_mistral4 import m4_config, randomized
+
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+
+BACKENDS = runnable_backends()
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
+LATENT = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+#: name -> (transformers model, projections an adapter of LATENT + MLP adapts): DeepSeek-V3's layout with YaRN;
+#: Moonlight's plain q_proj; rotate-half rope, biases and value heads as wide as q/k heads; GLM-4.7-Flash's dense
+#: layer between sparse ones with a plain q_proj; Mistral Small 4 (Llama 4's query scaling).
+MODELS = {
+    "dsv3_yarn": (lambda: randomized_reference(dsv3_config(rope_parameters=YARN)), 3 * 5 + 3),
+    "dsv3_plain_q": (lambda: randomized_reference(dsv3_config(q_lora_rank=None)), 3 * 4 + 3),
+    "dsv3_rotate_half": (lambda: randomized_reference(dsv3_config(rope_interleave=False, attention_bias=True,
+                                                                  v_head_dim=24)), 3 * 5 + 3),
+    "glm4_moe_lite": (lambda: randomized_reference(lite_config(mlp_layer_types=["sparse", "dense", "sparse"],
+                                                               q_lora_rank=None, rope_interleave=False)), 3 * 4 + 3),
+    "mistral4": (lambda: randomized(m4_config()), 3 * 5 + 3),
+}
+
+
+def make_peft(hf, folder, targets, seed: int = 1, **config):
+    """A random PEFT LoRA of ``hf`` on ``targets`` (never the experts) saved in ``folder``; PEFT's merged model."""
+    torch.manual_seed(seed)
+    base = copy.deepcopy(hf)
+    base.config.model_type = "llama"  # PEFT's transformers-5 MoE conversion would retarget the MLP names to experts
+    options = dict(r=4, lora_alpha=8, target_modules=targets, exclude_modules=r".*experts.*", init_lora_weights=False)
+    model = peft.get_peft_model(base, peft.LoraConfig(**{**options, **config}))
+    model.save_pretrained(folder)
+    return model.merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (base folder, adapter folder, transformers model, PEFT's merged model, projections adapted)."""
+    out = {}
+    for name, (build, adapted) in MODELS.items():
+        root = tmp_path_factory.mktemp(name)
+        hf = build()
+        hf.save_pretrained(root / "base")
+        out[name] = root / "base", root / "a", hf, make_peft(hf, root / "a", LATENT + MLP), adapted
+    return out
+
+
+def adapted_logits(model, adapter: str | None) -> np.ndarray:
+    """One pass over TOKENS, a fresh sequence each call."""
+    out = model.forward([ForwardItem(object(), TOKENS, 0, adapter=adapter)], all_logits=True)
+    return model.ops.to_numpy(out.logits)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapter_matches_peft_forward_and_decode(checkpoints, backend, name):
+    base, folder, hf, merged, adapted = checkpoints[name]
+    want = reference_logits(merged, TOKENS)
+    assert scaled_error(reference_logits(hf, TOKENS), want) > 0.1  # the adapter moves the logits
+    model = DecoderOnlyLLM.from_pretrained(base, backend=backend, block_size=4, dtype="float32")
+    assert model.adapters.load("a", folder).projections == adapted
+    model.adapters.load("b", folder)  # a second slot: each token must take its own
+    assert scaled_error(adapted_logits(model, "a"), want) <= 1e-4
+    model.forward([ForwardItem("steps", TOKENS[:5], 0, adapter="a")])
+    for pos in range(5, len(TOKENS)):
+        out = model.forward([ForwardItem("steps", [TOKENS[pos]], pos, adapter="a")])
+        assert scaled_error(model.ops.to_numpy(out.logits)[0], want[pos]) <= 1e-4, pos
+    assert scaled_error(adapted_logits(model, None), reference_logits(hf, TOKENS)) <= 1e-4
+
+
+@pytest.mark.parametrize("target", LATENT[1:] + MLP)
+def test_each_projection_counts(checkpoints, tmp_path, target):
+    """An adapter of one projection alone matches PEFT's, and moves the logits (so its rows' placement is checked)."""
+    base, _, hf, _, _ = checkpoints["dsv3_yarn"]
+    merged = make_peft(hf, tmp_path / "a", [target], seed=3)
+    want = reference_logits(merged, TOKENS)
+    assert scaled_error(reference_logits(hf, TOKENS), want) > 1e-2
+    model = DecoderOnlyLLM.from_pretrained(base, backend="cpu", block_size=4, dtype="float32")
+    model.adapters.load("a", tmp_path / "a")
+    assert scaled_error(adapted_logits(model, "a"), want) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_mixed_batch_gives_each_request_its_own(checkpoints, backend):
+    """Prefills then decodes of the adapter and of the base model in every pass, each as PEFT's or transformers'."""
+    base, folder, hf, merged, _ = checkpoints["dsv3_yarn"]
+    model = DecoderOnlyLLM.from_pretrained(base, backend=backend, block_size=4, dtype="float32")
+    model.adapters.load("a", folder)
+    plan = {"a1": ("a", TOKENS), "n": (None, TOKENS[2:]), "a2": ("a", TOKENS[4:])}
+    want = {seq: reference_logits(merged if adapter else hf, tokens) for seq, (adapter, tokens) in plan.items()}
+    out = model.forward([ForwardItem(seq, tokens[:6], 0, adapter=adapter) for seq, (adapter, tokens) in plan.items()],
+                        all_logits=True)
+    host = model.ops.to_numpy(out.logits)
+    for seq in plan:
+        first, count = out.rows[seq]
+        assert scaled_error(host[first:first + count], want[seq][:6]) <= 1e-4, seq
+    for pos in range(6, 9):
+        out = model.forward([ForwardItem(seq, [tokens[pos]], pos, adapter=adapter)
+                             for seq, (adapter, tokens) in plan.items()])
+        host = model.ops.to_numpy(out.logits)
+        for seq in plan:
+            assert scaled_error(host[out.rows[seq][0]], want[seq][pos]) <= 1e-4, (seq, pos)
+
+
+def test_shared_experts_stay_refused(checkpoints, tmp_path):
+    base, _, hf, _, _ = checkpoints["dsv3_yarn"]
+    make_peft(hf, tmp_path / "a", ["shared_experts.gate_proj"], exclude_modules=None)
+    model = DecoderOnlyLLM.from_pretrained(base, backend="cpu", dtype="float32")
+    with pytest.raises(AdapterError, match=r"shared_experts\.gate_proj\.lora_A\.weight adapts a mixture-of-experts"):
+        model.adapters.load("a", tmp_path / "a")
+
+
+def test_projections_the_attention_lacks_are_refused_by_name(checkpoints, tmp_path):
+    """k_proj on latent attention; kv_b_proj on a model without it."""
+    base, _, hf, _, _ = checkpoints["dsv3_yarn"]
+    model = DecoderOnlyLLM.from_pretrained(base, backend="cpu", dtype="float32")
+    make_peft(hf, tmp_path / "a", ["q_a_proj"])
+    (tmp_path / "a" / "adapter_config.json").write_text((tmp_path / "a" / "adapter_config.json").read_text().replace(
+        "q_a_proj", "k_proj"))
+    import safetensors.numpy as st
+
+    factors = st.load_file(tmp_path / "a" / "adapter_model.safetensors")
+    st.save_file({k.replace("q_a_proj", "k_proj"): v for k, v in factors.items()},
+                 tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="latent attention has no k_proj .*kv_b_proj"):
+        model.adapters.load("a", tmp_path / "a")
