@@ -1,5 +1,6 @@
-"""Expert routing on the device: ``moe_route``'s two rules (the grouped ones with their per-expert scales, API 1.16),
-each one jitted function per token count.
+"""Expert routing on the device: ``moe_route``'s two rules (the grouped ones with their per-expert scales, API 1.16,
+chosen by the logits, 1.23, and weighing chosen experts of dropped groups, 1.28), each one jitted function per token
+count.
 
 Boundary ties go to the lowest expert indices (``lax.top_k`` is stable), where ``torch.topk``, and so
 Ferrum's host reference, picks by its CPU selection; ties of float32 router scores are rare outside
@@ -31,11 +32,12 @@ def _route_softmax(logits, shared_logit, top_k, normalize):
 
 @partial(jax.jit, static_argnames=("top_k", "normalize", "n_group", "topk_group", "rule"))
 def _route_grouped(logits, bias, expert_scale, scale, top_k, normalize, n_group, topk_group, rule):
-    """A grouped rule (Ferrum's ``route_grouped`` with its ``GroupRule``: DeepSeek-V3's, V2's), every step in
-    float32."""
+    """A grouped rule (Ferrum's ``route_grouped`` with its ``GroupRule``: DeepSeek-V3's, V2's, Kolibri-1's,
+    A.X-K2's), every step in float32."""
     logits = logits.astype(F32)
     scores = jax.nn.softmax(logits, axis=-1) if rule.scoring == "softmax" else jax.nn.sigmoid(logits)
-    choice = scores + bias if rule.corrected else scores
+    basis = logits if rule.choice == "logits" else scores  # Kolibri-1 chooses on the logits (API 1.23)
+    choice = basis + bias if rule.corrected else basis
     if n_group > 1:
         tokens, experts = choice.shape
         grouped = choice.reshape(tokens, n_group, experts // n_group)  # tokens may be 0
@@ -45,7 +47,8 @@ def _route_grouped(logits, bias, expert_scale, scale, top_k, normalize, n_group,
         choice = jnp.where(kept, choice, F32(rule.masked))
     ids = lax.top_k(choice, top_k)[1]
     weights = jnp.take_along_axis(scores, ids, axis=-1)
-    if n_group > 1:  # a dropped expert picked in a tie with its masked 0 weighs that 0
+    # a dropped expert picked by its masked 0 weighs that 0, unless the rule weighs it by its score (A.X-K2, 1.28)
+    if n_group > 1 and not rule.dropped_weighed:
         weights = jnp.where(jnp.take_along_axis(kept, ids, axis=-1), weights, F32(0))
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + F32(1e-20))
