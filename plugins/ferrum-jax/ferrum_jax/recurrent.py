@@ -1,7 +1,7 @@
-"""The recurrent mixers' ops (API 1.16; ``selective_scan`` 1.19): :mod:`ferrum.recurrent.batched` in jnp, its
-device parts jitted and its loops over time ``lax.scan``. A prompt's rule compiles in about a second, so token,
-sequence and chunk counts are padded to powers of two (:mod:`ferrum_jax.buckets`): one compile per bucket, not per
-prompt length."""
+"""The recurrent mixers' ops (API 1.16; ``selective_scan`` 1.19, ``rg_lru`` 1.25, ``gated_delta_rule``'s
+``lower_bound`` 1.27): :mod:`ferrum.recurrent.batched` in jnp, its device parts jitted and its loops over time
+``lax.scan``. A prompt's rule compiles in about a second, so token, sequence and chunk counts are padded to powers of
+two (:mod:`ferrum_jax.buckets`): one compile per bucket, not per prompt length."""
 
 from __future__ import annotations
 
@@ -44,10 +44,16 @@ def causal_conv1d(x, weight, state, cu_seqlens, silu):
 
 
 @hookimpl
-def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale=1.0):
-    return batched.gated_delta_rule(_FRAMEWORK, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, float(beta_scale))
+def gated_delta_rule(q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, beta_scale=1.0, lower_bound=None):
+    return batched.gated_delta_rule(_FRAMEWORK, q, k, v, a, b, a_log, dt_bias, state, cu_seqlens, float(beta_scale),
+                                    lower_bound)
 
 
 @hookimpl
 def selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens):
     return batched.selective_scan(_FRAMEWORK, x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens)
+
+
+@hookimpl
+def rg_lru(x, gate_x, gate_a, a_param, state, cu_seqlens, starts):
+    return batched.rg_lru(_FRAMEWORK, x, gate_x, gate_a, a_param, state, cu_seqlens, starts)
