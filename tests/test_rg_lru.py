@@ -1,7 +1,7 @@
 """Griffin's RG-LRU (``rg_lru``, plugin API 1.25) against its float64 oracle: the conformance kit's case on every
-backend here (the JAX plugin, declaring an older API, through the core's fallback), the kit failing an RG-LRU that
-drops the segment-start reset or the sqrt(1 - a^2) input normalization, and the batched formulation (torch's and
-MLX's) padded to buckets or not."""
+backend here (natively; an installed JAX plugin from before 1.25 through the core's fallback), the kit failing an
+RG-LRU that drops the segment-start reset or the sqrt(1 - a^2) input normalization, and the batched formulation
+(torch's and MLX's) padded to buckets or not."""
 
 from __future__ import annotations
 
@@ -39,9 +39,13 @@ WRONG = {"reset dropped": _never_reset, "sqrt(1 - a^2) dropped": _unnormalized}
 
 @pytest.mark.parametrize("backend", sorted(set(runnable_backends() + grouped_routing_backends())))
 def test_the_kits_rg_lru_case_passes(backend):
-    """Natively on cpu / torch / MLX; the JAX plugin (declaring an older API) through the core's fallback."""
+    """Natively on cpu / torch / MLX and the JAX plugin; one installed from before API 1.25 (reinstall
+    plugins/ferrum-jax) through the core's fallback."""
+    from ferrum.backends import declared_version
+    from ferrum.recurrent.rg_lru import runs_natively
+
     ops = load_backend(backend).ops
-    assert ("rg_lru" in ops.native) == (backend != "jax")
+    assert runs_natively(ops) == (backend != "jax" or declared_version(ops.info) >= (1, 25))
     assert family_checks.check_rg_lru(_Context(load_backend(backend), "float32"), 1e-5) <= 1e-5
 
 

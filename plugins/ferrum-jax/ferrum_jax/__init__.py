@@ -12,11 +12,11 @@ from ferrum.backends import BackendProbe
 #: Ferrum with another major version refuses it instead of calling hooks whose meaning changed.
 #: 1.9: clip, mul; 1.11: top-p within the top-k; 1.12: moe_route's routing; 1.13: its rule; 1.14: relu_squared
 #: 1.15: xielu; 1.16: sigmoid_mul, causal_conv1d, gated_delta_rule, the grouped rules' expert_scale (its experts
-#: stay the core's, which run every activation); 1.19: selective_scan (1.17's ssd_update and 1.18's ungated experts
-#: it leaves to the core); 1.20: gated_delta_rule's per-key-channel gate and beta_scale; 1.21: relu, attention's
-#: alibi_slopes; 1.22: quantize_activations; 1.24's optional softplus_mul too (an optional op is called whatever
-#: the version declared; 1.23's routing chosen by logits it leaves to the core, so it declares 1.22)
-API_VERSION = "1.22"
+#: stay the core's, which run every activation, so 1.18's ungated experts and 1.26's up_offset are the core's too);
+#: 1.19: selective_scan (1.17's ssd_update it leaves to the core); 1.20: gated_delta_rule's per-key-channel gate and
+#: beta_scale; 1.21: relu, attention's alibi_slopes; 1.22: quantize_activations; 1.23: routing chosen by the logits;
+#: 1.24: softplus_mul; 1.25: rg_lru; 1.27: gated_delta_rule's lower_bound; 1.28: the grouped rules' dropped_weighed
+API_VERSION = "1.28"
 
 
 @hookimpl
