@@ -193,9 +193,25 @@ GEMMA4_MOE = dict(
 )
 
 
+#: Kolibri-1's layout: sigmoid experts chosen by their logits plus correction biases (API 1.23), sliding layers.
+KOLIBRI1 = dict(architectures=["Kolibri1ForCausalLM"], model_type="kolibri1", hidden_size=64, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+                shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=3, sliding_window=4,
+                layer_types=["full_attention", "sliding_attention", "full_attention"], vocab_size=101,
+                max_position_embeddings=256)
+#: A.X-K2's layout: gated latent attention over DeepSeek-V3's grouped routing with the dropped groups masked by 0 (API
+#: 1.28), four groups of two experts, three kept (these random biases choose no dropped expert: test_api_1_28.py's
+#: cases do).
+AXK2 = dict(architectures=["AXK2ForCausalLM"], model_type="axk2", hidden_size=64, intermediate_size=80,
+            moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24,
+            kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+            num_experts_per_tok=4, n_group=4, topk_group=3, n_shared_experts=1, index_topk=64, index_head_dim=16,
+            index_n_heads=2, gated_norm_rank=6, vocab_size=101, max_position_embeddings=256)
+
+
 @pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
                                     MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN, MELLUM, HY_V3,
-                                    MISTRAL4, DBRX, GEMMA4_MOE],
+                                    MISTRAL4, DBRX, GEMMA4_MOE, KOLIBRI1, AXK2],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
@@ -278,8 +294,22 @@ OLMO_HYBRID = dict(architectures=["OlmoHybridForCausalLM"], model_type="olmo_hyb
                    layer_types=["linear_attention", "full_attention", "linear_attention"])
 
 
+#: RecurrentGemma's layout: RG-LRU blocks (API 1.25; random weights leave its decay near 0, where the reset hardly
+#: shows: test_api_1_28.py's cases test it) and a local MQA attention block. Ling 3's: Gated DeltaNet layers with the
+#: log-decay bounded below (API 1.27), latent attention, grouped sigmoid routing.
+RECURRENT_GEMMA = dict(architectures=["RecurrentGemmaForCausalLM"], model_type="recurrent_gemma", hidden_size=64,
+                       intermediate_size=96, num_attention_heads=4, conv1d_width=4, num_hidden_layers=3,
+                       num_key_value_heads=1, attention_window_size=6, vocab_size=101)
+BAILING_HYBRID = dict(architectures=["BailingHybridForCausalLM"], model_type="bailing_hybrid", hidden_size=64,
+                      intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16,
+                      qk_rope_head_dim=8, v_head_dim=12, num_local_experts=8, num_experts_per_tok=2, n_group=2,
+                      topk_group=1, head_dim=8, short_conv_kernel_size=4, layer_group_size=4, first_k_dense_replace=1,
+                      num_mtp_layers=0, vocab_size=101, max_position_embeddings=256)
+
+
 @pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H, NEMOTRON_H, NEMOTRON_3, FALCON_H1, BAMBA, MAMBA2,
-                                    KIMI_LINEAR, OLMO_HYBRID],
+                                    KIMI_LINEAR, OLMO_HYBRID, RECURRENT_GEMMA, BAILING_HYBRID],
                          ids=lambda c: c["model_type"] + ("_moe" if "n_routed_experts" in c else ""))
 def test_hybrid_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
