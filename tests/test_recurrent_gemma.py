@@ -16,8 +16,8 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match,
-    assert_random_checkpoint_is_what_transformers_reads, built_checkpoints, float32_model,
-    reference_logits, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
+    assert_random_checkpoint_is_what_transformers_reads, built_checkpoints, float32_model, mlx_lm_logits,
+    reference_logits, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload, write_tokenizer,
 )
 from test_rg_lru import WRONG
 
@@ -165,3 +165,30 @@ def test_prefix_cached_requests_generate_transformers_greedy_tokens(checkpoints,
 def test_random_checkpoints_are_what_transformers_reads(variant, tmp_path):
     raw = json.loads(VARIANTS[variant]().to_json_string())
     assert_random_checkpoint_is_what_transformers_reads(tmp_path / variant, raw, TOKENS)
+
+
+@pytest.mark.slow  # mlx-lm converts (and packs) the checkpoint: ~3 s
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+@pytest.mark.parametrize("bits, group", [(None, 32), (4, 32), (4, 64)])
+def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(checkpoints, bits, group, tmp_path):
+    """mlx-lm's conversions store the convolutions' taps ``[W, K, 1]`` (RgLruSpec.conv_last). Its port reads the
+    transformers-4 rope_theta and has no attention biases (the "wide" variant's), so RecurrentGemma-2B's layout only;
+    the float conversion runs as transformers does."""
+    import shutil
+
+    from mlx_lm.convert import convert
+
+    folder, hf = checkpoints["2b"]
+    source = tmp_path / "hf"
+    shutil.copytree(folder, source)
+    config = json.loads((source / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    (source / "config.json").write_text(json.dumps(config))
+    write_tokenizer(source)
+    converted = tmp_path / "mlx"
+    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=group)
+    want = mlx_lm_logits(converted, TOKENS)
+    if bits is None:
+        assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    for backend in BACKENDS:
+        assert scaled_error(float32_model(converted, backend).forward_verify("m", TOKENS), want) <= 1e-4, backend

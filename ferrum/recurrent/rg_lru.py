@@ -33,17 +33,18 @@ class RgLruSpec:
     width: int  # lru_width
     heads: int  # the gates' blocks (num_attention_heads)
     conv_kernel: int  # conv1d_width
+    conv_last: bool = False  # mlx-lm's conv_1d weight [W, K, 1] (transformers': [W, 1, K])
 
     module = MODULE
     title = "RG-LRU"  # what error messages call the mixer
     taps = "conv_1d"  # the convolution's module in the layer's
-    conv_last = False  # no conversion stores the taps otherwise
 
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """A layer's tensors as stored, relative to the layer."""
         m, w, block = MODULE, self.width, self.width // self.heads
+        taps = (w, self.conv_kernel, 1) if self.conv_last else (w, 1, self.conv_kernel)
         out = {f"{m}.linear_x.weight": (w, hidden), f"{m}.linear_y.weight": (w, hidden),
-               f"{m}.linear_out.weight": (hidden, w), f"{m}.conv_1d.weight": (w, 1, self.conv_kernel),
+               f"{m}.linear_out.weight": (hidden, w), f"{m}.conv_1d.weight": taps,
                f"{m}.rg_lru.recurrent_param": (w,)}
         out.update({f"{m}.{name}.bias": (w,) for name in ("linear_x", "linear_y", "conv_1d")})
         out[f"{m}.linear_out.bias"] = (hidden,)
