@@ -437,12 +437,12 @@ def test_mlx_backend_matches_mlx_lm(checkpoints, family, length, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [None, 8])
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "helium", "glm", "nemotron", "apertus"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "helium", "glm", "nemotron", "apertus", "cohere2"])
 def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
     """mlx-lm's conversions of GPT-2 (the projections [out, in] under ``model.``, its Conv1D turned into Linear),
     GPT-NeoX (``model.h.*``, ``model.embed_out``), Helium and GLM-4 (gate and up in one matrix) and Nemotron (its
-    LayerNorm1P weights stored as ``w``, scaling by ``1 + w``), float or packed: read as such, on every backend, and
-    as mlx-lm runs them. (mlx-lm 0.32 has no Arcee.)"""
+    LayerNorm1P weights stored as ``w``, scaling by ``1 + w``), Command R7B (its sliding and NoPE layers), float or
+    packed: read as such, on every backend, and as mlx-lm runs them. (mlx-lm 0.32 has no Arcee.)"""
     mx = pytest.importorskip("mlx.core")
     convert = pytest.importorskip("mlx_lm.convert")
     mlx_utils = pytest.importorskip("mlx_lm.utils")
