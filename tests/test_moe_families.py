@@ -86,6 +86,8 @@ class MlxLm:
     #: config.json (Llama 4's wrapper); in place of ``config``
     prepare: Callable[[Path, Path], Path] | None = None
     bits: tuple = (None, 4, 8)
+    #: the conversions' group size (and ``ferrum quantize``'s)
+    group: int = 32
     stored: tuple[str, ...] = ()
     #: parts of names no conversion stores
     not_stored: tuple[str, ...] = ()
@@ -96,6 +98,9 @@ class MlxLm:
     backend: bool = True
     #: the warning ``ferrum quantize`` must give on the checkpoint
     quantize_warns: str | None = None
+    #: whether ``ferrum quantize`` writes the names mlx-lm's conversion does (Laguna's: the checkpoint's own, which
+    #: mlx-lm's sanitize renames on load)
+    quantize: bool = True
     slow: bool = False
 
 
@@ -292,7 +297,13 @@ FAMILIES = {
         names=("release", "element"),
         # the correction bias in float32, the router in the compute dtype, as transformers' LagunaTopKRouter runs it
         router=Router("release", "gate.e_score_correction_bias", None),
-        random={"laguna": lambda: test_laguna.laguna_config().to_dict()}),
+        random={"laguna": lambda: test_laguna.laguna_config().to_dict()},
+        # mlx-lm's port has no attention biases; its conversions store the router as gate.proj (packed) with the
+        # correction bias beside it; groups of 64 (32 cut the sliding layers' padded query heads: refused by name)
+        mlx=MlxLm("release", bits=(None, 4), group=64, stored=(
+            "model.layers.1.mlp.switch_mlp.gate_proj.weight", "model.layers.1.mlp.gate.e_score_correction_bias"),
+                  not_stored=("mlp.experts.",), packed=("model.layers.1.mlp.gate.proj.scales",),
+                  float32=("model.layers.1.mlp.gate.e_score_correction_bias",), quantize=False)),
     "granitemoe_swa": Family(
         test_granitemoe_swa, greedy=("shared",), engine="shared",
         # the experts fused under block_sparse_moe.experts, the router under block_sparse_moe.router, the shared MLP's
@@ -402,13 +413,15 @@ def test_random_checkpoints_are_what_transformers_reads(tmp_path, family, name):
 # ------------------------------------------------------------------ mlx-lm
 
 
-def _mlx_cases(*, bits: bool = False, backend: bool = False) -> list:
-    """The families mlx-lm runs (only those checked on the unconverted checkpoint where ``backend``), each with its
-    conversions' bits where ``bits``; slow where the family's are."""
+def _mlx_cases(*, bits: bool = False, backend: bool = False, quantize: bool = False) -> list:
+    """The families mlx-lm runs (only those checked on the unconverted checkpoint where ``backend``, only those whose
+    names ``ferrum quantize`` writes as mlx-lm where ``quantize``), each with its conversions' bits where ``bits``;
+    slow where the family's are."""
     marks = [pytest.mark.skipif("mlx" not in BACKENDS, reason="the MLX backend cannot run here")]
     return [pytest.param(f, *([b] if bits else []), id=f"{f}-{b}" if bits else f,
                          marks=marks + ([pytest.mark.slow] if spec.mlx.slow else []))
-            for f, spec in FAMILIES.items() if spec.mlx and (spec.mlx.backend or not backend)
+            for f, spec in FAMILIES.items()
+            if spec.mlx and (spec.mlx.backend or not backend) and (spec.mlx.quantize or not quantize)
             for b in (spec.mlx.bits if bits else [None])]
 
 
@@ -444,7 +457,7 @@ def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
     mlx, tokens = FAMILIES[family].mlx, _tokens(family)
     source, hf = _as_mlx_lm_reads_it(checkpoints, family, tmp_path / "hf")
     converted = tmp_path / "mlx"
-    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=32)
+    convert(str(source), str(converted), quantize=bits is not None, q_bits=bits or 4, q_group_size=mlx.group)
     stored = load_file(converted / "model.safetensors")
     assert set(mlx.stored) <= stored.keys()
     assert not [name for name in stored if any(part in name for part in mlx.not_stored)]
@@ -458,7 +471,7 @@ def test_mlx_lm_conversions_load(checkpoints, family, bits, tmp_path):
         assert scaled_error(got, want) <= 1e-4, backend
 
 
-@pytest.mark.parametrize("family", _mlx_cases())
+@pytest.mark.parametrize("family", _mlx_cases(quantize=True))
 def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, family, tmp_path):
     """``ferrum quantize`` packs or leaves in float what mlx-lm's conversion does, bit for bit from a float32
     source, and mlx-lm runs the result as Ferrum does."""
@@ -468,10 +481,10 @@ def test_ferrum_quantize_writes_what_mlx_lm_writes(checkpoints, family, tmp_path
     from ferrum.quant.convert import quantize_checkpoint
 
     source, _ = _as_mlx_lm_reads_it(checkpoints, family, tmp_path / "hf")
-    warns = FAMILIES[family].mlx.quantize_warns
-    with pytest.warns(UserWarning, match=warns) if warns else contextlib.nullcontext():
-        ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=32)
-    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32)
+    mlx = FAMILIES[family].mlx
+    with pytest.warns(UserWarning, match=mlx.quantize_warns) if mlx.quantize_warns else contextlib.nullcontext():
+        ours = quantize_checkpoint(source, tmp_path / "ferrum", bits=4, group_size=mlx.group)
+    convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=mlx.group)
     got, expected = load_file(str(ours / "model.safetensors")), load_file(str(tmp_path / "mlx" / "model.safetensors"))
     assert got.keys() == expected.keys()
     for name, array in expected.items():

@@ -26,6 +26,7 @@ from ferrum.arch.moa import MoaSpec
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.activation import ClampedSwiGLU
+from ferrum.moe.routing import CORRECTION_BIAS
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 
 
@@ -593,6 +594,10 @@ _LAGUNA_ROPES = {FULL: {"rope_type": "default", "rope_theta": 500_000.0, "partia
                  SLIDING: {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 1.0}}
 #: Laguna's output gate under its own name.
 LAGUNA_NAMES = {"self_attn.gate_proj": "self_attn.g_proj"}
+#: mlx-lm's conversions (``laguna.sanitize``): the router a Linear ``gate.proj`` (packed with the experts), the
+#: correction bias moved beside it from under ``experts``; the experts stacked in ``switch_mlp``.
+_LAGUNA_MLX_LM_NAMES = {"mlp.gate": "mlp.gate.proj",
+                        f"mlp.experts.{CORRECTION_BIAS}": f"mlp.gate.{CORRECTION_BIAS}"}
 
 
 def _laguna_heads(raw: dict[str, Any]) -> dict[str, Any]:
@@ -641,6 +646,7 @@ def _laguna(r: KeyReader, sizes: Sizes) -> Architecture:
         norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head", qkv_bias=bias, o_bias=bias,
         attn_output_gate=True, attn_gate_stored=True, attn_gate="softplus",
         attn_gate_per_head=r("gating") in (True, "per-head"), stored_names=LAGUNA_NAMES,
+        layouts=(("model.", "lm_head.weight", _LAGUNA_MLX_LM_NAMES),),
     )
 
 
