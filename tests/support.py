@@ -288,13 +288,14 @@ def mlx_lm_logits(folder: Path, tokens) -> np.ndarray:
     return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
 
 
-def mlx_lm_converted(folder: Path, dest: Path, tokens, bits: int | None = None) -> tuple[dict, np.ndarray]:
-    """mlx-lm's conversion of checkpoint ``folder`` (packed at ``bits`` where given) written to ``dest``: its stored
-    tensors and mlx-lm's own logits over ``tokens``."""
+def mlx_lm_converted(folder: Path, dest: Path, tokens, bits: int | None = None,
+                     group: int = 64) -> tuple[dict, np.ndarray]:
+    """mlx-lm's conversion of checkpoint ``folder`` (packed at ``bits`` in groups of ``group`` where given) written to
+    ``dest``: its stored tensors and mlx-lm's own logits over ``tokens``."""
     from mlx_lm.convert import convert
     from safetensors.numpy import load_file
 
-    convert(str(folder), str(dest), **({} if bits is None else dict(quantize=True, q_bits=bits)))
+    convert(str(folder), str(dest), **({} if bits is None else dict(quantize=True, q_bits=bits, q_group_size=group)))
     return load_file(dest / "model.safetensors"), mlx_lm_logits(dest, tokens)
 
 

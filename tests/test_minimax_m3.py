@@ -18,9 +18,9 @@ import transformers
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, ContextLengthExceededError, UnsupportedFeatureError
 from support import (
-    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_logits_move, float32_model,
-    randomized_reference, reference_logits, runnable_backends, scaled_error, small_pool_engine,
-    staggered_greedy_workload,
+    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
+    assert_logits_move, float32_model, mlx_lm_converted, randomized_reference, reference_logits, runnable_backends,
+    scaled_error, small_pool_engine, staggered_greedy_workload, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -171,3 +171,19 @@ def test_a_model_without_indexed_layers_keeps_its_context(checkpoints, tmp_path)
     shutil.copytree(checkpoints["wrapper"][0], tmp_path / "all_full")
     config = _release_config(tmp_path / "all_full", tmp_path, lambda t: t.update(layer_types=["full_attention"] * 3))
     assert (config.arch.indexer, config.max_seq_len) == (None, 256)
+
+
+@pytest.mark.slow  # mlx-lm converts (and packs) the checkpoint: ~3 s
+@pytest.mark.skipif("mlx" not in runnable_backends(), reason="mlx-lm needs MLX")
+@pytest.mark.parametrize("bits, group", [(None, 64), (4, 32), (4, 64)])
+def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(checkpoints, bits, group, tmp_path):
+    """mlx-lm's minimax_m3_vl reads the wrapper (the release's layout; it has no text-only model): its conversions,
+    float or packed, run on every backend as mlx-lm runs them, the float one as transformers."""
+    folder, hf = checkpoints["wrapper"]
+    source = tmp_path / "hf"
+    shutil.copytree(folder, source)
+    write_tokenizer(source)
+    _, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits, group)
+    if bits is None:
+        assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
