@@ -18,8 +18,9 @@ from safetensors.numpy import load_file
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, ConfigError, ContextLengthExceededError, UnsupportedFeatureError
 from support import (
-    assert_forward_and_decode_match, float32_model, reference_logits, runnable_backends, saved_references, scaled_error,
-    small_pool_engine, with_edited_tensors,
+    assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match, float32_model, mlx_lm_converted,
+    reference_logits, runnable_backends, saved_references, scaled_error, small_pool_engine, with_edited_tensors,
+    write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -220,3 +221,24 @@ def test_glm_5_defaults_are_transformers_defaults():
     assert (moe.num_experts, moe.n_group, moe.routed_scale) == (hf.n_routed_experts, hf.n_group,
                                                                   hf.routed_scaling_factor)
     assert [layer.mlp == "moe" for layer in arch.layers] == [kind == "sparse" for kind in hf.mlp_layer_types]
+
+
+@pytest.mark.slow  # mlx-lm converts (and packs) the checkpoint: ~3 s
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+@pytest.mark.parametrize("bits, group", [(None, 64), (4, 32), (4, 64)])
+def test_mlx_lm_conversions_of_deepseek_v3_2_run_as_mlx_lm_runs_them(checkpoints, bits, group, tmp_path):
+    """mlx-lm's deepseek_v32 conversions (kv_b_proj split into embed_q / unembed_out, the indexers kept), float or
+    packed, run on every backend as mlx-lm runs them within index_topk, the float one as transformers. (mlx-lm's
+    glm_moe_dsa needs an indexer on every layer: GLM-5's shared selection, index_topk_pattern, it cannot load.)"""
+    import shutil
+
+    folder, hf = checkpoints["deepseek_v32"]
+    source = tmp_path / "hf"
+    shutil.copytree(folder, source)
+    write_tokenizer(source)
+    stored, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits, group)
+    assert "model.layers.1.self_attn.embed_q.weight" in stored
+    assert "model.layers.1.self_attn.kv_b_proj.weight" not in stored
+    if bits is None:
+        assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
