@@ -286,7 +286,7 @@ def _split_kv_b(config: ModelConfig, name: str, present: Any) -> tuple[str, str]
     """mlx-lm's two weights that hold latent attention's ``kv_b_proj`` weight ``name`` (:mod:`ferrum.arch.mla`)."""
     from ferrum.arch.mla import split_kv_b  # imported here: ferrum.arch reads this module
 
-    return None if config.arch.mla is None else split_kv_b(name, present)
+    return None if config.arch.mla is None else split_kv_b(config.arch, name, present)
 
 
 def _per_head(name: str, parts: dict[str, np.ndarray], shape: tuple[int, int, int], config: ModelConfig,

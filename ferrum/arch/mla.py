@@ -52,8 +52,9 @@ mlx-lm's DeepSeek-V3 (Kimi K2, Moonlight) conversions store each ``kv_b_proj`` s
 ``MultiLinear`` modules (its ``sanitize``): ``embed_q [H, kv_lora, nope]``, each head's key rows transposed, and
 ``unembed_out [H, v, kv_lora]``, its value rows; quantized, each is packed along its own last axis (mlx-lm's
 ``QuantizedMultiLinear``). They are joined back at load (:meth:`MlaSpec.join_kv_b`), in float: ``embed_q``'s groups
-run along ``nope``, across ``kv_b_proj``'s rows, so no packed ``kv_b_proj`` holds the same numbers. mlx-lm's
-DeepSeek-V2 keeps ``kv_b_proj`` whole.
+run along ``nope``, across ``kv_b_proj``'s rows, so no packed ``kv_b_proj`` holds the same numbers. Its LongCat-Flash
+conversions split each sub-block's alike, under the sub-block's numbered ``self_attn.N`` (the family's renames find
+them). mlx-lm's DeepSeek-V2 keeps ``kv_b_proj`` whole.
 """
 
 from __future__ import annotations
@@ -85,13 +86,17 @@ ROPE_NORM = "self_attn.k_rope_only_layernorm"
 SPLIT_KV_B = ("self_attn.embed_q", "self_attn.unembed_out")
 
 
-def split_kv_b(name: str, present: Any) -> tuple[str, str] | None:
-    """The weights of mlx-lm's two modules that hold ``kv_b_proj`` weight ``name``, where ``present`` (checkpoint
-    names) holds it split; else None."""
-    if not name.endswith(".self_attn.kv_b_proj.weight") or name in present:
+def split_kv_b(arch: Any, name: str, present: Any) -> tuple[str, str] | None:
+    """The weights of mlx-lm's two modules that hold ``kv_b_proj`` weight ``name`` (both the checkpoint's names, as
+    ``arch`` stores them: LongCat-Flash's numbered per sub-block, ``self_attn.1.embed_q``), where ``present``
+    (checkpoint names) holds it split; else None."""
+    from ferrum.arch.tensors import model_name, stored_name  # imported here: ferrum.arch.tensors reads this module
+
+    ours = model_name(arch, name)
+    if not ours.endswith(".self_attn.kv_b_proj.weight") or name in present:
         return None
-    stem = name.removesuffix("self_attn.kv_b_proj.weight")
-    split = tuple(f"{stem}{module}.weight" for module in SPLIT_KV_B)
+    stem = ours.removesuffix("self_attn.kv_b_proj.weight")
+    split = tuple(stored_name(arch, f"{stem}{module}.weight") for module in SPLIT_KV_B)
     return split if all(weight in present for weight in split) else None
 
 

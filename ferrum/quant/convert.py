@@ -345,11 +345,11 @@ def _plan(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], bits: int,
         """The tensors ``name`` is read from: an MoE stack's experts, a norm stored a head a tensor, or itself."""
         if moe is not None and is_expert_stack(name):
             return expert_parts(present, moe, name)
-        if config.arch.mla is not None and split_kv_b(name, present):
+        if config.arch.mla is not None and split_kv_b(config.arch, name, present):
             raise UnsupportedFeatureError(
                 f"{checkpoint.folder} stores {name.removesuffix('kv_b_proj.weight')}kv_b_proj split into embed_q and "
-                "unembed_out, as mlx-lm converts DeepSeek-V3; `ferrum quantize` reads Hugging Face's kv_b_proj: run "
-                "this checkpoint as it is (Ferrum reads it), or quantize its Hugging Face original")
+                "unembed_out, as mlx-lm converts latent attention; `ferrum quantize` reads Hugging Face's kv_b_proj: "
+                "run this checkpoint as it is (Ferrum reads it), or quantize its Hugging Face original")
         heads = () if name in present else split_norm_parts(config, name) or taps(name, present) or ()
         scale = fp8.scale_part(name.removesuffix(".weight"), present) if scheme is not None else None
         return heads or ((name, scale) if scale is not None and name.endswith(".weight") else (name,))
