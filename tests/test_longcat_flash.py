@@ -16,12 +16,13 @@ import torch
 import transformers
 
 from ferrum.config import ModelConfig
-from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
+from ferrum.errors import AdapterError, ConfigError, MissingTensorError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
 from support import (
-    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, assert_names_the_tensors_transformers_saves,
-    assert_random_checkpoint_is_what_transformers_reads, randomized_reference, reference_logits, runnable_backends,
-    saved_references, scaled_error, small_pool_engine, staggered_greedy_workload,
+    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
+    assert_names_the_tensors_transformers_saves, assert_random_checkpoint_is_what_transformers_reads,
+    mlx_lm_converted, randomized_reference, reference_logits, runnable_backends, saved_references, scaled_error,
+    small_pool_engine, staggered_greedy_workload, write_tokenizer,
 )
 
 BACKENDS = runnable_backends()
@@ -219,3 +220,110 @@ def test_the_zero_experts_rows_left_unread_are_theirs_alone(routed, zero):
     left = [e for e in [*range(0, 1200), *range(59_990, 60_020)]
             if unloaded.search(f"model.layers.0.mlp.experts.{e}.gate_proj.weight")]
     assert left == [e for e in [*range(0, 1200), *range(59_990, 60_020)] if routed <= e < routed + zero]
+
+
+# ------------------------------------------------------------------ mlx-lm's conversions
+
+#: Latent sizes at which mlx-lm packs, in groups of 64, both halves it splits kv_b_proj into (embed_q along
+#: qk_nope_head_dim, unembed_out along kv_lora_rank).
+PACKED_LATENT = dict(kv_lora_rank=64, qk_nope_head_dim=64)
+
+
+def mlx_lm_source(hf, folder):
+    """``hf`` saved as mlx-lm's LongCat-Flash reads it: the release's config keys its ModelArgs require (rope_theta
+    at the top level, YaRN as rope_scaling), without the zero experts' gate/up rows (its loader refuses them)."""
+    from safetensors.numpy import load_file, save_file
+
+    hf.save_pretrained(folder)
+    write_tokenizer(folder, VOCAB)
+    raw = json.loads((folder / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope["rope_type"] != "default" else None
+    (folder / "config.json").write_text(json.dumps({
+        **raw, "rope_theta": rope["rope_theta"], "rope_scaling": scaling, "zero_expert_type": "identity",
+        "attention_method": "MLA", "mla_scale_q_lora": True, "mla_scale_kv_lora": True}))
+    zero = re.compile(r"\.mlp\.experts\.(\d+)\.")
+    tensors = {name: t for name, t in load_file(folder / "model.safetensors").items()
+               if not zero.search(name) or int(zero.search(name)[1]) < raw["n_routed_experts"]}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_conversions(tmp_path_factory):
+    """(variant, bits) -> (mlx-lm's conversion, its logits over TOKENS, its stored tensors, transformers' logits),
+    float and 4-bit in groups of 64."""
+    pytest.importorskip("mlx_lm")
+    out = {}
+    for variant, extra in VARIANTS.items():
+        hf = randomized_reference(longcat_config(**extra, **PACKED_LATENT))
+        source = tmp_path_factory.mktemp(f"mlx_source_{variant}")
+        mlx_lm_source(hf, source)
+        for bits in (None, 4):
+            folder = tmp_path_factory.mktemp(f"mlx_{variant}_{bits}") / "out"
+            stored, want = mlx_lm_converted(source, folder, TOKENS, bits)
+            out[variant, bits] = folder, want, stored, reference_logits(hf, TOKENS)
+    return out
+
+
+@pytest.mark.slow  # mlx-lm converts (and packs) four checkpoints: ~5 s
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(mlx_lm_conversions, variant, bits):
+    """mlx-lm's conversions split each sub-block's kv_b_proj into embed_q / unembed_out (packed along their own last
+    axes, 4-bit) under its numbered self_attn, and stack the routed experts as switch_mlp: joined back, every
+    backend runs them as mlx-lm does, the float ones as transformers."""
+    folder, want, stored, original = mlx_lm_conversions[variant, bits]
+    assert {"model.layers.1.self_attn.1.embed_q.weight", "model.layers.1.self_attn.1.unembed_out.weight",
+            "model.layers.1.mlp.switch_mlp.gate_proj.weight"} <= stored.keys()
+    assert not any("kv_b_proj" in name for name in stored)
+    assert ("model.layers.1.self_attn.0.embed_q.scales" in stored) == (bits is not None)
+    assert ("model.layers.1.self_attn.0.unembed_out.scales" in stored) == (bits is not None)
+    assert (scaled_error(want, original) <= 1e-4) == (bits is None)  # 4 bits move the logits
+    assert_every_backend_runs_it_as_mlx_lm(folder, TOKENS, want, packed=bits is not None)
+
+
+def _with_sub_blocks_halves_swapped(folder, copy):
+    """``folder`` copied to ``copy`` with the two sub-blocks' embed_q / unembed_out traded: what a join reading
+    each sub-block's kv_b_proj from the other's halves would run."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(folder, copy)
+    halves = re.compile(r"self_attn\.(\d)\.(embed_q|unembed_out)\.")
+    traded = {halves.sub(lambda m: f"self_attn.{1 - int(m[1])}.{m[2]}.", name): t
+              for name, t in load_file(copy / "model.safetensors").items()}
+    save_file(traded, copy / "model.safetensors", metadata={"format": "mlx"})
+    return copy
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+@pytest.mark.parametrize("wrong", ["skipped", "sub-blocks swapped", "keys untransposed"])
+def test_the_mlx_lm_parity_needs_each_sub_blocks_own_join(mlx_lm_conversions, wrong, monkeypatch, tmp_path):
+    """Controls: without the join the folder lacks kv_b_proj, named; each sub-block's kv_b_proj joined from the
+    other's halves, or embed_q's key rows read untransposed (the same shape here), misses mlx-lm's logits."""
+    import ferrum.arch.mla as mla
+
+    folder, want, _, _ = mlx_lm_conversions["zero_experts", None]
+    if wrong == "skipped":
+        monkeypatch.setattr(mla, "split_kv_b", lambda arch, name, present: None)
+        with pytest.raises(MissingTensorError, match=r"model\.layers\.0\.self_attn\.1\.kv_b_proj\.weight"):
+            DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32")
+        return
+    if wrong == "sub-blocks swapped":
+        folder = _with_sub_blocks_halves_swapped(folder, tmp_path / "swapped")
+    else:
+        monkeypatch.setattr(mla.MlaSpec, "join_kv_b", lambda self, embed_q, unembed_out, where: np.concatenate(
+            [embed_q, unembed_out], axis=1).reshape(-1, self.kv_lora_rank))
+    model = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32")
+    assert scaled_error(model.forward_verify("w", TOKENS), want) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm needs MLX")
+def test_ferrum_quantize_refuses_mlx_lms_split_by_name(mlx_lm_conversions, tmp_path):
+    """`ferrum quantize` reads kv_b_proj whole: mlx-lm's split of a sub-block's is named, not reported missing."""
+    from ferrum.quant.convert import quantize_checkpoint
+
+    with pytest.raises(UnsupportedFeatureError, match=r"self_attn\.0\.kv_b_proj split into embed_q and unembed_out"):
+        quantize_checkpoint(mlx_lm_conversions["zero_experts", None][0], tmp_path / "q", bits=4, group_size=64)
