@@ -121,7 +121,10 @@ SIGMOID_LOGITS_CORRECTED = GroupRule("sigmoid", "max", corrected=True, masked=fl
                                      choice="logits")
 #: A.X-K2's router (transformers' ``AXK2TopkRouter``): DeepSeek-V3's noaux_tc but for the dropped groups' experts,
 #: masked with 0 rather than -inf, so that where the kept experts' corrected scores are negative the top-k choose
-#: dropped experts, each weighed by its score.
+#: dropped experts, each weighed by its score. Those dropped experts tie at 0: the host reference replays
+#: ``torch.topk`` on the CPU (transformers' choice there), while MLX and JAX give a tie to the lowest expert ids, so
+#: grouped A.X-K2 configs route apart on them where the tie decides (releases are ungrouped; CUDA's topk may pick
+#: otherwise again).
 NOAUX_TC_ZERO_MASKED = GroupRule("sigmoid", "top2_sum", corrected=True, masked=0.0, since=(1, 28),
                                  dropped_weighed=True)
 #: ``MoeSpec.routing`` -> its grouped rule.

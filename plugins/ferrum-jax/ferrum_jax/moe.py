@@ -3,8 +3,10 @@ chosen by the logits, 1.23, and weighing chosen experts of dropped groups, 1.28)
 count.
 
 Boundary ties go to the lowest expert indices (``lax.top_k`` is stable), where ``torch.topk``, and so
-Ferrum's host reference, picks by its CPU selection; ties of float32 router scores are rare outside
-constructed inputs. The expert ops themselves stay the core's reference compositions.
+Ferrum's host reference, picks by its CPU selection. Ties of float32 router scores are rare outside constructed
+inputs, but for A.X-K2's rule (1.28) the dropped groups' experts all tie at the masked 0 whenever they are chosen:
+grouped A.X-K2 configs then route apart from the reference, as on MLX (``ferrum.moe.routing.NOAUX_TC_ZERO_MASKED``).
+The expert ops themselves stay the core's reference compositions.
 """
 
 from __future__ import annotations
