@@ -43,6 +43,8 @@ PROJECTIONS = {
     # latent attention's (ferrum.arch.mla: MlaSpec.adaptable)
     "q_a_proj": "self_attn", "q_b_proj": "self_attn", "kv_a_proj_with_mqa": "self_attn", "kv_b_proj": "self_attn",
 }
+#: The projections, as the refusals list them.
+_ADAPTABLE = "/".join(p.removesuffix("_proj") for p in PROJECTIONS)
 #: Projections of one input, by the fused projection a checkpoint may store them as (Phi-3).
 _GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 #: Projections only latent attention has.
@@ -54,7 +56,7 @@ _MOE = ("experts", "switch_mlp", "shared_expert", "shared_experts", "shared_mlp"
 #: Llama's names of projections whose leaf is an adaptable one's but that Ferrum does not adapt: why, by the model's
 #: config and the name the adapter gives.
 _UNADAPTED = {"self_attn.gate_proj": lambda config, name: (
-    f"LoRA on {config.model_type}'s attention gate {name} is not supported (Ferrum adapts q/k/v/o and the MLP; "
+    f"LoRA on {config.model_type}'s attention gate {name} is not supported (Ferrum adapts {_ADAPTABLE}; "
     "this gate is no MLP projection); drop it from the adapter's targets")}
 _MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert, the shared expert or the router); "
                 "on MoE models only the attention projections and the dense layers' MLPs can be adapted")
@@ -294,7 +296,7 @@ def _peft_refusal(name: str) -> str:
     if "lora_magnitude_vector" in name:
         return f"{name} is a DoRA magnitude vector; DoRA is not supported"
     if "lora_embedding" in name or any(f".{e}." in f".{name}" for e in _EMBEDDINGS):
-        return f"{name} adapts an embedding or the LM head; only q/k/v/o/gate/up/down projections are supported"
+        return f"{name} adapts an embedding or the LM head; only {_ADAPTABLE} projections are supported"
     if name.endswith(".bias"):
         return f"{name} is a trained bias; adapters that train biases are not supported"
     if any(f".{f}." in name for f in _FUSED):
@@ -304,7 +306,7 @@ def _peft_refusal(name: str) -> str:
     if re.search(r"(?:^|\.)(?:h|blocks)\.\d+\.", name):  # GPT-Neo's, GPT-J's, CodeGen's, MPT's h.N.attn
         return (f"{name} adapts a module of this family's layout (layers under h.N / blocks.N), whose projections "
                 "Ferrum does not adapt: LoRA runs on models whose layers are ...layers.N.self_attn|mlp.<proj>")
-    return (f"tensor {name} is not a LoRA factor of a q/k/v/o/gate/up/down projection "
+    return (f"tensor {name} is not a LoRA factor of a {_ADAPTABLE} projection "
             "(expected ...layers.N.self_attn|mlp.<proj>.lora_A|lora_B.weight)")
 
 
@@ -418,7 +420,7 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
             elif name.endswith(".m"):
                 what = "is a DoRA magnitude"
             else:
-                what = "is not a lora_a / lora_b of a q/k/v/o/gate/up/down projection"
+                what = f"is not a lora_a / lora_b of a {_ADAPTABLE} projection"
             raise AdapterError(f"{where}: tensor {name} {what}; not supported")
         layer = int(m["layer"])
         if layer < first:
