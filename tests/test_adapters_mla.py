@@ -125,14 +125,6 @@ def test_a_mixed_batch_gives_each_request_its_own(checkpoints, backend):
             assert scaled_error(host[out.rows[seq][0]], want[seq][pos]) <= 1e-4, (seq, pos)
 
 
-def test_shared_experts_stay_refused(checkpoints, tmp_path):
-    base, _, hf, _, _ = checkpoints["dsv3_yarn"]
-    make_peft(hf, tmp_path / "a", ["shared_experts.gate_proj"], exclude_modules=None)
-    model = DecoderOnlyLLM.from_pretrained(base, backend="cpu", dtype="float32")
-    with pytest.raises(AdapterError, match=r"shared_experts\.gate_proj\.lora_A\.weight adapts a mixture-of-experts"):
-        model.adapters.load("a", tmp_path / "a")
-
-
 def test_projections_the_attention_lacks_are_refused_by_name(checkpoints, tmp_path):
     """k_proj on latent attention; kv_b_proj on a model without it."""
     base, _, hf, _, _ = checkpoints["dsv3_yarn"]

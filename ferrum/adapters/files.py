@@ -8,13 +8,18 @@ the transposes (``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``).
 Only what changes a plain linear projection's output by a low-rank product
 is run; everything else an adapter may carry (DoRA magnitudes, embedding or
 LM-head targets, trained biases, full module copies, GPT-2 style
-``fan_in_fan_out`` weights, the experts and router of a mixture of experts)
-is refused by name rather than silently dropped; factors of a multimodal model's
-vision or audio parts, which Ferrum never runs, are left out with a warning. Phi-3's fused ``qkv_proj``
+``fan_in_fan_out`` weights, the experts and router of a mixture of experts,
+Qwen2-MoE's sigmoid ``shared_expert_gate``) is refused by name rather than
+silently dropped; factors of a multimodal model's vision or audio parts, which
+Ferrum never runs, are left out with a warning. Phi-3's fused ``qkv_proj``
 and ``gate_up_proj`` are projections like the others, and so are those a
 checkpoint stores under its own names (Phi-2's ``dense``, ``fc1``, ``fc2``;
 StarCoder2's ``c_fc``, ``c_proj``: ``Architecture.stored_names``), an ungated
-MLP's up and down projections included.
+MLP's up and down projections included. A sparse layer's shared expert is an
+ordinary MLP beside the experts (:class:`ferrum.moe.block.MoeMLP`), so its
+gate/up/down projections are adapted too, under one name whatever the family
+calls its module (``MoeSpec.shared_module``: Qwen2-MoE's ``shared_expert``,
+DeepSeek's ``shared_experts``, Hunyuan's ``shared_mlp``): :data:`SHARED`.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ PROJECTIONS = {
 }
 #: The projections, as the refusals list them.
 _ADAPTABLE = "/".join(p.removesuffix("_proj") for p in PROJECTIONS)
+#: A sparse layer's shared expert's projections, by Ferrum's name -> the leaf of its module
+#: (``MoeSpec.at(MoeSpec.shared_module)``); each its own matrix, none fused with another.
+SHARED = {f"shared_expert.{p}": p for p in ("gate_proj", "up_proj", "down_proj")}
 #: Projections of one input, by the fused projection a checkpoint may store them as (Phi-3).
 _GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 #: Projections only latent attention has.
@@ -58,8 +66,11 @@ _MOE = ("experts", "switch_mlp", "shared_expert", "shared_experts", "shared_mlp"
 _UNADAPTED = {"self_attn.gate_proj": lambda config, name: (
     f"LoRA on {config.model_type}'s attention gate {name} is not supported (Ferrum adapts {_ADAPTABLE}; "
     "this gate is no MLP projection); drop it from the adapter's targets")}
-_MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert, the shared expert or the router); "
-                "on MoE models only the attention projections and the dense layers' MLPs can be adapted")
+_MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert or the router); on MoE models the attention "
+                "projections, the dense layers' MLPs and the shared expert's gate_proj / up_proj / down_proj can "
+                "be adapted")
+_SHARED_GATE_REFUSAL = ("is the shared expert's sigmoid gate (Qwen2-MoE's: one output, the shared expert's weight per "
+                        "token), which Ferrum does not adapt; drop shared_expert_gate from the adapter's targets")
 
 #: PEFT settings that change what an adapted projection computes, beyond ``scale * (x @ a) @ b``.
 _PEFT_VARIANTS = {
@@ -161,7 +172,7 @@ def read_adapter(path: str | Path, config: Any) -> LoraAdapter:
 # ------------------------------------------------------------------- PEFT
 
 _PEFT_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<part>self_attn|mlp)\.(?P<proj>\w+))"
+    r"^(?:base_model\.model\.)?(?P<module>(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<path>\w+(?:\.\w+)+))"
     r"\.lora_(?P<which>A|B)\.weight$"
 )
 
@@ -201,9 +212,10 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
         if not _targeted(settings, m["module"], int(m["layer"])):
             untargeted.append(m["module"])
             continue
-        if m["proj"] in _MOE:
-            raise AdapterError(f"{where}: {name} {_MOE_REFUSAL}")
-        key = (int(m["layer"]), _llama_name(where, config, m["part"], m["proj"]), m["module"])
+        proj = _site(where, config, m["path"], name)
+        if proj is None:
+            raise AdapterError(f"{where}: {_peft_refusal(name)}")
+        key = (int(m["layer"]), proj, m["module"])
         pairs.setdefault(key, {})[m["which"]] = array
     if skipped:
         warnings.warn(f"{where}: {len(skipped)} factors adapt a vision or audio part of a multimodal model (e.g. "
@@ -310,14 +322,27 @@ def _peft_refusal(name: str) -> str:
             "(expected ...layers.N.self_attn|mlp.<proj>.lora_A|lora_B.weight)")
 
 
-def _llama_name(where: str, config: Any, part: str, proj: str) -> str:
-    """Llama's name of projection ``proj`` of ``part`` as the checkpoint, and so an adapter trained on it, names
-    it (Phi-2's ``self_attn.dense`` is ``o_proj``); refused where that name is a projection Ferrum does not adapt
-    (Laguna's ``self_attn.g_proj`` is its attention gate, not the MLP's ``gate_proj``)."""
-    ours = llama_names(config.arch).get(f"{part}.{proj}", f"{part}.{proj}")
+def _site(where: str, config: Any, path: str, tensor: str) -> str | None:
+    """Ferrum's name of the projection at ``path`` in a layer, as the checkpoint, and so an adapter trained on it,
+    names it: Llama's leaf for the attention's and the MLP's (Phi-2's ``self_attn.dense`` is ``o_proj``, Llama 4's
+    dense ``feed_forward.gate_proj`` is ``gate_proj``), a :data:`SHARED` name for a sparse layer's shared expert's
+    (its module as ``MoeSpec.shared_module`` names it). Refused by name where it is a projection Ferrum does not
+    adapt (Laguna's ``self_attn.g_proj`` is its attention gate; an expert or the router, under the sparse MLP's
+    module); None where it is no module of the attention or the MLP."""
+    ours = llama_names(config.arch).get(path, path)
     if ours in _UNADAPTED:
-        raise AdapterError(f"{where}: {_UNADAPTED[ours](config, f'{part}.{proj}')}")
-    return ours.rsplit(".", 1)[-1]
+        raise AdapterError(f"{where}: {_UNADAPTED[ours](config, path)}")
+    part, _, leaf = ours.rpartition(".")
+    spec = config.arch.moe
+    shared = spec.at(spec.shared_module) if spec is not None and spec.shared_expert_size else None
+    if part == shared and leaf in SHARED.values():
+        return f"shared_expert.{leaf}"
+    if part in ("self_attn", "mlp") and leaf not in _MOE:  # an experts stack PEFT adapts whole: mlp.experts
+        return leaf
+    sparse = spec is not None and spec.module and f"{part}.".startswith(f"{spec.module}.")
+    if sparse or any(word in ours.split(".") for word in _MOE):
+        raise AdapterError(f"{where}: {tensor} {_MOE_REFUSAL}")
+    return None
 
 
 def _named(config: Any, target: str) -> set[str]:
@@ -377,7 +402,9 @@ def _check_targets(where: str, settings: dict, config: Any) -> None:
             )
         if leaf in _FUSED:
             raise AdapterError(f"{where}: target_modules names the fused projection {target!r}, which is not supported")
-        if leaf in _MOE or leaf in ("gate", "router", "shared_expert_gate", "w1", "w2", "w3"):
+        if leaf == "shared_expert_gate":
+            raise AdapterError(f"{where}: target_modules names {target!r}, which {_SHARED_GATE_REFUSAL}")
+        if leaf in _MOE or leaf in ("gate", "router", "w1", "w2", "w3"):
             raise AdapterError(f"{where}: target_modules names {target!r}, which {_MOE_REFUSAL}")
         raise AdapterError(
             f"{where}: target_modules names {target!r}; only {', '.join(PROJECTIONS)} (or 'all-linear') are supported"
@@ -387,7 +414,7 @@ def _check_targets(where: str, settings: dict, config: Any) -> None:
 # ----------------------------------------------------------------- mlx-lm
 
 _MLX_KEY = re.compile(
-    r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<part>self_attn|mlp)\.(?P<proj>\w+)\.lora_(?P<which>a|b)$"
+    r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<path>\w+(?:\.\w+)+)\.lora_(?P<which>a|b)$"
 )
 
 
@@ -412,7 +439,8 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, array in _read(folder / MLX_WEIGHTS):
         m = _MLX_KEY.match(name)
-        if m is None:
+        proj = None if m is None else _site(where, config, m["path"], name)
+        if proj is None:
             if any(e in name for e in _EMBEDDINGS):
                 what = "adapts an embedding or the LM head"
             elif any(f".{m}." in name for m in _MOE):
@@ -427,7 +455,7 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
             raise AdapterError(
                 f"{where}: {name} adapts layer {layer} but num_layers={num_layers} covers only the last ones"
             )
-        pairs.setdefault((layer, _llama_name(where, config, m["part"], m["proj"])), {})[m["which"]] = array
+        pairs.setdefault((layer, proj), {})[m["which"]] = array
     weights = {}
     for (layer, proj), ab in sorted(pairs.items()):
         if set(ab) != {"a", "b"}:
@@ -465,8 +493,12 @@ def _read(path: Path):
 def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] | None:
     """Where ``proj``'s outputs lie: ``(group, start, stop)`` columns of the concatenated outputs of the
     projections that read the same input (a fused one covers its members'), or None where the base model
-    has no such projection (an MoE layer's MLP, a member of a projection its checkpoint stores fused...)."""
+    has no such projection (an MoE layer's MLP, a member of a projection its checkpoint stores fused...). A shared
+    expert's projection is its own group."""
     arch = config.arch
+    if proj in SHARED:
+        shape = _shared_shape(config, layer, proj)
+        return None if shape is None else (proj, 0, shape[1])
     mla = _latent(config, layer)
     if PROJECTIONS[proj] == "self_attn" and (mla is not None or proj in _LATENT_ONLY):
         sizes = None if mla is None else mla.adaptable(config.hidden_size).get(proj)
@@ -498,6 +530,8 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
     span = projection_span(config, layer, proj)
     if span is None:
         return None
+    if proj in SHARED:
+        return _shared_shape(config, layer, proj)
     mla = _latent(config, layer)
     if mla is not None and PROJECTIONS[proj] == "self_attn":
         return mla.adaptable(config.hidden_size)[proj][:2]
@@ -507,6 +541,24 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
     stored = {"q_proj": heads * d, "k_proj": kv, "v_proj": kv // d * (config.arch.value_head_dim or d)}
     n_in = {"o_proj": heads * value_width(config, layer), "down_proj": width(config, layer)}
     return n_in.get(proj, config.hidden_size), stored.get(proj, span[2] - span[1])
+
+
+def _shared_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | None:
+    """``(in, out)`` of layer ``layer``'s shared expert's ``proj`` (a :data:`SHARED` name); None where the layer has
+    no shared expert, or one without that projection (an ungated one's gate_proj)."""
+    spec = config.arch.moe
+    if config.arch.layers[layer].mlp != "moe" or not spec.shared_expert_size:
+        return None
+    if proj == "shared_expert.gate_proj" and not spec.shared_gated:
+        return None
+    s, h = spec.shared_expert_size, config.hidden_size
+    return (s, h) if proj == "shared_expert.down_proj" else (h, s)
+
+
+def _shared_tensor(config: Any, layer: int, proj: str) -> str:
+    """The weight of layer ``layer``'s shared expert's ``proj`` (a :data:`SHARED` name), by Ferrum's names."""
+    spec = config.arch.moe
+    return f"{config.arch.prefix}layers.{layer}.{spec.at(spec.shared_module)}.{SHARED[proj]}.weight"
 
 
 def _latent(config: Any, layer: int) -> Any:
@@ -524,6 +576,11 @@ def _padded_inputs(config: Any, layer: int, proj: str) -> bool:
 
 def _absent(config: Any, layer: int, proj: str) -> str:
     """Why the base model has no ``proj`` in ``layer``."""
+    if proj in SHARED:
+        spec = config.arch.moe
+        if config.arch.layers[layer].mlp != "moe" or not spec.shared_expert_size:
+            return f"that layer has no shared expert for {proj} to adapt"
+        return f"that layer's shared expert is ungated: it has an up and a down projection, no {SHARED[proj]}"
     mla = _latent(config, layer)
     if PROJECTIONS[proj] == "self_attn" and mla is not None:
         gated = " (A.X-K2's q_b_proj, whose columns are cut at load, is not)" if mla.output_gate else ""
@@ -545,8 +602,10 @@ def _absent(config: Any, layer: int, proj: str) -> str:
 def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: np.ndarray, scale: float) -> LoraWeights:
     if layer >= config.num_layers:
         raise AdapterError(f"{where}: adapts layer {layer} but the base model has {config.num_layers} layers")
-    if proj not in PROJECTIONS:
-        if config.arch.layers[layer].mlp != "dense" and proj in ("gate", "shared_expert_gate"):
+    if proj not in PROJECTIONS and proj not in SHARED:
+        if config.arch.layers[layer].mlp != "dense" and proj == "shared_expert_gate":
+            raise AdapterError(f"{where}: layer {layer} {proj} {_SHARED_GATE_REFUSAL}")
+        if config.arch.layers[layer].mlp != "dense" and proj == "gate":
             raise AdapterError(f"{where}: layer {layer} {proj} {_MOE_REFUSAL}")
         raise AdapterError(
             f"{where}: layer {layer} {proj} " + (
@@ -591,8 +650,10 @@ def _inputs_as_loaded(config: Any, layer: int, proj: str, a: np.ndarray) -> np.n
 def _as_loaded(config: Any, layer: int, proj: str, b: np.ndarray) -> np.ndarray:
     """``b [r, out]``'s output columns moved and scaled as the load moves and scales the projection's weight
     rows (:func:`ferrum.arch.tensors.prepare`: q/k rows in rope's pairing, times longrope's or YaRN's
-    attention factor), so that the adapter adds to the outputs the base model computes."""
-    name = f"{config.arch.prefix}layers.{layer}.{PROJECTIONS[proj]}.{proj}.weight"
+    attention factor; a shared expert's down_proj times ``MoeSpec.shared_scale``), so that the adapter adds to the
+    outputs the base model computes."""
+    name = (_shared_tensor(config, layer, proj) if proj in SHARED else
+            f"{config.arch.prefix}layers.{layer}.{PROJECTIONS[proj]}.{proj}.weight")
     rows = np.concatenate([part for _, part in prepare(config, name, b.T, inputs=False)])
     return np.ascontiguousarray(rows.T, dtype=np.float32)
 

@@ -38,7 +38,7 @@ from typing import Any, Hashable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ferrum.adapters.batching import LoraBatch, LoraLinear
-from ferrum.adapters.files import LoraAdapter, LoraWeights, check_range, projection_span, read_adapter
+from ferrum.adapters.files import SHARED, LoraAdapter, LoraWeights, check_range, projection_span, read_adapter
 from ferrum.arch.mla import MlaProjections
 from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
@@ -356,6 +356,10 @@ class AdapterRegistry:
                 layer.mlp.up = wrap(index, "up_proj", 0, config.intermediate_size, layer.mlp.up)
             if kind in ("dense", "plain"):
                 layer.mlp.down = wrap(index, "down_proj", 0, config.hidden_size, layer.mlp.down)
+            if kind == "moe" and layer.mlp.shared is not None:  # the shared expert's (gate, up, down); no gate: ungated
+                spans = [projection_span(config, index, proj) for proj in SHARED]
+                layer.mlp.shared = tuple(linear if span is None else wrap(index, *span, linear)
+                                         for span, linear in zip(spans, layer.mlp.shared))
 
     # ------------------------------------------------------- forward pass
     def _names(self, items: Sequence[Any]) -> list[str | None]:
