@@ -11,13 +11,15 @@ from that conversion, so PEFT wraps the dense MLPs' own linears.
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
 
 from ferrum.errors import AdapterError
-from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.model import DecoderOnlyLLM
+from lora_checks import (
+    adapted_logits, assert_a_mixed_batch_gives_each_request_its_own, assert_adapter_matches_peft, make_peft,
+)
 from support import randomized_reference, reference_logits, runnable_backends, scaled_error
 from test_deepseek_v3 import YARN, dsv3_config
 from test_glm4_moe_lite import lite_config
@@ -45,17 +47,6 @@ MODELS = {
 }
 
 
-def make_peft(hf, folder, targets, seed: int = 1, **config):
-    """A random PEFT LoRA of ``hf`` on ``targets`` (never the experts) saved in ``folder``; PEFT's merged model."""
-    torch.manual_seed(seed)
-    base = copy.deepcopy(hf)
-    base.config.model_type = "llama"  # PEFT's transformers-5 MoE conversion would retarget the MLP names to experts
-    options = dict(r=4, lora_alpha=8, target_modules=targets, exclude_modules=r".*experts.*", init_lora_weights=False)
-    model = peft.get_peft_model(base, peft.LoraConfig(**{**options, **config}))
-    model.save_pretrained(folder)
-    return model.merge_and_unload().eval()
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """name -> (base folder, adapter folder, transformers model, PEFT's merged model, projections adapted)."""
@@ -64,65 +55,33 @@ def checkpoints(tmp_path_factory):
         root = tmp_path_factory.mktemp(name)
         hf = build()
         hf.save_pretrained(root / "base")
-        out[name] = root / "base", root / "a", hf, make_peft(hf, root / "a", LATENT + MLP), adapted
+        merged = make_peft(hf, root / "a", LATENT + MLP, experts=r".*experts.*")
+        out[name] = root / "base", root / "a", hf, merged, adapted
     return out
-
-
-def adapted_logits(model, adapter: str | None) -> np.ndarray:
-    """One pass over TOKENS, a fresh sequence each call."""
-    out = model.forward([ForwardItem(object(), TOKENS, 0, adapter=adapter)], all_logits=True)
-    return model.ops.to_numpy(out.logits)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adapter_matches_peft_forward_and_decode(checkpoints, backend, name):
-    base, folder, hf, merged, adapted = checkpoints[name]
-    want = reference_logits(merged, TOKENS)
-    assert scaled_error(reference_logits(hf, TOKENS), want) > 0.1  # the adapter moves the logits
-    model = DecoderOnlyLLM.from_pretrained(base, backend=backend, block_size=4, dtype="float32")
-    assert model.adapters.load("a", folder).projections == adapted
-    model.adapters.load("b", folder)  # a second slot: each token must take its own
-    assert scaled_error(adapted_logits(model, "a"), want) <= 1e-4
-    model.forward([ForwardItem("steps", TOKENS[:5], 0, adapter="a")])
-    for pos in range(5, len(TOKENS)):
-        out = model.forward([ForwardItem("steps", [TOKENS[pos]], pos, adapter="a")])
-        assert scaled_error(model.ops.to_numpy(out.logits)[0], want[pos]) <= 1e-4, pos
-    assert scaled_error(adapted_logits(model, None), reference_logits(hf, TOKENS)) <= 1e-4
+    assert_adapter_matches_peft(*checkpoints[name], TOKENS, backend)
 
 
 @pytest.mark.parametrize("target", LATENT[1:] + MLP)
 def test_each_projection_counts(checkpoints, tmp_path, target):
     """An adapter of one projection alone matches PEFT's, and moves the logits (so its rows' placement is checked)."""
     base, _, hf, _, _ = checkpoints["dsv3_yarn"]
-    merged = make_peft(hf, tmp_path / "a", [target], seed=3)
+    merged = make_peft(hf, tmp_path / "a", [target], seed=3, experts=r".*experts.*")
     want = reference_logits(merged, TOKENS)
     assert scaled_error(reference_logits(hf, TOKENS), want) > 1e-2
     model = DecoderOnlyLLM.from_pretrained(base, backend="cpu", block_size=4, dtype="float32")
     model.adapters.load("a", tmp_path / "a")
-    assert scaled_error(adapted_logits(model, "a"), want) <= 1e-4
+    assert scaled_error(adapted_logits(model, TOKENS, "a"), want) <= 1e-4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_mixed_batch_gives_each_request_its_own(checkpoints, backend):
-    """Prefills then decodes of the adapter and of the base model in every pass, each as PEFT's or transformers'."""
     base, folder, hf, merged, _ = checkpoints["dsv3_yarn"]
-    model = DecoderOnlyLLM.from_pretrained(base, backend=backend, block_size=4, dtype="float32")
-    model.adapters.load("a", folder)
-    plan = {"a1": ("a", TOKENS), "n": (None, TOKENS[2:]), "a2": ("a", TOKENS[4:])}
-    want = {seq: reference_logits(merged if adapter else hf, tokens) for seq, (adapter, tokens) in plan.items()}
-    out = model.forward([ForwardItem(seq, tokens[:6], 0, adapter=adapter) for seq, (adapter, tokens) in plan.items()],
-                        all_logits=True)
-    host = model.ops.to_numpy(out.logits)
-    for seq in plan:
-        first, count = out.rows[seq]
-        assert scaled_error(host[first:first + count], want[seq][:6]) <= 1e-4, seq
-    for pos in range(6, 9):
-        out = model.forward([ForwardItem(seq, [tokens[pos]], pos, adapter=adapter)
-                             for seq, (adapter, tokens) in plan.items()])
-        host = model.ops.to_numpy(out.logits)
-        for seq in plan:
-            assert scaled_error(host[out.rows[seq][0]], want[seq][pos]) <= 1e-4, (seq, pos)
+    assert_a_mixed_batch_gives_each_request_its_own(base, folder, hf, merged, TOKENS, backend)
 
 
 def test_projections_the_attention_lacks_are_refused_by_name(checkpoints, tmp_path):

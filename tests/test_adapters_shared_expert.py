@@ -12,14 +12,16 @@ leaves DeepSeek's ``shared_experts``).
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 
 from ferrum.errors import AdapterError
-from ferrum.model import DecoderOnlyLLM, ForwardItem
+from ferrum.model import DecoderOnlyLLM
+from lora_checks import (
+    adapted_logits, assert_a_mixed_batch_gives_each_request_its_own, assert_adapter_matches_peft, make_peft,
+)
 from support import randomized_reference, reference_logits, runnable_backends, scaled_error
 from test_deepseek_v3 import dsv3_config
 
@@ -30,7 +32,6 @@ transformers = pytest.importorskip("transformers")
 BACKENDS = runnable_backends()
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]
 MLP = ["gate_proj", "up_proj", "down_proj"]
-EXPERTS = r".*\.experts.*"
 
 #: name -> (transformers model, the shared expert's module, projections an adapter of q_proj, o_proj and MLP adapts):
 #: Qwen2-MoE with its first layer dense (mlp_only_layers) and a sigmoid-gated shared expert on the others; DeepSeek-V3
@@ -45,20 +46,6 @@ MODELS = {
 }
 
 
-def make_peft(hf, folder, targets, seed: int = 1, hide: bool = True, **config):
-    """A random PEFT LoRA of ``hf`` on ``targets`` saved in ``folder``; PEFT's merged model. ``hide``: the model
-    type hidden from PEFT's MoE conversion, the experts excluded."""
-    torch.manual_seed(seed)
-    base = copy.deepcopy(hf)
-    if hide:
-        base.config.model_type = "llama"
-        config = {"exclude_modules": EXPERTS, **config}
-    options = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    model = peft.get_peft_model(base, peft.LoraConfig(**{**options, **config}))
-    model.save_pretrained(folder)
-    return model.merge_and_unload().eval()
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """name -> (base folder, adapter folder, transformers model, PEFT's merged model, projections adapted)."""
@@ -71,28 +58,11 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def adapted_logits(model, adapter: str | None) -> np.ndarray:
-    """One pass over TOKENS, a fresh sequence each call."""
-    out = model.forward([ForwardItem(object(), TOKENS, 0, adapter=adapter)], all_logits=True)
-    return model.ops.to_numpy(out.logits)
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adapter_matches_peft_forward_and_decode(checkpoints, backend, name):
-    base, folder, hf, merged, adapted = checkpoints[name]
-    want = reference_logits(merged, TOKENS)
-    assert scaled_error(reference_logits(hf, TOKENS), want) > 0.1  # the adapter moves the logits
-    assert any(f".{MODELS[name][1]}.gate_proj.lora_A" in key for key in _factors(folder))
-    model = DecoderOnlyLLM.from_pretrained(base, backend=backend, block_size=4, dtype="float32")
-    assert model.adapters.load("a", folder).projections == adapted
-    model.adapters.load("b", folder)  # a second slot: each token must take its own
-    assert scaled_error(adapted_logits(model, "a"), want) <= 1e-4
-    model.forward([ForwardItem("steps", TOKENS[:5], 0, adapter="a")])
-    for pos in range(5, len(TOKENS)):
-        out = model.forward([ForwardItem("steps", [TOKENS[pos]], pos, adapter="a")])
-        assert scaled_error(model.ops.to_numpy(out.logits)[0], want[pos]) <= 1e-4, pos
-    assert scaled_error(adapted_logits(model, None), reference_logits(hf, TOKENS)) <= 1e-4
+    assert any(f".{MODELS[name][1]}.gate_proj.lora_A" in key for key in _factors(checkpoints[name][1]))
+    assert_adapter_matches_peft(*checkpoints[name], TOKENS, backend)
 
 
 @pytest.mark.parametrize("proj", MLP)
@@ -105,30 +75,14 @@ def test_each_shared_projection_counts(checkpoints, tmp_path, name, proj):
     assert scaled_error(reference_logits(hf, TOKENS), want) > 1e-2
     model = DecoderOnlyLLM.from_pretrained(base, backend="cpu", block_size=4, dtype="float32")
     assert model.adapters.load("a", tmp_path / "a").projections == 2  # the sparse layers' shared experts
-    assert scaled_error(adapted_logits(model, "a"), want) <= 1e-4
+    assert scaled_error(adapted_logits(model, TOKENS, "a"), want) <= 1e-4
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_mixed_batch_gives_each_request_its_own(checkpoints, backend, name):
-    """Prefills then decodes of the adapter and of the base model in every pass, each as PEFT's or transformers'."""
     base, folder, hf, merged, _ = checkpoints[name]
-    model = DecoderOnlyLLM.from_pretrained(base, backend=backend, block_size=4, dtype="float32")
-    model.adapters.load("a", folder)
-    plan = {"a1": ("a", TOKENS), "n": (None, TOKENS[2:]), "a2": ("a", TOKENS[4:])}
-    want = {seq: reference_logits(merged if adapter else hf, tokens) for seq, (adapter, tokens) in plan.items()}
-    out = model.forward([ForwardItem(seq, tokens[:6], 0, adapter=adapter) for seq, (adapter, tokens) in plan.items()],
-                        all_logits=True)
-    host = model.ops.to_numpy(out.logits)
-    for seq in plan:
-        first, count = out.rows[seq]
-        assert scaled_error(host[first:first + count], want[seq][:6]) <= 1e-4, seq
-    for pos in range(6, 9):
-        out = model.forward([ForwardItem(seq, [tokens[pos]], pos, adapter=adapter)
-                             for seq, (adapter, tokens) in plan.items()])
-        host = model.ops.to_numpy(out.logits)
-        for seq in plan:
-            assert scaled_error(host[out.rows[seq][0]], want[seq][pos]) <= 1e-4, (seq, pos)
+    assert_a_mixed_batch_gives_each_request_its_own(base, folder, hf, merged, TOKENS, backend)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -148,7 +102,7 @@ def test_the_same_factors_in_mlx_lms_layout_match_peft(checkpoints, tmp_path, na
         {"fine_tune_type": "lora", "num_layers": 3, "lora_parameters": {"rank": 4, "scale": 2.0}}))
     model = DecoderOnlyLLM.from_pretrained(base, backend="cpu", block_size=4, dtype="float32")
     assert model.adapters.load("m", tmp_path / "m").projections == adapted
-    assert scaled_error(adapted_logits(model, "m"), reference_logits(merged, TOKENS)) <= 1e-4
+    assert scaled_error(adapted_logits(model, TOKENS, "m"), reference_logits(merged, TOKENS)) <= 1e-4
 
 
 @pytest.mark.parametrize("name", list(MODELS))
