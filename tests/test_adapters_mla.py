@@ -98,3 +98,21 @@ def test_projections_the_attention_lacks_are_refused_by_name(checkpoints, tmp_pa
                  tmp_path / "a" / "adapter_model.safetensors")
     with pytest.raises(AdapterError, match="latent attention has no k_proj .*kv_b_proj"):
         model.adapters.load("a", tmp_path / "a")
+
+
+@pytest.mark.parametrize("target", ["q_gate_proj", "q_b_proj"])  # transformers' name and the release's
+def test_axk2s_query_and_gate_projection_is_refused_by_name(tmp_path, target):
+    """A.X-K2's q_b_proj (transformers' q_gate_proj) gives each head's query and output gate, whose columns the load
+    cuts: an adapter of it is refused by name under either name (the former got the generic refusal)."""
+    import safetensors.numpy as st
+    from test_axk2 import axk2_config
+
+    hf = randomized_reference(axk2_config())
+    hf.save_pretrained(tmp_path / "base")
+    make_peft(hf, tmp_path / "a", ["q_gate_proj", "o_proj"])
+    config, factors = tmp_path / "a" / "adapter_config.json", tmp_path / "a" / "adapter_model.safetensors"
+    config.write_text(config.read_text().replace("q_gate_proj", target))
+    st.save_file({k.replace("q_gate_proj", target): v for k, v in st.load_file(factors).items()}, factors)
+    model = DecoderOnlyLLM.from_pretrained(tmp_path / "base", backend="cpu", dtype="float32")
+    with pytest.raises(AdapterError, match=rf"{target}.*q_b_proj.*cut"):
+        model.adapters.load("a", tmp_path / "a")

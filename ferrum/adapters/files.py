@@ -65,7 +65,11 @@ _MOE = ("experts", "switch_mlp", "shared_expert", "shared_experts", "shared_mlp"
 #: config and the name the adapter gives.
 _UNADAPTED = {"self_attn.gate_proj": lambda config, name: (
     f"LoRA on {config.model_type}'s attention gate {name} is not supported (Ferrum adapts {_ADAPTABLE}; "
-    "this gate is no MLP projection); drop it from the adapter's targets")}
+    "this gate is no MLP projection); drop it from the adapter's targets"),
+    # transformers' name of A.X-K2's q_b_proj, as PEFT adapts it
+    **dict.fromkeys(("q_gate_proj", "self_attn.q_gate_proj"), lambda config, name: (
+        f"LoRA on {config.model_type}'s {name} (its release's q_b_proj: each head's query and output gate, whose "
+        "columns Ferrum cuts at load) is not supported; drop it from the adapter's targets"))}
 _MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert or the router); on MoE models the attention "
                 "projections, the dense layers' MLPs and the shared expert's gate_proj / up_proj / down_proj can "
                 "be adapted")
