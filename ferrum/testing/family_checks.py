@@ -317,39 +317,32 @@ def check_gated_delta_rule_per_channel(c: Any, tol: float) -> float:
     """API 1.20: a decay per key channel (Kimi Delta Attention's; from slow to fast, one head's channels apart) and
     ``beta_scale`` 2 (OLMo Hybrid's), one segment chunked, through the rule the model calls (the plugin's where it
     declares 1.20, else the core's fallback); the float32 state given is left as it was."""
-    from ferrum.recurrent.gated_delta import gated_delta_rule, runs_natively
-
-    heads, dk, dv, n = 3, 8, 6, int(_LONG_SEGMENTS[-1])
-    q, k, v = (c.rounded(c.random(n, heads, d)) for d in (dk, dk, dv))
-    a, b = c.rounded(c.random(n, heads, dk) * 2), c.rounded(c.random(n, heads))
-    a_log = np.log(np.array([0.05, 0.5, 2.0], dtype=np.float32))
-    dt_bias = np.linspace(-1.5, 1.5, heads * dk, dtype=np.float32).reshape(heads, dk)
-    state = c.random(len(_LONG_SEGMENTS) - 1, heads, dk, dv) * 0.5
-    f32 = [c.ops.from_numpy(t.copy(), "float32") for t in (a_log, dt_bias, state)]
-    rule = gated_delta_rule(c.ops, runs_natively(c.ops, True))
-    out, new_state = rule(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32, _LONG_SEGMENTS, 2.0)
-    assert np.array_equal(c.get(f32[2]), state), "gated_delta_rule changed the state it was given"
-    want_out, want_state = gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, _LONG_SEGMENTS, 2.0)
-    return max(_compare(c.get(out), want_out, tol), _compare(c.get(new_state), want_state, tol))
+    return _check_per_channel_rule(c, tol, (0.05, 0.5, 2.0), (2.0,))
 
 
 def check_gated_delta_rule_bounded(c: Any, tol: float) -> float:
     """API 1.27: the log-decay ``lower_bound * sigmoid(exp(a_log) * (a + dt_bias))`` (Ling 3's), per key channel, one
     segment chunked, through the rule the model calls (the plugin's where it declares 1.27, else the core's
     fallback); the float32 state given is left as it was."""
+    return _check_per_channel_rule(c, tol, (1.0, 4.0, 16.0), (1.0, -5.0))
+
+
+def _check_per_channel_rule(c: Any, tol: float, rates: tuple[float, ...], features: tuple[float, ...]) -> float:
+    """The rule the model calls, with a decay per key channel and its feature arguments ``features`` (beta_scale,
+    then lower_bound where given: the bounded rule), against :func:`gated_delta_oracle` over one chunked segment."""
     from ferrum.recurrent.gated_delta import gated_delta_rule, runs_natively
 
-    heads, dk, dv, n = 3, 8, 6, int(_LONG_SEGMENTS[-1])
+    heads, dk, dv, n = len(rates), 8, 6, int(_LONG_SEGMENTS[-1])
     q, k, v = (c.rounded(c.random(n, heads, d)) for d in (dk, dk, dv))
     a, b = c.rounded(c.random(n, heads, dk) * 2), c.rounded(c.random(n, heads))
-    a_log = np.log(np.array([1.0, 4.0, 16.0], dtype=np.float32))
+    a_log = np.log(np.array(rates, dtype=np.float32))
     dt_bias = np.linspace(-1.5, 1.5, heads * dk, dtype=np.float32).reshape(heads, dk)
     state = c.random(len(_LONG_SEGMENTS) - 1, heads, dk, dv) * 0.5
     f32 = [c.ops.from_numpy(t.copy(), "float32") for t in (a_log, dt_bias, state)]
-    rule = gated_delta_rule(c.ops, runs_natively(c.ops, True, True))
-    out, new_state = rule(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32, _LONG_SEGMENTS, 1.0, -5.0)
+    rule = gated_delta_rule(c.ops, runs_natively(c.ops, True, len(features) > 1))
+    out, new_state = rule(c.put(q), c.put(k), c.put(v), c.put(a), c.put(b), *f32, _LONG_SEGMENTS, *features)
     assert np.array_equal(c.get(f32[2]), state), "gated_delta_rule changed the state it was given"
-    want_out, want_state = gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, _LONG_SEGMENTS, 1.0, -5.0)
+    want_out, want_state = gated_delta_oracle(q, k, v, a, b, a_log, dt_bias, state, _LONG_SEGMENTS, *features)
     return max(_compare(c.get(out), want_out, tol), _compare(c.get(new_state), want_state, tol))
 
 
