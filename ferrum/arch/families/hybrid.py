@@ -257,7 +257,7 @@ def _bailing_hybrid(r: KeyReader, sizes: Sizes) -> Architecture:
         r.fail("layer_group_size", f"({group}) does not divide the {n} layers: transformers runs the last "
                                    f"{n % group} as linear attention, Ling's own code (and mlx-lm) as full attention; "
                                    "list layer_types in config.json to say which", unsupported=True)
-    if not isinstance(types, list) or len(types) != n or any(t not in (LINEAR, FULL) for t in types):
+    if not lists_of(types, n, (LINEAR, FULL)):
         r.fail("layer_types", f"must list {n} entries of {LINEAR!r} / {FULL!r}, got {types!r}")
     shared, routed = r("moe_shared_expert_intermediate_size"), r("moe_intermediate_size")
     if shared not in (None, routed):
@@ -510,8 +510,7 @@ def _lfm3_kinds(r: KeyReader, sizes: Sizes) -> list[str]:
     kinds = r("layer_types")
     if kinds is None:
         kinds = [FULL if i % 4 == 2 else SLIDING if i % 4 == 0 and i > 0 else "conv" for i in range(sizes.num_layers)]
-    if not isinstance(kinds, list) or len(kinds) != sizes.num_layers or any(k not in ("conv", FULL, SLIDING)
-                                                                              for k in kinds):
+    if not lists_of(kinds, sizes.num_layers, ("conv", FULL, SLIDING)):
         r.fail("layer_types", f"must list {sizes.num_layers} entries of 'conv' / {FULL!r} / {SLIDING!r}, got {kinds!r}")
     if SLIDING in kinds and r("sliding_window") is None:
         r.fail("sliding_window", "must be set when layers use sliding attention")
