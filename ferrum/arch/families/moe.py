@@ -454,6 +454,18 @@ def _olmoe(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(with_moe("olmoe", _llama_like(False, "projection", _no_windows))(r, sizes), clip_qkv=r("clip_qkv"))
 
 
+def _agreeing_rotary_dims(r: KeyReader, sizes: Sizes, spec: dict[str, Any], fallback: float) -> int:
+    """The rotary dims transformers reads (partial_rotary_factor, in the rope settings or beside them, else
+    ``fallback`` of each head); a rotary_dim, which MiniMax's code, mlx-lm and vLLM read, saying otherwise is
+    refused."""
+    dims, rotary = _rotary_dim(r, sizes, spec, fallback), r("rotary_dim")
+    if rotary is not None and rotary != dims:
+        r.fail("rotary_dim", f"is {rotary}, but partial_rotary_factor gives {dims} rotary dims of {sizes.head_dim} "
+                             "(transformers reads partial_rotary_factor, MiniMax's code and mlx-lm rotary_dim); make "
+                             f"them agree: partial_rotary_factor {rotary / sizes.head_dim:g} in rope_parameters")
+    return dims
+
+
 def _minimax_m2(r: KeyReader, sizes: Sizes) -> Architecture:
     """MiniMax-M2 (transformers' MiniMaxM2): Llama's norms, q and k normed over their whole projections (OLMo 2's),
     rope on the first rotary_dim dims of each head (rotate-half pairs); experts on every layer, sigmoid scores chosen
@@ -462,10 +474,7 @@ def _minimax_m2(r: KeyReader, sizes: Sizes) -> Architecture:
     mlx-lm and MiniMax's code read: a config where the two disagree is refused."""
     key, spec = _rope_spec(r)
     rotary = r("rotary_dim")
-    dims = _rotary_dim(r, sizes, spec, 1.0 if rotary is None else rotary / sizes.head_dim)
-    if rotary is not None and rotary != dims:
-        r.fail("rotary_dim", f"is {rotary}, but partial_rotary_factor gives {dims} rotary dims of {sizes.head_dim} "
-                             "(transformers reads partial_rotary_factor, other runtimes rotary_dim); make them agree")
+    dims = _agreeing_rotary_dims(r, sizes, spec, 1.0 if rotary is None else rotary / sizes.head_dim)
     rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, rotary_dim=dims)
     r("hidden_act")
     return Architecture(
@@ -508,12 +517,7 @@ def _minimax_m3(r: KeyReader, sizes: Sizes) -> Architecture:
     partial_rotary_factor alone; the release and other runtimes (mlx-lm, vLLM) read rotary_dim: a config where the
     two disagree is refused."""
     key, spec = _rope_spec(r)
-    rotary = r("rotary_dim")
-    dims = _rotary_dim(r, sizes, spec, 1.0)
-    if rotary != dims:
-        r.fail("rotary_dim", f"is {rotary}, but partial_rotary_factor gives {dims} rotary dims of {sizes.head_dim} "
-                             "(transformers reads partial_rotary_factor, MiniMax's code and mlx-lm rotary_dim); make "
-                             f"them agree: partial_rotary_factor {rotary / sizes.head_dim:g} in rope_parameters")
+    dims = _agreeing_rotary_dims(r, sizes, spec, 1.0)  # transformers reads partial_rotary_factor alone
     rope = read_rope(r, sizes, spec, key, _LLAMA_ROPES, theta_default=5_000_000.0, rotary_dim=dims)
     r("hidden_act")
     types = r("layer_types")
