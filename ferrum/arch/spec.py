@@ -298,6 +298,10 @@ class Architecture:
     #: with zero rows (a packed head's: zero codes, scales and biases) and a head bias of -inf on them, so the logits
     #: keep the vocabulary's width and those tokens are never drawn. None: every row stored.
     head_rows: int | None = None
+    #: The LM head's columns divided by their L2 norms over the vocabulary (plus 1e-7) at load (Ling's norm_head, as
+    #: its release and mlx-lm's sanitize do); a packed head is taken as normed, as mlx-lm's conversions (and
+    #: ``ferrum quantize``) norm it before packing.
+    head_normed: bool = False
     #: Modules the checkpoint stores under other names than Llama's, relative to the prefix or to a layer:
     #: Llama's name -> the checkpoint's (Phi-2: ``{"self_attn.o_proj": "self_attn.dense", "norm":
     #: "final_layernorm", ...}``). Ferrum uses Llama's names from loading on (:mod:`ferrum.arch.tensors`).

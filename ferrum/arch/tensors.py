@@ -405,6 +405,8 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
     elif layer is None:
         if arch.position_offset and name == f"{arch.prefix}embed_positions.weight":  # the rows before position 0
             tensor = rows(tensor, arch.position_offset, tensor.shape[0])  # packed (ferrum quantize's) too
+        if name == arch.lm_head and arch.head_normed and not isinstance(tensor, QuantizedWeight):
+            tensor = normed_columns(tensor)
         parts = _padded_head(config, name, tensor) if name == arch.lm_head and arch.head_rows else [(name, tensor)]
     elif arch.mla is not None and arch.latent(layer).splits(name):
         parts = arch.latent(layer).split(name, tensor, rows)
@@ -442,6 +444,14 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
                 or arch.value_head_dim is not None):
             parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]
     return [(n, _transform(config, layer, n, t)) for n, t in parts]
+
+
+def normed_columns(head: Any) -> np.ndarray:
+    """A float LM head with each column divided by its L2 norm over the vocabulary plus 1e-7, in float32 (Ling's
+    norm_head: the release's code and mlx-lm's sanitize compute it so), then in the head's dtype."""
+    a = np.asarray(head)
+    wide = a.astype(np.float32)
+    return (wide / (np.linalg.norm(wide, axis=0, keepdims=True) + np.float32(1e-7))).astype(a.dtype)
 
 
 def _padded_head(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:

@@ -68,6 +68,7 @@ LAYOUT = {
     "bailing_hybrid": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "aria_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layout (ferrum.moe.fused_gate_up.ARIA)
     "dots3_note_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "bailing_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -149,7 +150,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "jetmoe": ("num_local_experts",), "aria_text": ("moe_num_experts",),
                 "hy_v4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "bailing_hybrid": ("num_experts", "num_local_experts"),  # the latter its attribute_map's alias
-                "dots3_note_text": ("n_routed_experts", "num_local_experts")}  # the latter its attribute_map's alias
+                "dots3_note_text": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
+                "bailing_moe": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -625,6 +627,20 @@ KEYS: dict[str, tuple[Key, ...]] = {
     "dots3_note_text": (*_grouped_sigmoid_keys("dots3_note_text", moe_size=1536, scale=1.0, n_group=1, topk_group=1,
                                                dense=None),
                         Key("shared_experts_intermediate_size", default=1536, check=positive_int)),
+    # Ling / Ring v1 and 2.0 (mlx-lm's bailing_moe ModelArgs: no defaults for the sizes, routing by softmax unless
+    # score_function says, grouped and corrected where 2.0's configs say); moe_router_enable_routed_scaling is read
+    # by mlx-lm and its release's code but never consulted (the weights are always scaled)
+    "bailing_moe": (*_COUNT["bailing_moe"], Key("num_experts_per_tok", check=positive_int),
+                    Key("moe_intermediate_size", check=positive_int), Key("norm_topk_prob", check=boolean),
+                    Key("num_shared_experts", check=_non_negative_int),
+                    Key("moe_shared_expert_intermediate_size", check=optional_positive_int),
+                    Key("moe_router_enable_shared_expert", default=True, check=boolean),
+                    Key("first_k_dense_replace", check=_non_negative_int),
+                    Key("score_function", default="softmax", check=one_of("softmax", "sigmoid")),
+                    Key("moe_router_enable_expert_bias", default=False, check=boolean),
+                    Key("moe_router_enable_routed_scaling", default=True, check=boolean),
+                    Key("routed_scaling_factor", default=1.0, check=positive_number),
+                    Key("n_group", default=1, check=positive_int), Key("topk_group", default=4, check=positive_int)),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8,
@@ -1105,6 +1121,44 @@ def _aria(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, li
     return spec, [True] * sizes.num_layers
 
 
+#: Ling's routing rule per (score_function, moe_router_enable_expert_bias, more than one group), as mlx-lm's
+#: bailing_moe ``group_expert_select`` runs it: a group's two best scores summed, the dropped groups' experts
+#: scoring 0, the chosen experts weighed by their uncorrected scores (Ling 2.0's sigmoid releases: A.X-K2's rule);
+#: softmax scores never fall to that 0, so the uncorrected softmax rule masks as Mistral 4's. Missing: grouped
+#: corrected softmax and uncorrected grouped sigmoid, which no release runs.
+_BAILING_RULES = {("softmax", False, False): "softmax_top2_grouped", ("softmax", False, True): "softmax_top2_grouped",
+                  ("softmax", True, False): "softmax_corrected", ("sigmoid", False, False): "sigmoid_top_k",
+                  ("sigmoid", True, False): "sigmoid_grouped", ("sigmoid", True, True): "sigmoid_grouped_zero_masked"}
+
+
+def _bailing_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Ling's sparse MLP as mlx-lm's bailing_moe runs it (the release's ``BailingMoeSparseMoeBlock`` /
+    ``BailingMoeV2SparseMoeBlock``): a router ``gate`` whose softmax or sigmoid scores (score_function), plus
+    ``gate.expert_bias`` where moe_router_enable_expert_bias, choose the top-k within the topk_group best of n_group
+    groups (:data:`_BAILING_RULES`), weighed by their uncorrected scores, renormalized where norm_topk_prob and more
+    than one is chosen, times routed_scaling_factor; SwiGLU experts of moe_intermediate_size and an ungated
+    ``shared_experts`` MLP of num_shared_experts times moe_shared_expert_intermediate_size (else
+    moe_intermediate_size), none where 0 or not moe_router_enable_shared_expert; the first first_k_dense_replace
+    layers dense."""
+    scoring, biased, groups = r("score_function"), r("moe_router_enable_expert_bias"), r("n_group")
+    routing = _BAILING_RULES.get((scoring, biased, groups > 1))
+    if routing is None:
+        r.fail("n_group", f"is {groups} with score_function {scoring!r} and moe_router_enable_expert_bias {biased}: "
+                          "Ferrum runs grouped routing for sigmoid scores with an expert bias or softmax scores "
+                          "without one; set n_group to 1", unsupported=True)
+    kept, scale = (r("topk_group") if groups > 1 else 1), float(r("routed_scaling_factor"))
+    _check_groups(r, GROUPED_RULES[routing], count, top_k, groups, kept)
+    if routing == "softmax_top2_grouped" and groups == 1 and scale == 1.0:  # Ling v1's: what backends run themselves
+        routing = "softmax"
+    shared = r("num_shared_experts") if r("moe_router_enable_shared_expert") else 0
+    width = (r("moe_shared_expert_intermediate_size") or r("moe_intermediate_size")) * shared or None
+    spec = MoeSpec(*LAYOUT["bailing_moe"], count, top_k, r("moe_intermediate_size"),
+                   r("norm_topk_prob") and top_k > 1, width, shared_module="shared_experts", shared_gate=None,
+                   routing=routing, n_group=groups, topk_group=kept, routed_scale=scale, router_float32=True,
+                   correction_bias="gate.expert_bias" if biased else None)
+    return spec, [i >= r("first_k_dense_replace") for i in range(sizes.num_layers)]
+
+
 def _grouped_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
     return _grouped(r, model_type, count, top_k, sizes.num_layers)
 
@@ -1159,6 +1213,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
     "kolibri1": lambda r, model_type, count, top_k, sizes: _kolibri1(r, sizes, count, top_k),
     "aria_text": lambda r, model_type, count, top_k, sizes: _aria(r, sizes, count, top_k),
+    "bailing_moe": lambda r, model_type, count, top_k, sizes: _bailing_moe(r, sizes, count, top_k),
 }
 
 

@@ -116,13 +116,17 @@ _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "gemma4_text": ("router.proj",),
     "afmoe": ("mlp.router.gate",),
     "kimi_linear": ("mlp.gate",),
+    "bailing_moe": ("mlp.gate.gate_proj",),
 }
 #: Modules mlx-lm's model classes hold under other names than the checkpoint's, where its ``sanitize`` moves float
 #: weights alone (packed ones left behind are refused), by model_type: the beginning of a path in a layer -> mlx-lm's
-#: (the first that fits). Kimi Linear's MLPs, dense and sparse, under ``mlp``, the correction bias beside the router.
+#: (the first that fits). Kimi Linear's MLPs, dense and sparse, under ``mlp``, the correction bias beside the router;
+#: Ling's router weight under ``gate.gate_proj``.
 _MLX_LM_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "kimi_linear": (("block_sparse_moe.gate.e_score_correction_bias", "mlp.e_score_correction_bias"),
                     ("block_sparse_moe.", "mlp.")),
+    # Ling's router a Linear under the router (its expert bias stays beside it)
+    "bailing_moe": (("mlp.gate.weight", "mlp.gate.gate_proj.weight"),),
 }
 
 
@@ -449,7 +453,8 @@ def _decoded_code(config: Any, headers: dict[str, tuple[str, tuple[int, ...]]]) 
 def _read(checkpoint: Checkpoint, item: _Item, config: Any) -> np.ndarray:
     """The source tensor of ``item``; experts assembled into their stack as the loader does; FP8 weights
     decoded and cast to the model's dtype; laid out as mlx-lm's conversion lays it out (:func:`_mlx_lm_taps`)."""
-    from ferrum.moe.loading import assemble_stack, is_expert_stack  # imported here, as in _plan
+    from ferrum.arch.tensors import normed_columns  # imported here, as in _plan
+    from ferrum.moe.loading import assemble_stack, is_expert_stack
 
     moe, where = config.arch.moe, str(checkpoint.folder)
     if moe is None or not is_expert_stack(item.source):
@@ -465,6 +470,8 @@ def _read(checkpoint: Checkpoint, item: _Item, config: Any) -> np.ndarray:
         array = array.astype(_FLOAT_TYPES[item.decoded])
     if item.folded is not None:
         array = (array.astype(np.float32) * item.folded[:, None]).astype(array.dtype)
+    if config.arch.head_normed and item.source == config.arch.lm_head:  # normed before packing, as mlx-lm's is
+        array = normed_columns(array)
     return array.transpose(0, 2, 1) if item.taps_last else array
 
 

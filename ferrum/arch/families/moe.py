@@ -180,6 +180,52 @@ def _sarvam_moe(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(_glm4_moe_blocks(r, sizes, 1.0), fused_qkv=True, stored_names=SARVAM_NAMES)
 
 
+#: The rope scalings mlx-lm's initialize_rope runs as transformers does (not "dynamic", which it refuses).
+_BAILING_ROPES = ("default", "linear", "llama3", "yarn")
+#: mlx-lm's conversions of Ling (``bailing_moe.sanitize``): the router a Linear ``gate.gate_proj`` (packed at 8 bits),
+#: its expert bias left beside it (named only where the router has one: a layout's modules must all be held).
+_BAILING_MLX_LM_ROUTER = {"mlp.gate": "mlp.gate.gate_proj"}
+_BAILING_MLX_LM_BIAS = {"mlp.gate.expert_bias": "mlp.gate.expert_bias"}
+
+
+def _bailing_moe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """inclusionAI's Ling / Ring v1 (Ling-lite, Ling-plus) and 2.0 (Ling-mini / flash-2.0, Ring-*-2.0), model_type
+    "bailing_moe" (their releases' remote code, mlx-lm's bailing_moe): Llama's blocks under Ling's names (Sarvam-30B
+    kept them: :data:`SARVAM_NAMES`, q/k/v fused), q/k/v biased by use_qkv_bias, per-head q/k norms before rope where
+    use_qk_norm (2.0's), rope with rotate-half pairs over rotary_dim dims, else partial_rotary_factor of each head
+    (2.0's half), heads of hidden_size / num_attention_heads dims (mlx-lm ignores head_dim: one that differs is
+    refused), the LM head's columns normed where norm_head; the sparse MLPs are :func:`ferrum.moe.spec.with_moe`'s.
+    2.0's multi-token prediction layers, which its release counts in num_hidden_layers and mlx-lm cannot load, are
+    refused."""
+    hidden, heads = r("hidden_size"), r("num_attention_heads")
+    if r("head_dim") not in (None, hidden // heads):
+        r.fail("head_dim", f"is {r('head_dim')}, but mlx-lm sizes Ling's heads hidden_size / num_attention_heads "
+                           f"({hidden // heads}) and ignores it, where Ling's own code reads it; make them agree",
+               unsupported=True)
+    if r("num_nextn_predict_layers"):
+        r.fail("num_nextn_predict_layers", "counts multi-token prediction layers among num_hidden_layers, which "
+                                           "mlx-lm runs as decoder layers (and cannot load); a release without them "
+                                           "sets it to 0", unsupported=True)
+    if r("norm_head") and sizes.tie_word_embeddings:
+        r.fail("norm_head", "norms the LM head, but tie_word_embeddings ties it to the embedding (mlx-lm cannot load "
+                            "that); set one of them to false", unsupported=True)
+    key, spec = _rope_spec(r)
+    rotary = r("rotary_dim")
+    if rotary is not None and (rotary % 2 or rotary > sizes.head_dim):
+        r.fail("rotary_dim", f"is {rotary}; it must be an even number of dims up to head_dim ({sizes.head_dim})")
+    rope = read_rope(r, sizes, spec, key, _BAILING_ROPES,
+                     rotary_dim=rotary or _rotary_dim(r, sizes, spec, 1.0))
+    r("hidden_act")
+    biased = r("moe_router_enable_expert_bias")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="head" if r("use_qk_norm") else None, qkv_bias=r("use_qkv_bias"), fused_qkv=True,
+        stored_names=SARVAM_NAMES, head_normed=r("norm_head"),
+        layouts=(("model.", "lm_head.weight", {**_BAILING_MLX_LM_ROUTER, **(_BAILING_MLX_LM_BIAS if biased else {})}),),
+    )
+
+
 def _solar_open(r: KeyReader, sizes: Sizes) -> Architecture:
     """Upstage's Solar Open (transformers' SolarOpen): Llama's blocks with q/k/v biased by attention_bias (o never)
     and rope over whole heads (transformers' SolarOpen cannot run a partial_rotary_factor below 1, which mlx-lm's
@@ -778,6 +824,20 @@ TABLE: dict[str, Family] = {
         ), MOE_KEYS["sarvam_moe"]),
         with_moe("sarvam_moe", _sarvam_moe),
         derive=_aliased(SARVAM_ALIASES),
+    ),
+    "bailing_moe": Family(  # inclusionAI's Ling / Ring v1 and 2.0: Llama's blocks under Ling's names, fused q/k/v,
+        # partial rope, softmax or grouped sigmoid routing, shared experts
+        _keys(_core(False), _ROPE, _SILU, (
+            Key("partial_rotary_factor", default=1.0, check=optional_positive_number),  # in place of _ROPE's refusal
+            Key("rotary_dim", check=optional_positive_int),
+            Key("use_qkv_bias", default=False, check=boolean),
+            Key("use_bias", default=False, unsupported=True, check=falsy(
+                "no Ling release biases its projections and MLPs; set it to false")),
+            Key("use_qk_norm", default=False, check=boolean),
+            Key("norm_head", default=False, check=boolean),
+            Key("num_nextn_predict_layers", default=0, check=optional_non_negative_int),
+        ), MOE_KEYS["bailing_moe"]),
+        with_moe("bailing_moe", _bailing_moe),
     ),
     "solar_open": Family(  # Upstage's Solar Open 100B: GLM-4.5's attention without q/k norms, DeepSeek-V3's
         # grouped sigmoid routing and a shared expert on every layer
