@@ -24,6 +24,7 @@ import test_aria
 import test_axk2
 import test_cohere2_moe
 import test_dbrx
+import test_deepseek
 import test_deepseek_v2
 import test_deepseek_v3
 import test_dots1
@@ -321,6 +322,9 @@ FAMILIES = {
         random={"dots3_note_text": lambda: {
             **transformers.Dots3NoteTextConfig(**test_dots3_note.text_config()).to_dict(),
             "architectures": ["Dots3NoteForCausalLM"]}}),
+    # no transformers class: the release's names (experts one by one), dense layers by first_k_dense_replace and
+    # moe_layer_freq; its checks against mlx-lm are test_deepseek's
+    "deepseek": Family(test_deepseek, names=("release", "every_other")),
     "lara_mini": Family(
         # Gated DeltaNet's one in_proj and out_norm, the experts fused
         test_lara_mini, greedy=("release",), names=("release", "plain"),

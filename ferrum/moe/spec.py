@@ -69,6 +69,7 @@ LAYOUT = {
     "aria_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),  # its own layout (ferrum.moe.fused_gate_up.ARIA)
     "dots3_note_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "bailing_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -151,7 +152,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "hy_v4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "bailing_hybrid": ("num_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dots3_note_text": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
-                "bailing_moe": ("num_experts",)}
+                "bailing_moe": ("num_experts",),
+                "deepseek": ("n_routed_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -641,6 +643,18 @@ KEYS: dict[str, tuple[Key, ...]] = {
                     Key("moe_router_enable_routed_scaling", default=True, check=boolean),
                     Key("routed_scaling_factor", default=1.0, check=positive_number),
                     Key("n_group", default=1, check=positive_int), Key("topk_group", default=4, check=positive_int)),
+    # DeepSeek-MoE (v1; no transformers class: mlx-lm's deepseek and DeepSeek's remote code, under mlx-lm's defaults,
+    # which leave the expert counts to the config)
+    "deepseek": (*_COUNT["deepseek"], Key("num_experts_per_tok", check=positive_int),
+                 Key("moe_intermediate_size", default=1407, check=positive_int),
+                 Key("n_shared_experts", check=optional_positive_int),
+                 Key("first_k_dense_replace", default=0, check=_non_negative_int),
+                 Key("moe_layer_freq", default=1, check=positive_int),
+                 # the release's keys of DeepSeek's code, which mlx-lm ignores: refused where they ask for more
+                 Key("norm_topk_prob", default=False, unsupported=True, check=falsy(
+                     "mlx-lm weighs the experts by their top-k probabilities as they are (DeepSeek's code would "
+                     "renormalize them; no release does); set it to false")),
+                 Key("scoring_func", default="softmax", unsupported=True, check=one_of(None, "softmax"))),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8,
@@ -1157,6 +1171,16 @@ def _bailing_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeS
                    routing=routing, n_group=groups, topk_group=kept, routed_scale=scale, router_float32=True,
                    correction_bias="gate.expert_bias" if biased else None)
     return spec, [i >= r("first_k_dense_replace") for i in range(sizes.num_layers)]
+def _deepseek(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """DeepSeek-MoE's sparse MLP as mlx-lm runs it (``DeepseekMoE``): a router ``gate`` in the compute dtype whose
+    softmax's top-k probabilities weigh SwiGLU experts of moe_intermediate_size as they are, and an ungated
+    ``shared_experts`` MLP of n_shared_experts times that (none where null) added to their sum; layer i sparse where
+    i >= first_k_dense_replace and i % moe_layer_freq == 0."""
+    size, shared = r("moe_intermediate_size"), r("n_shared_experts")
+    spec = MoeSpec(*LAYOUT["deepseek"], count, top_k, size, False, size * shared if shared else None,
+                   shared_module="shared_experts", shared_gate=None)
+    first, freq = r("first_k_dense_replace"), r("moe_layer_freq")
+    return spec, [i >= first and i % freq == 0 for i in range(sizes.num_layers)]
 
 
 def _grouped_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
@@ -1214,6 +1238,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "kolibri1": lambda r, model_type, count, top_k, sizes: _kolibri1(r, sizes, count, top_k),
     "aria_text": lambda r, model_type, count, top_k, sizes: _aria(r, sizes, count, top_k),
     "bailing_moe": lambda r, model_type, count, top_k, sizes: _bailing_moe(r, sizes, count, top_k),
+    "deepseek": lambda r, model_type, count, top_k, sizes: _deepseek(r, sizes, count, top_k),
 }
 
 

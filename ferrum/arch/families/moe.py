@@ -752,6 +752,23 @@ def _remote_code_key(name: str, ours: str) -> Key:
         f"is JetMoE's remote-code spelling, which transformers' JetMoe ignores; write it as {ours}"))
 
 
+def _deepseek(r: KeyReader, sizes: Sizes) -> Architecture:
+    """DeepSeek-MoE 16B (v1, ``deepseek``; no transformers class: mlx-lm's deepseek, which its release's remote code
+    runs alike): Llama's blocks, every attention projection biased by attention_bias, heads of hidden_size /
+    num_attention_heads (a head_dim key is not read), rope unscaled or linear (mlx-lm ignores other scalings, which
+    Ferrum refuses); the sparse MLPs (softmax routing, shared experts, dense first layers) are
+    :func:`ferrum.moe.spec.with_moe`'s."""
+    key, spec = _rope_spec(r)
+    read_rope(r, sizes, spec, key, ("default", "linear"))
+    return _llama_like(False, None, _no_windows)(r, sizes)
+
+
+#: DeepSeek-MoE's core keys: its heads are always hidden_size / num_attention_heads, its LM head its own.
+_DEEPSEEK = (*(k for k in _core(False) if k.name not in ("head_dim", "tie_word_embeddings")),
+             Key("tie_word_embeddings", default=False, unsupported=True, check=falsy(
+                 "mlx-lm and DeepSeek's code read an LM head of its own (lm_head); set it to false")))
+
+
 _QWEN2_MOE_WINDOW = (
     Key("sliding_window", default=4096, check=lambda v: None if v == 0 else optional_positive_int(v)),
     *_QWEN_WINDOW[1:],
@@ -1111,6 +1128,13 @@ TABLE: dict[str, Family] = {
         ), MOE_KEYS["laguna"]),
         with_moe("laguna", _laguna),
         derive=_laguna_heads,
+    ),
+    "deepseek": Family(  # DeepSeek-MoE 16B: Llama's blocks over softmax-routed experts and shared experts
+        _keys(_DEEPSEEK, _core_defaults(
+            vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
+            num_attention_heads=32, max_position_embeddings=2048,
+        ), _ROPE, _SILU, (Key("attention_bias", default=False, check=boolean),), MOE_KEYS["deepseek"]),
+        with_moe("deepseek", _deepseek),
     ),
     "granitemoe_swa": Family(  # IBM's Granite Swash: Granite SWA's attention over Granite 3 MoE's experts
         _keys(_core(False), _ROPE, _SILU, _GRANITE, _LAYER_TYPES, (
