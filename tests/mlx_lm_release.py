@@ -14,21 +14,27 @@ import numpy as np
 from support import mlx_lm_logits, write_tokenizer
 
 
-def random_mlx_lm_model(config: dict, seed: int = 0, std: float = 0.2, norms: tuple[str, ...] = ("norm", "ln.")):
+def random_mlx_lm_model(config: dict, seed: int = 0, std: float = 0.2, norms: tuple[str, ...] = ("norm", "ln."),
+                        stds: dict[str, float] | None = None):
     """mlx-lm's model of ``config`` in float32, every parameter drawn from N(0, ``std``) (far from uniform logits,
     every path counting), those whose name holds one of ``norms`` from N(1, 0.1) (so that a norm's weight neither
-    zeroes nor flips its output)."""
+    zeroes nor flips its output), those whose name holds a key of ``stds`` from N(0, its value) (a correction bias
+    large enough to change which experts are chosen)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    rng = np.random.default_rng(seed)
-    drawn = [(name, mx.array(((1.0 if any(n in name for n in norms) else 0.0)
-                              + rng.standard_normal(value.shape) * (0.1 if any(n in name for n in norms) else std))
-                             .astype(np.float32)))
-             for name, value in tree_flatten(model.parameters())]
+    rng, stds = np.random.default_rng(seed), stds or {}
+
+    def draw(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        own = next((value for part, value in stds.items() if part in name), None)
+        norm = own is None and any(n in name for n in norms)
+        spread = own if own is not None else 0.1 if norm else std
+        return (float(norm) + rng.standard_normal(shape) * spread).astype(np.float32)
+
+    drawn = [(name, mx.array(draw(name, value.shape))) for name, value in tree_flatten(model.parameters())]
     model.update(tree_unflatten(drawn))
     mx.eval(model.parameters())
     return model
@@ -98,3 +104,28 @@ class GreedyMlxLm:
         for _ in range(max_new_tokens):
             tokens.append(int(np.argmax(model_logits(self.model, tokens)[-1])))
         return torch.tensor([tokens])
+
+
+def assert_conversion_runs_as_mlx_lm(folder: Path, reference, dest: Path, tokens, bits: int | None,
+                                     group: int = 32) -> dict:
+    """mlx-lm's conversion of release ``folder`` (packed at ``bits`` in groups of ``group`` where given) written to
+    ``dest`` runs on every backend as mlx-lm runs it (within 1e-4, or 2e-3 packed), the plain one as mlx-lm runs the
+    release (``reference``, its in-memory model); its stored tensors, for the caller's checks of its names."""
+    from support import assert_every_backend_runs_it_as_mlx_lm, mlx_lm_converted, scaled_error
+
+    stored, want = mlx_lm_converted(folder, dest, tokens, bits, group)
+    if bits is None:
+        assert scaled_error(want, model_logits(reference, tokens)) <= 1e-4
+    assert_every_backend_runs_it_as_mlx_lm(dest, tokens, want, packed=bits is not None)
+    return stored
+
+
+def assert_engine_keeps_mlx_lm_greedy_tokens(folder: Path, reference, vocab: int) -> None:
+    """Alone, staggered with chunked prefills and under preemption, each request of a staggered workload gets the
+    same greedy tokens from the engine (cpu, float32), the first mlx-lm's (``reference``)."""
+    from functools import partial
+
+    from support import assert_engine_keeps_greedy_tokens, small_pool_engine, staggered_greedy_workload
+
+    assert_engine_keeps_greedy_tokens(partial(small_pool_engine, folder), GreedyMlxLm(reference),
+                                      staggered_greedy_workload(vocab))

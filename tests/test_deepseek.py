@@ -7,20 +7,16 @@ conversions, plain and packed."""
 from __future__ import annotations
 
 import re
-from functools import partial
-
 import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, MissingTensorError, UnsupportedFeatureError
 from mlx_lm_release import (
-    GreedyMlxLm, model_logits, random_mlx_lm_model, unstacked, with_zeroed, write_release,
+    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, random_mlx_lm_model,
+    unstacked, with_zeroed, write_release,
 )
-from support import (
-    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
-)
+from support import assert_forward_and_decode_match, float32_model, runnable_backends, scaled_error
 
 pytest.importorskip("mlx_lm")
 BACKENDS = runnable_backends()
@@ -78,22 +74,16 @@ def test_model_matches_mlx_lm(checkpoints, backend, variant):
 
 
 def test_engine_keeps_greedy_tokens(checkpoints):
-    folder, reference = checkpoints["release"]
-    assert_engine_keeps_greedy_tokens(partial(small_pool_engine, folder), GreedyMlxLm(reference),
-                                      staggered_greedy_workload(VOCAB))
+    assert_engine_keeps_mlx_lm_greedy_tokens(*checkpoints["release"], VOCAB)
 
 
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mlx_lm_conversions_load(checkpoints, tmp_path, bits):
     """mlx-lm's conversion (experts stacked under switch_mlp), plain or packed in groups of 32, runs on every backend
     as mlx-lm runs it; the plain one as mlx-lm runs the release."""
-    folder, reference = checkpoints["release"]
-    stored, want = mlx_lm_converted(folder, tmp_path / "mlx", TOKENS, bits, group=32)
+    stored = assert_conversion_runs_as_mlx_lm(*checkpoints["release"], tmp_path / "mlx", TOKENS, bits)
     assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in stored
     assert ("model.layers.1.mlp.switch_mlp.gate_proj.scales" in stored) == (bits is not None)
-    if bits is None:
-        assert scaled_error(want, model_logits(reference, TOKENS)) <= 1e-4
-    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
 
 
 # ------------------------------------------------------------------ controls

@@ -38,6 +38,7 @@ import test_glm4_moe_lite
 import test_granitemoe_swa
 import test_hunyuan_v1_moe
 import test_hy_v3
+import test_klear
 import test_kolibri1
 import test_laguna
 import test_lara_mini
@@ -325,6 +326,9 @@ FAMILIES = {
     # no transformers class: the release's names (experts one by one), dense layers by first_k_dense_replace and
     # moe_layer_freq; its checks against mlx-lm are test_deepseek's
     "deepseek": Family(test_deepseek, names=("release", "every_other")),
+    # no transformers class: the release's names (experts one by one, the expert bias and coefficient beside them);
+    # its checks against mlx-lm are test_klear's
+    "Klear": Family(test_klear, names=("release", "dense_first")),
     "lara_mini": Family(
         # Gated DeltaNet's one in_proj and out_norm, the experts fused
         test_lara_mini, greedy=("release",), names=("release", "plain"),

@@ -111,6 +111,12 @@ def lists_of(value: Any, count: int, allowed: Collection[Any]) -> bool:
         isinstance(entry, (str, int)) and not isinstance(entry, bool) and entry in allowed for entry in value)
 
 
+def required(check: Check) -> Check:
+    """``check``, a value being required (a family whose runtimes have no default for the key: mlx-lm's ModelArgs
+    without one)."""
+    return lambda value: "must be set: the model's runtimes have no default for it" if value is None else check(value)
+
+
 def falsy(what_to_do: str) -> Check:
     def check(value: Any) -> str | None:
         return None if not value else f"is {value!r}, which Ferrum does not support; {what_to_do}"

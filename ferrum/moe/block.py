@@ -32,11 +32,13 @@ class MoeMLP:
     MiniMax-M3's clamped SwiGLU). ``zero`` (LongCat-Flash): the router may choose identity experts,
     :class:`ferrum.moe.zero.ZeroExperts`, which weigh ``x`` itself.
     ``output_bias`` (JetMoE): ``x -> [T, hidden]``, a bias on every row, added once the experts are summed.
+    ``shared_mix`` (Klear): ``(x, routed sum, shared output) -> [T, hidden]``, the two mixed by weights of their own
+    (:class:`ferrum.moe.mixed.CoefficientMix`) where they are otherwise added.
     """
 
     __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route",
                  "router_dtype", "weigh_input", "router_norm", "shared_act", "zero",
-                 "router_softcap", "output_bias")
+                 "router_softcap", "output_bias", "shared_mix")
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
                  shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
@@ -44,7 +46,7 @@ class MoeMLP:
                  router_dtype: str | None = None, weigh_input: bool = False,
                  router_norm: Callable[[Any], Any] | None = None, shared_act: Callable[[Any], Any] | None = None,
                  zero: Any = None, router_softcap: float | None = None,
-                 output_bias: Callable[[Any], Any] | None = None):
+                 output_bias: Callable[[Any], Any] | None = None, shared_mix: Any = None):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize
         self.shared, self.shared_gate = shared, shared_gate
@@ -56,11 +58,13 @@ class MoeMLP:
         self.zero = zero
         self.router_softcap = router_softcap
         self.output_bias = output_bias
+        self.shared_mix = shared_mix
 
     def projections(self) -> list[Any]:
         """The ordinary linears (router, shared expert); the experts are ``self.experts``."""
         shared = [p for p in self.shared or () if p is not None]
-        return [self.router, *shared, *([self.shared_gate] if self.shared_gate is not None else [])]
+        return [self.router, *shared, *([self.shared_gate] if self.shared_gate is not None else []),
+                *([self.shared_mix.coefficient] if self.shared_mix is not None else [])]
 
     def __call__(self, x: Any, router_x: Any = None) -> Any:
         """The experts of ``x``, routed by ``router_x`` where given (Gemma 4's router reads the layer's stream, its
@@ -95,6 +99,8 @@ class MoeMLP:
                 # chosen on the logits, as transformers' topk chooses (a sigmoid rounds logits above ~17 to the same
                 # 1.0, whose tie a sigmoid rule would break by index), by softmax's top-1, normalized to exactly 1
                 ids, weights = ops.moe_route(logits, None, self.top_k, True, None)
+        if self.shared_mix is not None:  # mixed with the routed experts' sum by weights of their own
+            return self.shared_mix(x, self.experts(x, ids, weights, None), shared_out)
         if shared_out is not None and shared_logit is None:  # ungated: added once the routed experts are summed
             return ops.add(self.experts(x, ids, weights, None), shared_out)
         return self.experts(x, ids, weights, shared_out)

@@ -13,6 +13,7 @@ from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.block import MoeMLP
 from ferrum.moe.experts import PlacedExperts
 from ferrum.moe.loading import SWITCH
+from ferrum.moe.mixed import CoefficientMix
 from ferrum.moe.routing import GROUPED_RULES, GroupedRouting, GroupRule, Sparsemixer
 from ferrum.moe.spec import ROUTER_NORM
 from ferrum.moe.zero import ZeroExperts
@@ -44,6 +45,8 @@ class Moe:
             shapes[at(spec.router_norm)] = (h,)
         if spec.output_bias is not None:
             shapes[at(spec.output_bias)] = (h,)
+        if spec.shared_mix is not None:
+            shapes.update({at(f"{spec.shared_mix}.weight"): (2, h), at(f"{spec.shared_mix}.bias"): (2,)})
         if rule is not None and rule.expert_scaled:
             shapes[at(spec.expert_scale)] = (e,)
         if spec.shared_expert_size:
@@ -134,9 +137,13 @@ class Moe:
         if spec.output_bias is not None:  # spread over the rows by RowOps (the ops add arrays of one shape only)
             bias = tensor(at(spec.output_bias))
             output_bias = partial(RowOps(ops, config.hidden_size, dtype_name(bias)).constant, row=bias)
+        mix = None
+        if spec.shared_mix is not None:  # its constants in the compute dtype, its bias's
+            mix = CoefficientMix(ops, linear(at(spec.shared_mix)), config.hidden_size,
+                                 dtype_name(tensor(at(f"{spec.shared_mix}.bias"))))
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
                       router_dtype, spec.weigh_input, router_norm, shared_act, zero, spec.router_softcap,
-                      output_bias)
+                      output_bias, mix)
 
 
 def _inputs(gated: bool) -> tuple[str, ...]:

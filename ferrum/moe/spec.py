@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int,
-    optional_positive_number, positive_int, positive_number,
+    optional_positive_number, positive_int, positive_number, required,
 )
 from ferrum.arch.spec import Architecture
 from ferrum.moe.activation import ClampedSwiGLU, ExpertActivation, GeluTanhGLU, SquaredReLU
@@ -70,6 +70,7 @@ LAYOUT = {
     "dots3_note_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "bailing_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "deepseek": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "Klear": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -81,7 +82,7 @@ ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt
           "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer", "jamba": "router",
           "granitemoe_swa": "router", "jetmoe": "router.layer"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
-MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts", "afmoe": "experts"}
+MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts", "afmoe": "experts", "Klear": "experts"}
 
 
 def _layer_list(value: object) -> str | None:
@@ -152,8 +153,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "hy_v4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "bailing_hybrid": ("num_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dots3_note_text": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
-                "bailing_moe": ("num_experts",),
-                "deepseek": ("n_routed_experts",)}
+                "bailing_moe": ("num_experts",), "deepseek": ("n_routed_experts",), "Klear": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -655,6 +655,11 @@ KEYS: dict[str, tuple[Key, ...]] = {
                      "mlx-lm weighs the experts by their top-k probabilities as they are (DeepSeek's code would "
                      "renormalize them; no release does); set it to false")),
                  Key("scoring_func", default="softmax", unsupported=True, check=one_of(None, "softmax"))),
+    # Kwai's Klear (no transformers class: mlx-lm's Klear, whose ModelArgs has no defaults)
+    "Klear": (*_COUNT["Klear"], Key("num_experts_per_tok", check=positive_int),
+              Key("moe_intermediate_size", check=positive_int), Key("n_shared_experts", check=positive_int),
+              Key("norm_topk_prob", check=required(boolean)), Key("decoder_sparse_step", check=positive_int),
+              Key("mlp_only_layers", check=required(_layer_list))),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8,
@@ -806,6 +811,10 @@ class MoeSpec:
     #: A bias in the sparse MLP module (JetMoE's ``mlp.bias``, ``[hidden]``) added to the output once the experts
     #: are summed; None: none.
     output_bias: str | None = None
+    #: A linear of two outputs in the sparse MLP module whose softmax weighs the routed experts' sum (its first) and
+    #: the shared expert's output (its second), where they are not simply added (Klear's biased ``coefficient``,
+    #: :class:`ferrum.moe.mixed.CoefficientMix`); None: added.
+    shared_mix: str | None = None
 
     @property
     def scored(self) -> int:
@@ -1171,6 +1180,8 @@ def _bailing_moe(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeS
                    routing=routing, n_group=groups, topk_group=kept, routed_scale=scale, router_float32=True,
                    correction_bias="gate.expert_bias" if biased else None)
     return spec, [i >= r("first_k_dense_replace") for i in range(sizes.num_layers)]
+
+
 def _deepseek(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
     """DeepSeek-MoE's sparse MLP as mlx-lm runs it (``DeepseekMoE``): a router ``gate`` in the compute dtype whose
     softmax's top-k probabilities weigh SwiGLU experts of moe_intermediate_size as they are, and an ungated
@@ -1181,6 +1192,19 @@ def _deepseek(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec
                    shared_module="shared_experts", shared_gate=None)
     first, freq = r("first_k_dense_replace"), r("moe_layer_freq")
     return spec, [i >= first and i % freq == 0 for i in range(sizes.num_layers)]
+
+
+def _klear(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Klear's sparse MLP as mlx-lm runs it (``KlearSparseMoeBlock``): a router ``gate`` in the compute dtype whose
+    sigmoid scores, plus the block's own float32 ``expert_bias``, choose the top-k, weighed by their unbiased scores
+    (renormalized where norm_topk_prob); SwiGLU experts of moe_intermediate_size and a SwiGLU ``shared_experts`` MLP
+    of n_shared_experts times that, the two mixed by the softmax of a biased linear ``coefficient`` of two outputs
+    (``MoeSpec.shared_mix``). Layers are sparse as Qwen-MoE's decoder_sparse_step and mlp_only_layers say."""
+    size, dense, step = r("moe_intermediate_size"), r("mlp_only_layers"), r("decoder_sparse_step")
+    spec = MoeSpec(*LAYOUT["Klear"], count, top_k, size, r("norm_topk_prob"), size * r("n_shared_experts"),
+                   shared_module="shared_experts", shared_gate=None, routing="sigmoid_grouped",
+                   correction_bias="expert_bias", shared_mix="coefficient")
+    return spec, [i not in dense and (i + 1) % step == 0 for i in range(sizes.num_layers)]
 
 
 def _grouped_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
@@ -1239,6 +1263,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "aria_text": lambda r, model_type, count, top_k, sizes: _aria(r, sizes, count, top_k),
     "bailing_moe": lambda r, model_type, count, top_k, sizes: _bailing_moe(r, sizes, count, top_k),
     "deepseek": lambda r, model_type, count, top_k, sizes: _deepseek(r, sizes, count, top_k),
+    "Klear": lambda r, model_type, count, top_k, sizes: _klear(r, sizes, count, top_k),
 }
 
 

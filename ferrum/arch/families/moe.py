@@ -19,7 +19,7 @@ from ferrum.arch.families.llama_like import (
 )
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
-    optional_positive_number, positive_int, positive_number, size,
+    optional_positive_number, positive_int, positive_number, required, size,
 )
 from ferrum.arch import msa
 from ferrum.arch.moa import MoaSpec
@@ -763,10 +763,22 @@ def _deepseek(r: KeyReader, sizes: Sizes) -> Architecture:
     return _llama_like(False, None, _no_windows)(r, sizes)
 
 
-#: DeepSeek-MoE's core keys: its heads are always hidden_size / num_attention_heads, its LM head its own.
-_DEEPSEEK = (*(k for k in _core(False) if k.name not in ("head_dim", "tie_word_embeddings")),
-             Key("tie_word_embeddings", default=False, unsupported=True, check=falsy(
-                 "mlx-lm and DeepSeek's code read an LM head of its own (lm_head); set it to false")))
+def _own_head_core(runtimes: str) -> tuple[Key, ...]:
+    """The core keys of a family whose heads are always hidden_size / num_attention_heads (a head_dim key unread) and
+    whose LM head is its own (``runtimes`` read it so; a tied one refused)."""
+    return (*(k for k in _core(False) if k.name not in ("head_dim", "tie_word_embeddings")),
+            Key("tie_word_embeddings", default=False, unsupported=True, check=falsy(
+                f"{runtimes} read an LM head of its own (lm_head); set it to false")))
+
+
+def _klear(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Kwai's Klear (``Klear``; no transformers class: mlx-lm's Klear): Qwen 3's blocks (per-head q/k norms before
+    rope, over heads of hidden_size / num_attention_heads) with every attention projection biased by attention_bias
+    and rope unscaled (mlx-lm reads no scaling); the sparse MLPs (sigmoid routing chosen with a per-expert bias,
+    shared experts mixed in by learned weights) are :func:`ferrum.moe.spec.with_moe`'s."""
+    key, spec = _rope_spec(r)
+    read_rope(r, sizes, spec, key, ("default",))
+    return _llama_like(False, "head", _no_windows)(r, sizes)
 
 
 _QWEN2_MOE_WINDOW = (
@@ -1130,11 +1142,17 @@ TABLE: dict[str, Family] = {
         derive=_laguna_heads,
     ),
     "deepseek": Family(  # DeepSeek-MoE 16B: Llama's blocks over softmax-routed experts and shared experts
-        _keys(_DEEPSEEK, _core_defaults(
+        _keys(_own_head_core("mlx-lm and DeepSeek's code"), _core_defaults(
             vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
             num_attention_heads=32, max_position_embeddings=2048,
         ), _ROPE, _SILU, (Key("attention_bias", default=False, check=boolean),), MOE_KEYS["deepseek"]),
         with_moe("deepseek", _deepseek),
+    ),
+    "Klear": Family(  # Kwai's Klear: Qwen 3's blocks over sigmoid-routed experts mixed with shared experts
+        _keys(_own_head_core("mlx-lm and Kwai's code"), _ROPE, _SILU,
+              (Key("attention_bias", check=required(boolean)),),
+              MOE_KEYS["Klear"]),
+        with_moe("Klear", _klear),
     ),
     "granitemoe_swa": Family(  # IBM's Granite Swash: Granite SWA's attention over Granite 3 MoE's experts
         _keys(_core(False), _ROPE, _SILU, _GRANITE, _LAYER_TYPES, (
