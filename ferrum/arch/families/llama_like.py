@@ -373,6 +373,62 @@ def _internlm2(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: Qwen (1)'s modules (its remote code's, which mlx-lm's conversion keeps) under Llama's: q/k/v in one ``c_attn``
+#: (queries, then keys, then values), the MLP's gate ``w2`` and up ``w1``.
+QWEN_NAMES = {"layers": "h", "embed_tokens": "wte", "norm": "ln_f", "input_layernorm": "ln_1",
+              "post_attention_layernorm": "ln_2", "self_attn.qkv_proj": "attn.c_attn",
+              "self_attn.o_proj": "attn.c_proj", "mlp.gate_proj": "mlp.w2", "mlp.up_proj": "mlp.w1",
+              "mlp.down_proj": "mlp.c_proj"}
+
+
+def _qwen_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    """Qwen's MLP is half intermediate_size wide (its remote code and mlx-lm's split it between w1 and w2)."""
+    return replace(sizes, intermediate_size=sizes.intermediate_size // 2)
+
+
+def _qwen(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Qwen (1) (Qwen-1.8B ... 72B; remote code, mlx-lm's qwen): Llama's multi-head blocks with q/k/v in one biased
+    ``c_attn``, the rope base rotary_emb_base. Past seq_length its release scales the rope base (use_dynamic_ntk) and
+    the queries (use_logn_attn), both exactly 1 within it: with either on, the context is capped at seq_length."""
+    if r("kv_channels") != sizes.head_dim:
+        r.fail("kv_channels", f"is {r('kv_channels')}, but the heads are hidden_size / num_attention_heads = "
+                              f"{sizes.head_dim} wide; Qwen's c_proj reads hidden_size inputs, so the two must agree")
+    rope = read_rope(r, sizes, {"rope_theta": r("rotary_emb_base")}, "rotary_emb_base", ("default",))
+    scaled = [name for name in ("use_dynamic_ntk", "use_logn_attn") if r(name)]
+    limit = None
+    if scaled:
+        if r("seq_length") is None:
+            r.fail("seq_length", f"is needed with {' and '.join(scaled)}: the context past which they apply")
+        limit = (r("seq_length"), f"{' and '.join(scaled)} change Qwen's attention past seq_length "
+                                  f"({r('seq_length')} tokens), which Ferrum does not run; set them to false in "
+                                  "config.json to run the rope unscaled to max_position_embeddings")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=True, fused_qkv=True,
+        prefix="transformer.", stored_names=QWEN_NAMES, context_limit=limit,
+    )
+
+
+#: mlx-lm's defaults for what a Qwen config leaves out (the releases carry them all).
+_QWEN = (
+    *_core_defaults(hidden_size=2048, num_attention_heads=16, num_hidden_layers=24, intermediate_size=11008,
+                    vocab_size=151936, max_position_embeddings=8192),
+    Key("layer_norm_epsilon", default=1e-6, check=optional_positive_number),
+    Key("kv_channels", default=128, check=positive_int),
+    Key("rotary_emb_base", default=10000.0, check=positive_number),
+    Key("rotary_pct", default=1.0, check=one_of(1, 1.0), unsupported=True),
+    Key("seq_length", check=optional_positive_int),
+    Key("use_dynamic_ntk", default=False, check=boolean),
+    Key("use_logn_attn", default=False, check=boolean),
+    # no release sets either: its remote code then biases c_proj and the MLP (mlx-lm the LM head too); its c_attn
+    # is biased whatever no_bias says
+    Key("no_bias", default=True, check=one_of(True), unsupported=True),
+    Key("scale_attn_weights", default=True, check=one_of(True), unsupported=True),
+    Key("use_cache_quantization", default=False,
+        check=falsy("Ferrum keeps the KV cache in the compute dtype; set it to false"), unsupported=True),
+)
+
+
 def _cwm_windows(r: KeyReader, sizes: Sizes) -> list:
     """transformers' CWM: layer_types, else every fourth layer full from the first on, the others sliding."""
     window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
@@ -659,6 +715,12 @@ TABLE: dict[str, Family] = {
               )),
         _bitnet,
         eps_default=1e-5,
+    ),
+    "qwen": Family(  # Qwen (1): Qwen-1.8B / 7B / 14B / 72B and their chats (remote code, mlx-lm's qwen)
+        _keys(_core(False, eps_key="layer_norm_epsilon"), _QWEN, _SILU),
+        _qwen,
+        eps_key="layer_norm_epsilon",
+        sizes=_qwen_sizes,
     ),
     "diffllama": Family(  # DiffLlama (the differential transformer on Llama's blocks)
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU, (
