@@ -429,6 +429,29 @@ _QWEN = (
 )
 
 
+def _telechat3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """TeleChat3 (dense; remote code, mlx-lm's telechat3): Llama's blocks. Its releases' rope "telechat3-yarn" is
+    YaRN with an attention factor of ``0.07 * ln(factor) + 1`` in place of YaRN's 0.1 (vLLM's TeleChat3 rope; mlx-lm
+    runs it as plain YaRN), read here as YaRN with that attention_factor."""
+    key, spec = _rope_spec(r)
+    if spec.get("rope_type", spec.get("type")) == "telechat3-yarn":
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            if spec.get(name) is not None:
+                r.fail(key, f"sets {name!r} with rope type 'telechat3-yarn', whose attention factor is fixed (vLLM "
+                            "ignores it, mlx-lm reads it); remove it, or say rope_type 'yarn' to have it read",
+                       unsupported=True)
+        factor = spec.get("factor")
+        if positive_number(factor) or spec.get("original_max_position_embeddings") is None:
+            r.fail(key, "with rope type 'telechat3-yarn' needs a positive 'factor' and the "
+                        f"'original_max_position_embeddings' it scales, got {spec!r}")
+        yarn = {**{k: v for k, v in spec.items() if k != "type"}, "rope_type": "yarn",
+                "attention_factor": 0.07 * math.log(factor) + 1.0 if factor > 1 else 1.0}
+        r = KeyReader({**r.raw, **{k: yarn for k in ("rope_scaling", "rope_parameters") if isinstance(
+            r.raw.get(k), dict) and "telechat3-yarn" in (r.raw[k].get("type"), r.raw[k].get("rope_type"))}},
+            r.keys, r.family, r.where)
+    return _llama_like(False, None, _no_windows)(r, sizes)
+
+
 def _cwm_windows(r: KeyReader, sizes: Sizes) -> list:
     """transformers' CWM: layer_types, else every fourth layer full from the first on, the others sliding."""
     window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
@@ -721,6 +744,11 @@ TABLE: dict[str, Family] = {
         _qwen,
         eps_key="layer_norm_epsilon",
         sizes=_qwen_sizes,
+    ),
+    "telechat3": Family(  # TeleChat3 (dense: 36B; remote code, mlx-lm's telechat3): Llama's blocks
+        _keys(_core(False), _ROPE, _SILU,
+              (Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean))),
+        _telechat3,
     ),
     "diffllama": Family(  # DiffLlama (the differential transformer on Llama's blocks)
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU, (
