@@ -16,11 +16,14 @@ import numpy as np
 from support import mlx_lm_logits, runnable_backends, scaled_error
 
 
-def backends() -> list[str]:
-    """The built-in backends that run here, and the JAX plugin where it is installed."""
+def backends() -> list:
+    """The built-in backends that run here, and the JAX plugin where it is installed (slow: its compiles)."""
+    import pytest
+
     from ferrum import backends as found
 
-    return runnable_backends() + [e.name for e in found.available() if e.available and e.name == "jax"]
+    return runnable_backends() + [pytest.param(e.name, marks=pytest.mark.slow) for e in found.available()
+                                  if e.available and e.name == "jax"]
 
 
 def mlx_lm_model(config: dict):

@@ -13,7 +13,7 @@ from ferrum.arch.families._shared import (
 )
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, optional_positive_number,
-    positive_int, positive_number,
+    positive_int, positive_number, size,
 )
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
@@ -452,6 +452,56 @@ def _telechat3(r: KeyReader, sizes: Sizes) -> Architecture:
     return _llama_like(False, None, _no_windows)(r, sizes)
 
 
+#: Lille 130M's modules (its nanoGPT-style code's, which mlx-lm's conversion keeps) under Llama's: each block's norm
+#: inside its attention and feed-forward, q/k/v in one ``qkv_proj``.
+LILLE_NAMES = {"embed_tokens": "tok_embeddings", "input_layernorm": "attention.norm",
+               "post_attention_layernorm": "feed_forward.norm", "self_attn.qkv_proj": "attention.qkv_proj",
+               "self_attn.o_proj": "attention.out_proj", "mlp.gate_proj": "feed_forward.gate_proj",
+               "mlp.up_proj": "feed_forward.up_proj", "mlp.down_proj": "feed_forward.down_proj"}
+#: Lille's config keys for the sizes (nanoGPT's).
+LILLE_CONFIG_NAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                      "max_position_embeddings": "block_size"}
+
+
+def _lille_width(raw: dict[str, Any]) -> dict[str, Any]:
+    """Lille's MLP width, which its config does not store: 8/3 of n_embd rounded to a multiple of 256 as mlx-lm's
+    port computes it (its release's GGUF exporter rounds up instead: the two agree on the release's n_embd, 640)."""
+    width = raw.get("n_embd")
+    if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+        return {**raw, "intermediate_size": 256 * round(int(8 * width / 3) / 256)}
+    return raw
+
+
+def _lille_kv_heads(r: KeyReader, heads: int) -> int:
+    kv_heads = r("n_kv_heads")
+    if heads % kv_heads:
+        r.fail("n_kv_heads", f"is {kv_heads}, but n_head ({heads}) must be a multiple of it")
+    return kv_heads
+
+
+def _lille(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Lille 130M (remote code, mlx-lm's lille-130m): Llama's blocks with q/k/v in one ``qkv_proj``, GPT-J's rope
+    (adjacent dims paired, as mlx-lm's port turns them), the LM head the embedding."""
+    if sizes.intermediate_size == 0:
+        r.fail("n_embd", f"is {r('n_embd')}, which gives Lille's MLP no width (8/3 of it, rounded to 256s)")
+    rope = read_rope(r, sizes, {"rope_theta": r("rope_theta")}, "rope_theta", ("default",))
+    return Architecture(
+        layers=tuple(LayerSpec(None, replace(rope, interleaved=True)) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), fused_qkv=True,
+        prefix="transformer.", stored_names=LILLE_NAMES,
+    )
+
+
+_LILLE = (
+    Key("n_embd", check=size(1 << 17)), Key("n_layer", check=size(1024)), Key("n_head", check=size(4096)),
+    Key("n_kv_heads", check=size(4096)), Key("block_size", check=size(1 << 28)), Key("vocab_size", check=size(1 << 23)),
+    Key("intermediate_size", check=optional_non_negative_int),  # derived (_lille_width)
+    Key("layer_norm_eps", check=optional_positive_number),
+    Key("rope_theta", default=10000.0, check=positive_number),
+    Key("tie_word_embeddings", default=True, check=one_of(True), unsupported=True),  # its code always ties
+)
+
+
 def _cwm_windows(r: KeyReader, sizes: Sizes) -> list:
     """transformers' CWM: layer_types, else every fourth layer full from the first on, the others sliding."""
     window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
@@ -749,6 +799,16 @@ TABLE: dict[str, Family] = {
         _keys(_core(False), _ROPE, _SILU,
               (Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean))),
         _telechat3,
+    ),
+    "lille-130m": Family(  # Lille 130M (remote code, mlx-lm's lille-130m): nanoGPT's keys over Llama's blocks
+        _keys(_LILLE),
+        _lille,
+        eps_default=1e-5,
+        eps_key="layer_norm_eps",
+        names=LILLE_CONFIG_NAMES,
+        kv_heads=_lille_kv_heads,
+        unloaded=r"\.rotary_emb\.",  # its rope's cached cos / sin, which mlx-lm's sanitize drops too
+        derive=_lille_width,
     ),
     "diffllama": Family(  # DiffLlama (the differential transformer on Llama's blocks)
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU, (
