@@ -320,7 +320,10 @@ class DecoderOnlyLLM:
         #: Those states at cached prefixes' block boundaries, for the prefix cache (None where every layer attends).
         self.snapshots = StateSnapshots(self.states, self.kv) if self.states.layers else None
         #: Each block's work before and after its mixer's step, plain and as the backend compiles it.
-        self._halves = [self._block_halves(layer, first=i == 0) for i, layer in enumerate(self.layers)]
+        #: The layers before which the stream is normed by the final norm (a looped model's later passes).
+        self._loop_starts = arch.loop_starts
+        self._halves = [self._block_halves(layer, first=i == 0 or i in self._loop_starts)
+                        for i, layer in enumerate(self.layers)]
         #: Each block's mixer step over a pass's batch, bound once (a pass looks no kind up per layer).
         self._steps = [kind.step for kind in kinds]
         #: Which layers hand a shortcut output to the next (``LayerSpec.shortcut`` "give").
@@ -784,6 +787,8 @@ class DecoderOnlyLLM:
         stream = (h,) if self.wide is None else self.wide.widen(h)
         for index, layer in enumerate(self.layers):
             enter, leave = halves[index]
+            if index in self._loop_starts:  # a looped model's next pass reads the stream normed
+                stream = final(*stream)
             *projected, h = enter(*stream, run.positions)
             mixed, extra, h = steps[index](run, index, layer, tuple(projected), h)
             stream = leave(mixed, h, *extra, *inputs[index])

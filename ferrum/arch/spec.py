@@ -318,6 +318,10 @@ class Architecture:
     #: Checkpoint layers that each hold several of Ferrum's (LongCat-Flash's two sub-blocks):
     #: :class:`ferrum.arch.sublayers.SubLayers`, or None: one each.
     sublayers: Any = None
+    #: A looped transformer's passes (Nanbeige 4.2's num_loops): ``layers`` are the stored ones this many times in
+    #: turn, each pass with KV pool layers of its own, reading the first pass's weights (``aliases``), the stream
+    #: normed by the final norm after each pass but the last (:attr:`loop_starts`); 1: one pass.
+    loops: int = 1
 
     def __post_init__(self) -> None:
         shared = {stored for stored in self.stored_names.values()
@@ -371,6 +375,9 @@ class Architecture:
                 raise UnsupportedFeatureError(f"layer {i} scales its residual or adds to its normed input (MiniMax's "
                                               "blocks), which Ferrum runs only in sequential blocks with a mixer and "
                                               "an MLP, each normed before and not after")
+        if self.loops > 1 and (len(self.layers) % self.loops or self.wide is not None or self.sublayers is not None):
+            raise UnsupportedFeatureError(f"{self.loops} passes over the layers (loops) need a whole number of "
+                                          "layers per pass, one residual stream and one Ferrum layer per stored one")
         if self.value_head_dim is not None and self.mla is not None:  # latent attention sizes its values itself
             raise UnsupportedFeatureError("values narrower than the heads (value_head_dim) with latent attention "
                                           "(its v_head_dim sizes them): Ferrum pads plain attention's values only")
@@ -387,8 +394,16 @@ class Architecture:
 
     @property
     def stored_layers(self) -> int:
-        """How many layers the checkpoint stores (fewer than Ferrum runs where each holds several sub-blocks)."""
-        return len(self.layers) // (1 if self.sublayers is None else self.sublayers.count)
+        """How many layers the checkpoint stores (fewer than Ferrum runs where each holds several sub-blocks, or
+        where the model loops over them)."""
+        return len(self.layers) // (1 if self.sublayers is None else self.sublayers.count) // self.loops
+
+    @property
+    def loop_starts(self) -> frozenset[int]:
+        """The layers that start a pass after the first (``loops``): the stream is normed by the final norm before
+        each."""
+        return frozenset(range(self.stored_layers, len(self.layers), self.stored_layers)) if self.loops > 1 else (
+            frozenset())
 
     @property
     def attention(self) -> Any:

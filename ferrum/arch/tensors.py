@@ -118,7 +118,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         parts = ("weight",) if arch.qk_norm == "each_head" else norm_parts  # per-head norms have no bias
         qk_norms.update({f"self_attn.{norm}.{part}": size for norm, size in zip((q_norm, k_norm), sizes)
                          for part in parts})
-    for i, layer in enumerate(arch.layers):
+    for i, layer in enumerate(arch.layers[:len(arch.layers) // arch.loops]):  # a looped model's passes share them
         mlp = MLP_KINDS[layer.mlp].tensors(config, i)
         norms = qk_norms if layer.qk_norm else {}
         block_norms = {f"{norm}.{part}": (h,) for norm in layer.block_norms(arch).values() for part in norm_parts}

@@ -502,6 +502,42 @@ _LILLE = (
 )
 
 
+def _nanbeige_passes(r: KeyReader) -> int:
+    """How many times Nanbeige's layers run: num_loops, or one more than loop_loss_weights lists where it lists
+    any (its checkpoints trained with a loss per extra pass, as mlx-lm reads them)."""
+    weights = r("loop_loss_weights")
+    if weights is not None and not isinstance(weights, list):
+        r.fail("loop_loss_weights", f"must be a list (a weight per extra pass) or null, got {weights!r}")
+    return len(weights) + 1 if weights else r("num_loops")
+
+
+def _nanbeige(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Nanbeige 4.2 (remote code, mlx-lm's nanbeige): Llama's blocks run as a looped transformer, the stored layers
+    ``passes`` times in turn (``Architecture.loops``: each pass its own KV, the stream normed by the final norm
+    between passes); ``sizes`` counts the layers of every pass (:func:`_nanbeige_sizes`)."""
+    passes = _nanbeige_passes(r)
+    stored = sizes.num_layers // passes
+    arch = _llama_like(False, None, _no_windows)(r, sizes)
+    return replace(arch, loops=passes, aliases=tuple(
+        (f"layers.{i}.", f"layers.{i % stored}.") for i in range(stored, sizes.num_layers)))
+
+
+def _nanbeige_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    return replace(sizes, num_layers=sizes.num_layers * _nanbeige_passes(r))
+
+
+_NANBEIGE = (
+    Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean),
+    Key("num_loops", default=1, check=size(64)),
+    Key("loop_loss_weights"),
+    Key("skip_loop_final_norm", default=False, check=falsy(
+        "Ferrum norms the stream between Nanbeige's passes, as its releases do; set it to false"), unsupported=True),
+    # what mlx-lm refuses too: features of its reference code without weights of their own
+    *(Key(name, default=False, check=falsy("mlx-lm refuses it too; load a release without it"), unsupported=True)
+      for name in ("enable_double_loop_split", "loop_share_kv", "enable_depth_attention")),
+)
+
+
 def _cwm_windows(r: KeyReader, sizes: Sizes) -> list:
     """transformers' CWM: layer_types, else every fourth layer full from the first on, the others sliding."""
     window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
@@ -809,6 +845,12 @@ TABLE: dict[str, Family] = {
         kv_heads=_lille_kv_heads,
         unloaded=r"\.rotary_emb\.",  # its rope's cached cos / sin, which mlx-lm's sanitize drops too
         derive=_lille_width,
+    ),
+    "nanbeige": Family(  # Nanbeige 4.2 (remote code, mlx-lm's nanbeige): Llama's blocks, looped
+        _keys(_core(False), _ROPE, _theta(10000.0), _SILU, _NANBEIGE),
+        _nanbeige,
+        eps_default=1e-5,
+        sizes=_nanbeige_sizes,
     ),
     "diffllama": Family(  # DiffLlama (the differential transformer on Llama's blocks)
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU, (
