@@ -259,6 +259,10 @@ TABLE: dict[str, Family] = {
 }
 #: Youtu-LLM's release (remote code; mlx-lm's conversions) names it youtu_llm; transformers, youtu.
 TABLE["youtu_llm"] = TABLE["youtu"]
+#: DeepSeek-V3 under its releases' own model_type (mlx-lm's MODEL_REMAPPING maps both to deepseek_v3): Kimi K2 /
+#: K2-Instruct / K2-Thinking (remote code, architectures DeepseekV3ForCausalLM; Kimi K2.5's text_config too) and JD's
+#: JoyAI-LLM-Flash, whose MTP layer after the decoder's is left out as DeepSeek-V3's is.
+TABLE["kimi_k2"] = TABLE["joyai_llm_flash"] = TABLE["deepseek_v3"]
 
 
 # ---------------------------------------------------------------- DeepSeek-V3.2, GLM-5 (DSA), A.X-K1
