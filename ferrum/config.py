@@ -32,7 +32,8 @@ TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral",  # Mistral Smal
                  "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text", "lfm2_vl": "lfm2",
                  "minimax_m3_vl": "minimax_m3_vl_text", "aria": "aria_text", "apertus1p5": "apertus1p5_text",
                  "minimax_vl_01": "minimax_text_01",  # MiniMax-VL-01: LLaVA-NeXT's wrapper of MiniMax-Text-01
-                 "dots3_note": "dots3_note_text"}
+                 "dots3_note": "dots3_note_text",
+                 "kimi_vl": "deepseek_v3", "kimi_k25": "deepseek_v3"}  # Kimi-VL, Kimi K2.5 (text_config: kimi_k2)
 #: A wrapper's text model_type -> the family it is (EXAONE 4.5's first release named its decoder so; the Qwen VL
 #: decoders are Qwen 2's and Qwen 3's).
 TEXT_ALIASES = {"exaone4_5_text": "exaone4", "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",

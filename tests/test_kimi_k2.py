@@ -170,3 +170,85 @@ def test_joyai_llm_flash_leaves_its_prediction_layer_out(kimi, tmp_path):
     assert scaled_error(model.forward_verify("j", TOKENS), want) <= 1e-4
     with pytest.raises(ValueError, match="parameters not in model"):
         mlx_lm_logits(release, TOKENS)
+
+
+# ------------------------------------------------------------------ the multimodal wrappers' text models
+
+#: wrapper model_type -> (its text_config's model_type, a vision tensor and a projector tensor its releases store).
+WRAPPERS = {"kimi_k25": ("kimi_k2", "vision_tower.encoder.blocks.0.wqkv.weight", "mm_projector.proj.0.weight"),
+            "kimi_vl": ("deepseek_v3", "vision_tower.encoder.blocks.0.wqkv.weight",
+                        "multi_modal_projector.linear_1.weight")}
+
+
+def wrapped(folder, dest, wrapper: str):
+    """Checkpoint ``folder``'s text model as the ``wrapper`` release stores it: every tensor under
+    ``language_model.``, a vision tower and projector beside it, the text config under text_config."""
+    from safetensors.numpy import load_file, save_file
+
+    text_type, *vision = WRAPPERS[wrapper]
+    shutil.copytree(folder, dest)
+    tensors = {f"language_model.{name}": value for name, value in load_file(dest / "model.safetensors").items()}
+    save_file({**tensors, **{name: np.ones((4, 4), np.float32) for name in vision}}, dest / "model.safetensors",
+              metadata={"format": "pt"})
+    text = json.loads((dest / "config.json").read_text())
+    outer = {"model_type": wrapper, "architectures": ["KimiK25ForConditionalGeneration"], "auto_map": text["auto_map"],
+             "text_config": {**text, "model_type": text_type}, "vision_config": {"patch_size": 14},
+             "torch_dtype": text.get("torch_dtype", text.get("dtype"))}  # float32: mlx-lm computes in it
+    (dest / "config.json").write_text(json.dumps(outer))
+    return dest
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kimi_k25_runs_its_text_model_as_mlx_lm(kimi, tmp_path, backend):
+    """Kimi K2.5's release: the text model (kimi_k2) under language_model., vision tensors beside it unread; the
+    logits are mlx-lm's kimi_k25's (its sanitize splits kv_b_proj as deepseek_v3's does) and the text model's."""
+    folder, _, want = kimi
+    release = wrapped(folder, tmp_path / "k25", "kimi_k25")
+    assert scaled_error(mlx_lm_logits(release, TOKENS), want) <= 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = float32_model(release, backend, block_size=4)
+    assert model.config.model_type == "kimi_k2" and model.config.arch.prefix == "language_model.model."
+    assert_forward_and_decode_match(model, TOKENS, want)
+
+
+def test_kimi_vl_runs_its_text_model(kimi, tmp_path):
+    """Kimi-VL's release (a deepseek_v3 text_config, its kv_b_proj whole): the text model's logits. mlx-lm's kimi_vl
+    does not split kv_b_proj, so it loads only a text model already split, as mlx-lm's deepseek_v3 conversions store
+    it: Ferrum runs that layout under the wrapper too, as mlx-lm's kimi_vl does."""
+    folder, hf, want = kimi
+    release = wrapped(folder, tmp_path / "vl", "kimi_vl")
+    assert scaled_error(float32_model(release).forward_verify("v", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+    with pytest.raises(ValueError, match="parameters not in model"):
+        mlx_lm_logits(release, TOKENS)
+    converted = tmp_path / "mlx"
+    source = shutil.copytree(folder, tmp_path / "source")
+    _edit_config(source, model_type="deepseek_v3", auto_map=None)
+    mlx_lm_converted(source, converted, TOKENS)
+    _edit_config(converted, auto_map=REMOTE_CODE_KEYS["auto_map"])
+    split = wrapped(converted, tmp_path / "vl_split", "kimi_vl")
+    got = mlx_lm_logits(split, TOKENS)
+    assert scaled_error(got, want) <= 1e-4
+    for backend in BACKENDS:
+        assert scaled_error(float32_model(split, backend).forward_verify("s", TOKENS), got) <= 1e-4, backend
+
+
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="mlx-lm's conversions need MLX")
+def test_mlx_lm_converts_kimi_k25_packed(kimi, tmp_path):
+    """mlx-lm's 4-bit conversion of the Kimi K2.5 release (vision tensors dropped, kv_b_proj split, experts
+    stacked under language_model.): every backend runs it as mlx-lm does."""
+    folder, _, want = kimi
+    stored, got = mlx_lm_converted(wrapped(folder, tmp_path / "k25", "kimi_k25"), tmp_path / "mlx", TOKENS, 4,
+                                   group=32)
+    assert "language_model.model.layers.1.self_attn.embed_q.scales" in stored
+    assert not any(name.startswith(("vision_tower", "mm_projector")) for name in stored)
+    assert scaled_error(got, want) > 1e-4  # 4 bits move the logits
+    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, got, packed=True)
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_text_config_without_model_type_is_the_wrappers_decoder(wrapper):
+    """mlx-lm's kimi_vl / kimi_k25 read their text_config without a model_type: Ferrum takes the wrapper's."""
+    text = {k: v for k, v in KIMI_K2.items() if k != "model_type"}
+    config = ModelConfig.from_dict({"model_type": wrapper, "text_config": text, "vision_config": {}})
+    assert config.model_type == "deepseek_v3" and config.arch.mla is not None and config.num_heads == 64
