@@ -785,6 +785,23 @@ TABLE: dict[str, Family] = {
         _llama_like(False, None, _no_windows),
         eps_default=1e-5,
     ),
+    # XVERSE-7B / 13B / 65B (remote code; mlx-lm runs them as llama): Llama's blocks under XverseConfig's defaults
+    "xverse": Family(
+        _keys(_core(False), _core_defaults(vocab_size=100278, max_position_embeddings=8192), _ROPE, _SILU, (
+            Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean),
+            Key("num_experts", unsupported=True, check=lambda v: None if not v else (
+                f"is {v!r}: XVERSE-MoE's experts are not supported (mlx-lm's llama, which runs xverse, has none "
+                "either); use a dense XVERSE release")),
+        )),
+        _llama_like(False, None, _no_windows),
+    ),
+    # Xiaomi's MiMo-7B (remote code; mlx-lm's mimo): Qwen 2's blocks; its multi-token prediction layers
+    # (model.mtp_layers.*) are not run, as mlx-lm drops them
+    "mimo": Family(
+        _keys(_core(False), _ROPE, _SILU, _QWEN_WINDOW),
+        _llama_like(True, None, _qwen_windows),
+        unloaded=r"(^|\.)mtp_layers\.",
+    ),
     "cwm": Family(  # Meta's Code World Model: Llama's blocks, three sliding layers to one full
         _keys(_core(False, head_dim_default=128), _ROPE, _SILU, _LAYER_TYPES, (
             Key("rope_parameters", default=_CWM_ROPE),
