@@ -1,11 +1,13 @@
 """Dense families mlx-lm runs under their releases' model_types, which transformers has no code for: XVERSE
-(``xverse``, mlx-lm's llama), MiMo-7B (``mimo``: Qwen 2's blocks, its MTP layers dropped); each against mlx-lm's own
-model and transformers' on the same weights, and mlx-lm's conversions."""
+(``xverse``, mlx-lm's llama), MiMo-7B (``mimo``: Qwen 2's blocks, its MTP layers dropped), and the text models of
+Pixtral's (``pixtral``) and LFM2-VL's (``lfm2-vl``) wrappers; each against mlx-lm's own model and transformers' on the
+same weights, and mlx-lm's conversions."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -117,3 +119,69 @@ def test_xverse_moe_is_refused_by_name(xverse):
     with pytest.raises(UnsupportedFeatureError, match=re.escape("'num_experts' is 64: XVERSE-MoE's experts")):
         ModelConfig.from_dict({**raw, "num_experts": 64, "moe_top_k": 6})
 
+
+# ------------------------------------------------------------------ the wrappers' text models
+
+
+def _wrap(folder, dest, wrapper: str, text_type: str, prefix: str = "language_model.") -> None:
+    """Checkpoint ``folder``'s text model under ``prefix`` with a vision tower and projector beside it, its config as
+    ``wrapper``'s text_config."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    tensors = {prefix + name: value for name, value in load_file(dest / "model.safetensors").items()}
+    tensors.update({name: np.ones((4, 4), np.float32) for name in (
+        "vision_tower.transformer.layers.0.attention.q_proj.weight", "multi_modal_projector.linear_1.weight")})
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    text = {**json.loads((dest / "config.json").read_text()), "model_type": text_type}
+    (dest / "config.json").write_text(json.dumps({"model_type": wrapper, "text_config": text, "vision_config": {},
+                                                  "torch_dtype": text.get("torch_dtype", text.get("dtype"))}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pixtral_runs_its_mistral_text_model_as_mlx_lm(tmp_path, backend):
+    """mlx-lm's pixtral: a Mistral text model (full attention: sliding_window null) under language_model."""
+    text = tmp_path / "text"
+    hf = build_transformers_model(text, transformers.MistralConfig(**SIZES, num_key_value_heads=2,
+                                                                   sliding_window=None))
+    write_tokenizer(text, VOCAB)
+    _release_config(text)
+    _wrap(text, tmp_path / "pixtral", "pixtral", "mistral")
+    want = mlx_lm_logits(tmp_path / "pixtral", TOKENS)
+    assert scaled_error(want, reference_logits(hf, TOKENS)) <= 1e-4
+    model = float32_model(tmp_path / "pixtral", backend, block_size=4)
+    assert model.config.model_type == "mistral" and model.config.arch.prefix == "language_model.model."
+    assert_forward_and_decode_match(model, TOKENS, want)
+
+
+def test_lfm2_vl_runs_its_text_model_as_mlx_lm(tmp_path):
+    """LFM2-VL's model_type as its releases write it (``lfm2-vl``): transformers' layout runs as transformers runs it;
+    mlx-lm's lfm2-vl loads the text model as mlx-lm's conversions store it (taps [C, K, 1]) under language_model.,
+    and every backend runs that as mlx-lm does."""
+    from test_lfm2 import _as_released, lfm2_config
+
+    config = transformers.Lfm2VlConfig(text_config=lfm2_config().to_dict(), projector_hidden_size=32,
+                                       vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2))
+    saved = tmp_path / "hf"
+    hf = build_transformers_model(saved, config, model_class=transformers.Lfm2VlForConditionalGeneration)
+    raw = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**raw, "model_type": "lfm2-vl"}))
+    assert scaled_error(float32_model(saved).forward_verify("v", TOKENS), reference_logits(hf, TOKENS)) <= 1e-4
+    text = tmp_path / "text"
+    build_transformers_model(text, lfm2_config())
+    write_tokenizer(text, VOCAB)
+    _, want = mlx_lm_converted(_as_released(text, tmp_path / "release"), tmp_path / "mlx", TOKENS)
+    _wrap(tmp_path / "mlx", tmp_path / "vl", "lfm2-vl", "lfm2")
+    got = mlx_lm_logits(tmp_path / "vl", TOKENS)
+    assert scaled_error(got, want) <= 1e-4
+    for backend in BACKENDS:
+        assert scaled_error(float32_model(tmp_path / "vl", backend).forward_verify("m", TOKENS), got) <= 1e-4, backend
+
+
+@pytest.mark.parametrize("wrapper, family", [("pixtral", "mistral"), ("lfm2-vl", "lfm2")])
+def test_a_text_config_without_model_type_is_the_wrappers_decoder(wrapper, family):
+    text = {**SIZES, "num_key_value_heads": 2} if family == "mistral" else {
+        **SIZES, "num_key_value_heads": 2, "layer_types": ["conv", "full_attention"]}
+    config = ModelConfig.from_dict({"model_type": wrapper, "text_config": text, "vision_config": {}})
+    assert config.model_type == family
