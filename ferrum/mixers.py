@@ -117,11 +117,13 @@ class Attention(MixerKind):
         norm_at = where.get(qk_norm)
         parallel, clip = cfg.arch.parallel, cfg.arch.clip_qkv
         head_norm = norm if layer.qk_eps == cfg.rms_norm_eps else NORM_KINDS[cfg.arch.norm](ops, layer.qk_eps)[0]
+        # "each_head" weights scale after a norm without one: a LayerNorm takes None, an RMSNorm a weight of ones
+        unit = (model._ones_of(hd) if cfg.arch.norm == "rms" else None, None)
 
         def norm_qk(*qk: Any) -> list[Any]:
             """q and k normed (q alone in a layer without keys of its own)."""
             if qk_norm == "each_head":  # [heads, head_dim] weights: normed without, then scaled head by head
-                return [ops.mul(norm(x, (None, None)), w[0]) for x, w in zip(qk, (layer.q_norm, layer.k_norm))]
+                return [ops.mul(head_norm(x, unit), w[0]) for x, w in zip(qk, (layer.q_norm, layer.k_norm))]
             return [head_norm(x, w) for x, w in zip(qk, (layer.q_norm, layer.k_norm))]
 
         def project(x: Any, h: Any, positions: Any) -> tuple:

@@ -463,7 +463,7 @@ class DecoderOnlyLLM:
             gate=mixer.gate,
             recurrent=mixer.recurrent,
             v_norm=v_norm,
-            qk_eps=config.rms_norm_eps * fit,
+            qk_eps=(config.rms_norm_eps if arch.qk_norm_eps is None else arch.qk_norm_eps) * fit,
             scalar=scalar,
             pre_attn=norms.get("pre_attn"),
             post_attn=norms.get("post_attn"),

@@ -125,6 +125,9 @@ class Architecture:
     #: Every norm scales by ``norm_offset + w`` (Gemma's RMSNorms and Nemotron's LayerNorm1P store ``w`` around 0:
     #: offset 1), folded into the weights at load.
     norm_offset: float = 0.0
+    #: The offsets of the norms whose module (Ferrum's name, relative to its layer or to the prefix) has its own:
+    #: PLaMo 2's and 3's norms after attention and the MLP (1 / 5 and 1 / 5 ** 1.5 beside 1), its q/k norms (0).
+    norm_offsets: dict[str, float] = field(default_factory=dict)
     #: Every norm's kind (:data:`ferrum.arch.norms.NORM_KINDS`): "rms" (RMSNorm) or "layer" (LayerNorm: Phi-2,
     #: StableLM, StarCoder2, GPT-2...), with a bias beside each weight where ``norm_bias``.
     norm: str = "rms"
@@ -175,6 +178,8 @@ class Architecture:
     #: head and dim (Command R+: ``[heads, head_dim]``), or "projection", one over all of q's heads and one over
     #: k's (OLMo 2); None without.
     qk_norm: str | None = None
+    #: The q/k norm's epsilon where it is not rms_norm_eps (PLaMo 2's remote code fixes 1e-6); None: rms_norm_eps.
+    qk_norm_eps: float | None = None
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")  # their modules in self_attn (Hunyuan's query_layernorm...)
     qk_norm_after_rope: bool = False  # Hunyuan norms q and k once rotated
     #: "each_head" weights stored one tensor a head, ``<norm>.norms.<h>.weight`` (StableLM 2 12B), stacked at load.

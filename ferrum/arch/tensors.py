@@ -342,10 +342,12 @@ def _renamed(arch: Any, name: str, table: dict[str, str]) -> str:
     if not table or not name.startswith(arch.prefix):
         return name
     rest, stem = name[len(arch.prefix):], arch.prefix
-    container, _, inner = rest.partition(".")
-    if "layers" in (container, table.get(container)) and inner.split(".", 1)[0].isdigit() and "." in inner:
-        index, rest = inner.split(".", 1)
-        stem += f"{table.get(container, container)}.{index}."
+    # the layers' container, maybe dotted (PLaMo's ``layers.layers``): the longest name that is followed by an index
+    for container in sorted({c for c, to in table.items() if "layers" in (c, to)} | {"layers"}, key=len, reverse=True):
+        index, _, inner = rest.removeprefix(f"{container}.").partition(".")
+        if rest.startswith(f"{container}.") and index.isdigit() and inner:
+            stem, rest = stem + f"{table.get(container, container)}.{index}.", inner
+            break
     if rest in table:  # a parameter renamed on its own (MiMo-V2-Flash's self_attn.attention_sink_bias)
         return stem + table[rest]
     module, suffix = rest.rsplit(".", 1) if "." in rest else (rest, None)
@@ -496,8 +498,9 @@ def _writes_residual(norms: dict[str, str], name: str) -> bool:
 
 def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     arch = config.arch
-    if arch.norm_offset and name.endswith("norm.weight") and f".{GATED_DELTA}." not in name:  # a mixer's own: none
-        tensor = np.asarray(tensor, dtype=np.float32) + np.float32(arch.norm_offset)
+    offset = _norm_offset(arch, name)
+    if offset:
+        tensor = np.asarray(tensor, dtype=np.float32) + np.float32(offset)
     if layer is None:
         if arch.per_layer_inputs is not None and name == arch.prefix + PER_LAYER_TABLE:
             return arch.per_layer_inputs.cover(tensor, config.vocab_size, _take_rows)
@@ -522,6 +525,15 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if np.ndim(tensor) == 2 and is_norm(name):  # a weight per head: rotated as the rows of q (k) are
         return _transformed_rows(config, rope, heads, name, np.asarray(tensor).reshape(-1)).reshape(np.shape(tensor))
     return _transformed_rows(config, rope, heads, name, tensor)
+
+
+def _norm_offset(arch: Any, name: str) -> float:
+    """What norm weight ``name`` is stored short of: its module's own offset (``Architecture.norm_offsets``), else
+    ``norm_offset``; 0 for any other tensor and for a Gated DeltaNet's own norm."""
+    if not name.endswith("norm.weight") or f".{GATED_DELTA}." in name:
+        return 0.0
+    return next((offset for module, offset in arch.norm_offsets.items() if name.endswith(f".{module}.weight")),
+                arch.norm_offset)
 
 
 def _multiplied(arch: Any, name: str, tensor: Any) -> Any:

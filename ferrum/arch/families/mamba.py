@@ -7,7 +7,8 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from ferrum.arch.families._shared import (
-    FULL, Family, LINEAR, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core, _core_defaults, _keys, _rope_spec, read_rope,
+    FULL, Family, LINEAR, SANDWICH_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core, _core_defaults, _keys, _rope_spec,
+    read_rope,
 )
 from ferrum.arch.families.llama_like import _GRANITE, _granite_multipliers, _llama_like, _no_windows
 from ferrum.arch.families.moe import GRANITEMOESHARED_NAMES
@@ -21,6 +22,7 @@ from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, nemotron_h_moe, with_moe
 from ferrum.recurrent.mamba import MambaSpec
 from ferrum.recurrent.mamba2 import Mamba2Spec
+from ferrum.recurrent.plamo2 import Plamo2MambaSpec
 
 
 #: Granite 4.0-H's layer types (transformers 4's names, then 5's) -> the mixer each runs (LayerSpec.mixer).
@@ -476,6 +478,60 @@ def _zamba2_context(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "max_position_embeddings": 16384} if raw.get("use_long_context") else raw
 
 
+def _at_least_two(value: Any) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else (
+        f"must be an integer of at least 2 (one attention layer in each mamba_step), got {value!r}")
+
+
+def _plamo2_mixers(r: KeyReader, sizes: Sizes) -> list[str]:
+    """Each layer's mixer as mlx-lm's ``is_mamba`` picks it: attention where ``i % mamba_step == mamba_step // 2``,
+    or on the last layer alone where there are no more than ``mamba_step // 2``; Mamba elsewhere; attention
+    everywhere without mamba_enabled."""
+    step, count = r("mamba_step"), sizes.num_layers
+    if not r("mamba_enabled"):
+        return ["attention"] * count
+    if count <= step // 2:
+        return ["attention" if i == count - 1 else "mamba2" for i in range(count)]
+    return ["attention" if i % step == step // 2 else "mamba2" for i in range(count)]
+
+
+#: PLaMo 2's and 3's modules: its layers under ``layers.layers``, each one ``mixer`` (attention or Mamba) between a
+#: norm before and after it, then the MLP between two more.
+PLAMO_STORED = {"layers": "layers.layers", "input_layernorm": "pre_mixer_norm",
+                "post_attention_layernorm": "post_mixer_norm", "pre_feedforward_layernorm": "pre_mlp_norm",
+                "post_feedforward_layernorm": "post_mlp_norm", "self_attn.qkv_proj": "mixer.qkv_proj",
+                "self_attn.o_proj": "mixer.o_proj"}
+#: PLaMo's norms after its mixer and MLP scale by ``w`` plus these (the others by ``1 + w``), as mlx-lm's do.
+PLAMO_NORM_OFFSETS = {"post_attention_layernorm": 1.0 / 5, "post_feedforward_layernorm": 1.0 / 5 ** 1.5}
+
+
+def _plamo2(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Preferred Networks' PLaMo 2, as mlx-lm runs it: Mamba layers (:mod:`ferrum.recurrent.plamo2`) and rope
+    attention layers with per-head q/k weights after a weightless RMSNorm (eps 1e-6), each mixer and the SwiGLU MLP
+    between a norm before and one after, the norms' offsets their own. mlx-lm attends over the whole context in
+    every attention layer (its TODO: attention_window_size and full_attention_idx are not read), and so does
+    Ferrum."""
+    r("attention_window_size"), r("full_attention_idx"), r("mamba_chunk_size")
+    h = sizes.hidden_size
+    mamba = Plamo2MambaSpec(r("mamba_num_heads"), sizes.head_dim, r("mamba_d_state"), r("mamba_d_conv"),
+                            max(64, h // 16))
+    rope = Rope(theta=10000.0, head_dim=sizes.head_dim, rotary_dim=sizes.head_dim, kind="default")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, mixer=m) for m in _plamo2_mixers(r, sizes)),
+        norms=SANDWICH_NORMS, norm_offset=1.0,
+        norm_offsets={**PLAMO_NORM_OFFSETS, "self_attn.q_norm": 0.0, "self_attn.k_norm": 0.0},
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="each_head", qk_norm_eps=1e-6,
+        fused_qkv=True, fused_gate_up=True, mamba2=mamba, keep_float32=(".A_log", ".dt_bias", ".D"),
+        stored_names={**PLAMO_STORED, "self_attn.q_norm.weight": "mixer.q_weight",
+                      "self_attn.k_norm.weight": "mixer.k_weight"},
+    )
+
+
+def _without_nulls(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config whose null keys take their defaults, as they do in mlx-lm's ModelArgs where releases leave them."""
+    return {key: value for key, value in raw.items() if value is not None}
+
+
 TABLE: dict[str, Family] = {
     "granitemoehybrid": Family(  # Granite 4.0-H: Mamba-2 + attention layers, Granite's multipliers, shared MLP
         _keys(_core(False), _ROPE, _SILU, _GRANITE, MOE_KEYS["granitemoeshared"], _MAMBA2, (
@@ -570,6 +626,30 @@ TABLE: dict[str, Family] = {
         )),
         _zamba2,
         eps_default=1e-5, derive=_zamba2_context, head_dim=lambda r: 2 * r("hidden_size") // r("num_attention_heads"),
+    ),
+    "plamo2": Family(  # Preferred Networks' PLaMo 2: Mamba and attention layers in sandwich norms (mlx-lm's)
+        _keys((
+            Key("hidden_size", default=4096, check=size(1 << 17)),
+            Key("intermediate_size", default=13312, check=size(1 << 20)),
+            Key("num_hidden_layers", default=32, check=size(1024)),
+            Key("num_attention_heads", default=32, check=size(4096)),
+            Key("num_key_value_heads", default=4, check=size(4096)),
+            Key("hidden_size_per_head", default=128, check=size(4096)),
+            Key("vocab_size", default=32000, check=size(1 << 23)),
+            Key("max_position_embeddings", default=2048, check=size(1 << 28)),
+            Key("rms_norm_eps", default=1e-6, check=positive_number),
+            Key("tie_word_embeddings", default=True, check=boolean),
+            Key("attention_window_size", default=2048),  # not read by mlx-lm (see _plamo2)
+            Key("full_attention_idx"),  # nor this
+            Key("mamba_d_state", default=64, check=positive_int),
+            Key("mamba_d_conv", default=4, check=positive_int),
+            Key("mamba_num_heads", default=64, check=positive_int),
+            Key("mamba_step", default=2, check=_at_least_two),
+            Key("mamba_chunk_size", default=256),  # the training kernels' chunks: the same numbers
+            Key("mamba_enabled", default=True, check=boolean),
+        )),
+        _plamo2,
+        derive=_without_nulls, head_dim=lambda r: r("hidden_size_per_head"),
     ),
     "mamba2": Family(  # pure Mamba-2 (state-spaces' mamba2-*, Mamba-Codestral): Mamba-2 blocks alone
         _keys((
