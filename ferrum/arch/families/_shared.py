@@ -86,6 +86,23 @@ def _keys(*groups: tuple[Key, ...]) -> dict[str, Key]:
     return {k.name: k for group in groups for k in group}
 
 
+#: PLaMo 2's and 3's modules: its layers under ``layers.layers``, each one ``mixer`` (attention or Mamba) between a
+#: norm before and after it, then the MLP between two more.
+PLAMO_STORED = {"layers": "layers.layers", "input_layernorm": "pre_mixer_norm",
+                "post_attention_layernorm": "post_mixer_norm", "pre_feedforward_layernorm": "pre_mlp_norm",
+                "post_feedforward_layernorm": "post_mlp_norm", "self_attn.qkv_proj": "mixer.qkv_proj",
+                "self_attn.o_proj": "mixer.o_proj"}
+#: PLaMo's norms after its mixer and MLP scale by ``w`` plus these (the others by ``1 + w``), as mlx-lm's do.
+PLAMO_NORM_OFFSETS = {"post_attention_layernorm": 1.0 / 5, "post_feedforward_layernorm": 1.0 / 5 ** 1.5}
+
+
+
+def _without_nulls(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config whose null keys take their defaults, as they do in mlx-lm's ModelArgs where releases leave them."""
+    return {key: value for key, value in raw.items() if value is not None}
+
+
+
 # ---------------------------------------------------------------- shared keys
 
 def _core(tie_default: bool, head_dim_default: int | None = None,

@@ -8,8 +8,9 @@ from typing import Any, Callable
 
 from ferrum.arch.altup import AltUpSpec
 from ferrum.arch.families._shared import (
-    FULL, Family, LLAMA_NORMS, SANDWICH_NORMS, SLIDING, Sizes, _LAYER_TYPES, _LLAMA_ROPES, _ROPE, _WINDOW, _core,
-    _core_defaults, _keys, _layer_kinds, _per_kind_rope_specs, _rope_spec, read_rope,
+    FULL, Family, LLAMA_NORMS, PLAMO_NORM_OFFSETS, PLAMO_STORED, SANDWICH_NORMS, SLIDING, Sizes, _LAYER_TYPES,
+    _LLAMA_ROPES, _ROPE, _WINDOW, _core, _core_defaults, _keys, _layer_kinds, _per_kind_rope_specs, _rope_spec,
+    _without_nulls, read_rope,
 )
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
@@ -386,7 +387,49 @@ _GEMMA4 = (
 VAULTGEMMA_NORMS = {"pre_attn": "input_layernorm", "pre_mlp": "pre_feedforward_layernorm"}
 
 
+def _plamo3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Preferred Networks' PLaMo 3, as mlx-lm runs it: PLaMo 2's attention blocks alone (sandwich norms with offsets
+    of their own, fused q/k/v and gate/up) with Gemma's ``1 + w`` q/k norms, every sliding_window_pattern-th layer
+    full (rope_theta), the others sliding (rope_local_theta) over ``window_size + 1`` keys, as mlx-lm's prompt pass
+    masks them (sliding_window, where set, is window_size)."""
+    r("image_token_id"), r("image_feature_size"), r("image_proj_type"), r("linear_type")
+    window = r("window_size") if r("sliding_window") is None else r("sliding_window")
+    pattern, head = r("sliding_window_pattern"), sizes.head_dim
+    full, local = (Rope(theta=float(r(key)), head_dim=head, rotary_dim=head, kind="default")
+                   for key in ("rope_theta", "rope_local_theta"))
+    return Architecture(
+        layers=tuple(LayerSpec(None, full) if (i + 1) % pattern == 0 else LayerSpec(window + 1, local)
+                     for i in range(sizes.num_layers)),
+        norms=SANDWICH_NORMS, norm_offset=1.0, norm_offsets=PLAMO_NORM_OFFSETS, attn_scale=head ** -0.5,
+        qk_norm="head", fused_qkv=True, fused_gate_up=True,
+        stored_names={**PLAMO_STORED, "self_attn.q_norm": "mixer.q_norm", "self_attn.k_norm": "mixer.k_norm"},
+    )
+
+
 TABLE: dict[str, Family] = {
+    "plamo3": Family(  # Preferred Networks' PLaMo 3: sliding and full attention layers in PLaMo's sandwich norms
+        _keys((
+            Key("hidden_size", default=4096, check=size(1 << 17)),
+            Key("intermediate_size", default=13312, check=size(1 << 20)),
+            Key("num_hidden_layers", default=32, check=size(1024)),
+            Key("num_attention_heads", default=32, check=size(4096)),
+            Key("num_key_value_heads", default=4, check=size(4096)),
+            Key("head_dim", default=128, check=size(4096)),
+            Key("vocab_size", default=32000, check=size(1 << 23)),
+            Key("max_position_embeddings", default=2048, check=size(1 << 28)),
+            Key("rms_norm_eps", default=1e-6, check=positive_number),
+            Key("tie_word_embeddings", default=True, check=boolean),
+            Key("window_size", default=2048, check=positive_int),
+            Key("sliding_window", check=optional_positive_int),
+            Key("sliding_window_pattern", default=8, check=positive_int),
+            Key("rope_theta", default=1_000_000.0, check=positive_number),
+            Key("rope_local_theta", default=10_000.0, check=positive_number),
+            # the vision projection's (mlx-lm builds none), and how the release's linears were trained
+            Key("image_token_id"), Key("image_feature_size"), Key("image_proj_type"), Key("linear_type"),
+        )),
+        _plamo3,
+        derive=_without_nulls,
+    ),
     "gemma": Family(
         _keys(_core(True, 256), _ROPE, _CAUSAL_GEMMA, (
             Key("hidden_act", default="gelu_pytorch_tanh", check=one_of(*_GEMMA1_ACTIVATIONS), unsupported=True),

@@ -7,8 +7,8 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from ferrum.arch.families._shared import (
-    FULL, Family, LINEAR, SANDWICH_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core, _core_defaults, _keys, _rope_spec,
-    read_rope,
+    FULL, Family, LINEAR, PLAMO_NORM_OFFSETS, PLAMO_STORED, SANDWICH_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core,
+    _core_defaults, _keys, _rope_spec, _without_nulls, read_rope,
 )
 from ferrum.arch.families.llama_like import _GRANITE, _granite_multipliers, _llama_like, _no_windows
 from ferrum.arch.families.moe import GRANITEMOESHARED_NAMES
@@ -495,16 +495,6 @@ def _plamo2_mixers(r: KeyReader, sizes: Sizes) -> list[str]:
     return ["attention" if i % step == step // 2 else "mamba2" for i in range(count)]
 
 
-#: PLaMo 2's and 3's modules: its layers under ``layers.layers``, each one ``mixer`` (attention or Mamba) between a
-#: norm before and after it, then the MLP between two more.
-PLAMO_STORED = {"layers": "layers.layers", "input_layernorm": "pre_mixer_norm",
-                "post_attention_layernorm": "post_mixer_norm", "pre_feedforward_layernorm": "pre_mlp_norm",
-                "post_feedforward_layernorm": "post_mlp_norm", "self_attn.qkv_proj": "mixer.qkv_proj",
-                "self_attn.o_proj": "mixer.o_proj"}
-#: PLaMo's norms after its mixer and MLP scale by ``w`` plus these (the others by ``1 + w``), as mlx-lm's do.
-PLAMO_NORM_OFFSETS = {"post_attention_layernorm": 1.0 / 5, "post_feedforward_layernorm": 1.0 / 5 ** 1.5}
-
-
 def _plamo2(r: KeyReader, sizes: Sizes) -> Architecture:
     """Preferred Networks' PLaMo 2, as mlx-lm runs it: Mamba layers (:mod:`ferrum.recurrent.plamo2`) and rope
     attention layers with per-head q/k weights after a weightless RMSNorm (eps 1e-6), each mixer and the SwiGLU MLP
@@ -525,11 +515,6 @@ def _plamo2(r: KeyReader, sizes: Sizes) -> Architecture:
         stored_names={**PLAMO_STORED, "self_attn.q_norm.weight": "mixer.q_weight",
                       "self_attn.k_norm.weight": "mixer.k_weight"},
     )
-
-
-def _without_nulls(raw: dict[str, Any]) -> dict[str, Any]:
-    """A config whose null keys take their defaults, as they do in mlx-lm's ModelArgs where releases leave them."""
-    return {key: value for key, value in raw.items() if value is not None}
 
 
 TABLE: dict[str, Family] = {
