@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
-from mlx_lm_releases import MlxLmReference, logits_of, random_mlx_lm_model, write_release
+from mlx_lm_checkpoints import MlxLmReference, logits_of, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
     float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine,

@@ -209,6 +209,9 @@ class Architecture:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    #: Query head ``h`` reads key/value head ``h % kv_heads`` (PLaMo's keys and values tiled over n_shared_head
+    #: groups), not ``h // group``: the query heads are regrouped at load (q_proj's rows, o_proj's columns), exactly.
+    tiled_kv_heads: bool = False
     fused_qkv: bool = False  # checkpoint holds self_attn.qkv_proj (Phi-3)
     #: ...with its rows grouped by key/value head: that head's queries, then its key, then its value (GPT-NeoX's
     #: per-head q, k, v; Falcon's groups).

@@ -203,6 +203,25 @@ def fit_query_heads(config: Any, layer: Any, name: str, tensor: Any, inputs: boo
                                                        config.num_heads))
 
 
+def regrouped_query_heads(config: Any, name: str, tensor: Any, inputs: bool = True) -> Any:
+    """A stored tensor of a model whose key/value heads are tiled over its queries (``Architecture.tiled_kv_heads``:
+    query head ``r * kv + j`` reads key/value head ``j``) with its query heads moved to ``j * group + r``, where
+    Ferrum's grouped attention reads head ``j`` from: q_proj's rows, o_proj's columns unless not ``inputs`` (a packed
+    o_proj's in whole groups, where each head fills them; else refused)."""
+    axis = {"self_attn.q_proj.weight": 0, "self_attn.o_proj.weight": 1}.get(".".join(name.rsplit(".", 3)[-3:]))
+    if axis is None or axis == 1 and not inputs:
+        return tensor
+    heads, kv = config.num_heads, config.num_kv_heads
+    if isinstance(tensor, QuantizedWeight) and axis == 1 and config.head_dim % tensor.group_size:
+        raise UnsupportedFeatureError(f"{name}: its query heads are regrouped at load (tiled key/value heads), which "
+                                      f"a packed matrix allows only in whole groups; group size {tensor.group_size} "
+                                      f"does not divide head_dim ({config.head_dim}); "
+                                      f"{_group_advice(tensor.bits, lambda n: config.head_dim % n == 0)}")
+    order = np.arange(heads).reshape(heads // kv, kv).T.reshape(-1)
+    return _each_array(tensor, lambda a: np.take(a.reshape(a.shape[:axis] + (heads, -1) + a.shape[axis + 1:]), order,
+                                                 axis=axis).reshape(a.shape))
+
+
 def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
     """A Gemma 4 layer's stored attention tensor made the model's uniform heads (see ``LayerSpec.stored_head_dim``
     and ``stored_kv_heads``; MiMo-V2-Flash's narrower values, ``Architecture.value_head_dim``, and fewer key/value
@@ -442,6 +461,8 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
                       in n else t) for n, t in parts]
         if spec.stored_heads is not None:
             parts = [(n, fit_query_heads(config, spec, n, t, inputs)) for n, t in parts]
+        if arch.tiled_kv_heads:
+            parts = [(n, regrouped_query_heads(config, n, t, inputs)) for n, t in parts]
         if (spec.stored_head_dim is not None or spec.stored_kv_heads is not None or spec.values_are_keys
                 or arch.value_head_dim is not None):
             parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]

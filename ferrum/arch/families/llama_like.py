@@ -642,7 +642,49 @@ def _diffllama(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _plamo_kv_heads(r: KeyReader, heads: int) -> int:
+    """PLaMo's key/value heads: ``ceil(heads / n_shared_head)``, tiled over the queries; mlx-lm tiles them
+    n_shared_head times, which gives every query one only where n_shared_head divides the heads."""
+    shared = r("n_shared_head")
+    if heads % shared:
+        r.fail("n_shared_head", f"({shared}) must divide num_attention_heads ({heads}): mlx-lm tiles the key/value "
+                                "heads n_shared_head times over the queries")
+    return heads // shared
+
+
+def _plamo(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Preferred Networks' PLaMo (PLaMo-13B), as mlx-lm runs it: parallel blocks (attention and the SwiGLU MLP on one
+    normed input, both added to the stream), key/value heads tiled over the queries (``tiled_kv_heads``), rope over
+    whole heads (GPT-J's pairs where rope_traditional), an untied head; its layers under ``layers.layers``."""
+    rope = Rope(theta=float(r("rope_theta")), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim, kind="default",
+                interleaved=bool(r("rope_traditional")))
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms={"pre_attn": "norm"}, parallel=True, attn_scale=1.0 / math.sqrt(sizes.head_dim), tiled_kv_heads=True,
+        stored_names={"layers": "layers.layers"},
+    )
+
+
 TABLE: dict[str, Family] = {
+    "plamo": Family(  # Preferred Networks' PLaMo-13B: parallel blocks, key/value heads tiled over the queries
+        _keys((
+            Key("hidden_size", check=size(1 << 17)),
+            Key("intermediate_size", check=size(1 << 20)),
+            Key("num_hidden_layers", check=size(1024)),
+            Key("num_attention_heads", check=size(4096)),
+            Key("vocab_size", check=size(1 << 23)),
+            Key("rms_norm_eps", check=positive_number),
+            Key("n_shared_head", default=8, check=positive_int),
+            Key("rope_theta", default=10000.0, check=positive_number),
+            Key("rope_traditional", default=False, check=boolean),
+            # no positions bound it in mlx-lm: the release's 4096 where a config leaves it out
+            Key("max_position_embeddings", default=4096, check=size(1 << 28)),
+            Key("tie_word_embeddings", default=False, check=falsy(
+                "mlx-lm runs PLaMo with its own lm_head whatever this says; store one and set it false")),
+        )),
+        _plamo,
+        kv_heads=_plamo_kv_heads,
+    ),
     "llama": Family(
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU,
               (Key("attention_bias", check=boolean), Key("mlp_bias", check=boolean))),
