@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.28"
+API_VERSION = "1.29"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -753,7 +753,8 @@ def moe_experts(
     dtype (from ``from_numpy``), expert ``e``'s row added to each projection's
     output; ``activation``, None for ``silu(g) * u`` or a
     :class:`ferrum.moe.activation.ClampedSwiGLU` in its place (its ``up_offset``, 1 for gpt-oss, is handed
-    as another number, Hy4's 0, only to plugins declaring API 1.26), or (API 1.16,
+    as another number, Hy4's 0, only to plugins declaring API 1.26; its ``clamp`` "swish", Step 3.5's
+    ``clip(u) * min(silu(g), limit)``, only to plugins declaring API 1.29), or (API 1.16,
     handed only to plugins declaring it) a :class:`~ferrum.moe.activation.GeluTanhGLU`,
     ``gelu_tanh(g) * u`` as the ``gelu_tanh_mul`` op its ``op`` names, or (API 1.18, handed only
     to plugins declaring it) an ungated :class:`~ferrum.moe.activation.SquaredReLU` (its ``gated``

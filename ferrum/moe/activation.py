@@ -16,7 +16,9 @@ import numpy as np
 class ClampedSwiGLU:
     """gpt-oss's expert activation (transformers' ``GptOssExperts._apply_gate``):
     ``(clip(up, -limit, limit) + up_offset) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``, ``up_offset``
-    1; Hy4's (``HYV4Experts._apply_gate``) is SwiGLU under the same clamps, alpha 1 and ``up_offset`` 0.
+    1; Hy4's (``HYV4Experts._apply_gate``) is SwiGLU under the same clamps, alpha 1 and ``up_offset`` 0. Step 3.5's
+    (mlx-lm's ``clamped_swiglu``) clamps the swish instead of the gate (``clamp`` "swish"):
+    ``clip(up, -limit, limit) * min(silu(gate), limit)``.
 
     The offset and the clamps are part of what the weights were trained with: dropping either
     changes every expert's output."""
@@ -24,19 +26,28 @@ class ClampedSwiGLU:
     alpha: float
     limit: float
     up_offset: float = 1.0
+    #: What ``min(., limit)`` bounds: "gate", the gate before the swish (gpt-oss's, Hy4's), or "swish", the swish
+    #: ``g * sigmoid(alpha * g)`` itself (Step 3.5's).
+    clamp: str = "gate"
     gated = True
     op = None  # no backend op runs it: its host form where the backend's moe_experts does not take it
 
     @property
     def since(self) -> tuple[int, int]:
-        """The plugin API that first handed moe_experts this activation: gpt-oss's from 1.7, another offset 1.26."""
-        return (1, 7) if self.up_offset == 1.0 else (1, 26)
+        """The plugin API that first handed moe_experts this activation: gpt-oss's from 1.7, another offset 1.26,
+        the swish clamped 1.29."""
+        return (1, 29) if self.clamp == "swish" else (1, 7) if self.up_offset == 1.0 else (1, 26)
 
     def host(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """The activation on host arrays, in float32 (the reference every backend matches)."""
-        g = np.minimum(np.asarray(gate, dtype=np.float32), np.float32(self.limit))
+        g = np.asarray(gate, dtype=np.float32)
+        if self.clamp == "gate":
+            g = np.minimum(g, np.float32(self.limit))
+        swish = g / (1.0 + np.exp(-self.alpha * g))
+        if self.clamp == "swish":
+            swish = np.minimum(swish, np.float32(self.limit))
         u = np.clip(np.asarray(up, dtype=np.float32), -self.limit, self.limit)
-        return (u + np.float32(self.up_offset)) * g / (1.0 + np.exp(-self.alpha * g))
+        return (u + np.float32(self.up_offset)) * swish
 
     def composed(self, ops: Any) -> Callable[[Any, Any], Any]:
         """``act(gate, up)`` on the backend's arrays, composed from the ops (MiniMax-M3's dense MLPs and shared
@@ -46,12 +57,18 @@ class ClampedSwiGLU:
         for bfloat16 / float16 inputs (infinite gates too), a float32 rounding off at most for float32 ones."""
         from ferrum.reference_ops import dtype_name  # imported here: ferrum.reference_ops imports this module
 
+        def at_most_limit(v: Any) -> Any:
+            clipped = ops.clip(v, self.limit)
+            return ops.add(clipped, ops.mul_scalar(ops.relu(ops.add(clipped, ops.mul_scalar(v, -1.0))), -1.0))
+
         def act(gate: Any, up: Any) -> Any:
             dtype = dtype_name(gate)
             g, u = ops.cast(gate, "float32"), ops.cast(up, "float32")
-            clipped = ops.clip(g, self.limit)
-            g = ops.add(clipped, ops.mul_scalar(ops.relu(ops.add(clipped, ops.mul_scalar(g, -1.0))), -1.0))
+            if self.clamp == "gate":
+                g = at_most_limit(g)
             swish = ops.sigmoid_mul(ops.mul_scalar(g, self.alpha), g)
+            if self.clamp == "swish":
+                swish = at_most_limit(swish)
             out = ops.mul(ops.clip(u, self.limit), swish)
             if self.up_offset:
                 out = ops.add(out, ops.mul_scalar(swish, self.up_offset))

@@ -71,9 +71,11 @@ def moe_experts(x, ids, weights, gate, up, down, shared=None, biases=None, activ
                 h = silu_mul(g, u)
             elif activation.op == "gelu_tanh_mul":  # Gemma 4's GeGLU experts
                 h = 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3))) * u
-            else:
-                g, u = np.minimum(g, activation.limit), np.clip(u, -activation.limit, activation.limit)
-                h = (u + 1.0) * g / (1.0 + np.exp(-activation.alpha * g))
+            else:  # clamped: the gate before the swish (gpt-oss's, Hy4's) or the swish (Step 3.5's)
+                g = np.minimum(g, activation.limit) if activation.clamp == "gate" else g
+                swish = g / (1.0 + np.exp(-activation.alpha * g))
+                swish = np.minimum(swish, activation.limit) if activation.clamp == "swish" else swish
+                h = (np.clip(u, -activation.limit, activation.limit) + activation.up_offset) * swish
             out[t] += weights[t, j] * linear(h, down[e], bias(2, e))[0]
         if shared is not None:
             out[t] += weights[t, top_k] * f64(shared)[t]

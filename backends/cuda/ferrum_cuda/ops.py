@@ -1331,10 +1331,14 @@ def upload_experts(name, weight, dtype):
 
 
 def _clamped_swiglu(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gpt-oss's and Hy4's :class:`ferrum.moe.activation.ClampedSwiGLU`, in float32 as its host reference."""
-    g = gate.float().clamp(max=activation.limit)
+    """gpt-oss's, Hy4's and Step 3.5's :class:`ferrum.moe.activation.ClampedSwiGLU` (the gate or, API 1.29, the swish
+    clamped), in float32 as its host reference."""
+    g = gate.float()
+    g = g.clamp(max=activation.limit) if activation.clamp == "gate" else g
+    swish = g * torch.sigmoid(activation.alpha * g)
+    swish = swish.clamp(max=activation.limit) if activation.clamp == "swish" else swish
     u = up.float().clamp(-activation.limit, activation.limit)
-    return ((u + activation.up_offset) * g * torch.sigmoid(activation.alpha * g)).to(gate.dtype)
+    return ((u + activation.up_offset) * swish).to(gate.dtype)
 
 
 #: The experts' activations (``activation.op``) this backend runs with its own op: Gemma 4's GeGLU (API 1.16), and

@@ -1021,10 +1021,14 @@ _SORT_PAIRS = 64
 
 
 def _clamped_swiglu(activation, gate, up):
-    """gpt-oss's and Hy4's expert activation (``ferrum.moe.activation.ClampedSwiGLU``), in float32."""
-    g = mx.minimum(gate.astype(mx.float32), activation.limit)
+    """gpt-oss's, Hy4's and Step 3.5's expert activation (``ferrum.moe.activation.ClampedSwiGLU``: the gate or, API
+    1.29, the swish clamped), in float32."""
+    g = gate.astype(mx.float32)
+    g = mx.minimum(g, activation.limit) if activation.clamp == "gate" else g
+    swish = g * mx.sigmoid(activation.alpha * g)
+    swish = mx.minimum(swish, activation.limit) if activation.clamp == "swish" else swish
     u = mx.clip(up.astype(mx.float32), -activation.limit, activation.limit)
-    return ((u + activation.up_offset) * g * mx.sigmoid(activation.alpha * g)).astype(gate.dtype)
+    return ((u + activation.up_offset) * swish).astype(gate.dtype)
 
 
 @hookimpl
