@@ -280,13 +280,14 @@ def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> N
     if layer is None or ".self_attn.o_proj." not in name:
         return
     stored_heads = config.arch.layers[layer].stored_heads
-    if stored_heads is not None:  # each key/value head's queries, then zero heads: whole groups of them
-        per_kv = stored_heads // config.num_kv_heads * config.head_dim
-        if per_kv % group_size:
+    if stored_heads is not None:  # each key/value head's queries, then zero heads: whole groups of both
+        per_kv, padded = (heads // config.num_kv_heads * config.head_dim for heads in (stored_heads, config.num_heads))
+        if per_kv % group_size or padded % group_size:
             raise UnsupportedFeatureError(
                 f"{name}: this layer's {stored_heads} query heads are padded to {config.num_heads} at load, which a "
-                f"packed matrix allows only where each key/value head's queries ({per_kv} inputs) fill whole groups; "
-                f"group size {group_size} does not divide them; {_group_advice(bits, lambda n: per_kv % n == 0)}")
+                f"packed matrix allows only where each key/value head's queries ({per_kv} inputs) and their padded "
+                f"width ({padded}) fill whole groups; group size {group_size} does not divide them; "
+                f"{_group_advice(bits, lambda n: per_kv % n == 0 and padded % n == 0)}")
     d, hd = value_width(config, layer), config.head_dim
 
     def cuts(size: int) -> bool:
