@@ -393,7 +393,7 @@ class DecoderOnlyLLM:
         # Fused projections (one linear, then a split) only where the backend splits natively.
         fuser = Fuser(config, shapes) if "split" in backend.ops.native else None
         bitnet_scheme = None if config.quantization is None else config.quantization.bitnet
-        needs, since = (config.arch.moe.needs, config.arch.moe.since) if config.arch.moe is not None else ((), (1, 0))
+        needs, since = config.arch.expert_features
         for done, (name, tensor) in enumerate(read_weights(checkpoint, config, shapes), start=1):
             for prepared, host in prepare(config, name, tensor):
                 for part, array in fuser.add(prepared, host) if fuser else [(prepared, host)]:

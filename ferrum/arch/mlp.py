@@ -146,8 +146,10 @@ class Dense:
         from ferrum.arch.tensors import projection_group
 
         arch, inter = config.arch, width(config, layer)
-        act = (gated_activation(ops, arch.activation) if isinstance(arch.activation, str)
-               else arch.activation.composed(ops))  # a record: MiniMax-M3's clamped SwiGLU
+        own = arch.layers[layer].activations
+        activation = arch.activation if own is None else own[1] or "silu"  # Step 3.5's, per layer
+        act = (gated_activation(ops, activation) if isinstance(activation, str)
+               else activation.composed(ops))  # a record: MiniMax-M3's clamped SwiGLU
         sparsity = arch.layers[layer].gate_sparsity
         if sparsity:  # Gemma 3n: the gate cut to its largest values first, in the dtype its norms are placed in
             act = gaussian_top_k(ops, act, inter, sparsity, norms_dtype(config, tensor, layer))

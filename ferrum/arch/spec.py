@@ -99,6 +99,11 @@ class LayerSpec:
     #: ``(mixer alpha, mixer beta, MLP alpha, MLP beta)``: each half's stream is ``alpha * residual + beta * out``
     #: (MiniMax's per-layer-kind factors); None: all 1.
     residual_scales: tuple[float, float, float, float] | None = None
+    #: The layer's own SwiGLUs where they differ between layers (Step 3.5's swiglu_limits and swiglu_limits_shared):
+    #: ``(its routed experts', its dense MLP's or shared expert's)``, each a
+    #: :class:`ferrum.moe.activation.ClampedSwiGLU` or None (plain SwiGLU); None: the architecture's ``activation``
+    #: and its ``moe``'s.
+    activations: tuple[Any, Any] | None = None
 
     def block_norms(self, arch: Architecture) -> dict[str, str]:
         """The layer's block norms, slot -> tensor name in the layer."""
@@ -321,7 +326,9 @@ class Architecture:
     #: The family's other checkpoint layouts, tried before the common ones (``ferrum.arch.tensors.LAYOUTS``):
     #: ``(prefix, LM head, names beyond stored_names)`` (mlx-lm's GPT-NeoX: ``model.h.*``, ``model.embed_out``),
     #: and optionally a fourth entry, the norms' epsilon that checkpoints in that layout run with in place of the
-    #: config's (mlx-lm's nanochat fixes 1e-5 where transformers defaults to 1e-6; None: the config's).
+    #: config's (mlx-lm's nanochat fixes 1e-5 where transformers defaults to 1e-6; None: the config's), and a fifth,
+    #: the architecture's fields that layout changes (mlx-lm's Step 3.5 stores its zero-centred norms plus 1:
+    #: ``{"norm_offset": 0.0}``).
     layouts: tuple[tuple[Any, ...], ...] = ()
     #: Checkpoint layers that each hold several of Ferrum's (LongCat-Flash's two sub-blocks):
     #: :class:`ferrum.arch.sublayers.SubLayers`, or None: one each.
@@ -389,6 +396,16 @@ class Architecture:
         if self.value_head_dim is not None and self.mla is not None:  # latent attention sizes its values itself
             raise UnsupportedFeatureError("values narrower than the heads (value_head_dim) with latent attention "
                                           "(its v_head_dim sizes them): Ferrum pads plain attention's values only")
+
+    @property
+    def expert_features(self) -> tuple[tuple[str, ...], tuple[int, int]]:
+        """The ``moe_experts`` feature arguments every sparse layer's experts need, and the plugin API that hands
+        them (``MoeSpec.needs`` and ``since``, with the layers' own activations'); none without experts."""
+        if self.moe is None:
+            return (), (1, 0)
+        own = [layer.activations[0] for layer in self.layers if layer.activations and layer.activations[0]]
+        needs = self.moe.needs + (("activation",) if own and "activation" not in self.moe.needs else ())
+        return needs, max([self.moe.since, *(act.since for act in own)])
 
     def latent(self, layer: int) -> Any:
         """Layer ``layer``'s latent attention sizes (:class:`ferrum.arch.mla.MlaSpec`), or None without."""

@@ -803,13 +803,13 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
 
 def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     """``config`` with the decoder prefix and LM head name of the layout the checkpoint's tensors (``stored``: name
-    -> shape) use (the family's own ``layouts`` first, then the common ones; with the norms' epsilon of that layout
-    where it has one of its own), and for a family stored transposed
+    -> shape) use (the family's own ``layouts`` first, then the common ones; with the norms' epsilon and the
+    architecture's fields of that layout where it has its own), and for a family stored transposed
     (GPT-2's Conv1D), whether this checkpoint is: mlx-lm's conversions (under ``model.``) and Ferrum's GGUF
     imports save the projections ``[out, in]``."""
-    own = [(replace(config.arch, prefix=prefix, lm_head=head, stored_names={**config.arch.stored_names, **names}),
-            eps[0] if eps else None) for prefix, head, names, *eps in config.arch.layouts
-           if _holds_modules(stored, names.values())]
+    own = [(replace(config.arch, prefix=prefix, lm_head=head, stored_names={**config.arch.stored_names, **names},
+                    **(rest[1] if len(rest) > 1 else {})), rest[0] if rest else None)
+           for prefix, head, names, *rest in config.arch.layouts if _holds_modules(stored, names.values())]
     for arch, eps in [*own, *((replace(config.arch, prefix=prefix, lm_head=head), None) for prefix, head in LAYOUTS)]:
         embedding = stored_name(arch, f"{arch.prefix}embed_tokens.weight").removesuffix(".weight")
         if f"{embedding}.weight" in stored or f"{embedding}.scales" in stored:

@@ -98,16 +98,18 @@ class Moe:
                 "(their quantized formats differ); quantize all three alike or choose another backend"
             )
         biases = tuple(tensor(at(f"switch_mlp.{p}.bias")) for p in SWITCH) if spec.biased else None
+        own = config.arch.layers[layer].activations  # the layer's own (Step 3.5's), else the spec's
+        activation, shared_activation = (spec.activation, spec.shared_activation) if own is None else own
         experts = PlacedExperts(stacks[2].apply, *(None if s is None else s.weight for s in stacks), biases,
-                                spec.activation)
+                                activation)
         shared = shared_gate = None
         shared_act = None  # SwiGLU, unless MoeSpec.shared_activation names another
         if spec.shared_expert_size:
             inputs = (*_inputs(spec.shared_gated), "down_proj")
             shared = tuple(linear(at(f"{spec.shared_module}.{p}")) if p in inputs else None for p in SWITCH)
             shared_gate = None if spec.shared_gate is None else linear(at(spec.shared_gate))
-            if spec.shared_activation is not None:
-                shared_act = spec.shared_activation.composed(ops)
+            if shared_activation is not None:
+                shared_act = shared_activation.composed(ops)
         routing = route = None
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None:

@@ -71,12 +71,14 @@ LAYOUT = {
     "bailing_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "deepseek": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "Klear": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "step3p5": ("moe", ("gate_proj", "up_proj", "down_proj")),  # stacked (STACKED)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
 STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
            "granitemoeshared": ("input_linear", "input_linear", "output_linear"),
-           "jetmoe": ("input_linear", "input_linear", "output_linear")}
+           "jetmoe": ("input_linear", "input_linear", "output_linear"),
+           "step3p5": ("gate_proj", "up_proj", "down_proj")}
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
           "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer", "jamba": "router",
@@ -89,6 +91,19 @@ def _layer_list(value: object) -> str | None:
     if value is None or (isinstance(value, list) and all(isinstance(i, int) and i >= 0 for i in value)):
         return None
     return f"must list layer indices, got {value!r}"
+
+
+def _layer_enum(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and all(i.strip().isdigit() for i in value.strip().split(","))):
+        return None
+    return f"must list layer indices separated by commas (\"1,2,3\"), got {value!r}"
+
+
+def _limits(value: object) -> str | None:
+    if value is None or (isinstance(value, list) and all(v is None or _non_negative_number(v) is None
+                                                         for v in value)):
+        return None
+    return f"must list a non-negative number (0 or null: no clamp) per layer, got {value!r}"
 
 
 def _non_negative_number(value: object) -> str | None:
@@ -153,7 +168,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "hy_v4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "bailing_hybrid": ("num_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dots3_note_text": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
-                "bailing_moe": ("num_experts",), "deepseek": ("n_routed_experts",), "Klear": ("num_experts",)}
+                "bailing_moe": ("num_experts",), "deepseek": ("n_routed_experts",), "Klear": ("num_experts",),
+                "step3p5": ("moe_num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -490,6 +506,18 @@ KEYS: dict[str, tuple[Key, ...]] = {
              Key("topk_group", default=1, check=optional_positive_int),
              Key("first_k_dense_replace", default=1, check=_non_negative_int),
              Key("moe_layer_freq", default=1, check=positive_int)),
+    # Step 3.5 (mlx-lm's ModelArgs defaults): sigmoid routing chosen with a bias, scaled, a shared expert on every
+    # sparse layer; the release's own keys mlx-lm ignores are refused where they ask for another model
+    "step3p5": (*_COUNT["step3p5"], Key("moe_top_k", default=8, check=positive_int),
+                Key("moe_intermediate_size", default=1280, check=positive_int),
+                Key("share_expert_dim", default=1280, check=positive_int),
+                Key("moe_layers_enum", check=_layer_enum),
+                Key("moe_router_scaling_factor", default=3.0, check=positive_number),
+                Key("norm_expert_weight", default=True, check=boolean),
+                Key("swiglu_limits", check=_limits), Key("swiglu_limits_shared", check=_limits),
+                Key("moe_router_activation", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
+                Key("use_moe_router_bias", default=True, unsupported=True, check=one_of(True)),
+                Key("moe_every_n_layer", default=1, unsupported=True, check=one_of(1))),
     # Kolibri-1 (Kolibri1Config's defaults): sigmoid weights chosen by the logits plus a correction bias, a shared
     # expert of its own width, every layer sparse
     "kolibri1": (*_COUNT["kolibri1"], Key("num_experts_per_tok", default=6, check=positive_int),
@@ -672,7 +700,8 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
                   "laguna": 256, "minimax_m3_vl_text": 128, "axk2": 128, "granitemoe_swa": 8, "lara_mini": 128,
-                  "jetmoe": 8, "hy_v4": 256, "bailing_hybrid": 512, "aria_text": 8, "dots3_note_text": 256}
+                  "jetmoe": 8, "hy_v4": 256, "bailing_hybrid": 512, "aria_text": 8, "dots3_note_text": 256,
+                  "step3p5": 288}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -719,9 +748,10 @@ _LAYER_KINDS: dict[str, Callable[[KeyReader, int], list[bool]]] = {
 #: Per family, how many experts route each token, where num_experts_per_tok does not say.
 _TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k, "ernie4_5_moe": _ernie_top_k,
                                                  "dbrx": lambda r: r("ffn_config.moe_top_k"),
-                                                 "aria_text": lambda r: r("moe_topk")}
+                                                 "aria_text": lambda r: r("moe_topk"),
+                                                 "step3p5": lambda r: r("moe_top_k")}
 #: Per family, the key a refusal of its expert count per token names, where not num_experts_per_tok.
-_TOP_K_NAME = {"dbrx": "ffn_config.moe_top_k", "aria_text": "moe_topk"}
+_TOP_K_NAME = {"dbrx": "ffn_config.moe_top_k", "aria_text": "moe_topk", "step3p5": "moe_top_k"}
 
 
 @dataclass(frozen=True)
@@ -1205,6 +1235,25 @@ def _klear(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, l
                    shared_module="shared_experts", shared_gate=None, routing="sigmoid_grouped",
                    correction_bias="expert_bias", shared_mix="coefficient")
     return spec, [i not in dense and (i + 1) % step == 0 for i in range(sizes.num_layers)]
+def _step3p5(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Step 3.5's sparse MLP as mlx-lm runs it (``Step3p5MoE``): a router ``moe.gate`` whose sigmoid scores (in
+    float32), plus the layer's ``moe.router_bias``, choose the top-k, weighed by their uncorrected scores, divided by
+    their sum where norm_expert_weight, times moe_router_scaling_factor; SwiGLU experts of moe_intermediate_size
+    stacked ``[E, out, in]`` as the release stores them, and a SwiGLU ``share_expert`` of share_expert_dim added after
+    (their per-layer clamps: ``LayerSpec.activations``). The layers moe_layers_enum lists are sparse, else all but the
+    first."""
+    spec = MoeSpec(*LAYOUT["step3p5"], count, top_k, r("moe_intermediate_size"), r("norm_expert_weight"),
+                   r("share_expert_dim"), stacked=STACKED["step3p5"], shared_module="share_expert", shared_gate=None,
+                   routing="sigmoid_grouped", routed_scale=float(r("moe_router_scaling_factor")),
+                   correction_bias="router_bias")
+    return spec, step3p5_sparse(r, sizes.num_layers)
+
+
+def step3p5_sparse(r: KeyReader, layers: int) -> list[bool]:
+    """Step 3.5's sparse layers as mlx-lm reads them: those moe_layers_enum lists, else all but the first."""
+    listed = r("moe_layers_enum")
+    sparse = {int(i) for i in listed.strip().split(",")} if listed else set(range(1, layers))
+    return [i in sparse for i in range(layers)]
 
 
 def _grouped_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any) -> tuple[MoeSpec, list[bool]]:
@@ -1264,6 +1313,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "bailing_moe": lambda r, model_type, count, top_k, sizes: _bailing_moe(r, sizes, count, top_k),
     "deepseek": lambda r, model_type, count, top_k, sizes: _deepseek(r, sizes, count, top_k),
     "Klear": lambda r, model_type, count, top_k, sizes: _klear(r, sizes, count, top_k),
+    "step3p5": lambda r, model_type, count, top_k, sizes: _step3p5(r, sizes, count, top_k),
 }
 
 

@@ -27,7 +27,7 @@ from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.activation import ClampedSwiGLU
 from ferrum.moe.routing import CORRECTION_BIAS
-from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
+from ferrum.moe.spec import KEYS as MOE_KEYS, step3p5_sparse, with_moe
 
 
 #: Kolibri-1's four norms: GLM-4's, its post-norms under the release's names.
@@ -700,6 +700,142 @@ def _laguna(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: Step 3.5's tensors under its release's names (its remote code's, which mlx-lm's ``step3p5.sanitize`` takes in): the
+#: per-head output gate ``g_proj``, the shared expert beside the sparse MLP ``moe`` in the layer.
+_SWIGLU = ("gate_proj", "up_proj", "down_proj")
+STEP3P5_NAMES = {**LAGUNA_NAMES, **{f"moe.share_expert.{p}": f"share_expert.{p}" for p in _SWIGLU}}
+#: mlx-lm's conversions (after ``sanitize``): the router a Linear ``mlp.gate.gate`` beside its bias, the experts in
+#: ``mlp.switch_mlp``, the shared expert under ``mlp``; the zero-centred norms stored plus 1, as sanitize adds it.
+_STEP3P5_MLX_LM = ("model.", "lm_head.weight", {
+    "moe.gate": "mlp.gate.gate", "moe.router_bias": "mlp.gate.router_bias",
+    **{f"moe.{m}.{p}": f"mlp.{m}.{p}" for m in ("switch_mlp", "share_expert") for p in _SWIGLU}},
+    None, {"norm_offset": 0.0})
+_STEP3P5_ROPES = ("default", "linear", "llama3")  # of mlx-lm's initialize_rope, those Ferrum runs as it does
+
+
+def _step3p5_kinds(r: KeyReader, layers: int) -> list[str]:
+    """Each layer's attention kind as mlx-lm reads it: layer_types (the releases list their MTP layers' too), else
+    the even layers sliding."""
+    types = r("layer_types")
+    if types is None:
+        return [SLIDING if i % 2 == 0 else FULL for i in range(layers)]
+    if not isinstance(types, list) or len(types) < layers or not set(types[:layers]) <= {FULL, SLIDING}:
+        r.fail("layer_types", f"must list {FULL!r} or {SLIDING!r} for each of the {layers} layers, got {types!r}")
+    return types[:layers]
+
+
+def _step3p5_other(r: KeyReader) -> dict[str, Any]:
+    """attention_other_setting, the sliding layers' heads (none: the full layers'); what mlx-lm does not read
+    (their head_dim, the kind they are for) refused where it asks for another model."""
+    other = r("attention_other_setting") or {}
+    if not isinstance(other, dict):
+        r.fail("attention_other_setting", f"must be an object, got {other!r}")
+    for name in ("num_attention_heads", "num_attention_groups"):
+        if name in other and positive_int(other[name]):
+            r.fail("attention_other_setting", f"field {name!r} {positive_int(other[name])}")
+    if other.get("attention_type", SLIDING) != SLIDING:
+        r.fail("attention_other_setting", f"is for {other['attention_type']!r} layers; mlx-lm gives its heads to the "
+                                          f"{SLIDING!r} ones", unsupported=True)
+    if other.get("head_dim", r("head_dim")) != r("head_dim"):
+        r.fail("attention_other_setting", f"gives the sliding layers heads of {other['head_dim']} dims, but mlx-lm "
+                                          f"runs every layer's at head_dim ({r('head_dim')})", unsupported=True)
+    return other
+
+
+def _step3p5_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    """The model's query heads: the most of any layer's (the sliding layers' attention_other_setting may give more
+    than num_attention_heads), fewer padded at load."""
+    if SLIDING not in _step3p5_kinds(r, sizes.num_layers):
+        return sizes
+    return replace(sizes, num_heads=max(sizes.num_heads, _step3p5_other(r).get("num_attention_heads", 0)))
+
+
+def _step3p5_per_layer(r: KeyReader, name: str, layers: int, default: Any, padded: bool = True) -> list[Any]:
+    """Key ``name``'s value for each layer: one for all, or a list (longer for the releases' MTP layers; shorter,
+    where ``padded``, read as mlx-lm reads it: ``default`` past its end)."""
+    value = r(name)
+    if not isinstance(value, list):
+        return [default if value is None else value] * layers
+    if len(value) < layers and not padded:
+        r.fail(name, f"lists {len(value)} values, but the model has {layers} layers")
+    return [*value, *[default] * layers][:layers]
+
+
+def _step3p5_ropes(r: KeyReader, sizes: Sizes, kinds: list[str]) -> list[Rope]:
+    """Each layer's rope as mlx-lm builds it: its own base (rope_theta, a list per layer) over int(head_dim * its
+    partial_rotary_factors entry) dims, rope_scaling on the kinds yarn_only_types lists (every kind where it lists
+    none)."""
+    scaling, params = r("rope_scaling"), r("rope_parameters")
+    if scaling is not None and not isinstance(scaling, dict):
+        r.fail("rope_scaling", f"must be an object, got {scaling!r}")
+    if isinstance(params, dict) and set(params) - {"rope_theta", "rope_type"} and params != scaling:
+        r.fail("rope_parameters", f"is {params!r}, but mlx-lm reads rope_scaling ({scaling!r}) and ignores it; move "
+                                  "the scaling there", unsupported=True)
+    scaled = r("yarn_only_types") or [FULL, SLIDING]
+    thetas = _step3p5_per_layer(r, "rope_theta", sizes.num_layers, 10000.0, padded=False)
+    factors = _step3p5_per_layer(r, "partial_rotary_factors", sizes.num_layers, 1.0)
+    ropes = []
+    for kind, theta, factor in zip(kinds, thetas, factors):
+        rotary = int(sizes.head_dim * factor) if not positive_number(factor) else 0
+        if rotary < 2 or rotary % 2 or rotary > sizes.head_dim:
+            r.fail("partial_rotary_factors", f"gives a layer {rotary} rope dims of its {sizes.head_dim}; each needs "
+                                             "an even number, at least 2")
+        spec = {**(scaling if scaling and kind in scaled else {}), "rope_theta": theta}
+        if spec.get("rope_type", spec.get("type")) == "llama3":
+            spec.setdefault("original_max_position_embeddings", 8192)  # mlx-lm's Llama3RoPE's default
+        ropes.append(read_rope(r, sizes, spec, "rope_scaling", _STEP3P5_ROPES, rotary_dim=rotary))
+    return ropes
+
+
+def _step3p5_activations(r: KeyReader, layers: int) -> list[tuple[Any, Any] | None]:
+    """Each layer's (experts', dense MLP's or shared expert's) SwiGLU: the swish clamped to at most its
+    swiglu_limits (swiglu_limits_shared) entry and the up projection to within it, where that is above 0."""
+    def clamped(limit: float | None) -> ClampedSwiGLU | None:
+        return ClampedSwiGLU(1.0, float(limit), up_offset=0.0, clamp="swish") if limit else None
+
+    pairs = zip(*(_step3p5_per_layer(r, name, layers, None) for name in ("swiglu_limits", "swiglu_limits_shared")))
+    return [None if not any(pair) else (clamped(pair[0]), clamped(pair[1])) for pair in pairs]
+
+
+def _step3p5(r: KeyReader, sizes: Sizes) -> Architecture:
+    """StepFun's Step 3.5 (mlx-lm's step3p5; its release ships remote code): Llama's blocks with zero-centred
+    RMSNorms (``1 + w``), per-head q/k norms before rope, full and sliding layers each with its own query heads
+    (attention_other_setting's for the sliding ones, the fewer padded at load) and rope (:func:`_step3p5_ropes`),
+    each head's output times the sigmoid of its own gate (``g_proj``, use_head_wise_attn_gate); dense and sparse MLPs
+    (:func:`ferrum.moe.spec.with_moe`) under per-layer clamps (:func:`_step3p5_activations`). mlx-lm's conversions
+    store the norms plus 1; a model without sparse layers, whose release mlx-lm cannot tell from a conversion, is
+    read as one."""
+    kinds = _step3p5_kinds(r, sizes.num_layers)
+    other, full_heads, groups = _step3p5_other(r), r("num_attention_heads"), r("num_attention_groups")
+    heads = {FULL: full_heads, SLIDING: other.get("num_attention_heads", full_heads)}
+    if SLIDING in kinds and other.get("num_attention_groups", groups) != groups:
+        r.fail("attention_other_setting", f"gives the sliding layers {other['num_attention_groups']} key/value heads "
+                                          f"beside the full layers' {groups} (num_attention_groups); Ferrum runs "
+                                          "one count", unsupported=True)
+    if heads[SLIDING] % groups:
+        r.fail("attention_other_setting", f"gives the sliding layers {heads[SLIDING]} heads, not a multiple of the "
+                                          f"{groups} key/value heads (num_attention_groups)")
+    window, gated = r("sliding_window"), r("use_head_wise_attn_gate")
+    sparse = step3p5_sparse(r, sizes.num_layers)
+    layers = tuple(LayerSpec(window if kind == SLIDING else None, rope, activations=activations,
+                             stored_heads=None if heads[kind] == sizes.num_heads else heads[kind])
+                   for kind, rope, activations in zip(kinds, _step3p5_ropes(r, sizes, kinds),
+                                                      _step3p5_activations(r, sizes.num_layers)))
+    return Architecture(
+        layers=layers, norms=LLAMA_NORMS, norm_offset=1.0 if any(sparse) else 0.0,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head", attn_output_gate=gated, attn_gate_stored=gated,
+        attn_gate_per_head=gated, stored_names=STEP3P5_NAMES, layouts=(_STEP3P5_MLX_LM,),
+        mtp_layers=r("num_nextn_predict_layers"),
+    )
+
+
+def _rope_thetas(value: Any) -> str | None:
+    values = value if isinstance(value, list) and value else [value]
+    if value is None or not any(map(positive_number, values)):
+        return None
+    return f"must be a positive number or a list of one per layer, got {value!r}"
+
+
 def _head_counts(value: Any) -> str | None:
     if value is None or (isinstance(value, list) and all(not positive_int(n) for n in value)):
         return None
@@ -1153,6 +1289,31 @@ TABLE: dict[str, Family] = {
               (Key("attention_bias", check=required(boolean)),),
               MOE_KEYS["Klear"]),
         with_moe("Klear", _klear),
+    ),
+    "step3p5": Family(  # StepFun's Step 3.5: per-kind heads and ropes, gated heads, clamped sigmoid-routed experts
+        _keys(_core(False), _core_defaults(max_position_embeddings=262144), (
+            Key("head_dim", check=size(4096)),  # mlx-lm has no default for these two
+            Key("num_attention_groups", check=size(4096)),
+            Key("rope_theta", default=10000.0, check=_rope_thetas),
+            Key("rope_scaling"), Key("rope_parameters"),
+            Key("sliding_window", default=512, check=positive_int),
+            Key("layer_types"), Key("yarn_only_types", check=lambda v: None if v is None or isinstance(v, list) else (
+                f"must list attention kinds, got {v!r}")),
+            Key("partial_rotary_factors", check=lambda v: None if v is None or isinstance(v, list) else (
+                f"must list a factor per layer, got {v!r}")),
+            Key("attention_other_setting"),
+            Key("use_head_wise_attn_gate", default=True, check=boolean),
+            Key("num_nextn_predict_layers", default=0, check=optional_non_negative_int),
+            # the release's keys mlx-lm does not read, as it runs them
+            Key("use_qk_norm", default=True, unsupported=True, check=one_of(True)),
+            Key("zero_centered", default=True, unsupported=True, check=one_of(True)),
+            Key("att_impl_type", default="GQA", unsupported=True, check=one_of("GQA")),
+            Key("sink", default=False, unsupported=True, check=one_of(False)),
+        ), MOE_KEYS["step3p5"]),
+        with_moe("step3p5", _step3p5),
+        eps_default=1e-5,
+        kv_heads=lambda r, heads: r("num_attention_groups"),
+        sizes=_step3p5_sizes,
     ),
     "granitemoe_swa": Family(  # IBM's Granite Swash: Granite SWA's attention over Granite 3 MoE's experts
         _keys(_core(False), _ROPE, _SILU, _GRANITE, _LAYER_TYPES, (
