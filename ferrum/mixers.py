@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 
+from ferrum.arch.linear_blocks import ATTENTION as LINEAR_ATTENTION
 from ferrum.arch.norms import NORM_KINDS
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.recurrent import MIXERS, mixer_spec
@@ -277,6 +278,22 @@ class NoMixer(MixerKind):
         return projected[0], (), h  # the normed input, on to the MLP
 
 
+class LinearMixer(NoMixer):
+    """One square linear map of the normed input in place of attention (DeciLM's ``replace_with_linear``,
+    :mod:`ferrum.arch.linear_blocks`): the normed input handed through the step as :class:`NoMixer` hands it, then
+    mapped and added to the stream before the MLP. It writes no K/V and carries no state."""
+
+    def ends(self, arch: Architecture) -> str:
+        return "mixer_then_mlp"
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        return MixerWeights(o=projection(LINEAR_ATTENTION))
+
+    def output(self, model: Any, layer: Any) -> Callable[..., Any]:
+        return lambda x: layer.o(x)
+
+
 class Beside(MixerKind):
     """Attention and a recurrent mixer beside it on the same normed input, their outputs summed (Falcon-H1's
     layers: ``LayerSpec.beside``): both project in the first half, attention's arrays first; both step, attention
@@ -414,7 +431,7 @@ class MixtureOfAttention(AroundAttention):
 
 
 #: ``LayerSpec.mixer`` -> its kind.
-MIXER_KINDS: dict[str, MixerKind] = {"attention": Attention(), "none": NoMixer(),
+MIXER_KINDS: dict[str, MixerKind] = {"attention": Attention(), "none": NoMixer(), "linear": LinearMixer(),
                                      **{name: Recurrent() for name in MIXERS}}
 MIXER_KINDS["shared_mamba2"] = SharedBlockThenRecurrent(MIXER_KINDS["attention"])
 MIXER_KINDS["moa"] = MixtureOfAttention(MIXER_KINDS["attention"])

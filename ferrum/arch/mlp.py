@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
+from ferrum.arch.linear_blocks import LinearMlp
 from ferrum.arch.norms import NORM_KINDS, SUB_NORMS, norms_dtype
 from ferrum.arch.rowwise import gaussian_top_k
 from ferrum.moe.beside import DenseAndShortcut, DenseBesideMoe
@@ -219,4 +220,5 @@ class NoMlp:
 #: Kinds by name; ``LayerSpec.mlp`` picks one.
 MLP_KINDS: dict[str, MlpKind] = {"dense": Dense(), "plain": Plain(), "moe": Moe(),
                                  "dense+moe": DenseBesideMoe(Dense(), Moe()),
-                                 "dense+shortcut": DenseAndShortcut(Dense(), Moe()), "none": NoMlp()}
+                                 "dense+shortcut": DenseAndShortcut(Dense(), Moe()), "none": NoMlp(),
+                                 "linear": LinearMlp()}

@@ -23,8 +23,8 @@ class LayerSpec:
 
     window: int | None  # sliding window in tokens; None = full attention
     rope: Rope
-    #: a kind of ferrum.arch.mlp.MLP_KINDS (dense gated MLP, "plain" ungated; MoE plugs in here), or "none": the
-    #: block ends with its mixer (Nemotron-H's Mamba-2 and attention blocks)
+    #: a kind of ferrum.arch.mlp.MLP_KINDS (dense gated MLP, "plain" ungated, "linear" one square map; MoE plugs in
+    #: here), or "none": the block ends with its mixer (Nemotron-H's Mamba-2 and attention blocks)
     mlp: str = "dense"
     attn_scale: float | None = None  # this layer's own scale of q.k; None: the architecture's
     #: Chunked local attention (Llama 4's rope layers): the query at position ``p`` sees only the keys of its own
@@ -59,6 +59,7 @@ class LayerSpec:
     #: Mamba-2 layers; "short_conv", LFM2's gated short convolutions; "kimi_delta", Kimi Linear's Kimi Delta
     #: Attention; "shared_mamba2", Zamba 2's hybrid layers: a shared attention + MLP block, then Mamba-2;
     #: "lightning", MiniMax's lightning attention; "rg_lru", RecurrentGemma's recurrent blocks),
+    #: "linear", one square map of the normed input (DeciLM's replace_with_linear, :mod:`ferrum.arch.linear_blocks`),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
     #: A recurrent mixer (:data:`ferrum.recurrent.MIXERS`) run beside ``mixer`` on the same normed input, its output

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ferrum.arch.differential import LAMBDAS, paired_values
+from ferrum.arch import linear_blocks
 from ferrum.arch.dsa import INDEXER
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.moa import MODULE as MOA_MODULE
@@ -127,6 +128,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             block_norms.update({f"{down}.weight": (arch.norm_gate_rank, h), f"{up}.weight": (h, arch.norm_gate_rank)})
         if layer.mixer == "moa":  # JetMoE's attention experts
             own = {**block_norms, **arch.moa.tensors(h)}
+        elif layer.mixer == "linear":  # one square map in place of attention (DeciLM's replace_with_linear)
+            own = {**block_norms, **linear_blocks.tensors(linear_blocks.ATTENTION, h)}
         elif layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
             mixer = mixer_spec(arch, layer.mixer)
             own = {**block_norms, **(mixer.tensors(h) if mixer is not None else {})}
