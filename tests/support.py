@@ -288,6 +288,22 @@ def mlx_lm_logits(folder: Path, tokens) -> np.ndarray:
     return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
 
 
+class MlxLmGreedy:
+    """mlx-lm's greedy continuation of a prompt for checkpoint ``folder``, in the shape
+    :func:`assert_engine_keeps_greedy_tokens` asks of transformers' ``generate`` (for families transformers lacks)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def generate(self, prompt, max_new_tokens: int, do_sample: bool):
+        import torch
+
+        tokens = prompt[0].tolist()
+        for _ in range(max_new_tokens):
+            tokens.append(int(np.argmax(mlx_lm_logits(self.folder, tokens)[-1])))
+        return torch.tensor([tokens])
+
+
 def mlx_lm_converted(folder: Path, dest: Path, tokens, bits: int | None = None,
                      group: int = 64) -> tuple[dict, np.ndarray]:
     """mlx-lm's conversion of checkpoint ``folder`` (packed at ``bits`` in groups of ``group`` where given) written to

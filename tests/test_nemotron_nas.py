@@ -14,9 +14,9 @@ import pytest
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from support import (
-    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine,
-    staggered_greedy_workload, write_tokenizer,
+    MlxLmGreedy, assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm,
+    assert_forward_and_decode_match, float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error,
+    small_pool_engine, staggered_greedy_workload, write_tokenizer,
 )
 
 pytest.importorskip("mlx_lm")
@@ -152,25 +152,9 @@ def test_each_layer_is_read_as_its_entry_says(built):
     assert layers[0].rope.kind == "llama3" and layers[0].rope.original_max == 16
 
 
-class _MlxLmGreedy:
-    """mlx-lm's greedy continuation of a prompt, in the shape :func:`assert_engine_keeps_greedy_tokens` asks of
-    transformers' ``generate``."""
-
-    def __init__(self, folder):
-        self.folder = folder
-
-    def generate(self, prompt, max_new_tokens: int, do_sample: bool):
-        import torch
-
-        tokens = prompt[0].tolist()
-        for _ in range(max_new_tokens):
-            tokens.append(int(np.argmax(mlx_lm_logits(self.folder, tokens)[-1])))
-        return torch.tensor([tokens])
-
-
 def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_tokens(built):
     release, ours, _ = built
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(release, **config), _MlxLmGreedy(ours),
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(release, **config), MlxLmGreedy(ours),
                                       staggered_greedy_workload(VOCAB, count=6))
 
 

@@ -47,6 +47,11 @@ class LayerSpec:
     #: rows, the output gate's, o_proj's columns), which attend but add nothing through o_proj's zero columns, so the
     #: layer runs with the model's heads exactly. None: the model's.
     stored_heads: int | None = None
+    #: The checkpoint's key/value heads for this layer where fewer than the model's, each with the model's queries per
+    #: key/value head (OpenELM's num_kv_heads and num_query_heads per layer): its q/k/v heads are the model's first,
+    #: padded at load with zero heads at their end (o_proj's columns with zeros too), which attend a zero key and
+    #: value and add nothing, so the layer runs with the model's heads exactly. None: the model's.
+    stored_groups: int | None = None
     #: The layer's latent attention sizes where they are not the architecture's (``Architecture.mla``): Dots 3's
     #: sliding layers, whose heads are padded to the KV pool's at load (:mod:`ferrum.arch.mla`). None: those.
     mla: Any = None

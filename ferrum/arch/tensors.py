@@ -180,6 +180,10 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
         own.update({name: tuple(n * layer.stored_heads // config.num_heads if i == axis else n
                                 for i, n in enumerate(own[name]))
                     for name, axis in _QUERY_HEAD_AXES.items() if name in own})
+    if layer.stored_groups is not None:  # fewer key/value heads and their queries: every tensor sized by them
+        own.update({name: tuple(n * layer.stored_groups // config.num_kv_heads if i == axis else n
+                                for i, n in enumerate(own[name]))
+                    for name, axis in _GROUP_AXES.items() if name in own})
     if layer.kv_source is not None:
         key_norm = f"self_attn.{config.arch.qk_norm_names[1]}."
         own = {name: shape for name, shape in own.items()
@@ -223,6 +227,35 @@ def regrouped_query_heads(config: Any, name: str, tensor: Any, inputs: bool = Tr
     order = np.arange(heads).reshape(heads // kv, kv).T.reshape(-1)
     return _each_array(tensor, lambda a: np.take(a.reshape(a.shape[:axis] + (heads, -1) + a.shape[axis + 1:]), order,
                                                  axis=axis).reshape(a.shape))
+
+
+#: The attention tensors sized by the key/value heads and their queries, and the axis that is
+#: (LayerSpec.stored_groups).
+_GROUP_AXES = {f"self_attn.{proj}.{part}": 0 for proj in ("q_proj", "k_proj", "v_proj", "qkv_proj")
+               for part in ("weight", "bias")} | {"self_attn.o_proj.weight": 1}
+
+
+def fit_groups(config: Any, layer: Any, name: str, tensor: Any, inputs: bool = True) -> Any:
+    """A layer's stored tensor sized by its fewer key/value heads and their queries (``LayerSpec.stored_groups``)
+    made the model's: zero heads after its own (q/k/v rows, o_proj's columns unless not ``inputs``). A packed o_proj is
+    padded in whole zero groups where its columns fill them, else refused."""
+    axis = next((a for n, a in _GROUP_AXES.items() if name.endswith(f".{n}")), None)
+    if axis is None or axis == 1 and not inputs:
+        return tensor
+    if isinstance(tensor, QuantizedWeight) and axis == 1:
+        columns = config.num_heads * config.head_dim * layer.stored_groups // config.num_kv_heads
+        if columns % tensor.group_size:
+            raise UnsupportedFeatureError(
+                f"{name}: this layer's {columns} inputs are padded with zero heads at load, which a packed matrix "
+                f"allows in whole groups only, and group size {tensor.group_size} does not divide them; "
+                f"{_group_advice(tensor.bits, lambda n: columns % n == 0)}")
+
+    def padded(a: np.ndarray) -> np.ndarray:
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, a.shape[axis] * config.num_kv_heads // layer.stored_groups - a.shape[axis])
+        return np.pad(a, pad)
+
+    return _each_array(tensor, padded)
 
 
 def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
@@ -442,9 +475,11 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
     elif (mixer := _mixer_of(arch, arch.layers[layer], name)) is not None:  # its qkv_proj its own (lightning's)
         parts = mixer.split(name, tensor, _take_rows)
     elif ".self_attn.qkv_proj." in name:
-        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        kv_heads = arch.layers[layer].stored_groups or config.num_kv_heads  # the layer's own (OpenELM's)
+        heads = config.num_heads * kv_heads // config.num_kv_heads
+        q, kv = heads * config.head_dim, kv_heads * config.head_dim
         if arch.qkv_grouped:  # [kv head][its queries, key, value][dim] -> [queries; keys; values]
-            tensor = _take_rows(tensor, grouped_qkv_order(config.num_heads, config.num_kv_heads, config.head_dim))
+            tensor = _take_rows(tensor, grouped_qkv_order(heads, kv_heads, config.head_dim))
         elif arch.qkv_shards:  # [shard][its queries, values, keys] -> [queries; keys; values]
             tensor = _take_rows(tensor, sharded_qkv_order(arch.qkv_shards, q))
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
@@ -467,6 +502,8 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
             parts = [(n, fit_query_heads(config, spec, n, t, inputs)) for n, t in parts]
         if arch.tiled_kv_heads:
             parts = [(n, regrouped_query_heads(config, n, t, inputs)) for n, t in parts]
+        if spec.stored_groups is not None:
+            parts = [(n, fit_groups(config, spec, n, t, inputs)) for n, t in parts]
         if (spec.stored_head_dim is not None or spec.stored_kv_heads is not None or spec.values_are_keys
                 or arch.value_head_dim is not None):
             parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]

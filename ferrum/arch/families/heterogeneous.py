@@ -1,8 +1,9 @@
 """Llama-shaped decoders whose layers differ in shape, each sized by its own entry of the config (remote-code families
-mlx-lm runs): Nemotron NAS's searched blocks.
+mlx-lm runs): Nemotron NAS's searched blocks, OpenELM's layer-wise scaling.
 
-Every layer runs in the model's one KV pool: a layer with fewer key/value heads than the most any has repeats its
-own at load (``LayerSpec.stored_kv_heads``), which is exact; a layer without attention holds no pool layer.
+Every layer runs in the model's one KV pool, with the most key/value heads any layer has: a layer with fewer repeats
+its own at load (``LayerSpec.stored_kv_heads``, Nemotron NAS) or is padded with zero heads and their queries
+(``LayerSpec.stored_groups``, OpenELM), either exact; a layer without attention holds no pool layer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from ferrum.arch import linear_blocks
 from ferrum.arch.families._shared import (
     LLAMA_NORMS, Family, Sizes, _ROPE, _SILU, _core, _keys, _rope_spec, read_rope,
 )
-from ferrum.arch.keys import Key, KeyReader, falsy
+from ferrum.arch.keys import Key, KeyReader, boolean, falsy, one_of, optional_positive_number, positive_number, size
+from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
 
 # ------------------------------------------------------------------ Nemotron NAS
@@ -145,6 +147,79 @@ def _nemotron_nas(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+# ---------------------------------------------------------------------- OpenELM
+
+def _counts(value: Any, layers: Any = None) -> bool:
+    """Whether ``value`` lists positive integers (one per layer, where ``layers`` is given)."""
+    return isinstance(value, list) and len(value) == (layers or len(value)) > 0 and all(
+        type(v) is int and v > 0 for v in value)
+
+
+def _head_counts(value: Any) -> str | None:
+    return None if _counts(value) else f"must list each layer's heads, positive integers, got {value!r}"
+
+
+def _openelm_derive(raw: dict[str, Any]) -> dict[str, Any]:
+    """Llama's keys from OpenELM's: the model's heads and key/value heads, the most any layer has (each layer's own are
+    checked and padded to them by the builder; lists that are not refused by their own keys), and whether the LM
+    head is the embedding (share_input_output_layers)."""
+    derived = {**raw, "tie_word_embeddings": raw.get("share_input_output_layers", True)}
+    for ours, theirs in (("num_attention_heads", "num_query_heads"), ("num_key_value_heads", "num_kv_heads")):
+        derived[ours] = max(raw[theirs]) if _counts(raw.get(theirs)) else 1
+    return derived
+
+
+def _make_divisible(value: float, divisor: int) -> int:
+    """OpenELM's (MobileNet's) rounding of an FFN width to a multiple of ``divisor``, never more than 10% down."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def _openelm_widths(r: KeyReader) -> list[int]:
+    multipliers, layers = r("ffn_multipliers"), r("num_transformer_layers")
+    if not isinstance(multipliers, list) or len(multipliers) != layers or any(
+            positive_number(m) for m in multipliers):
+        r.fail("ffn_multipliers", f"must list {layers} positive numbers (num_transformer_layers), got {multipliers!r}")
+    return [_make_divisible(m * r("model_dim"), r("ffn_dim_divisor")) for m in multipliers]
+
+
+def _openelm_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    """The model's MLP width: the widest layer's (each layer's own is ``LayerSpec.intermediate_size``)."""
+    return replace(sizes, intermediate_size=max(_openelm_widths(r)))
+
+
+def _openelm(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Apple's OpenELM (remote code, mlx-lm's openelm): Llama's blocks under its names with q/k/v fused, per-head q/k
+    RMSNorms (normalize_qk_projections), and each layer's own query and key/value heads (num_query_heads,
+    num_kv_heads: the same queries per key/value head in every layer, the fewer padded with zero heads at load) and
+    fused gated MLP width (ffn_multipliers, rounded to ffn_dim_divisor)."""
+    layers, group = sizes.num_layers, sizes.num_heads // sizes.num_kv_heads
+    queries, kv_heads = r("num_query_heads"), r("num_kv_heads")
+    for key, value in (("num_query_heads", queries), ("num_kv_heads", kv_heads)):
+        if not _counts(value, layers):
+            r.fail(key, f"must list {layers} positive integers (num_transformer_layers), got {value!r}")
+    uneven = next((i for i, (q, kv) in enumerate(zip(queries, kv_heads)) if q != group * kv), None)
+    if uneven is not None:
+        r.fail("num_query_heads", f"gives layer {uneven} {queries[uneven]} query heads for {kv_heads[uneven]} "
+                                  f"key/value heads; Ferrum runs OpenELM with {group} per key/value head in every "
+                                  "layer (the widest layer's), as its releases have them", unsupported=True)
+    rope = Rope(theta=float(r("rope_freq_constant")), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim)
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, stored_groups=None if kv == sizes.num_kv_heads else kv,
+                               intermediate_size=None if width == sizes.intermediate_size else width)
+                     for kv, width in zip(kv_heads, _openelm_widths(r))),
+        norms={"pre_attn": "attn_norm", "pre_mlp": "ffn_norm"},
+        attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="head" if r("normalize_qk_projections") else None,
+        fused_qkv=True, fused_gate_up=True,
+        prefix="transformer.",
+        stored_names={"embed_tokens": "token_embeddings", "self_attn.qkv_proj": "attn.qkv_proj",
+                      "self_attn.o_proj": "attn.out_proj", "self_attn.q_norm": "attn.q_norm",
+                      "self_attn.k_norm": "attn.k_norm", "mlp.gate_up_proj": "ffn.proj_1",
+                      "mlp.down_proj": "ffn.proj_2"},
+    )
+
+
 _NAS_BIAS = "no Nemotron NAS release sets it (mlx-lm would bias the linear sub-blocks, DeciLM's code would not)"
 
 TABLE: dict[str, Family] = {
@@ -160,5 +235,29 @@ TABLE: dict[str, Family] = {
         eps_default=1e-5,
         kv_heads=_nas_kv_heads,
         sizes=_nas_sizes,
+    ),
+    "openelm": Family(  # Apple's OpenELM 270M / 450M / 1.1B / 3B (remote code)
+        _keys((
+            Key("model_dim", check=size(1 << 17)), Key("num_transformer_layers", check=size(1024)),
+            Key("head_dim", check=size(4096)), Key("vocab_size", check=size(1 << 23)),
+            Key("max_context_length", default=2048, check=size(1 << 28)),
+            Key("num_attention_heads"), Key("num_key_value_heads"), Key("intermediate_size"),  # derived
+            Key("tie_word_embeddings"),  # derived
+            Key("num_query_heads", check=_head_counts), Key("num_kv_heads", check=_head_counts),
+            Key("ffn_multipliers"),
+            Key("ffn_dim_divisor", check=size(1 << 16)),
+            Key("ffn_with_glu", default=True, check=one_of(True), unsupported=True),
+            Key("normalize_qk_projections", default=True, check=boolean),
+            Key("share_input_output_layers", default=True, check=boolean),
+            Key("rope_freq_constant", default=10000.0, check=positive_number),
+            Key("rms_norm_eps", check=optional_positive_number),
+            Key("activation_fn_name", default="swish", check=one_of("swish", "silu"), unsupported=True),
+            Key("normalization_layer_name", default="rms_norm", check=one_of("rms_norm"), unsupported=True),
+        )),
+        _openelm,
+        names={"hidden_size": "model_dim", "num_hidden_layers": "num_transformer_layers",
+               "max_position_embeddings": "max_context_length"},
+        derive=_openelm_derive,
+        sizes=_openelm_sizes,
     ),
 }
