@@ -550,6 +550,34 @@ def _hunyuan_moe_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str
             "attention_bias": "blk.0.attn_q.bias" in meta.tensors}
 
 
+def _deepseek_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-MoE 16B (v1) as llama.cpp runs a deepseek file, which is how mlx-lm's deepseek reads the release:
+    softmax top-k weights neither renormalised nor scaled, shared experts expert_shared_count experts wide, every layer
+    from leading_dense_block_count on sparse (moe_layer_freq 1: llama.cpp reads no other), q/k/v/o biases where the
+    file holds them. llama.cpp fixes the softmax gate and never renormalises, as the release's code does; a file naming
+    another gate or renormalisation (which its config would have asked for, and neither runs), a scale, expert groups
+    (which llama.cpp would run and the release's code does not) or a tied LM head (mlx-lm's reads its own) is
+    refused by name."""
+    where, gating = meta.where, meta.get(p + "expert_gating_func")
+    if gating not in (None, 0, _SOFTMAX_GATING) or meta.get(p + "expert_weights_norm"):
+        raise UnsupportedFeatureError(f"{where}: a deepseek file naming expert_gating_func {gating} or "
+                                      f"expert_weights_norm {meta.get(p + 'expert_weights_norm')} is not supported: "
+                                      "DeepSeek-MoE's softmax top-k weights are unrenormalised, as llama.cpp runs "
+                                      "every deepseek file whatever it says")
+    _refuse_expert_scale(meta, p, "DeepSeek-MoE")
+    groups = routed_groups(meta, p)
+    if groups["n_group"] > 1:
+        raise UnsupportedFeatureError(f"{where}: {p}expert_group_count {groups['n_group']} is not supported "
+                                      "(DeepSeek-MoE routes over all its experts; llama.cpp would limit them to "
+                                      "groups)")
+    if "output.weight" not in meta.tensors:
+        raise UnsupportedFeatureError(f"{where}: a deepseek file without output.weight (its LM head tied to the "
+                                      "embeddings) is not supported: DeepSeek-MoE has an LM head of its own")
+    return {"n_shared_experts": int(meta.need(p + "expert_shared_count")),
+            "first_k_dense_replace": int(meta.get(p + "leading_dense_block_count", 0)), "moe_layer_freq": 1,
+            "attention_bias": "blk.0.attn_q.bias" in meta.tensors}
+
+
 def _deepseek2_gating(meta: Metadata, p: str, cfg: dict[str, Any]) -> int:
     """The gate as llama.cpp reads it: the file's, else (no key, or 0: none) softmax (DeepSeek-V2's early files),
     except that a file of GLM-4.7-Flash's shape (47 or 48 blocks, 154880 tokens) routes with the sigmoid."""
@@ -992,6 +1020,12 @@ ARCHITECTURES = {
     "dots1": _Architecture("dots1", "Dots1ForCausalLM", False, renamed=_GLM4_MOE_TENSORS[1:], configure=_dots1_config,
                            moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
                                         renormalise=False)),
+    # DeepSeek-MoE 16B (v1): Llama's blocks, q/k rows and biases permuted as Llama's, softmax-routed experts beside
+    # shared ones after dense first layers (see _deepseek_config)
+    "deepseek": _Architecture("deepseek", "DeepseekForCausalLM", True,
+                              (("norm_topk_prob", False), ("scoring_func", "softmax")), configure=_deepseek_config,
+                              moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", None,
+                                           shared_tensors=SHARED_EXPERTS)),
     # Hunyuan-A13B: the dense family's attention (q/k normed once rotated), experts and a shared MLP on every layer
     "hunyuan-moe": _Architecture("hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM", False, renamed=_HUNYUAN_QK_NORMS,
                                  configure=_hunyuan_moe_config,

@@ -236,8 +236,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             if joined is not None:
                 hf_name = f"model.layers.{i}.{target}"
                 row_order = _joined_row_order(arch, joined[0], model_config)
-            elif arch.permuted_qk and rest in ("attn_q.weight", "attn_k.weight"):
-                n = heads if rest == "attn_q.weight" else kv_heads
+            elif arch.permuted_qk and rest in _PERMUTED_QK:  # a bias's rows as its matrix's
+                n = heads if rest.startswith("attn_q.") else kv_heads
                 row_order = unpermute_qk(np.arange(n * model_config.head_dim), n)
             elif arch.grouped_qkv and rest.startswith("attn_qkv."):  # the checkpoint's rows, grouped by kv head
                 row_order = np.argsort(grouped_qkv_order(heads, kv_heads, model_config.head_dim))
@@ -310,6 +310,9 @@ def _joined_row_order(arch: Any, parts: tuple[str, ...], config: ModelConfig) ->
     return order[np.argsort(grouped_qkv_order(heads, kv_heads, d))] if arch.grouped_qkv else order
 
 
+#: The tensors whose rows llama.cpp's converter permutes for its adjacent-pair rope (``LlamaModel.permute``, which it
+#: applies to q/k biases too: DeepSeek-MoE's).
+_PERMUTED_QK = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 #: q, k and v as separate GGUF tensors, joined into one (``_joined_row_order``).
 _QKV_PARTS = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
 
