@@ -2014,7 +2014,7 @@ def _moved_norms_and_biases(hf, spread: float = 0.5):
 
 def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layers: int = 0,
                     more_metadata: Callable[[Any], None] | None = None, arch: str = "deepseek2",
-                    names_of: str | None = None) -> None:
+                    names_of: str | None = None, fused_experts: bool = False) -> None:
     """``hf``'s weights as llama.cpp's converter writes a deepseek2 file (or ``arch``'s, its DeepseekV2Model's
     subclass: glm-dsa, deepseek32), under gguf's own tensor names (``names_of``'s where gguf does not know ``arch``,
     and that architecture names them alike): experts
@@ -2023,7 +2023,8 @@ def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layer
     the newer ones do (``split``: per-head ``attn_k_b``, transposed, and ``attn_v_b``; key_length / value_length
     the compressed cache's, the heads' as *_mla, one key/value head) or both (``both``, as some did in between).
     Matrices whose rows are whole blocks are stored as ``qtype``, the router in float32 (as the converter keeps
-    it); ``prediction_layers`` next-token-prediction blocks follow the decoder's."""
+    it); ``prediction_layers`` next-token-prediction blocks follow the decoder's; the experts' gate and up kept in
+    one ``ffn_gate_up_exps`` stack where ``fused_experts`` (Mistral4Model's, which leaves transformers' as they are)."""
     heads, nope, rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
     kv_lora, v_dim = config.kv_lora_rank, config.v_head_dim
     w = _gguf_writer(path, arch, config, extra_blocks=prediction_layers,
@@ -2050,7 +2051,8 @@ def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layer
     if config.norm_topk_prob and config.model_type != "deepseek_v2":
         w.add_expert_weights_norm(True)
     if config.model_type != "deepseek_v2":  # DeepSeek-V2's early files say nothing: softmax
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        if config.model_type != "mistral4":  # nor do Mistral 4's, whose config names no gate
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         w.add_expert_group_count(config.n_group)
         w.add_expert_group_used_count(config.topk_group)
     scaling = config.rope_parameters
@@ -2074,7 +2076,7 @@ def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layer
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # as the converter renames it
         if not name.endswith((".weight", ".bias")):  # transformers' stacked experts
             name += ".weight"
-        if name.endswith("mlp.experts.gate_up_proj.weight"):
+        if name.endswith("mlp.experts.gate_up_proj.weight") and not fused_experts:
             tensors[name.replace("gate_up_proj", "gate_proj")] = array[:, :inter]
             tensors[name.replace("gate_up_proj", "up_proj")] = array[:, inter:]
         elif name.endswith("self_attn.kv_b_proj.weight"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Callable
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
@@ -650,6 +651,37 @@ def _deepseek2_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, 
     return {**config, "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "topk_method": "greedy"}
 
 
+def _mistral4_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Mistral Small 4 (mistral4) as llama.cpp runs it, through its deepseek2 graph: :func:`_latent_config`'s attention
+    (rope in adjacent pairs over the rows as stored: rope_interleave, whatever the release said), YaRN's mscale as
+    deepseek2's; Llama 4's query temperature only where the file sets ``attention.temperature_scale`` (the Hugging
+    Face converter writes none: llama.cpp then runs none, as transformers does without llama_4_scaling_beta), counted
+    in ``attention.temperature_length`` positions, which must be the YaRN's original context transformers counts in;
+    softmax routing (a sigmoid gate, transformers' Mistral 4 has no other, refused) limited to the groups whose two
+    best probabilities sum highest, as both rank them, renormalised where expert_weights_norm, scaled; no
+    next-token-prediction layers (a file with them refused)."""
+    where = meta.where
+    if _deepseek2_gating(meta, p, cfg) != _SOFTMAX_GATING:
+        raise UnsupportedFeatureError(f"{where}: a mistral4 file routed by the sigmoid gate is not supported; "
+                                      f"Mistral 4 routes with softmax ({_SOFTMAX_GATING})")
+    config = _latent_config(meta, p, cfg)
+    if config["num_hidden_layers"] != cfg["num_hidden_layers"]:
+        raise UnsupportedFeatureError(f"{where}: {p}nextn_predict_layers in a mistral4 file is not supported "
+                                      "(Mistral 4 has no next-token-prediction layers)")
+    scaling = cfg.get("rope_scaling") or {"rope_type": "default"}
+    rope = {**scaling, "rope_theta": cfg["rope_theta"]}
+    beta = meta.get(p + "attention.temperature_scale")
+    if beta:
+        length, original = meta.get(p + "attention.temperature_length"), scaling.get("original_max_position_embeddings")
+        if original is None or length != original:
+            raise UnsupportedFeatureError(f"{where}: {p}attention.temperature_scale counted every {length} positions "
+                                          f"beside YaRN's original context {original} is not supported: transformers' "
+                                          "Mistral 4 counts Llama 4's temperature in the YaRN's original context")
+        rope["llama_4_scaling_beta"] = float32_value(beta)
+    return {**config, "rope_parameters": rope, "rope_scaling": None, "rope_interleave": True,
+            "routed_scaling_factor": routed_scale(meta, p), **routed_groups(meta, p)}
+
+
 def _dsa_config(meta: Metadata, p: str, cfg: dict[str, Any], model: str, gating_needed: bool) -> dict[str, Any]:
     """DeepSeek-V3.2's latent attention and routing as llama.cpp runs a deepseek32 or glm-dsa file (``model`` names
     the release): :func:`_latent_config`'s attention, its queries always through their latent; sigmoid routing with
@@ -997,6 +1029,13 @@ ARCHITECTURES = {
                                moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
                                             renormalise=False),
                                variants=(("deepseek_v2", "DeepseekV2ForCausalLM"),)),
+    # Mistral Small 4: DeepSeek's latent attention, rows as stored, the experts' gate and up fused as transformers
+    # stores them (or apart, as llama.cpp also reads them), softmax routing grouped (see _mistral4_config)
+    "mistral4": _Architecture("mistral4", "Mistral4ForCausalLM", False, (("attention_bias", False),),
+                              renamed=_DEEPSEEK2_TENSORS, configure=_mistral4_config, latent=True,
+                              own_tensors=partial(fused_gate_up, module="mlp.", count_key="n_routed_experts"),
+                              moe=_Experts("mlp", "n_routed_experts", "moe_intermediate_size", "norm_topk_prob",
+                                           renormalise=False)),
     # DeepSeek-V3.2: DeepSeek-V3's attention and routing, rows as stored, an indexer on every layer checked and
     # dropped (see _deepseek32_config)
     "deepseek32": _Architecture("deepseek_v32", "DeepseekV32ForCausalLM", False, (("attention_bias", False),),

@@ -104,11 +104,11 @@ def _latent_yarn(meta: Metadata, p: str, where: str) -> dict[str, Any]:
     with its own attention factor) llama.cpp scales otherwise than transformers can."""
     log_multiplier = meta.get(p + "rope.scaling.yarn_log_multiplier")
     if not log_multiplier:
-        raise UnsupportedFeatureError(f"{where}: a deepseek2 file with yarn rope scaling but no (or a zero) "
+        raise UnsupportedFeatureError(f"{where}: a {p[:-1]} file with yarn rope scaling but no (or a zero) "
                                       f"{p}rope.scaling.yarn_log_multiplier is not supported: llama.cpp then scales "
                                       "the attention as transformers' YaRN has no setting for")
     if meta.get(p + "rope.scaling.yarn_attn_factor") is not None:
-        raise UnsupportedFeatureError(f"{where}: {p}rope.scaling.yarn_attn_factor in a deepseek2 file is not "
+        raise UnsupportedFeatureError(f"{where}: {p}rope.scaling.yarn_attn_factor in a {p[:-1]} file is not "
                                       "supported (llama.cpp scales both the rope and the softmax by it)")
     weight = float32_value(np.float32(log_multiplier) / np.float32(0.1))  # llama.cpp divides in float32
     return {"mscale": weight, "mscale_all_dim": weight}

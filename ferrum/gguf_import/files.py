@@ -210,7 +210,7 @@ _FIELD_KINDS = {
         "attention.shared_kv_layers", "attention.indexer.head_count", "attention.indexer.key_length",
         "attention.indexer.top_k", "ssm.conv_kernel", "kda.head_dim", "attention.kv_lora_rank",
         "attention.q_lora_rank", "attention.key_length_mla", "attention.value_length_mla", "expert_shared_count",
-        "expert_group_count", "expert_group_used_count", "leading_dense_block_count",
+        "expert_group_count", "expert_group_used_count", "leading_dense_block_count", "attention.temperature_length",
     ), "a non-negative integer"),
     **dict.fromkeys(("attention.head_count", "attention.head_count_kv", "feed_forward_length"),
                     "a non-negative integer, or a list of one per layer"),
@@ -219,7 +219,7 @@ _FIELD_KINDS = {
         "attn_logit_softcapping", "final_logit_softcapping", "attention.scale", "embedding_scale", "yarn_attn_factor",
         "yarn_beta_fast", "yarn_beta_slow", "yarn_ext_factor", "yarn_log_multiplier",
         "residual_scale", "logit_scale", "attention.clamp_kqv", "rope.scale_linear", "rope.freq_base_swa",
-        "attention.value_scale", "expert_weights_scale",
+        "attention.value_scale", "expert_weights_scale", "attention.temperature_scale",
     ), "a finite number"),
     # llama.cpp reads either a period (every n-th layer full, 0: none) or a flag per layer
     "attention.sliding_window_pattern": "a non-negative integer, or a list of one flag per layer",

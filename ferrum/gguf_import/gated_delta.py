@@ -41,13 +41,16 @@ class Restored:
     restore: Callable[[np.ndarray, str], np.ndarray] | None = None
 
 
-def fused_gate_up(rest: str, cfg: dict[str, Any], module: str = "") -> tuple[Restored, ...] | None:
+def fused_gate_up(rest: str, cfg: dict[str, Any], module: str = "",
+                  count_key: str = "num_experts") -> tuple[Restored, ...] | None:
     """A fused expert stack ``ffn_gate_up_exps [E, 2I, H]`` (each expert's I gate rows, then its I up rows: Gemma 4's
-    always, Qwen3.5-MoE's and Qwen3-Next's where a newer converter fused them) as the gate stack and the up stack;
-    whole rows move, so packed blocks stay exact. ``module``: the sparse MLP's, where it is not the layer itself."""
+    always, Qwen3.5-MoE's and Qwen3-Next's where a newer converter fused them, Mistral 4's as transformers stores
+    them) as the gate stack and the up stack; whole rows move, so packed blocks stay exact. ``module``: the sparse
+    MLP's, where it is not the layer itself; ``count_key``: the config's expert count."""
     if rest != "ffn_gate_up_exps.weight":
         return None
-    rows = np.arange(cfg["num_experts"] * 2 * cfg["moe_intermediate_size"]).reshape(cfg["num_experts"], 2, -1)
+    count = cfg[count_key]
+    rows = np.arange(count * 2 * cfg["moe_intermediate_size"]).reshape(count, 2, -1)
     return (Restored(f"{module}switch_mlp.gate_proj.weight", rows[:, 0].ravel()),
             Restored(f"{module}switch_mlp.up_proj.weight", rows[:, 1].ravel()))
 
