@@ -123,7 +123,7 @@ def test_reads_heads_ropes_clamps_and_routing(release):
     swish = ClampedSwiGLU(1.0, 0.4, up_offset=0.0, clamp="swish")
     assert config.layers[2].activations == (swish, ClampedSwiGLU(1.0, 0.3, up_offset=0.0, clamp="swish"))
     assert config.layers[3].activations == (swish, None) and config.layers[1].activations is None
-    assert config.expert_features == (("activation",), (1, 35))
+    assert config.expert_features == (("activation",), (1, 29))
     moe = config.moe
     assert (moe.num_experts, moe.top_k, moe.routed_scale, moe.routing) == (8, 3, 2.5, "sigmoid_grouped")
 
