@@ -112,9 +112,10 @@ class Attention(MixerKind):
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         table = model.ropes[layer.rope].fixed
         qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
-        # "projection" norms go on the projections, "head" norms on each head, before rope or (Hunyuan) after it
-        where = {"projection": "projection", "head": "rotated" if cfg.arch.qk_norm_after_rope else "head",
-                 "each_head": "head"}
+        # "projection" norms go on the projections, "head" norms on each head, before rope or after it (Hunyuan's;
+        # Talkie's "each_head")
+        rotated = "rotated" if cfg.arch.qk_norm_after_rope else "head"
+        where = {"projection": "projection", "head": rotated, "each_head": rotated}
         norm_at = where.get(qk_norm)
         parallel, clip = cfg.arch.parallel, cfg.arch.clip_qkv
         head_norm = norm if layer.qk_eps == cfg.rms_norm_eps else NORM_KINDS[cfg.arch.norm](ops, layer.qk_eps)[0]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from ferrum.adapters import AdapterRegistry
-from ferrum.arch import Rope
+from ferrum.arch import Rope, gains
 from ferrum.arch.alibi import ALIBI_SINCE
 from ferrum.arch.differential import combine_for
 from ferrum.arch.altup import OUTPUT_SCALE
@@ -96,7 +96,7 @@ class _Layer:
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale", "sinks", "alibi", "chunk", "query_scaling", "v_norm", "qk_eps",
                  "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "wide", "sub_norm",
-                 "differential", "shortcut", "residual", "residual_scales")
+                 "differential", "shortcut", "residual", "residual_scales", "skip")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -285,6 +285,9 @@ class DecoderOnlyLLM:
             lambda module: Linear(weights[f"{arch.prefix}{module}.weight"],
                                   _tensor(weights, f"{arch.prefix}{module}.bias")))
         self.final_norm = _norm_weights(weights, f"{arch.prefix}norm") if arch.norm_params else self._weightless()
+        if arch.head_gain is not None:  # the logits are linear in the final norm's weight (and bias)
+            gain = gains.number(ops, weights[arch.head_gain].weight)
+            self.final_norm = tuple(None if t is None else ops.mul_scalar(t, gain) for t in self.final_norm)
         #: The norm of the embeddings before the first block (BLOOM's; nanochat's, weightless), or None.
         self.embed_norm = None
         if arch.embed_norm:
@@ -401,6 +404,7 @@ class DecoderOnlyLLM:
                     # a float32 vector too (a router's correction bias); a packed matrix keeps its compute dtype
                     float32 = part.endswith(config.arch.keep_float32) and isinstance(array, np.ndarray)
                     as_is = (part.endswith((".bias", ".sinks", ".layer_scalar", OUTPUT_SCALE)) or is_norm(part)
+                             or gains.is_gain(config.arch, part)  # Talkie's learned scalars
                              or float32 and (array.ndim == 1 or not part.endswith(".weight"))  # Kimi's dt_bias
                              or ".act_fn." in part  # xIELU's learned values (Apertus)
                              or part.endswith(("conv1d.weight",  # a depthwise convolution's taps (q_conv1d...)
@@ -458,6 +462,12 @@ class DecoderOnlyLLM:
         if arch.layer_scalar:
             value = np.asarray(self.ops.to_numpy(w[p + "layer_scalar"].weight), dtype=np.float32).reshape(-1)[0]
             scalar = self.ops.from_numpy(np.full(config.hidden_size, value, dtype=np.float32), self.dtype)
+        residual_scales = spec.residual_scales or (1.0, 1.0, 1.0, 1.0)
+        if arch.gains:  # Talkie's: attention's and the MLP's outputs scaled, each query head weighed once normed
+            residual_scales = (1.0, gains.number(self.ops, tensor(gains.ATTN)), 1.0,
+                               gains.number(self.ops, tensor(gains.MLP)))
+            heads = gains.values(self.ops, tensor(gains.HEADS))
+            q_norm = (self.ops.from_numpy(np.repeat(heads[:, None], config.head_dim, axis=1), self.dtype), None)
         return _Layer(
             mixer=kind,
             gate=mixer.gate,
@@ -479,7 +489,8 @@ class DecoderOnlyLLM:
             window=spec.window,
             shortcut=spec.shortcut,
             residual=spec.residual,
-            residual_scales=spec.residual_scales or (1.0, 1.0, 1.0, 1.0),
+            residual_scales=residual_scales,
+            skip=gains.number(self.ops, tensor(gains.SKIP)) if arch.embed_skip else None,
             rope=id(spec.rope),
             scale=arch.attn_scale if spec.attn_scale is None else spec.attn_scale,
             sinks=None if sinks is None else self.ops.cast(sinks, "float32"),  # the contract's float32 logits
@@ -520,7 +531,7 @@ class DecoderOnlyLLM:
         project, mixer_out = kind.project(self, layer), kind.output(self, layer)
         if layer.wide is not None:
             return layer.wide.halves(self, layer, project, mixer_out, norm)
-        scalar, mix = layer.scalar, layer.per_layer
+        scalar, mix, skip = layer.scalar, layer.per_layer, layer.skip
         # MiniMax's blocks: each half's output times beta joins alpha times its residual, the norm's input or output
         alpha, beta, mlp_alpha, mlp_beta = layer.residual_scales
         normed = layer.residual == "normed"
@@ -546,6 +557,7 @@ class DecoderOnlyLLM:
         def mixer_then_mlp(mixed: Any, h: Any, *rest: Any) -> tuple:
             # the previous layer's shortcut output comes last (LayerSpec.shortcut "take")
             rest, taken = (rest[:-1], rest[-1]) if layer.shortcut == "take" else (rest, None)
+            rest, skipped = (rest[:-1], rest[-1]) if skip is not None else (rest, None)  # the embeddings (Talkie)
             extra, inputs = (rest[:-1], rest[-1:]) if mix is not None else (rest, ())  # the mixer's; per-layer inputs
             o = mixer_out(mixed, *extra)
             if layer.post_attn is not None:
@@ -559,6 +571,8 @@ class DecoderOnlyLLM:
             out = scaled(out, mlp_beta)
             if taken is not None:
                 out = ops.add(out, taken)
+            if skipped is not None:
+                out = ops.add(out, scaled(skipped, skip))
             if given is not None:  # handed on to the next layer by the pass (DecoderOnlyLLM._forward)
                 return out, h, given
             if mix is not None:  # Gemma 4 E2B / E4B: the stream so far, then what the layer's per-layer inputs add
@@ -782,6 +796,8 @@ class DecoderOnlyLLM:
         # each layer's per-layer inputs, as leave's last argument (none without)
         run.inputs = inputs = (
             [()] * len(self.layers) if self.per_layer is None else [(x,) for x in self.per_layer(ids, h)])
+        if arch.embed_skip:  # Talkie's: every block adds its share of the normed embeddings, after its MLP
+            run.inputs = inputs = [(*xs, h) for xs in inputs]
 
         steps, gives = self._steps, self._gives
         # between blocks: (residual, h), the previous block's output not yet added to h; Gemma 3n's copies

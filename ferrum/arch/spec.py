@@ -307,6 +307,16 @@ class Architecture:
     position_offset: int = 0
     #: The position table is fairseq's sinusoids (XGLM), computed at load (:mod:`ferrum.arch.positions`), not stored.
     sinusoidal_positions: bool = False
+    #: Talkie's learned scalars in each layer, read at load (:mod:`ferrum.arch.gains`): ``attn_gain`` and
+    #: ``mlp_gain`` multiply attention's and the MLP's outputs before they join the residual stream, and
+    #: ``self_attn.head_gain`` ([heads]) each query head once its (weightless, "each_head") q norm has normed it.
+    gains: bool = False
+    #: Talkie's embedding skips: each block adds its stored ``embed_skip`` scalar times the normed token embeddings
+    #: (``embed_norm``'s output) after its MLP.
+    embed_skip: bool = False
+    #: A stored scalar the logits are multiplied by (Talkie's ``lm_head_gain.w_g``: its name, outside the prefix),
+    #: folded into the final norm's weight at load; None: none.
+    head_gain: str | None = None
     #: The layers' projections are stored ``[in, out]`` (GPT-2's Conv1D), transposed at load.
     transposed: bool = False
     prefix: str = "model."  # where the decoder's tensors live ("language_model.model." in Gemma 3 multimodal)
@@ -399,6 +409,10 @@ class Architecture:
         if self.loops > 1 and (len(self.layers) % self.loops or self.wide is not None or self.sublayers is not None):
             raise UnsupportedFeatureError(f"{self.loops} passes over the layers (loops) need a whole number of "
                                           "layers per pass, one residual stream and one Ferrum layer per stored one")
+        if (self.gains or self.embed_skip) and (partial or joined or any(kinds) or other is not None):
+            raise UnsupportedFeatureError("learned block gains and embedding skips (Talkie's) run in sequential "
+                                          "attention blocks with an MLP, without per-layer inputs, layer scalars, "
+                                          "shortcuts or a wide stream")
         if self.value_head_dim is not None and self.mla is not None:  # latent attention sizes its values itself
             raise UnsupportedFeatureError("values narrower than the heads (value_head_dim) with latent attention "
                                           "(its v_head_dim sizes them): Ferrum pads plain attention's values only")

@@ -32,6 +32,7 @@ import numpy as np
 from ferrum.arch.differential import LAMBDAS, paired_values
 from ferrum.arch import linear_blocks
 from ferrum.arch.dsa import INDEXER
+from ferrum.arch import gains
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.moa import MODULE as MOA_MODULE
 from ferrum.arch.norms import SUB_NORMS, gate_modules
@@ -76,6 +77,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         shapes[arch.lm_head] = (arch.head_rows or vocab, h)
     if arch.lm_head_bias:  # its own even where the head's weight is the embedding's
         shapes[bias_of(arch.lm_head)] = (vocab,)
+    if arch.head_gain is not None:
+        shapes[arch.head_gain] = (1,)
     if arch.per_layer_inputs is not None:
         shapes.update({p + name: shape for name, shape in arch.per_layer_inputs.tensors(h, config.num_layers).items()})
     if arch.wide is not None:
@@ -143,6 +146,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             own.update(arch.indexer.tensors(h, arch))
         if arch.layer_scalar:
             own["layer_scalar"] = (1,)
+        own.update(gains.layer_tensors(arch, config.num_heads))
         if arch.per_layer_inputs is not None:
             own.update(arch.per_layer_inputs.layer_tensors(h))
         if arch.wide is not None:
@@ -677,7 +681,8 @@ def sharded_qkv_order(shards: int, width: int) -> np.ndarray:
 
 def is_norm(name: str) -> bool:
     """Whether ``name`` is a norm's weight or bias (a numbered norm too: Gemma 4's ``post_feedforward_layernorm_1``)."""
-    return name.rsplit(".", 2)[-2].rstrip("0123456789").removesuffix("_").endswith("norm")
+    parts = name.rsplit(".", 2)  # a bare parameter (Talkie's lm_head) is none
+    return len(parts) > 1 and parts[-2].rstrip("0123456789").removesuffix("_").endswith("norm")
 
 
 def _rotated_heads(config: Any, name: str) -> int | None:

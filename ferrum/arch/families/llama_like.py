@@ -15,6 +15,7 @@ from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, optional_positive_number,
     positive_int, positive_number, size,
 )
+from ferrum.arch import gains
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
 
@@ -665,6 +666,39 @@ def _plamo(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: Talkie's modules (its release's names, which mlx-lm keeps) under Llama's; its gains' tensors under Ferrum's
+#: (:mod:`ferrum.arch.gains`).
+TALKIE_NAMES = {
+    "embed_tokens": "embed", "layers": "blocks", "self_attn.q_proj": "attn.attn_query",
+    "self_attn.k_proj": "attn.attn_key", "self_attn.v_proj": "attn.attn_value", "self_attn.o_proj": "attn.attn_resid",
+    "mlp.gate_proj": "mlp.mlp_gate", "mlp.up_proj": "mlp.mlp_linear", "mlp.down_proj": "mlp.mlp_resid",
+    gains.HEADS: "attn.head_gain.head_g", gains.ATTN: "attn_gain.a_g", gains.MLP: "mlp_gain.a_g",
+    gains.SKIP: "embed_skip.a_g",
+}
+
+
+def _talkie(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Talkie (remote code; mlx-lm's talkie): Llama's gated MLP in pre-norm blocks whose RMSNorms have no weight (the
+    token embeddings normed too, before the first block), rope turning the other way (frequencies negated, as
+    nanochat's) with q and k normed once rotated, then each query head weighed by a learned gain; learned scalars on
+    attention's and the MLP's outputs, on the normed embeddings each block adds after its MLP, and on the logits
+    (:mod:`ferrum.arch.gains`); an untied LM head stored bare (``lm_head``, no ``.weight``). As many key/value heads
+    as query heads."""
+    if sizes.num_kv_heads != sizes.num_heads:
+        r.fail("num_key_value_heads", f"is {sizes.num_kv_heads}, but Talkie's attention has as many key/value heads "
+                                      f"as query heads ({sizes.num_heads}); remove the key", unsupported=True)
+    key, spec = _rope_spec(r)
+    rope = replace(read_rope(r, sizes, spec, key, ("default",)), negated=True)
+    r("hidden_act")
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms=LLAMA_NORMS, norm_params=False, embed_norm=True, attn_scale=1.0 / math.sqrt(sizes.head_dim),
+        qk_norm="each_head", qk_norm_after_rope=True, qk_norm_params=False,
+        gains=True, embed_skip=True, head_gain="lm_head_gain.w_g",
+        stored_names=TALKIE_NAMES, layouts=(("model.", "lm_head", {}),),
+    )
+
+
 TABLE: dict[str, Family] = {
     "plamo": Family(  # Preferred Networks' PLaMo-13B: parallel blocks, key/value heads tiled over the queries
         _keys((
@@ -910,6 +944,18 @@ TABLE: dict[str, Family] = {
         _nanbeige,
         eps_default=1e-5,
         sizes=_nanbeige_sizes,
+    ),
+    "talkie": Family(  # Talkie (remote code; mlx-lm's talkie): ModelArgs' defaults, its 13B's sizes
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=5120, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=40, vocab_size=65540,
+            max_position_embeddings=2048,
+        ), _ROPE, _theta(1_000_000.0), _SILU, (
+            Key("tie_word_embeddings", default=False, check=falsy(
+                "Talkie's LM head is its own (lm_head); remove the key"), unsupported=True),
+        )),
+        _talkie,
+        eps_default=1.1920928955078125e-07,  # float32's machine epsilon: F.rms_norm's default, as mlx-lm runs it
+        unloaded=r"rotary|(?:cos|sin)$",  # rope buffers, which mlx-lm's sanitize drops
     ),
     "diffllama": Family(  # DiffLlama (the differential transformer on Llama's blocks)
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU, (
