@@ -33,8 +33,10 @@ GAINS = {"attn_gain.a_g": (0.5, 1.5), "mlp_gain.a_g": (0.5, 1.5), "embed_skip.a_
 ROTARY = "model.blocks.0.attn.rotary.inv_freq"
 
 
-def _backends() -> list[str]:
-    return runnable_backends() + [e.name for e in backends.available() if e.available and e.name == "jax"]
+def _backends() -> list:
+    """The runnable backends, and the JAX plugin where installed (slow: it compiles each shape)."""
+    return runnable_backends() + [pytest.param(e.name, marks=pytest.mark.slow) for e in backends.available()
+                                  if e.available and e.name == "jax"]
 
 
 def _draw(rng: np.random.Generator):

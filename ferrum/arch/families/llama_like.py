@@ -699,6 +699,38 @@ def _talkie(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: Spark 2.5's modules under Llama's: q, k and v in one matrix (``q_k_v_proj``, rows in that order), the per-head
+#: output gate ``g_proj``, ``out_proj``; some mlx-lm conversions name the embedding ``embed_tokens`` (a layout).
+SPARK2_5_NAMES = {"embed_tokens": "embedding", "self_attn.qkv_proj": "self_attn.q_k_v_proj",
+                  "self_attn.gate_proj": "self_attn.g_proj", "self_attn.o_proj": "self_attn.out_proj"}
+
+
+def _spark2_5(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Spark 2.5 (remote code; mlx-lm's spark2_5): Llama's blocks with an exact-GELU gated MLP, q/k/v fused, each
+    head's output times the sigmoid of its own gate (``g_proj``, one row per head), three sliding layers to one full
+    unless layer_types says otherwise, and a rope per attention kind from rope_parameters (its base, 10000 where an
+    entry gives none, as mlx-lm reads it, and its partial_rotary_factor; a top-level rope_theta is not read)."""
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 3 else SLIDING)
+    specs = _per_kind_rope_specs(r, "Spark 2.5")
+    if specs is None:
+        r.fail("rope_parameters", f"must hold one entry per attention kind ({FULL!r}, {SLIDING!r}) for Spark 2.5")
+    ropes = {}
+    for kind, spec in zip((FULL, SLIDING), specs):
+        if kind not in types:
+            continue
+        if not spec:
+            r.fail("rope_parameters", f"has no entry for {kind!r}, which layer_types uses")
+        ropes[kind] = read_rope(r, sizes, spec, "rope_parameters", ("default",),
+                                rotary_dim=_rotary_dim(r, sizes, spec, 1.0))
+    r("hidden_act")
+    return Architecture(
+        layers=tuple(LayerSpec(window if kind == SLIDING else None, ropes[kind]) for kind in types),
+        norms=LLAMA_NORMS, activation="gelu", attn_scale=1.0 / math.sqrt(sizes.head_dim), fused_qkv=True,
+        attn_output_gate=True, attn_gate_stored=True, attn_gate_per_head=True, mlp_bias=r("mlp_bias"),
+        stored_names=SPARK2_5_NAMES, layouts=(("model.", "lm_head.weight", {"embed_tokens": "embed_tokens"}),),
+    )
+
+
 TABLE: dict[str, Family] = {
     "plamo": Family(  # Preferred Networks' PLaMo-13B: parallel blocks, key/value heads tiled over the queries
         _keys((
@@ -956,6 +988,21 @@ TABLE: dict[str, Family] = {
         _talkie,
         eps_default=1.1920928955078125e-07,  # float32's machine epsilon: F.rms_norm's default, as mlx-lm runs it
         unloaded=r"rotary|(?:cos|sin)$",  # rope buffers, which mlx-lm's sanitize drops
+    ),
+    "spark2_5": Family(  # Spark 2.5 (remote code; mlx-lm's spark2_5)
+        _keys(_core(True), _core_defaults(max_position_embeddings=8192), _LAYER_TYPES, (
+            Key("rope_parameters"), Key("rope_scaling"),
+            Key("partial_rotary_factor", check=one_of(None, 1, 1.0), unsupported=True),  # rope_parameters' entries'
+            Key("sliding_window", check=optional_positive_int),
+            Key("hidden_act", default="gelu", check=one_of("gelu"), unsupported=True),
+            Key("gate_attn_act_mode", default="sigmoid", check=one_of("sigmoid"), unsupported=True),
+            Key("headwise_attn_output_gate", default=True, check=one_of(True), unsupported=True),
+            Key("attention_bias", default=False, check=falsy(
+                "Ferrum runs Spark 2.5's attention without biases; load a release without them"), unsupported=True),
+            Key("mlp_bias", default=False, check=boolean),
+        )),
+        _spark2_5,
+        unloaded=r"rotary_emb\.inv_freq$|^lm_head\.weight$",  # mlx-lm's sanitize drops them (the head where tied)
     ),
     "diffllama": Family(  # DiffLlama (the differential transformer on Llama's blocks)
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU, (
