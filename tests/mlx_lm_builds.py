@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -43,17 +44,28 @@ def save_release(model, folder: Path, config: dict, tokens, release_name: Callab
     save_file({**tensors, **(extra or {})}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config))
     write_tokenizer(folder, vocab or config["vocab_size"])
+    # named, as releases name it: else transformers' AutoTokenizer (in mlx-lm's convert) builds a config of the
+    # unknown model_type, whose validators refuse layer kinds of its own (Gear's conv_mixer)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config,
+                                                              "tokenizer_class": "PreTrainedTokenizerFast"}))
     want = logits(model, tokens)
     assert scaled_error(mlx_lm_logits(folder, tokens), want) < 1e-6
     return want
 
 
-class MlxLmGreedy:
-    """The ``hf`` of :func:`support.assert_engine_keeps_greedy_tokens` for a model only mlx-lm runs: its ``generate``
-    is mlx-lm's model's greedy tokens, each the argmax of a full pass over the tokens so far."""
+class MlxLmAsTransformers:
+    """The ``hf`` of the support helpers (:func:`support.reference_logits`, :func:`support.
+    assert_engine_keeps_greedy_tokens`...) for a model only mlx-lm runs: called, its logits over the tokens; its
+    ``generate``, its greedy tokens, each the argmax of a full pass over the tokens so far."""
 
     def __init__(self, model):
         self.model = model
+
+    def __call__(self, ids):
+        import torch
+
+        return SimpleNamespace(logits=torch.tensor(logits(self.model, [int(t) for t in ids[0]])[None]))
 
     def generate(self, ids, max_new_tokens: int, do_sample: bool = False):
         import torch

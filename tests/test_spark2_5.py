@@ -15,7 +15,7 @@ from ferrum import backends
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from mlx_lm_builds import MlxLmGreedy, logits, randomized, save_release
+from mlx_lm_builds import MlxLmAsTransformers, logits, randomized, save_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
     float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
@@ -95,7 +95,7 @@ def test_an_embedding_named_embed_tokens_loads(release, tmp_path):
 
 def test_engine_batching_chunking_and_preemption_keep_greedy_tokens(release):
     folder, model, _ = release
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(model),
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmAsTransformers(model),
                                       staggered_greedy_workload(VOCAB))
 
 

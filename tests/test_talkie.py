@@ -13,7 +13,7 @@ from ferrum import backends
 from ferrum.arch.families import FAMILIES
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from mlx_lm_builds import MlxLmGreedy, logits, randomized, save_release
+from mlx_lm_builds import MlxLmAsTransformers, logits, randomized, save_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
     float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
@@ -81,7 +81,7 @@ def test_rotary_buffers_are_quiet(release, recwarn):
 
 def test_engine_batching_chunking_and_preemption_keep_greedy_tokens(release):
     folder, model, _ = release
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(model),
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmAsTransformers(model),
                                       staggered_greedy_workload(VOCAB))
 
 

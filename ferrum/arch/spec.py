@@ -63,7 +63,8 @@ class LayerSpec:
     #: "mamba", Mamba's, Falcon Mamba's and Jamba's Mamba-1 layers; "mamba2", Granite 4.0-H's and Nemotron-H's
     #: Mamba-2 layers; "short_conv", LFM2's gated short convolutions; "kimi_delta", Kimi Linear's Kimi Delta
     #: Attention; "shared_mamba2", Zamba 2's hybrid layers: a shared attention + MLP block, then Mamba-2;
-    #: "lightning", MiniMax's lightning attention; "rg_lru", RecurrentGemma's recurrent blocks),
+    #: "lightning", MiniMax's lightning attention; "rg_lru", RecurrentGemma's recurrent blocks; "conv_kv_gated",
+    #: Gear's gated key/value convolutions),
     #: "linear", one square map of the normed input (DeciLM's replace_with_linear, :mod:`ferrum.arch.linear_blocks`),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
@@ -249,6 +250,9 @@ class Architecture:
     #: ...whose mixer is "rg_lru" (:class:`ferrum.recurrent.rg_lru.RgLruSpec`: RecurrentGemma's recurrent blocks),
     #: else None.
     rg_lru: Any = None
+    #: ...whose mixer is "conv_kv_gated" (:class:`ferrum.recurrent.conv_kv_gated.ConvKvGatedSpec`: Gear's conv_mixer
+    #: layers), else None.
+    conv_kv_gated: Any = None
     #: Zamba 2's shared transformer blocks and its hybrid layers' Mamba-2 (:class:`ferrum.arch.shared_block.
     #: SharedBlockSpec`; mixer "shared_mamba2"), else None.
     shared_block: Any = None

@@ -862,7 +862,7 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
             break
     if config.arch.gated_delta is not None:
         config = _gated_delta_layout(config, stored)
-    for mixer in ("mamba", "mamba2", "short_conv", "kimi_delta", "rg_lru"):
+    for mixer in ("mamba", "mamba2", "short_conv", "kimi_delta", "rg_lru", "conv_kv_gated"):
         if mixer_spec(config.arch, mixer) is not None:
             config = _taps_layout(config, mixer, stored)
     if config.arch.fused_gate_up:
@@ -898,8 +898,8 @@ def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> A
 
 def _taps_layout(config: Any, mixer: str, stored: Mapping[str, tuple[int, ...]]) -> Any:
     """mlx-lm's conversions store a recurrent mixer's convolution ``[C, K, 1]`` (Mamba-1's, Mamba-2's, LFM2's, Kimi
-    Delta Attention's, RecurrentGemma's RG-LRU), and run with the architecture's ``converted`` fields (the multipliers
-    they folded in)."""
+    Delta Attention's, RecurrentGemma's RG-LRU, Gear's key/value convolutions), and run with the architecture's
+    ``converted`` fields (the multipliers they folded in)."""
     arch, spec = config.arch, mixer_spec(config.arch, mixer)
     layer = next((i for i, layer in enumerate(arch.layers) if mixer in layer.mixers), None)
     if layer is None:  # the mixer is configured but no layer runs it (Ling 3 with every layer full attention)

@@ -1,4 +1,4 @@
-"""Gemma 1-4, Gemma 3n and VaultGemma: (1 + w) norms, scaled embeddings, sliding and full layers."""
+"""Gemma 1-4, Gemma 3n, VaultGemma and Gear: (1 + w) norms, scaled embeddings, sliding and full layers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any, Callable
 from ferrum.arch.altup import AltUpSpec
 from ferrum.arch.families._shared import (
     FULL, Family, LLAMA_NORMS, PLAMO_NORM_OFFSETS, PLAMO_STORED, SANDWICH_NORMS, SLIDING, Sizes, _LAYER_TYPES,
-    _LLAMA_ROPES, _ROPE, _WINDOW, _core, _core_defaults, _keys, _layer_kinds, _per_kind_rope_specs, _rope_spec,
-    _without_nulls, read_rope,
+    _LLAMA_ROPES, _ROPE, _WINDOW, _core, _core_defaults, _keys, _layer_kinds, _per_kind_rope_specs, _rope_object,
+    _rope_spec, _without_nulls, read_rope,
 )
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
@@ -20,6 +20,7 @@ from ferrum.arch.per_layer import PerLayerInputs
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe
+from ferrum.recurrent.conv_kv_gated import ConvKvGatedSpec
 #: Gemma 2 / 3's window where a config leaves it out, as their transformers config classes default it (after _GEMMA).
 _GEMMA_WINDOW = (Key("sliding_window", default=4096, check=optional_positive_int),)
 
@@ -406,6 +407,42 @@ def _plamo3(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+#: Gear's layer kind of gated key/value convolutions (:mod:`ferrum.recurrent.conv_kv_gated`), beside its two
+#: attention kinds.
+GEAR_CONV = "conv_mixer"
+#: Gear's activations as mlx-lm runs them (gelu_fast as the tanh approximation too).
+_GEAR_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                     "gelu": "gelu", "silu": "silu", "swish": "silu"}
+
+
+def _gear(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Gear (remote code; mlx-lm's gear): Gemma 3's blocks ((1 + w) sandwich norms, embeddings times sqrt(hidden),
+    per-head q/k norms, query_pre_attn_scalar, soft-capping where set; sliding layers rotated at
+    rope_local_base_freq, full ones at rope_theta with rope_scaling), some layers (``conv_mixer``) running gated
+    key/value convolutions in place of attention (:mod:`ferrum.recurrent.conv_kv_gated`). Without layer_types every
+    layer is full attention, as mlx-lm reads it."""
+    kinds = (FULL, SLIDING, GEAR_CONV)
+    types = r("layer_types")
+    if types is None:
+        types = [FULL] * sizes.num_layers
+    elif not lists_of(types, sizes.num_layers, kinds):
+        r.fail("layer_types", f"must list {sizes.num_layers} entries of {', '.join(map(repr, kinds))}, got {types!r}")
+    scaling = _rope_object(r, "rope_scaling") or {}
+    full = read_rope(r, sizes, scaling, "rope_scaling", ("default", "linear"), theta_default=1_000_000.0)
+    sliding = Rope(theta=float(r("rope_local_base_freq")), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim)
+    layers = {FULL: LayerSpec(None, full), SLIDING: LayerSpec(r("sliding_window"), sliding),
+              GEAR_CONV: LayerSpec(None, Rope.unrotated(sizes.head_dim), mixer="conv_kv_gated")}
+    bias, scalar = r("attention_bias"), r("query_pre_attn_scalar")
+    conv = ConvKvGatedSpec(sizes.num_heads, sizes.num_kv_heads, sizes.head_dim, r("conv_L_cache"), bias)
+    return Architecture(
+        layers=tuple(layers[kind] for kind in types), norms=SANDWICH_NORMS, norm_offset=1.0,
+        activation=_GEAR_ACTIVATIONS[r("hidden_activation")], embed_scale=math.sqrt(sizes.hidden_size),
+        attn_scale=float(sizes.head_dim if scalar is None else scalar) ** -0.5,
+        attn_softcap=r("attn_logit_softcapping") or None, final_softcap=r("final_logit_softcapping") or None,
+        qk_norm="head", qkv_bias=bias, o_bias=bias, conv_kv_gated=conv if GEAR_CONV in types else None,
+    )
+
+
 TABLE: dict[str, Family] = {
     "plamo3": Family(  # Preferred Networks' PLaMo 3: sliding and full attention layers in PLaMo's sandwich norms
         _keys((
@@ -463,6 +500,25 @@ TABLE: dict[str, Family] = {
             Key("sliding_window_pattern", default=6, check=optional_positive_int),
         )),
         lambda r, s: _gemma(r, s, 6, "head", _gemma3_ropes),
+    ),
+    "gear": Family(  # Gear (remote code; mlx-lm's gear): ModelArgs' defaults
+        _keys(_core(True), _LAYER_TYPES, (
+            Key("sliding_window", default=512, check=optional_positive_int),
+            Key("rope_theta", default=1_000_000.0, check=positive_number),
+            Key("rope_local_base_freq", default=10_000.0, check=positive_number),
+            Key("rope_scaling"),
+            Key("query_pre_attn_scalar", check=optional_positive_number),  # null: head_dim
+            Key("hidden_activation", default="gelu_pytorch_tanh", check=one_of(*_GEAR_ACTIVATIONS), unsupported=True),
+            Key("attention_bias", default=False, check=boolean),
+            Key("attn_logit_softcapping", check=lambda v: None if not v else positive_number(v)),  # 0 / null: none
+            Key("final_logit_softcapping", check=lambda v: None if not v else positive_number(v)),
+            Key("conv_L_cache", default=3, check=lambda v: positive_int(v) or (
+                None if v >= 2 else "is 1 (no state to carry), which Ferrum does not run"), unsupported=True),
+            Key("use_bidirectional_attention", default=False, check=falsy(
+                "mlx-lm refuses it too: Gear is run as a causal LM only"), unsupported=True),
+        )),
+        _gear,
+        unloaded=r"rotary_emb\.inv_freq$|embed_scale$|^lm_head\.weight$",  # what mlx-lm's sanitize drops
     ),
     # Google's Gemma 4 text decoders (31B, E2B / E4B, and 26B-A4B's MoE block: ferrum.moe.spec.gemma4_moe);
     # "gemma4" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
