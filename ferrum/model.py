@@ -291,8 +291,8 @@ class DecoderOnlyLLM:
         #: The norm of the embeddings before the first block (BLOOM's; nanochat's, weightless), or None.
         self.embed_norm = None
         if arch.embed_norm:
-            self.embed_norm = _norm_weights(weights, f"{arch.prefix}embed_norm") if arch.norm_params else (
-                self._weightless())
+            self.embed_norm = _norm_weights(weights, f"{arch.prefix}embed_norm") if (
+                arch.norm_params and arch.embed_norm_params) else self._weightless()
         head_bias = weights.get(bias_of(arch.lm_head))
         self.lm_head = Linear(embed if config.tie_word_embeddings else weights[arch.lm_head],
                               None if head_bias is None else head_bias.weight)
@@ -528,6 +528,8 @@ class DecoderOnlyLLM:
         ops, cfg = self.ops, self.config
         kind = layer.mixer
         norm, add_norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)
+        post_eps = cfg.arch.post_norm_eps
+        post_norm = norm if post_eps is None else NORM_KINDS[cfg.arch.norm](ops, post_eps)[0]  # Muse Glimmer's
         project, mixer_out = kind.project(self, layer), kind.output(self, layer)
         if layer.wide is not None:
             return layer.wide.halves(self, layer, project, mixer_out, norm)
@@ -561,13 +563,13 @@ class DecoderOnlyLLM:
             extra, inputs = (rest[:-1], rest[-1:]) if mix is not None else (rest, ())  # the mixer's; per-layer inputs
             o = mixer_out(mixed, *extra)
             if layer.post_attn is not None:
-                o = norm(o, layer.post_attn)
+                o = post_norm(o, layer.post_attn)
             if layer.mlp is None:  # the block ends with its mixer
                 return o, h
             x, h = add_then_norm(scaled(o, beta), h, layer.pre_mlp)
             h = scaled(x if normed else h, mlp_alpha)
             out, given = layer.mlp(x) if layer.shortcut == "give" else (layer.mlp(x), None)
-            out = out if layer.post_mlp is None else norm(out, layer.post_mlp)
+            out = out if layer.post_mlp is None else post_norm(out, layer.post_mlp)
             out = scaled(out, mlp_beta)
             if taken is not None:
                 out = ops.add(out, taken)

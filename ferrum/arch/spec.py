@@ -159,6 +159,8 @@ class Architecture:
     #: The token embeddings normed (the blocks' kind of norm) before the first block: nanochat's without a weight,
     #: BLOOM's with its own ``embed_norm`` weights (``word_embeddings_layernorm``) where ``norm_params``.
     embed_norm: bool = False
+    #: False: that norm has no weight even where the blocks' have one (Muse Glimmer's scaleless norm).
+    embed_norm_params: bool = True
     #: Granite: multiplies what each block's attention and MLP add to the residual stream, and the logits.
     #: Folded into the o_proj / down_proj rows and the final norm at load (ferrum.arch.tensors).
     residual_scale: float = 1.0
@@ -289,6 +291,12 @@ class Architecture:
     #: The final norm's epsilon where it is not the blocks' (``rms_norm_eps``): JetMoE's blocks fix 1e-6 while its
     #: final norm reads rms_norm_eps. None: the blocks'.
     final_norm_eps: float | None = None
+    #: The final norm's offset where it is not the blocks' (``norm_offset``): Muse Glimmer's plain RMSNorm after its
+    #: (1 + w) block norms. None: the blocks'.
+    final_norm_offset: float | None = None
+    #: The epsilon of the norms after attention and the MLP (``post_attn``, ``post_mlp``) where it is not the other
+    #: norms' (Muse Glimmer's post_norm_eps); None: ``rms_norm_eps``.
+    post_norm_eps: float | None = None
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
     #: Endings of the tensors placed in float32 whatever the compute dtype (transformers' _keep_in_fp32_modules:
     #: GLM-4.5's router correction biases, which choose between experts whose scores differ in the fourth digit).

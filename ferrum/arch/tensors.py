@@ -69,7 +69,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     p = arch.prefix
     norm_parts = ("weight", "bias") if arch.norm_bias else ("weight",) if arch.norm_params else ()
     shapes = {f"{p}embed_tokens.weight": (vocab, h), **{f"{p}norm.{part}": (h,) for part in norm_parts}}
-    if arch.embed_norm:  # BLOOM's own weights (nanochat's has none)
+    if arch.embed_norm and arch.embed_norm_params:  # BLOOM's own weights (nanochat's and Muse Glimmer's have none)
         shapes.update({f"{p}embed_norm.{part}": (h,) for part in norm_parts})
     if arch.position_embedding and not arch.sinusoidal_positions:
         shapes[f"{p}embed_positions.weight"] = (config.max_seq_len + arch.position_offset, h)
@@ -594,10 +594,13 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
 
 
 def _norm_offset(arch: Any, name: str) -> float:
-    """What norm weight ``name`` is stored short of: its module's own offset (``Architecture.norm_offsets``), else
-    ``norm_offset``; 0 for any other tensor and for a Gated DeltaNet's own norm."""
+    """What norm weight ``name`` is stored short of: its module's own offset (``Architecture.norm_offsets``; the
+    final norm's ``final_norm_offset``), else ``norm_offset``; 0 for any other tensor and for a Gated DeltaNet's own
+    norm."""
     if not name.endswith("norm.weight") or f".{GATED_DELTA}." in name:
         return 0.0
+    if arch.final_norm_offset is not None and name == f"{arch.prefix}norm.weight":
+        return arch.final_norm_offset
     return next((offset for module, offset in arch.norm_offsets.items() if name.endswith(f".{module}.weight")),
                 arch.norm_offset)
 

@@ -443,6 +443,40 @@ def _gear(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _muse_glimmer_ropes(r: KeyReader, sizes: Sizes, types: list[str]) -> list[Rope]:
+    """Each layer's rope: layer_rope_theta's entry 0 is none, any other the model's (mlx-lm rotates every such layer
+    at rope_theta, rope_parameters' where given); without the list, the sliding layers rotate and the full don't."""
+    params = _rope_object(r, "rope_parameters") or {}
+    rope = read_rope(r, sizes, params, "rope_parameters", ("default",))
+    thetas = r("layer_rope_theta")
+    if thetas is None:
+        thetas = [0 if kind == FULL else rope.theta for kind in types]
+    if not isinstance(thetas, list) or len(thetas) != sizes.num_layers or any(
+            t != 0 and positive_number(t) for t in thetas):
+        r.fail("layer_rope_theta", f"must list {sizes.num_layers} rope bases, positive or 0 (no rope), got {thetas!r}")
+    return [rope if theta else Rope.unrotated(sizes.head_dim) for theta in thetas]
+
+
+def _muse_glimmer(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Muse Glimmer's text model (Meta; mlx-lm's muse_glimmer): Gemma 3's sandwich blocks of (1 + w) norms, those after
+    attention and the MLP at post_norm_eps, a plain RMSNorm at the end; the token embeddings RMS-normed without a
+    weight (not scaled); q and k RMS-normed per head without a weight before rope, q then times qk_scale_factor
+    (folded into the attention scale); each head's output times the sigmoid of its gate (``gate_proj``, its own
+    projection); three sliding layers to one full unless layer_types says otherwise, rope only where
+    layer_rope_theta is not 0 (by default the sliding layers); a SiLU MLP; the logits times output_multiplier
+    (folded into the final norm), then soft-capped."""
+    window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 3 else SLIDING)
+    ropes = _muse_glimmer_ropes(r, sizes, types)
+    r("hidden_activation")
+    return Architecture(
+        layers=tuple(LayerSpec(window if kind == SLIDING else None, rope) for kind, rope in zip(types, ropes)),
+        norms=SANDWICH_NORMS, norm_offset=1.0, final_norm_offset=0.0, post_norm_eps=float(r("post_norm_eps")),
+        embed_norm=True, embed_norm_params=False, attn_scale=float(r("qk_scale_factor")) / math.sqrt(sizes.head_dim),
+        qk_norm="head", qk_norm_params=False, attn_output_gate=True, attn_gate_stored=True,
+        final_softcap=float(r("final_logit_softcapping")), logit_scale=float(r("output_multiplier")),
+    )
+
+
 TABLE: dict[str, Family] = {
     "plamo3": Family(  # Preferred Networks' PLaMo 3: sliding and full attention layers in PLaMo's sandwich norms
         _keys((
@@ -519,6 +553,25 @@ TABLE: dict[str, Family] = {
         )),
         _gear,
         unloaded=r"rotary_emb\.inv_freq$|embed_scale$|^lm_head\.weight$",  # what mlx-lm's sanitize drops
+    ),
+    "muse_glimmer": Family(  # Meta's Muse Glimmer, its text model (mlx-lm's muse_glimmer): ModelArgs' defaults
+        _keys(_core(False, head_dim_default=128), _core_defaults(
+            hidden_size=6656, intermediate_size=19968, num_hidden_layers=52, num_attention_heads=32,
+            num_key_value_heads=2, vocab_size=202_048, max_position_embeddings=131_072,
+        ), _LAYER_TYPES, (
+            Key("sliding_window", default=2048, check=optional_positive_int),
+            Key("post_norm_eps", default=1e-8, check=positive_number),
+            Key("qk_scale_factor", default=3.87, check=positive_number),
+            Key("hidden_activation", default="silu", check=one_of("silu"), unsupported=True),
+            Key("rope_theta", default=500_000.0, check=positive_number),
+            Key("rope_parameters"),
+            Key("layer_rope_theta"),
+            Key("final_logit_softcapping", default=20.0, check=positive_number),
+            Key("output_multiplier", default=0.19611613513818404, check=positive_number),
+        )),
+        _muse_glimmer,
+        eps_default=1e-5,
+        unloaded=r"^vision_(?:tower|adapter|projection)",  # the multimodal release's, which mlx-lm drops too
     ),
     # Google's Gemma 4 text decoders (31B, E2B / E4B, and 26B-A4B's MoE block: ferrum.moe.spec.gemma4_moe);
     # "gemma4" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
