@@ -1002,7 +1002,6 @@ TABLE: dict[str, Family] = {
             Key("mlp_bias", default=False, check=boolean),
         )),
         _spark2_5,
-        unloaded=r"rotary_emb\.inv_freq$|^lm_head\.weight$",  # mlx-lm's sanitize drops them (the head where tied)
     ),
     "diffllama": Family(  # DiffLlama (the differential transformer on Llama's blocks)
         _keys(_core(False), _core_defaults(vocab_size=32000, max_position_embeddings=2048), _ROPE, _SILU, (
