@@ -36,7 +36,7 @@ TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral",  # Mistral Smal
                  "kimi_vl": "deepseek_v3", "kimi_k25": "deepseek_v3",  # Kimi-VL, Kimi K2.5 (text_config: kimi_k2)
                  "pixtral": "mistral",  # mlx-lm's pixtral: the text model of Pixtral's conversions
                  "lfm2-vl": "lfm2",  # LFM2-VL's releases spell lfm2_vl so (mlx-lm's lfm2-vl module)
-                 "muse_glimmer": "muse_glimmer"}  # Meta's release nests its text model, mlx-community's flatten it
+                 "muse_glimmer": "muse_glimmer_text"}  # Meta's release nests its text model, mlx-community's don't
 #: A wrapper's text model_type -> the family it is (EXAONE 4.5's first release named its decoder so; the Qwen VL
 #: decoders are Qwen 2's and Qwen 3's).
 TEXT_ALIASES = {"exaone4_5_text": "exaone4", "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",

@@ -1,6 +1,7 @@
-"""Muse Glimmer's text model (``muse_glimmer``; Meta's release, which transformers 5.24 lacks) against mlx-lm's
-muse_glimmer in float32: a random checkpoint built from mlx-lm's own Model and saved as Meta's release nests it
-(``text_config``, ``language_model.*``, a vision tower beside it) and as mlx-community's flattened configs have it,
+"""Muse Glimmer's text model (``muse_glimmer_text`` in its ``muse_glimmer`` wrapper; Meta's release, which
+transformers 5.24 lacks) against mlx-lm's muse_glimmer in float32: a random checkpoint built from mlx-lm's own Model
+and saved as Meta's release nests it (``text_config``, ``model.language_model.*``, a vision tower beside it) and as
+mlx-community's flattened configs have it,
 on every backend, through the engine, and mlx-lm's conversions (float and 4-bit); its scalings, gates, windows and
 NoPE layers each a control."""
 
@@ -18,6 +19,7 @@ from mlx_lm_builds import MlxLmAsTransformers, logits, randomized, save_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
     float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
+    with_edited_tensors,
 )
 
 pytest.importorskip("mlx_lm.models.muse_glimmer")
@@ -27,13 +29,14 @@ TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 SLIDING, FULL = "sliding_attention", "full_attention"
 #: The text model's keys: a 4-token window (the prompt is longer), the default pattern (three sliding layers, then a
 #: full one without rope), rope_theta given in rope_parameters, a soft-cap that bites, an untied head.
-TEXT = {"model_type": "muse_glimmer", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+TEXT = {"model_type": "muse_glimmer_text", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
         "rms_norm_eps": 1e-5, "post_norm_eps": 1e-8, "sliding_window": 4, "qk_scale_factor": 3.87,
         "hidden_activation": "silu", "max_position_embeddings": 128,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False,
         "final_logit_softcapping": 5.0, "output_multiplier": 0.5}
-#: Meta's release: the text model's keys under text_config, its tensors under language_model, a vision tower.
+#: Meta's release: the text model's keys under text_config, its tensors under model.language_model, a vision tower
+#: (which mlx-lm's sanitize drops where it is not under model.; Ferrum wherever it is).
 RELEASE = {"model_type": "muse_glimmer", "architectures": ["MuseGlimmerForConditionalGeneration"],
            "text_config": TEXT, "vision_config": {"hidden_size": 8}, "tie_word_embeddings": False,
            "bos_token_id": 0, "eos_token_id": 1}
@@ -68,7 +71,7 @@ def _model(**changed):
 
 def _nested(name: str) -> str:
     """mlx-lm's name -> the release's (the inverse of its sanitize)."""
-    return "language_model." + name
+    return name if name.startswith("lm_head.") else "model.language_model." + name.removeprefix("model.")
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +89,23 @@ def test_logits_match_mlx_lm(release, backend):
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
 
 
-def test_the_vision_tower_is_quiet(release, recwarn):
-    float32_model(release[0])
-    assert not [w for w in recwarn if VISION in str(w.message)]
+def test_the_vision_tower_is_quiet_wherever_it_sits(release, tmp_path, recwarn):
+    """The release's vision tower beside the text model's under model. too (mlx-lm's sanitize drops it only at the
+    top level): not read, not reported."""
+    def beside(tensors):
+        tensors["model.vision_tower.patch_embed.weight"] = tensors.pop(VISION)
+
+    folder = with_edited_tensors(release[0], tmp_path / "beside", beside)
+    for where in (release[0], folder):
+        assert scaled_error(float32_model(where).forward_verify("v", TOKENS), release[2]) <= 1e-4
+    assert not [w for w in recwarn if "vision_tower" in str(w.message)]
 
 
 def test_a_flattened_config_loads(release, tmp_path):
     """mlx-community's conversions: the text model's keys at the top level, its tensors under model."""
     model = release[1]
-    want = save_release(model, tmp_path / "flat", {**TEXT, "bos_token_id": 0, "eos_token_id": 1}, TOKENS)
+    flat = {**TEXT, "model_type": "muse_glimmer", "bos_token_id": 0, "eos_token_id": 1}
+    want = save_release(model, tmp_path / "flat", flat, TOKENS)
     assert scaled_error(float32_model(tmp_path / "flat").forward_verify("f", TOKENS), want) <= 1e-4
     assert scaled_error(want, release[2]) == 0.0
 
@@ -156,14 +167,15 @@ def test_the_post_norms_epsilon_and_the_plain_final_norm(tmp_path, monkeypatch, 
     mx.eval(model.parameters())
     want = save_release(model, tmp_path / "quiet", RELEASE, TOKENS, release_name=_nested, vocab=VOCAB)
     assert scaled_error(float32_model(tmp_path / "quiet").forward_verify("q", TOKENS), want) <= 1e-4
-    family = FAMILIES["muse_glimmer"]
-    monkeypatch.setitem(FAMILIES, "muse_glimmer", replace(
+    family = FAMILIES["muse_glimmer_text"]
+    monkeypatch.setitem(FAMILIES, "muse_glimmer_text", replace(
         family, build=lambda r, sizes: replace(family.build(r, sizes), **{field: value})))
     assert scaled_error(float32_model(tmp_path / "quiet").forward_verify("q", TOKENS), want) > 1e-2
 
 
 def test_release_defaults():
     config = ModelConfig.from_dict({"model_type": "muse_glimmer", "text_config": {"num_hidden_layers": 8}})
+    assert config.model_type == "muse_glimmer_text"
     arch = config.arch
     assert arch.windows == (2048, 2048, 2048, None) * 2
     assert [layer.rope.theta for layer in arch.layers[:3]] == [500000.0] * 3

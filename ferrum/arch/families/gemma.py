@@ -552,9 +552,9 @@ TABLE: dict[str, Family] = {
                 "mlx-lm refuses it too: Gear is run as a causal LM only"), unsupported=True),
         )),
         _gear,
-        unloaded=r"rotary_emb\.inv_freq$|embed_scale$|^lm_head\.weight$",  # what mlx-lm's sanitize drops
+        unloaded=r"embed_scale$",  # a buffer mlx-lm's sanitize drops
     ),
-    "muse_glimmer": Family(  # Meta's Muse Glimmer, its text model (mlx-lm's muse_glimmer): ModelArgs' defaults
+    "muse_glimmer_text": Family(  # Meta's Muse Glimmer's text model (mlx-lm's muse_glimmer): ModelArgs' defaults
         _keys(_core(False, head_dim_default=128), _core_defaults(
             hidden_size=6656, intermediate_size=19968, num_hidden_layers=52, num_attention_heads=32,
             num_key_value_heads=2, vocab_size=202_048, max_position_embeddings=131_072,
@@ -571,7 +571,6 @@ TABLE: dict[str, Family] = {
         )),
         _muse_glimmer,
         eps_default=1e-5,
-        unloaded=r"^vision_(?:tower|adapter|projection)",  # the multimodal release's, which mlx-lm drops too
     ),
     # Google's Gemma 4 text decoders (31B, E2B / E4B, and 26B-A4B's MoE block: ferrum.moe.spec.gemma4_moe);
     # "gemma4" wrappers' text_config too (ferrum.config.TEXT_WRAPPERS)
