@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.29"
+API_VERSION = "1.30"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -119,6 +119,7 @@ OPTIONAL_OPS = (
     "ssd_update",
     "selective_scan",
     "rg_lru",
+    "wkv7",
     "mul_scalar",
     "softcap",
     "clip",
@@ -435,6 +436,17 @@ def rg_lru(x: Any, gate_x: Any, gate_a: Any, a_param: Any, state: Any, cu_seqlen
     reset, the input not normalized); ``y = h``. Returns ``(y [T, W] in x's dtype, new_state float32)``; the state
     is not modified. Only plugins declaring 1.25 are handed it. Fallback: :mod:`ferrum.recurrent.kernels` on the
     host."""
+
+@hookspec(firstresult=True)
+def wkv7(r: Any, w: Any, k: Any, v: Any, a: Any, b: Any, state: Any, cu_seqlens: Any) -> Any:
+    """(optional, API 1.30) RWKV-7's generalized delta rule (its time mix, as mlx-lm's ``_wkv7_step_ops`` and
+    flash-linear-attention's ``chunk_rwkv7`` compute it) over a flattened varlen batch: the receptance ``r``, the
+    log-decay ``w``, the key ``k``, the value ``v`` and the state's read and write vectors ``a, b``, all ``[T, H,
+    D]``, ``state [B, H, Dk, Dv]`` float32, ``cu_seqlens`` as for :func:`causal_conv1d`. In float32, per token
+    ``S = exp(w) * S + k (x) v + b (x) (a S)`` (``a S`` read before the decay, ``exp(w)`` over each key row),
+    ``y = r S``. Returns ``(y [T, H, Dv] in v's dtype, new_state float32)``; the state is not modified. Only
+    plugins declaring 1.30 are handed it. Fallback: :mod:`ferrum.recurrent.kernels` on the host."""
+
 
 @hookspec(firstresult=True)
 def mul_scalar(x: Any, factor: float) -> Any:

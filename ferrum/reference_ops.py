@@ -162,6 +162,11 @@ def rg_lru(ops: Any, x: Any, gate_x: Any, gate_a: Any, a_param: Any, state: Any,
     return ops.from_numpy(y, dtype_name(x)), ops.from_numpy(new_state, "float32")
 
 
+def wkv7(ops: Any, r: Any, w: Any, k: Any, v: Any, a: Any, b: Any, state: Any, cu_seqlens: Any) -> tuple[Any, Any]:
+    y, new_state = kernels.wkv7(*(_host(ops, t) for t in (r, w, k, v, a, b, state)), np.asarray(cu_seqlens))
+    return ops.from_numpy(y, dtype_name(v)), ops.from_numpy(new_state, "float32")
+
+
 def mul_scalar(ops: Any, x: Any, factor: float) -> Any:
     rounded = np.asarray(ops.to_numpy(ops.from_numpy(np.array([factor], dtype=np.float32), dtype_name(x))))[0]
     return _on_host(ops, x, lambda a: a * np.float32(rounded))

@@ -139,6 +139,24 @@ def rg_lru(x: np.ndarray, gate_x: np.ndarray, gate_a: np.ndarray, a_param: np.nd
     return y, new_state
 
 
+def wkv7(r: np.ndarray, w: np.ndarray, k: np.ndarray, v: np.ndarray, a: np.ndarray, b: np.ndarray,
+         state: np.ndarray, cu_seqlens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RWKV-7's generalized delta rule (``ferrum.hookspec.wkv7``): ``r, w, k, v, a, b [T, H, D]`` (``w`` the
+    log-decay), ``state [B, H, Dk, Dv]``; returns ``(y [T, H, Dv], new_state)`` in float32."""
+    r, k, v, a, b = (np.asarray(t, dtype=np.float32) for t in (r, k, v, a, b))
+    decay = np.exp(np.asarray(w, dtype=np.float32))[..., None]  # over the state's Dv
+    y = np.empty_like(v)
+    new_state = np.array(state, dtype=np.float32)
+    for s in range(len(cu_seqlens) - 1):
+        S = new_state[s]  # [H, Dk, Dv], updated in place
+        for t in range(int(cu_seqlens[s]), int(cu_seqlens[s + 1])):
+            removed = np.einsum("hk,hkv->hv", a[t], S)  # the state's read at a, before the decay
+            S *= decay[t]
+            S += k[t][:, :, None] * v[t][:, None, :] + b[t][:, :, None] * removed[:, None, :]
+            y[t] = np.einsum("hk,hkv->hv", r[t], S)
+    return y, new_state
+
+
 def sigmoid_mul(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(gate)``."""
     return np.asarray(x, dtype=np.float32) / (1.0 + np.exp(-np.asarray(gate, dtype=np.float32)))

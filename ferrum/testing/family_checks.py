@@ -447,6 +447,42 @@ def check_rg_lru(c: Any, tol: float) -> float:
     return max(_compare(c.get(y), want_y, tol), _compare(c.get(new_state), want_state, tol))
 
 
+def wkv7_oracle(r, w, k, v, a, b, state, cu) -> tuple[np.ndarray, np.ndarray]:
+    """``ferrum.hookspec.wkv7`` in float64, token by token and head by head."""
+    r, w, k, v, a, b, state = (np.asarray(t, dtype=np.float64) for t in (r, w, k, v, a, b, state))
+    y, new_state = np.zeros_like(v), state.copy()
+    for s in range(len(cu) - 1):
+        for t in range(cu[s], cu[s + 1]):
+            for h in range(v.shape[1]):
+                S = new_state[s, h]  # [Dk, Dv]
+                read = a[t, h] @ S
+                S = np.exp(w[t, h])[:, None] * S + np.outer(k[t, h], v[t, h]) + np.outer(b[t, h], read)
+                new_state[s, h], y[t, h] = S, r[t, h] @ S
+    return y, new_state
+
+
+def check_wkv7(c: Any, tol: float) -> float:
+    """Three segments carrying states of their own, two heads; decays from nearly none to strong, the read and write
+    vectors a unit key's negative and a fraction of it (as RWKV-7 makes them); the float32 state given is left as it
+    was."""
+    from ferrum.recurrent.rwkv7 import runs_natively
+
+    heads, dim, tokens = 2, 8, int(_SEGMENTS[-1])
+    r, k, v = (c.rounded(c.random(tokens, heads, dim)) for _ in range(3))
+    w = c.rounded(-np.linspace(0.01, 2.0, tokens * heads * dim).reshape(tokens, heads, dim).astype(np.float32))
+    unit = c.random(tokens, heads, dim)
+    unit /= np.linalg.norm(unit, axis=-1, keepdims=True)
+    a = c.rounded(-unit)
+    b = c.rounded(unit * np.linspace(0.1, 0.9, dim).astype(np.float32))
+    state = c.random(len(_SEGMENTS) - 1, heads, dim, dim)
+    held = c.ops.from_numpy(state.copy(), "float32")
+    rule = c.ops.wkv7 if runs_natively(c.ops) else c.ops.fallback["wkv7"]
+    y, new_state = rule(*(c.put(t) for t in (r, w, k, v, a, b)), held, _SEGMENTS)
+    assert np.array_equal(c.get(held), state), "wkv7 changed the state it was given"
+    want_y, want_state = wkv7_oracle(r, w, k, v, a, b, state, _SEGMENTS)
+    return max(_compare(c.get(y), want_y, tol), _compare(c.get(new_state), want_state, tol))
+
+
 def check_mul_scalar(c: Any, tol: float) -> float:
     x = c.rounded(c.random(5, 64))
     factor = float(c.rounded(np.array([np.sqrt(3072.0)], dtype=np.float32))[0])  # as the dtype holds it
@@ -556,6 +592,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
 
     from ferrum.recurrent.gated_delta import runs_natively  # the rule the model calls for API 1.20's features
     from ferrum.recurrent.rg_lru import runs_natively as rg_lru_native  # the RG-LRU it calls (API 1.25)
+    from ferrum.recurrent.rwkv7 import runs_natively as wkv7_native  # RWKV-7's rule (API 1.30)
 
     native_rule = "gated_delta_rule" in ops.native and runs_natively(ops, True)
     extended_rule = "native" if native_rule else "core fallback"
@@ -584,6 +621,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"ssd_update ({source('ssd_update')})", lambda: check_ssd_update(c, tol), tol),
         (f"selective_scan ({source('selective_scan')})", lambda: check_selective_scan(c, tol), tol),
         (f"rg_lru ({'native' if rg_lru_native(ops) else 'core fallback'})", lambda: check_rg_lru(c, tol), tol),
+        (f"wkv7 ({'native' if wkv7_native(ops) else 'core fallback'})", lambda: check_wkv7(c, tol), tol),
         (f"softcap ({source('softcap')})", lambda: check_softcap(c, tol), tol),
         (f"clip ({source('clip')})", lambda: check_clip(c, tol), tol),
         (f"mul ({source('mul')})", lambda: check_mul(c, tol), tol),

@@ -195,6 +195,11 @@ def rg_lru(x, gate_x, gate_a, a_param, state, cu_seqlens, starts):
 
 
 @hookimpl
+def wkv7(r, w, k, v, a, b, state, cu_seqlens):
+    return _recurrent.wkv7(r, w, k, v, a, b, state, cu_seqlens)
+
+
+@hookimpl
 def clip(x, limit):
     return np.clip(x, -limit, limit).astype(x.dtype, copy=False)
 
