@@ -259,6 +259,18 @@ class Resetting(Recurrent):
         return core, extra, h
 
 
+class ValueResidual(Recurrent):
+    """A recurrent mixer that reads the values the pass's first layer of it handed on, and hands its own on where it
+    is that layer (RWKV-7's value residual: the pass's ``values``, None until the first layer has run)."""
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        states = run.states
+        core, extra, new, run.values = layer.recurrent.mix(projected, states.gather(index, run.seq_ids),
+                                                           run.batch.cu_seqlens_q, run.values)
+        states.stage(index, run.seq_ids, new)
+        return core, extra, h
+
+
 class NoMixer(MixerKind):
     """No mixer: the block is its MLP alone on the normed input (Nemotron-H's MLP and MoE blocks)."""
 
@@ -437,6 +449,7 @@ MIXER_KINDS: dict[str, MixerKind] = {"attention": Attention(), "none": NoMixer()
 MIXER_KINDS["shared_mamba2"] = SharedBlockThenRecurrent(MIXER_KINDS["attention"])
 MIXER_KINDS["moa"] = MixtureOfAttention(MIXER_KINDS["attention"])
 MIXER_KINDS["rg_lru"] = Resetting()
+MIXER_KINDS["rwkv7_first"] = MIXER_KINDS["rwkv7"] = ValueResidual()
 
 
 def mixer_kind(spec: LayerSpec) -> MixerKind:

@@ -157,7 +157,7 @@ class _Pass:
     (``narrowed``) are the kept rows'."""
 
     __slots__ = ("model", "ops", "pool", "softcap", "specs", "states", "last_write", "batch", "narrowed", "kept",
-                 "chunked", "slots", "seq_ids", "inputs", "positions", "ropes", "scalers", "embedded")
+                 "chunked", "slots", "seq_ids", "inputs", "positions", "ropes", "scalers", "embedded", "values")
 
     def __init__(self, model: DecoderOnlyLLM, batch: AttentionBatch, kept: np.ndarray | None,
                  seq_ids: list[Hashable]):
@@ -170,6 +170,7 @@ class _Pass:
         self.slots = ops.from_numpy(batch.slot_mapping, None)
         self.inputs: list[tuple] = []
         self.embedded: Any = None  # the token embeddings the first block reads (Zamba 2's shared blocks read them too)
+        self.values: Any = None  # the values the first RWKV-7 layer hands the later ones (ferrum.mixers.ValueResidual)
         self._rebase(batch, {layer.query_scaling for layer in model.layers} - {None})
 
     def _rebase(self, batch: AttentionBatch, scalings: Any) -> None:

@@ -64,7 +64,8 @@ class LayerSpec:
     #: Mamba-2 layers; "short_conv", LFM2's gated short convolutions; "kimi_delta", Kimi Linear's Kimi Delta
     #: Attention; "shared_mamba2", Zamba 2's hybrid layers: a shared attention + MLP block, then Mamba-2;
     #: "lightning", MiniMax's lightning attention; "rg_lru", RecurrentGemma's recurrent blocks; "conv_kv_gated",
-    #: Gear's gated key/value convolutions),
+    #: Gear's gated key/value convolutions; "rwkv7_first" / "rwkv7", RWKV-7's time mix in its first / later layers;
+    #: "rwkv7_channel", its channel mix),
     #: "linear", one square map of the normed input (DeciLM's replace_with_linear, :mod:`ferrum.arch.linear_blocks`),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
@@ -265,6 +266,12 @@ class Architecture:
     aliases: tuple[tuple[str, str], ...] = ()
     #: ...whose mixer is "lightning" (:class:`ferrum.recurrent.lightning.LightningSpec`), else None.
     lightning: Any = None
+    #: RWKV-7's time mixes (:class:`ferrum.recurrent.rwkv7.Rwkv7Spec`): of the layers whose mixer is "rwkv7", and of
+    #: the first, "rwkv7_first" (its ``first``); its channel mixes', "rwkv7_channel"
+    #: (:class:`ferrum.recurrent.rwkv7.Rwkv7ChannelSpec`); else None.
+    rwkv7: Any = None
+    rwkv7_first: Any = None
+    rwkv7_channel: Any = None
     #: Tensors the model reads that no checkpoint stores, computed from config.json and placed in float32 at load:
     #: name under :attr:`prefix` -> values (a vector). MiniMax's lightning decay rates, which depend on each layer's
     #: depth.

@@ -20,6 +20,9 @@ class SubLayers:
 
     count: int
     numbered: tuple[tuple[str, str], ...]
+    #: Modules the checkpoint keeps once per layer under their own names that belong to a later sub-block: (the
+    #: module, its sub-block) (RWKV-7's channel mix, ``ffn`` and ``ffn_norm``, its layers' second).
+    later: tuple[tuple[str, int], ...] = ()
 
     def stored(self, prefix: str, name: str) -> str:
         """The checkpoint's name of Ferrum's tensor ``name`` (names outside the layers unchanged)."""
@@ -50,7 +53,8 @@ class SubLayers:
                 continue
             remainder = inner[len(tail):] if tail else ("." + inner if inner else "")
             return f"{prefix}layers.{layer * self.count + int(index)}.{ours}{remainder}"
-        return f"{prefix}layers.{layer * self.count}.{rest}"
+        sub = dict(self.later).get(rest.partition(".")[0], 0)
+        return f"{prefix}layers.{layer * self.count + sub}.{rest}"
 
 
 def _split(prefix: str, name: str) -> tuple[int, str] | None:

@@ -402,6 +402,9 @@ def _renamed(arch: Any, name: str, table: dict[str, str]) -> str:
     if not table or not name.startswith(arch.prefix):
         return name
     rest, stem = name[len(arch.prefix):], arch.prefix
+    whole, _, part = rest.rpartition(".")
+    if "." in whole and whole in table:  # a module under the prefix named by its path (RWKV-7's layers.0.pre_norm)
+        return f"{stem}{table[whole]}.{part}"
     # the layers' container, maybe dotted (PLaMo's ``layers.layers``): the longest name that is followed by an index
     for container in sorted({c for c, to in table.items() if "layers" in (c, to)} | {"layers"}, key=len, reverse=True):
         index, _, inner = rest.removeprefix(f"{container}.").partition(".")
@@ -868,6 +871,8 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
     for mixer in ("mamba", "mamba2", "short_conv", "kimi_delta", "rg_lru", "conv_kv_gated"):
         if mixer_spec(config.arch, mixer) is not None:
             config = _taps_layout(config, mixer, stored)
+    if config.arch.rwkv7_first is not None:
+        config = _rwkv7_layout(config, stored)
     if config.arch.fused_gate_up:
         config = _unfused_gate_up_layout(config, stored)
     if config.arch.moe is not None:
@@ -912,6 +917,16 @@ def _taps_layout(config: Any, mixer: str, stored: Mapping[str, tuple[int, ...]])
         return config
     return replace(config, arch=replace(arch, **{MIXERS[mixer]: replace(spec, conv_last=True)}, **arch.converted,
                                         converted={}))
+
+
+def _rwkv7_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
+    """mlx-lm's conversions of RWKV-7 store ``k_k``, ``k_a`` and ``g_norm`` per head, ``[H, D]``."""
+    arch = config.arch
+    shape = stored.get(stored_name(arch, f"{arch.prefix}layers.0.{arch.rwkv7_first.module}.k_k"))
+    if shape is None or len(shape) != 2:
+        return config
+    return replace(config, arch=replace(arch, rwkv7_first=replace(arch.rwkv7_first, per_head=True),
+                                        rwkv7=replace(arch.rwkv7, per_head=True)))
 
 
 def _unfused_gate_up_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:

@@ -4,15 +4,16 @@ Adding a family is one entry in its kind's module (its keys and a builder) plus 
 resulting :class:`ferrum.arch.spec.Architecture`. Each module holds one kind's builders and its part of the table
 (``TABLE``): dense Llama-shaped families (:mod:`.llama_like`), Gemma's (:mod:`.gemma`), LayerNorm and ungated-MLP
 ones (:mod:`.layer_norm`), the older GPT-style decoders (:mod:`.classic`), latent attention (:mod:`.latent`),
-routed experts (:mod:`.moe`), linear-attention hybrids (:mod:`.hybrid`), Mamba's (:mod:`.mamba`) and those whose layers
-differ in shape (:mod:`.heterogeneous`); what more than one kind reads is in :mod:`._shared`.
+routed experts (:mod:`.moe`), linear-attention hybrids (:mod:`.hybrid`), Mamba's (:mod:`.mamba`), RWKV's
+(:mod:`.rwkv`) and those whose layers differ in shape (:mod:`.heterogeneous`); what more than one kind reads is in
+:mod:`._shared`.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from ferrum.arch.families import classic, gemma, heterogeneous, hybrid, latent, layer_norm, llama_like, mamba, moe
+from ferrum.arch.families import classic, gemma, heterogeneous, hybrid, latent, layer_norm, llama_like, mamba, moe, rwkv
 from ferrum.arch.families._shared import Family, Sizes, lift_nested, read_sizes
 from ferrum.errors import FerrumError
 
@@ -33,4 +34,4 @@ def _merged(*kinds: ModuleType) -> dict[str, Family]:
 
 
 FAMILIES: dict[str, Family] = _merged(llama_like, gemma, layer_norm, classic, latent, moe, hybrid, mamba,
-                                      heterogeneous)
+                                      heterogeneous, rwkv)
