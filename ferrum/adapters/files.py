@@ -37,7 +37,7 @@ import ml_dtypes  # also registers bfloat16 with numpy, so safetensors can read 
 import numpy as np
 
 from ferrum.arch.mlp import width
-from ferrum.arch.tensors import fit_query_heads, llama_names, pads_o_proj, prepare, value_width
+from ferrum.arch.tensors import llama_names, pads_o_proj, prepare, query_heads_as_loaded, value_width
 from ferrum.checkpoint import NOT_TEXT, is_float
 from ferrum.errors import AdapterError
 
@@ -642,13 +642,15 @@ def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: n
 
 
 def _inputs_as_loaded(config: Any, layer: int, proj: str, a: np.ndarray) -> np.ndarray:
-    """``a [in, r]``'s input rows padded as the load pads the projection's weight columns: o_proj's, with zero heads
-    after each key/value head's queries in a layer of fewer query heads (Laguna's, ``LayerSpec.stored_heads``)."""
-    spec = config.arch.layers[layer]
-    if proj != "o_proj" or spec.stored_heads is None:
+    """``a [in, r]``'s input rows moved and padded as the load moves the projection's weight columns: o_proj's
+    query heads (:func:`ferrum.arch.tensors.query_heads_as_loaded`: zero heads after each key/value head's queries
+    in a layer of fewer query heads, Laguna's and Step 3.5's; PLaMo's regrouped where its key/value heads are
+    tiled)."""
+    if proj != "o_proj":
         return a
     name = f"{config.arch.prefix}layers.{layer}.self_attn.o_proj.weight"
-    return np.ascontiguousarray(fit_query_heads(config, spec, name, a.T).T, dtype=np.float32)
+    return np.ascontiguousarray(query_heads_as_loaded(config, config.arch.layers[layer], name, a.T).T,
+                                dtype=np.float32)
 
 
 def _as_loaded(config: Any, layer: int, proj: str, b: np.ndarray) -> np.ndarray:

@@ -262,6 +262,20 @@ def fit_groups(config: Any, layer: Any, name: str, tensor: Any, inputs: bool = T
     return _each_array(tensor, padded)
 
 
+def query_heads_as_loaded(config: Any, layer: Any, name: str, tensor: Any, inputs: bool = True) -> Any:
+    """A layer's stored tensor with its query heads where the model reads them: fewer stored heads padded
+    (:func:`fit_query_heads`), tiled key/value heads' queries regrouped (:func:`regrouped_query_heads`), a layer's
+    fewer key/value groups padded (:func:`fit_groups`); o_proj's columns unless not ``inputs``. What a LoRA A factor
+    of o_proj, whose rows are those columns, takes too."""
+    if layer.stored_heads is not None:
+        tensor = fit_query_heads(config, layer, name, tensor, inputs)
+    if config.arch.tiled_kv_heads:
+        tensor = regrouped_query_heads(config, name, tensor, inputs)
+    if layer.stored_groups is not None:
+        tensor = fit_groups(config, layer, name, tensor, inputs)
+    return tensor
+
+
 def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
     """A Gemma 4 layer's stored attention tensor made the model's uniform heads (see ``LayerSpec.stored_head_dim``
     and ``stored_kv_heads``; MiMo-V2-Flash's narrower values, ``Architecture.value_head_dim``, and fewer key/value
@@ -505,12 +519,7 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         if arch.attn_gate_per_head and "attention" in spec.mixers:  # one row per head -> one per head dim
             parts = [(n, _each_array(t, lambda a: np.repeat(a, config.head_dim, axis=0)) if ".self_attn.gate_proj."
                       in n else t) for n, t in parts]
-        if spec.stored_heads is not None:
-            parts = [(n, fit_query_heads(config, spec, n, t, inputs)) for n, t in parts]
-        if arch.tiled_kv_heads:
-            parts = [(n, regrouped_query_heads(config, n, t, inputs)) for n, t in parts]
-        if spec.stored_groups is not None:
-            parts = [(n, fit_groups(config, spec, n, t, inputs)) for n, t in parts]
+        parts = [(n, query_heads_as_loaded(config, spec, n, t, inputs)) for n, t in parts]
         if (spec.stored_head_dim is not None or spec.stored_kv_heads is not None or spec.values_are_keys
                 or arch.value_head_dim is not None):
             parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]
