@@ -439,7 +439,7 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
             raise AdapterError(f"{where}: lora_parameters.keys names {key!r}; " + (
                 refusal or f"only {', '.join(PROJECTIONS)} are supported"))
     num_layers = settings.get("num_layers", 16)  # mlx-lm adapts model.layers[-max(num_layers, 0):]: 0 is all
-    first = max(config.num_layers - num_layers, 0) if _is_int(num_layers) and num_layers > 0 else 0
+    first = max(config.arch.stored_layers - num_layers, 0) if _is_int(num_layers) and num_layers > 0 else 0
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, array in _read(folder / MLX_WEIGHTS):
         m = _MLX_KEY.match(name)
@@ -604,8 +604,8 @@ def _absent(config: Any, layer: int, proj: str) -> str:
 
 
 def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: np.ndarray, scale: float) -> LoraWeights:
-    if layer >= config.num_layers:
-        raise AdapterError(f"{where}: adapts layer {layer} but the base model has {config.num_layers} layers")
+    if layer >= config.arch.stored_layers:  # a looped model's passes run the stored layers again (Nanbeige 4.2's)
+        raise AdapterError(f"{where}: adapts layer {layer} but the base model has {config.arch.stored_layers} layers")
     if proj not in PROJECTIONS and proj not in SHARED:
         if config.arch.layers[layer].mlp != "dense" and proj == "shared_expert_gate":
             raise AdapterError(f"{where}: layer {layer} {proj} {_SHARED_GATE_REFUSAL}")

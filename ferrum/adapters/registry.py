@@ -54,8 +54,8 @@ _Part = tuple[int, int, LoraWeights]  # one projection's factors on a matrix: (s
 
 
 class _Target:
-    """One matrix the model runs, wrapped: its layer, its group of projections (see ``projection_span``)
-    and the output columns of that group it produces."""
+    """One matrix the model runs, wrapped: its stored layer (an adapter's, which every pass of a looped model runs),
+    its group of projections (see ``projection_span``) and the output columns of that group it produces."""
 
     __slots__ = ("layer", "group", "start", "stop", "linear")
 
@@ -335,8 +335,8 @@ class AdapterRegistry:
         config, lora_apply = self.model.config, self.model.ops.lora_apply
 
         def wrap(index: int, group: str, start: int, stop: int, linear: Any) -> LoraLinear:
-            wrapped = LoraLinear(linear, self, lora_apply)
-            self._targets.append(_Target(index, group, start, stop, wrapped))
+            wrapped = LoraLinear(linear, self, lora_apply)  # a looped model's later passes: their stored layer's
+            self._targets.append(_Target(config.arch.first_pass(index), group, start, stop, wrapped))
             return wrapped
 
         for index, layer in enumerate(self.model.layers):

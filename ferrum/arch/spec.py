@@ -462,6 +462,11 @@ class Architecture:
         where the model loops over them)."""
         return len(self.layers) // (1 if self.sublayers is None else self.sublayers.count) // self.loops
 
+    def first_pass(self, layer: int) -> int:
+        """The layer of the first pass that layer ``layer`` runs again (``loops``), whose stored weights it reads;
+        ``layer`` itself where the model runs one pass."""
+        return layer % (len(self.layers) // self.loops)
+
     @property
     def loop_starts(self) -> frozenset[int]:
         """The layers that start a pass after the first (``loops``): the stream is normed by the final norm before
