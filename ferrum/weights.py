@@ -58,17 +58,23 @@ class Projections:
     Either one fused matrix (:data:`ferrum.arch.tensors.FUSED`) whose output is
     cut by the ops table's ``split`` into ``sizes`` (looked up per call, so profilers
     see it), or one matrix per output. ``spans`` gives the output columns each of
-    ``linears`` produces, counted over the concatenated outputs, which is how LoRA
-    factors find their place in either form.
+    ``linears`` produces, counted over the concatenated outputs of ``group`` (the fused
+    projection's name, ``qkv_proj``), which is how LoRA factors find their place in either form.
     """
 
-    __slots__ = ("linears", "sizes", "spans", "_ops")
+    __slots__ = ("linears", "sizes", "spans", "group", "_ops")
 
-    def __init__(self, linears: list[Linear], sizes: tuple[int, ...], split_by: Any = None):
+    def __init__(self, linears: list[Linear], sizes: tuple[int, ...], group: str, split_by: Any = None):
         """``split_by``: the ops table that splits the output of one fused matrix, None for one matrix each."""
-        self.linears, self.sizes, self._ops = list(linears), tuple(sizes), split_by
+        self.linears, self.sizes, self.group, self._ops = list(linears), tuple(sizes), group, split_by
         bounds = np.cumsum((0, *sizes)).tolist()
         self.spans = [(0, bounds[-1])] if split_by is not None else list(zip(bounds[:-1], bounds[1:]))
+
+    def adapt(self, wrap: Callable[[str, int, int, Linear], Linear]) -> None:
+        """Each matrix replaced by ``wrap(group, start, stop, matrix)`` (LoRA's): the group and the columns of its
+        outputs the matrix makes."""
+        spans = zip(self.linears, self.spans)
+        self.linears[:] = [wrap(self.group, start, stop, linear) for linear, (start, stop) in spans]
 
     def __call__(self, x: Any) -> list[Any]:
         if self._ops is not None:

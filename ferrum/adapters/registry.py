@@ -32,6 +32,7 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Hashable, Iterator, Mapping, Sequence
 
@@ -39,7 +40,6 @@ import numpy as np
 
 from ferrum.adapters.batching import LoraBatch, LoraLinear
 from ferrum.adapters.files import SHARED, LoraAdapter, LoraWeights, check_range, projection_span, read_adapter
-from ferrum.arch.mla import MlaProjections
 from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
 from ferrum.mixers import MIXER_KINDS
@@ -340,18 +340,11 @@ class AdapterRegistry:
             return wrapped
 
         for index, layer in enumerate(self.model.layers):
-            groups = [] if isinstance(layer.qkv, MlaProjections) else [("qkv_proj", layer.qkv)]
+            at = partial(wrap, index)
+            layer.o = config.arch.attention.adapt(layer.qkv, layer.o, at, config.hidden_size)
             kind = config.arch.layers[index].mlp
             if kind == "dense":
-                groups.append(("gate_up_proj", layer.mlp.gate_up))
-            for group, projections in groups:
-                for i, (linear, (start, stop)) in enumerate(zip(projections.linears, projections.spans)):
-                    projections.linears[i] = wrap(index, group, start, stop, linear)
-            if isinstance(layer.qkv, MlaProjections):  # latent attention: its own projections (MlaSpec.adaptable)
-                layer.qkv.adapt(lambda group, start, stop, linear, i=index: wrap(i, group, start, stop, linear))
-                layer.o.adapt(lambda linear, i=index: wrap(i, "o_proj", 0, config.hidden_size, linear))
-            else:
-                layer.o = wrap(index, "o_proj", 0, config.hidden_size, layer.o)
+                layer.mlp.gate_up.adapt(at)
             if kind == "plain":
                 layer.mlp.up = wrap(index, "up_proj", 0, config.intermediate_size, layer.mlp.up)
             if kind in ("dense", "plain"):

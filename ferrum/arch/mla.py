@@ -321,6 +321,14 @@ class LatentAttention:
         qkv = MlaProjections(spec, ops, projection, lambda norm: tensor(f"{norm}.weight"), matrices)
         return qkv, MlaOutput(spec, ops, projection("self_attn.o_proj"), matrices)
 
+    def adapt(self, qkv: MlaProjections, o: MlaOutput, wrap: Callable[[str, int, int, Linear], Linear],
+              hidden: int) -> MlaOutput:
+        """The layer's projections LoRA adapts (:meth:`MlaSpec.adaptable`) replaced by ``wrap(projection, start,
+        stop, matrix)``, as :meth:`ferrum.arch.tensors.DenseAttention.adapt` does; the output keeps its object."""
+        qkv.adapt(wrap)
+        o.adapt(lambda linear: wrap("o_proj", 0, hidden, linear))
+        return o
+
 
 class MlaProjections:
     """One layer's ``x -> (q, k, v)``, each ``[T, H*Dq]`` (values zero-padded per head), as the model's blocks take

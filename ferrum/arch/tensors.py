@@ -735,9 +735,10 @@ def projection_group(ops: Any, tensor: Callable[[str], Any], linear: Callable[[s
 
     ``tensor(name)`` / ``linear(module)`` read the layer's placed weights (names relative to the layer).
     """
+    group = fused.rsplit(".", 1)[-1]
     if tensor(f"{fused}.weight") is not None:
-        return Projections([linear(fused)], sizes, ops)
-    return Projections([linear(member) for member in FUSED[fused]], sizes)
+        return Projections([linear(fused)], sizes, group, ops)
+    return Projections([linear(member) for member in FUSED[fused]], sizes, group)
 
 
 class DenseAttention:
@@ -758,8 +759,15 @@ class DenseAttention:
     def build_queries(self, config: Any, projection: Callable[[str], Linear]) -> tuple[Projections, Linear]:
         """The projections of a layer that attends another's keys and values (``LayerSpec.kv_source``): ``x ->
         [q]`` and its output projection."""
-        return Projections([projection("self_attn.q_proj")], (config.num_heads * config.head_dim,)), projection(
-            "self_attn.o_proj")
+        return Projections([projection("self_attn.q_proj")], (config.num_heads * config.head_dim,),
+                           "qkv_proj"), projection("self_attn.o_proj")
+
+    def adapt(self, qkv: Projections, o: Linear, wrap: Callable[[str, int, int, Linear], Linear],
+              hidden: int) -> Linear:
+        """A layer's projections LoRA adapts replaced by ``wrap(group, start, stop, matrix)`` (see
+        :meth:`ferrum.weights.Projections.adapt`); returns the output projection's replacement."""
+        qkv.adapt(wrap)
+        return wrap("o_proj", 0, hidden, o)
 
 
 DENSE_ATTENTION = DenseAttention()
