@@ -5,18 +5,15 @@ tokens, mlx-lm's float and packed conversions, a control per feature and the ref
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from support import (
-    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine,
-    staggered_greedy_workload, write_tokenizer,
+    MlxLmReference, assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm,
+    assert_forward_and_decode_match, build_ling_checkpoint, edited_checkpoint, float32_model, mlx_lm_converted,
+    mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 BACKENDS = runnable_backends()
@@ -39,71 +36,6 @@ CONFIGS = {
 }
 
 
-class MlxLmGreedy:
-    """mlx-lm's greedy tokens, from its model's full forward at each step, as ``assert_engine_keeps_greedy_tokens``
-    asks transformers' ``generate`` for them."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False):
-        import mlx.core as mx
-        import torch
-
-        ids = input_ids[0].tolist()
-        for _ in range(max_new_tokens):
-            ids.append(int(np.array(self.model(mx.array([ids]))[0, -1]).argmax()))
-        return torch.tensor([ids])
-
-
-def _random_values(name: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
-    """O(1) activations with every path mattering: norms near 1, expert biases positive (a corrected score never
-    falls below the 0 dropped groups score), the rest N(0, 0.2)."""
-    if name.endswith("norm.weight") or "layernorm" in name:
-        return 1.0 + 0.1 * rng.randn(*shape)
-    if name.endswith("expert_bias"):
-        return rng.uniform(0.0, 0.3, size=shape)
-    return 0.2 * rng.randn(*shape)
-
-
-def release_names(params: dict[str, np.ndarray], experts: int) -> dict[str, np.ndarray]:
-    """mlx-lm's parameters under the release's names: ``bailing_moe.sanitize`` inverted (the experts one by one,
-    the router ``gate.weight``)."""
-    out = {}
-    for name, value in params.items():
-        if ".switch_mlp." in name:
-            module, rest = name.split(".switch_mlp.")
-            out.update({f"{module}.experts.{e}.{rest}": value[e] for e in range(experts)})
-        else:
-            out[name.replace(".gate.gate_proj.", ".gate.")] = value
-    return out
-
-
-def build_mlx_lm_checkpoint(folder, config: dict, module, seed: int = 0):
-    """A random mlx-lm ``module`` Model of ``config`` written to ``folder`` under the release's names
-    (:func:`release_names`; with norm_head the stored head unnormed, as sanitize norms it), with a tokenizer; mlx-lm's
-    ``load_model`` of the folder reproduces it. Returns the model."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-    from safetensors.numpy import save_file
-
-    model = module.Model(module.ModelArgs.from_dict(config))
-    rng = np.random.RandomState(seed)
-    params = {name: _random_values(name, tuple(p.shape), rng).astype(np.float32)
-              for name, p in tree_flatten(model.parameters())}
-    stored = release_names(params, config["num_experts"])
-    if config.get("norm_head"):
-        head = params["lm_head.weight"]
-        params["lm_head.weight"] = head / (np.linalg.norm(head, axis=0, keepdims=True) + np.float32(1e-7))
-    model.update(tree_unflatten([(name, mx.array(value)) for name, value in params.items()]))
-    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, VOCAB)
-    want = np.array(model(mx.array([TOKENS])))[0]
-    assert scaled_error(mlx_lm_logits(folder, TOKENS), want) <= 1e-6
-    return model
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """variant -> (folder, mlx-lm's model, its logits over TOKENS)."""
@@ -112,7 +44,7 @@ def checkpoints(tmp_path_factory):
     out = {}
     for name, config in CONFIGS.items():
         folder = tmp_path_factory.mktemp(name)
-        model = build_mlx_lm_checkpoint(folder, config, bailing_moe)
+        model = build_ling_checkpoint(folder, config, bailing_moe, TOKENS)
         out[name] = folder, model, mlx_lm_logits(folder, TOKENS)
     return out
 
@@ -138,7 +70,7 @@ def test_logits_match_mlx_lm(checkpoints, backend, variant):
 
 def test_engine_keeps_mlx_lm_greedy_tokens(checkpoints):
     folder, model, _ = checkpoints["v2"]
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(model),
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmReference(model),
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -152,7 +84,8 @@ def test_mlx_lm_conversion_runs_as_mlx_lm_runs_it(checkpoints, tmp_path, variant
     folder, _, want = checkpoints[variant]
     stored, converted = mlx_lm_converted(folder, tmp_path / "mlx", TOKENS, bits)
     if bits is not None and CONFIGS[variant].get("norm_head"):
-        converted = mlx_lm_logits(_edited(tmp_path / "mlx", tmp_path / "unnormed", {"norm_head": False}), TOKENS)
+        unnormed = edited_checkpoint(tmp_path / "mlx", tmp_path / "unnormed", {"norm_head": False})
+        converted = mlx_lm_logits(unnormed, TOKENS)
     assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in stored
     assert "model.layers.1.mlp.gate.gate_proj.weight" in stored
     assert ("model.layers.1.mlp.gate.expert_bias" in stored) == (variant == "v2")
@@ -168,25 +101,11 @@ def test_ferrum_quantize_norms_the_head_before_packing_as_mlx_lm(checkpoints, tm
 
     folder = checkpoints["v1"][0]
     mlx_lm_converted(folder, tmp_path / "mlx", TOKENS, 4, group=32)
-    want = mlx_lm_logits(_edited(tmp_path / "mlx", tmp_path / "unnormed", {"norm_head": False}), TOKENS)
+    want = mlx_lm_logits(edited_checkpoint(tmp_path / "mlx", tmp_path / "unnormed", {"norm_head": False}), TOKENS)
     out = quantize_checkpoint(folder, tmp_path / "q", bits=4, group_size=32)
     assert scaled_error(float32_model(out).forward_verify("q", TOKENS), want) <= 2e-3
-    assert scaled_error(mlx_lm_logits(_edited(out, tmp_path / "q_unnormed", {"norm_head": False}), TOKENS),
+    assert scaled_error(mlx_lm_logits(edited_checkpoint(out, tmp_path / "q_unnormed", {"norm_head": False}), TOKENS),
                         want) <= 1e-5
-
-
-def _edited(folder, dest, config=None, tensors=None):
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(folder, dest)
-    if config:
-        raw = json.loads((dest / "config.json").read_text())
-        (dest / "config.json").write_text(json.dumps({**raw, **config}))
-    if tensors:
-        stored = load_file(dest / "model.safetensors")
-        tensors(stored)
-        save_file(stored, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    return dest
 
 
 def _zero_expert_bias(stored):
@@ -208,7 +127,8 @@ def _without_qk_norms(stored):
 def test_each_feature_moves_the_logits(checkpoints, tmp_path, variant, config, tensors):
     """Without it, mlx-lm's logits move from those Ferrum matches: each feature is in the parity checks."""
     folder, _, want = checkpoints[variant]
-    assert scaled_error(mlx_lm_logits(_edited(folder, tmp_path / "edited", config, tensors), TOKENS), want) > 1e-2
+    edited = edited_checkpoint(folder, tmp_path / "edited", config, tensors)
+    assert scaled_error(mlx_lm_logits(edited, TOKENS), want) > 1e-2
 
 
 @pytest.mark.parametrize(("edit", "message"), [
