@@ -243,6 +243,19 @@ class Recurrent(MixerKind):
         return core, extra, h
 
 
+class Positioned(Recurrent):
+    """A recurrent mixer whose projections read the tokens' positions and its layer's rope table (lightning
+    attention, which Ring-linear rotates its queries and keys in; the table is the rope's one, fixed one)."""
+
+    def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
+        table = model.ropes[layer.rope].fixed
+
+        def project(x: Any, h: Any, positions: Any) -> tuple:
+            return (*layer.recurrent.project(x, positions, table), h)
+
+        return project
+
+
 class Resetting(Recurrent):
     """A recurrent mixer that also reads which of the batch's segments begin their sequences (RecurrentGemma's
     RG-LRU, which resets there as transformers does at position 0): a segment resumed mid-sequence (a later prefill
@@ -450,6 +463,7 @@ MIXER_KINDS["shared_mamba2"] = SharedBlockThenRecurrent(MIXER_KINDS["attention"]
 MIXER_KINDS["moa"] = MixtureOfAttention(MIXER_KINDS["attention"])
 MIXER_KINDS["rg_lru"] = Resetting()
 MIXER_KINDS["rwkv7_first"] = MIXER_KINDS["rwkv7"] = ValueResidual()
+MIXER_KINDS["lightning"] = Positioned()
 
 
 def mixer_kind(spec: LayerSpec) -> MixerKind:

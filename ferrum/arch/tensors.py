@@ -597,7 +597,7 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if arch.mla is not None and ".self_attn." in name and arch.layers[layer].mixer == "attention":
         # latent attention lays out its own q and k heads (a recurrent layer's self_attn, Kimi Linear's, is not it)
         return arch.latent(layer).transform(name, tensor, rope, _take_rows, _scale_rows)
-    heads = _rotated_heads(config, name)
+    heads = _rotated_heads(config, name, mixer_spec(arch, arch.layers[layer].mixer))
     if heads is None:
         return tensor
     if np.ndim(tensor) == 2 and is_norm(name):  # a weight per head: rotated as the rows of q (k) are
@@ -700,11 +700,13 @@ def is_norm(name: str) -> bool:
     return len(parts) > 1 and parts[-2].rstrip("0123456789").removesuffix("_").endswith("norm")
 
 
-def _rotated_heads(config: Any, name: str) -> int | None:
-    """How many heads a q/k tensor holds (1 for a per-head norm), or None for any other tensor."""
+def _rotated_heads(config: Any, name: str, mixer: Any) -> int | None:
+    """How many heads a q/k tensor holds (1 for a per-head norm), or None for any other tensor; in a layer of a
+    recurrent ``mixer`` under ``self_attn`` (lightning attention's), its keys have as many heads as its queries."""
     arch = config.arch
+    kv_heads = config.num_kv_heads if mixer is None else config.num_heads
     for norm, module, heads in zip(arch.qk_norm_names, ("self_attn.q_", "self_attn.k_"),
-                                   (config.num_heads, config.num_kv_heads)):
+                                   (config.num_heads, kv_heads)):
         if f".self_attn.{norm}." in name:
             return 1 if arch.qk_norm == "head" else heads
         if f".{module}" in name:

@@ -1,15 +1,18 @@
 """Lightning attention (MiniMax-Text-01's and MiniMax-M1's "linear_attention" layers, transformers'
-``MiniMaxLightningAttention``): the tensors it stores, their layout at load, and one layer's work around Mamba-2's
-``ssd_update``.
+``MiniMaxLightningAttention``; Ring-linear's, mlx-lm's ``bailing_moe_linear``): the tensors it stores, their layout at
+load, and one layer's work around Mamba-2's ``ssd_update``.
 
 Per head, linear attention with a constant decay: ``S = exp(-rate) * S + v k^T``, ``o = S q``. That is Mamba-2's
 recurrence exactly with ``x = v``, ``b = k``, ``c = q`` (one group per head), a step of 1 (a raw step and bias of 0,
 clipped to ``[1, 1]``), ``a_log = log(rate)`` and no skip (``d = 0``); the state ``[H, Dv, Dk]`` is the transpose of
-transformers' ``K^T V``, and transformers' blocks compute the same sums in another order. Around it: SiLU on
+transformers' ``K^T V``, and transformers' blocks compute the same sums in another order. Around it, MiniMax's: SiLU on
 ``qkv_proj`` (stored per head: its q, k, v), an RMSNorm over all heads' outputs (epsilon 1e-6, its module's default),
-times the sigmoid of ``output_gate`` of the block's normed input, then ``out_proj``. The rates are no tensor of the
-release: they are computed from the layer's depth (:func:`slope_rates` as transformers, :func:`release_slope_rates` as
-the releases' own code) into ``Architecture.computed``.
+times the sigmoid of ``output_gate`` of the block's normed input, then ``out_proj``. Ring-linear's differ as
+:class:`LightningSpec`'s fields say: q, k, v stored as all heads' queries, then keys, then values, no SiLU, per-head
+q/k norms, rope on q and k, the queries scaled, the output normed in groups with the model's epsilon. The rates are
+no tensor of the release: they are computed from the layer's depth (:func:`slope_rates` as transformers,
+:func:`release_slope_rates` as MiniMax's own code, :func:`ring_slope_rates` as mlx-lm's Ring-linear) into
+``Architecture.computed``.
 """
 
 from __future__ import annotations
@@ -58,12 +61,33 @@ def release_slope_rates(heads: int, layer: int, layers: int) -> np.ndarray:
     return np.array(alibi_slopes(heads), dtype=np.float32) * np.float32(factor)
 
 
+def ring_slope_rates(heads: int, layer: int, layers: int) -> np.ndarray:
+    """Layer ``layer``'s decay rate per head as mlx-lm's ``bailing_moe_linear`` computes it: :func:`alibi_slopes` in
+    float32 times ``1 - max(0, layer - 1) / max(1, layers - 1) + 1e-5`` (the first two layers decay alike)."""
+    factor = 1 - max(0, layer - 1) / max(1, layers - 1) + 1e-5
+    return np.array(alibi_slopes(heads), dtype=np.float32) * np.float32(factor)
+
+
 @dataclass(frozen=True)
 class LightningSpec:
-    """The sizes of a model's lightning attention layers (its attention heads and head_dim)."""
+    """A model's lightning attention layers: their heads and head_dim, and where they depart from MiniMax's (the
+    defaults) as Ring-linear's do."""
 
     heads: int
     head_dim: int
+    #: qkv_proj's rows: each head's q, k, v ("per_head", MiniMax's), or all heads' q, then k, then v ("grouped").
+    layout: str = "per_head"
+    silu: bool = True  # SiLU on q, k and v
+    qk_norm: bool = False  # per-head RMSNorms of q and k (``q_norm``, ``k_norm``) with the model's epsilon
+    rotated: bool = False  # q and k rotated by the layer's rope (after their norms)
+    query_scale: float = 1.0  # the queries times this
+    qkv_bias: bool = False
+    norm_groups: int = 1  # the output normed in this many groups of equal width
+    norm_eps: float | None = NORM_EPS  # None: the model's epsilon
+    #: The output gate's, the output norm's and the output projection's modules (in :data:`MODULE`).
+    gate: str = "output_gate"
+    norm: str = "norm"
+    out: str = "out_proj"
 
     module = MODULE
     title = "lightning attention"  # what error messages call the mixer
@@ -75,15 +99,21 @@ class LightningSpec:
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """A layer's tensors as stored, relative to the layer."""
         m, w = MODULE, self.width
-        return {f"{m}.qkv_proj.weight": (3 * w, hidden), f"{m}.output_gate.weight": (w, hidden),
-                f"{m}.norm.weight": (w,), f"{m}.out_proj.weight": (hidden, w)}
+        out = {f"{m}.qkv_proj.weight": (3 * w, hidden), f"{m}.{self.gate}.weight": (w, hidden),
+               f"{m}.{self.norm}.weight": (w,), f"{m}.{self.out}.weight": (hidden, w)}
+        if self.qkv_bias:
+            out[f"{m}.qkv_proj.bias"] = (3 * w,)
+        if self.qk_norm:
+            out.update({f"{m}.{norm}.weight": (self.head_dim,) for norm in ("q_norm", "k_norm")})
+        return out
 
     def split(self, name: str, tensor: Any, take_rows: Callable[[Any, np.ndarray], Any]) -> list[tuple[str, Any]]:
-        """``qkv_proj`` (rows per head: its q, k, v) -> ``q_proj``, ``k_proj``, ``v_proj`` of all heads each (fused
+        """``qkv_proj`` (rows as :attr:`layout` says) -> ``q_proj``, ``k_proj``, ``v_proj`` of all heads each (fused
         back where the backend splits natively); the rest as stored."""
         if ".qkv_proj." not in name:
             return [(name, tensor)]
-        order = np.arange(3 * self.width).reshape(self.heads, 3, self.head_dim)
+        order = np.arange(3 * self.width).reshape(self.heads, 3, self.head_dim) if self.layout == "per_head" else (
+            np.arange(3 * self.width).reshape(3, self.heads, self.head_dim).transpose(1, 0, 2))
         return [(name.replace(".qkv_proj.", f".{part}."), take_rows(tensor, order[:, i].ravel()))
                 for i, part in enumerate(("q_proj", "k_proj", "v_proj"))]
 
@@ -93,31 +123,46 @@ class LightningSpec:
 
     def layer(self, ops: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any],
               eps: float) -> LightningLayer:
-        return LightningLayer(self, ops, tensor, projection)
+        return LightningLayer(self, ops, tensor, projection, eps)
 
 
 class LightningLayer:
     """One layer's placed weights and its three steps: projections (compilable), the recurrence over the batch's
     states, the norm, gate and output projection (compilable)."""
 
-    def __init__(self, spec: LightningSpec, ops: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any]):
+    def __init__(self, spec: LightningSpec, ops: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any],
+                 eps: float):
         from ferrum.arch.tensors import projection_group  # imported here: ferrum.arch reads the mixers' specs
         from ferrum.reference_ops import dtype_name  # imported here: the reference ops import the families
 
-        self.spec, self.ops = spec, ops
+        self.spec, self.ops, self.eps = spec, ops, eps
         self.qkv = projection_group(ops, tensor, projection, f"{MODULE}.qkv_proj", (spec.width,) * 3)
-        self.gate, self.out = projection(f"{MODULE}.output_gate"), projection(f"{MODULE}.out_proj")
-        self.norm, self.a_log = tensor(f"{MODULE}.norm.weight"), tensor(A_LOG)
+        self.gate, self.out = projection(f"{MODULE}.{spec.gate}"), projection(f"{MODULE}.{spec.out}")
+        self.norm, self.a_log = tensor(f"{MODULE}.{spec.norm}.weight"), tensor(A_LOG)
+        self.qk_norms = [tensor(f"{MODULE}.{n}.weight") for n in ("q_norm", "k_norm")] if spec.qk_norm else None
         self.zeros = ops.from_numpy(np.zeros(spec.heads, dtype=np.float32), "float32")  # no skip, no step bias
         self.dtype = dtype_name(self.norm)
+        group = spec.width // spec.norm_groups
+        # a grouped norm: each group normed without weights (times ones), then all times the norm's weight
+        self.ones = ops.from_numpy(np.ones(group, dtype=np.float32), self.dtype) if spec.norm_groups > 1 else None
 
     def projections(self) -> list[Any]:
         return [*self.qkv.linears, self.gate, self.out]
 
-    def project(self, x: Any) -> tuple[Any, ...]:
-        """``x -> (q, k, v, gate)``: q, k and v through their SiLU, the output gate's input."""
-        ops = self.ops
-        return (*(ops.sigmoid_mul(t, t) for t in self.qkv(x)), self.gate(x))
+    def project(self, x: Any, positions: Any, table: Any) -> tuple[Any, ...]:
+        """``x -> (q, k, v, gate)``: q, k and v per head (through their SiLU, q and k normed, rotated by ``table``
+        at ``positions`` and the queries scaled where the spec says), the output gate's input."""
+        ops, s = self.ops, self.spec
+        q, k, v = (ops.reshape(t, (-1, s.heads, s.head_dim)) for t in self.qkv(x))
+        if s.silu:
+            q, k, v = (ops.sigmoid_mul(t, t) for t in (q, k, v))
+        if self.qk_norms is not None:
+            q, k = (ops.rms_norm(t, w, self.eps) for t, w in zip((q, k), self.qk_norms))
+        if s.rotated:
+            q, k = ops.rope(q, positions, table), ops.rope(k, positions, table)
+        if s.query_scale != 1.0:
+            q = ops.mul_scalar(q, s.query_scale)
+        return q, k, v, self.gate(x)
 
     def mix(self, inputs: tuple[Any, ...], states: tuple[Any, ...],
             cu_seqlens: np.ndarray) -> tuple[Any, tuple[Any, ...], tuple[Any, ...]]:
@@ -131,7 +176,12 @@ class LightningLayer:
         return out, (gate,), (state,)
 
     def output(self, out: Any, gate: Any) -> Any:
-        """All heads' outputs RMS-normed as one, times the sigmoid of the gate, projected."""
-        ops = self.ops
-        normed = ops.rms_norm(ops.reshape(out, (-1, self.spec.width)), self.norm, NORM_EPS)
+        """All heads' outputs RMS-normed as one (or in groups), times the sigmoid of the gate, projected."""
+        ops, s = self.ops, self.spec
+        eps = self.eps if s.norm_eps is None else s.norm_eps
+        if self.ones is None:
+            normed = ops.rms_norm(ops.reshape(out, (-1, s.width)), self.norm, eps)
+        else:
+            grouped = ops.rms_norm(ops.reshape(out, (-1, s.width // s.norm_groups)), self.ones, eps)
+            normed = ops.mul(ops.reshape(grouped, (-1, s.width)), self.norm)
         return self.out(ops.sigmoid_mul(gate, normed))
