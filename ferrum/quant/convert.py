@@ -117,6 +117,7 @@ _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "afmoe": ("mlp.router.gate",),
     "kimi_linear": ("mlp.gate",),
     "bailing_moe": ("mlp.gate.gate_proj",),
+    "bailing_moe_linear": ("mlp.gate.gate_proj",),
 }
 #: Modules mlx-lm's model classes hold under other names than the checkpoint's, where its ``sanitize`` moves float
 #: weights alone (packed ones left behind are refused), by model_type: the beginning of a path in a layer -> mlx-lm's
@@ -127,6 +128,7 @@ _MLX_LM_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
                     ("block_sparse_moe.", "mlp.")),
     # Ling's router a Linear under the router (its expert bias stays beside it)
     "bailing_moe": (("mlp.gate.weight", "mlp.gate.gate_proj.weight"),),
+    "bailing_moe_linear": (("mlp.gate.weight", "mlp.gate.gate_proj.weight"),),
 }
 
 

@@ -15,6 +15,7 @@ from ferrum.arch.families._shared import (
     _theta, read_rope,
 )
 from ferrum.arch.families.latent import _latent_attention, _mla_head_dim, _mla_keys, _mla_kv_heads
+from ferrum.arch.families.moe import BAILING_KEYS, SARVAM_NAMES, _bailing_moe
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
     optional_positive_number, optional_size, positive_int, positive_number, size,
@@ -25,7 +26,9 @@ from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 from ferrum.recurrent.kimi_delta import KimiDeltaSpec
-from ferrum.recurrent.lightning import A_LOG, BUFFERS, LightningSpec, release_slope_rates, slope_rates
+from ferrum.recurrent.lightning import (
+    A_LOG, BUFFERS, LightningSpec, release_slope_rates, ring_slope_rates, slope_rates,
+)
 from ferrum.recurrent.rg_lru import RgLruSpec
 from ferrum.recurrent.short_conv import ShortConvSpec
 #: A hybrid's layer types -> the mixer each runs (LayerSpec.mixer).
@@ -636,6 +639,39 @@ def _minimax_release(r: KeyReader, sizes: Sizes) -> Architecture:
     return _minimax_blocks(r, sizes, rope, release_slope_rates)
 
 
+#: Ring-linear's lightning layers' modules beyond Ling's (:data:`SARVAM_NAMES`: its q/k/v, q/k norms and ``dense``).
+RING_LINEAR_NAMES = {**SARVAM_NAMES, "self_attn.g_proj": "attention.g_proj", "self_attn.g_norm": "attention.g_norm"}
+
+
+def _bailing_moe_linear(r: KeyReader, sizes: Sizes) -> Architecture:
+    """inclusionAI's Ring-mini-linear-2.0 / Ring-flash-linear-2.0 (model_type "bailing_moe_linear", mlx-lm's
+    bailing_moe_linear): Ling 2.0's blocks (:func:`ferrum.arch.families.moe._bailing_moe`) whose layers attend where
+    ``(i + 1) % layer_group_size == 0`` and in the last ``num_layers % layer_group_size``; the others run lightning
+    attention (:mod:`ferrum.recurrent.lightning`) as mlx-lm's ``LinearAttention``: q/k/v stored all heads' queries,
+    then keys, then values, no SiLU, Ling's per-head q/k norms and rope, the queries scaled by head_dim ** -0.5,
+    ALiBi's decay slopes shrinking with depth (:func:`ring_slope_rates`), the output RMS-normed in group_norm_size
+    groups (rms_norm_eps) times the sigmoid of ``g_proj``, then ``dense``. Its heads are all key/value heads."""
+    if r("linear_silu"):
+        r.fail("linear_silu", "puts q, k and v of the linear layers through SiLU, which mlx-lm's bailing_moe_linear "
+                              "does not run (nor Ferrum); a Ring-linear 2.0 release sets it to false", unsupported=True)
+    arch = _bailing_moe(r, sizes)
+    group, n, groups = r("layer_group_size"), sizes.num_layers, r("group_norm_size")
+    width = sizes.num_heads * sizes.head_dim
+    if width % groups:
+        r.fail("group_norm_size", f"({groups}) must divide the linear layers' width ({width})")
+    lightning = LightningSpec(
+        sizes.num_heads, sizes.head_dim, layout="grouped", silu=False, qk_norm=r("use_qk_norm"), rotated=True,
+        query_scale=sizes.head_dim ** -0.5, qkv_bias=r("use_qkv_bias"), norm_groups=groups, norm_eps=None,
+        gate="g_proj", norm="g_norm", out="o_proj")
+    linear = [(i + 1) % group != 0 and i < n // group * group for i in range(n)]
+    return replace(
+        arch, layers=tuple(replace(spec, mixer="lightning") if lin else spec for spec, lin in zip(arch.layers, linear)),
+        lightning=lightning, stored_names=RING_LINEAR_NAMES,
+        computed={f"layers.{i}.{A_LOG}": tuple(np.log(ring_slope_rates(sizes.num_heads, i, n)).tolist())
+                  for i, lin in enumerate(linear) if lin},
+    )
+
+
 def _finite(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"must be a number, got {value!r}"
@@ -842,6 +878,16 @@ TABLE: dict[str, Family] = {
         eps_default=1e-5,
         derive=_aliased(MINIMAX_ALIASES),
     ) for model_type in ("minimax_text_01", "minimax_m1")},
+    "bailing_moe_linear": Family(  # inclusionAI's Ring-linear 2.0: Ling 2.0's blocks, most of them lightning
+        # attention with Ling's q/k norms and rope, grouped output norms
+        _keys(_core(False), _ROPE, _SILU, BAILING_KEYS, (
+            # the release code's defaults (mlx-lm requires both)
+            Key("layer_group_size", default=1, check=positive_int),
+            Key("group_norm_size", default=1, check=positive_int),
+            Key("linear_silu", default=False, check=boolean),
+        ), MOE_KEYS["bailing_moe"]),
+        with_moe("bailing_moe", _bailing_moe_linear),
+    ),
     "olmo_hybrid": Family(  # AllenAI's OLMo Hybrid: OLMo 3's attention between Gated DeltaNet layers
         _keys(_core(False), _core_defaults(
             hidden_size=3840, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=30,

@@ -188,6 +188,19 @@ _BAILING_MLX_LM_ROUTER = {"mlp.gate": "mlp.gate.gate_proj"}
 _BAILING_MLX_LM_BIAS = {"mlp.gate.expert_bias": "mlp.gate.expert_bias"}
 
 
+#: Ling's own keys (mlx-lm's bailing_moe ModelArgs; Ring-linear's too).
+BAILING_KEYS = (
+    Key("partial_rotary_factor", default=1.0, check=optional_positive_number),  # in place of _ROPE's refusal
+    Key("rotary_dim", check=optional_positive_int),
+    Key("use_qkv_bias", default=False, check=boolean),
+    Key("use_bias", default=False, unsupported=True, check=falsy(
+        "no Ling release biases its projections and MLPs; set it to false")),
+    Key("use_qk_norm", default=False, check=boolean),
+    Key("norm_head", default=False, check=boolean),
+    Key("num_nextn_predict_layers", default=0, check=optional_non_negative_int),
+)
+
+
 def _bailing_moe(r: KeyReader, sizes: Sizes) -> Architecture:
     """inclusionAI's Ling / Ring v1 (Ling-lite, Ling-plus) and 2.0 (Ling-mini / flash-2.0, Ring-*-2.0), model_type
     "bailing_moe" (their releases' remote code, mlx-lm's bailing_moe): Llama's blocks under Ling's names (Sarvam-30B
@@ -992,16 +1005,7 @@ TABLE: dict[str, Family] = {
     ),
     "bailing_moe": Family(  # inclusionAI's Ling / Ring v1 and 2.0: Llama's blocks under Ling's names, fused q/k/v,
         # partial rope, softmax or grouped sigmoid routing, shared experts
-        _keys(_core(False), _ROPE, _SILU, (
-            Key("partial_rotary_factor", default=1.0, check=optional_positive_number),  # in place of _ROPE's refusal
-            Key("rotary_dim", check=optional_positive_int),
-            Key("use_qkv_bias", default=False, check=boolean),
-            Key("use_bias", default=False, unsupported=True, check=falsy(
-                "no Ling release biases its projections and MLPs; set it to false")),
-            Key("use_qk_norm", default=False, check=boolean),
-            Key("norm_head", default=False, check=boolean),
-            Key("num_nextn_predict_layers", default=0, check=optional_non_negative_int),
-        ), MOE_KEYS["bailing_moe"]),
+        _keys(_core(False), _ROPE, _SILU, BAILING_KEYS, MOE_KEYS["bailing_moe"]),
         with_moe("bailing_moe", _bailing_moe),
     ),
     "solar_open": Family(  # Upstage's Solar Open 100B: GLM-4.5's attention without q/k norms, DeepSeek-V3's

@@ -307,9 +307,19 @@ BAILING_HYBRID = dict(architectures=["BailingHybridForCausalLM"], model_type="ba
                       topk_group=1, head_dim=8, short_conv_kernel_size=4, layer_group_size=4, first_k_dense_replace=1,
                       num_mtp_layers=0, vocab_size=101, max_position_embeddings=256)
 
+#: Ring-linear 2.0's: lightning attention (ssd_update) with q/k norms, partial rope and grouped output norms between
+#: Ling's attention layers, grouped sigmoid routing.
+BAILING_MOE_LINEAR = dict(architectures=["BailingMoeLinearV2ForCausalLM"], model_type="bailing_moe_linear",
+                          hidden_size=64, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_shared_experts=1,
+                          num_experts_per_tok=2, norm_topk_prob=True, first_k_dense_replace=1, layer_group_size=3,
+                          group_norm_size=2, use_qk_norm=True, partial_rotary_factor=0.5, score_function="sigmoid",
+                          moe_router_enable_expert_bias=True, n_group=2, topk_group=1, rms_norm_eps=1e-6,
+                          rope_theta=10000.0, vocab_size=101, max_position_embeddings=256)
+
 
 @pytest.mark.parametrize("config", [QWEN3_5, QWEN3_NEXT, GRANITE_H, NEMOTRON_H, NEMOTRON_3, FALCON_H1, BAMBA, MAMBA2,
-                                    KIMI_LINEAR, OLMO_HYBRID, RECURRENT_GEMMA, BAILING_HYBRID],
+                                    KIMI_LINEAR, OLMO_HYBRID, RECURRENT_GEMMA, BAILING_HYBRID, BAILING_MOE_LINEAR],
                          ids=lambda c: c["model_type"] + ("_moe" if "n_routed_experts" in c else ""))
 def test_hybrid_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
