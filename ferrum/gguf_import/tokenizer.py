@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from ferrum.bpe_vocab import bos_eos_processor, byte_level_bpe, bytes_to_unicode, merges_by_score
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata
 
@@ -148,20 +149,6 @@ _CUSTOM_SPLITS = {
 }
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE vocabularies)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _added_token(meta: Metadata, token: str, token_type: int) -> Any:
     """A control or user-defined token, matched whole in raw text (Phi-3's taking the whitespace after it)."""
     from tokenizers import AddedToken
@@ -173,8 +160,6 @@ def _added_token(meta: Metadata, token: str, token_type: int) -> Any:
 
 def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
     """Byte-level BPE ('gpt2'): the file's merges, its pre-tokenizer regex, tokens in GPT-2's byte alphabet."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     where = meta.where
     pre = meta.get("tokenizer.ggml.pre")
     if pre is None:
@@ -193,8 +178,6 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
         raise UnsupportedFeatureError(
             f"{where}: GGUF pre-tokenizer {pre!r} is not supported; Ferrum knows {', '.join(sorted(_PRE_TOKENIZERS))}"
         )
-    steps = [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False) for regex in split.regexes]
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
     merges_raw = meta.get("tokenizer.ggml.merges")
     if not merges_raw:
         raise UnsupportedFeatureError(f"{where}: the GGUF byte-level BPE tokenizer lists no merges")
@@ -205,7 +188,7 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
             raise CheckpointError(f"{where}: malformed BPE merge {m!r} in tokenizer.ggml.merges")
         merges.append((parts[0], parts[1]))
 
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
     added: list[Any] = []
@@ -221,20 +204,7 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
     # vocabulary lacks (a whitespace run taken over by an added token, GPT-NeoX's) never applies, and the
     # tokenizers library refuses it
     merges = [(left, right) for left, right in merges if left in vocab and right in vocab and left + right in vocab]
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=merges,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-            byte_fallback=False,
-            ignore_merges=split.ignore_merges,
-        )
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    tok.decoder = decoders.ByteLevel()
+    tok = byte_level_bpe(vocab, merges, split.regexes, split.ignore_merges)
     return tok, added
 
 
@@ -259,16 +229,10 @@ def _sentencepiece_model(meta: Metadata, tokens: list[str], types: list[int]) ->
             added.append(_added_token(meta, token, token_type))
         vocab.setdefault(token, index)
     unknown = _token_id(meta, tokens, "unknown", _SPM_DEFAULT_IDS["unknown"])
-    candidates = []
-    for piece, score in zip(tokens, scores):
-        cuts = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
-        cuts.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        candidates += [(-float(score), -len(left), -len(right), left, right) for left, right in cuts]
-    candidates.sort(key=lambda c: c[:3])  # stable: ties keep the file's order
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     # a character no piece spells becomes its <0xNN> byte pieces, or, in a vocabulary without them (OpenLLaMA's),
     # the unknown token, as sentencepiece writes it; it was dropped, and the text lost with it
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(c[3], c[4]) for c in candidates], dropout=None,
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges_by_score(tokens, scores, vocab), dropout=None,
                                unk_token=None if unknown is None else tokens[unknown], fuse_unk=True,
                                byte_fallback=True))
     # llama.cpp puts the space before every run of text that starts the prompt or follows an added token, even
@@ -356,17 +320,9 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if (add_bos and bos is None) or (add_eos and eos is None):
         raise CheckpointError(f"{where}: the tokenizer adds BOS/EOS but names no such token")
-    if add_bos or add_eos:
-        first = [f"{bos}:0"] if add_bos else []
-        last = [f"{eos}:0"] if add_eos else []
-        second_first = [f"{bos}:1"] if add_bos else []
-        second_last = [f"{eos}:1"] if add_eos else []
-        ids = {t: tok.token_to_id(t) for t in (bos if add_bos else None, eos if add_eos else None) if t}
-        tok.post_processor = processors.TemplateProcessing(
-            single=first + ["$A:0"] + last,
-            pair=first + ["$A:0"] + last + second_first + ["$B:1"] + second_last,
-            special_tokens=list(ids.items()),
-        )
+    processor = bos_eos_processor(tok, bos, eos, add_bos, add_eos)
+    if processor is not None:
+        tok.post_processor = processor
     elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
