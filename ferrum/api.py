@@ -26,6 +26,7 @@ from ferrum.sampling import SamplingParams
 from ferrum.spec import SpeculativeConfig, resolve_speculative
 from ferrum.sources import resolve_model
 from ferrum.tokenizer import Message, Tokenizer
+from ferrum.tokenizer_files import has_tokenizer
 
 Prompt = str | Sequence[Message] | Sequence[int]
 #: Whether to apply the chat template (None: to message lists only), or the variables to apply it with.
@@ -85,7 +86,7 @@ class LLM:
             path, backend=backend, dtype=dtype, num_kv_blocks=num_kv_blocks,
             max_seq_len=max_seq_len, progress=progress,
         )
-        tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
+        tokenizer = Tokenizer(path) if has_tokenizer(path) else None
         rows = model.config.vocab_size
         if tokenizer is not None and tokenizer.vocab_size > rows:
             warnings.warn(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
@@ -123,7 +124,8 @@ class LLM:
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise InvalidRequestError(
-                f"{self.path} has no tokenizer.json, so text cannot be encoded or decoded; pass token ids"
+                f"{self.path} has no tokenizer (tokenizer.json, tokenizer.model or tiktoken ranks), so text "
+                "cannot be encoded or decoded; pass token ids"
             )
         return self.tokenizer
 

@@ -1,4 +1,5 @@
-"""The checkpoint's tokenizer (``tokenizer.json``), chat template and streaming decode."""
+"""The checkpoint's tokenizer (``tokenizer.json``, ``tokenizer.model`` or tiktoken ranks), chat template and
+streaming decode."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tokenizers import Tokenizer as HFTokenizer
-
+from ferrum.bpe_vocab import bytes_to_unicode
 from ferrum.checkpoint import require_regular_file
 from ferrum.config import eos_token_ids
 from ferrum.errors import ChatTemplateError, ConfigError, ContextLengthExceededError, InvalidRequestError
+from ferrum.tokenizer_files import load_tokenizer
 
 Message = dict[str, Any]
 
@@ -36,23 +37,15 @@ _OTHER_SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "ma
 
 
 class Tokenizer:
-    """Encode/decode with the checkpoint's own ``tokenizer.json``."""
+    """Encode/decode with the checkpoint's own tokenizer (``tokenizer.json``, or what :mod:`ferrum.tokenizer_files`
+    builds from a sentencepiece or tiktoken file)."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.exists():
-            raise ConfigError(
-                f"no tokenizer.json in {folder}; Ferrum needs the checkpoint's fast tokenizer "
-                "to turn text into tokens (pass token ids to the executor to run without one)"
-            )
-        require_regular_file(path, ConfigError)
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as exc:  # the tokenizers library raises its own exception type
-            raise ConfigError(f"{path} is not a valid tokenizer.json ({exc}); re-download the checkpoint") from None
-        config = _read_json(folder / "tokenizer_config.json")
-        self.config: dict[str, Any] = config if config is not None else {}
+        config = _read_json(folder / "tokenizer_config.json") or {}
+        self._tok, named = load_tokenizer(folder, config)
+        #: tokenizer_config.json, with the special tokens a sentencepiece or tiktoken file names where it names none.
+        self.config: dict[str, Any] = {**named, **config}
         where = folder / "tokenizer_config.json"
         self.bos_token = _token_text(self.config.get("bos_token"), "bos_token", where)
         self.eos_token = _token_text(self.config.get("eos_token"), "eos_token", where)
@@ -310,15 +303,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 @lru_cache(maxsize=1)
 def _unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's byte-to-printable-character table that byte-level BPE vocabularies use."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[chr(byte)] = byte
-        else:
-            table[chr(256 + extra)] = byte
-            extra += 1
-    return table
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 _templates: dict[str, Any] = {}

@@ -1,0 +1,114 @@
+"""A sentencepiece ``tokenizer.model`` (BPE or unigram) as the equal ``tokenizers`` tokenizer: pieces, scores and the
+normalizer spec read from its model proto with sentencepiece's own bindings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ferrum.bpe_vocab import merges_by_score
+from ferrum.errors import ConfigError, UnsupportedFeatureError
+
+# sentencepiece's ModelProto enums.
+_UNIGRAM, _BPE = 1, 2
+_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"
+_EVERY = 1 << 30  # as many as there are
+
+
+def _read_proto(path: Path) -> Any:
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as exc:  # protobuf missing, or sentencepiece itself
+        raise UnsupportedFeatureError(
+            f"{path} is a sentencepiece model, and reading it needs the sentencepiece and protobuf packages "
+            f"({exc}); pip install sentencepiece protobuf, or add the model's tokenizer.json"
+        ) from None
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as exc:  # protobuf's DecodeError, or a proto that is not sentencepiece's
+        raise ConfigError(f"{path} is not a sentencepiece model ({exc}); re-download the checkpoint") from None
+    if not proto.pieces:
+        raise ConfigError(f"{path} holds no sentencepiece pieces; re-download the checkpoint")
+    return proto
+
+
+def _check(proto: Any, path: Path) -> None:
+    """Refuse by name what sentencepiece can do that this conversion does not."""
+    kind = proto.trainer_spec.model_type
+    if kind not in (_UNIGRAM, _BPE):
+        raise UnsupportedFeatureError(f"{path}: sentencepiece model type {_MODEL_TYPES.get(kind, kind)!r} is not "
+                                      "supported (Ferrum reads 'bpe' and 'unigram'); add the model's tokenizer.json")
+    spec = proto.normalizer_spec
+    if proto.trainer_spec.treat_whitespace_as_suffix or not spec.escape_whitespaces:
+        raise UnsupportedFeatureError(f"{path}: a sentencepiece model that writes spaces after words or leaves them "
+                                      "unescaped is not supported; add the model's tokenizer.json")
+    if proto.denormalizer_spec.precompiled_charsmap:
+        raise UnsupportedFeatureError(f"{path}: a sentencepiece model with denormalization rules is not supported; "
+                                      "add the model's tokenizer.json")
+
+
+def _normalizer(spec: Any) -> Any:
+    """sentencepiece's normalizer: its character map (NFKC and the like), then, with remove_extra_whitespaces, runs
+    of spaces cut to one and none at the ends.
+
+    The dummy prefix is the pre-tokenizer's, which puts it before the text's first run only (not after an added
+    token), and only where that run starts the text and does not start with U+2581. The rest is written here:
+    spaces that started the text stand for it, and a text starting with U+2581 (or, without
+    remove_extra_whitespaces, a space) gets its own. (A text starting with a user-defined piece gets none, where
+    sentencepiece writes one: the added token's own text is normalized too, so it cannot be told from the text.)"""
+    from tokenizers import Regex, normalizers
+
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    prefix, strip = spec.add_dummy_prefix, spec.remove_extra_whitespaces
+    if strip:
+        ends = r" \z" if prefix else r"\A | \z"  # with a prefix, spaces that start the text become it, below
+        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(ends), "")]
+    if prefix:
+        steps.append(normalizers.Replace(Regex(f"\\A(?={SPACE})" if strip else f"\\A(?=[ {SPACE}])"), SPACE))
+    if prefix and strip:
+        steps.append(normalizers.Replace(Regex(r"\A "), SPACE))
+    return normalizers.Sequence(steps)
+
+
+def sentencepiece_tokenizer(path: Path) -> tuple[Any, dict[str, str], list[Any]]:
+    """The tokenizer, the special tokens it names (bos/eos/unk/pad_token), and its pieces matched whole in text:
+    control and unknown pieces as special tokens, user-defined ones as plain added tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    proto = _read_proto(path)
+    _check(proto, path)
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    if len(vocab) != len(pieces):
+        raise ConfigError(f"{path} spells a piece twice; re-download the checkpoint")
+    trainer = proto.trainer_spec
+    unk_id = trainer.unk_id if 0 <= trainer.unk_id < len(pieces) else None
+    if proto.trainer_spec.model_type == _BPE:
+        normal = [(piece, score) for piece, score, kind in pieces if kind == _NORMAL]
+        halves = {piece: vocab[piece] for piece, _ in normal}
+        merges = merges_by_score([p for p, _ in normal], [s for _, s in normal], halves)
+        model = models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True, byte_fallback=trainer.byte_fallback,
+                           unk_token=None if unk_id is None else pieces[unk_id][0])
+    else:
+        model = models.Unigram([(piece, score) for piece, score, _ in pieces], unk_id, trainer.byte_fallback)
+    tok = Tokenizer(model)
+    spec = proto.normalizer_spec
+    tok.normalizer = _normalizer(spec)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(SPACE, prepend_scheme="first" if spec.add_dummy_prefix else "never",
+                                                 split=False)
+    # sentencepiece drops the dummy prefix when it decodes, and with remove_extra_whitespaces every space before the
+    # first word
+    leading = _EVERY if spec.remove_extra_whitespaces else int(spec.add_dummy_prefix)
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", leading, 0)] if leading else []))
+    # matched in the normalized text, as sentencepiece matches user-defined pieces: the dummy prefix goes before
+    # the text's start only, not after each of them
+    whole = [AddedToken(piece, special=kind != _USER_DEFINED, normalized=True)
+             for piece, _, kind in pieces if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED)]
+    named = {name: pieces[i][0] for name, i in (("bos_token", trainer.bos_id), ("eos_token", trainer.eos_id),
+                                                ("unk_token", trainer.unk_id), ("pad_token", trainer.pad_id))
+             if 0 <= i < len(pieces)}
+    return tok, named, whole
