@@ -326,13 +326,18 @@ class DecoderOnlyLLM:
         #: Each block's work before and after its mixer's step, plain and as the backend compiles it.
         #: The layers before which the stream is normed by the final norm (a looped model's later passes).
         self._loop_starts = arch.loop_starts
-        self._halves = [self._block_halves(layer, first=i == 0 or i in self._loop_starts)
-                        for i, layer in enumerate(self.layers)]
+        #: Which layers a pass skips (``LayerSpec.identity``); the first to run after each start reads the stream
+        #: as the first block does.
+        self._skips = [spec.identity for spec in arch.layers]
+        runs = [i for i, skip in enumerate(self._skips) if not skip]
+        firsts = {next((i for i in runs if i >= start), None) for start in {0, *self._loop_starts}}
+        self._halves = [None if skip else self._block_halves(layer, first=i in firsts)
+                        for i, (layer, skip) in enumerate(zip(self.layers, self._skips))]
         #: Each block's mixer step over a pass's batch, bound once (a pass looks no kind up per layer).
         self._steps = [kind.step for kind in kinds]
         #: Which layers hand a shortcut output to the next (``LayerSpec.shortcut`` "give").
         self._gives = [spec.shortcut == "give" for spec in arch.layers]
-        self._compiled = [(ops.compile_fn(enter), ops.compile_fn(leave)) for enter, leave in self._halves]
+        self._compiled = [None if halves is None else tuple(map(ops.compile_fn, halves)) for halves in self._halves]
         self._final = self._final_norm_fn()
         self._final_compiled = ops.compile_fn(self._final)
         #: LoRA adapters resident beside the base weights (see :mod:`ferrum.adapters`).
@@ -382,7 +387,7 @@ class DecoderOnlyLLM:
             )
         dtype = choose_dtype(backend, dtype, config.torch_dtype, quantized=quant is not None)
         checkpoint = Checkpoint(path)
-        check_layer_count(config.arch.stored_layers, checkpoint.names(), str(path))
+        check_layer_count(config.arch.layers_with_tensors, checkpoint.names(), str(path))
         if num_kv_blocks is None:
             tokens = min(DEFAULT_KV_TOKENS, max(config.max_seq_len, 2048))
             num_kv_blocks = -(-tokens // block_size)
@@ -806,9 +811,11 @@ class DecoderOnlyLLM:
         # between blocks: (residual, h), the previous block's output not yet added to h; Gemma 3n's copies
         stream = (h,) if self.wide is None else self.wide.widen(h)
         for index, layer in enumerate(self.layers):
-            enter, leave = halves[index]
             if index in self._loop_starts:  # a looped model's next pass reads the stream normed
                 stream = final(*stream)
+            if self._skips[index]:  # the layer hands the stream on unchanged
+                continue
+            enter, leave = halves[index]
             *projected, h = enter(*stream, run.positions)
             mixed, extra, h = steps[index](run, index, layer, tuple(projected), h)
             stream = leave(mixed, h, *extra, *inputs[index])

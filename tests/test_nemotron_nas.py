@@ -196,7 +196,6 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(built, bits, tmp_path, monke
     (0, "attention", {"n_heads_in_group": 4}, ConfigError, "n_heads_in_group"),
     (1, "ffn", {"ffn_mult": None}, ConfigError, "ffn_mult"),
     (1, "ffn", {"moe": {}}, ConfigError, "fields mlx-lm reads"),
-    (3, "attention", {"no_op": True}, UnsupportedFeatureError, "skips both"),
 ])
 def test_unsupported_variants_are_refused_by_name(layer, part, change, error, what):
     blocks = json.loads(json.dumps(BLOCKS))

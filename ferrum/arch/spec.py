@@ -118,6 +118,12 @@ class LayerSpec:
         return arch.norms if self.norms is None else dict(self.norms)
 
     @property
+    def identity(self) -> bool:
+        """The layer hands the stream on unchanged: no mixer and no MLP (Nemotron-Ultra's blocks that skip both), so
+        it has no tensors, norms or KV pool layer, and a pass skips it. Its number stays the checkpoint's."""
+        return self.mixer == "none" and self.mlp == "none" and self.beside is None
+
+    @property
     def mixers(self) -> tuple[str, ...]:
         """The layer's mixers: ``mixer``, then the one ``beside`` it where there is one."""
         return (self.mixer,) if self.beside is None else (self.mixer, self.beside)
@@ -388,6 +394,12 @@ class Architecture:
         if partial and joined:  # the blocks' second halves that skip the mixer or the MLP apply none of those
             raise UnsupportedFeatureError(f"layer {partial[0]} lacks a mixer or an MLP, which Ferrum does not run with "
                                           f"{' and '.join(joined)}")
+        if all(layer.identity for layer in self.layers):
+            raise ConfigError("every layer skips both its mixer and its MLP: the model has no block to run; check "
+                              "the config's layers")
+        if any(layer.identity and layer.norms != () for layer in self.layers):
+            raise ConfigError("a layer without a mixer and an MLP hands the stream on unchanged: give it no norms "
+                              "(LayerSpec.norms=())")
         kinds = [layer.shortcut for layer in self.layers]
         paired = all((a == "give") == (b == "take") for a, b in zip([None, *kinds], [*kinds, None]))
         if not paired or not set(kinds) <= {None, "give", "take"}:
@@ -466,6 +478,13 @@ class Architecture:
         """The layer of the first pass that layer ``layer`` runs again (``loops``), whose stored weights it reads;
         ``layer`` itself where the model runs one pass."""
         return layer % (len(self.layers) // self.loops)
+
+    @property
+    def layers_with_tensors(self) -> int:
+        """How many of the checkpoint's layers it holds tensors of at least: ``stored_layers`` less the identity
+        layers at the end (``LayerSpec.identity``), which store none."""
+        runs = [i for i, layer in enumerate(self.layers[:len(self.layers) // self.loops]) if not layer.identity]
+        return max(runs) // (1 if self.sublayers is None else self.sublayers.count) + 1
 
     @property
     def loop_starts(self) -> frozenset[int]:

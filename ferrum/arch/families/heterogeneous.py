@@ -72,9 +72,6 @@ def _nas_block(r: KeyReader, i: int, entry: dict[str, Any], heads: int) -> _NasB
                                         "nor Ferrum runs; load a release without it", unsupported=True)
         parts[part] = values
     attention, ffn = parts["attention"], parts["ffn"]
-    if attention.get("no_op") and ffn.get("no_op"):
-        r.fail("block_configs", f"entry {i} skips both attention and the FFN (no_op), a layer Ferrum does not run; "
-                                "drop it from the checkpoint and block_configs", unsupported=True)
     kind, kv_heads = ("none" if attention.get("no_op") else "linear" if attention.get("replace_with_linear")
                       else "attention"), None
     if kind == "attention":
@@ -110,8 +107,10 @@ def _nas_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
 
 def _nas_layer(block: _NasBlock, sizes: Sizes, rope: Any) -> LayerSpec:
     """A layer of Llama's blocks with its parts as its entry says: a skipped half has no norm, the other's keeps
-    its own (``norms``: the FFN alone reads post_attention_layernorm, in the block's one norm slot)."""
-    norms = ({"pre_attn": LLAMA_NORMS["pre_mlp"]} if block.attention == "none"
+    its own (``norms``: the FFN alone reads post_attention_layernorm, in the block's one norm slot); with both
+    skipped (Ultra 253B's) the layer is the identity (``LayerSpec.identity``), as mlx-lm runs it."""
+    norms = ({} if block.attention == block.ffn == "none"
+             else {"pre_attn": LLAMA_NORMS["pre_mlp"]} if block.attention == "none"
              else {"pre_attn": LLAMA_NORMS["pre_attn"]} if block.ffn == "none" else None)
     return LayerSpec(
         None, rope, mixer=block.attention, mlp=block.ffn,
@@ -129,7 +128,8 @@ def _nemotron_nas(r: KeyReader, sizes: Sizes) -> Architecture:
     """Nemotron NAS (Llama-3.1-Nemotron-51B, Llama-3.3-Nemotron-Super-49B, Llama-3.1-Nemotron-Ultra-253B; DeciLM's
     remote code, mlx-lm's nemotron-nas): Llama's blocks, each layer's attention and FFN as its block_configs entry
     says: skipped (no_op, with its norm), one square linear map (replace_with_linear), or attention with its own
-    key/value heads (num_attention_heads / n_heads_in_group) and a gated MLP of its own width (ffn_mult)."""
+    key/value heads (num_attention_heads / n_heads_in_group) and a gated MLP of its own width (ffn_mult); a layer
+    skipping both is the identity."""
     key, spec = _rope_spec(r)
     if spec.get("rope_type", spec.get("type")) == "llama3":  # mlx-lm's Llama3RoPE where the settings leave it out
         spec.setdefault("original_max_position_embeddings", 8192)
