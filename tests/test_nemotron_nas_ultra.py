@@ -2,7 +2,7 @@
 no_op, which mlx-lm's nemotron-nas builds as the identity (no tensors, no norm) and Ferrum skips
 (``LayerSpec.identity``), their numbers kept as the checkpoint's; FFN-only entries with ffn_mult null, groups of 16
 query heads, null top-level intermediate_size and num_key_value_heads. Against mlx-lm's float32 logits on every
-runnable backend, through the engine, mlx-lm's conversions, and ``ferrum quantize``'s output."""
+runnable backend, through the engine, mlx-lm's conversions, ``ferrum quantize``'s output and an mlx-lm LoRA adapter."""
 
 from __future__ import annotations
 
@@ -171,3 +171,34 @@ def test_ferrum_quantize_keeps_the_stored_layer_numbers(built, tmp_path):
     for backend in BACKENDS:
         assert scaled_error(float32_model(dst, backend).forward_verify("q", TOKENS), want) <= 2e-3, backend
 
+
+def test_an_mlx_lm_adapter_names_the_stored_layers(built, tmp_path):
+    """mlx-lm's LoRA on the last four layers (num_layers counts the identity layers, as mlx-lm's model.layers holds
+    them): every backend's logits with the adapter are mlx-lm's, which the adapter moves."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+    from mlx_lm.utils import load_model
+
+    from ferrum.model import ForwardItem
+
+    folder, _, base = built
+    settings = {"fine_tune_type": "lora", "num_layers": 4,
+                "lora_parameters": {"rank": 4, "scale": 3.0, "dropout": 0.0}}
+    model = load_model(folder)[0]
+    linear_to_lora_layers(model, settings["num_layers"], settings["lora_parameters"])
+    rng = np.random.default_rng(3)
+    factors = {k: mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.2)
+               for k, v in tree_flatten(model.parameters()) if k.endswith((".lora_a", ".lora_b"))}
+    assert {int(k.split(".")[2]) for k in factors} == {4, 5, 7}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    mx.save_safetensors(str(adapter / "adapters.safetensors"), factors)
+    (adapter / "adapter_config.json").write_text(json.dumps(settings))
+    want = _logits(load_adapters(load_model(folder)[0], str(adapter)))
+    assert scaled_error(want, base) > 1e-2
+    for backend in BACKENDS:
+        ours = float32_model(folder, backend, block_size=4)
+        ours.adapters.load("a", adapter)
+        out = ours.forward([ForwardItem("s", TOKENS, 0, True, adapter="a")], all_logits=True)
+        assert scaled_error(ours.ops.to_numpy(out.logits), want) <= 1e-4, backend

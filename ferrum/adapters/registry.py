@@ -341,7 +341,8 @@ class AdapterRegistry:
 
         for index, layer in enumerate(self.model.layers):
             at = partial(wrap, index)
-            layer.o = config.arch.attention.adapt(layer.qkv, layer.o, at, config.hidden_size)
+            if layer.qkv is not None:  # a layer without attention (Nemotron NAS's skipped or linear) has none to adapt
+                layer.o = config.arch.attention.adapt(layer.qkv, layer.o, at, config.hidden_size)
             kind = config.arch.layers[index].mlp
             if kind == "dense":
                 layer.mlp.gate_up.adapt(at)
