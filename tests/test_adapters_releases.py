@@ -63,9 +63,10 @@ def _sparse_release(module):
 def _ling(variant: str):
     def build(folder: Path) -> None:
         from mlx_lm.models import bailing_moe
-        from test_bailing_moe import CONFIGS, build_mlx_lm_checkpoint
+        from support import build_ling_checkpoint
+        from test_bailing_moe import CONFIGS, TOKENS as LING_TOKENS
 
-        build_mlx_lm_checkpoint(folder, CONFIGS[variant], bailing_moe)
+        build_ling_checkpoint(folder, CONFIGS[variant], bailing_moe, LING_TOKENS)
     return build
 
 
