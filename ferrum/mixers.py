@@ -103,14 +103,15 @@ class Attention(MixerKind):
         gate = projection("self_attn.gate_proj") if config.arch.attn_output_gate else None
         return MixerWeights(qkv, o, gate)
 
-    def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
+    def project(self, model: Any, layer: Any, rotate: bool = True) -> Callable[[Any, Any, Any], tuple]:
         """``q, k, v`` (``q`` alone in a layer that reads another's), normed, clipped and rotated as the
-        architecture says, then the output gate; in a parallel block the MLP's output joins ``h`` here."""
+        architecture says (not rotated where not ``rotate``: the step does), then the output gate; in a parallel
+        block the MLP's output joins ``h`` here."""
         ops, cfg = model.ops, model.config
         reshape = ops.reshape
         norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)[0]
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        table = model.ropes[layer.rope].fixed
+        table = model.ropes[layer.rope].fixed if rotate else None
         qk_norm = cfg.arch.qk_norm if layer.q_norm is not None else None
         # "projection" norms go on the projections, "head" norms on each head, before rope or after it (Hunyuan's;
         # Talkie's "each_head")
@@ -209,6 +210,37 @@ class Attention(MixerKind):
         if attended.prepared is None:
             attended.prepared = ops.prepare_attention_batch(attended)
         return attended
+
+
+class ConvolvedAttention(Attention):
+    """Attention whose raw keys and values first run through a short causal convolution along the sequence
+    (Baichuan-M1's, :mod:`ferrum.recurrent.kv_conv`): the first half projects q/k/v unrotated; the step convolves
+    k and v from the sequences' states (staged until the pass ends), rotates q and the convolved k, then runs
+    attention's step. The layer has a KV pool layer and a state, so a pass never narrows its rows past it."""
+
+    stateful = True
+
+    def state_shapes(self, arch: Architecture, spec: LayerSpec, dtype: str) -> StateShapes:
+        return mixer_spec(arch, spec.mixer).state_shapes(dtype)
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        layer = mixer_spec(model.config.arch, spec.mixer).layer(model.ops, tensor, projection,
+                                                                model.config.rms_norm_eps)
+        return super().build(model, spec, tensor, projection)._replace(recurrent=layer)
+
+    def project(self, model: Any, layer: Any, rotate: bool = False) -> Callable[[Any, Any, Any], tuple]:
+        return super().project(model, layer, rotate=False)
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        q, k, v, *rest = projected
+        states, ops = run.states, run.ops
+        k, v, new = layer.recurrent.mix(k, v, states.gather(index, run.seq_ids), run.batch.cu_seqlens_q)
+        states.stage(index, run.seq_ids, new)
+        table = run.model.ropes[layer.rope].fixed
+        if table is not None:  # a rope of one table (else attention's step rotates them for the batch)
+            q, k = ops.rope(q, run.positions, table), ops.rope(k, run.positions, table)
+        return super().step(run, index, layer, (q, k, v, *rest), h)
 
 
 class Recurrent(MixerKind):
@@ -464,6 +496,7 @@ MIXER_KINDS["moa"] = MixtureOfAttention(MIXER_KINDS["attention"])
 MIXER_KINDS["rg_lru"] = Resetting()
 MIXER_KINDS["rwkv7_first"] = MIXER_KINDS["rwkv7"] = ValueResidual()
 MIXER_KINDS["lightning"] = Positioned()
+MIXER_KINDS["conv_attention"] = ConvolvedAttention()
 
 
 def mixer_kind(spec: LayerSpec) -> MixerKind:

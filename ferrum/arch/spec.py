@@ -12,9 +12,9 @@ from ferrum.recurrent import MIXERS
 if TYPE_CHECKING:
     from ferrum.moe.activation import ClampedSwiGLU
 
-#: The mixers that attend over the KV pool: attention, Zamba 2's shared block before its Mamba-2, and JetMoE's
-#: mixture of attention heads.
-ATTENDING = ("attention", "shared_mamba2", "moa")
+#: The mixers that attend over the KV pool: attention, Zamba 2's shared block before its Mamba-2, JetMoE's
+#: mixture of attention heads, and Baichuan-M1's attention over convolved keys and values.
+ATTENDING = ("attention", "shared_mamba2", "moa", "conv_attention")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class LayerSpec:
     #: Attention; "shared_mamba2", Zamba 2's hybrid layers: a shared attention + MLP block, then Mamba-2;
     #: "lightning", MiniMax's lightning attention; "rg_lru", RecurrentGemma's recurrent blocks; "conv_kv_gated",
     #: Gear's gated key/value convolutions; "rwkv7_first" / "rwkv7", RWKV-7's time mix in its first / later layers;
-    #: "rwkv7_channel", its channel mix),
+    #: "rwkv7_channel", its channel mix; "conv_attention", Baichuan-M1's attention over keys and values convolved
+    #: along the sequence first),
     #: "linear", one square map of the normed input (DeciLM's replace_with_linear, :mod:`ferrum.arch.linear_blocks`),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
@@ -278,6 +279,8 @@ class Architecture:
     rwkv7: Any = None
     rwkv7_first: Any = None
     rwkv7_channel: Any = None
+    #: ...whose mixer is "conv_attention" (:class:`ferrum.recurrent.kv_conv.KvConvSpec`), else None.
+    kv_conv: Any = None
     #: Tensors the model reads that no checkpoint stores, computed from config.json and placed in float32 at load:
     #: name under :attr:`prefix` -> values (a vector). MiniMax's lightning decay rates, which depend on each layer's
     #: depth.
@@ -356,6 +359,9 @@ class Architecture:
     #: its release and mlx-lm's sanitize do); a packed head is taken as normed, as mlx-lm's conversions (and
     #: ``ferrum quantize``) norm it before packing.
     head_normed: bool = False
+    #: The axis of the head ``[vocab, hidden]`` those norms run over: 0, each column's over the vocabulary (Ling's), or
+    #: 1, each token's row (Baichuan-M1's NormHead).
+    head_norm_axis: int = 0
     #: Modules the checkpoint stores under other names than Llama's, relative to the prefix or to a layer:
     #: Llama's name -> the checkpoint's (Phi-2: ``{"self_attn.o_proj": "self_attn.dense", "norm":
     #: "final_layernorm", ...}``). Ferrum uses Llama's names from loading on (:mod:`ferrum.arch.tensors`).

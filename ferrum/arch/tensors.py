@@ -133,6 +133,9 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             own = {**block_norms, **arch.moa.tensors(h)}
         elif layer.mixer == "linear":  # one square map in place of attention (DeciLM's replace_with_linear)
             own = {**block_norms, **linear_blocks.tensors(linear_blocks.ATTENTION, h)}
+        elif layer.mixer == "conv_attention":  # attention's, and its keys' and values' convolution taps
+            own = {**block_norms, **_stored_attention(config, layer, attention, norms),
+                   **arch.kv_conv.tensors(layer.stored_kv_heads or config.num_kv_heads)}
         elif layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
             mixer = mixer_spec(arch, layer.mixer)
             own = {**block_norms, **(mixer.tensors(h) if mixer is not None else {})}
@@ -172,10 +175,16 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
         for proj, rows in (("q_proj", config.num_heads * d), ("k_proj", kv_heads * d), ("v_proj", kv_heads * vd)):
             if f"self_attn.{proj}.bias" in own:  # DiffLlama's attention_bias
                 own[f"self_attn.{proj}.bias"] = (rows,)
+        if "self_attn.qkv_proj.weight" in own:  # fused (Baichuan-M1's W_pack): its rows the layer's own
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                del own[f"self_attn.{proj}.weight"]
+            rows = config.num_heads * d + kv_heads * (d + vd)
+            own.update({name: (rows, *own[name][1:]) for name in ("self_attn.qkv_proj.weight",
+                                                                   "self_attn.qkv_proj.bias") if name in own})
         for name in norms:  # "head" norms: one weight of the head's dims
             own[name] = (d,)
         if layer.values_are_keys:
-            del own["self_attn.v_proj.weight"]
+            own.pop("self_attn.v_proj.weight", None)
     if layer.mla is not None:  # its own latent sizes (Dots 3's sliding layers)
         own.update(layer.mla.tensors(config.hidden_size))
         if "self_attn.gate_proj.weight" in own:  # one row per head (attn_gate_per_head)
@@ -485,7 +494,7 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         if arch.position_offset and name == f"{arch.prefix}embed_positions.weight":  # the rows before position 0
             tensor = rows(tensor, arch.position_offset, tensor.shape[0])  # packed (ferrum quantize's) too
         if name == arch.lm_head and arch.head_normed and not isinstance(tensor, QuantizedWeight):
-            tensor = normed_columns(tensor)
+            tensor = normed_head(tensor, arch.head_norm_axis)
         parts = _padded_head(config, name, tensor) if name == arch.lm_head and arch.head_rows else [(name, tensor)]
     elif arch.mla is not None and arch.latent(layer).splits(name):
         parts = arch.latent(layer).split(name, tensor, rows)
@@ -495,10 +504,11 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         parts = arch.shared_block.split(name, tensor, _take_rows)
     elif (mixer := _mixer_of(arch, arch.layers[layer], name)) is not None:  # its qkv_proj its own (lightning's)
         parts = mixer.split(name, tensor, _take_rows)
-    elif ".self_attn.qkv_proj." in name:
-        kv_heads = arch.layers[layer].stored_groups or config.num_kv_heads  # the layer's own (OpenELM's)
+    elif ".self_attn.qkv_proj." in name:  # a layer's own heads where it stores fewer (stored_groups, stored_kv_heads)
+        spec = arch.layers[layer]
+        kv_heads = spec.stored_groups or config.num_kv_heads  # the layer's own groups of queries (OpenELM's)
         heads = config.num_heads * kv_heads // config.num_kv_heads
-        q, kv = heads * config.head_dim, kv_heads * config.head_dim
+        q, kv = heads * config.head_dim, (spec.stored_kv_heads or kv_heads) * config.head_dim
         if arch.qkv_grouped:  # [kv head][its queries, key, value][dim] -> [queries; keys; values]
             tensor = _take_rows(tensor, grouped_qkv_order(heads, kv_heads, config.head_dim))
         elif arch.qkv_shards:  # [shard][its queries, values, keys] -> [queries; keys; values]
@@ -526,12 +536,13 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
     return [(n, _transform(config, layer, n, t)) for n, t in parts]
 
 
-def normed_columns(head: Any) -> np.ndarray:
-    """A float LM head with each column divided by its L2 norm over the vocabulary plus 1e-7, in float32 (Ling's
-    norm_head: the release's code and mlx-lm's sanitize compute it so), then in the head's dtype."""
+def normed_head(head: Any, axis: int) -> np.ndarray:
+    """A float LM head with each column (``axis`` 0: its L2 norm over the vocabulary; Ling's norm_head) or each row
+    (1: over its token's dims; Baichuan-M1's NormHead) divided by its L2 norm plus 1e-7, in float32 (the releases'
+    code and mlx-lm's sanitize compute it so), then in the head's dtype."""
     a = np.asarray(head)
     wide = a.astype(np.float32)
-    return (wide / (np.linalg.norm(wide, axis=0, keepdims=True) + np.float32(1e-7))).astype(a.dtype)
+    return (wide / (np.linalg.norm(wide, axis=axis, keepdims=True) + np.float32(1e-7))).astype(a.dtype)
 
 
 def _padded_head(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:

@@ -455,7 +455,7 @@ def _decoded_code(config: Any, headers: dict[str, tuple[str, tuple[int, ...]]]) 
 def _read(checkpoint: Checkpoint, item: _Item, config: Any) -> np.ndarray:
     """The source tensor of ``item``; experts assembled into their stack as the loader does; FP8 weights
     decoded and cast to the model's dtype; laid out as mlx-lm's conversion lays it out (:func:`_mlx_lm_taps`)."""
-    from ferrum.arch.tensors import normed_columns  # imported here, as in _plan
+    from ferrum.arch.tensors import normed_head  # imported here, as in _plan
     from ferrum.moe.loading import assemble_stack, is_expert_stack
 
     moe, where = config.arch.moe, str(checkpoint.folder)
@@ -473,7 +473,7 @@ def _read(checkpoint: Checkpoint, item: _Item, config: Any) -> np.ndarray:
     if item.folded is not None:
         array = (array.astype(np.float32) * item.folded[:, None]).astype(array.dtype)
     if config.arch.head_normed and item.source == config.arch.lm_head:  # normed before packing, as mlx-lm's is
-        array = normed_columns(array)
+        array = normed_head(array, config.arch.head_norm_axis)
     return array.transpose(0, 2, 1) if item.taps_last else array
 
 

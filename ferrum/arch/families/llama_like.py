@@ -13,11 +13,12 @@ from ferrum.arch.families._shared import (
 )
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, optional_positive_number,
-    positive_int, positive_number, size,
+    positive_int, positive_number, required, size,
 )
 from ferrum.arch import gains
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
+from ferrum.recurrent.kv_conv import TAPS, KvConvSpec
 
 
 def _llama_like(qkv_bias_default: bool, qk_norm: str | None, windows: Callable[[KeyReader, Sizes], list],
@@ -731,7 +732,98 @@ def _spark2_5(r: KeyReader, sizes: Sizes) -> Architecture:
     )
 
 
+def _baichuan_m1_kinds(r: KeyReader, layers: int) -> list[bool]:
+    """Whether each layer slides (its index in sliding_window_layers)."""
+    listed = r("sliding_window_layers")
+    if not isinstance(listed, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers
+                                               for i in listed):
+        r.fail("sliding_window_layers", f"must list layer indices below num_hidden_layers ({layers}), got {listed!r}")
+    return [i in listed for i in range(layers)]
+
+
+def _baichuan_m1_layer_kv(r: KeyReader) -> tuple[int, int]:
+    """The full and the sliding layers' key/value heads (num_swa_key_value_heads, where set, the sliding ones')."""
+    full = r("num_key_value_heads")
+    return full, r("num_swa_key_value_heads") or full
+
+
+def _baichuan_m1_kv_heads(r: KeyReader, heads: int) -> int:
+    """The most key/value heads of any layer; fewer are repeated at load (``LayerSpec.stored_kv_heads``), so each
+    kind's must divide them and the query heads."""
+    full, sliding = _baichuan_m1_layer_kv(r)
+    kinds = _baichuan_m1_kinds(r, r("num_hidden_layers"))
+    most = max(sliding if slides else full for slides in kinds)
+    for key, kv in (("num_key_value_heads", full), ("num_swa_key_value_heads", sliding)):
+        if heads % kv or most % kv:
+            r.fail(key, f"gives {kv} key/value heads; num_attention_heads ({heads}) and every layer's key/value heads "
+                        f"({most}) must be multiples of it")
+    return most
+
+
+def _baichuan_m1(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Baichuan-M1 (remote code, mlx-lm's baichuan_m1): Llama's blocks whose attention (q/k/v fused in ``W_pack``,
+    heads of hidden_size / num_attention_heads) convolves its raw keys and values along the sequence over two taps
+    per key/value head before rope (mixer "conv_attention", :mod:`ferrum.recurrent.kv_conv`); the layers of
+    sliding_window_layers slide, with key/value heads of their own (num_swa_key_value_heads; the fewer of either
+    kind repeated at load); the LM head's rows (each token's) normed at load (NormHead), as mlx-lm's sanitize does."""
+    heads, head = sizes.num_heads, sizes.head_dim
+    swa_heads = r("num_swa_attention_heads")
+    if swa_heads and swa_heads != heads:
+        r.fail("num_swa_attention_heads", f"is {swa_heads}, beside num_attention_heads {heads}: sliding layers with "
+                                          "heads of other widths are not supported", unsupported=True)
+    kinds = _baichuan_m1_kinds(r, sizes.num_layers)
+    full_kv, sliding_kv = _baichuan_m1_layer_kv(r)
+    rope = Rope(theta=float(r("rope_theta")), head_dim=head, rotary_dim=head, kind="default")
+    window = r("sliding_window")
+
+    def layer(slides: bool) -> LayerSpec:
+        kv = sliding_kv if slides else full_kv
+        return LayerSpec(window if slides else None, rope, mixer="conv_attention",
+                         stored_kv_heads=None if kv == sizes.num_kv_heads else kv)
+
+    return Architecture(
+        layers=tuple(layer(slides) for slides in kinds),
+        norms=LLAMA_NORMS, attn_scale=head ** -0.5, fused_qkv=True, head_normed=True, head_norm_axis=1,
+        kv_conv=KvConvSpec(sizes.num_kv_heads, head, r("conv_window")),
+        stored_names={"self_attn.qkv_proj": "self_attn.W_pack", TAPS[0]: "self_attn.conv_k",
+                      TAPS[1]: "self_attn.conv_v"},
+    )
+
+
+def _baichuan_m1_context(raw: dict[str, Any]) -> dict[str, Any]:
+    """The context where max_position_embeddings is left out: model_max_length (mlx-lm bounds neither)."""
+    if raw.get("max_position_embeddings") is None and raw.get("model_max_length") is not None:
+        return {**raw, "max_position_embeddings": raw["model_max_length"]}
+    return raw
+
+
 TABLE: dict[str, Family] = {
+    "baichuan_m1": Family(  # Baichuan-M1: convolved keys and values, sliding layers with key/value heads of their own
+        _keys((
+            Key("hidden_size", check=size(1 << 17)),
+            Key("intermediate_size", check=size(1 << 20)),
+            Key("num_hidden_layers", check=size(1024)),
+            Key("num_attention_heads", check=size(4096)),
+            Key("num_key_value_heads", check=size(4096)),
+            Key("vocab_size", check=size(1 << 23)),
+            Key("rms_norm_eps", check=required(positive_number)),
+            Key("rope_theta", check=required(positive_number)),
+            Key("sliding_window", check=required(positive_int)),
+            Key("sliding_window_layers", check=required(lambda value: None)),
+            Key("conv_window", check=required(one_of(2)), unsupported=True),  # mlx-lm's port asserts 2
+            Key("num_swa_attention_heads", check=optional_positive_int),
+            Key("num_swa_key_value_heads", check=optional_positive_int),
+            # no positions bound it in mlx-lm: model_max_length where set (_baichuan_m1_context), else 32768
+            Key("max_position_embeddings", default=32768, check=size(1 << 28)),
+            Key("tie_word_embeddings", default=False, check=falsy(
+                "mlx-lm runs Baichuan-M1 with its own lm_head whatever this says; store one and set it false")),
+            Key("hidden_act", default="silu", check=one_of("silu"), unsupported=True),
+        )),
+        _baichuan_m1,
+        head_dim=lambda r: r("hidden_size") // r("num_attention_heads"),
+        kv_heads=_baichuan_m1_kv_heads,
+        derive=_baichuan_m1_context,
+    ),
     "plamo": Family(  # Preferred Networks' PLaMo-13B: parallel blocks, key/value heads tiled over the queries
         _keys((
             Key("hidden_size", check=size(1 << 17)),
