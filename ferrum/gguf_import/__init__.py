@@ -6,8 +6,8 @@ gemma, gemma2, gemma3, gemma4, gemma3n, the Gated DeltaNet hybrids qwen35, qwen3
 (granitehybrid), LFM2 (lfm2, lfm2moe), Nemotron-H (nemotron_h, nemotron_h_moe), and more
 (:data:`SUPPORTED_ARCHITECTURES`). The rooms: ``files`` reads a file safely, ``architectures`` maps each
 architecture onto its Hugging Face family (``gated_delta``, ``gemma4``, ``gemma3n``, ``granite_hybrid``, ``lfm2``,
-``nemotron_h``, ``apertus``, ``mimo2``, ``kimi_linear`` and ``glm_dsa`` (GLM-5's and DeepSeek-V3.2's DSA
-indexers) what theirs store their own way),
+``nemotron_h``, ``apertus``, ``mimo2``, ``kimi_linear``, ``glm_dsa`` (GLM-5's and DeepSeek-V3.2's DSA
+indexers) and ``qwen1`` what theirs store their own way),
 ``config``, ``tensors`` and ``tokenizer`` write the three parts of the folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same

@@ -13,6 +13,7 @@ from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_groups, routed_scale
 from ferrum.gguf_import import (
     apertus, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba, mimo2, nemotron_h,
+    qwen1,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -939,6 +940,9 @@ ARCHITECTURES = {
                                 moe=_Experts("block_sparse_moe", "num_local_experts", None, None)),
     # MiniCPM 1B / 2B: Llama's layout (q/k permuted), its scalings in the metadata (see _minicpm_config)
     "minicpm": _Architecture("minicpm", "MiniCPMForCausalLM", True, configure=_minicpm_config),
+    # Qwen (1): the release's fused c_attn (q, k, v rows in turn) as attn_qkv, rows as stored (rotate-half rope),
+    # plain rope to the whole context (see ferrum.gguf_import.qwen1)
+    "qwen": _Architecture("qwen", "QWenLMHeadModel", False, configure=qwen1.qwen_config),
     # MiniCPM3: DeepSeek-V2's latent attention, rotate-half (see _minicpm3_config)
     "minicpm3": _Architecture("minicpm3", "MiniCPM3ForCausalLM", False, renamed=_DEEPSEEK2_TENSORS[:6], latent=True,
                               configure=_minicpm3_config),
