@@ -252,6 +252,18 @@ def _minicpm3_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, A
             "q_lora_rank": q_lora, "num_key_value_heads": heads, "attention_bias": False, **_MINICPM3_SCALINGS}
 
 
+def _xverse_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """XVERSE as llama.cpp reads an xverse file: Llama's blocks, every head its own key and value (all releases'). The
+    converter permutes fewer key heads' rows over head_count / head_count_kv groups, not per key head, which llama.cpp
+    then rotates as no XVERSE model does: refused by name."""
+    if cfg["num_key_value_heads"] != cfg["num_attention_heads"]:
+        raise UnsupportedFeatureError(f"{meta.where}: an xverse file with {cfg['num_key_value_heads']} key/value heads "
+                                      f"for {cfg['num_attention_heads']} query heads is not supported: llama.cpp's "
+                                      "converter permutes such keys' rows across heads (XVERSE's releases have one "
+                                      "key/value head per query head)")
+    return {}
+
+
 def _command_r_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Command R's logit scale, which llama.cpp requires in the file; Command R+'s q/k norms where it has them."""
     return {"logit_scale": float32_value(meta.need(p + "logit_scale")),
@@ -943,6 +955,8 @@ ARCHITECTURES = {
     # Qwen (1): the release's fused c_attn (q, k, v rows in turn) as attn_qkv, rows as stored (rotate-half rope),
     # plain rope to the whole context (see ferrum.gguf_import.qwen1)
     "qwen": _Architecture("qwen", "QWenLMHeadModel", False, configure=qwen1.qwen_config),
+    # XVERSE: Llama's layout, q/k permuted as Llama's (see _xverse_config)
+    "xverse": _Architecture("xverse", "XverseForCausalLM", True, configure=_xverse_config),
     # MiniCPM3: DeepSeek-V2's latent attention, rotate-half (see _minicpm3_config)
     "minicpm3": _Architecture("minicpm3", "MiniCPM3ForCausalLM", False, renamed=_DEEPSEEK2_TENSORS[:6], latent=True,
                               configure=_minicpm3_config),
