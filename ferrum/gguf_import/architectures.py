@@ -13,7 +13,7 @@ from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_groups, routed_scale
 from ferrum.gguf_import import (
     apertus, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba, mimo2, nemotron_h,
-    qwen1,
+    qwen1, rwkv7,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -104,6 +104,9 @@ class _Architecture:
     #: Tensors the converter moved into the metadata (Apertus's xIELU parameters): the file's metadata, the
     #: ``arch.`` prefix and the config -> Llama-style Hugging Face names and their float32 values.
     metadata_tensors: Callable[[Metadata, str, dict[str, Any]], dict[str, Any]] | None = None
+    #: GGUF tensors (a full-name regex) the converter writes as dummies the family does not read (RWKV-7's first
+    #: layer's value-residual LoRA, copies of another's).
+    unread: str | None = None
     #: The file may leave ``feed_forward_length`` out, the MLP then the family's default width (GPT-J's: n_inner
     #: unset, 4 x hidden).
     optional_mlp_width: bool = False
@@ -1167,6 +1170,10 @@ ARCHITECTURES["nemotron_h"] = _Architecture("nemotron_h", "NemotronHForCausalLM"
 ARCHITECTURES["falcon-h1"] = _Architecture("falcon_h1", "FalconH1ForCausalLM", False,
                                            configure=falcon_h1.falcon_h1_config, own_tensors=falcon_h1.own_tensors,
                                            renamed=falcon_h1.RENAMED)
+# RWKV-7: fla-hub's release layout, each stored layer Ferrum's time and channel mixes (see ferrum.gguf_import.rwkv7)
+ARCHITECTURES["rwkv7"] = _Architecture("rwkv7", "RWKV7ForCausalLM", False, configure=rwkv7.rwkv7_config,
+                                       renamed=rwkv7.TENSORS, split=rwkv7.SPLIT, renamed_globals=rwkv7.GLOBAL_TENSORS,
+                                       unread=rwkv7.UNREAD, attention=False)
 # Pure Mamba-2: Nemotron-H's Mamba-2 blocks alone, written as Granite 4.0-H's (see ferrum.gguf_import.nemotron_h)
 ARCHITECTURES["mamba2"] = _Architecture("mamba2", "Mamba2ForCausalLM", False, configure=nemotron_h.mamba2_config,
                                         own_tensors=nemotron_h.own_tensors, attention=False)

@@ -164,6 +164,15 @@ def _in_layout(arch: Any, name: str) -> str:
     return arch.prefix + name.removeprefix("model.")
 
 
+def _checkpoint_name(arch: Any, name: str) -> str:
+    """Llama's name ``name`` as the family's checkpoint stores it, a block's index the checkpoint's layer: one of
+    several of Ferrum's where the family runs sub-layers (RWKV-7's time and channel mixes), the module telling which."""
+    name = _in_layout(arch, name)
+    if arch.sublayers is not None:
+        name = arch.sublayers.model(arch.prefix, name)
+    return stored_name(arch, name)
+
+
 def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | None = None) -> list[PlannedTensor]:
     """Map every GGUF tensor to its Hugging Face name and the shape the model reads it in: ``weight_shapes`` of
     the config being written (rope_freqs and longrope's factors are read into the config instead); ``gguf_arch``
@@ -201,7 +210,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             continue
         row_order, hf_name = None, global_tensors.get(name)
         if name in global_splits:
-            planned = _split_rows(tensor, [stored_name(model_arch, _in_layout(model_arch, t))
+            planned = _split_rows(tensor, [_checkpoint_name(model_arch, t)
                                            for t in global_splits[name]], expected, where)
             plan += planned
             unknown += [name] if not planned else []
@@ -211,17 +220,19 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             i, rest = int(m.group(1)), m.group(2)
             if rest.split(".")[0] in IGNORED_BLOCK_TENSORS or i in prediction_layers:
                 continue
+            if arch.unread is not None and re.fullmatch(arch.unread, name):  # the converter's dummies
+                continue
             if rest in _KV_B_HALVES and f"blk.{i}.attn_kv_b.weight" in by_name:  # the same numbers, split
                 continue
             if rest in later_parts:  # planned with the first part of its join
                 continue
             own = arch.own_tensors(rest, cfg) if arch.own_tensors is not None else None
             if own is not None:
-                names = [stored_name(model_arch, _in_layout(model_arch, f"model.layers.{i}.{r.name}")) for r in own]
+                names = [_checkpoint_name(model_arch, f"model.layers.{i}.{r.name}") for r in own]
                 plan += _restored(tensor, own, names, expected, arch.norm_offset, arch.unshifted_norms, where)
                 continue
             if rest in splits:
-                planned = _split_rows(tensor, [stored_name(model_arch, _in_layout(model_arch, f"model.layers.{i}.{t}"))
+                planned = _split_rows(tensor, [_checkpoint_name(model_arch, f"model.layers.{i}.{t}")
                                                for t in splits[rest]], expected, where)
                 plan += planned
                 unknown += [name] if not planned else []
@@ -242,7 +253,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             elif arch.grouped_qkv and rest.startswith("attn_qkv."):  # the checkpoint's rows, grouped by kv head
                 row_order = np.argsort(grouped_qkv_order(heads, kv_heads, model_config.head_dim))
         if hf_name is not None:  # under the family's own prefix and module names
-            hf_name = stored_name(model_arch, _in_layout(model_arch, hf_name))
+            hf_name = _checkpoint_name(model_arch, hf_name)
         want = expected.get(hf_name)
         if want is None and hf_name is not None and model_arch.unloaded and re.search(model_arch.unloaded, hf_name):
             continue  # stored, but not read (Gemma 4's keys and values of the layers that read another's)
@@ -251,8 +262,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             continue
         tensor, joined = (tensor[0], tuple(tensor[1:])) if isinstance(tensor, list) else (tensor, ())
         shape = numpy_shape(tensor)
-        if len(shape) == 1 and want == (1, *shape):  # a one-row matrix llama.cpp stores as a vector
-            shape = want
+        if len(shape) == 1 and len(want) == 2 and math.prod(want) == shape[0]:  # a matrix the converter flattened
+            shape = want  # (a one-row one; RWKV-7's per-head r_k)
         if joined:  # the rows the converter split, one part after another
             shapes = [numpy_shape(t) for t in (tensor, *joined)]
             shape = (sum(s[0] for s in shapes), *shape[1:]) if len({s[1:] for s in shapes}) == 1 else shapes
@@ -271,7 +282,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
         )
     if arch.metadata_tensors is not None:
         for name, value in arch.metadata_tensors(Metadata(reader, where), f"{gguf_arch}.", cfg).items():
-            hf_name = stored_name(model_arch, _in_layout(model_arch, name))
+            hf_name = _checkpoint_name(model_arch, name)
             if expected.get(hf_name) != value.shape:
                 raise CheckpointError(f"{where}: {hf_name} from the metadata has shape {value.shape} but the "
                                       f"metadata implies {expected.get(hf_name)}")
@@ -359,12 +370,18 @@ def _split_rows(tensor: Any, names: list[str], expected: dict[str, tuple[int, ..
     shape = numpy_shape(tensor)
     if None not in shapes and len(shape) > max(len(s) for s in shapes):  # a stack read as its rows
         shape = _as_matrix(shape)
-    if None in shapes or sum(s[0] for s in shapes) != shape[0] or any(s[1:] != shape[1:] for s in shapes):
+    if None in shapes or sum(s[0] for s in shapes) != shape[0] or any(
+            _unit_free(s[1:]) != _unit_free(shape[1:]) for s in shapes):  # RWKV-7's mixes, [6, 1, 1, C] -> [1, 1, C]
         raise CheckpointError(f"{where}: tensor {tensor.name} has shape {shape}, but the metadata implies "
                               f"{' + '.join(str(s) for s in shapes)} for {', '.join(names)}")
     bounds = np.cumsum([0, *(s[0] for s in shapes)])
     return [PlannedTensor(name, tensor, s, None, rows=(int(start), int(stop)))
             for name, s, start, stop in zip(names, shapes, bounds[:-1], bounds[1:])]
+
+
+def _unit_free(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` without its 1s: the same values whatever unit axes the converter or the family adds."""
+    return tuple(n for n in shape if n != 1)
 
 
 #: The per-head halves of latent attention's ``attn_kv_b`` that llama.cpp's newer converters write beside it or in
