@@ -13,7 +13,7 @@ from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_groups, routed_scale
 from ferrum.gguf_import import (
     apertus, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba, mimo2, nemotron_h,
-    qwen1, rwkv7,
+    openelm, qwen1, rwkv7,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -958,6 +958,10 @@ ARCHITECTURES = {
     # Qwen (1): the release's fused c_attn (q, k, v rows in turn) as attn_qkv, rows as stored (rotate-half rope),
     # plain rope to the whole context (see ferrum.gguf_import.qwen1)
     "qwen": _Architecture("qwen", "QWenLMHeadModel", False, configure=qwen1.qwen_config),
+    # OpenELM: per-layer heads and MLP widths, q/k/v fused with per-head q/k norms, the MLP's gate and up joined back
+    # (see ferrum.gguf_import.openelm)
+    "openelm": _Architecture("openelm", "OpenELMForCausalLM", False, configure=openelm.openelm_config,
+                             per_layer=True, joined=openelm.JOINED, renamed=openelm.NORMS),
     # XVERSE: Llama's layout, q/k permuted as Llama's (see _xverse_config)
     "xverse": _Architecture("xverse", "XverseForCausalLM", True, configure=_xverse_config),
     # MiniCPM3: DeepSeek-V2's latent attention, rotate-half (see _minicpm3_config)
