@@ -32,48 +32,36 @@ LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value",
           "up_proj", "gate_up_proj", "down_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
 
 
-def _mlx_lm_release(module: str, config: dict, draw=None):
+def _mlx_lm_release(config: dict, draw=None, as_released=None, extra: dict | None = None):
+    """A release of mlx-lm's Model of ``config`` with random parameters (mlx_lm_release)."""
     def build(folder: Path) -> None:
-        import importlib
+        from mlx_lm_release import random_mlx_lm_model, write_release
 
-        from mlx_lm_checkpoints import random_mlx_lm_model, write_release
-
-        model = random_mlx_lm_model(importlib.import_module(f"mlx_lm.models.{module}"), config, 0, draw)
-        write_release(folder, model, config, lambda name, values: values, 256)
-    return build
-
-
-def _remote_release(config: dict, extra: dict | None = None):
-    def build(folder: Path) -> None:
-        from mlx_lm_releases import write_release
-
-        write_release(folder, config, extra=extra)
+        write_release(folder, random_mlx_lm_model(config, draw=draw), config, TOKENS, as_released, extra)
     return build
 
 
 def _sparse_release(module):
     def build(folder: Path) -> None:
-        from mlx_lm_release import random_mlx_lm_model, write_release
+        from mlx_lm_release import normal
 
         config = (module.deepseek_config if hasattr(module, "deepseek_config") else module.klear_config)()
-        write_release(folder, random_mlx_lm_model(config), config, module.as_released, TOKENS, module.VOCAB)
+        _mlx_lm_release(config, normal(), module.as_released)(folder)
     return build
 
 
 def _ling(variant: str):
     def build(folder: Path) -> None:
-        from mlx_lm.models import bailing_moe
-        from support import build_ling_checkpoint
-        from test_bailing_moe import CONFIGS, TOKENS as LING_TOKENS
+        from test_bailing_moe import CONFIGS, build_mlx_lm_checkpoint
 
-        build_ling_checkpoint(folder, CONFIGS[variant], bailing_moe, LING_TOKENS)
+        build_mlx_lm_checkpoint(folder, CONFIGS[variant], TOKENS)
     return build
 
 
 def _step3p5(folder: Path) -> None:
-    from test_step3p5 import write_release
+    from test_step3p5 import build_release
 
-    write_release(folder)
+    build_release(folder)
 
 
 def _kimi_k2(folder: Path) -> None:
@@ -129,31 +117,31 @@ def _pixtral(folder: Path) -> None:
 def _plamo(folder: Path) -> None:
     from test_plamo import CONFIG, _draw
 
-    _mlx_lm_release("plamo", CONFIG, _draw)(folder)
+    _mlx_lm_release(CONFIG, _draw)(folder)
 
 
 def _plamo3(folder: Path) -> None:
     from test_plamo3 import CONFIG, _draw
 
-    _mlx_lm_release("plamo3", CONFIG, _draw)(folder)
+    _mlx_lm_release(CONFIG, _draw)(folder)
 
 
 def _nanbeige(folder: Path) -> None:
     from test_nanbeige import BUFFERS, CONFIG
 
-    _remote_release(CONFIG, BUFFERS)(folder)
+    _mlx_lm_release(CONFIG, extra=BUFFERS)(folder)
 
 
 def _lille(folder: Path) -> None:
     from test_lille130m import BUFFERS, CONFIG
 
-    _remote_release(CONFIG, BUFFERS)(folder)
+    _mlx_lm_release(CONFIG, extra=BUFFERS)(folder)
 
 
 def _telechat3(folder: Path) -> None:
     from test_telechat3 import RELEASE
 
-    _remote_release(RELEASE)(folder)
+    _mlx_lm_release(RELEASE)(folder)
 
 
 def _telechat3_for_mlx_lm(config: dict) -> dict:
@@ -275,15 +263,13 @@ def test_a_layer_past_the_stored_ones_of_a_looped_model_is_refused(release, tmp_
 def _qwen(folder: Path) -> None:
     from test_qwen1 import CONFIG
 
-    _remote_release(CONFIG)(folder)
+    _mlx_lm_release(CONFIG)(folder)
 
 
 def _plamo2(folder: Path) -> None:
     from test_plamo2 import CONFIG, _as_released, _draw
-    from mlx_lm_checkpoints import random_mlx_lm_model, write_release
-    from mlx_lm.models import plamo2
 
-    write_release(folder, random_mlx_lm_model(plamo2, CONFIG, 0, _draw), CONFIG, _as_released, 256)
+    _mlx_lm_release(CONFIG, _draw, _as_released)(folder)
 
 
 @pytest.mark.filterwarnings("ignore:.*seq_length")

@@ -10,10 +10,11 @@ import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
+from mlx_lm_release import MlxLmReference, random_mlx_lm_model, unstacked, write_release
 from support import (
-    MlxLmReference, assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm,
-    assert_forward_and_decode_match, build_ling_checkpoint, edited_checkpoint, float32_model, mlx_lm_converted,
-    mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
+    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
+    edited_checkpoint, float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error,
+    small_pool_engine, staggered_greedy_workload,
 )
 
 BACKENDS = runnable_backends()
@@ -36,15 +37,47 @@ CONFIGS = {
 }
 
 
+def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """O(1) activations with every path mattering: norms near 1, expert biases positive (a corrected score never
+    falls below the 0 dropped groups score), the rest N(0, 0.2)."""
+    if name.endswith("norm.weight") or "layernorm" in name:
+        return 1.0 + 0.1 * rng.standard_normal(shape)
+    if name.endswith("expert_bias"):
+        return rng.uniform(0.0, 0.3, size=shape)
+    return 0.2 * rng.standard_normal(shape)
+
+
+def as_released(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """mlx-lm's parameters of a Ling model (bailing_moe, bailing_moe_linear) under the release's names: their
+    ``sanitize`` inverted (the experts one by one, the router ``gate.weight``)."""
+    return {name.replace(".gate.gate_proj.", ".gate."): value
+            for name, value in unstacked(tensors, "switch_mlp", "experts").items()}
+
+
+def build_mlx_lm_checkpoint(folder, config: dict, tokens: list[int], seed: int = 0):
+    """A random mlx-lm Model of Ling ``config`` (bailing_moe, bailing_moe_linear) written to ``folder`` under the
+    release's names (with norm_head the stored head unnormed: mlx-lm's sanitize norms it), proven by mlx-lm's load
+    over ``tokens``. Returns the model."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    model = random_mlx_lm_model(config, seed, _draw)
+    head = np.array(model.lm_head.weight)
+    if config.get("norm_head"):
+        normed = head / (np.linalg.norm(head, axis=0, keepdims=True) + np.float32(1e-7))
+        model.update(tree_unflatten([("lm_head.weight", mx.array(normed))]))
+    write_release(folder, model, config, tokens, lambda tensors: as_released({**tensors, "lm_head.weight": head}),
+                  tolerance=1e-6)
+    return model
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """variant -> (folder, mlx-lm's model, its logits over TOKENS)."""
-    from mlx_lm.models import bailing_moe
-
     out = {}
     for name, config in CONFIGS.items():
         folder = tmp_path_factory.mktemp(name)
-        model = build_ling_checkpoint(folder, config, bailing_moe, TOKENS)
+        model = build_mlx_lm_checkpoint(folder, config, TOKENS)
         out[name] = folder, model, mlx_lm_logits(folder, TOKENS)
     return out
 

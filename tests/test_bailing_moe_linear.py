@@ -17,10 +17,11 @@ from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import ForwardItem
 from ferrum.recurrent.lightning import release_slope_rates
 from ferrum.recurrent.snapshots import DEFAULT_BUDGET
+from mlx_lm_release import MlxLmReference
 from support import (
-    MlxLmReference, assert_a_failed_pass_leaves_every_state_as_it_was,
+    assert_a_failed_pass_leaves_every_state_as_it_was,
     assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
-    assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match, build_ling_checkpoint, edited_checkpoint,
+    assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match, edited_checkpoint,
     float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine,
     staggered_greedy_workload,
 )
@@ -49,12 +50,12 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """variant -> (folder, mlx-lm's model, its logits over TOKENS)."""
-    from mlx_lm.models import bailing_moe_linear
+    from test_bailing_moe import build_mlx_lm_checkpoint
 
     out = {}
     for name, config in CONFIGS.items():
         folder = tmp_path_factory.mktemp(name)
-        model = build_ling_checkpoint(folder, config, bailing_moe_linear, TOKENS)
+        model = build_mlx_lm_checkpoint(folder, config, TOKENS)
         out[name] = folder, model, mlx_lm_logits(folder, TOKENS)
     return out
 

@@ -13,8 +13,8 @@ import pytest
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, MissingTensorError, UnsupportedFeatureError
 from mlx_lm_release import (
-    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, random_mlx_lm_model,
-    unstacked, with_zeroed, write_release,
+    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, normal,
+    random_mlx_lm_model, unstacked, with_zeroed, write_release,
 )
 from support import assert_forward_and_decode_match, float32_model, runnable_backends, scaled_error
 
@@ -53,8 +53,10 @@ def build_checkpoints(tmp_path_factory) -> dict:
     out = {}
     for variant, extra in VARIANTS.items():
         config = deepseek_config(**extra)
-        model = random_mlx_lm_model(config)
-        out[variant] = write_release(tmp_path_factory.mktemp(variant), model, config, as_released, TOKENS, VOCAB), model
+        model = random_mlx_lm_model(config, draw=normal())
+        folder = tmp_path_factory.mktemp(variant)
+        write_release(folder, model, config, TOKENS, as_released)
+        out[variant] = folder, model
     return out
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ferrum import backends
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_builds import MlxLmAsTransformers, logits, randomized, save_release
+from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
+    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm.models.gear")
@@ -35,32 +34,20 @@ CONFIG = {"model_type": "gear", "vocab_size": VOCAB, "hidden_size": 64, "interme
 TAPS = (".key_conv.weight", ".value_conv.weight")
 
 
-def _backends() -> list:
-    """The runnable backends, and the JAX plugin where installed (slow: it compiles each shape)."""
-    return runnable_backends() + [pytest.param(e.name, marks=pytest.mark.slow) for e in backends.available()
-                                  if e.available and e.name == "jax"]
-
-
-def _draw(rng: np.random.Generator):
-    def draw(name: str, shape: tuple) -> np.ndarray:
-        if name.endswith("norm.weight"):  # (1 + w) norms: w around 0
-            return rng.normal(0, 0.2, shape)
-        if name == "model.embed_tokens.weight":  # times sqrt(64) on the way in
-            return rng.normal(0, 0.125, shape)
-        if name.endswith(TAPS):
-            return rng.normal(0, 0.6, shape)
-        if name.endswith(".bias"):
-            return rng.normal(0, 0.2, shape)
-        return rng.normal(0, shape[-1] ** -0.5, shape)
-
-    return draw
+def _draw(name: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    if name.endswith("norm.weight"):  # (1 + w) norms: w around 0
+        return rng.normal(0, 0.2, shape)
+    if name == "model.embed_tokens.weight":  # times sqrt(64) on the way in
+        return rng.normal(0, 0.125, shape)
+    if name.endswith(TAPS):
+        return rng.normal(0, 0.6, shape)
+    if name.endswith(".bias"):
+        return rng.normal(0, 0.2, shape)
+    return rng.normal(0, shape[-1] ** -0.5, shape)
 
 
 def _model(**changed):
-    from mlx_lm.models import gear
-
-    args = gear.ModelArgs.from_dict({**CONFIG, **changed})
-    return randomized(gear.Model(args), _draw(np.random.default_rng(0)))
+    return random_mlx_lm_model({**CONFIG, **changed}, draw=_draw)
 
 
 def _release_taps(model) -> dict:
@@ -72,7 +59,7 @@ def _release_taps(model) -> dict:
 
 
 def _save(model, folder, config) -> np.ndarray:
-    return save_release(model, folder, config, TOKENS, extra={
+    return write_release(folder, model, config, TOKENS, extra={
         **_release_taps(model), "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, dtype=np.float32)})
 
 
@@ -84,7 +71,7 @@ def release(tmp_path_factory):
     return folder, model, _save(model, folder, CONFIG)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends())
 def test_logits_match_mlx_lm(release, backend):
     folder, _, want = release
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
@@ -109,7 +96,7 @@ def test_the_release_layout_is_what_it_reads(release, recwarn):
 
 def test_mixed_batches_and_a_failed_pass(release, monkeypatch):
     folder, model, _ = release
-    reference = MlxLmAsTransformers(model)
+    reference = MlxLmReference(model)
     assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder, block_size=4), reference, VOCAB)
     assert_a_failed_pass_leaves_every_state_as_it_was(float32_model(folder, block_size=4), reference, TOKENS,
                                                       "causal_conv1d", monkeypatch)
@@ -118,7 +105,7 @@ def test_mixed_batches_and_a_failed_pass(release, monkeypatch):
 def test_engine_batching_chunking_and_preemption_keep_greedy_tokens(release):
     folder, model, _ = release
     assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config),
-                                      MlxLmAsTransformers(model), staggered_greedy_workload(VOCAB))
+                                      MlxLmReference(model), staggered_greedy_workload(VOCAB))
 
 
 @pytest.mark.slow  # mlx-lm converts (and packs) the checkpoint
@@ -143,7 +130,7 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path, mon
                                    {"rope_local_base_freq": 1000.0}])
 def test_each_setting_moves_the_logits(release, change):
     """Controls: mlx-lm's model with the same weights and one setting changed gives other logits."""
-    assert scaled_error(logits(_model(**change), TOKENS), release[2]) > 1e-2
+    assert scaled_error(model_logits(_model(**change), TOKENS), release[2]) > 1e-2
 
 
 def test_the_convolutions_move_the_logits(release):
@@ -156,7 +143,7 @@ def test_the_convolutions_move_the_logits(release):
     alone = mx.array(np.tile(np.array([0.0, 0.0, 1.0], np.float32).reshape(1, 3, 1), (32, 1, 1)))
     model.load_weights([(name, alone) for name, _ in tree_flatten(model.parameters()) if name.endswith(TAPS)],
                        strict=False)
-    assert scaled_error(logits(model, TOKENS), release[2]) > 1e-2
+    assert scaled_error(model_logits(model, TOKENS), release[2]) > 1e-2
 
 
 def test_without_layer_types_every_layer_is_full_attention():

@@ -20,7 +20,7 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf, tensors as gguf_tensors  # noqa: E402
-from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
+from mlx_lm_release import model_logits, normal, random_mlx_lm_model  # noqa: E402
 from test_deepseek import deepseek_config  # noqa: E402
 from test_gguf_import import (  # noqa: E402
     TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
@@ -36,7 +36,7 @@ VARIANTS = {"release": {}, "biased": dict(attention_bias=True, n_shared_experts=
 
 def _tiny(variant: str) -> tuple[Any, dict]:
     config = deepseek_config(vocab_size=VOCAB, **VARIANTS[variant])
-    return random_mlx_lm_model(config), config
+    return random_mlx_lm_model(config, draw=normal()), config
 
 
 def _deepseek_gguf(path: Path, model: Any, config: dict, qtype, more: Callable[[Any], None] = lambda w: None,

@@ -14,8 +14,8 @@ import pytest
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from mlx_lm_release import (
-    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, random_mlx_lm_model,
-    unstacked, with_zeroed, write_release,
+    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, normal,
+    random_mlx_lm_model, unstacked, with_zeroed, write_release,
 )
 from support import assert_forward_and_decode_match, float32_model, runnable_backends, scaled_error
 
@@ -52,8 +52,10 @@ def build_checkpoints(tmp_path_factory) -> dict:
     out = {}
     for variant, extra in VARIANTS.items():
         config = klear_config(**extra)
-        model = random_mlx_lm_model(config, stds={"expert_bias": 0.5})
-        out[variant] = write_release(tmp_path_factory.mktemp(variant), model, config, as_released, TOKENS, VOCAB), model
+        model = random_mlx_lm_model(config, draw=normal(stds={"expert_bias": 0.5}))
+        folder = tmp_path_factory.mktemp(variant)
+        write_release(folder, model, config, TOKENS, as_released)
+        out[variant] = folder, model
     return out
 
 

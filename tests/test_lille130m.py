@@ -14,13 +14,15 @@ import pytest
 from ferrum.arch.families import FAMILIES
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_releases import TOKENS, VOCAB, MlxLmGreedy, backends, write_release
+from mlx_lm_release import MlxLmReference, backends, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload, write_tokenizer,
+    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm")
+VOCAB = 97
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 
 #: Lille's config.json keys (LilleConfig's), the sizes tiny: an MLP of 256 (8/3 of 64, rounded to 256s).
 CONFIG = {
@@ -38,7 +40,7 @@ BUFFERS = {f"transformer.layers.{i}.attention.rotary_emb.{name}": np.ones((64, 1
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lille")
-    return folder, write_release(folder, CONFIG, extra=BUFFERS)
+    return folder, write_release(folder, random_mlx_lm_model(CONFIG), CONFIG, TOKENS, extra=BUFFERS)
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -72,7 +74,8 @@ def test_rope_pairs_adjacent_dims(release, monkeypatch):
 
 def test_engine_keeps_mlx_lm_greedy_tokens(release):
     folder, _ = release
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(folder),
+    reference = MlxLmReference(random_mlx_lm_model(CONFIG))
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), reference,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -82,7 +85,6 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
     folder, _ = release
     source = tmp_path / "release"
     shutil.copytree(folder, source)
-    write_tokenizer(source)
     _, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits=bits, group=32)
     assert json.loads((tmp_path / "mlx" / "config.json").read_text())["model_type"] == "lille-130m"
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)

@@ -12,13 +12,12 @@ import json
 import numpy as np
 import pytest
 
-from ferrum import backends
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_builds import MlxLmAsTransformers, logits, randomized, save_release
+from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, renamed, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
+    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload,
     with_edited_tensors,
 )
 
@@ -43,30 +42,18 @@ RELEASE = {"model_type": "muse_glimmer", "architectures": ["MuseGlimmerForCondit
 VISION = "vision_tower.patch_embed.weight"
 
 
-def _backends() -> list:
-    """The runnable backends, and the JAX plugin where installed (slow: it compiles each shape)."""
-    return runnable_backends() + [pytest.param(e.name, marks=pytest.mark.slow) for e in backends.available()
-                                  if e.available and e.name == "jax"]
-
-
-def _draw(rng: np.random.Generator):
-    def draw(name: str, shape: tuple) -> np.ndarray:
-        if name == "model.norm.weight":  # a plain RMSNorm
-            return 1.0 + rng.normal(0, 0.2, shape)
-        if name.endswith("norm.weight"):  # (1 + w)
-            return rng.normal(0, 0.2, shape)
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            return rng.normal(0, 1, shape)
-        return rng.normal(0, shape[-1] ** -0.5, shape)
-
-    return draw
+def _draw(name: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    if name == "model.norm.weight":  # a plain RMSNorm
+        return 1.0 + rng.normal(0, 0.2, shape)
+    if name.endswith("norm.weight"):  # (1 + w)
+        return rng.normal(0, 0.2, shape)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return rng.normal(0, 1, shape)
+    return rng.normal(0, shape[-1] ** -0.5, shape)
 
 
 def _model(**changed):
-    from mlx_lm.models import muse_glimmer
-
-    args = muse_glimmer.ModelArgs.from_dict({**RELEASE, "text_config": {**TEXT, **changed}})
-    return randomized(muse_glimmer.Model(args), _draw(np.random.default_rng(0)))
+    return random_mlx_lm_model({**RELEASE, "text_config": {**TEXT, **changed}}, draw=_draw)
 
 
 def _nested(name: str) -> str:
@@ -78,12 +65,12 @@ def _nested(name: str) -> str:
 def release(tmp_path_factory):
     """(folder, mlx-lm's model, its logits over TOKENS): Meta's layout."""
     model, folder = _model(), tmp_path_factory.mktemp("muse_glimmer")
-    want = save_release(model, folder, RELEASE, TOKENS, release_name=_nested,
-                        extra={VISION: np.ones((8, 3), dtype=np.float32)}, vocab=VOCAB)
+    want = write_release(folder, model, RELEASE, TOKENS, renamed(_nested),
+                         extra={VISION: np.ones((8, 3), dtype=np.float32)}, vocab=VOCAB)
     return folder, model, want
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends())
 def test_logits_match_mlx_lm(release, backend):
     folder, _, want = release
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
@@ -105,7 +92,7 @@ def test_a_flattened_config_loads(release, tmp_path):
     """mlx-community's conversions: the text model's keys at the top level, its tensors under model."""
     model = release[1]
     flat = {**TEXT, "model_type": "muse_glimmer", "bos_token_id": 0, "eos_token_id": 1}
-    want = save_release(model, tmp_path / "flat", flat, TOKENS)
+    want = write_release(tmp_path / "flat", model, flat, TOKENS)
     assert scaled_error(float32_model(tmp_path / "flat").forward_verify("f", TOKENS), want) <= 1e-4
     assert scaled_error(want, release[2]) == 0.0
 
@@ -113,7 +100,7 @@ def test_a_flattened_config_loads(release, tmp_path):
 def test_engine_batching_chunking_and_preemption_keep_greedy_tokens(release):
     folder, model, _ = release
     assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config),
-                                      MlxLmAsTransformers(model), staggered_greedy_workload(VOCAB))
+                                      MlxLmReference(model), staggered_greedy_workload(VOCAB))
 
 
 @pytest.mark.slow  # mlx-lm converts (and packs) the checkpoint
@@ -133,7 +120,7 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
 def test_each_setting_moves_the_logits(release, change):
     """Controls: mlx-lm's model with the same weights and one setting changed gives other logits (rope on the full
     layer too, another base, other layer kinds...)."""
-    assert scaled_error(logits(_model(**change), TOKENS), release[2]) > 1e-2
+    assert scaled_error(model_logits(_model(**change), TOKENS), release[2]) > 1e-2
 
 
 def test_the_gates_and_norm_centres_move_the_logits(release):
@@ -146,7 +133,7 @@ def test_the_gates_and_norm_centres_move_the_logits(release):
         model.load_weights([(name, mx.full(v.shape, value) + (0 if value == 0.0 else v)) for name, v in
                             tree_flatten(model.parameters()) if name.endswith(ending) and "mlp" not in name],
                            strict=False)
-        assert scaled_error(logits(model, TOKENS), release[2]) > 1e-2, ending
+        assert scaled_error(model_logits(model, TOKENS), release[2]) > 1e-2, ending
 
 
 @pytest.mark.parametrize("field, value", [("post_norm_eps", None), ("final_norm_offset", None)])
@@ -165,7 +152,7 @@ def test_the_post_norms_epsilon_and_the_plain_final_norm(tmp_path, monkeypatch, 
     model.load_weights([(name, v * 1e-3) for name, v in tree_flatten(model.parameters())
                         if name.endswith(("o_proj.weight", "down_proj.weight"))], strict=False)
     mx.eval(model.parameters())
-    want = save_release(model, tmp_path / "quiet", RELEASE, TOKENS, release_name=_nested, vocab=VOCAB)
+    want = write_release(tmp_path / "quiet", model, RELEASE, TOKENS, renamed(_nested), vocab=VOCAB)
     assert scaled_error(float32_model(tmp_path / "quiet").forward_verify("q", TOKENS), want) <= 1e-4
     family = FAMILIES["muse_glimmer_text"]
     monkeypatch.setitem(FAMILIES, "muse_glimmer_text", replace(

@@ -12,13 +12,15 @@ import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_releases import TOKENS, VOCAB, MlxLmGreedy, backends, mlx_lm_model, write_release
+from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload, write_tokenizer,
+    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm")
+VOCAB = 97
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 
 #: Nanbeige4.2-3B's config.json keys, the sizes tiny.
 CONFIG = {
@@ -36,15 +38,13 @@ BUFFERS = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(12, np.flo
 
 
 def _logits(config: dict) -> np.ndarray:
-    import mlx.core as mx
-
-    return np.array(mlx_lm_model(config)(mx.array([TOKENS])).astype(mx.float32))[0]
+    return model_logits(random_mlx_lm_model(config), TOKENS)
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nanbeige")
-    return folder, write_release(folder, CONFIG, extra=BUFFERS)
+    return folder, write_release(folder, random_mlx_lm_model(CONFIG), CONFIG, TOKENS, extra=BUFFERS)
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -73,7 +73,8 @@ def test_the_passes_and_the_norm_between_them_each_matter(release):
 
 def test_engine_keeps_mlx_lm_greedy_tokens(release):
     folder, _ = release
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(folder),
+    reference = MlxLmReference(random_mlx_lm_model(CONFIG))
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), reference,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -83,7 +84,6 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
     folder, _ = release
     source = tmp_path / "release"
     shutil.copytree(folder, source)
-    write_tokenizer(source)
     _, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits=bits, group=32)
     assert json.loads((tmp_path / "mlx" / "config.json").read_text())["num_loops"] == 2
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)

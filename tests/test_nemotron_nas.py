@@ -13,10 +13,11 @@ import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
+from mlx_lm_release import MlxLmReference, fan_in, model_logits, random_mlx_lm_model, write_release
 from support import (
-    MlxLmGreedy, assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm,
-    assert_forward_and_decode_match, float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error,
-    small_pool_engine, staggered_greedy_workload, write_tokenizer,
+    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
+    edited_checkpoint, float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error,
+    small_pool_engine, staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm")
@@ -71,22 +72,7 @@ RELEASE_NAMES = {".self_attn.linear.": ".self_attn.linear_attn.", ".mlp.linear."
 def _mlx_lm_model(config: dict, seed: int = 0):
     """mlx-lm's nemotron-nas Model of ``config`` with random parameters: matrices of std 0.6 / sqrt(fan-in) (each
     sub-block's output about the residual's size, so every path counts), norms' weights around 1."""
-    import importlib
-
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    nas = importlib.import_module("mlx_lm.models.nemotron-nas")
-    model = nas.Model(nas.ModelArgs.from_dict(config))
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, p in tree_flatten(model.parameters()):
-        if name.endswith("norm.weight"):
-            params[name] = 1.0 + rng.normal(0, 0.2, p.shape)
-        else:
-            params[name] = rng.normal(0, 1.0 if "embed" in name else 0.6 / np.sqrt(p.shape[-1]), p.shape)
-    model.update(tree_unflatten([(n, mx.array(v.astype(np.float32))) for n, v in params.items()]))
-    return model, params
+    return random_mlx_lm_model(config, seed, fan_in(0.6))
 
 
 def _release_name(name: str) -> str:
@@ -95,36 +81,28 @@ def _release_name(name: str) -> str:
     return name
 
 
-def _write(folder, config: dict, params: dict, names=lambda n: n):
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({names(n): v.astype(np.float32) for n, v in params.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, VOCAB)
-    return folder
+def _as_released(tensors: dict) -> None:
+    """``tensors`` (mlx-lm's names) renamed in place to the release's."""
+    for name in list(tensors):
+        tensors[_release_name(name)] = tensors.pop(name)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """``(release folder, mlx-lm-named folder, mlx-lm's logits over TOKENS)``: one random model saved under the
-    release's names and under mlx-lm's (the source of mlx-lm's conversions)."""
-    import mlx.core as mx
-
-    model, params = _mlx_lm_model(CONFIG)
-    want = np.array(model(mx.array([TOKENS])).astype(mx.float32))[0]
-    root = tmp_path_factory.mktemp("nemotron_nas")
-    return _write(root / "release", CONFIG, params, _release_name), _write(root / "mlx_lm", CONFIG, params), want
+    """``(release folder, mlx-lm-named folder, mlx-lm's logits over TOKENS, its model)``: one random model saved
+    under mlx-lm's names (the source of mlx-lm's conversions; mlx-lm's load of it is the model: write_release) and
+    under the release's."""
+    model, root = _mlx_lm_model(CONFIG), tmp_path_factory.mktemp("nemotron_nas")
+    want = write_release(root / "mlx_lm", model, CONFIG, TOKENS)
+    return edited_checkpoint(root / "mlx_lm", root / "release", tensors=_as_released), root / "mlx_lm", want, model
 
 
 def test_the_checkpoint_is_what_mlx_lm_reads(built):
-    """mlx-lm's load of the folder under its names gives the in-memory model's logits (so the names are its model's,
-    not assumed); the release's folder differs from it only by the linear sub-blocks' names, which mlx-lm refuses."""
+    """The release's folder differs from mlx-lm's (whose load is the model in memory: write_release) only by the
+    linear sub-blocks' names, which mlx-lm refuses."""
     from safetensors import safe_open
 
-    release, ours, want = built
-    assert scaled_error(mlx_lm_logits(ours, TOKENS), want) < 1e-6
+    release, ours, _, _ = built
     with safe_open(release / "model.safetensors", "np") as a, safe_open(ours / "model.safetensors", "np") as b:
         assert sorted(a.keys()) == sorted(_release_name(n) for n in b.keys()) != sorted(b.keys())
     with pytest.raises(ValueError, match="linear_attn|linear_mlp"):
@@ -153,8 +131,8 @@ def test_each_layer_is_read_as_its_entry_says(built):
 
 
 def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_tokens(built):
-    release, ours, _ = built
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(release, **config), MlxLmGreedy(ours),
+    release, _, _, model = built
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(release, **config), MlxLmReference(model),
                                       staggered_greedy_workload(VOCAB, count=6))
 
 
@@ -162,8 +140,6 @@ def test_each_new_part_changes_mlx_lm_s_logits(built):
     """Controls that the parity above can fail: mlx-lm's logits move where the rope is unscaled, where a skipped
     sub-block runs (as the layer's neighbour's entry), where a linear one is skipped, and where a layer keeps all its
     key/value heads (another group size, its repeats then distinct heads)."""
-    import mlx.core as mx
-
     want = built[2]
     changes = [{"rope_scaling": None}]
     for layer, part, entry in ((1, "attention", _attention(2)), (3, "ffn", _ffn(1.0)), (2, "attention", SKIPPED),
@@ -172,8 +148,7 @@ def test_each_new_part_changes_mlx_lm_s_logits(built):
         blocks[layer][part] = entry
         changes.append({"block_configs": blocks})
     for change in changes:
-        model, _ = _mlx_lm_model({**CONFIG, **change})
-        assert scaled_error(np.array(model(mx.array([TOKENS])).astype(mx.float32))[0], want) > 1e-2, change
+        assert scaled_error(model_logits(_mlx_lm_model({**CONFIG, **change}), TOKENS), want) > 1e-2, change
 
 
 @pytest.mark.slow  # mlx-lm converts and quantizes: a few seconds
@@ -215,13 +190,10 @@ def test_unsupported_keys_are_refused_by_name(key, value, error):
 
 def test_a_model_without_attention_runs_without_a_pool_layer(tmp_path):
     """Every layer's attention skipped or linear: no KV pool layer at all, and still mlx-lm's logits."""
-    import mlx.core as mx
-
     blocks = [{"attention": dict(SKIPPED), "ffn": _ffn(1.0)}, {"attention": dict(LINEAR), "ffn": _ffn(1.0)}]
     config = {**CONFIG, "block_configs": blocks, "num_hidden_layers": 2}
-    model, params = _mlx_lm_model(config, seed=1)
-    want = np.array(model(mx.array([TOKENS])).astype(mx.float32))[0]
-    folder = _write(tmp_path / "release", config, params, _release_name)
+    want = write_release(tmp_path / "mlx_lm", _mlx_lm_model(config, seed=1), config, TOKENS)
+    folder = edited_checkpoint(tmp_path / "mlx_lm", tmp_path / "release", tensors=_as_released)
     loaded = float32_model(folder)
     assert loaded.config.arch.kv_pool_layers == 0
     assert_forward_and_decode_match(loaded, TOKENS, want)

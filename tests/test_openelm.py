@@ -5,17 +5,17 @@ conversions (float and 4-bit)."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
+from mlx_lm_release import MlxLmReference, fan_in, model_logits, random_mlx_lm_model, write_release
 from support import (
-    MlxLmGreedy, assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm,
-    assert_forward_and_decode_match, float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error,
-    small_pool_engine, staggered_greedy_workload, write_tokenizer,
+    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm,
+    assert_forward_and_decode_match, float32_model, mlx_lm_converted, runnable_backends, scaled_error,
+    small_pool_engine, staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm")
@@ -38,60 +38,28 @@ CONFIG = {
 }
 
 
-def _mlx_lm_model(config: dict, seed: int = 0):
+def _mlx_lm_model(config: dict):
     """mlx-lm's openelm Model of ``config`` with random parameters: matrices of std 0.6 / sqrt(fan-in), norms' weights
     around 1."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.models import openelm
-
-    model = openelm.Model(openelm.ModelArgs.from_dict(config))
-    rng = np.random.default_rng(seed)
-    params = {name: 1.0 + rng.normal(0, 0.2, p.shape) if name.endswith("norm.weight") else
-              rng.normal(0, 1.0 if "embeddings" in name else 0.6 / np.sqrt(p.shape[-1]), p.shape)
-              for name, p in tree_flatten(model.parameters())}
-    model.update(tree_unflatten([(n, mx.array(v.astype(np.float32))) for n, v in params.items()]))
-    return model, params
-
-
-def _logits(model) -> np.ndarray:
-    import mlx.core as mx
-
-    return np.array(model(mx.array([TOKENS])).astype(mx.float32))[0]
-
-
-def _write(folder, config: dict, params: dict):
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({n: v.astype(np.float32) for n, v in params.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, VOCAB)
-    return folder
+    return random_mlx_lm_model(config, draw=fan_in(0.6))
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """variant -> (folder, mlx-lm's logits over TOKENS): tied as released, and untied without q/k norms."""
+    """variant -> (folder, mlx-lm's logits over TOKENS, its model): tied as released, and untied without q/k norms;
+    mlx-lm's load of each folder is the model (write_release: the names are the release's)."""
     out = {}
     for name, change in (("tied", {}), ("untied", {"share_input_output_layers": False,
                                                    "normalize_qk_projections": False})):
-        model, params = _mlx_lm_model({**CONFIG, **change})
-        out[name] = _write(tmp_path_factory.mktemp(name), {**CONFIG, **change}, params), _logits(model)
+        model, folder = _mlx_lm_model({**CONFIG, **change}), tmp_path_factory.mktemp(name)
+        out[name] = folder, write_release(folder, model, {**CONFIG, **change}, TOKENS), model
     return out
-
-
-@pytest.mark.parametrize("variant", ["tied", "untied"])
-def test_the_checkpoint_is_what_mlx_lm_reads(built, variant):
-    folder, want = built[variant]
-    assert scaled_error(mlx_lm_logits(folder, TOKENS), want) < 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["tied", "untied"])
 def test_logits_match_mlx_lm(built, variant, backend):
-    folder, want = built[variant]
+    folder, want, _ = built[variant]
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
 
 
@@ -104,8 +72,8 @@ def test_each_layer_is_read_as_its_lists_say(built):
 
 
 def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_tokens(built):
-    folder, _ = built["tied"]
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(folder),
+    folder, _, model = built["tied"]
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmReference(model),
                                       staggered_greedy_workload(VOCAB, count=6))
 
 
@@ -116,17 +84,15 @@ def test_each_new_part_changes_mlx_lm_s_logits(built):
     for change in ({"normalize_qk_projections": False},
                    {"num_kv_heads": [2, 2, 3, 1], "num_query_heads": [8, 8, 12, 4]},
                    {"ffn_multipliers": [1.0, 1.0, 2.0, 4.0]}):
-        assert scaled_error(_logits(_mlx_lm_model({**CONFIG, **change})[0]), want) > 1e-2, change
+        assert scaled_error(model_logits(_mlx_lm_model({**CONFIG, **change}), TOKENS), want) > 1e-2, change
 
 
 @pytest.mark.slow  # mlx-lm converts and quantizes: a few seconds
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(built, bits, tmp_path):
-    source = tmp_path / "source"
-    folder, _ = built["untied"]
-    _write(source, {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "auto_map"},
-           {})  # the config and tokenizer; its tensors copied below
-    (source / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    source = tmp_path / "source"  # the release without its auto_map, which mlx-lm's convert would follow
+    untied = {**CONFIG, "share_input_output_layers": False, "normalize_qk_projections": False}
+    write_release(source, built["untied"][2], {k: v for k, v in untied.items() if k != "auto_map"}, TOKENS)
     tensors, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits, group=32)
     assert any(name.endswith(".attn.out_proj.scales") for name in tensors) == (bits is not None)
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)

@@ -12,10 +12,10 @@ import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_checkpoints import MlxLmReference, logits_of, random_mlx_lm_model, write_release
+from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine,
+    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine,
     staggered_greedy_workload,
 )
 
@@ -29,15 +29,15 @@ CONFIG = dict(model_type="plamo", hidden_size=128, num_hidden_layers=3, num_atte
               intermediate_size=128, vocab_size=VOCAB, rms_norm_eps=1e-6, rope_theta=10000.0)
 
 
-def _draw(name: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray | None:
+def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
     return rng.normal(0.0, 0.3, shape) if name.endswith("embed_tokens.weight") else None
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    model = random_mlx_lm_model(plamo, CONFIG, 0, _draw)
-    folder = write_release(tmp_path_factory.mktemp("plamo"), model, CONFIG, lambda name, values: values, VOCAB)
-    assert scaled_error(mlx_lm_logits(folder, TOKENS), logits_of(model, TOKENS)) == 0.0
+    model = random_mlx_lm_model(CONFIG, draw=_draw)
+    folder = tmp_path_factory.mktemp("plamo")
+    write_release(folder, model, CONFIG, TOKENS)
     return folder, MlxLmReference(model)
 
 
@@ -45,7 +45,7 @@ def release(tmp_path_factory):
 def test_logits_and_decode_steps_match_mlx_lm(release, backend):
     folder, reference = release
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS,
-                                    logits_of(reference.model, TOKENS))
+                                    model_logits(reference.model, TOKENS))
 
 
 @pytest.mark.parametrize("dropped", ["tiled_kv_heads", "parallel"])
@@ -62,7 +62,7 @@ def test_each_feature_counts(release, dropped, monkeypatch):
         return replace(config, arch=replace(config.arch, **change))
 
     monkeypatch.setattr(ModelConfig, "from_file", staticmethod(without))
-    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), logits_of(reference.model, TOKENS)) > 1e-2
+    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), model_logits(reference.model, TOKENS)) > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -77,7 +77,7 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
     tensors, want = mlx_lm_converted(release[0], tmp_path / "mlx", TOKENS, bits, group=32)
     assert ("model.layers.layers.0.self_attn.o_proj.scales" in tensors) == (bits is not None)
     if bits is None:
-        assert scaled_error(want, logits_of(release[1].model, TOKENS)) <= 1e-5
+        assert scaled_error(want, model_logits(release[1].model, TOKENS)) <= 1e-5
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
 
 

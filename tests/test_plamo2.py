@@ -13,11 +13,11 @@ import pytest
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
 from ferrum.recurrent.plamo2 import Plamo2MambaSpec
-from mlx_lm_checkpoints import MlxLmReference, logits_of, random_mlx_lm_model, write_release
+from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine,
+    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine,
     staggered_greedy_workload,
 )
 
@@ -33,9 +33,10 @@ CONFIG = dict(model_type="plamo2", hidden_size=64, num_hidden_layers=5, num_atte
               tie_word_embeddings=True, attention_window_size=8, full_attention_idx=None, mamba_chunk_size=None)
 
 
-def _draw(name: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray | None:
+def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
     """Block norms around 0 (their offsets are added), q/k weights around 1, decays of 1-8 per step, and half the
-    heads' step biases so low that mlx-lm's clip at 0.001 holds their steps."""
+    heads' step biases so low that mlx-lm's clip at 0.001 holds their steps, skip weights around 1, taps of O(1)
+    outputs."""
     if name.endswith("norm.weight"):
         return rng.uniform(-0.3, 0.3, shape)
     if name.endswith(("q_weight", "k_weight")):
@@ -46,21 +47,26 @@ def _draw(name: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.n
         return np.where(np.arange(shape[0]) % 2, -9.0, rng.uniform(-2, 1, shape))
     if name.endswith("embed_tokens.weight"):
         return rng.normal(0.0, 0.3, shape)
+    if name.endswith("conv1d.weight"):  # [C, K, 1]: K taps in
+        return rng.normal(0.0, 1 / np.sqrt(shape[1]), shape)
+    if name.endswith(".D"):
+        return 1 + rng.uniform(-0.3, 0.3, shape)
     return None
 
 
-def _as_released(name: str, values: np.ndarray) -> np.ndarray:
+def _as_released(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """mlx-lm's sanitize the other way round: the release stores the taps ``[C, 1, K]``."""
-    return np.swapaxes(values, 1, 2) if name.endswith("conv1d.weight") else values
+    return {name: np.swapaxes(values, 1, 2) if name.endswith("conv1d.weight") else values
+            for name, values in tensors.items()}
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """The release's folder and mlx-lm's model of it; mlx-lm's load of the folder is that model (the names are
     the release's as mlx-lm reads them)."""
-    model = random_mlx_lm_model(plamo2, CONFIG, 0, _draw)
-    folder = write_release(tmp_path_factory.mktemp("plamo2"), model, CONFIG, _as_released, VOCAB)
-    assert scaled_error(mlx_lm_logits(folder, TOKENS), logits_of(model, TOKENS)) == 0.0
+    model = random_mlx_lm_model(CONFIG, draw=_draw)
+    folder = tmp_path_factory.mktemp("plamo2")
+    write_release(folder, model, CONFIG, TOKENS, _as_released)
     return folder, MlxLmReference(model)
 
 
@@ -76,7 +82,7 @@ def test_layers_alternate_as_mlx_lm_picks_them(release):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_and_decode_steps_match_mlx_lm(release, backend):
     folder, reference = release
-    assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, logits_of(reference.model,
+    assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, model_logits(reference.model,
                                                                                                      TOKENS))
 
 
@@ -111,7 +117,7 @@ def test_each_feature_counts(release, dropped, monkeypatch):
         return replace(config, arch=replace(config.arch, **DROPPED[dropped](config.arch)))
 
     monkeypatch.setattr(ModelConfig, "from_file", staticmethod(without))
-    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), logits_of(reference.model, TOKENS)) > 1e-2
+    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), model_logits(reference.model, TOKENS)) > 1e-2
 
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(release):
@@ -139,7 +145,7 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
     assert tensors["model.layers.layers.0.mixer.conv1d.weight"].shape == (64, 4, 1)
     assert ("model.layers.layers.0.mixer.in_proj.scales" in tensors) == (bits is not None)
     if bits is None:
-        assert scaled_error(want, logits_of(release[1].model, TOKENS)) <= 1e-5
+        assert scaled_error(want, model_logits(release[1].model, TOKENS)) <= 1e-5
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
-from mlx_lm_checkpoints import MlxLmReference, logits_of, random_mlx_lm_model, write_release
+from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine,
+    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine,
     staggered_greedy_workload,
 )
 
@@ -31,7 +31,7 @@ CONFIG = dict(model_type="plamo3", hidden_size=64, num_hidden_layers=4, num_atte
               rope_local_theta=100.0, tie_word_embeddings=True, image_token_id=None, linear_type="normal")
 
 
-def _draw(name: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray | None:
+def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
     """Every norm's weight around 0 (its offset is added), embeddings small enough for O(10) logits."""
     if name.endswith("norm.weight"):
         return rng.uniform(-0.3, 0.3, shape)
@@ -44,9 +44,9 @@ def _draw(name: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.n
 def release(tmp_path_factory):
     """The release's folder (mlx-lm's sanitize renames nothing of it) and mlx-lm's model of it, which mlx-lm's load
     of the folder reproduces."""
-    model = random_mlx_lm_model(plamo3, CONFIG, 0, _draw)
-    folder = write_release(tmp_path_factory.mktemp("plamo3"), model, CONFIG, lambda name, values: values, VOCAB)
-    assert scaled_error(mlx_lm_logits(folder, TOKENS), logits_of(model, TOKENS)) == 0.0
+    model = random_mlx_lm_model(CONFIG, draw=_draw)
+    folder = tmp_path_factory.mktemp("plamo3")
+    write_release(folder, model, CONFIG, TOKENS)
     return folder, MlxLmReference(model)
 
 
@@ -61,7 +61,7 @@ def test_layer_kinds_are_mlx_lms(release):
 def test_logits_and_decode_steps_match_mlx_lm(release, backend):
     folder, reference = release
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS,
-                                    logits_of(reference.model, TOKENS))
+                                    model_logits(reference.model, TOKENS))
 
 
 def _full_rope(arch):
@@ -88,7 +88,7 @@ def test_each_feature_counts(release, dropped, monkeypatch):
         return replace(config, arch=replace(config.arch, **DROPPED[dropped](config.arch)))
 
     monkeypatch.setattr(ModelConfig, "from_file", staticmethod(without))
-    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), logits_of(reference.model, TOKENS)) > 1e-3
+    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), model_logits(reference.model, TOKENS)) > 1e-3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -103,7 +103,7 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
     tensors, want = mlx_lm_converted(release[0], tmp_path / "mlx", TOKENS, bits)
     assert ("model.layers.layers.0.mixer.qkv_proj.scales" in tensors) == (bits is not None)
     if bits is None:
-        assert scaled_error(want, logits_of(release[1].model, TOKENS)) <= 1e-5
+        assert scaled_error(want, model_logits(release[1].model, TOKENS)) <= 1e-5
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
 
 

@@ -12,14 +12,15 @@ import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_releases import TOKENS, VOCAB, MlxLmGreedy, backends, mlx_lm_model, write_release
+from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
     float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload, with_edited_tensors,
-    write_tokenizer,
 )
 
 pytest.importorskip("mlx_lm")
+VOCAB = 97
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 
 #: Qwen-7B's config.json keys, the sizes tiny; its context past seq_length is the release's dynamic NTK and logn
 #: attention (which mlx-lm does not run), so the tests stay within it.
@@ -39,7 +40,7 @@ CONFIG = {
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen")
-    return folder, write_release(folder, CONFIG)
+    return folder, write_release(folder, random_mlx_lm_model(CONFIG), CONFIG, TOKENS)
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -50,7 +51,8 @@ def test_logits_match_mlx_lm(release, backend):
 
 def test_engine_keeps_mlx_lm_greedy_tokens(release):
     folder, _ = release
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(folder),
+    reference = MlxLmReference(random_mlx_lm_model(CONFIG))
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), reference,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -65,18 +67,17 @@ def test_the_context_stops_at_seq_length_where_the_release_scales_past_it(releas
 def test_rotary_emb_base_is_the_rope_base(tmp_path):
     """Qwen-72B's base (mlx-lm's qwen leaves rotary_emb_base unread, 10000 always): Ferrum as mlx-lm's model with
     its rope at that base, and away from the default base's logits (the control)."""
-    import mlx.core as mx
     import mlx.nn as nn
 
     config = {**CONFIG, "rotary_emb_base": 1000000}
-    write_release(tmp_path, config)
-    model = mlx_lm_model(config)
+    model = random_mlx_lm_model(config)
+    write_release(tmp_path, model, config, TOKENS)
     for layer in model.transformer.h:
         layer.attn.rotary_emb = nn.RoPE(16, traditional=False, base=1000000.0)
-    want = np.array(model(mx.array([TOKENS])).astype(mx.float32))[0]
+    want = model_logits(model, TOKENS)
     got = float32_model(tmp_path).forward_verify("b", TOKENS)
     assert scaled_error(got, want) <= 1e-4
-    assert scaled_error(got, np.array(mlx_lm_model(CONFIG)(mx.array([TOKENS])).astype(mx.float32))[0]) > 1e-2
+    assert scaled_error(got, model_logits(random_mlx_lm_model(CONFIG), TOKENS)) > 1e-2
 
 
 def test_w1_is_the_up_projection_and_w2_the_gate(release, tmp_path):
@@ -98,7 +99,6 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
     folder, _ = release
     source = tmp_path / "release"
     shutil.copytree(folder, source)
-    write_tokenizer(source)
     _, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits=bits, group=32)
     assert json.loads((tmp_path / "mlx" / "config.json").read_text())["model_type"] == "qwen"
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)

@@ -5,18 +5,18 @@ decode, mixed batches and failed passes, through the engine, and mlx-lm's conver
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
+from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
 from support import (
-    MlxLmGreedy, assert_a_failed_pass_leaves_every_state_as_it_was,
+    assert_a_failed_pass_leaves_every_state_as_it_was,
     assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
     assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match, float32_model, mlx_lm_converted,
-    mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload, write_tokenizer,
+    runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm")
@@ -39,32 +39,23 @@ CONFIG = {
 PER_HEAD = ("k_k", "k_a", "g_norm")
 
 
-def _mlx_lm_model(config: dict, seed: int = 0, change=None):
-    """mlx-lm's rwkv7 Model of ``config`` with random parameters scaled so every path matters: matrices of std
-    0.6 / sqrt(fan-in) (the embeddings 1), the mixes uniform in [0, 1], norms' weights around 1 and biases around 0,
-    ``k_a`` around 1; ``change(name, values)`` alters them (controls)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.models import rwkv7
+def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Every path mattering: matrices of std 0.6 / sqrt(fan-in) (the embeddings 1), the mixes uniform in [0, 1],
+    norms' weights around 1 and biases around 0, ``k_a`` around 1."""
+    tail = name.rsplit(".", 1)[-1]
+    if tail.startswith("x_"):
+        return rng.uniform(0, 1, shape)
+    if tail == "k_a" or name.endswith("norm.weight"):
+        return 1.0 + rng.normal(0, 0.2, shape)
+    if tail in ("k_k", "r_k") or name.endswith(".bias"):
+        return rng.normal(0, 0.5, shape)
+    return rng.normal(0, 1.0 if "embeddings" in name else 0.6 / np.sqrt(shape[-1]), shape)
 
-    model = rwkv7.Model(rwkv7.ModelArgs.from_dict(config))
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, p in tree_flatten(model.parameters()):
-        tail = name.rsplit(".", 1)[-1]
-        if tail.startswith("x_"):
-            values = rng.uniform(0, 1, p.shape)
-        elif tail == "k_a" or name.endswith("norm.weight"):
-            values = 1.0 + rng.normal(0, 0.2, p.shape)
-        elif tail in ("k_k", "r_k") or name.endswith(".bias"):
-            values = rng.normal(0, 0.5, p.shape)
-        else:
-            values = rng.normal(0, 1.0 if "embeddings" in name else 0.6 / np.sqrt(p.shape[-1]), p.shape)
-        params[name] = values.astype(np.float32)
-    if change is not None:
-        params = {name: change(name, values) for name, values in params.items()}
-    model.update(tree_unflatten([(n, mx.array(v)) for n, v in params.items()]))
-    return model, params
+
+def _mlx_lm_model(config: dict, change=None):
+    """mlx-lm's rwkv7 Model of ``config`` with :func:`_draw`'s parameters, ``change(name, values)`` altering them
+    (controls)."""
+    return random_mlx_lm_model(config, draw=_draw if change is None else lambda n, s, r: change(n, _draw(n, s, r)))
 
 
 def _release_names(params: dict) -> dict:
@@ -72,43 +63,21 @@ def _release_names(params: dict) -> dict:
     return {n: v.reshape(-1) if any(f".{p}" in n for p in PER_HEAD) else v for n, v in params.items()}
 
 
-def _logits(model, tokens=TOKENS) -> np.ndarray:
-    import mlx.core as mx
-
-    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
-
-
-def _write(folder, config: dict, params: dict):
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({n: np.ascontiguousarray(v, dtype=np.float32) for n, v in params.items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, VOCAB)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """variant -> (folder, mlx-lm's logits over TOKENS): untied as released, and tied."""
+    """variant -> (folder, mlx-lm's logits over TOKENS, its model): untied as released, and tied; mlx-lm's load of
+    each folder is the model (write_release)."""
     out = {}
     for name, change in (("untied", {}), ("tied", {"tie_word_embeddings": True})):
-        model, params = _mlx_lm_model({**CONFIG, **change})
-        out[name] = _write(tmp_path_factory.mktemp(name), {**CONFIG, **change}, _release_names(params)), _logits(model)
+        model, folder = _mlx_lm_model({**CONFIG, **change}), tmp_path_factory.mktemp(name)
+        out[name] = folder, write_release(folder, model, {**CONFIG, **change}, TOKENS, _release_names), model
     return out
-
-
-@pytest.mark.parametrize("variant", ["untied", "tied"])
-def test_the_checkpoint_is_what_mlx_lm_reads(built, variant):
-    folder, want = built[variant]
-    assert scaled_error(mlx_lm_logits(folder, TOKENS), want) < 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["untied", "tied"])
 def test_logits_match_mlx_lm(built, variant, backend):
-    folder, want = built[variant]
+    folder, want, _ = built[variant]
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
 
 
@@ -121,31 +90,19 @@ def test_each_stored_layer_runs_as_a_time_mix_then_a_channel_mix(built):
 
 
 def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_tokens(built):
-    folder, _ = built["untied"]
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(folder),
+    folder, _, model = built["untied"]
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmReference(model),
                                       staggered_greedy_workload(VOCAB, count=6))
 
 
-class _MlxLmAsTransformers:
-    """mlx-lm's model of a checkpoint called as the support helpers call transformers' (``model(ids).logits``)."""
-
-    def __init__(self, folder):
-        self.folder = folder
-
-    def __call__(self, ids):
-        import torch
-
-        return type("Out", (), {"logits": torch.tensor(mlx_lm_logits(self.folder, ids[0].tolist()))[None]})
-
-
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(built):
-    folder, _ = built["untied"]
-    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), _MlxLmAsTransformers(folder), VOCAB)
+    folder, _, model = built["untied"]
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), MlxLmReference(model), VOCAB)
 
 
 def test_a_failed_pass_leaves_every_state_as_it_was(built, monkeypatch):
-    folder, _ = built["untied"]
-    assert_a_failed_pass_leaves_every_state_as_it_was(float32_model(folder), _MlxLmAsTransformers(folder), TOKENS,
+    folder, _, model = built["untied"]
+    assert_a_failed_pass_leaves_every_state_as_it_was(float32_model(folder), MlxLmReference(model), TOKENS,
                                                       "wkv7", monkeypatch)
 
 
@@ -154,7 +111,7 @@ def test_prefix_caching_resumes_from_kept_states(built):
     inputs and the recurrent matrices) and gets the tokens computed from scratch."""
     from ferrum.sampling import SamplingParams
 
-    folder, _ = built["untied"]
+    folder, _, _ = built["untied"]
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     first = [int(t) for t in np.random.RandomState(7).randint(0, VOCAB, size=18)]
     second = first[:13] + [3, 5, 8]
@@ -182,17 +139,15 @@ def test_each_new_part_changes_mlx_lm_s_logits(built):
                    zeroed("ffn.x_k"),  # ...nor in the channel mix
                    zeroed("r_k"),  # no bonus
                    lambda name, values: np.ones_like(values) if name.endswith("k_a") else values):
-        assert scaled_error(_logits(_mlx_lm_model(CONFIG, change=change)[0]), want) > 1e-2
+        assert scaled_error(model_logits(_mlx_lm_model(CONFIG, change=change), TOKENS), want) > 1e-2
 
 
 @pytest.mark.slow  # mlx-lm converts and quantizes: a few seconds
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(built, bits, tmp_path):
-    source = tmp_path / "source"
-    folder, _ = built["untied"]
-    _write(source, {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "auto_map"},
-           {})  # the config and tokenizer; its tensors copied below
-    (source / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    source = tmp_path / "source"  # the release without its auto_map, which mlx-lm's convert would follow
+    write_release(source, built["untied"][2], {k: v for k, v in CONFIG.items() if k != "auto_map"}, TOKENS,
+                  _release_names)
     tensors, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits, group=32)
     assert any(name.endswith(".attn.r_proj.scales") for name in tensors) == (bits is not None)
     assert tensors  # mlx-lm's names are the release's; k_k, k_a and g_norm per head

@@ -11,14 +11,13 @@ import shutil
 import numpy as np
 import pytest
 
-from ferrum import backends
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from mlx_lm_builds import MlxLmAsTransformers, logits, randomized, save_release
+from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
+    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload,
     with_edited_tensors,
 )
 
@@ -40,28 +39,16 @@ CONFIG = {"model_type": "spark2_5", "architectures": ["Spark2_5ForCausalLM"], "v
 DROPPED = ("model.layers.0.self_attn.rotary_emb.inv_freq", "lm_head.weight")
 
 
-def _backends() -> list:
-    """The runnable backends, and the JAX plugin where installed (slow: it compiles each shape)."""
-    return runnable_backends() + [pytest.param(e.name, marks=pytest.mark.slow) for e in backends.available()
-                                  if e.available and e.name == "jax"]
-
-
-def _draw(rng: np.random.Generator):
-    def draw(name: str, shape: tuple) -> np.ndarray:
-        if name.endswith("norm.weight"):
-            return 1.0 + rng.normal(0, 0.2, shape)
-        if name == "model.embedding.weight":
-            return rng.normal(0, 1, shape)
-        return rng.normal(0, shape[-1] ** -0.5, shape)  # a projection (g_proj too: gates spread around 0.5)
-
-    return draw
+def _draw(name: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    if name.endswith("norm.weight"):
+        return 1.0 + rng.normal(0, 0.2, shape)
+    if name == "model.embedding.weight":
+        return rng.normal(0, 1, shape)
+    return rng.normal(0, shape[-1] ** -0.5, shape)  # a projection (g_proj too: gates spread around 0.5)
 
 
 def _model(**changed):
-    from mlx_lm.models import spark2_5
-
-    args = spark2_5.ModelArgs.from_dict({**CONFIG, **changed})
-    return randomized(spark2_5.Model(args), _draw(np.random.default_rng(0)))
+    return random_mlx_lm_model({**CONFIG, **changed}, draw=_draw)
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +56,11 @@ def release(tmp_path_factory):
     """(folder, mlx-lm's model, its logits over TOKENS): the release's names and config keys."""
     model, folder = _model(), tmp_path_factory.mktemp("spark2_5")
     extra = {DROPPED[0]: np.ones(4, dtype=np.float32), DROPPED[1]: np.array(model.model.embedding.weight)}
-    want = save_release(model, folder, CONFIG, TOKENS, extra=extra)
+    want = write_release(folder, model, CONFIG, TOKENS, extra=extra)
     return folder, model, want
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends())
 def test_logits_match_mlx_lm(release, backend):
     folder, _, want = release
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
@@ -95,7 +82,7 @@ def test_an_embedding_named_embed_tokens_loads(release, tmp_path):
 
 def test_engine_batching_chunking_and_preemption_keep_greedy_tokens(release):
     folder, model, _ = release
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmAsTransformers(model),
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmReference(model),
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -117,7 +104,7 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
 def test_each_setting_moves_the_logits(release, change):
     """Controls: mlx-lm's model with the same weights and one setting changed (no window within the prompt, the
     sliding layers' whole heads rotated, the full layer's base, the layer kinds) gives other logits."""
-    assert scaled_error(logits(_model(**change), TOKENS), release[2]) > 1e-2
+    assert scaled_error(model_logits(_model(**change), TOKENS), release[2]) > 1e-2
 
 
 def test_the_head_gates_move_the_logits(release):
@@ -127,7 +114,7 @@ def test_the_head_gates_move_the_logits(release):
     model = _model()
     model.load_weights([(f"model.layers.{i}.self_attn.g_proj.weight", mx.zeros((4, 64))) for i in range(4)],
                        strict=False)
-    assert scaled_error(logits(model, TOKENS), release[2]) > 1e-2
+    assert scaled_error(model_logits(model, TOKENS), release[2]) > 1e-2
 
 
 def test_layer_kinds_default_to_three_sliding_to_one_full():
@@ -160,6 +147,6 @@ def test_an_untied_head_is_read(release, tmp_path):
     shutil.copytree(release[0], folder)
     (folder / "config.json").write_text(json.dumps({**CONFIG, "tie_word_embeddings": False}))
     model = _model(tie_word_embeddings=False)
-    want = save_release(model, folder, {**CONFIG, "tie_word_embeddings": False}, TOKENS)
+    want = write_release(folder, model, {**CONFIG, "tie_word_embeddings": False}, TOKENS)
     assert scaled_error(DecoderOnlyLLM.from_pretrained(folder, dtype="float32").forward_verify("u", TOKENS),
                         want) <= 1e-4

@@ -10,15 +10,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.moe.activation import ClampedSwiGLU
+from mlx_lm_release import MlxLmReference, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine,
-    staggered_greedy_workload, write_tokenizer,
+    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine,
+    staggered_greedy_workload,
 )
 
 mx = pytest.importorskip("mlx.core")
@@ -56,59 +56,33 @@ def _release_name(name: str) -> str:
     return next((name.replace(ours, theirs) for ours, theirs in RELEASE_NAMES if ours in name), name)
 
 
-def _random_mlx_model(config: dict, seed: int):
-    """mlx-lm's model of ``config`` with random weights: matrices scaled by their inputs' count, so activations
-    stay O(1), norms around 1, router biases that change the experts chosen."""
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    model = step3p5.Model(step3p5.ModelArgs.from_dict(config))
-    rng = np.random.RandomState(seed)
-    params = []
-    for name, p in tree_flatten(model.parameters()):
-        shape = tuple(p.shape)
-        if name.endswith("norm.weight"):
-            value = 1.0 + 0.2 * rng.randn(*shape)
-        elif name.endswith("router_bias"):
-            value = 0.5 * rng.randn(*shape)
-        elif name.endswith("embed_tokens.weight"):
-            value = rng.randn(*shape)
-        else:
-            value = rng.randn(*shape) / np.sqrt(shape[-1])
-        params.append((name, mx.array(value.astype(np.float32))))
-    model.update(tree_unflatten(params))
-    return model
+def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
+    """Router biases that change the experts chosen (the rest :func:`mlx_lm_release.fan_in`'s: activations of O(1),
+    norms around 1)."""
+    return 0.5 * rng.standard_normal(shape) if name.endswith("router_bias") else None
 
 
-def write_release(folder, config: dict = CONFIG, seed: int = 0) -> np.ndarray:
-    """The release folder of a random model (its names, its norms' ``w`` where mlx-lm runs ``1 + w``, an MTP layer
-    after the decoder's); mlx-lm's in-memory logits over TOKENS."""
-    from mlx.utils import tree_flatten
-    from safetensors.numpy import save_file
+def _as_released(tensors: dict) -> dict:
+    """The release's names and its norms' ``w`` where mlx-lm runs ``1 + w``."""
+    return {_release_name(name): value - 1.0 if name.endswith("norm.weight") else value
+            for name, value in tensors.items()}
 
-    model = _random_mlx_model(config, seed)
-    tensors = {}
-    for name, p in tree_flatten(model.parameters()):
-        value = np.array(p)
-        tensors[_release_name(name)] = value - 1.0 if name.endswith("norm.weight") else value
-    mtp = f"model.layers.{config['num_hidden_layers']}"
-    tensors[f"{mtp}.eh_proj.weight"] = np.zeros((64, 128), np.float32)  # dropped by mlx-lm, not run by Ferrum
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, VOCAB)
-    return np.array(model(mx.array([TOKENS])).astype(mx.float32))[0]
+
+def build_release(folder, config: dict = CONFIG, seed: int = 0):
+    """A random mlx-lm model of ``config`` written to ``folder`` as the release stores it, an MTP layer after the
+    decoder's (dropped by mlx-lm, not run by Ferrum), proven by mlx-lm's load (within 1e-5: the norms' ``w``
+    rounded); the model and its logits over TOKENS."""
+    model = random_mlx_lm_model(config, seed, _draw)
+    mtp = {f"model.layers.{config['num_hidden_layers']}.eh_proj.weight": np.zeros((64, 128), np.float32)}
+    return model, write_release(folder, model, config, TOKENS, _as_released, mtp, tolerance=1e-5)
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
+    """(folder, mlx-lm's logits over TOKENS, its model)."""
     folder = tmp_path_factory.mktemp("step3p5") / "release"
-    return folder, write_release(folder)
-
-
-def test_mlx_lm_reads_the_release_as_the_model_it_was_written_from(release):
-    """The inverted names and norms are proven: mlx-lm's load (its sanitize) gives the in-memory model's logits."""
-    folder, want = release
-    assert scaled_error(mlx_lm_logits(folder, TOKENS), want) <= 1e-5
+    model, want = build_release(folder)
+    return folder, want, model
 
 
 def test_reads_heads_ropes_clamps_and_routing(release):
@@ -130,29 +104,13 @@ def test_reads_heads_ropes_clamps_and_routing(release):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_and_decode_steps_match_mlx_lm(release, backend):
-    folder, want = release
+    folder, want, _ = release
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
 
 
-class _MlxGreedy:
-    """mlx-lm's greedy tokens, from its full forward at each step (``generate``'s signature, as the engine check
-    asks of transformers)."""
-
-    def __init__(self, folder):
-        from mlx_lm.utils import load_model
-
-        self.model = load_model(folder)[0]
-
-    def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False):
-        ids = input_ids[0].tolist()
-        for _ in range(max_new_tokens):
-            ids.append(int(np.array(self.model(mx.array([ids]))[0, -1]).argmax()))
-        return torch.tensor([ids])
-
-
 def test_engine_keeps_mlx_lm_greedy_tokens(release):
-    folder, _ = release
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), _MlxGreedy(folder),
+    folder, _, model = release
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmReference(model),
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -161,7 +119,7 @@ def test_mlx_lm_conversions_load(release, tmp_path, bits):
     """mlx-lm's conversion (experts under switch_mlp, the router a Linear beside its bias, norms plus 1), float
     within 1e-4 of mlx-lm on the release, packed (the router at 8 bits, as mlx-lm's predicate packs it) within 2e-3
     of mlx-lm's own packed logits."""
-    folder, want = release
+    folder, want, _ = release
     stored, converted = mlx_lm_converted(folder, tmp_path / "mlx", TOKENS, bits=bits, group=32)
     assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in stored
     assert "model.layers.1.mlp.gate.router_bias" in stored
@@ -188,7 +146,7 @@ CONTROLS = {
 def test_each_feature_moves_mlx_lm_logits(release, control):
     from mlx_lm.utils import load_model
 
-    folder, want = release
+    folder, want, _ = release
     model = load_model(folder, strict=False, model_config=CONTROLS[control])[0]
     assert scaled_error(np.array(model(mx.array([TOKENS])).astype(mx.float32))[0], want) > 1e-2
 
@@ -208,7 +166,7 @@ def test_the_router_bias_counts(release, tmp_path):
     """With the release's router biases zeroed Ferrum's logits move: the bias chooses the experts."""
     from safetensors.numpy import load_file, save_file
 
-    folder, want = release
+    folder, want, _ = release
     dest = tmp_path / "unbiased"
     dest.mkdir()
     tensors = {name: np.zeros_like(v) if name.endswith("router_bias") else v

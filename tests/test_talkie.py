@@ -9,14 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from ferrum import backends
 from ferrum.arch.families import FAMILIES
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.model import DecoderOnlyLLM
-from mlx_lm_builds import MlxLmAsTransformers, logits, randomized, save_release
+from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
+    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm.models.talkie")
@@ -33,41 +32,28 @@ GAINS = {"attn_gain.a_g": (0.5, 1.5), "mlp_gain.a_g": (0.5, 1.5), "embed_skip.a_
 ROTARY = "model.blocks.0.attn.rotary.inv_freq"
 
 
-def _backends() -> list:
-    """The runnable backends, and the JAX plugin where installed (slow: it compiles each shape)."""
-    return runnable_backends() + [pytest.param(e.name, marks=pytest.mark.slow) for e in backends.available()
-                                  if e.available and e.name == "jax"]
-
-
-def _draw(rng: np.random.Generator):
-    def draw(name: str, shape: tuple) -> np.ndarray:
-        for ending, (low, high) in GAINS.items():
-            if name.endswith(ending):
-                return rng.uniform(low, high, shape)
-        if name == "model.embed.weight":
-            return rng.normal(0, 1, shape)
-        return rng.normal(0, shape[-1] ** -0.5, shape)  # a projection (lm_head too): outputs of O(1)
-
-    return draw
+def _draw(name: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    for ending, (low, high) in GAINS.items():
+        if name.endswith(ending):
+            return rng.uniform(low, high, shape)
+    if name == "model.embed.weight":
+        return rng.normal(0, 1, shape)
+    return rng.normal(0, shape[-1] ** -0.5, shape)  # a projection (lm_head too): outputs of O(1)
 
 
 def _model(**changed):
-    from mlx_lm.models import talkie
-
-    args = talkie.ModelArgs(**{k: v for k, v in {**CONFIG, **changed}.items() if k not in (
-        "bos_token_id", "eos_token_id")})
-    return randomized(talkie.Model(args), _draw(np.random.default_rng(0)))
+    return random_mlx_lm_model({**CONFIG, **changed}, draw=_draw)
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """(folder, mlx-lm's model, its logits over TOKENS): the release's names and config keys."""
     model, folder = _model(), tmp_path_factory.mktemp("talkie")
-    want = save_release(model, folder, CONFIG, TOKENS, extra={ROTARY: np.ones(8, dtype=np.float32)})
+    want = write_release(folder, model, CONFIG, TOKENS, extra={ROTARY: np.ones(8, dtype=np.float32)})
     return folder, model, want
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends())
 def test_logits_match_mlx_lm(release, backend):
     folder, _, want = release
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
@@ -81,7 +67,7 @@ def test_rotary_buffers_are_quiet(release, recwarn):
 
 def test_engine_batching_chunking_and_preemption_keep_greedy_tokens(release):
     folder, model, _ = release
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmAsTransformers(model),
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmReference(model),
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -105,7 +91,7 @@ def test_each_gain_moves_the_logits(release, part, value):
     reset = _model()
     reset.load_weights([(name, mx.full(value_.shape, value)) for name, value_ in tree_flatten(reset.parameters())
                         if name.endswith(part)], strict=False)
-    assert scaled_error(logits(reset, TOKENS), want) > 1e-2
+    assert scaled_error(model_logits(reset, TOKENS), want) > 1e-2
 
 
 def test_rope_turning_the_usual_way_moves_the_logits(release, monkeypatch):

@@ -13,13 +13,15 @@ import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_releases import TOKENS, VOCAB, MlxLmGreedy, backends, mlx_lm_model, write_release
+from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, float32_model, mlx_lm_converted,
-    mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload, write_tokenizer,
+    mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm")
+VOCAB = 97
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=13)]
 
 YARN = {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "rope_type": "telechat3-yarn", "type": "telechat3-yarn"}
@@ -43,9 +45,7 @@ def _telechat3_yarn(config: dict) -> dict:
 
 
 def _logits(config: dict) -> np.ndarray:
-    import mlx.core as mx
-
-    return np.array(mlx_lm_model(config)(mx.array([TOKENS])).astype(mx.float32))[0]
+    return model_logits(random_mlx_lm_model(config), TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def releases(tmp_path_factory):
     out = {}
     for name, config in (("release", RELEASE), ("biased", BIASED)):
         folder = tmp_path_factory.mktemp(name)
-        want = write_release(folder, config)
+        want = write_release(folder, random_mlx_lm_model(config), config, TOKENS)
         out[name] = folder, _logits(_telechat3_yarn(config)) if config["rope_scaling"] else want
     return out
 
@@ -79,7 +79,8 @@ def test_telechat3_yarn_is_yarn_with_its_own_attention_factor(releases):
 
 def test_engine_keeps_mlx_lm_greedy_tokens(releases):
     folder, _ = releases["biased"]
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(folder),
+    reference = MlxLmReference(random_mlx_lm_model(BIASED))
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), reference,
                                       staggered_greedy_workload(VOCAB))
 
 
@@ -93,7 +94,6 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(releases, variant, bits, tmp
     shutil.copytree(releases[variant][0], source)
     (source / "config.json").write_text(json.dumps({**json.loads((source / "config.json").read_text()),
                                                     "torch_dtype": "float32"}))
-    write_tokenizer(source)
     mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits=bits, group=32)
     reference = tmp_path / "reference"
     shutil.copytree(tmp_path / "mlx", reference)
