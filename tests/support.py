@@ -288,22 +288,6 @@ def mlx_lm_logits(folder: Path, tokens) -> np.ndarray:
     return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
 
 
-class MlxLmGreedy:
-    """mlx-lm's greedy continuation of a prompt for checkpoint ``folder``, in the shape
-    :func:`assert_engine_keeps_greedy_tokens` asks of transformers' ``generate`` (for families transformers lacks)."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def generate(self, prompt, max_new_tokens: int, do_sample: bool):
-        import torch
-
-        tokens = prompt[0].tolist()
-        for _ in range(max_new_tokens):
-            tokens.append(int(np.argmax(mlx_lm_logits(self.folder, tokens)[-1])))
-        return torch.tensor([tokens])
-
-
 def mlx_lm_converted(folder: Path, dest: Path, tokens, bits: int | None = None,
                      group: int = 64) -> tuple[dict, np.ndarray]:
     """mlx-lm's conversion of checkpoint ``folder`` (packed at ``bits`` in groups of ``group`` where given) written to
@@ -665,79 +649,6 @@ def assert_logits_move(changed, hf, tokens: list[int], least: float = 1e-2) -> N
     """``changed`` (``hf`` with one part altered) gives logits over ``tokens`` more than ``least`` (scaled) from
     ``hf``'s: the part counts in the parity check."""
     assert scaled_error(reference_logits(changed, tokens), reference_logits(hf, tokens)) > least
-
-
-class MlxLmReference:
-    """mlx-lm's own model where the helpers above take transformers': its logits as ``model(ids).logits``, and its
-    greedy tokens from a full forward at each step as ``generate`` gives them."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, input_ids):
-        import types
-
-        import mlx.core as mx
-        import torch
-
-        return types.SimpleNamespace(logits=torch.tensor(np.array(self.model(mx.array(input_ids.tolist())))))
-
-    def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False):
-        import mlx.core as mx
-        import torch
-
-        ids = input_ids[0].tolist()
-        for _ in range(max_new_tokens):
-            ids.append(int(np.array(self.model(mx.array([ids]))[0, -1]).argmax()))
-        return torch.tensor([ids])
-
-
-def _ling_random_values(name: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray:
-    """O(1) activations with every path mattering: norms near 1, expert biases positive (a corrected score never
-    falls below the 0 dropped groups score), the rest N(0, 0.2)."""
-    if name.endswith("norm.weight") or "layernorm" in name:
-        return 1.0 + 0.1 * rng.randn(*shape)
-    if name.endswith("expert_bias"):
-        return rng.uniform(0.0, 0.3, size=shape)
-    return 0.2 * rng.randn(*shape)
-
-
-def ling_release_names(params: dict[str, np.ndarray], experts: int) -> dict[str, np.ndarray]:
-    """mlx-lm's parameters of a Ling model (bailing_moe, bailing_moe_linear) under the release's names: their
-    ``sanitize`` inverted (the experts one by one, the router ``gate.weight``)."""
-    out = {}
-    for name, value in params.items():
-        if ".switch_mlp." in name:
-            module, rest = name.split(".switch_mlp.")
-            out.update({f"{module}.experts.{e}.{rest}": value[e] for e in range(experts)})
-        else:
-            out[name.replace(".gate.gate_proj.", ".gate.")] = value
-    return out
-
-
-def build_ling_checkpoint(folder: Path, config: dict, module, tokens, seed: int = 0):
-    """A random mlx-lm ``module`` Model (bailing_moe, bailing_moe_linear) of ``config`` written to ``folder`` under
-    the release's names (:func:`ling_release_names`; with norm_head the stored head unnormed, as sanitize norms it),
-    with a tokenizer; mlx-lm's ``load_model`` of the folder reproduces it over ``tokens``. Returns the model."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-    from safetensors.numpy import save_file
-
-    model = module.Model(module.ModelArgs.from_dict(config))
-    rng = np.random.RandomState(seed)
-    params = {name: _ling_random_values(name, tuple(p.shape), rng).astype(np.float32)
-              for name, p in tree_flatten(model.parameters())}
-    stored = ling_release_names(params, config["num_experts"])
-    if config.get("norm_head"):
-        head = params["lm_head.weight"]
-        params["lm_head.weight"] = head / (np.linalg.norm(head, axis=0, keepdims=True) + np.float32(1e-7))
-    model.update(tree_unflatten([(name, mx.array(value)) for name, value in params.items()]))
-    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, config["vocab_size"])
-    want = np.array(model(mx.array([tokens])))[0]
-    assert scaled_error(mlx_lm_logits(folder, tokens), want) <= 1e-6
-    return model
 
 
 def edited_checkpoint(folder: Path, dest: Path, config: dict | None = None, tensors=None) -> Path:
