@@ -72,6 +72,13 @@ def random_mlx_lm_model(config: dict, seed: int = 0, draw: Draw | None = None) -
     return model
 
 
+def parameters(model: Any) -> dict[str, np.ndarray]:
+    """mlx-lm ``model``'s parameters by mlx-lm's names, as numpy arrays."""
+    from mlx.utils import tree_flatten
+
+    return {name: np.array(value) for name, value in tree_flatten(model.parameters())}
+
+
 def model_logits(model: Any, tokens) -> np.ndarray:
     """An mlx-lm model's float32 logits over ``tokens``, ``[len(tokens), vocab]``."""
     import mlx.core as mx
@@ -108,12 +115,10 @@ def write_release(folder: Path, model: Any, config: dict, tokens, as_released: A
     sanitize drops), ``config`` as config.json and a tokenizer of ``vocab`` tokens (the config's vocab_size). Then
     check that mlx-lm's ``load_model`` of the folder gives the model's logits over ``tokens`` (within ``tolerance``,
     scaled: exactly by default), so the inverse naming is proven; returns those logits."""
-    from mlx.utils import tree_flatten
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: np.array(value) for name, value in tree_flatten(model.parameters())}
-    tensors = {**(as_released or (lambda t: t))(tensors), **(extra or {})}
+    tensors = {**(as_released or (lambda t: t))(parameters(model)), **(extra or {})}
     save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config))

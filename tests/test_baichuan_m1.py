@@ -10,12 +10,11 @@ import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_checkpoints import MlxLmReference, logits_of, random_mlx_lm_model, write_release
-from mlx_lm_releases import backends
+from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, mlx_lm_logits, scaled_error, small_pool_engine, staggered_greedy_workload,
+    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 baichuan_m1 = pytest.importorskip("mlx_lm.models.baichuan_m1")
@@ -35,7 +34,7 @@ CONFIG = {
 }
 
 
-def _draw(name: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray | None:
+def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
     """Taps of either sign around 0.5 (both count), and an LM head whose rows are normed already (mlx-lm's model as
     its sanitize leaves it)."""
     if name.endswith(("conv_k", "conv_v")):
@@ -46,19 +45,19 @@ def _draw(name: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.n
     return None
 
 
-def _as_released(name: str, values: np.ndarray) -> np.ndarray:
+def _as_released(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """mlx-lm's sanitize the other way round: the release's head rows are not normed (each its own length)."""
-    if name != "lm_head.weight":
-        return values
-    return values * np.random.RandomState(1).uniform(0.5, 3.0, (values.shape[0], 1)).astype(np.float32)
+    head = tensors["lm_head.weight"]
+    lengths = np.random.RandomState(1).uniform(0.5, 3.0, (head.shape[0], 1)).astype(np.float32)
+    return {**tensors, "lm_head.weight": head * lengths}
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """The release's folder and mlx-lm's model of it; mlx-lm's load of the folder is that model."""
-    model = random_mlx_lm_model(baichuan_m1, CONFIG, 0, _draw)
-    folder = write_release(tmp_path_factory.mktemp("baichuan_m1"), model, CONFIG, _as_released, VOCAB)
-    assert scaled_error(mlx_lm_logits(folder, TOKENS), logits_of(model, TOKENS)) <= 1e-6
+    model = random_mlx_lm_model(CONFIG, 0, _draw)
+    folder = tmp_path_factory.mktemp("baichuan_m1")
+    write_release(folder, model, CONFIG, TOKENS, _as_released, tolerance=1e-6)
     return folder, MlxLmReference(model)
 
 
@@ -75,7 +74,7 @@ def test_layers_attend_convolved_keys_with_their_own_heads(release):
 def test_logits_and_decode_steps_match_mlx_lm(release, backend):
     folder, reference = release
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS,
-                                    logits_of(reference.model, TOKENS))
+                                    model_logits(reference.model, TOKENS))
 
 
 def _with(reference, change) -> np.ndarray:
@@ -86,7 +85,7 @@ def _with(reference, change) -> np.ndarray:
     model = baichuan_m1.Model(baichuan_m1.ModelArgs.from_dict(CONFIG))
     model.update(tree_unflatten([(n, mx.array(change(n, np.array(v)))) for n, v in
                                  tree_flatten(reference.model.parameters())]))
-    return logits_of(model, TOKENS)
+    return model_logits(model, TOKENS)
 
 
 @pytest.mark.parametrize("control", ["no convolution", "values unconvolved", "full window"])
@@ -94,7 +93,7 @@ def test_each_feature_moves_mlx_lms_logits(release, control):
     """The controls, on mlx-lm's model: the taps made the identity (all keys and values, or the values'), or every
     layer attending all keys, each moves the logits Ferrum's match above."""
     _, reference = release
-    want = logits_of(reference.model, TOKENS)
+    want = model_logits(reference.model, TOKENS)
     identity = np.array([0.0, 1.0], dtype=np.float32)
     if control == "full window":
         import mlx.core as mx
@@ -121,7 +120,7 @@ def test_the_head_is_normed_at_load(release, monkeypatch):
         return replace(config, arch=replace(config.arch, head_normed=False))
 
     monkeypatch.setattr(ModelConfig, "from_file", staticmethod(unnormed))
-    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), logits_of(reference.model, TOKENS)) > 1e-2
+    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), model_logits(reference.model, TOKENS)) > 1e-2
 
 
 def test_a_mixed_batch_gives_each_sequence_its_own_logits(release):
@@ -149,7 +148,7 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
     assert tensors["model.layers.0.self_attn.conv_k"].shape == (1, 1, 1, 1, 2)
     assert ("lm_head.scales" in tensors) == (bits is not None)
     if bits is None:
-        assert scaled_error(want, logits_of(release[1].model, TOKENS)) <= 1e-5
+        assert scaled_error(want, model_logits(release[1].model, TOKENS)) <= 1e-5
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
 
 

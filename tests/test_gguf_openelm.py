@@ -24,6 +24,7 @@ from test_gguf_import import (  # noqa: E402
     TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
     _sentencepiece_vocab,
 )
+from mlx_lm_release import model_logits, parameters  # noqa: E402
 from test_openelm import CONFIG, _mlx_lm_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -31,7 +32,8 @@ Q = gguf.GGMLQuantizationType
 
 def _tiny() -> tuple[Any, dict, dict]:
     config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0])}
-    model, params = _mlx_lm_model(config)
+    model = _mlx_lm_model(config)
+    params = parameters(model)
     return model, params, config
 
 
@@ -69,12 +71,6 @@ def _ferrum_logits(folder: Path) -> np.ndarray:
     return ferrum.load(folder, backend="cpu").model.forward_verify("s", TINY_TOKENS)
 
 
-def _mlx_lm_logits(model) -> np.ndarray:
-    import mlx.core as mx
-
-    return np.array(model(mx.array([TINY_TOKENS])).astype(mx.float32))[0]
-
-
 def _scaled(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
 
@@ -91,7 +87,7 @@ def test_openelm_gguf_matches_mlx_lm(tmp_path, qtype):
     ours = ModelConfig.from_file(out)
     assert ours.model_type == "openelm" and (ours.num_heads, ours.num_kv_heads) == (12, 3)
     assert [layer.intermediate_size or ours.intermediate_size for layer in ours.arch.layers] == [32, 64, 128, 256]
-    want = _mlx_lm_logits(model)
+    want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
         assert _scaled(_ferrum_logits(out), want) <= 1e-4
     else:
@@ -106,7 +102,7 @@ def test_openelm_gguf_with_gate_and_up_joined_the_other_way_misses_mlx_lm(tmp_pa
     model, params, config = _tiny()
     _openelm_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), _mlx_lm_logits(model)) > 1e-2
+    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 @pytest.mark.parametrize(("options", "words"), [

@@ -1,5 +1,5 @@
 """GGUF import of Qwen (1) (``qwen``): mlx-lm's qwen given random weights (the family has no transformers class;
-tests/mlx_lm_releases.py) and written as llama.cpp's QwenModel converts the release (TextModel's keys: the release's
+tests/mlx_lm_release.py) and written as llama.cpp's QwenModel converts the release (TextModel's keys: the release's
 max_position_embeddings, intermediate_size, rotary_emb_base and layer_norm_epsilon, or as older converters wrote them,
 the epsilon under the RMS key beside the rope's dimension count; c_attn as attn_qkv, rows as stored), imported, and
 run against mlx-lm (float32) or the same file imported in float32 (Q8_0). Control: the rope base left unread misses
@@ -20,8 +20,7 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from mlx_lm_release import model_logits  # noqa: E402
-from mlx_lm_releases import mlx_lm_model  # noqa: E402
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
 from test_gguf_import import (  # noqa: E402
     TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
     _sentencepiece_vocab,
@@ -38,7 +37,7 @@ def _tiny() -> tuple[Any, dict]:
     import mlx.nn as nn
 
     config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0]), "rotary_emb_base": BASE}
-    model = mlx_lm_model(config)
+    model = random_mlx_lm_model(config)
     for layer in model.transformer.h:
         layer.attn.rotary_emb = nn.RoPE(config["kv_channels"], traditional=False, base=BASE)
     return model, config

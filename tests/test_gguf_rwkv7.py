@@ -25,7 +25,8 @@ from test_gguf_import import (  # noqa: E402
     TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
     _sentencepiece_vocab,
 )
-from test_rwkv7 import CONFIG, _logits, _mlx_lm_model  # noqa: E402
+from mlx_lm_release import model_logits, parameters  # noqa: E402
+from test_rwkv7 import CONFIG, _mlx_lm_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: What llama.cpp's converter keeps float32 whatever the file's type.
@@ -35,7 +36,8 @@ MIXES = "rwkvag"
 
 def _tiny() -> tuple[Any, dict, dict]:
     config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0])}
-    model, params = _mlx_lm_model(config)
+    model = _mlx_lm_model(config)
+    params = parameters(model)
     return model, params, config
 
 
@@ -107,7 +109,7 @@ def test_rwkv7_gguf_matches_mlx_lm(tmp_path, qtype):
     ours = ModelConfig.from_file(out)
     assert ours.model_type == "rwkv7" and ours.arch.stored_layers == 3
     assert (ours.arch.rwkv7.heads, ours.arch.rwkv7.head_dim) == (2, 32)
-    want = _logits(model, TINY_TOKENS)
+    want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
         assert _scaled(_ferrum_logits(out), want) <= 1e-4
     else:
@@ -123,7 +125,7 @@ def test_rwkv7_gguf_with_its_mixes_split_in_another_order_misses_mlx_lm(tmp_path
     model, params, config = _tiny()
     _rwkv7_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), _logits(model, TINY_TOKENS)) > 1e-2
+    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 def test_rwkv7_gguf_first_layer_dummies_are_what_is_left_unread(tmp_path, monkeypatch):

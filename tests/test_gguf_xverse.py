@@ -19,8 +19,7 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from mlx_lm_release import model_logits  # noqa: E402
-from mlx_lm_releases import mlx_lm_model  # noqa: E402
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
 from test_gguf_import import (  # noqa: E402
     TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
     _permute, _sentencepiece_vocab,
@@ -36,7 +35,7 @@ def _tiny(kv_heads: int = 4) -> tuple[Any, dict]:
               "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-6, "rope_theta": 500000.0,
               "max_position_embeddings": 256, "vocab_size": len(_sentencepiece_vocab()[0]),
               "tie_word_embeddings": False}
-    return mlx_lm_model(config), config
+    return random_mlx_lm_model(config), config
 
 
 def _xverse_gguf(path: Path, model: Any, config: dict, qtype) -> None:

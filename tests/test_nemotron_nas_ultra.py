@@ -14,12 +14,13 @@ import pytest
 from ferrum.arch.tensors import weight_shapes
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError
+from mlx_lm_release import MlxLmReference, model_logits, parameters, write_release
 from support import (
-    MlxLmGreedy, assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm,
+    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm,
     assert_forward_and_decode_match, float32_model, mlx_lm_converted, mlx_lm_logits, runnable_backends, scaled_error,
     small_pool_engine, staggered_greedy_workload,
 )
-from test_nemotron_nas import VOCAB, _mlx_lm_model, _write
+from test_nemotron_nas import VOCAB, _mlx_lm_model
 
 pytest.importorskip("mlx_lm")
 BACKENDS = runnable_backends()
@@ -69,22 +70,23 @@ CONFIG = {
 }
 
 
-def _logits(model) -> np.ndarray:
-    import mlx.core as mx
-
-    return np.array(model(mx.array([TOKENS])).astype(mx.float32))[0]
+def _release(folder, config: dict, seed: int = 0):
+    """mlx-lm's random model of ``config`` written to ``folder`` (the release's names are mlx-lm's here: no linear
+    sub-blocks) and proven to be what mlx-lm loads from it: the model and its logits over TOKENS."""
+    model = _mlx_lm_model(config, seed)
+    return model, write_release(folder, model, config, TOKENS)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """``(folder, mlx-lm's parameters, mlx-lm's logits over TOKENS)``: the release's names are mlx-lm's here (no
-    linear sub-blocks), so one folder is both."""
-    model, params = _mlx_lm_model(CONFIG)
-    return _write(tmp_path_factory.mktemp("nemotron_ultra") / "release", CONFIG, params), params, _logits(model)
+    """``(folder, mlx-lm's parameters, mlx-lm's logits over TOKENS, its model)``."""
+    folder = tmp_path_factory.mktemp("nemotron_ultra") / "release"
+    model, want = _release(folder, CONFIG)
+    return folder, parameters(model), want, model
 
 
 def test_the_checkpoint_is_what_mlx_lm_reads_and_skipped_layers_store_nothing(built):
-    folder, params, want = built
+    folder, params, want, _ = built
     assert scaled_error(mlx_lm_logits(folder, TOKENS), want) < 1e-6
     assert {int(n.split(".")[2]) for n in params if n.startswith("model.layers.")} == set(range(8)) - set(IDENTITY)
     config = ModelConfig.from_file(folder)
@@ -109,7 +111,7 @@ def test_each_layer_is_read_as_its_entry_says(built):
 
 def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_tokens(built):
     folder = built[0]
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmGreedy(folder),
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), MlxLmReference(built[3]),
                                       staggered_greedy_workload(VOCAB, count=6))
 
 
@@ -122,10 +124,11 @@ def test_a_skipped_layer_that_ran_would_move_mlx_lm_s_logits(built, layer, part,
 
     blocks = json.loads(json.dumps(BLOCKS))
     blocks[layer][part] = entry
-    model, fresh = _mlx_lm_model({**CONFIG, "block_configs": blocks}, seed=5)
+    model = _mlx_lm_model({**CONFIG, "block_configs": blocks}, seed=5)
+    fresh = parameters(model)
     kept = {**fresh, **built[1]}
     model.update(tree_unflatten([(n, mx.array(v.astype(np.float32))) for n, v in kept.items()]))
-    assert set(fresh) - set(built[1]) and scaled_error(_logits(model), built[2]) > 1e-2
+    assert set(fresh) - set(built[1]) and scaled_error(model_logits(model, TOKENS), built[2]) > 1e-2
 
 
 def test_identity_layers_first_and_last_run_as_mlx_lm(tmp_path):
@@ -133,9 +136,8 @@ def test_identity_layers_first_and_last_run_as_mlx_lm(tmp_path):
     norm reads what the layer before left)."""
     blocks = [BLOCKS[1], BLOCKS[0], BLOCKS[2], BLOCKS[4], BLOCKS[1]]
     config = {**CONFIG, "block_configs": blocks, "num_hidden_layers": len(blocks)}
-    model, params = _mlx_lm_model(config, seed=2)
-    folder = _write(tmp_path / "release", config, params)
-    assert_forward_and_decode_match(float32_model(folder, block_size=4), TOKENS, _logits(model))
+    _, want = _release(tmp_path / "release", config, seed=2)
+    assert_forward_and_decode_match(float32_model(tmp_path / "release", block_size=4), TOKENS, want)
 
 
 def test_a_model_of_identity_layers_alone_is_refused():
@@ -182,7 +184,7 @@ def test_an_mlx_lm_adapter_names_the_stored_layers(built, tmp_path):
 
     from ferrum.model import ForwardItem
 
-    folder, _, base = built
+    folder, _, base, _ = built
     settings = {"fine_tune_type": "lora", "num_layers": 4,
                 "lora_parameters": {"rank": 4, "scale": 3.0, "dropout": 0.0}}
     model = load_model(folder)[0]
@@ -195,7 +197,7 @@ def test_an_mlx_lm_adapter_names_the_stored_layers(built, tmp_path):
     adapter.mkdir()
     mx.save_safetensors(str(adapter / "adapters.safetensors"), factors)
     (adapter / "adapter_config.json").write_text(json.dumps(settings))
-    want = _logits(load_adapters(load_model(folder)[0], str(adapter)))
+    want = model_logits(load_adapters(load_model(folder)[0], str(adapter)), TOKENS)
     assert scaled_error(want, base) > 1e-2
     for backend in BACKENDS:
         ours = float32_model(folder, backend, block_size=4)
