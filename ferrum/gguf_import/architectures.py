@@ -12,8 +12,8 @@ from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_groups, routed_scale
 from ferrum.gguf_import import (
-    apertus, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba, mimo2, nemotron_h,
-    openelm, qwen1, rwkv7,
+    apertus, bailing, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba, mimo2,
+    nemotron_h, openelm, qwen1, rwkv7,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -786,6 +786,9 @@ _DEEPSEEK2_TENSORS = (
 #: MLP module.
 _EXAONE_MOE_BIAS = (("exp_probs_b.bias", "mlp.e_score_correction_bias"),)
 #: Shared experts under ``mlp.shared_experts`` (DeepSeek-V3's names): K-EXAONE's, ERNIE 4.5's, Kimi Linear's.
+#: q, k and v that the converter cut out of one fused projection (InternLM2's wqkv, Ling v1's query_key_value),
+#: joined back in that order.
+_JOINED_QKV = ((("attn_q.weight", "attn_k.weight", "attn_v.weight"), "self_attn.qkv_proj.weight"),)
 SHARED_EXPERTS = tuple((f"ffn_{p}_shexp.weight", f"shared_experts.{p}_proj.weight") for p in ("gate", "up", "down"))
 #: Hunyuan's q/k norms (the dense family's and A13B's) and A13B's ungated shared MLP, in the sparse MLP module.
 _HUNYUAN_QK_NORMS = (("attn_q_norm.weight", "self_attn.query_layernorm.weight"),
@@ -968,8 +971,7 @@ ARCHITECTURES = {
     "minicpm3": _Architecture("minicpm3", "MiniCPM3ForCausalLM", False, renamed=_DEEPSEEK2_TENSORS[:6], latent=True,
                               configure=_minicpm3_config),
     "internlm2": _Architecture("internlm2", "InternLM2ForCausalLM", True, (("bias", False),), grouped_qkv=True,
-                               joined=((("attn_q.weight", "attn_k.weight", "attn_v.weight"),
-                                        "self_attn.qkv_proj.weight"),)),
+                               joined=_JOINED_QKV),
     # Arcee AFM: Llama's layout (q/k permuted) with an ungated squared-ReLU MLP, the only one llama.cpp runs for it
     "arcee": _Architecture("arcee", "ArceeForCausalLM", True, (("hidden_act", "relu2"), ("attention_bias", False),
                                                                 ("mlp_bias", False))),
@@ -1139,6 +1141,14 @@ ARCHITECTURES["laguna"] = _Architecture("laguna", "LagunaForCausalLM", False, re
                                         configure=laguna.laguna_config, partial_rotary=True, per_layer=True,
                                         moe=_Experts("mlp", "num_experts", "moe_intermediate_size", None,
                                                      shared_key="shared_expert_intermediate_size"))
+# Ling v1: Llama's blocks under Ling's names, q/k/v cut apart and q/k permuted as Llama's (joined back, un-permuted),
+# softmax-routed experts beside shared ones on every layer, the LM head normed by the converter (see
+# ferrum.gguf_import.bailing)
+ARCHITECTURES["bailingmoe"] = _Architecture("bailing_moe", "BailingMoeForCausalLM", True, joined=_JOINED_QKV,
+                                            configure=bailing.bailingmoe_config,
+                                            moe=_Experts("mlp", "num_experts", "moe_intermediate_size",
+                                                         "norm_topk_prob", renormalise=False,
+                                                         shared_tensors=SHARED_EXPERTS))
 # Qwen3-Next's files: Qwen3.5-MoE's blocks, the Gated DeltaNet's projections grouped per key head
 ARCHITECTURES["qwen3next"] = replace(ARCHITECTURES["qwen35moe"], own_tensors=OWN_TENSORS["qwen3next"])
 
