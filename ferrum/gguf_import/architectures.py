@@ -1149,6 +1149,14 @@ ARCHITECTURES["bailingmoe"] = _Architecture("bailing_moe", "BailingMoeForCausalL
                                             moe=_Experts("mlp", "num_experts", "moe_intermediate_size",
                                                          "norm_topk_prob", renormalise=False,
                                                          shared_tensors=SHARED_EXPERTS))
+# Ling 2.0 (and Sarvam-MoE): fused q/k/v as stored, q/k norms, partial rotate-half rope, softmax or sigmoid routing
+# corrected, grouped and scaled, shared experts of their own width, dense first layers (see ferrum.gguf_import.bailing)
+ARCHITECTURES["bailingmoe2"] = _Architecture("bailing_moe", "BailingMoeV2ForCausalLM", False, partial_rotary=True,
+                                             configure=bailing.bailingmoe2_config, own_tensors=bailing.own_tensors,
+                                             variants=(("sarvam_moe", "SarvamMoEForCausalLM"),),
+                                             moe=_Experts("mlp", "num_experts", "moe_intermediate_size",
+                                                          "norm_topk_prob", renormalise=False,
+                                                          shared_tensors=SHARED_EXPERTS))
 # Qwen3-Next's files: Qwen3.5-MoE's blocks, the Gated DeltaNet's projections grouped per key head
 ARCHITECTURES["qwen3next"] = replace(ARCHITECTURES["qwen35moe"], own_tensors=OWN_TENSORS["qwen3next"])
 

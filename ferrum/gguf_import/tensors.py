@@ -196,6 +196,8 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
     # the next-token-prediction layers (GLM-4.5's) the converter appends after the decoder's: not run, not read
     layers = model_config.num_layers  # cfg spells it in the family's words (GPT-2's n_layer)
     predicted = cfg.get("num_nextn_predict_layers") or cfg.get("mtp_num_hidden_layers") or 0  # GLM's, Qwen3.5's
+    if not predicted and gguf_arch is not None:  # a family that reads none (Ling 2.0's): the file's, left out
+        predicted = int(Metadata(reader, where).get(f"{gguf_arch}.nextn_predict_layers") or 0)
     prediction_layers = range(layers, layers + predicted)
     joins = {parts[0]: (parts, target) for parts, target in arch.joined}
     splits = dict(arch.split)
