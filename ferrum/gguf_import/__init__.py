@@ -7,7 +7,8 @@ gemma, gemma2, gemma3, gemma4, gemma3n, the Gated DeltaNet hybrids qwen35, qwen3
 (:data:`SUPPORTED_ARCHITECTURES`). The rooms: ``files`` reads a file safely, ``architectures`` maps each
 architecture onto its Hugging Face family (``gated_delta``, ``gemma4``, ``gemma3n``, ``granite_hybrid``, ``lfm2``,
 ``nemotron_h``, ``apertus``, ``mimo2``, ``kimi_linear``, ``glm_dsa`` (GLM-5's and DeepSeek-V3.2's DSA
-indexers), ``qwen1``, ``rwkv7`` and ``openelm`` what theirs store their own way),
+indexers), ``qwen1``, ``rwkv7``, ``openelm`` and ``bailing`` (Ling v1 / 2.0, Sarvam-MoE) what theirs store their
+own way),
 ``config``, ``tensors`` and ``tokenizer`` write the three parts of the folder.
 
 Ferrum loads safetensors folders. A GGUF file (llama.cpp's format) holds the same
