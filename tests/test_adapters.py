@@ -605,6 +605,29 @@ def test_the_budget_counts_the_stacks_as_built(base, tmp_path):
         model.adapters.load("thin3", tmp_path / "thin")
 
 
+def test_an_install_that_fails_midway_is_done_again_whole(base, monkeypatch):
+    """A failure while the matrices are swapped for adapted ones (raised here at the second layer's attention) keeps
+    no targets: the next load adapts every layer, as PEFT's merged model says (it adapted the first layer alone)."""
+    _, _, root, merged = base
+    model = load(base, "cpu", names=())
+    kind, calls = type(model.config.arch.attention), []
+    adapt = kind.adapt
+
+    def failing(self, *args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("failed midway")
+        return adapt(self, *args)
+
+    monkeypatch.setattr(kind, "adapt", failing)
+    with pytest.raises(RuntimeError, match="failed midway"):
+        model.adapters.load("A", root / "A")
+    monkeypatch.undo()
+    assert "A" not in model.adapters
+    model.adapters.load("A", root / "A")
+    assert_parity(logits_alone(model, "A", TOKENS, "A"), reference_logits(merged["A"], TOKENS))
+
+
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_adapter_on_a_packed_base_matches_peft_on_the_dequantized_weights(base, backend, tmp_path):
     """LoRA adds to whatever op applies the base projection: here 8-bit packed weights (native or fallback)."""

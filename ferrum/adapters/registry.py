@@ -329,14 +329,17 @@ class AdapterRegistry:
             t.linear.factors = ops.from_numpy(a, dtype), ops.from_numpy(b, dtype)
 
     def _install(self) -> None:
-        """Swap every adaptable matrix for a LoraLinear, once."""
+        """Swap every adaptable matrix for a LoraLinear, once. The targets are kept only once every layer's are made:
+        an install that fails midway keeps none, so the next one swaps every matrix again (a LoraLinear copies its
+        base's op, so one swapped before computes the base model's still and is swapped like the others)."""
         if self._targets:
             return
         config, lora_apply = self.model.config, self.model.ops.lora_apply
+        targets: list[_Target] = []
 
         def wrap(index: int, group: str, start: int, stop: int, linear: Any) -> LoraLinear:
             wrapped = LoraLinear(linear, self, lora_apply)  # a looped model's later passes: their stored layer's
-            self._targets.append(_Target(config.arch.first_pass(index), group, start, stop, wrapped))
+            targets.append(_Target(config.arch.first_pass(index), group, start, stop, wrapped))
             return wrapped
 
         for index, layer in enumerate(self.model.layers):
@@ -354,6 +357,7 @@ class AdapterRegistry:
                 spans = [projection_span(config, index, proj) for proj in SHARED]
                 layer.mlp.shared = tuple(linear if span is None else wrap(index, *span, linear)
                                          for span, linear in zip(spans, layer.mlp.shared))
+        self._targets = targets
 
     # ------------------------------------------------------- forward pass
     def _names(self, items: Sequence[Any]) -> list[str | None]:
