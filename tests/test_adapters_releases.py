@@ -7,7 +7,9 @@ on every backend, in one pass and decoding; the adapter with B zeroed must give 
 the load does to a release's weights and so to the factors: PLaMo's query heads regrouped over its tiled key/value
 heads (o_proj's columns, so the A factor's rows), Step 3.5's query heads padded per layer, Nanbeige's passes over
 the stored layers (an adapter on a stored layer acts on every pass), TeleChat3's YaRN factor on q / k, Ling's fused
-query_key_value, Lille's qkv_proj / out_proj, the shared experts of the sparse families, Kimi K2's latent attention.
+query_key_value, Lille's qkv_proj / out_proj, the shared experts of the sparse families, Kimi K2's latent attention,
+OpenELM's fewer key/value heads and their queries per layer (padded at load), Nemotron NAS's (repeated at load) and
+its layers whose attention or MLP is skipped or a linear map.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ pytest.importorskip("mlx_lm")
 pytest.importorskip("safetensors")
 
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]  # every family's vocabulary holds them
-#: The projections an adapter targets where a release has them (Ling's dense is its o_proj; Lille's out_proj).
+#: The projections an adapter targets where a release has them (Ling's dense is its o_proj; Lille's and OpenELM's
+#: out_proj; OpenELM's proj_1 / proj_2 its gate_up_proj / down_proj).
 LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "dense", "out_proj", "gate_proj",
-          "up_proj", "gate_up_proj", "down_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
+          "up_proj", "gate_up_proj", "down_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "proj_1",
+          "proj_2"}
 
 
 def _mlx_lm_release(config: dict, draw=None, as_released=None, extra: dict | None = None):
@@ -150,6 +154,27 @@ def _telechat3_for_mlx_lm(config: dict) -> dict:
     return _telechat3_yarn(config)
 
 
+def _mlx_lm_named(module):
+    """A family whose test module builds mlx-lm's model randomized (``_mlx_lm_model``) and writes it (``_write``)
+    under names mlx-lm reads (Nemotron NAS's under mlx-lm's own, OpenELM's under the release's)."""
+    def build(folder: Path) -> None:
+        _, params = module._mlx_lm_model(module.CONFIG)
+        module._write(folder, module.CONFIG, params)
+    return build
+
+
+def _nemotron_nas(folder: Path) -> None:
+    import test_nemotron_nas
+
+    _mlx_lm_named(test_nemotron_nas)(folder)
+
+
+def _openelm(folder: Path) -> None:
+    import test_openelm
+
+    _mlx_lm_named(test_openelm)(folder)
+
+
 def _deepseek(folder: Path) -> None:
     import test_deepseek
 
@@ -181,6 +206,10 @@ FAMILIES = {
     "mimo": (_dense_alias("mimo"), 2 * 7, None),
     "pixtral": (_pixtral, 2 * 7, None),  # the vision tower's factor left out, with a warning
     "kimi_k25": (_kimi_k25, 3 * 5 + 3 + 2 * 3, None),
+    # four layers with attention (1 to 6 key/value heads, repeated at load to 6), four dense MLPs: the skipped and
+    # linear sub-blocks have nothing to adapt
+    "nemotron-nas": (_nemotron_nas, 4 * 4 + 4 * 3, None),
+    "openelm": (_openelm, 4 * 4, None),  # qkv_proj, out_proj, proj_1 (gate and up), proj_2; 1 to 3 key/value heads
 }
 
 
@@ -224,11 +253,11 @@ def test_adapter_gives_the_merged_release_s_logits(release, family, backend):
     assert_adapter_gives(folder, adapter, want, plain, FAMILIES[family][1], TOKENS, backend)
 
 
-@pytest.mark.parametrize("family", ["plamo", "nanbeige", "step3p5"])
+@pytest.mark.parametrize("family", ["plamo", "nanbeige", "step3p5", "openelm"])
 def test_o_proj_alone_counts(release, family):
     """An o_proj adapter alone: its A factor's rows follow the query heads the load moves (PLaMo's regrouped, Step
-    3.5's padded); on Nanbeige it acts on both passes."""
-    folder, adapter, want, plain = release(family, frozenset({"o_proj", "dense"}))
+    3.5's and OpenELM's padded); on Nanbeige it acts on both passes."""
+    folder, adapter, want, plain = release(family, frozenset({"o_proj", "dense", "out_proj"}))
     assert scaled_error(plain, want) > 1e-2
     model = float32_model(folder, block_size=4)
     model.adapters.load("a", adapter)

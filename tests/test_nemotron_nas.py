@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
-from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from mlx_lm_release import MlxLmReference, fan_in, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
@@ -198,3 +198,27 @@ def test_a_model_without_attention_runs_without_a_pool_layer(tmp_path):
     assert loaded.config.arch.kv_pool_layers == 0
     assert_forward_and_decode_match(loaded, TOKENS, want)
 
+
+
+@pytest.mark.parametrize("layer, module, why", [
+    (1, "self_attn.q_proj", "layer 1's attention is skipped"),
+    (2, "self_attn.o_proj", "layer 2's attention is a linear map"),
+    (3, "mlp.gate_proj", "layer 3's MLP is skipped"),
+    (4, "mlp.down_proj", "layer 4's MLP is a linear map"),
+])
+def test_lora_on_a_skipped_or_linear_sub_block_is_refused_by_name(built, tmp_path, layer, module, why):
+    """A LoRA adapter naming a projection of a sub-block that has none (skipped, or one linear map) is refused with
+    what that sub-block is, not run as if it adapted nothing (nor refused as a mixture of experts)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    name = f"base_model.model.model.layers.{layer}.{module}"
+    save_file({f"{name}.lora_A.weight": rng.standard_normal((4, 96)).astype(np.float32),
+               f"{name}.lora_B.weight": rng.standard_normal((96, 4)).astype(np.float32)},
+              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=4, lora_alpha=8, target_modules=[module.rsplit(".", 1)[1]], bias="none")))
+    model = float32_model(built[0])
+    with pytest.raises(AdapterError, match=f"{why}.*: it has no {module.rsplit('.', 1)[1]} to adapt"):
+        model.adapters.load("a", tmp_path)
+    assert len(model.adapters) == 0

@@ -73,6 +73,9 @@ _UNADAPTED = {"self_attn.gate_proj": lambda config, name: (
 _MOE_REFUSAL = ("adapts a mixture-of-experts projection (an expert or the router); on MoE models the attention "
                 "projections, the dense layers' MLPs and the shared expert's gate_proj / up_proj / down_proj can "
                 "be adapted")
+#: A layer's mixer or MLP kind that has no projection LoRA adapts (Nemotron NAS's skipped and linear sub-blocks), and
+#: what it is instead.
+_NOTHING_ADAPTED = {"none": "skipped", "linear": "a linear map (one square matrix, which Ferrum does not adapt)"}
 _SHARED_GATE_REFUSAL = ("is the shared expert's sigmoid gate (Qwen2-MoE's: one output, the shared expert's weight per "
                         "token), which Ferrum does not adapt; drop shared_expert_gate from the adapter's targets")
 
@@ -503,6 +506,8 @@ def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] 
     if proj in SHARED:
         shape = _shared_shape(config, layer, proj)
         return None if shape is None else (proj, 0, shape[1])
+    if _unadaptable(config, layer, proj) is not None:
+        return None
     mla = _latent(config, layer)
     if PROJECTIONS[proj] == "self_attn" and (mla is not None or proj in _LATENT_ONLY):
         sizes = None if mla is None else mla.adaptable(config.hidden_size).get(proj)
@@ -529,8 +534,9 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
     """``(in, out)`` of a projection of the base model as its checkpoint stores it, and so as an adapter trained on
     it does: q/k/v before the load fits their heads (:func:`ferrum.arch.tensors.fit_heads`: Gemma 4's narrower
     heads, MiMo-V2-Flash's narrower values and fewer key/value heads on its full layers; Laguna's fewer query heads,
-    q and o), which the B factor's rows are then fitted like (:func:`_as_loaded`), o_proj's A rows likewise
-    (:func:`_inputs_as_loaded`); or None where the layer has no such matrix."""
+    q and o; OpenELM's fewer key/value heads and their queries, q/k/v and o), which the B factor's rows are then
+    fitted like (:func:`_as_loaded`), o_proj's A rows likewise (:func:`_inputs_as_loaded`); or None where the layer
+    has no such matrix."""
     span = projection_span(config, layer, proj)
     if span is None:
         return None
@@ -540,9 +546,11 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
     if mla is not None and PROJECTIONS[proj] == "self_attn":
         return mla.adaptable(config.hidden_size)[proj][:2]
     spec = config.arch.layers[layer]
-    d, heads = spec.stored_head_dim or config.head_dim, spec.stored_heads or config.num_heads
-    kv = (spec.stored_kv_heads or config.num_kv_heads) * d
-    stored = {"q_proj": heads * d, "k_proj": kv, "v_proj": kv // d * (config.arch.value_head_dim or d)}
+    d, groups = spec.stored_head_dim or config.head_dim, spec.stored_groups or config.num_kv_heads
+    heads = (spec.stored_heads or config.num_heads) * groups // config.num_kv_heads  # OpenELM's fewer groups' queries
+    kv_heads = spec.stored_kv_heads or groups
+    q, k, v = heads * d, kv_heads * d, kv_heads * (config.arch.value_head_dim or d)
+    stored = {"q_proj": q, "k_proj": k, "v_proj": v, "qkv_proj": q + k + v}
     n_in = {"o_proj": heads * value_width(config, layer), "down_proj": width(config, layer)}
     return n_in.get(proj, config.hidden_size), stored.get(proj, span[2] - span[1])
 
@@ -578,8 +586,18 @@ def _padded_inputs(config: Any, layer: int, proj: str) -> bool:
     return proj == "o_proj" and (pads_o_proj(config, layer) if mla is None else mla.width_heads != mla.heads)
 
 
+def _unadaptable(config: Any, layer: int, proj: str) -> str | None:
+    """What layer ``layer``'s attention or MLP, whichever ``proj`` is of, is where it has no projection to adapt
+    (:data:`_NOTHING_ADAPTED`); None where it has."""
+    spec = config.arch.layers[layer]
+    return _NOTHING_ADAPTED.get(spec.mixer if PROJECTIONS[proj] == "self_attn" else spec.mlp)
+
+
 def _absent(config: Any, layer: int, proj: str) -> str:
     """Why the base model has no ``proj`` in ``layer``."""
+    if proj not in SHARED and (instead := _unadaptable(config, layer, proj)) is not None:
+        part = "attention" if PROJECTIONS[proj] == "self_attn" else "MLP"
+        return f"layer {layer}'s {part} is {instead}: it has no {proj} to adapt; drop it from the adapter"
     if proj in SHARED:
         spec = config.arch.moe
         if config.arch.layers[layer].mlp != "moe" or not spec.shared_expert_size:
