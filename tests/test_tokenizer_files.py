@@ -171,6 +171,51 @@ def test_sentencepiece_refusals(tmp_path):
         Tokenizer(tmp_path / "none")
 
 
+def _edited_spm(folder: Path, edit) -> bytes:
+    """A trained unknown-piece BPE model (no byte fallback) with ``edit(proto)`` applied, written to ``folder``."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    write_spm(folder, **SPM_VARIANTS["bpe_unk"])
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+    edit(proto)
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+    return proto.SerializeToString()
+
+
+def test_the_unknown_piece_is_the_one_typed_unknown_whatever_unk_id_says(tmp_path):
+    """sentencepiece takes the piece typed UNKNOWN for characters it cannot spell, not trainer_spec.unk_id (here
+    -1, which once left them out without a word)."""
+    data = _edited_spm(tmp_path, lambda proto: setattr(proto.trainer_spec, "unk_id", -1))
+    sp = spm.SentencePieceProcessor(model_proto=data)
+    tok = Tokenizer(tmp_path)
+    for text in ["hello Ω world", "ЖЖ x"]:
+        assert sp.unk_id() in sp.encode(text)
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+    from ferrum.tokenizer_files import load_tokenizer
+
+    assert load_tokenizer(tmp_path, {})[1]["unk_token"] == sp.id_to_piece(sp.unk_id())
+
+
+def _unknown_too(proto) -> None:
+    proto.pieces[5].type = proto.pieces[0].type
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda proto: setattr(proto.pieces[10], "piece", ""), "piece 10 .* is empty"),
+    (lambda proto: setattr(proto.pieces[10], "score", float("nan")), "piece 10 .* scores nan, not a finite number"),
+    (lambda proto: setattr(proto.pieces[10], "score", float("-inf")), "piece 10 .* scores -inf"),
+    (lambda proto: setattr(proto.normalizer_spec, "precompiled_charsmap", b"\x01\x02\x03"),
+     "precompiled_charsmap is not one"),
+    (lambda proto: setattr(proto.pieces[0], "type", 1), "types 0 pieces as the unknown piece"),
+    (_unknown_too, r"types 2 pieces as the unknown piece \[0, 5\]"),
+])
+def test_malformed_sentencepiece_models_are_refused_by_name(tmp_path, edit, words):
+    _edited_spm(tmp_path, edit)
+    with pytest.raises(ConfigError, match=words):
+        Tokenizer(tmp_path)
+
+
 # ------------------------------------------------------------------ tiktoken
 
 def trained_ranks(size: int = 420) -> dict[bytes, int]:

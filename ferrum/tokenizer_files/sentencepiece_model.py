@@ -3,6 +3,7 @@ normalizer spec read from its model proto with sentencepiece's own bindings."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,34 @@ def _check(proto: Any, path: Path) -> None:
     if proto.denormalizer_spec.precompiled_charsmap:
         raise UnsupportedFeatureError(f"{path}: a sentencepiece model with denormalization rules is not supported; "
                                       "add the model's tokenizer.json")
+    for i, piece in enumerate(proto.pieces):
+        if not piece.piece or not math.isfinite(piece.score):
+            what = "is empty" if not piece.piece else f"scores {piece.score}, not a finite number"
+            raise ConfigError(f"{path}: piece {i} ({piece.piece!r}) {what}; re-download the checkpoint")
 
 
-def _normalizer(spec: Any) -> Any:
+def _unknown(proto: Any, path: Path) -> int:
+    """The id of the unknown piece: the one piece typed UNKNOWN, as sentencepiece takes it (whatever
+    trainer_spec.unk_id says), which refuses a model with none or several."""
+    unknown = [i for i, piece in enumerate(proto.pieces) if piece.type == _UNKNOWN]
+    if len(unknown) != 1:
+        raise ConfigError(f"{path} types {len(unknown)} pieces as the unknown piece {unknown[:4]}, where sentencepiece "
+                          "needs exactly one (it refuses to load the model otherwise); re-download the checkpoint")
+    return unknown[0]
+
+
+def _character_map(charsmap: bytes, path: Path) -> Any:
+    """The normalizer spec's compiled character map (NFKC and the like) as a ``tokenizers`` normalizer."""
+    from tokenizers import normalizers
+
+    try:
+        return normalizers.Precompiled(charsmap)
+    except Exception as exc:  # the tokenizers library raises a bare Exception
+        raise ConfigError(f"{path}: the normalizer's precompiled_charsmap is not one ({exc}); re-download the "
+                          "checkpoint") from None
+
+
+def _normalizer(spec: Any, path: Path) -> Any:
     """sentencepiece's normalizer: its character map (NFKC and the like), then, with remove_extra_whitespaces, runs
     of spaces cut to one and none at the ends.
 
@@ -61,7 +87,7 @@ def _normalizer(spec: Any) -> Any:
     sentencepiece writes one: the added token's own text is normalized too, so it cannot be told from the text.)"""
     from tokenizers import Regex, normalizers
 
-    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    steps = [_character_map(spec.precompiled_charsmap, path)] if spec.precompiled_charsmap else []
     prefix, strip = spec.add_dummy_prefix, spec.remove_extra_whitespaces
     if strip:
         ends = r" \z" if prefix else r"\A | \z"  # with a prefix, spaces that start the text become it, below
@@ -84,19 +110,18 @@ def sentencepiece_tokenizer(path: Path) -> tuple[Any, dict[str, str], list[Any]]
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     if len(vocab) != len(pieces):
         raise ConfigError(f"{path} spells a piece twice; re-download the checkpoint")
-    trainer = proto.trainer_spec
-    unk_id = trainer.unk_id if 0 <= trainer.unk_id < len(pieces) else None
+    trainer, unk_id = proto.trainer_spec, _unknown(proto, path)
     if proto.trainer_spec.model_type == _BPE:
         normal = [(piece, score) for piece, score, kind in pieces if kind == _NORMAL]
         halves = {piece: vocab[piece] for piece, _ in normal}
         merges = merges_by_score([p for p, _ in normal], [s for _, s in normal], halves)
         model = models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True, byte_fallback=trainer.byte_fallback,
-                           unk_token=None if unk_id is None else pieces[unk_id][0])
+                           unk_token=pieces[unk_id][0])
     else:
         model = models.Unigram([(piece, score) for piece, score, _ in pieces], unk_id, trainer.byte_fallback)
     tok = Tokenizer(model)
     spec = proto.normalizer_spec
-    tok.normalizer = _normalizer(spec)
+    tok.normalizer = _normalizer(spec, path)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(SPACE, prepend_scheme="first" if spec.add_dummy_prefix else "never",
                                                  split=False)
     # sentencepiece drops the dummy prefix when it decodes, and with remove_extra_whitespaces every space before the
@@ -109,6 +134,6 @@ def sentencepiece_tokenizer(path: Path) -> tuple[Any, dict[str, str], list[Any]]
     whole = [AddedToken(piece, special=kind != _USER_DEFINED, normalized=True)
              for piece, _, kind in pieces if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED)]
     named = {name: pieces[i][0] for name, i in (("bos_token", trainer.bos_id), ("eos_token", trainer.eos_id),
-                                                ("unk_token", trainer.unk_id), ("pad_token", trainer.pad_id))
+                                                ("unk_token", unk_id), ("pad_token", trainer.pad_id))
              if 0 <= i < len(pieces)}
     return tok, named, whole
