@@ -171,6 +171,8 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(built, bits, tmp_path, monke
     (0, "attention", {"n_heads_in_group": 4}, ConfigError, "n_heads_in_group"),
     (1, "ffn", {"ffn_mult": None}, ConfigError, "ffn_mult"),
     (1, "ffn", {"moe": {}}, ConfigError, "fields mlx-lm reads"),
+    (1, "ffn", {"ffn_mult": 1e-9}, ConfigError, r"entry 1's ffn.ffn_mult 1e-09 gives an MLP 0 wide .*\(0 after\)"),
+    (1, "ffn", {"ffn_mult": 1e300}, ConfigError, r"ffn_mult 1e\+300 gives an MLP 6.4e\+301 wide"),
 ])
 def test_unsupported_variants_are_refused_by_name(layer, part, change, error, what):
     blocks = json.loads(json.dumps(BLOCKS))

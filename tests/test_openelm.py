@@ -103,6 +103,8 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(built, bits, tmp_path):
     ({"num_kv_heads": [1, 2, 3]}, ConfigError, "num_kv_heads"),
     ({"num_kv_heads": None}, ConfigError, "num_kv_heads"),
     ({"ffn_multipliers": [1.0]}, ConfigError, "ffn_multipliers"),
+    ({"ffn_multipliers": [0.5, 1.0, 1e12, 4.0]}, ConfigError, r"ffn_multipliers' layer 2's multiplier 1000000000000.0 "
+                                                              r"gives an MLP 6.4e\+13 wide"),
     ({"ffn_with_glu": False}, UnsupportedFeatureError, "ffn_with_glu"),
 ])
 def test_unsupported_variants_are_refused_by_name(change, error, key):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from ferrum.arch import linear_blocks
 from ferrum.arch.families._shared import (
@@ -44,11 +44,25 @@ class _NasBlock:
     width: int | None
 
 
-def _nas_width(ffn_mult: float, hidden: int) -> int:
-    """The gated MLP's width from its multiplier, as DeciLM and mlx-lm size it: ``2/3 * mult * hidden`` rounded up
-    to a multiple of 256 (the multiplier first rounded to 6 decimals, as mlx-lm reads it)."""
-    width = int(2 * round(ffn_mult, 6) * hidden / 3)
-    return -(-width // 256) * 256
+#: The widest MLP a multiplier may give a layer: intermediate_size's limit (:func:`ferrum.arch.keys.size`).
+_WIDTH_LIMIT = 1 << 20
+
+
+def _width(r: KeyReader, key: str, what: str, product: float, rounded: Callable[[float], int]) -> int:
+    """An MLP's width from its multiplier's ``product`` as the family rounds it; refused by ``key`` where it is none
+    (a multiplier so small it rounds to 0) or past :data:`_WIDTH_LIMIT`, as intermediate_size would be."""
+    width = rounded(product) if product <= _WIDTH_LIMIT else None  # an absurd product is not rounded (nor an inf)
+    if width is None or not 0 < width <= _WIDTH_LIMIT:
+        r.fail(key, f"{what} gives an MLP {product:g} wide before rounding ({width} after); a layer's MLP must be "
+                    f"1 to {_WIDTH_LIMIT} wide, so the config is corrupt")
+    return width
+
+
+def _nas_width(r: KeyReader, i: int, ffn_mult: float, hidden: int) -> int:
+    """Layer ``i``'s gated MLP width from its multiplier, as DeciLM and mlx-lm size it: ``2/3 * mult * hidden`` rounded
+    up to a multiple of 256 (the multiplier first rounded to 6 decimals, as mlx-lm reads it)."""
+    return _width(r, "block_configs", f"entry {i}'s ffn.ffn_mult {ffn_mult!r}", 2 * round(ffn_mult, 6) * hidden / 3,
+                  lambda width: -(-int(width) // 256) * 256)
 
 
 def _nas_blocks(r: KeyReader) -> list[_NasBlock]:
@@ -85,7 +99,7 @@ def _nas_block(r: KeyReader, i: int, entry: dict[str, Any], heads: int) -> _NasB
         mult = ffn.get("ffn_mult")
         if not isinstance(mult, (int, float)) or isinstance(mult, bool) or not 0 < mult < math.inf:
             r.fail("block_configs", f"entry {i}'s ffn.ffn_mult must be a positive number, got {mult!r}")
-        width = _nas_width(mult, r("hidden_size"))
+        width = _nas_width(r, i, mult, r("hidden_size"))
     return _NasBlock(kind, kv_heads, ffn_kind, width)
 
 
@@ -180,7 +194,9 @@ def _openelm_widths(r: KeyReader) -> list[int]:
     if not isinstance(multipliers, list) or len(multipliers) != layers or any(
             positive_number(m) for m in multipliers):
         r.fail("ffn_multipliers", f"must list {layers} positive numbers (num_transformer_layers), got {multipliers!r}")
-    return [_make_divisible(m * r("model_dim"), r("ffn_dim_divisor")) for m in multipliers]
+    divisor = r("ffn_dim_divisor")
+    return [_width(r, "ffn_multipliers", f"layer {i}'s multiplier {m!r}", m * r("model_dim"),
+                   lambda width: _make_divisible(width, divisor)) for i, m in enumerate(multipliers)]
 
 
 def _openelm_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
