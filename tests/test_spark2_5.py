@@ -134,6 +134,8 @@ def test_layer_kinds_default_to_three_sliding_to_one_full():
     ({"rope_parameters": {**ROPES, FULL: {"rope_type": "yarn", "factor": 4.0}}}, UnsupportedFeatureError,
      "rope_parameters"),
     ({"rope_parameters": None}, ConfigError, "rope_parameters"),
+    *(({"rope_parameters": {**ROPES, SLIDING: bad}}, ConfigError,
+       f"rope_parameters' entry '{SLIDING}' must be an object") for bad in (-1, "default", [1])),
     ({"sliding_window": None}, ConfigError, "sliding_window"),
 ])
 def test_configs_mlx_lm_refuses_or_runs_otherwise_are_refused_by_name(change, error, key):

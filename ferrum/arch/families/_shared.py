@@ -364,6 +364,9 @@ def _per_kind_rope_specs(r: KeyReader, family: str) -> tuple[dict[str, Any], dic
     if FULL not in params and SLIDING not in params:
         r.fail("rope_parameters", f"must hold one entry per attention kind ({FULL!r}, {SLIDING!r}) for {family}; "
                                   "transformers ignores a flat one", unsupported=True)
+    for kind in (FULL, SLIDING):
+        if not isinstance(params.get(kind, {}), (dict, type(None))):
+            r.fail("rope_parameters", f"entry {kind!r} must be an object of rope settings, got {params[kind]!r}")
     full, sliding = (dict(params.get(kind) or {}) for kind in (FULL, SLIDING))
     scaling = _rope_object(r, "rope_scaling")
     if scaling and _scalings_differ(full, scaling):
