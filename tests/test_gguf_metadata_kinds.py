@@ -23,12 +23,16 @@ _MIMO2 = {"attention.sliding_window": 8, "attention.sliding_window_pattern": [Tr
 _KIMI_LINEAR = {"attention.head_count_kv": [0, 1, 0, 0], "expert_shared_count": 1, "kda.head_dim": 8,
                 "ssm.conv_kernel": 4}
 _EXAONE_MOE = {"expert_gating_func": 2, "expert_feed_forward_length": 32, "attention.sliding_window": 8}
+_DEEPSEEK2 = {"rope.dimension_count": 8, "attention.key_length": 24, "attention.value_length": 16,
+              "attention.kv_lora_rank": 16, "expert_shared_count": 2}
 #: The readers under test: the architecture, its config function, the block-derived config it is called with.
 _READERS = {"gemma3n": (gemma3n.gemma3n_config, {"num_hidden_layers": 22}, _GEMMA3N),
             "mimo2": (mimo2.mimo2_config, {"num_hidden_layers": 4, "rope_theta": 1e4}, _MIMO2),
             "kimi-linear": (kimi_linear.kimi_linear_config, {"num_hidden_layers": 4, "num_attention_heads": 4},
                             _KIMI_LINEAR),
-            "exaone-moe": (architectures._exaone_moe_config, {"num_hidden_layers": 4}, _EXAONE_MOE)}
+            "exaone-moe": (architectures._exaone_moe_config, {"num_hidden_layers": 4}, _EXAONE_MOE),
+            "deepseek2": (architectures._latent_config, {"num_hidden_layers": 4, "num_attention_heads": 4},
+                          _DEEPSEEK2)}
 
 
 def _metadata(path: Path, arch: str, fields: dict[str, Any]) -> Metadata:
@@ -74,6 +78,8 @@ def _config(tmp_path: Path, arch: str, **fields: Any) -> dict[str, Any]:
     ("kimi-linear", "kda.head_dim", 8.7, "must be a non-negative integer"),
     ("kimi-linear", "expert_shared_count", "1", "must be a non-negative integer"),
     ("exaone-moe", "expert_feed_forward_length", 0, "expert_feed_forward_length is 0"),  # a ZeroDivisionError
+    ("deepseek2", "expert_shared_count", 2.7, "must be a non-negative integer"),  # int() made it 2
+    ("deepseek2", "expert_shared_count", "2", "must be a non-negative integer"),
 ])
 def test_metadata_of_the_wrong_type_is_refused_by_name(tmp_path, arch, key, value, message):
     with pytest.raises(CheckpointError) as refused:
