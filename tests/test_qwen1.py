@@ -62,6 +62,10 @@ def test_the_context_stops_at_seq_length_where_the_release_scales_past_it(releas
     assert ModelConfig.from_file(folder).max_seq_len == 48
     assert ModelConfig.from_dict({**CONFIG, "use_dynamic_ntk": False, "use_logn_attn": False}).max_seq_len == 64
     assert ModelConfig.from_dict({**CONFIG, "use_dynamic_ntk": False}).max_seq_len == 48
+    one, both = (ModelConfig.from_dict({**CONFIG, **change}).arch.context_limit[1]
+                 for change in ({"use_dynamic_ntk": False}, {}))
+    assert one.startswith("use_logn_attn changes Qwen's attention past seq_length (48 tokens)") and "set it " in one
+    assert both.startswith("use_dynamic_ntk and use_logn_attn change Qwen's") and "set them " in both
 
 
 def test_rotary_emb_base_is_the_rope_base(tmp_path):

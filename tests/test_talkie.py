@@ -130,3 +130,15 @@ def test_a_release_config_without_sizes_reads_mlx_lm_defaults():
     assert (config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim,
             config.vocab_size, config.max_seq_len) == (5120, 40, 40, 40, 128, 65540, 2048)
     assert config.rms_norm_eps == np.finfo(np.float32).eps and config.rope_theta == 1e6
+
+
+def test_a_logit_gain_beside_a_layer_norm_is_refused():
+    """The gain is folded into the final norm's weight, which a weightless LayerNorm has none of: refused, not
+    dropped."""
+    import dataclasses
+
+    from ferrum.config import ModelConfig
+
+    arch = ModelConfig.from_dict(CONFIG).arch
+    with pytest.raises(UnsupportedFeatureError, match="logit gain .*with a 'layer' norm it is not supported"):
+        dataclasses.replace(arch, norm="layer", norm_params=False)

@@ -400,6 +400,10 @@ class Architecture:
         if partial and joined:  # the blocks' second halves that skip the mixer or the MLP apply none of those
             raise UnsupportedFeatureError(f"layer {partial[0]} lacks a mixer or an MLP, which Ferrum does not run with "
                                           f"{' and '.join(joined)}")
+        if self.head_gain is not None and self.norm != "rms":  # folded into the final norm's weight, which a
+            # weightless LayerNorm has none of
+            raise UnsupportedFeatureError(f"a logit gain (head_gain, {self.head_gain}) is folded into the final "
+                                          f"RMSNorm's weight; with a {self.norm!r} norm it is not supported")
         if all(layer.identity for layer in self.layers):
             raise ConfigError("every layer skips both its mixer and its MLP: the model has no block to run; check "
                               "the config's layers")

@@ -401,9 +401,11 @@ def _qwen(r: KeyReader, sizes: Sizes) -> Architecture:
     if scaled:
         if r("seq_length") is None:
             r.fail("seq_length", f"is needed with {' and '.join(scaled)}: the context past which they apply")
-        limit = (r("seq_length"), f"{' and '.join(scaled)} change Qwen's attention past seq_length "
-                                  f"({r('seq_length')} tokens), which Ferrum does not run; set them to false in "
-                                  "config.json to run the rope unscaled to max_position_embeddings")
+        one = len(scaled) == 1
+        limit = (r("seq_length"), f"{' and '.join(scaled)} {'changes' if one else 'change'} Qwen's attention past "
+                                  f"seq_length ({r('seq_length')} tokens), which Ferrum does not run; set "
+                                  f"{'it' if one else 'them'} to false in config.json to run the rope unscaled to "
+                                  "max_position_embeddings")
     return Architecture(
         layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
         norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qkv_bias=True, fused_qkv=True,
