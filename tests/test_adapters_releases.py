@@ -155,11 +155,12 @@ def _telechat3_for_mlx_lm(config: dict) -> dict:
 
 
 def _mlx_lm_named(module):
-    """A family whose test module builds mlx-lm's model randomized (``_mlx_lm_model``) and writes it (``_write``)
-    under names mlx-lm reads (Nemotron NAS's under mlx-lm's own, OpenELM's under the release's)."""
+    """A family whose test module builds mlx-lm's model randomized (``_mlx_lm_model``), written under names mlx-lm
+    reads (Nemotron NAS's under mlx-lm's own, OpenELM's, which are the release's)."""
     def build(folder: Path) -> None:
-        _, params = module._mlx_lm_model(module.CONFIG)
-        module._write(folder, module.CONFIG, params)
+        from mlx_lm_release import write_release
+
+        write_release(folder, module._mlx_lm_model(module.CONFIG), module.CONFIG, TOKENS)
     return build
 
 

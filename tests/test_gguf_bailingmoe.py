@@ -1,5 +1,6 @@
 """GGUF import of Ling v1 (``bailingmoe``: Ling-lite, Ling-plus): mlx-lm's bailing_moe given random weights and written
-under the release's names (tests/support.py's build_ling_checkpoint, its LM head unnormed as the release stores it),
+under the release's names (tests/test_bailing_moe.py's build_mlx_lm_checkpoint, its LM head unnormed as the release
+stores it),
 then converted as llama.cpp's BailingMoeModel converts that release (query_key_value cut into q, k and v, q and k
 permuted as Llama's, the experts stacked, the head's columns divided by their L2 norm, the expert numbers, the shared
 count and norm_topk_prob in the metadata), imported, and run against mlx-lm's load of the release (float32 files) or
@@ -22,7 +23,8 @@ pytest.importorskip("mlx_lm")
 from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from support import build_ling_checkpoint, mlx_lm_logits, scaled_error  # noqa: E402
+from support import mlx_lm_logits, scaled_error  # noqa: E402
+from test_bailing_moe import build_mlx_lm_checkpoint  # noqa: E402
 from test_gguf_import import (  # noqa: E402
     TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
     _permute, _sentencepiece_vocab,
@@ -44,12 +46,11 @@ VARIANTS = {"lite": {}, "two-shared": dict(num_shared_experts=2, norm_topk_prob=
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory):
     """variant -> (release folder, its config, mlx-lm's logits over TINY_TOKENS)."""
-    from mlx_lm.models import bailing_moe
 
     out = {}
     for name, extra in VARIANTS.items():
         folder, config = tmp_path_factory.mktemp(name), {**V1, **extra}
-        build_ling_checkpoint(folder, config, bailing_moe, TINY_TOKENS)
+        build_mlx_lm_checkpoint(folder, config, TINY_TOKENS)
         out[name] = folder, config, mlx_lm_logits(folder, TINY_TOKENS)
     return out
 

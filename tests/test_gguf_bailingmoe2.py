@@ -25,7 +25,8 @@ transformers = pytest.importorskip("transformers")
 from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import bailing, convert_gguf  # noqa: E402
-from support import build_ling_checkpoint, build_transformers_model, mlx_lm_logits, scaled_error  # noqa: E402
+from support import build_transformers_model, mlx_lm_logits, scaled_error  # noqa: E402
+from test_bailing_moe import build_mlx_lm_checkpoint  # noqa: E402
 from test_gguf_import import (  # noqa: E402
     TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
     _sentencepiece_vocab,
@@ -168,11 +169,10 @@ def test_ling_biases_left_as_stored_miss_transformers(sarvam_releases, tmp_path,
 def test_ling_2_gguf_matches_mlx_lm(tmp_path):
     """Ling 2.0's release (shared experts 48 wide beside experts 32 wide, positive biases) with a prediction block
     appended imports as mlx-lm's bailing_moe reads the release, the block left out."""
-    from mlx_lm.models import bailing_moe
 
     folder = tmp_path / "release"
     folder.mkdir()
-    build_ling_checkpoint(folder, LING, bailing_moe, TINY_TOKENS)
+    build_mlx_lm_checkpoint(folder, LING, TINY_TOKENS)
     _bailingmoe2_gguf(tmp_path / "m.gguf", folder, LING, Q.F32, nextn=1)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(out)
