@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import numpy as np
 
 from ferrum.arch.linear_blocks import ATTENTION as LINEAR_ATTENTION
+from ferrum.arch.loop_gate import LoopGate
 from ferrum.arch.norms import NORM_KINDS
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.recurrent import MIXERS, mixer_spec
@@ -36,7 +37,7 @@ class MixerWeights(NamedTuple):
     qkv: Any = None  # attention's ``x -> (q, k, v)`` (q alone where the layer reads another's keys and values)
     o: Any = None  # attention's output projection
     gate: Linear | None = None  # gated attention's output gate
-    recurrent: Any = None  # a recurrent mixer's layer (:mod:`ferrum.recurrent`)
+    recurrent: Any = None  # a recurrent mixer's layer (:mod:`ferrum.recurrent`), or IQuest-Coder's loop gate
 
 
 class MixerKind:
@@ -173,6 +174,19 @@ class Attention(MixerKind):
     def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
         """Rotate and scale the queries where that depends on the batch, write K/V, narrow the pass to its kept
         rows at the last KV write, attend (within chunks where the layer attends in chunks)."""
+        q, extra, h = self.queries(run, index, layer, projected, h)
+        return self.attend(run, layer, q, layer.kv_layer, layer.window), tuple(extra), h
+
+    @staticmethod
+    def attend(run: Any, layer: Any, q: Any, kv_layer: int, window: int | None) -> Any:
+        """The queries over pool layer ``kv_layer`` (within ``window``; in chunks where the layer attends so)."""
+        attended = run.narrowed if layer.chunk is None else Attention._chunked(run, layer.chunk)
+        return run.ops.paged_attention(q, run.pool, kv_layer, attended, layer.scale, window, run.softcap,
+                                       layer.sinks, layer.alibi)
+
+    @staticmethod
+    def queries(run: Any, index: int, layer: Any, projected: tuple, h: Any) -> tuple[Any, list, Any]:
+        """``(q, extra, h)``: the queries rotated and scaled, K/V written, the pass narrowed at its last KV write."""
         # q, then k and v where the layer computes its own, then what the second half takes besides: the output gate
         # if any, Gemma 3n's other predictions and Laurel's output (ferrum.arch.altup)
         q, *rest = projected
@@ -190,10 +204,7 @@ class Attention(MixerKind):
             keep = run.narrow(index)
             q, h = ops.take_rows(q, keep), ops.take_rows(h, keep)
             extra = [ops.take_rows(x, keep) for x in extra]
-        attended = run.narrowed if layer.chunk is None else self._chunked(run, layer.chunk)
-        attn = ops.paged_attention(q, run.pool, layer.kv_layer, attended, layer.scale, layer.window, run.softcap,
-                                   layer.sinks, layer.alibi)
-        return attn, tuple(extra), h
+        return q, extra, h
 
     @staticmethod
     def _chunked(run: Any, chunk: int) -> Any:
@@ -241,6 +252,25 @@ class ConvolvedAttention(Attention):
         if table is not None:  # a rope of one table (else attention's step rotates them for the batch)
             q, k = ops.rope(q, run.positions, table), ops.rope(k, run.positions, table)
         return super().step(run, index, layer, (q, k, v, *rest), h)
+
+
+class LoopedAttention(Attention):
+    """IQuest-Coder's second-pass layers (:mod:`ferrum.arch.loop_gate`): attention's step over the layer's own keys
+    and values within its window, then the same queries over its first pass's (``LayerSpec.full_source``) in full,
+    the two outputs mixed per head by the gate of the queries. It writes its own KV pool layer and carries no
+    state."""
+
+    def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+              projection: Callable[[str], Linear]) -> MixerWeights:
+        config = model.config
+        gate = LoopGate.build(model.ops, model.dtype, projection, config.num_heads, config.head_dim)
+        return super().build(model, spec, tensor, projection)._replace(recurrent=gate)
+
+    def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
+        q, extra, h = self.queries(run, index, layer, projected, h)
+        local = self.attend(run, layer, q, layer.kv_layer, layer.window)
+        full = self.attend(run, layer, q, run.model.kv_layers[run.specs[index].full_source], None)
+        return layer.recurrent.mix(q, full, local), tuple(extra), h
 
 
 class Recurrent(MixerKind):
@@ -497,6 +527,7 @@ MIXER_KINDS["rg_lru"] = Resetting()
 MIXER_KINDS["rwkv7_first"] = MIXER_KINDS["rwkv7"] = ValueResidual()
 MIXER_KINDS["lightning"] = Positioned()
 MIXER_KINDS["conv_attention"] = ConvolvedAttention()
+MIXER_KINDS["loop_attention"] = LoopedAttention()
 
 
 def mixer_kind(spec: LayerSpec) -> MixerKind:

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from ferrum.moe.activation import ClampedSwiGLU
 
 #: The mixers that attend over the KV pool: attention, Zamba 2's shared block before its Mamba-2, JetMoE's
-#: mixture of attention heads, and Baichuan-M1's attention over convolved keys and values.
-ATTENDING = ("attention", "shared_mamba2", "moa", "conv_attention")
+#: mixture of attention heads, Baichuan-M1's attention over convolved keys and values, and IQuest-Coder's loop layers.
+ATTENDING = ("attention", "shared_mamba2", "moa", "conv_attention", "loop_attention")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class LayerSpec:
     #: Gear's gated key/value convolutions; "rwkv7_first" / "rwkv7", RWKV-7's time mix in its first / later layers;
     #: "rwkv7_channel", its channel mix; "conv_attention", Baichuan-M1's attention over keys and values convolved
     #: along the sequence first),
+    #: "loop_attention", IQuest-Coder's second-pass layers (:attr:`full_source`),
     #: "linear", one square map of the normed input (DeciLM's replace_with_linear, :mod:`ferrum.arch.linear_blocks`),
     #: or "none": the block is its MLP alone, after the block's one norm (Nemotron-H's MLP and MoE blocks).
     mixer: str = "attention"
@@ -78,6 +79,10 @@ class LayerSpec:
     #: attention kind, whose pool layer it reads: Gemma 4 E2B / E4B's num_kv_shared_layers) with its own queries. It
     #: stores no k/v projections or norms, and the KV pool holds no layer of its own (``Architecture.kv_layers``).
     kv_source: int | None = None
+    #: A "loop_attention" layer (IQuest-Coder's second pass) attends with its queries both its own keys and values
+    #: within ``window`` and, in full, those of layer ``full_source`` (the same layer's first pass), the two outputs
+    #: mixed per head by a gate of its rotated queries (:mod:`ferrum.arch.loop_gate`). None elsewhere.
+    full_source: int | None = None
     #: The gated MLP's width where it is not the model's intermediate_size (Gemma 4's use_double_wide_mlp: the
     #: layers reading another's keys and values are twice as wide). None: the model's.
     intermediate_size: int | None = None
@@ -384,6 +389,8 @@ class Architecture:
     #: turn, each pass with KV pool layers of its own, reading the first pass's weights (``aliases``), the stream
     #: normed by the final norm after each pass but the last (:attr:`loop_starts`); 1: one pass.
     loops: int = 1
+    #: False: the stream goes from one pass to the next un-normed (IQuest-Coder's loops).
+    loop_norm: bool = True
 
     def __post_init__(self) -> None:
         shared = {stored for stored in self.stored_names.values()
@@ -450,6 +457,13 @@ class Architecture:
         if self.loops > 1 and (len(self.layers) % self.loops or self.wide is not None or self.sublayers is not None):
             raise UnsupportedFeatureError(f"{self.loops} passes over the layers (loops) need a whole number of "
                                           "layers per pass, one residual stream and one Ferrum layer per stored one")
+        for i, layer in enumerate(self.layers):
+            source = layer.full_source
+            attends = source is not None and 0 <= source < i and self.layers[source].mixer == "attention" and (
+                self.layers[source].kv_source is None)
+            if (layer.mixer == "loop_attention") != (source is not None) or source is not None and not attends:
+                raise ConfigError(f"layer {i}: a 'loop_attention' layer attends an earlier attention layer's own keys "
+                                  "and values in full (LayerSpec.full_source), and only such a layer does")
         if (self.gains or self.embed_skip) and (partial or joined or any(kinds) or other is not None):
             raise UnsupportedFeatureError("learned block gains and embedding skips (Talkie's) run in sequential "
                                           "attention blocks with an MLP, without per-layer inputs, layer scalars, "
@@ -499,9 +513,9 @@ class Architecture:
     @property
     def loop_starts(self) -> frozenset[int]:
         """The layers that start a pass after the first (``loops``): the stream is normed by the final norm before
-        each."""
-        return frozenset(range(self.stored_layers, len(self.layers), self.stored_layers)) if self.loops > 1 else (
-            frozenset())
+        each (none where not ``loop_norm``)."""
+        return frozenset(range(self.stored_layers, len(self.layers), self.stored_layers)) if (
+            self.loops > 1 and self.loop_norm) else frozenset()
 
     @property
     def attention(self) -> Any:

@@ -32,7 +32,7 @@ import numpy as np
 from ferrum.arch.differential import LAMBDAS, paired_values
 from ferrum.arch import linear_blocks
 from ferrum.arch.dsa import INDEXER
-from ferrum.arch import gains
+from ferrum.arch import gains, loop_gate
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.moa import MODULE as MOA_MODULE
 from ferrum.arch.norms import SUB_NORMS, gate_modules
@@ -156,6 +156,10 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             own.update(arch.wide.layer_tensors(h))
         shapes.update({f"{p}layers.{i}.{name}": shape[::-1] if arch.transposed and len(shape) == 2 else shape
                        for name, shape in {**own, **mlp}.items()})
+    for i, layer in enumerate(arch.layers):  # a loop layer's own gate (its other tensors its first pass's)
+        if layer.mixer == "loop_attention":
+            shapes.update({f"{p}layers.{i}.{name}": shape for name, shape in loop_gate.tensors(config.num_heads,
+                                                                                               d).items()})
     return {stored_name(arch, name): shape for name, shape in shapes.items()}
 
 
@@ -500,6 +504,8 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         parts = arch.latent(layer).split(name, tensor, rows)
     elif arch.moa is not None and f".{MOA_MODULE}." in name:
         parts = arch.moa.split(name, tensor)
+    elif loop_gate.holds(name) and name.endswith(".weight"):  # IQuest-Coder's gate: one linear of every head's q
+        parts = [(name, loop_gate.block_diagonal(tensor))]
     elif arch.shared_block is not None and ".shared_transformer." in name:
         parts = arch.shared_block.split(name, tensor, _take_rows)
     elif (mixer := _mixer_of(arch, arch.layers[layer], name)) is not None:  # its qkv_proj its own (lightning's)

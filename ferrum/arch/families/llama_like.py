@@ -15,7 +15,7 @@ from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, one_of, optional_non_negative_int, optional_positive_int, optional_positive_number,
     positive_int, positive_number, required, size,
 )
-from ferrum.arch import gains
+from ferrum.arch import gains, loop_gate
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.recurrent.kv_conv import TAPS, KvConvSpec
@@ -542,6 +542,24 @@ _NANBEIGE = (
 )
 
 
+def _iquest_loop(r: KeyReader, sizes: Sizes) -> Architecture:
+    """IQuest-Coder-V1-Loop (remote code, mlx-lm's iquestloopcoder): Llama's blocks run twice in turn, the stream
+    going on un-normed; each second-pass layer attends its own keys and values within loop_window_size and its first
+    pass's in full, mixing the two by its loop gate (:mod:`ferrum.arch.loop_gate`); ``sizes`` counts both passes'
+    layers (:func:`_iquest_loop_sizes`)."""
+    stored, window = sizes.num_layers // 2, r("loop_window_size")
+    arch = _llama_like(False, None, _no_windows)(r, sizes)
+    layers = arch.layers[:stored] + tuple(replace(layer, window=window, mixer="loop_attention", full_source=i)
+                                          for i, layer in enumerate(arch.layers[:stored]))
+    return replace(arch, layers=layers, loops=2, loop_norm=False, aliases=tuple(
+        (f"layers.{i}.", f"layers.{i - stored}.") for i in range(stored, sizes.num_layers)), stored_names={
+        f"layers.{i + stored}.{loop_gate.MODULE}": f"gate_projections.{i}" for i in range(stored)})
+
+
+def _iquest_loop_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
+    return replace(sizes, num_layers=sizes.num_layers * 2)
+
+
 def _cwm_windows(r: KeyReader, sizes: Sizes) -> list:
     """transformers' CWM: layer_types, else every fourth layer full from the first on, the others sliding."""
     window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
@@ -986,6 +1004,16 @@ TABLE: dict[str, Family] = {
         )),
         _llama_like(False, None, _no_windows),
         eps_default=1e-5,
+    ),
+    "iquestloopcoder": Family(  # IQuest-Coder-V1-Loop (remote code, mlx-lm's iquestloopcoder): two gated passes
+        _keys(_core(False), _core_defaults(max_position_embeddings=131072), _ROPE, _theta(500000.0), _SILU, (
+            Key("attention_bias", default=False, check=boolean), Key("mlp_bias", default=False, check=boolean),
+            Key("loop_num", default=2, check=one_of(2), unsupported=True),  # mlx-lm asserts it
+            Key("loop_window_size", default=64, check=size(1 << 28)),
+        )),
+        _iquest_loop,
+        eps_default=1e-5,
+        sizes=_iquest_loop_sizes,
     ),
     # XVERSE-7B / 13B / 65B (remote code; mlx-lm runs them as llama): Llama's blocks under XverseConfig's defaults
     "xverse": Family(
