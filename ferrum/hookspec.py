@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.30"
+API_VERSION = "1.31"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -125,6 +125,7 @@ OPTIONAL_OPS = (
     "clip",
     "mul",
     "quantize_activations",
+    "fake_quantize",
     "lora_apply",
     "split",
     "compile_fn",
@@ -479,6 +480,14 @@ def quantize_activations(x: Any, levels: int) -> Any:
     back, as BitNet's linear layers read their inputs (transformers' ``ActQuant``, ``levels`` 127): in float32,
     ``s = levels / max(max |x_row|, 1e-5)``, ``clip(round(x * s), -levels - 1, levels) / s`` (round half to even),
     returned in ``x``'s dtype. Fallback: computed on the host in float32."""
+
+
+@hookspec(firstresult=True)
+def fake_quantize(x: Any, scale: float, low: int, high: int) -> Any:
+    """(optional, API 1.31) ``x`` rounded to the integer grid of step ``scale`` and back, as AFM's layers store
+    their keys and values (mlx-lm's afm7 ``fake_8bit_quant``: ``low, high`` -128, 127, a learned ``scale`` per layer):
+    in float32, ``clip(round(x / scale), low, high) * scale`` (``scale`` a float32 number, a true division, round half
+    to even), returned in ``x``'s dtype. Fallback: computed on the host in float32."""
 
 
 @hookspec(firstresult=True)

@@ -199,6 +199,16 @@ def quantize_activations(ops: Any, x: Any, levels: int) -> Any:
     return _on_host(ops, x, lambda a: quantized_rows(a, levels))
 
 
+def fake_quantized(a: np.ndarray, scale: float, low: int, high: int) -> np.ndarray:
+    """:func:`ferrum.hookspec.fake_quantize` in numpy, float32 in and out."""
+    step = np.float32(scale)
+    return np.clip(np.rint(np.asarray(a, dtype=np.float32) / step), low, high) * step
+
+
+def fake_quantize(ops: Any, x: Any, scale: float, low: int, high: int) -> Any:
+    return _on_host(ops, x, lambda a: fake_quantized(a, scale, low, high))
+
+
 def lora_apply(ops: Any, y: Any, x: Any, a: Any, b: Any, batch: Any) -> Any:
     """Segment by segment on the host: ``y[rows] += (x[rows] @ a[slot].T) @ b[slot]``."""
     xh = np.asarray(ops.to_numpy(x), dtype=np.float32)

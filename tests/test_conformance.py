@@ -178,6 +178,36 @@ def test_a_quantize_activations_off_the_grid_is_caught(registered, op):
     assert "off the oracle's integer grid" in next(r.message for r in report.results if not r.passed)
 
 
+def _fake_quantized(x, scale, low, high, round_half):
+    step = np.float32(scale)
+    return (np.clip(round_half(x.astype(np.float32) / step), low, high) * step).astype(x.dtype)
+
+
+@hookimpl
+def fake_quantize_rounding_half_away(x, scale, low, high):
+    """Ties to even replaced by ties away from zero."""
+    return _fake_quantized(x, scale, low, high, lambda v: np.sign(v) * np.floor(np.abs(v) + 0.5))
+
+
+@hookimpl
+def fake_quantize_clipped_symmetrically(x, scale, low, high):
+    """The grid clipped to [-high, high] (``clip``'s symmetric limit): -128 is lost."""
+    return _fake_quantized(x, scale, -high, high, np.rint)
+
+
+@pytest.mark.parametrize("op", [fake_quantize_rounding_half_away, fake_quantize_clipped_symmetrically])
+def test_a_fake_quantize_off_the_grid_is_caught(registered, op):
+    registered("badfake", cpu_like_plugin("badfake", extra={"fake_quantize": op}))
+    report = check_backend("badfake")
+    assert set(report.failed()) == {"fake_quantize (native)"}
+    assert "off the oracle's grid" in next(r.message for r in report.results if not r.passed)
+
+
+def test_the_core_fallback_of_fake_quantize_conforms(registered):
+    registered("nofake", cpu_like_plugin("nofake", omit=("fake_quantize",)))
+    assert "fake_quantize (core fallback)" in {r.name for r in check_backend("nofake").results if r.passed}
+
+
 def test_quantize_activations_computed_in_bfloat16_is_caught():
     """The hookspec computes in float32 whatever ``x``'s dtype: a bfloat16 product ``x * s`` lands its codes off by
     one or more (within the bfloat16 tolerance of the values, so only the codes' check sees it)."""

@@ -220,6 +220,31 @@ def check_quantize_activations(c: Any, tol: float) -> float:
     return _compare(got, codes / scale.astype(np.float64), tol)
 
 
+def check_fake_quantize(c: Any, tol: float) -> float:
+    """AFM's int8 keys and values: random values past the grid's ends on both sides, exact halves of the step
+    (rounded to even) and zeros, at two steps. The result is in the compute dtype, and each value over the step is the
+    float32 oracle's integer code (exactly: a code one off, an end clipped at +-128, fail); values within the dtype's
+    tolerance."""
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((6, 40)).astype(np.float32) * np.float32([[0.3], [3], [1], [1], [0.01], [1]])
+    x[2] = (np.arange(40) - 19.5) * np.float32(0.25)  # every other value half a step of 0.25 off the grid
+    x[3, :20], x[3, 20:] = np.linspace(-40, -31, 20), np.linspace(31, 40, 20)  # past both ends at 0.25
+    x[5] = 0.0
+    x = c.rounded(x)
+    worst = 0.0
+    for scale in (0.25, 0.0123):
+        got = c.get(c.ops.fake_quantize(c.put(x), scale, -128, 127))
+        assert np.array_equal(got, c.rounded(got)), f"fake_quantize's result is not in the compute dtype {c.dtype}"
+        codes = np.clip(np.rint(x / np.float32(scale)), -128, 127)
+        wrong = np.argwhere(np.rint(got / np.float32(scale)) != codes)
+        if wrong.size:
+            row, col = (int(i) for i in wrong[0])
+            raise AssertionError(f"{len(wrong)} values off the oracle's grid at step {scale}, first at [{row}, {col}]: "
+                                 f"code {got[row, col] / scale:g}, expected {codes[row, col]:g}")
+        worst = max(worst, _compare(got, codes * np.float64(np.float32(scale)), tol))
+    return worst
+
+
 def check_sigmoid_mul(c: Any, tol: float) -> float:
     gate, x = c.rounded(c.random(5, 48) * 4), c.rounded(c.random(5, 48))
     return _compare(c.get(c.ops.sigmoid_mul(c.put(gate), c.put(x))), x / (1.0 + np.exp(-gate)), tol)
@@ -610,6 +635,7 @@ def family_checks(c: Any, tol: float, model_tol: float) -> list[tuple[str, Calla
         (f"xielu ({source('xielu')})", lambda: check_xielu(c, tol), tol),
         (f"quantize_activations ({source('quantize_activations')})", lambda: check_quantize_activations(c, tol),
          tol),
+        (f"fake_quantize ({source('fake_quantize')})", lambda: check_fake_quantize(c, tol), tol),
         (f"mul_scalar ({source('mul_scalar')})", lambda: check_mul_scalar(c, tol), tol),
         (f"sigmoid_mul ({source('sigmoid_mul')})", lambda: check_sigmoid_mul(c, tol), tol),
         (f"softplus_mul ({source('softplus_mul')})", lambda: check_softplus_mul(c, tol), tol),

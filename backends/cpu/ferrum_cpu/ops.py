@@ -15,7 +15,7 @@ import numpy as np
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.recurrent import kernels as _recurrent
-from ferrum.reference_ops import quantized_rows
+from ferrum.reference_ops import fake_quantized, quantized_rows
 from ferrum_cpu import attention as _attention
 from ferrum_cpu.matmul import matmul_t
 
@@ -148,6 +148,11 @@ def relu(x):
 @hookimpl
 def quantize_activations(x, levels):
     return quantized_rows(np.asarray(x, dtype=np.float32), levels).astype(x.dtype, copy=False)
+
+
+@hookimpl
+def fake_quantize(x, scale, low, high):
+    return fake_quantized(x, scale, low, high).astype(x.dtype, copy=False)
 
 
 @hookimpl

@@ -542,6 +542,12 @@ def quantize_activations(x, levels):
 
 
 @hookimpl
+def fake_quantize(x, scale, low, high):
+    step = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    return ((x.float() / step).round().clamp(low, high) * step).to(x.dtype)
+
+
+@hookimpl
 def xielu(x, alpha_p, alpha_n, beta, eps):
     # transformers' XIELUActivation._xielu_python, op for op, its parameters in x's dtype
     ap, an, b, e = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (alpha_p, alpha_n, beta, eps))

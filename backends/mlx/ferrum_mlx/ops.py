@@ -433,6 +433,12 @@ def quantize_activations(x, levels):
 
 
 @hookimpl
+def fake_quantize(x, scale, low, high):
+    step = mx.array(scale, dtype=mx.float32)
+    return (mx.clip(mx.round(x.astype(mx.float32) / step), low, high) * step).astype(x.dtype)
+
+
+@hookimpl
 def clip(x, limit):
     return mx.clip(x, -limit, limit)
 
