@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import numpy as np
 
 from ferrum.arch.linear_blocks import ATTENTION as LINEAR_ATTENTION
+from ferrum.arch.kv_quant import HIGH, LOW
 from ferrum.arch.loop_gate import LoopGate
 from ferrum.arch.norms import NORM_KINDS
 from ferrum.errors import UnsupportedFeatureError
@@ -119,7 +120,7 @@ class Attention(MixerKind):
         rotated = "rotated" if cfg.arch.qk_norm_after_rope else "head"
         where = {"projection": "projection", "head": rotated, "each_head": rotated}
         norm_at = where.get(qk_norm)
-        parallel, clip = cfg.arch.parallel, cfg.arch.clip_qkv
+        parallel, clip, steps = cfg.arch.parallel, cfg.arch.clip_qkv, layer.kv_steps
         head_norm = norm if layer.qk_eps == cfg.rms_norm_eps else NORM_KINDS[cfg.arch.norm](ops, layer.qk_eps)[0]
         # "each_head" weights scale after a norm without one: a LayerNorm takes None, an RMSNorm a weight of ones
         unit = (model._ones_of(hd) if cfg.arch.norm == "rms" else None, None)
@@ -148,6 +149,8 @@ class Attention(MixerKind):
                 qk = [ops.rope(t, positions, table) for t in qk]
             if norm_at == "rotated":
                 qk = norm_qk(*qk)
+            if steps is not None and kv:  # AFM's keys and values on their int8 grids, before they are cached
+                qk[1], v[0] = (ops.fake_quantize(t, step, LOW, HIGH) for t, step in zip((qk[1], v[0]), steps))
             if parallel:  # the MLP reads the block's input beside attention: its output joins h now, attention's later
                 h = ops.add(h, layer.mlp(x if layer.pre_mlp is None else norm(h, layer.pre_mlp)))
             gate = made or ([layer.gate(x)] if layer.gate is not None else [])  # the output gate, to the second half

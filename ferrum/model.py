@@ -20,7 +20,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from ferrum.adapters import AdapterRegistry
-from ferrum.arch import Rope, gains
+from ferrum.arch import Rope, gains, kv_quant
 from ferrum.arch.alibi import ALIBI_SINCE
 from ferrum.arch.differential import combine_for
 from ferrum.arch.altup import OUTPUT_SCALE
@@ -96,7 +96,7 @@ class _Layer:
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale", "sinks", "alibi", "chunk", "query_scaling", "v_norm", "qk_eps",
                  "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "wide", "sub_norm",
-                 "differential", "shortcut", "residual", "residual_scales", "skip")
+                 "differential", "shortcut", "residual", "residual_scales", "skip", "kv_steps")
 
     def __init__(self, **fields: Any):
         for name in self.__slots__:
@@ -411,6 +411,7 @@ class DecoderOnlyLLM:
                     float32 = part.endswith(config.arch.keep_float32) and isinstance(array, np.ndarray)
                     as_is = (part.endswith((".bias", ".sinks", ".layer_scalar", OUTPUT_SCALE)) or is_norm(part)
                              or gains.is_gain(config.arch, part)  # Talkie's learned scalars
+                             or kv_quant.is_step(part)  # AFM's key and value steps
                              or float32 and (array.ndim == 1 or not part.endswith(".weight"))  # Kimi's dt_bias
                              or ".act_fn." in part  # xIELU's learned values (Apertus)
                              or part.endswith(("conv1d.weight",  # a depthwise convolution's taps (q_conv1d...)
@@ -507,6 +508,7 @@ class DecoderOnlyLLM:
             per_layer=None if arch.per_layer_inputs is None else PerLayerMix(
                 self.ops, projection, tensor, getattr(self.ops, ACTIVATION_OPS[arch.activation]), config.rms_norm_eps),
             wide=None if arch.wide is None else arch.wide.layer(self, tensor, projection),
+            kv_steps=kv_quant.steps(self.ops, tensor) if arch.kv_quant else None,
         )
 
     def _weightless(self) -> tuple[Any, Any]:

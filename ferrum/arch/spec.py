@@ -391,6 +391,13 @@ class Architecture:
     loops: int = 1
     #: False: the stream goes from one pass to the next un-normed (IQuest-Coder's loops).
     loop_norm: bool = True
+    #: AFM: each layer's keys (rotated and normed) and values rounded to the int8 grid of its own learned steps
+    #: before they are cached (:mod:`ferrum.arch.kv_quant`).
+    kv_quant: bool = False
+    #: Layers the checkpoint stores outside the layers' container: Ferrum's layer -> its module path under the prefix
+    #: (AFM's KV-reuse layers, ``kv_reuse_layers.{j}`` after the ``layers.*``); the names inside are renamed as any
+    #: layer's (``stored_names``).
+    layer_stems: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shared = {stored for stored in self.stored_names.values()
@@ -506,8 +513,9 @@ class Architecture:
     @property
     def layers_with_tensors(self) -> int:
         """How many of the checkpoint's layers it holds tensors of at least: ``stored_layers`` less the identity
-        layers at the end (``LayerSpec.identity``), which store none."""
-        runs = [i for i, layer in enumerate(self.layers[:len(self.layers) // self.loops]) if not layer.identity]
+        layers at the end (``LayerSpec.identity``), which store none, and those stored elsewhere (``layer_stems``)."""
+        runs = [i for i, layer in enumerate(self.layers[:len(self.layers) // self.loops])
+                if not layer.identity and i not in self.layer_stems]
         return max(runs) // (1 if self.sublayers is None else self.sublayers.count) + 1
 
     @property

@@ -32,7 +32,7 @@ import numpy as np
 from ferrum.arch.differential import LAMBDAS, paired_values
 from ferrum.arch import linear_blocks
 from ferrum.arch.dsa import INDEXER
-from ferrum.arch import gains, loop_gate
+from ferrum.arch import gains, kv_quant, loop_gate
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.moa import MODULE as MOA_MODULE
 from ferrum.arch.norms import SUB_NORMS, gate_modules
@@ -147,6 +147,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
                 own.update(mixer_spec(arch, layer.beside).tensors(h))
         if arch.indexer is not None and arch.indexer.layers[i]:
             own.update(arch.indexer.tensors(h, arch))
+        if arch.kv_quant and layer.kv_source is None and "attention" in layer.mixers:
+            own.update(kv_quant.tensors())
         if arch.layer_scalar:
             own["layer_scalar"] = (1,)
         own.update(gains.layer_tensors(arch, config.num_heads))
@@ -202,6 +204,10 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
                                 for i, n in enumerate(own[name]))
                     for name, axis in _GROUP_AXES.items() if name in own})
     if layer.kv_source is not None:
+        if "self_attn.qkv_proj.weight" in own:  # fused q/k/v elsewhere: its queries alone (AFM's KV-reuse layers)
+            own = {name.replace("qkv_proj", "q_proj"): (config.num_heads * config.head_dim, *shape[1:])
+                   for name, shape in own.items() if name.startswith("self_attn.qkv_proj.")} | {
+                name: shape for name, shape in own.items() if not name.startswith("self_attn.qkv_proj.")}
         key_norm = f"self_attn.{config.arch.qk_norm_names[1]}."
         own = {name: shape for name, shape in own.items()
                if not name.startswith(("self_attn.k_proj.", "self_attn.v_proj.", key_norm))}
@@ -406,7 +412,7 @@ def bias_of(weight: str) -> str:
 def stored_name(arch: Any, name: str) -> str:
     """The checkpoint's name of tensor ``name`` (Llama's naming; :attr:`Architecture.stored_names`, then
     :attr:`Architecture.sublayers`)."""
-    name = _renamed(arch, name, arch.stored_names)
+    name = _renamed(arch, name, arch.stored_names, {f"layers.{i}": stem for i, stem in arch.layer_stems.items()})
     return name if arch.sublayers is None else arch.sublayers.stored(arch.prefix, name)
 
 
@@ -420,18 +426,21 @@ def model_name(arch: Any, name: str) -> str:
     """Llama's name of checkpoint tensor ``name``: the inverse of :func:`stored_name`."""
     if arch.sublayers is not None:
         name = arch.sublayers.model(arch.prefix, name)
-    return _renamed(arch, name, llama_names(arch))
+    return _renamed(arch, name, llama_names(arch), {stem: f"layers.{i}" for i, stem in arch.layer_stems.items()})
 
 
-def _renamed(arch: Any, name: str, table: dict[str, str]) -> str:
+def _renamed(arch: Any, name: str, table: dict[str, str], stems: dict[str, str]) -> str:
     """``name`` with its module (under the prefix, or under a layer) and the layers' container looked up in
-    ``table``."""
-    if not table or not name.startswith(arch.prefix):
+    ``table``, a layer stored elsewhere under its path in ``stems`` (``Architecture.layer_stems``, either way)."""
+    if not (table or stems) or not name.startswith(arch.prefix):
         return name
     rest, stem = name[len(arch.prefix):], arch.prefix
     whole, _, part = rest.rpartition(".")
     if "." in whole and whole in table:  # a module under the prefix named by its path (RWKV-7's layers.0.pre_norm)
         return f"{stem}{table[whole]}.{part}"
+    moved = next((path for path in stems if rest.startswith(path + ".")), None)
+    if moved is not None:  # its inner names no container's, so the search below passes it by
+        stem, rest = stem + stems[moved] + ".", rest[len(moved) + 1:]
     # the layers' container, maybe dotted (PLaMo's ``layers.layers``): the longest name that is followed by an index
     for container in sorted({c for c, to in table.items() if "layers" in (c, to)} | {"layers"}, key=len, reverse=True):
         index, _, inner = rest.removeprefix(f"{container}.").partition(".")

@@ -560,6 +560,43 @@ def _iquest_loop_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
     return replace(sizes, num_layers=sizes.num_layers * 2)
 
 
+#: AFM's modules (mlx-lm's afm7, which has no sanitize: its names are the checkpoints') under Llama's.
+AFM_NAMES = {"embed_tokens": "embedding", "norm": "output_norm", "self_attn.o_proj": "self_attn.out_proj"}
+
+
+def _afm_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """AFM's config keys under Ferrum's, and its MLP's width, ``int(hidden_dim * hidden_dim_scale_factor)`` as
+    mlx-lm's MLP sizes it (the config stores none)."""
+    raw = _aliases({"hidden_dim": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                    "num_kv_heads": "num_key_value_heads"})(raw)
+    factor, hidden = raw.get("hidden_dim_scale_factor"), raw.get("hidden_size")
+    factor = 3.25 if factor is None else factor
+    if "intermediate_size" in raw or not isinstance(hidden, int) or not isinstance(factor, (int, float)):
+        return raw  # the keys' checks say what is wrong
+    return {**raw, "intermediate_size": int(hidden * factor)}
+
+
+def _afm7(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Apple's on-device Foundation Model (mlx-lm's afm7): Llama's blocks with q/k/v fused, GPT-J's rope (adjacent
+    dims paired), q/k RMSNorms (epsilon 1e-5) after it, keys and values on learned int8 grids (``kv_quant``), tied
+    embeddings; its last num_kv_reuse_layers layers (``kv_reuse_layers.{j}``) project queries alone and attend the
+    last regular layer's keys and values (``kv_source``)."""
+    reused, total = r("num_kv_reuse_layers"), sizes.num_layers
+    if reused is None:
+        r.fail("num_kv_reuse_layers", "is missing: mlx-lm's afm7 needs it too; set it (0: every layer its own keys)")
+    if reused >= total:
+        r.fail("num_kv_reuse_layers", f"is {reused}, but the model needs a layer of its own keys and values before "
+                                      f"them (num_layers is {total})")
+    rope = replace(read_rope(r, sizes, {"rope_theta": r("rope_theta")}, "rope_theta", ("default",)), interleaved=True)
+    regular = total - reused
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope, kv_source=None if i < regular else regular - 1) for i in range(total)),
+        norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), fused_qkv=True, qk_norm="head",
+        qk_norm_after_rope=True, qk_norm_eps=1e-5, kv_quant=True, stored_names=AFM_NAMES,
+        layer_stems={i: f"kv_reuse_layers.{i - regular}" for i in range(regular, total)},
+    )
+
+
 def _cwm_windows(r: KeyReader, sizes: Sizes) -> list:
     """transformers' CWM: layer_types, else every fourth layer full from the first on, the others sliding."""
     window, types = _layer_kinds(r, sizes, lambda i: FULL if i % 4 == 0 else SLIDING)
@@ -1014,6 +1051,19 @@ TABLE: dict[str, Family] = {
         _iquest_loop,
         eps_default=1e-5,
         sizes=_iquest_loop_sizes,
+    ),
+    "afm7": Family(  # Apple's on-device Foundation Model (mlx-lm's afm7; no transformers code)
+        _keys(_core(True), _core_defaults(max_position_embeddings=4096), (
+            Key("num_kv_reuse_layers", check=optional_non_negative_int),
+            Key("rope_theta", default=50000.0, check=positive_number),
+            Key("hidden_dim_scale_factor", default=3.25, check=positive_number),
+            Key("tie_word_embeddings", default=True, check=one_of(True), unsupported=True),  # its head is the embedding
+            Key("head_dim", check=lambda v: None if v is None else "is not read: AFM's heads are hidden_dim / "
+                "num_heads wide (mlx-lm's afm7); remove the key"),
+        )),
+        _afm7,
+        eps_default=1e-5,
+        derive=_afm_keys,
     ),
     # XVERSE-7B / 13B / 65B (remote code; mlx-lm runs them as llama): Llama's blocks under XverseConfig's defaults
     "xverse": Family(
