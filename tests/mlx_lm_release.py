@@ -119,7 +119,7 @@ def write_release(folder: Path, model: Any, config: dict, tokens, as_released: A
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {**(as_released or (lambda t: t))(parameters(model)), **(extra or {})}
-    save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()}, str(folder / "model.safetensors"),
+    save_file({name: np.array(value, order="C") for name, value in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config))
     write_tokenizer(folder, vocab or config["vocab_size"])

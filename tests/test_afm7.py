@@ -11,10 +11,9 @@ import pytest
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from mlx_lm_release import (
-    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, random_mlx_lm_model,
-    write_release,
+    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, backends, model_logits, normal,
+    random_mlx_lm_model, write_release,
 )
-from mlx_lm_releases import backends
 from support import assert_forward_and_decode_match, float32_model, scaled_error
 
 pytest.importorskip("mlx_lm")
@@ -33,7 +32,7 @@ STEPS = [(0.02, 0.015), (0.035, 0.025), (0.025, 0.012)]
 def _model(config: dict = CONFIG, steps=STEPS):
     import mlx.core as mx
 
-    model = random_mlx_lm_model(config, seed=3)
+    model = random_mlx_lm_model(config, seed=3, draw=normal())
     for layer, (key, value) in zip(model.model.layers, steps):
         layer.self_attn.quant_key_scale, layer.self_attn.quant_value_scale = mx.array(key), mx.array(value)
     return model
@@ -42,8 +41,8 @@ def _model(config: dict = CONFIG, steps=STEPS):
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     model = _model()
-    folder = write_release(tmp_path_factory.mktemp("afm7"), model, CONFIG, lambda tensors: tensors, TOKENS, VOCAB)
-    return folder, model, model_logits(model, TOKENS)
+    folder = tmp_path_factory.mktemp("afm7")
+    return folder, model, write_release(folder, model, CONFIG, TOKENS, vocab=VOCAB)
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -13,10 +13,9 @@ import pytest
 from ferrum.config import ModelConfig
 from ferrum.errors import UnsupportedFeatureError
 from mlx_lm_release import (
-    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, random_mlx_lm_model,
-    with_zeroed, write_release,
+    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, backends, model_logits, normal,
+    random_mlx_lm_model, with_zeroed, write_release,
 )
-from mlx_lm_releases import backends
 from support import assert_forward_and_decode_match, float32_model, scaled_error
 
 pytest.importorskip("mlx_lm")
@@ -37,10 +36,9 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    model = random_mlx_lm_model(CONFIG)
-    folder = write_release(tmp_path_factory.mktemp("iquestloop"), model, CONFIG, lambda tensors: tensors, TOKENS,
-                           VOCAB)
-    return folder, model, model_logits(model, TOKENS)
+    model = random_mlx_lm_model(CONFIG, draw=normal())
+    folder = tmp_path_factory.mktemp("iquestloop")
+    return folder, model, write_release(folder, model, CONFIG, TOKENS, vocab=VOCAB)
 
 
 @pytest.mark.parametrize("backend", backends())
