@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ferrum.arch import cla
 from ferrum.checkpoint import NOT_TEXT, Checkpoint, is_float
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, MissingTensorError
@@ -128,6 +129,9 @@ def _tensor_parts(checkpoint: Checkpoint, present: set[str], config: ModelConfig
     heads = split_norm_parts(config, name) if name not in present else ()  # stacked already (a GGUF import's)
     if heads:
         return heads
+    folded = cla.query_norm_parts(config, name)
+    if folded:  # a query norm times the ratio of two key norms (Hunyuan's cross-layer attention)
+        return folded
     split = _split_kv_b(config, name, present)
     if split is not None:  # mlx-lm's embed_q and unembed_out, each dense or packed
         return tuple(part for weight in split for part in _tensor_parts(checkpoint, present, config, weight))
@@ -217,6 +221,11 @@ def _assemble(
         if any(tuple(parts[head].shape) != shape[1:] for head in heads):
             raise CheckpointError(f"{where}: {', '.join(heads)} must each be [{shape[1]}] (one head's dims)")
         return np.stack([parts[head] for head in heads])
+    folded = cla.query_norm_parts(config, name)
+    if folded:
+        if any(tuple(parts[part].shape) != shape for part in folded):
+            raise CheckpointError(f"{where}: {', '.join(folded)} must each be {list(shape)}")
+        return cla.folded_query_norm(parts, folded, where)
 
     if config.arch.moe is not None and loading.is_expert_stack(name):  # a stack of experts, or their biases
         return loading.assemble_stack(name, parts, shape, config.arch.moe, config.quantization, where)

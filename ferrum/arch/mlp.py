@@ -133,14 +133,16 @@ class Dense:
         return shapes
 
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
-        """Phi-3's ``gate_up_proj`` holds the gate rows, then the up rows (each the layer's width)."""
+        """Phi-3's ``gate_up_proj`` holds the gate rows, then the up rows (each the layer's width); the other way
+        round where ``Architecture.up_rows_first``."""
         from ferrum.arch.tensors import _layer_of, rows
 
         if ".gate_up_proj." not in name:
             return [(name, tensor)]
         inter = width(config, _layer_of(name, config.arch.prefix))
-        return [(name.replace("gate_up_proj", "gate_proj"), rows(tensor, 0, inter)),
-                (name.replace("gate_up_proj", "up_proj"), rows(tensor, inter, 2 * inter))]
+        first, second = ("up_proj", "gate_proj") if config.arch.up_rows_first else ("gate_proj", "up_proj")
+        return [(name.replace("gate_up_proj", first), rows(tensor, 0, inter)),
+                (name.replace("gate_up_proj", second), rows(tensor, inter, 2 * inter))]
 
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
               config: Any, layer: int) -> GatedMLP:

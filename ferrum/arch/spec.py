@@ -79,6 +79,10 @@ class LayerSpec:
     #: attention kind, whose pool layer it reads: Gemma 4 E2B / E4B's num_kv_shared_layers) with its own queries. It
     #: stores no k/v projections or norms, and the KV pool holds no layer of its own (``Architecture.kv_layers``).
     kv_source: int | None = None
+    #: ...whose release norms those keys with the layer's own key norm (Hunyuan's cross-layer attention shares the
+    #: source's raw keys): the ratio of its key norm's weight to the source's is folded into the layer's query norm
+    #: at load (:mod:`ferrum.arch.cla`), which makes its scores over the source's normed keys its own exactly.
+    own_key_norm: bool = False
     #: A "loop_attention" layer (IQuest-Coder's second pass) attends with its queries both its own keys and values
     #: within ``window`` and, in full, those of layer ``full_source`` (the same layer's first pass), the two outputs
     #: mixed per head by a gate of its rotated queries (:mod:`ferrum.arch.loop_gate`). None elsewhere.
@@ -247,6 +251,7 @@ class Architecture:
     #: of the keys (CodeGen's mp_num, 4); 0: not so.
     qkv_shards: int = 0
     fused_gate_up: bool = False  # checkpoint holds mlp.gate_up_proj (Phi-3)
+    up_rows_first: bool = False  # ...with the up rows before the gate rows (Hunyuan-7B's gate_and_up_proj)
     #: Multi-head Latent Attention (DeepSeek-V3): a :class:`ferrum.arch.mla.MlaSpec` in place of q/k/v projections;
     #: the model's heads are then its q/k heads (``head_dim`` = qk_nope + qk_rope dims, as many key/value heads).
     mla: Any = None

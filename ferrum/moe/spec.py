@@ -72,6 +72,7 @@ LAYOUT = {
     "deepseek": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "Klear": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "step3p5": ("moe", ("gate_proj", "up_proj", "down_proj")),  # stacked (STACKED)
+    "hunyuan": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -82,7 +83,7 @@ STACKED = {"granitemoe": ("input_linear", "input_linear", "output_linear"),
 #: model_type -> the router's module in the sparse MLP module, where it is not ``gate``.
 ROUTER = {"granitemoe": "router.layer", "granitemoeshared": "router.layer", "gpt_oss": "router",
           "hunyuan_v1_moe": "gate.wg", "llama4_text": "router", "dbrx": "router.layer", "jamba": "router",
-          "granitemoe_swa": "router", "jetmoe": "router.layer"}
+          "granitemoe_swa": "router", "jetmoe": "router.layer", "hunyuan": "gate.wg"}
 #: model_type -> the module of the sparse MLP module mlx-lm stacks the experts in, where it is not ``switch_mlp``.
 MLX_LM_STACK = {"dots1": "experts", "llama4_text": "experts", "afmoe": "experts", "Klear": "experts"}
 
@@ -169,7 +170,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "bailing_hybrid": ("num_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dots3_note_text": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "bailing_moe": ("num_experts",), "deepseek": ("n_routed_experts",), "Klear": ("num_experts",),
-                "step3p5": ("moe_num_experts",)}
+                "step3p5": ("moe_num_experts",), "hunyuan": ("num_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -688,6 +689,12 @@ KEYS: dict[str, tuple[Key, ...]] = {
               Key("moe_intermediate_size", check=positive_int), Key("n_shared_experts", check=positive_int),
               Key("norm_topk_prob", check=required(boolean)), Key("decoder_sparse_step", check=positive_int),
               Key("mlp_only_layers", check=required(_layer_list))),
+    # Hunyuan-Large's and Hunyuan-7B's remote-code config (no transformers class: mlx-lm's hunyuan, whose ModelArgs
+    # has no defaults for these); num_experts 1 makes every layer dense
+    "hunyuan": (*_COUNT["hunyuan"], Key("moe_topk", check=required(_per_layer_ints)),
+                Key("moe_intermediate_size", check=_per_layer_ints),
+                Key("num_shared_expert", check=required(_per_layer_ints)),
+                Key("use_mixed_mlp_moe", check=required(boolean))),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8,
@@ -749,9 +756,11 @@ _LAYER_KINDS: dict[str, Callable[[KeyReader, int], list[bool]]] = {
 _TOP_K: dict[str, Callable[[KeyReader], int]] = {"hunyuan_v1_moe": _hunyuan_top_k, "ernie4_5_moe": _ernie_top_k,
                                                  "dbrx": lambda r: r("ffn_config.moe_top_k"),
                                                  "aria_text": lambda r: r("moe_topk"),
-                                                 "step3p5": lambda r: r("moe_top_k")}
+                                                 "step3p5": lambda r: r("moe_top_k"),
+                                                 "hunyuan": lambda r: _one_per_layer(r, "moe_topk")
+                                                 if r("num_experts") > 1 else 1}
 #: Per family, the key a refusal of its expert count per token names, where not num_experts_per_tok.
-_TOP_K_NAME = {"dbrx": "ffn_config.moe_top_k", "aria_text": "moe_topk", "step3p5": "moe_top_k"}
+_TOP_K_NAME = {"dbrx": "ffn_config.moe_top_k", "aria_text": "moe_topk", "step3p5": "moe_top_k", "hunyuan": "moe_topk"}
 
 
 @dataclass(frozen=True)
@@ -1249,6 +1258,20 @@ def _step3p5(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec,
     return spec, step3p5_sparse(r, sizes.num_layers)
 
 
+def _hunyuan(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Hunyuan's sparse MLP as mlx-lm runs it (``MoeBlock``): a float32 router ``gate.wg`` whose softmax's top-k
+    probabilities weigh SwiGLU experts of moe_intermediate_size (else intermediate_size) as they are (Tencent's code
+    renormalizes them where more than one is chosen; mlx-lm does not), and a SwiGLU ``shared_mlp`` of
+    num_shared_expert times intermediate_size added to their sum where use_mixed_mlp_moe; every layer sparse where
+    num_experts is above 1, else every layer dense (Hunyuan-7B)."""
+    inter = sizes.intermediate_size
+    shared = inter * _one_per_layer(r, "num_shared_expert") if r("use_mixed_mlp_moe") else None
+    spec = MoeSpec(*LAYOUT["hunyuan"], count, top_k, _one_per_layer(r, "moe_intermediate_size") or inter, False,
+                   shared, router=ROUTER["hunyuan"], shared_module="shared_mlp", shared_gate=None,
+                   router_float32=True)
+    return spec, [count > 1] * sizes.num_layers
+
+
 def step3p5_sparse(r: KeyReader, layers: int) -> list[bool]:
     """Step 3.5's sparse layers as mlx-lm reads them: those moe_layers_enum lists, else all but the first."""
     listed = r("moe_layers_enum")
@@ -1314,6 +1337,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "deepseek": lambda r, model_type, count, top_k, sizes: _deepseek(r, sizes, count, top_k),
     "Klear": lambda r, model_type, count, top_k, sizes: _klear(r, sizes, count, top_k),
     "step3p5": lambda r, model_type, count, top_k, sizes: _step3p5(r, sizes, count, top_k),
+    "hunyuan": lambda r, model_type, count, top_k, sizes: _hunyuan(r, sizes, count, top_k),
 }
 
 

@@ -912,6 +912,42 @@ def _deepseek(r: KeyReader, sizes: Sizes) -> Architecture:
     return _llama_like(False, None, _no_windows)(r, sizes)
 
 
+def _hunyuan(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Hunyuan-Large's and Hunyuan-7B's releases (``hunyuan``; no transformers class: mlx-lm's hunyuan, as their
+    remote code runs them): Hunyuan v1's blocks (:func:`_hunyuan_dense`: q and k normed once rotated, where
+    use_qk_norm; rope_scaling's alpha raising the base) over heads of hidden_size / num_attention_heads, every
+    attention projection biased by attention_bias, the LM head the embeddings (mlx-lm ties it whatever
+    tie_word_embeddings says). With use_cla, each layer off a multiple of cla_share_factor attends the keys and values
+    the last one on a multiple projected, normed with its own key norm (cross-layer attention:
+    ``LayerSpec.own_key_norm``). The sparse MLPs are :func:`ferrum.moe.spec.with_moe`'s."""
+    key, spec = _rope_spec(r)
+    if spec and spec.get("alpha") is None:
+        r.fail(key, f"is {spec!r}; mlx-lm's hunyuan scales rope by its 'alpha' alone (NTK: the base times alpha ** "
+                    "(head_dim / (head_dim - 2))) and has no other scaling; give it an alpha, or leave it out",
+               unsupported=True)
+    arch = _hunyuan_dense(r, sizes)
+    if not r("use_qk_norm"):
+        arch = replace(arch, qk_norm=None)
+    factor = r("cla_share_factor") if r("use_cla") else 1
+    if factor is None:
+        r.fail("cla_share_factor", "must be set where use_cla is: the model's runtimes have no default for it")
+    shared = [i % factor != 0 for i in range(sizes.num_layers)]
+    return replace(arch, layouts=HUNYUAN_FUSED, layers=tuple(
+        replace(layer, kv_source=i - i % factor, own_key_norm=arch.qk_norm is not None) if on else layer
+        for i, (layer, on) in enumerate(zip(arch.layers, shared))))
+
+
+#: Hunyuan-7B's release (mlx-lm's sanitize splits it): q/k/v in one ``qkv_proj`` grouped by key/value head (its
+#: queries, its key, its value), gate and up in one ``gate_and_up_proj``, the up rows first.
+HUNYUAN_FUSED = (("model.", "lm_head.weight", {"mlp.gate_up_proj": "mlp.gate_and_up_proj"}, None,
+                  {"fused_qkv": True, "qkv_grouped": True, "fused_gate_up": True, "up_rows_first": True}),)
+
+
+def _tied(raw: dict[str, Any]) -> dict[str, Any]:
+    """mlx-lm's hunyuan reads its LM head from the embeddings whatever tie_word_embeddings says."""
+    return {**raw, "tie_word_embeddings": True}
+
+
 def _own_head_core(runtimes: str) -> tuple[Key, ...]:
     """The core keys of a family whose heads are always hidden_size / num_attention_heads (a head_dim key unread) and
     whose LM head is its own (``runtimes`` read it so; a tied one refused)."""
@@ -1293,6 +1329,16 @@ TABLE: dict[str, Family] = {
               (Key("attention_bias", check=required(boolean)),),
               MOE_KEYS["Klear"]),
         with_moe("Klear", _klear),
+    ),
+    "hunyuan": Family(  # Tencent's Hunyuan-Large (cross-layer attention) and Hunyuan-7B: Hunyuan v1 as mlx-lm runs it
+        _keys((*(k for k in _core(True) if k.name != "head_dim"),), _ROPE, _SILU, (
+            Key("attention_bias", check=required(boolean)),
+            Key("use_qk_norm", check=required(boolean)),
+            Key("use_cla", check=required(boolean)),
+            Key("cla_share_factor", check=optional_positive_int),
+        ), MOE_KEYS["hunyuan"]),
+        with_moe("hunyuan", _hunyuan),
+        derive=_tied,
     ),
     "step3p5": Family(  # StepFun's Step 3.5: per-kind heads and ropes, gated heads, clamped sigmoid-routed experts
         _keys(_core(False), _core_defaults(max_position_embeddings=262144), (
