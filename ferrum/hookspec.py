@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.31"
+API_VERSION = "1.32"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -780,7 +780,9 @@ def moe_experts(
     ``gelu_tanh(g) * u`` as the ``gelu_tanh_mul`` op its ``op`` names, or (API 1.18, handed only
     to plugins declaring it) an ungated :class:`~ferrum.moe.activation.SquaredReLU` (its ``gated``
     False): the experts have no gate projection, ``gate`` is None, and expert ``e`` computes
-    ``down_e(relu(up_e(x)) ** 2)``, the ``relu_squared`` op its ``op`` names. A backend whose
+    ``down_e(relu(up_e(x)) ** 2)``, the ``relu_squared`` op its ``op`` names, or (API 1.32, handed only to
+    plugins declaring it) an ungated :class:`~ferrum.moe.activation.Gelu`: ``down_e(gelu(up_e(x)))``, the
+    ``gelu`` op its ``op`` names with its ``tanh`` (Phixtral's True: the tanh form). A backend whose
     ``moe_experts`` lacks one a model needs runs that model's experts through
     the fallback. Fallback: per used expert, ``take_rows`` + ``linear`` +
     ``silu_mul`` (or the activation's ``op``; the clamped activation on the host); the weighted sum on the host.

@@ -119,5 +119,29 @@ class SquaredReLU:
         return np.square(np.maximum(np.asarray(up, dtype=np.float32), np.float32(0.0)))
 
 
+@dataclass(frozen=True)
+class Gelu:
+    """Phixtral's experts (mlx-lm's ``SwitchMLP``): ungated, ``fc2(gelu(fc1(x)))`` with GELU's tanh form where
+    ``tanh`` (MLX's "precise" approximation, Phi-2's gelu_new: Phixtral's), else the exact (erf) GELU; no gate
+    projection. A backend runs it with its ``gelu`` op; the host form is the reference. Handed to ``moe_experts`` from
+    API 1.32 (``since``), with ``gate`` None: an older plugin would read another activation's op, so its layers take
+    the core's experts."""
+
+    tanh: bool = False
+    gated = False
+    since = (1, 32)
+    op = "gelu"
+
+    def composed(self, ops: Any) -> Callable[[Any], Any]:
+        """``act(up)`` on the backend: its ``gelu`` op."""
+        return lambda up: ops.gelu(up, self.tanh)
+
+    def host(self, up: np.ndarray) -> np.ndarray:
+        """The activation on host arrays, in float32 (the core's ``gelu``)."""
+        from ferrum.reference_ops import _gelu_exact, _gelu_tanh  # imported here: it imports this module
+
+        return (_gelu_tanh if self.tanh else _gelu_exact)(np.asarray(up, dtype=np.float32)).astype(np.float32)
+
+
 #: The experts' activation records, for type hints.
-ExpertActivation = ClampedSwiGLU | GeluTanhGLU | SquaredReLU
+ExpertActivation = ClampedSwiGLU | GeluTanhGLU | SquaredReLU | Gelu

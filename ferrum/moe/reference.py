@@ -38,7 +38,8 @@ def moe_experts(ops: Any, x: Any, expert_ids: Any, expert_weights: Any, gate: Re
     """Per used expert: gather its tokens, run its SwiGLU (or the backend op of its ``activation``; ungated experts,
     ``gate`` None, on the up projection's output alone) on the backend (with biases or the clamped activation, the
     activation on the host); weigh and sum on the host."""
-    host_biases = None if biases is None else [np.asarray(ops.to_numpy(b), dtype=np.float32) for b in biases]
+    host_biases = None if biases is None else [None if b is None else np.asarray(ops.to_numpy(b), dtype=np.float32)
+                                               for b in biases]
     ids = np.asarray(ops.to_numpy(expert_ids), dtype=np.int64)
     weights = np.asarray(ops.to_numpy(expert_weights), dtype=np.float32)
     tokens, top_k = ids.shape
@@ -53,7 +54,7 @@ def moe_experts(ops: Any, x: Any, expert_ids: Any, expert_weights: Any, gate: Re
         xe = ops.take_rows(x, ops.from_numpy(rows.astype(np.int32), None))
         gated = activation is None or activation.gated
         if host_biases is None and (activation is None or activation.op is not None):
-            act = ops.silu_mul if activation is None else getattr(ops, activation.op)
+            act = ops.silu_mul if activation is None else activation.composed(ops)
             ye = ops.to_numpy(down(e, act(gate(e, xe), up(e, xe)) if gated else act(up(e, xe))))
         else:
             hidden = _host_activation(ops, gate(e, xe) if gated else None, up(e, xe), host_biases, e, activation)

@@ -618,13 +618,15 @@ def check_moe_route(c: _Context, normalize: bool = True) -> float:
 
 
 def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = None, gpt_oss: bool = False,
-                      gemma4: bool = False, ungated: bool = False, swish_clamped: bool = False) -> float:
+                      gemma4: bool = False, ungated: bool = False, swish_clamped: bool = False,
+                      ungated_gelu: bool = False) -> float:
     """Five experts of an awkward size, top-2 plus a shared expert's output; 70 tokens (backends
     sort pairs by expert from 64) all on experts 3 and 1, or spread evenly over every expert.
     ``gpt_oss``: with biases and the clamped SwiGLU, clamped at 0.5 so that it bites; ``gemma4``: GeGLU experts;
     ``ungated``: Nemotron 3 Nano's squared-ReLU experts, without a gate stack; ``swish_clamped``: Step 3.5's SwiGLU,
-    its swish and up projection clamped at 0.5."""
-    from ferrum.moe.activation import ClampedSwiGLU, GeluTanhGLU, SquaredReLU
+    its swish and up projection clamped at 0.5; ``ungated_gelu``: Phixtral's biased tanh-GELU experts, without a gate
+    stack."""
+    from ferrum.moe.activation import ClampedSwiGLU, Gelu, GeluTanhGLU, SquaredReLU
     from ferrum.moe.experts import PlacedExperts, StackedQuantized, place_experts
 
     rng = np.random.default_rng(2)  # its own draws: the other checks' inputs stay as they were
@@ -648,13 +650,17 @@ def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = 
         needs, activation = ("activation",), GeluTanhGLU()
     if swish_clamped:
         needs, activation = ("activation",), ClampedSwiGLU(1.0, 0.5, up_offset=0.0, clamp="swish")
-    if ungated:
-        needs, activation = ("activation",), SquaredReLU()
+    if ungated_gelu:
+        needs, activation = ("biases", "activation"), Gelu(tanh=True)
+        biases = [None, *(c.rounded(rng.standard_normal((e, shape[1]), dtype=np.float32) * 0.3)
+                          for shape in list(shapes.values())[1:])]
+    if ungated or ungated_gelu:
+        needs, activation = needs or ("activation",), activation or SquaredReLU()
         del host["gate"]  # drawn all the same, so that the other stacks' draws stay as they were
         dense["gate"] = None
     since = (1, 0) if activation is None else activation.since
     placed = {name: place_experts(c.ops, name, host[name], c.dtype, needs, since) for name in host}
-    device_biases = None if biases is None else tuple(c.put(b) for b in biases)
+    device_biases = None if biases is None else tuple(None if b is None else c.put(b) for b in biases)
     experts = PlacedExperts(placed["down"].linear, *(placed[n].weight if n in placed else None for n in shapes),
                             device_biases, activation)
     t = np.arange(tokens)
@@ -741,7 +747,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
     gpt_oss_native = all(ops.accepts("moe_experts", arg) for arg in ("biases", "activation"))
     gpt_oss_experts = source("moe_experts") if gpt_oss_native else "core fallback"
     from ferrum.backends import declared_version
-    from ferrum.moe.activation import ClampedSwiGLU, GeluTanhGLU, SquaredReLU
+    from ferrum.moe.activation import ClampedSwiGLU, Gelu, GeluTanhGLU, SquaredReLU
 
     def experts_taking(activation: Any) -> str:
         """Whose experts run ``activation``: the plugin's, where it takes one and declares its API, else the core's."""
@@ -750,6 +756,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
 
     gemma4_experts, ungated_experts = experts_taking(GeluTanhGLU), experts_taking(SquaredReLU)
     swish_clamped = experts_taking(ClampedSwiGLU(1.0, 0.5, up_offset=0.0, clamp="swish"))
+    gelu_experts = experts_taking(Gelu(tanh=True))
     from ferrum.moe.kind import routes_natively
 
     grouped = [(f"moe_route, {case} ({source('moe_route') if routes_natively(ops, rule) else 'core fallback'})",
@@ -779,6 +786,8 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
         (f"moe_experts, GeGLU ({gemma4_experts})", lambda: check_moe_experts(c, True, tol, gemma4=True), tol),
         (f"moe_experts, ungated squared ReLU ({ungated_experts})",
          lambda: check_moe_experts(c, True, tol, ungated=True), tol),
+        (f"moe_experts, ungated biased GELU ({gelu_experts})",
+         lambda: check_moe_experts(c, True, tol, ungated_gelu=True), tol),
         (f"moe_experts, swish-clamped SwiGLU ({swish_clamped})",
          lambda: check_moe_experts(c, True, tol, swish_clamped=True), tol),
         *((f"attention q{case[0]} kv{case[1]} h{case[2]} kvh{case[3]} d{case[4]}",

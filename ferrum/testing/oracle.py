@@ -51,11 +51,18 @@ def linear(x, weight, bias=None) -> np.ndarray:
     return out if bias is None else out + f64(bias)
 
 
+def _gelu(x: np.ndarray, tanh: bool) -> np.ndarray:
+    """GELU in float64: its tanh form, or the exact one (erf)."""
+    if tanh:
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
 def moe_experts(x, ids, weights, gate, up, down, shared=None, biases=None, activation=None) -> np.ndarray:
     """Token by token, chosen expert by chosen expert: ``sum_j w[t, j] * down_e(silu(gate_e x) * up_e x)``,
     plus ``w[t, k] * shared[t]`` when a shared expert's output is given. ``biases`` (gate, up, down ``[E, out]``)
     and ``activation`` (a ``ClampedSwiGLU``, gpt-oss; a ``GeluTanhGLU``, Gemma 4; an ungated ``SquaredReLU``, Nemotron
-    3 Nano, ``gate`` None) as :func:`ferrum.hookspec.moe_experts` describes them."""
+    3 Nano, or ``Gelu``, Phixtral, ``gate`` None) as :func:`ferrum.hookspec.moe_experts` describes them."""
     x, weights = f64(x), f64(weights)
     top_k = ids.shape[1]
     out = np.zeros_like(x)
@@ -65,7 +72,9 @@ def moe_experts(x, ids, weights, gate, up, down, shared=None, biases=None, activ
             e = int(ids[t, j])
             u = linear(x[t : t + 1], up[e], bias(1, e))
             g = None if gate is None else linear(x[t : t + 1], gate[e], bias(0, e))
-            if g is None:  # Nemotron 3 Nano's ungated squared-ReLU experts
+            if g is None and activation.op == "gelu":  # Phixtral's ungated GELU experts
+                h = _gelu(u, activation.tanh)
+            elif g is None:  # Nemotron 3 Nano's ungated squared-ReLU experts
                 h = np.maximum(u, 0.0) ** 2
             elif activation is None:
                 h = silu_mul(g, u)

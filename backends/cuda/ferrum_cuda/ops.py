@@ -1348,8 +1348,17 @@ def _clamped_swiglu(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.T
 
 
 #: The experts' activations (``activation.op``) this backend runs with its own op: Gemma 4's GeGLU (API 1.16), and
-#: Nemotron 3 Nano's ungated squared ReLU (API 1.18), which reads the up projection alone.
+#: Nemotron 3 Nano's ungated squared ReLU (API 1.18) and Phixtral's ungated GELU (API 1.32), which read the up
+#: projection alone.
 _EXPERT_ACTIVATIONS = {"gelu_tanh_mul": _gelu_tanh_mul, "relu_squared": relu_squared}
+
+
+def _expert_activation(activation):
+    """The function of ``activation`` (an expert activation record): its op, the GELU of its form, else the
+    clamped SwiGLU."""
+    if activation.op == "gelu":
+        return functools.partial(gelu, tanh=activation.tanh)
+    return _EXPERT_ACTIVATIONS.get(activation.op) or functools.partial(_clamped_swiglu, activation)
 
 
 def _ungated(act, gate, up: torch.Tensor) -> torch.Tensor:
@@ -1396,8 +1405,7 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
     segment sizes cross to the host once per call.
     """
     gate_b, up_b, down_b = (None, None, None) if biases is None else biases
-    act = _EXPERT_ACTIVATIONS.get(activation.op) if activation is not None else _silu_mul
-    act = act or functools.partial(_clamped_swiglu, activation)
+    act = _silu_mul if activation is None else _expert_activation(activation)
     if gate is None:  # ungated experts: the activation of the up projection alone
         act = functools.partial(_ungated, act)
     tokens, top_k = expert_ids.shape

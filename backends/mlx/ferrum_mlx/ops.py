@@ -1054,8 +1054,9 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
 
     gate_bias, up_bias, down_bias = biases or (None, None, None)
     u = project(up, h, up_bias)
-    if gate is None:  # ungated experts by their op (API 1.18): Nemotron 3 Nano's squared ReLU of up alone
-        hidden = {"relu_squared": relu_squared}[activation.op](u)
+    if gate is None:  # ungated experts by their op: Nemotron 3 Nano's squared ReLU of up alone (API 1.18), Phixtral's
+        # GELU (1.32)
+        hidden = relu_squared(u) if activation.op == "relu_squared" else gelu(u, activation.tanh)
     elif activation is None:
         hidden = silu_mul(project(gate, h, gate_bias), u)
     else:  # Gemma 4's GeGLU by its op (API 1.16), else gpt-oss's clamped SwiGLU
