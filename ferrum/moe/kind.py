@@ -33,11 +33,14 @@ class Moe:
         spec, h = config.arch.moe, config.hidden_size
         at, e, inter = spec.at, spec.num_experts, spec.expert_size
         shapes = {at(f"{spec.router}.weight"): (spec.scored, h)}
+        stored = (*_inputs(spec.gated), "down_proj")  # no gate where the experts are ungated
         shapes.update({at(f"switch_mlp.{p}.weight"): (e, inter, h) for p in _inputs(spec.gated)})
         shapes[at("switch_mlp.down_proj.weight")] = (e, h, inter)
         if spec.biased:
-            shapes[at(f"{spec.router}.bias")] = (e,)
-            shapes.update({at(f"switch_mlp.{p}.bias"): (e, size) for p, size in zip(SWITCH, (inter, inter, h))})
+            if not spec.unbiased_router:
+                shapes[at(f"{spec.router}.bias")] = (e,)
+            shapes.update({at(f"switch_mlp.{p}.bias"): (e, size) for p, size in zip(SWITCH, (inter, inter, h))
+                           if p in stored})
         rule = GROUPED_RULES.get(spec.routing)
         if rule is not None and rule.corrected:
             shapes[at(spec.bias_name)] = (1, spec.scored) if spec.correction_bias_rows else (spec.scored,)
@@ -97,7 +100,8 @@ class Moe:
                 f"layer {layer}: the backend took some of the expert projections natively and declined others "
                 "(their quantized formats differ); quantize all three alike or choose another backend"
             )
-        biases = tuple(tensor(at(f"switch_mlp.{p}.bias")) for p in SWITCH) if spec.biased else None
+        biases = tuple(tensor(at(f"switch_mlp.{p}.bias")) if p in stored else None
+                       for p in SWITCH) if spec.biased else None
         own = config.arch.layers[layer].activations  # the layer's own (Step 3.5's), else the spec's
         activation, shared_activation = (spec.activation, spec.shared_activation) if own is None else own
         experts = PlacedExperts(stacks[2].apply, *(None if s is None else s.weight for s in stacks), biases,

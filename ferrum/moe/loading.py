@@ -21,6 +21,8 @@ its ``save_pretrained`` converts back to the per-expert layout.)
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from ferrum.checkpoint import is_float
@@ -105,6 +107,8 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str | None =
     if spec.stacked is not None:
         module, proj = path.split(".switch_mlp.")
         return (f"{module}.{spec.stacked[SWITCH.index(proj)]}.weight",)
+    if name.endswith(".bias"):  # each expert's bias (never packed)
+        return tuple(per_expert_names(spec, name))
     per_expert = [n.removesuffix(".weight") for n in per_expert_names(spec, name)]
     if f"{per_expert[0]}.qweight" in present:
         kinds = _AWQ_GPTQ + (("g_idx",) if f"{per_expert[0]}.g_idx" in present else ())
@@ -128,9 +132,12 @@ def _stored_biases(present: set[str], spec: MoeSpec, name: str) -> bool:
 
 
 def per_expert_names(spec: MoeSpec, name: str) -> list[str]:
-    """``M.switch_mlp.gate_proj.weight`` -> ``[M.experts.0.<gate name>.weight, ...]``, the Hugging Face layout."""
-    module, proj = name.removesuffix(".weight").split(".switch_mlp.")
-    return [f"{module}.experts.{e}.{spec.expert_names[SWITCH.index(proj)]}.weight" for e in range(spec.num_experts)]
+    """``M.switch_mlp.gate_proj.weight`` (or ``.bias``) -> ``[M.experts.0.<gate name>.weight, ...]``, the Hugging
+    Face layout (under ``MoeSpec.experts_module``)."""
+    module, rest = name.split(".switch_mlp.")
+    proj, kind = rest.split(".", 1)
+    return [f"{module}.{spec.experts_module}.{e}.{spec.expert_names[SWITCH.index(proj)]}.{kind}"
+            for e in range(spec.num_experts)]
 
 
 def fused_half(spec: MoeSpec, name: str, parts: tuple[str, ...]) -> int | None:
@@ -157,6 +164,13 @@ def assemble_stack(name: str, parts: dict[str, np.ndarray], shape: tuple[int, ..
     if spec.layout is not None and (len(shape) == 2 or LAYOUTS[spec.layout].converts(first)):
         got = LAYOUTS[spec.layout].convert(name, parts, shape, where)
         return got[0] if len(got) == 1 else _float_mode_experts(*got, "mxfp4", shape, f"{where}: {first}")
+    if name.endswith(".bias"):  # stacked as mlx-lm stores them, or each expert's
+        names = sorted(parts, key=_expert_index)
+        biases = parts[first] if len(names) == 1 else np.stack([parts[n] for n in names])
+        if tuple(biases.shape) != shape:
+            raise CheckpointError(f"{where}: expert biases {', '.join(names)} stack to {tuple(biases.shape)} but "
+                                  f"config.json implies {shape}")
+        return biases
     return assemble_experts(name, parts, shape, quant, where, fused_half(spec, name, tuple(parts)),
                             stack_mode(quant, spec, name))
 
@@ -280,6 +294,7 @@ def _awq_gptq_experts(parts: dict[str, np.ndarray], shape: tuple[int, int, int],
 
 
 def _expert_index(name: str) -> int:
-    """Expert ``e`` of a per-expert tensor ``M.experts.{e}...``; 0 for a stacked one."""
-    index = name.split(".experts.")[1].split(".", 1)[0] if ".experts." in name else ""
-    return int(index) if index.isdigit() else 0
+    """Expert ``e`` of a per-expert tensor or module ``M.<experts>.{e}.<projection>[.<kind>]``; 0 for a stacked
+    one."""
+    found = re.search(r"\.(\d+)\.[^.]+(?:\.[^.]+)?$", name) if ".switch_mlp." not in name else None
+    return int(found.group(1)) if found else 0

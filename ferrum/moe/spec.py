@@ -10,7 +10,7 @@ from ferrum.arch.keys import (
     optional_positive_number, positive_int, positive_number, required,
 )
 from ferrum.arch.spec import Architecture
-from ferrum.moe.activation import ClampedSwiGLU, ExpertActivation, GeluTanhGLU, SquaredReLU
+from ferrum.moe.activation import ClampedSwiGLU, ExpertActivation, Gelu, GeluTanhGLU, SquaredReLU
 from ferrum.moe.routing import CORRECTION_BIAS, GROUPED_RULES, GroupRule
 
 #: model_type -> (checkpoint module of the sparse MLP, expert matrix names as (gate, up, down)).
@@ -73,6 +73,7 @@ LAYOUT = {
     "Klear": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "step3p5": ("moe", ("gate_proj", "up_proj", "down_proj")),  # stacked (STACKED)
     "hunyuan": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "phixtral": ("moe", (None, "fc1", "fc2")),  # each expert under moe.mlp.{e} (MoeSpec.experts_module)
 }
 #: model_type -> the stacked ``[E, out, in]`` tensors its Hugging Face checkpoints hold instead of one per expert,
 #: as (gate, up, down) names in the sparse MLP module; gate and up named alike are one tensor, gate rows first.
@@ -170,7 +171,8 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "bailing_hybrid": ("num_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dots3_note_text": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "bailing_moe": ("num_experts",), "deepseek": ("n_routed_experts",), "Klear": ("num_experts",),
-                "step3p5": ("moe_num_experts",), "hunyuan": ("num_experts",)}
+                "step3p5": ("moe_num_experts",), "hunyuan": ("num_experts",),
+                "phixtral": ("num_local_experts",)}
 _COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
@@ -695,6 +697,8 @@ KEYS: dict[str, tuple[Key, ...]] = {
                 Key("moe_intermediate_size", check=_per_layer_ints),
                 Key("num_shared_expert", check=required(_per_layer_ints)),
                 Key("use_mixed_mlp_moe", check=required(boolean))),
+    # Phixtral (mlx-lm's ModelArgs defaults)
+    "phixtral": (*_COUNT["phixtral"], Key("num_experts_per_tok", default=2, check=positive_int)),
 }
 #: transformers' expert count where a config gives none (dots1 has none: its configs must say).
 _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64, "granitemoe": 8,
@@ -708,7 +712,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
                   "laguna": 256, "minimax_m3_vl_text": 128, "axk2": 128, "granitemoe_swa": 8, "lara_mini": 128,
                   "jetmoe": 8, "hy_v4": 256, "bailing_hybrid": 512, "aria_text": 8, "dots3_note_text": 256,
-                  "step3p5": 288}
+                  "step3p5": 288, "phixtral": 4}
 #: Families whose every layer is sparse, with experts of ``intermediate_size``; Mixtral always renormalizes the
 #: top-k probabilities (GraniteMoE's and gpt-oss's softmax over the top-k logits is the same), OLMoE and FlexOlmo
 #: where ``norm_topk_prob`` says.
@@ -777,6 +781,9 @@ class MoeSpec:
     router: str = "gate"  # the router's module in the sparse MLP module
     stacked: tuple[str, str, str] | None = None  # the Hugging Face stacks of (gate, up, down) where not per expert
     biased: bool = False  # the router and every expert projection have biases (gpt-oss)
+    unbiased_router: bool = False  # ...but the router (Phixtral's experts are biased, its router is not)
+    #: The module holding the experts one by one in Hugging Face layouts (``M.experts.{e}.*``): Phixtral's ``mlp``.
+    experts_module: str = "experts"
     #: The experts' activation where not SwiGLU; an ungated one (``gated`` False: Nemotron 3 Nano's) leaves the experts
     #: without a gate projection
     activation: ExpertActivation | None = None
@@ -1272,6 +1279,16 @@ def _hunyuan(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec,
     return spec, [count > 1] * sizes.num_layers
 
 
+def _phixtral(r: KeyReader, sizes: Any, count: int, top_k: int) -> tuple[MoeSpec, list[bool]]:
+    """Phixtral's sparse MLP as mlx-lm runs it (``MOE``): an unbiased router ``moe.gate`` whose top-k logits' softmax
+    weighs ungated experts of 4 x model_dim, ``fc2(gelu(fc1(x)))`` with GELU's tanh form (mlx-lm's ``SwitchMLP``:
+    MLX's "precise" GELU, Phi-2's gelu_new) and biased projections, each under ``moe.mlp.{e}``; every layer sparse."""
+    spec = MoeSpec(*LAYOUT["phixtral"], count, top_k, sizes.intermediate_size, True, None, biased=True,
+                   unbiased_router=True, activation=Gelu(tanh=True), experts_module="mlp",
+                   mlx_lm_names=LAYOUT["phixtral"][1])
+    return spec, [True] * sizes.num_layers
+
+
 def step3p5_sparse(r: KeyReader, layers: int) -> list[bool]:
     """Step 3.5's sparse layers as mlx-lm reads them: those moe_layers_enum lists, else all but the first."""
     listed = r("moe_layers_enum")
@@ -1338,6 +1355,7 @@ _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec,
     "Klear": lambda r, model_type, count, top_k, sizes: _klear(r, sizes, count, top_k),
     "step3p5": lambda r, model_type, count, top_k, sizes: _step3p5(r, sizes, count, top_k),
     "hunyuan": lambda r, model_type, count, top_k, sizes: _hunyuan(r, sizes, count, top_k),
+    "phixtral": lambda r, model_type, count, top_k, sizes: _phixtral(r, sizes, count, top_k),
 }
 
 

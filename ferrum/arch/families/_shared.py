@@ -170,7 +170,7 @@ def read_sizes(r: KeyReader, eps_default: float, eps_key: str | None = "rms_norm
     return Sizes(
         hidden_size=hidden, intermediate_size=4 * hidden if intermediate is None else intermediate,  # GPT-2's n_inner
         num_layers=r(names.get("num_hidden_layers", "num_hidden_layers")),
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=r("vocab_size"),
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=r(names.get("vocab_size", "vocab_size")),
         max_seq_len=r(names.get("max_position_embeddings", "max_position_embeddings")),
         rms_norm_eps=float(eps_default if eps is None else eps), tie_word_embeddings=bool(r("tie_word_embeddings")),
     )

@@ -943,6 +943,60 @@ HUNYUAN_FUSED = (("model.", "lm_head.weight", {"mlp.gate_up_proj": "mlp.gate_and
                   {"fused_qkv": True, "qkv_grouped": True, "fused_gate_up": True, "up_rows_first": True}),)
 
 
+#: Phixtral's modules (its release's and mlx-lm's): GPT-style ``transformer.h`` layers, the final norm and the LM head
+#: in one ``lm_head`` module (``ln``, ``linear``), read under the empty prefix.
+PHIXTRAL_NAMES = {"embed_tokens": "transformer.embd.wte", "layers": "transformer.h", "norm": "lm_head.ln",
+                  "input_layernorm": "ln", "self_attn.qkv_proj": "mixer.Wqkv", "self_attn.o_proj": "mixer.out_proj"}
+#: The sizes' keys mlx-lm's phixtral reads, and the phi-msft spellings of its release's config.json beside them.
+PHIXTRAL_SIZES = {"hidden_size": "model_dim", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+                  "vocab_size": "num_vocab", "intermediate_size": "n_inner", "max_position_embeddings": "n_positions"}
+_PHI_MSFT_SIZES = {"n_embd": "model_dim", "n_head": "num_heads", "n_layer": "num_layers", "vocab_size": "num_vocab"}
+
+
+def _phixtral(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Phixtral (``phixtral``, and its releases' ``phi-msft``; no transformers class: mlx-lm's phixtral): Phi-2's
+    parallel blocks (one biased LayerNorm feeding attention and the sparse MLP, both added) with fused biased q/k/v
+    (``Wqkv``) and a biased ``out_proj``, rope (base 10000) on the first rotary_dim dims of each head, a biased LM head
+    after its own LayerNorm; the sizes under mlx-lm's keys (model_dim, num_heads, num_layers, num_vocab, with its
+    defaults), the release's n_embd / n_head / n_layer / vocab_size refused where they say otherwise, as mlx-lm reads
+    only its own. The sparse MLPs are :func:`ferrum.moe.spec.with_moe`'s."""
+    for theirs, ours in _PHI_MSFT_SIZES.items():
+        if r(theirs) is not None and r(theirs) != r(ours):
+            r.fail(theirs, f"is {r(theirs)}, but mlx-lm's phixtral reads {ours} ({r(ours)}) and ignores it; set {ours} "
+                           f"to {r(theirs)}")
+    rotary = r("rotary_dim")
+    if rotary > sizes.head_dim or rotary % 2:
+        r.fail("rotary_dim", f"is {rotary}; it must be even and at most a head's {sizes.head_dim} dims")
+    rope = Rope(theta=10000.0, head_dim=sizes.head_dim, rotary_dim=rotary)
+    return Architecture(
+        layers=tuple(LayerSpec(None, rope) for _ in range(sizes.num_layers)),
+        norms={"pre_attn": "input_layernorm"}, norm="layer", norm_bias=True, parallel=True,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), fused_qkv=True, qkv_bias=True, o_bias=True, lm_head_bias=True,
+        prefix="", lm_head="lm_head.linear.weight", stored_names=PHIXTRAL_NAMES,
+        layouts=(("", "lm_head.linear.weight", {}),),
+    )
+
+
+_PHIXTRAL = Family(  # Phixtral (mlabonne's phixtral-2x2_8 / 4x2_8): Phi-2's parallel blocks over ungated GELU experts
+    _keys((
+        Key("model_dim", default=2560, check=size(1 << 17)), Key("num_heads", default=32, check=size(4096)),
+        Key("num_layers", default=32, check=size(1024)), Key("num_vocab", default=51200, check=size(1 << 23)),
+        Key("rotary_dim", default=32, check=positive_int),
+        Key("n_positions", default=2048, check=size(1 << 28)),
+        # the release's phi-msft keys, which mlx-lm does not read
+        *(Key(name, check=optional_positive_int) for name in _PHI_MSFT_SIZES),
+        Key("n_inner", unsupported=True, check=lambda v: None if v is None else (
+            f"is {v!r}, but mlx-lm's phixtral sizes each expert 4 x model_dim; leave it null")),
+        Key("layer_norm_epsilon", unsupported=True, check=lambda v: None if v in (None, 1e-5) else (
+            f"is {v!r}, but mlx-lm's phixtral runs its LayerNorms with 1e-5")),
+        Key("tie_word_embeddings", default=False, unsupported=True, check=falsy(
+            "mlx-lm's phixtral reads an LM head of its own (lm_head.linear); set it to false")),
+    ), MOE_KEYS["phixtral"]),
+    with_moe("phixtral", _phixtral),
+    eps_default=1e-5, eps_key=None, names=PHIXTRAL_SIZES,
+)
+
+
 def _tied(raw: dict[str, Any]) -> dict[str, Any]:
     """mlx-lm's hunyuan reads its LM head from the embeddings whatever tie_word_embeddings says."""
     return {**raw, "tie_word_embeddings": True}
@@ -1340,6 +1394,8 @@ TABLE: dict[str, Family] = {
         with_moe("hunyuan", _hunyuan),
         derive=_tied,
     ),
+    "phixtral": _PHIXTRAL,
+    "phi-msft": _PHIXTRAL,  # Phixtral's releases' model_type (mlx-lm's MODEL_REMAPPING: phixtral)
     "step3p5": Family(  # StepFun's Step 3.5: per-kind heads and ropes, gated heads, clamped sigmoid-routed experts
         _keys(_core(False), _core_defaults(max_position_embeddings=262144), (
             Key("head_dim", check=size(4096)),  # mlx-lm has no default for these two
