@@ -112,6 +112,17 @@ def test_mlx_lm_conversions_load(checkpoints, tmp_path, bits):
     assert ("model.layers.1.mlp.switch_mlp.gate_proj.scales" in stored) == (bits is not None)
 
 
+def test_ferrum_quantize_keeps_the_sharing_layers_key_norms(checkpoints, tmp_path):
+    """`ferrum quantize` of the release writes the sharing layers' own key norms too: mlx-lm loads its output, and
+    every backend runs it as mlx-lm does."""
+    from ferrum.quant.convert import quantize_checkpoint
+    from support import assert_every_backend_runs_it_as_mlx_lm, mlx_lm_logits
+
+    with pytest.warns(UserWarning, match="stay in float"):  # the experts' down_proj, 48 wide
+        packed = quantize_checkpoint(checkpoints["large"][0], tmp_path / "q4", bits=4, group_size=32)
+    assert_every_backend_runs_it_as_mlx_lm(packed, TOKENS, mlx_lm_logits(packed, TOKENS), packed=True)
+
+
 # ------------------------------------------------------------------ controls
 
 

@@ -203,14 +203,14 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
         own.update({name: tuple(n * layer.stored_groups // config.num_kv_heads if i == axis else n
                                 for i, n in enumerate(own[name]))
                     for name, axis in _GROUP_AXES.items() if name in own})
-    if layer.kv_source is not None:
+    if layer.kv_source is not None:  # its own key norm stays where its query norm folds it in (ferrum.arch.cla)
         if "self_attn.qkv_proj.weight" in own:  # fused q/k/v elsewhere: its queries alone (AFM's KV-reuse layers)
             own = {name.replace("qkv_proj", "q_proj"): (config.num_heads * config.head_dim, *shape[1:])
                    for name, shape in own.items() if name.startswith("self_attn.qkv_proj.")} | {
                 name: shape for name, shape in own.items() if not name.startswith("self_attn.qkv_proj.")}
-        key_norm = f"self_attn.{config.arch.qk_norm_names[1]}."
+        key_norm = () if layer.own_key_norm else (f"self_attn.{config.arch.qk_norm_names[1]}.",)
         own = {name: shape for name, shape in own.items()
-               if not name.startswith(("self_attn.k_proj.", "self_attn.v_proj.", key_norm))}
+               if not name.startswith(("self_attn.k_proj.", "self_attn.v_proj.", *key_norm))}
     return own
 
 
