@@ -77,6 +77,16 @@ def test_mlx_lm_conversions_load(checkpoints, tmp_path, bits):
     assert ("transformer.h.1.moe.switch_mlp.fc1.scales" in stored) == (bits is not None)
 
 
+def test_ferrum_quantize_stacks_the_experts_biases(checkpoints, tmp_path):
+    """`ferrum quantize` of the release stacks each expert's biases where mlx-lm reads them: mlx-lm loads its output,
+    and every backend runs it as mlx-lm does."""
+    from ferrum.quant.convert import quantize_checkpoint
+    from support import assert_every_backend_runs_it_as_mlx_lm, mlx_lm_logits
+
+    packed = quantize_checkpoint(checkpoints["release"][0], tmp_path / "q4", bits=4, group_size=32)
+    assert_every_backend_runs_it_as_mlx_lm(packed, TOKENS, mlx_lm_logits(packed, TOKENS), packed=True)
+
+
 # ------------------------------------------------------------------ controls
 
 
