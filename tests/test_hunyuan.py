@@ -16,8 +16,8 @@ import pytest
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from mlx_lm_release import (
-    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, random_mlx_lm_model,
-    unstacked, with_zeroed, write_release,
+    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, normal,
+    random_mlx_lm_model, unstacked, with_zeroed, write_release,
 )
 from support import assert_forward_and_decode_match, float32_model, runnable_backends, scaled_error
 
@@ -72,9 +72,10 @@ def build_checkpoints(tmp_path_factory) -> dict:
         config = hunyuan_config(**extra)
         if variant == "listed":
             del config["tie_word_embeddings"]
-        model = random_mlx_lm_model(config)
-        names = as_fused_release if variant == "dense" else as_released
-        out[variant] = write_release(tmp_path_factory.mktemp(variant), model, config, names, TOKENS, VOCAB), model
+        model, folder = random_mlx_lm_model(config, draw=normal()), tmp_path_factory.mktemp(variant)
+        write_release(folder, model, config, TOKENS, as_fused_release if variant == "dense" else as_released,
+                      vocab=VOCAB)
+        out[variant] = folder, model
     return out
 
 

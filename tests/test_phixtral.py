@@ -15,8 +15,8 @@ from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.moe.activation import Gelu
 from mlx_lm_release import (
-    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, random_mlx_lm_model,
-    unstacked, with_zeroed, write_release,
+    assert_conversion_runs_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, model_logits, normal,
+    random_mlx_lm_model, unstacked, with_zeroed, write_release,
 )
 from support import assert_forward_and_decode_match, float32_model, runnable_backends, scaled_error
 
@@ -43,9 +43,9 @@ def as_released(tensors: dict) -> dict:
 def build_checkpoints(tmp_path_factory) -> dict:
     """variant -> (the release's folder, mlx-lm's model of it)."""
     config = phixtral_config()
-    model = random_mlx_lm_model(config, stds={"fc1": 0.3})
-    return {"release": (write_release(tmp_path_factory.mktemp("phixtral"), model, config, as_released, TOKENS, VOCAB),
-                        model)}
+    model, folder = random_mlx_lm_model(config, draw=normal(stds={"fc1": 0.3})), tmp_path_factory.mktemp("phixtral")
+    write_release(folder, model, config, TOKENS, as_released, vocab=VOCAB)
+    return {"release": (folder, model)}
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "jax"])
