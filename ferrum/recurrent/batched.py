@@ -1,14 +1,14 @@
 """The recurrent ops written once for numpy-like array frameworks (MLX, torch, JAX): the backends' native
-``causal_conv1d``, ``gated_delta_rule``, ``selective_scan`` and ``rg_lru`` without a host round trip.
+``causal_conv1d``, ``gated_delta_rule``, ``selective_scan``, ``rg_lru`` and ``wkv7`` without a host round trip.
 
 The host reads only ``cu_seqlens`` (already a host array) and turns it into index arrays; everything else is
 array ops on the device, so MLX's graph stays lazy. Segments are padded to a ``[B, L]`` batch whose padding
 neither decays nor writes the state (``g = 0``, ``beta = 0``, ``k = 0``; the selective scan's step 0; the RG-LRU's
-decay 1 and input 0). The selective scan and the RG-LRU run one vectorised step per token. The delta rule runs one
-vectorised step per token for short segments (a decode step is one), or, from ``CHUNK`` tokens on, in
-chunks: within a chunk the WY form (the corrections ``u`` solve a unit lower-triangular system, inverted by
-forward substitution, which stays stable where keys nearly repeat; a doubling inverse loses them), across chunks one
-state update each.
+decay 1 and input 0; RWKV-7's ``w = 0``, ``k = 0``, ``b = 0``). The selective scan and the RG-LRU run one vectorised
+step per token. The delta rules (Gated DeltaNet's, RWKV-7's) run one vectorised step per token for short segments (a
+decode step is one), or, from ``CHUNK`` tokens on, in chunks: within a chunk the WY form (the corrections or reads
+``u`` solve a unit lower-triangular system, inverted by forward substitution, which stays stable where keys nearly
+repeat; a doubling inverse loses them), across chunks one state update each.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def delta_rule(fw: Framework, q: Any, k: Any, v: Any, a: Any, b: Any, a_log: Any
     qf, kf, vf, g, beta = (t[gather] for t in (qf, kf, vf, g, beta))  # [B, L, ...]
     kf, g, beta = kf * valid[..., None, None], g * valid[..., None, None], beta * valid[..., None]
     if chunk:
-        out, new_state = _chunked(fw, state, qf, kf, vf, g, beta, chunk)
+        out, new_state = _chunked(fw, _chunks, state, (qf, kf, vf, g, beta), chunk, g.shape[-1])
     else:
         new_state, outs = fw.scan(lambda s, xs: _step(xp, s, xs)[::-1], state,
                                   tuple(xp.swapaxes(t, 0, 1) for t in (qf, kf, vf, g, beta)))
@@ -261,16 +261,26 @@ def _step(xp: Any, state: Any, xs: tuple) -> tuple[Any, Any]:
     return _row_times(q, state), state
 
 
-def _chunked(fw: Framework, state: Any, q: Any, k: Any, v: Any, g: Any, beta: Any, chunk: int) -> tuple[Any, Any]:
-    """:func:`_chunks` over ``[B, L]`` tokens, as many chunks at a time as :data:`DECAY_BUDGET` allows."""
-    batch, length, heads, _ = k.shape
-    step = chunk * max(1, DECAY_BUDGET // (batch * heads * chunk * chunk * g.shape[-1]))
+def _chunked(fw: Framework, chunks: Callable, state: Any, xs: tuple, chunk: int, width: int) -> tuple[Any, Any]:
+    """``chunks(fw, state, *xs, chunk)`` over ``[B, L]`` tokens, as many chunks at a time as :data:`DECAY_BUDGET`
+    allows for decays of ``width`` numbers per pair of tokens (1, Dk or more)."""
+    batch, length, heads = xs[0].shape[:3]
+    step = chunk * max(1, DECAY_BUDGET // (batch * heads * chunk * chunk * width))
     outs = []
     for start in range(0, length, step):
-        part = slice(start, start + step)
-        out, state = _chunks(fw, state, q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], chunk)
+        out, state = chunks(fw, state, *(t[:, start:start + step] for t in xs), chunk)
         outs.append(out)
     return (outs[0] if len(outs) == 1 else fw.xp.concatenate(outs, axis=1)), state
+
+
+def _unit_lower_inverse(fw: Framework, system: Any, chunk: int) -> Any:
+    """``(I + A)^-1`` of a strictly lower-triangular ``A [..., C, C]`` by forward substitution on ``I``, column by
+    column (``[C, C]`` rows: cheaper than on the right-hand sides; stable where keys nearly repeat, which a doubling
+    inverse is not)."""
+    inverse = fw.put(np.eye(chunk, dtype=np.float32))
+    for j in range(chunk - 1):
+        inverse = inverse - system[..., :, j:j + 1] * inverse[..., j:j + 1, :]
+    return inverse
 
 
 def _chunks(fw: Framework, state: Any, q: Any, k: Any, v: Any, g: Any, beta: Any, chunk: int) -> tuple[Any, Any]:
@@ -297,11 +307,7 @@ def _chunks(fw: Framework, state: Any, q: Any, k: Any, v: Any, g: Any, beta: Any
     else:
         keys = (k[..., :, None, :] * k[..., None, :, :] * decay).sum(-1)
         attend = (q[..., :, None, :] * k[..., None, :, :] * decay).sum(-1)
-    system = keys * beta[..., None] * strict  # A
-    # (I + A)^-1 by forward substitution on I, column by column ([C, C] rows: cheaper than on [C, Dk + Dv])
-    inverse = fw.put(np.eye(chunk, dtype=np.float32))
-    for j in range(chunk - 1):
-        inverse = inverse - system[..., :, j:j + 1] * inverse[..., j:j + 1, :]
+    inverse = _unit_lower_inverse(fw, keys * beta[..., None] * strict, chunk)  # (I + A)^-1
     u0 = inverse @ (v * beta[..., None])  # u = u0 - w S
     w = inverse @ (k * xp.exp(cum) * beta[..., None])
     q_decayed = q * xp.exp(cum)
@@ -318,6 +324,88 @@ def _chunks(fw: Framework, state: Any, q: Any, k: Any, v: Any, g: Any, beta: Any
     state, outs = fw.scan(one_chunk, state, tuple(xp.moveaxis(t, 2, 0) for t in parts))
     out = xp.moveaxis(fw.stack(outs), 0, 2).reshape(batch, heads, length, -1)  # [B, H, L, Dv]
     return xp.swapaxes(out, 1, 2), state
+
+
+def wkv7(fw: Framework, r: Any, w: Any, k: Any, v: Any, a: Any, b: Any, state: Any, cu_seqlens: Any,
+         chunk: int = CHUNK) -> tuple[Any, Any]:
+    """``ferrum.hookspec.wkv7``; returns ``(y in v's dtype, new float32 state)``."""
+    tokens, batch = v.shape[0], state.shape[0]
+    cu, (r, w, k, v, a, b), (state,) = bucketed(fw, cu_seqlens, [r, w, k, v, a, b], [state])
+    plan = delta_plan(cu, chunk, fw.bucket or int)
+    gather, scatter, valid = (None if i is None else fw.put(i) for i in (plan.gather, plan.scatter, plan.valid))
+    rule = _device_part(fw, scan_wkv7, "chunk")
+    y, new_state = rule(r, w, k, v, a, b, state, gather, scatter, valid, chunk=chunk if plan.chunked else 0)
+    return (y, new_state) if fw.bucket is None else (y[:tokens], new_state[:batch])
+
+
+def scan_wkv7(fw: Framework, r: Any, w: Any, k: Any, v: Any, a: Any, b: Any, state: Any, gather: Any, scatter: Any,
+              valid: Any, chunk: int) -> tuple[Any, Any]:
+    """The device part of :func:`wkv7` for a :class:`DeltaPlan`'s uploaded arrays (pure: JAX jits it with ``chunk``
+    static); ``chunk`` 0 steps token by token. A padding slot neither decays nor writes (``w, k, b = 0``)."""
+    xp, f32 = fw.xp, fw.xp.float32
+    xs = tuple(fw.astype(t, f32) for t in (r, w, k, v, a, b))
+    state = fw.astype(state, f32)
+    if gather is None:  # every segment one token: one step over the batch
+        y, new_state = _wkv7_step(xp, state, xs)
+        return fw.astype(y, v.dtype), new_state
+    r_, w_, k_, v_, a_, b_ = (t[gather] for t in xs)  # [B, L, H, D]
+    mask = valid[..., None, None]
+    xs = (r_, w_ * mask, k_ * mask, v_, a_, b_ * mask)
+    if chunk:
+        y, new_state = _chunked(fw, _wkv7_chunks, state, xs, chunk, 2 * w_.shape[-1])
+    else:
+        new_state, ys = fw.scan(lambda s, x: _wkv7_step(xp, s, x)[::-1], state, tuple(xp.swapaxes(t, 0, 1)
+                                                                                   for t in xs))
+        y = xp.swapaxes(fw.stack(ys), 0, 1)
+    y = y.reshape(-1, *y.shape[2:])[scatter]
+    return fw.astype(y, v.dtype), new_state
+
+
+def _wkv7_step(xp: Any, state: Any, xs: tuple) -> tuple[Any, Any]:
+    """One token of every sequence: ``r, w, k, v, a, b [B, H, D]``, ``state [B, H, Dk, Dv]``."""
+    r, w, k, v, a, b = xs
+    read = _row_times(a, state)  # a S, before the decay
+    state = state * xp.exp(w)[..., None] + k[..., None] * v[..., None, :] + b[..., None] * read[..., None, :]
+    return _row_times(r, state), state
+
+
+def _wkv7_chunks(fw: Framework, state: Any, r: Any, w: Any, k: Any, v: Any, a: Any, b: Any,
+                 chunk: int) -> tuple[Any, Any]:
+    """RWKV-7's rule over ``[B, N * C]`` tokens, chunk by chunk. With ``G_i`` the running sum of ``w`` through token
+    ``i`` of a chunk and ``D(x, j) = exp(x - G_j)`` per key channel, the state after token ``i`` is ``exp(G_i) S +
+    sum_{j <= i} D(G_i, j) (k_j v_j + b_j u_j)``, where ``u_j = a_j S_{j-1}`` (the reads) solve ``(I - A) u =
+    exp(G_{j-1}) a_j S + sum_{i < j} (a_j D(G_{j-1}, i) k_i) v_i``, ``A[j, i] = a_j D(G_{j-1}, i) b_i``: so ``u = W S +
+    u0``, each output ``y = R S + y0`` and the chunk's last state ``M S + c``, all but ``M S`` (one matmul per chunk)
+    computed for every chunk at once. The decays stay inside the products (``[B, H, N, C, C, Dk]``, each exponent
+    at most 0: no overflow whatever ``w``)."""
+    xp = fw.xp
+    batch, length, heads, dk = k.shape
+    n = length // chunk
+    r, w, k, v, a, b = (xp.swapaxes(t, 1, 2).reshape(batch, heads, n, chunk, -1) for t in (r, w, k, v, a, b))
+    cum = xp.cumsum(w, axis=-2)  # G [B, H, N, C, Dk]
+    before = cum - w  # G_{j-1}
+    lower = np.tril(np.ones((chunk, chunk), np.float32))
+    within, strict = fw.put(lower)[..., None], fw.put(lower - np.eye(chunk, dtype=np.float32))[..., None]
+    reading = a[..., :, None, :] * xp.exp((before[..., :, None, :] - cum[..., None, :, :]) * strict) * strict
+    output = r[..., :, None, :] * xp.exp((cum[..., :, None, :] - cum[..., None, :, :]) * within) * within
+    inverse = _unit_lower_inverse(fw, -(reading * b[..., None, :, :]).sum(-1), chunk)  # (I - A)^-1
+    reads = inverse @ (a * xp.exp(before))  # W
+    reads0 = inverse @ ((reading * k[..., None, :, :]).sum(-1) @ v)  # u0
+    to_b = (output * b[..., None, :, :]).sum(-1)
+    outs = r * xp.exp(cum) + to_b @ reads  # R
+    outs0 = (output * k[..., None, :, :]).sum(-1) @ v + to_b @ reads0  # y0
+    last = cum[..., -1:, :]  # [B, H, N, 1, Dk]
+    to_end = xp.exp(last - cum)
+    b_end_t = xp.swapaxes(b * to_end, -1, -2)
+    carry = b_end_t @ reads + fw.put(np.eye(dk, dtype=np.float32)) * xp.swapaxes(xp.exp(last), -1, -2)  # M
+    written = xp.swapaxes(k * to_end, -1, -2) @ v + b_end_t @ reads0  # c
+
+    def one_chunk(s: Any, xs: tuple) -> tuple[Any, Any]:
+        return xs[0] @ s + xs[1], s
+
+    state, starts = fw.scan(one_chunk, state, (xp.moveaxis(carry, 2, 0), xp.moveaxis(written, 2, 0)))
+    y = outs @ xp.moveaxis(fw.stack(starts), 0, 2) + outs0  # [B, H, N, C, Dv]
+    return xp.swapaxes(y.reshape(batch, heads, length, -1), 1, 2), state
 
 
 def selective_scan(fw: Framework, x: Any, dt: Any, a_log: Any, b: Any, c: Any, d: Any, dt_bias: Any, state: Any,

@@ -614,6 +614,11 @@ def rg_lru(x, gate_x, gate_a, a_param, state, cu_seqlens, starts):
     return batched.rg_lru(_FRAMEWORK, x, gate_x, gate_a, a_param, state, cu_seqlens, starts)
 
 
+@hookimpl
+def wkv7(r, w, k, v, a, b, state, cu_seqlens):
+    return batched.wkv7(_FRAMEWORK, r, w, k, v, a, b, state, cu_seqlens)
+
+
 # --------------------------------------------------------------------------
 # Paged KV pool
 # --------------------------------------------------------------------------

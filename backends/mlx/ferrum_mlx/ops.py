@@ -497,6 +497,11 @@ def rg_lru(x, gate_x, gate_a, a_param, state, cu_seqlens, starts):
     return batched.rg_lru(_FRAMEWORK, x, gate_x, gate_a, a_param, state, cu_seqlens, starts)
 
 
+@hookimpl
+def wkv7(r, w, k, v, a, b, state, cu_seqlens):
+    return batched.wkv7(_FRAMEWORK, r, w, k, v, a, b, state, cu_seqlens)
+
+
 # ------------------------------------------------------- quantized weights
 def _float_codes(codes) -> tuple[mx.array, mx.array, int, int]:
     """A float mode's codes and uint8 scales as MLX's ``mode=`` kernels take them, with the mode's bits and group."""
