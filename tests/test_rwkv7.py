@@ -16,7 +16,8 @@ from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was,
     assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
     assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match, float32_model, mlx_lm_converted,
-    runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
+    grouped_routing_backends, mlx_lm_logits, runnable_backends, scaled_error, small_pool_engine,
+    staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm")
@@ -79,6 +80,45 @@ def built(tmp_path_factory):
 def test_logits_match_mlx_lm(built, variant, backend):
     folder, want, _ = built[variant]
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
+
+
+#: A prompt over two chunks of the batched rule and part of a third (``ferrum.recurrent.batched.CHUNK`` 16).
+LONG = [int(t) for t in np.random.RandomState(2).randint(0, VOCAB, size=40)]
+
+
+@pytest.fixture(scope="module")
+def long_logits(built):
+    return mlx_lm_logits(built["untied"][0], LONG)
+
+
+@pytest.mark.parametrize("backend", sorted(set(BACKENDS + grouped_routing_backends())))
+def test_long_prompts_take_the_chunked_rule_as_mlx_lm_runs_them(built, long_logits, backend):
+    """In one pass, and in two whose second starts from the first's states, each over a chunk or more."""
+    model = float32_model(built["untied"][0], backend, block_size=4)
+    assert scaled_error(model.forward_verify("whole", LONG), long_logits) <= 1e-4
+    parts = [model.forward_verify("parts", LONG[:19]), model.forward_verify("parts", LONG[19:])]
+    assert scaled_error(np.concatenate(parts), long_logits) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx", "jax"])
+def test_backends_declaring_api_1_30_run_their_own_rule(built, long_logits, backend, monkeypatch):
+    """torch, MLX and the JAX plugin never take the host fallback (``ferrum.recurrent.kernels.wkv7``) once they
+    declare API 1.30; the control: the same backend held to an older API (``SINCE`` past its version) takes it."""
+    from ferrum.backends import declared_version, load_backend
+    from ferrum.recurrent import kernels, rwkv7
+
+    if backend not in grouped_routing_backends():
+        pytest.skip(f"{backend} is not installed here")
+    if declared_version(load_backend(backend).ops.info) < rwkv7.SINCE:
+        pytest.skip(f"the installed {backend} plugin predates API 1.30: reinstall it")
+    calls, host = [], kernels.wkv7
+    monkeypatch.setattr(kernels, "wkv7", lambda *args: calls.append(1) or host(*args))
+    folder = built["untied"][0]
+    assert scaled_error(float32_model(folder, backend).forward_verify("own", LONG), long_logits) <= 1e-4
+    assert calls == []
+    monkeypatch.setattr(rwkv7, "SINCE", (1, 99))
+    assert scaled_error(float32_model(folder, backend).forward_verify("host", LONG), long_logits) <= 1e-4
+    assert len(calls) == 3  # one a time mix
 
 
 def test_each_stored_layer_runs_as_a_time_mix_then_a_channel_mix(built):

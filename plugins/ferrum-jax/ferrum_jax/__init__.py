@@ -15,8 +15,9 @@ from ferrum.backends import BackendProbe
 #: stay the core's, which run every activation, so 1.18's ungated experts and 1.26's up_offset are the core's too);
 #: 1.19: selective_scan (1.17's ssd_update it leaves to the core); 1.20: gated_delta_rule's per-key-channel gate and
 #: beta_scale; 1.21: relu, attention's alibi_slopes; 1.22: quantize_activations; 1.23: routing chosen by the logits;
-#: 1.24: softplus_mul; 1.25: rg_lru; 1.27: gated_delta_rule's lower_bound; 1.28: the grouped rules' dropped_weighed
-API_VERSION = "1.28"
+#: 1.24: softplus_mul; 1.25: rg_lru; 1.27: gated_delta_rule's lower_bound; 1.28: the grouped rules' dropped_weighed;
+#: 1.29: the experts' swish clamp (the core's experts, as every activation); 1.30: wkv7
+API_VERSION = "1.30"
 
 
 @hookimpl

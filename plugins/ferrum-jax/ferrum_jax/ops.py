@@ -16,6 +16,6 @@ from ferrum_jax.kv import kv_alloc, kv_gather, kv_write  # noqa: F401
 from ferrum_jax.moe import moe_route  # noqa: F401
 from ferrum_jax.quant import quantized_embedding, quantized_linear, quantized_upload  # noqa: F401
 from ferrum_jax.recurrent import (  # noqa: F401
-    causal_conv1d, gated_delta_rule, rg_lru, selective_scan, sigmoid_mul, softplus_mul,
+    causal_conv1d, gated_delta_rule, rg_lru, selective_scan, sigmoid_mul, softplus_mul, wkv7,
 )
 from ferrum_jax.sampling import sample  # noqa: F401

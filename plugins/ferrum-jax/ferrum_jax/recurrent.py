@@ -1,7 +1,7 @@
 """The recurrent mixers' ops (API 1.16; ``selective_scan`` 1.19, ``rg_lru`` 1.25, ``gated_delta_rule``'s
-``lower_bound`` 1.27): :mod:`ferrum.recurrent.batched` in jnp, its device parts jitted and its loops over time
-``lax.scan``. A prompt's rule compiles in about a second, so token, sequence and chunk counts are padded to powers of
-two (:mod:`ferrum_jax.buckets`): one compile per bucket, not per prompt length."""
+``lower_bound`` 1.27, ``wkv7`` 1.30): :mod:`ferrum.recurrent.batched` in jnp, its device parts jitted and its loops
+over time ``lax.scan``. A prompt's rule compiles in about a second, so token, sequence and chunk counts are padded to
+powers of two (:mod:`ferrum_jax.buckets`): one compile per bucket, not per prompt length."""
 
 from __future__ import annotations
 
@@ -57,3 +57,8 @@ def selective_scan(x, dt, a_log, b, c, d, dt_bias, state, cu_seqlens):
 @hookimpl
 def rg_lru(x, gate_x, gate_a, a_param, state, cu_seqlens, starts):
     return batched.rg_lru(_FRAMEWORK, x, gate_x, gate_a, a_param, state, cu_seqlens, starts)
+
+
+@hookimpl
+def wkv7(r, w, k, v, a, b, state, cu_seqlens):
+    return batched.wkv7(_FRAMEWORK, r, w, k, v, a, b, state, cu_seqlens)
