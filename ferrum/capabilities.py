@@ -34,7 +34,8 @@ class ExecutorCapabilities:
     sliding_window: bool
     device_sampling: bool  # tokens are picked on the backend; only their ids reach the host
     #: Sampled ids stay on the backend and are read a step later (``sample_on_device``), so the engine
-    #: issues step N+1 while the device runs step N; else every step waits for its tokens.
+    #: issues step N+1 while the device runs step N; else every step waits for its tokens (so for a model that needs
+    #: every input token on the host: ``DecoderOnlyLLM.needs_host_tokens``).
     async_stepping: bool
     fused_ops: tuple[str, ...]
     dtypes: tuple[str, ...]
@@ -78,7 +79,7 @@ class ExecutorCapabilities:
             native_unified_batch=paged,
             sliding_window=sliding,
             device_sampling="sample" in native,
-            async_stepping="sample_on_device" in native,
+            async_stepping="sample_on_device" in native and not getattr(model, "needs_host_tokens", False),
             fused_ops=tuple(op for op in ("add_rms_norm", "gelu_tanh_mul", "softcap") if op in native),
             dtypes=tuple(info.dtypes),
             devices=(info.device,),

@@ -27,6 +27,7 @@ from ferrum.arch.altup import OUTPUT_SCALE
 from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
 from ferrum.arch.norms import NORM_KINDS, SUB_NORMS, NormGate, gate_modules
 from ferrum.arch.positions import sinusoidal_table
+from ferrum.arch.ngram import NgramEmbedding, windows as ngram_windows
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE, PerLayerEmbedding, PerLayerMix
 from ferrum.arch.tensors import (
     Fuser, bias_of, is_norm, prepare, resolve_layout, weight_shapes,
@@ -279,6 +280,11 @@ class DecoderOnlyLLM:
         self._ones: dict[int, Any] = {}  # size -> the weight of ones of weightless RMSNorms, placed once
         #: Gemma 4 E2B / E4B's per-layer inputs (ferrum.arch.per_layer), or None.
         self.per_layer = None if arch.per_layer_inputs is None else PerLayerEmbedding(ops, config, weights)
+        #: LongCat-Flash-Lite's n-gram embedding (ferrum.arch.ngram), or None.
+        self.ngram = None if arch.ngram is None else NgramEmbedding(ops, arch.ngram, arch.prefix, weights)
+        #: Whether every input token must be on the host (the n-gram embedding hashes tokens there), so a step is
+        #: never fed the previous one's picks on the device (``ExecutorCapabilities.async_stepping``).
+        self.needs_host_tokens = self.ngram is not None
         #: The ends of a residual stream wider than one array (``Architecture.wide``: Gemma 3n's copies,
         #: ferrum.arch.altup; hyper-connections' streams, ferrum.arch.hyper), or None.
         self.wide = None if arch.wide is None else arch.wide.stream(
@@ -350,7 +356,8 @@ class DecoderOnlyLLM:
         #: of its own, learned positions.
         self.lookup_weight_bytes = (0 if config.tie_word_embeddings else embed.nbytes) + (
             0 if self.position_table is None else self.position_table.nbytes) + (
-            0 if self.per_layer is None else weights[arch.prefix + PER_LAYER_TABLE].nbytes)
+            0 if self.per_layer is None else weights[arch.prefix + PER_LAYER_TABLE].nbytes) + (
+            0 if self.ngram is None else sum(table.nbytes for table in self.ngram.tables))
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -399,6 +406,8 @@ class DecoderOnlyLLM:
         roles = {embedding: "tied" if config.tie_word_embeddings else "embedding",
                  f"{config.arch.prefix}embed_positions.weight": "embedding",
                  f"{config.arch.prefix}{PER_LAYER_TABLE}": "embedding"}
+        if config.arch.ngram is not None:  # the n-gram tables: looked a few rows up a step
+            roles.update({config.arch.prefix + name: "embedding" for name in config.arch.ngram.lookup_tables()})
         # Fused projections (one linear, then a split) only where the backend splits natively.
         fuser = Fuser(config, shapes) if "split" in backend.ops.native else None
         bitnet_scheme = None if config.quantization is None else config.quantization.bitnet
@@ -796,6 +805,8 @@ class DecoderOnlyLLM:
         run = _Pass(self, batch, kept, [it.seq_id for it in items])
 
         h = self.embed_lookup(self.embed, ids)
+        if self.ngram is not None:
+            h = self.ngram(h, ngram_windows(arch.ngram, items, self.kv.history))
         if arch.embed_scale is not None:
             h = ops.mul_scalar(h, arch.embed_scale)
         if self.position_table is not None:

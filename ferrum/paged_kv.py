@@ -143,6 +143,12 @@ class PagedKVManager:
         """The salt ``seq_id``'s block keys chain from (b"" for the base model)."""
         return self._get(seq_id).salt
 
+    def history(self, seq_id: Hashable, count: int) -> list[int | None]:
+        """The last ``count`` tokens whose K/V ``seq_id`` holds (None for one sampled on the device, not read yet):
+        what a model whose embedding reads earlier tokens (:mod:`ferrum.arch.ngram`) needs besides a pass's own."""
+        seq = self._get(seq_id)
+        return seq.tokens[seq.length - count: seq.length] if count else []
+
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._get(seq_id).blocks)
 

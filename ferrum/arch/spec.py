@@ -229,6 +229,9 @@ class Architecture:
     layer_scalar: bool = False
     #: Gemma 4 E2B / E4B's per-layer inputs (:class:`ferrum.arch.per_layer.PerLayerInputs`), or None.
     per_layer_inputs: Any = None
+    #: LongCat-Flash-Lite's n-gram embedding (:class:`ferrum.arch.ngram.NgramSpec`): hashed n-grams ending at each
+    #: token add to its embedding; None: the token's embedding alone.
+    ngram: Any = None
     #: Gemma 3n's residual stream of several copies that each block predicts and corrects, with its Laurel residual
     #: (:class:`ferrum.arch.altup.AltUpSpec`), or None: one stream.
     altup: Any = None

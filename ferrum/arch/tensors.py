@@ -83,6 +83,8 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         shapes.update({p + name: shape for name, shape in arch.per_layer_inputs.tensors(h, config.num_layers).items()})
     if arch.wide is not None:
         shapes.update({p + name: shape for name, shape in arch.wide.tensors(h).items()})
+    if arch.ngram is not None:
+        shapes.update({p + name: shape for name, shape in arch.ngram.tensors().items()})
     attention: dict[str, tuple[int, ...]] = {}
     if arch.mla is not None:
         attention.update(arch.mla.tensors(h))

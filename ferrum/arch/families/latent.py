@@ -18,6 +18,7 @@ from ferrum.arch.keys import (
 )
 from ferrum.arch.hyper import HyperSpec
 from ferrum.arch.mla import MlaSpec
+from ferrum.arch.ngram import MODULE as NGRAM_MODULE, NgramSpec
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.arch.sublayers import SubLayers
 from ferrum.moe.activation import ClampedSwiGLU
@@ -500,6 +501,51 @@ TABLE["longcat_flash"] = Family(  # Meituan's LongCat-Flash: two latent-attentio
                   "set it to false to run the model as transformers does")),
           )),
     _longcat_flash,
+    eps_default=1e-5,
+    kv_heads=_mla_kv_heads,
+    head_dim=_mla_head_dim,
+    derive=_longcat_config,
+)
+
+
+# ---------------------------------------------------------------- LongCat-Flash-Lite (n-gram embedding)
+
+#: mlx-lm's conversions keep the word embedding inside the n-gram embedding (its sanitize moves the release's
+#: model.embed_tokens there).
+LONGCAT_NGRAM_MLX_LM = (("model.", "lm_head.weight", {"embed_tokens": f"{NGRAM_MODULE}.word_embeddings"}),)
+#: mlx-lm's defaults (ModelArgs) of the n-gram embedding's keys, which an absent or null key takes.
+NGRAM_DEFAULTS = {"ngram_vocab_size_ratio": 78, "emb_neighbor_num": 4, "emb_split_num": 4}
+
+
+def _longcat_flash_ngram(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Meituan's LongCat-Flash-Lite (mlx-lm's longcat_flash_ngram; the release's remote code): LongCat-Flash
+    (:func:`_longcat_flash`) whose token embedding also sums hashed embeddings of the n-grams each token ends
+    (:mod:`ferrum.arch.ngram`), stored under ``model.ngram_embeddings`` (the word embedding as the release's
+    ``model.embed_tokens``, or mlx-lm's ``ngram_embeddings.word_embeddings``)."""
+    ratio, neighbors, splits = (NGRAM_DEFAULTS[key] if r(key) is None else r(key) for key in NGRAM_DEFAULTS)
+    if neighbors < 2:
+        r.fail("emb_neighbor_num", f"is {neighbors}, but an n-gram embedding spans at least 2 tokens (mlx-lm builds "
+                                   "no tables below that and divides by their count)")
+    spec = NgramSpec(sizes.vocab_size, ratio, neighbors, splits, sizes.hidden_size)
+    if spec.dim == 0:
+        r.fail("emb_split_num", f"({splits}) times emb_neighbor_num - 1 ({neighbors - 1}) exceeds hidden_size "
+                                f"({sizes.hidden_size}): the n-gram tables would have no columns")
+    if spec.rows(spec.tables - 1) >= 1 << 31:
+        r.fail("ngram_vocab_size_ratio", f"({ratio}) times vocab_size ({sizes.vocab_size}) gives n-gram tables of "
+                                         "2^31 rows or more, beyond any real model; the config is corrupt")
+    return replace(_longcat_flash(r, sizes), ngram=spec, layouts=LONGCAT_NGRAM_MLX_LM)
+
+
+TABLE["longcat_flash_ngram"] = Family(  # LongCat-Flash-Lite: LongCat-Flash plus an n-gram embedding
+    _keys(tuple(TABLE["longcat_flash"].keys.values()), (
+        Key("ngram_vocab_size_ratio", default=NGRAM_DEFAULTS["ngram_vocab_size_ratio"], check=optional_size(1 << 12)),
+        Key("emb_neighbor_num", default=NGRAM_DEFAULTS["emb_neighbor_num"], check=optional_size(64)),
+        Key("emb_split_num", default=NGRAM_DEFAULTS["emb_split_num"], check=optional_size(256)),
+        Key("oe_ignored_token_ids", default=None, unsupported=True, check=falsy(
+            "mlx-lm's longcat_flash_ngram reads no such list (LongCat-Next's remote code does); Ferrum runs the "
+            "model as mlx-lm does: leave it out or empty")),
+    )),
+    _longcat_flash_ngram,
     eps_default=1e-5,
     kv_heads=_mla_kv_heads,
     head_dim=_mla_head_dim,

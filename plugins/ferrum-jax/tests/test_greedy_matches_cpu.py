@@ -208,10 +208,19 @@ AXK2 = dict(architectures=["AXK2ForCausalLM"], model_type="axk2", hidden_size=64
             num_experts_per_tok=4, n_group=4, topk_group=3, n_shared_experts=1, index_topk=64, index_head_dim=16,
             index_n_heads=2, gated_norm_rank=6, vocab_size=101, max_position_embeddings=256)
 
+#: LongCat-Flash-Lite's layout: LongCat-Flash's two latent-attention sub-blocks a layer and shortcut MoE with zero
+#: experts, its token embedding summing hashed 4-gram embeddings that read each sequence's earlier tokens.
+LONGCAT_FLASH_NGRAM = dict(
+    architectures=["LongcatFlashNgramForCausalLM"], model_type="longcat_flash_ngram", hidden_size=64, num_layers=2,
+    num_attention_heads=4, ffn_hidden_size=80, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+    qk_rope_head_dim=8, head_dim=8, v_head_dim=12, n_routed_experts=4, zero_expert_num=3, moe_topk=3,
+    expert_ffn_hidden_size=24, routed_scaling_factor=2.0, vocab_size=101, max_position_embeddings=256,
+    rope_theta=10000.0, ngram_vocab_size_ratio=3, emb_neighbor_num=4, emb_split_num=2)
+
 
 @pytest.mark.parametrize("config", [GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE, EXAONE_MOE,
                                     MINIMAX_M2, FLEX_OLMO, SOLAR_OPEN, MELLUM, HY_V3,
-                                    MISTRAL4, DBRX, GEMMA4_MOE, KOLIBRI1, AXK2],
+                                    MISTRAL4, DBRX, GEMMA4_MOE, KOLIBRI1, AXK2, LONGCAT_FLASH_NGRAM],
                          ids=lambda c: c["model_type"])
 def test_moe_families_greedy_tokens_equal_the_cpu_backends(tmp_path, config):
     folder = write_random_checkpoint(tmp_path / config["model_type"], config, dtype="float32", std=0.2, seed=3)
