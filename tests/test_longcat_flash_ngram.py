@@ -5,7 +5,6 @@ preemption, mixed batches, the engine, mlx-lm's conversions, and controls for th
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -13,11 +12,12 @@ import pytest
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.model import ForwardItem
+from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
 from support import (
-    MlxLmReference, assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits, assert_engine_keeps_greedy_tokens,
     assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match, edited_checkpoint, float32_model,
     mlx_lm_converted, mlx_lm_logits, run_staggered, runnable_backends, scaled_error, small_pool_engine,
-    staggered_greedy_workload, write_tokenizer,
+    staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm")
@@ -45,19 +45,16 @@ TRIGRAMS = {**RELEASE, "hidden_size": 128, "num_layers": 1, "num_hidden_layers":
 VARIANTS = {"four_grams": RELEASE, "trigrams": TRIGRAMS}
 
 
-def _draw(rng: np.random.RandomState):
+def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """O(1) activations with every path counting: norms near 1, correction biases large enough to change choices,
     embeddings N(0, 1), matrices N(0, 1 / fan_in)."""
-    def draw(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if "norm" in name:
-            return 1.0 + 0.1 * rng.randn(*shape)
-        if "correction_bias" in name:
-            return rng.uniform(0.0, 0.3, shape)
-        if "embed" in name and "embed_q" not in name:
-            return rng.randn(*shape)
-        return rng.randn(*shape) / np.sqrt(shape[-1]) if len(shape) >= 2 else 0.2 * rng.randn(*shape)
-
-    return draw
+    if "norm" in name:
+        return 1.0 + 0.1 * rng.standard_normal(shape)
+    if "correction_bias" in name:
+        return rng.uniform(0.0, 0.3, shape)
+    if "embed" in name and "embed_q" not in name:
+        return rng.standard_normal(shape)
+    return rng.standard_normal(shape) / np.sqrt(shape[-1]) if len(shape) >= 2 else 0.2 * rng.standard_normal(shape)
 
 
 def release_tensors(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -75,31 +72,14 @@ def release_tensors(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out[stem + "kv_b_proj.weight"] = joined.reshape(-1, joined.shape[-1])
         elif not name.endswith("unembed_out.weight"):
             out[name.replace("ngram_embeddings.word_embeddings", "embed_tokens")] = value
-    return {name: np.ascontiguousarray(value) for name, value in out.items()}
+    return out
 
 
 def build_release(folder, config: dict, seed: int = 0):
     """mlx-lm's model of ``config`` at random, saved in ``folder`` under the release's names; mlx-lm's
     ``load_model`` of the folder reproduces it (so the inverse naming is proven). Returns the model."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.models import longcat_flash_ngram as module
-    from safetensors.numpy import save_file
-
-    model = module.Model(module.ModelArgs.from_dict(config))
-    draw = _draw(np.random.RandomState(seed))
-    params = {name: draw(name, tuple(p.shape)).astype(np.float32) for name, p in tree_flatten(model.parameters())}
-    model.update(tree_unflatten([(name, mx.array(value)) for name, value in params.items()]))
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(release_tensors(params), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, config["vocab_size"])
-    # named, as releases name it: else transformers' AutoTokenizer (in mlx-lm's convert) reads the unknown model_type
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config,
-                                                              "tokenizer_class": "PreTrainedTokenizerFast"}))
-    assert scaled_error(mlx_lm_logits(folder, TOKENS), MlxLmReference(model)(np.array([TOKENS])).logits[0].numpy()) \
-        < 1e-6
+    model = random_mlx_lm_model(config, seed, _draw)
+    write_release(folder, model, config, TOKENS, release_tensors, tolerance=1e-6)
     return model
 
 
@@ -110,7 +90,7 @@ def releases(tmp_path_factory):
     for name, config in VARIANTS.items():
         folder = tmp_path_factory.mktemp(name)
         model = build_release(folder, config)
-        out[name] = folder, model, MlxLmReference(model)(np.array([TOKENS])).logits[0].numpy()
+        out[name] = folder, model, model_logits(model, TOKENS)
     return out
 
 
