@@ -21,6 +21,8 @@ def query_norm_parts(config: Any, name: str) -> tuple[str, ...]:
     from ferrum.arch.tensors import _layer_of, stored_name  # imported here: ferrum.arch.tensors reads ferrum.weights
 
     arch = config.arch
+    if not any(layer.own_key_norm for layer in arch.layers):  # no layer folds a key norm (every family but Hunyuan)
+        return ()
     index = _layer_of(name, arch.prefix)
     if index is None or index >= len(arch.layers) or not arch.layers[index].own_key_norm:
         return ()

@@ -487,9 +487,12 @@ def _take_rows(tensor: Any, order: np.ndarray) -> Any:
 
 
 def _layer_of(name: str, prefix: str) -> int | None:
+    """The layer index of Ferrum's tensor ``name`` under ``prefix``; None for a tensor outside the layers (or a stored
+    name whose layers sit in a container of another name, PLaMo's ``layers.layers.N``)."""
     if not name.startswith(prefix + "layers."):
         return None
-    return int(name[len(prefix) + len("layers."):].split(".", 1)[0])
+    index = name[len(prefix) + len("layers."):].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
 
 
 def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tuple[str, Any]]:
