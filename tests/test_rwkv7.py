@@ -82,6 +82,19 @@ def test_logits_match_mlx_lm(built, variant, backend):
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, want)
 
 
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="needs MLX")
+def test_a_model_loaded_on_one_thread_runs_on_another(built):
+    """The engine steps on its own thread (ferrum serve, astream): nothing the load placed on MLX may be a lazy array
+    tied to the loading thread's stream (the group norm's bias row was)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, want, _ = built["untied"]
+    model = float32_model(folder, "mlx")
+    with ThreadPoolExecutor(1) as other:
+        got = other.submit(model.forward_verify, "t", TOKENS).result()
+    assert scaled_error(got, want) <= 1e-4
+
+
 #: A prompt over two chunks of the batched rule and part of a third (``ferrum.recurrent.batched.CHUNK`` 16).
 LONG = [int(t) for t in np.random.RandomState(2).randint(0, VOCAB, size=40)]
 

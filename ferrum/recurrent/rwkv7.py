@@ -158,7 +158,9 @@ class Rwkv7Layer:
         dtype = dtype_name(self.norm_weight)
         ones = np.ones((1, max(spec.width, spec.gate_rank)), dtype=np.float32)
         self.ones = {w: ops.from_numpy(ones[:, :w], dtype) for w in {spec.width, spec.gate_rank}}
-        self.bias_row = ops.reshape(self.norm_bias, (1, spec.width))
+        # placed from the host, not reshaped on the device: a lazy MLX reshape made at load stays tied to the loading
+        # thread's stream, and the engine's thread (ferrum serve, astream) could not evaluate it
+        self.bias_row = ops.from_numpy(np.asarray(ops.to_numpy(self.norm_bias)).reshape(1, spec.width), dtype)
         # the L2 norm over a head as an RMSNorm: x / sqrt(|x|^2 + 1e-14), mlx-lm's x / max(|x|, 1e-7) but below 1e-7
         self.unit = ops.from_numpy(np.full(d, 1.0 / math.sqrt(d), dtype=np.float32), dtype)
         # a head's sum (the bonus's r . k) and its spread over the head's dims, as products with ones
