@@ -37,18 +37,20 @@ def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[s
             raise ConfigError(f"{path} is not a valid tokenizer.json ({exc}); re-download the checkpoint") from None
     named = _added_tokens(config, folder)
     if (folder / SENTENCEPIECE_MODEL).exists():
-        from ferrum.tokenizer_files.sentencepiece_model import sentencepiece_tokenizer
+        from ferrum.tokenizer_files.sentencepiece_model import bos_eos_flags, sentencepiece_tokenizer
 
         require_regular_file(folder / SENTENCEPIECE_MODEL, ConfigError)
         tok, defaults, whole = sentencepiece_tokenizer(folder / SENTENCEPIECE_MODEL)
-        # LlamaTokenizer's default (InternLM2's, Baichuan's...): BOS before the text; added tokens are matched in
-        # the normalized text, as sentencepiece matches its own, so none brings a dummy prefix after it
-        adds_bos, normalized = True, True
+        # added tokens are matched in the normalized text, as sentencepiece matches its own, so none brings a
+        # dummy prefix after it
+        (add_bos, add_eos), normalized = bos_eos_flags(config, folder), True
     elif tiktoken_file(folder) is not None:
         from ferrum.tokenizer_files.tiktoken_ranks import tiktoken_tokenizer
 
         tok, defaults, whole = tiktoken_tokenizer(folder, config, {i: t["content"] for i, t in named.items()})
-        adds_bos, normalized = False, False  # Kimi's and Qwen's classes add nothing
+        # Kimi's and Qwen's classes add nothing by default
+        add_bos, add_eos = bool(config.get("add_bos_token", False)), bool(config.get("add_eos_token", False))
+        normalized = False
     else:
         raise ConfigError(
             f"no tokenizer in {folder}: Ferrum reads tokenizer.json, a sentencepiece tokenizer.model or tiktoken "
@@ -59,11 +61,16 @@ def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[s
     _add_config_tokens(tok, named, normalized, folder)
     bos, eos = (config.get(key, defaults.get(key)) for key in ("bos_token", "eos_token"))
     bos, eos = (t.get("content") if isinstance(t, dict) else t for t in (bos, eos))
-    add_bos, add_eos = bool(config.get("add_bos_token", adds_bos)), bool(config.get("add_eos_token", False))
+    unknown = defaults.get("unk_token")
     for token, adds, key in ((bos, add_bos, "add_bos_token"), (eos, add_eos, "add_eos_token")):
+        what = key.split("_")[1].upper()
         if adds and (not isinstance(token, str) or tok.token_to_id(token) is None):
-            raise ConfigError(f"{folder}: the tokenizer is to add {key.split('_')[1].upper()} ({key}) but its "
-                              f"token {token!r} is not in the vocabulary; fix tokenizer_config.json")
+            raise ConfigError(f"{folder}: the tokenizer is to add {what} ({key}) but its token {token!r} is not in "
+                              f"the vocabulary; name it ({what.lower()}_token) in tokenizer_config.json, or set "
+                              f"{key} false")
+        if adds and token == unknown:
+            raise ConfigError(f"{folder}: the tokenizer is to add {what} ({key}) but its token {token!r} is the "
+                              f"unknown piece; fix {what.lower()}_token in tokenizer_config.json")
     processor = bos_eos_processor(tok, bos, eos, add_bos, add_eos)
     if processor is not None:
         tok.post_processor = processor

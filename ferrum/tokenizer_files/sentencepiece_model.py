@@ -4,11 +4,13 @@ normalizer spec read from its model proto with sentencepiece's own bindings."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ferrum.bpe_vocab import merges_by_score
 from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.tokenizer_files.tiktoken_ranks import tokenizer_class
 
 # sentencepiece's ModelProto enums.
 _UNIGRAM, _BPE = 1, 2
@@ -16,6 +18,52 @@ _MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"
 _EVERY = 1 << 30  # as many as there are
+
+
+@dataclass(frozen=True)
+class SentencePieceClass:
+    """Whether a tokenizer class puts BOS before and EOS after the text where tokenizer_config.json does not say."""
+
+    add_bos: bool
+    add_eos: bool
+    #: Whether add_bos_token / add_eos_token change that (T5's appends EOS whatever they say).
+    follows_flags: bool = True
+
+
+_LLAMA = SentencePieceClass(add_bos=True, add_eos=False)
+#: The classes that read a tokenizer.model (a ``...Fast`` name is its class's), by what they add: transformers'
+#: own (4.x's slow classes and 5.x's documented defaults), and the remote code of Baichuan's and InternLM2's.
+SENTENCEPIECE_CLASSES = {
+    "LlamaTokenizer": _LLAMA, "CodeLlamaTokenizer": _LLAMA, "GemmaTokenizer": _LLAMA,
+    "BaichuanTokenizer": _LLAMA, "InternLM2Tokenizer": _LLAMA,
+    "T5Tokenizer": SentencePieceClass(add_bos=False, add_eos=True, follows_flags=False),
+}
+#: The class taken where the config names none: the one transformers gives Llama-like model types.
+_DEFAULT_CLASS = "LlamaTokenizer"
+
+
+def bos_eos_flags(config: Mapping[str, Any], folder: Path) -> tuple[bool, bool]:
+    """Whether BOS goes before the text and EOS after it: tokenizer_config.json's add_bos_token / add_eos_token
+    where given, else the default of the tokenizer class it names; a class not known here is refused only where
+    its default is needed."""
+    name = tokenizer_class(config) or _DEFAULT_CLASS
+    known = SENTENCEPIECE_CLASSES.get(name.removesuffix("Fast"))
+    if known is not None and not known.follows_flags:
+        return known.add_bos, known.add_eos
+    flags = []
+    for key, default in (("add_bos_token", None if known is None else known.add_bos),
+                         ("add_eos_token", None if known is None else known.add_eos)):
+        value = config[key] if config.get(key) is not None else default
+        if value is None:
+            raise UnsupportedFeatureError(
+                f"{folder / 'tokenizer_config.json'} names tokenizer class {name!r}, whose default for {key} (whether "
+                f"it adds {key.split('_')[1].upper()}) lives in its own code; Ferrum knows "
+                f"{', '.join(SENTENCEPIECE_CLASSES)}: set add_bos_token and add_eos_token there, or add the model's "
+                "tokenizer.json")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{folder / 'tokenizer_config.json'}: {key} must be true or false, got {value!r}")
+        flags.append(value)
+    return flags[0], flags[1]
 
 
 def _read_proto(path: Path) -> Any:
@@ -63,6 +111,13 @@ def _unknown(proto: Any, path: Path) -> int:
         raise ConfigError(f"{path} types {len(unknown)} pieces as the unknown piece {unknown[:4]}, where sentencepiece "
                           "needs exactly one (it refuses to load the model otherwise); re-download the checkpoint")
     return unknown[0]
+
+
+def _control(proto: Any, text: str) -> str | None:
+    """``text`` if a control piece spells it, else None: sentencepiece finds BOS, EOS and padding by the piece's
+    text (trainer_spec.bos_piece...), not by trainer_spec.bos_id, and takes none where that piece is missing or
+    not a control piece (the unknown piece, a normal one)."""
+    return text if any(p.piece == text and p.type == _CONTROL for p in proto.pieces) else None
 
 
 def _character_map(charsmap: bytes, path: Path) -> Any:
@@ -133,7 +188,6 @@ def sentencepiece_tokenizer(path: Path) -> tuple[Any, dict[str, str], list[Any]]
     # the text's start only, not after each of them
     whole = [AddedToken(piece, special=kind != _USER_DEFINED, normalized=True)
              for piece, _, kind in pieces if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED)]
-    named = {name: pieces[i][0] for name, i in (("bos_token", trainer.bos_id), ("eos_token", trainer.eos_id),
-                                                ("unk_token", unk_id), ("pad_token", trainer.pad_id))
-             if 0 <= i < len(pieces)}
-    return tok, named, whole
+    named = {"bos_token": _control(proto, trainer.bos_piece), "eos_token": _control(proto, trainer.eos_piece),
+             "unk_token": pieces[unk_id][0], "pad_token": _control(proto, trainer.pad_piece)}
+    return tok, {name: text for name, text in named.items() if text is not None}, whole
