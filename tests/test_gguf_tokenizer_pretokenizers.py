@@ -44,7 +44,15 @@ CASES = [
     # Jais 2: Llama 3's, whitespace runs cut into 4, then 1 (Llama 3 keeps 5 together)
     ("jais-2", "a      b 12345", ["a", "    ", " ", " b", " ", "123", "45"]),
     # Seed-Coder: punctuation does not take the newlines after it (Qwen2's does), single digits
-    ("seed-coder", "a!\n\nb 12", ["a", "!", "\n\n", "b", " ", "1", "2"]),
+    ("seed-coder", "a!\r\n\nb 12", ["a", "!", "\r\n\n", "b", " ", "1", "2"]),
+    # Laguna: lines apart first, so punctuation takes a carriage return but not the newlines after it
+    ("laguna", "a!\r\n\nb c 12", ["a", "!\r", "\n\n", "b", " c", " ", "1", "2"]),
+    # EXAONE MoE: a word runs on over single spaces between letters
+    ("exaone-moe", "hello world foo 12 don't", ["hello world foo", " ", "1", "2", " don", "'t"]),
+    # MiniCPM 5: numbers cut out first, so the spaces before one stay together (Llama 3 cuts off the last)
+    ("minicpm5", "a  1 b 1234567 中文abc", ["a", "  ", "1", " b", " ", "123", "456", "7", " 中文abc"]),
+    # SuperBPE: numbers apart, cut in threes from the right; the rest whole
+    ("superbpe", "1234567 ab 12", ["1", "234", "567", " ab ", "12"]),
     # Youtu: CJK runs first; words cut at case changes keeping a contraction; single digits
     ("youtu", "中文HelloWorld 12 don't", ["中文", "Hello", "World", " ", "1", "2", " don't"]),
     # Tiny Aya: digit runs cut in threes from the right, then o200k's words
@@ -57,7 +65,8 @@ CONTROLS = [
     ("qwen2", "HelloWorld cafe\u0301s 12! don't",
      ["HelloWorld", " cafe", "\u0301s", " ", "1", "2", "!", " don", "'t"]),
     ("llama-bpe", "a      b 12345", ["a", "     ", " b", " ", "123", "45"]),
-    ("qwen2", "a!\n\nb 12", ["a", "!\n\n", "b", " ", "1", "2"]),
+    ("qwen2", "a!\r\n\nb 12", ["a", "!\r\n\n", "b", " ", "1", "2"]),
+    ("llama-bpe", "a  1 b 1234567", ["a", " ", " ", "1", " b", " ", "123", "456", "7"]),
     ("gpt-4o", "1234567 HelloWorld", ["123", "456", "7", " Hello", "World"]),
 ]
 

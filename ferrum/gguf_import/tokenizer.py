@@ -73,6 +73,8 @@ _DEEPSEEK_CJK = "[一-龥ࠀ-一가-퟿]+"
 _DEEPSEEK3_CJK = "[一-龥぀-ゟ゠-ヿ]+"
 _GPT2 = _Split((_GPT2_REGEX,))
 _QWEN2 = _Split((_QWEN2_REGEX,))
+_STARCODER = _Split((r"\p{N}", _GPT2_REGEX))
+_TINY_AYA = _Split((r"\d{1,3}(?=(?:\d{3})*\b)", _GPT4O_REGEX))
 _BLOOM = _Split((_BLOOM_REGEX,))
 #: llama.cpp's split for a byte-level vocabulary whose file names no pre-tokenizer (converted before May 2024).
 _DEFAULT = _Split((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"))
@@ -85,8 +87,8 @@ _PRE_TOKENIZERS = {
     **dict.fromkeys(("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "a.x-4.0", "gigachat", "mellum",
                      "trillion", "granite-docling"), _GPT2),
     # SmolLM, StarCoder and relatives: every digit on its own, then GPT-2's regex
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-                    _Split((r"\p{N}", _GPT2_REGEX))),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
+                    _STARCODER),
     # Falcon: runs of punctuation, GPT-2's regex, then numbers cut in threes
     "falcon": _Split((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_REGEX, "[0-9][0-9][0-9]")),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
@@ -96,8 +98,19 @@ _PRE_TOKENIZERS = {
     "jais-2": _Split((_LLAMA3_REGEX.replace(
         r"\s+(?!\S)|\s+", "|".join(rf"\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4, "1,2")) + r"|\s{1}"),
     )),
-    # Qwen2's (and StableLM 2's, Hunyuan-A13B's, Solar Open's): Llama 3's with every digit on its own
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan", "solar-open"), _QWEN2),
+    # Qwen2's (and StableLM 2's, Hunyuan-A13B's, Solar Open's, Grok 2's, KORMo's, F2LLM-v2's): Llama 3's with every
+    # digit on its own; Ling / Ring's (v1, 2.0) and LLaDA-MoE's, which llama.cpp spells otherwise, split the same
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan", "solar-open", "grok-2", "kormo",
+                     "f2llmv2", "bailingmoe", "bailingmoe2", "llada-moe"), _QWEN2),
+    # Laguna's: lines and newline runs apart, then Qwen2's
+    "laguna": _Split(("[^\n]+|[\n]+", _QWEN2_REGEX)),
+    # EXAONE MoE (K-EXAONE): a word runs on over single spaces between letters and keeps its combining marks
+    "exaone-moe": _Split((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
+                          r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+",)),
+    # MiniCPM 5: numbers in threes, then Llama 3's with whole numbers
+    "minicpm5": _Split((r"\p{N}{1,3}", _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}+")), ignore_merges=True),
+    # SuperBPE: numbers apart, cut in threes from the right (a split at each empty match)
+    "superbpe": _Split((r"\p{N}+", r"(?=(\d{3})+(?!\d))")),
     # Qwen3.5's: Qwen2's with combining marks kept in their word
     "qwen35": _Split((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
                       r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",)),
@@ -105,10 +118,10 @@ _PRE_TOKENIZERS = {
     "seed-coder": _Split((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}"
                           r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",)),
     "tekken": _Split((_CASED_WORDS.replace("{suffix}", "") + r"|\p{N}" + _CASED_REST,), ignore_merges=True),
-    # o200k's (GPT-4o, gpt-oss, Llama 4, MiniMax-M2)
-    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _Split((_GPT4O_REGEX,))),
-    # Tiny Aya: numbers cut in threes from the right, then o200k's
-    "tiny_aya": _Split((r"\d{1,3}(?=(?:\d{3})*\b)", _GPT4O_REGEX)),
+    # o200k's (GPT-4o, gpt-oss, Llama 4, MiniMax-M2, Kanana 2, talkie)
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2", "kanana2", "talkie"), _Split((_GPT4O_REGEX,))),
+    # Tiny Aya (and Cohere 2 MoE): numbers cut in threes from the right, then o200k's
+    **dict.fromkeys(("tiny_aya", "cohere2moe"), _TINY_AYA),
     # Youtu-LLM: CJK runs and CJK punctuation first, then Tekken's words with o200k's contractions, single digits
     "youtu": _Split((
         "[가-힣ㄱ-ㆎ]+|[！…“”‘’—：；，、-〿︰-﹏]+|[ㄅ-ㄯ]+|[一-龥぀-ゟ゠-ヿ]+",
@@ -133,9 +146,9 @@ _PRE_TOKENIZERS = {
     )),
     # DeepSeek Coder: newlines, letter runs, punctuation runs, CJK runs, every digit alone
     "deepseek-coder": _Split(("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK, r"\p{N}")),
-    # DeepSeek-V3 / R1 (and Hunyuan's dense models): numbers in threes, Han and kana runs, then punctuation
+    # DeepSeek-V3 / R1 (and Hunyuan's dense models, JoyAI's): numbers in threes, Han and kana runs, then punctuation
     # taking the ASCII word after it
-    **dict.fromkeys(("deepseek-v3", "hunyuan-dense"), _Split((
+    **dict.fromkeys(("deepseek-v3", "hunyuan-dense", "joyai-llm"), _Split((
         r"\p{N}{1,3}",
         _DEEPSEEK3_CJK,
         "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
@@ -176,7 +189,8 @@ def _byte_level_model(meta: Metadata, tokens: list[str], types: list[int]) -> tu
     split = _PRE_TOKENIZERS.get(pre)
     if split is None:
         raise UnsupportedFeatureError(
-            f"{where}: GGUF pre-tokenizer {pre!r} is not supported; Ferrum knows {', '.join(sorted(_PRE_TOKENIZERS))}"
+            f"{where}: GGUF pre-tokenizer {pre!r} is not supported; Ferrum knows "
+            f"{', '.join(sorted({*_PRE_TOKENIZERS, *_SPACE_ESCAPING}))}"
         )
     merges_raw = meta.get("tokenizer.ggml.merges")
     if not merges_raw:
@@ -253,24 +267,25 @@ def _split_merge(merge: str, where: str) -> tuple[str, str]:
     return merge[:cut], merge[cut + 1:]
 
 
-def _gemma4_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
-    """Gemma 4's ('gemma4'): BPE over raw characters with the file's merges, each space written ``\u2581`` (no
-    space put before the text), ``<0xNN>`` byte pieces for what no piece spells, as transformers' GemmaTokenizer
-    runs it. Runs of newlines that are tokens are matched whole, as llama.cpp matches them (its Gemma 4 fix) and
-    Gemma's tokenizer.json holds them: added tokens, which the converter writes as plain ones."""
+def _escaped_space_bpe(meta: Metadata, tokens: list[str], types: list[int], name: str,
+                       newline_runs_whole: bool) -> tuple[Any, list[Any]]:
+    """BPE over raw characters with the file's merges, each space written ``\u2581`` (no space put before the text),
+    ``<0xNN>`` byte pieces for what no piece spells (llama.cpp's ``escape_whitespaces`` without ``byte_encode``).
+    With ``newline_runs_whole``, runs of newlines that are tokens are matched whole (added tokens, which the
+    converter writes as plain ones)."""
     from tokenizers import Tokenizer, decoders, models, normalizers
 
     where = meta.where
     merges_raw = meta.get("tokenizer.ggml.merges")
     if not merges_raw:
-        raise CheckpointError(f"{where}: a Gemma 4 ('gemma4') GGUF tokenizer needs its merges "
-                              "(tokenizer.ggml.merges); the file lists none")
+        raise CheckpointError(f"{where}: a {name} GGUF tokenizer needs its merges (tokenizer.ggml.merges); the file "
+                              "lists none")
     vocab: dict[str, int] = {}
     added: list[Any] = []
     for index, (token, token_type) in enumerate(zip(tokens, types)):
         if token_type in _MATCHED_WHOLE:
             added.append(_added_token(meta, token, token_type))
-        elif token and not token.strip("\n"):
+        elif newline_runs_whole and token and not token.strip("\n"):
             added.append(_added_token(meta, token, _TOKEN_USER_DEFINED))
         vocab.setdefault(token, index)
     merges = [_split_merge(m, where) for m in merges_raw]
@@ -281,6 +296,28 @@ def _gemma4_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok, added
+
+
+def _gemma4_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
+    """Gemma 4's ('gemma4'), as transformers' GemmaTokenizer runs it. Runs of newlines that are tokens are matched
+    whole, as llama.cpp matches them (its Gemma 4 fix) and Gemma's tokenizer.json holds them."""
+    return _escaped_space_bpe(meta, tokens, types, "Gemma 4 ('gemma4')", newline_runs_whole=True)
+
+
+def _space_escaping_model(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[Any, list[Any]]:
+    """A 'gpt2' file whose pre-tokenizer (Sarvam-MoE's) runs BPE as Gemma 4's does, the text cut into lines and
+    newline runs first (llama.cpp's split for it)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    tok, added = _escaped_space_bpe(meta, tokens, types, f"{meta.get('tokenizer.ggml.pre')!r}",
+                                    newline_runs_whole=False)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[^\n]+|[\n]+"), behavior="isolated", invert=False)
+    return tok, added
+
+
+#: Byte-level ('gpt2') pre-tokenizers llama.cpp runs on raw UTF-8 with spaces escaped instead (``byte_encode``
+#: off, ``escape_whitespaces`` on).
+_SPACE_ESCAPING = frozenset(("sarvam-moe",))
 
 
 _TOKENIZER_MODELS = {"gpt2": _byte_level_model, "llama": _sentencepiece_model, "gemma4": _gemma4_model}
@@ -300,7 +337,8 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
     types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise CheckpointError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
-    tok, added = _TOKENIZER_MODELS[kind](meta, tokens, types)
+    space_escaping = kind == "gpt2" and meta.get("tokenizer.ggml.pre") in _SPACE_ESCAPING
+    tok, added = (_space_escaping_model if space_escaping else _TOKENIZER_MODELS[kind])(meta, tokens, types)
     special = [t for t in added if t.special]
     plain = [t for t in added if not t.special]
     if special:
@@ -323,7 +361,7 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
     processor = bos_eos_processor(tok, bos, eos, add_bos, add_eos)
     if processor is not None:
         tok.post_processor = processor
-    elif kind == "gpt2":
+    elif kind == "gpt2" and not space_escaping:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
     tokenizer_config: dict[str, Any] = {
