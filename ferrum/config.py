@@ -36,11 +36,15 @@ TEXT_WRAPPERS = {"gemma3": "gemma3_text", "mistral3": "mistral",  # Mistral Smal
                  "kimi_vl": "deepseek_v3", "kimi_k25": "deepseek_v3",  # Kimi-VL, Kimi K2.5 (text_config: kimi_k2)
                  "pixtral": "mistral",  # mlx-lm's pixtral: the text model of Pixtral's conversions
                  "lfm2-vl": "lfm2",  # LFM2-VL's releases spell lfm2_vl so (mlx-lm's lfm2-vl module)
-                 "muse_glimmer": "muse_glimmer_text"}  # Meta's release nests its text model, mlx-community's don't
+                 "muse_glimmer": "muse_glimmer_text",  # Meta's release nests its text model, mlx-community's don't
+                 "kimi_k3": "kimi_k3"}  # Kimi K3: its text_config (or flat config) is mlx-lm's kimi_k3 TextArgs
 #: A wrapper's text model_type -> the family it is (EXAONE 4.5's first release named its decoder so; the Qwen VL
 #: decoders are Qwen 2's and Qwen 3's).
 TEXT_ALIASES = {"exaone4_5_text": "exaone4", "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
                 "qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_vl_moe"}
+#: A wrapper's text model_type that names another family inside that wrapper: Kimi K3's text_config says
+#: "kimi_linear" (mlx-lm's TextArgs default), but runs SiTU, gated latent attention... (the kimi_k3 family).
+WRAPPED_TEXT_ALIASES = {"kimi_k3": {"kimi_linear": "kimi_k3"}}
 #: A vision-language model's rope over (time, height, width) positions (Qwen's mrope): a text token has the same
 #: position on all three, which makes it the family's own rope over the whole head.
 _MROPE_FIELDS = ("mrope_section", "mrope_interleaved")
@@ -112,7 +116,9 @@ class ModelConfig(Sizes):
         outer = raw
         if isinstance(raw.get("text_config"), dict) and "hidden_size" not in raw:
             raw = {"model_type": TEXT_WRAPPERS.get(outer.get("model_type")), **raw["text_config"]}
-            raw["model_type"] = TEXT_ALIASES.get(raw["model_type"], raw["model_type"])
+            text_type = raw["model_type"]
+            raw["model_type"] = WRAPPED_TEXT_ALIASES.get(outer.get("model_type"), {}).get(
+                text_type, TEXT_ALIASES.get(text_type, text_type))
             for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id"):
                 if key in outer and key not in raw:
                     raw[key] = outer[key]

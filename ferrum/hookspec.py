@@ -782,7 +782,9 @@ def moe_experts(
     False): the experts have no gate projection, ``gate`` is None, and expert ``e`` computes
     ``down_e(relu(up_e(x)) ** 2)``, the ``relu_squared`` op its ``op`` names, or (API 1.32, handed only to
     plugins declaring it) an ungated :class:`~ferrum.moe.activation.Gelu`: ``down_e(gelu(up_e(x)))``, the
-    ``gelu`` op its ``op`` names with its ``tanh`` (Phixtral's True: the tanh form). A backend whose
+    ``gelu`` op its ``op`` names with its ``tanh`` (Phixtral's True: the tanh form), or (API 1.33, handed only to
+    plugins declaring it) a :class:`~ferrum.moe.activation.Situ` (Kimi K3's): ``softcap(u, linear_beta) *
+    softcap(g, beta) * sigmoid(g)``, ``u`` uncapped where ``linear_beta`` is None, in float32. A backend whose
     ``moe_experts`` lacks one a model needs runs that model's experts through
     the fallback. Fallback: per used expert, ``take_rows`` + ``linear`` +
     ``silu_mul`` (or the activation's ``op``; the clamped activation on the host); the weighted sum on the host.

@@ -120,6 +120,9 @@ class MlaSpec:
     kv_scale: float = 1.0  # ...and the normed key/value latent's, folded into kv_a_layernorm
     dim: int | None = None  # Ferrum's head dims where the KV pool's are wider than nope + rope: zero dims after
     pool_heads: int | None = None  # the KV pool's heads where more than ``heads``: zero heads after
+    #: Kimi K3: the output gate stored one row per value dim (``self_attn.gate_proj [H*v, hidden]``), its rows
+    #: placed at the value dims of Ferrum's heads at load (zero rows beside them, as A.X-K2's gate).
+    value_gate: bool = False
 
     @property
     def qk_head_dim(self) -> int:
@@ -168,6 +171,13 @@ class MlaSpec:
         """Row order padding a matrix of ``per_head`` rows a head with zero heads (-1) up to ``width_heads``."""
         return np.concatenate([np.arange(self.heads * per_head), np.full((self.width_heads - self.heads) * per_head,
                                                                          -1)])
+
+    def value_gate_rows(self) -> np.ndarray:
+        """``[width_heads * head_dim]``: the stored gate's row at each of Ferrum's (its head's value dims first;
+        -1: a zero row)."""
+        own = np.arange(self.heads)[:, None] * self.v_head_dim + np.arange(self.head_dim)[None, :]
+        own = np.where(np.arange(self.head_dim)[None, :] < self.v_head_dim, own, -1)
+        return np.concatenate([own.reshape(-1), np.full((self.width_heads - self.heads) * self.head_dim, -1)])
 
     def adaptable(self, hidden: int) -> dict[str, tuple[int, int, int]]:
         """The checkpoint's projections of one layer that LoRA adapts, each ``(in, out)`` as stored (as a PEFT
@@ -257,6 +267,8 @@ class MlaSpec:
         if ".self_attn.kv_a_layernorm." in name and self.kv_scale != 1.0:
             return scale_rows(tensor, np.full(self.kv_lora_rank, self.kv_scale))
         padding = self.width_heads != self.heads
+        if self.value_gate and ".self_attn.gate_proj." in name:
+            return take_rows(tensor, self.value_gate_rows())
         if padding and ".self_attn.kv_b_proj." in name:
             return take_rows(tensor, self.padded_rows(self.nope + self.v_head_dim))
         if padding and ".self_attn.gate_proj." in name:  # already one row per head dim (ferrum.arch.tensors)

@@ -100,7 +100,10 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         attention.update({"self_attn.v_proj.weight": (config.num_kv_heads * vd, h),
                           "self_attn.o_proj.weight": (h, config.num_heads * vd)})
     if arch.attn_output_gate and arch.attn_gate_stored:
-        attention["self_attn.gate_proj.weight"] = (config.num_heads if arch.attn_gate_per_head else q, h)
+        gate_rows = config.num_heads if arch.attn_gate_per_head else q
+        if arch.mla is not None and arch.mla.value_gate:  # one row per value dim (Kimi K3's)
+            gate_rows = arch.mla.heads * arch.mla.v_head_dim
+        attention["self_attn.gate_proj.weight"] = (gate_rows, h)
     elif arch.attn_output_gate:  # each head's query then its gate
         attention["self_attn.q_proj.weight"] = (2 * q, h)
     if arch.sinks:

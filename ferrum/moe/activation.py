@@ -143,5 +143,41 @@ class Gelu:
         return (_gelu_tanh if self.tanh else _gelu_exact)(np.asarray(up, dtype=np.float32)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Situ:
+    """Kimi K3's SiTU (mlx-lm's kimi_k3 ``_situ``), its dense MLPs', shared and routed experts' alike:
+    ``softcap(up, linear_beta) * softcap(gate, beta) * sigmoid(gate)`` with ``softcap(x, c) = c * tanh(x / c)`` (the
+    up projection uncapped where ``linear_beta`` is None), in float32, rounded once. Composed from ``softcap``,
+    ``sigmoid_mul`` and ``mul``; handed to ``moe_experts`` from API 1.33 (``since``), so older plugins' layers take
+    the core's experts, which run its host form (``op`` None)."""
+
+    beta: float = 1.0
+    linear_beta: float | None = None
+    gated = True
+    since = (1, 33)
+    op = None
+
+    def composed(self, ops: Any) -> Callable[[Any, Any], Any]:
+        """``act(gate, up)`` on the backend's arrays."""
+        from ferrum.reference_ops import dtype_name  # imported here: ferrum.reference_ops imports this module
+
+        def act(gate: Any, up: Any) -> Any:
+            dtype = dtype_name(gate)
+            g, u = ops.cast(gate, "float32"), ops.cast(up, "float32")
+            a = ops.sigmoid_mul(g, ops.cast(ops.softcap(g, self.beta), "float32"))
+            x = u if self.linear_beta is None else ops.cast(ops.softcap(u, self.linear_beta), "float32")
+            return ops.cast(ops.mul(x, a), dtype)
+
+        return act
+
+    def host(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """The activation on host arrays, in float32 (the reference every backend matches)."""
+        g, u = (np.asarray(a, dtype=np.float32) for a in (gate, up))
+        a = np.float32(self.beta) * np.tanh(g / np.float32(self.beta)) / (np.float32(1.0) + np.exp(-g))
+        if self.linear_beta is not None:
+            u = np.float32(self.linear_beta) * np.tanh(u / np.float32(self.linear_beta))
+        return (a * u).astype(np.float32)
+
+
 #: The experts' activation records, for type hints.
-ExpertActivation = ClampedSwiGLU | GeluTanhGLU | SquaredReLU | Gelu
+ExpertActivation = ClampedSwiGLU | GeluTanhGLU | SquaredReLU | Gelu | Situ

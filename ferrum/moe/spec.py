@@ -48,6 +48,7 @@ LAYOUT = {
     "dbrx": ("ffn", ("w1", "v1", "w2")),  # mlx-lm's per-expert names; its own layout too (ferrum.moe.dbrx)
     "lfm2_moe": ("feed_forward", ("w1", "w3", "w2")),
     "kimi_linear": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "kimi_k3": ("block_sparse_moe", ("w1", "w3", "w2")),
     "afmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "sarvam_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "sarvam_mla": ("mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -155,6 +156,7 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "mistral4": ("n_routed_experts", "num_local_experts"),  # the latter its attribute_map's alias
                 "dbrx": ("ffn_config.moe_num_experts",), "lfm2_moe": ("num_experts",),
                 "kimi_linear": ("num_experts", "num_local_experts"), "afmoe": ("num_experts",),
+                "kimi_k3": ("num_experts",),
                 # their releases' num_experts is read as n_routed_experts (ferrum.arch.families.latent.SARVAM_ALIASES)
                 "sarvam_moe": ("n_routed_experts",), "sarvam_mla": ("n_routed_experts",),
                 "mimo_v2_flash": ("n_routed_experts", "num_local_experts"), "cohere2_moe": ("num_experts",),
@@ -188,14 +190,15 @@ def _grouped_sigmoid_keys(family: str, moe_size: int, scale: float, n_group: int
                           shared: int | None = 1) -> tuple[Key, ...]:
     """DeepSeek-V3's routing keys (GLM-4.5's too), with a family's transformers defaults; ``dense`` is
     first_k_dense_replace's default, None where the family lists its layers' kinds instead (``mlp_layer_types``);
-    a ``top_k`` or ``shared`` of None: the config must say (dots1's have no default)."""
+    a ``top_k`` or ``shared`` of None: the config must say (dots1's have no default); a ``shared`` of 0: none unless
+    the config counts some (Kimi K3's)."""
     layers = (Key("first_k_dense_replace", default=dense, check=_non_negative_int),) if dense is not None else (
         Key("mlp_layer_types", check=_mlp_layer_types),
         Key("first_k_dense_replace", check=optional_non_negative_int))
     return (*_COUNT[family], Key("num_experts_per_tok", default=top_k, check=positive_int),
             Key("moe_intermediate_size", default=moe_size, check=positive_int),
             Key("norm_topk_prob", default=normalize, check=boolean),
-            Key("n_shared_experts", default=shared, check=positive_int),
+            Key("n_shared_experts", default=shared, check=_non_negative_int if shared == 0 else positive_int),
             Key("routed_scaling_factor", default=scale, check=positive_number),
             Key("n_group", default=n_group, check=positive_int),
             Key("topk_group", default=topk_group, check=positive_int), *layers)
@@ -412,6 +415,10 @@ KEYS: dict[str, tuple[Key, ...]] = {
     # ferrum.arch.families.hybrid._kimi_linear_keys), its dense layers by mlp_layer_types
     "kimi_linear": _grouped_sigmoid_keys("kimi_linear", moe_size=1024, scale=2.446, n_group=1, topk_group=1,
                                          dense=None),
+    # Kimi K3: Kimi Linear's keys under mlx-lm's kimi_k3 TextArgs defaults (16 experts a token, no scaling, no shared
+    # expert unless the config counts one)
+    "kimi_k3": _grouped_sigmoid_keys("kimi_k3", moe_size=1024, scale=1.0, n_group=1, topk_group=1, dense=None,
+                                     top_k=16, shared=0),
     # GLM-4.7-Flash: GLM-4.5's routing under Glm4MoeLiteConfig's defaults, its dense layers by mlp_layer_types
     "glm4_moe_lite": _grouped_sigmoid_keys("glm4_moe_lite", moe_size=1536, scale=1.8, n_group=1, topk_group=1,
                                            dense=None, top_k=4),
@@ -708,7 +715,8 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
-                  "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256, "cohere2_moe": 8,
+                  "kimi_k3": 256, "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256,
+                  "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
                   "laguna": 256, "minimax_m3_vl_text": 128, "axk2": 128, "granitemoe_swa": 8, "lara_mini": 128,
                   "jetmoe": 8, "hy_v4": 256, "bailing_hybrid": 512, "aria_text": 8, "dots3_note_text": 256,
@@ -904,7 +912,8 @@ _GROUPED = {"glm4_moe": "sigmoid_grouped", "deepseek_v3": "sigmoid_grouped", "de
             "solar_open": "sigmoid_grouped", "kimi_linear": "sigmoid_grouped", "sarvam_moe": "sigmoid_grouped",
             "sarvam_mla": "sigmoid_grouped", "deepseek_v32": "sigmoid_grouped", "glm_moe_dsa": "sigmoid_grouped",
             "axk1": "sigmoid_grouped", "axk2": "sigmoid_grouped_zero_masked", "mistral4": "softmax_top2_grouped",
-            "hy_v4": "sigmoid_grouped", "bailing_hybrid": "sigmoid_grouped", "dots3_note_text": "sigmoid_grouped"}
+            "hy_v4": "sigmoid_grouped", "bailing_hybrid": "sigmoid_grouped", "dots3_note_text": "sigmoid_grouped",
+            "kimi_k3": "sigmoid_grouped_zero_masked"}
 #: Grouped rules that differ from another only in the dropped groups' experts, which one group has none of: with one
 #: group they route as that one, which older plugins run too.
 _ONE_GROUP = {"sigmoid_grouped_zero_masked": "sigmoid_grouped"}
@@ -943,6 +952,8 @@ _GROUPED_FAMILIES = {
     "mistral4": _GroupedFamily(changes=(("router_float32", False), ("layout", "fused_outputs_first"))),
     # Kimi Linear: mlx-lm's conversions keep the correction bias beside the router, its release under it
     "kimi_linear": _GroupedFamily(changes=(("correction_bias_aliases", (CORRECTION_BIAS,)),)),
+    # Kimi K3: its release keeps the correction bias under the router or beside it (mlx-lm's sanitize takes both)
+    "kimi_k3": _GroupedFamily(changes=(("correction_bias_aliases", (CORRECTION_BIAS,)),)),
     # Hy4: its experts fused as transformers 5 saves them, outputs first (ferrum.moe.fused_gate_up)
     "hy_v4": _GroupedFamily(changes=(("layout", "fused_outputs_first"),)),
     "deepseek_v32": _GroupedFamily(sparse_layers=_first_dense_or_listed),

@@ -23,6 +23,7 @@ from ferrum.arch.keys import (
 from ferrum.arch.mla import MlaSpec
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
+from ferrum.moe.activation import Situ
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
 from ferrum.recurrent.kimi_delta import KimiDeltaSpec
@@ -192,6 +193,69 @@ _KIMI_LINEAR = (
     Key("mla_use_nope", default=True, unsupported=True, check=one_of(None, True)),
     Key("moe_router_activation_func", default="sigmoid", unsupported=True, check=one_of("sigmoid")),
     Key("moe_layer_freq", default=1, unsupported=True, check=one_of(1)),
+)
+
+
+def _kimi_k3_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Kimi K3's config as mlx-lm's kimi_k3 reads it, in Kimi Linear's terms (:func:`_kimi_linear_keys`): a layer
+    is Kimi Delta Attention where linear_attn_config's kda_layers (1-indexed) lists it, latent attention otherwise;
+    sparse from first_k_dense_replace (default 0) every moe_layer_freq-th; the KDA gate's lower bound and full-rank
+    gate from linear_attn_config."""
+    section = raw.get("linear_attn_config")
+    section = section if isinstance(section, dict) else {}
+    out = dict(raw)
+    layers, kda = raw.get("num_hidden_layers"), section.get("kda_layers")
+    if out.get("layer_types") is None and isinstance(layers, int) and isinstance(kda, list):
+        out["layer_types"] = [LINEAR if i + 1 in kda else FULL for i in range(layers)]
+    first, every = raw.get("first_k_dense_replace", 0), raw.get("moe_layer_freq", 1)
+    if out.get("mlp_layer_types") is None and isinstance(layers, int) and isinstance(first, int) and isinstance(
+            every, int) and every > 0:
+        out["mlp_layer_types"] = ["sparse" if i >= first and i % every == 0 else "dense" for i in range(layers)]
+    for theirs, ours in (("gate_lower_bound", "kda_gate_lower_bound"), ("use_full_rank_gate", "kda_full_rank_gate")):
+        if theirs in section:
+            out[ours] = section[theirs]
+    return _kimi_linear_keys(out)
+
+
+def _kimi_k3(r: KeyReader, sizes: Sizes) -> Architecture:
+    """Moonshot's Kimi K3 as mlx-lm runs it (``kimi_k3``): Kimi Linear's layers (:func:`_kimi_linear`) with SiTU
+    (:class:`ferrum.moe.activation.Situ`) in every MLP and expert, the latent attention's output gated elementwise by
+    the sigmoid of ``g_proj`` (mla_use_output_gate), the KDA output gate one full-rank ``g_proj`` where
+    use_full_rank_gate and its log-decay bounded below where gate_lower_bound (Ling 3's bound, API 1.27), routed as
+    mlx-lm routes it (dropped groups' experts masked with 0: :data:`ferrum.moe.routing.NOAUX_TC_ZERO_MASKED`)."""
+    arch = _kimi_linear(r, sizes)
+    gate, bound, situ = r("mla_use_output_gate"), r("kda_gate_lower_bound"), Situ(
+        float(r("activation_situ_beta") or 1.0), r("activation_situ_linear_beta"))
+    delta = replace(arch.kimi_delta, gate=("gate_proj",) if r("kda_full_rank_gate") else arch.kimi_delta.gate,
+                    lower_bound=None if bound is None else float(bound))
+    return replace(arch, activation=situ, kimi_delta=delta, mla=replace(arch.mla, value_gate=gate),
+                   attn_output_gate=gate, attn_gate_stored=gate,
+                   stored_names={"self_attn.gate_proj": "self_attn.g_proj"})
+
+
+def _kimi_k3_moe(r: KeyReader, sizes: Sizes) -> Architecture:
+    """:func:`_kimi_k3` over its sparse MLPs, whose routed and shared experts run SiTU too."""
+    arch = with_moe("kimi_k3", _kimi_k3)(r, sizes)
+    return replace(arch, moe=replace(arch.moe, activation=arch.activation, shared_activation=arch.activation))
+
+
+def _none_yet(what: str) -> Callable[[Any], str | None]:
+    return lambda value: None if value is None else f"is {value!r}: {what}, which Ferrum does not run yet"
+
+
+_KIMI_K3 = (
+    *(key for key in _KIMI_LINEAR if key.name not in ("moe_layer_freq",)),
+    Key("hidden_act", default="situ", check=one_of("situ"), unsupported=True),
+    Key("moe_layer_freq", default=1, check=positive_int),
+    Key("activation_situ_beta", check=optional_positive_number),
+    Key("activation_situ_linear_beta", check=optional_positive_number),
+    Key("mla_use_output_gate", default=False, check=boolean),
+    Key("kda_gate_lower_bound", check=lambda v: None if v is None else _negative(v)),
+    Key("kda_full_rank_gate", default=False, check=boolean),
+    Key("attn_res_block_size", unsupported=True, check=_none_yet(
+        "attention residuals (each layer reading a softmax mix of earlier blocks' outputs)")),
+    Key("routed_expert_hidden_size", unsupported=True, check=_none_yet(
+        "latent experts (routed experts reading a projection of the stream)")),
 )
 
 
@@ -822,6 +886,19 @@ TABLE: dict[str, Family] = {
         kv_heads=_mla_kv_heads,
         head_dim=_mla_head_dim,
         derive=_kimi_linear_keys,
+    ),
+    "kimi_k3": Family(  # Moonshot's Kimi K3 (mlx-lm's kimi_k3; flat or wrapped): Kimi Linear's layers with SiTU and
+        # gated latent attention over mlx-lm's grouped sigmoid routing
+        _keys(_core(False), _core_defaults(
+            hidden_size=7168, intermediate_size=33792, num_hidden_layers=93, num_attention_heads=96,
+            vocab_size=163840, max_position_embeddings=1048576,
+        ), _mla_keys(None, 128, 128), _KIMI_K3, MOE_KEYS["kimi_k3"]),
+        _kimi_k3_moe,
+        eps_default=1e-5,
+        kv_heads=_mla_kv_heads,
+        head_dim=_mla_head_dim,
+        derive=_kimi_k3_keys,
+        unloaded=r"(^|\.)mtp\.",  # the releases' multi-token prediction layers (mlx-lm drops them)
     ),
     "bailing_hybrid": Family(  # inclusionAI's Ling 3: Kimi Delta Attention with a bounded decay and gated latent
         # attention over DeepSeek-V3's grouped sigmoid routing

@@ -1,0 +1,193 @@
+"""Kimi K3 (``kimi_k3``: Moonshot's release ships remote code; mlx-lm's kimi_k3 runs it, transformers has no class):
+Kimi Linear's Kimi Delta Attention and latent-attention layers with SiTU in every MLP and expert, the latent
+attention's output gated, a full-rank or bounded KDA gate, routed with the dropped groups' experts masked with 0;
+against mlx-lm's own model of a random checkpoint written under the release's names, on every runnable backend,
+flat and wrapped (its text_config says "kimi_linear")."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ferrum.config import ModelConfig
+from ferrum.errors import UnsupportedFeatureError
+from ferrum.moe.activation import Situ
+from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
+from support import (
+    assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
+    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, float32_model, runnable_backends,
+    scaled_error, small_pool_engine, staggered_greedy_workload,
+)
+
+pytest.importorskip("mlx_lm.models.kimi_k3")
+
+BACKENDS = runnable_backends()
+VOCAB = 256
+#: Longer than a chunk of the batched delta rule: its chunked form runs too.
+TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB, size=21)]
+
+
+def text_config(**extra) -> dict:
+    """Three KDA layers (3 heads of 8) around one latent-attention layer (4 heads, q/k of 16 + 8 dims, values of 12,
+    a query latent), SiTU capped on both sides, 8 experts in 2 groups (one kept), a shared expert, a dense first
+    layer."""
+    config = dict(model_type="kimi_linear", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, intermediate_size=96, rms_norm_eps=1e-5,
+                  max_position_embeddings=256,
+                  linear_attn_config=dict(num_heads=3, head_dim=8, short_conv_kernel_size=4, kda_layers=[1, 3, 4]),
+                  hidden_act="situ", activation_situ_beta=2.0, activation_situ_linear_beta=3.0, q_lora_rank=24,
+                  kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, mla_use_nope=True,
+                  mla_use_output_gate=True, num_experts=8, num_experts_per_token=2, num_shared_experts=1,
+                  moe_intermediate_size=24, routed_scaling_factor=1.5, first_k_dense_replace=1, num_expert_group=2,
+                  topk_group=1, tie_word_embeddings=False)
+    return {**config, **extra}
+
+
+def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
+    """Decays of 1-16 a step, correction biases that change which experts (and groups) are chosen, gates and ups
+    large enough that SiTU's caps bend them. (Biases that leave fewer than top-k kept experts above 0 would have a
+    dropped group's experts chosen, all tied at 0, which mlx-lm's argpartition breaks as it happens to.)"""
+    if name.endswith("A_log"):
+        return np.log(rng.uniform(1, 16, shape))
+    if name.endswith("dt_bias") or name.endswith("e_score_correction_bias"):
+        return rng.normal(0.0, 0.5, shape)
+    if name.endswith(("gate_proj.weight", "up_proj.weight")):
+        return rng.standard_normal(shape) * 3.0 / np.sqrt(shape[-1])
+    return None
+
+
+def as_released(config: dict):
+    """mlx-lm's sanitize inverted: q/k/v and their taps ([C, 1, K]) apart, A_log [1, 1, H, 1], kv_b_proj joined
+    from embed_q / unembed_out, the sparse MLPs under block_sparse_moe with their experts one by one (w1 gate, w3
+    up, w2 down) and the correction bias under the router."""
+    text = config.get("text_config", config)
+    width = text["linear_attn_config"]["num_heads"] * text["linear_attn_config"]["head_dim"]
+    experts = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+    def convert(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, value in tensors.items():
+            name = name.removeprefix("language_model.")
+            if ".qkv_proj." in name:
+                for part, rows in zip("qkv", np.split(value, 3)):
+                    out[name.replace("qkv_proj", f"{part}_proj")] = rows
+            elif ".qkv_conv.conv." in name:
+                for part, rows in zip("qkv", np.split(value, 3)):
+                    out[name.replace("qkv_conv.conv", f"{part}_conv1d")] = np.swapaxes(rows, 1, 2)
+            elif name.endswith("A_log"):
+                out[name] = value.reshape(1, 1, -1, 1)
+            elif name.endswith("embed_q.weight"):
+                unembed = tensors["language_model." + name.replace("embed_q", "unembed_out")]
+                kv_b = np.concatenate([np.swapaxes(value, 1, 2), unembed], axis=1).reshape(-1, value.shape[1])
+                out[name.replace("embed_q", "kv_b_proj")] = kv_b
+            elif name.endswith("unembed_out.weight"):
+                continue
+            elif ".mlp.switch_mlp." in name:
+                stem, proj = name.split(".mlp.switch_mlp.")
+                proj = proj.removesuffix(".weight")
+                out.update({f"{stem}.block_sparse_moe.experts.{e}.{experts[proj]}.weight": value[e]
+                            for e in range(value.shape[0])})
+            elif ".mlp.e_score_correction_bias" in name:
+                out[name.replace(".mlp.", ".block_sparse_moe.gate.")] = value
+            elif ".mlp.gate." in name or ".mlp.shared_experts." in name:
+                out[name.replace(".mlp.", ".block_sparse_moe.")] = value
+            else:
+                out[name] = value
+        assert all(v.shape[0] == width for n, v in out.items() if n.endswith("q_conv1d.weight"))
+        return out
+
+    return convert
+
+
+def build(folder, config: dict, seed: int = 0, prefix: str = "", extra: dict | None = None):
+    """The release under ``prefix`` (with ``extra`` tensors beside) and mlx-lm's model of it."""
+    model = random_mlx_lm_model(config, seed=seed, draw=_draw)
+    convert = as_released(config)
+    write_release(folder, model, config, TOKENS, lambda t: {prefix + n: v for n, v in convert(t).items()},
+                  extra=extra, vocab=VOCAB, tolerance=1e-6)
+    return folder, MlxLmReference(model)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """The flat release (model_type kimi_k3, its text keys at the top) and mlx-lm's model of it."""
+    return build(tmp_path_factory.mktemp("kimi_k3"), {**text_config(), "model_type": "kimi_k3"})
+
+
+def test_reads_layer_kinds_situ_and_the_gates(release):
+    arch = float32_model(release[0]).config.arch
+    assert [s.mixer for s in arch.layers] == ["kimi_delta", "attention", "kimi_delta", "kimi_delta"]
+    assert [s.mlp for s in arch.layers] == ["dense", "moe", "moe", "moe"]
+    assert arch.activation == arch.moe.activation == arch.moe.shared_activation == Situ(2.0, 3.0)
+    assert arch.mla.value_gate and arch.moe.routing == "sigmoid_grouped_zero_masked"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_and_decode_steps_match_mlx_lm(release, backend):
+    folder, reference = release
+    assert_forward_and_decode_match(float32_model(folder, backend), TOKENS, model_logits(reference.model, TOKENS))
+
+
+def test_a_wrapped_release_runs_its_text_model(tmp_path):
+    """The wrapper (text_config of model_type "kimi_linear", weights under language_model., a vision tower beside)
+    with a full-rank KDA gate and a bounded decay."""
+    section = dict(num_heads=3, head_dim=8, short_conv_kernel_size=4, kda_layers=[1, 3, 4], use_full_rank_gate=True,
+                   gate_lower_bound=-5.0)
+    config = {"model_type": "kimi_k3", "text_config": text_config(linear_attn_config=section,
+                                                                  activation_situ_linear_beta=None)}
+    vision = {"vision_tower.patch_embed.proj.weight": np.ones((4, 3), dtype=np.float32)}
+    folder, reference = build(tmp_path, config, seed=1, prefix="language_model.", extra=vision)
+    arch = float32_model(folder).config.arch
+    assert arch.kimi_delta.gate == ("gate_proj",) and arch.kimi_delta.lower_bound == -5.0
+    assert_forward_and_decode_match(float32_model(folder), TOKENS, model_logits(reference.model, TOKENS))
+
+
+#: What Kimi K3 adds to Kimi Linear, each dropped: SiTU's caps, SiTU itself, the attention's output gate.
+DROPPED = {
+    "situ caps": lambda arch: dict(activation=Situ(), moe=replace(arch.moe, activation=Situ(),
+                                                                  shared_activation=Situ())),
+    "situ": lambda arch: dict(activation="silu", moe=replace(arch.moe, activation=None, shared_activation=None)),
+    "output gate": lambda arch: dict(attn_output_gate=False),
+}
+
+
+@pytest.mark.parametrize("dropped", DROPPED)
+def test_each_feature_counts(release, dropped, monkeypatch):
+    folder, reference = release
+    read = ModelConfig.from_file
+
+    def without(path):
+        config = read(path)
+        return replace(config, arch=replace(config.arch, **DROPPED[dropped](config.arch)))
+
+    monkeypatch.setattr(ModelConfig, "from_file", staticmethod(without))
+    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), model_logits(reference.model, TOKENS)) > 1e-3
+
+
+def test_a_mixed_batch_gives_each_sequence_its_own_logits(release):
+    folder, reference = release
+    assert_a_mixed_batch_gives_each_sequence_its_own_logits(float32_model(folder), reference, VOCAB)
+
+
+def test_a_failed_pass_leaves_every_state_as_it_was(release, monkeypatch):
+    folder, reference = release
+    assert_a_failed_pass_leaves_every_state_as_it_was(float32_model(folder), reference, TOKENS, "gated_delta_rule",
+                                                      monkeypatch)
+
+
+def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(release):
+    folder, reference = release
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, "cpu", **config), reference,
+                                      staggered_greedy_workload(VOCAB))
+
+
+@pytest.mark.parametrize("key, value", [("attn_res_block_size", 2), ("routed_expert_hidden_size", 32),
+                                        ("hidden_act", "silu"), ("mla_use_nope", False)])
+def test_what_ferrum_does_not_run_is_refused_by_name(tmp_path, key, value):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "kimi_k3",
+                                                      "text_config": text_config(**{key: value})}))
+    with pytest.raises(UnsupportedFeatureError, match=key):
+        ModelConfig.from_file(tmp_path / "config.json")
