@@ -12,8 +12,8 @@ from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_groups, routed_scale
 from ferrum.gguf_import import (
-    apertus, bailing, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba, mimo2,
-    nemotron_h, openelm, qwen1, rwkv7,
+    apertus, bailing, deci, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba,
+    mimo2, nemotron_h, openelm, qwen1, rwkv7,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -110,6 +110,11 @@ class _Architecture:
     #: The file may leave ``feed_forward_length`` out, the MLP then the family's default width (GPT-J's: n_inner
     #: unset, 4 x hidden).
     optional_mlp_width: bool = False
+    #: A ``per_layer`` file's ``rope_freqs`` is Llama 3's rope scaling, read as other families' are (Nemotron NAS's).
+    llama3_rope_freqs: bool = False
+    #: Block tensors under another Hugging Face name in the layers that do not read the usual one: GGUF -> that name
+    #: (Nemotron NAS's linear map in place of attention, written as ``attn_output``).
+    otherwise: tuple[tuple[str, str], ...] = ()
 
 
 def _query_pre_attn_scalar(meta: Metadata, p: str, cfg: dict[str, Any], layers_of_27b: int) -> float:
@@ -1192,6 +1197,10 @@ ARCHITECTURES["nemotron_h"] = _Architecture("nemotron_h", "NemotronHForCausalLM"
 ARCHITECTURES["falcon-h1"] = _Architecture("falcon_h1", "FalconH1ForCausalLM", False,
                                            configure=falcon_h1.falcon_h1_config, own_tensors=falcon_h1.own_tensors,
                                            renamed=falcon_h1.RENAMED)
+# Nemotron NAS (DeciLM): Llama's blocks, q/k permuted as Llama's, each layer's attention (its own key/value heads, a
+# linear map or none) and MLP width (or none) from per-layer counts (see ferrum.gguf_import.deci)
+ARCHITECTURES["deci"] = _Architecture("nemotron-nas", "DeciLMForCausalLM", True, configure=deci.deci_config,
+                                      per_layer=True, llama3_rope_freqs=True, otherwise=deci.OTHERWISE)
 # RWKV-7: fla-hub's release layout, each stored layer Ferrum's time and channel mixes (see ferrum.gguf_import.rwkv7)
 ARCHITECTURES["rwkv7"] = _Architecture("rwkv7", "RWKV7ForCausalLM", False, configure=rwkv7.rwkv7_config,
                                        renamed=rwkv7.TENSORS, split=rwkv7.SPLIT, renamed_globals=rwkv7.GLOBAL_TENSORS,

@@ -221,7 +221,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
     if any(t is not None for t in factors.values()):
         rope_scaling = _longrope_scaling(meta, p, factors, rope_dims, where)
     freqs = tensors.get("rope_freqs.weight")
-    if freqs is not None and not family.per_layer:  # else configure's to read
+    if freqs is not None and (not family.per_layer or family.llama3_rope_freqs):  # else configure's to read
         fitted = _llama3_rope_scaling(dequantized(freqs, where), head_dim, theta)
         if fitted is None:
             raise UnsupportedFeatureError(

@@ -204,6 +204,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
     global_splits = dict(arch.split_globals)
     later_parts = {part for parts, _ in arch.joined for part in parts[1:]}
     global_tensors = {**GLOBAL_TENSORS, **dict(arch.renamed_globals)}
+    otherwise = dict(arch.otherwise)
     plan: list[PlannedTensor] = []
     unknown: list[str] = []
     block = re.compile(r"blk\.(\d+)\.(.+)$")
@@ -249,14 +250,17 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             if joined is not None:
                 hf_name = f"model.layers.{i}.{target}"
                 row_order = _joined_row_order(arch, joined[0], model_config)
-            elif arch.permuted_qk and rest in _PERMUTED_QK:  # a bias's rows as its matrix's
-                n = heads if rest.startswith("attn_q.") else kv_heads
-                row_order = unpermute_qk(np.arange(n * model_config.head_dim), n)
+            elif arch.permuted_qk and rest in _PERMUTED_QK:  # a bias's rows as its matrix's, over the layer's heads
+                rows = numpy_shape(tensor)[0]  # (Nemotron NAS's key/value heads differ by layer)
+                row_order = unpermute_qk(np.arange(rows), max(1, rows // model_config.head_dim))
             elif arch.grouped_qkv and rest.startswith("attn_qkv."):  # the checkpoint's rows, grouped by kv head
                 row_order = np.argsort(grouped_qkv_order(heads, kv_heads, model_config.head_dim))
         if hf_name is not None:  # under the family's own prefix and module names
             hf_name = _checkpoint_name(model_arch, hf_name)
         want = expected.get(hf_name)
+        if want is None and m is not None and rest in otherwise:  # a layer that reads it otherwise
+            hf_name = _checkpoint_name(model_arch, f"model.layers.{m.group(1)}.{otherwise[rest]}")
+            want = expected.get(hf_name)
         if want is None and hf_name is not None and model_arch.unloaded and re.search(model_arch.unloaded, hf_name):
             continue  # stored, but not read (Gemma 4's keys and values of the layers that read another's)
         if want is None:

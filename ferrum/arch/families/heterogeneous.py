@@ -58,11 +58,24 @@ def _width(r: KeyReader, key: str, what: str, product: float, rounded: Callable[
     return width
 
 
+def _nas_product(ffn_mult: float, hidden: int) -> float:
+    return 2 * round(ffn_mult, 6) * hidden / 3
+
+
+def _nas_rounded(product: float) -> int:
+    return -(-int(product) // 256) * 256
+
+
+def nas_width(ffn_mult: float, hidden: int) -> int:
+    """The gated MLP's width from its multiplier, as DeciLM and mlx-lm size it: ``2/3 * mult * hidden`` rounded up
+    to a multiple of 256 (the multiplier first rounded to 6 decimals, as mlx-lm reads it)."""
+    return _nas_rounded(_nas_product(ffn_mult, hidden))
+
+
 def _nas_width(r: KeyReader, i: int, ffn_mult: float, hidden: int) -> int:
-    """Layer ``i``'s gated MLP width from its multiplier, as DeciLM and mlx-lm size it: ``2/3 * mult * hidden`` rounded
-    up to a multiple of 256 (the multiplier first rounded to 6 decimals, as mlx-lm reads it)."""
-    return _width(r, "block_configs", f"entry {i}'s ffn.ffn_mult {ffn_mult!r}", 2 * round(ffn_mult, 6) * hidden / 3,
-                  lambda width: -(-int(width) // 256) * 256)
+    """Layer ``i``'s :func:`nas_width`, refused by block_configs where it is none or absurd."""
+    return _width(r, "block_configs", f"entry {i}'s ffn.ffn_mult {ffn_mult!r}", _nas_product(ffn_mult, hidden),
+                  _nas_rounded)
 
 
 def _nas_blocks(r: KeyReader) -> list[_NasBlock]:
