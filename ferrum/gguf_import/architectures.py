@@ -13,7 +13,7 @@ from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_groups, routed_scale
 from ferrum.gguf_import import (
     apertus, bailing, deci, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba,
-    mimo2, nemotron_h, openelm, qwen1, rwkv7,
+    mimo2, nemotron_h, openelm, plamo2, qwen1, rwkv7,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -91,6 +91,9 @@ class _Architecture:
     own_tensors: Callable[[str, dict[str, Any]], tuple[Restored, ...] | None] | None = None
     #: Norm weights (suffixes) the converter left unshifted where ``norm_offset`` shifts the others.
     unshifted_norms: tuple[str, ...] = ()
+    #: Norm weights (suffixes of the checkpoint's names) the converter shifted by offsets of their own, subtracted on
+    #: import before ``norm_offset`` is considered (PLaMo's norms after the mixer and the MLP).
+    norm_offsets: tuple[tuple[str, float], ...] = ()
     #: The file lists KV heads and MLP widths per layer and keeps its rope in ``rope_freqs``, all of which
     #: ``configure`` reads (Gemma 4's; Gemma 3n's widths; MiMo-V2's KV heads).
     per_layer: bool = False
@@ -1201,6 +1204,11 @@ ARCHITECTURES["falcon-h1"] = _Architecture("falcon_h1", "FalconH1ForCausalLM", F
 # linear map or none) and MLP width (or none) from per-layer counts (see ferrum.gguf_import.deci)
 ARCHITECTURES["deci"] = _Architecture("nemotron-nas", "DeciLMForCausalLM", True, configure=deci.deci_config,
                                       per_layer=True, llama3_rope_freqs=True, otherwise=deci.OTHERWISE)
+# PLaMo 2: Mamba layers (0 heads) among rope attention ones (rows as stored), sandwich norms with offsets of their
+# own, in the release's layout (see ferrum.gguf_import.plamo2)
+ARCHITECTURES["plamo2"] = _Architecture("plamo2", "Plamo2ForCausalLM", False, configure=plamo2.plamo2_config,
+                                        own_tensors=plamo2.own_tensors, renamed=plamo2.TENSORS, norm_offset=1.0,
+                                        norm_offsets=plamo2.NORM_OFFSETS, per_layer=True)
 # RWKV-7: fla-hub's release layout, each stored layer Ferrum's time and channel mixes (see ferrum.gguf_import.rwkv7)
 ARCHITECTURES["rwkv7"] = _Architecture("rwkv7", "RWKV7ForCausalLM", False, configure=rwkv7.rwkv7_config,
                                        renamed=rwkv7.TENSORS, split=rwkv7.SPLIT, renamed_globals=rwkv7.GLOBAL_TENSORS,

@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ferrum.arch.tensors import (bias_of, check_padded_groups, grouped_qkv_order, stored_name, value_width,
-                                 weight_shapes)
+from ferrum.arch.tensors import (bias_of, check_padded_groups, grouped_qkv_order, model_name, stored_name,
+                                 value_width, weight_shapes)
 from ferrum.checkpoint import write_safetensors_header
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
@@ -232,7 +232,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             own = arch.own_tensors(rest, cfg) if arch.own_tensors is not None else None
             if own is not None:
                 names = [_checkpoint_name(model_arch, f"model.layers.{i}.{r.name}") for r in own]
-                plan += _restored(tensor, own, names, expected, arch.norm_offset, arch.unshifted_norms, where)
+                plan += _restored(tensor, own, names, expected, arch, where)
                 continue
             if rest in splits:
                 planned = _split_rows(tensor, [_checkpoint_name(model_arch, f"model.layers.{i}.{t}")
@@ -277,7 +277,7 @@ def plan_tensors(reader: Any, cfg: dict[str, Any], where: str, gguf_arch: str | 
             raise CheckpointError(
                 f"{where}: tensor {name} ({hf_name}) has shape {shape} but the metadata implies {want}"
             )
-        offset = _norm_offset(hf_name, arch.norm_offset, arch.unshifted_norms)
+        offset = _norm_offset(hf_name, arch)
         plan.append(PlannedTensor(hf_name, tensor, shape, row_order, offset, joined=joined))
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
@@ -334,13 +334,18 @@ _PERMUTED_QK = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 _QKV_PARTS = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
 
 
-def _norm_offset(hf_name: str, offset: float, unshifted: tuple[str, ...]) -> float:
-    """What the converter added to ``hf_name``: the family's norm offset on its norm weights, but those it left."""
-    return offset if hf_name.endswith("norm.weight") and not hf_name.endswith(unshifted) else 0.0
+def _norm_offset(hf_name: str, arch: Any) -> float:
+    """What the converter added to ``hf_name``: a norm's own offset (``_Architecture.norm_offsets``), else the
+    family's norm offset on its norm weights, but those it left."""
+    own = [offset for suffix, offset in arch.norm_offsets if hf_name.endswith(suffix)]
+    if own:
+        return own[0]
+    shifted = hf_name.endswith("norm.weight") and not hf_name.endswith(arch.unshifted_norms)
+    return arch.norm_offset if shifted else 0.0
 
 
 def _restored(tensor: Any, own: tuple[Any, ...], names: list[str], expected: dict[str, tuple[int, ...]],
-              offset: float, unshifted: tuple[str, ...], where: str) -> list[PlannedTensor]:
+              arch: Any, where: str) -> list[PlannedTensor]:
     """``tensor`` as the Hugging Face tensors ``names`` a family's ``own_tensors`` reading makes of it (``own``: each
     one's rows, column groups and value restore), in the shapes the model reads (the convolution's ``[C, K]`` as
     ``[C, 1, K]``)."""
@@ -354,7 +359,7 @@ def _restored(tensor: Any, own: tuple[Any, ...], names: list[str], expected: dic
             raise CheckpointError(f"{where}: tensor {tensor.name} ({name}) has shape {got} but the metadata implies "
                                   f"{want}")
         rows = None if r.rows is None else (0, shape[0])  # all the source's rows, then those it takes, in order
-        planned.append(PlannedTensor(name, tensor, want, r.rows, _norm_offset(name, offset, unshifted), rows=rows,
+        planned.append(PlannedTensor(name, tensor, want, r.rows, _norm_offset(name, arch), rows=rows,
                                      columns=r.columns, restore=r.restore))
     return planned
 
@@ -445,10 +450,11 @@ def check_padded_heads(plan: list[PlannedTensor], cfg: dict[str, Any], where: st
     for p in plan:
         if not p.form.packed:
             continue
+        name = model_name(config.arch, p.hf_name)  # Llama's (PLaMo's layers are stored as layers.layers)
         try:
-            check_padded_groups(config, p.hf_name, p.form.bits, p.form.group_size)
+            check_padded_groups(config, name, p.form.bits, p.form.group_size)
         except UnsupportedFeatureError:
-            layer = int(re.search(r"layers\.(\d+)\.", p.hf_name)[1])
+            layer = int(re.search(r"layers\.(\d+)\.", name)[1])
             raise UnsupportedFeatureError(
                 f"{where}: tensor {p.sources[0].name} is stored as {p.sources[0].tensor_type.name}, whose blocks of "
                 f"{p.form.group_size} values do not end where this layer's heads of {value_width(config, layer)} "
