@@ -1675,7 +1675,7 @@ def test_experts_of_an_architecture_without_them_are_refused_naming_those_that_h
     write_tiny_gguf(tmp_path / "x.gguf", arch="qwen2", metadata={"expert_count": 4})
     with pytest.raises(UnsupportedFeatureError, match=r"mixture-of-experts qwen2 GGUF files are not supported "
                        r"\(Ferrum imports llama, qwen2moe, .*hunyuan-moe, qwen35moe, gemma4, mimo2, laguna, qwen3next, "
-                       r"granitehybrid, lfm2moe, jamba, nemotron_h_moe ones\)"):
+                       r"granitehybrid, lfm2moe, step35, jamba, nemotron_h_moe ones\)"):
         convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
 
 

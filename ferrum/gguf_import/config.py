@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -10,44 +9,8 @@ import numpy as np
 from ferrum.arch.families import FAMILIES
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError
 from ferrum.gguf_import.architectures import ARCHITECTURES, ROPE_FACTOR_TENSORS, SUPPORTED_ARCHITECTURES
-from ferrum.gguf_import.files import Metadata, float32_value
+from ferrum.gguf_import.files import Metadata, float32_value, llama3_rope_scaling
 from ferrum.gguf_import.tensors import dequantized, numpy_shape
-
-
-def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any] | None:
-    """Recover Llama 3.x rope scaling from llama.cpp's per-pair ``rope_freqs`` divisors.
-
-    llama.cpp stores ``1``, ``factor`` or a blend per frequency; Hugging Face
-    stores the four numbers that generate them. Try the values every Llama 3.x
-    release uses (low 1, high 4, original context 8192), then Llama 4 Scout's (low
-    and high 1), with the largest divisor as ``factor``; ``None`` if neither
-    reproduces the file.
-    """
-    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
-    if factors.size != head_dim // 2 or not np.all(factors > 0):
-        return None
-    if np.allclose(factors, 1.0):
-        return {}
-    factor = float32_value(factors.max())
-    old_ctx = 8192
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    wavelen = 2 * math.pi / inv_freq
-    for low, high in ((1.0, 4.0), (1.0, 1.0)):  # Llama 3.x's; Llama 4 Scout's, which blends none
-        with np.errstate(divide="ignore", invalid="ignore"):
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            blended = 1.0 / ((1 - smooth) / factor + smooth)
-        want = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blended))
-        if np.allclose(factors, want, rtol=1e-4, atol=1e-6):
-            break
-    else:
-        return None
-    return {
-        "rope_type": "llama3",
-        "factor": factor,
-        "low_freq_factor": low,
-        "high_freq_factor": high,
-        "original_max_position_embeddings": old_ctx,
-    }
 
 
 def _longrope_scaling(meta: Metadata, p: str, factors: dict[str, Any], rope_dims: int, where: str) -> dict[str, Any]:
@@ -222,7 +185,7 @@ def build_config(meta: Metadata, reader: Any, tokens: list[str] | None) -> dict[
         rope_scaling = _longrope_scaling(meta, p, factors, rope_dims, where)
     freqs = tensors.get("rope_freqs.weight")
     if freqs is not None and (not family.per_layer or family.llama3_rope_freqs):  # else configure's to read
-        fitted = _llama3_rope_scaling(dequantized(freqs, where), head_dim, theta)
+        fitted = llama3_rope_scaling(dequantized(freqs, where), head_dim, theta)
         if fitted is None:
             raise UnsupportedFeatureError(
                 f"{where}: the file's rope_freqs tensor does not match Llama 3 rope scaling; not supported"

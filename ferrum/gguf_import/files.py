@@ -231,6 +231,7 @@ _FIELD_KINDS = {
     **dict.fromkeys(("tokenizer.ggml.token_type", "rope.dimension_sections"), "a list of integers"),
     "tokenizer.ggml.scores": "a list of finite numbers",
     "activation_sparsity_scale": "a list of numbers",
+    **dict.fromkeys(("swiglu_clamp_exp", "swiglu_clamp_shexp"), "a finite number, or a list of one per layer"),
     **dict.fromkeys(("add_bos_token", "add_eos_token", "add_space_prefix", "expert_weights_norm"), "a boolean"),
 }
 
@@ -252,6 +253,9 @@ def _is_kind(value: Any, kind: str) -> bool:
         return integer(value) and value >= 0 or bool(flags) and all(v in (0, 1) for v in flags)
     if kind == "a finite number":
         return (integer(value) or isinstance(value, float)) and math.isfinite(value)
+    if kind == "a finite number, or a list of one per layer":
+        return value != [] and all((integer(v) or isinstance(v, float)) and math.isfinite(v)
+                                   for v in (value if isinstance(value, list) else [value]))
     if kind == "a string":
         return isinstance(value, str)
     if kind == "a list of strings":
@@ -320,3 +324,39 @@ def routed_scale(meta: Metadata, p: str) -> float:
         raise CheckpointError(f"{meta.where}: {p}expert_weights_scale is {scale}; it must be positive (the factor on "
                               "the routed experts' weights): re-convert the model with llama.cpp's converter")
     return float32_value(scale)
+
+
+def llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """Recover Llama 3.x rope scaling from llama.cpp's per-pair ``rope_freqs`` divisors.
+
+    llama.cpp stores ``1``, ``factor`` or a blend per frequency; Hugging Face
+    stores the four numbers that generate them. Try the values every Llama 3.x
+    release uses (low 1, high 4, original context 8192), then Llama 4 Scout's (low
+    and high 1), with the largest divisor as ``factor``; ``None`` if neither
+    reproduces the file.
+    """
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if factors.size != head_dim // 2 or not np.all(factors > 0):
+        return None
+    if np.allclose(factors, 1.0):
+        return {}
+    factor = float32_value(factors.max())
+    old_ctx = 8192
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * math.pi / inv_freq
+    for low, high in ((1.0, 4.0), (1.0, 1.0)):  # Llama 3.x's; Llama 4 Scout's, which blends none
+        with np.errstate(divide="ignore", invalid="ignore"):
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            blended = 1.0 / ((1 - smooth) / factor + smooth)
+        want = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blended))
+        if np.allclose(factors, want, rtol=1e-4, atol=1e-6):
+            break
+    else:
+        return None
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": old_ctx,
+    }
