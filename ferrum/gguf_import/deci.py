@@ -15,21 +15,11 @@ from typing import Any
 
 from ferrum.arch.families.heterogeneous import nas_width
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
-from ferrum.gguf_import.files import Metadata
+from ferrum.gguf_import.files import Metadata, per_layer
 
 #: The linear map in place of a layer's attention, which the converter names as the attention's output.
 OTHERWISE = (("attn_output.weight", "self_attn.linear_attn.weight"),)
 _SKIPPED = {"no_op": True, "replace_with_linear": False}
-
-
-def _per_layer(meta: Metadata, key: str, layers: int) -> list[int]:
-    """A count the file gives once or per layer (0: the layer has none), one per layer."""
-    value = meta.need(key)
-    value = value if isinstance(value, list) else [value] * layers
-    if len(value) != layers or any(int(v) < 0 for v in value):
-        raise CheckpointError(f"{meta.where}: {key} must give each of the {layers} layers a count, got "
-                              f"{value!r:.80}")
-    return [int(v) for v in value]
 
 
 def _attention(meta: Metadata, i: int, heads: int, kv_heads: int, top: int) -> dict[str, Any]:
@@ -61,9 +51,9 @@ def deci_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
     if meta.get(p + "attention.scale"):
         raise UnsupportedFeatureError(f"{where}: {p}attention.scale in a deci file is not supported (DeciLM scales "
                                       "attention by 1 / sqrt(head_dim), as llama.cpp does without it)")
-    heads = _per_layer(meta, p + "attention.head_count", layers)
-    kv_heads = _per_layer(meta, p + "attention.head_count_kv", layers)
-    widths = _per_layer(meta, p + "feed_forward_length", layers)
+    heads = [int(n) for n in per_layer(meta, p + "attention.head_count", layers)]
+    kv_heads = [int(n) for n in per_layer(meta, p + "attention.head_count_kv", layers)]
+    widths = [int(n) for n in per_layer(meta, p + "feed_forward_length", layers)]
     top = max(heads)
     blocks = []
     for i in range(layers):

@@ -326,6 +326,15 @@ def routed_scale(meta: Metadata, p: str) -> float:
     return float32_value(scale)
 
 
+def per_layer(meta: Metadata, key: str, count: int, default: Any = None) -> list[Any]:
+    """A value the file gives once or per block, one per block: the file's (required where ``default`` is None)."""
+    value = meta.need(key) if default is None else meta.get(key, default)
+    value = value if isinstance(value, list) else [value] * count
+    if len(value) != count:
+        raise CheckpointError(f"{meta.where}: {key} lists {len(value)} values for the file's {count} blocks")
+    return value
+
+
 def llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any] | None:
     """Recover Llama 3.x rope scaling from llama.cpp's per-pair ``rope_freqs`` divisors.
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ferrum.errors import CheckpointError, UnsupportedFeatureError
-from ferrum.gguf_import.files import Metadata, float32_value, llama3_rope_scaling, prediction_blocks, routed_scale
+from ferrum.errors import UnsupportedFeatureError
+from ferrum.gguf_import.files import (Metadata, float32_value, llama3_rope_scaling, per_layer, prediction_blocks,
+                                      routed_scale)
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 _SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID, its default for step35
@@ -28,15 +29,6 @@ SHARED = tuple((f"ffn_{p}_shexp.weight", f"share_expert.{p}_proj.weight") for p 
 
 def _refuse(meta: Metadata, what: str, why: str) -> UnsupportedFeatureError:
     return UnsupportedFeatureError(f"{meta.where}: {what} is not supported ({why})")
-
-
-def _per_layer(meta: Metadata, key: str, blocks: int, default: Any = None) -> list[Any]:
-    """A value the file gives once or per block (the MTP blocks' included)."""
-    value = meta.get(key, default) if default is not None else meta.need(key)
-    value = value if isinstance(value, list) else [value] * blocks
-    if len(value) != blocks:
-        raise CheckpointError(f"{meta.where}: {key} lists {len(value)} values for the file's {blocks} blocks")
-    return value
 
 
 def _rope(meta: Metadata, p: str, cfg: dict[str, Any], rotary: int) -> dict[str, Any] | None:
@@ -63,9 +55,9 @@ def step35_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
     if cfg["rope_scaling"] is not None:
         raise _refuse(meta, f"{cfg['rope_scaling']['rope_type']} rope scaling in a step35 file",
                       "llama.cpp's step35 scales the full layers alone; Step 3.5's scaling is llama3's, in rope_freqs")
-    heads = [int(n) for n in _per_layer(meta, p + "attention.head_count", blocks)][:layers]
-    kv_heads = {int(n) for n in _per_layer(meta, p + "attention.head_count_kv", blocks)[:layers]}
-    sliding = [bool(f) for f in _per_layer(meta, p + "attention.sliding_window_pattern", blocks)][:layers]
+    heads = [int(n) for n in per_layer(meta, p + "attention.head_count", blocks)][:layers]
+    kv_heads = {int(n) for n in per_layer(meta, p + "attention.head_count_kv", blocks)[:layers]}
+    sliding = [bool(f) for f in per_layer(meta, p + "attention.sliding_window_pattern", blocks)][:layers]
     if len(kv_heads) != 1:
         raise _refuse(meta, f"key/value heads {sorted(kv_heads)} by layer", "Step 3.5 has one count")
     kinds = [SLIDING if s else FULL for s in sliding]
@@ -79,7 +71,7 @@ def step35_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]
     sparse = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in meta.tensors]
     if not sparse:
         raise _refuse(meta, "a step35 file without experts", "Ferrum reads Step 3.5 with its sparse layers")
-    clamps = {name: [float32_value(v) for v in _per_layer(meta, f"{p}swiglu_clamp_{key}", blocks, 0.0)][:layers]
+    clamps = {name: [float32_value(v) for v in per_layer(meta, f"{p}swiglu_clamp_{key}", blocks, 0.0)][:layers]
               for name, key in (("swiglu_limits", "exp"), ("swiglu_limits_shared", "shexp"))}
     full_heads = by_kind[FULL].pop()
     return {
