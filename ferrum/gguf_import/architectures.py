@@ -13,7 +13,7 @@ from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_groups, routed_scale
 from ferrum.gguf_import import (
     apertus, bailing, deci, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba,
-    mimo2, nemotron_h, openelm, plamo2, qwen1, rwkv7, step35,
+    mimo2, nemotron_h, openelm, plamo, plamo2, qwen1, rwkv7, step35,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -1209,6 +1209,10 @@ ARCHITECTURES["deci"] = _Architecture("nemotron-nas", "DeciLMForCausalLM", True,
 ARCHITECTURES["plamo2"] = _Architecture("plamo2", "Plamo2ForCausalLM", False, configure=plamo2.plamo2_config,
                                         own_tensors=plamo2.own_tensors, renamed=plamo2.TENSORS, norm_offset=1.0,
                                         norm_offsets=plamo2.NORM_OFFSETS, per_layer=True)
+# PLaMo-13B: parallel blocks, key/value heads tiled over the queries, whose order the converter changed (see
+# ferrum.gguf_import.plamo); rows as stored
+ARCHITECTURES["plamo"] = _Architecture("plamo", "PlamoForCausalLM", False, configure=plamo.plamo_config,
+                                       own_tensors=plamo.own_tensors, renamed=plamo.TENSORS)
 # Step 3.5: full and sliding layers with their own query heads, ropes and SwiGLU clamps, head-wise output gates,
 # sigmoid-routed experts beside a shared one; rows as stored (see ferrum.gguf_import.step35)
 ARCHITECTURES["step35"] = _Architecture("step3p5", "Step3p5ForCausalLM", False, configure=step35.step35_config,
