@@ -13,7 +13,7 @@ from ferrum.moe.spec import ROUTER
 from ferrum.gguf_import.files import Metadata, float32_value, prediction_blocks, routed_groups, routed_scale
 from ferrum.gguf_import import (
     apertus, bailing, deci, falcon_h1, gemma3n, gemma4, glm_dsa, granite_hybrid, kimi_linear, laguna, lfm2, mamba,
-    mimo2, nemotron_h, openelm, plamo, plamo2, qwen1, rwkv7, step35,
+    mimo2, nemotron_h, openelm, plamo, plamo2, plamo3, qwen1, rwkv7, step35,
 )
 from ferrum.gguf_import.gated_delta import OWN_TENSORS, UNSHIFTED_NORMS, Restored, fused_gate_up, qwen3_hybrid_config
 
@@ -1213,6 +1213,10 @@ ARCHITECTURES["plamo2"] = _Architecture("plamo2", "Plamo2ForCausalLM", False, co
 # ferrum.gguf_import.plamo); rows as stored
 ARCHITECTURES["plamo"] = _Architecture("plamo", "PlamoForCausalLM", False, configure=plamo.plamo_config,
                                        own_tensors=plamo.own_tensors, renamed=plamo.TENSORS)
+# PLaMo 3: PLaMo 2's attention blocks alone, sliding layers with a rope base of their own (see
+# ferrum.gguf_import.plamo3)
+ARCHITECTURES["plamo3"] = _Architecture("plamo3", "Plamo3ForCausalLM", False, configure=plamo3.plamo3_config,
+                                        renamed=plamo2.TENSORS, norm_offset=1.0, norm_offsets=plamo2.NORM_OFFSETS)
 # Step 3.5: full and sliding layers with their own query heads, ropes and SwiGLU clamps, head-wise output gates,
 # sigmoid-routed experts beside a shared one; rows as stored (see ferrum.gguf_import.step35)
 ARCHITECTURES["step35"] = _Architecture("step3p5", "Step3p5ForCausalLM", False, configure=step35.step35_config,
