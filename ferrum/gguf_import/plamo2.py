@@ -8,7 +8,8 @@ offset to its weight (1 before the mixer and the MLP and for the final norm, 1/5
 MLP), taken off again. q/k/v stay fused (rows as stored: rotate-half rope); gate and up stay fused. What llama.cpp
 runs otherwise is refused by name: another rope base (mlx-lm's PLaMo 2 rotates at 10000), another epsilon (its q/k
 norms' is 1e-6, llama.cpp's the file's), Mamba groups. llama.cpp does not clip the Mamba steps to [0.001, 100] as
-mlx-lm (and Ferrum) do: a file cannot say where that matters.
+mlx-lm (and Ferrum) do: a file cannot say where that matters. The converter's PLaMo tokenizer (``plamo2``, PLaMo 3's
+too) is not rebuilt yet: such files are refused at the tokenizer, by name.
 """
 
 from __future__ import annotations
