@@ -26,6 +26,7 @@ from test_gguf_import import (  # noqa: E402
     TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
     _sentencepiece_vocab,
 )
+from mlx_lm_release import model_logits, parameters  # noqa: E402
 from test_gguf_openelm import _scaled  # noqa: E402
 from test_nemotron_nas import CONFIG, LINEAR, SKIPPED, _attention, _ffn, _mlx_lm_model, _release_name  # noqa: E402
 
@@ -53,7 +54,8 @@ TOKENS = [int(t) for t in np.random.RandomState(3).randint(0, len(_sentencepiece
 def _tiny() -> tuple[Any, dict, dict]:
     config = {**CONFIG, "block_configs": BLOCKS, "num_hidden_layers": len(BLOCKS), "rope_scaling": ROPE,
               "rope_theta": 500000.0, "vocab_size": len(_sentencepiece_vocab()[0])}
-    model, params = _mlx_lm_model(config)
+    model = _mlx_lm_model(config)
+    params = parameters(model)
     return model, params, config
 
 
@@ -61,12 +63,6 @@ def _ferrum_logits(folder: Path) -> np.ndarray:
     import ferrum
 
     return ferrum.load(folder, backend="cpu").model.forward_verify("s", TOKENS)
-
-
-def _mlx_lm_logits(model: Any, tokens: list[int] = TOKENS) -> np.ndarray:
-    import mlx.core as mx
-
-    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
 
 
 def _permuted(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -145,10 +141,10 @@ def test_deci_gguf_matches_mlx_lm(tmp_path, qtype):
         256, 512, 256, 512, 256]
     assert json.loads((out / "config.json").read_text())["rope_scaling"] == ROPE
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), _mlx_lm_logits(model)) <= 1e-4
+        assert _scaled(_ferrum_logits(out), model_logits(model, TOKENS)) <= 1e-4
     else:  # over TINY_TOKENS
         got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert _scaled(got, _mlx_lm_logits(model, TINY_TOKENS)) <= 5e-2
+        assert _scaled(got, model_logits(model, TINY_TOKENS)) <= 5e-2
 
 
 @pytest.mark.parametrize("change", [dict(permuted_qk=False), dict(llama3_rope_freqs=False)],
@@ -160,7 +156,7 @@ def test_deci_gguf_read_otherwise_misses_mlx_lm(tmp_path, monkeypatch, change):
     model, params, config = _tiny()
     _deci_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), _mlx_lm_logits(model)) > 5e-4
+    assert _scaled(_ferrum_logits(out), model_logits(model, TOKENS)) > 5e-4
 
 
 @pytest.mark.parametrize(("meta", "words"), [

@@ -19,12 +19,12 @@ plamo = pytest.importorskip("mlx_lm.models.plamo")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from mlx_lm_checkpoints import random_mlx_lm_model  # noqa: E402
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
+    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
     _sentencepiece_vocab,
 )
-from test_gguf_openelm import _ferrum_logits, _mlx_lm_logits, _scaled  # noqa: E402
+from test_gguf_openelm import _ferrum_logits, _scaled  # noqa: E402
 from test_plamo import CONFIG, _draw  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -35,7 +35,7 @@ def _tiny() -> tuple[Any, dict, dict]:
     from mlx.utils import tree_flatten
 
     config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0])}
-    model = random_mlx_lm_model(plamo, config, 0, _draw)
+    model = random_mlx_lm_model(config, 0, _draw)
     return model, {name: np.array(p) for name, p in tree_flatten(model.parameters())}, config
 
 
@@ -78,7 +78,7 @@ def test_plamo_gguf_matches_mlx_lm(tmp_path, qtype):
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(out)
     assert ours.model_type == "plamo" and (ours.num_heads, ours.num_kv_heads) == (4, 2)
-    want = _mlx_lm_logits(model)
+    want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
         assert _scaled(_ferrum_logits(out), want) <= 1e-4
     else:
@@ -92,7 +92,7 @@ def test_plamo_gguf_with_its_heads_left_in_ggml_s_order_misses_mlx_lm(tmp_path, 
     model, params, config = _tiny()
     _plamo_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), _mlx_lm_logits(model)) > 1e-2
+    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 def test_a_plamo_gguf_with_rope_scaling_is_refused(tmp_path):

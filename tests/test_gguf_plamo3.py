@@ -19,12 +19,12 @@ plamo3 = pytest.importorskip("mlx_lm.models.plamo3")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf, plamo3 as plamo3_import  # noqa: E402
-from mlx_lm_checkpoints import random_mlx_lm_model  # noqa: E402
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
+    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
     _sentencepiece_vocab,
 )
-from test_gguf_openelm import _ferrum_logits, _mlx_lm_logits, _scaled  # noqa: E402
+from test_gguf_openelm import _ferrum_logits, _scaled  # noqa: E402
 from test_plamo3 import CONFIG, _draw  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -39,7 +39,7 @@ def _tiny() -> tuple[Any, dict, dict]:
     from mlx.utils import tree_flatten
 
     config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0])}
-    model = random_mlx_lm_model(plamo3, config, 0, _draw)
+    model = random_mlx_lm_model(config, 0, _draw)
     return model, {name: np.array(p) for name, p in tree_flatten(model.parameters())}, config
 
 
@@ -73,7 +73,7 @@ def test_plamo3_gguf_matches_mlx_lm(tmp_path, qtype):
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     layers = ModelConfig.from_file(out).arch.layers
     assert [(s.window, s.rope.theta) for s in layers] == [(5, 100.0), (None, 1e6), (5, 100.0), (None, 1e6)]
-    want = _mlx_lm_logits(model)
+    want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
         assert _scaled(_ferrum_logits(out), want) <= 1e-4
     else:
@@ -90,7 +90,7 @@ def test_plamo3_gguf_read_otherwise_misses_mlx_lm(tmp_path, monkeypatch, change)
     model, params, config = _tiny()
     _plamo3_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), _mlx_lm_logits(model)) > 1e-2
+    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 @pytest.mark.parametrize(("meta", "words"), [
