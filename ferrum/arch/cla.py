@@ -17,13 +17,14 @@ from ferrum.errors import UnsupportedFeatureError
 
 def query_norm_parts(config: Any, name: str) -> tuple[str, ...]:
     """The stored tensors the query norm ``name`` of a layer with its own key norm is made of: itself, the layer's key
-    norm and its source's; () for any other tensor."""
-    from ferrum.arch.tensors import _layer_of, stored_name  # imported here: ferrum.arch.tensors reads ferrum.weights
+    norm and its source's; () for any other tensor. ``name`` is the checkpoint's (its layer's number read from Llama's
+    name: PLaMo's are stored under ``layers.layers``)."""
+    from ferrum.arch.tensors import _layer_of, model_name, stored_name  # here: ferrum.arch.tensors reads ferrum.weights
 
     arch = config.arch
     if not any(layer.own_key_norm for layer in arch.layers):  # no layer folds a key norm (every family but Hunyuan)
         return ()
-    index = _layer_of(name, arch.prefix)
+    index = _layer_of(model_name(arch, name), arch.prefix)
     if index is None or index >= len(arch.layers) or not arch.layers[index].own_key_norm:
         return ()
     query, key = (f"self_attn.{norm}.weight" for norm in arch.qk_norm_names)
