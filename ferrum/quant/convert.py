@@ -74,13 +74,16 @@ _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 EIGHT_BIT = (8, 64)
 #: Modules mlx-lm's model classes hold as plain parameters, not linear layers, so its conversion leaves them in
 #: float (and its loader refuses them packed): GLM-4.5's (Solar Open's, which mlx-lm runs as GLM-4.5), GLM-4.7-Flash's,
-#: DeepSeek-V2's and V3's, dots1's, K-EXAONE's, Nemotron 3 Nano's and MiMo-V2-Flash's routers (their ``MoEGate``,
-#: ``Dots1TopkRouter``).
+#: DeepSeek-MoE's, DeepSeek-V2's and V3's (Kimi K2's and JoyAI's, which mlx-lm runs as V3), dots1's, K-EXAONE's,
+#: Nemotron 3 Nano's and MiMo-V2-Flash's routers (their ``MoEGate``, ``Dots1TopkRouter``); and modules its
+#: ``quant_predicate`` keeps at the source's precision (Spark 2.5's per-head gate ``g_proj``).
 _MLX_LM_FLOAT: dict[str, tuple[str, ...]] = {"glm4_moe": ("mlp.gate",), "deepseek_v3": ("mlp.gate",),
+                                           "kimi_k2": ("mlp.gate",), "joyai_llm_flash": ("mlp.gate",),
+                                           "deepseek": ("mlp.gate",),
                                            "deepseek_v2": ("mlp.gate",), "glm4_moe_lite": ("mlp.gate",),
                                            "dots1": ("mlp.gate",), "solar_open": ("mlp.gate",),
                                            "exaone_moe": ("mlp.gate",), "nemotron_h": ("mixer.gate",),
-                                           "mimo_v2_flash": ("mlp.gate",)}
+                                           "mimo_v2_flash": ("mlp.gate",), "spark2_5": ("self_attn.g_proj",)}
 #: Latent attention's ``kv_b_proj`` stays in float too: mlx-lm splits a packed one per head into ``embed_q`` and
 #: ``unembed_out`` and packs those again along other axes, rounding twice (or failing, where qk_nope_head_dim is no
 #: multiple of the group size); Ferrum joins mlx-lm's own split back into float at load, so it costs Ferrum nothing.
@@ -118,17 +121,22 @@ _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "kimi_linear": ("mlp.gate",),
     "bailing_moe": ("mlp.gate.gate_proj",),
     "bailing_moe_linear": ("mlp.gate.gate_proj",),
+    "Klear": ("mlp.gate",),
+    # RWKV-7's embedding and the LoRAs' up-projections (mlx-lm's {"bits": 8}: to_quantized's group size, 64)
+    "rwkv7": ("embeddings", "lora.2"),
 }
 #: Modules mlx-lm's model classes hold under other names than the checkpoint's, where its ``sanitize`` moves float
 #: weights alone (packed ones left behind are refused), by model_type: the beginning of a path in a layer -> mlx-lm's
 #: (the first that fits). Kimi Linear's MLPs, dense and sparse, under ``mlp``, the correction bias beside the router;
-#: Ling's router weight under ``gate.gate_proj``.
+#: Ling's router weight under ``gate.gate_proj``; Nemotron NAS's linear sub-blocks under mlx-lm's ``linear`` (its
+#: ``sanitize`` does not rename the release's).
 _MLX_LM_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "kimi_linear": (("block_sparse_moe.gate.e_score_correction_bias", "mlp.e_score_correction_bias"),
                     ("block_sparse_moe.", "mlp.")),
     # Ling's router a Linear under the router (its expert bias stays beside it)
     "bailing_moe": (("mlp.gate.weight", "mlp.gate.gate_proj.weight"),),
     "bailing_moe_linear": (("mlp.gate.weight", "mlp.gate.gate_proj.weight"),),
+    "nemotron-nas": (("self_attn.linear_attn.", "self_attn.linear."), ("mlp.linear_mlp.", "mlp.linear.")),
 }
 
 
