@@ -338,6 +338,55 @@ def test_qwen_tiktoken_numbers_its_specials_from_151643(tmp_path):
         Tokenizer(tmp_path)
 
 
+#: HYTokenizer's special tokens (tokenization_hy.py), numbered from its last rank on.
+HUNYUAN_SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|bos|>", "<|eos|>", "<|pad|>",
+                    *(f"<|extra_{i}|>" for i in range(205))]
+
+
+def test_hunyuan_tiktoken_reads_ranks_by_line_and_numbers_its_specials_after_them(tmp_path):
+    """Hunyuan's hy.tiktoken as its HYTokenizer loads it: each token's rank is its first line's place (a repeated
+    line skipped, the rank column not read), Qwen's split regex after NFC, 210 specials from the last rank."""
+    ranks = trained_ranks()
+    lines = [base64.b64encode(t) + b" " + str(7 * r % 11).encode() for t, r in ranks.items()]
+    lines.insert(300, lines[5])  # a repeated token keeps its first place
+    (tmp_path / "hy.tiktoken").write_bytes(b"\n".join(lines) + b"\n")
+    n = len(ranks)
+    specials = {t: n + i for i, t in enumerate(HUNYUAN_SPECIALS)}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_hy.HYTokenizer", None]}, "eos_token": "<|eos|>",
+        "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in list(specials.items())[:5]},
+    }))
+    tok = Tokenizer(tmp_path)
+    by_rank = {r: t for t, r in ranks.items()}
+    for text in [*TIKTOKEN_TEXTS, "<|startoftext|>hi 2024<|extra_4|>e\u0301 日本<|eos|><|extra_204|>"]:
+        ids = tok.encode(text)
+        assert ids == tiktoken_reference(unicodedata.normalize("NFC", text), ranks, QWEN_PATTERN, specials), text
+        assert tok.decode([i for i in ids if i < n]) == b"".join(by_rank[i] for i in ids if i < n).decode()
+        detokenizer = IncrementalDetokenizer(tok)
+        assert "".join(detokenizer.push(i) for i in ids) + detokenizer.flush() == tok.decode(ids)
+    assert tok.encode("e\u0301") == tok.encode("é") and tok.encode("123") == [ranks[b] for b in (b"1", b"2", b"3")]
+    assert tok.vocab_size == n + 210 and tok.token_to_id("<|extra_204|>") == n + 209
+    assert tok.eos_token_ids == {n + 3} and tok.is_special(n + 1)
+
+
+@pytest.fixture(scope="module")
+def hunyuan(tmp_path_factory):
+    folder, ranks = tmp_path_factory.mktemp("hunyuan"), trained_ranks()
+    write_ranks(folder / "hy.tiktoken", ranks)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "HYTokenizer"}))
+    return ranks, {t: len(ranks) + i for i, t in enumerate(HUNYUAN_SPECIALS)}, Tokenizer(folder)
+
+
+@settings(max_examples=150, deadline=None)
+@given(TEXT)
+def test_hunyuan_tiktoken_matches_on_random_text(hunyuan, text):
+    ranks, specials, tok = hunyuan
+    ids = tok.encode(text)
+    assert ids == tiktoken_reference(unicodedata.normalize("NFC", text), ranks, QWEN_PATTERN, specials)
+    detokenizer = IncrementalDetokenizer(tok)
+    assert "".join(detokenizer.push(i) for i in ids) + detokenizer.flush() == tok.decode(ids)
+
+
 def test_unknown_tiktoken_classes_are_refused_by_name(tmp_path):
     write_ranks(tmp_path / "tiktoken.model", trained_ranks(300))
     with pytest.raises(UnsupportedFeatureError, match="None.*TikTokenTokenizer"):

@@ -1,6 +1,7 @@
-"""tiktoken BPE files (Kimi's ``tiktoken.model``, Qwen's ``qwen.tiktoken``: lines "base64-bytes rank") as byte-level
-BPE: the ranks are the ids, the merges follow from them, and the split regex and special tokens, which the models'
-remote tokenizer code defines, come from a table keyed by the tokenizer class the config names."""
+"""tiktoken BPE files (Kimi's ``tiktoken.model``, Qwen's ``qwen.tiktoken``, Hunyuan's ``hy.tiktoken``: lines
+"base64-bytes rank") as byte-level BPE: the ranks are the ids, the merges follow from them, and the split regex and
+special tokens, which the models' remote tokenizer code defines, come from a table keyed by the tokenizer class the
+config names."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ _KIMI_PATTERN = "|".join((
     r"\s+(?!\S)",
     r"\s+",
 ))
-#: Qwen (1)'s (tokenization_qwen.py): Llama 3's with every digit on its own.
+#: Qwen (1)'s (tokenization_qwen.py), Hunyuan's too (tokenization_hy.py): Llama 3's with every digit on its own.
 _QWEN_PATTERN = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
@@ -48,6 +49,13 @@ def _qwen_specials(ranks: int, named: Mapping[int, str]) -> dict[int, str]:
     return dict(enumerate(names, start=_QWEN_FIRST_SPECIAL))
 
 
+def _hunyuan_specials(ranks: int, named: Mapping[int, str]) -> dict[int, str]:
+    """HYTokenizer's: end and start of text, BOS, EOS, pad and 205 extras, numbered from the last rank on."""
+    names = ("<|endoftext|>", "<|startoftext|>", "<|bos|>", "<|eos|>", "<|pad|>",
+             *(f"<|extra_{i}|>" for i in range(205)))
+    return dict(enumerate(names, start=ranks))
+
+
 @dataclass(frozen=True)
 class TiktokenClass:
     """What a remote tokenizer class hardcodes around its ranks file."""
@@ -60,6 +68,9 @@ class TiktokenClass:
     nfc: bool = False
     #: The class's own bos/eos_token where tokenizer_config.json names none.
     defaults: Mapping[str, str] = field(default_factory=dict)
+    #: Whether the ranks are the lines' order, a repeated token skipped and the rank column ignored (Hunyuan's
+    #: loader), not the file's rank column.
+    by_line: bool = False
 
 
 #: tokenizer_config.json's tokenizer class -> how its tiktoken file reads.
@@ -67,6 +78,7 @@ TIKTOKEN_CLASSES = {
     "TikTokenTokenizer": TiktokenClass("tiktoken.model", _KIMI_PATTERN, _kimi_specials,
                                        defaults={"bos_token": "[BOS]", "eos_token": "[EOS]"}),
     "QWenTokenizer": TiktokenClass("qwen.tiktoken", _QWEN_PATTERN, _qwen_specials, nfc=True),
+    "HYTokenizer": TiktokenClass("hy.tiktoken", _QWEN_PATTERN, _hunyuan_specials, nfc=True, by_line=True),
 }
 #: Files that hold tiktoken ranks: each known class's, and any ``*.tiktoken``.
 TIKTOKEN_FILES = tuple(sorted({spec.file for spec in TIKTOKEN_CLASSES.values()}))
@@ -89,15 +101,19 @@ def tiktoken_file(folder: Path) -> Path | None:
     return (found or sorted(folder.glob("*.tiktoken")) or [None])[0]
 
 
-def read_ranks(path: Path) -> dict[bytes, int]:
-    """The file's byte strings by rank, checked: every line "base64 rank", ranks 0..n-1 each once."""
+def read_ranks(path: Path, by_line: bool = False) -> dict[bytes, int]:
+    """The file's byte strings by rank, checked: every line "base64 rank", ranks 0..n-1 each once (``by_line``: the
+    ranks are the order of each token's first line)."""
     ranks: dict[bytes, int] = {}
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            if by_line:
+                ranks.setdefault(base64.b64decode(token, validate=True), len(ranks))
+            else:
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (ValueError, binascii.Error):
             raise ConfigError(f"{path}, line {number}: not a tiktoken rank (base64 bytes, a space, the rank): "
                               f"{line[:80]!r}") from None
@@ -126,7 +142,7 @@ def tiktoken_tokenizer(folder: Path, config: Mapping[str, Any],
     path = folder / spec.file
     if not path.is_file():
         raise ConfigError(f"{folder}: tokenizer class {name} reads its ranks from {spec.file}, which is missing")
-    ranks = read_ranks(path)
+    ranks = read_ranks(path, spec.by_line)
     spelling = bytes_to_unicode()
 
     def spelt(token: bytes) -> str:
