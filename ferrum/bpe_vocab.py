@@ -72,13 +72,15 @@ def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], regexes
 
 
 def bos_eos_processor(tok: Any, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool) -> Any | None:
-    """The post-processor that puts BOS before and EOS after each sequence, as far as asked; None for neither."""
+    """The post-processor that puts BOS before and EOS after each sequence, as far as asked; None for neither. The
+    template names them "bos" / "eos", as it cannot spell a token holding ':' (PLaMo's <|plamo:bos|>)."""
     from tokenizers import processors
 
     if not (add_bos or add_eos):
         return None
-    first, last = ([bos] if add_bos else []), ([eos] if add_eos else [])
-    ids = {t: tok.token_to_id(t) for t in first + last}
+    first, last = (["bos"] if add_bos else []), (["eos"] if add_eos else [])
     one = [f"{t}:0" for t in first] + ["$A:0"] + [f"{t}:0" for t in last]
     two = [f"{t}:1" for t in first] + ["$B:1"] + [f"{t}:1" for t in last]
-    return processors.TemplateProcessing(single=one, pair=one + two, special_tokens=list(ids.items()))
+    specials = [{"id": key, "ids": [tok.token_to_id(token)], "tokens": [token]}
+                for key, token in (("bos", bos), ("eos", eos)) if key in first + last]
+    return processors.TemplateProcessing(single=one, pair=one + two, special_tokens=specials)
