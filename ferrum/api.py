@@ -124,8 +124,8 @@ class LLM:
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise InvalidRequestError(
-                f"{self.path} has no tokenizer (tokenizer.json, tokenizer.model or tiktoken ranks), so text "
-                "cannot be encoded or decoded; pass token ids"
+                f"{self.path} has no tokenizer (tokenizer.json, tokenizer.model, tokenizer.jsonl or tiktoken "
+                "ranks), so text cannot be encoded or decoded; pass token ids"
             )
         return self.tokenizer
 

@@ -176,8 +176,8 @@ def _load(args: argparse.Namespace) -> Any:
         draft_model=args.draft_model,
     )
     if llm.tokenizer is None:
-        raise InvalidRequestError(f"{llm.path} has no tokenizer (tokenizer.json, tokenizer.model or tiktoken ranks), "
-                                  "and the command line reads and writes text; "
+        raise InvalidRequestError(f"{llm.path} has no tokenizer (tokenizer.json, tokenizer.model, tokenizer.jsonl or "
+                                  "tiktoken ranks), and the command line reads and writes text; "
                                   "add the model's tokenizer.json (and tokenizer_config.json) to the folder")
     if args.chat_template is not None:
         llm.use_chat_template(args.chat_template)

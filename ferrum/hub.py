@@ -24,7 +24,8 @@ _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-
 _TAGGED = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<tag>[\w.-]+)$")
 
 #: What a safetensors checkpoint needs; skips duplicate PyTorch/ONNX/GGUF weights in the same repo.
-CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "tiktoken.model", "*.tiktoken", "*.txt"]
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "tokenizer.jsonl", "tiktoken.model",
+                    "*.tiktoken", "*.txt"]
 
 
 def parse_repo_id(name: str) -> tuple[str, str | None] | None:

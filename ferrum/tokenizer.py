@@ -1,5 +1,5 @@
-"""The checkpoint's tokenizer (``tokenizer.json``, ``tokenizer.model`` or tiktoken ranks), chat template and
-streaming decode."""
+"""The checkpoint's tokenizer (``tokenizer.json``, ``tokenizer.model``, PLaMo's ``tokenizer.jsonl`` or tiktoken
+ranks), chat template and streaming decode."""
 
 from __future__ import annotations
 

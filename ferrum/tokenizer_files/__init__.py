@@ -1,5 +1,6 @@
 """The checkpoint's tokenizer as a ``tokenizers`` object, from the files it ships: ``tokenizer.json``, else a
-sentencepiece ``tokenizer.model``, else tiktoken ranks read as the tokenizer class its config names says. Files
+sentencepiece ``tokenizer.model``, else PLaMo's ``tokenizer.jsonl``, else tiktoken ranks read as the tokenizer class
+its config names says. Files
 other than tokenizer.json take tokenizer_config.json's added tokens, bos/eos and ``add_bos_token`` /
 ``add_eos_token`` here, as transformers applies them when it converts such a checkpoint."""
 
@@ -11,16 +12,17 @@ from typing import Any, Mapping
 from ferrum.bpe_vocab import bos_eos_processor
 from ferrum.checkpoint import require_regular_file
 from ferrum.errors import ConfigError
+from ferrum.tokenizer_files.plamo_jsonl import PLAMO_VOCABULARY
 from ferrum.tokenizer_files.tiktoken_ranks import TIKTOKEN_FILES, tiktoken_file
 
 FAST_TOKENIZER, SENTENCEPIECE_MODEL = "tokenizer.json", "tokenizer.model"
 #: The files a checkpoint's tokenizer may be read from (with ``*.tiktoken``), in the order they are preferred.
-TOKENIZER_FILES = (FAST_TOKENIZER, SENTENCEPIECE_MODEL, *TIKTOKEN_FILES)
+TOKENIZER_FILES = (FAST_TOKENIZER, SENTENCEPIECE_MODEL, PLAMO_VOCABULARY, *TIKTOKEN_FILES)
 
 
 def has_tokenizer(folder: Path) -> bool:
     """Whether ``folder`` ships a file Ferrum reads a tokenizer from."""
-    return any((folder / name).exists() for name in TOKENIZER_FILES[:2]) or tiktoken_file(folder) is not None
+    return any((folder / name).exists() for name in TOKENIZER_FILES[:3]) or tiktoken_file(folder) is not None
 
 
 def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[str, str]]:
@@ -44,6 +46,14 @@ def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[s
         # added tokens are matched in the normalized text, as sentencepiece matches its own, so none brings a
         # dummy prefix after it
         (add_bos, add_eos), normalized = bos_eos_flags(config, folder), True
+    elif (folder / PLAMO_VOCABULARY).exists():
+        from ferrum.tokenizer_files.plamo_jsonl import plamo_tokenizer
+
+        require_regular_file(folder / PLAMO_VOCABULARY, ConfigError)
+        tok, defaults, whole = plamo_tokenizer(folder / PLAMO_VOCABULARY, config)
+        # Plamo2Tokenizer adds nothing by default
+        add_bos, add_eos = bool(config.get("add_bos_token", False)), bool(config.get("add_eos_token", False))
+        normalized = False
     elif tiktoken_file(folder) is not None:
         from ferrum.tokenizer_files.tiktoken_ranks import tiktoken_tokenizer
 
@@ -53,9 +63,9 @@ def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[s
         normalized = False
     else:
         raise ConfigError(
-            f"no tokenizer in {folder}: Ferrum reads tokenizer.json, a sentencepiece tokenizer.model or tiktoken "
-            f"ranks ({', '.join(TIKTOKEN_FILES)}, *.tiktoken) to turn text into tokens (pass token ids to the "
-            "executor to run without one)")
+            f"no tokenizer in {folder}: Ferrum reads tokenizer.json, a sentencepiece tokenizer.model, PLaMo's "
+            f"tokenizer.jsonl or tiktoken ranks ({', '.join(TIKTOKEN_FILES)}, *.tiktoken) to turn text into tokens "
+            "(pass token ids to the executor to run without one)")
     tok.add_special_tokens([t for t in whole if t.special])
     tok.add_tokens([t for t in whole if not t.special])
     _add_config_tokens(tok, named, normalized, folder)
