@@ -1,5 +1,5 @@
-"""The checkpoint's tokenizer (``tokenizer.json``, ``tokenizer.model``, PLaMo's ``tokenizer.jsonl`` or tiktoken
-ranks), chat template and streaming decode."""
+"""The checkpoint's tokenizer (``tokenizer.json``, ``tokenizer.model``, PLaMo's ``tokenizer.jsonl``, tiktoken ranks or
+an RWKV world vocabulary), chat template and streaming decode."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ferrum.bpe_vocab import bytes_to_unicode
 from ferrum.checkpoint import require_regular_file
 from ferrum.config import eos_token_ids
 from ferrum.errors import ChatTemplateError, ConfigError, ContextLengthExceededError, InvalidRequestError
-from ferrum.tokenizer_files import load_tokenizer
+from ferrum.tokenizer_files import load_tokenizer, reads_world_vocab
 
 Message = dict[str, Any]
 
@@ -38,12 +38,20 @@ _OTHER_SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "ma
 
 class Tokenizer:
     """Encode/decode with the checkpoint's own tokenizer (``tokenizer.json``, or what :mod:`ferrum.tokenizer_files`
-    builds from a sentencepiece or tiktoken file)."""
+    builds from a sentencepiece or tiktoken file). A folder whose tokenizer is an RWKV world vocabulary, which the
+    tokenizers library cannot run, gets :class:`ferrum.world_tokenizer.WorldTokenizer`."""
+
+    def __new__(cls, folder: str | Path | None = None) -> "Tokenizer":  # None: copy and pickle make one bare
+        if cls is Tokenizer and folder is not None and reads_world_vocab(Path(folder)):
+            from ferrum.world_tokenizer import WorldTokenizer
+
+            cls = WorldTokenizer
+        return super().__new__(cls)
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         config = _read_json(folder / "tokenizer_config.json") or {}
-        self._tok, named = load_tokenizer(folder, config)
+        self._tok, named = self._read_files(folder, config)
         #: tokenizer_config.json, with the special tokens a sentencepiece or tiktoken file names where it names none.
         self.config: dict[str, Any] = {**named, **config}
         where = folder / "tokenizer_config.json"
@@ -59,6 +67,11 @@ class Tokenizer:
         #: transformers picks it.
         self.tool_chat_template = named.get("tool_use") or self.chat_template
         self.eos_token_ids = self._eos_ids(folder)
+
+    @staticmethod
+    def _read_files(folder: Path, config: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+        """The tokenizer the folder's files hold, and the special tokens they name (:func:`load_tokenizer`)."""
+        return load_tokenizer(folder, config)
 
     @staticmethod
     def _named_templates(value: Any, folder: Path) -> dict[str, str]:
@@ -90,8 +103,8 @@ class Tokenizer:
 
     def _eos_ids(self, folder: Path) -> frozenset[int]:
         ids: set[int] = set()
-        if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
-            ids.add(self._tok.token_to_id(self.eos_token))
+        if self.eos_token is not None and self.token_to_id(self.eos_token) is not None:
+            ids.add(self.token_to_id(self.eos_token))
         gen = _read_json(folder / "generation_config.json")
         if gen is not None:
             ids.update(eos_token_ids(gen.get("eos_token_id"), self.vocab_size, str(folder / "generation_config.json")))
@@ -105,6 +118,10 @@ class Tokenizer:
         """The tokenizer as ``tokenizer.json`` text (for libraries that build their own view of it)."""
         return self._tok.to_str()
 
+    def for_llguidance(self, n_vocab: int) -> Any:
+        """What llguidance's ``LLTokenizer`` is built from for logits ``n_vocab`` wide: the tokenizer.json text."""
+        return self.to_json()
+
     def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
         """The text's token ids. Through ``encode_batch``, which releases the GIL while it works (``encode`` holds
         it: a server's other threads, the event loop streaming replies among them, stopped for 1.5 s while a
@@ -116,17 +133,16 @@ class Tokenizer:
                 f"the text has {len(text)} characters, more than {max_tokens} tokens can hold (this tokenizer's "
                 f"longest token has {self.longest_token_chars}), so it cannot fit in the context length of "
                 f"{max_tokens}; shorten it", param="prompt")
+        return self._encode(text, add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         try:
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         except TypeError:  # tokenizers says "TextInputSequence must be str" for text it cannot read as UTF-8
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise InvalidRequestError(
-                    f"the text holds {text[exc.start:exc.end]!a} at character {exc.start}, which is not valid "
-                    "Unicode (a lone surrogate, e.g. from decoding bytes with errors='surrogateescape'); "
-                    "clean the text first"
-                ) from None
+                raise not_unicode(text, exc) from None
             raise
 
     @cached_property
@@ -284,6 +300,13 @@ def _as_templates_read(message: dict[str, Any]) -> dict[str, Any]:
     if thought is not None:
         message = {"thinking": thought, **message, "reasoning_content": thought}
     return message
+
+
+def not_unicode(text: str, exc: UnicodeEncodeError) -> InvalidRequestError:
+    """The refusal of a text that cannot be encoded as UTF-8."""
+    return InvalidRequestError(
+        f"the text holds {text[exc.start:exc.end]!a} at character {exc.start}, which is not valid Unicode (a lone "
+        "surrogate, e.g. from decoding bytes with errors='surrogateescape'); clean the text first")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

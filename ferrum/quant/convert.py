@@ -61,7 +61,7 @@ MAX_SHARD_BYTES = 5 << 30
 #: Files besides the weights that a runtime needs: tokenizer, chat template, generation defaults.
 COPIED_FILES = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-    "chat_template.*", "*.tiktoken", "tiktoken.model", "generation_config.json",
+    "chat_template.*", "*.tiktoken", "tiktoken.model", "rwkv_vocab_v*.txt", "generation_config.json",
 )
 #: safetensors dtype codes of the float tensors a source may hold, and their numpy types.
 _FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}

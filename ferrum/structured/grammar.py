@@ -38,7 +38,7 @@ def _lltokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> An
         if vocab_size not in by_width:
             llg = _llguidance()
             try:
-                by_width[vocab_size] = llg.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size,
+                by_width[vocab_size] = llg.LLTokenizer(tokenizer.for_llguidance(vocab_size), n_vocab=vocab_size,
                                                        eos_token=sorted(eos_ids))
             except (KeyboardInterrupt, SystemExit):
                 raise

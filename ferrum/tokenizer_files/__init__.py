@@ -1,6 +1,7 @@
 """The checkpoint's tokenizer as a ``tokenizers`` object, from the files it ships: ``tokenizer.json``, else a
 sentencepiece ``tokenizer.model``, else PLaMo's ``tokenizer.jsonl``, else tiktoken ranks read as the tokenizer class
-its config names says. Files
+its config names says (else an RWKV world vocabulary, which :mod:`~ferrum.tokenizer_files.rwkv_world` reads for
+:mod:`ferrum.world_tokenizer`). Files
 other than tokenizer.json take tokenizer_config.json's added tokens, bos/eos and ``add_bos_token`` /
 ``add_eos_token`` here, as transformers applies them when it converts such a checkpoint."""
 
@@ -13,6 +14,7 @@ from ferrum.bpe_vocab import bos_eos_processor
 from ferrum.checkpoint import require_regular_file
 from ferrum.errors import ConfigError
 from ferrum.tokenizer_files.plamo_jsonl import PLAMO_VOCABULARY
+from ferrum.tokenizer_files.rwkv_world import world_vocab_file
 from ferrum.tokenizer_files.tiktoken_ranks import TIKTOKEN_FILES, tiktoken_file
 
 FAST_TOKENIZER, SENTENCEPIECE_MODEL = "tokenizer.json", "tokenizer.model"
@@ -20,9 +22,18 @@ FAST_TOKENIZER, SENTENCEPIECE_MODEL = "tokenizer.json", "tokenizer.model"
 TOKENIZER_FILES = (FAST_TOKENIZER, SENTENCEPIECE_MODEL, PLAMO_VOCABULARY, *TIKTOKEN_FILES)
 
 
+def _has_tokenizers_file(folder: Path) -> bool:
+    return any((folder / name).exists() for name in TOKENIZER_FILES[:3]) or tiktoken_file(folder) is not None
+
+
 def has_tokenizer(folder: Path) -> bool:
     """Whether ``folder`` ships a file Ferrum reads a tokenizer from."""
-    return any((folder / name).exists() for name in TOKENIZER_FILES[:3]) or tiktoken_file(folder) is not None
+    return _has_tokenizers_file(folder) or world_vocab_file(folder) is not None
+
+
+def reads_world_vocab(folder: Path) -> bool:
+    """Whether the folder's tokenizer is an RWKV world vocabulary: it ships one and none of the files preferred."""
+    return not _has_tokenizers_file(folder) and world_vocab_file(folder) is not None
 
 
 def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[str, str]]:
@@ -37,7 +48,7 @@ def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[s
             return Tokenizer.from_file(str(path)), {}
         except Exception as exc:  # the tokenizers library raises its own exception type
             raise ConfigError(f"{path} is not a valid tokenizer.json ({exc}); re-download the checkpoint") from None
-    named = _added_tokens(config, folder)
+    named = added_tokens(config, folder)
     if (folder / SENTENCEPIECE_MODEL).exists():
         from ferrum.tokenizer_files.sentencepiece_model import bos_eos_flags, sentencepiece_tokenizer
 
@@ -64,8 +75,8 @@ def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[s
     else:
         raise ConfigError(
             f"no tokenizer in {folder}: Ferrum reads tokenizer.json, a sentencepiece tokenizer.model, PLaMo's "
-            f"tokenizer.jsonl or tiktoken ranks ({', '.join(TIKTOKEN_FILES)}, *.tiktoken) to turn text into tokens "
-            "(pass token ids to the executor to run without one)")
+            f"tokenizer.jsonl, tiktoken ranks ({', '.join(TIKTOKEN_FILES)}, *.tiktoken) or an RWKV world vocabulary "
+            "(rwkv_vocab_v*.txt) to turn text into tokens (pass token ids to the executor to run without one)")
     tok.add_special_tokens([t for t in whole if t.special])
     tok.add_tokens([t for t in whole if not t.special])
     _add_config_tokens(tok, named, normalized, folder)
@@ -87,7 +98,7 @@ def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[s
     return tok, defaults
 
 
-def _added_tokens(config: Mapping[str, Any], folder: Path) -> dict[int, dict[str, Any]]:
+def added_tokens(config: Mapping[str, Any], folder: Path) -> dict[int, dict[str, Any]]:
     """tokenizer_config.json's ``added_tokens_decoder`` by id, checked."""
     value = config.get("added_tokens_decoder") or {}
     where = folder / "tokenizer_config.json"
