@@ -51,9 +51,10 @@ def _converter_name(name: str) -> str:
     return name
 
 
-def _rwkv7_gguf(path: Path, params: dict, config: dict, qtype, more: Callable[[Any], None] = lambda w: None) -> None:
+def _rwkv7_gguf(path: Path, params: dict, config: dict, qtype, more: Callable[[Any], None] = lambda w: None,
+                vocab: Callable[[Any], None] = _add_sentencepiece_vocab) -> None:
     """mlx-lm's ``params`` (the release's names, k_k / k_a / g_norm per head) as llama.cpp's Rwkv7Model converts
-    the release."""
+    the release, its tokenizer written by ``vocab``."""
     layers = config["num_hidden_layers"]
     w = gguf.GGUFWriter(str(path), "rwkv7")
     _add_metadata(w, dict(
@@ -63,7 +64,7 @@ def _rwkv7_gguf(path: Path, params: dict, config: dict, qtype, more: Callable[[A
         value_residual_mix_lora_rank=config["v_low_rank_dim"], gate_lora_rank=config["gate_low_rank_dim"],
         feed_forward_length=config["intermediate_size"], head_count=0))
     more(w)
-    _add_sentencepiece_vocab(w)
+    vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.RWKV7, layers)
     tensors = {}
     for name, value in params.items():

@@ -2,7 +2,8 @@
 tokenizer.json; llama.cpp's GGUF tokenizer model 'rwkv'): a small vocabulary written here in the release's form (str
 and bytes literals, all 256 single bytes, pieces of characters), Ferrum's ids against a greedy longest match written
 here over the text's bytes, decode and streaming decode, the end-of-text token, the chat template, a generate and a
-JSON-schema output through ``ferrum.load`` on a tiny random RWKV-7 carrying only the vocabulary."""
+JSON-schema output through ``ferrum.load`` on a tiny random RWKV-7 carrying only the vocabulary, and the GGUF
+import, which writes the release's file back."""
 
 from __future__ import annotations
 
@@ -231,3 +232,39 @@ def test_structured_output_follows_a_json_schema(release):
         assert token not in set(replay.forbidden().tolist())
         replay.consume(token)
 
+
+# --------------------------------------------------------------- llama.cpp's GGUF ('rwkv')
+
+def _add_world_vocab(w) -> None:
+    """The vocabulary as llama.cpp's converter writes it (_set_vocab_rwkv_world): id 0 "<s>" a control token, each
+    token its bytes literal without the quotes, "[PADn]" unused ids up to the rows; BOS = EOS = 0, EOT "\\n\\n"."""
+    tokens = ["<s>"] + [repr(VOCAB[i])[2:-1] for i in range(1, max(VOCAB) + 1)]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), ROWS)]
+    w.add_tokenizer_model("rwkv")
+    w.add_token_list(tokens)
+    w.add_token_types([3] + [1] * max(VOCAB) + [5] * (ROWS - max(VOCAB) - 1))
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    w.add_eot_token_id(257 + PIECES.index(b"\n\n"))
+
+
+def test_the_gguf_import_writes_the_release_s_vocabulary(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("mlx_lm")
+    from ferrum.gguf_import import convert_gguf
+    from mlx_lm_release import parameters
+    from test_gguf_rwkv7 import _rwkv7_gguf
+    from test_rwkv7 import CONFIG as MODEL, _mlx_lm_model
+
+    config = {**MODEL, "vocab_size": ROWS}
+    _rwkv7_gguf(tmp_path / "m.gguf", parameters(_mlx_lm_model(config)), config, gguf.GGMLQuantizationType.F32,
+                vocab=_add_world_vocab)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert (out / "rwkv_vocab_v20230424.txt").read_bytes() == release_lines(VOCAB).encode("utf-8")
+    assert not (out / "tokenizer.json").exists()
+    tok = Tokenizer(out)
+    text = "<s>User: 你好 abcdef\n\nAssistant:"  # llama.cpp matches its control token "<s>" whole
+    assert tok.encode(text) == [0] + greedy(text[3:])  # and adds no BOS
+    blank = 257 + PIECES.index(b"\n\n")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [0, blank]
+    assert tok.eos_token_ids == {0, blank}

@@ -24,8 +24,8 @@ model in another layout, so :func:`convert_gguf` rewrites it once:
   (norms, F16/BF16/F32 matrices) are kept as they are. ``dequantize_to`` turns
   everything into one float dtype instead;
 * ``tokenizer.json`` rebuilt with the ``tokenizers`` library from
-  ``tokenizer.ggml.*``, plus ``tokenizer_config.json`` (chat template, special
-  tokens) and ``generation_config.json`` (stop token ids).
+  ``tokenizer.ggml.*`` (an RWKV world vocabulary as the release's ``rwkv_vocab_v20230424.txt``), plus
+  ``tokenizer_config.json`` (chat template, special tokens) and ``generation_config.json`` (stop token ids).
 
 Three details of the GGUF layout matter:
 
@@ -106,7 +106,7 @@ def convert_gguf(
     config = build_config(meta, reader, tokens)
     if not tokens:
         raise CheckpointError(f"{where}: GGUF metadata has no tokenizer.ggml.tokens; cannot build a tokenizer")
-    tokenizer, tokenizer_config = build_tokenizer(meta, tokens)
+    tokenizer_files, tokenizer_config = build_tokenizer(meta, tokens)
     tokenizer_config["model_max_length"] = ModelConfig.from_dict(config, where).max_seq_len
     plan = plan_tensors(reader, config, where, meta.get("general.architecture"))
     choose_forms(plan, dequantize_to, where)
@@ -135,7 +135,7 @@ def convert_gguf(
 
     _write_folder(out_dir, {
         "model.safetensors": lambda path: write_safetensors(path, plan, dequantize_to, where, progress),
-        "tokenizer.json": lambda path: tokenizer.save(str(path)),
+        **tokenizer_files,
         "tokenizer_config.json": lambda path: path.write_text(
             json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n"),
         "generation_config.json": lambda path: path.write_text(json.dumps(generation, indent=2) + "\n"),

@@ -1,15 +1,17 @@
 """``tokenizer.json`` rebuilt from ``tokenizer.ggml.*``: byte-level BPE, sentencepiece or Gemma 4's BPE, as llama.cpp
-runs them."""
+runs them; an RWKV world vocabulary ('rwkv') written back as the release's vocabulary file."""
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from ferrum.bpe_vocab import bos_eos_processor, byte_level_bpe, bytes_to_unicode, merges_by_score
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata
+from ferrum.tokenizer_files.rwkv_world import WORLD_VOCAB, write_world_vocab
 
 
 #: Tokens llama.cpp ends generation at wherever the vocabulary has them, whatever the file names as EOS: chat
@@ -323,20 +325,79 @@ _SPACE_ESCAPING = frozenset(("sarvam-moe",))
 _TOKENIZER_MODELS = {"gpt2": _byte_level_model, "llama": _sentencepiece_model, "gemma4": _gemma4_model}
 
 
-def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, Any]]:
-    """A ``tokenizers.Tokenizer`` equal to the one the GGUF describes, and its tokenizer_config entries."""
-    from tokenizers import processors
+#: A file of the converted folder, written by a call given its path.
+FileWriter = Callable[[Path], None]
 
+
+def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[dict[str, FileWriter], dict[str, Any]]:
+    """The tokenizer files equal to the tokenizer the GGUF describes (a ``tokenizer.json``, or an RWKV world
+    vocabulary), and its tokenizer_config entries."""
     where = meta.where
     kind = meta.get("tokenizer.ggml.model")
-    if kind not in _TOKENIZER_MODELS:
+    if kind not in (*_TOKENIZER_MODELS, "rwkv"):
         raise UnsupportedFeatureError(
             f"{where}: GGUF tokenizer model {kind!r} is not supported; Ferrum's GGUF import rebuilds "
-            "byte-level BPE ('gpt2'), sentencepiece BPE ('llama') and Gemma 4's ('gemma4') tokenizers"
+            "byte-level BPE ('gpt2'), sentencepiece BPE ('llama'), Gemma 4's ('gemma4') and RWKV world ('rwkv') "
+            "tokenizers"
         )
     types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise CheckpointError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
+    if kind == "rwkv":
+        vocab, added = _world_vocab(meta, tokens, types)
+        config = _tokenizer_config(meta, tokens, kind, add_bos=False, add_eos=False)
+        config.update(tokenizer_class="RwkvTokenizer", added_tokens_decoder=added)
+        return {WORLD_VOCAB: lambda path: write_world_vocab(path, vocab)}, config
+    tok, config = _tokenizers_model(meta, tokens, types, kind)
+    return {"tokenizer.json": lambda path: tok.save(str(path))}, config
+
+
+#: What llama.cpp's converter writes for the ids past an RWKV world vocabulary, up to the embedding's rows.
+_TOKEN_UNUSED = 5
+
+
+def _world_vocab(meta: Metadata, tokens: list[str], types: list[int]) -> tuple[dict[int, bytes], dict[str, Any]]:
+    """The vocabulary file's tokens (llama.cpp's converter writes each as its bytes literal, quotes dropped:
+    ``\\n``, ``\\xe4``...) and tokenizer_config's added tokens (id 0, the end of text, named ``<s>``). llama.cpp's
+    RWKV tokenizer adds no BOS."""
+    vocab: dict[int, bytes] = {}
+    added: dict[str, Any] = {}
+    for token_id, (token, token_type) in enumerate(zip(tokens, types)):
+        if token_type in _MATCHED_WHOLE:
+            added[str(token_id)] = {"content": token, "special": token_type != _TOKEN_USER_DEFINED}
+        elif token_type != _TOKEN_UNUSED:
+            vocab[token_id] = _unescaped(token, meta.where)
+    return vocab, added
+
+
+_ESCAPES = {ord("t"): 9, ord("n"): 10, ord("r"): 13}
+_HEX_DIGITS = frozenset(b"0123456789abcdef")  # lower case, as repr writes them and llama.cpp reads them
+
+
+def _unescaped(token: str, where: str) -> bytes:
+    """A token as llama.cpp's ``llama_unescape_rwkv_token`` reads it: ``\\t \\n \\r``, ``\\xHH`` a byte, a backslash
+    before anything else that character."""
+    text, out, i = token.encode("utf-8"), bytearray(), 0
+    while i < len(text):
+        if text[i] != ord("\\"):
+            out.append(text[i])
+            i += 1
+            continue
+        escaped, digits = text[i + 1:i + 2], text[i + 2:i + 4]
+        if not escaped or (escaped == b"x" and not (len(digits) == 2 and set(digits) <= _HEX_DIGITS)):
+            raise CheckpointError(f"{where}: RWKV token {token!r} holds a broken escape at character {i}")
+        out.append(int(digits, 16) if escaped == b"x" else _ESCAPES.get(escaped[0], escaped[0]))
+        i += 4 if escaped == b"x" else 2
+    if not out:
+        raise CheckpointError(f"{where}: RWKV token {token!r} is empty")
+    return bytes(out)
+
+
+def _tokenizers_model(meta: Metadata, tokens: list[str], types: list[int], kind: str) -> tuple[Any, dict[str, Any]]:
+    """The ``tokenizers.Tokenizer`` of a BPE or sentencepiece GGUF, and its tokenizer_config entries."""
+    from tokenizers import processors
+
+    where = meta.where
     space_escaping = kind == "gpt2" and meta.get("tokenizer.ggml.pre") in _SPACE_ESCAPING
     tok, added = (_space_escaping_model if space_escaping else _TOKENIZER_MODELS[kind])(meta, tokens, types)
     special = [t for t in added if t.special]
@@ -346,11 +407,7 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
     if plain:
         tok.add_tokens(plain)
 
-    def token_of(key: str) -> str | None:
-        token_id = _token_id(meta, tokens, key, _SPM_DEFAULT_IDS.get(key) if kind == "llama" else None)
-        return None if token_id is None else tokens[token_id]
-
-    bos, eos = token_of("bos"), token_of("eos")
+    bos, eos = _token_of(meta, tokens, kind, "bos"), _token_of(meta, tokens, kind, "eos")
     # llama.cpp adds BOS to a sentencepiece vocabulary, Gemma 4's, and Llama 3's and its kin's, unless the file says
     # otherwise
     adds_bos = kind in ("llama", "gemma4") or meta.get("tokenizer.ggml.pre") in _ADDS_BOS
@@ -363,7 +420,17 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
         tok.post_processor = processor
     elif kind == "gpt2" and not space_escaping:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok, _tokenizer_config(meta, tokens, kind, add_bos, add_eos)
 
+
+def _token_of(meta: Metadata, tokens: list[str], kind: str, key: str) -> str | None:
+    """The text of the file's ``key`` token (bos, eos, unknown, padding)."""
+    token_id = _token_id(meta, tokens, key, _SPM_DEFAULT_IDS.get(key) if kind == "llama" else None)
+    return None if token_id is None else tokens[token_id]
+
+
+def _tokenizer_config(meta: Metadata, tokens: list[str], kind: str, add_bos: bool, add_eos: bool) -> dict[str, Any]:
+    """tokenizer_config.json: the special tokens the file names, whether BOS/EOS are added, its chat templates."""
     tokenizer_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": add_bos,
@@ -371,7 +438,7 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
         "clean_up_tokenization_spaces": False,
     }
     for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
-        text = token_of(key)
+        text = _token_of(meta, tokens, kind, key)
         if text is not None:
             tokenizer_config[name] = text
     templates = {"default": meta.get("tokenizer.chat_template")}  # and llama.cpp's named ones (tool_use, rag...)
@@ -382,7 +449,7 @@ def build_tokenizer(meta: Metadata, tokens: list[str]) -> tuple[Any, dict[str, A
         tokenizer_config["chat_template"] = templates["default"]
     elif templates:
         tokenizer_config["chat_template"] = [{"name": name, "template": text} for name, text in templates.items()]
-    return tok, tokenizer_config
+    return tokenizer_config
 
 
 def _token_id(meta: Metadata, tokens: list[str], key: str, default: int | None) -> int | None:
