@@ -25,7 +25,7 @@ from ferrum.arch.alibi import ALIBI_SINCE
 from ferrum.arch.differential import combine_for
 from ferrum.arch.altup import OUTPUT_SCALE
 from ferrum.arch.mlp import ACTIVATION_OPS, MLP_KINDS
-from ferrum.arch.norms import NORM_KINDS, SUB_NORMS, NormGate, gate_modules
+from ferrum.arch.norms import NORM_KINDS, SUB_NORMS, NormGate, gate_modules, norm_eps
 from ferrum.arch.positions import sinusoidal_table
 from ferrum.arch.ngram import NgramEmbedding, windows as ngram_windows
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE, PerLayerEmbedding, PerLayerMix
@@ -489,7 +489,7 @@ class DecoderOnlyLLM:
             gate=mixer.gate,
             recurrent=mixer.recurrent,
             v_norm=v_norm,
-            qk_eps=(config.rms_norm_eps if arch.qk_norm_eps is None else arch.qk_norm_eps) * fit,
+            qk_eps=norm_eps(config, "qk") * fit,
             scalar=scalar,
             pre_attn=norms.get("pre_attn"),
             post_attn=norms.get("post_attn"),
@@ -545,8 +545,8 @@ class DecoderOnlyLLM:
         ops, cfg = self.ops, self.config
         kind = layer.mixer
         norm, add_norm = NORM_KINDS[cfg.arch.norm](ops, cfg.rms_norm_eps)
-        post_eps = cfg.arch.post_norm_eps
-        post_norm = norm if post_eps is None else NORM_KINDS[cfg.arch.norm](ops, post_eps)[0]  # Muse Glimmer's
+        post_attn_norm, post_mlp_norm = (NORM_KINDS[cfg.arch.norm](ops, norm_eps(cfg, slot))[0]
+                                         for slot in ("post_attn", "post_mlp"))
         project, mixer_out = kind.project(self, layer), kind.output(self, layer)
         if layer.wide is not None:
             return layer.wide.halves(self, layer, project, mixer_out, norm)
@@ -580,13 +580,13 @@ class DecoderOnlyLLM:
             extra, inputs = (rest[:-1], rest[-1:]) if mix is not None else (rest, ())  # the mixer's; per-layer inputs
             o = mixer_out(mixed, *extra)
             if layer.post_attn is not None:
-                o = post_norm(o, layer.post_attn)
+                o = post_attn_norm(o, layer.post_attn)
             if layer.mlp is None:  # the block ends with its mixer
                 return o, h
             x, h = add_then_norm(scaled(o, beta), h, layer.pre_mlp)
             h = scaled(x if normed else h, mlp_alpha)
             out, given = layer.mlp(x) if layer.shortcut == "give" else (layer.mlp(x), None)
-            out = out if layer.post_mlp is None else post_norm(out, layer.post_mlp)
+            out = out if layer.post_mlp is None else post_mlp_norm(out, layer.post_mlp)
             out = scaled(out, mlp_beta)
             if taken is not None:
                 out = ops.add(out, taken)
@@ -615,8 +615,7 @@ class DecoderOnlyLLM:
         halves. The LM head stays outside, so logits, which outlive the pass, are never a buffer that a
         compiled call reuses (``compile_fn``)."""
         ops, wide, arch = self.ops, self.wide, self.config.arch
-        norm, _ = NORM_KINDS[arch.norm](ops, self.config.rms_norm_eps if arch.final_norm_eps is None else
-                                        arch.final_norm_eps)
+        norm, _ = NORM_KINDS[arch.norm](ops, norm_eps(self.config, "final"))
 
         def final_norm(residual: Any, h: Any) -> tuple:
             return (norm(ops.add(residual, h), self.final_norm),)

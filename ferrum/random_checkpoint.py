@@ -23,6 +23,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from ferrum.arch.norms import norm_offset
+from ferrum.arch.tensors import model_name
 from ferrum.config import ModelConfig
 from ferrum.errors import InvalidRequestError
 from ferrum.moe.loading import LAYOUTS, SWITCH, is_expert_stack, per_expert_names
@@ -68,7 +70,6 @@ def write_random_checkpoint(
     model_config = ModelConfig.from_dict(full)
     shapes = weight_shapes(model_config)
     moe = model_config.arch.moe
-    norm_center = 1.0 - model_config.arch.norm_offset  # Gemma's norms scale by 1 + w
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
@@ -78,8 +79,8 @@ def write_random_checkpoint(
     tensors, own_layout = {}, {}
     for done, (name, shape) in enumerate(shapes.items(), start=1):
         array = rng.standard_normal(shape, dtype=np.float32) * std
-        if name.endswith("norm.weight"):
-            array += norm_center
+        if name.endswith("norm.weight"):  # scaling by about 1 once its offset is added (Gemma's by 1 + w)
+            array += 1.0 - norm_offset(model_config.arch, model_name(model_config.arch, name))
         if moe is not None and moe.layout is not None and is_expert_stack(name):  # a family's own layout
             own_layout[name] = array.astype(_STORAGE[dtype])
         elif len(shape) == 3 and is_expert_stack(name) and moe.stacked is not None:  # Granite's input/output_linear

@@ -51,7 +51,7 @@ def test_model_matches_transformers(checkpoints, backend, variant):
     folder, hf = checkpoints[variant]
     model = float32_model(folder, backend, block_size=4)
     assert model.config.num_heads == hf.config.num_key_value_heads * hf.config.num_experts_per_tok
-    assert model.config.rms_norm_eps == 1e-6 and model.config.arch.final_norm_eps == hf.config.rms_norm_eps
+    assert model.config.rms_norm_eps == 1e-6 and model.config.arch.norm_eps == {"final": hf.config.rms_norm_eps}
     assert_forward_and_decode_match(model, TOKENS, reference_logits(hf, TOKENS))
 
 

@@ -136,7 +136,7 @@ def test_the_gates_and_norm_centres_move_the_logits(release):
         assert scaled_error(model_logits(model, TOKENS), release[2]) > 1e-2, ending
 
 
-@pytest.mark.parametrize("field, value", [("post_norm_eps", None), ("final_norm_offset", None)])
+@pytest.mark.parametrize("field, value", [("norm_eps", {}), ("norm_offsets", {})])
 def test_the_post_norms_epsilon_and_the_plain_final_norm(tmp_path, monkeypatch, field, value):
     """Attention's and the MLP's outputs a thousand times smaller, so that the post norms' epsilon (1e-8, not
     rms_norm_eps' 1e-5) counts: Ferrum is mlx-lm's; then controls, Ferrum with the post norms at rms_norm_eps, or the
@@ -160,6 +160,15 @@ def test_the_post_norms_epsilon_and_the_plain_final_norm(tmp_path, monkeypatch, 
     assert scaled_error(float32_model(tmp_path / "quiet").forward_verify("q", TOKENS), want) > 1e-2
 
 
+def test_the_conformance_kits_oracle_refuses_what_it_does_not_compute(release):
+    """The float64 oracle neither gates attention's output nor norms the embeddings without a weight: it refuses the
+    model by those fields, where it computed other logits."""
+    from ferrum.testing.arch_oracle import ArchOracle
+
+    with pytest.raises(UnsupportedFeatureError, match="embed_norm_params, attn_output_gate"):
+        ArchOracle(release[0])
+
+
 def test_release_defaults():
     config = ModelConfig.from_dict({"model_type": "muse_glimmer", "text_config": {"num_hidden_layers": 8}})
     assert config.model_type == "muse_glimmer_text"
@@ -168,7 +177,7 @@ def test_release_defaults():
     assert [layer.rope.theta for layer in arch.layers[:3]] == [500000.0] * 3
     assert arch.layers[3].rope.inv_freq().max() == 0.0  # no rope on the full layers
     assert (config.hidden_size, config.num_kv_heads, config.vocab_size, config.rms_norm_eps) == (6656, 2, 202048, 1e-5)
-    assert arch.post_norm_eps == 1e-8 and arch.final_softcap == 20.0
+    assert arch.norm_eps == {"post_attn": 1e-8, "post_mlp": 1e-8} and arch.final_softcap == 20.0
     assert abs(arch.attn_scale - 3.87 / np.sqrt(128)) < 1e-12
 
 

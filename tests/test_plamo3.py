@@ -110,3 +110,12 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
 def test_sliding_window_stands_for_window_size_where_set():
     arch = ModelConfig.from_dict({**CONFIG, "sliding_window": 6}).arch
     assert [s.window for s in arch.layers] == [7, None, 7, None]
+
+
+def test_the_conformance_kits_oracle_reads_each_norms_own_offset(release):
+    """The float64 oracle adds each norm's own offset (1 / 5 and 1 / 5 ** 1.5 after attention and the MLP, 1 before),
+    as the load does (ferrum.arch.norms.norm_offset): mlx-lm's logits (it added 1 to every norm)."""
+    from ferrum.testing.arch_oracle import ArchOracle
+
+    folder, reference = release
+    assert scaled_error(ArchOracle(folder).logits(TOKENS), model_logits(reference.model, TOKENS)) <= 1e-4

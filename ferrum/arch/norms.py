@@ -6,7 +6,10 @@ pair (bias None where the checkpoint has none), and a gated norm's as ``(weight,
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
+
+from ferrum.recurrent.gated_delta import MODULE as GATED_DELTA
 
 NormFns = tuple[Callable[[Any, tuple], Any], Callable[[Any, Any, tuple], tuple]]
 
@@ -85,3 +88,27 @@ def norms_dtype(config: Any, tensor: Callable[[str], Any], layer: int) -> str:
     from ferrum.reference_ops import dtype_name  # imported here: a light module stays light to import
 
     return dtype_name(tensor(f"{config.arch.layers[layer].block_norms(config.arch)['pre_mlp']}.weight"))
+
+
+#: A layer's part of a tensor's name, left out where :func:`norm_offset` looks a norm's module up.
+_IN_LAYER = re.compile(r"^layers\.\d+\.")
+#: The architecture fields of a layout whose norms are stored with their offsets added (mlx-lm's Step 3.5 and Gated
+#: DeltaNet conversions): nothing is added at load.
+OFFSETS_ADDED = {"norm_offset": 0.0, "norm_offsets": {}}
+
+
+def norm_offset(arch: Any, name: str) -> float:
+    """What norm weight ``name`` (Llama's naming, prefix and all) is stored short of: its module's own offset
+    (``Architecture.norm_offsets``, keyed by the module relative to its layer or to the prefix: ``"norm"`` is the
+    final norm), else ``norm_offset``; 0 for any other tensor and for a Gated DeltaNet's own norm. The load, the
+    random checkpoints and the float64 oracle all read it here."""
+    if not name.endswith("norm.weight") or f".{GATED_DELTA}." in name:
+        return 0.0
+    module = _IN_LAYER.sub("", name.removeprefix(arch.prefix), count=1).removesuffix(".weight")
+    return arch.norm_offsets.get(module, arch.norm_offset)
+
+
+def norm_eps(config: Any, slot: str) -> float:
+    """The epsilon of the norms in ``slot`` (``"qk"``, ``"final"``, a block slot: ``"post_attn"``...): the
+    architecture's own for it (``Architecture.norm_eps``), else the config's ``rms_norm_eps``."""
+    return config.arch.norm_eps.get(slot, config.rms_norm_eps)

@@ -152,11 +152,18 @@ class Architecture:
     #: adds ``post_attn`` (on the attention output) and ``post_mlp``; OLMo 2 has only those two.
     norms: dict[str, str]
     #: Every norm scales by ``norm_offset + w`` (Gemma's RMSNorms and Nemotron's LayerNorm1P store ``w`` around 0:
-    #: offset 1), folded into the weights at load.
+    #: offset 1), folded into the weights at load; ``norm_offsets`` gives a module its own
+    #: (:func:`ferrum.arch.norms.norm_offset` reads both).
     norm_offset: float = 0.0
     #: The offsets of the norms whose module (Ferrum's name, relative to its layer or to the prefix) has its own:
-    #: PLaMo 2's and 3's norms after attention and the MLP (1 / 5 and 1 / 5 ** 1.5 beside 1), its q/k norms (0).
+    #: PLaMo 2's and 3's norms after attention and the MLP (1 / 5 and 1 / 5 ** 1.5 beside 1), its q/k norms (0),
+    #: Muse Glimmer's plain final RMSNorm (``"norm"``: 0) after its (1 + w) block norms.
     norm_offsets: dict[str, float] = field(default_factory=dict)
+    #: The epsilons of the norms whose slot has its own, where the config's rms_norm_eps is not theirs
+    #: (:func:`ferrum.arch.norms.norm_eps`): ``"qk"`` (PLaMo 2's remote code fixes 1e-6, AFM's 1e-5), ``"final"``
+    #: (JetMoE's blocks fix 1e-6 while its final norm reads rms_norm_eps), ``"post_attn"`` / ``"post_mlp"`` (Muse
+    #: Glimmer's post_norm_eps).
+    norm_eps: dict[str, float] = field(default_factory=dict)
     #: Every norm's kind (:data:`ferrum.arch.norms.NORM_KINDS`): "rms" (RMSNorm) or "layer" (LayerNorm: Phi-2,
     #: StableLM, StarCoder2, GPT-2...), with a bias beside each weight where ``norm_bias``.
     norm: str = "rms"
@@ -209,8 +216,6 @@ class Architecture:
     #: head and dim (Command R+: ``[heads, head_dim]``), or "projection", one over all of q's heads and one over
     #: k's (OLMo 2); None without.
     qk_norm: str | None = None
-    #: The q/k norm's epsilon where it is not rms_norm_eps (PLaMo 2's remote code fixes 1e-6); None: rms_norm_eps.
-    qk_norm_eps: float | None = None
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")  # their modules in self_attn (Hunyuan's query_layernorm...)
     qk_norm_after_rope: bool = False  # Hunyuan norms q and k once rotated
     #: "each_head" weights stored one tensor a head, ``<norm>.norms.<h>.weight`` (StableLM 2 12B), stacked at load.
@@ -317,15 +322,6 @@ class Architecture:
     context_limit: tuple[int, str] | None = None
     #: The rank of the gated norms' gates (``LayerSpec.gated_norms``; A.X-K2's gated_norm_rank); 0 without.
     norm_gate_rank: int = 0
-    #: The final norm's epsilon where it is not the blocks' (``rms_norm_eps``): JetMoE's blocks fix 1e-6 while its
-    #: final norm reads rms_norm_eps. None: the blocks'.
-    final_norm_eps: float | None = None
-    #: The final norm's offset where it is not the blocks' (``norm_offset``): Muse Glimmer's plain RMSNorm after its
-    #: (1 + w) block norms. None: the blocks'.
-    final_norm_offset: float | None = None
-    #: The epsilon of the norms after attention and the MLP (``post_attn``, ``post_mlp``) where it is not the other
-    #: norms' (Muse Glimmer's post_norm_eps); None: ``rms_norm_eps``.
-    post_norm_eps: float | None = None
     moe: Any = None  # ferrum.moe.spec.MoeSpec of the layers whose mlp is "moe" (Mixtral, Qwen-MoE)
     #: Endings of the tensors placed in float32 whatever the compute dtype (transformers' _keep_in_fp32_modules:
     #: GLM-4.5's router correction biases, which choose between experts whose scores differ in the fourth digit).
@@ -388,7 +384,7 @@ class Architecture:
     #: and optionally a fourth entry, the norms' epsilon that checkpoints in that layout run with in place of the
     #: config's (mlx-lm's nanochat fixes 1e-5 where transformers defaults to 1e-6; None: the config's), and a fifth,
     #: the architecture's fields that layout changes (mlx-lm's Step 3.5 stores its zero-centred norms plus 1:
-    #: ``{"norm_offset": 0.0}``).
+    #: :data:`ferrum.arch.norms.OFFSETS_ADDED`).
     layouts: tuple[tuple[Any, ...], ...] = ()
     #: Checkpoint layers that each hold several of Ferrum's (LongCat-Flash's two sub-blocks):
     #: :class:`ferrum.arch.sublayers.SubLayers`, or None: one each.

@@ -35,7 +35,7 @@ from ferrum.arch.dsa import INDEXER
 from ferrum.arch import gains, kv_quant, loop_gate
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.moa import MODULE as MOA_MODULE
-from ferrum.arch.norms import SUB_NORMS, gate_modules
+from ferrum.arch.norms import OFFSETS_ADDED, SUB_NORMS, gate_modules, norm_offset
 from ferrum.arch.per_layer import TABLE as PER_LAYER_TABLE
 from ferrum.errors import UnsupportedFeatureError
 from ferrum.quant.affine import MLX_GROUP_SIZES, FloatCodes, QuantizedWeight
@@ -610,7 +610,7 @@ def _writes_residual(norms: dict[str, str], name: str) -> bool:
 
 def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     arch = config.arch
-    offset = _norm_offset(arch, name)
+    offset = norm_offset(arch, name)
     if offset:
         tensor = np.asarray(tensor, dtype=np.float32) + np.float32(offset)
     if layer is None:
@@ -637,18 +637,6 @@ def _transform(config: Any, layer: int | None, name: str, tensor: Any) -> Any:
     if np.ndim(tensor) == 2 and is_norm(name):  # a weight per head: rotated as the rows of q (k) are
         return _transformed_rows(config, rope, heads, name, np.asarray(tensor).reshape(-1)).reshape(np.shape(tensor))
     return _transformed_rows(config, rope, heads, name, tensor)
-
-
-def _norm_offset(arch: Any, name: str) -> float:
-    """What norm weight ``name`` is stored short of: its module's own offset (``Architecture.norm_offsets``; the
-    final norm's ``final_norm_offset``), else ``norm_offset``; 0 for any other tensor and for a Gated DeltaNet's own
-    norm."""
-    if not name.endswith("norm.weight") or f".{GATED_DELTA}." in name:
-        return 0.0
-    if arch.final_norm_offset is not None and name == f"{arch.prefix}norm.weight":
-        return arch.final_norm_offset
-    return next((offset for module, offset in arch.norm_offsets.items() if name.endswith(f".{module}.weight")),
-                arch.norm_offset)
 
 
 def _multiplied(arch: Any, name: str, tensor: Any) -> Any:
@@ -954,7 +942,7 @@ def _gated_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> A
     shape = stored.get(taps) or stored.get(taps.replace(".conv1d.", f".{SEPARATE_TAPS[0]}."))
     if shape is None or arch.gated_delta.conv_kernel == 1 or shape[-1] != 1:
         return config
-    return replace(config, arch=replace(arch, norm_offset=0.0, gated_delta=replace(arch.gated_delta, conv_last=True)))
+    return replace(config, arch=replace(arch, **OFFSETS_ADDED, gated_delta=replace(arch.gated_delta, conv_last=True)))
 
 
 def _taps_layout(config: Any, mixer: str, stored: Mapping[str, tuple[int, ...]]) -> Any:

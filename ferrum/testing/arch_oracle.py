@@ -1,8 +1,10 @@
-"""A float64 forward pass of any family in the family table, written the way transformers writes it.
+"""A float64 forward pass of the family table's attention models, written the way transformers writes it (a model
+with what it does not compute, a recurrent mixer, a gate, a loop..., is refused by name).
 
 It reads the checkpoint tensors as stored (under the checkpoint's own names,
 fused q/k/v (GPT-NeoX's grouped per head) and gate/up split here, Gemma's
-and Nemotron's ``1 + w`` norms, LayerNorms with their biases, rope on the first
+and Nemotron's ``1 + w`` norms (each norm's offset and epsilon as :mod:`ferrum.arch.norms`
+gives them), LayerNorms with their biases, rope on the first
 ``rotary_dim`` dims with transformers' pairing or GPT-J's, longrope's attention
 factor on cos and sin, Granite's multipliers applied where transformers applies
 them, experts one matrix per expert, stacked as mlx-lm stacks them or fused as
@@ -17,13 +19,17 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
+from ferrum.arch.norms import norm_eps, norm_offset
 from ferrum.arch.tensors import bias_of, resolve_layout, stored_name
+from ferrum.arch.spec import Architecture
 from ferrum.config import ModelConfig
+from ferrum.errors import UnsupportedFeatureError
 from ferrum.moe.routing import route_sparsemixer
 from ferrum.quant.affine import QuantizedWeight, dequantize
 from ferrum.testing.oracle import f64, linear, moe_experts, rms_norm
@@ -112,12 +118,38 @@ def layer_norm(x, weight, bias, eps: float) -> np.ndarray:
     return out if bias is None else out + f64(bias)
 
 
+#: The architecture fields whose non-default values the oracle does not compute (recurrent and latent mixers, gates,
+#: folded or computed constants, loops, sub-layers...): a family setting any is refused, not checked wrongly.
+_UNCHECKED = ("scales", "value_head_dim", "value_scale", "sub_norms", "differential", "v_norm",
+              "layer_scalar", "per_layer_inputs", "ngram", "altup", "hyper", "tiled_kv_heads", "up_rows_first", "mla",
+              "gated_delta", "mamba", "mamba2", "short_conv", "kimi_delta", "rg_lru", "conv_kv_gated", "shared_block",
+              "moa", "aliases", "lightning", "rwkv7", "rwkv7_first", "rwkv7_channel", "kv_conv", "computed",
+              "attn_output_gate", "indexer", "norm_gate_rank", "gains", "embed_skip", "head_gain", "head_rows",
+              "head_normed", "sublayers", "loops", "kv_quant", "embed_norm_params")
+_DEFAULTS = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(Architecture)
+             if f.name in _UNCHECKED}
+
+
+def _check_covered(config: ModelConfig) -> None:
+    """Refuses a model the oracle would compute wrongly: a field of :data:`_UNCHECKED` set, or a layer whose mixer is
+    not attention or whose MLP is not dense, plain or sparse."""
+    arch = config.arch
+    unread = [name for name, default in _DEFAULTS.items() if getattr(arch, name) != default]
+    unread += sorted({f"mixer {layer.mixer!r}" for layer in arch.layers if layer.mixer != "attention"}
+                     | {f"MLP {layer.mlp!r}" for layer in arch.layers if layer.mlp not in ("dense", "plain", "moe")})
+    if unread:
+        raise UnsupportedFeatureError(f"ArchOracle does not compute {', '.join(unread)} ({config.model_type}): check "
+                                      "this family against its reference implementation instead")
+
+
 class ArchOracle:
-    """``logits(tokens)``: ``[len(tokens), vocab]`` for a float checkpoint folder of any supported family."""
+    """``logits(tokens)``: ``[len(tokens), vocab]`` for a float checkpoint folder of a family whose architecture it
+    computes (others are refused: :func:`_check_covered`)."""
 
     def __init__(self, folder: Path):
         tensors = load_file(str(Path(folder) / "model.safetensors"))
         self.config = resolve_layout(ModelConfig.from_file(folder), {n: t.shape for n, t in tensors.items()})
+        _check_covered(self.config)
         quant = self.config.quantization
         for scales in [name for name in tensors if name.endswith(".scales")]:  # packed: the values they stand for
             module = scales.removesuffix(".scales")
@@ -142,15 +174,17 @@ class ArchOracle:
         in_layer = name.startswith(f"{arch.prefix}layers.")
         return tensor.T if arch.transposed and in_layer and tensor is not None and tensor.ndim == 2 else tensor
 
-    def _norm(self, x: np.ndarray, module: str, params: bool = True) -> np.ndarray:
-        """Norm ``module`` of ``x``; without ``params`` (OLMo 1's LayerNorms, nanochat's RMSNorms, Llama 4's L2 q/k
-        norm: ``x / sqrt(mean(x^2) + eps)``), no weight."""
+    def _norm(self, x: np.ndarray, module: str, params: bool = True, slot: str = "") -> np.ndarray:
+        """Norm ``module`` of ``x`` at its offset (Gemma's and Nemotron's 1 + w, PLaMo's own) and the epsilon of its
+        ``slot``; without ``params`` (OLMo 1's LayerNorms, nanochat's RMSNorms, Llama 4's L2 q/k norm:
+        ``x / sqrt(mean(x^2) + eps)``), no weight."""
         cfg, arch = self.config, self.config.arch
-        if arch.norm == "layer":  # weights and bias where it has them (OLMo's have neither); Nemotron's 1 + w
+        eps, offset = norm_eps(cfg, slot), norm_offset(arch, f"{module}.weight")
+        if arch.norm == "layer":  # weights and bias where it has them (OLMo's have neither)
             weight = self.w(f"{module}.weight") if params else None
-            weight = None if weight is None else weight + arch.norm_offset
-            return layer_norm(x, weight, self.w(f"{module}.bias") if params else None, cfg.rms_norm_eps)
-        return rms_norm(x, self.w(f"{module}.weight") + arch.norm_offset if params else 1.0, cfg.rms_norm_eps)
+            weight = None if weight is None else weight + offset
+            return layer_norm(x, weight, self.w(f"{module}.bias") if params else None, eps)
+        return rms_norm(x, self.w(f"{module}.weight") + offset if params else 1.0, eps)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         cfg, w, arch = self.config, self.w, self.config.arch
@@ -171,7 +205,7 @@ class ArchOracle:
         for i, spec in enumerate(arch.layers):
             p = f"{p_model}layers.{i}."
             norm = {slot: p + name for slot, name in arch.norms.items()}
-            x = self._norm(h, norm["pre_attn"], blocks) if "pre_attn" in norm else h
+            x = self._norm(h, norm["pre_attn"], blocks, "pre_attn") if "pre_attn" in norm else h
             if arch.fused_qkv:
                 qkv = linear(x, w(p + "self_attn.qkv_proj.weight"), w(p + "self_attn.qkv_proj.bias"))
                 if arch.qkv_grouped:  # per key/value head: its queries, its key, its value
@@ -189,16 +223,16 @@ class ArchOracle:
             qk_norm = arch.qk_norm if spec.qk_norm else None  # Llama 4 norms q and k on its rope layers only
             qk_params = arch.qk_norm_params  # False: q/k norms without a weight (Llama 4's, nanochat's)
             if qk_norm == "projection":
-                q, k = self._norm(q, q_norm, qk_params), self._norm(k, k_norm, qk_params)
+                q, k = self._norm(q, q_norm, qk_params, "qk"), self._norm(k, k_norm, qk_params, "qk")
             if arch.clip_qkv is not None:
                 q, k, v = (np.clip(a, -arch.clip_qkv, arch.clip_qkv) for a in (q, k, v))
             q, k, v = (a.reshape(n, -1, d) for a in (q, k, v))
             if qk_norm in ("head", "each_head") and not arch.qk_norm_after_rope:  # [d] or [heads, d] weights
-                q, k = self._norm(q, q_norm, qk_params), self._norm(k, k_norm, qk_params)
+                q, k = self._norm(q, q_norm, qk_params, "qk"), self._norm(k, k_norm, qk_params, "qk")
             long_from = spec.rope.original_max if spec.rope.switches else None
             q, k = _rope(q, positions, spec.rope, long_from), _rope(k, positions, spec.rope, long_from)
             if qk_norm == "head" and arch.qk_norm_after_rope:
-                q, k = self._norm(q, q_norm, qk_params), self._norm(k, k_norm, qk_params)
+                q, k = self._norm(q, q_norm, qk_params, "qk"), self._norm(k, k_norm, qk_params, "qk")
             if spec.query_scaling is not None:  # Llama 4's NoPE layers: positions counted from -shift
                 beta, floor, shift = spec.query_scaling
                 q = q * (1.0 + beta * np.log(1.0 + np.floor((positions + shift) / floor)))[:, None, None]
@@ -210,20 +244,20 @@ class ArchOracle:
                               w(p + "self_attn.sinks"), spec.chunk, arch.alibi_slopes).reshape(n, -1)
             o = linear(attn, w(p + "self_attn.o_proj.weight"), w(p + "self_attn.o_proj.bias"))
             if "post_attn" in norm:
-                o = self._norm(o, norm["post_attn"], blocks)
+                o = self._norm(o, norm["post_attn"], blocks, "post_attn")
             if arch.parallel:  # the MLP reads the block's input, beside attention
-                x = self._norm(h, norm["pre_mlp"], blocks) if "pre_mlp" in norm else x
+                x = self._norm(h, norm["pre_mlp"], blocks, "pre_mlp") if "pre_mlp" in norm else x
                 h = h + (o + self._mlp(x, p, spec.mlp)) * arch.residual_scale
                 continue
             h = h + o * arch.residual_scale
-            x = self._norm(h, norm["pre_mlp"], blocks) if "pre_mlp" in norm else h
+            x = self._norm(h, norm["pre_mlp"], blocks, "pre_mlp") if "pre_mlp" in norm else h
             y = self._mlp(x, p, spec.mlp)
             if "post_mlp" in norm:
-                y = self._norm(y, norm["post_mlp"], blocks)
+                y = self._norm(y, norm["post_mlp"], blocks, "post_mlp")
             h = h + y * arch.residual_scale
         head = self.stored.get(arch.lm_head)
         head = w(p_model + "embed_tokens.weight") if head is None else head
-        logits = linear(self._norm(h, p_model + "norm", blocks), head,
+        logits = linear(self._norm(h, p_model + "norm", blocks, "final"), head,
                         self.stored.get(bias_of(arch.lm_head))) * arch.logit_scale
         if arch.final_softcap is not None:
             logits = arch.final_softcap * np.tanh(logits / arch.final_softcap)

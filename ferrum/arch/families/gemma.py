@@ -470,7 +470,8 @@ def _muse_glimmer(r: KeyReader, sizes: Sizes) -> Architecture:
     r("hidden_activation")
     return Architecture(
         layers=tuple(LayerSpec(window if kind == SLIDING else None, rope) for kind, rope in zip(types, ropes)),
-        norms=SANDWICH_NORMS, norm_offset=1.0, final_norm_offset=0.0, post_norm_eps=float(r("post_norm_eps")),
+        norms=SANDWICH_NORMS, norm_offset=1.0, norm_offsets={"norm": 0.0},
+        norm_eps=dict.fromkeys(("post_attn", "post_mlp"), float(r("post_norm_eps"))),
         embed_norm=True, embed_norm_params=False, attn_scale=float(r("qk_scale_factor")) / math.sqrt(sizes.head_dim),
         qk_norm="head", qk_norm_params=False, attn_output_gate=True, attn_gate_stored=True,
         final_softcap=float(r("final_logit_softcapping")), logit_scale=float(r("output_multiplier")),

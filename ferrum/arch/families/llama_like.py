@@ -592,7 +592,7 @@ def _afm7(r: KeyReader, sizes: Sizes) -> Architecture:
     return Architecture(
         layers=tuple(LayerSpec(None, rope, kv_source=None if i < regular else regular - 1) for i in range(total)),
         norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), fused_qkv=True, qk_norm="head",
-        qk_norm_after_rope=True, qk_norm_eps=1e-5, kv_quant=True, stored_names=AFM_NAMES,
+        qk_norm_after_rope=True, norm_eps={"qk": 1e-5}, kv_quant=True, stored_names=AFM_NAMES,
         layer_stems={i: f"kv_reuse_layers.{i - regular}" for i in range(regular, total)},
     )
 

@@ -510,7 +510,7 @@ def _plamo2(r: KeyReader, sizes: Sizes) -> Architecture:
         layers=tuple(LayerSpec(None, rope, mixer=m) for m in _plamo2_mixers(r, sizes)),
         norms=SANDWICH_NORMS, norm_offset=1.0,
         norm_offsets={**PLAMO_NORM_OFFSETS, "self_attn.q_norm": 0.0, "self_attn.k_norm": 0.0},
-        attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="each_head", qk_norm_eps=1e-6,
+        attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="each_head", norm_eps={"qk": 1e-6},
         fused_qkv=True, fused_gate_up=True, mamba2=mamba, keep_float32=(".A_log", ".dt_bias", ".D"),
         stored_names={**PLAMO_STORED, "self_attn.q_norm.weight": "mixer.q_weight",
                       "self_attn.k_norm.weight": "mixer.k_weight"},

@@ -23,6 +23,7 @@ from ferrum.arch.keys import (
 )
 from ferrum.arch import msa
 from ferrum.arch.moa import MoaSpec
+from ferrum.arch.norms import OFFSETS_ADDED
 from ferrum.arch.rope import Rope
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.activation import ClampedSwiGLU
@@ -722,7 +723,7 @@ STEP3P5_NAMES = {**LAGUNA_NAMES, **{f"moe.share_expert.{p}": f"share_expert.{p}"
 _STEP3P5_MLX_LM = ("model.", "lm_head.weight", {
     "moe.gate": "mlp.gate.gate", "moe.router_bias": "mlp.gate.router_bias",
     **{f"moe.{m}.{p}": f"mlp.{m}.{p}" for m in ("switch_mlp", "share_expert") for p in _SWIGLU}},
-    None, {"norm_offset": 0.0})
+    None, OFFSETS_ADDED)
 _STEP3P5_ROPES = ("default", "linear", "llama3")  # of mlx-lm's initialize_rope, those Ferrum runs as it does
 
 
@@ -873,7 +874,7 @@ def _jetmoe_heads(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _jetmoe_sizes(r: KeyReader, sizes: Sizes) -> Sizes:
     """The blocks' norms: transformers' JetMoeDecoderLayer builds them with eps 1e-6 whatever rms_norm_eps says
-    (only the final norm reads it: ``Architecture.final_norm_eps``)."""
+    (only the final norm reads it: ``Architecture.norm_eps``)."""
     return replace(sizes, rms_norm_eps=1e-6)
 
 
@@ -891,7 +892,7 @@ def _jetmoe(r: KeyReader, sizes: Sizes) -> Architecture:
     return Architecture(
         layers=tuple(LayerSpec(None, rope, mixer="moa") for _ in range(sizes.num_layers)),
         norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), moa=moa,
-        final_norm_eps=1e-6 if eps is None else float(eps),
+        norm_eps={"final": 1e-6 if eps is None else float(eps)},
     )
 
 
