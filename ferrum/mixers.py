@@ -82,6 +82,15 @@ class MixerKind:
         """The mixer over the pass's batch (``run``, the model's ``_Pass``), between the block's halves."""
         raise NotImplementedError
 
+    def projections(self, layer: Any) -> list[Linear]:
+        """The layer's mixer's linear projections (profilers wrap their bound ops): attention's q/k/v, output and
+        gate where it has them, then a recurrent mixer's own."""
+        own = [] if layer.recurrent is None else layer.recurrent.projections()
+        if layer.qkv is None:
+            return own
+        return [*layer.qkv.linears, *getattr(layer.o, "linears", [layer.o]),
+                *([layer.gate] if layer.gate is not None else []), *own]
+
 
 class Attention(MixerKind):
     """Attention over the paged KV cache: q/k/v projected (rotated where the rope has one table), K/V written,
@@ -383,6 +392,9 @@ class LinearMixer(NoMixer):
 
     def output(self, model: Any, layer: Any) -> Callable[..., Any]:
         return lambda x: layer.o(x)
+
+    def projections(self, layer: Any) -> list[Linear]:
+        return [layer.o]
 
 
 class Beside(MixerKind):

@@ -630,11 +630,7 @@ class DecoderOnlyLLM:
 
     def projections(self) -> list[Linear]:
         """Every linear projection, LM head included (profilers wrap their bound ops)."""
-        attention = [p for layer in self.layers if layer.qkv is not None
-                     for p in (*layer.qkv.linears, *getattr(layer.o, "linears", [layer.o]),
-                               *([layer.gate] if layer.gate is not None else []))]
-        attention += [p for layer in self.layers if layer.recurrent is not None for p in layer.recurrent.projections()]
-        attention += [layer.o for layer in self.layers if layer.qkv is None and layer.o is not None]  # a linear mixer
+        attention = [p for layer in self.layers for p in layer.mixer.projections(layer)]
         mlps = [p for layer in self.layers if layer.mlp is not None for p in layer.mlp.projections()]
         gates = [p for layer in self.layers for norm in (layer.pre_attn, layer.post_attn, layer.pre_mlp, layer.post_mlp)
                  if norm is not None and len(norm) > 2 for p in norm[2].linears]

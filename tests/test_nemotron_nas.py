@@ -117,6 +117,16 @@ def test_logits_match_mlx_lm(built, backend, layout):
     assert_forward_and_decode_match(float32_model(folder, backend, block_size=4), TOKENS, built[2])
 
 
+def test_profilers_see_the_linear_sub_blocks_projection(built):
+    """Each mixer kind lists its projections (MixerKind.projections): the linear sub-block's one map is among the
+    model's, the skipped one adds none, attention its q/k/v and output."""
+    model = float32_model(built[0])
+    listed = {id(p) for p in model.projections()}
+    assert id(model.layers[2].o) in listed and model.layers[1].mixer.projections(model.layers[1]) == []
+    assert {id(p) for p in model.layers[0].mixer.projections(model.layers[0])} <= listed
+    assert len(model.layers[0].mixer.projections(model.layers[0])) >= 2
+
+
 def test_each_layer_is_read_as_its_entry_says(built):
     config = ModelConfig.from_file(built[0])
     assert (config.num_kv_heads, config.head_dim, config.intermediate_size) == (6, 16, 512)
