@@ -39,9 +39,10 @@ from typing import Any, Hashable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ferrum.adapters.batching import LoraBatch, LoraLinear
-from ferrum.adapters.files import SHARED, LoraAdapter, LoraWeights, check_range, projection_span, read_adapter
+from ferrum.adapters.files import LoraAdapter, LoraWeights, check_range, projection_span, read_adapter
 from ferrum.errors import AdapterError, InvalidRequestError
 from ferrum.metadata import EMPTY, LORA_ADAPTER, LORA_PATH
+from ferrum.arch.mlp import MLP_KINDS
 from ferrum.mixers import MIXER_KINDS
 from ferrum.recurrent import MIXERS, mixer_spec
 from ferrum.hookspec import DTYPE_BYTES
@@ -346,17 +347,7 @@ class AdapterRegistry:
             at = partial(wrap, index)
             if layer.qkv is not None:  # a layer without attention (Nemotron NAS's skipped or linear) has none to adapt
                 layer.o = config.arch.attention.adapt(layer.qkv, layer.o, at, config.hidden_size)
-            kind = config.arch.layers[index].mlp
-            if kind == "dense":
-                layer.mlp.gate_up.adapt(at)
-            if kind == "plain":
-                layer.mlp.up = wrap(index, "up_proj", 0, config.intermediate_size, layer.mlp.up)
-            if kind in ("dense", "plain"):
-                layer.mlp.down = wrap(index, "down_proj", 0, config.hidden_size, layer.mlp.down)
-            if kind == "moe" and layer.mlp.shared is not None:  # the shared expert's (gate, up, down); no gate: ungated
-                spans = [projection_span(config, index, proj) for proj in SHARED]
-                layer.mlp.shared = tuple(linear if span is None else wrap(index, *span, linear)
-                                         for span, linear in zip(spans, layer.mlp.shared))
+            MLP_KINDS[config.arch.layers[index].mlp].adapt(layer.mlp, at, config, index)
         self._targets = targets
 
     # ------------------------------------------------------- forward pass

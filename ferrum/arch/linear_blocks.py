@@ -48,3 +48,7 @@ class LinearMlp:
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
               config: Any, layer: int) -> LinearMap:
         return LinearMap(linear(MLP))
+
+    def adapt(self, mlp: LinearMap, wrap: Callable[[str, int, int, Linear], Linear], config: Any,
+              layer: int) -> None:
+        """Nothing: an adapter has no name for the map (its projections are refused by what the sub-block is)."""

@@ -89,6 +89,10 @@ class MlpKind(Protocol):
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
               config: Any, layer: int) -> Any: ...
 
+    def adapt(self, mlp: Any, wrap: Callable[[str, int, int, Linear], Linear], config: Any, layer: int) -> None:
+        """The built ``mlp``'s matrices LoRA adapts replaced by ``wrap(group, start, stop, matrix)`` (as
+        ``Architecture.attention.adapt`` replaces attention's); a kind with none adapts nothing."""
+
 
 class GatedMLP:
     """``down(act(gate(x)) * up(x))``; the activation op comes from the architecture, and BitNet's sub-norm
@@ -144,6 +148,10 @@ class Dense:
         return [(name.replace("gate_up_proj", first), rows(tensor, 0, inter)),
                 (name.replace("gate_up_proj", second), rows(tensor, inter, 2 * inter))]
 
+    def adapt(self, mlp: GatedMLP, wrap: Callable[[str, int, int, Linear], Linear], config: Any, layer: int) -> None:
+        mlp.gate_up.adapt(wrap)
+        mlp.down = wrap("down_proj", 0, config.hidden_size, mlp.down)
+
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
               config: Any, layer: int) -> GatedMLP:
         from ferrum.arch.tensors import projection_group
@@ -196,6 +204,11 @@ class Plain:
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         return [(name, tensor)]
 
+    def adapt(self, mlp: UngatedMLP, wrap: Callable[[str, int, int, Linear], Linear], config: Any,
+              layer: int) -> None:
+        mlp.up = wrap("up_proj", 0, config.intermediate_size, mlp.up)
+        mlp.down = wrap("down_proj", 0, config.hidden_size, mlp.down)
+
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
               config: Any, layer: int) -> UngatedMLP:
         if config.arch.activation == "xielu":  # Apertus: slopes learned per layer
@@ -217,6 +230,9 @@ class NoMlp:
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Linear],
               config: Any, layer: int) -> None:
         return None
+
+    def adapt(self, mlp: None, wrap: Callable[[str, int, int, Linear], Linear], config: Any, layer: int) -> None:
+        """Nothing to adapt."""
 
 
 #: Kinds by name; ``LayerSpec.mlp`` picks one.

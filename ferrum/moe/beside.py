@@ -39,6 +39,9 @@ class _DenseAndMoe:
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
         return [part for n, t in self.moe.split(config, name, tensor) for part in self.dense.split(config, n, t)]
 
+    def adapt(self, mlp: Any, wrap: Callable[[str, int, int, Any], Any], config: Any, layer: int) -> None:
+        """Nothing: LoRA on these layers' MLPs is not supported."""
+
 
 class MlpBesideMoe(_DenseAndMoeMlp):
     """``h [T, hidden] -> post(dense(pre(h))) + post_moe(moe(pre_moe(h), router_x=h))``: each branch between its own

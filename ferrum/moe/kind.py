@@ -88,6 +88,16 @@ class Moe:
         return [(name.replace("gate_up_proj", "gate_proj"), rows(tensor, 0, s)),
                 (name.replace("gate_up_proj", "up_proj"), rows(tensor, s, 2 * s))]
 
+    def adapt(self, mlp: MoeMLP, wrap: Callable[[str, int, int, Any], Any], config: Any, layer: int) -> None:
+        """The shared expert's (gate, up, down), each its own group (no gate where it is ungated); the routed
+        experts are not adapted."""
+        from ferrum.adapters.files import SHARED, projection_span  # imported here: the adapters read the MoE specs
+
+        if mlp.shared is not None:
+            spans = [projection_span(config, layer, proj) for proj in SHARED]
+            mlp.shared = tuple(linear if span is None else wrap(*span, linear)
+                               for span, linear in zip(spans, mlp.shared))
+
     def build(self, ops: Any, tensor: Callable[[str], Any], linear: Callable[[str], Any], config: Any,
               layer: int) -> MoeMLP:
         spec = config.arch.moe
