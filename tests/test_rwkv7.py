@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
-from ferrum.errors import ConfigError, UnsupportedFeatureError
+from ferrum.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was,
@@ -219,3 +219,11 @@ def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(built, bits, tmp_path):
 def test_unsupported_variants_are_refused_by_name(change, error, key):
     with pytest.raises(error, match=key):
         ModelConfig.from_dict({**CONFIG, **change})
+
+
+def test_lora_adapters_are_refused_saying_what_its_layers_hold(built, tmp_path):
+    """A checkpoint layer holds a time mix and a channel mix, whose projections LoRA does not adapt: refused by what
+    they are before the folder is read (it said "several attention blocks")."""
+    model = float32_model(built["untied"][0])
+    with pytest.raises(AdapterError, match="RWKV-7 time mix and channel mix, not attention"):
+        model.adapters.load("a", tmp_path)

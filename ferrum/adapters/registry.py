@@ -149,10 +149,9 @@ class AdapterRegistry:
             raise InvalidRequestError("an adapter name must be a non-empty string")
         arch = self.model.config.arch
         if arch.sublayers is not None:
-            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on a model whose checkpoint layers each "
-                               "hold several attention blocks are not supported yet (Ferrum does not adapt their "
-                               "numbered projections); run the base model, or merge the adapter into its weights "
-                               "with PEFT's merge_and_unload")
+            raise AdapterError(f"{self.model.config.model_type}: LoRA adapters are not supported yet on a model whose "
+                               f"checkpoint layers each hold {arch.sublayers.lora_refusal}; run the base model, or "
+                               "merge the adapter into its weights with PEFT's merge_and_unload")
         if arch.moa is not None:
             raise AdapterError(f"{self.model.config.model_type}: LoRA adapters on a mixture of attention heads are not "
                                "supported yet (Ferrum does not adapt its attention experts); run the base model, or "

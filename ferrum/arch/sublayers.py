@@ -23,6 +23,8 @@ class SubLayers:
     #: Modules the checkpoint keeps once per layer under their own names that belong to a later sub-block: (the
     #: module, its sub-block) (RWKV-7's channel mix, ``ffn`` and ``ffn_norm``, its layers' second).
     later: tuple[tuple[str, int], ...] = ()
+    #: What each checkpoint layer holds and why LoRA cannot adapt it, as a refusal says it.
+    lora_refusal: str = "several sub-blocks, whose projections Ferrum does not adapt"
 
     def stored(self, prefix: str, name: str) -> str:
         """The checkpoint's name of Ferrum's tensor ``name`` (names outside the layers unchanged)."""

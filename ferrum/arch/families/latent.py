@@ -407,7 +407,9 @@ LONGCAT_ALIASES = {"num_local_experts": "n_routed_experts", "num_experts_per_tok
 #: A LongCat-Flash layer's modules kept once per sub-block (Ferrum's, the checkpoint's); its MoE is the first's.
 LONGCAT_SUBLAYERS = SubLayers(2, (("self_attn", "self_attn"), ("input_layernorm", "input_layernorm"),
                                   ("post_attention_layernorm", "post_attention_layernorm"),
-                                  *((f"mlp.{p}", f"mlps.{p}") for p in ("gate_proj", "up_proj", "down_proj"))))
+                                  *((f"mlp.{p}", f"mlps.{p}") for p in ("gate_proj", "up_proj", "down_proj"))),
+                              lora_refusal="several attention blocks, whose projections are numbered per sub-block "
+                                           "(self_attn.1.q_a_proj), which Ferrum does not adapt")
 
 
 def _longcat_config(raw: dict[str, Any]) -> dict[str, Any]:

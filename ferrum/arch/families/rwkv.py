@@ -15,7 +15,10 @@ from ferrum.arch.sublayers import SubLayers
 from ferrum.recurrent.rwkv7 import CHANNEL_MODULE, FLOAT32, MODULE, Rwkv7ChannelSpec, Rwkv7Spec
 
 #: Each stored layer is Ferrum's time mix then its channel mix, whose modules keep their own names.
-RWKV7_SUBLAYERS = SubLayers(2, (), later=((CHANNEL_MODULE, 1), (f"{CHANNEL_MODULE}_norm", 1)))
+RWKV7_SUBLAYERS = SubLayers(2, (), later=((CHANNEL_MODULE, 1), (f"{CHANNEL_MODULE}_norm", 1)),
+                            lora_refusal="an RWKV-7 time mix and channel mix, not attention and an MLP: Ferrum adapts "
+                                         "neither's projections (receptance, key, value, output and the LoRA decay "
+                                         "and gates are a recurrent mixer's)")
 #: The release's names (mlx-lm's conversions keep them): the embeddings, and the first layer's norm of them.
 RWKV7_STORED = {"embed_tokens": "embeddings", "embed_norm": "layers.0.pre_norm"}
 
