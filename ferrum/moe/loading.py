@@ -86,7 +86,6 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str | None =
     """The checkpoint tensors that make up stacked projection ``name``, in the layout ``present`` holds, for
     its quantization ``mode`` (MLX's float modes have no biases; AWQ and GPTQ experts are per-expert
     ``qweight``, ``qzeros``, ``scales`` and maybe ``g_idx``; None: biases where the checkpoint has them)."""
-    path = name.removesuffix(".weight")
     if mode is None:
         mode = AFFINE if _stored_biases(present, spec, name) else "float"
     packed = _PACKED if mode == AFFINE else _PACKED[:2]
@@ -104,9 +103,9 @@ def expert_parts(present: set[str], spec: MoeSpec, name: str, mode: str | None =
         if scale is not None:  # FP8 experts, stacked
             return stored, scale
         return tuple(f"{at}.{k}" for k in packed) if f"{at}.scales" in present else (stored,)
-    if spec.stacked is not None:
-        module, proj = path.split(".switch_mlp.")
-        return (f"{module}.{spec.stacked[SWITCH.index(proj)]}.weight",)
+    if spec.stacked is not None:  # packed too where gate and up are stacked apart (ferrum quantize's Step 3.5)
+        at = _family_stack(spec, name)
+        return tuple(f"{at}.{k}" for k in packed) if f"{at}.scales" in present else (f"{at}.weight",)
     if name.endswith(".bias"):  # each expert's bias (never packed)
         return tuple(per_expert_names(spec, name))
     per_expert = [n.removesuffix(".weight") for n in per_expert_names(spec, name)]
@@ -126,9 +125,17 @@ def _stored_biases(present: set[str], spec: MoeSpec, name: str) -> bool:
         modules = (name.removesuffix(".weight"), LAYOUTS[spec.layout].checkpoint_module(name, spec.mlx_lm_stack))
     else:
         modules = (mlx_lm_stack_name(spec, name).removesuffix(".weight"),)
+    if spec.stacked is not None:
+        modules += (_family_stack(spec, name),)
     if name.endswith(".weight"):
         modules += (per_expert_names(spec, name)[0].removesuffix(".weight"),)
     return any(f"{module}.biases" in present for module in modules)
+
+
+def _family_stack(spec: MoeSpec, name: str) -> str:
+    """The module of ``MoeSpec.stacked`` holding stacked projection ``name`` (``M.input_linear``, ``M.gate_proj``)."""
+    module, rest = name.split(".switch_mlp.")
+    return f"{module}.{spec.stacked[SWITCH.index(rest.partition('.')[0])]}"
 
 
 def per_expert_names(spec: MoeSpec, name: str) -> list[str]:

@@ -122,6 +122,7 @@ _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "bailing_moe": ("mlp.gate.gate_proj",),
     "bailing_moe_linear": ("mlp.gate.gate_proj",),
     "Klear": ("mlp.gate",),
+    "step3p5": ("moe.gate",),  # the release's router, mlx-lm's mlp.gate.gate
     # RWKV-7's embedding and the LoRAs' up-projections (mlx-lm's {"bits": 8}: to_quantized's group size, 64)
     "rwkv7": ("embeddings", "lora.2"),
 }
@@ -129,7 +130,8 @@ _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
 #: weights alone (packed ones left behind are refused), by model_type: the beginning of a path in a layer -> mlx-lm's
 #: (the first that fits). Kimi Linear's MLPs, dense and sparse, under ``mlp``, the correction bias beside the router;
 #: Ling's router weight under ``gate.gate_proj``; Nemotron NAS's linear sub-blocks under mlx-lm's ``linear`` (its
-#: ``sanitize`` does not rename the release's).
+#: ``sanitize`` does not rename the release's); Step 3.5's experts under the release's stacks ``moe.<proj>``, which its
+#: ``sanitize`` moves into ``mlp.switch_mlp`` (as it moves the release's router and shared expert, written as stored).
 _MLX_LM_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "kimi_linear": (("block_sparse_moe.gate.e_score_correction_bias", "mlp.e_score_correction_bias"),
                     ("block_sparse_moe.", "mlp.")),
@@ -137,6 +139,7 @@ _MLX_LM_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "bailing_moe": (("mlp.gate.weight", "mlp.gate.gate_proj.weight"),),
     "bailing_moe_linear": (("mlp.gate.weight", "mlp.gate.gate_proj.weight"),),
     "nemotron-nas": (("self_attn.linear_attn.", "self_attn.linear."), ("mlp.linear_mlp.", "mlp.linear.")),
+    "step3p5": (("moe.switch_mlp.", "moe."),),
 }
 
 
