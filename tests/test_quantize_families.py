@@ -20,9 +20,9 @@ from support import float32_model, mlx_lm_logits, runnable_backends, scaled_erro
 pytestmark = pytest.mark.skipif("mlx" not in runnable_backends(), reason="mlx-lm needs MLX")
 
 #: module -> (its release fixture (":variant" where it holds several), whether mlx-lm's conversion of that release
-#: runs: Nemotron NAS's release names and Kimi K2's config fail mlx-lm 0.32.2's convert, Gear's config transformers'
-#: tokenizer loading in it; then the tensors stored otherwise by design: Baichuan-M1's head, normed in float32 by
-#: numpy's sums and MLX's, which round differently in the last place).
+#: runs: Nemotron NAS's release names and Kimi K2's config fail mlx-lm 0.32.2's convert, Gear's and LongCat-Flash-Lite's
+#: configs transformers' tokenizer loading in it; then the tensors stored otherwise by design: Baichuan-M1's head,
+#: normed in float32 by numpy's sums and MLX's, which round differently in the last place).
 FAMILIES = {
     "test_deepseek": ("build_checkpoints", True),  # the router a plain parameter in mlx-lm: float
     "test_klear": ("build_checkpoints", True),  # the router at 8 bits in groups of 64
@@ -47,6 +47,7 @@ FAMILIES = {
     # the release's names (the experts stacked under moe.<proj>, which sanitize moves) and zero-centred norms, which
     # sanitize adds 1 to in mlx-lm's conversion
     "test_step3p5": ("release", True, "norm"),
+    "test_longcat_flash_ngram": ("releases", False),  # the embedding under mlx-lm's ngram_embeddings.word_embeddings
 }
 
 
@@ -65,20 +66,13 @@ def _first_release(built) -> Path | None:
 def release(request, tmp_path_factory, built_once):
     """(the family module, its release's folder)."""
     module = importlib.import_module(request.param)
-    fixture, _, variant = {**FAMILIES, **_KNOWN}[request.param][0].partition(":")
+    fixture, _, variant = FAMILIES[request.param][0].partition(":")
     build = getattr(module, fixture)
     built = built_once(getattr(build, "__wrapped__", build), tmp_path_factory)
     return module, _first_release(built[variant] if variant else built)
 
 
-#: LongCat-Flash-Lite: its embedding packed under the release's model.embed_tokens, where mlx-lm's sanitize moves the
-#: weight alone (into ngram_embeddings.word_embeddings) and refuses the scales and biases left behind.
-_KNOWN = {"test_longcat_flash_ngram": ("releases", True)}
-
-
-@pytest.mark.parametrize("release", list(FAMILIES) + [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="mlx-lm cannot load the packed embedding"))
-    for m in _KNOWN], indirect=True)
+@pytest.mark.parametrize("release", FAMILIES, indirect=True)
 def test_ferrum_quantize_is_what_mlx_lm_loads(release, tmp_path):
     from mlx_lm.convert import convert
     from safetensors.numpy import load_file
@@ -86,7 +80,7 @@ def test_ferrum_quantize_is_what_mlx_lm_loads(release, tmp_path):
     from ferrum.quant.convert import quantize_checkpoint
 
     module, folder = release
-    tokens, (_, converts, *otherwise) = module.TOKENS, {**FAMILIES, **_KNOWN}[module.__name__]
+    tokens, (_, converts, *otherwise) = module.TOKENS, FAMILIES[module.__name__]
     ours = quantize_checkpoint(folder, tmp_path / "ferrum", bits=8, group_size=32)
     want = mlx_lm_logits(ours, tokens)  # mlx-lm's load refuses a tensor it lacks and one it has no place for
     if converts:

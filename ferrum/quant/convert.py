@@ -141,6 +141,11 @@ _MLX_LM_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "nemotron-nas": (("self_attn.linear_attn.", "self_attn.linear."), ("mlp.linear_mlp.", "mlp.linear.")),
     "step3p5": (("moe.switch_mlp.", "moe."),),
 }
+#: ...and outside the layers: the beginning of a tensor's name -> mlx-lm's. LongCat-Flash-Lite's embedding under its
+#: n-gram embedding (its ``sanitize`` moves ``model.embed_tokens.weight`` alone).
+_MLX_LM_OUTSIDE: dict[str, tuple[tuple[str, str], ...]] = {
+    "longcat_flash_ngram": (("model.embed_tokens.", "model.ngram_embeddings.word_embeddings."),),
+}
 
 
 def _mlx_lm_taps(config: Any) -> tuple[str, ...]:
@@ -158,12 +163,15 @@ def _mlx_lm_taps(config: Any) -> tuple[str, ...]:
 
 
 def _mlx_lm_module(config: Any, name: str) -> str:
-    """Where mlx-lm's model class holds tensor ``name`` (:data:`_MLX_LM_MODULES`)."""
+    """Where mlx-lm's model class holds tensor ``name`` (:data:`_MLX_LM_MODULES`, :data:`_MLX_LM_OUTSIDE`)."""
     stem, dot, rest = name.partition(".layers.")
     index, _, path = rest.partition(".")
     for theirs, mlx_lm in _MLX_LM_MODULES.get(config.model_type, ()) if dot else ():
         if path.startswith(theirs):
             return f"{stem}.layers.{index}.{mlx_lm}{path[len(theirs):]}"
+    for theirs, mlx_lm in () if dot else _MLX_LM_OUTSIDE.get(config.model_type, ()):
+        if name.startswith(theirs):
+            return f"{mlx_lm}{name[len(theirs):]}"
     return name
 
 
