@@ -470,8 +470,8 @@ class DecoderOnlyLLM:
             q_norm = k_norm = (self._ones_of(config.head_dim), None)
         kind = mixer_kind(spec)
         mixer = kind.build(self, spec, tensor, projection)
-        # a padded layer's q/k/v norms: the stored head's RMSNorm (see LayerSpec.stored_head_dim)
-        fit = (spec.stored_head_dim or config.head_dim) / config.head_dim
+        # a padded layer's q/k/v norms: the stored head's RMSNorm (see ferrum.arch.heads)
+        fit = (spec.heads.head_dim or config.head_dim) / config.head_dim
         v_norm = scalar = None
         if arch.v_norm:
             v_norm = (self.ops.from_numpy(np.full(config.head_dim, np.sqrt(fit), dtype=np.float32), self.dtype), None)

@@ -64,7 +64,7 @@ def release(tmp_path_factory):
 def test_layers_attend_convolved_keys_with_their_own_heads(release):
     model = float32_model(release[0])
     arch = model.config.arch
-    assert [(s.mixer, s.window, s.stored_kv_heads) for s in arch.layers] == [
+    assert [(s.mixer, s.window, s.heads.kv_heads) for s in arch.layers] == [
         ("conv_attention", None, 1), ("conv_attention", 5, None)] * 2
     assert (model.config.num_kv_heads, model.config.max_seq_len, arch.recurrent) == (2, 64, True)
     assert sorted(model.states.layers) == [0, 1, 2, 3] and arch.kv_pool_layers == 4

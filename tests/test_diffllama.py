@@ -60,7 +60,7 @@ def test_controls_miss_transformers(checkpoints, control, monkeypatch):
     if control == "no_lambda":
         monkeypatch.setattr("ferrum.arch.differential.layer_lambda", lambda ops, tensor, i: 0.0)
     else:  # each value head padded as a plain head would be
-        monkeypatch.setattr("ferrum.arch.tensors.paired_values",
+        monkeypatch.setattr("ferrum.arch.heads.paired_values",
                             lambda v, kv: np.concatenate([np.asarray(v).reshape(kv, -1, *np.shape(v)[1:])] * 2, 1)
                             .reshape(-1, *np.shape(v)[1:]))
     assert scaled_error(float32_model(folder).forward_verify("all", TOKENS), _logits(hf)) > 1e-2

@@ -76,8 +76,8 @@ def test_layouts_and_tensors(checkpoints):
     assert_names_the_tensors_transformers_saves(folder)
     arch = ModelConfig.from_file(folder).arch
     sliding, full = arch.layers[0], arch.layers[2]
-    assert (sliding.stored_head_dim, sliding.stored_kv_heads, sliding.values_are_keys) == (16, None, False)
-    assert (full.stored_head_dim, full.stored_kv_heads, full.values_are_keys) == (None, 1, True)
+    assert (sliding.heads.head_dim, sliding.heads.kv_heads, sliding.heads.values_are_keys) == (16, None, False)
+    assert (full.heads.head_dim, full.heads.kv_heads, full.heads.values_are_keys) == (None, 1, True)
     assert full.rope.proportional and full.rope.rotary_dim == 8 and sliding.rope.rotary_dim == 16
     # the proportional rope's frequencies are transformers' own
     hf_rope = transformers.models.gemma4.modeling_gemma4.Gemma4TextRotaryEmbedding(gemma4_config())
@@ -120,7 +120,7 @@ def test_release_keys_read_as_per_layer_config(checkpoints):
     release.update(global_head_dim=32, num_global_key_value_heads=1)
     assert ModelConfig.from_dict(release) == ModelConfig.from_dict(saved)
     # without attention_k_eq_v transformers does not read num_global_key_value_heads
-    assert ModelConfig.from_dict({**release, "attention_k_eq_v": False}).arch.layers[2].stored_kv_heads is None
+    assert ModelConfig.from_dict({**release, "attention_k_eq_v": False}).arch.layers[2].heads.kv_heads is None
 
 
 def test_a_saved_per_layer_config_with_zero_padded_keys_reads_as_transformers_reads_it(tmp_path):
@@ -131,7 +131,7 @@ def test_a_saved_per_layer_config_with_zero_padded_keys_reads_as_transformers_re
     raw = json.loads((tmp_path / "config.json").read_text())
     assert "05" in raw["per_layer_config"]
     config = ModelConfig.from_dict(raw)
-    assert config.head_dim == 32 and {layer.stored_head_dim for layer in config.arch.layers[:5]} == {16}
+    assert config.head_dim == 32 and {layer.heads.head_dim for layer in config.arch.layers[:5]} == {16}
     with pytest.raises(ConfigError, match="per_layer_config"):
         ModelConfig.from_dict({**raw, "per_layer_config": {**raw["per_layer_config"], "5": {"head_dim": 32}}})
 

@@ -102,7 +102,7 @@ def test_packed_conversions_run_as_mlx_lm_runs_them(conversions, backend, varian
         assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_shape() == [4 * 32, 64 * bits // 32]
         assert ("model.layers.2.self_attn.v_proj.weight" in f.keys()) == (variant == "e2b")  # k_eq_v: no v_proj
     model = DecoderOnlyLLM.from_pretrained(folder, backend=backend, block_size=4, dtype="float32")
-    assert model.config.arch.layers[0].stored_head_dim == 32
+    assert model.config.arch.layers[0].heads.head_dim == 32
     assert_forward_and_decode_match(model, TOKENS, want)
 
 

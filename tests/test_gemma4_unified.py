@@ -58,7 +58,7 @@ def test_reads_the_layers(checkpoints):
     config = float32_model(checkpoints["shared_kv"][0]).config
     arch = config.arch
     assert (config.head_dim, config.num_kv_heads, arch.per_layer_inputs, arch.moe) == (32, 2, None, None)
-    assert [(s.window, s.stored_head_dim, s.kv_source, s.intermediate_size) for s in arch.layers] == [
+    assert [(s.window, s.heads.head_dim, s.kv_source, s.intermediate_size) for s in arch.layers] == [
         (6, 16, None, None), (6, 16, None, None), (None, None, None, None), (6, 16, None, None),
         (6, 16, 3, 160), (None, None, 2, 160)]
     assert arch.layer_scalar and arch.layers[2].rope.proportional
@@ -163,8 +163,8 @@ def test_reads_the_12b_release_config():
         "gemma4_unified_text", 512, 8, 262144)
     assert (arch.per_layer_inputs, arch.moe, arch.final_softcap) == (None, None, 30.0)
     full, sliding = arch.layers[5], arch.layers[0]
-    assert (full.window, full.stored_kv_heads, full.values_are_keys, full.rope.rotary_dim) == (None, 1, True, 128)
-    assert (sliding.window, sliding.stored_head_dim, sliding.stored_kv_heads) == (1024, 256, None)
+    assert (full.window, full.heads.kv_heads, full.heads.values_are_keys, full.rope.rotary_dim) == (None, 1, True, 128)
+    assert (sliding.window, sliding.heads.head_dim, sliding.heads.kv_heads) == (1024, 256, None)
 
 
 @pytest.mark.parametrize("key, value, error", [

@@ -142,7 +142,7 @@ def test_gemma4_gguf_matches_the_model_it_was_written_from(tmp_path, variant):
     assert ours.model_type == "gemma4_text" and ours.head_dim == 32
     assert [s.window for s in layers] == [6 if t == _SLIDING else None for t in config.layer_types]
     assert layers[-1].rope.proportional and layers[-1].rope.rotary_dim == 8
-    assert [s.values_are_keys for s in layers] == [t == _FULL and variant != "e2b" for t in config.layer_types]
+    assert [s.heads.values_are_keys for s in layers] == [t == _FULL and variant != "e2b" for t in config.layer_types]
     if variant == "e2b":
         assert [s.kv_source for s in layers] == [None] * 5 + [2, 4, 2]  # the last full / sliding layer before
         assert ours.arch.per_layer_inputs is not None and layers[-1].intermediate_size == 192

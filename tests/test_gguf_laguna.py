@@ -93,7 +93,7 @@ def test_laguna_gguf_matches_the_model_it_was_written_from(tmp_path, settings, q
     assert ours.model_type == "laguna" and arch.moe.routed_scale == pytest.approx(2.5)
     assert arch.attn_gate_per_head is (settings is _XS) and arch.moe.router_softcap is None
     if settings is _XS:
-        assert [(s.window, s.rope.rotary_dim, s.rope.theta, s.mlp, s.stored_heads) for s in arch.layers] == [
+        assert [(s.window, s.rope.rotary_dim, s.rope.theta, s.mlp, s.heads.query_heads) for s in arch.layers] == [
             (None, 16, 10000.0, "dense", None), (4, 32, 500.0, "moe", 2), (4, 32, 500.0, "moe", 2),
             (4, 32, 500.0, "moe", 2)]
     else:

@@ -66,7 +66,7 @@ def test_reads_the_layers_the_gate_and_the_routing(checkpoints):
     config = float32_model(checkpoints["release"][0]).config
     arch, moe = config.arch, config.arch.moe
     assert config.num_heads == 4
-    assert [(s.window, s.rope.rotary_dim, s.rope.theta, s.mlp, s.stored_heads) for s in arch.layers] == [
+    assert [(s.window, s.rope.rotary_dim, s.rope.theta, s.mlp, s.heads.query_heads) for s in arch.layers] == [
         (None, 8, 1000.0, "dense", None), (5, 16, 100.0, "moe", 2), (None, 8, 1000.0, "moe", None),
         (5, 16, 100.0, "moe", 2)]
     assert (arch.attn_gate, arch.attn_gate_per_head, arch.qk_norm) == ("softplus", True, "head")
@@ -121,7 +121,7 @@ def test_config_defaults_are_transformers():
     raw["hidden_size"] = 4 * 128
     config, want = ModelConfig.from_dict(raw), transformers.LagunaConfig(**raw)
     moe = config.arch.moe
-    assert [(s.window, s.rope.theta, s.rope.rotary_dim, s.mlp, s.stored_heads) for s in config.arch.layers] == [
+    assert [(s.window, s.rope.theta, s.rope.rotary_dim, s.mlp, s.heads.query_heads) for s in config.arch.layers] == [
         (None, 500_000.0, 64, "dense" if kind == "dense" else "moe", None) for kind in want.mlp_layer_types]
     assert (moe.num_experts, moe.top_k, moe.expert_size, moe.shared_expert_size, moe.routed_scale) == (
         want.num_experts, want.num_experts_per_tok, want.moe_intermediate_size, want.shared_expert_intermediate_size,

@@ -88,7 +88,7 @@ def test_reads_the_layers(checkpoints):
     config = load(checkpoints["release"][0]).config
     arch = config.arch
     assert config.num_kv_heads == 2 and arch.value_head_dim == 16 and arch.value_scale == 0.707 and arch.sinks
-    assert [(spec.window, spec.stored_kv_heads, spec.sinks, spec.rope.theta, spec.rope.rotary_dim, spec.mlp)
+    assert [(spec.window, spec.heads.kv_heads, spec.sinks, spec.rope.theta, spec.rope.rotary_dim, spec.mlp)
             for spec in arch.layers] == [(None, 1, False, 5e6, 8, "dense"), (5, None, True, 1e4, 8, "moe"),
                                          (5, None, True, 1e4, 8, "moe"), (None, 1, False, 5e6, 8, "moe")]
     moe = arch.moe

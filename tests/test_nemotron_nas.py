@@ -134,7 +134,7 @@ def test_each_layer_is_read_as_its_entry_says(built):
     assert [(s.mixer, s.mlp) for s in layers] == [("attention", "dense"), ("none", "dense"), ("linear", "dense"),
                                                  ("attention", "none"), ("attention", "linear"),
                                                  ("attention", "dense")]
-    assert [s.stored_kv_heads for s in layers] == [3, None, None, 2, 1, None]
+    assert [s.heads.kv_heads for s in layers] == [3, None, None, 2, 1, None]
     assert [s.intermediate_size for s in layers] == [256, None, 256, None, None, None]
     assert config.arch.kv_layers == (0, None, None, 1, 2, 3)
     assert layers[0].rope.kind == "llama3" and layers[0].rope.original_max == 16

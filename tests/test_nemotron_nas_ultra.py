@@ -106,7 +106,7 @@ def test_each_layer_is_read_as_its_entry_says(built):
     assert all(layers[i].norms == () for i in IDENTITY)
     assert (config.num_kv_heads, config.head_dim, config.intermediate_size) == (2, 8, 3328)
     assert config.arch.kv_layers == (0, None, None, None, 1, 2, None, 3)
-    assert [s.stored_kv_heads for s in layers] == [None, None, None, None, 1, 1, None, 1]
+    assert [s.heads.kv_heads for s in layers] == [None, None, None, None, 1, 1, None, 1]
 
 
 def test_engine_batching_chunking_and_preemption_give_each_request_its_greedy_tokens(built):

@@ -67,7 +67,7 @@ def test_each_layer_is_read_as_its_lists_say(built):
     config = ModelConfig.from_file(built["tied"][0])
     assert (config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size) == (12, 3, 16, 256)
     assert config.tie_word_embeddings and config.arch.qk_norm == "head"
-    assert [s.stored_groups for s in config.arch.layers] == [1, 2, None, 1]
+    assert [s.heads.kv_heads for s in config.arch.layers] == [1, 2, None, 1]
     assert [s.intermediate_size for s in config.arch.layers] == [32, 64, 128, None]
 
 

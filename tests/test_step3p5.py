@@ -89,7 +89,7 @@ def test_reads_heads_ropes_clamps_and_routing(release):
     arch = ModelConfig.from_file(release[0] / "config.json")
     config = arch.arch
     assert arch.num_heads == 8 and arch.num_kv_heads == 2 and config.norm_offset == 1.0
-    assert [layer.stored_heads for layer in config.layers] == [4, None, 4, None]
+    assert [layer.heads.query_heads for layer in config.layers] == [4, None, 4, None]
     assert [layer.window for layer in config.layers] == [None, 5, None, 5]
     assert [(layer.rope.theta, layer.rope.rotary_dim, layer.rope.kind) for layer in config.layers] == [
         (1000.0, 8, "llama3"), (100.0, 16, "default")] * 2

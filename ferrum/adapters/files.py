@@ -37,7 +37,8 @@ import ml_dtypes  # also registers bfloat16 with numpy, so safetensors can read 
 import numpy as np
 
 from ferrum.arch.mlp import width
-from ferrum.arch.tensors import llama_names, pads_o_proj, prepare, query_heads_as_loaded, value_width
+from ferrum.arch.heads import layout as heads_layout
+from ferrum.arch.tensors import attention_as_loaded, llama_names, prepare
 from ferrum.checkpoint import NOT_TEXT, is_float
 from ferrum.errors import AdapterError
 
@@ -532,11 +533,11 @@ def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] 
 
 def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | None:
     """``(in, out)`` of a projection of the base model as its checkpoint stores it, and so as an adapter trained on
-    it does: q/k/v before the load fits their heads (:func:`ferrum.arch.tensors.fit_heads`: Gemma 4's narrower
-    heads, MiMo-V2-Flash's narrower values and fewer key/value heads on its full layers; Laguna's fewer query heads,
-    q and o; OpenELM's fewer key/value heads and their queries, q/k/v and o), which the B factor's rows are then
-    fitted like (:func:`_as_loaded`), o_proj's A rows likewise (:func:`_inputs_as_loaded`); or None where the layer
-    has no such matrix."""
+    it does: q/k/v/o as the layer stores its heads (:func:`ferrum.arch.heads.layout`: Gemma 4's narrower heads,
+    MiMo-V2-Flash's narrower values and fewer key/value heads on its full layers, Laguna's fewer query heads,
+    OpenELM's fewer key/value heads and their queries), which the B factor's rows are then fitted like
+    (:func:`_as_loaded`), o_proj's A rows likewise (:func:`_inputs_as_loaded`); or None where the layer has no such
+    matrix."""
     span = projection_span(config, layer, proj)
     if span is None:
         return None
@@ -545,13 +546,10 @@ def projection_shape(config: Any, layer: int, proj: str) -> tuple[int, int] | No
     mla = _latent(config, layer)
     if mla is not None and PROJECTIONS[proj] == "self_attn":
         return mla.adaptable(config.hidden_size)[proj][:2]
-    spec = config.arch.layers[layer]
-    d, groups = spec.stored_head_dim or config.head_dim, spec.stored_groups or config.num_kv_heads
-    heads = (spec.stored_heads or config.num_heads) * groups // config.num_kv_heads  # OpenELM's fewer groups' queries
-    kv_heads = spec.stored_kv_heads or groups
-    q, k, v = heads * d, kv_heads * d, kv_heads * (config.arch.value_head_dim or d)
+    shape = heads_layout(config, config.arch.layers[layer])
+    q, k, v = (shape.rows(kind) for kind in ("q", "k", "v"))
     stored = {"q_proj": q, "k_proj": k, "v_proj": v, "qkv_proj": q + k + v}
-    n_in = {"o_proj": heads * value_width(config, layer), "down_proj": width(config, layer)}
+    n_in = {"o_proj": shape.rows("o"), "down_proj": width(config, layer)}
     return n_in.get(proj, config.hidden_size), stored.get(proj, span[2] - span[1])
 
 
@@ -583,7 +581,10 @@ def _padded_inputs(config: Any, layer: int, proj: str) -> bool:
     """Whether the load pads ``proj``'s inputs (o_proj's, after heads narrower than head_dim, or latent attention's
     heads padded to the KV pool's), which the adapter's factors are not fitted for."""
     mla = _latent(config, layer)
-    return proj == "o_proj" and (pads_o_proj(config, layer) if mla is None else mla.width_heads != mla.heads)
+    if mla is not None:
+        return proj == "o_proj" and mla.width_heads != mla.heads
+    shape = heads_layout(config, config.arch.layers[layer])
+    return proj == "o_proj" and not shape.paired and shape.value_dim != shape.head_dim
 
 
 def _unadaptable(config: Any, layer: int, proj: str) -> str | None:
@@ -661,14 +662,14 @@ def _checked(where: str, config: Any, layer: int, proj: str, a: np.ndarray, b: n
 
 def _inputs_as_loaded(config: Any, layer: int, proj: str, a: np.ndarray) -> np.ndarray:
     """``a [in, r]``'s input rows moved and padded as the load moves the projection's weight columns: o_proj's
-    query heads (:func:`ferrum.arch.tensors.query_heads_as_loaded`: zero heads after each key/value head's queries
-    in a layer of fewer query heads, Laguna's and Step 3.5's; PLaMo's regrouped where its key/value heads are
-    tiled)."""
+    heads (:func:`ferrum.arch.tensors.attention_as_loaded`: zero heads after each key/value head's queries in a layer
+    of fewer query heads, Laguna's and Step 3.5's; OpenELM's zero groups; PLaMo's regrouped where its key/value heads
+    are tiled)."""
     if proj != "o_proj":
         return a
     name = f"{config.arch.prefix}layers.{layer}.self_attn.o_proj.weight"
-    return np.ascontiguousarray(query_heads_as_loaded(config, config.arch.layers[layer], name, a.T).T,
-                                dtype=np.float32)
+    (fitted,) = attention_as_loaded(config, config.arch.layers[layer], name, a.T)
+    return np.ascontiguousarray(fitted[1].T, dtype=np.float32)
 
 
 def _as_loaded(config: Any, layer: int, proj: str, b: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ferrum.arch.heads import StoredHeads
 from ferrum.arch.rope import Rope
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.recurrent import MIXERS
@@ -34,30 +35,12 @@ class LayerSpec:
     #: Llama 4's attention temperature on this layer's queries, ``(beta, floor, shift)``: each query multiplied by
     #: ``1 + beta * log(1 + floor((position + shift) / floor))``; None: the architecture's ``query_scaling``.
     query_scaling: tuple[float, int, int] | None = None
-    #: The checkpoint's head_dim for this layer where it is below the model's (Gemma 4's sliding layers: 256 beside
-    #: the full layers' 512): each q/k/v head is padded with zero dims at load, so the layer runs in the uniform KV
-    #: pool exactly (scores and outputs gain only zeros); its q/k/v norms then run with ``eps * stored / head_dim``
-    #: and weights times ``sqrt(stored / head_dim)``, which is the stored head's RMSNorm exactly. None: the model's.
-    stored_head_dim: int | None = None
-    #: The checkpoint's key/value heads for this layer where fewer than the model's (Gemma 4's full layers): each is
-    #: repeated at load, so every query reads its own key/value head as before. None: the model's.
-    stored_kv_heads: int | None = None
-    #: The checkpoint's query heads for this layer where fewer than the model's (Laguna's
-    #: num_attention_heads_per_layer): each key/value head's queries are padded with zero heads at load (q_proj's
-    #: rows, the output gate's, o_proj's columns), which attend but add nothing through o_proj's zero columns, so the
-    #: layer runs with the model's heads exactly. None: the model's.
-    stored_heads: int | None = None
-    #: The checkpoint's key/value heads for this layer where fewer than the model's, each with the model's queries per
-    #: key/value head (OpenELM's num_kv_heads and num_query_heads per layer): its q/k/v heads are the model's first,
-    #: padded at load with zero heads at their end (o_proj's columns with zeros too), which attend a zero key and
-    #: value and add nothing, so the layer runs with the model's heads exactly. None: the model's.
-    stored_groups: int | None = None
+    #: What the layer's checkpoint stores of its attention heads where it is not the model's (fewer query or
+    #: key/value heads, narrower heads, values that are the keys), made the model's at load (:mod:`ferrum.arch.heads`).
+    heads: StoredHeads = StoredHeads()
     #: The layer's latent attention sizes where they are not the architecture's (``Architecture.mla``): Dots 3's
     #: sliding layers, whose heads are padded to the KV pool's at load (:mod:`ferrum.arch.mla`). None: those.
     mla: Any = None
-    #: The layer stores no v_proj; its values are its key projection (Gemma 4's ``attention_k_eq_v``), taken before
-    #: the k norm and rope, with the value norm of their own.
-    values_are_keys: bool = False
     #: What mixes the layer's tokens: "attention" over the paged KV cache, or a recurrent mixer carrying a state per
     #: sequence (:data:`ferrum.recurrent.MIXERS`: "gated_delta", Qwen3-Next's and Qwen3.5's linear attention;
     #: "mamba", Mamba's, Falcon Mamba's and Jamba's Mamba-1 layers; "mamba2", Granite 4.0-H's and Nemotron-H's
@@ -226,7 +209,7 @@ class Architecture:
     #: o_proj (``self_attn.attn_sub_norm``) and on the gated MLP's hidden layer before down_proj (``mlp.ffn_sub_norm``).
     sub_norms: bool = False
     #: DiffLlama's differential attention (:mod:`ferrum.arch.differential`): heads of twice the stored dims
-    #: (``LayerSpec.stored_head_dim``), each value head paired with another, outputs combined before o_proj.
+    #: (``StoredHeads.head_dim``), each value head paired with another, outputs combined before o_proj.
     differential: bool = False
     #: Gemma 4: the values are RMS-normed too, per head and without a weight (``v_norm``).
     v_norm: bool = False

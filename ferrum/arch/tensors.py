@@ -29,9 +29,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ferrum.arch.differential import LAMBDAS, paired_values
+from ferrum.arch.differential import LAMBDAS
 from ferrum.arch import linear_blocks
 from ferrum.arch.dsa import INDEXER
+from ferrum.arch.heads import HeadLayout, layout as heads_layout
 from ferrum.arch import gains, kv_quant, loop_gate
 from ferrum.arch.mlp import MLP_KINDS
 from ferrum.arch.moa import MODULE as MOA_MODULE
@@ -140,7 +141,7 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             own = {**block_norms, **linear_blocks.tensors(linear_blocks.ATTENTION, h)}
         elif layer.mixer == "conv_attention":  # attention's, and its keys' and values' convolution taps
             own = {**block_norms, **_stored_attention(config, layer, attention, norms),
-                   **arch.kv_conv.tensors(layer.stored_kv_heads or config.num_kv_heads)}
+                   **arch.kv_conv.tensors(heads_layout(config, layer).kv_heads)}
         elif layer.mixer != "attention":  # a recurrent mixer's tensors, or none (an MLP-only block)
             mixer = mixer_spec(arch, layer.mixer)
             own = {**block_norms, **(mixer.tensors(h) if mixer is not None else {})}
@@ -172,42 +173,28 @@ def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
 def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, ...]],
                       norms: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """A layer's attention tensors as stored: the model's, or (Gemma 4) its own head_dim, key/value heads, no
-    v_proj where the values are the keys, and no key/value tensors where it reads another layer's."""
+    """A layer's attention tensors as stored: the model's, sized by the heads it stores (:mod:`ferrum.arch.heads`:
+    fewer or narrower heads, no v_proj where the values are the keys), and no key/value tensors where it reads
+    another layer's."""
     own = {**attention, **norms}
     if not layer.sinks:
         own.pop("self_attn.sinks", None)
-    if layer.stored_head_dim is not None or layer.stored_kv_heads is not None or layer.values_are_keys:
-        h, d = config.hidden_size, layer.stored_head_dim or config.head_dim
-        vd, kv_heads = config.arch.value_head_dim or d, layer.stored_kv_heads or config.num_kv_heads
-        own.update({"self_attn.q_proj.weight": (config.num_heads * d, h), "self_attn.k_proj.weight": (kv_heads * d, h),
-                    "self_attn.v_proj.weight": (kv_heads * vd, h),
-                    "self_attn.o_proj.weight": (h, config.num_heads * vd)})
-        for proj, rows in (("q_proj", config.num_heads * d), ("k_proj", kv_heads * d), ("v_proj", kv_heads * vd)):
-            if f"self_attn.{proj}.bias" in own:  # DiffLlama's attention_bias
-                own[f"self_attn.{proj}.bias"] = (rows,)
-        if "self_attn.qkv_proj.weight" in own:  # fused (Baichuan-M1's W_pack): its rows the layer's own
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                del own[f"self_attn.{proj}.weight"]
-            rows = config.num_heads * d + kv_heads * (d + vd)
-            own.update({name: (rows, *own[name][1:]) for name in ("self_attn.qkv_proj.weight",
-                                                                   "self_attn.qkv_proj.bias") if name in own})
-        for name in norms:  # "head" norms: one weight of the head's dims
-            own[name] = (d,)
-        if layer.values_are_keys:
-            own.pop("self_attn.v_proj.weight", None)
+    heads = heads_layout(config, layer)
+    if not heads.identity:
+        axes = {**_HEAD_AXES, **({"self_attn.gate_proj.weight": (0, "heads")} if config.arch.attn_gate_per_head
+                                 else {})}  # one row per head as stored
+        own.update({name: tuple(heads.rows(kind) if i == axis else n for i, n in enumerate(own[name]))
+                    for name, (axis, kind) in axes.items() if name in own})
+        fused = heads.rows("q") + heads.rows("k") + heads.rows("v")  # Baichuan-M1's W_pack, OpenELM's qkv_proj
+        own.update({name: (fused, *own[name][1:]) for name in ("self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias")
+                    if name in own})
+        own.update({name: _stored_norm(config, heads, name) for name in norms})
+    if layer.heads.values_are_keys:
+        own.pop("self_attn.v_proj.weight", None)
     if layer.mla is not None:  # its own latent sizes (Dots 3's sliding layers)
         own.update(layer.mla.tensors(config.hidden_size))
         if "self_attn.gate_proj.weight" in own:  # one row per head (attn_gate_per_head)
             own["self_attn.gate_proj.weight"] = (layer.mla.heads, config.hidden_size)
-    if layer.stored_heads is not None:  # fewer query heads: every tensor sized by them
-        own.update({name: tuple(n * layer.stored_heads // config.num_heads if i == axis else n
-                                for i, n in enumerate(own[name]))
-                    for name, axis in _QUERY_HEAD_AXES.items() if name in own})
-    if layer.stored_groups is not None:  # fewer key/value heads and their queries: every tensor sized by them
-        own.update({name: tuple(n * layer.stored_groups // config.num_kv_heads if i == axis else n
-                                for i, n in enumerate(own[name]))
-                    for name, axis in _GROUP_AXES.items() if name in own})
     if layer.kv_source is not None:  # its own key norm stays where its query norm folds it in (ferrum.arch.cla)
         if "self_attn.qkv_proj.weight" in own:  # fused q/k/v elsewhere: its queries alone (AFM's KV-reuse layers)
             own = {name.replace("qkv_proj", "q_proj"): (config.num_heads * config.head_dim, *shape[1:])
@@ -219,163 +206,101 @@ def _stored_attention(config: Any, layer: Any, attention: dict[str, tuple[int, .
     return own
 
 
-#: The attention tensors sized by the query heads, and the axis that is (LayerSpec.stored_heads).
-_QUERY_HEAD_AXES = {"self_attn.q_proj.weight": 0, "self_attn.q_proj.bias": 0, "self_attn.gate_proj.weight": 0,
-                    "self_attn.o_proj.weight": 1, "self_attn.sinks": 0}
+#: The attention tensors whose heads the load fits (relative to the layer): the axis that runs over the heads, and
+#: which of :meth:`ferrum.arch.heads.HeadLayout.rows` it is (a per-head output gate is repeated per head dim first).
+_HEAD_AXES = {"self_attn.q_proj.weight": (0, "q"), "self_attn.q_proj.bias": (0, "q"),
+              "self_attn.gate_proj.weight": (0, "q"), "self_attn.k_proj.weight": (0, "k"),
+              "self_attn.k_proj.bias": (0, "k"), "self_attn.v_proj.weight": (0, "v"), "self_attn.v_proj.bias": (0, "v"),
+              "self_attn.o_proj.weight": (1, "o"), "self_attn.sinks": (0, "heads")}
 
 
-def fit_query_heads(config: Any, layer: Any, name: str, tensor: Any, inputs: bool = True) -> Any:
-    """A layer's stored tensor sized by its fewer query heads (``LayerSpec.stored_heads``) made the model's: each key
-    /value head's queries padded with zero heads after its own (q_proj's rows and bias, the output gate's rows, o_proj's
-    columns unless not ``inputs``, the sinks). A packed o_proj is padded in whole groups where its heads fill them,
-    else refused."""
-    axis = next((a for n, a in _QUERY_HEAD_AXES.items() if name.endswith(f".{n}")), None)
-    if axis is None or axis == 1 and not inputs:
-        return tensor
-    if isinstance(tensor, QuantizedWeight):
-        check_padded_groups(config, name, tensor.bits, tensor.group_size)
-    return _each_array(tensor, lambda a: _padded_heads(a, axis, config.num_kv_heads, layer.stored_heads,
-                                                       config.num_heads))
+def _stored_norm(config: Any, shape: HeadLayout, name: str) -> tuple[int, ...]:
+    """A q/k norm's stored shape: one head's dims ("head"), the stored heads' ("each_head"), or the projection's."""
+    keys = name.startswith(f"self_attn.{config.arch.qk_norm_names[1]}.")
+    if config.arch.qk_norm == "head":
+        return (shape.dim,)
+    if config.arch.qk_norm == "each_head":
+        return (shape.kv_heads if keys else shape.query_heads, shape.dim)
+    return (shape.rows("k" if keys else "q"),)
 
 
-def regrouped_query_heads(config: Any, name: str, tensor: Any, inputs: bool = True) -> Any:
-    """A stored tensor of a model whose key/value heads are tiled over its queries (``Architecture.tiled_kv_heads``:
-    query head ``r * kv + j`` reads key/value head ``j``) with its query heads moved to ``j * group + r``, where
-    Ferrum's grouped attention reads head ``j`` from: q_proj's rows, o_proj's columns unless not ``inputs`` (a packed
-    o_proj's in whole groups, where each head fills them; else refused)."""
-    axis = {"self_attn.q_proj.weight": 0, "self_attn.o_proj.weight": 1}.get(".".join(name.rsplit(".", 3)[-3:]))
-    if axis is None or axis == 1 and not inputs:
-        return tensor
-    heads, kv = config.num_heads, config.num_kv_heads
-    if isinstance(tensor, QuantizedWeight) and axis == 1 and config.head_dim % tensor.group_size:
-        raise UnsupportedFeatureError(f"{name}: its query heads are regrouped at load (tiled key/value heads), which "
-                                      f"a packed matrix allows only in whole groups; group size {tensor.group_size} "
-                                      f"does not divide head_dim ({config.head_dim}); "
-                                      f"{_group_advice(tensor.bits, lambda n: config.head_dim % n == 0)}")
-    order = np.arange(heads).reshape(heads // kv, kv).T.reshape(-1)
-    return _each_array(tensor, lambda a: np.take(a.reshape(a.shape[:axis] + (heads, -1) + a.shape[axis + 1:]), order,
-                                                 axis=axis).reshape(a.shape))
+def attention_as_loaded(config: Any, layer: Any, name: str, tensor: Any, inputs: bool = True) -> list[tuple[str, Any]]:
+    """Layer ``layer``'s stored attention tensor ``name`` as the model reads it, by the one map of
+    :meth:`ferrum.arch.heads.HeadLayout.order`: rows (q/k/v/gate weights and biases, the sinks) and o_proj's columns
+    unless not ``inputs`` (a LoRA B factor's are its rank) taken from where the stored heads hold them, zeros where
+    they hold none; q/k norm weights padded and scaled to the stored head's RMSNorm; a v_proj made of k_proj where the
+    values are the keys. Other tensors pass as they are.
 
-
-#: The attention tensors sized by the key/value heads and their queries, and the axis that is
-#: (LayerSpec.stored_groups).
-_GROUP_AXES = {f"self_attn.{proj}.{part}": 0 for proj in ("q_proj", "k_proj", "v_proj", "qkv_proj")
-               for part in ("weight", "bias")} | {"self_attn.o_proj.weight": 1}
-
-
-def fit_groups(config: Any, layer: Any, name: str, tensor: Any, inputs: bool = True) -> Any:
-    """A layer's stored tensor sized by its fewer key/value heads and their queries (``LayerSpec.stored_groups``)
-    made the model's: zero heads after its own (q/k/v rows, o_proj's columns unless not ``inputs``). A packed o_proj is
-    padded in whole zero groups where its columns fill them, else refused."""
-    axis = next((a for n, a in _GROUP_AXES.items() if name.endswith(f".{n}")), None)
-    if axis is None or axis == 1 and not inputs:
-        return tensor
-    if isinstance(tensor, QuantizedWeight) and axis == 1:
-        columns = config.num_heads * config.head_dim * layer.stored_groups // config.num_kv_heads
-        if columns % tensor.group_size:
-            raise UnsupportedFeatureError(
-                f"{name}: this layer's {columns} inputs are padded with zero heads at load, which a packed matrix "
-                f"allows in whole groups only, and group size {tensor.group_size} does not divide them; "
-                f"{_group_advice(tensor.bits, lambda n: columns % n == 0)}")
-
-    def padded(a: np.ndarray) -> np.ndarray:
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (0, a.shape[axis] * config.num_kv_heads // layer.stored_groups - a.shape[axis])
-        return np.pad(a, pad)
-
-    return _each_array(tensor, padded)
-
-
-def query_heads_as_loaded(config: Any, layer: Any, name: str, tensor: Any, inputs: bool = True) -> Any:
-    """A layer's stored tensor with its query heads where the model reads them: fewer stored heads padded
-    (:func:`fit_query_heads`), tiled key/value heads' queries regrouped (:func:`regrouped_query_heads`), a layer's
-    fewer key/value groups padded (:func:`fit_groups`); o_proj's columns unless not ``inputs``. What a LoRA A factor
-    of o_proj, whose rows are those columns, takes too."""
-    if layer.stored_heads is not None:
-        tensor = fit_query_heads(config, layer, name, tensor, inputs)
-    if config.arch.tiled_kv_heads:
-        tensor = regrouped_query_heads(config, name, tensor, inputs)
-    if layer.stored_groups is not None:
-        tensor = fit_groups(config, layer, name, tensor, inputs)
-    return tensor
-
-
-def fit_heads(config: Any, layer: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
-    """A Gemma 4 layer's stored attention tensor made the model's uniform heads (see ``LayerSpec.stored_head_dim``
-    and ``stored_kv_heads``; MiMo-V2-Flash's narrower values, ``Architecture.value_head_dim``, and fewer key/value
-    heads on its full layers): q/k/v heads padded with zero dims at their end (o_proj's columns likewise), q/k norm
-    weights padded and scaled, key/value heads repeated, and a v_proj made of k_proj where the values are the keys.
-
-    A packed matrix is padded as it is stored, never dequantized: a zero output row is a row of zero codes, scales
-    and biases (its groups run along the inputs, so rows are independent), and o_proj's zero inputs are whole zero
-    groups (:func:`check_padded_groups`)."""
-    d, hd = layer.stored_head_dim or config.head_dim, config.head_dim
-    kv = layer.stored_kv_heads or config.num_kv_heads
-    if not any(f".self_attn.{m}." in name for m in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")):
+    A packed matrix is moved as it is stored, never dequantized: a zero output row is a row of zero codes, scales and
+    biases (its groups run along the inputs, so rows are independent); o_proj's inputs move in whole groups, else
+    the tensor is refused by name (:func:`check_padded_groups`)."""
+    if ".self_attn." not in name:
         return [(name, tensor)]
-    if config.arch.differential and ".self_attn.o_proj." in name:  # it reads the heads combined (stored width)
-        return [(name, tensor)]
-    if config.arch.differential and ".self_attn.v_proj." in name:
-        return [(name, _each_array(tensor, lambda a: paired_values(a, config.num_kv_heads)))]
-    if any(f".self_attn.{m}." in name for m in ("v_proj", "o_proj")):  # the values' heads (Architecture.value_head_dim)
-        d = config.arch.value_head_dim or d
-    if name.endswith("norm.weight"):
-        out = np.zeros(hd, dtype=np.float32)
-        out[:d] = np.asarray(tensor, dtype=np.float32) * np.float32(math.sqrt(d / hd))
-        return [(name, out)]
-    if ".self_attn.o_proj." in name:
-        if d == hd:
-            return [(name, tensor)]
-        if isinstance(tensor, QuantizedWeight):
-            check_padded_groups(config, name, tensor.bits, tensor.group_size)
-        return [(name, _each_array(tensor, lambda a: _padded_heads(a, 1, config.num_heads, d, hd)))]
-    heads, repeat = (config.num_heads, 1) if ".self_attn.q_proj." in name else (kv, config.num_kv_heads // kv)
-    if d != hd or repeat != 1:
-        tensor = _each_array(tensor, lambda a: _padded_heads(a, 0, heads, d, hd, repeat))
-    if layer.values_are_keys and ".self_attn.k_proj." in name:
+    shape, rel = heads_layout(config, layer), name.split(".self_attn.", 1)[1]
+    tensor = _heads_fitted(config, shape, name, f"self_attn.{rel}", tensor, inputs)
+    if shape.values_are_keys and rel.startswith("k_proj."):
         return [(name, tensor), (name.replace(".k_proj.", ".v_proj."), tensor)]
     return [(name, tensor)]
 
 
-def value_width(config: Any, layer: int) -> int:
-    """The width of ``layer``'s value heads as stored: what its o_proj reads per head before the load pads it to
-    head_dim (MiMo-V2-Flash's narrower values, Gemma 4's narrower sliding heads)."""
-    return config.arch.value_head_dim or config.arch.layers[layer].stored_head_dim or config.head_dim
-
-
-def pads_o_proj(config: Any, layer: int) -> bool:
-    """Whether the load pads ``layer``'s o_proj inputs to head_dim: its value heads are narrower
-    (:func:`value_width`), except DiffLlama's, whose o_proj reads the heads combined, at their stored width."""
-    return not config.arch.differential and value_width(config, layer) != config.head_dim
+def _heads_fitted(config: Any, shape: HeadLayout, name: str, rel: str, tensor: Any, inputs: bool) -> Any:
+    """:func:`attention_as_loaded`'s tensor (``rel``: its name relative to the layer), its heads as loaded."""
+    if shape.identity:
+        return tensor
+    q_norm, k_norm = config.arch.qk_norm_names
+    if rel in (f"self_attn.{q_norm}.weight", f"self_attn.{k_norm}.weight"):
+        kind = "head" if config.arch.qk_norm == "head" else "k" if rel.startswith(f"self_attn.{k_norm}.") else "q"
+        order = shape.order(kind)
+        if order is None:
+            return tensor
+        out = _take_rows(np.asarray(tensor, dtype=np.float32).reshape(-1), order)
+        return (out * np.float32(math.sqrt(shape.dim / shape.head_dim))).reshape(
+            (-1, shape.head_dim) if np.ndim(tensor) == 2 else (-1,))
+    axis, kind = _HEAD_AXES.get(rel, (None, None))
+    order = None if axis is None or axis == 1 and not inputs else shape.order(kind)
+    if order is None:
+        return tensor
+    if axis == 0:
+        return _take_rows(tensor, order)
+    if isinstance(tensor, QuantizedWeight):
+        check_padded_groups(config, name, tensor.bits, tensor.group_size)
+        blocks = _whole_groups(order, tensor.group_size, tensor.bits)
+        return _each_array(tensor, lambda a: _take_rows(a.reshape(a.shape[0], len(tensor.scales[0]), -1).swapaxes(
+            0, 1), blocks).swapaxes(0, 1).reshape(a.shape[0], -1))
+    return np.ascontiguousarray(_take_rows(np.asarray(tensor).T, order).T)
 
 
 def check_padded_groups(config: Any, name: str, bits: int, group_size: int) -> None:
-    """Refuse model tensor ``name`` packed at ``bits`` / ``group_size`` where the load would pad its inputs across
-    groups (a Gemma 4 o_proj of narrower heads, :func:`fit_heads`; a Laguna o_proj of fewer query heads,
-    :func:`fit_query_heads`): that needs new scales, i.e. requantizing. ``ferrum quantize`` asks before it writes, so
-    it never writes what Ferrum cannot load."""
+    """Refuse model tensor ``name`` packed at ``bits`` / ``group_size`` where the load would move its inputs across
+    groups (an o_proj whose heads the load pads or regroups, :func:`attention_as_loaded`): that needs new scales, i.e.
+    requantizing. ``ferrum quantize`` and the GGUF import ask before they write, so they never write what Ferrum
+    cannot load."""
     layer = _layer_of(name, config.arch.prefix)
-    if layer is None or ".self_attn.o_proj." not in name:
+    if layer is None or not name.endswith(".self_attn.o_proj.weight"):
         return
-    stored_heads = config.arch.layers[layer].stored_heads
-    if stored_heads is not None:  # each key/value head's queries, then zero heads: whole groups of both
-        per_kv, padded = (heads // config.num_kv_heads * config.head_dim for heads in (stored_heads, config.num_heads))
-        if per_kv % group_size or padded % group_size:
-            raise UnsupportedFeatureError(
-                f"{name}: this layer's {stored_heads} query heads are padded to {config.num_heads} at load, which a "
-                f"packed matrix allows only where each key/value head's queries ({per_kv} inputs) and their padded "
-                f"width ({padded}) fill whole groups; group size {group_size} does not divide them; "
-                f"{_group_advice(bits, lambda n: per_kv % n == 0 and padded % n == 0)}")
-    d, hd = value_width(config, layer), config.head_dim
+    shape = heads_layout(config, config.arch.layers[layer])
+    order = None if shape.identity else shape.order("o")
+    if order is None or _whole_groups(order, group_size, bits) is not None:
+        return
+    padding = shape.padding()
+    cut = [p for p in padding if any(width % group_size for width in p[2])] or padding
+    raise UnsupportedFeatureError(
+        f"{name}: {'; '.join(what for what, _, _ in cut)}, which a packed matrix allows only in whole groups of "
+        f"whole 32-bit words; group size {group_size} does not divide {' and '.join(w for _, w, _ in cut)}; "
+        f"{_group_advice(bits, lambda n: _whole_groups(order, n, bits) is not None)}")
 
-    def cuts(size: int) -> bool:
-        return all(n % size == 0 and n * bits % 32 == 0 for n in (d, hd))
 
-    if pads_o_proj(config, layer) and not cuts(group_size):
-        raise UnsupportedFeatureError(
-            f"{name}: this layer's heads of {d} inputs are padded with zeros to {hd} at load, which a packed "
-            f"matrix allows in whole groups of whole 32-bit words only, and group size {group_size} at {bits} bits "
-            f"does not cut {d} and {hd} so; {_group_advice(bits, cuts)}")
+def _whole_groups(order: np.ndarray, group_size: int, bits: int) -> np.ndarray | None:
+    """``order`` (a loaded column's stored column, -1 for a zero) as whole groups of ``group_size`` columns: each
+    loaded group's stored group, -1 for a zero one; None where some group is neither, or a group is not whole 32-bit
+    words of codes."""
+    if group_size * bits % 32 or len(order) % group_size:
+        return None
+    blocks = order.reshape(-1, group_size)
+    first = blocks[:, 0]
+    zero = np.all(blocks == -1, axis=1)
+    whole = (first % group_size == 0) & np.all(blocks == first[:, None] + np.arange(group_size), axis=1)
+    return np.where(zero, -1, first // group_size) if np.all(zero | whole) else None
 
 
 def _group_advice(bits: int, cuts: Callable[[int], bool]) -> str:
@@ -384,17 +309,6 @@ def _group_advice(bits: int, cuts: Callable[[int], bool]) -> str:
     if fitting:
         return f"quantize with group size {' or '.join(fitting)}, or load the float checkpoint"
     return f"no group size of {', '.join(map(str, MLX_GROUP_SIZES))} does at {bits} bits: load the float checkpoint"
-
-
-def _padded_heads(a: np.ndarray, axis: int, heads: int, d: int, hd: int, repeat: int = 1) -> np.ndarray:
-    """``a``'s ``axis`` cut into ``heads`` equal blocks, each (a head's ``d`` dims, or its codes' words or groups in
-    proportion) padded with zeros to ``hd / d`` of its size, then each block repeated ``repeat`` times."""
-    blocks = a.reshape(a.shape[:axis] + (heads, -1) + a.shape[axis + 1:])
-    width = blocks.shape[axis + 1]
-    pad = [(0, 0)] * blocks.ndim
-    pad[axis + 1] = (0, width * hd // d - width)
-    out = np.repeat(np.pad(blocks, pad), repeat, axis=axis)
-    return out.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 1:])
 
 
 def _each_array(tensor: Any, change: Callable[[np.ndarray], np.ndarray]) -> Any:
@@ -527,18 +441,16 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         parts = arch.shared_block.split(name, tensor, _take_rows)
     elif (mixer := _mixer_of(arch, arch.layers[layer], name)) is not None:  # its qkv_proj its own (lightning's)
         parts = mixer.split(name, tensor, _take_rows)
-    elif ".self_attn.qkv_proj." in name:  # a layer's own heads where it stores fewer (stored_groups, stored_kv_heads)
-        spec = arch.layers[layer]
-        kv_heads = spec.stored_groups or config.num_kv_heads  # the layer's own groups of queries (OpenELM's)
-        heads = config.num_heads * kv_heads // config.num_kv_heads
-        q, kv = heads * config.head_dim, (spec.stored_kv_heads or kv_heads) * config.head_dim
+    elif ".self_attn.qkv_proj." in name:  # the layer's own heads where it stores fewer (ferrum.arch.heads)
+        shape = heads_layout(config, arch.layers[layer])
+        q, kv, v = (shape.rows(kind) for kind in ("q", "k", "v"))
         if arch.qkv_grouped:  # [kv head][its queries, key, value][dim] -> [queries; keys; values]
-            tensor = _take_rows(tensor, grouped_qkv_order(heads, kv_heads, config.head_dim))
+            tensor = _take_rows(tensor, grouped_qkv_order(shape.query_heads, shape.kv_heads, shape.dim))
         elif arch.qkv_shards:  # [shard][its queries, values, keys] -> [queries; keys; values]
             tensor = _take_rows(tensor, sharded_qkv_order(arch.qkv_shards, q))
         parts = [(name.replace("qkv_proj", "q_proj"), rows(tensor, 0, q)),
                  (name.replace("qkv_proj", "k_proj"), rows(tensor, q, q + kv)),
-                 (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + 2 * kv))]
+                 (name.replace("qkv_proj", "v_proj"), rows(tensor, q + kv, q + kv + v))]
     elif arch.attn_output_gate and not arch.attn_gate_stored and ".self_attn.q_proj." in name:
         # per head: its query, then its gate
         heads, d = config.num_heads, config.head_dim
@@ -552,10 +464,7 @@ def prepare(config: Any, name: str, tensor: Any, inputs: bool = True) -> list[tu
         if arch.attn_gate_per_head and "attention" in spec.mixers:  # one row per head -> one per head dim
             parts = [(n, _each_array(t, lambda a: np.repeat(a, config.head_dim, axis=0)) if ".self_attn.gate_proj."
                       in n else t) for n, t in parts]
-        parts = [(n, query_heads_as_loaded(config, spec, n, t, inputs)) for n, t in parts]
-        if (spec.stored_head_dim is not None or spec.stored_kv_heads is not None or spec.values_are_keys
-                or arch.value_head_dim is not None):
-            parts = [fitted for n, t in parts for fitted in fit_heads(config, spec, n, t)]
+        parts = [loaded for n, t in parts for loaded in attention_as_loaded(config, spec, n, t, inputs)]
     return [(n, _transform(config, layer, n, t)) for n, t in parts]
 
 
@@ -572,7 +481,7 @@ def _padded_head(config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
     """A pruned LM head (``Architecture.head_rows``) padded to the vocabulary with zero rows, and its bias: 0 on the
     stored rows, -inf on the others (their logits), so every pass's logits keep the vocabulary's width. A packed head
     is padded as it is stored, exactly: a zero row is a row of zero codes, scales and biases (its groups run along
-    the inputs, so rows are independent), as :func:`fit_heads` pads packed output rows."""
+    the inputs, so rows are independent), as :func:`attention_as_loaded` pads packed output rows."""
     stored, vocab = config.arch.head_rows, config.vocab_size
     head = _each_array(tensor, lambda a: np.pad(a, [(0, vocab - stored)] + [(0, 0)] * (a.ndim - 1)))
     bias = np.full(vocab, -np.inf, dtype=np.float32)
@@ -844,7 +753,7 @@ def _member_parts(config: Any, name: str) -> list[str]:
     if "." not in name[len(stem):]:  # a layer's own number (Gemma 4's layer_scalar)
         return [name]
     module, suffix = name[len(stem):].rsplit(".", 1)
-    if module == "self_attn.k_proj" and config.arch.layers[layer].values_are_keys:  # its v_proj made of k_proj
+    if module == "self_attn.k_proj" and config.arch.layers[layer].heads.values_are_keys:  # its v_proj made of k_proj
         return [name, f"{stem}self_attn.v_proj.{suffix}"]
     return [f"{stem}{m}.{suffix}" for m in FUSED.get(module, (module,))]
 

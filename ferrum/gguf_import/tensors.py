@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ferrum.arch.tensors import (bias_of, check_padded_groups, grouped_qkv_order, model_name, stored_name,
-                                 value_width, weight_shapes)
+from ferrum.arch.heads import layout as heads_layout
+from ferrum.arch.tensors import bias_of, check_padded_groups, grouped_qkv_order, model_name, stored_name, weight_shapes
 from ferrum.checkpoint import write_safetensors_header
 from ferrum.config import ModelConfig
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
@@ -454,10 +454,10 @@ def check_padded_heads(plan: list[PlannedTensor], cfg: dict[str, Any], where: st
         try:
             check_padded_groups(config, name, p.form.bits, p.form.group_size)
         except UnsupportedFeatureError:
-            layer = int(re.search(r"layers\.(\d+)\.", name)[1])
+            width = heads_layout(config, config.arch.layers[int(re.search(r"layers\.(\d+)\.", name)[1])]).value_dim
             raise UnsupportedFeatureError(
                 f"{where}: tensor {p.sources[0].name} is stored as {p.sources[0].tensor_type.name}, whose blocks of "
-                f"{p.form.group_size} values do not end where this layer's heads of {value_width(config, layer)} "
+                f"{p.form.group_size} values do not end where this layer's heads of {width} "
                 f"inputs do; Ferrum pads them to {config.head_dim} at load, which packed needs whole blocks. Import "
                 "through float with convert_gguf(..., dequantize_to='float32')") from None
 

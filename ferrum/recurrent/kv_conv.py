@@ -7,7 +7,7 @@ recurrent mixer at once (mixer "conv_attention", :class:`ferrum.mixers.Convolved
 
 The release stores each layer's taps ``self_attn.conv_k`` / ``conv_v`` as ``[1, 1, kv_heads, 1, K]``; the family
 renames them ``kv_conv.k_conv1d.weight`` / ``kv_conv.v_conv1d.weight``, and the load spreads each head's taps over its
-dims (repeating the heads of a layer with fewer key/value heads than the model's, as ``LayerSpec.stored_kv_heads``
+dims (repeating the heads of a layer with fewer key/value heads than the model's, as ``StoredHeads.kv_heads``
 repeats its projections) into the ``[C, K]`` taps ``causal_conv1d`` reads.
 """
 

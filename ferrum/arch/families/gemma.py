@@ -18,6 +18,7 @@ from ferrum.arch.keys import (
 )
 from ferrum.arch.per_layer import PerLayerInputs
 from ferrum.arch.rope import Rope
+from ferrum.arch.heads import StoredHeads
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.spec import KEYS as MOE_KEYS, gemma4_moe
 from ferrum.recurrent.conv_kv_gated import ConvKvGatedSpec
@@ -152,12 +153,12 @@ def _gemma4_shapes(r: KeyReader) -> dict[str, tuple[int, int]]:
 
 def _gemma4_head_dim(r: KeyReader) -> int:
     """The model's heads: the widest layer's (the full layers' global_head_dim in every release); the others are
-    padded to it at load (``LayerSpec.stored_head_dim``)."""
+    padded to it at load (``StoredHeads.head_dim``)."""
     return max(d for d, _ in _gemma4_shapes(r).values())
 
 
 def _gemma4_kv_heads(r: KeyReader, heads: int) -> int:
-    """The most key/value heads of any layer; fewer are repeated at load (``LayerSpec.stored_kv_heads``)."""
+    """The most key/value heads of any layer; fewer are repeated at load (``StoredHeads.kv_heads``)."""
     return max(k for _, k in _gemma4_shapes(r).values())
 
 
@@ -244,7 +245,7 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
     full layers with their own head_dim (global_head_dim), key/value heads (num_global_key_value_heads) and, with
     attention_k_eq_v, values that are their keys, rope "proportional" on them, and each layer's layer_scalar on the
     stream. Every layer runs in the one KV pool at the widest heads: narrower heads padded with zero dims, fewer
-    key/value heads repeated, at load (exact: see ``LayerSpec.stored_head_dim``). E2B / E4B add per-layer inputs
+    key/value heads repeated, at load (exact: see :mod:`ferrum.arch.heads`). E2B / E4B add per-layer inputs
     (hidden_size_per_layer_input, :mod:`ferrum.arch.per_layer`) and last layers that read an earlier layer's keys
     and values (num_kv_shared_layers: ``LayerSpec.kv_source``), twice as wide with use_double_wide_mlp; 26B-A4B
     runs experts beside every dense MLP (enable_moe_block: :func:`ferrum.moe.spec.gemma4_moe`). Gemma 4 unified
@@ -262,9 +263,9 @@ def _gemma4(r: KeyReader, sizes: Sizes) -> Architecture:
     def layer(kind: str, source: int | None) -> LayerSpec:
         dim, kv = shapes[kind]
         return LayerSpec(window if kind == SLIDING else None, full_rope if kind == FULL else sliding_rope,
-                         stored_head_dim=None if dim == sizes.head_dim else dim,
-                         stored_kv_heads=None if kv == sizes.num_kv_heads else kv,
-                         values_are_keys=k_eq_v and kind == FULL, kv_source=source,
+                         heads=StoredHeads(kv_heads=None if kv == sizes.num_kv_heads else kv,
+                                           head_dim=None if dim == sizes.head_dim else dim,
+                                           values_are_keys=k_eq_v and kind == FULL), kv_source=source,
                          intermediate_size=None if source is None else wide)
 
     arch = Architecture(

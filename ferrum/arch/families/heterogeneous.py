@@ -2,8 +2,8 @@
 mlx-lm runs): Nemotron NAS's searched blocks, OpenELM's layer-wise scaling.
 
 Every layer runs in the model's one KV pool, with the most key/value heads any layer has: a layer with fewer repeats
-its own at load (``LayerSpec.stored_kv_heads``, Nemotron NAS) or is padded with zero heads and their queries
-(``LayerSpec.stored_groups``, OpenELM), either exact; a layer without attention holds no pool layer.
+its own at load (``StoredHeads.kv_heads``, Nemotron NAS) or is padded with zero heads and their queries
+(``StoredHeads.fewer_kv`` "zero", OpenELM), either exact; a layer without attention holds no pool layer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ferrum.arch.families._shared import (
 )
 from ferrum.arch.keys import Key, KeyReader, boolean, falsy, one_of, optional_positive_number, positive_number, size
 from ferrum.arch.rope import Rope
+from ferrum.arch.heads import StoredHeads
 from ferrum.arch.spec import Architecture, LayerSpec
 
 # ------------------------------------------------------------------ Nemotron NAS
@@ -141,7 +142,7 @@ def _nas_layer(block: _NasBlock, sizes: Sizes, rope: Any) -> LayerSpec:
              else {"pre_attn": LLAMA_NORMS["pre_attn"]} if block.ffn == "none" else None)
     return LayerSpec(
         None, rope, mixer=block.attention, mlp=block.ffn,
-        stored_kv_heads=None if block.kv_heads in (None, sizes.num_kv_heads) else block.kv_heads,
+        heads=StoredHeads(kv_heads=None if block.kv_heads in (None, sizes.num_kv_heads) else block.kv_heads),
         intermediate_size=None if block.width in (None, sizes.intermediate_size) else block.width,
         norms=None if norms is None else tuple(norms.items()))
 
@@ -234,7 +235,8 @@ def _openelm(r: KeyReader, sizes: Sizes) -> Architecture:
                                   "layer (the widest layer's), as its releases have them", unsupported=True)
     rope = Rope(theta=float(r("rope_freq_constant")), head_dim=sizes.head_dim, rotary_dim=sizes.head_dim)
     return Architecture(
-        layers=tuple(LayerSpec(None, rope, stored_groups=None if kv == sizes.num_kv_heads else kv,
+        layers=tuple(LayerSpec(None, rope, heads=StoredHeads() if kv == sizes.num_kv_heads else StoredHeads(
+                                   query_heads=group * kv, kv_heads=kv, fewer_kv="zero"),
                                intermediate_size=None if width == sizes.intermediate_size else width)
                      for kv, width in zip(kv_heads, _openelm_widths(r))),
         norms={"pre_attn": "attn_norm", "pre_mlp": "ffn_norm"},

@@ -17,6 +17,7 @@ from ferrum.arch.keys import (
 )
 from ferrum.arch import gains, loop_gate
 from ferrum.arch.rope import Rope
+from ferrum.arch.heads import StoredHeads
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.recurrent.kv_conv import TAPS, KvConvSpec
 
@@ -695,7 +696,7 @@ def _diffllama(r: KeyReader, sizes: Sizes) -> Architecture:
     r("hidden_act")
     bias = r("attention_bias")
     return Architecture(
-        layers=tuple(LayerSpec(None, rope, stored_head_dim=stored) for _ in range(sizes.num_layers)),
+        layers=tuple(LayerSpec(None, rope, heads=StoredHeads(head_dim=stored)) for _ in range(sizes.num_layers)),
         norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(stored), qkv_bias=bias, o_bias=bias,
         mlp_bias=False, differential=True,
     )
@@ -805,7 +806,7 @@ def _baichuan_m1_layer_kv(r: KeyReader) -> tuple[int, int]:
 
 
 def _baichuan_m1_kv_heads(r: KeyReader, heads: int) -> int:
-    """The most key/value heads of any layer; fewer are repeated at load (``LayerSpec.stored_kv_heads``), so each
+    """The most key/value heads of any layer; fewer are repeated at load (``StoredHeads.kv_heads``), so each
     kind's must divide them and the query heads."""
     full, sliding = _baichuan_m1_layer_kv(r)
     kinds = _baichuan_m1_kinds(r, r("num_hidden_layers"))
@@ -836,7 +837,7 @@ def _baichuan_m1(r: KeyReader, sizes: Sizes) -> Architecture:
     def layer(slides: bool) -> LayerSpec:
         kv = sliding_kv if slides else full_kv
         return LayerSpec(window if slides else None, rope, mixer="conv_attention",
-                         stored_kv_heads=None if kv == sizes.num_kv_heads else kv)
+                         heads=StoredHeads(kv_heads=None if kv == sizes.num_kv_heads else kv))
 
     return Architecture(
         layers=tuple(layer(slides) for slides in kinds),

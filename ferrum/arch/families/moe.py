@@ -25,6 +25,7 @@ from ferrum.arch import msa
 from ferrum.arch.moa import MoaSpec
 from ferrum.arch.norms import OFFSETS_ADDED
 from ferrum.arch.rope import Rope
+from ferrum.arch.heads import StoredHeads
 from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.activation import ClampedSwiGLU
 from ferrum.moe.routing import CORRECTION_BIAS
@@ -359,7 +360,7 @@ def _mimo_v2_flash(r: KeyReader, sizes: Sizes) -> Architecture:
     """Xiaomi's MiMo-V2-Flash (transformers' MiMoV2Flash): Llama's norms; attention with q/k heads of head_dim and
     values of v_head_dim (padded at load: ``Architecture.value_head_dim``) times attention_value_scale, rope on
     partial_rotary_factor of each head with a base per attention kind; the sliding layers with twice the key/value
-    heads and sinks, the full layers' heads repeated at load (``LayerSpec.stored_kv_heads``) and without sinks; the
+    heads and sinks, the full layers' heads repeated at load (``StoredHeads.kv_heads``) and without sinks; the
     sparse MLPs (grouped sigmoid routing, no shared expert, dense layers as mlp_layer_types lists them) are
     :func:`ferrum.moe.spec.with_moe`'s. The release config's own keys (swa_*, hybrid_layer_pattern, rope_theta...),
     which transformers ignores, are refused where they ask for another model."""
@@ -389,8 +390,8 @@ def _mimo_v2_flash(r: KeyReader, sizes: Sizes) -> Architecture:
     r("hidden_act")
     scale = r("attention_value_scale")
     return Architecture(
-        layers=tuple(LayerSpec(window, sliding) if kind == SLIDING else LayerSpec(None, full, stored_kv_heads=kv,
-                                                                                 sinks=False) for kind in types),
+        layers=tuple(LayerSpec(window, sliding) if kind == SLIDING else
+                     LayerSpec(None, full, heads=StoredHeads(kv_heads=kv), sinks=False) for kind in types),
         norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), sinks=True,
         value_head_dim=None if v_dim == sizes.head_dim else v_dim, value_scale=1.0 if scale is None else float(scale),
         qkv_bias=r("attention_bias"), stored_names=MIMO_NAMES,
@@ -692,7 +693,7 @@ def _laguna(r: KeyReader, sizes: Sizes) -> Architecture:
     own rope (rope_parameters per kind, the full layers' over part of each head), every layer full unless layer_types
     says otherwise; each head's output times the softplus of its own gate (``g_proj``: one per head, or per head dim
     by gating "per-element"); a layer's query heads as num_attention_heads_per_layer lists them (fewer than the most
-    padded at load: ``LayerSpec.stored_heads``); the sparse MLPs (sigmoid routing with a correction bias, an ungated
+    padded at load: ``StoredHeads.query_heads``); the sparse MLPs (sigmoid routing with a correction bias, an ungated
     shared expert, a dense first layer) are :func:`ferrum.moe.spec.with_moe`'s."""
     window, types = _layer_kinds(r, sizes, lambda _: FULL)
     if not window and SLIDING in types:  # 0: no window (Laguna-M.1's, every layer full)
@@ -706,7 +707,8 @@ def _laguna(r: KeyReader, sizes: Sizes) -> Architecture:
     bias = r("attention_bias")
     return Architecture(
         layers=tuple(LayerSpec(window if kind == SLIDING else None, sliding if kind == SLIDING else full,
-                               stored_heads=None if n == sizes.num_heads else n) for kind, n in zip(types, heads)),
+                               heads=StoredHeads(query_heads=None if n == sizes.num_heads else n))
+                     for kind, n in zip(types, heads)),
         norms=LLAMA_NORMS, attn_scale=1.0 / math.sqrt(sizes.head_dim), qk_norm="head", qkv_bias=bias, o_bias=bias,
         attn_output_gate=True, attn_gate_stored=True, attn_gate="softplus",
         attn_gate_per_head=r("gating") in (True, "per-head"), stored_names=LAGUNA_NAMES,
@@ -832,7 +834,7 @@ def _step3p5(r: KeyReader, sizes: Sizes) -> Architecture:
     window, gated = r("sliding_window"), r("use_head_wise_attn_gate")
     sparse = step3p5_sparse(r, sizes.num_layers)
     layers = tuple(LayerSpec(window if kind == SLIDING else None, rope, activations=activations,
-                             stored_heads=None if heads[kind] == sizes.num_heads else heads[kind])
+                             heads=StoredHeads(query_heads=None if heads[kind] == sizes.num_heads else heads[kind]))
                    for kind, rope, activations in zip(kinds, _step3p5_ropes(r, sizes, kinds),
                                                       _step3p5_activations(r, sizes.num_layers)))
     return Architecture(
