@@ -134,7 +134,7 @@ def test_deci_gguf_matches_mlx_lm(tmp_path, qtype):
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(out)
     assert ours.model_type == "nemotron-nas" and (ours.num_heads, ours.num_kv_heads) == (6, 6)
-    assert [(s.mixer, s.mlp, s.stored_kv_heads) for s in ours.arch.layers] == [
+    assert [(s.mixer, s.mlp, s.heads.kv_heads) for s in ours.arch.layers] == [
         ("attention", "dense", 3), ("none", "dense", None), ("linear", "dense", None), ("none", "none", None),
         ("attention", "dense", 2), ("attention", "dense", None)]
     assert [s.intermediate_size or ours.intermediate_size for s in ours.arch.layers if s.mlp == "dense"] == [
