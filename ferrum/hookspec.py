@@ -63,7 +63,7 @@ PROJECT_NAME = "ferrum"
 #: optional ops or record fields are added (older plugins keep working); MAJOR when a hook
 #: changes incompatibly. A plugin reports the version it was written for in
 #: ``BackendProbe.api_version`` and ``BackendInfo.api_version``; Ferrum refuses another MAJOR.
-API_VERSION = "1.32"
+API_VERSION = "1.33"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

@@ -191,3 +191,17 @@ def test_what_ferrum_does_not_run_is_refused_by_name(tmp_path, key, value):
                                                       "text_config": text_config(**{key: value})}))
     with pytest.raises(UnsupportedFeatureError, match=key):
         ModelConfig.from_file(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cuda", "mlx")])
+def test_torch_and_mlx_run_situ_experts_natively(release, backend, monkeypatch):
+    """Plugin API 1.33: the built-in torch and MLX backends' moe_experts take SiTU, so the host form (the core's
+    experts, which the numpy backend runs) is never called; logits still mlx-lm's."""
+    folder, reference = release
+    host_calls, host = [], Situ.host
+    monkeypatch.setattr(Situ, "host", lambda self, gate, up: host_calls.append(1) or host(self, gate, up))
+    logits = float32_model(folder, backend).forward_verify("c", TOKENS)
+    assert not host_calls
+    assert scaled_error(logits, model_logits(reference.model, TOKENS)) < 1e-4
+    float32_model(folder, "cpu").forward_verify("c", TOKENS[:4])
+    assert host_calls  # the control: the numpy backend's layers do call it

@@ -619,14 +619,14 @@ def check_moe_route(c: _Context, normalize: bool = True) -> float:
 
 def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = None, gpt_oss: bool = False,
                       gemma4: bool = False, ungated: bool = False, swish_clamped: bool = False,
-                      ungated_gelu: bool = False) -> float:
+                      ungated_gelu: bool = False, situ: bool = False) -> float:
     """Five experts of an awkward size, top-2 plus a shared expert's output; 70 tokens (backends
     sort pairs by expert from 64) all on experts 3 and 1, or spread evenly over every expert.
     ``gpt_oss``: with biases and the clamped SwiGLU, clamped at 0.5 so that it bites; ``gemma4``: GeGLU experts;
     ``ungated``: Nemotron 3 Nano's squared-ReLU experts, without a gate stack; ``swish_clamped``: Step 3.5's SwiGLU,
     its swish and up projection clamped at 0.5; ``ungated_gelu``: Phixtral's biased tanh-GELU experts, without a gate
-    stack."""
-    from ferrum.moe.activation import ClampedSwiGLU, Gelu, GeluTanhGLU, SquaredReLU
+    stack; ``situ``: Kimi K3's SiTU, both caps low enough to bite."""
+    from ferrum.moe.activation import ClampedSwiGLU, Gelu, GeluTanhGLU, Situ, SquaredReLU
     from ferrum.moe.experts import PlacedExperts, StackedQuantized, place_experts
 
     rng = np.random.default_rng(2)  # its own draws: the other checks' inputs stay as they were
@@ -650,6 +650,8 @@ def check_moe_experts(c: _Context, spread: bool, tol: float, bits: int | None = 
         needs, activation = ("activation",), GeluTanhGLU()
     if swish_clamped:
         needs, activation = ("activation",), ClampedSwiGLU(1.0, 0.5, up_offset=0.0, clamp="swish")
+    if situ:
+        needs, activation = ("activation",), Situ(0.75, 1.25)
     if ungated_gelu:
         needs, activation = ("biases", "activation"), Gelu(tanh=True)
         biases = [None, *(c.rounded(rng.standard_normal((e, shape[1]), dtype=np.float32) * 0.3)
@@ -747,7 +749,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
     gpt_oss_native = all(ops.accepts("moe_experts", arg) for arg in ("biases", "activation"))
     gpt_oss_experts = source("moe_experts") if gpt_oss_native else "core fallback"
     from ferrum.backends import declared_version
-    from ferrum.moe.activation import ClampedSwiGLU, Gelu, GeluTanhGLU, SquaredReLU
+    from ferrum.moe.activation import ClampedSwiGLU, Gelu, GeluTanhGLU, Situ, SquaredReLU
 
     def experts_taking(activation: Any) -> str:
         """Whose experts run ``activation``: the plugin's, where it takes one and declares its API, else the core's."""
@@ -756,7 +758,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
 
     gemma4_experts, ungated_experts = experts_taking(GeluTanhGLU), experts_taking(SquaredReLU)
     swish_clamped = experts_taking(ClampedSwiGLU(1.0, 0.5, up_offset=0.0, clamp="swish"))
-    gelu_experts = experts_taking(Gelu(tanh=True))
+    gelu_experts, situ_experts = experts_taking(Gelu(tanh=True)), experts_taking(Situ())
     from ferrum.moe.kind import routes_natively
 
     grouped = [(f"moe_route, {case} ({source('moe_route') if routes_natively(ops, rule) else 'core fallback'})",
@@ -790,6 +792,7 @@ def _checks(c: _Context) -> list[tuple[str, Callable[[], float | None], float | 
          lambda: check_moe_experts(c, True, tol, ungated_gelu=True), tol),
         (f"moe_experts, swish-clamped SwiGLU ({swish_clamped})",
          lambda: check_moe_experts(c, True, tol, swish_clamped=True), tol),
+        (f"moe_experts, SiTU ({situ_experts})", lambda: check_moe_experts(c, True, tol, situ=True), tol),
         *((f"attention q{case[0]} kv{case[1]} h{case[2]} kvh{case[3]} d{case[4]}",
            lambda case=case: check_attention(c, tol, cases=(case,)), tol) for case in _ATTENTION_CASES),
         ("kv_write / kv_gather", lambda: check_kv_write_gather(c), 0.0),

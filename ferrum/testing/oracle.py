@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
+from ferrum.moe.activation import Situ
 from ferrum.quant.affine import QuantizedWeight, dequantize
 from ferrum.quant.config import QuantConfig
 
@@ -62,7 +63,8 @@ def moe_experts(x, ids, weights, gate, up, down, shared=None, biases=None, activ
     """Token by token, chosen expert by chosen expert: ``sum_j w[t, j] * down_e(silu(gate_e x) * up_e x)``,
     plus ``w[t, k] * shared[t]`` when a shared expert's output is given. ``biases`` (gate, up, down ``[E, out]``)
     and ``activation`` (a ``ClampedSwiGLU``, gpt-oss; a ``GeluTanhGLU``, Gemma 4; an ungated ``SquaredReLU``, Nemotron
-    3 Nano, or ``Gelu``, Phixtral, ``gate`` None) as :func:`ferrum.hookspec.moe_experts` describes them."""
+    3 Nano, or ``Gelu``, Phixtral, ``gate`` None; a ``Situ``, Kimi K3) as :func:`ferrum.hookspec.moe_experts`
+    describes them."""
     x, weights = f64(x), f64(weights)
     top_k = ids.shape[1]
     out = np.zeros_like(x)
@@ -78,6 +80,10 @@ def moe_experts(x, ids, weights, gate, up, down, shared=None, biases=None, activ
                 h = np.maximum(u, 0.0) ** 2
             elif activation is None:
                 h = silu_mul(g, u)
+            elif isinstance(activation, Situ):  # Kimi K3's SiTU experts
+                h = activation.beta * np.tanh(g / activation.beta) / (1.0 + np.exp(-g))
+                h = h * (u if activation.linear_beta is None else activation.linear_beta * np.tanh(
+                    u / activation.linear_beta))
             elif activation.op == "gelu_tanh_mul":  # Gemma 4's GeGLU experts
                 h = 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3))) * u
             else:  # clamped: the gate before the swish (gpt-oss's, Hy4's) or the swish (Step 3.5's)

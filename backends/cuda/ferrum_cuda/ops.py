@@ -73,6 +73,7 @@ from ferrum.arch import alibi
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
+from ferrum.moe.activation import Situ
 from ferrum.recurrent import batched
 from ferrum.sampling import DeviceSample, SampleResult
 from ferrum_cuda import graphs, guess_device, requested_device, quant
@@ -1352,6 +1353,16 @@ def _clamped_swiglu(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.T
     return ((u + activation.up_offset) * swish).to(gate.dtype)
 
 
+def _situ(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Kimi K3's :class:`ferrum.moe.activation.Situ` (API 1.33): ``softcap(u, linear_beta) * softcap(g, beta) *
+    sigmoid(g)``, in float32 as its host reference."""
+    g, u = gate.float(), up.float()
+    a = activation.beta * torch.tanh(g / activation.beta) * torch.sigmoid(g)
+    if activation.linear_beta is not None:
+        u = activation.linear_beta * torch.tanh(u / activation.linear_beta)
+    return (a * u).to(gate.dtype)
+
+
 #: The experts' activations (``activation.op``) this backend runs with its own op: Gemma 4's GeGLU (API 1.16), and
 #: Nemotron 3 Nano's ungated squared ReLU (API 1.18) and Phixtral's ungated GELU (API 1.32), which read the up
 #: projection alone.
@@ -1359,8 +1370,10 @@ _EXPERT_ACTIVATIONS = {"gelu_tanh_mul": _gelu_tanh_mul, "relu_squared": relu_squ
 
 
 def _expert_activation(activation):
-    """The function of ``activation`` (an expert activation record): its op, the GELU of its form, else the
+    """The function of ``activation`` (an expert activation record): its op, the GELU of its form, SiTU, else the
     clamped SwiGLU."""
+    if isinstance(activation, Situ):
+        return functools.partial(_situ, activation)
     if activation.op == "gelu":
         return functools.partial(gelu, tanh=activation.tanh)
     return _EXPERT_ACTIVATIONS.get(activation.op) or functools.partial(_clamped_swiglu, activation)

@@ -20,6 +20,7 @@ from ferrum.arch import alibi
 from ferrum.backends import BackendInfo
 from ferrum.hookspec import API_VERSION, hookimpl
 from ferrum.kv_mirror import MirrorBook, MirrorPlan
+from ferrum.moe.activation import Situ
 from ferrum.quant.affine import pack, unpack
 from ferrum.quant.config import FLOAT_MODES
 from ferrum.recurrent import batched
@@ -1042,6 +1043,16 @@ def _clamped_swiglu(activation, gate, up):
     return ((u + activation.up_offset) * swish).astype(gate.dtype)
 
 
+def _situ(activation, gate, up):
+    """Kimi K3's expert activation (``ferrum.moe.activation.Situ``, API 1.33): ``softcap(u, linear_beta) *
+    softcap(g, beta) * sigmoid(g)``, in float32 as mlx-lm's ``_situ``."""
+    g, u = gate.astype(mx.float32), up.astype(mx.float32)
+    a = activation.beta * mx.tanh(g / activation.beta) * mx.sigmoid(g)
+    if activation.linear_beta is not None:
+        u = activation.linear_beta * mx.tanh(u / activation.linear_beta)
+    return (a * u).astype(gate.dtype)
+
+
 @hookimpl
 def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=None, activation=None):
     tokens, top_k = expert_ids.shape
@@ -1064,9 +1075,10 @@ def moe_experts(x, expert_ids, expert_weights, gate, up, down, shared, biases=No
         hidden = relu_squared(u) if activation.op == "relu_squared" else gelu(u, activation.tanh)
     elif activation is None:
         hidden = silu_mul(project(gate, h, gate_bias), u)
-    else:  # Gemma 4's GeGLU by its op (API 1.16), else gpt-oss's clamped SwiGLU
+    else:  # Gemma 4's GeGLU by its op (API 1.16), Kimi K3's SiTU (1.33), else gpt-oss's clamped SwiGLU
         g = project(gate, h, gate_bias)
-        hidden = gelu_tanh_mul(g, u) if activation.op == "gelu_tanh_mul" else _clamped_swiglu(activation, g, u)
+        hidden = (gelu_tanh_mul(g, u) if activation.op == "gelu_tanh_mul" else _situ(activation, g, u)
+                  if isinstance(activation, Situ) else _clamped_swiglu(activation, g, u))
     y = project(down, hidden, down_bias)
     if do_sort:
         y = mx.unflatten(y[inverse], 0, (tokens, top_k))
