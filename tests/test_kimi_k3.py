@@ -92,7 +92,7 @@ def as_released(config: dict):
                             for e in range(value.shape[0])})
             elif ".mlp.e_score_correction_bias" in name:
                 out[name.replace(".mlp.", ".block_sparse_moe.gate.")] = value
-            elif ".mlp.gate." in name or ".mlp.shared_experts." in name:
+            elif any(f".mlp.{module}" in name for module in ("gate.", "shared_experts.", "routed_expert_")):
                 out[name.replace(".mlp.", ".block_sparse_moe.")] = value
             else:
                 out[name] = value
@@ -184,7 +184,7 @@ def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_token
                                       staggered_greedy_workload(VOCAB))
 
 
-@pytest.mark.parametrize("key, value", [("attn_res_block_size", 2), ("routed_expert_hidden_size", 32),
+@pytest.mark.parametrize("key, value", [("attn_res_block_size", 2),
                                         ("hidden_act", "silu"), ("mla_use_nope", False)])
 def test_what_ferrum_does_not_run_is_refused_by_name(tmp_path, key, value):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "kimi_k3",
@@ -205,3 +205,40 @@ def test_torch_and_mlx_run_situ_experts_natively(release, backend, monkeypatch):
     assert scaled_error(logits, model_logits(reference.model, TOKENS)) < 1e-4
     float32_model(folder, "cpu").forward_verify("c", TOKENS[:4])
     assert host_calls  # the control: the numpy backend's layers do call it
+
+
+@pytest.fixture(scope="module")
+def latent_release(tmp_path_factory):
+    """Latent experts: the routed experts 20 wide between routed_expert_down_proj and _up_proj, their sum normed."""
+    config = {**text_config(routed_expert_hidden_size=20, latent_moe_use_norm=True), "model_type": "kimi_k3"}
+    return build(tmp_path_factory.mktemp("kimi_k3_latent"), config, seed=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_latent_experts_match_mlx_lm(latent_release, backend):
+    folder, reference = latent_release
+    model = float32_model(folder, backend)
+    assert model.config.arch.moe.latent == ("routed_expert_down_proj", "routed_expert_norm", "routed_expert_up_proj")
+    assert_forward_and_decode_match(model, TOKENS, model_logits(reference.model, TOKENS))
+
+
+def test_latent_experts_without_their_norm_match_mlx_lm(tmp_path):
+    config = {**text_config(routed_expert_hidden_size=20), "model_type": "kimi_k3"}
+    folder, reference = build(tmp_path, config, seed=3)
+    assert float32_model(folder).config.arch.moe.latent[1] is None
+    assert_forward_and_decode_match(float32_model(folder), TOKENS, model_logits(reference.model, TOKENS))
+
+
+def test_the_latent_norm_counts(latent_release, monkeypatch):
+    """Control: the latent experts' sum left un-normed misses mlx-lm."""
+    folder, reference = latent_release
+    read = ModelConfig.from_file
+
+    def without(path):
+        config = read(path)
+        moe = config.arch.moe
+        return replace(config, arch=replace(config.arch, moe=replace(moe, latent=(moe.latent[0], None,
+                                                                                   moe.latent[2]))))
+
+    monkeypatch.setattr(ModelConfig, "from_file", staticmethod(without))
+    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), model_logits(reference.model, TOKENS)) > 1e-3

@@ -34,11 +34,13 @@ class MoeMLP:
     ``output_bias`` (JetMoE): ``x -> [T, hidden]``, a bias on every row, added once the experts are summed.
     ``shared_mix`` (Klear): ``(x, routed sum, shared output) -> [T, hidden]``, the two mixed by weights of their own
     (:class:`ferrum.moe.mixed.CoefficientMix`) where they are otherwise added.
+    ``latent`` (Kimi K3's latent experts): ``(down, norm or None, up)``, the routed experts reading ``down(x)`` and
+    their weighted sum normed and projected back by ``up`` before the shared expert's output is added.
     """
 
     __slots__ = ("ops", "router", "experts", "top_k", "normalize", "shared", "shared_gate", "routing", "route",
                  "router_dtype", "weigh_input", "router_norm", "shared_act", "zero",
-                 "router_softcap", "output_bias", "shared_mix")
+                 "router_softcap", "output_bias", "shared_mix", "latent")
 
     def __init__(self, ops: Any, router: Any, experts: PlacedExperts, top_k: int, normalize: bool,
                  shared: tuple[Any, Any, Any] | None = None, shared_gate: Any = None,
@@ -46,7 +48,8 @@ class MoeMLP:
                  router_dtype: str | None = None, weigh_input: bool = False,
                  router_norm: Callable[[Any], Any] | None = None, shared_act: Callable[[Any], Any] | None = None,
                  zero: Any = None, router_softcap: float | None = None,
-                 output_bias: Callable[[Any], Any] | None = None, shared_mix: Any = None):
+                 output_bias: Callable[[Any], Any] | None = None, shared_mix: Any = None,
+                 latent: tuple[Any, Callable[[Any], Any] | None, Any] | None = None):
         self.ops, self.router, self.experts = ops, router, experts
         self.top_k, self.normalize = top_k, normalize
         self.shared, self.shared_gate = shared, shared_gate
@@ -59,12 +62,14 @@ class MoeMLP:
         self.router_softcap = router_softcap
         self.output_bias = output_bias
         self.shared_mix = shared_mix
+        self.latent = latent
 
     def projections(self) -> list[Any]:
         """The ordinary linears (router, shared expert); the experts are ``self.experts``."""
         shared = [p for p in self.shared or () if p is not None]
         return [self.router, *shared, *([self.shared_gate] if self.shared_gate is not None else []),
-                *([self.shared_mix.coefficient] if self.shared_mix is not None else [])]
+                *([self.shared_mix.coefficient] if self.shared_mix is not None else []),
+                *(() if self.latent is None else (self.latent[0], self.latent[2]))]
 
     def __call__(self, x: Any, router_x: Any = None) -> Any:
         """The experts of ``x``, routed by ``router_x`` where given (Gemma 4's router reads the layer's stream, its
@@ -99,6 +104,11 @@ class MoeMLP:
                 # chosen on the logits, as transformers' topk chooses (a sigmoid rounds logits above ~17 to the same
                 # 1.0, whose tie a sigmoid rule would break by index), by softmax's top-1, normalized to exactly 1
                 ids, weights = ops.moe_route(logits, None, self.top_k, True, None)
+        if self.latent is not None:  # the routed experts in the latent space, their sum projected back
+            down, norm, up = self.latent
+            routed = self.experts(down(x), ids, weights, None)
+            routed = up(routed if norm is None else norm(routed))
+            return routed if shared_out is None else ops.add(routed, shared_out)
         if self.shared_mix is not None:  # mixed with the routed experts' sum by weights of their own
             return self.shared_mix(x, self.experts(x, ids, weights, None), shared_out)
         if shared_out is not None and shared_logit is None:  # ungated: added once the routed experts are summed

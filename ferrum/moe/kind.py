@@ -30,9 +30,15 @@ class Moe:
     router input scale and per-expert scales (``MoeSpec.router_norm``, ``MoeSpec.expert_scale``)."""
 
     def tensors(self, config: Any, layer: int) -> dict[str, tuple[int, ...]]:
-        spec, h = config.arch.moe, config.hidden_size
+        spec, hidden = config.arch.moe, config.hidden_size
         at, e, inter = spec.at, spec.num_experts, spec.expert_size
-        shapes = {at(f"{spec.router}.weight"): (spec.scored, h)}
+        shapes = {at(f"{spec.router}.weight"): (spec.scored, hidden)}
+        h = spec.expert_width or hidden  # what the routed experts read and write
+        if spec.latent is not None:
+            down, norm, up = spec.latent
+            shapes.update({at(f"{down}.weight"): (h, hidden), at(f"{up}.weight"): (hidden, h)})
+            if norm is not None:
+                shapes[at(f"{norm}.weight")] = (h,)
         stored = (*_inputs(spec.gated), "down_proj")  # no gate where the experts are ungated
         shapes.update({at(f"switch_mlp.{p}.weight"): (e, inter, h) for p in _inputs(spec.gated)})
         shapes[at("switch_mlp.down_proj.weight")] = (e, h, inter)
@@ -45,26 +51,26 @@ class Moe:
         if rule is not None and rule.corrected:
             shapes[at(spec.bias_name)] = (1, spec.scored) if spec.correction_bias_rows else (spec.scored,)
         if spec.router_norm is not None:
-            shapes[at(spec.router_norm)] = (h,)
+            shapes[at(spec.router_norm)] = (hidden,)
         if spec.output_bias is not None:
-            shapes[at(spec.output_bias)] = (h,)
+            shapes[at(spec.output_bias)] = (hidden,)
         if spec.shared_mix is not None:
-            shapes.update({at(f"{spec.shared_mix}.weight"): (2, h), at(f"{spec.shared_mix}.bias"): (2,)})
+            shapes.update({at(f"{spec.shared_mix}.weight"): (2, hidden), at(f"{spec.shared_mix}.bias"): (2,)})
         if rule is not None and rule.expert_scaled:
             shapes[at(spec.expert_scale)] = (e,)
         if spec.shared_expert_size:
             s, shared = spec.shared_expert_size, at(spec.shared_module)
             if spec.shared_fused:
-                shapes[f"{shared}.gate_up_proj.weight"] = (2 * s, h)
+                shapes[f"{shared}.gate_up_proj.weight"] = (2 * s, hidden)
             else:
                 inputs = _inputs(spec.shared_gated)
-                shapes.update({f"{shared}.{p}.weight": (s, h) for p in inputs})
+                shapes.update({f"{shared}.{p}.weight": (s, hidden) for p in inputs})
                 if config.arch.mlp_bias:  # ERNIE 4.5's use_bias biases its shared experts as its dense MLPs
                     shapes.update({f"{shared}.{p}.bias": (s,) for p in inputs})
-                    shapes[f"{shared}.down_proj.bias"] = (h,)
-            shapes[f"{shared}.down_proj.weight"] = (h, s)
+                    shapes[f"{shared}.down_proj.bias"] = (hidden,)
+            shapes[f"{shared}.down_proj.weight"] = (hidden, s)
             if spec.shared_gate is not None:
-                shapes[at(f"{spec.shared_gate}.weight")] = (1, h)
+                shapes[at(f"{spec.shared_gate}.weight")] = (1, hidden)
         return shapes
 
     def split(self, config: Any, name: str, tensor: Any) -> list[tuple[str, Any]]:
@@ -157,9 +163,18 @@ class Moe:
         if spec.shared_mix is not None:  # its constants in the compute dtype, its bias's
             mix = CoefficientMix(ops, linear(at(spec.shared_mix)), config.hidden_size,
                                  dtype_name(tensor(at(f"{spec.shared_mix}.bias"))))
+        latent = None
+        if spec.latent is not None:  # the routed experts between a down and an up projection, maybe a norm between
+            if zero is not None or shared_gate is not None or mix is not None:
+                raise UnsupportedFeatureError(f"layer {layer}: latent experts run beside an ungated shared expert "
+                                              "only")
+            down, norm, up = spec.latent
+            latent_norm = None if norm is None else partial(NORM_KINDS["rms"](ops, config.rms_norm_eps)[0],
+                                                            weights=(tensor(at(f"{norm}.weight")), None))
+            latent = (linear(at(down)), latent_norm, linear(at(up)))
         return MoeMLP(ops, router, experts, spec.top_k, spec.normalize, shared, shared_gate, routing, route,
                       router_dtype, spec.weigh_input, router_norm, shared_act, zero, spec.router_softcap,
-                      output_bias, mix)
+                      output_bias, mix, latent)
 
 
 def _inputs(gated: bool) -> tuple[str, ...]:

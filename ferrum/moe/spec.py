@@ -869,6 +869,16 @@ class MoeSpec:
     #: the shared expert's output (its second), where they are not simply added (Klear's biased ``coefficient``,
     #: :class:`ferrum.moe.mixed.CoefficientMix`); None: added.
     shared_mix: str | None = None
+    #: Latent experts (Kimi K3's routed_expert_hidden_size): the routed experts read ``down(x)``, ``latent_size``
+    #: wide, and their weighted sum, RMS-normed where a norm is named, is projected back by ``up``; the router and
+    #: the shared expert read ``x`` at full width. The (down, norm or None, up) modules of the sparse MLP module.
+    latent: tuple[str, str | None, str] | None = None
+    latent_size: int = 0
+
+    @property
+    def expert_width(self) -> int | None:
+        """The width the routed experts read and write: the latent size, or None (the hidden size)."""
+        return self.latent_size if self.latent is not None else None
 
     @property
     def scored(self) -> int:

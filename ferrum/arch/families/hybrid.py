@@ -234,9 +234,18 @@ def _kimi_k3(r: KeyReader, sizes: Sizes) -> Architecture:
 
 
 def _kimi_k3_moe(r: KeyReader, sizes: Sizes) -> Architecture:
-    """:func:`_kimi_k3` over its sparse MLPs, whose routed and shared experts run SiTU too."""
+    """:func:`_kimi_k3` over its sparse MLPs, whose routed and shared experts run SiTU too; latent experts where
+    routed_expert_hidden_size (``MoeSpec.latent``: its routed_expert_down_proj / _norm, where latent_moe_use_norm,
+    / _up_proj)."""
     arch = with_moe("kimi_k3", _kimi_k3)(r, sizes)
-    return replace(arch, moe=replace(arch.moe, activation=arch.activation, shared_activation=arch.activation))
+    if arch.moe is None:
+        return arch
+    moe = replace(arch.moe, activation=arch.activation, shared_activation=arch.activation)
+    if r("routed_expert_hidden_size") is not None:
+        norm = "routed_expert_norm" if r("latent_moe_use_norm") else None
+        moe = replace(moe, latent=("routed_expert_down_proj", norm, "routed_expert_up_proj"),
+                      latent_size=r("routed_expert_hidden_size"))
+    return replace(arch, moe=moe)
 
 
 def _none_yet(what: str) -> Callable[[Any], str | None]:
@@ -254,8 +263,8 @@ _KIMI_K3 = (
     Key("kda_full_rank_gate", default=False, check=boolean),
     Key("attn_res_block_size", unsupported=True, check=_none_yet(
         "attention residuals (each layer reading a softmax mix of earlier blocks' outputs)")),
-    Key("routed_expert_hidden_size", unsupported=True, check=_none_yet(
-        "latent experts (routed experts reading a projection of the stream)")),
+    Key("routed_expert_hidden_size", check=optional_positive_int),
+    Key("latent_moe_use_norm", default=False, check=boolean),
 )
 
 
