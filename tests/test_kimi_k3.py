@@ -18,8 +18,8 @@ from ferrum.moe.activation import Situ
 from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
-    assert_engine_keeps_greedy_tokens, assert_forward_and_decode_match, float32_model, runnable_backends,
-    scaled_error, small_pool_engine, staggered_greedy_workload,
+    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
+    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 pytest.importorskip("mlx_lm.models.kimi_k3")
@@ -209,8 +209,8 @@ def test_torch_and_mlx_run_situ_experts_natively(release, backend, monkeypatch):
 
 @pytest.fixture(scope="module")
 def latent_release(tmp_path_factory):
-    """Latent experts: the routed experts 20 wide between routed_expert_down_proj and _up_proj, their sum normed."""
-    config = {**text_config(routed_expert_hidden_size=20, latent_moe_use_norm=True), "model_type": "kimi_k3"}
+    """Latent experts: the routed experts 32 wide between routed_expert_down_proj and _up_proj, their sum normed."""
+    config = {**text_config(routed_expert_hidden_size=32, latent_moe_use_norm=True), "model_type": "kimi_k3"}
     return build(tmp_path_factory.mktemp("kimi_k3_latent"), config, seed=2)
 
 
@@ -242,3 +242,18 @@ def test_the_latent_norm_counts(latent_release, monkeypatch):
 
     monkeypatch.setattr(ModelConfig, "from_file", staticmethod(without))
     assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), model_logits(reference.model, TOKENS)) > 1e-3
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_mlx_lm_s_conversions_run_as_mlx_lm_runs_them(latent_release, tmp_path, bits):
+    """mlx_lm.convert's output (always under its wrapper's language_model.): KDA's q/k/v fused in qkv_proj, their taps
+    in qkv_conv.conv [3C, K, 1], A_log [H], the sparse MLPs under mlp, kv_b_proj split into embed_q / unembed_out;
+    packed at 4 bits in groups of 32 with the routers at 8 bits in groups of 64 (its quant_predicate), within 2e-3 of
+    mlx-lm's own logits of the packed model (float: 1e-4)."""
+    stored, want = mlx_lm_converted(latent_release[0], tmp_path / "converted", TOKENS, bits=bits, group=32)
+    stem = "language_model.model.layers.0.self_attn."
+    assert stored[stem + "qkv_conv.conv.weight"].shape == (72, 4, 1) and stored[stem + "A_log"].shape == (3,)
+    assert (stem + "qkv_proj.scales" in stored) == (bits is not None)
+    if bits is not None:  # the router at 8 bits: 64 inputs in 16 words
+        assert stored["language_model.model.layers.1.mlp.gate.weight"].shape == (8, 16)
+    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "converted", TOKENS, want, packed=bits is not None)

@@ -818,6 +818,8 @@ def resolve_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
             break
     if config.arch.gated_delta is not None:
         config = _gated_delta_layout(config, stored)
+    if config.arch.kimi_delta is not None:
+        config = _kimi_delta_layout(config, stored)
     for mixer in ("mamba", "mamba2", "short_conv", "kimi_delta", "rg_lru", "conv_kv_gated"):
         if mixer_spec(config.arch, mixer) is not None:
             config = _taps_layout(config, mixer, stored)
@@ -867,6 +869,26 @@ def _taps_layout(config: Any, mixer: str, stored: Mapping[str, tuple[int, ...]])
         return config
     return replace(config, arch=replace(arch, **{MIXERS[mixer]: replace(spec, conv_last=True)}, **arch.converted,
                                         converted={}))
+
+
+def _kimi_delta_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:
+    """Kimi Delta Attention as the checkpoint stores it: q/k/v and their taps fused (mlx-lm's kimi_k3 conversions:
+    ``qkv_proj``), ``A_log`` of another shape holding at least one value a head (their ``[H]``; a release's longer
+    one)."""
+    arch, spec = config.arch, config.arch.kimi_delta
+    layer = next((i for i, layer in enumerate(arch.layers) if "kimi_delta" in layer.mixers), None)
+    if layer is None:
+        return config
+    stem = f"{arch.prefix}layers.{layer}.{spec.module}"
+    fused = stored_name(arch, f"{stem}.qkv_proj.weight") in stored
+    a_log = stored.get(stored_name(arch, f"{stem}.A_log"))
+    heads_like = a_log is not None and int(np.prod(a_log)) >= spec.heads and sorted(a_log)[:-1] == [1] * (
+        len(a_log) - 1)
+    shape = tuple(a_log) if heads_like and tuple(a_log) != spec.tensors(config.hidden_size)[
+        f"{spec.module}.A_log"] else None
+    if not fused and shape is None:
+        return config
+    return replace(config, arch=replace(arch, kimi_delta=replace(spec, fused=fused, a_log_shape=shape)))
 
 
 def _rwkv7_layout(config: Any, stored: Mapping[str, tuple[int, ...]]) -> Any:

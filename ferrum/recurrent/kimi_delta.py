@@ -26,6 +26,8 @@ from ferrum.recurrent.gated_delta import SEPARATE_TAPS, convolve_each, gated_del
 from ferrum.recurrent.state import StateShapes
 
 MODULE = "self_attn"
+#: The fused taps' module in mlx-lm's kimi_k3 conversions (stored ``qkv_conv.conv``, renamed by the family).
+FUSED_TAPS = "qkv_conv1d"
 #: The input projections the model reads, in the order :meth:`KimiDeltaLayer.project` returns them.
 INPUTS = ("q_proj", "k_proj", "v_proj")
 
@@ -47,10 +49,20 @@ class KimiDeltaSpec:
     #: Ling 3's kda_safe_gate: the log-decay ``lower_bound * sigmoid(exp(A_log) * (f + dt_bias))``; None: Kimi's
     #: ``-exp(A_log) * softplus(f + dt_bias)``.
     lower_bound: float | None = None
+    #: mlx-lm's kimi_k3 conversions: q/k/v stored as one ``qkv_proj`` ``[3C, hidden]`` and their taps as one
+    #: ``qkv_conv1d`` ``[3C, K, 1]`` (split at load).
+    fused: bool = False
+    #: ``A_log``'s stored shape where the checkpoint's is not the family's: mlx-lm's kimi_k3 conversions' ``[H]``, or
+    #: a release's longer ``[1, 1, H', 1]``, whose first ``H`` are read (as mlx-lm's kimi_k3 sanitize truncates it).
+    a_log_shape: tuple[int, ...] | None = None
 
     module = MODULE
     title = "Kimi Delta Attention"  # what error messages call the mixer
-    taps = SEPARATE_TAPS[0]  # the module whose stored shape tells the taps' layout
+
+    @property
+    def taps(self) -> str:
+        """The module whose stored shape tells the taps' layout."""
+        return FUSED_TAPS if self.fused else SEPARATE_TAPS[0]
 
     @property
     def width(self) -> int:
@@ -59,13 +71,15 @@ class KimiDeltaSpec:
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """A layer's tensors as stored, relative to the layer."""
         m, w, d, h = MODULE, self.width, self.head_dim, self.heads
-        taps = (w, self.conv_kernel, 1) if self.conv_last else (w, 1, self.conv_kernel)
+        c = 3 * w if self.fused else w  # the channels of each stored projection and its taps
+        taps = (c, self.conv_kernel, 1) if self.conv_last else (c, 1, self.conv_kernel)
         low_rank = {2: ((d, hidden), (w, d)), 1: ((w, hidden),)}
-        return {**{f"{m}.{name}.weight": (w, hidden) for name in INPUTS},
-                **{f"{m}.{name}.weight": taps for name in SEPARATE_TAPS},
+        a_log = self.a_log_shape or ((1, 1, h, 1) if len(self.forget) == 2 else (h,))
+        return {**{f"{m}.{name}.weight": (c, hidden) for name in (("qkv_proj",) if self.fused else INPUTS)},
+                **{f"{m}.{name}.weight": taps for name in ((FUSED_TAPS,) if self.fused else SEPARATE_TAPS)},
                 **{f"{m}.{name}.weight": shape for names in (self.forget, self.gate)
                    for name, shape in zip(names, low_rank[len(names)])},
-                f"{m}.b_proj.weight": (h, hidden), f"{m}.A_log": (1, 1, h, 1) if len(self.forget) == 2 else (h,),
+                f"{m}.b_proj.weight": (h, hidden), f"{m}.A_log": a_log,
                 f"{m}.dt_bias": (w,), f"{m}.o_norm.weight": (d,), f"{m}.{self.out}.weight": (hidden, w)}
 
     def split(self, name: str, tensor: Any, take_rows: Callable[[Any, np.ndarray], Any]) -> list[tuple[str, Any]]:
@@ -74,7 +88,12 @@ class KimiDeltaSpec:
         transformers' save of Ling 3 writes both ``attention.dense``)."""
         if self.out != "o_proj" and f".{MODULE}.o_proj." in name:
             return [(name.replace(f".{MODULE}.o_proj.", f".{MODULE}.{self.out}."), tensor)]
-        shapes = {".A_log": (self.heads,), ".dt_bias": (self.heads, self.head_dim)}
+        if name.endswith(f".{FUSED_TAPS}.weight"):  # q's, k's and v's taps one after another
+            taps = np.asarray(tensor).reshape(3, self.width, self.conv_kernel)
+            return [(name.replace(FUSED_TAPS, own), np.ascontiguousarray(t)) for own, t in zip(SEPARATE_TAPS, taps)]
+        if name.endswith(".A_log"):  # the first H (a longer stored one truncated, as mlx-lm's kimi_k3 does)
+            return [(name, np.ascontiguousarray(np.asarray(tensor).reshape(-1)[: self.heads]))]
+        shapes = {".dt_bias": (self.heads, self.head_dim)}
         shapes.update({f".{taps}.weight": (self.width, self.conv_kernel) for taps in SEPARATE_TAPS})
         shape = next((shape for end, shape in shapes.items() if name.endswith(end)), None)
         if shape is None:

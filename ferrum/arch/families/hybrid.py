@@ -26,7 +26,7 @@ from ferrum.arch.spec import Architecture, LayerSpec
 from ferrum.moe.activation import Situ
 from ferrum.moe.spec import KEYS as MOE_KEYS, with_moe
 from ferrum.recurrent.gated_delta import GatedDeltaSpec
-from ferrum.recurrent.kimi_delta import KimiDeltaSpec
+from ferrum.recurrent.kimi_delta import FUSED_TAPS, KimiDeltaSpec
 from ferrum.recurrent.lightning import (
     A_LOG, BUFFERS, LightningSpec, release_slope_rates, ring_slope_rates, slope_rates,
 )
@@ -238,14 +238,31 @@ def _kimi_k3_moe(r: KeyReader, sizes: Sizes) -> Architecture:
     routed_expert_hidden_size (``MoeSpec.latent``: its routed_expert_down_proj / _norm, where latent_moe_use_norm,
     / _up_proj)."""
     arch = with_moe("kimi_k3", _kimi_k3)(r, sizes)
-    if arch.moe is None:
-        return arch
-    moe = replace(arch.moe, activation=arch.activation, shared_activation=arch.activation)
-    if r("routed_expert_hidden_size") is not None:
-        norm = "routed_expert_norm" if r("latent_moe_use_norm") else None
-        moe = replace(moe, latent=("routed_expert_down_proj", norm, "routed_expert_up_proj"),
-                      latent_size=r("routed_expert_hidden_size"))
-    return replace(arch, moe=moe)
+    if arch.moe is not None:
+        moe = replace(arch.moe, activation=arch.activation, shared_activation=arch.activation)
+        if r("routed_expert_hidden_size") is not None:
+            norm = "routed_expert_norm" if r("latent_moe_use_norm") else None
+            moe = replace(moe, latent=("routed_expert_down_proj", norm, "routed_expert_up_proj"),
+                          latent_size=r("routed_expert_hidden_size"))
+        arch = replace(arch, moe=moe)
+    return replace(arch, layouts=(("language_model.model.", "language_model.lm_head.weight",
+                                   _kimi_k3_mlx_lm_names(arch)), *arch.layouts))
+
+
+def _kimi_k3_mlx_lm_names(arch: Architecture) -> dict[str, str]:
+    """mlx-lm's conversions (kimi_k3's sanitize; always under its wrapper's ``language_model.``): the sparse MLPs
+    under ``mlp`` (experts stacked in switch_mlp, the correction bias beside the router), KDA's q/k/v fused in
+    ``qkv_proj`` and their taps in ``qkv_conv.conv`` (``KimiDeltaSpec.fused``). Only modules the model has, so a
+    checkpoint holds them all (a dense-only one no sparse MLP)."""
+    names = {f"self_attn.{FUSED_TAPS}": "self_attn.qkv_conv.conv"} if any(
+        layer.mixer == "kimi_delta" for layer in arch.layers) else {}
+    moe = arch.moe
+    if moe is not None:
+        modules = [f"switch_mlp.{p}" for p in _KIMI_PROJS] + [m for m in moe.latent or () if m is not None]
+        modules += [f"shared_experts.{p}" for p in _KIMI_PROJS] if moe.shared_expert_size else []
+        names.update({"block_sparse_moe": "mlp", "block_sparse_moe.gate": "mlp.gate",
+                      **{f"block_sparse_moe.{m}": f"mlp.{m}" for m in modules}})
+    return names
 
 
 def _none_yet(what: str) -> Callable[[Any], str | None]:
