@@ -20,7 +20,7 @@ import numpy as np
 from ferrum.arch import cla
 from ferrum.checkpoint import NOT_TEXT, Checkpoint, is_float
 from ferrum.config import ModelConfig
-from ferrum.errors import CheckpointError, MissingTensorError
+from ferrum.errors import CheckpointError, MissingTensorError, UnsupportedFeatureError
 from ferrum.hookspec import DTYPE_BYTES, QUANTIZED_OPS
 from ferrum.quant import awq_gptq, bitnet, float_modes, fp8
 from ferrum.quant.affine import QuantizedWeight, dequantize
@@ -407,6 +407,12 @@ def read_weights(
 ) -> Iterator[tuple[str, HostTensor]]:
     """Yield every tensor of ``shapes`` (dense name -> shape), dense or packed, checked against config."""
     present = checkpoint.names()
+    packed = sorted(name for name in present if name.endswith(".weight_packed"))
+    if packed:  # compressed-tensors' pack-quantized ints (Kimi K2 Thinking's, Kimi K3's experts)
+        raise UnsupportedFeatureError(
+            f"{checkpoint.folder}: {packed[0]} ({len(packed)} such tensors, with their weight_scale) is "
+            "compressed-tensors' packed int layout, which Ferrum does not read; load the float release, an MLX "
+            "conversion (mlx_lm.convert) or `ferrum quantize`'s output")
     parts_of = {name: _tensor_parts(checkpoint, present, config, name) for name in shapes}
     dropped = _dropped_correction_biases(checkpoint, config, parts_of, present)
     for name in dropped:

@@ -7,6 +7,7 @@ flat and wrapped (its text_config says "kimi_linear")."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +15,9 @@ import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import UnsupportedFeatureError
+from ferrum.model import ForwardItem
 from ferrum.moe.activation import Situ
+from ferrum.recurrent.snapshots import DEFAULT_BUDGET
 from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
 from support import (
     assert_a_failed_pass_leaves_every_state_as_it_was, assert_a_mixed_batch_gives_each_sequence_its_own_logits,
@@ -178,10 +181,34 @@ def test_a_failed_pass_leaves_every_state_as_it_was(release, monkeypatch):
                                                       monkeypatch)
 
 
-def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(release):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_batching_chunking_and_preemption_give_each_requests_greedy_tokens(release, backend):
     folder, reference = release
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, "cpu", **config), reference,
+    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, backend, **config), reference,
                                       staggered_greedy_workload(VOCAB))
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_decode_after_a_prefix_cache_hit_matches_mlx_lm(release, seeded, monkeypatch):
+    """A sequence adopting another's cached blocks (16 tokens: the KDA layers' states kept at the boundary) runs
+    the rest of its prompt and decodes a token as mlx-lm's full passes do. Control: its KDA layers not seeded with
+    the kept states (starting from zeros), it misses."""
+    folder, reference = release
+    model = float32_model(folder, num_kv_blocks=64, block_size=4)
+    model.snapshots.budget = DEFAULT_BUDGET  # the engine's (a model alone keeps no states)
+    if not seeded:  # each kept array replaced by zeros
+        states, seed = model.snapshots.states, model.snapshots.states.seed
+        monkeypatch.setattr(states, "seed", lambda seq_id, snapshot: seed(seq_id, {
+            layer: tuple(model.ops.from_numpy(np.zeros_like(model.ops.to_numpy(a)), None) for a in arrays)
+            for layer, arrays in snapshot.items()}))
+    model.prefill("first", TOKENS[:16])
+    match = model.kv.match_prefix(TOKENS)
+    assert match.num_tokens == 16 and model.snapshots.count == 1
+    model.kv.adopt("hit", TOKENS, match)
+    out = model.forward([ForwardItem("hit", TOKENS[16:20], 16)], all_logits=True)
+    errors = (scaled_error(model.ops.to_numpy(out.logits), model_logits(reference.model, TOKENS[:20])[16:]),
+              scaled_error(model.decode("hit", TOKENS[20], 20), model_logits(reference.model, TOKENS)[20]))
+    assert max(errors) <= 1e-4 if seeded else min(errors) > 1e-3
 
 
 @pytest.mark.parametrize("key, value", [("attn_res_block_size", 2),
@@ -257,3 +284,59 @@ def test_mlx_lm_s_conversions_run_as_mlx_lm_runs_them(latent_release, tmp_path, 
     if bits is not None:  # the router at 8 bits: 64 inputs in 16 words
         assert stored["language_model.model.layers.1.mlp.gate.weight"].shape == (8, 16)
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "converted", TOKENS, want, packed=bits is not None)
+
+
+def test_release_variants_mlx_lm_reads_load_as_it_reads_them(tmp_path):
+    """What releases carry that mlx-lm's sanitize tidies: A_log [1, 1, H + 2, 1] (its first H read), the MTP layers
+    as a fifth numbered layer and under mtp. (dropped, and not reported unread); mlx-lm's load_model of the folder is
+    the model in memory, and Ferrum's logits are mlx-lm's."""
+    config = {**text_config(), "model_type": "kimi_k3"}
+    model = random_mlx_lm_model(config, seed=0, draw=_draw)  # the release fixture's: no ties at 0
+    convert = as_released(config)
+
+    def with_variants(tensors):
+        out = convert(tensors)
+        for name in [n for n in out if n.endswith("A_log")]:
+            out[name] = np.concatenate([out[name], np.full((1, 1, 2, 1), 9.0, np.float32)], axis=2)
+        out.update({n.replace("layers.3.", "layers.4."): v for n, v in list(out.items()) if ".layers.3." in n})
+        return {**out, "model.mtp.0.enorm.weight": np.ones(64, np.float32)}
+
+    write_release(tmp_path, model, config, TOKENS, with_variants, vocab=VOCAB, tolerance=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = float32_model(tmp_path)
+    assert_forward_and_decode_match(loaded, TOKENS, model_logits(model, TOKENS))
+
+
+@pytest.mark.parametrize("experts", [None, 0])
+def test_a_dense_only_config_runs_as_mlx_lm_runs_it(tmp_path, experts):
+    """num_experts null (mlx-lm's default) or 0: every MLP dense, SiTU's."""
+    config = {**text_config(num_experts=experts), "model_type": "kimi_k3"}
+    folder, reference = build(tmp_path, config, seed=5)
+    model = float32_model(folder)
+    assert model.config.arch.moe is None and {s.mlp for s in model.config.arch.layers} == {"dense"}
+    assert_forward_and_decode_match(model, TOKENS, model_logits(reference.model, TOKENS))
+
+
+def test_compressed_tensors_int4_is_refused_by_name(release, tmp_path):
+    """The int4 releases' experts (weight_packed / weight_scale, which mlx-lm's sanitize views as its own packing):
+    refused by their config's quantization_config, and by the tensors where a config lacks it."""
+    from safetensors.numpy import load_file, save_file
+
+    folder, _ = release
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(folder / "model.safetensors")
+    stem = "model.layers.1.block_sparse_moe.experts.0.w1."
+    tensors[stem + "weight_packed"] = np.zeros((24, 8), np.int32)
+    tensors[stem + "weight_scale"] = np.ones((24, 2), np.float32)
+    del tensors[stem + "weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedFeatureError, match="weight_packed.*compressed-tensors"):
+        float32_model(tmp_path)
+    groups = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                                             "group_size": 32, "symmetric": True}}}
+    quantization = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": groups}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    with pytest.raises(UnsupportedFeatureError, match="compressed-tensors format 'pack-quantized'"):
+        ModelConfig.from_file(tmp_path / "config.json")

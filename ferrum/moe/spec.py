@@ -175,7 +175,10 @@ _COUNT_NAMES = {"mixtral": ("num_local_experts", "num_experts"), "minimax": ("nu
                 "bailing_moe": ("num_experts",), "deepseek": ("n_routed_experts",), "Klear": ("num_experts",),
                 "step3p5": ("moe_num_experts",), "hunyuan": ("num_experts",),
                 "phixtral": ("num_local_experts",)}
-_COUNT = {family: tuple(Key(name, check=optional_positive_int) for name in names)
+#: Families whose expert count may be 0 (or null): no sparse MLP at all, as mlx-lm runs Kimi K3's.
+_MAYBE_DENSE = ("kimi_k3",)
+_COUNT = {family: tuple(Key(name, check=optional_non_negative_int if family in _MAYBE_DENSE else optional_positive_int)
+                        for name in names)
           for family, names in _COUNT_NAMES.items()}
 _QWEN = (
     Key("moe_intermediate_size", check=positive_int),
@@ -715,7 +718,7 @@ _DEFAULT_COUNT = {"mixtral": 8, "minimax": 8, "qwen2_moe": 60, "qwen3_moe": 128,
                   "ernie4_5_moe": 64, "exaone_moe": 64,
                   "llama4_text": 16, "minimax_m2": 256, "flex_olmo": 7, "solar_open": 128,
                   "mellum": 64, "hy_v3": 192, "mistral4": 128, "dbrx": 4, "lfm2_moe": 32, "kimi_linear": 256,
-                  "kimi_k3": 256, "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256,
+                  "afmoe": 64, "sarvam_moe": 128, "sarvam_mla": 128, "mimo_v2_flash": 256,
                   "cohere2_moe": 8,
                   "jamba": 16, "deepseek_v32": 256, "glm_moe_dsa": 256, "axk1": 192, "kolibri1": 384, "flint": 256,
                   "laguna": 256, "minimax_m3_vl_text": 128, "axk2": 128, "granitemoe_swa": 8, "lara_mini": 128,

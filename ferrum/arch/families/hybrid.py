@@ -230,14 +230,20 @@ def _kimi_k3(r: KeyReader, sizes: Sizes) -> Architecture:
                     lower_bound=None if bound is None else float(bound))
     return replace(arch, activation=situ, kimi_delta=delta, mla=replace(arch.mla, value_gate=gate),
                    attn_output_gate=gate, attn_gate_stored=gate,
-                   stored_names={"self_attn.gate_proj": "self_attn.g_proj"})
+                   stored_names={"self_attn.gate_proj": "self_attn.g_proj"}, unloaded=_layers_past(sizes.num_layers))
+
+
+def _layers_past(count: int) -> str:
+    """A regular expression of the tensors of layers numbered ``count`` on: the releases' multi-token prediction
+    layers stored as extra layers, which mlx-lm's kimi_k3 sanitize drops."""
+    return rf"(^|\.)layers\.(?!(?:{'|'.join(map(str, range(count)))})\.)\d+\."
 
 
 def _kimi_k3_moe(r: KeyReader, sizes: Sizes) -> Architecture:
     """:func:`_kimi_k3` over its sparse MLPs, whose routed and shared experts run SiTU too; latent experts where
     routed_expert_hidden_size (``MoeSpec.latent``: its routed_expert_down_proj / _norm, where latent_moe_use_norm,
-    / _up_proj)."""
-    arch = with_moe("kimi_k3", _kimi_k3)(r, sizes)
+    / _up_proj). Without num_experts (mlx-lm's default) or with 0, every MLP is dense, as mlx-lm runs it."""
+    arch = with_moe("kimi_k3", _kimi_k3)(r, sizes) if r("num_experts") else _kimi_k3(r, sizes)  # none: dense only
     if arch.moe is not None:
         moe = replace(arch.moe, activation=arch.activation, shared_activation=arch.activation)
         if r("routed_expert_hidden_size") is not None:
