@@ -193,17 +193,14 @@ def test_quantized_learned_positions_two_rows_in_load(checkpoints, family, backe
     assert scaled_error(got, ArchOracle(packed).logits(TOKENS)) <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["gpt_neo", "codegen"])
-def test_lora_on_the_h_n_layout_is_refused_by_its_layout(checkpoints, family, tmp_path):
-    """PEFT names their modules transformer.h.N.attn...: refused as this layout, not as a factor of no projection."""
-    import copy
-
-    import peft
-
-    from ferrum.errors import AdapterError
+@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("family, adapted", [("gpt_neo", 3 * 6), ("codegen", 2 * 4)])
+def test_lora_on_the_h_n_layout_gives_peft_s_merged_model(checkpoints, family, adapted, backend, tmp_path):
+    """PEFT names their modules transformer.h.N.attn... (the layers' container the family stores): every linear
+    projection adapted (GPT-Neo's q/k/v/out_proj and c_fc / c_proj; CodeGen's qkv_proj, whose rows the load
+    regroups, out_proj, fc_in, fc_out) gives PEFT's merged model's logits."""
+    from lora_checks import assert_adapter_matches_peft, make_peft
 
     folder, hf = checkpoints[family]
-    peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules="all-linear")).save_pretrained(
-        tmp_path / "lora")
-    with pytest.raises(AdapterError, match=r"this family's layout \(layers under h\.N / blocks\.N\)"):
-        _load(folder).adapters.load("a", tmp_path / "lora")
+    merged = make_peft(hf, tmp_path / "lora", "all-linear", hide=False)
+    assert_adapter_matches_peft(folder, tmp_path / "lora", hf, merged, adapted, TOKENS, backend)

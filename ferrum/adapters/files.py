@@ -20,6 +20,10 @@ ordinary MLP beside the experts (:class:`ferrum.moe.block.MoeMLP`), so its
 gate/up/down projections are adapted too, under one name whatever the family
 calls its module (``MoeSpec.shared_module``: Qwen2-MoE's ``shared_expert``,
 DeepSeek's ``shared_experts``, Hunyuan's ``shared_mlp``): :data:`SHARED`.
+A layer is found under the checkpoint's own layers' container (``layers.N``;
+Talkie's ``blocks.N``, GPT-style ``transformer.h.N``) or where the family
+stores it apart (AFM's ``kv_reuse_layers.N``); a layer that attends another's
+keys and values projects queries alone, so only its q_proj is adapted.
 """
 
 from __future__ import annotations
@@ -159,6 +163,9 @@ def read_adapter(path: str | Path, config: Any) -> LoraAdapter:
         raise AdapterError(f"{config_file} is not readable JSON: {exc}") from None
     if not isinstance(settings, dict):
         raise AdapterError(f"{config_file} must hold a JSON object")
+    if config.arch.transposed:
+        raise AdapterError(f"{folder}: LoRA on a checkpoint whose projections are stored [in, out] (GPT-2's Conv1D) is "
+                           "not supported; load its mlx-lm conversion (Linear [out, in]) or merge the adapter")
     if (folder / PEFT_WEIGHTS).is_file():
         weights = _peft(folder, settings, config)
         kind = "peft"
@@ -179,10 +186,7 @@ def read_adapter(path: str | Path, config: Any) -> LoraAdapter:
 
 # ------------------------------------------------------------------- PEFT
 
-_PEFT_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<path>\w+(?:\.\w+)+))"
-    r"\.lora_(?P<which>A|B)\.weight$"
-)
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
 
 
 def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
@@ -215,15 +219,17 @@ def _peft(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
             skipped.append(name)
             continue
         m = _PEFT_KEY.match(name)
-        if m is None:
-            raise AdapterError(f"{where}: {_peft_refusal(name)}")
-        if not _targeted(settings, m["module"], int(m["layer"])):
+        at = None if m is None else _in_layer(config, m["module"])
+        if at is None:
+            raise AdapterError(f"{where}: {_peft_refusal(config, name)}")
+        layer, numbered, path = at
+        if not _targeted(settings, m["module"], numbered):
             untargeted.append(m["module"])
             continue
-        proj = _site(where, config, m["path"], name)
+        proj = _site(where, config, path, name)
         if proj is None:
-            raise AdapterError(f"{where}: {_peft_refusal(name)}")
-        key = (int(m["layer"]), proj, m["module"])
+            raise AdapterError(f"{where}: {_peft_refusal(config, name)}")
+        key = (layer, proj, m["module"])
         pairs.setdefault(key, {})[m["which"]] = array
     if skipped:
         warnings.warn(f"{where}: {len(skipped)} factors adapt a vision or audio part of a multimodal model (e.g. "
@@ -312,7 +318,7 @@ def _pattern_key(where: str, pattern: dict, module: str) -> str | None:
     return None
 
 
-def _peft_refusal(name: str) -> str:
+def _peft_refusal(config: Any, name: str) -> str:
     if "lora_magnitude_vector" in name:
         return f"{name} is a DoRA magnitude vector; DoRA is not supported"
     if "lora_embedding" in name or any(f".{e}." in f".{name}" for e in _EMBEDDINGS):
@@ -323,11 +329,28 @@ def _peft_refusal(name: str) -> str:
         return f"{name} adapts a fused projection of another architecture; it is not supported"
     if any(f".{m}." in name for m in _MOE):
         return f"{name} {_MOE_REFUSAL}"
-    if re.search(r"(?:^|\.)(?:h|blocks)\.\d+\.", name):  # GPT-Neo's, GPT-J's, CodeGen's, MPT's h.N.attn
-        return (f"{name} adapts a module of this family's layout (layers under h.N / blocks.N), whose projections "
-                "Ferrum does not adapt: LoRA runs on models whose layers are ...layers.N.self_attn|mlp.<proj>")
+    container = config.arch.stored_names.get("layers", "layers")
+    layouts = (r"(?:h|blocks|layers)", re.escape(container))  # GPT-Neo's, GPT-J's, MPT's h.N.attn, another's
+    if [re.search(rf"(?:^|\.){c}\.\d+\.", name) is not None for c in layouts] == [True, False]:
+        return (f"{name} adapts a module of layers under h.N / blocks.N / layers.N, but this base model's layers are "
+                f"{container}.N: the adapter was trained for a model of another layout")
     return (f"tensor {name} is not a LoRA factor of a {_ADAPTABLE} projection "
-            "(expected ...layers.N.self_attn|mlp.<proj>.lora_A|lora_B.weight)")
+            f"(expected ...{container}.N.<attention or MLP module>.<proj>.lora_A|lora_B.weight)")
+
+
+def _in_layer(config: Any, module: str) -> tuple[int, int, str] | None:
+    """Where the module the checkpoint (and so an adapter trained on it) names ``module`` lies: ``(layer, the index in
+    its name, its path inside the layer)``, under the checkpoint's layers' container (``layers``, or the family's
+    own: ``stored_names``, Talkie's ``blocks``, Phixtral's ``transformer.h``) or in a layer stored elsewhere
+    (``Architecture.layer_stems``: AFM's ``kv_reuse_layers.{j}``); None where it is in no layer."""
+    arch = config.arch
+    for layer, stem in arch.layer_stems.items():
+        m = re.fullmatch(rf"(?:.*\.)?{re.escape(stem)}\.(?P<path>\w+(?:\.\w+)+)", module)
+        if m is not None:
+            return layer, int(stem.rpartition(".")[2]), m["path"]
+    container = re.escape(arch.stored_names.get("layers", "layers"))
+    m = re.fullmatch(rf"(?:.*\.)?{container}\.(?P<layer>\d+)\.(?P<path>\w+(?:\.\w+)+)", module)
+    return None if m is None else (int(m["layer"]), int(m["layer"]), m["path"])
 
 
 def _site(where: str, config: Any, path: str, tensor: str) -> str | None:
@@ -368,6 +391,15 @@ def _target_refusal(config: Any, target: str) -> str | None:
         return None
     unadapted = sorted(named & set(_UNADAPTED))
     return _UNADAPTED[unadapted[0]](config, target) if unadapted else ""
+
+
+def _moe_leaves(config: Any) -> set[str]:
+    """The last names of the base model's expert projections and router (Phixtral's ``fc1`` / ``fc2``, Hunyuan's
+    ``wg``: ``MoeSpec``), as a ``target_modules`` entry names them."""
+    spec = config.arch.moe
+    if spec is None:
+        return set()
+    return {name.rsplit(".", 1)[-1] for name in (*spec.expert_names, *spec.mlx_lm_names, spec.router) if name}
 
 
 def _check_targets(where: str, settings: dict, config: Any) -> None:
@@ -412,7 +444,7 @@ def _check_targets(where: str, settings: dict, config: Any) -> None:
             raise AdapterError(f"{where}: target_modules names the fused projection {target!r}, which is not supported")
         if leaf == "shared_expert_gate":
             raise AdapterError(f"{where}: target_modules names {target!r}, which {_SHARED_GATE_REFUSAL}")
-        if leaf in _MOE or leaf in ("gate", "router", "w1", "w2", "w3"):
+        if leaf in _MOE or leaf in ("gate", "router", "w1", "w2", "w3") or leaf in _moe_leaves(config):
             raise AdapterError(f"{where}: target_modules names {target!r}, which {_MOE_REFUSAL}")
         raise AdapterError(
             f"{where}: target_modules names {target!r}; only {', '.join(PROJECTIONS)} (or 'all-linear') are supported"
@@ -421,9 +453,7 @@ def _check_targets(where: str, settings: dict, config: Any) -> None:
 
 # ----------------------------------------------------------------- mlx-lm
 
-_MLX_KEY = re.compile(
-    r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<path>\w+(?:\.\w+)+)\.lora_(?P<which>a|b)$"
-)
+_MLX_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>a|b)$")
 
 
 def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights]:
@@ -447,7 +477,8 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, array in _read(folder / MLX_WEIGHTS):
         m = _MLX_KEY.match(name)
-        proj = None if m is None else _site(where, config, m["path"], name)
+        at = None if m is None else _in_layer(config, m["module"])
+        proj = None if at is None else _site(where, config, at[2], name)
         if proj is None:
             if any(e in name for e in _EMBEDDINGS):
                 what = "adapts an embedding or the LM head"
@@ -458,7 +489,7 @@ def _mlx_lm(folder: Path, settings: dict, config: Any) -> dict[Site, LoraWeights
             else:
                 what = f"is not a lora_a / lora_b of a {_ADAPTABLE} projection"
             raise AdapterError(f"{where}: tensor {name} {what}; not supported")
-        layer = int(m["layer"])
+        layer = at[0]
         if layer < first:
             raise AdapterError(
                 f"{where}: {name} adapts layer {layer} but num_layers={num_layers} covers only the last ones"
@@ -520,6 +551,8 @@ def projection_span(config: Any, layer: int, proj: str) -> tuple[str, int, int] 
     if PROJECTIONS[proj] == "mlp" and kind != "dense":
         return None
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    if arch.layers[layer].kv_source is not None and proj in ("qkv_proj", *_GROUPS["qkv_proj"]):
+        return ("qkv_proj", 0, q) if proj == "q_proj" else None  # queries alone (DenseAttention.build_queries)
     outputs = {"qkv_proj": (q, kv, kv), "gate_up_proj": (inter, inter)}
     fused = {"qkv_proj": arch.fused_qkv, "gate_up_proj": arch.fused_gate_up}
     for group, members in _GROUPS.items():
@@ -616,6 +649,10 @@ def _absent(config: Any, layer: int, proj: str) -> str:
         return f"that layer's MLP is ungated: it has an up and a down projection, no {proj}"
     if PROJECTIONS[proj] == "mlp" and kind != "dense":
         return f"that layer's MLP is a mixture of experts: {proj} {_MOE_REFUSAL}"
+    source = config.arch.layers[layer].kv_source
+    if source is not None and PROJECTIONS[proj] == "self_attn":
+        return (f"layer {layer} attends the keys and values layer {source} projected (cross-layer attention, KV "
+                f"reuse): it projects queries alone, so it has q_proj but no {proj} to adapt; drop it from the adapter")
     stored = next((g for g, members in _GROUPS.items() if proj in members), None)
     if stored is not None:
         return f"the base model stores {proj} inside the fused {stored}; adapt {stored}"
