@@ -81,15 +81,18 @@ def assert_a_mixed_batch_gives_each_request_its_own(base, folder, hf, merged, to
             assert scaled_error(host[out.rows[seq][0]], want[seq][pos]) <= 1e-4, (seq, pos)
 
 
-#: A stored layer tensor's module (``...layers.N....<leaf>``, Qwen's ``h.N`` too) and its last name.
-_LAYER_WEIGHT = re.compile(r"(?P<module>.*\.(?:layers|h)\.\d+\..*\.(?P<leaf>\w+))\.weight")
+#: A stored layer tensor's module (``...layers.N....<leaf>``; Qwen's and Phixtral's ``h.N``, Talkie's ``blocks.N``,
+#: AFM's ``kv_reuse_layers.N`` too) and its last name.
+_LAYER_WEIGHT = re.compile(r"(?P<module>.*\.(?:layers|h|blocks|kv_reuse_layers)\.\d+\..*\.(?P<leaf>\w+))\.weight")
 
 
-def release_adapter(folder: Path, dest: Path, leaves: set[str], seed: int = 1, zeroed: bool = False) -> Path:
+def release_adapter(folder: Path, dest: Path, leaves: set[str], seed: int = 1, zeroed: bool = False,
+                    skip: str | None = None) -> Path:
     """A PEFT LoRA adapter (rank 4, alpha 8) of checkpoint ``folder`` written to ``dest``, as PEFT names a model of
     the release's modules: random factors on each layer matrix whose module's last name is in ``leaves`` (the experts'
-    left out, as ``exclude_modules`` would leave them); B zero where ``zeroed``. Returns ``dest / "merged"``: the
-    checkpoint with ``W + 2 * B @ A`` in place of each adapted ``W`` (what PEFT's ``merge_and_unload`` computes)."""
+    left out, as ``exclude_modules`` would leave them, and the modules matching ``skip``); B zero where ``zeroed``.
+    Returns ``dest / "merged"``: the checkpoint with ``W + 2 * B @ A`` in place of each adapted ``W`` (what PEFT's
+    ``merge_and_unload`` computes)."""
     from safetensors.numpy import load_file, save_file
 
     rank, alpha = 4, 8
@@ -98,7 +101,8 @@ def release_adapter(folder: Path, dest: Path, leaves: set[str], seed: int = 1, z
     factors, merged, targets = {}, dict(tensors), set()
     for name, weight in sorted(tensors.items()):
         m = _LAYER_WEIGHT.fullmatch(name)
-        if m is None or m["leaf"] not in leaves or weight.ndim != 2 or ".experts." in name:
+        if m is None or m["leaf"] not in leaves or weight.ndim != 2 or ".experts." in name or \
+                skip is not None and re.fullmatch(skip, m["module"]):
             continue
         a = (rng.standard_normal((rank, weight.shape[1])) / np.sqrt(weight.shape[1])).astype(np.float32)
         b = (rng.standard_normal((weight.shape[0], rank)) * (0.0 if zeroed else 0.3)).astype(np.float32)
@@ -109,7 +113,8 @@ def release_adapter(folder: Path, dest: Path, leaves: set[str], seed: int = 1, z
     (dest / "adapter").mkdir(parents=True)
     save_file(factors, str(dest / "adapter" / "adapter_model.safetensors"))
     (dest / "adapter" / "adapter_config.json").write_text(json.dumps(dict(
-        peft_type="LORA", r=rank, lora_alpha=alpha, target_modules=sorted(targets), bias="none")))
+        peft_type="LORA", r=rank, lora_alpha=alpha, target_modules=sorted(targets), bias="none",
+        **({} if skip is None else {"exclude_modules": skip}))))
     shutil.copytree(folder, dest / "merged", ignore=shutil.ignore_patterns("*.safetensors"))
     save_file(merged, str(dest / "merged" / "model.safetensors"), metadata={"format": "pt"})
     return dest / "merged"

@@ -9,7 +9,11 @@ heads (o_proj's columns, so the A factor's rows), Step 3.5's query heads padded 
 the stored layers (an adapter on a stored layer acts on every pass), TeleChat3's YaRN factor on q / k, Ling's fused
 query_key_value, Lille's qkv_proj / out_proj, the shared experts of the sparse families, Kimi K2's latent attention,
 OpenELM's fewer key/value heads and their queries per layer (padded at load), Nemotron NAS's (repeated at load) and
-its layers whose attention or MLP is skipped or a linear map.
+its layers whose attention or MLP is skipped or a linear map; layers under the family's own container (Talkie's
+blocks.N, Phixtral's and Qwen's transformer.h.N) or stored apart (AFM's kv_reuse_layers.N, whose keys and values are
+another layer's, rounded to int8 steps), layers that project queries alone (Hunyuan's cross-layer attention),
+IQuest-Coder's looped, gated second pass, Spark 2.5's q_k_v_proj, Muse Glimmer's nesting. What cannot be exact is
+refused by name: attention gates, recurrent layers, experts and routers, several attention blocks a layer.
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ pytest.importorskip("safetensors")
 
 TOKENS = [int(t) for t in np.random.RandomState(0).randint(0, 97, size=13)]  # every family's vocabulary holds them
 #: The projections an adapter targets where a release has them (Ling's dense is its o_proj; Lille's and OpenELM's
-#: out_proj; OpenELM's proj_1 / proj_2 its gate_up_proj / down_proj).
+#: out_proj; OpenELM's proj_1 / proj_2 its gate_up_proj / down_proj; Spark 2.5's q_k_v_proj and Phixtral's Wqkv its
+#: qkv_proj; Talkie's attn_* and mlp_* its q/k/v/o and gate/up/down; Qwen's c_attn, c_proj, w1, w2).
 LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "dense", "out_proj", "gate_proj",
           "up_proj", "gate_up_proj", "down_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "proj_1",
-          "proj_2"}
+          "proj_2", "q_k_v_proj", "Wqkv", "attn_query", "attn_key", "attn_value", "attn_resid", "mlp_gate",
+          "mlp_linear", "mlp_resid", "c_attn", "c_proj", "w1", "w2"}
+#: Modules of an adapted leaf's name that are no projection Ferrum adapts (Muse Glimmer's attention gate_proj),
+#: left out of a family's adapter as ``exclude_modules`` leaves them.
+SKIPPED = {"muse_glimmer": r".*\.self_attn\.gate_proj"}
 
 
 def _mlx_lm_release(config: dict, draw=None, as_released=None, extra: dict | None = None):
@@ -176,6 +185,63 @@ def _openelm(folder: Path) -> None:
     _mlx_lm_named(test_openelm)(folder)
 
 
+def _qwen(folder: Path) -> None:
+    from test_qwen1 import CONFIG
+
+    _mlx_lm_release(CONFIG)(folder)
+
+
+def _talkie(folder: Path) -> None:
+    from mlx_lm_release import write_release
+    from test_talkie import CONFIG, ROTARY, _model
+
+    write_release(folder, _model(), CONFIG, TOKENS, extra={ROTARY: np.ones(8, dtype=np.float32)})
+
+
+def _spark2_5(folder: Path) -> None:
+    from mlx_lm_release import write_release
+    from test_spark2_5 import CONFIG, DROPPED, _model
+
+    model = _model()
+    extra = {DROPPED[0]: np.ones(4, dtype=np.float32), DROPPED[1]: np.array(model.model.embedding.weight)}
+    write_release(folder, model, CONFIG, TOKENS, extra=extra)
+
+
+def _muse_glimmer(folder: Path) -> None:
+    from mlx_lm_release import renamed, write_release
+    from test_muse_glimmer import RELEASE, VOCAB, _model, _nested
+
+    write_release(folder, _model(), RELEASE, TOKENS, renamed(_nested), vocab=VOCAB)
+
+
+def _afm7(folder: Path) -> None:
+    from mlx_lm_release import write_release
+    from test_afm7 import CONFIG, _model
+
+    write_release(folder, _model(), CONFIG, TOKENS)
+
+
+def _iquestloopcoder(folder: Path) -> None:
+    from mlx_lm_release import normal
+    from test_iquestloopcoder import CONFIG
+
+    _mlx_lm_release(CONFIG, normal())(folder)
+
+
+def _hunyuan(folder: Path) -> None:
+    from mlx_lm_release import normal
+    from test_hunyuan import as_released, hunyuan_config
+
+    _mlx_lm_release(hunyuan_config(), normal(), as_released)(folder)
+
+
+def _phixtral(folder: Path) -> None:
+    from mlx_lm_release import normal
+    from test_phixtral import as_released, phixtral_config
+
+    _mlx_lm_release(phixtral_config(), normal(stds={"fc1": 0.3}), as_released)(folder)
+
+
 def _deepseek(folder: Path) -> None:
     import test_deepseek
 
@@ -211,6 +277,17 @@ FAMILIES = {
     # linear sub-blocks have nothing to adapt
     "nemotron-nas": (_nemotron_nas, 4 * 4 + 4 * 3, None),
     "openelm": (_openelm, 4 * 4, None),  # qkv_proj, out_proj, proj_1 (gate and up), proj_2; 1 to 3 key/value heads
+    "talkie": (_talkie, 3 * 7, None),  # layers under blocks.N
+    "spark2_5": (_spark2_5, 4 * 5, None),  # q_k_v_proj, out_proj and the MLP's three; its head gate g_proj is not
+    "muse_glimmer": (_muse_glimmer, 4 * 7, None),  # Meta's nesting; its attention's gate_proj left out
+    # three layers' qkv_proj, two KV-reuse layers' q_proj (under kv_reuse_layers.N), each layer's out_proj and MLP;
+    # keys and values rounded to int8 steps after the adapted projection
+    "afm7": (_afm7, 5 * 5, None),
+    "iquestloopcoder": (_iquestloopcoder, 2 * 7, None),  # two stored layers, each run in both loops
+    # cross-layer attention: layers 1 and 3 project queries alone; every layer's shared MLP
+    "hunyuan": (_hunyuan, 5 * 2 + 3 * 2 + 5 * 3, None),
+    "phixtral": (_phixtral, 2 * 2, None),  # Wqkv and out_proj under transformer.h.N; its experts are not adapted
+    "qwen": (_qwen, 2 * 5, None),  # c_attn, attn.c_proj, w1, w2, mlp.c_proj under transformer.h.N
 }
 
 
@@ -239,7 +316,8 @@ def release(tmp_path_factory):
             releases[family] = folder, _mlx_lm_reference(folder, for_mlx_lm)
         folder, plain = releases[family]
         if (family, leaves) not in built:
-            merged = release_adapter(folder, tmp_path_factory.mktemp(f"{family}_lora"), set(leaves))
+            merged = release_adapter(folder, tmp_path_factory.mktemp(f"{family}_lora"), set(leaves),
+                                     skip=SKIPPED.get(family))
             built[family, leaves] = folder, merged.parent / "adapter", _mlx_lm_reference(merged, for_mlx_lm), plain
         return built[family, leaves]
 
@@ -247,6 +325,7 @@ def release(tmp_path_factory):
 
 
 @pytest.mark.filterwarnings("ignore:.*vision or audio part")
+@pytest.mark.filterwarnings("ignore:.*seq_length")  # Qwen's context, cut to seq_length
 @pytest.mark.parametrize("backend", runnable_backends())
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_adapter_gives_the_merged_release_s_logits(release, family, backend):
@@ -290,29 +369,126 @@ def test_a_layer_past_the_stored_ones_of_a_looped_model_is_refused(release, tmp_
         float32_model(folder).adapters.load("a", tmp_path / "a")
 
 
-def _qwen(folder: Path) -> None:
-    from test_qwen1 import CONFIG
-
-    _mlx_lm_release(CONFIG)(folder)
-
-
 def _plamo2(folder: Path) -> None:
     from test_plamo2 import CONFIG, _as_released, _draw
 
     _mlx_lm_release(CONFIG, _draw, _as_released)(folder)
 
 
-@pytest.mark.filterwarnings("ignore:.*seq_length")
+def _gear(folder: Path) -> None:
+    from mlx_lm_release import write_release
+    from test_gear import CONFIG, _model, _release_taps
+
+    model = _model()
+    write_release(folder, model, CONFIG, TOKENS, extra=_release_taps(model))
+
+
+def _baichuan_m1(folder: Path) -> None:
+    from mlx_lm_release import random_mlx_lm_model, write_release
+    from test_baichuan_m1 import CONFIG, _as_released, _draw
+
+    write_release(folder, random_mlx_lm_model(CONFIG, draw=_draw), CONFIG, TOKENS, _as_released, tolerance=1e-6)
+
+
+def _rwkv7(folder: Path) -> None:
+    from mlx_lm_release import write_release
+    from test_rwkv7 import CONFIG, _mlx_lm_model, _release_names
+
+    write_release(folder, _mlx_lm_model(CONFIG), CONFIG, TOKENS, _release_names)
+
+
+def _ring_linear(folder: Path) -> None:
+    from test_bailing_moe import build_mlx_lm_checkpoint
+    from test_bailing_moe_linear import CONFIGS
+
+    build_mlx_lm_checkpoint(folder, CONFIGS["mini"], TOKENS)
+
+
+def _longcat_flash_lite(folder: Path) -> None:
+    from test_longcat_flash_ngram import RELEASE, build_release
+
+    build_release(folder, RELEASE)
+
+
 @pytest.mark.parametrize("build, leaves, message", [
-    (_qwen, LEAVES | {"c_attn", "c_proj", "w1", "w2"}, r"transformer\.h\.\d+\..*\(layers under h\.N"),
     (_plamo2, LEAVES, "hybrid models with recurrent layers .*PLaMo 2 Mamba layers' projections"),
     (_step3p5, LEAVES | {"g_proj"}, "step3p5's attention gate g_proj is not supported"),
+    (_spark2_5, LEAVES | {"g_proj"}, "spark2_5's attention gate g_proj is not supported"),
+    (_muse_glimmer, LEAVES, "muse_glimmer_text's attention gate self_attn.gate_proj is not supported"),
+    (_gear, LEAVES, "hybrid models with recurrent layers .*the gated key/value convolution layers' projections"),
+    (_baichuan_m1, LEAVES | {"W_pack"}, "hybrid models with recurrent layers .*the key/value convolution layers'"),
+    (_rwkv7, LEAVES | {"r_proj", "key", "value"},
+     "each hold an RWKV-7 time mix and channel mix, not attention and an MLP"),
+    (_ring_linear, LEAVES, "hybrid models with recurrent layers .*the lightning attention layers' projections"),
+    (_longcat_flash_lite, LEAVES, "checkpoint layers each hold several attention blocks"),
+    (_phixtral, LEAVES | {"fc1", "fc2"}, "'fc1', which adapts a mixture-of-experts projection"),
+    (_hunyuan, LEAVES | {"wg"}, "'wg', which adapts a mixture-of-experts projection"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, build, leaves, message):
-    """Qwen's layers under transformer.h (a layout Ferrum does not adapt); PLaMo 2's Mamba layers; Step 3.5's
-    per-head attention gate."""
+    """PLaMo 2's Mamba layers; the per-head attention gates of Step 3.5 and Spark 2.5, Muse Glimmer's gate_proj;
+    the recurrent layers of Gear, Baichuan-M1 (keys and values convolved along the sequence) and Ring-linear; RWKV-7's
+    time and channel mixes, LongCat-Flash-Lite's two attention blocks a layer; Phixtral's experts (fc1 / fc2) and
+    Hunyuan's router (wg)."""
     (tmp_path / "release").mkdir()
     build(tmp_path / "release")
     release_adapter(tmp_path / "release", tmp_path, leaves)
     with pytest.raises(AdapterError, match=message):
         float32_model(tmp_path / "release").adapters.load("a", tmp_path / "adapter")
+
+
+def _renamed_adapter(adapter: Path, dest: Path, old: str, new: str) -> Path:
+    """A copy of the PEFT adapter ``adapter`` whose factors' names have ``old`` replaced by ``new``."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(adapter, dest)
+    factors = dest / "adapter_model.safetensors"
+    save_file({name.replace(old, new): value for name, value in load_file(factors).items()}, str(factors))
+    return dest
+
+
+@pytest.mark.parametrize("family, old, new, message", [
+    ("hunyuan", ".layers.0.self_attn.k_proj.", ".layers.1.self_attn.k_proj.",
+     "layer 1 attends the keys and values layer 0 projected .* no k_proj to adapt"),
+    ("afm7", ".layers.0.self_attn.qkv_proj.", ".kv_reuse_layers.0.self_attn.qkv_proj.",
+     "layer 3 attends the keys and values layer 2 projected .* has q_proj but no qkv_proj"),
+    ("talkie", ".blocks.", ".layers.", "layers under .* but this base model's layers are blocks.N"),
+])
+def test_a_projection_the_layer_lacks_is_refused(release, tmp_path, family, old, new, message):
+    """Factors of a key projection on a layer that reads another's keys and values (Hunyuan's cross-layer attention,
+    AFM's KV-reuse layers), which an adapter would otherwise leave unused; and factors under layers.N where the base
+    model's layers are blocks.N."""
+    _, adapter, _, _ = release(family)
+    with pytest.raises(AdapterError, match=message):
+        float32_model(release(family)[0]).adapters.load("a", _renamed_adapter(adapter, tmp_path / "a", old, new))
+
+
+@pytest.mark.parametrize("family, num_layers, stored", [("talkie", 2, "blocks.{1,2}"),
+                                                        ("afm7", 3, "layers.2 and kv_reuse_layers.{0,1}")])
+def test_mlx_lm_s_own_adapter_gives_mlx_lm_s_logits(release, tmp_path, family, num_layers, stored):
+    """mlx-lm's LoRA (``linear_to_lora_layers`` over its model's last ``num_layers`` layers, factors at random) under
+    mlx-lm's module names, which are the release's: every backend's logits are mlx-lm's with the adapter loaded."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+    from mlx_lm.utils import load_model
+
+    from mlx_lm_release import model_logits
+
+    folder, _, _, plain = release(family)
+    settings = {"fine_tune_type": "lora", "num_layers": num_layers,
+                "lora_parameters": {"rank": 4, "scale": 3.0, "dropout": 0.0}}
+    model = load_model(folder)[0]
+    linear_to_lora_layers(model, num_layers, settings["lora_parameters"])
+    rng = np.random.default_rng(3)
+    factors = {k: mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.2)
+               for k, v in tree_flatten(model.parameters()) if k.endswith((".lora_a", ".lora_b"))}
+    assert len(factors) == 2 * 14, stored  # the last layers' q (or qkv) and o projections and MLPs
+    (tmp_path / "adapter").mkdir()
+    mx.save_safetensors(str(tmp_path / "adapter" / "adapters.safetensors"), factors)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(settings))
+    want = model_logits(load_adapters(load_model(folder)[0], str(tmp_path / "adapter")), TOKENS)
+    assert scaled_error(want, plain) > 0.1
+    for backend in runnable_backends():
+        ours = float32_model(folder, backend, block_size=4)
+        ours.adapters.load("a", tmp_path / "adapter")
+        assert scaled_error(adapted_logits(ours, TOKENS, "a"), want) <= 1e-4, backend
