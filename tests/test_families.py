@@ -545,6 +545,22 @@ def test_names_the_tensors_transformers_saves(checkpoints, family):
     assert_names_the_tensors_transformers_saves(checkpoints[family][0])
 
 
+
+@pytest.mark.parametrize("family, adapted", [("gptj", 3 * 6), ("falcon", 3 * 4), ("falcon_new_architecture", 3 * 4),
+                                             ("gpt_bigcode", 3 * 4)])
+def test_lora_under_the_h_n_container_matches_peft(family, adapted, tmp_path):
+    """PEFT's adapter of every linear projection, named under transformer.h.N (the layers' container these families
+    store), gives PEFT's merged model's logits on every backend: GPT-J's q/k/v/out_proj and fc_in / fc_out, Falcon's
+    fused query_key_value (multi-query, and grouped in the new architecture), dense and its MLP, GPTBigCode's fused
+    c_attn and c_proj, c_fc and c_proj."""
+    from lora_checks import assert_adapter_matches_peft, make_peft
+
+    hf = build_family(tmp_path / "base", family)
+    merged = make_peft(hf, tmp_path / "lora", "all-linear", hide=False)
+    for backend in RUNNABLE:
+        assert_adapter_matches_peft(tmp_path / "base", tmp_path / "lora", hf, merged, adapted, TOKENS, backend)
+
+
 # ---------------------------------------------------------- checkpoint layouts
 
 
