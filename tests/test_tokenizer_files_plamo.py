@@ -167,7 +167,7 @@ def test_scores_are_rounded_and_ties_go_to_an_equally_cheap_path(tmp_path):
     (lambda rows: rows.__setitem__(5, ["<0x00", 0.0, "BYTE"]), "byte pieces"),
     (lambda rows: rows.pop(100), "byte pieces"),
     (lambda rows: rows.append(["x", "high", "NORMAL"]), "line 3"),
-    (lambda rows: rows.append(["y", -2000.0, "NORMAL"]), "unknown character"),
+    (lambda rows: rows.append(["qq", -2000.0, "NORMAL"]), "unknown character"),
     (lambda rows: rows.remove(next(r for r in rows if r[0] == "<")), "'<' is not a piece"),
 ])
 def test_malformed_plamo_vocabularies_are_refused(tmp_path, edit, words):
@@ -177,3 +177,21 @@ def test_malformed_plamo_vocabularies_are_refused(tmp_path, edit, words):
         rows.insert(2, rows.pop())
     with pytest.raises(ConfigError, match=words):
         Tokenizer(write(tmp_path, rows))
+
+
+@pytest.mark.parametrize("line, words", [
+    (b'["\xff\xfe", -1.0, "NORMAL"]', "not a PLaMo vocabulary row"),  # invalid UTF-8
+    (b'["zz", ' + b"9" * 400 + b', "NORMAL"]', "not a PLaMo vocabulary row"),  # past float's range
+    (b'["zz", ' + b"9" * 5000 + b', "NORMAL"]', "not a PLaMo vocabulary row"),  # past Python's int digits
+    (b'["zz", 1e305, "NORMAL"]', "not a PLaMo vocabulary row"),  # times 1e4 past float's range
+    (b"[" * 100_000, "not a PLaMo vocabulary row"),  # past Python's recursion limit
+    (b'["\\ud800", -1.0, "NORMAL"]', "not a PLaMo vocabulary row"),  # a lone surrogate
+    (b'["H", -1.0, "NORMAL"]', "the piece 'H' is that of line"),  # a piece twice
+])
+def test_hostile_plamo_rows_are_refused_naming_the_line(tmp_path, line, words):
+    rows = vocabulary()
+    write(tmp_path, rows)
+    with (tmp_path / "tokenizer.jsonl").open("ab") as f:
+        f.write(line + b"\n")
+    with pytest.raises(ConfigError, match=f"tokenizer.jsonl, line {len(rows) + 1}: {words}"):
+        Tokenizer(tmp_path)

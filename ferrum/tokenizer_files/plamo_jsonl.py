@@ -27,22 +27,44 @@ PLAMO_DEFAULTS = {"unk_token": "<|plamo:unk|>", "bos_token": "<|plamo:bos|>", "e
                   "pad_token": "<|plamo:pad|>"}
 
 
+#: The largest score magnitude read: rounded to 1e-4 units, a segmentation's summed scores stay exact in float64.
+MAX_SCORE = 1e6
+
+
 def _rows(path: Path) -> list[tuple[str, float, str]]:
-    """The file's (piece, score, type) rows, checked: a non-empty string and a finite number each."""
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not (isinstance(row, list) and len(row) >= 2 and isinstance(row[0], str) and row[0]
-                    and isinstance(row[1], (int, float)) and not isinstance(row[1], bool) and math.isfinite(row[1])):
-                raise ConfigError(f"{path}, line {number}: not a PLaMo vocabulary row ([piece, score, type, ...]): "
-                                  f"{line[:80]!r}; re-download the checkpoint")
-            kind = row[2] if len(row) > 2 and isinstance(row[2], str) else "NORMAL"
-            rows.append((row[0], float(row[1]), kind))
+    """The file's (piece, score, type) rows, checked: a distinct non-empty UTF-8 string and a finite number within
+    ±:data:`MAX_SCORE` each; anything else refused naming the line."""
+    rows, seen = [], {}
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc}") from None
+    for number, line in enumerate(lines, start=1):
+        row = _row(line)
+        if row is None:
+            raise ConfigError(f"{path}, line {number}: not a PLaMo vocabulary row ([piece, score, type, ...] with a "
+                              f"UTF-8 piece and a score within ±{MAX_SCORE:g}): {line[:80]!r}; re-download the "
+                              "checkpoint")
+        if row[0] in seen:
+            raise ConfigError(f"{path}, line {number}: the piece {row[0]!r} is that of line {seen[row[0]]} too; a "
+                              "vocabulary holds each piece once: re-download the checkpoint")
+        seen[row[0]] = number
+        rows.append(row)
     return rows
+
+
+def _row(line: bytes) -> tuple[str, float, str] | None:
+    """One line's (piece, score, type), None where it is not such a row."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+        piece, score = row[0], float(row[1])
+        piece.encode("utf-8")  # no lone surrogate
+    except (ValueError, RecursionError, OverflowError, TypeError, KeyError, IndexError, AttributeError):
+        return None  # invalid UTF-8 or JSON, a number past Python's own limits, no [piece, score, ...]
+    if not (isinstance(row, list) and isinstance(piece, str) and piece and isinstance(row[1], (int, float))
+            and not isinstance(row[1], bool) and math.isfinite(score) and abs(score) <= MAX_SCORE):
+        return None
+    return piece, score, row[2] if len(row) > 2 and isinstance(row[2], str) else "NORMAL"
 
 
 def _check_byte_spellings(path: Path, scores: Mapping[str, float], low: float) -> None:
