@@ -51,6 +51,7 @@ class WorldTokenizer(Tokenizer):
             raise ConfigError(f"{folder / 'tokenizer_config.json'}: bos_token must be the text of id 0, the end of "
                               f"text (RWKV's {END_OF_TEXT!r}), got {bos!r}")
         added = {0: first, **{i: t["content"] for i, t in named.items() if i}}
+        _check_added(folder / "tokenizer_config.json", added, max(tokens) + len(added))
         special = frozenset([0, *(i for i, t in named.items() if t.get("special", False))])
         add_bos = config.get("add_bos_token", False)  # RwkvTokenizer adds none unless told
         if not isinstance(add_bos, bool):
@@ -135,6 +136,20 @@ class WorldTokenizer(Tokenizer):
         token_id = int(token_id)
         added = self._tok.added.get(token_id)
         return added.encode("utf-8") if added is not None else self._tok.tokens.get(token_id, b"")
+
+
+def _check_added(where: Path, added: dict[int, str], last: int) -> None:
+    """Refuse an added token that is no UTF-8 text (a lone surrogate) or whose id is past ``last``, the vocabulary's
+    last id plus one per added token (a larger one would size the logits' vocabulary by it)."""
+    for token_id, text in added.items():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{where}: added token {token_id} ({text!r:.40}) is not UTF-8 text (a lone surrogate); "
+                              "fix its content") from None
+        if token_id > last:
+            raise ConfigError(f"{where}: added token {text!r:.40} has id {token_id}, past {last} (the vocabulary's "
+                              "last id plus one per added token); fix its id")
 
 
 class _GuidanceView:

@@ -171,6 +171,41 @@ def test_a_malformed_line_is_refused_by_its_number(tmp_path):
         Tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize("line, words", [
+    (b"281 '\\ud800' 3", "line 281: .* non-empty UTF-8 token"),  # a lone surrogate
+    (b"1000000000 'zz' 2", "line 281: .* an id of at most the file's 282 lines"),  # the logits' width, by one id
+    (b"281 '" + b"a" * 129 + b"' 129", "line 281: a token of 129 bytes; Ferrum reads tokens of at most 128"),
+])
+def test_a_hostile_line_is_refused_by_its_number(tmp_path, line, words):
+    from ferrum.errors import ConfigError
+
+    write_world(tmp_path)
+    path = tmp_path / "rwkv_vocab_v20230424.txt"
+    path.write_bytes(path.read_bytes() + line + b"\r\n")
+    with pytest.raises(ConfigError, match=words):
+        Tokenizer(tmp_path)
+
+
+def test_the_release_s_longest_token_is_read(tmp_path):
+    vocab = {**VOCAB, 281: b" " * 128}
+    write_world(tmp_path, vocab)
+    ids = Tokenizer(tmp_path).encode(" " * 130, add_special_tokens=False)
+    assert ids == greedy(" " * 130, vocab) and ids[0] == 281
+
+
+@pytest.mark.parametrize("token_id, content, words", [
+    ("281", "\ud800", "added token 281 .* is not UTF-8 text"),
+    ("1000000000", "<extra>", "has id 1000000000, past 282"),
+])
+def test_a_hostile_added_token_is_refused(tmp_path, token_id, content, words):
+    from ferrum.errors import ConfigError
+
+    added = {**CONFIG["added_tokens_decoder"], token_id: {"content": content, "special": True}}
+    write_world(tmp_path, config={**CONFIG, "added_tokens_decoder": added})
+    with pytest.raises(ConfigError, match=words):
+        Tokenizer(tmp_path)
+
+
 # --------------------------------------------------------------- a model carrying only the vocabulary
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,9 @@ _OTHER_VERSIONS = "rwkv_vocab_v*.txt"
 #: What fla-hub's RwkvTokenizer calls id 0, the end of text (its default BOS, EOS and unknown token); the vocabulary
 #: file starts at id 1.
 END_OF_TEXT = "<|rwkv_tokenizer_end_of_text|>"
+#: The longest token read, in bytes: the release's (128 spaces). The greedy match looks this far ahead of each
+#: token it takes, so a longer one would make encoding that much slower per byte.
+MAX_TOKEN_BYTES = 128
 
 
 def world_vocab_file(folder: Path) -> Path | None:
@@ -34,27 +37,33 @@ def world_vocab_file(folder: Path) -> Path | None:
 
 
 def read_world_vocab(path: Path) -> dict[int, bytes]:
-    """The file's tokens by id, each line checked: its literal must be a str (stored as UTF-8) or bytes of the
-    byte length the line gives. Literals are read with ``ast.literal_eval``, never evaluated as code."""
+    """The file's tokens by id, each line checked: its id at most the file's line count (the release's is its line
+    number), its literal a str (stored as UTF-8) or bytes of the byte length the line gives, at most
+    :data:`MAX_TOKEN_BYTES`. Literals are read with ``ast.literal_eval``, never evaluated as code."""
     require_regular_file(path, ConfigError)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text ({exc}); re-download the vocabulary") from None
     tokens: dict[int, bytes] = {}
-    for number, line in enumerate(text.split("\n"), 1):
+    lines = text.split("\n")
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         head, _, rest = line.partition(" ")
         literal, _, length = rest.rpartition(" ")
         try:
             token_id, value, size = int(head), ast.literal_eval(literal.strip()), int(length)
+            token = value.encode("utf-8") if isinstance(value, str) else value  # a lone surrogate: ValueError
         except (ValueError, SyntaxError, MemoryError, RecursionError):
-            value = None
-        token = value.encode("utf-8") if isinstance(value, str) else value
-        if not isinstance(token, bytes) or token_id < 0 or len(token) != size or not token:
+            token = None
+        if not isinstance(token, bytes) or not 0 <= token_id <= len(lines) or len(token) != size or not token:
             raise ConfigError(f"{path}, line {number}: {line[:80]!r} is not '<id> <str or bytes literal> <byte "
-                              "length>' with a non-empty token of that length; re-download the vocabulary")
+                              f"length>' with an id of at most the file's {len(lines)} lines and a non-empty UTF-8 "
+                              "token of that length; re-download the vocabulary")
+        if size > MAX_TOKEN_BYTES:
+            raise ConfigError(f"{path}, line {number}: a token of {size} bytes; Ferrum reads tokens of at most "
+                              f"{MAX_TOKEN_BYTES} (the release's longest), which keep its greedy match fast")
         tokens[token_id] = token
     if not tokens:
         raise ConfigError(f"{path} holds no tokens; re-download the vocabulary")
