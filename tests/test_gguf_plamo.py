@@ -17,7 +17,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 plamo = pytest.importorskip("mlx_lm.models.plamo")
 
-from ferrum.errors import UnsupportedFeatureError  # noqa: E402
+from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
 from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
 from test_gguf_import import (  # noqa: E402
@@ -102,3 +102,10 @@ def test_a_plamo_gguf_with_rope_scaling_is_refused(tmp_path):
     with pytest.raises(UnsupportedFeatureError, match=re.escape("linear rope scaling in a plamo file")):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plamo_gguf_of_no_key_value_heads_is_refused(tmp_path):
+    _, params, config = _tiny()
+    _plamo_gguf(tmp_path / "m.gguf", params, config, Q.F32, head_count_kv=0)
+    with pytest.raises(CheckpointError, match=re.escape("plamo.attention.head_count_kv is 0")):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")

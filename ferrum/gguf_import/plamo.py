@@ -45,6 +45,9 @@ def plamo_config(meta: Metadata, p: str, cfg: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedFeatureError(f"{meta.where}: {cfg['rope_scaling']['rope_type']} rope scaling in a plamo file "
                                       "is not supported (PLaMo has none)")
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if not kv_heads:
+        raise CheckpointError(f"{meta.where}: {p}attention.head_count_kv is 0; PLaMo's query heads share at least one "
+                              "key/value head")
     if heads % kv_heads:
         raise CheckpointError(f"{meta.where}: {heads} query heads do not share {kv_heads} key/value heads evenly")
     return {"n_shared_head": heads // kv_heads, "rope_traditional": False}
