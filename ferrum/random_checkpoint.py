@@ -78,7 +78,7 @@ def write_random_checkpoint(
     (staging / "config.json").write_text(json.dumps(full, indent=2))
     tensors, own_layout = {}, {}
     for done, (name, shape) in enumerate(shapes.items(), start=1):
-        array = rng.standard_normal(shape, dtype=np.float32) * std
+        array = np.asarray(rng.standard_normal(shape, dtype=np.float32) * std)  # a 0-d one an array too (AFM's steps)
         if name.endswith("norm.weight"):  # scaling by about 1 once its offset is added (Gemma's by 1 + w)
             array += 1.0 - norm_offset(model_config.arch, model_name(model_config.arch, name))
         if moe is not None and moe.layout is not None and is_expert_stack(name):  # a family's own layout
@@ -88,7 +88,7 @@ def write_random_checkpoint(
             stacked = f"{module}.{moe.stacked[SWITCH.index(proj)]}.weight"  # gate's rows, then up's (listed first)
             part = array.astype(_STORAGE[dtype])
             tensors[stacked] = np.concatenate([tensors[stacked], part], axis=1) if stacked in tensors else part
-        elif len(shape) == 3 and is_expert_stack(name):  # a stack of experts (not a convolution's [C, 1, K])
+        elif is_expert_stack(name) and (len(shape) == 3 or name.endswith(".bias")):  # the experts' weights or biases
             tensors.update(zip(per_expert_names(moe, name), array.astype(_STORAGE[dtype])))
             if expert_layout == "transformers":
                 tensors.update(_zero_experts_rows(moe, name, shape, dtype))
