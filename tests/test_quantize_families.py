@@ -48,6 +48,7 @@ FAMILIES = {
     # sanitize adds 1 to in mlx-lm's conversion
     "test_step3p5": ("release", True, "norm"),
     "test_longcat_flash_ngram": ("releases", False),  # the embedding under mlx-lm's ngram_embeddings.word_embeddings
+    "test_kimi_k3": ("release", True),  # the router at 8 bits in groups of 64 (mlx-lm's quant_predicate)
 }
 
 

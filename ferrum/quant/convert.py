@@ -119,6 +119,7 @@ _MLX_LM_EIGHT_BIT: dict[str, tuple[str, ...]] = {
     "gemma4_text": ("router.proj",),
     "afmoe": ("mlp.router.gate",),
     "kimi_linear": ("mlp.gate",),
+    "kimi_k3": ("block_sparse_moe.gate",),  # written as stored: its sanitize moves it, packed too, to mlp.gate
     "bailing_moe": ("mlp.gate.gate_proj",),
     "bailing_moe_linear": ("mlp.gate.gate_proj",),
     "Klear": ("mlp.gate",),
