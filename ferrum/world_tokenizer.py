@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from ferrum.errors import ConfigError, UnsupportedFeatureError
 from ferrum.tokenizer import Tokenizer, not_unicode
-from ferrum.tokenizer_files import added_tokens
+from ferrum.tokenizer_files import added_tokens, config_flag
 from ferrum.tokenizer_files.rwkv_world import END_OF_TEXT, ByteTrie, read_world_vocab, world_vocab_file
 
 
@@ -53,10 +53,7 @@ class WorldTokenizer(Tokenizer):
         added = {0: first, **{i: t["content"] for i, t in named.items() if i}}
         _check_added(folder / "tokenizer_config.json", added, max(tokens) + len(added))
         special = frozenset([0, *(i for i, t in named.items() if t.get("special", False))])
-        add_bos = config.get("add_bos_token", False)  # RwkvTokenizer adds none unless told
-        if not isinstance(add_bos, bool):
-            raise ConfigError(f"{folder / 'tokenizer_config.json'}: add_bos_token must be true or false, got "
-                              f"{add_bos!r}")
+        add_bos = config_flag(config, "add_bos_token", folder)  # RwkvTokenizer adds none unless told
         vocab = WorldVocab(tokens, ByteTrie(tokens.items()), added, special, add_bos)
         return vocab, {"bos_token": first, "eos_token": first, "unk_token": first}
 

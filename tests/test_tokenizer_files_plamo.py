@@ -195,3 +195,11 @@ def test_hostile_plamo_rows_are_refused_naming_the_line(tmp_path, line, words):
         f.write(line + b"\n")
     with pytest.raises(ConfigError, match=f"tokenizer.jsonl, line {len(rows) + 1}: {words}"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["add_bos_token", "add_eos_token"])
+def test_a_flag_that_is_not_a_boolean_is_refused(tmp_path, key):
+    """"false" as a string would add the token (bool("false") is True): refused, as the world vocabulary's reader
+    refuses it."""
+    with pytest.raises(ConfigError, match=f"{key} must be true or false, got 'false'"):
+        Tokenizer(write(tmp_path, vocabulary(), **{key: "false"}))

@@ -63,14 +63,14 @@ def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[s
         require_regular_file(folder / PLAMO_VOCABULARY, ConfigError)
         tok, defaults, whole = plamo_tokenizer(folder / PLAMO_VOCABULARY, config)
         # Plamo2Tokenizer adds nothing by default
-        add_bos, add_eos = bool(config.get("add_bos_token", False)), bool(config.get("add_eos_token", False))
+        add_bos, add_eos = (config_flag(config, key, folder) for key in ("add_bos_token", "add_eos_token"))
         normalized = False
     elif tiktoken_file(folder) is not None:
         from ferrum.tokenizer_files.tiktoken_ranks import tiktoken_tokenizer
 
         tok, defaults, whole = tiktoken_tokenizer(folder, config, {i: t["content"] for i, t in named.items()})
         # Kimi's and Qwen's classes add nothing by default
-        add_bos, add_eos = bool(config.get("add_bos_token", False)), bool(config.get("add_eos_token", False))
+        add_bos, add_eos = (config_flag(config, key, folder) for key in ("add_bos_token", "add_eos_token"))
         normalized = False
     else:
         raise ConfigError(
@@ -96,6 +96,15 @@ def load_tokenizer(folder: Path, config: Mapping[str, Any]) -> tuple[Any, dict[s
     if processor is not None:
         tok.post_processor = processor
     return tok, defaults
+
+
+def config_flag(config: Mapping[str, Any], key: str, folder: Path, default: bool = False) -> bool:
+    """tokenizer_config.json's ``key`` (``add_bos_token``...), ``default`` where unset or null; refused unless a
+    boolean (bool() of the string "false" is True)."""
+    value = default if config.get(key) is None else config[key]
+    if not isinstance(value, bool):
+        raise ConfigError(f"{folder / 'tokenizer_config.json'}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def added_tokens(config: Mapping[str, Any], folder: Path) -> dict[int, dict[str, Any]]:
