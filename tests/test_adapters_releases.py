@@ -492,3 +492,21 @@ def test_mlx_lm_s_own_adapter_gives_mlx_lm_s_logits(release, tmp_path, family, n
         ours = float32_model(folder, backend, block_size=4)
         ours.adapters.load("a", tmp_path / "adapter")
         assert scaled_error(adapted_logits(ours, TOKENS, "a"), want) <= 1e-4, backend
+
+
+@pytest.mark.parametrize("stored, named", [("q_proj", "q_proj"), ("q_proj", "qkv_proj")])
+def test_a_reuse_layer_named_as_ferrum_numbers_it_is_refused(release, tmp_path, stored, named):
+    """AFM stores its KV-reuse layers at kv_reuse_layers.{j}, not at layers.{i} (which Ferrum numbers them as): an
+    adapter naming layers.3 names no module of the release and is refused, whatever its projection."""
+    from safetensors.numpy import load_file, save_file
+
+    folder, adapter, _, _ = release("afm7")
+    shutil.copytree(adapter, tmp_path / "a")
+    factors = tmp_path / "a" / "adapter_model.safetensors"
+    at = f".kv_reuse_layers.0.self_attn.{stored}."
+    renamed = {name.replace(at, f".layers.3.self_attn.{named}."): value for name, value in load_file(factors).items()
+               if at in name}
+    assert len(renamed) == 2
+    save_file(renamed, str(factors))
+    with pytest.raises(AdapterError):
+        float32_model(folder).adapters.load("a", tmp_path / "a")

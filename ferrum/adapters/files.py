@@ -350,7 +350,13 @@ def _in_layer(config: Any, module: str) -> tuple[int, int, str] | None:
             return layer, int(stem.rpartition(".")[2]), m["path"]
     container = re.escape(arch.stored_names.get("layers", "layers"))
     m = re.fullmatch(rf"(?:.*\.)?{container}\.(?P<layer>\d+)\.(?P<path>\w+(?:\.\w+)+)", module)
-    return None if m is None else (int(m["layer"]), int(m["layer"]), m["path"])
+    if m is None:
+        return None
+    layer = int(m["layer"])
+    if layer in arch.layer_stems:  # a module the checkpoint does not have: that layer is stored elsewhere
+        raise AdapterError(f"{module} adapts layers.{layer}, which the base model does not have: it stores layer "
+                           f"{layer} as {arch.layer_stems[layer]}; the adapter was trained for another model")
+    return layer, layer, m["path"]
 
 
 def _site(where: str, config: Any, path: str, tensor: str) -> str | None:
