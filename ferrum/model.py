@@ -319,7 +319,11 @@ class DecoderOnlyLLM:
         self._last_write = max((i for i, (kind, spec) in enumerate(zip(kinds, arch.layers)) if kind.writes_kv(spec)),
                                default=None)
         #: Whether no block from it on carries a state (a recurrent mixer needs every row to carry its state on).
-        self._narrows = self._last_write is not None and not any(kind.stateful for kind in kinds[self._last_write:])
+        #: Whether the stream's arrays before its last are carried past the mixer step into each block's second
+        #: half (attention residuals' stored blocks: ``Architecture.wide``'s ``carries``), so no pass is narrowed.
+        self._carries = arch.wide is not None and arch.wide.carries
+        self._narrows = self._last_write is not None and not any(
+            kind.stateful for kind in kinds[self._last_write:]) and not self._carries
         #: ALiBi's slopes, float32 [heads] on the backend, or None.
         self._alibi = None if arch.alibi_slopes is None else ops.from_numpy(
             np.asarray(arch.alibi_slopes, dtype=np.float32), "float32")
@@ -516,7 +520,7 @@ class DecoderOnlyLLM:
             kv_layer=self.kv_layers[i],
             per_layer=None if arch.per_layer_inputs is None else PerLayerMix(
                 self.ops, projection, tensor, getattr(self.ops, ACTIVATION_OPS[arch.activation]), config.rms_norm_eps),
-            wide=None if arch.wide is None else arch.wide.layer(self, tensor, projection),
+            wide=None if arch.wide is None else arch.wide.layer(self, tensor, projection, i),
             kv_steps=kv_quant.steps(self.ops, tensor) if arch.kv_quant else None,
         )
 
@@ -824,9 +828,10 @@ class DecoderOnlyLLM:
             if self._skips[index]:  # the layer hands the stream on unchanged
                 continue
             enter, leave = halves[index]
+            carried = stream[:-1] if self._carries else ()
             *projected, h = enter(*stream, run.positions)
             mixed, extra, h = steps[index](run, index, layer, tuple(projected), h)
-            stream = leave(mixed, h, *extra, *inputs[index])
+            stream = leave(mixed, h, *extra, *inputs[index], *carried)
             if gives[index]:  # LongCat-Flash's shortcut output, the next layer's leave's last argument
                 *stream, given = stream
                 inputs[index + 1] = (*inputs[index + 1], given)

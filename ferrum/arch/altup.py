@@ -49,6 +49,8 @@ class AltUpSpec:
     coef_clip: float | None
     laurel_rank: int
     name = "AltUp (Gemma 3n's stream of copies)"
+    #: The stream is handed through the mixer step whole (nothing carried past it).
+    carries = False
 
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """The model's tensors (names under the decoder's prefix) and their shapes."""
@@ -83,7 +85,8 @@ class AltUpSpec:
         """The model's ends of the stream (``weights`` / ``projection``: by name under the decoder's prefix)."""
         return AltUpStream(model.ops, self, model.config.hidden_size, model.dtype, weights, projection)
 
-    def layer(self, model: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any]) -> AltUpLayer:
+    def layer(self, model: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any],
+              index: int) -> AltUpLayer:
         """One block's AltUp and Laurel (``tensor`` / ``projection``: the layer's placed weights)."""
         return AltUpLayer(model.ops, self, model.config.hidden_size, model.config.rms_norm_eps, model.dtype, tensor,
                           projection)

@@ -43,6 +43,8 @@ class HyperSpec:
     hc_eps: float
     magnitude: float
     name = "hyper-connections (Hy4's streams)"
+    #: The stream is handed through the mixer step whole (nothing carried past it).
+    carries = False
 
     def tensors(self, hidden: int) -> dict[str, tuple[int, ...]]:
         """The model's tensors (names under the decoder's prefix) and their shapes."""
@@ -89,7 +91,8 @@ class HyperSpec:
         """The model's ends of the streams (``weights`` / ``projection``: by name under the decoder's prefix)."""
         return HyperStream(model.ops, self, model.config.hidden_size, model.dtype, projection)
 
-    def layer(self, model: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any]) -> HyperLayer:
+    def layer(self, model: Any, tensor: Callable[[str], Any], projection: Callable[[str], Any],
+              index: int) -> HyperLayer:
         """One block's two connections (``tensor`` / ``projection``: the layer's placed weights)."""
         return HyperLayer(model.wide, projection)
 

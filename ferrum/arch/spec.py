@@ -226,6 +226,9 @@ class Architecture:
     #: Hy4's hyper-connections: the residual stream as several streams each block reads a mix of and writes its
     #: output into (:class:`ferrum.arch.hyper.HyperSpec`), or None.
     hyper: Any = None
+    #: Kimi K3's attention residuals: each sub-layer reads a softmax mix of the blocks' outputs so far
+    #: (:class:`ferrum.arch.attn_res.AttnResSpec`), or None.
+    attn_res: Any = None
     #: OLMo's clip_qkv: q, k and v clipped to [-c, c] once projected (and OLMoE's q and k once normed).
     clip_qkv: float | None = None
     qkv_bias: bool = False
@@ -421,17 +424,24 @@ class Architecture:
                                           "supported")
         # a wide stream's blocks (AltUp's, hyper-connections') run plain attention, then the MLP; a parallel block's
         # attention runs the MLP in its first half, which neither those blocks nor a mixer beside attention do
+        # (attention residuals' blocks run any one mixer, then the MLP)
         other = next((i for i, layer in enumerate(self.layers) if layer.mixers != ("attention",)), None)
-        if self.altup is not None and self.hyper is not None:
-            raise UnsupportedFeatureError("AltUp with hyper-connections is not supported: one wide stream at a time")
-        if self.wide is not None and other is not None:
+        widths = [w.name for w in (self.altup, self.hyper, self.attn_res) if w is not None]
+        if len(widths) > 1:
+            raise UnsupportedFeatureError(f"{' with '.join(widths)} is not supported: one wide stream at a time")
+        beside_one = next((i for i, layer in enumerate(self.layers) if len(layer.mixers) != 1), None)
+        if self.attn_res is not None and beside_one is not None:
+            raise UnsupportedFeatureError(f"layer {beside_one} runs {' beside '.join(self.layers[beside_one].mixers)}"
+                                          f", which Ferrum does not run with {self.attn_res.name}")
+        if self.wide is not None and self.attn_res is None and other is not None:
             raise UnsupportedFeatureError(f"layer {other} runs {' beside '.join(self.layers[other].mixers)}, which "
                                           f"Ferrum does not run with {self.wide.name} (their blocks attend alone)")
         if self.wide is not None and self.parallel:
             raise UnsupportedFeatureError(f"{self.wide.name} in parallel blocks is not supported")
-        if self.hyper is not None and (self.per_layer_inputs is not None or self.layer_scalar or any(
-                set(layer.block_norms(self)) != {"pre_attn", "pre_mlp"} for layer in self.layers)):
-            raise UnsupportedFeatureError(f"{self.hyper.name} run with a norm before attention and before the MLP "
+        if self.wide is not None and self.altup is None and (
+                self.per_layer_inputs is not None or self.layer_scalar or any(
+                    set(layer.block_norms(self)) != {"pre_attn", "pre_mlp"} for layer in self.layers)):
+            raise UnsupportedFeatureError(f"{self.wide.name} run with a norm before attention and before the MLP "
                                           "and nothing else (no norms after them, per-layer inputs or layer scalars)")
         beside = next((i for i, layer in enumerate(self.layers) if layer.beside is not None), None)
         if self.parallel and beside is not None:
@@ -483,8 +493,9 @@ class Architecture:
     @property
     def wide(self) -> Any:
         """The residual stream's form where it is wider than one array (AltUp's copies, hyper-connections'
-        streams): its spec, which builds the model's ends and each block's halves; None: one stream."""
-        return self.altup if self.altup is not None else self.hyper
+        streams, attention residuals' blocks): its spec, which builds the model's ends and each block's halves;
+        None: one stream."""
+        return next((w for w in (self.altup, self.hyper, self.attn_res) if w is not None), None)
 
     @property
     def stored_layers(self) -> int:

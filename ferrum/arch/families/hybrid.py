@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ferrum.arch.attn_res import RELEASE_NAMES as RES_RELEASE_NAMES, AttnResSpec
 from ferrum.arch.families._shared import (
     FULL, Family, LINEAR, LLAMA_NORMS, POST_NORMS, SLIDING, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _WINDOW,
     _agreeing_aliases, _aliased, _core, _core_defaults, _keys, _per_kind_rope_specs, _rope_spec, _rotary_dim,
@@ -222,15 +223,20 @@ def _kimi_k3(r: KeyReader, sizes: Sizes) -> Architecture:
     (:class:`ferrum.moe.activation.Situ`) in every MLP and expert, the latent attention's output gated elementwise by
     the sigmoid of ``g_proj`` (mla_use_output_gate), the KDA output gate one full-rank ``g_proj`` where
     use_full_rank_gate and its log-decay bounded below where gate_lower_bound (Ling 3's bound, API 1.27), routed as
-    mlx-lm routes it (dropped groups' experts masked with 0: :data:`ferrum.moe.routing.NOAUX_TC_ZERO_MASKED`)."""
+    mlx-lm routes it (dropped groups' experts masked with 0: :data:`ferrum.moe.routing.NOAUX_TC_ZERO_MASKED`);
+    attention residuals where attn_res_block_size (:mod:`ferrum.arch.attn_res`, the release's ``<mix>.proj_weight``
+    / ``.norm_weight``)."""
     arch = _kimi_linear(r, sizes)
     gate, bound, situ = r("mla_use_output_gate"), r("kda_gate_lower_bound"), Situ(
         float(r("activation_situ_beta") or 1.0), r("activation_situ_linear_beta"))
     delta = replace(arch.kimi_delta, gate=("gate_proj",) if r("kda_full_rank_gate") else arch.kimi_delta.gate,
                     lower_bound=None if bound is None else float(bound))
+    block = r("attn_res_block_size")
+    res = None if block is None else AttnResSpec(block, sizes.rms_norm_eps)
     return replace(arch, activation=situ, kimi_delta=delta, mla=replace(arch.mla, value_gate=gate),
-                   attn_output_gate=gate, attn_gate_stored=gate,
-                   stored_names={"self_attn.gate_proj": "self_attn.g_proj"}, unloaded=_layers_past(sizes.num_layers))
+                   attn_output_gate=gate, attn_gate_stored=gate, attn_res=res,
+                   stored_names={"self_attn.gate_proj": "self_attn.g_proj", **(RES_RELEASE_NAMES if res else {})},
+                   unloaded=_layers_past(sizes.num_layers))
 
 
 def _layers_past(count: int) -> str:
@@ -259,9 +265,11 @@ def _kimi_k3_mlx_lm_names(arch: Architecture) -> dict[str, str]:
     """mlx-lm's conversions (kimi_k3's sanitize; always under its wrapper's ``language_model.``): the sparse MLPs
     under ``mlp`` (experts stacked in switch_mlp, the correction bias beside the router), KDA's q/k/v fused in
     ``qkv_proj`` and their taps in ``qkv_conv.conv`` (``KimiDeltaSpec.fused``). Only modules the model has, so a
-    checkpoint holds them all (a dense-only one no sparse MLP)."""
+    checkpoint holds them all (a dense-only one no sparse MLP); attention residuals' tensors under mlx-lm's names."""
     names = {f"self_attn.{FUSED_TAPS}": "self_attn.qkv_conv.conv"} if any(
         layer.mixer == "kimi_delta" for layer in arch.layers) else {}
+    if arch.attn_res is not None:  # mlx-lm's names are Ferrum's
+        names.update({ours: ours for ours in RES_RELEASE_NAMES})
     moe = arch.moe
     if moe is not None:
         modules = [f"switch_mlp.{p}" for p in _KIMI_PROJS] + [m for m in moe.latent or () if m is not None]
@@ -269,10 +277,6 @@ def _kimi_k3_mlx_lm_names(arch: Architecture) -> dict[str, str]:
         names.update({"block_sparse_moe": "mlp", "block_sparse_moe.gate": "mlp.gate",
                       **{f"block_sparse_moe.{m}": f"mlp.{m}" for m in modules}})
     return names
-
-
-def _none_yet(what: str) -> Callable[[Any], str | None]:
-    return lambda value: None if value is None else f"is {value!r}: {what}, which Ferrum does not run yet"
 
 
 _KIMI_K3 = (
@@ -284,8 +288,7 @@ _KIMI_K3 = (
     Key("mla_use_output_gate", default=False, check=boolean),
     Key("kda_gate_lower_bound", check=lambda v: None if v is None else _negative(v)),
     Key("kda_full_rank_gate", default=False, check=boolean),
-    Key("attn_res_block_size", unsupported=True, check=_none_yet(
-        "attention residuals (each layer reading a softmax mix of earlier blocks' outputs)")),
+    Key("attn_res_block_size", check=optional_positive_int),
     Key("routed_expert_hidden_size", check=optional_positive_int),
     Key("latent_moe_use_norm", default=False, check=boolean),
 )
