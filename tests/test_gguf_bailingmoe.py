@@ -23,15 +23,15 @@ pytest.importorskip("mlx_lm")
 from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, permute, sentencepiece_vocab,
+)
 from support import mlx_lm_logits, scaled_error  # noqa: E402
 from test_bailing_moe import build_mlx_lm_checkpoint  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _permute, _sentencepiece_vocab,
-)
 
 Q = gguf.GGMLQuantizationType
-VOCAB = len(_sentencepiece_vocab()[0])
+VOCAB = len(sentencepiece_vocab()[0])
 #: Ling-lite's layout (v1): softmax routing over 8 experts, two a token renormalised, one shared expert, every layer
 #: sparse, whole-head rope, no q/k/v bias, the LM head normed at load.
 V1 = dict(model_type="bailing_moe", architectures=["BailingMoeForCausalLM"], vocab_size=VOCAB, hidden_size=64,
@@ -66,7 +66,7 @@ def _bailingmoe_gguf(path: Path, folder: Path, config: dict, qtype, more: Callab
     heads, kv_heads, layers = config["num_attention_heads"], config["num_key_value_heads"], config["num_hidden_layers"]
     head_dim = config["hidden_size"] // heads
     w = gguf.GGUFWriter(str(path), "bailingmoe")
-    _add_metadata(w, dict(
+    add_metadata(w, dict(
         block_count=layers, context_length=config["max_position_embeddings"], embedding_length=config["hidden_size"],
         feed_forward_length=config["intermediate_size"], head_count=heads, head_count_kv=kv_heads,
         layer_norm_rms_eps=config["rms_norm_eps"], rope_freq_base=config["rope_theta"],
@@ -75,15 +75,15 @@ def _bailingmoe_gguf(path: Path, folder: Path, config: dict, qtype, more: Callab
         expert_feed_forward_length=config["moe_intermediate_size"], expert_weights_scale=1.0,
         expert_shared_count=config["num_shared_experts"], expert_weights_norm=config["norm_topk_prob"]))
     more(w)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BAILINGMOE, layers)
     stored = load_file(folder / "model.safetensors")
     for name, array in stored.items():
         m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", name)
         if m and m.group(2) == "attention.query_key_value":
             q, k, v = np.split(array, [heads * head_dim, (heads + kv_heads) * head_dim])
-            for part, value in (("attn_q", _permute(q, heads)), ("attn_k", _permute(k, kv_heads)), ("attn_v", v)):
-                _add_tensor(w, f"blk.{m.group(1)}.{part}.weight", value, qtype)
+            for part, value in (("attn_q", permute(q, heads)), ("attn_k", permute(k, kv_heads)), ("attn_v", v)):
+                add_tensor(w, f"blk.{m.group(1)}.{part}.weight", value, qtype)
             continue
         if m and ".experts.0." in name:  # the whole stack, once
             stack = np.stack([stored[name.replace(".experts.0.", f".experts.{e}.")]
@@ -96,14 +96,8 @@ def _bailingmoe_gguf(path: Path, folder: Path, config: dict, qtype, more: Callab
         if name == "lm_head.weight" and norm_head:
             stack = stack / (np.linalg.norm(stack, axis=0, keepdims=True) + np.float32(1e-7))
         target = names.get_name(name, try_suffixes=(".weight",))
-        _add_tensor(w, target, stack, Q.F32 if target.endswith("ffn_gate_inp.weight") else qtype)
-    _finish(w)
-
-
-def _ferrum_logits(folder: Path) -> np.ndarray:
-    import ferrum
-
-    return ferrum.load(folder, backend="cpu").model.forward_verify("s", TINY_TOKENS)
+        add_tensor(w, target, stack, Q.F32 if target.endswith("ffn_gate_inp.weight") else qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize(("variant", "qtype"), [("lite", Q.F32), ("two-shared", Q.F32), ("lite", Q.Q8_0)],
@@ -121,9 +115,9 @@ def test_bailingmoe_gguf_matches_mlx_lm(releases, tmp_path, variant, qtype):
     assert (moe.routing, moe.normalize, moe.routed_scale, moe.shared_expert_size) == (
         "softmax", config["norm_topk_prob"], 1.0, 32 * config["num_shared_experts"])
     if qtype == Q.F32:
-        assert scaled_error(_ferrum_logits(out), want) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
         return
-    got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
     assert scaled_error(got, want) <= 1.5e-1  # Q8_0's rounding, which here moves some tokens' choice of experts
 
 
@@ -133,7 +127,7 @@ def test_bailingmoe_gguf_read_with_q_k_as_stored_misses_mlx_lm(releases, tmp_pat
     _bailingmoe_gguf(tmp_path / "m.gguf", folder, config, Q.F32)
     monkeypatch.setitem(architectures.ARCHITECTURES, "bailingmoe",
                         replace(architectures.ARCHITECTURES["bailingmoe"], permuted_qk=False))
-    assert scaled_error(_ferrum_logits(convert_gguf(tmp_path / "m.gguf", tmp_path / "out")), want) > 1e-2
+    assert scaled_error(ferrum_logits(convert_gguf(tmp_path / "m.gguf", tmp_path / "out"), TINY_TOKENS), want) > 1e-2
 
 
 def test_the_converters_head_norm_is_what_matches_mlx_lm(releases, tmp_path):
@@ -141,7 +135,7 @@ def test_the_converters_head_norm_is_what_matches_mlx_lm(releases, tmp_path):
     whose head the converter left unnormed misses mlx-lm, so the head's handling counts in the parity check."""
     folder, config, want = releases["lite"]
     _bailingmoe_gguf(tmp_path / "m.gguf", folder, config, Q.F32, norm_head=False)
-    assert scaled_error(_ferrum_logits(convert_gguf(tmp_path / "m.gguf", tmp_path / "out")), want) > 1e-2
+    assert scaled_error(ferrum_logits(convert_gguf(tmp_path / "m.gguf", tmp_path / "out"), TINY_TOKENS), want) > 1e-2
 
 
 @pytest.mark.parametrize(("more", "extra", "words"), [

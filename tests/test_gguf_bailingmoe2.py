@@ -25,15 +25,15 @@ transformers = pytest.importorskip("transformers")
 from ferrum.config import ModelConfig  # noqa: E402
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import bailing, convert_gguf  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, sentencepiece_vocab,
+)
 from support import build_transformers_model, mlx_lm_logits, scaled_error  # noqa: E402
 from test_bailing_moe import build_mlx_lm_checkpoint  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
-)
 
 Q = gguf.GGMLQuantizationType
-VOCAB = len(_sentencepiece_vocab()[0])
+VOCAB = len(sentencepiece_vocab()[0])
 #: transformers' SarvamMoE: eight experts of 24 in two groups, one kept, three a token, one shared; a dense first layer.
 SARVAM = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=8, num_experts_per_tok=3,
@@ -78,7 +78,7 @@ def _bailingmoe2_gguf(path: Path, folder: Path, config: dict, qtype, sarvam: boo
     layers, head_dim = config["num_hidden_layers"], config["head_dim"]
     experts, width = config["moe_intermediate_size"], config.get("moe_shared_expert_intermediate_size")
     w = gguf.GGUFWriter(str(path), "bailingmoe2")
-    _add_metadata(w, dict(
+    add_metadata(w, dict(
         block_count=layers + nextn, context_length=config["max_position_embeddings"],
         embedding_length=config["hidden_size"], feed_forward_length=config["intermediate_size"],
         head_count=config["num_attention_heads"], head_count_kv=config["num_key_value_heads"],
@@ -95,7 +95,7 @@ def _bailingmoe2_gguf(path: Path, folder: Path, config: dict, qtype, sarvam: boo
     if sarvam:
         w.add_tokenizer_pre(bailing.SARVAM_PRE)
     more(w)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BAILINGMOE2, layers + nextn)
     stored = load_file(folder / "model.safetensors")
     tensors = {}
@@ -114,14 +114,8 @@ def _bailingmoe2_gguf(path: Path, folder: Path, config: dict, qtype, sarvam: boo
                         if n.startswith(f"blk.{layers - 1}.")})
         tensors[f"blk.{i}.nextn.eh_proj.weight"] = np.ones((config["hidden_size"], 2 * config["hidden_size"]))
     for name, array in tensors.items():
-        _add_tensor(w, name, array, Q.F32 if re.search(r"ffn_gate_inp|exp_probs_b", name) else qtype)
-    _finish(w)
-
-
-def _ferrum_logits(folder: Path) -> np.ndarray:
-    import ferrum
-
-    return ferrum.load(folder, backend="cpu").model.forward_verify("s", TINY_TOKENS)
+        add_tensor(w, name, array, Q.F32 if re.search(r"ffn_gate_inp|exp_probs_b", name) else qtype)
+    finish(w)
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +145,9 @@ def test_bailingmoe2_gguf_routes_as_transformers_sarvam_moe(sarvam_releases, tmp
         "sigmoid_grouped" if sarvam else "sigmoid_grouped_zero_masked", 2, 1, 2.5, 24)
     assert [layer.mlp for layer in ours.arch.layers] == ["dense", "moe", "moe"]
     if qtype == Q.F32:
-        assert scaled_error(_ferrum_logits(out), want) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
         return
-    got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
     assert scaled_error(got, want) <= 1.5e-1  # Q8_0's rounding, which here moves some tokens' choice of experts
 
 
@@ -163,7 +157,7 @@ def test_ling_biases_left_as_stored_miss_transformers(sarvam_releases, tmp_path,
     folder, config, want = sarvam_releases[0.5]
     _bailingmoe2_gguf(tmp_path / "m.gguf", folder, config, Q.F32)
     monkeypatch.setattr(bailing, "_raised", lambda bias, where: bias)
-    assert scaled_error(_ferrum_logits(convert_gguf(tmp_path / "m.gguf", tmp_path / "out")), want) > 1e-2
+    assert scaled_error(ferrum_logits(convert_gguf(tmp_path / "m.gguf", tmp_path / "out"), TINY_TOKENS), want) > 1e-2
 
 
 def test_ling_2_gguf_matches_mlx_lm(tmp_path):
@@ -177,7 +171,7 @@ def test_ling_2_gguf_matches_mlx_lm(tmp_path):
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(out)
     assert (ours.num_layers, ours.arch.moe.shared_expert_size, ours.arch.moe.n_group) == (3, 48, 4)
-    assert scaled_error(_ferrum_logits(out), mlx_lm_logits(folder, TINY_TOKENS)) <= 1e-4
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), mlx_lm_logits(folder, TINY_TOKENS)) <= 1e-4
 
 
 @pytest.mark.parametrize(("sarvam", "more", "extra", "words"), [

@@ -22,12 +22,12 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    LONG_TOKENS, TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import,
+    ferrum_logits, finish, sentencepiece_vocab,
 )
 from mlx_lm_release import model_logits, parameters  # noqa: E402
-from test_gguf_openelm import _scaled  # noqa: E402
+from support import scaled_error  # noqa: E402
 from test_nemotron_nas import CONFIG, LINEAR, SKIPPED, _attention, _ffn, _mlx_lm_model, _release_name  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -48,21 +48,14 @@ BLOCKS = [
 #: enough to count.
 ROPE = {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
         "rope_type": "llama3"}
-TOKENS = [int(t) for t in np.random.RandomState(3).randint(0, len(_sentencepiece_vocab()[0]), size=120)]
 
 
 def _tiny() -> tuple[Any, dict, dict]:
     config = {**CONFIG, "block_configs": BLOCKS, "num_hidden_layers": len(BLOCKS), "rope_scaling": ROPE,
-              "rope_theta": 500000.0, "vocab_size": len(_sentencepiece_vocab()[0])}
+              "rope_theta": 500000.0, "vocab_size": len(sentencepiece_vocab()[0])}
     model = _mlx_lm_model(config)
     params = parameters(model)
     return model, params, config
-
-
-def _ferrum_logits(folder: Path) -> np.ndarray:
-    import ferrum
-
-    return ferrum.load(folder, backend="cpu").model.forward_verify("s", TOKENS)
 
 
 def _permuted(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -102,13 +95,13 @@ def _deci_gguf(path: Path, params: dict, config: dict, qtype, **meta: Any) -> No
     layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     heads, kv_heads, widths = _counts(config)
     w = gguf.GGUFWriter(str(path), "deci")
-    _add_metadata(w, {**dict(
+    add_metadata(w, {**dict(
         block_count=layers, context_length=config["max_position_embeddings"], embedding_length=hidden,
         feed_forward_length=widths, head_count=heads, head_count_kv=kv_heads, rope_freq_base=config["rope_theta"],
         layer_norm_rms_eps=config["rms_norm_eps"], key_length=hidden // config["num_attention_heads"],
         value_length=hidden // config["num_attention_heads"], vocab_size=config["vocab_size"],
         rope_dimension_count=hidden // config["num_attention_heads"]), **meta})
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, layers)
     tensors = {"rope_freqs.weight": _rope_freqs(config)}
     for name, value in params.items():
@@ -119,8 +112,8 @@ def _deci_gguf(path: Path, params: dict, config: dict, qtype, **meta: Any) -> No
         module, suffix = _release_name(name).rsplit(".", 1)
         tensors[f"{names.get_name(module)}.{suffix}"] = value
     for name, array in tensors.items():
-        _add_tensor(w, name, array, qtype)
-    _finish(w)
+        add_tensor(w, name, array, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=["F32", "Q8_0"])
@@ -141,10 +134,10 @@ def test_deci_gguf_matches_mlx_lm(tmp_path, qtype):
         256, 512, 256, 512, 256]
     assert json.loads((out / "config.json").read_text())["rope_scaling"] == ROPE
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), model_logits(model, TOKENS)) <= 1e-4
+        assert scaled_error(ferrum_logits(out, LONG_TOKENS), model_logits(model, LONG_TOKENS)) <= 1e-4
     else:  # over TINY_TOKENS
-        got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert _scaled(got, model_logits(model, TINY_TOKENS)) <= 5e-2
+        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert scaled_error(got, model_logits(model, TINY_TOKENS)) <= 5e-2
 
 
 @pytest.mark.parametrize("change", [dict(permuted_qk=False), dict(llama3_rope_freqs=False)],
@@ -156,7 +149,7 @@ def test_deci_gguf_read_otherwise_misses_mlx_lm(tmp_path, monkeypatch, change):
     model, params, config = _tiny()
     _deci_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TOKENS)) > 5e-4
+    assert scaled_error(ferrum_logits(out, LONG_TOKENS), model_logits(model, LONG_TOKENS)) > 5e-4
 
 
 @pytest.mark.parametrize(("meta", "words"), [

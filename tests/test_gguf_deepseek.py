@@ -20,15 +20,16 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf, tensors as gguf_tensors  # noqa: E402
-from mlx_lm_release import model_logits, normal, random_mlx_lm_model  # noqa: E402
-from test_deepseek import deepseek_config  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _permute, _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, permute, sentencepiece_vocab,
 )
+from mlx_lm_release import model_logits, normal, random_mlx_lm_model  # noqa: E402
+from support import scaled_error  # noqa: E402
+from test_deepseek import deepseek_config  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-VOCAB = len(_sentencepiece_vocab()[0])
+VOCAB = len(sentencepiece_vocab()[0])
 #: The release's layout (a dense first layer, two shared experts); and biased attention, one shared expert, no dense
 #: layer.
 VARIANTS = {"release": {}, "biased": dict(attention_bias=True, n_shared_experts=1, first_k_dense_replace=0)}
@@ -49,7 +50,7 @@ def _deepseek_gguf(path: Path, model: Any, config: dict, qtype, more: Callable[[
 
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     w = gguf.GGUFWriter(str(path), "deepseek")
-    _add_metadata(w, dict(
+    add_metadata(w, dict(
         block_count=config["num_hidden_layers"], context_length=config["max_position_embeddings"],
         embedding_length=config["hidden_size"], feed_forward_length=config["intermediate_size"], head_count=heads,
         head_count_kv=kv_heads, layer_norm_rms_eps=config["rms_norm_eps"], rope_freq_base=config["rope_theta"],
@@ -59,28 +60,18 @@ def _deepseek_gguf(path: Path, model: Any, config: dict, qtype, more: Callable[[
         vocab_size=VOCAB, expert_feed_forward_length=config["moe_intermediate_size"], expert_weights_scale=1.0,
         expert_shared_count=config["n_shared_experts"]))
     more(w)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK, config["num_hidden_layers"])
     for name, value in tree_flatten(model.parameters()):
         array = np.array(value)
         if re.search(r"[qk]_proj\.(weight|bias)$", name):
-            array = _permute(array, heads if ".q_proj." in name else kv_heads)
+            array = permute(array, heads if ".q_proj." in name else kv_heads)
         module, suffix = name.replace(".switch_mlp.", ".experts.").rsplit(".", 1)
         target = f"{names.get_name(module)}.{suffix}"
         if target in left_out:
             continue
-        _add_tensor(w, target, array, Q.F32 if target.endswith("ffn_gate_inp.weight") else qtype)
-    _finish(w)
-
-
-def _ferrum_logits(folder: Path) -> np.ndarray:
-    import ferrum
-
-    return ferrum.load(folder, backend="cpu").model.forward_verify("s", TINY_TOKENS)
-
-
-def _scaled(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+        add_tensor(w, target, array, Q.F32 if target.endswith("ffn_gate_inp.weight") else qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize(("variant", "qtype"), [("release", Q.F32), ("biased", Q.F32), ("release", Q.Q8_0)],
@@ -103,10 +94,10 @@ def test_deepseek_gguf_matches_mlx_lm(tmp_path, variant, qtype):
     assert (arch.qkv_bias, arch.o_bias) == (not release, not release)
     want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), want) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
         return
-    got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-    assert _scaled(got, want) <= 1.5e-1  # Q8_0's rounding, which here moves some tokens' choice of experts
+    got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert scaled_error(got, want) <= 1.5e-1  # Q8_0's rounding, which here moves some tokens' choice of experts
 
 
 @pytest.mark.parametrize("unpermuted", [(), ("attn_q.weight", "attn_k.weight")], ids=["nothing", "weights-only"])
@@ -121,7 +112,7 @@ def test_deepseek_gguf_read_without_its_q_k_un_permuted_misses_mlx_lm(tmp_path, 
         monkeypatch.setitem(architectures.ARCHITECTURES, "deepseek",
                             replace(architectures.ARCHITECTURES["deepseek"], permuted_qk=False))
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 @pytest.mark.parametrize(("more", "words"), [

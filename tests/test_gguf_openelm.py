@@ -20,18 +20,19 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, sentencepiece_vocab,
 )
 from mlx_lm_release import model_logits, parameters  # noqa: E402
+from support import scaled_error  # noqa: E402
 from test_openelm import CONFIG, _mlx_lm_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
 
 def _tiny() -> tuple[Any, dict, dict]:
-    config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0])}
+    config = {**CONFIG, "vocab_size": len(sentencepiece_vocab()[0])}
     model = _mlx_lm_model(config)
     params = parameters(model)
     return model, params, config
@@ -43,13 +44,13 @@ def _openelm_gguf(path: Path, params: dict, config: dict, qtype, more: Callable[
     layers, hidden = config["num_transformer_layers"], config["model_dim"]
     widths = [params[f"transformer.layers.{i}.ffn.proj_2.weight"].shape[1] for i in range(layers)]  # mlx-lm's
     w = gguf.GGUFWriter(str(path), "openelm")
-    _add_metadata(w, dict(
+    add_metadata(w, dict(
         block_count=layers, context_length=config["max_context_length"], embedding_length=hidden,
         feed_forward_length=widths, head_count=config["num_query_heads"], head_count_kv=config["num_kv_heads"],
         rope_freq_base=config["rope_freq_constant"], layer_norm_rms_eps=1e-6,
         rope_dimension_count=config["head_dim"], key_length=config["head_dim"], value_length=config["head_dim"]))
     more(w)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.OPENELM, layers)
     tensors = dict(extra or {})
     for name, value in params.items():
@@ -61,18 +62,8 @@ def _openelm_gguf(path: Path, params: dict, config: dict, qtype, more: Callable[
         module, suffix = name.rsplit(".", 1)
         tensors[f"{names.get_name(module)}.{suffix}"] = value
     for name, array in tensors.items():
-        _add_tensor(w, name, array, qtype)
-    _finish(w)
-
-
-def _ferrum_logits(folder: Path) -> np.ndarray:
-    import ferrum
-
-    return ferrum.load(folder, backend="cpu").model.forward_verify("s", TINY_TOKENS)
-
-
-def _scaled(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+        add_tensor(w, name, array, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=["F32", "Q8_0"])
@@ -89,10 +80,10 @@ def test_openelm_gguf_matches_mlx_lm(tmp_path, qtype):
     assert [layer.intermediate_size or ours.intermediate_size for layer in ours.arch.layers] == [32, 64, 128, 256]
     want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), want) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
     else:
-        got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert _scaled(got, want) <= 5e-2
+        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert scaled_error(got, want) <= 5e-2
 
 
 def test_openelm_gguf_with_gate_and_up_joined_the_other_way_misses_mlx_lm(tmp_path, monkeypatch):
@@ -102,7 +93,7 @@ def test_openelm_gguf_with_gate_and_up_joined_the_other_way_misses_mlx_lm(tmp_pa
     model, params, config = _tiny()
     _openelm_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 @pytest.mark.parametrize(("options", "words"), [

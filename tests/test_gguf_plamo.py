@@ -19,12 +19,12 @@ plamo = pytest.importorskip("mlx_lm.models.plamo")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, sentencepiece_vocab,
 )
-from test_gguf_openelm import _ferrum_logits, _scaled  # noqa: E402
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
+from support import scaled_error  # noqa: E402
 from test_plamo import CONFIG, _draw  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -34,7 +34,7 @@ def _tiny() -> tuple[Any, dict, dict]:
     """mlx-lm's model of tests/test_plamo.py's config: four query heads tiled over two key/value heads of 32 dims."""
     from mlx.utils import tree_flatten
 
-    config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0])}
+    config = {**CONFIG, "vocab_size": len(sentencepiece_vocab()[0])}
     model = random_mlx_lm_model(config, 0, _draw)
     return model, {name: np.array(p) for name, p in tree_flatten(model.parameters())}, config
 
@@ -55,16 +55,16 @@ def _plamo_gguf(path: Path, params: dict, config: dict, qtype, **meta: Any) -> N
     """mlx-lm's ``params`` (the release's names) as llama.cpp's PlamoModel converts the release."""
     layers = config["num_hidden_layers"]
     w = gguf.GGUFWriter(str(path), "plamo")
-    _add_metadata(w, {**dict(
+    add_metadata(w, {**dict(
         context_length=4096, embedding_length=config["hidden_size"], feed_forward_length=config["intermediate_size"],
         block_count=layers, head_count=config["num_attention_heads"],
         head_count_kv=config["num_attention_heads"] // config["n_shared_head"],
         layer_norm_rms_eps=config["rms_norm_eps"]), **meta})
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PLAMO, layers)
     for name, value in params.items():
-        _add_tensor(w, names.get_name(name, try_suffixes=(".weight", ".bias")), _shuffled(name, value, config), qtype)
-    _finish(w)
+        add_tensor(w, names.get_name(name, try_suffixes=(".weight", ".bias")), _shuffled(name, value, config), qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=["F32", "Q8_0"])
@@ -80,10 +80,10 @@ def test_plamo_gguf_matches_mlx_lm(tmp_path, qtype):
     assert ours.model_type == "plamo" and (ours.num_heads, ours.num_kv_heads) == (4, 2)
     want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), want) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
     else:
-        got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert _scaled(got, want) <= 5e-2
+        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert scaled_error(got, want) <= 5e-2
 
 
 def test_plamo_gguf_with_its_heads_left_in_ggml_s_order_misses_mlx_lm(tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def test_plamo_gguf_with_its_heads_left_in_ggml_s_order_misses_mlx_lm(tmp_path, 
     model, params, config = _tiny()
     _plamo_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 def test_a_plamo_gguf_with_rope_scaling_is_refused(tmp_path):

@@ -20,12 +20,12 @@ plamo2 = pytest.importorskip("mlx_lm.models.plamo2")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, sentencepiece_vocab,
 )
-from test_gguf_openelm import _ferrum_logits, _scaled  # noqa: E402
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
+from support import scaled_error  # noqa: E402
 from test_plamo2 import CONFIG, _draw  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -40,7 +40,7 @@ RENAMES = {".dt_bias": ".dt_proj.bias", ".dt_norm_weight": ".dt_norm.weight", ".
 def _tiny(**change: Any) -> tuple[Any, dict, dict]:
     """mlx-lm's model of tests/test_plamo2.py's config (three Mamba layers, two attention ones), at the epsilon
     llama.cpp and mlx-lm's q/k norms share."""
-    config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0]), "rms_norm_eps": 1e-6, **change}
+    config = {**CONFIG, "vocab_size": len(sentencepiece_vocab()[0]), "rms_norm_eps": 1e-6, **change}
     model = random_mlx_lm_model(config, 0, _draw)
     from mlx.utils import tree_flatten
 
@@ -65,7 +65,7 @@ def _plamo2_gguf(path: Path, params: dict, config: dict, qtype, **meta: Any) -> 
     layers, per_head = config["num_hidden_layers"], config["hidden_size_per_head"]
     mamba = [plamo2.is_mamba(plamo2.ModelArgs.from_dict(config), i) for i in range(layers)]
     w = gguf.GGUFWriter(str(path), "plamo2")
-    _add_metadata(w, {**dict(
+    add_metadata(w, {**dict(
         vocab_size=config["vocab_size"], head_count_kv=[0 if m else config["num_key_value_heads"] for m in mamba],
         head_count=[0 if m else config["num_attention_heads"] for m in mamba],
         context_length=config["max_position_embeddings"], embedding_length=config["hidden_size"],
@@ -73,12 +73,12 @@ def _plamo2_gguf(path: Path, params: dict, config: dict, qtype, **meta: Any) -> 
         rope_freq_base=10000.0, ssm_state_size=config["mamba_d_state"], ssm_conv_kernel=config["mamba_d_conv"],
         ssm_time_step_rank=config["mamba_num_heads"], ssm_inner_size=config["mamba_num_heads"] * per_head,
         ssm_group_count=0, feed_forward_length=config["intermediate_size"]), **meta})
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PLAMO2, layers)
     for name, value in params.items():
         name, value = _converted(name, value)
-        _add_tensor(w, names.get_name(name, try_suffixes=(".weight", ".bias")), value, qtype)
-    _finish(w)
+        add_tensor(w, names.get_name(name, try_suffixes=(".weight", ".bias")), value, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=["F32", "Q8_0"])
@@ -94,10 +94,10 @@ def test_plamo2_gguf_matches_mlx_lm(tmp_path, qtype):
     assert [s.mixer for s in ours.arch.layers] == ["mamba2", "attention", "mamba2", "attention", "mamba2"]
     want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), want) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
     else:
-        got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert _scaled(got, want) <= 0.15  # Q8_0's rounding through decays of 1-8 per step: 0.12 for these weights
+        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert scaled_error(got, want) <= 0.15  # Q8_0's rounding through decays of 1-8 per step: 0.12 for these weights
 
 
 def test_plamo2_gguf_of_another_mamba_step_matches_mlx_lm(tmp_path):
@@ -105,7 +105,7 @@ def test_plamo2_gguf_of_another_mamba_step_matches_mlx_lm(tmp_path):
     model, params, config = _tiny(mamba_step=3, num_hidden_layers=6)
     _plamo2_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) <= 1e-4
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) <= 1e-4
 
 
 def test_plamo2_gguf_read_with_the_norms_own_offsets_left_on_misses_mlx_lm(tmp_path, monkeypatch):
@@ -114,7 +114,7 @@ def test_plamo2_gguf_read_with_the_norms_own_offsets_left_on_misses_mlx_lm(tmp_p
     model, params, config = _tiny()
     _plamo2_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 @pytest.mark.parametrize(("meta", "words"), [

@@ -19,12 +19,12 @@ plamo3 = pytest.importorskip("mlx_lm.models.plamo3")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf, plamo3 as plamo3_import  # noqa: E402
-from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, sentencepiece_vocab,
 )
-from test_gguf_openelm import _ferrum_logits, _scaled  # noqa: E402
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
+from support import scaled_error  # noqa: E402
 from test_plamo3 import CONFIG, _draw  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -38,7 +38,7 @@ def _tiny() -> tuple[Any, dict, dict]:
     """mlx-lm's model of tests/test_plamo3.py's config: every other layer sliding over a window of 4 (5 keys)."""
     from mlx.utils import tree_flatten
 
-    config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0])}
+    config = {**CONFIG, "vocab_size": len(sentencepiece_vocab()[0])}
     model = random_mlx_lm_model(config, 0, _draw)
     return model, {name: np.array(p) for name, p in tree_flatten(model.parameters())}, config
 
@@ -47,19 +47,19 @@ def _plamo3_gguf(path: Path, params: dict, config: dict, qtype, **meta: Any) -> 
     """mlx-lm's ``params`` (the release's names) as llama.cpp's Plamo3Model converts the release."""
     layers = config["num_hidden_layers"]
     w = gguf.GGUFWriter(str(path), "plamo3")
-    _add_metadata(w, {**dict(
+    add_metadata(w, {**dict(
         block_count=layers, context_length=config["max_position_embeddings"], embedding_length=config["hidden_size"],
         feed_forward_length=config["intermediate_size"], head_count=config["num_attention_heads"],
         head_count_kv=config["num_key_value_heads"], key_length=config["head_dim"], value_length=config["head_dim"],
         rope_freq_base=config["rope_theta"], rope_freq_base_swa=config["rope_local_theta"],
         layer_norm_rms_eps=config["rms_norm_eps"], vocab_size=config["vocab_size"],
         sliding_window=config["window_size"], sliding_window_pattern=config["sliding_window_pattern"]), **meta})
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PLAMO3, layers)
     for name, value in params.items():
         offset = next((o for suffix, o in OFFSETS.items() if name.endswith(suffix)), 0.0)
-        _add_tensor(w, names.get_name(name, try_suffixes=(".weight", ".bias")), value + np.float32(offset), qtype)
-    _finish(w)
+        add_tensor(w, names.get_name(name, try_suffixes=(".weight", ".bias")), value + np.float32(offset), qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=["F32", "Q8_0"])
@@ -75,10 +75,10 @@ def test_plamo3_gguf_matches_mlx_lm(tmp_path, qtype):
     assert [(s.window, s.rope.theta) for s in layers] == [(5, 100.0), (None, 1e6), (5, 100.0), (None, 1e6)]
     want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), want) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
     else:
-        got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert _scaled(got, want) <= 5e-2
+        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert scaled_error(got, want) <= 5e-2
 
 
 @pytest.mark.parametrize("change", [dict(norm_offsets=()), dict(configure=lambda meta, p, cfg: {
@@ -90,7 +90,7 @@ def test_plamo3_gguf_read_otherwise_misses_mlx_lm(tmp_path, monkeypatch, change)
     model, params, config = _tiny()
     _plamo3_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 @pytest.mark.parametrize(("meta", "words"), [

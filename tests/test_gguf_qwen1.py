@@ -20,11 +20,12 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, sentencepiece_vocab,
 )
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
+from support import scaled_error  # noqa: E402
 from test_qwen1 import CONFIG  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -36,7 +37,7 @@ def _tiny() -> tuple[Any, dict]:
     unread, so its rope is set as Ferrum's test_qwen1 sets it)."""
     import mlx.nn as nn
 
-    config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0]), "rotary_emb_base": BASE}
+    config = {**CONFIG, "vocab_size": len(sentencepiece_vocab()[0]), "rotary_emb_base": BASE}
     model = random_mlx_lm_model(config)
     for layer in model.transformer.h:
         layer.attn.rotary_emb = nn.RoPE(config["kv_channels"], traditional=False, base=BASE)
@@ -51,7 +52,7 @@ def _qwen_gguf(path: Path, model: Any, config: dict, qtype, older: bool = False,
 
     heads = config["num_attention_heads"]
     w = gguf.GGUFWriter(str(path), "qwen")
-    _add_metadata(w, dict(
+    add_metadata(w, dict(
         block_count=config["num_hidden_layers"], context_length=config["max_position_embeddings"],
         embedding_length=config["hidden_size"], feed_forward_length=config["intermediate_size"], head_count=heads,
         rope_freq_base=config["rotary_emb_base"],
@@ -59,22 +60,12 @@ def _qwen_gguf(path: Path, model: Any, config: dict, qtype, older: bool = False,
         layer_norm_eps=None if older else config["layer_norm_epsilon"],
         rope_dimension_count=config["hidden_size"] // heads if older else None))
     more(w)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN, config["num_hidden_layers"])
     for name, value in tree_flatten(model.parameters()):
         module, suffix = name.rsplit(".", 1)
-        _add_tensor(w, f"{names.get_name(module)}.{suffix}", np.array(value), qtype)
-    _finish(w)
-
-
-def _ferrum_logits(folder: Path) -> np.ndarray:
-    import ferrum
-
-    return ferrum.load(folder, backend="cpu").model.forward_verify("s", TINY_TOKENS)
-
-
-def _scaled(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+        add_tensor(w, f"{names.get_name(module)}.{suffix}", np.array(value), qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize(("older", "qtype"), [(False, Q.F32), (True, Q.F32), (False, Q.Q8_0)],
@@ -91,10 +82,10 @@ def test_qwen_gguf_matches_mlx_lm(tmp_path, older, qtype):
     assert ours.model_type == "qwen" and ours.arch.fused_qkv and ours.max_seq_len == config["max_position_embeddings"]
     assert (ours.num_heads, ours.num_kv_heads, ours.head_dim, ours.intermediate_size) == (4, 4, 16, 80)
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) <= 1e-4
     else:
-        got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert _scaled(got, model_logits(model, TINY_TOKENS)) <= 5e-2
+        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert scaled_error(got, model_logits(model, TINY_TOKENS)) <= 5e-2
 
 
 def test_qwen_gguf_read_without_its_rope_base_misses_mlx_lm(tmp_path, monkeypatch):
@@ -111,7 +102,7 @@ def test_qwen_gguf_read_without_its_rope_base_misses_mlx_lm(tmp_path, monkeypatc
     model, config = _tiny()
     _qwen_gguf(tmp_path / "m.gguf", model, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 def test_a_qwen_gguf_with_rope_scaling_is_refused(tmp_path):

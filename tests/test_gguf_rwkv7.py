@@ -21,11 +21,12 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, sentencepiece_vocab,
 )
 from mlx_lm_release import model_logits, parameters  # noqa: E402
+from support import scaled_error  # noqa: E402
 from test_rwkv7 import CONFIG, _mlx_lm_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -35,7 +36,7 @@ MIXES = "rwkvag"
 
 
 def _tiny() -> tuple[Any, dict, dict]:
-    config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0])}
+    config = {**CONFIG, "vocab_size": len(sentencepiece_vocab()[0])}
     model = _mlx_lm_model(config)
     params = parameters(model)
     return model, params, config
@@ -52,12 +53,12 @@ def _converter_name(name: str) -> str:
 
 
 def _rwkv7_gguf(path: Path, params: dict, config: dict, qtype, more: Callable[[Any], None] = lambda w: None,
-                vocab: Callable[[Any], None] = _add_sentencepiece_vocab) -> None:
+                vocab: Callable[[Any], None] = add_sentencepiece_vocab) -> None:
     """mlx-lm's ``params`` (the release's names, k_k / k_a / g_norm per head) as llama.cpp's Rwkv7Model converts
     the release, its tokenizer written by ``vocab``."""
     layers = config["num_hidden_layers"]
     w = gguf.GGUFWriter(str(path), "rwkv7")
-    _add_metadata(w, dict(
+    add_metadata(w, dict(
         context_length=1048576, embedding_length=config["hidden_size"], block_count=layers,
         layer_norm_eps=config["norm_eps"], wkv_head_size=config["head_dim"],
         decay_lora_rank=config["decay_low_rank_dim"], iclr_lora_rank=config["a_low_rank_dim"],
@@ -84,18 +85,8 @@ def _rwkv7_gguf(path: Path, params: dict, config: dict, qtype, more: Callable[[A
     for n in "012":  # the first layer's dummy value-residual LoRA
         tensors[f"blk.0.time_mix_v{n}.weight"] = tensors[f"blk.0.time_mix_a{n}.weight"]
     for name, array in tensors.items():
-        _add_tensor(w, name, array, qtype, kept_float=KEPT_FLOAT)
-    _finish(w)
-
-
-def _ferrum_logits(folder: Path) -> np.ndarray:
-    import ferrum
-
-    return ferrum.load(folder, backend="cpu").model.forward_verify("s", TINY_TOKENS)
-
-
-def _scaled(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+        add_tensor(w, name, array, qtype, kept_float=KEPT_FLOAT)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=["F32", "Q8_0"])
@@ -112,10 +103,10 @@ def test_rwkv7_gguf_matches_mlx_lm(tmp_path, qtype):
     assert (ours.arch.rwkv7.heads, ours.arch.rwkv7.head_dim) == (2, 32)
     want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), want) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
     else:
-        got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert _scaled(got, want) <= 5e-2
+        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert scaled_error(got, want) <= 5e-2
 
 
 def test_rwkv7_gguf_with_its_mixes_split_in_another_order_misses_mlx_lm(tmp_path, monkeypatch):
@@ -126,7 +117,7 @@ def test_rwkv7_gguf_with_its_mixes_split_in_another_order_misses_mlx_lm(tmp_path
     model, params, config = _tiny()
     _rwkv7_gguf(tmp_path / "m.gguf", params, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 def test_rwkv7_gguf_first_layer_dummies_are_what_is_left_unread(tmp_path, monkeypatch):

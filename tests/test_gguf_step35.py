@@ -22,13 +22,12 @@ pytest.importorskip("mlx_lm.models.step3p5")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf, step35  # noqa: E402
-from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
-from test_gguf_deci import TOKENS, _ferrum_logits  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    LONG_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, sentencepiece_vocab,
 )
-from test_gguf_openelm import _scaled  # noqa: E402
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
+from support import scaled_error  # noqa: E402
 from test_step3p5 import CONFIG, _draw, _release_name  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -40,7 +39,7 @@ ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq
 
 
 def _tiny(**change: Any) -> tuple[Any, dict]:
-    config = {**CONFIG, "vocab_size": len(_sentencepiece_vocab()[0]), "rope_scaling": ROPE,
+    config = {**CONFIG, "vocab_size": len(sentencepiece_vocab()[0]), "rope_scaling": ROPE,
               "rope_theta": [500000.0, 100.0, 500000.0, 100.0, 500000.0], **change}
     return random_mlx_lm_model(config, 0, _draw), config
 
@@ -69,7 +68,7 @@ def _step35_gguf(path: Path, model: Any, config: dict, qtype, **meta: Any) -> No
     kinds = config["layer_types"][:blocks]
     sliding = [kind == "sliding_attention" for kind in kinds]
     w = gguf.GGUFWriter(str(path), "step35")
-    _add_metadata(w, {**dict(
+    add_metadata(w, {**dict(
         block_count=blocks, context_length=config["max_position_embeddings"], embedding_length=config["hidden_size"],
         feed_forward_length=config["intermediate_size"], vocab_size=config["vocab_size"],
         head_count=[other["num_attention_heads"] if s else config["num_attention_heads"] for s in sliding],
@@ -85,7 +84,7 @@ def _step35_gguf(path: Path, model: Any, config: dict, qtype, **meta: Any) -> No
         leading_dense_block_count=1, swiglu_clamp_exp=[float(v or 0.0) for v in config["swiglu_limits"]],
         swiglu_clamp_shexp=[float(v or 0.0) for v in config["swiglu_limits_shared"]], nextn_predict_layers=1),
         **meta})
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.STEP35, blocks)
     tensors = {"rope_freqs.weight": _rope_freqs(config),
                f"blk.{layers}.attn_norm.weight": np.ones(config["hidden_size"], np.float32),
@@ -95,8 +94,8 @@ def _step35_gguf(path: Path, model: Any, config: dict, qtype, **meta: Any) -> No
         name = name + ".bias" if name.endswith(".moe.router_bias") else name
         tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = np.array(p)
     for name, array in tensors.items():
-        _add_tensor(w, name, array, qtype)
-    _finish(w)
+        add_tensor(w, name, array, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=["F32", "Q8_0"])
@@ -115,10 +114,10 @@ def test_step35_gguf_matches_mlx_lm(tmp_path, qtype):
     assert ours["partial_rotary_factors"] == config["partial_rotary_factors"][:4]
     assert ours["swiglu_limits"] == [0.0, 0.0, np.float32(0.4), np.float32(0.4)]
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), model_logits(model, TOKENS)) <= 1e-4
+        assert scaled_error(ferrum_logits(out, LONG_TOKENS), model_logits(model, LONG_TOKENS)) <= 1e-4
     else:  # the packed file runs as its own float import; against mlx-lm's float model Q8_0's rounding flips this
         # random model's sigmoid routing at some tokens (0.4 scaled), a property of the weights, not of the import
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 @pytest.mark.parametrize("change", [dict(norm_offset=0.0), dict(configure=lambda meta, p, cfg: {
@@ -130,7 +129,7 @@ def test_step35_gguf_read_otherwise_misses_mlx_lm(tmp_path, monkeypatch, change)
     model, config = _tiny()
     _step35_gguf(tmp_path / "m.gguf", model, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TOKENS)) > 1e-2
+    assert scaled_error(ferrum_logits(out, LONG_TOKENS), model_logits(model, LONG_TOKENS)) > 1e-2
 
 
 @pytest.mark.parametrize(("meta", "words"), [

@@ -19,11 +19,12 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_metadata, _add_sentencepiece_vocab, _add_tensor, _assert_runs_as_its_float_import, _finish,
-    _permute, _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+    finish, permute, sentencepiece_vocab,
 )
+from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
+from support import scaled_error  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -33,7 +34,7 @@ def _tiny(kv_heads: int = 4) -> tuple[Any, dict]:
     config = {"model_type": "xverse", "architectures": ["XverseForCausalLM"], "hidden_size": 64,
               "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-6, "rope_theta": 500000.0,
-              "max_position_embeddings": 256, "vocab_size": len(_sentencepiece_vocab()[0]),
+              "max_position_embeddings": 256, "vocab_size": len(sentencepiece_vocab()[0]),
               "tie_word_embeddings": False}
     return random_mlx_lm_model(config), config
 
@@ -45,32 +46,22 @@ def _xverse_gguf(path: Path, model: Any, config: dict, qtype) -> None:
 
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     w = gguf.GGUFWriter(str(path), "xverse")
-    _add_metadata(w, dict(
+    add_metadata(w, dict(
         block_count=config["num_hidden_layers"], context_length=config["max_position_embeddings"],
         embedding_length=config["hidden_size"], feed_forward_length=config["intermediate_size"], head_count=heads,
         head_count_kv=kv_heads, rope_freq_base=config["rope_theta"], layer_norm_rms_eps=config["rms_norm_eps"],
         tensor_data_layout="Meta AI original pth", rope_dimension_count=config["hidden_size"] // heads))
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.XVERSE, config["num_hidden_layers"])
     for name, value in tree_flatten(model.parameters()):
         array = np.array(value)
         if name.endswith("q_proj.weight"):
-            array = _permute(array, heads)
+            array = permute(array, heads)
         elif name.endswith("k_proj.weight"):
-            array = _permute(array, heads // kv_heads if kv_heads != heads else heads)
+            array = permute(array, heads // kv_heads if kv_heads != heads else heads)
         module, suffix = name.rsplit(".", 1)
-        _add_tensor(w, f"{names.get_name(module)}.{suffix}", array, qtype)
-    _finish(w)
-
-
-def _ferrum_logits(folder: Path) -> np.ndarray:
-    import ferrum
-
-    return ferrum.load(folder, backend="cpu").model.forward_verify("s", TINY_TOKENS)
-
-
-def _scaled(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+        add_tensor(w, f"{names.get_name(module)}.{suffix}", array, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=["F32", "Q8_0"])
@@ -86,10 +77,10 @@ def test_xverse_gguf_matches_mlx_lm(tmp_path, qtype):
     assert ours.model_type == "xverse" and (ours.num_heads, ours.num_kv_heads, ours.head_dim) == (4, 4, 16)
     want = model_logits(model, TINY_TOKENS)
     if qtype == Q.F32:
-        assert _scaled(_ferrum_logits(out), want) <= 1e-4
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
     else:
-        got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert _scaled(got, want) <= 5e-2
+        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert scaled_error(got, want) <= 5e-2
 
 
 def test_xverse_gguf_read_with_its_q_k_left_permuted_misses_mlx_lm(tmp_path, monkeypatch):
@@ -98,7 +89,7 @@ def test_xverse_gguf_read_with_its_q_k_left_permuted_misses_mlx_lm(tmp_path, mon
     model, config = _tiny()
     _xverse_gguf(tmp_path / "m.gguf", model, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert _scaled(_ferrum_logits(out), model_logits(model, TINY_TOKENS)) > 1e-2
+    assert scaled_error(ferrum_logits(out, TINY_TOKENS), model_logits(model, TINY_TOKENS)) > 1e-2
 
 
 def test_an_xverse_gguf_with_fewer_key_value_heads_is_refused(tmp_path):
