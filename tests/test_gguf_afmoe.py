@@ -14,9 +14,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_tensors, _finish, _gguf_writer, _imported, _moe_mapped, _tiny_model,
-)
+from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
+from test_gguf_import import _imported, _moe_mapped, _tiny_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: Trinity's layout, small: every fourth layer full (and NoPE, as llama.cpp fixes it), a window shorter than the
@@ -43,15 +42,15 @@ def _tiny():
 
 def _afmoe_gguf(path: Path, hf, config, qtype, **overrides) -> None:
     """``hf`` as AfmoeModel writes it; matrices as ``qtype``. ``overrides``: metadata written otherwise (None: not)."""
-    w = _gguf_writer(path, "afmoe", config)
+    w = config_writer(path, "afmoe", config)
     meta = {"key_length": 16, "value_length": 16, "rope_dimension_count": 16, "expert_count": 4,
             "expert_used_count": 2, "expert_shared_count": 1, "expert_feed_forward_length": 32,
             "leading_dense_block_count": 1, "expert_weights_norm": True, "expert_weights_scale": 2.5,
             "sliding_window": 4, **overrides}
-    _add_metadata(w, meta)
+    add_metadata(w, meta)
     tensors = _moe_mapped(hf, config, gguf.MODEL_ARCH.AFMOE, _OWN)
-    _add_tensors(w, tensors, qtype)
-    _finish(w)
+    add_tensors(w, tensors, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)

@@ -15,9 +15,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _add_tensors, _assert_logits_match, _finish, _imported, _sentencepiece_vocab,
-)
+from gguf_writer import add_sentencepiece_vocab, add_tensors, finish, sentencepiece_vocab  # noqa: E402
+from test_gguf_import import _assert_logits_match, _imported  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _EXPERTS, _FFN, _TOP_K, _CLIP = 4, 32, 2, 0.5  # a clamp that cuts many q/k/v values
@@ -25,7 +24,7 @@ _EXPERTS, _FFN, _TOP_K, _CLIP = 4, 32, 2, 0.5  # a clamp that cuts many q/k/v va
 
 def _tiny(clip: float | None = _CLIP):
     config = transformers.DbrxConfig(
-        vocab_size=len(_sentencepiece_vocab()[0]), d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+        vocab_size=len(sentencepiece_vocab()[0]), d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
         attn_config=dict(kv_n_heads=2, clip_qkv=clip, rope_theta=10000.0),
         ffn_config=dict(ffn_hidden_size=_FFN, moe_num_experts=_EXPERTS, moe_top_k=_TOP_K),
         pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -51,7 +50,7 @@ def _dbrx_gguf(path: Path, hf, config, qtype, eps: float = 1e-5, clamp: float = 
     w.add_expert_count(_EXPERTS)
     w.add_expert_used_count(_TOP_K)
     w.add_layer_norm_eps(eps)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DBRX, config.n_layers)
     tensors = {}
     for name, tensor in hf.state_dict().items():
@@ -61,8 +60,8 @@ def _dbrx_gguf(path: Path, hf, config, qtype, eps: float = 1e-5, clamp: float = 
             a = a.transpose(0, 2, 1) if name.endswith("w2") else a
             name += ".weight"
         tensors[names.get_name(name, try_suffixes=(".weight",))] = a
-    _add_tensors(w, tensors, qtype)
-    _finish(w)
+    add_tensors(w, tensors, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)

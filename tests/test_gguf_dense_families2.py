@@ -18,9 +18,8 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_tensors, _finish, _gguf_writer, _imported, _permute, _tiny_model,
-)
+from gguf_writer import add_tensors, config_writer, finish, permute  # noqa: E402
+from test_gguf_import import _imported, _tiny_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=False)
@@ -44,10 +43,10 @@ def _write(path: Path, arch: str, config, tensors: dict[str, np.ndarray], qtype,
            **writer: Any) -> None:
     """``tensors`` (GGUF names) in a file of ``arch``: what every conversion writes of ``config`` and ``metadata``'s
     keys; matrices as ``qtype``, vectors float."""
-    w = _gguf_writer(path, arch, config, **writer)
+    w = config_writer(path, arch, config, **writer)
     metadata(w)
-    _add_tensors(w, tensors, qtype)
-    _finish(w)
+    add_tensors(w, tensors, qtype)
+    finish(w)
 
 
 def _mapped(hf, config, arch: str, change: Callable[[str, np.ndarray], np.ndarray] = lambda n, a: a,
@@ -101,8 +100,8 @@ def _internlm2_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, kv_h
     per, d, h = heads // kv_heads, q.shape[0] // heads, q.shape[1]
     wqkv = np.concatenate([q.reshape(kv_heads, per, d, h), k.reshape(kv_heads, 1, d, h), v.reshape(kv_heads, 1, d, h)],
                           axis=1)
-    return {"attn_q.weight": _permute(wqkv[:, :per].reshape(-1, h), heads),
-            "attn_k.weight": _permute(wqkv[:, -2].reshape(-1, h), kv_heads),
+    return {"attn_q.weight": permute(wqkv[:, :per].reshape(-1, h), heads),
+            "attn_k.weight": permute(wqkv[:, -2].reshape(-1, h), kv_heads),
             "attn_v.weight": wqkv[:, -1].reshape(-1, h)}
 
 
@@ -135,7 +134,7 @@ def test_minicpm_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, tie
                              logits_scaling=hidden / 16, attention_multiplier=head_dim ** -0.5)
     _spread(hf)
     heads = {"q_proj.weight": 4, "k_proj.weight": 2}
-    tensors = _mapped(hf, config, "minicpm", lambda name, a: _permute(a, heads[name[-13:]]) if name.endswith(
+    tensors = _mapped(hf, config, "minicpm", lambda name, a: permute(a, heads[name[-13:]]) if name.endswith(
         tuple(heads)) else a)
 
     def metadata(w: Any) -> None:

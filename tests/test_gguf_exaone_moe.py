@@ -18,9 +18,9 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
+from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_tensors, _assert_logits_match, _finish, _gguf_writer, _imported, _moe_mapped,
-    _moved_norms_and_biases, _tiny_model,
+    _assert_logits_match, _imported, _moe_mapped, _moved_norms_and_biases, _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -42,7 +42,7 @@ def _tiny():
 def _exaone_moe_gguf(path: Path, hf, config, qtype, **overrides) -> None:
     """``hf`` as ExaoneMoEModel writes it with one next-token-prediction block (random: the import must leave it
     unread); matrices as ``qtype``. ``overrides``: metadata written otherwise (None: not)."""
-    w = _gguf_writer(path, "exaone-moe", config, extra_blocks=1)
+    w = config_writer(path, "exaone-moe", config, extra_blocks=1)
     meta = {"key_length": 16, "value_length": 16, "expert_count": 8, "expert_used_count": 2,
             "expert_group_count": 2, "expert_group_used_count": 1,
             "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID, "vocab_size": config.vocab_size,
@@ -50,14 +50,14 @@ def _exaone_moe_gguf(path: Path, hf, config, qtype, **overrides) -> None:
             "expert_feed_forward_length": 32, "expert_shared_count": 2, "expert_shared_feed_forward_length": 64,
             "expert_weights_scale": 2.5, "expert_weights_norm": True, "leading_dense_block_count": 1,
             "nextn_predict_layers": 1, "rope_scaling_type": gguf.RopeScalingType.NONE, **overrides}
-    _add_metadata(w, meta)
+    add_metadata(w, meta)
     tensors = _moe_mapped(hf, config, gguf.MODEL_ARCH.EXAONE_MOE, _OWN)
     last = f"blk.{config.num_hidden_layers - 1}."
     rng = np.random.default_rng(1)
     tensors.update({name.replace(last, f"blk.{config.num_hidden_layers}."): rng.standard_normal(a.shape)
                     for name, a in tensors.items() if name.startswith(last)})
-    _add_tensors(w, tensors, qtype)
-    _finish(w)
+    add_tensors(w, tensors, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)

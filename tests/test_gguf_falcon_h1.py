@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    TINY_TOKENS, _add_sentencepiece_vocab, _add_tensor, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
-    _mamba2_as_converted, _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
+from test_gguf_import import _assert_logits_match, _mamba2_as_converted  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -35,7 +35,7 @@ _VARIANTS = {"untied": dict(mamba_rms_norm=True, mamba_norm_before_gate=False, m
 
 def _tiny(variant: str):
     """A random float32 Falcon-H1 over the test vocabulary: A_log, D and dt_bias spread, norms around 1."""
-    config = transformers.FalconH1Config(**_COMMON, **_VARIANTS[variant], vocab_size=len(_sentencepiece_vocab()[0]))
+    config = transformers.FalconH1Config(**_COMMON, **_VARIANTS[variant], vocab_size=len(sentencepiece_vocab()[0]))
     torch.manual_seed(0)
     hf = transformers.FalconH1ForCausalLM(config).float().eval()
     with torch.no_grad():
@@ -101,7 +101,7 @@ def _falcon_h1_gguf(path: Path, hf, config, qtype) -> None:
     w.add_ssm_group_count(config.mamba_n_groups)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.FALCON_H1, config.num_hidden_layers)
     for name, tensor in hf.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -110,8 +110,8 @@ def _falcon_h1_gguf(path: Path, hf, config, qtype) -> None:
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if not gguf_name.endswith((".weight", ".bias")) and hf_name.endswith(".weight"):
             gguf_name += ".weight"  # gguf-py maps pre_ff_layernorm by its full name; llama.cpp reads ffn_norm.weight
-        _add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d"))
-    _finish(w)
+        add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d"))
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -134,7 +134,7 @@ def test_falcon_h1_gguf_matches_the_model_it_was_written_from(tmp_path, variant,
     assert mamba.gate == ("before_norm" if config.mamba_rms_norm else "no_norm")
     if qtype != Q.F32:
         assert ours.quantization is not None
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
     elif not config.tie_word_embeddings:
         _assert_logits_match(hf, out)
     else:

@@ -17,9 +17,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
+from test_gguf_import import _assert_logits_match  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -41,7 +42,7 @@ _CONFIGS = {
 def _tiny(arch: str, **settings: Any) -> tuple[Any, Any]:
     """A random float32 model of ``arch``'s family over the test vocabulary: norms away from 0 (each stored as 1 + w
     but the Gated DeltaNet's own), A_log and dt_bias spread, so a wrong inverse or head order shows in the logits."""
-    config = _CONFIGS[arch](vocab_size=len(_sentencepiece_vocab()[0]), **settings)
+    config = _CONFIGS[arch](vocab_size=len(sentencepiece_vocab()[0]), **settings)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():
@@ -142,7 +143,7 @@ def _gated_delta_gguf(path: Path, hf, config, arch: str, qtype, prediction_layer
         w.add_expert_used_count(config.num_experts_per_tok)
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
         w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(kind, config.num_hidden_layers + prediction_layers)
     for name, tensor in hf.state_dict().items():
@@ -160,7 +161,7 @@ def _gated_delta_gguf(path: Path, hf, config, arch: str, qtype, prediction_layer
         for part, shape in (("attn_norm.weight", (config.hidden_size,)),
                             ("nextn.eh_proj.weight", (config.hidden_size, 2 * config.hidden_size))):
             w.add_tensor(f"blk.{block}.{part}", rng.standard_normal(shape).astype(np.float32))
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -183,13 +184,13 @@ def test_gated_delta_gguf_matches_the_model_it_was_written_from(tmp_path, arch, 
         assert ours.arch.moe.normalize and ours.arch.moe.shared_expert_size == 64
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
-        vocab = _sentencepiece_vocab()[0]
+        vocab = sentencepiece_vocab()[0]
         tokenizer = ferrum.load(out, backend="cpu").tokenizer
         assert tokenizer.encode("hello world", add_special_tokens=False) == [vocab.index("\u2581hello"),
                                                                              vocab.index("\u2581world")]
         return
     assert ours.quantization is not None
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def test_an_older_qwen3next_file_with_the_whole_in_proj_qkvz_imports(tmp_path):
@@ -213,7 +214,7 @@ def test_experts_with_gate_and_up_fused_import(tmp_path, arch, qtype):
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
     else:
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def test_value_heads_that_split_a_quant_block_are_refused_packed_and_import_through_float(tmp_path):

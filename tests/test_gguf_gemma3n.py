@@ -20,10 +20,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
-    gguf_blocks,
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
+from test_gguf_import import _assert_logits_match, gguf_blocks  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: 22 layers, as llama.cpp's own gemma3n test takes: its fixed 20 layers of keys and values, then two that read them.
@@ -33,7 +33,7 @@ _LAYERS, _PER_LAYER = 22, 32
 def _tiny(**extra: Any) -> tuple[Any, Any]:
     """A random float32 Gemma 3n over the test vocabulary, its per-layer table 8 rows short of it (the converter pads
     them with zeros); weights N(0, 0.2), norms spread around 1, so a misplaced tensor shows in the logits."""
-    vocab = len(_sentencepiece_vocab()[0])
+    vocab = len(sentencepiece_vocab()[0])
     settings = dict(
         vocab_size=vocab, vocab_size_per_layer_input=vocab - 8, hidden_size=64, num_hidden_layers=_LAYERS,
         intermediate_size=[96] * 11 + [128] * 11, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -75,7 +75,7 @@ def _gemma3n_gguf(path: Path, hf, config, qtype, *, shared_kv: int | None = None
     w.add_activation_sparsity_scale([NormalDist().inv_cdf(s) if s else float("-inf")
                                      for s in config.activation_sparsity_pattern])
     w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     w.add_add_space_prefix(False)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, layers)
     state = {name: np.ascontiguousarray(t.float().numpy()) for name, t in hf.state_dict().items()}
@@ -93,7 +93,7 @@ def _gemma3n_gguf(path: Path, hf, config, qtype, *, shared_kv: int | None = None
         else:
             blocks = gguf_blocks(array.reshape(-1, array.shape[-1]), qtype, rng)
             w.add_tensor(gguf_name, blocks.reshape(*array.shape[:-1], -1), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_a_quantized_gemma3n_gguf_runs_packed_as_its_float_import(tmp_path, tiny
     packed = json.loads((out / "config.json").read_text())["quantization"]
     assert (packed["bits"], packed["group_size"]) == (8, 32)
     assert "model.altup_projections.1" not in packed  # the stack's matrices packed too
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def test_a_gemma3n_gguf_whose_model_llama_cpp_runs_otherwise_is_refused(tmp_path, tiny):

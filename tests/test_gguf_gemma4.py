@@ -19,10 +19,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
-    gguf_blocks,
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
+from test_gguf_import import _assert_logits_match, gguf_blocks  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _SLIDING, _FULL = "sliding_attention", "full_attention"
@@ -45,7 +45,7 @@ _VARIANTS = {
 def _tiny(variant: str, **extra: Any) -> tuple[Any, Any]:
     """A random float32 Gemma 4 of ``variant``'s layout over the test vocabulary: weights N(0, 0.2), norms spread
     around 1, layer scalars and router scales set apart, so a misplaced tensor shows in the logits."""
-    vocab = len(_sentencepiece_vocab()[0])
+    vocab = len(sentencepiece_vocab()[0])
     settings = {**_COMMON, **_VARIANTS[variant], "vocab_size": vocab, "vocab_size_per_layer_input": vocab, **extra}
     config = transformers.Gemma4TextConfig(**settings)
     config.settings = settings  # as made (transformers folds the full layers' heads into per_layer_config)
@@ -101,7 +101,7 @@ def _gemma4_gguf(path: Path, hf, config, qtype) -> None:
         w.add_expert_count(config.num_experts)
         w.add_expert_used_count(config.top_k_experts)
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     w.add_add_space_prefix(False)
     turning = int(head_dim * rope[_FULL]["partial_rotary_factor"] / 2)
     w.add_tensor("rope_freqs.weight", np.array([1.0] * turning + [1e30] * (head_dim // 2 - turning), dtype=np.float32))
@@ -124,7 +124,7 @@ def _gemma4_gguf(path: Path, hf, config, qtype) -> None:
         else:
             blocks = gguf_blocks(array.reshape(-1, array.shape[-1]), qtype, rng)
             w.add_tensor(gguf_name, blocks.reshape(*array.shape[:-1], -1), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("variant", list(_VARIANTS))
@@ -165,7 +165,7 @@ def test_a_quantized_gemma4_gguf_with_mixed_head_sizes_runs_packed_as_its_float_
     packed = json.loads((out / "config.json").read_text())["quantization"]
     assert (packed["bits"], packed["group_size"]) == ((8, 32) if qtype == Q.Q8_0 else (4, 32))
     assert "model.layers.0.self_attn.o_proj" not in packed  # o_proj packed too
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def test_a_quantized_gemma4_gguf_whose_heads_cut_its_blocks_is_refused_before_writing(tmp_path):

@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import CheckpointError, ContextLengthExceededError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
 from ferrum.gguf_import.glm_dsa import indexer_config  # noqa: E402
+from gguf_writer import TINY_TOKENS  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _DEEPSEEK2_SIZES, TINY_TOKENS, _assert_logits_match, _deepseek2_gguf, _imported, _moved_norms_and_biases,
-    _tiny_model,
+    _DEEPSEEK2_SIZES, _assert_logits_match, _deepseek2_gguf, _imported, _moved_norms_and_biases, _tiny_model,
 )
 
 Q = gguf.GGMLQuantizationType

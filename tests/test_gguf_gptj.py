@@ -17,17 +17,16 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
+from gguf_writer import add_sentencepiece_vocab, add_tensors, finish, sentencepiece_vocab  # noqa: E402
 from test_gguf_dense_families2 import _mapped, _spread  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _add_tensors, _assert_logits_match, _finish, _imported, _sentencepiece_vocab,
-)
+from test_gguf_import import _assert_logits_match, _imported  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
 
 def _tiny_gptj(n_inner: int | None) -> Any:
     """A random float32 GPT-J over the test vocabulary: 64 wide, 4 heads of 16, rope on the first 8 dims of each."""
-    config = transformers.GPTJConfig(vocab_size=len(_sentencepiece_vocab()[0]), n_embd=64, n_head=4, n_layer=2,
+    config = transformers.GPTJConfig(vocab_size=len(sentencepiece_vocab()[0]), n_embd=64, n_head=4, n_layer=2,
                                      n_inner=n_inner, rotary_dim=8, n_positions=128, bos_token_id=1, eos_token_id=2,
                                      pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -50,9 +49,9 @@ def _gptj_gguf(tmp_path, hf, qtype, more: Callable[[Any], None] = lambda w: None
     if config.n_inner is not None:
         w.add_feed_forward_length(config.n_inner)
     more(w)
-    _add_sentencepiece_vocab(w)
-    _add_tensors(w, _mapped(hf, config, "gptj"), qtype)
-    _finish(w)
+    add_sentencepiece_vocab(w)
+    add_tensors(w, _mapped(hf, config, "gptj"), qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize(("qtype", "n_inner"), [(Q.F32, None), (Q.F32, 96), (Q.Q8_0, None)],

@@ -17,10 +17,10 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _add_tensor, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
-    _mamba2_as_converted, _permute, _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, finish, permute, sentencepiece_vocab,
 )
+from test_gguf_import import _assert_logits_match, _mamba2_as_converted  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -37,7 +37,7 @@ _VARIANTS = {"dense": dict(num_local_experts=0, mamba_n_groups=2, position_embed
 def _tiny(variant: str) -> tuple[Any, Any]:
     """A random float32 Granite 4.0-H over the test vocabulary: A_log, D and dt_bias spread, norms around 1."""
     config = transformers.GraniteMoeHybridConfig(**_COMMON, **_VARIANTS[variant],
-                                                 vocab_size=len(_sentencepiece_vocab()[0]))
+                                                 vocab_size=len(sentencepiece_vocab()[0]))
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
@@ -59,7 +59,7 @@ def _converted(name: str, a: np.ndarray, config) -> dict[str, np.ndarray]:
         return dict([ssm])
     if name.endswith(("q_proj.weight", "k_proj.weight")):  # Llama's adjacent-pair rope layout
         heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
-        return {name: _permute(a, heads)}
+        return {name: permute(a, heads)}
     if name.endswith("block_sparse_moe.experts.gate_up_proj"):  # the checkpoint's input_linear [E, 2I, H]
         gate, up = np.split(a, 2, axis=-2)
         return {name.replace("experts.gate_up_proj", "gate"): gate, name.replace("experts.gate_up_proj", "up"): up}
@@ -113,13 +113,13 @@ def _granite_hybrid_gguf(path: Path, hf, config, qtype) -> None:
     w.add_ssm_inner_size(config.mamba_expand * config.hidden_size)
     w.add_ssm_time_step_rank(config.mamba_n_heads)
     w.add_rope_scaling_finetuned(rope)  # llama.cpp's switch for rope (False for every Granite 4.0-H release)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GRANITE_HYBRID, layers)
     for name, tensor in hf.state_dict().items():
         for hf_name, array in _converted(name, tensor.float().numpy(), config).items():
-            _add_tensor(w, _gguf_name(hf_name, names), array, qtype,
+            add_tensor(w, _gguf_name(hf_name, names), array, qtype,
                         ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d", "gate_inp"))
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -143,4 +143,4 @@ def test_granite_hybrid_gguf_matches_the_model_it_was_written_from(tmp_path, var
         _assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")

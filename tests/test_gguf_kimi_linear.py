@@ -23,10 +23,8 @@ from safetensors.numpy import load_file  # noqa: E402
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf, kimi_linear  # noqa: E402
 from ferrum.gguf_import.gated_delta import Restored  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_tensor, _assert_logits_match, _finish, _gguf_writer, _imported, _moved_norms_and_biases,
-    _tiny_model,
-)
+from gguf_writer import add_metadata, add_tensor, config_writer, finish  # noqa: E402
+from test_gguf_import import _assert_logits_match, _imported, _moved_norms_and_biases, _tiny_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
@@ -89,17 +87,17 @@ def _kimi_gguf(tmp_path: Path, hf, config, qtype, whole_kv_b: bool = False, extr
         **{key: getattr(config, key) for key in ("num_hidden_layers", "max_position_embeddings", "hidden_size",
                                                  "intermediate_size", "num_attention_heads", "rms_norm_eps")},
         rope_parameters={"rope_theta": 10000.0})
-    w = _gguf_writer(tmp_path / "m.gguf", "kimi-linear", sizes, kv_heads=kv_heads)
+    w = config_writer(tmp_path / "m.gguf", "kimi-linear", sizes, kv_heads=kv_heads)
     meta = {"vocab_size": config.vocab_size, "expert_count": 8, "expert_used_count": 2, "expert_group_count": 2,
             "expert_group_used_count": 1, "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID,
             "ssm_conv_kernel": 4, "kda_head_dim": 8, "kv_lora_rank": kv_lora, "rope_dimension_count": rope,
             "key_length": kv_lora + rope, "key_length_mla": config.qk_nope_head_dim + rope,
             "value_length_mla": config.v_head_dim, "expert_feed_forward_length": 32, "expert_shared_count": 1,
             "leading_dense_block_count": 1, "expert_weights_scale": config.routed_scaling_factor, **overrides}
-    _add_metadata(w, meta)
+    add_metadata(w, meta)
     for name, array in {**_as_converted(tmp_path / "hf", config, whole_kv_b), **dict(extra)}.items():
-        _add_tensor(w, name, array, qtype, kept_float=("ffn_gate_inp",))
-    _finish(w)
+        add_tensor(w, name, array, qtype, kept_float=("ffn_gate_inp",))
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)

@@ -17,9 +17,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_tensors, _assert_logits_match, _finish, _gguf_writer, _imported, _moe_mapped, _tiny_model,
-)
+from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
+from test_gguf_import import _assert_logits_match, _imported, _moe_mapped, _tiny_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -58,7 +57,7 @@ def _tiny(**settings):
 
 def _laguna_gguf(path: Path, hf, config, qtype, **overrides) -> None:
     """``hf`` as LagunaModel writes it; matrices as ``qtype``. ``overrides``: metadata written otherwise (None: not)."""
-    w = _gguf_writer(path, "laguna", config)
+    w = config_writer(path, "laguna", config)
     ropes, head_dim = config.rope_parameters, config.head_dim
     full = ropes[FULL]
     if full["rope_type"] == "yarn":  # the converter's base set_gguf_parameters, from the full layers' parameters
@@ -77,9 +76,9 @@ def _laguna_gguf(path: Path, hf, config, qtype, **overrides) -> None:
     if config.sliding_window:
         meta = {"rope_freq_base_swa": ropes[SLIDING]["rope_theta"],
                 "rope_dimension_count_swa": int(head_dim * ropes[SLIDING]["partial_rotary_factor"]), **meta}
-    _add_metadata(w, meta)
-    _add_tensors(w, _moe_mapped(hf, config, gguf.MODEL_ARCH.STEP35, _OWN), qtype)
-    _finish(w)
+    add_metadata(w, meta)
+    add_tensors(w, _moe_mapped(hf, config, gguf.MODEL_ARCH.STEP35, _OWN), qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize(("settings", "qtype"), [(_XS, Q.F32), (_M, Q.F32), (_XS, Q.Q8_0), (_M, Q.Q8_0)],

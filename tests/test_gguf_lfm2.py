@@ -19,10 +19,10 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _assert_logits_match, _assert_runs_as_its_float_import, _finish, _sentencepiece_vocab,
-    write_tiny_gguf,
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
+from test_gguf_import import _assert_logits_match, write_tiny_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 LAYER_TYPES = ["conv", "full_attention", "conv", "conv"]
@@ -31,7 +31,7 @@ LAYER_TYPES = ["conv", "full_attention", "conv", "conv"]
 def _tiny(tied: bool) -> tuple[Any, Any]:
     """A random float32 LFM2 over the test vocabulary whose MLP width (100) LFM2 sizes to 80 (two thirds, rounded up
     to a multiple of 16), as the converter then writes it; norms around 1."""
-    config = transformers.Lfm2Config(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=100,
+    config = transformers.Lfm2Config(vocab_size=len(sentencepiece_vocab()[0]), hidden_size=64, intermediate_size=100,
                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                      max_position_embeddings=256, conv_L_cache=3, block_multiple_of=16,
                                      layer_types=LAYER_TYPES, tie_word_embeddings=tied, pad_token_id=0,
@@ -47,7 +47,7 @@ def _tiny(tied: bool) -> tuple[Any, Any]:
 def _tiny_moe() -> tuple[Any, Any]:
     """A random float32 LFM2-MoE: one dense layer, then four experts (two used) with a correction bias; tied, as
     LFM2-8B-A1B is (llama.cpp's lfm2moe has no output tensor)."""
-    config = transformers.Lfm2MoeConfig(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64,
+    config = transformers.Lfm2MoeConfig(vocab_size=len(sentencepiece_vocab()[0]), hidden_size=64,
                                         intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                         conv_L_cache=3, num_experts=4, num_experts_per_tok=2, num_dense_layers=1,
@@ -82,7 +82,7 @@ def _lfm2_gguf(path: Path, hf, config, qtype) -> None:
     w.add_vocab_size(config.vocab_size)
     w.add_shortconv_l_cache(config.conv_L_cache)
     w.add_layer_norm_rms_eps(config.norm_eps)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LFM2MOE if moe else gguf.MODEL_ARCH.LFM2, layers)
     for name, array in _converted(hf, config):
         array = np.ascontiguousarray(array, dtype=np.float32)
@@ -93,7 +93,7 @@ def _lfm2_gguf(path: Path, hf, config, qtype) -> None:
             w.add_tensor(gguf_name, array)
         else:
             w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 def _converted(hf, config):
@@ -136,7 +136,7 @@ def test_lfm2_moe_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
         _assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -159,7 +159,7 @@ def test_lfm2_gguf_matches_the_model_it_was_written_from(tmp_path, tied, qtype):
         _assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def test_lfm2s_pre_tokenizer_is_llama_3s_and_adds_bos(tmp_path):

@@ -18,10 +18,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _add_tensor, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
-    _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
+from test_gguf_import import _assert_logits_match  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _MAMBA = dict(hidden_size=64, num_hidden_layers=3, state_size=8, conv_kernel=4, pad_token_id=0, bos_token_id=1,
@@ -51,7 +51,7 @@ _VARIANTS = {
 def _tiny(variant: str):
     """A random float32 model over the test vocabulary: A_log, D and the step's bias spread, norms around 1."""
     config = _VARIANTS[variant]()
-    config.vocab_size = len(_sentencepiece_vocab()[0])
+    config.vocab_size = len(sentencepiece_vocab()[0])
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
@@ -123,15 +123,15 @@ def _mamba_gguf(path: Path, hf, config, qtype, drop: str | None = None) -> None:
     arch = gguf.MODEL_ARCH.JAMBA if config.model_type == "jamba" else gguf.MODEL_ARCH.MAMBA
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     _write_keys(w, config)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     if drop is not None:
         del w.kv_data[0][drop]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     for name, array in _converted(hf, config):
         module, suffix = name.rsplit(".", 1) if name.endswith((".weight", ".bias")) else (name, None)
         gguf_name = names.get_name(module) + ("" if suffix is None else f".{suffix}")
-        _add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "_norm", "ssm_a", "ssm_d", "gate_inp"))
-    _finish(w)
+        add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "_norm", "ssm_a", "ssm_d", "gate_inp"))
+    finish(w)
 
 
 #: What each variant imports as: the model type, each layer's (mixer, MLP), the step's rank and the biases.
@@ -170,7 +170,7 @@ def test_mamba_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qty
         _assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def test_falcon_mambas_flag_and_epsilon_count(tmp_path):
@@ -208,9 +208,9 @@ def test_jamba_layers_that_follow_no_period_are_refused_by_name(tmp_path):
     _write_keys(w, config)
     del w.kv_data[0]["jamba.attention.head_count_kv"]
     w.add_head_count_kv([0, 2, 0, 2, 2])
-    _add_sentencepiece_vocab(w)
-    w.add_tensor("token_embd.weight", np.zeros((len(_sentencepiece_vocab()[0]), 64), np.float32))
-    _finish(w)
+    add_sentencepiece_vocab(w)
+    w.add_tensor("token_embd.weight", np.zeros((len(sentencepiece_vocab()[0]), 64), np.float32))
+    finish(w)
     with pytest.raises(UnsupportedFeatureError, match=r"attention layers \[1, 3, 4\] are not those of i % period"):
         convert_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()

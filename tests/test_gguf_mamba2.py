@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _add_tensor, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
-    _mamba2_as_converted, _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
+from test_gguf_import import _assert_logits_match, _mamba2_as_converted  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(hidden_size=64, num_hidden_layers=3, num_heads=8, head_dim=16, state_size=16, expand=2, conv_kernel=4,
@@ -30,7 +30,7 @@ _VARIANTS = {"grouped": dict(n_groups=2, tie_word_embeddings=False),
 
 def _tiny(variant: str):
     """A random float32 Mamba-2 over the test vocabulary: A_log, D and dt_bias spread, norms around 1."""
-    config = transformers.Mamba2Config(**_COMMON, **_VARIANTS[variant], vocab_size=len(_sentencepiece_vocab()[0]))
+    config = transformers.Mamba2Config(**_COMMON, **_VARIANTS[variant], vocab_size=len(sentencepiece_vocab()[0]))
     torch.manual_seed(0)
     hf = transformers.Mamba2ForCausalLM(config).float().eval()
     with torch.no_grad():
@@ -64,7 +64,7 @@ def _mamba2_gguf(path: Path, hf, config, qtype) -> None:
     w.add_ssm_time_step_rank(config.num_heads)
     w.add_ssm_group_count(config.n_groups)
     w.add_layer_norm_rms_eps(config.layer_norm_epsilon)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MAMBA2, config.num_hidden_layers)
     weights = {name: tensor.float().numpy() for name, tensor in hf.state_dict().items()}
     if config.tie_word_embeddings:
@@ -73,8 +73,8 @@ def _mamba2_gguf(path: Path, hf, config, qtype) -> None:
         hf_name, array = _converted(name, array, config)
         module, suffix = hf_name.rsplit(".", 1) if hf_name.endswith((".weight", ".bias")) else (hf_name, None)
         gguf_name = names.get_name(module) + ("" if suffix is None else f".{suffix}")
-        _add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d"))
-    _finish(w)
+        add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d"))
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -98,4 +98,4 @@ def test_mamba2_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qt
         _assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")

@@ -16,9 +16,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_tensors, _assert_logits_match, _finish, _gguf_writer, _imported, _moe_mapped, _tiny_model,
-)
+from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
+from test_gguf_import import _assert_logits_match, _imported, _moe_mapped, _tiny_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: MiMo-V2-Flash's layout, small: a full dense first layer, then sliding sparse ones (twice the key/value heads, with
@@ -52,7 +51,7 @@ def _mimo2_gguf(path: Path, hf, config, qtype, mtp: int = 0, **overrides) -> Non
     the last layer's tensors). ``overrides``: metadata written otherwise (None: not)."""
     sliding = [kind == "sliding_attention" for kind in config.layer_types] + [True] * mtp
     kv = config.num_key_value_heads
-    w = _gguf_writer(path, "mimo2", config, extra_blocks=mtp, kv_heads=[2 * kv if s else kv for s in sliding])
+    w = config_writer(path, "mimo2", config, extra_blocks=mtp, kv_heads=[2 * kv if s else kv for s in sliding])
     if mtp:
         w.add_nextn_predict_layers(mtp)
     meta = {"key_length": 64, "value_length": 32, "rope_dimension_count": 32, "expert_count": 4,
@@ -62,13 +61,13 @@ def _mimo2_gguf(path: Path, hf, config, qtype, mtp: int = 0, **overrides) -> Non
     value_scale = meta.pop("value_scale")
     if value_scale is not None:  # llama-arch.cpp's key, which gguf 0.19 has no writer for
         w.add_float32("mimo2.attention.value_scale", value_scale)
-    _add_metadata(w, meta)
+    add_metadata(w, meta)
     tensors = _moe_mapped(hf, config, gguf.MODEL_ARCH.MIMO2, _OWN)
     last = f"blk.{config.num_hidden_layers - 1}."
     tensors.update({name.replace(last, f"blk.{config.num_hidden_layers + i}."): a for name, a in list(tensors.items())
                     if name.startswith(last) for i in range(mtp)})
-    _add_tensors(w, tensors, qtype)
-    _finish(w)
+    add_tensors(w, tensors, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize(("qtype", "mtp"), [(Q.F32, 0), (Q.F32, 1), (Q.Q8_0, 0)], ids=["F32", "F32-mtp", "Q8_0"])

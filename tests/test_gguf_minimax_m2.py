@@ -16,9 +16,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_metadata, _add_tensors, _assert_logits_match, _finish, _gguf_writer, _imported, _moe_mapped, _tiny_model,
-)
+from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
+from test_gguf_import import _assert_logits_match, _imported, _moe_mapped, _tiny_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: MiniMax-M2's layout, small: half of each head rotated (M2's 64 of 128), four experts, two chosen.
@@ -43,14 +42,14 @@ def _tiny():
 def _minimax_m2_gguf(path: Path, hf, config, qtype, **overrides) -> None:
     """``hf`` as MiniMaxM2Model writes it; matrices as ``qtype``. ``overrides``: metadata written otherwise (None:
     not)."""
-    w = _gguf_writer(path, "minimax-m2", config)
+    w = config_writer(path, "minimax-m2", config)
     meta = {"key_length": 16, "value_length": 16, "rope_dimension_count": 8, "expert_count": 4,
             "expert_used_count": 2, "expert_feed_forward_length": 32,
             "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID, **overrides}
-    _add_metadata(w, meta)
+    add_metadata(w, meta)
     tensors = _moe_mapped(hf, config, gguf.MODEL_ARCH.MINIMAXM2, _OWN)
-    _add_tensors(w, tensors, qtype)
-    _finish(w)
+    add_tensors(w, tensors, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)

@@ -21,9 +21,9 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
+from gguf_writer import TINY_TOKENS, sentencepiece_vocab  # noqa: E402
 from test_gguf_import import (  # noqa: E402
-    _DEEPSEEK2_SIZES, TINY_TOKENS, _assert_logits_match, _deepseek2_gguf, _imported, _moved_norms_and_biases,
-    _sentencepiece_vocab,
+    _DEEPSEEK2_SIZES, _assert_logits_match, _deepseek2_gguf, _imported, _moved_norms_and_biases,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -38,7 +38,7 @@ def _tiny(beta: float = BETA) -> tuple[Any, Any]:
     rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
             "mscale": 0.8, "mscale_all_dim": 0.8, "beta_fast": 32.0, "beta_slow": 1.0, "llama_4_scaling_beta": beta}
     config = transformers.Mistral4Config(
-        **_DEEPSEEK2_SIZES, vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, max_position_embeddings=128,
+        **_DEEPSEEK2_SIZES, vocab_size=len(sentencepiece_vocab()[0]), hidden_size=64, max_position_embeddings=128,
         q_lora_rank=32, n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=1.5, norm_topk_prob=True,
         rope_parameters=rope, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)

@@ -16,10 +16,10 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_sentencepiece_vocab, _add_tensor, _assert_logits_match, _assert_runs_as_its_float_import, _finish,
-    _mamba2_as_converted, _permute, _sentencepiece_vocab,
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, finish, permute, sentencepiece_vocab,
 )
+from test_gguf_import import _assert_logits_match, _mamba2_as_converted  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
@@ -39,7 +39,7 @@ _VARIANTS = {
 
 def _tiny(variant: str) -> tuple[Any, Any]:
     """A random float32 Nemotron-H over the test vocabulary: A_log, D and dt_bias spread, norms around 1."""
-    config = transformers.NemotronHConfig(**_COMMON, **_VARIANTS[variant], vocab_size=len(_sentencepiece_vocab()[0]))
+    config = transformers.NemotronHConfig(**_COMMON, **_VARIANTS[variant], vocab_size=len(sentencepiece_vocab()[0]))
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
@@ -64,7 +64,7 @@ def _converted(name: str, a: np.ndarray, config) -> tuple[str, np.ndarray]:
     if name.endswith("e_score_correction_bias"):
         return name.replace("_bias", ".bias"), a
     if name.endswith(("q_proj.weight", "k_proj.weight")):  # Llama's adjacent-pair layout (GraniteHybridModel's)
-        return name, _permute(a, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
+        return name, permute(a, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
     return name, a
 
 
@@ -101,7 +101,7 @@ def _nemotron_h_gguf(path: Path, hf, config, qtype) -> None:
     w.add_ssm_inner_size(config.mamba_num_heads * config.mamba_head_dim)
     w.add_ssm_time_step_rank(config.mamba_num_heads)
     w.add_rope_scaling_finetuned(False)
-    _add_sentencepiece_vocab(w)
+    add_sentencepiece_vocab(w)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.NEMOTRON_H_MOE if moe else gguf.MODEL_ARCH.NEMOTRON_H, layers)
     weights = {name: tensor.float().numpy() for name, tensor in hf.state_dict().items()}
     if moe:  # a prediction block, which the import must leave out (random: read, it would change the logits)
@@ -112,8 +112,8 @@ def _nemotron_h_gguf(path: Path, hf, config, qtype) -> None:
         hf_name, array = _converted(name, array, config)
         module, suffix = hf_name.rsplit(".", 1) if hf_name.endswith((".weight", ".bias")) else (hf_name, None)
         gguf_name = names.get_name(module) + ("" if suffix is None else f".{suffix}")
-        _add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d", "gate_inp"))
-    _finish(w)
+        add_tensor(w, gguf_name, array, qtype, ("ssm_conv1d", "ssm_norm", "ssm_a", "ssm_d", "gate_inp"))
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -150,4 +150,4 @@ def test_nemotron_h_gguf_matches_the_model_it_was_written_from(tmp_path, variant
         _assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")

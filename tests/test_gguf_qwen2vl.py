@@ -18,9 +18,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _add_tensors, _assert_logits_match, _finish, _gguf_writer, _imported, _sentencepiece_vocab,
-)
+from gguf_writer import add_tensors, config_writer, finish, sentencepiece_vocab  # noqa: E402
+from test_gguf_import import _assert_logits_match, _imported  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: Each text token's rope over 8 pairs of a 16-wide head, as (time, height, width) sections.
@@ -31,7 +30,7 @@ def _tiny_qwen2_vl(kind: str) -> tuple[Any, Any]:
     """A random float32 Qwen2-VL (``qwen2_vl``) or Qwen2.5-VL (``qwen2_5_vl``) with a one-block vision tower, and its
     text config; norms away from 1 and q/k large enough that the rope's angles (and a wrong row order) move the
     logits."""
-    text = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+    text = dict(vocab_size=len(sentencepiece_vocab()[0]), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(_SECTIONS)},
                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -58,7 +57,7 @@ def _tiny_qwen2_vl(kind: str) -> tuple[Any, Any]:
 def _qwen2_vl_gguf(tmp_path, hf, config, qtype, sections: tuple[int, ...] | None = (*_SECTIONS, 0)) -> None:
     """``hf``'s text model as llama.cpp's Qwen2VLModel writes it: ``sections`` as rope.dimension_sections (the
     config's padded to four; None: left out), matrices as ``qtype``."""
-    w = _gguf_writer(tmp_path / "m.gguf", "qwen2vl", config)
+    w = config_writer(tmp_path / "m.gguf", "qwen2vl", config)
     if sections is not None:
         w.add_rope_dimension_sections(list(sections))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2VL, config.num_hidden_layers)
@@ -68,8 +67,8 @@ def _qwen2_vl_gguf(tmp_path, hf, config, qtype, sections: tuple[int, ...] | None
             continue
         name = name.replace("model.language_model.", "model.")
         tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = tensor.float().numpy()
-    _add_tensors(w, tensors, qtype)
-    _finish(w)
+    add_tensors(w, tensors, qtype)
+    finish(w)
 
 
 @pytest.mark.parametrize(("kind", "qtype"), [("qwen2_vl", Q.F32), ("qwen2_5_vl", Q.F32), ("qwen2_vl", Q.Q8_0)],
