@@ -25,6 +25,9 @@ from ferrum import default_model  # noqa: E402
 from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError  # noqa: E402
 from ferrum.bench.runners import open_llama_cpp  # noqa: E402
 from ferrum.gguf_import import convert_gguf, unpermute_qk  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    TINY_TOKENS, assert_runs_as_its_float_import, config_writer, ferrum_logits, finish, permute, sentencepiece_vocab,
+)
 from support import runnable_backends  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -350,18 +353,6 @@ def random_blocks(shape: tuple[int, int], qtype, rng: np.random.Generator) -> np
     return blocks.reshape(rows, -1)
 
 
-def _sentencepiece_vocab() -> tuple[list[str], list[int], list[float]]:
-    """A small Llama-2-style sentencepiece vocabulary: <unk> <s> </s>, the 256 byte pieces, then pieces scored
-    by rank (the way sentencepiece writes them), with a control token inside."""
-    pieces = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "1", "2", "\u2581h", "he", "ll", "\u2581he", "llo",
-              "\u2581hello", "\u2581w", "or", "ld", "\u2581wor", "\u2581world", "\u2581\u2581", "\u25811", "12",
-              "\u2581lo", "[INST]"]
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
-    types = [2, 3, 3] + [6] * 256 + [3 if p == "[INST]" else 1 for p in pieces]
-    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
-    return tokens, types, scores
-
-
 def _alphabet() -> list[str]:
     from tokenizers import pre_tokenizers
 
@@ -383,11 +374,6 @@ def _mamba2_as_converted(name: str, a: np.ndarray, groups: int, norm: str, dt_bi
     if name.endswith(norm):
         return name, a.reshape(groups, -1)
     return None
-
-
-def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's converter permutation (convert_hf_to_gguf.py LlamaModel.permute)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 #: The default storage of write_tiny_gguf: one Q8_0 matrix, the rest float32.
@@ -422,7 +408,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     rng = np.random.default_rng(0)
     types = ONE_Q8_0 if types is None else types
     if tokenizer_model == "llama":
-        tokens, token_types, scores = _sentencepiece_vocab()
+        tokens, token_types, scores = sentencepiece_vocab()
         merges = None
     else:
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -511,7 +497,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tokenizer_model: str = "gpt
     for name, array in hf.items():
         # llama.cpp permutes Llama's q/k rows for its rope; the rotate-half families (Qwen) it stores as they are
         n = {"q_proj": heads, "k_proj": kv_heads}.get(name.split(".")[-2]) if arch == "llama" else None
-        stored = array if n is None else _permute(array, n)
+        stored = array if n is None else permute(array, n)
         ending = max((e for e in types if name.endswith(e)), key=len, default=None)
         qtype = types.get(ending, Q.F32) if array.ndim == 2 else Q.F32
         if qtype == Q.F32:
@@ -602,7 +588,7 @@ def test_qwen_gguf_matches_transformers_gguf_loader(tmp_path, arch):
         assert llm.tokenizer.encode(text) == tokenizer.encode(text), text
 
 
-#: Text -> the ids llama.cpp (llama-cpp-python 0.3.36) gives for it on ``_sentencepiece_vocab`` with BOS: the
+#: Text -> the ids llama.cpp (llama-cpp-python 0.3.36) gives for it on ``sentencepiece_vocab`` with BOS: the
 #: prefix space before every run of text, a leading space kept ("\u2581\u2581hello"), bytes for what no piece spells.
 SENTENCEPIECE_IDS = {
     "hello world": [1, 274, 279],
@@ -677,7 +663,7 @@ def test_a_merge_the_vocabulary_cannot_make_is_left_out_as_llama_cpp_leaves_it(t
 def test_a_sentencepiece_vocabulary_without_byte_pieces_keeps_unknown_characters_as_unk(tmp_path):
     """OpenLLaMA-style vocabularies have no <0xNN> pieces: a character no piece spells is the unknown token, as
     sentencepiece writes it (it was dropped with its text); <unk> in text is that token, as llama.cpp matches it."""
-    tokens, types, scores = _sentencepiece_vocab()
+    tokens, types, scores = sentencepiece_vocab()
     keep = [i for i, t in enumerate(tokens) if not t.startswith("<0x")]
     vocab = ([tokens[i] for i in keep], [types[i] for i in keep], [scores[i] for i in keep], None)
     tok = _tokenizer_of(tmp_path, tokenizer_model="llama", vocab=vocab)
@@ -733,70 +719,6 @@ _GLOBAL_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.n
                       "lm_head.bias": "output.bias"}
 
 
-def _gguf_writer(path: Path, arch: str, config, extra_blocks: int = 0, kv_heads: int | None = None) -> Any:
-    """A GGUF writer of ``arch`` with what every llama.cpp conversion writes of ``config`` (sizes, rope base,
-    norm epsilon) and the sentencepiece vocabulary of :func:`_sentencepiece_vocab`; tensors are the caller's
-    (``extra_blocks``: blocks the converter appends after the decoder's, GLM-4.5's next-token prediction;
-    ``kv_heads``: the key/value head count written where it is not the config's)."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(config.num_hidden_layers + extra_blocks)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads if kv_heads is None else kv_heads)
-    w.add_rope_freq_base(config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"])
-    if hasattr(config, "rms_norm_eps"):
-        w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    else:  # a LayerNorm family (OLMo's fixes 1e-5, which its converter writes)
-        w.add_layer_norm_eps(next((getattr(config, key) for key in ("layer_norm_eps", "norm_epsilon", "norm_eps")
-                                   if getattr(config, key, None)), 1e-5))
-    _add_sentencepiece_vocab(w)
-    return w
-
-
-def _add_sentencepiece_vocab(w: Any) -> None:
-    """:func:`_sentencepiece_vocab` as llama.cpp's conversions write a sentencepiece vocabulary, BOS 1 and EOS 2."""
-    tokens, token_types, scores = _sentencepiece_vocab()
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_scores(scores)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-
-def _finish(w: Any) -> None:
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _add_metadata(w: Any, meta: dict[str, Any]) -> None:
-    """Each of ``meta``'s keys through the writer's ``add_<key>``; a None value is not written (a file without it)."""
-    for key, value in meta.items():
-        if value is not None:
-            getattr(w, f"add_{key}")(value)
-
-
-def _add_tensor(w: Any, name: str, array: np.ndarray, qtype, kept_float: tuple[str, ...] = ()) -> None:
-    """``array`` added to ``w`` as GGUF tensor ``name``: a matrix (or stack) whose rows gguf blocks as ``qtype``,
-    anything else, or a name holding one of ``kept_float`` (what llama.cpp's converter keeps float), float32."""
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if qtype == Q.F32 or array.ndim < 2 or array.shape[-1] % 32 or any(part in name for part in kept_float):
-        w.add_tensor(name, array)
-    else:
-        flat = gguf.quants.quantize(array.reshape(-1, array.shape[-1]), qtype)
-        w.add_tensor(name, flat.reshape(*array.shape[:-1], -1), raw_dtype=qtype)
-
-
-def _add_tensors(w: Any, tensors: dict[str, np.ndarray], qtype) -> None:
-    """``tensors`` (GGUF names) added to ``w`` by :func:`_add_tensor`."""
-    for name, array in tensors.items():
-        _add_tensor(w, name, array, qtype)
-
-
 def _moe_mapped(hf: Any, config, kind: Any, own: dict[str, str]) -> dict[str, np.ndarray]:
     """``hf``'s tensors under llama.cpp's names for the ``kind`` (a ``gguf.MODEL_ARCH``) of a stacked-experts MoE:
     ``own`` maps a layer's transformers names to llama.cpp's, each expert's gate_up rows split into gate then up,
@@ -817,17 +739,13 @@ def _moe_mapped(hf: Any, config, kind: Any, own: dict[str, str]) -> dict[str, np
     return tensors
 
 
-#: Token ids a tiny model's logits are compared on (past a 4- or 6-token window).
-TINY_TOKENS = [5, 77, 100, 42, 9, 200, 13, 60, 7, 261, 33, 90]
-
-
 def _tiny_model(config_class: Any, **settings: Any) -> tuple[Any, Any]:
-    """A random float32 transformers model of ``config_class`` over :func:`_sentencepiece_vocab` (64 wide, 4 heads,
+    """A random float32 transformers model of ``config_class`` over :func:`sentencepiece_vocab` (64 wide, 4 heads,
     2 KV heads unless ``settings`` say otherwise), and its config."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config = config_class(**{
-        "vocab_size": len(_sentencepiece_vocab()[0]), "hidden_size": 64, "num_attention_heads": 4,
+        "vocab_size": len(sentencepiece_vocab()[0]), "hidden_size": 64, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1,
         "eos_token_id": 2, **settings})
     torch.manual_seed(0)
@@ -838,18 +756,16 @@ def _assert_logits_match(hf: Any, folder: Path, tokens: list[int] = TINY_TOKENS)
     """The numpy backend's logits for ``folder`` (imported from ``hf``'s GGUF) equal transformers' own."""
     import torch
 
-    import ferrum
-
     with torch.no_grad():
         ref = hf(torch.tensor([tokens])).logits[0].numpy()
-    got = ferrum.load(folder, backend="cpu").model.forward_verify("s", tokens)
+    got = ferrum_logits(folder, tokens)
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
 def _phi3_gguf(path: Path, hf, config, longrope: dict | None) -> None:
     """``hf``'s weights in the layout llama.cpp's converter writes for Phi-3 (fused q/k/v and gate/up, longrope
     factors as tensors)."""
-    w = _gguf_writer(path, "phi3", config)
+    w = config_writer(path, "phi3", config)
     head_dim = config.hidden_size // config.num_attention_heads
     w.add_rope_dimension_count(int(head_dim * config.partial_rotary_factor))
     w.add_sliding_window(config.sliding_window)
@@ -866,7 +782,7 @@ def _phi3_gguf(path: Path, hf, config, longrope: dict | None) -> None:
     if longrope is not None:
         for key in ("short_factor", "long_factor"):
             w.add_tensor(f"rope_factors_{key.split('_')[0]}.weight", np.array(longrope[key], dtype=np.float32))
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("longrope", [False, True], ids=["phi3-mini", "phi4-mini-like"])
@@ -931,7 +847,7 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
     tensors, biased LayerNorms and LM head) or a Mixtral (``llama``, q/k rows permuted): experts stacked per
     projection (``ffn_{gate,up,down}_exps``, stored as ``expert_type``, as are the shared expert's), the router as
     ``ffn_gate_inp``."""
-    w = _gguf_writer(path, "granitemoe" if arch == "granitemoeshared" else arch, config)
+    w = config_writer(path, "granitemoe" if arch == "granitemoeshared" else arch, config)
     if arch not in _PLAIN_EXPERTS:
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
     if arch == "qwen3moe":
@@ -968,7 +884,7 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
     for name, tensor in hf.state_dict().items():
         array = tensor.float().numpy()
         if arch in _PERMUTED and name.split(".", 3)[-1] in heads:  # llama.cpp's rope pairs adjacent rows
-            array = _permute(array, heads[name.split(".", 3)[-1]])
+            array = permute(array, heads[name.split(".", 3)[-1]])
         layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
         if layer is None:
             w.add_tensor(_GLOBAL_GGUF_NAMES[name], array)
@@ -1005,7 +921,7 @@ def _moe_gguf(path: Path, hf, config, expert_type, arch: str,
             w.add_tensor(f"blk.{block}.{gguf_name}.weight", data, raw_dtype=kind)
     if arch == "phimoe":
         _phi3_factors(w, config)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama", "olmoe", "granitemoe", "granitemoeshared", "phimoe"],
@@ -1046,7 +962,7 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
         _assert_logits_match(hf, packed)
         return
     assert (ours.quantization.bits, ours.quantization.group_size) == (8, 32)
-    _assert_runs_as_its_float_import(tmp_path / "moe.gguf", packed, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "moe.gguf", packed, tmp_path / "float")
 
 
 def test_experts_in_a_q4_k_m_mix_run_packed_on_every_backend(tmp_path):
@@ -1063,7 +979,7 @@ def test_experts_in_a_q4_k_m_mix_run_packed_on_every_backend(tmp_path):
     _moe_gguf(tmp_path / "moe.gguf", hf, config, mix, "llama")
     packed = convert_gguf(tmp_path / "moe.gguf", tmp_path / "out")
     floats = convert_gguf(tmp_path / "moe.gguf", tmp_path / "float", dequantize_to="float32")
-    ref = ferrum.load(floats, backend="cpu").model.forward_verify("s", TINY_TOKENS)
+    ref = ferrum_logits(floats, TINY_TOKENS)
     for backend in runnable_backends():
         got = ferrum.load(packed, backend=backend, dtype="float32").model.forward_verify("s", TINY_TOKENS)
         assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max())), backend
@@ -1132,7 +1048,7 @@ _GEMMA_GGUF_NAMES = {
 def _gemma_gguf(path: Path, hf, config, arch: str) -> None:
     """``hf``'s weights as llama.cpp's converter writes a Gemma 2 / 3: every norm weight stored as ``1 + w``, the
     soft-caps and window as metadata, no space put before the text, the output tied to the embeddings."""
-    w = _gguf_writer(path, arch, config)
+    w = config_writer(path, arch, config)
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
     w.add_sliding_window(config.sliding_window)
@@ -1150,7 +1066,7 @@ def _gemma_gguf(path: Path, hf, config, arch: str) -> None:
         layer = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
         w.add_tensor(f"blk.{layer.group(1)}.{_GEMMA_GGUF_NAMES[layer.group(2)]}" if layer else _GLOBAL_GGUF_NAMES[name],
                      array)
-    _finish(w)
+    finish(w)
 
 
 def _tiny_gemma(tmp_path: Path, arch: str) -> tuple[Any, Path, Path]:
@@ -1186,7 +1102,7 @@ def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     assert ours.arch.windows == ((4, None) * 2 if arch == "gemma2" else (4,) * 5 + (None, 4))
     assert ours.arch.attn_scale == pytest.approx(16 ** -0.5)
     _assert_logits_match(hf, out)
-    vocab = _sentencepiece_vocab()[0]
+    vocab = sentencepiece_vocab()[0]
     ids = ferrum.load(out, backend="cpu").tokenizer.encode("hello world", add_special_tokens=False)
     assert ids == [vocab.index(piece) for piece in ("he", "llo", "\u2581world")]  # no space put before the text
 
@@ -1195,20 +1111,19 @@ def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
 def test_gemma_gguf_matches_llama_cpp_live(tmp_path, arch):
     """The same files run by llama.cpp itself (its KV cache is float16, its GELU a float16 table)."""
     pytest.importorskip("llama_cpp")
-    import ferrum
 
     _, path, out = _tiny_gemma(tmp_path, arch)
     reference = open_llama_cpp(path, context=64, threads=1, logits_all=True)
     reference.eval(TINY_TOKENS)
     ref = np.asarray(reference.scores[: len(TINY_TOKENS)])
-    got = ferrum.load(out, backend="cpu").model.forward_verify("s", TINY_TOKENS)
+    got = ferrum_logits(out, TINY_TOKENS)
     assert float(np.abs(got - ref).max()) <= 2e-3 * float(np.abs(ref).max())
 
 
 def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
     """``hf``'s weights as llama.cpp's converter writes ``arch`` in Llama's layout (q/k rows permuted for its
     adjacent-pair rope unless ``arch`` is a Qwen), with Granite's four multipliers and YaRN's numbers."""
-    w = _gguf_writer(path, arch, config)
+    w = config_writer(path, arch, config)
     scaling = config.rope_parameters
     if scaling.get("rope_type") == "yarn":
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
@@ -1245,9 +1160,9 @@ def _llama_layout_gguf(path: Path, hf, config, arch: str) -> None:
             w.add_tensor(_GLOBAL_GGUF_NAMES[name], array)
             continue
         if layer.group(2) in heads:
-            array = _permute(array, heads[layer.group(2)])
+            array = permute(array, heads[layer.group(2)])
         w.add_tensor(f"blk.{layer.group(1)}.{names[layer.group(2)]}", array)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("arch", ["smollm3", "granite", "qwen3", "gemma", "olmo2", "exaone4", "exaone4-full",
@@ -1296,7 +1211,7 @@ def _layer_norm_gguf(path: Path, hf, config, arch: str, extra: dict[str, np.ndar
     """``hf``'s weights under the names gguf's own tensor map gives ``arch`` (biases and all), with its partial
     rotary and Command R's logit scale in the metadata; ``extra`` tensors are written as named, in place of those
     whose names hold ``skip``."""
-    w = _gguf_writer(path, arch, config)
+    w = config_writer(path, arch, config)
     head_dim = config.hidden_size // config.num_attention_heads
     w.add_rope_dimension_count(int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0)))
     if arch in ("command-r", "cohere2"):
@@ -1318,7 +1233,7 @@ def _layer_norm_gguf(path: Path, hf, config, arch: str, extra: dict[str, np.ndar
         w.add_tensor(f"{names.get_name(module)}.{suffix}", array)
     for name, array in (extra or {}).items():
         w.add_tensor(name, array)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("arch", ["phi2", "starcoder2", "command-r", "command-r-plus", "cohere2", "gptneox"])
@@ -1354,7 +1269,7 @@ def _converted_gguf(path: Path, hf, config, arch: str, qtype) -> None:
     changes them: q/k rows permuted for Llama's adjacent-pair rope (``arcee``, ``olmo``), Nemotron's LayerNorm1P
     weights stored as ``1 + w``; its metadata (head_dim, Nemotron's rotary dims, OLMo's clip, Hunyuan's NTK alpha
     folded into the rope base); matrices stored as ``qtype``."""
-    w = _gguf_writer(path, arch, config)
+    w = config_writer(path, arch, config)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     if getattr(config, "head_dim", None):
@@ -1379,7 +1294,7 @@ def _converted_gguf(path: Path, hf, config, arch: str, qtype) -> None:
             continue
         array = tensor.float().numpy()
         if name.split(".", 3)[-1] in permuted:
-            array = _permute(array, permuted[name.split(".", 3)[-1]])
+            array = permute(array, permuted[name.split(".", 3)[-1]])
         if arch == "nemotron" and name.endswith("norm.weight"):
             array = array + 1
         module, suffix = name.rsplit(".", 1)
@@ -1388,7 +1303,7 @@ def _converted_gguf(path: Path, hf, config, arch: str, qtype) -> None:
             w.add_tensor(gguf_name, array)
         else:
             w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -1428,7 +1343,7 @@ def test_dense_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qtype)
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def _gpt2_like_gguf(path: Path, hf, config, arch: str) -> None:
@@ -1444,7 +1359,7 @@ def _gpt2_like_gguf(path: Path, hf, config, arch: str) -> None:
         num_attention_heads=heads, num_key_value_heads=kv_heads, rope_parameters={"rope_theta": 10000.0},
         layer_norm_eps=config.layer_norm_epsilon,
         max_position_embeddings=2048 if arch == "falcon" else config.max_position_embeddings)
-    w = _gguf_writer(path, arch, sizes)
+    w = config_writer(path, arch, sizes)
     kind = next(k for k, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(kind, config.num_hidden_layers)
     for name, tensor in hf.state_dict().items():
@@ -1461,7 +1376,7 @@ def _gpt2_like_gguf(path: Path, hf, config, arch: str) -> None:
             continue
         module, suffix = name.rsplit(".", 1)
         w.add_tensor(f"{names.get_name(module)}.{suffix}", array)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "starcoder", "falcon-7b", "falcon-40b", "falcon-11b", "stablelm",
@@ -1583,7 +1498,7 @@ def test_part_names():
 def test_unpermute_inverts_llama_cpp_permutation():
     w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)
     for heads in (1, 2, 6):
-        np.testing.assert_array_equal(unpermute_qk(_permute(w, heads), heads), w)
+        np.testing.assert_array_equal(unpermute_qk(permute(w, heads), heads), w)
 
 
 def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
@@ -1631,17 +1546,6 @@ def test_dequantize_to_float16(tmp_path):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out2", dequantize_to="int8")
 
 
-def _assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> np.ndarray:
-    """A quantized file's import (kept packed, ``packed``) gives the logits its float32 import (into ``floats``)
-    gives, within Q8_0's and the packed kernels' rounding; returns the packed import's logits."""
-    import ferrum
-
-    convert_gguf(gguf, floats, dequantize_to="float32")
-    got, ref = (ferrum.load(f, backend="cpu").model.forward_verify("s", TINY_TOKENS) for f in (packed, floats))
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
-    return got
-
-
 def _imported(tmp_path: Path, hf: Any, qtype) -> Any:
     """The file at ``tmp_path / m.gguf`` imported, its ModelConfig returned: transformers' logits (float32), or its
     float import's (a quantized file)."""
@@ -1651,7 +1555,7 @@ def _imported(tmp_path: Path, hf: Any, qtype) -> Any:
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
     else:
-        _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
     return ModelConfig.from_file(out)
 
 
@@ -1879,7 +1783,7 @@ def _glm_gguf(path: Path, hf, config, arch: str, prediction_layers: int = 0) -> 
     (``glm4moe``: the sigmoid-gated experts stacked per projection, the router's correction bias as
     ``exp_probs_b.bias``, the shared experts, and ``prediction_layers`` next-token-prediction blocks after the
     decoder's), under the names gguf's own tensor map gives them; q/k rows as stored."""
-    w = _gguf_writer(path, arch, config, extra_blocks=prediction_layers)
+    w = config_writer(path, arch, config, extra_blocks=prediction_layers)
     w.add_rope_dimension_count(int(config.head_dim * config.rope_parameters["partial_rotary_factor"]))
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
@@ -1912,7 +1816,7 @@ def _glm_gguf(path: Path, hf, config, arch: str, prediction_layers: int = 0) -> 
             module, suffix = hf_name.rsplit(".", 1)
             w.add_tensor(f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(array))
     _add_prediction_blocks(w, config, prediction_layers)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("arch", ["glm4", "glm4moe", "glm4moe-grouped"])
@@ -2027,7 +1931,7 @@ def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layer
     one ``ffn_gate_up_exps`` stack where ``fused_experts`` (Mistral4Model's, which leaves transformers' as they are)."""
     heads, nope, rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
     kv_lora, v_dim = config.kv_lora_rank, config.v_head_dim
-    w = _gguf_writer(path, arch, config, extra_blocks=prediction_layers,
+    w = config_writer(path, arch, config, extra_blocks=prediction_layers,
                      kv_heads=heads if layout == "single" else 1)
     if layout == "single":
         w.add_key_length(nope + rope)
@@ -2096,7 +2000,7 @@ def _deepseek2_gguf(path: Path, hf, config, layout: str, qtype, prediction_layer
         else:
             w.add_tensor(target, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     _add_prediction_blocks(w, config, prediction_layers)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -2139,7 +2043,7 @@ def test_deepseek2_gguf_matches_the_model_it_was_written_from(tmp_path, family, 
         _assert_logits_match(hf, out)
         return
     assert "model.layers.1.self_attn.q_b_proj.scales" in stored or family == "v2"
-    got = _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
     with torch.no_grad():  # Q8_0's rounding, about 1e-2 here
         want = hf(torch.tensor([TINY_TOKENS])).logits[0].numpy()
     assert float(np.abs(got - want).max()) <= 5e-2 * max(1.0, float(np.abs(want).max()))
@@ -2187,7 +2091,7 @@ def _shared_expert_gguf(path: Path, hf, config, arch: str, qtype) -> None:
     the correction bias as ``exp_probs_b.bias``) and Hunyuan-A13B (``hunyuan-moe``: the shared MLP as wide as
     intermediate_size): experts stacked per projection, under the names gguf's own tensor map gives them; q/k
     rows as stored; matrices (expert stacks too) stored as ``qtype``."""
-    w = _gguf_writer(path, arch, config)
+    w = config_writer(path, arch, config)
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
     w.add_expert_used_count(config.num_experts_per_tok)
@@ -2223,7 +2127,7 @@ def _shared_expert_gguf(path: Path, hf, config, arch: str, qtype) -> None:
                 w.add_tensor(gguf_name, array)  # norms, biases and routers stay float, as llama.cpp keeps them
             else:
                 w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 def _tiny_shared_expert_model(arch: str) -> tuple[Any, Any]:
@@ -2273,7 +2177,7 @@ def test_shared_expert_gguf_matches_the_model_it_was_written_from(tmp_path, arch
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 # ------------------------------------------------------------------ Qwen3-VL's text model
@@ -2284,7 +2188,7 @@ def _tiny_qwen3_vl(moe: bool) -> tuple[Any, Any]:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1) if moe else {}
-    text = dict(vocab_size=len(_sentencepiece_vocab()[0]), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+    text = dict(vocab_size=len(sentencepiece_vocab()[0]), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=16, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128,
                 rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
                                  "mrope_interleaved": True}, pad_token_id=0, bos_token_id=1, eos_token_id=2, **experts)
@@ -2308,7 +2212,7 @@ def _qwen3_vl_gguf(path: Path, hf, config, arch: str, qtype) -> None:
     Qwen 3's (MoE's) keys, the mrope sections and the deepstack layer count; the vision tower left out (the
     converter writes it to the mmproj file); experts split out of transformers' fused stacks; matrices as
     ``qtype``."""
-    w = _gguf_writer(path, arch, config)
+    w = config_writer(path, arch, config)
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
     w.add_rope_dimension_sections([*config.rope_parameters["mrope_section"], 0])
@@ -2339,7 +2243,7 @@ def _qwen3_vl_gguf(path: Path, hf, config, arch: str, qtype) -> None:
                 w.add_tensor(f"{names.get_name(module)}.{suffix}", array)
             else:
                 w.add_tensor(f"{names.get_name(module)}.{suffix}", gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -2361,7 +2265,7 @@ def test_qwen3_vl_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qty
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 # ------------------------------------------------------------------ mistral3: Ministral 3, Mistral Small 3.x
@@ -2377,7 +2281,7 @@ def _mistral3_gguf(path: Path, hf, config, qtype) -> None:
     """``hf``'s weights as llama.cpp's converter writes a Mistral3 text model (``mistral3``): Llama's layout, q/k
     rows permuted; for Ministral 3 its YaRN, mscale_all_dim as ``yarn_log_multiplier`` and llama_4_scaling_beta as
     ``attention.temperature_scale``; matrices as ``qtype``."""
-    w = _gguf_writer(path, "mistral3", config)
+    w = config_writer(path, "mistral3", config)
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
     rope = config.rope_parameters
@@ -2395,13 +2299,13 @@ def _mistral3_gguf(path: Path, hf, config, qtype) -> None:
         array = tensor.float().numpy()
         module, suffix = name.rsplit(".", 1)
         if module.split(".")[-1] in heads:  # llama.cpp's rope pairs adjacent rows
-            array = _permute(array, heads[module.split(".")[-1]])
+            array = permute(array, heads[module.split(".")[-1]])
         gguf_name = f"{names.get_name(module)}.{suffix}"
         if qtype == Q.F32 or array.ndim < 2:
             w.add_tensor(gguf_name, array)
         else:
             w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -2433,7 +2337,7 @@ def test_mistral3_gguf_matches_the_model_it_was_written_from(tmp_path, family, q
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 # ------------------------------------------------------------------ Llama 4 (Scout, Maverick)
@@ -2466,7 +2370,7 @@ def _llama4_gguf(path: Path, hf, config, qtype, keys: dict[str, Any] | None = No
     intermediate_size_mlp, expert_feed_forward_length the experts', interleave_moe_layer_step; q/k rows as stored;
     the fused expert stacks transposed and split into gate and up; a llama3 rope as ``rope_freqs``; matrices (expert
     stacks too) as ``qtype``, the routers float; ``keys``: further metadata, by GGUFWriter method."""
-    w = _gguf_writer(path, "llama4", types.SimpleNamespace(**{**config.to_dict(),
+    w = config_writer(path, "llama4", types.SimpleNamespace(**{**config.to_dict(),
                                                               "intermediate_size": config.intermediate_size_mlp}))
     for method, value in (keys or {}).items():
         getattr(w, method)(value)
@@ -2499,7 +2403,7 @@ def _llama4_gguf(path: Path, hf, config, qtype, keys: dict[str, Any] | None = No
                 w.add_tensor(gguf_name, array)
             else:
                 w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -2550,7 +2454,7 @@ def test_llama4_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qt
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 @pytest.mark.parametrize("keys, words", [
@@ -2579,7 +2483,7 @@ def _ernie4_5_moe_gguf(path: Path, hf, config, qtype) -> None:
     first sparse layer as ``leading_dense_block_count``, the interval as ``interleave_moe_layer_step``, the shared
     experts' width; the correction bias as ``exp_probs_b.bias``; experts stacked per projection; matrices (expert
     stacks too) as ``qtype``, the routers float."""
-    w = _gguf_writer(path, "ernie4_5-moe", config)
+    w = config_writer(path, "ernie4_5-moe", config)
     w.add_expert_count(config.moe_num_experts)
     w.add_expert_used_count(config.moe_k)
     w.add_interleave_moe_layer_step(config.moe_layer_interval)
@@ -2608,7 +2512,7 @@ def _ernie4_5_moe_gguf(path: Path, hf, config, qtype) -> None:
                 w.add_tensor(gguf_name, array)
             else:
                 w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -2643,7 +2547,7 @@ def test_ernie4_5_moe_gguf_matches_the_model_it_was_written_from(tmp_path, share
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 # ------------------------------------------------------------------ ChatGLM (GLM-4-9B)
@@ -2652,7 +2556,7 @@ def _chatglm_gguf(path: Path, hf, config, qtype, fused: bool) -> None:
     """``hf``'s weights as llama.cpp's converter writes GLM-4-9B (``chatglm``): rope over half of each head
     (``rope.dimension_count``), rows as stored; q/k/v fused in one biased ``attn_qkv`` as ChatGLM's own checkpoints
     hold them (``fused``) or separate as transformers' Glm's; gate and up in one ``ffn_up``; matrices as ``qtype``."""
-    w = _gguf_writer(path, "chatglm", config)
+    w = config_writer(path, "chatglm", config)
     w.add_rope_dimension_count(int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 0.5)))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.CHATGLM, config.num_hidden_layers)
     state = {name: tensor.float().numpy() for name, tensor in hf.state_dict().items()}
@@ -2670,7 +2574,7 @@ def _chatglm_gguf(path: Path, hf, config, qtype, fused: bool) -> None:
             w.add_tensor(gguf_name, array)
         else:
             w.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -2703,7 +2607,7 @@ def test_chatglm_gguf_matches_the_model_it_was_written_from(tmp_path, fused, qty
     if qtype == Q.F32:
         _assert_logits_match(hf, out)
         return
-    _assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
 
 def _alibi_gguf(path: Path, hf, config, arch: str) -> None:
@@ -2714,7 +2618,7 @@ def _alibi_gguf(path: Path, hf, config, arch: str) -> None:
         num_hidden_layers=config.num_hidden_layers, hidden_size=h, intermediate_size=4 * h, num_attention_heads=heads,
         num_key_value_heads=heads, rope_parameters={"rope_theta": 10000.0}, layer_norm_eps=config.layer_norm_epsilon,
         max_position_embeddings=getattr(config, "max_seq_len", 2048))
-    w = _gguf_writer(path, arch, sizes)
+    w = config_writer(path, arch, sizes)
     if arch == "mpt":
         w.add_max_alibi_bias(8.0)
         w.add_clamp_kqv(config.attn_config.clip_qkv)
@@ -2734,7 +2638,7 @@ def _alibi_gguf(path: Path, hf, config, arch: str) -> None:
                                                      lambda m: f"blk.{m[1]}.ffn_norm" if m[1] else "token_embd_norm",
                                                      module)
         w.add_tensor(f"{gguf_name}.{suffix}", array)
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("arch", ["bloom", "mpt"])

@@ -360,9 +360,9 @@ def _gpt_oss_gguf(path, hf, config, expert_type, matrix_type=None) -> None:
     values the file holds (gguf's own dequantizer), so both sides run the same weights. ``matrix_type``: the
     attention and router matrices' type (float32 when None)."""
     import gguf
-    from test_gguf_import import _finish, _gguf_writer
+    from gguf_writer import config_writer, finish
 
-    w = _gguf_writer(path, "gpt-oss", config)
+    w = config_writer(path, "gpt-oss", config)
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
     w.add_expert_count(config.num_local_experts)
@@ -411,7 +411,7 @@ def _gpt_oss_gguf(path, hf, config, expert_type, matrix_type=None) -> None:
             with torch.no_grad():
                 for outputs, values in held:
                     tensor[:, :, outputs] = torch.from_numpy(values.transpose(0, 2, 1))
-    _finish(w)
+    finish(w)
 
 
 @pytest.mark.parametrize("expert_type", ["F32", "MXFP4"])
