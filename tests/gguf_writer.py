@@ -1,8 +1,9 @@
 """Tiny GGUF files as llama.cpp's converters write them, and the checks every GGUF import test makes of them.
 
 One copy for tests/test_gguf_*.py: a writer with a config's sizes and a small sentencepiece vocabulary, tensors
-added float32 or blocked by gguf, the converter's q/k permutation, the token ids logits are compared on, Ferrum's
-logits of an imported folder and the check that a quantized file runs as its float import.
+added float32 or blocked by gguf, the converter's q/k permutation, a tiny random transformers model to write, the
+token ids logits are compared on, Ferrum's logits of an imported folder, and the checks that an import gives the
+model's logits and that a quantized file runs as its float import.
 """
 
 from __future__ import annotations
@@ -124,3 +125,39 @@ def assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> n
     got, ref = (ferrum_logits(f, TINY_TOKENS) for f in (packed, floats))
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
     return got
+
+
+def tiny_model(config_class: Any, **settings: Any) -> tuple[Any, Any]:
+    """A random float32 transformers model of ``config_class`` over :func:`sentencepiece_vocab` (64 wide, 4 heads,
+    2 KV heads unless ``settings`` say otherwise), and its config."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = config_class(**{
+        "vocab_size": len(sentencepiece_vocab()[0]), "hidden_size": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, **settings})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval(), config
+
+
+def assert_logits_match(hf: Any, folder: Path, tokens: list[int] = TINY_TOKENS) -> None:
+    """The numpy backend's logits for ``folder`` (imported from ``hf``'s GGUF) equal transformers' own."""
+    import torch
+
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0].numpy()
+    got = ferrum_logits(folder, tokens)
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def imported(tmp_path: Path, hf: Any, qtype) -> Any:
+    """The file at ``tmp_path / m.gguf`` imported, its ModelConfig returned: transformers' logits (float32), or its
+    float import's (a quantized file)."""
+    from ferrum.config import ModelConfig
+
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    if qtype == Q.F32:
+        assert_logits_match(hf, out)
+    else:
+        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    return ModelConfig.from_file(out)

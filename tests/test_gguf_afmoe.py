@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
-from test_gguf_import import _imported, _moe_mapped, _tiny_model  # noqa: E402
+from gguf_writer import add_metadata, add_tensors, config_writer, finish, imported, tiny_model  # noqa: E402
+from test_gguf_import import _moe_mapped  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: Trinity's layout, small: every fourth layer full (and NoPE, as llama.cpp fixes it), a window shorter than the
@@ -33,7 +33,7 @@ _OWN = {"self_attn.gate_proj.weight": "attn_gate.weight",
 
 
 def _tiny():
-    hf, config = _tiny_model(transformers.AfmoeConfig, **_SETTINGS)
+    hf, config = tiny_model(transformers.AfmoeConfig, **_SETTINGS)
     with torch.no_grad():  # norms around 1; biases spread so that they choose other experts
         for name, param in hf.named_parameters():
             param.normal_(1, 0.3) if name.endswith("norm.weight") else param.normal_(0, 0.3)
@@ -59,7 +59,7 @@ def test_afmoe_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     transformers' logits, Q8_0 its float import's."""
     hf, config = _tiny()
     _afmoe_gguf(tmp_path / "m.gguf", hf, config, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "afmoe" and ours.arch.embed_scale == pytest.approx(8.0)
     assert [layer.window for layer in ours.arch.layers] == [4, 4, 4, None]
 

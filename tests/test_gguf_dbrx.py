@@ -15,8 +15,9 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from gguf_writer import add_sentencepiece_vocab, add_tensors, finish, sentencepiece_vocab  # noqa: E402
-from test_gguf_import import _assert_logits_match, _imported  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, add_tensors, assert_logits_match, finish, imported, sentencepiece_vocab,
+)
 
 Q = gguf.GGMLQuantizationType
 _EXPERTS, _FFN, _TOP_K, _CLIP = 4, 32, 2, 0.5  # a clamp that cuts many q/k/v values
@@ -69,7 +70,7 @@ def test_dbrx_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     """Imported as transformers' Dbrx: float32 gives transformers' logits, Q8_0 its float import's."""
     hf, config = _tiny()
     _dbrx_gguf(tmp_path / "m.gguf", hf, config, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "dbrx" and ours.arch.clip_qkv == _CLIP and ours.num_kv_heads == 2
     assert ours.arch.moe.routing == "softmax" and ours.arch.moe.normalize and ours.arch.moe.top_k == _TOP_K
 
@@ -82,7 +83,7 @@ def test_dbrx_gguf_read_with_llamas_rows_misses_transformers(tmp_path, monkeypat
     monkeypatch.setitem(architectures.ARCHITECTURES, "dbrx",
                         replace(architectures.ARCHITECTURES["dbrx"], grouped_qkv=True))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_dbrx_gguf_read_without_its_clamp_misses_transformers(tmp_path, monkeypatch):
@@ -93,7 +94,7 @@ def test_dbrx_gguf_read_without_its_clamp_misses_transformers(tmp_path, monkeypa
     monkeypatch.setitem(architectures.ARCHITECTURES, "dbrx", replace(
         architectures.ARCHITECTURES["dbrx"], configure=lambda m, p, c: {**read(m, p, c), "attn_config.clip_qkv": None}))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_a_dbrx_gguf_whose_clamp_is_not_positive_runs_unclamped(tmp_path):
@@ -102,7 +103,7 @@ def test_a_dbrx_gguf_whose_clamp_is_not_positive_runs_unclamped(tmp_path):
     fails in torch.clamp): a clamp no value reaches stands for none."""
     hf, config = _tiny(clip=1e6)
     _dbrx_gguf(tmp_path / "m.gguf", hf, config, Q.F32, clamp=-3.0)
-    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+    assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_a_dbrx_gguf_with_another_epsilon_is_refused(tmp_path):

@@ -17,10 +17,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _DEEPSEEK2_SIZES, _DEEPSEEK2_YARN, _assert_logits_match, _deepseek2_gguf, _imported, _moved_norms_and_biases,
-    _tiny_model,
-)
+from gguf_writer import assert_logits_match, imported, tiny_model  # noqa: E402
+from test_gguf_import import _DEEPSEEK2_SIZES, _DEEPSEEK2_YARN, _deepseek2_gguf, _moved_norms_and_biases  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 TOPK = 16  # more than the tokens compared: every query's keys all selected, as Ferrum runs them
@@ -31,7 +29,7 @@ def _tiny_deepseek32():
     """A random float32 DeepSeek-V3.2 over the DeepSeek-V3 test sizes: two expert groups of which one is kept,
     routed scale 2.5, renormalised, YaRN, indexers of 2 heads of 32 selecting TOPK keys; norms and correction biases
     away from 1 and 0."""
-    hf, config = _tiny_model(transformers.DeepseekV32Config, **_DEEPSEEK2_SIZES, q_lora_rank=32, n_group=2,
+    hf, config = tiny_model(transformers.DeepseekV32Config, **_DEEPSEEK2_SIZES, q_lora_rank=32, n_group=2,
                              topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                              rope_parameters=_DEEPSEEK2_YARN, index_topk=TOPK, index_head_dim=32, index_n_heads=2)
     return _moved_norms_and_biases(hf), config
@@ -56,7 +54,7 @@ def test_deepseek32_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     their float import's."""
     hf, config = _tiny_deepseek32()
     _deepseek32_gguf(tmp_path, hf, config, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     mla, moe, indexer = ours.arch.mla, ours.arch.moe, ours.arch.indexer
     assert ours.model_type == "deepseek_v32" and ours.num_layers == 3 and ours.max_seq_len == TOPK
     assert (mla.q_lora_rank, mla.kv_lora_rank, mla.nope, mla.rope, mla.v_head_dim) == (32, 32, 32, 16, 24)
@@ -75,7 +73,7 @@ def test_deepseek32_gguf_with_its_routed_scale_unread_misses_transformers(tmp_pa
     monkeypatch.setitem(architectures.ARCHITECTURES, "deepseek32", replace(
         deepseek32, configure=lambda m, p, c: {**deepseek32.configure(m, p, c), "routed_scaling_factor": 1}))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 @pytest.mark.parametrize(("more", "error", "words"), [

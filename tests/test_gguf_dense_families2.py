@@ -18,8 +18,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from gguf_writer import add_tensors, config_writer, finish, permute  # noqa: E402
-from test_gguf_import import _imported, _tiny_model  # noqa: E402
+from gguf_writer import add_tensors, config_writer, finish, imported, permute, tiny_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=False)
@@ -82,14 +81,14 @@ def test_exaone_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     imported under the release's names with the rope scaling back; rows as stored (llama.cpp's rotate-half rope)."""
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    hf, config = _tiny_model(_for_model("exaone"), **_COMMON, rope_parameters=rope, rms_norm_eps=1e-5)
+    hf, config = tiny_model(_for_model("exaone"), **_COMMON, rope_parameters=rope, rms_norm_eps=1e-5)
     _spread(hf)
     tensors = _mapped(hf, config, "exaone")
     tensors["rope_freqs.weight"] = _llama3_divisors(16, rope["rope_theta"], rope)
     assert len(set(np.round(tensors["rope_freqs.weight"], 5))) >= 3  # all three regimes
 
     _write(tmp_path / "m.gguf", "exaone", config, tensors, qtype, lambda w: w.add_rope_dimension_count(16))
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "exaone" and ours.arch.prefix == "transformer."
     assert ours.rope_scaling["rope_type"] == "llama3" and ours.rope_scaling["factor"] == 8.0
 
@@ -109,7 +108,7 @@ def _internlm2_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, kv_h
 def test_internlm2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     """InternLM2 (no biases, as every release: Llama's model) written from its grouped wqkv as the converter cuts it:
     imported as InternLM2's own layout (q/k un-permuted, the rows regrouped into wqkv), giving Llama's logits."""
-    hf, config = _tiny_model(transformers.LlamaConfig, **_COMMON, rms_norm_eps=1e-5)
+    hf, config = tiny_model(transformers.LlamaConfig, **_COMMON, rms_norm_eps=1e-5)
     _spread(hf)
     tensors = _mapped(hf, config, "internlm2")
     for i in range(config.num_hidden_layers):
@@ -117,7 +116,7 @@ def test_internlm2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
         tensors.update({f"blk.{i}.{name}": a for name, a in _internlm2_qkv(q, k, v, 4, 2).items()})
 
     _write(tmp_path / "m.gguf", "internlm2", config, tensors, qtype, lambda w: None)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "internlm2" and ours.arch.fused_qkv and ours.arch.qkv_grouped
     assert not ours.arch.qkv_bias and not ours.arch.o_bias
 
@@ -129,7 +128,7 @@ def test_minicpm_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, tie
     as embedding, residual and logit scales; q/k permuted): imported with its scalings back, giving the logits of
     transformers' Granite with the same multipliers (MiniCPM's model: the logits divided, tied or not)."""
     layers, hidden, head_dim = 2, 64, 16
-    hf, config = _tiny_model(transformers.GraniteConfig, **{**_COMMON, "tie_word_embeddings": tied}, rms_norm_eps=1e-5,
+    hf, config = tiny_model(transformers.GraniteConfig, **{**_COMMON, "tie_word_embeddings": tied}, rms_norm_eps=1e-5,
                              embedding_multiplier=12.0, residual_multiplier=1.4 / math.sqrt(layers),
                              logits_scaling=hidden / 16, attention_multiplier=head_dim ** -0.5)
     _spread(hf)
@@ -144,7 +143,7 @@ def test_minicpm_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, tie
         w.add_rope_dimension_count(head_dim)
 
     _write(tmp_path / "m.gguf", "minicpm", config, tensors, qtype, metadata)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "minicpm" and ours.tie_word_embeddings == tied
     assert (ours.arch.embed_scale, ours.arch.logit_scale) == (12.0, 0.25)
 
@@ -153,7 +152,7 @@ def test_a_minicpm_gguf_without_its_scalings_is_refused(tmp_path):
     """Older converters wrote none of the three; llama.cpp's defaults for them are no release's config."""
     from ferrum.errors import UnsupportedFeatureError
 
-    hf, config = _tiny_model(transformers.LlamaConfig, **_COMMON)
+    hf, config = tiny_model(transformers.LlamaConfig, **_COMMON)
     _write(tmp_path / "m.gguf", "minicpm", config, _mapped(hf, config, "minicpm"), Q.F32, lambda w: None)
     with pytest.raises(UnsupportedFeatureError, match="minicpm.embedding_scale.*convert the release again"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
@@ -168,7 +167,7 @@ def test_minicpm3_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     short = [8.0, 16.0, 32.0, 64.0]  # far from 1, so that reading them matters
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": [4.0] * 4,
             "original_max_position_embeddings": 128}
-    hf, config = _tiny_model(_for_model("minicpm3"), **{**_COMMON, "tie_word_embeddings": True}, num_key_value_heads=4,
+    hf, config = tiny_model(_for_model("minicpm3"), **{**_COMMON, "tie_word_embeddings": True}, num_key_value_heads=4,
                              q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                              rope_parameters=rope, rms_norm_eps=1e-5)
     assert (config.scale_emb, config.scale_depth, config.dim_model_base, config.v_head_dim) == (12, 1.4, 256, 16)
@@ -183,6 +182,6 @@ def test_minicpm3_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
         w.add_rope_dimension_count(8)
 
     _write(tmp_path / "m.gguf", "minicpm3", config, tensors, qtype, metadata)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "minicpm3" and ours.rope_scaling["rope_type"] == "longrope"
     assert ours.arch.mla is not None and ours.arch.logit_scale == 4.0

@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
+from gguf_writer import assert_logits_match, imported, tiny_model  # noqa: E402
 from test_gguf_dense_families2 import _COMMON, _llama3_divisors, _mapped, _spread, _write  # noqa: E402
-from test_gguf_import import _assert_logits_match, _imported, _tiny_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -24,7 +24,7 @@ Q = gguf.GGMLQuantizationType
 def _jais2(tmp_path, qtype):
     """Jais 2 (biased LayerNorms and projections, squared ReLU, rotate-half rope) as its converter writes it: names
     mapped, nothing else changed, the rope over the whole head."""
-    hf, config = _tiny_model(transformers.Jais2Config, **_COMMON)
+    hf, config = tiny_model(transformers.Jais2Config, **_COMMON)
     _spread(hf)
     _write(tmp_path / "m.gguf", "jais2", config, _mapped(hf, config, "jais2"), qtype,
            lambda w: w.add_rope_dimension_count(config.head_dim))
@@ -34,7 +34,7 @@ def _jais2(tmp_path, qtype):
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
 def test_jais2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     hf = _jais2(tmp_path, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "jais2" and ours.arch.layers[0].rope is not None
 
 
@@ -45,7 +45,7 @@ def test_jais2_gguf_read_with_llamas_rows_misses_transformers(tmp_path, monkeypa
     monkeypatch.setitem(architectures.ARCHITECTURES, "jais2",
                         replace(architectures.ARCHITECTURES["jais2"], permuted_qk=True))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 #: Apertus's rope: the release's llama3 scaling, another one (the file's numbers, not the family's defaults, read), and
@@ -63,7 +63,7 @@ def _apertus(tmp_path, qtype, shared: bool = False, rope: str = "llama3"):
     """Apertus (per-head q/k norms, an ungated xIELU MLP, ``rope`` of :data:`_APERTUS_ROPES`) as its converter writes
     it: names mapped, q/k rows as stored, each xIELU parameter one metadata array over the layers (one number for all
     where ``shared``, as llama.cpp's loader also reads), a llama3 scaling as rope_freqs' divisors."""
-    hf, config = _tiny_model(transformers.ApertusConfig, rope_parameters=_APERTUS_ROPES[rope], **_COMMON)
+    hf, config = tiny_model(transformers.ApertusConfig, rope_parameters=_APERTUS_ROPES[rope], **_COMMON)
     _spread(hf)  # the raw alpha_p / alpha_n too, one per layer
     if shared:
         with torch.no_grad():
@@ -94,7 +94,7 @@ def _apertus(tmp_path, qtype, shared: bool = False, rope: str = "llama3"):
 ], ids=["F32", "F32-one-xielu-factor-4", "F32-unscaled", "Q8_0"])
 def test_apertus_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, shared, rope):
     hf = _apertus(tmp_path, qtype, shared, rope)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "apertus" and ours.arch.activation == "xielu"
     assert ours.arch.layers[0].rope.kind == _APERTUS_ROPES[rope]["rope_type"]
 
@@ -106,7 +106,7 @@ def test_apertus_gguf_read_with_llamas_rows_misses_transformers(tmp_path, monkey
     monkeypatch.setitem(architectures.ARCHITECTURES, "apertus",
                         replace(architectures.ARCHITECTURES["apertus"], permuted_qk=True))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_apertus_gguf_with_its_xielu_layers_swapped_misses_transformers(tmp_path, monkeypatch):
@@ -121,11 +121,11 @@ def test_apertus_gguf_with_its_xielu_layers_swapped_misses_transformers(tmp_path
     monkeypatch.setitem(architectures.ARCHITECTURES, "apertus",
                         replace(architectures.ARCHITECTURES["apertus"], metadata_tensors=swapped))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_an_apertus_gguf_with_xielu_for_other_layers_is_refused(tmp_path):
-    hf, config = _tiny_model(transformers.ApertusConfig, **_COMMON)
+    hf, config = tiny_model(transformers.ApertusConfig, **_COMMON)
 
     def metadata(w):
         for name in ("alpha_p", "alpha_n", "beta", "eps"):

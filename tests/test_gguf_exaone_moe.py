@@ -18,10 +18,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _assert_logits_match, _imported, _moe_mapped, _moved_norms_and_biases, _tiny_model,
+from gguf_writer import (  # noqa: E402
+    add_metadata, add_tensors, assert_logits_match, config_writer, finish, imported, tiny_model,
 )
+from test_gguf_import import _moe_mapped, _moved_norms_and_biases  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: K-EXAONE's layout, small: three sliding layers (rotated) to one full NoPE one, a window shorter than the prompt,
@@ -35,7 +35,7 @@ _OWN = {"mlp.gate.e_score_correction_bias": "exp_probs_b.bias", "mlp.experts.dow
 
 
 def _tiny():
-    hf, config = _tiny_model(transformers.ExaoneMoeConfig, **_SETTINGS)
+    hf, config = tiny_model(transformers.ExaoneMoeConfig, **_SETTINGS)
     return _moved_norms_and_biases(hf, 0.3), config
 
 
@@ -66,7 +66,7 @@ def test_exaone_moe_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     float import's."""
     hf, config = _tiny()
     _exaone_moe_gguf(tmp_path / "m.gguf", hf, config, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     moe = ours.arch.moe
     assert ours.model_type == "exaone_moe" and ours.num_layers == 4
     assert [layer.window for layer in ours.arch.layers] == [4, 4, 4, None]
@@ -88,15 +88,15 @@ def test_an_exaone_moe_gguf_read_with_its_sliding_layers_inverted_misses_transfo
 
     monkeypatch.setitem(architectures.ARCHITECTURES, "exaone-moe", replace(family, configure=inverted))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_an_exaone_moe_gguf_with_a_sliding_period_runs_it(tmp_path):
     """A period (llama.cpp's scalar sliding_window_pattern) in place of the list: every second layer full here, as
     transformers' sliding_window_pattern 2 makes them."""
-    hf, config = _tiny_model(transformers.ExaoneMoeConfig, **{**_SETTINGS, "sliding_window_pattern": 2})
+    hf, config = tiny_model(transformers.ExaoneMoeConfig, **{**_SETTINGS, "sliding_window_pattern": 2})
     _exaone_moe_gguf(tmp_path / "m.gguf", hf, config, Q.F32, sliding_window_pattern=2)
-    ours = _imported(tmp_path, hf, Q.F32)
+    ours = imported(tmp_path, hf, Q.F32)
     assert [layer.window for layer in ours.arch.layers] == [4, None, 4, None]
 
 

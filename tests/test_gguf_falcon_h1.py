@@ -16,10 +16,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    TINY_TOKENS, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits, finish,
-    sentencepiece_vocab,
+    TINY_TOKENS, add_sentencepiece_vocab, add_tensor, assert_logits_match, assert_runs_as_its_float_import,
+    ferrum_logits, finish, sentencepiece_vocab,
 )
-from test_gguf_import import _assert_logits_match, _mamba2_as_converted  # noqa: E402
+from test_gguf_import import _mamba2_as_converted  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -136,7 +136,7 @@ def test_falcon_h1_gguf_matches_the_model_it_was_written_from(tmp_path, variant,
         assert ours.quantization is not None
         assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
     elif not config.tie_word_embeddings:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
     else:
         with torch.no_grad():
             want = hf(torch.tensor([TINY_TOKENS])).logits[0].numpy() * (2.0 / 0.5)

@@ -18,9 +18,8 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    add_sentencepiece_vocab, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
+    add_sentencepiece_vocab, assert_logits_match, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
-from test_gguf_import import _assert_logits_match  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -183,7 +182,7 @@ def test_gated_delta_gguf_matches_the_model_it_was_written_from(tmp_path, arch, 
     if arch != "qwen35":
         assert ours.arch.moe.normalize and ours.arch.moe.shared_expert_size == 64
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
         vocab = sentencepiece_vocab()[0]
         tokenizer = ferrum.load(out, backend="cpu").tokenizer
         assert tokenizer.encode("hello world", add_special_tokens=False) == [vocab.index("\u2581hello"),
@@ -198,7 +197,7 @@ def test_an_older_qwen3next_file_with_the_whole_in_proj_qkvz_imports(tmp_path):
     hf, config = _tiny("qwen3next")
     _gated_delta_gguf(tmp_path / "m.gguf", hf, config, "qwen3next", Q.F32, whole_qkvz=True)
     assert "blk.0.ssm_in.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
-    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+    assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
@@ -212,7 +211,7 @@ def test_experts_with_gate_and_up_fused_import(tmp_path, arch, qtype):
     assert "blk.0.ffn_gate_up_exps.weight" in names and "blk.0.ffn_gate_exps.weight" not in names
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
     else:
         assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 

@@ -21,9 +21,9 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    add_sentencepiece_vocab, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
+    add_sentencepiece_vocab, assert_logits_match, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
-from test_gguf_import import _assert_logits_match, gguf_blocks  # noqa: E402
+from test_gguf_import import gguf_blocks  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: 22 layers, as llama.cpp's own gemma3n test takes: its fixed 20 layers of keys and values, then two that read them.
@@ -114,7 +114,7 @@ def test_gemma3n_gguf_matches_the_model_it_was_written_from(tmp_path, tiny):
     assert [s.kv_source for s in ours.arch.layers] == [None] * 20 + [18, 18]
     assert ours.arch.per_layer_inputs.vocab == config.vocab_size
     assert [s.gate_sparsity for s in ours.arch.layers] == config.activation_sparsity_pattern
-    _assert_logits_match(hf, out)
+    assert_logits_match(hf, out)
 
 
 def test_gemma3n_gguf_without_what_llama_cpp_fixes_misses_transformers(tmp_path, tiny, monkeypatch):
@@ -133,7 +133,7 @@ def test_gemma3n_gguf_without_what_llama_cpp_fixes_misses_transformers(tmp_path,
                         replace(architectures.ARCHITECTURES["gemma3n"], norm_offset=1.0))
     for folder in (out, convert_gguf(tmp_path / "m.gguf", tmp_path / "shifted")):
         with pytest.raises(AssertionError):
-            _assert_logits_match(hf, folder)
+            assert_logits_match(hf, folder)
 
 
 def test_a_quantized_gemma3n_gguf_runs_packed_as_its_float_import(tmp_path, tiny):

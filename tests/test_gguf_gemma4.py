@@ -20,9 +20,9 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    add_sentencepiece_vocab, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
+    add_sentencepiece_vocab, assert_logits_match, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
-from test_gguf_import import _assert_logits_match, gguf_blocks  # noqa: E402
+from test_gguf_import import gguf_blocks  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _SLIDING, _FULL = "sliding_attention", "full_attention"
@@ -148,7 +148,7 @@ def test_gemma4_gguf_matches_the_model_it_was_written_from(tmp_path, variant):
         assert ours.arch.per_layer_inputs is not None and layers[-1].intermediate_size == 192
     if variant == "26b":
         assert ours.arch.moe.num_experts == 8 and ours.arch.moe.top_k == 2
-    _assert_logits_match(hf, out)
+    assert_logits_match(hf, out)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda q: q.name)

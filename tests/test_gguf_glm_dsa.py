@@ -19,10 +19,8 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import CheckpointError, ContextLengthExceededError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
 from ferrum.gguf_import.glm_dsa import indexer_config  # noqa: E402
-from gguf_writer import TINY_TOKENS  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _DEEPSEEK2_SIZES, _assert_logits_match, _deepseek2_gguf, _imported, _moved_norms_and_biases, _tiny_model,
-)
+from gguf_writer import TINY_TOKENS, assert_logits_match, imported, tiny_model  # noqa: E402
+from test_gguf_import import _DEEPSEEK2_SIZES, _deepseek2_gguf, _moved_norms_and_biases  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 TOPK = 16  # more than TINY_TOKENS: every query's keys all selected, as Ferrum runs them
@@ -32,7 +30,7 @@ def _tiny_glm_dsa(kinds: list[str] | None):
     """A random float32 GLM-5 over the DeepSeek-V3 test sizes, one group, routed scale 1.8, indexers of 2 heads of 32
     selecting TOPK keys on the layers ``kinds`` makes full (None: every layer, GLM-5 / 5.1's); norms and correction
     biases away from 1 and 0."""
-    hf, config = _tiny_model(transformers.GlmMoeDsaConfig, **_DEEPSEEK2_SIZES, q_lora_rank=32, n_shared_experts=1,
+    hf, config = tiny_model(transformers.GlmMoeDsaConfig, **_DEEPSEEK2_SIZES, q_lora_rank=32, n_shared_experts=1,
                              n_group=1, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True, index_topk=TOPK,
                              index_head_dim=32, index_n_heads=2, indexer_types=kinds)
     return _moved_norms_and_biases(hf), config
@@ -61,7 +59,7 @@ def test_glm_dsa_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, kin
     file of a context under a million tokens."""
     hf, config = _tiny_glm_dsa(kinds)
     _glm_dsa_gguf(tmp_path, hf, config, qtype, types_written=kinds is not None)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     mla, moe, indexer = ours.arch.mla, ours.arch.moe, ours.arch.indexer
     assert ours.model_type == "glm_moe_dsa" and ours.num_layers == 3 and ours.max_seq_len == TOPK
     assert (mla.q_lora_rank, mla.kv_lora_rank, mla.nope, mla.rope, mla.v_head_dim) == (32, 32, 32, 16, 24)
@@ -80,7 +78,7 @@ def test_glm_dsa_gguf_with_its_routed_scale_unread_misses_transformers(tmp_path,
     monkeypatch.setitem(architectures.ARCHITECTURES, "glm-dsa", replace(
         glm_dsa, configure=lambda m, p, c: {**glm_dsa.configure(m, p, c), "routed_scaling_factor": 1}))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_a_glm_dsa_gguf_runs_no_longer_than_index_topk(tmp_path):

@@ -17,9 +17,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from gguf_writer import add_sentencepiece_vocab, add_tensors, finish, sentencepiece_vocab  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    add_sentencepiece_vocab, add_tensors, assert_logits_match, finish, imported, sentencepiece_vocab,
+)
 from test_gguf_dense_families2 import _mapped, _spread  # noqa: E402
-from test_gguf_import import _assert_logits_match, _imported  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -59,7 +60,7 @@ def _gptj_gguf(tmp_path, hf, qtype, more: Callable[[Any], None] = lambda w: None
 def test_gptj_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, n_inner):
     hf = _tiny_gptj(n_inner)
     _gptj_gguf(tmp_path, hf, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     rope = ours.arch.layers[0].rope
     assert ours.model_type == "gptj" and ours.intermediate_size == (n_inner or 256)
     assert (rope.rotary_dim, rope.interleaved, rope.theta) == (8, True, 10000.0) and ours.arch.lm_head_bias
@@ -73,7 +74,7 @@ def test_gptj_gguf_read_with_llamas_rows_misses_transformers(tmp_path, monkeypat
     monkeypatch.setitem(architectures.ARCHITECTURES, "gptj",
                         replace(architectures.ARCHITECTURES["gptj"], permuted_qk=True))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 @pytest.mark.parametrize(("more", "words"), [

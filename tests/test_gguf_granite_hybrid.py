@@ -18,9 +18,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, finish, permute, sentencepiece_vocab,
+    add_sentencepiece_vocab, add_tensor, assert_logits_match, assert_runs_as_its_float_import, finish, permute,
+    sentencepiece_vocab,
 )
-from test_gguf_import import _assert_logits_match, _mamba2_as_converted  # noqa: E402
+from test_gguf_import import _mamba2_as_converted  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -140,7 +141,7 @@ def test_granite_hybrid_gguf_matches_the_model_it_was_written_from(tmp_path, var
     assert (mamba.num_heads, mamba.head_dim, mamba.num_groups, mamba.state_size) == (8, 16, config.mamba_n_groups, 16)
     assert (ours.arch.moe is not None) == (variant == "moe")
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
         assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")

@@ -26,7 +26,8 @@ from ferrum.errors import CheckpointError, ConfigError, UnsupportedFeatureError 
 from ferrum.bench.runners import open_llama_cpp  # noqa: E402
 from ferrum.gguf_import import convert_gguf, unpermute_qk  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    TINY_TOKENS, assert_runs_as_its_float_import, config_writer, ferrum_logits, finish, permute, sentencepiece_vocab,
+    TINY_TOKENS, assert_logits_match, assert_runs_as_its_float_import, config_writer, ferrum_logits, finish, permute,
+    sentencepiece_vocab, tiny_model,
 )
 from support import runnable_backends  # noqa: E402
 
@@ -739,29 +740,6 @@ def _moe_mapped(hf: Any, config, kind: Any, own: dict[str, str]) -> dict[str, np
     return tensors
 
 
-def _tiny_model(config_class: Any, **settings: Any) -> tuple[Any, Any]:
-    """A random float32 transformers model of ``config_class`` over :func:`sentencepiece_vocab` (64 wide, 4 heads,
-    2 KV heads unless ``settings`` say otherwise), and its config."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = config_class(**{
-        "vocab_size": len(sentencepiece_vocab()[0]), "hidden_size": 64, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1,
-        "eos_token_id": 2, **settings})
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval(), config
-
-
-def _assert_logits_match(hf: Any, folder: Path, tokens: list[int] = TINY_TOKENS) -> None:
-    """The numpy backend's logits for ``folder`` (imported from ``hf``'s GGUF) equal transformers' own."""
-    import torch
-
-    with torch.no_grad():
-        ref = hf(torch.tensor([tokens])).logits[0].numpy()
-    got = ferrum_logits(folder, tokens)
-    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
-
-
 def _phi3_gguf(path: Path, hf, config, longrope: dict | None) -> None:
     """``hf``'s weights in the layout llama.cpp's converter writes for Phi-3 (fused q/k/v and gate/up, longrope
     factors as tensors)."""
@@ -795,7 +773,7 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
     scaling = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5],  # 4 rotary pairs
                "long_factor": [3.0, 4.0, 5.0, 6.0], "original_max_position_embeddings": 32,
                "attention_factor": 1.25} if longrope else None
-    hf, config = _tiny_model(transformers.Phi3Config, intermediate_size=96, num_hidden_layers=2,
+    hf, config = tiny_model(transformers.Phi3Config, intermediate_size=96, num_hidden_layers=2,
                              partial_rotary_factor=0.5, sliding_window=6, rope_scaling=scaling,
                              **({"original_max_position_embeddings": 32} if longrope else {}))  # where Phi-3 has it
     _phi3_gguf(tmp_path / "phi3.gguf", hf, config, scaling)
@@ -807,7 +785,7 @@ def test_phi3_gguf_matches_the_model_it_was_written_from(tmp_path, longrope):
         assert ours.arch.layers[0].rope.long_factor == tuple(scaling["long_factor"])
         assert ours.arch.layers[0].rope.attention_factor == pytest.approx(1.25)
         assert ours.arch.layers[0].rope.original_max == 32  # not Phi3Config's default of 4096
-    _assert_logits_match(hf, out)  # within the original context: the short factors
+    assert_logits_match(hf, out)  # within the original context: the short factors
 
 
 def _phi3_metadata(w: Any, config) -> None:
@@ -935,13 +913,13 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
 
     common = dict(num_hidden_layers=2, num_experts_per_tok=2, tie_word_embeddings=False)
     if arch == "qwen3moe":
-        hf, config = _tiny_model(transformers.Qwen3MoeConfig, **common, intermediate_size=96,
+        hf, config = tiny_model(transformers.Qwen3MoeConfig, **common, intermediate_size=96,
                                  moe_intermediate_size=32, head_dim=16, num_experts=4, norm_topk_prob=True)
     elif arch == "qwen2moe":
-        hf, config = _tiny_model(transformers.Qwen2MoeConfig, **common, intermediate_size=96,
+        hf, config = tiny_model(transformers.Qwen2MoeConfig, **common, intermediate_size=96,
                                  moe_intermediate_size=32, num_experts=4, shared_expert_intermediate_size=48)
     elif arch == "olmoe":
-        hf, config = _tiny_model(transformers.OlmoeConfig, **common, intermediate_size=32, num_experts=4,
+        hf, config = tiny_model(transformers.OlmoeConfig, **common, intermediate_size=32, num_experts=4,
                                  clip_qkv=0.1)  # tight enough to bite
     elif arch == "granitemoe":
         hf, config = _tiny_granitemoe()
@@ -950,7 +928,7 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
     elif arch == "phimoe":
         hf, config = _tiny_phimoe()
     else:
-        hf, config = _tiny_model(transformers.MixtralConfig, **common, intermediate_size=32, num_local_experts=4)
+        hf, config = tiny_model(transformers.MixtralConfig, **common, intermediate_size=32, num_local_experts=4)
     _moe_gguf(tmp_path / "moe.gguf", hf, config, expert_type, arch)
     packed = convert_gguf(tmp_path / "moe.gguf", tmp_path / "out")
     ours = ModelConfig.from_file(packed)
@@ -959,7 +937,7 @@ def test_moe_gguf_matches_the_model_it_was_written_from(tmp_path, expert_type, a
     assert ours.arch.moe.shared_expert_size == {"qwen2moe": 48, "granitemoeshared": 64}.get(arch)
     assert ours.arch.moe.routing == ("sparsemixer" if arch == "phimoe" else "softmax")
     if expert_type == Q.F32:
-        _assert_logits_match(hf, packed)
+        assert_logits_match(hf, packed)
         return
     assert (ours.quantization.bits, ours.quantization.group_size) == (8, 32)
     assert_runs_as_its_float_import(tmp_path / "moe.gguf", packed, tmp_path / "float")
@@ -973,7 +951,7 @@ def test_experts_in_a_q4_k_m_mix_run_packed_on_every_backend(tmp_path):
     transformers = pytest.importorskip("transformers")
     import ferrum
 
-    hf, config = _tiny_model(transformers.MixtralConfig, num_hidden_layers=2, num_experts_per_tok=2, hidden_size=256,
+    hf, config = tiny_model(transformers.MixtralConfig, num_hidden_layers=2, num_experts_per_tok=2, hidden_size=256,
                              intermediate_size=256, num_local_experts=4, tie_word_embeddings=False)
     mix = {"ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K}
     _moe_gguf(tmp_path / "moe.gguf", hf, config, mix, "llama")
@@ -987,7 +965,7 @@ def test_experts_in_a_q4_k_m_mix_run_packed_on_every_backend(tmp_path):
 
 def _tiny_granitemoe(config_class: Any = None, **settings: Any) -> tuple[Any, Any]:
     transformers = pytest.importorskip("transformers")
-    return _tiny_model(config_class or transformers.GraniteMoeConfig, num_hidden_layers=2, num_experts_per_tok=2,
+    return tiny_model(config_class or transformers.GraniteMoeConfig, num_hidden_layers=2, num_experts_per_tok=2,
                        tie_word_embeddings=False, intermediate_size=32, num_local_experts=4,
                        embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=3.0,
                        **settings)
@@ -1003,7 +981,7 @@ def _tiny_phimoe() -> tuple[Any, Any]:
     scaling = {"rope_type": "longrope", "short_factor": [2.0 + i / 4 for i in range(8)],
                "long_factor": [4.0 + i for i in range(8)], "original_max_position_embeddings": original,
                "short_mscale": mscale, "long_mscale": mscale}
-    hf, config = _tiny_model(transformers.PhimoeConfig, num_hidden_layers=2, num_experts_per_tok=2,
+    hf, config = tiny_model(transformers.PhimoeConfig, num_hidden_layers=2, num_experts_per_tok=2,
                              tie_word_embeddings=False, intermediate_size=32, num_local_experts=4,
                              attention_bias=True, lm_head_bias=True, max_position_embeddings=positions,
                              rope_scaling=scaling)
@@ -1076,10 +1054,10 @@ def _tiny_gemma(tmp_path: Path, arch: str) -> tuple[Any, Path, Path]:
     transformers = pytest.importorskip("transformers")
     common = dict(intermediate_size=96, head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
     if arch == "gemma2":
-        hf, config = _tiny_model(transformers.Gemma2Config, **common, num_hidden_layers=4,
+        hf, config = tiny_model(transformers.Gemma2Config, **common, num_hidden_layers=4,
                                  attn_logit_softcapping=20.0, final_logit_softcapping=3.0)
     else:
-        hf, config = _tiny_model(transformers.Gemma3TextConfig, **common, num_hidden_layers=7,
+        hf, config = tiny_model(transformers.Gemma3TextConfig, **common, num_hidden_layers=7,
                                  rope_scaling={"rope_type": "linear", "factor": 8.0})
     with torch.no_grad():  # norms away from zero, so a norm read without its offset is visible
         for name, param in hf.named_parameters():
@@ -1101,7 +1079,7 @@ def test_gemma_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     ours = ModelConfig.from_file(out)
     assert ours.arch.windows == ((4, None) * 2 if arch == "gemma2" else (4,) * 5 + (None, 4))
     assert ours.arch.attn_scale == pytest.approx(16 ** -0.5)
-    _assert_logits_match(hf, out)
+    assert_logits_match(hf, out)
     vocab = sentencepiece_vocab()[0]
     ids = ferrum.load(out, backend="cpu").tokenizer.encode("hello world", add_special_tokens=False)
     assert ids == [vocab.index(piece) for piece in ("he", "llo", "\u2581world")]  # no space put before the text
@@ -1178,32 +1156,32 @@ def test_llama_derived_gguf_matches_the_model_it_was_written_from(tmp_path, arch
 
     common = dict(intermediate_size=96, num_hidden_layers=4, tie_word_embeddings=False)
     if arch == "smollm3":
-        hf, config = _tiny_model(transformers.SmolLM3Config, **common)
+        hf, config = tiny_model(transformers.SmolLM3Config, **common)
     elif arch == "gemma":
-        hf, config = _tiny_model(transformers.GemmaConfig, **{**common, "tie_word_embeddings": True}, head_dim=16)
+        hf, config = tiny_model(transformers.GemmaConfig, **{**common, "tie_word_embeddings": True}, head_dim=16)
         with torch.no_grad():  # norms away from zero, so a norm read without its offset is visible
             for name, param in hf.named_parameters():
                 if name.endswith("norm.weight"):
                     param.uniform_(-0.5, 0.5)
     elif arch == "olmo2":
-        hf, config = _tiny_model(transformers.Olmo2Config, **common)
+        hf, config = tiny_model(transformers.Olmo2Config, **common)
     elif arch.startswith("exaone4"):
         kinds = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
         window = dict(sliding_window=None, layer_types=["full_attention"] * 4) if arch.endswith("full") else dict(
             sliding_window=4, layer_types=kinds)
-        hf, config = _tiny_model(transformers.Exaone4Config, **common, **window)
+        hf, config = tiny_model(transformers.Exaone4Config, **common, **window)
         arch = "exaone4"
     elif arch == "ernie4_5":
-        hf, config = _tiny_model(transformers.Ernie4_5Config, **common, head_dim=32)
+        hf, config = tiny_model(transformers.Ernie4_5Config, **common, head_dim=32)
     elif arch == "qwen3":
-        hf, config = _tiny_model(transformers.Qwen3Config, **common, max_position_embeddings=16384, head_dim=16,
+        hf, config = tiny_model(transformers.Qwen3Config, **common, max_position_embeddings=16384, head_dim=16,
                                  rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 4096, "beta_fast": 16.0})
     else:
-        hf, config = _tiny_model(transformers.GraniteConfig, **common, embedding_multiplier=6.0,
+        hf, config = tiny_model(transformers.GraniteConfig, **common, embedding_multiplier=6.0,
                                  residual_multiplier=0.3, attention_multiplier=0.1, logits_scaling=4.0)
     _llama_layout_gguf(tmp_path / "m.gguf", hf, config, arch)
-    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+    assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def _layer_norm_gguf(path: Path, hf, config, arch: str, extra: dict[str, np.ndarray] | None = None,
@@ -1246,22 +1224,22 @@ def test_layer_norm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     transformers = pytest.importorskip("transformers")
     common = dict(intermediate_size=96, num_hidden_layers=2)
     if arch == "phi2":
-        hf, config = _tiny_model(transformers.PhiConfig, **common, partial_rotary_factor=0.5)
+        hf, config = tiny_model(transformers.PhiConfig, **common, partial_rotary_factor=0.5)
     elif arch == "starcoder2":
-        hf, config = _tiny_model(transformers.Starcoder2Config, **common, sliding_window=None)
+        hf, config = tiny_model(transformers.Starcoder2Config, **common, sliding_window=None)
     elif arch == "gptneox":
-        hf, config = _tiny_model(transformers.GPTNeoXConfig, **common, num_key_value_heads=4)
+        hf, config = tiny_model(transformers.GPTNeoXConfig, **common, num_key_value_heads=4)
     elif arch == "cohere2":
-        hf, config = _tiny_model(transformers.Cohere2Config, **{**common, "num_hidden_layers": 4}, logit_scale=0.5,
+        hf, config = tiny_model(transformers.Cohere2Config, **{**common, "num_hidden_layers": 4}, logit_scale=0.5,
                                  sliding_window=4)
     else:  # Command R+: q and k LayerNormed with a weight per head
-        hf, config = _tiny_model(transformers.CohereConfig, **common, logit_scale=0.25,
+        hf, config = tiny_model(transformers.CohereConfig, **common, logit_scale=0.25,
                                  use_qk_norm=arch == "command-r-plus")
     with torch.no_grad():  # biases and norms away from their initial 0 and 1, so one dropped is visible
         for param in hf.parameters():
             param.normal_(0, 0.2)
     _layer_norm_gguf(tmp_path / "m.gguf", hf, config, arch.removesuffix("-plus"))
-    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+    assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def _converted_gguf(path: Path, hf, config, arch: str, qtype) -> None:
@@ -1319,17 +1297,17 @@ def test_dense_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qtype)
 
     common = dict(intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=False)
     if arch == "nemotron":
-        hf, config = _tiny_model(transformers.NemotronConfig, **common, partial_rotary_factor=0.5,
+        hf, config = tiny_model(transformers.NemotronConfig, **common, partial_rotary_factor=0.5,
                                  attention_bias=True, mlp_bias=True)
     elif arch == "arcee":
-        hf, config = _tiny_model(transformers.ArceeConfig, **common)
+        hf, config = tiny_model(transformers.ArceeConfig, **common)
     elif arch == "seed_oss":
-        hf, config = _tiny_model(transformers.SeedOssConfig, **common, head_dim=16, attention_bias=True)
+        hf, config = tiny_model(transformers.SeedOssConfig, **common, head_dim=16, attention_bias=True)
     elif arch == "hunyuan-dense":
-        hf, config = _tiny_model(transformers.HunYuanDenseV1Config, **common, head_dim=16, attention_bias=True,
+        hf, config = tiny_model(transformers.HunYuanDenseV1Config, **common, head_dim=16, attention_bias=True,
                                  rope_scaling={"rope_type": "dynamic", "alpha": 50.0, "factor": 1.0})
     else:
-        hf, config = _tiny_model(transformers.OlmoConfig, **common, clip_qkv=0.1)  # tight enough to bite
+        hf, config = tiny_model(transformers.OlmoConfig, **common, clip_qkv=0.1)  # tight enough to bite
     with torch.no_grad():  # biases and norms away from 0 and 1, so one dropped (or its offset) is visible; q and
         for name, param in hf.named_parameters():  # k large enough that the rope's angles move the logits
             if name.endswith("bias"):
@@ -1341,7 +1319,7 @@ def test_dense_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qtype)
     _converted_gguf(tmp_path / "m.gguf", hf, config, arch, qtype)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
         return
     assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
@@ -1390,16 +1368,16 @@ def test_gpt2_falcon_stablelm_gguf_match_the_model_they_were_written_from(tmp_pa
     transformers = pytest.importorskip("transformers")
     arch = variant.split("-")[0]
     if arch == "gpt2":
-        hf, config = _tiny_model(transformers.GPT2Config, n_layer=2)
+        hf, config = tiny_model(transformers.GPT2Config, n_layer=2)
     elif arch == "starcoder":
-        hf, config = _tiny_model(transformers.GPTBigCodeConfig, n_layer=2, multi_query=True)
+        hf, config = tiny_model(transformers.GPTBigCodeConfig, n_layer=2, multi_query=True)
     elif variant == "falcon-7b":
-        hf, config = _tiny_model(transformers.FalconConfig, num_hidden_layers=2, multi_query=True)
+        hf, config = tiny_model(transformers.FalconConfig, num_hidden_layers=2, multi_query=True)
     elif arch == "falcon":
-        hf, config = _tiny_model(transformers.FalconConfig, num_hidden_layers=2, new_decoder_architecture=True,
+        hf, config = tiny_model(transformers.FalconConfig, num_hidden_layers=2, new_decoder_architecture=True,
                                  num_kv_heads=2, num_ln_in_parallel_attn=2 if variant == "falcon-40b" else 1)
     else:
-        hf, config = _tiny_model(transformers.StableLmConfig, intermediate_size=96, num_hidden_layers=2,
+        hf, config = tiny_model(transformers.StableLmConfig, intermediate_size=96, num_hidden_layers=2,
                                  use_qkv_bias=True, use_parallel_residual=variant == "stablelm-parallel")
     with torch.no_grad():  # biases and norms away from their initial 0 and 1, so one dropped is visible
         for param in hf.parameters():
@@ -1408,7 +1386,7 @@ def test_gpt2_falcon_stablelm_gguf_match_the_model_they_were_written_from(tmp_pa
         _layer_norm_gguf(tmp_path / "m.gguf", hf, config, arch)
     else:
         _gpt2_like_gguf(tmp_path / "m.gguf", hf, config, arch)
-    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+    assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_stablelm_2_12b_gguf_matches_the_model_it_was_written_from(tmp_path):
@@ -1416,7 +1394,7 @@ def test_stablelm_2_12b_gguf_matches_the_model_it_was_written_from(tmp_path):
     tensor each: read stacked as they are (they were refused)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf, config = _tiny_model(transformers.StableLmConfig, intermediate_size=96, num_hidden_layers=2, qk_layernorm=True)
+    hf, config = tiny_model(transformers.StableLmConfig, intermediate_size=96, num_hidden_layers=2, qk_layernorm=True)
     with torch.no_grad():
         for param in hf.parameters():
             param.normal_(0, 0.2)
@@ -1427,7 +1405,7 @@ def test_stablelm_2_12b_gguf_matches_the_model_it_was_written_from(tmp_path):
     _layer_norm_gguf(tmp_path / "m.gguf", hf, config, "stablelm", extra=stacked, skip=".norms.")
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["qk_layernorm"] is True
-    _assert_logits_match(hf, out)
+    assert_logits_match(hf, out)
 
 
 @pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 46, 16), ("gemma2", 26, 8), ("gemma3", 62, 16)])
@@ -1435,7 +1413,7 @@ def test_gemma_attention_scale_follows_llama_cpp(tmp_path, arch, layers, scalar)
     """The file does not carry query_pre_attn_scalar: llama.cpp takes hidden / heads for the 27B models (46
     layers for Gemma 2, 62 for Gemma 3) and head_dim for the others, as their Hugging Face configs say."""
     transformers = pytest.importorskip("transformers")
-    hf, config = _tiny_model(transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig,
+    hf, config = tiny_model(transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig,
                              intermediate_size=8, num_hidden_layers=layers, num_key_value_heads=1, head_dim=8,
                              sliding_window=4, rope_scaling=None)
     _gemma_gguf(tmp_path / "gemma.gguf", hf, config, arch)
@@ -1544,19 +1522,6 @@ def test_dequantize_to_float16(tmp_path):
     assert config["torch_dtype"] == "float16" and "quantization" not in config
     with pytest.raises(ConfigError, match="dequantize_to must be one of"):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out2", dequantize_to="int8")
-
-
-def _imported(tmp_path: Path, hf: Any, qtype) -> Any:
-    """The file at ``tmp_path / m.gguf`` imported, its ModelConfig returned: transformers' logits (float32), or its
-    float import's (a quantized file)."""
-    from ferrum.config import ModelConfig
-
-    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    if qtype == Q.F32:
-        _assert_logits_match(hf, out)
-    else:
-        assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-    return ModelConfig.from_file(out)
 
 
 @pytest.mark.parametrize(
@@ -1830,10 +1795,10 @@ def test_glm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
 
     common = dict(intermediate_size=96, num_hidden_layers=3, head_dim=16, tie_word_embeddings=False)
     if arch == "glm4":
-        hf, config = _tiny_model(transformers.Glm4Config, **common)
+        hf, config = tiny_model(transformers.Glm4Config, **common)
     else:
         grouped = dict(n_group=4, topk_group=2) if arch.endswith("grouped") else {}
-        hf, config = _tiny_model(transformers.Glm4MoeConfig, **common, moe_intermediate_size=32, n_routed_experts=8,
+        hf, config = tiny_model(transformers.Glm4MoeConfig, **common, moe_intermediate_size=32, n_routed_experts=8,
                                  num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
                                  routed_scaling_factor=1.5, norm_topk_prob=True, use_qk_norm=True,
                                  attention_bias=True, **grouped)
@@ -1854,12 +1819,12 @@ def test_glm_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
         assert (moe.num_experts, moe.top_k, moe.routed_scale) == (8, 3, 1.5)
         assert (moe.n_group, moe.topk_group) == ((4, 2) if arch.endswith("grouped") else (1, 1))
         assert [layer.mlp for layer in ours.arch.layers] == ["dense", "moe", "moe"]
-    _assert_logits_match(hf, out)
+    assert_logits_match(hf, out)
 
 
 def test_a_glm4moe_gguf_with_another_gate_is_refused(tmp_path):
     transformers = pytest.importorskip("transformers")
-    hf, config = _tiny_model(transformers.Glm4MoeConfig, intermediate_size=96, num_hidden_layers=2, head_dim=16,
+    hf, config = tiny_model(transformers.Glm4MoeConfig, intermediate_size=96, num_hidden_layers=2, head_dim=16,
                              moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2)
     _glm_gguf(tmp_path / "m.gguf", hf, config, "glm4moe")
     reader = gguf.GGUFReader(tmp_path / "m.gguf", "r+")  # rewrite the gate in place: softmax (1)
@@ -1888,15 +1853,15 @@ def _tiny_deepseek2(family: str) -> tuple[Any, Any]:
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     if family == "v2":
-        hf, config = _tiny_model(transformers.DeepseekV2Config, **_DEEPSEEK2_SIZES, q_lora_rank=None,
+        hf, config = tiny_model(transformers.DeepseekV2Config, **_DEEPSEEK2_SIZES, q_lora_rank=None,
                                  n_shared_experts=2, routed_scaling_factor=2.0, topk_method="greedy")
     elif family == "v3":
-        hf, config = _tiny_model(transformers.DeepseekV3Config, **_DEEPSEEK2_SIZES, q_lora_rank=32, n_group=2,
+        hf, config = tiny_model(transformers.DeepseekV3Config, **_DEEPSEEK2_SIZES, q_lora_rank=32, n_group=2,
                                  topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                                  rope_parameters=_DEEPSEEK2_YARN)
     else:
         sizes = {k: v for k, v in _DEEPSEEK2_SIZES.items() if k != "first_k_dense_replace"}
-        hf, config = _tiny_model(transformers.Glm4MoeLiteConfig, **sizes, q_lora_rank=32, n_shared_experts=1,
+        hf, config = tiny_model(transformers.Glm4MoeLiteConfig, **sizes, q_lora_rank=32, n_shared_experts=1,
                                  routed_scaling_factor=1.8, norm_topk_prob=True)
     return _moved_norms_and_biases(hf), config
 
@@ -2040,7 +2005,7 @@ def test_deepseek2_gguf_matches_the_model_it_was_written_from(tmp_path, family, 
     assert ("model.layers.1.self_attn.embed_q.weight" in stored) == (layout == "split")
     assert ("model.layers.1.self_attn.kv_b_proj.weight" in stored) == (layout != "split")
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
         return
     assert "model.layers.1.self_attn.q_b_proj.scales" in stored or family == "v2"
     got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
@@ -2138,11 +2103,11 @@ def _tiny_shared_expert_model(arch: str) -> tuple[Any, Any]:
     transformers = pytest.importorskip("transformers")
     common = dict(intermediate_size=96, num_hidden_layers=3, head_dim=16, tie_word_embeddings=False)
     if arch == "dots1":
-        hf, config = _tiny_model(transformers.Dots1Config, **common, moe_intermediate_size=32, n_routed_experts=8,
+        hf, config = tiny_model(transformers.Dots1Config, **common, moe_intermediate_size=32, n_routed_experts=8,
                                  num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
                                  routed_scaling_factor=1.5, norm_topk_prob=True)
     else:
-        hf, config = _tiny_model(transformers.HunYuanMoEV1Config, **common, num_experts=8, moe_topk=3,
+        hf, config = tiny_model(transformers.HunYuanMoEV1Config, **common, num_experts=8, moe_topk=3,
                                  attention_bias=False)
     with torch.no_grad():
         for name, param in hf.named_parameters():
@@ -2175,7 +2140,7 @@ def test_shared_expert_gguf_matches_the_model_it_was_written_from(tmp_path, arch
     else:
         assert (moe.routing, moe.normalize, moe.shared_expert_size) == ("softmax", True, 96)
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
         return
     assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
@@ -2263,7 +2228,7 @@ def test_qwen3_vl_gguf_matches_the_model_it_was_written_from(tmp_path, arch, qty
     if arch == "qwen3vlmoe":
         assert ours.arch.moe.normalize and (ours.arch.moe.num_experts, ours.arch.moe.top_k) == (4, 2)
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
         return
     assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
@@ -2320,10 +2285,10 @@ def test_mistral3_gguf_matches_the_model_it_was_written_from(tmp_path, family, q
 
     common = dict(intermediate_size=96, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False)
     if family == "ministral3":
-        hf, config = _tiny_model(transformers.Ministral3Config, **common, max_position_embeddings=16,
+        hf, config = tiny_model(transformers.Ministral3Config, **common, max_position_embeddings=16,
                                  rope_parameters=dict(_MINISTRAL3_YARN), sliding_window=None)
     else:
-        hf, config = _tiny_model(transformers.MistralConfig, **common, sliding_window=None)
+        hf, config = tiny_model(transformers.MistralConfig, **common, sliding_window=None)
     with torch.no_grad():  # q and k large enough for the rope's angles (and the temperature) to move the logits
         for name, param in hf.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -2335,7 +2300,7 @@ def test_mistral3_gguf_matches_the_model_it_was_written_from(tmp_path, family, q
     if family == "ministral3":
         assert ours.arch.query_scaling == (0.5, 4) and ours.arch.layers[0].rope.kind == "yarn"
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
         return
     assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
@@ -2422,10 +2387,10 @@ def test_llama4_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qt
                   tie_word_embeddings=False, rms_norm_eps=1e-5, attention_chunk_size=8192, floor_scale=8192,
                   attn_scale=0.1)
     if variant == "scout":
-        hf, config = _tiny_model(transformers.Llama4TextConfig, **common, num_local_experts=4,
+        hf, config = tiny_model(transformers.Llama4TextConfig, **common, num_local_experts=4,
                                  rope_parameters=dict(_SCOUT_ROPE))
     else:
-        hf, config = _tiny_model(transformers.Llama4TextConfig, **common, num_local_experts=128,
+        hf, config = tiny_model(transformers.Llama4TextConfig, **common, num_local_experts=128,
                                  interleave_moe_layer_step=2, use_qk_norm=False,
                                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     with torch.no_grad():  # norms away from 1, q and k large enough for the rope's angles to move the logits
@@ -2452,7 +2417,7 @@ def test_llama4_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qt
         assert (rope["rope_type"], rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]) == (
             "llama3", 16.0, 1.0, 1.0)
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
         return
     assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
@@ -2468,7 +2433,7 @@ def test_llama4_gguf_settings_llama_cpp_runs_otherwise_are_refused(tmp_path, key
     the last layer NoPE, llama.cpp's MobileLLM-R1), another rope base on chunked layers, a scaled routed expert, a
     shared expert wider or narrower than the routed ones."""
     transformers = pytest.importorskip("transformers")
-    hf, config = _tiny_model(transformers.Llama4TextConfig, intermediate_size=32, intermediate_size_mlp=96,
+    hf, config = tiny_model(transformers.Llama4TextConfig, intermediate_size=32, intermediate_size_mlp=96,
                              num_hidden_layers=4, head_dim=16, num_local_experts=4)
     _llama4_gguf(tmp_path / "m.gguf", hf, config, Q.F32, keys)
     with pytest.raises(UnsupportedFeatureError, match=words):
@@ -2525,7 +2490,7 @@ def test_ernie4_5_moe_gguf_matches_the_model_it_was_written_from(tmp_path, share
     transformers = pytest.importorskip("transformers")
     from ferrum.config import ModelConfig
 
-    hf, config = _tiny_model(transformers.Ernie4_5_MoeConfig, intermediate_size=96, num_hidden_layers=4,
+    hf, config = tiny_model(transformers.Ernie4_5_MoeConfig, intermediate_size=96, num_hidden_layers=4,
                              tie_word_embeddings=False, moe_num_experts=8, moe_k=3, moe_intermediate_size=32,
                              moe_num_shared_experts=shared, moe_layer_start_index=1, moe_layer_interval=1)
     with torch.no_grad():  # norms away from 1, q and k large enough for the rope, a correction bias that reorders
@@ -2545,7 +2510,7 @@ def test_ernie4_5_moe_gguf_matches_the_model_it_was_written_from(tmp_path, share
     assert (moe.num_experts, moe.top_k, moe.routing, moe.normalize) == (8, 3, "softmax_corrected", True)
     assert moe.shared_expert_size == (64 if shared else None)
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
         return
     assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
@@ -2587,7 +2552,7 @@ def test_chatglm_gguf_matches_the_model_it_was_written_from(tmp_path, fused, qty
     transformers = pytest.importorskip("transformers")
     from ferrum.config import ModelConfig
 
-    hf, config = _tiny_model(transformers.GlmConfig, intermediate_size=96, num_hidden_layers=2, head_dim=16,
+    hf, config = tiny_model(transformers.GlmConfig, intermediate_size=96, num_hidden_layers=2, head_dim=16,
                              tie_word_embeddings=False, attention_bias=True)
     with torch.no_grad():  # norms away from 1, q and k large enough for the rope's angles to move the logits
         for name, param in hf.named_parameters():
@@ -2605,7 +2570,7 @@ def test_chatglm_gguf_matches_the_model_it_was_written_from(tmp_path, fused, qty
     if qtype == Q.Q8_0:
         assert "model.layers.0.self_attn.k_proj" not in ours.quantization.overrides  # packed, as the rest
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
         return
     assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
 
@@ -2647,12 +2612,12 @@ def test_alibi_gguf_match_the_model_they_were_written_from(tmp_path, arch):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     if arch == "bloom":
-        hf, config = _tiny_model(transformers.BloomConfig, n_layer=2, n_head=4)
+        hf, config = tiny_model(transformers.BloomConfig, n_layer=2, n_head=4)
     else:
-        hf, config = _tiny_model(transformers.MptConfig, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+        hf, config = tiny_model(transformers.MptConfig, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
                                  attn_config={"clip_qkv": 0.5})
     with torch.no_grad():  # biases and norms away from their initial 0 and 1, so one dropped is visible
         for param in hf.parameters():
             param.normal_(0, 0.2)
     _alibi_gguf(tmp_path / "m.gguf", hf, config, arch)
-    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+    assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))

@@ -23,8 +23,10 @@ from safetensors.numpy import load_file  # noqa: E402
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf, kimi_linear  # noqa: E402
 from ferrum.gguf_import.gated_delta import Restored  # noqa: E402
-from gguf_writer import add_metadata, add_tensor, config_writer, finish  # noqa: E402
-from test_gguf_import import _assert_logits_match, _imported, _moved_norms_and_biases, _tiny_model  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    add_metadata, add_tensor, assert_logits_match, config_writer, finish, imported, tiny_model,
+)
+from test_gguf_import import _moved_norms_and_biases  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
@@ -39,7 +41,7 @@ GATING = "kimi-linear.expert_gating_func"
 
 
 def _tiny():
-    hf, config = _tiny_model(transformers.KimiLinearConfig, **_SETTINGS)
+    hf, config = tiny_model(transformers.KimiLinearConfig, **_SETTINGS)
     return _moved_norms_and_biases(hf, 0.3), config
 
 
@@ -106,7 +108,7 @@ def test_kimi_linear_gguf_matches_the_model_it_was_written_from(tmp_path, qtype)
     float import's."""
     hf, config = _tiny()
     _kimi_gguf(tmp_path, hf, config, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     arch, moe = ours.arch, ours.arch.moe
     assert ours.model_type == "kimi_linear"
     assert [layer.mixer for layer in arch.layers] == ["kimi_delta", "attention", "kimi_delta", "kimi_delta"]
@@ -124,7 +126,7 @@ def test_a_kimi_linear_gguf_with_a_log_read_as_stored_misses_transformers(tmp_pa
     _kimi_gguf(tmp_path, hf, config, Q.F32)
     monkeypatch.setitem(kimi_linear._OWN, "ssm_a", Restored("self_attn.A_log"))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 @pytest.mark.parametrize(("changes", "error", "message"), [

@@ -17,8 +17,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
-from test_gguf_import import _assert_logits_match, _imported, _moe_mapped, _tiny_model  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    add_metadata, add_tensors, assert_logits_match, config_writer, finish, imported, tiny_model,
+)
+from test_gguf_import import _moe_mapped  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -45,7 +47,7 @@ _OWN = {"self_attn.g_proj.weight": "attn_gate.weight", "mlp.gate.e_score_correct
 
 
 def _tiny(**settings):
-    hf, config = _tiny_model(transformers.LagunaConfig, **settings)
+    hf, config = tiny_model(transformers.LagunaConfig, **settings)
     with torch.no_grad():  # norms around 1; the correction bias spread so that it chooses other experts
         for name, tensor in [*hf.named_parameters(), *hf.named_buffers()]:
             if name.endswith("norm.weight"):
@@ -87,7 +89,7 @@ def test_laguna_gguf_matches_the_model_it_was_written_from(tmp_path, settings, q
     """Imported as transformers' Laguna: float32 gives transformers' logits, Q8_0 its float import's."""
     hf, config = _tiny(**settings)
     _laguna_gguf(tmp_path / "m.gguf", hf, config, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     arch = ours.arch
     assert ours.model_type == "laguna" and arch.moe.routed_scale == pytest.approx(2.5)
     assert arch.attn_gate_per_head is (settings is _XS) and arch.moe.router_softcap is None
@@ -105,10 +107,10 @@ def test_laguna_gguf_read_with_one_rope_misses_transformers(tmp_path):
     of each head at rope.freq_base) misses transformers' logits, whose sliding layers rotate on their own."""
     hf, config = _tiny(**_XS)
     _laguna_gguf(tmp_path / "m.gguf", hf, config, Q.F32)
-    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "ok"))
+    assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "ok"))
     _laguna_gguf(tmp_path / "one.gguf", hf, config, Q.F32, rope_freq_base_swa=None, rope_dimension_count_swa=None)
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "one.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "one.gguf", tmp_path / "out"))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -20,9 +20,9 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    add_sentencepiece_vocab, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
+    add_sentencepiece_vocab, assert_logits_match, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
 )
-from test_gguf_import import _assert_logits_match, write_tiny_gguf  # noqa: E402
+from test_gguf_import import write_tiny_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 LAYER_TYPES = ["conv", "full_attention", "conv", "conv"]
@@ -133,7 +133,7 @@ def test_lfm2_moe_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
                                                             ("short_conv", "moe"), ("short_conv", "moe")]
     assert (ours.arch.moe.num_experts, ours.arch.moe.top_k, ours.intermediate_size) == (4, 2, 96)
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
         assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
@@ -156,7 +156,7 @@ def test_lfm2_gguf_matches_the_model_it_was_written_from(tmp_path, tied, qtype):
     assert ours.intermediate_size == 80 and ours.arch.short_conv.conv_kernel == 3
     assert ours.tie_word_embeddings == tied
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
         assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")

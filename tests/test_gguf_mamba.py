@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
+    add_sentencepiece_vocab, add_tensor, assert_logits_match, assert_runs_as_its_float_import, finish,
+    sentencepiece_vocab,
 )
-from test_gguf_import import _assert_logits_match  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _MAMBA = dict(hidden_size=64, num_hidden_layers=3, state_size=8, conv_kernel=4, pad_token_id=0, bos_token_id=1,
@@ -167,7 +167,7 @@ def test_mamba_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qty
     if variant == "jamba":
         assert (ours.arch.moe.num_experts, ours.arch.moe.top_k, ours.arch.moe.normalize) == (4, 2, False)
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
         assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
@@ -185,7 +185,7 @@ def test_falcon_mambas_flag_and_epsilon_count(tmp_path):
     (tmp_path / "out" / "config.json").write_text(json.dumps({**raw, "mixer_rms_eps": 1e-6}))
     for out in (convert_gguf(tmp_path / "unflagged.gguf", tmp_path / "unflagged"), tmp_path / "out"):
         with pytest.raises(AssertionError):
-            _assert_logits_match(hf, out)
+            assert_logits_match(hf, out)
 
 
 def test_the_log_of_ssm_a_counts(tmp_path, monkeypatch):
@@ -196,7 +196,7 @@ def test_the_log_of_ssm_a_counts(tmp_path, monkeypatch):
     _mamba_gguf(tmp_path / "m.gguf", hf, config, Q.F32)
     monkeypatch.setattr(mamba, "a_log", lambda ssm_a, name: ssm_a)
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_jamba_layers_that_follow_no_period_are_refused_by_name(tmp_path):

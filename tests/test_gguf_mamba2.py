@@ -16,9 +16,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, finish, sentencepiece_vocab,
+    add_sentencepiece_vocab, add_tensor, assert_logits_match, assert_runs_as_its_float_import, finish,
+    sentencepiece_vocab,
 )
-from test_gguf_import import _assert_logits_match, _mamba2_as_converted  # noqa: E402
+from test_gguf_import import _mamba2_as_converted  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(hidden_size=64, num_hidden_layers=3, num_heads=8, head_dim=16, state_size=16, expand=2, conv_kernel=4,
@@ -95,7 +96,7 @@ def test_mamba2_gguf_matches_the_model_it_was_written_from(tmp_path, variant, qt
     assert (mamba.conv_bias, mamba.proj_bias, ours.tie_word_embeddings) == (config.use_conv_bias, config.use_bias,
                                                                             config.tie_word_embeddings)
     if qtype == Q.F32:
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
         assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")

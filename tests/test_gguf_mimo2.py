@@ -16,8 +16,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
-from test_gguf_import import _assert_logits_match, _imported, _moe_mapped, _tiny_model  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    add_metadata, add_tensors, assert_logits_match, config_writer, finish, imported, tiny_model,
+)
+from test_gguf_import import _moe_mapped  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: MiMo-V2-Flash's layout, small: a full dense first layer, then sliding sparse ones (twice the key/value heads, with
@@ -36,7 +38,7 @@ _OWN = {"mlp.gate.weight": "ffn_gate_inp.weight", "mlp.gate.e_score_correction_b
 
 
 def _tiny(**settings):
-    hf, config = _tiny_model(transformers.MiMoV2FlashConfig, **{**_SETTINGS, **settings})
+    hf, config = tiny_model(transformers.MiMoV2FlashConfig, **{**_SETTINGS, **settings})
     with torch.no_grad():  # norms around 1; the correction bias (a buffer) spread so that it chooses other experts
         for name, tensor in [*hf.named_parameters(), *hf.named_buffers()]:
             if name.endswith("norm.weight"):
@@ -76,7 +78,7 @@ def test_mimo2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, mtp):
     transformers' logits, Q8_0 its float import's."""
     hf, config = _tiny()
     _mimo2_gguf(tmp_path / "m.gguf", hf, config, qtype, mtp)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "mimo_v2_flash" and ours.arch.value_scale == pytest.approx(0.6)
     assert [layer.window for layer in ours.arch.layers] == [None, 4, 4, None]
     assert [layer.rope.theta for layer in ours.arch.layers] == [10000.0, 500.0, 500.0, 10000.0]
@@ -87,7 +89,7 @@ def test_a_mimo2_gguf_without_a_value_scale_runs_unscaled(tmp_path):
     attention_value_scale 1 (transformers' default, 0.707, would miss it)."""
     hf, config = _tiny(attention_value_scale=1.0)
     _mimo2_gguf(tmp_path / "m.gguf", hf, config, Q.F32, value_scale=None)
-    _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+    assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 def test_mimo2_gguf_read_with_one_rope_base_misses_transformers(tmp_path):
@@ -96,7 +98,7 @@ def test_mimo2_gguf_read_with_one_rope_base_misses_transformers(tmp_path):
     hf, config = _tiny()
     _mimo2_gguf(tmp_path / "m.gguf", hf, config, Q.F32, rope_freq_base_swa=None)
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

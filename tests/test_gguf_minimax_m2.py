@@ -16,8 +16,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from gguf_writer import add_metadata, add_tensors, config_writer, finish  # noqa: E402
-from test_gguf_import import _assert_logits_match, _imported, _moe_mapped, _tiny_model  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    add_metadata, add_tensors, assert_logits_match, config_writer, finish, imported, tiny_model,
+)
+from test_gguf_import import _moe_mapped  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: MiniMax-M2's layout, small: half of each head rotated (M2's 64 of 128), four experts, two chosen.
@@ -29,7 +31,7 @@ _OWN = {"mlp.gate.weight": "ffn_gate_inp.weight", "mlp.e_score_correction_bias":
 
 
 def _tiny():
-    hf, config = _tiny_model(transformers.MiniMaxM2Config, **_SETTINGS)
+    hf, config = tiny_model(transformers.MiniMaxM2Config, **_SETTINGS)
     with torch.no_grad():  # norms around 1; the correction bias (a buffer) spread so that it chooses other experts
         for name, tensor in [*hf.named_parameters(), *hf.named_buffers()]:
             if name.endswith("norm.weight"):
@@ -57,7 +59,7 @@ def test_minimax_m2_gguf_matches_the_model_it_was_written_from(tmp_path, qtype):
     """Imported as transformers' MiniMax-M2: float32 gives transformers' logits, Q8_0 its float import's."""
     hf, config = _tiny()
     _minimax_m2_gguf(tmp_path / "m.gguf", hf, config, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     assert ours.model_type == "minimax_m2" and ours.arch.layers[0].rope.rotary_dim == 8
     assert ours.arch.moe.routing == "sigmoid_grouped" and ours.arch.moe.normalize
 
@@ -70,7 +72,7 @@ def test_minimax_m2_gguf_read_with_llamas_rows_misses_transformers(tmp_path, mon
     monkeypatch.setitem(architectures.ARCHITECTURES, "minimax-m2",
                         replace(architectures.ARCHITECTURES["minimax-m2"], permuted_qk=True))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -21,10 +21,8 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
-from gguf_writer import TINY_TOKENS, sentencepiece_vocab  # noqa: E402
-from test_gguf_import import (  # noqa: E402
-    _DEEPSEEK2_SIZES, _assert_logits_match, _deepseek2_gguf, _imported, _moved_norms_and_biases,
-)
+from gguf_writer import TINY_TOKENS, assert_logits_match, imported, sentencepiece_vocab  # noqa: E402
+from test_gguf_import import _DEEPSEEK2_SIZES, _deepseek2_gguf, _moved_norms_and_biases  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 ORIGINAL = 4  # YaRN's original context: Llama 4's temperature steps at positions 4 and 8 of the 12 tokens
@@ -68,7 +66,7 @@ def test_mistral4_gguf_matches_the_model_it_was_written_from(tmp_path, qtype, fu
     without it (llama_4_scaling_beta 0) where it does not; Q8_0 ones (kept packed) their float import's."""
     hf, config = _tiny(BETA if tempered else 0.0)
     _mistral4_gguf(tmp_path, hf, config, qtype, fused, _temperature() if tempered else None)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     mla, moe = ours.arch.mla, ours.arch.moe
     assert ours.model_type == "mistral4" and (ours.num_layers, ours.num_heads, ours.num_kv_heads) == (3, 4, 4)
     assert (mla.q_lora_rank, mla.kv_lora_rank, mla.nope, mla.rope, mla.v_head_dim) == (32, 32, 32, 16, 24)
@@ -87,8 +85,8 @@ def test_a_mistral4_gguf_without_the_temperature_misses_transformers_with_it(tmp
     _mistral4_gguf(tmp_path, hf, config, Q.F32)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, out)
-    _assert_logits_match(hf, out, TINY_TOKENS[:ORIGINAL])  # before the first step the temperature is 1
+        assert_logits_match(hf, out)
+    assert_logits_match(hf, out, TINY_TOKENS[:ORIGINAL])  # before the first step the temperature is 1
 
 
 @pytest.mark.parametrize(("more", "words"), [

@@ -17,9 +17,10 @@ torch = pytest.importorskip("torch")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
 from gguf_writer import (  # noqa: E402
-    add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, finish, permute, sentencepiece_vocab,
+    add_sentencepiece_vocab, add_tensor, assert_logits_match, assert_runs_as_its_float_import, finish, permute,
+    sentencepiece_vocab,
 )
-from test_gguf_import import _assert_logits_match, _mamba2_as_converted  # noqa: E402
+from test_gguf_import import _mamba2_as_converted  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 _COMMON = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
@@ -147,7 +148,7 @@ def test_nemotron_h_gguf_matches_the_model_it_was_written_from(tmp_path, variant
         for proj in ("q_proj", "k_proj"):
             name = f"model.layers.{layer}.mixer.{proj}.weight"
             np.testing.assert_array_equal(stored[name], hf.state_dict()[name].numpy())
-        _assert_logits_match(hf, out)
+        assert_logits_match(hf, out)
     else:
         assert ours.quantization is not None
         assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")

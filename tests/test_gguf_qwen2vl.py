@@ -18,8 +18,9 @@ torch = pytest.importorskip("torch")
 
 from ferrum.errors import CheckpointError, UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from gguf_writer import add_tensors, config_writer, finish, sentencepiece_vocab  # noqa: E402
-from test_gguf_import import _assert_logits_match, _imported  # noqa: E402
+from gguf_writer import (  # noqa: E402
+    add_tensors, assert_logits_match, config_writer, finish, imported, sentencepiece_vocab,
+)
 
 Q = gguf.GGMLQuantizationType
 #: Each text token's rope over 8 pairs of a 16-wide head, as (time, height, width) sections.
@@ -78,7 +79,7 @@ def test_qwen2_vl_gguf_matches_the_model_it_was_written_from(tmp_path, kind, qty
     one); Q8_0 ones what the same file imported in float32 gives."""
     hf, config = _tiny_qwen2_vl(kind)
     _qwen2_vl_gguf(tmp_path, hf, config, qtype)
-    ours = _imported(tmp_path, hf, qtype)
+    ours = imported(tmp_path, hf, qtype)
     rope = ours.arch.layers[0].rope
     assert ours.model_type == "qwen2" and (rope.theta, rope.rotary_dim, rope.interleaved) == (1e6, 16, False)
     assert ours.arch.qkv_bias and not ours.arch.o_bias
@@ -92,7 +93,7 @@ def test_qwen2_vl_gguf_read_with_llamas_rows_misses_transformers(tmp_path, monke
     monkeypatch.setitem(architectures.ARCHITECTURES, "qwen2vl",
                         replace(architectures.ARCHITECTURES["qwen2vl"], permuted_qk=True))
     with pytest.raises(AssertionError):
-        _assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
+        assert_logits_match(hf, convert_gguf(tmp_path / "m.gguf", tmp_path / "out"))
 
 
 @pytest.mark.parametrize(("sections", "error", "words"), [

@@ -343,9 +343,9 @@ def test_random_checkpoint_in_transformers_layout_is_what_transformers_runs(tmp_
 
 
 def _tiny_gguf_model():
-    from test_gguf_import import _tiny_model
+    from gguf_writer import tiny_model
 
-    hf, config = _tiny_model(transformers.GptOssConfig, intermediate_size=64, num_hidden_layers=2, head_dim=16,
+    hf, config = tiny_model(transformers.GptOssConfig, intermediate_size=64, num_hidden_layers=2, head_dim=16,
                              num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                              max_position_embeddings=131072, tie_word_embeddings=False)
     with torch.no_grad():
