@@ -1543,8 +1543,9 @@ def test_experts_of_an_architecture_without_them_are_refused_naming_those_that_h
     """The refusal lists the architectures whose mixture-of-experts files Ferrum imports, from its table."""
     write_tiny_gguf(tmp_path / "x.gguf", arch="qwen2", metadata={"expert_count": 4})
     with pytest.raises(UnsupportedFeatureError, match=r"mixture-of-experts qwen2 GGUF files are not supported "
-                       r"\(Ferrum imports llama, qwen2moe, .*hunyuan-moe, qwen35moe, gemma4, mimo2, laguna, qwen3next, "
-                       r"granitehybrid, lfm2moe, step35, jamba, nemotron_h_moe ones\)"):
+                       r"\(Ferrum imports llama, qwen2moe, .*hunyuan-moe, qwen35moe, gemma4, mimo2, laguna, "
+                       r"bailingmoe, bailingmoe2, qwen3next, granitehybrid, lfm2moe, step35, jamba, "
+                       r"nemotron_h_moe ones\)"):
         convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
 
 
