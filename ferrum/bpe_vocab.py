@@ -55,7 +55,12 @@ def merges_by_rank(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], regexes: Sequence[str],
+#: One split step: a regex whose matches are isolated, or (regex, a ``tokenizers`` Split behavior) where the matches
+#: only mark where to cut (``merged_with_previous`` / ``merged_with_next``).
+SplitStep = str | tuple[str, str]
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], regexes: Sequence[SplitStep],
                    ignore_merges: bool) -> Any:
     """A byte-level BPE tokenizer: text split by each of ``regexes`` in turn, every piece's bytes spelled in GPT-2's
     alphabet and merged by ``merges``; with ``ignore_merges`` a piece the vocabulary holds whole is one token."""
@@ -64,7 +69,8 @@ def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], regexes
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                end_of_word_suffix="", fuse_unk=False, byte_fallback=False,
                                ignore_merges=ignore_merges))
-    steps = [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False) for regex in regexes]
+    steps = [pre_tokenizers.Split(Regex(regex), behavior=behavior, invert=False)
+             for regex, behavior in ((s, "isolated") if isinstance(s, str) else s for s in regexes)]
     tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                                  use_regex=False)])
     tok.decoder = decoders.ByteLevel()

@@ -18,6 +18,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from ferrum.bpe_vocab import bytes_to_unicode  # noqa: E402
 from ferrum.gguf_import import convert_gguf  # noqa: E402
+from ferrum.gguf_import.tokenizer import _PRE_TOKENIZERS  # noqa: E402
 from ferrum.tokenizer import Tokenizer  # noqa: E402
 from test_gguf_import import write_tiny_gguf  # noqa: E402
 
@@ -41,6 +42,10 @@ LLAMA_CPP = {
     "minicpm5": ((r"\p{N}{1,3}", _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+"), True),
     "superbpe": ((r"\p{N}+", r"(?=(\d{3})+(?!\d))"), False),
+    # its letter and punctuation classes as Ferrum's table quotes them (test_gguf_tokenizer_pretokenizers holds
+    # them to probes); llama.cpp's \s+$ here, which Ferrum writes anchored at a whitespace run's start
+    "deepseek-llm": (("[\r\n]", *_PRE_TOKENIZERS["deepseek-llm"].regexes[1:3], r"\s+$", "[一-龥ࠀ-一가-퟿]+",
+                      r"\p{N}+"), False),
     "mellum2": ((r"\p{N}", _GPT2), False),
     **dict.fromkeys(("kanana2", "talkie"), ((_GPT4O,), False)),
     "cohere2moe": ((r"\d{1,3}(?=(?:\d{3})*\b)", _GPT4O), False),
@@ -55,7 +60,7 @@ CORPUS = [
 ]
 TEXTS = [*CORPUS, "HelloWorld I'm DONE 12345 a/b", "a      b 1234567", "a!\n\nb 12 x.com", "中文abc 12345!! x.com",
          "e\u0301 \u212b ﬁ 🙂 ١٢٣٤٥ 1,234,567", "  \n \n\n \t\r\n x", "", "x y  z   w",
-         "a  1 b   22 c\t\t333"]
+         "a  1 b   22 c\t\t333", "a  \t中文 b   "]
 TEXT = st.text(st.one_of(st.sampled_from(list("abcXYZ '\t\n\r0123456789.,!/中文日本語é\u0301🙂")),
                          st.characters(codec="utf-8", exclude_categories=("Cs",))), max_size=40)
 

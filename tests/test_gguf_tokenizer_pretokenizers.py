@@ -104,8 +104,9 @@ def test_each_probe_tells_its_group_from_the_others():
     library on the same text), so the test above fails wherever a name is given another group."""
     from tokenizers import Regex, pre_tokenizers
 
-    def split(regexes: tuple[str, ...], text: str) -> list[str]:
-        steps = [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in regexes]
+    def split(regexes: tuple[str | tuple[str, str], ...], text: str) -> list[str]:
+        steps = [pre_tokenizers.Split(Regex(r), behavior=b, invert=False)
+                 for r, b in ((r, "isolated") if isinstance(r, str) else r for r in regexes)]
         return [word for word, _ in pre_tokenizers.Sequence(steps).pre_tokenize_str(text)]
 
     groups = {split.regexes for split in _PRE_TOKENIZERS.values()}
@@ -124,7 +125,9 @@ def test_every_known_name_builds_a_tokenizer(tmp_path, pre):
     out = _converted(tmp_path, pre)
     data = json.loads((out / "tokenizer.json").read_text())
     steps = data["pre_tokenizer"]["pretokenizers"]
-    assert [step["pattern"]["Regex"] for step in steps[:-1]] == list(_PRE_TOKENIZERS[pre].regexes)
+    assert [step["pattern"]["Regex"] if step["behavior"] == "Isolated" else (step["pattern"]["Regex"], step["behavior"])
+            for step in steps[:-1]] == [r if isinstance(r, str) else (r[0], r[1].title().replace("_", ""))
+                                        for r in _PRE_TOKENIZERS[pre].regexes]
     assert data["model"]["ignore_merges"] == _PRE_TOKENIZERS[pre].ignore_merges
     text = "hello 12345 wörld's\n\n中文 x.com"
     tok = Tokenizer(out)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ferrum.bpe_vocab import bos_eos_processor, byte_level_bpe, bytes_to_unicode, merges_by_score
+from ferrum.bpe_vocab import SplitStep, bos_eos_processor, byte_level_bpe, bytes_to_unicode, merges_by_score
 from ferrum.errors import CheckpointError, UnsupportedFeatureError
 from ferrum.gguf_import.files import Metadata
 from ferrum.tokenizer_files.rwkv_world import WORLD_VOCAB, write_world_vocab
@@ -50,9 +50,11 @@ _SPM_DEFAULT_IDS = {"bos": 1, "eos": 2, "unknown": 0}
 class _Split:
     """How one group of ``tokenizer.ggml.pre`` values splits text before byte-level BPE: llama.cpp's
     ``regex_exprs``, each splitting the pieces the one before it left, written as the model's own tokenizer.json
-    has them where llama.cpp quotes that (its own rewrites are for its regex engine), else as llama.cpp has them."""
+    has them where llama.cpp quotes that (its own rewrites are for its regex engine), else as llama.cpp has them;
+    one that scans a digit or whitespace run from each of its characters (quadratic in the run) is rewritten to
+    cut the same places scanning it once (tests/test_gguf_pretokenizers_reference.py holds them to llama.cpp's)."""
 
-    regexes: tuple[str, ...]
+    regexes: tuple[SplitStep, ...]
     #: A word the vocabulary holds whole is one token, whatever the merges say (llama.cpp's ``ignore_merges``).
     ignore_merges: bool = False
 
@@ -76,7 +78,9 @@ _DEEPSEEK3_CJK = "[一-龥぀-ゟ゠-ヿ]+"
 _GPT2 = _Split((_GPT2_REGEX,))
 _QWEN2 = _Split((_QWEN2_REGEX,))
 _STARCODER = _Split((r"\p{N}", _GPT2_REGEX))
-_TINY_AYA = _Split((r"\d{1,3}(?=(?:\d{3})*\b)", _GPT4O_REGEX))
+#: llama.cpp's \d{1,3}(?=(?:\d{3})*\b), which looks to the end of a digit run from each digit: here only its
+#: first chunk looks (at the run's start), each next three digits follow on where the last match ended (\G)
+_TINY_AYA = _Split((r"(?<!\d)\d{1,3}(?=(?:\d{3})*\b)|\G(?<=\d)\d{3}", _GPT4O_REGEX))
 _BLOOM = _Split((_BLOOM_REGEX,))
 #: llama.cpp's split for a byte-level vocabulary whose file names no pre-tokenizer (converted before May 2024).
 _DEFAULT = _Split((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"))
@@ -111,8 +115,11 @@ _PRE_TOKENIZERS = {
                           r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+",)),
     # MiniCPM 5: numbers in threes, then Llama 3's with whole numbers
     "minicpm5": _Split((r"\p{N}{1,3}", _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}+")), ignore_merges=True),
-    # SuperBPE: numbers apart, cut in threes from the right (a split at each empty match)
-    "superbpe": _Split((r"\p{N}+", r"(?=(\d{3})+(?!\d))")),
+    # SuperBPE: numbers apart, cut in threes from the right. llama.cpp cuts at each empty match of
+    # (?=(\d{3})+(?!\d)), looking to the run's end from every digit; here a cut after a run's first one or two
+    # digits where three-digit groups fill the rest (looked for at the run's start only), then before each group
+    "superbpe": _Split((r"\p{N}+", (r"(?<!\d)\d{1,2}(?=(?:\d{3})+(?!\d))", "merged_with_previous"),
+                        (r"\d{3}", "merged_with_next"))),
     # Qwen3.5's: Qwen2's with combining marks kept in their word
     "qwen35": _Split((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
                       r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",)),
@@ -142,7 +149,8 @@ _PRE_TOKENIZERS = {
         # six letters written escaped: Unicode normalization would turn them into others
         "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
         r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
-        r"\s+$",
+        # llama.cpp's \s+$, tried from the start of a whitespace run only (it cannot start inside one)
+        r"(?<!\s)\s+$",
         _DEEPSEEK_CJK,
         r"\p{N}+",
     )),
