@@ -379,7 +379,12 @@ class IncrementalDetokenizer:
     complete (the character itself, or bytes that are not UTF-8) goes out at once:
     the tokens' bytes tell the two apart. Decoding a short
     window of recent tokens (not the whole output) keeps each step cheap while
-    letting the tokenizer handle spaces between tokens correctly.
+    letting the tokenizer handle spaces between tokens correctly. A window that
+    starts past the output's start is decoded after an anchor, the last earlier
+    window's text before its read point that shows more than spaces (whole
+    characters): a decoder that strips the text's leading
+    spaces (sentencepiece's, with remove_extra_whitespaces) then strips none of
+    the window's, as it strips none in the middle of the whole output.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_tail: Sequence[int] = (), skip_special_tokens: bool = True):
@@ -387,6 +392,7 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_tail)[-6:]
         held, self._echo = self._unfinished_character()
         self._prefix = 0  # window start
+        self._anchor: list[int] = []  # decoded before the window (see the class docstring)
         self._read = len(self._ids) - held  # tokens already turned into emitted text
         self.earlier = 0  # of the last push's text, the characters earlier tokens hold (see push)
 
@@ -412,19 +418,30 @@ class IncrementalDetokenizer:
         held before it hold: bytes of a character this token did not complete, each shown as U+FFFD."""
         self._ids.append(token)
         self.earlier = 0
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        full_text = self._tok.decode(self._ids[self._prefix :], self._skip)
+        prefix_text = self._window(self._read)
+        full_text = self._window(len(self._ids))
         if (full_text.endswith("\ufffd") and self._ends_inside_a_character()) or len(full_text) <= len(prefix_text):
             return ""
         if self._read < len(self._ids) - 1:  # tokens held for a character: did this one complete it?
-            held_text = self._tok.decode(self._ids[self._prefix : -1], self._skip)
+            held_text = self._window(len(self._ids) - 1)
             if full_text.startswith(held_text):  # no: their U+FFFD come first, as they were
                 self.earlier = len(held_text) - len(prefix_text)
+        if self._anchors(self._ids[self._prefix : self._read]):
+            self._anchor = self._ids[self._prefix : self._read]
         self._prefix, self._read = self._read, len(self._ids)
         text = full_text[len(prefix_text) :]
         shown = self._without_echo(text)
         self.earlier = max(0, self.earlier - (len(text) - len(shown)))
         return shown
+
+    def _window(self, end: int) -> str:
+        return self._tok.decode(self._anchor + self._ids[self._prefix : end], self._skip)
+
+    def _anchors(self, tokens: list[int]) -> bool:
+        """Whether ``tokens`` (whole characters: a window's text before the read point) can stand before a later
+        window: they show more than spaces."""
+        data = b"".join(self._tok.token_bytes(t) for t in tokens if self._shown(t))
+        return bool(data.decode("utf-8", "replace").strip(" "))
 
     def _without_echo(self, text: str) -> str:
         text, self._echo = text.removeprefix(self._echo), ""
@@ -446,8 +463,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character shows as U+FFFD)."""
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        full_text = self._tok.decode(self._ids[self._prefix :], self._skip)
+        prefix_text, full_text = self._window(self._read), self._window(len(self._ids))
         self._prefix = self._read = len(self._ids)
         return self._without_echo(full_text[len(prefix_text) :])
 
