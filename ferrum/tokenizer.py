@@ -197,27 +197,38 @@ class Tokenizer:
         """The exact bytes one token stands for (a part of a UTF-8 character, possibly).
 
         Decoding a single token cannot say this: a token holding half a
-        character decodes to U+FFFD. Byte-level BPE vocabularies (GPT-2,
-        Llama 3, Qwen, SmolLM) spell bytes as printable characters;
-        SentencePiece ones write spaces as U+2581 and raw bytes as ``<0xHH>``.
+        character decodes to U+FFFD. The pieces are spelled as the tokenizer's
+        decoder reads them: byte-level BPE vocabularies (GPT-2, Llama 3, Qwen,
+        SmolLM) spell bytes as printable characters; SentencePiece ones write
+        spaces as U+2581 (a Replace or Metaspace step) and raw bytes as
+        ``<0xHH>`` (ByteFallback); PLaMo's write spaces as themselves, so its
+        U+2581 is that character.
         """
         piece = self._tok.id_to_token(int(token_id))
         if piece is None:
             return b""
-        if self._byte_level:
+        byte_level, space, byte_fallback = self._spelling
+        if byte_level:
             table = _unicode_to_byte()
             if all(ch in table for ch in piece):
                 return bytes(table[ch] for ch in piece)
             return piece.encode()  # an added token spelt as plain text
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        if byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode()
+        return (piece.replace(space, " ") if space else piece).encode()
 
     @cached_property
-    def _byte_level(self) -> bool:
+    def _spelling(self) -> tuple[bool, str | None, bool]:
+        """From the decoder: whether pieces are byte-level, the character written for a space (or None), and
+        whether ``<0xHH>`` pieces are bytes."""
         decoder = json.loads(self._tok.to_str()).get("decoder") or {}
         parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-        return any(part.get("type") == "ByteLevel" for part in parts)
+        kinds = {part.get("type") for part in parts}
+        space = next((part.get("replacement") if part.get("type") == "Metaspace" else part["pattern"]["String"]
+                      for part in parts if part.get("type") == "Metaspace"
+                      or (part.get("type") == "Replace" and part.get("content") == " "
+                          and "String" in (part.get("pattern") or {}))), None)
+        return "ByteLevel" in kinds, space, "ByteFallback" in kinds
 
     def use_chat_template(self, source: str) -> None:
         """Render every chat with ``source``, a Jinja chat template, instead of the checkpoint's (a base model's

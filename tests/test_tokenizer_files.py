@@ -152,6 +152,18 @@ def test_sentencepiece_models_stream_any_ids_as_they_decode(spm_models, variant)
     check()
 
 
+@pytest.mark.parametrize("variant", SPM_VARIANTS)
+def test_sentencepiece_token_bytes(spm_models, variant):
+    """Each piece's bytes as sentencepiece writes it after another piece: U+2581 a space, a byte piece its byte."""
+    folder, sp, tok = spm_models[variant]
+    anchor = sp.piece_to_id("e")
+    for i in range(sp.get_piece_size()):
+        if sp.is_byte(i):
+            assert tok.token_bytes(i) == bytes([int(sp.id_to_piece(i)[3:5], 16)])
+        elif not (sp.is_control(i) or sp.is_unknown(i)):
+            assert tok.token_bytes(i).decode() == sp.decode([anchor, i])[len(sp.decode([anchor])):], sp.id_to_piece(i)
+
+
 def test_the_normalizer_spec_is_what_changes_the_ids(spm_models):
     """Controls: the variants differ where their normalizer specs say (NFKC, extra spaces, the dummy prefix)."""
     _, nfkc, _ = spm_models["bpe"]

@@ -203,3 +203,14 @@ def test_a_flag_that_is_not_a_boolean_is_refused(tmp_path, key):
     refuses it."""
     with pytest.raises(ConfigError, match=f"{key} must be true or false, got 'false'"):
         Tokenizer(write(tmp_path, vocabulary(), **{key: "false"}))
+
+
+def test_token_bytes_are_plamos_spelling(tmp_path):
+    """PLaMo's pieces spell spaces as themselves: a piece holding U+2581 stands for that character (it was given a
+    space, as sentencepiece's pieces are), byte pieces for their byte; as Plamo2Tokenizer turns pieces to text."""
+    rows = vocabulary() + [["\u2581", -3.0, "NORMAL"], ["a\u2581b", -3.0, "NORMAL"]]
+    tok = Tokenizer(write(tmp_path, rows))
+    assert tok.encode("a\u2581b", add_special_tokens=False) == [len(rows) - 1]
+    for i, (piece, _, _) in enumerate(rows):
+        want = bytes([int(piece[3:5], 16)]) if piece.startswith("<0x") else piece.encode()
+        assert tok.token_bytes(i) == want, piece
