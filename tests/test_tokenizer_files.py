@@ -430,6 +430,14 @@ def test_hunyuan_tiktoken_matches_on_random_text(hunyuan, text):
     assert "".join(detokenizer.push(i) for i in ids) + detokenizer.flush() == tok.decode(ids)
 
 
+def test_hunyuan_tiktoken_defaults_to_its_releases_bos_and_eos(hunyuan):
+    """A config naming none: tokenization_hy.py's start and end of text (structured output needs an end), added
+    to nothing; a config's own eos_token wins (the test above)."""
+    ranks, specials, tok = hunyuan
+    assert (tok.bos_token, tok.eos_token) == ("<|startoftext|>", "<|endoftext|>")
+    assert tok.eos_token_ids == {specials["<|endoftext|>"]} and tok.encode("hi") == tok.encode("hi", False)
+
+
 def test_unknown_tiktoken_classes_are_refused_by_name(tmp_path):
     write_ranks(tmp_path / "tiktoken.model", trained_ranks(300))
     with pytest.raises(UnsupportedFeatureError, match="None.*TikTokenTokenizer"):

@@ -78,7 +78,9 @@ TIKTOKEN_CLASSES = {
     "TikTokenTokenizer": TiktokenClass("tiktoken.model", _KIMI_PATTERN, _kimi_specials,
                                        defaults={"bos_token": "[BOS]", "eos_token": "[EOS]"}),
     "QWenTokenizer": TiktokenClass("qwen.tiktoken", _QWEN_PATTERN, _qwen_specials, nfc=True),
-    "HYTokenizer": TiktokenClass("hy.tiktoken", _QWEN_PATTERN, _hunyuan_specials, nfc=True, by_line=True),
+    # Hunyuan-A13B's tokenization_hy.py: its base models' start and end of text
+    "HYTokenizer": TiktokenClass("hy.tiktoken", _QWEN_PATTERN, _hunyuan_specials, nfc=True, by_line=True,
+                                 defaults={"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"}),
 }
 #: Files that hold tiktoken ranks: each known class's, and any ``*.tiktoken``.
 TIKTOKEN_FILES = tuple(sorted({spec.file for spec in TIKTOKEN_CLASSES.values()}))
