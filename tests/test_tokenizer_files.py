@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import unicodedata
 from pathlib import Path
 
@@ -377,7 +378,8 @@ def test_qwen_tiktoken_numbers_its_specials_from_151643(tmp_path):
     assert tok.encode("e\u0301") == tok.encode("é")  # Qwen's class NFC-normalizes first
     assert tok.vocab_size == 151851
     write_ranks(tmp_path / "qwen.tiktoken", trained_ranks())
-    with pytest.raises(ConfigError, match="151643"):
+    where = re.escape(f"{tmp_path / 'qwen.tiktoken'}: QWenTokenizer numbers")
+    with pytest.raises(ConfigError, match=where + ".*151643"):
         Tokenizer(tmp_path)
 
 
@@ -448,6 +450,23 @@ def test_unknown_tiktoken_classes_are_refused_by_name(tmp_path):
     (tmp_path / "tiktoken.model").write_bytes(b"QQ== 0\nnot-a-line\n")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TikTokenTokenizer"}))
     with pytest.raises(ConfigError, match="line 2"):
+        Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (b"enpx 5", r"line 421: rank 5 is line 6's too"),
+    (b"YQ== 420", r"line 421: token b'a' has a rank on line \d+ already"),
+    (b"enpx -1", "line 421: rank -1 is negative"),
+    (b"enpx 100000", r"line 421: rank 100000 is past the file's 421 tokens \(rank 420 is missing\)"),
+])
+def test_bad_tiktoken_ranks_are_refused_by_file_and_line(tmp_path, extra, words):
+    """A repeated token or rank, a negative rank, a rank past the file's count: the file and the line say which."""
+    ranks = trained_ranks()
+    assert len(ranks) == 420 and ranks[b"a"] < 420
+    lines = [base64.b64encode(t) + b" " + str(r).encode() for t, r in sorted(ranks.items(), key=lambda i: i[1])]
+    (tmp_path / "tiktoken.model").write_bytes(b"\n".join([*lines, extra]) + b"\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TikTokenTokenizer"}))
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "tiktoken.model")) + ", " + words):
         Tokenizer(tmp_path)
 
 

@@ -105,23 +105,36 @@ def tiktoken_file(folder: Path) -> Path | None:
 
 def read_ranks(path: Path, by_line: bool = False) -> dict[bytes, int]:
     """The file's byte strings by rank, checked: every line "base64 rank", ranks 0..n-1 each once (``by_line``: the
-    ranks are the order of each token's first line)."""
+    ranks are the order of each token's first line). A bad line is named by its number."""
     ranks: dict[bytes, int] = {}
+    first_line: dict[int, int] = {}  # rank -> the line that gave it
+    token_line: dict[bytes, int] = {}
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            token, rank = line.split()
-            if by_line:
-                ranks.setdefault(base64.b64decode(token, validate=True), len(ranks))
-            else:
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            text, rank_text = line.split()
+            token, rank = base64.b64decode(text, validate=True), 0 if by_line else int(rank_text)
         except (ValueError, binascii.Error):
             raise ConfigError(f"{path}, line {number}: not a tiktoken rank (base64 bytes, a space, the rank): "
                               f"{line[:80]!r}") from None
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ConfigError(f"{path}: the ranks are not 0..{len(ranks) - 1}, each once, so they cannot be the token "
-                          "ids; re-download the checkpoint")
+        if by_line:
+            ranks.setdefault(token, len(ranks))
+            continue
+        if token in token_line:
+            raise ConfigError(f"{path}, line {number}: token {token[:40]!r} has a rank on line {token_line[token]} "
+                              "already; re-download the checkpoint")
+        if rank < 0 or rank in first_line:
+            why = "is negative" if rank < 0 else f"is line {first_line[rank]}'s too"
+            raise ConfigError(f"{path}, line {number}: rank {rank} {why}, so the ranks cannot be the token ids; "
+                              "re-download the checkpoint")
+        ranks[token], first_line[rank], token_line[token] = rank, number, number
+    beyond = [rank for rank in first_line if rank >= len(ranks)]
+    if beyond:
+        missing = min(set(range(len(ranks))) - set(ranks.values()))
+        raise ConfigError(f"{path}, line {first_line[min(beyond)]}: rank {min(beyond)} is past the file's "
+                          f"{len(ranks)} tokens (rank {missing} is missing), so the ranks cannot be the token ids; "
+                          "re-download the checkpoint")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise ConfigError(f"{path}: byte {missing[0]:#04x} has no rank, so text holding it cannot be encoded")
@@ -152,7 +165,10 @@ def tiktoken_tokenizer(folder: Path, config: Mapping[str, Any],
 
     vocab = {spelt(token): rank for token, rank in ranks.items()}
     merges = [(spelt(left), spelt(right)) for left, right in merges_by_rank(ranks)]
-    specials = spec.specials(len(ranks), named)
+    try:
+        specials = spec.specials(len(ranks), named)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     vocab.update({text: i for i, text in specials.items()})
     if len(vocab) != len(ranks) + len(specials):
         raise ConfigError(f"{path}: a special token of {name} spells a ranked token; re-download the checkpoint")
