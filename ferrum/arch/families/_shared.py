@@ -96,6 +96,23 @@ PLAMO_STORED = {"layers": "layers.layers", "input_layernorm": "pre_mixer_norm",
 PLAMO_NORM_OFFSETS = {"post_attention_layernorm": 1.0 / 5, "post_feedforward_layernorm": 1.0 / 5 ** 1.5}
 
 
+def _plamo_core(head_dim_key: str) -> tuple[Key, ...]:
+    """PLaMo 2's and 3's sizes' keys with the defaults mlx-lm's ModelArgs give them, one table for both releases;
+    the heads' size is under ``head_dim_key`` (PLaMo 2's hidden_size_per_head, PLaMo 3's head_dim)."""
+    return (
+        Key("hidden_size", default=4096, check=size(1 << 17)),
+        Key("intermediate_size", default=13312, check=size(1 << 20)),
+        Key("num_hidden_layers", default=32, check=size(1024)),
+        Key("num_attention_heads", default=32, check=size(4096)),
+        Key("num_key_value_heads", default=4, check=size(4096)),
+        Key(head_dim_key, default=128, check=size(4096)),
+        Key("vocab_size", default=32000, check=size(1 << 23)),
+        Key("max_position_embeddings", default=2048, check=size(1 << 28)),
+        Key("rms_norm_eps", default=1e-6, check=positive_number),
+        Key("tie_word_embeddings", default=True, check=boolean),
+    )
+
+
 
 def _without_nulls(raw: dict[str, Any]) -> dict[str, Any]:
     """A config whose null keys take their defaults, as they do in mlx-lm's ModelArgs where releases leave them."""

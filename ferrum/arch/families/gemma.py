@@ -9,8 +9,8 @@ from typing import Any, Callable
 from ferrum.arch.altup import AltUpSpec
 from ferrum.arch.families._shared import (
     FULL, Family, LLAMA_NORMS, PLAMO_NORM_OFFSETS, PLAMO_STORED, SANDWICH_NORMS, SLIDING, Sizes, _LAYER_TYPES,
-    _LLAMA_ROPES, _ROPE, _WINDOW, _core, _core_defaults, _keys, _layer_kinds, _per_kind_rope_specs, _rope_object,
-    _rope_spec, _without_nulls, read_rope,
+    _LLAMA_ROPES, _ROPE, _WINDOW, _core, _core_defaults, _keys, _layer_kinds, _per_kind_rope_specs, _plamo_core,
+    _rope_object, _rope_spec, _without_nulls, read_rope,
 )
 from ferrum.arch.keys import (
     Key, KeyReader, boolean, falsy, lists_of, one_of, optional_non_negative_int, optional_positive_int,
@@ -482,16 +482,7 @@ def _muse_glimmer(r: KeyReader, sizes: Sizes) -> Architecture:
 TABLE: dict[str, Family] = {
     "plamo3": Family(  # Preferred Networks' PLaMo 3: sliding and full attention layers in PLaMo's sandwich norms
         _keys((
-            Key("hidden_size", default=4096, check=size(1 << 17)),
-            Key("intermediate_size", default=13312, check=size(1 << 20)),
-            Key("num_hidden_layers", default=32, check=size(1024)),
-            Key("num_attention_heads", default=32, check=size(4096)),
-            Key("num_key_value_heads", default=4, check=size(4096)),
-            Key("head_dim", default=128, check=size(4096)),
-            Key("vocab_size", default=32000, check=size(1 << 23)),
-            Key("max_position_embeddings", default=2048, check=size(1 << 28)),
-            Key("rms_norm_eps", default=1e-6, check=positive_number),
-            Key("tie_word_embeddings", default=True, check=boolean),
+            *_plamo_core("head_dim"),
             Key("window_size", default=2048, check=positive_int),
             Key("sliding_window", check=optional_positive_int),
             Key("sliding_window_pattern", default=8, check=positive_int),

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ferrum.arch.families._shared import (
     FULL, Family, LINEAR, PLAMO_NORM_OFFSETS, PLAMO_STORED, SANDWICH_NORMS, Sizes, _LLAMA_ROPES, _ROPE, _SILU, _core,
-    _core_defaults, _keys, _rope_spec, _without_nulls, read_rope,
+    _core_defaults, _keys, _plamo_core, _rope_spec, _without_nulls, read_rope,
 )
 from ferrum.arch.families.llama_like import _GRANITE, _granite_multipliers, _llama_like, _no_windows
 from ferrum.arch.families.moe import GRANITEMOESHARED_NAMES
@@ -614,16 +614,7 @@ TABLE: dict[str, Family] = {
     ),
     "plamo2": Family(  # Preferred Networks' PLaMo 2: Mamba and attention layers in sandwich norms (mlx-lm's)
         _keys((
-            Key("hidden_size", default=4096, check=size(1 << 17)),
-            Key("intermediate_size", default=13312, check=size(1 << 20)),
-            Key("num_hidden_layers", default=32, check=size(1024)),
-            Key("num_attention_heads", default=32, check=size(4096)),
-            Key("num_key_value_heads", default=4, check=size(4096)),
-            Key("hidden_size_per_head", default=128, check=size(4096)),
-            Key("vocab_size", default=32000, check=size(1 << 23)),
-            Key("max_position_embeddings", default=2048, check=size(1 << 28)),
-            Key("rms_norm_eps", default=1e-6, check=positive_number),
-            Key("tie_word_embeddings", default=True, check=boolean),
+            *_plamo_core("hidden_size_per_head"),
             Key("attention_window_size", default=2048),  # not read by mlx-lm (see _plamo2)
             Key("full_attention_idx"),  # nor this
             Key("mamba_d_state", default=64, check=positive_int),
