@@ -235,21 +235,31 @@ class Attention(MixerKind):
         return attended
 
 
-class ConvolvedAttention(Attention):
-    """Attention whose raw keys and values first run through a short causal convolution along the sequence
-    (Baichuan-M1's, :mod:`ferrum.recurrent.kv_conv`): the first half projects q/k/v unrotated; the step convolves
-    k and v from the sequences' states (staged until the pass ends), rotates q and the convolved k, then runs
-    attention's step. The layer has a KV pool layer and a state, so a pass never narrows its rows past it."""
+class HoldsMixer:
+    """What a kind whose layer holds a recurrent mixer of :data:`ferrum.recurrent.MIXERS` (``LayerSpec.mixer``) has
+    from it, whether it runs alone or around attention: the mixer's state per sequence, and its layer."""
 
     stateful = True
 
     def state_shapes(self, arch: Architecture, spec: LayerSpec, dtype: str) -> StateShapes:
         return mixer_spec(arch, spec.mixer).state_shapes(dtype)
 
+    def mixer_layer(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
+                    projection: Callable[[str], Linear], *args: Any) -> Any:
+        """The mixer's layer from the placed weights, normed with the model's epsilon (``args``: the mixer's own)."""
+        return mixer_spec(model.config.arch, spec.mixer).layer(model.ops, tensor, projection,
+                                                               model.config.rms_norm_eps, *args)
+
+
+class ConvolvedAttention(HoldsMixer, Attention):
+    """Attention whose raw keys and values first run through a short causal convolution along the sequence
+    (Baichuan-M1's, :mod:`ferrum.recurrent.kv_conv`): the first half projects q/k/v unrotated; the step convolves
+    k and v from the sequences' states (staged until the pass ends), rotates q and the convolved k, then runs
+    attention's step. The layer has a KV pool layer and a state, so a pass never narrows its rows past it."""
+
     def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
               projection: Callable[[str], Linear]) -> MixerWeights:
-        layer = mixer_spec(model.config.arch, spec.mixer).layer(model.ops, tensor, projection,
-                                                                model.config.rms_norm_eps)
+        layer = self.mixer_layer(model, spec, tensor, projection)
         return super().build(model, spec, tensor, projection)._replace(recurrent=layer)
 
     def project(self, model: Any, layer: Any, rotate: bool = False) -> Callable[[Any, Any, Any], tuple]:
@@ -285,20 +295,13 @@ class LoopedAttention(Attention):
         return layer.recurrent.mix(q, full, local), tuple(extra), h
 
 
-class Recurrent(MixerKind):
+class Recurrent(HoldsMixer, MixerKind):
     """A recurrent mixer of :data:`ferrum.recurrent.MIXERS` (Gated DeltaNet, Mamba-1 and -2, LFM2's short convolution):
     its layer projects, mixes over the batch from the sequences' states and takes its output."""
 
-    stateful = True
-
-    def state_shapes(self, arch: Architecture, spec: LayerSpec, dtype: str) -> StateShapes:
-        return mixer_spec(arch, spec.mixer).state_shapes(dtype)
-
     def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
               projection: Callable[[str], Linear]) -> MixerWeights:
-        layer = mixer_spec(model.config.arch, spec.mixer).layer(model.ops, tensor, projection,
-                                                                 model.config.rms_norm_eps)
-        return MixerWeights(recurrent=layer)
+        return MixerWeights(recurrent=self.mixer_layer(model, spec, tensor, projection))
 
     def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
         def project(x: Any, h: Any, positions: Any) -> tuple:
@@ -475,8 +478,7 @@ class SharedBlockThenRecurrent(AroundAttention, Recurrent):
 
     def build(self, model: Any, spec: LayerSpec, tensor: Callable[[str], Any],
               projection: Callable[[str], Linear]) -> MixerWeights:
-        block = mixer_spec(model.config.arch, spec.mixer).layer(model.ops, tensor, projection,
-                                                                model.config.rms_norm_eps, spec.shared_use)
+        block = self.mixer_layer(model, spec, tensor, projection, spec.shared_use)
         return MixerWeights(qkv=block.qkv, o=block.o, recurrent=block)
 
     def project(self, model: Any, layer: Any) -> Callable[[Any, Any, Any], tuple]:
