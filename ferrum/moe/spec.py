@@ -1355,31 +1355,38 @@ def _qwen_mlps(r: KeyReader, model_type: str, count: int, top_k: int, sizes: Any
     return MoeSpec(*LAYOUT[model_type], count, top_k, r("moe_intermediate_size"), normalize, shared, **extras), sparse
 
 
+def _by_sizes(read: Callable[[KeyReader, Any, int, int], tuple[MoeSpec, list[bool]]]
+              ) -> Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec, list[bool]]]:
+    """A family's ``(reader, sizes, expert count, top-k)`` reading as a :data:`_SPARSE_MLPS` entry: most families'
+    readings need not know their model_type, so one adapter instead of a lambda each."""
+    return lambda r, model_type, count, top_k, sizes: read(r, sizes, count, top_k)
+
+
 #: How a family reads its sparse MLPs, ``(reader, model_type, expert count, top-k, sizes) -> (spec, which layers are
 #: sparse)``; Qwen-MoE's reading (:func:`_qwen_mlps`) where a family is not listed.
 _SPARSE_MLPS: dict[str, Callable[[KeyReader, str, int, int, Any], tuple[MoeSpec, list[bool]]]] = {
     **{family: _every_layer_mlps for family in _EVERY_LAYER},
     **{family: _grouped_mlps for family in _GROUPED},
     "ernie4_5_moe": _ernie_mlps,
-    "hy_v3": lambda r, model_type, count, top_k, sizes: _hy_v3(r, sizes, count, top_k),
-    "lfm2_moe": lambda r, model_type, count, top_k, sizes: _lfm2_moe(r, sizes, count, top_k),
-    "afmoe": lambda r, model_type, count, top_k, sizes: _afmoe(r, sizes, count, top_k),
-    "mimo_v2_flash": lambda r, model_type, count, top_k, sizes: _mimo_v2_flash(r, sizes, count, top_k),
-    "cohere2_moe": lambda r, model_type, count, top_k, sizes: _cohere2_moe(r, sizes, count, top_k),
-    "jamba": lambda r, model_type, count, top_k, sizes: _jamba(r, sizes, count, top_k),
-    "flint": lambda r, model_type, count, top_k, sizes: _flint(r, sizes, count, top_k),
-    "laguna": lambda r, model_type, count, top_k, sizes: _laguna(r, sizes, count, top_k),
-    "lara_mini": lambda r, model_type, count, top_k, sizes: _lara_mini(r, sizes, count, top_k),
-    "minimax_m3_vl_text": lambda r, model_type, count, top_k, sizes: _minimax_m3(r, sizes, count, top_k),
+    "hy_v3": _by_sizes(_hy_v3),
+    "lfm2_moe": _by_sizes(_lfm2_moe),
+    "afmoe": _by_sizes(_afmoe),
+    "mimo_v2_flash": _by_sizes(_mimo_v2_flash),
+    "cohere2_moe": _by_sizes(_cohere2_moe),
+    "jamba": _by_sizes(_jamba),
+    "flint": _by_sizes(_flint),
+    "laguna": _by_sizes(_laguna),
+    "lara_mini": _by_sizes(_lara_mini),
+    "minimax_m3_vl_text": _by_sizes(_minimax_m3),
     "llama4_text": lambda r, model_type, count, top_k, sizes: _llama4(r, sizes, count),  # top-1 (top_k 0: dense)
-    "kolibri1": lambda r, model_type, count, top_k, sizes: _kolibri1(r, sizes, count, top_k),
-    "aria_text": lambda r, model_type, count, top_k, sizes: _aria(r, sizes, count, top_k),
-    "bailing_moe": lambda r, model_type, count, top_k, sizes: _bailing_moe(r, sizes, count, top_k),
-    "deepseek": lambda r, model_type, count, top_k, sizes: _deepseek(r, sizes, count, top_k),
-    "Klear": lambda r, model_type, count, top_k, sizes: _klear(r, sizes, count, top_k),
-    "step3p5": lambda r, model_type, count, top_k, sizes: _step3p5(r, sizes, count, top_k),
-    "hunyuan": lambda r, model_type, count, top_k, sizes: _hunyuan(r, sizes, count, top_k),
-    "phixtral": lambda r, model_type, count, top_k, sizes: _phixtral(r, sizes, count, top_k),
+    "kolibri1": _by_sizes(_kolibri1),
+    "aria_text": _by_sizes(_aria),
+    "bailing_moe": _by_sizes(_bailing_moe),
+    "deepseek": _by_sizes(_deepseek),
+    "Klear": _by_sizes(_klear),
+    "step3p5": _by_sizes(_step3p5),
+    "hunyuan": _by_sizes(_hunyuan),
+    "phixtral": _by_sizes(_phixtral),
 }
 
 
