@@ -538,8 +538,11 @@ def _longcat_flash_ngram(r: KeyReader, sizes: Sizes) -> Architecture:
     return replace(_longcat_flash(r, sizes), ngram=spec, layouts=LONGCAT_NGRAM_MLX_LM)
 
 
-TABLE["longcat_flash_ngram"] = Family(  # LongCat-Flash-Lite: LongCat-Flash plus an n-gram embedding
-    _keys(tuple(TABLE["longcat_flash"].keys.values()), (
+#: LongCat-Flash-Lite: LongCat-Flash's family (its epsilon, latent heads and derived keys) with the n-gram
+#: embedding's keys and build.
+TABLE["longcat_flash_ngram"] = replace(
+    TABLE["longcat_flash"],
+    keys=_keys(tuple(TABLE["longcat_flash"].keys.values()), (
         Key("ngram_vocab_size_ratio", default=NGRAM_DEFAULTS["ngram_vocab_size_ratio"], check=optional_size(1 << 12)),
         Key("emb_neighbor_num", default=NGRAM_DEFAULTS["emb_neighbor_num"], check=optional_size(64)),
         Key("emb_split_num", default=NGRAM_DEFAULTS["emb_split_num"], check=optional_size(256)),
@@ -547,11 +550,7 @@ TABLE["longcat_flash_ngram"] = Family(  # LongCat-Flash-Lite: LongCat-Flash plus
             "mlx-lm's longcat_flash_ngram reads no such list (LongCat-Next's remote code does); Ferrum runs the "
             "model as mlx-lm does: leave it out or empty")),
     )),
-    _longcat_flash_ngram,
-    eps_default=1e-5,
-    kv_heads=_mla_kv_heads,
-    head_dim=_mla_head_dim,
-    derive=_longcat_config,
+    build=_longcat_flash_ngram,
 )
 
 
