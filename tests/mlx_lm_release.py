@@ -201,3 +201,21 @@ def assert_engine_keeps_mlx_lm_greedy_tokens(folder: Path, reference: Any, vocab
 
     assert_engine_keeps_greedy_tokens(partial(small_pool_engine, folder), MlxLmReference(reference),
                                       staggered_greedy_workload(vocab))
+
+
+def assert_copied_release_converts_as_mlx_lm(folder: Path, tmp_path: Path, tokens, bits: int | None,
+                                             config: dict) -> None:
+    """mlx-lm's conversion of a copy of release ``folder`` (a copy in ``tmp_path``, so the module's shared release
+    stays as written; packed at ``bits`` in groups of 32 where given) to ``tmp_path / "mlx"`` keeps the ``config``
+    keys and values given and runs on every backend as mlx-lm runs it."""
+    import shutil
+
+    from support import assert_every_backend_runs_it_as_mlx_lm, mlx_lm_converted
+
+    source = tmp_path / "release"
+    shutil.copytree(folder, source)
+    _, want = mlx_lm_converted(source, tmp_path / "mlx", tokens, bits=bits, group=32)
+    converted = json.loads((tmp_path / "mlx" / "config.json").read_text())
+    assert {key: converted[key] for key in config} == config
+    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", tokens, want, packed=bits is not None)
+

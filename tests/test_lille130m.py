@@ -4,8 +4,6 @@ sin stored), against mlx-lm's lille-130m on every backend, through the engine, a
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -14,11 +12,11 @@ import pytest
 from ferrum.arch.families import FAMILIES
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_release import MlxLmReference, backends, random_mlx_lm_model, write_release
-from support import (
-    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload,
+from mlx_lm_release import (
+    assert_copied_release_converts_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, backends, random_mlx_lm_model,
+    write_release,
 )
+from support import assert_forward_and_decode_match, float32_model, scaled_error
 
 pytest.importorskip("mlx_lm")
 VOCAB = 97
@@ -73,21 +71,13 @@ def test_rope_pairs_adjacent_dims(release, monkeypatch):
 
 
 def test_engine_keeps_mlx_lm_greedy_tokens(release):
-    folder, _ = release
-    reference = MlxLmReference(random_mlx_lm_model(CONFIG))
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), reference,
-                                      staggered_greedy_workload(VOCAB))
+    assert_engine_keeps_mlx_lm_greedy_tokens(release[0], random_mlx_lm_model(CONFIG), VOCAB)
 
 
 @pytest.mark.slow  # mlx-lm converts and quantizes: ~2 s apiece
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
-    folder, _ = release
-    source = tmp_path / "release"
-    shutil.copytree(folder, source)
-    _, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits=bits, group=32)
-    assert json.loads((tmp_path / "mlx" / "config.json").read_text())["model_type"] == "lille-130m"
-    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
+    assert_copied_release_converts_as_mlx_lm(release[0], tmp_path, TOKENS, bits, {"model_type": "lille-130m"})
 
 
 @pytest.mark.parametrize("change, error, key", [

@@ -4,19 +4,16 @@ stored rope buffers, against mlx-lm's nanbeige on every backend, through the eng
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, write_release
-from support import (
-    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload,
+from mlx_lm_release import (
+    assert_copied_release_converts_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, backends, model_logits,
+    random_mlx_lm_model, write_release,
 )
+from support import assert_forward_and_decode_match, float32_model, scaled_error
 
 pytest.importorskip("mlx_lm")
 VOCAB = 97
@@ -72,21 +69,13 @@ def test_the_passes_and_the_norm_between_them_each_matter(release):
 
 
 def test_engine_keeps_mlx_lm_greedy_tokens(release):
-    folder, _ = release
-    reference = MlxLmReference(random_mlx_lm_model(CONFIG))
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), reference,
-                                      staggered_greedy_workload(VOCAB))
+    assert_engine_keeps_mlx_lm_greedy_tokens(release[0], random_mlx_lm_model(CONFIG), VOCAB)
 
 
 @pytest.mark.slow  # mlx-lm converts and quantizes: ~2 s apiece
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
-    folder, _ = release
-    source = tmp_path / "release"
-    shutil.copytree(folder, source)
-    _, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits=bits, group=32)
-    assert json.loads((tmp_path / "mlx" / "config.json").read_text())["num_loops"] == 2
-    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
+    assert_copied_release_converts_as_mlx_lm(release[0], tmp_path, TOKENS, bits, {"num_loops": 2})
 
 
 @pytest.mark.parametrize("change, error, key", [

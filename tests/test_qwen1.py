@@ -4,19 +4,16 @@ against mlx-lm's qwen on every backend, through the engine, and mlx-lm's convers
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_release import MlxLmReference, backends, model_logits, random_mlx_lm_model, write_release
-from support import (
-    assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, scaled_error, small_pool_engine, staggered_greedy_workload, with_edited_tensors,
+from mlx_lm_release import (
+    assert_copied_release_converts_as_mlx_lm, assert_engine_keeps_mlx_lm_greedy_tokens, backends, model_logits,
+    random_mlx_lm_model, write_release,
 )
+from support import assert_forward_and_decode_match, float32_model, scaled_error, with_edited_tensors
 
 pytest.importorskip("mlx_lm")
 VOCAB = 97
@@ -50,10 +47,7 @@ def test_logits_match_mlx_lm(release, backend):
 
 
 def test_engine_keeps_mlx_lm_greedy_tokens(release):
-    folder, _ = release
-    reference = MlxLmReference(random_mlx_lm_model(CONFIG))
-    assert_engine_keeps_greedy_tokens(lambda **config: small_pool_engine(folder, **config), reference,
-                                      staggered_greedy_workload(VOCAB))
+    assert_engine_keeps_mlx_lm_greedy_tokens(release[0], random_mlx_lm_model(CONFIG), VOCAB)
 
 
 def test_the_context_stops_at_seq_length_where_the_release_scales_past_it(release):
@@ -100,12 +94,7 @@ def test_w1_is_the_up_projection_and_w2_the_gate(release, tmp_path):
 @pytest.mark.slow  # mlx-lm converts and quantizes: ~2 s apiece
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mlx_lm_conversions_run_as_mlx_lm_runs_them(release, bits, tmp_path):
-    folder, _ = release
-    source = tmp_path / "release"
-    shutil.copytree(folder, source)
-    _, want = mlx_lm_converted(source, tmp_path / "mlx", TOKENS, bits=bits, group=32)
-    assert json.loads((tmp_path / "mlx" / "config.json").read_text())["model_type"] == "qwen"
-    assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", TOKENS, want, packed=bits is not None)
+    assert_copied_release_converts_as_mlx_lm(release[0], tmp_path, TOKENS, bits, {"model_type": "qwen"})
 
 
 @pytest.mark.parametrize("change, error, key", [
