@@ -219,3 +219,22 @@ def assert_copied_release_converts_as_mlx_lm(folder: Path, tmp_path: Path, token
     assert {key: converted[key] for key in config} == config
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "mlx", tokens, want, packed=bits is not None)
 
+
+def assert_dropping_moves_mlx_lm_logits(folder: Path, reference: Any, tokens, changes: Callable[[Any], dict],
+                                        monkeypatch: Any, least: float) -> None:
+    """Loaded with its Architecture's fields replaced by ``changes(arch)`` (a feature dropped), release ``folder``'s
+    float32 logits on cpu are further than ``least`` from mlx-lm's ``reference`` model's: the control that shows
+    the feature counts."""
+    from dataclasses import replace
+
+    from ferrum.config import ModelConfig
+    from support import float32_model
+
+    read = ModelConfig.from_file
+
+    def without(path):
+        config = read(path)
+        return replace(config, arch=replace(config.arch, **changes(config.arch)))
+
+    monkeypatch.setattr(ModelConfig, "from_file", staticmethod(without))
+    assert scaled_error(float32_model(folder).forward_verify("c", tokens), model_logits(reference, tokens)) > least

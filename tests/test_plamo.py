@@ -5,18 +5,17 @@ conversions (float and 4-bit) against mlx-lm's logits of them."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
 from ferrum.errors import ConfigError, UnsupportedFeatureError
-from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
+from mlx_lm_release import (
+    MlxLmReference, assert_dropping_moves_mlx_lm_logits, model_logits, random_mlx_lm_model, write_release,
+)
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine,
-    staggered_greedy_workload,
+    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 plamo = pytest.importorskip("mlx_lm.models.plamo")
@@ -53,16 +52,9 @@ def test_each_feature_counts(release, dropped, monkeypatch):
     """Without the regrouping, query head h reads key/value head h // 2 (Ferrum's grouped attention); without
     parallel blocks the MLP reads the stream after attention."""
     folder, reference = release
-    read = ModelConfig.from_file
     change = {"tiled_kv_heads": dict(tiled_kv_heads=False),
               "parallel": dict(parallel=False, norms={"pre_attn": "norm", "pre_mlp": "norm"})}[dropped]
-
-    def without(path):
-        config = read(path)
-        return replace(config, arch=replace(config.arch, **change))
-
-    monkeypatch.setattr(ModelConfig, "from_file", staticmethod(without))
-    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), model_logits(reference.model, TOKENS)) > 1e-2
+    assert_dropping_moves_mlx_lm_logits(folder, reference.model, TOKENS, lambda arch: change, monkeypatch, 1e-2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from ferrum.config import ModelConfig
-from mlx_lm_release import MlxLmReference, model_logits, random_mlx_lm_model, write_release
+from mlx_lm_release import (
+    MlxLmReference, assert_dropping_moves_mlx_lm_logits, model_logits, random_mlx_lm_model, write_release,
+)
 from support import (
     assert_engine_keeps_greedy_tokens, assert_every_backend_runs_it_as_mlx_lm, assert_forward_and_decode_match,
-    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine,
-    staggered_greedy_workload,
+    float32_model, mlx_lm_converted, runnable_backends, scaled_error, small_pool_engine, staggered_greedy_workload,
 )
 
 plamo3 = pytest.importorskip("mlx_lm.models.plamo3")
@@ -81,14 +82,7 @@ DROPPED = {
 @pytest.mark.parametrize("dropped", DROPPED)
 def test_each_feature_counts(release, dropped, monkeypatch):
     folder, reference = release
-    read = ModelConfig.from_file
-
-    def without(path):
-        config = read(path)
-        return replace(config, arch=replace(config.arch, **DROPPED[dropped](config.arch)))
-
-    monkeypatch.setattr(ModelConfig, "from_file", staticmethod(without))
-    assert scaled_error(float32_model(folder).forward_verify("c", TOKENS), model_logits(reference.model, TOKENS)) > 1e-3
+    assert_dropping_moves_mlx_lm_logits(folder, reference.model, TOKENS, DROPPED[dropped], monkeypatch, 1e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
