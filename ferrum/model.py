@@ -642,7 +642,8 @@ class DecoderOnlyLLM:
             p for layer in self.layers for p in (layer.per_layer.gate, layer.per_layer.projection)]
         wide = [] if self.wide is None else self.wide.projections() + [
             p for layer in self.layers for p in layer.wide.projections()]
-        return attention + mlps + gates + per_layer + wide + [self.lm_head]
+        ngram = [] if self.ngram is None else self.ngram.projections
+        return attention + mlps + gates + per_layer + wide + ngram + [self.lm_head]
 
     def _check_backend_supports(self, config: ModelConfig) -> None:
         op = "paged_attention" if "paged_attention" in self.ops.native else "attention"

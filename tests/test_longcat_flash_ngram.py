@@ -149,6 +149,20 @@ def test_the_ngram_parts_count(releases, monkeypatch, tmp_path):
     assert scaled_error(float32_model(folder).forward_verify("u", TOKENS), want) > 1e-2
 
 
+def test_profilers_see_the_ngram_projections(releases):
+    """DecoderOnlyLLM.projections lists every linear projection: the n-gram tables' (one per post_projs tensor
+    stored) among them."""
+    from safetensors import safe_open
+
+    folder, _, _ = releases["four_grams"]
+    with safe_open(folder / "model.safetensors", "np") as f:
+        stored = [name for name in f.keys() if ".post_projs." in name]
+    model = float32_model(folder)
+    listed = {id(p) for p in model.projections()}
+    assert len(model.ngram.projections) == len(stored) == 6
+    assert {id(p) for p in model.ngram.projections} <= listed
+
+
 def test_decode_after_a_prefix_cache_hit_reads_the_cached_tokens(releases, monkeypatch):
     """A sequence adopting another's cached blocks (12 tokens) decodes its next token as mlx-lm's full pass: its
     n-grams read the three cached tokens before it. Control: handed no history, the same step misses."""
