@@ -38,7 +38,8 @@ class MixerWeights(NamedTuple):
     qkv: Any = None  # attention's ``x -> (q, k, v)`` (q alone where the layer reads another's keys and values)
     o: Any = None  # attention's output projection
     gate: Linear | None = None  # gated attention's output gate
-    recurrent: Any = None  # a recurrent mixer's layer (:mod:`ferrum.recurrent`), or IQuest-Coder's loop gate
+    recurrent: Any = None  # a stateful mixer's layer (:mod:`ferrum.recurrent`): set only where it carries state
+    loop_gate: LoopGate | None = None  # IQuest-Coder's second-pass mix of two attentions (stateless)
 
 
 class MixerKind:
@@ -286,13 +287,16 @@ class LoopedAttention(Attention):
               projection: Callable[[str], Linear]) -> MixerWeights:
         config = model.config
         gate = LoopGate.build(model.ops, model.dtype, projection, config.num_heads, config.head_dim)
-        return super().build(model, spec, tensor, projection)._replace(recurrent=gate)
+        return super().build(model, spec, tensor, projection)._replace(loop_gate=gate)
 
     def step(self, run: Any, index: int, layer: Any, projected: tuple, h: Any) -> Mixed:
         q, extra, h = self.queries(run, index, layer, projected, h)
         local = self.attend(run, layer, q, layer.kv_layer, layer.window)
         full = self.attend(run, layer, q, run.model.kv_layers[run.specs[index].full_source], None)
-        return layer.recurrent.mix(q, full, local), tuple(extra), h
+        return layer.loop_gate.mix(q, full, local), tuple(extra), h
+
+    def projections(self, layer: Any) -> list[Linear]:
+        return [*super().projections(layer), *layer.loop_gate.projections()]
 
 
 class Recurrent(HoldsMixer, MixerKind):

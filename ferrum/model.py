@@ -96,7 +96,7 @@ class _Layer:
 
     __slots__ = ("pre_attn", "post_attn", "pre_mlp", "post_mlp", "qkv", "o", "q_norm", "k_norm",
                  "mlp", "window", "rope", "scale", "sinks", "alibi", "chunk", "query_scaling", "v_norm", "qk_eps",
-                 "scalar", "mixer", "gate", "recurrent", "kv_layer", "per_layer", "wide", "sub_norm",
+                 "scalar", "mixer", "gate", "recurrent", "loop_gate", "kv_layer", "per_layer", "wide", "sub_norm",
                  "differential", "shortcut", "residual", "residual_scales", "skip", "kv_steps")
 
     def __init__(self, **fields: Any):
@@ -492,6 +492,7 @@ class DecoderOnlyLLM:
             mixer=kind,
             gate=mixer.gate,
             recurrent=mixer.recurrent,
+            loop_gate=mixer.loop_gate,
             v_norm=v_norm,
             qk_eps=norm_eps(config, "qk") * fit,
             scalar=scalar,

@@ -57,6 +57,16 @@ def test_the_second_pass_reads_the_first_passes_weights_and_keeps_kv_of_its_own(
         ("attention", None, None), ("attention", None, None), ("loop_attention", 5, 0), ("loop_attention", 5, 1)]
 
 
+def test_the_loop_gate_is_no_recurrent_state_and_profilers_see_it(release):
+    """A second-pass layer carries no state: its loop gate rides in its own field (``loop_gate``), not in the
+    recurrent mixer's, which stays None on every layer; its projection is among the model's."""
+    model = float32_model(release[0])
+    assert [layer.recurrent for layer in model.layers] == [None] * 4
+    assert [layer.loop_gate is not None for layer in model.layers] == [False, False, True, True]
+    listed = {id(p) for p in model.projections()}
+    assert all(id(layer.loop_gate.gate) in listed for layer in model.layers[2:])
+
+
 def test_the_window_and_the_gates_each_matter(release):
     """The controls, on mlx-lm's model: a window past the prompt, or the gates zeroed (an even mix), moves the
     logits that Ferrum's match above."""
