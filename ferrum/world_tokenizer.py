@@ -127,7 +127,7 @@ class WorldTokenizer(Tokenizer):
 
     @cached_property
     def _ids_by_bytes(self) -> dict[bytes, int]:
-        return {token: i for i, token in self._tok.tokens.items()}
+        return {token: i for i, token in self._tok.tokens.items() if token}  # a zero-length token spells nothing
 
     def token_bytes(self, token_id: int) -> bytes:
         token_id = int(token_id)

@@ -172,7 +172,7 @@ def test_a_malformed_line_is_refused_by_its_number(tmp_path):
 
 
 @pytest.mark.parametrize("line, words", [
-    (b"281 '\\ud800' 3", "line 281: .* non-empty UTF-8 token"),  # a lone surrogate
+    (b"281 '\\ud800' 3", "line 281: .* a UTF-8 token of that length"),  # a lone surrogate
     (b"1000000000 'zz' 2", "line 281: .* an id of at most the file's 282 lines"),  # the logits' width, by one id
     (b"281 '" + b"a" * 129 + b"' 129", "line 281: a token of 129 bytes; Ferrum reads tokens of at most 128"),
 ])
@@ -191,6 +191,20 @@ def test_the_release_s_longest_token_is_read(tmp_path):
     write_world(tmp_path, vocab)
     ids = Tokenizer(tmp_path).encode(" " * 130, add_special_tokens=False)
     assert ids == greedy(" " * 130, vocab) and ids[0] == 281
+
+
+def test_zero_length_tokens_never_match_and_decode_to_nothing(tmp_path):
+    """A public copy of the release's file ends with two zero-length tokens (``65530 '' 0``, ``65531 '' 0``); its
+    own tokenizer reads them as ids its trie never reaches, each decoding to nothing: so does Ferrum."""
+    vocab = {**VOCAB, 281: b"", 282: b""}
+    write_world(tmp_path, vocab)
+    assert release_lines(vocab).endswith("281 '' 0\r\n282 '' 0\r\n")
+    tok = Tokenizer(tmp_path)
+    for text in TEXTS + [_random_text(3)]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == greedy(text, vocab) == greedy(text) and not {281, 282} & set(ids)
+    assert tok.vocab_size == 283 and tok.token_bytes(281) == tok.token_bytes(282) == b""
+    assert tok.decode([257, 281, 258, 282]) == "ababc" and tok.token_to_id("") is None
 
 
 @pytest.mark.parametrize("token_id, content, words", [

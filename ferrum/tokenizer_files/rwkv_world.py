@@ -39,7 +39,9 @@ def world_vocab_file(folder: Path) -> Path | None:
 def read_world_vocab(path: Path) -> dict[int, bytes]:
     """The file's tokens by id, each line checked: its id at most the file's line count (the release's is its line
     number), its literal a str (stored as UTF-8) or bytes of the byte length the line gives, at most
-    :data:`MAX_TOKEN_BYTES`. Literals are read with ``ast.literal_eval``, never evaluated as code."""
+    :data:`MAX_TOKEN_BYTES`. A zero-length token (a public copy of the release's file ends with two, ``65530 '' 0``)
+    is kept: its id never matches and decodes to nothing, as in the release's tokenizer. Literals are read with
+    ``ast.literal_eval``, never evaluated as code."""
     require_regular_file(path, ConfigError)
     try:
         text = path.read_text(encoding="utf-8")
@@ -57,15 +59,15 @@ def read_world_vocab(path: Path) -> dict[int, bytes]:
             token = value.encode("utf-8") if isinstance(value, str) else value  # a lone surrogate: ValueError
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             token = None
-        if not isinstance(token, bytes) or not 0 <= token_id <= len(lines) or len(token) != size or not token:
+        if not isinstance(token, bytes) or not 0 <= token_id <= len(lines) or len(token) != size:
             raise ConfigError(f"{path}, line {number}: {line[:80]!r} is not '<id> <str or bytes literal> <byte "
-                              f"length>' with an id of at most the file's {len(lines)} lines and a non-empty UTF-8 "
-                              "token of that length; re-download the vocabulary")
+                              f"length>' with an id of at most the file's {len(lines)} lines and a UTF-8 token of "
+                              "that length; re-download the vocabulary")
         if size > MAX_TOKEN_BYTES:
             raise ConfigError(f"{path}, line {number}: a token of {size} bytes; Ferrum reads tokens of at most "
                               f"{MAX_TOKEN_BYTES} (the release's longest), which keep its greedy match fast")
         tokens[token_id] = token
-    if not tokens:
+    if not any(tokens.values()):
         raise ConfigError(f"{path} holds no tokens; re-download the vocabulary")
     return tokens
 
@@ -85,7 +87,8 @@ def write_world_vocab(path: Path, tokens: Mapping[int, bytes]) -> None:
 
 class ByteTrie:
     """Greedy longest match of byte strings: at each position the longest token the bytes there start with (the
-    last id listed, of tokens spelled alike, as the release's token-to-id table keeps it)."""
+    last id listed, of tokens spelled alike, as the release's token-to-id table keeps it); a zero-length token is
+    never matched."""
 
     def __init__(self, tokens: Iterable[tuple[int, bytes]]):
         #: node * 256 + byte -> child node; node 0 is the root.
@@ -93,6 +96,8 @@ class ByteTrie:
         #: node -> the id of the token ending there, -1 for none.
         self._ids: list[int] = [-1]
         for token_id, token in tokens:
+            if not token:
+                continue
             node = 0
             for byte in token:
                 key = node << 8 | byte
