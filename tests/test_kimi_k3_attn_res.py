@@ -92,3 +92,22 @@ def test_mlx_lm_s_conversions_run_as_mlx_lm_runs_them(release, tmp_path, bits):
     assert stored["language_model.model.layers.0.mlp_res_proj.weight"].shape == (1, 64)
     assert "language_model.model.output_attn_res_norm.weight" in stored
     assert_every_backend_runs_it_as_mlx_lm(tmp_path / "converted", TOKENS, want, packed=bits is not None)
+
+
+
+
+
+def test_ferrum_quantize_keeps_the_mixes_float_as_mlx_lm_does(release, tmp_path):
+    """``ferrum quantize`` of the release (the mixes' ``proj_weight`` 64 wide, a multiple of the group size) leaves
+    each mix's projection float, as mlx-lm's quant_predicate does (its load and Ferrum's refuse one packed), and
+    packs the rest: mlx-lm loads the output, and every backend runs it as mlx-lm does."""
+    from ferrum.quant.convert import quantize_checkpoint
+    from support import mlx_lm_logits
+
+    ours = quantize_checkpoint(release[0], tmp_path / "ferrum", bits=4, group_size=32)
+    stored = load_file(ours / "model.safetensors")
+    mixes = [name for name in stored if name.endswith("_res.proj_weight")]
+    assert len(mixes) == 2 * 4 + 1 and all(stored[name].shape == (1, 64) for name in mixes)
+    assert stored[mixes[0]].dtype == "float32" and not any("_res.proj" in n and "scales" in n for n in stored)
+    assert stored["model.layers.1.self_attn.q_a_proj.weight"].dtype == "uint32"  # the rest packed
+    assert_every_backend_runs_it_as_mlx_lm(ours, TOKENS, mlx_lm_logits(ours, TOKENS), packed=True)
