@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from ferrum.arch.kv_quant import is_step
 from ferrum.arch.norms import norm_offset
 from ferrum.arch.tensors import model_name
 from ferrum.config import ModelConfig
@@ -36,6 +37,9 @@ from ferrum.weights import split_norm_parts
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 #: How a family with expert layouts of its own (:data:`ferrum.moe.loading.LAYOUTS`) is written.
 EXPERT_LAYOUTS = ("mlx-lm", "transformers")
+#: AFM's key / value quantization steps are drawn as ``exp(N(0, STEP_SPREAD))``: positive and near mlx-lm's initial
+#: 1.0 whatever the weights' std (a step near zero or below it makes the int8 grid degenerate).
+STEP_SPREAD = 0.1
 
 
 def has_own_expert_layout(config: dict) -> bool:
@@ -81,6 +85,8 @@ def write_random_checkpoint(
         array = np.asarray(rng.standard_normal(shape, dtype=np.float32) * std)  # a 0-d one an array too (AFM's steps)
         if name.endswith("norm.weight"):  # scaling by about 1 once its offset is added (Gemma's by 1 + w)
             array += 1.0 - norm_offset(model_config.arch, model_name(model_config.arch, name))
+        elif is_step(model_name(model_config.arch, name)):
+            array = np.asarray(np.exp(STEP_SPREAD * rng.standard_normal(shape, dtype=np.float32)))
         if moe is not None and moe.layout is not None and is_expert_stack(name):  # a family's own layout
             own_layout[name] = array.astype(_STORAGE[dtype])
         elif len(shape) == 3 and is_expert_stack(name) and moe.stacked is not None:  # Granite's input/output_linear

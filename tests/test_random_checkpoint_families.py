@@ -32,3 +32,17 @@ def test_a_random_checkpoint_of_the_family_loads_and_runs(family, tmp_path):
     model = DecoderOnlyLLM.from_pretrained(folder, backend="cpu", dtype="float32")
     logits = np.asarray(model.forward_verify("x", [1, 2, 3, 4]))
     assert logits.shape[0] == 4 and np.isfinite(logits).all() and logits.std() > 0
+
+
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_afm_steps_are_positive_and_near_mlx_lms_one(std, tmp_path):
+    """AFM's key and value steps (mlx-lm initialises each to 1.0) are drawn near 1 and positive whatever the
+    weights' std: a step near zero or below it would make the int8 grid degenerate."""
+    from safetensors.numpy import load_file
+
+    folder = write_random_checkpoint(tmp_path / "afm", test_afm7.CONFIG, dtype="float32", std=std)
+    steps = [v for name, v in load_file(folder / "model.safetensors").items() if name.endswith("_scale")]
+    config = test_afm7.CONFIG
+    assert len(steps) == 2 * (config["num_layers"] - config["num_kv_reuse_layers"])  # the layers keeping K/V
+    assert all(v.shape == () for v in steps) and len({float(v) for v in steps}) == len(steps)
+    assert all(0.5 < float(v) < 2.0 for v in steps)
