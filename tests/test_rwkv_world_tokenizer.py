@@ -284,14 +284,14 @@ def test_structured_output_follows_a_json_schema(release):
 
 # --------------------------------------------------------------- llama.cpp's GGUF ('rwkv')
 
-def _add_world_vocab(w) -> None:
+def _add_world_vocab(w, vocab: dict[int, bytes] = VOCAB) -> None:
     """The vocabulary as llama.cpp's converter writes it (_set_vocab_rwkv_world): id 0 "<s>" a control token, each
     token its bytes literal without the quotes, "[PADn]" unused ids up to the rows; BOS = EOS = 0, EOT "\\n\\n"."""
-    tokens = ["<s>"] + [repr(VOCAB[i])[2:-1] for i in range(1, max(VOCAB) + 1)]
+    tokens = ["<s>"] + [repr(vocab[i])[2:-1] for i in range(1, max(vocab) + 1)]
     tokens += [f"[PAD{i}]" for i in range(len(tokens), ROWS)]
     w.add_tokenizer_model("rwkv")
     w.add_token_list(tokens)
-    w.add_token_types([3] + [1] * max(VOCAB) + [5] * (ROWS - max(VOCAB) - 1))
+    w.add_token_types([3] + [1] * max(vocab) + [5] * (ROWS - max(vocab) - 1))
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
     w.add_eot_token_id(257 + PIECES.index(b"\n\n"))
@@ -306,10 +306,12 @@ def test_the_gguf_import_writes_the_release_s_vocabulary(tmp_path):
     from test_rwkv7 import CONFIG as MODEL, _mlx_lm_model
 
     config = {**MODEL, "vocab_size": ROWS}
+    # the release's last ids are zero-length tokens (65530, 65531 in rwkv_vocab_v20230424.txt): kept, never matched
+    vocab = {**VOCAB, max(VOCAB) + 1: b"", max(VOCAB) + 2: b""}
     _rwkv7_gguf(tmp_path / "m.gguf", parameters(_mlx_lm_model(config)), config, gguf.GGMLQuantizationType.F32,
-                vocab=_add_world_vocab)
+                vocab=lambda w: _add_world_vocab(w, vocab))
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
-    assert (out / "rwkv_vocab_v20230424.txt").read_bytes() == release_lines(VOCAB).encode("utf-8")
+    assert (out / "rwkv_vocab_v20230424.txt").read_bytes() == release_lines(vocab).encode("utf-8")
     assert not (out / "tokenizer.json").exists()
     tok = Tokenizer(out)
     text = "<s>User: 你好 abcdef\n\nAssistant:"  # llama.cpp matches its control token "<s>" whole
