@@ -17,6 +17,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from ferrum.gguf_import import convert_gguf  # noqa: E402
+from support import scaled_error  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -125,6 +126,17 @@ def assert_runs_as_its_float_import(gguf: Path, packed: Path, floats: Path) -> n
     got, ref = (ferrum_logits(f, TINY_TOKENS) for f in (packed, floats))
     assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
     return got
+
+
+def assert_imports_as(tmp_path: Path, out: Path, quantized: bool, want: np.ndarray, packed: float = 5e-2) -> None:
+    """The import ``out`` of ``tmp_path / "m.gguf"`` gives ``want`` (the reference's logits over :data:`TINY_TOKENS`):
+    a float32 file's within 1e-4; a quantized one's as its own float import does, and within ``packed`` of ``want``
+    (Q8_0's rounding of random weights)."""
+    if not quantized:
+        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
+        return
+    got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
+    assert scaled_error(got, want) <= packed
 
 
 def tiny_model(config_class: Any, **settings: Any) -> tuple[Any, Any]:

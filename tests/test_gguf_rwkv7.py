@@ -21,8 +21,9 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from gguf_writer import (  # noqa: E402
-    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+from gguf_writer import (
+    assert_imports_as,  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, ferrum_logits,
     finish, sentencepiece_vocab,
 )
 from mlx_lm_release import model_logits, parameters  # noqa: E402
@@ -102,11 +103,7 @@ def test_rwkv7_gguf_matches_mlx_lm(tmp_path, qtype):
     assert ours.model_type == "rwkv7" and ours.arch.stored_layers == 3
     assert (ours.arch.rwkv7.heads, ours.arch.rwkv7.head_dim) == (2, 32)
     want = model_logits(model, TINY_TOKENS)
-    if qtype == Q.F32:
-        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
-    else:
-        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert scaled_error(got, want) <= 5e-2
+    assert_imports_as(tmp_path, out, qtype != Q.F32, want)
 
 
 def test_rwkv7_gguf_with_its_mixes_split_in_another_order_misses_mlx_lm(tmp_path, monkeypatch):

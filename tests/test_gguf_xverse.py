@@ -19,8 +19,9 @@ pytest.importorskip("mlx_lm")
 
 from ferrum.errors import UnsupportedFeatureError  # noqa: E402
 from ferrum.gguf_import import architectures, convert_gguf  # noqa: E402
-from gguf_writer import (  # noqa: E402
-    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, assert_runs_as_its_float_import, ferrum_logits,
+from gguf_writer import (
+    assert_imports_as,  # noqa: E402
+    TINY_TOKENS, add_metadata, add_sentencepiece_vocab, add_tensor, ferrum_logits,
     finish, permute, sentencepiece_vocab,
 )
 from mlx_lm_release import model_logits, random_mlx_lm_model  # noqa: E402
@@ -76,11 +77,7 @@ def test_xverse_gguf_matches_mlx_lm(tmp_path, qtype):
     ours = ModelConfig.from_file(out)
     assert ours.model_type == "xverse" and (ours.num_heads, ours.num_kv_heads, ours.head_dim) == (4, 4, 16)
     want = model_logits(model, TINY_TOKENS)
-    if qtype == Q.F32:
-        assert scaled_error(ferrum_logits(out, TINY_TOKENS), want) <= 1e-4
-    else:
-        got = assert_runs_as_its_float_import(tmp_path / "m.gguf", out, tmp_path / "float")
-        assert scaled_error(got, want) <= 5e-2
+    assert_imports_as(tmp_path, out, qtype != Q.F32, want)
 
 
 def test_xverse_gguf_read_with_its_q_k_left_permuted_misses_mlx_lm(tmp_path, monkeypatch):
