@@ -326,3 +326,16 @@ def test_the_kit_catches_slopes_turned_the_wrong_way(registered):
         "attention": hookimpl(_attention_with_slopes_turned)}))
     assert set(check_backend("turned").failed()) == {
         "attention, ALiBi", "paged_attention, ALiBi (core fallback)", "model bloom: logits and decode steps"}
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_lora_on_every_linear_projection_gives_peft_s_merged_model(checkpoints, family, backend, tmp_path):
+    """PEFT names BLOOM's and MPT's modules under transformer.h.N / transformer.blocks.N: every linear projection of
+    both layers adapted (BLOOM's query_key_value, whose rows the load regroups per head, dense, dense_h_to_4h,
+    dense_4h_to_h; MPT's Wqkv, out_proj, up_proj, down_proj) gives PEFT's merged model's logits."""
+    from lora_checks import assert_adapter_matches_peft, make_peft
+
+    folder, hf = checkpoints[family]
+    merged = make_peft(hf, tmp_path / "lora", "all-linear", hide=False)
+    assert_adapter_matches_peft(folder, tmp_path / "lora", hf, merged, 2 * 4, TOKENS, backend)
