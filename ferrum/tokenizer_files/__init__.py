@@ -18,12 +18,15 @@ from ferrum.tokenizer_files.rwkv_world import world_vocab_file
 from ferrum.tokenizer_files.tiktoken_ranks import TIKTOKEN_FILES, tiktoken_file
 
 FAST_TOKENIZER, SENTENCEPIECE_MODEL = "tokenizer.json", "tokenizer.model"
+#: The files of one fixed name a ``tokenizers.Tokenizer`` is built from, in the order they are preferred.
+_NAMED_FILES = (FAST_TOKENIZER, SENTENCEPIECE_MODEL, PLAMO_VOCABULARY)
 #: The files a checkpoint's tokenizer may be read from (with ``*.tiktoken``), in the order they are preferred.
-TOKENIZER_FILES = (FAST_TOKENIZER, SENTENCEPIECE_MODEL, PLAMO_VOCABULARY, *TIKTOKEN_FILES)
+TOKENIZER_FILES = (*_NAMED_FILES, *TIKTOKEN_FILES)
 
 
 def _has_tokenizers_file(folder: Path) -> bool:
-    return any((folder / name).exists() for name in TOKENIZER_FILES[:3]) or tiktoken_file(folder) is not None
+    """Whether ``folder`` ships a file a ``tokenizers.Tokenizer`` is built from (preferred to a world vocabulary)."""
+    return any((folder / name).exists() for name in _NAMED_FILES) or tiktoken_file(folder) is not None
 
 
 def has_tokenizer(folder: Path) -> bool:
